@@ -1,0 +1,5 @@
+import sys
+
+from noisescale.cli import main
+
+sys.exit(main())

@@ -1,0 +1,395 @@
+"""Unbiased estimators of |G|², tr(Σ) and the simple noise scale B_simple (paper App. A.1).
+
+Pure math on floats and NumPy arrays: no torch, no plotting. Everything here is written in the
+style of optax — an explicit, immutable state (:class:`NoiseScaleState`) with pure ``init`` /
+``update`` functions — so that the stateful tracker is a thin shell around it and every number can
+be checked against closed-form truth.
+
+The two facts everything rests on (paper eq. A.1, A.2): for a gradient averaged over B independent
+examples, E|G_B|² = |G|² + tr(Σ)/B. Measuring |G_B|² at two batch sizes b_small < b_big gives
+unbiased per-step estimates
+
+    g2          = (b_big·|G_big|² − b_small·|G_small|²) / (b_big − b_small)
+    trace_sigma = (|G_small|² − |G_big|²) / (1/b_small − 1/b_big)
+
+and B_simple = tr(Σ)/|G|² (eq. 2.9) is estimated as the ratio of (bias-corrected, exponentially
+weighted) *averages* of the two — never as an average of per-step ratios, which is biased (the
+paper's footnote 12), and never clamped before averaging (single-step g2 is often negative).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import NamedTuple
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+__all__ = [
+    "NoiseEstimate",
+    "NoiseScaleState",
+    "b_simple_interval",
+    "combine_weights",
+    "estimate_from_norms",
+    "init_state",
+    "microbatch_norm_estimates",
+    "per_example_norm_estimates",
+    "unbiased_g2_trace",
+    "update_state",
+]
+
+
+def unbiased_g2_trace(
+    b_small: ArrayLike, sqnorm_small: ArrayLike, b_big: ArrayLike, sqnorm_big: ArrayLike
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unbiased single-step estimates of |G|² and tr(Σ) from two batch sizes (paper eq. A.2).
+
+    Args:
+        b_small: Examples in the small batch (1 for a per-example norm).
+        sqnorm_small: |G_small|², the squared norm of the small batch's *mean* gradient (for several
+            small batches of the same size, the mean of their squared norms).
+        b_big: Examples in the big batch; must exceed ``b_small``.
+        sqnorm_big: |G_big|², the squared norm of the big batch's mean gradient.
+
+    Returns:
+        ``(g2, trace_sigma)`` with E[g2] = |G|² and E[trace_sigma] = tr(Σ). Either may be negative
+        for a single step; average them before forming a ratio.
+
+    Raises:
+        ValueError: if a batch size is not positive or ``b_big <= b_small``.
+    """
+    bs = np.asarray(b_small, dtype=float)
+    bb = np.asarray(b_big, dtype=float)
+    ns = np.asarray(sqnorm_small, dtype=float)
+    nb = np.asarray(sqnorm_big, dtype=float)
+    if np.any(bs <= 0) or np.any(bb <= 0):
+        raise ValueError(f"batch sizes must be positive, got b_small={b_small}, b_big={b_big}")
+    if np.any(bb <= bs):
+        raise ValueError(
+            f"b_big must exceed b_small (got b_small={b_small}, b_big={b_big}): with one batch "
+            "size the noise cannot be separated from the signal; measure per-example norms, "
+            "use several micro-batches, or more than one example per step"
+        )
+    g2 = (bb * nb - bs * ns) / (bb - bs)
+    trace_sigma = (ns - nb) / (1.0 / bs - 1.0 / bb)
+    return g2, trace_sigma
+
+
+def per_example_norm_estimates(
+    sqnorms: ArrayLike, sqnorm_big: float, b_big: float | None = None
+) -> tuple[float, float]:
+    """One step's (g2, trace_sigma) from per-example squared norms |g_i|² and the batch's |G_big|².
+
+    This is eq. A.2 with b_small = 1 and |G_small|² = mean_i |g_i|²; with ``b_big = n`` it is the
+    Bessel-corrected sample variance (paper footnote 11). The per-example norms may be those of a
+    random subset of the batch: their mean is still an unbiased estimate of E|g_i|².
+
+    Args:
+        sqnorms: |∇ℓ_i|² of each example's own loss ℓ_i.
+        sqnorm_big: |G_big|² of the mean gradient over the whole batch.
+        b_big: Examples in the big batch; defaults to ``len(sqnorms)``.
+    """
+    s = np.asarray(sqnorms, dtype=float).ravel()
+    n = float(s.size if b_big is None else b_big)
+    g2, tr = unbiased_g2_trace(1.0, float(s.mean()), n, sqnorm_big)
+    return float(g2), float(tr)
+
+
+def microbatch_norm_estimates(
+    b_micro: ArrayLike, sqnorms_micro: ArrayLike, sqnorm_big: float, b_big: float | None = None
+) -> tuple[float, float]:
+    """One step's (g2, trace_sigma) from k micro-batch norms and the norm of their average.
+
+    Each micro-batch j of b_j examples is paired with the big batch through eq. A.2 and the k
+    unbiased pairs are averaged, which for equal micro-batches equals eq. A.2 with
+    |G_small|² = mean_j |G_j|².
+
+    Args:
+        b_micro: Examples in each micro-batch (a scalar for equal micro-batches).
+        sqnorms_micro: |G_j|² of each micro-batch's mean gradient.
+        sqnorm_big: |G_big|² of the mean gradient over all micro-batches.
+        b_big: Examples in the big batch; defaults to the sum of the micro-batch sizes.
+    """
+    norms = np.asarray(sqnorms_micro, dtype=float).ravel()
+    sizes = np.broadcast_to(np.asarray(b_micro, dtype=float), norms.shape)
+    total = float(sizes.sum() if b_big is None else b_big)
+    g2, tr = unbiased_g2_trace(sizes, norms, total, sqnorm_big)
+    return float(np.mean(g2)), float(np.mean(tr))
+
+
+class NoiseScaleState(NamedTuple):
+    """Exponentially weighted sums over steps of the unbiased per-step |G|² and tr(Σ).
+
+    With decay β and step weights β^(T−t), the state holds the sums needed for the bias-corrected
+    EMAs (``w1``, ``g2_sum``, ``trace_sum``) and, with the squared weights, the sums the interval
+    needs (``w2``, ``w3``, ``g2_sq``, ``cross``, ``trace_sq``, ``g2_w2``, ``trace_w2``). β = 1
+    gives plain sums over all steps. ``count`` is the number of steps folded in.
+    """
+
+    beta: float
+    count: int
+    w1: float
+    w2: float
+    w3: float
+    g2_sum: float
+    trace_sum: float
+    g2_w2: float
+    trace_w2: float
+    g2_sq: float
+    cross: float
+    trace_sq: float
+
+
+def init_state(beta: float = 0.99) -> NoiseScaleState:
+    """An empty state; ``beta`` is the EMA decay (the paper tunes it so estimates are stable).
+
+    The effective number of steps averaged is about (1 + β)/(1 − β) for long runs.
+    """
+    if not 0.0 < beta <= 1.0:
+        raise ValueError(f"beta must be in (0, 1], got {beta}")
+    return NoiseScaleState(float(beta), 0, *([0.0] * 10))
+
+
+def update_state(state: NoiseScaleState, g2: ArrayLike, trace_sigma: ArrayLike) -> NoiseScaleState:
+    """Fold one step, or a run of consecutive steps (1-D arrays, oldest first), into the state.
+
+    Non-finite entries (steps whose gradients overflowed) are skipped.
+    """
+    g = np.atleast_1d(np.asarray(g2, dtype=float))
+    s = np.atleast_1d(np.asarray(trace_sigma, dtype=float))
+    if g.shape != s.shape or g.ndim != 1:
+        raise ValueError(
+            f"g2 and trace_sigma must be matching 1-D arrays, got {g.shape}, {s.shape}"
+        )
+    keep = np.isfinite(g) & np.isfinite(s)
+    g, s = g[keep], s[keep]
+    n = g.size
+    if n == 0:
+        return state
+    b = state.beta
+    age = np.arange(n - 1, -1, -1, dtype=float)  # the newest step has age 0
+    p1, p2, p3 = b**age, b ** (2 * age), b ** (3 * age)
+    d1, d2, d3 = b**n, b ** (2 * n), b ** (3 * n)
+    return NoiseScaleState(
+        beta=b,
+        count=state.count + n,
+        w1=state.w1 * d1 + p1.sum(),
+        w2=state.w2 * d2 + p2.sum(),
+        w3=state.w3 * d3 + p3.sum(),
+        g2_sum=state.g2_sum * d1 + p1 @ g,
+        trace_sum=state.trace_sum * d1 + p1 @ s,
+        g2_w2=state.g2_w2 * d2 + p2 @ g,
+        trace_w2=state.trace_w2 * d2 + p2 @ s,
+        g2_sq=state.g2_sq * d2 + p2 @ (g * g),
+        cross=state.cross * d2 + p2 @ (g * s),
+        trace_sq=state.trace_sq * d2 + p2 @ (s * s),
+    )
+
+
+@dataclass(frozen=True)
+class NoiseEstimate:
+    """An estimate of the simple noise scale with its uncertainty.
+
+    Attributes:
+        g2: Estimate of |G|² (the squared norm of the true gradient).
+        trace_sigma: Estimate of tr(Σ) (the summed per-example gradient variance).
+        b_simple: tr(Σ)/|G|² (eq. 2.9), in examples; ``nan`` while |G|² ≤ 0.
+        low: Lower end of the confidence interval for B_simple (``nan`` if not available).
+        high: Upper end; ``inf`` when the data cannot yet bound it from above (|G|² is not
+            distinguishable from zero), ``nan`` if not available.
+        confidence: Nominal coverage of ``[low, high]``.
+        steps: Number of steps the estimate uses.
+        effective_steps: Kish effective number of steps under the EMA weights.
+    """
+
+    g2: float
+    trace_sigma: float
+    b_simple: float
+    low: float = math.nan
+    high: float = math.nan
+    confidence: float = 0.95
+    steps: int = 1
+    effective_steps: float = 1.0
+
+    @property
+    def available(self) -> bool:
+        """True once B_simple is a finite number."""
+        return math.isfinite(self.b_simple)
+
+    @property
+    def relative_width(self) -> float:
+        """(high − low)/B_simple: the interval's width relative to the estimate."""
+        if not self.available or not (math.isfinite(self.low) and math.isfinite(self.high)):
+            return math.inf
+        return (self.high - self.low) / self.b_simple
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "g2": self.g2,
+            "trace_sigma": self.trace_sigma,
+            "b_simple": self.b_simple,
+            "b_simple_low": self.low,
+            "b_simple_high": self.high,
+            "confidence": self.confidence,
+            "steps": self.steps,
+            "effective_steps": self.effective_steps,
+        }
+
+
+def b_simple_interval(state: NoiseScaleState, confidence: float = 0.95) -> NoiseEstimate:
+    """B_simple = EMA[tr Σ]/EMA[|G|²] with a Fieller confidence interval.
+
+    The per-step estimates (g2_t, trace_t) are treated as independent across steps (fresh batches)
+    with a common mean under the EMA weights w_t = β^(T−t)/Σβ^(T−t). The variances of the two
+    weighted means and their covariance are estimated from the weighted residuals with the exact
+    small-sample correction for those weights. Fieller's theorem then inverts
+    |mean_trace − R·mean_g2| ≤ z·sd(mean_trace − R·mean_g2) for R; unlike the delta method it
+    stays honest when |G|² is barely above zero, where the interval becomes unbounded above.
+    The lower end is clamped at 0 because B_simple cannot be negative.
+
+    Returns a :class:`NoiseEstimate`; ``b_simple`` is ``nan`` while the averaged |G|² ≤ 0, and the
+    interval is ``nan`` with fewer than two steps.
+    """
+    if state.count == 0 or state.w1 <= 0:
+        nan = math.nan
+        return NoiseEstimate(nan, nan, nan, nan, nan, confidence, 0, 0.0)
+    g = state.g2_sum / state.w1
+    s = state.trace_sum / state.w1
+    # Average first, then clamp: a negative averaged tr Σ means no measurable noise (0), while
+    # |G|² ≤ 0 leaves the ratio undefined and the estimate is reported as not yet available.
+    b_simple = max(s, 0.0) / g if g > 0 else math.nan
+    n_eff = state.w1**2 / state.w2
+    low = high = math.nan
+    if state.count >= 2:
+        sw2 = state.w2 / state.w1**2  # Σ w_t²
+        sw3 = state.w3 / state.w1**3  # Σ w_t³
+        # E[Σ w_t² (x_t − x̄)(y_t − ȳ)] = cov(x, y) · (Σw² − 2Σw³ + (Σw²)²) for iid steps.
+        correction = sw2 - 2.0 * sw3 + sw2 * sw2
+        if correction > 0:
+            inv = 1.0 / (state.w1**2)
+
+            def centred(sq: float, x_w2: float, y_w2: float, mx: float, my: float) -> float:
+                # Σ w_t² (x_t − x̄)(y_t − ȳ), expanded over the stored sums
+                return inv * (sq - mx * y_w2 - my * x_w2) + mx * my * sw2
+
+            var_unit_gg = centred(state.g2_sq, state.g2_w2, state.g2_w2, g, g) / correction
+            var_unit_ss = centred(state.trace_sq, state.trace_w2, state.trace_w2, s, s) / correction
+            var_unit_gs = centred(state.cross, state.g2_w2, state.trace_w2, g, s) / correction
+            # variances of the weighted means
+            v_gg, v_ss, v_gs = sw2 * var_unit_gg, sw2 * var_unit_ss, sw2 * var_unit_gs
+            low, high = _fieller(s, g, v_ss, v_gg, v_gs, _t_quantile(confidence, n_eff - 1.0))
+    return NoiseEstimate(
+        float(g),
+        float(s),
+        float(b_simple),
+        float(low),
+        float(high),
+        confidence,
+        state.count,
+        float(n_eff),
+    )
+
+
+def _t_quantile(confidence: float, dof: float) -> float:
+    """Two-sided Student-t quantile (Cornish–Fisher expansion; within 1e-3 for dof ≥ 3).
+
+    The variances come from the same steps as the means, so the pivot is t- rather than
+    normal-distributed; the effective number of steps sets the degrees of freedom.
+    """
+    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+    v = max(dof, 1.0)
+    return (
+        z
+        + (z**3 + z) / (4 * v)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
+    )
+
+
+def _fieller(
+    num: float, den: float, v_nn: float, v_dd: float, v_nd: float, z: float
+) -> tuple[float, float]:
+    """Fieller interval for num/den given the (co)variances of the two means and a quantile z.
+
+    The Fieller set {R : (num − R·den)² ≤ z²·var(num − R·den)} is a bounded interval when den is
+    clearly non-zero, and otherwise one or two unbounded rays. B_simple cannot be negative, so the
+    set is restricted to R ≥ 0 and its hull is returned (``inf`` as the upper end when unbounded).
+    """
+    z2 = z * z
+    # (num − R·den)² − z²(v_nn − 2R·v_nd + R²·v_dd) = a·R² − 2b·R + c ≤ 0
+    a = den * den - z2 * v_dd
+    b = num * den - z2 * v_nd
+    c = num * num - z2 * v_nn
+    disc = b * b - a * c
+    if a > 0:
+        if disc < 0:  # cannot happen for a positive semi-definite covariance; be safe
+            return 0.0, math.inf
+        root = math.sqrt(disc)
+        lo, hi = (b - root) / a, (b + root) / a
+        return max(0.0, lo), max(0.0, hi)
+    if disc < 0 or a == 0:
+        return 0.0, math.inf
+    root = math.sqrt(disc)
+    r_lo, r_hi = sorted(((b - root) / a, (b + root) / a))
+    # a < 0: the set is (−inf, r_lo] ∪ [r_hi, inf); its part on R ≥ 0, as a hull:
+    return (0.0, math.inf) if r_lo >= 0 else (max(0.0, r_hi), math.inf)
+
+
+def estimate_from_norms(
+    b_small: float | ArrayLike,
+    sqnorm_small: float | ArrayLike,
+    b_big: float | ArrayLike,
+    sqnorm_big: float | ArrayLike,
+    *,
+    beta: float = 1.0,
+    confidence: float = 0.95,
+) -> NoiseEstimate:
+    """B_simple, |G|² and tr(Σ) from squared gradient norms at two batch sizes (eq. A.2, 2.9).
+
+    Scalars give a single-step estimate. Sequences (one entry per step, oldest first) are combined
+    as the ratio of the (by default equally weighted, ``beta=1``) means of the per-step unbiased
+    |G|² and tr(Σ), with a confidence interval when there are two or more steps.
+
+    Example:
+        >>> est = estimate_from_norms(1, 10.0, 100, 1.09)
+        >>> round(est.g2, 6), round(est.trace_sigma, 6), round(est.b_simple, 6)
+        (1.0, 9.0, 9.0)
+
+    Returns:
+        A :class:`NoiseEstimate` whose ``b_simple`` is ``nan`` (not an exception) when the
+        averaged |G|² ≤ 0.
+    """
+    bs, ns, bb, nb = np.broadcast_arrays(
+        *(
+            np.atleast_1d(np.asarray(x, dtype=float))
+            for x in (b_small, sqnorm_small, b_big, sqnorm_big)
+        )
+    )
+    g2, tr = unbiased_g2_trace(bs, ns, bb, nb)
+    state = update_state(init_state(beta), g2, tr)
+    return b_simple_interval(state, confidence)
+
+
+def combine_weights(cov: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
+    """Minimum-variance weights (summing to one) for averaging unbiased estimates of one quantity.
+
+    Given the covariance matrix C of K unbiased estimators, w = C⁻¹1 / (1ᵀC⁻¹1). Used to combine
+    the small-batch sources of one step (per-example, micro-batch, data-parallel local): each is
+    unbiased, so any fixed weights keep the combination unbiased; these minimise its variance.
+    Falls back to equal weights when C is singular or not positive definite.
+    """
+    c = np.asarray(cov, dtype=float)
+    k = c.shape[0]
+    ones = np.ones(k)
+    try:
+        np.linalg.cholesky(c)
+        w = np.linalg.solve(c, ones)
+    except np.linalg.LinAlgError:
+        return ones / k
+    total = w.sum()
+    if not np.isfinite(total) or total <= 0:
+        return ones / k
+    return w / total

@@ -1,0 +1,382 @@
+"""Exact per-example squared gradient norms |∇θ ℓ_i|² from module hooks.
+
+A forward hook keeps each supported layer's input; a hook on the layer's output receives the
+output gradient during backward, and the layer's per-example gradient norm is computed there in
+closed form (Gram or materialised, whichever is cheaper), then the activations are let go.
+Parameters used more than once (tied embeddings, a layer called twice) are combined with their
+cross terms. A hook on every trainable parameter checks that each parameter that received a
+gradient also received a per-example contribution, so a parameter used outside its module is
+reported instead of silently left out.
+
+Usage::
+
+    with noisescale.per_example_sqnorms(model, loss_reduction="mean") as pe:
+        loss = criterion(model(x), y)
+        loss.backward()
+    pe.sqnorms  # tensor [batch]: |∇θ ℓ_i|² of each example's own loss ℓ_i
+
+The hooks are installed when the object is created, so the forward pass must run after that —
+inside the ``with`` block, or after ``pe = per_example_sqnorms(model)`` and before
+``with pe: loss.backward()``.
+
+Conventions (BackPACK warns about the same): with ``loss_reduction="mean"`` the loss that was
+backpropagated is (1/N)·Σ_i ℓ_i, with ``"sum"`` it is Σ_i ℓ_i, where N is the size of dim 0 of the
+model's input; dim 0 of every layer's input is the example dimension. For sequence models an
+example is a sequence, and ℓ_i is whatever the loss assigns to it (e.g. the mean over its tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
+from noisescale.per_example import conv, embedding, fallback, linear, norms
+from noisescale.per_example.factors import Factor, sqnorm_of_sum
+
+__all__ = ["PassNorms", "PerExampleNorms", "per_example_sqnorms", "supported_layers"]
+
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+@dataclass
+class _Handler:
+    kind: str
+    save: Callable[..., Any]
+    factors: Callable[..., dict[str, Factor]]
+
+
+_CLOSED_FORM: dict[type[nn.Module], _Handler] = {
+    nn.Linear: _Handler("linear", linear.save, linear.factors),
+    nn.Conv1d: _Handler("conv", conv.save, conv.factors),
+    nn.Conv2d: _Handler("conv", conv.save, conv.factors),
+    nn.Conv3d: _Handler("conv", conv.save, conv.factors),
+    nn.Embedding: _Handler("embedding", embedding.save, embedding.factors),
+    nn.LayerNorm: _Handler("norm", norms.save, norms.factors),
+    nn.RMSNorm: _Handler("norm", norms.save, norms.factors),
+    nn.GroupNorm: _Handler("norm", norms.save, norms.factors),
+    nn.BatchNorm1d: _Handler("norm", norms.save, norms.factors),
+    nn.BatchNorm2d: _Handler("norm", norms.save, norms.factors),
+    nn.BatchNorm3d: _Handler("norm", norms.save, norms.factors),
+}
+_FALLBACK = _Handler("fallback", fallback.save, fallback.factors)
+
+
+def supported_layers() -> list[str]:
+    """Names of the layer types with closed-form per-example norms."""
+    return [t.__name__ for t in _CLOSED_FORM]
+
+
+def _handler_for(module: nn.Module) -> _Handler:
+    for base, handler in _CLOSED_FORM.items():
+        # a subclass that overrides forward may compute something else: use the fallback
+        if isinstance(module, base) and type(module).forward is base.forward:
+            return handler
+    return _FALLBACK
+
+
+@dataclass
+class PassNorms:
+    """Per-example norms of one forward/backward pass (one micro-batch).
+
+    Attributes:
+        batch_size: Examples in the pass (dim 0 of the model's input).
+        raw_sqnorms: Σ over parameters of |∂(backpropagated loss)/∂θ restricted to example i|²,
+            before undoing the loss reduction; shape [batch_size]. ``None`` when per-example
+            norms were not computed.
+        grad_sqnorm: |∂(backpropagated loss)/∂θ|² of the whole pass (the micro-batch gradient),
+            a 0-d tensor; ``None`` if no parameter received a gradient.
+    """
+
+    batch_size: int
+    raw_sqnorms: Tensor | None = None
+    grad_sqnorm: Tensor | None = None
+    # bookkeeping while the pass is open
+    uses: dict[int, int] = field(default_factory=dict)
+    pending: dict[int, list[Factor]] = field(default_factory=dict)
+    covered: set[int] = field(default_factory=set)
+    received: set[int] = field(default_factory=set)
+
+
+class PerExampleNorms:
+    """The hook engine: per-example squared norms and micro-batch gradient norms per pass.
+
+    Args:
+        model: The model; every trainable parameter must belong to a supported layer or to a
+            module the torch.func fallback can handle.
+        per_example: Compute per-example norms (``False`` keeps only the micro-batch gradient
+            norms, which need no layer support).
+        fallback: Allow the torch.func fallback for modules without a closed form; if ``False``
+            such a module raises :class:`UnsupportedModuleError` at construction.
+    """
+
+    def __init__(self, model: nn.Module, *, per_example: bool = True, fallback: bool = True):
+        self.model = model
+        self.per_example = per_example
+        self.passes: list[PassNorms] = []
+        self._handles: list[RemovableHandle] = []
+        self._new_pass_due = True
+        self._recomputing = False
+        self._param_name: dict[int, str] = {}
+        self._param: dict[int, nn.Parameter] = {}
+        self._plan: dict[nn.Module, tuple[_Handler, str, dict[str, nn.Parameter]]] = {}
+
+        for mname, module in model.named_modules():
+            for pname, p in module.named_parameters(recurse=False):
+                if p.requires_grad:
+                    self._param_name.setdefault(id(p), f"{mname}.{pname}" if mname else pname)
+                    self._param[id(p)] = p
+        if per_example:
+            self._build_plan(fallback)
+        self._install()
+
+    # -- construction -------------------------------------------------------------------------
+
+    def _build_plan(self, allow_fallback: bool) -> None:
+        owned_by_fallback: set[nn.Module] = set()
+        for module in self.model.modules():
+            if isinstance(module, nn.MultiheadAttention):
+                owned_by_fallback.update(m for m in module.modules() if m is not module)
+        for mname, module in self.model.named_modules():
+            if module in owned_by_fallback:
+                continue
+            handler = _handler_for(module)
+            params = (
+                fallback.fallback_params(module)
+                if handler is _FALLBACK
+                else {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+            )
+            if not params:
+                continue
+            label = mname or "<top-level model>"
+            if handler.kind == "norm":
+                norms.check(module, label)
+            elif handler.kind == "embedding":
+                embedding.check(module, label)
+            elif handler is _FALLBACK:
+                if not allow_fallback:
+                    raise UnsupportedModuleError(
+                        f"module '{label}' ({type(module).__name__}) owns parameters "
+                        f"{sorted(params)} and has no closed-form per-example norm; supported: "
+                        f"{', '.join(supported_layers())}. Allow the torch.func fallback or use "
+                        "per_example=False"
+                    )
+                if module is self.model:
+                    raise UnsupportedModuleError(
+                        f"the top-level model ({type(module).__name__}) owns parameters "
+                        f"{sorted(params)} directly; per-example norms are computed per layer, so "
+                        "put these parameters inside a layer (e.g. nn.Embedding for a positional "
+                        "table) or use per_example=False"
+                    )
+                fallback.check(module, label)
+            self._plan[module] = (handler, label, params)
+
+    def _install(self) -> None:
+        self._handles.append(
+            self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True)
+        )
+        for module in self._plan:
+            self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
+        for pid, p in self._param.items():
+            self._handles.append(p.register_hook(self._make_param_hook(pid)))
+
+    def remove(self) -> None:
+        """Remove every hook; the object keeps what it has measured."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # -- hooks --------------------------------------------------------------------------------
+
+    def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._recomputing or not torch.is_grad_enabled():
+            return
+        if self._new_pass_due or not self.passes:
+            n = _leading_dim(args, kwargs)
+            self.passes.append(PassNorms(batch_size=n))
+            self._new_pass_due = False
+
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._recomputing or not torch.is_grad_enabled() or not self.passes:
+            return
+        out = output[0] if isinstance(output, tuple) else output
+        if not isinstance(out, Tensor) or not out.requires_grad:
+            return
+        handler, label, params = self._plan[module]
+        current = self.passes[-1]
+        if handler is _FALLBACK:
+            saved = fallback.save(module, args, kwargs)
+        else:
+            saved = handler.save(module, args, out)
+            if saved.shape[0] != current.batch_size:
+                raise NoiseScaleInputError(
+                    f"layer '{label}' received an input with leading dimension {saved.shape[0]} "
+                    f"but the model's input has {current.batch_size} examples: noisescale takes "
+                    "dim 0 of every layer's input as the example dimension (batch-first). Keep "
+                    "activations batch-first, or use per_example=False"
+                )
+        for p in params.values():
+            current.uses[id(p)] = current.uses.get(id(p), 0) + 1
+        out.register_hook(self._make_output_hook(module, saved, current))
+        if isinstance(output, tuple):
+            for k, extra in enumerate(output[1:], start=1):
+                if isinstance(extra, Tensor) and extra.requires_grad:
+                    extra.register_hook(_refuse_extra_output(label, k))
+
+    def _make_output_hook(
+        self, module: nn.Module, saved: Any, pass_: PassNorms
+    ) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            self._new_pass_due = True
+            handler, label, params = self._plan[module]
+            with torch.no_grad():
+                if handler is _FALLBACK:
+                    self._recomputing = True
+                    try:
+                        facs = fallback.factors(module, saved, grad, label)
+                    finally:
+                        self._recomputing = False
+                else:
+                    facs = handler.factors(module, saved, grad)
+                for pname, factor in facs.items():
+                    self._add(pass_, params[pname], factor)
+
+        return hook
+
+    def _make_param_hook(self, pid: int) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            self._new_pass_due = True
+            if not self.passes:
+                return
+            current = self.passes[-1]
+            with torch.no_grad():
+                sq = (
+                    grad.detach().float().pow(2).sum()
+                    if grad.dtype not in (torch.float32, torch.float64)
+                    else grad.detach().pow(2).sum()
+                )
+                current.grad_sqnorm = (
+                    sq if current.grad_sqnorm is None else current.grad_sqnorm + sq
+                )
+            current.received.add(pid)
+
+        return hook
+
+    def _add(self, pass_: PassNorms, p: nn.Parameter, factor: Factor) -> None:
+        pid = id(p)
+        pass_.covered.add(pid)
+        if pass_.uses.get(pid, 1) == 1:
+            self._accumulate(pass_, factor.sqnorm())
+            return
+        waiting = pass_.pending.setdefault(pid, [])
+        waiting.append(factor)
+        if len(waiting) == pass_.uses[pid]:
+            self._accumulate(pass_, sqnorm_of_sum(waiting, p.shape))
+            del pass_.pending[pid]
+
+    @staticmethod
+    def _accumulate(pass_: PassNorms, sq: Tensor) -> None:
+        pass_.raw_sqnorms = sq if pass_.raw_sqnorms is None else pass_.raw_sqnorms + sq
+
+    # -- results ------------------------------------------------------------------------------
+
+    def collect(self) -> list[PassNorms]:
+        """Finish the open passes and return them, resetting the engine for the next step.
+
+        Raises:
+            UnsupportedModuleError: if a parameter received a gradient but no per-example
+                contribution (it was used outside the module that owns it).
+        """
+        done, self.passes = self.passes, []
+        self._new_pass_due = True
+        for pass_ in done:
+            for pid, waiting in list(pass_.pending.items()):
+                # a use whose output never reached the loss contributes a zero gradient
+                self._accumulate(pass_, sqnorm_of_sum(waiting, self._param[pid].shape))
+            pass_.pending.clear()
+            if self.per_example:
+                missing = pass_.received - pass_.covered
+                if missing:
+                    names = sorted(self._param_name[pid] for pid in missing)
+                    raise UnsupportedModuleError(
+                        f"parameters {names} received gradients but noisescale saw no forward "
+                        "call of the layer that owns them (they are used outside their module, "
+                        "e.g. `F.linear(x, other.weight)`), so their per-example norms would be "
+                        "missing. Call the owning module instead, or use per_example=False"
+                    )
+            pass_.uses.clear()
+        return [p for p in done if p.received or p.raw_sqnorms is not None]
+
+
+def _leading_dim(args: tuple, kwargs: dict) -> int:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+        if isinstance(value, dict | list | tuple):
+            inner = value.values() if isinstance(value, dict) else value
+            for v in inner:
+                if isinstance(v, Tensor) and v.dim() > 0:
+                    return int(v.shape[0])
+    raise NoiseScaleInputError(
+        "the model was called without a tensor argument, so the number of examples is unknown; "
+        "pass the batch as a tensor (dim 0 = examples)"
+    )
+
+
+def _refuse_extra_output(label: str, k: int) -> Callable[[Tensor], None]:
+    def hook(grad: Tensor) -> None:
+        if torch.count_nonzero(grad):
+            raise UnsupportedModuleError(
+                f"output {k} of module '{label}' received a gradient; the torch.func fallback "
+                "uses only the first output of a module. Do not backpropagate through its other "
+                "outputs, or use per_example=False"
+            )
+
+    return hook
+
+
+class per_example_sqnorms:
+    """Context manager giving |∇θ ℓ_i|² for each example i of a forward/backward pass.
+
+    Args:
+        model: The model whose trainable parameters are measured.
+        loss_reduction: ``"mean"`` if the backpropagated loss averaged the examples' losses,
+            ``"sum"`` if it summed them. Per-example norms are those of each example's own loss.
+
+    After the block, ``sqnorms`` is a tensor [N] (examples of several passes are concatenated).
+    """
+
+    def __init__(self, model: nn.Module, loss_reduction: str = "mean") -> None:
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise NoiseScaleInputError(
+                f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}"
+            )
+        self.loss_reduction = loss_reduction
+        self.engine = PerExampleNorms(model)
+        self.sqnorms: Tensor | None = None
+
+    def __enter__(self) -> per_example_sqnorms:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                passes = [p for p in self.engine.collect() if p.raw_sqnorms is not None]
+                if not passes:
+                    raise NoiseScaleInputError(
+                        "no per-example gradient was computed: run the forward pass and "
+                        "loss.backward() after creating per_example_sqnorms(model) (e.g. both "
+                        "inside the `with` block)"
+                    )
+                parts = []
+                for p in passes:
+                    scale = float(p.batch_size) ** 2 if self.loss_reduction == "mean" else 1.0
+                    parts.append(p.raw_sqnorms * scale)
+                self.sqnorms = torch.cat(parts)
+        finally:
+            self.engine.remove()

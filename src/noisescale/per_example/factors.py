@@ -1,0 +1,137 @@
+"""Per-example gradient *factors*: exact, compact forms of per-example gradients.
+
+A per-example gradient is never materialised when a cheaper exact form exists. A layer hands back,
+for each of its parameters, one factor; a factor knows its per-example squared norm and its
+per-example inner product with another factor of the same parameter (needed when a parameter is
+used more than once — tied embeddings, a module called twice — where the per-example gradient is
+the sum of the uses and its norm has cross terms).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Norm arithmetic is done in float32 at least: bfloat16 squares lose too many digits.
+
+
+def _acc(x: Tensor) -> Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+@dataclass
+class DenseFactor:
+    """Materialised per-example gradients, shape [N, *param.shape]."""
+
+    grads: Tensor
+
+    def sqnorm(self) -> Tensor:
+        g = _acc(self.grads)
+        return g.flatten(1).pow(2).sum(1)
+
+    def dense(self, shape: torch.Size) -> Tensor:
+        return _acc(self.grads).reshape(self.grads.shape[0], *shape)
+
+
+@dataclass
+class LinearFactor:
+    """Per-example gradient Σ_t δ_t a_tᵀ of a weight of shape [O, I] (Linear, unfolded conv).
+
+    ``a``: [N, T, I] inputs; ``d``: [N, T, O] output gradients; T may be 1. For grouped
+    convolutions the G groups are folded into the example dimension ([N·G, T, ·]) and ``groups``
+    says how to fold them back.
+    """
+
+    a: Tensor
+    d: Tensor
+    groups: int = 1
+
+    def sqnorm(self) -> Tensor:
+        a, d = _acc(self.a), _acc(self.d)
+        t, i = a.shape[1:]
+        o = d.shape[2]
+        if t == 1:
+            out = a.pow(2).sum((1, 2)) * d.pow(2).sum((1, 2))
+        elif t * (i + o) < i * o:
+            # Gram form: Σ_{t,s} (a_t·a_s)(δ_t·δ_s), cost T²(I+O) per example
+            out = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum((1, 2))
+        else:
+            # materialised form: |δᵀa|², cost T·I·O per example
+            out = torch.bmm(d.transpose(1, 2), a).pow(2).sum((1, 2))
+        return out.view(-1, self.groups).sum(1)
+
+    def dense(self, shape: torch.Size) -> Tensor:
+        a, d = _acc(self.a), _acc(self.d)
+        g = torch.bmm(d.transpose(1, 2), a)  # [N·G, O/G, I']
+        n = g.shape[0] // self.groups
+        return g.reshape(n, self.groups * g.shape[1], g.shape[2]).reshape(n, *shape)
+
+
+@dataclass
+class EmbeddingFactor:
+    """Per-example gradient of an embedding table [V, D]: row idx_t receives δ_t.
+
+    ``idx``: [N, T] token ids (positions equal to ``padding_idx`` already removed by the layer
+    setting their δ to zero); ``d``: [N, T, D].
+    """
+
+    idx: Tensor
+    d: Tensor
+    num_rows: int
+
+    def sqnorm(self) -> Tensor:
+        # Sum the δ of repeated tokens per example first: |Σ_{t: idx_t = v} δ_t|² summed over v.
+        n, t = self.idx.shape
+        d = _acc(self.d).reshape(n * t, -1)
+        example = torch.arange(n, device=d.device).repeat_interleave(t)
+        key = example * self.num_rows + self.idx.reshape(-1)
+        uniq, inverse = torch.unique(key, return_inverse=True)
+        summed = d.new_zeros(uniq.numel(), d.shape[1]).index_add_(0, inverse, d)
+        out = d.new_zeros(n)
+        return out.index_add_(
+            0, torch.div(uniq, self.num_rows, rounding_mode="floor"), summed.pow(2).sum(1)
+        )
+
+    def dense(self, shape: torch.Size) -> Tensor:
+        n, t = self.idx.shape
+        d = _acc(self.d)
+        out = d.new_zeros(n, self.num_rows, d.shape[-1])
+        rows = torch.arange(n, device=d.device).unsqueeze(1).expand(n, t)
+        out.index_put_(
+            (rows.reshape(-1), self.idx.reshape(-1)), d.reshape(n * t, -1), accumulate=True
+        )
+        return out.reshape(n, *shape)
+
+
+Factor = DenseFactor | LinearFactor | EmbeddingFactor
+
+
+def dot(f: Factor, h: Factor, shape: torch.Size) -> Tensor:
+    """Per-example inner products ⟨g_i(f), g_i(h)⟩ of two uses of one parameter, shape [N]."""
+    if isinstance(f, LinearFactor) and isinstance(h, LinearFactor) and f.groups == h.groups == 1:
+        aa = torch.bmm(_acc(f.a), _acc(h.a).transpose(1, 2))
+        dd = torch.bmm(_acc(f.d), _acc(h.d).transpose(1, 2))
+        return (aa * dd).sum((1, 2))
+    if isinstance(f, LinearFactor) and isinstance(h, EmbeddingFactor):
+        f, h = h, f
+    if isinstance(f, EmbeddingFactor) and isinstance(h, LinearFactor) and h.groups == 1:
+        # Σ_t Σ_s δ^lin_s[idx_t] (a_s · δ^emb_t): a tied input embedding and output projection
+        ad = torch.bmm(_acc(h.a), _acc(f.d).transpose(1, 2))  # [N, S, T]
+        gathered = torch.gather(_acc(h.d), 2, f.idx.unsqueeze(1).expand(-1, h.d.shape[1], -1))
+        return (ad * gathered).sum((1, 2))
+    if isinstance(f, EmbeddingFactor) and isinstance(h, EmbeddingFactor):
+        same = (f.idx.unsqueeze(2) == h.idx.unsqueeze(1)).to(_acc(f.d).dtype)
+        return (same * torch.bmm(_acc(f.d), _acc(h.d).transpose(1, 2))).sum((1, 2))
+    return (f.dense(shape).flatten(1) * h.dense(shape).flatten(1)).sum(1)
+
+
+def sqnorm_of_sum(factors: list[Factor], shape: torch.Size) -> Tensor:
+    """Per-example |Σ_u g_i(u)|² over the uses u of one parameter, cross terms included."""
+    total = factors[0].sqnorm()
+    for u in range(1, len(factors)):
+        total = total + factors[u].sqnorm()
+        for v in range(u):
+            total = total + 2.0 * dot(factors[u], factors[v], shape)
+    return total

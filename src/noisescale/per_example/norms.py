@@ -1,0 +1,79 @@
+"""Affine normalisation layers: LayerNorm, RMSNorm, GroupNorm, and BatchNorm in eval mode.
+
+Their weight gradient is Σ δ ⊙ x̂ and their bias gradient Σ δ over the positions of an example,
+where x̂ is the normalised input, recomputed here from the saved input. BatchNorm in training mode
+normalises with statistics of the whole batch, so an example's gradient depends on the others and
+a per-example gradient is not defined: it is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from noisescale.errors import UnsupportedModuleError
+from noisescale.per_example.factors import DenseFactor, Factor
+
+_BatchNorm = nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d
+
+
+def check(module: nn.Module, name: str) -> None:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+        module.training or not module.track_running_stats
+    ):
+        raise UnsupportedModuleError(
+            f"module '{name}' ({type(module).__name__}) normalises with statistics of the whole "
+            "batch in training mode, so a per-example gradient is not defined. Replace it with "
+            "GroupNorm/LayerNorm, freeze it (module.eval() with requires_grad_(False)), or "
+            "measure without per-example norms: GradientNoiseTracker(model, per_example=False) "
+            "with gradient-accumulation micro-batches"
+        )
+
+
+def save(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    return args[0]
+
+
+def _normalised(module: nn.Module, x: Tensor) -> Tensor:
+    x = x.float() if x.dtype not in (torch.float32, torch.float64) else x
+    if isinstance(module, nn.LayerNorm):
+        dims = tuple(range(-len(module.normalized_shape), 0))
+        mean = x.mean(dims, keepdim=True)
+        var = x.var(dims, unbiased=False, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + module.eps)
+    if isinstance(module, nn.RMSNorm):
+        dims = tuple(range(-len(module.normalized_shape), 0))
+        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+        return x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+    if isinstance(module, nn.GroupNorm):
+        n = x.shape[0]
+        xg = x.reshape(n, module.num_groups, -1)
+        mean = xg.mean(2, keepdim=True)
+        var = xg.var(2, unbiased=False, keepdim=True)
+        return ((xg - mean) * torch.rsqrt(var + module.eps)).reshape(x.shape)
+    # BatchNorm in eval mode: the running statistics, per channel (dim 1)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    mean = module.running_mean.reshape(shape).to(x.dtype)
+    var = module.running_var.reshape(shape).to(x.dtype)
+    return (x - mean) * torch.rsqrt(var + module.eps)
+
+
+def factors(module: nn.Module, x: Tensor, d: Tensor) -> dict[str, Factor]:
+    n = x.shape[0]
+    d = d.float() if d.dtype not in (torch.float32, torch.float64) else d
+    out: dict[str, Factor] = {}
+    if isinstance(module, nn.LayerNorm | nn.RMSNorm):
+        feat = tuple(module.normalized_shape)
+        if module.weight is not None and module.weight.requires_grad:
+            out["weight"] = DenseFactor((d * _normalised(module, x)).reshape(n, -1, *feat).sum(1))
+        bias = getattr(module, "bias", None)
+        if bias is not None and bias.requires_grad:
+            out["bias"] = DenseFactor(d.reshape(n, -1, *feat).sum(1))
+        return out
+    # GroupNorm / BatchNorm: one affine parameter per channel (dim 1)
+    c = x.shape[1]
+    if module.weight is not None and module.weight.requires_grad:
+        out["weight"] = DenseFactor((d * _normalised(module, x)).reshape(n, c, -1).sum(2))
+    if module.bias is not None and module.bias.requires_grad:
+        out["bias"] = DenseFactor(d.reshape(n, c, -1).sum(2))
+    return out

@@ -1,0 +1,376 @@
+"""The paper's model of large-batch training as closed-form functions (no torch, no plotting).
+
+McCandlish et al. 2018, "An Empirical Model of Large-Batch Training". The single-point functions
+(eq. 2.6, 2.7, 2.11, A.3, C.2, D.6) accept floats or NumPy arrays and return the same shape; the
+trajectory functions (App. D) take arrays sampled along a training run and integrate them with the
+trapezoid rule.
+
+Two parameterisations of a run appear here. The paper's App. D parameterises a run by ``s``, the
+number of *full-batch* optimiser steps it would have taken (so S_min = ∫ds and E_min = ∫B_noise ds).
+A real run is recorded per optimiser step at its own batch size B_t; :func:`full_batch_steps`
+converts one into the other (a step at batch B_t is worth B_t/(B_t + B_noise) full-batch steps,
+eq. D.1 read backwards).
+
+Throughout, B_simple (eq. 2.9) may stand in for B_noise (eq. 2.8): the paper finds the two differ by
+a small constant factor, and B_simple is what the tracker measures.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from noisescale.errors import NoiseScaleInputError
+
+__all__ = [
+    "KAPLAN_B_CRIT_EXPONENT",
+    "KAPLAN_B_CRIT_SCALE",
+    "LR_RULES",
+    "REGIME_FACTOR",
+    "Cost",
+    "adaptive_batch_cost",
+    "adaptive_batch_size",
+    "adaptive_gamma",
+    "b_crit_kaplan",
+    "b_noise_at_temperature",
+    "examples_over_min",
+    "exchange_rate_for_examples",
+    "fixed_batch_cost",
+    "full_batch_steps",
+    "loss_improvement_over_max",
+    "lr_central",
+    "lr_over_max",
+    "min_cost",
+    "natural_exchange_rate",
+    "pareto_steps_over_min",
+    "regime",
+    "scaled_lr",
+    "steps_over_min",
+    "temperature",
+]
+
+#: A batch size counts as small when B < B_noise/REGIME_FACTOR and as large when
+#: B > REGIME_FACTOR·B_noise. With 3, the boundaries are where one of the two costs is within 4/3 of
+#: its minimum while the other is 4× its minimum: at B = B_noise/3, E/E_min = 4/3 and S/S_min = 4;
+#: at B = 3·B_noise, S/S_min = 4/3 and E/E_min = 4 (eq. 2.11). In between, both are at most 4×.
+REGIME_FACTOR = 3.0
+
+#: Kaplan et al. 2020, B_crit(L) = 2.0·10⁸·L^−4.76 tokens, L the language-model loss in nats/token.
+KAPLAN_B_CRIT_SCALE = 2.0e8
+KAPLAN_B_CRIT_EXPONENT = -4.76
+
+#: Learning-rate scaling rules understood by :func:`scaled_lr`.
+LR_RULES = ("linear", "sqrt", "none", "noise")
+
+Regime = Literal["small", "balanced", "large"]
+LrRule = Literal["linear", "sqrt", "none", "noise"]
+
+
+def lr_over_max(batch_size: ArrayLike, b_noise: ArrayLike) -> np.ndarray | float:
+    """Optimal step size relative to the noiseless one, ε_opt(B)/ε_max = 1/(1 + B_noise/B).
+
+    Paper eq. 2.6.
+    """
+    b = np.asarray(batch_size, dtype=float)
+    return _scalar(1.0 / (1.0 + np.asarray(b_noise, dtype=float) / b))
+
+
+def loss_improvement_over_max(batch_size: ArrayLike, b_noise: ArrayLike) -> np.ndarray | float:
+    """Optimal one-step loss improvement relative to the noiseless one, ΔL_opt(B)/ΔL_max.
+
+    Paper eq. 2.7; it has the same form as eq. 2.6.
+    """
+    return lr_over_max(batch_size, b_noise)
+
+
+def steps_over_min(batch_size: ArrayLike, b_noise: ArrayLike) -> np.ndarray | float:
+    """Optimisation steps relative to the minimum, S/S_min = 1 + B_noise/B (paper eq. 2.11)."""
+    b = np.asarray(batch_size, dtype=float)
+    return _scalar(1.0 + np.asarray(b_noise, dtype=float) / b)
+
+
+def examples_over_min(batch_size: ArrayLike, b_noise: ArrayLike) -> np.ndarray | float:
+    """Training examples relative to the minimum, E/E_min = 1 + B/B_noise (paper eq. 2.11)."""
+    b = np.asarray(batch_size, dtype=float)
+    return _scalar(1.0 + b / np.asarray(b_noise, dtype=float))
+
+
+def regime(batch_size: float, b_noise: float, factor: float = REGIME_FACTOR) -> Regime:
+    """Which side of the noise scale a batch size is on (paper §2.2, "Implications").
+
+    Args:
+        batch_size: B, in the same unit as ``b_noise`` (examples or tokens).
+        b_noise: The noise scale B_noise (or B_simple).
+        factor: Width of the balanced band; see :data:`REGIME_FACTOR` for why 3.
+
+    Returns:
+        ``"small"`` when B < B_noise/factor (more batch ≈ linear speed-up at little extra compute),
+        ``"large"`` when B > factor·B_noise (more batch buys little time and wastes compute), else
+        ``"balanced"``. The boundaries themselves count as balanced.
+    """
+    if not (batch_size > 0 and b_noise > 0 and factor >= 1):
+        raise NoiseScaleInputError(
+            f"regime needs batch_size > 0, b_noise > 0 and factor >= 1, got "
+            f"{batch_size!r}, {b_noise!r}, {factor!r}"
+        )
+    if batch_size * factor < b_noise:
+        return "small"
+    if batch_size > factor * b_noise:
+        return "large"
+    return "balanced"
+
+
+def lr_central(
+    batch_size: ArrayLike, lr_star: float, b_star: float, alpha: float = 1.0
+) -> np.ndarray | float:
+    """Learning rate as a function of batch size, ε(B) = ε*/(1 + B*/B)^α (paper eq. A.3).
+
+    Args:
+        batch_size: B.
+        lr_star: ε*, the learning rate approached as B → ∞.
+        b_star: B*, the batch size where the learning rate stops growing (of order B_noise; with
+            α = 1 and B* = B_noise this is eq. 2.6 scaled by ε_max).
+        alpha: 1 for SGD or momentum; the paper finds 0.5 < α < 1 for Adam and RMSProp.
+    """
+    b = np.asarray(batch_size, dtype=float)
+    return _scalar(lr_star / (1.0 + b_star / b) ** alpha)
+
+
+def scaled_lr(
+    batch_size: float,
+    new_batch_size: float,
+    lr: float,
+    rule: LrRule = "linear",
+    *,
+    b_noise: float | None = None,
+    alpha: float = 1.0,
+) -> float:
+    """The learning rate to use when changing the batch size from ``batch_size`` to ``new_batch_size``.
+
+    Rules, with k = new_batch_size / batch_size:
+
+    - ``"linear"``: ε·k (Goyal et al. 2017; right for SGD well below B_noise).
+    - ``"sqrt"``: ε·√k (keeps the gradient-noise level constant; often used with Adam).
+    - ``"none"``: ε unchanged (some Adam/AdamW setups).
+    - ``"noise"``: ε·[(1 + B_noise/B)/(1 + B_noise/B')]^α, the ratio of eq. A.3 at the two batch
+      sizes with B* = B_noise; with α = 1 this is the ratio of ε_opt of eq. 2.6. It is linear far
+      below B_noise and saturates far above it. Needs ``b_noise``.
+
+    Args:
+        batch_size: The batch size ``lr`` was tuned at.
+        new_batch_size: The batch size to move to.
+        lr: The learning rate tuned at ``batch_size``.
+        rule: One of :data:`LR_RULES`.
+        b_noise: The noise scale, for ``rule="noise"``.
+        alpha: The exponent of eq. A.3 for ``rule="noise"`` (1 for SGD, 0.5–1 for Adam).
+
+    Raises:
+        NoiseScaleInputError: Unknown rule, non-positive sizes, or ``"noise"`` without ``b_noise``.
+    """
+    if not (batch_size > 0 and new_batch_size > 0):
+        raise NoiseScaleInputError(
+            f"batch sizes must be positive, got {batch_size!r} and {new_batch_size!r}"
+        )
+    k = new_batch_size / batch_size
+    if rule == "linear":
+        return lr * k
+    if rule == "sqrt":
+        return lr * math.sqrt(k)
+    if rule == "none":
+        return lr
+    if rule == "noise":
+        if b_noise is None or not b_noise > 0:
+            raise NoiseScaleInputError(
+                f"the 'noise' learning-rate rule needs a positive noise scale, got {b_noise!r}"
+            )
+        ratio = float(lr_over_max(new_batch_size, b_noise)) / float(lr_over_max(batch_size, b_noise))
+        return lr * ratio**alpha
+    raise NoiseScaleInputError(f"unknown learning-rate rule {rule!r}; choose one of {LR_RULES}")
+
+
+def temperature(lr: ArrayLike, batch_size: ArrayLike) -> np.ndarray | float:
+    """The training temperature T = ε/B (paper eq. C.1, pure SGD in the small-batch regime)."""
+    return _scalar(np.asarray(lr, dtype=float) / np.asarray(batch_size, dtype=float))
+
+
+def b_noise_at_temperature(
+    b_noise: ArrayLike, temperature: ArrayLike, new_temperature: ArrayLike
+) -> np.ndarray | float:
+    """A noise scale measured at one temperature, re-expressed at another (paper eq. C.2).
+
+    In equilibrium B_noise ∝ B_simple ∝ 1/T, so B_noise(T') = B_noise(T)·T/T'. Lowering the learning
+    rate tenfold at a fixed batch size therefore raises the noise scale tenfold.
+    """
+    return _scalar(
+        np.asarray(b_noise, dtype=float)
+        * np.asarray(temperature, dtype=float)
+        / np.asarray(new_temperature, dtype=float)
+    )
+
+
+def adaptive_batch_size(b_simple: ArrayLike, r: float) -> np.ndarray | float:
+    """The adaptive batch size B = √(r·B_simple) for exchange rate r (paper eq. D.3, D.6)."""
+    return _scalar(np.sqrt(r * np.asarray(b_simple, dtype=float)))
+
+
+def pareto_steps_over_min(examples_over_min: ArrayLike, gamma: float = 1.0) -> np.ndarray | float:
+    """The Pareto front S/S_min = 1 + γ/(E/E_min − 1) (paper eq. 2.11 with γ = 1, eq. D.4).
+
+    Args:
+        examples_over_min: E/E_min, which must exceed 1.
+        gamma: γ of eq. D.5: 1 for a fixed batch size (or a constant noise scale), less than 1 for
+            an adaptive batch size along a trajectory whose noise scale varies.
+    """
+    e = np.asarray(examples_over_min, dtype=float)
+    return _scalar(1.0 + gamma / (e - 1.0))
+
+
+def b_crit_kaplan(loss: ArrayLike) -> np.ndarray | float:
+    """Kaplan et al.'s critical batch size of language models, B_crit(L) = 2.0·10⁸·L^−4.76 tokens.
+
+    Args:
+        loss: Language-model cross-entropy in nats per token (must be positive).
+
+    Returns:
+        The critical batch size in **tokens**.
+    """
+    loss_array = np.asarray(loss, dtype=float)
+    if not np.all(loss_array > 0):
+        raise NoiseScaleInputError(f"Kaplan's law needs a positive loss (nats/token), got {loss!r}")
+    return _scalar(KAPLAN_B_CRIT_SCALE * loss_array**KAPLAN_B_CRIT_EXPONENT)
+
+
+class Cost(NamedTuple):
+    """Steps and examples a training run takes (paper eq. D.1)."""
+
+    steps: np.ndarray | float
+    examples: np.ndarray | float
+
+
+def full_batch_steps(
+    steps: ArrayLike, batch_size: ArrayLike, b_noise: ArrayLike
+) -> np.ndarray:
+    """Full-batch-equivalent steps s reached at each recorded step of a run (eq. D.1 inverted).
+
+    A step at batch size B makes the progress of B/(B + B_noise) full-batch steps (δS = (1 +
+    B_noise/B)·δs), so s is the integral of that fraction over the run's steps (trapezoid rule,
+    which also bridges gaps where steps were skipped or not recorded).
+
+    Args:
+        steps: The run's step numbers, strictly increasing.
+        batch_size: B at each of those steps.
+        b_noise: B_noise (or B_simple) at each of those steps, positive.
+
+    Returns:
+        s at each step, starting from 0 at the first one.
+    """
+    t, b, noise = _trajectory_arrays(steps, batch_size, b_noise)
+    if not np.all(b > 0):
+        raise NoiseScaleInputError("batch sizes along a run must be positive")
+    fraction = b / (b + noise)
+    return np.concatenate([[0.0], np.cumsum(np.diff(t) * (fraction[1:] + fraction[:-1]) / 2.0)])
+
+
+def min_cost(s: ArrayLike, b_noise: ArrayLike) -> Cost:
+    """S_min = ∫ds and E_min = ∫B_noise ds along a trajectory (paper App. D, below eq. D.4)."""
+    s_arr, noise = _trajectory_arrays(s, b_noise)
+    return Cost(float(s_arr[-1] - s_arr[0]), _trapezoid(noise, s_arr))
+
+
+def fixed_batch_cost(s: ArrayLike, b_noise: ArrayLike, batch_size: ArrayLike) -> Cost:
+    """Steps and examples a fixed batch size B needs along a trajectory (paper eq. D.1).
+
+    S = ∫(1 + B_noise(s)/B) ds = S_min + E_min/B and E = B·S. Along any trajectory these satisfy
+    eq. 2.11 exactly, with B_crit = E_min/S_min.
+
+    Args:
+        s: Full-batch steps (see :func:`full_batch_steps`), strictly increasing.
+        b_noise: The noise scale at each s.
+        batch_size: One batch size or an array of candidates.
+
+    Returns:
+        ``Cost(steps, examples)``, each with the shape of ``batch_size``.
+    """
+    s_min, e_min = min_cost(s, b_noise)
+    b = np.asarray(batch_size, dtype=float)
+    steps = s_min + e_min / b
+    return Cost(_scalar(steps), _scalar(b * steps))
+
+
+def adaptive_batch_cost(s: ArrayLike, b_noise: ArrayLike, r: float) -> Cost:
+    """Steps and examples of the adaptive schedule B(s) = √(r·B_noise(s)) (paper eq. D.1, D.3).
+
+    S = ∫(1 + √(B_noise/r)) ds and E = ∫(√(r·B_noise) + B_noise) ds; these satisfy eq. D.4 with
+    the γ of :func:`adaptive_gamma` for every r.
+    """
+    s_arr, noise = _trajectory_arrays(s, b_noise)
+    if not r > 0:
+        raise NoiseScaleInputError(f"the exchange rate r must be positive, got {r!r}")
+    root = _trapezoid(np.sqrt(noise), s_arr)
+    s_min, e_min = min_cost(s_arr, noise)
+    return Cost(s_min + root / math.sqrt(r), e_min + math.sqrt(r) * root)
+
+
+def adaptive_gamma(s: ArrayLike, b_noise: ArrayLike) -> float:
+    """γ = (∫√B_noise ds)² / (S_min·E_min), the benefit of an adaptive batch size (paper eq. D.5).
+
+    γ = 1 for a constant noise scale (no benefit) and falls towards 0 the more √B_noise varies;
+    for B_noise(s) ∝ √s it is 24/25 (eq. D.7).
+
+    Args:
+        s: Full-batch steps, strictly increasing (at least two points).
+        b_noise: The noise scale at each s, positive.
+    """
+    s_arr, noise = _trajectory_arrays(s, b_noise)
+    s_min, e_min = min_cost(s_arr, noise)
+    return _trapezoid(np.sqrt(noise), s_arr) ** 2 / (s_min * e_min)
+
+
+def natural_exchange_rate(s: ArrayLike, b_noise: ArrayLike) -> float:
+    """r = E_min/S_min, where time and compute are both 1 + √γ of their minima (paper fn. 17)."""
+    s_min, e_min = min_cost(s, b_noise)
+    return e_min / s_min
+
+
+def exchange_rate_for_examples(s: ArrayLike, b_noise: ArrayLike, examples: float) -> float:
+    """The r whose adaptive schedule processes ``examples`` examples (inverts eq. D.1's E).
+
+    Used to compare an adaptive schedule with a fixed batch size at equal compute. ``examples``
+    must exceed E_min, which no schedule can go below.
+    """
+    s_arr, noise = _trajectory_arrays(s, b_noise)
+    _, e_min = min_cost(s_arr, noise)
+    if not examples > e_min:
+        raise NoiseScaleInputError(
+            f"no schedule reaches the goal with {examples!r} examples; E_min is {e_min:.6g}"
+        )
+    return ((examples - e_min) / _trapezoid(np.sqrt(noise), s_arr)) ** 2
+
+
+def _trajectory_arrays(*arrays: ArrayLike) -> tuple[np.ndarray, ...]:
+    """Validate arrays sampled along a run: 1-D, equal length ≥ 2, finite, increasing abscissa."""
+    out = tuple(np.asarray(a, dtype=float) for a in arrays)
+    first = out[0]
+    if first.ndim != 1 or first.size < 2:
+        raise NoiseScaleInputError("a trajectory needs at least two points")
+    if any(a.shape != first.shape for a in out):
+        raise NoiseScaleInputError("trajectory arrays must have the same length")
+    if not all(np.all(np.isfinite(a)) for a in out):
+        raise NoiseScaleInputError("trajectory arrays must be finite")
+    if not np.all(np.diff(first) > 0):
+        raise NoiseScaleInputError("steps along a trajectory must be strictly increasing")
+    if not np.all(out[-1] > 0):
+        raise NoiseScaleInputError("the noise scale along a trajectory must be positive")
+    return out
+
+
+def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
+    # np.trapezoid needs NumPy ≥ 2; this is the same rule and works on the 1.x we support.
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))
+
+
+def _scalar(x: np.ndarray) -> np.ndarray | float:
+    return float(x) if np.ndim(x) == 0 else x
