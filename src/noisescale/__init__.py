@@ -10,8 +10,10 @@ __version__ = "0.1.0"
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.estimators import NoiseEstimate, estimate_from_norms
 from noisescale.per_example import per_example_sqnorms
+from noisescale.tracker import GradientNoiseTracker
 
 __all__ = [
+    "GradientNoiseTracker",
     "NoiseEstimate",
     "NoiseScaleInputError",
     "UnsupportedModuleError",

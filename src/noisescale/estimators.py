@@ -29,15 +29,19 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 __all__ = [
+    "CombinerState",
     "NoiseEstimate",
     "NoiseScaleState",
     "b_simple_interval",
     "combine_weights",
+    "combiner_weights",
     "estimate_from_norms",
+    "init_combiner",
     "init_state",
     "microbatch_norm_estimates",
     "per_example_norm_estimates",
     "unbiased_g2_trace",
+    "update_combiner",
     "update_state",
 ]
 
@@ -393,3 +397,57 @@ def combine_weights(cov: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
     if not np.isfinite(total) or total <= 0:
         return ones / k
     return w / total
+
+
+class CombinerState(NamedTuple):
+    """EMA mean and second moments of K sources' per-step (g2, trace_sigma) estimates."""
+
+    beta: float
+    count: int
+    weight: float
+    mean_g2: np.ndarray
+    mean_trace: np.ndarray
+    outer_g2: np.ndarray
+    outer_trace: np.ndarray
+
+
+def init_combiner(k: int, beta: float = 0.99) -> CombinerState:
+    """Statistics for combining ``k`` small-batch sources of the same steps."""
+    z, zz = np.zeros(k), np.zeros((k, k))
+    return CombinerState(float(beta), 0, 0.0, z, z.copy(), zz, zz.copy())
+
+
+def update_combiner(state: CombinerState, g2: ArrayLike, trace_sigma: ArrayLike) -> CombinerState:
+    """Fold one step's per-source estimates (arrays of length K) into the statistics."""
+    g = np.asarray(g2, dtype=float)
+    s = np.asarray(trace_sigma, dtype=float)
+    b = state.beta
+    w = state.weight * b + 1.0
+    keep = 1.0 - 1.0 / w  # weight of the old statistics in the new EMA
+
+    def ema(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+        return keep * old + (1.0 - keep) * new
+
+    return CombinerState(
+        b,
+        state.count + 1,
+        w,
+        ema(state.mean_g2, g),
+        ema(state.mean_trace, s),
+        ema(state.outer_g2, np.outer(g, g)),
+        ema(state.outer_trace, np.outer(s, s)),
+    )
+
+
+def combiner_weights(state: CombinerState, min_steps: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Minimum-variance weights for g2 and for trace_sigma from the steps seen so far.
+
+    Weights come only from earlier steps, so they are independent of the step they are applied
+    to and the combination stays unbiased. Equal weights until ``min_steps`` steps are seen.
+    """
+    k = state.mean_g2.shape[0]
+    if state.count < min_steps:
+        return np.ones(k) / k, np.ones(k) / k
+    cov_g = state.outer_g2 - np.outer(state.mean_g2, state.mean_g2)
+    cov_s = state.outer_trace - np.outer(state.mean_trace, state.mean_trace)
+    return combine_weights(cov_g), combine_weights(cov_s)

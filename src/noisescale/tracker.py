@@ -1,0 +1,425 @@
+"""GradientNoiseTracker: the simple noise scale of a training run, measured every step.
+
+Two lines in a training loop::
+
+    tracker = noisescale.GradientNoiseTracker(model)          # before the first forward
+    ...
+    loss.backward()          # after all accumulation micro-batches
+    tracker.step(loss=loss)  # before gradient clipping and optimizer.step()
+    ...
+    tracker.estimate()       # B_simple with its interval, |G|², tr Σ, steps used
+
+Each step pairs small-batch gradient norms with the big batch — the accumulated ``.grad`` of all
+of the step's examples — through the unbiased eq. A.2 of the paper. The small batches come from
+the sources available: exact per-example norms (module hooks, B_small = 1) and, when the step
+accumulates several micro-batches, the micro-batch gradient norms (B_small = micro-batch). The
+sources are combined with minimum-variance weights, the per-step |G|² and tr Σ are averaged with
+bias-corrected EMAs, and B_simple is their ratio with a Fieller interval (:mod:`estimators`).
+
+Conventions:
+    * ``loss_reduction="mean"`` (default): each backward pass's loss is the mean over its
+      examples, divided by the number of micro-batches when accumulating; ``"sum"``: the sum over
+      examples. B_simple does not depend on the accumulation divisor; |G|² and tr Σ do.
+    * Norms are read before clipping; with ``torch.amp.GradScaler`` (pass ``scaler=``) they are
+      unscaled (whether or not ``scaler.unscale_`` already ran) and steps with non-finite
+      gradients are skipped.
+    * Statistics stay on the device; the host reads them once every ``sync_every`` steps, or when
+      an estimate, the history or a state_dict is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from noisescale import estimators as est
+from noisescale.errors import NoiseScaleInputError
+from noisescale.per_example import LOSS_REDUCTIONS, PerExampleNorms
+
+__all__ = ["GradientNoiseTracker"]
+
+HISTORY_KIND = "noisescale.history"
+HISTORY_VERSION = 1
+
+
+@dataclass
+class _PendingStep:
+    """One step's raw statistics, still on the device."""
+
+    step: int
+    b_big: float
+    sqnorm_big: Tensor
+    sources: dict[str, tuple[list[float], Tensor]]  # name -> (small batch sizes, |G_small|²)
+    loss: Tensor | float | None
+    lr: float | None
+    examples: int
+    scale: float
+
+
+class GradientNoiseTracker:
+    """Measures B_simple = tr(Σ)/|G|² (paper eq. 2.9) during training, every step, unbiased.
+
+    Args:
+        model: The model being trained (a ``DistributedDataParallel`` wrapper is fine).
+        loss_reduction: ``"mean"`` or ``"sum"``: how the backpropagated loss combined the
+            examples' own losses (see the module docstring).
+        per_example: Measure exact per-example norms with module hooks (the most precise source).
+            ``False`` relies on accumulation micro-batches only (no layer support needed).
+        microbatch: Use micro-batch gradient norms when a step accumulates several backward
+            passes.
+        beta: EMA decay for |G|² and tr Σ (paper App. A.1); ``1.0`` averages all steps equally.
+        confidence: Coverage of the B_simple interval.
+        scaler: A ``torch.amp.GradScaler`` whose loss scale is divided out.
+        optimizer: If given, its first parameter group's learning rate is recorded each step
+            (for the temperature ε/B, paper App. C).
+        history_path: Stream the per-step history to this JSON Lines file (appended at each
+            sync, so an interrupted run keeps what was measured).
+        sync_every: Steps between host reads of the device statistics.
+        fallback: Allow the torch.func fallback for modules without a closed-form norm.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_reduction: str = "mean",
+        *,
+        per_example: bool = True,
+        microbatch: bool = True,
+        beta: float = 0.99,
+        confidence: float = 0.95,
+        scaler: Any | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        history_path: str | Path | None = None,
+        sync_every: int = 32,
+        fallback: bool = True,
+    ) -> None:
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise NoiseScaleInputError(
+                f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}"
+            )
+        if not 0.0 < beta <= 1.0:
+            raise NoiseScaleInputError(f"beta must be in (0, 1], got {beta}")
+        if not 0.0 < confidence < 1.0:
+            raise NoiseScaleInputError(f"confidence must be in (0, 1), got {confidence}")
+        if sync_every < 1:
+            raise NoiseScaleInputError(f"sync_every must be at least 1, got {sync_every}")
+        if not per_example and not microbatch:
+            raise NoiseScaleInputError(
+                "per_example=False and microbatch=False leave no small-batch source to compare "
+                "with the big batch; enable at least one"
+            )
+        self.model = model
+        self.loss_reduction = loss_reduction
+        self.microbatch = microbatch
+        self.confidence = confidence
+        self.scaler = scaler
+        self.optimizer = optimizer
+        self.sync_every = sync_every
+        self.history_path = Path(history_path) if history_path is not None else None
+        self.engine = PerExampleNorms(model, per_example=per_example, fallback=fallback)
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._state = est.init_state(beta)
+        self._combiner: dict[str, est.CombinerState] = {}
+        self._pending: list[_PendingStep] = []
+        self.history: list[dict[str, Any]] = []
+        self.steps = 0
+        self.skipped_steps = 0
+        self.examples = 0
+        self._warned: set[str] = set()
+        if self.history_path is not None and not self.history_path.exists():
+            self._write_lines([self._header()])
+
+    # -- the training-loop API ----------------------------------------------------------------
+
+    def step(self, loss: Tensor | float | None = None, lr: float | None = None) -> None:
+        """Record this optimizer step: call after the last ``backward()``, before clipping.
+
+        Args:
+            loss: The step's training loss (kept for the history and reports; no host sync).
+            lr: The learning rate, if no ``optimizer`` was given.
+        """
+        passes = self.engine.collect()
+        if not passes:
+            raise NoiseScaleInputError(
+                "tracker.step() was called but no backward pass ran since the last step; call "
+                "it once per optimizer step, after loss.backward()"
+            )
+        self.steps += 1
+        scale, grads_unscaled = self._loss_scale()
+        k = len(passes)
+        sizes = [p.batch_size for p in passes]
+        n_total = sum(sizes)
+        self.examples += n_total
+        # Example i of micro-batch j enters .grad with weight c_j (times the loss scale).
+        coef = [1.0 / (k * n) if self.loss_reduction == "mean" else 1.0 for n in sizes]
+        sum_c = sum(n * c for n, c in zip(sizes, coef, strict=True))
+        sum_c2 = sum(n * c * c for n, c in zip(sizes, coef, strict=True))
+        b_big = sum_c * sum_c / sum_c2
+        grad_scale = 1.0 if grads_unscaled else scale
+        sqnorm_big = self._grad_sqnorm() / (grad_scale * sum_c) ** 2
+
+        sources: dict[str, tuple[list[float], Tensor]] = {}
+        with torch.no_grad():
+            if self.engine.per_example and b_big > 1.0:
+                per_ex = [
+                    p.raw_sqnorms / (scale * c) ** 2
+                    for p, c in zip(passes, coef, strict=True)
+                    if p.raw_sqnorms is not None
+                ]
+                if per_ex:
+                    sources["per_example"] = ([1.0], torch.cat(per_ex).mean().reshape(1))
+            if self.microbatch and k >= 2:
+                usable = [
+                    (float(n), p.grad_sqnorm / (scale * n * c) ** 2)
+                    for p, n, c in zip(passes, sizes, coef, strict=True)
+                    if p.grad_sqnorm is not None and n < b_big
+                ]
+                if usable:
+                    sources["microbatch"] = (
+                        [b for b, _ in usable],
+                        torch.stack([v.reshape(()) for _, v in usable]),
+                    )
+        if not sources:
+            self._warn_once(
+                "small-equals-big",
+                "this step has one example and no other small-batch source, so the noise cannot "
+                "be separated from the gradient (small batch = big batch); the step is skipped. "
+                "Use more than one example per step or accumulate several micro-batches.",
+            )
+        if lr is None and self.optimizer is not None:
+            lr = float(self.optimizer.param_groups[0]["lr"])
+        loss_value = loss.detach() if isinstance(loss, Tensor) else loss
+        self._pending.append(
+            _PendingStep(
+                self.steps, b_big, sqnorm_big, sources, loss_value, lr, self.examples, scale
+            )
+        )
+        if len(self._pending) >= self.sync_every:
+            self.sync()
+
+    def estimate(self) -> est.NoiseEstimate:
+        """B_simple with its interval, |G|², tr Σ and the number of steps used (App. A.1)."""
+        self.sync()
+        return est.b_simple_interval(self._state, self.confidence)
+
+    @property
+    def b_simple(self) -> float:
+        """The current B_simple estimate in examples (``nan`` while not available)."""
+        return self.estimate().b_simple
+
+    def remove(self) -> None:
+        """Read what is pending and remove the hooks from the model."""
+        self.sync()
+        self.engine.remove()
+
+    # -- host side ----------------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Fold the pending steps into the estimate (one host read for all of them)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        flat: list[Tensor] = []
+        for p in pending:
+            flat.append(p.sqnorm_big.reshape(1).float())
+            flat.extend(v.reshape(-1).float() for _, v in p.sources.values())
+            if isinstance(p.loss, Tensor):
+                flat.append(p.loss.reshape(1).float())
+        values = torch.cat([f.to(flat[0].device) for f in flat]).cpu().numpy().astype(float)
+        records = []
+        pos = 0
+        for p in pending:
+            sqnorm_big = values[pos]
+            pos += 1
+            per_source: dict[str, tuple[float, float]] = {}
+            raw: dict[str, dict[str, Any]] = {}
+            for name, (b_small, _) in p.sources.items():
+                vals = values[pos : pos + len(b_small)]
+                pos += len(b_small)
+                g2, tr = est.unbiased_g2_trace(np.asarray(b_small), vals, p.b_big, sqnorm_big)
+                per_source[name] = (float(np.mean(g2)), float(np.mean(tr)))
+                raw[name] = {
+                    "b_small": b_small[0] if len(b_small) == 1 else list(b_small),
+                    "sqnorm_small": float(vals.mean()) if len(vals) == 1 else vals.tolist(),
+                }
+            loss = p.loss
+            if isinstance(loss, Tensor):
+                loss = float(values[pos])
+                pos += 1
+            records.append(self._fold(p, sqnorm_big, per_source, raw, loss))
+        self.history.extend(records)
+        if self.history_path is not None:
+            self._write_lines(records)
+
+    def _fold(
+        self,
+        p: _PendingStep,
+        sqnorm_big: float,
+        per_source: dict[str, tuple[float, float]],
+        raw: dict[str, dict[str, Any]],
+        loss: float | None,
+    ) -> dict[str, Any]:
+        finite = math.isfinite(sqnorm_big) and all(
+            math.isfinite(g) and math.isfinite(t) for g, t in per_source.values()
+        )
+        g2 = tr = math.nan
+        skipped = not (finite and per_source)
+        if skipped:
+            self.skipped_steps += 1
+            if not finite and self.scaler is None:
+                self._warn_once(
+                    "non-finite",
+                    f"step {p.step} has non-finite gradients; it is left out of the estimate",
+                )
+        else:
+            key = ",".join(sorted(per_source))
+            g2, tr = self._combine(key, per_source)
+            self._state = est.update_state(self._state, g2, tr)
+        e = est.b_simple_interval(self._state, self.confidence)
+        return {
+            "step": p.step,
+            "skipped": skipped,
+            "b_big": p.b_big,
+            "sqnorm_big": sqnorm_big,
+            "g2": g2,
+            "trace_sigma": tr,
+            "g2_ema": e.g2,
+            "trace_sigma_ema": e.trace_sigma,
+            "b_simple": e.b_simple,
+            "b_simple_low": e.low,
+            "b_simple_high": e.high,
+            "loss": loss,
+            "lr": p.lr,
+            "temperature": p.lr / p.b_big if p.lr is not None else None,
+            "examples": p.examples,
+            "loss_scale": p.scale,
+            "sources": raw,
+        }
+
+    def _combine(self, key: str, per_source: dict[str, tuple[float, float]]) -> tuple[float, float]:
+        names = sorted(per_source)
+        pairs = np.array([per_source[n] for n in names])  # [K, 2]: (g2, trace) per source
+        if len(names) == 1:
+            return float(pairs[0, 0]), float(pairs[0, 1])
+        comb = self._combiner.get(key) or est.init_combiner(len(names), self._state.beta)
+        w_g2, w_tr = est.combiner_weights(comb)
+        self._combiner[key] = est.update_combiner(comb, pairs[:, 0], pairs[:, 1])
+        return float(w_g2 @ pairs[:, 0]), float(w_tr @ pairs[:, 1])
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _grad_sqnorm(self) -> Tensor:
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if not grads:
+            raise NoiseScaleInputError(
+                "no parameter has a gradient: call tracker.step() after loss.backward() and "
+                "before optimizer.zero_grad()"
+            )
+        with torch.no_grad():
+            norms = torch._foreach_norm([g.detach() for g in grads])
+            return torch.stack([n.float() for n in norms]).pow(2).sum()
+
+    def _loss_scale(self) -> tuple[float, bool]:
+        """The AMP loss scale in the hooks' gradients, and whether ``.grad`` is already unscaled."""
+        scaler = self.scaler
+        if scaler is None or not scaler.is_enabled():
+            return 1.0, False
+        scale = float(scaler.get_scale())
+        from torch.amp.grad_scaler import OptState
+
+        unscaled = any(
+            s.get("stage") is OptState.UNSCALED for s in scaler._per_optimizer_states.values()
+        )
+        return scale, unscaled
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _header(self) -> dict[str, Any]:
+        return {
+            "kind": HISTORY_KIND,
+            "version": HISTORY_VERSION,
+            "loss_reduction": self.loss_reduction,
+            "beta": self._state.beta,
+            "confidence": self.confidence,
+        }
+
+    def _write_lines(self, records: Iterable[dict[str, Any]]) -> None:
+        assert self.history_path is not None
+        self.history_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.history_path.open("a") as f:
+            for r in records:
+                f.write(json.dumps(_json_safe(r), allow_nan=False) + "\n")
+
+    def write_history(self, path: str | Path) -> Path:
+        """Write the whole history (a header line, then one JSON object per step)."""
+        self.sync()
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w") as f:
+            for r in [self._header(), *self.history]:
+                f.write(json.dumps(_json_safe(r), allow_nan=False) + "\n")
+        return out
+
+    # -- checkpointing ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed for a resumed tracker to give the same subsequent estimates."""
+        self.sync()
+        return {
+            "version": HISTORY_VERSION,
+            "state": self._state._asdict(),
+            "combiner": {k: _json_safe(v._asdict()) for k, v in self._combiner.items()},
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "examples": self.examples,
+            "loss_reduction": self.loss_reduction,
+            "confidence": self.confidence,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("loss_reduction", self.loss_reduction) != self.loss_reduction:
+            raise NoiseScaleInputError(
+                f"the checkpoint was measured with loss_reduction={state['loss_reduction']!r} "
+                f"but this tracker uses {self.loss_reduction!r}"
+            )
+        self._pending.clear()
+        self._state = est.NoiseScaleState(**state["state"])
+        self._combiner = {
+            k: est.CombinerState(
+                **{
+                    f: np.asarray(x, dtype=float) if isinstance(x, list) else x
+                    for f, x in v.items()
+                }
+            )
+            for k, v in state["combiner"].items()
+        }
+        self.steps = int(state["steps"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.examples = int(state["examples"])
+        self.confidence = float(state["confidence"])
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _json_safe(x.tolist())
+    if isinstance(x, np.generic):
+        return _json_safe(x.item())
+    return x
