@@ -283,7 +283,10 @@ def b_simple_interval(state: NoiseScaleState, confidence: float = 0.95) -> Noise
             var_unit_ss = centred(state.trace_sq, state.trace_w2, state.trace_w2, s, s) / correction
             var_unit_gs = centred(state.cross, state.g2_w2, state.trace_w2, g, s) / correction
             # variances of the weighted means
-            v_gg, v_ss, v_gs = sw2 * var_unit_gg, sw2 * var_unit_ss, sw2 * var_unit_gs
+            # round-off in the expanded sums can leave tiny negative variances: project back
+            v_gg, v_ss = max(sw2 * var_unit_gg, 0.0), max(sw2 * var_unit_ss, 0.0)
+            bound = math.sqrt(v_gg * v_ss)
+            v_gs = min(max(sw2 * var_unit_gs, -bound), bound)
             low, high = _fieller(s, g, v_ss, v_gg, v_gs, _t_quantile(confidence, n_eff - 1.0))
     return NoiseEstimate(
         float(g),
@@ -329,9 +332,8 @@ def _fieller(
     c = num * num - z2 * v_nn
     disc = b * b - a * c
     if a > 0:
-        if disc < 0:  # cannot happen for a positive semi-definite covariance; be safe
-            return 0.0, math.inf
-        root = math.sqrt(disc)
+        # disc ≥ 0 for a positive semi-definite covariance; below 0 only by round-off
+        root = math.sqrt(max(disc, 0.0))
         lo, hi = (b - root) / a, (b + root) / a
         return max(0.0, lo), max(0.0, hi)
     if disc < 0 or a == 0:

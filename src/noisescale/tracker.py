@@ -130,7 +130,7 @@ class GradientNoiseTracker:
         self._state = est.init_state(beta)
         self._combiner: dict[str, est.CombinerState] = {}
         self._pending: list[_PendingStep] = []
-        self.history: list[dict[str, Any]] = []
+        self._history: list[dict[str, Any]] = []
         self.steps = 0
         self.skipped_steps = 0
         self.examples = 0
@@ -212,6 +212,12 @@ class GradientNoiseTracker:
         return est.b_simple_interval(self._state, self.confidence)
 
     @property
+    def history(self) -> list[dict[str, Any]]:
+        """One record per step (format: docs and :func:`write_history`), synced on access."""
+        self.sync()
+        return self._history
+
+    @property
     def b_simple(self) -> float:
         """The current B_simple estimate in examples (``nan`` while not available)."""
         return self.estimate().b_simple
@@ -256,7 +262,7 @@ class GradientNoiseTracker:
                 loss = float(values[pos])
                 pos += 1
             records.append(self._fold(p, sqnorm_big, per_source, raw, loss))
-        self.history.extend(records)
+        self._history.extend(records)
         if self.history_path is not None:
             self._write_lines(records)
 
@@ -368,7 +374,7 @@ class GradientNoiseTracker:
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w") as f:
-            for r in [self._header(), *self.history]:
+            for r in [self._header(), *self._history]:
                 f.write(json.dumps(_json_safe(r), allow_nan=False) + "\n")
         return out
 
@@ -379,7 +385,7 @@ class GradientNoiseTracker:
         self.sync()
         return {
             "version": HISTORY_VERSION,
-            "state": self._state._asdict(),
+            "state": _json_safe(self._state._asdict()),
             "combiner": {k: _json_safe(v._asdict()) for k, v in self._combiner.items()},
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,

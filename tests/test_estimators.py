@@ -1,0 +1,161 @@
+"""The estimators against closed-form truth: unbiasedness, interval coverage, edge cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from noisescale import estimate_from_norms
+from noisescale import estimators as est
+
+D = 20
+G = np.full(D, 0.3)
+SD = np.linspace(0.5, 2.0, D)
+TRUE_G2 = float(G @ G)
+TRUE_TRACE = float((SD**2).sum())
+TRUE_B_SIMPLE = TRUE_TRACE / TRUE_G2
+
+
+def draw_norms(rng, steps, n):
+    """Per-example gradients g_i ~ N(G, diag(SD²)): per-example and batch squared norms."""
+    g = G + rng.normal(size=(steps, n, D)) * SD
+    return (g**2).sum(-1), (g.mean(1) ** 2).sum(-1)
+
+
+def test_eq_a2_worked_example():
+    # E|G_B|² = |G|² + trΣ/B with |G|² = 1, trΣ = 9: B=1 → 10, B=100 → 1.09
+    e = estimate_from_norms(1, 10.0, 100, 1.09)
+    assert e.g2 == pytest.approx(1.0)
+    assert e.trace_sigma == pytest.approx(9.0)
+    assert e.b_simple == pytest.approx(9.0)
+    assert math.isnan(e.low)  # one step: no interval
+
+
+def test_per_example_form_is_bessel_corrected_variance():
+    rng = np.random.default_rng(0)
+    per, big = draw_norms(rng, 1, 7)
+    g = G + rng.normal(size=(7, D)) * SD
+    per = (g**2).sum(1)
+    big = float((g.mean(0) ** 2).sum())
+    g2, tr = est.per_example_norm_estimates(per, big)
+    assert tr == pytest.approx(float(g.var(0, ddof=1).sum()))
+    assert g2 == pytest.approx(big - tr / 7)
+
+
+def test_microbatch_form_equals_eq_a2_for_equal_sizes():
+    g2, tr = est.microbatch_norm_estimates(8, [3.0, 5.0, 4.0, 6.0], 1.5)
+    g2_ref, tr_ref = est.unbiased_g2_trace(8, 4.5, 32, 1.5)
+    assert (g2, tr) == pytest.approx((float(g2_ref), float(tr_ref)))
+
+
+@pytest.mark.parametrize("n", [2, 16])
+def test_unbiased_per_step(n):
+    rng = np.random.default_rng(n)
+    per, big = draw_norms(rng, 20000, n)
+    g2, tr = est.unbiased_g2_trace(1, per.mean(1), n, big)
+    for values, truth in ((g2, TRUE_G2), (tr, TRUE_TRACE)):
+        se = values.std(ddof=1) / math.sqrt(values.size)
+        assert abs(values.mean() - truth) < 4 * se
+
+
+def test_unbiased_for_k_microbatches():
+    rng = np.random.default_rng(3)
+    k, m, steps = 4, 8, 20000
+    g = G + rng.normal(size=(steps, k, m, D)) * SD
+    micro = (g.mean(2) ** 2).sum(-1)  # [steps, k]
+    big = (g.mean((1, 2)) ** 2).sum(-1)
+    g2, tr = est.unbiased_g2_trace(m, micro.mean(1), k * m, big)
+    for values, truth in ((g2, TRUE_G2), (tr, TRUE_TRACE)):
+        se = values.std(ddof=1) / math.sqrt(values.size)
+        assert abs(values.mean() - truth) < 4 * se
+
+
+@pytest.mark.parametrize(("beta", "steps", "n"), [(1.0, 200, 16), (0.97, 300, 16), (0.9, 100, 64)])
+def test_interval_coverage(beta, steps, n):
+    """Over R independent runs the 95% interval covers the true B_simple ~95% of the time."""
+    rng = np.random.default_rng(int(beta * 100) + steps)
+    reps = 400
+    hits = 0
+    for _ in range(reps):
+        per, big = draw_norms(rng, steps, n)
+        g2, tr = est.unbiased_g2_trace(1, per.mean(1), n, big)
+        e = est.b_simple_interval(est.update_state(est.init_state(beta), g2, tr))
+        hits += e.low <= TRUE_B_SIMPLE <= e.high
+    coverage = hits / reps
+    # binomial sd at 0.95 with 400 runs is 0.011; allow ~3 sd around nominal
+    assert 0.915 <= coverage <= 0.985, coverage
+
+
+def test_ratio_of_averages_not_average_of_ratios():
+    rng = np.random.default_rng(5)
+    per, big = draw_norms(rng, 2000, 4)
+    g2, tr = est.unbiased_g2_trace(1, per.mean(1), 4, big)
+    e = est.b_simple_interval(est.update_state(est.init_state(1.0), g2, tr))
+    assert e.b_simple == pytest.approx(tr.mean() / g2.mean())
+    assert e.low <= TRUE_B_SIMPLE <= e.high
+    # the per-step ratio is wildly off (g2 is often negative at one step)
+    assert (g2 < 0).mean() > 0.1
+
+
+def test_batched_update_equals_sequential():
+    rng = np.random.default_rng(6)
+    g2, tr = rng.normal(1, 2, 50), rng.normal(9, 3, 50)
+    s1 = est.update_state(est.init_state(0.95), g2, tr)
+    s2 = est.init_state(0.95)
+    for a, b in zip(g2, tr, strict=True):
+        s2 = est.update_state(s2, a, b)
+    np.testing.assert_allclose(np.array(s1[1:]), np.array(s2[1:]), rtol=1e-10)
+
+
+def test_b_simple_nan_when_g2_not_positive():
+    e = estimate_from_norms(1, 5.0, 10, 0.1)  # g2 = (1 − 5)/9 < 0
+    assert e.g2 < 0
+    assert math.isnan(e.b_simple)
+    assert not e.available
+    zero = estimate_from_norms(1, [0.0, 0.0], 8, [0.0, 0.0])
+    assert math.isnan(zero.b_simple)
+
+
+def test_unbounded_interval_when_g2_indistinguishable_from_zero():
+    rng = np.random.default_rng(8)
+    g2 = rng.normal(0.05, 1.0, 30)
+    tr = rng.normal(10.0, 1.0, 30)
+    e = est.b_simple_interval(est.update_state(est.init_state(1.0), g2, tr))
+    assert e.high == math.inf
+
+
+def test_non_finite_steps_skipped():
+    s = est.update_state(est.init_state(1.0), [1.0, math.nan, 2.0], [5.0, 1.0, math.inf])
+    assert s.count == 1
+
+
+def test_small_equals_big_is_an_error():
+    with pytest.raises(ValueError, match="b_big must exceed b_small"):
+        est.unbiased_g2_trace(8, 1.0, 8, 1.0)
+
+
+def test_combine_weights_min_variance():
+    w = est.combine_weights([[1.0, 0.0], [0.0, 3.0]])
+    np.testing.assert_allclose(w, [0.75, 0.25])
+    np.testing.assert_allclose(est.combine_weights([[1.0, 1.0], [1.0, 1.0]]), [0.5, 0.5])
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    scale=st.floats(1e-3, 1e3),
+    norms=st.lists(st.tuples(st.floats(0.1, 10), st.floats(0.01, 1)), min_size=2, max_size=20),
+)
+def test_b_simple_invariant_to_loss_scale(scale, norms):
+    """Multiplying the loss by c multiplies every squared norm by c²: B_simple is unchanged."""
+    small, big = np.array(norms).T
+    a = estimate_from_norms(1, small, 16, big)
+    b = estimate_from_norms(1, small * scale**2, 16, big * scale**2)
+    if a.available:
+        assert b.b_simple == pytest.approx(a.b_simple, rel=1e-9)
+        assert b.low == pytest.approx(a.low, rel=1e-7, abs=1e-9)
+    else:
+        assert not b.available

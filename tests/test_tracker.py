@@ -1,0 +1,257 @@
+"""GradientNoiseTracker against closed-form truth and invariances."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import noisescale
+from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
+
+D = 10
+MU = torch.full((D,), 0.5)
+SD = torch.linspace(0.5, 2.0, D)
+# loss_i = w·x_i has per-example gradient x_i: G = E[x] = MU, Σ = diag(SD²)
+TRUE_B_SIMPLE = float((SD**2).sum() / (MU @ MU))
+
+
+def linear_model():
+    torch.manual_seed(0)
+    return nn.Linear(D, 1, bias=False)
+
+
+def batches(seed, steps, n):
+    g = torch.Generator().manual_seed(seed)
+    return [MU + torch.randn(n, D, generator=g) * SD for _ in range(steps)]
+
+
+def run(model, data, *, micro=1, reduction="mean", scale=1.0, **kw):
+    """Train-loop shape: forward/backward per micro-batch, then tracker.step()."""
+    tracker = noisescale.GradientNoiseTracker(model, loss_reduction=reduction, **kw)
+    for x in data:
+        for part in x.chunk(micro):
+            out = model(part).squeeze(-1)
+            loss = out.mean() / micro if reduction == "mean" else out.sum()
+            (loss * scale).backward()
+        tracker.step(loss=loss)
+        model.zero_grad()
+    return tracker
+
+
+def test_closed_form_truth_within_interval():
+    tracker = run(linear_model(), batches(0, 300, 32), beta=1.0)
+    e = tracker.estimate()
+    assert e.steps == 300
+    assert e.low <= TRUE_B_SIMPLE <= e.high
+    assert e.relative_width < 0.15
+    assert e.g2 == pytest.approx(float(MU @ MU), rel=0.1)
+    assert e.trace_sigma == pytest.approx(float((SD**2).sum()), rel=0.05)
+
+
+def test_tracker_interval_coverage():
+    """Coverage of the whole tracker pipeline on the closed-form problem."""
+    hits, reps = 0, 60
+    for seed in range(reps):
+        e = run(linear_model(), batches(100 + seed, 60, 8), beta=1.0).estimate()
+        hits += e.low <= TRUE_B_SIMPLE <= e.high
+    # 95% nominal; binomial sd with 60 runs is 0.028: allow ~3 sd below
+    assert hits / reps >= 0.86
+
+
+def records(tracker):
+    out = [(r["g2"], r["trace_sigma"]) for r in tracker.history]
+    assert out and all(math.isfinite(g) for g, _ in out)
+    return out
+
+
+def test_mean_and_sum_reduction_agree():
+    data = batches(1, 20, 16)
+    a = run(linear_model(), data, reduction="mean")
+    b = run(linear_model(), data, reduction="sum")
+    for (g1, t1), (g2, t2) in zip(records(a), records(b), strict=True):
+        assert g2 == pytest.approx(g1, rel=1e-5, abs=1e-6)
+        assert t2 == pytest.approx(t1, rel=1e-5)
+
+
+def test_splitting_into_microbatches_keeps_per_example_estimate():
+    data = batches(2, 20, 16)
+    whole = run(linear_model(), data)
+    split = run(linear_model(), data, micro=4, microbatch=False)
+    for (g1, t1), (g2, t2) in zip(records(whole), records(split), strict=True):
+        assert g2 == pytest.approx(g1, rel=1e-5, abs=1e-6)
+        assert t2 == pytest.approx(t1, rel=1e-5)
+
+
+def test_microbatch_source_alone_is_unbiased():
+    tracker = run(linear_model(), batches(3, 400, 32), micro=4, per_example=False, beta=1.0)
+    e = tracker.estimate()
+    assert set(tracker.history[0]["sources"]) == {"microbatch"}
+    assert e.low <= TRUE_B_SIMPLE <= e.high
+
+
+def test_combined_sources_at_least_as_precise():
+    data = batches(4, 300, 32)
+    both = run(linear_model(), data, micro=4, beta=1.0).estimate()
+    micro_only = run(linear_model(), data, micro=4, per_example=False, beta=1.0).estimate()
+    assert both.low <= TRUE_B_SIMPLE <= both.high
+    assert both.relative_width < micro_only.relative_width
+
+
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_amp_loss_scale_divided_out(unscale_first):
+    data = batches(5, 10, 16)
+    plain = run(linear_model(), data)
+    model = linear_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    tracker = noisescale.GradientNoiseTracker(model, scaler=scaler)
+    for x in data:
+        loss = model(x).mean()
+        scaler.scale(loss).backward()
+        if unscale_first:
+            scaler.unscale_(opt)
+        tracker.step()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    for (g1, t1), (g2, t2) in zip(records(plain), records(tracker), strict=True):
+        assert g2 == pytest.approx(g1, rel=1e-4, abs=1e-6)
+        assert t2 == pytest.approx(t1, rel=1e-4)
+    assert tracker.history[0]["loss_scale"] == 1024.0
+
+
+def test_nonfinite_steps_skipped_with_scaler():
+    model = linear_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    tracker = noisescale.GradientNoiseTracker(model, scaler=scaler)
+    for i, x in enumerate(batches(6, 5, 8)):
+        loss = model(x).mean() * (math.inf if i == 2 else 1.0)
+        scaler.scale(loss).backward()
+        tracker.step()
+        model.zero_grad()
+    flags = [r["skipped"] for r in tracker.history]
+    assert flags == [False, False, True, False, False]
+    assert tracker.estimate().steps == 4
+
+
+def test_nan_gradient_warns_and_is_skipped():
+    model = linear_model()
+    tracker = noisescale.GradientNoiseTracker(model)
+    x = batches(7, 1, 8)[0]
+    x[0, 0] = math.nan
+    model(x).mean().backward()
+    tracker.step()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        e = tracker.estimate()
+    assert e.steps == 0 and math.isnan(e.b_simple)
+
+
+def test_batch_of_one_warns_and_gives_nan():
+    model = linear_model()
+    tracker = noisescale.GradientNoiseTracker(model)
+    with pytest.warns(RuntimeWarning, match="small batch = big batch"):
+        model(batches(8, 1, 1)[0]).mean().backward()
+        tracker.step()
+    assert math.isnan(tracker.b_simple)
+    assert tracker.history[0]["skipped"]
+
+
+def test_zero_gradient_gives_nan_not_exception():
+    model = linear_model()
+    tracker = noisescale.GradientNoiseTracker(model)
+    for _ in range(3):
+        (model(torch.randn(4, D)).mean() * 0.0).backward()
+        tracker.step()
+    e = tracker.estimate()
+    assert math.isnan(e.b_simple)
+
+
+def test_step_without_backward_is_a_clear_error():
+    tracker = noisescale.GradientNoiseTracker(linear_model())
+    with pytest.raises(NoiseScaleInputError, match="no backward pass"):
+        tracker.step()
+
+
+def test_unsupported_module_error():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    with pytest.raises(UnsupportedModuleError, match="BatchNorm1d"):
+        noisescale.GradientNoiseTracker(model)
+    # the micro-batch source needs no layer support
+    noisescale.GradientNoiseTracker(model, per_example=False)
+
+
+def test_resume_gives_same_subsequent_estimates(tmp_path):
+    data = batches(9, 40, 8)
+    full = run(linear_model(), data, beta=0.9)
+    model = linear_model()
+    first = run(model, data[:25], beta=0.9)
+    torch.save(first.state_dict(), tmp_path / "tracker.pt")
+    first.remove()
+    resumed = noisescale.GradientNoiseTracker(model, beta=0.9)
+    resumed.load_state_dict(torch.load(tmp_path / "tracker.pt", weights_only=False))
+    for x in data[25:]:
+        model(x).mean().backward()
+        resumed.step()
+        model.zero_grad()
+    a, b = full.estimate(), resumed.estimate()
+    assert b.b_simple == pytest.approx(a.b_simple, rel=1e-9)
+    assert b.low == pytest.approx(a.low, rel=1e-9)
+    assert resumed.steps == 40 and resumed.history[-1]["step"] == 40
+
+
+def test_history_jsonl(tmp_path):
+    path = tmp_path / "history.jsonl"
+    model = linear_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = noisescale.GradientNoiseTracker(model, optimizer=opt, history_path=path, sync_every=4)
+    for x in batches(10, 10, 8):
+        loss = model(x).mean()
+        loss.backward()
+        tracker.step(loss=loss)
+        opt.step()
+        opt.zero_grad()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1 + 8  # header + two syncs of 4; two steps still pending
+    tracker.sync()
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert lines[0]["kind"] == "noisescale.history" and len(lines) == 11
+    last = lines[-1]
+    assert last["step"] == 10 and last["examples"] == 80
+    assert last["lr"] == 0.1 and last["temperature"] == pytest.approx(0.1 / 8)
+    assert isinstance(last["loss"], float)
+    out = tracker.write_history(tmp_path / "copy.jsonl")
+    assert out.read_text().splitlines()[1:] == path.read_text().splitlines()[1:]
+
+
+def test_bfloat16_autocast_close_to_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 32), nn.Tanh(), nn.Linear(32, 1))
+    data = batches(11, 30, 16)
+    estimates = []
+    for bf16 in (False, True):
+        tracker = noisescale.GradientNoiseTracker(model, beta=1.0)
+        for x in data:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = model(x).float().pow(2).mean()
+            loss.backward()
+            tracker.step()
+            model.zero_grad()  # no optimizer step: both passes see the same weights
+        tracker.remove()
+        estimates.append(tracker.estimate())
+    assert estimates[1].b_simple == pytest.approx(estimates[0].b_simple, rel=0.05)
+
+
+def test_invalid_arguments():
+    model = linear_model()
+    for kw, msg in (
+        ({"loss_reduction": "avg"}, "loss_reduction"),
+        ({"beta": 0.0}, "beta"),
+        ({"confidence": 1.5}, "confidence"),
+        ({"per_example": False, "microbatch": False}, "no small-batch source"),
+    ):
+        with pytest.raises(NoiseScaleInputError, match=msg):
+            noisescale.GradientNoiseTracker(model, **kw)
