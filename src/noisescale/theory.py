@@ -148,7 +148,7 @@ def scaled_lr(
     b_noise: float | None = None,
     alpha: float = 1.0,
 ) -> float:
-    """The learning rate to use when changing the batch size from ``batch_size`` to ``new_batch_size``.
+    """The learning rate to use when moving from ``batch_size`` to ``new_batch_size``.
 
     Rules, with k = new_batch_size / batch_size:
 
@@ -186,7 +186,9 @@ def scaled_lr(
             raise NoiseScaleInputError(
                 f"the 'noise' learning-rate rule needs a positive noise scale, got {b_noise!r}"
             )
-        ratio = float(lr_over_max(new_batch_size, b_noise)) / float(lr_over_max(batch_size, b_noise))
+        ratio = float(lr_over_max(new_batch_size, b_noise)) / float(
+            lr_over_max(batch_size, b_noise)
+        )
         return lr * ratio**alpha
     raise NoiseScaleInputError(f"unknown learning-rate rule {rule!r}; choose one of {LR_RULES}")
 
@@ -250,9 +252,7 @@ class Cost(NamedTuple):
     examples: np.ndarray | float
 
 
-def full_batch_steps(
-    steps: ArrayLike, batch_size: ArrayLike, b_noise: ArrayLike
-) -> np.ndarray:
+def full_batch_steps(steps: ArrayLike, batch_size: ArrayLike, b_noise: ArrayLike) -> np.ndarray:
     """Full-batch-equivalent steps s reached at each recorded step of a run (eq. D.1 inverted).
 
     A step at batch size B makes the progress of B/(B + B_noise) full-batch steps (δS = (1 +
@@ -262,7 +262,7 @@ def full_batch_steps(
     Args:
         steps: The run's step numbers, strictly increasing.
         batch_size: B at each of those steps.
-        b_noise: B_noise (or B_simple) at each of those steps, positive.
+        b_noise: B_noise (or B_simple) at each of those steps, not negative.
 
     Returns:
         s at each step, starting from 0 at the first one.
@@ -322,16 +322,16 @@ def adaptive_gamma(s: ArrayLike, b_noise: ArrayLike) -> float:
 
     Args:
         s: Full-batch steps, strictly increasing (at least two points).
-        b_noise: The noise scale at each s, positive.
+        b_noise: The noise scale at each s, not negative (and not zero throughout).
     """
     s_arr, noise = _trajectory_arrays(s, b_noise)
-    s_min, e_min = min_cost(s_arr, noise)
+    s_min, e_min = _min_cost_with_noise(s_arr, noise)
     return _trapezoid(np.sqrt(noise), s_arr) ** 2 / (s_min * e_min)
 
 
 def natural_exchange_rate(s: ArrayLike, b_noise: ArrayLike) -> float:
     """r = E_min/S_min, where time and compute are both 1 + √γ of their minima (paper fn. 17)."""
-    s_min, e_min = min_cost(s, b_noise)
+    s_min, e_min = _min_cost_with_noise(*_trajectory_arrays(s, b_noise))
     return e_min / s_min
 
 
@@ -342,7 +342,7 @@ def exchange_rate_for_examples(s: ArrayLike, b_noise: ArrayLike, examples: float
     must exceed E_min, which no schedule can go below.
     """
     s_arr, noise = _trajectory_arrays(s, b_noise)
-    _, e_min = min_cost(s_arr, noise)
+    _, e_min = _min_cost_with_noise(s_arr, noise)
     if not examples > e_min:
         raise NoiseScaleInputError(
             f"no schedule reaches the goal with {examples!r} examples; E_min is {e_min:.6g}"
@@ -362,9 +362,17 @@ def _trajectory_arrays(*arrays: ArrayLike) -> tuple[np.ndarray, ...]:
         raise NoiseScaleInputError("trajectory arrays must be finite")
     if not np.all(np.diff(first) > 0):
         raise NoiseScaleInputError("steps along a trajectory must be strictly increasing")
-    if not np.all(out[-1] > 0):
-        raise NoiseScaleInputError("the noise scale along a trajectory must be positive")
+    if not np.all(out[-1] >= 0):
+        raise NoiseScaleInputError("the noise scale along a trajectory must not be negative")
     return out
+
+
+def _min_cost_with_noise(s: np.ndarray, b_noise: np.ndarray) -> Cost:
+    """:func:`min_cost`, refusing a trajectory without noise, where γ and r are undefined."""
+    cost = min_cost(s, b_noise)
+    if not cost.examples > 0:
+        raise NoiseScaleInputError("the noise scale is zero all along the trajectory")
+    return cost
 
 
 def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:

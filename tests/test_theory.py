@@ -1,0 +1,377 @@
+"""Tests of noisescale.theory against hand-computed values and closed forms."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from noisescale import theory
+from noisescale.errors import NoiseScaleInputError
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "theory.md"
+
+positive = st.floats(min_value=1e-3, max_value=1e9, allow_nan=False, allow_infinity=False)
+
+
+# --- eq. 2.6, 2.7, 2.11 -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("batch", "b_noise", "lr", "steps", "examples"),
+    [
+        (2048, 2048, 1 / 2, 2.0, 2.0),
+        (4096, 2048, 2 / 3, 1.5, 3.0),
+        (512, 2048, 1 / 5, 5.0, 1.25),
+        (1, 99, 1 / 100, 100.0, 1 + 1 / 99),
+    ],
+)
+def test_single_point_formulas_by_hand(
+    batch: float, b_noise: float, lr: float, steps: float, examples: float
+) -> None:
+    assert theory.lr_over_max(batch, b_noise) == pytest.approx(lr, rel=1e-15)
+    assert theory.loss_improvement_over_max(batch, b_noise) == pytest.approx(lr, rel=1e-15)
+    assert theory.steps_over_min(batch, b_noise) == pytest.approx(steps, rel=1e-15)
+    assert theory.examples_over_min(batch, b_noise) == pytest.approx(examples, rel=1e-15)
+
+
+def test_single_point_formulas_broadcast_arrays() -> None:
+    b = np.array([1024.0, 2048.0, 4096.0])
+    np.testing.assert_allclose(theory.lr_over_max(b, 2048), [1 / 3, 1 / 2, 2 / 3], rtol=1e-15)
+    np.testing.assert_allclose(theory.steps_over_min(b, 2048), [3, 2, 1.5], rtol=1e-15)
+    np.testing.assert_allclose(theory.examples_over_min(b, 2048), [1.5, 2, 3], rtol=1e-15)
+    assert isinstance(theory.lr_over_max(3.0, 4.0), float)
+
+
+@given(batch=positive, b_noise=positive)
+def test_every_batch_size_lies_on_the_pareto_front(batch: float, b_noise: float) -> None:
+    s = theory.steps_over_min(batch, b_noise)
+    e = theory.examples_over_min(batch, b_noise)
+    # Subtracting 1 from a rounded s or e loses log2(s/(s−1)) bits: the tolerance follows.
+    eps = np.finfo(float).eps
+    tol = 4 * eps * (s / (s - 1) + e / (e - 1))
+    assert (s - 1) * (e - 1) == pytest.approx(1.0, rel=tol)
+    assert theory.pareto_steps_over_min(e) == pytest.approx(s, rel=tol)
+
+
+@pytest.mark.parametrize(
+    ("batch", "expected"),
+    [(999, "small"), (1000, "balanced"), (3000, "balanced"), (9000, "balanced"), (9001, "large")],
+)
+def test_regime_thresholds(batch: float, expected: str) -> None:
+    # B_noise = 3000: small below 1000 = B_noise/3, large above 9000 = 3·B_noise.
+    assert theory.regime(batch, 3000) == expected
+
+
+def test_regime_boundaries_are_where_one_cost_is_four_thirds() -> None:
+    b_noise = 600.0
+    small_edge, large_edge = b_noise / theory.REGIME_FACTOR, b_noise * theory.REGIME_FACTOR
+    assert theory.examples_over_min(small_edge, b_noise) == pytest.approx(4 / 3)
+    assert theory.steps_over_min(small_edge, b_noise) == pytest.approx(4)
+    assert theory.steps_over_min(large_edge, b_noise) == pytest.approx(4 / 3)
+    assert theory.examples_over_min(large_edge, b_noise) == pytest.approx(4)
+
+
+@pytest.mark.parametrize(("batch", "b_noise"), [(0, 10), (10, 0), (-1, 10), (10, float("nan"))])
+def test_regime_rejects_non_positive_input(batch: float, b_noise: float) -> None:
+    with pytest.raises(NoiseScaleInputError):
+        theory.regime(batch, b_noise)
+
+
+# --- learning rates (App. A.2, scaling rules) -----------------------------------------------------
+
+
+def test_lr_central_by_hand() -> None:
+    assert theory.lr_central(100, 1.0, 100, 1.0) == pytest.approx(0.5)
+    assert theory.lr_central(100, 1.0, 100, 0.5) == pytest.approx(1 / math.sqrt(2))
+    assert theory.lr_central(300, 0.6, 100, 1.0) == pytest.approx(0.6 * 3 / 4)
+    b = np.array([10.0, 1000.0])
+    # With α = 1 and B* = B_noise, eq. A.3 is ε* times eq. 2.6.
+    np.testing.assert_allclose(
+        theory.lr_central(b, 0.3, 250, 1.0), 0.3 * theory.lr_over_max(b, 250)
+    )
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [
+        ("linear", 0.4),
+        ("sqrt", 0.2),
+        ("none", 0.1),
+        # ε_opt(1024)/ε_opt(256) with B_noise = 256: (1024/1280)/(256/512) = 1.6.
+        ("noise", 0.16),
+    ],
+)
+def test_scaled_lr_rules_by_hand(rule: str, expected: float) -> None:
+    assert theory.scaled_lr(256, 1024, 0.1, rule, b_noise=256) == pytest.approx(expected)
+
+
+def test_scaled_lr_noise_rule_limits_and_alpha() -> None:
+    # Far below B_noise the noise rule is the linear rule; far above it, no scaling.
+    assert theory.scaled_lr(8, 16, 0.01, "noise", b_noise=1e9) == pytest.approx(0.02, rel=1e-6)
+    assert theory.scaled_lr(1e9, 2e9, 0.01, "noise", b_noise=8) == pytest.approx(0.01, rel=1e-6)
+    assert theory.scaled_lr(256, 1024, 0.1, "noise", b_noise=256, alpha=0.5) == pytest.approx(
+        0.1 * math.sqrt(1.6)
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rule": "cubic"}, "unknown learning-rate rule"),
+        ({"rule": "noise"}, "needs a positive noise scale"),
+        ({"rule": "noise", "b_noise": -5.0}, "needs a positive noise scale"),
+    ],
+)
+def test_scaled_lr_rejects_bad_rules(kwargs: dict, message: str) -> None:
+    with pytest.raises(NoiseScaleInputError, match=message):
+        theory.scaled_lr(64, 128, 0.1, **kwargs)
+
+
+def test_scaled_lr_rejects_non_positive_batch() -> None:
+    with pytest.raises(NoiseScaleInputError, match="positive"):
+        theory.scaled_lr(0, 128, 0.1)
+
+
+# --- temperature (App. C) -----------------------------------------------------------------------
+
+
+def test_temperature_and_rescaling_by_hand() -> None:
+    assert theory.temperature(0.1, 128) == pytest.approx(0.1 / 128)
+    # Decaying the learning rate tenfold at a fixed batch size: B_noise grows tenfold (eq. C.2).
+    t0, t1 = theory.temperature(0.1, 128), theory.temperature(0.01, 128)
+    assert theory.b_noise_at_temperature(1000.0, t0, t1) == pytest.approx(10000.0)
+    # Linear scaling (ε and B doubled) keeps T and therefore the noise scale.
+    t2 = theory.temperature(0.2, 256)
+    assert theory.b_noise_at_temperature(1000.0, t0, t2) == pytest.approx(1000.0)
+
+
+@given(b_noise=positive, t0=positive, t1=positive)
+def test_temperature_rescaling_round_trips(b_noise: float, t0: float, t1: float) -> None:
+    there = theory.b_noise_at_temperature(b_noise, t0, t1)
+    assert theory.b_noise_at_temperature(there, t1, t0) == pytest.approx(b_noise, rel=1e-12)
+    assert there * t1 == pytest.approx(b_noise * t0, rel=1e-12)
+
+
+# --- App. D -------------------------------------------------------------------------------------
+
+
+def test_adaptive_batch_size_by_hand() -> None:
+    assert theory.adaptive_batch_size(400.0, 100.0) == pytest.approx(200.0)
+    np.testing.assert_allclose(theory.adaptive_batch_size([1.0, 4.0, 9.0], 4.0), [2, 4, 6])
+
+
+def test_gamma_is_one_for_a_constant_noise_scale() -> None:
+    s = np.linspace(0, 50, 11)
+    assert theory.adaptive_gamma(s, np.full_like(s, 123.0)) == pytest.approx(1.0, rel=1e-14)
+
+
+def test_gamma_of_the_svhn_fit_is_24_over_25() -> None:
+    # Eq. D.7: B_crit(s) ≈ 10·√s gives γ = 24/25. √B ∝ s^¼ is not smooth at 0, so the trapezoid
+    # error falls as N^−1.25 rather than N^−2; check the value and that rate.
+    errors = []
+    for n in (1_001, 10_001, 100_001):
+        s = np.linspace(0.0, 1.0, n)
+        errors.append(abs(theory.adaptive_gamma(s, 10 * np.sqrt(s)) - 24 / 25))
+    assert errors[-1] < 1e-6
+    rates = np.log10(np.array(errors[:-1]) / np.array(errors[1:]))
+    np.testing.assert_allclose(rates, 1.25, atol=0.05)
+    # γ does not depend on the constant (10) nor on the length of the run.
+    s = np.linspace(0.0, 7.0, 100_001)
+    assert theory.adaptive_gamma(s, 3 * np.sqrt(s)) == pytest.approx(24 / 25, abs=1e-6)
+
+
+def test_gamma_matches_footnote_18_for_a_two_level_noise_scale() -> None:
+    # γ = E[√B]²/E[B] (footnote 18): half the run at B = 1, half at B = 100 → 5.5²/50.5.
+    s = np.concatenate([np.linspace(0, 1, 1001), np.linspace(1 + 1e-9, 2, 1001)])
+    b = np.where(s <= 1, 1.0, 100.0)
+    assert theory.adaptive_gamma(s, b) == pytest.approx(5.5**2 / 50.5, rel=1e-6)
+
+
+@given(
+    st.lists(st.floats(min_value=0.0, max_value=1e6), min_size=2, max_size=30).filter(
+        lambda b: sum(b) > 0
+    )
+)
+def test_gamma_never_exceeds_one(b_noise: list[float]) -> None:
+    # Cauchy–Schwarz, which the trapezoid rule (positive weights) preserves exactly.
+    s = np.arange(len(b_noise), dtype=float)
+    assert 0.0 <= theory.adaptive_gamma(s, b_noise) <= 1.0 + 1e-12
+
+
+def test_costs_along_a_constant_noise_scale() -> None:
+    s = np.linspace(0.0, 1000.0, 5)
+    b_noise = np.full_like(s, 256.0)
+    s_min, e_min = theory.min_cost(s, b_noise)
+    assert (s_min, e_min) == (1000.0, 256_000.0)
+    steps, examples = theory.fixed_batch_cost(s, b_noise, np.array([64.0, 256.0, 1024.0]))
+    np.testing.assert_allclose(steps, [5000.0, 2000.0, 1250.0])
+    np.testing.assert_allclose(examples, [320_000.0, 512_000.0, 1_280_000.0])
+    # The adaptive schedule with constant noise is the fixed batch √(r·B_noise).
+    adaptive = theory.adaptive_batch_cost(s, b_noise, r=256.0)
+    assert adaptive == pytest.approx(theory.fixed_batch_cost(s, b_noise, 256.0))
+
+
+def test_fixed_batch_cost_is_the_integral_of_eq_2_11() -> None:
+    # S = ∫(1 + B_noise/B) ds with B_noise = 10·√s on [0, 100]: S = 100 + (10/B)·(2/3)·1000.
+    s = np.linspace(0.0, 100.0, 200_001)
+    steps, examples = theory.fixed_batch_cost(s, 10 * np.sqrt(s), 50.0)
+    assert steps == pytest.approx(100 + 10 / 50 * 2 / 3 * 1000, rel=1e-6)
+    assert examples == pytest.approx(50 * steps, rel=1e-15)
+
+
+@pytest.mark.parametrize("r", [1.0, 37.0, 5000.0])
+def test_adaptive_cost_lies_on_the_gamma_front(r: float) -> None:
+    s = np.linspace(0.0, 200.0, 4001)
+    b_noise = 5 + 0.3 * s**1.5
+    s_min, e_min = theory.min_cost(s, b_noise)
+    gamma = theory.adaptive_gamma(s, b_noise)
+    steps, examples = theory.adaptive_batch_cost(s, b_noise, r)
+    # Eq. D.4 holds exactly for the quadrature too: both sides are the same trapezoid sums.
+    assert (steps / s_min - 1) * (examples / e_min - 1) == pytest.approx(gamma, rel=1e-12)
+    assert steps / s_min == pytest.approx(theory.pareto_steps_over_min(examples / e_min, gamma))
+
+
+def test_natural_exchange_rate_balances_time_and_compute() -> None:
+    s = np.linspace(0.0, 10.0, 1001)
+    b_noise = 100 * (1 + s) ** 2
+    r = theory.natural_exchange_rate(s, b_noise)
+    s_min, e_min = theory.min_cost(s, b_noise)
+    assert r == pytest.approx(e_min / s_min)
+    steps, examples = theory.adaptive_batch_cost(s, b_noise, r)
+    root_gamma = math.sqrt(theory.adaptive_gamma(s, b_noise))
+    assert steps / s_min == pytest.approx(1 + root_gamma, rel=1e-12)
+    assert examples / e_min == pytest.approx(1 + root_gamma, rel=1e-12)
+
+
+def test_exchange_rate_for_examples_inverts_the_adaptive_cost() -> None:
+    s = np.linspace(0.0, 10.0, 1001)
+    b_noise = 100 * (1 + s) ** 2
+    for r in (0.5, 80.0, 9000.0):
+        examples = theory.adaptive_batch_cost(s, b_noise, r).examples
+        assert theory.exchange_rate_for_examples(s, b_noise, examples) == pytest.approx(r)
+    _, e_min = theory.min_cost(s, b_noise)
+    with pytest.raises(NoiseScaleInputError, match="E_min"):
+        theory.exchange_rate_for_examples(s, b_noise, 0.99 * e_min)
+
+
+def test_full_batch_steps_by_hand() -> None:
+    # Constant B = 64, B_noise = 192: every step is worth 64/256 = 1/4 full-batch step.
+    steps = np.arange(0, 101)
+    s = theory.full_batch_steps(steps, np.full(101, 64.0), np.full(101, 192.0))
+    np.testing.assert_allclose(s, steps / 4)
+    # A gap in the steps (skipped or unrecorded) is bridged by the trapezoid rule.
+    s_gap = theory.full_batch_steps([0, 1, 5], [64, 64, 64], [192, 192, 192])
+    np.testing.assert_allclose(s_gap, [0, 0.25, 1.25])
+
+
+def test_fixed_cost_at_the_run_batch_reproduces_the_run() -> None:
+    # Convert a run at constant B to s, then ask eq. D.1 for B: the run's steps come back.
+    steps = np.arange(0, 2001, dtype=float)
+    b_noise = 40 * (1 + steps / 80)
+    s = theory.full_batch_steps(steps, np.full_like(steps, 64.0), b_noise)
+    assert theory.fixed_batch_cost(s, b_noise, 64.0).steps == pytest.approx(2000, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("s", "b_noise", "message"),
+    [
+        ([0.0], [1.0], "at least two"),
+        ([0.0, 1.0], [1.0], "same length"),
+        ([0.0, 1.0, 1.0], [1.0, 1.0, 1.0], "strictly increasing"),
+        ([0.0, 1.0], [1.0, -1.0], "negative"),
+        ([0.0, 1.0], [1.0, float("nan")], "finite"),
+    ],
+)
+def test_trajectory_validation(s: list, b_noise: list, message: str) -> None:
+    with pytest.raises(NoiseScaleInputError, match=message):
+        theory.adaptive_gamma(s, b_noise)
+
+
+def test_zero_noise_trajectory_has_no_gamma() -> None:
+    assert theory.fixed_batch_cost([0, 1], [0, 0], 8) == (1.0, 8.0)
+    with pytest.raises(NoiseScaleInputError, match="zero all along"):
+        theory.adaptive_gamma([0, 1], [0, 0])
+
+
+# --- Kaplan's law -------------------------------------------------------------------------------
+
+
+def test_kaplan_b_crit_by_hand() -> None:
+    assert theory.b_crit_kaplan(1.0) == pytest.approx(2.0e8)
+    # 2^4.76 = e^(4.76·ln 2) = 27.098…
+    assert theory.b_crit_kaplan(2.0) == pytest.approx(2.0e8 / 2**4.76)
+    assert theory.b_crit_kaplan(2.0) == pytest.approx(7.3812e6, rel=1e-4)
+    np.testing.assert_allclose(
+        theory.b_crit_kaplan([3.0, 4.0]), [1.071354e6, 2.724109e5], rtol=1e-6
+    )
+    with pytest.raises(NoiseScaleInputError, match="positive loss"):
+        theory.b_crit_kaplan(0.0)
+
+
+# --- the numbers quoted in docs/theory.md -------------------------------------------------------
+
+
+def test_worked_exercise_numbers() -> None:
+    b_noise = 2048.0
+    now, doubled = 16 * 128, 32 * 128
+    assert (now, doubled) == (2048, 4096)
+    assert theory.regime(now, b_noise) == theory.regime(doubled, b_noise) == "balanced"
+    assert theory.steps_over_min(now, b_noise) == 2.0
+    assert theory.examples_over_min(now, b_noise) == 2.0
+    assert theory.steps_over_min(doubled, b_noise) == 1.5
+    assert theory.examples_over_min(doubled, b_noise) == 3.0
+    step_ratio = theory.steps_over_min(doubled, b_noise) / theory.steps_over_min(now, b_noise)
+    example_ratio = theory.examples_over_min(doubled, b_noise) / theory.examples_over_min(
+        now, b_noise
+    )
+    assert step_ratio == 0.75 and example_ratio == 1.5
+    assert 1 / step_ratio == pytest.approx(1.333, abs=5e-4)
+    # GPU-hours: 32 GPUs for 0.75 of the time against 16 for all of it.
+    assert 32 * step_ratio / 16 == 1.5
+    assert (1 / step_ratio) / 2 == pytest.approx(0.667, abs=5e-4)
+    assert theory.scaled_lr(now, doubled, 0.1, "noise", b_noise=b_noise) == pytest.approx(
+        0.1333, abs=5e-5
+    )
+    assert theory.scaled_lr(now, doubled, 0.1, "linear") == pytest.approx(0.2)
+    assert theory.scaled_lr(now, doubled, 0.1, "linear") / theory.scaled_lr(
+        now, doubled, 0.1, "noise", b_noise=b_noise
+    ) == pytest.approx(1.5)
+    # If the noise scale grows to 8192, batch 4096 costs S/S_min = 3 and E/E_min = 1.5.
+    assert theory.steps_over_min(doubled, 8192) == 3.0
+    assert theory.examples_over_min(doubled, 8192) == 1.5
+
+
+def test_docs_quote_the_tested_numbers() -> None:
+    text = DOCS.read_text(encoding="utf-8")
+    for quoted in (
+        "S/S_min = 2 and E/E_min = 2",
+        "S/S_min = 1.5 and E/E_min = 3",
+        "25% fewer steps, a 1.333× speed-up",
+        "1.5×, 50% more compute",
+        "32·0.75 = 24",
+        "0.667 parallel efficiency",
+        "(2/3)/(1/2) = 1.333×",
+        "gives 0.1333 from\n  0.1",
+        "S/S_min = 3 and E/E_min = 1.5",
+        "7.381·10⁶ tokens at L = 2, 1.071·10⁶ at L = 3,\n2.724·10⁵ at L = 4",
+        "within 5·10⁻⁷",
+    ):
+        assert quoted in text, quoted
+    # The code block's printed output is what the library returns.
+    rows = re.findall(r"^# (\d+) (\w+) ([\d.]+) ([\d.]+)$", text, flags=re.MULTILINE)
+    assert len(rows) == 2
+    for batch, name, steps, examples in rows:
+        assert theory.regime(int(batch), 2048) == name
+        assert str(theory.steps_over_min(int(batch), 2048)) == steps
+        assert str(theory.examples_over_min(int(batch), 2048)) == examples
+
+
+def test_docs_svhn_gamma_accuracy_claim() -> None:
+    s = np.linspace(0.0, 1.0, 100_001)
+    assert abs(theory.adaptive_gamma(s, 10 * np.sqrt(s)) - 24 / 25) < 5e-7
