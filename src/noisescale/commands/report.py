@@ -1,0 +1,88 @@
+"""``noisescale report``: a self-contained HTML report of a run recorded by the tracker.
+
+Example::
+
+    noisescale report runs/mnist/history.jsonl                  # → runs/mnist/history.html
+    noisescale report history.jsonl -o report.html --batch-sizes 64:4096:x2
+
+Writes the page and, next to it in ``<page stem>_figures/``, the same figures as PNG files:
+B_simple against step and against loss with its interval, the |G|² and tr Σ EMAs, the temperature,
+and the cost of other fixed batch sizes and of an adaptive schedule (paper eq. 2.11, App. D).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from noisescale.errors import NoiseScaleInputError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="write an HTML report (and PNG figures) of a recorded run",
+        description="Read a history written by the tracker (JSON Lines) and write a "
+        "self-contained HTML report: the noise scale B_simple against step and loss with its "
+        "interval, the |G|² and tr Σ averages, the temperature, what fixed batch sizes would have "
+        "cost over the run (eq. 2.11 along the trajectory, App. D) and what an adaptive batch size "
+        "B = √(r·B_simple) would have saved (γ, eq. D.4/D.5). The figures are also written as PNG "
+        "files into <page stem>_figures/ next to the page.",
+    )
+    parser.add_argument("history", help="the history file (JSON Lines) written by the tracker")
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="PAGE",
+        help="where to write the page (default: the history's path with suffix .html)",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        metavar="BATCH",
+        help="fixed batch sizes to cost, in calc's syntax (e.g. 64:4096:x2; default: powers of 2 "
+        "around the measured B_simple and the run's batch size)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="also print the headline numbers as JSON"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from noisescale.commands.calc import parse_batch_sizes
+    from noisescale.report.data import load_history, report_data, summary_dict
+    from noisescale.report.figures import draw_all
+    from noisescale.report.html import report_html
+
+    history_path = Path(args.history)
+    output = Path(args.output) if args.output else history_path.with_suffix(".html")
+    if output.resolve() == history_path.resolve():
+        raise NoiseScaleInputError(f"-o {output} would overwrite the history file")
+    if output.is_dir():
+        raise NoiseScaleInputError(f"-o {output}: is a directory; give a file name")
+    batch_sizes = parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None
+
+    history = load_history(history_path)
+    data = report_data(history, batch_sizes)
+    figures = draw_all(data)
+    figures_dir = output.with_name(output.stem + "_figures")
+    try:
+        figures_dir.mkdir(parents=True, exist_ok=True)
+        for name, png in figures.items():
+            (figures_dir / f"{name}.png").write_bytes(png)
+        output.write_text(report_html(data, figures, str(figures_dir)), encoding="utf-8")
+    except OSError as err:
+        raise NoiseScaleInputError(f"cannot write the report to {output}: {err.strerror}") from None
+
+    for warning in history.warnings:
+        print(f"noisescale report: warning: {warning}", file=sys.stderr)
+    if args.json:
+        summary = summary_dict(data)
+        summary.update(output=str(output), figures_dir=str(figures_dir))
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"Wrote {output} and {len(figures)} PNG figures in {figures_dir}/")
+    return 0

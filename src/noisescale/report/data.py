@@ -1,0 +1,514 @@
+"""The numbers of a run report, read from a tracker history; no plotting (ArviZ-style data layer).
+
+A history is JSON Lines: a header ``{"kind": "noisescale.history", "version": 1, ...}`` and one
+object per optimiser step (``step``, ``skipped``, ``b_big``, ``g2``, ``trace_sigma``, ``g2_ema``,
+``trace_sigma_ema``, ``b_simple``, ``b_simple_low``, ``b_simple_high``, ``loss``, ``lr``,
+``temperature``, ``examples``, ``sources``), NaN and infinities written as ``null``.
+
+Each function here returns the numbers one figure or table of the report shows, so tests check
+numbers rather than pixels. The cost analysis treats the measured B_simple as B_noise (paper §2.2:
+they differ by a small constant factor) and assumes that a run at another batch size, with its
+learning rate tuned, would sit at the same temperature and so see the same noise scale along the
+way (App. C).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from noisescale import theory
+from noisescale.errors import NoiseScaleInputError
+
+HISTORY_KIND = "noisescale.history"
+SUPPORTED_VERSIONS = (1,)
+
+#: Per-step fields read as floats (``null`` → NaN). ``step`` is read separately and required.
+FLOAT_FIELDS = (
+    "b_big",
+    "g2",
+    "trace_sigma",
+    "g2_ema",
+    "trace_sigma_ema",
+    "b_simple",
+    "b_simple_low",
+    "b_simple_high",
+    "loss",
+    "lr",
+    "temperature",
+    "examples",
+)
+
+#: At most this many candidate fixed batch sizes in the cost table.
+MAX_CANDIDATES = 12
+
+
+@dataclass(frozen=True)
+class History:
+    """A tracker history as arrays, one entry per recorded step, in step order.
+
+    Every per-step field of :data:`FLOAT_FIELDS` is a float array with NaN where it was ``null``.
+    """
+
+    path: str
+    header: dict[str, Any]
+    step: np.ndarray
+    skipped: np.ndarray
+    b_big: np.ndarray
+    g2: np.ndarray
+    trace_sigma: np.ndarray
+    g2_ema: np.ndarray
+    trace_sigma_ema: np.ndarray
+    b_simple: np.ndarray
+    b_simple_low: np.ndarray
+    b_simple_high: np.ndarray
+    loss: np.ndarray
+    lr: np.ndarray
+    temperature: np.ndarray
+    examples: np.ndarray
+    warnings: tuple[str, ...] = ()
+
+
+def load_history(path: str | Path) -> History:
+    """Read and validate a history file written by the tracker.
+
+    Tolerated, with a warning in :attr:`History.warnings`: an unfinished last line (a run that was
+    killed while writing) and steps that go back (a run resumed from a checkpoint: the records
+    written after the resume replace the earlier ones from the same steps).
+
+    Raises:
+        NoiseScaleInputError: The file is missing, empty, not a noisescale history, has an
+            unsupported version, a corrupt line, or no steps.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise NoiseScaleInputError(f"history file {str(p)!r} does not exist")
+    if p.is_dir():
+        raise NoiseScaleInputError(f"{str(p)!r} is a directory, not a history file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise NoiseScaleInputError(f"cannot read history file {str(p)!r}: {err}") from None
+    lines = text.splitlines()
+    if not any(line.strip() for line in lines):
+        raise NoiseScaleInputError(
+            f"history file {str(p)!r} is empty; the tracker writes a header line first"
+        )
+    warnings: list[str] = []
+    records: list[tuple[int, dict[str, Any]]] = []
+    header: dict[str, Any] | None = None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines) and not text.endswith("\n") and header is not None:
+                warnings.append(f"line {number} is unfinished (the run stopped while writing it)")
+                break
+            raise NoiseScaleInputError(
+                f"{str(p)!r}, line {number}: not valid JSON ({err.msg}); the file is corrupt"
+            ) from None
+        if header is None:
+            header = _check_header(obj, p)
+            continue
+        if not isinstance(obj, dict) or not _is_int(obj.get("step")):
+            raise NoiseScaleInputError(
+                f"{str(p)!r}, line {number}: a step record needs an integer 'step'"
+            )
+        records.append((number, obj))
+    assert header is not None  # a non-blank file either yields a header or raised above
+    if not records:
+        raise NoiseScaleInputError(f"history file {str(p)!r} has a header but no steps yet")
+    records = _drop_superseded(records, warnings)
+    return History(
+        path=str(p),
+        header=header,
+        step=np.array([obj["step"] for _, obj in records], dtype=np.int64),
+        skipped=np.array([bool(obj.get("skipped", False)) for _, obj in records]),
+        warnings=tuple(warnings),
+        **{name: _float_column(records, name, p) for name in FLOAT_FIELDS},
+    )
+
+
+class BSimpleSeries(NamedTuple):
+    """B_simple with its confidence interval against an abscissa (step or loss)."""
+
+    x: np.ndarray
+    b_simple: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+
+
+def b_simple_vs_step(history: History) -> BSimpleSeries:
+    """B_simple and its interval at every step where it is available (not skipped, finite, > 0)."""
+    keep = _estimated(history)
+    return BSimpleSeries(
+        history.step[keep].astype(float),
+        history.b_simple[keep],
+        history.b_simple_low[keep],
+        history.b_simple_high[keep],
+    )
+
+
+def b_simple_vs_loss(history: History) -> BSimpleSeries:
+    """B_simple and its interval against the training loss, where both are available."""
+    keep = _estimated(history) & np.isfinite(history.loss)
+    return BSimpleSeries(
+        history.loss[keep],
+        history.b_simple[keep],
+        history.b_simple_low[keep],
+        history.b_simple_high[keep],
+    )
+
+
+class EmaSeries(NamedTuple):
+    """The bias-corrected EMAs of |G|² and tr Σ (paper App. A.1); NaN where not positive."""
+
+    step: np.ndarray
+    g2_ema: np.ndarray
+    trace_sigma_ema: np.ndarray
+
+
+def ema_series(history: History) -> EmaSeries:
+    """|G|² and tr Σ EMAs per step, for a log-scale plot (non-positive values become NaN)."""
+    keep = ~history.skipped & (np.isfinite(history.g2_ema) | np.isfinite(history.trace_sigma_ema))
+    return EmaSeries(
+        history.step[keep].astype(float),
+        _positive_or_nan(history.g2_ema[keep]),
+        _positive_or_nan(history.trace_sigma_ema[keep]),
+    )
+
+
+class TemperatureSeries(NamedTuple):
+    """The temperature T = lr/B per step (paper App. C)."""
+
+    step: np.ndarray
+    temperature: np.ndarray
+
+
+def temperature_series(history: History) -> TemperatureSeries:
+    """T per step where recorded, else lr/b_big where both are recorded (positive values only)."""
+    t = history.temperature.copy()
+    fallback = ~np.isfinite(t) & np.isfinite(history.lr) & (history.b_big > 0)
+    t[fallback] = theory.temperature(history.lr[fallback], history.b_big[fallback])
+    keep = ~history.skipped & np.isfinite(t) & (t > 0)
+    return TemperatureSeries(history.step[keep].astype(float), t[keep])
+
+
+class Trajectory(NamedTuple):
+    """The part of a run where B_simple is available, as the App. D analysis needs it."""
+
+    step: np.ndarray
+    batch_size: np.ndarray
+    b_noise: np.ndarray
+    s: np.ndarray
+    examples: np.ndarray
+
+
+def trajectory(history: History) -> Trajectory:
+    """Steps, batch sizes, B_simple (as B_noise) and full-batch steps s (eq. D.1 inverted).
+
+    Raises:
+        NoiseScaleInputError: Fewer than two steps carry a B_simple estimate.
+    """
+    keep = _estimated(history) & np.isfinite(history.b_big) & (history.b_big > 0)
+    if keep.sum() < 2:
+        raise NoiseScaleInputError(
+            f"{history.path!r}: only {int(keep.sum())} of {history.step.size} steps carry a "
+            "B_simple estimate; a report needs at least two (train longer, or lower the EMA "
+            "decay beta)"
+        )
+    step = history.step[keep].astype(float)
+    batch = history.b_big[keep]
+    b_noise = history.b_simple[keep]
+    examples = history.examples[keep]
+    if not np.all(np.isfinite(examples)):
+        # Older or partial records without the running total: integrate the batch sizes instead.
+        examples = np.concatenate([[0.0], np.cumsum(np.diff(step) * (batch[1:] + batch[:-1]) / 2)])
+    return Trajectory(step, batch, b_noise, theory.full_batch_steps(step, batch, b_noise), examples)
+
+
+def candidate_batch_sizes(traj: Trajectory) -> np.ndarray:
+    """Powers of two spanning the measured B_simple and the run's own batch sizes, ×/÷ 2.
+
+    Thinned to every second (third, …) power when there would be more than :data:`MAX_CANDIDATES`;
+    the grid always reaches both ends.
+    """
+    values = np.concatenate([traj.b_noise, traj.batch_size])
+    lo = max(0, math.floor(math.log2(values.min())) - 1)
+    hi = math.ceil(math.log2(values.max())) + 1
+    # The smallest stride (1, 2, 3, … octaves) whose grid from lo reaches hi in few enough points.
+    stride = 1
+    while math.ceil((hi - lo) / stride) + 1 > MAX_CANDIDATES:
+        stride += 1
+    return 2.0 ** np.arange(lo, lo + stride * (math.ceil((hi - lo) / stride) + 1), stride)
+
+
+class RunCost(NamedTuple):
+    """What the run itself did over the analysed span, and the model's prediction of it."""
+
+    first_step: int
+    last_step: int
+    steps: float
+    examples: float
+    batch_size: float | None
+    predicted_steps: float | None
+    s_min: float
+    e_min: float
+    b_crit: float
+
+
+def run_cost(traj: Trajectory) -> RunCost:
+    """The run's steps and examples between its first and last estimate, and S_min, E_min.
+
+    When the run used one batch size throughout, ``predicted_steps`` is eq. D.1 at that size,
+    which reproduces ``steps`` up to the quadrature error (a check on the conversion to s).
+    """
+    s_min, e_min = theory.min_cost(traj.s, traj.b_noise)
+    constant = bool(np.all(traj.batch_size == traj.batch_size[0]))
+    batch = float(traj.batch_size[0]) if constant else None
+    predicted = (
+        float(theory.fixed_batch_cost(traj.s, traj.b_noise, batch).steps) if constant else None
+    )
+    return RunCost(
+        first_step=int(traj.step[0]),
+        last_step=int(traj.step[-1]),
+        steps=float(traj.step[-1] - traj.step[0]),
+        examples=float(traj.examples[-1] - traj.examples[0]),
+        batch_size=batch,
+        predicted_steps=predicted,
+        s_min=float(s_min),
+        e_min=float(e_min),
+        b_crit=float(e_min / s_min),
+    )
+
+
+class CostRow(NamedTuple):
+    """A fixed batch size over the run's trajectory, and an adaptive schedule beside it."""
+
+    batch_size: float
+    steps: float
+    examples: float
+    steps_over_min: float
+    examples_over_min: float
+    adaptive_steps_same_examples: float
+    adaptive_examples_same_steps: float
+
+
+def cost_table(traj: Trajectory, batch_sizes: Iterable[float]) -> list[CostRow]:
+    """What each fixed batch size would have cost to make the run's progress (paper eq. D.1).
+
+    For each B: S = S_min + E_min/B and E = B·S (eq. 2.11 along the trajectory), and the adaptive
+    schedule B = √(r·B_simple) (eq. D.6) with r chosen to match either E (then it needs
+    S_min + γ·E_min/B steps) or S (then it needs E_min + γ·B·S_min examples), eq. D.4.
+    """
+    s_min, e_min = theory.min_cost(traj.s, traj.b_noise)
+    gamma = theory.adaptive_gamma(traj.s, traj.b_noise)
+    rows = []
+    for b in batch_sizes:
+        steps, examples = theory.fixed_batch_cost(traj.s, traj.b_noise, b)
+        r_same_examples = theory.exchange_rate_for_examples(traj.s, traj.b_noise, examples)
+        adaptive_steps = theory.adaptive_batch_cost(traj.s, traj.b_noise, r_same_examples).steps
+        rows.append(
+            CostRow(
+                batch_size=float(b),
+                steps=float(steps),
+                examples=float(examples),
+                steps_over_min=float(steps) / s_min,
+                examples_over_min=float(examples) / e_min,
+                adaptive_steps_same_examples=float(adaptive_steps),
+                adaptive_examples_same_steps=float(e_min + gamma * b * s_min),
+            )
+        )
+    return rows
+
+
+class AdaptiveSummary(NamedTuple):
+    """The adaptive schedule of App. D on this run's trajectory."""
+
+    gamma: float
+    r_natural: float
+    natural_steps: float
+    natural_examples: float
+    r_same_examples: float
+    same_examples_steps: float
+    schedule_step: np.ndarray
+    schedule_natural: np.ndarray
+
+
+def adaptive_summary(traj: Trajectory) -> AdaptiveSummary:
+    """γ (eq. D.5), the schedule at the natural r = E_min/S_min (footnote 17, where both costs are
+    1 + √γ of their minima) and the schedule that uses as many examples as the run did."""
+    gamma = theory.adaptive_gamma(traj.s, traj.b_noise)
+    r_natural = theory.natural_exchange_rate(traj.s, traj.b_noise)
+    natural = theory.adaptive_batch_cost(traj.s, traj.b_noise, r_natural)
+    run = run_cost(traj)
+    r_same = theory.exchange_rate_for_examples(traj.s, traj.b_noise, run.examples)
+    same = theory.adaptive_batch_cost(traj.s, traj.b_noise, r_same)
+    return AdaptiveSummary(
+        gamma=gamma,
+        r_natural=r_natural,
+        natural_steps=float(natural.steps),
+        natural_examples=float(natural.examples),
+        r_same_examples=r_same,
+        same_examples_steps=float(same.steps),
+        schedule_step=traj.step,
+        schedule_natural=np.asarray(theory.adaptive_batch_size(traj.b_noise, r_natural)),
+    )
+
+
+class ParetoCurves(NamedTuple):
+    """Predicted Pareto fronts in (E/E_min, S/S_min): fixed batch (γ = 1) and adaptive (γ)."""
+
+    examples_over_min: np.ndarray
+    fixed_steps_over_min: np.ndarray
+    adaptive_steps_over_min: np.ndarray
+    gamma: float
+
+
+def pareto_curves(traj: Trajectory, points: int = 200) -> ParetoCurves:
+    """Eq. 2.11 and eq. D.4 on a log grid of E/E_min from 1.01 to 1000."""
+    gamma = theory.adaptive_gamma(traj.s, traj.b_noise)
+    e = 1.0 + np.logspace(-2, 3, points)
+    return ParetoCurves(
+        e,
+        np.asarray(theory.pareto_steps_over_min(e)),
+        np.asarray(theory.pareto_steps_over_min(e, gamma)),
+        gamma,
+    )
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """Everything the report shows, computed once."""
+
+    history: History
+    b_simple_step: BSimpleSeries
+    b_simple_loss: BSimpleSeries
+    emas: EmaSeries
+    temperature: TemperatureSeries
+    trajectory: Trajectory
+    run: RunCost
+    costs: list[CostRow]
+    adaptive: AdaptiveSummary
+    pareto: ParetoCurves
+
+
+def report_data(history: History, batch_sizes: Iterable[float] | None = None) -> ReportData:
+    """All the numbers of the run report.
+
+    Args:
+        history: From :func:`load_history`.
+        batch_sizes: Fixed batch sizes to cost; default :func:`candidate_batch_sizes`.
+    """
+    traj = trajectory(history)
+    candidates = candidate_batch_sizes(traj) if batch_sizes is None else list(batch_sizes)
+    return ReportData(
+        history=history,
+        b_simple_step=b_simple_vs_step(history),
+        b_simple_loss=b_simple_vs_loss(history),
+        emas=ema_series(history),
+        temperature=temperature_series(history),
+        trajectory=traj,
+        run=run_cost(traj),
+        costs=cost_table(traj, candidates),
+        adaptive=adaptive_summary(traj),
+        pareto=pareto_curves(traj),
+    )
+
+
+def summary_dict(data: ReportData) -> dict[str, Any]:
+    """The report's headline numbers as JSON-ready data (``noisescale report --json``)."""
+    bs = data.b_simple_step
+    adaptive = data.adaptive
+    return {
+        "history": data.history.path,
+        "steps_recorded": int(data.history.step.size),
+        "steps_with_b_simple": int(bs.x.size),
+        "b_simple_first": float(bs.b_simple[0]),
+        "b_simple_last": float(bs.b_simple[-1]),
+        "b_simple_last_interval": [_finite_or_none(bs.low[-1]), _finite_or_none(bs.high[-1])],
+        "run": {k: _finite_or_none(v) for k, v in data.run._asdict().items()},
+        "gamma": adaptive.gamma,
+        "adaptive": {
+            "r_natural": adaptive.r_natural,
+            "natural_steps": adaptive.natural_steps,
+            "natural_examples": adaptive.natural_examples,
+            "r_same_examples": adaptive.r_same_examples,
+            "same_examples_steps": adaptive.same_examples_steps,
+        },
+        "fixed_batch_costs": [row._asdict() for row in data.costs],
+        "warnings": list(data.history.warnings),
+    }
+
+
+def _check_header(obj: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(obj, dict) or obj.get("kind") != HISTORY_KIND:
+        raise NoiseScaleInputError(
+            f"{str(path)!r} is not a noisescale history: its first line must be a header with "
+            f'"kind": "{HISTORY_KIND}"'
+        )
+    if obj.get("version") not in SUPPORTED_VERSIONS:
+        raise NoiseScaleInputError(
+            f"{str(path)!r}: history version {obj.get('version')!r} is not supported "
+            f"(this noisescale reads versions {SUPPORTED_VERSIONS})"
+        )
+    return obj
+
+
+def _drop_superseded(
+    records: list[tuple[int, dict[str, Any]]], warnings: list[str]
+) -> list[tuple[int, dict[str, Any]]]:
+    kept: list[tuple[int, dict[str, Any]]] = []
+    for number, obj in records:
+        if kept and obj["step"] <= kept[-1][1]["step"]:
+            dropped = 0
+            while kept and kept[-1][1]["step"] >= obj["step"]:
+                kept.pop()
+                dropped += 1
+            warnings.append(
+                f"line {number}: step {obj['step']} comes again (a resumed run?); the "
+                f"{dropped} earlier record(s) from that step on are replaced"
+            )
+        kept.append((number, obj))
+    return kept
+
+
+def _float_column(records: list[tuple[int, dict[str, Any]]], name: str, path: Path) -> np.ndarray:
+    out = np.full(len(records), np.nan)
+    for i, (number, obj) in enumerate(records):
+        value = obj.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise NoiseScaleInputError(
+                f"{str(path)!r}, line {number}: {name!r} must be a number or null, got {value!r}"
+            )
+        out[i] = value
+    return out
+
+
+def _estimated(history: History) -> np.ndarray:
+    b = history.b_simple
+    return ~history.skipped & np.isfinite(b) & (b > 0)
+
+
+def _positive_or_nan(x: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(x) & (x > 0), x, np.nan)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _finite_or_none(x: Any) -> Any:
+    if isinstance(x, float | np.floating) and not math.isfinite(x):
+        return None
+    return x

@@ -1,0 +1,359 @@
+"""Tests of the run report: the data layer against closed forms, the page, the command, bad input.
+
+The histories are synthetic (written by :func:`write_synthetic_history` below, in the tracker's
+format) so that every number has a closed form: with a constant batch size B and a noise scale
+that grows linearly, B_noise(t) = a·(1 + t/τ), the full-batch steps are
+s(t) = (Bτ/a)·ln((B + B_noise(t))/(B + a)), E_min = B·(T − S_min), and
+∫√B_noise ds = (Bτ/a)·[2√u − 2√B·arctan √(u/B)] between the end points u = B_noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from noisescale import theory
+from noisescale.cli import main
+from noisescale.errors import NoiseScaleInputError
+from noisescale.report import data as report_data_module
+from noisescale.report.data import load_history, report_data, summary_dict
+from noisescale.report.figures import FIGURE_NAMES, draw_all
+from noisescale.report.html import report_html
+
+HEADER = {
+    "kind": "noisescale.history",
+    "version": 1,
+    "loss_reduction": "mean",
+    "beta": 0.99,
+    "confidence": 0.95,
+}
+
+
+def synthetic_records(
+    n_steps: int = 400,
+    batch_size: int = 64,
+    a: float = 40.0,
+    tau: float | None = 80.0,
+    warmup: int = 5,
+    skipped: tuple[int, ...] = (),
+    lr: float = 0.1,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Step records in the tracker's format with B_simple(t) = a·(1 + t/τ) (constant if τ is None).
+
+    Steps before ``warmup`` have no estimate yet (nulls); steps in ``skipped`` are marked skipped
+    with null estimates, as the tracker writes steps with non-finite gradients.
+    """
+    rng = np.random.default_rng(seed)
+    records = []
+    examples = 0
+    for t in range(n_steps):
+        examples += batch_size
+        b_simple = a * (1.0 + t / tau) if tau is not None else a
+        g2_ema = 1.0 / (1.0 + t / 50.0)
+        record: dict[str, Any] = {
+            "step": t,
+            "skipped": t in skipped,
+            "b_big": batch_size,
+            "sqnorm_big": g2_ema * (1 + b_simple / batch_size),
+            "g2": g2_ema * (1 + 0.5 * rng.standard_normal()),
+            "trace_sigma": b_simple * g2_ema * (1 + 0.5 * rng.standard_normal()),
+            "g2_ema": g2_ema,
+            "trace_sigma_ema": b_simple * g2_ema,
+            "b_simple": b_simple,
+            "b_simple_low": b_simple * 0.8,
+            "b_simple_high": b_simple * 1.25,
+            "loss": 0.5 + 2.0 * math.exp(-t / 150.0),
+            "lr": lr,
+            "temperature": lr / batch_size,
+            "examples": examples,
+            "sources": {"per_example": {"b_small": 1, "sqnorm_small": g2_ema * (1 + b_simple)}},
+        }
+        if t < warmup or t in skipped:
+            for key in ("g2", "trace_sigma", "g2_ema", "trace_sigma_ema"):
+                record[key] = None
+            for key in ("b_simple", "b_simple_low", "b_simple_high"):
+                record[key] = None
+        if t in skipped:
+            record["loss"] = None
+        records.append(record)
+    return records
+
+
+def write_synthetic_history(
+    path: Path, records: list[dict[str, Any]] | None = None, header: dict[str, Any] | None = None
+) -> Path:
+    """Write a history file (header line, then one JSON object per step)."""
+    lines = [json.dumps(HEADER if header is None else header)]
+    lines += [json.dumps(r) for r in (synthetic_records() if records is None else records)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _linear_growth_truth(batch: float, a: float, tau: float, t0: float, t1: float) -> dict:
+    """Closed forms for B_noise(t) = a(1 + t/τ) at a constant batch size, between steps t0, t1."""
+    u0, u1 = a * (1 + t0 / tau), a * (1 + t1 / tau)
+    s_min = batch * tau / a * math.log((batch + u1) / (batch + u0))
+    e_min = batch * ((t1 - t0) - s_min)
+
+    def root(u: float) -> float:
+        return 2 * math.sqrt(u) - 2 * math.sqrt(batch) * math.atan(math.sqrt(u / batch))
+
+    root_integral = batch * tau / a * (root(u1) - root(u0))
+    return {"s_min": s_min, "e_min": e_min, "gamma": root_integral**2 / (s_min * e_min)}
+
+
+# --- data layer -----------------------------------------------------------------------------------
+
+
+def test_load_history_reads_the_tracker_format(tmp_path: Path) -> None:
+    path = write_synthetic_history(tmp_path / "h.jsonl", synthetic_records(skipped=(37,)))
+    history = load_history(path)
+    assert history.header == HEADER
+    assert history.step.tolist() == list(range(400))
+    assert history.skipped.sum() == 1 and history.skipped[37]
+    assert np.isnan(history.b_simple[:5]).all() and np.isnan(history.b_simple[37])
+    assert history.b_simple[10] == pytest.approx(40 * (1 + 10 / 80))
+    assert history.warnings == ()
+
+
+def test_constant_noise_scale_costs_match_eq_2_11(tmp_path: Path) -> None:
+    # Constant B_noise = c at constant B: s = t·B/(B + c), so S_min = T·B/(B + c), E_min = c·S_min,
+    # γ = 1, and a fixed B' costs S_min·(1 + c/B') steps (eq. 2.11 with B_crit = c).
+    c, batch, warmup, n = 300.0, 64, 5, 400
+    records = synthetic_records(n_steps=n, batch_size=batch, a=c, tau=None, warmup=warmup)
+    data = report_data(
+        load_history(write_synthetic_history(tmp_path / "h.jsonl", records)), [32, 300, 1024]
+    )
+    span = n - 1 - warmup
+    s_min = span * batch / (batch + c)
+    assert data.run.s_min == pytest.approx(s_min, rel=1e-12)
+    assert data.run.e_min == pytest.approx(c * s_min, rel=1e-12)
+    assert data.run.b_crit == pytest.approx(c, rel=1e-12)
+    assert data.adaptive.gamma == pytest.approx(1.0, rel=1e-12)
+    assert data.run.steps == span
+    assert data.run.examples == span * batch
+    assert data.run.predicted_steps == pytest.approx(span, rel=1e-12)
+    for row, b in zip(data.costs, [32, 300, 1024], strict=True):
+        assert row.steps == pytest.approx(s_min * (1 + c / b), rel=1e-12)
+        assert row.examples == pytest.approx(b * s_min * (1 + c / b), rel=1e-12)
+        assert row.steps_over_min == pytest.approx(theory.steps_over_min(b, c), rel=1e-12)
+        assert row.examples_over_min == pytest.approx(theory.examples_over_min(b, c), rel=1e-12)
+        # γ = 1: an adaptive schedule saves nothing.
+        assert row.adaptive_steps_same_examples == pytest.approx(row.steps, rel=1e-12)
+        assert row.adaptive_examples_same_steps == pytest.approx(row.examples, rel=1e-12)
+
+
+def test_growing_noise_scale_matches_closed_form(tmp_path: Path) -> None:
+    batch, a, tau, warmup, n = 64, 40.0, 80.0, 5, 400
+    records = synthetic_records(n_steps=n, batch_size=batch, a=a, tau=tau, warmup=warmup)
+    data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl", records)))
+    truth = _linear_growth_truth(batch, a, tau, warmup, n - 1)
+    # Trapezoid error on unit steps of these smooth integrands is O(h²·f''/f) ≈ 1e-6 relative.
+    assert data.run.s_min == pytest.approx(truth["s_min"], rel=1e-5)
+    assert data.run.e_min == pytest.approx(truth["e_min"], rel=1e-5)
+    assert data.adaptive.gamma == pytest.approx(truth["gamma"], rel=1e-5)
+    assert data.adaptive.gamma < 1.0
+    # The run sits on its own fixed-batch front: eq. D.1 at B = 64 predicts the steps it took.
+    assert data.run.predicted_steps == pytest.approx(data.run.steps, rel=1e-5)
+    # Matching the run's examples, the adaptive schedule needs S_min + γ·E_min/B steps (eq. D.4).
+    expected = truth["s_min"] + truth["gamma"] * truth["e_min"] / batch
+    assert data.adaptive.same_examples_steps == pytest.approx(expected, rel=1e-5)
+    assert data.adaptive.same_examples_steps < data.run.steps
+    # At r = E_min/S_min both costs are 1 + √γ of their minima (footnote 17).
+    factor = 1 + math.sqrt(data.adaptive.gamma)
+    assert data.adaptive.natural_steps == pytest.approx(factor * data.run.s_min, rel=1e-12)
+    assert data.adaptive.natural_examples == pytest.approx(factor * data.run.e_min, rel=1e-12)
+
+
+def test_cost_rows_satisfy_eq_d4_for_every_candidate(tmp_path: Path) -> None:
+    data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl")))
+    gamma = data.adaptive.gamma
+    for row in data.costs:
+        assert (row.steps_over_min - 1) * (row.examples_over_min - 1) == pytest.approx(1, rel=1e-9)
+        e_adaptive = row.examples / data.run.e_min
+        s_adaptive = row.adaptive_steps_same_examples / data.run.s_min
+        assert (s_adaptive - 1) * (e_adaptive - 1) == pytest.approx(gamma, rel=1e-9)
+
+
+def test_candidates_are_powers_of_two_around_the_measurements(tmp_path: Path) -> None:
+    data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl")))
+    sizes = [row.batch_size for row in data.costs]
+    # B_simple spans 42.5 … 239.5 and the run uses 64: 2^4 … 2^9.
+    assert sizes == [16, 32, 64, 128, 256, 512]
+
+
+def test_candidates_are_thinned_when_the_range_is_wide(tmp_path: Path) -> None:
+    records = synthetic_records(a=2.0, tau=0.01, n_steps=50, batch_size=8)
+    data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl", records)))
+    sizes = np.array([row.batch_size for row in data.costs])
+    assert len(sizes) <= report_data_module.MAX_CANDIDATES
+    assert np.all(np.log2(sizes) == np.round(np.log2(sizes)))
+    # The run's batch is 8 and B_simple reaches 2·(1 + 49/0.01) = 9802.
+    assert sizes.min() <= 8 and sizes.max() >= 9802
+
+
+def test_series_skip_missing_and_skipped_steps(tmp_path: Path) -> None:
+    history = load_history(
+        write_synthetic_history(tmp_path / "h.jsonl", synthetic_records(skipped=(37, 38)))
+    )
+    data = report_data(history)
+    assert data.b_simple_step.x.size == 400 - 5 - 2
+    assert 37 not in data.b_simple_step.x and 4 not in data.b_simple_step.x
+    np.testing.assert_allclose(data.b_simple_step.b_simple, 40 * (1 + data.b_simple_step.x / 80))
+    np.testing.assert_allclose(data.b_simple_loss.x, 0.5 + 2 * np.exp(-data.b_simple_step.x / 150))
+    np.testing.assert_allclose(
+        data.emas.trace_sigma_ema / data.emas.g2_ema, 40 * (1 + data.emas.step / 80)
+    )
+    np.testing.assert_allclose(data.temperature.temperature, 0.1 / 64)
+    assert data.trajectory.step.size == 400 - 5 - 2
+
+
+def test_summary_dict_is_json_ready(tmp_path: Path) -> None:
+    data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl")))
+    summary = json.loads(json.dumps(summary_dict(data)))
+    assert summary["gamma"] == pytest.approx(data.adaptive.gamma)
+    assert summary["b_simple_last"] == pytest.approx(40 * (1 + 399 / 80))
+    assert summary["run"]["batch_size"] == 64
+    assert len(summary["fixed_batch_costs"]) == len(data.costs)
+
+
+# --- tolerated irregularities -------------------------------------------------------------------
+
+
+def test_unfinished_last_line_is_dropped_with_a_warning(tmp_path: Path) -> None:
+    path = write_synthetic_history(tmp_path / "h.jsonl", synthetic_records(n_steps=50))
+    path.write_text(path.read_text() + '{"step": 50, "b_simpl', encoding="utf-8")
+    history = load_history(path)
+    assert history.step.size == 50
+    assert "unfinished" in history.warnings[0]
+
+
+def test_resumed_run_replaces_the_overlapping_steps(tmp_path: Path) -> None:
+    first = synthetic_records(n_steps=30)
+    resumed = synthetic_records(n_steps=40, a=80.0)[20:]
+    history = load_history(write_synthetic_history(tmp_path / "h.jsonl", first + resumed))
+    assert history.step.tolist() == list(range(40))
+    assert history.b_simple[25] == pytest.approx(80 * (1 + 25 / 80))
+    assert history.b_simple[19] == pytest.approx(40 * (1 + 19 / 80))
+    assert "resumed" in history.warnings[0]
+
+
+def test_missing_examples_are_integrated_from_batch_sizes(tmp_path: Path) -> None:
+    records = synthetic_records(n_steps=60)
+    for r in records:
+        r["examples"] = None
+    data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl", records)))
+    assert data.run.examples == pytest.approx(64 * (59 - 5))
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "is empty"),
+        ("\n\n", "is empty"),
+        ('{"kind": "something else", "version": 1}\n', "not a noisescale history"),
+        ("[1, 2, 3]\n", "not a noisescale history"),
+        ('{"kind": "noisescale.history", "version": 99}\n', "version 99"),
+        (json.dumps(HEADER) + "\n", "no steps"),
+        (json.dumps(HEADER) + '\n{"step": 0}\nnot json\n{"step": 2}\n', "line 3: not valid JSON"),
+        (json.dumps(HEADER) + '\n{"step": "zero"}\n', "integer 'step'"),
+        (json.dumps(HEADER) + '\n{"step": 0, "b_simple": "big"}\n', "'b_simple' must be a number"),
+        (json.dumps(HEADER) + '\n{"step": 0, "b_big": 8, "b_simple": null}\n', "only 0 of 1"),
+        ("\x00\x01garbage", "not valid JSON"),
+    ],
+)
+def test_bad_history_is_a_clear_error(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(NoiseScaleInputError, match=message):
+        report_data(load_history(path))
+
+
+def test_missing_history_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(NoiseScaleInputError, match="does not exist"):
+        load_history(tmp_path / "nope.jsonl")
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "corrupt", "directory"])
+def test_cli_bad_history_exits_2(tmp_path: Path, kind: str, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "h.jsonl"
+    if kind == "empty":
+        path.write_text("")
+    elif kind == "corrupt":
+        path.write_text(json.dumps(HEADER) + "\n{oops\n{}\n")
+    elif kind == "directory":
+        path.mkdir()
+    assert main(["report", str(path), "-o", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("noisescale report: error: ") and str(path) in err
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_cli_bad_batch_sizes_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_synthetic_history(tmp_path / "h.jsonl", synthetic_records(n_steps=30))
+    assert main(["report", str(path), "--batch-sizes", "64:0"]) == 2
+    assert "--batch-size" in capsys.readouterr().err
+
+
+# --- figures, page and command ------------------------------------------------------------------
+
+
+def test_draw_all_returns_one_png_per_figure(tmp_path: Path) -> None:
+    data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl")))
+    figures = draw_all(data)
+    assert tuple(figures) == FIGURE_NAMES
+    for png in figures.values():
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5_000
+
+
+def test_report_page_is_self_contained(tmp_path: Path) -> None:
+    data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl")))
+    page = report_html(data, draw_all(data))
+    assert page.count("data:image/png;base64,") == len(FIGURE_NAMES)
+    # Nothing to fetch: no external scripts, styles, images or fonts.
+    for needle in ("http://", "https://", 'src="//', "@import", "<link"):
+        assert needle not in page.replace("http://www.w3.org/2000/svg", "")
+    assert f"{data.adaptive.gamma:.3f}" in page
+    assert 'id="report-input-batch-size"' in page
+
+
+def test_cli_writes_page_and_pngs(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    path = write_synthetic_history(tmp_path / "run" / "history.jsonl")
+    result = subprocess.run(
+        [sys.executable, "-m", "noisescale", "report", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    page = tmp_path / "run" / "history.html"
+    assert summary["output"] == str(page) and page.exists()
+    figures_dir = tmp_path / "run" / "history_figures"
+    assert summary["figures_dir"] == str(figures_dir)
+    assert sorted(p.name for p in figures_dir.iterdir()) == sorted(
+        f"{name}.png" for name in FIGURE_NAMES
+    )
+    data = report_data(load_history(path))
+    assert summary["gamma"] == pytest.approx(data.adaptive.gamma, rel=1e-12)
+
+
+def test_cli_refuses_to_overwrite_the_history(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    path = write_synthetic_history(tmp_path / "h.jsonl", synthetic_records(n_steps=30))
+    assert main(["report", str(path), "-o", str(path)]) == 2
+    assert "overwrite" in capsys.readouterr().err
+    assert path.read_text().startswith('{"kind"')
