@@ -27,7 +27,8 @@ example is a sequence, and ℓ_i is whatever the loss assigns to it (e.g. the me
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,13 @@ from torch.utils.hooks import RemovableHandle
 
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.per_example import conv, embedding, fallback, linear, norms
-from noisescale.per_example.factors import Factor, sqnorm_of_sum
+from noisescale.per_example.factors import (
+    DenseFactor,
+    EmbeddingFactor,
+    Factor,
+    LinearFactor,
+    sqnorm_of_sum,
+)
 
 __all__ = ["PassNorms", "PerExampleNorms", "per_example_sqnorms", "supported_layers"]
 
@@ -91,11 +98,19 @@ class PassNorms:
             norms were not computed.
         grad_sqnorm: |∂(backpropagated loss)/∂θ|² of the whole pass (the micro-batch gradient),
             a 0-d tensor; ``None`` if no parameter received a gradient.
+        group_sqnorms: ``raw_sqnorms`` split by parameter group, shape [batch_size, groups]
+            (summing over groups gives ``raw_sqnorms``); ``None`` without groups.
+        group_grad_sqnorm: ``grad_sqnorm`` split by parameter group, shape [groups].
+        weights: P² per parameter id when the norms are preconditioned, |P ⊙ g|² = Σ P²g²
+            (the same weights for every norm of the pass); ``None`` for plain norms.
     """
 
     batch_size: int
     raw_sqnorms: Tensor | None = None
     grad_sqnorm: Tensor | None = None
+    group_sqnorms: Tensor | None = None
+    group_grad_sqnorm: Tensor | None = None
+    weights: dict[int, Tensor] | None = None
     # bookkeeping while the pass is open
     uses: dict[int, int] = field(default_factory=dict)
     pending: dict[int, list[Factor]] = field(default_factory=dict)
@@ -113,15 +128,29 @@ class PerExampleNorms:
             norms, which need no layer support).
         fallback: Allow the torch.func fallback for modules without a closed form; if ``False``
             such a module raises :class:`UnsupportedModuleError` at construction.
+        groups: A partition of the trainable parameters; each pass then also keeps its norms per
+            group (``group_sqnorms``, ``group_grad_sqnorm``).
+        precondition: Called when a pass opens; returns P² per parameter id (every norm of the
+            pass becomes |P ⊙ g|²) or ``None`` for plain norms.
     """
 
-    def __init__(self, model: nn.Module, *, per_example: bool = True, fallback: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        per_example: bool = True,
+        fallback: bool = True,
+        groups: Sequence[Sequence[nn.Parameter]] | None = None,
+        precondition: Callable[[], dict[int, Tensor] | None] | None = None,
+    ):
         self.model = model
         self.per_example = per_example
+        self.precondition = precondition
         self.passes: list[PassNorms] = []
         self._handles: list[RemovableHandle] = []
         self._new_pass_due = True
         self._recomputing = False
+        self._paused = False
         self._param_name: dict[int, str] = {}
         self._param: dict[int, nn.Parameter] = {}
         self._plan: dict[nn.Module, tuple[_Handler, str, dict[str, nn.Parameter]]] = {}
@@ -131,6 +160,14 @@ class PerExampleNorms:
                 if p.requires_grad:
                     self._param_name.setdefault(id(p), f"{mname}.{pname}" if mname else pname)
                     self._param[id(p)] = p
+        self._group_of: dict[int, int] | None = None
+        self.num_groups = 0
+        if groups is not None:
+            self._group_of = {id(p): g for g, ps in enumerate(groups) for p in ps}
+            self.num_groups = len(groups)
+            missing = sorted(self._param_name[i] for i in self._param if i not in self._group_of)
+            if missing:
+                raise ValueError(f"parameters {missing} belong to no group")
         if per_example:
             self._build_plan(fallback)
         self._install()
@@ -191,18 +228,32 @@ class PerExampleNorms:
             h.remove()
         self._handles.clear()
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Ignore the forward and backward passes run inside the block.
+
+        For extra passes that are not part of the training step, e.g. the Hessian-vector
+        products of :mod:`noisescale.hessian`; call it between steps (no pass open).
+        """
+        was, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = was
+
     # -- hooks --------------------------------------------------------------------------------
 
     def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._recomputing or not torch.is_grad_enabled():
+        if self._recomputing or self._paused or not torch.is_grad_enabled():
             return
         if self._new_pass_due or not self.passes:
             n = _leading_dim(args, kwargs)
-            self.passes.append(PassNorms(batch_size=n))
+            weights = self.precondition() if self.precondition is not None else None
+            self.passes.append(PassNorms(batch_size=n, weights=weights))
             self._new_pass_due = False
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self._recomputing or not torch.is_grad_enabled() or not self.passes:
+        if self._recomputing or self._paused or not torch.is_grad_enabled() or not self.passes:
             return
         out = output[0] if isinstance(output, tuple) else output
         if not isinstance(out, Tensor) or not out.requires_grad:
@@ -250,19 +301,23 @@ class PerExampleNorms:
 
     def _make_param_hook(self, pid: int) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
+            if self._paused:
+                return
             self._new_pass_due = True
             if not self.passes:
                 return
             current = self.passes[-1]
             with torch.no_grad():
-                sq = (
-                    grad.detach().float().pow(2).sum()
-                    if grad.dtype not in (torch.float32, torch.float64)
-                    else grad.detach().pow(2).sum()
-                )
+                g = _acc(grad.detach())
+                w2 = None if current.weights is None else current.weights.get(pid)
+                sq = g.pow(2).sum() if w2 is None else (g.pow(2) * w2).sum()
                 current.grad_sqnorm = (
                     sq if current.grad_sqnorm is None else current.grad_sqnorm + sq
                 )
+                if self._group_of is not None:
+                    if current.group_grad_sqnorm is None:
+                        current.group_grad_sqnorm = sq.new_zeros(self.num_groups)
+                    current.group_grad_sqnorm[self._group_of[pid]] += sq
             current.received.add(pid)
 
         return hook
@@ -271,17 +326,32 @@ class PerExampleNorms:
         pid = id(p)
         pass_.covered.add(pid)
         if pass_.uses.get(pid, 1) == 1:
-            self._accumulate(pass_, factor.sqnorm())
+            w2 = None if pass_.weights is None else pass_.weights.get(pid)
+            self._accumulate(
+                pass_, pid, factor.sqnorm() if w2 is None else weighted_sqnorm(factor, w2)
+            )
             return
         waiting = pass_.pending.setdefault(pid, [])
         waiting.append(factor)
         if len(waiting) == pass_.uses[pid]:
-            self._accumulate(pass_, sqnorm_of_sum(waiting, p.shape))
+            self._accumulate(pass_, pid, self._sqnorm_of_uses(pass_, p, waiting))
             del pass_.pending[pid]
 
     @staticmethod
-    def _accumulate(pass_: PassNorms, sq: Tensor) -> None:
+    def _sqnorm_of_uses(pass_: PassNorms, p: nn.Parameter, factors: list[Factor]) -> Tensor:
+        w2 = None if pass_.weights is None else pass_.weights.get(id(p))
+        if w2 is None:
+            return sqnorm_of_sum(factors, p.shape)
+        # weighted cross terms have no compact form: sum the materialised uses
+        total = sum(f.dense(p.shape) for f in factors)
+        return (total.pow(2) * w2).flatten(1).sum(1)
+
+    def _accumulate(self, pass_: PassNorms, pid: int, sq: Tensor) -> None:
         pass_.raw_sqnorms = sq if pass_.raw_sqnorms is None else pass_.raw_sqnorms + sq
+        if self._group_of is not None:
+            if pass_.group_sqnorms is None:
+                pass_.group_sqnorms = sq.new_zeros(sq.shape[0], self.num_groups)
+            pass_.group_sqnorms[:, self._group_of[pid]] += sq
 
     # -- results ------------------------------------------------------------------------------
 
@@ -297,7 +367,7 @@ class PerExampleNorms:
         for pass_ in done:
             for pid, waiting in list(pass_.pending.items()):
                 # a use whose output never reached the loss contributes a zero gradient
-                self._accumulate(pass_, sqnorm_of_sum(waiting, self._param[pid].shape))
+                self._accumulate(pass_, pid, self._sqnorm_of_uses(pass_, self._param[pid], waiting))
             pass_.pending.clear()
             if self.per_example:
                 missing = pass_.received - pass_.covered
@@ -311,6 +381,50 @@ class PerExampleNorms:
                     )
             pass_.uses.clear()
         return [p for p in done if p.received or p.raw_sqnorms is not None]
+
+
+# Materialised per-example weight gradients are built this many elements at a time (1 GiB in fp32).
+_MATERIALISE_ELEMENTS = 1 << 28
+
+
+def _acc(x: Tensor) -> Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def weighted_sqnorm(factor: Factor, w2: Tensor) -> Tensor:
+    """Per-example Σ w2 ⊙ g_i² of one parameter: the preconditioned norm |P ⊙ g_i|² for w2 = P².
+
+    An elementwise P (Adam's 1/(√v̂ + ε), a full matrix for a weight) breaks the Gram trick
+    |Σ_t δ_t a_tᵀ|² = Σ_{t,s}(a_t·a_s)(δ_t·δ_s), so a Linear/conv weight's per-example gradient
+    δᵀa is materialised, N·O·I elements (in chunks of examples to bound memory) — the cost of a
+    dense per-example gradient of that layer. Embeddings stay sparse: only the rows an example
+    touches are weighted.
+    """
+    if isinstance(factor, LinearFactor):
+        a, d = _acc(factor.a), _acc(factor.d)
+        groups, o, i = factor.groups, d.shape[2], a.shape[2]
+        w = w2.reshape(groups, o, i)
+        n = a.shape[0] // groups
+        chunk = max(1, _MATERIALISE_ELEMENTS // (groups * o * i))
+        out = []
+        for start in range(0, n, chunk):
+            rows = slice(start * groups, (start + chunk) * groups)
+            g = torch.bmm(d[rows].transpose(1, 2), a[rows])  # [chunk·G, O/G, I']
+            out.append((g.pow(2).view(-1, groups, o, i) * w).sum((1, 2, 3)))
+        return torch.cat(out)
+    if isinstance(factor, EmbeddingFactor):
+        n, t = factor.idx.shape
+        d = _acc(factor.d).reshape(n * t, -1)
+        example = torch.arange(n, device=d.device).repeat_interleave(t)
+        key = example * factor.num_rows + factor.idx.reshape(-1)
+        uniq, inverse = torch.unique(key, return_inverse=True)
+        summed = d.new_zeros(uniq.numel(), d.shape[1]).index_add_(0, inverse, d)
+        row = torch.remainder(uniq, factor.num_rows)
+        per_row = (summed.pow(2) * w2[row]).sum(1)
+        owner = torch.div(uniq, factor.num_rows, rounding_mode="floor")
+        return d.new_zeros(n).index_add_(0, owner, per_row)
+    assert isinstance(factor, DenseFactor)
+    return (_acc(factor.grads).pow(2) * w2).flatten(1).sum(1)
 
 
 def _leading_dim(args: tuple, kwargs: dict) -> int:
