@@ -1,0 +1,355 @@
+"""``noisescale calc``: what a batch size costs, given a noise scale (paper eq. 2.6, 2.7, 2.11).
+
+Examples::
+
+    noisescale calc --noise-scale 2048 --batch-size 4096
+    noisescale calc --noise-scale 2048 --batch-size 256:16384:x2 --json
+    noisescale calc --noise-scale 900 --batch-size 64,128,256 --lr 0.1 --lr-batch-size 64
+    noisescale calc --kaplan-loss 3.0 --batch-size 1e5:1e7:x10      # batch sizes in tokens
+
+Batch-size syntax (``--batch-size``): a comma-separated list of items, each either a number or a
+range ``START:STOP[:STEP]`` that includes STOP when the steps land on it. STEP is ``xK`` for a
+geometric range (multiply by K > 1; the default is ``x2``) or ``+K`` for an arithmetic one (add
+K > 0). So ``16:4096:x2`` is 16, 32, …, 4096 and ``100:1000:+100`` is 100, 200, …, 1000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any
+
+from noisescale.errors import NoiseScaleInputError
+
+#: A range may expand to at most this many batch sizes (protects against ``1:1e9:+1``).
+MAX_BATCH_SIZES = 10_000
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "calc",
+        help="steps, examples and learning rate at a batch size, given a noise scale",
+        description="Given a noise scale B_noise (or B_simple), say which regime a batch size B is "
+        "in and what it costs: the optimal learning rate relative to the noiseless one "
+        "(ε_opt/ε_max, eq. 2.6), the optimisation steps relative to the fewest possible "
+        "(S/S_min = 1 + B_noise/B) and the training examples relative to the fewest possible "
+        "(E/E_min = 1 + B/B_noise, eq. 2.11).",
+        epilog="BATCH syntax: a comma-separated list of numbers and ranges START:STOP[:STEP]; "
+        "STEP is xK (geometric, default x2) or +K (arithmetic); STOP is included when reached. "
+        "Examples: 256 | 64,128,256 | 16:4096:x2 | 100:1000:+100.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--noise-scale",
+        metavar="N",
+        help="the noise scale B_noise or B_simple, in the unit of the batch size (examples or "
+        "tokens)",
+    )
+    source.add_argument(
+        "--kaplan-loss",
+        metavar="L",
+        help="instead of --noise-scale, use Kaplan et al.'s B_crit(L) = 2.0e8·L^-4.76 tokens for "
+        "a language model at loss L (nats/token); batch sizes are then in tokens",
+    )
+    parser.add_argument(
+        "--batch-size", required=True, metavar="BATCH", help="one batch size, a list or a range"
+    )
+    parser.add_argument(
+        "--lr", metavar="LR", help="a learning rate tuned at --lr-batch-size; prints it scaled"
+    )
+    parser.add_argument(
+        "--lr-batch-size",
+        metavar="B0",
+        help="the batch size --lr was tuned at (default: the first batch size when several)",
+    )
+    parser.add_argument(
+        "--lr-rule",
+        default="noise",
+        choices=("noise", "linear", "sqrt", "none"),
+        help="noise: ε ∝ 1/(1+B_noise/B)^α (eq. 2.6/A.3, default); linear: ε ∝ B; "
+        "sqrt: ε ∝ √B; none: ε unchanged",
+    )
+    parser.add_argument(
+        "--alpha",
+        default="1",
+        metavar="A",
+        help="exponent of the noise rule (eq. A.3): 1 for SGD, 0.5–1 for Adam (default 1)",
+    )
+    parser.add_argument(
+        "--temperature-from",
+        metavar="T0",
+        help="the temperature ε/B at which the noise scale was measured (needs --temperature-to)",
+    )
+    parser.add_argument(
+        "--temperature-to",
+        metavar="T1",
+        help="re-express the noise scale at this temperature, B_noise·T0/T1 (eq. C.2)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from noisescale import theory
+
+    if args.noise_scale is not None:
+        measured = positive_number(args.noise_scale, "--noise-scale")
+        unit = "examples"
+    else:
+        measured = float(theory.b_crit_kaplan(positive_number(args.kaplan_loss, "--kaplan-loss")))
+        unit = "tokens"
+    batch_sizes = parse_batch_sizes(args.batch_size)
+    several = len(batch_sizes) > 1 or any(c in args.batch_size for c in ",:")
+
+    b_noise = measured
+    temperatures: dict[str, float] = {}
+    if (args.temperature_from is None) != (args.temperature_to is None):
+        raise NoiseScaleInputError("--temperature-from and --temperature-to go together")
+    if args.temperature_from is not None:
+        t_from = positive_number(args.temperature_from, "--temperature-from")
+        t_to = positive_number(args.temperature_to, "--temperature-to")
+        b_noise = float(theory.b_noise_at_temperature(measured, t_from, t_to))
+        temperatures = {"temperature_from": t_from, "temperature_to": t_to}
+
+    lr_settings: dict[str, Any] = {}
+    if args.lr is not None:
+        lr_settings = {
+            "lr_rule": args.lr_rule,
+            "lr_batch_size": positive_number(args.lr_batch_size, "--lr-batch-size")
+            if args.lr_batch_size is not None
+            else _default_lr_batch_size(batch_sizes, several),
+            "lr_tuned": positive_number(args.lr, "--lr"),
+        }
+        if args.lr_rule == "noise":
+            lr_settings["alpha"] = positive_number(args.alpha, "--alpha")
+    elif args.lr_batch_size is not None:
+        raise NoiseScaleInputError("--lr-batch-size needs --lr")
+
+    rows = [
+        batch_size_row(b, b_noise, measured=measured, unit=unit, **temperatures, **lr_settings)
+        for b in batch_sizes
+    ]
+    if args.json:
+        print(json.dumps(rows if several else rows[0], indent=2))
+    elif several:
+        print(_table_text(rows, b_noise, unit, measured, temperatures, lr_settings))
+    else:
+        print(_single_text(rows[0], unit, measured, temperatures, lr_settings))
+    return 0
+
+
+def batch_size_row(
+    batch_size: float,
+    b_noise: float,
+    *,
+    measured: float | None = None,
+    unit: str = "examples",
+    temperature_from: float | None = None,
+    temperature_to: float | None = None,
+    lr_tuned: float | None = None,
+    lr_batch_size: float | None = None,
+    lr_rule: str = "noise",
+    alpha: float = 1.0,
+) -> dict[str, Any]:
+    """The numbers ``calc`` prints for one batch size, as a JSON-ready dict."""
+    from noisescale import theory
+
+    row: dict[str, Any] = {
+        "noise_scale": b_noise,
+        "batch_size": _json_number(batch_size),
+        "unit": unit,
+        "b_over_b_noise": batch_size / b_noise,
+        "regime": theory.regime(batch_size, b_noise),
+        "lr_over_max": theory.lr_over_max(batch_size, b_noise),
+        "loss_improvement_over_max": theory.loss_improvement_over_max(batch_size, b_noise),
+        "steps_over_min": theory.steps_over_min(batch_size, b_noise),
+        "examples_over_min": theory.examples_over_min(batch_size, b_noise),
+    }
+    if temperature_from is not None:
+        row.update(
+            noise_scale_measured=measured,
+            temperature_from=temperature_from,
+            temperature_to=temperature_to,
+        )
+    if lr_tuned is not None and lr_batch_size is not None:
+        row.update(
+            lr=theory.scaled_lr(
+                lr_batch_size, batch_size, lr_tuned, lr_rule, b_noise=b_noise, alpha=alpha
+            ),
+            lr_rule=lr_rule,
+            lr_tuned=lr_tuned,
+            lr_batch_size=_json_number(lr_batch_size),
+        )
+        if lr_rule == "noise":
+            row["alpha"] = alpha
+    return row
+
+
+def parse_batch_sizes(text: str) -> list[float]:
+    """Expand the ``--batch-size`` syntax (see the module docstring) into a list of sizes."""
+    sizes: list[float] = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            raise NoiseScaleInputError(f"--batch-size {text!r}: empty item in the list")
+        parts = item.split(":")
+        if len(parts) == 1:
+            sizes.append(positive_number(item, "--batch-size"))
+        elif len(parts) in (2, 3):
+            sizes.extend(_expand_range(item, parts))
+        else:
+            raise NoiseScaleInputError(
+                f"--batch-size {item!r}: a range is START:STOP[:STEP], e.g. 16:4096:x2"
+            )
+        if len(sizes) > MAX_BATCH_SIZES:
+            raise NoiseScaleInputError(
+                f"--batch-size {text!r} expands to more than {MAX_BATCH_SIZES} batch sizes"
+            )
+    return sizes
+
+
+def positive_number(text: str | float, what: str) -> float:
+    """Parse a finite positive number from the command line, or say clearly what is wrong."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise NoiseScaleInputError(f"{what} must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise NoiseScaleInputError(f"{what} must be a finite positive number, got {text!r}")
+    return value
+
+
+def _expand_range(item: str, parts: list[str]) -> list[float]:
+    start = positive_number(parts[0], f"--batch-size range {item!r}: START")
+    stop = positive_number(parts[1], f"--batch-size range {item!r}: STOP")
+    step = parts[2].strip() if len(parts) == 3 else "x2"
+    if stop < start:
+        raise NoiseScaleInputError(f"--batch-size range {item!r}: STOP is below START")
+    if step[:1] in ("x", "*"):
+        factor = positive_number(step[1:], f"--batch-size range {item!r}: STEP")
+        if factor <= 1:
+            raise NoiseScaleInputError(f"--batch-size range {item!r}: a factor must exceed 1")
+        count = math.floor(math.log(stop / start) / math.log(factor) + 1e-9) + 1
+        values = [start * factor**k for k in range(min(count, MAX_BATCH_SIZES + 1))]
+    elif step[:1] == "+":
+        increment = positive_number(step[1:], f"--batch-size range {item!r}: STEP")
+        count = math.floor((stop - start) / increment + 1e-9) + 1
+        values = [start + increment * k for k in range(min(count, MAX_BATCH_SIZES + 1))]
+    else:
+        raise NoiseScaleInputError(
+            f"--batch-size range {item!r}: STEP must be xK (geometric) or +K (arithmetic)"
+        )
+    # Repeated multiplication drifts off the integers (16·1.5**k); snap back when within rounding.
+    return [round(v) if abs(v - round(v)) < 1e-9 * v else v for v in values]
+
+
+def _default_lr_batch_size(batch_sizes: list[float], several: bool) -> float:
+    if not several:
+        raise NoiseScaleInputError(
+            "--lr needs --lr-batch-size (the batch size the learning rate was tuned at)"
+        )
+    return batch_sizes[0]
+
+
+def _json_number(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x
+
+
+def _source_line(b_noise: float, unit: str, measured: float, temperatures: dict[str, float]) -> str:
+    from noisescale.report.text import format_number as f
+
+    if unit == "tokens":
+        line = f"Critical batch size from Kaplan's law B_crit(L) = {f(measured)} tokens"
+    else:
+        line = f"Noise scale B_noise = {f(measured)}"
+    if temperatures:
+        line += (
+            f" at temperature {f(temperatures['temperature_from'])}; at temperature "
+            f"{f(temperatures['temperature_to'])} it is {f(b_noise)} (eq. C.2, B_noise ∝ 1/T)"
+        )
+    return line + "."
+
+
+def _lr_line(lr_settings: dict[str, Any]) -> str:
+    from noisescale.report.text import format_batch_size, format_number
+
+    rule = lr_settings["lr_rule"]
+    how = {
+        "noise": "scaled by the noise-scale rule ε ∝ 1/(1 + B_noise/B)^α with α = "
+        f"{format_number(lr_settings.get('alpha', 1.0))} (eq. 2.6, A.3)",
+        "linear": "scaled by the linear rule, ε ∝ B",
+        "sqrt": "scaled by the square-root rule, ε ∝ √B",
+        "none": "kept unchanged (rule 'none')",
+    }[rule]
+    return (
+        f"Learning rate {format_number(lr_settings['lr_tuned'])} tuned at batch size "
+        f"{format_batch_size(lr_settings['lr_batch_size'])}, {how}."
+    )
+
+
+def _single_text(
+    row: dict[str, Any],
+    unit: str,
+    measured: float,
+    temperatures: dict[str, float],
+    lr_settings: dict[str, Any],
+) -> str:
+    from noisescale.report.text import REGIME_WORDS, format_batch_size, summary_sentence
+    from noisescale.report.text import format_number as f
+
+    b = format_batch_size(row["batch_size"])
+    lines = [
+        _source_line(row["noise_scale"], unit, measured, temperatures),
+        f"Batch size B = {b} {unit} is {f(row['b_over_b_noise'])}× the noise scale: "
+        f"{REGIME_WORDS[row['regime']]}.",
+        f"  optimal learning rate   ε_opt/ε_max   = {f(row['lr_over_max']):<10} (eq. 2.6)",
+        f"  loss decrease per step  ΔL_opt/ΔL_max = {f(row['loss_improvement_over_max']):<10}"
+        " (eq. 2.7)",
+        f"  optimisation steps      S/S_min       = {f(row['steps_over_min']):<10}"
+        " (eq. 2.11, time)",
+        f"  training examples       E/E_min       = {f(row['examples_over_min']):<10}"
+        " (eq. 2.11, compute)",
+        summary_sentence(row["batch_size"], row["steps_over_min"], row["examples_over_min"]),
+    ]
+    if lr_settings:
+        lines.append(_lr_line(lr_settings))
+        lines.append(f"  learning rate at B = {b}: {f(row['lr'])}")
+    return "\n".join(lines)
+
+
+def _table_text(
+    rows: list[dict[str, Any]],
+    b_noise: float,
+    unit: str,
+    measured: float,
+    temperatures: dict[str, float],
+    lr_settings: dict[str, Any],
+) -> str:
+    from noisescale.report.text import format_batch_size
+    from noisescale.report.text import format_number as f
+
+    header = ["batch size", "B/B_noise", "regime", "ε_opt/ε_max", "S/S_min", "E/E_min"]
+    table = [
+        [
+            format_batch_size(r["batch_size"]),
+            f(r["b_over_b_noise"]),
+            r["regime"],
+            f(r["lr_over_max"]),
+            f(r["steps_over_min"]),
+            f(r["examples_over_min"]),
+        ]
+        for r in rows
+    ]
+    if lr_settings:
+        header.append("lr")
+        for line, r in zip(table, rows, strict=True):
+            line.append(f(r["lr"]))
+    widths = [max(len(h), *(len(line[i]) for line in table)) for i, h in enumerate(header)]
+    out = [_source_line(b_noise, unit, measured, temperatures)]
+    if lr_settings:
+        out.append(_lr_line(lr_settings))
+    out.append(f"Batch sizes in {unit}; regimes: small B < B_noise/3, large B > 3·B_noise.")
+    out.append("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
+    out.extend("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in table)
+    return "\n".join(out)

@@ -1,0 +1,238 @@
+"""Tests of ``noisescale calc``: batch-size syntax, numbers (eq. 2.6, 2.11), text, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from noisescale import theory
+from noisescale.cli import main
+from noisescale.commands.calc import MAX_BATCH_SIZES, parse_batch_sizes
+from noisescale.errors import NoiseScaleInputError
+from noisescale.report.text import REGIME_WORDS, format_number
+
+
+def calc_json(capsys: pytest.CaptureFixture, *args: str) -> object:
+    assert main(["calc", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+# --- batch-size syntax --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("256", [256]),
+        ("64,128,256", [64, 128, 256]),
+        (" 64 , 128 ", [64, 128]),
+        ("16:4096:x2", [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]),
+        ("16:100", [16, 32, 64]),
+        ("100:1000:+100", [100, 200, 300, 400, 500, 600, 700, 800, 900, 1000]),
+        ("100:1050:+250", [100, 350, 600, 850]),
+        ("10:30:x1.5", [10, 15, 22.5]),
+        ("1e5:1e7:x10", [1e5, 1e6, 1e7]),
+        ("1:3:+0.5", [1, 1.5, 2, 2.5, 3]),
+        ("8,16:64:x4", [8, 16, 64]),
+        ("2.5", [2.5]),
+    ],
+)
+def test_parse_batch_sizes(text: str, expected: list[float]) -> None:
+    assert parse_batch_sizes(text) == pytest.approx(expected)
+
+
+def test_geometric_ranges_stay_on_the_integers() -> None:
+    # 3·1.1^k drifts off the integers in floating point only where it is not an integer anyway;
+    # powers of 2 and 10 must come back exact.
+    assert parse_batch_sizes("1e3:1e6:x10") == [1000, 10000, 100000, 1000000]
+    assert all(isinstance(b, int) for b in parse_batch_sizes("16:65536:x2"))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty item"),
+        ("64,,128", "empty item"),
+        ("abc", "must be a number"),
+        ("0", "finite positive"),
+        ("-5", "finite positive"),
+        ("nan", "finite positive"),
+        ("inf", "finite positive"),
+        ("64:16", "STOP is below START"),
+        ("16:64:x1", "factor must exceed 1"),
+        ("16:64:y2", "xK"),
+        ("16:64:+0", "finite positive"),
+        ("1:2:3:4", "START:STOP"),
+        ("1:1e9:+1", f"more than {MAX_BATCH_SIZES}"),
+    ],
+)
+def test_parse_batch_sizes_rejects_bad_syntax(text: str, message: str) -> None:
+    with pytest.raises(NoiseScaleInputError, match=message):
+        parse_batch_sizes(text)
+
+
+# --- numbers ------------------------------------------------------------------------------------
+
+
+def test_json_single_batch_size(capsys: pytest.CaptureFixture) -> None:
+    row = calc_json(capsys, "--noise-scale", "2048", "--batch-size", "4096")
+    assert isinstance(row, dict)
+    assert row["noise_scale"] == 2048.0
+    assert row["batch_size"] == 4096
+    assert row["regime"] == "balanced"
+    assert row["lr_over_max"] == pytest.approx(2 / 3, rel=1e-15)
+    assert row["loss_improvement_over_max"] == pytest.approx(2 / 3, rel=1e-15)
+    assert row["steps_over_min"] == 1.5
+    assert row["examples_over_min"] == 3.0
+    assert row["b_over_b_noise"] == 2.0
+    assert row["unit"] == "examples"
+
+
+def test_json_list_matches_theory(capsys: pytest.CaptureFixture) -> None:
+    rows = calc_json(capsys, "--noise-scale", "300", "--batch-size", "25:1600:x2")
+    assert [r["batch_size"] for r in rows] == [25, 50, 100, 200, 400, 800, 1600]
+    # 100 = 300/3 is on the boundary, which counts as balanced.
+    assert [r["regime"] for r in rows] == ["small"] * 2 + ["balanced"] * 4 + ["large"]
+    for r in rows:
+        b = r["batch_size"]
+        assert r["lr_over_max"] == theory.lr_over_max(b, 300)
+        assert r["steps_over_min"] == theory.steps_over_min(b, 300)
+        assert r["examples_over_min"] == theory.examples_over_min(b, 300)
+
+
+def test_a_one_item_range_still_prints_a_list(capsys: pytest.CaptureFixture) -> None:
+    rows = calc_json(capsys, "--noise-scale", "300", "--batch-size", "64:100")
+    assert isinstance(rows, list) and len(rows) == 1
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [("linear", [0.1, 0.2, 0.4]), ("sqrt", [0.1, 0.1 * 2**0.5, 0.2]), ("none", [0.1] * 3)],
+)
+def test_lr_rules_scale_from_the_first_batch_size(
+    capsys: pytest.CaptureFixture, rule: str, expected: list[float]
+) -> None:
+    rows = calc_json(
+        capsys, "--noise-scale", "256", "--batch-size", "256:1024", "--lr", "0.1", "--lr-rule", rule
+    )
+    assert [r["lr"] for r in rows] == pytest.approx(expected)
+    assert all(r["lr_batch_size"] == 256 and r["lr_rule"] == rule for r in rows)
+
+
+def test_noise_lr_rule_is_the_ratio_of_eq_2_6(capsys: pytest.CaptureFixture) -> None:
+    row = calc_json(
+        capsys, "--noise-scale", "2048", "--batch-size", "4096", "--lr", "0.1",
+        "--lr-batch-size", "2048",
+    )  # fmt: skip
+    assert row["lr"] == pytest.approx(0.1 * (2 / 3) / (1 / 2))
+    assert row["lr_rule"] == "noise" and row["alpha"] == 1.0
+    row = calc_json(
+        capsys, "--noise-scale", "2048", "--batch-size", "4096", "--lr", "0.1",
+        "--lr-batch-size", "2048", "--alpha", "0.5",
+    )  # fmt: skip
+    assert row["lr"] == pytest.approx(0.1 * (4 / 3) ** 0.5)
+
+
+def test_temperature_rescales_the_noise_scale(capsys: pytest.CaptureFixture) -> None:
+    # Measured at T0 = 0.1/128, used at T1 = 0.01/128: B_noise grows tenfold (eq. C.2).
+    row = calc_json(
+        capsys, "--noise-scale", "500", "--batch-size", "5000",
+        "--temperature-from", str(0.1 / 128), "--temperature-to", str(0.01 / 128),
+    )  # fmt: skip
+    assert row["noise_scale"] == pytest.approx(5000)
+    assert row["noise_scale_measured"] == 500
+    assert row["steps_over_min"] == pytest.approx(2.0)
+
+
+def test_kaplan_loss_gives_a_noise_scale_in_tokens(capsys: pytest.CaptureFixture) -> None:
+    row = calc_json(capsys, "--kaplan-loss", "3", "--batch-size", "1e6")
+    assert row["noise_scale"] == pytest.approx(2.0e8 * 3**-4.76)
+    assert row["unit"] == "tokens"
+    assert row["steps_over_min"] == pytest.approx(1 + 2.0e8 * 3**-4.76 / 1e6)
+
+
+# --- text ---------------------------------------------------------------------------------------
+
+
+def test_text_single_batch_size(capsys: pytest.CaptureFixture) -> None:
+    assert main(["calc", "--noise-scale", "2048", "--batch-size", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "Noise scale B_noise = 2048." in out
+    assert "is 2× the noise scale" in out
+    assert REGIME_WORDS["balanced"] in out
+    assert "ε_opt/ε_max   = 0.6667" in out
+    assert "S/S_min       = 1.5 " in out
+    assert "E/E_min       = 3 " in out
+    assert (
+        "Training to a given loss at B = 4096 takes 1.5× the fewest possible steps and 3× the "
+        "fewest possible examples." in out
+    )
+
+
+def test_text_table(capsys: pytest.CaptureFixture) -> None:
+    assert (
+        main(["calc", "--noise-scale", "1000", "--batch-size", "100,1000,10000", "--lr", "1"]) == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("batch size"))
+    table = [line.split() for line in lines[header + 1 :]]
+    assert [row[0] for row in table] == ["100", "1000", "10000"]
+    assert [row[2] for row in table] == ["small", "balanced", "large"]
+    # Columns: B, B/B_noise, regime, ε/ε_max, S/S_min, E/E_min, lr (noise rule from B = 100).
+    assert table[1][3:6] == ["0.5", "2", "2"]
+    assert table[2][3:6] == [format_number(1 / 1.1), "1.1", "11"]
+    assert table[1][6] == format_number(0.5 / (1 / 11))
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--noise-scale", "abc", "--batch-size", "64"], "--noise-scale must be a number"),
+        (
+            ["--noise-scale", "-2048", "--batch-size", "64"],
+            "--noise-scale must be a finite positive",
+        ),
+        (["--noise-scale", "0", "--batch-size", "64"], "finite positive"),
+        (["--noise-scale", "nan", "--batch-size", "64"], "finite positive"),
+        (["--noise-scale", "inf", "--batch-size", "64"], "finite positive"),
+        (["--noise-scale", "100", "--batch-size", "0"], "finite positive"),
+        (["--noise-scale", "100", "--batch-size", "64:x2"], "STOP"),
+        (["--kaplan-loss", "-1", "--batch-size", "64"], "--kaplan-loss"),
+        (["--noise-scale", "100", "--batch-size", "64", "--lr", "0.1"], "--lr-batch-size"),
+        (
+            ["--noise-scale", "100", "--batch-size", "64", "--lr", "fast", "--lr-batch-size", "8"],
+            "--lr must be a number",
+        ),
+        (["--noise-scale", "100", "--batch-size", "64", "--lr-batch-size", "8"], "needs --lr"),
+        (["--noise-scale", "100", "--batch-size", "64", "--temperature-from", "1"], "go together"),
+        (
+            ["--noise-scale", "100", "--batch-size", "64,128", "--lr", "1", "--alpha", "-1"],
+            "--alpha",
+        ),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message(
+    capsys: pytest.CaptureFixture, args: list[str], message: str
+) -> None:
+    assert main(["calc", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("noisescale calc: error: ")
+    assert message in captured.err
+
+
+def test_cli_through_python_m_exits_2() -> None:
+    bad = subprocess.run(
+        [sys.executable, "-m", "noisescale", "calc", "--noise-scale", "minus one", "--batch-size",
+         "8"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stdout == ""
+    assert "noisescale calc: error: --noise-scale must be a number, got 'minus one'" in bad.stderr
