@@ -1,0 +1,527 @@
+"""The critical batch size from a grid of training runs (paper sec. 2.3, App. A.3, App. D.1).
+
+For each goal (a loss or error level): smooth every run's curve with a bias-corrected EMA, find
+the step at which it first reaches the goal, keep the fastest learning rate at each batch size
+(the Pareto front), fit S/S_min − 1 = (E/E_min − 1)⁻¹ (eq. 2.11) in log space and report
+B_crit = E_min/S_min (eq. 2.12) with its standard error. Beside it, the simple noise scale
+B_simple averaged over the same stretch of training as D.1 prescribes.
+
+Pure NumPy: no torch, no plotting, no SciPy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from noisescale.errors import NoiseScaleInputError
+from noisescale.sweep.runs import Run
+
+#: The fit searches B_crit between (smallest batch size)/SEARCH_SPAN and (largest)·SEARCH_SPAN.
+SEARCH_SPAN = 1e4
+#: Batch sizes on the Pareto front needed for a fit: two parameters and one residual degree
+#: of freedom for the standard error.
+MIN_BATCH_SIZES = 3
+#: A warning is attached when the EMA lag exceeds this fraction of the fewest steps to a goal.
+MAX_LAG_FRACTION = 0.1
+
+
+def ema_smoothed(values: ArrayLike, decay: float) -> np.ndarray:
+    """Bias-corrected exponential moving average of a curve (paper App. A.3).
+
+    m_t = decay·m_{t−1} + (1 − decay)·x_t with m_0 = 0, returned as m_t / (1 − decay^t), so the
+    first point is x_1 itself and early points are not pulled towards zero. ``decay = 0``
+    returns the curve unchanged. The average runs over recorded points, not optimizer steps.
+
+    Raises:
+        NoiseScaleInputError: ``decay`` outside [0, 1).
+    """
+    if not 0.0 <= decay < 1.0:
+        raise NoiseScaleInputError(f"the EMA decay must be in [0, 1), got {decay}")
+    x = np.asarray(values, dtype=float)
+    out = np.empty_like(x)
+    m = 0.0
+    weight = 0.0
+    for t, value in enumerate(x.tolist()):
+        m = decay * m + (1.0 - decay) * value
+        weight = decay * weight + (1.0 - decay)
+        out[t] = m / weight
+    return out
+
+
+@dataclass(frozen=True)
+class GoalCrossing:
+    """Where a smoothed curve first reaches a goal.
+
+    Attributes:
+        step: optimizer steps S to the goal, interpolated linearly between the last recorded
+            point above the goal and the first at or below it.
+        examples: training examples E processed by then, interpolated the same way.
+        index: the first recorded point at or below the goal.
+    """
+
+    step: float
+    examples: float
+    index: int
+
+
+def goal_crossing(
+    step: ArrayLike, examples: ArrayLike, smoothed: ArrayLike, goal: float
+) -> GoalCrossing | None:
+    """The first point at which a smoothed curve is at or below ``goal``, or ``None``.
+
+    Linear interpolation between recorded points makes S and E continuous in the goal even
+    when the metric is recorded every few steps. When the first recorded point already meets
+    the goal there is nothing to interpolate from and that point is returned.
+    """
+    s = np.asarray(step, dtype=float)
+    e = np.asarray(examples, dtype=float)
+    y = np.asarray(smoothed, dtype=float)
+    hits = np.flatnonzero(y <= goal)
+    if hits.size == 0:
+        return None
+    i = int(hits[0])
+    if i == 0:
+        return GoalCrossing(step=float(s[0]), examples=float(e[0]), index=0)
+    frac = (y[i - 1] - goal) / (y[i - 1] - y[i])
+    return GoalCrossing(
+        step=float(s[i - 1] + frac * (s[i] - s[i - 1])),
+        examples=float(e[i - 1] + frac * (e[i] - e[i - 1])),
+        index=i,
+    )
+
+
+def b_simple_average(
+    step: ArrayLike, b_simple: ArrayLike, batch_size: ArrayLike, *, until_step: float | None = None
+) -> float | None:
+    """B_simple averaged over training the way B_crit averages the noise scale (App. D.1).
+
+    By eq. D.1 a run at batch size B needs dS = (1 + B_noise/B)·ds steps for ds steps of
+    full-batch progress, and over the whole run S_min = ∫ds and E_min = ∫B_noise ds. So
+    B_crit = E_min/S_min is the mean of B_noise over *full-batch steps* s. A step of a run at
+    batch size B counts as ds = B/(B + B_noise) full-batch steps, which gives the weights
+
+        average = Σ w_t·B_simple(t) / Σ w_t,   w_t = Δt·B_t/(B_t + B_simple(t)),
+
+    with B_simple standing in for B_noise and Δt the steps a recorded point stands for. For
+    B ≫ B_simple this is the plain mean over the steps of a large-batch run; for B ≪ B_simple
+    it tends to the harmonic mean over steps. The mean over examples (or over steps of a
+    small-batch run) would overweight late training, where B_simple is large and progress per
+    step is slow, and overestimate B_crit.
+
+    Args:
+        step: recorded optimizer steps, increasing.
+        b_simple: B_simple at those steps; NaN or ≤ 0 where not measured (skipped).
+        batch_size: the batch size of the steps each point stands for (scalar or per point).
+        until_step: average only over points at or before this step (the step the goal is
+            reached at); all points when ``None``.
+
+    Returns:
+        The average, or ``None`` when no point up to ``until_step`` has a B_simple.
+    """
+    s = np.asarray(step, dtype=float)
+    b = np.asarray(b_simple, dtype=float)
+    batch = np.broadcast_to(np.asarray(batch_size, dtype=float), s.shape)
+    if s.size == 0:
+        return None
+    # Each point stands for the steps since the previous one (the first: since step 0).
+    d_step = np.diff(s, prepend=0.0)
+    if d_step[0] <= 0:
+        d_step[0] = d_step[1] if s.size > 1 else 1.0
+    keep = np.isfinite(b) & (b > 0)
+    if until_step is not None:
+        keep &= s <= until_step
+    if not keep.any():
+        return None
+    w = d_step[keep] * batch[keep] / (batch[keep] + b[keep])
+    return float(np.sum(w * b[keep]) / np.sum(w))
+
+
+@dataclass(frozen=True)
+class ParetoFit:
+    """A fit of eq. 2.11 to (S, E) points of a Pareto front, with standard errors.
+
+    Fitted in log space: log S_i = log(S_min + E_min/B_i) with B_i = E_i/S_i, by least squares
+    over (log S_min, log E_min); standard errors come from the covariance σ̂²·(JᵀJ)⁻¹ with σ̂²
+    the residual variance on n − 2 degrees of freedom, and carry to B_crit = E_min/S_min by the
+    delta method in log space: Var(log B_crit) = Var(log E_min) + Var(log S_min) −
+    2·Cov(log S_min, log E_min). Linear standard errors are value × log standard error.
+
+    Attributes:
+        s_min: fewest steps to the goal (the B → ∞ limit).
+        e_min: fewest examples to the goal (the B → 0 limit).
+        b_crit: E_min/S_min (eq. 2.12), in the unit of the batch sizes.
+        s_min_stderr, e_min_stderr, b_crit_stderr: standard errors (``inf`` at a bound).
+        log_b_crit_stderr: standard error of ln B_crit.
+        log_cov: 2×2 covariance of (log S_min, log E_min).
+        residual_std: σ̂, the spread of the log-step residuals (the run-to-run noise).
+        n_points: points fitted.
+        at_bound: ``"lower"`` when the data put B_crit below the search range (steps do not
+            fall with batch size), ``"upper"`` when above it (steps ∝ 1/B throughout), else
+            ``None``; then ``b_crit`` is only a bound.
+    """
+
+    s_min: float
+    e_min: float
+    b_crit: float
+    s_min_stderr: float
+    e_min_stderr: float
+    b_crit_stderr: float
+    log_b_crit_stderr: float
+    log_cov: np.ndarray
+    residual_std: float
+    n_points: int
+    at_bound: str | None = None
+
+    def steps(self, batch_size: ArrayLike) -> np.ndarray | float:
+        """Fitted steps to the goal at batch size B: S = S_min + E_min/B (eq. 2.11)."""
+        s = self.s_min + self.e_min / np.asarray(batch_size, dtype=float)
+        return float(s) if np.ndim(s) == 0 else s
+
+    def examples(self, batch_size: ArrayLike) -> np.ndarray | float:
+        """Fitted examples to the goal at batch size B: E = B·S_min + E_min (eq. 2.11)."""
+        e = np.asarray(batch_size, dtype=float) * self.s_min + self.e_min
+        return float(e) if np.ndim(e) == 0 else e
+
+
+def fit_pareto(steps: ArrayLike, examples: ArrayLike) -> ParetoFit:
+    """Fit S/S_min − 1 = (E/E_min − 1)⁻¹ (paper eq. 2.11) to Pareto points in log space.
+
+    Each point (S_i, E_i) is a batch size's fewest steps to a goal and the examples used. The
+    curve through the points is S(B) = S_min + E_min/B, E(B) = B·S(B) with B = E/S, so the fit
+    minimises Σ (log S_i − log(S_min + E_min/B_i))². At a fixed batch size the run-to-run noise
+    moves S and E together along B = E/S, so these residuals are the same whether one thinks of
+    noise in S or in E. With u = log B_crit fixed the best log S_min is a mean, so the search is
+    one-dimensional: a grid over u, then golden-section refinement.
+
+    Raises:
+        NoiseScaleInputError: fewer than three points, fewer than three distinct batch sizes,
+            or a non-positive step or example count.
+    """
+    s = np.asarray(steps, dtype=float)
+    e = np.asarray(examples, dtype=float)
+    if s.shape != e.shape or s.ndim != 1:
+        raise NoiseScaleInputError("steps and examples must be 1-D arrays of the same length")
+    if not (np.all(np.isfinite(s)) and np.all(np.isfinite(e)) and np.all(s > 0) and np.all(e > 0)):
+        raise NoiseScaleInputError("steps and examples to a goal must be positive and finite")
+    batch = e / s
+    if np.unique(np.round(np.log(batch), 9)).size < MIN_BATCH_SIZES:
+        raise NoiseScaleInputError(
+            f"a Pareto fit needs at least {MIN_BATCH_SIZES} batch sizes, got "
+            f"{np.unique(np.round(np.log(batch), 9)).size}"
+        )
+    y = np.log(s)
+    inv_b = 1.0 / batch
+
+    def profile(u: float) -> tuple[float, float]:
+        """(log S_min, residual sum of squares) at log B_crit = u."""
+        f = np.log1p(math.exp(u) * inv_b)
+        a = float(np.mean(y - f))
+        r = y - f - a
+        return a, float(r @ r)
+
+    lo = math.log(batch.min() / SEARCH_SPAN)
+    hi = math.log(batch.max() * SEARCH_SPAN)
+    grid = np.linspace(lo, hi, 801)
+    f = np.log1p(np.exp(grid)[:, None] * inv_b[None, :])
+    r = y[None, :] - f
+    r -= r.mean(axis=1, keepdims=True)
+    k = int(np.argmin(np.einsum("ij,ij->i", r, r)))
+    at_bound = "lower" if k == 0 else "upper" if k == grid.size - 1 else None
+    if at_bound:
+        u = float(grid[k])
+    else:
+        u = _golden_min(lambda v: profile(v)[1], float(grid[k - 1]), float(grid[k + 1]))
+    a, rss_min = profile(u)
+    s_min = math.exp(a)
+    b_crit = math.exp(u)
+    e_min = s_min * b_crit
+    n = s.size
+    sigma2 = rss_min / (n - 2)
+    if at_bound:
+        # At the edge of the search the curvature says nothing about the uncertainty.
+        log_cov = np.full((2, 2), np.inf)
+        log_b_crit_var = math.inf
+    else:
+        p = 1.0 / (1.0 + b_crit * inv_b)  # d log S_i / d log S_min; 1 − p is d/d log E_min
+        jac = np.column_stack([p, 1.0 - p])
+        log_cov = sigma2 * np.linalg.inv(jac.T @ jac)
+        log_b_crit_var = max(log_cov[0, 0] + log_cov[1, 1] - 2.0 * log_cov[0, 1], 0.0)
+    return ParetoFit(
+        s_min=s_min,
+        e_min=e_min,
+        b_crit=b_crit,
+        s_min_stderr=float(s_min * math.sqrt(log_cov[0, 0])),
+        e_min_stderr=float(e_min * math.sqrt(log_cov[1, 1])),
+        b_crit_stderr=float(b_crit * math.sqrt(log_b_crit_var)),
+        log_b_crit_stderr=math.sqrt(log_b_crit_var),
+        log_cov=log_cov,
+        residual_std=math.sqrt(sigma2),
+        n_points=n,
+        at_bound=at_bound,
+    )
+
+
+def _golden_min(f: Any, lo: float, hi: float, tol: float = 1e-10) -> float:
+    """Minimiser of a unimodal function on [lo, hi] by golden-section search."""
+    ratio = (math.sqrt(5.0) - 1.0) / 2.0
+    c = hi - ratio * (hi - lo)
+    d = lo + ratio * (hi - lo)
+    fc, fd = f(c), f(d)
+    while hi - lo > tol:
+        if fc < fd:
+            hi, d, fd = d, c, fc
+            c = hi - ratio * (hi - lo)
+            fc = f(c)
+        else:
+            lo, c, fc = c, d, fd
+            d = lo + ratio * (hi - lo)
+            fd = f(d)
+    return (lo + hi) / 2.0
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    """The fastest run at one batch size to one goal: a point of the Pareto front.
+
+    Attributes:
+        batch_size: the runs' batch size.
+        learning_rate: the learning rate of the fastest run.
+        run: its name.
+        steps: S, optimizer steps to the goal.
+        examples: E, examples processed to the goal.
+        b_simple: the run's B_simple averaged up to the goal (:func:`b_simple_average`), or
+            ``None`` when it has none.
+    """
+
+    batch_size: float
+    learning_rate: float
+    run: str
+    steps: float
+    examples: float
+    b_simple: float | None
+
+
+@dataclass(frozen=True)
+class GoalResult:
+    """The critical batch size at one goal.
+
+    Attributes:
+        goal: the loss or error level.
+        points: the Pareto front, one point per batch size that reached the goal, by batch size.
+        fit: the eq. 2.11 fit through them.
+        b_simple: the median over the points of their averaged B_simple, or ``None``.
+        warnings: caveats about this goal's numbers.
+    """
+
+    goal: float
+    points: tuple[ParetoPoint, ...]
+    fit: ParetoFit
+    b_simple: float | None
+    warnings: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (infinities become ``None``)."""
+        fit = self.fit
+        return {
+            "goal": self.goal,
+            "s_min": fit.s_min,
+            "s_min_stderr": _finite(fit.s_min_stderr),
+            "e_min": fit.e_min,
+            "e_min_stderr": _finite(fit.e_min_stderr),
+            "b_crit": fit.b_crit,
+            "b_crit_stderr": _finite(fit.b_crit_stderr),
+            "log_b_crit_stderr": _finite(fit.log_b_crit_stderr),
+            "b_crit_at_bound": fit.at_bound,
+            "residual_std": fit.residual_std,
+            "b_simple": self.b_simple,
+            "points": [
+                {
+                    "batch_size": p.batch_size,
+                    "learning_rate": p.learning_rate,
+                    "run": p.run,
+                    "steps": p.steps,
+                    "examples": p.examples,
+                    "steps_fit": fit.steps(p.examples / p.steps),
+                    "b_simple": p.b_simple,
+                }
+                for p in self.points
+            ],
+            "warnings": list(self.warnings),
+        }
+
+
+def pareto_points(runs: Sequence[Run], goal: float, *, decay: float) -> list[ParetoPoint]:
+    """The Pareto front at ``goal``: per batch size, the run that reaches it in fewest steps.
+
+    This is App. A.3's learning-rate selection: at each batch size the best learning rate is
+    chosen separately for each goal. Ties in steps go to fewer examples, then to the earlier run.
+    """
+    return _front([_SmoothedRun(r, decay) for r in runs], goal)
+
+
+def critical_batch_sizes(
+    runs: Sequence[Run], goals: Sequence[float], *, decay: float
+) -> list[GoalResult]:
+    """B_crit at each goal from a grid of runs (paper App. A.3, eq. 2.11–2.12).
+
+    Args:
+        runs: the grid of runs (several learning rates per batch size).
+        goals: metric levels (lower is better).
+        decay: the EMA decay used to smooth each curve before looking for a goal.
+
+    Raises:
+        NoiseScaleInputError: a goal no run reaches, or one fewer than three batch sizes reach.
+    """
+    smoothed = [_SmoothedRun(r, decay) for r in runs]
+    results = []
+    for goal in goals:
+        points = _front(smoothed, goal)
+        if not points:
+            best = min(float(r.smoothed.min()) for r in smoothed if r.smoothed.size)
+            raise NoiseScaleInputError(
+                f"no run reaches the goal {goal:g} (the best smoothed value is {best:.6g}); "
+                "choose a higher goal"
+            )
+        if len(points) < MIN_BATCH_SIZES:
+            raise NoiseScaleInputError(
+                f"only {len(points)} batch size(s) reach the goal {goal:g} "
+                f"({', '.join(f'{p.batch_size:g}' for p in points)}); a fit of eq. 2.11 needs "
+                f"at least {MIN_BATCH_SIZES}: choose a higher goal or add batch sizes"
+            )
+        fit = fit_pareto([p.steps for p in points], [p.examples for p in points])
+        values = [p.b_simple for p in points if p.b_simple is not None]
+        results.append(
+            GoalResult(
+                goal=float(goal),
+                points=tuple(points),
+                fit=fit,
+                b_simple=float(np.median(values)) if values else None,
+                warnings=tuple(_warnings(points, fit, smoothed, decay)),
+            )
+        )
+    return results
+
+
+def default_goals(runs: Sequence[Run], *, decay: float, count: int = 6) -> list[float]:
+    """Goals spread over the range the runs achieve, each reached by at least three batch sizes.
+
+    Per batch size take the best final smoothed value over learning rates; the goals are
+    ``count`` values spaced geometrically (linearly if a value is ≤ 0) strictly between the
+    worst and the best of these, at the midpoints of equal intervals, and those that fewer than
+    three batch sizes reach are dropped.
+
+    Raises:
+        NoiseScaleInputError: fewer than three batch sizes, or no goal that three reach.
+    """
+    smoothed = [_SmoothedRun(r, decay) for r in runs if r.metric.size]
+    finals: dict[float, float] = {}
+    for r in smoothed:
+        finals[r.run.batch_size] = min(finals.get(r.run.batch_size, math.inf), r.final)
+    if len(finals) < MIN_BATCH_SIZES:
+        raise NoiseScaleInputError(
+            f"the runs have {len(finals)} batch size(s); a fit of eq. 2.11 needs at least "
+            f"{MIN_BATCH_SIZES}"
+        )
+    hi, lo = max(finals.values()), min(finals.values())
+    fractions = (np.arange(count) + 0.5) / count
+    geometric = lo > 0
+    candidates = hi * (lo / hi) ** fractions if geometric else hi + (lo - hi) * fractions
+    goals = [float(g) for g in candidates if len(_front(smoothed, float(g))) >= MIN_BATCH_SIZES]
+    if not goals:
+        raise NoiseScaleInputError(
+            "no goal between the worst and best final values is reached by three batch sizes; "
+            "give goals with --goal"
+        )
+    return goals
+
+
+class _SmoothedRun:
+    """A run with its smoothed curve computed once for all goals."""
+
+    def __init__(self, run: Run, decay: float) -> None:
+        self.run = run
+        self.decay = decay
+        self.smoothed = ema_smoothed(run.metric, decay)
+        self.final = float(self.smoothed[-1]) if self.smoothed.size else math.inf
+
+    def point(self, goal: float) -> ParetoPoint | None:
+        run = self.run
+        crossing = goal_crossing(run.step, run.examples, self.smoothed, goal)
+        if crossing is None or crossing.step <= 0 or crossing.examples <= 0:
+            return None
+        b_simple = None
+        if run.b_simple is not None:
+            b_simple = b_simple_average(
+                run.step, run.b_simple, run.step_batch_sizes(), until_step=crossing.step
+            )
+        return ParetoPoint(
+            batch_size=run.batch_size,
+            learning_rate=run.learning_rate,
+            run=run.name,
+            steps=crossing.step,
+            examples=crossing.examples,
+            b_simple=b_simple,
+        )
+
+    def lag_steps(self) -> float:
+        """How far the EMA trails the curve, in steps: decay/(1 − decay) points × spacing."""
+        if self.run.step.size < 2:
+            return 0.0
+        return self.decay / (1.0 - self.decay) * float(np.median(np.diff(self.run.step)))
+
+
+def _front(smoothed: Sequence[_SmoothedRun], goal: float) -> list[ParetoPoint]:
+    best: dict[float, ParetoPoint] = {}
+    for r in smoothed:
+        p = r.point(goal)
+        if p is None:
+            continue
+        incumbent = best.get(p.batch_size)
+        if incumbent is None or (p.steps, p.examples) < (incumbent.steps, incumbent.examples):
+            best[p.batch_size] = p
+    return [best[b] for b in sorted(best)]
+
+
+def _warnings(
+    points: Sequence[ParetoPoint],
+    fit: ParetoFit,
+    smoothed: Sequence[_SmoothedRun],
+    decay: float,
+) -> list[str]:
+    out = []
+    if fit.at_bound == "lower":
+        out.append(
+            "steps to this goal do not fall with batch size: B_crit is below the search range "
+            "(every batch size here is far above it)"
+        )
+    elif fit.at_bound == "upper":
+        out.append(
+            "steps to this goal fall as 1/B at every batch size: B_crit is above the search "
+            "range (add larger batch sizes)"
+        )
+    by_name = {r.run.name: r for r in smoothed}
+    fastest = min(points, key=lambda p: p.steps)
+    lag = by_name[fastest.run].lag_steps()
+    if decay > 0 and lag > MAX_LAG_FRACTION * fastest.steps:
+        out.append(
+            f"the EMA (decay {decay:g}) trails the curve by ~{lag:.3g} steps, more than "
+            f"{MAX_LAG_FRACTION:.0%} of the {fastest.steps:.4g} steps the fastest run needs: "
+            "S_min is overestimated; lower --ema or record points more often"
+        )
+    batch_sizes = [p.batch_size for p in points]
+    if fit.at_bound is None and not min(batch_sizes) <= fit.b_crit <= max(batch_sizes):
+        out.append(
+            f"B_crit = {fit.b_crit:.3g} is outside the batch sizes measured "
+            f"({min(batch_sizes):g}–{max(batch_sizes):g}): an extrapolation"
+        )
+    return out
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None

@@ -1,0 +1,266 @@
+"""Tests of ``noisescale fit``: runs files in, B_crit per goal out (text, JSON, PNG, HTML)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from noisescale.cli import main
+from noisescale.sweep import critical_batch_sizes
+from noisescale.sweep.plot import pareto_html, pareto_plot_data
+from noisescale.sweep.synthetic import SyntheticModel
+
+MODEL = SyntheticModel(b_noise_start=20.0, b_noise_slope=1.0, loss_start=1.0, s_scale=50.0)
+BATCH_SIZES = [8, 32, 128, 512, 2048]
+LEARNING_RATES = [0.03, 0.1, 0.3]
+SLOWDOWN = {0.03: 2.0, 0.1: 1.0, 0.3: 1.4}
+
+
+def _rows(*, b_simple: bool = True, metric: str = "loss") -> list[dict[str, object]]:
+    # Goal 0.2 takes 3200 steps at batch size 8 with the best learning rate.
+    runs = MODEL.runs(BATCH_SIZES, LEARNING_RATES, steps=3500, every=5, slowdown=SLOWDOWN)
+    rows = []
+    for run in runs:
+        for i in range(run.step.size):
+            row: dict[str, object] = {
+                "run": run.name,
+                "batch_size": int(run.batch_size),
+                "learning_rate": run.learning_rate,
+                "step": int(run.step[i]),
+                metric: float(run.metric[i]),
+            }
+            if b_simple and run.b_simple is not None:
+                row["b_simple"] = float(run.b_simple[i])
+            rows.append(row)
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict[str, object]]) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_csv(tmp_path_factory.mktemp("fit") / "runs.csv", _rows())
+
+
+def _fit_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
+    assert main(["fit", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_json_gives_the_model_b_crit(runs_csv: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = _fit_json(capsys, str(runs_csv), "--goal", "0.5,0.3", "--goal", "0.2", "--ema", "0")
+    assert out["kind"] == "noisescale.fit" and out["metric"] == "loss"
+    assert [g["goal"] for g in out["goals"]] == [0.5, 0.3, 0.2]
+    for g in out["goals"]:
+        # Points every 5 steps, interpolated: S ≥ 51 steps is off by well under 1%.
+        assert g["b_crit"] == pytest.approx(MODEL.b_crit(g["goal"]), rel=5e-3)
+        assert g["s_min"] == pytest.approx(MODEL.s_min(g["goal"]), rel=5e-3)
+        assert g["e_min"] == pytest.approx(MODEL.e_min(g["goal"]), rel=5e-3)
+        assert g["b_crit_stderr"] is not None and g["b_crit_stderr"] < 0.01 * g["b_crit"]
+        assert [p["batch_size"] for p in g["points"]] == BATCH_SIZES
+        assert {p["learning_rate"] for p in g["points"]} == {0.1}
+        # B_simple at each record stands for the 5 steps before it (a right-endpoint sum of
+        # the D.1 integral): with S_min = 50 steps and B_noise growing 20 → 70 over them, the
+        # error is up to ~5/50 × (70 − 20)/2 ≈ 2.5, about 5% at goal 0.5.
+        assert g["b_simple"] == pytest.approx(MODEL.b_crit(g["goal"]), rel=0.05)
+
+
+def test_text_output_has_a_table_per_goal(
+    runs_csv: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["fit", str(runs_csv), "--goal", "0.5", "--goal", "0.2", "--ema", "0"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("B_crit = ") == 2
+    values = [float(v) for v in re.findall(r"B_crit = ([0-9.e+]+) ±", text)]
+    assert values == pytest.approx([MODEL.b_crit(0.5), MODEL.b_crit(0.2)], rel=5e-3)
+    assert "B_simple (D.1 average)" in text
+    for b in BATCH_SIZES:
+        assert f"\n  {b:>10g}  " in text
+
+
+def test_default_goals_span_the_achieved_range(
+    runs_csv: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _fit_json(capsys, str(runs_csv), "--goals", "5")
+    goals = [g["goal"] for g in out["goals"]]
+    assert 1 <= len(goals) <= 5
+    assert goals == sorted(goals, reverse=True)
+    assert all(len(g["points"]) >= 3 for g in out["goals"])
+
+
+def test_jsonl_and_csv_agree(
+    tmp_path: Path, runs_csv: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    jsonl = _write_jsonl(tmp_path / "runs.jsonl", _rows())
+    a = _fit_json(capsys, str(runs_csv), "--goal", "0.2")
+    b = _fit_json(capsys, str(jsonl), "--goal", "0.2")
+    assert a["goals"][0]["b_crit"] == pytest.approx(b["goals"][0]["b_crit"], rel=1e-12)
+
+
+def test_error_metric_and_no_b_simple(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write_csv(tmp_path / "err.csv", _rows(b_simple=False, metric="error"))
+    out = _fit_json(capsys, str(path), "--metric", "error", "--goal", "0.2", "--ema", "0")
+    assert out["metric"] == "error"
+    assert out["goals"][0]["b_crit"] == pytest.approx(MODEL.b_crit(0.2), rel=5e-3)
+    assert out["goals"][0]["b_simple"] is None
+    assert main(["fit", str(path), "--goal", "0.2"]) == 2
+    assert "missing column(s) loss" in capsys.readouterr().err
+
+
+def test_examples_column_is_used_for_e(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Same curves, but every run reports twice the examples: E_min doubles, S_min does not.
+    rows = _rows(b_simple=False)
+    for row in rows:
+        row["examples"] = 2 * int(row["batch_size"]) * int(row["step"])  # type: ignore[call-overload]
+    path = _write_csv(tmp_path / "ex.csv", rows)
+    out = _fit_json(capsys, str(path), "--goal", "0.2", "--ema", "0")
+    assert out["goals"][0]["s_min"] == pytest.approx(MODEL.s_min(0.2), rel=5e-3)
+    assert out["goals"][0]["e_min"] == pytest.approx(2 * MODEL.e_min(0.2), rel=5e-3)
+
+
+def test_html_and_png_outputs(
+    tmp_path: Path, runs_csv: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    html_path, png_path = tmp_path / "pareto.html", tmp_path / "pareto.png"
+    args = ["fit", str(runs_csv), "--goal", "0.5,0.2", "-o", str(html_path), "-o", str(png_path)]
+    assert main(args) == 0
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = html_path.read_text()
+    assert "<script" not in page and "src=" not in page and "href=" not in page
+    svgs = [page[page.index("<svg", i) : page.index("</svg>", i) + 6] for i in _svg_starts(page)]
+    assert len(svgs) == 2
+    front = ET.fromstring(svgs[0])
+    ns = "{http://www.w3.org/2000/svg}"
+    points = [c for c in front.iter(f"{ns}circle") if c.get("class") == "point"]
+    assert len(points) == 2 * len(BATCH_SIZES)
+    fits = [c for c in front.iter(f"{ns}polyline") if c.get("class") == "fit"]
+    assert len(fits) == 2
+    crit = ET.fromstring(svgs[1])
+    assert len([c for c in crit.iter(f"{ns}circle") if c.get("class") == "b-crit"]) == 2
+    assert len([c for c in crit.iter(f"{ns}rect") if c.get("class") == "b-simple"]) == 2
+
+
+def _svg_starts(page: str) -> list[int]:
+    starts, i = [], page.find("<svg")
+    while i != -1:
+        starts.append(i)
+        i = page.find("<svg", i + 1)
+    return starts
+
+
+def test_plot_data_curves_are_the_fitted_hyperbola() -> None:
+    runs = MODEL.runs(BATCH_SIZES, steps=8000)
+    results = critical_batch_sizes(runs, [0.5, 0.2], decay=0.0)
+    data = pareto_plot_data(results)
+    for g, result in zip(data["goals"], results, strict=True):
+        s = np.array(g["curve"]["steps"]) / result.fit.s_min
+        e = np.array(g["curve"]["examples"]) / result.fit.e_min
+        np.testing.assert_allclose((s - 1) * (e - 1), 1.0, rtol=1e-9)  # eq. 2.11
+        assert g["b_crit_point"] == pytest.approx((2 * result.fit.s_min, 2 * result.fit.e_min))
+        assert [p["steps"] for p in g["points"]] == [p.steps for p in result.points]
+    assert "<svg" in pareto_html(results, title="t")
+
+
+def test_python_dash_m_entry_point(runs_csv: Path) -> None:
+    args = ["fit", str(runs_csv), "--goal", "0.2", "--ema", "0", "--json"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "noisescale", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["goals"][0]["b_crit"] == pytest.approx(120.0, rel=5e-3)
+
+
+# --- bad input: message and exit code 2 ----------------------------------------------------------
+
+
+def _fails(capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
+    assert main(["fit", *args]) == 2
+    err = capsys.readouterr().err
+    assert "noisescale fit: error:" in err and message in err, err
+
+
+def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _fails(capsys, [str(tmp_path / "nope.csv")], "no such runs file")
+
+
+def test_empty_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty.csv").write_text("")
+    _fails(capsys, [str(tmp_path / "empty.csv")], "is empty")
+    (tmp_path / "header.csv").write_text("run,batch_size,learning_rate,step,loss\n")
+    _fails(capsys, [str(tmp_path / "header.csv")], "no rows")
+
+
+def test_missing_columns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "cols.csv").write_text("run,batch_size,step,loss\na,8,1,0.5\n")
+    _fails(capsys, [str(tmp_path / "cols.csv")], "missing column(s) learning_rate")
+
+
+def test_non_numeric_value(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "bad.csv").write_text(
+        "run,batch_size,learning_rate,step,loss\na,8,0.1,1,0.5\na,8,0.1,2,low\n"
+    )
+    _fails(capsys, [str(tmp_path / "bad.csv")], "line 3: loss is not a number: 'low'")
+    (tmp_path / "bad.jsonl").write_text(
+        '{"run": "a", "batch_size": "eight", "learning_rate": 0.1, "step": 1, "loss": 0.5}\n'
+    )
+    _fails(capsys, [str(tmp_path / "bad.jsonl")], "line 1: batch_size is not a number")
+
+
+def test_goal_no_run_reaches(runs_csv: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _fails(capsys, [str(runs_csv), "--goal", "1e-6"], "no run reaches the goal 1e-06")
+
+
+def test_fewer_than_three_batch_sizes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [r for r in _rows() if r["batch_size"] in (8, 32)]
+    path = _write_csv(tmp_path / "two.csv", rows)
+    _fails(capsys, [str(path)], "needs at least 3")
+    _fails(capsys, [str(path), "--goal", "0.5"], "only 2 batch size(s) reach the goal 0.5")
+
+
+def test_bad_options(runs_csv: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _fails(capsys, [str(runs_csv), "-o", "pareto.pdf"], "use a .png or .html")
+    _fails(capsys, [str(runs_csv), "--ema", "1.5"], "--ema must be in [0, 1)")
+    _fails(capsys, [str(runs_csv), "--goal", "x"], "--goal 'x' is not a number")
+
+
+def test_inconsistent_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "mixed.csv").write_text(
+        "run,batch_size,learning_rate,step,loss\na,8,0.1,1,0.5\na,16,0.1,2,0.4\n"
+    )
+    _fails(capsys, [str(tmp_path / "mixed.csv")], "run 'a' changes batch_size")
+
+
+def test_nan_loss_is_a_divergence_not_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = _rows(b_simple=False)
+    # The lr=0.3 runs blow up at step 20: they drop out of later goals, the fit is unchanged.
+    for row in rows:
+        if row["learning_rate"] == 0.3 and int(row["step"]) >= 20:  # type: ignore[call-overload]
+            row["loss"] = math.nan
+    path = _write_csv(tmp_path / "nan.csv", rows)
+    out = _fit_json(capsys, str(path), "--goal", "0.2", "--ema", "0")
+    assert out["goals"][0]["b_crit"] == pytest.approx(MODEL.b_crit(0.2), rel=5e-3)
