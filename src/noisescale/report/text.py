@@ -2,14 +2,15 @@
 
 ``format_number`` is Python's ``format(x, ".4g")``; :data:`TEXT_JS` defines JavaScript functions
 ``formatNumber``, ``formatBatchSize``, ``formatCount`` and ``summarySentence`` that produce the
-same strings as their Python namesakes, so the pages read exactly like ``noisescale calc``. (They
-can differ only when a value lies exactly halfway between two roundings: Python rounds half to
-even, JavaScript half up.)
+same strings as their Python namesakes, so the pages read exactly like ``noisescale calc``. (The
+number formats can differ only when a value lies exactly halfway between two 4-digit roundings:
+Python rounds half to even, JavaScript half up.)
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 SIGNIFICANT_DIGITS = 4
 
@@ -35,8 +36,12 @@ def format_batch_size(b: float) -> str:
 
 
 def format_count(x: float) -> str:
-    """A count of steps or examples, rounded, with thousands separators (``1,234,567``)."""
-    return f"{round(float(x)):,}"
+    """A count of steps or examples, rounded, with thousands separators (``1,234,567``).
+
+    Rounds halves up, as JavaScript's ``Math.round`` does (``round`` would round half to even).
+    """
+    whole = math.floor(x)
+    return f"{whole + (1 if x - whole >= 0.5 else 0):,}"
 
 
 def summary_sentence(batch_size: float, steps_over_min: float, examples_over_min: float) -> str:
