@@ -32,7 +32,8 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,9 @@ class _PendingStep:
     lr: float | None
     examples: int
     scale: float
+    # per parameter group: (|G_big|² [groups], source -> |G_small|² [small batches, groups])
+    groups: tuple[Tensor, dict[str, Tensor]] | None = None
+    preconditioned: bool | None = None  # None: no preconditioner asked for
 
 
 class GradientNoiseTracker:
@@ -85,6 +89,18 @@ class GradientNoiseTracker:
             sync, so an interrupted run keeps what was measured).
         sync_every: Steps between host reads of the device statistics.
         fallback: Allow the torch.func fallback for modules without a closed-form norm.
+        precondition: An Adam, AdamW or RMSprop optimizer: measure the noise scale of the
+            preconditioned gradient P ⊙ g with P = 1/(√v̂ + ε) from its second-moment state
+            (paper footnote 7, App. E.2), in the big batch and every small-batch source alike.
+            Until the optimizer has state (before its first step) norms are plain, the history
+            says ``"preconditioned": false``, and the averages restart at the first
+            preconditioned step. Per-example norms then materialise each Linear/conv
+            per-example weight gradient (N·O·I elements per layer, in bounded chunks).
+        groups: Also report B_simple per parameter group (:meth:`estimate_groups`, history key
+            ``"groups"``): ``True`` or ``"children"`` (each top-level child module),
+            ``"param_groups"`` (the optimizer's), or a mapping ``{name: [parameters, modules or
+            their names]}``; parameters left out form ``"(other)"``. Per step, the groups' g2
+            and tr Σ add up to the total's.
     """
 
     def __init__(
@@ -101,6 +117,8 @@ class GradientNoiseTracker:
         history_path: str | Path | None = None,
         sync_every: int = 32,
         fallback: bool = True,
+        precondition: torch.optim.Optimizer | None = None,
+        groups: bool | str | Mapping[str, Any] | None = None,
     ) -> None:
         if loss_reduction not in LOSS_REDUCTIONS:
             raise NoiseScaleInputError(
@@ -125,7 +143,26 @@ class GradientNoiseTracker:
         self.optimizer = optimizer
         self.sync_every = sync_every
         self.history_path = Path(history_path) if history_path is not None else None
-        self.engine = PerExampleNorms(model, per_example=per_example, fallback=fallback)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.precondition = precondition
+        if precondition is not None:
+            _check_preconditioner(model, precondition, trainable)
+            if optimizer is None:
+                optimizer = self.optimizer = precondition
+        self._group_names, group_params = _parameter_groups(model, groups, optimizer, trainable)
+        group_of = {id(p): g for g, ps in enumerate(group_params) for p in ps}
+        self._group_index = [group_of[id(p)] for p in trainable] if group_params else []
+        self._group_states = {n: est.init_state(beta) for n in self._group_names}
+        self._weights: dict[int, Tensor] | None = None
+        self._weights_step = -1
+        self._preconditioned_from: int | None = None
+        self.engine = PerExampleNorms(
+            model,
+            per_example=per_example,
+            fallback=fallback,
+            groups=group_params or None,
+            precondition=self._preconditioner_weights if precondition is not None else None,
+        )
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._state = est.init_state(beta)
         self._combiner: dict[str, est.CombinerState] = {}
@@ -165,7 +202,8 @@ class GradientNoiseTracker:
         sum_c2 = sum(n * c * c for n, c in zip(sizes, coef, strict=True))
         b_big = sum_c * sum_c / sum_c2
         grad_scale = 1.0 if grads_unscaled else scale
-        sqnorm_big = self._grad_sqnorm() / (grad_scale * sum_c) ** 2
+        weights = passes[0].weights
+        sqnorm_big = self._grad_sqnorm(weights) / (grad_scale * sum_c) ** 2
 
         sources: dict[str, tuple[list[float], Tensor]] = {}
         with torch.no_grad():
@@ -195,12 +233,31 @@ class GradientNoiseTracker:
                 "be separated from the gradient (small batch = big batch); the step is skipped. "
                 "Use more than one example per step or accumulate several micro-batches.",
             )
+        if self.precondition is not None and weights is None:
+            self._warn_once(
+                "not-preconditioned",
+                "the optimizer has no second-moment state yet (before its first step), so this "
+                "step's norms are not preconditioned; the estimate restarts at the first "
+                "preconditioned step",
+            )
+        groups = self._group_sources(
+            passes, sizes, coef, scale, b_big, grad_scale * sum_c, weights, sources
+        )
         if lr is None and self.optimizer is not None:
             lr = float(self.optimizer.param_groups[0]["lr"])
         loss_value = loss.detach() if isinstance(loss, Tensor) else loss
         self._pending.append(
             _PendingStep(
-                self.steps, b_big, sqnorm_big, sources, loss_value, lr, self.examples, scale
+                self.steps,
+                b_big,
+                sqnorm_big,
+                sources,
+                loss_value,
+                lr,
+                self.examples,
+                scale,
+                groups,
+                None if self.precondition is None else weights is not None,
             )
         )
         if len(self._pending) >= self.sync_every:
@@ -210,6 +267,19 @@ class GradientNoiseTracker:
         """B_simple with its interval, |G|², tr Σ and the number of steps used (App. A.1)."""
         self.sync()
         return est.b_simple_interval(self._state, self.confidence)
+
+    def estimate_groups(self) -> dict[str, est.NoiseEstimate]:
+        """B_simple of each parameter group (``groups=``): eq. A.2 with the group's own norms.
+
+        A group's big batch is its part of the step's gradient, its small batches the same
+        examples' gradients restricted to the group.
+        """
+        self.sync()
+        return {n: est.b_simple_interval(s, self.confidence) for n, s in self._group_states.items()}
+
+    def paused(self) -> AbstractContextManager[None]:
+        """A block whose forward/backward passes are not part of training (e.g. B_noise HVPs)."""
+        return self.engine.paused()
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -240,6 +310,11 @@ class GradientNoiseTracker:
             flat.extend(v.reshape(-1).float() for _, v in p.sources.values())
             if isinstance(p.loss, Tensor):
                 flat.append(p.loss.reshape(1).float())
+        group_pos = sum(f.numel() for f in flat)
+        for p in pending:
+            if p.groups is not None:
+                flat.append(p.groups[0].reshape(-1).float())
+                flat.extend(v.reshape(-1).float() for v in p.groups[1].values())
         values = torch.cat([f.to(flat[0].device) for f in flat]).cpu().numpy().astype(float)
         records = []
         pos = 0
@@ -261,7 +336,14 @@ class GradientNoiseTracker:
             if isinstance(loss, Tensor):
                 loss = float(values[pos])
                 pos += 1
-            records.append(self._fold(p, sqnorm_big, per_source, raw, loss))
+            group_values, group_pos = _read_groups(p, values, group_pos)
+            group_est = self._group_estimates(p, per_source, group_values)
+            self._start_preconditioning(p)
+            record = self._fold(p, sqnorm_big, per_source, raw, loss)
+            self._fold_groups(record, group_est)
+            if p.preconditioned is not None:
+                record["preconditioned"] = p.preconditioned
+            records.append(record)
         self._history.extend(records)
         if self.history_path is not None:
             self._write_lines(records)
@@ -321,9 +403,130 @@ class GradientNoiseTracker:
         self._combiner[key] = est.update_combiner(comb, pairs[:, 0], pairs[:, 1])
         return float(w_g2 @ pairs[:, 0]), float(w_tr @ pairs[:, 1])
 
+    # -- parameter groups and preconditioning -------------------------------------------------
+
+    def _preconditioner_weights(self) -> dict[int, Tensor] | None:
+        """P² for the passes of the current step (the state cannot change before its end)."""
+        if self._weights_step != self.steps:
+            assert self.precondition is not None
+            self._weights = preconditioner_weights(self.precondition, self._params)
+            self._weights_step = self.steps
+        return self._weights
+
+    def _start_preconditioning(self, p: _PendingStep) -> None:
+        # plain and preconditioned norms measure different quantities: never average them
+        if p.preconditioned and self._preconditioned_from is None:
+            self._preconditioned_from = p.step
+            beta = self._state.beta
+            self._state = est.init_state(beta)
+            self._combiner.clear()
+            self._group_states = {n: est.init_state(beta) for n in self._group_states}
+
+    def _group_sources(
+        self,
+        passes: list[Any],
+        sizes: list[int],
+        coef: list[float],
+        scale: float,
+        b_big: float,
+        big_divisor: float,
+        weights: dict[int, Tensor] | None,
+        sources: dict[str, tuple[list[float], Tensor]],
+    ) -> tuple[Tensor, dict[str, Tensor]] | None:
+        """The step's norms split by parameter group, normalised exactly as the total's."""
+        if not self._group_names:
+            return None
+        out: dict[str, Tensor] = {}
+        with torch.no_grad():
+            big = self._group_grad_sqnorms(weights) / big_divisor**2
+            if "per_example" in sources:
+                per_ex = [
+                    p.group_sqnorms / (scale * c) ** 2
+                    for p, c in zip(passes, coef, strict=True)
+                    if p.group_sqnorms is not None
+                ]
+                out["per_example"] = torch.cat(per_ex).mean(0, keepdim=True)
+            if "microbatch" in sources:
+                out["microbatch"] = torch.stack(
+                    [
+                        p.group_grad_sqnorm / (scale * n * c) ** 2
+                        for p, n, c in zip(passes, sizes, coef, strict=True)
+                        if p.group_grad_sqnorm is not None and n < b_big
+                    ]
+                )
+        return big, out
+
+    def _group_estimates(
+        self,
+        p: _PendingStep,
+        per_source: dict[str, tuple[float, float]],
+        read: tuple[np.ndarray, dict[str, np.ndarray]] | None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Per group: (|G_big|², g2, tr Σ) by eq. A.2, combined with the total's source weights.
+
+        The weights are the ones the total uses for this step (read before it updates them), so
+        the groups' g2 and tr Σ add up to the total's exactly.
+        """
+        if read is None:
+            return None
+        big, small = read
+        names = sorted(per_source)
+        g2, tr = np.full_like(big, math.nan), np.full_like(big, math.nan)
+        if not names or any(n not in small for n in names):
+            return big, g2, tr
+        w_g2, w_tr = np.ones(1), np.ones(1)
+        if len(names) > 1:
+            comb = self._combiner.get(",".join(names)) or est.init_combiner(
+                len(names), self._state.beta
+            )
+            w_g2, w_tr = est.combiner_weights(comb)
+        g2, tr = np.zeros_like(big), np.zeros_like(big)
+        for wg, wt, name in zip(w_g2, w_tr, names, strict=True):
+            b_small = np.asarray(p.sources[name][0], dtype=float)[:, None]
+            g, t = est.unbiased_g2_trace(b_small, small[name], p.b_big, big[None, :])
+            g2 += wg * g.mean(0)
+            tr += wt * t.mean(0)
+        return big, g2, tr
+
+    def _fold_groups(
+        self, record: dict[str, Any], group_est: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+    ) -> None:
+        if group_est is None:
+            return
+        big, g2, tr = group_est
+        skipped = record["skipped"] or not np.all(np.isfinite(g2) & np.isfinite(tr))
+        out: dict[str, dict[str, Any]] = {}
+        for i, name in enumerate(self._group_names):
+            if not skipped:
+                self._group_states[name] = est.update_state(self._group_states[name], g2[i], tr[i])
+            e = est.b_simple_interval(self._group_states[name], self.confidence)
+            out[name] = {
+                "sqnorm_big": float(big[i]),
+                "g2": math.nan if skipped else float(g2[i]),
+                "trace_sigma": math.nan if skipped else float(tr[i]),
+                "g2_ema": e.g2,
+                "trace_sigma_ema": e.trace_sigma,
+                "b_simple": e.b_simple,
+                "b_simple_low": e.low,
+                "b_simple_high": e.high,
+            }
+        record["groups"] = out
+
+    def _group_grad_sqnorms(self, weights: dict[int, Tensor] | None) -> Tensor:
+        with torch.no_grad():
+            sq, index = [], []
+            for p, g in zip(self._params, self._group_index, strict=True):
+                if p.grad is not None:
+                    grad = p.grad.detach().float().pow(2)
+                    sq.append(grad.sum() if weights is None else (grad * weights[id(p)]).sum())
+                    index.append(g)
+            values = torch.stack(sq)
+            idx = torch.tensor(index, device=values.device)
+            return values.new_zeros(len(self._group_names)).index_add_(0, idx, values)
+
     # -- helpers ------------------------------------------------------------------------------
 
-    def _grad_sqnorm(self) -> Tensor:
+    def _grad_sqnorm(self, weights: dict[int, Tensor] | None = None) -> Tensor:
         grads = [p.grad for p in self._params if p.grad is not None]
         if not grads:
             raise NoiseScaleInputError(
@@ -331,6 +534,14 @@ class GradientNoiseTracker:
                 "before optimizer.zero_grad()"
             )
         with torch.no_grad():
+            if weights is not None:
+                return torch.stack(
+                    [
+                        (p.grad.detach().float().pow(2) * weights[id(p)]).sum()
+                        for p in self._params
+                        if p.grad is not None
+                    ]
+                ).sum()
             norms = torch._foreach_norm([g.detach() for g in grads])
             return torch.stack([n.float() for n in norms]).pow(2).sum()
 
@@ -392,6 +603,8 @@ class GradientNoiseTracker:
             "examples": self.examples,
             "loss_reduction": self.loss_reduction,
             "confidence": self.confidence,
+            "group_states": {n: _json_safe(s._asdict()) for n, s in self._group_states.items()},
+            "preconditioned_from": self._preconditioned_from,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -415,6 +628,14 @@ class GradientNoiseTracker:
         self.skipped_steps = int(state["skipped_steps"])
         self.examples = int(state["examples"])
         self.confidence = float(state["confidence"])
+        saved_groups = state.get("group_states", {})
+        if set(saved_groups) != set(self._group_states):
+            raise NoiseScaleInputError(
+                f"the checkpoint has parameter groups {sorted(saved_groups)} but this tracker "
+                f"has {sorted(self._group_states)}; construct it with the same groups="
+            )
+        self._group_states = {n: est.NoiseScaleState(**v) for n, v in saved_groups.items()}
+        self._preconditioned_from = state.get("preconditioned_from")
 
 
 def _json_safe(x: Any) -> Any:
@@ -429,3 +650,157 @@ def _json_safe(x: Any) -> Any:
     if isinstance(x, np.generic):
         return _json_safe(x.item())
     return x
+
+
+def _read_groups(
+    p: _PendingStep, values: np.ndarray, pos: int
+) -> tuple[tuple[np.ndarray, dict[str, np.ndarray]] | None, int]:
+    """This step's per-group norms from the flat host copy, and the position after them."""
+    if p.groups is None:
+        return None, pos
+    big_t, small_t = p.groups
+    big = values[pos : pos + big_t.numel()]
+    pos += big_t.numel()
+    small = {}
+    for name, t in small_t.items():
+        small[name] = values[pos : pos + t.numel()].reshape(tuple(t.shape))
+        pos += t.numel()
+    return (big, small), pos
+
+
+_PRECONDITIONERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
+
+
+def _check_preconditioner(
+    model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]
+) -> None:
+    if not isinstance(optimizer, _PRECONDITIONERS):
+        raise NoiseScaleInputError(
+            f"precondition= takes an Adam, AdamW or RMSprop optimizer (whose second-moment "
+            f"state gives the preconditioner), got {type(optimizer).__name__}"
+        )
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    missing = sorted(names.get(id(p), "?") for p in params if id(p) not in held)
+    if missing:
+        raise NoiseScaleInputError(
+            f"parameters {missing} are trainable but not in the precondition optimizer, so they "
+            "have no preconditioner; freeze them or add them to the optimizer"
+        )
+
+
+def preconditioner_weights(
+    optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]
+) -> dict[int, Tensor] | None:
+    """P² = (√v̂ + ε)⁻² per parameter id: the square of the optimizer's elementwise preconditioner.
+
+    Adam/AdamW divide the (momentum of the) gradient by √v̂ + ε with v̂ = v/(1 − β₂ᵗ) the
+    bias-corrected second moment (``max_exp_avg_sq`` with amsgrad); RMSprop by √v + ε (v minus
+    the squared mean gradient when centered). The state read is the one left by the previous
+    ``optimizer.step()``, fixed while this step's gradients are drawn, so the preconditioned
+    norms stay unbiased for |P ⊙ G|² and tr(PΣP). ``None`` while any parameter has no state.
+    """
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    out: dict[int, Tensor] = {}
+    with torch.no_grad():
+        for p in params:
+            group = group_of[id(p)]
+            state = optimizer.state.get(p)
+            if not state or float(state.get("step", 0)) == 0:
+                return None
+            if isinstance(optimizer, torch.optim.RMSprop):
+                v = state["square_avg"]
+                if group["centered"]:
+                    v = v.addcmul(state["grad_avg"], state["grad_avg"], value=-1)
+                denom = v.float().sqrt() + group["eps"]
+            else:
+                v = state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]
+                correction = 1.0 - group["betas"][1] ** float(state["step"])
+                denom = (v.float() / correction).sqrt() + group["eps"]
+            out[id(p)] = denom.pow(-2)
+    return out
+
+
+def _parameter_groups(
+    model: nn.Module,
+    groups: bool | str | Mapping[str, Any] | None,
+    optimizer: torch.optim.Optimizer | None,
+    params: list[nn.Parameter],
+) -> tuple[list[str], list[list[nn.Parameter]]]:
+    """Names and members of the parameter groups: a partition of the trainable ``params``."""
+    if groups is None or groups is False:
+        return [], []
+    tracked = {id(p) for p in params}
+    names = {id(p): n for n, p in model.named_parameters()}
+    owner: dict[int, str] = {}
+    members: dict[str, list[nn.Parameter]] = {}
+
+    def put(group: str, p: nn.Parameter, *, shared_ok: bool) -> None:
+        if id(p) not in tracked:
+            return
+        if id(p) in owner:
+            if owner[id(p)] != group and not shared_ok:
+                raise NoiseScaleInputError(
+                    f"parameter '{names.get(id(p), '?')}' is in groups {owner[id(p)]!r} and "
+                    f"{group!r}; each parameter must be in one group"
+                )
+            return
+        owner[id(p)] = group
+        members.setdefault(group, []).append(p)
+
+    if groups is True or groups == "children":
+        root = model
+        # a DistributedDataParallel-style wrapper holds the real model as its only child
+        while (
+            isinstance(getattr(root, "module", None), nn.Module) and len(list(root.children())) == 1
+        ):
+            root = root.module
+        for name, child in root.named_children():
+            for p in child.parameters():
+                put(name, p, shared_ok=True)  # a tied parameter belongs to its first user
+        for p in root.parameters(recurse=False):
+            put("(top)", p, shared_ok=True)
+    elif groups == "param_groups":
+        if optimizer is None:
+            raise NoiseScaleInputError(
+                "groups='param_groups' needs the optimizer: pass optimizer= or precondition="
+            )
+        for i, g in enumerate(optimizer.param_groups):
+            for p in g["params"]:
+                put(str(g.get("name", f"param_group_{i}")), p, shared_ok=False)
+    elif isinstance(groups, Mapping):
+        modules = dict(model.named_modules())
+        by_name = dict(model.named_parameters())
+        for group, spec in groups.items():
+            items = [spec] if isinstance(spec, str | nn.Module | Tensor) else list(spec)
+            for item in items:
+                if isinstance(item, str):
+                    if item not in by_name and item not in modules:
+                        raise NoiseScaleInputError(
+                            f"group {group!r}: {item!r} names no parameter or module of the model"
+                        )
+                    item = by_name.get(item, modules.get(item))
+                if isinstance(item, nn.Module):
+                    for p in item.parameters():
+                        put(str(group), p, shared_ok=False)
+                elif isinstance(item, Tensor):
+                    if id(item) not in tracked:
+                        raise NoiseScaleInputError(
+                            f"group {group!r} holds a tensor that is not a trainable parameter "
+                            "of the model"
+                        )
+                    put(str(group), item, shared_ok=False)
+                else:
+                    raise NoiseScaleInputError(
+                        f"group {group!r}: expected parameters, modules or their names, got "
+                        f"{type(item).__name__}"
+                    )
+    else:
+        raise NoiseScaleInputError(
+            "groups must be True, 'children', 'param_groups' or a mapping {name: [parameters, "
+            f"modules or names]}}, got {groups!r}"
+        )
+    rest = [p for p in params if id(p) not in owner]
+    if rest:
+        members.setdefault("(other)", []).extend(rest)
+    return list(members), list(members.values())

@@ -1,0 +1,692 @@
+"""The Hessian-weighted noise scale B_noise = tr(HΣ)/GᵀHG (paper eq. 2.8) and its line-search check.
+
+B_simple = tr(Σ)/|G|² (eq. 2.9) is B_noise under the assumption that the Hessian is a multiple of
+the identity. This module measures the real thing without ever forming H:
+
+* :func:`measure_b_noise` — unbiased single-step estimates of GᵀHG and tr(HΣ) from the gradients of
+  k ≥ 2 disjoint parts of a batch and Hessian-vector products (double backward) on an
+  *independent* batch. :class:`BNoiseTracker` averages them across steps (optionally every k-th
+  step) into B_noise with a confidence interval, exactly as the tracker does for B_simple.
+* :func:`line_search` / :func:`measure_delta_l_opt` — the paper's own method (sec. 2.2): the best
+  loss improvement ΔL_opt(B) along gradients of batches of size B, found by line searches on a
+  held-out batch, then :func:`fit_delta_l_opt` fits eq. 2.7, ΔL_opt = ΔL_max/(1 + B_noise/B).
+
+Why the quadratic forms are unbiased. Let G_1..G_k be the mean gradients of k disjoint parts of a
+batch, with n_i examples each, and H_h the Hessian of the mean loss on a further batch h,
+independent of the k parts. By eq. 2.2, E[G_i] = G and cov(G_i, G_j) = δ_ij Σ/n_i, so for a fixed
+matrix A, E[G_iᵀ A G_j] = GᵀAG + δ_ij tr(AΣ)/n_i. H is the Hessian of the *full-data* loss; H_h is
+an unbiased estimate of it (E[H_h] = H) that is independent of every G_i, hence
+E[G_iᵀ H_h G_j] = E[G_iᵀ E[H_h] G_j] = GᵀHG + δ_ij tr(HΣ)/n_i. Writing q_ij = G_iᵀ H_h G_j,
+
+    GᵀHG   ≈ mean_{i≠j} q_ij                      (cross terms: no noise bias)
+    tr(HΣ) ≈ mean_i n_i (q_ii − mean_{i≠j} q_ij)   (the excess of the own terms)
+
+are unbiased; for equal parts they are paper eq. A.2 with b_small = n (the parts' own quadratic
+forms) and b_big = k·n (the whole batch's, q_big = mean_ij q_ij). Taking H from the same examples
+as the G_i would not be: a per-example Hessian correlates with that example's gradient (for a
+cross-entropy, confidently right examples have both a small gradient and a small Hessian). The same
+pairs with the identity for H give |G|² and tr(Σ), so B_simple comes out of the same gradients.
+
+Cost: the k part gradients cost one forward and backward pass over the batch (in k pieces); the
+Hessian batch costs one forward, one backward with ``create_graph=True`` and k double-backward
+passes. On the CPU MLP of ``experiments/beyond`` a measurement costs about 2–3 training steps
+(see ``docs/beyond_b_simple.md``); measure every few steps with ``every=``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike
+from torch import Tensor, nn
+
+from noisescale import estimators as est
+from noisescale.errors import NoiseScaleInputError
+
+__all__ = [
+    "BNoiseEstimate",
+    "BNoiseTracker",
+    "DeltaLCurve",
+    "LineSearch",
+    "batch_size",
+    "fit_delta_l_opt",
+    "line_search",
+    "measure_b_noise",
+    "measure_delta_l_opt",
+    "split_batch",
+]
+
+Batch = Tensor | Sequence[Any] | Mapping[str, Any]
+LossFn = Callable[[nn.Module, Any], Tensor]
+"""``loss_fn(model, batch)`` returns the *mean* loss over the batch's examples (a 0-d tensor)."""
+
+
+class _Pausable(Protocol):
+    def paused(self) -> AbstractContextManager[None]: ...
+
+
+# -- batches ----------------------------------------------------------------------------------
+
+
+def batch_size(batch: Batch) -> int:
+    """Examples in a batch: dim 0 of its first tensor (a tensor, a sequence or a mapping)."""
+    if isinstance(batch, Tensor):
+        if batch.dim() == 0:
+            raise NoiseScaleInputError("a batch must have an example dimension (dim 0)")
+        return int(batch.shape[0])
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    for v in values:
+        if isinstance(v, Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    raise NoiseScaleInputError(
+        "the batch holds no tensor with an example dimension; pass a tensor, a tuple of tensors "
+        "or a dict of tensors whose dim 0 counts the examples"
+    )
+
+
+def split_batch(batch: Batch, k: int) -> list[Batch]:
+    """Split a batch into ``k`` disjoint parts along dim 0 (sizes differ by at most one).
+
+    Tensors whose dim 0 is the batch size are split; anything else (a scalar, a shared tensor) is
+    passed to every part unchanged.
+    """
+    n = batch_size(batch)
+    if not 1 <= k <= n:
+        raise NoiseScaleInputError(f"cannot split a batch of {n} examples into {k} parts")
+
+    def parts(v: Any) -> list[Any]:
+        if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n:
+            return list(torch.tensor_split(v, k))
+        return [v] * k
+
+    if isinstance(batch, Tensor):
+        return parts(batch)
+    if isinstance(batch, Mapping):
+        split = {key: parts(v) for key, v in batch.items()}
+        return [{key: split[key][j] for key in batch} for j in range(k)]
+    columns = [parts(v) for v in batch]
+    return [type(batch)(col[j] for col in columns) for j in range(k)]  # type: ignore[call-arg]
+
+
+# -- one measurement --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BNoiseEstimate:
+    """B_noise (eq. 2.8) and B_simple (eq. 2.9) from the same gradients, with their parts.
+
+    Attributes:
+        b_noise: tr(HΣ)/GᵀHG in examples; ``nan`` while the (averaged) GᵀHG ≤ 0.
+        low: Lower end of the confidence interval for B_noise (``nan`` with one measurement).
+        high: Upper end (``inf`` when GᵀHG is not yet distinguishable from zero).
+        ghg: Unbiased estimate of GᵀHG.
+        trace_h_sigma: Unbiased estimate of tr(HΣ).
+        b_simple: tr(Σ)/|G|² from the same part gradients.
+        b_simple_low: Lower end of the B_simple interval.
+        b_simple_high: Upper end of the B_simple interval.
+        g2: Unbiased estimate of |G|².
+        trace_sigma: Unbiased estimate of tr(Σ).
+        confidence: Nominal coverage of the intervals.
+        steps: Measurements averaged.
+        effective_steps: Kish effective number of measurements under the EMA weights.
+    """
+
+    b_noise: float
+    low: float
+    high: float
+    ghg: float
+    trace_h_sigma: float
+    b_simple: float
+    b_simple_low: float
+    b_simple_high: float
+    g2: float
+    trace_sigma: float
+    confidence: float = 0.95
+    steps: int = 1
+    effective_steps: float = 1.0
+
+    @property
+    def available(self) -> bool:
+        """True once B_noise is a finite number."""
+        return math.isfinite(self.b_noise)
+
+    @property
+    def eps_max(self) -> float:
+        """The best SGD step size along the true gradient, |G|²/GᵀHG (sec. 2.2, before eq. 2.6)."""
+        return self.g2 / self.ghg if self.ghg > 0 and self.g2 > 0 else math.nan
+
+    @property
+    def delta_l_max(self) -> float:
+        """The loss improvement of that step, ½|G|⁴/GᵀHG (eq. 2.7)."""
+        return 0.5 * self.g2**2 / self.ghg if self.ghg > 0 and self.g2 > 0 else math.nan
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "b_noise": self.b_noise,
+            "b_noise_low": self.low,
+            "b_noise_high": self.high,
+            "ghg": self.ghg,
+            "trace_h_sigma": self.trace_h_sigma,
+            "b_simple": self.b_simple,
+            "b_simple_low": self.b_simple_low,
+            "b_simple_high": self.b_simple_high,
+            "g2": self.g2,
+            "trace_sigma": self.trace_sigma,
+            "confidence": self.confidence,
+            "steps": self.steps,
+            "effective_steps": self.effective_steps,
+        }
+
+
+def _estimate(
+    hessian: est.NoiseScaleState, simple: est.NoiseScaleState, confidence: float
+) -> BNoiseEstimate:
+    h = est.b_simple_interval(hessian, confidence)
+    s = est.b_simple_interval(simple, confidence)
+    return BNoiseEstimate(
+        b_noise=h.b_simple,
+        low=h.low,
+        high=h.high,
+        ghg=h.g2,
+        trace_h_sigma=h.trace_sigma,
+        b_simple=s.b_simple,
+        b_simple_low=s.low,
+        b_simple_high=s.high,
+        g2=s.g2,
+        trace_sigma=s.trace_sigma,
+        confidence=confidence,
+        steps=h.steps,
+        effective_steps=h.effective_steps,
+    )
+
+
+def unbiased_pairs(q: ArrayLike, sizes: ArrayLike) -> tuple[float, float]:
+    """Unbiased (signal, noise) from the k×k matrix q_ij = G_iᵀ A G_j of k independent part means.
+
+    With E[q_ij] = GᵀAG + δ_ij tr(AΣ)/n_i: signal = mean_{i≠j} q_ij estimates GᵀAG and
+    noise = mean_i n_i (q_ii − signal) estimates tr(AΣ). For equal part sizes this is paper eq.
+    A.2 with b_small = n and b_big = k·n. A = H gives (GᵀHG, tr HΣ), A = I gives (|G|², tr Σ).
+    """
+    q = np.asarray(q, dtype=float)
+    n = np.asarray(sizes, dtype=float)
+    k = q.shape[0]
+    if k < 2 or q.shape != (k, k) or n.shape != (k,):
+        raise ValueError(f"need a k×k matrix with k ≥ 2 and k sizes, got {q.shape}, {n.shape}")
+    signal = (q.sum() - np.trace(q)) / (k * (k - 1))
+    noise = float(np.mean(n * (np.diag(q) - signal)))
+    return float(signal), noise
+
+
+def _params_of(model: nn.Module) -> list[nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise NoiseScaleInputError("the model has no trainable parameters")
+    return params
+
+
+def _mean_gradient(loss_fn: LossFn, model: nn.Module, batch: Any, params: list[nn.Parameter]):
+    loss = loss_fn(model, batch)
+    _check_loss(loss)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [
+        torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads, strict=True)
+    ]
+
+
+def _check_loss(loss: Any) -> None:
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise NoiseScaleInputError(
+            "loss_fn(model, batch) must return the mean loss over the batch as a one-element "
+            f"tensor, got {type(loss).__name__}"
+            + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else "")
+        )
+
+
+def _dots(a: list[Tensor], b: list[Tensor]) -> float:
+    return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)))
+
+
+def measure_b_noise(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    *,
+    hessian_batch: Batch | None = None,
+    splits: int = 2,
+) -> BNoiseEstimate:
+    """One unbiased measurement of GᵀHG and tr(HΣ), hence B_noise (eq. 2.8), at the current θ.
+
+    The batch is split into ``splits`` disjoint parts; each part's mean gradient G_i is taken, and
+    the Hessian-vector products H_h G_i come from double backward on ``hessian_batch`` (no
+    Hessian is formed). The quadratic forms q_ij = G_iᵀ H_h G_j give GᵀHG and tr(HΣ) through
+    :func:`unbiased_pairs` (eq. A.2 with b_small = part size, b_big = batch size); the plain dot
+    products G_iᵀG_j give |G|² and tr(Σ), hence B_simple from the same examples.
+
+    Args:
+        model: The model (any mode; dropout makes each loss evaluation a different function).
+        loss_fn: ``loss_fn(model, batch)`` → the mean loss over the batch's examples. It must be
+            twice differentiable (double backward through the model).
+        batch: The examples whose gradients are measured (a tensor, a tuple or a dict of tensors
+            with the examples along dim 0).
+        hessian_batch: Examples for the Hessian-vector products, independent of ``batch``. When
+            ``None``, ``batch`` is split into ``splits + 1`` parts and the last one is used.
+        splits: Number of gradient parts k ≥ 2 (k HVPs); ``splits = len(batch)`` uses
+            per-example gradients (b_small = 1) at the cost of one HVP per example.
+
+    Returns:
+        A single-measurement :class:`BNoiseEstimate` (``steps == 1``, no interval); average many
+        with :class:`BNoiseTracker` before trusting the ratio (single-step GᵀHG is often ≤ 0).
+
+    Raises:
+        NoiseScaleInputError: for ``splits < 2``, a batch too small to split, or a bad loss.
+    """
+    if splits < 2:
+        raise NoiseScaleInputError(
+            f"splits must be at least 2 (got {splits}): GᵀHG comes from cross terms between parts"
+        )
+    params = _params_of(model)
+    if hessian_batch is None:
+        *grad_parts, hessian_batch = split_batch(batch, splits + 1)
+    else:
+        grad_parts = split_batch(batch, splits)
+    sizes = [batch_size(p) for p in grad_parts]
+    grads = [_mean_gradient(loss_fn, model, part, params) for part in grad_parts]
+
+    loss_h = loss_fn(model, hessian_batch)
+    _check_loss(loss_h)
+    grad_h = torch.autograd.grad(loss_h, params, create_graph=True, allow_unused=True)
+    # entries that do not depend on θ again (a loss linear in some parameter) have zero HVPs
+    live = [j for j, g in enumerate(grad_h) if g is not None and g.requires_grad]
+    q = np.zeros((splits, splits))
+    for j, g_j in enumerate(grads):
+        if live:
+            hv_live = torch.autograd.grad(
+                [grad_h[i] for i in live],
+                params,
+                grad_outputs=[g_j[i] for i in live],
+                retain_graph=j < splits - 1,
+                allow_unused=True,
+            )
+            hv = [
+                torch.zeros_like(p) if h is None else h
+                for p, h in zip(params, hv_live, strict=True)
+            ]
+        else:
+            hv = [torch.zeros_like(p) for p in params]
+        for i, g_i in enumerate(grads):
+            q[i, j] = _dots(g_i, hv)
+    q = 0.5 * (q + q.T)  # H is symmetric; average away the round-off of the two products
+    dots = np.array([[_dots(a, b) for b in grads] for a in grads])
+    ghg, trace_h_sigma = unbiased_pairs(q, sizes)
+    g2, trace_sigma = unbiased_pairs(dots, sizes)
+    return _estimate(
+        est.update_state(est.init_state(1.0), ghg, trace_h_sigma),
+        est.update_state(est.init_state(1.0), g2, trace_sigma),
+        0.95,
+    )
+
+
+class BNoiseTracker:
+    """B_noise averaged over training: a measurement every ``every`` steps, ratio of EMAs.
+
+    Like :class:`~noisescale.GradientNoiseTracker` for B_simple (App. A.1), the per-measurement
+    unbiased GᵀHG and tr(HΣ) are averaged with bias-corrected EMAs and B_noise is their ratio,
+    with a Fieller interval (:func:`noisescale.estimators.b_simple_interval`).
+
+    Usage::
+
+        bn = BNoiseTracker(model, loss_fn, every=10, tracker=tracker)
+        for step, batch in enumerate(loader):
+            ...
+            bn.step(batch)        # at a step boundary: before the forward or after optimizer.step()
+        bn.estimate().b_noise
+
+    Args:
+        model: The model being trained.
+        loss_fn: ``loss_fn(model, batch)`` → mean loss over the batch (see :func:`measure_b_noise`).
+        every: Measure on every ``every``-th call of :meth:`step`.
+        splits: Gradient parts per measurement (:func:`measure_b_noise`).
+        beta: EMA decay per *measurement*; ``1.0`` averages all measurements equally.
+        confidence: Coverage of the intervals.
+        tracker: A :class:`~noisescale.GradientNoiseTracker` on the same model, whose hooks are
+            paused during the measurement so that its extra passes are not counted as training.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        *,
+        every: int = 1,
+        splits: int = 2,
+        beta: float = 0.9,
+        confidence: float = 0.95,
+        tracker: _Pausable | None = None,
+    ) -> None:
+        if every < 1:
+            raise NoiseScaleInputError(f"every must be at least 1, got {every}")
+        if splits < 2:
+            raise NoiseScaleInputError(f"splits must be at least 2, got {splits}")
+        if not 0.0 < beta <= 1.0:
+            raise NoiseScaleInputError(f"beta must be in (0, 1], got {beta}")
+        if not 0.0 < confidence < 1.0:
+            raise NoiseScaleInputError(f"confidence must be in (0, 1), got {confidence}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.every = every
+        self.splits = splits
+        self.confidence = confidence
+        self.tracker = tracker
+        self.calls = 0
+        self.seconds = 0.0
+        self._hessian = est.init_state(beta)
+        self._simple = est.init_state(beta)
+        self.history: list[dict[str, Any]] = []
+
+    def step(self, batch: Batch, hessian_batch: Batch | None = None) -> BNoiseEstimate | None:
+        """Count a training step; on every ``every``-th, measure and fold in (else ``None``).
+
+        Returns the single measurement when one was taken.
+        """
+        self.calls += 1
+        if (self.calls - 1) % self.every:
+            return None
+        pause = self.tracker.paused() if self.tracker is not None else nullcontext()
+        start = time.perf_counter()
+        with pause:
+            m = measure_b_noise(
+                self.model, self.loss_fn, batch, hessian_batch=hessian_batch, splits=self.splits
+            )
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        self.update(m, step=self.calls, seconds=seconds)
+        return m
+
+    def update(
+        self, measurement: BNoiseEstimate, *, step: int | None = None, seconds: float = math.nan
+    ) -> None:
+        """Fold in a measurement taken elsewhere (e.g. by :func:`measure_b_noise` directly)."""
+        self._hessian = est.update_state(self._hessian, measurement.ghg, measurement.trace_h_sigma)
+        self._simple = est.update_state(self._simple, measurement.g2, measurement.trace_sigma)
+        e = self.estimate()
+        self.history.append(
+            {
+                "step": self.calls if step is None else step,
+                "seconds": seconds,
+                "ghg": measurement.ghg,
+                "trace_h_sigma": measurement.trace_h_sigma,
+                "g2": measurement.g2,
+                "trace_sigma": measurement.trace_sigma,
+                "b_noise": e.b_noise,
+                "b_noise_low": e.low,
+                "b_noise_high": e.high,
+                "b_simple": e.b_simple,
+                "b_simple_low": e.b_simple_low,
+                "b_simple_high": e.b_simple_high,
+            }
+        )
+
+    def estimate(self) -> BNoiseEstimate:
+        """B_noise and B_simple (ratios of the EMAs) with their intervals."""
+        return _estimate(self._hessian, self._simple, self.confidence)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "hessian": self._hessian._asdict(),
+            "simple": self._simple._asdict(),
+            "calls": self.calls,
+            "seconds": self.seconds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._hessian = est.NoiseScaleState(**state["hessian"])
+        self._simple = est.NoiseScaleState(**state["simple"])
+        self.calls = int(state["calls"])
+        self.seconds = float(state["seconds"])
+
+
+# -- the line-search method (sec. 2.2) --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LineSearch:
+    """The best step along a set of directions, for the loss averaged over the directions.
+
+    Attributes:
+        eps_opt: The step size ε that maximises the mean improvement L(θ) − mean_r L(θ − ε V_r).
+        delta_l_opt: That maximal mean improvement ΔL_opt.
+        eps: Every step size evaluated (grid, then golden-section refinement).
+        delta_l: The mean improvement at each of them.
+    """
+
+    eps_opt: float
+    delta_l_opt: float
+    eps: np.ndarray
+    delta_l: np.ndarray
+
+
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def line_search(
+    model: nn.Module,
+    loss_fn: LossFn,
+    directions: Sequence[Sequence[Tensor]],
+    eval_batch: Batch,
+    *,
+    eps_range: tuple[float, float] = (1e-4, 1e3),
+    grid: int = 29,
+    rtol: float = 1e-3,
+) -> LineSearch:
+    """Maximise the mean improvement of the held-out loss over step sizes ε (paper sec. 2.2).
+
+    ΔL(ε) = L_eval(θ) − mean_r L_eval(θ − ε V_r). Averaging the *loss* over the directions before
+    maximising is what eq. 2.5–2.7 describe (the best step for the expected loss); maximising each
+    direction's own curve would instead favour lucky directions. A log-spaced grid over
+    ``eps_range`` brackets the maximum, golden-section search refines it to relative width
+    ``rtol``. The parameters are restored afterwards.
+
+    Args:
+        model: The model at θ.
+        loss_fn: ``loss_fn(model, batch)`` → mean loss (evaluated under ``torch.no_grad``).
+        directions: One list of tensors per direction, shaped like the trainable parameters.
+        eval_batch: The held-out batch that stands in for the true loss L.
+        eps_range: The smallest and largest step size tried.
+        grid: Grid points over ``eps_range``.
+        rtol: Relative width of the final bracket.
+
+    Raises:
+        NoiseScaleInputError: if the best step lies at an end of ``eps_range`` (widen it), or
+            the directions do not match the parameters.
+    """
+    params = _params_of(model)
+    if not directions:
+        raise NoiseScaleInputError("line_search needs at least one direction")
+    for v in directions:
+        if len(v) != len(params) or any(a.shape != p.shape for a, p in zip(v, params, strict=True)):
+            raise NoiseScaleInputError(
+                "each direction must hold one tensor per trainable parameter, with its shape"
+            )
+    lo, hi = eps_range
+    if not 0 < lo < hi or grid < 3:
+        raise NoiseScaleInputError(
+            f"need 0 < eps_range[0] < eps_range[1] and grid ≥ 3, got {eps_range} and {grid}"
+        )
+    theta = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        base = float(loss_fn(model, eval_batch))
+    evaluated: dict[float, float] = {}
+
+    def improvement(eps: float) -> float:
+        if eps not in evaluated:
+            total = 0.0
+            for v in directions:
+                for p, t, d in zip(params, theta, v, strict=True):
+                    p.copy_(t - eps * d.to(t.dtype))
+                value = float(loss_fn(model, eval_batch))
+                total += value if math.isfinite(value) else math.inf
+            evaluated[eps] = base - total / len(directions)
+        return evaluated[eps]
+
+    try:
+        with torch.no_grad():
+            points = np.geomspace(lo, hi, grid)
+            values = np.array([improvement(float(e)) for e in points])
+            best = int(np.argmax(values))
+            if best in (0, grid - 1):
+                raise NoiseScaleInputError(
+                    f"the best step size lies at the end of eps_range={eps_range} "
+                    f"(ε = {points[best]:.3g}); widen the range"
+                )
+            a, b = float(points[best - 1]), float(points[best + 1])
+            c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
+            while b - a > rtol * c:
+                if improvement(c) >= improvement(d):
+                    b, d = d, c
+                    c = b - _GOLDEN * (b - a)
+                else:
+                    a, c = c, d
+                    d = a + _GOLDEN * (b - a)
+            eps_opt = max(evaluated, key=evaluated.__getitem__)
+    finally:
+        with torch.no_grad():
+            for p, t in zip(params, theta, strict=True):
+                p.copy_(t)
+    eps = np.array(sorted(evaluated))
+    return LineSearch(eps_opt, evaluated[eps_opt], eps, np.array([evaluated[e] for e in eps]))
+
+
+@dataclass(frozen=True)
+class DeltaLCurve:
+    """ΔL_opt(B) and ε_opt(B) from line searches, and eq. 2.7 / 2.6 fitted to them.
+
+    Attributes:
+        batch_sizes: The batch sizes B (examples).
+        delta_l_opt: ΔL_opt at each B (best mean improvement over ``repeats`` directions).
+        eps_opt: The step size that achieved it.
+        b_noise: B_noise of the fit ΔL_opt = ΔL_max/(1 + B_noise/B) (eq. 2.7).
+        delta_l_max: ΔL_max of that fit.
+        b_noise_eps: B_noise of the fit ε_opt = ε_max/(1 + B_noise/B) (eq. 2.6).
+        eps_max: ε_max of that fit.
+    """
+
+    batch_sizes: np.ndarray
+    delta_l_opt: np.ndarray
+    eps_opt: np.ndarray
+    b_noise: float
+    delta_l_max: float
+    b_noise_eps: float
+    eps_max: float
+
+
+def measure_delta_l_opt(
+    model: nn.Module,
+    loss_fn: LossFn,
+    sample_batch: Callable[[int], Batch],
+    eval_batch: Batch,
+    batch_sizes: Sequence[int],
+    *,
+    repeats: int = 8,
+    eps_range: tuple[float, float] = (1e-4, 1e3),
+    grid: int = 29,
+    rtol: float = 1e-3,
+) -> DeltaLCurve:
+    """The paper's line-search estimate of B_noise (sec. 2.2): fit eq. 2.7 to ΔL_opt(B).
+
+    For each batch size B, ``repeats`` independent batches are drawn with ``sample_batch(B)``,
+    their mean gradients are the directions, and :func:`line_search` finds the best step for the
+    held-out loss averaged over them. Fitting ΔL_opt(B) = ΔL_max/(1 + B_noise/B) gives B_noise and
+    ΔL_max; fitting ε_opt(B) = ε_max/(1 + B_noise/B) (eq. 2.6) gives a second B_noise.
+
+    Args:
+        model: The model at θ (left unchanged).
+        loss_fn: ``loss_fn(model, batch)`` → mean loss.
+        sample_batch: Draws a fresh batch of the given size (independent of ``eval_batch``).
+        eval_batch: A large held-out batch standing in for the full-data loss.
+        batch_sizes: At least two batch sizes, spanning B_noise if possible.
+        repeats: Directions per batch size; the averaged curve has noise ∝ 1/√repeats.
+        eps_range: Step sizes searched (:func:`line_search`).
+        grid: Grid points over ``eps_range``.
+        rtol: Relative precision of each ε_opt.
+    """
+    sizes = sorted({int(b) for b in batch_sizes})
+    if len(sizes) < 2 or sizes[0] < 1:
+        raise NoiseScaleInputError(f"need at least two positive batch sizes, got {batch_sizes}")
+    if repeats < 1:
+        raise NoiseScaleInputError(f"repeats must be at least 1, got {repeats}")
+    params = _params_of(model)
+    delta_l, eps = [], []
+    for b in sizes:
+        directions = [
+            _mean_gradient(loss_fn, model, sample_batch(b), params) for _ in range(repeats)
+        ]
+        ls = line_search(
+            model, loss_fn, directions, eval_batch, eps_range=eps_range, grid=grid, rtol=rtol
+        )
+        delta_l.append(ls.delta_l_opt)
+        eps.append(ls.eps_opt)
+    b_noise, delta_l_max = fit_delta_l_opt(sizes, delta_l)
+    b_noise_eps, eps_max = fit_delta_l_opt(sizes, eps)
+    return DeltaLCurve(
+        np.array(sizes, dtype=float),
+        np.array(delta_l),
+        np.array(eps),
+        b_noise,
+        delta_l_max,
+        b_noise_eps,
+        eps_max,
+    )
+
+
+def fit_delta_l_opt(batch_sizes: ArrayLike, delta_l_opt: ArrayLike) -> tuple[float, float]:
+    """Fit ΔL_opt(B) = ΔL_max/(1 + B_noise/B) (eq. 2.7) in log space; returns (B_noise, ΔL_max).
+
+    The same form fits ε_opt(B) = ε_max/(1 + B_noise/B) (eq. 2.6). The squared error of
+    log ΔL_opt is minimised (the points span orders of magnitude); for a given B_noise, log ΔL_max
+    is the mean residual, so the fit is a one-dimensional search over log B_noise (grid, then
+    golden section). B_noise is searched in [min B / 10⁴, max B · 10⁴]; ``inf`` means the data are
+    still linear in B (B_noise beyond the largest batch by far), ``0`` that they are flat.
+
+    Raises:
+        NoiseScaleInputError: with fewer than two batch sizes or a non-positive value.
+    """
+    b = np.asarray(batch_sizes, dtype=float).ravel()
+    y = np.asarray(delta_l_opt, dtype=float).ravel()
+    if b.size != y.size or b.size < 2:
+        raise NoiseScaleInputError("need matching arrays with at least two batch sizes")
+    if np.any(b <= 0) or np.any(~np.isfinite(y)) or np.any(y <= 0):
+        raise NoiseScaleInputError(
+            "batch sizes and values must be positive and finite to fit eq. 2.7 "
+            f"(got {b.tolist()}, {y.tolist()})"
+        )
+    log_y, log_b = np.log(y), np.log(b)
+
+    def fit(log_bn: float) -> tuple[float, float]:
+        model = log_b - np.logaddexp(log_b, log_bn)  # log(B/(B + B_noise))
+        log_max = float(np.mean(log_y - model))
+        return float(np.sum((log_y - log_max - model) ** 2)), log_max
+
+    lo, hi = math.log(b.min()) - 4 * math.log(10), math.log(b.max()) + 4 * math.log(10)
+    grid = np.linspace(lo, hi, 161)
+    errors = np.array([fit(g)[0] for g in grid])
+    best = int(np.argmin(errors))
+    if best == 0:
+        return 0.0, float(np.exp(np.mean(log_y)))
+    if best == grid.size - 1:
+        return math.inf, math.inf
+    a, c = float(grid[best - 1]), float(grid[best + 1])
+    for _ in range(60):
+        m1, m2 = c - _GOLDEN * (c - a), a + _GOLDEN * (c - a)
+        if fit(m1)[0] <= fit(m2)[0]:
+            c = m2
+        else:
+            a = m1
+    log_bn = 0.5 * (a + c)
+    return float(math.exp(log_bn)), float(math.exp(fit(log_bn)[1]))

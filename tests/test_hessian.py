@@ -1,0 +1,327 @@
+"""B_noise from Hessian-vector products and the line-search fit, against closed-form truth.
+
+The quadratic loss L_x(θ) = ½(θ − x)ᵀH(θ − x) with x ~ N(μ, Σ_x) has per-example gradient
+H(θ − x), so G = H(θ − μ), Σ = HΣ_xH and, in closed form,
+GᵀHG = (θ−μ)ᵀH³(θ−μ), tr(HΣ) = tr(H³Σ_x), |G|² = (θ−μ)ᵀH²(θ−μ), tr Σ = tr(H²Σ_x).
+Unbiasedness is checked as |mean − truth| ≤ 4 standard errors of the mean over independent draws.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import noisescale
+from noisescale import estimators as est
+from noisescale.errors import NoiseScaleInputError
+from noisescale.hessian import (
+    BNoiseTracker,
+    fit_delta_l_opt,
+    line_search,
+    measure_b_noise,
+    measure_delta_l_opt,
+    split_batch,
+    unbiased_pairs,
+)
+
+D = 6
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+class Shift(nn.Module):
+    """θ − x per example: the quadratic's residual (one parameter vector θ)."""
+
+    def __init__(self, theta: torch.Tensor) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(theta.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.theta - x
+
+
+class Quadratic:
+    """The Gaussian quadratic problem with its closed-form noise scales."""
+
+    def __init__(self, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        a = torch.randn(D, D, generator=g)
+        self.h = a @ a.T / D + 0.2 * torch.eye(D)
+        self.chol = torch.randn(D, D, generator=g) * 0.6
+        self.sigma_x = self.chol @ self.chol.T
+        self.mu = torch.randn(D, generator=g)
+        self.model = nn.Sequential(Shift(torch.zeros(D)))
+        self.gen = torch.Generator().manual_seed(seed + 1)
+        d = self.model[0].theta.detach() - self.mu
+        h2, h3 = self.h @ self.h, self.h @ self.h @ self.h
+        self.ghg = float(d @ h3 @ d)
+        self.trace_h_sigma = float(torch.trace(h3 @ self.sigma_x))
+        self.g2 = float(d @ h2 @ d)
+        self.trace_sigma = float(torch.trace(h2 @ self.sigma_x))
+
+    def sample(self, b: int) -> torch.Tensor:
+        return self.mu + torch.randn(b, D, generator=self.gen) @ self.chol.T
+
+    def loss_fn(self, model: nn.Module, batch) -> torch.Tensor:
+        if isinstance(batch, dict):  # the exact full-data loss L(θ)
+            d = model[0].theta - batch["mu"]
+            return 0.5 * d @ self.h @ d + 0.5 * torch.trace(self.h @ self.sigma_x)
+        r = model(batch)
+        return 0.5 * torch.einsum("bi,ij,bj->b", r, self.h, r).mean()
+
+
+def assert_unbiased(samples: np.ndarray, truth: float, what: str) -> None:
+    se = samples.std(ddof=1) / math.sqrt(samples.size)
+    assert abs(samples.mean() - truth) <= 4 * se, f"{what}: {samples.mean()} vs {truth} ± {se}"
+
+
+def test_quadratic_forms_match_explicit_hessian():
+    """Every number from a brute-force Hessian of a small tanh MLP (unequal parts, k = 3)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(10, 3), torch.randn(10, 2)
+    xh, yh = torch.randn(7, 3), torch.randn(7, 2)
+
+    def loss_fn(m, batch):
+        return (m(batch[0]) - batch[1]).pow(2).sum(1).mean()
+
+    m = measure_b_noise(model, loss_fn, (x, y), hessian_batch=(xh, yh), splits=3)
+
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def flat_loss(flat, batch):
+        params, i = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            params[n] = flat[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        return loss_fn(lambda inp: torch.func.functional_call(model, params, (inp,)), batch)
+
+    hess = torch.autograd.functional.hessian(lambda f: flat_loss(f, (xh, yh)), flat0)
+    parts = [(x[:4], y[:4]), (x[4:7], y[4:7]), (x[7:], y[7:])]
+    grads = [torch.func.grad(lambda f, b=b: flat_loss(f, b))(flat0) for b in parts]
+    q = np.array([[float(a @ hess @ b) for b in grads] for a in grads])
+    dots = np.array([[float(a @ b) for b in grads] for a in grads])
+    ghg = (q.sum() - np.trace(q)) / 6
+    tr_hs = np.mean(np.array([4, 3, 3]) * (np.diag(q) - ghg))
+    g2 = (dots.sum() - np.trace(dots)) / 6
+    tr_s = np.mean(np.array([4, 3, 3]) * (np.diag(dots) - g2))
+    assert m.ghg == pytest.approx(ghg, rel=1e-9, abs=1e-12)
+    assert m.trace_h_sigma == pytest.approx(tr_hs, rel=1e-9)
+    assert m.g2 == pytest.approx(g2, rel=1e-9, abs=1e-12)
+    assert m.trace_sigma == pytest.approx(tr_s, rel=1e-9)
+    if ghg > 0:
+        assert m.b_noise == pytest.approx(max(tr_hs, 0) / ghg, rel=1e-9)
+
+
+def test_unbiased_pairs_is_eq_a2_for_equal_parts():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4, 4))
+    q = a + a.T
+    signal, noise = unbiased_pairs(q, [5, 5, 5, 5])
+    q_big = q.mean()  # |G_big|²_A of the mean of the four parts
+    g2, tr = est.unbiased_g2_trace(5, np.mean(np.diag(q)), 20, q_big)
+    assert signal == pytest.approx(float(g2), rel=1e-12)
+    assert noise == pytest.approx(float(tr), rel=1e-12)
+
+
+def test_unbiased_on_gaussian_quadratic():
+    prob = Quadratic(seed=0)
+    draws = np.array(
+        [
+            [
+                getattr(measure_b_noise(prob.model, prob.loss_fn, prob.sample(24), splits=2), k)
+                for k in ("ghg", "trace_h_sigma", "g2", "trace_sigma")
+            ]
+            for _ in range(300)
+        ]
+    )
+    truth = (prob.ghg, prob.trace_h_sigma, prob.g2, prob.trace_sigma)
+    for col, (name, value) in enumerate(zip(("GᵀHG", "tr HΣ", "|G|²", "tr Σ"), truth, strict=True)):
+        assert_unbiased(draws[:, col], value, name)
+    # and the Hessian weighting matters here: B_noise and B_simple differ by far more than noise
+    assert prob.trace_h_sigma / prob.ghg / (prob.trace_sigma / prob.g2) > 1.3
+
+
+class DiagonalRandomHessian:
+    """L_x(θ) = ½ Σ_d h_d (θ_d − x_d)² with a random per-example curvature h ~ Gamma, x ~ N.
+
+    H = diag(E h), G = E[h] ⊙ (θ − μ), Σ = diag(E[h²](s² + (θ−μ)²) − E[h]²(θ−μ)²) for independent
+    h and x. A batch's Hessian is random, and correlated with that batch's own gradients.
+    """
+
+    def __init__(self) -> None:
+        self.shape_k = torch.linspace(1.0, 4.0, D)  # Gamma(k, 1): E h = k, E h² = k(k+1)
+        self.mu = torch.linspace(-1.0, 1.0, D)
+        self.s = torch.linspace(0.5, 1.5, D)
+        self.model = nn.Sequential(Shift(torch.full((D,), 0.3)))
+        self.gen = torch.Generator().manual_seed(3)
+        d = self.model[0].theta.detach() - self.mu
+        eh, eh2 = self.shape_k, self.shape_k * (self.shape_k + 1)
+        var = eh2 * (self.s**2 + d**2) - eh**2 * d**2
+        self.ghg = float((eh**3 * d**2).sum())
+        self.trace_h_sigma = float((eh * var).sum())
+
+    def sample(self, b: int) -> torch.Tensor:
+        x = self.mu + torch.randn(b, D, generator=self.gen) * self.s
+        h = torch._standard_gamma(self.shape_k.expand(b, D).contiguous(), generator=self.gen)
+        return torch.stack([x, h], 1)
+
+    @staticmethod
+    def loss_fn(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        r = model(batch[:, 0])
+        return 0.5 * (batch[:, 1] * r.pow(2)).sum(1).mean()
+
+
+def test_unbiased_with_a_random_hessian_from_an_independent_batch():
+    prob = DiagonalRandomHessian()
+    draws = []
+    for _ in range(300):
+        m = measure_b_noise(prob.model, prob.loss_fn, prob.sample(30), splits=2)  # H: last third
+        draws.append((m.ghg, m.trace_h_sigma))
+    a = np.array(draws)
+    assert_unbiased(a[:, 0], prob.ghg, "GᵀHG")
+    assert_unbiased(a[:, 1], prob.trace_h_sigma, "tr HΣ")
+
+
+def test_tracker_every_k_and_ratio_of_averages():
+    prob = Quadratic(seed=1)
+    bn = BNoiseTracker(prob.model, prob.loss_fn, every=3, beta=1.0)
+    taken = [bn.step(prob.sample(24)) is not None for _ in range(30)]
+    assert taken == [i % 3 == 0 for i in range(30)]
+    assert [r["step"] for r in bn.history] == list(range(1, 31, 3))
+    e = bn.estimate()
+    ghg = np.mean([r["ghg"] for r in bn.history])
+    tr = np.mean([r["trace_h_sigma"] for r in bn.history])
+    assert e.steps == 10
+    assert e.ghg == pytest.approx(ghg, rel=1e-9)
+    assert e.b_noise == pytest.approx(max(tr, 0.0) / ghg, rel=1e-9)
+    assert e.delta_l_max == pytest.approx(0.5 * e.g2**2 / e.ghg)
+    assert e.eps_max == pytest.approx(e.g2 / e.ghg)
+    assert e.low <= e.b_noise <= e.high
+    fresh = BNoiseTracker(prob.model, prob.loss_fn, beta=1.0)
+    fresh.load_state_dict(bn.state_dict())
+    assert fresh.estimate() == e
+
+
+def test_gradient_tracker_is_paused_during_measurements():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1))
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1)
+
+    def loss_fn(m, x):
+        return m(x).pow(2).mean()
+
+    bn = BNoiseTracker(model, loss_fn, tracker=tracker)
+    for _ in range(3):
+        x = torch.randn(8, 4)
+        loss_fn(model, x).backward()
+        tracker.step()
+        model.zero_grad()
+        bn.step(torch.randn(12, 4))
+    for r in tracker.history:  # only the training pass counted: one pass of 8, no micro-batches
+        assert r["b_big"] == 8
+        assert set(r["sources"]) == {"per_example"}
+
+
+def test_line_search_finds_the_optimum_of_the_averaged_quadratic():
+    prob = Quadratic(seed=2)
+    params = list(prob.model.parameters())
+    dirs = [
+        [torch.autograd.grad(prob.loss_fn(prob.model, prob.sample(4)), params)[0]] for _ in range(5)
+    ]
+    ls = line_search(prob.model, prob.loss_fn, dirs, {"mu": prob.mu}, rtol=1e-6)
+    g = prob.h @ (prob.model[0].theta.detach() - prob.mu)
+    a = np.mean([float(g @ v[0]) for v in dirs])
+    c = np.mean([float(v[0] @ prob.h @ v[0]) for v in dirs])
+    assert ls.eps_opt == pytest.approx(a / c, rel=1e-5)
+    assert ls.delta_l_opt == pytest.approx(a * a / (2 * c), rel=1e-9)
+    assert torch.equal(prob.model[0].theta.detach(), torch.zeros(D))  # θ restored
+
+
+def test_fit_delta_l_opt_recovers_eq_2_7():
+    b = np.array([1, 2, 4, 8, 16, 32, 64, 128])
+    b_noise, delta_l_max = fit_delta_l_opt(b, 3.0 / (1 + 17.0 / b))
+    assert b_noise == pytest.approx(17.0, rel=1e-6)
+    assert delta_l_max == pytest.approx(3.0, rel=1e-6)
+    assert fit_delta_l_opt(b, 0.01 * b) == (math.inf, math.inf)  # still linear in B
+    assert fit_delta_l_opt(b, np.full(8, 2.0)) == (0.0, pytest.approx(2.0))  # flat
+    with pytest.raises(NoiseScaleInputError):
+        fit_delta_l_opt(b, -np.ones(8))
+
+
+def _simulated_fits(prob: Quadratic, sizes: list[int], repeats: int, n: int) -> np.ndarray:
+    """B_noise fitted to ΔL_opt(B) = (mean GᵀV)²/(2 mean VᵀHV), V drawn in closed form."""
+    rng = np.random.default_rng(5)
+    h, chol = prob.h.numpy(), prob.chol.numpy()
+    d = (prob.model[0].theta.detach() - prob.mu).numpy()
+    g = h @ d
+    out = []
+    for _ in range(n):
+        dl = []
+        for b in sizes:
+            xbar_dev = rng.standard_normal((repeats, D)) @ chol.T / math.sqrt(b)
+            v = (d - xbar_dev) @ h  # V = H(θ − x̄_B)
+            a, c = (v @ g).mean(), np.einsum("ri,ij,rj->r", v, h, v).mean()
+            dl.append(a * a / (2 * c))
+        out.append(fit_delta_l_opt(sizes, dl)[0])
+    return np.array(out)
+
+
+def test_line_search_b_noise_on_the_quadratic():
+    prob = Quadratic(seed=0)
+    sizes, repeats = [1, 2, 4, 8, 16, 64, 256], 24
+    curve = measure_delta_l_opt(
+        prob.model,
+        prob.loss_fn,
+        prob.sample,
+        {"mu": prob.mu},
+        sizes,
+        repeats=repeats,
+        eps_range=(1e-2, 1e2),
+        grid=17,
+    )
+    truth = prob.trace_h_sigma / prob.ghg
+    # the spread of the fitted B_noise for this design, simulated from the closed form
+    sims = _simulated_fits(prob, sizes, repeats, 200)
+    tol = abs(sims.mean() - truth) + 4 * sims.std(ddof=1)
+    assert abs(curve.b_noise - truth) <= tol, (curve.b_noise, truth, tol)
+    assert curve.delta_l_max == pytest.approx(0.5 * prob.g2**2 / prob.ghg, rel=0.25)
+    assert np.all(np.diff(curve.delta_l_opt) > -0.1 * curve.delta_l_opt[:-1])
+
+
+def test_bad_input():
+    prob = Quadratic()
+    with pytest.raises(NoiseScaleInputError, match="splits"):
+        measure_b_noise(prob.model, prob.loss_fn, prob.sample(8), splits=1)
+    with pytest.raises(NoiseScaleInputError, match="cannot split"):
+        measure_b_noise(prob.model, prob.loss_fn, prob.sample(2), splits=2)
+    with pytest.raises(NoiseScaleInputError, match="mean loss"):
+        measure_b_noise(prob.model, lambda m, x: m(x).sum(1), prob.sample(8))
+    dirs = [[torch.ones(D)]]
+    with pytest.raises(NoiseScaleInputError, match="widen"):
+        line_search(prob.model, prob.loss_fn, dirs, {"mu": prob.mu}, eps_range=(1e-6, 1e-5))
+    with pytest.raises(NoiseScaleInputError, match="one tensor per"):
+        line_search(prob.model, prob.loss_fn, [[torch.ones(3)]], {"mu": prob.mu})
+    with pytest.raises(NoiseScaleInputError, match="every"):
+        BNoiseTracker(prob.model, prob.loss_fn, every=0)
+
+
+def test_split_batch_structures():
+    x, y = torch.arange(7.0), torch.arange(7)
+    parts = split_batch({"x": x, "y": y, "t": 3}, 2)
+    assert [len(p["x"]) for p in parts] == [4, 3] and parts[1]["t"] == 3
+    parts = split_batch((x, y), 3)
+    assert [tuple(map(len, p)) for p in parts] == [(3, 3), (2, 2), (2, 2)]
+    assert isinstance(parts[0], tuple)
