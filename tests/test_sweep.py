@@ -20,6 +20,7 @@ from noisescale.sweep import (
     b_simple_average,
     critical_batch_sizes,
     default_goals,
+    ema_lag,
     ema_smoothed,
     fit_pareto,
     goal_crossing,
@@ -62,6 +63,21 @@ def test_ema_is_affine_equivariant(decay: float, values: list[float], shift: flo
     got = ema_smoothed(3.0 * x + shift, decay)
     np.testing.assert_allclose(got, 3.0 * ema_smoothed(x, decay) + shift, rtol=1e-9, atol=1e-6)
     assert ema_smoothed(x, decay)[0] == pytest.approx(x[0])
+
+
+def test_ema_lag_is_the_delay_of_a_linear_curve() -> None:
+    # On a falling line recorded every 2 steps the smoothed curve reaches a level exactly
+    # ema_lag steps after the line does, early (bias-corrected start) and late alike.
+    step = np.arange(2.0, 2001.0, 2.0)
+    line = 1000.0 - step
+    for goal in (990.0, 900.0, 100.0):
+        smoothed = ema_smoothed(line, 0.9)
+        crossing = goal_crossing(step, step, smoothed, goal)
+        assert crossing is not None
+        lag = ema_lag(step[: crossing.index + 1], 0.9)
+        assert crossing.step - (1000.0 - goal) == pytest.approx(lag, abs=0.2)
+    assert ema_lag(step, 0.9) == pytest.approx(0.9 / 0.1 * 2.0, rel=1e-9)
+    assert ema_lag(step, 0.0) == 0.0
 
 
 def test_ema_decay_zero_is_identity_and_bad_decay_is_refused() -> None:

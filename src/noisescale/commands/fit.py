@@ -16,6 +16,7 @@ batch_size, learning_rate, step, loss`` (or ``error`` with ``--metric error``), 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -98,8 +99,13 @@ def run(args: argparse.Namespace) -> int:
     from noisescale.sweep.runs import read_runs
 
     for output in args.output:
-        if Path(output).suffix.lower() not in (".png", ".html", ".htm"):
+        suffix = Path(output).suffix.lower()
+        if suffix not in (".png", ".html", ".htm"):
             raise NoiseScaleInputError(f"--output {output}: use a .png or .html file name")
+        if suffix == ".png" and importlib.util.find_spec("matplotlib") is None:
+            raise NoiseScaleInputError(
+                "a PNG needs matplotlib: pip install 'noisescale[plot]' (or write .html)"
+            )
     if not 0.0 <= args.ema < 1.0:
         raise NoiseScaleInputError(f"--ema must be in [0, 1), got {args.ema}")
     if args.goals < 1:
@@ -157,7 +163,12 @@ def _storage_url(runs: str) -> str | None:
 
 
 def _quiet_optuna(verbose: bool) -> None:
-    import optuna
+    try:
+        import optuna
+    except ImportError:
+        raise NoiseScaleInputError(
+            "reading a sweep study needs Optuna: pip install 'noisescale[sweep]'"
+        ) from None
 
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
 

@@ -69,7 +69,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import optuna
+    try:
+        import optuna
+    except ImportError:
+        raise NoiseScaleInputError(
+            "noisescale sweep needs Optuna and tqdm: pip install 'noisescale[sweep]'"
+        ) from None
 
     from noisescale.sweep.study import (
         DEFAULT_STORAGE,

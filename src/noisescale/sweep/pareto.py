@@ -27,8 +27,9 @@ SEARCH_SPAN = 1e4
 #: Batch sizes on the Pareto front needed for a fit: two parameters and one residual degree
 #: of freedom for the standard error.
 MIN_BATCH_SIZES = 3
-#: A warning is attached when the EMA lag exceeds this fraction of the fewest steps to a goal.
-MAX_LAG_FRACTION = 0.1
+#: A warning is attached when the EMA lag at the goal exceeds this fraction of S_min: every S
+#: is late by about the lag, so S_min is too large and B_crit too small by about that fraction.
+MAX_LAG_FRACTION = 0.05
 
 
 def ema_smoothed(values: ArrayLike, decay: float) -> np.ndarray:
@@ -52,6 +53,24 @@ def ema_smoothed(values: ArrayLike, decay: float) -> np.ndarray:
         weight = decay * weight + (1.0 - decay)
         out[t] = m / weight
     return out
+
+
+def ema_lag(step: ArrayLike, decay: float) -> float:
+    """How many steps a bias-corrected EMA trails its curve at the last point.
+
+    The smoothed value at point t is a weighted mean of the points k ≤ t with weights
+    ∝ decay^(t−k); its lag is the weighted mean age Σ w_k·(step_t − step_k)/Σ w_k. For a curve
+    linear in the step the EMA equals the curve exactly this many steps earlier. With evenly
+    spaced points Δ apart it tends to decay/(1 − decay)·Δ once t ≫ 1/(1 − decay).
+    """
+    s = np.asarray(step, dtype=float)
+    if decay == 0.0 or s.size < 2:
+        return 0.0
+    # Weights below 1e-16 of the newest cannot move the mean: look back only that far.
+    horizon = min(s.size, math.ceil(-37.0 / math.log(decay)) + 1)
+    tail = s[-horizon:]
+    w = decay ** np.arange(horizon - 1, -1, -1, dtype=float)
+    return float(w @ (tail[-1] - tail) / w.sum())
 
 
 @dataclass(frozen=True)
@@ -297,6 +316,9 @@ class ParetoPoint:
         examples: E, examples processed to the goal.
         b_simple: the run's B_simple averaged up to the goal (:func:`b_simple_average`), or
             ``None`` when it has none.
+        ema_lag: how many steps the smoothed curve trails the raw one where it reaches the
+            goal: the mean age of the EMA's weights (:func:`ema_lag`). For a curve that is
+            locally linear, ``steps`` is late by this much.
     """
 
     batch_size: float
@@ -305,6 +327,7 @@ class ParetoPoint:
     steps: float
     examples: float
     b_simple: float | None
+    ema_lag: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -349,6 +372,7 @@ class GoalResult:
                     "examples": p.examples,
                     "steps_fit": fit.steps(p.examples / p.steps),
                     "b_simple": p.b_simple,
+                    "ema_lag": p.ema_lag,
                 }
                 for p in self.points
             ],
@@ -383,7 +407,9 @@ def critical_batch_sizes(
     for goal in goals:
         points = _front(smoothed, goal)
         if not points:
-            best = min(float(r.smoothed.min()) for r in smoothed if r.smoothed.size)
+            best = min(
+                (float(r.smoothed.min()) for r in smoothed if r.smoothed.size), default=math.nan
+            )
             raise NoiseScaleInputError(
                 f"no run reaches the goal {goal:g} (the best smoothed value is {best:.6g}); "
                 "choose a higher goal"
@@ -402,7 +428,7 @@ def critical_batch_sizes(
                 points=tuple(points),
                 fit=fit,
                 b_simple=float(np.median(values)) if values else None,
-                warnings=tuple(_warnings(points, fit, smoothed, decay)),
+                warnings=tuple(_warnings(points, fit, decay)),
             )
         )
     return results
@@ -467,13 +493,8 @@ class _SmoothedRun:
             steps=crossing.step,
             examples=crossing.examples,
             b_simple=b_simple,
+            ema_lag=ema_lag(run.step[: crossing.index + 1], self.decay),
         )
-
-    def lag_steps(self) -> float:
-        """How far the EMA trails the curve, in steps: decay/(1 − decay) points × spacing."""
-        if self.run.step.size < 2:
-            return 0.0
-        return self.decay / (1.0 - self.decay) * float(np.median(np.diff(self.run.step)))
 
 
 def _front(smoothed: Sequence[_SmoothedRun], goal: float) -> list[ParetoPoint]:
@@ -488,12 +509,7 @@ def _front(smoothed: Sequence[_SmoothedRun], goal: float) -> list[ParetoPoint]:
     return [best[b] for b in sorted(best)]
 
 
-def _warnings(
-    points: Sequence[ParetoPoint],
-    fit: ParetoFit,
-    smoothed: Sequence[_SmoothedRun],
-    decay: float,
-) -> list[str]:
+def _warnings(points: Sequence[ParetoPoint], fit: ParetoFit, decay: float) -> list[str]:
     out = []
     if fit.at_bound == "lower":
         out.append(
@@ -505,14 +521,12 @@ def _warnings(
             "steps to this goal fall as 1/B at every batch size: B_crit is above the search "
             "range (add larger batch sizes)"
         )
-    by_name = {r.run.name: r for r in smoothed}
-    fastest = min(points, key=lambda p: p.steps)
-    lag = by_name[fastest.run].lag_steps()
-    if decay > 0 and lag > MAX_LAG_FRACTION * fastest.steps:
+    lag = float(np.mean([p.ema_lag for p in points]))
+    if lag > MAX_LAG_FRACTION * fit.s_min:
         out.append(
-            f"the EMA (decay {decay:g}) trails the curve by ~{lag:.3g} steps, more than "
-            f"{MAX_LAG_FRACTION:.0%} of the {fastest.steps:.4g} steps the fastest run needs: "
-            "S_min is overestimated; lower --ema or record points more often"
+            f"the EMA (decay {decay:g}) trails the curves by ~{lag:.3g} steps at the goal, "
+            f"{lag / fit.s_min:.0%} of S_min: S_min is overestimated and B_crit underestimated "
+            "by about that fraction; lower --ema or record points more often"
         )
     batch_sizes = [p.batch_size for p in points]
     if fit.at_bound is None and not min(batch_sizes) <= fit.b_crit <= max(batch_sizes):

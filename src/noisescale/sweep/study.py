@@ -99,7 +99,11 @@ class Reporter:
         Raises:
             NoiseScaleInputError: a step that is not an integer or a value that is not a number.
         """
-        if isinstance(step, bool) or not float(step).is_integer():
+        try:
+            integral = not isinstance(step, bool) and float(step).is_integer()
+        except (TypeError, ValueError):
+            integral = False
+        if not integral:
             raise NoiseScaleInputError(f"reporter.report: step must be an integer, got {step!r}")
         record: dict[str, Any] = {"step": int(step), "loss": _json_number("loss", loss)}
         if examples is not None:
@@ -213,7 +217,7 @@ def load_train_function(spec: str) -> Callable[..., Any]:
     """The training function named by ``module:function`` or ``path/to/file.py:function``.
 
     A dotted module is imported with the current directory on ``sys.path``; a path ending in
-    ``.py`` is loaded from that file.
+    ``.py`` is loaded from that file, with the file's folder on ``sys.path``.
 
     Raises:
         NoiseScaleInputError: a malformed spec, a module that cannot be imported or a missing or
@@ -229,6 +233,9 @@ def load_train_function(spec: str) -> Callable[..., Any]:
         path = Path(module_name)
         if not path.is_file():
             raise NoiseScaleInputError(f"no such file: {path}")
+        # Like `python path/to/train.py`: the file's folder is importable (its helpers).
+        if str(path.resolve().parent) not in sys.path:
+            sys.path.insert(0, str(path.resolve().parent))
         unique = f"_noisescale_sweep_{path.stem}_{abs(hash(str(path.resolve())))}"
         module_spec = importlib.util.spec_from_file_location(unique, path)
         if module_spec is None or module_spec.loader is None:
