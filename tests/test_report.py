@@ -208,6 +208,7 @@ def test_series_skip_missing_and_skipped_steps(tmp_path: Path) -> None:
     assert data.b_simple_step.x.size == 400 - 5 - 2
     assert 37 not in data.b_simple_step.x and 4 not in data.b_simple_step.x
     np.testing.assert_allclose(data.b_simple_step.b_simple, 40 * (1 + data.b_simple_step.x / 80))
+    np.testing.assert_array_equal(data.b_simple_loss.step, data.b_simple_step.x)
     np.testing.assert_allclose(data.b_simple_loss.x, 0.5 + 2 * np.exp(-data.b_simple_step.x / 150))
     np.testing.assert_allclose(
         data.emas.trace_sigma_ema / data.emas.g2_ema, 40 * (1 + data.emas.step / 80)

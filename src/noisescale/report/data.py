@@ -138,12 +138,13 @@ def load_history(path: str | Path) -> History:
 
 
 class BSimpleSeries(NamedTuple):
-    """B_simple with its confidence interval against an abscissa (step or loss)."""
+    """B_simple with its confidence interval against an abscissa (step or loss), and the step."""
 
     x: np.ndarray
     b_simple: np.ndarray
     low: np.ndarray
     high: np.ndarray
+    step: np.ndarray
 
 
 def b_simple_vs_step(history: History) -> BSimpleSeries:
@@ -154,6 +155,7 @@ def b_simple_vs_step(history: History) -> BSimpleSeries:
         history.b_simple[keep],
         history.b_simple_low[keep],
         history.b_simple_high[keep],
+        history.step[keep].astype(float),
     )
 
 
@@ -165,6 +167,7 @@ def b_simple_vs_loss(history: History) -> BSimpleSeries:
         history.b_simple[keep],
         history.b_simple_low[keep],
         history.b_simple_high[keep],
+        history.step[keep].astype(float),
     )
 
 

@@ -55,6 +55,7 @@ def plot_b_simple_vs_step(
         label=f"adaptive √(r·B_simple), r = {adaptive.r_natural:.3g}",
     )
     _log_scale(ax, "y")
+    _limit_to_lines(ax, [series.b_simple, run_batch_size, adaptive.schedule_natural])
     ax.set_xlabel("step")
     ax.set_ylabel("examples")
     ax.set_title("Noise scale B_simple during training")
@@ -63,12 +64,30 @@ def plot_b_simple_vs_step(
 
 
 def plot_b_simple_vs_loss(series: BSimpleSeries) -> Figure:
-    """B_simple with its interval against the training loss (loss falls to the right)."""
+    """B_simple with its interval against the training loss (loss falls to the right).
+
+    Points coloured by step rather than a line: per-step losses are noisy and not monotonic, and a
+    line through them in step order would zigzag.
+    """
     fig, ax = _figure()
     if series.x.size:
-        _band(ax, series)
-        ax.plot(series.x, series.b_simple, color="C0", lw=1.6, label="B_simple")
+        ok = np.isfinite(series.low) & np.isfinite(series.high)
+        ax.errorbar(
+            series.x[ok],
+            series.b_simple[ok],
+            yerr=[series.b_simple[ok] - series.low[ok], series.high[ok] - series.b_simple[ok]],
+            fmt="none",
+            ecolor="C0",
+            alpha=0.2,
+            lw=0.8,
+            label="interval",
+        )
+        points = ax.scatter(
+            series.x, series.b_simple, c=series.step, s=9, cmap="viridis", label="B_simple"
+        )
+        fig.colorbar(points, ax=ax, label="step")
         _log_scale(ax, "y")
+        _limit_to_lines(ax, [series.b_simple])
         if series.x.max() > series.x.min():
             ax.set_xlim(series.x.max(), series.x.min())
         ax.legend(loc="best", fontsize=8)
@@ -217,6 +236,17 @@ def _log_scale(ax: Axes, which: str) -> None:
         axis = ax.yaxis
     axis.set_major_formatter(PlainLogFormatter())
     axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
+def _limit_to_lines(ax: Axes, lines: list[np.ndarray]) -> None:
+    """Fit a log y-axis to the plotted values, so early, very wide intervals do not squash them.
+
+    The intervals still show where they fit; beyond the limits they are clipped.
+    """
+    values = np.concatenate([np.asarray(v, dtype=float) for v in lines])
+    values = values[np.isfinite(values) & (values > 0)]
+    if values.size:
+        ax.set_ylim(values.min() / 2, values.max() * 2)
 
 
 def _band(ax: Axes, series: BSimpleSeries) -> None:
