@@ -12,7 +12,7 @@ Pure NumPy: no torch, no plotting, no SciPy.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,10 +229,10 @@ def fit_pareto(steps: ArrayLike, examples: ArrayLike) -> ParetoFit:
     if not (np.all(np.isfinite(s)) and np.all(np.isfinite(e)) and np.all(s > 0) and np.all(e > 0)):
         raise NoiseScaleInputError("steps and examples to a goal must be positive and finite")
     batch = e / s
-    if np.unique(np.round(np.log(batch), 9)).size < MIN_BATCH_SIZES:
+    distinct = np.unique(np.round(np.log(batch), 9)).size
+    if distinct < MIN_BATCH_SIZES:
         raise NoiseScaleInputError(
-            f"a Pareto fit needs at least {MIN_BATCH_SIZES} batch sizes, got "
-            f"{np.unique(np.round(np.log(batch), 9)).size}"
+            f"a Pareto fit needs at least {MIN_BATCH_SIZES} batch sizes, got {distinct}"
         )
     y = np.log(s)
     inv_b = 1.0 / batch
@@ -286,7 +286,7 @@ def fit_pareto(steps: ArrayLike, examples: ArrayLike) -> ParetoFit:
     )
 
 
-def _golden_min(f: Any, lo: float, hi: float, tol: float = 1e-10) -> float:
+def _golden_min(f: Callable[[float], float], lo: float, hi: float, tol: float = 1e-10) -> float:
     """Minimiser of a unimodal function on [lo, hi] by golden-section search."""
     ratio = (math.sqrt(5.0) - 1.0) / 2.0
     c = hi - ratio * (hi - lo)

@@ -178,7 +178,7 @@ def read_runs(path: str | Path, *, metric: str = "loss") -> list[Run]:
     if not file.is_file():
         raise NoiseScaleInputError(f"no such runs file: {file}")
     try:
-        text = file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8-sig")  # Excel writes CSV with a BOM
     except (OSError, UnicodeDecodeError) as err:
         raise NoiseScaleInputError(f"cannot read runs file {file}: {err}") from err
     if not text.strip():
