@@ -310,17 +310,24 @@ def test_cli_bad_batch_sizes_exit_2(tmp_path: Path, capsys: pytest.CaptureFixtur
 # --- figures, page and command ------------------------------------------------------------------
 
 
-def test_draw_all_returns_one_png_per_figure(tmp_path: Path) -> None:
-    data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl")))
-    figures = draw_all(data)
+@pytest.fixture(scope="module")
+def drawn(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict[str, bytes]]:
+    """The synthetic run's report data and its figures, drawn once for the tests below."""
+    path = write_synthetic_history(tmp_path_factory.mktemp("drawn") / "h.jsonl")
+    data = report_data(load_history(path))
+    return data, draw_all(data)
+
+
+def test_draw_all_returns_one_png_per_figure(drawn: tuple[Any, dict[str, bytes]]) -> None:
+    _, figures = drawn
     assert tuple(figures) == FIGURE_NAMES
     for png in figures.values():
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5_000
 
 
-def test_report_page_is_self_contained(tmp_path: Path) -> None:
-    data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl")))
-    page = report_html(data, draw_all(data))
+def test_report_page_is_self_contained(drawn: tuple[Any, dict[str, bytes]]) -> None:
+    data, figures = drawn
+    page = report_html(data, figures)
     assert page.count("data:image/png;base64,") == len(FIGURE_NAMES)
     # Nothing to fetch: no external scripts, styles, images or fonts.
     for needle in ("http://", "https://", 'src="//', "@import", "<link"):
