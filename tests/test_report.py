@@ -226,6 +226,26 @@ def test_summary_dict_is_json_ready(tmp_path: Path) -> None:
     assert len(summary["fixed_batch_costs"]) == len(data.costs)
 
 
+def test_varying_batch_size_run(tmp_path: Path) -> None:
+    # Constant B_noise = c; batch 32 for steps 0–199, then 128. Each step is worth B/(B + c)
+    # full-batch steps; the trapezoid rule blends the two values over the one interval at the jump.
+    c = 96.0
+    records = synthetic_records(n_steps=400, batch_size=32, a=c, tau=None, warmup=0)
+    examples = 0
+    for r in records:
+        r["b_big"] = 32 if r["step"] < 200 else 128
+        examples += r["b_big"]
+        r["examples"] = examples
+    data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl", records)))
+    expected = 199 * 32 / (32 + c) + 0.5 * (32 / (32 + c) + 128 / (128 + c)) + 199 * 128 / (128 + c)
+    assert data.run.s_min == pytest.approx(expected, rel=1e-12)
+    assert data.run.batch_size is None and data.run.predicted_steps is None
+    # Examples processed after the first analysed step: 199 more steps at 32, 200 at 128.
+    assert data.run.examples == 199 * 32 + 200 * 128
+    page = report_html(data, {name: b"\x89PNG" for name in FIGURE_NAMES})
+    assert "a varying batch size" in page and 'class="this-run"' not in page
+
+
 # --- tolerated irregularities -------------------------------------------------------------------
 
 
