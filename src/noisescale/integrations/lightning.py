@@ -1,0 +1,261 @@
+"""Lightning callback: B_simple every optimizer step, and an adaptive batch through accumulation.
+
+Usage::
+
+    from noisescale.integrations.lightning import NoiseScaleCallback
+
+    trainer = lightning.Trainer(callbacks=[NoiseScaleCallback()], gradient_clip_val=1.0)
+    trainer.fit(model, loader)
+    callback.tracker.estimate()
+
+Where the measurement happens. Lightning's precision plugin runs the training-step closure
+(forward and backward), then — for 16-bit AMP — ``scaler.unscale_(optimizer)``, then the
+``on_before_optimizer_step`` hooks, and only then gradient clipping (``Precision._after_closure``
+in ``lightning/pytorch/plugins/precision/precision.py``). So ``on_before_optimizer_step`` sees the
+accumulated gradients of all of the step's micro-batches, unscaled and unclipped: the tracker
+steps there.
+
+What the tracker measures is the module whose ``forward`` the ``training_step`` calls: by
+default the ``LightningModule`` itself (``self(x)`` in ``training_step``); if ``training_step``
+calls a submodule instead (``self.net(x)``), pass ``module="net"``.
+
+Adapting the batch. Lightning realises a batch of k micro-batches with
+``Trainer.accumulate_grad_batches = k`` (the loss is divided by k for you). The trainer zeroes
+gradients at batch indices divisible by k and steps when the epoch's batch count is, so k can
+change between optimizer steps only where the epoch's batch count so far is a multiple of the new
+k (always at an epoch start); the callback applies a schedule's decision at the first such step
+boundary (at most k − 1 steps late) and writes the learning-rate factor at the same moment. The
+dataloader's batch size must equal the schedule's ``micro_batch_size``. Schedulers that were
+sized from ``trainer.estimated_stepping_batches`` (e.g. ``OneCycleLR``) were sized for the
+starting accumulation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from torch import Tensor, nn
+
+from noisescale.errors import NoiseScaleInputError
+from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, scale_lr
+from noisescale.tracker import GradientNoiseTracker
+
+try:
+    import lightning.pytorch as pl
+except ImportError:  # the standalone package of the same code
+    try:
+        import pytorch_lightning as pl  # type: ignore[no-redef]
+    except ImportError as exc:
+        raise ImportError(
+            "noisescale.integrations.lightning needs Lightning: "
+            "pip install 'noisescale[integrations]'"
+        ) from exc
+
+__all__ = ["NoiseScaleCallback"]
+
+
+class NoiseScaleCallback(pl.Callback):
+    """Measures B_simple in a Lightning run and optionally adapts the batch size.
+
+    Args:
+        schedule: An :class:`AdaptiveBatchSize` or :class:`BatchSizeRamp` to drive through
+            ``accumulate_grad_batches`` (constructed without ``optimizer``: the callback writes
+            the learning rate when it applies a change). ``None`` only measures.
+        module: Dotted name of the submodule whose ``forward`` the ``training_step`` calls;
+            ``None`` for the ``LightningModule`` itself.
+        log_every: Log ``noisescale/*`` metrics every this many optimizer steps (each log reads
+            the estimate, one host synchronisation); 0 turns logging off.
+        **tracker_kwargs: Passed to :class:`GradientNoiseTracker` (``loss_reduction``,
+            ``per_example``, ``beta``, ``history_path``, …). The AMP scaler is taken from the
+            trainer.
+    """
+
+    def __init__(
+        self,
+        schedule: AdaptiveBatchSize | BatchSizeRamp | None = None,
+        *,
+        module: str | None = None,
+        log_every: int = 50,
+        **tracker_kwargs: Any,
+    ) -> None:
+        if schedule is not None and schedule.optimizer is not None:
+            raise NoiseScaleInputError(
+                "give the schedule no optimizer: the callback writes the learning rate itself, "
+                "when the trainer can take the new batch size"
+            )
+        if log_every < 0:
+            raise NoiseScaleInputError(f"log_every must be at least 0, got {log_every}")
+        if "scaler" in tracker_kwargs:
+            raise NoiseScaleInputError("the AMP scaler is taken from the trainer; do not pass one")
+        self.schedule = schedule
+        self.module = module
+        self.log_every = log_every
+        self.tracker_kwargs = tracker_kwargs
+        self.tracker: GradientNoiseTracker | None = None
+        self._loss: Tensor | None = None
+        self._stepped = False
+        self._examples_seen = 0
+        self._applied_micro_batches: int | None = None  # set once the trainer has one of ours
+        self._applied_lr_factor = 1.0
+        self._pending_state: dict[str, Any] | None = None
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.tracker is not None:
+            return
+        target: nn.Module = (
+            pl_module if self.module is None else pl_module.get_submodule(self.module)
+        )
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self.tracker = GradientNoiseTracker(target, scaler=scaler, **self.tracker_kwargs)
+        if self._pending_state is not None:
+            self._load(self._pending_state)
+            self._pending_state = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A resumed run continues with the accumulation that was in effect (possibly mid-epoch,
+        # where a pending change may not be applicable yet); a fresh one gets the schedule's
+        # start at the first epoch start.
+        if self.schedule is not None and self._applied_micro_batches is not None:
+            trainer.accumulate_grad_batches = self._applied_micro_batches
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the epoch's first batch has index 0, divisible by any accumulation
+        self._apply(trainer)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.tracker is not None:
+            self.tracker.remove()
+
+    # -- measurement ---------------------------------------------------------------------------
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
+    ) -> None:
+        # Lightning has already divided each micro-batch's loss by accumulate_grad_batches, so
+        # the sum over the step's micro-batches is the step's mean loss (kept on the device).
+        loss = loss.detach()
+        self._loss = loss if self._loss is None else self._loss + loss
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        tracker = self._require_tracker()
+        if not tracker.engine.passes:
+            where = "the LightningModule" if self.module is None else f"'{self.module}'"
+            raise NoiseScaleInputError(
+                f"no forward call of {where} was seen in this step: training_step must call it "
+                "(e.g. self(x)), or pass module='<the submodule training_step calls>'"
+            )
+        tracker.step(loss=self._loss, lr=float(optimizer.param_groups[0]["lr"]))
+        self._loss = None
+        self._stepped = True
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if not self._stepped:
+            return
+        self._stepped = False
+        tracker = self._require_tracker()
+        if self.schedule is not None:
+            examples = tracker.examples - self._examples_seen
+            self._examples_seen = tracker.examples
+            self.schedule.step(tracker, examples=examples)
+            ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            # the next batch has index `ready`: a new accumulation k must divide it (see module
+            # docstring), else Lightning would skip a zero_grad or step after too few batches
+            if ready % self.schedule.num_micro_batches == 0:
+                self._apply(trainer)
+        if self.log_every and tracker.steps % self.log_every == 0:
+            pl_module.log_dict(self._metrics(), on_step=True, on_epoch=False)
+
+    # -- checkpointing ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        # Plain Python values only: Lightning loads checkpoints with torch.load(weights_only=True),
+        # which refuses NumPy scalars.
+        return _plain(
+            {
+                "tracker": self.tracker.state_dict() if self.tracker is not None else None,
+                "schedule": self.schedule.state_dict() if self.schedule is not None else None,
+                "applied_micro_batches": self._applied_micro_batches,
+                "applied_lr_factor": self._applied_lr_factor,
+                "examples_seen": self._examples_seen,
+            }
+        )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.tracker is None:
+            self._pending_state = state_dict
+        else:
+            self._load(state_dict)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _load(self, state: dict[str, Any]) -> None:
+        assert self.tracker is not None
+        if state["tracker"] is not None:
+            self.tracker.load_state_dict(state["tracker"])
+        if self.schedule is not None and state["schedule"] is not None:
+            self.schedule.load_state_dict(state["schedule"])
+        applied = state["applied_micro_batches"]
+        self._applied_micro_batches = None if applied is None else int(applied)
+        self._applied_lr_factor = float(state["applied_lr_factor"])
+        self._examples_seen = int(state["examples_seen"])
+
+    def _apply(self, trainer: pl.Trainer) -> None:
+        """Give the trainer the schedule's accumulation and learning-rate factor."""
+        if self.schedule is None:
+            return
+        trainer.accumulate_grad_batches = self.schedule.num_micro_batches
+        self._applied_micro_batches = self.schedule.num_micro_batches
+        new_factor = self.schedule.lr_factor
+        if new_factor != self._applied_lr_factor:
+            schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
+            for optimizer in trainer.optimizers:
+                scale_lr(optimizer, new_factor / self._applied_lr_factor, schedulers)
+            self._applied_lr_factor = new_factor
+
+    def _metrics(self) -> dict[str, float]:
+        e = self._require_tracker().estimate()
+        metrics = {
+            "noisescale/b_simple": e.b_simple,
+            "noisescale/b_simple_low": e.low,
+            "noisescale/b_simple_high": e.high,
+            "noisescale/g2": e.g2,
+            "noisescale/trace_sigma": e.trace_sigma,
+        }
+        if self.schedule is not None:
+            k = self._applied_micro_batches or 1
+            metrics["noisescale/batch_size"] = float(k * self.schedule.micro_batch_size)
+            metrics["noisescale/lr_factor"] = self._applied_lr_factor
+        return metrics
+
+    def _require_tracker(self) -> GradientNoiseTracker:
+        if self.tracker is None:
+            raise NoiseScaleInputError(
+                "the callback has no tracker: it is created in setup(stage='fit'), so use it "
+                "through Trainer.fit"
+            )
+        return self.tracker
+
+
+def _plain(x: Any) -> Any:
+    """``x`` with NumPy scalars and arrays turned into Python numbers and lists."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    return x

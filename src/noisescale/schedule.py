@@ -1,0 +1,859 @@
+"""Adaptive batch size and learning-rate scaling, realised with gradient accumulation.
+
+McCandlish et al. 2018, App. D: the noise scale grows during training, so a batch size that
+follows it spends examples where they buy the most progress. With exchange rate r between
+examples and steps, the optimal schedule is B = √(r·B_noise) (eq. D.3), measured in practice as
+B = √(r·B_simple) (eq. D.6); the paper's theory expects a modest gain, γ of eq. D.5.
+
+Two schedules share one machinery:
+
+* :class:`AdaptiveBatchSize` follows the measured B_simple of a
+  :class:`~noisescale.tracker.GradientNoiseTracker`: B = √(r·B_simple) or B = c·B_simple, within
+  ``[min_batch_size, max_batch_size]``, a multiple of the micro-batch, changed only when the
+  target differs from the current batch by more than a factor (hysteresis), at most every
+  ``interval`` steps and only once the B_simple interval is narrow enough.
+* :class:`BatchSizeRamp` is a fixed warm-up: linear or stepwise in examples or tokens processed
+  (GPT-3, LLaMA 2 and OLMo ramp their batch sizes; see ``docs/adaptive.md``).
+
+Both realise the batch with gradient accumulation: the micro-batch is fixed and
+:attr:`~AdaptiveBatchSize.num_micro_batches` says how many the next optimizer step accumulates
+(divide each micro-batch's mean loss by :attr:`~AdaptiveBatchSize.loss_divisor`); or a
+:class:`ResizableBatchSampler` hands a ``DataLoader`` whole batches whose size changes between
+iterations. The learning rate follows a rule (:data:`LR_RULES`) and is written into
+``param_group["lr"]`` as a factor relative to the rate tuned at ``base_batch_size``; the
+optimizer's state (momentum, Adam moments) is left as it is.
+
+Typical loop::
+
+    tracker = GradientNoiseTracker(model)
+    schedule = AdaptiveBatchSize(micro_batch_size=32, max_batch_size=1024, exchange_rate=2000.0,
+                                 optimizer=opt, lr_rule="sqrt")
+    micro = iter(loader)                       # yields micro-batches of 32
+    for step in range(steps):
+        k = schedule.num_micro_batches
+        for _ in range(k):
+            x, y = next(micro)
+            (loss_fn(model(x), y) / schedule.loss_divisor).backward()
+        tracker.step()
+        opt.step(); opt.zero_grad()
+        schedule.step(tracker)                 # may change k and the learning rate
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+import torch
+from torch.utils.data import Sampler
+
+from noisescale import theory
+from noisescale.errors import NoiseScaleInputError
+from noisescale.estimators import NoiseEstimate
+
+if TYPE_CHECKING:
+    from noisescale.tracker import GradientNoiseTracker
+
+__all__ = [
+    "LR_RULES",
+    "AdaptiveBatchSize",
+    "AdaptiveBatchSizeState",
+    "BatchSizeRamp",
+    "BatchSizeRampState",
+    "ResizableBatchSampler",
+    "lr_factor",
+    "quantized_batch_size",
+    "ramp_batch_size",
+    "scale_lr",
+    "target_batch_size",
+]
+
+#: Learning-rate rules: ``"none"``, ``"linear"`` (Goyal et al. 2017), ``"sqrt"``, ``"paper"``
+#: (ε(B) = ε*/(1 + B*/B)^α, paper eq. A.3) and ``"adascale"`` (the AdaScale gain, Johnson et al.
+#: 2020). See :func:`lr_factor`.
+LR_RULES = ("none", "linear", "sqrt", "paper", "adascale")
+
+LrRule = Literal["none", "linear", "sqrt", "paper", "adascale"]
+
+# The decision log travels in every checkpoint; keep only the latest entries so it stays small.
+_MAX_HISTORY = 10_000
+
+
+# -- pure rules --------------------------------------------------------------------------------
+
+
+def target_batch_size(
+    b_simple: float, *, exchange_rate: float | None = None, factor: float | None = None
+) -> float:
+    """The batch size an adaptive schedule aims for, before bounds and quantisation.
+
+    Either B = √(r·B_simple) for exchange rate r between examples and steps (paper eq. D.3,
+    D.6), or B = c·B_simple, a fixed multiple of the critical-batch estimate (B_crit ≈ B_noise,
+    eq. 2.12; c = 1 is the knee of the Pareto front).
+
+    Args:
+        b_simple: The measured simple noise scale (examples), positive.
+        exchange_rate: r, in examples per step; give this or ``factor``.
+        factor: c; give this or ``exchange_rate``.
+
+    Example:
+        >>> target_batch_size(400.0, exchange_rate=100.0)
+        200.0
+    """
+    if (exchange_rate is None) == (factor is None):
+        raise NoiseScaleInputError(
+            "give exactly one of exchange_rate (B = √(r·B_simple)) or factor"
+        )
+    if not (math.isfinite(b_simple) and b_simple > 0):
+        raise NoiseScaleInputError(f"B_simple must be positive and finite, got {b_simple!r}")
+    if exchange_rate is not None:
+        if not exchange_rate > 0:
+            raise NoiseScaleInputError(f"exchange_rate must be positive, got {exchange_rate!r}")
+        return float(theory.adaptive_batch_size(b_simple, exchange_rate))
+    assert factor is not None
+    if not factor > 0:
+        raise NoiseScaleInputError(f"factor must be positive, got {factor!r}")
+    return factor * b_simple
+
+
+def quantized_batch_size(
+    batch_size: float, micro_batch_size: int, min_batch_size: int, max_batch_size: int
+) -> int:
+    """The nearest multiple of the micro-batch to ``batch_size``, within the bounds.
+
+    The bounds must themselves be multiples of ``micro_batch_size`` (the schedules check this).
+    Rounding is to the nearest multiple in linear scale: with micro-batches much smaller than
+    the batch the relative error is at most m/(2B).
+    """
+    k = max(1, math.floor(batch_size / micro_batch_size + 0.5))  # halves round up, not to even
+    return int(min(max(k * micro_batch_size, min_batch_size), max_batch_size))
+
+
+def lr_factor(
+    batch_size: float,
+    base_batch_size: float,
+    rule: LrRule = "none",
+    *,
+    alpha: float = 1.0,
+    b_star: float | None = None,
+    g2: float | None = None,
+    trace_sigma: float | None = None,
+) -> float:
+    """ε(B)/ε(B₀): the learning rate at batch B relative to the one tuned at B₀.
+
+    Rules, with k = B/B₀:
+
+    - ``"none"``: 1 (some Adam/AdamW setups).
+    - ``"linear"``: k (Goyal et al. 2017; SGD well below B_noise).
+    - ``"sqrt"``: √k (constant gradient-noise level; often used with Adam, paper App. E.2).
+    - ``"paper"``: [(1 + B*/B₀)/(1 + B*/B)]^α, the ratio of ε(B) = ε*/(1 + B*/B)^α (paper eq.
+      A.3) at the two batch sizes; α = 1 for SGD, 0.5 < α < 1 for Adam. Linear far below B*,
+      flat far above it. Needs ``b_star``.
+    - ``"adascale"``: the AdaScale gain (Johnson et al. 2020) from the measured |G|² and tr Σ:
+      with σ² = tr Σ/B₀ (the gradient variance at B₀), μ² = |G|² and r = B/B₀,
+      gain = (σ² + μ²)/(σ²/r + μ²). It is the ``"paper"`` rule with α = 1 and B* = B_simple
+      (eq. 2.6), and AdaScale's learning-rate part only: AdaScale also stretches the schedule's
+      clock by the gain, which this factor does not do. Needs ``g2`` and ``trace_sigma``.
+
+    Args:
+        batch_size: B, the batch size to run at.
+        base_batch_size: B₀, where the optimizer's learning rate was tuned.
+        rule: One of :data:`LR_RULES`.
+        alpha: α of eq. A.3, for ``"paper"``.
+        b_star: B* of eq. A.3 (examples), for ``"paper"``.
+        g2: |G|², for ``"adascale"`` (negative averages are treated as 0).
+        trace_sigma: tr Σ, for ``"adascale"`` (negative averages are treated as 0).
+
+    Example:
+        >>> lr_factor(400, 100, "sqrt"), lr_factor(200, 100, "paper", b_star=100.0)
+        (2.0, 1.3333333333333333)
+    """
+    if not (batch_size > 0 and base_batch_size > 0):
+        raise NoiseScaleInputError(
+            f"batch sizes must be positive, got {batch_size!r} and {base_batch_size!r}"
+        )
+    if rule in ("none", "linear", "sqrt"):
+        return float(theory.scaled_lr(base_batch_size, batch_size, 1.0, rule))
+    if rule == "paper":
+        if b_star is None or not (math.isfinite(b_star) and b_star > 0):
+            raise NoiseScaleInputError(
+                f"the 'paper' learning-rate rule needs a positive B* (b_star), got {b_star!r}"
+            )
+        if not 0.0 < alpha <= 1.0:
+            raise NoiseScaleInputError(f"alpha must be in (0, 1], got {alpha!r}")
+        return float(
+            theory.scaled_lr(base_batch_size, batch_size, 1.0, "noise", b_noise=b_star, alpha=alpha)
+        )
+    if rule == "adascale":
+        if (
+            g2 is None
+            or trace_sigma is None
+            or not (math.isfinite(g2) and math.isfinite(trace_sigma))
+        ):
+            raise NoiseScaleInputError(
+                "the 'adascale' learning-rate rule needs finite |G|² and tr Σ (g2, trace_sigma)"
+            )
+        # Average first, then clamp (as for B_simple): negative averages mean "not measurable".
+        mu2, sigma2 = max(g2, 0.0), max(trace_sigma, 0.0) / base_batch_size
+        if mu2 == 0.0 and sigma2 == 0.0:
+            return 1.0
+        r = batch_size / base_batch_size
+        return (sigma2 + mu2) / (sigma2 / r + mu2)
+    raise NoiseScaleInputError(f"unknown learning-rate rule {rule!r}; choose one of {LR_RULES}")
+
+
+def ramp_batch_size(
+    consumed: float,
+    points: Sequence[tuple[float, float]],
+    micro_batch_size: int,
+    *,
+    interpolate: bool,
+) -> int:
+    """The batch size of a warm-up ramp after ``consumed`` examples (or tokens).
+
+    Args:
+        consumed: Examples (or tokens) processed so far.
+        points: ``(consumed, batch_size)`` knots, consumed strictly increasing from 0.
+        micro_batch_size: The result is a multiple of it (rounded to the nearest, at least one).
+        interpolate: ``True``: piecewise linear between the knots (GPT-3's linear ramp);
+            ``False``: hold each knot's batch size until the next knot (a stepwise ramp).
+
+    Returns:
+        The batch size; beyond the last knot, the last knot's batch size.
+    """
+    xs = [float(x) for x, _ in points]
+    bs = [float(b) for _, b in points]
+    i = 0
+    while i + 1 < len(xs) and consumed >= xs[i + 1]:
+        i += 1
+    b = bs[i]
+    if interpolate and i + 1 < len(xs):
+        b += (bs[i + 1] - b) * (consumed - xs[i]) / (xs[i + 1] - xs[i])
+    return max(1, math.floor(b / micro_batch_size + 0.5)) * micro_batch_size
+
+
+def scale_lr(
+    optimizer: torch.optim.Optimizer, factor: float, lr_schedulers: Iterable[Any] = ()
+) -> None:
+    """Multiply every parameter group's learning rate by ``factor``, in place.
+
+    The optimizer's state (momentum buffers, Adam moments, step counts) is left as it is. Each
+    learning-rate scheduler's ``base_lrs`` is scaled too, so that schedulers that recompute the
+    rate from it (``LambdaLR``, ``OneCycleLR``, …) keep the factor, as chainable ones
+    (``StepLR``, ``ExponentialLR``, …) do by reading ``param_group["lr"]``.
+    """
+    if not (math.isfinite(factor) and factor > 0):
+        raise NoiseScaleInputError(f"a learning-rate factor must be positive, got {factor!r}")
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * factor
+    for scheduler in lr_schedulers:
+        base = getattr(scheduler, "base_lrs", None)
+        if base is not None:
+            scheduler.base_lrs = [b * factor for b in base]
+
+
+# -- the resizable batch sampler -----------------------------------------------------------------
+
+
+class ResizableBatchSampler(Sampler[list[int]]):
+    """A batch sampler for ``torch.utils.data.DataLoader`` whose batch size can change mid-epoch.
+
+    Each epoch draws every index of the underlying sampler exactly once; batches are cut from
+    that stream at whatever :attr:`batch_size` is when the batch is formed. With
+    ``num_workers=0`` a change applies to the next batch; with worker processes the
+    ``DataLoader`` has already formed up to ``num_workers × prefetch_factor`` batches, which keep
+    their size.
+
+    Args:
+        sampler: The index order (e.g. ``RandomSampler(dataset)``), or a dataset length for
+            sequential order.
+        batch_size: Examples per batch, at least 1.
+        drop_last: Drop the last batch of an epoch when it is short.
+    """
+
+    def __init__(
+        self, sampler: Sampler[int] | Iterable[int] | int, batch_size: int, drop_last: bool = False
+    ) -> None:
+        super().__init__()
+        self.sampler: Iterable[int] = range(sampler) if isinstance(sampler, int) else sampler
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+
+    @property
+    def batch_size(self) -> int:
+        """Examples in the next batch."""
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise NoiseScaleInputError(f"batch_size must be a positive integer, got {value!r}")
+        self._batch_size = value
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batch: list[int] = []
+        for index in self.sampler:
+            batch.append(int(index))
+            if len(batch) >= self._batch_size:
+                yield batch
+                batch = []
+        if batch and not self.drop_last:
+            yield batch
+
+    def __len__(self) -> int:
+        """Batches per epoch at the current batch size (exact only if it does not change)."""
+        n = len(self.sampler)  # type: ignore[arg-type]
+        return n // self._batch_size if self.drop_last else -(-n // self._batch_size)
+
+
+# -- the schedules -------------------------------------------------------------------------------
+
+
+class AdaptiveBatchSizeState(NamedTuple):
+    """What an :class:`AdaptiveBatchSize` has decided so far.
+
+    Attributes:
+        step: Optimizer steps seen.
+        examples: Examples (in the batch-size unit) processed in those steps.
+        batch_size: The batch size of the next step.
+        lr_factor: ε/ε(base_batch_size) now in effect.
+        last_decision: Step of the last decision (0 before the first).
+        last_change: Step of the last batch-size change (0 before the first).
+        changes: Batch-size changes made.
+    """
+
+    step: int
+    examples: int
+    batch_size: int
+    lr_factor: float
+    last_decision: int
+    last_change: int
+    changes: int
+
+
+class BatchSizeRampState(NamedTuple):
+    """Where a :class:`BatchSizeRamp` is.
+
+    Attributes:
+        step: Optimizer steps seen.
+        examples: Examples (or tokens) processed in those steps.
+        batch_size: The batch size of the next step.
+        lr_factor: ε/ε(base_batch_size) now in effect.
+    """
+
+    step: int
+    examples: int
+    batch_size: int
+    lr_factor: float
+
+
+class _Realisation:
+    """Shared by both schedules: accumulation arithmetic, learning-rate writes, checkpoints."""
+
+    micro_batch_size: int
+    base_batch_size: int
+    lr_rule: LrRule
+    alpha: float
+    b_star: float | None
+    optimizer: torch.optim.Optimizer | None
+    lr_schedulers: list[Any]
+    batch_sampler: ResizableBatchSampler | None
+    history: list[dict[str, Any]]
+    _state: AdaptiveBatchSizeState | BatchSizeRampState
+
+    def _init_realisation(
+        self,
+        micro_batch_size: int,
+        optimizer: torch.optim.Optimizer | None,
+        lr_schedulers: Iterable[Any],
+        batch_sampler: ResizableBatchSampler | None,
+        lr_rule: str,
+        alpha: float,
+        b_star: float | None,
+    ) -> None:
+        if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int):
+            raise NoiseScaleInputError(
+                f"micro_batch_size must be an integer, got {micro_batch_size!r}"
+            )
+        if micro_batch_size < 1:
+            raise NoiseScaleInputError(
+                f"micro_batch_size must be at least 1, got {micro_batch_size}"
+            )
+        if lr_rule not in LR_RULES:
+            raise NoiseScaleInputError(
+                f"unknown learning-rate rule {lr_rule!r}; choose one of {LR_RULES}"
+            )
+        if lr_rule == "paper" and b_star is not None and not b_star > 0:
+            raise NoiseScaleInputError(f"b_star must be positive, got {b_star!r}")
+        if not 0.0 < alpha <= 1.0:
+            raise NoiseScaleInputError(f"alpha must be in (0, 1], got {alpha!r}")
+        self.micro_batch_size = micro_batch_size
+        self.lr_rule = lr_rule  # type: ignore[assignment]
+        self.alpha = alpha
+        self.b_star = b_star
+        self.optimizer = optimizer
+        self.lr_schedulers = list(lr_schedulers)
+        self.batch_sampler = batch_sampler
+        self.history = []
+
+    def _check_multiple(self, name: str, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise NoiseScaleInputError(f"{name} must be a positive integer, got {value!r}")
+        if value % self.micro_batch_size:
+            raise NoiseScaleInputError(
+                f"{name}={value} is not a multiple of micro_batch_size={self.micro_batch_size}; "
+                "gradient accumulation realises whole micro-batches only"
+            )
+
+    @property
+    def batch_size(self) -> int:
+        """Examples in the next optimizer step."""
+        return self._state.batch_size
+
+    @property
+    def num_micro_batches(self) -> int:
+        """Micro-batches the next optimizer step accumulates."""
+        return self.batch_size // self.micro_batch_size
+
+    @property
+    def loss_divisor(self) -> int:
+        """Divide each micro-batch's mean-reduced loss by this before ``backward()``.
+
+        Then ``.grad`` holds the mean gradient over the whole step, as ``loss_reduction="mean"``
+        of the tracker expects.
+        """
+        return self.num_micro_batches
+
+    @property
+    def lr_factor(self) -> float:
+        """The learning rate in effect relative to the one tuned at ``base_batch_size``."""
+        return self._state.lr_factor
+
+    def _factor(self, batch_size: int, estimate: NoiseEstimate | None) -> float | None:
+        """ε(B)/ε(B₀) under the rule, or ``None`` when the rule needs a measurement it lacks."""
+        if self.lr_rule == "paper" and self.b_star is None:
+            if estimate is None or not (estimate.available and estimate.b_simple > 0):
+                return None
+            return lr_factor(
+                batch_size,
+                self.base_batch_size,
+                "paper",
+                alpha=self.alpha,
+                b_star=estimate.b_simple,
+            )
+        if self.lr_rule == "adascale":
+            if estimate is None or not estimate.available:
+                return None
+            return lr_factor(
+                batch_size,
+                self.base_batch_size,
+                "adascale",
+                g2=estimate.g2,
+                trace_sigma=estimate.trace_sigma,
+            )
+        return lr_factor(
+            batch_size, self.base_batch_size, self.lr_rule, alpha=self.alpha, b_star=self.b_star
+        )
+
+    def _apply(self, batch_size: int, old_factor: float, new_factor: float) -> None:
+        if self.optimizer is not None and new_factor != old_factor:
+            scale_lr(self.optimizer, new_factor / old_factor, self.lr_schedulers)
+        if self.batch_sampler is not None:
+            self.batch_sampler.batch_size = batch_size
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        self.history.append(entry)
+        del self.history[:-_MAX_HISTORY]
+
+    def _lrs(self) -> list[float] | None:
+        if self.optimizer is None:
+            return None
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def _load_common(self, state: dict[str, Any]) -> None:
+        if int(state["micro_batch_size"]) != self.micro_batch_size:
+            raise NoiseScaleInputError(
+                f"the checkpoint used micro_batch_size={state['micro_batch_size']} but this "
+                f"schedule uses {self.micro_batch_size}"
+            )
+        self.history = [dict(h) for h in state.get("history", [])]
+        lrs = state.get("lrs")
+        if self.optimizer is not None and lrs is not None:
+            if len(lrs) != len(self.optimizer.param_groups):
+                raise NoiseScaleInputError(
+                    f"the checkpoint has {len(lrs)} learning rates but the optimizer has "
+                    f"{len(self.optimizer.param_groups)} parameter groups"
+                )
+            # The optimizer's own state_dict holds the same values; writing them here makes a
+            # resume that restores only the schedule continue at the same learning rate too.
+            for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+                group["lr"] = float(lr)
+        if self.batch_sampler is not None:
+            self.batch_sampler.batch_size = self.batch_size
+
+
+class AdaptiveBatchSize(_Realisation):
+    """Batch size that follows the measured noise scale (paper App. D, eq. D.6).
+
+    Every ``interval`` optimizer steps :meth:`step` reads the tracker's estimate and, when its
+    confidence interval is narrow enough (relative width below ``max_relative_width``), computes
+    the target B = √(r·B_simple) or c·B_simple (:func:`target_batch_size`), clamps it to the
+    bounds and rounds it to a multiple of the micro-batch. The batch changes only when the target
+    differs from the current batch by more than the ``hysteresis`` factor; the learning rate
+    follows ``lr_rule`` (:func:`lr_factor`). Changes therefore come at least ``interval`` steps
+    apart and the estimate is read (one host synchronisation) only at decisions.
+
+    B_simple depends on the temperature ε/B (paper App. C): a rule that changes ε/B when the
+    batch changes (``"none"``, ``"sqrt"``) changes the quantity being measured. Let ``interval``
+    be at least the tracker's averaging horizon (≈ (1 + β)/(1 − β) steps) so decisions see the
+    new regime.
+
+    Args:
+        micro_batch_size: Examples per forward/backward pass; every batch is a multiple of it.
+        min_batch_size: Smallest batch (a multiple of the micro-batch); default one micro-batch.
+        max_batch_size: Largest batch (a multiple of the micro-batch); e.g. what the hardware
+            and the accumulation budget allow.
+        exchange_rate: r of eq. D.3/D.6 (examples per step), for B = √(r·B_simple).
+        factor: c for B = c·B_simple (give this or ``exchange_rate``).
+        batch_size: The batch to start at (default ``min_batch_size``).
+        interval: Steps between decisions (and so the least steps between changes).
+        hysteresis: Change only when max(target/B, B/target) exceeds this factor (> 1).
+        max_relative_width: Act only when (high − low)/B_simple of the tracker's interval is
+            at most this (an interval unbounded above has infinite width); ``math.inf`` acts on
+            every available estimate.
+        allow_decrease: Let the batch shrink when the noise scale falls; ``False`` makes the
+            schedule a ramp that only grows.
+        lr_rule: How the learning rate follows the batch (:data:`LR_RULES`); ``"none"`` leaves
+            it alone.
+        base_batch_size: Where the optimizer's learning rate was tuned (default: the starting
+            batch). If it differs from the start, the learning rate is rescaled at once (for
+            rules that need a measurement, at the first decision).
+        alpha: α of eq. A.3 for ``lr_rule="paper"``.
+        b_star: B* of eq. A.3 for ``lr_rule="paper"``; ``None`` uses the measured B_simple at
+            each decision (with α = 1 that is eq. 2.6).
+        optimizer: Whose ``param_group["lr"]`` to write (``None``: compute only; read
+            :attr:`lr_factor`).
+        lr_schedulers: Schedulers whose ``base_lrs`` to scale along (see :func:`scale_lr`).
+        batch_sampler: A :class:`ResizableBatchSampler` to resize with the batch (for loaders
+            that yield whole steps rather than micro-batches).
+    """
+
+    def __init__(
+        self,
+        *,
+        micro_batch_size: int,
+        max_batch_size: int,
+        min_batch_size: int | None = None,
+        exchange_rate: float | None = None,
+        factor: float | None = None,
+        batch_size: int | None = None,
+        interval: int = 100,
+        hysteresis: float = 1.25,
+        max_relative_width: float = 0.5,
+        allow_decrease: bool = True,
+        lr_rule: LrRule = "none",
+        base_batch_size: int | None = None,
+        alpha: float = 1.0,
+        b_star: float | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        lr_schedulers: Iterable[Any] = (),
+        batch_sampler: ResizableBatchSampler | None = None,
+    ) -> None:
+        self._init_realisation(
+            micro_batch_size, optimizer, lr_schedulers, batch_sampler, lr_rule, alpha, b_star
+        )
+        min_batch_size = micro_batch_size if min_batch_size is None else min_batch_size
+        self._check_multiple("min_batch_size", min_batch_size)
+        self._check_multiple("max_batch_size", max_batch_size)
+        if max_batch_size < min_batch_size:
+            raise NoiseScaleInputError(
+                f"max_batch_size={max_batch_size} is below min_batch_size={min_batch_size}"
+            )
+        start = min_batch_size if batch_size is None else batch_size
+        self._check_multiple("batch_size", start)
+        if not min_batch_size <= start <= max_batch_size:
+            raise NoiseScaleInputError(
+                f"batch_size={start} is outside [{min_batch_size}, {max_batch_size}]"
+            )
+        base = start if base_batch_size is None else base_batch_size
+        if isinstance(base, bool) or not isinstance(base, int) or base < 1:
+            raise NoiseScaleInputError(f"base_batch_size must be a positive integer, got {base!r}")
+        # validates exchange_rate / factor once, so a bad value fails here and not mid-run
+        target_batch_size(1.0, exchange_rate=exchange_rate, factor=factor)
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise NoiseScaleInputError(f"interval must be a positive integer, got {interval!r}")
+        if not hysteresis >= 1.0:
+            raise NoiseScaleInputError(f"hysteresis must be at least 1, got {hysteresis!r}")
+        if not max_relative_width > 0:
+            raise NoiseScaleInputError(
+                f"max_relative_width must be positive, got {max_relative_width!r}"
+            )
+        self.min_batch_size = min_batch_size
+        self.max_batch_size = max_batch_size
+        self.exchange_rate = exchange_rate
+        self.factor = factor
+        self.interval = interval
+        self.hysteresis = float(hysteresis)
+        self.max_relative_width = float(max_relative_width)
+        self.allow_decrease = allow_decrease
+        self.base_batch_size = base
+        factor0 = self._factor(start, None)
+        self._state = AdaptiveBatchSizeState(
+            step=0,
+            examples=0,
+            batch_size=start,
+            lr_factor=1.0 if factor0 is None else factor0,
+            last_decision=0,
+            last_change=0,
+            changes=0,
+        )
+        self._apply(start, 1.0, self._state.lr_factor)
+
+    @property
+    def state(self) -> AdaptiveBatchSizeState:
+        """The decisions so far (an immutable snapshot)."""
+        return self._state
+
+    def step(
+        self,
+        source: GradientNoiseTracker | NoiseEstimate | None = None,
+        *,
+        examples: int | None = None,
+    ) -> bool:
+        """Count one optimizer step; every ``interval`` steps, decide the next batch size.
+
+        Call after ``optimizer.step()``: a change applies from the next step on.
+
+        Args:
+            source: The tracker (its estimate is read only at decisions) or an estimate. With
+                ``None`` the step is counted but nothing is decided.
+            examples: Examples the step processed (default: the batch size in effect).
+
+        Returns:
+            ``True`` when the batch size or the learning rate changed.
+        """
+        s = self._state
+        s = s._replace(
+            step=s.step + 1, examples=s.examples + (s.batch_size if examples is None else examples)
+        )
+        self._state = s
+        if source is None or s.step - s.last_decision < self.interval:
+            return False
+        estimate = source if isinstance(source, NoiseEstimate) else source.estimate()
+        return self.decide(estimate)
+
+    def decide(self, estimate: NoiseEstimate) -> bool:
+        """Decide now from ``estimate`` (normally :meth:`step` calls this every ``interval``).
+
+        Returns:
+            ``True`` when the batch size or the learning rate changed.
+        """
+        s = self._state._replace(last_decision=self._state.step)
+        entry: dict[str, Any] = {
+            "step": s.step,
+            "examples": s.examples,
+            "b_simple": estimate.b_simple,
+            "b_simple_low": estimate.low,
+            "b_simple_high": estimate.high,
+            "relative_width": estimate.relative_width,
+        }
+        if not estimate.available or not estimate.b_simple > 0:
+            self._state = s
+            self._record({**entry, "action": "wait: no estimate yet", "batch_size": s.batch_size})
+            return False
+        if not estimate.relative_width <= self.max_relative_width:
+            self._state = s
+            self._record({**entry, "action": "wait: interval too wide", "batch_size": s.batch_size})
+            return False
+        raw = target_batch_size(
+            estimate.b_simple, exchange_rate=self.exchange_rate, factor=self.factor
+        )
+        target = quantized_batch_size(
+            raw, self.micro_batch_size, self.min_batch_size, self.max_batch_size
+        )
+        ratio = max(target / s.batch_size, s.batch_size / target)
+        grow = target > s.batch_size
+        change = ratio > self.hysteresis and (grow or self.allow_decrease)
+        new_batch = target if change else s.batch_size
+        new_factor = self._factor(new_batch, estimate)
+        if new_factor is None:
+            new_factor = s.lr_factor
+        self._apply(new_batch, s.lr_factor, new_factor)
+        changed = change or new_factor != s.lr_factor
+        self._state = s._replace(
+            batch_size=new_batch,
+            lr_factor=new_factor,
+            last_change=s.step if change else s.last_change,
+            changes=s.changes + int(change),
+        )
+        self._record(
+            {
+                **entry,
+                "action": "change" if change else "keep",
+                "target": raw,
+                "batch_size": new_batch,
+                "lr_factor": new_factor,
+            }
+        )
+        return changed
+
+    def state_dict(self) -> dict[str, Any]:
+        """The schedule's decisions, for a resumed run to continue with the same batch and rate."""
+        return {
+            "kind": "AdaptiveBatchSize",
+            "micro_batch_size": self.micro_batch_size,
+            "state": self._state._asdict(),
+            "lrs": self._lrs(),
+            "history": [dict(h) for h in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the optimizer's learning rates are set to the saved ones."""
+        if state.get("kind") != "AdaptiveBatchSize":
+            raise NoiseScaleInputError(
+                f"not an AdaptiveBatchSize state (kind={state.get('kind')!r})"
+            )
+        self._state = AdaptiveBatchSizeState(**state["state"])
+        self._load_common(state)
+
+
+class BatchSizeRamp(_Realisation):
+    """A fixed batch-size warm-up, linear or stepwise in examples (or tokens) processed.
+
+    Large language models ramp their batch: GPT-3 linearly from 32k tokens to its full batch
+    over the first 4–12 billion tokens; LLaMA 2 from 512k to 4M tokens; OLMo 1B doubles it as
+    the measured critical batch size grows (Merrill et al. 2025). Build one with
+    :meth:`linear` or :meth:`stepwise`; batch sizes, ``over`` and ``micro_batch_size`` share
+    one unit (examples, or tokens for sequence models: a micro-batch of 8 sequences of 2048
+    tokens is 16384).
+
+    Args:
+        points: ``(consumed, batch_size)`` knots, consumed strictly increasing from 0.
+        micro_batch_size: Every batch is rounded to a multiple of it.
+        interpolate: Linear between knots (``True``) or held until the next knot.
+        lr_rule: ``"none"``, ``"linear"``, ``"sqrt"`` or ``"paper"`` (with ``b_star``); the
+            measured rules need :class:`AdaptiveBatchSize`.
+        base_batch_size: Where the optimizer's learning rate was tuned (default: the final
+            batch, so the rate is scaled down during the ramp under ``"linear"``/``"sqrt"``).
+        alpha, b_star: Of eq. A.3, for ``lr_rule="paper"``.
+        optimizer, lr_schedulers, batch_sampler: As for :class:`AdaptiveBatchSize`.
+    """
+
+    def __init__(
+        self,
+        points: Sequence[tuple[float, int]],
+        *,
+        micro_batch_size: int,
+        interpolate: bool,
+        lr_rule: LrRule = "none",
+        base_batch_size: int | None = None,
+        alpha: float = 1.0,
+        b_star: float | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        lr_schedulers: Iterable[Any] = (),
+        batch_sampler: ResizableBatchSampler | None = None,
+    ) -> None:
+        self._init_realisation(
+            micro_batch_size, optimizer, lr_schedulers, batch_sampler, lr_rule, alpha, b_star
+        )
+        if lr_rule == "adascale" or (lr_rule == "paper" and b_star is None):
+            raise NoiseScaleInputError(
+                f"lr_rule={lr_rule!r} needs a measured noise scale; a fixed ramp takes 'none', "
+                "'linear', 'sqrt' or 'paper' with b_star (use AdaptiveBatchSize to follow the "
+                "measurement)"
+            )
+        pts = [(float(x), int(b)) for x, b in points]
+        if not pts or pts[0][0] != 0.0:
+            raise NoiseScaleInputError("a ramp's first knot must be at 0 examples consumed")
+        if any(b[0] <= a[0] for a, b in itertools.pairwise(pts)):
+            raise NoiseScaleInputError("a ramp's knots must be strictly increasing in consumed")
+        for _, b in pts:
+            self._check_multiple("batch_size", b)
+        self.points = pts
+        self.interpolate = interpolate
+        self.base_batch_size = pts[-1][1] if base_batch_size is None else base_batch_size
+        if self.base_batch_size < 1:
+            raise NoiseScaleInputError(f"base_batch_size must be positive, got {base_batch_size!r}")
+        start = ramp_batch_size(0.0, pts, micro_batch_size, interpolate=interpolate)
+        factor0 = self._factor(start, None)
+        assert factor0 is not None
+        self._state = BatchSizeRampState(0, 0, start, factor0)
+        self._apply(start, 1.0, factor0)
+
+    @classmethod
+    def linear(
+        cls, start: int, end: int, over: float, *, micro_batch_size: int, **kwargs: Any
+    ) -> BatchSizeRamp:
+        """From ``start`` to ``end`` linearly over the first ``over`` examples (or tokens)."""
+        if not over > 0:
+            raise NoiseScaleInputError(f"a ramp needs a positive length, got over={over!r}")
+        return cls(
+            [(0.0, start), (float(over), end)],
+            micro_batch_size=micro_batch_size,
+            interpolate=True,
+            **kwargs,
+        )
+
+    @classmethod
+    def stepwise(
+        cls, steps: Sequence[tuple[float, int]], *, micro_batch_size: int, **kwargs: Any
+    ) -> BatchSizeRamp:
+        """Hold each ``(from_consumed, batch_size)`` until the next (e.g. doubling stages)."""
+        return cls(steps, micro_batch_size=micro_batch_size, interpolate=False, **kwargs)
+
+    @property
+    def state(self) -> BatchSizeRampState:
+        """Where the ramp is (an immutable snapshot)."""
+        return self._state
+
+    def step(self, source: Any = None, *, examples: int | None = None) -> bool:
+        """Count one optimizer step and move along the ramp.
+
+        Args:
+            source: Ignored (a fixed ramp does not read the tracker); accepted so that both
+                schedules are driven the same way.
+            examples: Examples (or tokens) the step processed (default: the batch in effect).
+
+        Returns:
+            ``True`` when the batch size changed.
+        """
+        s = self._state
+        done = s.examples + (s.batch_size if examples is None else examples)
+        new_batch = ramp_batch_size(
+            done, self.points, self.micro_batch_size, interpolate=self.interpolate
+        )
+        new_factor = self._factor(new_batch, None)
+        assert new_factor is not None
+        self._apply(new_batch, s.lr_factor, new_factor)
+        self._state = BatchSizeRampState(s.step + 1, done, new_batch, new_factor)
+        if new_batch != s.batch_size:
+            self._record(
+                {
+                    "step": s.step + 1,
+                    "examples": done,
+                    "action": "change",
+                    "batch_size": new_batch,
+                    "lr_factor": new_factor,
+                }
+            )
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the ramp is, for a resumed run to continue with the same batch and rate."""
+        return {
+            "kind": "BatchSizeRamp",
+            "micro_batch_size": self.micro_batch_size,
+            "state": self._state._asdict(),
+            "lrs": self._lrs(),
+            "history": [dict(h) for h in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the optimizer's learning rates are set to the saved ones."""
+        if state.get("kind") != "BatchSizeRamp":
+            raise NoiseScaleInputError(f"not a BatchSizeRamp state (kind={state.get('kind')!r})")
+        self._state = BatchSizeRampState(**state["state"])
+        self._load_common(state)

@@ -1,0 +1,414 @@
+"""Adaptive batch size, warm-up ramps and learning-rate rules (paper App. D, A.2, E.2)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from noisescale import GradientNoiseTracker, theory
+from noisescale.errors import NoiseScaleInputError
+from noisescale.estimators import NoiseEstimate
+from noisescale.schedule import (
+    AdaptiveBatchSize,
+    BatchSizeRamp,
+    ResizableBatchSampler,
+    lr_factor,
+    quantized_batch_size,
+    ramp_batch_size,
+    scale_lr,
+    target_batch_size,
+)
+
+
+def _estimate(b_simple: float, rel_width: float = 0.1, g2: float = 1.0) -> NoiseEstimate:
+    """An estimate with B_simple = tr Σ/|G|² and an interval of the given relative width."""
+    half = rel_width * b_simple / 2
+    return NoiseEstimate(g2, b_simple * g2, b_simple, b_simple - half, b_simple + half)
+
+
+# -- pure rules --------------------------------------------------------------------------------
+
+
+def test_target_is_sqrt_of_r_times_b_simple_or_a_multiple():
+    assert target_batch_size(400.0, exchange_rate=100.0) == pytest.approx(200.0)  # eq. D.6
+    assert target_batch_size(400.0, factor=0.5) == 200.0
+    for bad in ({}, {"exchange_rate": 1.0, "factor": 1.0}, {"exchange_rate": 0.0}):
+        with pytest.raises(NoiseScaleInputError):
+            target_batch_size(10.0, **bad)
+    with pytest.raises(NoiseScaleInputError, match="B_simple"):
+        target_batch_size(math.nan, factor=1.0)
+
+
+@given(
+    b=st.floats(0.01, 1e6),
+    m=st.integers(1, 64),
+    lo_k=st.integers(1, 8),
+    span=st.integers(0, 64),
+)
+def test_quantized_batch_is_a_bounded_multiple_nearest_to_the_target(b, m, lo_k, span):
+    lo, hi = lo_k * m, (lo_k + span) * m
+    q = quantized_batch_size(b, m, lo, hi)
+    assert q % m == 0 and lo <= q <= hi
+    if lo <= b <= hi:
+        assert abs(q - b) <= m / 2 + 1e-9
+
+
+def test_lr_factor_rules_in_closed_form():
+    assert lr_factor(400, 100, "none") == 1.0
+    assert lr_factor(400, 100, "linear") == 4.0
+    assert lr_factor(400, 100, "sqrt") == 2.0
+    # eq. A.3: the ratio of ε*/(1 + B*/B)^α at the two batch sizes, here the paper's SVHN
+    # relation ε = 0.27·B/(96 + B) (App. D.2, footnote 20), and an Adam-like α = 0.7
+    for alpha in (1.0, 0.7):
+        want = theory.lr_central(512, 0.27, 96, alpha) / theory.lr_central(64, 0.27, 96, alpha)
+        assert lr_factor(512, 64, "paper", b_star=96.0, alpha=alpha) == pytest.approx(want)
+    with pytest.raises(NoiseScaleInputError, match="b_star"):
+        lr_factor(512, 64, "paper")
+    with pytest.raises(NoiseScaleInputError, match="unknown"):
+        lr_factor(512, 64, "cubic")  # type: ignore[arg-type]
+
+
+def test_adascale_gain_from_g2_and_trace():
+    # σ² = tr Σ/B₀ = 4, μ² = 1, r = 4: gain = (4 + 1)/(4/4 + 1) = 2.5 (Johnson et al. 2020)
+    assert lr_factor(64, 16, "adascale", g2=1.0, trace_sigma=64.0) == pytest.approx(2.5)
+    # pure noise: linear scaling; no noise: no scaling; negative averages clamp to 0
+    assert lr_factor(64, 16, "adascale", g2=0.0, trace_sigma=64.0) == pytest.approx(4.0)
+    assert lr_factor(64, 16, "adascale", g2=-0.1, trace_sigma=64.0) == pytest.approx(4.0)
+    assert lr_factor(64, 16, "adascale", g2=1.0, trace_sigma=0.0) == pytest.approx(1.0)
+    assert lr_factor(64, 16, "adascale", g2=0.0, trace_sigma=0.0) == 1.0
+    with pytest.raises(NoiseScaleInputError, match="adascale"):
+        lr_factor(64, 16, "adascale", g2=1.0)
+
+
+@given(
+    b0=st.integers(1, 4096),
+    k=st.floats(1.0, 64.0),
+    g2=st.floats(1e-6, 1e3),
+    tr=st.floats(1e-6, 1e6),
+)
+def test_adascale_is_the_paper_rule_at_b_simple_and_lies_between_1_and_r(b0, k, g2, tr):
+    b = b0 * k
+    gain = lr_factor(b, b0, "adascale", g2=g2, trace_sigma=tr)
+    assert gain == pytest.approx(lr_factor(b, b0, "paper", b_star=tr / g2), rel=1e-9)
+    assert 1.0 - 1e-9 <= gain <= k * (1 + 1e-9)
+
+
+def test_ramp_batch_size_linear_and_stepwise():
+    points = [(0.0, 32), (1000.0, 512)]
+    assert ramp_batch_size(0, points, 32, interpolate=True) == 32
+    assert ramp_batch_size(500, points, 32, interpolate=True) == 288  # 32 + 240 = 272 → 9×32
+    assert ramp_batch_size(5000, points, 32, interpolate=True) == 512
+    assert ramp_batch_size(999, points, 32, interpolate=False) == 32
+    assert ramp_batch_size(1000, points, 32, interpolate=False) == 512
+
+
+def test_scale_lr_keeps_the_factor_through_a_lambda_scheduler():
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    scale_lr(opt, 4.0, [sched])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.4)
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.4 / 2)
+    with pytest.raises(NoiseScaleInputError):
+        scale_lr(opt, 0.0)
+
+
+# -- the adaptive controller -------------------------------------------------------------------
+
+
+def _controller(**kw) -> AdaptiveBatchSize:
+    settings = dict(
+        micro_batch_size=16,
+        max_batch_size=1024,
+        exchange_rate=100.0,
+        interval=10,
+        hysteresis=1.25,
+        max_relative_width=0.5,
+    )
+    return AdaptiveBatchSize(**{**settings, **kw})
+
+
+def test_decides_every_interval_steps_and_only_on_narrow_intervals():
+    c = _controller()
+    assert (c.batch_size, c.num_micro_batches, c.loss_divisor) == (16, 1, 1)
+    # √(100·400) = 200 → 13 micro-batches of 16 = 208; read only at step 10
+    for _ in range(9):
+        assert not c.step(_estimate(400.0))
+    assert c.batch_size == 16
+    assert not c.step(_estimate(400.0, rel_width=0.8))  # too wide at step 10
+    assert c.history[-1]["action"] == "wait: interval too wide"
+    for _ in range(9):
+        c.step(_estimate(400.0))
+    assert c.batch_size == 16
+    assert c.step(_estimate(400.0))  # step 20: narrow enough
+    assert (c.batch_size, c.num_micro_batches, c.loss_divisor) == (208, 13, 13)
+    assert c.state.last_change == 20 and c.state.changes == 1
+    assert c.state.examples == 20 * 16
+
+
+def test_hysteresis_bounds_and_allow_decrease():
+    c = _controller(interval=1, batch_size=208)
+    assert not c.step(_estimate(484.0))  # target √48400 = 220 → 224: ratio 1.08 < 1.25
+    assert c.batch_size == 208
+    assert c.step(_estimate(1e8))  # clamped at the maximum
+    assert c.batch_size == 1024
+    assert c.step(_estimate(1.0))  # √100 = 10 → one micro-batch, the minimum
+    assert c.batch_size == 16
+    grow_only = _controller(interval=1, batch_size=208, allow_decrease=False)
+    assert not grow_only.step(_estimate(1.0))
+    assert grow_only.batch_size == 208
+    not_yet = _controller(interval=1)
+    assert not not_yet.step(NoiseEstimate(math.nan, math.nan, math.nan))
+    assert not_yet.history[-1]["action"] == "wait: no estimate yet"
+
+
+def test_factor_target_and_linear_lr_written_to_the_optimizer():
+    p = nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([{"params": [p], "lr": 0.1}, {"params": [], "lr": 0.01}])
+    c = _controller(exchange_rate=None, factor=0.5, interval=1, optimizer=opt, lr_rule="linear")
+    assert c.step(_estimate(256.0))  # 0.5·256 = 128
+    assert c.batch_size == 128 and c.lr_factor == 8.0
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.8, 0.08])
+    # lr tuned at 64 but starting at 16: the sqrt rule rescales at once
+    opt2 = torch.optim.SGD([p], lr=0.1)
+    _controller(optimizer=opt2, lr_rule="sqrt", base_batch_size=64)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_measured_rules_follow_the_estimate():
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    c = _controller(interval=1, optimizer=opt, lr_rule="adascale")
+    assert c.lr_factor == 1.0  # nothing measured yet, start at B₀
+    c.step(_estimate(400.0, g2=2.0))  # → 208
+    want = lr_factor(208, 16, "adascale", g2=2.0, trace_sigma=800.0)
+    assert c.lr_factor == pytest.approx(want)
+    assert opt.param_groups[0]["lr"] == pytest.approx(want)
+    paper = _controller(interval=1, lr_rule="paper")  # B* = measured B_simple
+    paper.step(_estimate(400.0))
+    assert paper.lr_factor == pytest.approx(lr_factor(208, 16, "paper", b_star=400.0))
+
+
+def test_adamw_moments_are_kept_when_the_batch_changes():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    before = {
+        id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+        for p, s in opt.state.items()
+    }
+    c = _controller(interval=1, optimizer=opt, lr_rule="sqrt")
+    assert c.step(_estimate(400.0))
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * math.sqrt(208 / 16))
+    for p, s in opt.state.items():
+        for k, v in s.items():
+            assert torch.equal(v, before[id(p)][k]), k
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(NoiseScaleInputError, match="multiple"):
+        _controller(max_batch_size=1000)
+    with pytest.raises(NoiseScaleInputError, match="below"):
+        _controller(min_batch_size=64, max_batch_size=32)
+    with pytest.raises(NoiseScaleInputError, match="exactly one"):
+        _controller(factor=1.0)
+    with pytest.raises(NoiseScaleInputError, match="hysteresis"):
+        _controller(hysteresis=0.9)
+    with pytest.raises(NoiseScaleInputError, match="rule"):
+        _controller(lr_rule="cubic")
+    with pytest.raises(NoiseScaleInputError, match="outside"):
+        _controller(batch_size=2048)
+    with pytest.raises(NoiseScaleInputError, match="measured"):
+        BatchSizeRamp.linear(16, 64, 100, micro_batch_size=16, lr_rule="adascale")
+
+
+# -- realised with gradient accumulation, driven by the tracker ----------------------------------
+
+
+def _problem(n: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 6, generator=g)
+    y = (x @ torch.randn(6, generator=g) > 0).long()
+    return x, y
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
+
+
+def test_accumulated_gradient_is_the_full_batch_mean_and_the_tracker_sees_the_batch():
+    x, y = _problem()
+    model = _model()
+    tracker = GradientNoiseTracker(model, sync_every=1)
+    c = _controller(micro_batch_size=8, batch_size=32, max_batch_size=64, interval=1)
+    k = c.num_micro_batches
+    for j in range(k):
+        xs, ys = x[8 * j : 8 * (j + 1)], y[8 * j : 8 * (j + 1)]
+        (F.cross_entropy(model(xs), ys) / c.loss_divisor).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    tracker.step()
+    est = tracker.estimate()
+    c.step(est)
+    assert tracker.history[-1]["b_big"] == 32.0
+    model.zero_grad()
+    F.cross_entropy(model(x[:32]), y[:32]).backward()
+    for g, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad)
+    assert c.history[-1]["b_simple"] == est.b_simple
+
+
+def _run(steps: int, state: dict | None = None, split_at: int | None = None):
+    """Train with the tracker driving the controller; optionally resume from ``state``."""
+    x, y = _problem()
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tracker = GradientNoiseTracker(model, sync_every=4)
+    c = AdaptiveBatchSize(
+        micro_batch_size=8,
+        max_batch_size=128,
+        factor=2.0,
+        interval=5,
+        hysteresis=1.2,
+        max_relative_width=math.inf,
+        optimizer=opt,
+        lr_rule="sqrt",
+    )
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        tracker.load_state_dict(state["tracker"])
+        c.load_state_dict(json.loads(state["schedule"]))  # JSON-safe
+        start = state["step"]
+    seen = []
+    for step in range(start, steps):
+        g = torch.Generator().manual_seed(step)
+        for _ in range(c.num_micro_batches):
+            idx = torch.randint(0, len(x), (8,), generator=g)
+            (F.cross_entropy(model(x[idx]), y[idx]) / c.loss_divisor).backward()
+        seen.append((c.batch_size, opt.param_groups[0]["lr"]))
+        tracker.step()
+        opt.step()
+        opt.zero_grad()
+        c.step(tracker)
+        if split_at is not None and step + 1 == split_at:
+            return seen, {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "tracker": tracker.state_dict(),
+                "schedule": json.dumps(c.state_dict()),
+                "step": step + 1,
+            }
+    return seen, None
+
+
+def test_resumed_run_continues_with_the_same_batch_size_and_lr():
+    whole, _ = _run(40)
+    first, state = _run(40, split_at=20)
+    second, _ = _run(40, state=state)
+    assert first + second == whole
+    batches = [b for b, _ in whole]
+    assert len(set(batches[:20])) > 1 and len(set(batches[20:])) > 1  # changes on both sides
+    for b, lr in whole:
+        assert lr == pytest.approx(1e-2 * math.sqrt(b / 8))
+
+
+# -- the resizable batch sampler -----------------------------------------------------------------
+
+
+class _Indices(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 103
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resizable_sampler_sees_every_example_once_per_epoch(workers):
+    ds = _Indices()
+    sampler = ResizableBatchSampler(
+        torch.utils.data.RandomSampler(ds, generator=torch.Generator().manual_seed(0)), 4
+    )
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers)
+    sizes = [4, 8, 12, 5, 16, 1]
+    for _epoch in range(2):
+        seen: list[int] = []
+        got_sizes = []
+        for j, batch in enumerate(loader):
+            seen.extend(batch.tolist())
+            got_sizes.append(len(batch))
+            sampler.batch_size = sizes[j % len(sizes)]
+        assert sorted(seen) == list(range(len(ds)))
+        if workers == 0:  # a change applies to the very next batch
+            want = [4] + [sizes[j % len(sizes)] for j in range(len(got_sizes) - 1)]
+            assert got_sizes[:-1] == want[:-1] and got_sizes[-1] <= want[-1]
+        sampler.batch_size = 4
+
+
+def test_resizable_sampler_drop_last_len_and_schedule_link():
+    s = ResizableBatchSampler(10, 4, drop_last=True)
+    assert [len(b) for b in s] == [4, 4] and len(s) == 2
+    s.batch_size = 3
+    assert len(s) == 3 and len(ResizableBatchSampler(10, 3)) == 4
+    with pytest.raises(NoiseScaleInputError):
+        s.batch_size = 0
+    c = _controller(interval=1, batch_sampler=s)
+    assert s.batch_size == 16
+    c.step(_estimate(400.0))
+    assert s.batch_size == 208
+
+
+# -- fixed ramps ---------------------------------------------------------------------------------
+
+
+def test_linear_ramp_counts_examples_and_scales_lr():
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.8)
+    ramp = BatchSizeRamp.linear(16, 64, 160, micro_batch_size=16, lr_rule="linear", optimizer=opt)
+    assert ramp.batch_size == 16 and opt.param_groups[0]["lr"] == pytest.approx(0.2)  # tuned at 64
+    sizes = []
+    for _ in range(8):
+        sizes.append(ramp.batch_size)
+        ramp.step()
+    # consumed 0, 16, 32, 64, 96, 144: b = 16 + 48·c/160 = 16, 20.8, 25.6, 35.2, 44.8, 59.2,
+    # rounded to multiples of 16
+    assert sizes == [16, 16, 32, 32, 48, 64, 64, 64]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.8)
+    assert ramp.state.examples == sum(sizes)
+
+
+def test_stepwise_ramp_in_tokens_resumes():
+    # a token ramp: micro-batch of 4 sequences × 128 tokens, doubling at 10k and 40k tokens
+    micro = 512
+    stages = [(0, 2048), (10_000, 4096), (40_000, 8192)]
+    ramp = BatchSizeRamp.stepwise(stages, micro_batch_size=micro, lr_rule="sqrt")
+    twin = BatchSizeRamp.stepwise(stages, micro_batch_size=micro, lr_rule="sqrt")
+    sizes = []
+    for t in range(15):
+        if t == 7:
+            twin.load_state_dict(json.loads(json.dumps(ramp.state_dict())))
+        if t >= 7:
+            assert twin.batch_size == ramp.batch_size and twin.lr_factor == ramp.lr_factor
+            twin.step()
+        sizes.append(ramp.batch_size)
+        ramp.step()
+    # 2048 per step reaches 10k tokens after 5 steps (10240), 4096 per step 40k after 8 more
+    assert sizes == [2048] * 5 + [4096] * 8 + [8192] * 2
+    assert ramp.lr_factor == 1.0 and ramp.num_micro_batches == 16
+    with pytest.raises(NoiseScaleInputError, match="kind"):
+        ramp.load_state_dict(_controller().state_dict())
