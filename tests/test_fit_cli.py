@@ -6,8 +6,6 @@ import csv
 import json
 import math
 import re
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -179,18 +177,6 @@ def test_plot_data_curves_are_the_fitted_hyperbola() -> None:
         assert g["b_crit_point"] == pytest.approx((2 * result.fit.s_min, 2 * result.fit.e_min))
         assert [p["steps"] for p in g["points"]] == [p.steps for p in result.points]
     assert "<svg" in pareto_html(results, title="t")
-
-
-def test_python_dash_m_entry_point(runs_csv: Path) -> None:
-    args = ["fit", str(runs_csv), "--goal", "0.2", "--ema", "0", "--json"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "noisescale", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["goals"][0]["b_crit"] == pytest.approx(120.0, rel=5e-3)
 
 
 # --- bad input: message and exit code 2 ----------------------------------------------------------
