@@ -356,6 +356,17 @@ def test_report_page_is_self_contained(drawn: tuple[Any, dict[str, bytes]]) -> N
     assert 'id="report-input-batch-size"' in page
 
 
+def test_history_without_loss_lr_or_emas_still_reports(tmp_path: Path) -> None:
+    records = synthetic_records(n_steps=50)
+    for r in records:
+        r.update(loss=None, lr=None, temperature=None, g2_ema=None, trace_sigma_ema=None)
+    data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl", records)))
+    assert data.b_simple_loss.x.size == 0 and data.temperature.step.size == 0
+    assert data.emas.step.size == 0
+    page = report_html(data, draw_all(data))
+    assert page.count("data:image/png;base64,") == len(FIGURE_NAMES)
+
+
 def test_cli_writes_page_and_pngs(tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
     path = write_synthetic_history(tmp_path / "run" / "history.jsonl")
