@@ -5,12 +5,16 @@ Implements McCandlish et al. 2018, "An Empirical Model of Large-Batch Training".
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from typing import TYPE_CHECKING, Any
 
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.estimators import NoiseEstimate, estimate_from_norms
-from noisescale.per_example import per_example_sqnorms
-from noisescale.tracker import GradientNoiseTracker
+
+if TYPE_CHECKING:
+    from noisescale.per_example import per_example_sqnorms
+    from noisescale.tracker import GradientNoiseTracker
+
+__version__ = "0.1.0"
 
 __all__ = [
     "GradientNoiseTracker",
@@ -21,3 +25,20 @@ __all__ = [
     "estimate_from_norms",
     "per_example_sqnorms",
 ]
+
+# The torch-backed parts load on first use, so that `noisescale calc --help` and the pure math
+# do not pay for importing torch.
+_LAZY = {
+    "GradientNoiseTracker": "noisescale.tracker",
+    "per_example_sqnorms": "noisescale.per_example",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'noisescale' has no attribute {name!r}")
