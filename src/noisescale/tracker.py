@@ -712,13 +712,17 @@ def preconditioner_weights(
                 v = state["square_avg"]
                 if group["centered"]:
                     v = v.addcmul(state["grad_avg"], state["grad_avg"], value=-1)
-                denom = v.float().sqrt() + group["eps"]
+                denom = _at_least_float32(v).sqrt() + group["eps"]
             else:
                 v = state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]
                 correction = 1.0 - group["betas"][1] ** float(state["step"])
-                denom = (v.float() / correction).sqrt() + group["eps"]
+                denom = (_at_least_float32(v) / correction).sqrt() + group["eps"]
             out[id(p)] = denom.pow(-2)
     return out
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def _parameter_groups(

@@ -1,0 +1,216 @@
+"""Preconditioned noise scale: P = 1/(√v̂ + ε) from the optimizer, applied to every norm alike.
+
+Checked three ways: P against the update the optimizer actually makes; every norm of a step
+(per-example, micro-batch, big batch) against brute-force per-example gradients scaled by P; and
+unbiasedness of the preconditioned |PG|² and tr(PΣP) on a quadratic with known G and Σ.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import noisescale
+from noisescale.errors import NoiseScaleInputError
+from noisescale.tracker import preconditioner_weights
+
+F32 = 8 * torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+OPTIMIZERS = {
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.05, betas=(0.0, 0.9), eps=1e-3),
+    "adamw-amsgrad": lambda ps: torch.optim.AdamW(
+        ps, lr=0.05, betas=(0.0, 0.8), eps=1e-3, weight_decay=0.0, amsgrad=True
+    ),
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=0.05, alpha=0.7, eps=1e-3),
+    "rmsprop-centered": lambda ps: torch.optim.RMSprop(
+        ps, lr=0.05, alpha=0.7, eps=1e-3, centered=True
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_p_is_what_the_optimizer_divides_by(name):
+    """With no momentum (β₁ = 0) the update is −lr·P ⊙ g, P from the state after the step."""
+    g = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(7, generator=g))
+    opt = OPTIMIZERS[name]([p])
+    assert preconditioner_weights(opt, [p]) is None  # no state before the first step
+    for _ in range(4):
+        grad = torch.randn(7, generator=g) * torch.linspace(0.01, 3.0, 7)
+        p.grad = grad.clone()
+        before = p.detach().clone()
+        opt.step()
+        w2 = preconditioner_weights(opt, [p])[id(p)]
+        update = (before - p.detach()) / (0.05 * grad)
+        assert torch.allclose(update, w2.sqrt(), rtol=1e-10)
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1, groups=2)
+        self.norm = nn.GroupNorm(2, 4)
+        self.fc = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.norm(self.conv(x))).flatten(1))
+
+
+class TiedLM(nn.Module):
+    """Tokens → embedding → Linear on each position → LayerNorm → output head tied to the table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(9, 5)
+        self.mix = nn.Linear(5, 5)
+        self.norm = nn.LayerNorm(5)
+        self.head = nn.Linear(5, 9, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(torch.tanh(self.mix(self.emb(tokens))))).mean(1)
+
+
+def make_batch(kind: str, n: int, g: torch.Generator):
+    if kind == "conv":
+        return torch.randn(n, 2, 5, 5, generator=g), torch.randn(n, 3, generator=g)
+    return torch.randint(0, 9, (n, 4), generator=g), torch.randn(n, 9, generator=g)
+
+
+def loss_i(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (out - y).pow(2).sum(1)
+
+
+def manual_p2(opt: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor:
+    """P² written out from the optimizers' documented update rules."""
+    state, group = opt.state[p], opt.param_groups[0]
+    if isinstance(opt, torch.optim.RMSprop):
+        v = state["square_avg"]
+        if group["centered"]:
+            v = v - state["grad_avg"] ** 2
+        return 1.0 / (v.sqrt() + group["eps"]) ** 2
+    v = state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]
+    t = float(state["step"])
+    return 1.0 / ((v / (1 - group["betas"][1] ** t)).sqrt() + group["eps"]) ** 2
+
+
+def _brute_force_norms(model, params, p2, x, y):
+    """Per-example mean |P⊙g_i|², micro-batch |P⊙G_j|² (two halves), big-batch |P⊙G|²."""
+    grads = [
+        torch.autograd.grad(loss_i(model(x[i : i + 1]), y[i : i + 1]).sum(), params)
+        for i in range(x.shape[0])
+    ]
+
+    def weighted(vecs):
+        return float(sum((w * v.pow(2)).sum() for w, v in zip(p2, vecs, strict=True)))
+
+    def mean(rows):
+        return [torch.stack(col).mean(0) for col in zip(*rows, strict=True)]
+
+    half = x.shape[0] // 2
+    per_ex = float(np.mean([weighted(gi) for gi in grads]))
+    micro = [weighted(mean(grads[:half])), weighted(mean(grads[half:]))]
+    return per_ex, micro, weighted(mean(grads))
+
+
+@pytest.mark.parametrize("kind", ["conv", "tied"])
+@pytest.mark.parametrize("name", ["adam", "rmsprop-centered"])
+def test_every_norm_is_preconditioned(kind, name):
+    """Per-example (materialised conv/linear, sparse embedding, tied cross terms), micro-batch
+    and big-batch norms all equal brute force with the same P."""
+    torch.manual_seed(0)
+    model = ConvNet() if kind == "conv" else TiedLM()
+    params = list(model.parameters())
+    opt = OPTIMIZERS[name](params)
+    tracker = noisescale.GradientNoiseTracker(model, precondition=opt, sync_every=1)
+    g = torch.Generator().manual_seed(1)
+    with pytest.warns(RuntimeWarning, match="not preconditioned"):
+        for step in range(3):
+            x, y = make_batch(kind, 6, g)
+            if step == 2:  # the state the tracked step sees, and brute force at the same θ
+                p2 = [manual_p2(opt, p) for p in params]
+                with tracker.paused():  # these passes are not training
+                    expected = _brute_force_norms(model, params, p2, x, y)
+            for xm, ym in zip(x.chunk(2), y.chunk(2), strict=True):
+                (loss_i(model(xm), ym).mean() / 2).backward()
+            tracker.step()
+            opt.step()
+            opt.zero_grad()
+    history = tracker.history
+    assert [r["preconditioned"] for r in history] == [False, True, True]
+    record = history[-1]
+    per_ex, micro, big = expected
+    assert record["sources"]["per_example"]["sqnorm_small"] == pytest.approx(per_ex, rel=F32)
+    assert record["sources"]["microbatch"]["sqnorm_small"] == pytest.approx(micro, rel=F32)
+    assert record["sqnorm_big"] == pytest.approx(big, rel=F32)
+
+
+class Shift(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.theta - x
+
+
+def test_preconditioned_estimates_are_unbiased_on_a_quadratic():
+    """L_x = ½ Σ_d h_d(θ_d − x_d)², x ~ N(μ, diag s²): G = h⊙(θ−μ), Σ = diag(h²s²).
+
+    With lr = 0 (θ fixed) RMSprop's state still moves, so P_t changes every step; each step's
+    g2 and tr Σ must be unbiased for |P_t ⊙ G|² and tr(P_t Σ P_t) = Σ_d P_d² h_d² s_d².
+    """
+    d = 5
+    h = torch.linspace(0.5, 3.0, d)
+    mu, s = torch.linspace(-1.0, 1.0, d), torch.linspace(0.5, 2.0, d)
+    model = nn.Sequential(Shift(d))
+    opt = torch.optim.RMSprop(model.parameters(), lr=0.0, alpha=0.9)
+    tracker = noisescale.GradientNoiseTracker(model, precondition=opt, beta=1.0)
+    theta = model[0].theta
+    g = torch.Generator().manual_seed(0)
+    gen = h * (theta.detach() - mu)
+    truth = []
+    with pytest.warns(RuntimeWarning, match="not preconditioned"):
+        for _ in range(300):
+            p2 = preconditioner_weights(opt, [theta])
+            if p2 is not None:
+                w = p2[id(theta)]
+                truth.append((float((w * gen**2).sum()), float((w * h**2 * s**2).sum())))
+            x = mu + torch.randn(16, d, generator=g) * s
+            for xm in x.chunk(2):
+                (0.5 * (h * model(xm).pow(2)).sum(1).mean() / 2).backward()
+            tracker.step()
+            opt.step()
+            opt.zero_grad()
+    history = [r for r in tracker.history if r.get("preconditioned")]
+    assert len(history) == len(truth) == 299
+    for k, key in enumerate(("g2", "trace_sigma")):
+        resid = np.array([r[key] for r in history]) - np.array([t[k] for t in truth])
+        se = resid.std(ddof=1) / math.sqrt(resid.size)
+        assert abs(resid.mean()) <= 4 * se, (key, resid.mean(), se)
+    # the estimate restarted at the first preconditioned step (step 2)
+    assert tracker.estimate().steps == 299
+    assert tracker.state_dict()["preconditioned_from"] == 2
+
+
+def test_refusals():
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+    with pytest.raises(NoiseScaleInputError, match="Adam, AdamW or RMSprop"):
+        noisescale.GradientNoiseTracker(
+            model, precondition=torch.optim.SGD(model.parameters(), lr=0.1)
+        )
+    with pytest.raises(NoiseScaleInputError, match="not in the precondition optimizer"):
+        noisescale.GradientNoiseTracker(model, precondition=torch.optim.Adam(model[0].parameters()))
