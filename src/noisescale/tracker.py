@@ -34,7 +34,7 @@ import math
 import warnings
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from noisescale import estimators as est
 from noisescale.errors import NoiseScaleInputError
 from noisescale.per_example import LOSS_REDUCTIONS, PerExampleNorms
+from noisescale.sources.distributed import DataParallelSource, ReducedStep
 
 __all__ = ["GradientNoiseTracker"]
 
@@ -67,13 +68,16 @@ class _PendingStep:
     # per parameter group: (|G_big|² [groups], source -> |G_small|² [small batches, groups])
     groups: tuple[Tensor, dict[str, Tensor]] | None = None
     preconditioned: bool | None = None  # None: no preconditioner asked for
+    # data parallel: the step's all-reduce, turned into the fields above by sync()
+    reduced: ReducedStep | None = None
 
 
 class GradientNoiseTracker:
     """Measures B_simple = tr(Σ)/|G|² (paper eq. 2.9) during training, every step, unbiased.
 
     Args:
-        model: The model being trained (a ``DistributedDataParallel`` wrapper is fine).
+        model: The model being trained: plain, wrapped in ``DistributedDataParallel``, or an
+            FSDP2 (``fully_shard``) root; create the tracker after wrapping.
         loss_reduction: ``"mean"`` or ``"sum"``: how the backpropagated loss combined the
             examples' own losses (see the module docstring).
         per_example: Measure exact per-example norms with module hooks (the most precise source).
@@ -101,6 +105,12 @@ class GradientNoiseTracker:
             ``"param_groups"`` (the optimizer's), or a mapping ``{name: [parameters, modules or
             their names]}``; parameters left out form ``"(other)"``. Per step, the groups' g2
             and tr Σ add up to the total's.
+        process_group: The group gradients are averaged over. Under ``torch.distributed``
+            a DDP or FSDP2 model is detected and uses its own group; give this for a plain
+            model whose gradients you average yourself after the last backward pass.
+            Each process's local gradient (before averaging) is then a small batch and the
+            averaged one the big batch (paper App. A.1), at the cost of one small all-reduce
+            per step; every process must call ``step()`` (:mod:`noisescale.sources`).
     """
 
     def __init__(
@@ -119,6 +129,7 @@ class GradientNoiseTracker:
         fallback: bool = True,
         precondition: torch.optim.Optimizer | None = None,
         groups: bool | str | Mapping[str, Any] | None = None,
+        process_group: Any | None = None,
     ) -> None:
         if loss_reduction not in LOSS_REDUCTIONS:
             raise NoiseScaleInputError(
@@ -164,6 +175,14 @@ class GradientNoiseTracker:
             precondition=self._preconditioner_weights if precondition is not None else None,
         )
         self._params = [p for p in model.parameters() if p.requires_grad]
+        # DDP, FSDP2 or process_group=: local gradients against the averaged one (App. A.1)
+        self._dist = DataParallelSource.detect(
+            model, self.engine, self._params, process_group, microbatch=microbatch
+        )
+        if self._dist is not None and (precondition is not None or group_params):
+            raise NoiseScaleInputError(
+                "precondition= and groups= are not supported under data parallelism yet"
+            )
         self._state = est.init_state(beta)
         self._combiner: dict[str, est.CombinerState] = {}
         self._pending: list[_PendingStep] = []
@@ -192,6 +211,9 @@ class GradientNoiseTracker:
             )
         self.steps += 1
         scale, grads_unscaled = self._loss_scale()
+        if self._dist is not None:
+            self._step_distributed(passes, scale, grads_unscaled, loss, lr)
+            return
         k = len(passes)
         sizes = [p.batch_size for p in passes]
         n_total = sum(sizes)
@@ -296,6 +318,8 @@ class GradientNoiseTracker:
         """Read what is pending and remove the hooks from the model."""
         self.sync()
         self.engine.remove()
+        if self._dist is not None:
+            self._dist.remove()
 
     # -- host side ----------------------------------------------------------------------------
 
@@ -304,6 +328,7 @@ class GradientNoiseTracker:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
+        pending = self._resolve_reduced(pending)
         flat: list[Tensor] = []
         for p in pending:
             flat.append(p.sqnorm_big.reshape(1).float())
@@ -347,6 +372,68 @@ class GradientNoiseTracker:
         self._history.extend(records)
         if self.history_path is not None:
             self._write_lines(records)
+
+    def _step_distributed(
+        self,
+        passes: list[Any],
+        scale: float,
+        grads_unscaled: bool,
+        loss: Tensor | float | None,
+        lr: float | None,
+    ) -> None:
+        """A data-parallel step: start its all-reduce; :meth:`sync` resolves it."""
+        assert self._dist is not None
+        k = len(passes)
+        coef = [1.0 / (k * p.batch_size) if self.loss_reduction == "mean" else 1.0 for p in passes]
+        reduced = self._dist.launch(passes, coef, scale, 1.0 if grads_unscaled else scale, loss)
+        if lr is None and self.optimizer is not None:
+            lr = float(self.optimizer.param_groups[0]["lr"])
+        nan = torch.full((), math.nan)
+        self._pending.append(
+            _PendingStep(self.steps, math.nan, nan, {}, None, lr, 0, scale, reduced=reduced)
+        )
+        if len(self._pending) >= self.sync_every:
+            self.sync()
+
+    def _resolve_reduced(self, pending: list[_PendingStep]) -> list[_PendingStep]:
+        """Wait for the data-parallel steps' all-reduces; fill in their global statistics."""
+        reduced = [p.reduced.values() for p in pending if p.reduced is not None]
+        if not reduced:
+            return pending
+        assert self._dist is not None
+        values = torch.cat(reduced).cpu().numpy()
+        width = values.size // len(reduced)
+        out = []
+        for p in pending:
+            if p.reduced is None:
+                out.append(p)
+                continue
+            r = self._dist.resolve(values[:width])
+            values = values[width:]
+            self.examples += r.examples
+            if not r.sources:
+                self._warn_once(
+                    "small-equals-big",
+                    "this step has one example over all processes and no other small-batch "
+                    "source (small batch = big batch); the step is skipped",
+                )
+            sources = {
+                name: (b_small, torch.from_numpy(vals))
+                for name, (b_small, vals) in r.sources.items()
+            }
+            sqnorm_big = torch.tensor(r.sqnorm_big, dtype=torch.float64)
+            out.append(
+                replace(
+                    p,
+                    b_big=r.b_big,
+                    sqnorm_big=sqnorm_big,
+                    sources=sources,
+                    loss=r.loss,
+                    examples=self.examples,
+                    reduced=None,
+                )
+            )
+        return out
 
     def _fold(
         self,

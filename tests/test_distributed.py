@@ -1,0 +1,477 @@
+"""Data-parallel tracking (paper App. A.1) against one process on the same global batch.
+
+Two CPU processes (gloo) run DDP, FSDP2 and a hand-averaged model on fixed data; the single-process
+reference accumulates the same examples as micro-batches, one per process's local batch, with the
+same example weights, so its ``.grad`` is the averaged gradient. What must then match per step:
+
+* b_big and |G_big|² (the global big batch, from the example weights of all processes);
+* the ``"per_example"`` source (mean per-example norm over all processes' examples);
+* the data-parallel ``"local"`` source = the reference's ``"microbatch"`` source when each process
+  runs one backward pass (the W local batches are its micro-batches); with accumulation the local
+  gradients are checked against autograd directly;
+* the ``"microbatch"`` source under ``no_sync()`` = the reference's over all micro-batches;
+* hence, with the same sources, the combined g2, tr Σ and B_simple.
+
+The models are float64, so the only rounding is the tracker's float32 read of its device
+statistics; tolerances are derived from it (:func:`a2_tolerance`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import multiprocessing
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import noisescale
+from noisescale import estimators as est
+from noisescale.errors import NoiseScaleInputError
+from noisescale.sources import distributed as dsrc
+
+WORLD = 2
+D_IN, D_HID, D_OUT = 6, 5, 3
+LR = 0.5
+CRASH_TIMEOUT_S = 20  # init_process_group(timeout=): the longest a collective may wait
+F32 = float(np.finfo(np.float32).eps)
+
+# scenario -> (set-up, per step: each process's micro-batch sizes)
+EVEN = [[[6], [6]], [[6], [6]], [[6], [6]]]
+UNEVEN = [[[6], [6]], [[7], [3]], [[5], [1]]]
+ACCUM = [[[4, 3], [4, 4]], [[3, 3], [3, 2]], [[2, 5], [4, 1]]]
+SCENARIOS: dict[str, tuple[str, list[list[list[int]]]]] = {
+    "ddp_even": ("ddp", EVEN),
+    "ddp_uneven": ("ddp", UNEVEN),
+    "ddp_no_sync": ("ddp", ACCUM),
+    "ddp_sync_every_pass": ("ddp_sync_all", ACCUM),
+    "manual": ("manual", EVEN),
+    "fsdp2": ("fsdp", UNEVEN),
+    "fsdp2_accumulate": ("fsdp", ACCUM),
+}
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    # 5 output rows of the first layer and 3 of the second: uneven shards over 2 processes
+    return nn.Sequential(nn.Linear(D_IN, D_HID), nn.Tanh(), nn.Linear(D_HID, D_OUT)).double()
+
+
+def micro_batch(steps: list, t: int, r: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Micro-batch j of process r at step t: the same tensors in the workers and the reference."""
+    n = steps[t][r][j]
+    g = torch.Generator().manual_seed(1000 * t + 100 * r + j + 7 * len(steps[t][r]))
+    x = torch.randn(n, D_IN, generator=g, dtype=torch.float64)
+    y = torch.randint(0, D_OUT, (n,), generator=g)
+    return x, y
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- worker side (runs in the spawned processes) -------------------------------------------------
+
+
+def _init(rank: int, port: int, timeout_s: float) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=timeout_s),
+    )
+
+
+def _run_scenario(rank: int, setup: str, steps: list) -> dict:
+    import warnings
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = make_model()
+    group = None
+    if setup.startswith("ddp"):
+        model = DistributedDataParallel(model)
+    elif setup == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model[0])
+        fully_shard(model[2])
+        fully_shard(model)
+    else:
+        group = torch.distributed.group.WORLD
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker = noisescale.GradientNoiseTracker(
+            model, beta=1.0, sync_every=2, optimizer=opt, process_group=group
+        )
+        for t, sizes in enumerate(steps):
+            k = len(sizes[rank])
+            for j in range(k):
+                x, y = micro_batch(steps, t, rank, j)
+                last = j == k - 1
+                if setup == "ddp" and not last:
+                    with model.no_sync():
+                        (F.cross_entropy(model(x), y) / k).backward()
+                else:
+                    if setup == "fsdp":
+                        model.set_requires_gradient_sync(last)
+                    loss = F.cross_entropy(model(x), y) / k
+                    loss.backward()
+            if setup == "manual":
+                for p in model.parameters():
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= WORLD
+            tracker.step(loss=loss)
+            opt.step()
+            opt.zero_grad()
+        e = tracker.estimate()
+        history = tracker.history
+    return {
+        "history": history,
+        "estimate": [e.g2, e.trace_sigma, e.b_simple, e.low, e.high],
+        "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
+    }
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    """All scenarios, then a crash (one process start-up is most of the cost)."""
+    _init(rank, port, timeout_s=CRASH_TIMEOUT_S)
+    results = {name: _run_scenario(rank, *SCENARIOS[name]) for name in SCENARIOS}
+    results["misuse"] = _misuse()
+    Path(out, f"{rank}.json").write_text(json.dumps(results))
+    _crash(rank, out)
+
+
+def _misuse() -> dict[str, str]:
+    """What a user is told when the set-up cannot give the data-parallel estimate."""
+    import warnings
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    out = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        noisescale.GradientNoiseTracker(make_model())  # e.g. created before wrapping in DDP
+    out["plain_model"] = " ".join(str(w.message) for w in caught)
+    model = DistributedDataParallel(make_model())
+    tracker = noisescale.GradientNoiseTracker(model)
+    x, y = micro_batch(EVEN, 0, 0, 0)
+    with model.no_sync():
+        F.cross_entropy(model(x), y).backward()
+    try:
+        tracker.step()
+        out["step_after_no_sync"] = "accepted"
+    except NoiseScaleInputError as e:
+        out["step_after_no_sync"] = str(e)
+    tracker.remove()
+    return out
+
+
+def _crash(rank: int, out: str) -> None:
+    """Rank 1 dies after its backward pass; rank 0 waits for the tracker's all-reduce."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(make_model())
+    tracker = noisescale.GradientNoiseTracker(model)
+    x, y = micro_batch(EVEN, 0, rank, 0)
+    F.cross_entropy(model(x), y).backward()
+    if rank == 1:
+        os._exit(1)  # a crash: no clean shutdown of the process group
+    start = time.monotonic()
+    try:
+        tracker.step()
+        tracker.estimate()
+        outcome = "returned"
+    except Exception:
+        outcome = traceback.format_exc()
+    Path(out, "survivor.json").write_text(
+        json.dumps({"outcome": outcome, "seconds": time.monotonic() - start})
+    )
+    os._exit(0)  # the peer is gone: no orderly destroy_process_group()
+
+
+def _spawn(target, args: tuple, timeout_s: float) -> list[int | None]:
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, *args)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return codes
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("ddp")
+    start = time.monotonic()
+    codes = _spawn(_worker, (free_port(), str(out)), timeout_s=150)
+    elapsed = time.monotonic() - start
+    # rank 1 crashes on purpose at the end; rank 0 must get out by itself
+    assert codes == [0, 1], f"workers exited with {codes} after {elapsed:.0f} s"
+    results = {r: json.loads(Path(out, f"{r}.json").read_text()) for r in range(WORLD)}
+    results["survivor"] = json.loads(Path(out, "survivor.json").read_text())
+    return results
+
+
+# -- the single-process reference ----------------------------------------------------------------
+
+
+def reference(name: str) -> tuple[list[dict], list[list[tuple[float, float]]]]:
+    """The tracker on one process, the processes' micro-batches accumulated in one step.
+
+    Also returns, per step, each process's local gradient as (b_small, |G_local|²) by autograd.
+    """
+    return _reference(json.dumps(SCENARIOS[name][1]))
+
+
+@functools.cache
+def _reference(steps_json: str) -> tuple[list[dict], list[list[tuple[float, float]]]]:
+    steps = json.loads(steps_json)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    tracker = noisescale.GradientNoiseTracker(model, beta=1.0, sync_every=2, optimizer=opt)
+    local: list[list[tuple[float, float]]] = []
+    for t, sizes in enumerate(steps):
+        k = len(sizes[0])
+        assert all(len(s) == k for s in sizes), "DDP's weights need equal passes per process"
+        copy = make_model()  # without the tracker's hooks
+        copy.load_state_dict(model.state_dict())
+        per_rank = []
+        for r in range(WORLD):
+            loss_r = sum(F.cross_entropy(copy(x), y) / k for x, y in _micro(steps, t, r))
+            grads = torch.autograd.grad(loss_r, list(copy.parameters()))
+            # the local .grad is Σ_j mean_j/k: example weights 1/(k·n_j), summing to 1
+            b_local = k * k / sum(1.0 / n for n in sizes[r])
+            per_rank.append((b_local, float(sum(g.pow(2).sum() for g in grads))))
+        local.append(per_rank)
+        for r in range(WORLD):
+            for x, y in _micro(steps, t, r):
+                (F.cross_entropy(model(x), y) / (WORLD * k)).backward()
+        tracker.step()
+        opt.step()
+        opt.zero_grad()
+    return tracker.history, local
+
+
+def _micro(steps: list, t: int, r: int):
+    return [micro_batch(steps, t, r, j) for j in range(len(steps[t][r]))]
+
+
+def a2_tolerance(b_small, s_small, b_big, s_big) -> tuple[float, float]:
+    """Bounds on eq. A.2's change when its inputs are rounded to float32 (×8 for safety)."""
+    b_small, s_small = np.asarray(b_small, float), np.asarray(s_small, float)
+    g2 = F32 * (b_big * abs(s_big) + b_small * np.abs(s_small)) / np.abs(b_big - b_small)
+    tr = F32 * (np.abs(s_small) + abs(s_big)) / np.abs(1.0 / b_small - 1.0 / b_big)
+    return 8 * float(g2.max()), 8 * float(tr.max())
+
+
+def a2_mean(raw: dict, b_big: float, s_big: float) -> tuple[float, float]:
+    b = np.atleast_1d(np.asarray(raw["b_small"], float))
+    s = np.atleast_1d(np.asarray(raw["sqnorm_small"], float))
+    g2, tr = est.unbiased_g2_trace(b, s, b_big, s_big)
+    return float(np.mean(g2)), float(np.mean(tr))
+
+
+def assert_same_source(got: dict, want: dict, b_big: float, s_big: float) -> None:
+    """Two sources give the same eq. A.2 average (up to float32 reads of their inputs)."""
+    assert sorted(np.atleast_1d(got["b_small"])) == pytest.approx(
+        sorted(np.atleast_1d(want["b_small"])), rel=1e-12
+    )
+    tol_g2, tol_tr = a2_tolerance(want["b_small"], want["sqnorm_small"], b_big, s_big)
+    g_got, t_got = a2_mean(got, b_big, s_big)
+    g_want, t_want = a2_mean(want, b_big, s_big)
+    assert g_got == pytest.approx(g_want, abs=tol_g2)
+    assert t_got == pytest.approx(t_want, abs=tol_tr)
+
+
+def assert_big_batch_matches(got: dict, want: dict) -> None:
+    assert got["b_big"] == pytest.approx(want["b_big"], rel=1e-12)
+    assert got["sqnorm_big"] == pytest.approx(want["sqnorm_big"], rel=4 * F32)
+    assert got["examples"] == want["examples"]
+
+
+# -- tests ---------------------------------------------------------------------------------------
+
+
+def test_every_process_computes_the_same_history(runs):
+    for name in SCENARIOS:
+        for key in ("history", "estimate"):
+            assert json.dumps(runs[0][name][key]) == json.dumps(runs[1][name][key]), name
+
+
+@pytest.mark.parametrize("name", ["ddp_even", "ddp_uneven", "manual", "fsdp2"])
+def test_one_pass_per_process_equals_single_process(runs, name):
+    """The local source is the reference's micro-batch source; the combination matches too."""
+    want_hist, _ = reference(name)
+    got_hist = runs[0][name]["history"]
+    assert len(got_hist) == len(want_hist)
+    for got, want in zip(got_hist, want_hist, strict=True):
+        assert_big_batch_matches(got, want)
+        assert set(got["sources"]) == {"per_example", "local"}
+        assert set(want["sources"]) == {"per_example", "microbatch"}
+        b_big, s_big = want["b_big"], want["sqnorm_big"]
+        assert_same_source(
+            got["sources"]["per_example"], want["sources"]["per_example"], b_big, s_big
+        )
+        assert_same_source(got["sources"]["local"], want["sources"]["microbatch"], b_big, s_big)
+        # the combination weighs the two sources' eq. A.2 values: the sum of their tolerances
+        tols = [
+            a2_tolerance(s["b_small"], s["sqnorm_small"], b_big, s_big)
+            for s in want["sources"].values()
+        ]
+        assert got["g2"] == pytest.approx(want["g2"], abs=sum(t[0] for t in tols))
+        assert got["trace_sigma"] == pytest.approx(want["trace_sigma"], abs=sum(t[1] for t in tols))
+    assert got_hist[-1]["b_simple"] == pytest.approx(want_hist[-1]["b_simple"], rel=1e-4)
+
+
+def test_uneven_local_batches_weight_the_big_batch(runs):
+    """Local batches 7 and 3: .grad weights examples 1/(2·7) and 1/(2·3), so b_big = (Σc)²/Σc²
+    = 4/(1/7 + 1/3) = 8.4, not 10."""
+    history = runs[0]["ddp_uneven"]["history"]
+    got = [r["b_big"] for r in history]
+    assert got == pytest.approx([12.0, 4 / (1 / 7 + 1 / 3), 4 / (1 / 5 + 1)], rel=1e-12)
+    assert [r["examples"] for r in history] == [12, 22, 28]
+    # batches 5 and 1: b_big = 10/3, so only the one-example process is a smaller batch
+    assert history[2]["sources"]["local"]["b_small"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["ddp_no_sync", "fsdp2_accumulate"])
+def test_accumulation_equals_single_process(runs, name):
+    """no_sync() / set_requires_gradient_sync(False): micro-batch, per-example and local."""
+    want_hist, local = reference(name)
+    got_hist = runs[0][name]["history"]
+    for got, want, per_rank in zip(got_hist, want_hist, local, strict=True):
+        assert_big_batch_matches(got, want)
+        assert set(got["sources"]) == {"per_example", "local", "microbatch"}
+        b_big, s_big = want["b_big"], want["sqnorm_big"]
+        for source in ("per_example", "microbatch"):
+            assert_same_source(got["sources"][source], want["sources"][source], b_big, s_big)
+        brute = {
+            "b_small": [b for b, _ in per_rank],
+            "sqnorm_small": [s for _, s in per_rank],
+        }
+        assert_same_source(got["sources"]["local"], brute, b_big, s_big)
+        assert got["sources"]["local"]["sqnorm_small"] == pytest.approx(
+            brute["sqnorm_small"], rel=4 * F32
+        )
+
+
+def test_misuse_is_reported(runs):
+    misuse = runs[0]["misuse"]
+    assert "neither DistributedDataParallel nor FSDP2" in misuse["plain_model"]
+    assert "inside model.no_sync()" in misuse["step_after_no_sync"]
+
+
+def test_accumulation_without_no_sync_drops_only_the_local_source(runs):
+    """Every pass all-reduces: no process holds its local gradient; the rest still matches."""
+    result = runs[0]["ddp_sync_every_pass"]
+    want_hist, _ = reference("ddp_no_sync")
+    for got, want in zip(result["history"], want_hist, strict=True):
+        assert_big_batch_matches(got, want)
+        assert set(got["sources"]) == {"per_example", "microbatch"}
+        assert got["g2"] == pytest.approx(want["g2"], rel=1e-5)
+    assert any("model.no_sync()" in w for w in result["warnings"])
+
+
+def test_a_crashed_process_does_not_hang_the_survivor(runs):
+    """Rank 1 dies before tracker.step(); rank 0's wait for the tracker's all-reduce raises,
+    bounded by the process group's timeout — in practice at once, when gloo sees the socket
+    close ("Connection closed by peer"). The fixture checks that rank 0 then exits by itself."""
+    survivor = runs["survivor"]
+    assert survivor["outcome"] != "returned"
+    assert survivor["seconds"] < CRASH_TIMEOUT_S + 5
+
+
+# -- host-side resolution, no processes ----------------------------------------------------------
+
+
+def _row(n, sum_c, sum_c2, local, big, pe=(0.0, 0), micro=(), passes=1, ok=1.0):
+    row = np.zeros(dsrc.WIDTH)
+    row[[dsrc.N_EXAMPLES, dsrc.SUM_C, dsrc.SUM_C2, dsrc.LOCAL, dsrc.LOCAL_OK, dsrc.BIG]] = [
+        n,
+        sum_c,
+        sum_c2,
+        local,
+        ok,
+        big,
+    ]
+    row[[dsrc.PE_SUM, dsrc.PE_COUNT, dsrc.PASSES]] = [pe[0], pe[1], passes]
+    for g, (size, count, total) in enumerate(micro):
+        row[dsrc.MICRO + 3 * g : dsrc.MICRO + 3 * g + 3] = [size, count, total]
+    return row
+
+
+def test_resolve_rows_closed_form():
+    # mean losses, local batches 4 and 2: weights 1/4 and 1/2 locally, halved in .grad
+    rows = np.stack(
+        [
+            _row(4, 1.0, 4 * (1 / 4) ** 2, 3.0, 0.8, pe=(40.0, 4)),
+            _row(2, 1.0, 2 * (1 / 2) ** 2, 5.0, 0.0, pe=(20.0, 2)),
+        ]
+    )
+    r = dsrc.resolve_rows(rows)
+    assert r.b_big == pytest.approx(4 / (1 / 4 + 1 / 2))
+    assert r.sqnorm_big == pytest.approx(0.8)  # Σc/W = 1: .grad is already a weighted mean
+    assert r.examples == 6
+    assert r.sources["per_example"] == ([1.0], pytest.approx([10.0]))
+    assert r.sources["local"][0] == pytest.approx([4.0, 2.0])
+    assert "microbatch" not in r.sources
+
+
+def test_resolve_rows_sum_reduction_and_microbatch_groups():
+    # sum losses: weight 1 per example locally, 1/W in .grad; |.grad|² = (N/W)²·|G_big|²
+    rows = np.stack(
+        [
+            _row(5, 5.0, 5.0, 2.0, 9.0, micro=[(3, 1, 4.0), (2, 1, 6.0)], passes=2),
+            _row(4, 4.0, 4.0, 1.0, 0.0, micro=[(2, 2, 10.0)], passes=2),
+        ]
+    )
+    r = dsrc.resolve_rows(rows)
+    assert r.b_big == pytest.approx(9.0)
+    assert r.sqnorm_big == pytest.approx(9.0 / 4.5**2)
+    assert r.sources["microbatch"][0] == [3.0, 2.0, 2.0, 2.0]
+    assert r.sources["microbatch"][1] == pytest.approx([4.0, 6.0, 5.0, 5.0])
+    # mean of eq. A.2 over the expanded pairs = mean over the four micro-batches themselves
+    g2, _ = est.unbiased_g2_trace(np.array([3, 2, 2, 2.0]), r.sources["microbatch"][1], 9.0, 1.0)
+    g2_each, _ = est.unbiased_g2_trace(np.array([3, 2, 2, 2.0]), np.array([4, 6, 4, 6.0]), 9.0, 1.0)
+    assert g2.mean() == pytest.approx(g2_each.mean())
+    assert r.sources["local"][0] == pytest.approx([5.0, 4.0])
+
+
+def test_resolve_rows_leaves_out_unavailable_sources():
+    rows = np.stack(
+        [
+            _row(3, 1.0, 1 / 3, 2.0, 1.0, micro=[(1, 3, 5.0)], passes=3, ok=0.0),
+            _row(3, 1.0, 1 / 3, 2.0, 0.0, micro=[(1, 3, 5.0)], passes=3),
+        ]
+    )
+    rows[1, dsrc.OVERFLOW] = 1.0
+    r = dsrc.resolve_rows(rows)
+    assert r.sources == {}  # rank 0 lacks its local gradient, rank 1 had too many sizes
+    assert math.isclose(r.b_big, 6.0)
+
+
+def test_process_group_without_distributed_is_refused():
+    with pytest.raises(NoiseScaleInputError, match="init_process_group"):
+        noisescale.GradientNoiseTracker(make_model(), process_group=object())
