@@ -1,0 +1,351 @@
+"""Throughput profiles: measured step times, the fitted step-time model, and their JSON form.
+
+Pure math and data: no torch. The measuring side lives in :mod:`noisescale.hardware.timing`.
+
+The step-time model of one device is linear in the micro-batch size b (examples):
+
+    t(b) = α + β·b,
+
+α being the fixed cost of a forward/backward/optimizer pass (kernel launches, optimizer update,
+Python) and β the cost per example. It is fitted by least squares to the median step times
+(:func:`fit_step_time`). On a GPU, t(b) is flat until the device is saturated; the fit is then
+a compromise across the measured range, and ``max_rel_residual`` says how good it is.
+
+N data-parallel devices add one all-reduce of the gradients per optimizer step
+(:func:`allreduce_time`):
+
+    t_N(b) = α + β·b + c·(N−1)/N · bytes / bandwidth,
+
+with c = 2 for NCCL's ring all-reduce (a reduce-scatter and an all-gather, each moving (N−1)/N of
+the gradient bytes through every device), ``bytes`` the gradient size and ``bandwidth`` the
+all-reduce bus bandwidth (NCCL's ``busbw``). The interconnect figures in :data:`INTERCONNECTS` are
+assumptions, not measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from noisescale.errors import NoiseScaleInputError
+
+PROFILE_KIND = "noisescale.profile"
+PROFILE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ThroughputPoint:
+    """Timed training steps at one micro-batch size.
+
+    Attributes:
+        batch_size: Examples per step.
+        times_s: Wall-clock seconds of each timed step (after warm-up).
+        peak_memory_bytes: Peak device memory allocated during these steps (CUDA only).
+    """
+
+    batch_size: int
+    times_s: tuple[float, ...]
+    peak_memory_bytes: int | None = None
+
+    @property
+    def step_time_s(self) -> float:
+        """Median step time (s); the median ignores the odd step slowed by the OS or allocator."""
+        return statistics.median(self.times_s)
+
+    @property
+    def samples_per_s(self) -> float:
+        """Throughput at the median step time (examples per second)."""
+        return self.batch_size / self.step_time_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "step_time_s": self.step_time_s,
+            "samples_per_s": self.samples_per_s,
+            "times_s": list(self.times_s),
+            "peak_memory_bytes": self.peak_memory_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class StepTimeFit:
+    """Least-squares fit t(b) = α + β·b of step time against micro-batch size.
+
+    Attributes:
+        alpha_s: α, seconds per step independent of the batch.
+        beta_s: β, seconds per example.
+        alpha_se_s: Standard error of α (None with only two batch sizes: the line is exact).
+        beta_se_s: Standard error of β (None with only two batch sizes).
+        n_points: Batch sizes in the fit.
+        max_rel_residual: Largest |t_measured − t(b)| / t_measured over the points.
+    """
+
+    alpha_s: float
+    beta_s: float
+    alpha_se_s: float | None
+    beta_se_s: float | None
+    n_points: int
+    max_rel_residual: float
+
+    def step_time(self, batch_size: float) -> float:
+        """Predicted seconds for one pass over ``batch_size`` examples on one device."""
+        return self.alpha_s + self.beta_s * batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "alpha_s": self.alpha_s,
+            "beta_s": self.beta_s,
+            "alpha_se_s": self.alpha_se_s,
+            "beta_se_s": self.beta_se_s,
+            "n_points": self.n_points,
+            "max_rel_residual": self.max_rel_residual,
+        }
+
+
+def fit_step_time(batch_sizes: Sequence[float], step_times_s: Sequence[float]) -> StepTimeFit:
+    """Fit t(b) = α + β·b by ordinary least squares, with standard errors.
+
+    The standard errors are the usual OLS ones, s²·(XᵀX)⁻¹ with s² = RSS/(n−2); they need at
+    least three distinct batch sizes.
+
+    Args:
+        batch_sizes: Micro-batch sizes b (examples), at least two distinct values.
+        step_times_s: Measured step time at each batch size (s), e.g. the median of repeats.
+
+    Returns:
+        The fitted α, β and their standard errors.
+    """
+    b = np.asarray(batch_sizes, dtype=float)
+    t = np.asarray(step_times_s, dtype=float)
+    if b.shape != t.shape or b.ndim != 1:
+        raise NoiseScaleInputError("batch sizes and step times must be two lists of equal length")
+    if np.unique(b).size < 2:
+        raise NoiseScaleInputError("fitting t(b) = α + β·b needs at least two distinct batch sizes")
+    if not (np.all(np.isfinite(t)) and np.all(t > 0)):
+        raise NoiseScaleInputError("step times must be finite and positive")
+    x = np.column_stack([np.ones_like(b), b])
+    coef, *_ = np.linalg.lstsq(x, t, rcond=None)
+    residuals = t - x @ coef
+    n = b.size
+    alpha_se: float | None = None
+    beta_se: float | None = None
+    if n > 2:
+        s2 = float(residuals @ residuals) / (n - 2)
+        cov = s2 * np.linalg.inv(x.T @ x)
+        alpha_se, beta_se = math.sqrt(cov[0, 0]), math.sqrt(cov[1, 1])
+    return StepTimeFit(
+        alpha_s=float(coef[0]),
+        beta_s=float(coef[1]),
+        alpha_se_s=alpha_se,
+        beta_se_s=beta_se,
+        n_points=int(n),
+        max_rel_residual=float(np.max(np.abs(residuals) / t)),
+    )
+
+
+@dataclass(frozen=True)
+class Interconnect:
+    """An assumed all-reduce bus bandwidth between data-parallel devices.
+
+    Attributes:
+        name: Short name (``--interconnect`` value).
+        bandwidth_bytes_per_s: All-reduce bus bandwidth (NCCL ``busbw``), bytes per second.
+        description: Where the figure comes from; always an assumption, never a measurement.
+    """
+
+    name: str
+    bandwidth_bytes_per_s: float
+    description: str
+
+
+INTERCONNECTS: dict[str, Interconnect] = {
+    ic.name: ic
+    for ic in (
+        Interconnect(
+            "pcie4",
+            20e9,
+            "PCIe 4.0 x16 between GPUs (32 GB/s per direction peak); assumed all-reduce bus "
+            "bandwidth 20 GB/s",
+        ),
+        Interconnect(
+            "pcie5",
+            40e9,
+            "PCIe 5.0 x16 between GPUs (64 GB/s per direction peak); assumed all-reduce bus "
+            "bandwidth 40 GB/s",
+        ),
+        Interconnect(
+            "nvlink3",
+            230e9,
+            "NVLink 3 / NVSwitch, 8×A100 SXM in one node (600 GB/s per GPU peak); assumed "
+            "all-reduce bus bandwidth 230 GB/s",
+        ),
+        Interconnect(
+            "nvlink4",
+            400e9,
+            "NVLink 4 / NVSwitch, 8×H100 SXM in one node (900 GB/s per GPU peak); assumed "
+            "all-reduce bus bandwidth 400 GB/s",
+        ),
+    )
+}
+"""Assumed interconnects. The default, ``pcie4``, is the slowest: it never oversells more GPUs."""
+
+DEFAULT_INTERCONNECT = "pcie4"
+
+
+def allreduce_time(
+    grad_bytes: float,
+    devices: int,
+    bandwidth_bytes_per_s: float,
+    *,
+    allreduce_factor: float = 2.0,
+) -> float:
+    """Seconds for one all-reduce of the gradients over N devices: c·(N−1)/N·bytes/bandwidth.
+
+    With ``bandwidth`` the bus bandwidth as NCCL reports it, c = 2 is the ring algorithm (a
+    reduce-scatter and an all-gather). The estimate assumes no overlap with the backward pass,
+    which makes it an upper bound for DDP (which overlaps bucket all-reduces with backward).
+
+    Args:
+        grad_bytes: Bytes of gradient reduced per optimizer step (parameters × bytes per element).
+        devices: Data-parallel devices N ≥ 1; one device needs no all-reduce.
+        bandwidth_bytes_per_s: All-reduce bus bandwidth, bytes per second.
+        allreduce_factor: c, the bus traffic per byte of gradient (2 for a ring).
+    """
+    if devices < 1:
+        raise NoiseScaleInputError(f"number of devices must be at least 1, got {devices}")
+    if bandwidth_bytes_per_s <= 0:
+        raise NoiseScaleInputError("all-reduce bandwidth must be positive")
+    return allreduce_factor * (devices - 1) / devices * grad_bytes / bandwidth_bytes_per_s
+
+
+@dataclass(frozen=True)
+class ThroughputProfile:
+    """A measured throughput profile of one model on one device, as stored in JSON.
+
+    Attributes:
+        device: What was measured on (``type``, ``name``, ...).
+        model: What was measured (``name``, ``parameters``, ``param_bytes``, ``example_unit``).
+        points: Timed batch sizes, ascending.
+        fit: Step-time model fitted to the points' medians.
+        max_batch_size: Largest micro-batch that fitted in memory (None when not searched).
+        max_batch_search: Details of that search (limit, capped, trials), or None.
+        settings: How it was measured (warm-up, repeats, optimizer).
+        created: ISO-8601 time of the measurement.
+    """
+
+    device: dict[str, Any]
+    model: dict[str, Any]
+    points: tuple[ThroughputPoint, ...]
+    fit: StepTimeFit
+    max_batch_size: int | None = None
+    max_batch_search: dict[str, Any] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+
+    @classmethod
+    def from_points(cls, points: Sequence[ThroughputPoint], **fields: Any) -> ThroughputProfile:
+        """A profile whose fit is :func:`fit_step_time` of the points' median step times."""
+        ordered = tuple(sorted(points, key=lambda p: p.batch_size))
+        fit = fit_step_time([p.batch_size for p in ordered], [p.step_time_s for p in ordered])
+        return cls(points=ordered, fit=fit, **fields)
+
+    @property
+    def grad_bytes(self) -> float:
+        """Bytes of gradient all-reduced per step: the trainable parameters' bytes."""
+        return float(self.model.get("param_bytes", 0))
+
+    @property
+    def measured_range(self) -> tuple[int, int]:
+        """Smallest and largest timed batch size; the fit extrapolates outside it."""
+        return self.points[0].batch_size, self.points[-1].batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": PROFILE_KIND,
+            "version": PROFILE_VERSION,
+            "created": self.created,
+            "device": self.device,
+            "model": self.model,
+            "settings": self.settings,
+            "points": [p.to_dict() for p in self.points],
+            "fit": self.fit.to_dict(),
+            "max_batch_size": self.max_batch_size,
+            "max_batch_search": self.max_batch_search,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ThroughputProfile:
+        """Read a profile dict written by :meth:`to_dict`, checking kind, version and fields."""
+        if not isinstance(data, dict) or data.get("kind") != PROFILE_KIND:
+            raise NoiseScaleInputError(f"not a noisescale profile (expected kind {PROFILE_KIND!r})")
+        if data.get("version") != PROFILE_VERSION:
+            raise NoiseScaleInputError(
+                f"unsupported profile version {data.get('version')!r} "
+                f"(this noisescale reads version {PROFILE_VERSION})"
+            )
+        try:
+            points = tuple(
+                ThroughputPoint(
+                    batch_size=int(p["batch_size"]),
+                    times_s=tuple(float(t) for t in p["times_s"]),
+                    peak_memory_bytes=p.get("peak_memory_bytes"),
+                )
+                for p in data["points"]
+            )
+            f = data["fit"]
+            fit = StepTimeFit(
+                alpha_s=float(f["alpha_s"]),
+                beta_s=float(f["beta_s"]),
+                alpha_se_s=None if f.get("alpha_se_s") is None else float(f["alpha_se_s"]),
+                beta_se_s=None if f.get("beta_se_s") is None else float(f["beta_se_s"]),
+                n_points=int(f["n_points"]),
+                max_rel_residual=float(f["max_rel_residual"]),
+            )
+            max_batch = data.get("max_batch_size")
+            profile = cls(
+                device=dict(data["device"]),
+                model=dict(data["model"]),
+                points=tuple(sorted(points, key=lambda p: p.batch_size)),
+                fit=fit,
+                max_batch_size=None if max_batch is None else int(max_batch),
+                max_batch_search=data.get("max_batch_search"),
+                settings=dict(data.get("settings") or {}),
+                created=str(data.get("created", "")),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise NoiseScaleInputError(
+                f"corrupt profile: missing or malformed field ({err})"
+            ) from None
+        if not points or any(not p.times_s for p in points):
+            raise NoiseScaleInputError("corrupt profile: no timed batch sizes")
+        if not (math.isfinite(fit.alpha_s) and math.isfinite(fit.beta_s)):
+            raise NoiseScaleInputError("corrupt profile: the step-time fit is not finite")
+        if profile.max_batch_size is not None and profile.max_batch_size < 1:
+            raise NoiseScaleInputError("corrupt profile: max_batch_size must be at least 1")
+        return profile
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ThroughputProfile:
+        """Read a profile JSON file; a missing or corrupt file is a ``NoiseScaleInputError``."""
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise NoiseScaleInputError(f"cannot read profile {path}: {err.strerror}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise NoiseScaleInputError(f"profile {path} is not valid JSON: {err}") from None
+        try:
+            return cls.from_dict(data)
+        except NoiseScaleInputError as err:
+            raise NoiseScaleInputError(f"profile {path}: {err}") from None

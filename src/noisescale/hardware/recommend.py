@@ -1,0 +1,430 @@
+"""Batch size recommendation: the paper's step/example tradeoff priced on measured hardware.
+
+Pure math: no torch. For a global batch B (examples per optimizer step) the paper's eq. 2.11, with
+B_crit = E_min/S_min ≈ B_noise (eq. 2.12), gives the optimisation steps and training examples
+needed to reach a fixed loss:
+
+    S = S_min·(1 + B_noise/B),        E = E_min·(1 + B/B_noise) = S·B.
+
+A candidate runs B on N data-parallel devices, each device splitting its B/N examples into k
+micro-batches that fit in memory (:func:`~noisescale.hardware.accumulation.accumulation_split`).
+With the profiled step-time model t(b) = α + β·b (:mod:`noisescale.hardware.profile`) one optimizer
+step takes
+
+    t_step = Σᵢ (α + β·bᵢ) + c·(N−1)/N·bytes/bandwidth = k·α + β·B/N + t_allreduce(N),
+
+and the run takes time = S·t_step, GPU-hours = time·N/3600 and money = GPU-hours × price.
+Recommended points:
+
+- **fastest**: least wall-clock time (ties: fewest GPU-hours);
+- **cheapest**: fewest GPU-hours, hence least money at one price per GPU-hour (ties: least time);
+- **balanced**: least time × cost, i.e. the least product of the slowdown over the fastest and
+  the extra cost over the cheapest, (time/time_min)·(cost/cost_min). On the paper's ideal
+  hardware (Fig. 1: one example per device, N = B devices, no all-reduce) a step takes the same
+  time at every B, so time ∝ S and cost ∝ N·S ∝ E, and S·E ∝ (1 + B_noise/B)(1 + B/B_noise) =
+  2 + B/B_noise + B_noise/B is least at B = B_noise: the balanced point is then the critical
+  batch size, where steps and examples are both twice their minimum.
+
+All three lie on the time/cost Pareto front. Given neither S_min nor E_min, only ratios are known:
+times and costs are reported relative to the fastest and cheapest candidates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from noisescale.errors import NoiseScaleInputError
+from noisescale.hardware.accumulation import AccumulationSplit, accumulation_split
+from noisescale.hardware.profile import (
+    DEFAULT_INTERCONNECT,
+    INTERCONNECTS,
+    Interconnect,
+    ThroughputProfile,
+    allreduce_time,
+)
+from noisescale.theory import examples_over_min, steps_over_min
+
+RECOMMENDATION_KIND = "noisescale.recommendation"
+RECOMMENDATION_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to train: global batch B on N devices, each accumulating micro-batches.
+
+    Attributes:
+        batch_size: B, examples per optimizer step over all devices.
+        devices: N, data-parallel devices.
+        split: How each device runs its B/N examples as micro-batches.
+        steps_over_min: S/S_min = 1 + B_noise/B (eq. 2.11).
+        examples_over_min: E/E_min = 1 + B/B_noise (eq. 2.11).
+        step_time_s: Seconds per optimizer step, all-reduce included.
+        allreduce_s: The all-reduce's part of ``step_time_s``.
+        extrapolated: The largest micro-batch lies outside the profiled batch sizes.
+        time_per_s_min_s: Wall-clock seconds per minimal step, (S/S_min)·t_step.
+        time_rel: Wall-clock time over the fastest candidate's.
+        cost_rel: GPU-hours over the cheapest candidate's.
+        steps: S (None without a target).
+        examples: E (None without a target).
+        time_s: Wall-clock seconds to the target (None without a target).
+        gpu_hours: Device-hours to the target (None without a target).
+        cost: Money to the target (None without a target or a price).
+        pareto: Whether no other candidate is both faster and cheaper.
+    """
+
+    batch_size: int
+    devices: int
+    split: AccumulationSplit
+    steps_over_min: float
+    examples_over_min: float
+    step_time_s: float
+    allreduce_s: float
+    extrapolated: bool
+    time_per_s_min_s: float
+    time_rel: float = math.nan
+    cost_rel: float = math.nan
+    steps: float | None = None
+    examples: float | None = None
+    time_s: float | None = None
+    gpu_hours: float | None = None
+    cost: float | None = None
+    pareto: bool = False
+
+    @property
+    def device_time_per_s_min_s(self) -> float:
+        """Device-seconds per minimal step, N·(S/S_min)·t_step; proportional to GPU-hours."""
+        return self.devices * self.time_per_s_min_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "devices": self.devices,
+            "per_device_batch_size": self.split.batch_size,
+            "micro_batch_size": self.split.micro_batch_size,
+            "num_micro_batches": self.split.num_micro_batches,
+            "equal_micro_batches": self.split.equal,
+            "steps_over_min": self.steps_over_min,
+            "examples_over_min": self.examples_over_min,
+            "step_time_s": self.step_time_s,
+            "allreduce_s": self.allreduce_s,
+            "extrapolated": self.extrapolated,
+            "time_per_s_min_s": self.time_per_s_min_s,
+            "time_rel": self.time_rel,
+            "cost_rel": self.cost_rel,
+            "steps": self.steps,
+            "examples": self.examples,
+            "time_s": self.time_s,
+            "gpu_hours": self.gpu_hours,
+            "cost": self.cost,
+            "pareto": self.pareto,
+        }
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """Candidates priced on a profile, their Pareto front and the three recommended points.
+
+    Attributes:
+        b_noise: The noise scale used as B_crit (examples).
+        s_min: Minimum steps S_min (None: relative mode).
+        e_min: Minimum examples E_min = S_min·B_noise (None: relative mode).
+        price_per_gpu_hour: Price of one device-hour (None: costs in GPU-hours only).
+        candidates: Every candidate, by batch size then devices.
+        pareto_front: Candidates on the time/cost Pareto front, fastest first.
+        fastest: Least wall-clock time.
+        cheapest: Fewest GPU-hours.
+        balanced: Least time × cost.
+        assumptions: What the numbers rest on, in words.
+    """
+
+    b_noise: float
+    s_min: float | None
+    e_min: float | None
+    price_per_gpu_hour: float | None
+    candidates: tuple[Candidate, ...]
+    pareto_front: tuple[Candidate, ...]
+    fastest: Candidate
+    cheapest: Candidate
+    balanced: Candidate
+    assumptions: tuple[str, ...]
+
+    @property
+    def relative(self) -> bool:
+        """True when no S_min/E_min was given, so only ratios are known."""
+        return self.s_min is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": RECOMMENDATION_KIND,
+            "version": RECOMMENDATION_VERSION,
+            "b_noise": self.b_noise,
+            "s_min": self.s_min,
+            "e_min": self.e_min,
+            "price_per_gpu_hour": self.price_per_gpu_hour,
+            "relative": self.relative,
+            "recommended": {
+                "fastest": self.fastest.to_dict(),
+                "cheapest": self.cheapest.to_dict(),
+                "balanced": self.balanced.to_dict(),
+            },
+            "pareto_front": [c.to_dict() for c in self.pareto_front],
+            "candidates": [c.to_dict() for c in self.candidates],
+            "assumptions": list(self.assumptions),
+        }
+
+
+def default_batch_sizes(b_noise: float, max_devices: int = 1) -> list[int]:
+    """Powers of two from 1 up to the first at or above max(32·B_noise, devices).
+
+    At B = 32·B_noise a run already needs 33× the minimum examples (eq. 2.11), past any sensible
+    price for time.
+    """
+    top = max(32.0 * b_noise, float(max_devices), 1.0)
+    return [2**i for i in range(math.ceil(math.log2(top)) + 1)]
+
+
+def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """Candidates that no other candidate beats in both time and GPU-hours, fastest first."""
+    ordered = sorted(candidates, key=lambda c: (c.time_per_s_min_s, c.device_time_per_s_min_s))
+    front: list[Candidate] = []
+    best_cost = math.inf
+    for c in ordered:
+        if c.device_time_per_s_min_s < best_cost:
+            front.append(c)
+            best_cost = c.device_time_per_s_min_s
+    return front
+
+
+def recommend_batch_size(
+    b_noise: float,
+    profile: ThroughputProfile,
+    *,
+    devices: Sequence[int] = (1,),
+    s_min: float | None = None,
+    e_min: float | None = None,
+    price_per_gpu_hour: float | None = None,
+    batch_sizes: Sequence[int] | None = None,
+    max_micro_batch_size: int | None = None,
+    interconnect: Interconnect | None = None,
+    allreduce_factor: float = 2.0,
+    grad_bytes: float | None = None,
+) -> Recommendation:
+    """Price every (batch size, devices) candidate with eq. 2.11 and the profile; pick three.
+
+    See the module docstring for the model. Give at most one of ``s_min`` and ``e_min``; they
+    are tied by E_min = S_min·B_noise (eq. 2.12 with B_crit = B_noise).
+
+    Args:
+        b_noise: Measured noise scale (B_noise or B_crit), in the profile's examples.
+        profile: Step-time fit, largest micro-batch and gradient bytes of the model.
+        devices: Device counts N to consider; a batch is only split over N devices when N
+            divides it.
+        s_min: Minimum optimisation steps to the target loss.
+        e_min: Minimum training examples to the target loss.
+        price_per_gpu_hour: Money per device-hour.
+        batch_sizes: Global batch sizes to consider; default :func:`default_batch_sizes`.
+        max_micro_batch_size: Largest micro-batch that fits; default the profile's memory
+            search (without one, each device runs its batch in one pass).
+        interconnect: All-reduce bandwidth assumption; default :data:`DEFAULT_INTERCONNECT`.
+        allreduce_factor: c in the all-reduce time (2 for a ring).
+        grad_bytes: Gradient bytes per all-reduce; default the profile's parameter bytes.
+
+    Returns:
+        The priced candidates, their Pareto front and the fastest, cheapest and balanced ones.
+    """
+    if not (math.isfinite(b_noise) and b_noise > 0):
+        raise NoiseScaleInputError(f"the noise scale must be positive and finite, got {b_noise}")
+    if s_min is not None and e_min is not None:
+        raise NoiseScaleInputError("give at most one of S_min and E_min (E_min = S_min·B_noise)")
+    for name, value in (("S_min", s_min), ("E_min", e_min), ("price", price_per_gpu_hour)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise NoiseScaleInputError(f"{name} must be positive and finite, got {value}")
+    device_counts = sorted(set(devices))
+    if not device_counts or device_counts[0] < 1:
+        raise NoiseScaleInputError("device counts must be positive integers")
+    sizes = sorted(set(batch_sizes or default_batch_sizes(b_noise, device_counts[-1])))
+    if sizes[0] < 1:
+        raise NoiseScaleInputError("batch sizes must be positive integers")
+    if e_min is not None:
+        s_min = e_min / b_noise
+    elif s_min is not None:
+        e_min = s_min * b_noise
+    micro_limit = max_micro_batch_size or profile.max_batch_size
+    link = interconnect or INTERCONNECTS[DEFAULT_INTERCONNECT]
+    nbytes = profile.grad_bytes if grad_bytes is None else grad_bytes
+    fit = profile.fit
+    lo, hi = profile.measured_range
+
+    raw: list[Candidate] = []
+    for batch_size in sizes:
+        s_ratio = float(steps_over_min(batch_size, b_noise))
+        e_ratio = float(examples_over_min(batch_size, b_noise))
+        for n in device_counts:
+            if batch_size % n != 0:
+                continue
+            per_device = batch_size // n
+            split = (
+                accumulation_split(per_device, micro_limit)
+                if micro_limit
+                else AccumulationSplit(per_device, 1)
+            )
+            smallest = split.batch_size // split.num_micro_batches
+            if fit.step_time(smallest) <= 0:
+                raise NoiseScaleInputError(
+                    f"the profile's fit t(b) = {fit.alpha_s:.3g} + {fit.beta_s:.3g}·b predicts a "
+                    f"non-positive step time at b = {smallest}; re-profile with more batch sizes "
+                    "or repeats"
+                )
+            # Σᵢ (α + β·bᵢ) over the k micro-batches.
+            compute_s = split.num_micro_batches * fit.alpha_s + fit.beta_s * per_device
+            ar_s = allreduce_time(
+                nbytes, n, link.bandwidth_bytes_per_s, allreduce_factor=allreduce_factor
+            )
+            step_s = compute_s + ar_s
+            raw.append(
+                Candidate(
+                    batch_size=batch_size,
+                    devices=n,
+                    split=split,
+                    steps_over_min=s_ratio,
+                    examples_over_min=e_ratio,
+                    step_time_s=step_s,
+                    allreduce_s=ar_s,
+                    extrapolated=not lo <= split.micro_batch_size <= hi,
+                    time_per_s_min_s=s_ratio * step_s,
+                )
+            )
+    if not raw:
+        raise NoiseScaleInputError(
+            "no candidate: no batch size is divisible by any device count; add batch sizes or "
+            "device counts"
+        )
+
+    t_min = min(c.time_per_s_min_s for c in raw)
+    g_min = min(c.device_time_per_s_min_s for c in raw)
+    front_keys = {(c.batch_size, c.devices) for c in pareto_front(raw)}
+    candidates = tuple(
+        _finish(c, t_min, g_min, s_min, e_min, price_per_gpu_hour, front_keys) for c in raw
+    )
+    front = tuple(
+        sorted(
+            (c for c in candidates if c.pareto),
+            key=lambda c: (c.time_per_s_min_s, c.device_time_per_s_min_s),
+        )
+    )
+    fastest = min(
+        candidates, key=lambda c: (c.time_per_s_min_s, c.device_time_per_s_min_s, c.batch_size)
+    )
+    cheapest = min(
+        candidates, key=lambda c: (c.device_time_per_s_min_s, c.time_per_s_min_s, c.batch_size)
+    )
+    balanced = min(
+        candidates,
+        key=lambda c: (c.time_rel * c.cost_rel, c.time_per_s_min_s, c.batch_size),
+    )
+    return Recommendation(
+        b_noise=b_noise,
+        s_min=s_min,
+        e_min=e_min,
+        price_per_gpu_hour=price_per_gpu_hour,
+        candidates=candidates,
+        pareto_front=front,
+        fastest=fastest,
+        cheapest=cheapest,
+        balanced=balanced,
+        assumptions=_assumptions(
+            b_noise,
+            profile,
+            micro_limit,
+            link,
+            allreduce_factor,
+            nbytes,
+            s_min,
+            price_per_gpu_hour,
+        ),
+    )
+
+
+def _finish(
+    c: Candidate,
+    t_min: float,
+    g_min: float,
+    s_min: float | None,
+    e_min: float | None,
+    price: float | None,
+    front_keys: set[tuple[int, int]],
+) -> Candidate:
+    fields: dict[str, Any] = {
+        "time_rel": c.time_per_s_min_s / t_min,
+        "cost_rel": c.device_time_per_s_min_s / g_min,
+        "pareto": (c.batch_size, c.devices) in front_keys,
+    }
+    if s_min is not None and e_min is not None:
+        time_s = s_min * c.time_per_s_min_s
+        gpu_hours = time_s * c.devices / 3600.0
+        fields |= {
+            "steps": s_min * c.steps_over_min,
+            "examples": e_min * c.examples_over_min,
+            "time_s": time_s,
+            "gpu_hours": gpu_hours,
+            "cost": None if price is None else gpu_hours * price,
+        }
+    return dataclasses.replace(c, **fields)
+
+
+def _assumptions(
+    b_noise: float,
+    profile: ThroughputProfile,
+    micro_limit: int | None,
+    link: Interconnect,
+    allreduce_factor: float,
+    grad_bytes: float,
+    s_min: float | None,
+    price: float | None,
+) -> tuple[str, ...]:
+    fit = profile.fit
+    lo, hi = profile.measured_range
+    device = profile.device.get("name") or profile.device.get("type", "the profiled device")
+    lines = [
+        f"B_noise = {b_noise:g} examples is used as the critical batch size B_crit = E_min/S_min "
+        "of eq. 2.11-2.12 and held constant over the run; the noise scale usually grows during "
+        "training, so use a value averaged over the run to the target loss.",
+        "Each batch size is trained with its own tuned learning rate: eq. 2.11 describes "
+        "well-tuned runs.",
+        f"Step time per device t(b) = α + β·b with α = {fit.alpha_s:.4g} s and "
+        f"β = {fit.beta_s:.4g} s/example, fitted on {device} over batch sizes {lo}-{hi} "
+        f"(largest relative residual {fit.max_rel_residual:.1%}); extrapolated outside that "
+        "range; every device is identical to the profiled one.",
+    ]
+    if micro_limit:
+        lines.append(
+            f"Micro-batches of at most {micro_limit} examples fit in memory; a device's batch "
+            "above that is accumulated over k passes costing k·α + β·(its batch)."
+        )
+    else:
+        lines.append(
+            "No memory limit was measured: every device runs its batch in one pass, however large."
+        )
+    lines.append(
+        f"N devices train data-parallel with one all-reduce of {grad_bytes:.4g} gradient bytes "
+        f"per optimizer step taking {allreduce_factor:g}·(N−1)/N·bytes/bandwidth (ring "
+        f"all-reduce), bandwidth {link.bandwidth_bytes_per_s / 1e9:g} GB/s assumed "
+        f"({link.description}); it is not overlapped with backward, and data loading never "
+        "limits the step."
+    )
+    if s_min is None:
+        lines.append(
+            "No target (E_min or S_min) was given: times and costs are relative, to the fastest "
+            "and to the cheapest candidate."
+        )
+    if price is None:
+        lines.append("No price was given: cost is counted in GPU-hours (device-hours).")
+    else:
+        lines.append(
+            f"Cost = GPU-hours × {price:g} per GPU-hour: every device is paid for the whole run."
+        )
+    return tuple(lines)

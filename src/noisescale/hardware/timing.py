@@ -1,0 +1,159 @@
+"""Measuring step time against batch size, and describing what was measured.
+
+Timing follows the usual rules for GPU benchmarks (nanoGPT, llm.c): warm-up steps first (cuDNN
+autotuning, allocator growth, lazy initialisation), ``torch.cuda.synchronize()`` before starting and
+before stopping the clock (kernels run asynchronously), several timed repeats, and the median.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from noisescale.errors import NoiseScaleInputError
+from noisescale.hardware.memory import (
+    StepFn,
+    _clear_grads,
+    _preserved_state,
+    free_memory,
+    is_out_of_memory,
+)
+from noisescale.hardware.profile import ThroughputPoint
+
+
+def profile_throughput(
+    step_fn: StepFn,
+    batch_sizes: Iterable[int],
+    *,
+    warmup: int = 2,
+    repeats: int = 5,
+    device: torch.device | str = "cpu",
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    timer: Callable[[], float] = time.perf_counter,
+) -> list[ThroughputPoint]:
+    """Time ``repeats`` training steps at each batch size, after ``warmup`` untimed ones.
+
+    Batch sizes run in ascending order; the first that runs out of memory ends the sweep (larger
+    ones would too), so the result may hold fewer points than requested. Each step is timed on its
+    own between two device synchronisations. On CUDA the peak memory allocated at each batch size
+    is recorded too. As in :func:`~noisescale.hardware.memory.find_max_batch_size`, a given
+    ``model``/``optimizer`` is restored afterwards.
+
+    Args:
+        step_fn: One training step at a batch size, e.g. from
+            :func:`~noisescale.hardware.memory.make_training_step`.
+        batch_sizes: Micro-batch sizes to time (examples).
+        warmup: Untimed steps before the timed ones, at each batch size.
+        repeats: Timed steps at each batch size (the profile uses their median).
+        device: Device the steps run on (synchronised around each timed step when CUDA).
+        model: Model that ``step_fn`` trains, restored afterwards.
+        optimizer: Optimizer that ``step_fn`` steps, restored afterwards.
+        timer: Clock in seconds.
+
+    Returns:
+        One point per batch size that fitted in memory, ascending.
+    """
+    if warmup < 0 or repeats < 1:
+        raise NoiseScaleInputError("warm-up must be ≥ 0 and repeats ≥ 1")
+    sizes = sorted(set(batch_sizes))
+    if not sizes or sizes[0] < 1:
+        raise NoiseScaleInputError("batch sizes to time must be positive integers")
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(dev)
+
+    points: list[ThroughputPoint] = []
+    with _preserved_state(model, optimizer):
+        for batch_size in sizes:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(dev)
+            times = _timed_steps(step_fn, batch_size, warmup, repeats, sync, timer)
+            _clear_grads(model, optimizer)
+            if times is None:
+                free_memory()
+                break
+            peak = torch.cuda.max_memory_allocated(dev) if cuda else None
+            points.append(ThroughputPoint(batch_size, tuple(times), peak))
+    return points
+
+
+def _timed_steps(
+    step_fn: StepFn,
+    batch_size: int,
+    warmup: int,
+    repeats: int,
+    sync: Callable[[], None],
+    timer: Callable[[], float],
+) -> list[float] | None:
+    times: list[float] = []
+    try:
+        for _ in range(warmup):
+            step_fn(batch_size)
+        for _ in range(repeats):
+            sync()
+            t0 = timer()
+            step_fn(batch_size)
+            sync()
+            times.append(timer() - t0)
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        return None  # leaving the except clause frees the failed step's traceback
+    return times
+
+
+def describe_device(device: torch.device | str) -> dict[str, Any]:
+    """What a profile was measured on: device type and name, memory, threads, torch version."""
+    dev = torch.device(device)
+    info: dict[str, Any] = {"type": dev.type, "torch_version": torch.__version__}
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        info.update(
+            name=props.name,
+            total_memory_bytes=int(props.total_memory),
+            capability=f"{props.major}.{props.minor}",
+        )
+    else:
+        info.update(
+            name=_cpu_name(),
+            cpu_count=os.cpu_count(),
+            torch_threads=torch.get_num_threads(),
+        )
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_model(model: nn.Module, name: str, **extra: Any) -> dict[str, Any]:
+    """What a profile measured: name, trainable parameters and their bytes (the all-reduce size).
+
+    Parameters shared between modules (tied weights) are counted once, as
+    ``model.parameters()`` yields them once and DDP reduces them once.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return {
+        "name": name,
+        "parameters": sum(p.numel() for p in trainable),
+        "param_bytes": sum(p.numel() * p.element_size() for p in trainable),
+        **extra,
+    }

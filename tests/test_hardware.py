@@ -1,0 +1,699 @@
+"""Tests of noisescale.hardware and noisescale.reference_models.
+
+The memory search runs on CPU against a simulated memory limit: the training step raises the real
+CUDA out-of-memory exception type (or hits the real CPU allocator error) above a threshold batch
+size, in the middle of the backward pass, so the search must find exactly that threshold and
+clean up a half-finished step. Fits and recommendations are checked against closed forms and
+brute force.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+from torch import nn
+
+from noisescale.errors import NoiseScaleInputError
+from noisescale.hardware import (
+    INTERCONNECTS,
+    Interconnect,
+    MaxBatchSize,
+    ThroughputPoint,
+    ThroughputProfile,
+    accumulation_split,
+    allreduce_time,
+    default_batch_sizes,
+    find_max_batch_size,
+    fit_step_time,
+    is_out_of_memory,
+    make_training_step,
+    pareto_front,
+    profile_throughput,
+    recommend_batch_size,
+)
+from noisescale.reference_models import GPT, GPTConfig, PaperCNN, gpt_small, lm_loss, mnist_cnn
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and on a loaded 2-core machine OpenMP's thread
+    hand-offs can cost 0.1 s per op; restore the setting for the tests that follow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Out-of-memory classification
+
+
+def _real_cpu_oom() -> RuntimeError:
+    try:
+        # 1 PB: more than any machine's RAM and than a 47-bit address space, so it always fails.
+        torch.empty(10**15, dtype=torch.uint8)
+    except RuntimeError as err:
+        return err
+    raise AssertionError("a 1 PB allocation succeeded")
+
+
+@pytest.mark.parametrize(
+    ("err", "expected"),
+    [
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (torch.OutOfMemoryError("out of memory"), True),
+        (MemoryError(), True),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8"), True),
+        (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"), True),
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x2)"), False),
+        (ValueError("out of memory"), False),
+        (KeyError("x"), False),
+    ],
+)
+def test_is_out_of_memory(err: BaseException, expected: bool) -> None:
+    assert is_out_of_memory(err) is expected
+
+
+def test_real_cpu_allocator_error_is_out_of_memory() -> None:
+    assert is_out_of_memory(_real_cpu_oom())
+
+
+# ---------------------------------------------------------------------------------------------
+# The search, against a simulated limit
+
+
+def _no_release() -> None:
+    """Stands in for gc + empty_cache (≈0.2 s a call here) where the step allocates nothing."""
+
+
+def _fake_step(threshold: int, log: list[int]):
+    def step(batch_size: int) -> None:
+        log.append(batch_size)
+        if batch_size > threshold:
+            raise torch.cuda.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate {batch_size} MiB (simulated)"
+            )
+
+    return step
+
+
+@pytest.mark.parametrize("threshold", [1, 2, 3, 5, 37, 64, 100, 1000, 4097, 65535])
+def test_search_finds_exact_threshold(threshold: int) -> None:
+    log: list[int] = []
+    result = find_max_batch_size(_fake_step(threshold, log), release=_no_release, steps_per_trial=1)
+    assert result.max_batch_size == threshold
+    assert result.converged and not result.capped
+    # Doubling takes ⌊log2 T⌋ + 2 trials (up to the first failure), bisection at most as many.
+    assert len(result.trials) <= 2 * (math.floor(math.log2(threshold)) + 2)
+    # Every trial's verdict is the truth, and the bracket is closed: T fitted, T + 1 did not.
+    assert all(fits == (b <= threshold) for b, fits in result.trials)
+    assert (threshold, True) in result.trials and (threshold + 1, False) in result.trials
+
+
+@given(threshold=st.integers(1, 10**6), start=st.integers(1, 5000))
+@settings(max_examples=200, deadline=None)
+def test_search_exact_for_any_threshold_and_start(threshold: int, start: int) -> None:
+    result = find_max_batch_size(
+        _fake_step(threshold, []), release=_no_release, start=start, steps_per_trial=1
+    )
+    assert result.max_batch_size == threshold
+    assert result.trials[0][0] == start
+
+
+def test_search_stops_at_limit_and_says_capped() -> None:
+    log: list[int] = []
+    result = find_max_batch_size(
+        _fake_step(10**9, log), release=_no_release, limit=100, steps_per_trial=1
+    )
+    assert result.max_batch_size == 100
+    assert result.capped and result.converged
+    assert log == [1, 2, 4, 8, 16, 32, 64, 100]
+
+
+def test_search_limit_above_threshold_still_bisects() -> None:
+    result = find_max_batch_size(
+        _fake_step(70, []), release=_no_release, limit=100, steps_per_trial=1
+    )
+    assert result.max_batch_size == 70 and not result.capped
+
+
+def test_search_releases_memory_after_each_failure() -> None:
+    released: list[int] = []
+    log: list[int] = []
+    result = find_max_batch_size(
+        _fake_step(37, log), steps_per_trial=1, release=lambda: released.append(log[-1])
+    )
+    assert released == [b for b, fits in result.trials if not fits]
+
+
+def test_search_runs_steps_per_trial_steps() -> None:
+    log: list[int] = []
+    find_max_batch_size(_fake_step(3, log), release=_no_release, steps_per_trial=3)
+    # 1, 2, 4 (fails at once), 3: three steps each where they fit, one where the first fails.
+    assert log == [1] * 3 + [2] * 3 + [4] + [3] * 3
+
+
+def test_search_out_of_trials_reports_lower_bound() -> None:
+    result = find_max_batch_size(
+        _fake_step(1000, []), release=_no_release, steps_per_trial=1, max_trials=5
+    )
+    assert result.max_batch_size == 16 and not result.converged and not result.capped
+
+
+def test_nothing_fits_is_input_error() -> None:
+    with pytest.raises(NoiseScaleInputError, match="batch size 1"):
+        find_max_batch_size(_fake_step(0, []), release=_no_release, start=8, steps_per_trial=1)
+
+
+def test_other_errors_propagate() -> None:
+    def step(batch_size: int) -> None:
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="shapes"):
+        find_max_batch_size(step)
+
+
+@pytest.mark.parametrize(("start", "limit"), [(0, None), (8, 4)])
+def test_search_rejects_bad_bounds(start: int, limit: int | None) -> None:
+    with pytest.raises(NoiseScaleInputError):
+        find_max_batch_size(_fake_step(5, []), release=_no_release, start=start, limit=limit)
+
+
+def test_search_with_real_cpu_allocator_error() -> None:
+    # The step makes a genuine allocation that the CPU allocator refuses above 11 examples.
+    def step(batch_size: int) -> None:
+        torch.empty(10**15 if batch_size > 11 else batch_size, dtype=torch.uint8)
+
+    assert find_max_batch_size(step).max_batch_size == 11
+
+
+class _TinyNet(nn.Module):
+    """A small MLP whose backward pass "runs out of memory" above a batch-size threshold.
+
+    The simulated failure is raised from a gradient hook on the hidden activation, i.e. halfway
+    through backward: the output layer's gradients already exist, the input layer's do not,
+    exactly the half-finished state a real CUDA OOM in backward leaves.
+    """
+
+    def __init__(self, threshold: int) -> None:
+        super().__init__()
+        self.threshold = threshold
+        self.fc1 = nn.Linear(8, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.fc2 = nn.Linear(16, 3)
+        self.ooms = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.fc1(x)))
+        if x.shape[0] > self.threshold and h.requires_grad:
+            h.register_hook(self._oom)
+        return self.fc2(h)
+
+    def _oom(self, grad: torch.Tensor) -> None:
+        self.ooms += 1
+        raise torch.cuda.OutOfMemoryError(
+            f"CUDA out of memory. Tried to allocate {grad.numel() * 4} bytes (simulated)"
+        )
+
+
+def _tiny_batch(batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(batch_size, 8, device=device), torch.randint(0, 3, (batch_size,))
+
+
+@pytest.mark.parametrize("threshold", [5, 37])
+def test_search_on_model_leaves_it_usable_and_unchanged(threshold: int) -> None:
+    torch.manual_seed(0)
+    model = _TinyNet(threshold)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng_before = torch.random.get_rng_state()
+    step = make_training_step(model, nn.functional.cross_entropy, _tiny_batch, optimizer=optimizer)
+
+    # start=2: BatchNorm refuses a batch of one in training mode (a real error, not memory).
+    result = find_max_batch_size(step, start=2, model=model, optimizer=optimizer)
+
+    assert result.max_batch_size == threshold
+    assert model.ooms >= 1
+    # Parameters, BatchNorm statistics, optimizer moments and the RNG are as before the search.
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert optimizer.state_dict()["state"] == {}
+    assert torch.equal(torch.random.get_rng_state(), rng_before)
+    assert all(p.grad is None for p in model.parameters())
+    # And it still trains: a few full-batch steps at the largest size lower the loss.
+    x, y = _tiny_batch(threshold, torch.device("cpu"))
+    losses = []
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
+def test_max_batch_size_state_dict_round_trip() -> None:
+    result = find_max_batch_size(_fake_step(37, []), release=_no_release, steps_per_trial=1)
+    state = json.loads(json.dumps(result.state_dict()))
+    assert MaxBatchSize.from_state_dict(state) == result
+    assert result.split(100) == accumulation_split(100, 37)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient-accumulation split
+
+
+@pytest.mark.parametrize(
+    ("batch", "limit", "micro", "k", "equal"),
+    [
+        (64, 64, 64, 1, True),  # fits: one pass
+        (10, 64, 10, 1, True),
+        (1024, 700, 512, 2, True),  # k0 = 2 divides 1024
+        (4096, 700, 512, 8, True),  # k0 = 6 and 7 do not divide 4096; 8 does and 8 < 12
+        (1000, 300, 250, 4, True),  # k0 = 4 divides
+        (1021, 512, 511, 2, False),  # prime: no divisor in [2, 4); 511 + 510
+        (12, 5, 4, 3, True),
+        (7, 1, 1, 7, True),
+    ],
+)
+def test_accumulation_split_closed_form(
+    batch: int, limit: int, micro: int, k: int, equal: bool
+) -> None:
+    split = accumulation_split(batch, limit)
+    assert (split.micro_batch_size, split.num_micro_batches, split.equal) == (micro, k, equal)
+
+
+def test_uneven_split_sizes_and_weights() -> None:
+    split = accumulation_split(1021, 512)
+    assert split.sizes() == [511, 510]
+    assert str(split) == "511×1+510×1"
+    assert sum(split.loss_weights()) == pytest.approx(1.0)
+    assert split.loss_weights()[0] == pytest.approx(511 / 1021)
+    assert str(accumulation_split(4096, 700)) == "512×8"
+
+
+@given(batch=st.integers(1, 5000), limit=st.integers(1, 5000))
+@settings(max_examples=300, deadline=None)
+def test_accumulation_split_invariants(batch: int, limit: int) -> None:
+    split = accumulation_split(batch, limit)
+    k0 = -(-batch // limit)
+    sizes = split.sizes()
+    assert sum(sizes) == batch and len(sizes) == split.num_micro_batches
+    assert max(sizes) <= limit and max(sizes) - min(sizes) <= 1
+    if split.equal:
+        # The fewest equal passes within the 2·k0 bound (brute force over all k).
+        equal_ks = [k for k in range(k0, 2 * k0) if batch % k == 0]
+        assert split.num_micro_batches == min(equal_ks)
+    else:
+        assert split.num_micro_batches == k0
+        assert not any(batch % k == 0 for k in range(k0, 2 * k0))
+
+
+def test_power_of_two_batches_split_equally() -> None:
+    for batch, limit in itertools.product([2**i for i in range(15)], range(1, 300)):
+        assert accumulation_split(batch, limit).equal
+
+
+def test_accumulation_split_rejects_nonpositive() -> None:
+    with pytest.raises(NoiseScaleInputError):
+        accumulation_split(0, 4)
+    with pytest.raises(NoiseScaleInputError):
+        accumulation_split(4, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step-time fit and all-reduce model
+
+
+def test_fit_recovers_exact_line() -> None:
+    b = [1, 2, 4, 8, 16]
+    fit = fit_step_time(b, [0.01 + 0.002 * x for x in b])
+    assert fit.alpha_s == pytest.approx(0.01, abs=1e-14)
+    assert fit.beta_s == pytest.approx(0.002, abs=1e-14)
+    assert fit.alpha_se_s == pytest.approx(0.0, abs=1e-12)
+    assert fit.max_rel_residual == pytest.approx(0.0, abs=1e-10)
+    assert fit.step_time(32) == pytest.approx(0.074)
+
+
+def test_fit_matches_scipy_linregress() -> None:
+    rng = np.random.default_rng(0)
+    b = np.array([1, 2, 4, 8, 16, 32, 64], dtype=float)
+    t = 0.02 + 0.001 * b + rng.normal(0, 0.002, b.size)
+    fit = fit_step_time(b, t)
+    ref = stats.linregress(b, t)
+    assert fit.alpha_s == pytest.approx(ref.intercept, rel=1e-10)
+    assert fit.beta_s == pytest.approx(ref.slope, rel=1e-10)
+    assert fit.alpha_se_s == pytest.approx(ref.intercept_stderr, rel=1e-8)
+    assert fit.beta_se_s == pytest.approx(ref.stderr, rel=1e-8)
+
+
+def test_fit_two_points_has_no_standard_error() -> None:
+    fit = fit_step_time([2, 6], [0.3, 0.5])
+    assert (fit.alpha_s, fit.beta_s) == pytest.approx((0.2, 0.05))
+    assert fit.alpha_se_s is None and fit.beta_se_s is None
+
+
+@pytest.mark.parametrize(("b", "t"), [([4, 4], [0.1, 0.2]), ([1, 2], [0.1, 0.0]), ([1], [0.1])])
+def test_fit_rejects_degenerate_input(b: list[int], t: list[float]) -> None:
+    with pytest.raises(NoiseScaleInputError):
+        fit_step_time(b, t)
+
+
+def test_allreduce_time_closed_form() -> None:
+    # Ring all-reduce of 100 MB over 4 devices at 20 GB/s: 2·(3/4)·1e8/2e10 = 7.5 ms.
+    assert allreduce_time(1e8, 4, 20e9) == pytest.approx(7.5e-3)
+    assert allreduce_time(1e8, 1, 20e9) == 0.0
+    assert allreduce_time(1e8, 8, 400e9, allreduce_factor=1.0) == pytest.approx(7 / 8 * 2.5e-4)
+    with pytest.raises(NoiseScaleInputError):
+        allreduce_time(1e8, 0, 20e9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Throughput measurement and the profile's JSON
+
+
+def test_profile_throughput_with_fake_clock() -> None:
+    # A clock that advances by 1 + b/10 "seconds" per step (and 0 between steps) makes every
+    # timed step last exactly t(b) = 1 + 0.1·b, so the fit must return α = 1, β = 0.1.
+    now = [0.0]
+    started: list[int] = []
+
+    def step(batch_size: int) -> None:
+        started.append(batch_size)
+        now[0] += 1.0 + 0.1 * batch_size
+
+    points = profile_throughput(step, [8, 1, 4, 4], warmup=2, repeats=3, timer=lambda: now[0])
+    assert [p.batch_size for p in points] == [1, 4, 8]
+    assert started == [1] * 5 + [4] * 5 + [8] * 5
+    assert points[2].times_s == pytest.approx((1.8, 1.8, 1.8))
+    assert points[2].samples_per_s == pytest.approx(8 / 1.8)
+    profile = ThroughputProfile.from_points(points, device={"type": "cpu"}, model={"name": "x"})
+    assert (profile.fit.alpha_s, profile.fit.beta_s) == pytest.approx((1.0, 0.1))
+
+
+def test_profile_throughput_stops_at_first_oom() -> None:
+    points = profile_throughput(_fake_step(5, []), [1, 2, 4, 8, 16], warmup=1, repeats=2)
+    assert [p.batch_size for p in points] == [1, 2, 4]
+
+
+def test_profile_throughput_real_model_restores_it() -> None:
+    torch.manual_seed(1)
+    model = _TinyNet(threshold=10**9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step = make_training_step(model, nn.functional.cross_entropy, _tiny_batch, optimizer=optimizer)
+    points = profile_throughput(step, [2, 8], warmup=1, repeats=3, model=model, optimizer=optimizer)
+    assert [p.batch_size for p in points] == [2, 8]
+    assert all(t > 0 for p in points for t in p.times_s) and points[0].peak_memory_bytes is None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _line_profile(
+    alpha: float, beta: float, max_batch: int | None, param_bytes: float = 0.0
+) -> ThroughputProfile:
+    points = [ThroughputPoint(b, (alpha + beta * b,)) for b in (1, 2, 4, 8, 16, 32)]
+    return ThroughputProfile.from_points(
+        points,
+        device={"type": "cuda", "name": "test device"},
+        model={"name": "line", "param_bytes": param_bytes},
+        max_batch_size=max_batch,
+    )
+
+
+def test_profile_json_round_trip(tmp_path) -> None:
+    profile = _line_profile(0.01, 0.001, 32, 4e6)
+    path = tmp_path / "p.json"
+    profile.save(path)
+    data = json.loads(path.read_text())
+    assert data["kind"] == "noisescale.profile" and data["version"] == 1
+    assert set(data) >= {"device", "model", "points", "fit", "max_batch_size"}
+    assert ThroughputProfile.load(path) == profile
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"kind": "something.else", "version": 1}', "not a noisescale profile"),
+        ('{"kind": "noisescale.profile", "version": 99}', "unsupported profile version"),
+        ('{"kind": "noisescale.profile", "version": 1, "points": []}', "corrupt profile"),
+    ],
+)
+def test_profile_load_rejects_corrupt_files(tmp_path, content: str, message: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(NoiseScaleInputError, match=message):
+        ThroughputProfile.load(path)
+
+
+def test_profile_load_missing_file(tmp_path) -> None:
+    with pytest.raises(NoiseScaleInputError, match="cannot read profile"):
+        ThroughputProfile.load(tmp_path / "missing.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Recommendation against closed forms
+
+
+def test_recommend_one_device_closed_form() -> None:
+    # α = 10 ms, β = 1 ms/example, B_noise = 100, S_min = 1000 (E_min = 1e5), $2 per GPU-hour.
+    profile = _line_profile(0.01, 0.001, max_batch=None)
+    rec = recommend_batch_size(
+        100.0, profile, s_min=1000.0, price_per_gpu_hour=2.0, batch_sizes=[16, 64, 256]
+    )
+    c = {x.batch_size: x for x in rec.candidates}
+    b = 64
+    steps = 1000 * (1 + 100 / b)  # 2562.5
+    examples = 1e5 * (1 + b / 100)  # 164000
+    step_s = 0.01 + 0.001 * b  # 0.074
+    assert c[b].steps == pytest.approx(steps)
+    assert c[b].examples == pytest.approx(examples)
+    assert c[b].examples == pytest.approx(c[b].steps * b)  # E = S·B
+    assert c[b].step_time_s == pytest.approx(step_s)
+    assert c[b].time_s == pytest.approx(steps * step_s)  # 189.625 s
+    assert c[b].gpu_hours == pytest.approx(steps * step_s / 3600)
+    assert c[b].cost == pytest.approx(2.0 * steps * step_s / 3600)
+    # One device: time and cost are proportional, so fastest = cheapest = balanced = the B with
+    # the least (1 + 100/B)(0.01 + 0.001·B): 16 → 0.1508, 64 → 0.18963, 256 → 0.3536.
+    assert rec.fastest.batch_size == rec.cheapest.batch_size == rec.balanced.batch_size == 16
+    assert rec.e_min == pytest.approx(1e5)
+
+
+def test_recommend_multi_device_with_accumulation_closed_form() -> None:
+    # B = 256 on N = 4 devices: 64 per device, micro-batches of at most 32 → 2 passes, plus a
+    # ring all-reduce of 4e8 bytes at 20 GB/s: 2·(3/4)·4e8/2e10 = 0.03 s.
+    profile = _line_profile(0.01, 0.001, max_batch=32, param_bytes=4e8)
+    rec = recommend_batch_size(
+        100.0,
+        profile,
+        devices=[1, 4],
+        e_min=1e5,
+        price_per_gpu_hour=3.0,
+        batch_sizes=[256],
+        interconnect=INTERCONNECTS["pcie4"],
+    )
+    c4 = next(c for c in rec.candidates if c.devices == 4)
+    c1 = next(c for c in rec.candidates if c.devices == 1)
+    assert (c4.split.micro_batch_size, c4.split.num_micro_batches) == (32, 2)
+    step_4 = 2 * 0.01 + 0.001 * 64 + 0.03
+    assert c4.allreduce_s == pytest.approx(0.03)
+    assert c4.step_time_s == pytest.approx(step_4)
+    steps = 1000 * (1 + 100 / 256)
+    assert c4.time_s == pytest.approx(steps * step_4)
+    assert c4.gpu_hours == pytest.approx(4 * steps * step_4 / 3600)
+    assert c4.cost == pytest.approx(3.0 * 4 * steps * step_4 / 3600)
+    # One device: 256 examples in 8 passes of 32, no all-reduce.
+    assert c1.step_time_s == pytest.approx(8 * 0.01 + 0.256)
+    assert rec.fastest is c4 and rec.cheapest is c1
+
+
+def test_relative_mode_without_target() -> None:
+    rec = recommend_batch_size(100.0, _line_profile(0.01, 0.001, None), batch_sizes=[16, 64])
+    assert rec.relative and rec.s_min is None
+    c = {x.batch_size: x for x in rec.candidates}
+    assert c[16].time_s is None and c[16].cost is None
+    expected = ((1 + 100 / 64) * 0.074) / ((1 + 100 / 16) * 0.026)
+    assert c[64].time_rel == pytest.approx(expected)
+    assert c[16].time_rel == pytest.approx(1.0)
+    assert any("relative" in a for a in rec.assumptions)
+
+
+@pytest.mark.parametrize("b_noise", [16.0, 64.0, 256.0])
+def test_balanced_is_the_noise_scale_on_ideal_hardware(b_noise: float) -> None:
+    # Fig. 1's ideal hardware: as many devices as examples, no all-reduce (no gradient bytes).
+    # Then a step takes β whatever B, time ∝ S, cost ∝ E, and time·cost ∝ 2 + B/B_noise +
+    # B_noise/B is least at B = B_noise (the critical batch: S = 2·S_min, E = 2·E_min).
+    devices = [2**i for i in range(11)]
+    rec = recommend_batch_size(
+        b_noise, _line_profile(0.0, 0.001, None), devices=devices, s_min=100.0
+    )
+    assert (rec.balanced.batch_size, rec.balanced.devices) == (int(b_noise), int(b_noise))
+    assert rec.balanced.steps_over_min == pytest.approx(2.0)
+    assert rec.balanced.examples_over_min == pytest.approx(2.0)
+
+
+def test_pareto_front_brute_force() -> None:
+    profile = _line_profile(0.02, 0.0005, max_batch=16, param_bytes=5e7)
+    rec = recommend_batch_size(
+        300.0, profile, devices=[1, 2, 4, 8], s_min=1e4, interconnect=INTERCONNECTS["nvlink4"]
+    )
+    front = set(map(id, rec.pareto_front))
+
+    def dominates(a, b) -> bool:
+        return (
+            a.time_per_s_min_s <= b.time_per_s_min_s
+            and a.device_time_per_s_min_s <= b.device_time_per_s_min_s
+            and (
+                a.time_per_s_min_s < b.time_per_s_min_s
+                or a.device_time_per_s_min_s < b.device_time_per_s_min_s
+            )
+        )
+
+    for c in rec.candidates:
+        dominated = any(dominates(o, c) for o in rec.candidates)
+        assert (id(c) in front) == (not dominated)
+        assert c.pareto == (id(c) in front)
+    assert len(pareto_front(rec.candidates)) == len(rec.pareto_front)
+    for pick in (rec.fastest, rec.cheapest, rec.balanced):
+        assert pick.pareto
+    assert rec.fastest.time_s == min(c.time_s for c in rec.candidates)
+    assert rec.cheapest.gpu_hours == min(c.gpu_hours for c in rec.candidates)
+    assert rec.balanced.time_rel * rec.balanced.cost_rel == pytest.approx(
+        min(c.time_rel * c.cost_rel for c in rec.candidates)
+    )
+    # More devices buy time: the fastest uses more than one, the cheapest exactly one.
+    assert rec.fastest.devices > 1 and rec.cheapest.devices == 1
+
+
+def test_candidates_need_divisible_batches() -> None:
+    rec = recommend_batch_size(
+        10.0, _line_profile(0.01, 0.001, None), devices=[3], batch_sizes=[3, 4, 6]
+    )
+    assert [c.batch_size for c in rec.candidates] == [3, 6]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"b_noise": 0.0},
+        {"b_noise": -5.0},
+        {"b_noise": math.nan},
+        {"b_noise": 10.0, "s_min": 1.0, "e_min": 10.0},
+        {"b_noise": 10.0, "price_per_gpu_hour": -1.0},
+        {"b_noise": 10.0, "devices": [0]},
+        {"b_noise": 10.0, "devices": [4], "batch_sizes": [2, 6]},
+    ],
+)
+def test_recommend_rejects_bad_input(kwargs: dict) -> None:
+    b_noise = kwargs.pop("b_noise")
+    with pytest.raises(NoiseScaleInputError):
+        recommend_batch_size(b_noise, _line_profile(0.01, 0.001, None), **kwargs)
+
+
+def test_recommend_rejects_nonpositive_predicted_time() -> None:
+    points = [ThroughputPoint(b, (t,)) for b, t in ((10, 0.1), (20, 0.3))]  # α = −0.1
+    profile = ThroughputProfile.from_points(points, device={"type": "cpu"}, model={})
+    with pytest.raises(NoiseScaleInputError, match="non-positive"):
+        recommend_batch_size(8.0, profile, batch_sizes=[1])
+
+
+def test_default_batch_sizes() -> None:
+    assert default_batch_sizes(100.0) == [2**i for i in range(13)]  # 32·100 = 3200 → 4096
+    assert default_batch_sizes(0.01, max_devices=8) == [1, 2, 4, 8]
+
+
+def test_custom_interconnect_changes_allreduce() -> None:
+    slow = Interconnect("slow", 1e9, "test")
+    rec = recommend_batch_size(
+        10.0,
+        _line_profile(0.01, 0.001, None, param_bytes=1e9),
+        devices=[2],
+        batch_sizes=[8],
+        interconnect=slow,
+    )
+    assert rec.candidates[0].allreduce_s == pytest.approx(2 * 0.5 * 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference models
+
+
+def test_paper_cnn_shape_and_parameter_count() -> None:
+    model = PaperCNN()
+    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    conv1 = 32 * 1 * 25 + 32
+    conv2 = 64 * 32 * 25 + 64
+    fc1 = 7 * 7 * 64 * 1024 + 1024
+    fc2 = 1024 * 10 + 10
+    assert sum(p.numel() for p in model.parameters()) == conv1 + conv2 + fc1 + fc2 == 3274634
+    assert model.dropout.p == 0.4
+
+
+def _gpt_params(c: GPTConfig) -> int:
+    d, v, t = c.d_model, c.vocab_size, c.block_size
+    block = (2 * 2 * d) + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    head = 0 if c.tie_embeddings else v * d
+    return v * d + t * d + c.n_layer * block + 2 * d + head
+
+
+def test_gpt_parameter_count_closed_form() -> None:
+    for config in (GPTConfig(), GPTConfig(tie_embeddings=True), GPTConfig(n_layer=1, bias=True)):
+        model = GPT(config)
+        assert sum(p.numel() for p in model.parameters()) == _gpt_params(config)
+    tied = GPT(GPTConfig(tie_embeddings=True))
+    assert tied.lm_head.weight is tied.wte.weight
+
+
+def test_gpt_benchmark_config_constructible() -> None:
+    config = GPTConfig.benchmark()
+    assert (
+        config.n_layer,
+        config.d_model,
+        config.n_head,
+        config.block_size,
+        config.vocab_size,
+    ) == (
+        6,
+        512,
+        8,
+        256,
+        8192,
+    )
+    with torch.device("meta"):
+        model = GPT(config)
+    assert sum(p.numel() for p in model.parameters()) == _gpt_params(config)
+
+
+def test_gpt_is_causal() -> None:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=12, n_layer=2, d_model=32, n_head=4)).eval()
+    idx = torch.randint(0, 50, (2, 12))
+    changed = idx.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % 50
+    out, out_changed = model(idx), model(changed)
+    assert torch.allclose(out[:, :7], out_changed[:, :7], atol=1e-6)
+    assert not torch.allclose(out[:, 7:], out_changed[:, 7:])
+
+
+def test_builders_make_batches_of_the_right_shape() -> None:
+    cpu = torch.device("cpu")
+    model, loss_fn, make_batch = mnist_cnn()
+    x, y = make_batch(5, cpu)
+    assert x.shape == (5, 1, 28, 28) and y.shape == (5,)
+    assert loss_fn(model(x), y).ndim == 0
+    model, loss_fn, make_batch = gpt_small(n_layer=1, block_size=16)
+    x, y = make_batch(3, cpu)
+    assert x.shape == y.shape == (3, 16) and torch.equal(x[:, 1:], y[:, :-1])
+    assert loss_fn is lm_loss and loss_fn(model(x), y).ndim == 0
+    with pytest.raises(NoiseScaleInputError):
+        gpt_small(n_layers=3)
+    with pytest.raises(NoiseScaleInputError):
+        GPT(GPTConfig(d_model=30, n_head=4))
