@@ -1,0 +1,314 @@
+"""``noisescale profile``: step time against batch size, and the largest batch that fits.
+
+MODEL is a built-in reference model (``mnist-cnn``, ``gpt-small``) or ``module:function``. The
+function is called with the ``--model-option`` values as keyword arguments and returns
+``(model, loss_fn, make_batch)``:
+
+- ``model``: an ``nn.Module``; it is moved to ``--device``;
+- ``loss_fn(model(inputs), targets)``: the scalar training loss;
+- ``make_batch(batch_size, device)``: a batch ``(inputs, targets)`` of ``batch_size`` examples on
+  ``device``; synthetic data of the real shapes is enough.
+
+The module is imported with the current directory on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+from noisescale.errors import NoiseScaleInputError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from noisescale.hardware.profile import ThroughputProfile
+    from noisescale.reference_models import LossFn, MakeBatch
+
+_DEFAULT_LIMIT = {"cpu": 256, "cuda": 65536}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "profile",
+        help="measure step time against batch size and the largest batch that fits in memory",
+        description="Find the largest micro-batch a training step (forward, backward, optimizer "
+        "step) fits in memory, time steps at several batch sizes, fit t(b) = α + β·b and write "
+        "a profile JSON that `noisescale recommend` reads.",
+        epilog="MODEL: mnist-cnn (the paper's MNIST CNN), gpt-small (a small GPT; "
+        "--model-option n_layer=6 d_model=512 n_head=8 block_size=256 for the benchmark one), "
+        "or module:function returning (model, loss_fn, make_batch) with "
+        "make_batch(batch_size, device) -> (inputs, targets).",
+    )
+    parser.add_argument("model", metavar="MODEL", help="built-in model name or module:function")
+    parser.add_argument(
+        "--model-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keyword argument for the model builder (repeatable; values parsed as JSON "
+        "when possible, e.g. n_layer=6, tie_embeddings=true)",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        type=_int_list,
+        metavar="B1,B2,...",
+        help="micro-batch sizes to time (default: powers of two up to the largest that fits)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)"
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=("adamw", "sgd", "none"),
+        default="adamw",
+        help="optimizer step included in each timed step; its state counts towards memory "
+        "(default: adamw)",
+    )
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per batch size")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per batch size")
+    parser.add_argument(
+        "--max-batch-limit",
+        type=int,
+        default=None,
+        help="largest batch the memory search tries (default 256 on cpu, 65536 on cuda; on "
+        "cpu the OS may kill the process instead of failing an allocation, so keep it modest)",
+    )
+    parser.add_argument(
+        "--no-memory-search",
+        action="store_true",
+        help="skip the search for the largest batch that fits",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's own)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="torch seed for the model weights")
+    parser.add_argument("-o", "--output", help="write the profile JSON to this file")
+    parser.add_argument("--json", action="store_true", help="print the profile as JSON")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from noisescale.hardware import (
+        ThroughputProfile,
+        describe_device,
+        describe_model,
+        find_max_batch_size,
+        make_training_step,
+        profile_throughput,
+    )
+
+    if args.warmup < 0 or args.repeats < 1:
+        raise NoiseScaleInputError("--warmup must be ≥ 0 and --repeats ≥ 1")
+    device = _device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise NoiseScaleInputError("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    options = _options(args.model_option)
+    torch.manual_seed(args.seed)
+    model, loss_fn, make_batch = resolve_model(args.model, options)
+    model.to(device).train()
+    optimizer: torch.optim.Optimizer | None = None
+    if args.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    elif args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    step = make_training_step(model, loss_fn, make_batch, optimizer=optimizer, device=device)
+
+    search = None
+    if not args.no_memory_search:
+        limit = args.max_batch_limit or _DEFAULT_LIMIT.get(device.type, 256)
+        if limit < 1:
+            raise NoiseScaleInputError("--max-batch-limit must be at least 1")
+        _note(args, f"searching the largest batch that fits (up to {limit}) ...")
+        search = find_max_batch_size(step, limit=limit, model=model, optimizer=optimizer)
+    if args.batch_sizes:
+        batch_sizes = args.batch_sizes
+    else:
+        top = search.max_batch_size if search else (args.max_batch_limit or 64)
+        batch_sizes = [2**i for i in range(top.bit_length()) if 2**i <= top]
+    _note(args, f"timing batch sizes {', '.join(map(str, batch_sizes))} ...")
+    points = profile_throughput(
+        step,
+        batch_sizes,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        device=device,
+        model=model,
+        optimizer=optimizer,
+    )
+    if len(points) < 2:
+        raise NoiseScaleInputError(
+            "fewer than two batch sizes fitted in memory; give smaller --batch-sizes"
+        )
+    extra: dict[str, Any] = {"spec": args.model, "options": options}
+    config = getattr(model, "config", None)
+    block_size = getattr(config, "block_size", None)
+    if isinstance(block_size, int):
+        extra |= {"example_unit": "sequences", "tokens_per_example": block_size}
+    else:
+        extra["example_unit"] = "examples"
+    profile = ThroughputProfile.from_points(
+        points,
+        device=describe_device(device),
+        model=describe_model(model, args.model, **extra),
+        max_batch_size=search.max_batch_size if search else None,
+        max_batch_search=search.state_dict() if search else None,
+        settings={
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "optimizer": args.optimizer,
+            "seed": args.seed,
+            "timed_batch_sizes": sorted(set(batch_sizes)),
+        },
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    if args.output:
+        profile.save(args.output)
+    if args.json:
+        print(json.dumps(profile.to_dict(), indent=2))
+    else:
+        print(format_profile(profile))
+        if args.output:
+            print(f"wrote {args.output}")
+    return 0
+
+
+def resolve_model(spec: str, options: dict[str, Any]) -> tuple[nn.Module, LossFn, MakeBatch]:
+    """``(model, loss_fn, make_batch)`` from a built-in name or ``module:function``."""
+    import torch
+
+    from noisescale.reference_models import REFERENCE_MODELS
+
+    if spec in REFERENCE_MODELS:
+        builder = REFERENCE_MODELS[spec]
+    elif ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as err:
+            raise NoiseScaleInputError(
+                f"cannot import module {module_name!r}: {type(err).__name__}: {err}"
+            ) from None
+        builder = getattr(module, attr, None)
+        if not callable(builder):
+            raise NoiseScaleInputError(f"module {module_name!r} has no function {attr!r}")
+    else:
+        known = ", ".join(sorted(REFERENCE_MODELS))
+        raise NoiseScaleInputError(
+            f"unknown model {spec!r}: give a built-in model ({known}) or module:function"
+        )
+    try:
+        built = builder(**options)
+    except TypeError as err:
+        raise NoiseScaleInputError(f"{spec}: bad model options {options}: {err}") from None
+    if not (
+        isinstance(built, tuple)
+        and len(built) == 3
+        and isinstance(built[0], torch.nn.Module)
+        and callable(built[1])
+        and callable(built[2])
+    ):
+        raise NoiseScaleInputError(
+            f"{spec} must return (model: nn.Module, loss_fn, make_batch), got {type(built)!r}"
+        )
+    return built
+
+
+def format_profile(profile: ThroughputProfile) -> str:
+    """The profile as a text table with the fit and the memory limit."""
+    device = profile.device
+    where = device.get("name") or device["type"]
+    if device["type"] == "cpu":
+        where += f", {device.get('torch_threads')} threads"
+    lines = [
+        f"noisescale profile: {profile.model['name']} "
+        f"({profile.model['parameters']:,} parameters) on {device['type']} ({where}), "
+        f"optimizer {profile.settings.get('optimizer')}",
+        f"{'batch':>7} {'step (ms)':>10} {'samples/s':>11} {'peak memory':>12}",
+    ]
+    for p in profile.points:
+        memory = "" if p.peak_memory_bytes is None else f"{p.peak_memory_bytes / 2**20:.0f} MiB"
+        lines.append(
+            f"{p.batch_size:>7} {p.step_time_s * 1e3:>10.3f} {p.samples_per_s:>11.1f} {memory:>12}"
+        )
+    fit = profile.fit
+    lines.append(
+        f"fit: t(b) = α + β·b, α = {_pm(fit.alpha_s, fit.alpha_se_s, 1e3)} ms, "
+        f"β = {_pm(fit.beta_s, fit.beta_se_s, 1e3)} ms/example "
+        f"(largest relative residual {fit.max_rel_residual:.1%})"
+    )
+    search = profile.max_batch_search
+    if search is None:
+        lines.append("largest batch in memory: not searched")
+    elif search["capped"]:
+        lines.append(
+            f"largest batch in memory: ≥ {profile.max_batch_size} (the search stopped at its "
+            "limit, --max-batch-limit)"
+        )
+    else:
+        lines.append(
+            f"largest batch in memory: {profile.max_batch_size} ({len(search['trials'])} trials)"
+        )
+    return "\n".join(lines)
+
+
+def _pm(value: float, se: float | None, scale: float) -> str:
+    return f"{value * scale:.4g}" if se is None else f"{value * scale:.4g} ± {se * scale:.2g}"
+
+
+def _note(args: argparse.Namespace, message: str) -> None:
+    if not args.json:
+        print(message, file=sys.stderr)
+
+
+def _device(spec: str | None) -> torch.device:
+    import torch
+
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise NoiseScaleInputError(f"unknown device {spec!r}: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise NoiseScaleInputError(f"unsupported device {spec!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NoiseScaleInputError("--device cuda: CUDA is not available on this machine")
+    return device
+
+
+def _options(pairs: list[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise NoiseScaleInputError(f"--model-option needs KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key] = text
+    return options
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values

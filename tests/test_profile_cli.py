@@ -1,0 +1,186 @@
+"""Tests of ``noisescale profile``: the profile JSON it writes, the model contract, its errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from noisescale.cli import main
+
+TINY_MODULE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """An MLP whose backward "runs out of memory" (real CUDA OOM type) above `threshold`."""
+
+    def __init__(self, hidden, threshold):
+        super().__init__()
+        self.threshold = threshold
+        self.fc1 = nn.Linear(6, hidden)
+        self.fc2 = nn.Linear(hidden, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        if x.shape[0] > self.threshold:
+            h.register_hook(self._oom)
+        return self.fc2(h)
+
+    def _oom(self, grad):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+
+
+def build(hidden=4, threshold=10**9):
+    def make_batch(batch_size, device):
+        return torch.randn(batch_size, 6, device=device), torch.randint(0, 2, (batch_size,))
+
+    return Net(hidden, threshold), nn.functional.cross_entropy, make_batch
+
+
+def not_a_triple():
+    return 42
+'''
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    (tmp_path / "ns_tiny_model.py").write_text(TINY_MODULE)
+    (tmp_path / "ns_broken_model.py").write_text("raise RuntimeError('broken on import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    return "ns_tiny_model"
+
+
+FAST = ["--device", "cpu", "--warmup", "1", "--repeats", "2", "--threads", "1"]
+
+
+def test_profile_writes_versioned_json(tiny_module: str, tmp_path: Path) -> None:
+    out = tmp_path / "profile.json"
+    code = main(
+        [
+            "profile",
+            f"{tiny_module}:build",
+            "--batch-sizes",
+            "1,2,4",
+            "--max-batch-limit",
+            "16",
+            *FAST,
+            "--model-option",
+            "hidden=8",
+            "-o",
+            str(out),
+        ]
+    )
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert (data["kind"], data["version"]) == ("noisescale.profile", 1)
+    assert [p["batch_size"] for p in data["points"]] == [1, 2, 4]
+    assert all(len(p["times_s"]) == 2 for p in data["points"])
+    point = data["points"][2]
+    assert point["samples_per_s"] == pytest.approx(4 / point["step_time_s"])
+    assert set(data["fit"]) >= {"alpha_s", "beta_s", "alpha_se_s", "beta_se_s"}
+    # No simulated limit below 16: the search stops at the limit and says so.
+    assert data["max_batch_size"] == 16 and data["max_batch_search"]["capped"] is True
+    # 6·8 + 8 + 8·2 + 2 float32 parameters.
+    assert data["model"]["parameters"] == 74 and data["model"]["param_bytes"] == 74 * 4
+    assert data["model"]["options"] == {"hidden": 8}
+    assert data["device"]["type"] == "cpu" and data["settings"]["optimizer"] == "adamw"
+
+
+def test_profile_finds_simulated_memory_limit(
+    tiny_module: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        ["profile", f"{tiny_module}:build", "--model-option", "threshold=6", "--json", *FAST]
+    )
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["max_batch_size"] == 6 and data["max_batch_search"]["converged"] is True
+    # Default timed sizes: powers of two up to the largest that fits.
+    assert [p["batch_size"] for p in data["points"]] == [1, 2, 4]
+
+
+def test_profile_text_output(tiny_module: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        ["profile", f"{tiny_module}:build", "--batch-sizes", "2,8", "--no-memory-search", *FAST]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "fit: t(b) = α + β·b" in out and "not searched" in out
+
+
+def test_profile_builtin_models(tmp_path: Path) -> None:
+    out = tmp_path / "cnn.json"
+    args = ["--batch-sizes", "1,2", "--no-memory-search", "--warmup", "0", "--repeats", "1"]
+    assert main(["profile", "mnist-cnn", *args, "--threads", "1", "-o", str(out)]) == 0
+    assert json.loads(out.read_text())["model"]["parameters"] == 3274634
+    options = ["n_layer=1", "d_model=32", "n_head=2", "block_size=8", "vocab_size=64"]
+    gpt = ["profile", "gpt-small", *args, "--threads", "1", "-o", str(out)]
+    for option in options:
+        gpt += ["--model-option", option]
+    assert main(gpt) == 0
+    model = json.loads(out.read_text())["model"]
+    assert model["example_unit"] == "sequences" and model["tokens_per_example"] == 8
+
+
+@pytest.mark.parametrize(
+    ("spec", "extra", "message"),
+    [
+        ("nope", [], "unknown model 'nope'"),
+        ("ns_no_such_module_xyz:build", [], "cannot import module"),
+        ("ns_broken_model:build", [], "broken on import"),
+        ("ns_tiny_model:missing", [], "has no function 'missing'"),
+        ("ns_tiny_model:not_a_triple", [], "must return (model"),
+        ("ns_tiny_model:build", ["--model-option", "depth=3"], "bad model options"),
+        ("ns_tiny_model:build", ["--model-option", "novalue"], "KEY=VALUE"),
+        ("gpt-small", ["--model-option", "n_layers=3"], "gpt-small"),
+        ("ns_tiny_model:build", ["--device", "tpu"], "device"),
+        ("ns_tiny_model:build", ["--repeats", "0"], "--repeats"),
+    ],
+)
+def test_profile_errors_exit_2(
+    tiny_module: str,
+    capsys: pytest.CaptureFixture[str],
+    spec: str,
+    extra: list[str],
+    message: str,
+) -> None:
+    assert main(["profile", spec, "--no-memory-search", *extra]) == 2
+    err = capsys.readouterr().err
+    assert "noisescale profile: error:" in err and message in err
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the message on a machine without CUDA"
+)
+def test_profile_cuda_unavailable_exit_2(
+    tiny_module: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["profile", f"{tiny_module}:build", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_profile_bad_batch_sizes_is_usage_error(tiny_module: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["profile", f"{tiny_module}:build", "--batch-sizes", "2,x"])
+    assert exc.value.code == 2
+
+
+def test_profile_needs_two_sizes_that_fit(
+    tiny_module: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["profile", f"{tiny_module}:build", "--model-option", "threshold=1"]
+    code = main([*args, "--batch-sizes", "1,2,4", "--no-memory-search", *FAST])
+    assert code == 2
+    assert "fewer than two batch sizes" in capsys.readouterr().err

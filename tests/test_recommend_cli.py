@@ -1,0 +1,216 @@
+"""Tests of ``noisescale recommend``: numbers against eq. 2.11 by hand, the HTML page, errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from noisescale.cli import main
+from noisescale.hardware import ThroughputPoint, ThroughputProfile
+
+ALPHA, BETA = 0.01, 0.001  # s per step, s per example
+PARAM_BYTES = 4e8
+
+
+@pytest.fixture
+def profile_path(tmp_path: Path) -> Path:
+    """A profile whose points lie exactly on t(b) = 10 ms + 1 ms·b; 32 examples fit."""
+    points = [ThroughputPoint(b, (ALPHA + BETA * b,) * 3) for b in (1, 2, 4, 8, 16, 32)]
+    profile = ThroughputProfile.from_points(
+        points,
+        device={"type": "cuda", "name": "Test GPU"},
+        model={"name": "line", "parameters": 1e8, "param_bytes": PARAM_BYTES},
+        max_batch_size=32,
+    )
+    path = tmp_path / "profile.json"
+    profile.save(path)
+    return path
+
+
+def _run_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
+    assert main(["recommend", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_numbers_match_eq_2_11_by_hand(
+    profile_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _run_json(
+        capsys,
+        "--noise-scale", "100",
+        "--profile", str(profile_path),
+        "--gpus", "1,4",
+        "--price", "3",
+        "--target-examples", "1e5",
+        "--batch-sizes", "64,256",
+    )  # fmt: skip
+    assert data["kind"] == "noisescale.recommendation" and data["version"] == 1
+    assert data["s_min"] == pytest.approx(1000.0)  # S_min = E_min / B_noise
+    rows = {(c["batch_size"], c["devices"]): c for c in data["candidates"]}
+    # B = 256 on 4 devices: 64 each, 2 micro-batches of 32; ring all-reduce over PCIe 4
+    # (20 GB/s): 2·(3/4)·4e8/2e10 = 0.03 s.
+    c = rows[(256, 4)]
+    step = 2 * ALPHA + BETA * 64 + 0.03
+    steps = 1000 * (1 + 100 / 256)
+    assert (c["micro_batch_size"], c["num_micro_batches"]) == (32, 2)
+    assert c["step_time_s"] == pytest.approx(step)
+    assert c["steps"] == pytest.approx(steps)
+    assert c["examples"] == pytest.approx(1e5 * (1 + 256 / 100))
+    assert c["time_s"] == pytest.approx(steps * step)
+    assert c["gpu_hours"] == pytest.approx(4 * steps * step / 3600)
+    assert c["cost"] == pytest.approx(3 * 4 * steps * step / 3600)
+    # B = 64 on one device: 2 micro-batches of 32, no all-reduce.
+    c = rows[(64, 1)]
+    assert c["step_time_s"] == pytest.approx(2 * ALPHA + BETA * 64)
+    assert c["time_s"] == pytest.approx(1000 * (1 + 100 / 64) * (2 * ALPHA + BETA * 64))
+    # Recommended points are the brute-force extremes over all candidates.
+    rec = data["recommended"]
+    assert rec["fastest"]["time_s"] == min(c["time_s"] for c in rows.values())
+    assert rec["cheapest"]["cost"] == min(c["cost"] for c in rows.values())
+    products = [c["time_rel"] * c["cost_rel"] for c in rows.values()]
+    assert rec["balanced"]["time_rel"] * rec["balanced"]["cost_rel"] == pytest.approx(min(products))
+    assert data["assumptions"] and data["profile"]["fit"]["alpha_s"] == pytest.approx(ALPHA)
+
+
+def test_target_steps_and_custom_bandwidth(
+    profile_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _run_json(
+        capsys,
+        "--noise-scale", "50",
+        "--profile", str(profile_path),
+        "--gpus", "2",
+        "--target-steps", "200",
+        "--batch-sizes", "32",
+        "--bandwidth", "100",
+    )  # fmt: skip
+    assert data["e_min"] == pytest.approx(200 * 50)
+    (c,) = data["candidates"]
+    allreduce = 2 * 0.5 * PARAM_BYTES / 100e9
+    assert c["allreduce_s"] == pytest.approx(allreduce)
+    assert c["step_time_s"] == pytest.approx(ALPHA + BETA * 16 + allreduce)
+    assert c["gpu_hours"] == pytest.approx(2 * 200 * (1 + 50 / 32) * c["step_time_s"] / 3600)
+    assert c["cost"] is None  # no price
+
+
+def test_relative_mode(profile_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _run_json(capsys, "--noise-scale", "100", "--profile", str(profile_path))
+    assert data["relative"] is True and data["s_min"] is None
+    assert all(c["time_s"] is None for c in data["candidates"])
+    # Default candidates: powers of two up to 32·B_noise = 3200 → 4096.
+    assert [c["batch_size"] for c in data["candidates"]] == [2**i for i in range(13)]
+    assert min(c["time_rel"] for c in data["candidates"]) == pytest.approx(1.0)
+
+
+def test_text_output_and_html_page(
+    profile_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    page = tmp_path / "recommend.html"
+    args = ["--noise-scale", "300", "--profile", str(profile_path), "--gpus", "1,2,4,8"]
+    code = main(["recommend", *args, "--price", "2.5", "--target-steps", "5e4", "-o", str(page)])
+    assert code == 0
+    out = capsys.readouterr().out
+    for word in ("fastest:", "balanced:", "cheapest:", "assumptions:", "Pareto front"):
+        assert word in out
+    html = page.read_text()
+    assert html.startswith("<!DOCTYPE html>") and "<svg" in html and "</svg>" in html
+    # Self-contained: no scripts, stylesheets or images fetched from anywhere.
+    assert "<script" not in html and "<link" not in html and "<img" not in html
+    assert not re.search(r"(src|href)\s*=", html)
+    for label in ("fastest", "balanced", "cheapest"):
+        assert re.search(rf"<text[^>]*>[^<]*{label}", html)
+    assert "<polyline" in html and "Assumptions" in html
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--noise-scale", "0"], "--noise-scale must be positive"),
+        (["--noise-scale", "-3"], "--noise-scale must be positive"),
+        (["--noise-scale", "nan"], "must be positive"),
+        (["--noise-scale", "10", "--price", "-1"], "price must be positive"),
+        (["--noise-scale", "10", "--interconnect", "carrier-pigeon"], "unknown --interconnect"),
+        (["--noise-scale", "10", "--gpus", "3", "--batch-sizes", "4,8"], "no candidate"),
+    ],
+)
+def test_bad_input_exit_2(
+    profile_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    assert main(["recommend", "--profile", str(profile_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert "noisescale recommend: error:" in err and message in err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read profile"),
+        ("{truncated", "not valid JSON"),
+        ('{"kind": "noisescale.history", "version": 1}', "not a noisescale profile"),
+        ('{"kind": "noisescale.profile", "version": 1, "points": [{"batch_size": 1}]}', "corrupt"),
+    ],
+)
+def test_missing_or_corrupt_profile_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, message: str
+) -> None:
+    path = tmp_path / "p.json"
+    if content is not None:
+        path.write_text(content)
+    assert main(["recommend", "--noise-scale", "10", "--profile", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--target-steps", "10", "--target-examples", "100"],
+        ["--gpus", "1,two"],
+        ["--gpus", "0"],
+    ],
+)
+def test_usage_errors_exit_2(profile_path: Path, args: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["recommend", "--noise-scale", "10", "--profile", str(profile_path), *args])
+    assert exc.value.code == 2
+
+
+def test_python_m_entry_point(profile_path: Path) -> None:
+    ok = subprocess.run(
+        [sys.executable, "-m", "noisescale", "recommend", "--noise-scale", "64",
+         "--profile", str(profile_path), "--json"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["b_noise"] == 64
+    bad = subprocess.run(
+        [sys.executable, "-m", "noisescale", "recommend", "--noise-scale", "64",
+         "--profile", str(profile_path.with_name("absent.json"))],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "cannot read profile" in bad.stderr
+
+
+def test_profile_then_recommend_end_to_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    threads = torch.get_num_threads()
+    out = tmp_path / "cnn.json"
+    try:
+        code = main(
+            ["profile", "mnist-cnn", "--device", "cpu", "--batch-sizes", "1,16", "--threads", "1",
+             "--no-memory-search", "--warmup", "1", "--repeats", "2", "-o", str(out)]
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    capsys.readouterr()
+    data = _run_json(capsys, "--noise-scale", "900", "--profile", str(out), "--gpus", "1,2")
+    assert data["profile"]["model"]["name"] == "mnist-cnn"
+    assert data["recommended"]["fastest"]["pareto"] is True
