@@ -54,6 +54,8 @@ SCENARIOS: dict[str, tuple[str, list[list[list[int]]]]] = {
     "ddp_even": ("ddp", EVEN),
     "ddp_uneven": ("ddp", UNEVEN),
     "ddp_no_sync": ("ddp", ACCUM),
+    "ddp_bucket_view_no_sync": ("ddp_bucket_view", ACCUM),
+    "ddp_amp": ("ddp_amp", EVEN),
     "ddp_sync_every_pass": ("ddp_sync_all", ACCUM),
     "manual": ("manual", EVEN),
     "fsdp2": ("fsdp", UNEVEN),
@@ -104,7 +106,8 @@ def _run_scenario(rank: int, setup: str, steps: list) -> dict:
     model = make_model()
     group = None
     if setup.startswith("ddp"):
-        model = DistributedDataParallel(model)
+        # .grad as views into DDP's buckets: the hooks must still see the local sums
+        model = DistributedDataParallel(model, gradient_as_bucket_view=setup == "ddp_bucket_view")
     elif setup == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
@@ -114,30 +117,36 @@ def _run_scenario(rank: int, setup: str, steps: list) -> dict:
     else:
         group = torch.distributed.group.WORLD
     opt = torch.optim.SGD(model.parameters(), lr=LR)
+    # a power of two: the loss scale divides out exactly
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if setup == "ddp_amp" else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tracker = noisescale.GradientNoiseTracker(
-            model, beta=1.0, sync_every=2, optimizer=opt, process_group=group
+            model, beta=1.0, sync_every=2, optimizer=opt, process_group=group, scaler=scaler
         )
         for t, sizes in enumerate(steps):
             k = len(sizes[rank])
             for j in range(k):
                 x, y = micro_batch(steps, t, rank, j)
                 last = j == k - 1
-                if setup == "ddp" and not last:
+                if setup in ("ddp", "ddp_bucket_view") and not last:
                     with model.no_sync():
                         (F.cross_entropy(model(x), y) / k).backward()
                 else:
                     if setup == "fsdp":
                         model.set_requires_gradient_sync(last)
                     loss = F.cross_entropy(model(x), y) / k
-                    loss.backward()
+                    (loss if scaler is None else scaler.scale(loss)).backward()
             if setup == "manual":
                 for p in model.parameters():
                     torch.distributed.all_reduce(p.grad)
                     p.grad /= WORLD
             tracker.step(loss=loss)
-            opt.step()
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
             opt.zero_grad()
         e = tracker.estimate()
         history = tracker.history
@@ -320,7 +329,7 @@ def test_every_process_computes_the_same_history(runs):
             assert json.dumps(runs[0][name][key]) == json.dumps(runs[1][name][key]), name
 
 
-@pytest.mark.parametrize("name", ["ddp_even", "ddp_uneven", "manual", "fsdp2"])
+@pytest.mark.parametrize("name", ["ddp_even", "ddp_uneven", "ddp_amp", "manual", "fsdp2"])
 def test_one_pass_per_process_equals_single_process(runs, name):
     """The local source is the reference's micro-batch source; the combination matches too."""
     want_hist, _ = reference(name)
@@ -330,6 +339,7 @@ def test_one_pass_per_process_equals_single_process(runs, name):
         assert_big_batch_matches(got, want)
         assert set(got["sources"]) == {"per_example", "local"}
         assert set(want["sources"]) == {"per_example", "microbatch"}
+        assert got["loss_scale"] == (1024.0 if name == "ddp_amp" else 1.0)
         b_big, s_big = want["b_big"], want["sqnorm_big"]
         assert_same_source(
             got["sources"]["per_example"], want["sources"]["per_example"], b_big, s_big
@@ -356,7 +366,7 @@ def test_uneven_local_batches_weight_the_big_batch(runs):
     assert history[2]["sources"]["local"]["b_small"] == 1.0
 
 
-@pytest.mark.parametrize("name", ["ddp_no_sync", "fsdp2_accumulate"])
+@pytest.mark.parametrize("name", ["ddp_no_sync", "ddp_bucket_view_no_sync", "fsdp2_accumulate"])
 def test_accumulation_equals_single_process(runs, name):
     """no_sync() / set_requires_gradient_sync(False): micro-batch, per-example and local."""
     want_hist, local = reference(name)
