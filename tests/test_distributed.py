@@ -162,6 +162,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     _init(rank, port, timeout_s=CRASH_TIMEOUT_S)
     results = {name: _run_scenario(rank, *SCENARIOS[name]) for name in SCENARIOS}
     results["misuse"] = _misuse()
+    results["comm_hooks"] = _comm_hooks(rank)
     Path(out, f"{rank}.json").write_text(json.dumps(results))
     _crash(rank, out)
 
@@ -188,6 +189,47 @@ def _misuse() -> dict[str, str]:
     except NoiseScaleInputError as e:
         out["step_after_no_sync"] = str(e)
     tracker.remove()
+    return out
+
+
+def _comm_hooks(rank: int) -> dict[str, dict[str, list[float]]]:
+    """DDP with fp16 and PowerSGD communication hooks: the tracker's local norms and |G_big|²
+    against the exact local gradients and their exact average (autograd on a hook-free copy)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    out = {}
+    for name in ("fp16", "powersgd"):
+        torch.manual_seed(0)
+        inner = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 10))
+        copy = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 10))
+        model = DistributedDataParallel(inner)
+        if name == "fp16":
+            model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        else:
+            state = powerSGD_hook.PowerSGDState(
+                None, matrix_approximation_rank=1, start_powerSGD_iter=2, min_compression_rate=0.5
+            )
+            model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        tracker = noisescale.GradientNoiseTracker(model, sync_every=1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(rank)
+        big, local = [], []
+        for _ in range(8):
+            x, y = torch.randn(16, 20, generator=g), torch.randint(0, 10, (16,), generator=g)
+            copy.load_state_dict(inner.state_dict())
+            exact = torch.autograd.grad(F.cross_entropy(copy(x), y), list(copy.parameters()))
+            flat = torch.cat([e.reshape(-1) for e in exact])
+            local_exact = float(flat.pow(2).sum())
+            torch.distributed.all_reduce(flat)
+            F.cross_entropy(model(x), y).backward()
+            tracker.step()
+            record = tracker.history[-1]
+            big.append(record["sqnorm_big"] / float((flat / WORLD).pow(2).sum()))
+            local.append(record["sources"]["local"]["sqnorm_small"][rank] / local_exact)
+            opt.step()
+            opt.zero_grad()
+        out[name] = {"big_ratio": big, "local_ratio": local}
     return out
 
 
@@ -385,6 +427,17 @@ def test_accumulation_equals_single_process(runs, name):
         assert got["sources"]["local"]["sqnorm_small"] == pytest.approx(
             brute["sqnorm_small"], rel=4 * F32
         )
+
+
+def test_communication_hooks(runs):
+    """Local norms are read before the hook (exact), |G_big|² after it (the decompressed mean):
+    fp16 compression leaves it within fp16 rounding, PowerSGD changes it by tens of percent."""
+    hooks = runs[0]["comm_hooks"]
+    for name in ("fp16", "powersgd"):
+        assert hooks[name]["local_ratio"] == pytest.approx([1.0] * 8, rel=1e-5)
+    assert hooks["fp16"]["big_ratio"] == pytest.approx([1.0] * 8, abs=1e-3)
+    assert hooks["powersgd"]["big_ratio"][:2] == pytest.approx([1.0] * 2, rel=1e-5)  # warm-up
+    assert max(abs(r - 1.0) for r in hooks["powersgd"]["big_ratio"][2:]) > 0.1
 
 
 def test_misuse_is_reported(runs):
