@@ -515,6 +515,16 @@ def test_recommend_multi_device_with_accumulation_closed_form() -> None:
     assert rec.fastest is c4 and rec.cheapest is c1
 
 
+def test_one_device_optimum_is_sqrt_closed_form() -> None:
+    # One device, no accumulation: time ∝ (1 + B_noise/B)(α + β·B) = α + β·B_noise + α·B_noise/B
+    # + β·B, least at B* = √(α·B_noise/β) = √(0.01·100/0.001) ≈ 31.6.
+    rec = recommend_batch_size(
+        100.0, _line_profile(0.01, 0.001, None), batch_sizes=list(range(1, 1001))
+    )
+    assert rec.fastest.batch_size == rec.cheapest.batch_size == rec.balanced.batch_size == 32
+    assert abs(rec.fastest.batch_size - math.sqrt(0.01 * 100 / 0.001)) < 1
+
+
 def test_relative_mode_without_target() -> None:
     rec = recommend_batch_size(100.0, _line_profile(0.01, 0.001, None), batch_sizes=[16, 64])
     assert rec.relative and rec.s_min is None
@@ -589,6 +599,7 @@ def test_candidates_need_divisible_batches() -> None:
         {"b_noise": 10.0, "s_min": 1.0, "e_min": 10.0},
         {"b_noise": 10.0, "price_per_gpu_hour": -1.0},
         {"b_noise": 10.0, "devices": [0]},
+        {"b_noise": 10.0, "max_micro_batch_size": 0},
         {"b_noise": 10.0, "devices": [4], "batch_sizes": [2, 6]},
     ],
 )

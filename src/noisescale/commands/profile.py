@@ -59,7 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--batch-sizes",
         type=_int_list,
         metavar="B1,B2,...",
-        help="micro-batch sizes to time (default: powers of two up to the largest that fits)",
+        help="micro-batch sizes to time (default: powers of two up to the largest that fits, "
+        "or up to --max-batch-limit (64 if not given) with --no-memory-search)",
     )
     parser.add_argument(
         "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)"
@@ -231,7 +232,8 @@ def format_profile(profile: ThroughputProfile) -> str:
     device = profile.device
     where = device.get("name") or device["type"]
     if device["type"] == "cpu":
-        where += f", {device.get('torch_threads')} threads"
+        threads = device.get("torch_threads")
+        where += f", {threads} thread{'s' * (threads != 1)}"
     lines = [
         f"noisescale profile: {profile.model['name']} "
         f"({profile.model['parameters']:,} parameters) on {device['type']} ({where}), "

@@ -253,7 +253,9 @@ def recommend_batch_size(
         s_min = e_min / b_noise
     elif s_min is not None:
         e_min = s_min * b_noise
-    micro_limit = max_micro_batch_size or profile.max_batch_size
+    if max_micro_batch_size is not None and max_micro_batch_size < 1:
+        raise NoiseScaleInputError("the largest micro-batch must be at least 1")
+    micro_limit = profile.max_batch_size if max_micro_batch_size is None else max_micro_batch_size
     link = interconnect or INTERCONNECTS[DEFAULT_INTERCONNECT]
     nbytes = profile.grad_bytes if grad_bytes is None else grad_bytes
     fit = profile.fit
