@@ -1,8 +1,11 @@
-"""nn.Conv1d/2d/3d (stride, padding, dilation, groups, any padding mode) via an exact unfold.
+"""nn.Conv1d/2d/3d (stride, padding, dilation, groups, any padding mode), exactly.
 
-The input is unfolded into patches so that the per-example weight gradient of each group is
-Σ_l δ_l u_lᵀ over output positions l — the same algebra as a Linear on a sequence, with the Gram
-or the materialised form chosen by cost.
+The per-example weight gradient of each group is Σ_l δ_l u_lᵀ over output positions l, with u_l
+the input patch at l — the same algebra as a Linear on a sequence, so the cheaper of two forms is
+used. Materialised (L·CK·O per example): the batch is folded into the convolution's groups and one
+grouped weight-gradient convolution yields every example's gradient, with no patch matrix in
+memory. Gram (L²·(CK+O) per example, cheaper for small feature maps): the input is unfolded into
+patches and Σ_{l,m} (u_l·u_m)(δ_l·δ_m) is summed.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from noisescale.per_example.factors import DenseFactor, Factor, LinearFactor
+from noisescale.per_example.factors import DenseFactor, Factor, LinearFactor, _acc
 
 ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
@@ -44,6 +47,9 @@ def unfold(module: ConvNd, x: Tensor) -> Tensor:
     """Patches [N, C·∏k, L] in the layout of ``weight.flatten(1)`` (channel, then kernel dims)."""
     x = _pad(module, x)
     dims = len(module.kernel_size)
+    if dims == 2:
+        # the im2col kernel writes the patches once, already in this layout
+        return F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
     for j, (kd, sd, dd) in enumerate(
         zip(module.kernel_size, module.stride, module.dilation, strict=True)
     ):
@@ -60,17 +66,52 @@ def unfold(module: ConvNd, x: Tensor) -> Tensor:
     )
 
 
+_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}
+_WEIGHT_GRAD[3] = torch.nn.grad.conv3d_weight
+
+
+def per_example_weight_grads(module: ConvNd, x: Tensor, d: Tensor) -> Tensor:
+    """Every example's weight gradient, [N, *weight.shape], from one grouped convolution.
+
+    Example n's input channels and output gradients become groups n·G … n·G + G − 1 of a
+    convolution with N·G groups over a batch of one, whose weight gradient is then exactly the
+    stack of the per-example weight gradients.
+    """
+    n, w = x.shape[0], module.weight
+    x, d = _acc(x), _acc(d)
+    if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        padding = module.padding
+    else:
+        x, padding = _pad(module, x), 0
+    grads = _WEIGHT_GRAD[x.dim() - 2](
+        x.reshape(1, n * x.shape[1], *x.shape[2:]),
+        (n * w.shape[0], *w.shape[1:]),
+        d.reshape(1, n * d.shape[1], *d.shape[2:]),
+        stride=module.stride,
+        padding=padding,
+        dilation=module.dilation,
+        groups=n * module.groups,
+    )
+    return grads.view(n, *w.shape)
+
+
 def factors(module: ConvNd, x: Tensor, d: Tensor) -> dict[str, Factor]:
     n, g = x.shape[0], module.groups
     out: dict[str, Factor] = {}
     d3 = d.reshape(n, d.shape[1], -1)  # [N, O, L]
     if module.weight.requires_grad:
-        u = unfold(module, x)  # [N, C·K, L]
-        ck, length = u.shape[1] // g, u.shape[2]
-        o = d3.shape[1] // g
-        a = u.reshape(n, g, ck, length).permute(0, 1, 3, 2).reshape(n * g, length, ck)
-        dd = d3.reshape(n, g, o, length).permute(0, 1, 3, 2).reshape(n * g, length, o)
-        out["weight"] = LinearFactor(a, dd, groups=g)
+        length, ck, o = d3.shape[2], module.weight[0].numel(), module.out_channels // g
+        if length * (ck + o) >= ck * o:
+            out["weight"] = DenseFactor(per_example_weight_grads(module, x, d))
+        elif g == 1:
+            # transposed views: bmm reads them in place, no copy of the patches
+            u = unfold(module, x)  # [N, C·K, L]
+            out["weight"] = LinearFactor(u.transpose(1, 2), d3.transpose(1, 2))
+        else:
+            u = unfold(module, x)
+            a = u.reshape(n, g, ck, length).permute(0, 1, 3, 2).reshape(n * g, length, ck)
+            dd = d3.reshape(n, g, o, length).permute(0, 1, 3, 2).reshape(n * g, length, o)
+            out["weight"] = LinearFactor(a, dd, groups=g)
     if module.bias is not None and module.bias.requires_grad:
         out["bias"] = DenseFactor(d3.sum(2))
     return out

@@ -21,6 +21,11 @@ def _acc(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def _sqnorm_rows(x: Tensor) -> Tensor:
+    """|x_i|² per row of dim 0, one fused reduction (``x.pow(2).sum()`` writes a temporary)."""
+    return torch.linalg.vector_norm(x.flatten(1), dim=1).square()
+
+
 @dataclass
 class DenseFactor:
     """Materialised per-example gradients, shape [N, *param.shape]."""
@@ -28,8 +33,7 @@ class DenseFactor:
     grads: Tensor
 
     def sqnorm(self) -> Tensor:
-        g = _acc(self.grads)
-        return g.flatten(1).pow(2).sum(1)
+        return _sqnorm_rows(_acc(self.grads))
 
     def dense(self, shape: torch.Size) -> Tensor:
         return _acc(self.grads).reshape(self.grads.shape[0], *shape)
@@ -53,13 +57,14 @@ class LinearFactor:
         t, i = a.shape[1:]
         o = d.shape[2]
         if t == 1:
-            out = a.pow(2).sum((1, 2)) * d.pow(2).sum((1, 2))
+            out = _sqnorm_rows(a) * _sqnorm_rows(d)
         elif t * (i + o) < i * o:
             # Gram form: Σ_{t,s} (a_t·a_s)(δ_t·δ_s), cost T²(I+O) per example
-            out = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum((1, 2))
+            aa, dd = torch.bmm(a, a.transpose(1, 2)), torch.bmm(d, d.transpose(1, 2))
+            out = torch.linalg.vecdot(aa.flatten(1), dd.flatten(1))
         else:
             # materialised form: |δᵀa|², cost T·I·O per example
-            out = torch.bmm(d.transpose(1, 2), a).pow(2).sum((1, 2))
+            out = _sqnorm_rows(torch.bmm(d.transpose(1, 2), a))
         return out.view(-1, self.groups).sum(1)
 
     def dense(self, shape: torch.Size) -> Tensor:
@@ -83,16 +88,20 @@ class EmbeddingFactor:
 
     def sqnorm(self) -> Tensor:
         # Sum the δ of repeated tokens per example first: |Σ_{t: idx_t = v} δ_t|² summed over v.
+        # Sorting each example's ids puts repeats next to each other, and each run of equal ids
+        # is one row of `summed`. Unlike torch.unique this never needs the number of distinct ids
+        # on the host, so there is no device synchronisation (rows past the last run stay zero).
         n, t = self.idx.shape
-        d = _acc(self.d).reshape(n * t, -1)
-        example = torch.arange(n, device=d.device).repeat_interleave(t)
-        key = example * self.num_rows + self.idx.reshape(-1)
-        uniq, inverse = torch.unique(key, return_inverse=True)
-        summed = d.new_zeros(uniq.numel(), d.shape[1]).index_add_(0, inverse, d)
-        out = d.new_zeros(n)
-        return out.index_add_(
-            0, torch.div(uniq, self.num_rows, rounding_mode="floor"), summed.pow(2).sum(1)
+        d = _acc(self.d)
+        ids, order = torch.sort(self.idx, dim=1)
+        new_run = torch.ones_like(ids, dtype=torch.bool)
+        new_run[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        run = torch.cumsum(new_run, 1) - 1 + torch.arange(0, n * t, t, device=d.device)[:, None]
+        sorted_d = torch.gather(d, 1, order.unsqueeze(-1).expand_as(d))
+        summed = d.new_zeros(n * t, d.shape[-1]).index_add_(
+            0, run.reshape(-1), sorted_d.reshape(n * t, -1)
         )
+        return _sqnorm_rows(summed.view(n, -1))
 
     def dense(self, shape: torch.Size) -> Tensor:
         n, t = self.idx.shape

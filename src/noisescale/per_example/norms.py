@@ -9,6 +9,7 @@ a per-example gradient is not defined: it is refused.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from noisescale.errors import UnsupportedModuleError
@@ -36,21 +37,13 @@ def save(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
 
 def _normalised(module: nn.Module, x: Tensor) -> Tensor:
     x = x.float() if x.dtype not in (torch.float32, torch.float64) else x
+    # the fused kernels without affine parameters: several times faster than mean/var by hand
     if isinstance(module, nn.LayerNorm):
-        dims = tuple(range(-len(module.normalized_shape), 0))
-        mean = x.mean(dims, keepdim=True)
-        var = x.var(dims, unbiased=False, keepdim=True)
-        return (x - mean) * torch.rsqrt(var + module.eps)
+        return F.layer_norm(x, module.normalized_shape, eps=module.eps)
     if isinstance(module, nn.RMSNorm):
-        dims = tuple(range(-len(module.normalized_shape), 0))
-        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
-        return x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+        return F.rms_norm(x, module.normalized_shape, eps=module.eps)
     if isinstance(module, nn.GroupNorm):
-        n = x.shape[0]
-        xg = x.reshape(n, module.num_groups, -1)
-        mean = xg.mean(2, keepdim=True)
-        var = xg.var(2, unbiased=False, keepdim=True)
-        return ((xg - mean) * torch.rsqrt(var + module.eps)).reshape(x.shape)
+        return F.group_norm(x, module.num_groups, eps=module.eps)
     # BatchNorm in eval mode: the running statistics, per channel (dim 1)
     shape = (1, -1) + (1,) * (x.dim() - 2)
     mean = module.running_mean.reshape(shape).to(x.dtype)
