@@ -82,6 +82,11 @@ class GradientNoiseTracker:
             examples' own losses (see the module docstring).
         per_example: Measure exact per-example norms with module hooks (the most precise source).
             ``False`` relies on accumulation micro-batches only (no layer support needed).
+        per_example_fraction: Compute per-example norms for a random ⌈fraction·N⌉ of each
+            micro-batch's N examples, drawn afresh every step; ``1.0`` measures all of them.
+            The subset's mean |g_i|² is still unbiased, so the estimate stays unbiased; the
+            hooks' work shrinks in proportion and the interval widens (``bench/README.md``
+            compares the precision per unit of overhead).
         microbatch: Use micro-batch gradient norms when a step accumulates several backward
             passes.
         beta: EMA decay for |G|² and tr Σ (paper App. A.1); ``1.0`` averages all steps equally.
@@ -119,6 +124,7 @@ class GradientNoiseTracker:
         loss_reduction: str = "mean",
         *,
         per_example: bool = True,
+        per_example_fraction: float = 1.0,
         microbatch: bool = True,
         beta: float = 0.99,
         confidence: float = 0.95,
@@ -141,6 +147,10 @@ class GradientNoiseTracker:
             raise NoiseScaleInputError(f"confidence must be in (0, 1), got {confidence}")
         if sync_every < 1:
             raise NoiseScaleInputError(f"sync_every must be at least 1, got {sync_every}")
+        if not 0.0 < per_example_fraction <= 1.0:
+            raise NoiseScaleInputError(
+                f"per_example_fraction must be in (0, 1], got {per_example_fraction}"
+            )
         if not per_example and not microbatch:
             raise NoiseScaleInputError(
                 "per_example=False and microbatch=False leave no small-batch source to compare "
@@ -173,6 +183,7 @@ class GradientNoiseTracker:
             fallback=fallback,
             groups=group_params or None,
             precondition=self._preconditioner_weights if precondition is not None else None,
+            per_example_fraction=per_example_fraction,
         )
         self._params = [p for p in model.parameters() if p.requires_grad]
         # DDP, FSDP2 or process_group=: local gradients against the averaged one (App. A.1)

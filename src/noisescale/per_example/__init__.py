@@ -27,6 +27,7 @@ example is a sequence, and ℓ_i is whatever the loss assigns to it (e.g. the me
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -94,8 +95,8 @@ class PassNorms:
     Attributes:
         batch_size: Examples in the pass (dim 0 of the model's input).
         raw_sqnorms: Σ over parameters of |∂(backpropagated loss)/∂θ restricted to example i|²,
-            before undoing the loss reduction; shape [batch_size]. ``None`` when per-example
-            norms were not computed.
+            before undoing the loss reduction, for the examples ``rows``; shape [batch_size], or
+            [len(rows)] for a subset. ``None`` when per-example norms were not computed.
         grad_sqnorm: |∂(backpropagated loss)/∂θ|² of the whole pass (the micro-batch gradient),
             a 0-d tensor; ``None`` if no parameter received a gradient.
         group_sqnorms: ``raw_sqnorms`` split by parameter group, shape [batch_size, groups]
@@ -103,6 +104,8 @@ class PassNorms:
         group_grad_sqnorm: ``grad_sqnorm`` split by parameter group, shape [groups].
         weights: P² per parameter id when the norms are preconditioned, |P ⊙ g|² = Σ P²g²
             (the same weights for every norm of the pass); ``None`` for plain norms.
+        rows: The examples (indices into the pass's batch) whose norms were computed, drawn
+            uniformly without replacement; ``None`` for all of them.
     """
 
     batch_size: int
@@ -111,6 +114,7 @@ class PassNorms:
     group_sqnorms: Tensor | None = None
     group_grad_sqnorm: Tensor | None = None
     weights: dict[int, Tensor] | None = None
+    rows: Tensor | None = None
     # bookkeeping while the pass is open
     uses: dict[int, int] = field(default_factory=dict)
     pending: dict[int, list[Factor]] = field(default_factory=dict)
@@ -132,6 +136,11 @@ class PerExampleNorms:
             group (``group_sqnorms``, ``group_grad_sqnorm``).
         precondition: Called when a pass opens; returns P² per parameter id (every norm of the
             pass becomes |P ⊙ g|²) or ``None`` for plain norms.
+        per_example_fraction: Compute the per-example norms of a random subset of each pass's
+            examples, ⌈fraction·N⌉ of them, drawn afresh every pass (from a generator of the
+            engine's own seeded with ``torch.initial_seed()``, so training's random stream is
+            left alone). The layers' work on per-example norms shrinks in proportion, and the
+            mean of the subset's norms is still an unbiased estimate of E|g_i|².
     """
 
     def __init__(
@@ -142,9 +151,17 @@ class PerExampleNorms:
         fallback: bool = True,
         groups: Sequence[Sequence[nn.Parameter]] | None = None,
         precondition: Callable[[], dict[int, Tensor] | None] | None = None,
+        per_example_fraction: float = 1.0,
     ):
+        if not 0.0 < per_example_fraction <= 1.0:
+            raise NoiseScaleInputError(
+                f"per_example_fraction must be in (0, 1], got {per_example_fraction}"
+            )
         self.model = model
         self.per_example = per_example
+        self.per_example_fraction = per_example_fraction
+        self._seed = torch.initial_seed()
+        self._generators: dict[torch.device, torch.Generator] = {}
         self.precondition = precondition
         self.passes: list[PassNorms] = []
         self._handles: list[RemovableHandle] = []
@@ -286,18 +303,36 @@ class PerExampleNorms:
             self._new_pass_due = True
             handler, label, params = self._plan[module]
             with torch.no_grad():
+                rows = self._rows(pass_, grad.device)
+                kept = saved
+                if rows is not None:
+                    kept = _take_rows(saved, rows, pass_.batch_size)
+                    grad = grad.index_select(0, rows)
                 if handler is _FALLBACK:
                     self._recomputing = True
                     try:
-                        facs = fallback.factors(module, saved, grad, label)
+                        facs = fallback.factors(module, kept, grad, label)
                     finally:
                         self._recomputing = False
                 else:
-                    facs = handler.factors(module, saved, grad)
+                    facs = handler.factors(module, kept, grad)
                 for pname, factor in facs.items():
                     self._add(pass_, params[pname], factor)
 
         return hook
+
+    def _rows(self, pass_: PassNorms, device: torch.device) -> Tensor | None:
+        """The pass's random subset of examples (the same for every layer), or ``None`` for all."""
+        k = math.ceil(self.per_example_fraction * pass_.batch_size)
+        if k >= pass_.batch_size:
+            return None
+        if pass_.rows is None:
+            gen = self._generators.get(device)
+            if gen is None:
+                gen = self._generators[device] = torch.Generator(device=device)
+                gen.manual_seed(self._seed)
+            pass_.rows = torch.randperm(pass_.batch_size, generator=gen, device=device)[:k]
+        return pass_.rows if pass_.rows.device == device else pass_.rows.to(device)
 
     def _make_param_hook(self, pid: int) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
@@ -440,6 +475,17 @@ def _leading_dim(args: tuple, kwargs: dict) -> int:
         "the model was called without a tensor argument, so the number of examples is unknown; "
         "pass the batch as a tensor (dim 0 = examples)"
     )
+
+
+def _take_rows(saved: Any, rows: Tensor, n: int) -> Any:
+    """What a forward hook saved, restricted to the examples ``rows`` of a batch of ``n``."""
+    if isinstance(saved, Tensor):
+        return saved.index_select(0, rows)
+    args = tuple(
+        a.index_select(0, rows) if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n else a
+        for a in saved.args
+    )
+    return fallback.Saved(args, saved.kwargs)
 
 
 def _refuse_extra_output(label: str, k: int) -> Callable[[Tensor], None]:
