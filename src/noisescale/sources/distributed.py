@@ -341,7 +341,8 @@ class DataParallelSource:
                     lp.fresh.add(pid)
                 else:
                     g = g + _acc(prev.detach())
-                sq = g.pow(2).sum()
+                # vector_norm reads the gradient once; pow(2).sum() also writes a temporary
+                sq = g.pow(2).sum() if g.is_sparse else torch.linalg.vector_norm(g).square()
             lp.local_sqnorm = sq if lp.local_sqnorm is None else lp.local_sqnorm + sq
 
         return hook
