@@ -166,6 +166,10 @@ def test_hysteresis_bounds_and_allow_decrease():
     grow_only = _controller(interval=1, batch_size=208, allow_decrease=False)
     assert not grow_only.step(_estimate(1.0))
     assert grow_only.batch_size == 208
+    # √(1·36) = 6 lies between the multiples 4 and 8: move to the nearer (8) and stay there
+    coarse = _controller(micro_batch_size=4, max_batch_size=64, exchange_rate=1.0, interval=1)
+    changed = [coarse.step(_estimate(36.0)) for _ in range(5)]
+    assert changed == [True, False, False, False, False] and coarse.batch_size == 8
     not_yet = _controller(interval=1)
     assert not not_yet.step(NoiseEstimate(math.nan, math.nan, math.nan))
     assert not_yet.history[-1]["action"] == "wait: no estimate yet"

@@ -500,8 +500,9 @@ class AdaptiveBatchSize(_Realisation):
     Every ``interval`` optimizer steps :meth:`step` reads the tracker's estimate and, when its
     confidence interval is narrow enough (relative width below ``max_relative_width``), computes
     the target B = √(r·B_simple) or c·B_simple (:func:`target_batch_size`), clamps it to the
-    bounds and rounds it to a multiple of the micro-batch. The batch changes only when the target
-    differs from the current batch by more than the ``hysteresis`` factor; the learning rate
+    bounds and rounds it to a multiple of the micro-batch. The batch changes only when the
+    (clamped, unrounded) target differs from the current batch by more than the ``hysteresis``
+    factor and the rounded target is closer to it than the current batch; the learning rate
     follows ``lr_rule`` (:func:`lr_factor`). Changes therefore come at least ``interval`` steps
     apart and the estimate is read (one host synchronisation) only at decisions.
 
@@ -673,9 +674,14 @@ class AdaptiveBatchSize(_Realisation):
         target = quantized_batch_size(
             raw, self.micro_batch_size, self.min_batch_size, self.max_batch_size
         )
-        ratio = max(target / s.batch_size, s.batch_size / target)
+        aim = min(max(raw, self.min_batch_size), self.max_batch_size)
+        # Hysteresis on the unrounded target; and move only to a batch closer to it than the
+        # current one, or a target between two multiples of the micro-batch (6 with multiples
+        # of 4) would make the batch flip between them at every decision.
+        off = max(aim / s.batch_size, s.batch_size / aim)
+        closer = abs(math.log(target / aim)) < abs(math.log(s.batch_size / aim))
         grow = target > s.batch_size
-        change = ratio > self.hysteresis and (grow or self.allow_decrease)
+        change = off > self.hysteresis and closer and (grow or self.allow_decrease)
         new_batch = target if change else s.batch_size
         new_factor = self._factor(new_batch, estimate)
         if new_factor is None:
