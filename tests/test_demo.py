@@ -16,7 +16,7 @@ def test_demo_short_run(tmp_path):
             "noisescale",
             "demo",
             "--epochs",
-            "0.4",
+            "0.2",
             "--batch-size",
             "32",
             "--no-progress",
