@@ -3,16 +3,17 @@
     python bench/ddp_overhead.py                  # spawns 2 CPU processes (gloo)
     torchrun --nproc_per_node 2 bench/ddp_overhead.py
 
-Three DDP models of the same architecture and data, trained side by side in interleaved blocks
-of steps so that drift of the machine hits all alike:
+Three DDP models of the same architecture and data, trained side by side, one step of each in
+turn, so that whatever else the machine is doing hits all three alike:
 
 * ``plain``  — forward, backward, optimizer step: the baseline;
 * ``local``  — plus ``GradientNoiseTracker(model, per_example=False)``: only the paper's App. A.1
   pair (local gradient before averaging, global after), the "nearly free" measurement;
 * ``full``   — plus the default tracker: exact per-example norms from layer hooks as well.
 
-Each block times every step (``time.perf_counter``, after a barrier), drops ``--warmup`` steps,
-and keeps the median; the ratio of medians per block is reported as the median over blocks.
+Every step is timed (``time.perf_counter``, after a barrier) from the forward pass to
+``zero_grad()``; after ``--warmup`` steps of each, the ratio of median step times is reported,
+with its range over ``--blocks`` consecutive blocks of the run as a measure of its stability.
 """
 
 from __future__ import annotations
@@ -54,21 +55,17 @@ def build(width: int, mode: str) -> tuple[nn.Module, torch.optim.Optimizer, obje
     return model, optimizer, tracker
 
 
-def block(model, optimizer, tracker, data, steps: int, warmup: int) -> float:
-    """Median seconds per step over ``steps`` after ``warmup`` steps."""
-    times = []
-    for i in range(warmup + steps):
-        x, y = data[i % len(data)]
-        dist.barrier()
-        start = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        if tracker is not None:
-            tracker.step(loss=loss)
-        optimizer.step()
-        optimizer.zero_grad()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[warmup:])
+def timed_step(model, optimizer, tracker, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Seconds of one training step, all processes starting together."""
+    dist.barrier()
+    start = time.perf_counter()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    if tracker is not None:
+        tracker.step(loss=loss)
+    optimizer.step()
+    optimizer.zero_grad()
+    return time.perf_counter() - start
 
 
 def run(args: argparse.Namespace) -> None:
@@ -80,31 +77,36 @@ def run(args: argparse.Namespace) -> None:
         for _ in range(8)
     ]
     setups = {mode: build(args.width, mode) for mode in MODES}
-    medians: dict[str, list[float]] = {mode: [] for mode in MODES}
-    for _ in range(args.repeats):
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for i in range(args.warmup + args.steps):
         for mode in MODES:
-            medians[mode].append(block(*setups[mode], data, args.steps, args.warmup))
+            times[mode].append(timed_step(*setups[mode], *data[i % len(data)]))
     for _, _, tracker in setups.values():
         if tracker is not None:
             tracker.estimate()  # the pending all-reduces finished in time
             tracker.remove()
     if rank == 0:
-        plain = medians["plain"]
+        kept = {mode: t[args.warmup :] for mode, t in times.items()}
+        size = len(kept["plain"]) // args.blocks
         print(
             f"DDP step overhead: {world} processes ({dist.get_backend()}), MLP 784-{args.width}-"
-            f"{args.width}-10, local batch {args.local_batch}, {args.repeats} blocks of "
-            f"{args.steps} steps after {args.warmup} warm-up"
+            f"{args.width}-10, local batch {args.local_batch}, {args.steps} steps of each after "
+            f"{args.warmup} warm-up"
         )
         print(
             f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
             f"torch {torch.__version__}"
         )
         for mode in MODES:
-            ratios = [m / p for m, p in zip(medians[mode], plain, strict=True)]
+            ratio = statistics.median(kept[mode]) / statistics.median(kept["plain"])
+            blocks = [
+                statistics.median(kept[mode][b * size : (b + 1) * size])
+                / statistics.median(kept["plain"][b * size : (b + 1) * size])
+                for b in range(args.blocks)
+            ]
             print(
-                f"  {mode:6s} median step {1e3 * statistics.median(medians[mode]):7.2f} ms   "
-                f"ratio to plain {statistics.median(ratios):5.3f} "
-                f"(blocks {min(ratios):.3f}–{max(ratios):.3f})"
+                f"  {mode:6s} median step {1e3 * statistics.median(kept[mode]):7.2f} ms   "
+                f"ratio to plain {ratio:5.3f} (blocks {min(blocks):.3f}–{max(blocks):.3f})"
             )
 
 
@@ -125,9 +127,9 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=2, help="processes to spawn (no torchrun)")
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--local-batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=300, help="timed steps of each model")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--blocks", type=int, default=5)
     args = parser.parse_args()
     if "RANK" in os.environ:  # under torchrun
         dist.init_process_group("gloo", timeout=timedelta(minutes=2))
