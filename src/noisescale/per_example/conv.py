@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from noisescale.per_example.factors import DenseFactor, Factor, LinearFactor, _acc
+from noisescale.per_example.factors import (
+    DenseFactor,
+    Factor,
+    LinearFactor,
+    _acc,
+    _sqnorm_rows,
+)
 
 ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
@@ -95,6 +101,30 @@ def per_example_weight_grads(module: ConvNd, x: Tensor, d: Tensor) -> Tensor:
     return grads.view(n, *w.shape)
 
 
+class ConvWeightFactor(DenseFactor):
+    """A conv weight's per-example gradients, materialised only when asked for.
+
+    Its squared norms are computed a chunk of examples at a time, so the per-example gradients
+    alive at once never outgrow the layer's own input or output gradient (and the smaller
+    grouped convolutions are faster, too). Cross terms and preconditioned norms use ``grads``.
+    """
+
+    def __init__(self, module: ConvNd, x: Tensor, d: Tensor) -> None:
+        self.module, self.x, self.d = module, x, d
+
+    @property
+    def grads(self) -> Tensor:  # type: ignore[override]
+        return per_example_weight_grads(self.module, self.x, self.d)
+
+    def sqnorm(self) -> Tensor:
+        chunk = max(1, max(self.x.numel(), self.d.numel()) // self.module.weight.numel())
+        parts = [
+            _sqnorm_rows(per_example_weight_grads(self.module, x, d))
+            for x, d in zip(self.x.split(chunk), self.d.split(chunk), strict=True)
+        ]
+        return torch.cat(parts)
+
+
 def factors(module: ConvNd, x: Tensor, d: Tensor) -> dict[str, Factor]:
     n, g = x.shape[0], module.groups
     out: dict[str, Factor] = {}
@@ -102,7 +132,7 @@ def factors(module: ConvNd, x: Tensor, d: Tensor) -> dict[str, Factor]:
     if module.weight.requires_grad:
         length, ck, o = d3.shape[2], module.weight[0].numel(), module.out_channels // g
         if length * (ck + o) >= ck * o:
-            out["weight"] = DenseFactor(per_example_weight_grads(module, x, d))
+            out["weight"] = ConvWeightFactor(module, x, d)
         elif g == 1:
             # transposed views: bmm reads them in place, no copy of the patches
             u = unfold(module, x)  # [N, C·K, L]

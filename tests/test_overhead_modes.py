@@ -1,0 +1,205 @@
+"""The measurement modes of bench/overhead.py are exact and agree with each other.
+
+* exact per-example norms of the benchmark's models (small versions) equal a brute-force loop
+  over examples to 1e-3 relative in float32, and both conv forms (grouped-convolution
+  materialised, in chunks, and Gram) to 1e-9 in float64;
+* ``per_example_fraction`` measures exactly the brute-force norms of the rows it draws, the same
+  rows for every layer (fallback modules included), a fresh subset each pass, without touching
+  training's random stream, and the subset mean is unbiased;
+* on one training run every mode's B_simple lies inside the exact mode's interval and the exact
+  one inside each mode's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import noisescale
+from noisescale.errors import NoiseScaleInputError
+from noisescale.per_example import PerExampleNorms
+from noisescale.reference_models import GPTConfig, PaperCNN
+
+
+def _load_bench():
+    path = Path(__file__).resolve().parents[1] / "bench" / "overhead.py"
+    spec = importlib.util.spec_from_file_location("bench_overhead", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_overhead"] = module  # dataclasses look their module up while building
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+def brute_force(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss) -> torch.Tensor:
+    """|∇θ ℓ_i|² by one backward pass per example."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for i in range(x.shape[0]):
+        grads = torch.autograd.grad(loss(model(x[i : i + 1]), y[i : i + 1]).sum(), params)
+        out.append(sum(g.double().pow(2).sum() for g in grads))
+    return torch.stack(out)
+
+
+def exact(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss) -> torch.Tensor:
+    with noisescale.per_example_sqnorms(model) as pe:
+        loss(model(x), y).mean().backward()
+    return pe.sqnorms.double()
+
+
+def _small_models():
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(5, 1, 28, 28, generator=g), torch.randint(0, 10, (5,), generator=g)
+    rgb = torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
+    tokens = torch.randint(0, 50, (4, 9), generator=g)
+    cfg = GPTConfig(vocab_size=50, block_size=8, n_layer=2, n_head=2, d_model=32)
+    return [
+        pytest.param(lambda: PaperCNN(dropout=0.0), images, bench.image_loss, id="paper-cnn"),
+        pytest.param(
+            lambda: bench.GPTBatchFirst(cfg),
+            (tokens[:, :-1], tokens[:, 1:]),
+            bench.sequence_loss,
+            id="gpt",
+        ),
+        pytest.param(lambda: bench.ResNetGN((8, 16, 16)), rgb, bench.image_loss, id="resnet-gn"),
+    ]
+
+
+@pytest.mark.parametrize(("build", "batch", "loss"), _small_models())
+def test_exact_norms_of_bench_models_match_brute_force_fp32(build, batch, loss):
+    torch.manual_seed(0)
+    model = build()
+    x, y = batch
+    truth = brute_force(model, x, y, loss)
+    measured = exact(model, x, y, loss)
+    assert torch.allclose(measured, truth, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("conv", "shape"),
+    [
+        # L·(CK+O) ≥ CK·O, and the per-example weight is larger than an example's input and
+        # output: grouped-convolution gradients in chunks of one example
+        (nn.Conv1d(8, 8, 7, padding=3), (5, 8, 12)),
+        (nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, padding_mode="circular"), (5, 4, 7, 7)),
+        (nn.Conv3d(2, 3, 2, dilation=(1, 2, 1)), (5, 2, 4, 5, 3)),
+        # small feature map, many channels: the Gram form
+        (nn.Conv2d(16, 16, 3, padding=1), (5, 16, 3, 3)),
+        (nn.Conv2d(16, 16, 3, padding=1, groups=4), (5, 16, 3, 3)),
+    ],
+    ids=["chunked-1d", "grouped-circular-2d", "dilated-3d", "gram", "gram-groups"],
+)
+def test_conv_forms_match_brute_force_float64(conv, shape):
+    conv = conv.double()
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = torch.zeros(shape[0])
+
+    def loss(out, _):
+        return out.flatten(1).sin().sum(1)
+
+    assert torch.allclose(exact(conv, x, y, loss), brute_force(conv, x, y, loss), rtol=1e-9)
+
+
+class _WithFallback(nn.Module):
+    """A closed-form layer, an attention module (torch.func fallback) and an embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.emb(idx)
+        return self.out(self.attn(h, h, h, need_weights=False)[0] + h)
+
+
+def test_subset_norms_are_those_of_the_drawn_rows():
+    torch.manual_seed(0)
+    model = _WithFallback().double()
+    idx = torch.randint(0, 11, (8, 5))
+    y = torch.zeros(8)
+
+    def loss(out, _):
+        return out.flatten(1).pow(2).mean(1)
+
+    truth = brute_force(model, idx, y, loss)
+    engine = PerExampleNorms(model, per_example_fraction=0.25)
+    loss(model(idx), y).mean().backward()
+    (pass_,) = engine.collect()
+    assert pass_.rows is not None and pass_.rows.numel() == 2  # ⌈0.25·8⌉
+    assert len(set(pass_.rows.tolist())) == 2
+    measured = pass_.raw_sqnorms * 8**2  # undo the mean over the pass's 8 examples
+    assert torch.allclose(measured, truth[pass_.rows], rtol=1e-9)
+
+
+def test_subset_is_fresh_each_pass_unbiased_and_leaves_training_rng_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(8, 6), torch.randn(8, 2)
+    with noisescale.per_example_sqnorms(model) as pe:
+        F.mse_loss(model(x), y).backward()
+    all_rows = pe.sqnorms
+
+    engine = PerExampleNorms(model, per_example_fraction=1 / 8)
+    draws, rows, total = 600, [], 0.0
+    rng_before = torch.get_rng_state()
+    for _ in range(draws):
+        F.mse_loss(model(x), y).backward()
+        (pass_,) = engine.collect()
+        rows.append(int(pass_.rows))
+        total += float(pass_.raw_sqnorms.sum()) * 8**2  # one row; undo the mean over 8
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the engine drew from its own generator
+    counts = torch.bincount(torch.tensor(rows), minlength=8).double()
+    # uniform draws: Pearson χ² with 7 degrees of freedom below its 0.999 quantile, 24.3
+    assert ((counts - draws / 8) ** 2 / (draws / 8)).sum() < 24.3
+    # the mean of single-row draws estimates the mean over all rows (4 standard errors)
+    sd = float(all_rows.std(unbiased=False)) / math.sqrt(draws)
+    assert abs(total / draws - float(all_rows.mean())) < 4 * sd
+
+
+def test_tracker_rejects_a_fraction_outside_zero_one():
+    model = nn.Linear(3, 2)
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(NoiseScaleInputError, match="per_example_fraction"):
+            noisescale.GradientNoiseTracker(model, per_example_fraction=bad)
+
+
+def test_every_mode_agrees_with_the_exact_one_within_its_interval():
+    """One training run (4 accumulation micro-batches per step) watched by four trackers."""
+    torch.manual_seed(0)
+    teacher = torch.randn(10, 3)
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    modes = {
+        "exact": noisescale.GradientNoiseTracker(model, microbatch=False),
+        "subset": noisescale.GradientNoiseTracker(
+            model, per_example_fraction=1 / 8, microbatch=False
+        ),
+        "microbatch": noisescale.GradientNoiseTracker(model, per_example=False),
+        "subset+microbatch": noisescale.GradientNoiseTracker(model, per_example_fraction=1 / 8),
+    }
+    for _ in range(200):
+        x = torch.randn(64, 10)
+        y = (x @ teacher).argmax(1)
+        optimizer.zero_grad()
+        for xs, ys in zip(x.chunk(4), y.chunk(4), strict=True):
+            (F.cross_entropy(model(xs), ys) / 4).backward()
+        for tracker in modes.values():
+            tracker.step()
+        optimizer.step()
+    est = {name: t.estimate() for name, t in modes.items()}
+    ref = est["exact"]
+    assert math.isfinite(ref.high)
+    for name, e in est.items():
+        assert e.low <= ref.b_simple <= e.high, (name, e)
+        assert ref.low <= e.b_simple <= ref.high, (name, e)
