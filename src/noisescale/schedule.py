@@ -498,7 +498,7 @@ class AdaptiveBatchSize(_Realisation):
     """Batch size that follows the measured noise scale (paper App. D, eq. D.6).
 
     Every ``interval`` optimizer steps :meth:`step` reads the tracker's estimate and, when its
-    confidence interval is narrow enough (relative width below ``max_relative_width``), computes
+    confidence interval is narrow enough (relative width at most ``max_relative_width``), computes
     the target B = √(r·B_simple) or c·B_simple (:func:`target_batch_size`), clamps it to the
     bounds and rounds it to a multiple of the micro-batch. The batch changes only when the
     (clamped, unrounded) target differs from the current batch by more than the ``hysteresis``
