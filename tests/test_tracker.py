@@ -192,7 +192,8 @@ def test_resume_gives_same_subsequent_estimates(tmp_path):
     torch.save(first.state_dict(), tmp_path / "tracker.pt")
     first.remove()
     resumed = noisescale.GradientNoiseTracker(model, beta=0.9)
-    resumed.load_state_dict(torch.load(tmp_path / "tracker.pt", weights_only=False))
+    # plain Python types only: loadable the safe way frameworks load checkpoints
+    resumed.load_state_dict(torch.load(tmp_path / "tracker.pt", weights_only=True))
     for x in data[25:]:
         model(x).mean().backward()
         resumed.step()

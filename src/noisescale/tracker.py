@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from noisescale import estimators as est
 from noisescale.errors import NoiseScaleInputError
 from noisescale.per_example import LOSS_REDUCTIONS, PerExampleNorms
+from noisescale.per_example.factors import sqnorm
 from noisescale.sources.distributed import DataParallelSource, ReducedStep
 
 __all__ = ["GradientNoiseTracker"]
@@ -640,6 +641,9 @@ class GradientNoiseTracker:
                         if p.grad is not None
                     ]
                 ).sum()
+            if grads[0].device.type == "cpu":
+                # CPU's fused norms sum sequentially: 1e-3 relative error on 1.6·10⁷ elements
+                return torch.stack([sqnorm(g.detach()) for g in grads]).sum()
             norms = torch._foreach_norm([g.detach() for g in grads])
             return torch.stack([n.float() for n in norms]).pow(2).sum()
 
@@ -737,6 +741,8 @@ class GradientNoiseTracker:
 
 
 def _json_safe(x: Any) -> Any:
+    if isinstance(x, np.generic):  # before float: np.float64 is a float subclass
+        return _json_safe(x.item())
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
@@ -745,8 +751,6 @@ def _json_safe(x: Any) -> Any:
         return [_json_safe(v) for v in x]
     if isinstance(x, np.ndarray):
         return _json_safe(x.tolist())
-    if isinstance(x, np.generic):
-        return _json_safe(x.item())
     return x
 
 
