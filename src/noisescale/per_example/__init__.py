@@ -44,6 +44,7 @@ from noisescale.per_example.factors import (
     EmbeddingFactor,
     Factor,
     LinearFactor,
+    sqnorm,
     sqnorm_of_sum,
 )
 
@@ -343,9 +344,11 @@ class PerExampleNorms:
                 return
             current = self.passes[-1]
             with torch.no_grad():
-                g = _acc(grad.detach())
                 w2 = None if current.weights is None else current.weights.get(pid)
-                sq = g.pow(2).sum() if w2 is None else (g.pow(2) * w2).sum()
+                if w2 is None:
+                    sq = sqnorm(grad.detach())
+                else:
+                    sq = (_acc(grad.detach()).pow(2) * w2).sum()
                 current.grad_sqnorm = (
                     sq if current.grad_sqnorm is None else current.grad_sqnorm + sq
                 )
