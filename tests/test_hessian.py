@@ -250,6 +250,25 @@ def test_line_search_finds_the_optimum_of_the_averaged_quadratic():
     assert torch.equal(prob.model[0].theta.detach(), torch.zeros(D))  # θ restored
 
 
+def test_line_search_without_an_improving_step_and_min_examples():
+    prob = Quadratic(seed=3)
+    params = list(prob.model.parameters())
+    g = torch.autograd.grad(prob.loss_fn(prob.model, {"mu": prob.mu}), params)[0]
+    ls = line_search(prob.model, prob.loss_fn, [[-g]], {"mu": prob.mu})  # an ascent direction
+    assert (ls.eps_opt, ls.delta_l_opt) == (0.0, 0.0)
+    drawn = []
+
+    def sample(b):
+        drawn.append(b)
+        return prob.sample(b)
+
+    curve = measure_delta_l_opt(
+        prob.model, prob.loss_fn, sample, {"mu": prob.mu}, [2, 8, 64], repeats=3, min_examples=32
+    )
+    assert drawn == [2] * 16 + [8] * 4 + [64] * 3  # ⌈32/B⌉ directions, at least 3
+    assert np.all(curve.delta_l_opt > 0)
+
+
 def test_fit_delta_l_opt_recovers_eq_2_7():
     b = np.array([1, 2, 4, 8, 16, 32, 64, 128])
     b_noise, delta_l_max = fit_delta_l_opt(b, 3.0 / (1 + 17.0 / b))

@@ -97,7 +97,7 @@ def test_groups_add_up_to_the_total_every_step(precondition, tied):
     torch.manual_seed(0)
     model = Net(tied=tied)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    kw = {"precondition": opt} if precondition else {}
+    kw = {"precondition": opt, "precondition_from": 1} if precondition else {}
     tracker = noisescale.GradientNoiseTracker(model, groups=True, sync_every=4, **kw)
     # 12 steps: past the 8 after which per-example and micro-batch sources get unequal weights
     train(tracker, model, 12, opt=opt, width=11 if tied else 3)

@@ -135,7 +135,9 @@ def test_every_norm_is_preconditioned(kind, name):
     model = ConvNet() if kind == "conv" else TiedLM()
     params = list(model.parameters())
     opt = OPTIMIZERS[name](params)
-    tracker = noisescale.GradientNoiseTracker(model, precondition=opt, sync_every=1)
+    tracker = noisescale.GradientNoiseTracker(
+        model, precondition=opt, precondition_from=1, sync_every=1
+    )
     g = torch.Generator().manual_seed(1)
     with pytest.warns(RuntimeWarning, match="not preconditioned"):
         for step in range(3):
@@ -178,7 +180,9 @@ def test_preconditioned_estimates_are_unbiased_on_a_quadratic():
     mu, s = torch.linspace(-1.0, 1.0, d), torch.linspace(0.5, 2.0, d)
     model = nn.Sequential(Shift(d))
     opt = torch.optim.RMSprop(model.parameters(), lr=0.0, alpha=0.9)
-    tracker = noisescale.GradientNoiseTracker(model, precondition=opt, beta=1.0)
+    tracker = noisescale.GradientNoiseTracker(
+        model, precondition=opt, precondition_from=1, beta=1.0
+    )
     theta = model[0].theta
     g = torch.Generator().manual_seed(0)
     gen = h * (theta.detach() - mu)
@@ -204,6 +208,25 @@ def test_preconditioned_estimates_are_unbiased_on_a_quadratic():
     # the estimate restarted at the first preconditioned step (step 2)
     assert tracker.estimate().steps == 299
     assert tracker.state_dict()["preconditioned_from"] == 2
+
+
+def test_precondition_from_delays_p_and_restarts_the_averages():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tracker = noisescale.GradientNoiseTracker(model, precondition=opt, precondition_from=3)
+    g = torch.Generator().manual_seed(0)
+    with pytest.warns(RuntimeWarning, match="fewer than precondition_from=3"):
+        for _ in range(6):
+            model(torch.randn(8, 3, generator=g)).pow(2).mean().backward()
+            tracker.step()
+            opt.step()
+            opt.zero_grad()
+    assert [r["preconditioned"] for r in tracker.history] == [False] * 3 + [True] * 3
+    assert tracker.estimate().steps == 3
+    assert tracker.state_dict()["preconditioned_from"] == 4
+    with pytest.raises(NoiseScaleInputError, match="precondition_from"):
+        noisescale.GradientNoiseTracker(model, precondition=opt, precondition_from=0)
 
 
 def test_refusals():

@@ -493,6 +493,9 @@ def line_search(
     ``eps_range`` brackets the maximum, golden-section search refines it to relative width
     ``rtol``. The parameters are restored afterwards.
 
+    When no step size on the grid improves the averaged loss (few, very noisy directions: the
+    noise in mean_r GᵀV_r exceeds |G|²), the result is ``eps_opt = delta_l_opt = 0``.
+
     Args:
         model: The model at θ.
         loss_fn: ``loss_fn(model, batch)`` → mean loss (evaluated under ``torch.no_grad``).
@@ -503,8 +506,8 @@ def line_search(
         rtol: Relative width of the final bracket.
 
     Raises:
-        NoiseScaleInputError: if the best step lies at an end of ``eps_range`` (widen it), or
-            the directions do not match the parameters.
+        NoiseScaleInputError: if the best improving step lies at an end of ``eps_range`` (widen
+            it), or the directions do not match the parameters.
     """
     params = _params_of(model)
     if not directions:
@@ -540,6 +543,8 @@ def line_search(
             points = np.geomspace(lo, hi, grid)
             values = np.array([improvement(float(e)) for e in points])
             best = int(np.argmax(values))
+            if values[best] <= 0:
+                return LineSearch(0.0, 0.0, points, values)
             if best in (0, grid - 1):
                 raise NoiseScaleInputError(
                     f"the best step size lies at the end of eps_range={eps_range} "
@@ -569,7 +574,8 @@ class DeltaLCurve:
 
     Attributes:
         batch_sizes: The batch sizes B (examples).
-        delta_l_opt: ΔL_opt at each B (best mean improvement over ``repeats`` directions).
+        delta_l_opt: ΔL_opt at each B (best mean improvement over ``repeats`` directions); 0
+            where no step improved the loss (those batch sizes are left out of the fits).
         eps_opt: The step size that achieved it.
         b_noise: B_noise of the fit ΔL_opt = ΔL_max/(1 + B_noise/B) (eq. 2.7).
         delta_l_max: ΔL_max of that fit.
@@ -594,6 +600,7 @@ def measure_delta_l_opt(
     batch_sizes: Sequence[int],
     *,
     repeats: int = 8,
+    min_examples: int = 0,
     eps_range: tuple[float, float] = (1e-4, 1e3),
     grid: int = 29,
     rtol: float = 1e-3,
@@ -605,13 +612,21 @@ def measure_delta_l_opt(
     held-out loss averaged over them. Fitting ΔL_opt(B) = ΔL_max/(1 + B_noise/B) gives B_noise and
     ΔL_max; fitting ε_opt(B) = ε_max/(1 + B_noise/B) (eq. 2.6) gives a second B_noise.
 
+    The noise of the linear term mean_r GᵀV_r has variance GᵀΣG/(B·repeats): it depends on the
+    examples used, B·repeats, so small batches need many more directions (``min_examples``).
+    Late in training a few directions of one example each may not improve the loss at all;
+    such batch sizes are reported with ΔL_opt = 0 and left out of the fits, which biases the
+    remaining small-B points upwards (B_noise downwards).
+
     Args:
         model: The model at θ (left unchanged).
         loss_fn: ``loss_fn(model, batch)`` → mean loss.
         sample_batch: Draws a fresh batch of the given size (independent of ``eval_batch``).
         eval_batch: A large held-out batch standing in for the full-data loss.
         batch_sizes: At least two batch sizes, spanning B_noise if possible.
-        repeats: Directions per batch size; the averaged curve has noise ∝ 1/√repeats.
+        repeats: Directions per batch size (at least).
+        min_examples: Use at least ⌈min_examples/B⌉ directions at batch size B, so that every
+            ΔL_opt(B) averages over about the same number of examples.
         eps_range: Step sizes searched (:func:`line_search`).
         grid: Grid points over ``eps_range``.
         rtol: Relative precision of each ε_opt.
@@ -624,16 +639,21 @@ def measure_delta_l_opt(
     params = _params_of(model)
     delta_l, eps = [], []
     for b in sizes:
-        directions = [
-            _mean_gradient(loss_fn, model, sample_batch(b), params) for _ in range(repeats)
-        ]
+        count = max(repeats, -(-min_examples // b))
+        directions = [_mean_gradient(loss_fn, model, sample_batch(b), params) for _ in range(count)]
         ls = line_search(
             model, loss_fn, directions, eval_batch, eps_range=eps_range, grid=grid, rtol=rtol
         )
         delta_l.append(ls.delta_l_opt)
         eps.append(ls.eps_opt)
-    b_noise, delta_l_max = fit_delta_l_opt(sizes, delta_l)
-    b_noise_eps, eps_max = fit_delta_l_opt(sizes, eps)
+    used = [j for j, d in enumerate(delta_l) if d > 0]
+    if len(used) < 2:
+        raise NoiseScaleInputError(
+            f"the line searches improved the loss at fewer than two batch sizes ({sizes}); use "
+            "more repeats or larger batch sizes"
+        )
+    b_noise, delta_l_max = fit_delta_l_opt([sizes[j] for j in used], [delta_l[j] for j in used])
+    b_noise_eps, eps_max = fit_delta_l_opt([sizes[j] for j in used], [eps[j] for j in used])
     return DeltaLCurve(
         np.array(sizes, dtype=float),
         np.array(delta_l),

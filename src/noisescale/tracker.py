@@ -102,10 +102,14 @@ class GradientNoiseTracker:
         precondition: An Adam, AdamW or RMSprop optimizer: measure the noise scale of the
             preconditioned gradient P ⊙ g with P = 1/(√v̂ + ε) from its second-moment state
             (paper footnote 7, App. E.2), in the big batch and every small-batch source alike.
-            Until the optimizer has state (before its first step) norms are plain, the history
-            says ``"preconditioned": false``, and the averages restart at the first
+            Until the optimizer has taken ``precondition_from`` steps norms are plain, the
+            history says ``"preconditioned": false``, and the averages restart at the first
             preconditioned step. Per-example norms then materialise each Linear/conv
             per-example weight gradient (N·O·I elements per layer, in bounded chunks).
+        precondition_from: Optimizer steps before P is used. Early on v̂ averages only a few
+            squared gradients, so coordinates whose first gradients happened to be tiny get
+            P ≈ 1/ε; those steps' huge, noisy norms would dominate the averages for hundreds of
+            steps (``docs/beyond_b_simple.md``). ``1`` starts as soon as there is state.
         groups: Also report B_simple per parameter group (:meth:`estimate_groups`, history key
             ``"groups"``): ``True`` or ``"children"`` (each top-level child module),
             ``"param_groups"`` (the optimizer's), or a mapping ``{name: [parameters, modules or
@@ -135,6 +139,7 @@ class GradientNoiseTracker:
         sync_every: int = 32,
         fallback: bool = True,
         precondition: torch.optim.Optimizer | None = None,
+        precondition_from: int = 100,
         groups: bool | str | Mapping[str, Any] | None = None,
         process_group: Any | None = None,
     ) -> None:
@@ -167,6 +172,11 @@ class GradientNoiseTracker:
         self.history_path = Path(history_path) if history_path is not None else None
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.precondition = precondition
+        if precondition_from < 1:
+            raise NoiseScaleInputError(
+                f"precondition_from must be at least 1, got {precondition_from}"
+            )
+        self.precondition_from = precondition_from
         if precondition is not None:
             _check_preconditioner(model, precondition, trainable)
             if optimizer is None:
@@ -270,9 +280,9 @@ class GradientNoiseTracker:
         if self.precondition is not None and weights is None:
             self._warn_once(
                 "not-preconditioned",
-                "the optimizer has no second-moment state yet (before its first step), so this "
-                "step's norms are not preconditioned; the estimate restarts at the first "
-                "preconditioned step",
+                f"the optimizer has taken fewer than precondition_from={self.precondition_from} "
+                "steps, so this step's norms are not preconditioned; the estimate restarts at "
+                "the first preconditioned step",
             )
         groups = self._group_sources(
             passes, sizes, coef, scale, b_big, grad_scale * sum_c, weights, sources
@@ -508,7 +518,9 @@ class GradientNoiseTracker:
         """P² for the passes of the current step (the state cannot change before its end)."""
         if self._weights_step != self.steps:
             assert self.precondition is not None
-            self._weights = preconditioner_weights(self.precondition, self._params)
+            self._weights = preconditioner_weights(
+                self.precondition, self._params, min_steps=self.precondition_from
+            )
             self._weights_step = self.steps
         return self._weights
 
@@ -792,7 +804,7 @@ def _check_preconditioner(
 
 
 def preconditioner_weights(
-    optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]
+    optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], min_steps: int = 1
 ) -> dict[int, Tensor] | None:
     """P² = (√v̂ + ε)⁻² per parameter id: the square of the optimizer's elementwise preconditioner.
 
@@ -800,7 +812,8 @@ def preconditioner_weights(
     bias-corrected second moment (``max_exp_avg_sq`` with amsgrad); RMSprop by √v + ε (v minus
     the squared mean gradient when centered). The state read is the one left by the previous
     ``optimizer.step()``, fixed while this step's gradients are drawn, so the preconditioned
-    norms stay unbiased for |P ⊙ G|² and tr(PΣP). ``None`` while any parameter has no state.
+    norms stay unbiased for |P ⊙ G|² and tr(PΣP). ``None`` while any parameter has taken fewer
+    than ``min_steps`` steps.
     """
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     out: dict[int, Tensor] = {}
@@ -808,7 +821,7 @@ def preconditioner_weights(
         for p in params:
             group = group_of[id(p)]
             state = optimizer.state.get(p)
-            if not state or float(state.get("step", 0)) == 0:
+            if not state or float(state.get("step", 0)) < min_steps:
                 return None
             if isinstance(optimizer, torch.optim.RMSprop):
                 v = state["square_avg"]
