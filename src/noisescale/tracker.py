@@ -227,6 +227,13 @@ class GradientNoiseTracker:
         """
         passes = self.engine.collect()
         if not passes:
+            if any(p.grad is not None for p in self._params):
+                raise NoiseScaleInputError(
+                    "tracker.step() found gradients but saw no forward pass of the model with "
+                    "gradients enabled (e.g. torch.utils.checkpoint.checkpoint(model, ..., "
+                    "use_reentrant=True) around the whole model): checkpoint blocks inside the "
+                    "model instead, and create the tracker before the first forward"
+                )
             raise NoiseScaleInputError(
                 "tracker.step() was called but no backward pass ran since the last step; call "
                 "it once per optimizer step, after loss.backward()"

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
@@ -121,6 +122,13 @@ class PassNorms:
     pending: dict[int, list[Factor]] = field(default_factory=dict)
     covered: set[int] = field(default_factory=set)
     received: set[int] = field(default_factory=set)
+    tasks: set[int] = field(default_factory=set)  # autograd graph tasks that ran through the pass
+    param_tasks: set[int] = field(default_factory=set)  # tasks that computed parameter gradients
+    # factors from torch.autograd.grad() calls, kept until it is known whether they reached the
+    # parameters (autograd cannot tell a hook that during autograd.grad)
+    deferred: dict[int, list[tuple[nn.Parameter, Factor]]] = field(default_factory=dict)
+    second_order: bool = False  # a backward with create_graph=True ran through the pass
+    repeated_backward: bool = False  # a parameter received two gradients in the pass
 
 
 class PerExampleNorms:
@@ -172,6 +180,29 @@ class PerExampleNorms:
         self._param_name: dict[int, str] = {}
         self._param: dict[int, nn.Parameter] = {}
         self._plan: dict[nn.Module, tuple[_Handler, str, dict[str, nn.Parameter]]] = {}
+        # the pass each running backward (autograd graph task) belongs to
+        self._task_pass: dict[int, PassNorms] = {}
+        self._acc_node: dict[int, Any] = {}
+        for mname, module in model.named_modules():
+            if getattr(module, "sparse", False) and isinstance(
+                module, nn.Embedding | nn.EmbeddingBag
+            ):
+                raise UnsupportedModuleError(
+                    f"module '{mname}' ({type(module).__name__}) has sparse=True; its sparse "
+                    "gradients are not supported: construct it with sparse=False"
+                )
+            if parametrize.is_parametrized(module):
+                raise UnsupportedModuleError(
+                    f"module '{mname}' ({type(module).__name__}) has parametrized weights "
+                    "(torch.nn.utils.parametrize: weight_norm, spectral_norm, ...), whose "
+                    "per-example gradients noisescale does not compute; remove the "
+                    "parametrization or use per_example=False"
+                )
+        if isinstance(model, nn.DataParallel):
+            raise UnsupportedModuleError(
+                "nn.DataParallel replicates the model into threads that the hooks cannot follow; "
+                "use DistributedDataParallel (supported) or track the inner module on one device"
+            )
 
         for mname, module in model.named_modules():
             for pname, p in module.named_parameters(recurse=False):
@@ -188,6 +219,10 @@ class PerExampleNorms:
                 raise ValueError(f"parameters {missing} belong to no group")
         if per_example:
             self._build_plan(fallback)
+        for pid, p in self._param.items():
+            if type(p.data) is torch.Tensor:  # sharded (DTensor) parameters are resolved later
+                # the AccumulateGrad node autograd runs for p; held so it stays the same node
+                self._acc_node[pid] = p.view_as(p).grad_fn.next_functions[0][0]
         self._install()
 
     # -- construction -------------------------------------------------------------------------
@@ -209,6 +244,13 @@ class PerExampleNorms:
             if not params:
                 continue
             label = mname or "<top-level model>"
+            if handler is not _FALLBACK and not set(params) <= {"weight", "bias"}:
+                raise UnsupportedModuleError(
+                    f"module '{label}' ({type(module).__name__}) has parameters {sorted(params)} "
+                    "instead of weight/bias (e.g. the old nn.utils.weight_norm), so its forward "
+                    "does not compute what its type says; use torch.nn.utils.parametrizations or "
+                    "per_example=False"
+                )
             if handler.kind == "norm":
                 norms.check(module, label)
             elif handler.kind == "embedding":
@@ -235,6 +277,7 @@ class PerExampleNorms:
         self._handles.append(
             self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True)
         )
+        self._handles.append(self.model.register_forward_hook(self._on_model_output))
         for module in self._plan:
             self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
         for pid, p in self._param.items():
@@ -264,11 +307,50 @@ class PerExampleNorms:
     def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._recomputing or self._paused or not torch.is_grad_enabled():
             return
-        if self._new_pass_due or not self.passes:
-            n = _leading_dim(args, kwargs)
-            weights = self.precondition() if self.precondition is not None else None
-            self.passes.append(PassNorms(batch_size=n, weights=weights))
-            self._new_pass_due = False
+        if torch._C._current_graph_task_id() != -1:
+            # a forward re-run during backward (activation checkpointing) belongs to its pass
+            return
+        # Every forward opens a pass; passes that no backward reaches (a validation forward
+        # with grad enabled) are dropped, and passes that one backward ran through together
+        # (two forwards, one loss) are merged, when the step collects them.
+        n = _leading_dim(args, kwargs)
+        weights = self.precondition() if self.precondition is not None else None
+        self.passes.append(PassNorms(batch_size=n, weights=weights))
+        self._new_pass_due = False
+
+    def _on_model_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._recomputing or self._paused or not torch.is_grad_enabled() or not self.passes:
+            return
+        if torch._C._current_graph_task_id() != -1:
+            return
+        hook = self._make_root_hook(self.passes[-1])
+        for out in _tensors(output):
+            if out.requires_grad:
+                out.register_hook(hook)
+
+    def _make_root_hook(self, pass_: PassNorms) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            self._enter(pass_)
+
+        return hook
+
+    def _enter(self, pass_: PassNorms) -> None:
+        """Record that the running backward goes through ``pass_``."""
+        task = torch._C._current_graph_task_id()
+        pass_.tasks.add(task)
+        self._task_pass.setdefault(task, pass_)
+        self._new_pass_due = True
+
+    def _reaches_parameters(self, params: dict[str, nn.Parameter]) -> bool:
+        """Whether the running backward computes gradients of these parameters.
+
+        False for a backward towards the inputs only (adversarial examples, saliency maps).
+        """
+        for p in params.values():
+            node = self._acc_node.get(id(p))
+            if node is None or torch._C._will_engine_execute_node(node):
+                return True
+        return False
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self._recomputing or self._paused or not torch.is_grad_enabled() or not self.passes:
@@ -278,8 +360,18 @@ class PerExampleNorms:
             return
         handler, label, params = self._plan[module]
         current = self.passes[-1]
+        if handler.kind == "norm":
+            norms.check(module, label)  # a BatchNorm may have been switched to train() since
         if handler is _FALLBACK:
             saved = fallback.save(module, args, kwargs)
+            lead = _leading_dim(args, kwargs)
+            if lead != current.batch_size:
+                raise NoiseScaleInputError(
+                    f"module '{label}' received an input with leading dimension {lead} but the "
+                    f"model's input has {current.batch_size} examples: noisescale takes dim 0 "
+                    "of every layer's input as the example dimension (batch-first). Keep "
+                    "activations batch-first, or use per_example=False"
+                )
         else:
             saved = handler.save(module, args, out)
             if saved.shape[0] != current.batch_size:
@@ -301,8 +393,19 @@ class PerExampleNorms:
         self, module: nn.Module, saved: Any, pass_: PassNorms
     ) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
-            self._new_pass_due = True
             handler, label, params = self._plan[module]
+            if torch.is_grad_enabled():
+                # create_graph=True (gradient penalties, double backward): the loss that is
+                # later backpropagated has second-order terms the factors do not see
+                pass_.second_order = True
+                return
+            try:
+                reaches: bool | None = self._reaches_parameters(params)
+            except RuntimeError:  # inside torch.autograd.grad(): decided when collected
+                reaches = None
+            if reaches is False:
+                return
+            self._enter(pass_)
             with torch.no_grad():
                 rows = self._rows(pass_, grad.device)
                 kept = saved
@@ -317,8 +420,14 @@ class PerExampleNorms:
                         self._recomputing = False
                 else:
                     facs = handler.factors(module, kept, grad)
+                task = torch._C._current_graph_task_id()
                 for pname, factor in facs.items():
-                    self._add(pass_, params[pname], factor)
+                    if pname not in params:  # a parameter unfrozen later: collect() reports it
+                        continue
+                    if reaches is None:
+                        pass_.deferred.setdefault(task, []).append((params[pname], factor))
+                    else:
+                        self._add(pass_, params[pname], factor)
 
         return hook
 
@@ -340,9 +449,15 @@ class PerExampleNorms:
             if self._paused:
                 return
             self._new_pass_due = True
-            if not self.passes:
+            task = torch._C._current_graph_task_id()
+            current = self._task_pass.get(task) or (self.passes[-1] if self.passes else None)
+            if current is None:
                 return
-            current = self.passes[-1]
+            current.tasks.add(task)
+            current.param_tasks.add(task)
+            self._task_pass.setdefault(task, current)
+            if pid in current.received:
+                current.repeated_backward = True
             with torch.no_grad():
                 w2 = None if current.weights is None else current.weights.get(pid)
                 if w2 is None:
@@ -396,18 +511,57 @@ class PerExampleNorms:
     def collect(self) -> list[PassNorms]:
         """Finish the open passes and return them, resetting the engine for the next step.
 
+        Passes that no backward reached are dropped; passes one backward ran through together
+        (two forwards, one loss) are merged into one.
+
         Raises:
             UnsupportedModuleError: if a parameter received a gradient but no per-example
                 contribution (it was used outside the module that owns it).
+            NoiseScaleInputError: if the trainable parameters changed since construction, a
+                backward with ``create_graph=True`` fed the parameters' gradients, or two
+                backward passes ran through one forward.
         """
         done, self.passes = self.passes, []
+        self._task_pass.clear()
         self._new_pass_due = True
+        trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
+        if trainable != set(self._param):
+            raise NoiseScaleInputError(
+                "the model's trainable parameters changed since the tracker was created "
+                "(a layer was frozen or unfrozen); create a new tracker after changing "
+                "requires_grad"
+            )
         for pass_ in done:
+            for task, items in pass_.deferred.items():
+                if task in pass_.param_tasks:
+                    for p, factor in items:
+                        self._add(pass_, p, factor)
+            pass_.deferred.clear()
             for pid, waiting in list(pass_.pending.items()):
                 # a use whose output never reached the loss contributes a zero gradient
                 self._accumulate(pass_, pid, self._sqnorm_of_uses(pass_, self._param[pid], waiting))
             pass_.pending.clear()
-            if self.per_example:
+            pass_.uses.clear()
+        for pass_ in done:
+            if pass_.second_order and pass_.received:
+                raise NoiseScaleInputError(
+                    "a backward with create_graph=True (a gradient penalty or double backward) "
+                    "ran through the model before the parameters' gradients were computed; "
+                    "per-example norms do not include its second-order terms. Use "
+                    "per_example=False (micro-batch norms are exact there)"
+                )
+            if pass_.repeated_backward:
+                raise NoiseScaleInputError(
+                    "two backward passes ran through one forward (retain_graph=True), so the "
+                    "gradient norms of their sum are unknown; add the losses and call backward "
+                    "once per forward"
+                )
+        # a pass whose parameters received no gradient was a forward without a training backward
+        # (validation with grad enabled, gradients towards the inputs only): it is not a
+        # micro-batch of this step
+        done = [p for p in _merge_shared_backward(done) if p.received]
+        if self.per_example:
+            for pass_ in done:
                 missing = pass_.received - pass_.covered
                 if missing:
                     names = sorted(self._param_name[pid] for pid in missing)
@@ -417,8 +571,58 @@ class PerExampleNorms:
                         "e.g. `F.linear(x, other.weight)`), so their per-example norms would be "
                         "missing. Call the owning module instead, or use per_example=False"
                     )
-            pass_.uses.clear()
-        return [p for p in done if p.received or p.raw_sqnorms is not None]
+        return done
+
+
+def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
+    """Merge passes that one backward ran through: one micro-batch of all their examples."""
+    groups: list[list[PassNorms]] = []
+    for pass_ in passes:
+        joined = [g for g in groups if any(pass_.tasks & q.tasks for q in g)]
+        merged = [pass_]
+        for g in joined:
+            groups.remove(g)
+            merged = g + merged
+        groups.append(merged)
+    out = []
+    for group in groups:
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        first = group[0]
+        merged = PassNorms(batch_size=sum(p.batch_size for p in group), weights=first.weights)
+        for name in ("raw_sqnorms", "group_sqnorms"):
+            parts = [getattr(p, name) for p in group if getattr(p, name) is not None]
+            setattr(merged, name, torch.cat(parts) if parts else None)
+        for name in ("grad_sqnorm", "group_grad_sqnorm"):
+            parts = [getattr(p, name) for p in group if getattr(p, name) is not None]
+            setattr(merged, name, sum(parts[1:], parts[0]) if parts else None)
+        rows = [p.rows for p in group]
+        if any(r is not None for r in rows):
+            offset, taken = 0, []
+            for p in group:
+                r = p.rows if p.rows is not None else torch.arange(p.batch_size)
+                taken.append(r.cpu() + offset)
+                offset += p.batch_size
+            merged.rows = torch.cat(taken)
+        for p in group:
+            merged.received |= p.received
+            merged.covered |= p.covered
+            merged.tasks |= p.tasks
+            merged.param_tasks |= p.param_tasks
+        out.append(merged)
+    return out
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    """The tensors in a model's output (a tensor, or tuples, lists and dicts of them)."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, list | tuple):
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
 # Materialised per-example weight gradients are built this many elements at a time (1 GiB in fp32).
@@ -484,11 +688,13 @@ def _take_rows(saved: Any, rows: Tensor, n: int) -> Any:
     """What a forward hook saved, restricted to the examples ``rows`` of a batch of ``n``."""
     if isinstance(saved, Tensor):
         return saved.index_select(0, rows)
-    args = tuple(
-        a.index_select(0, rows) if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n else a
-        for a in saved.args
+
+    def take(a: Any) -> Any:
+        return a.index_select(0, rows) if fallback._is_batched(a, n) else a
+
+    return fallback.Saved(
+        tuple(take(a) for a in saved.args), {k: take(v) for k, v in saved.kwargs.items()}
     )
-    return fallback.Saved(args, saved.kwargs)
 
 
 def _refuse_extra_output(label: str, k: int) -> Callable[[Tensor], None]:

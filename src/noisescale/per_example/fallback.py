@@ -56,26 +56,34 @@ def save(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Saved:
     return Saved(tuple(a.detach() if isinstance(a, Tensor) else a for a in args), kwargs)
 
 
+def _is_batched(x: Any, n: int) -> bool:
+    return isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == n
+
+
 def factors(module: nn.Module, saved: Saved, d: Tensor, name: str) -> dict[str, Factor]:
     params = {n: p.detach() for n, p in fallback_params(module).items()}
     if not params:
         return {}
     n = d.shape[0]
-    batched = tuple(isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n for a in saved.args)
+    batched = tuple(_is_batched(a, n) for a in saved.args)
+    # per-example keyword tensors (e.g. key_padding_mask) are split like the arguments
+    kw_batched = {k: v for k, v in saved.kwargs.items() if _is_batched(v, n)}
+    kw_fixed = {k: v for k, v in saved.kwargs.items() if k not in kw_batched}
 
-    def one_example(args: tuple, grad: Tensor) -> dict[str, Tensor]:
+    def one_example(args: tuple, kwargs: dict[str, Tensor], grad: Tensor) -> dict[str, Tensor]:
         full = tuple(a.unsqueeze(0) if b else a for a, b in zip(args, batched, strict=True))
+        kw = {**kw_fixed, **{k: v.unsqueeze(0) for k, v in kwargs.items()}}
 
         def f(p: dict[str, Tensor]) -> Tensor:
-            out = functional_call(module, p, full, saved.kwargs)
+            out = functional_call(module, p, full, kw)
             return out[0] if isinstance(out, tuple) else out
 
-        _, pullback = vjp(f, params)
-        return pullback(grad.unsqueeze(0).to(f(params).dtype))[0]
+        out, pullback = vjp(f, params)
+        return pullback(grad.unsqueeze(0).to(out.dtype))[0]
 
-    in_dims = (tuple(0 if b else None for b in batched), 0)
+    in_dims = (tuple(0 if b else None for b in batched), 0, 0)
     try:
-        grads = vmap(one_example, in_dims=in_dims)(saved.args, d)
+        grads = vmap(one_example, in_dims=in_dims)(saved.args, kw_batched, d)
     except Exception as err:  # torch raises many types here; name the module in one clear error
         raise UnsupportedModuleError(
             f"module '{name}' ({type(module).__name__}) owns parameters and is not one of the "

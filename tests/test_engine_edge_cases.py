@@ -1,0 +1,187 @@
+"""Training-loop patterns that must give exact numbers or a clear error, never a silent one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import noisescale
+from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def make():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def per_loss(out):
+    return out.pow(2).sum(1) + out.sum(1).sin()
+
+
+def record(model, train_step, **kw):
+    """The tracker's first history record after running ``train_step(model)`` once."""
+    model.zero_grad(set_to_none=True)
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+    train_step(model)
+    tracker.step()
+    rec = tracker.history[-1]
+    tracker.remove()
+    return rec
+
+
+def same(a, b):
+    for key in ("b_big", "sqnorm_big", "g2", "trace_sigma"):
+        assert b[key] == pytest.approx(a[key], rel=1e-9), key
+    for name in a["sources"]:
+        assert b["sources"][name]["sqnorm_small"] == pytest.approx(
+            a["sources"][name]["sqnorm_small"], rel=1e-9
+        )
+
+
+X = torch.randn(6, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+X2 = torch.randn(6, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+
+def plain(model):
+    per_loss(model(X)).mean().backward()
+
+
+def test_gradient_towards_inputs_is_not_a_micro_batch():
+    """FGSM/saliency: autograd.grad(loss, x) runs the hooks but computes no parameter gradient."""
+
+    def fgsm(model):
+        x = X.clone().requires_grad_(True)
+        (gx,) = torch.autograd.grad(per_loss(model(x)).mean(), x)
+        assert gx.abs().sum() > 0
+        plain(model)
+
+    same(record(make(), plain), record(make(), fgsm))
+
+
+def test_validation_forward_with_grad_is_ignored():
+    def with_validation(model):
+        model(torch.randn(4, 3)).sum()  # no backward: not part of the step
+        plain(model)
+
+    same(record(make(), plain), record(make(), with_validation))
+
+
+def test_two_forwards_one_backward_is_one_micro_batch_of_both():
+    def one(model):
+        per_loss(model(torch.cat([X, X2]))).mean().backward()
+
+    def two(model):
+        ((per_loss(model(X)).mean() + per_loss(model(X2)).mean()) / 2).backward()
+
+    a, b = record(make(), one), record(make(), two)
+    assert b["b_big"] == 12
+    same(a, b)
+
+
+def test_checkpointed_blocks_are_exact():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(3, 8), nn.Tanh())
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x, ckpt=False):
+            h = checkpoint(self.block, x, use_reentrant=False) if ckpt else self.block(x)
+            return self.head(h)
+
+    torch.manual_seed(0)
+    net = Net()
+    a = record(net, lambda m: per_loss(m(X)).mean().backward())
+    b = record(net, lambda m: per_loss(m(X, ckpt=True)).mean().backward())
+    same(a, b)
+
+
+def test_gradient_penalty_refused():
+    def penalty(model):
+        x = X.clone().requires_grad_(True)
+        out = per_loss(model(x)).mean()
+        (gx,) = torch.autograd.grad(out, x, create_graph=True)
+        (out + gx.pow(2).sum()).backward()
+
+    with pytest.raises(NoiseScaleInputError, match="create_graph=True"):
+        record(make(), penalty)
+    record(make(), penalty, per_example=False)  # no per-example source, no error
+
+
+def test_two_backwards_through_one_forward_refused():
+    def twice(model):
+        out = model(X)
+        per_loss(out).mean().backward(retain_graph=True)
+        out.sum().backward()
+
+    with pytest.raises(NoiseScaleInputError, match="two backward passes"):
+        record(make(), twice)
+
+
+def test_batchnorm_switched_to_train_after_construction_refused():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval()
+    tracker = noisescale.GradientNoiseTracker(model)
+    model.train()
+    with pytest.raises(UnsupportedModuleError, match="BatchNorm1d"):
+        model(X).sum().backward()
+    tracker.remove()
+
+
+def test_unfreezing_after_construction_is_reported():
+    model = make()
+    model[0].requires_grad_(False)
+    tracker = noisescale.GradientNoiseTracker(model)
+    model[0].requires_grad_(True)
+    plain(model)
+    with pytest.raises(NoiseScaleInputError, match="trainable parameters changed"):
+        tracker.step()
+
+
+def test_sparse_embedding_and_parametrizations_refused():
+    with pytest.raises(UnsupportedModuleError, match="sparse=True"):
+        noisescale.GradientNoiseTracker(nn.Embedding(5, 3, sparse=True))
+    lin = nn.utils.parametrizations.weight_norm(nn.Linear(3, 3))
+    with pytest.raises(UnsupportedModuleError, match="parametrized weights"):
+        noisescale.GradientNoiseTracker(nn.Sequential(lin))
+    old = nn.utils.weight_norm(nn.Linear(3, 3))
+    with pytest.raises(UnsupportedModuleError, match="weight_g"):
+        noisescale.GradientNoiseTracker(nn.Sequential(old))
+
+
+def test_attention_with_key_padding_mask_matches_brute_force():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    x = torch.randn(4, 5, 8)
+    mask = torch.zeros(4, 5, dtype=torch.bool)
+    mask[1, 3:] = True
+    mask[2, 4:] = True
+    params = list(layer.parameters())
+    expected = torch.stack(
+        [
+            sum(
+                g.pow(2).sum()
+                for g in torch.autograd.grad(
+                    layer(x[i : i + 1], src_key_padding_mask=mask[i : i + 1]).sin().sum(), params
+                )
+            )
+            for i in range(4)
+        ]
+    )
+    with noisescale.per_example_sqnorms(layer, loss_reduction="sum") as pe:
+        layer(x, src_key_padding_mask=mask).sin().sum().backward()
+    torch.testing.assert_close(pe.sqnorms, expected, rtol=1e-6, atol=0)
+
+
+def test_data_parallel_refused():
+    with pytest.raises(UnsupportedModuleError, match="DistributedDataParallel"):
+        noisescale.GradientNoiseTracker(nn.DataParallel(make()))
