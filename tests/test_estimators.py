@@ -159,3 +159,18 @@ def test_b_simple_invariant_to_loss_scale(scale, norms):
         assert b.low == pytest.approx(a.low, rel=1e-7, abs=1e-9)
     else:
         assert not b.available
+
+
+@pytest.mark.parametrize("dof", [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 7.0, 30.0, 200.0])
+@pytest.mark.parametrize("confidence", [0.8, 0.95])
+def test_t_quantile_against_scipy(dof, confidence):
+    from scipy.stats import t
+
+    exact = t.ppf(0.5 + confidence / 2, dof)
+    got = est._t_quantile(confidence, dof)
+    if dof in (1.0, 2.0):
+        assert got == pytest.approx(exact, rel=1e-9)
+    elif dof >= 4:
+        assert got == pytest.approx(exact, rel=3e-3)
+    else:  # interpolated between exact points: never narrower than exact, within 20%
+        assert exact * (1 - 1e-2) <= got <= exact * 1.2

@@ -301,19 +301,30 @@ def b_simple_interval(state: NoiseScaleState, confidence: float = 0.95) -> Noise
 
 
 def _t_quantile(confidence: float, dof: float) -> float:
-    """Two-sided Student-t quantile (Cornish–Fisher expansion; within 1e-3 for dof ≥ 3).
+    """Two-sided Student-t quantile for ``dof`` degrees of freedom (may be fractional).
 
     The variances come from the same steps as the means, so the pivot is t- rather than
-    normal-distributed; the effective number of steps sets the degrees of freedom.
+    normal-distributed; the effective number of steps sets the degrees of freedom. Exact for
+    1 and 2 degrees of freedom, a Cornish–Fisher expansion from 3 on (within 1% there, 0.3% at
+    4, 1e-4 from 10), and interpolated in 1/dof in between, which errs on the wide side.
     """
-    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+    p = 0.5 + confidence / 2.0
     v = max(dof, 1.0)
-    return (
-        z
-        + (z**3 + z) / (4 * v)
-        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
-        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
+    if v >= 3.0:
+        z = NormalDist().inv_cdf(p)
+        return (
+            z
+            + (z**3 + z) / (4 * v)
+            + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
+        )
+    t1 = math.tan(math.pi * (p - 0.5))  # Cauchy
+    t2 = (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+    lo, hi, t_lo, t_hi = (
+        (1.0, 2.0, t1, t2) if v < 2.0 else (2.0, 3.0, t2, _t_quantile(confidence, 3.0))
     )
+    w = (1 / v - 1 / hi) / (1 / lo - 1 / hi)
+    return t_hi + w * (t_lo - t_hi)
 
 
 def _fieller(
