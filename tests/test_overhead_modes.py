@@ -215,3 +215,37 @@ def test_large_tensors_are_summed_to_float32_accuracy():
     rows = x.view(2, -1)
     per_row = DenseFactor(rows).sqnorm().double()
     assert torch.allclose(per_row, rows.double().pow(2).sum(1), rtol=1e-6, atol=0)
+
+
+def test_subset_mode_resumes_exactly_from_a_state_dict():
+    """The subset generators are part of the checkpoint: same draws, same estimates after it."""
+
+    def train(model, tracker, optimizer, data):
+        for x, y in data:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            tracker.step()
+            optimizer.step()
+
+    g = torch.Generator().manual_seed(4)
+    data = [
+        (torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g))
+        for _ in range(20)
+    ]
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1 / 4)
+    train(model, tracker, optimizer, data[:10])
+    checkpoint = (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        tracker.state_dict(),
+    )
+    train(model, tracker, optimizer, data[10:])
+
+    resumed = nn.Linear(5, 3)
+    resumed.load_state_dict(checkpoint[0])
+    again = noisescale.GradientNoiseTracker(resumed, per_example_fraction=1 / 4)
+    again.load_state_dict(checkpoint[1])
+    train(resumed, again, torch.optim.SGD(resumed.parameters(), lr=0.1), data[10:])
+    assert again.estimate() == tracker.estimate()

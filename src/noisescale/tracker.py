@@ -726,6 +726,7 @@ class GradientNoiseTracker:
             "confidence": self.confidence,
             "group_states": {n: _json_safe(s._asdict()) for n, s in self._group_states.items()},
             "preconditioned_from": self._preconditioned_from,
+            "subset_rng": self.engine.rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -757,6 +758,7 @@ class GradientNoiseTracker:
             )
         self._group_states = {n: est.NoiseScaleState(**v) for n, v in saved_groups.items()}
         self._preconditioned_from = state.get("preconditioned_from")
+        self.engine.set_rng_state(state.get("subset_rng", {}))
 
 
 def _json_safe(x: Any) -> Any:

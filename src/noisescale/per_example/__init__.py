@@ -437,12 +437,25 @@ class PerExampleNorms:
         if k >= pass_.batch_size:
             return None
         if pass_.rows is None:
-            gen = self._generators.get(device)
-            if gen is None:
-                gen = self._generators[device] = torch.Generator(device=device)
-                gen.manual_seed(self._seed)
+            gen = self._generator(device)
             pass_.rows = torch.randperm(pass_.batch_size, generator=gen, device=device)[:k]
         return pass_.rows if pass_.rows.device == device else pass_.rows.to(device)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+            gen.manual_seed(self._seed)
+        return gen
+
+    def rng_state(self) -> dict[str, list[int]]:
+        """The states of the subset generators by device (for checkpoints: an exact resume)."""
+        return {str(d): g.get_state().tolist() for d, g in self._generators.items()}
+
+    def set_rng_state(self, state: dict[str, list[int]]) -> None:
+        """Restore :meth:`rng_state`."""
+        for device, values in state.items():
+            self._generator(torch.device(device)).set_state(torch.tensor(values, dtype=torch.uint8))
 
     def _make_param_hook(self, pid: int) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
