@@ -29,8 +29,9 @@ pairs with the identity for H give |G|² and tr(Σ), so B_simple comes out of th
 
 Cost: the k part gradients cost one forward and backward pass over the batch (in k pieces); the
 Hessian batch costs one forward, one backward with ``create_graph=True`` and k double-backward
-passes. On the CPU MLP of ``experiments/beyond`` a measurement costs about 2–3 training steps
-(see ``docs/beyond_b_simple.md``); measure every few steps with ``every=``.
+passes. On the CPU MLP and CNN of ``experiments/beyond`` a measurement (2×128 gradient and 128
+Hessian examples) costs 4× a training step on the same 256 examples (``docs/beyond_b_simple.md``);
+measure every k-th step with ``every=``.
 """
 
 from __future__ import annotations
