@@ -66,22 +66,6 @@ SUBSET_FRACTIONS = (1 / 4, 1 / 16, 1 / 64)
 # -- models ---------------------------------------------------------------------------------------
 
 
-class GPTBatchFirst(GPT):
-    """The reference GPT with batch-first positions.
-
-    ``wpe`` gets [B, T] position ids instead of [T]; with a [T] input the positional table's
-    gradient is shared by the whole batch before any hook could split it by example.
-    """
-
-    def forward(self, idx: Tensor) -> Tensor:
-        b, t = idx.shape
-        pos = torch.arange(t, device=idx.device).expand(b, t)
-        x = F.dropout(self.wte(idx) + self.wpe(pos), self.config.dropout, self.training)
-        for block in self.blocks:
-            x = block(x)
-        return self.lm_head(self.ln_f(x))
-
-
 class ResidualBlock(nn.Module):
     """conv 3×3 → GroupNorm → ReLU → conv 3×3 → GroupNorm, plus a (projected) skip."""
 
@@ -218,7 +202,7 @@ def make_workload(name: str, small: bool, n: int, device: torch.device) -> Workl
             name,
             f"GPT {cfg.n_layer}×{cfg.d_model}, {cfg.n_head} heads, T={cfg.block_size}, "
             f"vocab {cfg.vocab_size}, batch 16, {'bf16 autocast' if amp else 'fp32'}",
-            lambda: GPTBatchFirst(cfg),
+            lambda: GPT(cfg),
             token_batches(n, 16, cfg.block_size, cfg.vocab_size, device),
             sequence_loss,
             0.3,

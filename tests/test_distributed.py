@@ -122,7 +122,13 @@ def _run_scenario(rank: int, setup: str, steps: list) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tracker = noisescale.GradientNoiseTracker(
-            model, beta=1.0, sync_every=2, optimizer=opt, process_group=group, scaler=scaler
+            model,
+            beta=1.0,
+            sync_every=2,
+            optimizer=opt,
+            process_group=group,
+            scaler=scaler,
+            per_example_fraction=1.0,  # exact per-step comparison: every example
         )
         for t, sizes in enumerate(steps):
             k = len(sizes[rank])
@@ -211,7 +217,7 @@ def _comm_hooks(rank: int) -> dict[str, dict[str, list[float]]]:
                 None, matrix_approximation_rank=1, start_powerSGD_iter=2, min_compression_rate=0.5
             )
             model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-        tracker = noisescale.GradientNoiseTracker(model, sync_every=1)
+        tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         g = torch.Generator().manual_seed(rank)
         big, local = [], []
@@ -301,7 +307,9 @@ def _reference(steps_json: str) -> tuple[list[dict], list[list[tuple[float, floa
     steps = json.loads(steps_json)
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    tracker = noisescale.GradientNoiseTracker(model, beta=1.0, sync_every=2, optimizer=opt)
+    tracker = noisescale.GradientNoiseTracker(
+        model, beta=1.0, sync_every=2, optimizer=opt, per_example_fraction=1.0
+    )
     local: list[list[tuple[float, float]]] = []
     for t, sizes in enumerate(steps):
         k = len(sizes[0])

@@ -31,6 +31,7 @@ def per_loss(out):
 def record(model, train_step, **kw):
     """The tracker's first history record after running ``train_step(model)`` once."""
     model.zero_grad(set_to_none=True)
+    kw.setdefault("per_example_fraction", 1.0)  # exact per-step comparisons
     tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
     train_step(model)
     tracker.step()

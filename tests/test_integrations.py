@@ -53,7 +53,7 @@ def _plain_history(
     x_all, y_all = _data()
     model = _Wrapped(_net())
     model.load_state_dict(init)
-    tracker = GradientNoiseTracker(model, sync_every=1)
+    tracker = GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     batches = list(zip(x_all.split(MICRO), y_all.split(MICRO), strict=True))
     pos = 0
@@ -141,7 +141,7 @@ def _loader() -> torch.utils.data.DataLoader:
 def test_lightning_matches_plain_loop_before_clipping():
     model = _lit_model()
     init = copy.deepcopy(model.state_dict())
-    callback = LightningCallback(sync_every=1, log_every=0)
+    callback = LightningCallback(sync_every=1, log_every=0, per_example_fraction=1.0)
     trainer = _lit_trainer(callback, max_steps=6, accumulate_grad_batches=2, gradient_clip_val=CLIP)
     trainer.fit(model, _loader())
     got = callback.tracker.history
@@ -268,7 +268,7 @@ def test_transformers_matches_plain_loop_before_clipping(tmp_path):
     pytest.importorskip("transformers")
     from noisescale.integrations.transformers import NoiseScaleCallback
 
-    callback = NoiseScaleCallback(sync_every=1)
+    callback = NoiseScaleCallback(sync_every=1, per_example_fraction=1.0)
     model, trainer = _hf_train(tmp_path, callback)
     init = {f"net.{k}": v.clone() for k, v in model.net.state_dict().items()}
     trainer.train()

@@ -25,7 +25,7 @@ from torch import nn
 import noisescale
 from noisescale.errors import NoiseScaleInputError
 from noisescale.per_example import PerExampleNorms
-from noisescale.reference_models import GPTConfig, PaperCNN
+from noisescale.reference_models import GPT, GPTConfig, PaperCNN
 
 
 def _load_bench():
@@ -65,7 +65,7 @@ def _small_models():
     return [
         pytest.param(lambda: PaperCNN(dropout=0.0), images, bench.image_loss, id="paper-cnn"),
         pytest.param(
-            lambda: bench.GPTBatchFirst(cfg),
+            lambda: GPT(cfg),
             (tokens[:, :-1], tokens[:, 1:]),
             bench.sequence_loss,
             id="gpt",

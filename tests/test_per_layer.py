@@ -129,7 +129,9 @@ def test_group_values_match_brute_force():
     torch.manual_seed(1)
     model = Net()
     spec = {"embedding": [model.emb], "hidden": ["body.0", "body.3.weight"]}
-    tracker = noisescale.GradientNoiseTracker(model, groups=spec, sync_every=1)
+    tracker = noisescale.GradientNoiseTracker(
+        model, groups=spec, sync_every=1, per_example_fraction=1.0
+    )
     x, y = data(7, 5, 3)
     per_example_loss(model(x), y).mean().backward()
     tracker.step()

@@ -136,7 +136,7 @@ def test_every_norm_is_preconditioned(kind, name):
     params = list(model.parameters())
     opt = OPTIMIZERS[name](params)
     tracker = noisescale.GradientNoiseTracker(
-        model, precondition=opt, precondition_from=1, sync_every=1
+        model, precondition=opt, precondition_from=1, sync_every=1, per_example_fraction=1.0
     )
     g = torch.Generator().manual_seed(1)
     with pytest.warns(RuntimeWarning, match="not preconditioned"):

@@ -280,7 +280,7 @@ def _run(steps: int, state: dict | None = None, split_at: int | None = None):
     x, y = _problem()
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    tracker = GradientNoiseTracker(model, sync_every=4)
+    tracker = GradientNoiseTracker(model, sync_every=4, per_example_fraction=1.0)
     c = AdaptiveBatchSize(
         micro_batch_size=8,
         max_batch_size=128,

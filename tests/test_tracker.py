@@ -79,8 +79,8 @@ def test_mean_and_sum_reduction_agree():
 
 def test_splitting_into_microbatches_keeps_per_example_estimate():
     data = batches(2, 20, 16)
-    whole = run(linear_model(), data)
-    split = run(linear_model(), data, micro=4, microbatch=False)
+    whole = run(linear_model(), data, per_example_fraction=1.0)
+    split = run(linear_model(), data, micro=4, microbatch=False, per_example_fraction=1.0)
     for (g1, t1), (g2, t2) in zip(records(whole), records(split), strict=True):
         assert g2 == pytest.approx(g1, rel=1e-5, abs=1e-6)
         assert t2 == pytest.approx(t1, rel=1e-5)

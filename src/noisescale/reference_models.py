@@ -194,7 +194,8 @@ class GPT(nn.Module):
             raise NoiseScaleInputError(
                 f"sequence length {t} exceeds block_size {self.config.block_size}"
             )
-        pos = torch.arange(t, device=idx.device)
+        # positions per example (batch-first), so per-example norms see the table's uses
+        pos = torch.arange(t, device=idx.device).expand(idx.shape[0], t)
         x = F.dropout(self.wte(idx) + self.wpe(pos), self.config.dropout, self.training)
         for block in self.blocks:
             x = block(x)

@@ -25,7 +25,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--batch-size", type=int, default=64, help="examples per step (default 64)")
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05)")
-    p.add_argument("--epochs", type=float, default=4.0, help="passes over the 5,000 digits")
+    p.add_argument("--epochs", type=float, default=16.0, help="passes over the 5,000 digits")
     p.add_argument(
         "--max-seconds", type=float, default=150.0, help="stop training after this long (150)"
     )

@@ -375,11 +375,17 @@ class PerExampleNorms:
         else:
             saved = handler.save(module, args, out)
             if saved.shape[0] != current.batch_size:
+                hint = (
+                    " A table shared by all examples, like nanoGPT's wpe(pos) with pos of shape "
+                    "[T], needs the positions per example: pos.expand(batch, T)."
+                    if handler.kind == "embedding"
+                    else ""
+                )
                 raise NoiseScaleInputError(
                     f"layer '{label}' received an input with leading dimension {saved.shape[0]} "
                     f"but the model's input has {current.batch_size} examples: noisescale takes "
                     "dim 0 of every layer's input as the example dimension (batch-first). Keep "
-                    "activations batch-first, or use per_example=False"
+                    f"activations batch-first, or use per_example=False.{hint}"
                 )
         for p in params.values():
             current.uses[id(p)] = current.uses.get(id(p), 0) + 1

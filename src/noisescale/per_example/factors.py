@@ -47,6 +47,19 @@ def sqnorm(x: Tensor) -> Tensor:
     return _sqnorm_rows(x.reshape(1, -1))[0]
 
 
+def sqnorms(tensors: list[Tensor]) -> Tensor:
+    """|t|² of each tensor, as a float32 (or float64) vector, accurate at any size.
+
+    Accelerators use one fused multi-tensor kernel accumulating in float32 (bfloat16 norms
+    would keep three digits, and |G|² is a small difference of such norms); the CPU goes
+    through :func:`sqnorm`, whose pieces keep the sequential sum accurate.
+    """
+    if tensors[0].device.type == "cpu":
+        return torch.stack([sqnorm(x) for x in tensors])
+    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)).square()
+
+
 @dataclass
 class DenseFactor:
     """Materialised per-example gradients, shape [N, *param.shape]."""

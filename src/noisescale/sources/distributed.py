@@ -64,6 +64,7 @@ from torch.utils.hooks import RemovableHandle
 
 from noisescale.errors import NoiseScaleInputError
 from noisescale.per_example import PassNorms, PerExampleNorms
+from noisescale.per_example.factors import sqnorm, sqnorms
 
 __all__ = ["DataParallelSource", "ReducedStep", "ResolvedStep", "resolve_rows"]
 
@@ -341,8 +342,7 @@ class DataParallelSource:
                     lp.fresh.add(pid)
                 else:
                     g = g + _acc(prev.detach())
-                # vector_norm reads the gradient once; pow(2).sum() also writes a temporary
-                sq = g.pow(2).sum() if g.is_sparse else torch.linalg.vector_norm(g).square()
+                sq = sqnorm(g)
             lp.local_sqnorm = sq if lp.local_sqnorm is None else lp.local_sqnorm + sq
 
         return hook
@@ -490,8 +490,7 @@ class DataParallelSource:
         if self.kind != "fsdp":
             if self.rank != 0:
                 return None
-            norms = torch._foreach_norm([g.detach() for g in grads])
-            return torch.stack([n.float() for n in norms]).pow(2).sum()
+            return sqnorms([g.detach() for g in grads]).sum()
         from torch.distributed.tensor import DTensor
 
         shards: list[Tensor] = []
@@ -508,8 +507,8 @@ class DataParallelSource:
                 weights.append(1.0)
         if not shards:
             return None
-        norms = torch.stack([n.float() for n in torch._foreach_norm(shards)])
-        return norms.pow(2) @ torch.tensor(weights, device=norms.device)
+        squares = sqnorms(shards)
+        return squares @ torch.tensor(weights, device=squares.device, dtype=squares.dtype)
 
     def _replicas_of(self, p: nn.Parameter, g: Any) -> int:
         """Processes holding the same shard of ``g``: the sizes of its Replicate mesh dims."""
