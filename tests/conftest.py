@@ -7,6 +7,15 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture
+def float64_default():
+    """Run a test with float64 as torch's default dtype, restoring the previous one after."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

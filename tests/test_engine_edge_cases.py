@@ -10,13 +10,8 @@ from torch.utils.checkpoint import checkpoint
 import noisescale
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+# brute-force references in float64 (the fixture lives in conftest.py)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def make():

@@ -31,12 +31,8 @@ from noisescale.hessian import (
 D = 6
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+# brute-force references in float64 (the fixture lives in conftest.py)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 class Shift(nn.Module):

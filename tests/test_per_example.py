@@ -13,12 +13,8 @@ from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 N = 5
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+# brute-force references in float64 (the fixture lives in conftest.py)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def brute_force(model: nn.Module, x: torch.Tensor, loss_i) -> torch.Tensor:

@@ -21,12 +21,8 @@ from noisescale.errors import NoiseScaleInputError
 F32 = 8 * torch.finfo(torch.float32).eps
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+# brute-force references in float64 (the fixture lives in conftest.py)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 class Net(nn.Module):
