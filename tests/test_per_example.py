@@ -260,3 +260,18 @@ def test_non_batch_first_layer_refused():
 def test_bad_loss_reduction():
     with pytest.raises(NoiseScaleInputError, match="loss_reduction"):
         noisescale.per_example_sqnorms(nn.Linear(2, 2), loss_reduction="avg")
+
+
+def test_weighted_embedding_norm_matches_dense():
+    """The preconditioned (P²-weighted) norm of an embedding, repeated tokens included."""
+    from noisescale.per_example import weighted_sqnorm
+    from noisescale.per_example.factors import EmbeddingFactor
+
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 5, (4, 9), generator=g)
+    d = torch.randn(4, 9, 3, generator=g, dtype=torch.float64)
+    w2 = torch.rand(5, 3, generator=g, dtype=torch.float64)
+    factor = EmbeddingFactor(idx, d, 5)
+    dense = factor.dense(torch.Size([5, 3]))
+    torch.testing.assert_close(weighted_sqnorm(factor, w2), (dense.pow(2) * w2).sum((1, 2)))
+    torch.testing.assert_close(factor.sqnorm(), dense.pow(2).sum((1, 2)))

@@ -674,16 +674,8 @@ def weighted_sqnorm(factor: Factor, w2: Tensor) -> Tensor:
             out.append((g.pow(2).view(-1, groups, o, i) * w).sum((1, 2, 3)))
         return torch.cat(out)
     if isinstance(factor, EmbeddingFactor):
-        n, t = factor.idx.shape
-        d = _acc(factor.d).reshape(n * t, -1)
-        example = torch.arange(n, device=d.device).repeat_interleave(t)
-        key = example * factor.num_rows + factor.idx.reshape(-1)
-        uniq, inverse = torch.unique(key, return_inverse=True)
-        summed = d.new_zeros(uniq.numel(), d.shape[1]).index_add_(0, inverse, d)
-        row = torch.remainder(uniq, factor.num_rows)
-        per_row = (summed.pow(2) * w2[row]).sum(1)
-        owner = torch.div(uniq, factor.num_rows, rounding_mode="floor")
-        return d.new_zeros(n).index_add_(0, owner, per_row)
+        rows, summed = factor.row_sums()
+        return (summed.pow(2) * w2[rows]).sum((1, 2))
     assert isinstance(factor, DenseFactor)
     return (_acc(factor.grads).pow(2) * w2).flatten(1).sum(1)
 

@@ -120,22 +120,33 @@ class EmbeddingFactor:
     d: Tensor
     num_rows: int
 
-    def sqnorm(self) -> Tensor:
-        # Sum the δ of repeated tokens per example first: |Σ_{t: idx_t = v} δ_t|² summed over v.
-        # Sorting each example's ids puts repeats next to each other, and each run of equal ids
-        # is one row of `summed`. Unlike torch.unique this never needs the number of distinct ids
-        # on the host, so there is no device synchronisation (rows past the last run stay zero).
+    def row_sums(self) -> tuple[Tensor, Tensor]:
+        """The gradient rows each example touches: (row ids [N, T], summed δ [N, T, D]).
+
+        Repeated tokens of an example are summed into one row: |g_i|² = Σ_v |Σ_{t: idx_t = v} δ_t|².
+        Sorting each example's ids puts repeats next to each other, and each run of equal ids is
+        one row. Unlike torch.unique this never needs the number of distinct ids on the host, so
+        there is no device synchronisation; slots past an example's last run hold zeros (with
+        the id of its last run, so weighting them by any row keeps them zero).
+        """
         n, t = self.idx.shape
         d = _acc(self.d)
         ids, order = torch.sort(self.idx, dim=1)
         new_run = torch.ones_like(ids, dtype=torch.bool)
         new_run[:, 1:] = ids[:, 1:] != ids[:, :-1]
-        run = torch.cumsum(new_run, 1) - 1 + torch.arange(0, n * t, t, device=d.device)[:, None]
+        slot = torch.cumsum(new_run, 1) - 1
+        run = slot + torch.arange(0, n * t, t, device=d.device)[:, None]
         sorted_d = torch.gather(d, 1, order.unsqueeze(-1).expand_as(d))
         summed = d.new_zeros(n * t, d.shape[-1]).index_add_(
             0, run.reshape(-1), sorted_d.reshape(n * t, -1)
         )
-        return _sqnorm_rows(summed.view(n, -1))
+        row_ids = torch.zeros_like(ids).scatter_(1, slot, ids)
+        last = slot[:, -1:]
+        row_ids = torch.where(torch.arange(t, device=ids.device) > last, ids[:, -1:], row_ids)
+        return row_ids, summed.view(n, t, -1)
+
+    def sqnorm(self) -> Tensor:
+        return _sqnorm_rows(self.row_sums()[1])
 
     def dense(self, shape: torch.Size) -> Tensor:
         n, t = self.idx.shape
