@@ -181,3 +181,42 @@ def test_attention_with_key_padding_mask_matches_brute_force():
 def test_data_parallel_refused():
     with pytest.raises(UnsupportedModuleError, match="DistributedDataParallel"):
         noisescale.GradientNoiseTracker(nn.DataParallel(make()))
+
+
+class Branchy(nn.Module):
+    """``extra`` is used only by some micro-batches: its first-pass norm is read at the step."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(3, 4)
+        self.extra = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x, use_extra=True):
+        h = torch.tanh(self.body(x))
+        return self.head(self.extra(h) if use_extra else h)
+
+
+@pytest.mark.parametrize("unscale_first", [False, True])
+@pytest.mark.parametrize("uses", [(True, False, True), (True, False, False)])
+def test_microbatch_norms_exact_with_lazy_first_pass(unscale_first, uses):
+    """(T, F, T): read when pass 3 first touches ``extra``; (T, F, F): read at the step."""
+    torch.manual_seed(0)
+    model = Branchy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    parts = list(zip((X[:2], X[2:4], X[4:]), uses, strict=True))
+    expected = []
+    for x, use in parts:  # brute force: each micro-batch's mean gradient
+        grads = torch.autograd.grad(
+            per_loss(model(x, use)).mean(), list(model.parameters()), allow_unused=True
+        )
+        expected.append(sum(g.pow(2).sum() for g in grads if g is not None).item())
+    tracker = noisescale.GradientNoiseTracker(model, scaler=scaler, sync_every=1)
+    for x, use in parts:
+        scaler.scale(per_loss(model(x, use)).mean() / 3).backward()
+    if unscale_first:
+        scaler.unscale_(opt)
+    tracker.step()
+    got = tracker.history[-1]["sources"]["microbatch"]["sqnorm_small"]
+    assert got == pytest.approx(expected, rel=1e-6)

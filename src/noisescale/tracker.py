@@ -204,6 +204,9 @@ class GradientNoiseTracker:
         self._dist = DataParallelSource.detect(
             model, self.engine, self._params, process_group, microbatch=microbatch
         )
+        if self._dist is not None:
+            # the data-parallel source needs each pass's local norm as the backward computes it
+            self.engine.lazy_first_pass = False
         if self._dist is not None and (precondition is not None or group_params):
             raise NoiseScaleInputError(
                 "precondition= and groups= are not supported under data parallelism yet"
@@ -228,7 +231,8 @@ class GradientNoiseTracker:
             loss: The step's training loss (kept for the history and reports; no host sync).
             lr: The learning rate, if no ``optimizer`` was given.
         """
-        passes = self.engine.collect()
+        scale, grads_unscaled = self._loss_scale()
+        passes = self.engine.collect(grad_rescale=scale if grads_unscaled else 1.0)
         if not passes:
             if any(p.grad is not None for p in self._params):
                 raise NoiseScaleInputError(
@@ -242,7 +246,6 @@ class GradientNoiseTracker:
                 "it once per optimizer step, after loss.backward()"
             )
         self.steps += 1
-        scale, grads_unscaled = self._loss_scale()
         if self._dist is not None:
             self._step_distributed(passes, scale, grads_unscaled, loss, lr)
             return

@@ -128,6 +128,7 @@ class PassNorms:
     # parameters (autograd cannot tell a hook that during autograd.grad)
     deferred: dict[int, list[tuple[nn.Parameter, Factor]]] = field(default_factory=dict)
     second_order: bool = False  # a backward with create_graph=True ran through the pass
+    lazy: set[int] = field(default_factory=set)  # gradient norms still to read from .grad
     repeated_backward: bool = False  # a parameter received two gradients in the pass
 
 
@@ -182,6 +183,12 @@ class PerExampleNorms:
         self._plan: dict[nn.Module, tuple[_Handler, str, dict[str, nn.Parameter]]] = {}
         # the pass each running backward (autograd graph task) belongs to
         self._task_pass: dict[int, PassNorms] = {}
+        # The first pass of a step skips its per-parameter gradient norms: with one pass they are
+        # not needed (the big batch is .grad), and with more they are read from .grad when a
+        # later pass first touches the parameter (.grad then holds the first pass alone).
+        self.lazy_first_pass = True
+        self._first_pass: PassNorms | None = None
+        self._task_accumulates: dict[int, bool] = {}
         self._acc_node: dict[int, Any] = {}
         for mname, module in model.named_modules():
             if getattr(module, "sparse", False) and isinstance(
@@ -477,22 +484,51 @@ class PerExampleNorms:
             self._task_pass.setdefault(task, current)
             if pid in current.received:
                 current.repeated_backward = True
-            with torch.no_grad():
-                w2 = None if current.weights is None else current.weights.get(pid)
-                if w2 is None:
-                    sq = sqnorm(grad.detach())
-                else:
-                    sq = (_acc(grad.detach()).pow(2) * w2).sum()
-                current.grad_sqnorm = (
-                    sq if current.grad_sqnorm is None else current.grad_sqnorm + sq
-                )
-                if self._group_of is not None:
-                    if current.group_grad_sqnorm is None:
-                        current.group_grad_sqnorm = sq.new_zeros(self.num_groups)
-                    current.group_grad_sqnorm[self._group_of[pid]] += sq
             current.received.add(pid)
+            if self._first_pass is None and self.lazy_first_pass:
+                self._first_pass = current
+            first = self._first_pass
+            if current is first and self._accumulates(task, pid):
+                current.lazy.add(pid)
+                return
+            if first is not None and pid in first.lazy:
+                # runs before AccumulateGrad: .grad still holds the first pass's gradient only
+                self._resolve_lazy(first, pid, 1.0)
+            self._add_grad_norm(current, pid, grad)
 
         return hook
+
+    def _add_grad_norm(self, pass_: PassNorms, pid: int, grad: Tensor, factor: float = 1.0) -> None:
+        """Add |P ⊙ grad|² of one parameter to the pass's gradient norm (and its group's)."""
+        with torch.no_grad():
+            w2 = None if pass_.weights is None else pass_.weights.get(pid)
+            g = grad.detach()
+            sq = sqnorm(g) if w2 is None else (_acc(g).pow(2) * w2).sum()
+            if factor != 1.0:
+                sq = sq * factor
+            pass_.grad_sqnorm = sq if pass_.grad_sqnorm is None else pass_.grad_sqnorm + sq
+            if self._group_of is not None:
+                if pass_.group_grad_sqnorm is None:
+                    pass_.group_grad_sqnorm = sq.new_zeros(self.num_groups)
+                pass_.group_grad_sqnorm[self._group_of[pid]] += sq
+
+    def _accumulates(self, task: int, pid: int) -> bool:
+        """Whether the running backward writes .grad (backward(), not torch.autograd.grad)."""
+        known = self._task_accumulates.get(task)
+        if known is None:
+            node = self._acc_node.get(pid)
+            try:
+                known = node is not None and bool(torch._C._will_engine_execute_node(node))
+            except RuntimeError:  # autograd.grad(): .grad is not written, so no lazy reading
+                known = False
+            self._task_accumulates[task] = known
+        return known
+
+    def _resolve_lazy(self, pass_: PassNorms, pid: int, factor: float) -> None:
+        pass_.lazy.discard(pid)
+        grad = self._param[pid].grad
+        if grad is not None:
+            self._add_grad_norm(pass_, pid, grad, factor)
 
     def _add(self, pass_: PassNorms, p: nn.Parameter, factor: Factor) -> None:
         pid = id(p)
@@ -527,11 +563,15 @@ class PerExampleNorms:
 
     # -- results ------------------------------------------------------------------------------
 
-    def collect(self) -> list[PassNorms]:
+    def collect(self, grad_rescale: float = 1.0) -> list[PassNorms]:
         """Finish the open passes and return them, resetting the engine for the next step.
 
         Passes that no backward reached are dropped; passes one backward ran through together
         (two forwards, one loss) are merged into one.
+
+        Args:
+            grad_rescale: What ``.grad`` must be multiplied by to be in the hooks' units again
+                (the loss scale, when ``GradScaler.unscale_`` ran after the backward passes).
 
         Raises:
             UnsupportedModuleError: if a parameter received a gradient but no per-example
@@ -541,6 +581,15 @@ class PerExampleNorms:
                 backward passes ran through one forward.
         """
         done, self.passes = self.passes, []
+        first, self._first_pass = self._first_pass, None
+        if first is not None and first.lazy and sum(1 for p in done if p.received) > 1:
+            # parameters no later pass touched: .grad is still the first pass's gradient
+            # (``grad_rescale`` undoes an AMP unscale_ of .grad that ran since the backward)
+            for pid in list(first.lazy):
+                self._resolve_lazy(first, pid, grad_rescale**2)
+        if first is not None:
+            first.lazy.clear()
+        self._task_accumulates.clear()
         self._task_pass.clear()
         self._new_pass_due = True
         trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
