@@ -175,7 +175,6 @@ class PerExampleNorms:
         self.precondition = precondition
         self.passes: list[PassNorms] = []
         self._handles: list[RemovableHandle] = []
-        self._new_pass_due = True
         self._recomputing = False
         self._paused = False
         self._param_name: dict[int, str] = {}
@@ -323,7 +322,6 @@ class PerExampleNorms:
         n = _leading_dim(args, kwargs)
         weights = self.precondition() if self.precondition is not None else None
         self.passes.append(PassNorms(batch_size=n, weights=weights))
-        self._new_pass_due = False
 
     def _on_model_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._recomputing or self._paused or not torch.is_grad_enabled() or not self.passes:
@@ -346,7 +344,6 @@ class PerExampleNorms:
         task = torch._C._current_graph_task_id()
         pass_.tasks.add(task)
         self._task_pass.setdefault(task, pass_)
-        self._new_pass_due = True
 
     def _reaches_parameters(self, params: dict[str, nn.Parameter]) -> bool:
         """Whether the running backward computes gradients of these parameters.
@@ -474,7 +471,6 @@ class PerExampleNorms:
         def hook(grad: Tensor) -> None:
             if self._paused:
                 return
-            self._new_pass_due = True
             task = torch._C._current_graph_task_id()
             current = self._task_pass.get(task) or (self.passes[-1] if self.passes else None)
             if current is None:
@@ -591,7 +587,6 @@ class PerExampleNorms:
             first.lazy.clear()
         self._task_accumulates.clear()
         self._task_pass.clear()
-        self._new_pass_due = True
         trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
         if trainable != set(self._param):
             raise NoiseScaleInputError(
