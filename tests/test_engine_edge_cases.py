@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -220,3 +223,21 @@ def test_microbatch_norms_exact_with_lazy_first_pass(unscale_first, uses):
     tracker.step()
     got = tracker.history[-1]["sources"]["microbatch"]["sqnorm_small"]
     assert got == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.25])
+def test_layer_inputs_freed_by_backward_while_graph_lives(fraction):
+    """A user's `loss` keeps the autograd graph (and the hooks on it) alive until the next step;
+    the layers' saved inputs must still be freed by the backward, not held until then."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 2))
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=fraction)
+    seen = []
+    for layer in (model[2], model[3]):
+        layer.register_forward_hook(lambda m, args, out: seen.append(weakref.ref(args[0])))
+    loss = per_loss(model(torch.randn(8, 3))).mean()
+    loss.backward()
+    gc.collect()
+    assert loss.grad_fn is not None  # the graph is alive
+    assert [ref() is None for ref in seen] == [True, True]
+    tracker.step(loss=loss)

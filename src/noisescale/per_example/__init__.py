@@ -393,14 +393,17 @@ class PerExampleNorms:
                 )
         for p in params.values():
             current.uses[id(p)] = current.uses.get(id(p), 0) + 1
-        out.register_hook(self._make_output_hook(module, saved, current))
+        # the hook lives as long as the autograd graph (often until the user's next step, via
+        # `loss`): it holds the saved input in a box it empties when it runs, so the input is
+        # freed when autograd frees its own copy, not when the graph dies
+        out.register_hook(self._make_output_hook(module, [saved], current))
         if isinstance(output, tuple):
             for k, extra in enumerate(output[1:], start=1):
                 if isinstance(extra, Tensor) and extra.requires_grad:
                     extra.register_hook(_refuse_extra_output(label, k))
 
     def _make_output_hook(
-        self, module: nn.Module, saved: Any, pass_: PassNorms
+        self, module: nn.Module, box: list[Any], pass_: PassNorms
     ) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
             handler, label, params = self._plan[module]
@@ -415,6 +418,11 @@ class PerExampleNorms:
                 reaches = None
             if reaches is False:
                 return
+            if not box:
+                # a second backward through this output (retain_graph=True): the parameter
+                # hooks see the repeated gradient and collect() refuses the step
+                return
+            saved = box.pop()
             self._enter(pass_)
             with torch.no_grad():
                 rows = self._rows(pass_, grad.device)
