@@ -25,6 +25,7 @@ from torch import nn
 import noisescale
 from noisescale.errors import NoiseScaleInputError
 from noisescale.per_example import PerExampleNorms
+from noisescale.per_example import conv as conv_module
 from noisescale.reference_models import GPT, GPTConfig, PaperCNN
 
 
@@ -98,7 +99,19 @@ def test_exact_norms_of_bench_models_match_brute_force_fp32(build, batch, loss):
     ],
     ids=["chunked-1d", "grouped-circular-2d", "dilated-3d", "gram", "gram-groups"],
 )
-def test_conv_forms_match_brute_force_float64(conv, shape):
+@pytest.mark.parametrize("floor", [0, None], ids=["chunks", "floor"])
+def test_conv_forms_match_brute_force_float64(conv, shape, floor, monkeypatch):
+    # floor 0: chunks bounded by the layer's input/output alone (one example each here);
+    # the default floor builds these small layers' gradients in one grouped convolution
+    if floor is not None:
+        monkeypatch.setattr(conv_module, "_CHUNK_FLOOR", floor)
+    calls = []
+    grads = conv_module.per_example_weight_grads
+    monkeypatch.setattr(
+        conv_module,
+        "per_example_weight_grads",
+        lambda m, x, d: calls.append(x.shape[0]) or grads(m, x, d),
+    )
     conv = conv.double()
     x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     y = torch.zeros(shape[0])
@@ -107,6 +120,13 @@ def test_conv_forms_match_brute_force_float64(conv, shape):
         return out.flatten(1).sin().sum(1)
 
     assert torch.allclose(exact(conv, x, y, loss), brute_force(conv, x, y, loss), rtol=1e-9)
+    if calls:  # the materialised form: every example once, in chunks or all at once
+        assert sum(calls) == shape[0]
+        out_numel = conv(x).numel()
+        chunk = max(1, max(x.numel(), out_numel) // conv.weight.numel())
+        assert len(calls) == (math.ceil(shape[0] / chunk) if floor == 0 else 1)
+    if floor == 0 and conv.kernel_size == (7,):
+        assert len(calls) == shape[0]  # the chunks of one example this case is here for
 
 
 class _WithFallback(nn.Module):

@@ -101,12 +101,18 @@ def per_example_weight_grads(module: ConvNd, x: Tensor, d: Tensor) -> Tensor:
     return grads.view(n, *w.shape)
 
 
+# Per-example gradients up to this many elements (16 MiB in fp32) are always built in one
+# grouped convolution: below it, one call per few examples costs more than the memory saved.
+_CHUNK_FLOOR = 1 << 22
+
+
 class ConvWeightFactor(DenseFactor):
     """A conv weight's per-example gradients, materialised only when asked for.
 
     Its squared norms are computed a chunk of examples at a time, so the per-example gradients
-    alive at once never outgrow the layer's own input or output gradient (and the smaller
-    grouped convolutions are faster, too). Cross terms and preconditioned norms use ``grads``.
+    alive at once never outgrow the layer's own input or output gradient (or 16 MiB), and the
+    smaller grouped convolutions are faster, too. Cross terms and preconditioned norms use
+    ``grads``.
     """
 
     def __init__(self, module: ConvNd, x: Tensor, d: Tensor) -> None:
@@ -117,7 +123,8 @@ class ConvWeightFactor(DenseFactor):
         return per_example_weight_grads(self.module, self.x, self.d)
 
     def sqnorm(self) -> Tensor:
-        chunk = max(1, max(self.x.numel(), self.d.numel()) // self.module.weight.numel())
+        budget = max(self.x.numel(), self.d.numel(), _CHUNK_FLOOR)
+        chunk = max(1, budget // self.module.weight.numel())
         parts = [
             _sqnorm_rows(per_example_weight_grads(self.module, x, d))
             for x, d in zip(self.x.split(chunk), self.d.split(chunk), strict=True)

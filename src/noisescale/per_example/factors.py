@@ -120,14 +120,15 @@ class EmbeddingFactor:
     d: Tensor
     num_rows: int
 
-    def row_sums(self) -> tuple[Tensor, Tensor]:
+    def row_sums(self, with_ids: bool = True) -> tuple[Tensor | None, Tensor]:
         """The gradient rows each example touches: (row ids [N, T], summed δ [N, T, D]).
 
         Repeated tokens of an example are summed into one row: |g_i|² = Σ_v |Σ_{t: idx_t = v} δ_t|².
         Sorting each example's ids puts repeats next to each other, and each run of equal ids is
         one row. Unlike torch.unique this never needs the number of distinct ids on the host, so
         there is no device synchronisation; slots past an example's last run hold zeros (with
-        the id of its last run, so weighting them by any row keeps them zero).
+        the id of its last run, so weighting them by any row keeps them zero). The ids are
+        ``None`` when ``with_ids`` is false (a plain norm needs the sums only).
         """
         n, t = self.idx.shape
         d = _acc(self.d)
@@ -140,13 +141,15 @@ class EmbeddingFactor:
         summed = d.new_zeros(n * t, d.shape[-1]).index_add_(
             0, run.reshape(-1), sorted_d.reshape(n * t, -1)
         )
+        if not with_ids:
+            return None, summed.view(n, t, -1)
         row_ids = torch.zeros_like(ids).scatter_(1, slot, ids)
         last = slot[:, -1:]
         row_ids = torch.where(torch.arange(t, device=ids.device) > last, ids[:, -1:], row_ids)
         return row_ids, summed.view(n, t, -1)
 
     def sqnorm(self) -> Tensor:
-        return _sqnorm_rows(self.row_sums()[1])
+        return _sqnorm_rows(self.row_sums(with_ids=False)[1])
 
     def dense(self, shape: torch.Size) -> Tensor:
         n, t = self.idx.shape
