@@ -101,16 +101,16 @@ def per_example_weight_grads(module: ConvNd, x: Tensor, d: Tensor) -> Tensor:
     return grads.view(n, *w.shape)
 
 
-# Per-example gradients up to this many elements (16 MiB in fp32) are always built in one
+# Per-example gradients up to this many elements (4 MiB in fp32) are always built in one
 # grouped convolution: below it, one call per few examples costs more than the memory saved.
-_CHUNK_FLOOR = 1 << 22
+_CHUNK_FLOOR = 1 << 20
 
 
 class ConvWeightFactor(DenseFactor):
     """A conv weight's per-example gradients, materialised only when asked for.
 
     Its squared norms are computed a chunk of examples at a time, so the per-example gradients
-    alive at once never outgrow the layer's own input or output gradient (or 16 MiB), and the
+    alive at once never outgrow the layer's own input or output gradient (or 4 MiB), and the
     smaller grouped convolutions are faster, too. Cross terms and preconditioned norms use
     ``grads``.
     """
