@@ -201,7 +201,7 @@ def test_every_mode_agrees_with_the_exact_one_within_its_interval():
     model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     modes = {
-        "exact": noisescale.GradientNoiseTracker(model, microbatch=False),
+        "exact": noisescale.GradientNoiseTracker(model, per_example_fraction=1.0, microbatch=False),
         "subset": noisescale.GradientNoiseTracker(
             model, per_example_fraction=1 / 8, microbatch=False
         ),
@@ -222,7 +222,37 @@ def test_every_mode_agrees_with_the_exact_one_within_its_interval():
     assert math.isfinite(ref.high)
     for name, e in est.items():
         assert e.low <= ref.b_simple <= e.high, (name, e)
-        assert ref.low <= e.b_simple <= ref.high, (name, e)
+    # with the micro-batch source the subset adds precision: as narrow as the exact mode's
+    for name in ("microbatch", "subset+microbatch"):
+        assert ref.low <= est[name].b_simple <= ref.high, (name, est[name])
+        assert est[name].relative_width < 1.3 * ref.relative_width, (name, est[name])
+
+
+def test_subset_of_an_accumulated_step_comes_from_its_first_backward():
+    """The hooks' per-example work runs once per step, not once per micro-batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(16, 6), torch.randn(16, 2)
+    with noisescale.per_example_sqnorms(model) as pe:
+        F.mse_loss(model(x[:4]), y[:4]).backward()
+    first = pe.sqnorms  # the first micro-batch's 4 examples
+
+    engine = PerExampleNorms(model, per_example_fraction=1 / 4)
+    draws, total = 400, 0.0
+    for _ in range(draws):
+        for xs, ys in zip(x.chunk(4), y.chunk(4), strict=True):
+            (F.mse_loss(model(xs), ys) / 4).backward()
+        passes = engine.collect()
+        assert len(passes) == 4
+        assert [p.skipped for p in passes] == [False, True, True, True]
+        assert [p.raw_sqnorms is None for p in passes] == [False, True, True, True]
+        assert all(p.grad_sqnorm is not None for p in passes[1:])  # micro-batch norms kept
+        (row,) = passes[0].rows.tolist()
+        measured = float(passes[0].raw_sqnorms) * (4 * 4) ** 2  # undo the /4 and the mean
+        assert measured == pytest.approx(float(first[row]), rel=1e-5)
+        total += measured
+    sd = float(first.std(unbiased=False)) / math.sqrt(draws)
+    assert abs(total / draws - float(first.mean())) < 4 * sd
 
 
 def test_large_tensors_are_summed_to_float32_accuracy():

@@ -83,14 +83,17 @@ class GradientNoiseTracker:
             examples' own losses (see the module docstring).
         per_example: Measure exact per-example norms with module hooks (the most precise source).
             ``False`` relies on accumulation micro-batches only (no layer support needed).
-        per_example_fraction: Compute per-example norms for a random ⌈fraction·N⌉ of each
-            micro-batch's N examples, drawn afresh every step; ``1.0`` measures all of them.
-            The subset's mean |g_i|² is still unbiased, so the estimate stays unbiased; the
-            hooks' work shrinks in proportion. The default, 1/16, was chosen by measurement
-            (``bench/README.md``): the interval after a given number of steps was about as
-            narrow as with all examples, because the noise of |G|² from the big batch dominates,
-            at a fraction of the cost. Use ``1.0`` when the batch is much larger than B_simple
-            or for exact per-step comparisons.
+        per_example_fraction: Compute per-example norms for a random ⌈fraction·N⌉ of the N
+            examples of each step's first micro-batch (its first backward), drawn afresh every
+            step; ``1.0`` measures every example of every micro-batch. The subset's mean |g_i|²
+            is still unbiased (the micro-batches of a step are random batches of the same
+            data), so the estimate stays unbiased; the hooks' work shrinks in proportion, and
+            when you accumulate, later micro-batches contribute their micro-batch norms only.
+            The default, 1/16, was chosen by measurement (``bench/README.md``): the interval
+            after a given number of steps was about as narrow as with all examples, because
+            the noise of |G|² from the big batch dominates, at a fraction of the cost. Use
+            ``1.0`` when the batch is much larger than B_simple or for exact per-step
+            comparisons.
         microbatch: Use micro-batch gradient norms when a step accumulates several backward
             passes.
         beta: EMA decay for |G|² and tr Σ (paper App. A.1); ``1.0`` averages all steps equally.

@@ -108,6 +108,9 @@ class PassNorms:
             (the same weights for every norm of the pass); ``None`` for plain norms.
         rows: The examples (indices into the pass's batch) whose norms were computed, drawn
             uniformly without replacement; ``None`` for all of them.
+        skipped: With a subset fraction, only the first backward of a step computes per-example
+            norms; the passes of later backwards (further accumulation micro-batches) have
+            ``raw_sqnorms`` ``None`` and this set.
     """
 
     batch_size: int
@@ -129,6 +132,8 @@ class PassNorms:
     deferred: dict[int, list[tuple[nn.Parameter, Factor]]] = field(default_factory=dict)
     second_order: bool = False  # a backward with create_graph=True ran through the pass
     lazy: set[int] = field(default_factory=set)  # gradient norms still to read from .grad
+    # a subset step's later backward (accumulation micro-batch): no per-example norms computed
+    skipped: bool = False
     repeated_backward: bool = False  # a parameter received two gradients in the pass
 
 
@@ -150,7 +155,12 @@ class PerExampleNorms:
             examples, ⌈fraction·N⌉ of them, drawn afresh every pass (from a generator of the
             engine's own seeded with ``torch.initial_seed()``, so training's random stream is
             left alone). The layers' work on per-example norms shrinks in proportion, and the
-            mean of the subset's norms is still an unbiased estimate of E|g_i|².
+            mean of the subset's norms is still an unbiased estimate of E|g_i|². When a step
+            accumulates several backward passes, only the first backward's examples are drawn
+            from (the later ones keep their micro-batch gradient norms): the hooks' fixed cost
+            is then paid once per step, not once per micro-batch, and the estimate stays
+            unbiased because the micro-batches of a step are random batches of the same data
+            (what the micro-batch norms assume too).
     """
 
     def __init__(
@@ -187,6 +197,8 @@ class PerExampleNorms:
         # later pass first touches the parameter (.grad then holds the first pass alone).
         self.lazy_first_pass = True
         self._first_pass: PassNorms | None = None
+        # the backward (graph task) of this step whose examples the subset is drawn from
+        self._measured_task: int | None = None
         self._task_accumulates: dict[int, bool] = {}
         self._acc_node: dict[int, Any] = {}
         for mname, module in model.named_modules():
@@ -321,7 +333,10 @@ class PerExampleNorms:
         # (two forwards, one loss) are merged, when the step collects them.
         n = _leading_dim(args, kwargs)
         weights = self.precondition() if self.precondition is not None else None
-        self.passes.append(PassNorms(batch_size=n, weights=weights))
+        # a forward after the step's measured backward (the next accumulation micro-batch)
+        # cannot be measured: no layer hooks for it
+        skipped = self._measured_task is not None and self.per_example_fraction < 1.0
+        self.passes.append(PassNorms(batch_size=n, weights=weights, skipped=skipped))
 
     def _on_model_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._recomputing or self._paused or not torch.is_grad_enabled() or not self.passes:
@@ -366,6 +381,8 @@ class PerExampleNorms:
         current = self.passes[-1]
         if handler.kind == "norm":
             norms.check(module, label)  # a BatchNorm may have been switched to train() since
+        if current.skipped:
+            return
         if handler is _FALLBACK:
             saved = fallback.save(module, args, kwargs)
             lead = _leading_dim(args, kwargs)
@@ -424,6 +441,9 @@ class PerExampleNorms:
                 return
             saved = box.pop()
             self._enter(pass_)
+            if not self._measures(reaches):
+                pass_.skipped = True
+                return
             with torch.no_grad():
                 rows = self._rows(pass_, grad.device)
                 kept = saved
@@ -448,6 +468,22 @@ class PerExampleNorms:
                         self._add(pass_, params[pname], factor)
 
         return hook
+
+    def _measures(self, reaches: bool | None) -> bool:
+        """Whether the running backward computes per-example norms.
+
+        Every backward does for the exact mode; with a subset, the first backward of the step
+        that reaches the parameters does (``reaches`` ``None``, inside torch.autograd.grad(),
+        computes without claiming the step: whether it reached them is known only later).
+        """
+        if self.per_example_fraction >= 1.0:
+            return True
+        task = torch._C._current_graph_task_id()
+        if self._measured_task is None:
+            if reaches:
+                self._measured_task = task
+            return True
+        return task == self._measured_task
 
     def _rows(self, pass_: PassNorms, device: torch.device) -> Tensor | None:
         """The pass's random subset of examples (the same for every layer), or ``None`` for all."""
@@ -586,6 +622,7 @@ class PerExampleNorms:
         """
         done, self.passes = self.passes, []
         first, self._first_pass = self._first_pass, None
+        self._measured_task = None
         if first is not None and first.lazy and sum(1 for p in done if p.received) > 1:
             # parameters no later pass touched: .grad is still the first pass's gradient
             # (``grad_rescale`` undoes an AMP unscale_ of .grad that ran since the backward)
@@ -633,6 +670,8 @@ class PerExampleNorms:
         done = [p for p in _merge_shared_backward(done) if p.received]
         if self.per_example:
             for pass_ in done:
+                if pass_.skipped:  # a later micro-batch: the measured one checked the layers
+                    continue
                 missing = pass_.received - pass_.covered
                 if missing:
                     names = sorted(self._param_name[pid] for pid in missing)
@@ -668,12 +707,13 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
         for name in ("grad_sqnorm", "group_grad_sqnorm"):
             parts = [getattr(p, name) for p in group if getattr(p, name) is not None]
             setattr(merged, name, sum(parts[1:], parts[0]) if parts else None)
-        rows = [p.rows for p in group]
-        if any(r is not None for r in rows):
+        merged.skipped = all(p.skipped for p in group)
+        if any(p.rows is not None or p.skipped for p in group) and not merged.skipped:
             offset, taken = 0, []
             for p in group:
-                r = p.rows if p.rows is not None else torch.arange(p.batch_size)
-                taken.append(r.cpu() + offset)
+                if not p.skipped:
+                    r = p.rows if p.rows is not None else torch.arange(p.batch_size)
+                    taken.append(r.cpu() + offset)
                 offset += p.batch_size
             merged.rows = torch.cat(taken)
         for p in group:
