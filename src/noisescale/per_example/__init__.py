@@ -156,11 +156,12 @@ class PerExampleNorms:
             engine's own seeded with ``torch.initial_seed()``, so training's random stream is
             left alone). The layers' work on per-example norms shrinks in proportion, and the
             mean of the subset's norms is still an unbiased estimate of E|g_i|². When a step
-            accumulates several backward passes, only the first backward's examples are drawn
-            from (the later ones keep their micro-batch gradient norms): the hooks' fixed cost
-            is then paid once per step, not once per micro-batch, and the estimate stays
-            unbiased because the micro-batches of a step are random batches of the same data
-            (what the micro-batch norms assume too).
+            accumulates several backward passes, the subset (⌈fraction·N⌉ of the step's N
+            examples, as many as without accumulation, up to the whole micro-batch) is drawn
+            from the first backward's examples only, and the later ones keep their micro-batch
+            gradient norms: the hooks' fixed cost is paid once per step, not once per
+            micro-batch, and the estimate stays unbiased because the micro-batches of a step
+            are random batches of the same data (what the micro-batch norms assume too).
     """
 
     def __init__(
@@ -199,6 +200,9 @@ class PerExampleNorms:
         self._first_pass: PassNorms | None = None
         # the backward (graph task) of this step whose examples the subset is drawn from
         self._measured_task: int | None = None
+        # examples in the last collected step: a subset drawn from the first of several
+        # micro-batches is sized by the whole step (as if it had not been split)
+        self.last_step_examples: int | None = None
         self._task_accumulates: dict[int, bool] = {}
         self._acc_node: dict[int, Any] = {}
         for mname, module in model.named_modules():
@@ -486,8 +490,13 @@ class PerExampleNorms:
         return task == self._measured_task
 
     def _rows(self, pass_: PassNorms, device: torch.device) -> Tensor | None:
-        """The pass's random subset of examples (the same for every layer), or ``None`` for all."""
-        k = math.ceil(self.per_example_fraction * pass_.batch_size)
+        """The pass's random subset of examples (the same for every layer), or ``None`` for all.
+
+        ⌈fraction·N⌉ rows for a step of N examples (N from the last step while this one is
+        running: the first micro-batch does not know how many follow), at most the pass's own.
+        """
+        n = max(pass_.batch_size, self.last_step_examples or 0)
+        k = math.ceil(self.per_example_fraction * n)
         if k >= pass_.batch_size:
             return None
         if pass_.rows is None:
@@ -668,6 +677,8 @@ class PerExampleNorms:
         # (validation with grad enabled, gradients towards the inputs only): it is not a
         # micro-batch of this step
         done = [p for p in _merge_shared_backward(done) if p.received]
+        if done:
+            self.last_step_examples = sum(p.batch_size for p in done)
         if self.per_example:
             for pass_ in done:
                 if pass_.skipped:  # a later micro-batch: the measured one checked the layers
