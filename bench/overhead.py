@@ -729,7 +729,28 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{_fmt(row.get('rel_width_steps'), '.2f')} | {row.get('steps_in_budget', '—')} | "
                 f"{_fmt(row.get('rel_width_budget'), '.2f')} |"
             )
+        lines += ["", agreement(wl)]
     return "\n".join(lines) + "\n"
+
+
+def agreement(wl: dict[str, Any]) -> str:
+    """Whether the exact mode's B_simple lies in every other estimate's 95% interval."""
+    rows = {r["method"]: r for r in wl["methods"] if "b_simple" in r}
+    exact = rows.get("noisescale exact (all examples)")
+    if exact is None:
+        return "No exact-mode estimate to compare with."
+    b = exact["b_simple"]
+    others = [r for name, r in rows.items() if r is not exact and not name.startswith("gns")]
+    outside = [r["method"] for r in others if not r["b_simple_low"] <= b <= r["b_simple_high"]]
+    verdict = (
+        f"inside the interval of all {len(others)} other estimates"
+        if not outside
+        else f"outside the interval of: {', '.join(outside)}"
+    )
+    return (
+        f"Exact mode's B_simple {_fmt(b, '.3g')}: {verdict} (gns-pytorch left out: a different "
+        "quantity)."
+    )
 
 
 def _json_safe(x: Any) -> Any:

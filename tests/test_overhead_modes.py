@@ -313,3 +313,22 @@ def test_subset_mode_resumes_exactly_from_a_state_dict():
     assert checkpoint[1]["subset_step_examples"] == again.engine.last_step_examples == 16
     train(resumed, again, torch.optim.SGD(resumed.parameters(), lr=0.1), data[10:])
     assert again.estimate() == tracker.estimate()
+
+
+def test_bench_reports_which_intervals_miss_the_exact_estimate():
+    def row(method, b, low, high):
+        return {"method": method, "b_simple": b, "b_simple_low": low, "b_simple_high": high}
+
+    wl = {
+        "methods": [
+            {"method": "plain"},
+            row("noisescale exact (all examples)", 10.0, 8.0, 12.0),
+            row("noisescale subset, 1 of 16 (f=1/16)", 11.0, 9.0, 14.0),
+            row("Opacus GradSampleModule", 13.0, 10.5, 15.0),
+            row("gns-pytorch compute_gns", 30.0, 20.0, 40.0),  # a different quantity
+            {"method": "BackPACK BatchL2Grad", "error": "failed"},
+        ]
+    }
+    assert "outside the interval of: Opacus GradSampleModule" in bench.agreement(wl)
+    wl["methods"][3] = row("Opacus GradSampleModule", 10.0, 8.0, 12.0)
+    assert "inside the interval of all 2 other estimates" in bench.agreement(wl)
