@@ -241,3 +241,63 @@ def test_layer_inputs_freed_by_backward_while_graph_lives(fraction):
     assert loss.grad_fn is not None  # the graph is alive
     assert [ref() is None for ref in seen] == [True, True]
     tracker.step(loss=loss)
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mid, self.head = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = checkpoint(self.mid, self.inp(x), use_reentrant=True)  # its own inner backward
+        return self.head(torch.tanh(h))
+
+
+class _ActorCritic(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.actor, self.critic = nn.Linear(5, 3), nn.Linear(5, 1)
+
+    def forward(self, x):
+        return self.actor(x), self.critic(x)
+
+
+def _checkpointed_step(model, x, y):
+    (model(x) - y).pow(2).sum().backward()
+
+
+def _actor_critic_step(model, x, y):  # one forward, two backwards through disjoint parameters
+    a, v = model(x)
+    (a - y).pow(2).sum().backward()
+    v.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize(
+    ("build", "step"),
+    [(_Checkpointed, _checkpointed_step), (_ActorCritic, _actor_critic_step)],
+    ids=["reentrant-checkpoint", "two-backwards"],
+)
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_subset_pass_reached_by_two_backwards_is_measured_whole(build, step, accumulate):
+    """A pass whose hooks run in two graph tasks is measured in both, or in neither."""
+    from noisescale.per_example import PerExampleNorms
+
+    torch.manual_seed(0)
+    model = build()
+    xs, ys = torch.randn(accumulate, 16, 5), torch.randn(accumulate, 16, 3)
+    engine = PerExampleNorms(model, per_example_fraction=1 / 4)
+    for _ in range(3):  # later steps draw the measured micro-batch at random
+        for x, y in zip(xs, ys, strict=True):
+            step(model, x, y)
+        passes = engine.collect()
+        measured = [(j, p) for j, p in enumerate(passes) if p.raw_sqnorms is not None]
+        assert len(measured) == 1
+        j, pass_ = measured[0]
+        truth = []
+        for i in pass_.rows.tolist():
+            model.zero_grad(set_to_none=True)
+            with engine.paused():
+                step(model, xs[j, i : i + 1], ys[j, i : i + 1])
+            truth.append(sum(p.grad.pow(2).sum() for p in model.parameters() if p.grad is not None))
+        assert torch.allclose(pass_.raw_sqnorms, torch.stack(truth), rtol=1e-9)
+    engine.remove()

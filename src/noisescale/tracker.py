@@ -84,12 +84,12 @@ class GradientNoiseTracker:
         per_example: Measure exact per-example norms with module hooks (the most precise source).
             ``False`` relies on accumulation micro-batches only (no layer support needed).
         per_example_fraction: Compute per-example norms for a random ⌈fraction·N⌉ of a step's
-            N examples, drawn afresh every step from its first micro-batch (the first backward;
-            at most all of its examples); ``1.0`` measures every example of every micro-batch.
-            The subset's mean |g_i|² is still unbiased (the micro-batches of a step are random
-            batches of the same data), so the estimate stays unbiased; the hooks' work shrinks
-            in proportion, and when you accumulate, later micro-batches contribute their
-            micro-batch norms only (the hooks' fixed cost is paid once per step).
+            N examples, drawn afresh every step; ``1.0`` measures every example of every
+            micro-batch. When you accumulate, they are drawn from one micro-batch (at most all
+            of its examples) at a random position among the step's micro-batches, and the
+            others contribute their micro-batch norms only, so the hooks' work is paid once per
+            step. The subset's mean |g_i|² is still unbiased, so the estimate stays unbiased;
+            the hooks' work shrinks in proportion.
             The default, 1/16, was chosen by measurement (``bench/README.md``): the interval
             after a given number of steps was about as narrow as with all examples, because
             the noise of |G|² from the big batch dominates, at a fraction of the cost. Use
@@ -734,6 +734,7 @@ class GradientNoiseTracker:
             "preconditioned_from": self._preconditioned_from,
             "subset_rng": self.engine.rng_state(),
             "subset_step_examples": self.engine.last_step_examples,
+            "subset_position": self.engine.subset_position,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -767,6 +768,7 @@ class GradientNoiseTracker:
         self._preconditioned_from = state.get("preconditioned_from")
         self.engine.set_rng_state(state.get("subset_rng", {}))
         self.engine.last_step_examples = state.get("subset_step_examples")
+        self.engine.subset_position = int(state.get("subset_position", 0))
 
 
 def _json_safe(x: Any) -> Any:

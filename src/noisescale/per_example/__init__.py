@@ -108,9 +108,9 @@ class PassNorms:
             (the same weights for every norm of the pass); ``None`` for plain norms.
         rows: The examples (indices into the pass's batch) whose norms were computed, drawn
             uniformly without replacement; ``None`` for all of them.
-        skipped: With a subset fraction, only the first backward of a step computes per-example
-            norms; the passes of later backwards (further accumulation micro-batches) have
-            ``raw_sqnorms`` ``None`` and this set.
+        skipped: With a subset fraction, one pass of a step computes per-example norms; the
+            others (further accumulation micro-batches) have ``raw_sqnorms`` ``None`` and this
+            set.
     """
 
     batch_size: int
@@ -132,7 +132,10 @@ class PassNorms:
     deferred: dict[int, list[tuple[nn.Parameter, Factor]]] = field(default_factory=dict)
     second_order: bool = False  # a backward with create_graph=True ran through the pass
     lazy: set[int] = field(default_factory=set)  # gradient norms still to read from .grad
-    # a subset step's later backward (accumulation micro-batch): no per-example norms computed
+    # with a subset: the step's pass whose per-example norms are computed, in every backward
+    # through it (a reentrant checkpoint's inner backward, a second loss on other parameters) ...
+    measured: bool = False
+    # ... and the step's other passes (accumulation micro-batches), which compute none
     skipped: bool = False
     repeated_backward: bool = False  # a parameter received two gradients in the pass
 
@@ -158,10 +161,10 @@ class PerExampleNorms:
             mean of the subset's norms is still an unbiased estimate of E|g_i|². When a step
             accumulates several backward passes, the subset (⌈fraction·N⌉ of the step's N
             examples, as many as without accumulation, up to the whole micro-batch) is drawn
-            from the first backward's examples only, and the later ones keep their micro-batch
-            gradient norms: the hooks' fixed cost is paid once per step, not once per
-            micro-batch, and the estimate stays unbiased because the micro-batches of a step
-            are random batches of the same data (what the micro-batch norms assume too).
+            from one of them, at a position drawn uniformly among the last step's passes (so a
+            sampler that orders a step's micro-batches, e.g. by length, does not bias it); the
+            others keep their micro-batch gradient norms only. The hooks' per-example work is
+            then paid once per step, not once per micro-batch.
     """
 
     def __init__(
@@ -198,8 +201,12 @@ class PerExampleNorms:
         # later pass first touches the parameter (.grad then holds the first pass alone).
         self.lazy_first_pass = True
         self._first_pass: PassNorms | None = None
-        # the backward (graph task) of this step whose examples the subset is drawn from
-        self._measured_task: int | None = None
+        # with a subset and accumulation: the position (among the step's passes, in the order
+        # their backward reaches them) of the pass the subset is drawn from, drawn at collect()
+        # for the next step; the positions given so far; whether this step's pass was found
+        self.subset_position = 0
+        self._positions = 0
+        self._measured_found = False
         # examples in the last collected step: a subset drawn from the first of several
         # micro-batches is sized by the whole step (as if it had not been split)
         self.last_step_examples: int | None = None
@@ -339,7 +346,7 @@ class PerExampleNorms:
         weights = self.precondition() if self.precondition is not None else None
         # a forward after the step's measured backward (the next accumulation micro-batch)
         # cannot be measured: no layer hooks for it
-        skipped = self._measured_task is not None and self.per_example_fraction < 1.0
+        skipped = self._measured_found and self.per_example_fraction < 1.0
         self.passes.append(PassNorms(batch_size=n, weights=weights, skipped=skipped))
 
     def _on_model_output(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -445,8 +452,7 @@ class PerExampleNorms:
                 return
             saved = box.pop()
             self._enter(pass_)
-            if not self._measures(reaches):
-                pass_.skipped = True
+            if not self._measures(pass_, reaches):
                 return
             with torch.no_grad():
                 rows = self._rows(pass_, grad.device)
@@ -473,21 +479,27 @@ class PerExampleNorms:
 
         return hook
 
-    def _measures(self, reaches: bool | None) -> bool:
-        """Whether the running backward computes per-example norms.
+    def _measures(self, pass_: PassNorms, reaches: bool | None) -> bool:
+        """Whether this pass's per-example norms are computed (decided once per pass).
 
-        Every backward does for the exact mode; with a subset, the first backward of the step
-        that reaches the parameters does (``reaches`` ``None``, inside torch.autograd.grad(),
-        computes without claiming the step: whether it reached them is known only later).
+        Every pass's are for the exact mode. With a subset, the pass at ``subset_position``
+        among those the step's backwards reach is measured, in whatever backward later runs
+        through it, and the others are skipped. Inside torch.autograd.grad() (``reaches``
+        ``None``) whether the parameters are reached is known only at collect(): such a pass is
+        computed without taking a position.
         """
-        if self.per_example_fraction >= 1.0:
+        if self.per_example_fraction >= 1.0 or pass_.measured:
             return True
-        task = torch._C._current_graph_task_id()
-        if self._measured_task is None:
-            if reaches:
-                self._measured_task = task
+        if pass_.skipped:
+            return False
+        if reaches is None:
             return True
-        return task == self._measured_task
+        position, self._positions = self._positions, self._positions + 1
+        if position == self.subset_position:
+            pass_.measured = self._measured_found = True
+            return True
+        pass_.skipped = True
+        return False
 
     def _rows(self, pass_: PassNorms, device: torch.device) -> Tensor | None:
         """The pass's random subset of examples (the same for every layer), or ``None`` for all.
@@ -631,7 +643,8 @@ class PerExampleNorms:
         """
         done, self.passes = self.passes, []
         first, self._first_pass = self._first_pass, None
-        self._measured_task = None
+        self._positions = 0
+        self._measured_found = False
         if first is not None and first.lazy and sum(1 for p in done if p.received) > 1:
             # parameters no later pass touched: .grad is still the first pass's gradient
             # (``grad_rescale`` undoes an AMP unscale_ of .grad that ran since the backward)
@@ -676,9 +689,14 @@ class PerExampleNorms:
         # a pass whose parameters received no gradient was a forward without a training backward
         # (validation with grad enabled, gradients towards the inputs only): it is not a
         # micro-batch of this step
+        reached = sum(1 for p in done if p.received)  # before merging: positions are passes
         done = [p for p in _merge_shared_backward(done) if p.received]
         if done:
             self.last_step_examples = sum(p.batch_size for p in done)
+            self.subset_position = 0
+            if reached > 1 and self.per_example_fraction < 1.0:
+                gen = self._generator(torch.device("cpu"))
+                self.subset_position = int(torch.randint(reached, (1,), generator=gen))
         if self.per_example:
             for pass_ in done:
                 if pass_.skipped:  # a later micro-batch: the measured one checked the layers
