@@ -288,7 +288,7 @@ def test_large_tensors_are_summed_to_float32_accuracy():
 
 def test_subset_mode_resumes_exactly_from_a_state_dict():
     """The subset generators and the step size are part of the checkpoint: same draws, same
-    estimates after it (with accumulation, where the first micro-batch's subset is sized by
+    estimates after it (with accumulation, where the measured micro-batch's subset is sized by
     the last step's examples)."""
 
     def train(model, tracker, optimizer, data):
@@ -308,20 +308,23 @@ def test_subset_mode_resumes_exactly_from_a_state_dict():
     model = nn.Linear(5, 3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1 / 4)
-    train(model, tracker, optimizer, data[:10])
+    train(model, tracker, optimizer, data[:9])
     checkpoint = (
         {k: v.clone() for k, v in model.state_dict().items()},
         tracker.state_dict(),
     )
-    train(model, tracker, optimizer, data[10:])
+    train(model, tracker, optimizer, data[9:])
 
     resumed = nn.Linear(5, 3)
     resumed.load_state_dict(checkpoint[0])
     again = noisescale.GradientNoiseTracker(resumed, per_example_fraction=1 / 4)
     again.load_state_dict(checkpoint[1])
     assert checkpoint[1]["subset_step_examples"] == again.engine.last_step_examples == 16
-    train(resumed, again, torch.optim.SGD(resumed.parameters(), lr=0.1), data[10:])
+    # the micro-batch the next step measures (a position drawn at random; 1 of 0, 1 here)
+    assert checkpoint[1]["subset_position"] == again.engine.subset_position == 1
+    train(resumed, again, torch.optim.SGD(resumed.parameters(), lr=0.1), data[9:])
     assert again.estimate() == tracker.estimate()
+    assert again.history == tracker.history[9:]
 
 
 def test_bench_reports_which_intervals_miss_the_exact_estimate():

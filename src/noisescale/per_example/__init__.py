@@ -505,7 +505,7 @@ class PerExampleNorms:
         """The pass's random subset of examples (the same for every layer), or ``None`` for all.
 
         ⌈fraction·N⌉ rows for a step of N examples (N from the last step while this one is
-        running: the first micro-batch does not know how many follow), at most the pass's own.
+        running: its first micro-batch does not know how many follow), at most the pass's own.
         """
         n = max(pass_.batch_size, self.last_step_examples or 0)
         k = math.ceil(self.per_example_fraction * n)
