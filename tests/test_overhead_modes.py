@@ -344,3 +344,29 @@ def test_bench_reports_which_intervals_miss_the_exact_estimate():
     assert "outside the interval of: Opacus GradSampleModule" in bench.agreement(wl)
     wl["methods"][3] = row("Opacus GradSampleModule", 10.0, 8.0, 12.0)
     assert "inside the interval of all 2 other estimates" in bench.agreement(wl)
+
+
+def test_step_with_fewer_micro_batches_than_the_drawn_position():
+    """Accumulation shrinking past the drawn position: that step has no per-example subset."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2))
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1 / 8, sync_every=1)
+
+    def step(micro_batches):
+        model.zero_grad()
+        for _ in range(micro_batches):
+            F.mse_loss(model(torch.randn(8, 6)), torch.randn(8, 2)).backward()
+        tracker.step()
+        return tracker.history[-1]
+
+    step(4)
+    tracker.engine.subset_position = 3  # as if the last of 4 had been drawn
+    record = step(2)  # two micro-batches: the micro-batch norms still measure the step
+    assert not record["skipped"] and set(record["sources"]) == {"microbatch"}
+    assert tracker.engine.subset_position in (0, 1)
+    tracker.engine.subset_position = 1
+    with pytest.warns(RuntimeWarning, match="fewer micro-batches than the one before"):
+        record = step(1)
+    assert record["skipped"]
+    assert tracker.engine.subset_position == 0  # one micro-batch: the next step's is measured
+    assert set(step(1)["sources"]) == {"per_example"}

@@ -287,7 +287,15 @@ class GradientNoiseTracker:
                         [b for b, _ in usable],
                         torch.stack([v.reshape(()) for _, v in usable]),
                     )
-        if not sources:
+        if not sources and any(p.skipped for p in passes):
+            self._warn_once(
+                "subset-missed",
+                "this step had fewer micro-batches than the one before, and the micro-batch "
+                "drawn for its per-example subset did not occur, so it has no small-batch norm "
+                "and is skipped (this happens on the step where accumulation shrinks to one "
+                "micro-batch; per_example_fraction=1.0 avoids it)",
+            )
+        elif not sources:
             self._warn_once(
                 "small-equals-big",
                 "this step has one example and no other small-batch source, so the noise cannot "

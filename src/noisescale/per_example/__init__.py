@@ -164,7 +164,8 @@ class PerExampleNorms:
             from one of them, at a position drawn uniformly among the last step's passes (so a
             sampler that orders a step's micro-batches, e.g. by length, does not bias it); the
             others keep their micro-batch gradient norms only. The hooks' per-example work is
-            then paid once per step, not once per micro-batch.
+            then paid once per step, not once per micro-batch. A step with fewer passes than
+            the last may end before the drawn position: it has no per-example norms.
     """
 
     def __init__(
@@ -207,8 +208,8 @@ class PerExampleNorms:
         self.subset_position = 0
         self._positions = 0
         self._measured_found = False
-        # examples in the last collected step: a subset drawn from the first of several
-        # micro-batches is sized by the whole step (as if it had not been split)
+        # examples in the last collected step: a subset drawn from one of several micro-batches
+        # is sized by the whole step (as if it had not been split)
         self.last_step_examples: int | None = None
         self._task_accumulates: dict[int, bool] = {}
         self._acc_node: dict[int, Any] = {}
@@ -699,7 +700,7 @@ class PerExampleNorms:
                 self.subset_position = int(torch.randint(reached, (1,), generator=gen))
         if self.per_example:
             for pass_ in done:
-                if pass_.skipped:  # a later micro-batch: the measured one checked the layers
+                if pass_.skipped:  # another micro-batch: the measured one checked the layers
                     continue
                 missing = pass_.received - pass_.covered
                 if missing:
