@@ -50,3 +50,15 @@ def test_demo_bad_batch_size():
     )
     assert proc.returncode == 2
     assert "--batch-size must be at least 2" in proc.stderr
+
+
+def test_demo_bad_fraction():
+    proc = subprocess.run(
+        [sys.executable, "-m", "noisescale", "demo", "--per-example-fraction", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "--per-example-fraction must be in (0, 1]" in proc.stderr
