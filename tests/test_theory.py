@@ -194,8 +194,9 @@ def test_gamma_matches_footnote_18_for_a_two_level_noise_scale() -> None:
 
 
 @given(
+    # some noise that survives the trapezoid rule (a lone 5e-324 halves to zero: refused)
     st.lists(st.floats(min_value=0.0, max_value=1e6), min_size=2, max_size=30).filter(
-        lambda b: sum(b) > 0
+        lambda b: max(b) > 1e-300
     )
 )
 def test_gamma_never_exceeds_one(b_noise: list[float]) -> None:
