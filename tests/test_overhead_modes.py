@@ -157,8 +157,9 @@ def test_subset_norms_are_those_of_the_drawn_rows():
     loss(model(idx), y).mean().backward()
     (pass_,) = engine.collect()
     assert pass_.rows is not None and pass_.rows.numel() == 2  # ⌈0.25·8⌉
-    assert len(set(pass_.rows.tolist())) == 2
-    measured = pass_.raw_sqnorms * 8**2  # undo the mean over the pass's 8 examples
+    # undo the mean over the pass's 8 examples and the importance weights (each ≤ 2)
+    assert bool((pass_.row_weights <= 2.0 + 1e-12).all())
+    measured = pass_.raw_sqnorms * 8**2 / pass_.row_weights
     assert torch.allclose(measured, truth[pass_.rows], rtol=1e-9)
 
 
@@ -171,20 +172,49 @@ def test_subset_is_fresh_each_pass_unbiased_and_leaves_training_rng_alone():
     all_rows = pe.sqnorms
 
     engine = PerExampleNorms(model, per_example_fraction=1 / 8)
-    draws, rows, total = 600, [], 0.0
+    draws, rows, estimates = 2000, [], []
     rng_before = torch.get_rng_state()
     for _ in range(draws):
         F.mse_loss(model(x), y).backward()
         (pass_,) = engine.collect()
         rows.append(int(pass_.rows))
-        total += float(pass_.raw_sqnorms.sum()) * 8**2  # one row; undo the mean over 8
+        estimates.append(float(pass_.raw_sqnorms.sum()) * 8**2)  # one row; undo the mean
     assert torch.equal(torch.get_rng_state(), rng_before)  # the engine drew from its own generator
+    # every example can be drawn, the larger gradients more often: the draws follow
+    # q_i = ½/8 + ½·|δ_i|²/Σ|δ|² (δ the output gradient), Pearson χ² with 7 degrees of freedom
+    # below its 0.999 quantile, 24.3
+    delta2 = (model(x) - y).detach().pow(2).sum(1)
+    q = 0.5 / 8 + 0.5 * delta2 / delta2.sum()
     counts = torch.bincount(torch.tensor(rows), minlength=8).double()
-    # uniform draws: Pearson χ² with 7 degrees of freedom below its 0.999 quantile, 24.3
-    assert ((counts - draws / 8) ** 2 / (draws / 8)).sum() < 24.3
-    # the mean of single-row draws estimates the mean over all rows (4 standard errors)
-    sd = float(all_rows.std(unbiased=False)) / math.sqrt(draws)
-    assert abs(total / draws - float(all_rows.mean())) < 4 * sd
+    assert ((counts - draws * q) ** 2 / (draws * q)).sum() < 24.3
+    # the weighted single-row draws estimate the mean over all rows (Hansen–Hurwitz; 4 s.e.)
+    est = torch.tensor(estimates, dtype=torch.float64)
+    assert abs(float(est.mean()) - float(all_rows.mean())) < 4 * float(est.std()) / math.sqrt(draws)
+
+
+def test_importance_draws_find_the_few_examples_that_carry_the_noise():
+    """Late-training shape: 2 of 64 examples have gradients 100× the rest. A uniform 1-of-16
+    subset misses them most steps; the importance draws catch them, with a far smaller spread."""
+    torch.manual_seed(0)
+    model = nn.Linear(10, 3)
+    x = torch.randn(64, 10)
+    y = model(x).detach()
+    y[:2] += 100.0  # two badly fitted examples
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        F.mse_loss(model(x), y, reduction="sum").backward()
+    truth = pe.sqnorms
+    engine = PerExampleNorms(model, per_example_fraction=1 / 16)
+    estimates = []
+    for _ in range(500):
+        F.mse_loss(model(x), y, reduction="sum").backward()
+        (pass_,) = engine.collect()
+        estimates.append(float(pass_.raw_sqnorms.mean()))
+    est = torch.tensor(estimates, dtype=torch.float64)
+    assert abs(float(est.mean()) - float(truth.mean())) < 4 * float(est.std()) / math.sqrt(500)
+    # the spread of a uniform 4-row mean, drawn without replacement, in closed form
+    n, k = 64, 4
+    uniform_sd = float(truth.std()) / math.sqrt(k) * math.sqrt((n - k) / (n - 1))
+    assert float(est.std()) < uniform_sd / 3
 
 
 def test_tracker_rejects_a_fraction_outside_zero_one():
@@ -245,7 +275,7 @@ def test_subset_of_an_accumulated_step_comes_from_one_micro_batch_at_a_random_po
     truth = pe.sqnorms  # all 16 examples; micro-batch j holds examples 4j … 4j + 3
 
     engine = PerExampleNorms(model, per_example_fraction=1 / 8)
-    draws, total, positions = 600, 0.0, []
+    draws, estimates, positions = 600, [], []
     for draw in range(draws):
         for xs, ys in zip(x.chunk(4), y.chunk(4), strict=True):
             (F.mse_loss(model(xs), ys) / 4).backward()
@@ -258,11 +288,12 @@ def test_subset_of_an_accumulated_step_comes_from_one_micro_batch_at_a_random_po
         assert all(p.grad_sqnorm is not None for k, p in enumerate(passes) if k > 0)
         # ⌈16/8⌉ = 2 rows, sized by the whole step (the first step knows only its first 4)
         rows = passes[j].rows.tolist()
-        assert len(rows) == (1 if draw == 0 else 2) and len(set(rows)) == len(rows)
+        assert len(rows) == (1 if draw == 0 else 2)
         norms = passes[j].raw_sqnorms * (4 * 4) ** 2  # undo the /4 and the mean
-        assert torch.allclose(norms, truth[[4 * j + r for r in rows]], rtol=1e-5)
+        unweighted = norms / passes[j].row_weights
+        assert torch.allclose(unweighted, truth[[4 * j + r for r in rows]], rtol=1e-5)
         positions.append(j)
-        total += float(norms.mean())
+        estimates.append(float(norms.mean()))
     assert engine.last_step_examples == 16
     assert positions[0] == 0  # the first step cannot know how many micro-batches follow
     counts = torch.bincount(torch.tensor(positions[1:]), minlength=4).double()
@@ -270,8 +301,8 @@ def test_subset_of_an_accumulated_step_comes_from_one_micro_batch_at_a_random_po
     # uniform positions: Pearson χ² with 3 degrees of freedom below its 0.999 quantile, 16.3
     assert ((counts - expected) ** 2 / expected).sum() < 16.3
     # the mean over draws estimates the mean over all 16 examples (4 standard errors)
-    sd = float(truth.std(unbiased=False)) / math.sqrt(draws)
-    assert abs(total / draws - float(truth.mean())) < 4 * sd
+    est = torch.tensor(estimates, dtype=torch.float64)
+    assert abs(float(est.mean()) - float(truth.mean())) < 4 * float(est.std()) / math.sqrt(draws)
 
 
 def test_large_tensors_are_summed_to_float32_accuracy():

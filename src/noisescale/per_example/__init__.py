@@ -98,7 +98,8 @@ class PassNorms:
         batch_size: Examples in the pass (dim 0 of the model's input).
         raw_sqnorms: Σ over parameters of |∂(backpropagated loss)/∂θ restricted to example i|²,
             before undoing the loss reduction, for the examples ``rows``; shape [batch_size], or
-            [len(rows)] for a subset. ``None`` when per-example norms were not computed.
+            [len(rows)] for a subset, each times its ``row_weights``. ``None`` when per-example
+            norms were not computed.
         grad_sqnorm: |∂(backpropagated loss)/∂θ|² of the whole pass (the micro-batch gradient),
             a 0-d tensor; ``None`` if no parameter received a gradient.
         group_sqnorms: ``raw_sqnorms`` split by parameter group, shape [batch_size, groups]
@@ -107,7 +108,11 @@ class PassNorms:
         weights: P² per parameter id when the norms are preconditioned, |P ⊙ g|² = Σ P²g²
             (the same weights for every norm of the pass); ``None`` for plain norms.
         rows: The examples (indices into the pass's batch) whose norms were computed, drawn
-            uniformly without replacement; ``None`` for all of them.
+            with replacement with probabilities that favour large gradients; ``None`` for all
+            of them.
+        row_weights: The importance weights 1/(n·q_i) of ``rows``, already applied to
+            ``raw_sqnorms`` and ``group_sqnorms`` when the pass is collected, so that their
+            mean is an unbiased estimate of the pass's mean (see ``PerExampleNorms._rows``).
         skipped: With a subset fraction, one pass of a step computes per-example norms; the
             others (further accumulation micro-batches) have ``raw_sqnorms`` ``None`` and this
             set.
@@ -120,6 +125,7 @@ class PassNorms:
     group_grad_sqnorm: Tensor | None = None
     weights: dict[int, Tensor] | None = None
     rows: Tensor | None = None
+    row_weights: Tensor | None = None
     # bookkeeping while the pass is open
     uses: dict[int, int] = field(default_factory=dict)
     pending: dict[int, list[Factor]] = field(default_factory=dict)
@@ -456,7 +462,7 @@ class PerExampleNorms:
             if not self._measures(pass_, reaches):
                 return
             with torch.no_grad():
-                rows = self._rows(pass_, grad.device)
+                rows = self._rows(pass_, grad)
                 kept = saved
                 if rows is not None:
                     kept = _take_rows(saved, rows, pass_.batch_size)
@@ -502,19 +508,38 @@ class PerExampleNorms:
         pass_.skipped = True
         return False
 
-    def _rows(self, pass_: PassNorms, device: torch.device) -> Tensor | None:
+    def _rows(self, pass_: PassNorms, grad: Tensor) -> Tensor | None:
         """The pass's random subset of examples (the same for every layer), or ``None`` for all.
 
         ⌈fraction·N⌉ rows for a step of N examples (N from the last step while this one is
         running: its first micro-batch does not know how many follow), at most the pass's own.
+        They are drawn with replacement, example i with probability q_i = ½/n + ½·π_i/Σπ,
+        where π_i = |δ_i|² is the squared norm of example i's rows of the output gradient of
+        the layer whose hook runs first (the one nearest the loss: for a classifier or a
+        language model, the logits' gradient), which tracks |g_i|². Each drawn norm is later
+        weighted by 1/(n·q_i) ≤ 2 (:attr:`PassNorms.row_weights`), so their mean is still
+        unbiased for the mean of |g_i|² over the pass (Hansen–Hurwitz), whatever π is; the
+        uniform half bounds the weights. When a few examples carry most of the gradient noise
+        (late in training) they are drawn nearly every step instead of rarely.
         """
-        n = max(pass_.batch_size, self.last_step_examples or 0)
+        device = grad.device
+        n_pass = pass_.batch_size
+        n = max(n_pass, self.last_step_examples or 0)
         k = math.ceil(self.per_example_fraction * n)
-        if k >= pass_.batch_size:
+        if k >= n_pass:
             return None
         if pass_.rows is None:
             gen = self._generator(device)
-            pass_.rows = torch.randperm(pass_.batch_size, generator=gen, device=device)[:k]
+            q = torch.full((n_pass,), 1.0 / n_pass, device=device)
+            if grad.dim() > 0 and grad.shape[0] == n_pass:
+                flat = _acc(grad.detach().reshape(n_pass, -1))
+                proxy = torch.linalg.vector_norm(flat, dim=1).square().to(q.dtype)
+                total = proxy.sum()
+                usable = torch.isfinite(total) & (total > 0)  # no host sync
+                q = torch.where(usable, 0.5 * q + 0.5 * proxy / total.clamp_min(1e-30), q)
+            rows = torch.multinomial(q, k, replacement=True, generator=gen)
+            pass_.rows = rows
+            pass_.row_weights = 1.0 / (n_pass * q[rows])
         return pass_.rows if pass_.rows.device == device else pass_.rows.to(device)
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -672,6 +697,13 @@ class PerExampleNorms:
                 # a use whose output never reached the loss contributes a zero gradient
                 self._accumulate(pass_, pid, self._sqnorm_of_uses(pass_, self._param[pid], waiting))
             pass_.pending.clear()
+            if pass_.row_weights is not None:  # importance weights of the drawn rows
+                w = pass_.row_weights
+                if pass_.raw_sqnorms is not None:
+                    pass_.raw_sqnorms = pass_.raw_sqnorms * w.to(pass_.raw_sqnorms.dtype)
+                if pass_.group_sqnorms is not None:
+                    wg = w.to(pass_.group_sqnorms.dtype)[:, None]
+                    pass_.group_sqnorms = pass_.group_sqnorms * wg
             pass_.uses.clear()
         for pass_ in done:
             if pass_.second_order and pass_.received:
