@@ -88,13 +88,15 @@ class GradientNoiseTracker:
             micro-batch. When you accumulate, they are drawn from one micro-batch (at most all
             of its examples) at a random position among the step's micro-batches, and the
             others contribute their micro-batch norms only, so the hooks' work is paid once per
-            step. The subset's mean |g_i|² is still unbiased, so the estimate stays unbiased;
-            the hooks' work shrinks in proportion.
+            step. Rows are drawn with probabilities that favour large output gradients and
+            weighted back, so the subset's weighted mean |g_i|² is still unbiased and catches
+            the few examples that carry most of the noise late in training; the hooks' work
+            shrinks in proportion.
             The default, 1/16, was chosen by measurement (``bench/README.md``): the interval
             after a given number of steps was about as narrow as with all examples, because
             the noise of |G|² from the big batch dominates, at a fraction of the cost. Use
-            ``1.0`` when the batch is much larger than B_simple or for exact per-step
-            comparisons.
+            ``1.0`` when the batch is much larger than B_simple, when the interval stays open
+            late in training (README, known limits), or for exact per-step comparisons.
         microbatch: Use micro-batch gradient norms when a step accumulates several backward
             passes.
         beta: EMA decay for |G|² and tr Σ (paper App. A.1); ``1.0`` averages all steps equally.

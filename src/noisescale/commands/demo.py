@@ -35,8 +35,8 @@ def register(subparsers: Any) -> None:
         type=float,
         default=1.0,
         help="examples per step whose gradient norms are computed (default 1.0, all of them: "
-        "late in this run a few examples carry most of the gradient noise, and a 1/16 subset "
-        "finds them too rarely for a tight interval in a short run)",
+        "late in this run a few examples carry most of the gradient noise, and the tracker's "
+        "default 1/16 subset leaves a wider interval in a run this short)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

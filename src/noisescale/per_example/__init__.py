@@ -163,8 +163,10 @@ class PerExampleNorms:
         per_example_fraction: Compute the per-example norms of a random subset of each pass's
             examples, ⌈fraction·N⌉ of them, drawn afresh every pass (from a generator of the
             engine's own seeded with ``torch.initial_seed()``, so training's random stream is
-            left alone). The layers' work on per-example norms shrinks in proportion, and the
-            mean of the subset's norms is still an unbiased estimate of E|g_i|². When a step
+            left alone), with replacement and favouring large output gradients, each norm
+            weighted back (:attr:`PassNorms.row_weights`). The layers' work on per-example norms
+            shrinks in proportion, and the mean of the subset's weighted norms is still an
+            unbiased estimate of E|g_i|². When a step
             accumulates several backward passes, the subset (⌈fraction·N⌉ of the step's N
             examples, as many as without accumulation, up to the whole micro-batch) is drawn
             from one of them, at a position drawn uniformly among the last step's passes (so a
