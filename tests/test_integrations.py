@@ -172,7 +172,8 @@ def test_lightning_applies_schedule_at_legal_step_boundaries():
 
 @needs_lightning
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_lightning_adaptive_resume_continues_batch_and_lr(tmp_path):
+@pytest.mark.parametrize("fraction", [1.0, 1 / 16])
+def test_lightning_adaptive_resume_continues_batch_and_lr(tmp_path, fraction):
     def make_callback() -> LightningCallback:
         schedule = AdaptiveBatchSize(
             micro_batch_size=MICRO,
@@ -183,7 +184,7 @@ def test_lightning_adaptive_resume_continues_batch_and_lr(tmp_path):
             max_relative_width=math.inf,
             lr_rule="sqrt",
         )
-        return LightningCallback(schedule, sync_every=1, log_every=0)
+        return LightningCallback(schedule, sync_every=1, log_every=0, per_example_fraction=fraction)
 
     def run(epochs: int, callback, ckpt: str | None = None):
         trainer = _lit_trainer(callback, max_epochs=epochs)
@@ -200,8 +201,9 @@ def test_lightning_adaptive_resume_continues_batch_and_lr(tmp_path):
     run(3, second, path)
     want = [(h["b_big"], h["lr"]) for h in whole.tracker.history]
     got = [(h["b_big"], h["lr"]) for h in first.tracker.history + second.tracker.history]
-    assert got == want
-    assert len({b for b, _ in want}) > 1  # the schedule did change the batch
+    assert got == want  # the subset's draws resume exactly too
+    if fraction == 1.0:  # (the labels are random: a 1-row subset leaves |G|² unresolved)
+        assert len({b for b, _ in want}) > 1  # the schedule did change the batch
 
 
 @needs_lightning

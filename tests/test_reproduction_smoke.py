@@ -183,7 +183,9 @@ def test_temperature_variants_follow_the_control_until_the_window() -> None:
     summary = cb.temperature_summary(rows, t)
     assert summary["lr_div4_batch_x4"]["temperature_ratio"] == 16.0
     assert summary["lr_div4_batch_x4"]["b_simple_ratio_before"] == 1.0
-    assert summary["control"]["b_simple_ratio_window"] == 1.0
+    # the control against itself: 1, or None where this tiny run's B_simple is not yet defined
+    # (|G|² not resolved from batches of 8 with a 1-example subset)
+    assert summary["control"]["b_simple_ratio_window"] in (1.0, None)
 
 
 def test_unknown_part_exits_with_code_2() -> None:

@@ -539,7 +539,10 @@ class PerExampleNorms:
                 total = proxy.sum()
                 usable = torch.isfinite(total) & (total > 0)  # no host sync
                 q = torch.where(usable, 0.5 * q + 0.5 * proxy / total.clamp_min(1e-30), q)
-            rows = torch.multinomial(q, k, replacement=True, generator=gen)
+            # inverse-CDF draws: torch.multinomial reads its input on the host for one draw
+            cdf = torch.cumsum(q, 0)
+            u = torch.rand(k, generator=gen, device=device, dtype=cdf.dtype) * cdf[-1]
+            rows = torch.searchsorted(cdf, u, right=True).clamp_max(n_pass - 1)
             pass_.rows = rows
             pass_.row_weights = 1.0 / (n_pass * q[rows])
         return pass_.rows if pass_.rows.device == device else pass_.rows.to(device)
