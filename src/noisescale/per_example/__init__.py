@@ -539,7 +539,8 @@ class PerExampleNorms:
                 total = proxy.sum()
                 usable = torch.isfinite(total) & (total > 0)  # no host sync
                 q = torch.where(usable, 0.5 * q + 0.5 * proxy / total.clamp_min(1e-30), q)
-            # inverse-CDF draws: torch.multinomial reads its input on the host for one draw
+            # inverse-CDF draws: torch.multinomial validates its input on the host when it draws
+            # one sample (a device sync on GPUs, in the torch versions we read)
             cdf = torch.cumsum(q, 0)
             u = torch.rand(k, generator=gen, device=device, dtype=cdf.dtype) * cdf[-1]
             rows = torch.searchsorted(cdf, u, right=True).clamp_max(n_pass - 1)
