@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_demo_short_run(tmp_path):
     out = tmp_path / "demo"
@@ -40,25 +42,20 @@ def test_demo_short_run(tmp_path):
     assert "B_simple =" in proc.stdout and str(out / "history.jsonl") in proc.stdout
 
 
-def test_demo_bad_batch_size():
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--batch-size", "1", "--batch-size must be at least 2"),
+        ("--per-example-fraction", "0", "--per-example-fraction must be in (0, 1]"),
+    ],
+)
+def test_demo_bad_input(flag, value, message):
     proc = subprocess.run(
-        [sys.executable, "-m", "noisescale", "demo", "--batch-size", "1"],
+        [sys.executable, "-m", "noisescale", "demo", flag, value],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert proc.returncode == 2
-    assert "--batch-size must be at least 2" in proc.stderr
-
-
-def test_demo_bad_fraction():
-    proc = subprocess.run(
-        [sys.executable, "-m", "noisescale", "demo", "--per-example-fraction", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 2
-    assert "--per-example-fraction must be in (0, 1]" in proc.stderr
+    assert message in proc.stderr

@@ -677,7 +677,8 @@ class PerExampleNorms:
         first, self._first_pass = self._first_pass, None
         self._positions = 0
         self._measured_found = False
-        if first is not None and first.lazy and sum(1 for p in done if p.received) > 1:
+        reached = sum(1 for p in done if p.received)  # passes of the step, before merging
+        if first is not None and first.lazy and reached > 1:
             # parameters no later pass touched: .grad is still the first pass's gradient
             # (``grad_rescale`` undoes an AMP unscale_ of .grad that ran since the backward)
             for pid in list(first.lazy):
@@ -728,7 +729,6 @@ class PerExampleNorms:
         # a pass whose parameters received no gradient was a forward without a training backward
         # (validation with grad enabled, gradients towards the inputs only): it is not a
         # micro-batch of this step
-        reached = sum(1 for p in done if p.received)  # before merging: positions are passes
         done = [p for p in _merge_shared_backward(done) if p.received]
         if done:
             self.last_step_examples = sum(p.batch_size for p in done)
