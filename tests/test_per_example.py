@@ -195,43 +195,77 @@ def test_weight_used_outside_its_module_is_reported():
     del pe
 
 
-def test_top_level_parameter_refused():
+def test_top_level_parameter_is_exact():
+    """A parameter the top-level model adds itself (a learned offset) meets the batch in `+`."""
+
     class Pos(nn.Module):
         def __init__(self):
             super().__init__()
-            self.pos = nn.Parameter(torch.zeros(3))
+            self.pos = nn.Parameter(torch.randn(3))
             self.lin = nn.Linear(3, 1)
 
         def forward(self, x):
             return self.lin(x + self.pos)
 
-    with pytest.raises(UnsupportedModuleError, match="top-level model"):
-        noisescale.per_example_sqnorms(Pos())
+    model = Pos()
+    x = torch.randn(N, 3)
+    got = measured(model, x, lambda out, r: getattr(out.pow(2).sum(1), r)())
+    want = brute_force(model, x, lambda out, i: out.pow(2).sum())
+    assert torch.allclose(got, want, rtol=1e-9)
 
 
-def test_fallback_failure_names_module():
-    class Bad(nn.Module):
-        """Data-dependent Python control flow: torch.func.vmap cannot run it."""
+class _Headwise(nn.Module):
+    """y[n, h] = x[n, h] @ W[h]: its parameter meets the batch in einsum, which has no rule."""
 
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.ones(3))
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, 3, 4))
 
-        def forward(self, x):
-            return x * self.w if x.sum().item() > -1e9 else x
+    def forward(self, x):
+        return torch.einsum("nhd,hde->nhe", x, self.weight)
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bad = Bad()
 
-        def forward(self, x):
-            return self.bad(x)
-
-    model = Net()
-    with pytest.raises(UnsupportedModuleError, match=r"module 'bad' \(Bad\)"):
+def test_operation_without_a_rule_is_named_in_a_one_shot_measurement():
+    model = nn.Sequential(_Headwise())
+    with pytest.raises(
+        UnsupportedModuleError, match=r"inside module '0' in the operation 'einsum'"
+    ):
         with noisescale.per_example_sqnorms(model):
-            model(torch.randn(4, 3)).sum().backward()
+            model(torch.randn(4, 2, 3)).sum().backward()
+
+
+def test_operation_without_a_rule_uses_the_fallback_from_the_next_step():
+    """The tracker withholds the first step's per-example norms, then measures the module with
+    torch.func; the second step matches brute force exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Headwise())
+    x = torch.randn(N, 2, 3)
+    engine = noisescale.per_example.PerExampleNorms(model)
+    model(x).pow(2).mean().backward()
+    (first,) = engine.collect()
+    assert first.raw_sqnorms is None and "torch.func fallback" in first.withheld
+    model.zero_grad()
+    model(x).pow(2).flatten(1).sum(1).mean().backward()
+    (second,) = engine.collect()
+    want = brute_force(model, x, lambda out, i: out.pow(2).sum())
+    assert torch.allclose(second.raw_sqnorms * N**2, want, rtol=1e-9)
+
+
+def test_a_registered_rule_replaces_the_fallback():
+    from noisescale.per_example.factors import DenseFactor
+
+    @noisescale.register_layer(_Headwise)
+    def headwise(module, x, grad_output):
+        return {"weight": DenseFactor(torch.einsum("nhd,nhe->nhde", x, grad_output))}
+
+    try:
+        model = nn.Sequential(_Headwise())
+        x = torch.randn(N, 2, 3)
+        got = measured(model, x, lambda out, r: getattr(out.sin().flatten(1).sum(1), r)())
+        want = brute_force(model, x, lambda out, i: out.sin().sum())
+        assert torch.allclose(got, want, rtol=1e-9)
+    finally:
+        noisescale.unregister_layer(_Headwise)
 
 
 def test_forward_outside_context_is_a_clear_error():

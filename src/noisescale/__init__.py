@@ -11,19 +11,27 @@ from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.estimators import NoiseEstimate, estimate_from_norms
 
 if TYPE_CHECKING:
-    from noisescale.per_example import per_example_sqnorms
+    from noisescale.per_example import (
+        LayerRule,
+        per_example_sqnorms,
+        register_layer,
+        unregister_layer,
+    )
     from noisescale.tracker import GradientNoiseTracker
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GradientNoiseTracker",
+    "LayerRule",
     "NoiseEstimate",
     "NoiseScaleInputError",
     "UnsupportedModuleError",
     "__version__",
     "estimate_from_norms",
     "per_example_sqnorms",
+    "register_layer",
+    "unregister_layer",
 ]
 
 # The torch-backed parts load on first use, so that `noisescale calc --help` and the pure math
@@ -31,6 +39,9 @@ __all__ = [
 _LAZY = {
     "GradientNoiseTracker": "noisescale.tracker",
     "per_example_sqnorms": "noisescale.per_example",
+    "register_layer": "noisescale.per_example",
+    "unregister_layer": "noisescale.per_example",
+    "LayerRule": "noisescale.per_example",
 }
 
 

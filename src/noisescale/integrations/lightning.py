@@ -143,7 +143,7 @@ class NoiseScaleCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         tracker = self._require_tracker()
-        if not tracker.engine.passes:
+        if not tracker.engine.open_passes():
             where = "the LightningModule" if self.module is None else f"'{self.module}'"
             raise NoiseScaleInputError(
                 f"no forward call of {where} was seen in this step: training_step must call it "

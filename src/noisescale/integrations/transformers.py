@@ -157,5 +157,5 @@ class NoiseScaleCallback(TrainerCallback):
         loss, self._loss = self._loss, None
         if loss is not None:
             # the model's loss is per micro-batch: the step's loss is their mean
-            loss = loss / max(1, len(self.tracker.engine.passes))
+            loss = loss / max(1, self.tracker.engine.open_passes())
         self.tracker.step(loss=loss, lr=lr)

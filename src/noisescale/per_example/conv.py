@@ -21,12 +21,9 @@ from noisescale.per_example.factors import (
     _acc,
     _sqnorm_rows,
 )
+from noisescale.per_example.registry import LayerRule, register_layer
 
 ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
-
-
-def save(module: ConvNd, args: tuple, output: Tensor) -> Tensor:
-    return args[0]
 
 
 def _pad(module: ConvNd, x: Tensor) -> Tensor:
@@ -131,6 +128,24 @@ class ConvWeightFactor(DenseFactor):
         ]
         return torch.cat(parts)
 
+    def summed(self, shape: torch.Size) -> Tensor:
+        """The weight gradient of the whole batch (one ungrouped weight-gradient convolution)."""
+        m = self.module
+        x, d = _acc(self.x), _acc(self.d)
+        if m.padding_mode == "zeros" and not isinstance(m.padding, str):
+            padding = m.padding
+        else:
+            x, padding = _pad(m, x), 0
+        return _WEIGHT_GRAD[x.dim() - 2](
+            x,
+            m.weight.shape,
+            d,
+            stride=m.stride,
+            padding=padding,
+            dilation=m.dilation,
+            groups=m.groups,
+        ).reshape(shape)
+
 
 def factors(module: ConvNd, x: Tensor, d: Tensor) -> dict[str, Factor]:
     n, g = x.shape[0], module.groups
@@ -152,3 +167,7 @@ def factors(module: ConvNd, x: Tensor, d: Tensor) -> dict[str, Factor]:
     if module.bias is not None and module.bias.requires_grad:
         out["bias"] = DenseFactor(d3.sum(2))
     return out
+
+
+for _type in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_layer(_type, LayerRule(factors, name=_type.__name__))

@@ -1,27 +1,34 @@
-"""nn.Embedding: row idx_t of the table receives δ_t; repeated tokens in one example add up."""
+"""nn.Embedding and nn.EmbeddingBag: row idx_t of the table receives δ_t (repeated tokens of an
+example add up); a bag's gradient goes to each of its indices, times its weight."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import Tensor, nn
 
 from noisescale.errors import UnsupportedModuleError
 from noisescale.per_example.factors import EmbeddingFactor, Factor
+from noisescale.per_example.registry import LayerRule, register_layer
 
 
-def check(module: nn.Embedding, name: str) -> None:
+def check(module: nn.Embedding | nn.EmbeddingBag, name: str) -> None:
+    if module.sparse:
+        raise UnsupportedModuleError(
+            f"module '{name}' ({type(module).__name__}) has sparse=True; its sparse gradients are "
+            "not supported: construct it with sparse=False"
+        )
     if module.scale_grad_by_freq:
         raise UnsupportedModuleError(
-            f"module '{name}' (nn.Embedding with scale_grad_by_freq=True): its gradient is divided "
-            "by token frequencies counted over the whole batch, so an example's own gradient is "
-            "not defined; construct it with scale_grad_by_freq=False or use per_example=False"
+            f"module '{name}' ({type(module).__name__} with scale_grad_by_freq=True): its gradient "
+            "is divided by token frequencies counted over the whole batch, so an example's own "
+            "gradient is not defined; construct it with scale_grad_by_freq=False or use "
+            "per_example=False"
         )
 
 
-def save(module: nn.Embedding, args: tuple, output: Tensor) -> Tensor:
-    return args[0]
-
-
-def factors(module: nn.Embedding, idx: Tensor, d: Tensor) -> dict[str, Factor]:
+def embedding_factors(module: nn.Embedding, idx: Tensor, d: Tensor) -> dict[str, Factor]:
     if not module.weight.requires_grad:
         return {}
     n = idx.shape[0]
@@ -31,3 +38,82 @@ def factors(module: nn.Embedding, idx: Tensor, d: Tensor) -> dict[str, Factor]:
         # the padding row never receives a gradient
         d3 = d3 * (idx2 != module.padding_idx).unsqueeze(-1).to(d3.dtype)
     return {"weight": EmbeddingFactor(idx2, d3, module.num_embeddings)}
+
+
+register_layer(nn.Embedding, LayerRule(embedding_factors, check=check, params=("weight",)))
+
+
+# -- EmbeddingBag -----------------------------------------------------------------------------
+
+
+def _bag_check(module: nn.EmbeddingBag, name: str) -> None:
+    check(module, name)
+    if module.mode == "max":
+        raise UnsupportedModuleError(
+            f"module '{name}' (nn.EmbeddingBag with mode='max'): its gradient goes to the "
+            "element that won each dimension, which noisescale does not track; use mode='sum' "
+            "or 'mean', or per_example=False"
+        )
+
+
+def _bag_batch_size(module: nn.EmbeddingBag, args: tuple, kwargs: dict[str, Any]) -> int:
+    idx = args[0]
+    offsets = args[1] if len(args) > 1 else kwargs.get("offsets")
+    if idx.dim() == 2:
+        return int(idx.shape[0])
+    return int(offsets.numel()) - (1 if module.include_last_offset else 0)
+
+
+def _bag_save(module: nn.EmbeddingBag, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+    """(index [N, L], weight [N, L]): each bag's indices, padded, and their weights in the sum."""
+    idx = args[0]
+    offsets = args[1] if len(args) > 1 else kwargs.get("offsets")
+    psw = args[2] if len(args) > 2 else kwargs.get("per_sample_weights")
+    if idx.dim() == 2:
+        bag = idx
+        weight = psw if psw is not None else torch.ones(bag.shape, device=idx.device)
+        valid = torch.ones_like(bag, dtype=torch.bool)
+    else:
+        n = _bag_batch_size(module, args, kwargs)
+        ends = offsets[1 : n + 1] if module.include_last_offset else offsets[1:]
+        ends = torch.cat([ends, ends.new_tensor([idx.numel()])])[:n]
+        starts = offsets[:n]
+        lengths = ends - starts
+        width = int(lengths.max()) if n else 0  # one host read per call, in the forward
+        pos = torch.arange(width, device=idx.device)
+        valid = pos[None, :] < lengths[:, None]
+        flat = (starts[:, None] + pos[None, :]).clamp_max(max(idx.numel() - 1, 0))
+        bag = torch.where(valid, idx[flat], torch.zeros_like(flat))
+        w = psw[flat] if psw is not None else torch.ones(bag.shape, device=idx.device)
+        weight = torch.where(valid, w, torch.zeros_like(w))
+    if module.padding_idx is not None:
+        valid = valid & (bag != module.padding_idx)
+    weight = weight * valid.to(weight.dtype)
+    if module.mode == "mean":
+        count = valid.sum(1, keepdim=True).clamp_min(1)
+        weight = weight / count.to(weight.dtype)
+    return bag, weight
+
+
+def bag_factors(
+    module: nn.EmbeddingBag, saved: tuple[Tensor, Tensor], d: Tensor
+) -> dict[str, Factor]:
+    if not module.weight.requires_grad:
+        return {}
+    bag, weight = saved
+    # index t of bag n receives weight[n, t] · δ_n
+    dd = weight.unsqueeze(-1).to(d.dtype if d.dtype.is_floating_point else torch.float32)
+    return {"weight": EmbeddingFactor(bag, dd * d.unsqueeze(1), module.num_embeddings)}
+
+
+register_layer(
+    nn.EmbeddingBag,
+    LayerRule(
+        bag_factors,
+        save=_bag_save,
+        check=_bag_check,
+        params=("weight",),
+        batch_size=_bag_batch_size,
+        name="EmbeddingBag",
+    ),
+)

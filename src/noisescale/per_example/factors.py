@@ -1,10 +1,19 @@
 """Per-example gradient *factors*: exact, compact forms of per-example gradients.
 
-A per-example gradient is never materialised when a cheaper exact form exists. A layer hands back,
-for each of its parameters, one factor; a factor knows its per-example squared norm and its
-per-example inner product with another factor of the same parameter (needed when a parameter is
-used more than once — tied embeddings, a module called twice — where the per-example gradient is
-the sum of the uses and its norm has cross terms).
+A per-example gradient is never materialised when a cheaper exact form exists. A layer rule hands
+back, for each of its parameters, one factor per use; a factor knows
+
+* its per-example squared norms (``sqnorm()``, shape [N]),
+* its per-example gradients in the parameter's layout when they must be materialised
+  (``dense(shape)``, shape [N, *shape]: cross terms of odd pairs, preconditioned norms),
+* the sum of its per-example gradients (``summed(shape)``): what autograd itself accumulated for
+  this use, which the engine's coverage audit compares with the parameter's gradient,
+
+and :func:`dot` gives the per-example inner product of two uses of one parameter (a parameter used
+more than once — tied embeddings, a module called twice — has the sum of the uses as its
+per-example gradient, whose norm has cross terms).
+
+These classes are public: a rule registered with :func:`noisescale.register_layer` returns them.
 """
 
 from __future__ import annotations
@@ -72,6 +81,9 @@ class DenseFactor:
     def dense(self, shape: torch.Size) -> Tensor:
         return _acc(self.grads).reshape(self.grads.shape[0], *shape)
 
+    def summed(self, shape: torch.Size) -> Tensor:
+        return _acc(self.grads).sum(0).reshape(shape)
+
 
 @dataclass
 class LinearFactor:
@@ -79,12 +91,14 @@ class LinearFactor:
 
     ``a``: [N, T, I] inputs; ``d``: [N, T, O] output gradients; T may be 1. For grouped
     convolutions the G groups are folded into the example dimension ([N·G, T, ·]) and ``groups``
-    says how to fold them back.
+    says how to fold them back. ``transposed``: the parameter is stored as [I, O] (Hugging Face's
+    ``Conv1D``, ``x @ W``), so its per-example gradient is Σ_t a_t δ_tᵀ; norms are the same.
     """
 
     a: Tensor
     d: Tensor
     groups: int = 1
+    transposed: bool = False
 
     def sqnorm(self) -> Tensor:
         a, d = _acc(self.a), _acc(self.d)
@@ -105,7 +119,16 @@ class LinearFactor:
         a, d = _acc(self.a), _acc(self.d)
         g = torch.bmm(d.transpose(1, 2), a)  # [N·G, O/G, I']
         n = g.shape[0] // self.groups
-        return g.reshape(n, self.groups * g.shape[1], g.shape[2]).reshape(n, *shape)
+        g = g.reshape(n, self.groups * g.shape[1], g.shape[2])
+        return (g.transpose(1, 2) if self.transposed else g).reshape(n, *shape)
+
+    def summed(self, shape: torch.Size) -> Tensor:
+        a, d = _acc(self.a), _acc(self.d)
+        g = self.groups
+        a4 = a.reshape(-1, g, *a.shape[1:])  # [N, G, T, I']
+        d4 = d.reshape(-1, g, *d.shape[1:])  # [N, G, T, O/G]
+        total = torch.einsum("ngto,ngti->goi", d4, a4).reshape(-1, a.shape[2])
+        return (total.t() if self.transposed else total).reshape(shape)
 
 
 @dataclass
@@ -161,19 +184,72 @@ class EmbeddingFactor:
         )
         return out.reshape(n, *shape)
 
+    def summed(self, shape: torch.Size) -> Tensor:
+        d = _acc(self.d)
+        out = d.new_zeros(self.num_rows, d.shape[-1])
+        out.index_add_(0, self.idx.reshape(-1), d.reshape(-1, d.shape[-1]))
+        return out.reshape(shape)
 
-Factor = DenseFactor | LinearFactor | EmbeddingFactor
+
+@dataclass
+class SliceFactor:
+    """A factor of the rows ``start:stop`` (dim 0) of a larger parameter; the other rows are zero.
+
+    Packed projections use one weight in row blocks (``nn.MultiheadAttention``'s ``in_proj_weight``
+    split into query, key and value): each block is one use, and uses of disjoint blocks have no
+    cross terms.
+    """
+
+    inner: Factor
+    start: int
+    stop: int
+
+    def _shape(self, shape: torch.Size) -> torch.Size:
+        return torch.Size((self.stop - self.start, *shape[1:]))
+
+    def sqnorm(self) -> Tensor:
+        return self.inner.sqnorm()
+
+    def dense(self, shape: torch.Size) -> Tensor:
+        block = self.inner.dense(self._shape(shape))
+        out = block.new_zeros(block.shape[0], *shape)
+        out[:, self.start : self.stop] = block
+        return out
+
+    def summed(self, shape: torch.Size) -> Tensor:
+        block = self.inner.summed(self._shape(shape))
+        out = block.new_zeros(shape)
+        out[self.start : self.stop] = block
+        return out
+
+
+Factor = DenseFactor | LinearFactor | EmbeddingFactor | SliceFactor
 
 
 def dot(f: Factor, h: Factor, shape: torch.Size) -> Tensor:
     """Per-example inner products ⟨g_i(f), g_i(h)⟩ of two uses of one parameter, shape [N]."""
-    if isinstance(f, LinearFactor) and isinstance(h, LinearFactor) and f.groups == h.groups == 1:
+    if isinstance(f, SliceFactor) and isinstance(h, SliceFactor):
+        if f.stop <= h.start or h.stop <= f.start:  # disjoint row blocks
+            return torch.zeros(num_examples(f), device=_device(f), dtype=torch.float64)
+        if (f.start, f.stop) == (h.start, h.stop):
+            return dot(f.inner, h.inner, f._shape(shape))
+    if (
+        isinstance(f, LinearFactor)
+        and isinstance(h, LinearFactor)
+        and f.groups == h.groups == 1
+        and f.transposed == h.transposed
+    ):
         aa = torch.bmm(_acc(f.a), _acc(h.a).transpose(1, 2))
         dd = torch.bmm(_acc(f.d), _acc(h.d).transpose(1, 2))
         return (aa * dd).sum((1, 2))
     if isinstance(f, LinearFactor) and isinstance(h, EmbeddingFactor):
         f, h = h, f
-    if isinstance(f, EmbeddingFactor) and isinstance(h, LinearFactor) and h.groups == 1:
+    if (
+        isinstance(f, EmbeddingFactor)
+        and isinstance(h, LinearFactor)
+        and h.groups == 1
+        and not h.transposed
+    ):
         # Σ_t Σ_s δ^lin_s[idx_t] (a_s · δ^emb_t): a tied input embedding and output projection
         ad = torch.bmm(_acc(h.a), _acc(f.d).transpose(1, 2))  # [N, S, T]
         gathered = torch.gather(_acc(h.d), 2, f.idx.unsqueeze(1).expand(-1, h.d.shape[1], -1))
@@ -192,3 +268,57 @@ def sqnorm_of_sum(factors: list[Factor], shape: torch.Size) -> Tensor:
         for v in range(u):
             total = total + 2.0 * dot(factors[u], factors[v], shape)
     return total
+
+
+def num_examples(f: Factor) -> int:
+    """N, the number of examples (rows) a factor holds."""
+    if isinstance(f, SliceFactor):
+        return num_examples(f.inner)
+    if isinstance(f, LinearFactor):
+        return f.a.shape[0] // f.groups
+    if isinstance(f, EmbeddingFactor):
+        return f.idx.shape[0]
+    return f.grads.shape[0]
+
+
+def _device(f: Factor) -> torch.device:
+    if isinstance(f, SliceFactor):
+        return _device(f.inner)
+    if isinstance(f, LinearFactor):
+        return f.a.device
+    if isinstance(f, EmbeddingFactor):
+        return f.d.device
+    return f.grads.device
+
+
+# Materialised per-example weight gradients are built this many elements at a time (1 GiB in fp32).
+_MATERIALISE_ELEMENTS = 1 << 28
+
+
+def weighted_sqnorm(factor: Factor, w2: Tensor) -> Tensor:
+    """Per-example Σ w2 ⊙ g_i² of one parameter: the preconditioned norm |P ⊙ g_i|² for w2 = P².
+
+    An elementwise P (Adam's 1/(√v̂ + ε), a full matrix for a weight) breaks the Gram trick
+    |Σ_t δ_t a_tᵀ|² = Σ_{t,s}(a_t·a_s)(δ_t·δ_s), so a Linear/conv weight's per-example gradient
+    δᵀa is materialised, N·O·I elements (in chunks of examples to bound memory) — the cost of a
+    dense per-example gradient of that layer. Embeddings stay sparse: only the rows an example
+    touches are weighted.
+    """
+    if isinstance(factor, SliceFactor):
+        return weighted_sqnorm(factor.inner, w2[factor.start : factor.stop])
+    if isinstance(factor, LinearFactor):
+        a, d = _acc(factor.a), _acc(factor.d)
+        groups, o, i = factor.groups, d.shape[2], a.shape[2]
+        w = (w2.t() if factor.transposed else w2).reshape(groups, o, i)
+        n = a.shape[0] // groups
+        chunk = max(1, _MATERIALISE_ELEMENTS // (groups * o * i))
+        out = []
+        for start in range(0, n, chunk):
+            rows = slice(start * groups, (start + chunk) * groups)
+            g = torch.bmm(d[rows].transpose(1, 2), a[rows])  # [chunk·G, O/G, I']
+            out.append((g.pow(2).view(-1, groups, o, i) * w).sum((1, 2, 3)))
+        return torch.cat(out)
+    if isinstance(factor, EmbeddingFactor):
+        rows, summed = factor.row_sums()
+        return (summed.pow(2) * w2[rows]).sum((1, 2))
+    return (_acc(factor.grads).pow(2) * w2).flatten(1).sum(1)

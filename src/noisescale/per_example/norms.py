@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from noisescale.errors import UnsupportedModuleError
 from noisescale.per_example.factors import DenseFactor, Factor
+from noisescale.per_example.registry import LayerRule, register_layer
 
 _BatchNorm = nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d
 
@@ -29,10 +30,6 @@ def check(module: nn.Module, name: str) -> None:
             "measure without per-example norms: GradientNoiseTracker(model, per_example=False) "
             "with gradient-accumulation micro-batches"
         )
-
-
-def save(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-    return args[0]
 
 
 def _normalised(module: nn.Module, x: Tensor) -> Tensor:
@@ -70,3 +67,15 @@ def factors(module: nn.Module, x: Tensor, d: Tensor) -> dict[str, Factor]:
     if module.bias is not None and module.bias.requires_grad:
         out["bias"] = DenseFactor(d.reshape(n, c, -1).sum(2))
     return out
+
+
+_RULE = LayerRule(factors, check=check, name="norm")
+for _type in (
+    nn.LayerNorm,
+    nn.RMSNorm,
+    nn.GroupNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+):
+    register_layer(_type, _RULE)

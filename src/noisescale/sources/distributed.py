@@ -310,21 +310,21 @@ class DataParallelSource:
                 # FSDP2 keeps one unsharded parameter per sharded one for the whole run; it
                 # stands in for the sharded parameter in the engine's per-pass bookkeeping
                 self._hooked[id(full)] = full
-                self._handles.append(full.register_hook(self.engine._make_param_hook(id(p))))
+                self._handles.append(self.engine.add_parameter_hook(full, p))
                 self._handles.append(full.register_hook(self._make_local_hook(full, id(p))))
 
         return hook
 
     def _on_model_forward(self, module: nn.Module, args: tuple) -> None:
         self._armed = None
-        if self.engine._paused or not torch.is_grad_enabled() or not self.engine.passes:
+        current = self.engine.current_pass()
+        if self.engine.is_paused or not torch.is_grad_enabled() or current is None:
             return
-        current = self.engine.passes[-1]
         lp = self._local.get(id(current))
         if lp is None:
             # DDP decides at forward time whether the coming backward pass all-reduces
             synced = bool(self.model.require_backward_grad_sync) if self.kind == "ddp" else True
-            lp = _LocalPass(len(self.engine.passes), synced)
+            lp = _LocalPass(self.engine.open_passes(), synced)
             self._local[id(current)] = lp
         # the local accumulated gradient is read in the last (synchronising) pass of several
         self._armed = lp if lp.index >= 2 and lp.synced else None
@@ -332,7 +332,7 @@ class DataParallelSource:
     def _make_local_hook(self, target: Tensor, pid: int) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
             lp = self._armed
-            if lp is None or self.engine._paused:
+            if lp is None or self.engine.is_paused:
                 return
             with torch.no_grad():
                 # runs before AccumulateGrad: target.grad is the local sum of earlier passes

@@ -1,0 +1,371 @@
+"""The engine's audit: proof, on a pass, that every per-example contribution is complete and
+attributed to the right example.
+
+Two checks run on an audited pass (every example measured):
+
+**Coverage.** For every parameter, the per-example gradients the factors describe must add up to
+the gradient autograd computed for that pass: Σ_i g_i(θ) = ∂L/∂θ. A use the engine missed (a
+weight also used through ``F.linear`` elsewhere, a penalty added to the loss) leaves a remainder;
+a use counted twice (one parameter registered on two modules) doubles it. Both sides are compared
+through K = 8 random projections, ⟨·, r_k⟩ with Gaussian r_k, so nothing parameter-sized is
+kept: Σ_k ⟨D, r_k⟩² estimates K·|D|² (D the difference), and the pass fails when it exceeds
+K·tol²·|∂L/∂θ|² (tol = 10⁻³, or 3·10⁻² when the forward ran under autocast in bfloat16/float16,
+whose rounding the factors do not reproduce bit for bit), plus a floor of rounding noise relative
+to the whole pass's gradient. A use whose share of a parameter's gradient is below tol is
+therefore not caught; its effect on a norm is below tol as well.
+
+**Attribution.** The rows of every hooked tensor (a layer's output, a shared tensor expanded over
+the batch) must belong to the examples the engine attributes them to. When the first batched model
+output receives its gradient δ, the backward is replayed from it with signs s_i = ±1 on the
+examples (``torch.autograd.grad`` on the still intact graph, gradients of the hooked tensors only,
+no parameter gradients): if example i's rows of every hooked tensor depend on example i alone, the
+replayed gradient of each is exactly s_i times its row i. A table indexed by positions whose count
+happens to equal the batch size, a time-major activation, or an operation that mixes examples
+(BatchNorm statistics in training mode) breaks that, and the tensor is named. Each hooked tensor
+is compared through a random projection of each row (one number per example kept). Model outputs
+that receive gradient later (hidden states that are also outputs) are replayed with the part of
+their gradient the earlier replays did not account for. A model that returns only a scalar loss is
+replayed from the first hooked tensors its backward reaches instead; a loss term computed inside
+such a model directly from an inner activation (bypassing them) then shows up as a mismatch.
+
+Cost, on an audited pass only: every example's per-example norms, one extra backward pass without
+parameter gradients, and K random vectors the size of each parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from noisescale.per_example.factors import Factor, _acc
+
+__all__ = ["Findings", "PassAudit"]
+
+K_PROJECTIONS = 8
+TOL = 1e-3
+TOL_AMP = 3e-2
+# rows of a replayed tensor must match s_i times the real rows to this relative precision
+ATTRIBUTION_TOL = 1e-4
+ATTRIBUTION_TOL_AMP = 2e-2
+
+
+@dataclass
+class _Target:
+    edge: Any
+    dim: int
+    module: nn.Module | None
+    label: str
+    root: bool = False
+    got: Tensor | None = None  # Σ over replays of each row's projection (roots: the full tensor)
+    reached: bool = False
+    compared: bool = False
+    seed: int = 0
+
+
+@dataclass
+class Findings:
+    """What an audit found."""
+
+    unexplained: dict[int, float] = field(default_factory=dict)  # pid -> relative remainder
+    misattributed: list[_Target] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.unexplained and not self.misattributed
+
+    @property
+    def only_attribution(self) -> bool:
+        return bool(self.misattributed) and not self.unexplained
+
+    @property
+    def only_sums(self) -> bool:
+        return bool(self.unexplained) and not self.misattributed
+
+    def unexplained_params(self) -> list[int]:
+        return list(self.unexplained)
+
+    def misattributed_modules(
+        self, _: Callable[[Any], Any] | None = None
+    ) -> list[nn.Module | None]:
+        return [t.module for t in self.misattributed]
+
+    def message(
+        self, labels: dict[nn.Module, str], _: Any = None, names: dict[int, str] | None = None
+    ) -> str:
+        parts = []
+        if self.unexplained:
+            items = ", ".join(
+                f"'{(names or {}).get(pid, '?')}' (a remainder of about {100 * r:.2g}% of its "
+                "gradient)"
+                for pid, r in sorted(self.unexplained.items(), key=lambda kv: -kv[1])
+            )
+            parts.append(
+                f"the per-example gradients of parameters {items} do not add up to the gradient "
+                "autograd computed: a use of them was missed or counted twice (a parameter used "
+                "outside the model's forward, e.g. a penalty added to the loss — use the "
+                "optimizer's weight_decay instead; one parameter registered on two modules that "
+                "both use it in one computation; a module whose rule does not match its forward)"
+            )
+        if self.misattributed:
+            where = ", ".join(f"'{t.label}'" for t in self.misattributed)
+            parts.append(
+                f"the rows of {where} do not belong to the examples they are attributed to: "
+                "its example dimension is not the batch's (a table indexed by positions whose "
+                "count equals the batch size, a time-major activation — keep dim 0 the "
+                "examples — or an operation that mixes examples, such as BatchNorm in training "
+                "mode or a loss computed inside the model from an inner activation)"
+            )
+        return (
+            "noisescale's audit of this step failed, so it refuses to report per-example norms "
+            "that could be wrong: " + "; ".join(parts) + ". Fix the model as suggested, register a "
+            "rule for the layer (noisescale.register_layer), or use per_example=False "
+            "(micro-batch norms need no per-example attribution)"
+        )
+
+
+class PassAudit:
+    """The audit of one pass: created at the end of its forward, finished when it is collected.
+
+    Args:
+        signature: The pass's structure (remembered when the audit passes).
+        generator: The engine's generator on the pass's device (signs, projections).
+        n: Examples in the pass.
+        amp: The forward ran under autocast (looser tolerances).
+        replay: Run the attribution check (not under FSDP2, whose backward hooks reshard).
+    """
+
+    def __init__(
+        self,
+        signature: tuple,
+        generator: torch.Generator,
+        n: int,
+        amp: bool = False,
+        replay: bool = True,
+    ) -> None:
+        self.signature = signature
+        self.n = n
+        self.amp = amp
+        self.generator = generator
+        self.device = generator.device
+        self.signs = (
+            torch.randint(0, 2, (n,), generator=generator, device=self.device) * 2 - 1
+        ).to(torch.float64)
+        self._base_seed = int(
+            torch.randint(0, 2**31 - 1, (1,), generator=generator, device=self.device)
+        )
+        self.targets: list[_Target] = []
+        self.roots: list[_Target] = []
+        self._handles: list[Any] = []
+        self._grad: dict[int, tuple[Tensor, Tensor]] = {}  # pid -> (|G|², projections)
+        self._sums: dict[int, Tensor] = {}  # pid -> projections of Σ factors
+        self.findings = Findings()
+        self.skip_sums: set[int] = set()
+        self._dtype = torch.float64  # lowered to float32 when any gradient is
+        self.unverified: str | None = (
+            None if replay else "the attribution check does not replay backwards under FSDP2"
+        )
+        self.replay = replay
+
+    # -- registration (end of forward) --------------------------------------------------------
+
+    def add_root(self, tensor: Tensor, dim: int) -> None:
+        edge = torch.autograd.graph.get_gradient_edge(tensor)
+        target = _Target(edge, dim, None, "model output", root=True, seed=len(self.roots))
+        self.roots.append(target)
+
+    def add_target(self, edge: Any, dim: int, module: nn.Module | None, label: str) -> None:
+        target = _Target(edge, dim, module, label, seed=1000 + len(self.targets))
+        self.targets.append(target)
+        node, nr = edge.node, edge.output_nr
+
+        def prehook(grad_outputs: tuple) -> None:
+            if self._ignored():
+                return
+            g = grad_outputs[nr] if nr < len(grad_outputs) else None
+            if g is not None:
+                self._on_target(target, g)
+
+        self._handles.append(node.register_prehook(prehook))
+
+    def _ignored(self) -> bool:
+        return replay_active()
+
+    # -- attribution --------------------------------------------------------------------------
+
+    def _by_example(self, g: Tensor, dim: int) -> Tensor | None:
+        """``g`` as [N, ...] (a view), or ``None`` when it has no example dimension of size N."""
+        if dim == 1 and g.dim() == 2:
+            # [T·N, E], T-major: attention's flattened projections in a time-major context
+            if g.shape[0] % self.n:
+                return None
+            return g.reshape(-1, self.n, g.shape[-1]).transpose(0, 1)
+        if g.dim() <= dim or g.shape[dim] != self.n:
+            return None
+        return g.movedim(dim, 0)
+
+    def _sign(self, g: Tensor, dim: int) -> Tensor:
+        rows = self._by_example(g, dim)
+        assert rows is not None
+        signed = rows * self.signs.to(g.dtype).reshape(-1, *([1] * (rows.dim() - 1)))
+        if dim == 1 and g.dim() == 2:
+            return signed.transpose(0, 1).reshape(g.shape)
+        return signed.movedim(0, dim)
+
+    def _projection(self, target: _Target, g: Tensor) -> Tensor:
+        """One number per example: ⟨row_i, w⟩ with a random w fixed per target."""
+        view = self._by_example(_acc(g), target.dim)
+        assert view is not None
+        rows = view.reshape(self.n, -1)
+        gen = torch.Generator(device=rows.device)
+        gen.manual_seed(self._base_seed + target.seed)
+        w = torch.randn(rows.shape[1], generator=gen, device=rows.device, dtype=rows.dtype)
+        return (rows @ w).to(torch.float64)
+
+    def on_root(self, edge: Any, grad: Tensor) -> None:
+        """A batched model output received its gradient: replay what earlier replays missed."""
+        target = next((t for t in self.roots if _same_edge(t.edge, edge)), None)
+        if target is None or self._by_example(grad, target.dim) is None:
+            return
+        signed = self._sign(grad, target.dim)
+        if target.got is not None:
+            signed = signed - target.got.to(signed.dtype)
+            tol = ATTRIBUTION_TOL_AMP if self.amp else ATTRIBUTION_TOL
+            if float(signed.norm()) <= tol * float(grad.norm()) + 1e-30:
+                return
+        self._launch(edge, signed)
+
+    def _on_target(self, target: _Target, grad: Tensor) -> None:
+        if target.compared or self._by_example(grad, target.dim) is None:
+            return
+        target.compared = True
+        if not target.reached:
+            # nothing replayed reaches it: a frontier (e.g. a model that returns a scalar loss)
+            self._launch(target.edge, self._sign(grad, target.dim))
+            return
+        got = target.got
+        want = self.signs * self._projection(target, grad)
+        scale = float(self._projection(target, grad).norm())
+        tol = ATTRIBUTION_TOL_AMP if self.amp else ATTRIBUTION_TOL
+        if got is None or float((got - want).norm()) > tol * scale + 1e-30 * (1 + scale):
+            self.findings.misattributed.append(target)
+
+    def _launch(self, edge: Any, grad: Tensor) -> None:
+        if not self.replay:
+            return
+        pending = [t for t in [*self.roots, *self.targets] if not t.compared or t.root]
+        inputs = [t.edge for t in pending]
+        if not inputs:
+            return
+        try:
+            with replaying():
+                got = torch.autograd.grad(
+                    [edge], inputs, [grad], retain_graph=True, allow_unused=True
+                )
+        except RuntimeError as err:
+            # e.g. torch.utils.checkpoint(use_reentrant=True) refuses torch.autograd.grad
+            self.unverified = f"the attribution check could not replay the backward ({err})"
+            for t in [*self.roots, *self.targets]:
+                t.compared = True
+            return
+        for target, g in zip(pending, got, strict=True):
+            if g is None:
+                continue
+            target.reached = True
+            if target.root:
+                target.got = g.detach() if target.got is None else target.got + g.detach()
+            else:
+                p = self._projection(target, g)
+                target.got = p if target.got is None else target.got + p
+
+    # -- coverage -----------------------------------------------------------------------------
+
+    def _random(self, pid_index: int, like: Tensor, k: int) -> Tensor:
+        gen = torch.Generator(device=like.device)
+        gen.manual_seed(self._base_seed * 7919 + pid_index * 97 + k)
+        return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype)
+
+    def record_grad(self, pid: int, grad: Tensor) -> None:
+        """The gradient autograd computed for one parameter in this pass (param hook)."""
+        g = _acc(grad.detach())
+        if g.dtype != torch.float64:
+            self._dtype = torch.float32
+        index = self._index(pid)
+        proj = torch.stack(
+            [(g * self._random(index, g, k)).sum() for k in range(K_PROJECTIONS)]
+        ).to(torch.float64)
+        sq = g.pow(2).sum().to(torch.float64)
+        if pid in self._grad:  # two backwards through the pass (refused elsewhere)
+            old_sq, old_proj = self._grad[pid]
+            sq, proj = old_sq + sq, old_proj + proj
+        self._grad[pid] = (sq, proj)
+
+    def add_sum(self, pid: int, factor: Factor, shape: torch.Size) -> None:
+        """A use's per-example gradients, summed over the examples (a factor arrived)."""
+        total = _acc(factor.summed(shape))
+        index = self._index(pid)
+        proj = torch.stack(
+            [(total * self._random(index, total, k)).sum() for k in range(K_PROJECTIONS)]
+        ).to(torch.float64)
+        self._sums[pid] = proj if pid not in self._sums else self._sums[pid] + proj
+
+    def _index(self, pid: int) -> int:
+        if not hasattr(self, "_pids"):
+            self._pids: dict[int, int] = {}
+        return self._pids.setdefault(pid, len(self._pids))
+
+    def finish(self, received: set[int], names: dict[int, str]) -> Findings:
+        """Compare what was recorded; remove the audit's hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        tol = TOL_AMP if self.amp else TOL
+        # rounding of sums of many terms: a floor relative to the whole pass's gradient, so a
+        # parameter whose gradient is zero up to rounding (attention's key bias, which softmax
+        # ignores) does not fail on its rounding noise
+        total = sum(float(sq) for sq, _ in self._grad.values())
+        floor = (64 * _eps(self._dtype)) ** 2 * total
+        for pid in received:
+            if pid in self.skip_sums or pid not in self._grad:
+                continue
+            sq, proj = self._grad[pid]
+            mine = self._sums.get(pid)
+            diff = proj if mine is None else proj - mine.to(proj.device)
+            lhs = float(diff.pow(2).sum())
+            rhs = K_PROJECTIONS * (tol * tol * float(sq) + floor)
+            if lhs > rhs and lhs > 1e-60:
+                self.findings.unexplained[pid] = math.sqrt(
+                    lhs / K_PROJECTIONS / max(float(sq), 1e-300)
+                )
+        return self.findings
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).eps)
+
+
+def _same_edge(a: Any, b: Any) -> bool:
+    return a.node is b.node and a.output_nr == b.output_nr
+
+
+_REPLAYS = [0]
+
+
+def replay_active() -> bool:
+    """Whether a replayed backward is running (every engine's hooks then stand aside)."""
+    return _REPLAYS[0] > 0
+
+
+@contextmanager
+def replaying() -> Iterator[None]:
+    """Mark a backward started by noisescale itself (an audit replay, a batched vjp)."""
+    _REPLAYS[0] += 1
+    try:
+        yield
+    finally:
+        _REPLAYS[0] -= 1

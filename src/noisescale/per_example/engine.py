@@ -1,0 +1,1662 @@
+"""The hook engine: exact per-example squared gradient norms, and every use of every parameter.
+
+A forward pre-hook on the model opens a *pass* (one micro-batch: a forward and the backward that
+reaches it). Three kinds of per-example contributions are collected in the backward pass:
+
+* **layer calls** — a module with a rule (:mod:`~noisescale.per_example.registry`) called on
+  per-example input: its forward hook keeps what the rule needs (its input), a hook on its output
+  receives the output gradient, and the rule turns the pair into one factor per parameter;
+* **shared tensors meeting the batch** — a parameter used directly in a module's forward (a class
+  token, a layer scale, a norm's weight, a head tied through ``F.linear``), or the output of a layer
+  called on input shared by all examples (``wpe(arange(T))``, T5's relative-position buckets):
+  followed as a :class:`~noisescale.per_example.shared.SharedTensor` to the operation that meets
+  the batch, where each example's gradient is taken;
+* **the torch.func fallback** — modules whose parameters meet the batch in an operation with no
+  rule are re-run per example.
+
+Every call and every meeting is one *use* of its parameters; a parameter used more than once (tied
+embeddings, a layer called twice, a weight used by its module and again through ``F.linear``) gets
+the per-example norm of the *sum* of its uses, cross terms included.
+
+**Never silently wrong.** A parameter hook checks, every step, that each parameter that received a
+gradient also received a per-example contribution. On the first step, whenever the structure of a
+pass changes (which layers run, which of their input dimensions have the batch's size) and on
+steps 2, 4, 8, …, 1024 and every 1024th after, a pass is *audited* (:mod:`audit`): every example
+is measured, the factors' sums must reproduce each parameter's gradient (a missed or double-counted
+use shows up there), and a signed replay of the backward checks that each hooked tensor's rows
+belong to the examples they are attributed to (a table indexed by positions whose count happens to
+equal the batch size, a time-major activation). A failed audit either teaches the engine (a shared
+call treated as per-example, a parameter used outside its module: handled from the next step on,
+this step's per-example norms withheld) or refuses the step with a message that names the
+parameter or layer and says what to do.
+
+Conventions: the backpropagated loss is (1/N)·Σ_i ℓ_i (``"mean"``) or Σ_i ℓ_i (``"sum"``) over the
+N examples of dim 0 of the model's input (dim 1 for a time-major built-in model); inside
+``nn.TransformerEncoder``/``Decoder``/``Transformer`` and their layers with ``batch_first=False``
+the examples are along dim 1, and recurrent layers declare their own layout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.rnn import PackedSequence
+from torch.utils.hooks import RemovableHandle
+
+from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
+from noisescale.per_example import audit as audit_mod
+from noisescale.per_example import fallback
+from noisescale.per_example.factors import (
+    DenseFactor,
+    EmbeddingFactor,
+    Factor,
+    LinearFactor,
+    SliceFactor,
+    _acc,
+    sqnorm,
+    sqnorm_of_sum,
+    weighted_sqnorm,
+)
+from noisescale.per_example.registry import LayerRule, rule_for
+from noisescale.per_example.shared import (
+    Meeting,
+    Origin,
+    SharedTensor,
+    Source,
+    per_example_reduce,
+    view_relation,
+    wrap,
+)
+
+__all__ = ["PassNorms", "PerExampleNorms"]
+
+LOSS_REDUCTIONS = ("mean", "sum")
+
+# Built-in containers whose descendants see time-major activations when batch_first=False.
+_TIME_MAJOR = (
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.Transformer,
+)
+
+
+def _time_major(module: nn.Module) -> bool:
+    if isinstance(module, nn.MultiheadAttention | nn.RNNBase):
+        return not module.batch_first
+    if isinstance(module, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer):
+        return not module.self_attn.batch_first
+    if isinstance(module, nn.TransformerEncoder | nn.TransformerDecoder):
+        return bool(module.layers) and not module.layers[0].self_attn.batch_first
+    if isinstance(module, nn.Transformer):
+        return not module.batch_first
+    return False
+
+
+@dataclass(eq=False)
+class _Call:
+    """A layer call (or a shared call) whose rule runs in the backward pass."""
+
+    module: nn.Module
+    rule: LayerRule
+    label: str
+    params: dict[str, nn.Parameter]
+    dim: int  # where the examples are in its input and outputs (layout of the rule's caller)
+    box: list[Any] = field(default_factory=list)  # the saved input, emptied by the backward
+    out_dims: Sequence[int] = (0,)
+    size: int = 0  # examples in the call (a shared call: the batch it met)
+
+
+@dataclass(eq=False)
+class _Slot:
+    """Per-example gradients of one shared source, summed over the meetings that reached it."""
+
+    source: Source
+    expected: int = 0
+    arrived: int = 0
+    total: Tensor | None = None
+    pass_: Any = None
+
+
+@dataclass
+class PassNorms:
+    """Per-example norms of one forward/backward pass (one micro-batch).
+
+    Attributes:
+        batch_size: Examples in the pass (dim 0 of the model's input).
+        raw_sqnorms: Σ over parameters of |∂(backpropagated loss)/∂θ restricted to example i|²,
+            before undoing the loss reduction, for the examples ``rows``; shape [batch_size], or
+            [len(rows)] for a subset, each times its ``row_weights``. ``None`` when per-example
+            norms were not computed (or withheld: see ``withheld``).
+        grad_sqnorm: |∂(backpropagated loss)/∂θ|² of the whole pass (the micro-batch gradient),
+            a 0-d tensor; ``None`` if no parameter received a gradient.
+        group_sqnorms: ``raw_sqnorms`` split by parameter group, shape [batch_size, groups].
+        group_grad_sqnorm: ``grad_sqnorm`` split by parameter group, shape [groups].
+        weights: P² per parameter id when the norms are preconditioned, |P ⊙ g|² = Σ P²g²
+            (the same weights for every norm of the pass); ``None`` for plain norms.
+        rows: The examples (indices into the pass's batch) whose norms were computed, drawn
+            with replacement with probabilities that favour large gradients; ``None`` for all.
+        row_weights: The importance weights 1/(n·q_i) of ``rows``, already applied to
+            ``raw_sqnorms`` and ``group_sqnorms`` when the pass is collected.
+        skipped: With a subset fraction, one pass of a step computes per-example norms; the
+            others (further accumulation micro-batches) have ``raw_sqnorms`` ``None`` and this set.
+        audited: Every example was measured and checked against autograd (see the module doc).
+        withheld: Why this pass's per-example norms were withheld (an audit that taught the
+            engine something; the step's other sources still count), or ``None``.
+    """
+
+    batch_size: int
+    raw_sqnorms: Tensor | None = None
+    grad_sqnorm: Tensor | None = None
+    group_sqnorms: Tensor | None = None
+    group_grad_sqnorm: Tensor | None = None
+    weights: dict[int, Tensor] | None = None
+    rows: Tensor | None = None
+    row_weights: Tensor | None = None
+    skipped: bool = False
+    audited: bool = False
+    withheld: str | None = None
+    # bookkeeping while the pass is open
+    uses: dict[int, int] = field(default_factory=dict)
+    pending: dict[int, list[Factor]] = field(default_factory=dict)
+    covered: set[int] = field(default_factory=set)
+    received: set[int] = field(default_factory=set)
+    tasks: set[int] = field(default_factory=set)  # autograd graph tasks that ran through the pass
+    param_tasks: set[int] = field(default_factory=set)  # tasks that computed parameter gradients
+    # factors from torch.autograd.grad() calls, kept until it is known whether they reached the
+    # parameters (autograd cannot tell a hook that during autograd.grad)
+    deferred: dict[int, list[tuple[nn.Parameter, Factor]]] = field(default_factory=dict)
+    second_order: bool = False  # a backward with create_graph=True ran through the pass
+    lazy: set[int] = field(default_factory=set)  # gradient norms still to read from .grad
+    measured: bool = False  # with a subset: this pass's per-example norms are computed
+    repeated_backward: bool = False  # a parameter received two gradients in the pass
+    slots: dict[int, _Slot] = field(default_factory=dict)  # shared sources
+    signature: list[tuple] = field(default_factory=list)  # structure, for the audit
+    audit: audit_mod.PassAudit | None = None
+    unsupported: list[tuple[Any, str]] = field(default_factory=list)  # (scope, op)
+    shared_calls: list[_Call] = field(default_factory=list)
+    amp: bool = False  # the forward ran under autocast (looser audit tolerance)
+    n_source: Tensor | None = None  # the model input the example count was read from
+
+
+class PerExampleNorms:
+    """The hook engine: per-example squared norms and micro-batch gradient norms per pass.
+
+    Args:
+        model: The model; every trainable parameter is measured.
+        per_example: Compute per-example norms (``False`` keeps only the micro-batch gradient
+            norms, which need no layer support).
+        fallback: Allow the torch.func fallback for modules whose parameters meet the batch in
+            an operation without a rule; if ``False`` such a module is refused.
+        groups: A partition of the trainable parameters; each pass then also keeps its norms per
+            group (``group_sqnorms``, ``group_grad_sqnorm``).
+        precondition: Called when a pass opens; returns P² per parameter id (every norm of the
+            pass becomes |P ⊙ g|²) or ``None`` for plain norms.
+        per_example_fraction: Compute the per-example norms of a random subset of each step's
+            examples, ⌈fraction·N⌉ of them (see :meth:`_rows`); with accumulation, from one
+            micro-batch at a random position among the step's micro-batches.
+        audit: Audit passes (see the module docstring). ``False`` only for measurements of the
+            engine's own cost.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        per_example: bool = True,
+        fallback: bool = True,
+        groups: Sequence[Sequence[nn.Parameter]] | None = None,
+        precondition: Callable[[], dict[int, Tensor] | None] | None = None,
+        per_example_fraction: float = 1.0,
+        audit: bool = True,
+    ):
+        if not 0.0 < per_example_fraction <= 1.0:
+            raise NoiseScaleInputError(
+                f"per_example_fraction must be in (0, 1], got {per_example_fraction}"
+            )
+        self.model = model
+        self.per_example = per_example
+        self.per_example_fraction = per_example_fraction
+        self.allow_fallback = fallback
+        self.auditing_enabled = audit
+        self._seed = torch.initial_seed()
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._audit_generators: dict[torch.device, torch.Generator] = {}
+        self.precondition = precondition
+        self.passes: list[PassNorms] = []
+        self._handles: list[RemovableHandle] = []
+        self._recomputing = False
+        self._paused = False
+        self._param_name: dict[int, str] = {}
+        self._param: dict[int, nn.Parameter] = {}
+        self._calls: dict[nn.Module, tuple[LayerRule, str, dict[str, nn.Parameter]]] = {}
+        self._labels: dict[nn.Module, str] = {}
+        # (scope module, holder module, name, pid): the holder's parameter is replaced by a
+        # shared alias while the scope module's forward runs
+        self._scopes: dict[nn.Module, list[tuple[nn.Module, str, int]]] = {}
+        self._fallback: set[nn.Module] = set()  # owner modules measured by torch.func
+        self._learned_shared: set[nn.Module] = set()  # layers whose input proved to be shared
+        self._context: list[int] = []  # example dim inside time-major containers
+        self._swapped: dict[tuple[int, str], list[Tensor]] = {}
+        self._task_pass: dict[int, PassNorms] = {}
+        # The first pass of a step skips its per-parameter gradient norms: with one pass they are
+        # not needed (the big batch is .grad), and with more they are read from .grad when a
+        # later pass first touches the parameter (.grad then holds the first pass alone).
+        self.lazy_first_pass = True
+        self._first_pass: PassNorms | None = None
+        self.subset_position = 0
+        self._positions = 0
+        self._measured_found = False
+        self.last_step_examples: int | None = None
+        self._task_accumulates: dict[int, bool] = {}
+        self._acc_node: dict[int, Any] = {}
+        self._fallback_rng: dict[nn.Module, dict[str, Tensor]] = {}
+        self.steps_collected = 0
+        self._audit_due = True
+        self._audited_signatures: set[tuple] = set()
+        self.audit_log: list[str] = []  # what audits found and taught (for messages and tests)
+        self._refuse_modules(model)
+        self._model_dim = 1 if _time_major(model) else 0
+        # FSDP2 reshards parameters in hooks of the backward: a replayed backward would run them
+        self._replay_allowed = not _has_fsdp2(model)
+        for mname, module in model.named_modules():
+            self._labels[module] = mname or "<top-level model>"
+            for pname, p in module.named_parameters(recurse=False):
+                if p.requires_grad:
+                    self._param_name.setdefault(id(p), f"{mname}.{pname}" if mname else pname)
+                    self._param[id(p)] = p
+        self._group_of: dict[int, int] | None = None
+        self.num_groups = 0
+        if groups is not None:
+            self._group_of = {id(p): g for g, ps in enumerate(groups) for p in ps}
+            self.num_groups = len(groups)
+            missing = sorted(self._param_name[i] for i in self._param if i not in self._group_of)
+            if missing:
+                raise ValueError(f"parameters {missing} belong to no group")
+        if per_example:
+            self._build_plan(fallback)
+        for pid, p in self._param.items():
+            if type(p.data) is torch.Tensor:  # sharded (DTensor) parameters are resolved later
+                # the AccumulateGrad node autograd runs for p; held so it stays the same node
+                self._acc_node[pid] = p.view_as(p).grad_fn.next_functions[0][0]
+        self._install()
+
+    # -- construction -------------------------------------------------------------------------
+
+    @staticmethod
+    def _refuse_modules(model: nn.Module) -> None:
+        for mname, module in model.named_modules():
+            if getattr(module, "sparse", False) and isinstance(
+                module, nn.Embedding | nn.EmbeddingBag
+            ):
+                raise UnsupportedModuleError(
+                    f"module '{mname}' ({type(module).__name__}) has sparse=True; its sparse "
+                    "gradients are not supported: construct it with sparse=False"
+                )
+            if parametrize.is_parametrized(module):
+                raise UnsupportedModuleError(
+                    f"module '{mname}' ({type(module).__name__}) has parametrized weights "
+                    "(torch.nn.utils.parametrize: weight_norm, spectral_norm, ...), whose "
+                    "per-example gradients noisescale does not compute; remove the "
+                    "parametrization or use per_example=False"
+                )
+        if isinstance(model, nn.DataParallel):
+            raise UnsupportedModuleError(
+                "nn.DataParallel replicates the model into threads that the hooks cannot follow; "
+                "use DistributedDataParallel (supported) or track the inner module on one device"
+            )
+
+    def _build_plan(self, allow_fallback: bool) -> None:
+        for module in self.model.modules():
+            label = self._labels[module]
+            rule = rule_for(module)
+            own = {
+                n: p
+                for n, p in module._parameters.items()
+                if p is not None and p.requires_grad and id(p) in self._param
+            }
+            if rule is None:
+                for name, p in own.items():
+                    self._scopes.setdefault(module, []).append((module, name, id(p)))
+                if isinstance(module, nn.MultiheadAttention):
+                    # its forward uses out_proj's parameters itself, never out_proj.forward
+                    for name, p in module.out_proj._parameters.items():
+                        if p is not None and p.requires_grad:
+                            self._scopes.setdefault(module, []).append(
+                                (module.out_proj, name, id(p))
+                            )
+                continue
+            covered = (
+                own if rule.params is None else {n: p for n, p in own.items() if n in rule.params}
+            )
+            extra = sorted(set(own) - set(covered))
+            if extra:
+                raise UnsupportedModuleError(
+                    f"module '{label}' ({type(module).__name__}) has parameters {extra} that its "
+                    f"layer rule does not cover (e.g. the old nn.utils.weight_norm's weight_g and "
+                    "weight_v, computed into .weight before each call); use "
+                    "torch.nn.utils.parametrizations, register a rule for the module "
+                    "(noisescale.register_layer), or per_example=False"
+                )
+            if rule.check is not None:
+                rule.check(module, label)
+            if covered:
+                self._calls[module] = (rule, label, covered)
+        if not allow_fallback:
+            return
+
+    def _install(self) -> None:
+        self._handles.append(
+            self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True)
+        )
+        self._handles.append(self.model.register_forward_hook(self._on_model_output))
+        for module in self.model.modules():
+            if _time_major(module) or isinstance(module, nn.MultiheadAttention):
+                # F.multi_head_attention_forward works time-major whatever batch_first says
+                dim = 1
+                self._handles.append(
+                    module.register_forward_pre_hook(lambda m, a, d=dim: self._push_context(d))
+                )
+                self._handles.append(
+                    module.register_forward_hook(
+                        lambda m, a, o: self._pop_context(), always_call=True
+                    )
+                )
+        for module in self._calls:
+            self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
+        for module in self._scopes:
+            self._install_scope(module)
+        for pid, p in self._param.items():
+            self._handles.append(p.register_hook(self._make_param_hook(pid)))
+
+    def _push_context(self, dim: int) -> None:
+        self._context.append(dim)
+
+    def _pop_context(self) -> None:
+        if self._context:
+            self._context.pop()
+
+    def _install_scope(self, module: nn.Module) -> None:
+        self._handles.append(
+            module.register_forward_pre_hook(self._on_scope_enter, with_kwargs=True)
+        )
+        self._handles.append(
+            module.register_forward_hook(
+                self._on_scope_exit, with_kwargs=True, prepend=True, always_call=True
+            )
+        )
+
+    def remove(self) -> None:
+        """Remove every hook; the object keeps what it has measured."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for (_, _), stack in list(self._swapped.items()):
+            stack.clear()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Ignore the forward and backward passes run inside the block.
+
+        For extra passes that are not part of the training step, e.g. the Hessian-vector
+        products of :mod:`noisescale.hessian`; call it between steps (no pass open).
+        """
+        was, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = was
+
+    @property
+    def _replaying(self) -> bool:
+        # shared by every engine: a replay started by one must not feed another's hooks
+        return audit_mod.replay_active()
+
+    @property
+    def is_paused(self) -> bool:
+        """Whether passes are being ignored (inside :meth:`paused`)."""
+        return self._paused
+
+    def current_pass(self) -> PassNorms | None:
+        """The pass the next backward belongs to (the last one opened), or ``None``."""
+        return self.passes[-1] if self.passes else None
+
+    def open_passes(self) -> int:
+        """How many passes the current step has opened so far."""
+        return len(self.passes)
+
+    def add_parameter_hook(self, tensor: Tensor, param: nn.Parameter) -> RemovableHandle:
+        """Count ``tensor``'s gradients as ``param``'s (FSDP2's unsharded parameters)."""
+        return tensor.register_hook(self._make_param_hook(id(param)))
+
+    # -- what the shared tensors ask ----------------------------------------------------------
+
+    def tracks_shared(self) -> bool:
+        return not (self._paused or self._replaying or self._recomputing)
+
+    def open_pass(self) -> PassNorms | None:
+        if not self.passes or not torch.is_grad_enabled():
+            return None
+        return self.passes[-1]
+
+    def batch_dim(self) -> int:
+        return self._context[-1] if self._context else self._model_dim
+
+    def param_label(self, pid: int) -> str:
+        return self._param_name.get(pid, "?")
+
+    # -- forward hooks ------------------------------------------------------------------------
+
+    def _active(self) -> bool:
+        return (
+            not self._recomputing
+            and not self._paused
+            and not self._replaying
+            and torch.is_grad_enabled()
+            and bool(self.passes)
+        )
+
+    def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._recomputing or self._paused or self._replaying or not torch.is_grad_enabled():
+            return
+        if torch._C._current_graph_task_id() != -1:
+            # a forward re-run during backward (activation checkpointing) belongs to its pass
+            return
+        # Every forward opens a pass; passes that no backward reaches (a validation forward
+        # with grad enabled) are dropped, and passes that one backward ran through together
+        # (two forwards, one loss) are merged, when the step collects them.
+        n = self._batch_size_of_model(args, kwargs)
+        weights = self.precondition() if self.precondition is not None else None
+        # a forward after the step's measured backward (the next accumulation micro-batch)
+        # cannot be measured: no layer hooks for it
+        skipped = self._measured_found and self.per_example_fraction < 1.0
+        pass_ = PassNorms(batch_size=n, weights=weights, skipped=skipped)
+        pass_.n_source = _first_tensor(args, kwargs)
+        pass_.amp = any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda") if _autocast_known(d))
+        self._context.clear()
+        self.passes.append(pass_)
+
+    def _batch_size_of_model(self, args: tuple, kwargs: dict) -> int:
+        call = self._calls.get(self.model)
+        if call is not None and call[0].batch_size is not None:
+            return call[0].batch_size(self.model, args, kwargs)
+        for value in (*args, *kwargs.values()):
+            size = _size_along(value, self._model_dim)
+            if size is not None:
+                return size
+        raise NoiseScaleInputError(
+            "the model was called without a tensor argument, so the number of examples is "
+            "unknown; pass the batch as a tensor (dim 0 = examples)"
+        )
+
+    def _on_model_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self._active() or torch._C._current_graph_task_id() != -1:
+            return
+        pass_ = self.passes[-1]
+        for out in _tensors(output):
+            if out.requires_grad:
+                batched = (
+                    out.dim() > self._model_dim and out.shape[self._model_dim] == pass_.batch_size
+                )
+                out.register_hook(self._make_root_hook(pass_, out, batched))
+        if pass_.skipped or not self.per_example:
+            return
+        signature = tuple(pass_.signature)
+        if self.auditing_enabled and (self._audit_due or signature not in self._audited_signatures):
+            pass_.audit = audit_mod.PassAudit(
+                signature,
+                self._audit_generator(_device_of(output, pass_)),
+                pass_.batch_size,
+                amp=pass_.amp,
+                replay=self._replay_allowed,
+            )
+            pass_.audited = True
+            for out in _tensors(output):
+                if (
+                    out.requires_grad
+                    and out.dim() > self._model_dim
+                    and out.shape[self._model_dim] == pass_.batch_size
+                ):
+                    pass_.audit.add_root(out, self._model_dim)
+            for edge, dim, owner, label in getattr(pass_, "_pending_targets", []):
+                pass_.audit.add_target(edge, dim, owner, label)
+        if hasattr(pass_, "_pending_targets"):
+            del pass_._pending_targets  # type: ignore[attr-defined]
+
+    def _add_target(
+        self, pass_: PassNorms, tensor: Tensor, dim: int, owner: nn.Module | None, label: str
+    ) -> None:
+        """Remember a hooked tensor: the audit decided at the end of the forward needs it."""
+        if not self.auditing_enabled:
+            return
+        edge = torch.autograd.graph.get_gradient_edge(tensor)
+        if pass_.audit is not None:  # a recomputed forward of an audited pass
+            pass_.audit.add_target(edge, dim, owner, label)
+            return
+        pending = getattr(pass_, "_pending_targets", None)
+        if pending is None:
+            pending = pass_._pending_targets = []  # type: ignore[attr-defined]
+        pending.append((edge, dim, owner, label))
+
+    def _make_root_hook(self, pass_: PassNorms, out: Tensor, batched: bool) -> Callable:
+        edge = torch.autograd.graph.get_gradient_edge(out)
+
+        def hook(grad: Tensor) -> None:
+            if self._replaying or self._paused:
+                return
+            self._enter(pass_)
+            if batched and pass_.audit is not None and not torch.is_grad_enabled():
+                pass_.audit.on_root(edge, grad)
+
+        return hook
+
+    def _on_scope_enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Hand the forward shared aliases of the parameters it uses directly."""
+        if not self._active() or module in self._fallback:
+            return
+        pass_ = self.passes[-1]
+        if pass_.skipped:
+            return
+        for holder, name, pid in self._scopes[module]:
+            real = holder._parameters.get(name)
+            if real is None or isinstance(real, SharedTensor):
+                continue
+            source = Source(tensor=real, pid=pid, label=self._param_name.get(pid, name))
+            origin = Origin(self, pass_, (source,), scope=module)
+            alias = wrap(real, origin)
+            source.tensor = alias
+            self._swapped.setdefault((id(holder), name), []).append(real)
+            holder._parameters[name] = alias  # type: ignore[assignment]
+
+    def _on_scope_exit(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        for holder, name, _ in reversed(self._scopes.get(module, [])):
+            stack = self._swapped.get((id(holder), name))
+            if stack:
+                holder._parameters[name] = stack.pop()  # type: ignore[assignment]
+
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not self._active():
+            return None
+        rule, label, params = self._calls[module]
+        pass_ = self.passes[-1]
+        if rule.check is not None:
+            rule.check(module, label)  # e.g. a BatchNorm switched to train() since
+        if pass_.skipped:
+            return None
+        outs = list(rule.outputs(module, output)) if rule.outputs is not None else [_first(output)]
+        if not any(isinstance(o, Tensor) and o.requires_grad for o in outs):
+            return None
+        ctx_dim = self.batch_dim()
+        in_dim, out_dims = (
+            rule.batch_dims(module)
+            if rule.batch_dims is not None
+            else (ctx_dim, [ctx_dim] * len(outs))
+        )
+        shared_input = any(isinstance(v, SharedTensor) for v in _flat_values(args, kwargs))
+        size = (
+            rule.batch_size(module, args, kwargs)
+            if rule.batch_size is not None
+            else _first_size(args, kwargs, in_dim)
+        )
+        n = pass_.batch_size
+        if (
+            size != n
+            and not shared_input
+            and pass_.n_source is not None
+            and _first_tensor(args, kwargs) is pass_.n_source
+        ):
+            # the model's example count came from this layer's input (e.g. EmbeddingBag offsets)
+            pass_.batch_size = n = size
+        is_shared = shared_input or size != n or module in self._learned_shared
+        if is_shared:
+            return self._shared_call(pass_, module, rule, label, params, args, kwargs, output)
+        saved = rule.save(module, args, kwargs, output)
+        call = _Call(module, rule, label, params, in_dim, [saved], out_dims, n)
+        for p in params.values():
+            pass_.uses[id(p)] = pass_.uses.get(id(p), 0) + 1
+        pass_.signature.append(("call", id(module), _pattern(args, kwargs, n)))
+        hooked = [o for o in outs if isinstance(o, Tensor) and o.requires_grad]
+        if len(outs) == 1:
+            outs[0].register_hook(lambda g, c=call, p=pass_: self._on_call_grad(p, c, (g,)))
+        else:
+            torch.autograd.graph.register_multi_grad_hook(
+                hooked,
+                lambda grads, c=call, p=pass_, o=outs, h=hooked: self._on_call_grad(
+                    p, c, _align(o, h, grads)
+                ),
+                mode="all",
+            )
+        for o, d in zip(outs, out_dims, strict=False):
+            if isinstance(o, Tensor) and o.requires_grad:
+                self._add_target(pass_, o, d, module, label)
+        return None
+
+    def _shared_call(
+        self,
+        pass_: PassNorms,
+        module: nn.Module,
+        rule: LayerRule,
+        label: str,
+        params: dict[str, nn.Parameter],
+        args: tuple,
+        kwargs: dict,
+        output: Any,
+    ) -> Any:
+        """A layer called on input shared by every example: follow its output to the batch."""
+        if rule.native_layout or not isinstance(output, Tensor):
+            raise UnsupportedModuleError(
+                f"layer '{label}' ({type(module).__name__}) was called on input that is not "
+                f"per-example (its example dimension does not have the batch's size "
+                f"{pass_.batch_size}); noisescale follows such shared calls only for layers with "
+                "one output and the standard layout. Keep its input per-example (dim 0 = "
+                "examples), or use per_example=False"
+            )
+        saved = rule.save(module, _unshare(args), _unshare(kwargs), output)
+        size = _first_size(args, kwargs, 0)
+        call = _Call(module, rule, label, params, 0, [saved], size=size or 0)
+        upstream: list[Source] = []
+        for v in _flat_values(args, kwargs):
+            if isinstance(v, SharedTensor):
+                upstream.extend(v._ns_origin.sources)  # type: ignore[attr-defined]
+        source = Source(tensor=output, call=call, label=label)
+        shared = wrap(output, Origin(self, pass_, (source, *upstream), scope=None))
+        source.tensor = shared
+        pass_.shared_calls.append(call)
+        pass_.signature.append(
+            ("shared-call", id(module), _pattern(args, kwargs, pass_.batch_size))
+        )
+        return shared
+
+    # -- meetings (called by SharedTensor) ------------------------------------------------------
+
+    def add_meeting(self, pass_: PassNorms, meeting: Meeting) -> None:
+        """Register where a shared tensor meets the batch; its hook runs in the backward."""
+        if pass_.skipped:
+            return
+        meeting.box.insert(0, True)  # alive until the backward takes it
+        if meeting.kind == "expand":
+            plan = [(meeting.shared, None)]
+        else:
+            plan = [
+                (meeting.extra.get("weight"), "weight"),
+                (meeting.extra.get("bias"), "bias"),
+            ]
+        routes: list[tuple[str, Any, Any]] = []
+        for operand, role in plan:
+            if not isinstance(operand, SharedTensor):
+                continue
+            origin: Origin = operand._ns_origin  # type: ignore[attr-defined]
+            direct = self._direct_route(operand, origin, role, meeting.kind)
+            if direct is not None:
+                source, relation = direct
+                pass_.uses[source.pid] = pass_.uses.get(source.pid, 0) + 1
+                routes.append(("direct", role, (source, relation, operand)))
+                continue
+            for source in origin.sources:
+                slot = pass_.slots.get(id(source))
+                if slot is None:
+                    slot = pass_.slots[id(source)] = _Slot(source, pass_=pass_)
+                    for pid in self._source_pids(source):
+                        pass_.uses[pid] = pass_.uses.get(pid, 0) + 1
+                slot.expected += 1
+            routes.append(("vjp", role, (origin, operand)))
+        meeting.extra["routes"] = routes
+        labels = tuple(sorted(s.label for _, _, r in routes for s in _route_sources(r)))
+        pass_.signature.append(
+            ("meet", meeting.kind, labels, _shape_pattern(meeting.hooked, pass_.batch_size))
+        )
+        dim = meeting.extra.get("dim", self.batch_dim())
+        meeting.extra["dim"] = dim
+        hooked = meeting.hooked
+        assert hooked is not None
+        hooked.register_hook(lambda g, m=meeting, p=pass_: self._on_meeting_grad(p, m, g))
+        self._add_target(pass_, hooked, dim, None, f"{meeting.kind} of {', '.join(labels)}")
+
+    def _direct_route(
+        self, operand: SharedTensor, origin: Origin, role: str | None, kind: str
+    ) -> tuple[Source, tuple[str, int, int]] | None:
+        """A meeting whose factor needs no materialised per-example gradient: the shared
+        operand is a parameter's alias itself, its transpose or a block of its rows."""
+        if kind not in ("linear", "embedding", "conv") or len(origin.sources) != 1:
+            return None
+        source = origin.sources[0]
+        if source.pid is None:
+            return None
+        relation = view_relation(operand, source.tensor)
+        if relation is None:
+            return None
+        if kind != "linear" and relation[0] != "same":
+            return None
+        if role == "bias" and relation[0] == "t":
+            return None
+        return source, relation
+
+    def _source_pids(self, source: Source) -> list[int]:
+        if source.pid is not None:
+            return [source.pid]
+        return [id(p) for p in source.call.params.values()]
+
+    def record_unsupported(self, pass_: PassNorms, origin: Origin, op: str) -> None:
+        pass_.unsupported.append((origin, op))
+
+    # -- backward hooks -----------------------------------------------------------------------
+
+    def _begin(self, pass_: PassNorms, pids: Sequence[int], box: list[Any]) -> bool | None:
+        """The checks every per-example hook makes; ``None``: skip, else ``reaches``."""
+        if self._replaying or self._paused:
+            return None
+        if torch.is_grad_enabled():
+            # create_graph=True (gradient penalties, double backward): the loss that is
+            # later backpropagated has second-order terms the factors do not see
+            pass_.second_order = True
+            return None
+        try:
+            reaches: bool | None = self._reaches_parameters(pids)
+        except RuntimeError:  # inside torch.autograd.grad(): decided when collected
+            reaches = None
+        if reaches is False:
+            return None
+        if not box:
+            # a second backward through this output (retain_graph=True): the parameter
+            # hooks see the repeated gradient and collect() refuses the step
+            return None
+        self._enter(pass_)
+        if not self._measures(pass_, reaches):
+            box.clear()
+            return None
+        return True if reaches is None else reaches
+
+    def _on_call_grad(self, pass_: PassNorms, call: _Call, grads: tuple) -> None:
+        reaches = self._begin(pass_, [id(p) for p in call.params.values()], call.box)
+        if reaches is None:
+            return
+        saved = call.box.pop()
+        with torch.no_grad():
+            first = next((g for g in grads if g is not None), None)
+            if first is None:
+                return
+            rule = call.rule
+            if rule.native_layout:
+                rows = self._rows(pass_, None, first.device)
+                if rows is not None:
+                    saved = rule.select(call.module, saved, rows)  # type: ignore[misc]
+                facs = rule.factors(call.module, saved, grads)
+            else:
+                g = grads[0]
+                if call.dim != 0:
+                    g = g.movedim(call.dim, 0)
+                    saved = _move(saved, call.dim, call.size)
+                rows = self._rows(pass_, g, g.device)
+                if rows is not None:
+                    saved = _take_rows(saved, rows, call.size)
+                    g = g.index_select(0, rows)
+                facs = rule.factors(call.module, saved, g)
+            self._deliver(pass_, call.params, facs, reaches)
+
+    def _deliver(
+        self,
+        pass_: PassNorms,
+        params: dict[str, nn.Parameter],
+        facs: dict[str, Factor],
+        reaches: bool | None,
+    ) -> None:
+        task = torch._C._current_graph_task_id()
+        for pname, factor in facs.items():
+            p = params.get(pname)
+            if p is None:  # a parameter unfrozen later: collect() reports it
+                continue
+            if reaches is None:
+                pass_.deferred.setdefault(task, []).append((p, factor))
+            else:
+                self._add(pass_, p, factor)
+
+    def _on_meeting_grad(self, pass_: PassNorms, meeting: Meeting, grad: Tensor) -> None:
+        pids = [pid for _, _, r in meeting.extra["routes"] for pid in self._route_pids(r)]
+        reaches = self._begin(pass_, pids, meeting.box)
+        if reaches is None:
+            return
+        inputs = meeting.box[1:]
+        meeting.box.clear()
+        dim = meeting.extra["dim"]
+        n = pass_.batch_size
+        with torch.no_grad():
+            kind = meeting.kind
+            if kind == "expand":
+                g = grad.movedim(dim, 0) if dim else grad
+                rows = self._rows(pass_, g, g.device)
+                for _, _, (origin, operand) in meeting.extra["routes"]:
+                    per = per_example_reduce(grad, tuple(operand.shape), dim, n)
+                    if rows is not None:
+                        per = per.index_select(0, rows)
+                    self._to_sources(pass_, origin, operand, per, reaches)
+            else:
+                x = inputs[0] if inputs else None
+                self._meeting_factors(pass_, meeting, x, grad, dim, n, reaches)
+
+    def _meeting_factors(
+        self,
+        pass_: PassNorms,
+        meeting: Meeting,
+        x: Tensor,
+        grad: Tensor,
+        dim: int,
+        n: int,
+        reaches: bool | None,
+    ) -> None:
+        kind = meeting.kind
+        if kind == "linear":
+            a, d = _positions(x, grad, dim, n)
+            rows = self._rows(pass_, d, d.device)
+            if rows is not None:
+                a, d = a.index_select(0, rows), d.index_select(0, rows)
+            transposed = meeting.extra["transposed"]
+            for route, role, data in meeting.extra["routes"]:
+                if role == "weight":
+                    factor: Factor = LinearFactor(a, d, transposed=transposed)
+                    dense = lambda: torch.einsum(  # noqa: E731
+                        "npo,npi->nio" if transposed else "npo,npi->noi", _acc(d), _acc(a)
+                    )
+                else:
+                    factor = DenseFactor(d.sum(1))
+                    dense = lambda: _acc(d).sum(1)  # noqa: E731
+                self._route(pass_, route, data, factor, dense, reaches)
+        elif kind == "embedding":
+            idx = x.movedim(dim, 0) if dim else x
+            g = grad.movedim(dim, 0) if dim else grad
+            rows = self._rows(pass_, g, g.device)
+            if rows is not None:
+                idx, g = idx.index_select(0, rows), g.index_select(0, rows)
+            k = idx.shape[0]
+            idx2 = idx.reshape(k, -1)
+            d3 = g.reshape(k, idx2.shape[1], -1)
+            pad = meeting.extra.get("padding_idx")
+            if pad is not None:
+                d3 = d3 * (idx2 != pad).unsqueeze(-1).to(d3.dtype)
+            for route, _, data in meeting.extra["routes"]:
+                table = data[2] if route == "direct" else data[1]
+                factor = EmbeddingFactor(idx2, d3, table.shape[0])
+                flat = torch.Size((table.shape[0], math.prod(table.shape[1:])))
+                self._route(
+                    pass_, route, data, factor, lambda f=factor, s=flat: f.dense(s), reaches
+                )
+        elif kind == "conv":
+            from noisescale.per_example import conv
+
+            rows = self._rows(pass_, grad, grad.device)
+            xx, g = x, grad
+            if rows is not None:
+                xx, g = x.index_select(0, rows), grad.index_select(0, rows)
+            spec = meeting.extra["spec"]
+            facs = conv.factors(spec, xx, g)
+            for route, role, data in meeting.extra["routes"]:
+                factor = facs[role]
+                self._route(
+                    pass_, route, data, factor,
+                    lambda f=factor, op=data[-1]: f.dense(op.shape), reaches,
+                )  # fmt: skip
+
+    def _route(
+        self,
+        pass_: PassNorms,
+        route: str,
+        data: Any,
+        factor: Factor,
+        dense: Callable[[], Tensor],
+        reaches: bool | None,
+    ) -> None:
+        if route == "direct":
+            source, relation, _ = data
+            if relation[0] == "t":
+                assert isinstance(factor, LinearFactor)
+                factor = LinearFactor(factor.a, factor.d, factor.groups, not factor.transposed)
+            elif relation[0] == "rows":
+                factor = SliceFactor(factor, relation[1], relation[2])
+            self._deliver(pass_, {"p": self._param[source.pid]}, {"p": factor}, reaches)
+            return
+        origin, operand = data
+        per = dense().reshape(-1, *operand.shape)
+        self._to_sources(pass_, origin, operand, per, reaches)
+
+    def _to_sources(
+        self, pass_: PassNorms, origin: Origin, operand: Tensor, per: Tensor, reaches: bool | None
+    ) -> None:
+        """Carry per-example gradients of a shared operand back to its sources."""
+        sources = origin.sources
+        if len(sources) == 1 and sources[0].tensor is operand:
+            grads: Sequence[Tensor | None] = [per]
+        else:
+            targets = [s.tensor for s in sources]
+            with audit_mod.replaying(), torch.enable_grad():
+                grads = torch.autograd.grad(
+                    operand,
+                    targets,
+                    per.to(operand.dtype),
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+        for source, g in zip(sources, grads, strict=True):
+            slot = pass_.slots.get(id(source))
+            if slot is None:
+                continue
+            if g is not None:
+                g = _acc(g)
+                slot.total = g if slot.total is None else slot.total + g
+            slot.arrived += 1
+            if slot.arrived >= slot.expected:
+                self._finish_slot(pass_, slot, reaches)
+
+    def _finish_slot(self, pass_: PassNorms, slot: _Slot, reaches: bool | None) -> None:
+        del pass_.slots[id(slot.source)]
+        source = slot.source
+        if source.pid is not None:
+            if slot.total is None:
+                return
+            p = self._param[source.pid]
+            self._deliver(
+                pass_, {"p": p}, {"p": DenseFactor(slot.total.reshape(-1, *p.shape))}, reaches
+            )
+            return
+        call: _Call = source.call
+        saved = call.box[0]
+        if slot.total is None:
+            return
+        per = slot.total  # [k, *output shape]: each example's gradient of the call's output
+        k = per.shape[0]
+        expanded = _expand_saved(saved, k)
+        facs = call.rule.factors(call.module, expanded, per.to(per.dtype))
+        self._deliver(pass_, call.params, facs, reaches)
+
+    def _route_pids(self, route: Any) -> list[int]:
+        if isinstance(route, tuple) and len(route) == 3 and isinstance(route[0], Source):
+            return [route[0].pid]
+        origin = route[0]
+        return [pid for s in origin.sources for pid in self._source_pids(s)]
+
+    def _enter(self, pass_: PassNorms) -> None:
+        """Record that the running backward goes through ``pass_``."""
+        task = torch._C._current_graph_task_id()
+        pass_.tasks.add(task)
+        self._task_pass.setdefault(task, pass_)
+
+    def _reaches_parameters(self, pids: Sequence[int]) -> bool:
+        """Whether the running backward computes gradients of these parameters.
+
+        False for a backward towards the inputs only (adversarial examples, saliency maps).
+        """
+        for pid in pids:
+            node = self._acc_node.get(pid)
+            if node is None or torch._C._will_engine_execute_node(node):
+                return True
+        return False
+
+    def _measures(self, pass_: PassNorms, reaches: bool | None) -> bool:
+        """Whether this pass's per-example norms are computed (decided once per pass).
+
+        Every pass's are for the exact mode (and audited passes). With a subset, the pass at
+        ``subset_position`` among those the step's backwards reach is measured, in whatever
+        backward later runs through it, and the others are skipped. Inside
+        torch.autograd.grad() (``reaches`` ``None``) whether the parameters are reached is known
+        only at collect(): such a pass is computed without taking a position.
+        """
+        if self.per_example_fraction >= 1.0 or pass_.measured:
+            return True
+        if pass_.skipped:
+            return False
+        if reaches is None:
+            return True
+        position, self._positions = self._positions, self._positions + 1
+        if position == self.subset_position:
+            pass_.measured = self._measured_found = True
+            return True
+        pass_.skipped = True
+        return False
+
+    def _rows(self, pass_: PassNorms, grad: Tensor | None, device: torch.device) -> Tensor | None:
+        """The pass's random subset of examples (the same for every layer), or ``None`` for all.
+
+        ⌈fraction·N⌉ rows for a step of N examples (N from the last step while this one is
+        running: its first micro-batch does not know how many follow), at most the pass's own.
+        They are drawn with replacement, example i with probability q_i = ½/n + ½·π_i/Σπ,
+        where π_i = |δ_i|² is the squared norm of example i's rows of the output gradient of
+        the layer whose hook runs first (the one nearest the loss: for a classifier or a
+        language model, the logits' gradient), which tracks |g_i|². Each drawn norm is later
+        weighted by 1/(n·q_i) ≤ 2 (:attr:`PassNorms.row_weights`), so their mean is still
+        unbiased for the mean of |g_i|² over the pass (Hansen–Hurwitz), whatever π is; the
+        uniform half bounds the weights. An audited pass measures every example.
+        """
+        n_pass = pass_.batch_size
+        n = max(n_pass, self.last_step_examples or 0)
+        k = math.ceil(self.per_example_fraction * n)
+        if k >= n_pass:
+            return None
+        if pass_.rows is None:
+            gen = self._generator(device)
+            q = torch.full((n_pass,), 1.0 / n_pass, device=device)
+            if grad is not None and grad.dim() > 0 and grad.shape[0] == n_pass:
+                flat = _acc(grad.detach().reshape(n_pass, -1))
+                proxy = torch.linalg.vector_norm(flat, dim=1).square().to(q.dtype)
+                total = proxy.sum()
+                usable = torch.isfinite(total) & (total > 0)  # no host sync
+                q = torch.where(usable, 0.5 * q + 0.5 * proxy / total.clamp_min(1e-30), q)
+            # inverse-CDF draws: torch.multinomial validates its input on the host when it draws
+            # one sample (a device sync on GPUs, in the torch versions we read)
+            cdf = torch.cumsum(q, 0)
+            u = torch.rand(k, generator=gen, device=device, dtype=cdf.dtype) * cdf[-1]
+            rows = torch.searchsorted(cdf, u, right=True).clamp_max(n_pass - 1)
+            pass_.rows = rows
+            pass_.row_weights = 1.0 / (n_pass * q[rows])
+        if pass_.audited:
+            # the audit needs every example; the drawn rows are picked when the pass is
+            # collected, so an audited step reports exactly what it would have without the audit
+            return None
+        return pass_.rows if pass_.rows.device == device else pass_.rows.to(device)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+            gen.manual_seed(self._seed)
+        return gen
+
+    def _audit_generator(self, device: torch.device) -> torch.Generator:
+        """The audit's own random stream: auditing a step never shifts the subset's draws."""
+        gen = self._audit_generators.get(device)
+        if gen is None:
+            gen = self._audit_generators[device] = torch.Generator(device=device)
+            gen.manual_seed(self._seed ^ 0x5EED)
+        return gen
+
+    def rng_state(self) -> dict[str, list[int]]:
+        """The states of the subset generators by device (for checkpoints: an exact resume)."""
+        return {str(d): g.get_state().tolist() for d, g in self._generators.items()}
+
+    def set_rng_state(self, state: dict[str, list[int]]) -> None:
+        """Restore :meth:`rng_state`."""
+        for device, values in state.items():
+            self._generator(torch.device(device)).set_state(torch.tensor(values, dtype=torch.uint8))
+
+    def _make_param_hook(self, pid: int) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            if self._paused or self._replaying:
+                return
+            task = torch._C._current_graph_task_id()
+            current = self._task_pass.get(task) or (self.passes[-1] if self.passes else None)
+            if current is None:
+                return
+            current.tasks.add(task)
+            current.param_tasks.add(task)
+            self._task_pass.setdefault(task, current)
+            if pid in current.received:
+                current.repeated_backward = True
+            current.received.add(pid)
+            if current.audit is not None:
+                current.audit.record_grad(pid, grad)
+            if self._first_pass is None and self.lazy_first_pass:
+                self._first_pass = current
+            first = self._first_pass
+            if current is first and self._accumulates(task, pid):
+                current.lazy.add(pid)
+                return
+            if first is not None and pid in first.lazy:
+                # runs before AccumulateGrad: .grad still holds the first pass's gradient only
+                self._resolve_lazy(first, pid, 1.0)
+            self._add_grad_norm(current, pid, grad)
+
+        return hook
+
+    def _add_grad_norm(self, pass_: PassNorms, pid: int, grad: Tensor, factor: float = 1.0) -> None:
+        """Add |P ⊙ grad|² of one parameter to the pass's gradient norm (and its group's)."""
+        with torch.no_grad():
+            w2 = None if pass_.weights is None else pass_.weights.get(pid)
+            g = grad.detach()
+            sq = sqnorm(g) if w2 is None else (_acc(g).pow(2) * w2).sum()
+            if factor != 1.0:
+                sq = sq * factor
+            pass_.grad_sqnorm = sq if pass_.grad_sqnorm is None else pass_.grad_sqnorm + sq
+            if self._group_of is not None:
+                if pass_.group_grad_sqnorm is None:
+                    pass_.group_grad_sqnorm = sq.new_zeros(self.num_groups)
+                pass_.group_grad_sqnorm[self._group_of[pid]] += sq
+
+    def _accumulates(self, task: int, pid: int) -> bool:
+        """Whether the running backward writes .grad (backward(), not torch.autograd.grad)."""
+        known = self._task_accumulates.get(task)
+        if known is None:
+            node = self._acc_node.get(pid)
+            try:
+                known = node is not None and bool(torch._C._will_engine_execute_node(node))
+            except RuntimeError:  # autograd.grad(): .grad is not written, so no lazy reading
+                known = False
+            self._task_accumulates[task] = known
+        return known
+
+    def _resolve_lazy(self, pass_: PassNorms, pid: int, factor: float) -> None:
+        pass_.lazy.discard(pid)
+        grad = self._param[pid].grad
+        if grad is not None:
+            self._add_grad_norm(pass_, pid, grad, factor)
+
+    def _add(self, pass_: PassNorms, p: nn.Parameter, factor: Factor) -> None:
+        pid = id(p)
+        pass_.covered.add(pid)
+        if pass_.audit is not None:
+            pass_.audit.add_sum(pid, factor, p.shape)
+        if pass_.uses.get(pid, 1) == 1:
+            w2 = None if pass_.weights is None else pass_.weights.get(pid)
+            self._accumulate(
+                pass_, pid, factor.sqnorm() if w2 is None else weighted_sqnorm(factor, w2)
+            )
+            return
+        waiting = pass_.pending.setdefault(pid, [])
+        waiting.append(factor)
+        if len(waiting) == pass_.uses[pid]:
+            self._accumulate(pass_, pid, self._sqnorm_of_uses(pass_, p, waiting))
+            del pass_.pending[pid]
+
+    @staticmethod
+    def _sqnorm_of_uses(pass_: PassNorms, p: nn.Parameter, factors: list[Factor]) -> Tensor:
+        w2 = None if pass_.weights is None else pass_.weights.get(id(p))
+        if w2 is None:
+            return sqnorm_of_sum(factors, p.shape)
+        # weighted cross terms have no compact form: sum the materialised uses
+        total = sum(f.dense(p.shape) for f in factors)
+        return (total.pow(2) * w2).flatten(1).sum(1)
+
+    def _accumulate(self, pass_: PassNorms, pid: int, sq: Tensor) -> None:
+        sq = sq.to(torch.float64) if sq.dtype == torch.float64 else _acc(sq)
+        pass_.raw_sqnorms = sq if pass_.raw_sqnorms is None else pass_.raw_sqnorms + sq
+        if self._group_of is not None:
+            if pass_.group_sqnorms is None:
+                pass_.group_sqnorms = sq.new_zeros(sq.shape[0], self.num_groups)
+            pass_.group_sqnorms[:, self._group_of[pid]] += sq
+
+    # -- results ------------------------------------------------------------------------------
+
+    def collect(self, grad_rescale: float = 1.0, *, learn: bool = True) -> list[PassNorms]:
+        """Finish the open passes and return them, resetting the engine for the next step.
+
+        Passes that no backward reached are dropped; passes one backward ran through together
+        (two forwards, one loss) are merged into one.
+
+        Args:
+            grad_rescale: What ``.grad`` must be multiplied by to be in the hooks' units again
+                (the loss scale, when ``GradScaler.unscale_`` ran after the backward passes).
+            learn: When an audit finds a use the engine can handle from the next step on (a
+                parameter used outside its module, a layer whose input proved shared, an
+                operation that needs the fallback), withhold this pass's per-example norms
+                (:attr:`PassNorms.withheld`) and adapt; ``False`` refuses instead (one-shot
+                measurements).
+
+        Raises:
+            UnsupportedModuleError: if a parameter received a gradient but no per-example
+                contribution, or an audit failed in a way the engine cannot adapt to.
+            NoiseScaleInputError: if the trainable parameters changed since construction, a
+                backward with ``create_graph=True`` fed the parameters' gradients, or two
+                backward passes ran through one forward.
+        """
+        done, self.passes = self.passes, []
+        self._context.clear()
+        first, self._first_pass = self._first_pass, None
+        self._positions = 0
+        self._measured_found = False
+        reached = sum(1 for p in done if p.received)  # passes of the step, before merging
+        if first is not None and first.lazy and reached > 1:
+            # parameters no later pass touched: .grad is still the first pass's gradient
+            # (``grad_rescale`` undoes an AMP unscale_ of .grad that ran since the backward)
+            for pid in list(first.lazy):
+                self._resolve_lazy(first, pid, grad_rescale**2)
+        if first is not None:
+            first.lazy.clear()
+        self._task_accumulates.clear()
+        self._task_pass.clear()
+        trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
+        if trainable != set(self._param):
+            raise NoiseScaleInputError(
+                "the model's trainable parameters changed since the tracker was created "
+                "(a layer was frozen or unfrozen); create a new tracker after changing "
+                "requires_grad"
+            )
+        for pass_ in done:
+            if pass_.deferred and pass_.audit is not None:
+                pass_.audit.skip_sums.update(self._param)
+            for task, items in pass_.deferred.items():
+                if task in pass_.param_tasks:
+                    for p, factor in items:
+                        self._add(pass_, p, factor)
+            pass_.deferred.clear()
+            for slot in list(pass_.slots.values()):
+                # meetings whose output never reached the loss contribute nothing
+                if slot.arrived:
+                    self._finish_slot(pass_, slot, True)
+            pass_.slots.clear()
+            for pid, waiting in list(pass_.pending.items()):
+                # a use whose output never reached the loss contributes a zero gradient
+                self._accumulate(pass_, pid, self._sqnorm_of_uses(pass_, self._param[pid], waiting))
+            pass_.pending.clear()
+            if pass_.audited and pass_.rows is not None:
+                rows = pass_.rows
+                if pass_.raw_sqnorms is not None:
+                    pass_.raw_sqnorms = pass_.raw_sqnorms.index_select(
+                        0, rows.to(pass_.raw_sqnorms.device)
+                    )
+                if pass_.group_sqnorms is not None:
+                    pass_.group_sqnorms = pass_.group_sqnorms.index_select(
+                        0, rows.to(pass_.group_sqnorms.device)
+                    )
+            if pass_.row_weights is not None:  # importance weights of the drawn rows
+                w = pass_.row_weights
+                if pass_.raw_sqnorms is not None:
+                    pass_.raw_sqnorms = pass_.raw_sqnorms * w.to(pass_.raw_sqnorms.dtype)
+                if pass_.group_sqnorms is not None:
+                    wg = w.to(pass_.group_sqnorms.dtype)[:, None]
+                    pass_.group_sqnorms = pass_.group_sqnorms * wg
+            pass_.uses.clear()
+        for pass_ in done:
+            if pass_.second_order and pass_.received:
+                raise NoiseScaleInputError(
+                    "a backward with create_graph=True (a gradient penalty or double backward) "
+                    "ran through the model before the parameters' gradients were computed; "
+                    "per-example norms do not include its second-order terms. Use "
+                    "per_example=False (micro-batch norms are exact there)"
+                )
+            if pass_.repeated_backward:
+                raise NoiseScaleInputError(
+                    "two backward passes ran through one forward (retain_graph=True), so the "
+                    "gradient norms of their sum are unknown; add the losses and call backward "
+                    "once per forward"
+                )
+        done = [p for p in _merge_shared_backward(done) if p.received]
+        self.steps_collected += 1
+        self._audit_due = _audit_scheduled(self.steps_collected)
+        if done:
+            self.last_step_examples = sum(p.batch_size for p in done)
+            self.subset_position = 0
+            if reached > 1 and self.per_example_fraction < 1.0:
+                gen = self._generator(torch.device("cpu"))
+                self.subset_position = int(torch.randint(reached, (1,), generator=gen))
+        if self.per_example:
+            for pass_ in done:
+                self._settle(pass_, learn)
+        return done
+
+    def _settle(self, pass_: PassNorms, learn: bool) -> None:
+        """Check the pass's coverage and audit; adapt or refuse."""
+        if pass_.skipped:
+            return
+        if pass_.unsupported:
+            self._on_unsupported(pass_, learn)
+            if pass_.withheld is not None:
+                return
+        findings = (
+            pass_.audit.finish(pass_.received, self._param_name)
+            if pass_.audit is not None
+            else audit_mod.Findings()
+        )
+        missing = pass_.received - pass_.covered
+        if findings.ok and not missing:
+            if pass_.audit is not None:
+                self._audited_signatures.add(pass_.audit.signature)
+                if pass_.audit.unverified:
+                    self.audit_log.append(pass_.audit.unverified)
+            return
+        unexplained = set(findings.unexplained) | missing
+        if (
+            learn
+            and unexplained
+            and not findings.misattributed
+            and self._learn_direct_uses(pass_, sorted(unexplained))
+        ):
+            return
+        if findings.misattributed and not missing:
+            self._on_audit_failure(pass_, findings, learn)
+            return
+        if missing:
+            names = sorted(self._param_name[pid] for pid in missing)
+            for call in pass_.shared_calls:
+                if any(id(p) in missing for p in call.params.values()):
+                    raise UnsupportedModuleError(
+                        f"layer '{call.label}' received an input with leading dimension "
+                        f"{call.size} while the batch has {pass_.batch_size} examples, so "
+                        "noisescale treated its input as shared by all examples, but its output "
+                        "never met the batch (it was never combined with per-example "
+                        "activations). noisescale takes dim 0 of a layer's input as the example "
+                        "dimension: keep activations batch-first (time-major built-in layers "
+                        "such as nn.LSTM(batch_first=False) are handled), or use "
+                        "per_example=False"
+                    )
+            raise UnsupportedModuleError(
+                f"parameters {names} received gradients but noisescale saw no use of them that "
+                "it can attribute to examples (used outside their module, e.g. "
+                "`F.linear(x, other.weight)`, or in the loss outside the model's forward, e.g. "
+                "a weight penalty: use the optimizer's weight_decay instead). Call the owning "
+                "module, register a rule for the module that uses them "
+                "(noisescale.register_layer), or use per_example=False"
+            )
+        raise UnsupportedModuleError(findings.message(self._labels, None, self._param_name))
+
+    def _learn_direct_uses(self, pass_: PassNorms, pids: list[int]) -> bool:
+        """Follow rule-owned parameters through the whole forward from the next step on."""
+        new_scopes = []
+        for pid in pids:
+            holders = [(h, n) for h, n in self._holders(pid) if h in self._calls]
+            if not holders:
+                return False
+            for holder, name in holders:
+                known = any(
+                    h is holder and n == name for h, n, _ in self._scopes.get(self.model, [])
+                )
+                if known:
+                    return False  # already followed: the use is outside the forward
+                new_scopes.append((holder, name, pid))
+        first_time = self.model not in self._scopes
+        self._scopes.setdefault(self.model, []).extend(new_scopes)
+        if first_time:
+            self._install_scope(self.model)
+        names = sorted(self._param_name[pid] for pid in pids)
+        self._withhold(
+            pass_,
+            f"parameters {names} are used outside the layers that own them; their direct uses "
+            "in the model's forward are followed from the next step on",
+        )
+        return True
+
+    def _withhold(self, pass_: PassNorms, reason: str) -> None:
+        pass_.withheld = reason
+        pass_.raw_sqnorms = None
+        pass_.group_sqnorms = None
+        self.audit_log.append(reason)
+
+    def _on_unsupported(self, pass_: PassNorms, learn: bool) -> None:
+        owners: dict[nn.Module, str] = {}
+        for origin, op in pass_.unsupported:
+            scope = origin.scope
+            labels = sorted({s.label for s in origin.sources})
+            if scope is None or scope is self.model or not self.allow_fallback or not learn:
+                where = (
+                    f"inside module '{self._labels.get(scope, '?')}'" if scope is not None else ""
+                )
+                raise UnsupportedModuleError(
+                    f"parameters {labels} meet the batch {where} in the operation '{op}', which "
+                    "has no per-example rule"
+                    + (
+                        " (the top-level model cannot be re-run per example)"
+                        if scope is self.model
+                        else ""
+                    )
+                    + ". Register a rule for the module that owns them "
+                    "(noisescale.register_layer), move them into a layer with a rule, or use "
+                    "per_example=False"
+                )
+            owners[scope] = op
+        for scope in owners:
+            fallback.check(scope, self._labels[scope])
+            self._fallback.add(scope)
+            self._calls_fallback(scope)
+        names = ", ".join(f"'{self._labels[m]}' ({op})" for m, op in owners.items())
+        self._withhold(
+            pass_,
+            f"modules {names} use their parameters in operations without a per-example rule; "
+            "they are measured with the torch.func fallback from the next step on",
+        )
+
+    def _calls_fallback(self, module: nn.Module) -> None:
+        params = fallback.fallback_params(module)
+        rule = fallback.rule(self)
+        self._calls[module] = (rule, self._labels[module], params)
+        self._handles.append(module.register_forward_pre_hook(fallback.pre_hook(self)))
+        self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
+
+    def _on_audit_failure(
+        self, pass_: PassNorms, findings: audit_mod.Findings, learn: bool
+    ) -> None:
+        modules = findings.misattributed_modules()
+        learnable_calls = [m for m in modules if m is not None]
+        if (
+            learn
+            and findings.only_attribution
+            and learnable_calls
+            and len(learnable_calls) == len(modules)
+            and not any(m in self._learned_shared for m in learnable_calls)
+        ):
+            self._learned_shared.update(learnable_calls)
+            names = ", ".join(f"'{self._labels[m]}'" for m in learnable_calls)
+            self._withhold(
+                pass_,
+                f"the audit found that the input of layer(s) {names} is the same for every "
+                "example although its leading dimension has the batch's size (e.g. positions "
+                "arange(T) with T equal to the batch size); they are treated as shared from the "
+                "next step on",
+            )
+            return
+        raise UnsupportedModuleError(findings.message(self._labels, None, self._param_name))
+
+    def _holders(self, pid: int) -> list[tuple[nn.Module, str]]:
+        out = []
+        for module in self.model.modules():
+            for name, p in module._parameters.items():
+                if p is not None and id(p) == pid:
+                    out.append((module, name))
+        return out
+
+
+def _audit_scheduled(step: int) -> bool:
+    """Audit the first step, steps 2, 4, 8, …, 1024, and every 1024th after."""
+    return step < 1 or (step <= 1024 and step & (step - 1) == 0) or step % 1024 == 0
+
+
+def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
+    """Merge passes that one backward ran through: one micro-batch of all their examples."""
+    groups: list[list[PassNorms]] = []
+    for pass_ in passes:
+        joined = [g for g in groups if any(pass_.tasks & q.tasks for q in g)]
+        merged = [pass_]
+        for g in joined:
+            groups.remove(g)
+            merged = g + merged
+        groups.append(merged)
+    out = []
+    for group in groups:
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        first = group[0]
+        merged = PassNorms(batch_size=sum(p.batch_size for p in group), weights=first.weights)
+        for name in ("raw_sqnorms", "group_sqnorms"):
+            parts = [getattr(p, name) for p in group if getattr(p, name) is not None]
+            setattr(merged, name, torch.cat(parts) if parts else None)
+        for name in ("grad_sqnorm", "group_grad_sqnorm"):
+            parts = [getattr(p, name) for p in group if getattr(p, name) is not None]
+            setattr(merged, name, sum(parts[1:], parts[0]) if parts else None)
+        merged.skipped = all(p.skipped for p in group)
+        merged.audited = any(p.audited for p in group)
+        merged.audit = next((p.audit for p in group if p.audit is not None), None)
+        merged.unsupported = [u for p in group for u in p.unsupported]
+        if any(p.rows is not None or p.skipped for p in group) and not merged.skipped:
+            offset, taken = 0, []
+            for p in group:
+                if not p.skipped:
+                    r = p.rows if p.rows is not None else torch.arange(p.batch_size)
+                    taken.append(r.cpu() + offset)
+                offset += p.batch_size
+            merged.rows = torch.cat(taken)
+        for p in group:
+            merged.received |= p.received
+            merged.covered |= p.covered
+            merged.tasks |= p.tasks
+            merged.param_tasks |= p.param_tasks
+        out.append(merged)
+    return out
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _has_fsdp2(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _autocast_known(device: str) -> bool:
+    try:
+        torch.is_autocast_enabled(device)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    """The tensors in a model's output (a tensor, or tuples, lists and dicts of them)."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, PackedSequence):
+        return [value.data]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, list | tuple):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _first(output: Any) -> Any:
+    return output[0] if isinstance(output, tuple | list) else output
+
+
+def _flat_values(args: tuple, kwargs: dict) -> list[Any]:
+    out: list[Any] = []
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, list | tuple):
+            out.extend(v)
+        else:
+            out.append(v)
+    return out
+
+
+def _size_along(value: Any, dim: int) -> int | None:
+    if isinstance(value, PackedSequence):
+        return int(value.batch_sizes[0])
+    if isinstance(value, Tensor):
+        return int(value.shape[dim]) if value.dim() > dim else None
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        for v in value:
+            size = _size_along(v, dim)
+            if size is not None:
+                return size
+    return None
+
+
+def _first_size(args: tuple, kwargs: dict, dim: int) -> int | None:
+    for value in (*args, *kwargs.values()):
+        size = _size_along(value, dim)
+        if size is not None:
+            return size
+    return None
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
+    for v in _flat_values(args, kwargs):
+        if isinstance(v, Tensor):
+            return v
+    return None
+
+
+def _pattern(args: tuple, kwargs: dict, n: int) -> tuple:
+    """Which dimensions of each tensor input have the batch's size (the audit's structure)."""
+    out = []
+    for v in _flat_values(args, kwargs):
+        if isinstance(v, Tensor):
+            out.append(_shape_pattern(v, n))
+    return tuple(out)
+
+
+def _shape_pattern(t: Tensor | None, n: int) -> tuple:
+    if t is None:
+        return ()
+    return (t.dim(), tuple(i for i, s in enumerate(t.shape) if s == n))
+
+
+def _align(outs: list[Any], hooked: list[Tensor], grads: Sequence[Tensor | None]) -> tuple:
+    """Gradients in the order of ``outs`` (``None`` where an output was not hooked)."""
+    by_id = {id(t): g for t, g in zip(hooked, grads, strict=True)}
+    return tuple(by_id.get(id(o)) if isinstance(o, Tensor) else None for o in outs)
+
+
+def _move(saved: Any, dim: int, n: int) -> Any:
+    if isinstance(saved, Tensor):
+        return saved.movedim(dim, 0) if saved.dim() > dim and saved.shape[dim] == n else saved
+    if isinstance(saved, tuple | list):
+        return type(saved)(_move(v, dim, n) for v in saved)
+    if isinstance(saved, fallback.Saved):
+        return saved.map(lambda v: _move(v, dim, n))
+    return saved
+
+
+def _take_rows(saved: Any, rows: Tensor, n: int) -> Any:
+    """What a forward hook saved, restricted to the examples ``rows`` of a batch of ``n``."""
+    if isinstance(saved, Tensor):
+        return saved.index_select(0, rows) if saved.dim() > 0 and saved.shape[0] == n else saved
+    if isinstance(saved, tuple | list):
+        return type(saved)(_take_rows(v, rows, n) for v in saved)
+    if isinstance(saved, fallback.Saved):
+        return saved.map(lambda v: _take_rows(v, rows, n))
+    return saved
+
+
+def _expand_saved(saved: Any, k: int) -> Any:
+    """A shared call's saved input as if each of ``k`` examples had made the call."""
+    if isinstance(saved, Tensor):
+        return saved.unsqueeze(0).expand(k, *saved.shape)
+    if isinstance(saved, tuple | list):
+        return type(saved)(_expand_saved(v, k) for v in saved)
+    return saved
+
+
+def _unshare(value: Any) -> Any:
+    if isinstance(value, SharedTensor):
+        with torch._C.DisableTorchFunctionSubclass():
+            return value.as_subclass(Tensor).detach()
+    if isinstance(value, tuple):
+        return tuple(_unshare(v) for v in value)
+    if isinstance(value, list):
+        return [_unshare(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _unshare(v) for k, v in value.items()}
+    return value
+
+
+def _positions(x: Tensor, d: Tensor, dim: int, n: int) -> tuple[Tensor, Tensor]:
+    """Input and output gradient of a linear map as [N, positions, features]."""
+    if dim == 1 and x.dim() == 2 and x.shape[0] % n == 0:
+        # attention's output projection on [T·N, E], T-major (F.multi_head_attention_forward):
+        # in a time-major context a 2-D input is positions and examples flattened together
+        a = x.reshape(-1, n, x.shape[-1]).transpose(0, 1)
+        g = d.reshape(-1, n, d.shape[-1]).transpose(0, 1)
+    elif x.dim() > dim and x.shape[dim] == n:
+        a, g = x.movedim(dim, 0), d.movedim(dim, 0)
+    else:
+        a, g = x, d
+    return a.reshape(n, -1, a.shape[-1]), g.reshape(n, -1, g.shape[-1])
+
+
+def _route_sources(route: Any) -> list[Source]:
+    if isinstance(route, tuple) and len(route) == 3 and isinstance(route[0], Source):
+        return [route[0]]
+    return list(route[0].sources)
+
+
+def _device_of(output: Any, pass_: PassNorms) -> torch.device:
+    ts = _tensors(output)
+    return ts[0].device if ts else torch.device("cpu")

@@ -1,0 +1,198 @@
+"""The layer-rule registry: how the per-example gradients of one module type are computed.
+
+A *rule* turns what a module's forward saw (its input) and what its backward receives (the gradient
+of its output) into one :mod:`factor <noisescale.per_example.factors>` per parameter — an exact,
+compact form of every example's gradient of that parameter. Every built-in layer registers itself
+here the way a user's layer does (BackPACK's and Opacus's per-layer registries are the model)::
+
+    from noisescale import register_layer
+    from noisescale.per_example.factors import DenseFactor
+
+    class HeadwiseLinear(nn.Module):          # y[n, h, :] = x[n, h, :] @ W[h]
+        def forward(self, x):
+            return torch.einsum("nhd,hde->nhe", x, self.weight)
+
+    @register_layer(HeadwiseLinear)
+    def headwise_rule(module, x, grad_output):
+        # x: [N, H, D], grad_output: [N, H, E]; example n's gradient of W[h] is x[n, h] ⊗ δ[n, h]
+        return {"weight": DenseFactor(torch.einsum("nhd,nhe->nhde", x, grad_output))}
+
+The engine calls the rule in the backward pass, after moving the example dimension to dim 0, with
+the rows of a subset already selected. A rule that returns a factor for every trainable parameter
+its module owns (keyed by the parameters' names in the module) makes that module exact; the
+engine's coverage audit checks, on the first step and whenever the model's structure changes,
+that the factors add up to the gradient autograd computed, and refuses the step with a message
+otherwise.
+
+Rules are looked up along the module's class hierarchy; a subclass that overrides ``forward``
+does not inherit its base's rule (it may compute something else). A rule can also be registered
+under a class's qualified name (``"transformers.pytorch_utils.Conv1D"``), so that an optional
+library is not imported just to register it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from noisescale.per_example.factors import Factor
+
+__all__ = ["LayerRule", "register_layer", "rule_for", "supported_layers", "unregister_layer"]
+
+Factors = Callable[[nn.Module, Any, Any], dict[str, Factor]]
+
+
+def save_first_input(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+    """The default ``save``: the module's first positional argument."""
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """How per-example gradient factors of one module type are computed.
+
+    Attributes:
+        factors: ``factors(module, saved, grad_output) -> {param name: Factor}``. ``saved`` is
+            what ``save`` returned, ``grad_output`` the gradient of the module's output (a tuple
+            of gradients, ``None`` for outputs that received none, when ``outputs`` names
+            several), both with the examples in dim 0. Parameters that do not require a
+            gradient may be left out.
+        save: ``save(module, args, kwargs, output)``: what the backward needs (default: the
+            first input). Keep it small: it lives until the module's backward runs.
+        check: ``check(module, name)`` raises :class:`~noisescale.errors.UnsupportedModuleError`
+            for configurations the rule cannot handle; called when the engine is built and on
+            every forward call (e.g. a BatchNorm switched to training mode).
+        params: Names of the parameters the rule computes (``None``: all the module's own). A
+            module of this type that owns other trainable parameters is refused when the engine
+            is built.
+        outputs: ``outputs(module, output) -> [tensor, ...]``: the output tensors whose gradients
+            the rule needs (default: the output, or its first element for tuples).
+        batch_dims: ``batch_dims(module) -> (input dim, [output dims])``: where the examples are
+            (default: dim 0 everywhere). Used by rules for time-major layers.
+        batch_size: ``batch_size(module, args, kwargs) -> int``: examples in this call (default:
+            the size of the input's example dimension).
+        native_layout: The rule handles its own layout (``saved`` and the gradients are passed
+            as the module saw them, not moved to the example dimension); rows of a subset are
+            then selected by ``select``.
+        select: ``select(module, saved, rows) -> saved``: the saved state restricted to the
+            examples ``rows`` (needed with ``native_layout``).
+        name: A label for messages.
+    """
+
+    factors: Factors
+    save: Callable[[nn.Module, tuple, dict[str, Any], Any], Any] = save_first_input
+    check: Callable[[nn.Module, str], None] | None = None
+    params: tuple[str, ...] | None = ("weight", "bias")
+    outputs: Callable[[nn.Module, Any], Sequence[Tensor]] | None = None
+    batch_dims: Callable[[nn.Module], tuple[int, Sequence[int]]] | None = None
+    batch_size: Callable[[nn.Module, tuple, dict[str, Any]], int] | None = None
+    native_layout: bool = False
+    select: Callable[[nn.Module, Any, Tensor], Any] | None = None
+    name: str = field(default="", compare=False)
+
+
+_RULES: dict[type | str, LayerRule] = {}
+
+
+def _key(module_type: type | str) -> type | str:
+    if isinstance(module_type, str):
+        return module_type
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register_layer expects an nn.Module subclass, got {module_type!r}")
+    return module_type
+
+
+def register_layer(
+    module_type: type[nn.Module] | str,
+    rule: LayerRule | Factors | None = None,
+    **options: Any,
+) -> Any:
+    """Register the per-example gradient rule of a module type (the public extension point).
+
+    Three forms::
+
+        register_layer(MyLayer, my_factors)                      # a factors function
+        register_layer(MyLayer, LayerRule(my_factors, save=...))  # a full rule
+        @register_layer(MyLayer)                                  # as a decorator
+        def my_factors(module, x, grad_output): ...
+
+    Args:
+        module_type: The ``nn.Module`` subclass, or its qualified name
+            ``"package.module.ClassName"`` (matched without importing the package).
+        rule: A :class:`LayerRule`, or a factors function (then ``options`` are the other
+            :class:`LayerRule` fields).
+        **options: :class:`LayerRule` fields when ``rule`` is a function or the decorator form.
+
+    Returns:
+        The decorated function (decorator form) or the registered :class:`LayerRule`.
+
+    A registration replaces an earlier one for the same type (built-in rules included).
+    """
+    key = _key(module_type)
+    label = key if isinstance(key, str) else key.__name__
+
+    def add(fn: LayerRule | Factors) -> LayerRule:
+        made = fn if isinstance(fn, LayerRule) else LayerRule(fn, **options, name=label)
+        if isinstance(fn, LayerRule) and options:
+            raise TypeError("give either a LayerRule or a factors function with options")
+        _RULES[key] = made
+        return made
+
+    if rule is None:
+
+        def decorator(fn: Factors) -> Factors:
+            add(fn)
+            return fn
+
+        return decorator
+    return add(rule)
+
+
+def unregister_layer(module_type: type[nn.Module] | str) -> None:
+    """Remove the rule registered for ``module_type`` (no error if there is none)."""
+    _RULES.pop(_key(module_type), None)
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """The rule for this module, or ``None`` when its type (or a base it inherits ``forward``
+    from) has none."""
+    forward = type(module).forward
+    for cls in type(module).__mro__:
+        if cls is nn.Module:
+            break
+        rule = _RULES.get(cls) or _RULES.get(_qualname(cls))
+        if rule is not None:
+            # a subclass that overrides forward may compute something else
+            return rule if getattr(cls, "forward", None) is forward else None
+    return None
+
+
+def supported_layers() -> list[str]:
+    """Names of the module types with a registered rule."""
+    return sorted(k if isinstance(k, str) else k.__name__ for k in _RULES)
+
+
+def leading_size(value: Any, dim: int = 0) -> int | None:
+    """The size of ``dim`` of the first tensor in ``value`` (nested tuples, lists, dicts)."""
+    if isinstance(value, Tensor):
+        return int(value.shape[dim]) if value.dim() > dim else None
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        for v in value:
+            size = leading_size(v, dim)
+            if size is not None:
+                return size
+    return None
+
+
+def is_float(t: Any) -> bool:
+    return isinstance(t, Tensor) and torch.is_floating_point(t)

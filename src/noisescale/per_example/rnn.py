@@ -1,0 +1,274 @@
+"""nn.LSTM, nn.GRU and nn.RNN: exact per-example gradients by recomputing the recurrence.
+
+The fused recurrent kernel keeps its gate activations to itself, so in the backward pass the rule
+re-runs the recurrence step by step on the saved input (the whole batch at once, in float32 at
+least) and asks autograd for the gradients of the gate pre-activations,
+δ(ih) = ∂L/∂(x_t W_ihᵀ + b_ih) and δ(hh) = ∂L/∂(h_{t−1} W_hhᵀ + b_hh) at every step, given
+the gradients the module's outputs received (the output sequence, h_n and, for an LSTM, c_n).
+Then, as for a Linear layer over the T steps of an example, W_ih's per-example gradient is Σ_t δ(ih)_t x_tᵀ and W_hh's is
+Σ_t δ(hh)_t h_{t−1}ᵀ (for LSTM and RNN δ(hh) = δ(ih); a GRU multiplies the candidate's hidden
+part by the reset gate, so the two differ). It costs about one extra forward and backward of the
+recurrence (Opacus's ``DPLSTM`` pays the same by running its own cells in Python).
+
+Supported: any number of layers, bidirectional, ``batch_first`` either way (the time-major layout
+is handled, not refused), an initial state ``hx``, packed sequences (``PackedSequence``, sorted or
+not), heads on the outputs or on h_n/c_n. Refused: ``proj_size > 0`` and inter-layer ``dropout``
+in training mode (the fused kernel's dropout masks cannot be reproduced).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
+from noisescale.per_example.factors import DenseFactor, Factor, LinearFactor
+from noisescale.per_example.registry import LayerRule, register_layer
+
+
+def check(module: nn.RNNBase, name: str) -> None:
+    if getattr(module, "proj_size", 0) > 0:
+        raise UnsupportedModuleError(
+            f"module '{name}' (nn.LSTM with proj_size={module.proj_size}): projected LSTMs are "
+            "not supported; use proj_size=0 with an nn.Linear on the outputs, or "
+            "per_example=False"
+        )
+    if module.dropout > 0 and module.training and module.num_layers > 1:
+        raise UnsupportedModuleError(
+            f"module '{name}' ({type(module).__name__} with dropout={module.dropout}): the fused "
+            "kernel draws its dropout masks between layers internally, so per-example gradients "
+            "cannot be recomputed with the same masks. Use dropout=0 and put nn.Dropout between "
+            "single-layer modules (exact), or per_example=False"
+        )
+
+
+@dataclass
+class _Saved:
+    x: Tensor  # [N, T, I], batch first, padded with zeros past each length
+    lengths: Tensor | None  # [N] for packed input
+    hx: tuple[Tensor, ...] | None  # [L·D, N, H] each
+    packed: PackedSequence | None  # the packed input's metadata (for the output's gradient)
+    rows: Tensor | None = None
+
+
+def _batch_size(module: nn.RNNBase, args: tuple, kwargs: dict[str, Any]) -> int:
+    x = args[0] if args else kwargs["input"]
+    if isinstance(x, PackedSequence):
+        return int(x.batch_sizes[0])
+    if x.dim() != 3:
+        raise NoiseScaleInputError(
+            f"{type(module).__name__} was called with an unbatched {x.dim()}-D input; call it "
+            "with a batch (dim 0 = examples with batch_first=True)"
+        )
+    return int(x.shape[0 if module.batch_first else 1])
+
+
+def _save(module: nn.RNNBase, args: tuple, kwargs: dict[str, Any], output: Any) -> _Saved:
+    x = args[0] if args else kwargs["input"]
+    hx = args[1] if len(args) > 1 else kwargs.get("hx")
+    if hx is not None and not isinstance(hx, tuple):
+        hx = (hx,)
+    if isinstance(x, PackedSequence):
+        padded, lengths = pad_packed_sequence(x, batch_first=True)
+        return _Saved(padded.detach(), lengths.to(padded.device), _detach(hx), x)
+    data = x.detach() if module.batch_first else x.detach().transpose(0, 1)
+    return _Saved(data, None, _detach(hx), None)
+
+
+def _detach(hx: tuple[Tensor, ...] | None) -> tuple[Tensor, ...] | None:
+    return None if hx is None else tuple(h.detach() for h in hx)
+
+
+def _outputs(module: nn.RNNBase, output: Any) -> list[Tensor]:
+    out, hidden = output
+    data = out.data if isinstance(out, PackedSequence) else out
+    return [data, *(hidden if isinstance(hidden, tuple) else (hidden,))]
+
+
+def _batch_dims(module: nn.RNNBase) -> tuple[int, list[int]]:
+    seq = 0 if module.batch_first else 1
+    states = 2 if module.mode == "LSTM" else 1
+    return seq, [seq] + [1] * states
+
+
+def _select(module: nn.RNNBase, saved: _Saved, rows: Tensor) -> _Saved:
+    hx = None if saved.hx is None else tuple(h.index_select(1, rows) for h in saved.hx)
+    lengths = None if saved.lengths is None else saved.lengths.index_select(0, rows)
+    return _Saved(saved.x.index_select(0, rows), lengths, hx, saved.packed, rows)
+
+
+def _output_grad(module: nn.RNNBase, saved: _Saved, grad: Tensor | None, n: int) -> Tensor | None:
+    """The output's gradient as [N, T, D·H], batch first, in the saved examples' order."""
+    if grad is None:
+        return None
+    if saved.packed is not None:
+        p = saved.packed
+        packed = PackedSequence(grad, p.batch_sizes, p.sorted_indices, p.unsorted_indices)
+        grad, _ = pad_packed_sequence(packed, batch_first=True, total_length=saved.x.shape[1])
+    elif not module.batch_first:
+        grad = grad.transpose(0, 1)
+    return grad if saved.rows is None else grad.index_select(0, saved.rows)
+
+
+def _acc(x: Tensor) -> Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _factors(
+    module: nn.RNNBase, saved: _Saved, grads: tuple[Tensor | None, ...]
+) -> dict[str, Factor]:
+    n, steps = saved.x.shape[0], saved.x.shape[1]
+    hidden = module.hidden_size
+    directions = 2 if module.bidirectional else 1
+    lstm, gru = module.mode == "LSTM", module.mode == "GRU"
+    g_out = _output_grad(module, saved, grads[0], n)
+    g_states = []
+    for g in grads[1:]:
+        if g is not None and saved.rows is not None:
+            g = g.index_select(1, saved.rows)
+        g_states.append(g)
+    dtype = _acc(saved.x).dtype
+    mask = None
+    if saved.lengths is not None:
+        mask = torch.arange(steps, device=saved.x.device)[None, :] < saved.lengths[:, None]
+
+    ih_nodes: list[Tensor] = []
+    hh_nodes: list[list[Tensor]] = []
+    seq_inputs: list[Tensor] = []
+    prev_states: list[Tensor] = []
+    finals_h: list[Tensor] = []
+    finals_c: list[Tensor] = []
+    with torch.enable_grad():
+        layer_in = _acc(saved.x)
+        for layer in range(module.num_layers):
+            outs = []
+            for direction in range(directions):
+                sfx = f"_l{layer}" + ("_reverse" if direction else "")
+                w_ih = getattr(module, "weight_ih" + sfx).detach().to(dtype)
+                w_hh = getattr(module, "weight_hh" + sfx).detach().to(dtype)
+                b_ih = getattr(module, "bias_ih" + sfx, None)
+                b_hh = getattr(module, "bias_hh" + sfx, None)
+                ih = layer_in @ w_ih.t()
+                if b_ih is not None:
+                    ih = ih + b_ih.detach().to(dtype)
+                if not ih.requires_grad:
+                    ih.requires_grad_(True)
+                k = layer * directions + direction
+                h = _acc(saved.hx[0][k]) if saved.hx is not None else layer_in.new_zeros(n, hidden)
+                c = None
+                if lstm:
+                    c = (
+                        _acc(saved.hx[1][k])
+                        if saved.hx is not None
+                        else layer_in.new_zeros(n, hidden)
+                    )
+                hs: list[Tensor | None] = [None] * steps
+                prevs: list[Tensor | None] = [None] * steps
+                hh_list: list[Tensor] = []
+                order = range(steps - 1, -1, -1) if direction else range(steps)
+                for t in order:
+                    prevs[t] = h.detach()
+                    hh = h @ w_hh.t()
+                    if b_hh is not None:
+                        hh = hh + b_hh.detach().to(dtype)
+                    if gru:
+                        if not hh.requires_grad:  # the first step from a constant state
+                            hh.requires_grad_(True)
+                        hh_list.append(hh)
+                    x_t = ih[:, t]
+                    if lstm:
+                        i, f, g, o = (x_t + hh).chunk(4, 1)
+                        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+                    elif gru:
+                        ir, iz, in_ = x_t.chunk(3, 1)
+                        hr, hz, hn = hh.chunk(3, 1)
+                        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+                        cand = torch.tanh(in_ + r * hn)
+                        h_new = (1 - z) * cand + z * h
+                    else:
+                        pre = x_t + hh
+                        h_new = torch.tanh(pre) if module.mode == "RNN_TANH" else torch.relu(pre)
+                    if mask is not None:
+                        keep = mask[:, t : t + 1]
+                        h = torch.where(keep, h_new, h)
+                        if lstm:
+                            c = torch.where(keep, c_new, c)
+                        hs[t] = torch.where(keep, h_new, torch.zeros_like(h_new))
+                    else:
+                        h = h_new
+                        if lstm:
+                            c = c_new
+                        hs[t] = h_new
+                if gru and direction:
+                    hh_list.reverse()  # time order
+                outs.append(torch.stack(hs, 1))  # type: ignore[arg-type]
+                ih_nodes.append(ih)
+                hh_nodes.append(hh_list)
+                seq_inputs.append(layer_in.detach())
+                prev_states.append(torch.stack(prevs, 1))  # type: ignore[arg-type]
+                finals_h.append(h)
+                if lstm:
+                    finals_c.append(c)  # type: ignore[arg-type]
+            layer_in = torch.cat(outs, 2) if directions == 2 else outs[0]
+        outputs, grad_outputs = [], []
+        if g_out is not None:
+            outputs.append(layer_in)
+            grad_outputs.append(g_out.to(dtype))
+        if len(g_states) > 0 and g_states[0] is not None:
+            outputs.append(torch.stack(finals_h))
+            grad_outputs.append(g_states[0].to(dtype))
+        if lstm and len(g_states) > 1 and g_states[1] is not None:
+            outputs.append(torch.stack(finals_c))
+            grad_outputs.append(g_states[1].to(dtype))
+        targets = list(ih_nodes) + [t for hl in hh_nodes for t in hl]
+        found = torch.autograd.grad(outputs, targets, grad_outputs, allow_unused=True)
+    d_ih = [_zero_if_none(g, t) for g, t in zip(found[: len(ih_nodes)], ih_nodes, strict=True)]
+    rest = list(found[len(ih_nodes) :])
+    out: dict[str, Factor] = {}
+    for k in range(len(ih_nodes)):
+        layer, direction = divmod(k, directions)
+        sfx = f"_l{layer}" + ("_reverse" if direction else "")
+        if gru:
+            count = len(hh_nodes[k])
+            parts, rest = rest[:count], rest[count:]
+            d_hh = torch.stack(
+                [_zero_if_none(g, t) for g, t in zip(parts, hh_nodes[k], strict=True)], 1
+            )
+        else:
+            d_hh = d_ih[k]
+        params = {
+            "weight_ih" + sfx: LinearFactor(seq_inputs[k], d_ih[k]),
+            "weight_hh" + sfx: LinearFactor(prev_states[k], d_hh),
+            "bias_ih" + sfx: DenseFactor(d_ih[k].sum(1)),
+            "bias_hh" + sfx: DenseFactor(d_hh.sum(1)),
+        }
+        for name, factor in params.items():
+            p = getattr(module, name, None)
+            if p is not None and p.requires_grad:
+                out[name] = factor
+    return out
+
+
+def _zero_if_none(g: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if g is None else g
+
+
+_RULE = LayerRule(
+    _factors,
+    save=_save,
+    check=check,
+    params=None,  # every parameter the module owns
+    outputs=_outputs,
+    batch_dims=_batch_dims,
+    batch_size=_batch_size,
+    native_layout=True,
+    select=_select,
+    name="RNN",
+)
+for _type in (nn.LSTM, nn.GRU, nn.RNN):
+    register_layer(_type, _RULE)

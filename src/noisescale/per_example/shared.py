@@ -1,0 +1,610 @@
+"""Tensors shared by every example, followed to where they meet the batch.
+
+Not every use of a parameter is a call of a layer with a rule. A class token is expanded over the
+batch (``cls_token.expand(N, -1, -1)``), a learned position table or a layer scale is added or
+multiplied in (``x + pos``, ``gamma * x``), a norm written by a model library scales by its weight
+(``weight * x̂``, ``x̂ * (1 + weight)``), an output head reuses an embedding through
+``F.linear(h, emb.weight)``, a position table is looked up with indices shared by the batch
+(``wpe(arange(T))``, T5's relative-position buckets) and only then added to per-example
+activations. In each case the tensor that carries the parameter is the same for every example until
+one operation *meets the batch*: it broadcasts the shared tensor over the examples (or contracts it
+with per-example activations), and autograd sums the examples' gradients right there.
+
+:class:`SharedTensor` is that tensor. The engine hands it out in place of a parameter while the
+module that owns the parameter runs (``module._parameters[name]`` holds an alias of the parameter
+for the duration of the call), and in place of the output of a layer with a rule whose input is not
+per-example (a *shared call*: its input has no example dimension of the batch's size). Operations
+on shared tensors alone give shared tensors (same sources). An operation that meets the batch is
+rewritten into an equivalent one whose gradient is per example:
+
+* elementwise broadcasting (``+ − * /``, ``where``, ``addcmul``, …) and ``expand``/``broadcast_to``:
+  the shared operand is expanded to the batch's shape first (a view; the values are the same), and
+  a hook on the expanded tensor receives each example's gradient, [N, *shape];
+* ``F.linear``/``matmul``/``addmm`` with a shared weight, ``F.embedding`` with a shared table and
+  ``F.conv*`` with a shared kernel: the per-example gradient is the layer rule's factor (never
+  materialised when the shared tensor is the parameter itself or a row block or transpose of it);
+* ``F.layer_norm``/``group_norm``/``rms_norm``/``batch_norm`` (evaluation statistics) with a shared
+  affine weight: normalisation without affine, then the elementwise rule.
+
+Each example's gradient of the shared tensor is then carried back to its sources (the parameters
+and shared calls it was computed from) with one batched vector–Jacobian product through the shared
+computation (``torch.autograd.grad(..., is_grads_batched=True)``), and a shared call's per-example
+output gradients go through its layer rule as if every example had made the call. An operation
+that meets the batch in another way is recorded as unsupported: the owning module then falls back
+to :mod:`torch.func` from the next step on, or the step is refused with a message that names the
+operation.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from noisescale.per_example.engine import PassNorms, PerExampleNorms
+
+__all__ = ["SharedTensor", "Source"]
+
+
+@dataclass(eq=False)
+class Source:
+    """Where a shared tensor's gradient must go: a parameter, or the output of a shared call.
+
+    Attributes:
+        tensor: The alias of the parameter (or the call's output) handed to the forward; the
+            target of the batched vector–Jacobian product.
+        pid: ``id`` of the parameter (parameter sources).
+        call: The shared call (call sources): module, rule, saved input, label, parameters.
+    """
+
+    tensor: Tensor
+    pid: int | None = None
+    call: Any = None
+    label: str = ""
+
+
+@dataclass(eq=False)
+class Origin:
+    """What a shared tensor knows: the engine, the pass it belongs to, its sources."""
+
+    engine: PerExampleNorms
+    pass_: PassNorms
+    sources: tuple[Source, ...]
+    scope: Any = None  # the owner-module call it was created in (for the fallback on failure)
+
+
+def _origin(t: Any) -> Origin | None:
+    return getattr(t, "_ns_origin", None) if isinstance(t, SharedTensor) else None
+
+
+def wrap(t: Tensor, origin: Origin) -> SharedTensor:
+    """``t`` as a shared tensor with ``origin`` (a view: values and autograd history kept)."""
+    with torch._C.DisableTorchFunctionSubclass():
+        s = t.as_subclass(SharedTensor)
+    s._ns_origin = origin  # type: ignore[attr-defined]
+    return s
+
+
+def _plain(t: Tensor) -> Tensor:
+    if isinstance(t, SharedTensor):
+        with torch._C.DisableTorchFunctionSubclass():
+            return t.as_subclass(Tensor)
+    return t
+
+
+def _flat(value: Any, out: list[Any]) -> None:
+    if isinstance(value, list | tuple):
+        for v in value:
+            _flat(v, out)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _flat(v, out)
+    else:
+        out.append(value)
+
+
+def _map(value: Any, fn: Callable[[Any], Any]) -> Any:
+    if isinstance(value, list):
+        return [_map(v, fn) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_map(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map(v, fn) for k, v in value.items()}
+    return fn(value)
+
+
+def _merge(origins: list[Origin]) -> Origin:
+    first = origins[0]
+    if len(origins) == 1:
+        return first
+    seen: dict[int, Source] = {}
+    for o in origins:
+        for s in o.sources:
+            seen.setdefault(id(s), s)
+    return Origin(first.engine, first.pass_, tuple(seen.values()), first.scope)
+
+
+class SharedTensor(Tensor):
+    """A tensor that is the same for every example: a parameter, or computed from parameters.
+
+    See the module docstring. Only operations that involve a shared tensor pay the Python
+    dispatch; everything else in the forward runs as usual.
+    """
+
+    @classmethod
+    def __torch_function__(
+        cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        flat: list[Any] = []
+        _flat(args, flat)
+        _flat(kwargs, flat)
+        origins = [o for o in map(_origin, flat) if o is not None]
+        if not origins:  # e.g. a property read on a result
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        origin = _merge(origins)
+        engine = origin.engine
+        if not engine.tracks_shared():
+            with torch._C.DisableTorchFunctionSubclass():
+                return _unwrap(func(*args, **kwargs))
+        return _dispatch(func, args, kwargs, flat, origin)
+
+
+def _unwrap(value: Any) -> Any:
+    return _map(value, lambda v: _plain(v) if isinstance(v, Tensor) else v)
+
+
+def _rewrap(value: Any, origin: Origin) -> Any:
+    def fn(v: Any) -> Any:
+        if isinstance(v, Tensor) and not isinstance(v, SharedTensor):
+            return wrap(v, origin)
+        if isinstance(v, SharedTensor) and getattr(v, "_ns_origin", None) is None:
+            v._ns_origin = origin  # type: ignore[attr-defined]
+        return v
+
+    return _map(value, fn)
+
+
+# -- classification ---------------------------------------------------------------------------
+
+_ELEMENTWISE_NAMES = {
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "true_divide", "true_divide_",
+    "where", "addcmul", "addcmul_", "addcdiv", "addcdiv_", "lerp", "lerp_", "maximum", "minimum",
+    "rsub", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__",
+    "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__", "__div__", "__rdiv__",
+    "__idiv__", "multiply", "subtract", "divide", "fmax", "fmin",
+}  # fmt: skip
+_EXPAND_NAMES = {"expand", "expand_as", "broadcast_to"}
+_LINEAR = {F.linear, torch._C._nn.linear}
+_MATMUL_NAMES = {"matmul", "__matmul__", "mm"}
+_CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_NORM = {F.layer_norm, F.group_norm, F.batch_norm, getattr(F, "rms_norm", None)} - {None}
+
+
+def _name(func: Any) -> str:
+    return getattr(func, "__name__", str(func))
+
+
+def _batched(t: Any, n: int, dim: int) -> bool:
+    """A per-example tensor: not shared, not a parameter, the batch's size along ``dim``."""
+    return (
+        isinstance(t, Tensor)
+        and not isinstance(t, SharedTensor | nn.Parameter)
+        and t.dim() > dim
+        and t.shape[dim] == n
+    )
+
+
+def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Origin) -> Any:
+    engine = origin.engine
+    pass_ = engine.open_pass()
+    if pass_ is None:  # after the step's passes closed (e.g. a loss term read after forward)
+        with torch._C.DisableTorchFunctionSubclass():
+            return _rewrap(func(*args, **kwargs), origin)
+    n, dim = pass_.batch_size, engine.batch_dim()
+    name = _name(func)
+    batched = [t for t in flat if _batched(t, n, dim)]
+    if func in _LINEAR:
+        x = args[0] if args else kwargs.get("input")
+        if _linear_input(x, n, dim):
+            return _linear(func, args, kwargs, origin, pass_, n, dim)
+    if name in _MATMUL_NAMES and batched:
+        return _matmul(func, args, kwargs, origin, pass_, n, dim)
+    if func is F.embedding and batched:
+        return _embedding(args, kwargs, origin, pass_, n, dim)
+    if name == "__getitem__" and batched and _is_lookup(args):
+        # table[idx] with per-example integer indices: an embedding lookup into the rows
+        return _embedding((args[1], args[0]), {}, origin, pass_, n, dim, flatten=True)
+    if func in _CONV and batched:
+        return _conv(func, args, kwargs, origin, pass_, n, dim)
+    if func in _NORM and batched:
+        return _norm(func, args, kwargs, origin, pass_)
+    if func is F.scaled_dot_product_attention and batched:
+        return _attention(func, args, kwargs, origin, pass_)
+    if func is F.prelu and batched and isinstance(args[1], SharedTensor):
+        # max(0, x) + w·min(0, x), with w per channel (dim 1) or a single slope
+        x, w = args
+        shape = (-1,) + (1,) * (x.dim() - 2) if w.numel() > 1 and x.dim() > 1 else (-1,)
+        neg = torch.clamp(x, max=0)
+        return torch.clamp(x, min=0) + w.reshape(shape) * neg
+    if name in _ELEMENTWISE_NAMES or name in _EXPAND_NAMES:
+        shapes = [tuple(t.shape) for t in flat if isinstance(t, Tensor)]
+        try:
+            out_shape = torch.broadcast_shapes(*shapes)
+        except RuntimeError:
+            out_shape = None
+        if name in _EXPAND_NAMES:
+            with torch._C.DisableTorchFunctionSubclass():
+                result = func(*_unwrap(args), **_unwrap(kwargs))
+            src = args[0]
+            if (
+                isinstance(src, SharedTensor)
+                and result.dim() > dim
+                and result.shape[dim] == n
+                and _broadcast_along(tuple(src.shape), tuple(result.shape), dim)
+            ):
+                engine.add_meeting(pass_, Meeting("expand", src, origin, hooked=result))
+                return result
+            return _rewrap(result, origin)
+        if out_shape is not None and batched and len(out_shape) > dim and out_shape[dim] == n:
+            return _elementwise(func, args, kwargs, origin, pass_, tuple(out_shape))
+    if batched and inspect.isfunction(func):
+        # a function written in Python (F.multi_head_attention_forward, …) dispatches once on
+        # all its tensors: run its body, whose operations are then seen one by one
+        return _composite(func, args, kwargs)
+    if batched:
+        return _unsupported(func, args, kwargs, origin, pass_)
+    with torch._C.DisableTorchFunctionSubclass():
+        result = func(*args, **kwargs)
+    return _rewrap(result, origin)
+
+
+def _linear_input(x: Any, n: int, dim: int) -> bool:
+    if not isinstance(x, Tensor) or isinstance(x, SharedTensor):
+        return False
+    if dim == 1 and x.dim() == 2:
+        # attention's output projection runs on [T·N, E], T-major, inside a time-major context
+        return n > 0 and x.shape[0] % n == 0
+    return x.dim() > dim and x.shape[dim] == n
+
+
+_CHECKS = ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic")
+
+
+def _broadcast_along(src: tuple[int, ...], out: tuple[int, ...], dim: int) -> bool:
+    lead = len(out) - len(src)
+    return dim < lead or src[dim - lead] == 1
+
+
+def _attention(func: Any, args: tuple, kwargs: dict, origin: Origin, pass_: PassNorms) -> Any:
+    """``scaled_dot_product_attention`` with a shared additive mask (T5's position bias): the
+    mask is added to the scores, so it is expanded to their shape like an elementwise operand."""
+    names = ("query", "key", "value", "attn_mask")
+    bound = dict(zip(names, args, strict=False))
+    bound.update(kwargs)
+    q, k, mask = bound["query"], bound["key"], bound.get("attn_mask")
+    if not isinstance(mask, SharedTensor) or any(
+        isinstance(bound.get(n), SharedTensor) for n in ("query", "key", "value")
+    ):
+        return _unsupported(func, args, kwargs, origin, pass_)
+    scores = (*q.shape[:-1], k.shape[-2])
+    shape = tuple(torch.broadcast_shapes(tuple(mask.shape), scores))
+    with torch._C.DisableTorchFunctionSubclass():
+        expanded = mask.expand(shape)
+        bound["attn_mask"] = expanded
+        result = func(**{k: _plain(v) if isinstance(v, Tensor) else v for k, v in bound.items()})
+    origin.engine.add_meeting(pass_, Meeting("expand", mask, mask._ns_origin, hooked=expanded))
+    return result
+
+
+def _composite(func: Any, args: tuple, kwargs: dict) -> Any:
+    """Run a Python function's body on shared tensors, so that its operations are seen.
+
+    Such a function (``F.multi_head_attention_forward``) first asks whether any argument
+    overrides torch functions and, if so, hands the whole call to the override. The first such
+    question is answered "no" (once), so the body runs and each operation in it dispatches on
+    the shared tensors it touches.
+    """
+    scope = func.__globals__
+    saved = {name: scope[name] for name in _CHECKS if name in scope}
+
+    def restore() -> None:
+        scope.update(saved)
+
+    def once(*_: Any) -> bool:
+        restore()
+        return False
+
+    for name in saved:
+        scope[name] = once
+    try:
+        return func(*args, **kwargs)
+    finally:
+        restore()
+
+
+# -- meetings ---------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Meeting:
+    """One place where a shared tensor meets the batch, and what its backward needs.
+
+    ``hooked`` is the tensor whose gradient arrives: the expanded shared operand (elementwise,
+    expand) or the operation's output (linear, embedding, conv).
+    """
+
+    kind: str  # "expand" (elementwise included), "linear", "embedding", "conv"
+    shared: SharedTensor | None
+    origin: Origin
+    hooked: Tensor | None = None
+    box: list[Any] = field(default_factory=list)  # what the backward needs (inputs), emptied
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _elementwise(
+    func: Any, args: tuple, kwargs: dict, origin: Origin, pass_: PassNorms, shape: tuple
+) -> Any:
+    engine = origin.engine
+    meetings: list[Meeting] = []
+
+    def expand(v: Any) -> Any:
+        if isinstance(v, SharedTensor):
+            with torch._C.DisableTorchFunctionSubclass():
+                e = v.expand(shape)
+            m = Meeting("expand", v, origin, hooked=e)
+            meetings.append(m)
+            return e
+        return v
+
+    new_args, new_kwargs = _map(args, expand), _map(kwargs, expand)
+    with torch._C.DisableTorchFunctionSubclass():
+        result = func(*new_args, **new_kwargs)
+    for m in meetings:
+        engine.add_meeting(pass_, m)
+    return result
+
+
+def _linear(
+    func: Any, args: tuple, kwargs: dict, origin: Origin, pass_: PassNorms, n: int, dim: int
+) -> Any:
+    x = args[0] if args else kwargs["input"]
+    w = args[1] if len(args) > 1 else kwargs.get("weight")
+    b = args[2] if len(args) > 2 else kwargs.get("bias")
+    if isinstance(x, SharedTensor):
+        return _unsupported(func, args, kwargs, origin, pass_)
+    with torch._C.DisableTorchFunctionSubclass():
+        y = F.linear(x, _plain(w), None if b is None else _plain(b))
+    m = Meeting("linear", None, origin, hooked=y)
+    m.box.append(x.detach())
+    m.extra.update(weight=w, bias=b, dim=dim, transposed=False)
+    origin.engine.add_meeting(pass_, m)
+    return y
+
+
+def _matmul(
+    func: Any, args: tuple, kwargs: dict, origin: Origin, pass_: PassNorms, n: int, dim: int
+) -> Any:
+    x, w = args[0], args[1]
+    # x @ W with a shared 2-D W on the right: a linear layer whose weight is stored [in, out]
+    if isinstance(x, SharedTensor) or not isinstance(w, SharedTensor) or w.dim() != 2:
+        return _unsupported(func, args, kwargs, origin, pass_)
+    with torch._C.DisableTorchFunctionSubclass():
+        y = func(x, _plain(w))
+    m = Meeting("linear", None, origin, hooked=y)
+    m.box.append(x.detach())
+    m.extra.update(weight=w, bias=None, dim=dim, transposed=True)
+    origin.engine.add_meeting(pass_, m)
+    return y
+
+
+def _is_lookup(args: tuple) -> bool:
+    table, idx = args[0], args[1] if len(args) > 1 else None
+    return (
+        isinstance(table, SharedTensor)
+        and isinstance(idx, Tensor)
+        and not isinstance(idx, SharedTensor)
+        and idx.dtype in (torch.int64, torch.int32)
+        and table.dim() >= 1
+    )
+
+
+def _embedding(
+    args: tuple,
+    kwargs: dict,
+    origin: Origin,
+    pass_: PassNorms,
+    n: int,
+    dim: int,
+    *,
+    flatten: bool = False,
+) -> Any:
+    names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq")
+    bound = dict(zip(names, args, strict=False))
+    bound.update(kwargs)
+    idx, w = bound["input"], bound["weight"]
+    if bound.get("scale_grad_by_freq") or bound.get("sparse") or isinstance(idx, SharedTensor):
+        return _unsupported(F.embedding, args, kwargs, origin, pass_)
+    with torch._C.DisableTorchFunctionSubclass():
+        if flatten:  # table[idx] on a table of any shape: rows of the flattened table
+            table = _plain(w)
+            y = F.embedding(idx, table.reshape(table.shape[0], -1)).reshape(
+                *idx.shape, *table.shape[1:]
+            )
+        else:
+            y = F.embedding(
+                **{k: _plain(v) if isinstance(v, Tensor) else v for k, v in bound.items()}
+            )
+    m = Meeting("embedding", None, origin, hooked=y)
+    m.box.append(idx)
+    m.extra.update(weight=w, padding_idx=bound.get("padding_idx"), dim=dim, flatten=flatten)
+    origin.engine.add_meeting(pass_, m)
+    return y
+
+
+class _ConvSpec:
+    """The attributes of a convolution module the conv rule reads, for a functional call."""
+
+    def __init__(self, weight: Tensor, bias: Any, dims: int, stride: Any, padding: Any,
+                 dilation: Any, groups: int) -> None:  # fmt: skip
+        def tup(v: Any) -> Any:
+            return (
+                v
+                if isinstance(v, str)
+                else tuple(v)
+                if isinstance(v, list | tuple)
+                else (v,) * dims
+            )
+
+        self.weight, self.bias = weight, bias
+        self.stride, self.padding, self.dilation = tup(stride), tup(padding), tup(dilation)
+        self.groups = groups
+        self.padding_mode = "zeros"
+        self.kernel_size = tuple(weight.shape[2:])
+        self.out_channels = weight.shape[0]
+
+
+def _conv(
+    func: Any, args: tuple, kwargs: dict, origin: Origin, pass_: PassNorms, n: int, dim: int
+) -> Any:
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    bound = dict(zip(names, args, strict=False))
+    bound.update(kwargs)
+    x, w = bound["input"], bound["weight"]
+    if isinstance(x, SharedTensor) or dim != 0:
+        return _unsupported(func, args, kwargs, origin, pass_)
+    with torch._C.DisableTorchFunctionSubclass():
+        y = func(**{k: _plain(v) if isinstance(v, Tensor) else v for k, v in bound.items()})
+    spec = _ConvSpec(
+        w,
+        bound.get("bias"),
+        _CONV[func],
+        bound.get("stride", 1),
+        bound.get("padding", 0),
+        bound.get("dilation", 1),
+        bound.get("groups", 1),
+    )
+    m = Meeting("conv", None, origin, hooked=y)
+    m.box.append(x.detach())
+    m.extra.update(spec=spec, weight=w, bias=bound.get("bias"), dim=dim)
+    origin.engine.add_meeting(pass_, m)
+    return y
+
+
+def _norm(func: Any, args: tuple, kwargs: dict, origin: Origin, pass_: PassNorms) -> Any:
+    """Normalisation without the shared affine parameters, then the elementwise rule."""
+    x = args[0]
+    if func is F.layer_norm or func is getattr(F, "rms_norm", None):
+        names = ("input", "normalized_shape", "weight", "bias", "eps")
+        if func is not F.layer_norm:
+            names = ("input", "normalized_shape", "weight", "eps")
+        bound = dict(zip(names, args, strict=False))
+        bound.update(kwargs)
+        w, b = bound.pop("weight", None), bound.pop("bias", None)
+        with torch._C.DisableTorchFunctionSubclass():
+            y = func(**{k: _plain(v) if isinstance(v, Tensor) else v for k, v in bound.items()})
+        shape: tuple[int, ...] | None = None  # the affine parameters cover the trailing dims
+    else:
+        if func is F.group_norm:
+            names = ("input", "num_groups", "weight", "bias", "eps")
+        else:
+            names = (
+                "input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
+                "eps",
+            )  # fmt: skip
+        bound = dict(zip(names, args, strict=False))
+        bound.update(kwargs)
+        if func is F.batch_norm and bound.get("training", False):
+            return _unsupported(func, args, kwargs, origin, pass_)
+        w, b = bound.pop("weight", None), bound.pop("bias", None)
+        with torch._C.DisableTorchFunctionSubclass():
+            y = func(**{k: _plain(v) if isinstance(v, Tensor) else v for k, v in bound.items()})
+        shape = (-1,) + (1,) * (x.dim() - 2)  # per channel (dim 1)
+    if w is not None:
+        y = y * (w if shape is None else w.reshape(shape))
+    if b is not None:
+        y = y + (b if shape is None else b.reshape(shape))
+    return _plain(y) if isinstance(y, SharedTensor) else y
+
+
+def _unsupported(func: Any, args: tuple, kwargs: dict, origin: Origin, pass_: PassNorms) -> Any:
+    origin.engine.record_unsupported(pass_, origin, _name(func))
+    with torch._C.DisableTorchFunctionSubclass():
+        return _unwrap(func(*args, **kwargs))
+
+
+# -- per-example gradients of a shared operand ----------------------------------------------------
+
+
+def per_example_reduce(grad: Tensor, shape: tuple[int, ...], dim: int, n: int) -> Tensor:
+    """Each example's gradient of a shared tensor of ``shape`` from the gradient of its expansion.
+
+    ``grad`` has the broadcast shape, with the examples along ``dim``. Returns [N, *shape]: the
+    gradient summed over the dimensions the shared tensor was broadcast along, except ``dim``.
+    When the shared tensor itself has the batch's size along ``dim`` (no broadcast there),
+    example i's gradient is nonzero in row i only.
+    """
+    out_nd = grad.dim()
+    lead = out_nd - len(shape)
+    full = (1,) * lead + tuple(shape)
+    sum_dims = [j for j in range(out_nd) if j != dim and full[j] == 1 and grad.shape[j] != 1]
+    r = grad.sum(sum_dims, keepdim=True) if sum_dims else grad
+    if dim >= lead and full[dim] == n and grad.shape[dim] == n and shape[dim - lead] != 1:
+        # example i touches row i of the shared tensor only
+        rm = r.movedim(dim, 0)  # [N, rest of out dims]
+        diag = rm.new_zeros(n, *rm.shape)
+        idx = torch.arange(n, device=r.device)
+        diag[idx, idx] = rm
+        diag = diag.movedim(1, 1 + dim)  # [N, *out dims]
+        return diag.reshape(n, *shape)
+    return r.movedim(dim, 0).reshape(n, *shape)
+
+
+def view_relation(w: Tensor, alias: Tensor) -> tuple[str, int, int] | None:
+    """How a shared weight relates to a parameter's alias without materialising per-example
+    gradients: ``("same", 0, 0)``, ``("t", 0, 0)`` (2-D transpose) or ``("rows", start, stop)``
+    (a block of rows). ``None`` otherwise."""
+    if w is alias:
+        return ("same", 0, 0)
+    with torch._C.DisableTorchFunctionSubclass():
+        wp, ap = w.as_subclass(Tensor), alias.as_subclass(Tensor)
+        if wp.untyped_storage().data_ptr() != ap.untyped_storage().data_ptr():
+            return None
+        if wp.dtype != ap.dtype:
+            return None
+        if (
+            wp.shape == ap.shape
+            and wp.stride() == ap.stride()
+            and wp.storage_offset() == ap.storage_offset()
+        ):
+            return ("same", 0, 0)
+        if (
+            ap.dim() == 2
+            and wp.dim() == 2
+            and wp.shape == ap.shape[::-1]
+            and wp.stride() == ap.stride()[::-1]
+            and wp.storage_offset() == ap.storage_offset()
+        ):
+            return ("t", 0, 0)
+        if (
+            ap.dim() >= 1
+            and wp.dim() == ap.dim()
+            and wp.shape[1:] == ap.shape[1:]
+            and wp.stride() == ap.stride()
+            and ap.is_contiguous()
+        ):
+            row = ap.stride(0)
+            offset = wp.storage_offset() - ap.storage_offset()
+            if row > 0 and offset % row == 0:
+                start = offset // row
+                stop = start + wp.shape[0]
+                if start >= 0 and stop <= ap.shape[0]:
+                    return ("rows", start, stop)
+    return None
