@@ -2,13 +2,13 @@
 
 The fused recurrent kernel keeps its gate activations to itself, so in the backward pass the rule
 re-runs the recurrence step by step on the saved input (the whole batch at once, in float32 at
-least) and asks autograd for the gradients of the gate pre-activations,
-δ(ih) = ∂L/∂(x_t W_ihᵀ + b_ih) and δ(hh) = ∂L/∂(h_{t−1} W_hhᵀ + b_hh) at every step, given
-the gradients the module's outputs received (the output sequence, h_n and, for an LSTM, c_n).
-Then, as for a Linear layer over the T steps of an example, W_ih's per-example gradient is
-Σ_t δ(ih)_t x_tᵀ and W_hh's is Σ_t δ(hh)_t h_{t−1}ᵀ (for LSTM and RNN δ(hh) = δ(ih); a GRU multiplies the candidate's hidden
-part by the reset gate, so the two differ). It costs about one extra forward and backward of the
-recurrence (Opacus's ``DPLSTM`` pays the same by running its own cells in Python).
+least) and asks autograd for the gradients of the gate pre-activations, δ(ih) = ∂L/∂(x_t W_ihᵀ +
+b_ih) and δ(hh) = ∂L/∂(h_{t−1} W_hhᵀ + b_hh) at every step, given the gradients the module's outputs
+received (the output sequence, h_n and, for an LSTM, c_n). Then, as for a Linear layer over the T
+steps of an example, W_ih's per-example gradient is Σ_t δ(ih)_t x_tᵀ and W_hh's is Σ_t δ(hh)_t
+h_{t−1}ᵀ (for LSTM and RNN δ(hh) = δ(ih); a GRU multiplies the candidate's hidden part by the reset
+gate, so the two differ). It costs about one extra forward and backward of the recurrence (Opacus's
+``DPLSTM`` pays the same by running its own cells in Python).
 
 Supported: any number of layers, bidirectional, ``batch_first`` either way (the time-major layout
 is handled, not refused), an initial state ``hx``, packed sequences (``PackedSequence``, sorted or
