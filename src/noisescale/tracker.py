@@ -289,7 +289,18 @@ class GradientNoiseTracker:
                         [b for b, _ in usable],
                         torch.stack([v.reshape(()) for _, v in usable]),
                     )
-        if not sources and any(p.skipped for p in passes):
+        withheld = [p.withheld for p in passes if p.withheld]
+        for reason in withheld:
+            # an audit taught the engine something; this step's per-example norms are not used
+            warnings.warn(
+                f"noisescale: step {self.steps}: {reason}; this step's per-example norms are "
+                "left out" + (" (its micro-batch norms still count)" if sources else ""),
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if not sources and withheld:
+            pass
+        elif not sources and any(p.skipped for p in passes):
             self._warn_once(
                 "subset-missed",
                 "this step had fewer micro-batches than the one before, and the micro-batch "

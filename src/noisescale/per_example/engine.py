@@ -246,6 +246,8 @@ class PerExampleNorms:
         self._learned_shared: set[nn.Module] = set()  # layers whose input proved to be shared
         self._context: list[int] = []  # example dim inside time-major containers
         self._swapped: dict[tuple[int, str], list[Tensor]] = {}
+        self._guarded: set[nn.Module] = set()
+        self._unswapped: dict[int, list[tuple[str, Tensor]]] = {}
         self._task_pass: dict[int, PassNorms] = {}
         # The first pass of a step skips its per-parameter gradient norms: with one pass they are
         # not needed (the big batch is .grad), and with more they are read from .grad when a
@@ -393,6 +395,31 @@ class PerExampleNorms:
                 self._on_scope_exit, with_kwargs=True, prepend=True, always_call=True
             )
         )
+
+    def _guard_holder(self, holder: nn.Module) -> None:
+        """Inside a rule module's own call its parameters are the real ones (its rule counts
+        that use), even while an enclosing scope hands out aliases of them."""
+        if holder in self._guarded:
+            return
+        self._guarded.add(holder)
+
+        def enter(module: nn.Module, args: tuple) -> None:
+            for (hid, name), stack in self._swapped.items():
+                if (
+                    hid == id(module)
+                    and stack
+                    and isinstance(module._parameters.get(name), SharedTensor)
+                ):
+                    alias = module._parameters[name]
+                    module._parameters[name] = stack[-1]  # type: ignore[assignment]
+                    self._unswapped.setdefault(id(module), []).append((name, alias))
+
+        def leave(module: nn.Module, args: tuple, output: Any) -> None:
+            for name, alias in self._unswapped.pop(id(module), []):
+                module._parameters[name] = alias
+
+        self._handles.append(holder.register_forward_pre_hook(enter, prepend=True))
+        self._handles.append(holder.register_forward_hook(leave, always_call=True))
 
     def remove(self) -> None:
         """Remove every hook; the object keeps what it has measured."""
@@ -1308,6 +1335,19 @@ class PerExampleNorms:
                 if pass_.audit.unverified:
                     self.audit_log.append(pass_.audit.unverified)
             return
+        for call in pass_.shared_calls:
+            if any(id(p) in missing for p in call.params.values()):
+                learned = call.module in self._learned_shared
+                raise UnsupportedModuleError(
+                    f"layer '{call.label}' received an input with leading dimension "
+                    f"{call.size} while the batch has {pass_.batch_size} examples"
+                    + (" (and its rows proved not to be the examples)" if learned else "")
+                    + ", so noisescale treated its input as shared by all examples, but its "
+                    "output never met the batch (it was never combined with per-example "
+                    "activations). noisescale takes dim 0 of a layer's input as the example "
+                    "dimension: keep activations batch-first (time-major built-in layers such "
+                    "as nn.LSTM(batch_first=False) are handled), or use per_example=False"
+                )
         unexplained = set(findings.unexplained) | missing
         if (
             learn
@@ -1321,18 +1361,6 @@ class PerExampleNorms:
             return
         if missing:
             names = sorted(self._param_name[pid] for pid in missing)
-            for call in pass_.shared_calls:
-                if any(id(p) in missing for p in call.params.values()):
-                    raise UnsupportedModuleError(
-                        f"layer '{call.label}' received an input with leading dimension "
-                        f"{call.size} while the batch has {pass_.batch_size} examples, so "
-                        "noisescale treated its input as shared by all examples, but its output "
-                        "never met the batch (it was never combined with per-example "
-                        "activations). noisescale takes dim 0 of a layer's input as the example "
-                        "dimension: keep activations batch-first (time-major built-in layers "
-                        "such as nn.LSTM(batch_first=False) are handled), or use "
-                        "per_example=False"
-                    )
             raise UnsupportedModuleError(
                 f"parameters {names} received gradients but noisescale saw no use of them that "
                 "it can attribute to examples (used outside their module, e.g. "
@@ -1361,6 +1389,8 @@ class PerExampleNorms:
         self._scopes.setdefault(self.model, []).extend(new_scopes)
         if first_time:
             self._install_scope(self.model)
+        for holder, _, _ in new_scopes:
+            self._guard_holder(holder)
         names = sorted(self._param_name[pid] for pid in pids)
         self._withhold(
             pass_,

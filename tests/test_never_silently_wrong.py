@@ -1,0 +1,281 @@
+"""The four ways the first engine returned wrong per-example norms without a word, each in
+several forms: now exact, or refused with a message, never a wrong number.
+
+1. A parameter used by its module *and* elsewhere (``x @ fc.weight.T``, a head tied through
+   ``F.linear(h, emb.weight)``, a penalty added to the loss).
+2. One ``nn.Parameter`` registered on two modules (a parent aliasing a child's weight).
+3. A table shared by the batch, indexed by a tensor whose leading size equals the batch size.
+4. Time-major layers whose sequence length equals the batch size.
+
+A one-shot measurement (``per_example_sqnorms``) refuses what it cannot attribute. The tracker
+withholds the per-example norms of the step whose audit found the problem (it warns and keeps its
+other sources), follows the use from the next step on, and is exact from then; what cannot be
+attributed at all is refused.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import noisescale
+from noisescale.errors import UnsupportedModuleError
+from noisescale.per_example import PerExampleNorms
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+N = 4
+
+
+def truth(model: nn.Module, x: torch.Tensor, per_example_loss) -> torch.Tensor:
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for i in range(N):
+        grads = torch.autograd.grad(per_example_loss(model, x[i : i + 1]).sum(), params)
+        out.append(sum(g.pow(2).sum() for g in grads))
+    return torch.stack(out)
+
+
+def engine_steps(model: nn.Module, x: torch.Tensor, per_example_loss, steps: int = 3):
+    """Run ``steps`` mean-loss steps under one engine; return each step's collected pass."""
+    engine = PerExampleNorms(model)
+    out = []
+    for _ in range(steps):
+        model.zero_grad()
+        per_example_loss(model, x).mean().backward()
+        (pass_,) = engine.collect()
+        out.append(pass_)
+    engine.remove()
+    return out
+
+
+def assert_learns_then_exact(model, x, per_example_loss):
+    first, *rest = engine_steps(model, x, per_example_loss)
+    assert first.raw_sqnorms is None and first.withheld, "the audited step must be withheld"
+    want = truth(model, x, per_example_loss)
+    for p in rest:
+        assert torch.allclose(p.raw_sqnorms * N**2, want, rtol=1e-9)
+
+
+def one_shot(model, x, per_example_loss):
+    with noisescale.per_example_sqnorms(model) as pe:
+        per_example_loss(model, x).mean().backward()
+    return pe.sqnorms
+
+
+# -- 1. used by its module and elsewhere ------------------------------------------------------
+
+
+class ReusedWeight(nn.Module):
+    """fc is called, and its weight is used again directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(x) + x @ self.fc.weight.T
+
+
+class TiedThroughFLinear(nn.Module):
+    """The embedding is called, and the head reuses its table through F.linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.mix = nn.Linear(4, 4)
+
+    def forward(self, ids):
+        h = torch.tanh(self.mix(self.emb(ids)))
+        return F.linear(h, self.emb.weight)
+
+
+def _sq(model, x):
+    return model(x).pow(2).flatten(1).sum(1)
+
+
+IDS = torch.randint(0, 7, (N, 5), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "make,x",
+    [
+        (ReusedWeight, torch.randn(N, 3, generator=torch.Generator().manual_seed(1)).double()),
+        (TiedThroughFLinear, IDS),
+    ],
+    ids=["x @ fc.weight.T", "F.linear(h, emb.weight)"],
+)
+def test_weight_reused_outside_its_module(make, x):
+    torch.manual_seed(0)
+    with pytest.raises(UnsupportedModuleError, match=r"do not add up|no use of them"):
+        one_shot(make(), x, _sq)
+    torch.manual_seed(0)
+    assert_learns_then_exact(make(), x, _sq)
+
+
+def test_penalty_on_weights_added_to_the_loss_is_refused():
+    """A penalty on the weights is not part of any example's loss as the tracker defines it, and
+    it is outside the forward: refused (use the optimizer's weight decay)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(N, 3, generator=torch.Generator().manual_seed(2))
+
+    def with_penalty(m, xs):
+        return _sq(m, xs) + 0.3 * m[0].weight.pow(2).sum()
+
+    with pytest.raises(UnsupportedModuleError, match="weight_decay"):
+        one_shot(model, x, with_penalty)
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(UnsupportedModuleError, match="weight_decay"):
+            for _ in range(3):
+                model.zero_grad()
+                with_penalty(model, x).mean().backward()
+                tracker.step()
+
+
+# -- 2. one parameter registered on two modules ---------------------------------------------
+
+
+class AliasingParent(nn.Module):
+    """The parent registers the child's weight under another name and only calls the child
+    (Opacus's DPLSTM does this to keep nn.LSTM's state_dict names)."""
+
+    def __init__(self):
+        super().__init__()
+        self.child = nn.Linear(3, 3)
+        self.weight_alias = self.child.weight
+
+    def forward(self, x):
+        return self.child(x)
+
+
+class TiedAutoencoder(nn.Module):
+    """The decoder uses the encoder's weight, registered on the parent, transposed."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(3, 2)
+        self.decoder_weight = self.encoder.weight
+        self.decoder_bias = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.encoder(x)), self.decoder_weight.t(), self.decoder_bias)
+
+
+@pytest.mark.parametrize(
+    "make", [AliasingParent, TiedAutoencoder], ids=["alias-only", "tied-autoencoder"]
+)
+def test_parameter_registered_on_two_modules_counts_once_per_use(make):
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(N, 3, generator=torch.Generator().manual_seed(3))
+    got = one_shot(model, x, _sq)
+    assert torch.allclose(got, truth(model, x, _sq), rtol=1e-9)
+
+
+# -- 3. a shared table whose index has the batch's leading size -------------------------------
+
+
+class ArangePositions(nn.Module):
+    """nanoGPT's wpe(arange(T)): positions shared by the batch, shaped [T]."""
+
+    def __init__(self, shape: str):
+        super().__init__()
+        self.wte = nn.Embedding(7, 4)
+        self.wpe = nn.Embedding(8, 4)
+        self.head = nn.Linear(4, 3)
+        self.shape = shape
+
+    def forward(self, ids):
+        pos = torch.arange(ids.shape[1])
+        if self.shape == "[1, T]":
+            pos = pos.unsqueeze(0)
+        return self.head(self.wte(ids) + self.wpe(pos))
+
+
+def test_positions_shaped_t_with_t_equal_to_the_batch_are_learned_as_shared():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 7, (N, N), generator=torch.Generator().manual_seed(4))  # T = N
+    with pytest.raises(UnsupportedModuleError, match="'wpe'"):
+        one_shot(ArangePositions("[T]"), ids, _sq)
+    torch.manual_seed(0)
+    assert_learns_then_exact(ArangePositions("[T]"), ids, _sq)
+
+
+@pytest.mark.parametrize("t", [N, 6], ids=["T=N", "T!=N"])
+def test_positions_shaped_1_t_are_exact_at_once(t):
+    torch.manual_seed(0)
+    model = ArangePositions("[1, T]")
+    ids = torch.randint(0, 7, (N, t), generator=torch.Generator().manual_seed(5))
+    got = one_shot(model, ids, _sq)
+    assert torch.allclose(got, truth(model, ids, _sq), rtol=1e-9)
+
+
+def test_positions_shaped_t_with_t_other_than_the_batch_are_exact_at_once():
+    torch.manual_seed(0)
+    model = ArangePositions("[T]")
+    ids = torch.randint(0, 7, (N, 6), generator=torch.Generator().manual_seed(6))
+    got = one_shot(model, ids, _sq)
+    assert torch.allclose(got, truth(model, ids, _sq), rtol=1e-9)
+
+
+def test_t5_relative_bias_with_both_lengths_equal_to_the_batch():
+    """T5 looks its relative-position bias up with [Q, K] buckets; with Q = K = N the buckets'
+    leading size is the batch's. A one-shot measurement refuses, naming the table; the tracker's
+    engine learns the table is shared and is exact from the next step."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.T5Config(
+        vocab_size=20, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
+        dropout_rate=0.0, decoder_start_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg)
+    ids = torch.randint(0, 20, (N, N), generator=torch.Generator().manual_seed(7))
+
+    def loss(m, xs):  # equal lengths: the batch loss is the mean of the examples' token means
+        return m(input_ids=xs, labels=xs).loss.expand(xs.shape[0])
+
+    with pytest.raises(UnsupportedModuleError, match="relative_attention_bias"):
+        one_shot(model, ids, loss)
+    model.zero_grad()
+    assert_learns_then_exact(model, ids, loss)
+
+
+# -- 4. time-major layers with T = N --------------------------------------------------------
+
+
+class TimeMajorLinear(nn.Module):
+    """A custom model that runs a Linear on time-major activations and mixes over time."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):  # x: [N, T, 3]
+        h = self.lin(x.transpose(0, 1))  # [T, N, 3]: dim 0 is not the example
+        return h.cumsum(0).transpose(0, 1)  # mixes positions; back to batch-first
+
+
+def test_custom_time_major_layer_is_never_silently_wrong():
+    """T = N: the layer's dim 0 has the batch's size but holds positions. The audit sees the rows
+    do not belong to the examples; the layer is then followed as shared, which it is not, and
+    its output never meets the batch as a shared tensor: refused with the cause named."""
+    torch.manual_seed(0)
+    model = TimeMajorLinear()
+    x = torch.randn(N, N, 3, generator=torch.Generator().manual_seed(8))
+    with pytest.raises(UnsupportedModuleError, match="'lin'"):
+        one_shot(model, x, _sq)
+    engine = PerExampleNorms(model)
+    model(x).pow(2).flatten(1).sum(1).mean().backward()
+    (first,) = engine.collect()
+    assert first.raw_sqnorms is None and "'lin'" in first.withheld
+    model.zero_grad()
+    model(x).pow(2).flatten(1).sum(1).mean().backward()
+    with pytest.raises(UnsupportedModuleError):
+        engine.collect()
