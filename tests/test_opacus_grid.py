@@ -461,10 +461,9 @@ def _rnn_grid():
     out = []
     for cls in ("RNN", "GRU", "LSTM", "DPRNN", "DPGRU", "DPLSTM"):
         for k, (layers, bidi, bf) in enumerate(itertools.product((1, 2), (False, True), (1, 0))):
-            # bias and the h_n head alternate over the product of the rest
-            out.append(
-                rnn_case(cls, layers, bias=k % 3 != 2, bf=bool(bf), bidi=bidi, states=k % 2 == 1)
-            )
+            # bias and the h_n head alternate over the product of the rest, each with both layouts
+            states = k % 4 in (1, 2)
+            out.append(rnn_case(cls, layers, k % 3 != 2, bool(bf), bidi, states))
     for cls in ("RNN", "GRU", "LSTM"):
         for packed, bidi in itertools.product(("sorted", "unsorted"), (False, True)):
             out.append(rnn_case(cls, 2 if bidi else 1, bidi=bidi, packed=packed))
