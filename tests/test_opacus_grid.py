@@ -1046,6 +1046,9 @@ OPACUS_BUGS = [
         pytest.param(_values(bag_case(mode)), id=f"embedding_bag-{mode}-repeated_index")
         for mode in ("sum", "mean")
     ),
+    pytest.param(
+        _values(bag_case("sum", padding_idx=2, bags=DISTINCT_BAGS)), id="embedding_bag-padding_idx"
+    ),
 ]
 
 
@@ -1058,8 +1061,9 @@ def test_opacus_known_bugs(build):
     * conv with padding_mode reflect/replicate/circular: ``compute_conv_grad_sample`` unfolds the
       input with zero padding whatever the padding mode (its functorch path is right:
       test_opacus_agrees);
-    * Embedding with padding_idx: ``compute_embedding_grad_sample`` scatters the gradient into
-      the padding row too, which autograd leaves at zero;
+    * Embedding and EmbeddingBag with padding_idx: ``compute_embedding_grad_sample`` and
+      ``compute_embeddingbag_gradsampler`` give the padding row a gradient, which autograd leaves
+      at zero;
     * EmbeddingBag with an index twice in one bag: ``gsm[i][index[begin:end]] += backprops[i]``
       is an indexed assignment, so the repeat is counted once (Opacus's grid draws bags with
       ``randperm``, never repeating an index).
