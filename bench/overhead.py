@@ -176,7 +176,55 @@ def sequence_loss(logits: Tensor, y: Tensor) -> Tensor:
     return per_token.view(y.shape).mean(1)
 
 
-WORKLOADS = ("cnn", "gpt", "gpt-bf16", "resnet-gn")
+WORKLOADS = ("cnn", "gpt", "gpt-bf16", "resnet-gn", "hf-gpt2", "hf-llama", "hf-vit")
+
+
+class HFLogits(nn.Module):
+    """A Hugging Face model called the way its users call it, returning its logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.long:
+            return self.model(input_ids=x).logits
+        return self.model(pixel_values=x).logits
+
+
+def hf_model(name: str, small: bool) -> tuple[Callable[[], nn.Module], str]:
+    """transformers GPT-2, Llama and ViT from their own classes, random weights (no download)."""
+    import transformers
+
+    d, layers, heads = (128, 2, 4) if small else (768, 12, 12)
+    if name == "hf-gpt2":
+        cfg = transformers.GPT2Config(
+            vocab_size=2048 if small else 50257, n_positions=64 if small else 256, n_embd=d,
+            n_layer=layers, n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )  # fmt: skip
+        return (
+            lambda: HFLogits(transformers.GPT2LMHeadModel(cfg)),
+            f"transformers GPT2LMHeadModel {layers}×{d} (Conv1D, tied head)",
+        )
+    if name == "hf-llama":
+        cfg = transformers.LlamaConfig(
+            vocab_size=2048 if small else 32000, hidden_size=d, intermediate_size=2 * d,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
+            max_position_embeddings=64 if small else 256,
+        )  # fmt: skip
+        return (
+            lambda: HFLogits(transformers.LlamaForCausalLM(cfg)),
+            f"transformers LlamaForCausalLM {layers}×{d} (its RMSNorm, GQA)",
+        )
+    cfg = transformers.ViTConfig(
+        image_size=32, patch_size=4, num_channels=3, hidden_size=d, num_hidden_layers=layers,
+        num_attention_heads=heads, intermediate_size=2 * d, num_labels=10,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return (
+        lambda: HFLogits(transformers.ViTForImageClassification(cfg)),
+        f"transformers ViTForImageClassification {layers}×{d}, patch 4 (class token)",
+    )
 
 
 def make_workload(name: str, small: bool, n: int, device: torch.device) -> Workload:
@@ -218,6 +266,31 @@ def make_workload(name: str, small: bool, n: int, device: torch.device) -> Workl
             image_batches(n, batch, (3, 32, 32), device),
             image_loss,
             0.1,
+            None,
+            device,
+        )
+    if name in ("hf-gpt2", "hf-llama"):
+        build, what = hf_model(name, small)
+        length, vocab = (64, 2048) if small else (256, 50257 if name == "hf-gpt2" else 32000)
+        return Workload(
+            name,
+            f"{what}, T={length}, batch 32, fp32",
+            build,
+            token_batches(n, 32, length, vocab, device),
+            sequence_loss,
+            0.3,
+            None,
+            device,
+        )
+    if name == "hf-vit":
+        build, what = hf_model(name, small)
+        return Workload(
+            name,
+            f"{what}, batch 32, 3×32×32, fp32",
+            build,
+            image_batches(n, 32, (3, 32, 32), device),
+            image_loss,
+            0.05,
             None,
             device,
         )

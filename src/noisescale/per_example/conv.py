@@ -10,6 +10,8 @@ patches and Σ_{l,m} (u_l·u_m)(δ_l·δ_m) is summed.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -98,6 +100,34 @@ def per_example_weight_grads(module: ConvNd, x: Tensor, d: Tensor) -> Tensor:
     return grads.view(n, *w.shape)
 
 
+def subbatch_weight_grads(module: ConvNd, x: Tensor, d: Tensor, sb: Any) -> Tensor:
+    """The weight gradient of each sub-batch, [k, *weight.shape], from one grouped convolution.
+
+    Sub-batch j's channels become groups j·G … j·G + G − 1 of a convolution over a batch of its
+    n examples (the examples of different sub-batches share the batch dimension).
+    """
+    w = module.weight
+    x, d = _acc(x), _acc(d)
+    if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        padding = module.padding
+    else:
+        x, padding = _pad(module, x), 0
+    xs, ds = sb.take(x), sb.take(d)  # [k, n, C, ...], [k, n, O, ...]
+    k, n = xs.shape[:2]
+    xf = xs.transpose(0, 1).reshape(n, k * xs.shape[2], *xs.shape[3:])
+    df = ds.transpose(0, 1).reshape(n, k * ds.shape[2], *ds.shape[3:])
+    grads = _WEIGHT_GRAD[x.dim() - 2](
+        xf,
+        (k * w.shape[0], *w.shape[1:]),
+        df,
+        stride=module.stride,
+        padding=padding,
+        dilation=module.dilation,
+        groups=k * module.groups,
+    )
+    return grads.view(k, *w.shape)
+
+
 # Per-example gradients up to this many elements (4 MiB in fp32) are always built in one
 # grouped convolution: below it, one call per few examples costs more than the memory saved.
 _CHUNK_FLOOR = 1 << 20
@@ -127,6 +157,10 @@ class ConvWeightFactor(DenseFactor):
             for x, d in zip(self.x.split(chunk), self.d.split(chunk), strict=True)
         ]
         return torch.cat(parts)
+
+    def grouped(self, sb: Any) -> DenseFactor:
+        """Sub-batch gradients (see :func:`subbatch_weight_grads`)."""
+        return DenseFactor(subbatch_weight_grads(self.module, self.x, self.d, sb))
 
     def summed(self, shape: torch.Size) -> Tensor:
         """The weight gradient of the whole batch (one ungrouped weight-gradient convolution)."""

@@ -19,6 +19,7 @@ These classes are public: a rule registered with :func:`noisescale.register_laye
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -223,7 +224,7 @@ class SliceFactor:
         return out
 
 
-Factor = DenseFactor | LinearFactor | EmbeddingFactor | SliceFactor
+Factor = Any  # DenseFactor | LinearFactor | EmbeddingFactor | SliceFactor | NormFactor | …
 
 
 def dot(f: Factor, h: Factor, shape: torch.Size) -> Tensor:
@@ -272,6 +273,8 @@ def sqnorm_of_sum(factors: list[Factor], shape: torch.Size) -> Tensor:
 
 def num_examples(f: Factor) -> int:
     """N, the number of examples (rows) a factor holds."""
+    if isinstance(f, NormFactor):
+        return f.sq.shape[0]
     if isinstance(f, SliceFactor):
         return num_examples(f.inner)
     if isinstance(f, LinearFactor):
@@ -282,6 +285,8 @@ def num_examples(f: Factor) -> int:
 
 
 def _device(f: Factor) -> torch.device:
+    if isinstance(f, NormFactor):
+        return f.sq.device
     if isinstance(f, SliceFactor):
         return _device(f.inner)
     if isinstance(f, LinearFactor):
@@ -322,3 +327,86 @@ def weighted_sqnorm(factor: Factor, w2: Tensor) -> Tensor:
         rows, summed = factor.row_sums()
         return (summed.pow(2) * w2[rows]).sum((1, 2))
     return (_acc(factor.grads).pow(2) * w2).flatten(1).sum(1)
+
+
+# -- sub-batches ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Subbatches:
+    """A pass's N examples split into k sub-batches of at most n: ``perm`` lists the examples in
+    sub-batch order (sub-batch j is ``perm[j·n : (j+1)·n]``), the last one may be shorter; the
+    missing rows are zeros, which add nothing to a gradient."""
+
+    perm: Tensor
+    k: int
+    n: int
+
+    @staticmethod
+    def split(num: int, k: int, generator: torch.Generator, device: torch.device) -> Subbatches:
+        n = -(-num // k)  # ceil: no empty sub-batch
+        k = -(-num // n)
+        perm = torch.randperm(num, generator=generator, device=device)
+        return Subbatches(perm, k, n)
+
+    @property
+    def sizes(self) -> list[int]:
+        num = self.perm.numel()
+        return [min(self.n, num - j * self.n) for j in range(self.k)]
+
+    def take(self, x: Tensor) -> Tensor:
+        """Rows of ``x`` (dim 0 = examples) as [k, n, ...], in sub-batch order, zero-padded."""
+        perm = self.perm if self.perm.device == x.device else self.perm.to(x.device)
+        rows = x.index_select(0, perm)
+        missing = self.k * self.n - rows.shape[0]
+        if missing:
+            rows = torch.cat([rows, rows.new_zeros(missing, *rows.shape[1:])])
+        return rows.view(self.k, self.n, *rows.shape[1:])
+
+
+@dataclass
+class NormFactor:
+    """Sub-batch squared norms computed where the gradient itself was (a weight whose gradient
+    the engine computes as k sub-batch products); ``total`` is that gradient, kept for audits."""
+
+    sq: Tensor
+    total: Tensor | None = None
+
+    def sqnorm(self) -> Tensor:
+        return self.sq
+
+    def summed(self, shape: torch.Size) -> Tensor:
+        assert self.total is not None, "the sub-batch gradient was not kept (no audit)"
+        return self.total.reshape(shape)
+
+    def dense(self, shape: torch.Size) -> Tensor:
+        raise NotImplementedError(
+            "a weight measured by sub-batch products has no per-sub-batch gradient kept; it "
+            "cannot be combined with another use of the same weight"
+        )
+
+
+def group_factor(f: Any, sb: Subbatches) -> Any:
+    """The factor of sub-batch gradients Σ_{i ∈ sub-batch j} g_i from per-example factors."""
+    if isinstance(f, NormFactor):
+        return f
+    if isinstance(f, SliceFactor):
+        return SliceFactor(group_factor(f.inner, sb), f.start, f.stop)
+    if isinstance(f, LinearFactor):
+        g = f.groups
+        a = f.a.reshape(-1, g, *f.a.shape[1:])  # [N, G, T, I']
+        d = f.d.reshape(-1, g, *f.d.shape[1:])
+
+        def fold(x: Tensor) -> Tensor:
+            x = sb.take(x).transpose(1, 2)  # [k, G, n, T, ·]
+            return x.reshape(sb.k * g, -1, x.shape[-1])
+
+        return LinearFactor(fold(a), fold(d), g, f.transposed)
+    if isinstance(f, EmbeddingFactor):
+        idx = sb.take(f.idx).reshape(sb.k, -1)
+        d = sb.take(f.d).reshape(sb.k, idx.shape[1], -1)
+        return EmbeddingFactor(idx, d, f.num_rows)
+    grouped = getattr(f, "grouped", None)
+    if grouped is not None:
+        return grouped(sb)
+    return DenseFactor(sb.take(f.grads).sum(1))

