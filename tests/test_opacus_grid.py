@@ -46,7 +46,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_sequence, pad_packed_sequenc
 
 import noisescale
 import noisescale.per_example
-from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
+from noisescale.errors import UnsupportedModuleError
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -469,25 +469,9 @@ def _rnn_grid():
             out.append(rnn_case(cls, 2 if bidi else 1, bidi=bidi, packed=packed))
     out.append(rnn_case("RNN", 2, nonlinearity="relu"))
     out.append(rnn_case("DPRNN", 2, nonlinearity="relu"))
-    padded = bug(
-        "a packed RNN whose output is padded back (pad_packed_sequence) crashes the audit: "
-        "audit.PassAudit._projection asserts that every replayed target has an example "
-        "dimension of size N, but the RNN's hooked output is the packed data [Σ lengths, H]",
-        raises=AssertionError,
-    )
+    # the usual way out of a packed sequence: padded back with pad_packed_sequence
     for cls, packed in [("LSTM", "unsorted"), ("GRU", "sorted")]:
-        out.append(rnn_case(cls, packed=packed, head=PaddedRNN, marks=(padded,)))
-    misleading = bug(
-        "Opacus's recurrent layers with a PackedSequence are refused with a misleading message, "
-        "\"parameters ['rnn.l0.hh', 'rnn.l0.ih'] meet the batch  in the operation '__setitem__', "
-        'which has no per-example rule. Register a rule for the module that owns them": module '
-        "names listed as parameters, an empty scope, a rule that exists already, and not the "
-        "cause (the cells run on the first batch_sizes[t] rows of the sorted batch, a subset "
-        "noisescale cannot attribute, and h_n is assembled by item assignment)",
-        raises=UnsupportedModuleError,
-    )
-    for cls, packed in [("DPRNN", "unsorted"), ("DPGRU", "unsorted"), ("DPLSTM", "sorted")]:
-        out.append(rnn_case(cls, packed=packed, marks=(misleading,)))
+        out.append(rnn_case(cls, packed=packed, head=PaddedRNN))
     return out
 
 
@@ -593,23 +577,6 @@ def _attention_grid():
         out.append(attention_case("DPMultiheadAttention", True, bias, zero_attn, kv_dims))
     out.append(attention_case("DPMultiheadAttention", mask="key_padding_bool"))
     out.append(attention_case("DPMultiheadAttention", zero_attn=True, mask="key_padding_bool"))
-    out.append(
-        attention_case(
-            "DPMultiheadAttention",
-            add_bias_kv=True,
-            marks=(
-                bug(
-                    "DPMultiheadAttention(add_bias_kv=True, batch_first=True) is refused with a "
-                    "self-contradictory message: \"layer 'attn.out_proj' received an input with "
-                    "leading dimension 4 while the batch has 4 examples, so noisescale treated "
-                    'its input as shared"; the cause is its SequenceBias (torch.cat of a '
-                    "parameter onto time-major keys/values), which the tracker's fallback "
-                    "handles from the second step when T != N",
-                    raises=UnsupportedModuleError,
-                ),
-            ),
-        )
-    )
     return out
 
 
@@ -632,25 +599,21 @@ def _time_major_output(layer_factory, shape):
     "build",
     [
         case(
-            _time_major_output(lambda: nn.Linear(5, 3), (N, 5)),
-            "linear-time_major-output-T_eq_N",
-            bug(
-                "a model whose input is batch-first but whose output is time-major (examples "
-                "along dim 1) returns per-time-step norms as if they were per-example when T == "
-                "N; with T != N it is refused (test_refused: linear-time_major-output)"
-            ),
+            _time_major_output(lambda: nn.Linear(5, 3), (N, 5)), "linear-time_major-output-T_eq_N"
         ),
         case(
             _time_major_output(lambda: nn.LayerNorm(5), (N, 5)),
             "layernorm-time_major-output-T_eq_N",
-            bug("as linear-time_major-output-T_eq_N, with nn.LayerNorm"),
         ),
     ],
 )
 def test_time_major_output(build):
-    """The attribution audit replays the backward from the model's output with a sign per row of
-    its dim 0; when that dim is time and T == N every hooked tensor agrees with it."""
-    check(build)
+    """Input batch-first, output time-major, T == N: the signed replay of the backward signs the
+    output's dim 0 and every hooked tensor agrees with it, so the audit also re-runs the model
+    with the input's examples permuted; the output does not follow, and the step is refused
+    (with T != N it is refused too: test_refused, linear-time_major-output)."""
+    with pytest.raises(UnsupportedModuleError, match="does not follow its input's examples"):
+        check(build)
 
 
 # -- edge cases of the batch -----------------------------------------------------------------------
@@ -678,19 +641,11 @@ def test_batch_of_one(make):
         pytest.param(lambda: (nn.Conv1d(2, 2, 2), torch.randn(0, 2, 5)), id="conv1d"),
     ],
 )
-@bug(
-    "an empty batch (Opacus's N = 0, e.g. Poisson sampling) crashes in the audit "
-    "(audit.PassAudit._projection: view.reshape(0, -1)) instead of giving sqnorms of shape [0] "
-    "or a NoiseScaleInputError",
-    raises=RuntimeError,
-)
 def test_empty_batch(make):
+    """Opacus's N = 0 (Poisson sampling can draw an empty batch): no norms, no error."""
     model, x = make()
-    try:
-        with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
-            loss_of(model(x)).backward()
-    except NoiseScaleInputError:
-        return  # a clear refusal is an acceptable answer too
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        loss_of(model(x)).backward()
     assert pe.sqnorms.shape == (0,)
 
 
@@ -698,8 +653,8 @@ def test_empty_batch(make):
 
 _NO_RULE = r"which has no per-example rule.*register_layer.*per_example=False"
 _TIME_MAJOR = (
-    r"received an input with leading dimension 5 while the batch has 4 examples.*"
-    r"keep activations batch-first.*per_example=False"
+    r"was treated as shared by all examples \(its input's leading dimension 5 is not the batch's 4 "
+    r"examples\).*keep activations batch-first.*per_example=False"
 )
 _AUDIT = r"do not belong to the examples they are attributed to.*time-major activation"
 
@@ -898,40 +853,6 @@ def fallback_case(name, make_model, make_input, *marks):
             ),
             lambda: torch.randn(N, T, E),
         ),
-        fallback_case(
-            "SequenceBias-time_major",
-            _sequence_bias(False),
-            lambda: torch.randn(N, T, E),
-            bug(
-                "SequenceBias(batch_first=False) run time-major inside a batch-first model is "
-                "refused with a misleading message: \"parameters ['layer.bias'] received "
-                'gradients but noisescale saw no use of them that it can attribute to examples"',
-                raises=UnsupportedModuleError,
-            ),
-        ),
-        fallback_case(
-            "SequenceBias-time_major-T_eq_N",
-            _sequence_bias(False),
-            lambda: torch.randn(N, N, E),
-            bug(
-                "with T == N the first step is withheld (fallback), and the second crashes in "
-                "audit.PassAudit._projection (assert view is not None): the fallback module's "
-                "output [T + 1, N, E] has no example dimension of size N",
-                raises=AssertionError,
-            ),
-        ),
-        fallback_case(
-            "DPMultiheadAttention-add_bias_kv-T_eq_N",
-            lambda: Attention(
-                _opacus_layers().DPMultiheadAttention(E, HEADS, add_bias_kv=True, batch_first=True)
-            ),
-            lambda: torch.randn(N, N, E),
-            bug(
-                "second step crashes in audit.PassAudit._projection (assert view is not None): "
-                "the SequenceBias inside works on time-major [S + 1, N, E] tensors",
-                raises=AssertionError,
-            ),
-        ),
     ],
 )
 def test_fallback_from_the_second_step(build):
@@ -952,6 +873,82 @@ def test_fallback_from_the_second_step(build):
         assert_exact(second.raw_sqnorms, want)
     finally:
         engine.remove()
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        fallback_case(
+            "SequenceBias-time_major-T_eq_N", _sequence_bias(False), lambda: torch.randn(N, N, E)
+        ),
+        fallback_case(
+            "DPMultiheadAttention-add_bias_kv-T_eq_N",
+            lambda: Attention(
+                _opacus_layers().DPMultiheadAttention(E, HEADS, add_bias_kv=True, batch_first=True)
+            ),
+            lambda: torch.randn(N, N, E),
+        ),
+    ],
+)
+def test_time_major_fallback_with_t_equal_n_is_refused(build):
+    """With T == N the first step is withheld and the module goes to the torch.func fallback,
+    which runs it per example along dim 0: a time-major module's output ([T + 1, N, E] for a
+    SequenceBias) does not split that way, and the second step is refused, naming the module."""
+    torch.manual_seed(0)
+    model, batch, n = build()
+    x = batch(list(range(n)))
+    engine = noisescale.per_example.PerExampleNorms(model)
+    try:
+        loss_of(model(*x)).backward()
+        (first,) = engine.collect()
+        assert first.raw_sqnorms is None and "torch.func fallback" in first.withheld
+        model.zero_grad()
+        with pytest.raises(
+            UnsupportedModuleError, match=r"'(layer|attn\.seq_bias_v)'.*fallback failed"
+        ):
+            loss_of(model(*x)).backward()  # the fallback runs in the backward pass
+            engine.collect()
+    finally:
+        engine.remove()
+
+
+def _causes() -> list:
+    """Refusals that once named the wrong cause; each message now names the real one."""
+    packed = (
+        r"was called on input that is not per-example \(its input's leading dimension 1 is not "
+        r"the batch's 4 examples\).*'__setitem__'.*packed sequence.*per_example=False"
+    )
+    out = [
+        pytest.param(rnn_case(cls, packed=p).values[0], packed, id=f"{cls}-packed_{p}")
+        for cls, p in [("DPRNN", "unsorted"), ("DPGRU", "unsorted"), ("DPLSTM", "sorted")]
+    ]
+    out.append(
+        pytest.param(
+            attention_case("DPMultiheadAttention", add_bias_kv=True).values[0],
+            r"'attn.out_proj' was treated as shared by all examples \(its input came from "
+            r"parameters used directly.*time-major",
+            id="DPMultiheadAttention-add_bias_kv",
+        )
+    )
+    out.append(
+        pytest.param(
+            fallback_case(
+                "SequenceBias-time_major", _sequence_bias(False), lambda: torch.randn(N, T, E)
+            ).values[0],
+            r"\['layer.bias'\] were used directly.*never combined with a tensor whose dim 0 "
+            r"has the batch's 4 examples.*time-major",
+            id="SequenceBias-time_major",
+        )
+    )
+    return out
+
+
+@pytest.mark.parametrize(("build", "match"), _causes())
+def test_cause_named_in_the_refusal(build, match):
+    torch.manual_seed(0)
+    model, batch, n = build()
+    with pytest.raises(UnsupportedModuleError, match=match):
+        measured(model, batch, n)
 
 
 def test_fallback_refuses_time_major_attention():

@@ -74,18 +74,19 @@ class Findings:
 
     unexplained: dict[int, float] = field(default_factory=dict)  # pid -> relative remainder
     misattributed: list[_Target] = field(default_factory=list)
+    unpermuted: str | None = None  # the outputs do not follow the inputs' examples
 
     @property
     def ok(self) -> bool:
-        return not self.unexplained and not self.misattributed
+        return not self.unexplained and not self.misattributed and self.unpermuted is None
 
     @property
     def only_attribution(self) -> bool:
-        return bool(self.misattributed) and not self.unexplained
+        return bool(self.misattributed) and not self.unexplained and self.unpermuted is None
 
     @property
     def only_sums(self) -> bool:
-        return bool(self.unexplained) and not self.misattributed
+        return bool(self.unexplained) and not self.misattributed and self.unpermuted is None
 
     def unexplained_params(self) -> list[int]:
         return list(self.unexplained)
@@ -99,6 +100,8 @@ class Findings:
         self, labels: dict[nn.Module, str], _: Any = None, names: dict[int, str] | None = None
     ) -> str:
         parts = []
+        if self.unpermuted:
+            parts.append(self.unpermuted)
         if self.unexplained:
             items = ", ".join(
                 f"'{(names or {}).get(pid, '?')}' (a remainder of about {100 * r:.2g}% of its "

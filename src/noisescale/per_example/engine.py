@@ -112,7 +112,8 @@ class _Call:
     dim: int  # where the examples are in its input and outputs (layout of the rule's caller)
     box: list[Any] = field(default_factory=list)  # the saved input, emptied by the backward
     out_dims: Sequence[int] = (0,)
-    size: int = 0  # examples in the call (a shared call: the batch it met)
+    size: int = 0  # examples in the call (a shared call: the leading size of its input)
+    why: str = ""  # why a shared call was treated as shared
 
 
 @dataclass(eq=False)
@@ -185,6 +186,8 @@ class PassNorms:
     shared_calls: list[_Call] = field(default_factory=list)
     amp: bool = False  # the forward ran under autocast (looser audit tolerance)
     n_source: Tensor | None = None  # the model input the example count was read from
+    aliased: set[int] = field(default_factory=set)  # parameters handed out as shared aliases
+    inputs: tuple | None = None  # the model's (args, kwargs), for the audit's permutation check
 
 
 class PerExampleNorms:
@@ -505,8 +508,9 @@ class PerExampleNorms:
         # a forward after the step's measured backward (the next accumulation micro-batch)
         # cannot be measured: no layer hooks for it
         skipped = self._measured_found and self.per_example_fraction < 1.0
-        pass_ = PassNorms(batch_size=n, weights=weights, skipped=skipped)
+        pass_ = PassNorms(batch_size=n, weights=weights, skipped=skipped or n == 0)
         pass_.n_source = _first_tensor(args, kwargs)
+        pass_.inputs = (args, kwargs)
         pass_.amp = any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda") if _autocast_known(d))
         self._context.clear()
         self.passes.append(pass_)
@@ -555,8 +559,110 @@ class PerExampleNorms:
                     pass_.audit.add_root(out, self._model_dim)
             for edge, dim, owner, label in getattr(pass_, "_pending_targets", []):
                 pass_.audit.add_target(edge, dim, owner, label)
+            self._check_permutation(pass_, output)
         if hasattr(pass_, "_pending_targets"):
             del pass_._pending_targets  # type: ignore[attr-defined]
+
+    def _check_permutation(self, pass_: PassNorms, output: Any) -> None:
+        """Do the model's outputs follow its inputs' examples? Run it twice more, without
+        gradients and in evaluation mode, on the inputs and on the inputs with their examples
+        permuted: each batched output must come out permuted the same way. A time-major output
+        whose length equals the batch size, or an operation that mixes examples, fails; the
+        signed replay of the backward could not tell (it signs the output's dim 0)."""
+        n, dim = pass_.batch_size, self._model_dim
+        # only an output with the batch's size along another dimension too can hide its
+        # examples there (T = N); with one such dimension it is the example dimension
+        ambiguous = [
+            t
+            for t in _tensors(output)
+            if t.is_floating_point()
+            and t.dim() > dim
+            and t.shape[dim] == n
+            and sum(s == n for s in t.shape) > 1
+        ]
+        source = pass_.n_source
+        if (
+            n < 2
+            or not ambiguous
+            or not self._replay_allowed  # FSDP2: a re-run would all-gather inside the forward
+            or self._model_dim != 0  # a built-in time-major model: its outputs' layouts are known
+            or pass_.inputs is None
+            or source is None
+            or source.dim() <= dim
+            or source.shape[dim] != n
+        ):
+            return
+        args, kwargs = pass_.inputs
+        gen = self._audit_generator(torch.device("cpu"))
+        perm = torch.randperm(n, generator=gen)
+        same = perm == torch.arange(n)
+        perm[same] = perm.roll(1)[same]
+
+        def permute(v: Any) -> Any:
+            if isinstance(v, Tensor):
+                if v.dim() <= dim or v.shape[dim] != n:
+                    return v
+                if v is not source and sum(s == n for s in v.shape) > 1:
+                    raise _SkipCheck  # an input whose example dimension is ambiguous
+                return v.index_select(dim, perm.to(v.device))
+            if isinstance(v, PackedSequence):
+                raise _SkipCheck
+            if isinstance(v, dict):
+                return {k: permute(x) for k, x in v.items()}
+            if type(v) in (list, tuple):
+                return type(v)(permute(x) for x in v)
+            return v
+
+        modes = {m: m.training for m in self.model.modules()}
+        try:
+            p_args, p_kwargs = permute(args), permute(kwargs)
+            with torch.no_grad(), self.paused(), torch.random.fork_rng(devices=[]):
+                self.model.train(False)
+                # DistributedDataParallel: the module itself, no collectives in a re-run
+                model = getattr(self.model, "module", self.model)
+                if not isinstance(self.model, nn.parallel.DistributedDataParallel):
+                    model = self.model
+                state = torch.get_rng_state()
+                plain = _tensors(model(*args, **kwargs))
+                torch.set_rng_state(state)
+                permuted = _tensors(model(*p_args, **p_kwargs))
+        except _SkipCheck:
+            assert pass_.audit is not None
+            pass_.audit.unverified = (
+                "the output permutation check was skipped: an input's example dimension is "
+                "ambiguous (another dimension has the batch's size)"
+            )
+            return
+        except Exception as err:  # a forward that cannot be re-run: say so, do not guess
+            assert pass_.audit is not None
+            pass_.audit.unverified = (
+                f"the output permutation check could not re-run the model ({err})"
+            )
+            return
+        finally:
+            for m, training in modes.items():
+                m.training = training
+        tol = 5e-2 if pass_.amp else 1e-3
+        for a, b in zip(plain, permuted, strict=False):
+            if not any(a is t or a.shape == t.shape for t in ambiguous):
+                continue
+            want = a.index_select(dim, perm.to(a.device)).float()
+            got = b.float()
+            if got.shape != want.shape:
+                continue
+            err = float((got - want).abs().max())
+            scale = float(want.abs().max()) + 1e-30
+            if err > tol * scale:
+                assert pass_.audit is not None
+                pass_.audit.findings.unpermuted = (
+                    "the model's output does not follow its input's examples: with the input's "
+                    f"examples (dim {dim}) permuted, the output's dim {dim} did not come out "
+                    "permuted the same way (max. difference "
+                    f"{err / scale:.2g} of its largest value). Its example dimension is another "
+                    "one (a time-major output: keep dim 0 the examples), or an operation in the "
+                    "model mixes examples"
+                )
+                return
 
     def _add_target(
         self, pass_: PassNorms, tensor: Tensor, dim: int, owner: nn.Module | None, label: str
@@ -596,6 +702,7 @@ class PerExampleNorms:
             real = holder._parameters.get(name)
             if real is None or isinstance(real, SharedTensor):
                 continue
+            pass_.aliased.add(pid)
             source = Source(tensor=real, pid=pid, label=self._param_name.get(pid, name))
             origin = Origin(self, pass_, (source,), scope=module)
             alias = wrap(real, origin)
@@ -687,8 +794,24 @@ class PerExampleNorms:
                 "examples), or use per_example=False"
             )
         saved = rule.save(module, _unshare(args), _unshare(kwargs), output)
-        size = _first_size(args, kwargs, 0)
-        call = _Call(module, rule, label, params, 0, [saved], size=size or 0)
+        size = _first_size(args, kwargs, 0) or 0
+        if any(isinstance(v, SharedTensor) for v in _flat_values(args, kwargs)):
+            why = (
+                "its input came from parameters used directly, combined only with tensors "
+                "whose dim 0 does not have the batch's size (constants, or time-major "
+                "activations)"
+            )
+        elif module in self._learned_shared:
+            why = (
+                f"its input's leading dimension has the batch's size {pass_.batch_size}, but the "
+                "audit found its rows are not the examples"
+            )
+        else:
+            why = (
+                f"its input's leading dimension {size} is not the batch's {pass_.batch_size} "
+                "examples"
+            )
+        call = _Call(module, rule, label, params, 0, [saved], size=size, why=why)
         upstream: list[Source] = []
         for v in _flat_values(args, kwargs):
             if isinstance(v, SharedTensor):
@@ -1335,19 +1458,25 @@ class PerExampleNorms:
                 if pass_.audit.unverified:
                     self.audit_log.append(pass_.audit.unverified)
             return
+        if findings.unpermuted:
+            raise UnsupportedModuleError(findings.message(self._labels, None, self._param_name))
         for call in pass_.shared_calls:
             if any(id(p) in missing for p in call.params.values()):
-                learned = call.module in self._learned_shared
                 raise UnsupportedModuleError(
-                    f"layer '{call.label}' received an input with leading dimension "
-                    f"{call.size} while the batch has {pass_.batch_size} examples"
-                    + (" (and its rows proved not to be the examples)" if learned else "")
-                    + ", so noisescale treated its input as shared by all examples, but its "
-                    "output never met the batch (it was never combined with per-example "
+                    f"layer '{call.label}' was treated as shared by all examples ({call.why}), "
+                    "but its output never met the batch (it was never combined with per-example "
                     "activations). noisescale takes dim 0 of a layer's input as the example "
                     "dimension: keep activations batch-first (time-major built-in layers such "
                     "as nn.LSTM(batch_first=False) are handled), or use per_example=False"
                 )
+        aliased = sorted(self._param_name[pid] for pid in missing & pass_.aliased)
+        if aliased:
+            raise UnsupportedModuleError(
+                f"parameters {aliased} were used directly in their module's forward but never "
+                "combined with a tensor whose dim 0 has the batch's "
+                f"{pass_.batch_size} examples, so their per-example gradients are unknown "
+                "(time-major activations? keep dim 0 the examples), or use per_example=False"
+            )
         unexplained = set(findings.unexplained) | missing
         if (
             learn
@@ -1409,6 +1538,17 @@ class PerExampleNorms:
         owners: dict[nn.Module, str] = {}
         for origin, op in pass_.unsupported:
             scope = origin.scope
+            calls = [s.call for s in origin.sources if s.call is not None]
+            if calls:
+                call = calls[0]
+                raise UnsupportedModuleError(
+                    f"layer '{call.label}' was called on input that is not per-example "
+                    f"({call.why}), and its output then met the batch in the operation '{op}', "
+                    "which noisescale cannot attribute to examples (e.g. the cells of a "
+                    "hand-written recurrent layer run on the active rows of a packed sequence, "
+                    "a subset of the batch). Call layers on whole, batch-first activations "
+                    "(nn.LSTM/GRU/RNN handle packed sequences exactly), or use per_example=False"
+                )
             labels = sorted({s.label for s in origin.sources})
             if scope is None or scope is self.model or not self.allow_fallback or not learn:
                 where = (
@@ -1528,6 +1668,10 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+class _SkipCheck(Exception):
+    """An input the permutation check cannot permute (a packed sequence)."""
 
 
 def _has_fsdp2(model: nn.Module) -> bool:

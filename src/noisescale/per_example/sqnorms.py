@@ -46,7 +46,11 @@ class per_example_sqnorms:
     def __exit__(self, *exc: object) -> None:
         try:
             if exc[0] is None:
-                passes = [p for p in self.engine.collect(learn=False) if p.raw_sqnorms is not None]
+                collected = self.engine.collect(learn=False)
+                passes = [p for p in collected if p.raw_sqnorms is not None]
+                if collected and all(p.batch_size == 0 for p in collected):
+                    self.sqnorms = torch.zeros(0)  # an empty batch (e.g. Poisson sampling)
+                    return
                 if not passes:
                     raise NoiseScaleInputError(
                         "no per-example gradient was computed: run the forward pass and "
