@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import multiprocessing
 import os
 import socket
@@ -226,13 +225,16 @@ def _comm_hooks(rank: int) -> dict[str, dict[str, list[float]]]:
             copy.load_state_dict(inner.state_dict())
             exact = torch.autograd.grad(F.cross_entropy(copy(x), y), list(copy.parameters()))
             flat = torch.cat([e.reshape(-1) for e in exact])
-            local_exact = float(flat.pow(2).sum())
+            # the local source keeps the mean over processes of their local |G|²
+            local_exact = flat.pow(2).sum().reshape(1)
+            torch.distributed.all_reduce(local_exact)
+            local_exact = float(local_exact) / WORLD
             torch.distributed.all_reduce(flat)
             F.cross_entropy(model(x), y).backward()
             tracker.step()
             record = tracker.history[-1]
             big.append(record["sqnorm_big"] / float((flat / WORLD).pow(2).sum()))
-            local.append(record["sources"]["local"]["sqnorm_small"][rank] / local_exact)
+            local.append(record["sources"]["local"]["sqnorm_small"] / local_exact)
             opt.step()
             opt.zero_grad()
         out[name] = {"big_ratio": big, "local_ratio": local}
@@ -337,29 +339,33 @@ def _micro(steps: list, t: int, r: int):
     return [micro_batch(steps, t, r, j) for j in range(len(steps[t][r]))]
 
 
-def a2_tolerance(b_small, s_small, b_big, s_big) -> tuple[float, float]:
+def _sums(raw: dict) -> tuple[float, float, float]:
+    """(count, Σ 1/size, Σ S) of a history record's source (count, harmonic mean, mean)."""
+    count = float(raw["count"])
+    return count, count / float(raw["b_small"]), count * float(raw["sqnorm_small"])
+
+
+def a2_tolerance(raw: dict, b_big: float, s_big: float) -> tuple[float, float]:
     """Bounds on eq. A.2's change when its inputs are rounded to float32 (×8 for safety)."""
-    b_small, s_small = np.asarray(b_small, float), np.asarray(s_small, float)
-    g2 = F32 * (b_big * abs(s_big) + b_small * np.abs(s_small)) / np.abs(b_big - b_small)
-    tr = F32 * (np.abs(s_small) + abs(s_big)) / np.abs(1.0 / b_small - 1.0 / b_big)
-    return 8 * float(g2.max()), 8 * float(tr.max())
+    count, inv, total = _sums(raw)
+    bh = b_big * inv
+    g2 = F32 * (bh * abs(s_big) + abs(total)) / abs(bh - count)
+    tr = F32 * b_big * (abs(total) + count * abs(s_big)) / abs(bh - count)
+    return 8 * g2, 8 * tr
 
 
-def a2_mean(raw: dict, b_big: float, s_big: float) -> tuple[float, float]:
-    b = np.atleast_1d(np.asarray(raw["b_small"], float))
-    s = np.atleast_1d(np.asarray(raw["sqnorm_small"], float))
-    g2, tr = est.unbiased_g2_trace(b, s, b_big, s_big)
-    return float(np.mean(g2)), float(np.mean(tr))
+def a2(raw: dict, b_big: float, s_big: float) -> tuple[float, float]:
+    g2, tr = est.g2_trace_from_sums(b_big, s_big, *_sums(raw))
+    return float(g2), float(tr)
 
 
 def assert_same_source(got: dict, want: dict, b_big: float, s_big: float) -> None:
-    """Two sources give the same eq. A.2 average (up to float32 reads of their inputs)."""
-    assert sorted(np.atleast_1d(got["b_small"])) == pytest.approx(
-        sorted(np.atleast_1d(want["b_small"])), rel=1e-12
-    )
-    tol_g2, tol_tr = a2_tolerance(want["b_small"], want["sqnorm_small"], b_big, s_big)
-    g_got, t_got = a2_mean(got, b_big, s_big)
-    g_want, t_want = a2_mean(want, b_big, s_big)
+    """Two sources give the same eq. A.2 values (up to float32 reads of their inputs)."""
+    assert got["count"] == want["count"]
+    assert got["b_small"] == pytest.approx(want["b_small"], rel=1e-12)
+    tol_g2, tol_tr = a2_tolerance(want, b_big, s_big)
+    g_got, t_got = a2(got, b_big, s_big)
+    g_want, t_want = a2(want, b_big, s_big)
     assert g_got == pytest.approx(g_want, abs=tol_g2)
     assert t_got == pytest.approx(t_want, abs=tol_tr)
 
@@ -396,10 +402,7 @@ def test_one_pass_per_process_equals_single_process(runs, name):
         )
         assert_same_source(got["sources"]["local"], want["sources"]["microbatch"], b_big, s_big)
         # the combination weighs the two sources' eq. A.2 values: the sum of their tolerances
-        tols = [
-            a2_tolerance(s["b_small"], s["sqnorm_small"], b_big, s_big)
-            for s in want["sources"].values()
-        ]
+        tols = [a2_tolerance(s, b_big, s_big) for s in want["sources"].values()]
         assert got["g2"] == pytest.approx(want["g2"], abs=sum(t[0] for t in tols))
         assert got["trace_sigma"] == pytest.approx(want["trace_sigma"], abs=sum(t[1] for t in tols))
     assert got_hist[-1]["b_simple"] == pytest.approx(want_hist[-1]["b_simple"], rel=1e-4)
@@ -412,8 +415,10 @@ def test_uneven_local_batches_weight_the_big_batch(runs):
     got = [r["b_big"] for r in history]
     assert got == pytest.approx([12.0, 4 / (1 / 7 + 1 / 3), 4 / (1 / 5 + 1)], rel=1e-12)
     assert [r["examples"] for r in history] == [12, 22, 28]
-    # batches 5 and 1: b_big = 10/3, so only the one-example process is a smaller batch
-    assert history[2]["sources"]["local"]["b_small"] == 1.0
+    # batches 5 and 1: b_big = 10/3; eq. A.2 from sums pairs both local batches with it
+    # (unbiased whatever their sizes): two small batches of harmonic mean size 2/(1/5 + 1)
+    local = history[2]["sources"]["local"]
+    assert local["count"] == 2 and local["b_small"] == pytest.approx(2 / (1 / 5 + 1))
 
 
 @pytest.mark.parametrize("name", ["ddp_no_sync", "ddp_bucket_view_no_sync", "fsdp2_accumulate"])
@@ -428,8 +433,9 @@ def test_accumulation_equals_single_process(runs, name):
         for source in ("per_example", "microbatch"):
             assert_same_source(got["sources"][source], want["sources"][source], b_big, s_big)
         brute = {
-            "b_small": [b for b, _ in per_rank],
-            "sqnorm_small": [s for _, s in per_rank],
+            "count": len(per_rank),
+            "b_small": len(per_rank) / sum(1 / b for b, _ in per_rank),
+            "sqnorm_small": sum(s for _, s in per_rank) / len(per_rank),
         }
         assert_same_source(got["sources"]["local"], brute, b_big, s_big)
         assert got["sources"]["local"]["sqnorm_small"] == pytest.approx(
@@ -477,70 +483,56 @@ def test_a_crashed_process_does_not_hang_the_survivor(runs):
 # -- host-side resolution, no processes ----------------------------------------------------------
 
 
-def _row(n, sum_c, sum_c2, local, big, pe=(0.0, 0), micro=(), passes=1, ok=1.0):
-    row = np.zeros(dsrc.WIDTH)
-    row[[dsrc.N_EXAMPLES, dsrc.SUM_C, dsrc.SUM_C2, dsrc.LOCAL, dsrc.LOCAL_OK, dsrc.BIG]] = [
-        n,
-        sum_c,
-        sum_c2,
-        local,
-        ok,
-        big,
-    ]
-    row[[dsrc.PE_SUM, dsrc.PE_COUNT, dsrc.PASSES]] = [pe[0], pe[1], passes]
-    for g, (size, count, total) in enumerate(micro):
-        row[dsrc.MICRO + 3 * g : dsrc.MICRO + 3 * g + 3] = [size, count, total]
-    return row
+def _buffer(**fields) -> np.ndarray:
+    """One all-reduced buffer: global columns and per-source (count, Σ 1/size, Σ S, had)."""
+    values = np.zeros(dsrc.WIDTH)
+    for name, value in fields.items():
+        if name in dsrc.SOURCES:
+            for f, v in enumerate(value):
+                values[dsrc._column(name, f)] = v
+        else:
+            values[getattr(dsrc, name.upper())] = value
+    return values
 
 
-def test_resolve_rows_closed_form():
-    # mean losses, local batches 4 and 2: weights 1/4 and 1/2 locally, halved in .grad
-    rows = np.stack(
-        [
-            _row(4, 1.0, 4 * (1 / 4) ** 2, 3.0, 0.8, pe=(40.0, 4)),
-            _row(2, 1.0, 2 * (1 / 2) ** 2, 5.0, 0.0, pe=(20.0, 2)),
-        ]
+def test_resolve_closed_form():
+    # mean losses, local batches 4 and 2 (weights 1/4 and 1/2 locally, halved in .grad)
+    values = _buffer(
+        examples=6,
+        sum_c=2.0,
+        sum_c2=4 * (1 / 4) ** 2 + 2 * (1 / 2) ** 2,
+        big=0.8,
+        per_example=(6, 6.0, 60.0, 2),
+        local=(2, 1 / 4 + 1 / 2, 8.0, 2),
     )
-    r = dsrc.resolve_rows(rows)
-    assert r.b_big == pytest.approx(4 / (1 / 4 + 1 / 2))
-    assert r.sqnorm_big == pytest.approx(0.8)  # Σc/W = 1: .grad is already a weighted mean
-    assert r.examples == 6
-    assert r.sources["per_example"] == ([1.0], pytest.approx([10.0]))
-    assert r.sources["local"][0] == pytest.approx([4.0, 2.0])
-    assert "microbatch" not in r.sources
+    b_big, big, examples, loss, sources = dsrc.resolve(values, 2)
+    assert b_big == pytest.approx(4 / (1 / 4 + 1 / 2))
+    assert big == pytest.approx(0.8)  # Σc/W = 1: .grad is already a weighted mean
+    assert examples == 6 and loss is None
+    assert sources["per_example"].size == 1.0 and sources["per_example"].sqnorm_sum == 60.0
+    assert sources["local"].size == pytest.approx(2 / (1 / 4 + 1 / 2))
+    assert "microbatch" not in sources and sources["local"].lacking == 0
 
 
-def test_resolve_rows_sum_reduction_and_microbatch_groups():
-    # sum losses: weight 1 per example locally, 1/W in .grad; |.grad|² = (N/W)²·|G_big|²
-    rows = np.stack(
-        [
-            _row(5, 5.0, 5.0, 2.0, 9.0, micro=[(3, 1, 4.0), (2, 1, 6.0)], passes=2),
-            _row(4, 4.0, 4.0, 1.0, 0.0, micro=[(2, 2, 10.0)], passes=2),
-        ]
+def test_resolve_counts_processes_that_lacked_a_source():
+    """One process of four had no per-example pass: the others' examples still pair with the
+    global big batch (unbiased), and the record says how many lacked it."""
+    values = _buffer(
+        examples=16, sum_c=4.0, sum_c2=4 * 4 / 16, big=1.0, per_example=(12, 12, 30, 3)
     )
-    r = dsrc.resolve_rows(rows)
-    assert r.b_big == pytest.approx(9.0)
-    assert r.sqnorm_big == pytest.approx(9.0 / 4.5**2)
-    assert r.sources["microbatch"][0] == [3.0, 2.0, 2.0, 2.0]
-    assert r.sources["microbatch"][1] == pytest.approx([4.0, 6.0, 5.0, 5.0])
-    # mean of eq. A.2 over the expanded pairs = mean over the four micro-batches themselves
-    g2, _ = est.unbiased_g2_trace(np.array([3, 2, 2, 2.0]), r.sources["microbatch"][1], 9.0, 1.0)
-    g2_each, _ = est.unbiased_g2_trace(np.array([3, 2, 2, 2.0]), np.array([4, 6, 4, 6.0]), 9.0, 1.0)
-    assert g2.mean() == pytest.approx(g2_each.mean())
-    assert r.sources["local"][0] == pytest.approx([5.0, 4.0])
+    *_, sources = dsrc.resolve(values, 4)
+    assert sources["per_example"].count == 12 and sources["per_example"].lacking == 1
 
 
-def test_resolve_rows_leaves_out_unavailable_sources():
-    rows = np.stack(
-        [
-            _row(3, 1.0, 1 / 3, 2.0, 1.0, micro=[(1, 3, 5.0)], passes=3, ok=0.0),
-            _row(3, 1.0, 1 / 3, 2.0, 0.0, micro=[(1, 3, 5.0)], passes=3),
-        ]
-    )
-    rows[1, dsrc.OVERFLOW] = 1.0
-    r = dsrc.resolve_rows(rows)
-    assert r.sources == {}  # rank 0 lacks its local gradient, rank 1 had too many sizes
-    assert math.isclose(r.b_big, 6.0)
+def test_buffer_and_work_do_not_grow_with_the_number_of_processes():
+    """The reduction is one fixed-size buffer of sums, resolved in O(1), at any world size."""
+    for world in (2, 1024, 16384):
+        values = _buffer(examples=8 * world, sum_c=world, sum_c2=world / 8, big=1.0,
+                         local=(world, 8.0 * world, 2.0 * world, world))  # fmt: skip
+        assert values.size == dsrc.WIDTH == 22
+        b_big, _, examples, _, sources = dsrc.resolve(values, world)
+        assert b_big == pytest.approx(8 * world) and examples == 8 * world
+        assert sources["local"].size == pytest.approx(1 / 8)
 
 
 def test_process_group_without_distributed_is_refused():

@@ -228,7 +228,7 @@ def test_gradient_tracker_is_paused_during_measurements():
         bn.step(torch.randn(12, 4))
     for r in tracker.history:  # only the training pass counted: one pass of 8, no micro-batches
         assert r["b_big"] == 8
-        assert set(r["sources"]) == {"per_example"}
+        assert set(r["sources"]) == {"subbatch"}  # the default source, of the one pass
 
 
 def test_line_search_finds_the_optimum_of_the_averaged_quadratic():

@@ -82,6 +82,52 @@ def unbiased_g2_trace(
     return g2, trace_sigma
 
 
+def g2_trace_from_sums(
+    b_big: float,
+    sqnorm_big: ArrayLike,
+    count: float,
+    inv_size_sum: float,
+    sqnorm_sum: ArrayLike,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unbiased |G|² and tr(Σ) from the big batch and small batches of possibly different sizes,
+    given only sums over the small batches (paper eq. A.2, generalised).
+
+    With W small batches of sizes b_r and squared norms S_r of their mean gradients (E S_r =
+    |G|² + tr Σ/b_r) and the big batch's S_B (E S_B = |G|² + tr Σ/B), the combinations
+
+        g2 = (B·H·S_B − Σ S_r) / (B·H − W)
+        tr = B·W·(Σ S_r/W − S_B) / (B·H − W),     H = Σ 1/b_r,
+
+    are unbiased whatever the sizes, and equal eq. A.2 averaged over the small batches when the
+    sizes are equal. They need only W, H and Σ S_r, which add up across processes: a
+    data-parallel step reduces a few numbers per source however many processes there are.
+
+    Args:
+        b_big: Examples in the big batch, B.
+        sqnorm_big: S_B (a scalar, or an array for per-group norms).
+        count: W, the number of small batches.
+        inv_size_sum: H = Σ 1/b_r.
+        sqnorm_sum: Σ S_r (matching ``sqnorm_big``'s shape).
+
+    Raises:
+        ValueError: if there is no small batch or they are not smaller than the big batch on
+            average (B·H ≤ W).
+    """
+    bh = float(b_big) * float(inv_size_sum)
+    if count <= 0 or not bh > count:
+        size = count / inv_size_sum if inv_size_sum else 0.0
+        raise ValueError(
+            f"small batches (count {count}, mean size {size:g}) must be smaller than the big "
+            f"batch ({b_big:g}) to separate noise from signal"
+        )
+    big = np.asarray(sqnorm_big, dtype=float)
+    small = np.asarray(sqnorm_sum, dtype=float)
+    denom = bh - count
+    g2 = (bh * big - small) / denom
+    trace = float(b_big) * (small - count * big) / denom
+    return g2, trace
+
+
 def per_example_norm_estimates(
     sqnorms: ArrayLike, sqnorm_big: float, b_big: float | None = None
 ) -> tuple[float, float]:
@@ -207,6 +253,7 @@ class NoiseEstimate:
         confidence: Nominal coverage of ``[low, high]``.
         steps: Number of steps the estimate uses.
         effective_steps: Kish effective number of steps under the EMA weights.
+        reason: Why B_simple is not available (empty when it is).
     """
 
     g2: float
@@ -217,6 +264,7 @@ class NoiseEstimate:
     confidence: float = 0.95
     steps: int = 1
     effective_steps: float = 1.0
+    reason: str = ""
 
     @property
     def available(self) -> bool:
@@ -254,17 +302,31 @@ def b_simple_interval(state: NoiseScaleState, confidence: float = 0.95) -> Noise
     stays honest when |G|² is barely above zero, where the interval becomes unbounded above.
     The lower end is clamped at 0 because B_simple cannot be negative.
 
-    Returns a :class:`NoiseEstimate`; ``b_simple`` is ``nan`` while the averaged |G|² ≤ 0, and the
-    interval is ``nan`` with fewer than two steps.
+    An estimate that is not there says so: while the averaged |G|² or tr Σ is not positive (|G|²
+    not yet distinguishable from zero, or small-batch norms too noisy for the steps so far),
+    ``b_simple`` is ``nan``, the interval is [0, ∞) — it does not look like a tight one — and
+    ``reason`` says why; the interval is ``nan`` with fewer than two steps.
     """
     if state.count == 0 or state.w1 <= 0:
         nan = math.nan
-        return NoiseEstimate(nan, nan, nan, nan, nan, confidence, 0, 0.0)
+        return NoiseEstimate(nan, nan, nan, nan, nan, confidence, 0, 0.0, "no step measured yet")
     g = state.g2_sum / state.w1
     s = state.trace_sum / state.w1
-    # Average first, then clamp: a negative averaged tr Σ means no measurable noise (0), while
-    # |G|² ≤ 0 leaves the ratio undefined and the estimate is reported as not yet available.
-    b_simple = max(s, 0.0) / g if g > 0 else math.nan
+    # Average first, then judge: single steps are often negative; the averages are not, unless
+    # the measurement cannot yet resolve them.
+    reason = ""
+    if not g > 0:
+        reason = (
+            f"the averaged |G|² is {g:.3g}, not positive: the gradient is not yet "
+            "distinguishable from the noise (more steps, a larger batch or a more precise "
+            "small-batch source will resolve it)"
+        )
+    elif not s > 0:
+        reason = (
+            f"the averaged tr Σ is {s:.3g}, not positive: the small-batch norms are too noisy "
+            "for the steps so far to separate the noise"
+        )
+    b_simple = s / g if not reason else math.nan
     n_eff = state.w1**2 / state.w2
     low = high = math.nan
     if state.count >= 2:
@@ -288,6 +350,8 @@ def b_simple_interval(state: NoiseScaleState, confidence: float = 0.95) -> Noise
             bound = math.sqrt(v_gg * v_ss)
             v_gs = min(max(sw2 * var_unit_gs, -bound), bound)
             low, high = _fieller(s, g, v_ss, v_gg, v_gs, _t_quantile(confidence, n_eff - 1.0))
+    if reason and state.count >= 2:
+        low, high = 0.0, math.inf
     return NoiseEstimate(
         float(g),
         float(s),
@@ -297,6 +361,7 @@ def b_simple_interval(state: NoiseScaleState, confidence: float = 0.95) -> Noise
         confidence,
         state.count,
         float(n_eff),
+        reason,
     )
 
 

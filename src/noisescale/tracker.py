@@ -10,11 +10,13 @@ Two lines in a training loop::
     tracker.estimate()       # B_simple with its interval, |G|², tr Σ, steps used
 
 Each step pairs small-batch gradient norms with the big batch — the accumulated ``.grad`` of all
-of the step's examples — through the unbiased eq. A.2 of the paper. The small batches come from
-the sources available: exact per-example norms (module hooks, B_small = 1) and, when the step
-accumulates several micro-batches, the micro-batch gradient norms (B_small = micro-batch). The
-sources are combined with minimum-variance weights, the per-step |G|² and tr Σ are averaged with
-bias-corrected EMAs, and B_simple is their ratio with a Fieller interval (:mod:`estimators`).
+of the step's examples — through the unbiased eq. A.2 of the paper. The tracker is a shell: the
+hook engine (:mod:`noisescale.per_example`) measures the step's backward passes, the sources
+(:mod:`noisescale.sources`) turn them into small batches — by default k random sub-batches of
+each pass, measured inside its one backward; per-example norms on request; the micro-batches of
+gradient accumulation; the processes of data parallelism — and a pure update
+(:mod:`noisescale.state`) combines the sources with minimum-variance weights, averages |G|² and
+tr Σ with bias-corrected EMAs, and gives B_simple with a Fieller interval (:mod:`estimators`).
 
 Conventions:
     * ``loss_reduction="mean"`` (default): each backward pass's loss is the mean over its
@@ -34,7 +36,7 @@ import math
 import warnings
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,34 +45,42 @@ import torch
 from torch import Tensor, nn
 
 from noisescale import estimators as est
+from noisescale import state as state_mod
 from noisescale.errors import NoiseScaleInputError
+from noisescale.param_groups import parameter_groups
 from noisescale.per_example import LOSS_REDUCTIONS, PerExampleNorms
 from noisescale.per_example.factors import sqnorms
+from noisescale.preconditioning import check_preconditioner, preconditioner_weights
+from noisescale.sources.base import Observation, Source, StepNorms
 from noisescale.sources.distributed import DataParallelSource, ReducedStep
+from noisescale.sources.microbatch import MicroBatchSource
+from noisescale.sources.per_example import PerExampleSource
+from noisescale.sources.subbatch import SubbatchSource
 
 __all__ = ["GradientNoiseTracker"]
 
 HISTORY_KIND = "noisescale.history"
 HISTORY_VERSION = 1
+STATE_VERSION = 2
+# warn when the interval has stayed unbounded for this many steps with a cheap, less precise mode
+UNBOUNDED_WARNING_STEPS = 500
 
 
 @dataclass
-class _PendingStep:
-    """One step's raw statistics, still on the device."""
+class _Pending:
+    """One step's statistics, still on the device."""
 
     step: int
-    b_big: float
-    sqnorm_big: Tensor
-    sources: dict[str, tuple[list[float], Tensor]]  # name -> (small batch sizes, |G_small|²)
-    loss: Tensor | float | None
     lr: float | None
-    examples: int
     scale: float
-    # per parameter group: (|G_big|² [groups], source -> |G_small|² [small batches, groups])
-    groups: tuple[Tensor, dict[str, Tensor]] | None = None
-    preconditioned: bool | None = None  # None: no preconditioner asked for
-    # data parallel: the step's all-reduce, turned into the fields above by sync()
-    reduced: ReducedStep | None = None
+    b_big: float = math.nan
+    sqnorm_big: Tensor | None = None
+    observations: dict[str, Observation] | None = None
+    loss: Tensor | float | None = None
+    examples: int = 0
+    group_big: Tensor | None = None
+    preconditioned: bool | None = None
+    reduced: ReducedStep | None = None  # data parallel: the step's all-reduce
 
 
 class GradientNoiseTracker:
@@ -81,22 +91,21 @@ class GradientNoiseTracker:
             FSDP2 (``fully_shard``) root; create the tracker after wrapping.
         loss_reduction: ``"mean"`` or ``"sum"``: how the backpropagated loss combined the
             examples' own losses (see the module docstring).
-        per_example: Measure exact per-example norms with module hooks (the most precise source).
-            ``False`` relies on accumulation micro-batches only (no layer support needed).
-        per_example_fraction: Compute per-example norms for a random ⌈fraction·N⌉ of a step's
-            N examples, drawn afresh every step; ``1.0`` measures every example of every
-            micro-batch. When you accumulate, they are drawn from one micro-batch (at most all
-            of its examples) at a random position among the step's micro-batches, and the
-            others contribute their micro-batch norms only, so the hooks' work is paid once per
-            step. Rows are drawn with probabilities that favour large output gradients and
-            weighted back, so the subset's weighted mean |g_i|² is still unbiased and catches
-            the few examples that carry most of the noise late in training; the hooks' work
-            shrinks in proportion.
-            The default, 1/16, was chosen by measurement (``bench/README.md``): the interval
-            after a given number of steps was about as narrow as with all examples, because
-            the noise of |G|² from the big batch dominates, at a fraction of the cost. Use
-            ``1.0`` when the batch is much larger than B_simple, when the interval stays open
-            late in training (README, known limits), or for exact per-step comparisons.
+        per_example: Measure with the module hooks (sub-batches by default, per-example norms
+            with ``per_example_fraction``). ``False`` relies on accumulation micro-batches only
+            (no layer support needed).
+        subbatches: The default source: each backward pass's examples are split at random into
+            this many sub-batches and the norm of each sub-batch's gradient is measured inside
+            the one backward (for Linear, ``Conv1D`` and convolution weights at the cost of the
+            gradient itself; :mod:`noisescale.per_example.subbatch`). Like every-example norms,
+            they cancel each example's own |g_i|² in eq. A.2, so late in training, when a few
+            examples carry most of the noise, the interval is nearly as narrow as with every
+            example — where a per-example subset's is not (``bench/precision.py``).
+        per_example_fraction: Measure per-example norms instead of sub-batches: ``1.0`` every
+            example exactly; a fraction f draws ⌈f·N⌉ of a step's N examples with
+            probabilities that favour large output gradients, weighted back (unbiased, but far
+            less precise late in training; with accumulation, from one micro-batch at a random
+            position). ``None`` (default): sub-batches.
         microbatch: Use micro-batch gradient norms when a step accumulates several backward
             passes.
         beta: EMA decay for |G|² and tr Σ (paper App. A.1); ``1.0`` averages all steps equally.
@@ -107,18 +116,17 @@ class GradientNoiseTracker:
         history_path: Stream the per-step history to this JSON Lines file (appended at each
             sync, so an interrupted run keeps what was measured).
         sync_every: Steps between host reads of the device statistics.
-        fallback: Allow the torch.func fallback for modules without a closed-form norm.
+        fallback: Allow the torch.func fallback for modules whose parameters meet the batch in
+            an operation without a per-example rule.
         precondition: An Adam, AdamW or RMSprop optimizer: measure the noise scale of the
             preconditioned gradient P ⊙ g with P = 1/(√v̂ + ε) from its second-moment state
             (paper footnote 7, App. E.2), in the big batch and every small-batch source alike.
             Until the optimizer has taken ``precondition_from`` steps norms are plain, the
             history says ``"preconditioned": false``, and the averages restart at the first
-            preconditioned step. Per-example norms then materialise each Linear/conv
-            per-example weight gradient (N·O·I elements per layer, in bounded chunks).
-        precondition_from: Optimizer steps before P is used. Early on v̂ averages only a few
-            squared gradients, so coordinates whose first gradients happened to be tiny get
-            P ≈ 1/ε; those steps' huge, noisy norms would dominate the averages for hundreds of
-            steps (``docs/beyond_b_simple.md``). ``1`` starts as soon as there is state.
+            preconditioned step.
+        precondition_from: Optimizer steps before P is used (early v̂ averages only a few
+            squared gradients, and 1/ε-sized P would dominate the averages;
+            ``docs/beyond_b_simple.md``). ``1`` starts as soon as there is state.
         groups: Also report B_simple per parameter group (:meth:`estimate_groups`, history key
             ``"groups"``): ``True`` or ``"children"`` (each top-level child module),
             ``"param_groups"`` (the optimizer's), or a mapping ``{name: [parameters, modules or
@@ -128,8 +136,8 @@ class GradientNoiseTracker:
             a DDP or FSDP2 model is detected and uses its own group; give this for a plain
             model whose gradients you average yourself after the last backward pass.
             Each process's local gradient (before averaging) is then a small batch and the
-            averaged one the big batch (paper App. A.1), at the cost of one small all-reduce
-            per step; every process must call ``step()`` (:mod:`noisescale.sources`).
+            averaged one the big batch (paper App. A.1), at the cost of one all-reduce of a few
+            numbers per step; every process must call ``step()`` (:mod:`noisescale.sources`).
     """
 
     def __init__(
@@ -138,7 +146,8 @@ class GradientNoiseTracker:
         loss_reduction: str = "mean",
         *,
         per_example: bool = True,
-        per_example_fraction: float = 1 / 16,
+        subbatches: int = 8,
+        per_example_fraction: float | None = None,
         microbatch: bool = True,
         beta: float = 0.99,
         confidence: float = 0.95,
@@ -162,9 +171,15 @@ class GradientNoiseTracker:
             raise NoiseScaleInputError(f"confidence must be in (0, 1), got {confidence}")
         if sync_every < 1:
             raise NoiseScaleInputError(f"sync_every must be at least 1, got {sync_every}")
-        if not 0.0 < per_example_fraction <= 1.0:
+        if per_example_fraction is not None and not 0.0 < per_example_fraction <= 1.0:
             raise NoiseScaleInputError(
                 f"per_example_fraction must be in (0, 1], got {per_example_fraction}"
+            )
+        if not (isinstance(subbatches, int) and subbatches >= 2):
+            raise NoiseScaleInputError(f"subbatches must be an integer ≥ 2, got {subbatches!r}")
+        if precondition_from < 1:
+            raise NoiseScaleInputError(
+                f"precondition_from must be at least 1, got {precondition_from}"
             )
         if not per_example and not microbatch:
             raise NoiseScaleInputError(
@@ -173,38 +188,47 @@ class GradientNoiseTracker:
             )
         self.model = model
         self.loss_reduction = loss_reduction
-        self.microbatch = microbatch
         self.confidence = confidence
         self.scaler = scaler
-        self.optimizer = optimizer
         self.sync_every = sync_every
         self.history_path = Path(history_path) if history_path is not None else None
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.precondition = precondition
-        if precondition_from < 1:
-            raise NoiseScaleInputError(
-                f"precondition_from must be at least 1, got {precondition_from}"
-            )
         self.precondition_from = precondition_from
         if precondition is not None:
-            _check_preconditioner(model, precondition, trainable)
+            check_preconditioner(model, precondition, trainable)
             if optimizer is None:
-                optimizer = self.optimizer = precondition
-        self._group_names, group_params = _parameter_groups(model, groups, optimizer, trainable)
+                optimizer = precondition
+        self.optimizer = optimizer
+        self._group_names, group_params = parameter_groups(model, groups, optimizer, trainable)
         group_of = {id(p): g for g, ps in enumerate(group_params) for p in ps}
         self._group_index = [group_of[id(p)] for p in trainable] if group_params else []
-        self._group_states = {n: est.init_state(beta) for n in self._group_names}
+        if not per_example:
+            self.mode = "microbatch"
+        elif per_example_fraction is None:
+            self.mode = "subbatch"
+        else:
+            self.mode = "per_example"
         self._weights: dict[int, Tensor] | None = None
         self._weights_step = -1
-        self._preconditioned_from: int | None = None
         self.engine = PerExampleNorms(
             model,
             per_example=per_example,
             fallback=fallback,
             groups=group_params or None,
             precondition=self._preconditioner_weights if precondition is not None else None,
-            per_example_fraction=per_example_fraction,
+            per_example_fraction=per_example_fraction or 1.0,
+            subbatches=subbatches if self.mode == "subbatch" else 0,
         )
+        self.subbatches = subbatches
+        self.per_example_fraction = per_example_fraction
+        self._sources: list[Source] = []
+        if self.mode == "subbatch":
+            self._sources.append(SubbatchSource())
+        elif self.mode == "per_example":
+            self._sources.append(PerExampleSource())
+        if microbatch:
+            self._sources.append(MicroBatchSource())
         self._params = [p for p in model.parameters() if p.requires_grad]
         # DDP, FSDP2 or process_group=: local gradients against the averaged one (App. A.1)
         self._dist = DataParallelSource.detect(
@@ -213,20 +237,18 @@ class GradientNoiseTracker:
         if self._dist is not None:
             # the data-parallel source needs each pass's local norm as the backward computes it
             self.engine.lazy_first_pass = False
-        if self._dist is not None and (precondition is not None or group_params):
-            raise NoiseScaleInputError(
-                "precondition= and groups= are not supported under data parallelism yet"
-            )
-        self._state = est.init_state(beta)
-        self._combiner: dict[str, est.CombinerState] = {}
-        self._pending: list[_PendingStep] = []
+            if precondition is not None or group_params:
+                raise NoiseScaleInputError(
+                    "precondition= and groups= are not supported under data parallelism yet"
+                )
+        self._state = state_mod.init(beta, tuple(self._group_names))
+        self._pending: list[_Pending] = []
         self._history: list[dict[str, Any]] = []
         self.steps = 0
-        self.skipped_steps = 0
-        self.examples = 0
         self._warned: set[str] = set()
-        if self.history_path is not None and not self.history_path.exists():
-            self._write_lines([self._header()])
+        self._unbounded_since: int | None = None
+        if self.history_path is not None:
+            self._start_history_file()
 
     # -- the training-loop API ----------------------------------------------------------------
 
@@ -252,103 +274,58 @@ class GradientNoiseTracker:
                 "it once per optimizer step, after loss.backward()"
             )
         self.steps += 1
-        if self._dist is not None:
-            self._step_distributed(passes, scale, grads_unscaled, loss, lr)
-            return
         k = len(passes)
-        sizes = [p.batch_size for p in passes]
-        n_total = sum(sizes)
-        self.examples += n_total
-        # Example i of micro-batch j enters .grad with weight c_j (times the loss scale).
-        coef = [1.0 / (k * n) if self.loss_reduction == "mean" else 1.0 for n in sizes]
-        sum_c = sum(n * c for n, c in zip(sizes, coef, strict=True))
-        sum_c2 = sum(n * c * c for n, c in zip(sizes, coef, strict=True))
-        b_big = sum_c * sum_c / sum_c2
-        grad_scale = 1.0 if grads_unscaled else scale
-        weights = passes[0].weights
-        sqnorm_big = self._grad_sqnorm(weights) / (grad_scale * sum_c) ** 2
-
-        sources: dict[str, tuple[list[float], Tensor]] = {}
+        coef = [
+            1.0 / (k * p.batch_size) if self.loss_reduction == "mean" and p.batch_size else 1.0
+            for p in passes
+        ]
+        norms = StepNorms(passes, coef, scale)
+        observations = {}
         with torch.no_grad():
-            if self.engine.per_example and b_big > 1.0:
-                per_ex = [
-                    p.raw_sqnorms / (scale * c) ** 2
-                    for p, c in zip(passes, coef, strict=True)
-                    if p.raw_sqnorms is not None
-                ]
-                if per_ex:
-                    sources["per_example"] = ([1.0], torch.cat(per_ex).mean().reshape(1))
-            if self.microbatch and k >= 2:
-                usable = [
-                    (float(n), p.grad_sqnorm / (scale * n * c) ** 2)
-                    for p, n, c in zip(passes, sizes, coef, strict=True)
-                    if p.grad_sqnorm is not None and n < b_big
-                ]
-                if usable:
-                    sources["microbatch"] = (
-                        [b for b, _ in usable],
-                        torch.stack([v.reshape(()) for _, v in usable]),
-                    )
-        withheld = [p.withheld for p in passes if p.withheld]
-        for reason in withheld:
-            # an audit taught the engine something; this step's per-example norms are not used
-            warnings.warn(
-                f"noisescale: step {self.steps}: {reason}; this step's per-example norms are "
-                "left out" + (" (its micro-batch norms still count)" if sources else ""),
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        if not sources and withheld:
-            pass
-        elif not sources and any(p.skipped for p in passes):
-            self._warn_once(
-                "subset-missed",
-                "this step had fewer micro-batches than the one before, and the micro-batch "
-                "drawn for its per-example subset did not occur, so it has no small-batch norm "
-                "and is skipped (this happens on the step where accumulation shrinks to one "
-                "micro-batch; per_example_fraction=1.0 avoids it)",
-            )
-        elif not sources:
-            self._warn_once(
-                "small-equals-big",
-                "this step has one example and no other small-batch source, so the noise cannot "
-                "be separated from the gradient (small batch = big batch); the step is skipped. "
-                "Use more than one example per step or accumulate several micro-batches.",
-            )
-        if self.precondition is not None and weights is None:
-            self._warn_once(
-                "not-preconditioned",
-                f"the optimizer has taken fewer than precondition_from={self.precondition_from} "
-                "steps, so this step's norms are not preconditioned; the estimate restarts at "
-                "the first preconditioned step",
-            )
-        groups = self._group_sources(
-            passes, sizes, coef, scale, b_big, grad_scale * sum_c, weights, sources
-        )
+            for source in self._sources:
+                obs = source.observe(norms)
+                if obs is not None:
+                    observations[source.name] = obs
         if lr is None and self.optimizer is not None:
             lr = float(self.optimizer.param_groups[0]["lr"])
-        loss_value = loss.detach() if isinstance(loss, Tensor) else loss
-        self._pending.append(
-            _PendingStep(
-                self.steps,
-                b_big,
-                sqnorm_big,
-                sources,
-                loss_value,
-                lr,
-                self.examples,
-                scale,
-                groups,
-                None if self.precondition is None else weights is not None,
+        grad_scale = 1.0 if grads_unscaled else scale
+        if self._dist is not None:
+            reduced = self._dist.launch(norms, observations, grad_scale, loss)
+            self._pending.append(_Pending(self.steps, lr, scale, reduced=reduced))
+        else:
+            self._warn_about_sources(passes, observations)
+            if norms.sum_c <= 0:  # an empty batch: nothing to measure
+                self._warn_once("empty", "a step had no examples; it is left out")
+                return
+            weights = passes[0].weights
+            with torch.no_grad():
+                big = self._grad_sqnorm(weights) / (grad_scale * norms.sum_c) ** 2
+                group_big = (
+                    self._group_grad_sqnorms(weights) / (grad_scale * norms.sum_c) ** 2
+                    if self._group_names
+                    else None
+                )
+            self._pending.append(
+                _Pending(
+                    self.steps,
+                    lr,
+                    scale,
+                    norms.b_big,
+                    big,
+                    observations,
+                    loss.detach() if isinstance(loss, Tensor) else loss,
+                    sum(norms.sizes),
+                    group_big,
+                    None if self.precondition is None else weights is not None,
+                )
             )
-        )
         if len(self._pending) >= self.sync_every:
             self.sync()
 
     def estimate(self) -> est.NoiseEstimate:
         """B_simple with its interval, |G|², tr Σ and the number of steps used (App. A.1)."""
         self.sync()
-        return est.b_simple_interval(self._state, self.confidence)
+        return est.b_simple_interval(self._state.noise, self.confidence)
 
     def estimate_groups(self) -> dict[str, est.NoiseEstimate]:
         """B_simple of each parameter group (``groups=``): eq. A.2 with the group's own norms.
@@ -357,7 +334,7 @@ class GradientNoiseTracker:
         examples' gradients restricted to the group.
         """
         self.sync()
-        return {n: est.b_simple_interval(s, self.confidence) for n, s in self._group_states.items()}
+        return {n: est.b_simple_interval(s, self.confidence) for n, s in self._state.groups.items()}
 
     def paused(self) -> AbstractContextManager[None]:
         """A block whose forward/backward passes are not part of training (e.g. B_noise HVPs)."""
@@ -374,6 +351,18 @@ class GradientNoiseTracker:
         """The current B_simple estimate in examples (``nan`` while not available)."""
         return self.estimate().b_simple
 
+    @property
+    def examples(self) -> int:
+        """Examples of the steps folded into the estimate so far (synced on access)."""
+        self.sync()
+        return self._state.examples
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps left out of the estimate (non-finite gradients, no small batch)."""
+        self.sync()
+        return self._state.skipped_steps
+
     def remove(self) -> None:
         """Read what is pending and remove the hooks from the model."""
         self.sync()
@@ -388,292 +377,141 @@ class GradientNoiseTracker:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        pending = self._resolve_reduced(pending)
-        flat: list[Tensor] = []
-        for p in pending:
-            flat.append(p.sqnorm_big.reshape(1).float())
-            flat.extend(v.reshape(-1).float() for _, v in p.sources.values())
-            if isinstance(p.loss, Tensor):
-                flat.append(p.loss.reshape(1).float())
-        group_pos = sum(f.numel() for f in flat)
-        for p in pending:
-            if p.groups is not None:
-                flat.append(p.groups[0].reshape(-1).float())
-                flat.extend(v.reshape(-1).float() for v in p.groups[1].values())
-        values = torch.cat([f.to(flat[0].device) for f in flat]).cpu().numpy().astype(float)
+        stats = self._read(pending)
         records = []
-        pos = 0
-        for p in pending:
-            sqnorm_big = values[pos]
-            pos += 1
-            per_source: dict[str, tuple[float, float]] = {}
-            raw: dict[str, dict[str, Any]] = {}
-            for name, (b_small, _) in p.sources.items():
-                vals = values[pos : pos + len(b_small)]
-                pos += len(b_small)
-                g2, tr = est.unbiased_g2_trace(np.asarray(b_small), vals, p.b_big, sqnorm_big)
-                per_source[name] = (float(np.mean(g2)), float(np.mean(tr)))
-                raw[name] = {
-                    "b_small": b_small[0] if len(b_small) == 1 else list(b_small),
-                    "sqnorm_small": float(vals.mean()) if len(vals) == 1 else vals.tolist(),
-                }
-            loss = p.loss
-            if isinstance(loss, Tensor):
-                loss = float(values[pos])
-                pos += 1
-            group_values, group_pos = _read_groups(p, values, group_pos)
-            group_est = self._group_estimates(p, per_source, group_values)
-            self._start_preconditioning(p)
-            record = self._fold(p, sqnorm_big, per_source, raw, loss)
-            self._fold_groups(record, group_est)
-            if p.preconditioned is not None:
-                record["preconditioned"] = p.preconditioned
+        for p, s in zip(pending, stats, strict=True):
+            self._state, record = state_mod.update(self._state, s, self.confidence)
+            self._after_update(p, record)
             records.append(record)
         self._history.extend(records)
         if self.history_path is not None:
             self._write_lines(records)
 
-    def _step_distributed(
-        self,
-        passes: list[Any],
-        scale: float,
-        grads_unscaled: bool,
-        loss: Tensor | float | None,
-        lr: float | None,
-    ) -> None:
-        """A data-parallel step: start its all-reduce; :meth:`sync` resolves it."""
-        assert self._dist is not None
-        k = len(passes)
-        coef = [1.0 / (k * p.batch_size) if self.loss_reduction == "mean" else 1.0 for p in passes]
-        reduced = self._dist.launch(passes, coef, scale, 1.0 if grads_unscaled else scale, loss)
-        if lr is None and self.optimizer is not None:
-            lr = float(self.optimizer.param_groups[0]["lr"])
-        nan = torch.full((), math.nan)
-        self._pending.append(
-            _PendingStep(self.steps, math.nan, nan, {}, None, lr, 0, scale, reduced=reduced)
-        )
-        if len(self._pending) >= self.sync_every:
-            self.sync()
-
-    def _resolve_reduced(self, pending: list[_PendingStep]) -> list[_PendingStep]:
-        """Wait for the data-parallel steps' all-reduces; fill in their global statistics."""
-        reduced = [p.reduced.values() for p in pending if p.reduced is not None]
-        if not reduced:
-            return pending
-        assert self._dist is not None
-        values = torch.cat(reduced).cpu().numpy()
-        width = values.size // len(reduced)
-        out = []
-        for p in pending:
-            if p.reduced is None:
-                out.append(p)
-                continue
-            r = self._dist.resolve(values[:width])
-            values = values[width:]
-            self.examples += r.examples
-            if not r.sources:
-                self._warn_once(
-                    "small-equals-big",
-                    "this step has one example over all processes and no other small-batch "
-                    "source (small batch = big batch); the step is skipped",
+    def _read(self, pending: list[_Pending]) -> list[state_mod.StepStats]:
+        """Every pending step's numbers, read from the device in one transfer."""
+        if self._dist is not None:
+            values = torch.cat([p.reduced.values() for p in pending]).cpu().numpy()
+            width = values.size // len(pending)
+            out = []
+            for i, p in enumerate(pending):
+                b_big, big, examples, loss, sources = self._dist.resolve(
+                    values[i * width : (i + 1) * width]
                 )
-            sources = {
-                name: (b_small, torch.from_numpy(vals))
-                for name, (b_small, vals) in r.sources.items()
-            }
-            sqnorm_big = torch.tensor(r.sqnorm_big, dtype=torch.float64)
+                if not sources:
+                    self._warn_once(
+                        "small-equals-big",
+                        "this step has one example over all processes and no other small-batch "
+                        "source (small batch = big batch); the step is skipped",
+                    )
+                out.append(
+                    state_mod.StepStats(p.step, b_big, big, sources, examples, loss, p.lr, p.scale)
+                )
+            return out
+        flat: list[Tensor] = []
+        for p in pending:
+            assert p.sqnorm_big is not None and p.observations is not None
+            flat.append(p.sqnorm_big.reshape(1))
+            for obs in p.observations.values():
+                flat.append(obs.sqnorm_sum.reshape(1))
+                if obs.group_sqnorm_sum is not None:
+                    flat.append(obs.group_sqnorm_sum.reshape(-1))
+            if isinstance(p.loss, Tensor):
+                flat.append(p.loss.reshape(1))
+            if p.group_big is not None:
+                flat.append(p.group_big.reshape(-1))
+        device = flat[0].device
+        values = torch.cat([f.to(device=device, dtype=torch.float64) for f in flat]).cpu().numpy()
+        out, pos = [], 0
+        g = len(self._group_names)
+        for p in pending:
+            big = float(values[pos])
+            pos += 1
+            sources = {}
+            for name, obs in p.observations.items():
+                total = float(values[pos])
+                pos += 1
+                group_sum = None
+                if obs.group_sqnorm_sum is not None:
+                    group_sum = values[pos : pos + g].copy()
+                    pos += g
+                sources[name] = state_mod.SmallBatches(
+                    obs.count, obs.inv_size_sum, total, group_sum
+                )
+            loss = p.loss
+            if isinstance(loss, Tensor):
+                loss = float(values[pos])
+                pos += 1
+            group_big = None
+            if p.group_big is not None:
+                group_big = values[pos : pos + g].copy()
+                pos += g
             out.append(
-                replace(
-                    p,
-                    b_big=r.b_big,
-                    sqnorm_big=sqnorm_big,
-                    sources=sources,
-                    loss=r.loss,
-                    examples=self.examples,
-                    reduced=None,
+                state_mod.StepStats(
+                    p.step,
+                    p.b_big,
+                    big,
+                    sources,
+                    p.examples,
+                    loss,
+                    p.lr,
+                    p.scale,
+                    group_big,
+                    p.preconditioned,
                 )
             )
         return out
 
-    def _fold(
-        self,
-        p: _PendingStep,
-        sqnorm_big: float,
-        per_source: dict[str, tuple[float, float]],
-        raw: dict[str, dict[str, Any]],
-        loss: float | None,
-    ) -> dict[str, Any]:
-        finite = math.isfinite(sqnorm_big) and all(
-            math.isfinite(g) and math.isfinite(t) for g, t in per_source.values()
+    def _after_update(self, p: _Pending, record: dict[str, Any]) -> None:
+        if record["skipped"] and not math.isfinite(record["sqnorm_big"]) and self.scaler is None:
+            self._warn_once("non-finite", f"step {p.step} has non-finite gradients; it is left out")
+        unbounded = record["b_simple_high"] is None or not math.isfinite(
+            record["b_simple_high"] or math.inf
         )
-        g2 = tr = math.nan
-        skipped = not (finite and per_source)
-        if skipped:
-            self.skipped_steps += 1
-            if not finite and self.scaler is None:
-                self._warn_once(
-                    "non-finite",
-                    f"step {p.step} has non-finite gradients; it is left out of the estimate",
+        if not unbounded:
+            self._unbounded_since = None
+        elif self._unbounded_since is None:
+            self._unbounded_since = p.step
+        elif p.step - self._unbounded_since >= UNBOUNDED_WARNING_STEPS and self.mode != "subbatch":
+            self._warn_once(
+                "unbounded",
+                f"B_simple's interval has stayed unbounded for {UNBOUNDED_WARNING_STEPS} steps "
+                f"with the {self.mode} source; the default sub-batch source (subbatches=8, no "
+                "per_example_fraction) separates |G|² from the noise far more precisely late in "
+                "training, at about the same cost (bench/precision.py)",
+            )
+
+    def _warn_about_sources(self, passes: list[Any], observations: dict[str, Any]) -> None:
+        for p in passes:
+            if p.withheld:
+                # an audit taught the engine something; this step's per-example norms are not used
+                self._warn(
+                    f"step {self.steps}: {p.withheld}; this step's per-example norms are left out"
+                    + (" (its micro-batch norms still count)" if observations else "")
                 )
+        if observations or any(p.withheld for p in passes):
+            pass
+        elif any(p.skipped for p in passes):
+            self._warn_once(
+                "subset-missed",
+                "this step had fewer micro-batches than the one before, and the micro-batch "
+                "drawn for its per-example subset did not occur, so it has no small-batch norm "
+                "and is skipped (this happens on the step where accumulation shrinks to one "
+                "micro-batch; per_example_fraction=1.0 avoids it)",
+            )
         else:
-            key = ",".join(sorted(per_source))
-            g2, tr = self._combine(key, per_source)
-            self._state = est.update_state(self._state, g2, tr)
-        e = est.b_simple_interval(self._state, self.confidence)
-        return {
-            "step": p.step,
-            "skipped": skipped,
-            "b_big": p.b_big,
-            "sqnorm_big": sqnorm_big,
-            "g2": g2,
-            "trace_sigma": tr,
-            "g2_ema": e.g2,
-            "trace_sigma_ema": e.trace_sigma,
-            "b_simple": e.b_simple,
-            "b_simple_low": e.low,
-            "b_simple_high": e.high,
-            "loss": loss,
-            "lr": p.lr,
-            "temperature": p.lr / p.b_big if p.lr is not None else None,
-            "examples": p.examples,
-            "loss_scale": p.scale,
-            "sources": raw,
-        }
-
-    def _combine(self, key: str, per_source: dict[str, tuple[float, float]]) -> tuple[float, float]:
-        names = sorted(per_source)
-        pairs = np.array([per_source[n] for n in names])  # [K, 2]: (g2, trace) per source
-        if len(names) == 1:
-            return float(pairs[0, 0]), float(pairs[0, 1])
-        comb = self._combiner.get(key) or est.init_combiner(len(names), self._state.beta)
-        w_g2, w_tr = est.combiner_weights(comb)
-        self._combiner[key] = est.update_combiner(comb, pairs[:, 0], pairs[:, 1])
-        return float(w_g2 @ pairs[:, 0]), float(w_tr @ pairs[:, 1])
-
-    # -- parameter groups and preconditioning -------------------------------------------------
-
-    def _preconditioner_weights(self) -> dict[int, Tensor] | None:
-        """P² for the passes of the current step (the state cannot change before its end)."""
-        if self._weights_step != self.steps:
-            assert self.precondition is not None
-            self._weights = preconditioner_weights(
-                self.precondition, self._params, min_steps=self.precondition_from
+            self._warn_once(
+                "small-equals-big",
+                "this step has one example and no other small-batch source, so the noise cannot "
+                "be separated from the gradient (small batch = big batch); the step is skipped. "
+                "Use more than one example per step or accumulate several micro-batches.",
             )
-            self._weights_step = self.steps
-        return self._weights
-
-    def _start_preconditioning(self, p: _PendingStep) -> None:
-        # plain and preconditioned norms measure different quantities: never average them
-        if p.preconditioned and self._preconditioned_from is None:
-            self._preconditioned_from = p.step
-            beta = self._state.beta
-            self._state = est.init_state(beta)
-            self._combiner.clear()
-            self._group_states = {n: est.init_state(beta) for n in self._group_states}
-
-    def _group_sources(
-        self,
-        passes: list[Any],
-        sizes: list[int],
-        coef: list[float],
-        scale: float,
-        b_big: float,
-        big_divisor: float,
-        weights: dict[int, Tensor] | None,
-        sources: dict[str, tuple[list[float], Tensor]],
-    ) -> tuple[Tensor, dict[str, Tensor]] | None:
-        """The step's norms split by parameter group, normalised exactly as the total's."""
-        if not self._group_names:
-            return None
-        out: dict[str, Tensor] = {}
-        with torch.no_grad():
-            big = self._group_grad_sqnorms(weights) / big_divisor**2
-            if "per_example" in sources:
-                per_ex = [
-                    p.group_sqnorms / (scale * c) ** 2
-                    for p, c in zip(passes, coef, strict=True)
-                    if p.group_sqnorms is not None
-                ]
-                out["per_example"] = torch.cat(per_ex).mean(0, keepdim=True)
-            if "microbatch" in sources:
-                out["microbatch"] = torch.stack(
-                    [
-                        p.group_grad_sqnorm / (scale * n * c) ** 2
-                        for p, n, c in zip(passes, sizes, coef, strict=True)
-                        if p.group_grad_sqnorm is not None and n < b_big
-                    ]
-                )
-        return big, out
-
-    def _group_estimates(
-        self,
-        p: _PendingStep,
-        per_source: dict[str, tuple[float, float]],
-        read: tuple[np.ndarray, dict[str, np.ndarray]] | None,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """Per group: (|G_big|², g2, tr Σ) by eq. A.2, combined with the total's source weights.
-
-        The weights are the ones the total uses for this step (read before it updates them), so
-        the groups' g2 and tr Σ add up to the total's exactly.
-        """
-        if read is None:
-            return None
-        big, small = read
-        names = sorted(per_source)
-        g2, tr = np.full_like(big, math.nan), np.full_like(big, math.nan)
-        if not names or any(n not in small for n in names):
-            return big, g2, tr
-        w_g2, w_tr = np.ones(1), np.ones(1)
-        if len(names) > 1:
-            comb = self._combiner.get(",".join(names)) or est.init_combiner(
-                len(names), self._state.beta
+        if self.precondition is not None and passes[0].weights is None:
+            self._warn_once(
+                "not-preconditioned",
+                f"the optimizer has taken fewer than precondition_from={self.precondition_from} "
+                "steps, so this step's norms are not preconditioned; the estimate restarts at "
+                "the first preconditioned step",
             )
-            w_g2, w_tr = est.combiner_weights(comb)
-        g2, tr = np.zeros_like(big), np.zeros_like(big)
-        for wg, wt, name in zip(w_g2, w_tr, names, strict=True):
-            b_small = np.asarray(p.sources[name][0], dtype=float)[:, None]
-            g, t = est.unbiased_g2_trace(b_small, small[name], p.b_big, big[None, :])
-            g2 += wg * g.mean(0)
-            tr += wt * t.mean(0)
-        return big, g2, tr
-
-    def _fold_groups(
-        self, record: dict[str, Any], group_est: tuple[np.ndarray, np.ndarray, np.ndarray] | None
-    ) -> None:
-        if group_est is None:
-            return
-        big, g2, tr = group_est
-        skipped = record["skipped"] or not np.all(np.isfinite(g2) & np.isfinite(tr))
-        out: dict[str, dict[str, Any]] = {}
-        for i, name in enumerate(self._group_names):
-            if not skipped:
-                self._group_states[name] = est.update_state(self._group_states[name], g2[i], tr[i])
-            e = est.b_simple_interval(self._group_states[name], self.confidence)
-            out[name] = {
-                "sqnorm_big": float(big[i]),
-                "g2": math.nan if skipped else float(g2[i]),
-                "trace_sigma": math.nan if skipped else float(tr[i]),
-                "g2_ema": e.g2,
-                "trace_sigma_ema": e.trace_sigma,
-                "b_simple": e.b_simple,
-                "b_simple_low": e.low,
-                "b_simple_high": e.high,
-            }
-        record["groups"] = out
-
-    def _group_grad_sqnorms(self, weights: dict[int, Tensor] | None) -> Tensor:
-        with torch.no_grad():
-            sq, index = [], []
-            for p, g in zip(self._params, self._group_index, strict=True):
-                if p.grad is not None:
-                    grad = p.grad.detach().float().pow(2)
-                    sq.append(grad.sum() if weights is None else (grad * weights[id(p)]).sum())
-                    index.append(g)
-            values = torch.stack(sq)
-            idx = torch.tensor(index, device=values.device)
-            return values.new_zeros(len(self._group_names)).index_add_(0, idx, values)
-
-    # -- helpers ------------------------------------------------------------------------------
 
     def _grad_sqnorm(self, weights: dict[int, Tensor] | None = None) -> Tensor:
         grads = [p.grad for p in self._params if p.grad is not None]
@@ -682,16 +520,26 @@ class GradientNoiseTracker:
                 "no parameter has a gradient: call tracker.step() after loss.backward() and "
                 "before optimizer.zero_grad()"
             )
-        with torch.no_grad():
-            if weights is not None:
-                return torch.stack(
-                    [
-                        (p.grad.detach().float().pow(2) * weights[id(p)]).sum()
-                        for p in self._params
-                        if p.grad is not None
-                    ]
-                ).sum()
-            return sqnorms([g.detach() for g in grads]).sum()
+        if weights is not None:
+            return torch.stack(
+                [
+                    (p.grad.detach().float().pow(2) * weights[id(p)]).sum()
+                    for p in self._params
+                    if p.grad is not None
+                ]
+            ).sum()
+        return sqnorms([g.detach() for g in grads]).sum()
+
+    def _group_grad_sqnorms(self, weights: dict[int, Tensor] | None) -> Tensor:
+        sq, index = [], []
+        for p, g in zip(self._params, self._group_index, strict=True):
+            if p.grad is not None:
+                grad = p.grad.detach().float().pow(2)
+                sq.append(grad.sum() if weights is None else (grad * weights[id(p)]).sum())
+                index.append(g)
+        values = torch.stack(sq)
+        idx = torch.tensor(index, device=values.device)
+        return values.new_zeros(len(self._group_names)).index_add_(0, idx, values)
 
     def _loss_scale(self) -> tuple[float, bool]:
         """The AMP loss scale in the hooks' gradients, and whether ``.grad`` is already unscaled."""
@@ -706,19 +554,63 @@ class GradientNoiseTracker:
         )
         return scale, unscaled
 
+    def _preconditioner_weights(self) -> dict[int, Tensor] | None:
+        """P² for the passes of the current step (the state cannot change before its end)."""
+        if self._weights_step != self.steps:
+            assert self.precondition is not None
+            self._weights = preconditioner_weights(
+                self.precondition, self._params, min_steps=self.precondition_from
+            )
+            self._weights_step = self.steps
+        return self._weights
+
+    def _warn(self, message: str) -> None:
+        warnings.warn(f"noisescale: {message}", RuntimeWarning, stacklevel=3)
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    # -- history ------------------------------------------------------------------------------
 
     def _header(self) -> dict[str, Any]:
         return {
             "kind": HISTORY_KIND,
             "version": HISTORY_VERSION,
             "loss_reduction": self.loss_reduction,
-            "beta": self._state.beta,
+            "beta": self._state.noise.beta,
             "confidence": self.confidence,
+            "source": self.mode,
+            **({"subbatches": self.subbatches} if self.mode == "subbatch" else {}),
+            **(
+                {"per_example_fraction": self.per_example_fraction}
+                if self.mode == "per_example"
+                else {}
+            ),
         }
+
+    def _start_history_file(self) -> None:
+        """Start the history file, or continue one of ours; never append to anything else."""
+        assert self.history_path is not None
+        path = self.history_path
+        if path.is_dir():
+            raise NoiseScaleInputError(f"history_path {str(path)!r} is a directory; give a file")
+        if path.exists() and path.stat().st_size > 0:
+            with path.open() as f:
+                first = f.readline()
+            try:
+                header = json.loads(first)
+            except json.JSONDecodeError:
+                header = None
+            if not isinstance(header, dict) or header.get("kind") != HISTORY_KIND:
+                raise NoiseScaleInputError(
+                    f"history_path {str(path)!r} exists and is not a noisescale history (its "
+                    "first line is not a history header); give a new path — nothing was "
+                    "written to it"
+                )
+            return  # a resumed run appends to its own history
+        self._write_lines([self._header()])
 
     def _write_lines(self, records: Iterable[dict[str, Any]]) -> None:
         assert self.history_path is not None
@@ -742,31 +634,48 @@ class GradientNoiseTracker:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed for a resumed tracker to give the same subsequent estimates."""
         self.sync()
+        s = self._state
         return {
-            "version": HISTORY_VERSION,
-            "state": _json_safe(self._state._asdict()),
-            "combiner": {k: _json_safe(v._asdict()) for k, v in self._combiner.items()},
+            "version": STATE_VERSION,
+            "state": _json_safe(s.noise._asdict()),
+            "combiner": {k: _json_safe(v._asdict()) for k, v in s.combiner.items()},
+            "group_states": {n: _json_safe(v._asdict()) for n, v in s.groups.items()},
             "steps": self.steps,
-            "skipped_steps": self.skipped_steps,
-            "examples": self.examples,
+            "folded_steps": s.steps,
+            "skipped_steps": s.skipped_steps,
+            "examples": s.examples,
+            "preconditioned_from": s.preconditioned_from,
             "loss_reduction": self.loss_reduction,
             "confidence": self.confidence,
-            "group_states": {n: _json_safe(s._asdict()) for n, s in self._group_states.items()},
-            "preconditioned_from": self._preconditioned_from,
+            "source": self.mode,
             "subset_rng": self.engine.rng_state(),
             "subset_step_examples": self.engine.last_step_examples,
             "subset_position": self.engine.subset_position,
+            "engine_steps": self.engine.steps_collected,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (this version's or the first version's)."""
         if state.get("loss_reduction", self.loss_reduction) != self.loss_reduction:
             raise NoiseScaleInputError(
                 f"the checkpoint was measured with loss_reduction={state['loss_reduction']!r} "
                 f"but this tracker uses {self.loss_reduction!r}"
             )
+        saved_source = state.get("source", "per_example")
+        if saved_source != self.mode:
+            raise NoiseScaleInputError(
+                f"the checkpoint was measured with the {saved_source!r} source but this tracker "
+                f"uses {self.mode!r}; construct it with the same per_example/"
+                "per_example_fraction/subbatches settings"
+            )
+        saved_groups = state.get("group_states", {})
+        if set(saved_groups) != set(self._state.groups):
+            raise NoiseScaleInputError(
+                f"the checkpoint has parameter groups {sorted(saved_groups)} but this tracker "
+                f"has {sorted(self._state.groups)}; construct it with the same groups="
+            )
         self._pending.clear()
-        self._state = est.NoiseScaleState(**state["state"])
-        self._combiner = {
+        combiner = {
             k: est.CombinerState(
                 **{
                     f: np.asarray(x, dtype=float) if isinstance(x, list) else x
@@ -775,21 +684,21 @@ class GradientNoiseTracker:
             )
             for k, v in state["combiner"].items()
         }
+        self._state = state_mod.TrackerState(
+            est.NoiseScaleState(**state["state"]),
+            combiner,
+            {n: est.NoiseScaleState(**v) for n, v in saved_groups.items()},
+            int(state.get("folded_steps", state["steps"])),
+            int(state["skipped_steps"]),
+            int(state["examples"]),
+            state.get("preconditioned_from"),
+        )
         self.steps = int(state["steps"])
-        self.skipped_steps = int(state["skipped_steps"])
-        self.examples = int(state["examples"])
         self.confidence = float(state["confidence"])
-        saved_groups = state.get("group_states", {})
-        if set(saved_groups) != set(self._group_states):
-            raise NoiseScaleInputError(
-                f"the checkpoint has parameter groups {sorted(saved_groups)} but this tracker "
-                f"has {sorted(self._group_states)}; construct it with the same groups="
-            )
-        self._group_states = {n: est.NoiseScaleState(**v) for n, v in saved_groups.items()}
-        self._preconditioned_from = state.get("preconditioned_from")
         self.engine.set_rng_state(state.get("subset_rng", {}))
         self.engine.last_step_examples = state.get("subset_step_examples")
         self.engine.subset_position = int(state.get("subset_position", 0))
+        self.engine.steps_collected = int(state.get("engine_steps", self.steps))
 
 
 def _json_safe(x: Any) -> Any:
@@ -804,162 +713,3 @@ def _json_safe(x: Any) -> Any:
     if isinstance(x, np.ndarray):
         return _json_safe(x.tolist())
     return x
-
-
-def _read_groups(
-    p: _PendingStep, values: np.ndarray, pos: int
-) -> tuple[tuple[np.ndarray, dict[str, np.ndarray]] | None, int]:
-    """This step's per-group norms from the flat host copy, and the position after them."""
-    if p.groups is None:
-        return None, pos
-    big_t, small_t = p.groups
-    big = values[pos : pos + big_t.numel()]
-    pos += big_t.numel()
-    small = {}
-    for name, t in small_t.items():
-        small[name] = values[pos : pos + t.numel()].reshape(tuple(t.shape))
-        pos += t.numel()
-    return (big, small), pos
-
-
-_PRECONDITIONERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
-
-
-def _check_preconditioner(
-    model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]
-) -> None:
-    if not isinstance(optimizer, _PRECONDITIONERS):
-        raise NoiseScaleInputError(
-            f"precondition= takes an Adam, AdamW or RMSprop optimizer (whose second-moment "
-            f"state gives the preconditioner), got {type(optimizer).__name__}"
-        )
-    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    names = {id(p): n for n, p in model.named_parameters()}
-    missing = sorted(names.get(id(p), "?") for p in params if id(p) not in held)
-    if missing:
-        raise NoiseScaleInputError(
-            f"parameters {missing} are trainable but not in the precondition optimizer, so they "
-            "have no preconditioner; freeze them or add them to the optimizer"
-        )
-
-
-def preconditioner_weights(
-    optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], min_steps: int = 1
-) -> dict[int, Tensor] | None:
-    """P² = (√v̂ + ε)⁻² per parameter id: the square of the optimizer's elementwise preconditioner.
-
-    Adam/AdamW divide the (momentum of the) gradient by √v̂ + ε with v̂ = v/(1 − β₂ᵗ) the
-    bias-corrected second moment (``max_exp_avg_sq`` with amsgrad); RMSprop by √v + ε (v minus
-    the squared mean gradient when centered). The state read is the one left by the previous
-    ``optimizer.step()``, fixed while this step's gradients are drawn, so the preconditioned
-    norms stay unbiased for |P ⊙ G|² and tr(PΣP). ``None`` while any parameter has taken fewer
-    than ``min_steps`` steps.
-    """
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    out: dict[int, Tensor] = {}
-    with torch.no_grad():
-        for p in params:
-            group = group_of[id(p)]
-            state = optimizer.state.get(p)
-            if not state or float(state.get("step", 0)) < min_steps:
-                return None
-            if isinstance(optimizer, torch.optim.RMSprop):
-                v = state["square_avg"]
-                if group["centered"]:
-                    v = v.addcmul(state["grad_avg"], state["grad_avg"], value=-1)
-                denom = _at_least_float32(v).sqrt() + group["eps"]
-            else:
-                v = state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]
-                correction = 1.0 - group["betas"][1] ** float(state["step"])
-                denom = (_at_least_float32(v) / correction).sqrt() + group["eps"]
-            out[id(p)] = denom.pow(-2)
-    return out
-
-
-def _at_least_float32(x: Tensor) -> Tensor:
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def _parameter_groups(
-    model: nn.Module,
-    groups: bool | str | Mapping[str, Any] | None,
-    optimizer: torch.optim.Optimizer | None,
-    params: list[nn.Parameter],
-) -> tuple[list[str], list[list[nn.Parameter]]]:
-    """Names and members of the parameter groups: a partition of the trainable ``params``."""
-    if groups is None or groups is False:
-        return [], []
-    tracked = {id(p) for p in params}
-    names = {id(p): n for n, p in model.named_parameters()}
-    owner: dict[int, str] = {}
-    members: dict[str, list[nn.Parameter]] = {}
-
-    def put(group: str, p: nn.Parameter, *, shared_ok: bool) -> None:
-        if id(p) not in tracked:
-            return
-        if id(p) in owner:
-            if owner[id(p)] != group and not shared_ok:
-                raise NoiseScaleInputError(
-                    f"parameter '{names.get(id(p), '?')}' is in groups {owner[id(p)]!r} and "
-                    f"{group!r}; each parameter must be in one group"
-                )
-            return
-        owner[id(p)] = group
-        members.setdefault(group, []).append(p)
-
-    if groups is True or groups == "children":
-        root = model
-        # a DistributedDataParallel-style wrapper holds the real model as its only child
-        while (
-            isinstance(getattr(root, "module", None), nn.Module) and len(list(root.children())) == 1
-        ):
-            root = root.module
-        for name, child in root.named_children():
-            for p in child.parameters():
-                put(name, p, shared_ok=True)  # a tied parameter belongs to its first user
-        for p in root.parameters(recurse=False):
-            put("(top)", p, shared_ok=True)
-    elif groups == "param_groups":
-        if optimizer is None:
-            raise NoiseScaleInputError(
-                "groups='param_groups' needs the optimizer: pass optimizer= or precondition="
-            )
-        for i, g in enumerate(optimizer.param_groups):
-            for p in g["params"]:
-                put(str(g.get("name", f"param_group_{i}")), p, shared_ok=False)
-    elif isinstance(groups, Mapping):
-        modules = dict(model.named_modules())
-        by_name = dict(model.named_parameters())
-        for group, spec in groups.items():
-            items = [spec] if isinstance(spec, str | nn.Module | Tensor) else list(spec)
-            for item in items:
-                if isinstance(item, str):
-                    if item not in by_name and item not in modules:
-                        raise NoiseScaleInputError(
-                            f"group {group!r}: {item!r} names no parameter or module of the model"
-                        )
-                    item = by_name.get(item, modules.get(item))
-                if isinstance(item, nn.Module):
-                    for p in item.parameters():
-                        put(str(group), p, shared_ok=False)
-                elif isinstance(item, Tensor):
-                    if id(item) not in tracked:
-                        raise NoiseScaleInputError(
-                            f"group {group!r} holds a tensor that is not a trainable parameter "
-                            "of the model"
-                        )
-                    put(str(group), item, shared_ok=False)
-                else:
-                    raise NoiseScaleInputError(
-                        f"group {group!r}: expected parameters, modules or their names, got "
-                        f"{type(item).__name__}"
-                    )
-    else:
-        raise NoiseScaleInputError(
-            "groups must be True, 'children', 'param_groups' or a mapping {name: [parameters, "
-            f"modules or names]}}, got {groups!r}"
-        )
-    rest = [p for p in params if id(p) not in owner]
-    if rest:
-        members.setdefault("(other)", []).extend(rest)
-    return list(members), list(members.values())

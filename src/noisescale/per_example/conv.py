@@ -203,5 +203,7 @@ def factors(module: ConvNd, x: Tensor, d: Tensor) -> dict[str, Factor]:
     return out
 
 
-for _type in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+CONV_RULES = tuple(
     register_layer(_type, LayerRule(factors, name=_type.__name__))
+    for _type in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+)

@@ -53,13 +53,17 @@ from torch.utils.hooks import RemovableHandle
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.per_example import audit as audit_mod
 from noisescale.per_example import fallback
+from noisescale.per_example import subbatch as subbatch_mod
 from noisescale.per_example.factors import (
     DenseFactor,
     EmbeddingFactor,
     Factor,
     LinearFactor,
+    NormFactor,
     SliceFactor,
+    Subbatches,
     _acc,
+    group_factor,
     sqnorm,
     sqnorm_of_sum,
     weighted_sqnorm,
@@ -117,6 +121,21 @@ class _Call:
 
 
 @dataclass(eq=False)
+class _WeightJob:
+    """A weight whose gradient the engine computes as sub-batch products (one layer call)."""
+
+    pass_: Any
+    module: nn.Module
+    weight: nn.Parameter
+    kind: str  # "linear", "conv1d" (Hugging Face Conv1D, weight [in, out]) or "conv"
+    box: list[Any]
+    engine: Any = None
+
+    def weight_grad(self, x: Tensor, d: Tensor) -> Tensor | None:
+        return self.engine._weight_backward(self, x, d)
+
+
+@dataclass(eq=False)
 class _Slot:
     """Per-example gradients of one shared source, summed over the meetings that reached it."""
 
@@ -152,6 +171,8 @@ class PassNorms:
         audited: Every example was measured and checked against autograd (see the module doc).
         withheld: Why this pass's per-example norms were withheld (an audit that taught the
             engine something; the step's other sources still count), or ``None``.
+        subbatches: In sub-batch mode, how the pass's examples were split; ``raw_sqnorms`` then
+            holds one squared norm per sub-batch (of sizes ``subbatches.sizes``).
     """
 
     batch_size: int
@@ -188,6 +209,8 @@ class PassNorms:
     n_source: Tensor | None = None  # the model input the example count was read from
     aliased: set[int] = field(default_factory=set)  # parameters handed out as shared aliases
     inputs: tuple | None = None  # the model's (args, kwargs), for the audit's permutation check
+    subbatches: Subbatches | None = None
+    broken: str | None = None  # a weight measured by sub-batch products was used twice
 
 
 class PerExampleNorms:
@@ -206,6 +229,9 @@ class PerExampleNorms:
         per_example_fraction: Compute the per-example norms of a random subset of each step's
             examples, ⌈fraction·N⌉ of them (see :meth:`_rows`); with accumulation, from one
             micro-batch at a random position among the step's micro-batches.
+        subbatches: Instead of per-example norms, split each pass's examples into this many
+            random sub-batches and measure the norm of each sub-batch's gradient
+            (:mod:`~noisescale.per_example.subbatch`); ``0`` for per-example norms.
         audit: Audit passes (see the module docstring). ``False`` only for measurements of the
             engine's own cost.
     """
@@ -219,6 +245,7 @@ class PerExampleNorms:
         groups: Sequence[Sequence[nn.Parameter]] | None = None,
         precondition: Callable[[], dict[int, Tensor] | None] | None = None,
         per_example_fraction: float = 1.0,
+        subbatches: int = 0,
         audit: bool = True,
     ):
         if not 0.0 < per_example_fraction <= 1.0:
@@ -228,6 +255,13 @@ class PerExampleNorms:
         self.model = model
         self.per_example = per_example
         self.per_example_fraction = per_example_fraction
+        if subbatches < 0 or subbatches == 1:
+            raise NoiseScaleInputError(
+                f"subbatches must be 0 (per-example norms) or at least 2, got {subbatches}"
+            )
+        self.subbatches = subbatches
+        self._multi_use: set[int] = set()  # weights used more than once in a pass
+        self._weight_calls: dict[nn.Module, list[Tensor | None]] = {}
         self.allow_fallback = fallback
         self.auditing_enabled = audit
         self._seed = torch.initial_seed()
@@ -355,6 +389,14 @@ class PerExampleNorms:
                 rule.check(module, label)
             if covered:
                 self._calls[module] = (rule, label, covered)
+        # a weight registered on two modules (a tied head) is used twice: sub-batch products,
+        # which keep no per-sub-batch gradient for cross terms, are not used for it
+        owners: dict[int, int] = {}
+        for module in self.model.modules():
+            for p in module._parameters.values():
+                if p is not None and id(p) in self._param:
+                    owners[id(p)] = owners.get(id(p), 0) + 1
+        self._multi_use.update(pid for pid, count in owners.items() if count > 1)
         if not allow_fallback:
             return
 
@@ -376,6 +418,13 @@ class PerExampleNorms:
                     )
                 )
         for module in self._calls:
+            if self.subbatches and _by_products(module, self._calls[module][0]):
+                self._handles.append(module.register_forward_pre_hook(self._on_weight_enter))
+                self._handles.append(
+                    module.register_forward_hook(
+                        self._on_weight_exit, prepend=True, always_call=True
+                    )
+                )
             self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
         for module in self._scopes:
             self._install_scope(module)
@@ -511,6 +560,9 @@ class PerExampleNorms:
         pass_ = PassNorms(batch_size=n, weights=weights, skipped=skipped or n == 0)
         pass_.n_source = _first_tensor(args, kwargs)
         pass_.inputs = (args, kwargs)
+        if self.subbatches and self.per_example and n >= 2 and not pass_.skipped:
+            device = pass_.n_source.device if pass_.n_source is not None else torch.device("cpu")
+            pass_.subbatches = Subbatches.split(n, self.subbatches, self._generator(device), device)
         pass_.amp = any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda") if _autocast_known(d))
         self._context.clear()
         self.passes.append(pass_)
@@ -752,6 +804,23 @@ class PerExampleNorms:
         is_shared = shared_input or size != n or module in self._learned_shared
         if is_shared:
             return self._shared_call(pass_, module, rule, label, params, args, kwargs, output)
+        stack = self._weight_calls.get(module)
+        product_weight = stack.pop() if stack else None
+        if product_weight is not None:
+            # the weight's gradient and sub-batch norms come from WeightBySubbatch; the rule
+            # computes the other parameters (the bias)
+            if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+                kind = "conv"
+            else:
+                kind = "conv1d" if rule.name == "Conv1D" else "linear"
+            job = _WeightJob(pass_, module, product_weight, kind, [True], self)
+            pass_.uses[id(product_weight)] = pass_.uses.get(id(product_weight), 0) + 1
+            subbatch_mod.WeightBySubbatch.apply(outs[0], args[0].detach(), product_weight, job)
+            params = {k: v for k, v in params.items() if v is not product_weight}
+            if not params:
+                pass_.signature.append(("products", id(module), _pattern(args, kwargs, n)))
+                self._add_target(pass_, outs[0], out_dims[0], module, label)
+                return None
         saved = rule.save(module, args, kwargs, output)
         call = _Call(module, rule, label, params, in_dim, [saved], out_dims, n)
         for p in params.values():
@@ -772,6 +841,71 @@ class PerExampleNorms:
             if isinstance(o, Tensor) and o.requires_grad:
                 self._add_target(pass_, o, d, module, label)
         return None
+
+    def _on_weight_enter(self, module: nn.Module, args: tuple) -> None:
+        """Sub-batch mode: run the layer on a detached weight; its gradient is computed by
+        :class:`~noisescale.per_example.subbatch.WeightBySubbatch` (see :meth:`_on_forward`)."""
+        stack = self._weight_calls.setdefault(module, [])
+        weight = module._parameters.get("weight")
+        pass_ = self.passes[-1] if self.passes else None
+        use = (
+            self._active()
+            and pass_ is not None
+            and pass_.subbatches is not None
+            and weight is not None
+            and weight.requires_grad
+            and not isinstance(weight, SharedTensor)
+            and id(weight) not in self._multi_use
+            and id(weight) in self._param
+            and bool(args)
+            and isinstance(args[0], Tensor)
+            and not isinstance(args[0], SharedTensor)
+            and self.batch_dim() == 0
+            and args[0].dim() > 0
+            and args[0].shape[0] == pass_.batch_size
+            and self._replay_allowed
+            and subbatch_mod.uses_products(module, args[0], pass_.batch_size, pass_.subbatches)
+        )
+        if not use:
+            stack.append(None)
+            return
+        module._parameters["weight"] = weight.detach()
+        stack.append(weight)
+
+    def _on_weight_exit(self, module: nn.Module, args: tuple, output: Any) -> None:
+        stack = self._weight_calls.get(module)
+        if not stack:
+            return
+        weight = stack[-1]
+        if weight is not None:
+            module._parameters["weight"] = weight  # type: ignore[assignment]
+
+    def _weight_backward(self, job: _WeightJob, x: Tensor, d: Tensor) -> Tensor | None:
+        """The weight's gradient from its sub-batch products, and their squared norms."""
+        pass_, weight = job.pass_, job.weight
+        try:
+            needed = self._reaches_parameters([id(weight)])
+        except RuntimeError:  # torch.autograd.grad(): decided when collected
+            needed = True
+        if not needed:
+            return None
+        reaches = self._begin(pass_, [id(weight)], job.box)
+        sb = pass_.subbatches
+        if reaches is None or sb is None:
+            return _plain_weight_grad(job, x, d).to(weight.dtype)
+        job.box.clear()
+        w2 = None if pass_.weights is None else pass_.weights.get(id(weight))
+        with torch.no_grad():
+            if job.kind == "conv":
+                grad, sq = subbatch_mod.conv_subbatch_grads(job.module, x, d, sb, w2)
+            else:
+                a = x.reshape(x.shape[0], -1, x.shape[-1])
+                g = d.reshape(d.shape[0], -1, d.shape[-1])
+                grad, sq = subbatch_mod.linear_subbatch_grads(a, g, sb, w2, job.kind == "conv1d")
+            grad = grad.to(weight.dtype)
+            factor = NormFactor(sq, grad if pass_.audit is not None else None)
+            self._deliver(pass_, {"weight": weight}, {"weight": factor}, reaches)
+        return grad
 
     def _shared_call(
         self,
@@ -1183,6 +1317,8 @@ class PerExampleNorms:
         unbiased for the mean of |g_i|² over the pass (Hansen–Hurwitz), whatever π is; the
         uniform half bounds the weights. An audited pass measures every example.
         """
+        if pass_.subbatches is not None:
+            return None
         n_pass = pass_.batch_size
         n = max(n_pass, self.last_step_examples or 0)
         k = math.ceil(self.per_example_fraction * n)
@@ -1300,6 +1436,8 @@ class PerExampleNorms:
         pass_.covered.add(pid)
         if pass_.audit is not None:
             pass_.audit.add_sum(pid, factor, p.shape)
+        if pass_.subbatches is not None:
+            factor = group_factor(factor, pass_.subbatches)
         if pass_.uses.get(pid, 1) == 1:
             w2 = None if pass_.weights is None else pass_.weights.get(pid)
             self._accumulate(
@@ -1308,6 +1446,12 @@ class PerExampleNorms:
             return
         waiting = pass_.pending.setdefault(pid, [])
         waiting.append(factor)
+        if any(isinstance(f, NormFactor) for f in waiting):
+            # a weight measured by sub-batch products turned out to be used again: its cross
+            # terms are not available; the next passes measure it from factors instead
+            self._multi_use.add(pid)
+            pass_.broken = f"parameter '{self._param_name.get(pid, '?')}' is used more than once"
+            return
         if len(waiting) == pass_.uses[pid]:
             self._accumulate(pass_, pid, self._sqnorm_of_uses(pass_, p, waiting))
             del pass_.pending[pid]
@@ -1389,6 +1533,8 @@ class PerExampleNorms:
                     self._finish_slot(pass_, slot, True)
             pass_.slots.clear()
             for pid, waiting in list(pass_.pending.items()):
+                if any(isinstance(f, NormFactor) for f in waiting):
+                    continue  # the pass is broken (withheld below)
                 # a use whose output never reached the loss contributes a zero gradient
                 self._accumulate(pass_, pid, self._sqnorm_of_uses(pass_, self._param[pid], waiting))
             pass_.pending.clear()
@@ -1441,6 +1587,13 @@ class PerExampleNorms:
     def _settle(self, pass_: PassNorms, learn: bool) -> None:
         """Check the pass's coverage and audit; adapt or refuse."""
         if pass_.skipped:
+            return
+        if pass_.broken is not None:
+            self._withhold(
+                pass_,
+                f"{pass_.broken}; from the next step on its sub-batch norms come from its "
+                "factors (with the cross terms between its uses)",
+            )
             return
         if pass_.unsupported:
             self._on_unsupported(pass_, learn)
@@ -1616,6 +1769,25 @@ class PerExampleNorms:
                 if p is not None and id(p) == pid:
                     out.append((module, name))
         return out
+
+
+def _by_products(module: nn.Module, rule: LayerRule) -> bool:
+    """Layers whose weight gradient the sub-batch mode computes itself (built-in rules only)."""
+    from noisescale.per_example import conv, linear
+
+    return rule in (linear.LINEAR_RULE, linear.CONV1D_RULE, *conv.CONV_RULES)
+
+
+def _plain_weight_grad(job: _WeightJob, x: Tensor, d: Tensor) -> Tensor:
+    """The weight gradient as one product (a backward the engine does not measure)."""
+    if job.kind == "conv":
+        from noisescale.per_example.conv import ConvWeightFactor
+
+        return ConvWeightFactor(job.module, x, d).summed(job.weight.shape)
+    a = x.reshape(-1, x.shape[-1])
+    g = d.reshape(-1, d.shape[-1]).to(a.dtype)
+    grad = g.t() @ a
+    return grad.t() if job.kind == "conv1d" else grad
 
 
 def _audit_scheduled(step: int) -> bool:

@@ -334,33 +334,46 @@ def weighted_sqnorm(factor: Factor, w2: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Subbatches:
-    """A pass's N examples split into k sub-batches of at most n: ``perm`` lists the examples in
-    sub-batch order (sub-batch j is ``perm[j·n : (j+1)·n]``), the last one may be shorter; the
-    missing rows are zeros, which add nothing to a gradient."""
+    """A pass's N examples split at random into k sub-batches of balanced sizes (⌈N/k⌉ or
+    ⌊N/k⌋). ``index`` [k·n] lists, sub-batch after sub-batch, the examples of each (n the largest
+    size); the slots of a shorter sub-batch (``pad``) hold zero rows, which add nothing to a
+    gradient. Everything stays on the device: splitting needs no host synchronisation."""
 
-    perm: Tensor
+    index: Tensor
+    pad: Tensor
     k: int
     n: int
+    sizes: tuple[int, ...]
 
     @staticmethod
     def split(num: int, k: int, generator: torch.Generator, device: torch.device) -> Subbatches:
-        n = -(-num // k)  # ceil: no empty sub-batch
-        k = -(-num // n)
+        k = min(k, num)
+        q, r = divmod(num, k)
+        n = q + (r > 0)
         perm = torch.randperm(num, generator=generator, device=device)
-        return Subbatches(perm, k, n)
+        j = torch.arange(k, device=device)[:, None]
+        pos = torch.arange(n, device=device)[None, :]
+        size = q + (j < r).long()
+        start = j * q + torch.clamp(j, max=r)
+        flat = (start + pos).clamp_max(num - 1)
+        index = perm[flat].reshape(-1)
+        pad = torch.nonzero((pos >= size).reshape(-1)).reshape(-1) if r else perm.new_zeros(0)
+        sizes = tuple(q + 1 if i < r else q for i in range(k))
+        return Subbatches(index, pad, k, n, sizes)
 
-    @property
-    def sizes(self) -> list[int]:
-        num = self.perm.numel()
-        return [min(self.n, num - j * self.n) for j in range(self.k)]
+    def sizes_tensor(self, like: Tensor) -> Tensor:
+        """The sub-batch sizes as a tensor on ``like``'s device (no host-to-device copy)."""
+        q = self.sizes[-1]
+        r = sum(1 for s in self.sizes if s > q)
+        return q + (torch.arange(self.k, device=like.device) < r).to(like.dtype)
 
     def take(self, x: Tensor) -> Tensor:
         """Rows of ``x`` (dim 0 = examples) as [k, n, ...], in sub-batch order, zero-padded."""
-        perm = self.perm if self.perm.device == x.device else self.perm.to(x.device)
-        rows = x.index_select(0, perm)
-        missing = self.k * self.n - rows.shape[0]
-        if missing:
-            rows = torch.cat([rows, rows.new_zeros(missing, *rows.shape[1:])])
+        index = self.index if self.index.device == x.device else self.index.to(x.device)
+        rows = x.index_select(0, index)
+        if self.pad.numel():
+            pad = self.pad if self.pad.device == x.device else self.pad.to(x.device)
+            rows = rows.index_fill(0, pad, 0)
         return rows.view(self.k, self.n, *rows.shape[1:])
 
 

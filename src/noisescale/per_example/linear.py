@@ -35,6 +35,8 @@ def conv1d_hf_factors(module: nn.Module, a: Tensor, d: Tensor) -> dict[str, Fact
     return out
 
 
-register_layer(nn.Linear, LayerRule(linear_factors, name="Linear"))
+LINEAR_RULE = register_layer(nn.Linear, LayerRule(linear_factors, name="Linear"))
 # registered by name: importing transformers costs seconds and is optional
-register_layer("transformers.pytorch_utils.Conv1D", LayerRule(conv1d_hf_factors, name="Conv1D"))
+CONV1D_RULE = register_layer(
+    "transformers.pytorch_utils.Conv1D", LayerRule(conv1d_hf_factors, name="Conv1D")
+)

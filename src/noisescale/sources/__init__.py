@@ -1,13 +1,30 @@
-"""Where the small- and big-batch gradient norms come from, beyond one process's backward passes.
+"""Where small-batch gradient norms come from: one protocol, one module per source.
 
-The per-example hooks and the accumulation micro-batches live in :mod:`noisescale.per_example`
-and the tracker; this package adds the data-parallel source of the paper's App. A.1: each
-process's local gradient before averaging (B_small = local batch) against the averaged global
-gradient (B_big = global batch), for ``DistributedDataParallel`` and FSDP2 (``fully_shard``).
+* :mod:`~.subbatch` — k random sub-batches of each backward pass, measured inside it (default);
+* :mod:`~.per_example` — every example, or an importance-weighted subset of them;
+* :mod:`~.microbatch` — the backward passes of gradient accumulation;
+* :mod:`~.distributed` — each process's local gradient against the averaged one (DDP, FSDP2),
+  and the reduction that sums every source over the processes in one fixed-size all-reduce.
+
+Each source turns a step's passes (:class:`~.base.StepNorms`) into an :class:`~.base.Observation`
+— sums over its small batches — that :func:`noisescale.state.update` pairs with the big batch.
 """
 
 from __future__ import annotations
 
-from noisescale.sources.distributed import DataParallelSource, ReducedStep, ResolvedStep
+from noisescale.sources.base import Observation, Source, StepNorms
+from noisescale.sources.distributed import DataParallelSource, ReducedStep
+from noisescale.sources.microbatch import MicroBatchSource
+from noisescale.sources.per_example import PerExampleSource
+from noisescale.sources.subbatch import SubbatchSource
 
-__all__ = ["DataParallelSource", "ReducedStep", "ResolvedStep"]
+__all__ = [
+    "DataParallelSource",
+    "MicroBatchSource",
+    "Observation",
+    "PerExampleSource",
+    "ReducedStep",
+    "Source",
+    "StepNorms",
+    "SubbatchSource",
+]

@@ -17,35 +17,32 @@ global batch size after averaging." :class:`DataParallelSource` does that inside
 * ``"manual"`` — a plain model whose gradients the user averages over ``process_group`` after the
   last backward pass of the step (``all_reduce`` then divide by the group size).
 
-What is measured, per process r and optimizer step:
+What one step costs: **one asynchronous all-reduce of a fixed-size float64 buffer** (``WIDTH``
+numbers, 22 today — 176 bytes — whatever the number of processes W), waited for only when the
+tracker reads its statistics, with no host synchronisation on the way (on CUDA the host-side
+numbers go through pinned memory). Every process packs sums, not rows: the examples, Σc and Σc²
+of its examples' weights in its local gradient (c = 1/(k·N_j) for mean losses over k
+micro-batches of N_j examples), its share of |.grad|² (the whole |.grad|² on rank 0 for
+replicated gradients, the squared norm of its local shard on every rank for sharded ones, divided
+by the number of ranks holding the same shard), its loss, and for each small-batch source the
+number of small batches, Σ 1/size and Σ of their squared mean-gradient norms (plus whether it had
+any). The sum over processes is then everything eq. A.2 needs
+(:func:`noisescale.estimators.g2_trace_from_sums`), so every process computes bit-identical
+estimates in O(1) time and keeps history records of a fixed size. The averaged ``.grad`` is
+(1/W)·Σ_r local_r, so example i of process r enters it with weight c_i/W and the big batch is
+b_big = (Σc)²/Σc² over all examples of all processes; |G_big|² = |.grad|²/(Σc/W)².
 
-* its local gradient (the sum of its backward passes, before averaging), as |G_local,r|² of the
-  mean over its examples with their weights c (1/(k·N_j) for mean losses over k micro-batches of
-  N_j examples); its effective size b_r = (Σc)²/Σc²;
-* the per-example squared norms (sum and count) and each backward pass's (micro-batch) norm;
-* its part of |.grad|²: the whole |.grad|² on rank 0 for replicated gradients (DDP), the squared
-  norm of its local shard on every rank for sharded ones (FSDP2), divided by the number of ranks
-  holding the same shard (so that the sum over ranks counts every element once);
-* its loss.
+Small-batch sources, each paired with the global big batch:
 
-These go into one row of a [world size, width] float64 buffer (other rows zero) and one
-asynchronous ``all_reduce`` per step (a few hundred bytes for 8 processes) gives every process all
-rows, waited for only when the tracker reads its statistics. Every process therefore computes
-bit-identical estimates. The averaged ``.grad`` is (1/W)·Σ_r local_r, so example i of process r
-enters it with weight c_i/W and the big batch is b_big = (Σc)²/Σc² over all examples of all
-processes (= W·N for equal local batches N, smaller for uneven ones); |G_big|² = |.grad|²/(Σc/W)².
+* those of the single-process tracker (``"subbatch"``, ``"per_example"``, ``"microbatch"``),
+  measured on each process's own passes and summed;
+* ``"local"`` — each process's whole local gradient, one small batch of its effective size: the
+  paper's estimator, and what a single process accumulating the W local batches as micro-batches
+  would compute with its ``"microbatch"`` source.
 
-Three small-batch sources, each paired with the global big batch through eq. A.2:
-
-* ``"per_example"`` — b_small = 1, |G_small|² = mean over all examples of all processes;
-* ``"local"`` — one pair per process (b_r, |G_local,r|²), averaged: the paper's estimator, and
-  exactly what a single process accumulating the W local batches as micro-batches would compute
-  with its ``"microbatch"`` source;
-* ``"microbatch"`` — when any process accumulates several backward passes (``no_sync()``), one
-  pair per backward pass of every process, averaged.
-
-Costs: one small all-reduce per step and, only when accumulating, one extra squared norm per
-parameter in the last backward pass (|.grad + new gradient|², the local accumulated gradient).
+A source some processes lack in a step (a rank without a per-example pass, a conditional layer)
+is kept with the small batches of the processes that had it — still unbiased — and the history
+records how many lacked it (``"lacking"``).
 """
 
 from __future__ import annotations
@@ -65,47 +62,26 @@ from torch.utils.hooks import RemovableHandle
 from noisescale.errors import NoiseScaleInputError
 from noisescale.per_example import PassNorms, PerExampleNorms
 from noisescale.per_example.factors import sqnorm, sqnorms
+from noisescale.sources.base import Observation, StepNorms
 
-__all__ = ["DataParallelSource", "ReducedStep", "ResolvedStep", "resolve_rows"]
+__all__ = ["DataParallelSource", "ReducedStep", "resolve"]
 
 Kind = Literal["ddp", "fsdp", "manual"]
 
-# Columns of each process's row in the one all-reduce per step.
-N_EXAMPLES = 0  # examples of the step on this process
-SUM_C = 1  # Σ c over its examples (c: weight of the example in its local .grad)
+# The fixed-size buffer one step all-reduces (float64): global sums, then per source.
+EXAMPLES = 0  # examples of the step
+SUM_C = 1  # Σ c over the examples (c: weight of the example in its process's local .grad)
 SUM_C2 = 2  # Σ c²
-PE_SUM = 3  # Σ |g_i|² of its per-example norms (each example's own loss)
-PE_COUNT = 4  # how many per-example norms
-LOCAL = 5  # |G_local|² of its local mean gradient
-LOCAL_OK = 6  # 1 if LOCAL is this step's whole local gradient
-BIG = 7  # its part of |.grad|² (summed over processes: the averaged gradient's)
-PASSES = 8  # backward passes of the step
-LOSS = 9  # the loss it passed to tracker.step()
-HAS_LOSS = 10
-OVERFLOW = 11  # 1 if its micro-batches have more distinct sizes than MICRO_GROUPS
-MICRO = 12  # then (size, count, Σ|G_j|²) of its micro-batches, per distinct size
-MICRO_GROUPS = 2  # full micro-batches and one short last one cover the usual loops
-WIDTH = MICRO + 3 * MICRO_GROUPS
+BIG = 3  # the processes' shares of |.grad|² (summed: the averaged gradient's)
+LOSS = 4  # Σ of the losses passed to tracker.step()
+HAS_LOSS = 5  # processes that passed one
+SOURCES = ("subbatch", "per_example", "microbatch", "local")
+FIELDS = 4  # per source: small batches, Σ 1/size, Σ S, processes that had it
+WIDTH = 6 + FIELDS * len(SOURCES)
 
 
-@dataclass(frozen=True)
-class ResolvedStep:
-    """One step's global statistics, the same on every process.
-
-    Attributes:
-        b_big: Effective examples of the averaged gradient, (Σc)²/Σc² over all processes.
-        sqnorm_big: |G_big|² of the averaged gradient (normalised to a weighted mean).
-        examples: Examples of the step over all processes.
-        loss: Mean over processes of the losses passed to ``tracker.step()`` (``None`` if none).
-        sources: Source name → (small batch sizes, |G_small|² of each), to pair with the big
-            batch through eq. A.2 and average.
-    """
-
-    b_big: float
-    sqnorm_big: float
-    examples: int
-    loss: float | None
-    sources: dict[str, tuple[list[float], np.ndarray]]
+def _column(source: str, field: int) -> int:
+    return 6 + FIELDS * SOURCES.index(source) + field
 
 
 @dataclass
@@ -116,7 +92,7 @@ class ReducedStep:
     work: Any | None
 
     def values(self) -> Tensor:
-        """The reduced [world size · width] buffer (waits for the all-reduce; no collective)."""
+        """The reduced [WIDTH] buffer (waits for the all-reduce; no collective)."""
         if self.work is not None:
             self.work.wait()
             self.work = None
@@ -133,46 +109,24 @@ class _LocalPass:
     fresh: set[int] = field(default_factory=set)  # parameters whose .grad was None before it
 
 
-def resolve_rows(rows: np.ndarray, *, microbatch: bool = True) -> ResolvedStep:
-    """Global b_big, |G_big|² and the small-batch sources from the all-reduced rows (App. A.1).
+def resolve(values: np.ndarray, world_size: int) -> tuple[float, float, int, float | None, dict]:
+    """Global b_big, |G_big|², examples, mean loss and each source's small batches (summed
+    over processes) from the all-reduced buffer. O(1): nothing here loops over processes."""
+    from noisescale.state import SmallBatches
 
-    Args:
-        rows: [W, WIDTH] array, row r filled by process r (columns: the module constants).
-        microbatch: Build the ``"microbatch"`` source when some process ran several backward
-            passes in the step.
-    """
-    w = rows.shape[0]
-    col = rows.sum(0)
-    examples = round(float(col[N_EXAMPLES]))
-    sum_c, sum_c2 = col[SUM_C], col[SUM_C2]
+    sum_c, sum_c2 = values[SUM_C], values[SUM_C2]
     b_big = sum_c * sum_c / sum_c2 if sum_c2 > 0 else math.nan
     # .grad = (1/W)·Σ_r local_r, so its example weights are c/W
-    sqnorm_big = col[BIG] / (sum_c / w) ** 2 if sum_c > 0 else math.nan
-    loss = col[LOSS] / col[HAS_LOSS] if col[HAS_LOSS] > 0 else None
-    sources: dict[str, tuple[list[float], np.ndarray]] = {}
-    if col[PE_COUNT] > 0 and b_big > 1.0:
-        sources["per_example"] = ([1.0], np.array([col[PE_SUM] / col[PE_COUNT]]))
-    if w >= 2 and bool(np.all(rows[:, LOCAL_OK] > 0)):
-        active = rows[(rows[:, N_EXAMPLES] > 0) & (rows[:, SUM_C2] > 0)]
-        b_local = active[:, SUM_C] ** 2 / active[:, SUM_C2]
-        keep = b_local < b_big
-        if keep.any():
-            sources["local"] = (b_local[keep].tolist(), active[keep, LOCAL])
-    if microbatch and rows[:, PASSES].max() >= 2 and not np.any(rows[:, OVERFLOW] > 0):
-        sizes: list[float] = []
-        norms: list[float] = []
-        for row in rows:
-            for g in range(MICRO_GROUPS):
-                size, count, total = row[MICRO + 3 * g : MICRO + 3 * g + 3]
-                if count > 0 and size < b_big:
-                    # eq. A.2 is linear in |G_small|² at a fixed size, so `count` micro-batches
-                    # of one size enter the average exactly as `count` copies of their mean
-                    m = round(float(count))
-                    sizes.extend([float(size)] * m)
-                    norms.extend([total / count] * m)
-        if sizes:
-            sources["microbatch"] = (sizes, np.asarray(norms))
-    return ResolvedStep(float(b_big), float(sqnorm_big), examples, loss, sources)
+    sqnorm_big = values[BIG] / (sum_c / world_size) ** 2 if sum_c > 0 else math.nan
+    loss = values[LOSS] / values[HAS_LOSS] if values[HAS_LOSS] > 0 else None
+    sources = {}
+    for name in SOURCES:
+        count, inv, total, have = (values[_column(name, f)] for f in range(FIELDS))
+        if count > 0:
+            sources[name] = SmallBatches(
+                float(count), float(inv), float(total), None, world_size - round(float(have))
+            )
+    return float(b_big), float(sqnorm_big), round(float(values[EXAMPLES])), loss, sources
 
 
 class DataParallelSource:
@@ -357,47 +311,44 @@ class DataParallelSource:
 
     def launch(
         self,
-        passes: Sequence[PassNorms],
-        coef: Sequence[float],
-        scale: float,
+        step: StepNorms,
+        observations: dict[str, Observation],
         grad_scale: float,
         loss: Tensor | float | None,
     ) -> ReducedStep:
-        """Pack this process's statistics of the step and start the all-reduce.
+        """Pack this process's sums for the step and start the all-reduce.
 
         Args:
-            passes: The step's backward passes on this process (``engine.collect()``).
-            coef: Each pass's example weight c in the local ``.grad`` (before the loss scale).
-            scale: The AMP loss scale in the hooks' gradients.
+            step: This process's passes of the step and their normalisation.
+            observations: This process's small-batch sources (sub-batches, per-example,
+                micro-batches) as measured on its own passes.
             grad_scale: The loss scale still in ``.grad`` (1 once ``scaler.unscale_`` ran).
             loss: The loss passed to ``tracker.step()``.
         """
         local, self._local, self._armed = self._local, {}, None
+        passes = step.passes
         if any(p.weights is not None for p in passes):
             raise NoiseScaleInputError(
                 "preconditioned norms are not supported under data parallelism"
             )
-        sizes = [p.batch_size for p in passes]
-        host: dict[int, float] = {
-            N_EXAMPLES: float(sum(sizes)),
-            SUM_C: sum(n * c for n, c in zip(sizes, coef, strict=True)),
-            SUM_C2: sum(n * c * c for n, c in zip(sizes, coef, strict=True)),
-            PASSES: float(len(passes)),
-        }
+        host = [0.0] * WIDTH
+        host[EXAMPLES] = float(sum(step.sizes))
+        sum_c = step.sum_c
+        host[SUM_C], host[SUM_C2] = sum_c, step.sum_c2
         dev: dict[int, Tensor] = {}
         with torch.no_grad():
-            per_ex = [
-                p.raw_sqnorms / (scale * c) ** 2
-                for p, c in zip(passes, coef, strict=True)
-                if p.raw_sqnorms is not None
-            ]
-            if per_ex:
-                dev[PE_SUM] = torch.cat(per_ex).sum()
-                host[PE_COUNT] = float(sum(t.numel() for t in per_ex))
+            for name, obs in observations.items():
+                host[_column(name, 0)] = obs.count
+                host[_column(name, 1)] = obs.inv_size_sum
+                host[_column(name, 3)] = 1.0
+                dev[_column(name, 2)] = obs.sqnorm_sum
             local_sq = self._local_sqnorm(passes, local)
-            if local_sq is not None:
-                dev[LOCAL] = local_sq / (scale * host[SUM_C]) ** 2
-                host[LOCAL_OK] = 1.0
+            if local_sq is not None and sum_c > 0:
+                b_local = sum_c * sum_c / step.sum_c2
+                host[_column("local", 0)] = 1.0
+                host[_column("local", 1)] = 1.0 / b_local
+                host[_column("local", 3)] = 1.0
+                dev[_column("local", 2)] = local_sq / (step.scale * sum_c) ** 2
             big = self._big_part()
             if big is not None:
                 dev[BIG] = big / grad_scale**2
@@ -407,25 +358,24 @@ class DataParallelSource:
                     dev[LOSS] = loss.detach().reshape(())
                 else:
                     host[LOSS] = float(loss)
-            if self.microbatch:
-                self._pack_microbatches(passes, sizes, coef, scale, host, dev)
-        buffer = torch.zeros(self.world_size, WIDTH, dtype=torch.float64, device=self.device)
-        if host:
-            idx = list(host)
-            buffer[self.rank, idx] = torch.tensor([host[i] for i in idx], dtype=torch.float64).to(
-                self.device
-            )
-        if dev:
-            idx = list(dev)
-            buffer[self.rank, idx] = torch.stack(
-                [dev[i].to(device=self.device, dtype=torch.float64) for i in idx]
-            )
+        buffer = self._host_to_device(host)
+        for i, value in dev.items():
+            # an integer index and a 0-d device tensor: a device-side copy, no host sync
+            buffer[i] += value.to(device=self.device, dtype=torch.float64).reshape(())
         work = dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         return ReducedStep(buffer, work)
 
-    def resolve(self, values: np.ndarray) -> ResolvedStep:
+    def _host_to_device(self, host: list[float]) -> Tensor:
+        """The host-side numbers on the reduction's device, without a host synchronisation:
+        through pinned memory and an asynchronous copy on CUDA."""
+        values = torch.tensor(host, dtype=torch.float64)
+        if self.device.type == "cpu":
+            return values
+        return values.pin_memory().to(self.device, non_blocking=True)
+
+    def resolve(self, values: np.ndarray) -> tuple[float, float, int, float | None, dict]:
         """The step's global statistics from the reduced buffer (host side, no collective)."""
-        return resolve_rows(values.reshape(self.world_size, WIDTH), microbatch=self.microbatch)
+        return resolve(values, self.world_size)
 
     def _local_sqnorm(
         self, passes: Sequence[PassNorms], local: dict[int, _LocalPass]
@@ -526,32 +476,6 @@ class DataParallelSource:
                 reps *= g.device_mesh.size(dim)
         self._replicas[id(p)] = reps
         return reps
-
-    def _pack_microbatches(
-        self,
-        passes: Sequence[PassNorms],
-        sizes: Sequence[int],
-        coef: Sequence[float],
-        scale: float,
-        host: dict[int, float],
-        dev: dict[int, Tensor],
-    ) -> None:
-        groups: dict[int, list[Tensor]] = {}
-        for p, n, c in zip(passes, sizes, coef, strict=True):
-            if p.grad_sqnorm is not None:
-                groups.setdefault(n, []).append(p.grad_sqnorm.reshape(()) / (scale * n * c) ** 2)
-        if len(groups) > MICRO_GROUPS:
-            host[OVERFLOW] = 1.0
-            self._warn_once(
-                "micro-sizes",
-                f"the micro-batches of a step have more than {MICRO_GROUPS} different sizes; "
-                "the 'microbatch' source is left out for such steps",
-            )
-            return
-        for g, (n, norms) in enumerate(groups.items()):
-            host[MICRO + 3 * g] = float(n)
-            host[MICRO + 3 * g + 1] = float(len(norms))
-            dev[MICRO + 3 * g + 2] = torch.stack(norms).sum()
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -1,0 +1,70 @@
+"""Preconditioned noise scale: norms of P ⊙ g with Adam's or RMSprop's elementwise preconditioner
+(paper footnote 7, App. E.2)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from noisescale.errors import NoiseScaleInputError
+
+__all__ = ["check_preconditioner", "preconditioner_weights"]
+
+_PRECONDITIONERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
+
+
+def check_preconditioner(
+    model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]
+) -> None:
+    if not isinstance(optimizer, _PRECONDITIONERS):
+        raise NoiseScaleInputError(
+            f"precondition= takes an Adam, AdamW or RMSprop optimizer (whose second-moment "
+            f"state gives the preconditioner), got {type(optimizer).__name__}"
+        )
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    missing = sorted(names.get(id(p), "?") for p in params if id(p) not in held)
+    if missing:
+        raise NoiseScaleInputError(
+            f"parameters {missing} are trainable but not in the precondition optimizer, so they "
+            "have no preconditioner; freeze them or add them to the optimizer"
+        )
+
+
+def preconditioner_weights(
+    optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], min_steps: int = 1
+) -> dict[int, Tensor] | None:
+    """P² = (√v̂ + ε)⁻² per parameter id: the square of the optimizer's elementwise preconditioner.
+
+    Adam/AdamW divide the (momentum of the) gradient by √v̂ + ε with v̂ = v/(1 − β₂ᵗ) the
+    bias-corrected second moment (``max_exp_avg_sq`` with amsgrad); RMSprop by √v + ε (v minus
+    the squared mean gradient when centered). The state read is the one left by the previous
+    ``optimizer.step()``, fixed while this step's gradients are drawn, so the preconditioned
+    norms stay unbiased for |P ⊙ G|² and tr(PΣP). ``None`` while any parameter has taken fewer
+    than ``min_steps`` steps.
+    """
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    out: dict[int, Tensor] = {}
+    with torch.no_grad():
+        for p in params:
+            group = group_of[id(p)]
+            state = optimizer.state.get(p)
+            if not state or float(state.get("step", 0)) < min_steps:
+                return None
+            if isinstance(optimizer, torch.optim.RMSprop):
+                v = state["square_avg"]
+                if group["centered"]:
+                    v = v.addcmul(state["grad_avg"], state["grad_avg"], value=-1)
+                denom = _at_least_float32(v).sqrt() + group["eps"]
+            else:
+                v = state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]
+                correction = 1.0 - group["betas"][1] ** float(state["step"])
+                denom = (_at_least_float32(v) / correction).sqrt() + group["eps"]
+            out[id(p)] = denom.pow(-2)
+    return out
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()

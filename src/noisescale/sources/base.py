@@ -1,0 +1,92 @@
+"""The protocol every small-batch source follows.
+
+A step's backward passes (:class:`~noisescale.per_example.PassNorms`) carry raw squared norms:
+norms of the gradient of the *backpropagated* loss restricted to some examples, times the AMP loss
+scale. :class:`StepNorms` knows how each pass weighted its examples (c: 1/(k·N) for a mean loss
+over k micro-batches of N examples, 1 for a sum) and turns a raw norm into the squared norm of a
+*mean* gradient — the one normalisation every source shares. A :class:`Source` reads the passes
+and returns an :class:`Observation`: sums over its small batches, which add up across processes
+and feed the paper's eq. A.2 (:func:`noisescale.estimators.g2_trace_from_sums`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from noisescale.per_example import PassNorms
+
+__all__ = ["Observation", "Source", "StepNorms"]
+
+
+@dataclass
+class StepNorms:
+    """One step's passes and their normalisation.
+
+    Attributes:
+        passes: The step's backward passes, in order.
+        coef: c_j, the weight of one example of pass j in the backpropagated loss.
+        scale: The AMP loss scale in the hooks' gradients (1 without a scaler).
+    """
+
+    passes: list[PassNorms]
+    coef: list[float]
+    scale: float
+
+    @property
+    def sizes(self) -> list[int]:
+        return [p.batch_size for p in self.passes]
+
+    @property
+    def sum_c(self) -> float:
+        """Σ c over the step's examples."""
+        return sum(n * c for n, c in zip(self.sizes, self.coef, strict=True))
+
+    @property
+    def sum_c2(self) -> float:
+        return sum(n * c * c for n, c in zip(self.sizes, self.coef, strict=True))
+
+    @property
+    def b_big(self) -> float:
+        """The big batch's effective size (Σc)²/Σc²: the step's examples when they weigh alike."""
+        c2 = self.sum_c2
+        return self.sum_c**2 / c2 if c2 > 0 else 0.0
+
+    def mean_grad_sq(self, raw: Tensor, j: int, n: float | Tensor) -> Tensor:
+        """|mean gradient of n examples of pass j|² from a raw squared norm of their sum."""
+        return raw / (self.scale * self.coef[j] * n) ** 2
+
+
+@dataclass
+class Observation:
+    """A source's small batches in one step, as sums (device tensors where they are norms).
+
+    Attributes:
+        count: W, the number of small batches.
+        inv_size_sum: Σ 1/b_r over their sizes.
+        sqnorm_sum: Σ S_r of their mean gradients' squared norms (0-d tensor).
+        group_sqnorm_sum: The same split by parameter group ([groups]) or ``None``.
+    """
+
+    count: float
+    inv_size_sum: float
+    sqnorm_sum: Tensor
+    group_sqnorm_sum: Tensor | None = None
+
+
+class Source(Protocol):
+    """Where small-batch norms come from (per-example, sub-batches, micro-batches, processes)."""
+
+    name: str
+
+    def observe(self, step: StepNorms) -> Observation | None:
+        """This step's small batches, or ``None`` when the source has none."""
+        ...
+
+
+def stack_sum(parts: list[Tensor]) -> Tensor:
+    """Σ of 0-d tensors (or of rows), in one kernel."""
+    return torch.stack(parts).sum(0)

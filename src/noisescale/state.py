@@ -1,0 +1,229 @@
+"""The tracker's state and its pure update, optax style: ``init`` and ``update`` over an explicit
+state, no torch, no I/O.
+
+A step arrives as :class:`StepStats`: the big batch (the step's accumulated gradient) and, per
+small-batch source, sums over its small batches (:class:`SmallBatches`: how many, Σ 1/size and
+Σ of their squared mean-gradient norms — all of which add up across processes). :func:`update`
+turns each source into unbiased |G|² and tr Σ (:func:`~noisescale.estimators.g2_trace_from_sums`,
+the paper's eq. A.2), combines the sources with minimum-variance weights learnt from earlier steps,
+folds the result into the exponentially weighted averages, and returns the step's history record.
+Steps whose norms are not finite, or that have no usable small batch, are skipped (counted).
+Per-parameter-group estimates use the same source weights, so the groups add up to the total.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from noisescale import estimators as est
+
+__all__ = ["SmallBatches", "StepStats", "TrackerState", "init", "update"]
+
+
+class SmallBatches(NamedTuple):
+    """One source's small batches in one step, as sums.
+
+    Attributes:
+        count: W, the number of small batches.
+        inv_size_sum: Σ 1/b_r over their sizes b_r (examples).
+        sqnorm_sum: Σ S_r, S_r the squared norm of small batch r's mean gradient.
+        group_sqnorm_sum: Σ S_r split by parameter group, or ``None``.
+        lacking: Processes that had no such small batch in the step (data parallelism).
+    """
+
+    count: float
+    inv_size_sum: float
+    sqnorm_sum: float
+    group_sqnorm_sum: np.ndarray | None = None
+    lacking: int = 0
+
+    @property
+    def size(self) -> float:
+        """The harmonic mean size of the small batches."""
+        return self.count / self.inv_size_sum if self.inv_size_sum > 0 else math.nan
+
+
+class StepStats(NamedTuple):
+    """One optimizer step's statistics, read from the device."""
+
+    step: int
+    b_big: float
+    sqnorm_big: float
+    sources: dict[str, SmallBatches]
+    examples: int
+    loss: float | None = None
+    lr: float | None = None
+    loss_scale: float = 1.0
+    group_sqnorm_big: np.ndarray | None = None
+    preconditioned: bool | None = None  # None: no preconditioner asked for
+    extra: dict[str, Any] | None = None  # written into the record as is
+
+
+class TrackerState(NamedTuple):
+    """Everything the estimate depends on (checkpointed by the tracker)."""
+
+    noise: est.NoiseScaleState
+    combiner: dict[str, est.CombinerState]
+    groups: dict[str, est.NoiseScaleState]
+    steps: int
+    skipped_steps: int
+    examples: int
+    preconditioned_from: int | None
+
+
+def init(beta: float = 0.99, group_names: tuple[str, ...] = ()) -> TrackerState:
+    """An empty state; ``beta`` is the EMA decay of |G|² and tr Σ (paper App. A.1)."""
+    return TrackerState(
+        est.init_state(beta), {}, {n: est.init_state(beta) for n in group_names}, 0, 0, 0, None
+    )
+
+
+def _per_source(stats: StepStats) -> dict[str, tuple[float, float]]:
+    out = {}
+    for name, sb in stats.sources.items():
+        if sb.count <= 0 or not stats.b_big * sb.inv_size_sum > sb.count:
+            continue  # no small batch smaller than the big one
+        g2, tr = est.g2_trace_from_sums(
+            stats.b_big, stats.sqnorm_big, sb.count, sb.inv_size_sum, sb.sqnorm_sum
+        )
+        out[name] = (float(g2), float(tr))
+    return out
+
+
+def _weights(
+    state: TrackerState, names: list[str]
+) -> tuple[np.ndarray, np.ndarray, est.CombinerState | None]:
+    if len(names) == 1:
+        return np.ones(1), np.ones(1), None
+    key = ",".join(names)
+    comb = state.combiner.get(key) or est.init_combiner(len(names), state.noise.beta)
+    w_g2, w_tr = est.combiner_weights(comb)
+    return w_g2, w_tr, comb
+
+
+def update(
+    state: TrackerState, stats: StepStats, confidence: float = 0.95
+) -> tuple[TrackerState, dict[str, Any]]:
+    """Fold one step into the state; return the new state and the step's history record."""
+    beta = state.noise.beta
+    preconditioned_from = state.preconditioned_from
+    noise, combiner, groups = state.noise, dict(state.combiner), dict(state.groups)
+    if stats.preconditioned and preconditioned_from is None:
+        # plain and preconditioned norms measure different quantities: never average them
+        preconditioned_from = stats.step
+        noise, combiner = est.init_state(beta), {}
+        groups = {n: est.init_state(beta) for n in groups}
+    per_source = _per_source(stats)
+    finite = math.isfinite(stats.sqnorm_big) and all(
+        math.isfinite(g) and math.isfinite(t) for g, t in per_source.values()
+    )
+    skipped = not (finite and per_source)
+    g2 = tr = math.nan
+    names = sorted(per_source)
+    record_groups: dict[str, dict[str, Any]] | None = None
+    if not skipped:
+        pairs = np.array([per_source[n] for n in names])
+        w_g2, w_tr, comb = _weights(state._replace(combiner=combiner), names)
+        g2, tr = float(w_g2 @ pairs[:, 0]), float(w_tr @ pairs[:, 1])
+        if comb is not None:
+            combiner[",".join(names)] = est.update_combiner(comb, pairs[:, 0], pairs[:, 1])
+        noise = est.update_state(noise, g2, tr)
+        record_groups = _update_groups(groups, stats, names, w_g2, w_tr, confidence)
+    elif groups:
+        record_groups = _update_groups(groups, stats, [], np.ones(0), np.ones(0), confidence)
+    e = est.b_simple_interval(noise, confidence)
+    record: dict[str, Any] = {
+        "step": stats.step,
+        "skipped": skipped,
+        "b_big": stats.b_big,
+        "sqnorm_big": stats.sqnorm_big,
+        "g2": g2,
+        "trace_sigma": tr,
+        "g2_ema": e.g2,
+        "trace_sigma_ema": e.trace_sigma,
+        "b_simple": e.b_simple,
+        "b_simple_low": e.low,
+        "b_simple_high": e.high,
+        "loss": stats.loss,
+        "lr": stats.lr,
+        "temperature": stats.lr / stats.b_big if stats.lr is not None and stats.b_big else None,
+        "examples": state.examples + stats.examples,  # seen so far
+        "loss_scale": stats.loss_scale,
+        "sources": {
+            name: {
+                "count": sb.count,
+                "b_small": sb.size,
+                "sqnorm_small": sb.sqnorm_sum / sb.count if sb.count else math.nan,
+                **({"lacking": sb.lacking} if sb.lacking else {}),
+            }
+            for name, sb in stats.sources.items()
+        },
+    }
+    if e.reason:
+        record["unavailable"] = e.reason
+    if record_groups is not None:
+        record["groups"] = record_groups
+    if stats.preconditioned is not None:
+        record["preconditioned"] = stats.preconditioned
+    if stats.extra:
+        record.update(stats.extra)
+    new = TrackerState(
+        noise,
+        combiner,
+        groups,
+        state.steps + 1,
+        state.skipped_steps + int(skipped),
+        state.examples + stats.examples,
+        preconditioned_from,
+    )
+    return new, record
+
+
+def _update_groups(
+    groups: dict[str, est.NoiseScaleState],
+    stats: StepStats,
+    names: list[str],
+    w_g2: np.ndarray,
+    w_tr: np.ndarray,
+    confidence: float,
+) -> dict[str, dict[str, Any]]:
+    """Per parameter group: eq. A.2 on the group's norms with the total's source weights (read
+    before the total updates them), so the groups' g2 and tr Σ add up to the total's."""
+    order = list(groups)
+    big = stats.group_sqnorm_big
+    g2 = np.full(len(order), math.nan)
+    tr = np.full(len(order), math.nan)
+    usable = (
+        big is not None
+        and names
+        and all(stats.sources[n].group_sqnorm_sum is not None for n in names)
+    )
+    if usable:
+        g2, tr = np.zeros(len(order)), np.zeros(len(order))
+        for wg, wt, name in zip(w_g2, w_tr, names, strict=True):
+            sb = stats.sources[name]
+            g, t = est.g2_trace_from_sums(
+                stats.b_big, big, sb.count, sb.inv_size_sum, sb.group_sqnorm_sum
+            )
+            g2 += wg * g
+            tr += wt * t
+    skipped = not usable or not np.all(np.isfinite(g2) & np.isfinite(tr))
+    out: dict[str, dict[str, Any]] = {}
+    for i, name in enumerate(order):
+        if not skipped:
+            groups[name] = est.update_state(groups[name], g2[i], tr[i])
+        e = est.b_simple_interval(groups[name], confidence)
+        out[name] = {
+            "sqnorm_big": float(big[i]) if big is not None else math.nan,
+            "g2": math.nan if skipped else float(g2[i]),
+            "trace_sigma": math.nan if skipped else float(tr[i]),
+            "g2_ema": e.g2,
+            "trace_sigma_ema": e.trace_sigma,
+            "b_simple": e.b_simple,
+            "b_simple_low": e.low,
+            "b_simple_high": e.high,
+        }
+    return out
