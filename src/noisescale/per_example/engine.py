@@ -1440,9 +1440,9 @@ class PerExampleNorms:
             factor = group_factor(factor, pass_.subbatches)
         if pass_.uses.get(pid, 1) == 1:
             w2 = None if pass_.weights is None else pass_.weights.get(pid)
-            self._accumulate(
-                pass_, pid, factor.sqnorm() if w2 is None else weighted_sqnorm(factor, w2)
-            )
+            # a NormFactor's norms were weighted where they were computed
+            plain = w2 is None or isinstance(factor, NormFactor)
+            self._accumulate(pass_, pid, factor.sqnorm() if plain else weighted_sqnorm(factor, w2))
             return
         waiting = pass_.pending.setdefault(pid, [])
         waiting.append(factor)
