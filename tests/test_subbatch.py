@@ -35,7 +35,9 @@ def subbatch_truth(model: nn.Module, loss_of_example, n: int, subbatches, weight
     grads = []
     for i in range(n):
         gs = torch.autograd.grad(loss_of_example(i), params, allow_unused=True)
-        grads.append([torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)])
+        grads.append(
+            [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params, strict=True)]
+        )
     index = subbatches.index.view(subbatches.k, subbatches.n).tolist()
     out = []
     for j, size in enumerate(subbatches.sizes):
