@@ -312,6 +312,8 @@ class PerExampleNorms:
                 if p.requires_grad:
                     self._param_name.setdefault(id(p), f"{mname}.{pname}" if mname else pname)
                     self._param[id(p)] = p
+        # every parameter at construction, frozen ones too: collect() checks their flags
+        self._all_params = list({id(p): p for p in model.parameters()}.values())
         self._group_of: dict[int, int] | None = None
         self.num_groups = 0
         if groups is not None:
@@ -1512,8 +1514,7 @@ class PerExampleNorms:
             first.lazy.clear()
         self._task_accumulates.clear()
         self._task_pass.clear()
-        trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
-        if trainable != set(self._param):
+        if any(p.requires_grad != (id(p) in self._param) for p in self._all_params):
             raise NoiseScaleInputError(
                 "the model's trainable parameters changed since the tracker was created "
                 "(a layer was frozen or unfrozen); create a new tracker after changing "

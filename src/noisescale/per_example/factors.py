@@ -65,6 +65,10 @@ def sqnorms(tensors: list[Tensor]) -> Tensor:
     through :func:`sqnorm`, whose pieces keep the sequential sum accurate.
     """
     if tensors[0].device.type == "cpu":
+        # short tensors in one fused call (the sequential sum is accurate at their length)
+        dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+        if all(x.numel() <= _CPU_PIECE and x.dtype == tensors[0].dtype for x in tensors):
+            return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)).square()
         return torch.stack([sqnorm(x) for x in tensors])
     dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)).square()
@@ -351,6 +355,8 @@ class Subbatches:
         q, r = divmod(num, k)
         n = q + (r > 0)
         perm = torch.randperm(num, generator=generator, device=device)
+        if r == 0:  # equal sizes: sub-batch j is perm[j·q : (j+1)·q]
+            return Subbatches(perm, perm.new_zeros(0), k, q, (q,) * k)
         j = torch.arange(k, device=device)[:, None]
         pos = torch.arange(n, device=device)[None, :]
         size = q + (j < r).long()
