@@ -1355,6 +1355,12 @@ class PerExampleNorms:
             gen.manual_seed(self._seed)
         return gen
 
+    def _draw_subset_position(self, reached: int) -> int:
+        """Which pass of the next step is measured: drawn on the host (a CPU generator), so
+        reading it never waits for a device."""
+        gen = self._generator(torch.device("cpu"))
+        return int(torch.randint(reached, (1,), generator=gen))
+
     def _audit_generator(self, device: torch.device) -> torch.Generator:
         """The audit's own random stream: auditing a step never shifts the subset's draws."""
         gen = self._audit_generators.get(device)
@@ -1573,13 +1579,12 @@ class PerExampleNorms:
                 )
         done = [p for p in _merge_shared_backward(done) if p.received]
         self.steps_collected += 1
-        self._audit_due = _audit_scheduled(self.steps_collected)
+        self._audit_due = _audit_scheduled(self.steps_collected + 1)  # the next step's number
         if done:
             self.last_step_examples = sum(p.batch_size for p in done)
             self.subset_position = 0
             if reached > 1 and self.per_example_fraction < 1.0:
-                gen = self._generator(torch.device("cpu"))
-                self.subset_position = int(torch.randint(reached, (1,), generator=gen))
+                self.subset_position = self._draw_subset_position(reached)
         if self.per_example:
             for pass_ in done:
                 self._settle(pass_, learn)
@@ -1792,8 +1797,8 @@ def _plain_weight_grad(job: _WeightJob, x: Tensor, d: Tensor) -> Tensor:
 
 
 def _audit_scheduled(step: int) -> bool:
-    """Audit the first step, steps 2, 4, 8, …, 1024, and every 1024th after."""
-    return step < 1 or (step <= 1024 and step & (step - 1) == 0) or step % 1024 == 0
+    """Audit step 1 (steps count from 1), steps 2, 4, 8, …, 1024, and every 1024th after."""
+    return step <= 1 or (step <= 1024 and step & (step - 1) == 0) or step % 1024 == 0
 
 
 def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:

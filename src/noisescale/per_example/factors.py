@@ -363,7 +363,9 @@ class Subbatches:
         start = j * q + torch.clamp(j, max=r)
         flat = (start + pos).clamp_max(num - 1)
         index = perm[flat].reshape(-1)
-        pad = torch.nonzero((pos >= size).reshape(-1)).reshape(-1) if r else perm.new_zeros(0)
+        # the last slot of each of the k − r shorter sub-batches (computed, not searched for:
+        # torch.nonzero would wait for the device)
+        pad = torch.arange(r, k, device=device) * n + q
         sizes = tuple(q + 1 if i < r else q for i in range(k))
         return Subbatches(index, pad, k, n, sizes)
 

@@ -1,0 +1,124 @@
+"""On a CUDA device: the same numbers as brute force, and no host synchronisation per step.
+
+Skipped without a GPU (``conftest.py``); ``bench/gpu.sh`` runs them on a lent machine. The CPU
+suite covers the same code paths; what only a GPU can show is asserted here: device tensors
+everywhere, bf16 autocast on the real kernels, and that a tracked step never makes the host wait
+for the device (``torch.cuda.set_sync_debug_mode("error")`` raises on any synchronising call).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import noisescale
+from noisescale.per_example import PerExampleNorms
+
+pytestmark = pytest.mark.gpu
+
+CUDA = torch.device("cuda")
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+        self.conv = nn.Conv1d(32, 32, 3, padding=1)
+        self.norm = nn.LayerNorm(32)
+        self.up = nn.Linear(32, 64)
+        self.down = nn.Linear(64, 5)
+
+    def forward(self, ids):
+        h = self.conv(self.emb(ids).transpose(1, 2)).transpose(1, 2)
+        return self.down(F.gelu(self.up(self.norm(h))))
+
+
+def _loss(out, y):
+    return F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+
+
+@pytest.mark.parametrize("subbatches", [0, 4], ids=["per-example", "sub-batches"])
+def test_norms_match_brute_force_on_the_device(subbatches):
+    torch.manual_seed(0)
+    model = Net().double().to(CUDA)
+    ids = torch.randint(0, 50, (8, 12), device=CUDA)
+    y = torch.randint(0, 5, (8, 12), device=CUDA)
+    engine = PerExampleNorms(model, subbatches=subbatches)
+    _loss(model(ids), y).mean().backward()
+    (p,) = engine.collect()
+    params = list(model.parameters())
+    with engine.paused():
+        grads = [torch.autograd.grad(_loss(model(ids[i : i + 1]), y[i : i + 1]).sum(), params)
+                 for i in range(8)]  # fmt: skip
+    if subbatches:
+        index = p.subbatches.index.view(p.subbatches.k, p.subbatches.n).tolist()
+        groups = [index[j][:size] for j, size in enumerate(p.subbatches.sizes)]
+    else:
+        groups = [[i] for i in range(8)]
+    want = torch.stack(
+        [sum(sum(grads[i][t] for i in g).pow(2).sum() for t in range(len(params))) for g in groups]
+    )
+    assert p.raw_sqnorms.device.type == "cuda"
+    assert torch.allclose(p.raw_sqnorms * 64, want, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"per_example_fraction": 1 / 8}, {"per_example_fraction": 1.0}],
+    ids=["sub-batches", "subset", "exact"],
+)  # fmt: skip
+def test_a_tracked_step_never_waits_for_the_device(kwargs):
+    """Steps 5–7 (not audited: the audit runs on steps 1, 2, 4, 8, …) under the CUDA sync
+    debugger in error mode: any call that makes the host wait for the device raises."""
+    torch.manual_seed(0)
+    model = Net().to(CUDA)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = noisescale.GradientNoiseTracker(model, optimizer=opt, sync_every=100, **kwargs)
+
+    def step():
+        ids = torch.randint(0, 50, (16, 12), device=CUDA)
+        y = torch.randint(0, 5, (16, 12), device=CUDA)
+        loss = _loss(model(ids), y).mean()
+        loss.backward()
+        tracker.step(loss=loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(4):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert len(tracker.history) == 7
+
+
+def test_bf16_autocast_gpt2():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(
+        vocab_size=64, n_positions=32, n_embd=64, n_layer=2, n_head=4,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).to(CUDA)
+    ids = torch.randint(0, 64, (4, 16), device=CUDA)
+    with noisescale.per_example_sqnorms(model) as pe:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    model.zero_grad()
+    params = list(model.parameters())
+    want = []
+    for i in range(4):
+        loss_i = model(input_ids=ids[i : i + 1], labels=ids[i : i + 1]).loss
+        want.append(sum(g.double().pow(2).sum() for g in torch.autograd.grad(loss_i, params)))
+    rel = ((pe.sqnorms.double() - torch.stack(want)).abs() / torch.stack(want)).max()
+    assert rel < 0.02, float(rel)
