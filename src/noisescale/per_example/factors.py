@@ -359,7 +359,6 @@ class Subbatches:
             return Subbatches(perm, perm.new_zeros(0), k, q, (q,) * k)
         j = torch.arange(k, device=device)[:, None]
         pos = torch.arange(n, device=device)[None, :]
-        size = q + (j < r).long()
         start = j * q + torch.clamp(j, max=r)
         flat = (start + pos).clamp_max(num - 1)
         index = perm[flat].reshape(-1)
