@@ -167,9 +167,8 @@ def check_output_file(
         raise NoiseScaleInputError(f"{flag} {path} is a directory; give a file name")
     allowed = tuple(suffixes) if suffixes is not None else None
     if allowed is not None and out.suffix.lower() not in allowed:
-        raise NoiseScaleInputError(
-            f"{flag} {path}: the file name must end in {' or '.join(allowed)}"
-        )
+        names = allowed[0] if len(allowed) == 1 else f"{', '.join(allowed[:-1])} or {allowed[-1]}"
+        raise NoiseScaleInputError(f"{flag} {path}: the file name must end in {names}")
     for source in inputs:
         if Path(source).exists() and out.exists() and out.resolve() == Path(source).resolve():
             raise NoiseScaleInputError(
