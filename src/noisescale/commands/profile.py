@@ -22,6 +22,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+from noisescale.commands import _args
 from noisescale.errors import NoiseScaleInputError
 
 if TYPE_CHECKING:
@@ -32,6 +33,10 @@ if TYPE_CHECKING:
     from noisescale.reference_models import LossFn, MakeBatch
 
 _DEFAULT_LIMIT = {"cpu": 256, "cuda": 65536}
+#: Bounds that catch typos (a batch of 10⁹ examples, 10⁶ repeats) before they hang the machine.
+MAX_BATCH_LIMIT = 1 << 24
+MAX_REPEATS = 10_000
+MAX_THREADS = 1024
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--batch-sizes",
-        type=_int_list,
+        type=_args.positive_int_list,
         metavar="B1,B2,...",
         help="micro-batch sizes to time (default: powers of two up to the largest that fits, "
         "or up to --max-batch-limit (64 if not given) with --no-memory-search)",
@@ -72,11 +77,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="optimizer step included in each timed step; its state counts towards memory "
         "(default: adamw)",
     )
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per batch size")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per batch size")
+    parser.add_argument(
+        "--warmup", type=_args.nonnegative_int, default=2, help="untimed steps per batch size"
+    )
+    parser.add_argument(
+        "--repeats", type=_args.positive_int, default=5, help="timed steps per batch size"
+    )
     parser.add_argument(
         "--max-batch-limit",
-        type=int,
+        type=_args.positive_int,
         default=None,
         help="largest batch the memory search tries (default 256 on cpu, 65536 on cuda; on "
         "cpu the OS may kill the process instead of failing an allocation, so keep it modest)",
@@ -87,10 +96,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="skip the search for the largest batch that fits",
     )
     parser.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's own)"
+        "--threads",
+        type=_args.positive_int,
+        default=None,
+        help="CPU threads for torch (default: torch's own)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="torch seed for the model weights")
-    parser.add_argument("-o", "--output", help="write the profile JSON to this file")
+    parser.add_argument(
+        "--seed", type=_args.nonnegative_int, default=0, help="torch seed for the model weights"
+    )
+    parser.add_argument("-o", "--output", help="write the profile JSON to this file (.json)")
+    _args.add_force(parser)
     parser.add_argument("--json", action="store_true", help="print the profile as JSON")
     parser.set_defaults(func=run)
 
@@ -107,16 +122,36 @@ def run(args: argparse.Namespace) -> int:
         profile_throughput,
     )
 
-    if args.warmup < 0 or args.repeats < 1:
-        raise NoiseScaleInputError("--warmup must be ≥ 0 and --repeats ≥ 1")
+    if args.warmup > MAX_REPEATS or args.repeats > MAX_REPEATS:
+        raise NoiseScaleInputError(
+            f"--warmup and --repeats must be at most {MAX_REPEATS} steps per batch size"
+        )
+    if args.threads is not None and args.threads > MAX_THREADS:
+        raise NoiseScaleInputError(f"--threads must be at most {MAX_THREADS}, got {args.threads}")
+    limit_given = args.max_batch_limit
+    if limit_given is not None and limit_given > MAX_BATCH_LIMIT:
+        raise NoiseScaleInputError(
+            f"--max-batch-limit must be at most {MAX_BATCH_LIMIT}, got {limit_given}"
+        )
+    if args.batch_sizes and max(args.batch_sizes) > MAX_BATCH_LIMIT:
+        raise NoiseScaleInputError(f"--batch-sizes must be at most {MAX_BATCH_LIMIT} each")
+    # Where the profile goes is settled before minutes of measuring, not after.
+    output = (
+        _args.check_output_file(args.output, flag="-o", force=args.force, suffixes=(".json",))
+        if args.output
+        else None
+    )
     device = _device(args.device)
     if args.threads is not None:
-        if args.threads < 1:
-            raise NoiseScaleInputError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
     options = _options(args.model_option)
     torch.manual_seed(args.seed)
     model, loss_fn, make_batch = resolve_model(args.model, options)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise NoiseScaleInputError(
+            f"{args.model}: the model has no trainable parameters, so a training step does "
+            "nothing to time; return the model you train"
+        )
     model.to(device).train()
     optimizer: torch.optim.Optimizer | None = None
     if args.optimizer == "adamw":
@@ -128,8 +163,6 @@ def run(args: argparse.Namespace) -> int:
     search = None
     if not args.no_memory_search:
         limit = args.max_batch_limit or _DEFAULT_LIMIT.get(device.type, 256)
-        if limit < 1:
-            raise NoiseScaleInputError("--max-batch-limit must be at least 1")
         _note(args, f"searching the largest batch that fits (up to {limit}) ...")
         search = find_max_batch_size(step, limit=limit, model=model, optimizer=optimizer)
     if args.batch_sizes:
@@ -173,14 +206,23 @@ def run(args: argparse.Namespace) -> int:
         },
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
-    if args.output:
-        profile.save(args.output)
+    text = json.dumps(profile.to_dict(), indent=2, allow_nan=False) + "\n"
     if args.json:
-        print(json.dumps(profile.to_dict(), indent=2))
+        print(text, end="")
     else:
         print(format_profile(profile))
-        if args.output:
-            print(f"wrote {args.output}")
+        if profile.fit.beta_s < 0:
+            print(
+                "warning: the fitted step time falls with the batch size (β < 0): the timings "
+                "are too noisy for `noisescale recommend`; re-profile with more --repeats or "
+                "wider --batch-sizes",
+                file=sys.stderr,
+            )
+    if output is not None:
+        # Measured minutes ago: if the file cannot be written now, keep it somewhere and say so.
+        _args.write_or_rescue(output, text, what="the measured profile")
+        if not args.json:
+            print(f"wrote {output}")
     return 0
 
 
@@ -302,15 +344,3 @@ def _options(pairs: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             options[key] = text
     return options
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
