@@ -291,7 +291,7 @@ def test_missing_examples_are_integrated_from_batch_sizes(tmp_path: Path) -> Non
         (json.dumps(HEADER) + '\n{"step": "zero"}\n', "integer 'step'"),
         (json.dumps(HEADER) + '\n{"step": 0, "b_simple": "big"}\n', "'b_simple' must be a number"),
         (json.dumps(HEADER) + '\n{"step": 0, "b_big": 8, "b_simple": null}\n', "only 0 of 1"),
-        ("\x00\x01garbage", "not valid JSON"),
+        ("\x00\x01garbage", "its first line must be a JSON header"),
     ],
 )
 def test_bad_history_is_a_clear_error(tmp_path: Path, content: str, message: str) -> None:

@@ -123,6 +123,11 @@ def load_history(path: str | Path) -> History:
             if number == len(lines) and not text.endswith("\n") and header is not None:
                 warnings.append(f"line {number} is unfinished (the run stopped while writing it)")
                 break
+            if header is None:
+                raise NoiseScaleInputError(
+                    f"{str(p)!r} is not a noisescale history: its first line must be a JSON "
+                    f'header with "kind": "{HISTORY_KIND}"'
+                ) from None
             raise NoiseScaleInputError(
                 f"{str(p)!r}, line {number}: not valid JSON ({err.msg}); the file is corrupt"
             ) from None
