@@ -1,6 +1,7 @@
 """``noisescale profile``: step time against batch size, and the largest batch that fits.
 
-MODEL is a built-in reference model (``mnist-cnn``, ``gpt-small``) or ``module:function``. The
+MODEL is a built-in reference model (``mnist-cnn``, ``gpt-small``), ``module:function`` or
+``path/to/file.py:function`` (e.g. ``examples/profile_model.py:build``). The
 function is called with the ``--model-option`` values as keyword arguments and returns
 ``(model, loss_fn, make_batch)``:
 
@@ -17,9 +18,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import importlib.util
 import json
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from noisescale.commands import _args
@@ -48,8 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "a profile JSON that `noisescale recommend` reads.",
         epilog="MODEL: mnist-cnn (the paper's MNIST CNN), gpt-small (a small GPT; "
         "--model-option n_layer=6 d_model=512 n_head=8 block_size=256 for the benchmark one), "
-        "or module:function returning (model, loss_fn, make_batch) with "
-        "make_batch(batch_size, device) -> (inputs, targets).",
+        "or module:function / path/to/file.py:function returning (model, loss_fn, make_batch) "
+        "with make_batch(batch_size, device) -> (inputs, targets); see "
+        "examples/profile_model.py.",
     )
     parser.add_argument("model", metavar="MODEL", help="built-in model name or module:function")
     parser.add_argument(
@@ -235,15 +239,8 @@ def resolve_model(spec: str, options: dict[str, Any]) -> tuple[nn.Module, LossFn
     if spec in REFERENCE_MODELS:
         builder = REFERENCE_MODELS[spec]
     elif ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(module_name)
-        except Exception as err:
-            raise NoiseScaleInputError(
-                f"cannot import module {module_name!r}: {type(err).__name__}: {err}"
-            ) from None
+        module_name, _, attr = spec.rpartition(":")
+        module = _import(module_name)
         builder = getattr(module, attr, None)
         if not callable(builder):
             raise NoiseScaleInputError(f"module {module_name!r} has no function {attr!r}")
@@ -267,6 +264,35 @@ def resolve_model(spec: str, options: dict[str, Any]) -> tuple[nn.Module, LossFn
             f"{spec} must return (model: nn.Module, loss_fn, make_batch), got {type(built)!r}"
         )
     return built
+
+
+def _import(module_name: str) -> Any:
+    """A module by dotted name (the current folder importable) or from a ``.py`` file."""
+    try:
+        if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+            path = Path(module_name)
+            if not path.is_file():
+                raise NoiseScaleInputError(f"no such file: {module_name}")
+            # Like `python path/to/model.py`: the file's folder is importable (its helpers).
+            if str(path.resolve().parent) not in sys.path:
+                sys.path.insert(0, str(path.resolve().parent))
+            name = f"_noisescale_profile_{path.stem}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            if spec is None or spec.loader is None:
+                raise NoiseScaleInputError(f"cannot load {module_name} as a Python module")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            return module
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        return importlib.import_module(module_name)
+    except NoiseScaleInputError:
+        raise
+    except Exception as err:
+        raise NoiseScaleInputError(
+            f"cannot import module {module_name!r}: {type(err).__name__}: {err}"
+        ) from None
 
 
 def format_profile(profile: ThroughputProfile) -> str:
