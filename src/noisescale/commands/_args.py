@@ -165,16 +165,16 @@ def check_output_file(
     out = Path(path)
     if out.is_dir():
         raise NoiseScaleInputError(f"{flag} {path} is a directory; give a file name")
-    allowed = tuple(suffixes) if suffixes is not None else None
-    if allowed is not None and out.suffix.lower() not in allowed:
-        names = allowed[0] if len(allowed) == 1 else f"{', '.join(allowed[:-1])} or {allowed[-1]}"
-        raise NoiseScaleInputError(f"{flag} {path}: the file name must end in {names}")
     for source in inputs:
         if Path(source).exists() and out.exists() and out.resolve() == Path(source).resolve():
             raise NoiseScaleInputError(
                 f"{flag} {path} is also an input of this command; writing it would overwrite "
                 "that input: choose another file name"
             )
+    allowed = tuple(suffixes) if suffixes is not None else None
+    if allowed is not None and out.suffix.lower() not in allowed:
+        names = allowed[0] if len(allowed) == 1 else f"{', '.join(allowed[:-1])} or {allowed[-1]}"
+        raise NoiseScaleInputError(f"{flag} {path}: the file name must end in {names}")
     parent = out.parent
     if not parent.is_dir():
         raise NoiseScaleInputError(
@@ -254,14 +254,14 @@ def write_or_rescue(path: str | Path, data: str | bytes, *, what: str) -> None:
     except OSError as err:
         reason = err.strerror or str(err)
     target = Path(path)
-    mode = "w" if isinstance(data, str) else "wb"
+    payload = data.encode("utf-8") if isinstance(data, str) else data
     for folder in (Path.cwd(), Path(tempfile.gettempdir())):
         try:
             fd, rescue = tempfile.mkstemp(
                 prefix=f"noisescale-{target.stem}-", suffix=target.suffix, dir=folder
             )
-            with os.fdopen(fd, mode) as f:
-                f.write(data)
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
         except OSError:
             continue
         raise NoiseScaleInputError(
