@@ -195,12 +195,14 @@ def test_profile_output_is_checked_before_measuring(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import noisescale.hardware.timing as timing
+    import noisescale.hardware
 
     def must_not_measure(*args: object, **kwargs: object) -> None:
         raise AssertionError("measured before checking -o")
 
-    monkeypatch.setattr(timing, "profile_throughput", must_not_measure)
+    # The command imports it from noisescale.hardware, which loads it lazily: patch it there
+    # (raising=False: it may not be loaded yet), so that undoing the patch removes it again.
+    monkeypatch.setattr(noisescale.hardware, "profile_throughput", must_not_measure, raising=False)
     args = ["profile", f"{tiny_module}:build", "--no-memory-search", *FAST]
     cases = [
         (str(tmp_path / "missing" / "p.json"), "does not exist; create it first"),
