@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     png = _plot(tracker.history, png_path)
     print(
         f"\nAfter {step:,} steps ({seconds:.0f} s): B_simple = {e.b_simple:.0f} "
-        f"examples, {int(100 * e.confidence)}% interval [{e.low:.0f}, {_bound(e.high)}] "
+        f"examples, {int(100 * e.confidence)}% interval {_interval(e.low, e.high)} "
         f"(|G|² = {e.g2:.4g}, tr Σ = {e.trace_sigma:.4g})."
     )
     early = _early_b_simple(tracker.history)
@@ -226,8 +226,9 @@ class _Diverged(Exception):
         self.step = step
 
 
-def _bound(x: float) -> str:
-    return f"{x:.0f}" if math.isfinite(x) else "∞"
+def _interval(low: float, high: float) -> str:
+    # An interval open above (|G|² not yet distinguishable from zero) is written [low, ∞).
+    return f"[{low:.0f}, {high:.0f}]" if math.isfinite(high) else f"[{low:.0f}, ∞)"
 
 
 def _describe(record: dict[str, Any], loss: float) -> str:
