@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -45,8 +46,10 @@ def test_demo_short_run(tmp_path):
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("--batch-size", "1", "--batch-size must be at least 2"),
-        ("--per-example-fraction", "0", "--per-example-fraction must be in (0, 1]"),
+        ("--batch-size", "1", "--batch-size must be between 2"),
+        ("--batch-size", "5001", "5000 (the digits in the data set)"),
+        ("--per-example-fraction", "0", "argument --per-example-fraction: must be in (0, 1]"),
+        ("--lr", "nan", "argument --lr: must be a finite positive number, got 'nan'"),
     ],
 )
 def test_demo_bad_input(flag, value, message):
@@ -59,3 +62,64 @@ def test_demo_bad_input(flag, value, message):
     )
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+def test_demo_keeps_the_previous_run_unless_forced(tmp_path):
+    from noisescale.cli import main
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    history = out / "history.jsonl"
+    history.write_text("measured before\n")
+    # Bad input after a good run: refused before anything is touched.
+    assert main(["demo", "-o", str(out), "--beta", "2"]) == 2
+    assert main(["demo", "-o", str(out), "--epochs", "0.05", "--no-progress"]) == 2
+    assert history.read_text() == "measured before\n"
+    assert main(["demo", "-o", str(out), "--epochs", "0.05", "--no-progress", "--force"]) == 0
+    assert history.read_text().startswith('{"kind": "noisescale.history"')
+    assert not list(out.glob("*.partial.jsonl"))
+
+
+def test_demo_output_onto_a_file_is_refused(tmp_path, capsys):
+    from noisescale.cli import main
+
+    target = tmp_path / "file"
+    target.write_text("mine")
+    assert main(["demo", "-o", str(target)]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
+    assert target.read_text() == "mine"
+
+
+def test_demo_stops_when_the_training_diverges(tmp_path, capsys):
+    from noisescale.cli import main
+
+    out = tmp_path / "demo"
+    args = ["demo", "-o", str(out), "--epochs", "0.2", "--batch-size", "32", "--lr", "1e6"]
+    assert main([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    (step,) = re.findall(r"the training diverged at step (\d+) ", err)
+    assert "lower the learning rate" in err
+    (partial,) = out.glob("history.*.partial.jsonl")
+    # The header and every step up to the one whose loss was not finite are kept.
+    lines = partial.read_text().splitlines()
+    assert str(partial) in err and len(lines) == 1 + int(step)
+    assert json.loads(lines[-1])["loss"] is None
+    assert not (out / "history.jsonl").exists()
+
+
+def test_demo_is_reproducible(tmp_path):
+    import torch
+
+    from noisescale.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        for name in ("a", "b"):
+            args = ["demo", "-o", str(tmp_path / name), "--epochs", "0.1", "--batch-size", "32"]
+            assert main([*args, "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    # Bounded by work and seeded on a fixed thread count: the same history, byte for byte.
+    first = (tmp_path / "a" / "history.jsonl").read_bytes()
+    assert first == (tmp_path / "b" / "history.jsonl").read_bytes()
+    assert len(first.splitlines()) == 1 + 5000 // 32 // 10

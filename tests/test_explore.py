@@ -106,4 +106,13 @@ def test_cli_output_problems_exit_2(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["explore", "-o", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
     assert main(["explore", "-o", str(tmp_path / "missing" / "page.html")]) == 2
-    assert "cannot write" in capsys.readouterr().err
+    assert "does not exist; create it first" in capsys.readouterr().err
+    assert main(["explore", "-o", str(tmp_path / "page.png")]) == 2
+    assert "must end in .html or .htm" in capsys.readouterr().err
+    page = tmp_path / "page.html"
+    page.write_text("mine")
+    assert main(["explore", "-o", str(page)]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert page.read_text() == "mine"
+    assert main(["explore", "-o", str(page), "--force"]) == 0
+    assert page.read_text(encoding="utf-8") == explore_html(1000.0)

@@ -227,8 +227,8 @@ def test_fewer_than_three_batch_sizes(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_bad_options(runs_csv: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    _fails(capsys, [str(runs_csv), "-o", "pareto.pdf"], "use a .png or .html")
-    _fails(capsys, [str(runs_csv), "--ema", "1.5"], "--ema must be in [0, 1)")
+    _fails(capsys, [str(runs_csv), "-o", "pareto.pdf"], "must end in .png, .html or .htm")
+    _fails(capsys, [str(runs_csv), "--ema", "1.5"], "argument --ema: must be in [0, 1)")
     _fails(capsys, [str(runs_csv), "--goal", "x"], "--goal 'x' is not a number")
 
 

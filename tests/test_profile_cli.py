@@ -126,7 +126,7 @@ def test_profile_builtin_models(tmp_path: Path) -> None:
     assert main(["profile", "mnist-cnn", *args, "--threads", "1", "-o", str(out)]) == 0
     assert json.loads(out.read_text())["model"]["parameters"] == 3274634
     options = ["n_layer=1", "d_model=32", "n_head=2", "block_size=8", "vocab_size=64"]
-    gpt = ["profile", "gpt-small", *args, "--threads", "1", "-o", str(out)]
+    gpt = ["profile", "gpt-small", *args, "--threads", "1", "-o", str(out), "--force"]
     for option in options:
         gpt += ["--model-option", option]
     assert main(gpt) == 0
@@ -171,10 +171,13 @@ def test_profile_cuda_unavailable_exit_2(
     assert "CUDA is not available" in capsys.readouterr().err
 
 
-def test_profile_bad_batch_sizes_is_usage_error(tiny_module: str) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(["profile", f"{tiny_module}:build", "--batch-sizes", "2,x"])
-    assert exc.value.code == 2
+def test_profile_bad_batch_sizes_is_usage_error(
+    tiny_module: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["profile", f"{tiny_module}:build", "--batch-sizes", "2,x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: noisescale profile")
+    assert "argument --batch-sizes: expected a number, got 'x'" in err
 
 
 def test_profile_needs_two_sizes_that_fit(
@@ -184,3 +187,70 @@ def test_profile_needs_two_sizes_that_fit(
     code = main([*args, "--batch-sizes", "1,2,4", "--no-memory-search", *FAST])
     assert code == 2
     assert "fewer than two batch sizes" in capsys.readouterr().err
+
+
+def test_profile_output_is_checked_before_measuring(
+    tiny_module: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import noisescale.hardware
+
+    def must_not_measure(*args: object, **kwargs: object) -> None:
+        raise AssertionError("measured before checking -o")
+
+    # The command imports it from noisescale.hardware, which loads it lazily: patch it there
+    # (raising=False: it may not be loaded yet), so that undoing the patch removes it again.
+    monkeypatch.setattr(noisescale.hardware, "profile_throughput", must_not_measure, raising=False)
+    args = ["profile", f"{tiny_module}:build", "--no-memory-search", *FAST]
+    cases = [
+        (str(tmp_path / "missing" / "p.json"), "does not exist; create it first"),
+        (str(tmp_path), "is a directory"),
+        (str(tmp_path / "p.txt"), "must end in .json"),
+    ]
+    existing = tmp_path / "old.json"
+    existing.write_text("measured earlier")
+    cases.append((str(existing), "already exists; pass --force"))
+    for output, message in cases:
+        assert main([*args, "-o", output]) == 2
+        assert message in capsys.readouterr().err
+    assert existing.read_text() == "measured earlier"
+
+
+def test_profile_that_cannot_be_written_is_kept_elsewhere(
+    tiny_module: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from noisescale.commands import _args
+
+    monkeypatch.chdir(tmp_path)
+
+    def disk_full(path: object, data: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_args, "write_atomic", disk_full)
+    out = tmp_path / "p.json"
+    args = ["profile", f"{tiny_module}:build", "--no-memory-search", *FAST, "-o", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the measured profile to" in err and "No space left on device" in err
+    (rescued,) = tmp_path.glob("noisescale-p-*.json")
+    assert f"saved to {rescued} instead" in err
+    assert json.loads(rescued.read_text())["kind"] == "noisescale.profile"
+
+
+def test_profile_of_a_model_without_parameters_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "ns_empty_model.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    return torch.nn.ReLU(), torch.nn.functional.mse_loss, "
+        "lambda b, d: (torch.zeros(b, 2), torch.zeros(b, 2))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["profile", "ns_empty_model:build", "--no-memory-search"]) == 2
+    assert "has no trainable parameters" in capsys.readouterr().err

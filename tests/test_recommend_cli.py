@@ -130,10 +130,12 @@ def test_text_output_and_html_page(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--noise-scale", "0"], "--noise-scale must be positive"),
-        (["--noise-scale", "-3"], "--noise-scale must be positive"),
-        (["--noise-scale", "nan"], "must be positive"),
-        (["--noise-scale", "10", "--price", "-1"], "price must be positive"),
+        (["--noise-scale", "0"], "argument --noise-scale: must be a finite positive number"),
+        (["--noise-scale", "-3"], "argument --noise-scale: must be a finite positive number"),
+        (["--noise-scale", "nan"], "must be a finite positive number, got 'nan'"),
+        (["--noise-scale", "10", "--price", "-1"], "argument --price: must be a finite positive"),
+        (["--noise-scale", "10", "--grad-bytes", "-1"], "argument --grad-bytes: must be a finite"),
+        (["--noise-scale", "10", "--currency", "EUR"], "--currency names the currency of --price"),
         (["--noise-scale", "10", "--interconnect", "carrier-pigeon"], "unknown --interconnect"),
         (["--noise-scale", "10", "--gpus", "3", "--batch-sizes", "4,8"], "no candidate"),
     ],
@@ -166,17 +168,20 @@ def test_missing_or_corrupt_profile_exit_2(
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("args", "message"),
     [
-        ["--target-steps", "10", "--target-examples", "100"],
-        ["--gpus", "1,two"],
-        ["--gpus", "0"],
+        (["--target-steps", "10", "--target-examples", "100"], "not allowed with argument"),
+        (["--gpus", "1,two"], "argument --gpus: expected a number, got 'two'"),
+        (["--gpus", "0"], "argument --gpus: must be at least 1, got '0'"),
+        (["--gpus", "2,2"], "2 is given twice"),
     ],
 )
-def test_usage_errors_exit_2(profile_path: Path, args: list[str]) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(["recommend", "--noise-scale", "10", "--profile", str(profile_path), *args])
-    assert exc.value.code == 2
+def test_usage_errors_exit_2(
+    profile_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    assert main(["recommend", "--noise-scale", "10", "--profile", str(profile_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: noisescale recommend") and message in err
 
 
 def test_python_m_entry_point(profile_path: Path) -> None:
@@ -214,3 +219,92 @@ def test_profile_then_recommend_end_to_end(
     data = _run_json(capsys, "--noise-scale", "900", "--profile", str(out), "--gpus", "1,2")
     assert data["profile"]["model"]["name"] == "mnist-cnn"
     assert data["recommended"]["fastest"]["pareto"] is True
+
+
+def _cpu_profile(tmp_path: Path, *, capped: bool) -> Path:
+    points = [ThroughputPoint(b, (ALPHA + BETA * b,) * 3) for b in (1, 2, 4, 8, 16, 32)]
+    profile = ThroughputProfile.from_points(
+        points,
+        device={"type": "cpu", "name": "Test CPU", "torch_threads": 2},
+        model={"name": "line", "parameters": 1e8, "param_bytes": PARAM_BYTES},
+        max_batch_size=32,
+        max_batch_search={"limit": 32, "capped": capped, "trials": []},
+    )
+    path = tmp_path / "cpu.json"
+    profile.save(path)
+    return path
+
+
+def test_units_come_from_the_device_and_money_from_the_currency(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cpu = _cpu_profile(tmp_path, capped=False)
+    args = ["--noise-scale", "64", "--target-examples", "1e6", "--price", "2.5"]
+    data = _run_json(capsys, "--profile", str(cpu), *args, "--currency", "EUR")
+    assert data["hours_unit"] == "CPU-h" and data["currency"] == "EUR"
+    assert main(["recommend", "--profile", str(cpu), *args, "--currency", "EUR"]) == 0
+    text = capsys.readouterr().out
+    fastest = data["recommended"]["fastest"]
+    assert f"{fastest['cost']:.4g} EUR ({fastest['gpu_hours']:.3g} CPU-h)" in text
+    assert "GPU-h" not in text and "× 2.5 EUR per device-hour" in text
+    assert main(["recommend", "--profile", str(cpu), *args]) == 0
+    text = capsys.readouterr().out
+    assert f"{fastest['cost']:.4g} (price units)" in text and "name it with --currency" in text
+    page = tmp_path / "r.html"
+    assert (
+        main(["recommend", "--profile", str(cpu), *args, "--currency", "EUR", "-o", str(page)]) == 0
+    )
+    html = page.read_text()
+    assert "cost (EUR)" in html and "CPU-h" in html and "GPU-h" not in html
+
+
+def test_a_capped_memory_search_says_at_least(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capped = _run_json(
+        capsys, "--profile", str(_cpu_profile(tmp_path, capped=True)), "--noise-scale", "64"
+    )
+    (line,) = [a for a in capped["assumptions"] if "Micro-batches" in a]
+    assert line.startswith("Micro-batches of at least 32 examples fit in memory")
+    uncapped = _run_json(
+        capsys, "--profile", str(_cpu_profile(tmp_path, capped=False)), "--noise-scale", "64"
+    )
+    (line,) = [a for a in uncapped["assumptions"] if "Micro-batches" in a]
+    assert line.startswith("Micro-batches of at most 32 examples fit in memory")
+
+
+def test_the_page_never_replaces_the_profile(
+    profile_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = profile_path.read_bytes()
+    args = ["recommend", "--noise-scale", "10", "--profile", str(profile_path), "-o"]
+    assert main([*args, str(profile_path)]) == 2
+    assert "is also an input of this command" in capsys.readouterr().err
+    assert main([*args, str(profile_path), "--force"]) == 2  # not even with --force
+    assert profile_path.read_bytes() == before
+    assert main([*args, str(profile_path.with_suffix(".png"))]) == 2
+    assert "must end in .html or .htm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("beta_s", -0.001, "the profile's step time falls with the batch size"),
+        ("param_bytes", -1, "model.param_bytes must be a number ≥ 0"),
+        ("param_bytes", "many", "model.param_bytes must be a number ≥ 0"),
+        ("times_s", [0.01, -0.02], "a step time is not a positive number"),
+    ],
+)
+def test_profiles_with_impossible_values_are_refused(
+    profile_path: Path, capsys: pytest.CaptureFixture[str], field: str, value: object, message: str
+) -> None:
+    data = json.loads(profile_path.read_text())
+    if field == "beta_s":
+        data["fit"]["beta_s"] = value
+    elif field == "param_bytes":
+        data["model"]["param_bytes"] = value
+    else:
+        data["points"][0]["times_s"] = value
+    profile_path.write_text(json.dumps(data))
+    assert main(["recommend", "--noise-scale", "10", "--profile", str(profile_path)]) == 2
+    assert message in capsys.readouterr().err

@@ -291,7 +291,7 @@ def test_missing_examples_are_integrated_from_batch_sizes(tmp_path: Path) -> Non
         (json.dumps(HEADER) + '\n{"step": "zero"}\n', "integer 'step'"),
         (json.dumps(HEADER) + '\n{"step": 0, "b_simple": "big"}\n', "'b_simple' must be a number"),
         (json.dumps(HEADER) + '\n{"step": 0, "b_big": 8, "b_simple": null}\n', "only 0 of 1"),
-        ("\x00\x01garbage", "not valid JSON"),
+        ("\x00\x01garbage", "its first line must be a JSON header"),
     ],
 )
 def test_bad_history_is_a_clear_error(tmp_path: Path, content: str, message: str) -> None:
@@ -396,3 +396,91 @@ def test_cli_refuses_to_overwrite_the_history(
     assert main(["report", str(path), "-o", str(path)]) == 2
     assert "overwrite" in capsys.readouterr().err
     assert path.read_text().startswith('{"kind"')
+
+
+# --- what the report says about its own data ----------------------------------------------------
+
+
+def test_trend_reads_the_run_not_the_paper(tmp_path: Path) -> None:
+    # Growing: B_simple = 40(1 + t/80) over 400 steps, the loss falling.
+    growing = report_data(load_history(write_synthetic_history(tmp_path / "g.jsonl")))
+    assert growing.trend.direction == "grew"
+    # Medians over the first and last 40 estimated steps (t = 5…44 and t = 360…399).
+    assert growing.trend.b_simple_start == pytest.approx(40 * (1 + 24.5 / 80))
+    assert growing.trend.b_simple_end == pytest.approx(40 * (1 + 379.5 / 80))
+    assert "grew" in report_html(growing, _blank_figures()) and "As in the paper" in (
+        report_html(growing, _blank_figures())
+    )
+    # Shrinking: the same run backwards in B_simple, the loss still falling.
+    records = synthetic_records()
+    for r in records:
+        if r["b_simple"] is not None:
+            r["b_simple"] = 40.0 * 400 / (r["step"] + 40)
+            r["b_simple_low"], r["b_simple_high"] = 0.8 * r["b_simple"], 1.25 * r["b_simple"]
+    shrinking = report_data(load_history(write_synthetic_history(tmp_path / "s.jsonl", records)))
+    assert shrinking.trend.direction == "shrank"
+    page = report_html(shrinking, _blank_figures())
+    assert "In this run B<sub>simple</sub> shrank" in page and "As in the paper" not in page
+    flat = report_data(
+        load_history(write_synthetic_history(tmp_path / "f.jsonl", synthetic_records(tau=None)))
+    )
+    assert flat.trend.direction == "stayed about the same"
+
+
+def _blank_figures() -> dict[str, bytes]:
+    return dict.fromkeys(FIGURE_NAMES, b"\x89PNG")
+
+
+def test_short_run_and_open_interval_are_warned_about(tmp_path: Path) -> None:
+    # beta 0.99: three time constants are 300 steps; 114 estimated steps are too few.
+    short = write_synthetic_history(tmp_path / "short.jsonl", synthetic_records(n_steps=119))
+    data = report_data(load_history(short))
+    (warning,) = data.warnings
+    assert warning.startswith("short run: B_simple is estimated at only 114 steps")
+    assert "300 steps" in warning
+    assert summary_dict(data)["warnings"] == [warning]
+    long_enough = report_data(load_history(write_synthetic_history(tmp_path / "long.jsonl")))
+    assert long_enough.warnings == ()
+    records = synthetic_records()
+    records[-1]["b_simple_high"] = None  # written as null for an unbounded interval
+    data = report_data(load_history(write_synthetic_history(tmp_path / "open.jsonl", records)))
+    assert data.warnings == (
+        "the last B_simple's interval is open above: |G|² is not yet distinguishable from "
+        "zero, so B_simple is not bounded yet; train longer or raise beta",
+    )
+    records[-1]["b_simple_high"] = 11 * records[-1]["b_simple_low"]
+    data = report_data(load_history(write_synthetic_history(tmp_path / "wide.jsonl", records)))
+    assert len(data.warnings) == 1 and "spans more than a factor 10" in data.warnings[0]
+
+
+def test_cli_prints_the_warnings_and_titles_the_page_with_a_relative_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    write_synthetic_history(tmp_path / "run" / "h.jsonl", synthetic_records(n_steps=119))
+    assert main(["report", str(tmp_path / "run" / "h.jsonl")]) == 0
+    err = capsys.readouterr().err
+    assert "noisescale report: warning: short run: B_simple is estimated at only 114" in err
+    page = (tmp_path / "run" / "h.html").read_text(encoding="utf-8")
+    assert "<title>noisescale report: run/h.jsonl</title>" in page
+    assert str(tmp_path) not in page
+    assert "short run" in page
+
+
+def test_cli_never_overwrites_without_force(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_synthetic_history(tmp_path / "h.jsonl", synthetic_records(n_steps=30))
+    page = tmp_path / "h.html"
+    page.write_text("an earlier report")
+    assert main(["report", str(path)]) == 2
+    assert "h.html already exists; pass --force" in capsys.readouterr().err
+    assert page.read_text() == "an earlier report"
+    assert not (tmp_path / "h_figures").exists()
+    assert main(["report", str(path), "--force"]) == 0
+    assert page.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    # The figures folder of another report is not replaced either.
+    (tmp_path / "x_figures").mkdir()
+    (tmp_path / "x_figures" / "cost.png").write_bytes(b"mine")
+    assert main(["report", str(path), "-o", str(tmp_path / "x.html")]) == 2
+    assert "already holds figures" in capsys.readouterr().err
+    assert (tmp_path / "x_figures" / "cost.png").read_bytes() == b"mine"

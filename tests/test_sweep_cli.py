@@ -146,7 +146,10 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_runs(
     assert _sweep(train_file, storage) == 130  # Ctrl-C on the third run
     assert _calls(calls) == GRID[:3]
     trials = _trials(storage)
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL]
+    # The grid was enqueued first: the points not reached still wait for a worker.
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL] + [
+        TrialState.WAITING
+    ] * 5
     interrupted = trials[2]
     assert interrupted.user_attrs["records"] == 50
     assert "KeyboardInterrupt" in interrupted.user_attrs["error"]
@@ -178,7 +181,9 @@ def test_crash_is_recorded_and_rerun(
     assert _sweep(train_file, storage) == 1
     err = capsys.readouterr().err
     assert "RuntimeError: boom" in err and "run the same command again" in err
-    assert [t.state for t in _trials(storage)] == [TrialState.COMPLETE, TrialState.FAIL]
+    states = [t.state for t in _trials(storage)]
+    assert states[:2] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert states[2:] == [TrialState.WAITING] * (len(GRID) - 2)
 
     # With --keep-going the crash of one run does not stop the others.
     monkeypatch.setenv("SWEEP_CRASH_AT", "4")  # counts on from the two calls above
@@ -198,6 +203,8 @@ def test_killed_process_keeps_the_flushed_curve_and_reruns_the_point(
     env = {**os.environ, "SWEEP_KILL_AT": "1", "SWEEP_CALLS": str(tmp_path / "calls.txt")}
     args = ["sweep", f"{train_file}:train", "--batch-sizes", "8", "--learning-rates", "0.1"]
     args += ["--storage", storage, "--study", "t", "--steps", "500", "--no-progress"]
+    # Heartbeats every second; a run silent for 2 s counts as dead (the defaults are 10 s, 30 s).
+    args += ["--heartbeat", "1", "--grace", "2"]
     proc = subprocess.run(
         [sys.executable, "-m", "noisescale", *args],
         env=env,
@@ -213,10 +220,12 @@ def test_killed_process_keeps_the_flushed_curve_and_reruns_the_point(
     chunks = sorted(k for k in killed.user_attrs if k.startswith("curve_"))
     assert sum(len(killed.user_attrs[k]["step"]) for k in chunks) == 400
 
+    # The next worker waits until the killed one's heartbeat is 2 s old, then reruns its point.
     assert main(args) == 0
     killed_then, rerun = _trials(storage)
     assert killed_then.state == TrialState.FAIL
     assert rerun.state == TrialState.COMPLETE and rerun.user_attrs["records"] == 500
+    assert rerun.user_attrs["retry_history"] == [killed_then.number]
 
 
 def test_default_storage_is_sweep_db_in_the_cwd(
@@ -296,11 +305,11 @@ def test_bad_input_exits_2(
         ),
         (
             ["sweep", f"{train_file}:train", "--batch-sizes", "8,x", "--learning-rates", "0.1"],
-            "'x' is not a number",
+            "argument --batch-sizes: expected a number, got 'x'",
         ),
         (
             ["sweep", f"{train_file}:train", "--batch-sizes", "8", "--learning-rates", "-1"],
-            "not a positive number",
+            "argument --learning-rates: must be a finite positive number, got '-1'",
         ),
         (
             [*silent, "--storage", storage],
@@ -322,7 +331,7 @@ def test_fit_on_a_study_errors(
         assert main([*args, "--storage", storage, "--study", study, "--steps", "5"]) == 0
     capsys.readouterr()
     assert main(["fit", storage]) == 2
-    assert "holds 2 studies (a, b); name one with --study" in capsys.readouterr().err
+    assert "holds 2 studies (a, b); name one or more with --study" in capsys.readouterr().err
     assert main(["fit", storage, "--study", "zzz"]) == 2
     assert "no study 'zzz'" in capsys.readouterr().err
     assert main(["fit", storage, "--study", "a"]) == 2

@@ -20,10 +20,15 @@ import json
 import math
 from typing import Any
 
+from noisescale.commands._args import MAX_COUNT
 from noisescale.errors import NoiseScaleInputError
 
 #: A range may expand to at most this many batch sizes (protects against ``1:1e9:+1``).
 MAX_BATCH_SIZES = 10_000
+#: The largest batch size or noise scale accepted (examples or tokens): beyond any real run.
+MAX_SIZE = MAX_COUNT
+#: Eq. A.3's exponent is 0.5–1 in the paper's fits; far above that the rule means nothing.
+MAX_ALPHA = 4.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -91,10 +96,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from noisescale import theory
 
     if args.noise_scale is not None:
-        measured = positive_number(args.noise_scale, "--noise-scale")
+        measured = positive_number(args.noise_scale, "--noise-scale", maximum=MAX_SIZE)
         unit = "examples"
     else:
         measured = float(theory.b_crit_kaplan(positive_number(args.kaplan_loss, "--kaplan-loss")))
@@ -109,29 +116,48 @@ def run(args: argparse.Namespace) -> int:
     if args.temperature_from is not None:
         t_from = positive_number(args.temperature_from, "--temperature-from")
         t_to = positive_number(args.temperature_to, "--temperature-to")
-        b_noise = float(theory.b_noise_at_temperature(measured, t_from, t_to))
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            b_noise = float(theory.b_noise_at_temperature(measured, t_from, t_to))
         temperatures = {"temperature_from": t_from, "temperature_to": t_to}
 
     lr_settings: dict[str, Any] = {}
     if args.lr is not None:
         lr_settings = {
             "lr_rule": args.lr_rule,
-            "lr_batch_size": positive_number(args.lr_batch_size, "--lr-batch-size")
+            "lr_batch_size": positive_number(
+                args.lr_batch_size, "--lr-batch-size", maximum=MAX_SIZE
+            )
             if args.lr_batch_size is not None
             else _default_lr_batch_size(batch_sizes, several),
             "lr_tuned": positive_number(args.lr, "--lr"),
         }
         if args.lr_rule == "noise":
             lr_settings["alpha"] = positive_number(args.alpha, "--alpha")
+            if lr_settings["alpha"] > MAX_ALPHA:
+                raise NoiseScaleInputError(
+                    f"--alpha must be at most {MAX_ALPHA:g} (eq. A.3 fits 0.5–1), got {args.alpha}"
+                )
     elif args.lr_batch_size is not None:
         raise NoiseScaleInputError("--lr-batch-size needs --lr")
 
-    rows = [
-        batch_size_row(b, b_noise, measured=measured, unit=unit, **temperatures, **lr_settings)
-        for b in batch_sizes
-    ]
+    try:
+        # Overflow is detected below and explained; NumPy's own warning would only add noise.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            rows = [
+                batch_size_row(
+                    b, b_noise, measured=measured, unit=unit, **temperatures, **lr_settings
+                )
+                for b in batch_sizes
+            ]
+    except OverflowError:
+        rows = []
+    if not rows or not all(_finite_values(row) for row in rows):
+        raise NoiseScaleInputError(
+            "the numbers overflow: the batch sizes, noise scale, learning rates or temperatures "
+            "given are too far apart (e.g. B/B_noise beyond 1e300); use values closer together"
+        )
     if args.json:
-        print(json.dumps(rows if several else rows[0], indent=2))
+        print(json.dumps(rows if several else rows[0], indent=2, allow_nan=False))
     elif several:
         print(_table_text(rows, b_noise, unit, measured, temperatures, lr_settings))
     else:
@@ -195,7 +221,7 @@ def parse_batch_sizes(text: str) -> list[float]:
             raise NoiseScaleInputError(f"--batch-size {text!r}: empty item in the list")
         parts = item.split(":")
         if len(parts) == 1:
-            sizes.append(positive_number(item, "--batch-size"))
+            sizes.append(positive_number(item, "--batch-size", maximum=MAX_SIZE))
         elif len(parts) in (2, 3):
             sizes.extend(_expand_range(item, parts))
         else:
@@ -209,20 +235,28 @@ def parse_batch_sizes(text: str) -> list[float]:
     return sizes
 
 
-def positive_number(text: str | float, what: str) -> float:
-    """Parse a finite positive number from the command line, or say clearly what is wrong."""
+def positive_number(text: str | float, what: str, *, maximum: float | None = None) -> float:
+    """Parse a finite positive number from the command line, or say clearly what is wrong.
+
+    Args:
+        text: What the user typed.
+        what: The option, for the message.
+        maximum: The largest value accepted, if any.
+    """
     try:
         value = float(text)
     except (TypeError, ValueError):
         raise NoiseScaleInputError(f"{what} must be a number, got {text!r}") from None
     if not math.isfinite(value) or value <= 0:
         raise NoiseScaleInputError(f"{what} must be a finite positive number, got {text!r}")
+    if maximum is not None and value > maximum:
+        raise NoiseScaleInputError(f"{what} must be at most {maximum:g}, got {text!r}")
     return value
 
 
 def _expand_range(item: str, parts: list[str]) -> list[float]:
-    start = positive_number(parts[0], f"--batch-size range {item!r}: START")
-    stop = positive_number(parts[1], f"--batch-size range {item!r}: STOP")
+    start = positive_number(parts[0], f"--batch-size range {item!r}: START", maximum=MAX_SIZE)
+    stop = positive_number(parts[1], f"--batch-size range {item!r}: STOP", maximum=MAX_SIZE)
     step = parts[2].strip() if len(parts) == 3 else "x2"
     if stop < start:
         raise NoiseScaleInputError(f"--batch-size range {item!r}: STOP is below START")
@@ -250,6 +284,10 @@ def _default_lr_batch_size(batch_sizes: list[float], several: bool) -> float:
             "--lr needs --lr-batch-size (the batch size the learning rate was tuned at)"
         )
     return batch_sizes[0]
+
+
+def _finite_values(row: dict[str, Any]) -> bool:
+    return all(math.isfinite(v) for v in row.values() if isinstance(v, float))
 
 
 def _json_number(x: float) -> float | int:

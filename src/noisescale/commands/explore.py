@@ -12,11 +12,13 @@ steps against examples (eq. 2.11) with the regimes shaded, and readouts that mat
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from noisescale.commands._args import MAX_COUNT, add_force, check_output_file, write_atomic
 from noisescale.errors import NoiseScaleInputError
 
 DEFAULT_NOISE_SCALE = 1000.0
+#: The page is HTML; a .png name would hold HTML that no image viewer opens.
+HTML_SUFFIXES = (".html", ".htm")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="explore.html",
         help="where to write the page (default explore.html)",
     )
+    add_force(parser)
     parser.add_argument(
         "--json", action="store_true", help="print the written path and settings as JSON"
     )
@@ -57,20 +60,20 @@ def run(args: argparse.Namespace) -> int:
     from noisescale.commands.calc import positive_number
     from noisescale.report.explore import explore_html
 
-    b_noise = positive_number(args.noise_scale, "--noise-scale")
+    b_noise = positive_number(args.noise_scale, "--noise-scale", maximum=MAX_COUNT)
     batch_size = (
-        None if args.batch_size is None else positive_number(args.batch_size, "--batch-size")
+        None
+        if args.batch_size is None
+        else positive_number(args.batch_size, "--batch-size", maximum=MAX_COUNT)
     )
+    output = check_output_file(args.output, flag="-o", force=args.force, suffixes=HTML_SUFFIXES)
     page = explore_html(b_noise, batch_size)
-    output = Path(args.output)
-    if output.is_dir():
-        raise NoiseScaleInputError(f"-o {args.output}: is a directory; give a file name")
     try:
-        output.write_text(page, encoding="utf-8")
+        write_atomic(output, page)
     except OSError as err:
         raise NoiseScaleInputError(f"cannot write {args.output}: {err.strerror}") from None
     if args.json:
-        print(json.dumps({"output": str(output.resolve()), "noise_scale": b_noise}))
+        print(json.dumps({"output": str(output), "noise_scale": b_noise}))
     else:
         print(f"Wrote {output} (noise scale {b_noise:g}); open it in a browser, it works offline.")
     return 0

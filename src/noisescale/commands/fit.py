@@ -6,11 +6,15 @@ Examples::
     noisescale fit runs.jsonl --goal 0.5 --goal 0.3 --ema 0.95 --json
     noisescale fit runs.csv --metric error -o pareto.html -o pareto.png
     noisescale fit sqlite:///sweep.db --study my-sweep       # a study written by noisescale sweep
+    noisescale fit sweep.db --study 'lr-*' --study baseline  # several studies, or a pattern
+    NOISESCALE_STORAGE=postgresql+psycopg2://... noisescale fit --study my-sweep
 
 RUNS is a CSV or JSON Lines file with one row per recorded step and the columns ``run,
 batch_size, learning_rate, step, loss`` (or ``error`` with ``--metric error``), optionally
 ``examples`` (cumulative, for runs whose batch size changes) and ``b_simple``; or a database URL
-(or SQLite file) holding a ``noisescale sweep`` study.
+(or SQLite file) holding ``noisescale sweep`` studies. Without RUNS the database comes from
+``--storage-file`` or the environment variable ``NOISESCALE_STORAGE``; passwords are masked in
+every message, in ``--json`` and on the page.
 """
 
 from __future__ import annotations
@@ -19,15 +23,21 @@ import argparse
 import importlib.util
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from noisescale.commands import _args
 from noisescale.errors import NoiseScaleInputError
+from noisescale.report.text import display_path
+from noisescale.sweep.storage import StorageURL, sqlite_file
 
 #: Goals picked when none are given.
 DEFAULT_GOAL_COUNT = 6
 #: EMA decay over recorded points unless ``--ema`` says otherwise.
 DEFAULT_EMA = 0.9
+#: More goals than this is a typo, not a plot.
+MAX_GOALS = 1000
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,12 +56,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "runs",
         metavar="RUNS",
-        help="CSV or JSON Lines file of runs, or a database URL / SQLite file of a sweep study",
+        nargs="?",
+        help="CSV or JSON Lines file of runs, or a database URL / SQLite file of sweep studies "
+        "(default: --storage-file, else $NOISESCALE_STORAGE)",
+    )
+    parser.add_argument(
+        "--storage-file",
+        metavar="FILE",
+        help="read the database URL from the first line of FILE (keeps a password off the "
+        "command line)",
     )
     parser.add_argument(
         "--study",
+        action="append",
         metavar="NAME",
-        help="the study to read when RUNS is a database (default: the only one there)",
+        help="a study to read from the database, or a pattern such as 'sweep-*'; repeatable "
+        "(default: the only one there)",
     )
     parser.add_argument(
         "--goal",
@@ -61,14 +81,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--goals",
-        type=int,
+        type=_args.positive_int,
         default=DEFAULT_GOAL_COUNT,
         metavar="N",
         help=f"how many goals to pick when --goal is not given (default {DEFAULT_GOAL_COUNT})",
     )
     parser.add_argument(
         "--ema",
-        type=float,
+        type=_args.decay,
         default=DEFAULT_EMA,
         metavar="DECAY",
         help="decay of the bias-corrected EMA that smooths each curve before looking for a goal, "
@@ -90,76 +110,138 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write the Pareto-front figure: .png (matplotlib) or .html (self-contained); "
         "may be repeated",
     )
+    _args.add_force(parser)
     parser.add_argument("--verbose", action="store_true", help="let Optuna log when reading")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from noisescale.sweep.pareto import critical_batch_sizes, default_goals
-    from noisescale.sweep.runs import read_runs
+    import sys
 
+    from noisescale.sweep.pareto import critical_batch_sizes, default_goals
+    from noisescale.sweep.runs import duplicate_settings, read_runs
+
+    if args.goals > MAX_GOALS:
+        raise NoiseScaleInputError(f"--goals must be at most {MAX_GOALS}, got {args.goals}")
+    goals = _parse_goals(args.goal) if args.goal else None
+    source = _source(args)
+    inputs = [] if source.storage is not None else [source.path]
+    if source.storage is not None and (sqlite := sqlite_file(source.storage.url)) is not None:
+        inputs.append(str(sqlite))
+    outputs = []
     for output in args.output:
-        suffix = Path(output).suffix.lower()
-        if suffix not in (".png", ".html", ".htm"):
-            raise NoiseScaleInputError(f"--output {output}: use a .png or .html file name")
-        if suffix == ".png" and importlib.util.find_spec("matplotlib") is None:
+        path = _args.check_output_file(
+            output,
+            flag="-o",
+            force=args.force,
+            suffixes=(".png", ".html", ".htm"),
+            inputs=inputs,
+        )
+        if path.suffix.lower() == ".png" and importlib.util.find_spec("matplotlib") is None:
             raise NoiseScaleInputError(
                 "a PNG needs matplotlib: pip install 'noisescale[plot]' (or write .html)"
             )
-    if not 0.0 <= args.ema < 1.0:
-        raise NoiseScaleInputError(f"--ema must be in [0, 1), got {args.ema}")
-    if args.goals < 1:
-        raise NoiseScaleInputError("--goals must be at least 1")
-    storage = _storage_url(args.runs)
-    if storage is None:
-        runs = read_runs(args.runs, metric=args.metric)
+        if path in outputs:
+            raise NoiseScaleInputError(f"-o {output} is given twice")
+        outputs.append(path)
+    if args.study and source.storage is None:
+        raise NoiseScaleInputError(
+            f"--study reads a database, but {source.shown} is a runs file; drop --study"
+        )
+    studies: list[str] | None = None
+    if source.storage is None:
+        runs = read_runs(source.path, metric=args.metric)
     else:
-        from noisescale.sweep.study import read_study_runs
+        from noisescale.sweep.study import read_study_runs, select_studies
 
         _quiet_optuna(args.verbose)
-        runs = read_study_runs(storage, args.study, metric=args.metric)
-    if args.goal:
-        goals = _parse_goals(args.goal)
-    else:
+        studies = select_studies(source.storage.url, args.study)
+        runs = read_study_runs(source.storage.url, studies, metric=args.metric)
+    if goals is None:
         goals = default_goals(runs, decay=args.ema, count=args.goals)
     results = critical_batch_sizes(runs, goals, decay=args.ema)
-    for output in args.output:
-        from noisescale.sweep import plot
+    notes = [_duplicates_note(duplicate_settings(runs))] if duplicate_settings(runs) else []
+    for note in notes:
+        print(f"noisescale fit: warning: {note}", file=sys.stderr)
+    from noisescale.sweep import plot
 
-        if Path(output).suffix.lower() == ".png":
-            plot.write_pareto_png(results, output, metric=args.metric)
+    for path in outputs:
+        if path.suffix.lower() == ".png":
+            data: bytes | str = plot.pareto_png(results, metric=args.metric)
         else:
-            plot.write_pareto_html(
-                results, output, metric=args.metric, title=f"Critical batch size: {args.runs}"
-            )
+            title = f"Critical batch size: {source.title}"
+            data = plot.pareto_html(results, metric=args.metric, title=title)
+        _args.write_or_rescue(path, data, what="the Pareto figure")
     if args.json:
         payload: dict[str, Any] = {
             "kind": "noisescale.fit",
             "version": 1,
-            "source": args.runs,
+            "source": source.shown,
+            "studies": studies,
             "metric": args.metric,
             "ema_decay": args.ema,
             "runs": len(runs),
+            "duplicates": [
+                {"batch_size": b, "learning_rate": lr, "runs": names}
+                for b, lr, names in duplicate_settings(runs)
+            ],
             "goals": [r.as_dict() for r in results],
         }
         print(json.dumps(payload, indent=2, allow_nan=False))
     else:
         print(_text(results, runs_count=len(runs), metric=args.metric, decay=args.ema))
-        for output in args.output:
-            print(f"wrote {output}")
+        for path in outputs:
+            print(f"wrote {path}")
     return 0
 
 
-def _storage_url(runs: str) -> str | None:
-    """A database URL for RUNS when it is one (or an SQLite file), else ``None``."""
-    if "://" in runs:
-        return runs
-    path = Path(runs)
+@dataclass(frozen=True)
+class _Source:
+    """Where the runs come from: a file (``path``) or a database (``storage``)."""
+
+    path: str
+    storage: StorageURL | None
+
+    @property
+    def shown(self) -> str:
+        return self.storage.shown if self.storage is not None else self.path
+
+    @property
+    def title(self) -> str:
+        if self.storage is None:
+            return display_path(self.path)
+        file = sqlite_file(self.storage.url)
+        return display_path(file) if file is not None else self.storage.shown
+
+
+def _source(args: argparse.Namespace) -> _Source:
+    from noisescale.sweep.storage import resolve_storage_url
+
+    if args.runs is not None and args.storage_file is not None:
+        raise NoiseScaleInputError("give RUNS or --storage-file, not both")
+    if args.runs is None:
+        return _Source("", resolve_storage_url(None, args.storage_file, default=None))
+    if "://" in args.runs:
+        return _Source(args.runs, resolve_storage_url(args.runs))
+    path = Path(args.runs)
     if path.is_file():
         with path.open("rb") as f:
             if f.read(16) == b"SQLite format 3\x00":
-                return f"sqlite:///{path}"
-    return None
+                return _Source(args.runs, resolve_storage_url(f"sqlite:///{path}"))
+    return _Source(args.runs, None)
+
+
+def _duplicates_note(duplicates: list[tuple[float, float, list[str]]]) -> str:
+    shown = "; ".join(
+        f"batch_size={b:g}, learning_rate={lr:g}: {', '.join(names)}"
+        for b, lr, names in duplicates[:5]
+    )
+    more = f"; and {len(duplicates) - 5} more" if len(duplicates) > 5 else ""
+    return (
+        f"{len(duplicates)} setting(s) have more than one run ({shown}{more}). The fastest run "
+        "of each counts at every goal, which biases S low: expected with seeds, a mistake if a "
+        "sweep ran a point twice or the studies overlap"
+    )
 
 
 def _quiet_optuna(verbose: bool) -> None:

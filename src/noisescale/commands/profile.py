@@ -1,6 +1,7 @@
 """``noisescale profile``: step time against batch size, and the largest batch that fits.
 
-MODEL is a built-in reference model (``mnist-cnn``, ``gpt-small``) or ``module:function``. The
+MODEL is a built-in reference model (``mnist-cnn``, ``gpt-small``), ``module:function`` or
+``path/to/file.py:function`` (e.g. ``examples/profile_model.py:build``). The
 function is called with the ``--model-option`` values as keyword arguments and returns
 ``(model, loss_fn, make_batch)``:
 
@@ -17,11 +18,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import importlib.util
 import json
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from noisescale.commands import _args
 from noisescale.errors import NoiseScaleInputError
 
 if TYPE_CHECKING:
@@ -32,6 +36,10 @@ if TYPE_CHECKING:
     from noisescale.reference_models import LossFn, MakeBatch
 
 _DEFAULT_LIMIT = {"cpu": 256, "cuda": 65536}
+#: Bounds that catch typos (a batch of 10⁹ examples, 10⁶ repeats) before they hang the machine.
+MAX_BATCH_LIMIT = 1 << 24
+MAX_REPEATS = 10_000
+MAX_THREADS = 1024
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,8 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "a profile JSON that `noisescale recommend` reads.",
         epilog="MODEL: mnist-cnn (the paper's MNIST CNN), gpt-small (a small GPT; "
         "--model-option n_layer=6 d_model=512 n_head=8 block_size=256 for the benchmark one), "
-        "or module:function returning (model, loss_fn, make_batch) with "
-        "make_batch(batch_size, device) -> (inputs, targets).",
+        "or module:function / path/to/file.py:function returning (model, loss_fn, make_batch) "
+        "with make_batch(batch_size, device) -> (inputs, targets); see "
+        "examples/profile_model.py.",
     )
     parser.add_argument("model", metavar="MODEL", help="built-in model name or module:function")
     parser.add_argument(
@@ -57,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--batch-sizes",
-        type=_int_list,
+        type=_args.positive_int_list,
         metavar="B1,B2,...",
         help="micro-batch sizes to time (default: powers of two up to the largest that fits, "
         "or up to --max-batch-limit (64 if not given) with --no-memory-search)",
@@ -72,11 +81,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="optimizer step included in each timed step; its state counts towards memory "
         "(default: adamw)",
     )
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per batch size")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per batch size")
+    parser.add_argument(
+        "--warmup", type=_args.nonnegative_int, default=2, help="untimed steps per batch size"
+    )
+    parser.add_argument(
+        "--repeats", type=_args.positive_int, default=5, help="timed steps per batch size"
+    )
     parser.add_argument(
         "--max-batch-limit",
-        type=int,
+        type=_args.positive_int,
         default=None,
         help="largest batch the memory search tries (default 256 on cpu, 65536 on cuda; on "
         "cpu the OS may kill the process instead of failing an allocation, so keep it modest)",
@@ -87,10 +100,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="skip the search for the largest batch that fits",
     )
     parser.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's own)"
+        "--threads",
+        type=_args.positive_int,
+        default=None,
+        help="CPU threads for torch (default: torch's own)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="torch seed for the model weights")
-    parser.add_argument("-o", "--output", help="write the profile JSON to this file")
+    parser.add_argument(
+        "--seed", type=_args.nonnegative_int, default=0, help="torch seed for the model weights"
+    )
+    parser.add_argument("-o", "--output", help="write the profile JSON to this file (.json)")
+    _args.add_force(parser)
     parser.add_argument("--json", action="store_true", help="print the profile as JSON")
     parser.set_defaults(func=run)
 
@@ -107,16 +126,36 @@ def run(args: argparse.Namespace) -> int:
         profile_throughput,
     )
 
-    if args.warmup < 0 or args.repeats < 1:
-        raise NoiseScaleInputError("--warmup must be ≥ 0 and --repeats ≥ 1")
+    if args.warmup > MAX_REPEATS or args.repeats > MAX_REPEATS:
+        raise NoiseScaleInputError(
+            f"--warmup and --repeats must be at most {MAX_REPEATS} steps per batch size"
+        )
+    if args.threads is not None and args.threads > MAX_THREADS:
+        raise NoiseScaleInputError(f"--threads must be at most {MAX_THREADS}, got {args.threads}")
+    limit_given = args.max_batch_limit
+    if limit_given is not None and limit_given > MAX_BATCH_LIMIT:
+        raise NoiseScaleInputError(
+            f"--max-batch-limit must be at most {MAX_BATCH_LIMIT}, got {limit_given}"
+        )
+    if args.batch_sizes and max(args.batch_sizes) > MAX_BATCH_LIMIT:
+        raise NoiseScaleInputError(f"--batch-sizes must be at most {MAX_BATCH_LIMIT} each")
+    # Where the profile goes is settled before minutes of measuring, not after.
+    output = (
+        _args.check_output_file(args.output, flag="-o", force=args.force, suffixes=(".json",))
+        if args.output
+        else None
+    )
     device = _device(args.device)
     if args.threads is not None:
-        if args.threads < 1:
-            raise NoiseScaleInputError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
     options = _options(args.model_option)
     torch.manual_seed(args.seed)
     model, loss_fn, make_batch = resolve_model(args.model, options)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise NoiseScaleInputError(
+            f"{args.model}: the model has no trainable parameters, so a training step does "
+            "nothing to time; return the model you train"
+        )
     model.to(device).train()
     optimizer: torch.optim.Optimizer | None = None
     if args.optimizer == "adamw":
@@ -128,8 +167,6 @@ def run(args: argparse.Namespace) -> int:
     search = None
     if not args.no_memory_search:
         limit = args.max_batch_limit or _DEFAULT_LIMIT.get(device.type, 256)
-        if limit < 1:
-            raise NoiseScaleInputError("--max-batch-limit must be at least 1")
         _note(args, f"searching the largest batch that fits (up to {limit}) ...")
         search = find_max_batch_size(step, limit=limit, model=model, optimizer=optimizer)
     if args.batch_sizes:
@@ -173,14 +210,23 @@ def run(args: argparse.Namespace) -> int:
         },
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
-    if args.output:
-        profile.save(args.output)
+    text = json.dumps(profile.to_dict(), indent=2, allow_nan=False) + "\n"
     if args.json:
-        print(json.dumps(profile.to_dict(), indent=2))
+        print(text, end="")
     else:
         print(format_profile(profile))
-        if args.output:
-            print(f"wrote {args.output}")
+        if profile.fit.beta_s < 0:
+            print(
+                "warning: the fitted step time falls with the batch size (β < 0): the timings "
+                "are too noisy for `noisescale recommend`; re-profile with more --repeats or "
+                "wider --batch-sizes",
+                file=sys.stderr,
+            )
+    if output is not None:
+        # Measured minutes ago: if the file cannot be written now, keep it somewhere and say so.
+        _args.write_or_rescue(output, text, what="the measured profile")
+        if not args.json:
+            print(f"wrote {output}")
     return 0
 
 
@@ -193,15 +239,8 @@ def resolve_model(spec: str, options: dict[str, Any]) -> tuple[nn.Module, LossFn
     if spec in REFERENCE_MODELS:
         builder = REFERENCE_MODELS[spec]
     elif ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(module_name)
-        except Exception as err:
-            raise NoiseScaleInputError(
-                f"cannot import module {module_name!r}: {type(err).__name__}: {err}"
-            ) from None
+        module_name, _, attr = spec.rpartition(":")
+        module = _import(module_name)
         builder = getattr(module, attr, None)
         if not callable(builder):
             raise NoiseScaleInputError(f"module {module_name!r} has no function {attr!r}")
@@ -225,6 +264,35 @@ def resolve_model(spec: str, options: dict[str, Any]) -> tuple[nn.Module, LossFn
             f"{spec} must return (model: nn.Module, loss_fn, make_batch), got {type(built)!r}"
         )
     return built
+
+
+def _import(module_name: str) -> Any:
+    """A module by dotted name (the current folder importable) or from a ``.py`` file."""
+    try:
+        if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+            path = Path(module_name)
+            if not path.is_file():
+                raise NoiseScaleInputError(f"no such file: {module_name}")
+            # Like `python path/to/model.py`: the file's folder is importable (its helpers).
+            if str(path.resolve().parent) not in sys.path:
+                sys.path.insert(0, str(path.resolve().parent))
+            name = f"_noisescale_profile_{path.stem}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            if spec is None or spec.loader is None:
+                raise NoiseScaleInputError(f"cannot load {module_name} as a Python module")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            return module
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        return importlib.import_module(module_name)
+    except NoiseScaleInputError:
+        raise
+    except Exception as err:
+        raise NoiseScaleInputError(
+            f"cannot import module {module_name!r}: {type(err).__name__}: {err}"
+        ) from None
 
 
 def format_profile(profile: ThroughputProfile) -> str:
@@ -302,15 +370,3 @@ def _options(pairs: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             options[key] = text
     return options
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from noisescale.commands import _args
 from noisescale.errors import NoiseScaleInputError
+
+#: A currency is a code or a symbol, not a sentence.
+MAX_CURRENCY_CHARS = 8
 
 if TYPE_CHECKING:
     from noisescale.hardware.profile import ThroughputProfile
@@ -23,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "recommend",
         help="recommend a batch size from a noise scale and a hardware profile",
-        description="Price batch sizes in steps, examples, wall-clock time, GPU-hours and money "
+        description="Price batch sizes in steps, examples, wall-clock time, device-hours and money "
         "from a noise scale (paper eq. 2.11) and a profile written by `noisescale profile`; "
         "print the time/cost Pareto front and the fastest, cheapest and balanced choices.",
         epilog="Without --target-examples or --target-steps only ratios are known: times and "
@@ -31,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--noise-scale",
-        type=float,
+        type=_args.positive_float,
         required=True,
         metavar="B",
         help="measured noise scale B_noise (or B_crit), in the profile's examples (for a "
@@ -40,28 +43,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--profile", required=True, help="profile JSON from `noisescale profile`")
     parser.add_argument(
         "--gpus",
-        type=_int_list,
+        type=_args.positive_int_list,
         default=[1],
         metavar="N1,N2,...",
         help="data-parallel device counts to consider (default: 1)",
     )
-    parser.add_argument("--price", type=float, help="price per GPU-hour (any currency)")
+    parser.add_argument(
+        "--price",
+        type=_args.positive_float,
+        help="price per device-hour, in the currency named by --currency",
+    )
+    parser.add_argument(
+        "--currency",
+        metavar="CODE",
+        help="the currency of --price, printed with every cost (e.g. USD, EUR; needs --price)",
+    )
     target = parser.add_mutually_exclusive_group()
     target.add_argument(
-        "--target-examples", type=float, metavar="E_MIN", help="E_min: fewest examples to the goal"
+        "--target-examples",
+        type=_args.positive_float,
+        metavar="E_MIN",
+        help="E_min: fewest examples to the goal",
     )
     target.add_argument(
-        "--target-steps", type=float, metavar="S_MIN", help="S_min: fewest steps to the goal"
+        "--target-steps",
+        type=_args.positive_float,
+        metavar="S_MIN",
+        help="S_min: fewest steps to the goal",
     )
     parser.add_argument(
         "--batch-sizes",
-        type=_int_list,
+        type=_args.positive_int_list,
         metavar="B1,B2,...",
         help="global batch sizes to consider (default: powers of two up to 32·B_noise)",
     )
     parser.add_argument(
         "--max-micro-batch",
-        type=int,
+        type=_args.positive_int,
         help="largest micro-batch that fits (default: the profile's memory search)",
     )
     parser.add_argument(
@@ -73,18 +91,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--bandwidth",
-        type=float,
+        type=_args.positive_float,
         metavar="GB_PER_S",
         help="all-reduce bus bandwidth in GB/s (overrides --interconnect)",
     )
     parser.add_argument(
         "--grad-bytes",
-        type=float,
+        type=_args.nonnegative_float,
         help="gradient bytes per all-reduce (default: the profile's parameter bytes; halve "
         "them for bf16 gradient reduction)",
     )
     parser.add_argument("--json", action="store_true", help="print the recommendation as JSON")
-    parser.add_argument("-o", "--output", help="write a self-contained HTML page to this file")
+    parser.add_argument(
+        "-o", "--output", help="write a self-contained HTML page to this file (.html)"
+    )
+    _args.add_force(parser)
     parser.set_defaults(func=run)
 
 
@@ -98,10 +119,24 @@ def run(args: argparse.Namespace) -> int:
     )
     from noisescale.hardware.recommend import recommend_batch_size
 
-    if not args.noise_scale > 0:
-        raise NoiseScaleInputError(f"--noise-scale must be positive, got {args.noise_scale:g}")
-    if args.max_micro_batch is not None and args.max_micro_batch < 1:
-        raise NoiseScaleInputError("--max-micro-batch must be at least 1")
+    if args.currency is not None:
+        if args.price is None:
+            raise NoiseScaleInputError("--currency names the currency of --price: give --price")
+        if not args.currency.strip() or len(args.currency) > MAX_CURRENCY_CHARS:
+            raise NoiseScaleInputError(
+                f"--currency must be a short code such as USD or EUR, got {args.currency!r}"
+            )
+    output = (
+        _args.check_output_file(
+            args.output,
+            flag="-o",
+            force=args.force,
+            suffixes=(".html", ".htm"),
+            inputs=[args.profile],
+        )
+        if args.output
+        else None
+    )
     profile = ThroughputProfile.load(args.profile)
     name = args.interconnect or DEFAULT_INTERCONNECT
     if name not in INTERCONNECTS:
@@ -110,8 +145,6 @@ def run(args: argparse.Namespace) -> int:
         )
     interconnect = INTERCONNECTS[name]
     if args.bandwidth is not None:
-        if not args.bandwidth > 0:
-            raise NoiseScaleInputError("--bandwidth must be positive")
         interconnect = Interconnect(
             "custom", args.bandwidth * 1e9, f"given: {args.bandwidth:g} GB/s"
         )
@@ -126,9 +159,10 @@ def run(args: argparse.Namespace) -> int:
         max_micro_batch_size=args.max_micro_batch,
         interconnect=interconnect,
         grad_bytes=args.grad_bytes,
+        currency=args.currency,
     )
-    if args.output:
-        Path(args.output).write_text(recommendation_html(rec, profile))
+    if output is not None:
+        _args.write_or_rescue(output, recommendation_html(rec, profile), what="the page")
     if args.json:
         data = rec.to_dict()
         data["profile"] = {
@@ -138,11 +172,11 @@ def run(args: argparse.Namespace) -> int:
             "fit": profile.fit.to_dict(),
             "max_batch_size": profile.max_batch_size,
         }
-        print(json.dumps(data, indent=2))
+        print(json.dumps(data, indent=2, allow_nan=False))
     else:
         print(format_recommendation(rec, profile))
-        if args.output:
-            print(f"wrote {args.output}")
+        if output is not None:
+            print(f"wrote {output}")
     return 0
 
 
@@ -166,7 +200,7 @@ def format_recommendation(rec: Recommendation, profile: ThroughputProfile) -> st
     )
     header = (
         f"{'B':>8} {'N':>3} {'micro×k':>11} {'S/Smin':>7} {'E/Emin':>8} {'step ms':>9} "
-        f"{'time':>10} {'cost':>20}  pick"
+        f"{'time':>10} {'cost':>24}  pick"
     )
     lines.append(header)
     for c in rec.pareto_front:
@@ -182,7 +216,7 @@ def format_recommendation(rec: Recommendation, profile: ThroughputProfile) -> st
         lines.append(
             f"{c.batch_size:>8} {c.devices:>3} {c.split!s:>11} {c.steps_over_min:>7.3g} "
             f"{c.examples_over_min:>8.3g} {c.step_time_s * 1e3:>9.4g} "
-            f"{_time(c, rec):>10} {_cost(c, rec):>20}  {picks}"
+            f"{_time(c, rec):>10} {_cost(c, rec):>24}  {picks}"
         )
     for name, c in (
         ("fastest", rec.fastest),
@@ -209,18 +243,7 @@ def _time(c: Candidate, rec: Recommendation) -> str:
 def _cost(c: Candidate, rec: Recommendation) -> str:
     if c.gpu_hours is None:
         return f"×{c.cost_rel:.3g}"
+    hours = f"{c.gpu_hours:.3g} {rec.hours_unit}"
     if c.cost is not None:
-        return f"{c.cost:.4g} ({c.gpu_hours:.3g} GPU-h)"
-    return f"{c.gpu_hours:.3g} GPU-h"
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+        return f"{rec.money(c.cost)} ({hours})"
+    return hours

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from noisescale.commands._args import add_force, check_output_file, write_atomic
 from noisescale.errors import NoiseScaleInputError
 
 
@@ -42,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="fixed batch sizes to cost, in calc's syntax (e.g. 64:4096:x2; default: powers of 2 "
         "around the measured B_simple and the run's batch size)",
     )
+    add_force(parser)
     parser.add_argument(
         "--json", action="store_true", help="also print the headline numbers as JSON"
     )
@@ -58,31 +60,43 @@ def run(args: argparse.Namespace) -> int:
     from noisescale.report.html import report_html
 
     history_path = Path(args.history)
-    output = Path(args.output) if args.output else history_path.with_suffix(".html")
-    if output.resolve() == history_path.resolve():
-        raise NoiseScaleInputError(f"-o {output} would overwrite the history file")
-    if output.is_dir():
-        raise NoiseScaleInputError(f"-o {output}: is a directory; give a file name")
+    output = check_output_file(
+        args.output or history_path.with_suffix(".html"),
+        flag="-o",
+        force=args.force,
+        suffixes=(".html", ".htm"),
+        inputs=[history_path],
+    )
+    figures_dir = output.with_name(output.stem + "_figures")
+    if figures_dir.exists() and not figures_dir.is_dir():
+        raise NoiseScaleInputError(
+            f"{figures_dir} is a file; the report writes its PNG figures into a folder of that "
+            "name: move the file or choose another -o"
+        )
+    if figures_dir.is_dir() and any(figures_dir.glob("*.png")) and not args.force:
+        raise NoiseScaleInputError(
+            f"{figures_dir}/ already holds figures; pass --force to replace them, or choose "
+            "another -o"
+        )
     batch_sizes = parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None
 
     history = load_history(history_path)
     data = report_data(history, batch_sizes)
     figures = draw_all(data)
-    figures_dir = output.with_name(output.stem + "_figures")
     try:
-        figures_dir.mkdir(parents=True, exist_ok=True)
+        figures_dir.mkdir(exist_ok=True)
         for name, png in figures.items():
-            (figures_dir / f"{name}.png").write_bytes(png)
-        output.write_text(report_html(data, figures, str(figures_dir)), encoding="utf-8")
+            write_atomic(figures_dir / f"{name}.png", png)
+        write_atomic(output, report_html(data, figures, str(figures_dir)))
     except OSError as err:
         raise NoiseScaleInputError(f"cannot write the report to {output}: {err.strerror}") from None
 
-    for warning in history.warnings:
+    for warning in data.warnings:
         print(f"noisescale report: warning: {warning}", file=sys.stderr)
     if args.json:
         summary = summary_dict(data)
         summary.update(output=str(output), figures_dir=str(figures_dir))
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2, allow_nan=False))
     else:
         print(f"Wrote {output} and {len(figures)} PNG figures in {figures_dir}/")
     return 0

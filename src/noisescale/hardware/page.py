@@ -32,13 +32,13 @@ def _axis_values(
     if rec.price_per_gpu_hour is not None:
         return (
             "wall-clock time (hours)",
-            "cost (money)",
+            f"cost ({rec.currency or 'price units'})",
             lambda c: (c.time_s or 0.0) / 3600.0,
             lambda c: c.cost or 0.0,
         )
     return (
         "wall-clock time (hours)",
-        "GPU-hours",
+        rec.hours_unit.replace("-h", "-hours"),
         lambda c: (c.time_s or 0.0) / 3600.0,
         lambda c: c.gpu_hours or 0.0,
     )
@@ -194,9 +194,10 @@ def _time_text(c: Candidate, rec: Recommendation) -> str:
 def _cost_text(c: Candidate, rec: Recommendation) -> str:
     if rec.relative or c.gpu_hours is None:
         return f"×{c.cost_rel:.3g}"
+    hours = f"{c.gpu_hours:.3g} {rec.hours_unit}"
     if c.cost is not None:
-        return f"{c.cost:.4g} ({c.gpu_hours:.3g} GPU-h)"
-    return f"{c.gpu_hours:.3g} GPU-h"
+        return f"{html.escape(rec.money(c.cost))} ({hours})"
+    return hours
 
 
 def _card(label: str, c: Candidate, rec: Recommendation) -> str:

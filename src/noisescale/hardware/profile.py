@@ -325,8 +325,27 @@ class ThroughputProfile:
             ) from None
         if not points or any(not p.times_s for p in points):
             raise NoiseScaleInputError("corrupt profile: no timed batch sizes")
+        if any(p.batch_size < 1 for p in points):
+            raise NoiseScaleInputError("corrupt profile: a timed batch size is below 1")
+        if any(not (math.isfinite(t) and t > 0) for p in points for t in p.times_s):
+            raise NoiseScaleInputError("corrupt profile: a step time is not a positive number")
         if not (math.isfinite(fit.alpha_s) and math.isfinite(fit.beta_s)):
             raise NoiseScaleInputError("corrupt profile: the step-time fit is not finite")
+        if fit.beta_s < 0:
+            raise NoiseScaleInputError(
+                f"the profile's step time falls with the batch size (β = {fit.beta_s:.3g} s per "
+                "example < 0): its timings are too noisy to price batch sizes; re-profile with "
+                "more --repeats or wider --batch-sizes"
+            )
+        param_bytes = profile.model.get("param_bytes", 0)
+        if (
+            isinstance(param_bytes, bool)
+            or not isinstance(param_bytes, int | float)
+            or not (math.isfinite(param_bytes) and param_bytes >= 0)
+        ):
+            raise NoiseScaleInputError(
+                f"corrupt profile: model.param_bytes must be a number ≥ 0, got {param_bytes!r}"
+            )
         if profile.max_batch_size is not None and profile.max_batch_size < 1:
             raise NoiseScaleInputError("corrupt profile: max_batch_size must be at least 1")
         return profile

@@ -139,6 +139,9 @@ class Recommendation:
         cheapest: Fewest GPU-hours.
         balanced: Least time × cost.
         assumptions: What the numbers rest on, in words.
+        currency: The currency of the price (``None``: not named).
+        device_type: The profiled device's type (``cuda``, ``cpu``, …), which names the hours:
+            GPU-hours on a GPU, CPU-hours on a CPU.
     """
 
     b_noise: float
@@ -151,11 +154,24 @@ class Recommendation:
     cheapest: Candidate
     balanced: Candidate
     assumptions: tuple[str, ...]
+    currency: str | None = None
+    device_type: str = "cuda"
 
     @property
     def relative(self) -> bool:
         """True when no S_min/E_min was given, so only ratios are known."""
         return self.s_min is None
+
+    @property
+    def hours_unit(self) -> str:
+        """How device-hours are written: ``GPU-h``, ``CPU-h`` or ``device-h``."""
+        return hours_unit(self.device_type)
+
+    def money(self, amount: float) -> str:
+        """An amount with its currency (``12.5 USD``), or marked as in the price's units."""
+        if self.currency:
+            return f"{amount:.4g} {self.currency}"
+        return f"{amount:.4g} (price units)"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -165,6 +181,9 @@ class Recommendation:
             "s_min": self.s_min,
             "e_min": self.e_min,
             "price_per_gpu_hour": self.price_per_gpu_hour,
+            "currency": self.currency,
+            "device_type": self.device_type,
+            "hours_unit": self.hours_unit,
             "relative": self.relative,
             "recommended": {
                 "fastest": self.fastest.to_dict(),
@@ -175,6 +194,11 @@ class Recommendation:
             "candidates": [c.to_dict() for c in self.candidates],
             "assumptions": list(self.assumptions),
         }
+
+
+def hours_unit(device_type: str) -> str:
+    """Device-hours named after the device: ``GPU-h`` (cuda), ``CPU-h`` (cpu), else ``device-h``."""
+    return {"cuda": "GPU-h", "cpu": "CPU-h"}.get(device_type, "device-h")
 
 
 def default_batch_sizes(b_noise: float, max_devices: int = 1) -> list[int]:
@@ -212,6 +236,7 @@ def recommend_batch_size(
     interconnect: Interconnect | None = None,
     allreduce_factor: float = 2.0,
     grad_bytes: float | None = None,
+    currency: str | None = None,
 ) -> Recommendation:
     """Price every (batch size, devices) candidate with eq. 2.11 and the profile; pick three.
 
@@ -232,6 +257,7 @@ def recommend_batch_size(
         interconnect: All-reduce bandwidth assumption; default :data:`DEFAULT_INTERCONNECT`.
         allreduce_factor: c in the all-reduce time (2 for a ring).
         grad_bytes: Gradient bytes per all-reduce; default the profile's parameter bytes.
+        currency: The currency of ``price_per_gpu_hour``, shown with every cost.
 
     Returns:
         The priced candidates, their Pareto front and the fastest, cheapest and balanced ones.
@@ -255,6 +281,8 @@ def recommend_batch_size(
         e_min = s_min * b_noise
     if max_micro_batch_size is not None and max_micro_batch_size < 1:
         raise NoiseScaleInputError("the largest micro-batch must be at least 1")
+    if grad_bytes is not None and not (math.isfinite(grad_bytes) and grad_bytes >= 0):
+        raise NoiseScaleInputError(f"gradient bytes must be finite and ≥ 0, got {grad_bytes}")
     micro_limit = profile.max_batch_size if max_micro_batch_size is None else max_micro_batch_size
     link = interconnect or INTERCONNECTS[DEFAULT_INTERCONNECT]
     nbytes = profile.grad_bytes if grad_bytes is None else grad_bytes
@@ -328,11 +356,14 @@ def recommend_batch_size(
         candidates,
         key=lambda c: (c.time_rel * c.cost_rel, c.time_per_s_min_s, c.batch_size),
     )
+    device_type = str(profile.device.get("type", "cuda"))
     return Recommendation(
         b_noise=b_noise,
         s_min=s_min,
         e_min=e_min,
         price_per_gpu_hour=price_per_gpu_hour,
+        currency=currency,
+        device_type=device_type,
         candidates=candidates,
         pareto_front=front,
         fastest=fastest,
@@ -347,6 +378,8 @@ def recommend_batch_size(
             nbytes,
             s_min,
             price_per_gpu_hour,
+            currency,
+            from_search=max_micro_batch_size is None,
         ),
     )
 
@@ -387,8 +420,14 @@ def _assumptions(
     grad_bytes: float,
     s_min: float | None,
     price: float | None,
+    currency: str | None,
+    *,
+    from_search: bool,
 ) -> tuple[str, ...]:
     fit = profile.fit
+    unit = hours_unit(str(profile.device.get("type", "cuda")))
+    search = profile.max_batch_search if isinstance(profile.max_batch_search, dict) else {}
+    capped = from_search and bool(search.get("capped"))
     lo, hi = profile.measured_range
     device = profile.device.get("name") or profile.device.get("type", "the profiled device")
     lines = [
@@ -402,7 +441,14 @@ def _assumptions(
         f"(largest relative residual {fit.max_rel_residual:.1%}); extrapolated outside that "
         "range; every device is identical to the profiled one.",
     ]
-    if micro_limit:
+    if micro_limit and capped:
+        lines.append(
+            f"Micro-batches of at least {micro_limit} examples fit in memory (the memory search "
+            f"stopped at its limit, {micro_limit}, before running out); batches are split into "
+            f"micro-batches of at most {micro_limit}, accumulated over k passes costing "
+            "k·α + β·(its batch): profile with a higher --max-batch-limit if larger ones fit."
+        )
+    elif micro_limit:
         lines.append(
             f"Micro-batches of at most {micro_limit} examples fit in memory; a device's batch "
             "above that is accumulated over k passes costing k·α + β·(its batch)."
@@ -424,9 +470,12 @@ def _assumptions(
             "and to the cheapest candidate."
         )
     if price is None:
-        lines.append("No price was given: cost is counted in GPU-hours (device-hours).")
+        lines.append(f"No price was given: cost is counted in {unit} (device-hours).")
     else:
+        rate = f"{price:g} {currency}" if currency else f"{price:g}"
+        unnamed = "" if currency else " (the price's currency: name it with --currency)"
         lines.append(
-            f"Cost = GPU-hours × {price:g} per GPU-hour: every device is paid for the whole run."
+            f"Cost = {unit} × {rate} per device-hour{unnamed}: every device is paid for the "
+            "whole run."
         )
     return tuple(lines)

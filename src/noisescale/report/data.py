@@ -47,6 +47,17 @@ FLOAT_FIELDS = (
 
 #: At most this many candidate fixed batch sizes in the cost table.
 MAX_CANDIDATES = 12
+#: A run with fewer estimated steps than this many time constants 1/(1 − beta) of the tracker's
+#: EMA gets a warning: its headline still leans on the first, least settled steps.
+MIN_TIME_CONSTANTS = 3.0
+#: With ``beta = 1`` (a plain average) the warning needs at least this many estimated steps.
+MIN_STEPS_PLAIN_AVERAGE = 100
+#: The last interval counts as wide when its upper end exceeds this multiple of its lower end.
+WIDE_INTERVAL_RATIO = 10.0
+#: B_simple "grew" (or "shrank") when the end of the run is this factor above (below) its start.
+TREND_FACTOR = 1.25
+#: Start and end of a run, for its trend: this fraction of the estimated steps at each end.
+TREND_SPAN = 0.1
 
 
 @dataclass(frozen=True)
@@ -112,6 +123,11 @@ def load_history(path: str | Path) -> History:
             if number == len(lines) and not text.endswith("\n") and header is not None:
                 warnings.append(f"line {number} is unfinished (the run stopped while writing it)")
                 break
+            if header is None:
+                raise NoiseScaleInputError(
+                    f"{str(p)!r} is not a noisescale history: its first line must be a JSON "
+                    f'header with "kind": "{HISTORY_KIND}"'
+                ) from None
             raise NoiseScaleInputError(
                 f"{str(p)!r}, line {number}: not valid JSON ({err.msg}); the file is corrupt"
             ) from None
@@ -388,9 +404,91 @@ def pareto_curves(traj: Trajectory, points: int = 200) -> ParetoCurves:
     )
 
 
+class Trend(NamedTuple):
+    """How B_simple and the loss moved between the start and the end of the run.
+
+    Each end is the median over :data:`TREND_SPAN` of the steps that carry an estimate, so one
+    noisy early value does not decide the direction. ``direction`` is ``"grew"``, ``"shrank"``
+    or ``"stayed about the same"`` (within a factor :data:`TREND_FACTOR`).
+    """
+
+    b_simple_start: float
+    b_simple_end: float
+    loss_start: float | None
+    loss_end: float | None
+    direction: str
+
+
+def b_simple_trend(series: BSimpleSeries, history: History) -> Trend:
+    """The direction B_simple took over the run, and the loss over the same steps.
+
+    Raises:
+        NoiseScaleInputError: no step carries an estimate.
+    """
+    if series.b_simple.size == 0:
+        raise NoiseScaleInputError(f"{history.path!r}: no step carries a B_simple estimate")
+    k = max(1, math.ceil(TREND_SPAN * series.b_simple.size))
+    start = float(np.median(series.b_simple[:k]))
+    end = float(np.median(series.b_simple[-k:]))
+    if end > TREND_FACTOR * start:
+        direction = "grew"
+    elif end * TREND_FACTOR < start:
+        direction = "shrank"
+    else:
+        direction = "stayed about the same"
+    first_steps = np.isin(history.step, series.step[:k]) & np.isfinite(history.loss)
+    last_steps = np.isin(history.step, series.step[-k:]) & np.isfinite(history.loss)
+    loss_start = float(np.median(history.loss[first_steps])) if first_steps.any() else None
+    loss_end = float(np.median(history.loss[last_steps])) if last_steps.any() else None
+    return Trend(start, end, loss_start, loss_end, direction)
+
+
+def run_warnings(history: History, series: BSimpleSeries) -> list[str]:
+    """Why the report's headline numbers may not be trustworthy yet: a short run, a wide interval.
+
+    The tracker's estimate is a ratio of EMAs with time constant 1/(1 − beta) steps; until a run
+    spans several time constants, the first steps, where the gradient changes fastest, weigh on
+    it. An interval open above means |G|² is not yet distinguishable from zero.
+    """
+    out: list[str] = []
+    n = int(series.b_simple.size)
+    beta = history.header.get("beta")
+    if isinstance(beta, int | float) and 0 < beta < 1:
+        horizon = 1.0 / (1.0 - float(beta))
+        needed = MIN_TIME_CONSTANTS * horizon
+        if n < needed:
+            out.append(
+                f"short run: B_simple is estimated at only {n:,} steps, fewer than "
+                f"{MIN_TIME_CONSTANTS:g} time constants of the tracker's EMA (beta {beta:g}: "
+                f"{horizon:.0f} steps each, so {math.ceil(needed):,} steps); the headline "
+                "numbers still lean on the first steps: train longer before trusting them"
+            )
+    elif n < MIN_STEPS_PLAIN_AVERAGE:
+        out.append(
+            f"short run: B_simple is estimated at only {n:,} steps (fewer than "
+            f"{MIN_STEPS_PLAIN_AVERAGE}); train longer before trusting the headline numbers"
+        )
+    if n:
+        low, high = float(series.low[-1]), float(series.high[-1])
+        if not math.isfinite(high):
+            out.append(
+                "the last B_simple's interval is open above: |G|² is not yet distinguishable "
+                "from zero, so B_simple is not bounded yet; train longer or raise beta"
+            )
+        elif low > 0 and high > WIDE_INTERVAL_RATIO * low:
+            out.append(
+                f"the last B_simple's interval [{low:.4g}, {high:.4g}] spans more than a factor "
+                f"{WIDE_INTERVAL_RATIO:g}: treat the headline numbers as rough"
+            )
+    return out
+
+
 @dataclass(frozen=True)
 class ReportData:
-    """Everything the report shows, computed once."""
+    """Everything the report shows, computed once.
+
+    ``warnings`` holds the history's own (unfinished or repeated lines) and :func:`run_warnings`.
+    """
 
     history: History
     b_simple_step: BSimpleSeries
@@ -402,6 +500,8 @@ class ReportData:
     costs: list[CostRow]
     adaptive: AdaptiveSummary
     pareto: ParetoCurves
+    trend: Trend
+    warnings: tuple[str, ...] = ()
 
 
 def report_data(history: History, batch_sizes: Iterable[float] | None = None) -> ReportData:
@@ -413,9 +513,10 @@ def report_data(history: History, batch_sizes: Iterable[float] | None = None) ->
     """
     traj = trajectory(history)
     candidates = candidate_batch_sizes(traj) if batch_sizes is None else list(batch_sizes)
+    series = b_simple_vs_step(history)
     return ReportData(
         history=history,
-        b_simple_step=b_simple_vs_step(history),
+        b_simple_step=series,
         b_simple_loss=b_simple_vs_loss(history),
         emas=ema_series(history),
         temperature=temperature_series(history),
@@ -424,6 +525,8 @@ def report_data(history: History, batch_sizes: Iterable[float] | None = None) ->
         costs=cost_table(traj, candidates),
         adaptive=adaptive_summary(traj),
         pareto=pareto_curves(traj),
+        trend=b_simple_trend(series, history),
+        warnings=(*history.warnings, *run_warnings(history, series)),
     )
 
 
@@ -448,7 +551,8 @@ def summary_dict(data: ReportData) -> dict[str, Any]:
             "same_examples_steps": adaptive.same_examples_steps,
         },
         "fixed_batch_costs": [row._asdict() for row in data.costs],
-        "warnings": list(data.history.warnings),
+        "b_simple_trend": {k: _finite_or_none(v) for k, v in data.trend._asdict().items()},
+        "warnings": list(data.warnings),
     }
 
 

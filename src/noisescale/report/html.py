@@ -15,17 +15,22 @@ import html
 import json
 
 from noisescale import theory
-from noisescale.report.data import ReportData
+from noisescale.report.data import ReportData, Trend
 from noisescale.report.figures import FIGURE_NAMES
-from noisescale.report.text import TEXT_JS, format_batch_size, format_count, format_number
+from noisescale.report.text import (
+    TEXT_JS,
+    display_path,
+    format_batch_size,
+    format_count,
+    format_number,
+)
 
 _CAPTIONS = {
     "b_simple_vs_step": "B<sub>simple</sub> = tr Σ / |G|² (ratio of the EMAs, eq. 2.9) with its "
     "confidence interval, the batch size this run used, and the adaptive schedule "
     "B = √(r·B<sub>simple</sub>) (eq. D.6) at the natural exchange rate r = E<sub>min</sub>/"
     "S<sub>min</sub>.",
-    "b_simple_vs_loss": "B<sub>simple</sub> against the training loss. The noise scale usually "
-    "grows as the loss falls, so the batch size worth using grows too.",
+    "b_simple_vs_loss": "B<sub>simple</sub> against the training loss. __TREND__",
     "ema": "The bias-corrected moving averages of the unbiased per-step estimates of |G|² and "
     "tr Σ (App. A.1). On this log scale, the gap between the two curves is log B<sub>simple</sub>.",
     "temperature": "The temperature T = lr/B (App. C). The noise scale grows as 1/T, so a "
@@ -61,10 +66,11 @@ def report_html(data: ReportData, figures: dict[str, bytes], figures_dir: str | 
     sections = []
     for name in FIGURE_NAMES:
         encoded = base64.b64encode(figures[name]).decode("ascii")
+        caption = _CAPTIONS[name].replace("__TREND__", trend_sentence(data.trend))
         sections.append(
             f'<figure id="figure-{name}"><h3>{_TITLES[name]}</h3>'
             f'<img alt="{e(_TITLES[name])}" src="data:image/png;base64,{encoded}">'
-            f"<figcaption>{_CAPTIONS[name]}</figcaption></figure>"
+            f"<figcaption>{caption}</figcaption></figure>"
         )
     last_low, last_high = bs.low[-1], bs.high[-1]
     interval = (
@@ -114,7 +120,7 @@ def report_html(data: ReportData, figures: dict[str, bytes], figures_dir: str | 
         f"and {format_count(adaptive.natural_examples)} examples, both 1 + √γ = "
         f"{format_number(1 + adaptive.gamma**0.5)} times their minimum.</p>"
     )
-    warnings = "".join(f"<li>{e(w)}</li>" for w in data.history.warnings)
+    warnings = "".join(f"<li>{e(w)}</li>" for w in data.warnings)
     warnings_html = f'<ul class="warnings">{warnings}</ul>' if warnings else ""
     rows = "".join(
         "<tr"
@@ -130,14 +136,14 @@ def report_html(data: ReportData, figures: dict[str, bytes], figures_dir: str | 
         for row in data.costs
     )
     figures_note = (
-        f"<p class=note>PNG copies of the figures: <code>{e(figures_dir)}</code>.</p>"
+        f"<p class=note>PNG copies of the figures: <code>{e(display_path(figures_dir))}</code>.</p>"
         if figures_dir
         else ""
     )
     page_data = {"sMin": run.s_min, "eMin": run.e_min, "gamma": adaptive.gamma}
     default_batch = run.batch_size if run.batch_size is not None else data.costs[0].batch_size
     return (
-        _PAGE.replace("__TITLE__", e(data.history.path))
+        _PAGE.replace("__TITLE__", e(display_path(data.history.path)))
         .replace("__SUMMARY__", summary)
         .replace("__WARNINGS__", warnings_html)
         .replace("__FIGURES__", "\n".join(sections))
@@ -148,6 +154,36 @@ def report_html(data: ReportData, figures: dict[str, bytes], figures_dir: str | 
         .replace("__FIGURES_NOTE__", figures_note)
         .replace("__TEXT_JS__", TEXT_JS)
         .replace("__DATA__", json.dumps(page_data))
+    )
+
+
+def trend_sentence(trend: Trend) -> str:
+    """What the B_simple-against-loss figure shows for this run, read from its data."""
+    moved = (
+        f"In this run B<sub>simple</sub> {trend.direction} (from about "
+        f"{format_number(trend.b_simple_start)} to {format_number(trend.b_simple_end)}"
+    )
+    if trend.loss_start is not None and trend.loss_end is not None:
+        moved += (
+            f" while the loss went from {format_number(trend.loss_start)} to "
+            f"{format_number(trend.loss_end)}"
+        )
+    moved += ", medians over the first and last tenth of the estimated steps)."
+    falling = (
+        trend.loss_start is not None
+        and trend.loss_end is not None
+        and trend.loss_end < trend.loss_start
+    )
+    if trend.direction == "grew" and falling:
+        return moved + (
+            " As in the paper (§2.5), the noise scale grew as the loss fell, so the batch size "
+            "worth using grew too."
+        )
+    if trend.direction == "grew":
+        return moved
+    return moved + (
+        " The paper's runs show B<sub>simple</sub> growing as the loss falls; check the "
+        "interval and whether the run is long enough before reading a trend into this one."
     )
 
 

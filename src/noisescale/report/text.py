@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 SIGNIFICANT_DIGITS = 4
 
@@ -42,6 +44,18 @@ def format_count(x: float) -> str:
     """
     whole = math.floor(x)
     return f"{whole + (1 if x - whole >= 0.5 else 0):,}"
+
+
+def display_path(path: str | os.PathLike[str]) -> str:
+    """A path as a page title or heading shows it: relative to the current folder when inside
+    it, else just the file name, so a page never carries the author's absolute paths."""
+    p = Path(path)
+    if not p.is_absolute():
+        return str(p)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return p.name
 
 
 def summary_sentence(batch_size: float, steps_over_min: float, examples_over_min: float) -> str:

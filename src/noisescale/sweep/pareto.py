@@ -24,12 +24,18 @@ from noisescale.sweep.runs import Run
 
 #: The fit searches B_crit between (smallest batch size)/SEARCH_SPAN and (largest)·SEARCH_SPAN.
 SEARCH_SPAN = 1e4
+#: A point whose run reaches the goal within fewer recorded points than this gets a warning: its S
+#: rests on an interpolation between the first few records (and the EMA's first values).
+MIN_POINTS_TO_GOAL = 5
 #: Batch sizes on the Pareto front needed for a fit: two parameters and one residual degree
 #: of freedom for the standard error.
 MIN_BATCH_SIZES = 3
-#: A warning is attached when the EMA lag at the goal exceeds this fraction of S_min: every S
-#: is late by about the lag, so S_min is too large and B_crit too small by about that fraction.
-MAX_LAG_FRACTION = 0.05
+#: A warning is attached when correcting every point for the EMA's lag at the goal moves B_crit
+#: by more than this fraction. With evenly spaced records the lag is the same number of steps at
+#: every batch size, which inflates S_min and lowers B_crit by about lag/S_min; with
+#: geometrically spaced records it is a fixed fraction of each S, which scales S_min and E_min
+#: alike and cancels in B_crit. Refitting measures which case a grid is in.
+MAX_LAG_SHIFT = 0.05
 
 
 def ema_smoothed(values: ArrayLike, decay: float) -> np.ndarray:
@@ -319,6 +325,7 @@ class ParetoPoint:
         ema_lag: how many steps the smoothed curve trails the raw one where it reaches the
             goal: the mean age of the EMA's weights (:func:`ema_lag`). For a curve that is
             locally linear, ``steps`` is late by this much.
+        points_to_goal: recorded points up to and including the first at or below the goal.
     """
 
     batch_size: float
@@ -328,6 +335,7 @@ class ParetoPoint:
     examples: float
     b_simple: float | None
     ema_lag: float = 0.0
+    points_to_goal: int = 0
 
 
 @dataclass(frozen=True)
@@ -339,6 +347,8 @@ class GoalResult:
         points: the Pareto front, one point per batch size that reached the goal, by batch size.
         fit: the eq. 2.11 fit through them.
         b_simple: the median over the points of their averaged B_simple, or ``None``.
+        b_crit_lag_corrected: B_crit refitted with each point moved back by its EMA lag
+            (:func:`lag_corrected_b_crit`), or ``None`` when that is not possible.
         warnings: caveats about this goal's numbers.
     """
 
@@ -346,6 +356,7 @@ class GoalResult:
     points: tuple[ParetoPoint, ...]
     fit: ParetoFit
     b_simple: float | None
+    b_crit_lag_corrected: float | None = None
     warnings: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
@@ -361,6 +372,7 @@ class GoalResult:
             "b_crit_stderr": _finite(fit.b_crit_stderr),
             "log_b_crit_stderr": _finite(fit.log_b_crit_stderr),
             "b_crit_at_bound": fit.at_bound,
+            "b_crit_lag_corrected": self.b_crit_lag_corrected,
             "residual_std": fit.residual_std,
             "b_simple": self.b_simple,
             "points": [
@@ -373,6 +385,7 @@ class GoalResult:
                     "steps_fit": fit.steps(p.examples / p.steps),
                     "b_simple": p.b_simple,
                     "ema_lag": p.ema_lag,
+                    "points_to_goal": p.points_to_goal,
                 }
                 for p in self.points
             ],
@@ -422,16 +435,39 @@ def critical_batch_sizes(
             )
         fit = fit_pareto([p.steps for p in points], [p.examples for p in points])
         values = [p.b_simple for p in points if p.b_simple is not None]
+        corrected = lag_corrected_b_crit(points) if decay > 0 else fit.b_crit
         results.append(
             GoalResult(
                 goal=float(goal),
                 points=tuple(points),
                 fit=fit,
                 b_simple=float(np.median(values)) if values else None,
-                warnings=tuple(_warnings(points, fit, decay)),
+                b_crit_lag_corrected=corrected,
+                warnings=tuple(_warnings(points, fit, decay, corrected)),
             )
         )
     return results
+
+
+def lag_corrected_b_crit(points: Sequence[ParetoPoint]) -> float | None:
+    """B_crit refitted after moving each Pareto point back by its EMA lag.
+
+    Where the smoothed curve reaches the goal, a locally linear raw curve reached it
+    ``ema_lag`` steps earlier, with ``ema_lag`` × (its batch size) fewer examples. Refitting
+    eq. 2.11 to the moved points shows how much the smoothing biased B_crit: much, when the lag
+    is the same number of steps everywhere (evenly spaced records); little, when it is a fixed
+    fraction of each S (geometrically spaced records).
+
+    Returns:
+        The refitted B_crit, or ``None`` when a lag reaches the step count itself (nothing is
+        left to fit) or the refit is at a bound of the search.
+    """
+    steps = np.array([p.steps - p.ema_lag for p in points])
+    if np.any(steps <= 0):
+        return None
+    examples = np.array([p.examples * (p.steps - p.ema_lag) / p.steps for p in points])
+    refit = fit_pareto(steps, examples)
+    return None if refit.at_bound else refit.b_crit
 
 
 def default_goals(runs: Sequence[Run], *, decay: float, count: int = 6) -> list[float]:
@@ -494,6 +530,7 @@ class _SmoothedRun:
             examples=crossing.examples,
             b_simple=b_simple,
             ema_lag=ema_lag(run.step[: crossing.index + 1], self.decay),
+            points_to_goal=crossing.index + 1,
         )
 
 
@@ -509,7 +546,9 @@ def _front(smoothed: Sequence[_SmoothedRun], goal: float) -> list[ParetoPoint]:
     return [best[b] for b in sorted(best)]
 
 
-def _warnings(points: Sequence[ParetoPoint], fit: ParetoFit, decay: float) -> list[str]:
+def _warnings(
+    points: Sequence[ParetoPoint], fit: ParetoFit, decay: float, corrected: float | None
+) -> list[str]:
     out = []
     if fit.at_bound == "lower":
         out.append(
@@ -522,11 +561,28 @@ def _warnings(points: Sequence[ParetoPoint], fit: ParetoFit, decay: float) -> li
             "range (add larger batch sizes)"
         )
     lag = float(np.mean([p.ema_lag for p in points]))
-    if lag > MAX_LAG_FRACTION * fit.s_min:
+    if decay > 0 and fit.at_bound is None:
+        if corrected is None:
+            out.append(
+                f"the EMA (decay {decay:g}) trails the curves by ~{lag:.3g} steps at the goal, "
+                "as long as the fastest run takes to reach it: its effect on B_crit cannot be "
+                "measured; lower --ema or record points more often"
+            )
+        elif abs(corrected / fit.b_crit - 1.0) > MAX_LAG_SHIFT:
+            out.append(
+                f"the EMA (decay {decay:g}) trails the curves by ~{lag:.3g} steps at the goal; "
+                f"moving each point back by its lag gives B_crit = {corrected:.4g} instead of "
+                f"{fit.b_crit:.4g} ({corrected / fit.b_crit - 1.0:+.0%}): lower --ema or record "
+                "points more often (geometrically spaced records make the lag cancel)"
+            )
+    early = [p for p in points if p.points_to_goal < MIN_POINTS_TO_GOAL]
+    if early:
+        sizes = ", ".join(f"{p.batch_size:g}" for p in early)
         out.append(
-            f"the EMA (decay {decay:g}) trails the curves by ~{lag:.3g} steps at the goal, "
-            f"{lag / fit.s_min:.0%} of S_min: S_min is overestimated and B_crit underestimated "
-            "by about that fraction; lower --ema or record points more often"
+            f"short runs to this goal: at batch size {sizes}"
+            f" it is reached within the first {max(p.points_to_goal for p in early)} recorded "
+            "point(s), so S there rests on the first few records: record the metric more often "
+            "or choose a harder goal"
         )
     batch_sizes = [p.batch_size for p in points]
     if fit.at_bound is None and not min(batch_sizes) <= fit.b_crit <= max(batch_sizes):

@@ -73,6 +73,13 @@ def write_pareto_png(
     results: Sequence[GoalResult], path: str | Path, *, metric: str = "loss"
 ) -> None:
     """Save the Pareto fronts and B_crit per goal as a PNG (matplotlib, Agg backend)."""
+    Path(path).write_bytes(pareto_png(results, metric=metric))
+
+
+def pareto_png(results: Sequence[GoalResult], *, metric: str = "loss") -> bytes:
+    """The Pareto fronts and B_crit per goal as PNG bytes (matplotlib, Agg backend)."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,8 +118,10 @@ def write_pareto_png(
     crit.invert_xaxis()
     crit.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
+    return buffer.getvalue()
 
 
 def pareto_html(results: Sequence[GoalResult], *, metric: str = "loss", title: str = "") -> str:

@@ -265,6 +265,19 @@ def runs_from_rows(
     return runs
 
 
+def duplicate_settings(runs: Sequence[Run]) -> list[tuple[float, float, list[str]]]:
+    """Settings (batch size, learning rate) that more than one run has, with those runs' names.
+
+    Several runs per setting are fine when they are seeds (the fastest is kept at each goal,
+    which biases S slightly low); they are a mistake when a sweep ran a grid point twice or
+    two studies overlap, which is why ``noisescale fit`` reports them.
+    """
+    by_setting: dict[tuple[float, float], list[str]] = {}
+    for run in runs:
+        by_setting.setdefault((run.batch_size, run.learning_rate), []).append(run.name)
+    return [(b, lr, names) for (b, lr), names in by_setting.items() if len(names) > 1]
+
+
 def _csv_rows(text: str, file: Path) -> Iterable[tuple[int, dict[str, Any]]]:
     reader = csv.DictReader(text.splitlines())
     if reader.fieldnames is None:

@@ -1,21 +1,24 @@
 """Run a batch-size × learning-rate grid of a training function and keep it in an Optuna study.
 
-Each grid point is one Optuna trial: its parameters are ``batch_size`` and ``learning_rate``,
-its value the final loss, and its curve lives in user attributes ``curve_00000``,
-``curve_00001``, … — column-oriented JSON chunks (``{"step": [...], "loss": [...], ...}``)
-written every ``flush_every`` reports, so a killed run keeps all but its last chunk. Any
-database URL Optuna accepts works (SQLite by default).
+Each grid point is one unit of a :class:`~noisescale.sweep.queue.WorkQueue`: one Optuna trial
+whose parameters are ``batch_size`` and ``learning_rate``, whose value is the final loss, and
+whose curve lives in user attributes ``curve_00000``, ``curve_00001``, … — column-oriented JSON
+chunks (``{"step": [...], "loss": [...], ...}``) written every ``flush_every`` reports, so a
+killed run keeps all but its last chunk. Any database URL Optuna accepts works: SQLite (the
+default) on one machine, PostgreSQL for workers on several machines.
 
-Resuming: a grid point counts as done when a COMPLETE trial with the same batch size, learning
-rate and ``steps`` exists. A run that raised (including Ctrl-C) is marked FAIL with its partial
-curve kept, and is run again next time; a trial a killed process left RUNNING is marked FAIL at
-the start of the next sweep. Two sweeps on one study at once are therefore not supported.
+Any number of workers may run the same sweep on one study at once (:func:`run_sweep` in each):
+every grid point is claimed by exactly one of them; a worker killed mid-run stops its heartbeat
+and its point is rerun by another worker after the grace period; a run whose training finished
+before its worker died is kept, not rerun. Run the command again after a crash or Ctrl-C and it
+continues: finished points are skipped, failed and interrupted ones rerun.
 
 Optuna is imported inside the functions, so ``import noisescale.sweep`` does not need it.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import importlib.util
 import json
@@ -28,13 +31,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from noisescale.errors import NoiseScaleInputError
+from noisescale.sweep.queue import (
+    DEFAULT_HEARTBEAT_S,
+    DEFAULT_MAX_RETRIES,
+    UNIT_ATTR,
+    Claim,
+    UnitOutcome,
+    WorkQueue,
+    WorkUnit,
+    unit_key,
+)
 from noisescale.sweep.runs import Run, runs_from_rows
+from noisescale.sweep.storage import DEFAULT_STORAGE, mask_url, open_storage
 
 if TYPE_CHECKING:
     import optuna
 
-#: Where ``noisescale sweep`` keeps its study unless told otherwise.
-DEFAULT_STORAGE = "sqlite:///sweep.db"
 #: The study name unless told otherwise.
 DEFAULT_STUDY = "noisescale-sweep"
 #: Reports per stored chunk: small enough for a MySQL TEXT column (64 KiB), large enough that a
@@ -179,7 +191,12 @@ class _Postfix:
 
 @dataclass(frozen=True)
 class GridPoint:
-    """One (batch size, learning rate) of the grid and what happened to it."""
+    """One (batch size, learning rate) of the grid and what happened to it.
+
+    ``state`` is ``"complete"`` (run by this worker now), ``"skipped"`` (complete before this
+    worker started), ``"by another worker"``, ``"recovered"`` (a dead worker's finished run,
+    adopted), ``"failed"`` or ``"running elsewhere"`` (another worker still runs it).
+    """
 
     batch_size: int
     learning_rate: float
@@ -192,7 +209,10 @@ class GridPoint:
 
 @dataclass
 class SweepSummary:
-    """The grid after a sweep: every point, and which ran now, were skipped or failed."""
+    """The grid after a sweep: every point, and who ran it or whether it failed.
+
+    ``storage`` is the URL with its password masked.
+    """
 
     storage: str
     study_name: str
@@ -200,16 +220,32 @@ class SweepSummary:
     ran: int = 0
     skipped: int = 0
     failed: int = 0
+    others: int = 0
+    recovered: int = 0
+    pending: int = 0
+    notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready summary."""
+        """A JSON-ready summary (infinite values as ``null``)."""
         return {
             "storage": self.storage,
             "study": self.study_name,
             "ran": self.ran,
             "skipped": self.skipped,
             "failed": self.failed,
-            "runs": [p.__dict__ for p in self.points],
+            "by_other_workers": self.others,
+            "recovered": self.recovered,
+            "running_elsewhere": self.pending,
+            "notes": list(self.notes),
+            "runs": [
+                {
+                    **p.__dict__,
+                    "final_loss": p.final_loss
+                    if p.final_loss is None or math.isfinite(p.final_loss)
+                    else None,
+                }
+                for p in self.points
+            ],
         }
 
 
@@ -260,45 +296,99 @@ def open_study(storage: str, study_name: str, *, create: bool) -> optuna.Study:
     """The Optuna study ``study_name`` in ``storage`` (created when ``create`` is true).
 
     Raises:
-        NoiseScaleInputError: a storage URL Optuna cannot open, or a missing study.
+        NoiseScaleInputError: a storage URL that cannot be opened (its password masked in the
+            message), a missing SQLite file or a missing study (without ``create``).
     """
     import optuna
 
+    backend = open_storage(storage, must_exist=not create)
+    sampler = optuna.samplers.RandomSampler(seed=0)  # parameters are fixed per trial
     try:
         if create:
             return optuna.create_study(
-                storage=storage,
+                storage=backend,
                 study_name=study_name,
                 direction="minimize",
                 load_if_exists=True,
-                # Parameters are fixed per trial; the sampler is never consulted for them.
-                sampler=optuna.samplers.RandomSampler(seed=0),
+                sampler=sampler,
             )
-        return optuna.load_study(
-            storage=storage, study_name=study_name, sampler=optuna.samplers.RandomSampler(seed=0)
-        )
-    except KeyError as err:
+        return optuna.load_study(storage=backend, study_name=study_name, sampler=sampler)
+    except KeyError:
         names = study_names(storage)
         raise NoiseScaleInputError(
-            f"no study {study_name!r} in {storage}; studies there: {', '.join(names) or 'none'}"
-        ) from err
-    except (ValueError, ImportError) as err:
-        raise NoiseScaleInputError(f"cannot open storage {storage!r}: {err}") from err
-    except Exception as err:
-        # SQLAlchemy raises its own error types for unreachable or malformed databases.
-        if type(err).__module__.startswith("sqlalchemy"):
-            raise NoiseScaleInputError(f"cannot open storage {storage!r}: {err}") from err
-        raise
+            f"no study {study_name!r} in {mask_url(storage)}; studies there: "
+            f"{', '.join(names) or 'none'}"
+        ) from None
 
 
 def study_names(storage: str) -> list[str]:
-    """The names of the studies in ``storage``."""
+    """The names of the studies in ``storage``.
+
+    Raises:
+        NoiseScaleInputError: the storage cannot be opened (password masked), or it is an
+            SQLite URL whose file does not exist.
+    """
     import optuna
 
-    try:
-        return [s.study_name for s in optuna.get_all_study_summaries(storage=storage)]
-    except Exception as err:
-        raise NoiseScaleInputError(f"cannot open storage {storage!r}: {err}") from err
+    backend = open_storage(storage, must_exist=True)
+    return [s.study_name for s in optuna.get_all_study_summaries(storage=backend)]
+
+
+def select_studies(storage: str, patterns: Sequence[str] | str | None) -> list[str]:
+    """The studies named by ``patterns`` (names or shell patterns such as ``sweep-*``).
+
+    Without patterns the storage must hold exactly one study.
+
+    Raises:
+        NoiseScaleInputError: a name or pattern that matches no study, or several studies
+            and no pattern.
+    """
+    names = study_names(storage)
+    shown = mask_url(storage)
+    if patterns is None or (not isinstance(patterns, str) and not patterns):
+        if len(names) != 1:
+            raise NoiseScaleInputError(
+                f"{shown} holds {len(names)} studies ({', '.join(names) or 'none'}); "
+                "name one or more with --study (patterns such as 'sweep-*' work)"
+            )
+        return names
+    chosen: list[str] = []
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            raise NoiseScaleInputError(
+                f"no study {pattern!r} in {shown}; studies there: {', '.join(names) or 'none'}"
+            )
+        chosen.extend(n for n in matched if n not in chosen)
+    return chosen
+
+
+def grid_units(
+    batch_sizes: Sequence[int], learning_rates: Sequence[float], steps: int | None
+) -> list[WorkUnit]:
+    """The sweep's units of work: every batch size × learning rate, in that order."""
+    units = []
+    for b in batch_sizes:
+        for lr in learning_rates:
+            params = {"batch_size": int(b), "learning_rate": float(lr)}
+            attrs = {"steps": steps}
+            units.append(WorkUnit(unit_key(params, attrs), params, attrs))
+    return units
+
+
+def sweep_key(trial: optuna.trial.FrozenTrial) -> str | None:
+    """The grid point of a trial: its unit key, or for trials written before units existed,
+    the key of its batch size, learning rate and ``steps``."""
+    key = trial.user_attrs.get(UNIT_ATTR)
+    if isinstance(key, str):
+        return key
+    if "batch_size" in trial.params and "learning_rate" in trial.params:
+        params = {
+            "batch_size": int(trial.params["batch_size"]),
+            "learning_rate": float(trial.params["learning_rate"]),
+        }
+        return unit_key(params, {"steps": trial.user_attrs.get("steps")})
+    return None
 
 
 def run_sweep(
@@ -313,20 +403,46 @@ def run_sweep(
     progress: bool = True,
     flush_every: int = FLUSH_EVERY,
     flush_seconds: float = FLUSH_SECONDS,
+    heartbeat_interval: int = DEFAULT_HEARTBEAT_S,
+    grace_period: int | None = None,
+    max_retries: int = DEFAULT_MAX_RETRIES,
+    wait: bool = True,
+    on_wait: Callable[[list[GridPoint]], None] | None = None,
 ) -> SweepSummary:
     """Run ``train`` at every (batch size, learning rate) not yet done and store the curves.
 
     ``train`` is called as ``train(batch_size=B, learning_rate=lr, reporter=reporter)`` (plus
     ``steps=N`` when ``steps`` is given) and calls ``reporter.report(step, loss, ...)`` as it
-    trains (see :class:`Reporter`). The grid runs batch size by batch size, in the order given.
+    trains (see :class:`Reporter`). Any number of processes may call this on one study at
+    once: each grid point is run by one of them (module docstring). The grid is claimed in
+    order, batch size by batch size.
+
+    Args:
+        train: The training function.
+        batch_sizes: Batch sizes of the grid (positive integers).
+        learning_rates: Learning rates of the grid (positive numbers).
+        storage: Database URL (password included; messages mask it).
+        study_name: The study; created if missing.
+        steps: Passed to ``train`` as ``steps=``; a different value is a different grid.
+        keep_going: Record a run that raises as failed and go on (else raise
+            :class:`SweepRunError` after recording it).
+        progress: Show a progress bar.
+        flush_every: Reports per stored chunk of a curve.
+        flush_seconds: A chunk is also stored when this many seconds have passed.
+        heartbeat_interval: Seconds between a running point's heartbeats.
+        grace_period: Seconds of silence after which a running point's worker counts as dead
+            and the point is rerun (default three heartbeat intervals).
+        max_retries: Reruns of a point whose worker died.
+        wait: When nothing is left to claim, wait for points other workers are running (they
+            may die and leave them to this worker) instead of returning.
+        on_wait: Called with the points being waited for, each time that set changes.
 
     Raises:
         SweepRunError: ``train`` raised (unless ``keep_going``); the run is stored as failed.
         KeyboardInterrupt: after storing the interrupted run as failed.
-        NoiseScaleInputError: an empty grid, a non-positive batch size, a run that reported
-            nothing, or a storage that cannot be opened.
+        NoiseScaleInputError: an empty or bad grid, a run that reported nothing, or a storage
+            that cannot be opened.
     """
-    from optuna.trial import TrialState
     from tqdm.auto import tqdm
 
     if not batch_sizes or not learning_rates:
@@ -335,131 +451,249 @@ def run_sweep(
         raise NoiseScaleInputError("batch sizes must be positive integers")
     if any(not (math.isfinite(lr) and lr > 0) for lr in learning_rates):
         raise NoiseScaleInputError("learning rates must be positive numbers")
-    study = open_study(storage, study_name, create=True)
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        # Left RUNNING by a killed process: its chunks stay, the grid point runs again.
-        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-    done = {
-        _grid_key(t.params["batch_size"], t.params["learning_rate"], t.user_attrs.get("steps")): t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "batch_size" in t.params and "learning_rate" in t.params
-    }
-    grid = [(int(b), float(lr)) for b in batch_sizes for lr in learning_rates]
-    summary = SweepSummary(storage=storage, study_name=study_name)
-    todo = []
-    for b, lr in grid:
-        previous = done.get(_grid_key(b, lr, steps))
-        if previous is None:
-            todo.append((b, lr))
-        else:
-            summary.skipped += 1
-            summary.points.append(
-                GridPoint(b, lr, "skipped", previous.number, previous.value, _records(previous))
-            )
-    bar = tqdm(
-        total=len(grid), initial=summary.skipped, unit="run", desc="sweep", disable=not progress
+    units = grid_units(batch_sizes, learning_rates, steps)
+    if len({u.key for u in units}) != len(units):
+        raise NoiseScaleInputError("the grid names a batch size or learning rate twice")
+    queue = WorkQueue(
+        storage,
+        study_name,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+        max_retries=max_retries,
+        key_of=sweep_key,
     )
+    keys = [u.key for u in units]
+    _fail_legacy_running(queue)
+    done_before = {k for k, trials in queue.by_unit(keys).items() if _completed(trials)}
+    queue.enqueue(units)
+    bar = tqdm(
+        total=len(units),
+        initial=len(done_before),
+        unit="run",
+        desc="sweep",
+        disable=not progress,
+    )
+    mine: dict[str, UnitOutcome] = {}
+    waited_for: list[int] = []
+
+    def work(claim: Claim) -> float:
+        return _train_one(claim, train, steps, bar, flush_every, flush_seconds)
+
     try:
-        for b, lr in todo:
-            trial = study.ask()
-            trial.suggest_int("batch_size", b, b)
-            trial.suggest_float("learning_rate", lr, lr)
-            trial.set_user_attr("steps", steps)
-            reporter = Reporter(
-                trial,
-                flush_every=flush_every,
-                flush_seconds=flush_seconds,
-                on_report=_Postfix(bar, b, lr),
-            )
-            kwargs: dict[str, Any] = {"batch_size": b, "learning_rate": lr, "reporter": reporter}
-            if steps is not None:
-                kwargs["steps"] = steps
-            try:
-                train(**kwargs)
-            except BaseException as err:
-                # Ctrl-C and crashes alike: keep what was reported, mark the run failed so the
-                # next invocation reruns it, then let the error through.
-                reporter.flush()
-                trial.set_user_attr("records", reporter.records)
-                trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:2000])
-                study.tell(trial, state=TrialState.FAIL)
-                summary.failed += 1
-                summary.points.append(
-                    GridPoint(b, lr, "failed", trial.number, None, reporter.records, repr(err))
-                )
-                bar.update(1)
-                if isinstance(err, KeyboardInterrupt | SystemExit):
-                    raise
+        while True:
+            outcome = queue.run_next(work, keys)
+            if outcome is None:
+                pending = _pending(queue, units)
+                _sync_bar(bar, queue, keys)
+                if not pending or not wait:
+                    break
+                numbers = [p.trial_number or -1 for p in pending]
+                if numbers != waited_for and on_wait is not None:
+                    on_wait(pending)
+                waited_for = numbers
+                time.sleep(min(float(queue.heartbeat_interval), 5.0))
+                continue
+            if outcome.state != "duplicate":
+                mine[outcome.unit.key] = outcome
+            if outcome.state == "failed":
+                error = outcome.error
+                if isinstance(error, NoiseScaleInputError):
+                    raise error
                 if not keep_going:
+                    b = outcome.unit.params["batch_size"]
+                    lr = outcome.unit.params["learning_rate"]
                     raise SweepRunError(
                         f"the run at batch_size={b}, learning_rate={lr:g} raised "
-                        f"{type(err).__name__}: {err}"
-                    ) from err
-                continue
-            reporter.flush()
-            trial.set_user_attr("records", reporter.records)
-            if reporter.records == 0:
-                trial.set_user_attr("error", "the training function reported nothing")
-                study.tell(trial, state=TrialState.FAIL)
-                raise NoiseScaleInputError(
-                    "the training function returned without calling reporter.report(step, loss)"
-                )
-            final = reporter.last_loss
-            # Optuna rejects NaN values; a diverged run is complete, with value +inf.
-            value = final if final is not None and math.isfinite(final) else math.inf
-            study.tell(trial, value)
-            summary.ran += 1
-            summary.points.append(
-                GridPoint(b, lr, "complete", trial.number, value, reporter.records)
-            )
-            bar.update(1)
+                        f"{type(error).__name__}: {error}"
+                    ) from error
+            _sync_bar(bar, queue, keys)
     finally:
         bar.close()
-    order = {key: i for i, key in enumerate(grid)}
-    summary.points.sort(key=lambda p: order[(p.batch_size, p.learning_rate)])
+    summary = _summary(queue, units, done_before, mine)
+    summary.notes.extend(
+        f"{o.error} (its results stay on that trial; the point was handed to another worker)"
+        for o in mine.values()
+        if o.state == "lost"
+    )
+    return summary
+
+
+def _train_one(
+    claim: Claim,
+    train: Callable[..., Any],
+    steps: int | None,
+    bar: Any,
+    flush_every: int,
+    flush_seconds: float,
+) -> float:
+    """Run the training function on one claimed grid point; returns its final loss."""
+    b = int(claim.unit.params["batch_size"])
+    lr = float(claim.unit.params["learning_rate"])
+    trial = claim.trial
+    reporter = Reporter(
+        trial,
+        flush_every=flush_every,
+        flush_seconds=flush_seconds,
+        on_report=_Postfix(bar, b, lr),
+    )
+    kwargs: dict[str, Any] = {"batch_size": b, "learning_rate": lr, "reporter": reporter}
+    if steps is not None:
+        kwargs["steps"] = steps
+    try:
+        train(**kwargs)
+    except BaseException:
+        # Keep what was reported; an error while storing it must not hide the run's own error.
+        try:
+            reporter.flush()
+            trial.set_user_attr("records", reporter.records)
+        except Exception:
+            pass
+        raise
+    reporter.flush()
+    trial.set_user_attr("records", reporter.records)
+    if reporter.records == 0:
+        raise NoiseScaleInputError(
+            "the training function returned without calling reporter.report(step, loss)"
+        )
+    final = reporter.last_loss
+    # Optuna rejects NaN values; a diverged run is complete, with value +inf.
+    return final if final is not None and math.isfinite(final) else math.inf
+
+
+def _fail_legacy_running(queue: WorkQueue) -> None:
+    """Fail RUNNING trials written by noisescale 0.1.0, which had no heartbeats: a killed
+    worker of that version left its trial RUNNING for ever (and that version could not share a
+    study with another worker anyway). Their units then run again."""
+    from optuna.trial import TrialState
+
+    for t in queue.trials((TrialState.RUNNING,)):
+        if UNIT_ATTR not in t.user_attrs:
+            queue.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+
+
+def _completed(trials: Sequence[optuna.trial.FrozenTrial]) -> bool:
+    from optuna.trial import TrialState
+
+    return any(t.state == TrialState.COMPLETE for t in trials)
+
+
+def _pending(queue: WorkQueue, units: Sequence[WorkUnit]) -> list[GridPoint]:
+    """Grid points not complete that another worker is running or that wait to be claimed."""
+    from optuna.trial import TrialState
+
+    trials = queue.by_unit([u.key for u in units])
+    out = []
+    for unit in units:
+        unit_trials = trials[unit.key]
+        if _completed(unit_trials):
+            continue
+        live = [t for t in unit_trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        if live:
+            b, lr = unit.params["batch_size"], unit.params["learning_rate"]
+            out.append(GridPoint(int(b), float(lr), "running elsewhere", live[0].number))
+    return out
+
+
+def _sync_bar(bar: Any, queue: WorkQueue, keys: Sequence[str]) -> None:
+    done = sum(_completed(trials) for trials in queue.by_unit(keys).values())
+    if done != bar.n:
+        bar.n = done
+        bar.refresh()
+
+
+def _summary(
+    queue: WorkQueue,
+    units: Sequence[WorkUnit],
+    done_before: set[str],
+    mine: dict[str, UnitOutcome],
+) -> SweepSummary:
+    from optuna.trial import TrialState
+
+    summary = SweepSummary(storage=queue.storage_shown, study_name=queue.study_name)
+    trials = queue.by_unit([u.key for u in units])
+    for unit in units:
+        b = int(unit.params["batch_size"])
+        lr = float(unit.params["learning_rate"])
+        unit_trials = trials[unit.key]
+        complete = [t for t in unit_trials if t.state == TrialState.COMPLETE]
+        outcome = mine.get(unit.key)
+        if complete:
+            t = complete[0]
+            if unit.key in done_before:
+                state = "skipped"
+                summary.skipped += 1
+            elif outcome is not None and outcome.trial_number == t.number:
+                state = "recovered" if outcome.state == "recovered" else "complete"
+                summary.ran += outcome.state == "complete"
+                summary.recovered += outcome.state == "recovered"
+            else:
+                state = "by another worker"
+                summary.others += 1
+            summary.points.append(GridPoint(b, lr, state, t.number, t.value, _records(t)))
+            continue
+        live = [t for t in unit_trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        if live:
+            summary.pending += 1
+            summary.points.append(GridPoint(b, lr, "running elsewhere", live[0].number))
+            continue
+        summary.failed += 1
+        last = unit_trials[-1] if unit_trials else None
+        summary.points.append(
+            GridPoint(
+                b,
+                lr,
+                "failed",
+                None if last is None else last.number,
+                None,
+                0 if last is None else _records(last),
+                None if last is None else last.user_attrs.get("error"),
+            )
+        )
     return summary
 
 
 def read_study_runs(
-    storage: str, study_name: str | None = None, *, metric: str = "loss"
+    storage: str,
+    study_name: str | Sequence[str] | None = None,
+    *,
+    metric: str = "loss",
 ) -> list[Run]:
-    """The COMPLETE trials of a sweep study as runs (their stored curves).
+    """The COMPLETE trials of one or more sweep studies as runs (their stored curves).
 
     Failed and running trials are left out: their curves end early, which would look like a
-    slow run. Without ``study_name`` the storage must hold exactly one study.
+    slow run. ``study_name`` is a name, a shell pattern (``sweep-*``) or a list of them; without
+    it the storage must hold exactly one study. Runs are named ``trial N``, or ``STUDY/trial N``
+    when several studies are read.
 
     Raises:
         NoiseScaleInputError: no such study, several studies and no name, or no finished run.
     """
     from optuna.trial import TrialState
 
-    if study_name is None:
-        names = study_names(storage)
-        if len(names) != 1:
-            raise NoiseScaleInputError(
-                f"{storage} holds {len(names)} studies ({', '.join(names) or 'none'}); "
-                "name one with --study"
-            )
-        study_name = names[0]
-    study = open_study(storage, study_name, create=False)
+    names = select_studies(storage, study_name)
     rows: list[tuple[int, dict[str, Any]]] = []
-    source = f"study {study_name!r}"
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if "batch_size" not in trial.params or "learning_rate" not in trial.params:
-            continue
-        name = f"trial {trial.number}"
-        for chunk in _curve_chunks(trial.user_attrs):
-            length = len(chunk.get("step", []))
-            for i in range(length):
-                row = {k: v[i] for k, v in chunk.items()}
-                row.update(
-                    run=name,
-                    batch_size=trial.params["batch_size"],
-                    learning_rate=trial.params["learning_rate"],
-                )
-                rows.append((trial.number, row))
+    for name in names:
+        study = open_study(storage, name, create=False)
+        prefix = f"{name}/" if len(names) > 1 else ""
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if "batch_size" not in trial.params or "learning_rate" not in trial.params:
+                continue
+            run_name = f"{prefix}trial {trial.number}"
+            for chunk in _curve_chunks(trial.user_attrs):
+                length = len(chunk.get("step", []))
+                for i in range(length):
+                    row = {k: v[i] for k, v in chunk.items()}
+                    row.update(
+                        run=run_name,
+                        batch_size=trial.params["batch_size"],
+                        learning_rate=trial.params["learning_rate"],
+                    )
+                    rows.append((trial.number, row))
+    source = f"stud{'ies' if len(names) > 1 else 'y'} {', '.join(repr(n) for n in names)}"
     if not rows:
-        raise NoiseScaleInputError(f"{source} in {storage} has no finished run with a curve")
+        raise NoiseScaleInputError(
+            f"{source} in {mask_url(storage)} has no finished run with a curve"
+        )
     return runs_from_rows(rows, metric=metric, source=source)
 
 
@@ -476,8 +710,3 @@ def _curve_chunks(user_attrs: dict[str, Any]) -> list[dict[str, list[Any]]]:
 
 def _records(trial: optuna.trial.FrozenTrial) -> int:
     return int(trial.user_attrs.get("records", 0))
-
-
-def _grid_key(batch_size: float, learning_rate: float, steps: int | None) -> tuple[int, str, Any]:
-    # Learning rates are compared at 12 significant digits so that 0.1 typed twice matches.
-    return int(batch_size), f"{float(learning_rate):.12g}", steps

@@ -1,0 +1,568 @@
+"""Units of work in one Optuna study that any number of workers claim, each run once.
+
+This is the machinery under ``noisescale sweep`` (a unit is one batch size × learning rate) and
+anything else that spreads independent runs over processes and machines sharing one database
+(e.g. branched training from checkpoints). It uses Optuna's own mechanisms:
+
+- **Enqueued trials.** :meth:`WorkQueue.enqueue` adds each unit as a WAITING trial with fixed
+  parameters, unless the unit already has a waiting, running or complete trial.
+- **Atomic claims.** :meth:`WorkQueue.claim` moves a WAITING trial to RUNNING the way Optuna's
+  ``Study.ask`` pops its queue: a read-check-write of the trial's state under a row lock
+  (``SELECT … FOR UPDATE`` on PostgreSQL; ``BEGIN IMMEDIATE`` on SQLite, see
+  :mod:`noisescale.sweep.storage`), so exactly one worker gets each trial.
+- **Heartbeats.** A claimed trial records a heartbeat every ``heartbeat_interval`` seconds from
+  a background thread. Before claiming, a worker fails the RUNNING trials whose heartbeat is
+  older than ``grace_period`` (Optuna's ``fail_stale_trials``); its ``failed_trial_callback``
+  enqueues the unit again, up to ``max_retries`` times, so a killed worker's unit is rerun.
+- **Results kept.** When the work returns, its value is stored on the trial
+  (:data:`FINISHED_ATTR`) before the trial is marked COMPLETE. A worker that dies between the
+  two leaves a trial that the next claimer of that unit adopts (copies and completes) instead of
+  running the work again.
+
+Two workers that start together may both enqueue the same unit. The claimer of a trial checks
+the unit's other trials first: if one is COMPLETE, or an earlier one is waiting or running, the
+claimed trial is a duplicate and is closed as PRUNED with ``duplicate_of``. The earliest live
+trial of a unit is therefore the only one that runs.
+
+A trial that crashes or is interrupted (the work raises) is marked FAIL and not retried by this
+queue; enqueueing the unit again (e.g. running the sweep command again) reruns it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import warnings
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from noisescale.errors import NoiseScaleInputError
+from noisescale.sweep.storage import mask_url, open_storage
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+#: User attribute holding a trial's unit key.
+UNIT_ATTR = "unit"
+#: User attribute listing the names of the unit's own attributes (copied to retries).
+UNIT_ATTRS_ATTR = "unit_attrs"
+#: User attribute written when the work returned: its value (``null`` for +inf or NaN).
+FINISHED_ATTR = "finished_value"
+#: User attribute on a retry: the trial numbers it retries, oldest first.
+RETRY_ATTR = "retry_history"
+#: Seconds between heartbeats of a claimed trial unless told otherwise.
+DEFAULT_HEARTBEAT_S = 10
+#: Retries of a unit whose worker died, per unit (a crash of the work itself is not retried).
+DEFAULT_MAX_RETRIES = 3
+_BOOKKEEPING = {UNIT_ATTR, UNIT_ATTRS_ATTR, FINISHED_ATTR, RETRY_ATTR, "error", "recovered_from"}
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """One independent run: its identity, its Optuna parameters and its fixed attributes.
+
+    Attributes:
+        key: Identifies the unit: two trials with the same key are the same work.
+        params: Optuna parameters (numbers or strings), stored with one-point distributions.
+        attrs: Further user attributes fixed for the unit (e.g. ``steps``), JSON-ready.
+    """
+
+    key: str
+    params: Mapping[str, int | float | str]
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UnitOutcome:
+    """What happened to a claimed unit.
+
+    Attributes:
+        unit: The unit.
+        trial_number: The trial that was claimed.
+        state: ``"complete"`` (the work ran and returned), ``"recovered"`` (a dead worker's
+            finished results were adopted), ``"duplicate"`` (another trial of the unit runs or
+            ran it), ``"failed"`` (the work raised) or ``"lost"`` (the claim expired while the
+            work ran: the heartbeat stopped for longer than the grace period).
+        value: The work's value (``"complete"``, ``"recovered"``).
+        error: What the work raised (``"failed"``), or why the claim was lost.
+        other_trial: The trial duplicated or recovered from.
+    """
+
+    unit: WorkUnit
+    trial_number: int
+    state: str
+    value: float | None = None
+    error: BaseException | None = None
+    other_trial: int | None = None
+
+
+class ClaimLostError(RuntimeError):
+    """The claimed trial was finished by someone else: its heartbeat lapsed while it ran."""
+
+
+class Claim:
+    """A claimed trial: the work's handle on it, alive while its heartbeat thread runs.
+
+    Use as a context manager; :meth:`complete` or :meth:`fail` close it. Leaving the block
+    stops the heartbeat, so a claim left open (its process killed) expires after the grace
+    period and its unit is retried.
+    """
+
+    def __init__(
+        self, queue: WorkQueue, trial: optuna.trial.Trial, trial_id: int, unit: WorkUnit
+    ) -> None:
+        self.queue = queue
+        self.trial = trial
+        self.trial_id = trial_id
+        self.unit = unit
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def number(self) -> int:
+        """The claimed trial's number."""
+        return int(self.trial.number)
+
+    def start_heartbeat(self) -> None:
+        """Record a heartbeat now and then every ``heartbeat_interval`` seconds."""
+        storage, trial_id = self.queue.storage, self.trial_id
+        storage.record_heartbeat(trial_id)
+        interval = float(self.queue.heartbeat_interval)
+
+        def beat() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    storage.record_heartbeat(trial_id)
+                except Exception:  # a database hiccup: the next beat tries again
+                    continue
+
+        self._thread = threading.Thread(target=beat, name=f"heartbeat-{self.number}", daemon=True)
+        self._thread.start()
+
+    def stop_heartbeat(self) -> None:
+        """Stop the heartbeat (the claim then expires after the grace period unless closed)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_heartbeat()
+
+    def mark_finished(self, value: float) -> None:
+        """Store the work's value on the trial, before :meth:`complete` marks it COMPLETE.
+
+        Raises:
+            ClaimLostError: the trial is no longer this worker's.
+        """
+        self._write(FINISHED_ATTR, _json_value(value))
+
+    def complete(self, value: float) -> None:
+        """Mark the trial COMPLETE with ``value`` (after :meth:`mark_finished`).
+
+        Raises:
+            ClaimLostError: the trial is no longer this worker's; its results stay on it and
+                the unit's next claimer adopts them.
+        """
+        self._tell(value, None)
+
+    def fail(self, error: BaseException | str) -> None:
+        """Mark the trial FAIL, recording ``error``; never raises (the error is what matters)."""
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        with contextlib.suppress(Exception):
+            self.trial.set_user_attr("error", text[:2000])
+        with contextlib.suppress(Exception):
+            self._tell(None, "FAIL")
+
+    def prune(self, duplicate_of: int) -> None:
+        """Close the trial as PRUNED: trial ``duplicate_of`` runs or ran the same unit."""
+        self._write("duplicate_of", duplicate_of)
+        self._tell(None, "PRUNED")
+
+    def _write(self, key: str, value: Any) -> None:
+        import optuna
+
+        try:
+            self.trial.set_user_attr(key, value)
+        except optuna.exceptions.UpdateFinishedTrialError as err:
+            raise self._lost() from err
+
+    def _tell(self, value: float | None, state: str | None) -> None:
+        import optuna
+        from optuna.trial import TrialState
+
+        try:
+            if state is None:
+                self.queue.study.tell(self.trial, value)
+            else:
+                self.queue.study.tell(self.trial, state=TrialState[state])
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as err:
+            if self.queue.trial(self.number).state == TrialState.RUNNING:
+                raise
+            raise self._lost() from err
+
+    def lost_error(self) -> ClaimLostError:
+        """The error that says this claim was taken over by another worker."""
+        return self._lost()
+
+    def _lost(self) -> ClaimLostError:
+        state = self.queue.trial(self.number).state.name
+        return ClaimLostError(
+            f"trial {self.number} ({self.unit.key}) was marked {state} by another worker while "
+            f"this one ran it: its heartbeat lapsed for more than {self.queue.grace_period} s"
+        )
+
+
+class WorkQueue:
+    """Units of work in one Optuna study, claimed by any number of workers (module docstring).
+
+    Args:
+        storage_url: The database URL (password included; shown masked).
+        study_name: The study; created if missing (``create``), safely under races.
+        heartbeat_interval: Seconds between heartbeats of a running unit (whole seconds, ≥ 1).
+        grace_period: Seconds without a heartbeat after which a running unit's worker counts
+            as dead (default: three intervals).
+        max_retries: How often a dead worker's unit is enqueued again.
+        create: Create the study if it does not exist.
+        key_of: The unit key of a trial (default: its ``unit`` user attribute); trials without
+            one are not units of this queue.
+
+    Raises:
+        NoiseScaleInputError: a storage that cannot be opened, a missing study without
+            ``create``, or settings out of range.
+    """
+
+    def __init__(
+        self,
+        storage_url: str,
+        study_name: str,
+        *,
+        heartbeat_interval: int = DEFAULT_HEARTBEAT_S,
+        grace_period: int | None = None,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        create: bool = True,
+        key_of: Callable[[FrozenTrial], str | None] | None = None,
+    ) -> None:
+        import optuna
+
+        if int(heartbeat_interval) != heartbeat_interval or heartbeat_interval < 1:
+            raise NoiseScaleInputError(
+                f"the heartbeat interval must be a whole number of seconds ≥ 1, "
+                f"got {heartbeat_interval}"
+            )
+        grace = 3 * int(heartbeat_interval) if grace_period is None else grace_period
+        if int(grace) != grace or grace <= heartbeat_interval:
+            raise NoiseScaleInputError(
+                f"the grace period must be a whole number of seconds above the heartbeat "
+                f"interval ({heartbeat_interval} s), got {grace_period}"
+            )
+        if max_retries < 0:
+            raise NoiseScaleInputError(f"max_retries must be ≥ 0, got {max_retries}")
+        self.storage_shown = mask_url(storage_url)
+        self.study_name = study_name
+        self.heartbeat_interval = int(heartbeat_interval)
+        self.grace_period = int(grace)
+        self.max_retries = int(max_retries)
+        self.key_of = key_of or _unit_key
+        self.storage = open_storage(
+            storage_url,
+            heartbeat_interval=self.heartbeat_interval,
+            grace_period=self.grace_period,
+            stale_trial_callback=self._requeue_stale,
+        )
+        sampler = optuna.samplers.RandomSampler(seed=0)  # every parameter is fixed per trial
+        try:
+            if create:
+                self.study = optuna.create_study(
+                    storage=self.storage,
+                    study_name=study_name,
+                    direction="minimize",
+                    load_if_exists=True,
+                    sampler=sampler,
+                )
+            else:
+                self.study = optuna.load_study(
+                    storage=self.storage, study_name=study_name, sampler=sampler
+                )
+        except KeyError:
+            raise NoiseScaleInputError(f"no study {study_name!r} in {self.storage_shown}") from None
+        self.study_id = self.storage.get_study_id_from_name(study_name)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def trials(self, states: Iterable[Any] | None = None) -> list[FrozenTrial]:
+        """The study's trials (all, or those in ``states``), by number."""
+        return self.study.get_trials(
+            deepcopy=False, states=None if states is None else tuple(states)
+        )
+
+    def trial(self, number: int) -> FrozenTrial:
+        """The trial with this number, fresh from the storage."""
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+        return self.storage.get_trial(trial_id)
+
+    def by_unit(self, keys: Collection[str] | None = None) -> dict[str, list[FrozenTrial]]:
+        """The trials of each unit key (only ``keys`` when given), by number."""
+        out: dict[str, list[FrozenTrial]] = {} if keys is None else {k: [] for k in keys}
+        for t in self.trials():
+            key = self.key_of(t)
+            if key is not None and (keys is None or key in out):
+                out.setdefault(key, []).append(t)
+        return out
+
+    # -- enqueueing ----------------------------------------------------------------------------
+
+    def enqueue(self, units: Iterable[WorkUnit]) -> int:
+        """Add a WAITING trial for each unit that has no waiting, running or complete trial.
+
+        Returns:
+            How many trials were added.
+        """
+        from optuna.trial import TrialState
+
+        units = list(units)
+        live = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
+        existing = self.by_unit([u.key for u in units])
+        added = 0
+        for unit in units:
+            if any(t.state in live for t in existing[unit.key]):
+                continue
+            self._add_waiting(unit.params, unit.key, dict(unit.attrs), {})
+            added += 1
+        return added
+
+    def _add_waiting(
+        self,
+        params: Mapping[str, Any],
+        key: str,
+        attrs: dict[str, Any],
+        extra: dict[str, Any],
+        distributions: Mapping[str, Any] | None = None,
+    ) -> None:
+        import optuna
+        from optuna.trial import TrialState
+
+        user_attrs = {**attrs, **extra, UNIT_ATTR: key, UNIT_ATTRS_ATTR: sorted(attrs)}
+        self.study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.WAITING,
+                params=dict(params),
+                distributions=dict(distributions or _point_distributions(params)),
+                user_attrs=user_attrs,
+            )
+        )
+
+    def _requeue_stale(self, study: optuna.Study, frozen: FrozenTrial) -> None:
+        """Optuna's ``failed_trial_callback``: enqueue a dead worker's unit again."""
+        key = self.key_of(frozen)
+        if key is None:
+            return
+        history = [*frozen.user_attrs.get(RETRY_ATTR, []), frozen.number]
+        if FINISHED_ATTR not in frozen.user_attrs and len(history) > self.max_retries:
+            return
+        names = frozen.user_attrs.get(UNIT_ATTRS_ATTR, [])
+        attrs = {n: frozen.user_attrs[n] for n in names if n in frozen.user_attrs}
+        self._add_waiting(frozen.params, key, attrs, {RETRY_ATTR: history}, frozen.distributions)
+
+    # -- claiming and running ------------------------------------------------------------------
+
+    def release_stale(self) -> None:
+        """Fail the running trials whose heartbeat stopped; their units are enqueued again."""
+        import optuna
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.study)
+
+    def claim(self, keys: Collection[str] | None = None) -> Claim | None:
+        """Claim a WAITING trial (of one of ``keys``) and start its heartbeat.
+
+        Units are claimed in the order of ``keys`` when it is a list or tuple (else by trial
+        number), and a unit's trials by number.
+
+        Returns:
+            The claim, or ``None`` when no such trial is waiting.
+        """
+        import optuna
+        from optuna.trial import TrialState
+
+        order = {k: i for i, k in enumerate(keys)} if isinstance(keys, list | tuple) else {}
+        waiting = [
+            (frozen, key)
+            for frozen in self.trials((TrialState.WAITING,))
+            if (key := self.key_of(frozen)) is not None and (keys is None or key in keys)
+        ]
+        waiting.sort(key=lambda fk: (order.get(fk[1], 0), fk[0].number))
+        for frozen, key in waiting:
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(
+                self.study_id, frozen.number
+            )
+            try:
+                if not self.storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                    continue  # another worker claimed it first
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+            unit = WorkUnit(
+                key,
+                dict(frozen.params),
+                {n: frozen.user_attrs[n] for n in frozen.user_attrs.get(UNIT_ATTRS_ATTR, [])},
+            )
+            claim = Claim(self, optuna.trial.Trial(self.study, trial_id), trial_id, unit)
+            claim.start_heartbeat()
+            return claim
+        return None
+
+    def run_next(
+        self,
+        work: Callable[[Claim], float],
+        keys: Collection[str] | None = None,
+    ) -> UnitOutcome | None:
+        """Claim one unit and run it: the one claimed unit of work, start to finish.
+
+        Releases stale claims first, claims the earliest waiting trial of ``keys``, and then:
+        closes it as a duplicate if another trial of the unit ran or runs it; adopts a dead
+        worker's finished results if there are any; otherwise calls ``work(claim)``, stores its
+        value and marks the trial COMPLETE. If ``work`` raises, the trial is marked FAIL with
+        the error and the outcome says so; Ctrl-C and ``SystemExit`` are re-raised after that.
+
+        Args:
+            work: Runs the unit (``claim.unit``, ``claim.trial`` for writing attributes) and
+                returns its value (``inf`` for a diverged run; NaN is stored as ``inf``).
+            keys: Only claim these units (default: any unit of the study), in this order
+                when a list or tuple.
+
+        Returns:
+            What happened, or ``None`` when nothing was waiting.
+        """
+        self.release_stale()
+        claim = self.claim(keys)
+        if claim is None:
+            return None
+        with claim:
+            other = self._earlier_trial(claim)
+            if other is not None:
+                try:
+                    claim.prune(other)
+                except ClaimLostError as err:
+                    return UnitOutcome(claim.unit, claim.number, "lost", None, err, other)
+                return UnitOutcome(claim.unit, claim.number, "duplicate", other_trial=other)
+            finished = self._finished_elsewhere(claim)
+            if finished is not None:
+                return self._adopt(claim, finished)
+            try:
+                value = _finite_or_inf(work(claim))
+            except BaseException as err:
+                if not isinstance(err, KeyboardInterrupt | SystemExit) and not self._running(claim):
+                    # The work failed because its trial was taken away (writes to it raise).
+                    return UnitOutcome(claim.unit, claim.number, "lost", error=claim.lost_error())
+                claim.fail(err)
+                if isinstance(err, KeyboardInterrupt | SystemExit):
+                    raise
+                return UnitOutcome(claim.unit, claim.number, "failed", error=err)
+            try:
+                claim.mark_finished(value)
+                claim.complete(value)
+            except ClaimLostError as err:
+                return UnitOutcome(claim.unit, claim.number, "lost", value, err)
+            return UnitOutcome(claim.unit, claim.number, "complete", value)
+
+    def _running(self, claim: Claim) -> bool:
+        from optuna.trial import TrialState
+
+        try:
+            return self.trial(claim.number).state == TrialState.RUNNING
+        except Exception:  # the database is unreachable: treat the failure as the work's own
+            return True
+
+    def _earlier_trial(self, claim: Claim) -> int | None:
+        from optuna.trial import TrialState
+
+        for t in self.by_unit([claim.unit.key])[claim.unit.key]:
+            if t.number == claim.number:
+                continue
+            if t.state == TrialState.COMPLETE:
+                return t.number
+            if t.number < claim.number and t.state in (TrialState.WAITING, TrialState.RUNNING):
+                return t.number
+        return None
+
+    def _finished_elsewhere(self, claim: Claim) -> FrozenTrial | None:
+        from optuna.trial import TrialState
+
+        done = [
+            t
+            for t in self.by_unit([claim.unit.key])[claim.unit.key]
+            if t.state == TrialState.FAIL and FINISHED_ATTR in t.user_attrs
+        ]
+        return done[-1] if done else None
+
+    def _adopt(self, claim: Claim, finished: FrozenTrial) -> UnitOutcome:
+        stored = finished.user_attrs[FINISHED_ATTR]
+        value = float("inf") if stored is None else float(stored)
+        for key, attr in finished.user_attrs.items():
+            if key not in _BOOKKEEPING:
+                claim.trial.set_user_attr(key, attr)
+        claim.trial.set_user_attr("recovered_from", finished.number)
+        try:
+            claim.mark_finished(value)
+            claim.complete(value)
+        except ClaimLostError as err:
+            return UnitOutcome(claim.unit, claim.number, "lost", value, err, finished.number)
+        return UnitOutcome(claim.unit, claim.number, "recovered", value, None, finished.number)
+
+
+def _unit_key(trial: FrozenTrial) -> str | None:
+    key = trial.user_attrs.get(UNIT_ATTR)
+    return key if isinstance(key, str) else None
+
+
+def _point_distributions(params: Mapping[str, Any]) -> dict[str, Any]:
+    """One-point Optuna distributions that hold exactly these parameter values."""
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+
+    out: dict[str, Any] = {}
+    for name, value in params.items():
+        if isinstance(value, bool | str):
+            out[name] = CategoricalDistribution([value])
+        elif isinstance(value, int):
+            out[name] = IntDistribution(value, value)
+        elif isinstance(value, float):
+            out[name] = FloatDistribution(value, value)
+        else:
+            raise NoiseScaleInputError(
+                f"parameter {name!r} must be a number or a string, got {value!r}"
+            )
+    return out
+
+
+def _finite_or_inf(value: Any) -> float:
+    number = float(value)
+    return number if number == number and abs(number) != float("inf") else float("inf")
+
+
+def _json_value(value: float) -> float | None:
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def unit_key(params: Mapping[str, Any], attrs: Mapping[str, Any] | None = None) -> str:
+    """A canonical key for a unit: its parameters and attributes as sorted JSON, floats at 12
+    significant digits (so 0.1 typed twice is one unit).
+
+    >>> unit_key({"learning_rate": 0.1, "batch_size": 8}, {"steps": None})
+    '{"batch_size": 8, "learning_rate": 0.1, "steps": null}'
+    """
+    merged = {**dict(params), **dict(attrs or {})}
+    canonical = {
+        k: float(f"{v:.12g}") if isinstance(v, float) else v for k, v in sorted(merged.items())
+    }
+    return json.dumps(canonical, sort_keys=True)
