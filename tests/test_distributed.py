@@ -162,10 +162,58 @@ def _run_scenario(rank: int, setup: str, steps: list) -> dict:
     }
 
 
+# -- a language model whose loss weighs tokens (noisescale.tokens) --------------------------------
+
+LM_STEPS, LM_SEQ = 3, 4  # steps; sequences per process per step
+
+
+def _lm_model() -> nn.Module:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=12, bos_token_id=0,
+        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(cfg).double()
+
+
+def _lm_batch(t: int, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Process r's padded sequences at step t: ids, attention mask, labels (-100 on padding)."""
+    g = torch.Generator().manual_seed(100 * t + r)
+    ids = torch.randint(0, 32, (LM_SEQ, 12), generator=g)
+    lengths = torch.randint(3, 13, (LM_SEQ,), generator=g)
+    mask = torch.arange(12)[None] < lengths[:, None]
+    return ids, mask.long(), torch.where(mask, ids, -100)
+
+
+def _lm_run(rank: int | None) -> list[dict]:
+    """DDP over the processes (rank given), or one process accumulating every process's batch
+    as a micro-batch with the same weights (the model's mean loss over its tokens, / WORLD)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _lm_model()
+    if rank is not None:
+        model = DistributedDataParallel(model)
+    tracker = noisescale.GradientNoiseTracker(model, beta=1.0, per_example_fraction=1.0)
+    for t in range(LM_STEPS):
+        for r in [rank] if rank is not None else range(WORLD):
+            ids, mask, labels = _lm_batch(t, r)
+            loss = model(ids, attention_mask=mask, labels=labels).loss
+            (loss if rank is not None else loss / WORLD).backward()
+        tracker.step()
+        model.zero_grad()
+    history = tracker.history
+    tracker.remove()
+    return history
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     """All scenarios, then a crash (one process start-up is most of the cost)."""
     _init(rank, port, timeout_s=CRASH_TIMEOUT_S)
     results = {name: _run_scenario(rank, *SCENARIOS[name]) for name in SCENARIOS}
+    results["tokens"] = {"history": _lm_run(rank)}
     results["misuse"] = _misuse()
     results["comm_hooks"] = _comm_hooks(rank)
     Path(out, f"{rank}.json").write_text(json.dumps(results))
@@ -408,6 +456,23 @@ def test_one_pass_per_process_equals_single_process(runs, name):
     assert got_hist[-1]["b_simple"] == pytest.approx(want_hist[-1]["b_simple"], rel=1e-4)
 
 
+def test_a_loss_over_tokens_equals_single_process(runs):
+    """Hugging Face GPT-2 under DDP, each process's loss its own mean over counted tokens: the
+    measured token weights, the tokens and the per-example source equal one process
+    accumulating both batches with the same weights."""
+    want_hist = _lm_run(None)
+    got_hist = runs[0]["tokens"]["history"]
+    assert json.dumps(got_hist) == json.dumps(runs[1]["tokens"]["history"])
+    for got, want in zip(got_hist, want_hist, strict=True):
+        assert got["tokens"] == want["tokens"]
+        assert got["tokens_per_example"] == pytest.approx(want["tokens_per_example"])
+        for key in ("b_big", "sqnorm_big"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), key
+        g, w = got["sources"]["per_example"], want["sources"]["per_example"]
+        assert g["count"] == w["count"]
+        assert g["sqnorm_small"] == pytest.approx(w["sqnorm_small"], rel=1e-5)
+
+
 def test_uneven_local_batches_weight_the_big_batch(runs):
     """Local batches 7 and 3: .grad weights examples 1/(2·7) and 1/(2·3), so b_big = (Σc)²/Σc²
     = 4/(1/7 + 1/3) = 8.4, not 10."""
@@ -505,7 +570,7 @@ def test_resolve_closed_form():
         per_example=(6, 6.0, 60.0, 2),
         local=(2, 1 / 4 + 1 / 2, 8.0, 2),
     )
-    b_big, big, examples, loss, sources = dsrc.resolve(values, 2)
+    b_big, big, examples, loss, sources, _ = dsrc.resolve(values, 2)
     assert b_big == pytest.approx(4 / (1 / 4 + 1 / 2))
     assert big == pytest.approx(0.8)  # Σc/W = 1: .grad is already a weighted mean
     assert examples == 6 and loss is None
@@ -520,7 +585,7 @@ def test_resolve_counts_processes_that_lacked_a_source():
     values = _buffer(
         examples=16, sum_c=4.0, sum_c2=4 * 4 / 16, big=1.0, per_example=(12, 12, 30, 3)
     )
-    *_, sources = dsrc.resolve(values, 4)
+    *_, sources, _ = dsrc.resolve(values, 4)
     assert sources["per_example"].count == 12 and sources["per_example"].lacking == 1
 
 
@@ -529,8 +594,8 @@ def test_buffer_and_work_do_not_grow_with_the_number_of_processes():
     for world in (2, 1024, 16384):
         values = _buffer(examples=8 * world, sum_c=world, sum_c2=world / 8, big=1.0,
                          local=(world, 8.0 * world, 2.0 * world, world))  # fmt: skip
-        assert values.size == dsrc.WIDTH == 22
-        b_big, _, examples, _, sources = dsrc.resolve(values, world)
+        assert values.size == dsrc.WIDTH == 24
+        b_big, _, examples, _, sources, _ = dsrc.resolve(values, world)
         assert b_big == pytest.approx(8 * world) and examples == 8 * world
         assert sources["local"].size == pytest.approx(1 / 8)
 

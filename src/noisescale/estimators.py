@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import NormalDist
 from typing import NamedTuple
 
@@ -254,6 +254,11 @@ class NoiseEstimate:
         steps: Number of steps the estimate uses.
         effective_steps: Kish effective number of steps under the EMA weights.
         reason: Why B_simple is not available (empty when it is).
+        unit: What B_simple and tr Σ count: ``"examples"`` (the loss averages examples —
+            sequences, for a language model), or ``"tokens"`` (the loss averages tokens, e.g.
+            Hugging Face's causal-LM loss; :mod:`noisescale.tokens`).
+        tokens_per_example: The run's mean tokens per example where they were counted, for
+            :meth:`to`; ``nan`` otherwise.
     """
 
     g2: float
@@ -265,6 +270,36 @@ class NoiseEstimate:
     steps: int = 1
     effective_steps: float = 1.0
     reason: str = ""
+    unit: str = "examples"
+    tokens_per_example: float = math.nan
+
+    def to(self, unit: str) -> NoiseEstimate:
+        """The same estimate in ``"examples"`` or ``"tokens"`` (B_simple, its interval and tr Σ
+        scale by the mean tokens per example; |G|² does not).
+
+        A batch of B examples holds B·T̄ tokens on average, so a noise scale of B examples is one
+        of B·T̄ tokens and back: a change of unit, not of definition (which the loss fixes).
+        """
+        if unit not in ("examples", "tokens"):
+            raise ValueError(f"unit must be 'examples' or 'tokens', got {unit!r}")
+        if unit == self.unit:
+            return self
+        t = self.tokens_per_example
+        if not (math.isfinite(t) and t > 0):
+            raise ValueError(
+                f"this estimate is in {self.unit} and no tokens were counted, so it cannot be "
+                f"given in {unit}: call the model with labels= (Hugging Face) or "
+                "tracker.count_tokens(labels) after each forward"
+            )
+        f = t if unit == "tokens" else 1.0 / t
+        return replace(
+            self,
+            trace_sigma=self.trace_sigma * f,
+            b_simple=self.b_simple * f,
+            low=self.low * f,
+            high=self.high * f,
+            unit=unit,
+        )
 
     @property
     def available(self) -> bool:
@@ -278,7 +313,7 @@ class NoiseEstimate:
             return math.inf
         return (self.high - self.low) / self.b_simple
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, float | str]:
         return {
             "g2": self.g2,
             "trace_sigma": self.trace_sigma,
@@ -288,6 +323,8 @@ class NoiseEstimate:
             "confidence": self.confidence,
             "steps": self.steps,
             "effective_steps": self.effective_steps,
+            "unit": self.unit,
+            "tokens_per_example": self.tokens_per_example,
         }
 
 

@@ -60,6 +60,10 @@ class StepStats(NamedTuple):
     group_sqnorm_big: np.ndarray | None = None
     preconditioned: bool | None = None  # None: no preconditioner asked for
     extra: dict[str, Any] | None = None  # written into the record as is
+    tokens: float | None = None  # tokens the step's loss counted, where known
+    # "token": the loss weighs tokens; the norms are then those of each example's summed token
+    # losses, and the record is given per token (noisescale.tokens)
+    definition: str = "example"
 
 
 class TrackerState(NamedTuple):
@@ -72,6 +76,13 @@ class TrackerState(NamedTuple):
     skipped_steps: int
     examples: int
     preconditioned_from: int | None
+    tokens: float = 0.0  # tokens counted so far
+    counted_examples: int = 0  # examples of the steps whose tokens were counted
+
+    @property
+    def tokens_per_example(self) -> float:
+        """The run's mean tokens per example where they were counted, else ``nan``."""
+        return self.tokens / self.counted_examples if self.counted_examples else math.nan
 
 
 def init(beta: float = 0.99, group_names: tuple[str, ...] = ()) -> TrackerState:
@@ -162,6 +173,13 @@ def update(
             for name, sb in stats.sources.items()
         },
     }
+    tokens, counted = state.tokens, state.counted_examples
+    if stats.tokens is not None:
+        tokens, counted = tokens + stats.tokens, counted + stats.examples
+        record["tokens"] = stats.tokens
+        record["tokens_per_example"] = tokens / counted if counted else math.nan
+    if stats.definition == "token":
+        _per_token(record, tokens / counted if counted else math.nan)
     if e.reason:
         record["unavailable"] = e.reason
     if record_groups is not None:
@@ -178,8 +196,50 @@ def update(
         state.skipped_steps + int(skipped),
         state.examples + stats.examples,
         preconditioned_from,
+        tokens,
+        counted,
     )
     return new, record
+
+
+def per_token(e: est.NoiseEstimate, tokens_per_example: float) -> est.NoiseEstimate:
+    """An estimate measured on each example's *summed* token losses, given per token: |G|² of the
+    token-mean gradient, tr Σ per token and B_simple in tokens (:mod:`noisescale.tokens`)."""
+    from dataclasses import replace
+
+    t = tokens_per_example
+    return replace(
+        e,
+        g2=e.g2 / t**2,
+        trace_sigma=e.trace_sigma / t,
+        b_simple=e.b_simple * t,
+        low=e.low * t,
+        high=e.high * t,
+        unit="tokens",
+        tokens_per_example=t,
+    )
+
+
+def _per_token(record: dict[str, Any], t: float) -> None:
+    """:func:`per_token` for a history record (its groups and sources too)."""
+    for key in ("sqnorm_big", "g2", "g2_ema"):
+        record[key] = record[key] / t**2
+    for key in ("trace_sigma", "trace_sigma_ema"):
+        record[key] = record[key] / t
+    for key in ("b_big", "b_simple", "b_simple_low", "b_simple_high"):
+        record[key] = record[key] * t
+    for source in record["sources"].values():
+        source["b_small"] *= t
+        source["sqnorm_small"] /= t**2
+    for group in record.get("groups", {}).values():
+        for key in ("sqnorm_big", "g2", "g2_ema"):
+            group[key] = group[key] / t**2
+        for key in ("trace_sigma", "trace_sigma_ema"):
+            group[key] = group[key] / t
+        for key in ("b_simple", "b_simple_low", "b_simple_high"):
+            group[key] = group[key] * t
+    if record.get("temperature") is not None:
+        record["temperature"] = record["temperature"] / t
 
 
 def _update_groups(

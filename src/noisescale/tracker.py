@@ -22,6 +22,12 @@ Conventions:
     * ``loss_reduction="mean"`` (default): each backward pass's loss is the mean over its
       examples, divided by the number of micro-batches when accumulating; ``"sum"``: the sum over
       examples. B_simple does not depend on the accumulation divisor; |G|² and tr Σ do.
+    * What an example is: a loss that averages *tokens* (Hugging Face's language-model losses,
+      measured from the model's own ``loss_function``; or ``loss_reduction="token_mean"`` /
+      ``"num_items_in_batch"`` with :meth:`~GradientNoiseTracker.count_tokens`) gives the noise
+      scale per token, in tokens; one that averages examples gives it per example (sequence).
+      The estimate and every history line say which (:mod:`noisescale.tokens`), and
+      ``estimate().to("tokens")`` / ``to("examples")`` converts where tokens were counted.
     * Norms are read before clipping; with ``torch.amp.GradScaler`` (pass ``scaler=``) they are
       unscaled (whether or not ``scaler.unscale_`` already ran) and steps with non-finite
       gradients are skipped.
@@ -48,7 +54,7 @@ from noisescale import estimators as est
 from noisescale import state as state_mod
 from noisescale.errors import NoiseScaleInputError
 from noisescale.param_groups import parameter_groups
-from noisescale.per_example import LOSS_REDUCTIONS, PerExampleNorms
+from noisescale.per_example import PerExampleNorms
 from noisescale.per_example.factors import sqnorms
 from noisescale.preconditioning import check_preconditioner, preconditioner_weights
 from noisescale.sources.base import Observation, Source, StepNorms
@@ -56,12 +62,17 @@ from noisescale.sources.distributed import DataParallelSource, ReducedStep
 from noisescale.sources.microbatch import MicroBatchSource
 from noisescale.sources.per_example import PerExampleSource
 from noisescale.sources.subbatch import SubbatchSource
+from noisescale.tokens import IGNORE_INDEX, PassUnits, TokenWatcher, count_units
 
 __all__ = ["GradientNoiseTracker"]
 
+# how the backpropagated loss combines the examples' (or tokens') own losses
+LOSS_REDUCTIONS = ("mean", "sum", "token_mean", "num_items_in_batch")
+UNITS = {"example": "examples", "token": "tokens"}
+
 HISTORY_KIND = "noisescale.history"
 HISTORY_VERSION = 1
-STATE_VERSION = 2
+STATE_VERSION = 3
 # warn when the interval has stayed unbounded for this many steps with a cheap, less precise mode
 UNBOUNDED_WARNING_STEPS = 500
 
@@ -73,7 +84,7 @@ class _Pending:
     step: int
     lr: float | None
     scale: float
-    b_big: float = math.nan
+    b_big: float | Tensor = math.nan
     sqnorm_big: Tensor | None = None
     observations: dict[str, Observation] | None = None
     loss: Tensor | float | None = None
@@ -81,6 +92,7 @@ class _Pending:
     group_big: Tensor | None = None
     preconditioned: bool | None = None
     reduced: ReducedStep | None = None  # data parallel: the step's all-reduce
+    tokens: Tensor | None = None  # tokens the step's loss counted
 
 
 class GradientNoiseTracker:
@@ -89,8 +101,14 @@ class GradientNoiseTracker:
     Args:
         model: The model being trained: plain, wrapped in ``DistributedDataParallel``, or an
             FSDP2 (``fully_shard``) root; create the tracker after wrapping.
-        loss_reduction: ``"mean"`` or ``"sum"``: how the backpropagated loss combined the
-            examples' own losses (see the module docstring).
+        loss_reduction: How the backpropagated loss combined the examples' own losses:
+            ``"mean"`` or ``"sum"`` over examples; or, for a loss over tokens (declare it when
+            the model does not compute the loss itself, and call :meth:`count_tokens` after each
+            forward), ``"token_mean"`` (each micro-batch's mean over its counted tokens, divided
+            by the number of micro-batches) or ``"num_items_in_batch"`` (the sum over the step's
+            tokens divided by their number, as the ``transformers`` Trainer does). A Hugging
+            Face model called with ``labels=`` needs nothing: the weights of its own loss are
+            measured (:mod:`noisescale.tokens`).
         per_example: Measure with the module hooks (sub-batches by default, per-example norms
             with ``per_example_fraction``). ``False`` relies on accumulation micro-batches only
             (no layer support needed).
@@ -138,6 +156,9 @@ class GradientNoiseTracker:
             Each process's local gradient (before averaging) is then a small batch and the
             averaged one the big batch (paper App. A.1), at the cost of one all-reduce of a few
             numbers per step; every process must call ``step()`` (:mod:`noisescale.sources`).
+        tokens_per_example: Every example has this many tokens (fixed-length sequences with a
+            loss of your own): estimates can then be given in tokens as well
+            (``estimate().to("tokens")``) without :meth:`count_tokens`.
     """
 
     def __init__(
@@ -160,10 +181,18 @@ class GradientNoiseTracker:
         precondition_from: int = 100,
         groups: bool | str | Mapping[str, Any] | None = None,
         process_group: Any | None = None,
+        tokens_per_example: int | None = None,
     ) -> None:
         if loss_reduction not in LOSS_REDUCTIONS:
             raise NoiseScaleInputError(
-                f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}"
+                f"loss_reduction must be one of {', '.join(map(repr, LOSS_REDUCTIONS))}, got "
+                f"{loss_reduction!r}"
+            )
+        if tokens_per_example is not None and not (
+            isinstance(tokens_per_example, int) and tokens_per_example >= 1
+        ):
+            raise NoiseScaleInputError(
+                f"tokens_per_example must be a positive integer, got {tokens_per_example!r}"
             )
         if not 0.0 < beta <= 1.0:
             raise NoiseScaleInputError(f"beta must be in (0, 1], got {beta}")
@@ -241,6 +270,10 @@ class GradientNoiseTracker:
                 raise NoiseScaleInputError(
                     "precondition= and groups= are not supported under data parallelism yet"
                 )
+        self.tokens_per_example = tokens_per_example
+        self.definition: str | None = None  # "example" or "token", fixed by the first step
+        self._tokens = TokenWatcher(model, self.engine.current_pass)
+        self._header_written = False
         self._state = state_mod.init(beta, tuple(self._group_names))
         self._pending: list[_Pending] = []
         self._history: list[dict[str, Any]] = []
@@ -274,12 +307,15 @@ class GradientNoiseTracker:
                 "it once per optimizer step, after loss.backward()"
             )
         self.steps += 1
-        k = len(passes)
-        coef = [
-            1.0 / (k * p.batch_size) if self.loss_reduction == "mean" and p.batch_size else 1.0
-            for p in passes
-        ]
-        norms = StepNorms(passes, coef, scale)
+        norms, definition, tokens = self._weights_of(passes, scale)
+        if self.definition is None:
+            self.definition = definition
+        elif definition != self.definition:
+            raise NoiseScaleInputError(
+                f"step {self.steps}'s loss weighs {UNITS[definition]} but the earlier steps' "
+                f"weighed {UNITS[self.definition]}: the noise scales of the two objectives "
+                "differ and cannot be averaged; keep one loss for the run (or a new tracker)"
+            )
         observations = {}
         with torch.no_grad():
             for source in self._sources:
@@ -290,11 +326,12 @@ class GradientNoiseTracker:
             lr = float(self.optimizer.param_groups[0]["lr"])
         grad_scale = 1.0 if grads_unscaled else scale
         if self._dist is not None:
-            reduced = self._dist.launch(norms, observations, grad_scale, loss)
+            reduced = self._dist.launch(norms, observations, grad_scale, loss, tokens)
             self._pending.append(_Pending(self.steps, lr, scale, reduced=reduced))
         else:
             self._warn_about_sources(passes, observations)
-            if norms.sum_c <= 0:  # an empty batch: nothing to measure
+            sum_c = norms.sum_c
+            if not isinstance(sum_c, Tensor) and sum_c <= 0:  # an empty batch
                 self._warn_once("empty", "a step had no examples; it is left out")
                 return
             weights = passes[0].weights
@@ -314,18 +351,122 @@ class GradientNoiseTracker:
                     big,
                     observations,
                     loss.detach() if isinstance(loss, Tensor) else loss,
-                    sum(norms.sizes),
+                    sum(p.batch_size for p in passes),
                     group_big,
                     None if self.precondition is None else weights is not None,
+                    tokens=tokens,
                 )
             )
         if len(self._pending) >= self.sync_every:
             self.sync()
 
+    def count_tokens(self, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> None:
+        """Tell the tracker how many tokens each example of this micro-batch counts in the loss.
+
+        Call after each forward (the pass it counts is the last one the model ran), with the
+        labels ``[examples, tokens…]`` the loss used (tokens equal to ``ignore_index`` are not
+        counted — shift them first if your loss shifts) or a boolean mask of counted tokens.
+        Needed with ``loss_reduction="token_mean"`` or ``"num_items_in_batch"``; with a loss
+        over examples the counts only give estimates in tokens too. Not needed for a Hugging
+        Face model called with ``labels=``. No host synchronisation.
+        """
+        pass_ = self.engine.current_pass()
+        if pass_ is None:
+            raise NoiseScaleInputError(
+                "count_tokens() was called before the model's forward pass: call it after each "
+                "forward (and before tracker.step())"
+            )
+        counts = count_units(labels, ignore_index)
+        if counts.shape[0] != pass_.batch_size:
+            raise NoiseScaleInputError(
+                f"count_tokens() got labels for {counts.shape[0]} examples but the model's last "
+                f"forward pass had {pass_.batch_size}; give this micro-batch's labels "
+                "[examples, tokens…]"
+            )
+        if pass_.units is not None and not pass_.units.measured:
+            raise NoiseScaleInputError(
+                "count_tokens() was called twice for one forward pass; call it once per micro-batch"
+            )
+        if pass_.units is None:
+            pass_.units = PassUnits(counts, "token", "count_tokens")
+
+    def _weights_of(self, passes: list[Any], scale: float) -> tuple[StepNorms, str, Tensor | None]:
+        """The step's normalisation: each pass's weight per unit, the units (examples or
+        tokens) and the tokens counted (see :mod:`noisescale.tokens`)."""
+        declared = self.loss_reduction in ("token_mean", "num_items_in_batch")
+        for p in passes:
+            counted_by_user = p.units is not None and not p.units.measured
+            if p.units_error and not (declared and counted_by_user):
+                raise NoiseScaleInputError(p.units_error)
+        k = len(passes)
+        units: list[PassUnits | None] = [p.units for p in passes]
+        if self.tokens_per_example is not None:
+            units = [
+                u
+                if u is not None
+                else PassUnits(
+                    torch.full(
+                        (p.batch_size,),
+                        float(self.tokens_per_example),
+                        dtype=torch.float64,
+                        device=self._params[0].device,
+                    ),
+                    "token",
+                    "tokens_per_example",
+                )
+                for u, p in zip(units, passes, strict=True)
+            ]
+        measured = [u is not None and u.measured and u.grad is not None for u in units]
+        counted = all(u is not None and u.unit == "token" for u in units)
+        tokens = torch.stack([u.counts.sum() for u in units]).sum() if counted else None  # type: ignore[union-attr]
+        if any(measured):
+            if not all(measured):
+                raise NoiseScaleInputError(
+                    "in this step the model's own loss (labels=) was backpropagated in some "
+                    "micro-batches and not in others, so their examples weigh differently in "
+                    "unknown ways; backpropagate the same loss in every micro-batch"
+                )
+            kinds = {u.unit for u in units}  # type: ignore[union-attr]
+            if len(kinds) > 1:
+                raise NoiseScaleInputError(
+                    "this step's micro-batches mix a loss over tokens and one over examples; "
+                    "backpropagate the same loss in every micro-batch"
+                )
+            definition = kinds.pop()
+            coef: list[Any] = [u.coefficient(scale) for u in units]  # type: ignore[union-attr]
+            return StepNorms(passes, coef, scale), definition, tokens
+        if declared:
+            if not counted:
+                raise NoiseScaleInputError(
+                    f"loss_reduction={self.loss_reduction!r} weighs tokens, but this step has "
+                    "micro-batches whose tokens were not counted: call "
+                    "tracker.count_tokens(labels) after each forward (or call a Hugging Face "
+                    "model with labels=, whose loss is measured)"
+                )
+            if self.loss_reduction == "token_mean":
+                coef = [1.0 / (k * u.counts.sum()) for u in units]  # type: ignore[union-attr]
+            else:
+                coef = [1.0 / tokens] * k  # type: ignore[operator]
+            return StepNorms(passes, coef, scale), "token", tokens
+        coef = [
+            1.0 / (k * p.batch_size) if self.loss_reduction == "mean" and p.batch_size else 1.0
+            for p in passes
+        ]
+        return StepNorms(passes, coef, scale), "example", tokens
+
     def estimate(self) -> est.NoiseEstimate:
-        """B_simple with its interval, |G|², tr Σ and the number of steps used (App. A.1)."""
+        """B_simple with its interval, |G|², tr Σ and the number of steps used (App. A.1), in
+        the unit the loss defines (``unit``: examples or tokens; ``.to()`` converts)."""
         self.sync()
-        return est.b_simple_interval(self._state.noise, self.confidence)
+        return self._in_units(est.b_simple_interval(self._state.noise, self.confidence))
+
+    def _in_units(self, e: est.NoiseEstimate) -> est.NoiseEstimate:
+        t = self._state.tokens_per_example
+        if self.definition == "token":
+            return state_mod.per_token(e, t)
+        from dataclasses import replace
+
+        return replace(e, tokens_per_example=t)
 
     def estimate_groups(self) -> dict[str, est.NoiseEstimate]:
         """B_simple of each parameter group (``groups=``): eq. A.2 with the group's own norms.
@@ -334,7 +475,10 @@ class GradientNoiseTracker:
         examples' gradients restricted to the group.
         """
         self.sync()
-        return {n: est.b_simple_interval(s, self.confidence) for n, s in self._state.groups.items()}
+        return {
+            n: self._in_units(est.b_simple_interval(s, self.confidence))
+            for n, s in self._state.groups.items()
+        }
 
     def paused(self) -> AbstractContextManager[None]:
         """A block whose forward/backward passes are not part of training (e.g. B_noise HVPs)."""
@@ -367,6 +511,7 @@ class GradientNoiseTracker:
         """Read what is pending and remove the hooks from the model."""
         self.sync()
         self.engine.remove()
+        self._tokens.remove()
         if self._dist is not None:
             self._dist.remove()
 
@@ -394,7 +539,7 @@ class GradientNoiseTracker:
             width = values.size // len(pending)
             out = []
             for i, p in enumerate(pending):
-                b_big, big, examples, loss, sources = self._dist.resolve(
+                b_big, big, examples, loss, sources, tokens = self._dist.resolve(
                     values[i * width : (i + 1) * width]
                 )
                 if not sources:
@@ -404,15 +549,35 @@ class GradientNoiseTracker:
                         "source (small batch = big batch); the step is skipped",
                     )
                 out.append(
-                    state_mod.StepStats(p.step, b_big, big, sources, examples, loss, p.lr, p.scale)
+                    state_mod.StepStats(
+                        p.step,
+                        b_big,
+                        big,
+                        sources,
+                        examples,
+                        loss,
+                        p.lr,
+                        p.scale,
+                        tokens=tokens,
+                        definition=self.definition or "example",
+                    )
                 )
             return out
         flat: list[Tensor] = []
+
+        def later(x: Any) -> None:  # a device number, read with the rest
+            if isinstance(x, Tensor):
+                flat.append(x.reshape(1))
+
         for p in pending:
             assert p.sqnorm_big is not None and p.observations is not None
             flat.append(p.sqnorm_big.reshape(1))
+            later(p.b_big)
+            later(p.tokens)
             for obs in p.observations.values():
                 flat.append(obs.sqnorm_sum.reshape(1))
+                later(obs.count)
+                later(obs.inv_size_sum)
                 if obs.group_sqnorm_sum is not None:
                     flat.append(obs.group_sqnorm_sum.reshape(-1))
             if isinstance(p.loss, Tensor):
@@ -423,20 +588,29 @@ class GradientNoiseTracker:
         values = torch.cat([f.to(device=device, dtype=torch.float64) for f in flat]).cpu().numpy()
         out, pos = [], 0
         g = len(self._group_names)
+
+        def read(x: Any) -> float:
+            nonlocal pos
+            if not isinstance(x, Tensor):
+                return float(x)
+            pos += 1
+            return float(values[pos - 1])
+
         for p in pending:
             big = float(values[pos])
             pos += 1
+            b_big, tokens = read(p.b_big), None if p.tokens is None else read(p.tokens)
             sources = {}
             for name, obs in p.observations.items():
                 total = float(values[pos])
                 pos += 1
+                count, inv = read(obs.count), read(obs.inv_size_sum)
                 group_sum = None
                 if obs.group_sqnorm_sum is not None:
                     group_sum = values[pos : pos + g].copy()
                     pos += g
-                sources[name] = state_mod.SmallBatches(
-                    obs.count, obs.inv_size_sum, total, group_sum
-                )
+                if count > 0:
+                    sources[name] = state_mod.SmallBatches(count, inv, total, group_sum)
             loss = p.loss
             if isinstance(loss, Tensor):
                 loss = float(values[pos])
@@ -448,7 +622,7 @@ class GradientNoiseTracker:
             out.append(
                 state_mod.StepStats(
                     p.step,
-                    p.b_big,
+                    b_big,
                     big,
                     sources,
                     p.examples,
@@ -457,6 +631,8 @@ class GradientNoiseTracker:
                     p.scale,
                     group_big,
                     p.preconditioned,
+                    tokens=tokens,
+                    definition=self.definition or "example",
                 )
             )
         return out
@@ -582,6 +758,8 @@ class GradientNoiseTracker:
             "beta": self._state.noise.beta,
             "confidence": self.confidence,
             "source": self.mode,
+            "definition": self.definition or "example",
+            "unit": UNITS[self.definition or "example"],
             **({"subbatches": self.subbatches} if self.mode == "subbatch" else {}),
             **(
                 {"per_example_fraction": self.per_example_fraction}
@@ -609,12 +787,16 @@ class GradientNoiseTracker:
                     "first line is not a history header); give a new path — nothing was "
                     "written to it"
                 )
-            return  # a resumed run appends to its own history
-        self._write_lines([self._header()])
+            self._header_written = True  # a resumed run appends to its own history
+        # a new file's header is written with the first records: it names the definition (examples
+        # or tokens), which the first step fixes
 
     def _write_lines(self, records: Iterable[dict[str, Any]]) -> None:
         assert self.history_path is not None
         self.history_path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._header_written:
+            records = [self._header(), *records]
+            self._header_written = True
         with self.history_path.open("a") as f:
             for r in records:
                 f.write(json.dumps(_json_safe(r), allow_nan=False) + "\n")
@@ -644,6 +826,9 @@ class GradientNoiseTracker:
             "folded_steps": s.steps,
             "skipped_steps": s.skipped_steps,
             "examples": s.examples,
+            "tokens": s.tokens,
+            "counted_examples": s.counted_examples,
+            "definition": self.definition,
             "preconditioned_from": s.preconditioned_from,
             "loss_reduction": self.loss_reduction,
             "confidence": self.confidence,
@@ -655,7 +840,7 @@ class GradientNoiseTracker:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (this version's or the first version's)."""
+        """Restore :meth:`state_dict` (this version's or an earlier one's)."""
         if state.get("loss_reduction", self.loss_reduction) != self.loss_reduction:
             raise NoiseScaleInputError(
                 f"the checkpoint was measured with loss_reduction={state['loss_reduction']!r} "
@@ -692,7 +877,10 @@ class GradientNoiseTracker:
             int(state["skipped_steps"]),
             int(state["examples"]),
             state.get("preconditioned_from"),
+            float(state.get("tokens", 0.0)),
+            int(state.get("counted_examples", 0)),
         )
+        self.definition = state.get("definition")
         self.steps = int(state["steps"])
         self.confidence = float(state["confidence"])
         self.engine.set_rng_state(state.get("subset_rng", {}))

@@ -211,6 +211,9 @@ class PassNorms:
     inputs: tuple | None = None  # the model's (args, kwargs), for the audit's permutation check
     subbatches: Subbatches | None = None
     broken: str | None = None  # a weight measured by sub-batch products was used twice
+    # how the pass's loss weighs its examples (tokens), attached by noisescale.tokens
+    units: Any = None
+    units_error: str | None = None
 
 
 class PerExampleNorms:

@@ -4,7 +4,9 @@ A step's backward passes (:class:`~noisescale.per_example.PassNorms`) carry raw 
 norms of the gradient of the *backpropagated* loss restricted to some examples, times the AMP loss
 scale. :class:`StepNorms` knows how each pass weighted its examples (c: 1/(k·N) for a mean loss
 over k micro-batches of N examples, 1 for a sum) and turns a raw norm into the squared norm of a
-*mean* gradient — the one normalisation every source shares. A :class:`Source` reads the passes
+*mean* gradient — the one normalisation every source shares (when the loss weighs tokens, c is
+the weight of each token of the pass, measured on the device: :mod:`noisescale.tokens`). A
+:class:`Source` reads the passes
 and returns an :class:`Observation`: sums over its small batches, which add up across processes
 and feed the paper's eq. A.2 (:func:`noisescale.estimators.g2_trace_from_sums`).
 """
@@ -21,6 +23,8 @@ from noisescale.per_example import PassNorms
 
 __all__ = ["Observation", "Source", "StepNorms"]
 
+Number = float | Tensor  # a host number, or a 0-d device tensor read with the statistics
+
 
 @dataclass
 class StepNorms:
@@ -28,12 +32,13 @@ class StepNorms:
 
     Attributes:
         passes: The step's backward passes, in order.
-        coef: c_j, the weight of one example of pass j in the backpropagated loss.
+        coef: c_j, the weight of one example of pass j in the backpropagated loss (a device
+            tensor when measured).
         scale: The AMP loss scale in the hooks' gradients (1 without a scaler).
     """
 
     passes: list[PassNorms]
-    coef: list[float]
+    coef: list[Number]
     scale: float
 
     @property
@@ -41,21 +46,23 @@ class StepNorms:
         return [p.batch_size for p in self.passes]
 
     @property
-    def sum_c(self) -> float:
+    def sum_c(self) -> Number:
         """Σ c over the step's examples."""
         return sum(n * c for n, c in zip(self.sizes, self.coef, strict=True))
 
     @property
-    def sum_c2(self) -> float:
+    def sum_c2(self) -> Number:
         return sum(n * c * c for n, c in zip(self.sizes, self.coef, strict=True))
 
     @property
-    def b_big(self) -> float:
+    def b_big(self) -> Number:
         """The big batch's effective size (Σc)²/Σc²: the step's examples when they weigh alike."""
         c2 = self.sum_c2
+        if isinstance(c2, Tensor):
+            return self.sum_c**2 / c2
         return self.sum_c**2 / c2 if c2 > 0 else 0.0
 
-    def mean_grad_sq(self, raw: Tensor, j: int, n: float | Tensor) -> Tensor:
+    def mean_grad_sq(self, raw: Tensor, j: int, n: Number) -> Tensor:
         """|mean gradient of n examples of pass j|² from a raw squared norm of their sum."""
         return raw / (self.scale * self.coef[j] * n) ** 2
 

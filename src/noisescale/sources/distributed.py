@@ -18,7 +18,7 @@ global batch size after averaging." :class:`DataParallelSource` does that inside
   last backward pass of the step (``all_reduce`` then divide by the group size).
 
 What one step costs: **one asynchronous all-reduce of a fixed-size float64 buffer** (``WIDTH``
-numbers, 22 today — 176 bytes — whatever the number of processes W), waited for only when the
+numbers, 24 today — 192 bytes — whatever the number of processes W), waited for only when the
 tracker reads its statistics, with no host synchronisation on the way (on CUDA the host-side
 numbers go through pinned memory). Every process packs sums, not rows: the examples, Σc and Σc²
 of its examples' weights in its local gradient (c = 1/(k·N_j) for mean losses over k
@@ -75,13 +75,16 @@ SUM_C2 = 2  # Σ c²
 BIG = 3  # the processes' shares of |.grad|² (summed: the averaged gradient's)
 LOSS = 4  # Σ of the losses passed to tracker.step()
 HAS_LOSS = 5  # processes that passed one
+TOKENS = 6  # tokens the step's loss counted (noisescale.tokens)
+HAS_TOKENS = 7  # processes that counted them
 SOURCES = ("subbatch", "per_example", "microbatch", "local")
 FIELDS = 4  # per source: small batches, Σ 1/size, Σ S, processes that had it
-WIDTH = 6 + FIELDS * len(SOURCES)
+HEAD = 8
+WIDTH = HEAD + FIELDS * len(SOURCES)
 
 
 def _column(source: str, field: int) -> int:
-    return 6 + FIELDS * SOURCES.index(source) + field
+    return HEAD + FIELDS * SOURCES.index(source) + field
 
 
 @dataclass
@@ -109,9 +112,12 @@ class _LocalPass:
     fresh: set[int] = field(default_factory=set)  # parameters whose .grad was None before it
 
 
-def resolve(values: np.ndarray, world_size: int) -> tuple[float, float, int, float | None, dict]:
-    """Global b_big, |G_big|², examples, mean loss and each source's small batches (summed
-    over processes) from the all-reduced buffer. O(1): nothing here loops over processes."""
+def resolve(
+    values: np.ndarray, world_size: int
+) -> tuple[float, float, int, float | None, dict, float | None]:
+    """Global b_big, |G_big|², examples, mean loss, each source's small batches (summed over
+    processes) and the tokens counted (``None`` unless every process counted them) from the
+    all-reduced buffer. O(1): nothing here loops over processes."""
     from noisescale.state import SmallBatches
 
     sum_c, sum_c2 = values[SUM_C], values[SUM_C2]
@@ -126,7 +132,8 @@ def resolve(values: np.ndarray, world_size: int) -> tuple[float, float, int, flo
             sources[name] = SmallBatches(
                 float(count), float(inv), float(total), None, world_size - round(float(have))
             )
-    return float(b_big), float(sqnorm_big), round(float(values[EXAMPLES])), loss, sources
+    tokens = float(values[TOKENS]) if round(float(values[HAS_TOKENS])) == world_size else None
+    return float(b_big), float(sqnorm_big), round(float(values[EXAMPLES])), loss, sources, tokens
 
 
 class DataParallelSource:
@@ -315,6 +322,7 @@ class DataParallelSource:
         observations: dict[str, Observation],
         grad_scale: float,
         loss: Tensor | float | None,
+        tokens: Tensor | None = None,
     ) -> ReducedStep:
         """Pack this process's sums for the step and start the all-reduce.
 
@@ -324,6 +332,10 @@ class DataParallelSource:
                 micro-batches) as measured on its own passes.
             grad_scale: The loss scale still in ``.grad`` (1 once ``scaler.unscale_`` ran).
             loss: The loss passed to ``tracker.step()``.
+            tokens: The tokens this process's loss counted (a device number), if known.
+
+        The weights c may be device tensors (measured from the model's own loss,
+        :mod:`noisescale.tokens`); they then enter the buffer on the device, like the norms.
         """
         local, self._local, self._armed = self._local, {}, None
         passes = step.passes
@@ -332,21 +344,31 @@ class DataParallelSource:
                 "preconditioned norms are not supported under data parallelism"
             )
         host = [0.0] * WIDTH
-        host[EXAMPLES] = float(sum(step.sizes))
-        sum_c = step.sum_c
-        host[SUM_C], host[SUM_C2] = sum_c, step.sum_c2
         dev: dict[int, Tensor] = {}
+
+        def put(i: int, value: float | Tensor) -> None:
+            if isinstance(value, Tensor):
+                dev[i] = value
+            else:
+                host[i] = float(value)
+
+        host[EXAMPLES] = float(sum(p.batch_size for p in passes))
+        sum_c, sum_c2 = step.sum_c, step.sum_c2
+        put(SUM_C, sum_c)
+        put(SUM_C2, sum_c2)
+        if tokens is not None:
+            put(TOKENS, tokens)
+            host[HAS_TOKENS] = 1.0
         with torch.no_grad():
             for name, obs in observations.items():
-                host[_column(name, 0)] = obs.count
-                host[_column(name, 1)] = obs.inv_size_sum
+                put(_column(name, 0), obs.count)
+                put(_column(name, 1), obs.inv_size_sum)
                 host[_column(name, 3)] = 1.0
                 dev[_column(name, 2)] = obs.sqnorm_sum
             local_sq = self._local_sqnorm(passes, local)
-            if local_sq is not None and sum_c > 0:
-                b_local = sum_c * sum_c / step.sum_c2
+            if local_sq is not None and (isinstance(sum_c, Tensor) or sum_c > 0):
                 host[_column("local", 0)] = 1.0
-                host[_column("local", 1)] = 1.0 / b_local
+                put(_column("local", 1), sum_c2 / (sum_c * sum_c))  # 1/b_local
                 host[_column("local", 3)] = 1.0
                 dev[_column("local", 2)] = local_sq / (step.scale * sum_c) ** 2
             big = self._big_part()
@@ -373,7 +395,9 @@ class DataParallelSource:
             return values
         return values.pin_memory().to(self.device, non_blocking=True)
 
-    def resolve(self, values: np.ndarray) -> tuple[float, float, int, float | None, dict]:
+    def resolve(
+        self, values: np.ndarray
+    ) -> tuple[float, float, int, float | None, dict, float | None]:
         """The step's global statistics from the reduced buffer (host side, no collective)."""
         return resolve(values, self.world_size)
 

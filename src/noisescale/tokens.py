@@ -1,0 +1,277 @@
+"""What an example is: sequences, or the tokens a loss counts.
+
+A language model's loss is usually a mean over *tokens*, not over sequences: Hugging Face's
+causal-LM loss divides the sum of its token losses by the number of tokens whose label is not
+``-100`` (or by ``num_items_in_batch``, the step's token count, under the Trainer). With padded
+sequences of different lengths each sequence then weighs by its token count, and the noise scale of
+that objective is a noise scale *per token*. The paper's eq. A.2 still applies with tokens as the
+unit: the step's gradient is Ĝ = Σ_i x_i / Σ_i T_i over sequences i with summed token gradients x_i
+and T_i counted tokens, a small batch of sequences is a small batch of b = Σ T_i tokens, and
+
+    E|Ĝ_b|² = |G|² + tr Σ_tok / b,    G = E[x]/E[T],    tr Σ_tok = E|x − T·G|² / E[T],
+
+to first order in 1/b (a ratio estimator; exact when the token gradients' distribution does not
+depend on the sequence's length, and for equal lengths). B_simple = tr Σ_tok/|G|² is then in
+tokens; divided by the mean tokens per sequence it reads in sequences.
+
+A loss that averages *sequences* (each sequence's own token mean, equally weighted) has the
+per-sequence noise scale, in sequences; times the tokens per sequence it reads in tokens. The two
+are different quantities when lengths vary (``tests/test_tokens.py`` measures both against the
+exact truth on padded data): the tracker measures the one whose objective is backpropagated, and
+writes which into every estimate and history line.
+
+How the tracker learns the weights (:class:`PassUnits`, one per backward pass):
+
+* **Hugging Face models, measured.** The tracker wraps the model's own ``loss_function`` (causal
+  LM, masked LM, token and sequence classification): the wrapper reads the labels the loss counts
+  (shifted for causal LMs, or ``shift_labels``), the divisor (``num_items_in_batch`` or the
+  counted tokens), and hooks the returned loss, so the gradient that reaches it in the backward
+  gives the exact weight of each token in what was backpropagated — whatever the accumulation
+  divisor, loss scaler or Trainer scaling. A loss the model computes itself from ``labels=``
+  (T5, BART) is refused with the fix.
+* **Declared.** ``loss_reduction="token_mean"`` (each micro-batch's token mean, divided by the
+  number of micro-batches) or ``"num_items_in_batch"`` (the sum over the step's tokens divided by
+  their number), with :meth:`~noisescale.GradientNoiseTracker.count_tokens` after each forward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from noisescale.errors import NoiseScaleInputError
+
+__all__ = ["PassUnits", "TokenWatcher", "count_units"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PassUnits:
+    """How one backward pass's loss weighs its examples.
+
+    Attributes:
+        counts: Units per example, shape [N] (float64, on the labels' device): counted tokens,
+            or ones when the loss averages examples.
+        unit: ``"token"`` or ``"example"``.
+        origin: What counted them (``"ForCausalLMLoss"``, ``"count_tokens"``, …).
+        denominator: What the model's loss divided its sum over units by (measured losses only).
+        grad: The gradient that reached the model's loss in the backward (0-d), so each unit of
+            the pass weighs ``grad / denominator`` in what was backpropagated; ``None`` until the
+            backward reaches it (and for declared counts).
+        measured: Whether the weights come from the model's own loss (else from
+            ``loss_reduction``).
+    """
+
+    counts: Tensor
+    unit: str
+    origin: str
+    denominator: Tensor | float | None = None
+    grad: Tensor | None = None
+    measured: bool = False
+
+    def coefficient(self, scale: float) -> Tensor:
+        """The weight of one unit in the backpropagated loss, loss scale divided out."""
+        assert self.grad is not None and self.denominator is not None
+        d = self.denominator
+        if isinstance(d, Tensor):
+            d = d.to(device=self.grad.device, dtype=torch.float64)
+        return self.grad.detach().to(torch.float64) / (d * scale)
+
+
+def count_units(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Tokens per example from labels [N, ...] (those not ``ignore_index``) or a mask [N, ...]
+    (those true / non-zero), as float64 [N]."""
+    if not isinstance(labels, Tensor) or labels.dim() < 1:
+        raise NoiseScaleInputError(
+            "count_tokens() needs the labels or the loss mask of the micro-batch as a tensor "
+            f"[examples, tokens…], got {type(labels).__name__}"
+            + (f" of shape {tuple(labels.shape)}" if isinstance(labels, Tensor) else "")
+        )
+    if labels.dtype == torch.bool:
+        counted = labels
+    elif labels.is_floating_point():
+        counted = labels != 0
+    else:
+        counted = labels != ignore_index
+    if counted.dim() == 1:
+        return counted.to(torch.float64)
+    return counted.flatten(1).sum(1, dtype=torch.float64)
+
+
+# -- Hugging Face: the model's own loss, measured ---------------------------------------------
+
+
+def _is_hf_model(module: nn.Module) -> bool:
+    return any(c.__name__ == "PreTrainedModel" for c in type(module).__mro__) and hasattr(
+        type(module), "loss_function"
+    )
+
+
+def _loss_kinds() -> dict[Callable, str]:
+    from transformers.loss import loss_utils as lu
+
+    kinds = {
+        lu.ForCausalLMLoss: "causal",
+        lu.ForMaskedLMLoss: "masked",
+        lu.ForTokenClassification: "tokens",
+        lu.ForSequenceClassificationLoss: "sequence",
+    }
+    return kinds
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if len(args) > index else None
+
+
+class TokenWatcher:
+    """Wraps the ``loss_function`` of every Hugging Face model in ``model`` to learn each pass's
+    token counts and weights (see the module docstring). No-op for other models.
+
+    Args:
+        model: The tracked model.
+        current_pass: Returns the engine's open pass (where the units are attached).
+    """
+
+    def __init__(self, model: nn.Module, current_pass: Callable[[], Any]) -> None:
+        self._current_pass = current_pass
+        self._wrapped: list[tuple[nn.Module, Any]] = []
+        self._handles: list[Any] = []
+        self._calls: list[dict[str, Any]] = []
+        hf = [m for m in model.modules() if _is_hf_model(m)]
+        if not hf:
+            return
+        kinds = _loss_kinds()
+        for m in hf:
+            original = m.loss_function
+            kind = kinds.get(original)
+            previous = m.__dict__.get("_loss_function", _MISSING)
+            self._wrapped.append((m, previous))
+            m.loss_function = self._wrap(original, kind)
+            self._handles.append(m.register_forward_pre_hook(self._on_call, with_kwargs=True))
+            self._handles.append(m.register_forward_hook(self._on_return, with_kwargs=True))
+
+    @property
+    def active(self) -> bool:
+        return bool(self._wrapped)
+
+    def remove(self) -> None:
+        for m, previous in self._wrapped:
+            if previous is _MISSING:
+                m.__dict__.pop("_loss_function", None)
+            else:
+                m._loss_function = previous
+        self._wrapped.clear()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._calls.append({"module": module, "handled": False})
+
+    def _on_return(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        call = self._calls.pop() if self._calls else {"handled": False}
+        labels = kwargs.get("labels")
+        loss = getattr(output, "loss", None) if not isinstance(output, dict) else output.get("loss")
+        if (
+            call["handled"]
+            or not isinstance(labels, Tensor)
+            or labels.dim() < 2
+            or not isinstance(loss, Tensor)
+            or not loss.requires_grad
+            or not torch.is_grad_enabled()
+        ):
+            return
+        pass_ = self._current_pass()
+        if pass_ is None:
+            return
+        name = type(module).__name__
+
+        def hook(grad: Tensor) -> None:
+            pass_.units_error = (
+                f"{name} computed its loss itself from labels= (not through its loss_function), "
+                "so noisescale cannot tell how it weighs tokens (typically a mean over the "
+                "tokens whose label is not -100: sequences weigh by their length). Declare it: "
+                "pass loss_reduction='token_mean' (or 'num_items_in_batch') and call "
+                "tracker.count_tokens(labels) after each forward; or compute the loss yourself "
+                "from the logits without passing labels= to the model"
+            )
+
+        loss.register_hook(hook)
+
+    def _wrap(self, original: Callable, kind: str | None) -> Callable:
+        def loss_function(*args: Any, **kwargs: Any) -> Tensor:
+            out = original(*args, **kwargs)
+            if self._calls:
+                self._calls[-1]["handled"] = True
+            if kind is None or not isinstance(out, Tensor) or not torch.is_grad_enabled():
+                return out
+            pass_ = self._current_pass()
+            if pass_ is None or not out.requires_grad:
+                return out
+            units = self._units(kind, args, kwargs, original)
+            if units is None:
+                return out
+            if getattr(pass_, "units", None) is not None:
+                pass_.units_error = (
+                    "the model's loss_function ran twice in one forward pass; noisescale "
+                    "cannot tell how the two losses weigh tokens"
+                )
+                return out
+
+            def hook(grad: Tensor) -> None:
+                units.grad = grad if units.grad is None else units.grad + grad
+
+            out.register_hook(hook)
+            pass_.units = units
+            return out
+
+        loss_function.__wrapped__ = original  # type: ignore[attr-defined]
+        return loss_function
+
+    @staticmethod
+    def _units(kind: str, args: tuple, kwargs: dict, original: Callable) -> PassUnits | None:
+        origin = getattr(original, "__name__", kind)
+        if kind == "sequence":
+            labels = _arg(args, kwargs, 0, "labels")
+            logits = _arg(args, kwargs, 1, "pooled_logits")
+            config = _arg(args, kwargs, 2, "config")
+            if not isinstance(labels, Tensor) or not isinstance(logits, Tensor):
+                return None
+            n = logits.shape[0]
+            counts = torch.ones(n, dtype=torch.float64, device=logits.device)
+            nib = kwargs.get("num_items_in_batch")
+            ce = getattr(config, "problem_type", None) == "single_label_classification"
+            denominator = nib if (ce and nib is not None) else float(n)
+            return PassUnits(counts, "example", origin, denominator, measured=True)
+        labels = _arg(args, kwargs, 1, "labels")
+        if not isinstance(labels, Tensor) or labels.dim() < 2:
+            return None
+        ignore = kwargs.get("ignore_index", IGNORE_INDEX)
+        if kind == "causal":
+            shifted = kwargs.get("shift_labels")
+            if isinstance(shifted, Tensor):
+                counted = shifted.reshape(labels.shape[0], -1) != ignore
+            else:
+                counted = labels[..., 1:] != ignore
+        else:
+            counted = labels != ignore
+        counts = counted.flatten(1).sum(1, dtype=torch.float64)
+        nib = kwargs.get("num_items_in_batch")
+        denominator = nib if nib is not None else counts.sum()
+        return PassUnits(counts, "token", origin, denominator, measured=True)
+
+
+_MISSING = object()
+
+
+def mean_units(total_units: float, total_examples: float) -> float:
+    """Units (tokens) per example, ``nan`` when unknown."""
+    return total_units / total_examples if total_examples > 0 else math.nan
