@@ -19,6 +19,7 @@ truth with their 95% intervals.
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -211,7 +212,6 @@ def test_per_sequence_estimate_holds_the_truth(lm):
 
 
 def test_history_says_which_definition(lm, tmp_path):
-    import json
 
     model = lm["model"]
     path = tmp_path / "h.jsonl"
@@ -383,3 +383,66 @@ def test_watcher_leaves_the_model_as_it_was(lm):
         warnings.simplefilter("error")
         out = model(lm["ids"][:2], labels=lm["labels"][:2])
     assert torch.isfinite(out.loss)
+
+
+# -- tokens in the report and the CLI ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def token_history(lm, tmp_path_factory):
+    model = lm["model"]
+    path = tmp_path_factory.mktemp("tokens") / "history.jsonl"
+    tracker = noisescale.GradientNoiseTracker(model, beta=0.9, history_path=path)
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(40):
+        idx = torch.randint(0, POOL, (16,), generator=gen)
+        out = model(lm["ids"][idx], attention_mask=lm["mask"][idx].long(), labels=lm["labels"][idx])
+        out.loss.backward()
+        tracker.step(loss=out.loss)
+        model.zero_grad()
+    e = tracker.estimate()
+    tracker.remove()
+    return path, e
+
+
+def test_report_gives_tokens_and_sequences(token_history):
+    from noisescale.report.data import load_history, report_data, summary_dict
+    from noisescale.report.html import report_html
+
+    path, e = token_history
+    history = load_history(path)
+    assert history.unit == "tokens"
+    data = report_data(history)
+    summary = summary_dict(data)
+    assert summary["unit"] == "tokens"
+    assert summary["b_simple_last"] == pytest.approx(e.b_simple)
+    assert summary["b_simple_last_examples"] == pytest.approx(e.to("examples").b_simple)
+    assert summary["b_simple_last_tokens"] == pytest.approx(e.b_simple)
+    # the trajectory counts tokens, like its batch sizes
+    assert data.trajectory.examples[-1] == pytest.approx(history.tokens_seen[-1])
+    page = report_html(data, {name: b"" for name in _figure_names()})
+    assert "tokens" in page and "sequences of" in page
+
+
+def _figure_names():
+    from noisescale.report.figures import FIGURE_NAMES
+
+    return FIGURE_NAMES
+
+
+def test_calc_reads_a_history_in_either_unit(token_history, capsys):
+    from noisescale.cli import main
+
+    path, e = token_history
+    assert main(["calc", "--history", str(path), "--batch-size", "4096"]) == 0
+    text = capsys.readouterr().out
+    assert "tokens" in text and "Kaplan" in text
+    assert main(["calc", "--history", str(path), "--batch-size", "64", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["unit"] == "tokens" and row["noise_scale"] == pytest.approx(e.b_simple)
+    assert main(["calc", "--history", str(path), "--unit", "examples", "--batch-size", "16",
+                 "--json"]) == 0  # fmt: skip
+    row = json.loads(capsys.readouterr().out)
+    assert row["unit"] == "examples"
+    assert row["noise_scale"] == pytest.approx(e.to("examples").b_simple)
+    assert main(["calc", "--noise-scale", "10", "--unit", "tokens", "--batch-size", "4"]) == 2

@@ -177,6 +177,7 @@ def update(
     if stats.tokens is not None:
         tokens, counted = tokens + stats.tokens, counted + stats.examples
         record["tokens"] = stats.tokens
+        record["tokens_seen"] = tokens
         record["tokens_per_example"] = tokens / counted if counted else math.nan
     if stats.definition == "token":
         _per_token(record, tokens / counted if counted else math.nan)

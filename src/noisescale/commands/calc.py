@@ -6,6 +6,12 @@ Examples::
     noisescale calc --noise-scale 2048 --batch-size 256:16384:x2 --json
     noisescale calc --noise-scale 900 --batch-size 64,128,256 --lr 0.1 --lr-batch-size 64
     noisescale calc --kaplan-loss 3.0 --batch-size 1e5:1e7:x10      # batch sizes in tokens
+    noisescale calc --history runs/lm/history.jsonl --batch-size 8192:262144:x2
+
+With ``--history`` the noise scale is the run's last B_simple, in the unit the run measured
+(tokens when its loss averaged tokens; ``--unit`` converts with the run's tokens per example);
+for a language model measured in tokens, Kaplan et al.'s B_crit at the run's last loss is printed
+beside it for comparison (their law was fitted on WebText2 with GPT-2-like models).
 
 Batch-size syntax (``--batch-size``): a comma-separated list of items, each either a number or a
 range ``START:STOP[:STEP]`` that includes STOP when the steps land on it. STEP is ``xK`` for a
@@ -57,6 +63,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="instead of --noise-scale, use Kaplan et al.'s B_crit(L) = 2.0e8·L^-4.76 tokens for "
         "a language model at loss L (nats/token); batch sizes are then in tokens",
     )
+    source.add_argument(
+        "--history",
+        metavar="PATH",
+        help="instead of --noise-scale, the last B_simple of a tracker history (its unit: "
+        "examples or tokens)",
+    )
+    parser.add_argument(
+        "--unit",
+        choices=("examples", "tokens"),
+        help="with --history: give the noise scale and batch sizes in this unit (converting with "
+        "the run's tokens per example; default: the run's own unit)",
+    )
     parser.add_argument(
         "--batch-size", required=True, metavar="BATCH", help="one batch size, a list or a range"
     )
@@ -100,9 +118,14 @@ def run(args: argparse.Namespace) -> int:
 
     from noisescale import theory
 
+    origin: str | None = None
+    if args.unit is not None and args.history is None:
+        raise NoiseScaleInputError("--unit goes with --history (the run's B_simple)")
     if args.noise_scale is not None:
         measured = positive_number(args.noise_scale, "--noise-scale", maximum=MAX_SIZE)
         unit = "examples"
+    elif args.history is not None:
+        measured, unit, origin = _from_history(args.history, args.unit)
     else:
         measured = float(theory.b_crit_kaplan(positive_number(args.kaplan_loss, "--kaplan-loss")))
         unit = "tokens"
@@ -157,12 +180,55 @@ def run(args: argparse.Namespace) -> int:
             "given are too far apart (e.g. B/B_noise beyond 1e300); use values closer together"
         )
     if args.json:
+        if origin is not None:
+            for row in rows:
+                row["history"] = args.history
         print(json.dumps(rows if several else rows[0], indent=2, allow_nan=False))
     elif several:
-        print(_table_text(rows, b_noise, unit, measured, temperatures, lr_settings))
+        print(_table_text(rows, b_noise, unit, measured, temperatures, lr_settings, origin))
     else:
-        print(_single_text(rows[0], unit, measured, temperatures, lr_settings))
+        print(_single_text(rows[0], unit, measured, temperatures, lr_settings, origin))
     return 0
+
+
+def _from_history(path: str, unit: str | None) -> tuple[float, str, str]:
+    """The run's last B_simple in ``unit`` (default the run's), its unit, and a sentence saying
+    where it came from (with Kaplan's B_crit at the run's loss for a run measured in tokens)."""
+    from noisescale import theory
+    from noisescale.report.data import b_simple_vs_step, load_history
+    from noisescale.report.text import format_number as f
+
+    history = load_history(path)
+    series = b_simple_vs_step(history)
+    if series.b_simple.size == 0:
+        raise NoiseScaleInputError(
+            f"{path!r} has no step with a B_simple estimate yet (train longer, or see the "
+            "'unavailable' reason in its records)"
+        )
+    b, step = float(series.b_simple[-1]), int(series.step[-1])
+    own = history.unit
+    t = history.last_tokens_per_example
+    target = unit or own
+    if target != own:
+        if not (math.isfinite(t) and t > 0):
+            raise NoiseScaleInputError(
+                f"{path!r} is in {own} and its run counted no tokens, so it cannot be given in "
+                f"{target}; count them while training (noisescale.tokens)"
+            )
+        b = b * t if target == "tokens" else b / t
+    sentence = f"Noise scale B_simple = {f(b)} {target}, the last estimate of {path} (step {step:,}"
+    if math.isfinite(t) and t > 0:
+        sentence += f"; {t:.3g} tokens per example"
+    sentence += ")"
+    at_step = history.loss[history.step == step]
+    loss = float(at_step[0]) if at_step.size else math.nan
+    if own == "tokens" and target == "tokens" and math.isfinite(loss) and loss > 0:
+        kaplan = float(theory.b_crit_kaplan(loss))
+        sentence += (
+            f". For comparison, Kaplan et al.'s law at this loss ({f(loss)} nats/token) gives "
+            f"B_crit = {f(kaplan)} tokens (fitted on WebText2; --kaplan-loss)"
+        )
+    return b, target, sentence
 
 
 def batch_size_row(
@@ -294,10 +360,18 @@ def _json_number(x: float) -> float | int:
     return int(x) if float(x).is_integer() else x
 
 
-def _source_line(b_noise: float, unit: str, measured: float, temperatures: dict[str, float]) -> str:
+def _source_line(
+    b_noise: float,
+    unit: str,
+    measured: float,
+    temperatures: dict[str, float],
+    origin: str | None = None,
+) -> str:
     from noisescale.report.text import format_number as f
 
-    if unit == "tokens":
+    if origin is not None:
+        line = origin
+    elif unit == "tokens":
         line = f"Critical batch size from Kaplan's law B_crit(L) = {f(measured)} tokens"
     else:
         line = f"Noise scale B_noise = {f(measured)}"
@@ -332,13 +406,14 @@ def _single_text(
     measured: float,
     temperatures: dict[str, float],
     lr_settings: dict[str, Any],
+    origin: str | None = None,
 ) -> str:
     from noisescale.report.text import REGIME_WORDS, format_batch_size, summary_sentence
     from noisescale.report.text import format_number as f
 
     b = format_batch_size(row["batch_size"])
     lines = [
-        _source_line(row["noise_scale"], unit, measured, temperatures),
+        _source_line(row["noise_scale"], unit, measured, temperatures, origin),
         f"Batch size B = {b} {unit} is {f(row['b_over_b_noise'])}× the noise scale: "
         f"{REGIME_WORDS[row['regime']]}.",
         f"  optimal learning rate   ε_opt/ε_max   = {f(row['lr_over_max']):<10} (eq. 2.6)",
@@ -363,6 +438,7 @@ def _table_text(
     measured: float,
     temperatures: dict[str, float],
     lr_settings: dict[str, Any],
+    origin: str | None = None,
 ) -> str:
     from noisescale.report.text import format_batch_size
     from noisescale.report.text import format_number as f
@@ -384,7 +460,7 @@ def _table_text(
         for line, r in zip(table, rows, strict=True):
             line.append(f(r["lr"]))
     widths = [max(len(h), *(len(line[i]) for line in table)) for i, h in enumerate(header)]
-    out = [_source_line(b_noise, unit, measured, temperatures)]
+    out = [_source_line(b_noise, unit, measured, temperatures, origin)]
     if lr_settings:
         out.append(_lr_line(lr_settings))
     out.append(f"Batch sizes in {unit}; regimes: small B < B_noise/3, large B > 3·B_noise.")

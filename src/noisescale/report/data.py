@@ -3,7 +3,10 @@
 A history is JSON Lines: a header ``{"kind": "noisescale.history", "version": 1, ...}`` and one
 object per optimiser step (``step``, ``skipped``, ``b_big``, ``g2``, ``trace_sigma``, ``g2_ema``,
 ``trace_sigma_ema``, ``b_simple``, ``b_simple_low``, ``b_simple_high``, ``loss``, ``lr``,
-``temperature``, ``examples``, ``sources``), NaN and infinities written as ``null``.
+``temperature``, ``examples``, ``sources``), NaN and infinities written as ``null``. The header's
+``unit`` says what B_simple, the batch sizes and tr Σ count — ``"examples"`` (also in histories
+without it) or ``"tokens"`` (a loss over tokens, :mod:`noisescale.tokens`); records with counted
+tokens add ``tokens``, ``tokens_seen`` and ``tokens_per_example``, so the report gives B in both.
 
 Each function here returns the numbers one figure or table of the report shows, so tests check
 numbers rather than pixels. The cost analysis treats the measured B_simple as B_noise (paper §2.2:
@@ -43,7 +46,10 @@ FLOAT_FIELDS = (
     "lr",
     "temperature",
     "examples",
+    "tokens_seen",
+    "tokens_per_example",
 )
+UNITS = ("examples", "tokens")
 
 #: At most this many candidate fixed batch sizes in the cost table.
 MAX_CANDIDATES = 12
@@ -83,7 +89,20 @@ class History:
     lr: np.ndarray
     temperature: np.ndarray
     examples: np.ndarray
+    tokens_seen: np.ndarray
+    tokens_per_example: np.ndarray
     warnings: tuple[str, ...] = ()
+
+    @property
+    def unit(self) -> str:
+        """What B_simple and the batch sizes count: ``"examples"`` or ``"tokens"``."""
+        return str(self.header.get("unit", "examples"))
+
+    @property
+    def last_tokens_per_example(self) -> float:
+        """The run's mean tokens per example at its last record that has one, else ``nan``."""
+        known = self.tokens_per_example[np.isfinite(self.tokens_per_example)]
+        return float(known[-1]) if known.size else math.nan
 
 
 def load_history(path: str | Path) -> History:
@@ -247,7 +266,8 @@ def trajectory(history: History) -> Trajectory:
     step = history.step[keep].astype(float)
     batch = history.b_big[keep]
     b_noise = history.b_simple[keep]
-    examples = history.examples[keep]
+    # the examples (or tokens) seen so far, in the unit of the batch sizes
+    examples = (history.tokens_seen if history.unit == "tokens" else history.examples)[keep]
     if not np.all(np.isfinite(examples)):
         # Older or partial records without the running total: integrate the batch sizes instead.
         examples = np.concatenate([[0.0], np.cumsum(np.diff(step) * (batch[1:] + batch[:-1]) / 2)])
@@ -534,13 +554,23 @@ def summary_dict(data: ReportData) -> dict[str, Any]:
     """The report's headline numbers as JSON-ready data (``noisescale report --json``)."""
     bs = data.b_simple_step
     adaptive = data.adaptive
+    t = data.history.last_tokens_per_example
     return {
         "history": data.history.path,
+        "unit": data.history.unit,
+        "tokens_per_example": _finite_or_none(t),
         "steps_recorded": int(data.history.step.size),
         "steps_with_b_simple": int(bs.x.size),
         "b_simple_first": float(bs.b_simple[0]),
         "b_simple_last": float(bs.b_simple[-1]),
         "b_simple_last_interval": [_finite_or_none(bs.low[-1]), _finite_or_none(bs.high[-1])],
+        # the last B_simple in both units where tokens were counted
+        "b_simple_last_examples": _finite_or_none(
+            float(bs.b_simple[-1]) / (t if data.history.unit == "tokens" else 1.0)
+        ),
+        "b_simple_last_tokens": _finite_or_none(
+            float(bs.b_simple[-1]) * (1.0 if data.history.unit == "tokens" else t)
+        ),
         "run": {k: _finite_or_none(v) for k, v in data.run._asdict().items()},
         "gamma": adaptive.gamma,
         "adaptive": {
@@ -566,6 +596,10 @@ def _check_header(obj: Any, path: Path) -> dict[str, Any]:
         raise NoiseScaleInputError(
             f"{str(path)!r}: history version {obj.get('version')!r} is not supported "
             f"(this noisescale reads versions {SUPPORTED_VERSIONS})"
+        )
+    if obj.get("unit", "examples") not in UNITS:
+        raise NoiseScaleInputError(
+            f"{str(path)!r}: the header's unit {obj.get('unit')!r} is not one of {UNITS}"
         )
     return obj
 

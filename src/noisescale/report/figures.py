@@ -41,6 +41,7 @@ def plot_b_simple_vs_step(
     adaptive: AdaptiveSummary,
     run_step: np.ndarray,
     run_batch_size: np.ndarray,
+    unit: str = "examples",
 ) -> Figure:
     """B_simple with its interval, the run's batch size and the adaptive schedule, per step."""
     fig, ax = _figure()
@@ -57,13 +58,13 @@ def plot_b_simple_vs_step(
     _log_scale(ax, "y")
     _limit_to_lines(ax, [series.b_simple, run_batch_size, adaptive.schedule_natural])
     ax.set_xlabel("step")
-    ax.set_ylabel("examples")
+    ax.set_ylabel(unit)
     ax.set_title("Noise scale B_simple during training")
     ax.legend(loc="best", fontsize=8)
     return fig
 
 
-def plot_b_simple_vs_loss(series: BSimpleSeries) -> Figure:
+def plot_b_simple_vs_loss(series: BSimpleSeries, unit: str = "examples") -> Figure:
     """B_simple with its interval against the training loss (loss falls to the right).
 
     Points coloured by step rather than a line: per-step losses are noisy and not monotonic, and a
@@ -94,7 +95,7 @@ def plot_b_simple_vs_loss(series: BSimpleSeries) -> Figure:
     else:
         _empty(ax, "no step recorded both a loss and a B_simple estimate")
     ax.set_xlabel("training loss (decreasing →)")
-    ax.set_ylabel("B_simple (examples)")
+    ax.set_ylabel(f"B_simple ({unit})")
     ax.set_title("Noise scale against loss")
     return fig
 
@@ -130,7 +131,11 @@ def plot_temperature(series: TemperatureSeries) -> Figure:
 
 
 def plot_cost(
-    pareto: ParetoCurves, costs: list[CostRow], run: RunCost, adaptive: AdaptiveSummary
+    pareto: ParetoCurves,
+    costs: list[CostRow],
+    run: RunCost,
+    adaptive: AdaptiveSummary,
+    unit: str = "examples",
 ) -> Figure:
     """Fixed-batch and adaptive Pareto fronts (eq. 2.11, D.4), the candidates and the run."""
     fig, ax = _figure()
@@ -181,7 +186,7 @@ def plot_cost(
     _log_scale(ax, "y")
     ax.set_xlim(1.0, right)
     ax.set_ylim(1.0, top)
-    ax.set_xlabel("examples E / E_min (compute)")
+    ax.set_xlabel(f"{unit} E / E_min (compute)")
     ax.set_ylabel("steps S / S_min (time)")
     ax.set_title("Cost of this run's progress at other batch sizes")
     ax.legend(loc="upper right", fontsize=7)
@@ -196,11 +201,12 @@ def draw_all(data: ReportData) -> dict[str, bytes]:
             data.adaptive,
             data.trajectory.step,
             data.trajectory.batch_size,
+            data.history.unit,
         ),
-        "b_simple_vs_loss": plot_b_simple_vs_loss(data.b_simple_loss),
+        "b_simple_vs_loss": plot_b_simple_vs_loss(data.b_simple_loss, data.history.unit),
         "ema": plot_ema(data.emas),
         "temperature": plot_temperature(data.temperature),
-        "cost": plot_cost(data.pareto, data.costs, data.run, data.adaptive),
+        "cost": plot_cost(data.pareto, data.costs, data.run, data.adaptive, data.history.unit),
     }
     out = {}
     for name in FIGURE_NAMES:

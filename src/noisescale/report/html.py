@@ -51,6 +51,17 @@ _TITLES = {
 }
 
 
+def in_other_unit(unit: str, b: float, tokens_per_example: float) -> str:
+    """`` — 93 sequences of 13.2 tokens`` (or ``… tokens at …``): B_simple in the other unit,
+    where the run counted tokens; empty otherwise."""
+    t = tokens_per_example
+    if not (t == t and t > 0 and b == b):
+        return ""
+    if unit == "tokens":
+        return f" — {format_number(b / t)} sequences of {t:.3g} tokens on average"
+    return f" — {format_number(b * t)} tokens at {t:.3g} tokens per example"
+
+
 def report_html(data: ReportData, figures: dict[str, bytes], figures_dir: str | None = None) -> str:
     """The complete report page.
 
@@ -63,6 +74,7 @@ def report_html(data: ReportData, figures: dict[str, bytes], figures_dir: str | 
     adaptive = data.adaptive
     bs = data.b_simple_step
     e = html.escape
+    unit = data.history.unit  # what B_simple, batch sizes and E count: examples or tokens
     sections = []
     for name in FIGURE_NAMES:
         encoded = base64.b64encode(figures[name]).decode("ascii")
@@ -102,22 +114,23 @@ def report_html(data: ReportData, figures: dict[str, bytes], figures_dir: str | 
         f"<p>{data.history.step.size:,} steps recorded; B<sub>simple</sub> is available at "
         f"{bs.x.size:,} of them, from step {run.first_step:,} to {run.last_step:,}. "
         f"It went from {format_number(bs.b_simple[0])} to "
-        f"<b>{format_number(bs.b_simple[-1])}</b>{interval}"
+        f"<b>{format_number(bs.b_simple[-1])}</b> {unit}{interval}"
         + (f" at {100 * confidence:g}% confidence" if isinstance(confidence, float) else "")
+        + f"{in_other_unit(unit, float(bs.b_simple[-1]), data.history.last_tokens_per_example)}"
         + f". The run used {run_batch}.{final_regime}</p>"
         f"<p>Averaged over the trajectory (App. D), the critical batch size is "
         f"B<sub>crit</sub> = E<sub>min</sub>/S<sub>min</sub> = <b>{format_number(run.b_crit)}</b>: "
         f"the run's progress needs at least S<sub>min</sub> = {format_count(run.s_min)} steps "
         f"(infinitely large batches) and at least E<sub>min</sub> = {format_count(run.e_min)} "
-        f"examples (tiny batches).{predicted}</p>"
+        f"{unit} (tiny batches).{predicted}</p>"
         f"<p>An adaptive batch size B = √(r·B<sub>simple</sub>) (eq. D.6) has γ = "
         f"<b>{adaptive.gamma:.3f}</b> on this trajectory (eq. D.5; 1 means no gain). With as many "
-        f"examples as this run used ({format_count(run.examples)}), it would have needed "
+        f"{unit} as this run used ({format_count(run.examples)}), it would have needed "
         f"<b>{format_count(adaptive.same_examples_steps)}</b> steps instead of "
         f"{format_count(run.steps)} ({100 * saved:.1f}% fewer; r = "
         f"{format_number(adaptive.r_same_examples)}). At the natural exchange rate r = "
         f"E<sub>min</sub>/S<sub>min</sub> it takes {format_count(adaptive.natural_steps)} steps "
-        f"and {format_count(adaptive.natural_examples)} examples, both 1 + √γ = "
+        f"and {format_count(adaptive.natural_examples)} {unit}, both 1 + √γ = "
         f"{format_number(1 + adaptive.gamma**0.5)} times their minimum.</p>"
     )
     warnings = "".join(f"<li>{e(w)}</li>" for w in data.warnings)
@@ -154,6 +167,7 @@ def report_html(data: ReportData, figures: dict[str, bytes], figures_dir: str | 
         .replace("__FIGURES_NOTE__", figures_note)
         .replace("__TEXT_JS__", TEXT_JS)
         .replace("__DATA__", json.dumps(page_data))
+        .replace("__UNIT__", unit)
     )
 
 
@@ -233,9 +247,9 @@ __SUMMARY__
 <p>To make the progress this run made from step __FIRST__ to __LAST__ (eq. D.1 along the measured
 trajectory, B<sub>simple</sub> standing in for B<sub>noise</sub>):</p>
 <table class="costs">
-<tr><th>batch size</th><th>steps</th><th>examples</th><th>S/S<sub>min</sub></th>
-<th>E/E<sub>min</sub></th><th>adaptive: steps at same examples</th>
-<th>adaptive: examples at same steps</th></tr>
+<tr><th>batch size (__UNIT__)</th><th>steps</th><th>__UNIT__</th><th>S/S<sub>min</sub></th>
+<th>E/E<sub>min</sub></th><th>adaptive: steps at same __UNIT__</th>
+<th>adaptive: __UNIT__ at same steps</th></tr>
 __ROWS__
 </table>
 <div class="calc">
@@ -243,8 +257,8 @@ __ROWS__
   <input type="text" inputmode="decimal" id="report-input-batch-size"
          value="__DEFAULT_BATCH__">
   → <span class="num" id="report-readout-steps"></span> steps,
-  <span class="num" id="report-readout-examples"></span> examples; an adaptive schedule with
-  as many examples: <span class="num" id="report-readout-adaptive-steps"></span> steps
+  <span class="num" id="report-readout-examples"></span> __UNIT__; an adaptive schedule with
+  as many __UNIT__: <span class="num" id="report-readout-adaptive-steps"></span> steps
   (<span class="num" id="report-readout-saved"></span>% fewer).
   <div id="report-error" role="alert"></div>
 </div>
