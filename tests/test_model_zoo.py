@@ -75,103 +75,98 @@ def _lm(model: nn.Module, **extra) -> None:
     assert_exact(model, batch, one)
 
 
-def test_gpt2_called_normally():
-    """Conv1D projections, a tied head, position ids [1, T] broadcast over the batch."""
-    cfg = transformers.GPT2Config(
+# The families, as their users build them (tiny configs, random weights): name -> (builder,
+# inputs); "lm" models are called with labels (their own token-mean loss), "images" ones with
+# pixel values of the given size and class labels.
+ZOO = {
+    # Conv1D projections, a tied head, position ids [1, T] broadcast over the batch
+    "gpt2": (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=V, n_positions=16, n_embd=16, n_layer=2, n_head=2,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
-    _lm(transformers.GPT2LMHeadModel(cfg))
-
-
-def test_bert_masked_lm():
-    """Position ids [1, T], token types expanded from a buffer, a tied decoder whose bias is
-    registered on two modules."""
-    cfg = transformers.BertConfig(
+    )), "lm"),
+    # position ids [1, T], token types expanded from a buffer, a tied decoder whose bias is
+    # registered on two modules
+    "bert": (lambda: transformers.BertForMaskedLM(transformers.BertConfig(
         vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=32, max_position_embeddings=16,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    _lm(transformers.BertForMaskedLM(cfg))
-
-
-def test_llama_causal_lm():
-    """Its own RMSNorm (a weight multiplied in), rotary positions, grouped-query attention."""
-    cfg = transformers.LlamaConfig(
+    )), "lm"),
+    # its own RMSNorm (a weight multiplied in), rotary positions, grouped-query attention
+    "llama": (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
-    )  # fmt: skip
-    _lm(transformers.LlamaForCausalLM(cfg))
-
-
-def test_gemma_causal_lm():
-    """RMSNorm scaling by (1 + weight): the pattern, not the class, is what is handled."""
-    cfg = transformers.GemmaConfig(
+    )), "lm"),
+    # RMSNorm scaling by (1 + weight): the pattern, not the class, is what is handled
+    "gemma": (lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(
         vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=16,
-    )  # fmt: skip
-    _lm(transformers.GemmaForCausalLM(cfg))
-
-
-def test_t5_conditional_generation():
-    """Relative attention bias looked up with [T, T] buckets shared by the batch, T5LayerNorm,
-    one embedding shared by encoder and decoder."""
-    cfg = transformers.T5Config(
+    )), "lm"),
+    # relative attention bias looked up with [T, T] buckets shared by the batch, T5LayerNorm,
+    # one embedding shared by encoder and decoder
+    "t5": (lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(
         vocab_size=V, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
         dropout_rate=0.0, decoder_start_token_id=0,
-    )  # fmt: skip
-    _lm(transformers.T5ForConditionalGeneration(cfg))
-
-
-def test_bart_conditional_generation():
-    """Learned positions through an Embedding subclass with its own forward (offset 2)."""
-    cfg = transformers.BartConfig(
+    )), "lm"),
+    # learned positions through an Embedding subclass with its own forward (offset 2)
+    "bart": (lambda: transformers.BartForConditionalGeneration(transformers.BartConfig(
         vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
         decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
         max_position_embeddings=16, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-    )  # fmt: skip
-    _lm(transformers.BartForConditionalGeneration(cfg))
-
-
-def test_albert_shares_one_layer_across_depths():
-    cfg = transformers.AlbertConfig(
+    )), "lm"),
+    # one layer shared across depths
+    "albert": (lambda: transformers.AlbertForMaskedLM(transformers.AlbertConfig(
         vocab_size=V, embedding_size=8, hidden_size=16, num_hidden_layers=3,
         num_attention_heads=2, intermediate_size=32, max_position_embeddings=16,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    _lm(transformers.AlbertForMaskedLM(cfg))
-
-
-def _images(model: nn.Module, size: int) -> None:
-    x = torch.randn(N, 3, size, size, generator=torch.Generator().manual_seed(2))
-    y = torch.tensor([0, 1, 2, 1])
-
-    def batch() -> torch.Tensor:
-        return model(pixel_values=x, labels=y).loss
-
-    def one(i: int) -> torch.Tensor:
-        return model(pixel_values=x[i : i + 1], labels=y[i : i + 1]).loss
-
-    assert_exact(model, batch, one)
-
-
-def test_vit_image_classification():
-    """A class token expanded over the batch and a position table added, in the embeddings."""
-    cfg = transformers.ViTConfig(
+    )), "lm"),
+    # a class token expanded over the batch and a position table added, in the embeddings
+    "vit": (lambda: transformers.ViTForImageClassification(transformers.ViTConfig(
         image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
         num_attention_heads=2, intermediate_size=32, num_labels=3,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    _images(transformers.ViTForImageClassification(cfg), 8)
-
-
-def test_convnext_image_classification():
-    """Layer scale multiplied in, a LayerNorm subclass in channels-first layout."""
-    cfg = transformers.ConvNextConfig(
+    )), ("images", 8)),
+    # layer scale multiplied in, a LayerNorm subclass in channels-first layout
+    "convnext": (lambda: transformers.ConvNextForImageClassification(transformers.ConvNextConfig(
         num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=3,
         image_size=16,
-    )  # fmt: skip
-    _images(transformers.ConvNextForImageClassification(cfg), 16)
+    )), ("images", 16)),
+}  # fmt: skip
+
+
+def _losses(model: nn.Module, inputs) -> tuple:
+    """The batch loss (the mean of the examples' own losses) and one example's loss. Language
+    models get sequences of equal length (some attention padding), so their token mean is the
+    mean of the examples' token means."""
+    model.train()
+    if inputs == "lm":
+        ids, mask = _ids(), _mask()
+
+        def batch() -> torch.Tensor:
+            return model(input_ids=ids, attention_mask=mask, labels=ids).loss
+
+        def one(i: int) -> torch.Tensor:
+            s = slice(i, i + 1)
+            return model(input_ids=ids[s], attention_mask=mask[s], labels=ids[s]).loss
+
+        return batch, one
+    size = inputs[1]
+    x = torch.randn(N, 3, size, size, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([0, 1, 2, 1])
+
+    def batch_images() -> torch.Tensor:
+        return model(pixel_values=x, labels=y).loss
+
+    def one_image(i: int) -> torch.Tensor:
+        return model(pixel_values=x[i : i + 1], labels=y[i : i + 1]).loss
+
+    return batch_images, one_image
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_transformers_models_called_normally(name):
+    build, inputs = ZOO[name]
+    model = build()
+    assert_exact(model, *_losses(model, inputs))
 
 
 # -- torch.nn -------------------------------------------------------------------------------
@@ -405,30 +400,41 @@ def test_fallback_module_with_dropout_replays_its_masks():
     assert torch.allclose(second.raw_sqnorms * N**2, torch.stack(want), rtol=RTOL)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+# The largest relative error of the per-example norms under bf16 autocast against the float32
+# truth, measured on this project's machine (2026-12-01, torch 2.13 CPU). It is the bf16
+# forward's own rounding (8 bits of mantissa): one backward per example under the same autocast
+# is as far from float32 (T5 2.99%, ALBERT 0.95%), while noisescale's norms stay within 0.05% of
+# that bf16 brute force. Asserted: 2× the measured error against float32, and 0.5% against the
+# bf16 brute force.
+BF16_ERROR = {
+    "gpt2": 0.0019, "bert": 0.0025, "llama": 0.0027, "gemma": 0.0031, "t5": 0.0301,
+    "bart": 0.0025, "albert": 0.0099, "vit": 0.0028, "convnext": 0.0067,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(ZOO))
 def test_bf16_autocast_matches_float32_truth(name):
-    """Under bf16 autocast the norms come out of a bf16 forward; against the float32 truth of the
-    same model the error is that forward's rounding: 0.27% (GPT-2) and 0.18% (Llama) measured,
-    2% asserted."""
+    """Under bf16 autocast the norms come out of a bf16 forward (the fallback and every rule
+    accumulate in float32); against the float32 truth of the same model the error is that
+    forward's rounding (:data:`BF16_ERROR`)."""
     torch.set_default_dtype(torch.float32)
-    if name == "gpt2":
-        cfg = transformers.GPT2Config(
-            vocab_size=V, n_positions=16, n_embd=32, n_layer=2, n_head=2,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        )  # fmt: skip
-        model = transformers.GPT2LMHeadModel(cfg)
-    else:
-        cfg = transformers.LlamaConfig(
-            vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
-        )  # fmt: skip
-        model = transformers.LlamaForCausalLM(cfg)
-    ids = _ids()
+    build, inputs = ZOO[name]
+    torch.manual_seed(0)
+    model = build()
+    batch, one = _losses(model, inputs)
     with noisescale.per_example_sqnorms(model) as pe:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = batch()
         loss.backward()
     model.zero_grad()
-    want = brute_force(model, lambda i: model(input_ids=ids[i : i + 1], labels=ids[i : i + 1]).loss)
-    rel = ((pe.sqnorms.double() - want.double()).abs() / want.double()).max()
-    assert rel < 0.02, float(rel)
+    want = brute_force(model, one)
+    rel = float(((pe.sqnorms.double() - want.double()).abs() / want.double()).max())
+    assert rel < 2 * BF16_ERROR[name], rel
+
+    def one_bf16(i: int) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return one(i)
+
+    want_bf16 = brute_force(model, one_bf16)
+    method = float(((pe.sqnorms.double() - want_bf16.double()).abs() / want_bf16.double()).max())
+    assert method < 0.005, method
