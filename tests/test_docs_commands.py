@@ -62,6 +62,10 @@ PARSE_ONLY = [
         "sweeps against a throw-away one)",
     ),
     (r"runs/critical_batch_full", "needs the output of the GPU reproduction run"),
+    (
+        r"runs/lm-shakespeare",
+        "reads the language-model example's run (tests/test_lm_example.py runs it short)",
+    ),
     (r"\btrain\.py:run\b", "names the reader's own training function"),
 ]
 
