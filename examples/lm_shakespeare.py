@@ -66,9 +66,8 @@ class Lines(Dataset):
             ids[: len(seq)] = torch.tensor(list(seq))
             mask = torch.zeros(LENGTH, dtype=torch.long)
             mask[: len(seq)] = 1
-            self.items.append(
-                {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-            )
+            labels = ids.masked_fill(mask == 0, -100)
+            self.items.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
 
     def __len__(self) -> int:
         return len(self.items)
