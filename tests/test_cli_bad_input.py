@@ -32,7 +32,12 @@ HUGE_ALPHA = ["--alpha", "1e300"]
 TO_ONE = ["--temperature-to", "1"]
 CALC = [
     ([], "the following arguments are required"),
-    (["--batch-size", "64"], "one of the arguments --noise-scale --kaplan-loss is required"),
+    (
+        ["--batch-size", "64"],
+        "one of the arguments --noise-scale --kaplan-loss --history is required",
+    ),
+    (["--noise-scale", "9", "--unit", "tokens", "--batch-size", "64"], "--unit goes with"),
+    (["--history", "missing.jsonl", "--batch-size", "64"], "does not exist"),
     (["--noise-scale", "nan", "--batch-size", "64"], "--noise-scale must be a finite positive"),
     (["--noise-scale", "inf", "--batch-size", "64"], "--noise-scale must be a finite positive"),
     (["--noise-scale", "-inf", "--batch-size", "64"], "--noise-scale must be a finite positive"),

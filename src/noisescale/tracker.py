@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -295,18 +296,34 @@ class GradientNoiseTracker:
         scale, grads_unscaled = self._loss_scale()
         passes = self.engine.collect(grad_rescale=scale if grads_unscaled else 1.0)
         if not passes:
+            if self.steps > 0 and self._params and self._grads_unchanged():
+                raise NoiseScaleInputError(
+                    "call tracker.step() once per optimizer step: it was called again with no "
+                    "forward and backward pass of the model since the last call"
+                )
             if any(p.grad is not None for p in self._params):
                 raise NoiseScaleInputError(
-                    "tracker.step() found gradients but saw no forward pass of the model with "
-                    "gradients enabled (e.g. torch.utils.checkpoint.checkpoint(model, ..., "
-                    "use_reentrant=True) around the whole model): checkpoint blocks inside the "
-                    "model instead, and create the tracker before the first forward"
+                    "create the tracker before the model's first forward pass (it measures "
+                    "through hooks on the forward): tracker.step() found gradients but saw no "
+                    "forward pass with gradients enabled. If it was created first, the forward "
+                    "ran where the hooks cannot see it (torch.utils.checkpoint.checkpoint(model, "
+                    "..., use_reentrant=True) around the whole model: checkpoint blocks inside "
+                    "the model instead)"
                 )
             raise NoiseScaleInputError(
-                "tracker.step() was called but no backward pass ran since the last step; call "
-                "it once per optimizer step, after loss.backward()"
+                "call tracker.step() once per optimizer step, after loss.backward(): no "
+                "backward pass ran since the last step"
+            )
+        stale = passes[0].stale_sqnorm
+        if stale is not None and float(stale) > 0:  # an audited step: it reads back anyway
+            raise NoiseScaleInputError(
+                "call optimizer.zero_grad() (or model.zero_grad()) after each optimizer step, "
+                "and create the tracker before the first backward pass: the parameters' .grad "
+                "already held gradients when this step's first backward began, so .grad sums "
+                "several steps and its norm is not this step's big batch"
             )
         self.steps += 1
+        self._remember_grads()
         norms, definition, tokens = self._weights_of(passes, scale)
         if self.definition is None:
             self.definition = definition
@@ -666,6 +683,13 @@ class GradientNoiseTracker:
                 )
         if observations or any(p.withheld for p in passes):
             pass
+        elif self.mode == "microbatch" and len(passes) == 1:
+            self._warn_once(
+                "microbatch-alone",
+                "accumulate several micro-batches per optimizer step, or drop per_example=False: "
+                "per_example=False measures only between the backward passes of one step, and "
+                "this step had a single backward pass, so it has no small batch and is skipped",
+            )
         elif any(p.skipped for p in passes):
             self._warn_once(
                 "subset-missed",
@@ -688,6 +712,26 @@ class GradientNoiseTracker:
                 "steps, so this step's norms are not preconditioned; the estimate restarts at "
                 "the first preconditioned step",
             )
+
+    def _remember_grads(self) -> None:
+        """Which .grad tensors (and their versions) the step read, to recognise a repeat call."""
+        self._last_grads = [
+            (weakref.ref(p.grad), p.grad._version) if p.grad is not None else None
+            for p in self._params
+        ]
+
+    def _grads_unchanged(self) -> bool:
+        """Whether every .grad is the tensor the last step read, untouched since."""
+        last = getattr(self, "_last_grads", None)
+        if not last or all(x is None for x in last):
+            return False
+        for p, seen in zip(self._params, last, strict=True):
+            g = p.grad
+            if (seen is None) != (g is None):
+                return False
+            if seen is not None and (seen[0]() is not g or g._version != seen[1]):
+                return False
+        return True
 
     def _grad_sqnorm(self, weights: dict[int, Tensor] | None = None) -> Tensor:
         grads = [p.grad for p in self._params if p.grad is not None]
@@ -738,7 +782,37 @@ class GradientNoiseTracker:
                 self.precondition, self._params, min_steps=self.precondition_from
             )
             self._weights_step = self.steps
+            if self._weights is not None and "wide-preconditioner" not in self._warned:
+                self._check_preconditioner_range(self._weights)
         return self._weights
+
+    def _check_preconditioner_range(self, weights: dict[int, Tensor]) -> None:
+        """Once, at the first preconditioned step (one host read): warn when P = 1/(√v̂ + ε)
+        spans many orders of magnitude. Coordinates whose second moment is ~0 (inputs that are
+        rarely non-zero) get P ≈ 1/ε, and the rare examples that touch them then carry most of
+        the preconditioned noise: the estimate stays unbiased but needs many steps, and a
+        per-example subset often reads it as unavailable."""
+        self._warned.add("wide-preconditioner")
+        with torch.no_grad():
+            flat = torch.cat([w.reshape(-1).float() for w in weights.values()])
+            if flat.numel() > 1_000_000:  # a sample is enough for the median
+                gen = torch.Generator(device=flat.device).manual_seed(0)
+                idx = torch.randint(flat.numel(), (1_000_000,), generator=gen, device=flat.device)
+                median = flat[idx].median()
+            else:
+                median = flat.median()
+            spread = float((flat.max() / median).sqrt())  # of P, not P²
+        if spread > 1e4:
+            eps = self.precondition.param_groups[0].get("eps")  # type: ignore[union-attr]
+            warnings.warn(
+                "keep the default sub-batches and expect to need many steps (or measure the "
+                "plain noise scale, without precondition=): the preconditioner 1/(√v̂ + ε) of "
+                f"some coordinates is {spread:.1e}× its median (their second moment is ~0, so "
+                f"P ≈ 1/ε = {1 / eps:.0e}), and the rare examples that touch them carry most of "
+                "the preconditioned noise",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _warn(self, message: str) -> None:
         warnings.warn(f"noisescale: {message}", RuntimeWarning, stacklevel=3)

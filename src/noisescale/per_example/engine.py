@@ -200,6 +200,8 @@ class PassNorms:
     lazy: set[int] = field(default_factory=set)  # gradient norms still to read from .grad
     measured: bool = False  # with a subset: this pass's per-example norms are computed
     repeated_backward: bool = False  # a parameter received two gradients in the pass
+    # Σ|.grad|² found before the step's first backward wrote it (audited passes: stale gradients)
+    stale_sqnorm: Tensor | None = None
     slots: dict[int, _Slot] = field(default_factory=dict)  # shared sources
     signature: list[tuple] = field(default_factory=list)  # structure, for the audit
     audit: audit_mod.PassAudit | None = None
@@ -1392,11 +1394,14 @@ class PerExampleNorms:
             current.tasks.add(task)
             current.param_tasks.add(task)
             self._task_pass.setdefault(task, current)
-            if pid in current.received:
+            repeated = pid in current.received
+            if repeated:
                 current.repeated_backward = True
             current.received.add(pid)
             if current.audit is not None:
                 current.audit.record_grad(pid, grad)
+                if current is self.passes[0] and not repeated:
+                    self._check_stale(current, task, pid)
             if self._first_pass is None and self.lazy_first_pass:
                 self._first_pass = current
             first = self._first_pass
@@ -1409,6 +1414,16 @@ class PerExampleNorms:
             self._add_grad_norm(current, pid, grad)
 
         return hook
+
+    def _check_stale(self, pass_: PassNorms, task: int, pid: int) -> None:
+        """On audited steps: before the step's first backward writes ``.grad``, it must be empty
+        (``None``, or zeros after ``zero_grad(set_to_none=False)``); read in :meth:`collect`."""
+        old = self._param[pid].grad
+        if old is None or type(old).__name__ == "DTensor" or not self._accumulates(task, pid):
+            return
+        with torch.no_grad():
+            sq = sqnorm(old.detach())
+        pass_.stale_sqnorm = sq if pass_.stale_sqnorm is None else pass_.stale_sqnorm + sq
 
     def _add_grad_norm(self, pass_: PassNorms, pid: int, grad: Tensor, factor: float = 1.0) -> None:
         """Add |P ⊙ grad|² of one parameter to the pass's gradient norm (and its group's)."""
