@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 from noisescale.errors import NoiseScaleInputError
@@ -99,20 +100,36 @@ class NoiseScaleCallback(pl.Callback):
         self._applied_micro_batches: int | None = None  # set once the trainer has one of ours
         self._applied_lr_factor = 1.0
         self._pending_state: dict[str, Any] | None = None
+        self._forward_handle: Any = None  # set while a fit is set up
+        self._forwards = 0  # forward calls of the measured module with gradients, this step
 
     # -- set-up --------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.tracker is not None:
+        if stage != "fit":
             return
+        # every fit measures its own module: a callback reused for a second fit (a new model, a
+        # tuner's trial) lets go of the previous one
+        self._release()
         target: nn.Module = (
             pl_module if self.module is None else pl_module.get_submodule(self.module)
         )
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.tracker = GradientNoiseTracker(target, scaler=scaler, **self.tracker_kwargs)
+        self._forward_handle = target.register_forward_pre_hook(self._on_forward)
+        self._forwards = 0
+        self._loss, self._stepped = None, False
+        self._examples_seen = 0
+        self._applied_micro_batches, self._applied_lr_factor = None, 1.0
         if self._pending_state is not None:
             self._load(self._pending_state)
             self._pending_state = None
+        elif trainer.ckpt_path is None and self.schedule is not None and self.schedule.state.step:
+            raise NoiseScaleInputError(
+                f"the schedule has already taken {self.schedule.state.step} steps in an earlier "
+                "fit; give the callback a new schedule for a new run (a resume restores the "
+                "schedule from the checkpoint)"
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A resumed run continues with the accumulation that was in effect (possibly mid-epoch,
@@ -126,8 +143,8 @@ class NoiseScaleCallback(pl.Callback):
         self._apply(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.tracker is not None:
-            self.tracker.remove()
+        if stage == "fit":
+            self._release()
 
     # -- measurement ---------------------------------------------------------------------------
 
@@ -143,15 +160,19 @@ class NoiseScaleCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         tracker = self._require_tracker()
-        if not tracker.engine.open_passes():
+        if not self._forwards:
             where = "the LightningModule" if self.module is None else f"'{self.module}'"
             raise NoiseScaleInputError(
                 f"no forward call of {where} was seen in this step: training_step must call it "
                 "(e.g. self(x)), or pass module='<the submodule training_step calls>'"
             )
         tracker.step(loss=self._loss, lr=float(optimizer.param_groups[0]["lr"]))
-        self._loss = None
+        self._loss, self._forwards = None, 0
         self._stepped = True
+
+    def _on_forward(self, module: nn.Module, args: Any) -> None:
+        if torch.is_grad_enabled():
+            self._forwards += 1
 
     def on_train_batch_end(
         self,
@@ -193,12 +214,19 @@ class NoiseScaleCallback(pl.Callback):
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.tracker is None:
+        if self._forward_handle is None:  # not set up for a fit yet: load in setup
             self._pending_state = state_dict
         else:
             self._load(state_dict)
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def _release(self) -> None:
+        if self._forward_handle is not None:
+            self._forward_handle.remove()
+            self._forward_handle = None
+        if self.tracker is not None:
+            self.tracker.remove()
 
     def _load(self, state: dict[str, Any]) -> None:
         assert self.tracker is not None
