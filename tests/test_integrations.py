@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import math
+import os
+import socket
+import warnings
 
 import pytest
 import torch
@@ -545,6 +549,200 @@ def test_transformers_schedule_refusals(tmp_path):
     opt = torch.optim.SGD(_net().parameters(), lr=0.1)
     with pytest.raises(NoiseScaleInputError, match="no optimizer"):
         NoiseScaleCallback(BatchSizeRamp.stepwise([(0, 8)], micro_batch_size=8, optimizer=opt))
+
+
+# -- bf16 on a tiny GPT-2 -----------------------------------------------------------------------
+
+BF16_U = 2.0**-8  # bfloat16's unit roundoff (8 significant bits)
+
+
+def _gpt2() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(2)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randint(0, 64, (64, 16), generator=torch.Generator().manual_seed(2))
+
+
+class _TokenDataset(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.tokens = _tokens()
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.tokens[i], "labels": self.tokens[i]}
+
+
+def _assert_bf16_close(bf16: list[dict], fp32: list[dict]) -> None:
+    """The same run in bf16 autocast and in fp32, step by step.
+
+    bf16 rounds every matmul input to u = 2⁻⁸ relative, so each gradient component is off by
+    about u and a squared norm by at most ~2u: |G_big|² and tr Σ (a difference whose small
+    batches are far noisier than the big one, so barely amplified) within 2u. B_simple divides by
+    |G|² = |G_big|² − tr Σ/B_big, whose absolute error ~2u·|G_big|² is relative to |G|² a factor
+    |G_big|²/|G|² = 1 + B_simple/B_big larger: within 2u·(1 + B_simple/B_big). All finite.
+    """
+    assert len(bf16) == len(fp32) >= 4
+    for b, f in zip(bf16, fp32, strict=True):
+        for key in ("sqnorm_big", "trace_sigma"):
+            assert b[key] == pytest.approx(f[key], rel=2 * BF16_U), key
+        assert math.isfinite(b["b_simple"]) and math.isfinite(f["b_simple"])
+        bound = 2 * BF16_U * (1 + f["b_simple"] / f["b_big"])
+        assert b["b_simple"] == pytest.approx(f["b_simple"], rel=bound)
+
+
+def test_transformers_bf16_gpt2_close_to_fp32(tmp_path):
+    """The Trainer with bf16=True (accelerate's CPU autocast) on GPT-2, against fp32.
+
+    GPT-2 takes ``num_items_in_batch``: each micro-batch's loss is its summed token loss over the
+    step's token count, so the step's loss, as the Trainer logs it, is the sum of the four.
+    """
+    transformers = pytest.importorskip("transformers")
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    histories = {}
+    for bf16 in (False, True):
+        model = _gpt2()
+        returned: list[float] = []
+
+        def keep(module, args, output, returned=returned):
+            if torch.is_grad_enabled():
+                returned.append(float(output.loss.detach()))
+
+        model.register_forward_hook(keep)
+        callback = NoiseScaleCallback(sync_every=1)
+        args = _hf_args(
+            tmp_path,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=4,
+            max_steps=4,
+            logging_steps=1,
+            learning_rate=1e-3,
+            optim="adamw_torch",
+            max_grad_norm=1.0,
+            bf16=bf16,
+        )
+        trainer = transformers.Trainer(
+            model=model, args=args, train_dataset=_TokenDataset(), callbacks=[callback]
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # GPT-2's config warns about loss_type=None
+            trainer.train()
+        history = callback.tracker.history
+        want = [sum(returned[4 * t : 4 * t + 4]) for t in range(4)]
+        assert [h["loss"] for h in history] == pytest.approx(want, rel=1e-6)
+        logged = [h["loss"] for h in trainer.state.log_history if "noisescale/g2" in h]
+        assert logged == pytest.approx(want, rel=1e-6)
+        histories[bf16] = history
+    _assert_bf16_close(histories[True], histories[False])
+
+
+@needs_lightning
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_bf16_gpt2_close_to_fp32():
+    """Lightning's ``precision="bf16-mixed"`` on GPT-2, against ``"32-true"``."""
+
+    class LitGPT(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _gpt2()
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=tokens, labels=tokens).loss
+
+        def training_step(self, tokens: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            return self(tokens)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    histories = {}
+    for precision in ("32-true", "bf16-mixed"):
+        callback = LightningCallback(sync_every=1, log_every=0)
+        trainer = _lit_trainer(
+            callback, max_steps=4, accumulate_grad_batches=4, precision=precision
+        )
+        trainer.fit(LitGPT(), torch.utils.data.DataLoader(_tokens(), batch_size=4))
+        histories[precision] = callback.tracker.history
+    _assert_bf16_close(histories["bf16-mixed"], histories["32-true"])
+
+
+# per-process gradient accumulation of each scenario of tests/trainer_ddp_worker.py
+DDP_SCENARIOS = {"one_pass": 1, "no_sync": 2}
+DDP_TIMEOUT_S = 240
+
+
+@pytest.mark.slow
+def test_transformers_ddp_under_accelerate_launch(tmp_path, float64_default):
+    """``accelerate launch``, 2 CPU processes: the single-process estimates, step by step.
+
+    ``accelerate launch --cpu`` starts one process unless MPI is installed, so the test uses the
+    torchrun launcher (``--multi_gpu``) with ``TrainingArguments(use_cpu=True)``: accelerate then
+    runs MULTI_CPU over gloo and the Trainer wraps the model in DDP. accelerate deals the
+    sequential micro-batches out in turn, so with accumulation a each step's 2a micro-batches are
+    those a single process accumulating 2a of them takes. Its sources are then the same
+    statistics: per-example norms over all examples, and its micro-batches = the processes' local
+    batches (a = 1) or their micro-batches under ``no_sync`` (a = 2, where DDP adds the local
+    batches as a third source, so only the shared sources and the big batch are compared).
+    Float64 throughout: the only differences are float64 summation orders (~1e-15), amplified by
+    eq. A.2's cancellation (B_simple/B_big ≲ 10³ here); a reading of ``.grad`` before DDP had
+    averaged it would be off by O(1).
+    """
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    worker = Path(__file__).with_name("trainer_ddp_worker.py")
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", str(port), str(worker), str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=DDP_TIMEOUT_S, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]  # every process computes the same estimates
+    for name, accumulation in DDP_SCENARIOS.items():
+        run = ranks[0][name]
+        assert (run["world_size"], run["backend"]) == (2, "gloo")
+        assert run["model"] == "DistributedDataParallel"
+        callback = NoiseScaleCallback(sync_every=1, per_example_fraction=1.0)
+        args = _hf_args(tmp_path / f"ref_{name}", gradient_accumulation_steps=2 * accumulation)
+        trainer = transformers.Trainer(
+            model=_HFModel(), args=args, train_dataset=_HFDataset(), callbacks=[callback]
+        )
+        trainer.train()
+        want, got = callback.tracker.history, run["history"]
+        assert len(got) == len(want) == 6
+        for g, w in zip(got, want, strict=True):
+            assert g["b_big"] == w["b_big"] == 16 * accumulation
+            assert g["sqnorm_big"] == pytest.approx(w["sqnorm_big"], rel=1e-12)
+            assert g["loss"] == pytest.approx(w["loss"], rel=1e-12)
+            for source in ("per_example", "microbatch"):
+                mine = "local" if source == "microbatch" and accumulation == 1 else source
+                small, ref = g["sources"][mine], w["sources"][source]
+                assert (small["count"], small["b_small"]) == (ref["count"], ref["b_small"])
+                assert small["sqnorm_small"] == pytest.approx(ref["sqnorm_small"], rel=1e-12)
+            if accumulation == 1:
+                for key in ("g2", "trace_sigma", "b_simple", "b_simple_low"):
+                    assert g[key] == pytest.approx(w[key], rel=1e-9, nan_ok=True), key
+            else:
+                assert set(g["sources"]) == {"per_example", "microbatch", "local"}
 
 
 def test_transformers_refuses_fp16(tmp_path):
