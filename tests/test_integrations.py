@@ -533,6 +533,15 @@ def test_transformers_applies_schedule_at_legal_step_boundaries(tmp_path):
     )
     with pytest.raises(NoiseScaleInputError, match=r"micro-batch 8 of epoch 0.*micro-batch 6"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+    # a Trainer that rebuilds callbacks from their JSON arguments cannot rebuild the schedule
+    _, trainer = _hf_train(
+        tmp_path,
+        NoiseScaleCallback(_ramp()),
+        gradient_accumulation_steps=1,
+        restore_callback_states_from_checkpoint=True,
+    )
+    with pytest.raises(NoiseScaleInputError, match=r"without its arguments \['schedule'\]"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
 
 
 def test_transformers_schedule_refusals(tmp_path):
@@ -721,6 +730,9 @@ def test_transformers_ddp_under_accelerate_launch(tmp_path, float64_default):
         run = ranks[0][name]
         assert (run["world_size"], run["backend"]) == (2, "gloo")
         assert run["model"] == "DistributedDataParallel"
+        # one history file, written by the first process only
+        lines = (tmp_path / name / "history.jsonl").read_text().splitlines()
+        assert [json.loads(line).get("step") for line in lines] == [None, 1, 2, 3, 4, 5, 6]
         callback = NoiseScaleCallback(sync_every=1, per_example_fraction=1.0)
         args = _hf_args(tmp_path / f"ref_{name}", gradient_accumulation_steps=2 * accumulation)
         trainer = transformers.Trainer(

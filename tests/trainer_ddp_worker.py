@@ -28,7 +28,9 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     results = {}
     for name, accumulation in DDP_SCENARIOS.items():
-        callback = NoiseScaleCallback(sync_every=1, per_example_fraction=1.0)
+        callback = NoiseScaleCallback(
+            sync_every=1, per_example_fraction=1.0, history_path=out / name / "history.jsonl"
+        )
         args = _hf_args(out / name, gradient_accumulation_steps=accumulation)
         trainer = transformers.Trainer(
             model=_HFModel(), args=args, train_dataset=_HFDataset(), callbacks=[callback]

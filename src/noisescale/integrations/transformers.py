@@ -128,7 +128,8 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
             writes the learning rate when it applies a change). ``None`` only measures.
         **tracker_kwargs: Passed to :class:`GradientNoiseTracker` (``loss_reduction``,
             ``per_example``, ``beta``, ``history_path``, …). Under ``torch.distributed`` the
-            tracker averages over the default process group unless ``process_group`` is given.
+            tracker averages over the default process group unless ``process_group`` is given,
+            and only the first process writes ``history_path`` (all compute the same history).
     """
 
     def __init__(
@@ -192,8 +193,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         self._move_ahead_of_reporters(args)
         self._optimizer = kwargs.get("optimizer")
         self._lr_scheduler = kwargs.get("lr_scheduler")
-        loader = kwargs.get("train_dataloader")
-        self._train_batches = len(loader) if loader is not None else None
+        self._train_batches = _length(kwargs.get("train_dataloader"))
         self.tracker = GradientNoiseTracker(model, **self._tracker_kwargs(args))
         for p in model.parameters():
             if p.requires_grad:
@@ -377,8 +377,13 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
 
     def _check_resume_position(self, args: Any, state: Any) -> None:
         """Refuse a resume whose data skip (computed by the Trainer) is not where the run was."""
-        assert self._resume_position is not None and self._train_batches is not None
+        assert self._resume_position is not None
         epoch, position, batches = self._epoch, self._resume_position, self._train_batches
+        if batches is None:
+            raise NoiseScaleInputError(
+                "cannot resume an adaptive-batch run whose training dataloader has no length: "
+                "where the Trainer resumes cannot be checked against where the run was"
+            )
         k = int(args.gradient_accumulation_steps)
         per_epoch = max(batches // k + int(batches % k > 0), 1)
         trainer_epoch = state.global_step // per_epoch
@@ -469,6 +474,9 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
                 "sync_each_batch=True averages gradients after every micro-batch, so no process "
                 "holds its local gradient for the data-parallel estimate; leave it off"
             )
+        if int(getattr(args, "process_index", 0)) != 0:
+            # every process computes the same history: one file, written by the first
+            kwargs.pop("history_path", None)
         if "process_group" not in kwargs and torch.distributed.is_initialized():
             # The Trainer hands callbacks the unwrapped model; the processes' gradients are
             # averaged over the default group (DDP's, FSDP2's)
@@ -530,6 +538,14 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _length(loader: Any) -> int | None:
+    """Batches per epoch of the Trainer's dataloader (``None`` for iterable datasets)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 def _is_json(value: Any) -> bool:
