@@ -681,21 +681,40 @@ def test_lightning_bf16_gpt2_close_to_fp32():
     _assert_bf16_close(histories["bf16-mixed"], histories["32-true"])
 
 
-# per-process gradient accumulation of each scenario of tests/trainer_ddp_worker.py
+# per-process gradient accumulation of each Trainer scenario of tests/ddp_callbacks_worker.py
 DDP_SCENARIOS = {"one_pass": 1, "no_sync": 2}
 DDP_TIMEOUT_S = 240
 
 
+def _assert_same_ddp_step(got: dict, want: dict, accumulation: int) -> None:
+    """A data-parallel step against one process accumulating the same micro-batches."""
+    assert got["b_big"] == want["b_big"] == 16 * accumulation
+    assert got["sqnorm_big"] == pytest.approx(want["sqnorm_big"], rel=1e-12)
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-12)
+    for source in ("per_example", "microbatch"):
+        mine = "local" if source == "microbatch" and accumulation == 1 else source
+        small, ref = got["sources"][mine], want["sources"][source]
+        assert (small["count"], small["b_small"]) == (ref["count"], ref["b_small"])
+        assert small["sqnorm_small"] == pytest.approx(ref["sqnorm_small"], rel=1e-12)
+    if accumulation == 1:
+        for key in ("g2", "trace_sigma", "b_simple", "b_simple_low"):
+            assert got[key] == pytest.approx(want[key], rel=1e-9, nan_ok=True), key
+    else:
+        assert set(got["sources"]) == {"per_example", "microbatch", "local"}
+
+
 @pytest.mark.slow
-def test_transformers_ddp_under_accelerate_launch(tmp_path, float64_default):
+def test_callbacks_ddp_under_accelerate_launch(tmp_path, float64_default):
     """``accelerate launch``, 2 CPU processes: the single-process estimates, step by step.
 
     ``accelerate launch --cpu`` starts one process unless MPI is installed, so the test uses the
     torchrun launcher (``--multi_gpu``) with ``TrainingArguments(use_cpu=True)``: accelerate then
-    runs MULTI_CPU over gloo and the Trainer wraps the model in DDP. accelerate deals the
-    sequential micro-batches out in turn, so with accumulation a each step's 2a micro-batches are
-    those a single process accumulating 2a of them takes. Its sources are then the same
-    statistics: per-example norms over all examples, and its micro-batches = the processes' local
+    runs MULTI_CPU over gloo and the Trainer wraps the model in DDP; Lightning's DDP strategy runs
+    in the same processes. accelerate deals the sequential micro-batches out in turn, so with
+    accumulation a each step's 2a micro-batches are those a single process accumulating 2a of
+    them takes; Lightning shards shuffled examples with a DistributedSampler, and the reference
+    takes the processes' local batches in turn as its micro-batches. The sources are then the same statistics: per-example
+    norms over all examples, and the single process's micro-batches = the processes' local
     batches (a = 1) or their micro-batches under ``no_sync`` (a = 2, where DDP adds the local
     batches as a third source, so only the shared sources and the big batch are compared).
     Float64 throughout: the only differences are float64 summation orders (~1e-15), amplified by
@@ -704,6 +723,7 @@ def test_transformers_ddp_under_accelerate_launch(tmp_path, float64_default):
     """
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
+    pytest.importorskip("lightning")
     import subprocess
     import sys
     from pathlib import Path
@@ -713,7 +733,7 @@ def test_transformers_ddp_under_accelerate_launch(tmp_path, float64_default):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    worker = Path(__file__).with_name("trainer_ddp_worker.py")
+    worker = Path(__file__).with_name("ddp_callbacks_worker.py")
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
         "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
@@ -726,35 +746,40 @@ def test_transformers_ddp_under_accelerate_launch(tmp_path, float64_default):
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]  # every process computes the same estimates
+    for name in (*DDP_SCENARIOS, "lightning"):
+        # one history file, written by the first process only
+        lines = (tmp_path / name / "history.jsonl").read_text().splitlines()
+        assert [json.loads(line).get("step") for line in lines] == [None, 1, 2, 3, 4, 5, 6]
+
     for name, accumulation in DDP_SCENARIOS.items():
         run = ranks[0][name]
         assert (run["world_size"], run["backend"]) == (2, "gloo")
         assert run["model"] == "DistributedDataParallel"
-        # one history file, written by the first process only
-        lines = (tmp_path / name / "history.jsonl").read_text().splitlines()
-        assert [json.loads(line).get("step") for line in lines] == [None, 1, 2, 3, 4, 5, 6]
         callback = NoiseScaleCallback(sync_every=1, per_example_fraction=1.0)
         args = _hf_args(tmp_path / f"ref_{name}", gradient_accumulation_steps=2 * accumulation)
         trainer = transformers.Trainer(
             model=_HFModel(), args=args, train_dataset=_HFDataset(), callbacks=[callback]
         )
         trainer.train()
-        want, got = callback.tracker.history, run["history"]
-        assert len(got) == len(want) == 6
-        for g, w in zip(got, want, strict=True):
-            assert g["b_big"] == w["b_big"] == 16 * accumulation
-            assert g["sqnorm_big"] == pytest.approx(w["sqnorm_big"], rel=1e-12)
-            assert g["loss"] == pytest.approx(w["loss"], rel=1e-12)
-            for source in ("per_example", "microbatch"):
-                mine = "local" if source == "microbatch" and accumulation == 1 else source
-                small, ref = g["sources"][mine], w["sources"][source]
-                assert (small["count"], small["b_small"]) == (ref["count"], ref["b_small"])
-                assert small["sqnorm_small"] == pytest.approx(ref["sqnorm_small"], rel=1e-12)
-            if accumulation == 1:
-                for key in ("g2", "trace_sigma", "b_simple", "b_simple_low"):
-                    assert g[key] == pytest.approx(w[key], rel=1e-9, nan_ok=True), key
-            else:
-                assert set(g["sources"]) == {"per_example", "microbatch", "local"}
+        want = callback.tracker.history
+        assert len(run["history"]) == len(want) == 6
+        for got_step, want_step in zip(run["history"], want, strict=True):
+            _assert_same_ddp_step(got_step, want_step, accumulation)
+
+    # Lightning gives each process a DistributedSampler, shuffling (seed 0) for training
+    x, y = _data()
+    data = torch.utils.data.TensorDataset(x, y)
+    shards = [list(torch.utils.data.DistributedSampler(data, 2, r, seed=0)) for r in range(2)]
+    order = [i for t in range(6) for shard in shards for i in shard[MICRO * t : MICRO * (t + 1)]]
+    loader = torch.utils.data.DataLoader(data, batch_size=MICRO, sampler=order)
+    callback = LightningCallback(sync_every=1, log_every=0, per_example_fraction=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _lit_trainer(callback, max_steps=6, accumulate_grad_batches=2).fit(_lit_model(), loader)
+    want = callback.tracker.history
+    assert len(ranks[0]["lightning"]["history"]) == len(want) == 6
+    for got_step, want_step in zip(ranks[0]["lightning"]["history"], want, strict=True):
+        _assert_same_ddp_step(got_step, want_step, 1)
 
 
 def test_transformers_refuses_fp16(tmp_path):

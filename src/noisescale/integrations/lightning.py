@@ -31,7 +31,10 @@ one's hooks), so a callback reused for a second model or a tuner's trial measure
 The tracker, the schedule and what the callback applied are in its ``state_dict``, which
 Lightning saves in the ``.ckpt`` and restores with ``fit(..., ckpt_path=...)``: the estimates,
 the batch and the learning rate continue as if the run had not stopped (tested from an epoch
-boundary). Precision: ``"bf16-mixed"`` works (tested on GPT-2 against ``"32-true"``); with
+boundary). Under a DDP strategy the tracker measures each process's local gradient against
+the averaged one (paper App. A.1; the callback gives it the default process group, since
+``setup`` sees the module before the strategy wraps it), and only the first process writes
+``history_path``. Precision: ``"bf16-mixed"`` works (tested on GPT-2 against ``"32-true"``); with
 ``"16-mixed"`` the trainer's ``GradScaler`` is divided out.
 
 Adapting the batch. Lightning realises a batch of k micro-batches with
@@ -130,7 +133,7 @@ class NoiseScaleCallback(pl.Callback):
             pl_module if self.module is None else pl_module.get_submodule(self.module)
         )
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self.tracker = GradientNoiseTracker(target, scaler=scaler, **self.tracker_kwargs)
+        self.tracker = GradientNoiseTracker(target, scaler=scaler, **self._tracker_kwargs(trainer))
         self._forward_handle = target.register_forward_pre_hook(self._on_forward)
         self._forwards = 0
         self._loss, self._stepped = None, False
@@ -235,6 +238,18 @@ class NoiseScaleCallback(pl.Callback):
             self._load(state_dict)
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def _tracker_kwargs(self, trainer: pl.Trainer) -> dict[str, Any]:
+        kwargs = dict(self.tracker_kwargs)
+        if trainer.world_size <= 1 or not torch.distributed.is_initialized():
+            return kwargs
+        if trainer.global_rank != 0:
+            # every process computes the same history: one file, written by the first
+            kwargs.pop("history_path", None)
+        # setup() sees the module before the strategy wraps it in DDP; its gradients are
+        # averaged over the default group
+        kwargs.setdefault("process_group", torch.distributed.group.WORLD)
+        return kwargs
 
     def _release(self) -> None:
         if self._forward_handle is not None:
