@@ -48,6 +48,9 @@ def main(out: Path) -> None:
     results["lightning"] = {"history": _lightning(out / "lightning")}
     rank = torch.distributed.get_rank()
     (out / f"{rank}.json").write_text(json.dumps(results))
+    # an orderly end: a process group left to interpreter shutdown can abort the process
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def _lightning(out: Path) -> list[dict]:

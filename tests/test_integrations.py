@@ -26,6 +26,18 @@ from noisescale.errors import NoiseScaleInputError
 from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp
 
 N, D, C = 96, 10, 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is as fast, and a second one spinning while another
+    process holds the other core slowed the bf16 runs tenfold on this 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 MICRO = 8
 CLIP = 1e-3  # |G_big| here is ~0.5: any reading after clipping would be at most CLIP
 
@@ -713,10 +725,11 @@ def test_callbacks_ddp_under_accelerate_launch(tmp_path, float64_default):
     in the same processes. accelerate deals the sequential micro-batches out in turn, so with
     accumulation a each step's 2a micro-batches are those a single process accumulating 2a of
     them takes; Lightning shards shuffled examples with a DistributedSampler, and the reference
-    takes the processes' local batches in turn as its micro-batches. The sources are then the same statistics: per-example
-    norms over all examples, and the single process's micro-batches = the processes' local
-    batches (a = 1) or their micro-batches under ``no_sync`` (a = 2, where DDP adds the local
-    batches as a third source, so only the shared sources and the big batch are compared).
+    takes the processes' local batches in turn as its micro-batches. The sources are then the
+    same statistics: per-example norms over all examples, and the single process's
+    micro-batches = the processes' local batches (a = 1) or their micro-batches under
+    ``no_sync`` (a = 2, where DDP adds the local batches as a third source, so only the shared
+    sources and the big batch are compared).
     Float64 throughout: the only differences are float64 summation orders (~1e-15), amplified by
     eq. A.2's cancellation (B_simple/B_big ≲ 10³ here); a reading of ``.grad`` before DDP had
     averaged it would be off by O(1).
