@@ -9,7 +9,12 @@ threshold is far below the gradient norm, so a reading after clipping could not 
 from __future__ import annotations
 
 import copy
+import csv
+import json
 import math
+import os
+import socket
+import warnings
 
 import pytest
 import torch
@@ -21,6 +26,18 @@ from noisescale.errors import NoiseScaleInputError
 from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp
 
 N, D, C = 96, 10, 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is as fast, and a second one spinning while another
+    process holds the other core slowed the bf16 runs tenfold on this 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 MICRO = 8
 CLIP = 1e-3  # |G_big| here is ~0.5: any reading after clipping would be at most CLIP
 
@@ -47,17 +64,24 @@ class _Wrapped(nn.Module):
 
 
 def _plain_history(
-    init: dict[str, torch.Tensor], steps: int, k: int, clip: float | None = CLIP
+    init: dict[str, torch.Tensor],
+    ks: list[int],
+    lrs: list[float] | None = None,
+    clip: float | None = CLIP,
+    **tracker_kwargs,
 ) -> list[dict]:
-    """A plain loop: k micro-batches per step, tracker before clipping, SGD lr 0.1."""
+    """A plain loop: ks[t] micro-batches in step t, tracker before clipping, SGD at lrs[t]."""
     x_all, y_all = _data()
     model = _Wrapped(_net())
     model.load_state_dict(init)
-    tracker = GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+    kwargs = {"sync_every": 1, "per_example_fraction": 1.0, **tracker_kwargs}
+    tracker = GradientNoiseTracker(model, **kwargs)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     batches = list(zip(x_all.split(MICRO), y_all.split(MICRO), strict=True))
     pos = 0
-    for _ in range(steps):
+    for t, k in enumerate(ks):
+        if lrs is not None:
+            opt.param_groups[0]["lr"] = lrs[t]
         total = torch.zeros(())
         for _ in range(k):
             x, y = batches[pos % len(batches)]
@@ -145,11 +169,13 @@ def test_lightning_matches_plain_loop_before_clipping():
     trainer = _lit_trainer(callback, max_steps=6, accumulate_grad_batches=2, gradient_clip_val=CLIP)
     trainer.fit(model, _loader())
     got = callback.tracker.history
-    _assert_same_history(got, _plain_history(init, 6, 2))
+    _assert_same_history(got, _plain_history(init, [2] * 6))
     # the callback saw unclipped gradients: |G_big| far above the clip threshold
     assert all(h["sqnorm_big"] > 1e4 * CLIP**2 for h in got)
     # and clipping does not change what is measured: the first step equals an unclipped loop's
-    assert got[0]["sqnorm_big"] == pytest.approx(_plain_history(init, 1, 2, None)[0]["sqnorm_big"])
+    assert got[0]["sqnorm_big"] == pytest.approx(
+        _plain_history(init, [2], clip=None)[0]["sqnorm_big"]
+    )
 
 
 @needs_lightning
@@ -202,8 +228,67 @@ def test_lightning_adaptive_resume_continues_batch_and_lr(tmp_path, fraction):
     want = [(h["b_big"], h["lr"]) for h in whole.tracker.history]
     got = [(h["b_big"], h["lr"]) for h in first.tracker.history + second.tracker.history]
     assert got == want  # the subset's draws resume exactly too
+    # and the estimates continue as if uninterrupted
+    _assert_same_history(
+        second.tracker.history, whole.tracker.history[len(first.tracker.history) :]
+    )
+    assert second.tracker.estimate() == whole.tracker.estimate()
     if fraction == 1.0:  # (the labels are random: a 1-row subset leaves |G|² unresolved)
         assert len({b for b, _ in want}) > 1  # the schedule did change the batch
+
+
+@needs_lightning
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_values_reach_csv_and_tensorboard(tmp_path):
+    """Every logger of the trainer gets the values: its CSV file and TensorBoard events."""
+    pytest.importorskip("tensorboard")
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    callback = LightningCallback(sync_every=1, log_every=1, per_example_fraction=1.0)
+    loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
+    trainer = _lit_trainer(
+        callback, max_steps=6, accumulate_grad_batches=2, logger=loggers, log_every_n_steps=1
+    )
+    trainer.fit(_lit_model(), _loader())
+    history = callback.tracker.history
+    # Lightning writes a step's values under its count of optimizer steps before it
+    want = {h["step"] - 1: h["b_simple"] for h in history if math.isfinite(h["b_simple"])}
+    assert len(want) >= 4
+    (csv_path,) = tmp_path.joinpath("csv").rglob("metrics.csv")
+    with csv_path.open() as f:
+        rows = [r for r in csv.DictReader(f) if r["noisescale/b_simple"] not in ("", "nan")]
+    got = {int(r["step"]): float(r["noisescale/b_simple"]) for r in rows}
+    # both store float32: a relative rounding of at most 2⁻²⁴
+    assert got == pytest.approx(want, rel=1e-7)
+    (events,) = {p.parent for p in tmp_path.joinpath("tb").rglob("events.out.tfevents.*")}
+    board = EventAccumulator(str(events))
+    board.Reload()
+    scalars = board.Scalars("noisescale/b_simple")
+    got = {e.step: e.value for e in scalars if math.isfinite(e.value)}
+    assert got == pytest.approx(want, rel=1e-7)
+
+
+@needs_lightning
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_callback_follows_the_model_across_fits():
+    """A callback reused for a second fit measures the new model and lets go of the old one."""
+    callback = LightningCallback(sync_every=1, log_every=0, per_example_fraction=1.0)
+    models = [_lit_model(), _lit_model()]  # the same initial weights
+    want = _plain_history(copy.deepcopy(models[0].state_dict()), [2] * 6)
+    histories = []
+    for model in models:
+        trainer = _lit_trainer(
+            callback, max_steps=6, accumulate_grad_batches=2, gradient_clip_val=CLIP
+        )
+        trainer.fit(model, _loader())
+        histories.append(callback.tracker.history)
+    assert histories[0] is not histories[1]
+    for got in histories:
+        _assert_same_history(got, want)
+    for old in models:
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in old.modules())
+        assert not any(p._backward_hooks for p in old.parameters())
 
 
 @needs_lightning
@@ -232,13 +317,17 @@ class _HFModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.net = _net()
+        self.losses: list[float] = []  # every loss returned with gradients on
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
         logits = self.net(x)
-        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+        loss = F.cross_entropy(logits, labels)
+        if torch.is_grad_enabled():
+            self.losses.append(float(loss.detach()))
+        return {"loss": loss, "logits": logits}
 
 
-def _hf_train(tmp_path, callback, **kwargs) -> object:
+def _hf_args(tmp_path, **kwargs):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     settings = dict(
@@ -258,12 +347,28 @@ def _hf_train(tmp_path, callback, **kwargs) -> object:
         train_sampling_strategy="sequential",
         disable_tqdm=True,
     )
-    args = transformers.TrainingArguments(**{**settings, **kwargs})
+    return transformers.TrainingArguments(**{**settings, **kwargs})
+
+
+def _hf_train(tmp_path, callback, **kwargs) -> tuple[_HFModel, object]:
+    import transformers
+
+    args = _hf_args(tmp_path, **kwargs)
     model = _HFModel()
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=_HFDataset(), callbacks=[callback]
     )
     return model, trainer
+
+
+def _hf_init(model: _HFModel) -> dict[str, torch.Tensor]:
+    return {f"net.{k}": v.clone() for k, v in model.net.state_dict().items()}
+
+
+def _hf_callbacks(trainer) -> list:
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    return [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, NoiseScaleCallback)]
 
 
 def test_transformers_matches_plain_loop_before_clipping(tmp_path):
@@ -272,17 +377,422 @@ def test_transformers_matches_plain_loop_before_clipping(tmp_path):
 
     callback = NoiseScaleCallback(sync_every=1, per_example_fraction=1.0)
     model, trainer = _hf_train(tmp_path, callback)
-    init = {f"net.{k}": v.clone() for k, v in model.net.state_dict().items()}
+    init = _hf_init(model)
     trainer.train()
     got = callback.tracker.history
-    _assert_same_history(got, _plain_history(init, 6, 2))
+    _assert_same_history(got, _plain_history(init, [2] * 6))
     assert all(h["sqnorm_big"] > 1e4 * CLIP**2 for h in got)
     assert [h["lr"] for h in got] == [0.1] * 6
-    # the estimate reached the Trainer's logs
+    # the estimate reached the Trainer's training logs (every second step), and only those
     logged = [h for h in trainer.state.log_history if "noisescale/trace_sigma" in h]
-    assert logged and logged[-1]["noisescale/trace_sigma"] == pytest.approx(
-        callback.tracker.estimate().trace_sigma
+    assert [h["step"] for h in logged] == [2, 4, 6]
+    for h in logged:
+        assert h["noisescale/trace_sigma"] == pytest.approx(got[h["step"] - 1]["trace_sigma_ema"])
+
+
+def test_transformers_values_reach_tensorboard(tmp_path):
+    """The reporting callbacks run before user callbacks; the values must reach them anyway."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers.integrations import TensorBoardCallback
+
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    callback = NoiseScaleCallback(sync_every=1, per_example_fraction=1.0)
+    _, trainer = _hf_train(tmp_path, callback, report_to=["tensorboard"], logging_steps=1)
+    kinds = [type(cb) for cb in trainer.callback_handler.callbacks]
+    assert kinds.index(TensorBoardCallback) < kinds.index(NoiseScaleCallback)  # as built
+    trainer.train()
+    (events,) = {p.parent for p in tmp_path.rglob("events.out.tfevents.*")}
+    board = EventAccumulator(str(events))
+    board.Reload()
+    history = callback.tracker.history
+    for key, field in (("b_simple", "b_simple"), ("trace_sigma", "trace_sigma_ema")):
+        # values not yet available (NaN) are left out of the logs
+        want = {h["step"]: h[field] for h in history if math.isfinite(h[field])}
+        assert len(want) >= 4
+        got = {e.step: e.value for e in board.Scalars(f"train/noisescale/{key}")}
+        # TensorBoard stores float32: a relative rounding of at most 2⁻²⁴
+        assert got == pytest.approx(want, rel=1e-7)
+
+
+def test_transformers_logged_loss_is_the_models_loss(tmp_path):
+    """With 4 accumulation passes the history's loss is the mean of the model's 4 losses."""
+    pytest.importorskip("transformers")
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    callback = NoiseScaleCallback(sync_every=1)
+    model, trainer = _hf_train(
+        tmp_path, callback, gradient_accumulation_steps=4, max_steps=3, logging_steps=1
     )
+    trainer.train()
+    assert len(model.losses) == 12
+    want = [sum(model.losses[4 * t : 4 * t + 4]) / 4 for t in range(3)]
+    # float32 sums of four float32 losses: a few ulps
+    assert [h["loss"] for h in callback.tracker.history] == pytest.approx(want, rel=1e-6)
+    logged = [h["loss"] for h in trainer.state.log_history if "noisescale/b_simple" in h]
+    assert logged == pytest.approx(want, rel=1e-6)
+
+
+def test_transformers_callback_follows_the_model_across_train_calls(tmp_path):
+    """model_init (hyperparameter_search's path): each train() gets a new model to measure."""
+    transformers = pytest.importorskip("transformers")
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    models: list[_HFModel] = []
+
+    def model_init() -> _HFModel:
+        models.append(_HFModel())
+        return models[-1]
+
+    callback = NoiseScaleCallback(sync_every=1, per_example_fraction=1.0)
+    trainer = transformers.Trainer(
+        model_init=model_init,
+        args=_hf_args(tmp_path),
+        train_dataset=_HFDataset(),
+        callbacks=[callback],
+    )
+    want = _plain_history(_hf_init(_HFModel()), [2] * 6)  # every model_init gives these weights
+    trainer.train()
+    first = callback.tracker
+    trainer.train()
+    assert callback.tracker is not first and first.steps == 6
+    _assert_same_history(first.history, want)
+    _assert_same_history(callback.tracker.history, want)
+    assert len(models) == 3  # one for Trainer.__init__, one per train()
+    # the models of finished runs carry no hooks of ours (nor of the tracker's)
+    for old in models[:2]:
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in old.modules())
+        assert not any(p._post_accumulate_grad_hooks for p in old.parameters())
+        assert not any(p._backward_hooks for p in old.parameters())
+
+
+@pytest.mark.parametrize("rebuild", [False, True])
+def test_transformers_resume_continues_as_if_uninterrupted(tmp_path, rebuild):
+    """A run resumed from its step-3 checkpoint gives the uninterrupted run's steps 4–6.
+
+    The default sub-batch source draws its sub-batches at random: the draws resume too.
+    ``rebuild``: the Trainer replaces the callback by one built from its saved arguments.
+    """
+    pytest.importorskip("transformers")
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    whole = NoiseScaleCallback(sync_every=1)
+    _, trainer = _hf_train(tmp_path, whole, save_strategy="steps", save_steps=3)
+    trainer.train()
+    resumed = NoiseScaleCallback(sync_every=1)
+    _, trainer = _hf_train(tmp_path, resumed, restore_callback_states_from_checkpoint=rebuild)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    (current,) = _hf_callbacks(trainer)
+    assert (current is resumed) is not rebuild
+    assert current.tracker.steps == 6
+    _assert_same_history(current.tracker.history, whole.tracker.history[3:])
+    assert current.tracker.estimate() == whole.tracker.estimate()
+
+
+def _ramp() -> BatchSizeRamp:
+    # 8 examples per step until 24 are consumed, then 16 (linear rule, tuned at 8)
+    return BatchSizeRamp.stepwise(
+        [(0, 8), (24, 16)], micro_batch_size=MICRO, lr_rule="linear", base_batch_size=8
+    )
+
+
+def test_transformers_applies_schedule_at_legal_step_boundaries(tmp_path):
+    """The Trainer reads gradient_accumulation_steps afresh each step: a ramp through it.
+
+    After 3 steps the epoch has seen 3 micro-batches; an accumulation of 2 can start only at an
+    even count, so the change lands one step later, with its learning rate. The epoch (12
+    micro-batches) is then 4×1 + 4×2, the second one 6×2: 14 steps in two epochs, each equal to
+    a plain loop over the same micro-batches.
+    """
+    pytest.importorskip("transformers")
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    callback = NoiseScaleCallback(_ramp(), sync_every=1, per_example_fraction=1.0)
+    model, trainer = _hf_train(
+        tmp_path,
+        callback,
+        gradient_accumulation_steps=1,
+        max_steps=-1,
+        num_train_epochs=2,
+        save_strategy="steps",
+        save_steps=3,
+    )
+    init = _hf_init(model)
+    trainer.train()
+    ks, lrs = [1] * 4 + [2] * 10, [0.1] * 4 + [0.2] * 10
+    got = callback.tracker.history
+    assert [(h["b_big"], h["lr"]) for h in got] == [
+        (8.0 * k, lr) for k, lr in zip(ks, lrs, strict=True)
+    ]
+    _assert_same_history(got, _plain_history(init, ks, lrs))
+    logged = {
+        h["step"]: h["noisescale/batch_size"] for h in trainer.state.log_history if "loss" in h
+    }
+    assert logged == {2: 8.0, 4: 16.0, 6: 16.0, 8: 16.0, 10: 16.0, 12: 16.0, 14: 16.0}
+
+    # a checkpoint before the change resumes exactly; one after it cannot be (data skip)
+    resumed = NoiseScaleCallback(_ramp(), sync_every=1, per_example_fraction=1.0)
+    _, trainer = _hf_train(
+        tmp_path, resumed, gradient_accumulation_steps=1, max_steps=-1, num_train_epochs=2
+    )
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    _assert_same_history(resumed.tracker.history, got[3:])
+    late = NoiseScaleCallback(_ramp(), sync_every=1, per_example_fraction=1.0)
+    _, trainer = _hf_train(
+        tmp_path, late, gradient_accumulation_steps=1, max_steps=-1, num_train_epochs=2
+    )
+    with pytest.raises(NoiseScaleInputError, match=r"micro-batch 8 of epoch 0.*micro-batch 6"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+    # a Trainer that rebuilds callbacks from their JSON arguments cannot rebuild the schedule
+    _, trainer = _hf_train(
+        tmp_path,
+        NoiseScaleCallback(_ramp()),
+        gradient_accumulation_steps=1,
+        restore_callback_states_from_checkpoint=True,
+    )
+    with pytest.raises(NoiseScaleInputError, match=r"without its arguments \['schedule'\]"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+
+
+def test_transformers_schedule_refusals(tmp_path):
+    pytest.importorskip("transformers")
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    _, trainer = _hf_train(tmp_path, NoiseScaleCallback(_ramp()))  # gradient_accumulation_steps=2
+    with pytest.raises(NoiseScaleInputError, match="gradient_accumulation_steps=1"):
+        trainer.train()
+    wrong = BatchSizeRamp.stepwise([(0, 16)], micro_batch_size=16)
+    _, trainer = _hf_train(tmp_path, NoiseScaleCallback(wrong), gradient_accumulation_steps=1)
+    with pytest.raises(NoiseScaleInputError, match="micro-batch is 8 examples"):
+        trainer.train()
+    opt = torch.optim.SGD(_net().parameters(), lr=0.1)
+    with pytest.raises(NoiseScaleInputError, match="no optimizer"):
+        NoiseScaleCallback(BatchSizeRamp.stepwise([(0, 8)], micro_batch_size=8, optimizer=opt))
+
+
+# -- bf16 on a tiny GPT-2 -----------------------------------------------------------------------
+
+BF16_U = 2.0**-8  # bfloat16's unit roundoff (8 significant bits)
+
+
+def _gpt2() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(2)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randint(0, 64, (64, 16), generator=torch.Generator().manual_seed(2))
+
+
+class _TokenDataset(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.tokens = _tokens()
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.tokens[i], "labels": self.tokens[i]}
+
+
+def _assert_bf16_close(bf16: list[dict], fp32: list[dict]) -> None:
+    """The same run in bf16 autocast and in fp32, step by step.
+
+    bf16 rounds every matmul input to u = 2⁻⁸ relative, so each gradient component is off by
+    about u and a squared norm by at most ~2u: |G_big|² and tr Σ (a difference whose small
+    batches are far noisier than the big one, so barely amplified) within 2u. B_simple divides by
+    |G|² = |G_big|² − tr Σ/B_big, whose absolute error ~2u·|G_big|² is relative to |G|² a factor
+    |G_big|²/|G|² = 1 + B_simple/B_big larger: within 2u·(1 + B_simple/B_big). All finite.
+    """
+    assert len(bf16) == len(fp32) >= 4
+    for b, f in zip(bf16, fp32, strict=True):
+        for key in ("sqnorm_big", "trace_sigma"):
+            assert b[key] == pytest.approx(f[key], rel=2 * BF16_U), key
+        assert math.isfinite(b["b_simple"]) and math.isfinite(f["b_simple"])
+        bound = 2 * BF16_U * (1 + f["b_simple"] / f["b_big"])
+        assert b["b_simple"] == pytest.approx(f["b_simple"], rel=bound)
+
+
+def test_transformers_bf16_gpt2_close_to_fp32(tmp_path):
+    """The Trainer with bf16=True (accelerate's CPU autocast) on GPT-2, against fp32.
+
+    GPT-2 takes ``num_items_in_batch``: each micro-batch's loss is its summed token loss over the
+    step's token count, so the step's loss, as the Trainer logs it, is the sum of the four.
+    """
+    transformers = pytest.importorskip("transformers")
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    histories = {}
+    for bf16 in (False, True):
+        model = _gpt2()
+        returned: list[float] = []
+
+        def keep(module, args, output, returned=returned):
+            if torch.is_grad_enabled():
+                returned.append(float(output.loss.detach()))
+
+        model.register_forward_hook(keep)
+        callback = NoiseScaleCallback(sync_every=1)
+        args = _hf_args(
+            tmp_path,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=4,
+            max_steps=4,
+            logging_steps=1,
+            learning_rate=1e-3,
+            optim="adamw_torch",
+            max_grad_norm=1.0,
+            bf16=bf16,
+        )
+        trainer = transformers.Trainer(
+            model=model, args=args, train_dataset=_TokenDataset(), callbacks=[callback]
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # GPT-2's config warns about loss_type=None
+            trainer.train()
+        history = callback.tracker.history
+        want = [sum(returned[4 * t : 4 * t + 4]) for t in range(4)]
+        assert [h["loss"] for h in history] == pytest.approx(want, rel=1e-6)
+        logged = [h["loss"] for h in trainer.state.log_history if "noisescale/g2" in h]
+        assert logged == pytest.approx(want, rel=1e-6)
+        histories[bf16] = history
+    _assert_bf16_close(histories[True], histories[False])
+
+
+@needs_lightning
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_bf16_gpt2_close_to_fp32():
+    """Lightning's ``precision="bf16-mixed"`` on GPT-2, against ``"32-true"``."""
+
+    class LitGPT(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _gpt2()
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=tokens, labels=tokens).loss
+
+        def training_step(self, tokens: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            return self(tokens)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    histories = {}
+    for precision in ("32-true", "bf16-mixed"):
+        callback = LightningCallback(sync_every=1, log_every=0)
+        trainer = _lit_trainer(
+            callback, max_steps=4, accumulate_grad_batches=4, precision=precision
+        )
+        trainer.fit(LitGPT(), torch.utils.data.DataLoader(_tokens(), batch_size=4))
+        histories[precision] = callback.tracker.history
+    _assert_bf16_close(histories["bf16-mixed"], histories["32-true"])
+
+
+# per-process gradient accumulation of each Trainer scenario of tests/ddp_callbacks_worker.py
+DDP_SCENARIOS = {"one_pass": 1, "no_sync": 2}
+DDP_TIMEOUT_S = 240
+
+
+def _assert_same_ddp_step(got: dict, want: dict, accumulation: int) -> None:
+    """A data-parallel step against one process accumulating the same micro-batches."""
+    assert got["b_big"] == want["b_big"] == 16 * accumulation
+    assert got["sqnorm_big"] == pytest.approx(want["sqnorm_big"], rel=1e-12)
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-12)
+    for source in ("per_example", "microbatch"):
+        mine = "local" if source == "microbatch" and accumulation == 1 else source
+        small, ref = got["sources"][mine], want["sources"][source]
+        assert (small["count"], small["b_small"]) == (ref["count"], ref["b_small"])
+        assert small["sqnorm_small"] == pytest.approx(ref["sqnorm_small"], rel=1e-12)
+    if accumulation == 1:
+        for key in ("g2", "trace_sigma", "b_simple", "b_simple_low"):
+            assert got[key] == pytest.approx(want[key], rel=1e-9, nan_ok=True), key
+    else:
+        assert set(got["sources"]) == {"per_example", "microbatch", "local"}
+
+
+@pytest.mark.slow
+def test_callbacks_ddp_under_accelerate_launch(tmp_path, float64_default):
+    """``accelerate launch``, 2 CPU processes: the single-process estimates, step by step.
+
+    ``accelerate launch --cpu`` starts one process unless MPI is installed, so the test uses the
+    torchrun launcher (``--multi_gpu``) with ``TrainingArguments(use_cpu=True)``: accelerate then
+    runs MULTI_CPU over gloo and the Trainer wraps the model in DDP; Lightning's DDP strategy runs
+    in the same processes. accelerate deals the sequential micro-batches out in turn, so with
+    accumulation a each step's 2a micro-batches are those a single process accumulating 2a of
+    them takes; Lightning shards shuffled examples with a DistributedSampler, and the reference
+    takes the processes' local batches in turn as its micro-batches. The sources are then the
+    same statistics: per-example norms over all examples, and the single process's
+    micro-batches = the processes' local batches (a = 1) or their micro-batches under
+    ``no_sync`` (a = 2, where DDP adds the local batches as a third source, so only the shared
+    sources and the big batch are compared).
+    Float64 throughout: the only differences are float64 summation orders (~1e-15), amplified by
+    eq. A.2's cancellation (B_simple/B_big ≲ 10³ here); a reading of ``.grad`` before DDP had
+    averaged it would be off by O(1).
+    """
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    pytest.importorskip("lightning")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    worker = Path(__file__).with_name("ddp_callbacks_worker.py")
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", str(port), str(worker), str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=DDP_TIMEOUT_S, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]  # every process computes the same estimates
+    for name in (*DDP_SCENARIOS, "lightning"):
+        # one history file, written by the first process only
+        lines = (tmp_path / name / "history.jsonl").read_text().splitlines()
+        assert [json.loads(line).get("step") for line in lines] == [None, 1, 2, 3, 4, 5, 6]
+
+    for name, accumulation in DDP_SCENARIOS.items():
+        run = ranks[0][name]
+        assert (run["world_size"], run["backend"]) == (2, "gloo")
+        assert run["model"] == "DistributedDataParallel"
+        callback = NoiseScaleCallback(sync_every=1, per_example_fraction=1.0)
+        args = _hf_args(tmp_path / f"ref_{name}", gradient_accumulation_steps=2 * accumulation)
+        trainer = transformers.Trainer(
+            model=_HFModel(), args=args, train_dataset=_HFDataset(), callbacks=[callback]
+        )
+        trainer.train()
+        want = callback.tracker.history
+        assert len(run["history"]) == len(want) == 6
+        for got_step, want_step in zip(run["history"], want, strict=True):
+            _assert_same_ddp_step(got_step, want_step, accumulation)
+
+    # Lightning gives each process a DistributedSampler, shuffling (seed 0) for training
+    x, y = _data()
+    data = torch.utils.data.TensorDataset(x, y)
+    shards = [list(torch.utils.data.DistributedSampler(data, 2, r, seed=0)) for r in range(2)]
+    order = [i for t in range(6) for shard in shards for i in shard[MICRO * t : MICRO * (t + 1)]]
+    loader = torch.utils.data.DataLoader(data, batch_size=MICRO, sampler=order)
+    callback = LightningCallback(sync_every=1, log_every=0, per_example_fraction=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _lit_trainer(callback, max_steps=6, accumulate_grad_batches=2).fit(_lit_model(), loader)
+    want = callback.tracker.history
+    assert len(ranks[0]["lightning"]["history"]) == len(want) == 6
+    for got_step, want_step in zip(ranks[0]["lightning"]["history"], want, strict=True):
+        _assert_same_ddp_step(got_step, want_step, 1)
 
 
 def test_transformers_refuses_fp16(tmp_path):

@@ -4,7 +4,8 @@ Usage::
 
     from noisescale.integrations.lightning import NoiseScaleCallback
 
-    trainer = lightning.Trainer(callbacks=[NoiseScaleCallback()], gradient_clip_val=1.0)
+    callback = NoiseScaleCallback()
+    trainer = lightning.Trainer(callbacks=[callback], gradient_clip_val=1.0)
     trainer.fit(model, loader)
     callback.tracker.estimate()
 
@@ -18,6 +19,23 @@ steps there.
 What the tracker measures is the module whose ``forward`` the ``training_step`` calls: by
 default the ``LightningModule`` itself (``self(x)`` in ``training_step``); if ``training_step``
 calls a submodule instead (``self.net(x)``), pass ``module="net"``.
+
+Logging. Every ``log_every`` optimizer steps the callback logs ``noisescale/b_simple`` (with
+``_low``/``_high``), ``noisescale/g2``, ``noisescale/trace_sigma`` (and with a schedule
+``noisescale/batch_size``, ``noisescale/lr_factor``) through ``LightningModule.log_dict``, so
+they reach every logger of the trainer (TensorBoard, CSV, Weights & Biases, …) under Lightning's
+own step (optimizer steps before this one), at its ``log_every_n_steps`` cadence.
+
+Reuse and resume. Every ``fit`` builds a new tracker on its module (after removing the previous
+one's hooks), so a callback reused for a second model or a tuner's trial measures that model.
+The tracker, the schedule and what the callback applied are in its ``state_dict``, which
+Lightning saves in the ``.ckpt`` and restores with ``fit(..., ckpt_path=...)``: the estimates,
+the batch and the learning rate continue as if the run had not stopped (tested from an epoch
+boundary). Under a DDP strategy the tracker measures each process's local gradient against
+the averaged one (paper App. A.1; the callback gives it the default process group, since
+``setup`` sees the module before the strategy wraps it), and only the first process writes
+``history_path``. Precision: ``"bf16-mixed"`` works (tested on GPT-2 against ``"32-true"``); with
+``"16-mixed"`` the trainer's ``GradScaler`` is divided out.
 
 Adapting the batch. Lightning realises a batch of k micro-batches with
 ``Trainer.accumulate_grad_batches = k`` (the loss is divided by k for you). The trainer zeroes
@@ -35,6 +53,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 from noisescale.errors import NoiseScaleInputError
@@ -99,20 +118,36 @@ class NoiseScaleCallback(pl.Callback):
         self._applied_micro_batches: int | None = None  # set once the trainer has one of ours
         self._applied_lr_factor = 1.0
         self._pending_state: dict[str, Any] | None = None
+        self._forward_handle: Any = None  # set while a fit is set up
+        self._forwards = 0  # forward calls of the measured module with gradients, this step
 
     # -- set-up --------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.tracker is not None:
+        if stage != "fit":
             return
+        # every fit measures its own module: a callback reused for a second fit (a new model, a
+        # tuner's trial) lets go of the previous one
+        self._release()
         target: nn.Module = (
             pl_module if self.module is None else pl_module.get_submodule(self.module)
         )
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self.tracker = GradientNoiseTracker(target, scaler=scaler, **self.tracker_kwargs)
+        self.tracker = GradientNoiseTracker(target, scaler=scaler, **self._tracker_kwargs(trainer))
+        self._forward_handle = target.register_forward_pre_hook(self._on_forward)
+        self._forwards = 0
+        self._loss, self._stepped = None, False
+        self._examples_seen = 0
+        self._applied_micro_batches, self._applied_lr_factor = None, 1.0
         if self._pending_state is not None:
             self._load(self._pending_state)
             self._pending_state = None
+        elif trainer.ckpt_path is None and self.schedule is not None and self.schedule.state.step:
+            raise NoiseScaleInputError(
+                f"the schedule has already taken {self.schedule.state.step} steps in an earlier "
+                "fit; give the callback a new schedule for a new run (a resume restores the "
+                "schedule from the checkpoint)"
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A resumed run continues with the accumulation that was in effect (possibly mid-epoch,
@@ -126,8 +161,8 @@ class NoiseScaleCallback(pl.Callback):
         self._apply(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.tracker is not None:
-            self.tracker.remove()
+        if stage == "fit":
+            self._release()
 
     # -- measurement ---------------------------------------------------------------------------
 
@@ -143,15 +178,19 @@ class NoiseScaleCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         tracker = self._require_tracker()
-        if not tracker.engine.open_passes():
+        if not self._forwards:
             where = "the LightningModule" if self.module is None else f"'{self.module}'"
             raise NoiseScaleInputError(
                 f"no forward call of {where} was seen in this step: training_step must call it "
                 "(e.g. self(x)), or pass module='<the submodule training_step calls>'"
             )
         tracker.step(loss=self._loss, lr=float(optimizer.param_groups[0]["lr"]))
-        self._loss = None
+        self._loss, self._forwards = None, 0
         self._stepped = True
+
+    def _on_forward(self, module: nn.Module, args: Any) -> None:
+        if torch.is_grad_enabled():
+            self._forwards += 1
 
     def on_train_batch_end(
         self,
@@ -193,12 +232,31 @@ class NoiseScaleCallback(pl.Callback):
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.tracker is None:
+        if self._forward_handle is None:  # not set up for a fit yet: load in setup
             self._pending_state = state_dict
         else:
             self._load(state_dict)
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def _tracker_kwargs(self, trainer: pl.Trainer) -> dict[str, Any]:
+        kwargs = dict(self.tracker_kwargs)
+        if trainer.world_size <= 1 or not torch.distributed.is_initialized():
+            return kwargs
+        if trainer.global_rank != 0:
+            # every process computes the same history: one file, written by the first
+            kwargs.pop("history_path", None)
+        # setup() sees the module before the strategy wraps it in DDP; its gradients are
+        # averaged over the default group
+        kwargs.setdefault("process_group", torch.distributed.group.WORLD)
+        return kwargs
+
+    def _release(self) -> None:
+        if self._forward_handle is not None:
+            self._forward_handle.remove()
+            self._forward_handle = None
+        if self.tracker is not None:
+            self.tracker.remove()
 
     def _load(self, state: dict[str, Any]) -> None:
         assert self.tracker is not None

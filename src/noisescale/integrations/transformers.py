@@ -9,43 +9,94 @@ Usage::
     trainer.train()
     callback.tracker.estimate()
 
-Where the measurement happens. In ``Trainer._inner_training_loop`` the last micro-batch's
+Where the measurement happens. In ``Trainer._run_epoch`` the last micro-batch's
 ``training_step`` (forward and ``accelerator.backward``) is followed directly by
 ``_clip_grad_norm`` and only then by ``on_pre_optimizer_step``, so no ``TrainerCallback`` hook
 sees unclipped gradients. The callback therefore reads them from inside backward: a
 post-accumulate-grad hook on the parameters queues a function on the autograd engine
-(``queue_callback``, as ``DistributedDataParallel`` does) that runs when that backward pass has
-finished, and it steps the tracker when the pass was the step's last micro-batch — which the
-Trainer announces through accelerate's ``GradientState.sync_gradients`` before the pass. That
-is before clipping and before the optimizer step. The step's loss is taken from the model
-output's ``loss`` when there is one.
+(``queue_callback``) that runs when that backward pass has finished — and queues itself once
+more, so that it runs after the callbacks others queued during the pass (DDP's, which writes the
+averaged gradients into ``.grad``). It steps the tracker when the pass was the step's last
+micro-batch, which the Trainer announces through accelerate's ``GradientState.sync_gradients``
+before the pass. That is before clipping and before the optimizer step.
 
-What it adapts: nothing. The ``Trainer`` plans a run from ``per_device_train_batch_size`` and
-``gradient_accumulation_steps`` before it starts (steps per epoch, ``max_steps``, the learning-rate
-schedule, the position of the last accumulation step of each epoch), so changing either mid-run
-desynchronises that plan. Use the measurement to choose ``gradient_accumulation_steps`` for the
-next run or for a resumed one, or train with Lightning or a plain loop to adapt within a run.
+The loss. The step's loss is taken from the model output's ``loss`` of each micro-batch: their
+mean, or their sum when the Trainer passed ``num_items_in_batch`` to the model (the model then
+divided each micro-batch's summed loss by the step's item count, and the micro-batch losses add
+up to the step's). It equals the ``loss`` the Trainer logs for that step.
+
+Logging. Every training log (the ``logs`` with a ``loss`` that ``on_log`` receives) gets
+``noisescale/b_simple`` (with ``_low``/``_high``), ``noisescale/g2`` and
+``noisescale/trace_sigma``, and with a schedule ``noisescale/batch_size`` and
+``noisescale/lr_factor``. The Trainer calls its callbacks in list order, and puts the reporting
+ones (``report_to``: TensorBoard, Weights & Biases, MLflow, …) before those passed as
+``callbacks=[...]``; so that the values reach them, the callback moves itself to the front of the
+Trainer's callback list when training starts (it finds the list through the call that runs its
+``on_train_begin``; where it cannot, it says so and how to do it by hand). The values are also
+written into the ``trainer.state.log_history`` entry of the same log (JSON: values that are not
+finite are left out).
+
+Reuse and resume. Every ``train()`` builds a new tracker on the model the Trainer trains in that
+call (a second run, ``hyperparameter_search`` with ``model_init``), after removing the hooks of
+the previous one; ``callback.tracker`` is the current run's. The callback is an
+``ExportableState``: each checkpoint's ``trainer_state.json`` holds the tracker's and the
+schedule's state, and ``train(resume_from_checkpoint=...)`` restores them, so the estimates
+continue as if the run had not stopped. The callback restores itself from the loaded state
+whether or not ``restore_callback_states_from_checkpoint`` is set; with it set, the Trainer
+replaces the callback by a new instance built from the saved arguments (find it in
+``trainer.callback_handler.callbacks``), which needs them to be JSON values.
+
+Adapting the batch. With a schedule (:class:`~noisescale.schedule.AdaptiveBatchSize` or
+:class:`~noisescale.schedule.BatchSizeRamp`, built without an optimizer and with
+``micro_batch_size`` equal to the global micro-batch, ``per_device_train_batch_size`` × processes)
+the callback writes the schedule's accumulation into ``args.gradient_accumulation_steps``, which
+the Trainer reads afresh for every optimizer step: it fetches that many micro-batches, divides
+their losses by it and synchronises after the last. Like Lightning, it ends a step where the
+epoch's micro-batch count is a multiple of it, so a new value applies at the first step boundary
+where that count is a multiple of it (at most k − 1 steps late; always at an epoch start), with
+the learning-rate factor at the same moment (the optimizer's rates and the scheduler's
+``base_lrs``). What the data path does not allow:
+
+* The Trainer sizes each epoch's loop (``num_update_steps_per_epoch``) for the accumulation given
+  in ``TrainingArguments`` at the start, so a smaller one would end epochs early: start with
+  ``gradient_accumulation_steps=1`` (the schedule's own start is applied at the first epoch's
+  start). Larger ones end the epoch's data earlier; the loop then idles to its planned end.
+* Everything planned in steps was planned for that accumulation: the number of epochs implied by
+  ``max_steps`` (a run whose batch grows ends after those epochs, with fewer steps than
+  ``max_steps``), the learning-rate schedule's length, ``save_steps``, ``logging_steps``. Train
+  for ``num_train_epochs`` with a constant (or warm-up then constant) learning rate.
+* A resume skips ``global_step`` × ``gradient_accumulation_steps`` batches, which is not where
+  the run was once the accumulation has changed; such a resume is refused with a message (a
+  checkpoint taken before the first change resumes exactly).
 
 Limits: ``fp16`` (a ``GradScaler``) is refused, because the scaler is not reachable from a
 callback and scaled norms would be averaged across scale changes; ``bf16`` needs no scaler and
-works. With losses normalised by ``num_items_in_batch`` (token-count normalisation across the
-accumulation), examples are weighted by their token counts, not equally as the tracker assumes
-for ``loss_reduction="mean"``.
+works (``tests/test_integrations.py`` states its error against fp32). Under data parallelism
+(``accelerate launch``, DDP) the tracker measures each process's local gradient against the
+averaged one (paper App. A.1); ``sync_each_batch`` and DeepSpeed are refused. With losses
+normalised by ``num_items_in_batch`` (token-count normalisation across the accumulation),
+examples are weighted by their token counts, not equally as ``loss_reduction="mean"`` assumes.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import sys
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from noisescale.errors import NoiseScaleInputError
+from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, scale_lr
 from noisescale.tracker import GradientNoiseTracker
 
 try:
     from transformers import TrainerCallback
+    from transformers.trainer_callback import CallbackHandler, ExportableState
 except ImportError as exc:
     raise ImportError(
         "noisescale.integrations.transformers needs transformers: "
@@ -53,6 +104,9 @@ except ImportError as exc:
     ) from exc
 
 __all__ = ["NoiseScaleCallback"]
+
+STATE_KIND = "noisescale.transformers_callback"
+STATE_VERSION = 1
 
 
 def _sync_gradients() -> bool:
@@ -62,29 +116,60 @@ def _sync_gradients() -> bool:
     return bool(GradientState().sync_gradients)
 
 
-class NoiseScaleCallback(TrainerCallback):
-    """Measures B_simple in a Hugging Face ``Trainer`` run and adds it to the logs.
+class NoiseScaleCallback(TrainerCallback, ExportableState):
+    """Measures B_simple in a Hugging Face ``Trainer`` run, logs it and optionally adapts the batch.
 
-    Each ``on_log`` adds ``noisescale/b_simple`` (with ``_low``/``_high``), ``noisescale/g2`` and
-    ``noisescale/trace_sigma`` to the logged values (callbacks after this one and
-    ``trainer.state.log_history`` see them).
+    See the module docstring for where it reads the gradients, the logging order, reuse, resume
+    and what adapting the batch under the Trainer can and cannot do.
 
     Args:
+        schedule: An :class:`AdaptiveBatchSize` or :class:`BatchSizeRamp` to drive through
+            ``args.gradient_accumulation_steps`` (constructed without ``optimizer``: the callback
+            writes the learning rate when it applies a change). ``None`` only measures.
         **tracker_kwargs: Passed to :class:`GradientNoiseTracker` (``loss_reduction``,
-            ``per_example``, ``beta``, ``history_path``, …).
+            ``per_example``, ``beta``, ``history_path``, …). Under ``torch.distributed`` the
+            tracker averages over the default process group unless ``process_group`` is given,
+            and only the first process writes ``history_path`` (all compute the same history).
     """
 
-    def __init__(self, **tracker_kwargs: Any) -> None:
+    def __init__(
+        self, schedule: AdaptiveBatchSize | BatchSizeRamp | None = None, **tracker_kwargs: Any
+    ) -> None:
         if "scaler" in tracker_kwargs or "optimizer" in tracker_kwargs:
             raise NoiseScaleInputError(
-                "the callback takes the optimizer from the Trainer and supports no GradScaler"
+                "the callback takes the optimizer from the Trainer and supports no GradScaler; "
+                "do not pass scaler= or optimizer="
             )
+        if schedule is not None and schedule.optimizer is not None:
+            raise NoiseScaleInputError(
+                "give the schedule no optimizer: the callback writes the learning rate itself, "
+                "when the Trainer can take the new batch size"
+            )
+        self.schedule = schedule
         self.tracker_kwargs = tracker_kwargs
         self.tracker: GradientNoiseTracker | None = None
+        # set by the Trainer when it rebuilds the callback from a checkpoint (see state())
+        self.unrestorable_args: list[str] = []
+        self.checkpoint: dict[str, Any] | None = None
+        self._handles: list[Any] = []
         self._optimizer: Any = None
+        self._lr_scheduler: Any = None
+        self._train_batches: int | None = None
         self._queued = False
         self._loss: Tensor | None = None
-        self._handles: list[Any] = []
+        self._losses = 0
+        self._loss_over_items = False
+        self._items_scale = 1
+        self._warned: set[str] = set()
+        # the schedule's realisation in the Trainer, saved in checkpoints
+        self._applied_micro_batches: int | None = None
+        self._applied_lr_factor = 1.0
+        self._examples_seen = 0
+        self._epoch = 0
+        self._position = 0  # micro-batches of the current epoch consumed so far
+        self._resume_position: int | None = None
+
+    # -- run lifecycle ---------------------------------------------------------------------------
 
     def on_train_begin(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
@@ -94,21 +179,312 @@ class NoiseScaleCallback(TrainerCallback):
                 "NoiseScaleCallback does not support fp16 (a GradScaler it cannot reach); use "
                 "bf16, or a plain training loop with GradientNoiseTracker(scaler=...)"
             )
+        if self.unrestorable_args:
+            raise NoiseScaleInputError(
+                "the Trainer rebuilt this callback from a checkpoint "
+                "(restore_callback_states_from_checkpoint=True) without its arguments "
+                f"{self.unrestorable_args}, which are not JSON values; leave "
+                "restore_callback_states_from_checkpoint=False: the callback restores its state "
+                "from the checkpoint by itself"
+            )
         if model is None:
             raise NoiseScaleInputError("the Trainer passed no model to the callback")
-        if self.tracker is None:
-            self.tracker = GradientNoiseTracker(model, **self.tracker_kwargs)
-            for p in model.parameters():
-                if p.requires_grad:
-                    self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
-            self._handles.append(model.register_forward_hook(self._on_forward))
+        self._release()
+        self._move_ahead_of_reporters(args)
         self._optimizer = kwargs.get("optimizer")
+        self._lr_scheduler = kwargs.get("lr_scheduler")
+        self._train_batches = _length(kwargs.get("train_dataloader"))
+        self.tracker = GradientNoiseTracker(model, **self._tracker_kwargs(args))
+        for p in model.parameters():
+            if p.requires_grad:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+        self._handles.append(model.register_forward_hook(self._on_forward, with_kwargs=True))
+        world = int(getattr(args, "world_size", 1))
+        average = getattr(args, "average_tokens_across_devices", False)
+        self._items_scale = world if world > 1 and average else 1
+        self._queued, self._loss, self._losses = False, None, 0
+        self._applied_micro_batches, self._applied_lr_factor = None, 1.0
+        self._examples_seen, self._epoch, self._position = 0, 0, 0
+        self._resume_position = None
+        if state.global_step > 0:
+            self._resume(args, state)
+        elif self.schedule is not None and self.schedule.state.step > 0:
+            raise NoiseScaleInputError(
+                f"the schedule has already taken {self.schedule.state.step} steps in an earlier "
+                "run; give the callback a new schedule for a new run (a resume restores the "
+                "schedule from the checkpoint)"
+            )
+        self.checkpoint = None
+        if self.schedule is not None:
+            self._check_schedule(args)
+
+    def _resume(self, args: Any, state: Any) -> None:
+        """Continue from the checkpoint the Trainer resumed from."""
+        saved = self._saved_state(state)
+        if saved is None:
+            self._warn_once(
+                "no-state",
+                f"resumed at step {state.global_step} from a checkpoint without noisescale's "
+                "state (saved by an older version or without this callback); the estimate "
+                "starts afresh",
+            )
+            return
+        self._load(saved)
+        if self.schedule is not None:
+            self._check_resume_position(args, state)
+            if self._applied_micro_batches is not None:
+                # continue with the accumulation that was in effect
+                args.gradient_accumulation_steps = self._applied_micro_batches
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        position, self._resume_position = self._resume_position, None
+        if position:  # a resumed epoch continues where it stopped
+            self._position = position
+            return
+        # state.epoch is the number of epochs completed (exact at an epoch's last step)
+        self._epoch, self._position = round(state.epoch or 0), 0
+        # the epoch's first micro-batch has index 0, a multiple of any accumulation
+        self._apply(args)
+
+    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._position += 1
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._position += 1
+        if self.schedule is None or self.tracker is None:
+            return
+        examples = self.tracker.examples - self._examples_seen
+        self._examples_seen = self.tracker.examples
+        self.schedule.step(self.tracker, examples=examples)
+        # the Trainer ends a step where (micro-batches of the epoch so far) % k == 0
+        if self._position % self.schedule.num_micro_batches == 0:
+            self._apply(args)
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
-        if self.tracker is None or logs is None or self.tracker.steps == 0:
+        # training logs only: evaluation and the end-of-run summary carry no "loss"
+        if self.tracker is None or logs is None or "loss" not in logs or self.tracker.steps == 0:
             return
+        values = self._metrics()
+        logs.update(values)
+        # Trainer.log appended a copy of the logs just before calling on_log
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._release()
+
+    # -- ExportableState: saved in every checkpoint's trainer_state.json ---------------------------
+
+    def state(self) -> dict[str, Any]:
+        """Constructor arguments and the run's state, for ``trainer_state.json``.
+
+        Arguments that are not JSON values (a schedule, a parameter-group mapping) are listed
+        under ``unrestorable_args`` instead: the callback restores its state by itself, and a
+        Trainer told to rebuild it (``restore_callback_states_from_checkpoint=True``) gets a
+        callback that refuses to train without them.
+        """
+        saved_args: dict[str, Any] = {}
+        unrestorable = ["schedule"] if self.schedule is not None else []
+        for name, value in self.tracker_kwargs.items():
+            value = str(value) if isinstance(value, Path) else value
+            if _is_json(value):
+                saved_args[name] = value
+            else:
+                unrestorable.append(name)
+        return {
+            "args": saved_args,
+            "attributes": {"unrestorable_args": unrestorable, "checkpoint": self._snapshot()},
+        }
+
+    def _snapshot(self) -> dict[str, Any] | None:
+        if self.tracker is None:
+            return None
+        return _json_plain(
+            {
+                "kind": STATE_KIND,
+                "version": STATE_VERSION,
+                "tracker": self.tracker.state_dict(),
+                "schedule": self.schedule.state_dict() if self.schedule is not None else None,
+                "applied_micro_batches": self._applied_micro_batches,
+                "applied_lr_factor": self._applied_lr_factor,
+                "examples_seen": self._examples_seen,
+                "epoch": self._epoch,
+                "position": self._position,
+            }
+        )
+
+    def _saved_state(self, state: Any) -> dict[str, Any] | None:
+        """This callback's checkpoint in the state the Trainer loaded (or was rebuilt with)."""
+        if self.checkpoint is not None:
+            return self.checkpoint
+        entry = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(entry, list):
+            self._warn_once(
+                "several",
+                "the checkpoint holds the state of several NoiseScaleCallbacks and cannot tell "
+                "which is this one; the estimate starts afresh",
+            )
+            return None
+        if not isinstance(entry, dict):
+            return None
+        saved = entry.get("attributes", {}).get("checkpoint")
+        return saved if isinstance(saved, dict) and saved.get("kind") == STATE_KIND else None
+
+    def _load(self, saved: dict[str, Any]) -> None:
+        assert self.tracker is not None
+        if int(saved.get("version", 0)) > STATE_VERSION:
+            raise NoiseScaleInputError(
+                f"the checkpoint's noisescale state has version {saved['version']}, newer than "
+                f"this noisescale reads ({STATE_VERSION}); upgrade noisescale"
+            )
+        self.tracker.load_state_dict(saved["tracker"])
+        if self.schedule is not None:
+            if saved["schedule"] is None:
+                raise NoiseScaleInputError(
+                    "the checkpoint was trained without a schedule; resume without one, or start "
+                    "a new run"
+                )
+            self.schedule.load_state_dict(saved["schedule"])
+        applied = saved["applied_micro_batches"]
+        self._applied_micro_batches = None if applied is None else int(applied)
+        self._applied_lr_factor = float(saved["applied_lr_factor"])
+        self._examples_seen = int(saved["examples_seen"])
+        self._epoch, self._resume_position = int(saved["epoch"]), int(saved["position"])
+        if self._train_batches is not None and self._resume_position >= self._train_batches:
+            # saved at an epoch's last step: the run continues at the next epoch's start
+            self._epoch, self._resume_position = self._epoch + 1, 0
+
+    # -- adapting the batch ----------------------------------------------------------------------
+
+    def _check_schedule(self, args: Any) -> None:
+        assert self.schedule is not None
+        processes = int(getattr(args, "world_size", 1))
+        micro = int(args.per_device_train_batch_size) * max(1, int(args.n_gpu)) * processes
+        if self.schedule.micro_batch_size != micro:
+            raise NoiseScaleInputError(
+                f"the schedule's micro_batch_size is {self.schedule.micro_batch_size} but the "
+                f"Trainer's micro-batch is {micro} examples (per_device_train_batch_size × "
+                "devices × processes); build the schedule with that micro_batch_size"
+            )
+        if self._resume_position is None and args.gradient_accumulation_steps != 1:
+            raise NoiseScaleInputError(
+                "with a schedule, set gradient_accumulation_steps=1 in TrainingArguments: the "
+                "Trainer sizes each epoch's loop for the accumulation it starts with, and the "
+                f"schedule's (now {self.schedule.num_micro_batches}) must never be below it"
+            )
+
+    def _check_resume_position(self, args: Any, state: Any) -> None:
+        """Refuse a resume whose data skip (computed by the Trainer) is not where the run was."""
+        assert self._resume_position is not None
+        epoch, position, batches = self._epoch, self._resume_position, self._train_batches
+        if batches is None:
+            raise NoiseScaleInputError(
+                "cannot resume an adaptive-batch run whose training dataloader has no length: "
+                "where the Trainer resumes cannot be checked against where the run was"
+            )
+        k = int(args.gradient_accumulation_steps)
+        per_epoch = max(batches // k + int(batches % k > 0), 1)
+        trainer_epoch = state.global_step // per_epoch
+        trainer_position = 0 if args.ignore_data_skip else (state.global_step % per_epoch) * k
+        if (trainer_epoch, trainer_position) != (epoch, position):
+            raise NoiseScaleInputError(
+                f"cannot resume this adaptive-batch run at step {state.global_step}: the run was "
+                f"at micro-batch {position} of epoch {epoch}, but the Trainer resumes at "
+                f"micro-batch {trainer_position} of epoch {trainer_epoch} (it assumes "
+                f"gradient_accumulation_steps={k} for every step, and the schedule changed it). "
+                "Resume from a checkpoint taken before the first change, or train with Lightning "
+                "or a plain loop to resume adaptive runs"
+            )
+
+    def _apply(self, args: Any) -> None:
+        """Give the Trainer the schedule's accumulation and learning-rate factor."""
+        if self.schedule is None:
+            return
+        k = self.schedule.num_micro_batches
+        args.gradient_accumulation_steps = k
+        self._applied_micro_batches = k
+        new_factor = self.schedule.lr_factor
+        if new_factor != self._applied_lr_factor:
+            schedulers = [self._lr_scheduler] if self._lr_scheduler is not None else []
+            scale_lr(self._optimizer, new_factor / self._applied_lr_factor, schedulers)
+            self._applied_lr_factor = new_factor
+
+    # -- hooks inside backward ------------------------------------------------------------------
+
+    def _on_forward(self, module: nn.Module, args: Any, kwargs: dict, output: Any) -> None:
+        if not torch.is_grad_enabled():
+            return
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if isinstance(loss, Tensor) and loss.dim() == 0:
+            loss = loss.detach()
+            self._loss = loss if self._loss is None else self._loss + loss
+            self._losses += 1
+            if kwargs.get("num_items_in_batch") is not None:
+                self._loss_over_items = True
+
+    def _on_grad(self, param: Tensor) -> None:
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+
+    def _after_backward(self) -> None:
+        # again at the end of the queue: after the callbacks queued during the pass (DDP's
+        # finalize_backward, which writes the averaged gradients)
+        torch.autograd.Variable._execution_engine.queue_callback(self._step)
+
+    def _step(self) -> None:
+        self._queued = False
+        if not _sync_gradients():
+            return
+        assert self.tracker is not None
+        lr = None
+        if self._optimizer is not None:
+            lr = float(self._optimizer.param_groups[0]["lr"])
+        self.tracker.step(loss=self._step_loss(), lr=lr)
+
+    def _step_loss(self) -> Tensor | None:
+        """The step's loss as the Trainer logs it, from the model's micro-batch losses."""
+        loss, self._loss = self._loss, None
+        count, self._losses = self._losses, 0
+        over_items, self._loss_over_items = self._loss_over_items, False
+        if loss is None:
+            return None
+        if over_items:
+            # each micro-batch's summed loss was divided by the step's item count (over all
+            # processes with average_tokens_across_devices): the step's loss is their sum
+            return loss * self._items_scale
+        return loss / count
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _tracker_kwargs(self, args: Any) -> dict[str, Any]:
+        kwargs = dict(self.tracker_kwargs)
+        if int(getattr(args, "world_size", 1)) <= 1:
+            return kwargs
+        if getattr(args, "deepspeed", None):
+            raise NoiseScaleInputError(
+                "NoiseScaleCallback does not support DeepSpeed (it synchronises every "
+                "micro-batch and partitions gradients); use DDP or FSDP2"
+            )
+        accumulation = args.accelerator_config.gradient_accumulation_kwargs or {}
+        if accumulation.get("sync_each_batch"):
+            raise NoiseScaleInputError(
+                "sync_each_batch=True averages gradients after every micro-batch, so no process "
+                "holds its local gradient for the data-parallel estimate; leave it off"
+            )
+        if int(getattr(args, "process_index", 0)) != 0:
+            # every process computes the same history: one file, written by the first
+            kwargs.pop("history_path", None)
+        if "process_group" not in kwargs and torch.distributed.is_initialized():
+            # The Trainer hands callbacks the unwrapped model; the processes' gradients are
+            # averaged over the default group (DDP's, FSDP2's)
+            kwargs["process_group"] = torch.distributed.group.WORLD
+        return kwargs
+
+    def _metrics(self) -> dict[str, float]:
+        assert self.tracker is not None
         e = self.tracker.estimate()
         values = {
             "noisescale/b_simple": e.b_simple,
@@ -117,45 +493,80 @@ class NoiseScaleCallback(TrainerCallback):
             "noisescale/g2": e.g2,
             "noisescale/trace_sigma": e.trace_sigma,
         }
+        if self.schedule is not None:
+            k = self._applied_micro_batches or 1
+            values["noisescale/batch_size"] = float(k * self.schedule.micro_batch_size)
+            values["noisescale/lr_factor"] = self._applied_lr_factor
         # JSON (trainer_state.json) has no NaN/inf: leave out what is not yet available
-        values = {k: float(v) for k, v in values.items() if math.isfinite(v)}
-        logs.update(values)
-        # Trainer.log appended a copy of the logs just before calling on_log
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(values)
+        return {k: float(v) for k, v in values.items() if math.isfinite(v)}
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def _move_ahead_of_reporters(self, args: Any) -> None:
+        """Put this callback first in the Trainer's list, before TensorBoard, W&B, … ."""
+        handler = self._calling_handler()
+        if handler is not None:
+            handler.callbacks.remove(self)
+            handler.callbacks.insert(0, self)
+        elif getattr(args, "report_to", None):
+            self._warn_once(
+                "order",
+                "NoiseScaleCallback could not find the Trainer's callback list to move ahead of "
+                "the reporting callbacks, so noisescale/* values reach trainer.state.log_history "
+                "but may miss TensorBoard, W&B, …; put it first yourself: "
+                "trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback))",
+            )
+
+    def _calling_handler(self) -> CallbackHandler | None:
+        """The ``CallbackHandler`` whose ``call_event`` is running this hook, if any."""
+        frame = sys._getframe(1)
+        for _ in range(8):
+            frame = frame.f_back  # type: ignore[assignment]
+            if frame is None:
+                return None
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, CallbackHandler):
+                return owner if any(cb is self for cb in owner.callbacks) else None
+        return None
+
+    def _release(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         if self.tracker is not None:
             self.tracker.remove()
 
-    # -- hooks inside backward ------------------------------------------------------------------
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
-    def _on_forward(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not torch.is_grad_enabled():
-            return
-        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
-        if isinstance(loss, Tensor) and loss.dim() == 0:
-            loss = loss.detach()
-            self._loss = loss if self._loss is None else self._loss + loss
 
-    def _on_grad(self, param: Tensor) -> None:
-        if not self._queued:
-            self._queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+def _length(loader: Any) -> int | None:
+    """Batches per epoch of the Trainer's dataloader (``None`` for iterable datasets)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
-    def _after_backward(self) -> None:
-        self._queued = False
-        if not _sync_gradients():
-            return
-        assert self.tracker is not None
-        lr = None
-        if self._optimizer is not None:
-            lr = float(self._optimizer.param_groups[0]["lr"])
-        loss, self._loss = self._loss, None
-        if loss is not None:
-            # the model's loss is per micro-batch: the step's loss is their mean
-            loss = loss / max(1, self.tracker.engine.open_passes())
-        self.tracker.step(loss=loss, lr=lr)
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _json_plain(x: Any) -> Any:
+    """``x`` with NumPy scalars and arrays as Python numbers and lists (``trainer_state.json``
+    is written with ``json.dumps``, which keeps NaN and infinities)."""
+    import numpy as np
+
+    if isinstance(x, dict):
+        return {k: _json_plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_plain(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _json_plain(x.tolist())
+    if isinstance(x, np.generic):
+        return x.item()
+    return x

@@ -570,7 +570,7 @@ class PerExampleNorms:
         if self.subbatches and self.per_example and n >= 2 and not pass_.skipped:
             device = pass_.n_source.device if pass_.n_source is not None else torch.device("cpu")
             pass_.subbatches = Subbatches.split(n, self.subbatches, self._generator(device), device)
-        pass_.amp = any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda") if _autocast_known(d))
+        pass_.amp = _autocast_enabled()
         self._context.clear()
         self.passes.append(pass_)
 
@@ -780,6 +780,10 @@ class PerExampleNorms:
             return None
         rule, label, params = self._calls[module]
         pass_ = self.passes[-1]
+        if not pass_.amp:
+            # autocast entered inside the model's forward (accelerate wraps ``model.forward``,
+            # so the model's own hooks run outside it) still loosens the audit
+            pass_.amp = _autocast_enabled()
         if rule.check is not None:
             rule.check(module, label)  # e.g. a BatchNorm switched to train() since
         if pass_.skipped:
@@ -1884,6 +1888,14 @@ def _autocast_known(device: str) -> bool:
     except (RuntimeError, TypeError):
         return False
     return True
+
+
+_AUTOCAST_DEVICES = tuple(d for d in ("cpu", "cuda") if _autocast_known(d))
+
+
+def _autocast_enabled() -> bool:
+    """Whether autocast is on for the CPU or CUDA (checked in every measured layer's hook)."""
+    return any(torch.is_autocast_enabled(d) for d in _AUTOCAST_DEVICES)
 
 
 def _tensors(value: Any) -> list[Tensor]:
