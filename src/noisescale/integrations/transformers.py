@@ -73,9 +73,10 @@ Limits: ``fp16`` (a ``GradScaler``) is refused, because the scaler is not reacha
 callback and scaled norms would be averaged across scale changes; ``bf16`` needs no scaler and
 works (``tests/test_integrations.py`` states its error against fp32). Under data parallelism
 (``accelerate launch``, DDP) the tracker measures each process's local gradient against the
-averaged one (paper App. A.1); ``sync_each_batch`` and DeepSpeed are refused. With losses
-normalised by ``num_items_in_batch`` (token-count normalisation across the accumulation),
-examples are weighted by their token counts, not equally as ``loss_reduction="mean"`` assumes.
+averaged one (paper App. A.1); ``sync_each_batch`` and DeepSpeed are refused. A model whose
+loss averages tokens (a causal or masked language model, normalised by ``num_items_in_batch``
+when the Trainer passes it) is measured per token, from the weights its own loss gives each
+token (:mod:`noisescale.tokens`; ``docs/language_models.md``).
 """
 
 from __future__ import annotations
