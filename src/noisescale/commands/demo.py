@@ -64,10 +64,9 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--per-example-fraction",
         type=_args.fraction,
-        default=1.0,
-        help="examples per step whose gradient norms are computed (default 1.0, all of them: "
-        "late in this run a few examples carry most of the gradient noise, and the tracker's "
-        "default 1/16 subset leaves a wider interval in a run this short)",
+        default=None,
+        help="measure per-example norms of this fraction of each step's examples (1.0: every "
+        "example) instead of the tracker's default, 8 sub-batches per step",
     )
     p.add_argument(
         "--seed", type=_args.nonnegative_int, default=0, help="seed of the weights and batches"
