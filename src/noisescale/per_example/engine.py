@@ -776,7 +776,9 @@ class PerExampleNorms:
                 holder._parameters[name] = stack.pop()  # type: ignore[assignment]
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if not self._active():
+        stack = self._weight_calls.get(module)
+        product_weight = stack.pop() if stack else None
+        if product_weight is None and not self._active():
             return None
         rule, label, params = self._calls[module]
         pass_ = self.passes[-1]
@@ -784,11 +786,24 @@ class PerExampleNorms:
             # autocast entered inside the model's forward (accelerate wraps ``model.forward``,
             # so the model's own hooks run outside it) still loosens the audit
             pass_.amp = _autocast_enabled()
+        outs = list(rule.outputs(module, output)) if rule.outputs is not None else [_first(output)]
+        if product_weight is not None:
+            # The layer ran on a detached weight (_on_weight_enter): its gradient comes from
+            # WeightBySubbatch whatever happens next, also when nothing else in the output needs
+            # a gradient (a first layer without bias on input data) — or the weight gets none.
+            # The rule computes the other parameters (the bias).
+            if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+                kind = "conv"
+            else:
+                kind = "conv1d" if rule.name == "Conv1D" else "linear"
+            job = _WeightJob(pass_, module, product_weight, kind, [True], self)
+            pass_.uses[id(product_weight)] = pass_.uses.get(id(product_weight), 0) + 1
+            subbatch_mod.WeightBySubbatch.apply(outs[0], args[0].detach(), product_weight, job)
+            params = {k: v for k, v in params.items() if v is not product_weight}
         if rule.check is not None:
             rule.check(module, label)  # e.g. a BatchNorm switched to train() since
         if pass_.skipped:
             return None
-        outs = list(rule.outputs(module, output)) if rule.outputs is not None else [_first(output)]
         if not any(isinstance(o, Tensor) and o.requires_grad for o in outs):
             return None
         ctx_dim = self.batch_dim()
@@ -815,23 +830,10 @@ class PerExampleNorms:
         is_shared = shared_input or size != n or module in self._learned_shared
         if is_shared:
             return self._shared_call(pass_, module, rule, label, params, args, kwargs, output)
-        stack = self._weight_calls.get(module)
-        product_weight = stack.pop() if stack else None
-        if product_weight is not None:
-            # the weight's gradient and sub-batch norms come from WeightBySubbatch; the rule
-            # computes the other parameters (the bias)
-            if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
-                kind = "conv"
-            else:
-                kind = "conv1d" if rule.name == "Conv1D" else "linear"
-            job = _WeightJob(pass_, module, product_weight, kind, [True], self)
-            pass_.uses[id(product_weight)] = pass_.uses.get(id(product_weight), 0) + 1
-            subbatch_mod.WeightBySubbatch.apply(outs[0], args[0].detach(), product_weight, job)
-            params = {k: v for k, v in params.items() if v is not product_weight}
-            if not params:
-                pass_.signature.append(("products", id(module), _pattern(args, kwargs, n)))
-                self._add_target(pass_, outs[0], out_dims[0], module, label)
-                return None
+        if product_weight is not None and not params:
+            pass_.signature.append(("products", id(module), _pattern(args, kwargs, n)))
+            self._add_target(pass_, outs[0], out_dims[0], module, label)
+            return None
         saved = rule.save(module, args, kwargs, output)
         call = _Call(module, rule, label, params, in_dim, [saved], out_dims, n)
         for p in params.values():
@@ -868,6 +870,7 @@ class PerExampleNorms:
             and not isinstance(weight, SharedTensor)
             and id(weight) not in self._multi_use
             and id(weight) in self._param
+            and module not in self._learned_shared  # its call is shared: no WeightBySubbatch
             and bool(args)
             and isinstance(args[0], Tensor)
             and not isinstance(args[0], SharedTensor)
