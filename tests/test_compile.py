@@ -30,6 +30,8 @@ step and audits the next eagerly.
 from __future__ import annotations
 
 import functools
+import gc
+import shutil
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -117,9 +119,20 @@ def gpt2() -> tuple[nn.Module, Callable, Batch]:
 MODELS = {"mlp": mlp, "cnn": cnn, "gpt": gpt, "gpt2": gpt2}
 
 
+class Wrapper(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.model(x)
+
+
 def _compiled(model: nn.Module, style: str | None, backend: str) -> Callable:
     if style == "torch.compile":
         return torch.compile(model, backend=backend)
+    if style == "wrapper":
+        return torch.compile(Wrapper(model), backend=backend)
     if style == "model.compile":
         model.compile(backend=backend)
     return model
@@ -129,16 +142,20 @@ def train(
     factory: Callable, mode: str | None, style: str | None, backend: str = BACKEND
 ) -> tuple[list[dict[str, Any]] | None, int, int, list[str]]:
     """STEPS training steps: (history, graph breaks, graphs compiled, noisescale's warnings)."""
+    gc.collect()  # a tracker of an earlier test, not removed, gives the compiler stance back
+    assert torch._dynamo.eval_frame._stance.stance == "default"
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
     model, loss_fn, batch = factory()
     call = _compiled(model, style, backend)
-    tracker = None if mode is None else GradientNoiseTracker(model, sync_every=1, **MODES[mode])
     accumulation = 2 if mode == "microbatch" else 1
     gen = torch.Generator().manual_seed(1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        tracker = None
+        if mode is not None:
+            tracker = GradientNoiseTracker(model, sync_every=1, **MODES[mode])
         for _ in range(STEPS):
             for _ in range(accumulation):
                 x, y = batch(gen)
@@ -208,3 +225,192 @@ def test_no_graph_break_and_the_same_numbers(model: str, style: str, mode: str) 
     assert not warned, warned
     assert history is not None
     assert_same_numbers(history, _eager(model, mode))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("model", ["mlp", "gpt"])
+def test_a_wrapper_compiled_as_a_whole(model: str, mode: str) -> None:
+    """The tracked model inside a module compiled as a whole: its own hooks are then traced into
+    the graph too (compiled by itself, Dynamo runs a model's own hooks as frames of their own)."""
+    history, breaks, graphs, warned = train(MODELS[model], mode, "wrapper")
+    plain_breaks, plain_graphs = _plain(model, "wrapper")
+    assert breaks == plain_breaks
+    assert graphs <= max(plain_graphs, 1)
+    assert not warned, warned
+    assert history is not None
+    assert_same_numbers(history, _eager(model, mode))
+
+
+class LayerScale(nn.Module):
+    """A parameter used directly in the forward (``gamma * h``), which the traced hooks do not
+    follow: the eager hooks run outside the compiled graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(10, 16)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 16))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gamma * torch.tanh(self.fc(x)))
+
+
+def layer_scale() -> tuple[nn.Module, Callable, Batch]:
+    _, loss, batch = mlp()
+    return LayerScale(), loss, batch
+
+
+class ScaledPositions(nn.Module):
+    """A position table whose output is scaled before it meets the batch: an operation on a
+    shared tensor the traced hooks do not follow, found only when the compiled graph runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(64, 16)
+        self.pos = nn.Embedding(T, 16)
+        self.head = nn.Linear(16, 64)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        positions = self.pos(torch.arange(idx.shape[1], device=idx.device)) * 0.5
+        return self.head(self.tok(idx) + positions)
+
+
+def scaled_positions() -> tuple[nn.Module, Callable, Batch]:
+    _, loss, batch = gpt()
+    return ScaledPositions(), loss, batch
+
+
+def assert_same_norms(got: dict[str, Any], want: dict[str, Any]) -> None:
+    """One step's squared norms (not B_simple, whose averages see the steps before)."""
+    assert got["sqnorm_big"] == pytest.approx(want["sqnorm_big"], rel=RTOL)
+    assert set(got["sources"]) == set(want["sources"])
+    for name, source in want["sources"].items():
+        assert got["sources"][name]["sqnorm_small"] == pytest.approx(
+            source["sqnorm_small"], rel=RTOL
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("style", ["torch.compile", "model.compile"])
+def test_a_model_the_traced_hooks_do_not_follow_runs_eagerly_and_says_so(style: str) -> None:
+    """A directly used parameter: the model runs eagerly while it is measured, and a warning
+    says why and what runs compiled. ``model.compile()`` is seen when the tracker is created;
+    ``torch.compile(model)`` only when its graph runs — step 3, withheld."""
+    history, _, _, warned = train(layer_scale, "per_example", style)
+    eager, *_ = train(layer_scale, "per_example", None)
+    assert history is not None and eager is not None
+    runs_eagerly = [w for w in warned if "runs eagerly" in w and "force_eager" in w]
+    assert len(runs_eagerly) == 1 and "'gamma'" in runs_eagerly[0], warned
+    assert "per_example=False" in runs_eagerly[0]
+    withheld = [3] if style == "torch.compile" else []
+    assert [r["step"] for r in history if "per_example" not in r["sources"]] == withheld
+    for got, want in zip(history, eager, strict=True):
+        if got["step"] not in withheld:
+            assert_same_norms(got, want)
+
+
+@pytest.mark.slow
+def test_an_operation_found_at_run_time_withholds_the_step_and_moves_the_hooks_out() -> None:
+    """Step 3, the first compiled one, meets ``pos(…) * 0.5``: its per-example norms are withheld
+    and said why, and from step 4 on the model runs eagerly."""
+    history, _, _, warned = train(scaled_positions, "per_example", "torch.compile")
+    eager, *_ = train(scaled_positions, "per_example", None)
+    assert history is not None and eager is not None
+    assert [r["step"] for r in history if "per_example" not in r["sources"]] == [3]
+    assert history[2]["sqnorm_big"] == pytest.approx(eager[2]["sqnorm_big"], rel=RTOL)
+    assert any("step 3" in w and "'mul'" in w for w in warned), warned
+    assert sum("force_eager" in w and "'mul'" in w for w in warned) == 1, warned
+    for got, want in zip(history[3:], eager[3:], strict=True):
+        assert_same_norms(got, want)
+
+
+@pytest.mark.slow
+def test_a_structure_never_audited_is_audited_eagerly_on_the_next_step() -> None:
+    """Sequences as long as the batch from step 5 on (T = N: the ambiguity the audit resolves):
+    a new structure under compile withholds step 5 and runs step 6 eagerly, audited."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, loss_fn, _ = gpt()
+    call = torch.compile(model, backend=BACKEND)
+    tracker = GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+    gen = torch.Generator().manual_seed(1)
+    ran_compiled = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(1, 8):
+            length = T if step < 5 else N
+            x = torch.randint(0, 64, (N, length), generator=gen)
+            loss_fn(call(x), x).backward()
+            ran_compiled.append(tracker.engine.current_pass().compiled)
+            tracker.step()
+            model.zero_grad()
+    history = tracker.history
+    tracker.remove()
+    torch._dynamo.reset()
+    #                 1      2      3     4      5     6      7
+    assert ran_compiled == [False, False, True, False, True, False, True]
+    withheld = [r["step"] for r in history if "per_example" not in r["sources"]]
+    assert withheld == [5]
+
+
+def test_audited_steps_force_eager_and_give_the_stance_back() -> None:
+    """The stance is force_eager from tracker.step() before an audited step to the one after it,
+    and the user's own stance is restored then (and by remove())."""
+    from torch._dynamo import eval_frame
+
+    model = nn.Linear(3, 2)
+    with torch.compiler.set_stance("eager_on_recompile"):
+        tracker = GradientNoiseTracker(model, per_example_fraction=1.0)
+        stances = [eval_frame._stance.stance]
+        for _ in range(3):
+            model(torch.randn(4, 3)).square().mean().backward()
+            tracker.step()
+            stances.append(eval_frame._stance.stance)
+        tracker.remove()
+        stances.append(eval_frame._stance.stance)
+    user = "eager_on_recompile"
+    # before steps 1, 2 (audited), 3, 4 (audited), after remove()
+    assert stances == ["force_eager", "force_eager", user, "force_eager", user]
+
+
+def sequence_mlp() -> tuple[nn.Module, Callable, Batch]:
+    """A first layer without bias on input data (its output needs a gradient only through the
+    weight: sub-batch products must still give the weight one), an in-place activation on a
+    tapped output, a Linear at T positions per example (sub-batch products)."""
+    model = nn.Sequential(nn.Linear(6, 16, bias=False), nn.ReLU(inplace=True), nn.Linear(16, 3))
+
+    def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (out.mean(1) - y).pow(2).sum(1).mean()
+
+    def batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(N, T, 6, generator=gen), torch.randn(N, 3, generator=gen)
+
+    return model, loss, batch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["subbatch", "per_example"])
+def test_a_first_layer_without_bias_under_compile(mode: str) -> None:
+    history, breaks, graphs, warned = train(sequence_mlp, mode, "torch.compile")
+    _, plain_breaks, plain_graphs, _ = train(sequence_mlp, None, "torch.compile")
+    eager, *_ = train(sequence_mlp, mode, None)
+    assert (breaks, graphs, warned) == (plain_breaks, plain_graphs, [])
+    assert history is not None and eager is not None
+    assert_same_numbers(history, eager)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("c++", "g++", "clang++")), reason="inductor needs C++"
+)
+def test_inductor() -> None:
+    """The compiler users run: inductor generates its own kernels for the forward and the
+    backward, and may reuse a buffer once its last reader is done — so what the engine keeps of
+    a tensor an event handed it (the first of two uses of a tied weight) must be its own."""
+    history, breaks, _, warned = train(gpt2, "per_example", "torch.compile", backend="inductor")
+    _, plain_breaks, _, _ = train(gpt2, None, "torch.compile", backend="inductor")
+    eager, *_ = train(gpt2, "per_example", None)
+    assert (breaks, warned) == (plain_breaks, [])
+    assert history is not None and eager is not None
+    assert_same_numbers(history, eager)  # (measured: 2e-16 apart, inductor's own kernels)

@@ -29,10 +29,12 @@ numbers are the same.
 
 What stays eager: audited passes (step 1, 2, 4, …; :mod:`~noisescale.per_example.audit` replays
 the backward on the eager autograd graph) run with ``torch.compiler.set_stance("force_eager")``
-for the duration of their step (:class:`EagerSteps`). Models whose structure the traced hooks do
-not follow (:attr:`PerExampleNorms.compile_blocker`: parameters used directly in a forward,
-layers whose rules keep their own layout, the torch.func fallback) run the eager hooks outside the
-graph — a graph break at each — and say so once, naming the cause (:func:`outside_graph`).
+for the duration of their step (:class:`EagerSteps`). A model whose structure the traced hooks
+do not follow (:attr:`PerExampleNorms.compile_blocker`: parameters used directly in a forward,
+layers whose rules keep their own layout, the torch.func fallback) runs eagerly while it is
+measured, and the engine says so once, naming the cause. Its eager hooks are not run inside the
+graph behind graph breaks: the shared aliases of its parameters would enter the compiled graph,
+which Dynamo cannot trace (it fails with a recursion error, torch 2.13).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ __all__ = [
     "CompiledShared",
     "EagerSteps",
     "emit_forward",
-    "outside_graph",
+    "in_compiled_call",
     "register",
     "skip_frames",
     "tap_output",
@@ -363,37 +365,46 @@ def _map(value: Any, fn: Callable[[Any], Any]) -> Any:
 # -- hooks that run outside the graph ----------------------------------------------------------
 
 
-def skip_frames(fn: Callable) -> None:
+def skip_frames(fn: Callable, *, recursive: bool) -> None:
     """Run ``fn`` eagerly when Dynamo would compile it as a frame of its own.
 
-    A model's *own* hooks are called by ``nn.Module._call_impl``, which Dynamo does not trace: it
-    compiles each such hook as a separate frame (under ``torch.compile(model)`` and
-    ``model.compile()``). The engine's top-level hooks gain nothing from that; run eagerly, they
-    register ordinary tensor hooks on the model's real output. Inside a traced caller (a wrapper
-    module compiled as a whole) a hook is inlined and takes its traced form as before. Without
-    the private API this needs, the hook frames are compiled, which works too.
+    A model's *own* hooks are called by ``nn.Module._call_impl``, which Dynamo does not trace:
+    under ``torch.compile(model)`` and ``model.compile()`` it compiles each such hook as a
+    separate frame, which gains nothing here; run eagerly, the engine's top-level hooks register
+    ordinary tensor hooks on the model's real output. A hook inlined into a traced caller (a
+    wrapper module compiled as a whole) takes its traced form as before. ``recursive``: the
+    functions ``fn`` calls run eagerly as well (the hooks' eager bodies); otherwise Dynamo still
+    sees them, and :func:`in_compiled_call` can tell that the call is compiled (the thin hook
+    that dispatches). Without the private API this needs, the hook frames are compiled, which
+    works too.
     """
     try:
         from torch._C._dynamo.eval_frame import set_code_exec_strategy
         from torch._dynamo.types import FrameAction, FrameExecStrategy
     except ImportError:
         return
+    callees = FrameAction.SKIP if recursive else FrameAction.DEFAULT
     try:
-        set_code_exec_strategy(fn.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
+        set_code_exec_strategy(fn.__code__, FrameExecStrategy(FrameAction.SKIP, callees))
     except (RuntimeError, TypeError, AttributeError):
         return
 
 
-def outside_graph(fn: Callable, warn: Callable[[], None]) -> Callable:
-    """``fn`` as a function Dynamo does not trace: called from traced code it splits the graph
-    and runs eagerly, after ``warn()``. Only built once Dynamo is imported (by a compile)."""
-    import torch._dynamo
+def in_compiled_call() -> bool:
+    """Whether this eager code runs inside a compiled call (a model's own hook, which Dynamo runs
+    as a frame of its own, :func:`skip_frames`): what it hands the forward enters the graph."""
+    if "torch._dynamo" not in sys.modules:
+        return False
+    if not _CALLBACK:
+        try:
+            from torch._C._dynamo.eval_frame import get_eval_frame_callback
+        except ImportError:
+            return False
+        _CALLBACK.append(get_eval_frame_callback)
+    return _CALLBACK[0]() not in (None, False)
 
-    def run(*args: Any, **kwargs: Any) -> Any:
-        warn()
-        return fn(*args, **kwargs)
 
-    return torch._dynamo.disable(run, reason="noisescale: hooks the compiled graph cannot hold")
+_CALLBACK: list[Callable[[], Any]] = []
 
 
 # -- audited steps run eagerly ------------------------------------------------------------------

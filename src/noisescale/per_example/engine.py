@@ -234,6 +234,7 @@ class PassNorms:
     compiled: bool = False  # its forward ran inside a compiled graph (torch.compile)
     unaudited: bool = False  # compiled, and due for an audit it could not have there
     compiled_unsupported: str | None = None  # an operation the traced hooks do not follow
+    compiled_blocked: bool = False  # compiled, in a model the traced hooks cannot follow
 
 
 class PerExampleNorms:
@@ -334,15 +335,15 @@ class PerExampleNorms:
         self._records: dict[int, _Record] = {}
         self._next_token = 1
         self._trace_batch: Tensor | None = None
-        # each eager hook with a box for its outside-the-graph form (see _hook)
-        self._eager_hooks: list[tuple[list[Callable | None], Callable]] = []
-        self._compile_prepared = False
-        self._warned_outside = False
+        self._eager_hooks: list[Callable] = []  # what each module hook runs without compile
+        self._frames_skipped = 0  # how many of them Dynamo already runs eagerly
+        self._inside_compiled_call = False  # the running eager hook runs inside a compiled call
         self._eager_steps = compiled.EagerSteps(self._key)
-        # why the traced hooks cannot follow the model (then the eager hooks run outside the
-        # graph); _compile_learned: a reason a compiled pass revealed
+        # why the traced hooks cannot follow the model (then compiled code runs eagerly while
+        # the engine measures: _compiled_eagerly); _compile_learned: what a compiled pass revealed
         self.compile_blocker: str | None = None
         self._compile_learned: str | None = None
+        self._compiled_eagerly = False
         self._refuse_modules(model)
         self._model_dim = 1 if _time_major(model) else 0
         # FSDP2 reshards parameters in hooks of the backward: a replayed backward would run them
@@ -448,23 +449,22 @@ class PerExampleNorms:
 
     def _hook(self, eager: Callable, traced: Callable | None = None) -> Callable:
         """A module hook: ``eager``, or while Dynamo traces it ``traced`` — the form whose work
-        runs inside the compiled graph (:mod:`~noisescale.per_example.compiled`). Without a
-        traced form, or when the model needs the eager hooks (:attr:`compile_blocker`), the
-        eager hook runs outside the graph: a graph break, and a warning once."""
+        runs inside the compiled graph (:mod:`~noisescale.per_example.compiled`). A hook
+        without a traced form, or any hook of a model the traced hooks cannot follow
+        (:attr:`compile_blocker`), only reports that the pass ran compiled: the pass is
+        withheld and compiled code then runs eagerly while the engine measures."""
 
-        outside: list[Callable | None] = [None]
-        self._eager_hooks.append((outside, eager))
-        if self._compile_prepared:
-            outside[0] = compiled.outside_graph(eager, self._warn_outside)
+        self._eager_hooks.append(eager)
+        if self._frames_skipped:
+            compiled.skip_frames(eager, recursive=True)
 
         def hook(*args: Any, **kwargs: Any) -> Any:
             if torch.compiler.is_compiling():
                 if traced is not None and self.compile_blocker is None:
                     return traced(*args, **kwargs)
-                run = outside[0]
-                if run is None:  # a compile that began before any step: made while tracing
-                    run = compiled.outside_graph(eager, self._warn_outside)
-                return run(*args, **kwargs)
+                compiled.emit_forward(self._key, "blocked", 0, [], [])
+                return None
+            self._inside_compiled_call = compiled.in_compiled_call()
             return eager(*args, **kwargs)
 
         return hook
@@ -857,6 +857,11 @@ class PerExampleNorms:
         if not self._active() or module in self._fallback:
             return
         pass_ = self.passes[-1]
+        if self._inside_compiled_call:
+            # a model's own hooks run eagerly inside its compiled call: the aliases would enter
+            # the compiled graph, which cannot hold them (compile_blocker)
+            pass_.compiled = pass_.compiled_blocked = True
+            return
         if pass_.skipped:
             return
         for holder, name, pid in self._scopes[module]:
@@ -1126,28 +1131,39 @@ class PerExampleNorms:
         self.compile_blocker = self._why_not_traced() or self._compile_learned
 
     def _prepare_compile(self) -> None:
-        """Once Dynamo is imported (a compile may run): the model's own hooks run as eager
-        frames, and the eager hooks have their outside-the-graph forms ready."""
-        if self._compile_prepared or "torch._dynamo" not in sys.modules:
+        """Once Dynamo is imported (a compile may follow): the model's own hooks, which Dynamo
+        would compile as frames of their own, run eagerly; a model compiled with
+        ``model.compile()`` that the traced hooks cannot follow runs eagerly from now on."""
+        if "torch._dynamo" not in sys.modules:
             return
-        self._compile_prepared = True
-        compiled.skip_frames(self._hook(self._on_model_forward))
-        for box, eager in self._eager_hooks:
-            if box[0] is None:
-                box[0] = compiled.outside_graph(eager, self._warn_outside)
+        if not self._frames_skipped:
+            self._frames_skipped = 1
+            # (this hook's code is every hook's: _hook's inner function)
+            compiled.skip_frames(self._hook(self._on_model_forward), recursive=False)
+            for eager in self._eager_hooks:
+                compiled.skip_frames(eager, recursive=True)
+        model = self.model
+        if self.compile_blocker is not None and (
+            getattr(model, "_compiled_call_impl", None) is not None
+            or type(model).__name__ == "OptimizedModule"
+        ):
+            self._run_compiled_code_eagerly()
 
-    def _warn_outside(self) -> None:
-        if self._warned_outside:
+    def _run_compiled_code_eagerly(self) -> None:
+        if self._compiled_eagerly:
             return
-        self._warned_outside = True
+        self._compiled_eagerly = True
+        self._eager_steps.want(True)
         warnings.warn(
-            f"noisescale: under torch.compile, {self.compile_blocker}. The hooks then run outside "
-            "the compiled graph, which splits the model at each hooked layer: exact, but slower. "
-            "Inside one graph: models whose parameters are all used through layers with a rule "
-            "(Linear, Conv, Embedding, norms, Conv1D), shared position tables added to the "
-            "batch; or per_example=False with gradient accumulation (micro-batch norms)",
+            f"noisescale: under torch.compile, {self.compile_blocker}. While the tracker measures "
+            "this model, compiled code runs eagerly (torch.compiler.set_stance('force_eager'), "
+            "in the whole process, until tracker.remove()): exact, but without the speed of "
+            "compilation. Measured inside the compiled graph: models whose parameters are all "
+            "used through layers with a rule (Linear, convolutions, Embedding, norm layers, "
+            "Conv1D) and position tables added to the batch; or per_example=False with gradient "
+            "accumulation (micro-batch norms), for any model",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
 
     def traced_batch_size(self) -> Any:
@@ -1276,6 +1292,9 @@ class PerExampleNorms:
             return 0
         pass_ = self.passes[-1]
         pass_.compiled = True
+        if kind == "blocked":
+            pass_.compiled_blocked = True
+            return 0
         if kind == "output":
             if self.per_example and not pass_.skipped:
                 self._audit_wanted(pass_)
@@ -2029,7 +2048,10 @@ class PerExampleNorms:
             for pass_ in done:
                 self._settle(pass_, learn)
         # an audited step runs eagerly, in compiled models too
-        self._eager_steps.want(self.per_example and self.auditing_enabled and self._audit_due)
+        self._eager_steps.want(
+            self._compiled_eagerly
+            or (self.per_example and self.auditing_enabled and self._audit_due)
+        )
         self._prepare_compile()
         return done
 
@@ -2112,6 +2134,15 @@ class PerExampleNorms:
         not report (a graph break inside its layer's forward makes Dynamo drop the hook's
         backward), makes the eager hooks run outside the graph from the next step on.
         """
+        if pass_.compiled_blocked:
+            self._withhold(
+                pass_,
+                f"its forward ran inside a compiled graph, which the hooks cannot measure in "
+                f"this model ({self.compile_blocker}); from the next step on compiled code runs "
+                "eagerly",
+            )
+            self._run_compiled_code_eagerly()
+            return True
         if pass_.compiled_unsupported is not None:
             learned = (
                 "a tensor shared by every example (a layer's output on input without the "
@@ -2136,12 +2167,11 @@ class PerExampleNorms:
             return False
         self._compile_learned = learned
         self._update_compile_blocker()
-        self._audit_due = True
         self._withhold(
             pass_,
-            f"under torch.compile, {learned}; from the next step on the hooks run outside the "
-            "compiled graph",
+            f"under torch.compile, {learned}; from the next step on compiled code runs eagerly",
         )
+        self._run_compiled_code_eagerly()
         return True
 
     def _learn_direct_uses(self, pass_: PassNorms, pids: list[int]) -> bool:
@@ -2325,6 +2355,7 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
         merged.audited = any(p.audited for p in group)
         merged.compiled = any(p.compiled for p in group)
         merged.unaudited = any(p.unaudited for p in group)
+        merged.compiled_blocked = any(p.compiled_blocked for p in group)
         merged.compiled_unsupported = next(
             (p.compiled_unsupported for p in group if p.compiled_unsupported), None
         )
