@@ -281,6 +281,48 @@ def scaled_positions() -> tuple[nn.Module, Callable, Batch]:
     return ScaledPositions(), loss, batch
 
 
+def llama() -> tuple[nn.Module, Callable, Batch]:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+    )  # fmt: skip
+    _, loss, batch = gpt2()
+    return transformers.LlamaForCausalLM(config), loss, batch
+
+
+def vit() -> tuple[nn.Module, Callable, Batch]:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(
+        image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, num_labels=10, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+
+    def loss(out: Any, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out.logits, y)
+
+    def batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(N, 3, 8, 8, generator=gen), torch.randint(0, 10, (N,), generator=gen)
+
+    return transformers.ViTForImageClassification(config), loss, batch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["subbatch", "per_example"])
+@pytest.mark.parametrize("factory", [llama, vit], ids=["llama", "vit"])
+def test_parameters_used_directly_in_their_module(factory: Callable, mode: str) -> None:
+    """Llama's RMSNorm (``weight * x``), ViT's class token (``expand``) and position table
+    (``x + table``): parameters their own module uses directly, followed inside the graph."""
+    history, breaks, graphs, warned = train(factory, mode, "torch.compile")
+    _, plain_breaks, plain_graphs, _ = train(factory, None, "torch.compile")
+    eager, *_ = train(factory, mode, None)
+    assert (breaks, warned) == (plain_breaks, [])
+    assert graphs <= max(plain_graphs, 1)
+    assert history is not None and eager is not None
+    assert_same_numbers(history, eager)
+
+
 def assert_same_norms(got: dict[str, Any], want: dict[str, Any]) -> None:
     """One step's squared norms (not B_simple, whose averages see the steps before)."""
     assert got["sqnorm_big"] == pytest.approx(want["sqnorm_big"], rel=RTOL)

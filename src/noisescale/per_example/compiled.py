@@ -18,8 +18,9 @@ the pieces here:
   its backward is traced into the compiled backward like any other;
 * a weight whose gradient sub-batch mode computes itself, as k products, gets it from
   ``noisescale::weight_grad`` (:func:`tap_weight`);
-* a shared call's output (``wpe(arange(T))``) is followed, while tracing, by
-  :class:`CompiledShared` to the operation that broadcasts it over the batch, where the same
+* a shared call's output (``wpe(arange(T))``) and a parameter its module uses directly (a norm's
+  ``weight * x``, a class token's ``expand``) are followed, while tracing, by
+  :class:`CompiledShared` to the operation that broadcasts them over the batch, where the same
   identity function collects each example's gradient.
 
 The three operators are registered as *ordered effects*: the compiler keeps them and their order
@@ -30,11 +31,13 @@ numbers are the same.
 What stays eager: audited passes (step 1, 2, 4, …; :mod:`~noisescale.per_example.audit` replays
 the backward on the eager autograd graph) run with ``torch.compiler.set_stance("force_eager")``
 for the duration of their step (:class:`EagerSteps`). A model whose structure the traced hooks
-do not follow (:attr:`PerExampleNorms.compile_blocker`: parameters used directly in a forward,
-layers whose rules keep their own layout, the torch.func fallback) runs eagerly while it is
-measured, and the engine says so once, naming the cause. Its eager hooks are not run inside the
-graph behind graph breaks: the shared aliases of its parameters would enter the compiled graph,
-which Dynamo cannot trace (it fails with a recursion error, torch 2.13).
+do not follow (:attr:`PerExampleNorms.compile_blocker`: parameters used directly in the
+top-level model's forward or outside their layer, time-major layers, rules with their own
+layout, the torch.func fallback), or in which a compiled pass meets an operation they do not
+follow (a shared tensor transformed before it meets the batch: T5's relative position bias),
+runs eagerly while it is measured, and the engine says so once, naming the cause. Its eager
+hooks are not run inside the graph behind graph breaks: the shared aliases of its parameters
+would enter the compiled graph, which Dynamo cannot trace (a RecursionError, torch 2.13).
 """
 
 from __future__ import annotations
@@ -256,15 +259,17 @@ _SAME_NAMES = frozenset({"to", "type_as", "contiguous"})
 
 
 class CompiledShared(Tensor):
-    """The output of a shared call while Dynamo traces (only then: the compiled graph holds plain
-    tensors): followed to the elementwise operation or ``expand`` that broadcasts it over the
-    batch, which then collects each example's gradient of it — the traced counterpart of
-    :class:`~noisescale.per_example.shared.SharedTensor` for its most common case, a table of
-    positions looked up with indices every example shares and added to per-example activations.
-    Any other operation on it is reported to the engine (``"unsupported:<op>"``), which then
-    withholds the pass and runs the eager hooks from the next step on.
+    """A shared call's output or a parameter used directly, while Dynamo traces (only then: the
+    compiled graph holds plain tensors): followed to the elementwise operation or ``expand``
+    that broadcasts it over the batch, which then collects each example's gradient of it — the
+    traced counterpart of :class:`~noisescale.per_example.shared.SharedTensor` for its common
+    cases (a position table added to the batch, a norm's weight, a class token). Operations that
+    keep its values (``.to`` the same dtype, ``.contiguous()``) keep following it; any other is
+    reported to the engine (``"unsupported:<op>"``), which withholds the pass and runs compiled
+    code eagerly from the next step on.
 
-    ``_ns_compiled`` holds (engine, engine key, shared call's token, the call's saved input).
+    ``_ns_compiled`` holds (engine, engine key, the token of its source, the source call's saved
+    input — empty for a parameter).
     """
 
     @classmethod
@@ -312,6 +317,7 @@ class CompiledShared(Tensor):
                 name in _SAME_NAMES
                 and isinstance(src, CompiledShared)
                 and result.dtype == src.dtype
+                and result.device == src.device
                 and result.shape == src.shape
             ):
                 return share(result, info)

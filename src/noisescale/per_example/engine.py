@@ -30,6 +30,10 @@ call treated as per-example, a parameter used outside its module: handled from t
 this step's per-example norms withheld) or refuses the step with a message that names the
 parameter or layer and says what to do.
 
+**Under torch.compile** the hooks run inside the compiled graph, as operations that hand the
+engine what the eager hooks would have seen (:mod:`~noisescale.per_example.compiled`): no graph
+break, the same numbers. Audited passes run eagerly.
+
 Conventions: the backpropagated loss is (1/N)·Σ_i ℓ_i (``"mean"``) or Σ_i ℓ_i (``"sum"``) over the
 N examples of dim 0 of the model's input (dim 1 for a time-major built-in model); inside
 ``nn.TransformerEncoder``/``Decoder``/``Transformer`` and their layers with ``batch_first=False``
@@ -153,7 +157,7 @@ class _Slot:
 class _Record:
     """What one event of a compiled graph recorded (``PerExampleNorms.on_forward_event``)."""
 
-    kind: str  # "call", "shared", "meet" or "root"
+    kind: str  # "call", "shared", "param", "meet" or "root"
     pass_: Any
     call: _Call | None = None
     job: _WeightJob | None = None
@@ -332,6 +336,8 @@ class PerExampleNorms:
         self._key = compiled.register(self)
         self._modules = list(model.modules())
         self._site = {m: i for i, m in enumerate(self._modules)}
+        self._params: list[nn.Parameter] = []  # trainable parameters by position, and back
+        self._param_index: dict[int, int] = {}
         self._records: dict[int, _Record] = {}
         self._next_token = 1
         self._trace_batch: Tensor | None = None
@@ -354,6 +360,8 @@ class PerExampleNorms:
                 if p.requires_grad:
                     self._param_name.setdefault(id(p), f"{mname}.{pname}" if mname else pname)
                     self._param[id(p)] = p
+        self._params = list(self._param.values())
+        self._param_index = {id(p): i for i, p in enumerate(self._params)}
         # every parameter at construction, frozen ones too: collect() checks their flags
         self._all_params = list({id(p): p for p in model.parameters()}.values())
         self._group_of: dict[int, int] | None = None
@@ -530,11 +538,16 @@ class PerExampleNorms:
 
     def _install_scope(self, module: nn.Module) -> None:
         self._handles.append(
-            module.register_forward_pre_hook(self._hook(self._on_scope_enter), with_kwargs=True)
+            module.register_forward_pre_hook(
+                self._hook(self._on_scope_enter, self._traced_scope_enter), with_kwargs=True
+            )
         )
         self._handles.append(
             module.register_forward_hook(
-                self._hook(self._on_scope_exit), with_kwargs=True, prepend=True, always_call=True
+                self._hook(self._on_scope_exit, self._traced_scope_exit),
+                with_kwargs=True,
+                prepend=True,
+                always_call=True,
             )
         )
 
@@ -1103,14 +1116,23 @@ class PerExampleNorms:
         )
         if self._model_dim != 0 or time_major:
             return f"layers {time_major} see time-major activations"
+        # parameters used directly in their own module's forward are followed (traced scope
+        # hooks), except in the top-level model, whose own hooks Dynamo runs outside the trace,
+        # and in layers with a rule, which are then also used elsewhere (learned direct uses)
         direct = sorted(
-            {self._param_name[pid] for uses in self._scopes.values() for *_, pid in uses}
+            {
+                self._param_name[pid]
+                for scope, uses in self._scopes.items()
+                for holder, _, pid in uses
+                if scope is self.model or holder is self.model or holder in self._calls
+            }
         )
         if direct:
             more = f" and {len(direct) - 3} more" if len(direct) > 3 else ""
             return (
-                f"parameters {direct[:3]}{more} are used directly in a forward (not through a "
-                "layer with a rule), and the traced hooks do not follow such uses"
+                f"parameters {direct[:3]}{more} are used directly in the top-level model's "
+                "forward or outside the layer that owns them, which the traced hooks do not "
+                "follow"
             )
         for module, (rule, label, _) in self._calls.items():
             if (
@@ -1273,6 +1295,24 @@ class PerExampleNorms:
         token = compiled.emit_forward(self._key, "shared", site, flat, list(output.shape))
         return compiled.share(output, (self, self._key, token, (x,)))
 
+    def _traced_scope_enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """:meth:`_on_scope_enter` while tracing: the module's parameters, followed as
+        :class:`~noisescale.per_example.compiled.CompiledShared` to where they meet the batch."""
+        if not self._traces() or self.traced_batch_size() is None:
+            return
+        for holder, name, pid in self._scopes[module]:
+            real = holder._parameters.get(name)
+            if real is None or isinstance(real, compiled.CompiledShared):
+                continue
+            token = compiled.emit_forward(self._key, "param", self._param_index[pid], [], [])
+            alias = compiled.share(real, (self, self._key, token, ()))
+            holder._parameters[name] = alias  # type: ignore[assignment]
+
+    def _traced_scope_exit(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        for holder, name, pid in self._scopes[module]:
+            if isinstance(holder._parameters.get(name), compiled.CompiledShared):
+                holder._parameters[name] = self._param[pid]
+
     def _new_record(self, record: _Record) -> int:
         token = self._next_token
         self._next_token += 1
@@ -1305,6 +1345,15 @@ class PerExampleNorms:
             return 0
         if kind == "meet":
             return self._compiled_meeting(pass_, int(tensors[0]), sizes)
+        if kind == "param":
+            if pass_.skipped:
+                return 0
+            p = self._params[site]
+            pid = id(p)
+            pass_.aliased.add(pid)
+            meta = torch.empty(p.shape, device="meta")
+            source = Source(tensor=meta, pid=pid, label=self._param_name[pid])
+            return self._new_record(_Record("param", pass_, source=source))
         module = self._modules[site]
         rule, label, params = self._calls[module]
         if rule.check is not None:
@@ -1384,8 +1433,8 @@ class PerExampleNorms:
                 call.box[0] = tensors[0]
             self._on_call_grad(pass_, call, (grad,))
         elif record.kind == "meet" and record.meeting is not None:
-            assert record.call is not None
-            record.call.box[:] = [tensors[0]]  # the shared call's input, for its rule
+            if record.call is not None:  # (a parameter's meeting saves nothing)
+                record.call.box[:] = [tensors[0]]  # the shared call's input, for its rule
             self._on_meeting_grad(pass_, record.meeting, grad)
 
     def on_weight_grad(self, site: int, token: int, x: Tensor, d: Tensor, weight: Tensor) -> Tensor:
