@@ -456,3 +456,34 @@ def test_inductor() -> None:
     assert (breaks, warned) == (plain_breaks, [])
     assert history is not None and eager is not None
     assert_same_numbers(history, eager)  # (measured: 2e-16 apart, inductor's own kernels)
+
+
+@pytest.mark.slow
+def test_a_graph_compiled_before_the_tracker_is_recompiled() -> None:
+    """Dynamo does not guard on module hooks by default: a graph compiled before the tracker's
+    hooks existed keeps running without them. The first compiled step that ran it is withheld,
+    the compiled code is reset, and the steps after it run the hooks inside the graph."""
+    gc.collect()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, loss_fn, batch = gpt()
+    call = torch.compile(model, backend=BACKEND)
+    gen = torch.Generator().manual_seed(1)
+    x, y = batch(gen)
+    loss_fn(call(x), y).backward()  # compiled before the tracker exists
+    model.zero_grad()
+    ran_compiled = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tracker = GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+        for _ in range(STEPS + 1):
+            x, y = batch(gen)
+            loss_fn(call(x), y).backward()
+            ran_compiled.append(tracker.engine.current_pass().compiled)
+            tracker.step()
+            model.zero_grad()
+    history = tracker.history
+    tracker.remove()
+    torch._dynamo.reset()
+    assert [r["step"] for r in history if "per_example" not in r["sources"]] == [3]
+    assert ran_compiled == [False, False, False, False, True, True]

@@ -239,6 +239,7 @@ class PassNorms:
     unaudited: bool = False  # compiled, and due for an audit it could not have there
     compiled_unsupported: str | None = None  # an operation the traced hooks do not follow
     compiled_blocked: bool = False  # compiled, in a model the traced hooks cannot follow
+    compiled_call: bool = False  # the model was called through torch.compile
 
 
 class PerExampleNorms:
@@ -653,6 +654,8 @@ class PerExampleNorms:
         # what a compiled forward's traced hooks read the batch's size from (its shape only)
         self._trace_batch = _batch_tensor(args, kwargs, self._model_dim)
         self._open_pass(args, kwargs)
+        if self.passes and self._inside_compiled_call:
+            self.passes[-1].compiled_call = True
 
     def _open_pass(self, args: tuple, kwargs: dict) -> None:
         if torch._C._current_graph_task_id() != -1:
@@ -1159,6 +1162,10 @@ class PerExampleNorms:
         if "torch._dynamo" not in sys.modules:
             return
         if not self._frames_skipped:
+            # Dynamo does not guard on module hooks by default: a graph compiled for another
+            # instance of the model's class without hooks (an untracked copy) would run for this
+            # one, without the hooks' operators. Graphs compiled from now on check the hooks.
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
             self._frames_skipped = 1
             # (this hook's code is every hook's: _hook's inner function)
             compiled.skip_frames(self._hook(self._on_model_forward), recursive=False)
@@ -2119,6 +2126,19 @@ class PerExampleNorms:
             self._on_unsupported(pass_, learn)
             if pass_.withheld is not None:
                 return
+        if pass_.compiled_call and not (pass_.compiled or pass_.covered) and pass_.received:
+            # none of the layer hooks ran in a compiled forward: Dynamo ran a graph it had
+            # compiled before they existed (it does not guard on hooks by default, so it does
+            # not notice hooks added later). Dropped; later compilations guard on hooks
+            # (_prepare_compile).
+            self._withhold(
+                pass_,
+                "its forward ran a graph that torch.compile made before the tracker's hooks "
+                "existed; the compiled code is reset (torch._dynamo.reset()) and recompiled "
+                "with them from the next step on",
+            )
+            torch._dynamo.reset()
+            return
         if pass_.compiled and self._settle_compiled(pass_):
             return
         findings = (
@@ -2405,6 +2425,7 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
         merged.compiled = any(p.compiled for p in group)
         merged.unaudited = any(p.unaudited for p in group)
         merged.compiled_blocked = any(p.compiled_blocked for p in group)
+        merged.compiled_call = any(p.compiled_call for p in group)
         merged.compiled_unsupported = next(
             (p.compiled_unsupported for p in group if p.compiled_unsupported), None
         )
