@@ -343,7 +343,7 @@ class PerExampleNorms:
         self._next_token = 1
         self._trace_batch: Tensor | None = None
         self._eager_hooks: list[Callable] = []  # what each module hook runs without compile
-        self._frames_skipped = 0  # how many of them Dynamo already runs eagerly
+        self._compile_prepared = False  # _prepare_compile() has run (Dynamo is imported)
         self._inside_compiled_call = False  # the running eager hook runs inside a compiled call
         self._eager_steps = compiled.EagerSteps(self._key)
         # why the traced hooks cannot follow the model (then compiled code runs eagerly while
@@ -464,7 +464,7 @@ class PerExampleNorms:
         withheld and compiled code then runs eagerly while the engine measures."""
 
         self._eager_hooks.append(eager)
-        if self._frames_skipped:
+        if self._compile_prepared:
             compiled.skip_frames(eager, recursive=True)
 
         def hook(*args: Any, **kwargs: Any) -> Any:
@@ -1161,12 +1161,12 @@ class PerExampleNorms:
         ``model.compile()`` that the traced hooks cannot follow runs eagerly from now on."""
         if "torch._dynamo" not in sys.modules:
             return
-        if not self._frames_skipped:
+        if not self._compile_prepared:
             # Dynamo does not guard on module hooks by default: a graph compiled for another
             # instance of the model's class without hooks (an untracked copy) would run for this
             # one, without the hooks' operators. Graphs compiled from now on check the hooks.
             torch._dynamo.config.skip_nnmodule_hook_guards = False
-            self._frames_skipped = 1
+            self._compile_prepared = True
             # (this hook's code is every hook's: _hook's inner function)
             compiled.skip_frames(self._hook(self._on_model_forward), recursive=False)
             for eager in self._eager_hooks:
@@ -1187,10 +1187,10 @@ class PerExampleNorms:
             f"noisescale: under torch.compile, {self.compile_blocker}. While the tracker measures "
             "this model, compiled code runs eagerly (torch.compiler.set_stance('force_eager'), "
             "in the whole process, until tracker.remove()): exact, but without the speed of "
-            "compilation. Measured inside the compiled graph: models whose parameters are all "
-            "used through layers with a rule (Linear, convolutions, Embedding, norm layers, "
-            "Conv1D) and position tables added to the batch; or per_example=False with gradient "
-            "accumulation (micro-batch norms), for any model",
+            "compilation. Measured inside the compiled graph: layers with a rule (Linear, "
+            "convolutions, Embedding, norm layers, Conv1D), and parameters or position tables "
+            "added to, multiplied with or expanded over the batch inside a layer; for any model, "
+            "per_example=False with gradient accumulation (micro-batch norms)",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -1273,6 +1273,9 @@ class PerExampleNorms:
         shared_input = any(isinstance(v, compiled.CompiledShared) for v in flat)
         sized = _batch_tensor(args, kwargs, 0)
         size = None if sized is None else sized.shape[0]
+        if not isinstance(x, Tensor):
+            compiled.emit_forward(self._key, "unsupported:a call on a non-tensor", 0, [], [])
+            return None
         if shared_input or size != n or module in self._learned_shared:
             return self._traced_shared_call(module, args, kwargs, output, flat, x)
         out = _first(output)
@@ -1290,10 +1293,8 @@ class PerExampleNorms:
     def _traced_shared_call(
         self, module: nn.Module, args: tuple, kwargs: dict, output: Any, flat: list, x: Any
     ) -> Any:
-        if (
-            not isinstance(output, Tensor)
-            or not isinstance(x, Tensor)
-            or any(isinstance(v, compiled.CompiledShared) for v in flat)
+        if not isinstance(output, Tensor) or any(
+            isinstance(v, compiled.CompiledShared) for v in flat
         ):
             # a layer on a shared tensor, or one with several outputs: not followed here
             compiled.emit_forward(self._key, "unsupported:a shared call", 0, [], [])
@@ -1339,6 +1340,8 @@ class PerExampleNorms:
             return 0
         pass_ = self.passes[-1]
         pass_.compiled = True
+        if not pass_.amp:  # (as _on_forward: autocast entered inside the model's forward)
+            pass_.amp = _autocast_enabled()
         if kind == "blocked":
             pass_.compiled_blocked = True
             return 0
