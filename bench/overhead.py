@@ -3,6 +3,7 @@
     python bench/overhead.py --device cpu                 # this 2-core machine, CPU sizes
     python bench/overhead.py --device cuda                # full sizes (the H100 table)
     python bench/overhead.py --workload gpt --steps 100   # one workload, more steps
+    python bench/overhead.py --compile --no-memory        # compiled plain vs compiled tracked
 
 Per workload, every method trains its own copy of one model (same initial weights, same stream
 of batches, plain SGD) and the methods take turns step by step, so drift of the machine hits all
@@ -25,6 +26,13 @@ method adds, optimizer step. Reported per method:
 
 A peer that is not installed or fails is reported with its error instead of stopping the run.
 Results: ``<out>/overhead-<device>.json`` and ``.md``.
+
+``--compile``: every method's model is ``torch.compile``d (``--backend``, inductor by default)
+and the peers are left out: the tracked compiled step against the plain compiled step, in the
+default sub-batch mode, the exact mode and the micro-batch mode. Steps 1, 2, 4, 8, 16, 32 of a
+tracked model are audited and run eagerly (the median leaves them out), the warm-up covers the
+compilations, and the graph breaks of the whole run are counted with Dynamo's own counter.
+Results: ``<out>/overhead-<device>-compile.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -117,6 +125,7 @@ class Workload:
     lr: float
     amp: torch.dtype | None
     device: torch.device
+    compile: str | None = None  # the torch.compile backend every method's model is compiled with
 
     @property
     def batch_size(self) -> int:
@@ -313,6 +322,11 @@ class Method:
     def __init__(self, wl: Workload) -> None:
         self.wl = wl
         self.model = wl.model()
+        # what the training step calls: the model, or the model compiled (the tracker is given
+        # the model itself, as a user would)
+        self.call: Callable[[Tensor], Tensor] = self.model
+        if wl.compile is not None:
+            self.call = torch.compile(self.model, backend=wl.compile)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(self.params, lr=wl.lr)
 
@@ -332,7 +346,7 @@ class Plain(Method):
     def backward(self, x: Tensor, y: Tensor) -> Tensor:
         for xs, ys in zip(x.chunk(self.accumulate), y.chunk(self.accumulate), strict=True):
             with self.wl.autocast():
-                loss = self.wl.per_example_loss(self.model(xs), ys).mean() / self.accumulate
+                loss = self.wl.per_example_loss(self.call(xs), ys).mean() / self.accumulate
             loss.backward()
         return loss.detach()
 
@@ -535,6 +549,26 @@ def method_specs(batch_size: int) -> list[Spec]:
     return specs
 
 
+def compiled_specs() -> list[Spec]:
+    """``--compile``: the tracker's modes against the plain step, every model compiled."""
+    a = ACCUMULATE
+    return [
+        Spec("plain", "baseline", Plain),
+        Spec("noisescale sub-batches (default)", "noisescale", lambda wl: NoiseScale(wl)),
+        Spec(
+            "noisescale exact (all examples)",
+            "noisescale",
+            lambda wl: NoiseScale(wl, per_example_fraction=1.0),
+        ),
+        Spec(f"plain accum×{a}", "baseline", lambda wl: Plain(wl, accumulate=a)),
+        Spec(
+            f"noisescale micro-batch only, accum×{a}",
+            "noisescale",
+            lambda wl: NoiseScale(wl, accumulate=a, per_example=False),
+        ),
+    ]
+
+
 # -- measuring ------------------------------------------------------------------------------------
 
 
@@ -549,6 +583,15 @@ class ChildError(RuntimeError):
 def error_string(err: BaseException) -> str:
     first = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return (first if isinstance(err, ChildError) else f"{type(err).__name__}: {first}")[:240]
+
+
+def graph_breaks() -> int:
+    """Dynamo's count of graph breaks so far in this process (0 while it is not imported)."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
 
 
 def synchronize(device: torch.device) -> None:
@@ -634,6 +677,9 @@ def run_workload(name: str, args: argparse.Namespace, device: torch.device) -> d
     rounds = args.warmup + args.steps
     wl = make_workload(name, args.size == "cpu", rounds, device)
     specs = method_specs(wl.batch_size)
+    if args.compile:
+        wl.compile = args.backend
+        specs = compiled_specs()
     print(f"\n== {name}: {wl.description} ({rounds} steps per method, {len(specs)} methods)")
     errors: dict[str, str] = {}
     rows: dict[str, dict[str, Any]] = {s.name: {"method": s.name, "group": s.group} for s in specs}
@@ -668,12 +714,14 @@ def run_workload(name: str, args: argparse.Namespace, device: torch.device) -> d
             errors[spec.name] = error_string(err)
     wall: dict[str, list[float]] = {n: [] for n in methods}
     cpu: dict[str, list[float]] = {n: [] for n in methods}
+    breaks = dict.fromkeys(methods, 0)  # Dynamo's graph breaks during each method's steps
     order = list(methods)
     for r, (x, y) in enumerate(wl.batches):
         for m in order[r % len(order) :] + order[: r % len(order)]:  # rotate who goes first
             if m in errors:
                 continue
             synchronize(device)
+            before = graph_breaks()
             t0, c0 = time.perf_counter(), time.process_time()
             try:
                 methods[m].step(x, y)
@@ -681,6 +729,7 @@ def run_workload(name: str, args: argparse.Namespace, device: torch.device) -> d
             except Exception as err:
                 errors[m] = error_string(err)
                 continue
+            breaks[m] += graph_breaks() - before
             if r >= args.warmup:
                 wall[m].append(time.perf_counter() - t0)
                 cpu[m].append(time.process_time() - c0)
@@ -698,6 +747,8 @@ def run_workload(name: str, args: argparse.Namespace, device: torch.device) -> d
             continue
         method = methods[spec.name]
         row["baseline"] = method.baseline
+        if args.compile:
+            row["graph_breaks"] = breaks[spec.name]
         row["median_ms"] = 1e3 * statistics.median(wall[spec.name])
         row["median_cpu_ms"] = 1e3 * statistics.median(cpu[spec.name])
         row["time_ratio"] = median[spec.name] / plain
@@ -719,7 +770,8 @@ def run_workload(name: str, args: argparse.Namespace, device: torch.device) -> d
             method.tracker.remove()
     return {
         "name": name,
-        "description": wl.description,
+        "description": wl.description
+        + (f", every model torch.compile(backend={args.backend!r})" if args.compile else ""),
         "batch_size": wl.batch_size,
         "steps": rounds,
         "warmup": args.warmup,
@@ -776,7 +828,18 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             f"N = {n} steps ({wl['warmup']} of them warm-up, not timed); budget "
             f"{wl['budget_ms'] / 1e3:.1f} s. Exact per-example norms vs torch.func in fp32: max "
-            f"relative error {_fmt(wl['norm_error'], '.1e')}.",
+            f"relative error {_fmt(wl['norm_error'], '.1e')}."
+            + (
+                " Graph breaks (Dynamo's counter) during each method's steps: "
+                + ", ".join(
+                    f"{r['method']} {r['graph_breaks']}"
+                    for r in wl["methods"]
+                    if "graph_breaks" in r
+                )
+                + "."
+                if any("graph_breaks" in r for r in wl["methods"])
+                else ""
+            ),
             "",
             "| method | ms/step | × time | × memory | B_simple [95% CI] | width, N steps "
             "| steps in budget | width, budget |",
@@ -849,13 +912,30 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
     parser.add_argument("--no-memory", dest="memory", action="store_false")
+    parser.add_argument(
+        "--compile", action="store_true", help="compile every model (plain vs tracked, no peers)"
+    )
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend (--compile)")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     cuda = args.device == "cuda"
     args.size = args.size or ("full" if cuda else "cpu")
     args.steps = args.steps or (200 if cuda else 30)
-    args.warmup = args.warmup if args.warmup is not None else (20 if cuda else 3)
+    if args.warmup is None:
+        # compiled: a tracked model compiles at step 3, after the audited steps 1 and 2
+        args.warmup = 20 if cuda else 5 if args.compile else 3
+    if args.compile:
+        import torch._dynamo
+
+        # every method compiles its own copy of one model class: more cache entries per frame
+        # than Dynamo's default limit, beyond which it would run the rest eagerly
+        torch._dynamo.config.recompile_limit = 64
+        if args.memory:
+            raise SystemExit(
+                "--compile measures time only: a fresh process per method would measure the "
+                "compiler's memory too; add --no-memory"
+            )
     warnings.filterwarnings("ignore", category=UserWarning)
     if args.memory_child:
         memory_child(args)
@@ -878,7 +958,7 @@ def main() -> None:
         "workloads": [],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"overhead-{args.device}"
+    stem = args.out / f"overhead-{args.device}{'-compile' if args.compile else ''}"
     for name in names:
         result["workloads"].append(run_workload(name, args, device))
         # written after every workload, so a long run shows (and keeps) what it has measured

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -164,6 +165,30 @@ def test_weight_gradients_are_autograd_s_own():
     torch.relu_(measured(x)).pow(2).mean().backward()
     engine.collect()
     for a, b in zip(plain.parameters(), measured.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    "first",
+    [nn.Conv2d(3, 4, 3, bias=False), nn.Linear(6, 4, bias=False)],
+    ids=["conv-no-bias", "linear-no-bias"],
+)
+def test_a_first_layer_without_bias_gets_its_gradient(first):
+    """The first layer of a model runs on input data, which needs no gradient; without a bias its
+    output needs none either until WeightBySubbatch gives the weight its gradient (a ResNet stem:
+    a bias-free convolution on images). The weight must still receive autograd's gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 3, 6, 6) if isinstance(first, nn.Conv2d) else torch.randn(12, 5, 6)
+    plain = nn.Sequential(first, nn.Tanh(), nn.Flatten(), nn.LazyLinear(2)).double()
+    plain(x)  # materialise the lazy layer
+    measured = copy.deepcopy(plain)
+    plain(x).pow(2).mean().backward()
+    engine = PerExampleNorms(measured, subbatches=3)
+    measured(x).pow(2).mean().backward()
+    (p,) = engine.collect()
+    assert p.raw_sqnorms is not None, p.withheld
+    for a, b in zip(plain.parameters(), measured.parameters(), strict=True):
+        assert b.grad is not None
         assert torch.allclose(a.grad, b.grad, rtol=1e-12, atol=1e-15)
 
 

@@ -11,6 +11,7 @@ The package, layer by layer:
   Hugging Face ``Conv1D``), :mod:`~.conv`, :mod:`~.embedding` (``Embedding``, ``EmbeddingBag``),
   :mod:`~.norms`, :mod:`~.rnn` (``LSTM``, ``GRU``, ``RNN``);
 * :mod:`~.fallback` — torch.func for operations without a rule;
+* :mod:`~.compiled` — the hooks under ``torch.compile``: operations of the compiled graph;
 * :mod:`~.sqnorms` — :class:`per_example_sqnorms`, the engine as a context manager.
 """
 

@@ -30,6 +30,10 @@ call treated as per-example, a parameter used outside its module: handled from t
 this step's per-example norms withheld) or refuses the step with a message that names the
 parameter or layer and says what to do.
 
+**Under torch.compile** the hooks run inside the compiled graph, as operations that hand the
+engine what the eager hooks would have seen (:mod:`~noisescale.per_example.compiled`): no graph
+break, the same numbers. Audited passes run eagerly.
+
 Conventions: the backpropagated loss is (1/N)·Σ_i ℓ_i (``"mean"``) or Σ_i ℓ_i (``"sum"``) over the
 N examples of dim 0 of the model's input (dim 1 for a time-major built-in model); inside
 ``nn.TransformerEncoder``/``Decoder``/``Transformer`` and their layers with ``batch_first=False``
@@ -38,7 +42,10 @@ the examples are along dim 1, and recurrent layers declare their own layout.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,7 +59,7 @@ from torch.utils.hooks import RemovableHandle
 
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.per_example import audit as audit_mod
-from noisescale.per_example import fallback
+from noisescale.per_example import compiled, fallback
 from noisescale.per_example import subbatch as subbatch_mod
 from noisescale.per_example.factors import (
     DenseFactor,
@@ -68,7 +75,7 @@ from noisescale.per_example.factors import (
     sqnorm_of_sum,
     weighted_sqnorm,
 )
-from noisescale.per_example.registry import LayerRule, rule_for
+from noisescale.per_example.registry import LayerRule, rule_for, save_first_input
 from noisescale.per_example.shared import (
     Meeting,
     Origin,
@@ -146,6 +153,18 @@ class _Slot:
     pass_: Any = None
 
 
+@dataclass(eq=False)
+class _Record:
+    """What one event of a compiled graph recorded (``PerExampleNorms.on_forward_event``)."""
+
+    kind: str  # "call", "shared", "param", "meet" or "root"
+    pass_: Any
+    call: _Call | None = None
+    job: _WeightJob | None = None
+    meeting: Meeting | None = None
+    source: Source | None = None  # a shared call's, for its meetings
+
+
 @dataclass
 class PassNorms:
     """Per-example norms of one forward/backward pass (one micro-batch).
@@ -216,6 +235,11 @@ class PassNorms:
     # how the pass's loss weighs its examples (tokens), attached by noisescale.tokens
     units: Any = None
     units_error: str | None = None
+    compiled: bool = False  # its forward ran inside a compiled graph (torch.compile)
+    unaudited: bool = False  # compiled, and due for an audit it could not have there
+    compiled_unsupported: str | None = None  # an operation the traced hooks do not follow
+    compiled_blocked: bool = False  # compiled, in a model the traced hooks cannot follow
+    compiled_call: bool = False  # the model was called through torch.compile
 
 
 class PerExampleNorms:
@@ -307,6 +331,26 @@ class PerExampleNorms:
         self._audit_due = True
         self._audited_signatures: set[tuple] = set()
         self.audit_log: list[str] = []  # what audits found and taught (for messages and tests)
+        # torch.compile (noisescale.per_example.compiled): the key that names this engine in a
+        # compiled graph, the modules by position (a graph names a layer by its index), what the
+        # graph's events recorded (by token), and the tensor whose leading size is the batch
+        self._key = compiled.register(self)
+        self._modules = list(model.modules())
+        self._site = {m: i for i, m in enumerate(self._modules)}
+        self._params: list[nn.Parameter] = []  # trainable parameters by position, and back
+        self._param_index: dict[int, int] = {}
+        self._records: dict[int, _Record] = {}
+        self._next_token = 1
+        self._trace_batch: Tensor | None = None
+        self._eager_hooks: list[Callable] = []  # what each module hook runs without compile
+        self._compile_prepared = False  # _prepare_compile() has run (Dynamo is imported)
+        self._inside_compiled_call = False  # the running eager hook runs inside a compiled call
+        self._eager_steps = compiled.EagerSteps(self._key)
+        # why the traced hooks cannot follow the model (then compiled code runs eagerly while
+        # the engine measures: _compiled_eagerly); _compile_learned: what a compiled pass revealed
+        self.compile_blocker: str | None = None
+        self._compile_learned: str | None = None
+        self._compiled_eagerly = False
         self._refuse_modules(model)
         self._model_dim = 1 if _time_major(model) else 0
         # FSDP2 reshards parameters in hooks of the backward: a replayed backward would run them
@@ -317,6 +361,8 @@ class PerExampleNorms:
                 if p.requires_grad:
                     self._param_name.setdefault(id(p), f"{mname}.{pname}" if mname else pname)
                     self._param[id(p)] = p
+        self._params = list(self._param.values())
+        self._param_index = {id(p): i for i, p in enumerate(self._params)}
         # every parameter at construction, frozen ones too: collect() checks their flags
         self._all_params = list({id(p): p for p in model.parameters()}.values())
         self._group_of: dict[int, int] | None = None
@@ -333,7 +379,10 @@ class PerExampleNorms:
             if type(p.data) is torch.Tensor:  # sharded (DTensor) parameters are resolved later
                 # the AccumulateGrad node autograd runs for p; held so it stays the same node
                 self._acc_node[pid] = p.view_as(p).grad_fn.next_functions[0][0]
+        self._update_compile_blocker()
         self._install()
+        # step 1 is audited: compiled code runs it eagerly
+        self._eager_steps.want(self.per_example and self.auditing_enabled)
 
     # -- construction -------------------------------------------------------------------------
 
@@ -407,34 +456,77 @@ class PerExampleNorms:
         if not allow_fallback:
             return
 
+    def _hook(self, eager: Callable, traced: Callable | None = None) -> Callable:
+        """A module hook: ``eager``, or while Dynamo traces it ``traced`` — the form whose work
+        runs inside the compiled graph (:mod:`~noisescale.per_example.compiled`). A hook
+        without a traced form, or any hook of a model the traced hooks cannot follow
+        (:attr:`compile_blocker`), only reports that the pass ran compiled: the pass is
+        withheld and compiled code then runs eagerly while the engine measures."""
+
+        self._eager_hooks.append(eager)
+        if self._compile_prepared:
+            compiled.skip_frames(eager, recursive=True)
+
+        def hook(*args: Any, **kwargs: Any) -> Any:
+            if torch.compiler.is_compiling():
+                if traced is not None and self.compile_blocker is None:
+                    return traced(*args, **kwargs)
+                compiled.emit_forward(self._key, "blocked", 0, [], [])
+                return None
+            self._inside_compiled_call = compiled.in_compiled_call()
+            return eager(*args, **kwargs)
+
+        return hook
+
     def _install(self) -> None:
         self._handles.append(
-            self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True)
+            self.model.register_forward_pre_hook(
+                self._hook(self._on_model_forward, self._traced_model_forward), with_kwargs=True
+            )
         )
-        self._handles.append(self.model.register_forward_hook(self._on_model_output))
+        self._handles.append(
+            self.model.register_forward_hook(
+                self._hook(self._on_model_output, self._traced_model_output)
+            )
+        )
         for module in self.model.modules():
-            if _time_major(module) or isinstance(module, nn.MultiheadAttention):
+            if self.per_example and (
+                _time_major(module) or isinstance(module, nn.MultiheadAttention)
+            ):
                 # F.multi_head_attention_forward works time-major whatever batch_first says
                 dim = 1
                 self._handles.append(
-                    module.register_forward_pre_hook(lambda m, a, d=dim: self._push_context(d))
+                    module.register_forward_pre_hook(
+                        self._hook(lambda m, a, d=dim: self._push_context(d))
+                    )
                 )
                 self._handles.append(
                     module.register_forward_hook(
-                        lambda m, a, o: self._pop_context(), always_call=True
+                        self._hook(lambda m, a, o: self._pop_context()), always_call=True
                     )
                 )
         for module in self._calls:
             if self.subbatches and _by_products(module, self._calls[module][0]):
-                self._handles.append(module.register_forward_pre_hook(self._on_weight_enter))
                 self._handles.append(
-                    module.register_forward_hook(
-                        self._on_weight_exit, prepend=True, always_call=True
+                    module.register_forward_pre_hook(
+                        self._hook(self._on_weight_enter, self._traced_weight_enter)
                     )
                 )
-            self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
+                self._handles.append(
+                    module.register_forward_hook(
+                        self._hook(self._on_weight_exit, self._traced_weight_exit),
+                        prepend=True,
+                        always_call=True,
+                    )
+                )
+            self._handles.append(
+                module.register_forward_hook(
+                    self._hook(self._on_forward, self._traced_forward), with_kwargs=True
+                )
+            )
         for module in self._scopes:
             self._install_scope(module)
+        self._prepare_compile()
         for pid, p in self._param.items():
             self._handles.append(p.register_hook(self._make_param_hook(pid)))
 
@@ -447,11 +539,16 @@ class PerExampleNorms:
 
     def _install_scope(self, module: nn.Module) -> None:
         self._handles.append(
-            module.register_forward_pre_hook(self._on_scope_enter, with_kwargs=True)
+            module.register_forward_pre_hook(
+                self._hook(self._on_scope_enter, self._traced_scope_enter), with_kwargs=True
+            )
         )
         self._handles.append(
             module.register_forward_hook(
-                self._on_scope_exit, with_kwargs=True, prepend=True, always_call=True
+                self._hook(self._on_scope_exit, self._traced_scope_exit),
+                with_kwargs=True,
+                prepend=True,
+                always_call=True,
             )
         )
 
@@ -477,14 +574,15 @@ class PerExampleNorms:
             for name, alias in self._unswapped.pop(id(module), []):
                 module._parameters[name] = alias
 
-        self._handles.append(holder.register_forward_pre_hook(enter, prepend=True))
-        self._handles.append(holder.register_forward_hook(leave, always_call=True))
+        self._handles.append(holder.register_forward_pre_hook(self._hook(enter), prepend=True))
+        self._handles.append(holder.register_forward_hook(self._hook(leave), always_call=True))
 
     def remove(self) -> None:
         """Remove every hook; the object keeps what it has measured."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._eager_steps.want(False)
         for (_, _), stack in list(self._swapped.items()):
             stack.clear()
 
@@ -553,6 +651,13 @@ class PerExampleNorms:
     def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._recomputing or self._paused or self._replaying or not torch.is_grad_enabled():
             return
+        # what a compiled forward's traced hooks read the batch's size from (its shape only)
+        self._trace_batch = _batch_tensor(args, kwargs, self._model_dim)
+        self._open_pass(args, kwargs)
+        if self.passes and self._inside_compiled_call:
+            self.passes[-1].compiled_call = True
+
+    def _open_pass(self, args: tuple, kwargs: dict) -> None:
         if torch._C._current_graph_task_id() != -1:
             # a forward re-run during backward (activation checkpointing) belongs to its pass
             return
@@ -588,6 +693,7 @@ class PerExampleNorms:
         )
 
     def _on_model_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._trace_batch = None
         if not self._active() or torch._C._current_graph_task_id() != -1:
             return
         pass_ = self.passes[-1]
@@ -600,7 +706,7 @@ class PerExampleNorms:
         if pass_.skipped or not self.per_example:
             return
         signature = tuple(pass_.signature)
-        if self.auditing_enabled and (self._audit_due or signature not in self._audited_signatures):
+        if self._audit_wanted(pass_):
             pass_.audit = audit_mod.PassAudit(
                 signature,
                 self._audit_generator(_device_of(output, pass_)),
@@ -621,6 +727,18 @@ class PerExampleNorms:
             self._check_permutation(pass_, output)
         if hasattr(pass_, "_pending_targets"):
             del pass_._pending_targets  # type: ignore[attr-defined]
+
+    def _audit_wanted(self, pass_: PassNorms) -> bool:
+        """Whether to audit the pass: the step is due, or its structure was never audited. A pass
+        that ran inside a compiled graph cannot be (no eager graph to replay): it is marked, its
+        per-example norms are withheld and the next step runs eagerly (:meth:`collect`)."""
+        due = self.auditing_enabled and (
+            self._audit_due or tuple(pass_.signature) not in self._audited_signatures
+        )
+        if due and pass_.compiled:
+            pass_.unaudited = True
+            return False
+        return due
 
     def _check_permutation(self, pass_: PassNorms, output: Any) -> None:
         """Do the model's outputs follow its inputs' examples? Run it twice more, without
@@ -755,6 +873,11 @@ class PerExampleNorms:
         if not self._active() or module in self._fallback:
             return
         pass_ = self.passes[-1]
+        if self._inside_compiled_call:
+            # a model's own hooks run eagerly inside its compiled call: the aliases would enter
+            # the compiled graph, which cannot hold them (compile_blocker)
+            pass_.compiled = pass_.compiled_blocked = True
+            return
         if pass_.skipped:
             return
         for holder, name, pid in self._scopes[module]:
@@ -776,7 +899,9 @@ class PerExampleNorms:
                 holder._parameters[name] = stack.pop()  # type: ignore[assignment]
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if not self._active():
+        stack = self._weight_calls.get(module)
+        product_weight = stack.pop() if stack else None
+        if product_weight is None and not self._active():
             return None
         rule, label, params = self._calls[module]
         pass_ = self.passes[-1]
@@ -784,11 +909,21 @@ class PerExampleNorms:
             # autocast entered inside the model's forward (accelerate wraps ``model.forward``,
             # so the model's own hooks run outside it) still loosens the audit
             pass_.amp = _autocast_enabled()
+        outs = list(rule.outputs(module, output)) if rule.outputs is not None else [_first(output)]
+        if product_weight is not None:
+            # The layer ran on a detached weight (_on_weight_enter): its gradient comes from
+            # WeightBySubbatch whatever happens next, also when nothing else in the output needs
+            # a gradient (a first layer without bias on input data) — or the weight gets none.
+            # The rule computes the other parameters (the bias).
+            kind = _product_kind(module, rule)
+            job = _WeightJob(pass_, module, product_weight, kind, [True], self)
+            pass_.uses[id(product_weight)] = pass_.uses.get(id(product_weight), 0) + 1
+            subbatch_mod.WeightBySubbatch.apply(outs[0], args[0].detach(), product_weight, job)
+            params = {k: v for k, v in params.items() if v is not product_weight}
         if rule.check is not None:
             rule.check(module, label)  # e.g. a BatchNorm switched to train() since
         if pass_.skipped:
             return None
-        outs = list(rule.outputs(module, output)) if rule.outputs is not None else [_first(output)]
         if not any(isinstance(o, Tensor) and o.requires_grad for o in outs):
             return None
         ctx_dim = self.batch_dim()
@@ -815,23 +950,10 @@ class PerExampleNorms:
         is_shared = shared_input or size != n or module in self._learned_shared
         if is_shared:
             return self._shared_call(pass_, module, rule, label, params, args, kwargs, output)
-        stack = self._weight_calls.get(module)
-        product_weight = stack.pop() if stack else None
-        if product_weight is not None:
-            # the weight's gradient and sub-batch norms come from WeightBySubbatch; the rule
-            # computes the other parameters (the bias)
-            if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
-                kind = "conv"
-            else:
-                kind = "conv1d" if rule.name == "Conv1D" else "linear"
-            job = _WeightJob(pass_, module, product_weight, kind, [True], self)
-            pass_.uses[id(product_weight)] = pass_.uses.get(id(product_weight), 0) + 1
-            subbatch_mod.WeightBySubbatch.apply(outs[0], args[0].detach(), product_weight, job)
-            params = {k: v for k, v in params.items() if v is not product_weight}
-            if not params:
-                pass_.signature.append(("products", id(module), _pattern(args, kwargs, n)))
-                self._add_target(pass_, outs[0], out_dims[0], module, label)
-                return None
+        if product_weight is not None and not params:
+            pass_.signature.append(("products", id(module), _pattern(args, kwargs, n)))
+            self._add_target(pass_, outs[0], out_dims[0], module, label)
+            return None
         saved = rule.save(module, args, kwargs, output)
         call = _Call(module, rule, label, params, in_dim, [saved], out_dims, n)
         for p in params.values():
@@ -868,6 +990,7 @@ class PerExampleNorms:
             and not isinstance(weight, SharedTensor)
             and id(weight) not in self._multi_use
             and id(weight) in self._param
+            and module not in self._learned_shared  # its call is shared: no WeightBySubbatch
             and bool(args)
             and isinstance(args[0], Tensor)
             and not isinstance(args[0], SharedTensor)
@@ -875,7 +998,7 @@ class PerExampleNorms:
             and args[0].dim() > 0
             and args[0].shape[0] == pass_.batch_size
             and self._replay_allowed
-            and subbatch_mod.uses_products(module, args[0], pass_.batch_size, pass_.subbatches)
+            and subbatch_mod.uses_products(module, args[0], pass_.batch_size, pass_.subbatches.n)
         )
         if not use:
             stack.append(None)
@@ -969,6 +1092,372 @@ class PerExampleNorms:
             ("shared-call", id(module), _pattern(args, kwargs, pass_.batch_size))
         )
         return shared
+
+    # -- torch.compile: the traced hooks and the events of compiled graphs ----------------------
+    #
+    # While Dynamo traces a compiled model's forward, the hooks take these forms (the design is in
+    # noisescale.per_example.compiled). They read only what the model's structure and shapes
+    # decide — never a pass, which changes every step and would make Dynamo recompile — and leave
+    # the per-pass work to on_forward_event / on_backward_event / on_weight_grad, which the
+    # compiled graph calls when it runs and which do what the eager hooks do.
+
+    def _why_not_traced(self) -> str | None:
+        """What in the model the traced hooks do not follow (``None``: they follow it all)."""
+        if not self.per_example:
+            return None
+        if not compiled.SUPPORTED:
+            return (
+                "this version of torch cannot keep noisescale's hook operators in a compiled "
+                "graph (torch.library custom operators with ordered effects are missing)"
+            )
+        if not self._replay_allowed:
+            return "the model is sharded with FSDP2"
+        time_major = sorted(
+            self._labels[m]
+            for m in self._modules
+            if _time_major(m) or isinstance(m, nn.MultiheadAttention)
+        )
+        if self._model_dim != 0 or time_major:
+            return f"layers {time_major} see time-major activations"
+        # parameters used directly in their own module's forward are followed (traced scope
+        # hooks), except in the top-level model, whose own hooks Dynamo runs outside the trace,
+        # and in layers with a rule, which are then also used elsewhere (learned direct uses)
+        direct = sorted(
+            {
+                self._param_name[pid]
+                for scope, uses in self._scopes.items()
+                for holder, _, pid in uses
+                if scope is self.model or holder is self.model or holder in self._calls
+            }
+        )
+        if direct:
+            more = f" and {len(direct) - 3} more" if len(direct) > 3 else ""
+            return (
+                f"parameters {direct[:3]}{more} are used directly in the top-level model's "
+                "forward or outside the layer that owns them, which the traced hooks do not "
+                "follow"
+            )
+        for module, (rule, label, _) in self._calls.items():
+            if (
+                rule.save is not save_first_input
+                or rule.outputs is not None
+                or rule.batch_dims is not None
+                or rule.batch_size is not None
+                or rule.native_layout
+            ):
+                return (
+                    f"layer '{label}' ({type(module).__name__}) has a rule with its own inputs, "
+                    "outputs or layout (recurrent layers, EmbeddingBag, the torch.func "
+                    "fallback), which the traced hooks do not follow"
+                )
+        return None
+
+    def _update_compile_blocker(self) -> None:
+        self.compile_blocker = self._why_not_traced() or self._compile_learned
+
+    def _prepare_compile(self) -> None:
+        """Once Dynamo is imported (a compile may follow): the model's own hooks, which Dynamo
+        would compile as frames of their own, run eagerly; a model compiled with
+        ``model.compile()`` that the traced hooks cannot follow runs eagerly from now on."""
+        if "torch._dynamo" not in sys.modules:
+            return
+        if not self._compile_prepared:
+            # Dynamo does not guard on module hooks by default: a graph compiled for another
+            # instance of the model's class without hooks (an untracked copy) would run for this
+            # one, without the hooks' operators. Graphs compiled from now on check the hooks.
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
+            self._compile_prepared = True
+            # (this hook's code is every hook's: _hook's inner function)
+            compiled.skip_frames(self._hook(self._on_model_forward), recursive=False)
+            for eager in self._eager_hooks:
+                compiled.skip_frames(eager, recursive=True)
+        model = self.model
+        if self.compile_blocker is not None and (
+            getattr(model, "_compiled_call_impl", None) is not None
+            or type(model).__name__ == "OptimizedModule"
+        ):
+            self._run_compiled_code_eagerly()
+
+    def _run_compiled_code_eagerly(self) -> None:
+        if self._compiled_eagerly:
+            return
+        self._compiled_eagerly = True
+        self._eager_steps.want(True)
+        warnings.warn(
+            f"noisescale: under torch.compile, {self.compile_blocker}. While the tracker measures "
+            "this model, compiled code runs eagerly (torch.compiler.set_stance('force_eager'), "
+            "in the whole process, until tracker.remove()): exact, but without the speed of "
+            "compilation. Measured inside the compiled graph: layers with a rule (Linear, "
+            "convolutions, Embedding, norm layers, Conv1D), and parameters or position tables "
+            "added to, multiplied with or expanded over the batch inside a layer; for any model, "
+            "per_example=False with gradient accumulation (micro-batch norms)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def traced_batch_size(self) -> Any:
+        """The batch's size while Dynamo traces the model's forward (``None`` outside one)."""
+        t = self._trace_batch
+        return None if t is None else t.shape[self._model_dim]
+
+    def _traces(self) -> bool:
+        return (
+            not (self._recomputing or self._paused or self._replaying) and torch.is_grad_enabled()
+        )
+
+    def _traced_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._traces():
+            return
+        self._trace_batch = _batch_tensor(args, kwargs, self._model_dim)
+        tensors = _flat_tensors(args, []) + _flat_tensors(kwargs, [])
+        compiled.emit_forward(self._key, "open", 0, tensors, [])
+
+    def _traced_model_output(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        self._trace_batch = None
+        if not self._traces():
+            return None
+        token = compiled.emit_forward(self._key, "output", 0, [], [])
+
+        def root(t: Any) -> Any:
+            if isinstance(t, Tensor) and t.requires_grad:
+                return compiled.tap_output(self._key, token, t, ())
+            return t
+
+        if isinstance(output, Tensor):
+            return root(output)
+        if isinstance(output, tuple | list):
+            return type(output)(root(v) for v in output)
+        if isinstance(output, dict):
+            for k, v in list(output.items()):
+                output[k] = root(v)
+        return None
+
+    def _traced_products(self, module: nn.Module, args: tuple) -> bool:
+        """:meth:`_on_weight_enter`'s decision, from what does not change between passes."""
+        if not (self.subbatches and self.per_example and self._replay_allowed):
+            return False
+        rule, _, params = self._calls[module]
+        weight = params.get("weight")
+        if not _by_products(module, rule) or weight is None:
+            return False
+        if id(weight) in self._multi_use or module in self._learned_shared:
+            return False
+        n = self.traced_batch_size()
+        x = args[0] if args else None
+        if n is None or n < 2 or not isinstance(x, Tensor):
+            return False
+        if isinstance(x, compiled.CompiledShared) or x.dim() == 0 or x.shape[0] != n:
+            return False
+        k = min(self.subbatches, n)
+        return subbatch_mod.uses_products(module, x, n, -(-n // k))
+
+    def _traced_weight_enter(self, module: nn.Module, args: tuple) -> None:
+        if self._traces() and self._traced_products(module, args):
+            weight = self._calls[module][2]["weight"]
+            module._parameters["weight"] = weight.detach()  # type: ignore[assignment]
+
+    def _traced_weight_exit(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._traces() and self._traced_products(module, args):
+            module._parameters["weight"] = self._calls[module][2]["weight"]
+
+    def _traced_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not self._traces():
+            return None
+        params = self._calls[module][2]
+        n = self.traced_batch_size()
+        if n is None:
+            return None
+        products = self._traced_products(module, args)
+        flat = [v for v in _flat_values(args, kwargs) if isinstance(v, Tensor)]
+        x = save_first_input(module, args, kwargs, output)
+        shared_input = any(isinstance(v, compiled.CompiledShared) for v in flat)
+        sized = _batch_tensor(args, kwargs, 0)
+        size = None if sized is None else sized.shape[0]
+        if not isinstance(x, Tensor):
+            compiled.emit_forward(self._key, "unsupported:a call on a non-tensor", 0, [], [])
+            return None
+        if shared_input or size != n or module in self._learned_shared:
+            return self._traced_shared_call(module, args, kwargs, output, flat, x)
+        out = _first(output)
+        if not products and not (isinstance(out, Tensor) and out.requires_grad):
+            return None
+        site = self._site[module]
+        token = compiled.emit_forward(self._key, "call", site, flat, [int(products)])
+        y = out
+        if products:
+            y = compiled.tap_weight(self._key, site, token, y, x.detach(), params["weight"])
+        if any(not (products and name == "weight") for name in params) and y.requires_grad:
+            y = compiled.tap_output(self._key, token, y, (x,))
+        return _replace_first(output, y)
+
+    def _traced_shared_call(
+        self, module: nn.Module, args: tuple, kwargs: dict, output: Any, flat: list, x: Any
+    ) -> Any:
+        if not isinstance(output, Tensor) or any(
+            isinstance(v, compiled.CompiledShared) for v in flat
+        ):
+            # a layer on a shared tensor, or one with several outputs: not followed here
+            compiled.emit_forward(self._key, "unsupported:a shared call", 0, [], [])
+            return None
+        site = self._site[module]
+        token = compiled.emit_forward(self._key, "shared", site, flat, list(output.shape))
+        return compiled.share(output, (self, self._key, token, (x,)))
+
+    def _traced_scope_enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """:meth:`_on_scope_enter` while tracing: the module's parameters, followed as
+        :class:`~noisescale.per_example.compiled.CompiledShared` to where they meet the batch."""
+        if not self._traces() or self.traced_batch_size() is None:
+            return
+        for holder, name, pid in self._scopes[module]:
+            real = holder._parameters.get(name)
+            if real is None or isinstance(real, compiled.CompiledShared):
+                continue
+            token = compiled.emit_forward(self._key, "param", self._param_index[pid], [], [])
+            alias = compiled.share(real, (self, self._key, token, ()))
+            holder._parameters[name] = alias  # type: ignore[assignment]
+
+    def _traced_scope_exit(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        for holder, name, pid in self._scopes[module]:
+            if isinstance(holder._parameters.get(name), compiled.CompiledShared):
+                holder._parameters[name] = self._param[pid]
+
+    def _new_record(self, record: _Record) -> int:
+        token = self._next_token
+        self._next_token += 1
+        self._records[token] = record
+        return token
+
+    def on_forward_event(
+        self, kind: str, site: int, tensors: Sequence[Tensor], sizes: Sequence[int]
+    ) -> int:
+        """A traced hook's per-pass work, run by the compiled graph (``noisescale::
+        forward_event``); returns the token its backward reports with (0: nothing recorded)."""
+        if kind == "open":
+            self._open_pass(tuple(tensors), {})
+            return 0
+        # (not _active(): a compiled forward runs with gradients off; the trace checked them)
+        if self._recomputing or self._paused or self._replaying or not self.passes:
+            return 0
+        pass_ = self.passes[-1]
+        pass_.compiled = True
+        if not pass_.amp:  # (as _on_forward: autocast entered inside the model's forward)
+            pass_.amp = _autocast_enabled()
+        if kind == "blocked":
+            pass_.compiled_blocked = True
+            return 0
+        if kind == "output":
+            if self.per_example and not pass_.skipped:
+                self._audit_wanted(pass_)
+            return self._new_record(_Record("root", pass_))
+        if kind.startswith("unsupported:"):
+            if pass_.compiled_unsupported is None:
+                pass_.compiled_unsupported = kind.partition(":")[2]
+            return 0
+        if kind == "meet":
+            return self._compiled_meeting(pass_, int(tensors[0]), sizes)
+        if kind == "param":
+            if pass_.skipped:
+                return 0
+            p = self._params[site]
+            pid = id(p)
+            pass_.aliased.add(pid)
+            meta = torch.empty(p.shape, device="meta")
+            source = Source(tensor=meta, pid=pid, label=self._param_name[pid])
+            return self._new_record(_Record("param", pass_, source=source))
+        module = self._modules[site]
+        rule, label, params = self._calls[module]
+        if rule.check is not None:
+            rule.check(module, label)
+        n = pass_.batch_size
+        pattern = tuple(_shape_pattern(t, n) for t in tensors)
+        if kind == "shared":
+            if pass_.skipped:
+                return 0
+            size = int(tensors[0].shape[0]) if tensors and tensors[0].dim() > 0 else 0
+            why = (
+                f"its input's leading dimension has the batch's size {n}, but the audit found "
+                "its rows are not the examples"
+                if module in self._learned_shared
+                else f"its input's leading dimension {size} is not the batch's {n} examples"
+            )
+            call = _Call(module, rule, label, params, 0, [], size=size, why=why)
+            operand = torch.empty(tuple(sizes), device="meta")
+            source = Source(tensor=operand, call=call, label=label)
+            pass_.shared_calls.append(call)
+            pass_.signature.append(("shared-call", id(module), pattern))
+            return self._new_record(_Record("shared", pass_, call=call, source=source))
+        record = _Record("call", pass_)
+        if sizes[0]:  # the weight's gradient comes from its sub-batch products
+            weight = params["weight"]
+            kind = _product_kind(module, rule)
+            record.job = _WeightJob(pass_, module, weight, kind, [True], self)
+            pass_.uses[id(weight)] = pass_.uses.get(id(weight), 0) + 1
+            params = {k: v for k, v in params.items() if v is not weight}
+        token = self._new_record(record)
+        if pass_.skipped:
+            return token
+        if record.job is not None and not params:
+            pass_.signature.append(("products", id(module), pattern))
+            return token
+        record.call = _Call(module, rule, label, params, 0, [None], [0], n)
+        for p in params.values():
+            pass_.uses[id(p)] = pass_.uses.get(id(p), 0) + 1
+        pass_.signature.append(("call", id(module), pattern))
+        return token
+
+    def _compiled_meeting(self, pass_: PassNorms, call_token: int, shape: Sequence[int]) -> int:
+        """:meth:`add_meeting` for a shared call's output broadcast to the batch's ``shape``."""
+        shared = self._records.get(call_token)
+        if pass_.skipped or shared is None or shared.source is None:
+            return 0
+        source = shared.source
+        origin = Origin(self, pass_, (source,))
+        meeting = Meeting("expand", None, origin)
+        meeting.box.insert(0, True)  # alive until the backward takes it
+        slot = pass_.slots.get(id(source))
+        if slot is None:
+            slot = pass_.slots[id(source)] = _Slot(source, pass_=pass_)
+            for pid in self._source_pids(source):
+                pass_.uses[pid] = pass_.uses.get(pid, 0) + 1
+        slot.expected += 1
+        meeting.extra["routes"] = [("vjp", None, (origin, source.tensor))]
+        meeting.extra["dim"] = 0
+        n = pass_.batch_size
+        hooked = (len(shape), tuple(i for i, s in enumerate(shape) if s == n))
+        pass_.signature.append(("meet", "expand", (source.label,), hooked))
+        return self._new_record(_Record("meet", pass_, call=shared.call, meeting=meeting))
+
+    def on_backward_event(self, token: int, tensors: Sequence[Tensor]) -> None:
+        """A traced hook's backward, run by the compiled backward (``noisescale::
+        backward_event``): ``tensors`` are what the hook saved, then the output gradient."""
+        record = self._records.get(token)
+        if record is None:
+            return
+        pass_, grad = record.pass_, tensors[-1]
+        if record.kind == "root":
+            if not (self._replaying or self._paused):
+                self._enter(pass_)
+        elif record.kind == "call" and record.call is not None:
+            call = record.call
+            if call.box:  # empty after a first backward through it (retain_graph=True)
+                call.box[0] = tensors[0]
+            self._on_call_grad(pass_, call, (grad,))
+        elif record.kind == "meet" and record.meeting is not None:
+            if record.call is not None:  # (a parameter's meeting saves nothing)
+                record.call.box[:] = [tensors[0]]  # the shared call's input, for its rule
+            self._on_meeting_grad(pass_, record.meeting, grad)
+
+    def on_weight_grad(self, site: int, token: int, x: Tensor, d: Tensor, weight: Tensor) -> Tensor:
+        """A weight's gradient from its sub-batch products, run by the compiled backward
+        (``noisescale::weight_grad``); its sub-batch norms are recorded on the way."""
+        record = self._records.get(token)
+        job = record.job if record is not None else None
+        if job is None:  # no pass recorded the call: the plain product
+            module = self._modules[site]
+            kind = _product_kind(module, self._calls[module][0])
+            return _plain_weight_grad(_WeightJob(None, module, weight, kind, []), x, d)
+        grad = self._weight_backward(job, x, d)
+        return grad if grad is not None else torch.zeros_like(weight)
 
     # -- meetings (called by SharedTensor) ------------------------------------------------------
 
@@ -1109,6 +1598,8 @@ class PerExampleNorms:
             if p is None:  # a parameter unfrozen later: collect() reports it
                 continue
             if reaches is None:
+                if pass_.compiled:
+                    factor = _owned(factor, p.shape)
                 pass_.deferred.setdefault(task, []).append((p, factor))
             else:
                 self._add(pass_, p, factor)
@@ -1248,6 +1739,8 @@ class PerExampleNorms:
             slot.arrived += 1
             if slot.arrived >= slot.expected:
                 self._finish_slot(pass_, slot, reaches)
+            elif pass_.compiled and slot.total is g:
+                slot.total = g.clone()  # it may be a view of the compiled graph's memory
 
     def _finish_slot(self, pass_: PassNorms, slot: _Slot, reaches: bool | None) -> None:
         del pass_.slots[id(slot.source)]
@@ -1485,6 +1978,8 @@ class PerExampleNorms:
         if len(waiting) == pass_.uses[pid]:
             self._accumulate(pass_, pid, self._sqnorm_of_uses(pass_, p, waiting))
             del pass_.pending[pid]
+        elif pass_.compiled and pass_.subbatches is None:  # (sub-batch factors are copies)
+            waiting[-1] = _owned(waiting[-1], p.shape)
 
     @staticmethod
     def _sqnorm_of_uses(pass_: PassNorms, p: nn.Parameter, factors: list[Factor]) -> Tensor:
@@ -1529,6 +2024,7 @@ class PerExampleNorms:
         """
         done, self.passes = self.passes, []
         self._context.clear()
+        self._records.clear()
         first, self._first_pass = self._first_pass, None
         self._positions = 0
         self._measured_found = False
@@ -1610,6 +2106,12 @@ class PerExampleNorms:
         if self.per_example:
             for pass_ in done:
                 self._settle(pass_, learn)
+        # an audited step runs eagerly, in compiled models too
+        self._eager_steps.want(
+            self._compiled_eagerly
+            or (self.per_example and self.auditing_enabled and self._audit_due)
+        )
+        self._prepare_compile()
         return done
 
     def _settle(self, pass_: PassNorms, learn: bool) -> None:
@@ -1627,6 +2129,21 @@ class PerExampleNorms:
             self._on_unsupported(pass_, learn)
             if pass_.withheld is not None:
                 return
+        if pass_.compiled_call and not (pass_.compiled or pass_.covered) and pass_.received:
+            # none of the layer hooks ran in a compiled forward: Dynamo ran a graph it had
+            # compiled before they existed (it does not guard on hooks by default, so it does
+            # not notice hooks added later). Dropped; later compilations guard on hooks
+            # (_prepare_compile).
+            self._withhold(
+                pass_,
+                "its forward ran a graph that torch.compile made before the tracker's hooks "
+                "existed; the compiled code is reset (torch._dynamo.reset()) and recompiled "
+                "with them from the next step on",
+            )
+            torch._dynamo.reset()
+            return
+        if pass_.compiled and self._settle_compiled(pass_):
+            return
         findings = (
             pass_.audit.finish(pass_.received, self._param_name)
             if pass_.audit is not None
@@ -1681,6 +2198,54 @@ class PerExampleNorms:
             )
         raise UnsupportedModuleError(findings.message(self._labels, None, self._param_name))
 
+    def _settle_compiled(self, pass_: PassNorms) -> bool:
+        """What only a pass that ran inside a compiled graph can reveal; ``True``: withheld.
+
+        A structure never audited (a new input shape) is audited eagerly on the next step. An
+        operation the traced hooks do not follow, or a parameter whose gradient the graph did
+        not report (a graph break inside its layer's forward makes Dynamo drop the hook's
+        backward), makes the eager hooks run outside the graph from the next step on.
+        """
+        if pass_.compiled_blocked:
+            self._withhold(
+                pass_,
+                f"its forward ran inside a compiled graph, which the hooks cannot measure in "
+                f"this model ({self.compile_blocker}); from the next step on compiled code runs "
+                "eagerly",
+            )
+            self._run_compiled_code_eagerly()
+            return True
+        if pass_.compiled_unsupported is not None:
+            learned = (
+                "a tensor shared by every example (a layer's output on input without the "
+                f"batch's examples) meets the batch in '{pass_.compiled_unsupported}', which "
+                "the traced hooks do not follow"
+            )
+        elif pass_.received - pass_.covered:
+            names = sorted(self._param_name[pid] for pid in pass_.received - pass_.covered)
+            learned = (
+                f"the compiled graph did not report the per-example gradients of parameters "
+                f"{names} (a graph break inside their layer's forward?)"
+            )
+        elif pass_.unaudited:
+            self._audit_due = True
+            self._withhold(
+                pass_,
+                "its forward ran inside a compiled graph with a structure (shapes, layers) not "
+                "audited yet, which an audit must see eagerly: the next step runs eagerly",
+            )
+            return True
+        else:
+            return False
+        self._compile_learned = learned
+        self._update_compile_blocker()
+        self._withhold(
+            pass_,
+            f"under torch.compile, {learned}; from the next step on compiled code runs eagerly",
+        )
+        self._run_compiled_code_eagerly()
+        return True
+
     def _learn_direct_uses(self, pass_: PassNorms, pids: list[int]) -> bool:
         """Follow rule-owned parameters through the whole forward from the next step on."""
         new_scopes = []
@@ -1697,6 +2262,7 @@ class PerExampleNorms:
                 new_scopes.append((holder, name, pid))
         first_time = self.model not in self._scopes
         self._scopes.setdefault(self.model, []).extend(new_scopes)
+        self._update_compile_blocker()
         if first_time:
             self._install_scope(self.model)
         for holder, _, _ in new_scopes:
@@ -1763,8 +2329,11 @@ class PerExampleNorms:
         params = fallback.fallback_params(module)
         rule = fallback.rule(self)
         self._calls[module] = (rule, self._labels[module], params)
-        self._handles.append(module.register_forward_pre_hook(fallback.pre_hook(self)))
-        self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
+        self._update_compile_blocker()
+        self._handles.append(module.register_forward_pre_hook(self._hook(fallback.pre_hook(self))))
+        self._handles.append(
+            module.register_forward_hook(self._hook(self._on_forward), with_kwargs=True)
+        )
 
     def _on_audit_failure(
         self, pass_: PassNorms, findings: audit_mod.Findings, learn: bool
@@ -1804,6 +2373,14 @@ def _by_products(module: nn.Module, rule: LayerRule) -> bool:
     from noisescale.per_example import conv, linear
 
     return rule in (linear.LINEAR_RULE, linear.CONV1D_RULE, *conv.CONV_RULES)
+
+
+def _product_kind(module: nn.Module, rule: LayerRule) -> str:
+    """How a layer's weight gradient is one product: ``"conv"``, ``"conv1d"`` (Hugging Face's
+    ``Conv1D``, weight [in, out]) or ``"linear"``."""
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        return "conv"
+    return "conv1d" if rule.name == "Conv1D" else "linear"
 
 
 def _plain_weight_grad(job: _WeightJob, x: Tensor, d: Tensor) -> Tensor:
@@ -1848,6 +2425,13 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
             setattr(merged, name, sum(parts[1:], parts[0]) if parts else None)
         merged.skipped = all(p.skipped for p in group)
         merged.audited = any(p.audited for p in group)
+        merged.compiled = any(p.compiled for p in group)
+        merged.unaudited = any(p.unaudited for p in group)
+        merged.compiled_blocked = any(p.compiled_blocked for p in group)
+        merged.compiled_call = any(p.compiled_call for p in group)
+        merged.compiled_unsupported = next(
+            (p.compiled_unsupported for p in group if p.compiled_unsupported), None
+        )
         merged.audit = next((p.audit for p in group if p.audit is not None), None)
         merged.unsupported = [u for p in group for u in p.unsupported]
         if any(p.rows is not None or p.skipped for p in group) and not merged.skipped:
@@ -1946,6 +2530,66 @@ def _first_size(args: tuple, kwargs: dict, dim: int) -> int | None:
         if size is not None:
             return size
     return None
+
+
+def _batch_tensor(args: tuple, kwargs: dict, dim: int) -> Tensor | None:
+    """The tensor :meth:`PerExampleNorms._batch_size_of_model` reads the batch's size from."""
+    for value in (*args, *kwargs.values()):
+        found = _sized(value, dim)
+        if found is not None:
+            return found
+    return None
+
+
+def _sized(value: Any, dim: int) -> Tensor | None:
+    if isinstance(value, Tensor):
+        return value if value.dim() > dim else None
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list | tuple) and not isinstance(value, PackedSequence):
+        for v in value:
+            found = _sized(v, dim)
+            if found is not None:
+                return found
+    return None
+
+
+def _flat_tensors(value: Any, out: list[Tensor]) -> list[Tensor]:
+    """Every tensor in nested tuples, lists and dicts, in order."""
+    if isinstance(value, Tensor):
+        out.append(value)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _flat_tensors(v, out)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _flat_tensors(v, out)
+    return out
+
+
+def _replace_first(output: Any, y: Tensor) -> Any:
+    """``output`` with its first tensor (:func:`_first`) replaced by ``y``."""
+    if isinstance(output, tuple):
+        return (y, *output[1:])
+    if isinstance(output, list):
+        return [y, *output[1:]]
+    return y
+
+
+def _owned(factor: Factor, shape: torch.Size) -> Factor:
+    """``factor`` with tensors of its own. A compiled graph reuses the memory of the tensors it
+    hands to an event as soon as the event returns; a factor kept for later (the first of several
+    uses of a parameter) must not point into it."""
+    if dataclasses.is_dataclass(factor) and not isinstance(factor, type):
+        changes: dict[str, Any] = {}
+        for f in dataclasses.fields(factor):
+            value = getattr(factor, f.name)
+            if isinstance(value, Tensor):
+                changes[f.name] = value.clone()
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+                changes[f.name] = _owned(value, shape)
+        return dataclasses.replace(factor, **changes)
+    return DenseFactor(factor.dense(shape).clone())
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:

@@ -90,10 +90,11 @@ def conv_subbatch_grads(
     return per.sum(0), sq.flatten(1).sum(1)
 
 
-def uses_products(module: nn.Module, x: Tensor, n: int, sb: Subbatches) -> bool:
+def uses_products(module: nn.Module, x: Tensor, n: int, per_subbatch: int) -> bool:
     """Whether the sub-batch products pay off for this call: a convolution, or a linear map with
-    at least 16 rows (examples × positions) per sub-batch product."""
+    at least 16 rows (examples × positions) per sub-batch product (``per_subbatch`` examples,
+    the largest sub-batch's size)."""
     if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         return True
     positions = x.numel() // max(1, n * x.shape[-1])
-    return sb.n * positions >= 16
+    return per_subbatch * positions >= 16

@@ -1,0 +1,492 @@
+"""torch.compile: the tracker inside the model's compiled graph.
+
+For a plain MLP, a small CNN, the reference GPT and a tiny Hugging Face GPT-2 (random weights),
+each compiled with ``torch.compile(model)`` and with ``model.compile()``, in the three modes —
+sub-batches (default), every example (``per_example_fraction=1.0``) and micro-batches
+(``per_example=False``, two per step):
+
+* **no graph break caused by noisescale**: Dynamo's own counter of graph breaks is the same as for
+  the same compiled model without a tracker (which may break on its own);
+* **no recompilation**: the tracked model compiles into no more graphs than the plain one — a
+  Python value a traced hook read that changed every step would make Dynamo recompile every step,
+  and run the model eagerly once its recompile limit is reached: silently slow;
+* **the same numbers as eager**: every step's squared norms (the big batch's and each small
+  batch source's) and B_simple equal those of the same run without compile, on the audited steps
+  (which run eagerly) and the compiled ones alike. Everything runs in float64; the tolerance
+  is a few hundred rounding errors of it (measured differences: 0 for the per-example and
+  sub-batch norms, which the engine computes eagerly from the same tensors in both runs, and
+  ~1e-16 for micro-batch norms read from gradients the compiled backward computed).
+
+Steps 1, 2 and 4 are audited and run eagerly; step 3 compiles the graph and step 5 reuses it.
+``aot_eager`` runs AOT autograd — the functionalised forward and backward graphs, the ordered
+effects that keep the hooks' operators in them — without inductor's code generation. The models
+have no dropout: compiled code draws its random masks differently from eager.
+
+Then what the traced hooks do not follow: the tracker says so once, runs its hooks outside the
+graph (graph breaks) and keeps exact numbers; a structure change under compile withholds one
+step and audits the next eagerly.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import shutil
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from noisescale import GradientNoiseTracker
+from noisescale.reference_models import GPT, GPTConfig, PaperCNN
+
+torch._dynamo = pytest.importorskip("torch._dynamo")
+from torch._dynamo.utils import counters  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+N = 16  # with T = 8 and 8 sub-batches: Linear weights take the sub-batch product path
+T = 8
+STEPS = 5
+BACKEND = "aot_eager"
+EPS = torch.finfo(torch.float64).eps
+RTOL = 256 * EPS
+MODES: dict[str, dict[str, Any]] = {
+    "subbatch": {},
+    "per_example": {"per_example_fraction": 1.0},
+    "microbatch": {"per_example": False},
+}
+
+Batch = Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+def mlp() -> tuple[nn.Module, Callable, Batch]:
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 5))
+
+    def batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(N, 10, generator=gen), torch.randint(0, 5, (N,), generator=gen)
+
+    return model, F.cross_entropy, batch
+
+
+def cnn() -> tuple[nn.Module, Callable, Batch]:
+    model = PaperCNN(image_size=8, dropout=0.0)
+
+    def batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(N, 1, 8, 8, generator=gen), torch.randint(0, 10, (N,), generator=gen)
+
+    return model, F.cross_entropy, batch
+
+
+def _tokens(vocab: int) -> Batch:
+    def batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            torch.randint(0, vocab, (N, T), generator=gen),
+            torch.randint(0, vocab, (N, T), generator=gen),
+        )
+
+    return batch
+
+
+def gpt() -> tuple[nn.Module, Callable, Batch]:
+    config = GPTConfig(n_layer=2, d_model=32, n_head=2, block_size=16, vocab_size=64, dropout=0.0)
+    model = GPT(config)
+
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    return model, loss, _tokens(64)
+
+
+def gpt2() -> tuple[nn.Module, Callable, Batch]:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config)  # its head is tied to the token embedding
+
+    def loss(out: Any, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out.logits.flatten(0, 1), y.flatten())
+
+    return model, loss, _tokens(64)
+
+
+MODELS = {"mlp": mlp, "cnn": cnn, "gpt": gpt, "gpt2": gpt2}
+
+
+class Wrapper(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.model(x)
+
+
+def _compiled(model: nn.Module, style: str | None, backend: str) -> Callable:
+    if style == "torch.compile":
+        return torch.compile(model, backend=backend)
+    if style == "wrapper":
+        return torch.compile(Wrapper(model), backend=backend)
+    if style == "model.compile":
+        model.compile(backend=backend)
+    return model
+
+
+def train(
+    factory: Callable, mode: str | None, style: str | None, backend: str = BACKEND
+) -> tuple[list[dict[str, Any]] | None, int, int, list[str]]:
+    """STEPS training steps: (history, graph breaks, graphs compiled, noisescale's warnings)."""
+    gc.collect()  # a tracker of an earlier test, not removed, gives the compiler stance back
+    assert torch._dynamo.eval_frame._stance.stance == "default"
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model, loss_fn, batch = factory()
+    call = _compiled(model, style, backend)
+    accumulation = 2 if mode == "microbatch" else 1
+    gen = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker = None
+        if mode is not None:
+            tracker = GradientNoiseTracker(model, sync_every=1, **MODES[mode])
+        for _ in range(STEPS):
+            for _ in range(accumulation):
+                x, y = batch(gen)
+                (loss_fn(call(x), y) / accumulation).backward()
+            if tracker is not None:
+                tracker.step()
+            model.zero_grad()
+    history = None
+    if tracker is not None:
+        history = [dict(r) for r in tracker.history]
+        tracker.remove()
+    breaks = sum(counters["graph_break"].values())
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    ours = [str(w.message) for w in caught if "noisescale" in str(w.message)]
+    return history, breaks, graphs, ours
+
+
+@functools.cache
+def _eager(model: str, mode: str) -> list[dict[str, Any]]:
+    history, *_ = train(MODELS[model], mode, None)
+    assert history is not None
+    return history
+
+
+@functools.cache
+def _plain(model: str, style: str) -> tuple[int, int]:
+    _, breaks, graphs, _ = train(MODELS[model], None, style)
+    return breaks, graphs
+
+
+def assert_same_numbers(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
+    assert len(got) == len(want) == STEPS
+    for g, w in zip(got, want, strict=True):
+        step = g["step"]
+        assert g["skipped"] == w["skipped"], step
+        assert g["sqnorm_big"] == pytest.approx(w["sqnorm_big"], rel=RTOL), step
+        assert set(g["sources"]) == set(w["sources"]), (step, g["sources"], w["sources"])
+        for name, source in w["sources"].items():
+            mine = g["sources"][name]
+            assert mine["count"] == source["count"] and mine["b_small"] == source["b_small"]
+            assert mine["sqnorm_small"] == pytest.approx(source["sqnorm_small"], rel=RTOL), (
+                step,
+                name,
+            )
+        for key in ("g2", "trace_sigma", "b_simple"):
+            # differences of the norms above: their rounding, relative to the norms' scale
+            scale = abs(w["trace_sigma"]) + abs(w["g2"]) * w["b_big"]
+            if w[key] is None or g[key] is None:
+                assert w[key] is g[key], (step, key)
+            elif key == "b_simple":
+                rel = RTOL * scale / abs(w["trace_sigma"])
+                assert g[key] == pytest.approx(w[key], rel=rel, nan_ok=True), step
+            else:
+                assert g[key] == pytest.approx(w[key], rel=RTOL, abs=RTOL * scale), (step, key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("style", ["torch.compile", "model.compile"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_no_graph_break_and_the_same_numbers(model: str, style: str, mode: str) -> None:
+    history, breaks, graphs, warned = train(MODELS[model], mode, style)
+    plain_breaks, plain_graphs = _plain(model, style)
+    assert breaks == plain_breaks, f"{breaks} graph breaks, {plain_breaks} without the tracker"
+    assert graphs <= max(plain_graphs, 1), f"{graphs} graphs, {plain_graphs} without the tracker"
+    assert not warned, warned
+    assert history is not None
+    assert_same_numbers(history, _eager(model, mode))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("model", ["mlp", "gpt"])
+def test_a_wrapper_compiled_as_a_whole(model: str, mode: str) -> None:
+    """The tracked model inside a module compiled as a whole: its own hooks are then traced into
+    the graph too (compiled by itself, Dynamo runs a model's own hooks as frames of their own)."""
+    history, breaks, graphs, warned = train(MODELS[model], mode, "wrapper")
+    plain_breaks, plain_graphs = _plain(model, "wrapper")
+    assert breaks == plain_breaks
+    assert graphs <= max(plain_graphs, 1)
+    assert not warned, warned
+    assert history is not None
+    assert_same_numbers(history, _eager(model, mode))
+
+
+class LayerScale(nn.Module):
+    """A parameter used directly in the forward (``gamma * h``), which the traced hooks do not
+    follow: the eager hooks run outside the compiled graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(10, 16)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 16))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gamma * torch.tanh(self.fc(x)))
+
+
+def layer_scale() -> tuple[nn.Module, Callable, Batch]:
+    _, loss, batch = mlp()
+    return LayerScale(), loss, batch
+
+
+class ScaledPositions(nn.Module):
+    """A position table whose output is scaled before it meets the batch: an operation on a
+    shared tensor the traced hooks do not follow, found only when the compiled graph runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(64, 16)
+        self.pos = nn.Embedding(T, 16)
+        self.head = nn.Linear(16, 64)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        positions = self.pos(torch.arange(idx.shape[1], device=idx.device)) * 0.5
+        return self.head(self.tok(idx) + positions)
+
+
+def scaled_positions() -> tuple[nn.Module, Callable, Batch]:
+    _, loss, batch = gpt()
+    return ScaledPositions(), loss, batch
+
+
+def llama() -> tuple[nn.Module, Callable, Batch]:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+    )  # fmt: skip
+    _, loss, batch = gpt2()
+    return transformers.LlamaForCausalLM(config), loss, batch
+
+
+def vit() -> tuple[nn.Module, Callable, Batch]:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(
+        image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, num_labels=10, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+
+    def loss(out: Any, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out.logits, y)
+
+    def batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(N, 3, 8, 8, generator=gen), torch.randint(0, 10, (N,), generator=gen)
+
+    return transformers.ViTForImageClassification(config), loss, batch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["subbatch", "per_example"])
+@pytest.mark.parametrize("factory", [llama, vit], ids=["llama", "vit"])
+def test_parameters_used_directly_in_their_module(factory: Callable, mode: str) -> None:
+    """Llama's RMSNorm (``weight * x``), ViT's class token (``expand``) and position table
+    (``x + table``): parameters their own module uses directly, followed inside the graph."""
+    history, breaks, graphs, warned = train(factory, mode, "torch.compile")
+    _, plain_breaks, plain_graphs, _ = train(factory, None, "torch.compile")
+    eager, *_ = train(factory, mode, None)
+    assert (breaks, warned) == (plain_breaks, [])
+    assert graphs <= max(plain_graphs, 1)
+    assert history is not None and eager is not None
+    assert_same_numbers(history, eager)
+
+
+def assert_same_norms(got: dict[str, Any], want: dict[str, Any]) -> None:
+    """One step's squared norms (not B_simple, whose averages see the steps before)."""
+    assert got["sqnorm_big"] == pytest.approx(want["sqnorm_big"], rel=RTOL)
+    assert set(got["sources"]) == set(want["sources"])
+    for name, source in want["sources"].items():
+        assert got["sources"][name]["sqnorm_small"] == pytest.approx(
+            source["sqnorm_small"], rel=RTOL
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("style", ["torch.compile", "model.compile"])
+def test_a_model_the_traced_hooks_do_not_follow_runs_eagerly_and_says_so(style: str) -> None:
+    """A directly used parameter: the model runs eagerly while it is measured, and a warning
+    says why and what runs compiled. ``model.compile()`` is seen when the tracker is created;
+    ``torch.compile(model)`` only when its graph runs — step 3, withheld."""
+    history, _, _, warned = train(layer_scale, "per_example", style)
+    eager, *_ = train(layer_scale, "per_example", None)
+    assert history is not None and eager is not None
+    runs_eagerly = [w for w in warned if "runs eagerly" in w and "force_eager" in w]
+    assert len(runs_eagerly) == 1 and "'gamma'" in runs_eagerly[0], warned
+    assert "per_example=False" in runs_eagerly[0]
+    withheld = [3] if style == "torch.compile" else []
+    assert [r["step"] for r in history if "per_example" not in r["sources"]] == withheld
+    for got, want in zip(history, eager, strict=True):
+        if got["step"] not in withheld:
+            assert_same_norms(got, want)
+
+
+@pytest.mark.slow
+def test_an_operation_found_at_run_time_withholds_the_step_and_moves_the_hooks_out() -> None:
+    """Step 3, the first compiled one, meets ``pos(…) * 0.5``: its per-example norms are withheld
+    and said why, and from step 4 on the model runs eagerly."""
+    history, _, _, warned = train(scaled_positions, "per_example", "torch.compile")
+    eager, *_ = train(scaled_positions, "per_example", None)
+    assert history is not None and eager is not None
+    assert [r["step"] for r in history if "per_example" not in r["sources"]] == [3]
+    assert history[2]["sqnorm_big"] == pytest.approx(eager[2]["sqnorm_big"], rel=RTOL)
+    assert any("step 3" in w and "'mul'" in w for w in warned), warned
+    assert sum("force_eager" in w and "'mul'" in w for w in warned) == 1, warned
+    for got, want in zip(history[3:], eager[3:], strict=True):
+        assert_same_norms(got, want)
+
+
+@pytest.mark.slow
+def test_a_structure_never_audited_is_audited_eagerly_on_the_next_step() -> None:
+    """Sequences as long as the batch from step 5 on (T = N: the ambiguity the audit resolves):
+    a new structure under compile withholds step 5 and runs step 6 eagerly, audited."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, loss_fn, _ = gpt()
+    call = torch.compile(model, backend=BACKEND)
+    tracker = GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+    gen = torch.Generator().manual_seed(1)
+    ran_compiled = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(1, 8):
+            length = T if step < 5 else N
+            x = torch.randint(0, 64, (N, length), generator=gen)
+            loss_fn(call(x), x).backward()
+            ran_compiled.append(tracker.engine.current_pass().compiled)
+            tracker.step()
+            model.zero_grad()
+    history = tracker.history
+    tracker.remove()
+    torch._dynamo.reset()
+    #                 1      2      3     4      5     6      7
+    assert ran_compiled == [False, False, True, False, True, False, True]
+    withheld = [r["step"] for r in history if "per_example" not in r["sources"]]
+    assert withheld == [5]
+
+
+def test_audited_steps_force_eager_and_give_the_stance_back() -> None:
+    """The stance is force_eager from tracker.step() before an audited step to the one after it,
+    and the user's own stance is restored then (and by remove())."""
+    from torch._dynamo import eval_frame
+
+    model = nn.Linear(3, 2)
+    with torch.compiler.set_stance("eager_on_recompile"):
+        tracker = GradientNoiseTracker(model, per_example_fraction=1.0)
+        stances = [eval_frame._stance.stance]
+        for _ in range(3):
+            model(torch.randn(4, 3)).square().mean().backward()
+            tracker.step()
+            model.zero_grad()
+            stances.append(eval_frame._stance.stance)
+        tracker.remove()
+        stances.append(eval_frame._stance.stance)
+    user = "eager_on_recompile"
+    # before steps 1, 2 (audited), 3, 4 (audited), after remove()
+    assert stances == ["force_eager", "force_eager", user, "force_eager", user]
+
+
+def sequence_mlp() -> tuple[nn.Module, Callable, Batch]:
+    """A first layer without bias on input data (its output needs a gradient only through the
+    weight: sub-batch products must still give the weight one), an in-place activation on a
+    tapped output, a Linear at T positions per example (sub-batch products)."""
+    model = nn.Sequential(nn.Linear(6, 16, bias=False), nn.ReLU(inplace=True), nn.Linear(16, 3))
+
+    def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (out.mean(1) - y).pow(2).sum(1).mean()
+
+    def batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(N, T, 6, generator=gen), torch.randn(N, 3, generator=gen)
+
+    return model, loss, batch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["subbatch", "per_example"])
+def test_a_first_layer_without_bias_under_compile(mode: str) -> None:
+    history, breaks, graphs, warned = train(sequence_mlp, mode, "torch.compile")
+    _, plain_breaks, plain_graphs, _ = train(sequence_mlp, None, "torch.compile")
+    eager, *_ = train(sequence_mlp, mode, None)
+    assert (breaks, graphs, warned) == (plain_breaks, plain_graphs, [])
+    assert history is not None and eager is not None
+    assert_same_numbers(history, eager)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("c++", "g++", "clang++")), reason="inductor needs C++"
+)
+def test_inductor() -> None:
+    """The compiler users run: inductor generates its own kernels for the forward and the
+    backward, and may reuse a buffer once its last reader is done — so what the engine keeps of
+    a tensor an event handed it (the first of two uses of a tied weight) must be its own."""
+    history, breaks, _, warned = train(gpt2, "per_example", "torch.compile", backend="inductor")
+    _, plain_breaks, _, _ = train(gpt2, None, "torch.compile", backend="inductor")
+    eager, *_ = train(gpt2, "per_example", None)
+    assert (breaks, warned) == (plain_breaks, [])
+    assert history is not None and eager is not None
+    assert_same_numbers(history, eager)  # (measured: 2e-16 apart, inductor's own kernels)
+
+
+@pytest.mark.slow
+def test_a_graph_compiled_before_the_tracker_is_recompiled() -> None:
+    """Dynamo does not guard on module hooks by default: a graph compiled before the tracker's
+    hooks existed keeps running without them. The first compiled step that ran it is withheld,
+    the compiled code is reset, and the steps after it run the hooks inside the graph."""
+    gc.collect()
+    torch._dynamo.reset()
+    # Dynamo's default, as in a fresh process (an earlier tracker in this one turned the guards on)
+    torch._dynamo.config.skip_nnmodule_hook_guards = True
+    torch.manual_seed(0)
+    model, loss_fn, batch = gpt()
+    call = torch.compile(model, backend=BACKEND)
+    gen = torch.Generator().manual_seed(1)
+    x, y = batch(gen)
+    loss_fn(call(x), y).backward()  # compiled before the tracker exists
+    model.zero_grad()
+    ran_compiled = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tracker = GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+        for _ in range(STEPS + 1):
+            x, y = batch(gen)
+            loss_fn(call(x), y).backward()
+            ran_compiled.append(tracker.engine.current_pass().compiled)
+            tracker.step()
+            model.zero_grad()
+    history = tracker.history
+    tracker.remove()
+    torch._dynamo.reset()
+    assert [r["step"] for r in history if "per_example" not in r["sources"]] == [3]
+    assert ran_compiled == [False, False, False, False, True, True]
