@@ -467,22 +467,24 @@ class DataParallelSource:
             return sqnorms([g.detach() for g in grads]).sum()
         from torch.distributed.tensor import DTensor
 
-        shards: list[Tensor] = []
-        weights: list[float] = []
+        # grouped by the number of processes holding the same shard, so that each group's sum
+        # is divided by a Python number: no weight vector copied to the device per step
+        shards: dict[int, list[Tensor]] = {}
         for p in self.params:
             g = p.grad
             if g is None:
                 continue
             if isinstance(g, DTensor):
-                shards.append(g.to_local().detach())
-                weights.append(1.0 / self._replicas_of(p, g))
+                shards.setdefault(self._replicas_of(p, g), []).append(g.to_local().detach())
             elif self.rank == 0:  # a replicated gradient counts once
-                shards.append(g.detach())
-                weights.append(1.0)
-        if not shards:
-            return None
-        squares = sqnorms(shards)
-        return squares @ torch.tensor(weights, device=squares.device, dtype=squares.dtype)
+                shards.setdefault(1, []).append(g.detach())
+        total: Tensor | None = None
+        for replicas, group in shards.items():
+            part = sqnorms(group).sum()
+            if replicas > 1:
+                part = part / replicas
+            total = part if total is None else total + part
+        return total
 
     def _replicas_of(self, p: nn.Parameter, g: Any) -> int:
         """Processes holding the same shard of ``g``: the sizes of its Replicate mesh dims."""
