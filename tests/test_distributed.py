@@ -59,13 +59,30 @@ SCENARIOS: dict[str, tuple[str, list[list[list[int]]]]] = {
     "manual": ("manual", EVEN),
     "fsdp2": ("fsdp", UNEVEN),
     "fsdp2_accumulate": ("fsdp", ACCUM),
+    # a parameter the root uses directly (x * self.scale): the engine hands that forward an
+    # alias of it, and the hooks must still sit on FSDP2's unsharded parameter
+    "fsdp2_direct_accumulate": ("fsdp_direct", ACCUM),
+    # HSDP on a 2×1 mesh: two replicas of one shard, every gradient element held twice
+    "hsdp": ("hsdp", UNEVEN),
 }
 
 
-def make_model() -> nn.Module:
+class Scaled(nn.Sequential):
+    """The MLP with a parameter used directly on its input, outside any layer."""
+
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__(*layers)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, D_IN, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * self.scale)
+
+
+def make_model(setup: str = "") -> nn.Module:
     torch.manual_seed(0)
     # 5 output rows of the first layer and 3 of the second: uneven shards over 2 processes
-    return nn.Sequential(nn.Linear(D_IN, D_HID), nn.Tanh(), nn.Linear(D_HID, D_OUT)).double()
+    layers = (nn.Linear(D_IN, D_HID), nn.Tanh(), nn.Linear(D_HID, D_OUT))
+    return (Scaled if setup.endswith("_direct") else nn.Sequential)(*layers).double()
 
 
 def micro_batch(steps: list, t: int, r: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,17 +119,24 @@ def _run_scenario(rank: int, setup: str, steps: list) -> dict:
 
     from torch.nn.parallel import DistributedDataParallel
 
-    model = make_model()
+    model = make_model(setup)
     group = None
     if setup.startswith("ddp"):
         # .grad as views into DDP's buckets: the hooks must still see the local sums
         model = DistributedDataParallel(model, gradient_as_bucket_view=setup == "ddp_bucket_view")
-    elif setup == "fsdp":
+    elif setup.startswith(("fsdp", "hsdp")):
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        fully_shard(model[0])
-        fully_shard(model[2])
-        fully_shard(model)
+        # HSDP: (replicate, shard) = (2, 1), so each process holds whole, replicated shards
+        mesh = (
+            init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
+            if setup == "hsdp"
+            else None
+        )
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model[2], mesh=mesh)
+        fully_shard(model, mesh=mesh)
     else:
         group = torch.distributed.group.WORLD
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -138,7 +162,7 @@ def _run_scenario(rank: int, setup: str, steps: list) -> dict:
                     with model.no_sync():
                         (F.cross_entropy(model(x), y) / k).backward()
                 else:
-                    if setup == "fsdp":
+                    if setup.startswith(("fsdp", "hsdp")):
                         model.set_requires_gradient_sync(last)
                     loss = F.cross_entropy(model(x), y) / k
                     (loss if scaler is None else scaler.scale(loss)).backward()
@@ -349,13 +373,14 @@ def reference(name: str) -> tuple[list[dict], list[list[tuple[float, float]]]]:
 
     Also returns, per step, each process's local gradient as (b_small, |G_local|²) by autograd.
     """
-    return _reference(json.dumps(SCENARIOS[name][1]))
+    setup, steps = SCENARIOS[name]
+    return _reference(json.dumps(steps), setup)
 
 
 @functools.cache
-def _reference(steps_json: str) -> tuple[list[dict], list[list[tuple[float, float]]]]:
+def _reference(steps_json: str, setup: str) -> tuple[list[dict], list[list[tuple[float, float]]]]:
     steps = json.loads(steps_json)
-    model = make_model()
+    model = make_model(setup)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     tracker = noisescale.GradientNoiseTracker(
         model, beta=1.0, sync_every=2, optimizer=opt, per_example_fraction=1.0
@@ -364,7 +389,7 @@ def _reference(steps_json: str) -> tuple[list[dict], list[list[tuple[float, floa
     for t, sizes in enumerate(steps):
         k = len(sizes[0])
         assert all(len(s) == k for s in sizes), "DDP's weights need equal passes per process"
-        copy = make_model()  # without the tracker's hooks
+        copy = make_model(setup)  # without the tracker's hooks
         copy.load_state_dict(model.state_dict())
         per_rank = []
         for r in range(WORLD):
@@ -433,7 +458,7 @@ def test_every_process_computes_the_same_history(runs):
             assert json.dumps(runs[0][name][key]) == json.dumps(runs[1][name][key]), name
 
 
-@pytest.mark.parametrize("name", ["ddp_even", "ddp_uneven", "ddp_amp", "manual", "fsdp2"])
+@pytest.mark.parametrize("name", ["ddp_even", "ddp_uneven", "ddp_amp", "manual", "fsdp2", "hsdp"])
 def test_one_pass_per_process_equals_single_process(runs, name):
     """The local source is the reference's micro-batch source; the combination matches too."""
     want_hist, _ = reference(name)
@@ -486,7 +511,10 @@ def test_uneven_local_batches_weight_the_big_batch(runs):
     assert local["count"] == 2 and local["b_small"] == pytest.approx(2 / (1 / 5 + 1))
 
 
-@pytest.mark.parametrize("name", ["ddp_no_sync", "ddp_bucket_view_no_sync", "fsdp2_accumulate"])
+@pytest.mark.parametrize(
+    "name",
+    ["ddp_no_sync", "ddp_bucket_view_no_sync", "fsdp2_accumulate", "fsdp2_direct_accumulate"],
+)
 def test_accumulation_equals_single_process(runs, name):
     """no_sync() / set_requires_gradient_sync(False): micro-batch, per-example and local."""
     want_hist, local = reference(name)

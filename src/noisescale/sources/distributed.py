@@ -259,7 +259,7 @@ class DataParallelSource:
             if not torch.is_grad_enabled():
                 return
             for name, p in sharded.items():
-                full = getattr(module, name)
+                full = _parameter_behind(getattr(module, name))
                 if isinstance(full, DTensor):
                     raise NoiseScaleInputError(
                         f"parameter '{name}' of {type(module).__name__} is still sharded when the "
@@ -507,6 +507,22 @@ class DataParallelSource:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _parameter_behind(t: Tensor) -> Tensor:
+    """The parameter itself where a module attribute is a view of it.
+
+    Inside a module that uses one of its parameters directly (``x * self.scale``), the
+    per-example engine hands the forward an alias of the parameter (a view that routes its
+    gradient); hooking the alias would count the gradient of that one forward only, and
+    hooking it as well as the parameter (when a later pass runs without the alias) would count
+    it twice. Both hooks belong on the parameter, which FSDP2 keeps for the whole run.
+    """
+    if isinstance(t, nn.Parameter):
+        return t
+    with torch._C.DisableTorchFunctionSubclass():  # the alias would answer with another alias
+        base = t._base
+    return base if isinstance(base, nn.Parameter) else t
 
 
 def _acc(x: Tensor) -> Tensor:
