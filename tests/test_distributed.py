@@ -23,8 +23,10 @@ import json
 import multiprocessing
 import os
 import socket
+import sys
 import time
 import traceback
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -240,6 +242,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     results["tokens"] = {"history": _lm_run(rank)}
     results["misuse"] = _misuse()
     results["comm_hooks"] = _comm_hooks(rank)
+    results["syncs"] = _count_syncs(rank)
     Path(out, f"{rank}.json").write_text(json.dumps(results))
     _crash(rank, out)
 
@@ -311,6 +314,91 @@ def _comm_hooks(rank: int) -> dict[str, dict[str, list[float]]]:
             opt.zero_grad()
         out[name] = {"big_ratio": big, "local_ratio": local}
     return out
+
+
+SYNC_MODES = {
+    "sub-batches": {},
+    "subset": {"per_example_fraction": 1 / 8},
+    "exact": {"per_example_fraction": 1.0},
+    "micro-batches": {"per_example": False},
+}
+
+
+def _count_syncs(rank: int) -> dict[str, list[str]]:
+    """Syncing calls made during tracked steps 5–7 (not audited) under DDP and FSDP2.
+
+    The counting of ``tests/test_no_sync.py``, on its model (an embedding, a convolution, a
+    LayerNorm and a parameter used directly), plus tensors made from host data
+    (``torch.tensor``, ``torch.as_tensor``): on a GPU those are pageable host-to-device copies
+    that wait for the device. The one place allowed to make them is the data-parallel
+    source's ``_host_to_device``, which goes through pinned memory on CUDA.
+    """
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.overrides import TorchFunctionMode
+
+    from test_no_sync import HOST_ONLY, SYNCING, Net
+
+    counted = SYNCING | {"tensor", "as_tensor"}
+    allowed = HOST_ONLY | {"_host_to_device"}
+
+    class CountSyncs(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name, caller = getattr(func, "__name__", ""), sys._getframe(1).f_code.co_name
+            if name in counted and caller not in allowed:
+                self.calls.append(f"{name} in {caller}")
+            return func(*args, **(kwargs or {}))
+
+    def run(setup: str, kwargs: dict, accumulate: int) -> list[str]:
+        torch.manual_seed(0)
+        model = Net()
+        if setup == "ddp":
+            model = DistributedDataParallel(model)
+        else:
+            for layer in (model.emb, model.conv, model.up, model.down):
+                fully_shard(layer)
+            fully_shard(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        tracker = noisescale.GradientNoiseTracker(model, optimizer=opt, sync_every=100, **kwargs)
+        g = torch.Generator().manual_seed(rank)
+
+        def step() -> None:
+            for j in range(accumulate):
+                ids = torch.randint(0, 50, (12, 10), generator=g)
+                y = torch.randint(0, 5, (12, 10), generator=g)
+                last = j == accumulate - 1
+                if setup == "fsdp":
+                    model.set_requires_gradient_sync(last)
+                with model.no_sync() if setup == "ddp" and not last else nullcontext():
+                    loss = F.cross_entropy(model(ids).flatten(0, 1), y.flatten())
+                    (loss / accumulate).backward()
+            tracker.step(loss=loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(4):  # steps 1, 2 and 4 are audited (the audit may read back)
+                step()
+            with CountSyncs() as counter:
+                for _ in range(3):  # steps 5–7: not audited
+                    step()
+        assert len(tracker.history) == 7
+        tracker.remove()
+        return counter.calls
+
+    return {
+        f"{setup}/{mode}/{accumulate}": run(setup, kwargs, accumulate)
+        for setup in ("ddp", "fsdp")
+        for mode, kwargs in SYNC_MODES.items()
+        for accumulate in (1, 2)
+    }
 
 
 def _crash(rank: int, out: str) -> None:
@@ -562,6 +650,16 @@ def test_accumulation_without_no_sync_drops_only_the_local_source(runs):
         assert set(got["sources"]) == {"per_example", "microbatch"}
         assert got["g2"] == pytest.approx(want["g2"], rel=1e-5)
     assert any("model.no_sync()" in w for w in result["warnings"])
+
+
+@pytest.mark.parametrize("setup", ["ddp", "fsdp"])
+def test_tracked_steps_read_nothing_back(runs, setup):
+    """No call that waits for the device during non-audited steps, on either process, in any
+    mode, with and without accumulation (see :func:`_count_syncs`)."""
+    for rank in range(WORLD):
+        calls = {k: v for k, v in runs[rank]["syncs"].items() if k.startswith(setup)}
+        assert len(calls) == 2 * len(SYNC_MODES)
+        assert all(v == [] for v in calls.values()), calls
 
 
 def test_a_crashed_process_does_not_hang_the_survivor(runs):
