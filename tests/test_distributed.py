@@ -243,6 +243,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     results["misuse"] = _misuse()
     results["comm_hooks"] = _comm_hooks(rank)
     results["syncs"] = _count_syncs(rank)
+    results["parallelism"] = _parallelism(rank)
     Path(out, f"{rank}.json").write_text(json.dumps(results))
     _crash(rank, out)
 
@@ -398,6 +399,68 @@ def _count_syncs(rank: int) -> dict[str, list[str]]:
         for setup in ("ddp", "fsdp")
         for mode, kwargs in SYNC_MODES.items()
         for accumulate in (1, 2)
+    }
+
+
+def _parallelism(rank: int) -> dict[str, str]:
+    """What the tracker says under tensor and pipeline parallelism (both refused)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+    from torch.nn.parallel import DistributedDataParallel
+
+    def outcome(build) -> str:
+        try:
+            build()
+        except NoiseScaleInputError as e:
+            return str(e)
+        return "accepted"
+
+    def tp_plan():
+        return {"0": ColwiseParallel(), "2": RowwiseParallel()}
+
+    def tensor_parallel() -> None:
+        mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",))
+        noisescale.GradientNoiseTracker(parallelize_module(make_model(), mesh, tp_plan()))
+
+    def fsdp_tp(shape: tuple[int, int]) -> None:
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "tp"))
+        model = parallelize_module(make_model(), mesh["tp"], tp_plan())
+        fully_shard(model[0], mesh=mesh["dp"])
+        fully_shard(model[2], mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+        noisescale.GradientNoiseTracker(model)
+
+    def pipeline_stage_first() -> None:
+        # stage `rank` of a two-stage pipeline: refused at construction, on both processes
+        stage_module = make_model()[:2] if rank == 0 else make_model()[2:]
+        stage = PipelineStage(stage_module, rank, WORLD, torch.device("cpu"))
+        noisescale.GradientNoiseTracker(stage_module)
+        del stage
+
+    solo = [torch.distributed.new_group([r]) for r in range(WORLD)][rank]
+
+    def pipeline_tracker_first() -> None:
+        # the tracker before the stage: refused at the schedule's first forward (one stage per
+        # process on its own group, so the refusal leaves no peer waiting for activations)
+        model = DistributedDataParallel(make_model(), process_group=solo)
+        noisescale.GradientNoiseTracker(model)
+        stage = PipelineStage(model, 0, 1, torch.device("cpu"), group=solo)
+        schedule = ScheduleGPipe(stage, n_microbatches=2, loss_fn=F.cross_entropy)
+        x, y = micro_batch(EVEN, 0, rank, 0)
+        schedule.step(x, target=y)
+
+    return {
+        "tp": outcome(tensor_parallel),
+        "fsdp_tp_1x2": outcome(lambda: fsdp_tp((1, WORLD))),
+        "fsdp_tp_2x1": outcome(lambda: fsdp_tp((WORLD, 1))),
+        "pp_stage_first": outcome(pipeline_stage_first),
+        "pp_tracker_first": outcome(pipeline_tracker_first),
     }
 
 
@@ -660,6 +723,32 @@ def test_tracked_steps_read_nothing_back(runs, setup):
         calls = {k: v for k, v in runs[rank]["syncs"].items() if k.startswith(setup)}
         assert len(calls) == 2 * len(SYNC_MODES)
         assert all(v == [] for v in calls.values()), calls
+
+
+def test_tensor_parallelism_is_refused(runs):
+    """Tensor parallelism alone and under FSDP2 on a 2-D mesh (either way round) is refused at
+    construction, naming the parameter, its layout, the cause and what to do instead."""
+    for case in ("tp", "fsdp_tp_1x2", "fsdp_tp_2x1"):
+        message = runs[0]["parallelism"][case]
+        assert message.startswith("tensor parallelism is not supported: parameter '0.weight'")
+        assert "without tensor parallelism, in a run of the same model" in message
+    assert "[tp (2): S(0)]" in runs[0]["parallelism"]["tp"]
+    assert "[dp (2): S(0), tp (1): S(0)]" in runs[0]["parallelism"]["fsdp_tp_2x1"]
+
+
+def test_pipeline_parallelism_is_refused(runs):
+    """A pipelining stage's module is refused at construction when the stage exists, else at
+    the schedule's first forward (DDP-wrapped stage)."""
+    for rank in range(WORLD):
+        got = runs[rank]["parallelism"]
+        assert got["pp_stage_first"].startswith(
+            f"pipeline parallelism is not supported: the model given to the tracker is stage "
+            f"{rank} of 2"
+        )
+        assert got["pp_tracker_first"].startswith(
+            "pipeline parallelism is not supported: the model given to the tracker is stage 0 of 1"
+        )
+        assert "without pipeline parallelism, in a run of" in got["pp_stage_first"]
 
 
 def test_a_crashed_process_does_not_hang_the_survivor(runs):
