@@ -51,6 +51,7 @@ F32 = float(np.finfo(np.float32).eps)
 EVEN = [[[6], [6]], [[6], [6]], [[6], [6]]]
 UNEVEN = [[[6], [6]], [[7], [3]], [[5], [1]]]
 ACCUM = [[[4, 3], [4, 4]], [[3, 3], [3, 2]], [[2, 5], [4, 1]]]
+ONE_ACCUMULATES = [[[4, 3], [6]], [[4, 3], [6]]]  # process 1 has no micro-batch source
 SCENARIOS: dict[str, tuple[str, list[list[list[int]]]]] = {
     "ddp_even": ("ddp", EVEN),
     "ddp_uneven": ("ddp", UNEVEN),
@@ -58,6 +59,7 @@ SCENARIOS: dict[str, tuple[str, list[list[list[int]]]]] = {
     "ddp_bucket_view_no_sync": ("ddp_bucket_view", ACCUM),
     "ddp_amp": ("ddp_amp", EVEN),
     "ddp_sync_every_pass": ("ddp_sync_all", ACCUM),
+    "ddp_one_accumulates": ("ddp", ONE_ACCUMULATES),
     "manual": ("manual", EVEN),
     "fsdp2": ("fsdp", UNEVEN),
     "fsdp2_accumulate": ("fsdp", ACCUM),
@@ -685,6 +687,21 @@ def test_accumulation_equals_single_process(runs, name):
         assert got["sources"]["local"]["sqnorm_small"] == pytest.approx(
             brute["sqnorm_small"], rel=4 * F32
         )
+
+
+def test_a_source_some_processes_lack_is_kept_and_counted(runs):
+    """Process 0 accumulates two micro-batches (4 and 3 examples), process 1 runs one of 6: the
+    micro-batch source keeps process 0's two small batches and records that one process lacked
+    it; the big batch weighs process 0's examples 1/8 and 1/6, process 1's 1/6, so b_big =
+    (Σc)²/Σc² = 4/(4/64 + 3/36 + 6/36) = 12.8."""
+    for record in runs[0]["ddp_one_accumulates"]["history"]:
+        micro = record["sources"]["microbatch"]
+        assert micro["count"] == 2 and micro["lacking"] == 1
+        assert micro["b_small"] == pytest.approx(2 / (1 / 4 + 1 / 3))
+        assert "lacking" not in record["sources"]["local"]  # written only when some lacked it
+        assert record["sources"]["local"]["count"] == 2
+        assert record["sources"]["per_example"]["count"] == 13
+        assert record["b_big"] == pytest.approx(4 / (4 / 64 + 3 / 36 + 6 / 36), rel=1e-12)
 
 
 def test_communication_hooks(runs):
