@@ -23,8 +23,10 @@ import json
 import multiprocessing
 import os
 import socket
+import sys
 import time
 import traceback
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -49,6 +51,7 @@ F32 = float(np.finfo(np.float32).eps)
 EVEN = [[[6], [6]], [[6], [6]], [[6], [6]]]
 UNEVEN = [[[6], [6]], [[7], [3]], [[5], [1]]]
 ACCUM = [[[4, 3], [4, 4]], [[3, 3], [3, 2]], [[2, 5], [4, 1]]]
+ONE_ACCUMULATES = [[[4, 3], [6]], [[4, 3], [6]]]  # process 1 has no micro-batch source
 SCENARIOS: dict[str, tuple[str, list[list[list[int]]]]] = {
     "ddp_even": ("ddp", EVEN),
     "ddp_uneven": ("ddp", UNEVEN),
@@ -56,16 +59,34 @@ SCENARIOS: dict[str, tuple[str, list[list[list[int]]]]] = {
     "ddp_bucket_view_no_sync": ("ddp_bucket_view", ACCUM),
     "ddp_amp": ("ddp_amp", EVEN),
     "ddp_sync_every_pass": ("ddp_sync_all", ACCUM),
+    "ddp_one_accumulates": ("ddp", ONE_ACCUMULATES),
     "manual": ("manual", EVEN),
     "fsdp2": ("fsdp", UNEVEN),
     "fsdp2_accumulate": ("fsdp", ACCUM),
+    # a parameter the root uses directly (x * self.scale): the engine hands that forward an
+    # alias of it, and the hooks must still sit on FSDP2's unsharded parameter
+    "fsdp2_direct_accumulate": ("fsdp_direct", ACCUM),
+    # HSDP on a 2×1 mesh: two replicas of one shard, every gradient element held twice
+    "hsdp": ("hsdp", UNEVEN),
 }
 
 
-def make_model() -> nn.Module:
+class Scaled(nn.Sequential):
+    """The MLP with a parameter used directly on its input, outside any layer."""
+
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__(*layers)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, D_IN, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * self.scale)
+
+
+def make_model(setup: str = "") -> nn.Module:
     torch.manual_seed(0)
     # 5 output rows of the first layer and 3 of the second: uneven shards over 2 processes
-    return nn.Sequential(nn.Linear(D_IN, D_HID), nn.Tanh(), nn.Linear(D_HID, D_OUT)).double()
+    layers = (nn.Linear(D_IN, D_HID), nn.Tanh(), nn.Linear(D_HID, D_OUT))
+    return (Scaled if setup.endswith("_direct") else nn.Sequential)(*layers).double()
 
 
 def micro_batch(steps: list, t: int, r: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,17 +123,24 @@ def _run_scenario(rank: int, setup: str, steps: list) -> dict:
 
     from torch.nn.parallel import DistributedDataParallel
 
-    model = make_model()
+    model = make_model(setup)
     group = None
     if setup.startswith("ddp"):
         # .grad as views into DDP's buckets: the hooks must still see the local sums
         model = DistributedDataParallel(model, gradient_as_bucket_view=setup == "ddp_bucket_view")
-    elif setup == "fsdp":
+    elif setup.startswith(("fsdp", "hsdp")):
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        fully_shard(model[0])
-        fully_shard(model[2])
-        fully_shard(model)
+        # HSDP: (replicate, shard) = (2, 1), so each process holds whole, replicated shards
+        mesh = (
+            init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
+            if setup == "hsdp"
+            else None
+        )
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model[2], mesh=mesh)
+        fully_shard(model, mesh=mesh)
     else:
         group = torch.distributed.group.WORLD
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -138,7 +166,7 @@ def _run_scenario(rank: int, setup: str, steps: list) -> dict:
                     with model.no_sync():
                         (F.cross_entropy(model(x), y) / k).backward()
                 else:
-                    if setup == "fsdp":
+                    if setup.startswith(("fsdp", "hsdp")):
                         model.set_requires_gradient_sync(last)
                     loss = F.cross_entropy(model(x), y) / k
                     (loss if scaler is None else scaler.scale(loss)).backward()
@@ -216,6 +244,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     results["tokens"] = {"history": _lm_run(rank)}
     results["misuse"] = _misuse()
     results["comm_hooks"] = _comm_hooks(rank)
+    results["syncs"] = _count_syncs(rank)
+    results["parallelism"] = _parallelism(rank)
     Path(out, f"{rank}.json").write_text(json.dumps(results))
     _crash(rank, out)
 
@@ -289,6 +319,153 @@ def _comm_hooks(rank: int) -> dict[str, dict[str, list[float]]]:
     return out
 
 
+SYNC_MODES = {
+    "sub-batches": {},
+    "subset": {"per_example_fraction": 1 / 8},
+    "exact": {"per_example_fraction": 1.0},
+    "micro-batches": {"per_example": False},
+}
+
+
+def _count_syncs(rank: int) -> dict[str, list[str]]:
+    """Syncing calls made during tracked steps 5–7 (not audited) under DDP and FSDP2.
+
+    The counting of ``tests/test_no_sync.py``, on its model (an embedding, a convolution, a
+    LayerNorm and a parameter used directly), plus tensors made from host data
+    (``torch.tensor``, ``torch.as_tensor``): on a GPU those are pageable host-to-device copies
+    that wait for the device. The one place allowed to make them is the data-parallel
+    source's ``_host_to_device``, which goes through pinned memory on CUDA.
+    """
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.overrides import TorchFunctionMode
+
+    from test_no_sync import HOST_ONLY, SYNCING, Net
+
+    counted = SYNCING | {"tensor", "as_tensor"}
+    allowed = HOST_ONLY | {"_host_to_device"}
+
+    class CountSyncs(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name, caller = getattr(func, "__name__", ""), sys._getframe(1).f_code.co_name
+            if name in counted and caller not in allowed:
+                self.calls.append(f"{name} in {caller}")
+            return func(*args, **(kwargs or {}))
+
+    def run(setup: str, kwargs: dict, accumulate: int) -> list[str]:
+        torch.manual_seed(0)
+        model = Net()
+        if setup == "ddp":
+            model = DistributedDataParallel(model)
+        else:
+            for layer in (model.emb, model.conv, model.up, model.down):
+                fully_shard(layer)
+            fully_shard(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        tracker = noisescale.GradientNoiseTracker(model, optimizer=opt, sync_every=100, **kwargs)
+        g = torch.Generator().manual_seed(rank)
+
+        def step() -> None:
+            for j in range(accumulate):
+                ids = torch.randint(0, 50, (12, 10), generator=g)
+                y = torch.randint(0, 5, (12, 10), generator=g)
+                last = j == accumulate - 1
+                if setup == "fsdp":
+                    model.set_requires_gradient_sync(last)
+                with model.no_sync() if setup == "ddp" and not last else nullcontext():
+                    loss = F.cross_entropy(model(ids).flatten(0, 1), y.flatten())
+                    (loss / accumulate).backward()
+            tracker.step(loss=loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(4):  # steps 1, 2 and 4 are audited (the audit may read back)
+                step()
+            with CountSyncs() as counter:
+                for _ in range(3):  # steps 5–7: not audited
+                    step()
+        assert len(tracker.history) == 7
+        tracker.remove()
+        return counter.calls
+
+    return {
+        f"{setup}/{mode}/{accumulate}": run(setup, kwargs, accumulate)
+        for setup in ("ddp", "fsdp")
+        for mode, kwargs in SYNC_MODES.items()
+        for accumulate in (1, 2)
+    }
+
+
+def _parallelism(rank: int) -> dict[str, str]:
+    """What the tracker says under tensor and pipeline parallelism (both refused)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+    from torch.nn.parallel import DistributedDataParallel
+
+    def outcome(build) -> str:
+        try:
+            build()
+        except NoiseScaleInputError as e:
+            return str(e)
+        return "accepted"
+
+    def tp_plan():
+        return {"0": ColwiseParallel(), "2": RowwiseParallel()}
+
+    def tensor_parallel() -> None:
+        mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",))
+        noisescale.GradientNoiseTracker(parallelize_module(make_model(), mesh, tp_plan()))
+
+    def fsdp_tp(shape: tuple[int, int]) -> None:
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "tp"))
+        model = parallelize_module(make_model(), mesh["tp"], tp_plan())
+        fully_shard(model[0], mesh=mesh["dp"])
+        fully_shard(model[2], mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+        noisescale.GradientNoiseTracker(model)
+
+    def pipeline_stage_first() -> None:
+        # stage `rank` of a two-stage pipeline: refused at construction, on both processes
+        stage_module = make_model()[:2] if rank == 0 else make_model()[2:]
+        stage = PipelineStage(stage_module, rank, WORLD, torch.device("cpu"))
+        noisescale.GradientNoiseTracker(stage_module)
+        del stage
+
+    solo = [torch.distributed.new_group([r]) for r in range(WORLD)][rank]
+
+    def pipeline_tracker_first() -> None:
+        # the tracker before the stage: refused at the schedule's first forward (one stage per
+        # process on its own group, so the refusal leaves no peer waiting for activations)
+        model = DistributedDataParallel(make_model(), process_group=solo)
+        noisescale.GradientNoiseTracker(model)
+        stage = PipelineStage(model, 0, 1, torch.device("cpu"), group=solo)
+        schedule = ScheduleGPipe(stage, n_microbatches=2, loss_fn=F.cross_entropy)
+        x, y = micro_batch(EVEN, 0, rank, 0)
+        schedule.step(x, target=y)
+
+    return {
+        "tp": outcome(tensor_parallel),
+        "fsdp_tp_1x2": outcome(lambda: fsdp_tp((1, WORLD))),
+        "fsdp_tp_2x1": outcome(lambda: fsdp_tp((WORLD, 1))),
+        "pp_stage_first": outcome(pipeline_stage_first),
+        "pp_tracker_first": outcome(pipeline_tracker_first),
+    }
+
+
 def _crash(rank: int, out: str) -> None:
     """Rank 1 dies after its backward pass; rank 0 waits for the tracker's all-reduce."""
     from torch.nn.parallel import DistributedDataParallel
@@ -349,13 +526,14 @@ def reference(name: str) -> tuple[list[dict], list[list[tuple[float, float]]]]:
 
     Also returns, per step, each process's local gradient as (b_small, |G_local|²) by autograd.
     """
-    return _reference(json.dumps(SCENARIOS[name][1]))
+    setup, steps = SCENARIOS[name]
+    return _reference(json.dumps(steps), setup)
 
 
 @functools.cache
-def _reference(steps_json: str) -> tuple[list[dict], list[list[tuple[float, float]]]]:
+def _reference(steps_json: str, setup: str) -> tuple[list[dict], list[list[tuple[float, float]]]]:
     steps = json.loads(steps_json)
-    model = make_model()
+    model = make_model(setup)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     tracker = noisescale.GradientNoiseTracker(
         model, beta=1.0, sync_every=2, optimizer=opt, per_example_fraction=1.0
@@ -364,7 +542,7 @@ def _reference(steps_json: str) -> tuple[list[dict], list[list[tuple[float, floa
     for t, sizes in enumerate(steps):
         k = len(sizes[0])
         assert all(len(s) == k for s in sizes), "DDP's weights need equal passes per process"
-        copy = make_model()  # without the tracker's hooks
+        copy = make_model(setup)  # without the tracker's hooks
         copy.load_state_dict(model.state_dict())
         per_rank = []
         for r in range(WORLD):
@@ -433,7 +611,7 @@ def test_every_process_computes_the_same_history(runs):
             assert json.dumps(runs[0][name][key]) == json.dumps(runs[1][name][key]), name
 
 
-@pytest.mark.parametrize("name", ["ddp_even", "ddp_uneven", "ddp_amp", "manual", "fsdp2"])
+@pytest.mark.parametrize("name", ["ddp_even", "ddp_uneven", "ddp_amp", "manual", "fsdp2", "hsdp"])
 def test_one_pass_per_process_equals_single_process(runs, name):
     """The local source is the reference's micro-batch source; the combination matches too."""
     want_hist, _ = reference(name)
@@ -486,7 +664,10 @@ def test_uneven_local_batches_weight_the_big_batch(runs):
     assert local["count"] == 2 and local["b_small"] == pytest.approx(2 / (1 / 5 + 1))
 
 
-@pytest.mark.parametrize("name", ["ddp_no_sync", "ddp_bucket_view_no_sync", "fsdp2_accumulate"])
+@pytest.mark.parametrize(
+    "name",
+    ["ddp_no_sync", "ddp_bucket_view_no_sync", "fsdp2_accumulate", "fsdp2_direct_accumulate"],
+)
 def test_accumulation_equals_single_process(runs, name):
     """no_sync() / set_requires_gradient_sync(False): micro-batch, per-example and local."""
     want_hist, local = reference(name)
@@ -506,6 +687,21 @@ def test_accumulation_equals_single_process(runs, name):
         assert got["sources"]["local"]["sqnorm_small"] == pytest.approx(
             brute["sqnorm_small"], rel=4 * F32
         )
+
+
+def test_a_source_some_processes_lack_is_kept_and_counted(runs):
+    """Process 0 accumulates two micro-batches (4 and 3 examples), process 1 runs one of 6: the
+    micro-batch source keeps process 0's two small batches and records that one process lacked
+    it; the big batch weighs process 0's examples 1/8 and 1/6, process 1's 1/6, so b_big =
+    (Σc)²/Σc² = 4/(4/64 + 3/36 + 6/36) = 12.8."""
+    for record in runs[0]["ddp_one_accumulates"]["history"]:
+        micro = record["sources"]["microbatch"]
+        assert micro["count"] == 2 and micro["lacking"] == 1
+        assert micro["b_small"] == pytest.approx(2 / (1 / 4 + 1 / 3))
+        assert "lacking" not in record["sources"]["local"]  # written only when some lacked it
+        assert record["sources"]["local"]["count"] == 2
+        assert record["sources"]["per_example"]["count"] == 13
+        assert record["b_big"] == pytest.approx(4 / (4 / 64 + 3 / 36 + 6 / 36), rel=1e-12)
 
 
 def test_communication_hooks(runs):
@@ -534,6 +730,42 @@ def test_accumulation_without_no_sync_drops_only_the_local_source(runs):
         assert set(got["sources"]) == {"per_example", "microbatch"}
         assert got["g2"] == pytest.approx(want["g2"], rel=1e-5)
     assert any("model.no_sync()" in w for w in result["warnings"])
+
+
+@pytest.mark.parametrize("setup", ["ddp", "fsdp"])
+def test_tracked_steps_read_nothing_back(runs, setup):
+    """No call that waits for the device during non-audited steps, on either process, in any
+    mode, with and without accumulation (see :func:`_count_syncs`)."""
+    for rank in range(WORLD):
+        calls = {k: v for k, v in runs[rank]["syncs"].items() if k.startswith(setup)}
+        assert len(calls) == 2 * len(SYNC_MODES)
+        assert all(v == [] for v in calls.values()), calls
+
+
+def test_tensor_parallelism_is_refused(runs):
+    """Tensor parallelism alone and under FSDP2 on a 2-D mesh (either way round) is refused at
+    construction, naming the parameter, its layout, the cause and what to do instead."""
+    for case in ("tp", "fsdp_tp_1x2", "fsdp_tp_2x1"):
+        message = runs[0]["parallelism"][case]
+        assert message.startswith("tensor parallelism is not supported: parameter '0.weight'")
+        assert "without tensor parallelism, in a run of the same model" in message
+    assert "[tp (2): S(0)]" in runs[0]["parallelism"]["tp"]
+    assert "[dp (2): S(0), tp (1): S(0)]" in runs[0]["parallelism"]["fsdp_tp_2x1"]
+
+
+def test_pipeline_parallelism_is_refused(runs):
+    """A pipelining stage's module is refused at construction when the stage exists, else at
+    the schedule's first forward (DDP-wrapped stage)."""
+    for rank in range(WORLD):
+        got = runs[rank]["parallelism"]
+        assert got["pp_stage_first"].startswith(
+            f"pipeline parallelism is not supported: the model given to the tracker is stage "
+            f"{rank} of 2"
+        )
+        assert got["pp_tracker_first"].startswith(
+            "pipeline parallelism is not supported: the model given to the tracker is stage 0 of 1"
+        )
+        assert "without pipeline parallelism, in a run of" in got["pp_stage_first"]
 
 
 def test_a_crashed_process_does_not_hang_the_survivor(runs):

@@ -43,11 +43,21 @@ Small-batch sources, each paired with the global big batch:
 A source some processes lack in a step (a rank without a per-example pass, a conditional layer)
 is kept with the small batches of the processes that had it — still unbiased — and the history
 records how many lacked it (``"lacking"``).
+
+Refused at construction, each with its cause and what to do instead: FSDP1 (its flat parameters
+hide the layers); tensor parallelism, alone or under FSDP2 on a mesh dimension of its own
+(parameters placed other than FSDP2's ``(Shard,)`` or HSDP's ``(Replicate, Shard)``: every
+process holds a shard of a layer's activations and gradients, and per-example and local norms
+would have to be summed over the shards inside each layer's rule); and a module run as a stage
+of ``torch.distributed.pipelining`` (its norms cover the stage's parameters, the model's add up
+over the stages) — caught at the first forward when the stage is created after the tracker.
 """
 
 from __future__ import annotations
 
+import gc
 import math
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -182,6 +192,7 @@ class DataParallelSource:
         self._hooked: dict[int, Tensor] = {}  # unsharded FSDP2 parameters already hooked
         self._replicas: dict[int, int] = {}
         self._warned: set[str] = set()
+        self._checked_caller = False
         # after the engine's pre-hook, which opens the pass this one looks at
         self._handles.append(model.register_forward_pre_hook(self._on_model_forward))
         if kind == "fsdp":
@@ -215,11 +226,13 @@ class DataParallelSource:
             return None
         from torch.nn.parallel import DistributedDataParallel
 
+        _refuse_pipeline_stage(model)
+        _refuse_fsdp1(model)
+        fsdp = _is_fsdp2(model)  # refuses parameters split by anything else (tensor parallel)
         if isinstance(model, DistributedDataParallel):
             group = process_group if process_group is not None else model.process_group
             return cls(model, engine, params, group, "ddp", microbatch=microbatch)
-        _refuse_fsdp1(model)
-        if _is_fsdp2(model):
+        if fsdp:
             return cls(model, engine, params, process_group, "fsdp", microbatch=microbatch)
         if process_group is not None:
             return cls(model, engine, params, process_group, "manual", microbatch=microbatch)
@@ -228,7 +241,9 @@ class DataParallelSource:
                 "torch.distributed is initialised but the model is neither "
                 "DistributedDataParallel nor FSDP2 (fully_shard), so the tracker measures this "
                 "process alone. If its gradients are averaged with other processes, create the "
-                "tracker from the wrapped model, or pass process_group=",
+                "tracker from the wrapped model, or pass process_group=. If this model is one "
+                "stage of a pipeline, its norms cover that stage's parameters only: pipeline "
+                "parallelism is not supported (docs/distributed.md)",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -259,12 +274,12 @@ class DataParallelSource:
             if not torch.is_grad_enabled():
                 return
             for name, p in sharded.items():
-                full = getattr(module, name)
+                full = _parameter_behind(getattr(module, name))
                 if isinstance(full, DTensor):
+                    # FSDP2 unshards over its own mesh dimensions only: what is left is split
+                    # over another one (tensor parallelism, which construction normally refuses)
                     raise NoiseScaleInputError(
-                        f"parameter '{name}' of {type(module).__name__} is still sharded when the "
-                        "module runs: create the tracker after fully_shard() has been applied to "
-                        "the model and its submodules"
+                        _tensor_parallel_message(f"{type(module).__name__}.{name}", full)
                     )
                 if id(full) in self._hooked:
                     continue
@@ -281,6 +296,12 @@ class DataParallelSource:
         current = self.engine.current_pass()
         if self.engine.is_paused or not torch.is_grad_enabled() or current is None:
             return
+        if not self._checked_caller:
+            # a stage created after the tracker: construction could not see it
+            self._checked_caller = True
+            stage = _calling_pipeline_stage()
+            if stage is not None:
+                raise NoiseScaleInputError(_pipeline_message(stage))
         lp = self._local.get(id(current))
         if lp is None:
             # DDP decides at forward time whether the coming backward pass all-reduces
@@ -467,22 +488,24 @@ class DataParallelSource:
             return sqnorms([g.detach() for g in grads]).sum()
         from torch.distributed.tensor import DTensor
 
-        shards: list[Tensor] = []
-        weights: list[float] = []
+        # grouped by the number of processes holding the same shard, so that each group's sum
+        # is divided by a Python number: no weight vector copied to the device per step
+        shards: dict[int, list[Tensor]] = {}
         for p in self.params:
             g = p.grad
             if g is None:
                 continue
             if isinstance(g, DTensor):
-                shards.append(g.to_local().detach())
-                weights.append(1.0 / self._replicas_of(p, g))
+                shards.setdefault(self._replicas_of(p, g), []).append(g.to_local().detach())
             elif self.rank == 0:  # a replicated gradient counts once
-                shards.append(g.detach())
-                weights.append(1.0)
-        if not shards:
-            return None
-        squares = sqnorms(shards)
-        return squares @ torch.tensor(weights, device=squares.device, dtype=squares.dtype)
+                shards.setdefault(1, []).append(g.detach())
+        total: Tensor | None = None
+        for replicas, group in shards.items():
+            part = sqnorms(group).sum()
+            if replicas > 1:
+                part = part / replicas
+            total = part if total is None else total + part
+        return total
 
     def _replicas_of(self, p: nn.Parameter, g: Any) -> int:
         """Processes holding the same shard of ``g``: the sizes of its Replicate mesh dims."""
@@ -507,24 +530,127 @@ class DataParallelSource:
             warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def _parameter_behind(t: Tensor) -> Tensor:
+    """The parameter itself where a module attribute is a view of it.
+
+    Inside a module that uses one of its parameters directly (``x * self.scale``), the
+    per-example engine hands the forward an alias of the parameter (a view that routes its
+    gradient); hooking the alias would count the gradient of that one forward only, and
+    hooking it as well as the parameter (when a later pass runs without the alias) would count
+    it twice. Both hooks belong on the parameter, which FSDP2 keeps for the whole run.
+    """
+    if isinstance(t, nn.Parameter):
+        return t
+    with torch._C.DisableTorchFunctionSubclass():  # the alias would answer with another alias
+        base = t._base
+    return base if isinstance(base, nn.Parameter) else t
+
+
 def _acc(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def _is_fsdp2(model: nn.Module) -> bool:
+    """Whether ``model`` is an FSDP2 root; refuses parameters split in any other way.
+
+    FSDP2 places a parameter as ``(Shard(d),)`` on its 1-D mesh, or ``(Replicate(), Shard(d))``
+    on HSDP's 2-D mesh; those are the layouts :meth:`DataParallelSource._big_part` sums and the
+    hooks see unsharded. Any other placement comes from tensor parallelism
+    (``parallelize_module``, alone or under FSDP2 on a mesh dimension of its own), which the
+    per-layer hooks cannot sum over: refused, naming the parameter.
+    """
     try:
         from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch < 2.6 has no public FSDP2
         return False
-    if not any(isinstance(p, DTensor) for p in model.parameters()):
+    sharded = [(n, p) for n, p in model.named_parameters() if isinstance(p, DTensor)]
+    if not sharded:
         return False
-    if not isinstance(model, FSDPModule):
-        raise NoiseScaleInputError(
-            "the model has DTensor parameters but is not an FSDP2 module: apply fully_shard() to "
-            "the root model as well (tensor parallelism is not supported)"
-        )
+    is_fsdp = isinstance(model, FSDPModule)
+    inner_fsdp = any(isinstance(m, FSDPModule) for m in model.modules())
+    for name, p in sharded:
+        if not (is_fsdp and _fsdp_layout(p)):
+            # tensor parallelism alone can give FSDP2's layout (Shard(0) on a 1-D mesh)
+            if inner_fsdp and _fsdp_layout(p):
+                raise NoiseScaleInputError(
+                    f"parameter '{name}' is sharded by fully_shard() but the model given to the "
+                    "tracker is not an FSDP2 module: apply fully_shard() to the root model as "
+                    "well, and create the tracker from it"
+                )
+            raise NoiseScaleInputError(_tensor_parallel_message(name, p))
     return True
+
+
+def _fsdp_layout(p: Any) -> bool:
+    """``p`` is laid out by FSDP2 alone: ``(Shard,)`` or HSDP's ``(Replicate, Shard)``."""
+    placements = tuple(p.placements)
+    if len(placements) == 1:
+        return placements[0].is_shard()
+    return len(placements) == 2 and placements[0].is_replicate() and placements[1].is_shard()
+
+
+def _tensor_parallel_message(name: str, p: Any) -> str:
+    mesh = p.device_mesh
+    dims = mesh.mesh_dim_names or tuple(f"dim {i}" for i in range(mesh.ndim))
+    layout = ", ".join(
+        f"{d} ({n}): {pl}" for d, n, pl in zip(dims, mesh.shape, p.placements, strict=True)
+    )
+    return (
+        f"tensor parallelism is not supported: parameter '{name}' is split over a device mesh "
+        f"as [{layout}], not by FSDP2 alone, so each process holds a shard of its gradient and "
+        "of its layer's activations, and every norm the tracker reads would miss the other "
+        "shards. Measure the noise scale without tensor parallelism, in a run of the same "
+        "model and global batch under FSDP2, HSDP or DDP (the noise scale depends on the "
+        "model, the data and the point in training, not on how the model is split), e.g. for "
+        "a stretch of training resumed from a checkpoint"
+    )
+
+
+def _pipeline_message(stage: Any) -> str:
+    return (
+        "pipeline parallelism is not supported: the model given to the tracker is stage "
+        f"{stage.stage_index} of {stage.num_stages} of a torch.distributed.pipelining schedule, "
+        "so it holds only part of the parameters and its gradient norms are that part's; the "
+        "whole model's |G|² and tr Σ add up over the stages, which the tracker does not do. "
+        "Measure the noise scale without pipeline parallelism, in a run of the same model and "
+        "global batch under FSDP2, HSDP or DDP, e.g. for a stretch of training resumed from a "
+        "checkpoint"
+    )
+
+
+def _is_pipeline_stage(obj: Any) -> bool:
+    # PipelineStage and the traced _PipelineStage share a private base; match them by module
+    return type(obj).__module__.startswith("torch.distributed.pipelining") and hasattr(
+        obj, "submod"
+    )
+
+
+def _refuse_pipeline_stage(model: nn.Module) -> None:
+    """Refuse a model that a ``torch.distributed.pipelining`` stage already runs.
+
+    The stage does not mark its module, so this looks for a stage object referring to it
+    (once, at construction, and only if the user imported the pipelining package); a stage
+    created after the tracker is caught at the first forward (:func:`_calling_pipeline_stage`).
+    """
+    if "torch.distributed.pipelining" not in sys.modules:
+        return
+    for ref in gc.get_referrers(model):
+        if _is_pipeline_stage(ref) and ref.submod is model:
+            raise NoiseScaleInputError(_pipeline_message(ref))
+
+
+def _calling_pipeline_stage() -> Any | None:
+    """The pipelining stage whose schedule is running the current forward, if any."""
+    if "torch.distributed.pipelining" not in sys.modules:
+        return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        me = frame.f_locals.get("self")
+        if me is not None and _is_pipeline_stage(me):
+            return me
+        frame = frame.f_back
+    return None
 
 
 def _refuse_fsdp1(model: nn.Module) -> None:
