@@ -32,6 +32,7 @@ PYEOF
 
 # 1. the GPU-marked tests (about 1 minute)
 timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
+    tests/test_gpu_distributed.py \
     >"$OUT/gpu-tests.txt" 2>&1 || status=1
 
 # 2. overhead at CUDA sizes (about 5 minutes; a peer that is not installed is reported as such)
