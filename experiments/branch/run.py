@@ -105,6 +105,8 @@ class Task:
     validation_sizes: tuple[int, ...]
     validation_seeds: tuple[int, ...]
     tolerance: float = 0.2
+    ema: float = 0.8  # smoothing of each branch's curve over its records (lag-corrected)
+    branch_ramp: float = 0.1  # fraction of a branch (or warm-up stage) over which its rate ramps
 
 
 TASKS = {
@@ -120,7 +122,10 @@ TASKS = {
         b_star=None,
         lr_grid=(1.0,),
         batch_sizes=(16, 32, 64, 128, 256),
-        checkpoints=(0, 4096, 16384, 49152, 98304),
+        # The loss on fixed data falls fast over the first ~25k examples and then by less, over
+        # a budget, than it fluctuates at this constant rate (see docs/branch.md): the branch
+        # points sit where a budget of 16k examples still measures progress.
+        checkpoints=(0, 2048, 8192, 24576),
         budget=16384,
         total=122_880,
         repeats=3,
@@ -129,7 +134,7 @@ TASKS = {
         warmup_steps=0,
         long_factor=4,
         long_sizes=(16, 64, 256),
-        grid_checkpoints=(4096, 49152),
+        grid_checkpoints=(2048, 24576),
         grid_b_star=64.0,
         validation_sizes=(16, 32, 64, 128, 256),
         validation_seeds=(1, 2),
@@ -158,6 +163,7 @@ TASKS = {
         grid_b_star=0.0,
         validation_sizes=(8, 16, 32, 64),
         validation_seeds=(1,),
+        ema=0.7,
     ),
 }
 
@@ -385,12 +391,20 @@ def branch_function(task: Task, data: Data, out: Path) -> Callable[..., None]:
         model.load_state_dict(state["model"])
         opt = data.optimizer(model, learning_rate)
         opt.load_state_dict(state["opt"])
-        for group in opt.param_groups:
-            group["lr"] = learning_rate  # constant over the branch
         order = data.order(seed=1 + seed * 7919 + int(checkpoint))
         steps = math.ceil(budget / batch_size)
+        # From the main run's rate to the branch's over the first tenth of the branch, then
+        # constant: the main run's sharpness is adapted to its own rate, and a higher one at
+        # once overshoots (edge of stability) — a cost of the jump, not of the batch size.
+        ramp = lr_ramp(
+            lr_at(task, int(checkpoint) // task.base_batch_size),
+            learning_rate,
+            max(1, round(task.branch_ramp * steps)),
+        )
         report = set(np.linspace(0, steps, task.records + 1).round().astype(int).tolist())
         for step in range(steps + 1):
+            for group in opt.param_groups:
+                group["lr"] = ramp(step)
             if step in report:
                 loss = data.evaluate(model)
                 reporter.report(
@@ -405,6 +419,18 @@ def branch_function(task: Task, data: Data, out: Path) -> Callable[..., None]:
             opt.zero_grad()
 
     return train
+
+
+def lr_ramp(start: float, end: float, steps: int) -> Callable[[int], float]:
+    """The learning rate at each step of a linear ramp from ``start`` to ``end`` (reached at
+    step ``steps`` − 1), then ``end``."""
+
+    def at(step: int) -> float:
+        if step >= steps - 1:
+            return end
+        return start + (end - start) * (step + 1) / steps
+
+    return at
 
 
 def plan_of(
@@ -445,11 +471,16 @@ def train_schedule(
     curve = [{"step": 0, "examples": 0, "loss": data.evaluate(model)}]
     evals = np.linspace(0, task.total, 61)[1:]
     next_eval = 0
+    stage, ramp, ramp_from = batch_at(0), lr_ramp(lr_of(batch_at(0)), lr_of(batch_at(0)), 1), 0
     while seen < task.total:
         b = batch_at(seen)
+        if b != stage:
+            # A new stage ramps its rate as a branch does (over a tenth of a branch budget).
+            steps = max(1, round(task.branch_ramp * task.budget / b))
+            ramp, ramp_from, stage = lr_ramp(lr_of(stage), lr_of(b), steps), step, b
         warm = lr_at(task, step) / task.base_lr
         for group in opt.param_groups:
-            group["lr"] = lr_of(b) * warm
+            group["lr"] = ramp(step - ramp_from) * warm
         loss = data.loss(model, data.batch(order(b)))
         loss.backward()
         opt.step()
@@ -477,9 +508,10 @@ def steps_to(curve: list[dict[str, float]], goal: float) -> tuple[float, float] 
 
 
 def validate(
-    task: Task, data: Data, results: list[LocalCriticalBatch], plan: Any
+    task: Task, data: Data, warmups: dict[str, tuple[Any, list[LocalCriticalBatch]]]
 ) -> dict[str, Any]:
-    """Fixed batch sizes against the fitted warm-up, from scratch, at equal examples."""
+    """Fixed batch sizes against fitted warm-ups (name → plan and the measurements it was
+    fitted to), from scratch, at equal examples."""
 
     def rule_lr(b: int) -> float:
         rule = "noise" if task.lr_rule == "paper" else task.lr_rule
@@ -516,19 +548,18 @@ def validate(
                     **r,
                 }
             )
-    # The warm-up: each stage at the rate (rule × multiplier) that its batch size's branches
-    # chose at the branch point where the stage starts.
-    chosen = {
-        (r.checkpoint, int(e.batch_size)): e.learning_rate for r in results for e in r.batches
-    }
-    stage_lr = {b: chosen.get((x, b), rule_lr(b)) for x, b in reversed(plan.knots)}
-
-    def warm_lr(b: int) -> float:
-        return stage_lr.get(b, rule_lr(b))
-
-    for seed in task.validation_seeds:
-        r = train_schedule(task, data, seed, plan.batch_size_at, warm_lr)
-        runs.append({"schedule": "warm-up", "batch_size": None, "seed": seed, **r})
+    # A warm-up: each stage at the rate that its batch size's branches chose (rule ×
+    # multiplier) at the branch point where the stage starts.
+    for name, (plan, results) in warmups.items():
+        chosen = {
+            (r.checkpoint, int(e.batch_size)): e.learning_rate for r in results for e in r.batches
+        }
+        stage_lr = {b: chosen.get((x, b), rule_lr(b)) for x, b in reversed(plan.knots)}
+        for seed in task.validation_seeds:
+            r = train_schedule(
+                task, data, seed, plan.batch_size_at, lambda b, s=stage_lr: s.get(b, rule_lr(b))
+            )
+            runs.append({"schedule": name, "batch_size": None, "seed": seed, **r})
     base = [r for r in runs if r["batch_size"] == task.base_batch_size]
     target = float(np.mean([r["final_loss"] for r in base]))
     summary = []
@@ -548,17 +579,20 @@ def validate(
                 "multiplier": mine[0].get("multiplier"),
             }
         )
-    fixed = [s for s in summary if s["schedule"] != "warm-up" and s["reached_target"]]
+    fixed = [s for s in summary if s["schedule"].startswith("fixed") and s["reached_target"]]
     best = min(fixed, key=lambda s: s["steps_to_target"]) if fixed else None
-    warm = next(s for s in summary if s["schedule"] == "warm-up")
+    verdicts = {}
+    for name in warmups:
+        warm = next(s for s in summary if s["schedule"] == name)
+        verdicts[name] = bool(
+            best and warm["reached_target"] and warm["steps_to_target"] < best["steps_to_target"]
+        )
     return {
         "target_loss": target,
         "seeds": list(task.validation_seeds),
         "schedules": summary,
         "best_fixed": best["schedule"] if best else None,
-        "warmup_beats_best_fixed": bool(
-            best and warm["reached_target"] and warm["steps_to_target"] < best["steps_to_target"]
-        ),
+        "warmup_beats_best_fixed": verdicts,
         "runs": runs,
     }
 
@@ -595,27 +629,36 @@ def run(task: Task, out: Path, data_dir: Path | None) -> dict[str, Any]:
         run_branches(train, grid_plan, storage=storage, study_name="grid", progress=False)
     print(f"[{task.name}] branches: {time.perf_counter() - started:.0f} s")
     branches = read_branches(storage, "branches")
-    results = local_critical_batch_sizes(branches, tolerance=task.tolerance)
+    results = local_critical_batch_sizes(branches, tolerance=task.tolerance, decay=task.ema)
     history = load_history(out / "history.jsonl")
     rows = side_by_side(results, history, b_noise=b_noise)
     warm = fit_warmup(results, base_batch_size=task.base_batch_size, total=task.total)
     long_branches = read_branches(storage, "long")
     long_results = {
-        ref: local_critical_batch_sizes(long_branches, tolerance=task.tolerance, reference=ref)[0]
+        ref: local_critical_batch_sizes(
+            long_branches, tolerance=task.tolerance, reference=ref, decay=task.ema
+        )[0]
         for ref in ("smallest", "best")
     }
     short_same = [
         b for b in branches if b.checkpoint == last and int(b.batch_size) in task.long_sizes
     ]
-    short_result = local_critical_batch_sizes(short_same, tolerance=task.tolerance)[0]
+    short_result = local_critical_batch_sizes(short_same, tolerance=task.tolerance, decay=task.ema)[
+        0
+    ]
     grid_check = []
+    warmups = {"warm-up": (warm, results)}
     if task.grid_checkpoints:
-        tuned = local_critical_batch_sizes(read_branches(storage, "grid"), tolerance=task.tolerance)
+        tuned = local_critical_batch_sizes(
+            read_branches(storage, "grid"), tolerance=task.tolerance, decay=task.ema
+        )
         by_checkpoint = {r.checkpoint: r for r in results}
         grid_check = [
             {"tuned": r.as_dict(), "rule": by_checkpoint[r.checkpoint].as_dict()} for r in tuned
         ]
-    validation = validate(task, data, results, warm)
+        tuned_warm = fit_warmup(tuned, base_batch_size=task.base_batch_size, total=task.total)
+        warmups["warm-up (tuned rates)"] = (tuned_warm, tuned)
+    validation = validate(task, data, warmups)
     print(f"[{task.name}] validation: {time.perf_counter() - started:.0f} s")
     traj = b_simple_trajectory(history)
     figures = figures_png(plot_data(rows, traj, warm))
@@ -646,6 +689,9 @@ def run(task: Task, out: Path, data_dir: Path | None) -> dict[str, Any]:
             "long_best_reference": long_results["best"].as_dict(),
         },
         "tuned_rate_check": grid_check,
+        "tuned_rate_warmup": warmups["warm-up (tuned rates)"][0].as_dict()
+        if "warm-up (tuned rates)" in warmups
+        else None,
         "validation": {k: v for k, v in validation.items() if k != "runs"},
     }
     (out / "results.json").write_text(json.dumps(results_json, indent=1, allow_nan=False) + "\n")
@@ -663,7 +709,9 @@ def validation_png(validation: dict[str, Any], task: Task) -> bytes:
     for i, name in enumerate(dict.fromkeys(r["schedule"] for r in validation["runs"])):
         for j, r in enumerate(x for x in validation["runs"] if x["schedule"] == name):
             c = [p for p in r["curve"] if p["step"] > 0 and math.isfinite(p["loss"])]
-            style = {"color": "k", "lw": 2} if name == "warm-up" else {"color": f"C{i}", "lw": 1}
+            style = {"color": f"C{i}", "lw": 1}
+            if name.startswith("warm-up"):
+                style = {"color": "k", "lw": 2, "ls": "-" if name == "warm-up" else ":"}
             ax.plot(
                 [p["step"] for p in c], [p["loss"] for p in c], label=None if j else name, **style
             )

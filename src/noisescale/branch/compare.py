@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from noisescale.errors import NoiseScaleInputError
-from noisescale.sweep.pareto import ema_smoothed, goal_crossing
+from noisescale.sweep.pareto import ema_lag, ema_smoothed, goal_crossing
 from noisescale.sweep.runs import Run
 
 #: What the other branches are compared against: the smallest batch size's branch, or the one
@@ -233,12 +233,31 @@ def loss_at_budget(branch: BranchRun, *, decay: float = 0.0) -> float:
     )
 
 
-def efficiency(reference: BranchRun, loss: float, *, decay: float = 0.0) -> float:
+def lag_at_budget(branch: BranchRun, *, decay: float = 0.0) -> float:
+    """How many examples the EMA-smoothed loss at the budget trails the budget (0 unsmoothed).
+
+    The smoothed value at a record is a weighted mean of the records before it
+    (:func:`~noisescale.sweep.ema_lag`); for a curve linear in the examples it equals the curve
+    this many examples earlier.
+    """
+    run = branch.run
+    upto = int(np.searchsorted(run.examples, branch.budget * (1 + BUDGET_SLACK), side="right"))
+    return ema_lag(run.examples[: max(upto, 1)], decay)
+
+
+def efficiency(reference: BranchRun, loss: float, *, decay: float = 0.0, lag: float = 0.0) -> float:
     """η = E_ref(loss)/Δ: the fraction of the budget the reference needed to reach ``loss``.
 
     E_ref is where the reference's (smoothed) curve first reaches ``loss``, interpolated between
     its records. ``1`` when it does not reach it within the budget (the other branch did at
     least as well), ``0`` for a diverged branch (``loss`` = ``inf``).
+
+    With smoothing (``decay`` > 0) both ends are corrected for the EMA's lag: ``loss`` is the
+    other branch's smoothed loss at the budget, which stands for its loss ``lag`` examples
+    earlier (:func:`lag_at_budget`), and the reference's smoothed curve crosses it late by its
+    own lag there, so η = (E_ref − lag_ref)/(Δ − lag). Exact for curves linear in the examples
+    over the EMA's span; without the correction η would be biased towards 1 by about
+    (1 − η)·lag/Δ.
     """
     if not math.isfinite(loss):
         return 0.0
@@ -246,7 +265,9 @@ def efficiency(reference: BranchRun, loss: float, *, decay: float = 0.0) -> floa
     crossing = goal_crossing(run.step, run.examples, ema_smoothed(run.metric, decay), loss)
     if crossing is None:
         return 1.0
-    return float(min(1.0, crossing.examples / reference.budget))
+    own_lag = ema_lag(run.examples[: crossing.index + 1], decay)
+    reached = max(0.0, crossing.examples - own_lag)
+    return float(min(1.0, reached / (reference.budget - lag)))
 
 
 def threshold_batch_size(
@@ -352,7 +373,9 @@ def local_critical_batch_size(
         reference: ``"smallest"`` (the smallest batch size's branch) or ``"best"`` (the lowest
             mean loss at the budget).
         decay: EMA decay over recorded points used to smooth each curve before comparing
-            (0: none; use it for noisy training losses, or better, report a held-out loss).
+            (0: none), corrected for the EMA's lag (:func:`efficiency`). Use it when the loss
+            fluctuates from record to record; report the same number of records per branch so
+            that every branch is smoothed over the same fraction of its budget.
         confidence: Coverage of the intervals.
 
     Raises:
@@ -415,7 +438,9 @@ def local_critical_batch_size(
             continue
         for k, s in enumerate(seeds):
             ref = by_setting[(ref_b, chosen[ref_b])][s]
-            eta[i, k] = efficiency(ref, losses[(b, chosen[b])][s], decay=decay)
+            branch = by_setting[(b, chosen[b])][s]
+            lag = lag_at_budget(branch, decay=decay)
+            eta[i, k] = efficiency(ref, losses[(b, chosen[b])][s], decay=decay, lag=lag)
     mean_eta = eta.mean(axis=1)
     crossing = any(
         sizes[i] > ref_b and mean_loss[sizes[i]] <= mean_loss[ref_b] for i in range(len(sizes))

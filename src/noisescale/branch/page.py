@@ -126,10 +126,13 @@ def plot_side_by_side(data: dict[str, Any]) -> Figure:
     pts = data["points"]
     x = np.array([p["x"] for p in pts], dtype=float)
     half = np.array([(p["window"][1] - p["window"][0]) / 2 for p in pts], dtype=float)
+    # The markers of one branch point side by side rather than on top of each other.
+    span = float(np.ptp(np.concatenate([x - half, x + half]))) if x.size else 1.0
+    step = 0.012 * span
     for key, label, marker, color, shift in (
-        ("b_simple", "B_simple over the branch window", "s", "C0", 0.0),
+        ("b_simple", "B_simple over the branch window", "s", "C0", -step),
         ("b_crit", "B_crit from branches (eq. 2.11)", "o", "C3", 0.0),
-        ("cbs", "local CBS at the tolerance", "D", "C1", 0.0),
+        ("cbs", "local CBS at the tolerance", "D", "C1", step),
     ):
         y = np.array([p[key] for p in pts], dtype=float)
         lo = np.array([p[f"{key}_low"] for p in pts], dtype=float)
@@ -154,7 +157,7 @@ def plot_side_by_side(data: dict[str, Any]) -> Figure:
         values.extend(y[ok].tolist())
     bn = np.array([p["b_noise"] for p in pts], dtype=float)
     if np.isfinite(bn).any():
-        ax.plot(x, bn, "^", color="C2", ms=6, label="B_noise (Hessian)")
+        ax.plot(x + 2 * step, bn, "^", color="C2", ms=6, label="B_noise (Hessian)")
         values.extend(bn[np.isfinite(bn)].tolist())
     warm = data["warmup"]
     if warm is not None:
