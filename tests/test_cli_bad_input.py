@@ -199,6 +199,73 @@ SWEEP = [
     (["train.py:train", *SWEEP_GRID, "--bogus"], "unrecognized arguments: --bogus"),
 ]
 
+FN = "train.py:train"
+AT, SIZES = ["--checkpoints", "0,100"], ["--batch-sizes", "8,16"]
+LR, BUDGET = ["--lr", "0.1"], ["--budget", "64"]
+BRANCH_GRID = [*AT, *SIZES, *LR, *BUDGET]
+BRANCH = [
+    ([], "no study 'noisescale-branch' in sqlite:///sweep.db; studies there: s-1, s-2"),
+    (["--study", "s-1"], "has no finished branch"),
+    (["--study", ""], "--study must not be empty"),
+    ([FN, *SIZES], "running branches needs --checkpoints, --budget, --lr"),
+    ([*AT, "--lr", "0.1"], "--checkpoints, --lr describe branches to run: give MODULE:FUNCTION"),
+    (["no_colon", *BRANCH_GRID], "expected MODULE:FUNCTION"),
+    (["train.py:nope", *BRANCH_GRID], "has no function 'nope'"),
+    (["missing.py:train", *BRANCH_GRID], "no such file: missing.py"),
+    ([FN, *SIZES, *LR, *BUDGET, "--checkpoints", "-1"], "must be a finite number ≥ 0"),
+    ([FN, *SIZES, *LR, *BUDGET, "--checkpoints", "0,0"], "a checkpoint is given twice"),
+    ([FN, *SIZES, *LR, *BUDGET, "--checkpoints", "0,,5"], "comma-separated numbers ≥ 0"),
+    ([FN, *AT, *LR, *BUDGET, "--batch-sizes", "8"], "give at least two batch sizes"),
+    ([FN, *AT, *LR, *BUDGET, "--batch-sizes", "8,8"], "8 is given twice"),
+    ([FN, *AT, *LR, *BUDGET, "--batch-sizes", "0,8"], "must be at least 1"),
+    ([FN, *AT, *SIZES, *LR, "--budget", "8"], "must be at least the largest batch size (16)"),
+    ([FN, *AT, *SIZES, *LR, "--budget", "nan"], "argument --budget: must be a finite positive"),
+    ([FN, *AT, *SIZES, *BUDGET, "--lr", "0"], "argument --lr: must be a finite positive"),
+    ([FN, *BRANCH_GRID, "--base-batch-size", "0"], "--base-batch-size: must be at least 1"),
+    ([FN, *BRANCH_GRID, "--lr-rule", "paper"], "--lr-rule paper needs --b-star"),
+    ([FN, *BRANCH_GRID, "--b-star", "10"], "--b-star goes with --lr-rule paper"),
+    ([FN, *BRANCH_GRID, "--lr-rule", "cubic"], "invalid choice: 'cubic'"),
+    ([FN, *BRANCH_GRID, "--lr-rule", "paper", "--b-star", "-3"], "--b-star: must be a finite"),
+    ([FN, *BRANCH_GRID, "--alpha", "0"], "argument --alpha: must be in (0, 1]"),
+    ([FN, *BRANCH_GRID, "--lr-grid", "1,1"], "1 is given twice"),
+    ([FN, *BRANCH_GRID, "--lr-grid", "0.5,-1"], "--lr-grid: must be a finite positive"),
+    ([FN, *BRANCH_GRID, "--repeats", "0"], "argument --repeats: must be at least 1"),
+    ([FN, *BRANCH_GRID, "--repeats", "5000"], "--repeats must be at most 1000"),
+    ([FN, *BRANCH_GRID, "--tolerance", "0"], "--tolerance: must be a finite positive"),
+    ([FN, *BRANCH_GRID, "--tolerance", "inf"], "--tolerance: must be a finite positive"),
+    ([FN, *BRANCH_GRID, "--reference", "worst"], "invalid choice: 'worst'"),
+    ([FN, *BRANCH_GRID, "--ema", "1"], "argument --ema: must be in [0, 1)"),
+    ([FN, *BRANCH_GRID, "--confidence", "1"], "argument --confidence: must be below 1"),
+    ([FN, *BRANCH_GRID, "--unit", "bytes"], "invalid choice: 'bytes'"),
+    ([FN, *BRANCH_GRID, "--history", "missing.jsonl"], "does not exist"),
+    ([FN, *BRANCH_GRID, "--history", "notjson.jsonl"], "its first line must be a JSON header"),
+    ([FN, *BRANCH_GRID, "--history", "h.jsonl", "--unit", "tokens"], "did not count tokens"),
+    ([FN, *BRANCH_GRID, "--tokens-per-example", "4"], "converts a --history; give one"),
+    ([FN, *BRANCH_GRID, "--b-noise", "missing.txt"], "--b-noise missing.txt: cannot read it"),
+    ([FN, *BRANCH_GRID, "--b-noise", "notjson.jsonl"], "line 1: not valid JSON"),
+    ([FN, *BRANCH_GRID, "--b-noise", "runs.json"], "needs a number 'b_noise'"),
+    ([FN, *BRANCH_GRID, "--b-noise", "empty.txt"], "holds no measurement"),
+    ([FN, *BRANCH_GRID, "--stable", "5"], "argument --stable: expected START:END"),
+    ([FN, *BRANCH_GRID, "--stable", "10:5"], "argument --stable: END must exceed START"),
+    ([FN, *BRANCH_GRID, "--warmup-total", "0"], "--warmup-total: must be a finite positive"),
+    ([FN, *BRANCH_GRID, "-o", "adir"], "is a directory"),
+    ([FN, *BRANCH_GRID, "-o", "existing.html"], "already exists; pass --force"),
+    ([FN, *BRANCH_GRID, "-o", "b.txt"], "must end in .html, .htm, .png or .json"),
+    ([FN, *BRANCH_GRID, "-o", "missing/b.html"], "does not exist; create it first"),
+    ([FN, *BRANCH_GRID, "--history", "h.jsonl", "-o", "h.jsonl"], "is also an input"),
+    ([FN, *BRANCH_GRID, "-o", "b.json", "-o", "b.json"], "-o b.json is given twice"),
+    ([FN, *BRANCH_GRID, "--heartbeat", "0"], "argument --heartbeat: must be at least 1"),
+    ([FN, *BRANCH_GRID, "--heartbeat", "99999"], "--heartbeat must be at most"),
+    ([FN, *BRANCH_GRID, "--grace", "5"], "--grace (5 s) must exceed --heartbeat"),
+    ([FN, *BRANCH_GRID, "--storage", "x", "--storage-file", "y"], "not allowed with"),
+    ([FN, *BRANCH_GRID, "--storage-file", "missing.txt"], "cannot read it"),
+    ([FN, *BRANCH_GRID, "--storage", CLOSED], "alice:***@127.0.0.1:1/sweeps"),
+    (["--storage", CLOSED, "--study", "x"], "alice:***@127.0.0.1:1/sweeps"),
+    ([FN, *BRANCH_GRID, "--storage", "bogus://x"], "cannot open storage bogus://x"),
+    (["--storage", "sqlite:///missing.db"], "no such database"),
+    ([FN, *BRANCH_GRID, "--bogus"], "unrecognized arguments: --bogus"),
+]
+
 PROFILE = [
     ([], "the following arguments are required: MODEL"),
     (["nope", "--no-memory-search"], "unknown model 'nope'"),
@@ -305,6 +372,7 @@ CASES = (
     + [(["report", *a], m) for a, m in REPORT]
     + [(["fit", *a], m) for a, m in FIT]
     + [(["sweep", *a, "--no-progress"], m) for a, m in SWEEP]
+    + [(["branch", *a, "--no-progress"], m) for a, m in BRANCH]
     + [(["profile", *a], m) for a, m in PROFILE]
     + [(["recommend", *a], m) for a, m in RECOMMEND]
     + [(["demo", *a, "--no-progress"], m) for a, m in DEMO]

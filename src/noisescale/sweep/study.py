@@ -697,6 +697,22 @@ def read_study_runs(
     return runs_from_rows(rows, metric=metric, source=source)
 
 
+def trial_curve(trial: optuna.trial.FrozenTrial) -> dict[str, list[Any]]:
+    """The curve a :class:`Reporter` stored on a trial: each column (``step``, ``loss``, and
+    whatever else was reported) over all its chunks, in report order; ``None`` where a chunk
+    lacks a column that others have."""
+    chunks = _curve_chunks(trial.user_attrs)
+    keys: list[str] = []
+    for chunk in chunks:
+        keys.extend(k for k in chunk if k not in keys)
+    columns: dict[str, list[Any]] = {k: [] for k in keys}
+    for chunk in chunks:
+        length = len(chunk.get("step", []))
+        for k in keys:
+            columns[k].extend(chunk.get(k) or [None] * length)
+    return columns
+
+
 def _curve_chunks(user_attrs: dict[str, Any]) -> list[dict[str, list[Any]]]:
     keys = sorted(k for k in user_attrs if k.startswith(CURVE_PREFIX))
     chunks = []

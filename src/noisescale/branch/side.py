@@ -1,0 +1,337 @@
+"""The branched critical batch size beside the noise scale of the same run: the numbers.
+
+For each branch point, the window the branches cover along the main run, [checkpoint,
+checkpoint + budget], and in it:
+
+* the local critical batch size at tolerance τ and its eq. 2.11 reading B_crit
+  (:mod:`noisescale.branch.compare`);
+* B_simple of the main run over that window: the ratio of the plain means of the tracker's
+  unbiased per-step |G|² and tr Σ over the window's steps (App. A.1), with its Fieller interval
+  — not the tracker's running EMA, which lags and would mix in earlier training;
+* B_noise where it was measured (:class:`~noisescale.hessian.BNoiseTracker` records, or any
+  ``(examples, b_noise[, low, high])`` points): the mean of the measurements in the window;
+* the ratios B_crit/B_simple and cbs/B_simple — what McCandlish et al. predict to be of order 1
+  (B_crit ≈ B_noise, B_simple within a small factor) and Merrill et al. doubt.
+
+Units: branch positions, budgets and batch sizes count ``unit`` (examples or tokens). A history
+in the other unit is converted with its tokens per example (its own records, or
+``tokens_per_example``). B_simple is measured at the main run's batch size and learning rate,
+i.e. its temperature (App. C); branches whose learning rate keeps ε/B (the linear rule) see the
+same temperature, others do not. Pure NumPy, no plotting.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from noisescale import estimators
+from noisescale.branch.compare import LocalCriticalBatch
+from noisescale.errors import NoiseScaleInputError
+from noisescale.report.data import History
+
+UNITS = ("examples", "tokens")
+
+
+@dataclass(frozen=True)
+class NoisePoint:
+    """One B_noise measurement along the main run (in the branches' unit)."""
+
+    examples: float
+    b_noise: float
+    low: float = math.nan
+    high: float = math.nan
+
+
+@dataclass(frozen=True)
+class SideBySideRow:
+    """One branch point with the noise scales of its window (module docstring).
+
+    Attributes:
+        result: The branched measurement.
+        window: (start, end) along the main run.
+        loss: The main run's training loss averaged over the window's steps (one batch's loss
+            is too noisy to place a checkpoint by; ``nan`` without a history).
+        b_simple, b_simple_low, b_simple_high: B_simple over the window with its interval.
+        b_simple_steps: Steps of the window that carry |G|² and tr Σ.
+        b_noise, b_noise_low, b_noise_high: Mean of the B_noise measurements in the window.
+        ratio_b_crit: B_crit/B_simple.
+        ratio_cbs: cbs/B_simple.
+    """
+
+    result: LocalCriticalBatch
+    window: tuple[float, float]
+    loss: float
+    b_simple: float
+    b_simple_low: float
+    b_simple_high: float
+    b_simple_steps: int
+    b_noise: float
+    b_noise_low: float
+    b_noise_high: float
+    ratio_b_crit: float
+    ratio_cbs: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready (non-finite numbers as ``null``)."""
+        out = {"branch": self.result.as_dict(), "window": list(self.window)}
+        for name in (
+            "loss",
+            "b_simple",
+            "b_simple_low",
+            "b_simple_high",
+            "b_simple_steps",
+            "b_noise",
+            "b_noise_low",
+            "b_noise_high",
+            "ratio_b_crit",
+            "ratio_cbs",
+        ):
+            value = getattr(self, name)
+            out[name] = value if not isinstance(value, float) or math.isfinite(value) else None
+        return out
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """The main run's B_simple (the tracker's own running estimate) against position."""
+
+    examples: np.ndarray
+    b_simple: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+
+
+def history_positions(history: History, unit: str) -> np.ndarray:
+    """Position of every record of ``history`` along the run, in ``unit``.
+
+    Records without a running count are placed by integrating the per-step batch sizes.
+
+    Raises:
+        NoiseScaleInputError: tokens asked of a history that did not count them.
+    """
+    _check_unit(unit)
+    if unit == "tokens":
+        pos = history.tokens_seen.copy()
+        if not np.any(np.isfinite(pos)):
+            per = history.tokens_per_example
+            if history.unit == "tokens" and not np.any(np.isfinite(per)):
+                # The history counts tokens in its batch sizes (b_big) but not a running total.
+                return _integrate(history, history.b_big)
+            raise NoiseScaleInputError(
+                f"{history.path!r} did not count tokens; give the branches in examples"
+            )
+        return _fill(history, pos, history.b_big)
+    pos = history.examples.copy()
+    batch = history.b_big
+    if history.unit == "tokens":
+        batch = history.b_big / history.tokens_per_example
+    return _fill(history, pos, batch)
+
+
+def b_simple_factor(history: History, unit: str, tokens_per_example: float | None) -> float:
+    """What B_simple of ``history`` is multiplied by to count ``unit``.
+
+    Raises:
+        NoiseScaleInputError: a change of unit without tokens per example.
+    """
+    _check_unit(unit)
+    if history.unit == unit:
+        return 1.0
+    t = tokens_per_example
+    if t is None:
+        known = history.tokens_per_example[np.isfinite(history.tokens_per_example)]
+        t = float(known.mean()) if known.size else math.nan
+    if not (math.isfinite(t) and t > 0):
+        raise NoiseScaleInputError(
+            f"the history counts {history.unit} and the branches {unit}; give the tokens per "
+            "example to convert"
+        )
+    return t if unit == "tokens" else 1.0 / t
+
+
+def b_simple_trajectory(
+    history: History, unit: str = "examples", tokens_per_example: float | None = None
+) -> Trajectory:
+    """The tracker's running B_simple and its interval against position, in ``unit``."""
+    pos = history_positions(history, unit)
+    f = b_simple_factor(history, unit, tokens_per_example)
+    keep = ~history.skipped & np.isfinite(history.b_simple) & (history.b_simple > 0)
+    keep &= np.isfinite(pos)
+    return Trajectory(
+        pos[keep],
+        history.b_simple[keep] * f,
+        history.b_simple_low[keep] * f,
+        history.b_simple_high[keep] * f,
+    )
+
+
+def window_b_simple(
+    history: History,
+    start: float,
+    end: float,
+    *,
+    unit: str = "examples",
+    tokens_per_example: float | None = None,
+    confidence: float = 0.95,
+) -> estimators.NoiseEstimate:
+    """B_simple over the main run's records with position in [start, end] (module docstring).
+
+    The estimate is in ``unit``; ``steps`` says how many records it uses (0: none in the
+    window, then B_simple is ``nan``).
+    """
+    pos = history_positions(history, unit)
+    inside = (pos >= start) & (pos <= end) & ~history.skipped
+    inside &= np.isfinite(history.g2) & np.isfinite(history.trace_sigma)
+    state = estimators.update_state(
+        estimators.init_state(1.0), history.g2[inside], history.trace_sigma[inside]
+    )
+    if state.count == 0:
+        return estimators.NoiseEstimate(
+            math.nan, math.nan, math.nan, steps=0, reason="no step of the main run in the window"
+        )
+    e = estimators.b_simple_interval(state, confidence)
+    f = b_simple_factor(history, unit, tokens_per_example)
+    return estimators.NoiseEstimate(
+        g2=e.g2,
+        trace_sigma=e.trace_sigma * f,
+        b_simple=e.b_simple * f,
+        low=e.low * f,
+        high=e.high * f,
+        confidence=e.confidence,
+        steps=e.steps,
+        effective_steps=e.effective_steps,
+        reason=e.reason,
+        unit=unit,
+    )
+
+
+def side_by_side(
+    results: Sequence[LocalCriticalBatch],
+    history: History | None = None,
+    *,
+    unit: str = "examples",
+    tokens_per_example: float | None = None,
+    b_noise: Sequence[NoisePoint] = (),
+    confidence: float = 0.95,
+) -> list[SideBySideRow]:
+    """Each branch point with B_simple (and B_noise) over its window and their ratios.
+
+    Args:
+        results: Local critical batch sizes along the run.
+        history: The main run's tracker history (:func:`noisescale.load_history`), or ``None``.
+        unit: What the branches count: ``"examples"`` or ``"tokens"``.
+        tokens_per_example: For a history in the other unit that lacks the count.
+        b_noise: B_noise measurements along the main run, in ``unit``.
+        confidence: Coverage of the B_simple intervals.
+    """
+    _check_unit(unit)
+    rows = []
+    pos = history_positions(history, unit) if history is not None else None
+    for r in sorted(results, key=lambda r: r.checkpoint):
+        start, end = r.checkpoint, r.checkpoint + r.budget
+        loss = math.nan
+        e: estimators.NoiseEstimate | None = None
+        if history is not None and pos is not None:
+            e = window_b_simple(
+                history,
+                start,
+                end,
+                unit=unit,
+                tokens_per_example=tokens_per_example,
+                confidence=confidence,
+            )
+            window = (pos >= start) & (pos <= end) & np.isfinite(history.loss)
+            if window.any():
+                loss = float(history.loss[window].mean())
+        inside = [p for p in b_noise if start <= p.examples <= end]
+        bn = float(np.mean([p.b_noise for p in inside])) if inside else math.nan
+        bn_low = float(np.mean([p.low for p in inside])) if inside else math.nan
+        bn_high = float(np.mean([p.high for p in inside])) if inside else math.nan
+        bs = e.b_simple if e is not None else math.nan
+        rows.append(
+            SideBySideRow(
+                result=r,
+                window=(float(start), float(end)),
+                loss=loss,
+                b_simple=bs,
+                b_simple_low=e.low if e is not None else math.nan,
+                b_simple_high=e.high if e is not None else math.nan,
+                b_simple_steps=e.steps if e is not None else 0,
+                b_noise=bn,
+                b_noise_low=bn_low,
+                b_noise_high=bn_high,
+                ratio_b_crit=_ratio(r.b_crit, bs),
+                ratio_cbs=_ratio(r.cbs, bs),
+            )
+        )
+    return rows
+
+
+def read_b_noise(
+    records: Sequence[dict[str, Any]], history: History | None = None, unit: str = "examples"
+) -> list[NoisePoint]:
+    """B_noise points from records with ``b_noise`` and ``examples`` (or ``step``, placed with
+    the history), optionally ``b_noise_low``/``b_noise_high`` — e.g. a
+    :class:`~noisescale.hessian.BNoiseTracker`'s ``history``.
+
+    Raises:
+        NoiseScaleInputError: a record without ``b_noise`` or a position.
+    """
+    pos = history_positions(history, unit) if history is not None else None
+    out = []
+    for i, rec in enumerate(records, start=1):
+        if not isinstance(rec, dict) or not _number(rec.get("b_noise")):
+            raise NoiseScaleInputError(f"B_noise record {i}: needs a number 'b_noise'")
+        if _number(rec.get(unit)):
+            at = float(rec[unit])
+        elif _number(rec.get("step")) and history is not None and pos is not None:
+            match = np.flatnonzero(history.step == int(rec["step"]))
+            if not match.size:
+                raise NoiseScaleInputError(
+                    f"B_noise record {i}: step {rec['step']} is not in the history"
+                )
+            at = float(pos[match[0]])
+        else:
+            raise NoiseScaleInputError(
+                f"B_noise record {i}: needs '{unit}' (or 'step' and the run's history)"
+            )
+        out.append(
+            NoisePoint(
+                at,
+                float(rec["b_noise"]),
+                float(rec["b_noise_low"]) if _number(rec.get("b_noise_low")) else math.nan,
+                float(rec["b_noise_high"]) if _number(rec.get("b_noise_high")) else math.nan,
+            )
+        )
+    return out
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else math.nan
+
+
+def _check_unit(unit: str) -> None:
+    if unit not in UNITS:
+        raise NoiseScaleInputError(f"unit must be 'examples' or 'tokens', got {unit!r}")
+
+
+def _integrate(history: History, batch: np.ndarray) -> np.ndarray:
+    step = history.step.astype(float)
+    b = np.where(np.isfinite(batch), batch, 0.0)
+    return np.cumsum(np.diff(step, prepend=0.0) * b)
+
+
+def _fill(history: History, pos: np.ndarray, batch: np.ndarray) -> np.ndarray:
+    """Running counts where recorded, else integrated batch sizes."""
+    if np.all(np.isfinite(pos)):
+        return pos
+    return _integrate(history, batch)
