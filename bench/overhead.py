@@ -926,11 +926,11 @@ def main() -> None:
         # compiled: a tracked model compiles at step 3, after the audited steps 1 and 2
         args.warmup = 20 if cuda else 5 if args.compile else 3
     if args.compile:
-        import torch._dynamo
+        from torch import _dynamo  # (``import torch._dynamo`` would make ``torch`` local here)
 
         # every method compiles its own copy of one model class: more cache entries per frame
         # than Dynamo's default limit, beyond which it would run the rest eagerly
-        torch._dynamo.config.recompile_limit = 64
+        _dynamo.config.recompile_limit = 64
         if args.memory:
             raise SystemExit(
                 "--compile measures time only: a fresh process per method would measure the "
