@@ -510,6 +510,7 @@ class Spec:
 def method_specs(batch_size: int) -> list[Spec]:
     specs = [
         Spec("plain", "baseline", Plain),
+        Spec("noisescale sub-batches (default)", "noisescale", lambda wl: NoiseScale(wl)),
         Spec(
             "noisescale exact (all examples)",
             "noisescale",
@@ -535,6 +536,11 @@ def method_specs(batch_size: int) -> list[Spec]:
             f"noisescale micro-batch only, accum×{a}",
             "noisescale",
             lambda wl: NoiseScale(wl, accumulate=a, per_example=False),
+        ),
+        Spec(
+            f"noisescale sub-batches (default) + micro-batch, accum×{a}",
+            "noisescale",
+            lambda wl: NoiseScale(wl, accumulate=a),
         ),
         Spec(
             f"noisescale subset f=1/16 + micro-batch, accum×{a}",

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -404,3 +405,19 @@ def test_step_with_fewer_micro_batches_than_the_drawn_position():
     assert record["skipped"]
     assert tracker.engine.subset_position == 0  # one micro-batch: the next step's is measured
     assert set(step(1)["sources"]) == {"per_example"}
+
+
+@pytest.mark.slow
+def test_the_bench_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command itself (a merge once broke its main() for every run without --compile)."""
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["overhead.py", "--workload", "cnn", "--steps", "2", "--warmup", "1", "--no-memory"]
+        + ["--out", str(tmp_path)],
+    )
+    bench.main()
+    result = json.loads((tmp_path / "overhead-cpu.json").read_text())
+    rows = {r["method"]: r for r in result["workloads"][0]["methods"]}
+    assert rows["plain"]["time_ratio"] == 1.0
+    assert rows["noisescale sub-batches (default)"]["time_ratio"] > 0
