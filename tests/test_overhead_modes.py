@@ -410,12 +410,18 @@ def test_step_with_fewer_micro_batches_than_the_drawn_position():
 @pytest.mark.slow
 def test_the_bench_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The command itself (a merge once broke its main() for every run without --compile)."""
-    monkeypatch.setattr(
-        sys,
-        "argv",
-        ["overhead.py", "--workload", "cnn", "--steps", "2", "--warmup", "1", "--no-memory"]
-        + ["--out", str(tmp_path)],
-    )
+    argv = [
+        "overhead.py",
+        "--workload",
+        "cnn",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--no-memory",
+        "--out",
+    ]
+    monkeypatch.setattr(sys, "argv", [*argv, str(tmp_path)])
     bench.main()
     result = json.loads((tmp_path / "overhead-cpu.json").read_text())
     rows = {r["method"]: r for r in result["workloads"][0]["methods"]}

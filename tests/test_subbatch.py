@@ -54,6 +54,9 @@ def subbatch_truth(model: nn.Module, loss_of_example, n: int, subbatches, weight
 
 def assert_subbatches_exact(model, batch_loss, loss_of_example, n, k=4, steps=2, **engine):
     engine_ = PerExampleNorms(model, subbatches=k, **engine)
+    # every pass split, also in a model where no weight uses sub-batch products (which the
+    # engine otherwise measures per example from its second pass on)
+    engine_.RECHECK_SUBBATCHES = 1
     for _ in range(steps):
         model.zero_grad()
         batch_loss().backward()
@@ -313,3 +316,65 @@ def test_preconditioned_estimate_is_unbiased_for_the_preconditioned_truth():
     assert held >= 25, (held, truth, [e.b_simple for e in runs[:5]])
     estimates = np.asarray([e.b_simple for e in runs])
     assert abs(np.median(estimates) / truth - 1) < 0.25
+
+
+def test_a_model_without_products_is_measured_per_example_from_its_second_pass():
+    """Where no weight's gradient comes from sub-batch products, the sub-batch norms would be
+    merged from per-example factors: the engine measures every example instead (cheaper, and
+    more precise), and splits again every RECHECK_SUBBATCHES passes to check that still holds.
+    From the second step on, the default tracker's numbers are then the exact mode's."""
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))  # noqa: E731
+    default, exact = make(), make()
+    exact.load_state_dict(default.state_dict())
+    trackers = [
+        noisescale.GradientNoiseTracker(default, sync_every=1),
+        noisescale.GradientNoiseTracker(exact, sync_every=1, per_example_fraction=1.0),
+    ]
+    trackers[0].engine.RECHECK_SUBBATCHES = 4
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(7):
+        x, y = torch.randn(12, 5, generator=gen), torch.randn(12, 3, generator=gen)
+        for model, tracker in zip((default, exact), trackers, strict=True):
+            loss = (model(x) - y).pow(2).mean()
+            loss.backward()
+            tracker.step(loss=loss)
+            model.zero_grad()
+    sources = [list(r["sources"]) for r in trackers[0].history]
+    # split at step 1 (no products found), per example for 3 passes, split again at step 5
+    assert (
+        sources == [["subbatch"]] + [["per_example"]] * 3 + [["subbatch"]] + [["per_example"]] * 2
+    )
+    for got, want in zip(trackers[0].history, trackers[1].history, strict=True):
+        if "per_example" in got["sources"]:
+            assert got["sources"] == want["sources"]
+    # a model with products keeps its sub-batches
+    seq = Sequence()
+    tracker = noisescale.GradientNoiseTracker(seq, sync_every=1)
+    for _ in range(3):
+        seq(torch.randn(16, 8, 5)).pow(2).mean().backward()  # 2 examples × 8 positions each
+        tracker.step()
+        seq.zero_grad()
+    assert [list(r["sources"]) for r in tracker.history] == [["subbatch"]] * 3
+    for t in (*trackers, tracker):
+        t.remove()
+
+
+def test_what_the_engine_learnt_about_products_is_resumed():
+    """A resumed tracker measures the next pass the way the uninterrupted one would."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1)
+    for _ in range(2):
+        model(torch.randn(12, 5)).pow(2).mean().backward()
+        tracker.step()
+        model.zero_grad()
+    state = tracker.state_dict()
+    assert state["subbatches_pay"] == [False, 1]
+    resumed = noisescale.GradientNoiseTracker(model, sync_every=1)
+    tracker.remove()
+    resumed.load_state_dict(state)
+    model(torch.randn(12, 5)).pow(2).mean().backward()
+    resumed.step()
+    assert list(resumed.history[-1]["sources"]) == ["per_example"]
+    resumed.remove()

@@ -254,7 +254,9 @@ class GradientNoiseTracker:
         self.per_example_fraction = per_example_fraction
         self._sources: list[Source] = []
         if self.mode == "subbatch":
-            self._sources.append(SubbatchSource())
+            # (a model in which no weight's gradient comes from sub-batch products is measured
+            # per example: cheaper and more precise; see PerExampleNorms._split)
+            self._sources += [SubbatchSource(), PerExampleSource()]
         elif self.mode == "per_example":
             self._sources.append(PerExampleSource())
         if microbatch:
@@ -911,6 +913,7 @@ class GradientNoiseTracker:
             "subset_step_examples": self.engine.last_step_examples,
             "subset_position": self.engine.subset_position,
             "engine_steps": self.engine.steps_collected,
+            "subbatches_pay": self.engine.subbatches_pay,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -961,6 +964,7 @@ class GradientNoiseTracker:
         self.engine.last_step_examples = state.get("subset_step_examples")
         self.engine.subset_position = int(state.get("subset_position", 0))
         self.engine.steps_collected = int(state.get("engine_steps", self.steps))
+        self.engine.subbatches_pay = state.get("subbatches_pay")
 
 
 def _json_safe(x: Any) -> Any:

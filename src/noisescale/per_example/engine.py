@@ -218,6 +218,7 @@ class PassNorms:
     second_order: bool = False  # a backward with create_graph=True ran through the pass
     lazy: set[int] = field(default_factory=set)  # gradient norms still to read from .grad
     measured: bool = False  # with a subset: this pass's per-example norms are computed
+    products: bool = False  # sub-batch mode: some weight's gradient came from sub-batch products
     repeated_backward: bool = False  # a parameter received two gradients in the pass
     # Σ|.grad|² found before the step's first backward wrote it (audited passes: stale gradients)
     stale_sqnorm: Tensor | None = None
@@ -289,6 +290,10 @@ class PerExampleNorms:
                 f"subbatches must be 0 (per-example norms) or at least 2, got {subbatches}"
             )
         self.subbatches = subbatches
+        # Sub-batch mode: whether the last split pass had a weight whose gradient came from
+        # sub-batch products (None: not known yet); passes count since sub-batches last ran
+        self._subbatches_pay: bool | None = None
+        self._unsplit_passes = 0
         self._multi_use: set[int] = set()  # weights used more than once in a pass
         self._weight_calls: dict[nn.Module, list[Tensor | None]] = {}
         self.allow_fallback = fallback
@@ -672,12 +677,49 @@ class PerExampleNorms:
         pass_ = PassNorms(batch_size=n, weights=weights, skipped=skipped or n == 0)
         pass_.n_source = _first_tensor(args, kwargs)
         pass_.inputs = (args, kwargs)
-        if self.subbatches and self.per_example and n >= 2 and not pass_.skipped:
+        if self.subbatches and self.per_example and n >= 2 and not pass_.skipped and self._split():
             device = pass_.n_source.device if pass_.n_source is not None else torch.device("cpu")
             pass_.subbatches = Subbatches.split(n, self.subbatches, self._generator(device), device)
         pass_.amp = _autocast_enabled()
         self._context.clear()
         self.passes.append(pass_)
+
+    #: Sub-batch mode re-checks a model measured per example this often (shapes may change).
+    RECHECK_SUBBATCHES = 256
+
+    @property
+    def subbatches_pay(self) -> list | None:
+        """What :meth:`_split` has learnt, for a state_dict: ``[pays, passes since the last
+        split]``, or ``None`` while nothing is known."""
+        if self._subbatches_pay is None:
+            return None
+        return [self._subbatches_pay, self._unsplit_passes]
+
+    @subbatches_pay.setter
+    def subbatches_pay(self, value: list | None) -> None:
+        if value is None:
+            self._subbatches_pay, self._unsplit_passes = None, 0
+        else:
+            self._subbatches_pay, self._unsplit_passes = bool(value[0]), int(value[1])
+
+    def _split(self) -> bool:
+        """Sub-batch mode: split this pass into sub-batches, or measure every example?
+
+        Sub-batches pay where a weight's gradient comes from their products
+        (:mod:`~noisescale.per_example.subbatch`). In a pass where none does, every layer's
+        sub-batch norms would be merged from its per-example factors, so measuring every
+        example instead costs less (no merging) and is more precise (all pairs of examples
+        cancel their own norms, not only pairs in different sub-batches): after a split pass
+        without products, passes are measured per example, and split again every
+        :attr:`RECHECK_SUBBATCHES` passes to see whether that still holds. Both are unbiased.
+        """
+        if self._subbatches_pay is not False:
+            return True
+        self._unsplit_passes += 1
+        if self._unsplit_passes >= self.RECHECK_SUBBATCHES:
+            self._unsplit_passes = 0
+            return True
+        return False
 
     def _batch_size_of_model(self, args: tuple, kwargs: dict) -> int:
         call = self._calls.get(self.model)
@@ -917,6 +959,7 @@ class PerExampleNorms:
             # The rule computes the other parameters (the bias).
             kind = _product_kind(module, rule)
             job = _WeightJob(pass_, module, product_weight, kind, [True], self)
+            pass_.products = True
             pass_.uses[id(product_weight)] = pass_.uses.get(id(product_weight), 0) + 1
             subbatch_mod.WeightBySubbatch.apply(outs[0], args[0].detach(), product_weight, job)
             params = {k: v for k, v in params.items() if v is not product_weight}
@@ -1391,6 +1434,7 @@ class PerExampleNorms:
             weight = params["weight"]
             kind = _product_kind(module, rule)
             record.job = _WeightJob(pass_, module, weight, kind, [True], self)
+            pass_.products = True
             pass_.uses[id(weight)] = pass_.uses.get(id(weight), 0) + 1
             params = {k: v for k, v in params.items() if v is not weight}
         token = self._new_record(record)
@@ -2023,6 +2067,9 @@ class PerExampleNorms:
                 backward passes ran through one forward.
         """
         done, self.passes = self.passes, []
+        split = [p for p in done if p.subbatches is not None and p.received and not p.skipped]
+        if split:
+            self._subbatches_pay = any(p.products for p in split)
         self._context.clear()
         self._records.clear()
         first, self._first_pass = self._first_pass, None

@@ -27,8 +27,8 @@ class PerExampleSource:
             if p.group_sqnorms is not None:
                 groups.append(step.mean_grad_sq(p.group_sqnorms, j, 1.0).sum(0))
             count += p.raw_sqnorms.numel()
-        if not sums:
-            return None
+        if not sums or sum(p.batch_size for p in step.passes) <= 1:
+            return None  # (one example in the whole step: its norm is the big batch's)
         return Observation(
             float(count),
             float(count),
