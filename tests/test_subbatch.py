@@ -167,6 +167,7 @@ def test_weight_gradients_are_autograd_s_own():
     engine = PerExampleNorms(measured, subbatches=3)
     torch.relu_(measured(x)).pow(2).mean().backward()
     engine.collect()
+    engine.remove()
     for a, b in zip(plain.parameters(), measured.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, rtol=1e-12, atol=1e-15)
 
@@ -189,6 +190,7 @@ def test_a_first_layer_without_bias_gets_its_gradient(first):
     engine = PerExampleNorms(measured, subbatches=3)
     measured(x).pow(2).mean().backward()
     (p,) = engine.collect()
+    engine.remove()
     assert p.raw_sqnorms is not None, p.withheld
     for a, b in zip(plain.parameters(), measured.parameters(), strict=True):
         assert b.grad is not None
@@ -207,6 +209,7 @@ def test_preconditioned_subbatch_norms():
         want = subbatch_truth(
             model, lambda i: model(x[i : i + 1]).sin().sum(), 10, p.subbatches, weights
         )
+    engine.remove()
     assert torch.allclose(p.raw_sqnorms, want, rtol=1e-9)
 
 

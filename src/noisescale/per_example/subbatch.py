@@ -93,8 +93,23 @@ def conv_subbatch_grads(
 def uses_products(module: nn.Module, x: Tensor, n: int, per_subbatch: int) -> bool:
     """Whether the sub-batch products pay off for this call: a convolution, or a linear map with
     at least 16 rows (examples × positions) per sub-batch product (``per_subbatch`` examples,
-    the largest sub-batch's size)."""
+    the largest sub-batch's size) whose sub-batch norms would not be cheaper in Gram form.
+
+    The products cost, beyond the gradient itself, k weight-sized partial gradients to square
+    and add up; the per-example factors grouped by sub-batch give the same norms in Gram form,
+    Σ (a·a')(δ·δ') over pairs of rows of a sub-batch, at (rows)²·(I + O) each — the form
+    :meth:`LinearFactor.sqnorm <noisescale.per_example.factors.LinearFactor.sqnorm>` takes when
+    rows·(I + O) < I·O. A wide layer met once per example (a CNN's 3136→1024 classifier at
+    batch 128: 16 rows per sub-batch) is far cheaper that way: its eight partial gradients
+    held 100 MB and cost more than the step.
+    """
     if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         return True
     positions = x.numel() // max(1, n * x.shape[-1])
-    return per_subbatch * positions >= 16
+    rows = per_subbatch * positions
+    if rows < 16:
+        return False
+    weight = module._parameters.get("weight")
+    if weight is None or weight.dim() != 2:
+        return True
+    return rows * (weight.shape[0] + weight.shape[1]) >= weight.numel()
