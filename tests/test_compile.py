@@ -60,6 +60,8 @@ def _no_tracker_left_over() -> None:
     """Trackers an earlier test left unreferenced but not removed give the compiler stance
     back when they are collected (an audited step holds it at force_eager, process-wide)."""
     gc.collect()
+
+
 EPS = torch.finfo(torch.float64).eps
 RTOL = 256 * EPS
 MODES: dict[str, dict[str, Any]] = {
