@@ -196,7 +196,7 @@ def shakespeare_case(steps: int = 600, length: int = 64, pool: int = 2048) -> Ca
 MODES: dict[str, dict[str, Any] | None] = {
     "plain": None,
     "exact": {"per_example_fraction": 1.0},
-    "default (8 sub-batches)": {},
+    "default": {},  # sub-batches; per example where no weight uses sub-batch products
     "per-example subset 1/16": {"per_example_fraction": 1 / 16},
     "per-example subset 1/4": {"per_example_fraction": 1 / 4},
 }
