@@ -256,7 +256,7 @@ class GradientNoiseTracker:
         if self.mode == "subbatch":
             # (a model in which no weight's gradient comes from sub-batch products is measured
             # per example: cheaper and more precise; see PerExampleNorms._split)
-            self._sources += [SubbatchSource(), PerExampleSource()]
+            self._sources += [SubbatchSource(), PerExampleSource(unsplit_only=True)]
         elif self.mode == "per_example":
             self._sources.append(PerExampleSource())
         if microbatch:

@@ -219,6 +219,7 @@ class PassNorms:
     lazy: set[int] = field(default_factory=set)  # gradient norms still to read from .grad
     measured: bool = False  # with a subset: this pass's per-example norms are computed
     products: bool = False  # sub-batch mode: some weight's gradient came from sub-batch products
+    unsplit: bool = False  # sub-batch mode: measured per example, as no weight used products
     repeated_backward: bool = False  # a parameter received two gradients in the pass
     # Σ|.grad|² found before the step's first backward wrote it (audited passes: stale gradients)
     stale_sqnorm: Tensor | None = None
@@ -677,9 +678,15 @@ class PerExampleNorms:
         pass_ = PassNorms(batch_size=n, weights=weights, skipped=skipped or n == 0)
         pass_.n_source = _first_tensor(args, kwargs)
         pass_.inputs = (args, kwargs)
-        if self.subbatches and self.per_example and n >= 2 and not pass_.skipped and self._split():
-            device = pass_.n_source.device if pass_.n_source is not None else torch.device("cpu")
-            pass_.subbatches = Subbatches.split(n, self.subbatches, self._generator(device), device)
+        if self.subbatches and self.per_example and n >= 2 and not pass_.skipped:
+            if self._split():
+                source = pass_.n_source
+                device = source.device if source is not None else torch.device("cpu")
+                pass_.subbatches = Subbatches.split(
+                    n, self.subbatches, self._generator(device), device
+                )
+            else:
+                pass_.unsplit = True
         pass_.amp = _autocast_enabled()
         self._context.clear()
         self.passes.append(pass_)

@@ -17,18 +17,25 @@ class PerExampleSource:
 
     name = "per_example"
 
+    def __init__(self, unsplit_only: bool = False) -> None:
+        #: sub-batch mode: only the passes the engine chose to measure per example (no weight
+        #: used sub-batch products), not those too small to split
+        self.unsplit_only = unsplit_only
+
     def observe(self, step: StepNorms) -> Observation | None:
         # a step of one example pairs with itself: eq. A.2 from sums leaves it out (B·H = W)
         sums, groups, count = [], [], 0
         for j, p in enumerate(step.passes):
             if p.raw_sqnorms is None or p.subbatches is not None:
                 continue
+            if self.unsplit_only and not p.unsplit:
+                continue
             sums.append(step.mean_grad_sq(p.raw_sqnorms, j, 1.0).sum())
             if p.group_sqnorms is not None:
                 groups.append(step.mean_grad_sq(p.group_sqnorms, j, 1.0).sum(0))
             count += p.raw_sqnorms.numel()
-        if not sums or sum(p.batch_size for p in step.passes) <= 1:
-            return None  # (one example in the whole step: its norm is the big batch's)
+        if not sums:
+            return None
         return Observation(
             float(count),
             float(count),
