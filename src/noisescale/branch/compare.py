@@ -47,14 +47,14 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from noisescale.errors import NoiseScaleInputError
-from noisescale.sweep.pareto import ema_lag, ema_smoothed, goal_crossing
+from noisescale.sweep.pareto import ema_lag, ema_smoothed, goal_crossing, golden_min
 from noisescale.sweep.runs import Run
 
 #: What the other branches are compared against: the smallest batch size's branch, or the one
@@ -352,7 +352,7 @@ def b_crit_from_efficiencies(
         return float(b.min()), "lower"
     if i == grid.size - 1:
         return float(b.max()), "upper"
-    return math.exp(_golden_min(loss, float(grid[i - 1]), float(grid[i + 1]))), None
+    return math.exp(golden_min(loss, float(grid[i - 1]), float(grid[i + 1]))), None
 
 
 def local_critical_batch_size(
@@ -614,24 +614,6 @@ def _check_settings(tolerance: float, reference: str, confidence: float) -> None
 def _mean(values: Iterable[float]) -> float:
     v = list(values)
     return math.inf if not v or any(not math.isfinite(x) for x in v) else float(np.mean(v))
-
-
-def _golden_min(f: Callable[[float], float], lo: float, hi: float, tol: float = 1e-10) -> float:
-    """Minimiser of a unimodal function on [lo, hi] by golden-section search."""
-    ratio = (math.sqrt(5.0) - 1.0) / 2.0
-    c = hi - ratio * (hi - lo)
-    d = lo + ratio * (hi - lo)
-    fc, fd = f(c), f(d)
-    while hi - lo > tol:
-        if fc < fd:
-            hi, d, fd = d, c, fc
-            c = hi - ratio * (hi - lo)
-            fc = f(c)
-        else:
-            lo, c, fc = c, d, fd
-            d = lo + ratio * (hi - lo)
-            fd = f(d)
-    return (lo + hi) / 2.0
 
 
 def _json(x: float) -> float | None:

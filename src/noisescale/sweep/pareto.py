@@ -261,7 +261,7 @@ def fit_pareto(steps: ArrayLike, examples: ArrayLike) -> ParetoFit:
     if at_bound:
         u = float(grid[k])
     else:
-        u = _golden_min(lambda v: profile(v)[1], float(grid[k - 1]), float(grid[k + 1]))
+        u = golden_min(lambda v: profile(v)[1], float(grid[k - 1]), float(grid[k + 1]))
     a, rss_min = profile(u)
     s_min = math.exp(a)
     b_crit = math.exp(u)
@@ -292,7 +292,7 @@ def fit_pareto(steps: ArrayLike, examples: ArrayLike) -> ParetoFit:
     )
 
 
-def _golden_min(f: Callable[[float], float], lo: float, hi: float, tol: float = 1e-10) -> float:
+def golden_min(f: Callable[[float], float], lo: float, hi: float, tol: float = 1e-10) -> float:
     """Minimiser of a unimodal function on [lo, hi] by golden-section search."""
     ratio = (math.sqrt(5.0) - 1.0) / 2.0
     c = hi - ratio * (hi - lo)
