@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -51,9 +50,12 @@ from noisescale.sweep.queue import (
     DEFAULT_HEARTBEAT_S,
     DEFAULT_MAX_RETRIES,
     Claim,
+    QueueSummary,
     UnitOutcome,
+    UnitStatus,
     WorkQueue,
     WorkUnit,
+    run_units,
     unit_key,
 )
 from noisescale.sweep.runs import Run
@@ -216,32 +218,15 @@ class BranchState:
 
 
 @dataclass
-class BranchSummary:
+class BranchSummary(QueueSummary):
     """The branches after :func:`run_branches`; ``storage`` has its password masked."""
 
-    storage: str
-    study_name: str
     branches: list[BranchState] = field(default_factory=list)
-    ran: int = 0
-    skipped: int = 0
-    failed: int = 0
-    others: int = 0
-    recovered: int = 0
-    pending: int = 0
-    notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready (non-finite losses as ``null``)."""
         return {
-            "storage": self.storage,
-            "study": self.study_name,
-            "ran": self.ran,
-            "skipped": self.skipped,
-            "failed": self.failed,
-            "by_other_workers": self.others,
-            "recovered": self.recovered,
-            "running_elsewhere": self.pending,
-            "notes": list(self.notes),
+            **self.counts_dict(),
             "branches": [
                 {
                     **b.__dict__,
@@ -316,8 +301,6 @@ def run_branches(
         NoiseScaleInputError: a branch that reported nothing or stopped short of its budget, or
             a storage that cannot be opened.
     """
-    from tqdm.auto import tqdm
-
     units = plan.units()
     queue = WorkQueue(
         storage,
@@ -327,55 +310,35 @@ def run_branches(
         max_retries=max_retries,
     )
     queue.study.set_user_attr(PLAN_ATTR, plan.as_dict())
-    keys = [u.key for u in units]
-    done_before = {k for k, trials in queue.by_unit(keys).items() if _completed(trials)}
-    queue.enqueue(units)
-    bar = tqdm(
-        total=len(units),
-        initial=len(done_before),
-        unit="branch",
-        desc="branch",
-        disable=not progress,
-    )
-    mine: dict[str, UnitOutcome] = {}
-    waited_for: list[int] = []
 
-    def work(claim: Claim) -> float:
+    def work(claim: Claim, bar: Any) -> float:
         return _branch_one(claim, train, bar, flush_every, flush_seconds)
 
-    try:
-        while True:
-            outcome = queue.run_next(work, keys)
-            if outcome is None:
-                pending = _pending(queue, units)
-                _sync_bar(bar, queue, keys)
-                if not pending or not wait:
-                    break
-                numbers = [p.trial_number or -1 for p in pending]
-                if numbers != waited_for and on_wait is not None:
-                    on_wait(pending)
-                waited_for = numbers
-                time.sleep(min(float(queue.heartbeat_interval), 5.0))
-                continue
-            if outcome.state != "duplicate":
-                mine[outcome.unit.key] = outcome
-            if outcome.state == "failed":
-                error = outcome.error
-                if isinstance(error, NoiseScaleInputError):
-                    raise error
-                if not keep_going:
-                    raise BranchRunError(
-                        f"the branch {_describe(outcome.unit)} raised {type(error).__name__}: "
-                        f"{error}"
-                    ) from error
-            _sync_bar(bar, queue, keys)
-    finally:
-        bar.close()
-    summary = _summary(queue, units, done_before, mine)
+    def failure(outcome: UnitOutcome) -> Exception:
+        return BranchRunError(
+            f"the branch {_describe(outcome.unit)} raised {type(outcome.error).__name__}: "
+            f"{outcome.error}"
+        )
+
+    statuses, lost = run_units(
+        queue,
+        units,
+        work,
+        failure=failure,
+        keep_going=keep_going,
+        progress=progress,
+        bar_unit="branch",
+        bar_desc="branch",
+        wait=wait,
+        on_wait=None if on_wait is None else lambda pending: on_wait([_state(s) for s in pending]),
+    )
+    summary = BranchSummary(storage=queue.storage_shown, study_name=queue.study_name)
+    for status in statuses:
+        summary.count(status)
+        summary.branches.append(_state(status))
     summary.notes.extend(
         f"{o.error} (its results stay on that trial; the branch was handed to another worker)"
-        for o in mine.values()
-        if o.state == "lost"
+        for o in lost
     )
     return summary
 
@@ -519,82 +482,20 @@ def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def _completed(trials: Sequence[optuna.trial.FrozenTrial]) -> bool:
-    from optuna.trial import TrialState
-
-    return any(t.state == TrialState.COMPLETE for t in trials)
-
-
-def _state(unit: WorkUnit, state: str, trial: Any = None, **kw: Any) -> BranchState:
-    p = unit.params
+def _state(status: UnitStatus) -> BranchState:
+    """A unit's status as a branch of the summary."""
+    p, t = status.unit.params, status.trial
+    extra: dict[str, Any] = {}
+    if status.state == "failed":
+        extra["error"] = None if t is None else t.user_attrs.get("error")
+    elif status.state != "running elsewhere":
+        extra["final_loss"] = t.value
     return BranchState(
         checkpoint=float(p["checkpoint"]),
         batch_size=int(p["batch_size"]),
         learning_rate=float(p["learning_rate"]),
         seed=int(p["seed"]),
-        state=state,
-        trial_number=None if trial is None else trial.number,
-        **kw,
+        state=status.state,
+        trial_number=None if t is None else t.number,
+        **extra,
     )
-
-
-def _pending(queue: WorkQueue, units: Sequence[WorkUnit]) -> list[BranchState]:
-    from optuna.trial import TrialState
-
-    trials = queue.by_unit([u.key for u in units])
-    out = []
-    for unit in units:
-        unit_trials = trials[unit.key]
-        if _completed(unit_trials):
-            continue
-        live = [t for t in unit_trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-        if live:
-            out.append(_state(unit, "running elsewhere", live[0]))
-    return out
-
-
-def _sync_bar(bar: Any, queue: WorkQueue, keys: Sequence[str]) -> None:
-    done = sum(_completed(trials) for trials in queue.by_unit(keys).values())
-    if done != bar.n:
-        bar.n = done
-        bar.refresh()
-
-
-def _summary(
-    queue: WorkQueue,
-    units: Sequence[WorkUnit],
-    done_before: set[str],
-    mine: dict[str, UnitOutcome],
-) -> BranchSummary:
-    from optuna.trial import TrialState
-
-    summary = BranchSummary(storage=queue.storage_shown, study_name=queue.study_name)
-    trials = queue.by_unit([u.key for u in units])
-    for unit in units:
-        unit_trials = trials[unit.key]
-        complete = [t for t in unit_trials if t.state == TrialState.COMPLETE]
-        outcome = mine.get(unit.key)
-        if complete:
-            t = complete[0]
-            if unit.key in done_before:
-                state = "skipped"
-                summary.skipped += 1
-            elif outcome is not None and outcome.trial_number == t.number:
-                state = "recovered" if outcome.state == "recovered" else "complete"
-                summary.ran += outcome.state == "complete"
-                summary.recovered += outcome.state == "recovered"
-            else:
-                state = "by another worker"
-                summary.others += 1
-            summary.branches.append(_state(unit, state, t, final_loss=t.value))
-            continue
-        live = [t for t in unit_trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-        if live:
-            summary.pending += 1
-            summary.branches.append(_state(unit, "running elsewhere", live[0]))
-            continue
-        summary.failed += 1
-        last = unit_trials[-1] if unit_trials else None
-        error = None if last is None else last.user_attrs.get("error")
-        summary.branches.append(_state(unit, "failed", last, error=error))
-    return summary

@@ -34,9 +34,9 @@ import contextlib
 import json
 import threading
 import warnings
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from noisescale.errors import NoiseScaleInputError
 from noisescale.sweep.storage import mask_url, open_storage
@@ -566,3 +566,180 @@ def unit_key(params: Mapping[str, Any], attrs: Mapping[str, Any] | None = None) 
         k: float(f"{v:.12g}") if isinstance(v, float) else v for k, v in sorted(merged.items())
     }
     return json.dumps(canonical, sort_keys=True)
+
+
+# -- running a set of units to the end, and what became of each ------------------------------------
+
+
+@dataclass
+class UnitStatus:
+    """Where a unit stands after a worker has run what it could claim.
+
+    ``state``: ``"skipped"`` (complete before this worker started), ``"complete"`` or
+    ``"recovered"`` (by this worker), ``"by another worker"``, ``"running elsewhere"`` (a live
+    trial another worker runs or that waits to be claimed) or ``"failed"``. ``trial``: the
+    complete trial, the live one, or the last failed one (``None`` if the unit has no trial).
+    """
+
+    unit: WorkUnit
+    state: str
+    trial: FrozenTrial | None
+
+
+@dataclass
+class QueueSummary:
+    """Counts of what became of the units of one :func:`run_units` call (and notes to show);
+    ``storage`` is the URL with its password masked."""
+
+    storage: str
+    study_name: str
+    ran: int = 0
+    skipped: int = 0
+    failed: int = 0
+    others: int = 0
+    recovered: int = 0
+    pending: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    _COUNTERS: ClassVar[dict[str, str]] = {
+        "complete": "ran",
+        "skipped": "skipped",
+        "failed": "failed",
+        "by another worker": "others",
+        "recovered": "recovered",
+        "running elsewhere": "pending",
+    }
+
+    def count(self, status: UnitStatus) -> None:
+        name = self._COUNTERS[status.state]
+        setattr(self, name, getattr(self, name) + 1)
+
+    def counts_dict(self) -> dict[str, Any]:
+        """The JSON-ready head of a summary: storage, study, counts and notes."""
+        return {
+            "storage": self.storage,
+            "study": self.study_name,
+            "ran": self.ran,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "by_other_workers": self.others,
+            "recovered": self.recovered,
+            "running_elsewhere": self.pending,
+            "notes": list(self.notes),
+        }
+
+
+def completed(trials: Iterable[FrozenTrial]) -> bool:
+    """Whether one of a unit's trials is COMPLETE."""
+    from optuna.trial import TrialState
+
+    return any(t.state == TrialState.COMPLETE for t in trials)
+
+
+def unit_statuses(
+    queue: WorkQueue,
+    units: Iterable[WorkUnit],
+    done_before: Collection[str] = (),
+    mine: Mapping[str, UnitOutcome] | None = None,
+) -> list[UnitStatus]:
+    """What became of each unit: ``done_before`` are the keys complete before this worker
+    started, ``mine`` this worker's outcomes by key."""
+    from optuna.trial import TrialState
+
+    units = list(units)
+    mine = mine or {}
+    trials = queue.by_unit([u.key for u in units])
+    out = []
+    for unit in units:
+        unit_trials = trials[unit.key]
+        complete = [t for t in unit_trials if t.state == TrialState.COMPLETE]
+        if complete:
+            t = complete[0]
+            outcome = mine.get(unit.key)
+            if unit.key in done_before:
+                state = "skipped"
+            elif outcome is not None and outcome.trial_number == t.number:
+                state = "recovered" if outcome.state == "recovered" else "complete"
+            else:
+                state = "by another worker"
+            out.append(UnitStatus(unit, state, t))
+            continue
+        live = [t for t in unit_trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        if live:
+            out.append(UnitStatus(unit, "running elsewhere", live[0]))
+        else:
+            out.append(UnitStatus(unit, "failed", unit_trials[-1] if unit_trials else None))
+    return out
+
+
+def run_units(
+    queue: WorkQueue,
+    units: Sequence[WorkUnit],
+    work: Callable[[Claim, Any], float],
+    *,
+    failure: Callable[[UnitOutcome], Exception],
+    keep_going: bool,
+    progress: bool,
+    bar_unit: str,
+    bar_desc: str,
+    wait: bool,
+    on_wait: Callable[[list[UnitStatus]], None] | None,
+) -> tuple[list[UnitStatus], list[UnitOutcome]]:
+    """Enqueue ``units`` and run every one this worker can claim, ``work(claim, bar)`` each.
+
+    When nothing is left to claim, waits (``wait``) for the units other workers run — they may
+    die and leave them to this worker — calling ``on_wait`` with those units whenever that set
+    changes. A unit whose work raised stops the run with ``failure(outcome)`` unless
+    ``keep_going`` (a :class:`~noisescale.errors.NoiseScaleInputError` always stops it).
+    Returns every unit's :class:`UnitStatus` and this worker's claims that were lost (their
+    work ran on after its heartbeat had been silent for the grace period).
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    keys = [u.key for u in units]
+    done_before = {k for k, trials in queue.by_unit(keys).items() if completed(trials)}
+    queue.enqueue(units)
+    bar = tqdm(
+        total=len(units),
+        initial=len(done_before),
+        unit=bar_unit,
+        desc=bar_desc,
+        disable=not progress,
+    )
+
+    def sync_bar() -> None:
+        done = sum(completed(trials) for trials in queue.by_unit(keys).values())
+        if done != bar.n:
+            bar.n = done
+            bar.refresh()
+
+    mine: dict[str, UnitOutcome] = {}
+    waited_for: list[int] = []
+    try:
+        while True:
+            outcome = queue.run_next(lambda claim: work(claim, bar), keys)
+            if outcome is None:
+                pending = [s for s in unit_statuses(queue, units) if s.state == "running elsewhere"]
+                sync_bar()
+                if not pending or not wait:
+                    break
+                numbers = [-1 if s.trial is None else s.trial.number for s in pending]
+                if numbers != waited_for and on_wait is not None:
+                    on_wait(pending)
+                waited_for = numbers
+                time.sleep(min(float(queue.heartbeat_interval), 5.0))
+                continue
+            if outcome.state != "duplicate":
+                mine[outcome.unit.key] = outcome
+            if outcome.state == "failed":
+                if isinstance(outcome.error, NoiseScaleInputError):
+                    raise outcome.error
+                if not keep_going:
+                    raise failure(outcome) from outcome.error
+            sync_bar()
+    finally:
+        bar.close()
+    lost = [o for o in mine.values() if o.state == "lost"]
+    return unit_statuses(queue, units, done_before, mine), lost

@@ -36,9 +36,12 @@ from noisescale.sweep.queue import (
     DEFAULT_MAX_RETRIES,
     UNIT_ATTR,
     Claim,
+    QueueSummary,
     UnitOutcome,
+    UnitStatus,
     WorkQueue,
     WorkUnit,
+    run_units,
     unit_key,
 )
 from noisescale.sweep.runs import Run, runs_from_rows
@@ -208,35 +211,18 @@ class GridPoint:
 
 
 @dataclass
-class SweepSummary:
+class SweepSummary(QueueSummary):
     """The grid after a sweep: every point, and who ran it or whether it failed.
 
     ``storage`` is the URL with its password masked.
     """
 
-    storage: str
-    study_name: str
     points: list[GridPoint] = field(default_factory=list)
-    ran: int = 0
-    skipped: int = 0
-    failed: int = 0
-    others: int = 0
-    recovered: int = 0
-    pending: int = 0
-    notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (infinite values as ``null``)."""
         return {
-            "storage": self.storage,
-            "study": self.study_name,
-            "ran": self.ran,
-            "skipped": self.skipped,
-            "failed": self.failed,
-            "by_other_workers": self.others,
-            "recovered": self.recovered,
-            "running_elsewhere": self.pending,
-            "notes": list(self.notes),
+            **self.counts_dict(),
             "runs": [
                 {
                     **p.__dict__,
@@ -443,8 +429,6 @@ def run_sweep(
         NoiseScaleInputError: an empty or bad grid, a run that reported nothing, or a storage
             that cannot be opened.
     """
-    from tqdm.auto import tqdm
-
     if not batch_sizes or not learning_rates:
         raise NoiseScaleInputError("the grid needs at least one batch size and one learning rate")
     if any(int(b) != b or b <= 0 for b in batch_sizes):
@@ -462,58 +446,37 @@ def run_sweep(
         max_retries=max_retries,
         key_of=sweep_key,
     )
-    keys = [u.key for u in units]
     _fail_legacy_running(queue)
-    done_before = {k for k, trials in queue.by_unit(keys).items() if _completed(trials)}
-    queue.enqueue(units)
-    bar = tqdm(
-        total=len(units),
-        initial=len(done_before),
-        unit="run",
-        desc="sweep",
-        disable=not progress,
-    )
-    mine: dict[str, UnitOutcome] = {}
-    waited_for: list[int] = []
 
-    def work(claim: Claim) -> float:
+    def work(claim: Claim, bar: Any) -> float:
         return _train_one(claim, train, steps, bar, flush_every, flush_seconds)
 
-    try:
-        while True:
-            outcome = queue.run_next(work, keys)
-            if outcome is None:
-                pending = _pending(queue, units)
-                _sync_bar(bar, queue, keys)
-                if not pending or not wait:
-                    break
-                numbers = [p.trial_number or -1 for p in pending]
-                if numbers != waited_for and on_wait is not None:
-                    on_wait(pending)
-                waited_for = numbers
-                time.sleep(min(float(queue.heartbeat_interval), 5.0))
-                continue
-            if outcome.state != "duplicate":
-                mine[outcome.unit.key] = outcome
-            if outcome.state == "failed":
-                error = outcome.error
-                if isinstance(error, NoiseScaleInputError):
-                    raise error
-                if not keep_going:
-                    b = outcome.unit.params["batch_size"]
-                    lr = outcome.unit.params["learning_rate"]
-                    raise SweepRunError(
-                        f"the run at batch_size={b}, learning_rate={lr:g} raised "
-                        f"{type(error).__name__}: {error}"
-                    ) from error
-            _sync_bar(bar, queue, keys)
-    finally:
-        bar.close()
-    summary = _summary(queue, units, done_before, mine)
+    def failure(outcome: UnitOutcome) -> Exception:
+        b, lr = outcome.unit.params["batch_size"], outcome.unit.params["learning_rate"]
+        return SweepRunError(
+            f"the run at batch_size={b}, learning_rate={lr:g} raised "
+            f"{type(outcome.error).__name__}: {outcome.error}"
+        )
+
+    statuses, lost = run_units(
+        queue,
+        units,
+        work,
+        failure=failure,
+        keep_going=keep_going,
+        progress=progress,
+        bar_unit="run",
+        bar_desc="sweep",
+        wait=wait,
+        on_wait=None if on_wait is None else lambda pending: on_wait([_point(s) for s in pending]),
+    )
+    summary = SweepSummary(storage=queue.storage_shown, study_name=queue.study_name)
+    for status in statuses:
+        summary.count(status)
+        summary.points.append(_point(status))
     summary.notes.extend(
         f"{o.error} (its results stay on that trial; the point was handed to another worker)"
-        for o in mine.values()
-        if o.state == "lost"
+        for o in lost
     )
     return summary
 
@@ -571,85 +534,24 @@ def _fail_legacy_running(queue: WorkQueue) -> None:
             queue.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
 
 
-def _completed(trials: Sequence[optuna.trial.FrozenTrial]) -> bool:
-    from optuna.trial import TrialState
-
-    return any(t.state == TrialState.COMPLETE for t in trials)
-
-
-def _pending(queue: WorkQueue, units: Sequence[WorkUnit]) -> list[GridPoint]:
-    """Grid points not complete that another worker is running or that wait to be claimed."""
-    from optuna.trial import TrialState
-
-    trials = queue.by_unit([u.key for u in units])
-    out = []
-    for unit in units:
-        unit_trials = trials[unit.key]
-        if _completed(unit_trials):
-            continue
-        live = [t for t in unit_trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-        if live:
-            b, lr = unit.params["batch_size"], unit.params["learning_rate"]
-            out.append(GridPoint(int(b), float(lr), "running elsewhere", live[0].number))
-    return out
-
-
-def _sync_bar(bar: Any, queue: WorkQueue, keys: Sequence[str]) -> None:
-    done = sum(_completed(trials) for trials in queue.by_unit(keys).values())
-    if done != bar.n:
-        bar.n = done
-        bar.refresh()
-
-
-def _summary(
-    queue: WorkQueue,
-    units: Sequence[WorkUnit],
-    done_before: set[str],
-    mine: dict[str, UnitOutcome],
-) -> SweepSummary:
-    from optuna.trial import TrialState
-
-    summary = SweepSummary(storage=queue.storage_shown, study_name=queue.study_name)
-    trials = queue.by_unit([u.key for u in units])
-    for unit in units:
-        b = int(unit.params["batch_size"])
-        lr = float(unit.params["learning_rate"])
-        unit_trials = trials[unit.key]
-        complete = [t for t in unit_trials if t.state == TrialState.COMPLETE]
-        outcome = mine.get(unit.key)
-        if complete:
-            t = complete[0]
-            if unit.key in done_before:
-                state = "skipped"
-                summary.skipped += 1
-            elif outcome is not None and outcome.trial_number == t.number:
-                state = "recovered" if outcome.state == "recovered" else "complete"
-                summary.ran += outcome.state == "complete"
-                summary.recovered += outcome.state == "recovered"
-            else:
-                state = "by another worker"
-                summary.others += 1
-            summary.points.append(GridPoint(b, lr, state, t.number, t.value, _records(t)))
-            continue
-        live = [t for t in unit_trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-        if live:
-            summary.pending += 1
-            summary.points.append(GridPoint(b, lr, "running elsewhere", live[0].number))
-            continue
-        summary.failed += 1
-        last = unit_trials[-1] if unit_trials else None
-        summary.points.append(
-            GridPoint(
-                b,
-                lr,
-                "failed",
-                None if last is None else last.number,
-                None,
-                0 if last is None else _records(last),
-                None if last is None else last.user_attrs.get("error"),
-            )
+def _point(status: UnitStatus) -> GridPoint:
+    """A unit's status as a grid point of the summary."""
+    b = int(status.unit.params["batch_size"])
+    lr = float(status.unit.params["learning_rate"])
+    t = status.trial
+    if status.state == "running elsewhere":
+        return GridPoint(b, lr, status.state, t.number)
+    if status.state == "failed":
+        return GridPoint(
+            b,
+            lr,
+            "failed",
+            None if t is None else t.number,
+            None,
+            0 if t is None else _records(t),
+            None if t is None else t.user_attrs.get("error"),
         )
-    return summary
+    return GridPoint(b, lr, status.state, t.number, t.value, _records(t))
 
 
 def read_study_runs(
