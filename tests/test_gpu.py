@@ -37,6 +37,22 @@ class Net(nn.Module):
         return self.down(F.gelu(self.up(self.norm(h))))
 
 
+def steps_without_host_sync(step, warm: int = 4, checked: int = 3) -> None:
+    """``warm`` steps (the audited ones among them), then ``checked`` steps during which any
+    call that synchronises the host with the device raises."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(warm):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(checked):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 def _loss(out, y):
     return F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
 
@@ -87,17 +103,7 @@ def test_a_tracked_step_never_waits_for_the_device(kwargs):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _ in range(4):
-            step()
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for _ in range(3):
-                step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    steps_without_host_sync(step)
     assert len(tracker.history) == 7
 
 

@@ -10,14 +10,12 @@ run every call the step makes), DDP and FSDP2, steps 5–7 (not audited) under
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.distributed as dist
 
 import noisescale
-from test_gpu import CUDA, Net, _loss
+from test_gpu import CUDA, Net, _loss, steps_without_host_sync
 
 pytestmark = pytest.mark.gpu
 
@@ -70,17 +68,7 @@ def test_a_data_parallel_step_never_waits_for_the_device(nccl_group, setup, kwar
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _ in range(4):
-            step()
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for _ in range(3):
-                step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    steps_without_host_sync(step)
     assert len(tracker.history) == 7
     assert "local" in tracker.history[-1]["sources"]
     tracker.remove()
