@@ -90,6 +90,12 @@ class DenseFactor:
         return _acc(self.grads).sum(0).reshape(shape)
 
 
+def gram_is_cheaper(rows: int, inputs: int, outputs: int) -> bool:
+    """Whether |Σ_t δ_t a_tᵀ|² over ``rows`` rows is cheaper in Gram form, Σ_{t,s} (a_t·a_s)
+    (δ_t·δ_s) at rows²·(I + O), than materialised, at rows·I·O."""
+    return rows * (inputs + outputs) < inputs * outputs
+
+
 @dataclass
 class LinearFactor:
     """Per-example gradient Σ_t δ_t a_tᵀ of a weight of shape [O, I] (Linear, unfolded conv).
@@ -111,7 +117,7 @@ class LinearFactor:
         o = d.shape[2]
         if t == 1:
             out = _sqnorm_rows(a) * _sqnorm_rows(d)
-        elif t * (i + o) < i * o:
+        elif gram_is_cheaper(t, i, o):
             # Gram form: Σ_{t,s} (a_t·a_s)(δ_t·δ_s), cost T²(I+O) per example
             aa, dd = torch.bmm(a, a.transpose(1, 2)), torch.bmm(d, d.transpose(1, 2))
             out = torch.linalg.vecdot(aa.flatten(1), dd.flatten(1))

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from noisescale.per_example.factors import Subbatches, _acc
+from noisescale.per_example.factors import Subbatches, _acc, gram_is_cheaper
 
 __all__ = ["WeightBySubbatch", "conv_subbatch_grads", "linear_subbatch_grads"]
 
@@ -99,9 +99,9 @@ def uses_products(module: nn.Module, x: Tensor, n: int, per_subbatch: int) -> bo
     and add up; the per-example factors grouped by sub-batch give the same norms in Gram form,
     Σ (a·a')(δ·δ') over pairs of rows of a sub-batch, at (rows)²·(I + O) each — the form
     :meth:`LinearFactor.sqnorm <noisescale.per_example.factors.LinearFactor.sqnorm>` takes when
-    rows·(I + O) < I·O. A wide layer met once per example (a CNN's 3136→1024 classifier at
-    batch 128: 16 rows per sub-batch) is far cheaper that way: its eight partial gradients
-    held 100 MB and cost more than the step.
+    :func:`~noisescale.per_example.factors.gram_is_cheaper` says so. A wide layer met once per
+    example (a CNN's 3136→1024 classifier at batch 128: 16 rows per sub-batch) is far cheaper
+    that way: its eight partial gradients held 100 MB and cost more than the step.
     """
     if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         return True
@@ -112,4 +112,4 @@ def uses_products(module: nn.Module, x: Tensor, n: int, per_subbatch: int) -> bo
     weight = module._parameters.get("weight")
     if weight is None or weight.dim() != 2:
         return True
-    return rows * (weight.shape[0] + weight.shape[1]) >= weight.numel()
+    return not gram_is_cheaper(rows, weight.shape[0], weight.shape[1])
