@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from noisescale.errors import NoiseScaleInputError
+from noisescale.integrations import estimate_metrics
 from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, scale_lr
 from noisescale.tracker import GradientNoiseTracker
 
@@ -283,19 +284,12 @@ class NoiseScaleCallback(pl.Callback):
             self._applied_lr_factor = new_factor
 
     def _metrics(self) -> dict[str, float]:
-        e = self._require_tracker().estimate()
-        metrics = {
-            "noisescale/b_simple": e.b_simple,
-            "noisescale/b_simple_low": e.low,
-            "noisescale/b_simple_high": e.high,
-            "noisescale/g2": e.g2,
-            "noisescale/trace_sigma": e.trace_sigma,
-        }
-        if self.schedule is not None:
-            k = self._applied_micro_batches or 1
-            metrics["noisescale/batch_size"] = float(k * self.schedule.micro_batch_size)
-            metrics["noisescale/lr_factor"] = self._applied_lr_factor
-        return metrics
+        return estimate_metrics(
+            self._require_tracker().estimate(),
+            self.schedule,
+            self._applied_micro_batches,
+            self._applied_lr_factor,
+        )
 
     def _require_tracker(self) -> GradientNoiseTracker:
         if self.tracker is None:

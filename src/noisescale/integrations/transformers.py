@@ -92,6 +92,7 @@ import torch
 from torch import Tensor, nn
 
 from noisescale.errors import NoiseScaleInputError
+from noisescale.integrations import estimate_metrics
 from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, scale_lr
 from noisescale.tracker import GradientNoiseTracker
 
@@ -486,18 +487,12 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
 
     def _metrics(self) -> dict[str, float]:
         assert self.tracker is not None
-        e = self.tracker.estimate()
-        values = {
-            "noisescale/b_simple": e.b_simple,
-            "noisescale/b_simple_low": e.low,
-            "noisescale/b_simple_high": e.high,
-            "noisescale/g2": e.g2,
-            "noisescale/trace_sigma": e.trace_sigma,
-        }
-        if self.schedule is not None:
-            k = self._applied_micro_batches or 1
-            values["noisescale/batch_size"] = float(k * self.schedule.micro_batch_size)
-            values["noisescale/lr_factor"] = self._applied_lr_factor
+        values = estimate_metrics(
+            self.tracker.estimate(),
+            self.schedule,
+            self._applied_micro_batches,
+            self._applied_lr_factor,
+        )
         # JSON (trainer_state.json) has no NaN/inf: leave out what is not yet available
         return {k: float(v) for k, v in values.items() if math.isfinite(v)}
 

@@ -51,6 +51,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from noisescale.per_example.shared import flatten
+
 if TYPE_CHECKING:
     from noisescale.per_example.engine import PerExampleNorms
 
@@ -278,7 +280,7 @@ class CompiledShared(Tensor):
     ) -> Any:
         kwargs = kwargs or {}
         flat: list[Any] = []
-        _flatten((args, kwargs), flat)
+        flatten((args, kwargs), flat)
         shared = [t for t in flat if isinstance(t, CompiledShared)]
         with torch._C.DisableTorchFunctionSubclass():
             if not shared:
@@ -345,17 +347,6 @@ def share(output: Tensor, info: tuple) -> CompiledShared:
         s = output.as_subclass(CompiledShared)
     s._ns_compiled = info  # type: ignore[attr-defined]
     return s
-
-
-def _flatten(value: Any, out: list[Any]) -> None:
-    if isinstance(value, list | tuple):
-        for v in value:
-            _flatten(v, out)
-    elif isinstance(value, dict):
-        for v in value.values():
-            _flatten(v, out)
-    else:
-        out.append(value)
 
 
 def _map(value: Any, fn: Callable[[Any], Any]) -> Any:

@@ -98,13 +98,14 @@ def _plain(t: Tensor) -> Tensor:
     return t
 
 
-def _flat(value: Any, out: list[Any]) -> None:
+def flatten(value: Any, out: list[Any]) -> None:
+    """Append the leaves of nested lists, tuples and dicts in ``value`` to ``out``."""
     if isinstance(value, list | tuple):
         for v in value:
-            _flat(v, out)
+            flatten(v, out)
     elif isinstance(value, dict):
         for v in value.values():
-            _flat(v, out)
+            flatten(v, out)
     else:
         out.append(value)
 
@@ -143,8 +144,8 @@ class SharedTensor(Tensor):
     ) -> Any:
         kwargs = kwargs or {}
         flat: list[Any] = []
-        _flat(args, flat)
-        _flat(kwargs, flat)
+        flatten(args, flat)
+        flatten(kwargs, flat)
         origins = [o for o in map(_origin, flat) if o is not None]
         if not origins:  # e.g. a property read on a result
             with torch._C.DisableTorchFunctionSubclass():
