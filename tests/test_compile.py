@@ -58,8 +58,14 @@ BACKEND = "aot_eager"
 @pytest.fixture(autouse=True)
 def _no_tracker_left_over() -> None:
     """Trackers an earlier test left unreferenced but not removed give the compiler stance
-    back when they are collected (an audited step holds it at force_eager, process-wide)."""
+    back when they are collected (an audited step holds it at force_eager, process-wide).
+    One still referenced from another test module (a traceback pytest keeps, a module-level
+    object) is let go of here: its steps are over."""
+    from noisescale.per_example import compiled
+
     gc.collect()
+    for key in list(compiled._HOLDING):
+        compiled._release(key)
 
 
 EPS = torch.finfo(torch.float64).eps

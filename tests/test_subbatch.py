@@ -52,15 +52,21 @@ def subbatch_truth(model: nn.Module, loss_of_example, n: int, subbatches, weight
     return torch.stack(out)
 
 
-def assert_subbatches_exact(model, batch_loss, loss_of_example, n, k=4, steps=2, **engine):
+def assert_subbatches_exact(
+    model, batch_loss, loss_of_example, n, k=4, steps=2, learns=False, **engine
+):
+    """``learns``: the first pass finds something (a second use of a weight) and is withheld."""
     engine_ = PerExampleNorms(model, subbatches=k, **engine)
     # every pass split, also in a model where no weight uses sub-batch products (which the
     # engine otherwise measures per example from its second pass on)
     engine_.RECHECK_SUBBATCHES = 1
-    for _ in range(steps):
+    for step in range(steps + learns):
         model.zero_grad()
         batch_loss().backward()
         (p,) = engine_.collect()
+        if learns and step == 0:
+            assert p.raw_sqnorms is None and "used more than once" in p.withheld
+            continue
         assert p.raw_sqnorms is not None, p.withheld
         with engine_.paused():
             want = subbatch_truth(model, loss_of_example, n, p.subbatches)
@@ -98,6 +104,17 @@ def _cases():
                 nn.Linear(36, 2),
             ),
             r(9, 2, 6, 6),
+        ),
+        # 8 input channels per group and up: one grouped convolution over the sub-batches
+        # (fewer: one convolution per sub-batch, as in the cases above)
+        "conv-grouped-products": (
+            lambda: nn.Sequential(
+                nn.Conv2d(8, 16, 3, padding=1, padding_mode="replicate"),
+                nn.ReLU(),
+                nn.Conv2d(16, 4, 3, stride=2, groups=2),
+                nn.Flatten(),
+            ),
+            r(9, 8, 7, 7),
         ),
         "conv1d-circular": (
             lambda: nn.Sequential(
@@ -153,6 +170,106 @@ def test_gpt2_subbatches_with_the_tied_head():
         8,
         steps=1,
     )
+
+
+def _product_weights(model, batch_loss, k=4):
+    """Ids of the weights whose gradient came from sub-batch products in one pass."""
+    from noisescale.per_example import factors
+
+    seen, real_add = set(), PerExampleNorms._add
+
+    def spy(self, pass_, p, factor):
+        if isinstance(factor, factors.NormFactor):
+            seen.add(id(p))
+        return real_add(self, pass_, p, factor)
+
+    engine = PerExampleNorms(model, subbatches=k)
+    PerExampleNorms._add = spy
+    try:
+        batch_loss().backward()
+    finally:
+        PerExampleNorms._add = real_add
+    engine.collect()
+    engine.remove()
+    model.zero_grad()
+    return seen
+
+
+def test_gpt2_tied_head_by_products_keeps_its_subbatch_gradients():
+    """A head tied to the token embedding whose sub-batches have enough rows takes sub-batch
+    products like any other weight (no second weight gradient by autograd): it keeps its k
+    sub-batch gradients, and the cross terms with the embedding's rows are exact."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(
+        vocab_size=30, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    ids = torch.randint(0, 30, (8, 12), generator=torch.Generator().manual_seed(1))
+    head = model.lm_head.weight
+    assert head is model.transformer.wte.weight
+
+    def loss():
+        return model(input_ids=ids, labels=ids).loss
+
+    assert id(head) in _product_weights(model, loss)
+    assert_subbatches_exact(
+        model, loss, lambda i: model(input_ids=ids[i : i + 1], labels=ids[i : i + 1]).loss, 8
+    )
+
+
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+def test_a_layer_called_twice_keeps_its_subbatch_gradients(layout):
+    """A weight used by two calls of its layer over positions: the first pass finds the second
+    use (withheld), the next ones keep each call's sub-batch gradients for the cross terms."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            if layout == "linear":
+                self.mix = nn.Linear(6, 6)
+            else:
+                transformers = pytest.importorskip("transformers")
+                self.mix = transformers.pytorch_utils.Conv1D(6, 6)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.mix(torch.tanh(self.mix(x)))))
+
+    torch.manual_seed(0)
+    model = Twice().double()
+    x = torch.randn(8, 10, 6)
+
+    def per(i=None):
+        out = model(x if i is None else x[i : i + 1])
+        return out.sin().flatten(1).sum(1)
+
+    assert_subbatches_exact(model, lambda: per().mean(), lambda i: per(i).sum(), 8, learns=True)
+
+
+def test_tied_head_by_products_preconditioned():
+    from noisescale.reference_models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(
+        vocab_size=24, block_size=12, n_layer=1, n_head=2, d_model=8, tie_embeddings=True
+    )
+    model = GPT(cfg).double()
+    ids = torch.randint(0, 24, (8, 12), generator=torch.Generator().manual_seed(2))
+    weights = {id(p): torch.rand_like(p) + 0.5 for p in model.parameters()}
+    assert id(model.lm_head.weight) in _product_weights(
+        model, lambda: model(ids).sin().flatten(1).sum(1).mean()
+    )
+    engine = PerExampleNorms(model, subbatches=4, precondition=lambda: weights)
+    model(ids).sin().flatten(1).sum(1).mean().backward()
+    (p,) = engine.collect()
+    with engine.paused():
+        want = subbatch_truth(
+            model, lambda i: model(ids[i : i + 1]).sin().sum(), 8, p.subbatches, weights
+        )
+    engine.remove()
+    assert torch.allclose(p.raw_sqnorms, want, rtol=1e-9)
 
 
 def test_weight_gradients_are_autograd_s_own():

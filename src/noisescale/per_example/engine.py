@@ -296,6 +296,7 @@ class PerExampleNorms:
         self._subbatches_pay: bool | None = None
         self._unsplit_passes = 0
         self._multi_use: set[int] = set()  # weights used more than once in a pass
+        self._scratch = subbatch_mod.Scratch()  # the sub-batch products' temporaries (CPU)
         self._weight_calls: dict[nn.Module, list[Tensor | None]] = {}
         self.allow_fallback = fallback
         self.auditing_enabled = audit
@@ -1038,7 +1039,10 @@ class PerExampleNorms:
             and weight is not None
             and weight.requires_grad
             and not isinstance(weight, SharedTensor)
-            and id(weight) not in self._multi_use
+            and (
+                id(weight) not in self._multi_use
+                or subbatch_mod.keeps_pay(module, args[0], pass_.subbatches.k)
+            )
             and id(weight) in self._param
             and module not in self._learned_shared  # its call is shared: no WeightBySubbatch
             and bool(args)
@@ -1079,15 +1083,21 @@ class PerExampleNorms:
             return _plain_weight_grad(job, x, d).to(weight.dtype)
         job.box.clear()
         w2 = None if pass_.weights is None else pass_.weights.get(id(weight))
+        # a weight with another use (a tied head) keeps its sub-batch gradients for cross terms
+        keep = id(weight) in self._multi_use
         with torch.no_grad():
             if job.kind == "conv":
-                grad, sq = subbatch_mod.conv_subbatch_grads(job.module, x, d, sb, w2)
+                grad, sq, per = subbatch_mod.conv_subbatch_grads(
+                    job.module, x, d, sb, w2, keep, self._scratch
+                )
             else:
                 a = x.reshape(x.shape[0], -1, x.shape[-1])
                 g = d.reshape(d.shape[0], -1, d.shape[-1])
-                grad, sq = subbatch_mod.linear_subbatch_grads(a, g, sb, w2, job.kind == "conv1d")
+                grad, sq, per = subbatch_mod.linear_subbatch_grads(
+                    a, g, sb, w2, job.kind == "conv1d", keep, self._scratch
+                )
             grad = grad.to(weight.dtype)
-            factor = NormFactor(sq, grad if pass_.audit is not None else None)
+            factor = NormFactor(sq, grad if pass_.audit is not None else None, per)
             self._deliver(pass_, {"weight": weight}, {"weight": factor}, reaches)
         return grad
 
@@ -2020,7 +2030,7 @@ class PerExampleNorms:
             return
         waiting = pass_.pending.setdefault(pid, [])
         waiting.append(factor)
-        if any(isinstance(f, NormFactor) for f in waiting):
+        if any(isinstance(f, NormFactor) and f.grads is None for f in waiting):
             # a weight measured by sub-batch products turned out to be used again: its cross
             # terms are not available; the next passes measure it from factors instead
             self._multi_use.add(pid)
@@ -2112,7 +2122,7 @@ class PerExampleNorms:
                     self._finish_slot(pass_, slot, True)
             pass_.slots.clear()
             for pid, waiting in list(pass_.pending.items()):
-                if any(isinstance(f, NormFactor) for f in waiting):
+                if any(isinstance(f, NormFactor) and f.grads is None for f in waiting):
                     continue  # the pass is broken (withheld below)
                 # a use whose output never reached the loss contributes a zero gradient
                 self._accumulate(pass_, pid, self._sqnorm_of_uses(pass_, self._param[pid], waiting))

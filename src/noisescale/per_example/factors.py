@@ -253,6 +253,10 @@ def dot(f: Factor, h: Factor, shape: torch.Size) -> Tensor:
         aa = torch.bmm(_acc(f.a), _acc(h.a).transpose(1, 2))
         dd = torch.bmm(_acc(f.d), _acc(h.d).transpose(1, 2))
         return (aa * dd).sum((1, 2))
+    if isinstance(h, NormFactor) and h.grads is not None:
+        f, h = h, f
+    if isinstance(f, NormFactor) and f.grads is not None:
+        return _dot_kept(f.dense(shape), h, shape)
     if isinstance(f, LinearFactor) and isinstance(h, EmbeddingFactor):
         f, h = h, f
     if (
@@ -269,6 +273,19 @@ def dot(f: Factor, h: Factor, shape: torch.Size) -> Tensor:
         same = (f.idx.unsqueeze(2) == h.idx.unsqueeze(1)).to(_acc(f.d).dtype)
         return (same * torch.bmm(_acc(f.d), _acc(h.d).transpose(1, 2))).sum((1, 2))
     return (f.dense(shape).flatten(1) * h.dense(shape).flatten(1)).sum(1)
+
+
+def _dot_kept(g: Tensor, h: Factor, shape: torch.Size) -> Tensor:
+    """⟨G_j, g_j(h)⟩ per sub-batch j of kept sub-batch gradients G [k, *shape] and another use."""
+    if isinstance(h, EmbeddingFactor) and len(shape) == 2:
+        # Σ_t G_j[idx_t] · δ_t: the rows the embedding touched, gathered (k·T·D, not k·V·D)
+        rows = torch.gather(g, 1, h.idx.unsqueeze(-1).expand(-1, -1, shape[1]))
+        return torch.linalg.vecdot(rows.flatten(1), _acc(h.d).flatten(1))
+    if isinstance(h, LinearFactor) and h.groups == 1 and len(shape) == 2:
+        # Σ_r δ_r · (G a_r) for G [O, I] (or a_r G · δ_r for a transposed layout [I, O])
+        m = g if h.transposed else g.transpose(1, 2)
+        return (torch.bmm(_acc(h.a), m) * _acc(h.d)).sum((1, 2))
+    return torch.linalg.vecdot(g.flatten(1), h.dense(shape).flatten(1))
 
 
 def sqnorm_of_sum(factors: list[Factor], shape: torch.Size) -> Tensor:
@@ -380,23 +397,35 @@ class Subbatches:
         r = sum(1 for s in self.sizes if s > q)
         return q + (torch.arange(self.k, device=like.device) < r).to(like.dtype)
 
-    def take(self, x: Tensor) -> Tensor:
-        """Rows of ``x`` (dim 0 = examples) as [k, n, ...], in sub-batch order, zero-padded."""
-        index = self.index if self.index.device == x.device else self.index.to(x.device)
-        rows = x.index_select(0, index)
-        if self.pad.numel():
-            pad = self.pad if self.pad.device == x.device else self.pad.to(x.device)
-            rows = rows.index_fill(0, pad, 0)
+    def take(self, x: Tensor, out: Tensor | None = None, interleaved: bool = False) -> Tensor:
+        """Rows of ``x`` (dim 0 = examples) as [k, n, ...], in sub-batch order, zero-padded;
+        written into ``out`` ([k·n, ...] of ``x``'s dtype) when given. ``interleaved``: as
+        [n, k, ...] instead (slot i of every sub-batch, then slot i + 1), the layout a grouped
+        convolution over the sub-batches reads, gathered in one copy."""
+        index, pad = self.index, self.pad
+        if interleaved:
+            index = index.view(self.k, self.n).t().reshape(-1)
+            pad = (pad % self.n) * self.k + pad // self.n  # slot j·n + i is now i·k + j
+        index = index if index.device == x.device else index.to(x.device)
+        rows = x.index_select(0, index) if out is None else torch.index_select(x, 0, index, out=out)
+        if pad.numel():
+            pad = pad if pad.device == x.device else pad.to(x.device)
+            rows = rows.index_fill_(0, pad, 0)
+        if interleaved:
+            return rows.view(self.n, self.k, *rows.shape[1:])
         return rows.view(self.k, self.n, *rows.shape[1:])
 
 
 @dataclass
 class NormFactor:
     """Sub-batch squared norms computed where the gradient itself was (a weight whose gradient
-    the engine computes as k sub-batch products); ``total`` is that gradient, kept for audits."""
+    the engine computes as k sub-batch products); ``total`` is that gradient, kept for audits;
+    ``grads`` [k, *shape] the sub-batch gradients themselves, kept for a weight with another use
+    in the pass (a head tied to an embedding: the norm of the sum has cross terms)."""
 
     sq: Tensor
     total: Tensor | None = None
+    grads: Tensor | None = None
 
     def sqnorm(self) -> Tensor:
         return self.sq
@@ -406,10 +435,12 @@ class NormFactor:
         return self.total.reshape(shape)
 
     def dense(self, shape: torch.Size) -> Tensor:
-        raise NotImplementedError(
-            "a weight measured by sub-batch products has no per-sub-batch gradient kept; it "
-            "cannot be combined with another use of the same weight"
-        )
+        if self.grads is None:
+            raise NotImplementedError(
+                "a weight measured by sub-batch products has no per-sub-batch gradient kept; it "
+                "cannot be combined with another use of the same weight"
+            )
+        return self.grads.reshape(self.grads.shape[0], *shape)
 
 
 def group_factor(f: Any, sb: Subbatches) -> Any:

@@ -20,12 +20,14 @@ factors, merged by sub-batch (:func:`~noisescale.per_example.factors.group_facto
 
 from __future__ import annotations
 
+import math
+import threading
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from noisescale.per_example.factors import Subbatches, _acc, gram_is_cheaper
+from noisescale.per_example.factors import Subbatches, _acc, _sqnorm_rows, gram_is_cheaper
 
 __all__ = ["WeightBySubbatch", "conv_subbatch_grads", "linear_subbatch_grads"]
 
@@ -51,43 +53,116 @@ class WeightBySubbatch(torch.autograd.Function):
         return d, None, ctx.job.weight_grad(x, d), None
 
 
+class Scratch:
+    """Buffers for the sub-batch products' temporaries (the gathered inputs and output
+    gradients, the k partial gradients), reused from layer to layer and step to step on the CPU.
+
+    On the CPU a fresh tensor of a few MiB costs a page fault per 4 KiB page the first time it is
+    written (the allocator hands large blocks back to the system when they are freed): on this
+    project's 2-vCPU machine ≈ 0.5 ms per MiB, as much as the copy itself several times over.
+    The plain step's own allocations settle into reuse; these temporaries, of other sizes, would
+    not. One grow-only buffer per role and thread holds the largest layer's temporaries (the
+    memory they take at that layer's backward anyway). Accelerators' caching allocators reuse
+    memory already, so there every call allocates as usual (:meth:`get` returns ``None``).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[int, str, torch.dtype], Tensor] = {}
+
+    def get(self, role: str, shape: tuple[int, ...], like: Tensor) -> Tensor | None:
+        """A [shape] tensor of ``like``'s dtype whose contents are overwritten by the caller,
+        valid until the next :meth:`get` of the same role on this thread."""
+        if like.device.type != "cpu":
+            return None
+        key = (threading.get_ident(), role, like.dtype)
+        size = math.prod(shape)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < size:
+            buf = torch.empty(size, dtype=like.dtype)
+            self._buffers[key] = buf
+        return buf[:size].view(shape)
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
 def linear_subbatch_grads(
-    a: Tensor, d: Tensor, sb: Subbatches, w2: Tensor | None, transposed: bool
-) -> tuple[Tensor, Tensor]:
-    """(weight gradient, squared norm of each sub-batch's gradient) of a linear map.
+    a: Tensor,
+    d: Tensor,
+    sb: Subbatches,
+    w2: Tensor | None,
+    transposed: bool,
+    keep: bool = False,
+    scratch: Scratch | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(weight gradient, squared norm of each sub-batch's gradient, the sub-batch gradients
+    [k, *weight.shape] when ``keep``) of a linear map.
 
     ``a``: [N, P, I] inputs and ``d``: [N, P, O] output gradients, P positions per example;
-    ``w2``: P² of a preconditioned norm (weight layout), or ``None``.
+    ``w2``: P² of a preconditioned norm (weight layout), or ``None``. ``keep`` is for a weight
+    with another use in the pass (a head tied to an embedding): the cross terms of the two uses
+    need each sub-batch's gradient. ``scratch``: where the temporaries may live (not the kept
+    gradients, which outlive the call).
     """
     dtype = d.dtype if d.dtype == a.dtype else torch.promote_types(a.dtype, d.dtype)
-    a3 = sb.take(a.to(dtype)).flatten(1, 2)  # [k, n·P, I]
-    d3 = sb.take(d.to(dtype)).flatten(1, 2)  # [k, n·P, O]
+    a, d = a.to(dtype), d.to(dtype)
+    rows = sb.k * sb.n
+
+    def buffer(role: str, shape: tuple[int, ...]) -> Tensor | None:
+        return None if scratch is None else scratch.get(role, shape, a)
+
+    a3 = sb.take(a, buffer("a", (rows, *a.shape[1:]))).flatten(1, 2)  # [k, n·P, I]
+    d3 = sb.take(d, buffer("d", (rows, *d.shape[1:]))).flatten(1, 2)  # [k, n·P, O]
     o, i = d3.shape[2], a3.shape[2]
-    chunk = max(1, _CHUNK_ELEMENTS // (o * i))
+    chunk = sb.k if keep else max(1, _CHUNK_ELEMENTS // (o * i))
     total: Tensor | None = None
     norms = []
+    kept = None
     w = None if w2 is None else (w2.t() if transposed else w2)
     for start in range(0, sb.k, chunk):
-        g = torch.bmm(d3[start : start + chunk].transpose(1, 2), a3[start : start + chunk])
+        left, right = d3[start : start + chunk].transpose(1, 2), a3[start : start + chunk]
+        out = None if keep else buffer("g", (left.shape[0], o, i))
+        g = torch.bmm(left, right) if out is None else torch.bmm(left, right, out=out)
         gf = _acc(g)
-        norms.append(
-            gf.pow(2).flatten(1).sum(1) if w is None else (gf.pow(2) * w).flatten(1).sum(1)
-        )
+        norms.append(_sqnorm_rows(gf) if w is None else (gf.pow(2) * w).flatten(1).sum(1))
         part = g.sum(0)
         total = part if total is None else total + part
+        if keep:
+            kept = gf.transpose(1, 2) if transposed else gf
     assert total is not None
-    return (total.t() if transposed else total), torch.cat(norms)
+    return (total.t() if transposed else total), torch.cat(norms), kept
 
 
 def conv_subbatch_grads(
-    module: nn.Module, x: Tensor, d: Tensor, sb: Subbatches, w2: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """(weight gradient, squared norm of each sub-batch's gradient) of a convolution."""
+    module: nn.Module,
+    x: Tensor,
+    d: Tensor,
+    sb: Subbatches,
+    w2: Tensor | None,
+    keep: bool = False,
+    scratch: Scratch | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(weight gradient, squared norm of each sub-batch's gradient, the sub-batch gradients
+    when ``keep``) of a convolution."""
     from noisescale.per_example.conv import subbatch_weight_grads
 
-    per = subbatch_weight_grads(module, x, d, sb)  # [k, *weight.shape]
-    sq = per.pow(2) if w2 is None else per.pow(2) * w2
-    return per.sum(0), sq.flatten(1).sum(1)
+    per = subbatch_weight_grads(module, x, d, sb, scratch)  # [k, *weight.shape]
+    sq = _sqnorm_rows(per) if w2 is None else (per.pow(2) * w2).flatten(1).sum(1)
+    return per.sum(0), sq, per if keep else None
+
+
+def keeps_pay(module: nn.Module, x: Tensor, k: int) -> bool:
+    """Whether a weight with another use in the pass (a head tied to an embedding) may take
+    sub-batch products, which then keep its k sub-batch gradients until the other use's factor
+    arrives: only for a linear map whose k weight-sized gradients take no more memory than the
+    per-example factors of the call would (inputs and output gradients at every position), so
+    that they are never worse than the factors they replace."""
+    weight = module._parameters.get("weight")
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) or weight is None or weight.dim() != 2:
+        return False
+    o, i = weight.shape
+    rows = x.numel() // max(1, x.shape[-1])
+    return k * o * i <= rows * (o + i)
 
 
 def uses_products(module: nn.Module, x: Tensor, n: int, per_subbatch: int) -> bool:
