@@ -121,7 +121,10 @@ class GradientNoiseTracker:
             examples carry most of the noise, the interval is nearly as narrow as with every
             example — where a per-example subset's is not (``bench/precision.py``). A model in
             which no weight's gradient comes from sub-batch products (an MLP on a small batch)
-            is measured per example instead, which is cheaper there and more precise.
+            is measured per example instead, which is cheaper there and more precise. With
+            accumulation, one micro-batch per step — at a random position among the last
+            step's, drawn before the step — is split (or measured per example); the others run
+            plain and give their micro-batch norms.
         per_example_fraction: Measure per-example norms instead of sub-batches: ``1.0`` every
             example exactly; a fraction f draws ⌈f·N⌉ of a step's N examples with
             probabilities that favour large output gradients, weighted back (unbiased, but far
@@ -914,6 +917,7 @@ class GradientNoiseTracker:
             "subset_rng": self.engine.rng_state(),
             "subset_step_examples": self.engine.last_step_examples,
             "subset_position": self.engine.subset_position,
+            "subset_step_passes": self.engine.last_step_passes,
             "engine_steps": self.engine.steps_collected,
             "subbatches_pay": self.engine.subbatches_pay,
         }
@@ -965,6 +969,7 @@ class GradientNoiseTracker:
         self.engine.set_rng_state(state.get("subset_rng", {}))
         self.engine.last_step_examples = state.get("subset_step_examples")
         self.engine.subset_position = int(state.get("subset_position", 0))
+        self.engine.last_step_passes = int(state.get("subset_step_passes", 0))
         self.engine.steps_collected = int(state.get("engine_steps", self.steps))
         self.engine.subbatches_pay = state.get("subbatches_pay")
 

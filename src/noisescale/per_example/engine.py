@@ -331,6 +331,11 @@ class PerExampleNorms:
         self._positions = 0
         self._measured_found = False
         self.last_step_examples: int | None = None
+        # Sub-batch mode with accumulation: the number of micro-batches of the last step (0 while
+        # unknown, or when its passes cannot be told apart at forward time: merged or compiled)
+        # and the forwards opened in this step; see _open_pass
+        self.last_step_passes = 0
+        self._forwards = 0
         self._task_accumulates: dict[int, bool] = {}
         self._acc_node: dict[int, Any] = {}
         self._fallback_rng: dict[nn.Module, dict[str, Tensor]] = {}
@@ -676,6 +681,16 @@ class PerExampleNorms:
         # a forward after the step's measured backward (the next accumulation micro-batch)
         # cannot be measured: no layer hooks for it
         skipped = self._measured_found and self.per_example_fraction < 1.0
+        if self.subbatches and self.last_step_passes > 1:
+            # Sub-batch mode with accumulation: one micro-batch per step, at a random position
+            # among the last step's, is split and measured; the others keep their micro-batch
+            # norms only (each micro-batch is already a group whose norm the micro-batch source
+            # pairs with the step's gradient). The position is drawn before the step, whatever
+            # its data, so every sub-batch norm stays unbiased; measuring every micro-batch
+            # would cost the sub-batch overhead m times for k·m groups where m + k do nearly as
+            # well. Decided here, at the forward, so that skipped micro-batches run plain.
+            position, self._forwards = self._forwards, self._forwards + 1
+            skipped = skipped or position != self.subset_position
         pass_ = PassNorms(batch_size=n, weights=weights, skipped=skipped or n == 0)
         pass_.n_source = _first_tensor(args, kwargs)
         pass_.inputs = (args, kwargs)
@@ -1856,10 +1871,12 @@ class PerExampleNorms:
         torch.autograd.grad() (``reaches`` ``None``) whether the parameters are reached is known
         only at collect(): such a pass is computed without taking a position.
         """
-        if self.per_example_fraction >= 1.0 or pass_.measured:
+        if pass_.measured:
             return True
         if pass_.skipped:
             return False
+        if self.per_example_fraction >= 1.0:
+            return True
         if reaches is None:
             return True
         position, self._positions = self._positions, self._positions + 1
@@ -2091,6 +2108,7 @@ class PerExampleNorms:
         self._records.clear()
         first, self._first_pass = self._first_pass, None
         self._positions = 0
+        self._forwards = 0
         self._measured_found = False
         reached = sum(1 for p in done if p.received)  # passes of the step, before merging
         if first is not None and first.lazy and reached > 1:
@@ -2159,6 +2177,7 @@ class PerExampleNorms:
                     "gradient norms of their sum are unknown; add the losses and call backward "
                     "once per forward"
                 )
+        compiled_step = any(p.compiled or p.compiled_call for p in done)
         done = [p for p in _merge_shared_backward(done) if p.received]
         self.steps_collected += 1
         self._audit_due = _audit_scheduled(self.steps_collected + 1)  # the next step's number
@@ -2166,6 +2185,10 @@ class PerExampleNorms:
             self.last_step_examples = sum(p.batch_size for p in done)
             self.subset_position = 0
             if reached > 1 and self.per_example_fraction < 1.0:
+                self.subset_position = self._draw_subset_position(reached)
+            separate = len(done) == reached and not compiled_step
+            self.last_step_passes = reached if self.subbatches and separate else 0
+            if self.last_step_passes > 1:
                 self.subset_position = self._draw_subset_position(reached)
         if self.per_example:
             for pass_ in done:
