@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils.hooks import RemovableHandle
@@ -975,6 +976,7 @@ class PerExampleNorms:
             # so the model's own hooks run outside it) still loosens the audit
             pass_.amp = _autocast_enabled()
         outs = list(rule.outputs(module, output)) if rule.outputs is not None else [_first(output)]
+        replaced = None  # the output, when this hook replaces it
         if product_weight is not None:
             # The layer ran on a detached weight (_on_weight_enter): its gradient comes from
             # WeightBySubbatch whatever happens next, also when nothing else in the output needs
@@ -984,14 +986,24 @@ class PerExampleNorms:
             job = _WeightJob(pass_, module, product_weight, kind, [True], self)
             pass_.products = True
             pass_.uses[id(product_weight)] = pass_.uses.get(id(product_weight), 0) + 1
-            subbatch_mod.WeightBySubbatch.apply(outs[0], args[0].detach(), product_weight, job)
+            base = _reshaped_base(module, output)
+            if base is None:
+                subbatch_mod.WeightBySubbatch.apply(outs[0], args[0].detach(), product_weight, job)
+            else:
+                # The output is a reshaped view of the product's result (nn.Linear on [N, T, I],
+                # Conv1D): marking the view dirty makes autograd copy every gradient through
+                # the whole base and back (CopySlices, ≈ 3 copies of the output per layer).
+                # The base is marked instead, and the layer's output becomes a new view of it,
+                # made after — the view the layer made is seen by no one else.
+                subbatch_mod.WeightBySubbatch.apply(base, args[0].detach(), product_weight, job)
+                output = outs[0] = replaced = base.view(output.shape)
             params = {k: v for k, v in params.items() if v is not product_weight}
         if rule.check is not None:
             rule.check(module, label)  # e.g. a BatchNorm switched to train() since
         if pass_.skipped:
-            return None
+            return replaced
         if not any(isinstance(o, Tensor) and o.requires_grad for o in outs):
-            return None
+            return replaced
         ctx_dim = self.batch_dim()
         in_dim, out_dims = (
             rule.batch_dims(module)
@@ -1015,11 +1027,12 @@ class PerExampleNorms:
             pass_.batch_size = n = size
         is_shared = shared_input or size != n or module in self._learned_shared
         if is_shared:
-            return self._shared_call(pass_, module, rule, label, params, args, kwargs, output)
+            shared = self._shared_call(pass_, module, rule, label, params, args, kwargs, output)
+            return replaced if shared is None else shared
         if product_weight is not None and not params:
             pass_.signature.append(("products", id(module), _pattern(args, kwargs, n)))
             self._add_target(pass_, outs[0], out_dims[0], module, label)
-            return None
+            return replaced
         saved = rule.save(module, args, kwargs, output)
         call = _Call(module, rule, label, params, in_dim, [saved], out_dims, n)
         for p in params.values():
@@ -1039,7 +1052,7 @@ class PerExampleNorms:
         for o, d in zip(outs, out_dims, strict=False):
             if isinstance(o, Tensor) and o.requires_grad:
                 self._add_target(pass_, o, d, module, label)
-        return None
+        return replaced
 
     def _on_weight_enter(self, module: nn.Module, args: tuple) -> None:
         """Sub-batch mode: run the layer on a detached weight; its gradient is computed by
@@ -1086,6 +1099,8 @@ class PerExampleNorms:
     def _weight_backward(self, job: _WeightJob, x: Tensor, d: Tensor) -> Tensor | None:
         """The weight's gradient from its sub-batch products, and their squared norms."""
         pass_, weight = job.pass_, job.weight
+        if job.kind != "conv" and d.shape[:-1] != x.shape[:-1]:
+            d = d.reshape(*x.shape[:-1], d.shape[-1])  # the gradient of the output's base
         try:
             needed = self._reaches_parameters([id(weight)])
         except RuntimeError:  # torch.autograd.grad(): decided when collected
@@ -2460,6 +2475,28 @@ def _by_products(module: nn.Module, rule: LayerRule) -> bool:
     from noisescale.per_example import conv, linear
 
     return rule in (linear.LINEAR_RULE, linear.CONV1D_RULE, *conv.CONV_RULES)
+
+
+def _reshaped_base(module: nn.Module, output: Any) -> Tensor | None:
+    """The tensor a product layer's output is a reshaped view of — nn.Linear on [N, T, I] and
+    Hugging Face's Conv1D return ``addmm(...).view(...)`` — when the view may be replaced by a
+    new one: no forward hook but the engine's saw it (a hook of the user's registered before
+    the tracker's would hold the old view), and it is the whole base, in the same layout."""
+    if not isinstance(output, Tensor):
+        return None
+    base = output._base
+    if (
+        base is None
+        or base._base is not None
+        or not base.requires_grad
+        or base.numel() != output.numel()
+        or not (base.is_contiguous() and output.is_contiguous())
+        or base.data_ptr() != output.data_ptr()
+        or len(module._forward_hooks) != 2  # _on_weight_exit and _on_forward
+        or _global_forward_hooks
+    ):
+        return None
+    return base
 
 
 def _product_kind(module: nn.Module, rule: LayerRule) -> str:

@@ -69,16 +69,19 @@ class Scratch:
     def __init__(self) -> None:
         self._buffers: dict[tuple[int, str, torch.dtype], Tensor] = {}
 
-    def get(self, role: str, shape: tuple[int, ...], like: Tensor) -> Tensor | None:
-        """A [shape] tensor of ``like``'s dtype whose contents are overwritten by the caller,
-        valid until the next :meth:`get` of the same role on this thread."""
+    def get(
+        self, role: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None
+    ) -> Tensor | None:
+        """A [shape] tensor of ``dtype`` (default ``like``'s) whose contents are overwritten by
+        the caller, valid until the next :meth:`get` of the same role on this thread."""
         if like.device.type != "cpu":
             return None
-        key = (threading.get_ident(), role, like.dtype)
+        dtype = like.dtype if dtype is None else dtype
+        key = (threading.get_ident(), role, dtype)
         size = math.prod(shape)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < size:
-            buf = torch.empty(size, dtype=like.dtype)
+            buf = torch.empty(size, dtype=dtype)
             self._buffers[key] = buf
         return buf[:size].view(shape)
 
@@ -105,11 +108,19 @@ def linear_subbatch_grads(
     gradients, which outlive the call).
     """
     dtype = d.dtype if d.dtype == a.dtype else torch.promote_types(a.dtype, d.dtype)
-    a, d = a.to(dtype), d.to(dtype)
     rows = sb.k * sb.n
 
     def buffer(role: str, shape: tuple[int, ...]) -> Tensor | None:
-        return None if scratch is None else scratch.get(role, shape, a)
+        return None if scratch is None else scratch.get(role, shape, a, dtype)
+
+    def cast(role: str, t: Tensor) -> Tensor:
+        # (bf16 autocast: the output gradient in bf16, the input in float32)
+        if t.dtype == dtype:
+            return t
+        out = buffer(role, tuple(t.shape))
+        return t.to(dtype) if out is None else out.copy_(t)
+
+    a, d = cast("a-cast", a), cast("d-cast", d)
 
     a3 = sb.take(a, buffer("a", (rows, *a.shape[1:]))).flatten(1, 2)  # [k, n·P, I]
     d3 = sb.take(d, buffer("d", (rows, *d.shape[1:]))).flatten(1, 2)  # [k, n·P, O]
