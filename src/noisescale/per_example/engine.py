@@ -1117,9 +1117,7 @@ class PerExampleNorms:
         keep = id(weight) in self._multi_use
         with torch.no_grad():
             if job.kind == "conv":
-                grad, sq, per = subbatch_mod.conv_subbatch_grads(
-                    job.module, x, d, sb, w2, keep, self._scratch
-                )
+                grad, sq, per = subbatch_mod.conv_subbatch_grads(job.module, x, d, sb, w2, keep)
             else:
                 a = x.reshape(x.shape[0], -1, x.shape[-1])
                 g = d.reshape(d.shape[0], -1, d.shape[-1])
