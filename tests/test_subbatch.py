@@ -304,6 +304,30 @@ def test_with_accumulation_one_micro_batch_per_step_is_split():
     engine.remove()
 
 
+def test_accumulation_shrinking_to_one_micro_batch_skips_the_step_and_says_so():
+    """Without micro-batch norms, a step of one micro-batch after a step of three is measured
+    only when the drawn position is 0; otherwise it has no small batch: skipped, with a
+    warning that says why — never a number from the wrong micro-batch."""
+    torch.manual_seed(0)
+    model = Sequence()
+    x = torch.randn(24, 10, 5)
+    tracker = noisescale.GradientNoiseTracker(model, microbatch=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(40):
+            parts = 3 if step % 2 == 0 else 1
+            for chunk in x.chunk(parts):
+                model(chunk).sin().mean().div(parts).backward()
+            tracker.step()
+            model.zero_grad()
+    tracker.remove()
+    # 20 one-micro-batch steps, each skipped with probability 2/3 (P(outside 6..19) < 1e-3)
+    assert 6 <= tracker.skipped_steps <= 19, tracker.skipped_steps
+    said = "drawn for its per-example subset (or sub-batches)"
+    assert any(said in str(w.message) for w in caught)
+    assert math.isfinite(tracker.estimate().b_simple)
+
+
 def test_weight_gradients_are_autograd_s_own():
     """The gradient WeightBySubbatch hands autograd is Σ_j of the sub-batch products: the same
     as a plain backward's, to rounding; in-place operations on the layer's output still work."""

@@ -701,9 +701,10 @@ class GradientNoiseTracker:
             self._warn_once(
                 "subset-missed",
                 "this step had fewer micro-batches than the one before, and the micro-batch "
-                "drawn for its per-example subset did not occur, so it has no small-batch norm "
-                "and is skipped (this happens on the step where accumulation shrinks to one "
-                "micro-batch; per_example_fraction=1.0 avoids it)",
+                "drawn for its per-example subset (or sub-batches) did not occur, so it has no "
+                "small-batch norm and is skipped (this happens on the step where accumulation "
+                "shrinks to one micro-batch; per_example_fraction=1.0, or keeping micro-batch "
+                "norms on, avoids it)",
             )
         else:
             self._warn_once(
