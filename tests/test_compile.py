@@ -411,6 +411,36 @@ def test_a_structure_never_audited_is_audited_eagerly_on_the_next_step() -> None
     assert withheld == [5]
 
 
+def test_a_tied_head_measured_alike_eager_and_compiled() -> None:
+    """A head tied to its embedding takes sub-batch products in an eager model; once the model
+    has run compiled, whose traced hooks merge its factors instead, its audited eager steps do
+    the same, so the structures match: one compiled step waits for an audit (step 3, the first
+    compiled), not every other one."""
+    transformers = pytest.importorskip("transformers")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        vocab_size=30, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(cfg).double()
+    call = torch.compile(model, backend=BACKEND)
+    tracker = GradientNoiseTracker(model, sync_every=1)
+    gen = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(8):
+            ids = torch.randint(0, 30, (8, 16), generator=gen)  # 16 rows per sub-batch
+            call(input_ids=ids, labels=ids).loss.backward()
+            tracker.step()
+            model.zero_grad()
+    history = tracker.history
+    tracker.remove()
+    torch._dynamo.reset()
+    withheld = [r["step"] for r in history if "subbatch" not in r["sources"]]
+    assert withheld == [3], withheld
+
+
 def test_audited_steps_force_eager_and_give_the_stance_back() -> None:
     """The stance is force_eager from tracker.step() before an audited step to the one after it,
     and the user's own stance is restored then (and by remove())."""

@@ -364,6 +364,11 @@ class PerExampleNorms:
         self.compile_blocker: str | None = None
         self._compile_learned: str | None = None
         self._compiled_eagerly = False
+        # A step of the model ran compiled: from then on the eager hooks take the traced hooks'
+        # decisions where they differ (a tied weight's products), so that an audited eager step
+        # sees the structure the compiled steps have (else every compiled step would wait for
+        # another audit)
+        self._seen_compiled = False
         self._refuse_modules(model)
         self._model_dim = 1 if _time_major(model) else 0
         # FSDP2 reshards parameters in hooks of the backward: a replayed backward would run them
@@ -1069,7 +1074,10 @@ class PerExampleNorms:
             and not isinstance(weight, SharedTensor)
             and (
                 id(weight) not in self._multi_use
-                or subbatch_mod.keeps_pay(module, args[0], pass_.subbatches.k)
+                or (
+                    not self._seen_compiled
+                    and subbatch_mod.keeps_pay(module, args[0], pass_.subbatches.k)
+                )
             )
             and id(weight) in self._param
             and module not in self._learned_shared  # its call is shared: no WeightBySubbatch
@@ -2191,6 +2199,7 @@ class PerExampleNorms:
                     "once per forward"
                 )
         compiled_step = any(p.compiled or p.compiled_call for p in done)
+        self._seen_compiled = self._seen_compiled or compiled_step
         done = [p for p in _merge_shared_backward(done) if p.received]
         self.steps_collected += 1
         self._audit_due = _audit_scheduled(self.steps_collected + 1)  # the next step's number
