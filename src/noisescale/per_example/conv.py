@@ -108,15 +108,12 @@ def per_example_weight_grads(module: ConvNd, x: Tensor, d: Tensor) -> Tensor:
 _GROUPED_MIN_CHANNELS = 8
 
 
-def subbatch_weight_grads(
-    module: ConvNd, x: Tensor, d: Tensor, sb: Any, scratch: Any = None
-) -> Tensor:
+def subbatch_weight_grads(module: ConvNd, x: Tensor, d: Tensor, sb: Any) -> Tensor:
     """The weight gradient of each sub-batch, [k, *weight.shape], from one grouped convolution.
 
     Sub-batch j's channels become groups j·G … j·G + G − 1 of a convolution over a batch of its
     n examples (the examples of different sub-batches share the batch dimension), gathered in
-    that layout in one copy. ``scratch``
-    (:class:`~noisescale.per_example.subbatch.Scratch`): where the gathered inputs may live.
+    that layout in one copy.
     """
     w = module.weight
     x, d = _acc(x), _acc(d)
@@ -127,11 +124,7 @@ def subbatch_weight_grads(
     k, n = sb.k, sb.n
     grouped = module.in_channels // module.groups >= _GROUPED_MIN_CHANNELS
 
-    def take(role: str, t: Tensor) -> Tensor:
-        out = None if scratch is None else scratch.get(role, (k * n, *t.shape[1:]), t)
-        return sb.take(t, out, interleaved=grouped)
-
-    xs, ds = take("a", x), take("d", d)
+    xs, ds = sb.take(x, interleaved=grouped), sb.take(d, interleaved=grouped)
     conv = functools.partial(
         _WEIGHT_GRAD[x.dim() - 2],
         stride=module.stride,

@@ -2205,12 +2205,12 @@ class PerExampleNorms:
         self._audit_due = _audit_scheduled(self.steps_collected + 1)  # the next step's number
         if done:
             self.last_step_examples = sum(p.batch_size for p in done)
-            self.subset_position = 0
-            if reached > 1 and self.per_example_fraction < 1.0:
-                self.subset_position = self._draw_subset_position(reached)
             separate = len(done) == reached and not compiled_step
             self.last_step_passes = reached if self.subbatches and separate else 0
-            if self.last_step_passes > 1:
+            # which pass of the next step is measured: a subset's, or (sub-batch mode) the one
+            # micro-batch that is split
+            self.subset_position = 0
+            if reached > 1 and (self.per_example_fraction < 1.0 or self.last_step_passes > 1):
                 self.subset_position = self._draw_subset_position(reached)
         if self.per_example:
             for pass_ in done:

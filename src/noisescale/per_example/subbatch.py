@@ -157,13 +157,12 @@ def conv_subbatch_grads(
     sb: Subbatches,
     w2: Tensor | None,
     keep: bool = False,
-    scratch: Scratch | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(weight gradient, squared norm of each sub-batch's gradient, the sub-batch gradients
     when ``keep``) of a convolution."""
     from noisescale.per_example.conv import subbatch_weight_grads
 
-    per = subbatch_weight_grads(module, x, d, sb, scratch)  # [k, *weight.shape]
+    per = subbatch_weight_grads(module, x, d, sb)  # [k, *weight.shape]
     sq = _sqnorm_rows(per) if w2 is None else (per.pow(2) * w2).flatten(1).sum(1)
     return per.sum(0), sq, per if keep else None
 
