@@ -74,6 +74,29 @@ def assert_subbatches_exact(
     engine_.remove()
 
 
+def assert_preconditioned_exact(model, batch_loss, loss_of_example, n, k=4):
+    """Sub-batch norms |P ⊙ Σ_{i ∈ j} g_i|² for a fixed random P² equal brute force."""
+    weights = {id(p): torch.rand_like(p) + 0.5 for p in model.parameters()}
+    engine = PerExampleNorms(model, subbatches=k, precondition=lambda: weights)
+    batch_loss().backward()
+    (p,) = engine.collect()
+    with engine.paused():
+        want = subbatch_truth(model, loss_of_example, n, p.subbatches, weights)
+    engine.remove()
+    assert torch.allclose(p.raw_sqnorms, want, rtol=1e-9)
+
+
+def tiny_gpt2(layers: int):
+    """A transformers GPT-2 of 30 tokens, width 16, no dropout, head tied to the embedding."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(
+        vocab_size=30, n_positions=16, n_embd=16, n_layer=layers, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
 class Sequence(nn.Module):
     def __init__(self):
         super().__init__()
@@ -154,13 +177,7 @@ def test_subbatch_norms_match_brute_force(name):
 def test_gpt2_subbatches_with_the_tied_head():
     """Conv1D weights by sub-batch products; the head tied to the token embedding by merged
     factors with their cross terms; positions [1, T] met through the shared-tensor path."""
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(
-        vocab_size=30, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(cfg)
+    model = tiny_gpt2(layers=2)
     ids = torch.randint(0, 30, (8, 6), generator=torch.Generator().manual_seed(1))
 
     assert_subbatches_exact(
@@ -199,13 +216,7 @@ def test_gpt2_tied_head_by_products_keeps_its_subbatch_gradients():
     """A head tied to the token embedding whose sub-batches have enough rows takes sub-batch
     products like any other weight (no second weight gradient by autograd): it keeps its k
     sub-batch gradients, and the cross terms with the embedding's rows are exact."""
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(
-        vocab_size=30, n_positions=16, n_embd=16, n_layer=1, n_head=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(cfg)
+    model = tiny_gpt2(layers=1)
     ids = torch.randint(0, 30, (8, 12), generator=torch.Generator().manual_seed(1))
     head = model.lm_head.weight
     assert head is model.transformer.wte.weight
@@ -257,19 +268,12 @@ def test_tied_head_by_products_preconditioned():
     )
     model = GPT(cfg).double()
     ids = torch.randint(0, 24, (8, 12), generator=torch.Generator().manual_seed(2))
-    weights = {id(p): torch.rand_like(p) + 0.5 for p in model.parameters()}
-    assert id(model.lm_head.weight) in _product_weights(
-        model, lambda: model(ids).sin().flatten(1).sum(1).mean()
-    )
-    engine = PerExampleNorms(model, subbatches=4, precondition=lambda: weights)
-    model(ids).sin().flatten(1).sum(1).mean().backward()
-    (p,) = engine.collect()
-    with engine.paused():
-        want = subbatch_truth(
-            model, lambda i: model(ids[i : i + 1]).sin().sum(), 8, p.subbatches, weights
-        )
-    engine.remove()
-    assert torch.allclose(p.raw_sqnorms, want, rtol=1e-9)
+
+    def loss():
+        return model(ids).sin().flatten(1).sum(1).mean()
+
+    assert id(model.lm_head.weight) in _product_weights(model, loss)
+    assert_preconditioned_exact(model, loss, lambda i: model(ids[i : i + 1]).sin().sum(), 8)
 
 
 def test_with_accumulation_one_micro_batch_per_step_is_split():
@@ -374,16 +378,12 @@ def test_preconditioned_subbatch_norms():
     torch.manual_seed(0)
     model = Sequence().double()
     x = torch.randn(10, 7, 5)
-    weights = {id(p): torch.rand_like(p) + 0.5 for p in model.parameters()}
-    engine = PerExampleNorms(model, subbatches=4, precondition=lambda: weights)
-    model(x).sin().flatten(1).sum(1).mean().backward()
-    (p,) = engine.collect()
-    with engine.paused():
-        want = subbatch_truth(
-            model, lambda i: model(x[i : i + 1]).sin().sum(), 10, p.subbatches, weights
-        )
-    engine.remove()
-    assert torch.allclose(p.raw_sqnorms, want, rtol=1e-9)
+    assert_preconditioned_exact(
+        model,
+        lambda: model(x).sin().flatten(1).sum(1).mean(),
+        lambda i: model(x[i : i + 1]).sin().sum(),
+        10,
+    )
 
 
 # -- the estimate -----------------------------------------------------------------------------
