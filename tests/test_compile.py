@@ -198,7 +198,14 @@ def _eager(model: str, mode: str) -> list[dict[str, Any]]:
 
 @functools.cache
 def _plain(model: str, style: str) -> tuple[int, int]:
-    _, breaks, graphs, _ = train(MODELS[model], None, style)
+    return _untracked(MODELS[model], style)
+
+
+@functools.cache
+def _untracked(factory: Callable, style: str, backend: str = BACKEND) -> tuple[int, int]:
+    """(graph breaks, graphs compiled) of the model trained without a tracker: the baseline of
+    every measurement mode, compiled once."""
+    _, breaks, graphs, _ = train(factory, None, style, backend)
     return breaks, graphs
 
 
@@ -330,7 +337,7 @@ def test_parameters_used_directly_in_their_module(factory: Callable, mode: str) 
     """Llama's RMSNorm (``weight * x``), ViT's class token (``expand``) and position table
     (``x + table``): parameters their own module uses directly, followed inside the graph."""
     history, breaks, graphs, warned = train(factory, mode, "torch.compile")
-    _, plain_breaks, plain_graphs, _ = train(factory, None, "torch.compile")
+    plain_breaks, plain_graphs = _untracked(factory, "torch.compile")
     eager, *_ = train(factory, mode, None)
     assert (breaks, warned) == (plain_breaks, [])
     assert graphs <= max(plain_graphs, 1)
@@ -481,7 +488,7 @@ def sequence_mlp() -> tuple[nn.Module, Callable, Batch]:
 @pytest.mark.parametrize("mode", ["subbatch", "per_example"])
 def test_a_first_layer_without_bias_under_compile(mode: str) -> None:
     history, breaks, graphs, warned = train(sequence_mlp, mode, "torch.compile")
-    _, plain_breaks, plain_graphs, _ = train(sequence_mlp, None, "torch.compile")
+    plain_breaks, plain_graphs = _untracked(sequence_mlp, "torch.compile")
     eager, *_ = train(sequence_mlp, mode, None)
     assert (breaks, graphs, warned) == (plain_breaks, plain_graphs, [])
     assert history is not None and eager is not None

@@ -413,7 +413,7 @@ def test_the_bench_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     argv = [
         "overhead.py",
         "--workload",
-        "cnn",
+        "gpt",
         "--steps",
         "2",
         "--warmup",
