@@ -3,8 +3,10 @@ import os
 import pytest
 import torch
 
-# Two cores: keep torch from oversubscribing them when pytest runs.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two cores: keep torch from oversubscribing them when pytest runs (each of pytest-xdist's
+# workers gets its share of them).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture
