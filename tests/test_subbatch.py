@@ -230,6 +230,34 @@ def test_gpt2_tied_head_by_products_keeps_its_subbatch_gradients():
     )
 
 
+def test_products_chosen_by_measured_cost_on_the_cpu():
+    """The products' extra work is memory-bound (k partial gradients), the Gram form's is
+    multiply-adds: on the CPU the products pay from fewer rows than the FLOP count says
+    (bench/gram_vs_products.py). A 128×128 layer at 56 rows per sub-batch takes products there,
+    the Gram form elsewhere; a wide classifier at 16 rows keeps the Gram form everywhere."""
+    from noisescale.per_example.factors import gram_is_cheaper
+    from noisescale.per_example.subbatch import uses_products
+
+    layer = nn.Linear(128, 128)
+    x = torch.zeros(8, 28, 128)
+    assert gram_is_cheaper(2 * 28, 128, 128)  # the FLOP rule alone: Gram
+    assert uses_products(layer, x, 8, 2)
+    assert not uses_products(layer, x.to("meta"), 8, 2)  # not measured there: the FLOP rule
+    classifier, features = nn.Linear(3136, 1024), torch.zeros(128, 3136)
+    assert not uses_products(classifier, features, 128, 16)
+    assert not uses_products(classifier, features.to("meta"), 128, 16)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 2)).double()
+    x = torch.randn(8, 28, 128, generator=torch.Generator().manual_seed(1))
+
+    def loss():
+        return model(x).sin().sum((1, 2)).mean()
+
+    assert id(model[0].weight) in _product_weights(model, loss)
+    assert_subbatches_exact(model, loss, lambda i: model(x[i : i + 1]).sin().sum(), 8)
+
+
 @pytest.mark.parametrize("layout", ["linear", "conv1d"])
 def test_a_layer_called_twice_keeps_its_subbatch_gradients(layout):
     """A weight used by two calls of its layer over positions: the first pass finds the second

@@ -34,6 +34,12 @@ __all__ = ["WeightBySubbatch", "conv_subbatch_grads", "linear_subbatch_grads"]
 # Sub-batch products are built this many elements at a time (256 MiB in fp32).
 _CHUNK_ELEMENTS = 1 << 26
 
+# On this project's CPU (2 vCPUs, one thread, 2026-12-02), per sub-batch and layer: the
+# products' extra work cost ≈ 1 ns per element of the k partial gradients (written by the
+# product, added, squared), the Gram form ≈ 0.023 ns per multiply-add (bmm at 64–512 rows,
+# widths 128–3136): one element ≈ 40 multiply-adds. bench/gram_vs_products.py measures both.
+_CPU_ELEMENT_PER_MAC = 40
+
 
 class WeightBySubbatch(torch.autograd.Function):
     """Identity on a layer's output in the forward; in the backward, the layer weight's gradient
@@ -193,6 +199,16 @@ def uses_products(module: nn.Module, x: Tensor, n: int, per_subbatch: int) -> bo
     :func:`~noisescale.per_example.factors.gram_is_cheaper` says so. A wide layer met once per
     example (a CNN's 3136→1024 classifier at batch 128: 16 rows per sub-batch) is far cheaper
     that way: its eight partial gradients held 100 MB and cost more than the step.
+
+    The two costs are of different kinds: the products' extra is k·I·O elements written, added
+    and squared (memory-bound), the Gram form's k·rows²·(I + O) multiply-adds on top of the
+    gradient autograd still computes. On the CPU an element of the first costs about
+    :data:`_CPU_ELEMENT_PER_MAC` multiply-adds of the second, so the products pay from far
+    fewer rows than the FLOP count alone says (``gram_is_cheaper``, which compares the Gram
+    form with materialising the gradients at rows·I·O): a 768×768 layer from ≈ 125 rows per
+    sub-batch, not 384 — a ViT of width 768 on 65 tokens (4 images per sub-batch, 260 rows)
+    spent 17% of its step in Gram products with the FLOP rule. Elsewhere (CUDA, unmeasured)
+    the FLOP rule stays.
     """
     if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         return True
@@ -203,4 +219,7 @@ def uses_products(module: nn.Module, x: Tensor, n: int, per_subbatch: int) -> bo
     weight = module._parameters.get("weight")
     if weight is None or weight.dim() != 2:
         return True
-    return not gram_is_cheaper(rows, weight.shape[0], weight.shape[1])
+    o, i = weight.shape
+    if not gram_is_cheaper(rows, o, i):
+        return True
+    return x.device.type == "cpu" and rows * rows * (i + o) >= _CPU_ELEMENT_PER_MAC * i * o
