@@ -11,6 +11,8 @@
 #                      step under torch.cuda.set_sync_debug_mode("error"), bf16 autocast
 #   overhead-cuda.md   bench/overhead.py at CUDA sizes (the paper's CNN, a GPT, ResNet-GN and
 #   overhead-cuda.json transformers GPT-2, Llama and ViT): time and peak memory against a plain step
+#   gram-vs-products.txt  a layer's sub-batch norms by products or in Gram form per shape: what the
+#                      engine's choice between them should be on this device (CPU-measured today)
 # and exits non-zero if a part failed (each part still runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +40,9 @@ timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
 # 2. overhead at CUDA sizes (about 5 minutes; a peer that is not installed is reported as such)
 timeout 330 $PY bench/overhead.py --device cuda --steps 60 --warmup 10 --out "$OUT" \
     >"$OUT/overhead-log.txt" 2>&1 || status=1
+
+# 3. products or Gram form on this device (seconds)
+timeout 60 $PY bench/gram_vs_products.py --device cuda >"$OUT/gram-vs-products.txt" 2>&1 || status=1
 
 echo "bench/gpu.sh: status $status; results in $OUT" | tee -a "$OUT/env.txt"
 exit $status
