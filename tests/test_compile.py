@@ -43,6 +43,7 @@ from torch import nn
 
 from noisescale import GradientNoiseTracker
 from noisescale.reference_models import GPT, GPTConfig, PaperCNN
+from test_subbatch import tiny_gpt2
 
 torch._dynamo = pytest.importorskip("torch._dynamo")
 from torch._dynamo.utils import counters  # noqa: E402
@@ -423,14 +424,8 @@ def test_a_tied_head_measured_alike_eager_and_compiled() -> None:
     has run compiled, whose traced hooks merge its factors instead, its audited eager steps do
     the same, so the structures match: one compiled step waits for an audit (step 3, the first
     compiled), not every other one."""
-    transformers = pytest.importorskip("transformers")
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(
-        vocab_size=30, n_positions=16, n_embd=16, n_layer=1, n_head=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
-    model = transformers.GPT2LMHeadModel(cfg).double()
+    model = tiny_gpt2(layers=1).double()
     call = torch.compile(model, backend=BACKEND)
     tracker = GradientNoiseTracker(model, sync_every=1)
     gen = torch.Generator().manual_seed(1)

@@ -2068,7 +2068,7 @@ class PerExampleNorms:
             return
         waiting = pass_.pending.setdefault(pid, [])
         waiting.append(factor)
-        if any(isinstance(f, NormFactor) and f.grads is None for f in waiting):
+        if _without_cross_terms(waiting):
             # a weight measured by sub-batch products turned out to be used again: its cross
             # terms are not available; the next passes measure it from factors instead
             self._multi_use.add(pid)
@@ -2161,7 +2161,7 @@ class PerExampleNorms:
                     self._finish_slot(pass_, slot, True)
             pass_.slots.clear()
             for pid, waiting in list(pass_.pending.items()):
-                if any(isinstance(f, NormFactor) and f.grads is None for f in waiting):
+                if _without_cross_terms(waiting):
                     continue  # the pass is broken (withheld below)
                 # a use whose output never reached the loss contributes a zero gradient
                 self._accumulate(pass_, pid, self._sqnorm_of_uses(pass_, self._param[pid], waiting))
@@ -2482,6 +2482,12 @@ def _by_products(module: nn.Module, rule: LayerRule) -> bool:
     from noisescale.per_example import conv, linear
 
     return rule in (linear.LINEAR_RULE, linear.CONV1D_RULE, *conv.CONV_RULES)
+
+
+def _without_cross_terms(uses: list[Factor]) -> bool:
+    """Whether one of a parameter's uses in a pass came from sub-batch products that kept no
+    sub-batch gradients: the norm of the uses' sum cannot be formed (its cross terms)."""
+    return any(isinstance(f, NormFactor) and f.grads is None for f in uses)
 
 
 def _reshaped_base(module: nn.Module, output: Any) -> Tensor | None:

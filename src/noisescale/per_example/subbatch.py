@@ -147,7 +147,7 @@ def linear_subbatch_grads(
         out = None if keep else buffer("g", (left.shape[0], o, i))
         g = torch.bmm(left, right) if out is None else torch.bmm(left, right, out=out)
         gf = _acc(g)
-        norms.append(_sqnorm_rows(gf) if w is None else (gf.pow(2) * w).flatten(1).sum(1))
+        norms.append(_subbatch_sqnorms(gf, w))
         part = g.sum(0)
         total = part if total is None else total + part
         if keep:
@@ -169,8 +169,13 @@ def conv_subbatch_grads(
     from noisescale.per_example.conv import subbatch_weight_grads
 
     per = subbatch_weight_grads(module, x, d, sb)  # [k, *weight.shape]
-    sq = _sqnorm_rows(per) if w2 is None else (per.pow(2) * w2).flatten(1).sum(1)
-    return per.sum(0), sq, per if keep else None
+    return per.sum(0), _subbatch_sqnorms(per, w2), per if keep else None
+
+
+def _subbatch_sqnorms(g: Tensor, w2: Tensor | None) -> Tensor:
+    """|g_j|² of each sub-batch gradient g_j ([k, *weight.shape]), or Σ w2 ⊙ g_j² with the P²
+    of a preconditioned norm."""
+    return _sqnorm_rows(g) if w2 is None else (g.pow(2) * w2).flatten(1).sum(1)
 
 
 def keeps_pay(module: nn.Module, x: Tensor, k: int) -> bool:
