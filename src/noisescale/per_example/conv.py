@@ -108,15 +108,21 @@ def per_example_weight_grads(module: ConvNd, x: Tensor, d: Tensor) -> Tensor:
 _GROUPED_MIN_CHANNELS = 8
 
 
-def subbatch_weight_grads(module: ConvNd, x: Tensor, d: Tensor, sb: Any) -> Tensor:
+def subbatch_weight_grads(
+    module: ConvNd, x: Tensor, d: Tensor, sb: Any, dtype: torch.dtype | None = None
+) -> Tensor:
     """The weight gradient of each sub-batch, [k, *weight.shape], from one grouped convolution.
 
     Sub-batch j's channels become groups j·G … j·G + G − 1 of a convolution over a batch of its
     n examples (the examples of different sub-batches share the batch dimension), gathered in
-    that layout in one copy.
+    that layout in one copy. ``dtype``: what the convolution runs in (default: float32 at
+    least).
     """
     w = module.weight
-    x, d = _acc(x), _acc(d)
+    if dtype is None:
+        x, d = _acc(x), _acc(d)
+    else:
+        x, d = x.to(dtype), d.to(dtype)
     if module.padding_mode == "zeros" and not isinstance(module.padding, str):
         padding = module.padding
     else:
