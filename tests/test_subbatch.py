@@ -377,6 +377,52 @@ def test_weight_gradients_are_autograd_s_own():
         assert torch.allclose(a.grad, b.grad, rtol=1e-12, atol=1e-15)
 
 
+def test_a_product_layer_s_bias_comes_with_its_weight(monkeypatch):
+    """The bias of a layer measured by sub-batch products is computed with its weight (one
+    read of the gathered output gradients; autograd's own bias reduction skipped), not by a hook
+    of its own; a bias with another use stays with its rule. Norms exact either way."""
+    calls = []
+    original = PerExampleNorms._on_call_grad
+
+    def spy(self, pass_, call, grads):
+        calls.append((type(call.module).__name__, sorted(call.params)))
+        return original(self, pass_, call, grads)
+
+    monkeypatch.setattr(PerExampleNorms, "_on_call_grad", spy)
+    make, x = _cases()["sequence-products"]
+    torch.manual_seed(0)
+    model = make()
+    n = x.shape[0]
+
+    def per(out):
+        return out.sin().flatten(1).sum(1)
+
+    assert_subbatches_exact(
+        model, lambda: per(model(x)).mean(), lambda i: per(model(x[i : i + 1])).sum(), n
+    )
+    assert calls and all(c == ("LayerNorm", ["bias", "weight"]) for c in calls), calls
+
+    class SharedBias(Sequence):
+        def forward(self, x):  # the down layer's bias used a second time
+            return self.down(torch.tanh(self.norm(self.up(x)))) + self.down.bias
+
+    calls.clear()
+    model = SharedBias()
+    engine = PerExampleNorms(model, subbatches=4)
+    for step in range(3):
+        model.zero_grad()
+        per(model(x)).mean().backward()
+        (p,) = engine.collect()
+        if step == 0:  # the direct use, found by the first step's audit
+            assert p.raw_sqnorms is None and "used outside" in p.withheld
+            continue
+        with engine.paused():
+            want = subbatch_truth(model, lambda i: per(model(x[i : i + 1])).sum(), n, p.subbatches)
+        assert torch.allclose(p.raw_sqnorms, want, rtol=1e-9)
+    engine.remove()
+    assert ("Linear", ["bias"]) in calls, calls
+
+
 BF16_U = 2.0**-8  # bfloat16's unit roundoff
 
 

@@ -138,8 +138,9 @@ class _WeightJob:
     kind: str  # "linear", "conv1d" (Hugging Face Conv1D, weight [in, out]) or "conv"
     box: list[Any]
     engine: Any = None
+    bias: nn.Parameter | None = None  # the layer's bias, when its gradient is taken over too
 
-    def weight_grad(self, x: Tensor, d: Tensor) -> Tensor | None:
+    def weight_grad(self, x: Tensor, d: Tensor) -> tuple[Tensor | None, Tensor | None]:
         return self.engine._weight_backward(self, x, d)
 
 
@@ -298,7 +299,8 @@ class PerExampleNorms:
         self._unsplit_passes = 0
         self._multi_use: set[int] = set()  # weights used more than once in a pass
         self._scratch = subbatch_mod.Scratch()  # the sub-batch products' temporaries (CPU)
-        self._weight_calls: dict[nn.Module, list[Tensor | None]] = {}
+        # per product layer, a stack of (weight, bias or None) taken over by its open calls
+        self._weight_calls: dict[nn.Module, list[tuple[Tensor, Tensor | None] | None]] = {}
         self.allow_fallback = fallback
         self.auditing_enabled = audit
         self._seed = torch.initial_seed()
@@ -971,7 +973,8 @@ class PerExampleNorms:
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         stack = self._weight_calls.get(module)
-        product_weight = stack.pop() if stack else None
+        taken = stack.pop() if stack else None
+        product_weight, product_bias = (None, None) if taken is None else taken
         if product_weight is None and not self._active():
             return None
         rule, label, params = self._calls[module]
@@ -986,23 +989,29 @@ class PerExampleNorms:
             # The layer ran on a detached weight (_on_weight_enter): its gradient comes from
             # WeightBySubbatch whatever happens next, also when nothing else in the output needs
             # a gradient (a first layer without bias on input data) — or the weight gets none.
-            # The rule computes the other parameters (the bias).
+            # The bias, when it ran detached too, is computed with it; the rule computes the
+            # other parameters.
             kind = _product_kind(module, rule)
-            job = _WeightJob(pass_, module, product_weight, kind, [True], self)
+            job = _WeightJob(pass_, module, product_weight, kind, [True], self, product_bias)
             pass_.products = True
-            pass_.uses[id(product_weight)] = pass_.uses.get(id(product_weight), 0) + 1
+            for p in (product_weight, product_bias):
+                if p is not None:
+                    pass_.uses[id(p)] = pass_.uses.get(id(p), 0) + 1
+            x = args[0].detach()
             base = _reshaped_base(module, output)
             if base is None:
-                subbatch_mod.WeightBySubbatch.apply(outs[0], args[0].detach(), product_weight, job)
+                subbatch_mod.WeightBySubbatch.apply(outs[0], x, product_weight, product_bias, job)
             else:
                 # The output is a reshaped view of the product's result (nn.Linear on [N, T, I],
                 # Conv1D): marking the view dirty makes autograd copy every gradient through
                 # the whole base and back (CopySlices, ≈ 3 copies of the output per layer).
                 # The base is marked instead, and the layer's output becomes a new view of it,
                 # made after — the view the layer made is seen by no one else.
-                subbatch_mod.WeightBySubbatch.apply(base, args[0].detach(), product_weight, job)
+                subbatch_mod.WeightBySubbatch.apply(base, x, product_weight, product_bias, job)
                 output = outs[0] = replaced = base.view(output.shape)
-            params = {k: v for k, v in params.items() if v is not product_weight}
+            params = {
+                k: v for k, v in params.items() if v is not product_weight and v is not product_bias
+            }
         if rule.check is not None:
             rule.check(module, label)  # e.g. a BatchNorm switched to train() since
         if pass_.skipped:
@@ -1042,7 +1051,8 @@ class PerExampleNorms:
         call = _Call(module, rule, label, params, in_dim, [saved], out_dims, n)
         for p in params.values():
             pass_.uses[id(p)] = pass_.uses.get(id(p), 0) + 1
-        pass_.signature.append(("call", id(module), _pattern(args, kwargs, n)))
+        tag = "call" if product_weight is None else "products"  # (a bias left to the rule)
+        pass_.signature.append((tag, id(module), _pattern(args, kwargs, n)))
         hooked = [o for o in outs if isinstance(o, Tensor) and o.requires_grad]
         if len(outs) == 1:
             outs[0].register_hook(lambda g, c=call, p=pass_: self._on_call_grad(p, c, (g,)))
@@ -1094,48 +1104,86 @@ class PerExampleNorms:
             stack.append(None)
             return
         module._parameters["weight"] = weight.detach()
-        stack.append(weight)
+        # The bias too, unless it has another use. (The traced hooks of a compiled graph leave
+        # the bias to its rule: the pass's structure, which the audit compares between eager
+        # and compiled steps, records only that the weight took products.)
+        bias = module._parameters.get("bias")
+        if (
+            bias is None
+            or not bias.requires_grad
+            or isinstance(bias, SharedTensor)
+            or id(bias) not in self._param
+            or id(bias) in self._multi_use
+            or id(weight) in self._multi_use
+        ):
+            bias = None
+        else:
+            module._parameters["bias"] = bias.detach()
+        stack.append((weight, bias))
 
     def _on_weight_exit(self, module: nn.Module, args: tuple, output: Any) -> None:
         stack = self._weight_calls.get(module)
         if not stack:
             return
-        weight = stack[-1]
-        if weight is not None:
+        taken = stack[-1]
+        if taken is not None:
+            weight, bias = taken
             module._parameters["weight"] = weight  # type: ignore[assignment]
+            if bias is not None:
+                module._parameters["bias"] = bias  # type: ignore[assignment]
 
-    def _weight_backward(self, job: _WeightJob, x: Tensor, d: Tensor) -> Tensor | None:
-        """The weight's gradient from its sub-batch products, and their squared norms."""
-        pass_, weight = job.pass_, job.weight
+    def _weight_backward(
+        self, job: _WeightJob, x: Tensor, d: Tensor
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The gradients of the weight (and the bias, when taken over) from the sub-batch
+        products, and their squared norms."""
+        pass_, weight, bias = job.pass_, job.weight, job.bias
         if job.kind != "conv" and d.shape[:-1] != x.shape[:-1]:
             d = d.reshape(*x.shape[:-1], d.shape[-1])  # the gradient of the output's base
+        pids = [id(weight)] if bias is None else [id(weight), id(bias)]
         try:
-            needed = self._reaches_parameters([id(weight)])
+            needed = self._reaches_parameters(pids)
         except RuntimeError:  # torch.autograd.grad(): decided when collected
             needed = True
         if not needed:
-            return None
-        reaches = self._begin(pass_, [id(weight)], job.box)
+            return None, None
+        reaches = self._begin(pass_, pids, job.box)
         sb = pass_.subbatches
         if reaches is None or sb is None:
-            return _plain_weight_grad(job, x, d).to(weight.dtype)
+            grad, bias_grad = _plain_weight_grad(job, x, d)
+            return grad.to(weight.dtype), None if bias is None else bias_grad.to(bias.dtype)
         job.box.clear()
-        w2 = None if pass_.weights is None else pass_.weights.get(id(weight))
+        weights = pass_.weights or {}
+        w2 = weights.get(id(weight))
+        bias_w2 = None if bias is None else weights.get(id(bias))
         # a weight with another use (a tied head) keeps its sub-batch gradients for cross terms
         keep = id(weight) in self._multi_use
         with torch.no_grad():
             if job.kind == "conv":
-                grad, sq, per = subbatch_mod.conv_subbatch_grads(job.module, x, d, sb, w2, keep)
+                out = subbatch_mod.conv_subbatch_grads(
+                    job.module, x, d, sb, w2, keep, bias is not None, bias_w2
+                )
             else:
                 a = x.reshape(x.shape[0], -1, x.shape[-1])
                 g = d.reshape(d.shape[0], -1, d.shape[-1])
-                grad, sq, per = subbatch_mod.linear_subbatch_grads(
-                    a, g, sb, w2, job.kind == "conv1d", keep, self._scratch
-                )
-            grad = grad.to(weight.dtype)
-            factor = NormFactor(sq, grad if pass_.audit is not None else None, per)
-            self._deliver(pass_, {"weight": weight}, {"weight": factor}, reaches)
-        return grad
+                out = subbatch_mod.linear_subbatch_grads(
+                    a, g, sb, w2, job.kind == "conv1d", keep, self._scratch, bias is not None,
+                    bias_w2,
+                )  # fmt: skip
+            audited = pass_.audit is not None
+            grad = out.grad.to(weight.dtype)
+            params: dict[str, nn.Parameter] = {"weight": weight}
+            facs: dict[str, Factor] = {
+                "weight": NormFactor(out.sq, grad if audited else None, out.kept)
+            }
+            bias_grad = None
+            if bias is not None:
+                assert out.bias_grad is not None and out.bias_sq is not None
+                bias_grad = out.bias_grad.to(bias.dtype)
+                params["bias"] = bias
+                facs["bias"] = NormFactor(out.bias_sq, bias_grad if audited else None)
+            self._deliver(pass_, params, facs, reaches)
+        return grad, bias_grad
 
     def _shared_call(
         self,
@@ -1499,7 +1547,7 @@ class PerExampleNorms:
         record.call = _Call(module, rule, label, params, 0, [None], [0], n)
         for p in params.values():
             pass_.uses[id(p)] = pass_.uses.get(id(p), 0) + 1
-        pass_.signature.append(("call", id(module), pattern))
+        pass_.signature.append(("call" if record.job is None else "products", id(module), pattern))
         return token
 
     def _compiled_meeting(self, pass_: PassNorms, call_token: int, shape: Sequence[int]) -> int:
@@ -1552,8 +1600,8 @@ class PerExampleNorms:
         if job is None:  # no pass recorded the call: the plain product
             module = self._modules[site]
             kind = _product_kind(module, self._calls[module][0])
-            return _plain_weight_grad(_WeightJob(None, module, weight, kind, []), x, d)
-        grad = self._weight_backward(job, x, d)
+            return _plain_weight_grad(_WeightJob(None, module, weight, kind, []), x, d)[0]
+        grad, _ = self._weight_backward(job, x, d)  # (the traced hooks leave the bias to its rule)
         return grad if grad is not None else torch.zeros_like(weight)
 
     # -- meetings (called by SharedTensor) ------------------------------------------------------
@@ -2371,6 +2419,9 @@ class PerExampleNorms:
                 new_scopes.append((holder, name, pid))
         first_time = self.model not in self._scopes
         self._scopes.setdefault(self.model, []).extend(new_scopes)
+        # used in their layer and outside it: sub-batch products keep what cross terms need
+        # (or leave them to the factors) from the next step on, not a step later
+        self._multi_use.update(pids)
         self._update_compile_blocker()
         if first_time:
             self._install_scope(self.model)
@@ -2520,16 +2571,20 @@ def _product_kind(module: nn.Module, rule: LayerRule) -> str:
     return "conv1d" if rule.name == "Conv1D" else "linear"
 
 
-def _plain_weight_grad(job: _WeightJob, x: Tensor, d: Tensor) -> Tensor:
-    """The weight gradient as one product (a backward the engine does not measure)."""
+def _plain_weight_grad(job: _WeightJob, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The weight gradient as one product, and the bias's when taken over (a backward the
+    engine does not measure)."""
     if job.kind == "conv":
         from noisescale.per_example.conv import ConvWeightFactor
 
-        return ConvWeightFactor(job.module, x, d).summed(job.weight.shape)
+        grad = ConvWeightFactor(job.module, x, d).summed(job.weight.shape)
+        bias = None if job.bias is None else d.transpose(0, 1).flatten(1).sum(1)
+        return grad, bias
     a = x.reshape(-1, x.shape[-1])
     g = d.reshape(-1, d.shape[-1]).to(a.dtype)
     grad = g.t() @ a
-    return grad.t() if job.kind == "conv1d" else grad
+    bias = None if job.bias is None else d.reshape(-1, d.shape[-1]).sum(0)
+    return (grad.t() if job.kind == "conv1d" else grad), bias
 
 
 def _audit_scheduled(step: int) -> bool:

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from noisescale.per_example.factors import Subbatches, _acc, _sqnorm_rows, gram_is_cheaper
 
-__all__ = ["WeightBySubbatch", "conv_subbatch_grads", "linear_subbatch_grads"]
+__all__ = ["SubbatchGrads", "WeightBySubbatch", "conv_subbatch_grads", "linear_subbatch_grads"]
 
 # Sub-batch products are built this many elements at a time (256 MiB in fp32).
 _CHUNK_ELEMENTS = 1 << 26
@@ -42,21 +42,37 @@ _CPU_ELEMENT_PER_MAC = 40
 
 
 class WeightBySubbatch(torch.autograd.Function):
-    """Identity on a layer's output in the forward; in the backward, the layer weight's gradient
-    from the output gradient, computed by ``job``. The output is returned as itself (marked
-    dirty), so in-place operations on it stay allowed and nothing is copied."""
+    """Identity on a layer's output in the forward; in the backward, the gradients of the
+    layer's weight and (``None`` if not taken over) bias from the output gradient, computed by
+    ``job``. The output is returned as itself (marked dirty), so in-place operations on it stay
+    allowed and nothing is copied."""
 
     @staticmethod
-    def forward(ctx: Any, y: Tensor, x: Tensor, weight: Tensor, job: Any) -> Tensor:
+    def forward(
+        ctx: Any, y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, job: Any
+    ) -> Tensor:
         ctx.mark_dirty(y)
         ctx.save_for_backward(x)
         ctx.job = job
         return y
 
     @staticmethod
-    def backward(ctx: Any, d: Tensor) -> tuple[Tensor, None, Tensor | None, None]:
+    def backward(ctx: Any, d: Tensor) -> tuple[Tensor, None, Tensor | None, Tensor | None, None]:
         (x,) = ctx.saved_tensors
-        return d, None, ctx.job.weight_grad(x, d), None
+        weight, bias = ctx.job.weight_grad(x, d)
+        return d, None, weight, bias, None
+
+
+class SubbatchGrads(NamedTuple):
+    """What a layer's sub-batch products give: its weight gradient, the squared norm of each
+    sub-batch's part of it, the k parts themselves when kept (a weight with another use), and
+    the same two for the bias when the products took it over (else ``None``)."""
+
+    grad: Tensor
+    sq: Tensor
+    kept: Tensor | None = None
+    bias_grad: Tensor | None = None
+    bias_sq: Tensor | None = None
 
 
 class Scratch:
@@ -109,15 +125,19 @@ def linear_subbatch_grads(
     transposed: bool,
     keep: bool = False,
     scratch: Scratch | None = None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(weight gradient, squared norm of each sub-batch's gradient, the sub-batch gradients
-    [k, *weight.shape] when ``keep``) of a linear map.
+    bias: bool = False,
+    bias_w2: Tensor | None = None,
+) -> SubbatchGrads:
+    """The weight gradient of a linear map, the squared norm of each sub-batch's part of it, the
+    k parts [k, *weight.shape] when ``keep``; with ``bias``, the same for its bias.
 
     ``a``: [N, P, I] inputs and ``d``: [N, P, O] output gradients, P positions per example;
-    ``w2``: P² of a preconditioned norm (weight layout), or ``None``. ``keep`` is for a weight
-    with another use in the pass (a head tied to an embedding): the cross terms of the two uses
-    need each sub-batch's gradient. ``scratch``: where the temporaries may live (not the kept
-    gradients, which outlive the call).
+    ``w2``, ``bias_w2``: P² of a preconditioned norm (parameter layout), or ``None``. ``keep``
+    is for a weight with another use in the pass (a head tied to an embedding): the cross terms
+    of the two uses need each sub-batch's gradient. ``scratch``: where the temporaries may live
+    (not the kept gradients, which outlive the call). The bias's sub-batch gradients are the
+    gathered output gradients summed over each sub-batch's rows: one read of them, as autograd's
+    own bias gradient takes.
     """
     dtype = product_dtype(a, d)
     rows = sb.k * sb.n
@@ -159,7 +179,13 @@ def linear_subbatch_grads(
         if keep:
             kept = gf.transpose(1, 2) if transposed else gf
     assert total is not None
-    return (total.t() if transposed else total), torch.cat(norms), kept
+    grad = total.t() if transposed else total
+    if not bias:
+        return SubbatchGrads(grad, torch.cat(norms), kept)
+    per_bias = d3.sum(1, dtype=_acc_dtype(d3))  # [k, O]
+    return SubbatchGrads(
+        grad, torch.cat(norms), kept, per_bias.sum(0), _subbatch_sqnorms(per_bias, bias_w2)
+    )
 
 
 def conv_subbatch_grads(
@@ -169,16 +195,23 @@ def conv_subbatch_grads(
     sb: Subbatches,
     w2: Tensor | None,
     keep: bool = False,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(weight gradient, squared norm of each sub-batch's gradient, the sub-batch gradients
-    when ``keep``) of a convolution."""
+    bias: bool = False,
+    bias_w2: Tensor | None = None,
+) -> SubbatchGrads:
+    """:func:`linear_subbatch_grads` for a convolution (``x``, ``d``: its input and output
+    gradient, [N, C, ...])."""
     from noisescale.per_example.conv import subbatch_weight_grads
 
     per = subbatch_weight_grads(module, x, d, sb, product_dtype(x, d))  # [k, *weight.shape]
     total = per.sum(0, dtype=_acc_dtype(per))
     if w2 is not None or keep:
         per = _acc(per)
-    return total, _subbatch_sqnorms(per, w2), per if keep else None
+    out = SubbatchGrads(total, _subbatch_sqnorms(per, w2), per if keep else None)
+    if not bias:
+        return out
+    per_example = d.flatten(2).sum(2, dtype=_acc_dtype(d))  # [N, O]
+    per_bias = sb.take(per_example).sum(1)  # [k, O]
+    return out._replace(bias_grad=per_bias.sum(0), bias_sq=_subbatch_sqnorms(per_bias, bias_w2))
 
 
 def product_dtype(x: Tensor, d: Tensor) -> torch.dtype:
