@@ -146,6 +146,17 @@ def _cases():
             r(7, 3, 11),
         ),
         "lstm-factors": (lambda: LSTMHead(), r(6, 5, 4)),
+        # scale-only and bias-free normalisation layers between product layers
+        "norm-affines": (
+            lambda: nn.Sequential(
+                nn.Linear(5, 8),
+                nn.RMSNorm(8),
+                nn.Tanh(),
+                nn.LayerNorm(8, bias=False),
+                nn.Linear(8, 3),
+            ),
+            r(10, 7, 5),
+        ),
     }
 
 
@@ -506,15 +517,16 @@ def test_a_first_layer_without_bias_gets_its_gradient(first):
         assert torch.allclose(a.grad, b.grad, rtol=1e-12, atol=1e-15)
 
 
-def test_preconditioned_subbatch_norms():
+@pytest.mark.parametrize("name", ["sequence-products", "conv-products", "norm-affines"])
+def test_preconditioned_subbatch_norms(name):
+    make, x = _cases()[name]
     torch.manual_seed(0)
-    model = Sequence().double()
-    x = torch.randn(10, 7, 5)
+    model = make().double()
     assert_preconditioned_exact(
         model,
         lambda: model(x).sin().flatten(1).sum(1).mean(),
         lambda i: model(x[i : i + 1]).sin().sum(),
-        10,
+        x.shape[0],
     )
 
 
