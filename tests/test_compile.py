@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from noisescale import GradientNoiseTracker
+from noisescale.per_example import PerExampleNorms
 from noisescale.reference_models import GPT, GPTConfig, PaperCNN
 from test_subbatch import tiny_gpt2
 
@@ -487,6 +488,27 @@ def test_a_first_layer_without_bias_under_compile(mode: str) -> None:
     eager, *_ = train(sequence_mlp, mode, None)
     assert (breaks, graphs, warned) == (plain_breaks, plain_graphs, [])
     assert history is not None and eager is not None
+    assert_same_numbers(history, eager)
+
+
+@pytest.mark.slow
+def test_a_product_layer_s_bias_comes_with_its_weight_in_the_graph(monkeypatch) -> None:
+    """In the compiled backward too, the bias of a layer with sub-batch products gets its
+    gradient with the weight's (``noisescale::weight_bias_grad``), as in eager steps; the
+    numbers are the eager ones."""
+    seen = []
+    original = PerExampleNorms.on_weight_grad
+
+    def spy(self, site, token, x, d, weight, bias):
+        seen.append(bias is not None)
+        return original(self, site, token, x, d, weight, bias)
+
+    monkeypatch.setattr(PerExampleNorms, "on_weight_grad", spy)
+    history, _, _, warned = train(sequence_mlp, "subbatch", "torch.compile")
+    assert warned == [] and history is not None
+    assert True in seen, seen  # the Linear(16, 3) at T positions; the first layer has no bias
+    monkeypatch.undo()
+    eager, *_ = train(sequence_mlp, "subbatch", None)
     assert_same_numbers(history, eager)
 
 

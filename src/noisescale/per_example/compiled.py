@@ -128,11 +128,8 @@ def _weight_grad(
     found = _engine(engine)
     if found is None:
         raise RuntimeError("noisescale: the engine of a compiled graph was garbage-collected")
-    grad = found.on_weight_grad(site, int(token), x, d, weight)
-    # exactly the layout the compiler was promised (the fake below): a fresh tensor like weight
-    if grad.dtype != weight.dtype or grad.stride() != weight.stride():
-        grad = torch.empty_like(weight).copy_(grad)
-    return grad
+    grad, _ = found.on_weight_grad(site, int(token), x, d, weight, None)
+    return _as_promised(grad, weight)
 
 
 @_weight_grad.register_fake
@@ -140,12 +137,39 @@ def _(engine: int, site: int, token: Tensor, x: Tensor, d: Tensor, weight: Tenso
     return torch.empty_like(weight)
 
 
+@torch.library.custom_op("noisescale::weight_bias_grad", mutates_args=())
+def _weight_bias_grad(
+    engine: int, site: int, token: Tensor, x: Tensor, d: Tensor, weight: Tensor, bias: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``noisescale::weight_grad`` for a layer whose bias's gradient comes with its weight's."""
+    found = _engine(engine)
+    if found is None:
+        raise RuntimeError("noisescale: the engine of a compiled graph was garbage-collected")
+    grad, bias_grad = found.on_weight_grad(site, int(token), x, d, weight, bias)
+    assert bias_grad is not None
+    return _as_promised(grad, weight), _as_promised(bias_grad, bias)
+
+
+@_weight_bias_grad.register_fake
+def _(
+    engine: int, site: int, token: Tensor, x: Tensor, d: Tensor, weight: Tensor, bias: Tensor
+) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _as_promised(grad: Tensor, like: Tensor) -> Tensor:
+    """Exactly the layout the compiler was promised (the fakes): a fresh tensor like ``like``."""
+    if grad.dtype != like.dtype or grad.stride() != like.stride():
+        grad = torch.empty_like(like).copy_(grad)
+    return grad
+
+
 def _register_effects() -> bool:
     try:
         from torch._library.effects import EffectType
     except ImportError:
         return False
-    for op in (_forward_event, _backward_event, _weight_grad):
+    for op in (_forward_event, _backward_event, _weight_grad, _weight_bias_grad):
         register_effect = getattr(op, "register_effect", None)
         if register_effect is None:
             return False
@@ -205,22 +229,35 @@ class _ViewTap(torch.autograd.Function):
 
 
 class _WeightTap(torch.autograd.Function):
-    """Identity on the output of a layer that ran on a detached weight; its backward returns the
-    weight's gradient, computed by the engine as sub-batch products."""
+    """Identity on the output of a layer that ran on a detached weight (and bias); its backward
+    returns the weight's (and the bias's) gradient, computed by the engine as sub-batch
+    products."""
 
     @staticmethod
     def forward(
-        ctx: Any, engine: int, site: int, token: Tensor, y: Tensor, x: Tensor, weight: Tensor
+        ctx: Any,
+        engine: int,
+        site: int,
+        token: Tensor,
+        y: Tensor,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
     ) -> Tensor:
-        ctx.engine, ctx.site = engine, site
-        ctx.save_for_backward(token, x, weight)
+        ctx.engine, ctx.site, ctx.has_bias = engine, site, bias is not None
+        ctx.save_for_backward(token, x, weight, *(() if bias is None else (bias,)))
         ctx.mark_dirty(y)
         return y
 
     @staticmethod
     def backward(ctx: Any, d: Tensor) -> tuple[Tensor | None, ...]:
-        token, x, weight = ctx.saved_tensors
-        return None, None, None, d, None, _weight_grad(ctx.engine, ctx.site, token, x, d, weight)
+        if not ctx.has_bias:
+            token, x, weight = ctx.saved_tensors
+            grad = _weight_grad(ctx.engine, ctx.site, token, x, d, weight)
+            return None, None, None, d, None, grad, None
+        token, x, weight, bias = ctx.saved_tensors
+        grad, bias_grad = _weight_bias_grad(ctx.engine, ctx.site, token, x, d, weight, bias)
+        return None, None, None, d, None, grad, bias_grad
 
 
 def tap_output(engine: int, token: Tensor, y: Tensor, saved: Sequence[Tensor]) -> Tensor:
@@ -236,12 +273,18 @@ def tap_view(engine: int, token: Tensor, y: Tensor, saved: Sequence[Tensor]) -> 
 
 
 def tap_weight(
-    engine: int, site: int, token: Tensor, y: Tensor, x: Tensor, weight: Tensor
+    engine: int,
+    site: int,
+    token: Tensor,
+    y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
 ) -> Tensor:
-    """``y`` itself; the backward gives ``weight`` the gradient the engine computes from the
-    layer's input ``x`` and output gradient."""
+    """``y`` itself; the backward gives ``weight`` (and ``bias``) the gradient the engine
+    computes from the layer's input ``x`` and output gradient."""
     with torch._C.DisableTorchFunctionSubclass():
-        return _WeightTap.apply(engine, site, token, y, x, weight)
+        return _WeightTap.apply(engine, site, token, y, x, weight, bias)
 
 
 # -- shared calls -------------------------------------------------------------------------------

@@ -1104,22 +1104,25 @@ class PerExampleNorms:
             stack.append(None)
             return
         module._parameters["weight"] = weight.detach()
-        # The bias too, unless it has another use. (The traced hooks of a compiled graph leave
-        # the bias to its rule: the pass's structure, which the audit compares between eager
-        # and compiled steps, records only that the weight took products.)
+        bias = self._bias_with_products(module, weight)
+        if bias is not None:
+            module._parameters["bias"] = bias.detach()
+        stack.append((weight, bias))
+
+    def _bias_with_products(self, module: nn.Module, weight: Tensor) -> nn.Parameter | None:
+        """The bias of a layer whose weight takes sub-batch products, when its gradient is
+        computed with the weight's (it then runs detached too): unless either has another use."""
         bias = module._parameters.get("bias")
         if (
             bias is None
             or not bias.requires_grad
-            or isinstance(bias, SharedTensor)
+            or isinstance(bias, (SharedTensor, compiled.CompiledShared))  # (a tuple: Dynamo)
             or id(bias) not in self._param
             or id(bias) in self._multi_use
             or id(weight) in self._multi_use
         ):
-            bias = None
-        else:
-            module._parameters["bias"] = bias.detach()
-        stack.append((weight, bias))
+            return None
+        return bias  # type: ignore[return-value]
 
     def _on_weight_exit(self, module: nn.Module, args: tuple, output: Any) -> None:
         stack = self._weight_calls.get(module)
@@ -1398,11 +1401,17 @@ class PerExampleNorms:
     def _traced_weight_enter(self, module: nn.Module, args: tuple) -> None:
         if self._traces() and self._traced_products(module, args):
             weight = self._calls[module][2]["weight"]
+            bias = self._bias_with_products(module, weight)
             module._parameters["weight"] = weight.detach()  # type: ignore[assignment]
+            if bias is not None:
+                module._parameters["bias"] = bias.detach()  # type: ignore[assignment]
 
     def _traced_weight_exit(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._traces() and self._traced_products(module, args):
-            module._parameters["weight"] = self._calls[module][2]["weight"]
+            params = self._calls[module][2]
+            module._parameters["weight"] = params["weight"]
+            if "bias" in params:
+                module._parameters["bias"] = params["bias"]
 
     def _traced_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if not self._traces():
@@ -1426,11 +1435,15 @@ class PerExampleNorms:
         if not products and not (isinstance(out, Tensor) and out.requires_grad):
             return None
         site = self._site[module]
-        token = compiled.emit_forward(self._key, "call", site, flat, [int(products)])
+        bias = self._bias_with_products(module, params["weight"]) if products else None
+        taken = {"weight", "bias"} if bias is not None else {"weight"} if products else set()
+        token = compiled.emit_forward(
+            self._key, "call", site, flat, [int(products), int(bias is not None)]
+        )
         y = out
         if products:
-            y = compiled.tap_weight(self._key, site, token, y, x.detach(), params["weight"])
-        if any(not (products and name == "weight") for name in params) and y.requires_grad:
+            y = compiled.tap_weight(self._key, site, token, y, x.detach(), params["weight"], bias)
+        if any(name not in taken for name in params) and y.requires_grad:
             y = compiled.tap_output(self._key, token, y, (x,))
         return _replace_first(output, y)
 
@@ -1533,11 +1546,14 @@ class PerExampleNorms:
         record = _Record("call", pass_)
         if sizes[0]:  # the weight's gradient comes from its sub-batch products
             weight = params["weight"]
+            bias = params["bias"] if len(sizes) > 1 and sizes[1] else None  # (and the bias's)
             kind = _product_kind(module, rule)
-            record.job = _WeightJob(pass_, module, weight, kind, [True], self)
+            record.job = _WeightJob(pass_, module, weight, kind, [True], self, bias)
             pass_.products = True
-            pass_.uses[id(weight)] = pass_.uses.get(id(weight), 0) + 1
-            params = {k: v for k, v in params.items() if v is not weight}
+            for p in (weight, bias):
+                if p is not None:
+                    pass_.uses[id(p)] = pass_.uses.get(id(p), 0) + 1
+            params = {k: v for k, v in params.items() if v is not weight and v is not bias}
         token = self._new_record(record)
         if pass_.skipped:
             return token
@@ -1592,17 +1608,23 @@ class PerExampleNorms:
                 record.call.box[:] = [tensors[0]]  # the shared call's input, for its rule
             self._on_meeting_grad(pass_, record.meeting, grad)
 
-    def on_weight_grad(self, site: int, token: int, x: Tensor, d: Tensor, weight: Tensor) -> Tensor:
-        """A weight's gradient from its sub-batch products, run by the compiled backward
-        (``noisescale::weight_grad``); its sub-batch norms are recorded on the way."""
+    def on_weight_grad(
+        self, site: int, token: int, x: Tensor, d: Tensor, weight: Tensor, bias: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """A weight's (and with ``bias`` the bias's) gradient from its sub-batch products, run
+        by the compiled backward (``noisescale::weight_grad``, ``weight_bias_grad``); their
+        sub-batch norms are recorded on the way."""
         record = self._records.get(token)
         job = record.job if record is not None else None
         if job is None:  # no pass recorded the call: the plain product
             module = self._modules[site]
             kind = _product_kind(module, self._calls[module][0])
-            return _plain_weight_grad(_WeightJob(None, module, weight, kind, []), x, d)[0]
-        grad, _ = self._weight_backward(job, x, d)  # (the traced hooks leave the bias to its rule)
-        return grad if grad is not None else torch.zeros_like(weight)
+            plain = _WeightJob(None, module, weight, kind, [], bias=bias)  # type: ignore[arg-type]
+            return _plain_weight_grad(plain, x, d)
+        grad, bias_grad = self._weight_backward(job, x, d)
+        if bias is not None and bias_grad is None:
+            bias_grad = torch.zeros_like(bias)
+        return (grad if grad is not None else torch.zeros_like(weight)), bias_grad
 
     # -- meetings (called by SharedTensor) ------------------------------------------------------
 
