@@ -427,3 +427,36 @@ def test_the_bench_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     rows = {r["method"]: r for r in result["workloads"][0]["methods"]}
     assert rows["plain"]["time_ratio"] == 1.0
     assert rows["noisescale sub-batches (default)"]["time_ratio"] > 0
+
+
+def _steady_module():
+    path = Path(__file__).resolve().parents[1] / "bench" / "steady.py"
+    spec = importlib.util.spec_from_file_location("bench_steady", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_steady_state_bench_leaves_out_the_engine_s_audited_steps():
+    from noisescale.per_example.engine import _audit_scheduled
+
+    steady = _steady_module()
+    assert [s for s in range(1, 5000) if steady.audited(s)] == [
+        s for s in range(1, 5000) if _audit_scheduled(s)
+    ]
+
+
+@pytest.mark.slow
+def test_the_steady_state_bench_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    steady = _steady_module()
+    argv = ["steady.py", "--workload", "gpt", "--steps", "61", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    steady.main()
+    result = json.loads((tmp_path / "steady-cpu.json").read_text())
+    modes = result["workloads"][0]["modes"]
+    assert modes["plain"]["steady_ratio"] == modes["plain"]["early_ratio"] == 1.0
+    assert modes["default"]["steady_ratio"] > 0 and modes["exact"]["early_ratio"] > 0
+    assert "| GPT" in (tmp_path / "steady-cpu.md").read_text()
+    monkeypatch.setattr(sys, "argv", ["steady.py", "--steps", "30"])
+    with pytest.raises(SystemExit, match="at least 61"):
+        steady.main()

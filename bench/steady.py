@@ -1,0 +1,169 @@
+"""The tracker's cost per step in a long run: the default and the exact mode against a plain step,
+after the early audits.
+
+``overhead.py`` times steps 4–33 of each method, interleaved with ten others and the peers, one
+step each in turn. For the tracker that window is its densest: steps 4, 8, 16 and 32 are audited
+(each replays the backward, 2–3× a step) and the steps after an audit run slower while the
+memory it freed is handed back and faulted in again. Past step 1,024 one step in 1,024 is
+audited. This script measures the steady state a long run spends its time in: the plain step,
+the default (sub-batches) and the exact mode of the same workload in one process, in blocks of
+ten consecutive steps (the order of the three alternating from block to block, so drift falls on
+all alike), for 140 steps; the median process CPU time of the steps after step 40 that are not
+audited (64 and 128 are), and, to compare with ``overhead.py``, of steps 4–33 that are not.
+
+    python bench/steady.py                       # every workload of overhead.py, CPU
+    python bench/steady.py --workload gpt,hf-vit --steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import overhead as ob
+
+import noisescale
+
+MODES: dict[str, dict[str, Any] | None] = {
+    "plain": None,
+    "default": {},
+    "exact": {"per_example_fraction": 1.0},
+}
+BLOCK = 10
+STEADY_FROM = 41
+
+
+def audited(step: int) -> bool:
+    """The engine's audit schedule (steps count from 1): 1, 2, 4, …, 1024, then every 1024th."""
+    return step <= 1 or (step <= 1024 and step & (step - 1) == 0) or step % 1024 == 0
+
+
+def run(name: str, steps: int) -> dict[str, Any]:
+    wl = ob.make_workload(name, True, 32, torch.device("cpu"))
+
+    def make(kwargs: dict[str, Any] | None) -> Any:
+        model = wl.model()
+        tracker = None if kwargs is None else noisescale.GradientNoiseTracker(model, **kwargs)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> None:
+            opt.zero_grad()
+            with wl.autocast():
+                loss = wl.per_example_loss(model(x), y).mean()
+            loss.backward()
+            if tracker is not None:
+                tracker.step()
+            opt.step()
+
+        return step, tracker
+
+    built = {mode: make(kwargs) for mode, kwargs in MODES.items()}
+    times: dict[str, list[tuple[int, float]]] = {mode: [] for mode in MODES}
+    order = list(MODES)
+    for b, start in enumerate(range(0, steps, BLOCK)):
+        for mode in order if b % 2 == 0 else order[::-1]:
+            step, _ = built[mode]
+            for i in range(start, min(start + BLOCK, steps)):
+                x, y = wl.batches[i % len(wl.batches)]
+                c0 = time.process_time()
+                step(x, y)
+                times[mode].append((i + 1, time.process_time() - c0))
+        print(f"   {name}: step {min(start + BLOCK, steps)}/{steps}", flush=True)
+    for _, tracker in built.values():
+        if tracker is not None:
+            tracker.remove()
+
+    def median(mode: str, lo: int, hi: int) -> float:
+        return statistics.median(t for s, t in times[mode] if lo <= s <= hi and not audited(s))
+
+    out: dict[str, Any] = {"name": name, "description": wl.description, "modes": {}}
+    for mode in MODES:
+        early, steady = median(mode, 4, 33), median(mode, STEADY_FROM, steps)
+        out["modes"][mode] = {
+            "early_ms": 1e3 * early,
+            "steady_ms": 1e3 * steady,
+            "early_ratio": early / median("plain", 4, 33),
+            "steady_ratio": steady / median("plain", STEADY_FROM, steps),
+        }
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"# The tracker's cost per step in a long run — {result['device']}",
+        "",
+        f"{result['date']}, torch {result['torch']}, `{result['command']}`.",
+        "",
+        "Median process CPU time of a step that is not audited, in one process, the plain step "
+        f"and the tracker's modes in alternating blocks of {BLOCK} consecutive steps; ratio to "
+        f"the plain step of the same window. Steady: steps {STEADY_FROM}–{result['steps']} "
+        "(64 and 128 audited, left out); early: steps 4–33, the window `overhead.py` times "
+        "(4, 8, 16, 32 audited, left out here, but the steps after each run slower).",
+        "",
+        "| workload | plain ms, steady | default, steady | exact, steady | default, early | "
+        "exact, early |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for w in result["workloads"]:
+        m = w["modes"]
+        lines.append(
+            f"| {w['description']} | {m['plain']['steady_ms']:.1f} | "
+            f"**{m['default']['steady_ratio']:.2f}×** | {m['exact']['steady_ratio']:.2f}× | "
+            f"{m['default']['early_ratio']:.2f}× | {m['exact']['early_ratio']:.2f}× |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--workload", default="all", help=f"'all' or a comma list of {', '.join(ob.WORKLOADS)}"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=140, help=f"steps per mode (≥ {STEADY_FROM + 20})"
+    )
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    if args.steps < STEADY_FROM + 20:
+        raise SystemExit(
+            f"--steps {args.steps}: give at least {STEADY_FROM + 20} "
+            f"(the steady window starts at step {STEADY_FROM})"
+        )
+    names = ob.WORKLOADS if args.workload == "all" else tuple(args.workload.split(","))
+    unknown = [n for n in names if n not in ob.WORKLOADS]
+    if unknown:
+        raise SystemExit(f"unknown workload {unknown[0]!r}; choose from {', '.join(ob.WORKLOADS)}")
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    result: dict[str, Any] = {
+        "kind": "noisescale.bench.steady",
+        "version": 1,
+        "device": ob.device_name(torch.device("cpu")),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "command": "python bench/steady.py " + " ".join(sys.argv[1:]),
+        "steps": args.steps,
+        "workloads": [],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / "steady-cpu"
+    for name in names:
+        result["workloads"].append(run(name, args.steps))
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+        stem.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"wrote {stem}.json and {stem}.md")
+
+
+if __name__ == "__main__":
+    main()
