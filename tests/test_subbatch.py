@@ -437,8 +437,16 @@ def test_a_product_layer_s_bias_comes_with_its_weight(monkeypatch):
 BF16_U = 2.0**-8  # bfloat16's unit roundoff
 
 
-@pytest.mark.parametrize("name", ["sequence-products", "conv-grouped-products"])
-def test_bf16_autocast_products_run_in_bf16_like_autograd(name):
+@pytest.mark.parametrize(
+    "name, product",
+    [
+        ("sequence-products", "bmm"),
+        # (a Linear met once per example keeps its float32 factors, in Gram form: bmm)
+        ("conv-products", "convolution_backward"),  # one convolution per sub-batch
+        ("conv-grouped-products", "convolution_backward"),  # one grouped convolution
+    ],
+)
+def test_bf16_autocast_products_run_in_bf16_like_autograd(name, product):
     """Under bf16 autocast the sub-batch products run in bf16 — the dtype of autograd's own
     weight-gradient product there, which a float32 product would make several times slower on
     bf16 matrix units — and still equal a bf16 brute force (each sub-batch's gradient by autograd
@@ -463,8 +471,7 @@ def test_bf16_autocast_products_run_in_bf16_like_autograd(name):
 
     class Spy(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            aten = torch.ops.aten
-            if func.overloadpacket in (aten.bmm, aten.convolution_backward):
+            if func.overloadpacket is getattr(torch.ops.aten, product):
                 products.append((func, args[0].dtype, args[1].dtype))
             return func(*args, **(kwargs or {}))
 
