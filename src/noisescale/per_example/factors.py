@@ -27,8 +27,13 @@ from torch import Tensor
 # Norm arithmetic is done in float32 at least: bfloat16 squares lose too many digits.
 
 
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    """The dtype sums of ``x`` are accumulated in: its own at float32 and up, else float32."""
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def _acc(x: Tensor) -> Tensor:
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+    return x if x.dtype == _acc_dtype(x) else x.float()
 
 
 # vector_norm is one fused pass without the temporary of pow(2).sum(), but on CPU it sums
@@ -40,7 +45,7 @@ _CPU_PIECE = 1 << 14
 def _sqnorm_rows(x: Tensor) -> Tensor:
     """|x_i|² per row of dim 0, accumulated in float32 at least, accurate at any length."""
     rows = x.flatten(1)
-    dtype = rows.dtype if rows.dtype in (torch.float32, torch.float64) else torch.float32
+    dtype = _acc_dtype(rows)
     n, length = rows.shape
     if rows.device.type != "cpu" or length <= _CPU_PIECE:
         return torch.linalg.vector_norm(rows, dim=1, dtype=dtype).square()

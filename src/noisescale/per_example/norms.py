@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from noisescale.errors import UnsupportedModuleError
-from noisescale.per_example.factors import DenseFactor, Factor
+from noisescale.per_example.factors import DenseFactor, Factor, _acc
 from noisescale.per_example.registry import LayerRule, register_layer
 
 _BatchNorm = nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d
@@ -33,7 +33,7 @@ def check(module: nn.Module, name: str) -> None:
 
 
 def _normalised(module: nn.Module, x: Tensor) -> Tensor:
-    x = x.float() if x.dtype not in (torch.float32, torch.float64) else x
+    x = _acc(x)
     # the fused kernels without affine parameters: several times faster than mean/var by hand
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(x, module.normalized_shape, eps=module.eps)
@@ -50,7 +50,7 @@ def _normalised(module: nn.Module, x: Tensor) -> Tensor:
 
 def factors(module: nn.Module, x: Tensor, d: Tensor) -> dict[str, Factor]:
     n = x.shape[0]
-    d = d.float() if d.dtype not in (torch.float32, torch.float64) else d
+    d = _acc(d)
     out: dict[str, Factor] = {}
     if isinstance(module, nn.LayerNorm | nn.RMSNorm):
         feat = tuple(module.normalized_shape)

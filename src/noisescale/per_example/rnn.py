@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
-from noisescale.per_example.factors import DenseFactor, Factor, LinearFactor
+from noisescale.per_example.factors import DenseFactor, Factor, LinearFactor, _acc
 from noisescale.per_example.registry import LayerRule, register_layer
 
 
@@ -112,10 +112,6 @@ def _output_grad(module: nn.RNNBase, saved: _Saved, grad: Tensor | None, n: int)
     elif not module.batch_first:
         grad = grad.transpose(0, 1)
     return grad if saved.rows is None else grad.index_select(0, saved.rows)
-
-
-def _acc(x: Tensor) -> Tensor:
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def _factors(

@@ -27,7 +27,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from noisescale.per_example.factors import Subbatches, _acc, _sqnorm_rows, gram_is_cheaper
+from noisescale.per_example.factors import (
+    Subbatches,
+    _acc,
+    _acc_dtype,
+    _sqnorm_rows,
+    gram_is_cheaper,
+)
 
 __all__ = ["SubbatchGrads", "WeightBySubbatch", "conv_subbatch_grads", "linear_subbatch_grads"]
 
@@ -170,7 +176,7 @@ def linear_subbatch_grads(
         # a 16-bit g in float32 (a scratch buffer: a fresh one costs its page faults) for the
         # squared norms and the sum: no coarser than autograd's one 16-bit product
         gf = g
-        if g.dtype not in (torch.float32, torch.float64):
+        if g.dtype != _acc_dtype(g):
             out = None if keep or scratch is None else scratch.get("g32", g.shape, a, torch.float32)
             gf = g.float() if out is None else out.copy_(g)
         norms.append(_subbatch_sqnorms(gf, w))
@@ -223,10 +229,6 @@ def product_dtype(x: Tensor, d: Tensor) -> torch.dtype:
     if d.dtype in (torch.bfloat16, torch.float16):
         return d.dtype
     return d.dtype if d.dtype == x.dtype else torch.promote_types(x.dtype, d.dtype)
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def _subbatch_sqnorms(g: Tensor, w2: Tensor | None) -> Tensor:
