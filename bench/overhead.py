@@ -790,6 +790,19 @@ def run_workload(name: str, args: argparse.Namespace, device: torch.device) -> d
 # -- output ---------------------------------------------------------------------------------------
 
 
+def result_header(script: str, device: torch.device) -> dict[str, Any]:
+    """What every bench result file starts with: its kind, the machine, the date, torch and
+    the command that wrote it (``bench/<script>.py`` with this process's arguments)."""
+    return {
+        "kind": f"noisescale.bench.{script}",
+        "version": 1,
+        "device": device_name(device),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "command": f"python bench/{script}.py " + " ".join(sys.argv[1:]),
+    }
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -952,17 +965,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     names = WORKLOADS if args.workload == "all" else tuple(args.workload.split(","))
-    result = {
-        "kind": "noisescale.bench.overhead",
-        "version": 1,
-        "device": device_name(device),
-        "device_type": device.type,
-        "date": datetime.date.today().isoformat(),
-        "torch": torch.__version__,
-        "command": "python bench/overhead.py " + " ".join(sys.argv[1:]),
-        "size": args.size,
-        "workloads": [],
-    }
+    result = result_header("overhead", device)
+    result.update(device_type=device.type, size=args.size, workloads=[])
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"overhead-{args.device}{'-compile' if args.compile else ''}"
     for name in names:

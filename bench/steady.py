@@ -18,7 +18,6 @@ audited (64 and 128 are), and, to compare with ``overhead.py``, of steps 4–33 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
@@ -145,16 +144,8 @@ def main() -> None:
         raise SystemExit(f"unknown workload {unknown[0]!r}; choose from {', '.join(ob.WORKLOADS)}")
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=UserWarning)
-    result: dict[str, Any] = {
-        "kind": "noisescale.bench.steady",
-        "version": 1,
-        "device": ob.device_name(torch.device("cpu")),
-        "date": datetime.date.today().isoformat(),
-        "torch": torch.__version__,
-        "command": "python bench/steady.py " + " ".join(sys.argv[1:]),
-        "steps": args.steps,
-        "workloads": [],
-    }
+    result = ob.result_header("steady", torch.device("cpu"))
+    result.update(steps=args.steps, workloads=[])
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / "steady-cpu"
     for name in names:
