@@ -991,12 +991,9 @@ class PerExampleNorms:
             # a gradient (a first layer without bias on input data) — or the weight gets none.
             # The bias, when it ran detached too, is computed with it; the rule computes the
             # other parameters.
-            kind = _product_kind(module, rule)
-            job = _WeightJob(pass_, module, product_weight, kind, [True], self, product_bias)
-            pass_.products = True
-            for p in (product_weight, product_bias):
-                if p is not None:
-                    pass_.uses[id(p)] = pass_.uses.get(id(p), 0) + 1
+            job, params = self._product_job(
+                pass_, module, rule, params, product_weight, product_bias
+            )
             x = args[0].detach()
             base = _reshaped_base(module, output)
             if base is None:
@@ -1009,9 +1006,6 @@ class PerExampleNorms:
                 # made after — the view the layer made is seen by no one else.
                 subbatch_mod.WeightBySubbatch.apply(base, x, product_weight, product_bias, job)
                 output = outs[0] = replaced = base.view(output.shape)
-            params = {
-                k: v for k, v in params.items() if v is not product_weight and v is not product_bias
-            }
         if rule.check is not None:
             rule.check(module, label)  # e.g. a BatchNorm switched to train() since
         if pass_.skipped:
@@ -1108,6 +1102,25 @@ class PerExampleNorms:
         if bias is not None:
             module._parameters["bias"] = bias.detach()
         stack.append((weight, bias))
+
+    def _product_job(
+        self,
+        pass_: PassNorms,
+        module: nn.Module,
+        rule: LayerRule,
+        params: dict[str, nn.Parameter],
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+    ) -> tuple[_WeightJob, dict[str, nn.Parameter]]:
+        """A layer call whose weight (and bias) take sub-batch products, eager or compiled: the
+        job that computes their gradients, one use each counted, and the parameters left to the
+        layer's rule."""
+        job = _WeightJob(pass_, module, weight, _product_kind(module, rule), [True], self, bias)
+        pass_.products = True
+        for p in (weight, bias):
+            if p is not None:
+                pass_.uses[id(p)] = pass_.uses.get(id(p), 0) + 1
+        return job, {k: v for k, v in params.items() if v is not weight and v is not bias}
 
     def _bias_with_products(self, module: nn.Module, weight: Tensor) -> nn.Parameter | None:
         """The bias of a layer whose weight takes sub-batch products, when its gradient is
@@ -1547,13 +1560,7 @@ class PerExampleNorms:
         if sizes[0]:  # the weight's gradient comes from its sub-batch products
             weight = params["weight"]
             bias = params["bias"] if len(sizes) > 1 and sizes[1] else None  # (and the bias's)
-            kind = _product_kind(module, rule)
-            record.job = _WeightJob(pass_, module, weight, kind, [True], self, bias)
-            pass_.products = True
-            for p in (weight, bias):
-                if p is not None:
-                    pass_.uses[id(p)] = pass_.uses.get(id(p), 0) + 1
-            params = {k: v for k, v in params.items() if v is not weight and v is not bias}
+            record.job, params = self._product_job(pass_, module, rule, params, weight, bias)
         token = self._new_record(record)
         if pass_.skipped:
             return token
