@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import noisescale
+from test_subbatch import assert_subbatches_exact
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,12 +50,12 @@ def assert_exact(model: nn.Module, batch_loss, loss_of_example) -> None:
     assert rel < RTOL, f"relative error {float(rel):.3g}"
 
 
-def _ids(seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, V, (N, T), generator=torch.Generator().manual_seed(seed))
+def _ids(seed: int = 0, n: int = N) -> torch.Tensor:
+    return torch.randint(0, V, (n, T), generator=torch.Generator().manual_seed(seed))
 
 
-def _mask() -> torch.Tensor:
-    m = torch.ones(N, T, dtype=torch.long)
+def _mask(n: int = N) -> torch.Tensor:
+    m = torch.ones(n, T, dtype=torch.long)
     m[1, -2:] = 0  # some padding: the attention masks are exercised
     return m
 
@@ -133,13 +134,13 @@ ZOO = {
 }  # fmt: skip
 
 
-def _losses(model: nn.Module, inputs) -> tuple:
-    """The batch loss (the mean of the examples' own losses) and one example's loss. Language
-    models get sequences of equal length (some attention padding), so their token mean is the
-    mean of the examples' token means."""
+def _losses(model: nn.Module, inputs, n: int = N) -> tuple:
+    """The batch loss (the mean of the examples' own losses) and one example's loss, for ``n``
+    examples. Language models get sequences of equal length (some attention padding), so their
+    token mean is the mean of the examples' token means."""
     model.train()
     if inputs == "lm":
-        ids, mask = _ids(), _mask()
+        ids, mask = _ids(n=n), _mask(n)
 
         def batch() -> torch.Tensor:
             return model(input_ids=ids, attention_mask=mask, labels=ids).loss
@@ -150,8 +151,8 @@ def _losses(model: nn.Module, inputs) -> tuple:
 
         return batch, one
     size = inputs[1]
-    x = torch.randn(N, 3, size, size, generator=torch.Generator().manual_seed(2))
-    y = torch.tensor([0, 1, 2, 1])
+    x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(2))
+    y = torch.arange(n) % 3
 
     def batch_images() -> torch.Tensor:
         return model(pixel_values=x, labels=y).loss
@@ -167,6 +168,30 @@ def test_transformers_models_called_normally(name):
     build, inputs = ZOO[name]
     model = build()
     assert_exact(model, *_losses(model, inputs))
+
+
+@pytest.mark.parametrize("path", ["chosen", "products", "factors"])
+@pytest.mark.parametrize("name", list(ZOO))
+def test_transformers_models_in_the_default_subbatch_mode(name, path, monkeypatch):
+    """The tracker's default source on the same models: each of k random sub-batches' squared
+    gradient norm equals brute force (the sum of its examples' gradients), over two passes, with
+    uneven sub-batch sizes (10 examples in 4) — with each product layer's way as the engine
+    chooses it at these sizes, and forced both ways (every Linear, ``Conv1D`` and convolution by
+    sub-batch products; none: per-example factors grouped by sub-batch). ``RTOL``: Hugging
+    Face's causal-LM loss is computed in float32 even for a float64 model (≈ 1e-7 between a
+    batch and its examples)."""
+    from noisescale.per_example import subbatch
+
+    if path != "chosen":
+        monkeypatch.setattr(subbatch, "uses_products", lambda *a: path == "products")
+    build, inputs = ZOO[name]
+    torch.manual_seed(0)
+    model = build()
+    batch, one = _losses(model, inputs, n=10)
+    # ALBERT's one layer is called at every depth: a first pass by products learns that and is
+    # withheld (factors sum the uses with their cross terms from the start)
+    learns = name == "albert" and path != "factors"
+    assert_subbatches_exact(model, batch, one, 10, k=4, steps=2, learns=learns, rtol=RTOL)
 
 
 # -- torch.nn -------------------------------------------------------------------------------
