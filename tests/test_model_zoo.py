@@ -42,12 +42,16 @@ def measured(model: nn.Module, batch_loss) -> torch.Tensor:
     return pe.sqnorms
 
 
-def assert_exact(model: nn.Module, batch_loss, loss_of_example) -> None:
+def assert_exact(model: nn.Module, batch_loss, loss_of_example, subbatches: bool = True) -> None:
+    """Per-example norms (the exact mode) equal brute force; with ``subbatches``, so do the
+    default source's sub-batch norms (2 random sub-batches of the N examples, two passes)."""
     torch.manual_seed(1)
     got = measured(model, batch_loss)
     want = brute_force(model, loss_of_example)
     rel = ((got - want).abs() / want.abs()).max()
     assert rel < RTOL, f"relative error {float(rel):.3g}"
+    if subbatches:
+        assert_subbatches_exact(model, batch_loss, loss_of_example, N, k=2, rtol=RTOL)
 
 
 def _ids(seed: int = 0, n: int = N) -> torch.Tensor:
@@ -58,22 +62,6 @@ def _mask(n: int = N) -> torch.Tensor:
     m = torch.ones(n, T, dtype=torch.long)
     m[1, -2:] = 0  # some padding: the attention masks are exercised
     return m
-
-
-def _lm(model: nn.Module, **extra) -> None:
-    """A language model called with labels (its own token-mean loss); sequences of equal length,
-    so the batch loss is the mean of the examples' losses."""
-    ids, mask = _ids(), _mask()
-    model.train()
-
-    def batch() -> torch.Tensor:
-        return model(input_ids=ids, attention_mask=mask, labels=ids, **extra).loss
-
-    def one(i: int) -> torch.Tensor:
-        s = slice(i, i + 1)
-        return model(input_ids=ids[s], attention_mask=mask[s], labels=ids[s], **extra).loss
-
-    assert_exact(model, batch, one)
 
 
 # The families, as their users build them (tiny configs, random weights): name -> (builder,
@@ -167,7 +155,8 @@ def _losses(model: nn.Module, inputs, n: int = N) -> tuple:
 def test_transformers_models_called_normally(name):
     build, inputs = ZOO[name]
     model = build()
-    assert_exact(model, *_losses(model, inputs))
+    # (the default source on these: the next test)
+    assert_exact(model, *_losses(model, inputs), subbatches=False)
 
 
 @pytest.mark.parametrize("path", ["chosen", "products", "factors"])
@@ -350,7 +339,8 @@ class _Bags(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "form", ["2d-sum", "2d-mean", "offsets-sum", "offsets-mean", "weighted", "padding-idx"]
+    "form",
+    ["2d-sum", "2d-mean", "offsets-sum", "offsets-mean", "weighted", "padding-idx", "empty-bags"],
 )
 def test_embedding_bag(form):
     torch.manual_seed(0)
@@ -360,16 +350,17 @@ def test_embedding_bag(form):
         idx = torch.tensor([[1, 2, 2], [3, 4, 0], [5, 5, 5], [0, 6, 7]])
         assert_exact(model, lambda: model(idx).mean(), lambda i: model(idx[i : i + 1])[0])
         return
-    bags = [[1, 2], [3], [4, 4, 5, 6], [7, 8, 9]]
+    # (flat indices: their count is not the examples'; "empty-bags": fewer indices than bags)
+    bags = [[1], [], [], [9]] if form == "empty-bags" else [[1, 2], [3], [4, 4, 5, 6], [7, 8, 9]]
     weights = [torch.rand(len(b), generator=torch.Generator().manual_seed(11 + j))
                for j, b in enumerate(bags)]  # fmt: skip
-    flat = torch.tensor([t for b in bags for t in b])
-    offsets = torch.tensor([0, 2, 3, 7])
+    flat = torch.tensor([t for b in bags for t in b], dtype=torch.long)
+    offsets = torch.tensor([sum(map(len, bags[:j])) for j in range(len(bags))])
     w_all = torch.cat(weights) if form == "weighted" else None
 
     def one(i: int) -> torch.Tensor:
         w = weights[i] if form == "weighted" else None
-        return model(torch.tensor(bags[i]), torch.tensor([0]), w)[0]
+        return model(torch.tensor(bags[i], dtype=torch.long), torch.tensor([0]), w)[0]
 
     assert_exact(model, lambda: model(flat, offsets, w_all).mean(), one)
 

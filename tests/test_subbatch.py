@@ -69,6 +69,8 @@ def assert_subbatches_exact(
             assert p.raw_sqnorms is None and "used more than once" in p.withheld
             continue
         assert p.raw_sqnorms is not None, p.withheld
+        # the sub-batches split all n examples (the truth below reads only their members)
+        assert p.batch_size == n and sum(p.subbatches.sizes) == n, (p.batch_size, p.subbatches)
         with engine_.paused():
             want = subbatch_truth(model, loss_of_example, n, p.subbatches)
         rel = ((p.raw_sqnorms - want).abs() / want).max()
@@ -712,3 +714,21 @@ def test_what_the_engine_learnt_about_products_is_resumed():
     resumed.step()
     assert list(resumed.history[-1]["sources"]) == ["per_example"]
     resumed.remove()
+
+
+def test_subbatches_that_leave_examples_out_are_refused(monkeypatch):
+    """The last line of defence: sub-batches whose sizes do not add up to the pass's examples
+    (how an EmbeddingBag on flat indices, fewer than its bags, was split before its bags were
+    counted) raise instead of giving norms that leave examples out."""
+    from noisescale.errors import UnsupportedModuleError
+    from noisescale.per_example.factors import Subbatches
+
+    real = Subbatches.split
+    monkeypatch.setattr(
+        Subbatches, "split", staticmethod(lambda num, k, g, d: real(num - 1, k, g, d))
+    )
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    engine = PerExampleNorms(model, subbatches=2)
+    model(torch.randn(6, 3)).pow(2).mean().backward()
+    with pytest.raises(UnsupportedModuleError, match="split into sub-batches of 5"):
+        engine.collect()

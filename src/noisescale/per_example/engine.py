@@ -1033,6 +1033,15 @@ class PerExampleNorms:
         ):
             # the model's example count came from this layer's input (e.g. EmbeddingBag offsets)
             pass_.batch_size = n = size
+            if pass_.subbatches is not None:
+                # drawn for the input's leading size (the bags' flat indices): draw again for
+                # the examples, before any layer has used them (this is the model's input)
+                device = pass_.subbatches.index.device
+                pass_.subbatches = (
+                    Subbatches.split(n, self.subbatches, self._generator(device), device)
+                    if n >= 2
+                    else None
+                )
         is_shared = shared_input or size != n or module in self._learned_shared
         if is_shared:
             shared = self._shared_call(pass_, module, rule, label, params, args, kwargs, output)
@@ -2262,6 +2271,16 @@ class PerExampleNorms:
                     pass_.group_sqnorms = pass_.group_sqnorms * wg
             pass_.uses.clear()
         for pass_ in done:
+            sb = pass_.subbatches
+            if sb is not None and pass_.received and sum(sb.sizes) != pass_.batch_size:
+                # never an estimate from sub-batches that leave examples out (or count rows
+                # that are not examples): the sub-batch norms assume a partition of the pass
+                raise UnsupportedModuleError(
+                    f"the pass's {pass_.batch_size} examples were split into sub-batches of "
+                    f"{sum(sb.sizes)} (the example count changed after the split); this is a "
+                    "noisescale bug — please report it with the model. Meanwhile measure every "
+                    "example: GradientNoiseTracker(model, per_example_fraction=1.0)"
+                )
             if pass_.second_order and pass_.received:
                 raise NoiseScaleInputError(
                     "a backward with create_graph=True (a gradient penalty or double backward) "
