@@ -81,14 +81,20 @@ def loss_of(out) -> Tensor:
     return (out.sin() + 0.3 * out.pow(2)).sum()
 
 
-def brute_force(model: nn.Module, batch: Batch, n: int) -> Tensor:
-    """|∇θ ℓ_i|² by one backward pass per example (parameters() lists a shared one once)."""
+def per_example_grads(model: nn.Module, batch: Batch, n: int) -> list[list[Tensor]]:
+    """∇θ ℓ_i by one backward pass per example (parameters() lists a shared one once)."""
     params = [p for p in model.parameters() if p.requires_grad]
     out = []
     for i in range(n):
         grads = torch.autograd.grad(loss_of(model(*batch([i]))), params, allow_unused=True)
-        out.append(sum((g.pow(2).sum() for g in grads if g is not None), torch.tensor(0.0)))
-    return torch.stack(out)
+        out.append([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
+    return out
+
+
+def brute_force(model: nn.Module, batch: Batch, n: int) -> Tensor:
+    """|∇θ ℓ_i|² by one backward pass per example."""
+    grads = per_example_grads(model, batch, n)
+    return torch.stack([sum((g.pow(2).sum() for g in gs), torch.tensor(0.0)) for gs in grads])
 
 
 def measured(model: nn.Module, batch: Batch, n: int) -> Tensor:
@@ -102,10 +108,44 @@ def assert_exact(got: Tensor, want: Tensor) -> None:
 
 
 def check(build: Build) -> None:
+    """Per-example norms (the exact mode) and the default source's sub-batch norms (2 random
+    sub-batches; every Linear and convolution by sub-batch products) equal brute force."""
     torch.manual_seed(0)
     model, batch, n = build()
-    want = brute_force(model, batch, n)
+    grads = per_example_grads(model, batch, n)
+    want = torch.stack([sum((g.pow(2).sum() for g in gs), torch.tensor(0.0)) for gs in grads])
     assert_exact(measured(model, batch, n), want)
+    if n >= 2:
+        check_subbatches(model, batch, n, grads)
+
+
+def check_subbatches(model: nn.Module, batch: Batch, n: int, grads: list[list[Tensor]]) -> None:
+    """|Σ_{i ∈ j} ∇θ ℓ_i|² for each of the default source's sub-batches j, with sub-batch
+    products forced wherever the engine can take them (at these sizes it would choose the
+    per-example factors, which the exact mode above already covers)."""
+    from noisescale.per_example import subbatch
+
+    real, subbatch.uses_products = subbatch.uses_products, lambda *a: True
+    try:
+        engine = noisescale.per_example.PerExampleNorms(model, subbatches=2)
+        try:
+            loss_of(model(*batch(list(range(n))))).backward()
+            (p,) = engine.collect()
+        finally:
+            engine.remove()
+            model.zero_grad()
+    finally:
+        subbatch.uses_products = real
+    assert p.raw_sqnorms is not None, p.withheld
+    sb = p.subbatches
+    assert sb is not None and sum(sb.sizes) == n == p.batch_size
+    index = sb.index.view(sb.k, sb.n).tolist()
+    want = []
+    for j, size in enumerate(sb.sizes):
+        members = index[j][:size]
+        parts = zip(*(grads[i] for i in members))
+        want.append(sum((sum(g).pow(2).sum() for g in parts), torch.tensor(0.0)))
+    assert_exact(p.raw_sqnorms, torch.stack(want))
 
 
 def rows(*args) -> Batch:
