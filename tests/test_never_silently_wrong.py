@@ -59,6 +59,43 @@ def assert_learns_then_exact(model, x, per_example_loss):
     want = truth(model, x, per_example_loss)
     for p in rest:
         assert torch.allclose(p.raw_sqnorms * N**2, want, rtol=1e-9)
+    assert_default_source_exact(model, x, per_example_loss)
+
+
+@pytest.fixture(params=["chosen", "products"])
+def products(request, monkeypatch):
+    """The default source's way for each Linear and convolution: as the engine chooses it at
+    these sizes (per-example factors grouped by sub-batch), or by sub-batch products."""
+    if request.param == "products":
+        from noisescale.per_example import subbatch
+
+        monkeypatch.setattr(subbatch, "uses_products", lambda *a: True)
+    return request.param
+
+
+def assert_default_source_exact(model, x, per_example_loss, steps: int = 3):
+    """The tracker's default source (2 random sub-batches per pass), under both of the
+    :func:`products` fixture's ways when the test takes it: a pass is withheld only while the
+    engine learns (the first), and every other pass's sub-batch norms equal brute force."""
+    from test_subbatch import subbatch_truth
+
+    engine = PerExampleNorms(model, subbatches=2)
+    engine.RECHECK_SUBBATCHES = 1
+    for step in range(steps):
+        model.zero_grad()
+        per_example_loss(model, x).mean().backward()
+        (p,) = engine.collect()
+        if p.raw_sqnorms is None:
+            assert step == 0 and p.withheld, (step, p.withheld)
+            continue
+        assert sum(p.subbatches.sizes) == N
+        with engine.paused():
+            want = subbatch_truth(
+                model, lambda i: per_example_loss(model, x[i : i + 1]).sum(), N, p.subbatches
+            )
+        assert torch.allclose(p.raw_sqnorms, want, rtol=1e-9), (step, p.raw_sqnorms, want)
+    engine.remove()
+    model.zero_grad()
 
 
 def one_shot(model, x, per_example_loss):
@@ -109,7 +146,7 @@ IDS = torch.randint(0, 7, (N, 5), generator=torch.Generator().manual_seed(0))
     ],
     ids=["x @ fc.weight.T", "F.linear(h, emb.weight)"],
 )
-def test_weight_reused_outside_its_module(make, x):
+def test_weight_reused_outside_its_module(make, x, products):
     torch.manual_seed(0)
     with pytest.raises(UnsupportedModuleError, match=r"do not add up|no use of them"):
         one_shot(make(), x, _sq)
@@ -171,12 +208,13 @@ class TiedAutoencoder(nn.Module):
 @pytest.mark.parametrize(
     "make", [AliasingParent, TiedAutoencoder], ids=["alias-only", "tied-autoencoder"]
 )
-def test_parameter_registered_on_two_modules_counts_once_per_use(make):
+def test_parameter_registered_on_two_modules_counts_once_per_use(make, products):
     torch.manual_seed(0)
     model = make()
     x = torch.randn(N, 3, generator=torch.Generator().manual_seed(3))
     got = one_shot(model, x, _sq)
     assert torch.allclose(got, truth(model, x, _sq), rtol=1e-9)
+    assert_default_source_exact(model, x, _sq)
 
 
 # -- 3. a shared table whose index has the batch's leading size -------------------------------
@@ -199,7 +237,7 @@ class ArangePositions(nn.Module):
         return self.head(self.wte(ids) + self.wpe(pos))
 
 
-def test_positions_shaped_t_with_t_equal_to_the_batch_are_learned_as_shared():
+def test_positions_shaped_t_with_t_equal_to_the_batch_are_learned_as_shared(products):
     torch.manual_seed(0)
     ids = torch.randint(0, 7, (N, N), generator=torch.Generator().manual_seed(4))  # T = N
     with pytest.raises(UnsupportedModuleError, match="'wpe'"):
@@ -209,23 +247,25 @@ def test_positions_shaped_t_with_t_equal_to_the_batch_are_learned_as_shared():
 
 
 @pytest.mark.parametrize("t", [N, 6], ids=["T=N", "T!=N"])
-def test_positions_shaped_1_t_are_exact_at_once(t):
+def test_positions_shaped_1_t_are_exact_at_once(t, products):
     torch.manual_seed(0)
     model = ArangePositions("[1, T]")
     ids = torch.randint(0, 7, (N, t), generator=torch.Generator().manual_seed(5))
     got = one_shot(model, ids, _sq)
     assert torch.allclose(got, truth(model, ids, _sq), rtol=1e-9)
+    assert_default_source_exact(model, ids, _sq)
 
 
-def test_positions_shaped_t_with_t_other_than_the_batch_are_exact_at_once():
+def test_positions_shaped_t_with_t_other_than_the_batch_are_exact_at_once(products):
     torch.manual_seed(0)
     model = ArangePositions("[T]")
     ids = torch.randint(0, 7, (N, 6), generator=torch.Generator().manual_seed(6))
     got = one_shot(model, ids, _sq)
     assert torch.allclose(got, truth(model, ids, _sq), rtol=1e-9)
+    assert_default_source_exact(model, ids, _sq)
 
 
-def test_t5_relative_bias_with_both_lengths_equal_to_the_batch():
+def test_t5_relative_bias_with_both_lengths_equal_to_the_batch(products):
     """T5 looks its relative-position bias up with [Q, K] buckets; with Q = K = N the buckets'
     leading size is the batch's. A one-shot measurement refuses, naming the table; the tracker's
     engine learns the table is shared and is exact from the next step."""
@@ -272,6 +312,22 @@ def test_custom_time_major_layer_is_never_silently_wrong():
     with pytest.raises(UnsupportedModuleError, match="'lin'"):
         one_shot(model, x, _sq)
     engine = PerExampleNorms(model)
+    model(x).pow(2).flatten(1).sum(1).mean().backward()
+    (first,) = engine.collect()
+    assert first.raw_sqnorms is None and "'lin'" in first.withheld
+    model.zero_grad()
+    model(x).pow(2).flatten(1).sum(1).mean().backward()
+    with pytest.raises(UnsupportedModuleError):
+        engine.collect()
+
+
+def test_custom_time_major_layer_in_the_default_source(products):
+    """The same layer under the tracker's default source (sub-batches): the first pass is
+    withheld naming the layer, the next refused — never sub-batch norms of positions."""
+    torch.manual_seed(0)
+    model = TimeMajorLinear()
+    x = torch.randn(N, N, 3, generator=torch.Generator().manual_seed(8))
+    engine = PerExampleNorms(model, subbatches=2)
     model(x).pow(2).flatten(1).sum(1).mean().backward()
     (first,) = engine.collect()
     assert first.raw_sqnorms is None and "'lin'" in first.withheld

@@ -87,7 +87,8 @@ def per_example_grads(model: nn.Module, batch: Batch, n: int) -> list[list[Tenso
     out = []
     for i in range(n):
         grads = torch.autograd.grad(loss_of(model(*batch([i]))), params, allow_unused=True)
-        out.append([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
+        pairs = zip(grads, params, strict=True)
+        out.append([torch.zeros_like(p) if g is None else g for g, p in pairs])
     return out
 
 
@@ -143,7 +144,7 @@ def check_subbatches(model: nn.Module, batch: Batch, n: int, grads: list[list[Te
     want = []
     for j, size in enumerate(sb.sizes):
         members = index[j][:size]
-        parts = zip(*(grads[i] for i in members))
+        parts = zip(*(grads[i] for i in members), strict=True)
         want.append(sum((sum(g).pow(2).sum() for g in parts), torch.tensor(0.0)))
     assert_exact(p.raw_sqnorms, torch.stack(want))
 
