@@ -335,3 +335,124 @@ def test_custom_time_major_layer_in_the_default_source(products):
     model(x).pow(2).flatten(1).sum(1).mean().backward()
     with pytest.raises(UnsupportedModuleError):
         engine.collect()
+
+
+# -- found on models we did not write (transformers families beyond the zoo) ------------------
+
+
+class ConstantFromWeight(nn.Module):
+    """A tensor computed from a parameter without a gradient — ``w.detach()``, ``w > 0``, the
+    indices of a top-k (a mixture of experts' router) — is a constant, not a use of ``w``."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.w = nn.Parameter(torch.randn(3))
+        self.how = how
+
+    def forward(self, x):
+        h = self.lin(x)
+        const = {
+            "detach": lambda: self.w.detach(),
+            "mask": lambda: (self.w > 0).to(h.dtype),
+            "topk": lambda: torch.zeros(3).index_fill(0, self.w.topk(2).indices, 1.0),
+        }[self.how]()
+        return h * const + self.w * h
+
+
+@pytest.mark.parametrize("how", ["detach", "mask", "topk"])
+def test_constants_computed_from_a_parameter(how, products):
+    """(They crashed: a hook registered on a tensor that needs no gradient.)"""
+    torch.manual_seed(0)
+    model = ConstantFromWeight(how)
+    x = torch.randn(N, 3, generator=torch.Generator().manual_seed(9))
+    got = one_shot(model, x, _sq)
+    assert torch.allclose(got, truth(model, x, _sq), rtol=1e-9)
+    assert_default_source_exact(model, x, _sq)
+
+
+class MaskedBias(nn.Module):
+    """A parameter meeting the batch in ``masked_fill`` (DeBERTa's attention scores do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.bias = nn.Parameter(torch.randn(5, 3))
+
+    def forward(self, x):  # x: [N, 5, 3]; the mask is per example
+        return self.lin(x) + self.bias.masked_fill(x > 0.5, 0.0)
+
+
+def test_a_parameter_meeting_the_batch_in_masked_fill(products):
+    torch.manual_seed(0)
+    model = MaskedBias()
+    x = torch.randn(N, 5, 3, generator=torch.Generator().manual_seed(10))
+    got = one_shot(model, x, _sq)
+    assert torch.allclose(got, truth(model, x, _sq), rtol=1e-9)
+    assert_default_source_exact(model, x, _sq)
+
+
+class FunctionalDepthwiseConv(nn.Module):
+    """A kernel applied with ``F.conv1d`` (Mamba's causal depthwise convolution)."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(4, 1, 3))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):  # x: [N, 4, T]
+        y = F.conv1d(x, self.kernel, padding=2, groups=4)[..., : x.shape[-1]]
+        return self.head(y.transpose(1, 2))
+
+
+def test_a_functional_convolution_by_subbatch_products(products):
+    """(The default source crashed on it: the sub-batch products read ``in_channels``, which
+    the functional call's stand-in for a module lacked.)"""
+    torch.manual_seed(0)
+    model = FunctionalDepthwiseConv()
+    x = torch.randn(N, 4, 6, generator=torch.Generator().manual_seed(11))
+    assert_default_source_exact(model, x, _sq)
+
+
+class FlattenedFeedForward(nn.Module):
+    """OPT's decoder layer: the feed-forward block runs on the examples flattened with their
+    positions, [N·T, D], and the result is viewed back."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 6), nn.Linear(6, 3)
+
+    def forward(self, x):  # x: [N, T, 3]
+        flat = x.reshape(-1, x.shape[-1])
+        return (flat + self.fc2(torch.relu(self.fc1(flat)))).view(x.shape)
+
+
+def test_examples_flattened_with_positions_are_refused_with_the_cause():
+    """Rows of [N·T, D] cannot be told from a table shared by the batch (the leading size says
+    nothing about their order): refused, and the message says the examples were flattened."""
+    torch.manual_seed(0)
+    model = FlattenedFeedForward()
+    x = torch.randn(N, 5, 3, generator=torch.Generator().manual_seed(12))
+    with pytest.raises(UnsupportedModuleError, match=r"20 = 4 × 5: the examples were .*flattened"):
+        one_shot(model, x, _sq)
+
+
+def test_transformers_models_that_flatten_the_examples_are_refused_with_the_cause():
+    """OPT (its feed-forward on [N·T, D]) and a mixture of experts with the eager expert loop
+    (tokens routed from [N·T, D]): refused, naming the flattening — and for the experts, the
+    implementation that is measured (``batched_mm``: the model zoo)."""
+    transformers = pytest.importorskip("transformers")
+    opt = transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=20, hidden_size=8, ffn_dim=16, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=16, word_embed_proj_dim=8, dropout=0.0, attention_dropout=0.0,
+    ))  # fmt: skip
+    moe = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=20, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+        num_local_experts=4, num_experts_per_tok=2, experts_implementation="eager",
+    ))  # fmt: skip
+    ids = torch.randint(0, 20, (N, 5), generator=torch.Generator().manual_seed(13))
+    for model, match in [(opt, "flattened"), (moe, "batched_mm")]:
+        with pytest.raises(UnsupportedModuleError, match=match):
+            with noisescale.per_example_sqnorms(model) as _:
+                model(input_ids=ids, labels=ids).loss.backward()

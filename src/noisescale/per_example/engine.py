@@ -1246,7 +1246,7 @@ class PerExampleNorms:
         else:
             why = (
                 f"its input's leading dimension {size} is not the batch's {pass_.batch_size} "
-                "examples"
+                "examples" + _flattened_hint(size, pass_.batch_size)
             )
         call = _Call(module, rule, label, params, 0, [saved], size=size, why=why)
         upstream: list[Source] = []
@@ -2369,8 +2369,9 @@ class PerExampleNorms:
                     f"layer '{call.label}' was treated as shared by all examples ({call.why}), "
                     "but its output never met the batch (it was never combined with per-example "
                     "activations). noisescale takes dim 0 of a layer's input as the example "
-                    "dimension: keep activations batch-first (time-major built-in layers such "
-                    "as nn.LSTM(batch_first=False) are handled), or use per_example=False"
+                    "dimension: keep activations batch-first, the examples not flattened "
+                    "together with positions or attention heads (time-major built-in layers "
+                    "such as nn.LSTM(batch_first=False) are handled), or use per_example=False"
                 )
         aliased = sorted(self._param_name[pid] for pid in missing & pass_.aliased)
         if aliased:
@@ -2378,7 +2379,10 @@ class PerExampleNorms:
                 f"parameters {aliased} were used directly in their module's forward but never "
                 "combined with a tensor whose dim 0 has the batch's "
                 f"{pass_.batch_size} examples, so their per-example gradients are unknown "
-                "(time-major activations? keep dim 0 the examples), or use per_example=False"
+                "(time-major activations, or examples flattened together with positions or "
+                "routed to experts: x.reshape(-1, D), a mixture of experts' eager loop — keep "
+                "dim 0 the examples; a transformers mixture of experts is measured with "
+                "experts_implementation='batched_mm'), or use per_example=False"
             )
         unexplained = set(findings.unexplained) | missing
         if (
@@ -2574,6 +2578,18 @@ class PerExampleNorms:
                 if p is not None and id(p) == pid:
                     out.append((module, name))
         return out
+
+
+def _flattened_hint(size: int, n: int) -> str:
+    """What a leading size that is a multiple of the batch's most likely means."""
+    if n < 1 or size <= n or size % n:
+        return ""
+    return (
+        f" — {size} = {n} × {size // n}: the examples were probably flattened together with "
+        "another dimension (x.reshape(-1, D) or .view(-1, …), as OPT's feed-forward block and "
+        "DeBERTa's attention over examples × heads do); noisescale needs the examples along dim "
+        "0 of every layer's input"
+    )
 
 
 def _by_products(module: nn.Module, rule: LayerRule) -> bool:

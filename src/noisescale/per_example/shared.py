@@ -114,7 +114,9 @@ def _map(value: Any, fn: Callable[[Any], Any]) -> Any:
     if isinstance(value, list):
         return [_map(v, fn) for v in value]
     if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_map(v, fn) for v in value)
+        mapped = tuple(_map(v, fn) for v in value)
+        # torch's named results (topk, max, sort: torch.return_types) keep their type
+        return mapped if type(value) is tuple else type(value)(mapped)
     if isinstance(value, dict):
         return {k: _map(v, fn) for k, v in value.items()}
     return fn(value)
@@ -164,6 +166,10 @@ def _unwrap(value: Any) -> Any:
 
 def _rewrap(value: Any, origin: Origin) -> Any:
     def fn(v: Any) -> Any:
+        if isinstance(v, Tensor) and not v.requires_grad:
+            # no gradient reaches the parameters through it (w.detach(), w > 0, the indices of
+            # a top-k): a constant, not a use — followed no further
+            return _plain(v) if isinstance(v, SharedTensor) else v
         if isinstance(v, Tensor) and not isinstance(v, SharedTensor):
             return wrap(v, origin)
         if isinstance(v, SharedTensor) and getattr(v, "_ns_origin", None) is None:
@@ -178,9 +184,9 @@ def _rewrap(value: Any, origin: Origin) -> Any:
 _ELEMENTWISE_NAMES = {
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "true_divide", "true_divide_",
     "where", "addcmul", "addcmul_", "addcdiv", "addcdiv_", "lerp", "lerp_", "maximum", "minimum",
-    "rsub", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__",
-    "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__", "__div__", "__rdiv__",
-    "__idiv__", "multiply", "subtract", "divide", "fmax", "fmin",
+    "masked_fill", "rsub", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__",
+    "__mul__", "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__", "__div__",
+    "__rdiv__", "__idiv__", "multiply", "subtract", "divide", "fmax", "fmin",
 }  # fmt: skip
 _EXPAND_NAMES = {"expand", "expand_as", "broadcast_to"}
 _LINEAR = {F.linear, torch._C._nn.linear}
@@ -470,6 +476,7 @@ class _ConvSpec:
         self.padding_mode = "zeros"
         self.kernel_size = tuple(weight.shape[2:])
         self.out_channels = weight.shape[0]
+        self.in_channels = weight.shape[1] * groups
 
 
 def _conv(
