@@ -7,6 +7,8 @@ is one backward pass per example. Relative error ≤ 1e-6 (float64 gives ~1e-15)
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -212,6 +214,47 @@ def test_transformers_models_in_the_default_subbatch_mode(name, path, monkeypatc
     # withheld (factors sum the uses with their cross terms from the start)
     learns = name == "albert" and path != "factors"
     assert_subbatches_exact(model, batch, one, 10, k=4, steps=2, learns=learns, rtol=RTOL)
+
+
+# Models that compute a token-weighted loss themselves from labels= (not through transformers'
+# loss_function): the tracker asks for the loss to be declared (docs/language_models.md).
+SELF_COMPUTED_LOSS = {"bert", "t5", "bart", "albert"}
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_the_tracker_trains_each_family_with_its_default(name):
+    """The two-line API on each family as its users train it: five SGD steps of 16 examples
+    (the audited steps 1, 2 and 4 among them) without an error or a warning, every step with its
+    small-batch norms — by sub-batch products (4 sequences of 6 tokens per sub-batch), or per
+    example where no layer takes products (the engine's choice, re-checked later)."""
+    import warnings
+
+    build, inputs = ZOO[name]
+    torch.manual_seed(0)
+    model = build()
+    batch, _ = _losses(model, inputs, n=16)
+    declared = name in SELF_COMPUTED_LOSS
+    tracker = noisescale.GradientNoiseTracker(
+        model, "token_mean" if declared else "mean", sync_every=1
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(5):
+            opt.zero_grad()
+            loss = batch()
+            if declared:
+                tracker.count_tokens(_ids(n=16))
+            loss.backward()
+            tracker.step()
+            opt.step()
+    tracker.remove()
+    assert len(tracker.history) == 5
+    for record in tracker.history:
+        assert not record["skipped"] and math.isfinite(record["sqnorm_big"])
+        small = record["sources"].get("subbatch") or record["sources"].get("per_example")
+        assert small is not None and small["count"] > 0, record["sources"]
+    assert tracker.history[0]["sources"]["subbatch"]["count"] == 8
 
 
 # -- torch.nn -------------------------------------------------------------------------------
