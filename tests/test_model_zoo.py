@@ -129,6 +129,16 @@ ZOO = {
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
         num_local_experts=4, num_experts_per_tok=2, experts_implementation="batched_mm",
     )), "lm"),
+    # shared and routed experts, grouped top-k routing with a per-expert bias buffer — as many
+    # experts as examples (4): the buffer's size is the batch's, and it is not per-example
+    "deepseek-v3": (lambda: transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
+        vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+        moe_intermediate_size=8, n_shared_experts=1, n_routed_experts=N, n_group=2,
+        topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=8,
+        q_lora_rank=8, qk_rope_head_dim=4, v_head_dim=8, qk_nope_head_dim=4,
+        experts_implementation="batched_mm",
+    )), "lm"),
     # biases on q, k, v only; grouped-query attention
     "qwen2": (lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -491,7 +501,7 @@ def test_fallback_module_with_dropout_replays_its_masks():
 
 
 # The largest relative error of the per-example norms under bf16 autocast against the float32
-# truth, measured on this project's machine (2026-12-01, torch 2.13 CPU; the last five
+# truth, measured on this project's machine (2026-12-01, torch 2.13 CPU; the last six
 # 2026-12-02). It is the bf16 forward's own rounding (8 bits of mantissa): one backward per
 # example under the same autocast is as far from float32 (T5 2.99%, ALBERT 0.95%), while
 # noisescale's norms stay within 0.06% of that bf16 brute force. Asserted: 2× the measured error
@@ -499,7 +509,7 @@ def test_fallback_module_with_dropout_replays_its_masks():
 BF16_ERROR = {
     "gpt2": 0.0019, "bert": 0.0025, "llama": 0.0027, "gemma": 0.0031, "t5": 0.0301,
     "bart": 0.0025, "albert": 0.0099, "vit": 0.0028, "convnext": 0.0067, "mixtral": 0.0038,
-    "qwen2": 0.0024, "gpt-neox": 0.0036, "bloom": 0.0035, "swin": 0.0084,
+    "qwen2": 0.0024, "gpt-neox": 0.0036, "bloom": 0.0035, "swin": 0.0084, "deepseek-v3": 0.0033,
 }  # fmt: skip
 
 

@@ -456,3 +456,31 @@ def test_transformers_models_that_flatten_the_examples_are_refused_with_the_caus
         with pytest.raises(UnsupportedModuleError, match=match):
             with noisescale.per_example_sqnorms(model) as _:
                 model(input_ids=ids, labels=ids).loss.backward()
+
+
+class BiasedRouter(nn.Module):
+    """DeepSeek-V3's router: scores of the flattened tokens [N·T, E] plus a per-expert bias
+    buffer [E]. With as many experts as examples the buffer's leading size is the batch's, but
+    broadcasting puts it along the experts, not the examples."""
+
+    def __init__(self, experts: int):
+        super().__init__()
+        self.gate = nn.Linear(5, experts, bias=False)
+        self.register_buffer("correction", torch.randn(experts))
+        self.out = nn.Linear(5, 5)
+
+    def forward(self, x):  # x: [N, T, 5]
+        scores = self.gate(x.reshape(-1, 5)).sigmoid()  # a call on flattened tokens: shared
+        weights = (scores + self.correction).softmax(-1)
+        mix = weights.view(x.shape[0], x.shape[1], -1).sum(-1, keepdim=True)
+        return self.out(x) * mix
+
+
+def test_a_buffer_whose_size_equals_the_batch_broadcast_along_another_dimension(products):
+    """(It was taken for per-example data: the step refused, blaming the flattening.)"""
+    torch.manual_seed(0)
+    model = BiasedRouter(experts=N)
+    x = torch.randn(N, 3, 5, generator=torch.Generator().manual_seed(14))
+    got = one_shot(model, x, _sq)
+    assert torch.allclose(got, truth(model, x, _sq), rtol=1e-9)
+    assert_default_source_exact(model, x, _sq)

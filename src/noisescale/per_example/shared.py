@@ -247,6 +247,11 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
             out_shape = torch.broadcast_shapes(*shapes)
         except RuntimeError:
             out_shape = None
+        if out_shape is not None and name in _ELEMENTWISE_NAMES:
+            # broadcasting aligns trailing dimensions: an operand with fewer dimensions than
+            # the result has its dim 0 elsewhere (a router's per-expert bias [E] added to
+            # shared scores [N·T, E], with E = N), so it does not carry the examples
+            batched = [t for t in batched if t.dim() == len(out_shape)]
         if name in _EXPAND_NAMES:
             with torch._C.DisableTorchFunctionSubclass():
                 result = func(*_unwrap(args), **_unwrap(kwargs))
