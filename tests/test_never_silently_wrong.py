@@ -484,3 +484,41 @@ def test_a_buffer_whose_size_equals_the_batch_broadcast_along_another_dimension(
     got = one_shot(model, x, _sq)
     assert torch.allclose(got, truth(model, x, _sq), rtol=1e-9)
     assert_default_source_exact(model, x, _sq)
+
+
+class NestedMasks(nn.Module):
+    """A module without a rule (its weight meets the batch in einsum: the torch.func fallback)
+    whose per-example masks come inside a tuple argument, as Funnel's attention takes them."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, 3, 4))
+
+    def forward(self, x, masks):  # x: [N, 2, 3]; masks: ([N, 2, 1], [N, 1, 4])
+        keep, scale = masks
+        return torch.einsum("nhd,hde->nhe", x * keep, self.weight) * scale
+
+
+class WithNestedMasks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = NestedMasks()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        masks = ((x[..., :1] > 0).to(x.dtype), x.new_ones(x.shape[0], 1, 4) + x[:, :1, :1])
+        return self.head(self.inner(x, masks))
+
+
+def test_fallback_splits_per_example_tensors_nested_in_its_arguments(products):
+    """(The fallback split only top-level arguments: each example's call got every example's
+    masks, an internal shape error.) Exact from the second step, when the fallback takes over."""
+    torch.manual_seed(0)
+    model = WithNestedMasks()
+    x = torch.randn(N, 2, 3, generator=torch.Generator().manual_seed(15))
+    first, *rest = engine_steps(model, x, _sq)
+    assert first.raw_sqnorms is None and "fallback" in first.withheld
+    want = truth(model, x, _sq)
+    for p in rest:
+        assert torch.allclose(p.raw_sqnorms * N**2, want, rtol=1e-9)
+    assert_default_source_exact(model, x, _sq)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from noisescale.errors import UnsupportedModuleError
 from noisescale.per_example.factors import DenseFactor, Factor
@@ -67,12 +68,10 @@ class Saved:
     rows: Tensor | None = None
 
     def map(self, fn: Callable[[Any], Any]) -> Saved:
+        """``fn`` applied to every leaf of the arguments, nested ones included (a tuple of
+        masks passed as one argument)."""
         return Saved(
-            tuple(fn(a) for a in self.args),
-            {k: fn(v) for k, v in self.kwargs.items()},
-            self.autocast,
-            self.rng,
-            self.rows,
+            tree_map(fn, self.args), tree_map(fn, self.kwargs), self.autocast, self.rng, self.rows
         )
 
 
@@ -117,7 +116,7 @@ def rule(engine: PerExampleNorms) -> LayerRule:
             for k, extra in enumerate(output[1:], start=1):
                 if isinstance(extra, Tensor) and extra.requires_grad:
                     extra.register_hook(_refuse_extra_output(engine._labels[module], k))
-        detached = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+        detached = tree_map(lambda a: a.detach() if isinstance(a, Tensor) else a, args)
         return Saved(detached, kwargs, _autocast_state(), before if drew else None)
 
     def select(module: nn.Module, saved: Saved, rows: Tensor) -> Saved:
@@ -166,27 +165,29 @@ def _per_example_vmap(module: nn.Module, saved: Saved, d: Tensor, name: str) -> 
         saved = saved.map(lambda a: a.index_select(0, saved.rows) if _is_batched(a, n) else a)
         d = d.index_select(0, saved.rows)
         n = d.shape[0]
-    args = saved.args
-    batched = tuple(_is_batched(a, n) for a in args)
-    # per-example keyword tensors (e.g. key_padding_mask) are split like the arguments
-    kw_batched = {k: v for k, v in saved.kwargs.items() if _is_batched(v, n)}
-    kw_fixed = {k: v for k, v in saved.kwargs.items() if k not in kw_batched}
+    # every per-example tensor among the arguments and keywords, nested ones included (e.g.
+    # key_padding_mask, or masks passed in a tuple), is split like the input
+    leaves, spec = tree_flatten((saved.args, saved.kwargs))
+    batched = [_is_batched(leaf, n) for leaf in leaves]
+    split = tuple(leaf for leaf, b in zip(leaves, batched, strict=True) if b)
 
-    def one_example(args: tuple, kwargs: dict[str, Tensor], grad: Tensor) -> dict[str, Tensor]:
-        full = tuple(a.unsqueeze(0) if b else a for a, b in zip(args, batched, strict=True))
-        kw = {**kw_fixed, **{k: v.unsqueeze(0) for k, v in kwargs.items()}}
+    def one_example(rows: tuple[Tensor, ...], grad: Tensor) -> dict[str, Tensor]:
+        it = iter(rows)
+        full = [
+            next(it).unsqueeze(0) if b else leaf for leaf, b in zip(leaves, batched, strict=True)
+        ]
+        args, kw = tree_unflatten(full, spec)
 
         def f(p: dict[str, Tensor]) -> Tensor:
-            out = functional_call(module, p, full, kw)
+            out = functional_call(module, p, args, kw)
             return out[0] if isinstance(out, tuple) else out
 
         out, pullback = vjp(f, params)
         return pullback(grad.unsqueeze(0).to(out.dtype))[0]
 
-    in_dims = (tuple(0 if b else None for b in batched), 0, 0)
     try:
         with _autocast(saved):
-            grads = vmap(one_example, in_dims=in_dims)(args, kw_batched, d)
+            grads = vmap(one_example, in_dims=(0, 0))(split, d)
     except Exception as err:  # torch raises many types here; name the module in one clear error
         raise UnsupportedModuleError(
             f"module '{name}' ({type(module).__name__}) uses its parameters in an operation "
