@@ -433,7 +433,7 @@ def test_examples_flattened_with_positions_are_refused_with_the_cause():
     torch.manual_seed(0)
     model = FlattenedFeedForward()
     x = torch.randn(N, 5, 3, generator=torch.Generator().manual_seed(12))
-    with pytest.raises(UnsupportedModuleError, match=r"20 = 4 × 5: the examples were .*flattened"):
+    with pytest.raises(UnsupportedModuleError, match=r"20 = 4 × 5: if the examples were flattened"):
         one_shot(model, x, _sq)
 
 

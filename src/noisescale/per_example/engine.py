@@ -1235,8 +1235,8 @@ class PerExampleNorms:
         if any(isinstance(v, SharedTensor) for v in _flat_values(args, kwargs)):
             why = (
                 "its input came from parameters used directly, combined only with tensors "
-                "whose dim 0 does not have the batch's size (constants, or time-major "
-                "activations)"
+                "whose dim 0 does not have the batch's size (constants, time-major "
+                "activations, or the examples flattened together with another dimension)"
             )
         elif module in self._learned_shared:
             why = (
@@ -2379,10 +2379,11 @@ class PerExampleNorms:
                 f"parameters {aliased} were used directly in their module's forward but never "
                 "combined with a tensor whose dim 0 has the batch's "
                 f"{pass_.batch_size} examples, so their per-example gradients are unknown "
-                "(time-major activations, or examples flattened together with positions or "
+                "(time-major activations; examples flattened together with positions or "
                 "routed to experts: x.reshape(-1, D), a mixture of experts' eager loop — keep "
-                "dim 0 the examples; a transformers mixture of experts is measured with "
-                "experts_implementation='batched_mm'), or use per_example=False"
+                "dim 0 the examples; transformers' experts_implementation='batched_mm' is "
+                "followed; or a custom torch.autograd.Function, whose outputs noisescale "
+                "cannot follow a parameter through), or use per_example=False"
             )
         unexplained = set(findings.unexplained) | missing
         if (
@@ -2585,10 +2586,10 @@ def _flattened_hint(size: int, n: int) -> str:
     if n < 1 or size <= n or size % n:
         return ""
     return (
-        f" — {size} = {n} × {size // n}: the examples were probably flattened together with "
-        "another dimension (x.reshape(-1, D) or .view(-1, …), as OPT's feed-forward block and "
-        "DeBERTa's attention over examples × heads do); noisescale needs the examples along dim "
-        "0 of every layer's input"
+        f" — {size} = {n} × {size // n}: if the examples were flattened together with another "
+        "dimension (x.reshape(-1, D) or .view(-1, …), as OPT's feed-forward block and DeBERTa's "
+        "attention over examples × heads do), noisescale cannot tell which example a row "
+        "belongs to: it needs the examples along dim 0 of every layer's input"
     )
 
 
