@@ -1766,6 +1766,17 @@ class PerExampleNorms:
                     saved = _take_rows(saved, rows, call.size)
                     g = g.index_select(0, rows)
                 facs = rule.factors(call.module, saved, g)
+                if pass_.audit is not None and rule.name == "norm" and _sums_in_16_bits(g):
+                    # the CPU's LayerNorm/GroupNorm backward adds its weight's and bias's
+                    # gradients up in 16 bits (Swin's final LayerNorm bias in bf16: 3
+                    # significant bits left at 32 images); autograd's sum is then no reference
+                    # for the coverage check — the attribution check still runs
+                    pass_.audit.skip_sums.update(id(p) for p in call.params.values())
+                    pass_.audit.unverified = pass_.audit.unverified or (
+                        "the coverage of normalisation layers' weights and biases is not "
+                        "checked under autocast on the CPU (autograd adds their gradients up "
+                        "in 16 bits there)"
+                    )
             self._deliver(pass_, call.params, facs, reaches)
 
     def _deliver(
@@ -2579,6 +2590,13 @@ class PerExampleNorms:
                 if p is not None and id(p) == pid:
                     out.append((module, name))
         return out
+
+
+def _sums_in_16_bits(grad: Tensor) -> bool:
+    """Whether autograd sums a normalisation layer's affine gradients from this output gradient
+    in 16 bits: a bfloat16/float16 gradient on the CPU (measured in torch 2.13: the bias
+    gradient of 8,192 rows 9% off a float32 sum)."""
+    return grad.device.type == "cpu" and grad.dtype in (torch.bfloat16, torch.float16)
 
 
 def _flattened_hint(size: int, n: int) -> str:
