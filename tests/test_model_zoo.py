@@ -226,6 +226,24 @@ def test_transformers_models_in_the_default_subbatch_mode(name, path, monkeypatc
     assert_subbatches_exact(model, batch, one, 10, k=4, steps=2, learns=learns, rtol=RTOL)
 
 
+@pytest.mark.parametrize("path", ["chosen", "products"])
+@pytest.mark.parametrize("name", list(ZOO))
+def test_preconditioned_subbatch_norms_on_each_family(name, path, monkeypatch):
+    """Adam-preconditioned sub-batch norms |P ⊙ Σ_{i ∈ j} g_i|² (a fixed random P² per
+    parameter) equal brute force on every family, also with every weight by sub-batch products
+    (their norms are weighted where the products are computed)."""
+    from noisescale.per_example import subbatch
+    from test_subbatch import assert_preconditioned_exact
+
+    if path == "products":
+        monkeypatch.setattr(subbatch, "uses_products", lambda *a: True)
+    build, inputs = ZOO[name]
+    torch.manual_seed(0)
+    model = build()
+    batch, one = _losses(model, inputs, n=10)
+    assert_preconditioned_exact(model, batch, one, 10, k=4, rtol=RTOL, passes=2)
+
+
 # Models that compute a token-weighted loss themselves from labels= (not through transformers'
 # loss_function): the tracker asks for the loss to be declared (docs/language_models.md).
 SELF_COMPUTED_LOSS = {"bert", "t5", "bart", "albert"}
