@@ -8,6 +8,7 @@ is one backward pass per example. Relative error ≤ 1e-6 (float64 gives ~1e-15)
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -244,6 +245,41 @@ def test_preconditioned_subbatch_norms_on_each_family(name, path, monkeypatch):
     assert_preconditioned_exact(model, batch, one, 10, k=4, rtol=RTOL, passes=2)
 
 
+# LoRA as Hugging Face users add it: the base model frozen, low-rank adapters A and B trainable
+# on the attention projections (Conv1D in GPT-2), B initialised away from zero so that A's
+# gradient is not zero.
+LORA_TARGETS = {
+    "gpt2": ["c_attn", "c_proj"], "llama": ["q_proj", "v_proj"], "bert": ["query", "value"],
+    "t5": ["q", "v"], "vit": "all-linear", "mixtral": ["q_proj", "v_proj"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ["chosen", "products"])
+@pytest.mark.parametrize("name", list(LORA_TARGETS))
+def test_lora_adapters_from_peft(name, path, monkeypatch):
+    """Only the adapters are trainable: their per-example norms and the default source's
+    sub-batch norms (as chosen, and by sub-batch products) equal brute force."""
+    peft = pytest.importorskip("peft")
+    from noisescale.per_example import subbatch
+
+    if path == "products":
+        monkeypatch.setattr(subbatch, "uses_products", lambda *a: True)
+    build, inputs = ZOO[name]
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS[name])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft: GPT-2's Conv1D sets fan_in_fan_out itself
+        model = peft.get_peft_model(build(), config)
+    for pname, p in model.named_parameters():
+        if "lora_B" in pname:
+            nn.init.normal_(p, std=0.1)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert_exact(model, *_losses(model, inputs), subbatches=False)
+    batch, one = _losses(model, inputs, n=10)
+    assert_subbatches_exact(model, batch, one, 10, k=4, steps=2, rtol=RTOL)
+
+
 # Models that compute a token-weighted loss themselves from labels= (not through transformers'
 # loss_function): the tracker asks for the loss to be declared (docs/language_models.md).
 SELF_COMPUTED_LOSS = {"bert", "t5", "bart", "albert"}
@@ -258,7 +294,6 @@ def test_the_tracker_trains_each_family_with_its_default(name):
     micro-batch norms too. (The first accumulated step splits all three micro-batches: which
     one is split is drawn from the step before's count. ALBERT's first step learns that its
     layer is called at every depth, says so, and is left out.)"""
-    import warnings
 
     build, inputs = ZOO[name]
     torch.manual_seed(0)
