@@ -476,6 +476,40 @@ def test_multihead_attention(kw):
     assert_exact(attn, lambda: run(slice(None)).mean(), lambda i: run(slice(i, i + 1))[0])
 
 
+# (dims, in, out, kernel, stride, padding, output_padding, dilation, groups, bias)
+TRANSPOSED = [
+    (1, 3, 4, 3, 1, 0, 0, 1, 1, True),
+    (1, 4, 6, 3, 2, 1, 1, 1, 2, False),
+    (2, 3, 2, 3, 2, 1, 1, 1, 1, True),  # a decoder's upsampling: 5×5 → 10×10
+    (2, 4, 4, (2, 3), (2, 1), (0, 1), (1, 0), (1, 2), 4, True),  # depthwise, asymmetric
+    (3, 2, 3, 2, 2, 0, 0, 1, 1, True),
+]
+
+
+@pytest.mark.parametrize(
+    "dims,cin,cout,k,s,p,op,dil,g,bias",
+    TRANSPOSED,
+    ids=["1d", "1d-groups-stride", "2d-upsample", "2d-depthwise-asym", "3d"],
+)
+def test_transposed_convolutions(dims, cin, cout, k, s, p, op, dil, g, bias):
+    """ConvTranspose1d/2d/3d — the upsampling of U-Nets, VAE decoders and GANs — by their own
+    closed-form rule (the adjoint convolution's weight gradient with input and output gradient
+    exchanged), per example and by sub-batch."""
+    layer = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        layer(cin, cout, k, stride=s, padding=p, output_padding=op, dilation=dil, groups=g,
+              bias=bias),
+        nn.Tanh(),
+    )  # fmt: skip
+    x = torch.randn(N, cin, *([5] * dims), generator=torch.Generator().manual_seed(16))
+
+    def per(rows: slice) -> torch.Tensor:
+        return model(x[rows]).pow(2).flatten(1).sum(1)
+
+    assert_exact(model, lambda: per(slice(None)).mean(), lambda i: per(slice(i, i + 1))[0])
+
+
 class _Bags(nn.Module):
     def __init__(self, mode: str, padding_idx: int | None):
         super().__init__()

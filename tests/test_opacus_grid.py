@@ -23,8 +23,9 @@ element, so each example's loss is its own.
   ``DPMultiheadAttention`` (``batch_first``, bias, ``kdim``/``vdim``, ``add_zero_attn``,
   ``key_padding_mask``, ``attn_mask``);
 * ``sequence_bias_test`` and ``add_bias_kv`` (parameters concatenated to the sequence) and
-  InstanceNorm with ``affine=True``: refused by the one-shot context manager with a message, exact
-  through the tracker's torch.func fallback from the second step.
+  refused by the one-shot context manager with a message, exact through the tracker's torch.func
+  fallback from the second step. (InstanceNorm with ``affine=True`` was among them until it got
+  its rule: now in ``test_norm``.)
 
 ``noisescale`` has no ``batch_first`` argument: the examples are along dim 0 of the model's input.
 Opacus's ``batch_first=False`` grid points are therefore a model that receives batch-first input
@@ -322,16 +323,21 @@ def group_norm_case(c, groups, spatial):
     return case(build, f"GroupNorm-C{c}-G{groups}-x{fmt(spatial)}")
 
 
-def instance_norm_case(dim):
-    """InstanceNorm without affine parameters behind a conv: mixes positions, not examples."""
+def instance_norm_case(dim, affine=False, running=False):
+    """InstanceNorm behind a conv: mixes positions, not examples. ``affine``: its weight and
+    bias per channel (their rule); ``running``: tracking statistics, in eval mode (it then
+    normalises with the running ones, like BatchNorm in eval mode)."""
 
     def build():
-        model = nn.Sequential(
-            CONV[dim](2, 3, 2), getattr(nn, f"InstanceNorm{dim}d")(3, affine=False)
-        )
+        norm = getattr(nn, f"InstanceNorm{dim}d")(3, affine=affine, track_running_stats=running)
+        model = nn.Sequential(CONV[dim](2, 3, 2), norm)
+        if running:
+            model(torch.randn(N, 2, *SPATIAL[dim]))  # running statistics that are not 0 and 1
+            model.eval()
         return model, rows(torch.randn(N, 2, *SPATIAL[dim])), N
 
-    return case(build, f"conv-InstanceNorm{dim}d-no-affine")
+    name = "affine" if affine else "no-affine"
+    return case(build, f"conv-InstanceNorm{dim}d-{name}" + ("-eval-running" if running else ""))
 
 
 @pytest.mark.parametrize(
@@ -348,6 +354,8 @@ def instance_norm_case(dim):
         group_norm_case(4, 2, (7,)),
         group_norm_case(4, 2, (2, 3, 3)),
         *(instance_norm_case(dim) for dim in (1, 2, 3)),
+        *(instance_norm_case(dim, affine=True) for dim in (1, 2, 3)),
+        instance_norm_case(2, affine=True, running=True),
     ],
 )
 def test_norm(build):
@@ -707,10 +715,6 @@ def _refusal(name, make_model, make_input, error, match):
     return pytest.param(build, error, match, id=name)
 
 
-def _instance_norm(dim):
-    return lambda: nn.Sequential(getattr(nn, f"InstanceNorm{dim}d")(3, affine=True))
-
-
 def _sequence_bias(batch_first: bool):
     def make():
         bias = _opacus_layers().SequenceBias(E, batch_first=batch_first)
@@ -732,17 +736,6 @@ def _dp_attention_time_major():
 
 
 REFUSED = [
-    *(
-        _refusal(
-            f"InstanceNorm{dim}d-affine",
-            _instance_norm(dim),
-            lambda dim=dim: torch.randn(N, 3, *SPATIAL[dim]),
-            UnsupportedModuleError,
-            r"\['0.bias', '0.weight'\] meet the batch inside module '0' in the operation "
-            r"'instance_norm', " + _NO_RULE,
-        )
-        for dim in (1, 2, 3)
-    ),
     _refusal(
         "SequenceBias",
         _sequence_bias(True),
@@ -871,14 +864,6 @@ def fallback_case(name, make_model, make_input, *marks):
 @pytest.mark.parametrize(
     "build",
     [
-        *(
-            fallback_case(
-                f"InstanceNorm{dim}d-affine",
-                _instance_norm(dim),
-                lambda dim=dim: torch.randn(N, 3, *SPATIAL[dim]),
-            )
-            for dim in (1, 2, 3)
-        ),
         fallback_case("SequenceBias", _sequence_bias(True), lambda: torch.randn(N, T, E)),
         fallback_case(
             "MultiheadAttention-add_bias_kv",

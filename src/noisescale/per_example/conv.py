@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from noisescale.errors import UnsupportedModuleError
 from noisescale.per_example.factors import (
     DenseFactor,
     Factor,
@@ -223,4 +224,56 @@ def factors(module: ConvNd, x: Tensor, d: Tensor) -> dict[str, Factor]:
 CONV_RULES = tuple(
     register_layer(_type, LayerRule(factors, name=_type.__name__))
     for _type in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+)
+
+
+# -- transposed convolutions -------------------------------------------------------------------
+#
+# conv_transpose(x, W) is the adjoint of conv(·, W) with the same stride, padding, dilation and
+# groups: ⟨conv_transpose(x, W), δ⟩ = ⟨x, conv(δ, W)⟩. So an example's gradient of a transposed
+# convolution's weight is the weight gradient of the convolution that maps δ (its output
+# gradient, C_out channels) to x (its input, C_in channels), whose weight [C_in, C_out/g, k…] is
+# stored exactly as the transposed convolution's: the rule above with the roles of input and
+# output gradient exchanged. (output_padding only adds trailing output positions the forward
+# convolution's floor drops again.) The bias is Σ δ over positions, per output channel.
+
+ConvTransposeNd = nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d
+
+
+class _AsConv:
+    """A transposed convolution seen as the convolution it is the adjoint of (no bias)."""
+
+    def __init__(self, module: ConvTransposeNd) -> None:
+        self.weight = module.weight
+        self.bias = None
+        self.groups = module.groups
+        self.out_channels = module.weight.shape[0]  # the transposed layer's in_channels
+        self.in_channels = module.weight.shape[1] * module.groups
+        self.kernel_size = tuple(module.kernel_size)
+        self.stride, self.dilation = tuple(module.stride), tuple(module.dilation)
+        self.padding = tuple(module.padding)
+        self.padding_mode = "zeros"
+
+
+def check_transposed(module: nn.Module, name: str) -> None:
+    if module.padding_mode != "zeros":  # torch itself accepts only zeros today
+        raise UnsupportedModuleError(
+            f"module '{name}' ({type(module).__name__}) pads with {module.padding_mode!r}; "
+            "noisescale's rule for transposed convolutions assumes zero padding. Use "
+            "per_example=False"
+        )
+
+
+def transposed_factors(module: ConvTransposeNd, x: Tensor, d: Tensor) -> dict[str, Factor]:
+    out = factors(_AsConv(module), d, x)  # type: ignore[arg-type]
+    if module.bias is not None and module.bias.requires_grad:
+        out["bias"] = DenseFactor(d.reshape(d.shape[0], d.shape[1], -1).sum(2))
+    return out
+
+
+TRANSPOSED_CONV_RULES = tuple(
+    register_layer(
+        _type, LayerRule(transposed_factors, check=check_transposed, name=_type.__name__)
+    )
+    for _type in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 )

@@ -1,4 +1,5 @@
-"""Affine normalisation layers: LayerNorm, RMSNorm, GroupNorm, and BatchNorm in eval mode.
+"""Affine normalisation layers: LayerNorm, RMSNorm, GroupNorm, InstanceNorm, and BatchNorm in
+eval mode.
 
 Their weight gradient is Σ δ ⊙ x̂ and their bias gradient Σ δ over the positions of an example,
 where x̂ is the normalised input, recomputed here from the saved input. BatchNorm in training mode
@@ -17,6 +18,7 @@ from noisescale.per_example.factors import DenseFactor, Factor, _acc
 from noisescale.per_example.registry import LayerRule, register_layer
 
 _BatchNorm = nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d
+_InstanceNorm = nn.InstanceNorm1d | nn.InstanceNorm2d | nn.InstanceNorm3d
 
 
 def check(module: nn.Module, name: str) -> None:
@@ -41,7 +43,11 @@ def _normalised(module: nn.Module, x: Tensor) -> Tensor:
         return F.rms_norm(x, module.normalized_shape, eps=module.eps)
     if isinstance(module, nn.GroupNorm):
         return F.group_norm(x, module.num_groups, eps=module.eps)
-    # BatchNorm in eval mode: the running statistics, per channel (dim 1)
+    if isinstance(module, _InstanceNorm) and (module.training or not module.track_running_stats):
+        # each example's own statistics per channel: a GroupNorm with one channel per group
+        return F.group_norm(x, x.shape[1], eps=module.eps)
+    # BatchNorm (and InstanceNorm tracking them) in eval mode: the running statistics, per
+    # channel (dim 1)
     shape = (1, -1) + (1,) * (x.dim() - 2)
     mean = module.running_mean.reshape(shape).to(x.dtype)
     var = module.running_var.reshape(shape).to(x.dtype)
@@ -60,7 +66,7 @@ def factors(module: nn.Module, x: Tensor, d: Tensor) -> dict[str, Factor]:
         if bias is not None and bias.requires_grad:
             out["bias"] = DenseFactor(d.reshape(n, -1, *feat).sum(1))
         return out
-    # GroupNorm / BatchNorm: one affine parameter per channel (dim 1)
+    # GroupNorm / InstanceNorm / BatchNorm: one affine parameter per channel (dim 1)
     c = x.shape[1]
     if module.weight is not None and module.weight.requires_grad:
         out["weight"] = DenseFactor((d * _normalised(module, x)).reshape(n, c, -1).sum(2))
@@ -74,6 +80,9 @@ for _type in (
     nn.LayerNorm,
     nn.RMSNorm,
     nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
     nn.BatchNorm1d,
     nn.BatchNorm2d,
     nn.BatchNorm3d,
