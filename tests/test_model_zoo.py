@@ -280,6 +280,63 @@ def test_lora_adapters_from_peft(name, path, monkeypatch):
     assert_subbatches_exact(model, batch, one, 10, k=4, steps=2, rtol=RTOL)
 
 
+@pytest.mark.parametrize("path", ["chosen", "products"])
+@pytest.mark.parametrize("name", list(ZOO))
+def test_gradient_checkpointing(name, path, monkeypatch):
+    """``model.gradient_checkpointing_enable()`` (non-reentrant, transformers' default): the
+    forward of each checkpointed layer is recomputed in the backward, where the hooks must do to
+    the tensors what they did in the forward (or checkpoint raises: it checks the recomputed
+    tensors) without counting it (a layer seen twice would be a weight used twice). Per-example
+    norms, sub-batch norms (as chosen, and by products) and three tracker steps (the audited
+    ones) are exact, with no warning. (Mixtral's router crashed it, GPT-2's weights were taken
+    for tied ones.)"""
+    import warnings
+
+    from noisescale.per_example import subbatch
+
+    if path == "products":
+        monkeypatch.setattr(subbatch, "uses_products", lambda *a: True)
+    build, inputs = ZOO[name]
+    torch.manual_seed(0)
+    model = build()
+    if not model.supports_gradient_checkpointing:
+        pytest.skip(f"{type(model).__name__} does not support gradient checkpointing")
+    model.gradient_checkpointing_enable()
+    assert_exact(model, *_losses(model, inputs), subbatches=False)
+    batch, one = _losses(model, inputs, n=10)
+    assert_subbatches_exact(model, batch, one, 10, k=4, steps=2, rtol=RTOL)
+    declared = name in SELF_COMPUTED_LOSS
+    tracker = noisescale.GradientNoiseTracker(model, "token_mean" if declared else "mean")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            opt.zero_grad()
+            loss = batch()
+            if declared:
+                tracker.count_tokens(_ids(n=10))
+            loss.backward()
+            tracker.step()
+            opt.step()
+    tracker.remove()
+    assert not [str(w.message) for w in caught if "noisescale" in str(w.message)]
+    assert all(not r["skipped"] for r in tracker.history)
+
+
+def test_reentrant_checkpointing_that_the_audit_cannot_replay_says_so():
+    """checkpoint(use_reentrant=True) backpropagates its recomputed forward in a backward of
+    its own; where the audit cannot follow it (GPT-2's blocks), the refusal says so and names
+    use_reentrant=False."""
+    build, inputs = ZOO["gpt2"]
+    torch.manual_seed(0)
+    model = build()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    batch, _ = _losses(model, inputs)
+    with pytest.raises(noisescale.UnsupportedModuleError, match="use_reentrant=False"):
+        with noisescale.per_example_sqnorms(model):
+            batch().backward()
+
+
 # Models that compute a token-weighted loss themselves from labels= (not through transformers'
 # loss_function): the tracker asks for the loss to be declared (docs/language_models.md).
 SELF_COMPUTED_LOSS = {"bert", "t5", "bart", "albert"}

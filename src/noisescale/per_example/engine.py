@@ -236,6 +236,7 @@ class PassNorms:
     inputs: tuple | None = None  # the model's (args, kwargs), for the audit's permutation check
     subbatches: Subbatches | None = None
     broken: str | None = None  # a weight measured by sub-batch products was used twice
+    reentrant: bool = False  # checkpoint(use_reentrant=True) recomputed layers in its backward
     # how the pass's loss weighs its examples (tokens), attached by noisescale.tokens
     units: Any = None
     units_error: str | None = None
@@ -301,6 +302,9 @@ class PerExampleNorms:
         self._scratch = subbatch_mod.Scratch()  # the sub-batch products' temporaries (CPU)
         # per product layer, a stack of (weight, bias or None) taken over by its open calls
         self._weight_calls: dict[nn.Module, list[tuple[Tensor, Tensor | None] | None]] = {}
+        # activation checkpointing's recomputed forwards: a pass that mirrors theirs, whose
+        # records are dropped (see _hook_pass)
+        self._shadows: dict[int, PassNorms] = {}
         self.allow_fallback = fallback
         self.auditing_enabled = audit
         self._seed = torch.initial_seed()
@@ -644,12 +648,57 @@ class PerExampleNorms:
     # -- what the shared tensors ask ----------------------------------------------------------
 
     def tracks_shared(self) -> bool:
-        return not (self._paused or self._replaying or self._recomputing)
+        replaying = self._replaying and not _checkpoint_recompute()  # (see _active)
+        return not (self._paused or replaying or self._recomputing)
 
     def open_pass(self) -> PassNorms | None:
         if not self.passes or not torch.is_grad_enabled():
             return None
-        return self.passes[-1]
+        return self._hook_pass()
+
+    def _hook_pass(self) -> PassNorms:
+        """The pass a forward hook records into: the open pass, or — in a forward that
+        activation checkpointing re-runs during the backward — a shadow of it.
+
+        torch.utils.checkpoint (non-reentrant: transformers' gradient_checkpointing_enable)
+        recomputes a block's forward in the backward only to refill the tensors the original
+        forward's graph saved, checking that they match; the gradient still flows through the
+        original graph, whose hooks measure it. The recomputation must therefore do what the
+        original forward did to the tensors (detached weights of sub-batch products, shared
+        aliases of parameters used directly) — or the saved tensors differ and checkpoint
+        raises — but none of it may count: a layer seen twice would be a weight used twice. So
+        the hooks run on a pass with the same settings that no backward reaches and that is
+        dropped when the step is collected."""
+        pass_ = self.passes[-1]
+        if not _checkpoint_recompute():
+            return pass_
+        shadow = self._shadows.get(id(pass_))
+        if shadow is None:
+            shadow = self._shadows[id(pass_)] = PassNorms(
+                batch_size=pass_.batch_size,
+                weights=pass_.weights,
+                skipped=pass_.skipped,
+                subbatches=pass_.subbatches,
+                amp=pass_.amp,
+                unsplit=pass_.unsplit,
+            )
+        return shadow
+
+    def _note_reentrant_recompute(self) -> None:
+        """A layer's forward inside the backward that is not checkpoint's non-reentrant
+        recomputation: checkpoint(use_reentrant=True), whose recomputed graph is backpropagated
+        by a backward of its own. Its hooks measure it like any forward, and simple cases audit
+        (tests/test_engine_edge_cases.py); where the audit cannot replay it, its refusal says
+        so (``_REENTRANT``)."""
+        if (
+            self.passes
+            and torch._C._current_graph_task_id() != -1
+            and torch.is_grad_enabled()
+            and not self._recomputing
+            and not self._replaying
+            and not _checkpoint_recompute()
+        ):
+            self.passes[-1].reentrant = True
 
     def batch_dim(self) -> int:
         return self._context[-1] if self._context else self._model_dim
@@ -660,10 +709,13 @@ class PerExampleNorms:
     # -- forward hooks ------------------------------------------------------------------------
 
     def _active(self) -> bool:
+        # a forward that checkpoint recomputes inside the audit's replay must do what the
+        # original forward did to the tensors, like any recomputation (_hook_pass)
+        replaying = self._replaying and not _checkpoint_recompute()
         return (
             not self._recomputing
             and not self._paused
-            and not self._replaying
+            and not replaying
             and torch.is_grad_enabled()
             and bool(self.passes)
         )
@@ -937,7 +989,14 @@ class PerExampleNorms:
                 return
             self._enter(pass_)
             if batched and pass_.audit is not None and not torch.is_grad_enabled():
-                pass_.audit.on_root(edge, grad)
+                try:
+                    pass_.audit.on_root(edge, grad)
+                except RuntimeError as err:
+                    if "use_reentrant" not in str(err):
+                        raise
+                    raise UnsupportedModuleError(
+                        "noisescale's audit could not replay this step's backward" + _REENTRANT
+                    ) from err
 
         return hook
 
@@ -945,7 +1004,8 @@ class PerExampleNorms:
         """Hand the forward shared aliases of the parameters it uses directly."""
         if not self._active() or module in self._fallback:
             return
-        pass_ = self.passes[-1]
+        self._note_reentrant_recompute()
+        pass_ = self._hook_pass()
         if self._inside_compiled_call:
             # a model's own hooks run eagerly inside its compiled call: the aliases would enter
             # the compiled graph, which cannot hold them (compile_blocker)
@@ -978,7 +1038,8 @@ class PerExampleNorms:
         if product_weight is None and not self._active():
             return None
         rule, label, params = self._calls[module]
-        pass_ = self.passes[-1]
+        self._note_reentrant_recompute()
+        pass_ = self._hook_pass()
         if not pass_.amp:
             # autocast entered inside the model's forward (accelerate wraps ``model.forward``,
             # so the model's own hooks run outside it) still loosens the audit
@@ -1077,7 +1138,7 @@ class PerExampleNorms:
         :class:`~noisescale.per_example.subbatch.WeightBySubbatch` (see :meth:`_on_forward`)."""
         stack = self._weight_calls.setdefault(module, [])
         weight = module._parameters.get("weight")
-        pass_ = self.passes[-1] if self.passes else None
+        pass_ = self._hook_pass() if self.passes else None
         use = (
             self._active()
             and pass_ is not None
@@ -1913,11 +1974,18 @@ class PerExampleNorms:
         if len(sources) == 1 and sources[0].tensor is operand:
             grads: Sequence[Tensor | None] = [per]
         else:
-            targets = [s.tensor for s in sources]
+            # Plain tensors and gradient edges, so that autograd.grad does not dispatch through
+            # the shared tensors' __torch_function__: that runs it with subclass dispatch
+            # disabled, and a forward activation checkpointing recomputes inside it would then
+            # skip the shared tensors' handling and save other tensors than the original
+            # forward did (checkpoint's CheckpointError: Mixtral's router, checkpointed)
+            with torch._C.DisableTorchFunctionSubclass(), torch.enable_grad():
+                output = operand.as_subclass(Tensor)  # an alias, upstream of operand's graph
+                edges = [torch.autograd.graph.get_gradient_edge(s.tensor) for s in sources]
             with audit_mod.replaying(), torch.enable_grad():
                 grads = torch.autograd.grad(
-                    operand,
-                    targets,
+                    output,
+                    edges,
                     per.to(operand.dtype),
                     retain_graph=True,
                     allow_unused=True,
@@ -2224,6 +2292,7 @@ class PerExampleNorms:
             self._subbatches_pay = any(p.products for p in split)
         self._context.clear()
         self._records.clear()
+        self._shadows.clear()
         first, self._first_pass = self._first_pass, None
         self._positions = 0
         self._forwards = 0
@@ -2321,7 +2390,12 @@ class PerExampleNorms:
                 self.subset_position = self._draw_subset_position(reached)
         if self.per_example:
             for pass_ in done:
-                self._settle(pass_, learn)
+                try:
+                    self._settle(pass_, learn)
+                except UnsupportedModuleError as err:
+                    if not pass_.reentrant:
+                        raise
+                    raise UnsupportedModuleError(f"{err}{_REENTRANT}") from err
         # an audited step runs eagerly, in compiled models too
         self._eager_steps.want(
             self._compiled_eagerly
@@ -2590,6 +2664,28 @@ class PerExampleNorms:
                 if p is not None and id(p) == pid:
                     out.append((module, name))
         return out
+
+
+_REENTRANT = (
+    " — this step ran activation checkpointing with use_reentrant=True, which recomputes the "
+    "forward and backpropagates it in a backward of its own, out of the audit's reach. Use "
+    "torch.utils.checkpoint(..., use_reentrant=False) (in transformers: "
+    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
+    "False}), its default), or per_example=False"
+)
+
+
+def _checkpoint_recompute() -> bool:
+    """Whether this forward is torch.utils.checkpoint's non-reentrant recomputation: inside a
+    backward, under the saved-tensor hooks checkpoint installs to collect what it recomputes —
+    or, checkpoints nested in the recomputed code (Swin checkpoints stages and their blocks),
+    under the hooks of an inner checkpoint's forward, run again as part of the outer one's
+    recomputation."""
+    if torch._C._current_graph_task_id() == -1:
+        return False
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    name = "" if top is None else getattr(top[0], "__qualname__", "")
+    return "_recomputation_hook" in name or "_checkpoint_hook" in name
 
 
 def _sums_in_16_bits(grad: Tensor) -> bool:
