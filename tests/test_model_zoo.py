@@ -337,6 +337,57 @@ def test_reentrant_checkpointing_that_the_audit_cannot_replay_says_so():
             batch().backward()
 
 
+def test_lora_under_bf16_autocast_entered_inside_the_forward():
+    """The Trainer's bf16=True: accelerate wraps ``model.forward`` in autocast and casts its
+    outputs to float32 after the loss was computed from the bf16 logits, so the loss's gradient
+    never reaches the returned logits. The audit replays from the tensor they were cast from;
+    replaying from the first layers the backward reached instead missed the residual stream and
+    refused LoRA's layers as misattributed (found with the Trainer). Three tracker steps without
+    a warning, and the norms within bf16 rounding of a bf16 brute force."""
+    import warnings
+    from types import MethodType
+
+    peft = pytest.importorskip("peft")
+    accelerate_utils = pytest.importorskip("accelerate.utils")
+    from noisescale.per_example import PerExampleNorms
+
+    torch.set_default_dtype(torch.float32)
+    build, _ = ZOO["llama"]
+    torch.manual_seed(0)
+    model = peft.get_peft_model(build(), peft.LoraConfig(r=4, target_modules=LORA_TARGETS["llama"]))
+    for pname, p in model.named_parameters():
+        if "lora_B" in pname:
+            nn.init.normal_(p, std=0.1)
+    forward = model.forward.__func__
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    model.forward = MethodType(accelerate_utils.convert_outputs_to_fp32(autocast(forward)), model)
+    ids = _ids(n=8)
+
+    def loss_of(rows: slice) -> torch.Tensor:
+        return model(input_ids=ids[rows], labels=ids[rows]).loss
+
+    engine = PerExampleNorms(model)
+    loss_of(slice(None)).backward()
+    (p,) = engine.collect()
+    assert p.audited and p.raw_sqnorms is not None, p.withheld
+    with engine.paused():
+        params = [q for q in model.parameters() if q.requires_grad]
+        grads = [torch.autograd.grad(loss_of(slice(i, i + 1)), params) for i in range(8)]
+    want = torch.stack([sum(g.float().pow(2).sum() for g in gs) for gs in grads])
+    engine.remove()
+    got = p.raw_sqnorms * 64
+    assert float(((got - want).abs() / want).max()) < 0.005
+    tracker = noisescale.GradientNoiseTracker(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            model.zero_grad()
+            loss_of(slice(None)).backward()
+            tracker.step()
+    tracker.remove()
+    assert not [str(w.message) for w in caught if "noisescale" in str(w.message)]
+
+
 # Models that compute a token-weighted loss themselves from labels= (not through transformers'
 # loss_function): the tracker asks for the loss to be declared (docs/language_models.md).
 SELF_COMPUTED_LOSS = {"bert", "t5", "bart", "albert"}

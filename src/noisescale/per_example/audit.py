@@ -178,7 +178,10 @@ class PassAudit:
     # -- registration (end of forward) --------------------------------------------------------
 
     def add_root(self, tensor: Tensor, dim: int) -> None:
-        edge = torch.autograd.graph.get_gradient_edge(tensor)
+        self.add_root_edge(torch.autograd.graph.get_gradient_edge(tensor), dim)
+
+    def add_root_edge(self, edge: Any, dim: int) -> None:
+        """A model output given by its gradient edge (the tensor an output was cast from)."""
         target = _Target(edge, dim, None, "model output", root=True, seed=len(self.roots))
         self.roots.append(target)
 

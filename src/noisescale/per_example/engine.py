@@ -828,6 +828,17 @@ class PerExampleNorms:
                     out.dim() > self._model_dim and out.shape[self._model_dim] == pass_.batch_size
                 )
                 out.register_hook(self._make_root_hook(pass_, out, batched))
+                source = _cast_source(out)
+                if source is not None:
+                    # an output cast after the loss was computed from it (accelerate's
+                    # convert_outputs_to_fp32 for the Trainer's bf16=True): the loss's
+                    # gradient reaches the tensor it was cast from, never the output
+                    hook = self._make_root_hook(pass_, None, batched, source)
+                    source.node.register_prehook(
+                        lambda grads, h=hook, nr=source.output_nr: (
+                            None if grads[nr] is None else h(grads[nr])
+                        )
+                    )
         if pass_.skipped or not self.per_example:
             return
         signature = tuple(pass_.signature)
@@ -847,6 +858,9 @@ class PerExampleNorms:
                     and out.shape[self._model_dim] == pass_.batch_size
                 ):
                     pass_.audit.add_root(out, self._model_dim)
+                    source = _cast_source(out)
+                    if source is not None:
+                        pass_.audit.add_root_edge(source, self._model_dim)
             for edge, dim, owner, label in getattr(pass_, "_pending_targets", []):
                 pass_.audit.add_target(edge, dim, owner, label)
             self._check_permutation(pass_, output)
@@ -981,8 +995,11 @@ class PerExampleNorms:
             pending = pass_._pending_targets = []  # type: ignore[attr-defined]
         pending.append((edge, dim, owner, label))
 
-    def _make_root_hook(self, pass_: PassNorms, out: Tensor, batched: bool) -> Callable:
-        edge = torch.autograd.graph.get_gradient_edge(out)
+    def _make_root_hook(
+        self, pass_: PassNorms, out: Tensor | None, batched: bool, edge: Any = None
+    ) -> Callable:
+        if edge is None:
+            edge = torch.autograd.graph.get_gradient_edge(out)
 
         def hook(grad: Tensor) -> None:
             if self._replaying or self._paused:
@@ -2673,6 +2690,18 @@ _REENTRANT = (
     "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
     "False}), its default), or per_example=False"
 )
+
+
+def _cast_source(out: Tensor) -> Any:
+    """The gradient edge of the tensor ``out`` is a dtype cast of (``out.float()``), or
+    ``None``."""
+    fn = out.grad_fn
+    if fn is None or type(fn).__name__ != "ToCopyBackward0":
+        return None
+    nexts = [e for e in fn.next_functions if e[0] is not None]
+    if len(nexts) != 1:
+        return None
+    return torch.autograd.graph.GradientEdge(*nexts[0])
 
 
 def _checkpoint_recompute() -> bool:
