@@ -802,3 +802,46 @@ def test_transformers_refuses_fp16(tmp_path):
     callback = NoiseScaleCallback()
     with pytest.raises(NoiseScaleInputError, match="fp16"):
         callback.on_train_begin(type("Args", (), {"fp16": True})(), None, None, model=_HFModel())
+
+
+def test_trainer_with_a_model_that_computes_its_loss_itself(tmp_path):
+    """BertForMaskedLM computes its token-mean loss inline from labels=; under the Trainer
+    nothing can call count_tokens() between the forward and the backward. Declared on the
+    callback, the tokens are counted from labels= (those not -100), with accumulation too;
+    undeclared, it is refused with that fix."""
+    transformers = pytest.importorskip("transformers")
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    transformers.logging.set_verbosity_error()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 50, (32, 6), generator=g)
+    labels = torch.where(torch.rand(32, 6, generator=g) < 0.5, ids, -100)
+    labels[:, 0] = ids[:, 0]
+
+    class Masked(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 32
+
+        def __getitem__(self, i: int) -> dict:
+            return {"input_ids": ids[i], "labels": labels[i]}
+
+    def train(**kw):
+        torch.manual_seed(0)
+        model = transformers.BertForMaskedLM(transformers.BertConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32, max_position_embeddings=16,
+        ))  # fmt: skip
+        args = _hf_args(tmp_path, per_device_train_batch_size=4, max_steps=3, max_grad_norm=0.0)
+        callback = NoiseScaleCallback(**kw)
+        transformers.Trainer(
+            model=model, args=args, train_dataset=Masked(), callbacks=[callback]
+        ).train()
+        return callback.tracker.history
+
+    with pytest.raises(NoiseScaleInputError, match="NoiseScaleCallback\\(loss_reduction="):
+        train()
+    history = train(loss_reduction="token_mean")
+    assert len(history) == 3
+    counted = [float((labels[8 * s : 8 * s + 8] != -100).sum()) for s in range(3)]
+    assert [r["tokens"] for r in history] == counted
+    assert all(not r["skipped"] and r["sources"] for r in history)

@@ -280,6 +280,36 @@ def test_a_loss_the_model_computes_itself_is_refused_with_the_fix():
     tracker.remove()
 
 
+def test_a_declared_token_loss_is_counted_from_labels():
+    """With the token mean declared, a model that computes its loss itself from labels= has its
+    tokens counted from those labels (not -100) — what the Trainer needs, where nothing can call
+    count_tokens() between the forward and the backward: the same history, record for record, as
+    counting them by hand; a count by hand still takes precedence (labels the model shifts)."""
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.T5Config(
+        vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0,
+    )  # fmt: skip
+    ids = torch.randint(1, 32, (6, 7), generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(1, 32, (6, 5), generator=torch.Generator().manual_seed(2))
+    labels[:3, 3:] = -100
+    histories = []
+    for by_hand in (False, True):
+        torch.manual_seed(0)
+        model = transformers.T5ForConditionalGeneration(cfg).double()
+        tracker = noisescale.GradientNoiseTracker(model, loss_reduction="token_mean")
+        for _ in range(3):
+            model(input_ids=ids, labels=labels).loss.backward()
+            if by_hand:
+                tracker.count_tokens(labels)
+            tracker.step()
+            model.zero_grad()
+        tracker.remove()
+        histories.append(tracker.history)
+    assert json.dumps(histories[0]) == json.dumps(histories[1])  # (nan-safe)
+    assert histories[0][-1]["tokens"] == float((labels != -100).sum())
+
+
 def test_declared_token_loss_needs_the_counts():
     model = torch.nn.Linear(3, 2)
     tracker = noisescale.GradientNoiseTracker(model, loss_reduction="token_mean")

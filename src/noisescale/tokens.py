@@ -131,6 +131,10 @@ def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
     return args[index] if len(args) > index else None
 
 
+#: The origin of token counts taken from a model's ``labels=`` (see :class:`TokenWatcher`).
+LABELS_ORIGIN = "labels="
+
+
 class TokenWatcher:
     """Wraps the ``loss_function`` of every Hugging Face model in ``model`` to learn each pass's
     token counts and weights (see the module docstring). No-op for other models.
@@ -138,10 +142,18 @@ class TokenWatcher:
     Args:
         model: The tracked model.
         current_pass: Returns the engine's open pass (where the units are attached).
+        count_labels: The loss is declared a mean over tokens (``loss_reduction="token_mean"``
+            or ``"num_items_in_batch"``): a model that computes its loss itself from
+            ``labels=`` (BERT's masked LM, T5, BART) has its tokens counted from those labels
+            (those not -100, unshifted) unless ``count_tokens()`` counts them — under the
+            Trainer nothing can call it between the forward and the backward.
     """
 
-    def __init__(self, model: nn.Module, current_pass: Callable[[], Any]) -> None:
+    def __init__(
+        self, model: nn.Module, current_pass: Callable[[], Any], count_labels: bool = False
+    ) -> None:
         self._current_pass = current_pass
+        self.count_labels = count_labels
         self._wrapped: list[tuple[nn.Module, Any]] = []
         self._handles: list[Any] = []
         self._calls: list[dict[str, Any]] = []
@@ -193,14 +205,20 @@ class TokenWatcher:
         if pass_ is None:
             return
         name = type(module).__name__
+        if self.count_labels:
+            if getattr(pass_, "units", None) is None and labels.shape[0] == pass_.batch_size:
+                pass_.units = PassUnits(count_units(labels), "token", LABELS_ORIGIN)
+            return
 
         def hook(grad: Tensor) -> None:
             pass_.units_error = (
                 f"{name} computed its loss itself from labels= (not through its loss_function), "
                 "so noisescale cannot tell how it weighs tokens (typically a mean over the "
                 "tokens whose label is not -100: sequences weigh by their length). Declare it: "
-                "pass loss_reduction='token_mean' (or 'num_items_in_batch') and call "
-                "tracker.count_tokens(labels) after each forward; or compute the loss yourself "
+                "pass loss_reduction='token_mean' (or 'num_items_in_batch') — the tokens are "
+                "then counted from labels= (those not -100), or by tracker.count_tokens(labels) "
+                "after each forward where the loss shifts its labels; under the Trainer: "
+                "NoiseScaleCallback(loss_reduction='token_mean'). Or compute the loss yourself "
                 "from the logits without passing labels= to the model"
             )
 

@@ -63,7 +63,13 @@ from noisescale.sources.distributed import DataParallelSource, ReducedStep
 from noisescale.sources.microbatch import MicroBatchSource
 from noisescale.sources.per_example import PerExampleSource
 from noisescale.sources.subbatch import SubbatchSource
-from noisescale.tokens import IGNORE_INDEX, PassUnits, TokenWatcher, count_units
+from noisescale.tokens import (
+    IGNORE_INDEX,
+    LABELS_ORIGIN,
+    PassUnits,
+    TokenWatcher,
+    count_units,
+)
 
 __all__ = ["GradientNoiseTracker"]
 
@@ -280,7 +286,11 @@ class GradientNoiseTracker:
                 )
         self.tokens_per_example = tokens_per_example
         self.definition: str | None = None  # "example" or "token", fixed by the first step
-        self._tokens = TokenWatcher(model, self.engine.current_pass)
+        self._tokens = TokenWatcher(
+            model,
+            self.engine.current_pass,
+            count_labels=loss_reduction in ("token_mean", "num_items_in_batch"),
+        )
         self._header_written = False
         self._state = state_mod.init(beta, tuple(self._group_names))
         self._pending: list[_Pending] = []
@@ -407,11 +417,12 @@ class GradientNoiseTracker:
                 f"forward pass had {pass_.batch_size}; give this micro-batch's labels "
                 "[examples, tokens…]"
             )
-        if pass_.units is not None and not pass_.units.measured:
+        from_labels = pass_.units is not None and pass_.units.origin == LABELS_ORIGIN
+        if pass_.units is not None and not pass_.units.measured and not from_labels:
             raise NoiseScaleInputError(
                 "count_tokens() was called twice for one forward pass; call it once per micro-batch"
             )
-        if pass_.units is None:
+        if pass_.units is None or from_labels:  # (the user's count over the labels= one)
             pass_.units = PassUnits(counts, "token", "count_tokens")
 
     def _weights_of(self, passes: list[Any], scale: float) -> tuple[StepNorms, str, Tensor | None]:
