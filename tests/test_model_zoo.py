@@ -340,6 +340,45 @@ def test_reentrant_checkpointing_that_the_audit_cannot_replay_says_so():
             batch().backward()
 
 
+def test_lora_inside_a_wrapper_that_returns_only_the_loss():
+    """A module that wraps the model and returns only its loss (as training wrappers do):
+    nothing batched comes out, so the audit must find where to replay from. The first layers
+    the backward reaches miss the residual stream (LoRA leaves the head frozen, unhooked) and
+    refused every step; it now replays from the logits Hugging Face's loss was computed from.
+    Exact against brute force, and three tracker steps without a warning."""
+    import warnings
+
+    peft = pytest.importorskip("peft")
+
+    class ReturnsLoss(nn.Module):
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=ids, labels=ids).loss
+
+    build, _ = ZOO["llama"]
+    torch.manual_seed(0)
+    inner = peft.get_peft_model(build(), peft.LoraConfig(r=4, target_modules=LORA_TARGETS["llama"]))
+    for pname, p in inner.named_parameters():
+        if "lora_B" in pname:
+            nn.init.normal_(p, std=0.1)
+    model = ReturnsLoss(inner)
+    ids = _ids()
+    assert_exact(model, lambda: model(ids), lambda i: model(ids[i : i + 1]), subbatches=False)
+    tracker = noisescale.GradientNoiseTracker(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            model.zero_grad()
+            model(ids).backward()
+            tracker.step()
+    tracker.remove()
+    assert not [str(w.message) for w in caught if "noisescale" in str(w.message)]
+    assert all(r["sources"] for r in tracker.history)
+
+
 def test_lora_under_bf16_autocast_entered_inside_the_forward():
     """The Trainer's bf16=True: accelerate wraps ``model.forward`` in autocast and casts its
     outputs to float32 after the loss was computed from the bf16 logits, so the loss's gradient

@@ -234,6 +234,17 @@ class TokenWatcher:
             pass_ = self._current_pass()
             if pass_ is None or not out.requires_grad:
                 return out
+            # what the loss was computed from: the audit replays from it when the model's own
+            # outputs are not on the loss's path (a wrapper that returns only the loss)
+            logits = (
+                _arg(args, kwargs, 1, "pooled_logits")
+                if kind == "sequence"
+                else _arg(args, kwargs, 0, "logits")
+            )
+            if isinstance(logits, Tensor) and logits.requires_grad:
+                # (its gradient edge and shape: holding the logits would keep them alive)
+                edge = torch.autograd.graph.get_gradient_edge(logits)
+                pass_.loss_inputs.append((edge, tuple(logits.shape)))
             units = self._units(kind, args, kwargs, original)
             if units is None:
                 return out

@@ -240,6 +240,10 @@ class PassNorms:
     # how the pass's loss weighs its examples (tokens), attached by noisescale.tokens
     units: Any = None
     units_error: str | None = None
+    # (gradient edge, shape) of the logits a Hugging Face loss_function was computed from
+    # (noisescale.tokens): a root of the audit's replay when the model's outputs are not on the
+    # loss's path (a wrapper that returns only the loss)
+    loss_inputs: list = field(default_factory=list)
     compiled: bool = False  # its forward ran inside a compiled graph (torch.compile)
     unaudited: bool = False  # compiled, and due for an audit it could not have there
     compiled_unsupported: str | None = None  # an operation the traced hooks do not follow
@@ -822,7 +826,18 @@ class PerExampleNorms:
         if not self._active() or torch._C._current_graph_task_id() != -1:
             return
         pass_ = self.passes[-1]
-        for out in _tensors(output):
+        outputs = _tensors(output)
+        # Roots given by their gradient edge: the tensor an output was cast from (accelerate's
+        # convert_outputs_to_fp32 for the Trainer's bf16=True casts the logits after the loss
+        # was computed from them: the loss's gradient never reaches the output), and the logits
+        # a Hugging Face loss was computed from (a wrapper that returns only the loss)
+        edges: list[tuple[Any, bool]] = []
+        for edge, shape in pass_.loss_inputs:
+            edges.append(
+                (edge, len(shape) > self._model_dim and shape[self._model_dim] == pass_.batch_size)
+            )
+        pass_.loss_inputs = []
+        for out in outputs:
             if out.requires_grad:
                 batched = (
                     out.dim() > self._model_dim and out.shape[self._model_dim] == pass_.batch_size
@@ -830,15 +845,23 @@ class PerExampleNorms:
                 out.register_hook(self._make_root_hook(pass_, out, batched))
                 source = _cast_source(out)
                 if source is not None:
-                    # an output cast after the loss was computed from it (accelerate's
-                    # convert_outputs_to_fp32 for the Trainer's bf16=True): the loss's
-                    # gradient reaches the tensor it was cast from, never the output
-                    hook = self._make_root_hook(pass_, None, batched, source)
-                    source.node.register_prehook(
-                        lambda grads, h=hook, nr=source.output_nr: (
-                            None if grads[nr] is None else h(grads[nr])
-                        )
-                    )
+                    edges.append((source, batched))
+        seen: set[tuple[int, int]] = {
+            (id(e.node), e.output_nr)
+            for e in (torch.autograd.graph.get_gradient_edge(o) for o in outputs if o.requires_grad)
+        }
+        roots: list[Any] = []
+        for edge, batched in edges:
+            key = (id(edge.node), edge.output_nr)
+            if key in seen:
+                continue
+            seen.add(key)
+            hook = self._make_root_hook(pass_, None, batched, edge)
+            edge.node.register_prehook(
+                lambda grads, h=hook, nr=edge.output_nr: None if grads[nr] is None else h(grads[nr])
+            )
+            if batched:
+                roots.append(edge)
         if pass_.skipped or not self.per_example:
             return
         signature = tuple(pass_.signature)
@@ -851,16 +874,15 @@ class PerExampleNorms:
                 replay=self._replay_allowed,
             )
             pass_.audited = True
-            for out in _tensors(output):
+            for out in outputs:
                 if (
                     out.requires_grad
                     and out.dim() > self._model_dim
                     and out.shape[self._model_dim] == pass_.batch_size
                 ):
                     pass_.audit.add_root(out, self._model_dim)
-                    source = _cast_source(out)
-                    if source is not None:
-                        pass_.audit.add_root_edge(source, self._model_dim)
+            for edge in roots:
+                pass_.audit.add_root_edge(edge, self._model_dim)
             for edge, dim, owner, label in getattr(pass_, "_pending_targets", []):
                 pass_.audit.add_target(edge, dim, owner, label)
             self._check_permutation(pass_, output)

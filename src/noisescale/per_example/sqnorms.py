@@ -7,6 +7,7 @@ from torch import nn
 
 from noisescale.errors import NoiseScaleInputError
 from noisescale.per_example.engine import LOSS_REDUCTIONS, PerExampleNorms
+from noisescale.tokens import TokenWatcher
 
 
 class per_example_sqnorms:
@@ -38,6 +39,9 @@ class per_example_sqnorms:
             )
         self.loss_reduction = loss_reduction
         self.engine = PerExampleNorms(model)
+        # (for the audit: the logits a Hugging Face loss was computed from, a root of its replay
+        # when the model returns only its loss; the token counts are not used here)
+        self._tokens = TokenWatcher(model, self.engine.current_pass)
         self.sqnorms: torch.Tensor | None = None
 
     def __enter__(self) -> per_example_sqnorms:
@@ -63,4 +67,5 @@ class per_example_sqnorms:
                     parts.append(p.raw_sqnorms * scale)
                 self.sqnorms = torch.cat(parts)
         finally:
+            self._tokens.remove()
             self.engine.remove()
