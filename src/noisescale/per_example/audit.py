@@ -177,11 +177,9 @@ class PassAudit:
 
     # -- registration (end of forward) --------------------------------------------------------
 
-    def add_root(self, tensor: Tensor, dim: int) -> None:
-        self.add_root_edge(torch.autograd.graph.get_gradient_edge(tensor), dim)
-
-    def add_root_edge(self, edge: Any, dim: int) -> None:
-        """A model output given by its gradient edge (the tensor an output was cast from)."""
+    def add_root(self, edge: Any, dim: int) -> None:
+        """A model output (or the tensor it was cast from, or the logits a loss was computed
+        from), by its gradient edge."""
         target = _Target(edge, dim, None, "model output", root=True, seed=len(self.roots))
         self.roots.append(target)
 

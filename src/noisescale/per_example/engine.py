@@ -672,9 +672,19 @@ class PerExampleNorms:
         aliases of parameters used directly) — or the saved tensors differ and checkpoint
         raises — but none of it may count: a layer seen twice would be a weight used twice. So
         the hooks run on a pass with the same settings that no backward reaches and that is
-        dropped when the step is collected."""
+        dropped when the step is collected.
+
+        Any other forward inside a backward is checkpoint(use_reentrant=True)'s, whose
+        recomputed graph is backpropagated by a backward of its own: its hooks measure it like
+        any forward, and simple cases audit (tests/test_engine_edge_cases.py); the pass is
+        marked so that where the audit cannot replay it, its refusal says so (``_REENTRANT``).
+        """
         pass_ = self.passes[-1]
+        if torch._C._current_graph_task_id() == -1:
+            return pass_
         if not _checkpoint_recompute():
+            if torch.is_grad_enabled() and not self._recomputing and not self._replaying:
+                pass_.reentrant = True
             return pass_
         shadow = self._shadows.get(id(pass_))
         if shadow is None:
@@ -687,22 +697,6 @@ class PerExampleNorms:
                 unsplit=pass_.unsplit,
             )
         return shadow
-
-    def _note_reentrant_recompute(self) -> None:
-        """A layer's forward inside the backward that is not checkpoint's non-reentrant
-        recomputation: checkpoint(use_reentrant=True), whose recomputed graph is backpropagated
-        by a backward of its own. Its hooks measure it like any forward, and simple cases audit
-        (tests/test_engine_edge_cases.py); where the audit cannot replay it, its refusal says
-        so (``_REENTRANT``)."""
-        if (
-            self.passes
-            and torch._C._current_graph_task_id() != -1
-            and torch.is_grad_enabled()
-            and not self._recomputing
-            and not self._replaying
-            and not _checkpoint_recompute()
-        ):
-            self.passes[-1].reentrant = True
 
     def batch_dim(self) -> int:
         return self._context[-1] if self._context else self._model_dim
@@ -826,37 +820,27 @@ class PerExampleNorms:
         if not self._active() or torch._C._current_graph_task_id() != -1:
             return
         pass_ = self.passes[-1]
-        outputs = _tensors(output)
-        # Roots given by their gradient edge: the tensor an output was cast from (accelerate's
-        # convert_outputs_to_fp32 for the Trainer's bf16=True casts the logits after the loss
-        # was computed from them: the loss's gradient never reaches the output), and the logits
-        # a Hugging Face loss was computed from (a wrapper that returns only the loss)
-        edges: list[tuple[Any, bool]] = []
-        for edge, shape in pass_.loss_inputs:
-            edges.append(
-                (edge, len(shape) > self._model_dim and shape[self._model_dim] == pass_.batch_size)
-            )
-        pass_.loss_inputs = []
-        for out in outputs:
+        # The replay's roots, by gradient edge: the model's outputs; the tensor an output was
+        # cast from (accelerate's convert_outputs_to_fp32 for the Trainer's bf16=True casts the
+        # logits after the loss was computed from them: the loss's gradient never reaches the
+        # output); and the logits a Hugging Face loss was computed from (a wrapper that returns
+        # only the loss, noisescale.tokens)
+        candidates = []
+        for out in _tensors(output):
             if out.requires_grad:
-                batched = (
-                    out.dim() > self._model_dim and out.shape[self._model_dim] == pass_.batch_size
-                )
-                out.register_hook(self._make_root_hook(pass_, out, batched))
+                candidates.append((torch.autograd.graph.get_gradient_edge(out), out.shape))
                 source = _cast_source(out)
                 if source is not None:
-                    edges.append((source, batched))
-        seen: set[tuple[int, int]] = {
-            (id(e.node), e.output_nr)
-            for e in (torch.autograd.graph.get_gradient_edge(o) for o in outputs if o.requires_grad)
-        }
-        roots: list[Any] = []
-        for edge, batched in edges:
-            key = (id(edge.node), edge.output_nr)
-            if key in seen:
+                    candidates.append((source, out.shape))
+        candidates += pass_.loss_inputs
+        pass_.loss_inputs = []
+        dim, seen, roots = self._model_dim, set(), []
+        for edge, shape in candidates:
+            if (id(edge.node), edge.output_nr) in seen:
                 continue
-            seen.add(key)
-            hook = self._make_root_hook(pass_, None, batched, edge)
+            seen.add((id(edge.node), edge.output_nr))
+            batched = len(shape) > dim and shape[dim] == pass_.batch_size
+            hook = self._make_root_hook(pass_, edge, batched)
             edge.node.register_prehook(
                 lambda grads, h=hook, nr=edge.output_nr: None if grads[nr] is None else h(grads[nr])
             )
@@ -874,15 +858,8 @@ class PerExampleNorms:
                 replay=self._replay_allowed,
             )
             pass_.audited = True
-            for out in outputs:
-                if (
-                    out.requires_grad
-                    and out.dim() > self._model_dim
-                    and out.shape[self._model_dim] == pass_.batch_size
-                ):
-                    pass_.audit.add_root(out, self._model_dim)
             for edge in roots:
-                pass_.audit.add_root_edge(edge, self._model_dim)
+                pass_.audit.add_root(edge, dim)
             for edge, dim, owner, label in getattr(pass_, "_pending_targets", []):
                 pass_.audit.add_target(edge, dim, owner, label)
             self._check_permutation(pass_, output)
@@ -1017,12 +994,7 @@ class PerExampleNorms:
             pending = pass_._pending_targets = []  # type: ignore[attr-defined]
         pending.append((edge, dim, owner, label))
 
-    def _make_root_hook(
-        self, pass_: PassNorms, out: Tensor | None, batched: bool, edge: Any = None
-    ) -> Callable:
-        if edge is None:
-            edge = torch.autograd.graph.get_gradient_edge(out)
-
+    def _make_root_hook(self, pass_: PassNorms, edge: Any, batched: bool) -> Callable:
         def hook(grad: Tensor) -> None:
             if self._replaying or self._paused:
                 return
@@ -1043,7 +1015,6 @@ class PerExampleNorms:
         """Hand the forward shared aliases of the parameters it uses directly."""
         if not self._active() or module in self._fallback:
             return
-        self._note_reentrant_recompute()
         pass_ = self._hook_pass()
         if self._inside_compiled_call:
             # a model's own hooks run eagerly inside its compiled call: the aliases would enter
@@ -1077,7 +1048,6 @@ class PerExampleNorms:
         if product_weight is None and not self._active():
             return None
         rule, label, params = self._calls[module]
-        self._note_reentrant_recompute()
         pass_ = self._hook_pass()
         if not pass_.amp:
             # autocast entered inside the model's forward (accelerate wraps ``model.forward``,
