@@ -245,6 +245,45 @@ def test_preconditioned_subbatch_norms_on_each_family(name, path, monkeypatch):
     assert_preconditioned_exact(model, batch, one, 10, k=4, rtol=RTOL, passes=2)
 
 
+def _lora(model: nn.Module, name: str) -> nn.Module:
+    """``model`` with peft's LoRA adapters on LORA_TARGETS[name], B away from zero (as after some
+    training: peft initialises it to zero, which would make A's gradient zero)."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS[name])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft: GPT-2's Conv1D sets fan_in_fan_out itself
+        model = peft.get_peft_model(model, config)
+    for pname, p in model.named_parameters():
+        if "lora_B" in pname:
+            nn.init.normal_(p, std=0.1)
+    return model
+
+
+def _train(
+    model: nn.Module, batch, steps: int, *, count: int | None = None, passes=lambda step: 1
+) -> tuple[list[dict], list[str]]:
+    """``steps`` SGD steps of the tracker's default, ``passes(step)`` accumulation micro-batches
+    each; ``count``: the loss is a token mean the model computes itself (declared, and the tokens
+    of ``count`` sequences counted by hand). The history and every warning raised."""
+    tracker = noisescale.GradientNoiseTracker(
+        model, "mean" if count is None else "token_mean", sync_every=1
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(steps):
+            opt.zero_grad()
+            for _ in range(passes(step)):
+                loss = batch() / passes(step)
+                if count is not None:
+                    tracker.count_tokens(_ids(n=count))
+                loss.backward()
+            tracker.step()
+            opt.step()
+    tracker.remove()
+    return tracker.history, [str(w.message) for w in caught]
+
+
 # LoRA as Hugging Face users add it: the base model frozen, low-rank adapters A and B trainable
 # on the attention projections (Conv1D in GPT-2), B initialised away from zero so that A's
 # gradient is not zero.
@@ -259,20 +298,13 @@ LORA_TARGETS = {
 def test_lora_adapters_from_peft(name, path, monkeypatch):
     """Only the adapters are trainable: their per-example norms and the default source's
     sub-batch norms (as chosen, and by sub-batch products) equal brute force."""
-    peft = pytest.importorskip("peft")
     from noisescale.per_example import subbatch
 
     if path == "products":
         monkeypatch.setattr(subbatch, "uses_products", lambda *a: True)
     build, inputs = ZOO[name]
     torch.manual_seed(0)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS[name])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft: GPT-2's Conv1D sets fan_in_fan_out itself
-        model = peft.get_peft_model(build(), config)
-    for pname, p in model.named_parameters():
-        if "lora_B" in pname:
-            nn.init.normal_(p, std=0.1)
+    model = _lora(build(), name)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert_exact(model, *_losses(model, inputs), subbatches=False)
@@ -294,8 +326,6 @@ def test_gradient_checkpointing(name, path, monkeypatch):
     norms, sub-batch norms (as chosen, and by products) and three tracker steps (the audited
     ones) are exact, with no warning. (Mixtral's router crashed it, GPT-2's weights were taken
     for tied ones.)"""
-    import warnings
-
     from noisescale.per_example import subbatch
 
     if path == "products":
@@ -308,22 +338,9 @@ def test_gradient_checkpointing(name, path, monkeypatch):
     assert_exact(model, *_losses(model, inputs), subbatches=False)
     batch, one = _losses(model, inputs, n=10)
     assert_subbatches_exact(model, batch, one, 10, k=4, steps=2, rtol=RTOL)
-    declared = name in SELF_COMPUTED_LOSS
-    tracker = noisescale.GradientNoiseTracker(model, "token_mean" if declared else "mean")
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(3):
-            opt.zero_grad()
-            loss = batch()
-            if declared:
-                tracker.count_tokens(_ids(n=10))
-            loss.backward()
-            tracker.step()
-            opt.step()
-    tracker.remove()
-    assert not [str(w.message) for w in caught if "noisescale" in str(w.message)]
-    assert all(not r["skipped"] for r in tracker.history)
+    history, said = _train(model, batch, 3, count=10 if name in SELF_COMPUTED_LOSS else None)
+    assert not [s for s in said if "noisescale" in s]
+    assert all(not r["skipped"] for r in history)
 
 
 def test_reentrant_checkpointing_that_the_audit_cannot_replay_says_so():
@@ -346,9 +363,6 @@ def test_lora_inside_a_wrapper_that_returns_only_the_loss():
     the backward reaches miss the residual stream (LoRA leaves the head frozen, unhooked) and
     refused every step; it now replays from the logits Hugging Face's loss was computed from.
     Exact against brute force, and three tracker steps without a warning."""
-    import warnings
-
-    peft = pytest.importorskip("peft")
 
     class ReturnsLoss(nn.Module):
         def __init__(self, model: nn.Module) -> None:
@@ -360,23 +374,12 @@ def test_lora_inside_a_wrapper_that_returns_only_the_loss():
 
     build, _ = ZOO["llama"]
     torch.manual_seed(0)
-    inner = peft.get_peft_model(build(), peft.LoraConfig(r=4, target_modules=LORA_TARGETS["llama"]))
-    for pname, p in inner.named_parameters():
-        if "lora_B" in pname:
-            nn.init.normal_(p, std=0.1)
-    model = ReturnsLoss(inner)
+    model = ReturnsLoss(_lora(build(), "llama"))
     ids = _ids()
     assert_exact(model, lambda: model(ids), lambda i: model(ids[i : i + 1]), subbatches=False)
-    tracker = noisescale.GradientNoiseTracker(model)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(3):
-            model.zero_grad()
-            model(ids).backward()
-            tracker.step()
-    tracker.remove()
-    assert not [str(w.message) for w in caught if "noisescale" in str(w.message)]
-    assert all(r["sources"] for r in tracker.history)
+    history, said = _train(model, lambda: model(ids), 3)
+    assert not [s for s in said if "noisescale" in s]
+    assert all(r["sources"] for r in history)
 
 
 def test_lora_under_bf16_autocast_entered_inside_the_forward():
@@ -386,20 +389,15 @@ def test_lora_under_bf16_autocast_entered_inside_the_forward():
     replaying from the first layers the backward reached instead missed the residual stream and
     refused LoRA's layers as misattributed (found with the Trainer). Three tracker steps without
     a warning, and the norms within bf16 rounding of a bf16 brute force."""
-    import warnings
     from types import MethodType
 
-    peft = pytest.importorskip("peft")
     accelerate_utils = pytest.importorskip("accelerate.utils")
     from noisescale.per_example import PerExampleNorms
 
     torch.set_default_dtype(torch.float32)
     build, _ = ZOO["llama"]
     torch.manual_seed(0)
-    model = peft.get_peft_model(build(), peft.LoraConfig(r=4, target_modules=LORA_TARGETS["llama"]))
-    for pname, p in model.named_parameters():
-        if "lora_B" in pname:
-            nn.init.normal_(p, std=0.1)
+    model = _lora(build(), "llama")
     forward = model.forward.__func__
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     model.forward = MethodType(accelerate_utils.convert_outputs_to_fp32(autocast(forward)), model)
@@ -419,15 +417,8 @@ def test_lora_under_bf16_autocast_entered_inside_the_forward():
     engine.remove()
     got = p.raw_sqnorms * 64
     assert float(((got - want).abs() / want).max()) < 0.005
-    tracker = noisescale.GradientNoiseTracker(model)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(3):
-            model.zero_grad()
-            loss_of(slice(None)).backward()
-            tracker.step()
-    tracker.remove()
-    assert not [str(w.message) for w in caught if "noisescale" in str(w.message)]
+    _, said = _train(model, lambda: loss_of(slice(None)), 3)
+    assert not [s for s in said if "noisescale" in s]
 
 
 # Models that compute a token-weighted loss themselves from labels= (not through transformers'
@@ -449,29 +440,12 @@ def test_the_tracker_trains_each_family_with_its_default(name):
     torch.manual_seed(0)
     model = build()
     batch, _ = _losses(model, inputs, n=32)
-    declared = name in SELF_COMPUTED_LOSS
-    tracker = noisescale.GradientNoiseTracker(
-        model, "token_mean" if declared else "mean", sync_every=1
-    )
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for step in range(6):
-            opt.zero_grad()
-            passes = 1 if step < 3 else 3
-            for _ in range(passes):
-                loss = batch() / passes
-                if declared:
-                    tracker.count_tokens(_ids(n=32))
-                loss.backward()
-            tracker.step()
-            opt.step()
-    tracker.remove()
+    count = 32 if name in SELF_COMPUTED_LOSS else None
+    history, said = _train(model, batch, 6, count=count, passes=lambda step: 1 if step < 3 else 3)
     learns = name == "albert"
-    said = [str(w.message) for w in caught]
     assert len(said) == learns and all("step 1: " in s and "more than once" in s for s in said)
-    assert len(tracker.history) == 6
-    for step, record in enumerate(tracker.history):
+    assert len(history) == 6
+    for step, record in enumerate(history):
         if learns and step == 0:
             assert record["skipped"] and not record["sources"]
             continue
