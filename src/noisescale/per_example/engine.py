@@ -113,6 +113,9 @@ def _time_major(module: nn.Module) -> bool:
     return False
 
 
+_UNKNOWN = object()  # (PerExampleNorms._begin: not asked yet)
+
+
 @dataclass(eq=False)
 class _Call:
     """A layer call (or a shared call) whose rule runs in the backward pass."""
@@ -304,6 +307,7 @@ class PerExampleNorms:
         self._unsplit_passes = 0
         self._multi_use: set[int] = set()  # weights used more than once in a pass
         self._scratch = subbatch_mod.Scratch()  # the sub-batch products' temporaries (CPU)
+        self._product_choices: dict[tuple, bool] = {}  # _uses_products's, by layer and shape
         # per product layer, a stack of (weight, bias or None) taken over by its open calls
         self._weight_calls: dict[nn.Module, list[tuple[Tensor, Tensor | None] | None]] = {}
         # activation checkpointing's recomputed forwards: a pass that mirrors theirs, whose
@@ -1067,18 +1071,25 @@ class PerExampleNorms:
             x = args[0].detach()
             base = _reshaped_base(module, output)
             if base is None:
-                subbatch_mod.WeightBySubbatch.apply(outs[0], x, product_weight, product_bias, job)
+                subbatch_mod.weight_by_subbatch(outs[0], x, product_weight, product_bias, job)
             else:
                 # The output is a reshaped view of the product's result (nn.Linear on [N, T, I],
                 # Conv1D): marking the view dirty makes autograd copy every gradient through
                 # the whole base and back (CopySlices, ≈ 3 copies of the output per layer).
                 # The base is marked instead, and the layer's output becomes a new view of it,
                 # made after — the view the layer made is seen by no one else.
-                subbatch_mod.WeightBySubbatch.apply(base, x, product_weight, product_bias, job)
+                subbatch_mod.weight_by_subbatch(base, x, product_weight, product_bias, job)
                 output = outs[0] = replaced = base.view(output.shape)
         if rule.check is not None:
             rule.check(module, label)  # e.g. a BatchNorm switched to train() since
         if pass_.skipped:
+            return replaced
+        if product_weight is not None and not params and not kwargs and len(args) == 1:
+            # the products took the whole layer (checked in _on_weight_enter: one per-example
+            # input, dim 0 the batch's examples, not shared)
+            n = pass_.batch_size
+            pass_.signature.append(("products", id(module), (_shape_pattern(args[0], n),)))
+            self._add_target(pass_, outs[0], 0, module, label)
             return replaced
         if not any(isinstance(o, Tensor) and o.requires_grad for o in outs):
             return replaced
@@ -1171,7 +1182,7 @@ class PerExampleNorms:
             and args[0].dim() > 0
             and args[0].shape[0] == pass_.batch_size
             and self._replay_allowed
-            and subbatch_mod.uses_products(module, args[0], pass_.batch_size, pass_.subbatches.n)
+            and self._uses_products(module, weight, args[0], pass_.batch_size, pass_.subbatches.n)
         )
         if not use:
             stack.append(None)
@@ -1181,6 +1192,23 @@ class PerExampleNorms:
         if bias is not None:
             module._parameters["bias"] = bias.detach()
         stack.append((weight, bias))
+
+    def _uses_products(
+        self, module: nn.Module, weight: Tensor, x: Tensor, n: int, per_subbatch: int
+    ) -> bool:
+        """:func:`~noisescale.per_example.subbatch.uses_products`, remembered for each layer and
+        input shape (every product layer asks it at every call)."""
+        key = (module, weight.shape, x.shape, x.is_cpu, n, per_subbatch)
+        try:
+            choice = self._product_choices.get(key)
+        except TypeError:  # symbolic sizes
+            return subbatch_mod.uses_products(module, x, n, per_subbatch)
+        if choice is None:
+            choice = subbatch_mod.uses_products(module, x, n, per_subbatch)
+            if len(self._product_choices) > 4096:
+                self._product_choices.clear()
+            self._product_choices[key] = choice
+        return choice
 
     def _product_job(
         self,
@@ -1199,6 +1227,12 @@ class PerExampleNorms:
         for p in (weight, bias):
             if p is not None:
                 pass_.uses[id(p)] = pass_.uses.get(id(p), 0) + 1
+        if (
+            len(params) == (1 if bias is None else 2)
+            and params.get("weight") is weight
+            and (bias is None or params.get("bias") is bias)
+        ):
+            return job, {}  # (the common case: the products took every parameter)
         return job, {k: v for k, v in params.items() if v is not weight and v is not bias}
 
     def _bias_with_products(self, module: nn.Module, weight: Tensor) -> nn.Parameter | None:
@@ -1233,51 +1267,68 @@ class PerExampleNorms:
         """The gradients of the weight (and the bias, when taken over) from the sub-batch
         products, and their squared norms."""
         pass_, weight, bias = job.pass_, job.weight, job.bias
-        if job.kind != "conv" and d.shape[:-1] != x.shape[:-1]:
-            d = d.reshape(*x.shape[:-1], d.shape[-1])  # the gradient of the output's base
         pids = [id(weight)] if bias is None else [id(weight), id(bias)]
         try:
-            needed = self._reaches_parameters(pids)
+            needed: bool | None = self._reaches_parameters(pids)
         except RuntimeError:  # torch.autograd.grad(): decided when collected
-            needed = True
-        if not needed:
+            needed = None
+        if needed is False:
             return None, None
-        reaches = self._begin(pass_, pids, job.box)
+        reaches = self._begin(pass_, pids, job.box, needed)
         sb = pass_.subbatches
         if reaches is None or sb is None:
+            if job.kind != "conv" and d.shape[:-1] != x.shape[:-1]:
+                d = d.reshape(*x.shape[:-1], d.shape[-1])  # the gradient of the output's base
             grad, bias_grad = _plain_weight_grad(job, x, d)
             return grad.to(weight.dtype), None if bias is None else bias_grad.to(bias.dtype)
+        # (from here gradient mode is off: _begin leaves a double backward to the plain product)
         job.box.clear()
-        weights = pass_.weights or {}
-        w2 = weights.get(id(weight))
-        bias_w2 = None if bias is None else weights.get(id(bias))
+        weights = pass_.weights
+        w2 = None if weights is None else weights.get(id(weight))
+        bias_w2 = None if weights is None or bias is None else weights.get(id(bias))
         # a weight with another use (a tied head) keeps its sub-batch gradients for cross terms
         keep = id(weight) in self._multi_use
-        with torch.no_grad():
-            if job.kind == "conv":
-                out = subbatch_mod.conv_subbatch_grads(
-                    job.module, x, d, sb, w2, keep, bias is not None, bias_w2
-                )
-            else:
-                a = x.reshape(x.shape[0], -1, x.shape[-1])
-                g = d.reshape(d.shape[0], -1, d.shape[-1])
-                out = subbatch_mod.linear_subbatch_grads(
-                    a, g, sb, w2, job.kind == "conv1d", keep, self._scratch, bias is not None,
-                    bias_w2,
-                )  # fmt: skip
-            audited = pass_.audit is not None
-            grad = out.grad.to(weight.dtype)
-            params: dict[str, nn.Parameter] = {"weight": weight}
-            facs: dict[str, Factor] = {
-                "weight": NormFactor(out.sq, grad if audited else None, out.kept)
-            }
-            bias_grad = None
-            if bias is not None:
-                assert out.bias_grad is not None and out.bias_sq is not None
-                bias_grad = out.bias_grad.to(bias.dtype)
-                params["bias"] = bias
-                facs["bias"] = NormFactor(out.bias_sq, bias_grad if audited else None)
-            self._deliver(pass_, params, facs, reaches)
+        if job.kind == "conv":
+            out = subbatch_mod.conv_subbatch_grads(
+                job.module, x, d, sb, w2, keep, bias is not None, bias_w2
+            )
+        else:
+            # (the output gradient may be that of the output's base: [N·T, O] for [N, T, O])
+            a = x.reshape(x.shape[0], -1, x.shape[-1])
+            g = d.reshape(x.shape[0], -1, d.shape[-1])
+            out = subbatch_mod.linear_subbatch_grads(
+                a, g, sb, w2, job.kind == "conv1d", keep, self._scratch, bias is not None,
+                bias_w2,
+            )  # fmt: skip
+        audited = pass_.audit is not None
+        grad = out.grad if out.grad.dtype == weight.dtype else out.grad.to(weight.dtype)
+        if bias is None:
+            factor = NormFactor(out.sq, grad if audited else None, out.kept)
+            self._deliver(pass_, {"weight": weight}, {"weight": factor}, reaches)
+            return grad, None
+        assert out.bias_grad is not None and out.bias_sq is not None
+        bias_grad = out.bias_grad
+        if bias_grad.dtype != bias.dtype:
+            bias_grad = bias_grad.to(bias.dtype)
+        if (
+            reaches is True
+            and not audited
+            and out.kept is None
+            and self._group_of is None
+            and pass_.uses.get(id(weight), 1) == 1
+            and pass_.uses.get(id(bias), 1) == 1
+        ):
+            # the common case, in one addition: both used once, norms weighted where computed
+            pass_.covered.add(id(weight))
+            pass_.covered.add(id(bias))
+            self._accumulate(pass_, id(weight), out.sq + out.bias_sq)
+            return grad, bias_grad
+        params: dict[str, nn.Parameter] = {"weight": weight, "bias": bias}
+        facs: dict[str, Factor] = {
+            "weight": NormFactor(out.sq, grad if audited else None, out.kept),
+            "bias": NormFactor(out.bias_sq, bias_grad if audited else None),
+        }
+        self._deliver(pass_, params, facs, reaches)
         return grad, bias_grad
 
     def _shared_call(
@@ -1786,8 +1837,12 @@ class PerExampleNorms:
 
     # -- backward hooks -----------------------------------------------------------------------
 
-    def _begin(self, pass_: PassNorms, pids: Sequence[int], box: list[Any]) -> bool | None:
-        """The checks every per-example hook makes; ``None``: skip, else ``reaches``."""
+    def _begin(
+        self, pass_: PassNorms, pids: Sequence[int], box: list[Any], known: Any = _UNKNOWN
+    ) -> bool | None:
+        """The checks every per-example hook makes; ``None``: skip, else ``reaches``. ``known``:
+        :meth:`_reaches_parameters`'s answer when the caller has it already (``None`` inside
+        torch.autograd.grad())."""
         if self._replaying or self._paused:
             return None
         if torch.is_grad_enabled():
@@ -1795,10 +1850,14 @@ class PerExampleNorms:
             # later backpropagated has second-order terms the factors do not see
             pass_.second_order = True
             return None
-        try:
-            reaches: bool | None = self._reaches_parameters(pids)
-        except RuntimeError:  # inside torch.autograd.grad(): decided when collected
-            reaches = None
+        reaches: bool | None
+        if known is not _UNKNOWN:
+            reaches = known
+        else:
+            try:
+                reaches = self._reaches_parameters(pids)
+            except RuntimeError:  # inside torch.autograd.grad(): decided when collected
+                reaches = None
         if reaches is False:
             return None
         if not box:
@@ -2869,8 +2928,14 @@ def _autocast_known(device: str) -> bool:
 _AUTOCAST_DEVICES = tuple(d for d in ("cpu", "cuda") if _autocast_known(d))
 
 
+_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
 def _autocast_enabled() -> bool:
-    """Whether autocast is on for the CPU or CUDA (checked in every measured layer's hook)."""
+    """Whether autocast is on for the CPU or CUDA (checked in every measured layer's hook: one
+    call into torch where it has one for every device)."""
+    if _ANY_AUTOCAST is not None:
+        return bool(_ANY_AUTOCAST())
     return any(torch.is_autocast_enabled(d) for d in _AUTOCAST_DEVICES)
 
 
@@ -3003,7 +3068,19 @@ def _pattern(args: tuple, kwargs: dict, n: int) -> tuple:
 def _shape_pattern(t: Tensor | None, n: int) -> tuple:
     if t is None:
         return ()
-    return (t.dim(), tuple(i for i, s in enumerate(t.shape) if s == n))
+    key = (t.shape, n)
+    try:
+        pattern = _PATTERNS.get(key)
+    except TypeError:  # symbolic sizes (a traced forward) are not hashed
+        return (t.dim(), tuple(i for i, s in enumerate(t.shape) if s == n))
+    if pattern is None:
+        pattern = (t.dim(), tuple(i for i, s in enumerate(t.shape) if s == n))
+        if len(_PATTERNS) < 4096:
+            _PATTERNS[key] = pattern
+    return pattern
+
+
+_PATTERNS: dict[tuple[torch.Size, int], tuple] = {}  # _shape_pattern's, by shape (every layer's)
 
 
 def _align(outs: list[Any], hooked: list[Tensor], grads: Sequence[Tensor | None]) -> tuple:

@@ -402,6 +402,18 @@ class Subbatches:
         r = sum(1 for s in self.sizes if s > q)
         return q + (torch.arange(self.k, device=like.device) < r).to(like.dtype)
 
+    def take_rows(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """Rows of ``x`` (dim 0 = examples) as [k·n, ...], sub-batch after sub-batch,
+        zero-padded (:meth:`take` without its view); written into ``out`` when given."""
+        index = self.index
+        if index.device != x.device:
+            index = index.to(x.device)
+        rows = x.index_select(0, index) if out is None else torch.index_select(x, 0, index, out=out)
+        if self.sizes[0] != self.sizes[-1]:
+            pad = self.pad if self.pad.device == x.device else self.pad.to(x.device)
+            rows = rows.index_fill_(0, pad, 0)
+        return rows
+
     def take(self, x: Tensor, out: Tensor | None = None, interleaved: bool = False) -> Tensor:
         """Rows of ``x`` (dim 0 = examples) as [k, n, ...], in sub-batch order, zero-padded;
         written into ``out`` ([k·n, ...] of ``x``'s dtype) when given. ``interleaved``: as

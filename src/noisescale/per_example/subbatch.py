@@ -26,8 +26,10 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch._C._functorch import unwrap_if_dead as _unwrap_if_dead
 
 from noisescale.per_example.factors import (
+    _CPU_PIECE,
     Subbatches,
     _acc,
     _acc_dtype,
@@ -69,6 +71,21 @@ class WeightBySubbatch(torch.autograd.Function):
         return d, None, weight, bias, None
 
 
+_RAW_APPLY = super(torch.autograd.Function, WeightBySubbatch).apply  # (torch's C entry)
+
+
+def weight_by_subbatch(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, job: Any) -> None:
+    """``WeightBySubbatch.apply(y, x, weight, bias, job)``, through torch's own entry point
+    where no torch.func transform is active: ``Function.apply``'s Python wrapper costs about as
+    much again as the call itself (≈ 6 µs of a product layer's forward on this project's CPU,
+    tens of layers per step), for argument binding this function does not use."""
+    if torch._C._are_functorch_transforms_active():
+        WeightBySubbatch.apply(y, x, weight, bias, job)
+        return
+    y, x = _unwrap_if_dead(y), _unwrap_if_dead(x)
+    _RAW_APPLY(y, x, weight, bias, job)
+
+
 class SubbatchGrads(NamedTuple):
     """What a layer's sub-batch products give: its weight gradient, the squared norm of each
     sub-batch's part of it, the k parts themselves when kept (a weight with another use), and
@@ -102,25 +119,38 @@ class Scratch:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[int, str, torch.dtype], Tensor] = {}
+        # the views handed out, by buffer and shape (a model asks for the same few shapes at
+        # every step); dropped with their buffer when it grows
+        self._views: dict[tuple[int, str, torch.dtype], dict[tuple[int, ...], Tensor]] = {}
 
     def get(
         self, role: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None
     ) -> Tensor | None:
         """A [shape] tensor of ``dtype`` (default ``like``'s) whose contents are overwritten by
         the caller, valid until the next :meth:`get` of the same role on this thread."""
-        size = math.prod(shape)
-        if like.device.type != "cpu" or size > self.MAX_ELEMENTS:
+        if not like.is_cpu:
             return None
-        dtype = like.dtype if dtype is None else dtype
-        key = (threading.get_ident(), role, dtype)
+        key = (threading.get_ident(), role, like.dtype if dtype is None else dtype)
+        views = self._views.get(key)
+        if views is not None:
+            view = views.get(shape)
+            if view is not None:
+                return view
+        size = math.prod(shape)
+        if size > self.MAX_ELEMENTS:
+            return None
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < size:
-            buf = torch.empty(size, dtype=dtype)
+            buf = torch.empty(size, dtype=key[2])
             self._buffers[key] = buf
-        return buf[:size].view(shape)
+            views = self._views[key] = {}
+        assert views is not None
+        view = views[shape] = buf[:size].view(shape)
+        return view
 
     def clear(self) -> None:
         self._buffers.clear()
+        self._views.clear()
 
 
 def linear_subbatch_grads(
@@ -161,10 +191,26 @@ def linear_subbatch_grads(
 
     a, d = cast("a-cast", a), cast("d-cast", d)
 
-    a3 = sb.take(a, buffer("a", (rows, *a.shape[1:]))).flatten(1, 2)  # [k, n·P, I]
-    d3 = sb.take(d, buffer("d", (rows, *d.shape[1:]))).flatten(1, 2)  # [k, n·P, O]
-    o, i = d3.shape[2], a3.shape[2]
+    _, p, i = a.shape
+    o = d.shape[2]
+    a3 = sb.take_rows(a, buffer("a", (rows, p, i))).view(sb.k, sb.n * p, i)  # [k, n·P, I]
+    d3 = sb.take_rows(d, buffer("d", (rows, p, o))).view(sb.k, sb.n * p, o)  # [k, n·P, O]
     chunk = sb.k if keep else max(1, _CHUNK_ELEMENTS // (o * i))
+    if chunk >= sb.k and not keep:
+        # the whole product at once (the common case, in as few operations as it takes)
+        out = buffer("g", (sb.k, o, i))
+        left = d3.transpose(1, 2)
+        g = torch.bmm(left, a3) if out is None else torch.bmm(left, a3, out=out)
+        if g.dtype != _acc_dtype(g):
+            out = None if scratch is None else scratch.get("g32", g.shape, a, torch.float32)
+            g = g.float() if out is None else out.copy_(g)
+        total = g.sum(0)
+        sq = _subbatch_sqnorms(g, None if w2 is None else (w2.t() if transposed else w2))
+        grad = total.t() if transposed else total
+        if not bias:
+            return SubbatchGrads(grad, sq)
+        per_bias = d3.sum(1, dtype=_acc_dtype(d3))  # [k, O]
+        return SubbatchGrads(grad, sq, None, per_bias.sum(0), _subbatch_sqnorms(per_bias, bias_w2))
     total: Tensor | None = None
     norms = []
     kept = None
@@ -234,7 +280,12 @@ def product_dtype(x: Tensor, d: Tensor) -> torch.dtype:
 def _subbatch_sqnorms(g: Tensor, w2: Tensor | None) -> Tensor:
     """|g_j|² of each sub-batch gradient g_j ([k, *weight.shape]), or Σ w2 ⊙ g_j² with the P²
     of a preconditioned norm."""
-    return _sqnorm_rows(g) if w2 is None else (g.pow(2) * w2).flatten(1).sum(1)
+    if w2 is not None:
+        return (g.pow(2) * w2).flatten(1).sum(1)
+    if g.dtype in (torch.float32, torch.float64) and (not g.is_cpu or g[0].numel() <= _CPU_PIECE):
+        # (_sqnorm_rows's path for rows it sums in one piece)
+        return torch.linalg.vector_norm(g.flatten(1), dim=1).square()
+    return _sqnorm_rows(g)
 
 
 def keeps_pay(module: nn.Module, x: Tensor, k: int) -> bool:
