@@ -73,7 +73,10 @@ def _start_worker(
     args = [sys.executable, "-m", "noisescale", "sweep", f"{tmp_path / 'train_fn.py'}:train"]
     args += ["--batch-sizes", ",".join(map(str, BATCH_SIZES))]
     args += ["--learning-rates", ",".join(map(str, LEARNING_RATES))]
-    args += ["--study", "shared", "--no-progress", "--json", "--heartbeat", "1", "--grace", "3"]
+    # A grace of 8 heartbeats: on a loaded machine (the suite runs two test workers on two
+    # cores beside these three processes) a healthy worker's heartbeat was once 3 s late, its
+    # point taken for dead and run twice; only the killed worker's point may be.
+    args += ["--study", "shared", "--no-progress", "--json", "--heartbeat", "1", "--grace", "8"]
     return subprocess.Popen(
         [*args, *extra],
         env=env,

@@ -1099,12 +1099,16 @@ class PerExampleNorms:
             if rule.batch_dims is not None
             else (ctx_dim, [ctx_dim] * len(outs))
         )
-        shared_input = any(isinstance(v, SharedTensor) for v in _flat_values(args, kwargs))
-        size = (
-            rule.batch_size(module, args, kwargs)
-            if rule.batch_size is not None
-            else _first_size(args, kwargs, in_dim)
+        single = not kwargs and len(args) == 1 and type(args[0]) is Tensor  # (the common case)
+        shared_input = not single and any(
+            isinstance(v, SharedTensor) for v in _flat_values(args, kwargs)
         )
+        if rule.batch_size is not None:
+            size = rule.batch_size(module, args, kwargs)
+        elif single:
+            size = args[0].shape[in_dim] if args[0].dim() > in_dim else None
+        else:
+            size = _first_size(args, kwargs, in_dim)
         n = pass_.batch_size
         if (
             size != n
@@ -1136,7 +1140,8 @@ class PerExampleNorms:
         for p in params.values():
             pass_.uses[id(p)] = pass_.uses.get(id(p), 0) + 1
         tag = "call" if product_weight is None else "products"  # (a bias left to the rule)
-        pass_.signature.append((tag, id(module), _pattern(args, kwargs, n)))
+        pattern = (_shape_pattern(args[0], n),) if single else _pattern(args, kwargs, n)
+        pass_.signature.append((tag, id(module), pattern))
         hooked = [o for o in outs if isinstance(o, Tensor) and o.requires_grad]
         if len(outs) == 1:
             outs[0].register_hook(lambda g, c=call, p=pass_: self._on_call_grad(p, c, (g,)))
@@ -1875,38 +1880,39 @@ class PerExampleNorms:
         if reaches is None:
             return
         saved = call.box.pop()
-        with torch.no_grad():
-            first = next((g for g in grads if g is not None), None)
-            if first is None:
-                return
-            rule = call.rule
-            if rule.native_layout:
-                rows = self._rows(pass_, None, first.device)
-                if rows is not None:
-                    saved = rule.select(call.module, saved, rows)  # type: ignore[misc]
-                facs = rule.factors(call.module, saved, grads)
-            else:
-                g = grads[0]
-                if call.dim != 0:
-                    g = g.movedim(call.dim, 0)
-                    saved = _move(saved, call.dim, call.size)
-                rows = self._rows(pass_, g, g.device)
-                if rows is not None:
-                    saved = _take_rows(saved, rows, call.size)
-                    g = g.index_select(0, rows)
-                facs = rule.factors(call.module, saved, g)
-                if pass_.audit is not None and rule.name == "norm" and _sums_in_16_bits(g):
-                    # the CPU's LayerNorm/GroupNorm backward adds its weight's and bias's
-                    # gradients up in 16 bits (Swin's final LayerNorm bias in bf16: 3
-                    # significant bits left at 32 images); autograd's sum is then no reference
-                    # for the coverage check — the attribution check still runs
-                    pass_.audit.skip_sums.update(id(p) for p in call.params.values())
-                    pass_.audit.unverified = pass_.audit.unverified or (
-                        "the coverage of normalisation layers' weights and biases is not "
-                        "checked under autocast on the CPU (autograd adds their gradients up "
-                        "in 16 bits there)"
-                    )
-            self._deliver(pass_, call.params, facs, reaches)
+        # (no torch.no_grad(): _begin goes on only where gradient mode is off, as in any
+        # backward without create_graph)
+        first = next((g for g in grads if g is not None), None)
+        if first is None:
+            return
+        rule = call.rule
+        if rule.native_layout:
+            rows = self._rows(pass_, None, first.device)
+            if rows is not None:
+                saved = rule.select(call.module, saved, rows)  # type: ignore[misc]
+            facs = rule.factors(call.module, saved, grads)
+        else:
+            g = grads[0]
+            if call.dim != 0:
+                g = g.movedim(call.dim, 0)
+                saved = _move(saved, call.dim, call.size)
+            rows = self._rows(pass_, g, g.device)
+            if rows is not None:
+                saved = _take_rows(saved, rows, call.size)
+                g = g.index_select(0, rows)
+            facs = rule.factors(call.module, saved, g)
+            if pass_.audit is not None and rule.name == "norm" and _sums_in_16_bits(g):
+                # the CPU's LayerNorm/GroupNorm backward adds its weight's and bias's
+                # gradients up in 16 bits (Swin's final LayerNorm bias in bf16: 3
+                # significant bits left at 32 images); autograd's sum is then no reference
+                # for the coverage check — the attribution check still runs
+                pass_.audit.skip_sums.update(id(p) for p in call.params.values())
+                pass_.audit.unverified = pass_.audit.unverified or (
+                    "the coverage of normalisation layers' weights and biases is not "
+                    "checked under autocast on the CPU (autograd adds their gradients up "
+                    "in 16 bits there)"
+                )
+        self._deliver(pass_, call.params, facs, reaches)
 
     def _deliver(
         self,
@@ -2323,7 +2329,8 @@ class PerExampleNorms:
         return (total.pow(2) * w2).flatten(1).sum(1)
 
     def _accumulate(self, pass_: PassNorms, pid: int, sq: Tensor) -> None:
-        sq = sq.to(torch.float64) if sq.dtype == torch.float64 else _acc(sq)
+        if sq.dtype not in (torch.float32, torch.float64):
+            sq = sq.float()
         pass_.raw_sqnorms = sq if pass_.raw_sqnorms is None else pass_.raw_sqnorms + sq
         if self._group_of is not None:
             if pass_.group_sqnorms is None:

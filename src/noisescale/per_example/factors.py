@@ -47,7 +47,9 @@ def _sqnorm_rows(x: Tensor) -> Tensor:
     rows = x.flatten(1)
     dtype = _acc_dtype(rows)
     n, length = rows.shape
-    if rows.device.type != "cpu" or length <= _CPU_PIECE:
+    if length <= _CPU_PIECE or not rows.is_cpu:
+        if dtype == rows.dtype:
+            return torch.linalg.vector_norm(rows, dim=1).square()
         return torch.linalg.vector_norm(rows, dim=1, dtype=dtype).square()
     cut = length - length % _CPU_PIECE
     pieces = rows[:, :cut].reshape(n, -1, _CPU_PIECE)
