@@ -145,6 +145,8 @@ class Scratch:
             self._buffers[key] = buf
             views = self._views[key] = {}
         assert views is not None
+        if len(views) >= 256:  # (shapes that change at every step: variable lengths)
+            views.clear()
         view = views[shape] = buf[:size].view(shape)
         return view
 
