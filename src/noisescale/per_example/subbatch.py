@@ -26,7 +26,6 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch._C._functorch import unwrap_if_dead as _unwrap_if_dead
 
 from noisescale.per_example.factors import (
     _CPU_PIECE,
@@ -71,7 +70,15 @@ class WeightBySubbatch(torch.autograd.Function):
         return d, None, weight, bias, None
 
 
-_RAW_APPLY = super(torch.autograd.Function, WeightBySubbatch).apply  # (torch's C entry)
+# torch's C entry point of Function.apply and functorch's unwrapping of dead wrappers, which
+# its Python wrapper does first (private: where a torch lacks them, the wrapper is used)
+try:
+    from torch._C._functorch import unwrap_if_dead as _unwrap_if_dead
+
+    _RAW_APPLY: Any = super(torch.autograd.Function, WeightBySubbatch).apply
+    _TRANSFORMS_ACTIVE: Any = torch._C._are_functorch_transforms_active
+except (ImportError, AttributeError):  # pragma: no cover - other torch versions
+    _RAW_APPLY = None
 
 
 def weight_by_subbatch(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, job: Any) -> None:
@@ -79,7 +86,7 @@ def weight_by_subbatch(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None
     where no torch.func transform is active: ``Function.apply``'s Python wrapper costs about as
     much again as the call itself (≈ 6 µs of a product layer's forward on this project's CPU,
     tens of layers per step), for argument binding this function does not use."""
-    if torch._C._are_functorch_transforms_active():
+    if _RAW_APPLY is None or _TRANSFORMS_ACTIVE():
         WeightBySubbatch.apply(y, x, weight, bias, job)
         return
     y, x = _unwrap_if_dead(y), _unwrap_if_dead(x)
