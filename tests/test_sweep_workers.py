@@ -138,8 +138,8 @@ def test_a_killed_worker_s_point_is_rerun_once_by_another(tmp_path: Path, storag
     doomed.communicate(timeout=240)
     assert doomed.returncode == -9
     outputs = [w.communicate(timeout=240) for w in healthy]
-    for worker, (_, err) in zip(healthy, outputs, strict=True):
-        assert worker.returncode == 0, err
+    for worker, (out, err) in zip(healthy, outputs, strict=True):
+        assert worker.returncode == 0, (err, out, _calls(tmp_path))
     calls = _calls(tmp_path)
     killed_pid = doomed.pid
     killed_points = [(b, lr) for b, lr, pid in calls if pid == killed_pid]

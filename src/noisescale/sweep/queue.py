@@ -717,12 +717,30 @@ def run_units(
 
     mine: dict[str, UnitOutcome] = {}
     waited_for: list[int] = []
+    looked_again: set[int] = set()
     try:
         while True:
             outcome = queue.run_next(lambda claim: work(claim, bar), keys)
             if outcome is None:
-                pending = [s for s in unit_statuses(queue, units) if s.state == "running elsewhere"]
+                statuses = unit_statuses(queue, units)
+                pending = [s for s in statuses if s.state == "running elsewhere"]
                 sync_bar()
+                if not pending and wait:
+                    # A dead worker's trial is failed and its unit enqueued again in two
+                    # writes (Optuna's fail_stale_trials, then its callback): read between them,
+                    # the unit looks failed for good. Look once more at each such trial (failed
+                    # without an error of its own) before calling it failed.
+                    stale = {
+                        s.trial.number
+                        for s in statuses
+                        if s.state == "failed"
+                        and s.trial is not None
+                        and "error" not in s.trial.user_attrs
+                    } - looked_again
+                    if stale:
+                        looked_again |= stale
+                        time.sleep(min(float(queue.heartbeat_interval), 5.0))
+                        continue
                 if not pending or not wait:
                     break
                 numbers = [-1 if s.trial is None else s.trial.number for s in pending]
