@@ -421,18 +421,17 @@ class Subbatches:
         written into ``out`` ([k·n, ...] of ``x``'s dtype) when given. ``interleaved``: as
         [n, k, ...] instead (slot i of every sub-batch, then slot i + 1), the layout a grouped
         convolution over the sub-batches reads, gathered in one copy."""
-        index, pad = self.index, self.pad
-        if interleaved:
-            index = index.view(self.k, self.n).t().reshape(-1)
-            pad = (pad % self.n) * self.k + pad // self.n  # slot j·n + i is now i·k + j
+        if not interleaved:
+            rows = self.take_rows(x, out)
+            return rows.view(self.k, self.n, *rows.shape[1:])
+        index = self.index.view(self.k, self.n).t().reshape(-1)
+        pad = (self.pad % self.n) * self.k + self.pad // self.n  # slot j·n + i is now i·k + j
         index = index if index.device == x.device else index.to(x.device)
         rows = x.index_select(0, index) if out is None else torch.index_select(x, 0, index, out=out)
         if pad.numel():
             pad = pad if pad.device == x.device else pad.to(x.device)
             rows = rows.index_fill_(0, pad, 0)
-        if interleaved:
-            return rows.view(self.n, self.k, *rows.shape[1:])
-        return rows.view(self.k, self.n, *rows.shape[1:])
+        return rows.view(self.n, self.k, *rows.shape[1:])
 
 
 @dataclass

@@ -28,7 +28,6 @@ import torch
 from torch import Tensor, nn
 
 from noisescale.per_example.factors import (
-    _CPU_PIECE,
     Subbatches,
     _acc,
     _acc_dtype,
@@ -289,12 +288,7 @@ def product_dtype(x: Tensor, d: Tensor) -> torch.dtype:
 def _subbatch_sqnorms(g: Tensor, w2: Tensor | None) -> Tensor:
     """|g_j|² of each sub-batch gradient g_j ([k, *weight.shape]), or Σ w2 ⊙ g_j² with the P²
     of a preconditioned norm."""
-    if w2 is not None:
-        return (g.pow(2) * w2).flatten(1).sum(1)
-    if g.dtype in (torch.float32, torch.float64) and (not g.is_cpu or g[0].numel() <= _CPU_PIECE):
-        # (_sqnorm_rows's path for rows it sums in one piece)
-        return torch.linalg.vector_norm(g.flatten(1), dim=1).square()
-    return _sqnorm_rows(g)
+    return _sqnorm_rows(g) if w2 is None else (g.pow(2) * w2).flatten(1).sum(1)
 
 
 def keeps_pay(module: nn.Module, x: Tensor, k: int) -> bool:
