@@ -64,6 +64,9 @@ class StepStats(NamedTuple):
     # "token": the loss weighs tokens; the norms are then those of each example's summed token
     # losses, and the record is given per token (noisescale.tokens)
     definition: str = "example"
+    # measure_every: the unmeasured steps since the last measured one — their count, examples
+    # and tokens (None where not counted) — seen before this step
+    unmeasured: tuple[int, int, float | None] = (0, 0, 0.0)
 
 
 class TrackerState(NamedTuple):
@@ -161,7 +164,7 @@ def update(
         "loss": stats.loss,
         "lr": stats.lr,
         "temperature": stats.lr / stats.b_big if stats.lr is not None and stats.b_big else None,
-        "examples": state.examples + stats.examples,  # seen so far
+        "examples": state.examples + stats.examples + stats.unmeasured[1],  # seen so far
         "loss_scale": stats.loss_scale,
         "sources": {
             name: {
@@ -176,6 +179,8 @@ def update(
     tokens, counted = state.tokens, state.counted_examples
     if stats.tokens is not None:
         tokens, counted = tokens + stats.tokens, counted + stats.examples
+        if stats.unmeasured[2] is not None:
+            tokens, counted = tokens + stats.unmeasured[2], counted + stats.unmeasured[1]
         record["tokens"] = stats.tokens
         record["tokens_seen"] = tokens
         record["tokens_per_example"] = tokens / counted if counted else math.nan
@@ -183,6 +188,8 @@ def update(
         _per_token(record, tokens / counted if counted else math.nan)
     if e.reason:
         record["unavailable"] = e.reason
+    if stats.unmeasured[0]:
+        record["unmeasured_steps"] = stats.unmeasured[0]  # before this one (measure_every)
     if record_groups is not None:
         record["groups"] = record_groups
     if stats.preconditioned is not None:
@@ -195,7 +202,7 @@ def update(
         groups,
         state.steps + 1,
         state.skipped_steps + int(skipped),
-        state.examples + stats.examples,
+        state.examples + stats.examples + stats.unmeasured[1],
         preconditioned_from,
         tokens,
         counted,

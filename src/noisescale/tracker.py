@@ -45,7 +45,7 @@ from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -100,6 +100,8 @@ class _Pending:
     preconditioned: bool | None = None
     reduced: ReducedStep | None = None  # data parallel: the step's all-reduce
     tokens: Tensor | None = None  # tokens the step's loss counted
+    # measure_every: the unmeasured steps since the last measured one (count, examples, tokens)
+    unmeasured: tuple[int, int, Tensor | float | None] = (0, 0, 0.0)
 
 
 class GradientNoiseTracker:
@@ -171,6 +173,12 @@ class GradientNoiseTracker:
         tokens_per_example: Every example has this many tokens (fixed-length sequences with a
             loss of your own): estimates can then be given in tokens as well
             (``estimate().to("tokens")``) without :meth:`count_tokens`.
+        measure_every: Measure one step in this many (steps 1, 1 + m, 1 + 2m, …); the others
+            run plain — their layers' hooks do nothing — and count only their examples and
+            tokens. For a tracker left on through a long run: the measured steps' estimates
+            are the same unbiased ones, with m times fewer of them per step trained, at about
+            1/m of the extra time (``bench/steady.py``). Call :meth:`step` at every step as
+            usual. Not with data parallelism or ``torch.compile`` yet (refused).
     """
 
     def __init__(
@@ -194,6 +202,7 @@ class GradientNoiseTracker:
         groups: bool | str | Mapping[str, Any] | None = None,
         process_group: Any | None = None,
         tokens_per_example: int | None = None,
+        measure_every: int = 1,
     ) -> None:
         if loss_reduction not in LOSS_REDUCTIONS:
             raise NoiseScaleInputError(
@@ -215,6 +224,10 @@ class GradientNoiseTracker:
         if per_example_fraction is not None and not 0.0 < per_example_fraction <= 1.0:
             raise NoiseScaleInputError(
                 f"per_example_fraction must be in (0, 1], got {per_example_fraction}"
+            )
+        if not (isinstance(measure_every, int) and measure_every >= 1):
+            raise NoiseScaleInputError(
+                f"measure_every must be a positive integer, got {measure_every!r}"
             )
         if not (isinstance(subbatches, int) and subbatches >= 2):
             raise NoiseScaleInputError(f"subbatches must be an integer ≥ 2, got {subbatches!r}")
@@ -281,9 +294,19 @@ class GradientNoiseTracker:
             # the data-parallel source needs each pass's local norm as the backward computes it
             self.engine.lazy_first_pass = False
             if precondition is not None or group_params:
-                raise NoiseScaleInputError(
+                self._refuse(
                     "precondition= and groups= are not supported under data parallelism yet"
                 )
+            if measure_every > 1:
+                self._refuse(
+                    "measure_every > 1 is not supported under data parallelism yet (the "
+                    "unmeasured steps' examples would have to be summed over the processes); "
+                    "use measure_every=1"
+                )
+        self.measure_every = measure_every
+        # the unmeasured steps since the last measured one: their count, examples and tokens
+        # (None once a step's tokens were not counted), added to the next measured step
+        self._unmeasured: tuple[int, int, Tensor | float | None] = (0, 0, 0.0)
         self.tokens_per_example = tokens_per_example
         self.definition: str | None = None  # "example" or "token", fixed by the first step
         self._tokens = TokenWatcher(
@@ -311,26 +334,13 @@ class GradientNoiseTracker:
             lr: The learning rate, if no ``optimizer`` was given.
         """
         scale, grads_unscaled = self._loss_scale()
+        unmeasured = self.engine.idle
         passes = self.engine.collect(grad_rescale=scale if grads_unscaled else 1.0)
         if not passes:
-            if self.steps > 0 and self._params and self._grads_unchanged():
-                raise NoiseScaleInputError(
-                    "call tracker.step() once per optimizer step: it was called again with no "
-                    "forward and backward pass of the model since the last call"
-                )
-            if any(p.grad is not None for p in self._params):
-                raise NoiseScaleInputError(
-                    "create the tracker before the model's first forward pass (it measures "
-                    "through hooks on the forward): tracker.step() found gradients but saw no "
-                    "forward pass with gradients enabled. If it was created first, the forward "
-                    "ran where the hooks cannot see it (torch.utils.checkpoint.checkpoint(model, "
-                    "..., use_reentrant=True) around the whole model: checkpoint blocks inside "
-                    "the model instead)"
-                )
-            raise NoiseScaleInputError(
-                "call tracker.step() once per optimizer step, after loss.backward(): no "
-                "backward pass ran since the last step"
-            )
+            self._no_passes()
+        if unmeasured:
+            self._unmeasured_step(passes, scale)
+            return
         stale = passes[0].stale_sqnorm
         if stale is not None and float(stale) > 0:  # an audited step: it reads back anyway
             raise NoiseScaleInputError(
@@ -342,14 +352,9 @@ class GradientNoiseTracker:
         self.steps += 1
         self._remember_grads()
         norms, definition, tokens = self._weights_of(passes, scale)
-        if self.definition is None:
-            self.definition = definition
-        elif definition != self.definition:
-            raise NoiseScaleInputError(
-                f"step {self.steps}'s loss weighs {UNITS[definition]} but the earlier steps' "
-                f"weighed {UNITS[self.definition]}: the noise scales of the two objectives "
-                "differ and cannot be averaged; keep one loss for the run (or a new tracker)"
-            )
+        self._check_definition(definition)
+        self._refuse_compiled(passes)
+        self._schedule_next()
         observations = {}
         with torch.no_grad():
             for source in self._sources:
@@ -389,10 +394,77 @@ class GradientNoiseTracker:
                     group_big,
                     None if self.precondition is None else weights is not None,
                     tokens=tokens,
+                    unmeasured=self._unmeasured,
                 )
             )
+            self._unmeasured = (0, 0, 0.0)
         if len(self._pending) >= self.sync_every:
             self.sync()
+
+    def _refuse(self, message: str) -> NoReturn:
+        """Refuse a setting in the constructor, leaving no hook on the model."""
+        self.engine.remove()
+        if self._dist is not None:
+            self._dist.remove()
+        raise NoiseScaleInputError(message)
+
+    def _no_passes(self) -> None:
+        """Refuse a step that found no pass of the model, naming the likely misuse."""
+        if self.steps > 0 and self._params and self._grads_unchanged():
+            raise NoiseScaleInputError(
+                "call tracker.step() once per optimizer step: it was called again with no "
+                "forward and backward pass of the model since the last call"
+            )
+        if any(p.grad is not None for p in self._params):
+            raise NoiseScaleInputError(
+                "create the tracker before the model's first forward pass (it measures "
+                "through hooks on the forward): tracker.step() found gradients but saw no "
+                "forward pass with gradients enabled. If it was created first, the forward "
+                "ran where the hooks cannot see it (torch.utils.checkpoint.checkpoint(model, "
+                "..., use_reentrant=True) around the whole model: checkpoint blocks inside "
+                "the model instead)"
+            )
+        raise NoiseScaleInputError(
+            "call tracker.step() once per optimizer step, after loss.backward(): no "
+            "backward pass ran since the last step"
+        )
+
+    def _check_definition(self, definition: str) -> None:
+        if self.definition is None:
+            self.definition = definition
+        elif definition != self.definition:
+            raise NoiseScaleInputError(
+                f"step {self.steps}'s loss weighs {UNITS[definition]} but the earlier steps' "
+                f"weighed {UNITS[self.definition]}: the noise scales of the two objectives "
+                "differ and cannot be averaged; keep one loss for the run (or a new tracker)"
+            )
+
+    def _unmeasured_step(self, passes: list[Any], scale: float) -> None:
+        """A step ``measure_every`` leaves unmeasured: its passes ran plain; count the step,
+        its examples and tokens (checked as a measured step's are), for the next measured
+        step's record."""
+        self._refuse_compiled(passes)
+        self.steps += 1
+        self._remember_grads()
+        _, definition, tokens = self._weights_of(passes, scale)
+        self._check_definition(definition)
+        count, examples, seen = self._unmeasured
+        seen = None if tokens is None or seen is None else seen + tokens.detach()
+        self._unmeasured = (count + 1, examples + sum(p.batch_size for p in passes), seen)
+        self._schedule_next()
+
+    def _refuse_compiled(self, passes: list[Any]) -> None:
+        if self.measure_every > 1 and (
+            self.engine.seen_compiled or any(p.compiled or p.compiled_call for p in passes)
+        ):
+            raise NoiseScaleInputError(
+                "measure_every > 1 is not supported with torch.compile yet (a compiled graph "
+                "keeps the measured steps' hooks); use measure_every=1"
+            )
+
+    def _schedule_next(self) -> None:
+        """Whether the next step is measured (steps 1, 1 + m, 1 + 2m, … of measure_every=m)."""
+        self.engine.idle = self.steps % self.measure_every != 0
 
     def count_tokens(self, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> None:
         """Tell the tracker how many tokens each example of this micro-batch counts in the loss.
@@ -609,6 +681,7 @@ class GradientNoiseTracker:
             flat.append(p.sqnorm_big.reshape(1))
             later(p.b_big)
             later(p.tokens)
+            later(p.unmeasured[2])
             for obs in p.observations.values():
                 flat.append(obs.sqnorm_sum.reshape(1))
                 later(obs.count)
@@ -635,6 +708,9 @@ class GradientNoiseTracker:
             big = float(values[pos])
             pos += 1
             b_big, tokens = read(p.b_big), None if p.tokens is None else read(p.tokens)
+            skipped_steps, skipped_examples, skipped_tokens = p.unmeasured
+            if skipped_tokens is not None:
+                skipped_tokens = read(skipped_tokens)
             sources = {}
             for name, obs in p.observations.items():
                 total = float(values[pos])
@@ -668,6 +744,7 @@ class GradientNoiseTracker:
                     p.preconditioned,
                     tokens=tokens,
                     definition=self.definition or "example",
+                    unmeasured=(skipped_steps, skipped_examples, skipped_tokens),
                 )
             )
         return out
@@ -932,6 +1009,13 @@ class GradientNoiseTracker:
             "subset_step_passes": self.engine.last_step_passes,
             "engine_steps": self.engine.steps_collected,
             "subbatches_pay": self.engine.subbatches_pay,
+            "measure_every": self.measure_every,
+            # the unmeasured steps since the last measured one (count, examples, tokens)
+            "unmeasured": [
+                self._unmeasured[0],
+                self._unmeasured[1],
+                None if self._unmeasured[2] is None else float(self._unmeasured[2]),
+            ],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -984,6 +1068,9 @@ class GradientNoiseTracker:
         self.engine.last_step_passes = int(state.get("subset_step_passes", 0))
         self.engine.steps_collected = int(state.get("engine_steps", self.steps))
         self.engine.subbatches_pay = state.get("subbatches_pay")
+        count, examples, tokens = state.get("unmeasured", [0, 0, 0.0])
+        self._unmeasured = (int(count), int(examples), None if tokens is None else float(tokens))
+        self._schedule_next()
 
 
 def _json_safe(x: Any) -> Any:

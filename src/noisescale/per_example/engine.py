@@ -208,6 +208,8 @@ class PassNorms:
     rows: Tensor | None = None
     row_weights: Tensor | None = None
     skipped: bool = False
+    # counted, not measured: the tracker's unmeasured steps (measure_every), which run plain
+    idle: bool = False
     audited: bool = False
     withheld: str | None = None
     # bookkeeping while the pass is open
@@ -323,6 +325,10 @@ class PerExampleNorms:
         self._handles: list[RemovableHandle] = []
         self._recomputing = False
         self._paused = False
+        #: The passes opened while set are counted (examples, tokens), not measured: no layer
+        #: hook works on them and the step's collect() leaves the measured steps' schedules
+        #: (audits, subsets) as they were. Set by the tracker for its unmeasured steps.
+        self.idle = False
         self._param_name: dict[int, str] = {}
         self._param: dict[int, nn.Parameter] = {}
         self._calls: dict[nn.Module, tuple[LayerRule, str, dict[str, nn.Parameter]]] = {}
@@ -637,6 +643,11 @@ class PerExampleNorms:
         return audit_mod.replay_active()
 
     @property
+    def seen_compiled(self) -> bool:
+        """Whether a pass of the model has run compiled (``torch.compile``)."""
+        return self._seen_compiled
+
+    @property
     def is_paused(self) -> bool:
         """Whether passes are being ignored (inside :meth:`paused`)."""
         return self._paused
@@ -720,6 +731,7 @@ class PerExampleNorms:
             and not replaying
             and torch.is_grad_enabled()
             and bool(self.passes)
+            and not self.passes[-1].idle
         )
 
     def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -739,6 +751,10 @@ class PerExampleNorms:
         # with grad enabled) are dropped, and passes that one backward ran through together
         # (two forwards, one loss) are merged, when the step collects them.
         n = self._batch_size_of_model(args, kwargs)
+        if self.idle:
+            self._context.clear()
+            self.passes.append(PassNorms(batch_size=n, skipped=True, idle=True))
+            return
         weights = self.precondition() if self.precondition is not None else None
         # a forward after the step's measured backward (the next accumulation micro-batch)
         # cannot be measured: no layer hooks for it
@@ -2233,6 +2249,8 @@ class PerExampleNorms:
             if repeated:
                 current.repeated_backward = True
             current.received.add(pid)
+            if current.idle:
+                return
             if current.audit is not None:
                 current.audit.record_grad(pid, grad)
                 if current is self.passes[0] and not repeated:
@@ -2452,6 +2470,8 @@ class PerExampleNorms:
         compiled_step = any(p.compiled or p.compiled_call for p in done)
         self._seen_compiled = self._seen_compiled or compiled_step
         done = [p for p in _merge_shared_backward(done) if p.received]
+        if done and all(p.idle for p in done):
+            return done  # an unmeasured step: the measured steps' schedules stay as they were
         self.steps_collected += 1
         self._audit_due = _audit_scheduled(self.steps_collected + 1)  # the next step's number
         if done:

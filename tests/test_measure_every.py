@@ -1,0 +1,248 @@
+"""measure_every=m: one step in m measured, the others plain and only counted.
+
+The measured steps' numbers must be exactly those of a tracker that saw only those steps (the
+same passes, the same random sub-batches): the unmeasured steps may change nothing but the step
+numbers and the running totals of examples and tokens, which must count every step. The
+unmeasured steps must do no measuring work, keep the misuse checks, survive a checkpoint in
+the middle of a cycle, and be refused where they are not handled (data parallelism,
+torch.compile).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import noisescale
+from noisescale import GradientNoiseTracker, NoiseScaleInputError
+from noisescale.per_example import subbatch as subbatch_mod
+from test_subbatch import tiny_gpt2
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+M = 3
+STEPS = 10  # measured: 1, 4, 7, 10
+
+
+class Sequence(nn.Module):
+    """A Linear over 8 positions per example: its weight takes the sub-batch products."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(6, 16)
+        self.norm = nn.LayerNorm(16)
+        self.down = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.norm(self.up(x)))).mean(1)
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+MODES = {
+    "subbatches": ({}, 1),
+    "every example": ({"per_example_fraction": 1.0}, 1),
+    "subset": ({"per_example_fraction": 0.25}, 1),
+    "micro-batches": ({"per_example": False}, 2),
+    "subbatches, accumulation": ({}, 2),
+}
+
+
+def _run(make, kwargs, micro, how, steps=STEPS, state=None):
+    """Train ``steps`` steps; ``how``: "every" (measure_every=M) or "paused" (a plain tracker
+    that sees only the steps measure_every=M measures: the others run inside paused() and do
+    not call step())."""
+    torch.manual_seed(0)
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = GradientNoiseTracker(
+        model, measure_every=M if how == "every" else 1, sync_every=2, **kwargs
+    )
+    g = torch.Generator().manual_seed(1)
+    shape = (8, 6) if isinstance(model, Sequence) else (6,)
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        tracker.load_state_dict(state["tracker"])
+        g.set_state(state["data"])
+        start = tracker.steps
+    for step in range(start + 1, steps + 1):
+        measured = (step - 1) % M == 0
+        paused = how == "paused" and not measured
+        opt.zero_grad()
+        for _ in range(micro):
+            x = torch.randn(16, *shape, generator=g)
+            y = torch.randint(0, 3, (16,), generator=g)
+            with tracker.paused() if paused else contextlib.nullcontext():
+                (F.cross_entropy(model(x), y) / micro).backward()
+        if not paused:
+            tracker.step()
+        opt.step()
+    return tracker, model, g
+
+
+def _numbers(tracker):
+    keys = ("b_big", "sqnorm_big", "g2", "trace_sigma", "b_simple", "b_simple_low")
+    return [
+        [h[k] for k in keys] + [s[k] for s in h["sources"].values() for k in sorted(s)]
+        for h in tracker.history
+    ]
+
+
+@pytest.mark.parametrize("name", list(MODES))
+@pytest.mark.parametrize("make", [_mlp, Sequence], ids=["mlp", "sequence"])
+def test_measured_steps_equal_a_tracker_that_saw_only_them(name, make):
+    kwargs, micro = MODES[name]
+    every, _, _ = _run(make, kwargs, micro, "every")
+    only, _, _ = _run(make, kwargs, micro, "paused")
+    assert _numbers(every) == _numbers(only)  # bit for bit: the same passes, the same draws
+    assert every.estimate() == only.estimate()
+    assert [h["step"] for h in every.history] == [1, 4, 7, 10]
+    assert [h["step"] for h in only.history] == [1, 2, 3, 4]
+    # every step's examples counted, the unmeasured ones at the next measured step
+    assert [h["examples"] for h in every.history] == [16 * micro * s for s in (1, 4, 7, 10)]
+    assert [h.get("unmeasured_steps") for h in every.history] == [None, 2, 2, 2]
+    assert every.steps == STEPS and every.examples == 16 * micro * STEPS
+
+
+def test_unmeasured_steps_do_no_measuring_work(monkeypatch):
+    calls = []
+    real = subbatch_mod.linear_subbatch_grads
+    monkeypatch.setattr(
+        subbatch_mod,
+        "linear_subbatch_grads",
+        lambda *a, **k: calls.append(1) or real(*a, **k),
+    )
+    torch.manual_seed(0)
+    model = Sequence()
+    plain = copy.deepcopy(model)  # (before the tracker's hooks)
+    tracker = GradientNoiseTracker(model, measure_every=M)
+    per_step = []
+    for step in range(1, 8):
+        x, y = torch.randn(16, 8, 6), torch.randint(0, 3, (16,))
+        before = len(calls)
+        for m in (model, plain):
+            m.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+        # the same gradients as without a tracker (the weights never ran detached)
+        for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=0)
+        per_step.append(len(calls) - before)
+        assert tracker.engine.idle == (step % M != 1 and M > 1)
+        tracker.step()
+    assert [n > 0 for n in per_step] == [(s - 1) % M == 0 for s in range(1, 8)]
+
+
+def test_tokens_of_unmeasured_steps_are_counted():
+    model = tiny_gpt2(1)
+    tracker = GradientNoiseTracker(model, measure_every=2, sync_every=1)
+    g = torch.Generator().manual_seed(0)
+    total_tokens, seen = 0, []
+    for step in range(1, 6):
+        ids = torch.randint(0, 30, (4, 9), generator=g)
+        labels = ids.clone()
+        labels[:, : step % 4] = -100  # a different number of counted tokens at every step
+        model.zero_grad()
+        model(input_ids=ids, labels=labels).loss.backward()
+        # the loss shifts the labels by one: the first position never counts
+        total_tokens += int((labels[:, 1:] != -100).sum())
+        seen.append(total_tokens)
+        tracker.step()
+    history = tracker.history
+    assert [h["step"] for h in history] == [1, 3, 5]
+    assert [h["tokens_seen"] for h in history] == [seen[0], seen[2], seen[4]]
+    assert [h["examples"] for h in history] == [4, 12, 20]
+    assert history[-1]["tokens_per_example"] == pytest.approx(seen[4] / 20, rel=1e-12)
+
+
+def test_a_checkpoint_inside_a_cycle_resumes_exactly():
+    kwargs, micro = MODES["subbatches"]
+    whole, _, _ = _run(Sequence, kwargs, micro, "every", steps=STEPS)
+    # stop after step 5 (the cycle's second step: one unmeasured step carried), resume
+    half, model, g = _run(Sequence, kwargs, micro, "every", steps=5)
+    state = {"model": model.state_dict(), "tracker": half.state_dict(), "data": g.get_state()}
+    assert state["tracker"]["unmeasured"] == [1, 16, None]
+    resumed, _, _ = _run(Sequence, kwargs, micro, "every", steps=STEPS, state=state)
+    # (a resumed engine audits its first step: sums in another order, a few rounding errors)
+    for got, want in zip(_numbers(resumed), _numbers(whole)[-2:], strict=True):
+        assert got == pytest.approx(want, rel=1e-12)
+    assert [h["step"] for h in resumed.history] == [7, 10]
+    assert [h["examples"] for h in resumed.history] == [16 * 7, 16 * 10]
+    assert resumed.estimate().b_simple == pytest.approx(whole.estimate().b_simple, rel=1e-12)
+
+
+def test_misuse_is_still_refused_on_unmeasured_steps():
+    torch.manual_seed(0)
+    model = _mlp()
+    tracker = GradientNoiseTracker(model, measure_every=2)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    F.cross_entropy(model(x), y).backward()
+    tracker.step()  # measured
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    tracker.step()  # unmeasured
+    with pytest.raises(NoiseScaleInputError, match="once per optimizer step"):
+        tracker.step()
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2"])
+def test_measure_every_must_be_a_positive_integer(bad):
+    with pytest.raises(NoiseScaleInputError, match="measure_every must be a positive integer"):
+        GradientNoiseTracker(_mlp(), measure_every=bad)
+
+
+def test_data_parallel_is_refused(tmp_path):
+    dist = pytest.importorskip("torch.distributed")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        model = nn.parallel.DistributedDataParallel(_mlp())
+        with pytest.raises(NoiseScaleInputError, match="not supported under data parallelism"):
+            GradientNoiseTracker(model, measure_every=2)
+        # the refusal left no hook on the model
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+        GradientNoiseTracker(model).remove()  # measure_every=1 stays allowed
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compiled_models_are_refused():
+    pytest.importorskip("torch._dynamo")
+    from noisescale.per_example import compiled
+
+    # trackers of earlier tests hold the compiler at force_eager until collected (as in
+    # test_compile.py)
+    gc.collect()
+    for key in list(compiled._HOLDING):
+        compiled._release(key)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Sequence()
+    model.compile(backend="aot_eager")
+    tracker = GradientNoiseTracker(model, measure_every=2)
+    with pytest.raises(NoiseScaleInputError, match=r"not supported with torch\.compile"):
+        for _ in range(6):
+            model.zero_grad()
+            F.cross_entropy(model(torch.randn(16, 8, 6)), torch.randint(0, 3, (16,))).backward()
+            tracker.step()
+    torch._dynamo.reset()
+
+
+def test_the_readme_example_runs():
+    """The README's two lines for a long run."""
+    model = _mlp()
+    tracker = noisescale.GradientNoiseTracker(model, measure_every=4)
+    for _ in range(8):
+        model.zero_grad()
+        F.cross_entropy(model(torch.randn(32, 6)), torch.randint(0, 3, (32,))).backward()
+        tracker.step()
+    assert [h["step"] for h in tracker.history] == [1, 5]
