@@ -13,8 +13,8 @@ audited (64 and 128 are), and, to compare with ``overhead.py``, of steps 4–33 
 
 With ``measure_every=4`` (a tracker that measures one step in four and lets the others run
 plain) a step's time depends on whether it is measured, so that mode is given as a long run's
-mean per step — the mean of its measured steps that are not audited and of its other steps,
-weighed 1 : 3 — over the plain step's mean.
+time per step — the median of its measured steps that are not audited and that of its other
+steps, weighed 1 : 3 — over the plain step's median.
 
     python bench/steady.py                       # every workload of overhead.py, CPU
     python bench/steady.py --workload gpt,hf-vit --steps 200
@@ -96,22 +96,19 @@ def run(name: str, steps: int) -> dict[str, Any]:
     def median(mode: str, lo: int, hi: int) -> float:
         return statistics.median(t for s, t in times[mode] if lo <= s <= hi and not audited(s))
 
-    def mean(mode: str, lo: int, hi: int, every: int) -> float:
-        # one step in ``every`` measured: the mean of the measured steps that are not audited
-        # and of the others, weighed 1 : every − 1 (a long run's proportion, audits aside)
+    def mixed(mode: str, lo: int, hi: int, every: int) -> float:
+        # one step in ``every`` measured: the median of the measured steps that are not audited
+        # and that of the others, weighed 1 : every − 1 (a long run's proportion, audits aside)
         window = [(s, t) for s, t in times[mode] if lo <= s <= hi]
         measured = [t for s, t in window if (s - 1) % every == 0 and not audited(s, every)]
         rest = [t for s, t in window if (s - 1) % every]
-        if not rest:
-            return statistics.fmean(measured)
-        return (statistics.fmean(measured) + (every - 1) * statistics.fmean(rest)) / every
+        return (statistics.median(measured) + (every - 1) * statistics.median(rest)) / every
 
     out: dict[str, Any] = {"name": name, "description": wl.description, "modes": {}}
     for mode in MODES:
         if mode == "every 4th":
-            early, steady = mean(mode, 4, 33, EVERY), mean(mode, STEADY_FROM, steps, EVERY)
-            base_early = mean("plain", 4, 33, 1)
-            base_steady = mean("plain", STEADY_FROM, steps, 1)
+            early, steady = mixed(mode, 4, 33, EVERY), mixed(mode, STEADY_FROM, steps, EVERY)
+            base_early, base_steady = median("plain", 4, 33), median("plain", STEADY_FROM, steps)
         else:
             early, steady = median(mode, 4, 33), median(mode, STEADY_FROM, steps)
             base_early, base_steady = median("plain", 4, 33), median("plain", STEADY_FROM, steps)
@@ -134,10 +131,12 @@ def markdown(result: dict[str, Any]) -> str:
         f"and the tracker's modes in alternating blocks of {BLOCK} consecutive steps; ratio to "
         f"the plain step of the same window. Steady: steps {STEADY_FROM}–{result['steps']} "
         "(64 and 128 audited, left out); early: steps 4–33, the window `overhead.py` times "
-        "(4, 8, 16, 32 audited, left out here, but the steps after each run slower).",
+        "(4, 8, 16, 32 audited, left out here, but the steps after each run slower). "
+        f"measure_every={EVERY}: the median of its measured unaudited steps and that of its "
+        f"other steps, weighed 1 : {EVERY - 1}.",
         "",
         "| workload | plain ms, steady | default, steady | exact, steady | default, early | "
-        f"exact, early | default with measure_every={EVERY}, steady (mean) |",
+        f"exact, early | default with measure_every={EVERY}, steady |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for w in result["workloads"]:
