@@ -246,3 +246,24 @@ def test_the_readme_example_runs():
         F.cross_entropy(model(torch.randn(32, 6)), torch.randint(0, 3, (32,))).backward()
         tracker.step()
     assert [h["step"] for h in tracker.history] == [1, 5]
+
+
+def test_a_report_counts_the_unmeasured_steps(tmp_path):
+    """The report's run (steps and examples between the first and last estimate) from a
+    history with gaps in its step numbers: every step trained counts."""
+    from noisescale.report import data
+
+    torch.manual_seed(0)
+    model = _mlp()
+    path = tmp_path / "history.jsonl"
+    tracker = GradientNoiseTracker(model, measure_every=3, history_path=path, beta=0.9)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        model.zero_grad()
+        x, y = torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+        F.cross_entropy(model(x), y).backward()
+        tracker.step()
+    tracker.sync()
+    run = data.run_cost(data.trajectory(data.load_history(path)))
+    assert run.last_step == 40 and (run.last_step - run.first_step) % 3 == 0
+    assert run.examples == 32 * (run.last_step - run.first_step)

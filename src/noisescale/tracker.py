@@ -177,7 +177,8 @@ class GradientNoiseTracker:
             run plain — their layers' hooks do nothing — and count only their examples and
             tokens. For a tracker left on through a long run: the measured steps' estimates
             are the same unbiased ones, with m times fewer of them per step trained, at about
-            1/m of the extra time (``bench/steady.py``). Call :meth:`step` at every step as
+            1/m of the extra time (``bench/steady.py``). ``beta`` weighs measured steps, so the
+            averages span m times as many steps trained. Call :meth:`step` at every step as
             usual. Not with data parallelism or ``torch.compile`` yet (refused).
     """
 
@@ -604,7 +605,8 @@ class GradientNoiseTracker:
 
     @property
     def examples(self) -> int:
-        """Examples of the steps folded into the estimate so far (synced on access)."""
+        """Examples of the steps folded into the estimate so far (synced on access); with
+        ``measure_every``, the unmeasured steps' too, once the next measured step is folded."""
         self.sync()
         return self._state.examples
 
