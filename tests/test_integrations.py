@@ -845,3 +845,23 @@ def test_trainer_with_a_model_that_computes_its_loss_itself(tmp_path):
     counted = [float((labels[8 * s : 8 * s + 8] != -100).sum()) for s in range(3)]
     assert [r["tokens"] for r in history] == counted
     assert all(not r["skipped"] and r["sources"] for r in history)
+
+
+def test_transformers_callback_measures_every_mth_step(tmp_path):
+    """measure_every through the callback: steps 1, 3, 5 of 6 measured, every step's examples
+    counted, and the Trainer's logs carry the latest estimate."""
+    pytest.importorskip("transformers")
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    callback = NoiseScaleCallback(sync_every=1, measure_every=2)
+    _, trainer = _hf_train(tmp_path, callback)
+    trainer.train()
+    got = callback.tracker.history
+    assert [h["step"] for h in got] == [1, 3, 5]
+    per_step = got[0]["examples"]
+    assert [h["examples"] for h in got] == [per_step, 3 * per_step, 5 * per_step]
+    assert callback.tracker.steps == 6
+    logged = [h for h in trainer.state.log_history if "noisescale/trace_sigma" in h]
+    assert logged and logged[-1]["noisescale/trace_sigma"] == pytest.approx(
+        got[-1]["trace_sigma_ema"]
+    )
