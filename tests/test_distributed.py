@@ -68,6 +68,9 @@ SCENARIOS: dict[str, tuple[str, list[list[list[int]]]]] = {
     "fsdp2_direct_accumulate": ("fsdp_direct", ACCUM),
     # HSDP on a 2×1 mesh: two replicas of one shard, every gradient element held twice
     "hsdp": ("hsdp", UNEVEN),
+    # measure_every=2: steps 1 and 3 measured, step 2's examples counted over the processes
+    "ddp_every2": ("ddp_every2", UNEVEN),
+    "fsdp2_every2": ("fsdp_every2", UNEVEN),
 }
 
 
@@ -156,6 +159,7 @@ def _run_scenario(rank: int, setup: str, steps: list) -> dict:
             process_group=group,
             scaler=scaler,
             per_example_fraction=1.0,  # exact per-step comparison: every example
+            measure_every=2 if setup.endswith("_every2") else 1,
         )
         for t, sizes in enumerate(steps):
             k = len(sizes[rank])
@@ -216,7 +220,7 @@ def _lm_batch(t: int, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return ids, mask.long(), torch.where(mask, ids, -100)
 
 
-def _lm_run(rank: int | None) -> list[dict]:
+def _lm_run(rank: int | None, measure_every: int = 1) -> list[dict]:
     """DDP over the processes (rank given), or one process accumulating every process's batch
     as a micro-batch with the same weights (the model's mean loss over its tokens, / WORLD)."""
     from torch.nn.parallel import DistributedDataParallel
@@ -224,7 +228,9 @@ def _lm_run(rank: int | None) -> list[dict]:
     model = _lm_model()
     if rank is not None:
         model = DistributedDataParallel(model)
-    tracker = noisescale.GradientNoiseTracker(model, beta=1.0, per_example_fraction=1.0)
+    tracker = noisescale.GradientNoiseTracker(
+        model, beta=1.0, per_example_fraction=1.0, measure_every=measure_every
+    )
     for t in range(LM_STEPS):
         for r in [rank] if rank is not None else range(WORLD):
             ids, mask, labels = _lm_batch(t, r)
@@ -242,6 +248,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     _init(rank, port, timeout_s=CRASH_TIMEOUT_S)
     results = {name: _run_scenario(rank, *SCENARIOS[name]) for name in SCENARIOS}
     results["tokens"] = {"history": _lm_run(rank)}
+    results["tokens_every2"] = {"history": _lm_run(rank, measure_every=2)}
     results["misuse"] = _misuse()
     results["comm_hooks"] = _comm_hooks(rank)
     results["syncs"] = _count_syncs(rank)
@@ -826,10 +833,44 @@ def test_buffer_and_work_do_not_grow_with_the_number_of_processes():
     for world in (2, 1024, 16384):
         values = _buffer(examples=8 * world, sum_c=world, sum_c2=world / 8, big=1.0,
                          local=(world, 8.0 * world, 2.0 * world, world))  # fmt: skip
-        assert values.size == dsrc.WIDTH == 24
+        assert values.size == dsrc.WIDTH == 29
         b_big, _, examples, _, sources, _ = dsrc.resolve(values, world)
         assert b_big == pytest.approx(8 * world) and examples == 8 * world
         assert sources["local"].size == pytest.approx(1 / 8)
+
+
+@pytest.mark.parametrize("name, whole", [("ddp_every2", "ddp_uneven"), ("fsdp2_every2", "fsdp2")])
+def test_measure_every_counts_every_process_and_step(runs, name, whole):
+    """measure_every=2 under DDP and FSDP2: steps 1 and 3 are those of the run that measured
+    every step (training is the same), and step 2's examples (and, for a language model under
+    DDP, its tokens), summed over the processes, are counted at step 3."""
+    every = runs[0][name]["history"]
+    assert json.dumps(every) == json.dumps(runs[1][name]["history"])
+    whole = runs[0][whole]["history"]
+    assert [r["step"] for r in every] == [1, 3]
+    assert [r["examples"] for r in every] == [12, 28]
+    assert [r.get("unmeasured_steps") for r in every] == [None, 1]
+    for got, want in zip(every, [whole[0], whole[2]], strict=True):
+        for key in ("b_big", "sqnorm_big", "g2", "trace_sigma"):
+            assert got[key] == pytest.approx(want[key], rel=1e-12), key
+        assert json.dumps(got["sources"]) == json.dumps(want["sources"])
+    tokens, all_steps = runs[0]["tokens_every2"]["history"], runs[0]["tokens"]["history"]
+    assert [r["step"] for r in tokens] == [1, 3]
+    assert tokens[-1]["tokens_seen"] == all_steps[-1]["tokens_seen"]
+    assert tokens[-1]["tokens_per_example"] == pytest.approx(all_steps[-1]["tokens_per_example"])
+
+
+def test_processes_that_reduce_different_steps_are_refused():
+    """Trackers counting steps differently (another measure_every on one process) would pair
+    one process's step 3 with another's step 4: the step numbers in the buffer say so."""
+    values = np.zeros(dsrc.WIDTH)
+    values[dsrc.PROCESSES] = 2
+    values[dsrc.STEP] = 3 + 4
+    with pytest.raises(NoiseScaleInputError, match="same measure_every to every process"):
+        dsrc.resolve_unmeasured(values, 2, 3)
+    values[dsrc.STEP] = 3 + 3
+    values[dsrc.UNMEASURED_EXAMPLES] = 10
+    assert dsrc.resolve_unmeasured(values, 2, 3) == (10, None)  # tokens counted by neither
 
 
 def test_process_group_without_distributed_is_refused():

@@ -199,7 +199,10 @@ def test_measure_every_must_be_a_positive_integer(bad):
         GradientNoiseTracker(_mlp(), measure_every=bad)
 
 
-def test_data_parallel_is_refused(tmp_path):
+def test_data_parallel_in_one_process(tmp_path):
+    """DDP over one gloo process (two processes: tests/test_distributed.py): the unmeasured
+    step's examples go through the step's all-reduce; a constructor refusal under DDP leaves
+    no hook on the model."""
     dist = pytest.importorskip("torch.distributed")
     dist.init_process_group(
         "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
@@ -207,10 +210,16 @@ def test_data_parallel_is_refused(tmp_path):
     try:
         model = nn.parallel.DistributedDataParallel(_mlp())
         with pytest.raises(NoiseScaleInputError, match="not supported under data parallelism"):
-            GradientNoiseTracker(model, measure_every=2)
-        # the refusal left no hook on the model
+            GradientNoiseTracker(model, groups=True, measure_every=2)
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-        GradientNoiseTracker(model).remove()  # measure_every=1 stays allowed
+        tracker = GradientNoiseTracker(model, measure_every=2, sync_every=1)
+        for _ in range(5):
+            model.zero_grad()
+            F.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
+            tracker.step()
+        assert [h["step"] for h in tracker.history] == [1, 3, 5]
+        assert [h["examples"] for h in tracker.history] == [8, 24, 40]
+        tracker.remove()
     finally:
         dist.destroy_process_group()
 

@@ -179,7 +179,8 @@ class GradientNoiseTracker:
             are the same unbiased ones, with m times fewer of them per step trained, at about
             1/m of the extra time (``bench/steady.py``). ``beta`` weighs measured steps, so the
             averages span m times as many steps trained. Call :meth:`step` at every step as
-            usual. Not with data parallelism or ``torch.compile`` yet (refused).
+            usual. Under data parallelism every process must use the same m (its steps
+            are counted, not synchronised). Not with ``torch.compile`` yet (refused).
     """
 
     def __init__(
@@ -298,12 +299,6 @@ class GradientNoiseTracker:
                 self._refuse(
                     "precondition= and groups= are not supported under data parallelism yet"
                 )
-            if measure_every > 1:
-                self._refuse(
-                    "measure_every > 1 is not supported under data parallelism yet (the "
-                    "unmeasured steps' examples would have to be summed over the processes); "
-                    "use measure_every=1"
-                )
         self.measure_every = measure_every
         # the unmeasured steps since the last measured one: their count, examples and tokens
         # (None once a step's tokens were not counted), added to the next measured step
@@ -366,8 +361,14 @@ class GradientNoiseTracker:
             lr = float(self.optimizer.param_groups[0]["lr"])
         grad_scale = 1.0 if grads_unscaled else scale
         if self._dist is not None:
-            reduced = self._dist.launch(norms, observations, grad_scale, loss, tokens)
-            self._pending.append(_Pending(self.steps, lr, scale, reduced=reduced))
+            reduced = self._dist.launch(
+                norms, observations, grad_scale, loss, tokens, self._unmeasured, self.steps
+            )
+            count = self._unmeasured[0]
+            self._pending.append(
+                _Pending(self.steps, lr, scale, reduced=reduced, unmeasured=(count, 0, None))
+            )
+            self._unmeasured = (0, 0, 0.0)
         else:
             self._warn_about_sources(passes, observations)
             sum_c = norms.sum_c
@@ -648,9 +649,9 @@ class GradientNoiseTracker:
             width = values.size // len(pending)
             out = []
             for i, p in enumerate(pending):
-                b_big, big, examples, loss, sources, tokens = self._dist.resolve(
-                    values[i * width : (i + 1) * width]
-                )
+                row = values[i * width : (i + 1) * width]
+                b_big, big, examples, loss, sources, tokens = self._dist.resolve(row)
+                skipped_examples, skipped_tokens = self._dist.resolve_unmeasured(row, p.step)
                 if not sources:
                     self._warn_once(
                         "small-equals-big",
@@ -669,6 +670,7 @@ class GradientNoiseTracker:
                         p.scale,
                         tokens=tokens,
                         definition=self.definition or "example",
+                        unmeasured=(p.unmeasured[0], skipped_examples, skipped_tokens),
                     )
                 )
             return out

@@ -89,7 +89,13 @@ TOKENS = 6  # tokens the step's loss counted (noisescale.tokens)
 HAS_TOKENS = 7  # processes that counted them
 SOURCES = ("subbatch", "per_example", "microbatch", "local")
 FIELDS = 4  # per source: small batches, Σ 1/size, Σ S, processes that had it
-HEAD = 8
+# measure_every: the examples and tokens of the unmeasured steps since the last measured one
+UNMEASURED_EXAMPLES = 8
+UNMEASURED_TOKENS = 9
+HAS_UNMEASURED_TOKENS = 10  # processes that counted them
+STEP = 11  # the tracker's step number (summed: a check that the processes agree)
+PROCESSES = 12  # 1 per process (summed: the processes whose step numbers STEP sums)
+HEAD = 13
 WIDTH = HEAD + FIELDS * len(SOURCES)
 
 
@@ -120,6 +126,30 @@ class _LocalPass:
     synced: bool
     local_sqnorm: Tensor | None = None  # |.grad + this pass's gradient|², summed over parameters
     fresh: set[int] = field(default_factory=set)  # parameters whose .grad was None before it
+
+
+def resolve_unmeasured(
+    values: np.ndarray, world_size: int, step_number: int
+) -> tuple[int, float | None]:
+    """The examples and tokens (``None`` unless every process counted them) of the unmeasured
+    steps before this one, summed over the processes (``measure_every``).
+
+    Raises:
+        NoiseScaleInputError: The processes reduced different steps together (their trackers
+            count steps differently: another ``measure_every``, or ``step()`` not called by
+            every process at every step), so the step's sums mix steps.
+    """
+    processes = round(float(values[PROCESSES]))
+    if round(float(values[STEP])) != processes * step_number:
+        raise NoiseScaleInputError(
+            f"the processes' trackers reduced different steps together (step {step_number} "
+            f"here; the step numbers summed over the {processes} processes give "
+            f"{round(float(values[STEP]))}): pass the same measure_every to every process and "
+            "call tracker.step() on every process at every optimizer step"
+        )
+    tokens = values[UNMEASURED_TOKENS]
+    counted = round(float(values[HAS_UNMEASURED_TOKENS])) == world_size
+    return round(float(values[UNMEASURED_EXAMPLES])), float(tokens) if counted else None
 
 
 def resolve(
@@ -296,6 +326,8 @@ class DataParallelSource:
         current = self.engine.current_pass()
         if self.engine.is_paused or not torch.is_grad_enabled() or current is None:
             return
+        if current.idle:  # a step measure_every leaves unmeasured: nothing to read
+            return
         if not self._checked_caller:
             # a stage created after the tracker: construction could not see it
             self._checked_caller = True
@@ -344,6 +376,8 @@ class DataParallelSource:
         grad_scale: float,
         loss: Tensor | float | None,
         tokens: Tensor | None = None,
+        unmeasured: tuple[int, int, Tensor | float | None] = (0, 0, 0.0),
+        step_number: int = 0,
     ) -> ReducedStep:
         """Pack this process's sums for the step and start the all-reduce.
 
@@ -354,6 +388,10 @@ class DataParallelSource:
             grad_scale: The loss scale still in ``.grad`` (1 once ``scaler.unscale_`` ran).
             loss: The loss passed to ``tracker.step()``.
             tokens: The tokens this process's loss counted (a device number), if known.
+            unmeasured: This process's unmeasured steps since the last measured one
+                (``measure_every``): their count, examples and tokens (``None``: not counted).
+            step_number: The tracker's step number, summed over the processes as a check that
+                they reduce the same step (:func:`resolve_unmeasured`).
 
         The weights c may be device tensors (measured from the model's own loss,
         :mod:`noisescale.tokens`); they then enter the buffer on the device, like the norms.
@@ -380,6 +418,12 @@ class DataParallelSource:
         if tokens is not None:
             put(TOKENS, tokens)
             host[HAS_TOKENS] = 1.0
+        host[UNMEASURED_EXAMPLES] = float(unmeasured[1])
+        host[STEP] = float(step_number)
+        host[PROCESSES] = 1.0
+        if unmeasured[2] is not None:
+            put(UNMEASURED_TOKENS, unmeasured[2])
+            host[HAS_UNMEASURED_TOKENS] = 1.0
         with torch.no_grad():
             for name, obs in observations.items():
                 put(_column(name, 0), obs.count)
@@ -421,6 +465,10 @@ class DataParallelSource:
     ) -> tuple[float, float, int, float | None, dict, float | None]:
         """The step's global statistics from the reduced buffer (host side, no collective)."""
         return resolve(values, self.world_size)
+
+    def resolve_unmeasured(self, values: np.ndarray, step_number: int) -> tuple[int, float | None]:
+        """The unmeasured steps' examples and tokens over the processes (module function)."""
+        return resolve_unmeasured(values, self.world_size, step_number)
 
     def _local_sqnorm(
         self, passes: Sequence[PassNorms], local: dict[int, _LocalPass]
