@@ -21,6 +21,7 @@ from torch import nn
 
 import noisescale
 from noisescale import GradientNoiseTracker, NoiseScaleInputError
+from noisescale.per_example import PerExampleNorms
 from noisescale.per_example import subbatch as subbatch_mod
 from test_subbatch import tiny_gpt2
 
@@ -114,21 +115,27 @@ def test_measured_steps_equal_a_tracker_that_saw_only_them(name, make):
 
 
 def test_unmeasured_steps_do_no_measuring_work(monkeypatch):
-    calls = []
+    """No sub-batch product, and no layer hook even asks for the pass it would record into
+    (they return at their first check), on an unmeasured step."""
+    calls, asked = [], []
     real = subbatch_mod.linear_subbatch_grads
     monkeypatch.setattr(
         subbatch_mod,
         "linear_subbatch_grads",
         lambda *a, **k: calls.append(1) or real(*a, **k),
     )
+    hook_pass = PerExampleNorms._hook_pass
+    monkeypatch.setattr(
+        PerExampleNorms, "_hook_pass", lambda self: asked.append(1) or hook_pass(self)
+    )
     torch.manual_seed(0)
     model = Sequence()
     plain = copy.deepcopy(model)  # (before the tracker's hooks)
     tracker = GradientNoiseTracker(model, measure_every=M)
-    per_step = []
+    per_step, asks = [], []
     for step in range(1, 8):
         x, y = torch.randn(16, 8, 6), torch.randint(0, 3, (16,))
-        before = len(calls)
+        before, asked_before = len(calls), len(asked)
         for m in (model, plain):
             m.zero_grad()
             F.cross_entropy(m(x), y).backward()
@@ -136,9 +143,12 @@ def test_unmeasured_steps_do_no_measuring_work(monkeypatch):
         for p, q in zip(model.parameters(), plain.parameters(), strict=True):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=0)
         per_step.append(len(calls) - before)
+        asks.append(len(asked) - asked_before)
         assert tracker.engine.idle == (step % M != 1 and M > 1)
         tracker.step()
-    assert [n > 0 for n in per_step] == [(s - 1) % M == 0 for s in range(1, 8)]
+    measured = [(s - 1) % M == 0 for s in range(1, 8)]
+    assert [n > 0 for n in per_step] == measured
+    assert [n > 0 for n in asks] == measured
 
 
 def test_tokens_of_unmeasured_steps_are_counted():

@@ -1178,12 +1178,13 @@ class PerExampleNorms:
         """Sub-batch mode: run the layer on a detached weight; its gradient is computed by
         :class:`~noisescale.per_example.subbatch.WeightBySubbatch` (see :meth:`_on_forward`)."""
         stack = self._weight_calls.setdefault(module, [])
+        if not self._active():
+            stack.append(None)
+            return
         weight = module._parameters.get("weight")
-        pass_ = self._hook_pass() if self.passes else None
+        pass_ = self._hook_pass()
         use = (
-            self._active()
-            and pass_ is not None
-            and pass_.subbatches is not None
+            pass_.subbatches is not None
             and weight is not None
             and weight.requires_grad
             and not isinstance(weight, SharedTensor)
