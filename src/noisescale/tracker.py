@@ -177,7 +177,9 @@ class GradientNoiseTracker:
             run plain — their layers' hooks do nothing — and count only their examples and
             tokens. For a tracker left on through a long run: the measured steps' estimates
             are the same unbiased ones, with m times fewer of them per step trained, at about
-            1/m of the extra time (``bench/steady.py``). ``beta`` weighs measured steps, so the
+            1/m of the extra time (``bench/steady.py``) — late in training, when |G|² is barely
+            resolved, at a far wider interval for the time spent (m = 4: 3× the exact mode's
+            at equal wall-clock, ``bench/precision.py``). ``beta`` weighs measured steps, so the
             averages span m times as many steps trained. Call :meth:`step` at every step as
             usual. Under data parallelism every process must use the same m (its steps
             are counted, not synchronised). Not with ``torch.compile`` yet (refused).
