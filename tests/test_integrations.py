@@ -865,3 +865,25 @@ def test_transformers_callback_measures_every_mth_step(tmp_path):
     assert logged and logged[-1]["noisescale/trace_sigma"] == pytest.approx(
         got[-1]["trace_sigma_ema"]
     )
+
+
+@needs_lightning
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_callback_measures_every_mth_step():
+    """measure_every through Lightning's callback: steps 1, 3, 5 of 6 measured, equal to the
+    plain loop's records at those steps, every step's examples counted."""
+    model = _lit_model()
+    init = copy.deepcopy(model.state_dict())
+    callback = LightningCallback(
+        sync_every=1, log_every=0, per_example_fraction=1.0, measure_every=2
+    )
+    trainer = _lit_trainer(callback, max_steps=6, accumulate_grad_batches=2)
+    trainer.fit(model, _loader())
+    got = callback.tracker.history
+    assert [h["step"] for h in got] == [1, 3, 5] and callback.tracker.steps == 6
+    want = _plain_history(init, [2] * 6, clip=None)
+    for g, w in zip(got, [want[0], want[2], want[4]], strict=True):
+        assert g["sqnorm_big"] == pytest.approx(w["sqnorm_big"], rel=1e-6)
+        assert g["b_big"] == w["b_big"]
+    per_step = want[0]["examples"]
+    assert [h["examples"] for h in got] == [per_step, 3 * per_step, 5 * per_step]
