@@ -181,8 +181,9 @@ class GradientNoiseTracker:
             resolved, at a far wider interval for the time spent (m = 4: 3× the exact mode's
             at equal wall-clock, ``bench/precision.py``). ``beta`` weighs measured steps, so the
             averages span m times as many steps trained. Call :meth:`step` at every step as
-            usual. Under data parallelism every process must use the same m (its steps
-            are counted, not synchronised). Not with ``torch.compile`` yet (refused).
+            usual. Under data parallelism every process must use the same m (steps are
+            counted per process; a mismatch is refused when the statistics are read). Not
+            with ``torch.compile`` yet (refused).
     """
 
     def __init__(
