@@ -46,6 +46,10 @@ class SmallBatches(NamedTuple):
         return self.count / self.inv_size_sum if self.inv_size_sum > 0 else math.nan
 
 
+#: measure_every's carry when no step went unmeasured: (count, examples, tokens)
+NOTHING_UNMEASURED: tuple[int, int, float | None] = (0, 0, 0.0)
+
+
 class StepStats(NamedTuple):
     """One optimizer step's statistics, read from the device."""
 
@@ -66,7 +70,7 @@ class StepStats(NamedTuple):
     definition: str = "example"
     # measure_every: the unmeasured steps since the last measured one — their count, examples
     # and tokens (None where not counted) — seen before this step
-    unmeasured: tuple[int, int, float | None] = (0, 0, 0.0)
+    unmeasured: tuple[int, int, float | None] = NOTHING_UNMEASURED
 
 
 class TrackerState(NamedTuple):
@@ -149,6 +153,7 @@ def update(
     elif groups:
         record_groups = _update_groups(groups, stats, [], np.ones(0), np.ones(0), confidence)
     e = est.b_simple_interval(noise, confidence)
+    examples = state.examples + stats.examples + stats.unmeasured[1]
     record: dict[str, Any] = {
         "step": stats.step,
         "skipped": skipped,
@@ -164,7 +169,7 @@ def update(
         "loss": stats.loss,
         "lr": stats.lr,
         "temperature": stats.lr / stats.b_big if stats.lr is not None and stats.b_big else None,
-        "examples": state.examples + stats.examples + stats.unmeasured[1],  # seen so far
+        "examples": examples,  # seen so far
         "loss_scale": stats.loss_scale,
         "sources": {
             name: {
@@ -202,7 +207,7 @@ def update(
         groups,
         state.steps + 1,
         state.skipped_steps + int(skipped),
-        state.examples + stats.examples + stats.unmeasured[1],
+        examples,
         preconditioned_from,
         tokens,
         counted,

@@ -101,7 +101,7 @@ class _Pending:
     reduced: ReducedStep | None = None  # data parallel: the step's all-reduce
     tokens: Tensor | None = None  # tokens the step's loss counted
     # measure_every: the unmeasured steps since the last measured one (count, examples, tokens)
-    unmeasured: tuple[int, int, Tensor | float | None] = (0, 0, 0.0)
+    unmeasured: tuple[int, int, Tensor | float | None] = state_mod.NOTHING_UNMEASURED
 
 
 class GradientNoiseTracker:
@@ -305,7 +305,7 @@ class GradientNoiseTracker:
         self.measure_every = measure_every
         # the unmeasured steps since the last measured one: their count, examples and tokens
         # (None once a step's tokens were not counted), added to the next measured step
-        self._unmeasured: tuple[int, int, Tensor | float | None] = (0, 0, 0.0)
+        self._unmeasured: tuple[int, int, Tensor | float | None] = state_mod.NOTHING_UNMEASURED
         self.tokens_per_example = tokens_per_example
         self.definition: str | None = None  # "example" or "token", fixed by the first step
         self._tokens = TokenWatcher(
@@ -371,7 +371,7 @@ class GradientNoiseTracker:
             self._pending.append(
                 _Pending(self.steps, lr, scale, reduced=reduced, unmeasured=(count, 0, None))
             )
-            self._unmeasured = (0, 0, 0.0)
+            self._unmeasured = state_mod.NOTHING_UNMEASURED
         else:
             self._warn_about_sources(passes, observations)
             sum_c = norms.sum_c
@@ -402,7 +402,7 @@ class GradientNoiseTracker:
                     unmeasured=self._unmeasured,
                 )
             )
-            self._unmeasured = (0, 0, 0.0)
+            self._unmeasured = state_mod.NOTHING_UNMEASURED
         if len(self._pending) >= self.sync_every:
             self.sync()
 
@@ -654,7 +654,7 @@ class GradientNoiseTracker:
             for i, p in enumerate(pending):
                 row = values[i * width : (i + 1) * width]
                 b_big, big, examples, loss, sources, tokens = self._dist.resolve(row)
-                skipped_examples, skipped_tokens = self._dist.resolve_unmeasured(row, p.step)
+                unmeasured = (p.unmeasured[0], *self._dist.resolve_unmeasured(row, p.step))
                 if not sources:
                     self._warn_once(
                         "small-equals-big",
@@ -673,7 +673,7 @@ class GradientNoiseTracker:
                         p.scale,
                         tokens=tokens,
                         definition=self.definition or "example",
-                        unmeasured=(p.unmeasured[0], skipped_examples, skipped_tokens),
+                        unmeasured=unmeasured,
                     )
                 )
             return out
@@ -715,9 +715,9 @@ class GradientNoiseTracker:
             big = float(values[pos])
             pos += 1
             b_big, tokens = read(p.b_big), None if p.tokens is None else read(p.tokens)
-            skipped_steps, skipped_examples, skipped_tokens = p.unmeasured
-            if skipped_tokens is not None:
-                skipped_tokens = read(skipped_tokens)
+            unmeasured_steps, unmeasured_examples, unmeasured_tokens = p.unmeasured
+            if unmeasured_tokens is not None:
+                unmeasured_tokens = read(unmeasured_tokens)
             sources = {}
             for name, obs in p.observations.items():
                 total = float(values[pos])
@@ -751,7 +751,7 @@ class GradientNoiseTracker:
                     p.preconditioned,
                     tokens=tokens,
                     definition=self.definition or "example",
-                    unmeasured=(skipped_steps, skipped_examples, skipped_tokens),
+                    unmeasured=(unmeasured_steps, unmeasured_examples, unmeasured_tokens),
                 )
             )
         return out

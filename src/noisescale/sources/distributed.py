@@ -73,6 +73,7 @@ from noisescale.errors import NoiseScaleInputError
 from noisescale.per_example import PassNorms, PerExampleNorms
 from noisescale.per_example.factors import sqnorm, sqnorms
 from noisescale.sources.base import Observation, StepNorms
+from noisescale.state import NOTHING_UNMEASURED
 
 __all__ = ["DataParallelSource", "ReducedStep", "resolve"]
 
@@ -376,7 +377,7 @@ class DataParallelSource:
         grad_scale: float,
         loss: Tensor | float | None,
         tokens: Tensor | None = None,
-        unmeasured: tuple[int, int, Tensor | float | None] = (0, 0, 0.0),
+        unmeasured: tuple[int, int, Tensor | float | None] = NOTHING_UNMEASURED,
         step_number: int = 0,
     ) -> ReducedStep:
         """Pack this process's sums for the step and start the all-reduce.
