@@ -201,11 +201,14 @@ class HFLogits(nn.Module):
         return self.model(pixel_values=x).logits
 
 
-def hf_model(name: str, small: bool) -> tuple[Callable[[], nn.Module], str]:
-    """transformers GPT-2, Llama and ViT from their own classes, random weights (no download)."""
+def hf_model(
+    name: str, small: bool, width: int | None = None
+) -> tuple[Callable[[], nn.Module], str]:
+    """transformers GPT-2, Llama and ViT from their own classes, random weights (no download);
+    ``width``: the CPU size's hidden size instead of 128."""
     import transformers
 
-    d, layers, heads = (128, 2, 4) if small else (768, 12, 12)
+    d, layers, heads = (width or 128, 2, 4) if small else (768, 12, 12)
     if name == "hf-gpt2":
         cfg = transformers.GPT2Config(
             vocab_size=2048 if small else 50257, n_positions=64 if small else 256, n_embd=d,
@@ -236,8 +239,12 @@ def hf_model(name: str, small: bool) -> tuple[Callable[[], nn.Module], str]:
     )
 
 
-def make_workload(name: str, small: bool, n: int, device: torch.device) -> Workload:
-    """The benchmark's workloads; ``small`` are the CPU sizes (full sizes take minutes a step)."""
+def make_workload(
+    name: str, small: bool, n: int, device: torch.device, width: int | None = None
+) -> Workload:
+    """The benchmark's workloads; ``small`` are the CPU sizes (full sizes take minutes a step).
+    ``width`` (CPU sizes; steady.py's ``--width``): the transformers models' hidden size instead
+    of 128, the ResNet's widths (width/8, width/4, width/2) instead of (16, 32, 64)."""
     if name == "cnn":
         return Workload(
             name,
@@ -268,6 +275,8 @@ def make_workload(name: str, small: bool, n: int, device: torch.device) -> Workl
         )
     if name == "resnet-gn":
         widths, batch = ((16, 32, 64), 64) if small else ((64, 128, 256), 128)
+        if small and width:
+            widths = (width // 8, width // 4, width // 2)
         return Workload(
             name,
             f"ResNet, 7 convs + GroupNorm {widths}, batch {batch}, 3×32×32, fp32",
@@ -279,7 +288,7 @@ def make_workload(name: str, small: bool, n: int, device: torch.device) -> Workl
             device,
         )
     if name in ("hf-gpt2", "hf-llama"):
-        build, what = hf_model(name, small)
+        build, what = hf_model(name, small, width)
         length, vocab = (64, 2048) if small else (256, 50257 if name == "hf-gpt2" else 32000)
         return Workload(
             name,
@@ -292,7 +301,7 @@ def make_workload(name: str, small: bool, n: int, device: torch.device) -> Workl
             device,
         )
     if name == "hf-vit":
-        build, what = hf_model(name, small)
+        build, what = hf_model(name, small, width)
         return Workload(
             name,
             f"{what}, batch 32, 3×32×32, fp32",

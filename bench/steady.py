@@ -18,6 +18,11 @@ steps, weighed 1 : 3 — over the plain step's median.
 
     python bench/steady.py                       # every workload of overhead.py, CPU
     python bench/steady.py --workload gpt,hf-vit --steps 200
+    python bench/steady.py --workload hf-vit,resnet-gn --width 512   # wider models
+
+``--width`` sets the transformers models' hidden size (128 by default) and the ResNet's widths
+(width/8, width/4, width/2; (16, 32, 64) by default): the hooks' cost per layer is fixed, the
+data work grows with the model, so the ratio depends on the model's size.
 """
 
 from __future__ import annotations
@@ -58,8 +63,8 @@ def audited(step: int, every: int = 1) -> bool:
     return step <= 1 or (step <= 1024 and step & (step - 1) == 0) or step % 1024 == 0
 
 
-def run(name: str, steps: int) -> dict[str, Any]:
-    wl = ob.make_workload(name, True, 32, torch.device("cpu"))
+def run(name: str, steps: int, width: int | None = None) -> dict[str, Any]:
+    wl = ob.make_workload(name, True, 32, torch.device("cpu"), width)
 
     def make(kwargs: dict[str, Any] | None) -> Any:
         model = wl.model()
@@ -158,8 +163,17 @@ def main() -> None:
     parser.add_argument(
         "--steps", type=int, default=140, help=f"steps per mode (≥ {STEADY_FROM + 20})"
     )
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="the transformers models' hidden size (default 128) and the ResNet's widths "
+        "(width/8, width/4, width/2; default (16, 32, 64)): how the cost moves with model size",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
+    if args.width is not None and (args.width < 32 or args.width % 32):
+        raise SystemExit(f"--width {args.width}: give a multiple of 32, at least 32")
     if args.steps < STEADY_FROM + 20:
         raise SystemExit(
             f"--steps {args.steps}: give at least {STEADY_FROM + 20} "
@@ -172,11 +186,11 @@ def main() -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=UserWarning)
     result = ob.result_header("steady", torch.device("cpu"))
-    result.update(steps=args.steps, workloads=[])
+    result.update(steps=args.steps, width=args.width, workloads=[])
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / "steady-cpu"
+    stem = args.out / ("steady-cpu" if args.width is None else f"steady-cpu-width{args.width}")
     for name in names:
-        result["workloads"].append(run(name, args.steps))
+        result["workloads"].append(run(name, args.steps, args.width))
         stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
         stem.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))

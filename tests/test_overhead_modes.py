@@ -460,3 +460,23 @@ def test_the_steady_state_bench_runs_end_to_end(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(sys, "argv", ["steady.py", "--steps", "30"])
     with pytest.raises(SystemExit, match="at least 61"):
         steady.main()
+
+
+def test_the_steady_state_bench_s_width_sets_the_models_sizes(monkeypatch: pytest.MonkeyPatch):
+    """``--width``: the transformers models' hidden size and the ResNet's widths (width/8,
+    width/4, width/2) — how the cost moves with model size; the defaults stay the CPU sizes."""
+    pytest.importorskip("transformers")
+    ob = _steady_module().ob
+    cpu = torch.device("cpu")
+    for name in ("hf-gpt2", "hf-llama", "hf-vit"):
+        config = ob.make_workload(name, True, 1, cpu, 64).model().model.config
+        assert config.hidden_size == 64, name
+        assert ob.make_workload(name, True, 1, cpu).model().model.config.hidden_size == 128
+    wide, default = (ob.make_workload("resnet-gn", True, 1, cpu, w).model() for w in (256, None))
+    assert [m.out_channels for m in wide.modules() if isinstance(m, nn.Conv2d)][:1] == [32]
+    assert [m.out_channels for m in default.modules() if isinstance(m, nn.Conv2d)][:1] == [16]
+    assert "(32, 64, 128)" in ob.make_workload("resnet-gn", True, 1, cpu, 256).description
+    steady = _steady_module()
+    monkeypatch.setattr(sys, "argv", ["steady.py", "--width", "40"])
+    with pytest.raises(SystemExit, match="multiple of 32"):
+        steady.main()
