@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import math
 import shutil
 import warnings
 from collections.abc import Callable
@@ -156,9 +157,15 @@ def _compiled(model: nn.Module, style: str | None, backend: str) -> Callable:
 
 
 def train(
-    factory: Callable, mode: str | None, style: str | None, backend: str = BACKEND
+    factory: Callable,
+    mode: str | None,
+    style: str | None,
+    backend: str = BACKEND,
+    steps: int = STEPS,
+    **options: Any,
 ) -> tuple[list[dict[str, Any]] | None, int, int, list[str]]:
-    """STEPS training steps: (history, graph breaks, graphs compiled, noisescale's warnings)."""
+    """``steps`` training steps: (history, graph breaks, graphs compiled, noisescale's
+    warnings); ``options``: more of the tracker's arguments."""
     gc.collect()  # a tracker of an earlier test, not removed, gives the compiler stance back
     assert torch._dynamo.eval_frame._stance.stance == "default"
     torch._dynamo.reset()
@@ -172,8 +179,8 @@ def train(
         warnings.simplefilter("always")
         tracker = None
         if mode is not None:
-            tracker = GradientNoiseTracker(model, sync_every=1, **MODES[mode])
-        for _ in range(STEPS):
+            tracker = GradientNoiseTracker(model, sync_every=1, **MODES[mode], **options)
+        for _ in range(steps):
             for _ in range(accumulation):
                 x, y = batch(gen)
                 (loss_fn(call(x), y) / accumulation).backward()
@@ -211,11 +218,15 @@ def _untracked(factory: Callable, style: str, backend: str = BACKEND) -> tuple[i
     return breaks, graphs
 
 
-def assert_same_numbers(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
-    assert len(got) == len(want) == STEPS
+def assert_same_numbers(
+    got: list[dict[str, Any]], want: list[dict[str, Any]], records: int = STEPS
+) -> None:
+    assert len(got) == len(want) == records
     for g, w in zip(got, want, strict=True):
         step = g["step"]
-        assert g["skipped"] == w["skipped"], step
+        assert step == w["step"] and g["skipped"] == w["skipped"], step
+        for key in ("examples", "tokens", "tokens_seen", "unmeasured_steps"):
+            assert g.get(key) == w.get(key), (step, key)
         assert g["sqnorm_big"] == pytest.approx(w["sqnorm_big"], rel=RTOL), step
         assert set(g["sources"]) == set(w["sources"]), (step, g["sources"], w["sources"])
         for name, source in w["sources"].items():
@@ -559,3 +570,86 @@ def test_a_graph_compiled_before_the_tracker_is_recompiled() -> None:
     torch._dynamo.reset()
     assert [r["step"] for r in history if "per_example" not in r["sources"]] == [3]
     assert ran_compiled == [False, False, False, False, True, True]
+
+
+class LabelledGPT2(nn.Module):
+    """A transformers GPT-2 computing its own loss from ``labels=``: the loss is a mean over
+    tokens, which the tracker counts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lm = tiny_gpt2(layers=1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids, labels=ids).loss
+
+
+def labelled_gpt2() -> tuple[nn.Module, Callable, Batch]:
+    return LabelledGPT2(), lambda loss, _: loss, _tokens(30)
+
+
+@functools.cache
+def _eager_every(factory: Callable, mode: str, every: int, steps: int) -> list[dict[str, Any]]:
+    history, *_ = train(factory, mode, None, steps=steps, measure_every=every)
+    assert history is not None
+    return history
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["subbatch", "per_example"])
+@pytest.mark.parametrize("factory", [mlp, gpt2], ids=["mlp", "gpt2"])
+def test_measure_every_compiled(factory: Callable, mode: str) -> None:
+    """measure_every=3 on a compiled model: the unmeasured steps run a graph of their own, with
+    no hook in it but the one that opens and counts their pass (Dynamo guards the graphs on the
+    engine's state, which the hooks read while tracing). No graph break, one graph more than
+    without the tracker, and every record — the measured steps' norms and estimates, the
+    examples and tokens of the steps between them — the same as eager's. Measured steps 1, 4,
+    7, 10, 13; of those 1, 4 and 10 are audited and run eagerly, with the unmeasured steps just
+    before them (the stance is held from the step before an audit); steps 5–7 and 11–13 run
+    compiled, unmeasured and measured."""
+    history, breaks, graphs, warned = train(
+        factory, mode, "torch.compile", steps=13, measure_every=3
+    )
+    plain_breaks, plain_graphs = _untracked(factory, "torch.compile")
+    assert breaks == plain_breaks
+    assert max(plain_graphs, 1) < graphs <= 2 * max(plain_graphs, 1), (graphs, plain_graphs)
+    assert not warned, warned
+    assert history is not None
+    assert [r["step"] for r in history] == [1, 4, 7, 10, 13]
+    assert_same_numbers(history, _eager_every(factory, mode, 3, 13), records=5)
+
+
+@pytest.mark.slow
+def test_measure_every_compiled_counts_every_step_s_tokens() -> None:
+    """A compiled transformers GPT-2 computing its loss from ``labels=`` (a mean over tokens):
+    with measure_every=3 the unmeasured steps' tokens and examples are counted as eagerly. (This
+    model's graph breaks inside its loss, so one compiled step meets a structure not audited
+    yet and waits for an eager audit — as with every step measured.)"""
+    history, *_ = train(labelled_gpt2, "subbatch", "torch.compile", steps=13, measure_every=3)
+    assert history is not None
+    eager = _eager_every(labelled_gpt2, "subbatch", 3, 13)
+    assert [r["step"] for r in history] == [r["step"] for r in eager] == [1, 4, 7, 10, 13]
+    for got, want in zip(history, eager, strict=True):
+        for key in ("examples", "tokens", "tokens_seen", "unmeasured_steps"):
+            assert got.get(key) == want.get(key), (got["step"], key)
+    assert history[-1]["tokens_seen"] == 13 * N * (T - 1)  # every step's shifted labels
+    assert history[-1]["examples"] == 13 * N
+    assert math.isfinite(history[-1]["b_simple"])
+
+
+def test_a_graph_for_the_other_kind_of_step_is_refused() -> None:
+    """Were a graph traced for a measured step run on an unmeasured one, or the reverse (if
+    Dynamo stopped guarding on the engine's state), the step is refused, not miscounted."""
+    from noisescale.errors import UnsupportedModuleError
+
+    model = nn.Linear(3, 2)
+    engine = PerExampleNorms(model, subbatches=2)
+    x = torch.randn(4, 3)
+    for traced_idle, idle in ((0, True), (1, False)):
+        engine.idle = idle
+        with pytest.raises(UnsupportedModuleError, match="measure_every=1"):
+            engine.on_forward_event("open", traced_idle, [x], [])
+    engine.idle = True
+    engine.on_forward_event("open", 1, [x], [])
+    assert engine.passes[-1].idle
+    engine.remove()

@@ -3,16 +3,15 @@
 The measured steps' numbers must be exactly those of a tracker that saw only those steps (the
 same passes, the same random sub-batches): the unmeasured steps may change nothing but the step
 numbers and the running totals of examples and tokens, which must count every step. The
-unmeasured steps must do no measuring work, keep the misuse checks, survive a checkpoint in
-the middle of a cycle, and be refused where they are not handled (data parallelism,
-torch.compile).
+unmeasured steps must do no measuring work, keep the misuse checks and survive a checkpoint in
+the middle of a cycle; under DDP and FSDP2 every process counts them alike. Compiled models:
+tests/test_compile.py (test_measure_every_compiled).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 
 import pytest
 import torch
@@ -232,28 +231,6 @@ def test_data_parallel_in_one_process(tmp_path):
         tracker.remove()
     finally:
         dist.destroy_process_group()
-
-
-def test_compiled_models_are_refused():
-    pytest.importorskip("torch._dynamo")
-    from noisescale.per_example import compiled
-
-    # trackers of earlier tests hold the compiler at force_eager until collected (as in
-    # test_compile.py)
-    gc.collect()
-    for key in list(compiled._HOLDING):
-        compiled._release(key)
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = Sequence()
-    model.compile(backend="aot_eager")
-    tracker = GradientNoiseTracker(model, measure_every=2)
-    with pytest.raises(NoiseScaleInputError, match=r"not supported with torch\.compile"):
-        for _ in range(6):
-            model.zero_grad()
-            F.cross_entropy(model(torch.randn(16, 8, 6)), torch.randint(0, 3, (16,))).backward()
-            tracker.step()
-    torch._dynamo.reset()
 
 
 def test_the_readme_example_runs():

@@ -182,8 +182,9 @@ class GradientNoiseTracker:
             at equal wall-clock, ``bench/precision.py``). ``beta`` weighs measured steps, so the
             averages span m times as many steps trained. Call :meth:`step` at every step as
             usual. Under data parallelism every process must use the same m (steps are
-            counted per process; a mismatch is refused when the statistics are read). Not
-            with ``torch.compile`` yet (refused).
+            counted per process; a mismatch is refused when the statistics are read). With
+            ``torch.compile`` the model compiles into one more graph (the unmeasured steps',
+            which has no hooks in it but the one that counts the examples).
     """
 
     def __init__(
@@ -352,7 +353,6 @@ class GradientNoiseTracker:
         self._remember_grads()
         norms, definition, tokens = self._weights_of(passes, scale)
         self._check_definition(definition)
-        self._refuse_compiled(passes)
         self._schedule_next()
         observations = {}
         with torch.no_grad():
@@ -448,7 +448,6 @@ class GradientNoiseTracker:
         """A step ``measure_every`` leaves unmeasured: its passes ran plain; count the step,
         its examples and tokens (checked as a measured step's are), for the next measured
         step's record."""
-        self._refuse_compiled(passes)
         self.steps += 1
         self._remember_grads()
         _, definition, tokens = self._weights_of(passes, scale)
@@ -457,15 +456,6 @@ class GradientNoiseTracker:
         seen = None if tokens is None or seen is None else seen + tokens.detach()
         self._unmeasured = (count + 1, examples + sum(p.batch_size for p in passes), seen)
         self._schedule_next()
-
-    def _refuse_compiled(self, passes: list[Any]) -> None:
-        if self.measure_every > 1 and (
-            self.engine.seen_compiled or any(p.compiled or p.compiled_call for p in passes)
-        ):
-            raise NoiseScaleInputError(
-                "measure_every > 1 is not supported with torch.compile yet (a compiled graph "
-                "keeps the measured steps' hooks); use measure_every=1"
-            )
 
     def _schedule_next(self) -> None:
         """Whether the next step is measured (steps 1, 1 + m, 1 + 2m, … of measure_every=m)."""

@@ -1513,15 +1513,28 @@ class PerExampleNorms:
         return None if t is None else t.shape[self._model_dim]
 
     def _traces(self) -> bool:
+        """Whether the traced hooks record the pass being traced: not an unmeasured one
+        (``idle``, measure_every), which the model's hook only opens and counts."""
+        return self._traces_pass() and not self.idle
+
+    def _traces_pass(self) -> bool:
         return (
             not (self._recomputing or self._paused or self._replaying) and torch.is_grad_enabled()
         )
 
     def _traced_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not self._traces():
+        if not self._traces_pass():
+            return
+        tensors = _flat_tensors(args, []) + _flat_tensors(kwargs, [])
+        if self.idle:
+            # measure_every: an unmeasured step's graph opens its pass (to count its examples)
+            # and has no other hook in it. Dynamo guards the graph on ``idle``, which the hooks
+            # read while tracing, so measured and unmeasured steps run two graphs; the event
+            # says which one this is, checked when it runs (on_forward_event)
+            self._trace_batch = None
+            compiled.emit_forward(self._key, "open", 1, tensors, [])
             return
         self._trace_batch = _batch_tensor(args, kwargs, self._model_dim)
-        tensors = _flat_tensors(args, []) + _flat_tensors(kwargs, [])
         compiled.emit_forward(self._key, "open", 0, tensors, [])
 
     def _traced_model_output(self, module: nn.Module, args: tuple, output: Any) -> Any:
@@ -1655,6 +1668,16 @@ class PerExampleNorms:
         """A traced hook's per-pass work, run by the compiled graph (``noisescale::
         forward_event``); returns the token its backward reports with (0: nothing recorded)."""
         if kind == "open":
+            if bool(site) != self.idle:
+                raise UnsupportedModuleError(
+                    "a compiled graph traced for "
+                    + ("an unmeasured" if site else "a measured")
+                    + " step ran on "
+                    + ("a measured" if self.idle is False else "an unmeasured")
+                    + " one (measure_every): torch.compile did not recompile for the "
+                    "tracker's state, so this step cannot be measured as asked. Please report "
+                    "it with your torch version; meanwhile use measure_every=1"
+                )
             self._open_pass(tuple(tensors), {})
             return 0
         # (not _active(): a compiled forward runs with gradients off; the trace checked them)
