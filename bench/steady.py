@@ -19,6 +19,7 @@ steps, weighed 1 : 3 — over the plain step's median.
     python bench/steady.py                       # every workload of overhead.py, CPU
     python bench/steady.py --workload gpt,hf-vit --steps 200
     python bench/steady.py --workload hf-vit,resnet-gn --width 512   # wider models
+    python bench/steady.py --workload gpt,hf-gpt2,hf-llama --compile  # compiled (inductor)
 
 ``--width`` sets the transformers models' hidden size (128 by default) and the ResNet's widths
 (width/8, width/4, width/2; (16, 32, 64) by default): the hooks' cost per layer is fixed, the
@@ -63,18 +64,30 @@ def audited(step: int, every: int = 1) -> bool:
     return step <= 1 or (step <= 1024 and step & (step - 1) == 0) or step % 1024 == 0
 
 
-def run(name: str, steps: int, width: int | None = None) -> dict[str, Any]:
+def eager_before_audit(step: int, every: int) -> bool:
+    """Whether an unmeasured step of measure_every=``every`` runs eagerly in a compiled model:
+    the stance is held at force_eager from the ``tracker.step()`` before an audited step."""
+    if (step - 1) % every == 0:
+        return False
+    following = step + every - (step - 1) % every  # the next measured step
+    return audited(following, every)
+
+
+def run(
+    name: str, steps: int, width: int | None = None, compile_backend: str | None = None
+) -> dict[str, Any]:
     wl = ob.make_workload(name, True, 32, torch.device("cpu"), width)
 
     def make(kwargs: dict[str, Any] | None) -> Any:
         model = wl.model()
         tracker = None if kwargs is None else noisescale.GradientNoiseTracker(model, **kwargs)
+        call = model if compile_backend is None else torch.compile(model, backend=compile_backend)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
         def step(x: torch.Tensor, y: torch.Tensor) -> None:
             opt.zero_grad()
             with wl.autocast():
-                loss = wl.per_example_loss(model(x), y).mean()
+                loss = wl.per_example_loss(call(x), y).mean()
             loss.backward()
             if tracker is not None:
                 tracker.step()
@@ -106,7 +119,11 @@ def run(name: str, steps: int, width: int | None = None) -> dict[str, Any]:
         # and that of the others, weighed 1 : every − 1 (a long run's proportion, audits aside)
         window = [(s, t) for s, t in times[mode] if lo <= s <= hi]
         measured = [t for s, t in window if (s - 1) % every == 0 and not audited(s, every)]
-        rest = [t for s, t in window if (s - 1) % every]
+        rest = [
+            t
+            for s, t in window
+            if (s - 1) % every and not (compile_backend and eager_before_audit(s, every))
+        ]
         return (statistics.median(measured) + (every - 1) * statistics.median(rest)) / every
 
     out: dict[str, Any] = {"name": name, "description": wl.description, "modes": {}}
@@ -138,7 +155,14 @@ def markdown(result: dict[str, Any]) -> str:
         "(64 and 128 audited, left out); early: steps 4–33, the window `overhead.py` times "
         "(4, 8, 16, 32 audited, left out here, but the steps after each run slower). "
         f"measure_every={EVERY}: the median of its measured unaudited steps and that of its "
-        f"other steps, weighed 1 : {EVERY - 1}.",
+        f"other steps, weighed 1 : {EVERY - 1}."
+        + (
+            f" Every mode's model compiled (`torch.compile`, backend {result['compile']}); "
+            "audited steps run eagerly, and with measure_every so do the unmeasured steps just "
+            "before an audited one: left out."
+            if result.get("compile")
+            else ""
+        ),
         "",
         "| workload | plain ms, steady | default, steady | exact, steady | default, early | "
         f"exact, early | default with measure_every={EVERY}, steady |",
@@ -170,6 +194,15 @@ def main() -> None:
         help="the transformers models' hidden size (default 128) and the ResNet's widths "
         "(width/8, width/4, width/2; default (16, 32, 64)): how the cost moves with model size",
     )
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="torch.compile every mode's model (backend: inductor unless given); the unmeasured "
+        "steps that run eagerly before an audited one are left out too",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     if args.width is not None and (args.width < 32 or args.width % 32):
@@ -189,8 +222,15 @@ def main() -> None:
     result.update(steps=args.steps, width=args.width, workloads=[])
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / ("steady-cpu" if args.width is None else f"steady-cpu-width{args.width}")
+    if args.compile:
+        from torch import _dynamo
+
+        # every mode compiles its own copy of one model class (measure_every: two graphs)
+        _dynamo.config.recompile_limit = 64
+        stem = stem.with_name(stem.name + "-compile")
+    result.update(compile=args.compile)
     for name in names:
-        result["workloads"].append(run(name, args.steps, args.width))
+        result["workloads"].append(run(name, args.steps, args.width, args.compile))
         stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
         stem.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))

@@ -480,3 +480,13 @@ def test_the_steady_state_bench_s_width_sets_the_models_sizes(monkeypatch: pytes
     monkeypatch.setattr(sys, "argv", ["steady.py", "--width", "40"])
     with pytest.raises(SystemExit, match="multiple of 32"):
         steady.main()
+
+
+def test_the_steady_state_bench_leaves_out_compiled_steps_that_run_eagerly():
+    """Compiled, the unmeasured steps just before an audited measured step run eagerly (the
+    stance is held from the step before an audit): with measure_every=4 the measured steps 1,
+    5, 13, 29, 61 are audited (measured steps 1, 2, 4, 8, 16)."""
+    steady = _steady_module()
+    eager = [s for s in range(1, 70) if steady.eager_before_audit(s, 4)]
+    assert eager == [2, 3, 4, 10, 11, 12, 26, 27, 28, 58, 59, 60]
+    assert not any(steady.eager_before_audit(s, 1) for s in range(1, 70))
