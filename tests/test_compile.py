@@ -153,6 +153,10 @@ def _compiled(model: nn.Module, style: str | None, backend: str) -> Callable:
         return torch.compile(Wrapper(model), backend=backend)
     if style == "model.compile":
         model.compile(backend=backend)
+    if style == "blocks":  # each transformer block compiled by itself, the rest eager
+        for module in model.modules():
+            if type(module).__name__ == "Block":
+                module.compile(backend=backend)
     return model
 
 
@@ -620,6 +624,41 @@ def test_measure_every_compiled(factory: Callable, mode: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["subbatch", "per_example"])
+def test_measure_every_with_blocks_compiled_one_by_one(mode: str) -> None:
+    """The reference GPT with each block compiled by itself: the model's own hook runs eagerly
+    and opens the unmeasured steps' passes, the blocks' traced hooks record nothing on them (a
+    second graph per block) — the same records as eager."""
+    history, breaks, graphs, warned = train(gpt, mode, "blocks", steps=13, measure_every=3)
+    assert breaks == 0 and not warned, (breaks, warned)
+    assert graphs >= 2, graphs  # a measured and an unmeasured graph (the blocks share them)
+    assert history is not None
+    assert_same_numbers(history, _eager_every(gpt, mode, 3, 13), records=5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("style", ["torch.compile", "model.compile"])
+def test_measure_every_on_a_model_the_traced_hooks_do_not_follow(style: str) -> None:
+    """A directly used parameter with measure_every=3: as with every step measured, the model
+    runs eagerly while it is measured and says so; ``torch.compile(model)`` is seen when its
+    graph first runs on a measured step — step 7 (steps 1 and 4 are audited, eagerly) — and
+    that step is withheld. Every step's examples are counted."""
+    history, _, _, warned = train(layer_scale, "per_example", style, steps=13, measure_every=3)
+    eager = _eager_every(layer_scale, "per_example", 3, 13)
+    assert history is not None
+    runs_eagerly = [w for w in warned if "runs eagerly" in w and "force_eager" in w]
+    assert len(runs_eagerly) == 1 and "'gamma'" in runs_eagerly[0], warned
+    withheld = [7] if style == "torch.compile" else []
+    assert [r["step"] for r in history] == [1, 4, 7, 10, 13]
+    assert [r["step"] for r in history if "per_example" not in r["sources"]] == withheld
+    for got, want in zip(history, eager, strict=True):
+        assert got["examples"] == want["examples"]
+        assert got.get("unmeasured_steps") == want.get("unmeasured_steps")
+        if got["step"] not in withheld:
+            assert_same_norms(got, want)
+
+
+@pytest.mark.slow
 def test_measure_every_compiled_counts_every_step_s_tokens() -> None:
     """A compiled transformers GPT-2 computing its loss from ``labels=`` (a mean over tokens):
     with measure_every=3 the unmeasured steps' tokens and examples are counted as eagerly. (This
@@ -652,4 +691,7 @@ def test_a_graph_for_the_other_kind_of_step_is_refused() -> None:
     engine.idle = True
     engine.on_forward_event("open", 1, [x], [])
     assert engine.passes[-1].idle
+    # a block compiled by itself, its measured graph run in an unmeasured pass
+    with pytest.raises(UnsupportedModuleError, match="traced for a measured step"):
+        engine.on_forward_event("call", 0, [x], [1, 0])
     engine.remove()

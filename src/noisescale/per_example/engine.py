@@ -1669,15 +1669,7 @@ class PerExampleNorms:
         forward_event``); returns the token its backward reports with (0: nothing recorded)."""
         if kind == "open":
             if bool(site) != self.idle:
-                raise UnsupportedModuleError(
-                    "a compiled graph traced for "
-                    + ("an unmeasured" if site else "a measured")
-                    + " step ran on "
-                    + ("a measured" if self.idle is False else "an unmeasured")
-                    + " one (measure_every): torch.compile did not recompile for the "
-                    "tracker's state, so this step cannot be measured as asked. Please report "
-                    "it with your torch version; meanwhile use measure_every=1"
-                )
+                self._refuse_graph(traced_idle=bool(site))
             self._open_pass(tuple(tensors), {})
             return 0
         # (not _active(): a compiled forward runs with gradients off; the trace checked them)
@@ -1687,9 +1679,11 @@ class PerExampleNorms:
         pass_.compiled = True
         if not pass_.amp:  # (as _on_forward: autocast entered inside the model's forward)
             pass_.amp = _autocast_enabled()
-        if kind == "blocked":
+        if kind == "blocked":  # (also in an unmeasured step's graph: such hooks do not read idle)
             pass_.compiled_blocked = True
             return 0
+        if pass_.idle:  # (a block compiled by itself: the model's own hook opened the pass)
+            self._refuse_graph(traced_idle=False)
         if kind == "output":
             if self.per_example and not pass_.skipped:
                 self._audit_wanted(pass_)
@@ -1747,6 +1741,17 @@ class PerExampleNorms:
             pass_.uses[id(p)] = pass_.uses.get(id(p), 0) + 1
         pass_.signature.append(("call" if record.job is None else "products", id(module), pattern))
         return token
+
+    def _refuse_graph(self, traced_idle: bool) -> None:
+        """A compiled graph traced for one kind of step (measure_every: measured or not) ran on
+        the other — were Dynamo ever to stop guarding its graphs on :attr:`idle`."""
+        raise UnsupportedModuleError(
+            f"a compiled graph traced for {'an unmeasured' if traced_idle else 'a measured'} "
+            f"step ran on {'a measured' if traced_idle else 'an unmeasured'} one "
+            "(measure_every): torch.compile did not recompile for the tracker's state, so this "
+            "step cannot be measured as asked. Please report it with your torch version; "
+            "meanwhile use measure_every=1"
+        )
 
     def _compiled_meeting(self, pass_: PassNorms, call_token: int, shape: Sequence[int]) -> int:
         """:meth:`add_meeting` for a shared call's output broadcast to the batch's ``shape``."""
