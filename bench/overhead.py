@@ -720,36 +720,65 @@ def run_workload(name: str, args: argparse.Namespace, device: torch.device) -> d
             torch.cuda.empty_cache()
 
     methods: dict[str, Method] = {}
-    for spec in specs:
-        if spec.name in errors:
-            continue
+
+    def build(spec: Spec) -> None:
         try:
             methods[spec.name] = spec.build(wl)
         except Exception as err:
             errors[spec.name] = error_string(err)
-    wall: dict[str, list[float]] = {n: [] for n in methods}
-    cpu: dict[str, list[float]] = {n: [] for n in methods}
-    breaks = dict.fromkeys(methods, 0)  # Dynamo's graph breaks during each method's steps
-    order = list(methods)
-    for r, (x, y) in enumerate(wl.batches):
-        for m in order[r % len(order) :] + order[: r % len(order)]:  # rotate who goes first
-            if m in errors:
-                continue
+
+    names = [s.name for s in specs if s.name not in errors]
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    breaks = dict.fromkeys(names, 0)  # Dynamo's graph breaks during each method's steps
+
+    def one_step(m: str, r: int, x: Tensor, y: Tensor) -> None:
+        if m in errors:
+            return
+        synchronize(device)
+        before = graph_breaks()
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            methods[m].step(x, y)
             synchronize(device)
-            before = graph_breaks()
-            t0, c0 = time.perf_counter(), time.process_time()
-            try:
-                methods[m].step(x, y)
-                synchronize(device)
-            except Exception as err:
-                errors[m] = error_string(err)
+        except Exception as err:
+            errors[m] = error_string(err)
+            return
+        breaks[m] += graph_breaks() - before
+        if r >= args.warmup:
+            wall[m].append(time.perf_counter() - t0)
+            cpu[m].append(time.process_time() - c0)
+
+    if not args.compile:
+        for spec in specs:
+            if spec.name not in errors:
+                build(spec)
+        order = list(methods)
+        for r, (x, y) in enumerate(wl.batches):
+            for m in order[r % len(order) :] + order[: r % len(order)]:  # rotate who goes first
+                one_step(m, r, x, y)
+            if r % 10 == 0:
+                print(f"   step {r}/{rounds}", flush=True)
+    else:
+        # Compiled: one method at a time, each built just before its steps (a tracker removed
+        # after them) and Dynamo's caches reset before it. A tracker runs its audited steps
+        # eagerly through the compiler's stance, which is process-wide: taking turns step by
+        # step, one method's audit — or a tracker that runs its model eagerly for good — would
+        # run every other method's compiled steps eagerly too. And the methods' models are
+        # instances of one class, whose compiled graphs would be offered from one to the next.
+        from torch import _dynamo
+
+        for spec in specs:
+            if spec.name in errors:
                 continue
-            breaks[m] += graph_breaks() - before
-            if r >= args.warmup:
-                wall[m].append(time.perf_counter() - t0)
-                cpu[m].append(time.process_time() - c0)
-        if r % 10 == 0:
-            print(f"   step {r}/{rounds}", flush=True)
+            _dynamo.reset()
+            build(spec)
+            for r, (x, y) in enumerate(wl.batches):
+                one_step(spec.name, r, x, y)
+            method = methods.get(spec.name)
+            if isinstance(method, NoiseScale):
+                method.tracker.remove()
+            print(f"   {spec.name}: done", flush=True)
 
     timed = wall if device.type == "cuda" else cpu
     median = {n: statistics.median(t) for n, t in timed.items() if t and n not in errors}

@@ -95,21 +95,44 @@ def run(
 
         return step, tracker
 
-    built = {mode: make(kwargs) for mode, kwargs in MODES.items()}
     times: dict[str, list[tuple[int, float]]] = {mode: [] for mode in MODES}
-    order = list(MODES)
-    for b, start in enumerate(range(0, steps, BLOCK)):
-        for mode in order if b % 2 == 0 else order[::-1]:
-            step, _ = built[mode]
-            for i in range(start, min(start + BLOCK, steps)):
-                x, y = wl.batches[i % len(wl.batches)]
-                c0 = time.process_time()
-                step(x, y)
-                times[mode].append((i + 1, time.process_time() - c0))
-        print(f"   {name}: step {min(start + BLOCK, steps)}/{steps}", flush=True)
-    for _, tracker in built.values():
-        if tracker is not None:
-            tracker.remove()
+
+    def run_steps(mode: str, step: Any, start: int, stop: int) -> None:
+        for i in range(start, stop):
+            x, y = wl.batches[i % len(wl.batches)]
+            c0 = time.process_time()
+            step(x, y)
+            times[mode].append((i + 1, time.process_time() - c0))
+
+    if compile_backend is None:
+        built = {mode: make(kwargs) for mode, kwargs in MODES.items()}
+        order = list(MODES)
+        for b, start in enumerate(range(0, steps, BLOCK)):
+            for mode in order if b % 2 == 0 else order[::-1]:
+                run_steps(mode, built[mode][0], start, min(start + BLOCK, steps))
+            print(f"   {name}: step {min(start + BLOCK, steps)}/{steps}", flush=True)
+        for _, tracker in built.values():
+            if tracker is not None:
+                tracker.remove()
+    else:
+        # Compiled, one mode at a time, each tracker built just before its run and removed
+        # after it: a tracker runs its audited steps eagerly by setting the compiler's stance
+        # to force_eager, which is process-wide — in alternating blocks one mode's audit would
+        # run the others' compiled steps eagerly (from a tracker's creation to its first step,
+        # and across a block boundary within a measure_every cycle). The plain step runs first
+        # and last, and its median is that of both runs together (drift between them averages).
+        # Dynamo's caches are reset before each: the modes' models are instances of one class,
+        # whose compiled graphs would otherwise be offered to the next (one compiled without
+        # hooks, or with another tracker's), which the tracker refuses and then runs eagerly.
+        from torch import _dynamo
+
+        for mode in [*MODES, "plain"]:
+            _dynamo.reset()
+            step, tracker = make(MODES[mode])
+            run_steps(mode, step, 0, steps)
+            if tracker is not None:
+                tracker.remove()
+            print(f"   {name}: {mode} done", flush=True)
 
     def median(mode: str, lo: int, hi: int) -> float:
         return statistics.median(t for s, t in times[mode] if lo <= s <= hi and not audited(s))
@@ -157,9 +180,12 @@ def markdown(result: dict[str, Any]) -> str:
         f"measure_every={EVERY}: the median of its measured unaudited steps and that of its "
         f"other steps, weighed 1 : {EVERY - 1}."
         + (
-            f" Every mode's model compiled (`torch.compile`, backend {result['compile']}); "
-            "audited steps run eagerly, and with measure_every so do the unmeasured steps just "
-            "before an audited one: left out."
+            f" Every mode's model compiled (`torch.compile`, backend {result['compile']}), the "
+            "modes run one after another, not in alternating blocks (an audited step's "
+            "force_eager stance is process-wide: it would run the other modes eagerly too), the "
+            "plain step before and after them (its median over both runs); audited steps run "
+            "eagerly, and with measure_every so do the unmeasured steps just before an audited "
+            "one: left out."
             if result.get("compile")
             else ""
         ),
@@ -200,8 +226,9 @@ def main() -> None:
         const="inductor",
         default=None,
         metavar="BACKEND",
-        help="torch.compile every mode's model (backend: inductor unless given); the unmeasured "
-        "steps that run eagerly before an audited one are left out too",
+        help="torch.compile every mode's model (backend: inductor unless given); the modes run "
+        "one after another (the plain step first and last), and the unmeasured steps that run "
+        "eagerly before an audited one are left out too",
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()

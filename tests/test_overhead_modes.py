@@ -490,3 +490,31 @@ def test_the_steady_state_bench_leaves_out_compiled_steps_that_run_eagerly():
     eager = [s for s in range(1, 70) if steady.eager_before_audit(s, 4)]
     assert eager == [2, 3, 4, 10, 11, 12, 26, 27, 28, 58, 59, 60]
     assert not any(steady.eager_before_audit(s, 1) for s in range(1, 70))
+
+
+@pytest.mark.slow
+def test_the_compiled_bench_runs_the_plain_step_compiled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--compile``: the methods run one at a time, so no tracker's audit (whose force_eager
+    stance is process-wide) runs the plain step eagerly — taking turns step by step, trackers
+    built up front held it from their creation on."""
+    from torch._dynamo import eval_frame
+
+    stances = []
+    real_step = bench.Plain.step
+
+    def step(self, x, y):
+        stances.append(eval_frame._stance.stance)
+        return real_step(self, x, y)
+
+    monkeypatch.setattr(bench.Plain, "step", step)
+    argv = ["overhead.py", "--workload", "gpt", "--steps", "3", "--warmup", "1", "--no-memory"]
+    argv += ["--compile", "--backend", "aot_eager", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    result = json.loads((tmp_path / "overhead-cpu-compile.json").read_text())
+    rows = {r["method"]: r for r in result["workloads"][0]["methods"]}
+    assert not any("error" in r for r in rows.values()), rows
+    assert rows["noisescale sub-batches (default)"]["time_ratio"] > 0
+    assert stances and set(stances) == {"default"}, stances  # plain and plain accum×4
