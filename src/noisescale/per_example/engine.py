@@ -643,11 +643,6 @@ class PerExampleNorms:
         return audit_mod.replay_active()
 
     @property
-    def seen_compiled(self) -> bool:
-        """Whether a pass of the model has run compiled (``torch.compile``)."""
-        return self._seen_compiled
-
-    @property
     def is_paused(self) -> bool:
         """Whether passes are being ignored (inside :meth:`paused`)."""
         return self._paused
