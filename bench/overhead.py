@@ -614,6 +614,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def long_run_time(measured: list[float], rest: list[float], every: int) -> float:
+    """The time per step of a tracker that measures one step in ``every``: the median of its
+    measured steps and that of its other steps, weighed 1 : every − 1 (a long run's proportion).
+    ``steady.py`` and ``precision.py`` both report ``measure_every`` this way."""
+    return (statistics.median(measured) + (every - 1) * statistics.median(rest)) / every
+
+
 def relative_width(b: float, low: float, high: float) -> float:
     if not (math.isfinite(b) and b > 0 and math.isfinite(low) and math.isfinite(high)):
         return math.inf

@@ -49,6 +49,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import overhead  # the bench's shared helpers
+
 import noisescale
 
 ROOT = Path(__file__).resolve().parent
@@ -234,9 +237,7 @@ def run_mode(case: Case, kwargs: dict[str, Any] | None, steps: int, seed: int) -
     else:  # steps 1, 1 + m, … measured (0-based i with i % m == 0)
         measured = [t for i, t in enumerate(times) if i >= 3 and i % every == 0]
         rest = [t for i, t in enumerate(times) if i >= 3 and i % every]
-        time_per_step = (
-            statistics.median(measured) + (every - 1) * statistics.median(rest)
-        ) / every
+        time_per_step = overhead.long_run_time(measured, rest, every)
     out: dict[str, Any] = {"time": time_per_step}
     if tracker is not None:
         out["history"] = [

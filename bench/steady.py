@@ -147,7 +147,7 @@ def run(
             for s, t in window
             if (s - 1) % every and not (compile_backend and eager_before_audit(s, every))
         ]
-        return (statistics.median(measured) + (every - 1) * statistics.median(rest)) / every
+        return ob.long_run_time(measured, rest, every)
 
     out: dict[str, Any] = {"name": name, "description": wl.description, "modes": {}}
     for mode in MODES:

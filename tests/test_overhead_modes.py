@@ -527,3 +527,63 @@ def test_the_compiled_bench_runs_the_plain_step_compiled(
     assert not any("error" in r for r in rows.values()), rows
     assert rows["noisescale sub-batches (default)"]["time_ratio"] > 0
     assert stances and set(stances) == {"default"}, stances  # plain and plain accum×4
+
+
+def _precision_module():
+    path = Path(__file__).resolve().parents[1] / "bench" / "precision.py"
+    spec = importlib.util.spec_from_file_location("bench_precision", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_precision"] = module  # (its dataclasses look their module up)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_precision_bench_s_truth_is_every_example_s_gradient():
+    """bench/precision.py's truth (torch.func over the whole pool) against a loop of one
+    backward per example: |G|² of the mean gradient and tr Σ = E|g_i|² − |G|²."""
+    bench = _precision_module()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    x, y = torch.randn(50, 5, dtype=torch.float64), torch.randint(0, 3, (50,))
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(out, target, reduction="none")
+
+    truth = bench._truth(model, (x, y), loss_fn, chunk=16)
+    grads = []
+    for i in range(50):
+        model.zero_grad()
+        loss_fn(model(x[i : i + 1]), y[i : i + 1]).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    g = torch.stack(grads)
+    g2 = float(g.mean(0).pow(2).sum())
+    trace = float(g.pow(2).sum(1).mean()) - g2
+    assert truth["g2"] == pytest.approx(g2, rel=1e-10)
+    assert truth["trace_sigma"] == pytest.approx(trace, rel=1e-10)
+    assert truth["b_simple"] == pytest.approx(trace / g2, rel=1e-10)
+
+
+def test_the_precision_bench_runs_measure_every_by_step_number():
+    """A mode with measure_every=2 through the precision bench: its history has the measured
+    steps only (1, 3, 5, …), read by step number, and a time per step from both kinds."""
+    bench = _precision_module()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    case = bench.Case(
+        "tiny",
+        "tiny MLP",
+        model,
+        (x, y),
+        lambda out, t: torch.nn.functional.cross_entropy(out, t, reduction="none"),
+        8,
+        {"b_simple": 1.0},
+    )
+    out = bench.run_mode(case, {"measure_every": 2}, steps=12, seed=0)
+    assert out["time"] > 0
+    steps = [r[0] for r in out["history"]]
+    assert steps == list(range(1, 13, 2))
+    # a history with gaps is read by step number: after 4 steps, step 3's record
+    gaps = [(1, 10.0, 5.0, 20.0), (3, 11.0, 6.0, 21.0), (5, 12.0, 7.0, 22.0)]
+    assert bench._at(gaps, 4) == (11.0, 6.0, 21.0)
+    assert bench._at(gaps, 5) == (12.0, 7.0, 22.0)
