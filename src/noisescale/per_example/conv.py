@@ -221,8 +221,13 @@ def factors(module: ConvNd, x: Tensor, d: Tensor) -> dict[str, Factor]:
     return out
 
 
+def batched(module: nn.Module, x: Any) -> bool:
+    """Whether ``x`` has a batch dimension (a convolution also takes one unbatched input)."""
+    return isinstance(x, Tensor) and x.dim() == len(module.kernel_size) + 2
+
+
 CONV_RULES = tuple(
-    register_layer(_type, LayerRule(factors, name=_type.__name__))
+    register_layer(_type, LayerRule(factors, shared_rows=batched, name=_type.__name__))
     for _type in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 )
 
@@ -273,7 +278,10 @@ def transposed_factors(module: ConvTransposeNd, x: Tensor, d: Tensor) -> dict[st
 
 TRANSPOSED_CONV_RULES = tuple(
     register_layer(
-        _type, LayerRule(transposed_factors, check=check_transposed, name=_type.__name__)
+        _type,
+        LayerRule(
+            transposed_factors, check=check_transposed, shared_rows=batched, name=_type.__name__
+        ),
     )
     for _type in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 )

@@ -2135,8 +2135,18 @@ class PerExampleNorms:
             return
         per = slot.total  # [k, *output shape]: each example's gradient of the call's output
         k = per.shape[0]
-        expanded = _expand_saved(saved, k)
-        facs = call.rule.factors(call.module, expanded, per.to(per.dtype))
+        rows = call.rule.shared_rows
+        if rows is not None and isinstance(saved, Tensor) and rows(call.module, saved):
+            # each example made the call on all m rows: the factors of the k·m (example, row)
+            # pairs, summed over each example's m rows (contiguous groups of m)
+            m = saved.shape[0]
+            x = saved.unsqueeze(0).expand(k, *saved.shape).reshape(k * m, *saved.shape[1:])
+            facs = call.rule.factors(call.module, x, per.reshape(k * m, *per.shape[2:]))
+            index = torch.arange(k * m, device=per.device)
+            groups = Subbatches(index, index[:0], k, m, (m,) * k)
+            facs = {name: group_factor(f, groups) for name, f in facs.items()}
+        else:
+            facs = call.rule.factors(call.module, _expand_saved(saved, k), per)
         self._deliver(pass_, call.params, facs, reaches)
 
     def _route_pids(self, route: Any) -> list[int]:

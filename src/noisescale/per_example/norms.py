@@ -84,7 +84,18 @@ def factors(module: nn.Module, x: Tensor, d: Tensor) -> dict[str, Factor]:
     return out
 
 
-_RULE = LayerRule(factors, check=check, name="norm")
+def shared_rows(module: nn.Module, x: object) -> bool:
+    """Whether dim 0 of ``x`` is a batch: always for GroupNorm and BatchNorm, for InstanceNorm
+    when the input has one (it also takes unbatched input); LayerNorm and RMSNorm treat leading
+    dimensions alike, so their rule takes a shared input whole."""
+    if not isinstance(x, Tensor) or isinstance(module, nn.LayerNorm | nn.RMSNorm):
+        return False
+    if isinstance(module, _InstanceNorm):
+        return x.dim() == {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4}.get(type(module), 5)
+    return True
+
+
+_RULE = LayerRule(factors, check=check, shared_rows=shared_rows, name="norm")
 for _type in (
     nn.LayerNorm,
     nn.RMSNorm,

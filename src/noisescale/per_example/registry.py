@@ -80,6 +80,13 @@ class LayerRule:
             then selected by ``select``.
         select: ``select(module, saved, rows) -> saved``: the saved state restricted to the
             examples ``rows`` (needed with ``native_layout``).
+        shared_rows: ``shared_rows(module, saved) -> bool``: whether dim 0 of ``saved`` holds
+            independent rows — a batch, as a convolution's or a GroupNorm's input always has.
+            A call on input shared by every example (a positional encoding computed once and
+            broadcast to the batch) is then measured as each example making the call on all m
+            of those rows: the factors of its k·m rows, summed per example. ``None`` (default):
+            each example is given the shared input whole, as a Linear's or LayerNorm's rule
+            takes it (leading dimensions are positions).
         name: A label for messages.
     """
 
@@ -92,6 +99,7 @@ class LayerRule:
     batch_size: Callable[[nn.Module, tuple, dict[str, Any]], int] | None = None
     native_layout: bool = False
     select: Callable[[nn.Module, Any, Tensor], Any] | None = None
+    shared_rows: Callable[[nn.Module, Any], bool] | None = None
     name: str = field(default="", compare=False)
 
 

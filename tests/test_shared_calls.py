@@ -1,0 +1,153 @@
+"""A layer called once on input every example shares, its output then broadcast to the batch
+(timm XCiT's Fourier positional encoding: a 1×1 convolution on a grid with a leading 1, then
+``repeat(B, …)``). The layer's gradient is then a sum over the examples of what reaches it
+through the broadcast; the engine follows the output to the batch and measures each example as
+having made the call itself. Convolutions and the channel-first norms (GroupNorm, InstanceNorm,
+BatchNorm in eval mode) crashed here inside the engine; every layer is now exact against brute
+force, in the exact mode and in the default sub-batch mode, and the tracker trains through it."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import noisescale
+from test_subbatch import assert_subbatches_exact
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+N = 4
+
+LAYERS = {
+    "conv1d": (lambda: nn.Conv1d(3, 4, 3), (3, 7)),
+    "conv2d": (lambda: nn.Conv2d(3, 4, 3, padding=1), (3, 5, 5)),
+    "conv2d 1x1": (lambda: nn.Conv2d(6, 4, 1), (6, 4, 4)),
+    "conv3d": (lambda: nn.Conv3d(2, 3, 2), (2, 3, 3, 3)),
+    "conv_transpose2d": (lambda: nn.ConvTranspose2d(3, 4, 3), (3, 4, 4)),
+    "group_norm(1)": (lambda: nn.GroupNorm(1, 4), (4, 3, 3)),
+    "group_norm(2)": (lambda: nn.GroupNorm(2, 4), (4, 3, 3)),
+    "instance_norm": (lambda: nn.InstanceNorm2d(4, affine=True), (4, 3, 3)),
+    "batch_norm eval": (lambda: nn.BatchNorm2d(4).eval(), (4, 3, 3)),
+    "layer_norm": (lambda: nn.LayerNorm(5), (3, 5)),
+    "linear": (lambda: nn.Linear(5, 6), (3, 5)),
+}
+
+
+class SharedThenBroadcast(nn.Module):
+    """``layer`` on a constant of m rows, summed over them, broadcast to the batch."""
+
+    def __init__(self, layer: nn.Module, shape: tuple, m: int, how: str):
+        super().__init__()
+        self.layer, self.m, self.how = layer, m, how
+        self.register_buffer(
+            "grid", torch.randn(m, *shape, generator=torch.Generator().manual_seed(3))
+        )
+        with torch.no_grad():
+            size = layer(self.grid)[0].numel()
+        self.head = nn.Linear(size, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = self.layer(self.grid).sum(0, keepdim=True)  # [1, ...]: no example dimension
+        b = x.shape[0]
+        x = x.view(b, *pos.shape[1:])
+        if self.how == "repeat":
+            h = x + pos.repeat(b, *([1] * (pos.dim() - 1)))
+        elif self.how == "expand":
+            h = x + pos.expand(b, *pos.shape[1:])
+        else:  # broadcast in a product
+            h = x * pos
+        return self.head(torch.tanh(h).flatten(1))
+
+
+def _case(name: str, m: int, how: str, n: int = N):
+    build, shape = LAYERS[name]
+    torch.manual_seed(0)
+    model = SharedThenBroadcast(build(), shape, m, how)
+    size = model.head.in_features
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(n, size, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+    def losses():
+        return F.cross_entropy(model(x), y, reduction="none")
+
+    return model, losses
+
+
+def _brute(model: nn.Module, losses) -> torch.Tensor:
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for i in range(N):
+        grads = torch.autograd.grad(losses()[i], params)
+        out.append(sum(g.pow(2).sum() for g in grads))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("how", ["repeat", "expand", "product"])
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_a_layer_called_on_shared_input_is_exact(name, m, how):
+    model, losses = _case(name, m, how)
+    with noisescale.per_example_sqnorms(model, loss_reduction="mean") as pe:
+        losses().mean().backward()
+    model.zero_grad()
+    want = _brute(model, losses)
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+    assert_subbatches_exact(model, lambda: losses().mean(), lambda i: losses()[i], N, k=2)
+
+
+def test_a_convolution_on_a_shared_unbatched_input_is_exact():
+    """Conv2d also takes an unbatched [C, H, W] input: its leading dimension is channels, and
+    each example is given the whole input (not its rows)."""
+
+    class Unbatched(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 3)
+            self.register_buffer(
+                "grid", torch.randn(3, 5, 5, generator=torch.Generator().manual_seed(2))
+            )
+            self.head = nn.Linear(18, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(x + self.conv(self.grid).flatten()))
+
+    torch.manual_seed(0)
+    model = Unbatched()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, 18, generator=g), torch.randint(0, 3, (N,), generator=g)
+
+    def losses():
+        return F.cross_entropy(model(x), y, reduction="none")
+
+    with noisescale.per_example_sqnorms(model, loss_reduction="mean") as pe:
+        losses().mean().backward()
+    model.zero_grad()
+    torch.testing.assert_close(pe.sqnorms, _brute(model, losses), rtol=1e-9, atol=0)
+    assert_subbatches_exact(model, lambda: losses().mean(), lambda i: losses()[i], N, k=2)
+
+
+@pytest.mark.parametrize("name", ["conv2d 1x1", "group_norm(2)"])
+def test_the_tracker_trains_through_a_shared_call(name):
+    """Six steps of the default tracker (audited steps 1, 2 and 4 among them): no error, no
+    warning, every step with its sub-batch norms."""
+    model, losses = _case(name, 1, "repeat", n=16)
+    tracker = noisescale.GradientNoiseTracker(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(6):
+            opt.zero_grad()
+            losses().mean().backward()
+            tracker.step()
+            opt.step()
+    tracker.remove()
+    assert len(tracker.history) == 6
+    # (no weight here takes sub-batch products, so from its second step the engine measures
+    # every example, the cheaper form for this model)
+    counts = [{k: v["count"] for k, v in r["sources"].items()} for r in tracker.history]
+    assert counts == [{"subbatch": 8}] + [{"per_example": 16}] * 5, counts
+    assert not any(r["skipped"] for r in tracker.history)
