@@ -136,6 +136,59 @@ def test_batchnorm_switched_to_train_after_construction_refused():
     tracker.remove()
 
 
+class BatchNormAct(nn.BatchNorm1d):
+    """timm's BatchNormAct2d pattern: a BatchNorm subclass whose own forward calls
+    F.batch_norm and an activation (so the BatchNorm rule does not apply to it)."""
+
+    def forward(self, x):
+        training = self.training or not self.track_running_stats
+        return torch.nn.functional.relu(
+            torch.nn.functional.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, training,
+                self.momentum, self.eps,
+            )
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("when", ["at construction", "switched to train() after"])
+@pytest.mark.parametrize("products", [False, True], ids=["exact", "sub-batches"])
+def test_a_batchnorm_subclass_in_training_mode_is_refused_as_batchnorm(when, products):
+    """Refused with the BatchNorm message (batch statistics; use eval, GroupNorm or
+    per_example=False), not as an operation without a rule or a torch.func failure."""
+    model = nn.Sequential(nn.Linear(3, 4), BatchNormAct(4), nn.Linear(4, 2))
+    if when != "at construction":
+        model.eval()
+    kw = {} if products else {"per_example_fraction": 1.0}
+    trackers = []
+    with pytest.raises(UnsupportedModuleError, match=r"BatchNormAct.*statistics of the whole"):
+        trackers.append(noisescale.GradientNoiseTracker(model, **kw))
+        model.train()
+        for _ in range(3):
+            model.zero_grad()
+            model(X).pow(2).sum(1).mean().backward()
+            trackers[0].step()
+    for tracker in trackers:
+        tracker.remove()
+
+
+def test_a_batchnorm_subclass_in_eval_mode_is_exact():
+    """In eval mode (running statistics) the same subclass is per-example: exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), BatchNormAct(4), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    model.eval()
+    with noisescale.per_example_sqnorms(model, loss_reduction="mean") as pe:
+        model(X).pow(2).sum(1).mean().backward()
+    params = list(model.parameters())
+    want = []
+    for i in range(X.shape[0]):
+        grads = torch.autograd.grad(model(X[i : i + 1]).pow(2).sum(), params)
+        want.append(sum(g.pow(2).sum() for g in grads))
+    torch.testing.assert_close(pe.sqnorms, torch.stack(want), rtol=1e-9, atol=0)
+
+
 def test_unfreezing_after_construction_is_reported():
     model = make()
     model[0].requires_grad_(False)

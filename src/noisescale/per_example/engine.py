@@ -60,7 +60,7 @@ from torch.utils.hooks import RemovableHandle
 
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.per_example import audit as audit_mod
-from noisescale.per_example import compiled, fallback
+from noisescale.per_example import compiled, fallback, norms
 from noisescale.per_example import subbatch as subbatch_mod
 from noisescale.per_example.factors import (
     DenseFactor,
@@ -457,6 +457,10 @@ class PerExampleNorms:
                 if p is not None and p.requires_grad and id(p) in self._param
             }
             if rule is None:
+                if own and isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    # a BatchNorm subclass with its own forward (timm's BatchNormAct2d): batch
+                    # statistics in training mode, whatever else the forward adds
+                    norms.check(module, label)
                 for name, p in own.items():
                     self._scopes.setdefault(module, []).append((module, name, id(p)))
                 if isinstance(module, nn.MultiheadAttention):
@@ -2724,6 +2728,10 @@ class PerExampleNorms:
                     "(nn.LSTM/GRU/RNN handle packed sequences exactly), or use per_example=False"
                 )
             labels = sorted({s.label for s in origin.sources})
+            if scope is not None:
+                for name, sub in scope.named_modules():  # (switched to train() since)
+                    if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                        norms.check(sub, self._labels.get(sub, name))
             if scope is None or scope is self.model or not self.allow_fallback or not learn:
                 where = (
                     f"inside module '{self._labels.get(scope, '?')}'" if scope is not None else ""
