@@ -521,3 +521,46 @@ def test_fallback_splits_per_example_tensors_nested_in_its_arguments(products):
     for p in rest:
         assert torch.allclose(p.raw_sqnorms * N**2, want, rtol=1e-9)
     assert_default_source_exact(model, x, _sq)
+
+
+class _RelPosBias(nn.Module):
+    """timm's RelPosBias: a table its parent reads through get_bias(), never forward()."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(5, 2))
+        self.register_buffer("index", torch.tensor([[0, 1, 2], [3, 4, 0], [1, 2, 3]]))
+
+    def get_bias(self):
+        return self.table[self.index].permute(2, 0, 1)  # [heads, T, T]
+
+
+class _RelPosAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(4, 12)
+        self.rel_pos = _RelPosBias()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):  # [N, T=3, 4], two heads of 2
+        n, t, _ = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, 2, 2).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-1, -2) + self.rel_pos.get_bias()).softmax(-1)
+        return self.head((attn @ v).transpose(1, 2).reshape(n, t, 4)).mean(1)
+
+
+@pytest.mark.parametrize("fraction", [None, 1.0], ids=["sub-batches", "exact"])
+def test_a_table_read_through_another_method_is_refused_by_name(fraction):
+    """Never a number without its use: the tracker refuses at the first (audited) step, naming
+    the table and the pattern (a method of its module other than forward)."""
+    torch.manual_seed(0)
+    model = _RelPosAttention()
+    x = torch.randn(N, 3, 4)
+    kw = {} if fraction is None else {"per_example_fraction": fraction}
+    tracker = noisescale.GradientNoiseTracker(model, **kw)
+    try:
+        with pytest.raises(UnsupportedModuleError, match=r"rel_pos\.table.*other than forward"):
+            model(x).pow(2).sum(1).mean().backward()
+            tracker.step()
+    finally:
+        tracker.remove()

@@ -2619,7 +2619,9 @@ class PerExampleNorms:
             raise UnsupportedModuleError(
                 f"parameters {names} received gradients but noisescale saw no use of them that "
                 "it can attribute to examples (used outside their module, e.g. "
-                "`F.linear(x, other.weight)`, or in the loss outside the model's forward, e.g. "
+                "`F.linear(x, other.weight)`, or read through a method of their module other "
+                "than forward, e.g. timm's `self.rel_pos.get_bias()` for a relative-position "
+                "table; or in the loss outside the model's forward, e.g. "
                 "a weight penalty: use the optimizer's weight_decay instead). Call the owning "
                 "module, register a rule for the module that uses them "
                 "(noisescale.register_layer), or use per_example=False"
