@@ -1395,7 +1395,15 @@ class PerExampleNorms:
         for v in _flat_values(args, kwargs):
             if isinstance(v, SharedTensor):
                 upstream.extend(v._ns_origin.sources)  # type: ignore[attr-defined]
+        if output.requires_grad and output._base is not None:
+            # a view (nn.Linear on [1, T, D] returns one): an in-place operation on it would
+            # rebase the view's own history and bypass its edge; a copy of its own (a shared
+            # call's output is computed once, not per example: small) keeps the edge below
+            output = output.clone()
         source = Source(tensor=output, call=call, label=label)
+        if output.requires_grad:
+            source.edge = torch.autograd.graph.get_gradient_edge(output)
+            source.version = output._version
         shared = wrap(output, Origin(self, pass_, (source, *upstream), scope=None))
         source.tensor = shared
         pass_.shared_calls.append(call)
@@ -2089,7 +2097,11 @@ class PerExampleNorms:
     ) -> None:
         """Carry per-example gradients of a shared operand back to its sources."""
         sources = origin.sources
-        if len(sources) == 1 and sources[0].tensor is operand:
+        if (
+            len(sources) == 1
+            and sources[0].tensor is operand
+            and (sources[0].edge is None or operand._version == sources[0].version)
+        ):
             grads: Sequence[Tensor | None] = [per]
         else:
             # Plain tensors and gradient edges, so that autograd.grad does not dispatch through
@@ -2099,7 +2111,8 @@ class PerExampleNorms:
             # forward did (checkpoint's CheckpointError: Mixtral's router, checkpointed)
             with torch._C.DisableTorchFunctionSubclass(), torch.enable_grad():
                 output = operand.as_subclass(Tensor)  # an alias, upstream of operand's graph
-                edges = [torch.autograd.graph.get_gradient_edge(s.tensor) for s in sources]
+                edge = torch.autograd.graph.get_gradient_edge
+                edges = [s.edge if s.edge is not None else edge(s.tensor) for s in sources]
             with audit_mod.replaying(), torch.enable_grad():
                 grads = torch.autograd.grad(
                     output,

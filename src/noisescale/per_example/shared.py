@@ -61,12 +61,18 @@ class Source:
             target of the batched vector–Jacobian product.
         pid: ``id`` of the parameter (parameter sources).
         call: The shared call (call sources): module, rule, saved input, label, parameters.
+        edge: The call output's gradient edge and ``version`` its version counter when the
+            call returned (call sources): an in-place operation on the output afterwards
+            (``nn.ReLU(inplace=True)`` in torchvision Swin v2's ``cpb_mlp``) moves the tensor's
+            own edge past that operation, whose gradient is not the call's.
     """
 
     tensor: Tensor
     pid: int | None = None
     call: Any = None
     label: str = ""
+    edge: Any = None
+    version: int = 0
 
 
 @dataclass(eq=False)
