@@ -564,3 +564,27 @@ def test_a_table_read_through_another_method_is_refused_by_name(fraction):
             tracker.step()
     finally:
         tracker.remove()
+
+
+class _FunctionalAttention(nn.Module):
+    """torchvision Swin's pattern: a child Linear's weight passed to F.linear by the parent."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(F.linear(x, self.qkv.weight, self.qkv.bias)))
+
+
+def test_a_one_shot_measurement_says_the_tracker_learns_direct_uses():
+    torch.manual_seed(0)
+    model = _FunctionalAttention()
+    x = torch.randn(N, 4)
+    with pytest.raises(UnsupportedModuleError, match="GradientNoiseTracker learns those uses"):
+        with noisescale.per_example_sqnorms(model, loss_reduction="mean"):
+            model(x).pow(2).sum(1).mean().backward()
+    model.zero_grad()
+    torch.manual_seed(0)
+    assert_learns_then_exact(model, x, _sq)

@@ -2638,6 +2638,14 @@ class PerExampleNorms:
                 "a weight penalty: use the optimizer's weight_decay instead). Call the owning "
                 "module, register a rule for the module that uses them "
                 "(noisescale.register_layer), or use per_example=False"
+                + (
+                    ""
+                    if learn
+                    else ". (If they are used directly in a module's forward — torchvision "
+                    "Swin's attention passes self.qkv.weight to F.linear — GradientNoiseTracker "
+                    "learns those uses on its first step and measures them exactly from the "
+                    "next; a one-shot measurement cannot.)"
+                )
             )
         raise UnsupportedModuleError(findings.message(self._labels, None, self._param_name))
 
