@@ -588,3 +588,46 @@ def test_a_one_shot_measurement_says_the_tracker_learns_direct_uses():
     model.zero_grad()
     torch.manual_seed(0)
     assert_learns_then_exact(model, x, _sq)
+
+
+class _RelativeBiasByPositions(nn.Module):
+    """torchvision MaxViT's pattern: table[index.view(-1)] over the T² pairs of positions,
+    reshaped to [heads, T, T] and added to every example's attention scores; with T² equal to
+    the number of examples the lookup looks per-example."""
+
+    def __init__(self, t: int):
+        super().__init__()
+        self.t = t
+        self.table = nn.Parameter(torch.randn(2 * t - 1, 2))
+        i = torch.arange(t)
+        self.register_buffer("index", i[:, None] - i[None, :] + t - 1)
+        self.qkv = nn.Linear(4, 12)
+        self.head = nn.Linear(4, 3)
+
+    def bias(self):
+        rows = self.table[self.index.view(-1)]
+        return rows.view(self.t, self.t, 2).permute(2, 0, 1).unsqueeze(0)
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, 2, 2).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-1, -2) + self.bias()).softmax(-1)
+        return self.head((attn @ v).transpose(1, 2).reshape(n, t, 4)).mean(1)
+
+
+def test_a_position_pair_lookup_with_t_squared_equal_to_the_batch_is_learned(products):
+    """A one-shot measurement refuses, naming the lookup; the tracker's engine learns at its
+    first (audited) step that the lookup is by positions and is exact from the next (it
+    refused the model at that batch size before)."""
+    x = torch.randn(N, 2, 4, generator=torch.Generator().manual_seed(8))  # T² = 4 = N
+    torch.manual_seed(0)
+    with pytest.raises(UnsupportedModuleError, match="'embedding of table'"):
+        one_shot(_RelativeBiasByPositions(2), x, _sq)
+    torch.manual_seed(0)
+    assert_learns_then_exact(_RelativeBiasByPositions(2), x, _sq)
+
+
+def test_a_position_pair_lookup_of_another_size_is_exact_at_once(products):
+    x = torch.randn(N, 3, 4, generator=torch.Generator().manual_seed(8))  # T² = 9
+    torch.manual_seed(0)
+    assert_exact_both_ways(_RelativeBiasByPositions(3), x, _sq)

@@ -59,7 +59,7 @@ ATTRIBUTION_TOL_AMP = 2e-2
 class _Target:
     edge: Any
     dim: int
-    module: nn.Module | None
+    module: Any  # the layer whose call it hooked, a lookup's key, or None
     label: str
     root: bool = False
     got: Tensor | None = None  # Σ over replays of each row's projection (roots: the full tensor)
@@ -91,9 +91,9 @@ class Findings:
     def unexplained_params(self) -> list[int]:
         return list(self.unexplained)
 
-    def misattributed_modules(
-        self, _: Callable[[Any], Any] | None = None
-    ) -> list[nn.Module | None]:
+    def misattributed_modules(self, _: Callable[[Any], Any] | None = None) -> list[Any]:
+        """Each misattributed target's owner: the layer whose call it hooked, a lookup's key
+        (a tuple) for a parameter used directly, or ``None``."""
         return [t.module for t in self.misattributed]
 
     def message(

@@ -338,6 +338,9 @@ class PerExampleNorms:
         self._scopes: dict[nn.Module, list[tuple[nn.Module, str, int]]] = {}
         self._fallback: set[nn.Module] = set()  # owner modules measured by torch.func
         self._learned_shared: set[nn.Module] = set()  # layers whose input proved to be shared
+        #: lookups into parameters used directly that the audit found to be by positions
+        #: (keys from :func:`~noisescale.per_example.shared._lookup_key`)
+        self.learned_shared: set[tuple] = set()
         self._context: list[int] = []  # example dim inside time-major containers
         self._swapped: dict[tuple[int, str], list[Tensor]] = {}
         self._guarded: set[nn.Module] = set()
@@ -1863,7 +1866,9 @@ class PerExampleNorms:
         hooked = meeting.hooked
         assert hooked is not None
         hooked.register_hook(lambda g, m=meeting, p=pass_: self._on_meeting_grad(p, m, g))
-        self._add_target(pass_, hooked, dim, None, f"{meeting.kind} of {', '.join(labels)}")
+        # (a lookup's target carries its key: an audit may learn that it is shared)
+        owner = meeting.extra.get("learn")
+        self._add_target(pass_, hooked, dim, owner, f"{meeting.kind} of {', '.join(labels)}")
 
     def _direct_route(
         self, operand: SharedTensor, origin: Origin, role: str | None, kind: str
@@ -2796,23 +2801,30 @@ class PerExampleNorms:
     def _on_audit_failure(
         self, pass_: PassNorms, findings: audit_mod.Findings, learn: bool
     ) -> None:
-        modules = findings.misattributed_modules()
-        learnable_calls = [m for m in modules if m is not None]
+        owners = findings.misattributed_modules()
+        learnable_calls = [m for m in owners if isinstance(m, nn.Module)]
+        lookups = [m for m in owners if isinstance(m, tuple)]
         if (
             learn
             and findings.only_attribution
-            and learnable_calls
-            and len(learnable_calls) == len(modules)
+            and owners
+            and len(learnable_calls) + len(lookups) == len(owners)
             and not any(m in self._learned_shared for m in learnable_calls)
+            and not any(key in self.learned_shared for key in lookups)
         ):
             self._learned_shared.update(learnable_calls)
-            names = ", ".join(f"'{self._labels[m]}'" for m in learnable_calls)
+            self.learned_shared.update(lookups)
+            names = ", ".join(
+                [f"'{self._labels[m]}'" for m in learnable_calls]
+                + [f"'{t.label}'" for t in findings.misattributed if isinstance(t.module, tuple)]
+            )
             self._withhold(
                 pass_,
-                f"the audit found that the input of layer(s) {names} is the same for every "
-                "example although its leading dimension has the batch's size (e.g. positions "
-                "arange(T) with T equal to the batch size); they are treated as shared from the "
-                "next step on",
+                f"the audit found that the input of layer(s) or lookup(s) {names} is the same "
+                "for every example although its leading dimension has the batch's size (e.g. "
+                "positions arange(T), or a relative-position index of T² entries, with that "
+                "count equal to the batch size); they are treated as shared from the next step "
+                "on",
             )
             return
         raise UnsupportedModuleError(findings.message(self._labels, None, self._param_name))

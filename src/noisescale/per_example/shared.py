@@ -230,11 +230,20 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
             return _linear(func, args, kwargs, origin, pass_, n, dim)
     if name in _MATMUL_NAMES and batched:
         return _matmul(func, args, kwargs, origin, pass_, n, dim)
+    key = None
+    lookup = (func is F.embedding or (name == "__getitem__" and _is_lookup(args))) and batched
+    if lookup:
+        # a lookup the audit found to be by positions, not by example (torchvision MaxViT's
+        # table[index.view(-1)] with T² = N): the rows are shared by the batch, and meet it later
+        key = _lookup_key(origin, name)
+        if key in engine.learned_shared:
+            with torch._C.DisableTorchFunctionSubclass():
+                return _rewrap(func(*_unwrap(args), **_unwrap(kwargs)), origin)
     if func is F.embedding and batched:
-        return _embedding(args, kwargs, origin, pass_, n, dim)
+        return _embedding(args, kwargs, origin, pass_, n, dim, key=key)
     if name == "__getitem__" and batched and _is_lookup(args):
         # table[idx] with per-example integer indices: an embedding lookup into the rows
-        return _embedding((args[1], args[0]), {}, origin, pass_, n, dim, flatten=True)
+        return _embedding((args[1], args[0]), {}, origin, pass_, n, dim, flatten=True, key=key)
     if func in _CONV and batched:
         return _conv(func, args, kwargs, origin, pass_, n, dim)
     if func in _NORM and batched:
@@ -282,6 +291,14 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
     with torch._C.DisableTorchFunctionSubclass():
         result = func(*args, **kwargs)
     return _rewrap(result, origin)
+
+
+def _lookup_key(origin: Origin, name: str) -> tuple:
+    """What identifies a lookup for learning that it is shared: where it runs, into which
+    parameters' tables, by which operation."""
+    pids = tuple(sorted(s.pid for s in origin.sources if s.pid is not None))
+    scope = origin.scope
+    return ("lookup", id(scope) if scope is not None else None, pids, name)
 
 
 def _linear_input(x: Any, n: int, dim: int) -> bool:
@@ -443,6 +460,7 @@ def _embedding(
     dim: int,
     *,
     flatten: bool = False,
+    key: tuple | None = None,
 ) -> Any:
     names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq")
     bound = dict(zip(names, args, strict=False))
@@ -463,6 +481,7 @@ def _embedding(
     m = Meeting("embedding", None, origin, hooked=y)
     m.box.append(idx)
     m.extra.update(weight=w, padding_idx=bound.get("padding_idx"), dim=dim, flatten=flatten)
+    m.extra["learn"] = key  # what the audit may learn to be shared
     origin.engine.add_meeting(pass_, m)
     return y
 
