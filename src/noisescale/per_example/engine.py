@@ -2703,10 +2703,13 @@ class PerExampleNorms:
         return True
 
     def _learn_direct_uses(self, pass_: PassNorms, pids: list[int]) -> bool:
-        """Follow rule-owned parameters through the whole forward from the next step on."""
+        """Follow parameters through the whole forward from the next step on: rule-owned ones
+        used outside their layer too, and those of a module without a rule whose forward never
+        ran (timm's relative-position tables, read by the attention's forward through
+        ``self.rel_pos.get_bias()``)."""
         new_scopes = []
         for pid in pids:
-            holders = [(h, n) for h, n in self._holders(pid) if h in self._calls]
+            holders = self._holders(pid)
             if not holders:
                 return False
             for holder, name in holders:
@@ -2725,7 +2728,8 @@ class PerExampleNorms:
         if first_time:
             self._install_scope(self.model)
         for holder, _, _ in new_scopes:
-            self._guard_holder(holder)
+            if holder in self._calls:  # (a rule-less holder's own forward hands out aliases)
+                self._guard_holder(holder)
         names = sorted(self._param_name[pid] for pid in pids)
         self._withhold(
             pass_,
