@@ -340,7 +340,7 @@ class PerExampleNorms:
         self._learned_shared: set[nn.Module] = set()  # layers whose input proved to be shared
         #: lookups into parameters used directly that the audit found to be by positions
         #: (keys from :func:`~noisescale.per_example.shared._lookup_key`)
-        self.learned_shared: set[tuple] = set()
+        self.learned_shared_lookups: set[tuple] = set()
         self._context: list[int] = []  # example dim inside time-major containers
         self._swapped: dict[tuple[int, str], list[Tensor]] = {}
         self._guarded: set[nn.Module] = set()
@@ -2814,10 +2814,10 @@ class PerExampleNorms:
             and owners
             and len(learnable_calls) + len(lookups) == len(owners)
             and not any(m in self._learned_shared for m in learnable_calls)
-            and not any(key in self.learned_shared for key in lookups)
+            and not any(key in self.learned_shared_lookups for key in lookups)
         ):
             self._learned_shared.update(learnable_calls)
-            self.learned_shared.update(lookups)
+            self.learned_shared_lookups.update(lookups)
             names = ", ".join(
                 [f"'{self._labels[m]}'" for m in learnable_calls]
                 + [f"'{t.label}'" for t in findings.misattributed if isinstance(t.module, tuple)]

@@ -236,7 +236,7 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
         # a lookup the audit found to be by positions, not by example (torchvision MaxViT's
         # table[index.view(-1)] with T² = N): the rows are shared by the batch, and meet it later
         key = _lookup_key(origin, name)
-        if key in engine.learned_shared:
+        if key in engine.learned_shared_lookups:
             with torch._C.DisableTorchFunctionSubclass():
                 return _rewrap(func(*_unwrap(args), **_unwrap(kwargs)), origin)
     if func is F.embedding and batched:
