@@ -199,12 +199,10 @@ def test_unfreezing_after_construction_is_reported():
         tracker.step()
 
 
-def test_sparse_embedding_and_parametrizations_refused():
+def test_sparse_embedding_and_the_old_weight_norm_refused():
+    """(Parametrized weights are measured: tests/test_parametrizations.py.)"""
     with pytest.raises(UnsupportedModuleError, match="sparse=True"):
         noisescale.GradientNoiseTracker(nn.Embedding(5, 3, sparse=True))
-    lin = nn.utils.parametrizations.weight_norm(nn.Linear(3, 3))
-    with pytest.raises(UnsupportedModuleError, match="parametrized weights"):
-        noisescale.GradientNoiseTracker(nn.Sequential(lin))
     old = nn.utils.weight_norm(nn.Linear(3, 3))
     with pytest.raises(UnsupportedModuleError, match="weight_g"):
         noisescale.GradientNoiseTracker(nn.Sequential(old))

@@ -71,6 +71,7 @@ from noisescale.per_example.factors import (
     SliceFactor,
     Subbatches,
     _acc,
+    _flat_rows,
     group_factor,
     sqnorm,
     sqnorm_of_sum,
@@ -437,13 +438,6 @@ class PerExampleNorms:
                     f"module '{mname}' ({type(module).__name__}) has sparse=True; its sparse "
                     "gradients are not supported: construct it with sparse=False"
                 )
-            if parametrize.is_parametrized(module):
-                raise UnsupportedModuleError(
-                    f"module '{mname}' ({type(module).__name__}) has parametrized weights "
-                    "(torch.nn.utils.parametrize: weight_norm, spectral_norm, ...), whose "
-                    "per-example gradients noisescale does not compute; remove the "
-                    "parametrization or use per_example=False"
-                )
         if isinstance(model, nn.DataParallel):
             raise UnsupportedModuleError(
                 "nn.DataParallel replicates the model into threads that the hooks cannot follow; "
@@ -453,7 +447,13 @@ class PerExampleNorms:
     def _build_plan(self, allow_fallback: bool) -> None:
         for module in self.model.modules():
             label = self._labels[module]
-            rule = rule_for(module)
+            # a parametrized weight (weight_norm, spectral_norm, orthogonal, …) is computed by
+            # its parametrization from the original tensors each time it is read: the layer's
+            # rule (which takes .weight for a parameter) does not apply; its parameters — the
+            # originals, on module.parametrizations.<name> — are followed through the
+            # parametrization's forward to where they meet the batch (wav2vec2's positional
+            # convolution under weight_norm)
+            rule = None if parametrize.is_parametrized(module) else rule_for(module)
             own = {
                 n: p
                 for n, p in module._parameters.items()
@@ -2400,7 +2400,7 @@ class PerExampleNorms:
             return sqnorm_of_sum(factors, p.shape)
         # weighted cross terms have no compact form: sum the materialised uses
         total = sum(f.dense(p.shape) for f in factors)
-        return (total.pow(2) * w2).flatten(1).sum(1)
+        return _flat_rows(total.pow(2) * w2).sum(1)
 
     def _accumulate(self, pass_: PassNorms, pid: int, sq: Tensor) -> None:
         if sq.dtype not in (torch.float32, torch.float64):

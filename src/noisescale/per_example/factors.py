@@ -42,9 +42,15 @@ def _acc(x: Tensor) -> Tensor:
 _CPU_PIECE = 1 << 14
 
 
+def _flat_rows(x: Tensor) -> Tensor:
+    """[N, …] as [N, L]; a 0-d parameter's per-example values [N] as [N, 1] (a learnable
+    scalar: a temperature, a gate, weight_norm's g with dim=None)."""
+    return x.unsqueeze(1) if x.dim() == 1 else x.flatten(1)
+
+
 def _sqnorm_rows(x: Tensor) -> Tensor:
     """|x_i|² per row of dim 0, accumulated in float32 at least, accurate at any length."""
-    rows = x.flatten(1)
+    rows = _flat_rows(x)
     dtype = _acc_dtype(rows)
     n, length = rows.shape
     if length <= _CPU_PIECE or not rows.is_cpu:
@@ -279,7 +285,7 @@ def dot(f: Factor, h: Factor, shape: torch.Size) -> Tensor:
     if isinstance(f, EmbeddingFactor) and isinstance(h, EmbeddingFactor):
         same = (f.idx.unsqueeze(2) == h.idx.unsqueeze(1)).to(_acc(f.d).dtype)
         return (same * torch.bmm(_acc(f.d), _acc(h.d).transpose(1, 2))).sum((1, 2))
-    return (f.dense(shape).flatten(1) * h.dense(shape).flatten(1)).sum(1)
+    return (_flat_rows(f.dense(shape)) * _flat_rows(h.dense(shape))).sum(1)
 
 
 def _dot_kept(g: Tensor, h: Factor, shape: torch.Size) -> Tensor:
@@ -292,7 +298,7 @@ def _dot_kept(g: Tensor, h: Factor, shape: torch.Size) -> Tensor:
         # Σ_r δ_r · (G a_r) for G [O, I] (or a_r G · δ_r for a transposed layout [I, O])
         m = g if h.transposed else g.transpose(1, 2)
         return (torch.bmm(_acc(h.a), m) * _acc(h.d)).sum((1, 2))
-    return torch.linalg.vecdot(g.flatten(1), h.dense(shape).flatten(1))
+    return torch.linalg.vecdot(_flat_rows(g), _flat_rows(h.dense(shape)))
 
 
 def sqnorm_of_sum(factors: list[Factor], shape: torch.Size) -> Tensor:
@@ -360,7 +366,7 @@ def weighted_sqnorm(factor: Factor, w2: Tensor) -> Tensor:
     if isinstance(factor, EmbeddingFactor):
         rows, summed = factor.row_sums()
         return (summed.pow(2) * w2[rows]).sum((1, 2))
-    return (_acc(factor.grads).pow(2) * w2).flatten(1).sum(1)
+    return _flat_rows(_acc(factor.grads).pow(2) * w2).sum(1)
 
 
 # -- sub-batches ------------------------------------------------------------------------------
