@@ -627,3 +627,27 @@ def test_a_position_pair_lookup_of_another_size_is_exact_at_once(products):
     x = torch.randn(N, 3, 4, generator=torch.Generator().manual_seed(8))  # T² = 9
     torch.manual_seed(0)
     assert_exact_both_ways(_RelativeBiasByPositions(3), x, _sq)
+
+
+def test_a_contrastive_loss_over_the_batch_is_refused_naming_it():
+    """CLIP's loss (return_loss=True) compares every image with every text of the batch: an
+    example's gradient is not defined. The first step's audit refuses it (the output does not
+    follow the input's examples when they are permuted), and says what to use instead."""
+    transformers = pytest.importorskip("transformers")
+    text = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16)  # fmt: skip
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=16, patch_size=8)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(
+        transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
+    )
+    g = torch.Generator().manual_seed(1)
+    ids, pixels = torch.randint(0, 50, (N, 6), generator=g), torch.randn(N, 3, 16, 16, generator=g)
+    tracker = noisescale.GradientNoiseTracker(model)
+    try:
+        with pytest.raises(UnsupportedModuleError, match=r"contrastive loss.*per_example=False"):
+            model(input_ids=ids, pixel_values=pixels, return_loss=True).loss.backward()
+            tracker.step()
+    finally:
+        tracker.remove()

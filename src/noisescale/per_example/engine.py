@@ -997,7 +997,10 @@ class PerExampleNorms:
                     "permuted the same way (max. difference "
                     f"{err / scale:.2g} of its largest value). Its example dimension is another "
                     "one (a time-major output: keep dim 0 the examples), or an operation in the "
-                    "model mixes examples"
+                    "model mixes examples — a loss over pairs of examples, such as CLIP's or "
+                    "SigLIP's contrastive loss (return_loss=True), has no per-example gradient; "
+                    "measure such a model with per_example=False and gradient-accumulation "
+                    "micro-batches"
                 )
                 return
 
