@@ -800,3 +800,35 @@ def test_bf16_autocast_in_the_default_subbatch_mode(name):
     got = p.raw_sqnorms.double()
     assert float(((got - want_bf16).abs() / want_bf16).max()) < 0.005
     assert float(((got - want).abs() / want).max()) < 0.05
+
+
+def test_a_vision_language_model_llava():
+    """LLaVA as it is fine-tuned: a CLIP vision tower, a two-layer projector, image features
+    scattered into each example's image-token positions of a Llama, a next-token loss per
+    sequence. Exact per example and by sub-batch (9 patches per image; when the patch count
+    equals the batch size, the audit refuses the projector's rows, never a number)."""
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        image_size=24, patch_size=8, projection_dim=16,
+    )  # fmt: skip
+    text = transformers.LlamaConfig(
+        vocab_size=V + 1, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+    )  # fmt: skip
+    cfg = transformers.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=V, vision_feature_layer=-1,
+        vision_feature_select_strategy="default", image_seq_length=9,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(cfg)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, V, (N, 14), generator=g)
+    ids[:, 1:10] = V  # the image's 9 tokens
+    pixels = torch.randn(N, 3, 24, 24, generator=g)
+
+    def losses(rows=slice(None)):
+        logits = model(input_ids=ids, pixel_values=pixels).logits[:, :-1]
+        per = F.cross_entropy(logits.reshape(-1, V + 1), ids[:, 1:].reshape(-1), reduction="none")
+        return per.view(N, -1).mean(1)[rows]
+
+    assert_exact(model, lambda: losses().mean(), lambda i: losses(i))
