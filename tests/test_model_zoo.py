@@ -832,3 +832,49 @@ def test_a_vision_language_model_llava():
         return per.view(N, -1).mean(1)[rows]
 
     assert_exact(model, lambda: losses().mean(), lambda i: losses(i))
+
+
+def test_qwen2_vl_with_its_vision_tower_frozen_and_trainable():
+    """Qwen2-VL's vision tower runs on every image's patches packed together (no example
+    dimension): while it trains, the step is refused naming its merger; frozen — the usual
+    fine-tuning recipe — the language model's norms are exact per example and by sub-batch."""
+    text = dict(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]},
+    )  # fmt: skip
+    vision = dict(depth=1, embed_dim=16, hidden_size=16, num_heads=2, mlp_ratio=2, in_channels=3,
+                  patch_size=2, spatial_merge_size=2, temporal_patch_size=2)  # fmt: skip
+    cfg = transformers.Qwen2VLConfig(
+        vision_config=vision, text_config=text, image_token_id=63, vision_start_token_id=62,
+        vision_end_token_id=61, video_token_id=60,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    grid = torch.tensor([[1, 4, 4]] * N)  # 16 patches an image, merged 2×2 into 4 tokens
+    pixels = torch.randn(N * 16, 3 * 2 * 2 * 2, generator=g)
+    ids = torch.randint(3, 59, (N, 12), generator=g)
+    ids[:, 1], ids[:, 2:6], ids[:, 6] = 62, 63, 61
+    kinds = torch.zeros_like(ids)
+    kinds[:, 2:6] = 1
+
+    def build():
+        torch.manual_seed(0)
+        return transformers.Qwen2VLForConditionalGeneration(cfg)
+
+    def losses_of(model):
+        def losses(rows=slice(None)):
+            out = model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid,
+                        mm_token_type_ids=kinds)  # fmt: skip
+            logits = out.logits[:, :-1]
+            per = F.cross_entropy(logits.reshape(-1, 64), ids[:, 1:].reshape(-1), reduction="none")
+            return per.view(N, -1).mean(1)[rows]
+
+        return losses
+
+    model = build()
+    with pytest.raises(noisescale.UnsupportedModuleError, match="merger"):
+        measured(model, lambda: losses_of(model)().mean())
+    model = build()
+    model.model.visual.requires_grad_(False)
+    losses = losses_of(model)
+    assert_exact(model, lambda: losses().mean(), lambda i: losses(i))
