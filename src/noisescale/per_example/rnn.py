@@ -268,3 +268,140 @@ _RULE = LayerRule(
 )
 for _type in (nn.LSTM, nn.GRU, nn.RNN):
     register_layer(_type, _RULE)
+
+
+# -- cells: nn.LSTMCell, nn.GRUCell, nn.RNNCell ------------------------------------------------
+#
+# A cell is one step of the recurrence, called by the user's own loop (once per time step, the
+# state of one call fed to the next). Each call is measured like a Linear pair: the gate
+# pre-activations x W_ihᵀ + b_ih and h W_hhᵀ + b_hh are recomputed from the saved input and
+# state, and autograd gives their gradients from those the call's outputs received; the calls
+# of one pass then add up as any layer called several times does (with the cross terms).
+
+
+def _cell_batch_size(module: nn.RNNCellBase, args: tuple, kwargs: dict[str, Any]) -> int:
+    x = args[0] if args else kwargs["input"]
+    if x.dim() != 2:
+        raise NoiseScaleInputError(
+            f"{type(module).__name__} was called with an unbatched {x.dim()}-D input; call it "
+            "with a batch (dim 0 = examples)"
+        )
+    return int(x.shape[0])
+
+
+@dataclass
+class _CellSaved:
+    x: Tensor  # [N, I]
+    h: Tensor | None  # [N, H]
+    c: Tensor | None  # [N, H] (LSTMCell)
+    # an LSTMCell's h' computed from its returned c' (ATen's composite lstm_cell, on the CPU):
+    # the gradient the hook on c' receives then includes the path through h'
+    c_feeds_h: bool = False
+    rows: Tensor | None = None
+
+
+def _cell_save(
+    module: nn.RNNCellBase, args: tuple, kwargs: dict[str, Any], output: Any
+) -> _CellSaved:
+    x = args[0] if args else kwargs["input"]
+    hx = args[1] if len(args) > 1 else kwargs.get("hx")
+    h, c = (hx if isinstance(hx, tuple) else (hx, None)) if hx is not None else (None, None)
+    c_feeds_h = (
+        isinstance(output, tuple)
+        and output[0].grad_fn is not None
+        and output[0].grad_fn is not output[1].grad_fn  # (one fused node: CUDA's kernel)
+        and _reaches(output[0].grad_fn, output[1].grad_fn)
+    )
+    return _CellSaved(
+        x.detach(), None if h is None else h.detach(), None if c is None else c.detach(), c_feeds_h
+    )
+
+
+def _reaches(node: Any, target: Any, depth: int = 4) -> bool:
+    """Whether autograd node ``target`` is among ``node``'s inputs within ``depth`` steps."""
+    if node is target:
+        return True
+    if node is None or depth == 0:
+        return False
+    return any(_reaches(n, target, depth - 1) for n, _ in node.next_functions)
+
+
+def _cell_select(module: nn.RNNCellBase, saved: _CellSaved, rows: Tensor) -> _CellSaved:
+    def take(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.index_select(0, rows)
+
+    return _CellSaved(take(saved.x), take(saved.h), take(saved.c), saved.c_feeds_h, rows)  # type: ignore[arg-type]
+
+
+def _cell_outputs(module: nn.RNNCellBase, output: Any) -> list[Tensor]:
+    return list(output) if isinstance(output, tuple) else [output]
+
+
+def _cell_factors(module: nn.RNNCellBase, saved: _CellSaved, grads: tuple) -> dict[str, Factor]:
+    x, h, c = saved.x, saved.h, saved.c
+    if saved.rows is not None:  # (a subset of the examples: the engine selected the inputs)
+        grads = tuple(None if g is None else g.index_select(0, saved.rows) for g in grads)
+    dtype = _acc(x).dtype
+    x = _acc(x)
+    n, hidden = x.shape[0], module.hidden_size
+    h = x.new_zeros(n, hidden) if h is None else h.to(dtype)
+    lstm, gru = isinstance(module, nn.LSTMCell), isinstance(module, nn.GRUCell)
+    if lstm:
+        c = x.new_zeros(n, hidden) if c is None else c.to(dtype)
+
+    def pre(inp: Tensor, name: str) -> Tensor:
+        w = getattr(module, "weight_" + name).detach().to(dtype)
+        b = getattr(module, "bias_" + name, None)
+        out = inp @ w.t()
+        if b is not None:
+            out = out + b.detach().to(dtype)
+        return out.requires_grad_(True)
+
+    with torch.enable_grad():
+        gi, gh = pre(x, "ih"), pre(h, "hh")
+        if lstm:
+            i, f, g, o = (gi + gh).chunk(4, 1)
+            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            # (c' fed h': its gradient already holds that path, which must not count twice)
+            c_in_h = c_new.detach() if saved.c_feeds_h else c_new
+            outs = [torch.sigmoid(o) * torch.tanh(c_in_h), c_new]
+        elif gru:
+            ir, iz, in_ = gi.chunk(3, 1)
+            hr, hz, hn = gh.chunk(3, 1)
+            r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+            outs = [(1 - z) * torch.tanh(in_ + r * hn) + z * h]
+        else:
+            act = torch.tanh if module.nonlinearity == "tanh" else torch.relu
+            outs = [act(gi + gh)]
+        pairs = [(o, g.to(dtype)) for o, g in zip(outs, grads, strict=False) if g is not None]
+        if not pairs:
+            return {}
+        found = torch.autograd.grad(
+            [o for o, _ in pairs], [gi, gh], [g for _, g in pairs], allow_unused=True
+        )
+    d_ih, d_hh = (_zero_if_none(g, t) for g, t in zip(found, (gi, gh), strict=True))
+    params = {
+        "weight_ih": LinearFactor(x[:, None], d_ih[:, None]),
+        "weight_hh": LinearFactor(h[:, None], d_hh[:, None]),
+        "bias_ih": DenseFactor(d_ih),
+        "bias_hh": DenseFactor(d_hh),
+    }
+    return {
+        name: f
+        for name, f in params.items()
+        if getattr(module, name, None) is not None and getattr(module, name).requires_grad
+    }
+
+
+_CELL_RULE = LayerRule(
+    _cell_factors,
+    save=_cell_save,
+    params=None,
+    outputs=_cell_outputs,
+    batch_size=_cell_batch_size,
+    native_layout=True,  # (several outputs: (h, c) of an LSTMCell, each with its gradient)
+    select=_cell_select,
+    name="RNN cell",
+)
+for _type in (nn.LSTMCell, nn.GRUCell, nn.RNNCell):
+    register_layer(_type, _CELL_RULE)
