@@ -15,8 +15,7 @@ import warnings
 import pytest
 import torch
 
-import noisescale
-from test_subbatch import assert_subbatches_exact
+from test_subbatch import assert_exact_both_modes
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -87,13 +86,4 @@ def test_a_diffusers_model_is_exact(name):
         torch.manual_seed(5)  # the same random draws in every forward (label dropout)
         return (forward(model) - TARGET).pow(2).flatten(1).mean(1)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    want = []
-    for i in range(N):
-        grads = torch.autograd.grad(losses()[i], params, allow_unused=True)
-        want.append(sum(g.pow(2).sum() for g in grads if g is not None))
-    with noisescale.per_example_sqnorms(model, loss_reduction="mean") as pe:
-        losses().mean().backward()
-    model.zero_grad()
-    torch.testing.assert_close(pe.sqnorms, torch.stack(want), rtol=1e-9, atol=0)
-    assert_subbatches_exact(model, lambda: losses().mean(), lambda i: losses()[i], N, k=2)
+    assert_exact_both_modes(model, losses, N)

@@ -10,8 +10,6 @@ weight_norm's g with dim=None) crashed inside the engine."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +18,7 @@ from torch.nn.utils import parametrizations, parametrize
 
 import noisescale
 from noisescale.errors import UnsupportedModuleError
-from test_subbatch import assert_preconditioned_exact, assert_subbatches_exact
+from test_subbatch import assert_exact_both_modes, assert_preconditioned_exact, train_tracked
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -84,21 +82,8 @@ def _losses(model, shape):
     return losses
 
 
-def _brute(model, losses):
-    params = [p for p in model.parameters() if p.requires_grad]
-    out = []
-    for i in range(N):
-        grads = torch.autograd.grad(losses()[i], params)
-        out.append(sum(g.pow(2).sum() for g in grads))
-    return torch.stack(out)
-
-
 def _assert_exact(model, losses, preconditioned=True):
-    with noisescale.per_example_sqnorms(model, loss_reduction="mean") as pe:
-        losses().mean().backward()
-    model.zero_grad()
-    torch.testing.assert_close(pe.sqnorms, _brute(model, losses), rtol=1e-9, atol=0)
-    assert_subbatches_exact(model, lambda: losses().mean(), lambda i: losses()[i], N, k=2)
+    assert_exact_both_modes(model, losses, N)
     if preconditioned:
         assert_preconditioned_exact(model, lambda: losses().mean(), lambda i: losses()[i], N, k=2)
 
@@ -144,16 +129,7 @@ def test_the_tracker_trains_a_weight_normed_model():
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(16, 4, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
     before = conv.parametrizations.weight.original1.detach().clone()
-    tracker = noisescale.GradientNoiseTracker(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        for _ in range(6):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            tracker.step()
-            opt.step()
-    tracker.remove()
+    tracker = train_tracked(model, lambda: F.cross_entropy(model(x), y), lr=0.1)
     assert not torch.equal(before, conv.parametrizations.weight.original1)
     assert len(tracker.history) == 6 and not any(r["skipped"] for r in tracker.history)
 

@@ -11,15 +11,12 @@ would refuse a mistake)."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import noisescale
-from test_subbatch import assert_subbatches_exact
+from test_subbatch import assert_exact_both_modes, train_tracked
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -83,34 +80,20 @@ def test_a_cell_in_a_loop_is_exact(cell, initial, head_on_c):
     def losses():
         return F.cross_entropy(model(x), y, reduction="none")
 
-    params = list(model.parameters())
-    want = []
-    for i in range(N):
-        grads = torch.autograd.grad(losses()[i], params)
-        want.append(sum(gr.pow(2).sum() for gr in grads))
-    with noisescale.per_example_sqnorms(model, loss_reduction="mean") as pe:
-        losses().mean().backward()
-    model.zero_grad()
-    torch.testing.assert_close(pe.sqnorms, torch.stack(want), rtol=1e-9, atol=0)
-    assert_subbatches_exact(model, lambda: losses().mean(), lambda i: losses()[i], N, k=2)
+    assert_exact_both_modes(model, losses, N)
 
 
-def test_the_tracker_trains_a_cell_loop_with_a_subset_and_by_default():
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"per_example_fraction": 0.5}, {"per_example_fraction": 1.0}],
+    ids=["sub-batches", "a half subset", "every example"],
+)
+def test_the_tracker_trains_a_cell_loop(kwargs):
     """Six steps in each of the default (sub-batches), a 1/2 subset of the examples and every
     example; no warning, every step measured."""
-    for kwargs in ({}, {"per_example_fraction": 0.5}, {"per_example_fraction": 1.0}):
-        torch.manual_seed(0)
-        model = Loop(nn.LSTMCell(3, 5), True, True)
-        g = torch.Generator().manual_seed(2)
-        x, y = torch.randn(16, T, 3, generator=g), torch.randint(0, 3, (16,), generator=g)
-        tracker = noisescale.GradientNoiseTracker(model, **kwargs)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            for _ in range(6):
-                opt.zero_grad()
-                F.cross_entropy(model(x), y).backward()
-                tracker.step()
-                opt.step()
-        tracker.remove()
-        assert not any(r["skipped"] for r in tracker.history), kwargs
+    torch.manual_seed(0)
+    model = Loop(nn.LSTMCell(3, 5), True, True)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(16, T, 3, generator=g), torch.randint(0, 3, (16,), generator=g)
+    tracker = train_tracked(model, lambda: F.cross_entropy(model(x), y), lr=0.1, **kwargs)
+    assert not any(r["skipped"] for r in tracker.history), kwargs

@@ -8,15 +8,12 @@ force, in the exact mode and in the default sub-batch mode, and the tracker trai
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import noisescale
-from test_subbatch import assert_subbatches_exact
+from test_subbatch import assert_exact_both_modes, train_tracked
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -77,26 +74,12 @@ def _case(name: str, m: int, how: str, n: int = N):
     return model, losses
 
 
-def _brute(model: nn.Module, losses) -> torch.Tensor:
-    params = [p for p in model.parameters() if p.requires_grad]
-    out = []
-    for i in range(N):
-        grads = torch.autograd.grad(losses()[i], params)
-        out.append(sum(g.pow(2).sum() for g in grads))
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize("how", ["repeat", "expand", "product"])
 @pytest.mark.parametrize("m", [1, 2])
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_a_layer_called_on_shared_input_is_exact(name, m, how):
     model, losses = _case(name, m, how)
-    with noisescale.per_example_sqnorms(model, loss_reduction="mean") as pe:
-        losses().mean().backward()
-    model.zero_grad()
-    want = _brute(model, losses)
-    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
-    assert_subbatches_exact(model, lambda: losses().mean(), lambda i: losses()[i], N, k=2)
+    assert_exact_both_modes(model, losses, N)
 
 
 def test_a_convolution_on_a_shared_unbatched_input_is_exact():
@@ -123,11 +106,7 @@ def test_a_convolution_on_a_shared_unbatched_input_is_exact():
     def losses():
         return F.cross_entropy(model(x), y, reduction="none")
 
-    with noisescale.per_example_sqnorms(model, loss_reduction="mean") as pe:
-        losses().mean().backward()
-    model.zero_grad()
-    torch.testing.assert_close(pe.sqnorms, _brute(model, losses), rtol=1e-9, atol=0)
-    assert_subbatches_exact(model, lambda: losses().mean(), lambda i: losses()[i], N, k=2)
+    assert_exact_both_modes(model, losses, N)
 
 
 @pytest.mark.parametrize("name", ["conv2d 1x1", "group_norm(2)"])
@@ -135,16 +114,7 @@ def test_the_tracker_trains_through_a_shared_call(name):
     """Six steps of the default tracker (audited steps 1, 2 and 4 among them): no error, no
     warning, every step with its sub-batch norms."""
     model, losses = _case(name, 1, "repeat", n=16)
-    tracker = noisescale.GradientNoiseTracker(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        for _ in range(6):
-            opt.zero_grad()
-            losses().mean().backward()
-            tracker.step()
-            opt.step()
-    tracker.remove()
+    tracker = train_tracked(model, lambda: losses().mean(), lr=0.01)
     assert len(tracker.history) == 6
     # (no weight here takes sub-batch products, so from its second step the engine measures
     # every example, the cheaper form for this model)
@@ -197,8 +167,4 @@ def test_an_in_place_operation_on_a_shared_call_s_output_is_exact(first):
     def losses():
         return F.cross_entropy(model(x), y, reduction="none")
 
-    with noisescale.per_example_sqnorms(model, loss_reduction="mean") as pe:
-        losses().mean().backward()
-    model.zero_grad()
-    torch.testing.assert_close(pe.sqnorms, _brute(model, losses), rtol=1e-9, atol=0)
-    assert_subbatches_exact(model, lambda: losses().mean(), lambda i: losses()[i], N, k=2)
+    assert_exact_both_modes(model, losses, N)

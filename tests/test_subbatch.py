@@ -52,6 +52,48 @@ def subbatch_truth(model: nn.Module, loss_of_example, n: int, subbatches, weight
     return torch.stack(out)
 
 
+def example_sqnorms(model: nn.Module, loss_of_example, n: int) -> torch.Tensor:
+    """|∇θ ℓ_i|² of each of the n examples' own loss, by one backward pass per example."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for i in range(n):
+        grads = torch.autograd.grad(loss_of_example(i), params, allow_unused=True)
+        out.append(sum(g.pow(2).sum() for g in grads if g is not None))
+    return torch.stack(out)
+
+
+def assert_exact_both_modes(model: nn.Module, losses, n: int, k: int = 2, rtol: float = 1e-9):
+    """The exact mode (``per_example_sqnorms`` around the mean loss's backward) and the default
+    source's sub-batch norms (:func:`assert_subbatches_exact`) against brute force; ``losses()``
+    runs the model and returns its n per-example losses."""
+    with noisescale.per_example_sqnorms(model, loss_reduction="mean") as pe:
+        losses().mean().backward()
+    model.zero_grad()
+    want = example_sqnorms(model, lambda i: losses()[i], n)
+    torch.testing.assert_close(pe.sqnorms, want, rtol=rtol, atol=0)
+    assert_subbatches_exact(
+        model, lambda: losses().mean(), lambda i: losses()[i], n, k=k, rtol=rtol
+    )
+
+
+def train_tracked(model: nn.Module, batch_loss, steps: int = 6, lr: float = 0.01, **tracker_kw):
+    """``steps`` SGD steps under a tracker (``tracker_kw``: its options), any warning an error;
+    the tracker, removed, with its history."""
+    tracker = noisescale.GradientNoiseTracker(model, **tracker_kw)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(steps):
+                opt.zero_grad()
+                batch_loss().backward()
+                tracker.step()
+                opt.step()
+    finally:
+        tracker.remove()
+    return tracker
+
+
 def assert_subbatches_exact(
     model, batch_loss, loss_of_example, n, k=4, steps=3, learns=False, rtol=1e-9, **engine
 ):
