@@ -230,18 +230,15 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
             return _linear(func, args, kwargs, origin, pass_, n, dim)
     if name in _MATMUL_NAMES and batched:
         return _matmul(func, args, kwargs, origin, pass_, n, dim)
-    key = None
-    lookup = (func is F.embedding or (name == "__getitem__" and _is_lookup(args))) and batched
-    if lookup:
-        # a lookup the audit found to be by positions, not by example (torchvision MaxViT's
-        # table[index.view(-1)] with T² = N): the rows are shared by the batch, and meet it later
+    if batched and (func is F.embedding or (name == "__getitem__" and _is_lookup(args))):
         key = _lookup_key(origin, name)
         if key in engine.learned_shared_lookups:
+            # a lookup the audit found to be by positions, not by example (torchvision MaxViT's
+            # table[index.view(-1)] with T² = N): its rows are shared, and meet the batch later
             with torch._C.DisableTorchFunctionSubclass():
                 return _rewrap(func(*_unwrap(args), **_unwrap(kwargs)), origin)
-    if func is F.embedding and batched:
-        return _embedding(args, kwargs, origin, pass_, n, dim, key=key)
-    if name == "__getitem__" and batched and _is_lookup(args):
+        if func is F.embedding:
+            return _embedding(args, kwargs, origin, pass_, n, dim, key=key)
         # table[idx] with per-example integer indices: an embedding lookup into the rows
         return _embedding((args[1], args[0]), {}, origin, pass_, n, dim, flatten=True, key=key)
     if func in _CONV and batched:
