@@ -114,6 +114,27 @@ def _output_grad(module: nn.RNNBase, saved: _Saved, grad: Tensor | None, n: int)
     return grad if saved.rows is None else grad.index_select(0, saved.rows)
 
 
+def _step(
+    mode: str, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None, c_feeds_h: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """One step of the recurrence from the gate pre-activations gi = x W_ihᵀ + b_ih and
+    gh = h W_hhᵀ + b_hh: (h', c') (c' ``None`` but for an LSTM). ``c_feeds_h``: h' is computed
+    from a detached c' (its gradient already holds the path through h': ATen's composite
+    LSTMCell)."""
+    if mode == "LSTM":
+        i, f, g, o = (gi + gh).chunk(4, 1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        c_in_h = c_new.detach() if c_feeds_h else c_new
+        return torch.sigmoid(o) * torch.tanh(c_in_h), c_new
+    if mode == "GRU":
+        ir, iz, in_ = gi.chunk(3, 1)
+        hr, hz, hn = gh.chunk(3, 1)
+        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+        return (1 - z) * torch.tanh(in_ + r * hn) + z * h, None
+    pre = gi + gh
+    return (torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)), None
+
+
 def _factors(
     module: nn.RNNBase, saved: _Saved, grads: tuple[Tensor | None, ...]
 ) -> dict[str, Factor]:
@@ -175,20 +196,7 @@ def _factors(
                         if not hh.requires_grad:  # the first step from a constant state
                             hh.requires_grad_(True)
                         hh_list.append(hh)
-                    x_t = ih[:, t]
-                    if lstm:
-                        i, f, g, o = (x_t + hh).chunk(4, 1)
-                        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                        h_new = torch.sigmoid(o) * torch.tanh(c_new)
-                    elif gru:
-                        ir, iz, in_ = x_t.chunk(3, 1)
-                        hr, hz, hn = hh.chunk(3, 1)
-                        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
-                        cand = torch.tanh(in_ + r * hn)
-                        h_new = (1 - z) * cand + z * h
-                    else:
-                        pre = x_t + hh
-                        h_new = torch.tanh(pre) if module.mode == "RNN_TANH" else torch.relu(pre)
+                    h_new, c_new = _step(module.mode, ih[:, t], hh, h, c)
                     if mask is not None:
                         keep = mask[:, t : t + 1]
                         h = torch.where(keep, h_new, h)
@@ -345,7 +353,7 @@ def _cell_factors(module: nn.RNNCellBase, saved: _CellSaved, grads: tuple) -> di
     x = _acc(x)
     n, hidden = x.shape[0], module.hidden_size
     h = x.new_zeros(n, hidden) if h is None else h.to(dtype)
-    lstm, gru = isinstance(module, nn.LSTMCell), isinstance(module, nn.GRUCell)
+    lstm = isinstance(module, nn.LSTMCell)
     if lstm:
         c = x.new_zeros(n, hidden) if c is None else c.to(dtype)
 
@@ -357,22 +365,14 @@ def _cell_factors(module: nn.RNNCellBase, saved: _CellSaved, grads: tuple) -> di
             out = out + b.detach().to(dtype)
         return out.requires_grad_(True)
 
+    if lstm or isinstance(module, nn.GRUCell):
+        mode = "LSTM" if lstm else "GRU"
+    else:
+        mode = "RNN_TANH" if module.nonlinearity == "tanh" else "RNN_RELU"
     with torch.enable_grad():
         gi, gh = pre(x, "ih"), pre(h, "hh")
-        if lstm:
-            i, f, g, o = (gi + gh).chunk(4, 1)
-            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            # (c' fed h': its gradient already holds that path, which must not count twice)
-            c_in_h = c_new.detach() if saved.c_feeds_h else c_new
-            outs = [torch.sigmoid(o) * torch.tanh(c_in_h), c_new]
-        elif gru:
-            ir, iz, in_ = gi.chunk(3, 1)
-            hr, hz, hn = gh.chunk(3, 1)
-            r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
-            outs = [(1 - z) * torch.tanh(in_ + r * hn) + z * h]
-        else:
-            act = torch.tanh if module.nonlinearity == "tanh" else torch.relu
-            outs = [act(gi + gh)]
+        h_new, c_new = _step(mode, gi, gh, h, c, saved.c_feeds_h)
+        outs = [h_new] if c_new is None else [h_new, c_new]
         pairs = [(o, g.to(dtype)) for o, g in zip(outs, grads, strict=False) if g is not None]
         if not pairs:
             return {}
