@@ -24,7 +24,7 @@ from torch import nn
 torch.set_num_threads(1)
 import noisescale  # noqa: E402
 from noisescale.per_example import PerExampleNorms  # noqa: E402
-from test_subbatch import subbatch_truth  # noqa: E402
+from test_subbatch import example_sqnorms, subbatch_truth  # noqa: E402
 
 N = int(os.environ.get("HUNT_N", "4"))
 NUM_CLASSES = 5
@@ -63,15 +63,6 @@ def make_losses(model, x, y, input_fn=None):
     return batch_loss, one
 
 
-def brute_force(model, one, n):
-    params = [p for p in model.parameters() if p.requires_grad]
-    out = []
-    for i in range(n):
-        grads = torch.autograd.grad(one(i), params, allow_unused=True)
-        out.append(sum(g.pow(2).sum() for g in grads if g is not None))
-    return torch.stack(out)
-
-
 def run_exact(model, batch_loss, one):
     res = {}
     with warnings.catch_warnings(record=True) as w:
@@ -82,7 +73,7 @@ def run_exact(model, batch_loss, one):
                 batch_loss().backward()
             model.zero_grad()
             got = pe.sqnorms
-            want = brute_force(model, one, N)
+            want = example_sqnorms(model, one, N)
             rel = float(((got - want).abs() / want.abs()).max())
             res["rel"] = rel
             res["status"] = "exact" if rel < 1e-6 else "SILENTLY WRONG"
