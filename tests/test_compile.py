@@ -320,6 +320,29 @@ def scaled_positions() -> tuple[nn.Module, Callable, Batch]:
     return ScaledPositions(), loss, batch
 
 
+class FlattenedFeedForward(nn.Module):
+    """OPT's decoder layer: a LayerNorm and a feed-forward block on the tokens flattened with
+    the examples, [N·T, D] — measured per example by the eager hooks only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(64, 16)
+        self.norm = nn.LayerNorm(16)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.head = nn.Linear(16, 64)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.tok(idx)
+        flat = h.reshape(-1, h.shape[-1])
+        flat = flat + self.fc2(torch.relu(self.fc1(self.norm(flat))))
+        return self.head(flat.view(h.shape))
+
+
+def flattened_feed_forward() -> tuple[nn.Module, Callable, Batch]:
+    _, loss, batch = gpt()
+    return FlattenedFeedForward(), loss, batch
+
+
 def llama() -> tuple[nn.Module, Callable, Batch]:
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
@@ -389,6 +412,22 @@ def test_a_model_the_traced_hooks_do_not_follow_runs_eagerly_and_says_so(style: 
     for got, want in zip(history, eager, strict=True):
         if got["step"] not in withheld:
             assert_same_norms(got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(MODES))
+def test_examples_flattened_with_positions_measured_eagerly_inside_the_compiled_model(
+    mode: str,
+) -> None:
+    """The traced hooks do not measure a layer on the examples flattened with positions: Dynamo
+    breaks the graph at each such layer and runs its call eagerly, whose eager hook measures it;
+    no step is withheld, and every step has the eager run's numbers."""
+    history, breaks, _, warned = train(flattened_feed_forward, mode, "torch.compile")
+    eager, *_ = train(flattened_feed_forward, mode, None)
+    assert history is not None and eager is not None and not warned, warned
+    plain_breaks, _ = _untracked(flattened_feed_forward, "torch.compile")
+    assert breaks > plain_breaks or mode == "microbatch"
+    assert_same_numbers(history, eager)
 
 
 @pytest.mark.slow

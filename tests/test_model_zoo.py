@@ -156,6 +156,13 @@ ZOO = {
         vocab_size=V, hidden_size=16, n_layer=2, n_head=2, hidden_dropout=0.0,
         attention_dropout=0.0,
     )), "lm"),
+    # the feed-forward block and its LayerNorm on the examples flattened with their positions,
+    # x.reshape(-1, D) -> [N·T, D] (measured as [N, T, D], the rows' order proved by the audit);
+    # learned positions offset by 2 from the attention mask's cumulative sum
+    "opt": (lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=V, hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=16, word_embed_proj_dim=16, dropout=0.0, attention_dropout=0.0,
+    )), "lm"),
     # shifted windows: tokens rolled and regrouped into windows (examples × windows in dim 0),
     # a relative position bias table indexed by a buffer, patch merging
     "swin": (lambda: transformers.SwinForImageClassification(transformers.SwinConfig(
@@ -290,6 +297,7 @@ def _train(
 LORA_TARGETS = {
     "gpt2": ["c_attn", "c_proj"], "llama": ["q_proj", "v_proj"], "bert": ["query", "value"],
     "t5": ["q", "v"], "vit": "all-linear", "mixtral": ["q_proj", "v_proj"],
+    "opt": ["fc1", "fc2"],  # on [N·T, D]; the first layer's input needs no gradient
 }  # fmt: skip
 
 
@@ -732,6 +740,7 @@ BF16_ERROR = {
     "gpt2": 0.0019, "bert": 0.0025, "llama": 0.0027, "gemma": 0.0031, "t5": 0.0301,
     "bart": 0.0025, "albert": 0.0099, "vit": 0.0028, "convnext": 0.0067, "mixtral": 0.0038,
     "qwen2": 0.0024, "gpt-neox": 0.0036, "bloom": 0.0035, "swin": 0.0084, "deepseek-v3": 0.0033,
+    "opt": 0.0051,
 }  # fmt: skip
 
 

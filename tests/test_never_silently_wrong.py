@@ -414,49 +414,114 @@ def test_a_functional_convolution_by_subbatch_products(products):
 
 class FlattenedFeedForward(nn.Module):
     """OPT's decoder layer: the feed-forward block runs on the examples flattened with their
-    positions, [N·T, D], and the result is viewed back."""
+    positions, [N·T, D], and the result is viewed back. ``order="time"``: the same block on a
+    time-major flattening, [T·N, D] — row r is example r mod N, not r // T — viewed back before
+    the residual. ``on_input``: the
+    flattening is of the model's input data, not of an activation."""
 
-    def __init__(self):
+    def __init__(self, order: str = "example", on_input: bool = False):
         super().__init__()
+        self.order, self.on_input = order, on_input
+        self.embed = None if on_input else nn.Linear(3, 3)
+        self.norm = nn.LayerNorm(3)
         self.fc1, self.fc2 = nn.Linear(3, 6), nn.Linear(6, 3)
 
     def forward(self, x):  # x: [N, T, 3]
-        flat = x.reshape(-1, x.shape[-1])
-        return (flat + self.fc2(torch.relu(self.fc1(flat)))).view(x.shape)
+        h = x if self.embed is None else self.embed(x)
+        n, t, d = h.shape
+        if self.order == "example":
+            flat = h.reshape(-1, d)
+            return (flat + self.fc2(torch.relu(self.fc1(self.norm(flat))))).view(n, t, d)
+        flat = h.transpose(0, 1).reshape(-1, d)
+        return h + self.fc2(torch.relu(self.fc1(self.norm(flat)))).view(t, n, d).transpose(0, 1)
 
 
-def test_examples_flattened_with_positions_are_refused_with_the_cause():
-    """Rows of [N·T, D] cannot be told from a table shared by the batch (the leading size says
-    nothing about their order): refused, and the message says the examples were flattened."""
+def _flat_input(seed: int = 12) -> torch.Tensor:
+    return torch.randn(N, 5, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def test_examples_flattened_with_positions_are_measured(products):
+    """x.reshape(-1, D) of a batch-first activation: a Linear's or a LayerNorm's rows are each
+    example's T rows in turn — measured as [N, T, D], exact at once, in both modes (the audit
+    of the first step proves the rows' attribution)."""
     torch.manual_seed(0)
-    model = FlattenedFeedForward()
-    x = torch.randn(N, 5, 3, generator=torch.Generator().manual_seed(12))
-    with pytest.raises(UnsupportedModuleError, match=r"20 = 4 × 5: if the examples were flattened"):
+    assert_exact_both_ways(FlattenedFeedForward(), _flat_input(), _sq)
+
+
+def test_a_time_major_flattening_is_refused_then_learned_as_shared():
+    """[T·N, D] inside a batch-first model has the same leading size as [N·T, D], and its rows
+    are not each example's in turn: measured as if they were, the norms would be wrong. The
+    audit of the first step finds it — a one-shot measurement is refused, naming the layers;
+    the tracker's engine withholds that step, treats the layers as shared from the next (each
+    example making the call on all T·N rows, followed to where the output meets the batch),
+    and is exact from then on."""
+    torch.manual_seed(0)
+    model, x = FlattenedFeedForward(order="time"), _flat_input()
+    with pytest.raises(UnsupportedModuleError, match=r"rows of 'fc2', 'fc1', 'norm'.*not each"):
         one_shot(model, x, _sq)
+    assert_learns_then_exact(model, x, _sq)
+    model = FlattenedFeedForward(order="time")
+    with pytest.warns(RuntimeWarning, match=r"not each example's rows in turn"):
+        tracker = noisescale.GradientNoiseTracker(model)
+        for _ in range(3):
+            _sq(model, x).mean().backward()
+            tracker.step()
+            model.zero_grad()
+    assert [r["skipped"] for r in tracker.history] == [True, False, False]  # the first withheld
+    tracker.remove()
 
 
-def test_transformers_models_that_flatten_the_examples_are_refused_with_the_cause():
-    """OPT (its feed-forward on [N·T, D]) and a mixture of experts with the eager expert loop
-    (tokens routed from [N·T, D]): refused, naming the flattening — and for the experts, the
-    implementation that is measured (``batched_mm``: the model zoo)."""
+def test_the_input_data_flattened_with_positions_is_measured(products):
+    """The model's input data reshaped to [N·T, D] before its first layer (no history, no
+    gradient: like a constant table by its look) is measured the same way, and proved by the
+    audit."""
+    torch.manual_seed(0)
+    assert_exact_both_ways(FlattenedFeedForward(on_input=True), _flat_input(), _sq)
+
+
+class ConstantTable(nn.Module):
+    """A constant table (a buffer) with 2·N rows through a Linear, averaged and added to every
+    example: its leading size is a multiple of the batch's, and it is shared."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.randn(2 * N, 3))
+        self.proj, self.fc = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):  # x: [N, 3]
+        return self.fc(x + self.proj(self.table).mean(0))
+
+
+def test_a_constant_table_whose_rows_are_a_multiple_of_the_batch_is_learned_as_shared():
+    """Taken for examples flattened with positions first, the table's rows fail the audit: a
+    one-shot measurement is refused with the cause; the tracker's engine withholds its first
+    step, treats the layer as shared from the next, and is exact."""
+    torch.manual_seed(0)
+    x = torch.randn(N, 3, generator=torch.Generator().manual_seed(14))
+    learns = r"rows of 'proj'.*GradientNoiseTracker learns"
+    with pytest.raises(UnsupportedModuleError, match=learns):
+        one_shot(ConstantTable(), x, _sq)
+    assert_learns_then_exact(ConstantTable(), x, _sq)
+
+
+def test_a_mixture_of_experts_eager_loop_is_refused_with_the_cause():
+    """A mixture of experts with the eager expert loop (tokens routed from [N·T, D], each
+    expert's rows a data-dependent selection): refused, naming the implementation that is
+    measured (``batched_mm``: the model zoo). (OPT, whose feed-forward runs on [N·T, D], was
+    refused here too; it is measured now: the model zoo.)"""
     transformers = pytest.importorskip("transformers")
     # (weights fixed: with some, the eager experts' router is refused one operation earlier,
     # in its indexing, with the generic message)
     torch.manual_seed(0)
-    opt = transformers.OPTForCausalLM(transformers.OPTConfig(
-        vocab_size=20, hidden_size=8, ffn_dim=16, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=16, word_embed_proj_dim=8, dropout=0.0, attention_dropout=0.0,
-    ))  # fmt: skip
     moe = transformers.MixtralForCausalLM(transformers.MixtralConfig(
         vocab_size=20, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
         num_local_experts=4, num_experts_per_tok=2, experts_implementation="eager",
     ))  # fmt: skip
     ids = torch.randint(0, 20, (N, 5), generator=torch.Generator().manual_seed(13))
-    for model, match in [(opt, "flattened"), (moe, "batched_mm")]:
-        with pytest.raises(UnsupportedModuleError, match=match):
-            with noisescale.per_example_sqnorms(model) as _:
-                model(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(UnsupportedModuleError, match="batched_mm"):
+        with noisescale.per_example_sqnorms(moe) as _:
+            moe(input_ids=ids, labels=ids).loss.backward()
 
 
 class BiasedRouter(nn.Module):

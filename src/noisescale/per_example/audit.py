@@ -53,6 +53,9 @@ TOL_AMP = 3e-2
 # rows of a replayed tensor must match s_i times the real rows to this relative precision
 ATTRIBUTION_TOL = 1e-4
 ATTRIBUTION_TOL_AMP = 2e-2
+# a target's ``dim`` for a tensor whose dim 0 holds each example's rows in turn, [N·k, ...]
+# (examples flattened together with positions: LayerRule.flattened)
+FLAT = -1
 
 
 @dataclass
@@ -204,6 +207,10 @@ class PassAudit:
 
     def _by_example(self, g: Tensor, dim: int) -> Tensor | None:
         """``g`` as [N, ...] (a view), or ``None`` when it has no example dimension of size N."""
+        if dim == FLAT:
+            if g.dim() == 0 or g.shape[0] % self.n:
+                return None
+            return g.unflatten(0, (self.n, -1))
         if dim == 1 and g.dim() == 2:
             # [T·N, E], T-major: attention's flattened projections in a time-major context
             if g.shape[0] % self.n:
@@ -219,6 +226,8 @@ class PassAudit:
         signed = rows * self.signs.to(g.dtype).reshape(-1, *([1] * (rows.dim() - 1)))
         if dim == 1 and g.dim() == 2:
             return signed.transpose(0, 1).reshape(g.shape)
+        if dim == FLAT:
+            return signed.reshape(g.shape)
         return signed.movedim(0, dim)
 
     def _projection(self, target: _Target, g: Tensor) -> Tensor:

@@ -130,6 +130,7 @@ class _Call:
     out_dims: Sequence[int] = (0,)
     size: int = 0  # examples in the call (a shared call: the leading size of its input)
     why: str = ""  # why a shared call was treated as shared
+    flat: int = 0  # rows per example of an input with the examples flattened in (0: not)
 
 
 @dataclass(eq=False)
@@ -236,6 +237,8 @@ class PassNorms:
     audit: audit_mod.PassAudit | None = None
     unsupported: list[tuple[Any, str]] = field(default_factory=list)  # (scope, op)
     shared_calls: list[_Call] = field(default_factory=list)
+    # layers called on the examples flattened together with positions (LayerRule.flattened)
+    flat_calls: set[nn.Module] = field(default_factory=set)
     amp: bool = False  # the forward ran under autocast (looser audit tolerance)
     n_source: Tensor | None = None  # the model input the example count was read from
     aliased: set[int] = field(default_factory=set)  # parameters handed out as shared aliases
@@ -1148,20 +1151,34 @@ class PerExampleNorms:
                     if n >= 2
                     else None
                 )
-        is_shared = shared_input or size != n or module in self._learned_shared
-        if is_shared:
+        flat = (
+            self._flat_rows(rule, module, args, size, n, in_dim)
+            if single
+            and size != n
+            and isinstance(output, Tensor)
+            and module not in self._learned_shared
+            else 0
+        )
+        if flat:
+            # the examples flattened together with positions, [N·k, …] (LayerRule.flattened):
+            # measured as [N, k, …]; the audit checks that the rows are each example's in turn
+            args = (args[0].unflatten(0, (n, flat)),)
+            pass_.flat_calls.add(module)
+        elif shared_input or size != n or module in self._learned_shared:
             shared = self._shared_call(pass_, module, rule, label, params, args, kwargs, output)
             return replaced if shared is None else shared
         if product_weight is not None and not params:
             pass_.signature.append(("products", id(module), _pattern(args, kwargs, n)))
             self._add_target(pass_, outs[0], out_dims[0], module, label)
             return replaced
-        saved = rule.save(module, args, kwargs, output)
-        call = _Call(module, rule, label, params, in_dim, [saved], out_dims, n)
+        saved = rule.save(module, args, kwargs, output.unflatten(0, (n, flat)) if flat else output)
+        call = _Call(module, rule, label, params, in_dim, [saved], out_dims, n, flat=flat)
         for p in params.values():
             pass_.uses[id(p)] = pass_.uses.get(id(p), 0) + 1
         tag = "call" if product_weight is None else "products"  # (a bias left to the rule)
         pattern = (_shape_pattern(args[0], n),) if single else _pattern(args, kwargs, n)
+        if flat:
+            tag = "flat-call"
         pass_.signature.append((tag, id(module), pattern))
         hooked = [o for o in outs if isinstance(o, Tensor) and o.requires_grad]
         if len(outs) == 1:
@@ -1176,8 +1193,33 @@ class PerExampleNorms:
             )
         for o, d in zip(outs, out_dims, strict=False):
             if isinstance(o, Tensor) and o.requires_grad:
-                self._add_target(pass_, o, d, module, label)
+                self._add_target(pass_, o, audit_mod.FLAT if flat else d, module, label)
         return replaced
+
+    def _flat_rows(
+        self, rule: LayerRule, module: nn.Module, args: tuple, size: Any, n: int, in_dim: int
+    ) -> int:
+        """k, when a layer's single input may hold each example's k rows in turn: the examples
+        flattened together with positions (``x.reshape(-1, D)`` of a batch-first [N, T, D]),
+        its leading size k·N, and the layer's rule treats positions alike
+        (``LayerRule.flattened``). 0 otherwise, and for a parameter used directly (a leaf that
+        needs a gradient), which stays shared. The audit proves the rows' attribution on the
+        first pass of each structure; a layer whose rows are not each example's in turn (a
+        time-major flattening, a constant table of k·N rows) is learned as shared."""
+        if (
+            rule.flattened is None
+            or in_dim != 0
+            or self.batch_dim() != 0
+            or not isinstance(size, int)
+            or n < 1
+            or size <= n
+            or size % n
+        ):
+            return 0
+        x = args[0]
+        if (x.requires_grad and x.grad_fn is None) or not rule.flattened(module):
+            return 0  # a parameter used directly: shared
+        return size // n
 
     def _on_weight_enter(self, module: nn.Module, args: tuple) -> None:
         """Sub-batch mode: run the layer on a detached weight; its gradient is computed by
@@ -1385,6 +1427,14 @@ class PerExampleNorms:
                 "its input came from parameters used directly, combined only with tensors "
                 "whose dim 0 does not have the batch's size (constants, time-major "
                 "activations, or the examples flattened together with another dimension)"
+            )
+        elif module in self._learned_shared and size != pass_.batch_size:
+            why = (
+                f"its input's leading dimension {size} is a multiple of the batch's "
+                f"{pass_.batch_size} examples, but the audit found its rows are not each "
+                "example's rows in turn (x.reshape(-1, D) of a batch-first [N, T, D] is; a "
+                "time-major [T, N, D] flattened, or rows routed or sorted across examples, is "
+                "not)"
             )
         elif module in self._learned_shared:
             why = (
@@ -1620,6 +1670,22 @@ class PerExampleNorms:
         if not isinstance(x, Tensor):
             compiled.emit_forward(self._key, "unsupported:a call on a non-tensor", 0, [], [])
             return None
+        rule = self._calls[module][0]
+        if (
+            not shared_input
+            and size != n
+            and module not in self._learned_shared
+            and rule.flattened is not None
+            and isinstance(size, int)
+            and size > n > 0
+            and size % n == 0
+            and rule.flattened(module)
+        ):
+            # the examples flattened together with positions, which the traced hooks do not
+            # measure: a graph break here makes Dynamo run this layer's call eagerly — its
+            # eager hook measures it (as in an eager step, audited when the structure is new)
+            # and the rest of the model stays compiled
+            torch._dynamo.graph_break()
         if shared_input or size != n or module in self._learned_shared:
             return self._traced_shared_call(module, args, kwargs, output, flat, x)
         out = _first(output)
@@ -1953,6 +2019,8 @@ class PerExampleNorms:
             facs = rule.factors(call.module, saved, grads)
         else:
             g = grads[0]
+            if call.flat:
+                g = g.unflatten(0, (call.size, call.flat))
             if call.dim != 0:
                 g = g.movedim(call.dim, 0)
                 saved = _move(saved, call.dim, call.size)
@@ -2602,6 +2670,41 @@ class PerExampleNorms:
             return
         if findings.unpermuted:
             raise UnsupportedModuleError(findings.message(self._labels, None, self._param_name))
+        flat_wrong = [t.module for t in findings.misattributed if t.module in pass_.flat_calls]
+        if flat_wrong:
+            if not learn:
+                names = ", ".join(f"'{self._labels[m]}'" for m in flat_wrong)
+                others = len(flat_wrong) < len(findings.misattributed) or bool(
+                    findings.unexplained or missing
+                )
+                raise UnsupportedModuleError(
+                    "noisescale's audit of this step failed, so it refuses to report "
+                    f"per-example norms that could be wrong: the rows of {names}, whose input's "
+                    "leading dimension is a multiple of the batch's size, were measured as each "
+                    "example's rows in turn (the examples flattened together with positions, "
+                    "x.reshape(-1, D) of a batch-first [N, T, D]), and they are not each "
+                    "example's rows in turn (a time-major [T, N, D] flattened, or rows routed "
+                    "or sorted across examples). GradientNoiseTracker learns this on its first "
+                    "step and treats such layers as shared from the next; a one-shot "
+                    "measurement cannot. Flatten with the examples first, or use "
+                    "per_example=False"
+                    + (
+                        ". Besides: " + findings.message(self._labels, None, self._param_name)
+                        if others
+                        else ""
+                    )
+                )
+            self._learned_shared.update(flat_wrong)
+            names = ", ".join(sorted({f"'{self._labels[m]}'" for m in flat_wrong}))
+            self._withhold(
+                pass_,
+                f"the audit found that the rows of layer(s) {names}, whose input's leading "
+                "dimension is a multiple of the batch's size, are not each example's rows in "
+                "turn (examples flattened together with positions, x.reshape(-1, D) of a "
+                "batch-first activation, would be); they are treated as shared from the next "
+                "step on",
+            )
+            return
         for call in pass_.shared_calls:
             if any(id(p) in missing for p in call.params.values()):
                 raise UnsupportedModuleError(
@@ -2609,8 +2712,10 @@ class PerExampleNorms:
                     "but its output never met the batch (it was never combined with per-example "
                     "activations). noisescale takes dim 0 of a layer's input as the example "
                     "dimension: keep activations batch-first, the examples not flattened "
-                    "together with positions or attention heads (time-major built-in layers "
-                    "such as nn.LSTM(batch_first=False) are handled), or use per_example=False"
+                    "together with attention heads (flattened with positions, each example's "
+                    "rows in turn, they are measured for Linear, Conv1D, LayerNorm and "
+                    "RMSNorm; time-major built-in layers such as nn.LSTM(batch_first=False) are "
+                    "handled), or use per_example=False"
                 )
         aliased = sorted(self._param_name[pid] for pid in missing & pass_.aliased)
         if aliased:
@@ -2892,9 +2997,10 @@ def _flattened_hint(size: int, n: int) -> str:
         return ""
     return (
         f" — {size} = {n} × {size // n}: if the examples were flattened together with another "
-        "dimension (x.reshape(-1, D) or .view(-1, …), as OPT's feed-forward block and DeBERTa's "
-        "attention over examples × heads do), noisescale cannot tell which example a row "
-        "belongs to: it needs the examples along dim 0 of every layer's input"
+        "dimension, noisescale can tell which example a row belongs to only for a layer that "
+        "treats positions alike (Linear, Conv1D, LayerNorm, RMSNorm) on rows that are each "
+        "example's in turn (x.reshape(-1, D) of a batch-first [N, T, D], as OPT's feed-forward "
+        "block does); elsewhere it needs the examples along dim 0 of the input"
     )
 
 

@@ -35,8 +35,15 @@ def conv1d_hf_factors(module: nn.Module, a: Tensor, d: Tensor) -> dict[str, Fact
     return out
 
 
-LINEAR_RULE = register_layer(nn.Linear, LayerRule(linear_factors, name="Linear"))
+def _rows(module: nn.Module) -> bool:
+    """Every dim between the examples and the features is a position: the examples may come
+    flattened together with positions (``LayerRule.flattened``)."""
+    return True
+
+
+LINEAR_RULE = register_layer(nn.Linear, LayerRule(linear_factors, flattened=_rows, name="Linear"))
 # registered by name: importing transformers costs seconds and is optional
 CONV1D_RULE = register_layer(
-    "transformers.pytorch_utils.Conv1D", LayerRule(conv1d_hf_factors, name="Conv1D")
+    "transformers.pytorch_utils.Conv1D",
+    LayerRule(conv1d_hf_factors, flattened=_rows, name="Conv1D"),
 )

@@ -95,7 +95,14 @@ def shared_rows(module: nn.Module, x: object) -> bool:
     return True
 
 
-_RULE = LayerRule(factors, check=check, shared_rows=shared_rows, name="norm")
+def flattened(module: nn.Module) -> bool:
+    """LayerNorm and RMSNorm treat every leading dimension alike: the examples may come
+    flattened together with positions (``LayerRule.flattened``); the others normalise per
+    channel, dim 1."""
+    return isinstance(module, nn.LayerNorm | nn.RMSNorm)
+
+
+_RULE = LayerRule(factors, check=check, shared_rows=shared_rows, flattened=flattened, name="norm")
 for _type in (
     nn.LayerNorm,
     nn.RMSNorm,

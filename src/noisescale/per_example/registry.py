@@ -87,6 +87,13 @@ class LayerRule:
             of those rows: the factors of its k·m rows, summed per example. ``None`` (default):
             each example is given the shared input whole, as a Linear's or LayerNorm's rule
             takes it (leading dimensions are positions).
+        flattened: ``flattened(module) -> bool``: whether the rule treats every dimension
+            between the examples and the features alike (a Linear's, a LayerNorm's). A call
+            whose input has k rows per example, the examples flattened together with positions
+            (``x.reshape(-1, D)`` of a batch-first [N, T, D]: OPT's feed-forward block, Swin's
+            windows), is then measured as [N, k, …], rows taken as each example's k in turn;
+            the audit checks that they are, and a layer whose rows are not is treated as shared
+            from the next step on. ``None`` (default): such a call is treated as shared.
         name: A label for messages.
     """
 
@@ -100,6 +107,7 @@ class LayerRule:
     native_layout: bool = False
     select: Callable[[nn.Module, Any, Tensor], Any] | None = None
     shared_rows: Callable[[nn.Module, Any], bool] | None = None
+    flattened: Callable[[nn.Module], bool] | None = None
     name: str = field(default="", compare=False)
 
 
