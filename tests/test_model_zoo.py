@@ -887,3 +887,74 @@ def test_qwen2_vl_with_its_vision_tower_frozen_and_trainable():
     model.model.visual.requires_grad_(False)
     losses = losses_of(model)
     assert_exact(model, lambda: losses().mean(), lambda i: losses(i))
+
+
+def _deberta_v2(share_att_key: bool) -> nn.Module:
+    """DeBERTa-v2 (and v3, the same classes): disentangled attention with relative positions
+    in buckets, c2p and p2c; the position projections are the content ones (v3's
+    ``share_att_key``) or layers of their own."""
+    return transformers.DebertaV2ForMaskedLM(transformers.DebertaV2Config(
+        vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, relative_attention=True, position_buckets=8,
+        max_relative_positions=8, pos_att_type=["p2c", "c2p"], share_att_key=share_att_key,
+    ))  # fmt: skip
+
+
+@pytest.mark.parametrize("shared_keys", [True, False], ids=["shared-keys", "own-keys"])
+@pytest.mark.parametrize("path", ["chosen", "products"])
+def test_deberta_v2_learns_its_position_table_then_is_exact(path, shared_keys, monkeypatch):
+    """Its relative-position table is read directly (``rel_embeddings.weight``, normalised,
+    projected by the attention's own query and key layers) and repeated over examples × heads,
+    ``.repeat(N, 1, 1)`` → [N·H, 2S, d], to meet the batch in a ``bmm`` (refused before, the
+    projections' output never meeting the batch). A one-shot measurement refuses it, naming
+    the table and saying that the tracker learns it; the tracker's engine withholds its first
+    step, and from the second its per-example norms and sub-batch norms equal brute force on
+    audited and unaudited steps."""
+    from noisescale.errors import UnsupportedModuleError
+    from noisescale.per_example import PerExampleNorms, subbatch
+    from test_subbatch import subbatch_truth
+
+    if path == "products":
+        monkeypatch.setattr(subbatch, "uses_products", lambda *a: True)
+    torch.manual_seed(0)
+    model = _deberta_v2(shared_keys)
+    model.train()
+    ids, mask = _ids(), _mask()
+
+    def losses() -> torch.Tensor:
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        return (
+            F.cross_entropy(logits.reshape(-1, V), ids.reshape(-1), reduction="none")
+            .view(N, T)
+            .mean(1)
+        )
+
+    with pytest.raises(UnsupportedModuleError, match=r"rel_embeddings.*GradientNoiseTracker"):
+        measured(model, lambda: losses().mean())
+    model.zero_grad()
+    truth = brute_force(model, lambda i: losses()[i])
+    for subbatches in (0, 2):
+        engine = PerExampleNorms(model, subbatches=subbatches)
+        engine.RECHECK_SUBBATCHES = 1
+        audited, withheld = [], []
+        for _ in range(5):
+            model.zero_grad()
+            losses().mean().backward()
+            (p,) = engine.collect()
+            if p.raw_sqnorms is None:
+                # the table's direct use learned; by sub-batch products the query and key
+                # layers, also called on the table, are found used twice (a step of its own)
+                assert not audited, p.withheld
+                assert "rel_embeddings" in p.withheld or "used more than once" in p.withheld
+                withheld.append(p.withheld)
+                continue
+            if not subbatches:
+                want = truth / N**2  # the mean loss's per-example gradients
+            else:
+                with engine.paused():
+                    want = subbatch_truth(model, lambda i: losses()[i], N, p.subbatches)
+            torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
+            audited.append(p.audited)
+        engine.remove()
+        assert 1 <= len(withheld) <= 2 and False in audited, (withheld, audited)

@@ -504,6 +504,54 @@ def test_a_constant_table_whose_rows_are_a_multiple_of_the_batch_is_learned_as_s
     assert_learns_then_exact(ConstantTable(), x, _sq)
 
 
+class RepeatedTable(nn.Module):
+    """A table used directly, repeated over the examples, ``table.repeat(N, 1)`` → [N·k, D]
+    (DeBERTa's position projections over examples × heads), multiplied into the examples'
+    rows flattened ``order="example"`` ([N·k, D], each example's k rows in turn) or
+    ``order="time"`` ([k·N, D]: row r is example r mod N). ``order="class"``: a class token
+    repeated, ``cls.repeat(N, 1, 1)`` → [N, 1, D], and concatenated before the tokens."""
+
+    def __init__(self, order: str):
+        super().__init__()
+        self.order = order
+        if order == "class":
+            self.cls = nn.Parameter(torch.randn(1, 1, 3))
+        else:
+            self.table = nn.Parameter(torch.randn(5, 3))
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):  # x: [N, 5, 3]
+        n, k, d = x.shape
+        if self.order == "class":
+            return self.fc(torch.cat([self.cls.repeat(n, 1, 1), x], dim=1))
+        rows = self.table.repeat(n, 1)
+        if self.order == "example":
+            return self.fc((x.reshape(-1, d) * rows).view(n, k, d))
+        return self.fc((x.transpose(0, 1).reshape(-1, d) * rows).view(k, n, d).transpose(0, 1))
+
+
+@pytest.mark.parametrize("order", ["example", "class"])
+def test_a_table_repeated_over_the_examples_is_measured(order):
+    """``t.repeat(N, 1, …)`` gives each example its own copy of the shared rows: a meeting with
+    the batch like an expansion, exact in both modes."""
+    torch.manual_seed(0)
+    assert_exact_both_ways(RepeatedTable(order), _flat_input(), _sq)
+
+
+def test_a_table_repeated_over_a_time_major_flattening_is_refused():
+    """The same repetition meeting rows that are not each example's in turn: the audit finds
+    the repeated rows misattributed and the step is refused, naming the repetition."""
+    torch.manual_seed(0)
+    model, x = RepeatedTable("time"), _flat_input()
+    engine = PerExampleNorms(model)
+    with pytest.raises(UnsupportedModuleError, match=r"rows of 'expand of table'"):
+        for _ in range(3):
+            model.zero_grad()
+            _sq(model, x).mean().backward()
+            engine.collect()
+    engine.remove()
+
+
 def test_a_mixture_of_experts_eager_loop_is_refused_with_the_cause():
     """A mixture of experts with the eager expert loop (tokens routed from [N·T, D], each
     expert's rows a data-dependent selection): refused, naming the implementation that is

@@ -2072,7 +2072,16 @@ class PerExampleNorms:
         n = pass_.batch_size
         with torch.no_grad():
             kind = meeting.kind
-            if kind == "expand":
+            if kind == "expand" and meeting.extra.get("repeat"):
+                # s.repeat(N, 1, …): example i's gradient of s is its own block of k rows
+                g = grad.unflatten(0, (n, -1))
+                rows = self._rows(pass_, g, g.device)
+                for _, _, (origin, operand) in meeting.extra["routes"]:
+                    per = g.reshape(n, *operand.shape)
+                    if rows is not None:
+                        per = per.index_select(0, rows)
+                    self._to_sources(pass_, origin, operand, per, reaches)
+            elif kind == "expand":
                 g = grad.movedim(dim, 0) if dim else grad
                 rows = self._rows(pass_, g, g.device)
                 for _, _, (origin, operand) in meeting.extra["routes"]:

@@ -20,6 +20,9 @@ rewritten into an equivalent one whose gradient is per example:
 * elementwise broadcasting (``+ − * /``, ``where``, ``addcmul``, …) and ``expand``/``broadcast_to``:
   the shared operand is expanded to the batch's shape first (a view; the values are the same), and
   a hook on the expanded tensor receives each example's gradient, [N, *shape];
+* ``repeat(N, 1, …)`` (a copy of the shared rows for each example, [N·k, …], as DeBERTa repeats
+  its position projections over examples × heads): example i's gradient is its own block of k
+  rows, which the audit checks are example i's;
 * ``F.linear``/``matmul``/``addmm`` with a shared weight, ``F.embedding`` with a shared table and
   ``F.conv*`` with a shared kernel: the per-example gradient is the layer rule's factor (never
   materialised when the shared tensor is the parameter itself or a row block or transpose of it);
@@ -253,6 +256,19 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
         shape = (-1,) + (1,) * (x.dim() - 2) if w.numel() > 1 and x.dim() > 1 else (-1,)
         neg = torch.clamp(x, max=0)
         return torch.clamp(x, min=0) + w.reshape(shape) * neg
+    if name == "repeat" and dim == 0 and n > 1 and isinstance(args[0], SharedTensor):
+        reps = _repeats(args, kwargs)
+        src = args[0]
+        if reps is not None and len(reps) == src.dim() and reps[0] == n and set(reps[1:]) <= {1}:
+            # s.repeat(N, 1, …): each example given its own copy of the shared tensor's rows,
+            # [N·k, …] (DeBERTa's position projections repeated over examples × heads) — a
+            # meeting like an expansion, the examples' rows in turn (the audit proves it)
+            with torch._C.DisableTorchFunctionSubclass():
+                result = func(*_unwrap(args), **_unwrap(kwargs))
+            meeting = Meeting("expand", src, origin, hooked=result)
+            meeting.extra.update(dim=_FLAT, repeat=True)
+            engine.add_meeting(pass_, meeting)
+            return result
     if name in _ELEMENTWISE_NAMES or name in _EXPAND_NAMES:
         shapes = [tuple(t.shape) for t in flat if isinstance(t, Tensor)]
         try:
@@ -288,6 +304,17 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
     with torch._C.DisableTorchFunctionSubclass():
         result = func(*args, **kwargs)
     return _rewrap(result, origin)
+
+
+_FLAT = -1  # audit.FLAT: dim 0 holds each example's rows in turn
+
+
+def _repeats(args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    """The sizes of ``t.repeat(*sizes)`` / ``t.repeat(sizes)``, as ints (``None``: symbolic)."""
+    rest = args[1:] if len(args) > 1 else (kwargs.get("repeats", ()),)
+    if len(rest) == 1 and isinstance(rest[0], tuple | list | torch.Size):
+        rest = tuple(rest[0])
+    return tuple(rest) if all(type(r) is int for r in rest) else None
 
 
 def _lookup_key(origin: Origin, name: str) -> tuple:
