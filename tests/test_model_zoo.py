@@ -297,7 +297,7 @@ def _train(
 LORA_TARGETS = {
     "gpt2": ["c_attn", "c_proj"], "llama": ["q_proj", "v_proj"], "bert": ["query", "value"],
     "t5": ["q", "v"], "vit": "all-linear", "mixtral": ["q_proj", "v_proj"],
-    "opt": ["fc1", "fc2"],  # on [N·T, D]; the first layer's input needs no gradient
+    "opt": ["q_proj", "v_proj", "fc1", "fc2"],  # fc1, fc2 on [N·T, D]
 }  # fmt: skip
 
 

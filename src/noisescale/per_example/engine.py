@@ -43,7 +43,9 @@ the examples are along dim 1, and recurrent layers declare their own layout.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+import operator
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -1199,13 +1201,14 @@ class PerExampleNorms:
     def _flat_rows(
         self, rule: LayerRule, module: nn.Module, args: tuple, size: Any, n: int, in_dim: int
     ) -> int:
-        """k, when a layer's single input may hold each example's k rows in turn: the examples
+        """k, when a layer's single input holds each example's k rows in turn: the examples
         flattened together with positions (``x.reshape(-1, D)`` of a batch-first [N, T, D]),
-        its leading size k·N, and the layer's rule treats positions alike
-        (``LayerRule.flattened``). 0 otherwise, and for a parameter used directly (a leaf that
-        needs a gradient), which stays shared. The audit proves the rows' attribution on the
-        first pass of each structure; a layer whose rows are not each example's in turn (a
-        time-major flattening, a constant table of k·N rows) is learned as shared."""
+        its leading size k·N, the layer's rule treating positions alike
+        (``LayerRule.flattened``), and the input's history showing the flattening
+        (:func:`_example_major`: never rows selected, sorted or routed by the data, whose
+        order could change from one step to the next). 0 otherwise: the call is shared. The
+        audit checks the rows' attribution on the first pass of each structure; a layer whose
+        rows are not each example's in turn is learned as shared."""
         if (
             rule.flattened is None
             or in_dim != 0
@@ -1216,9 +1219,8 @@ class PerExampleNorms:
             or size % n
         ):
             return 0
-        x = args[0]
-        if (x.requires_grad and x.grad_fn is None) or not rule.flattened(module):
-            return 0  # a parameter used directly: shared
+        if not rule.flattened(module) or not _example_major(args[0], n, size):
+            return 0
         return size // n
 
     def _on_weight_enter(self, module: nn.Module, args: tuple) -> None:
@@ -1681,11 +1683,18 @@ class PerExampleNorms:
             and size % n == 0
             and rule.flattened(module)
         ):
-            # the examples flattened together with positions, which the traced hooks do not
-            # measure: a graph break here makes Dynamo run this layer's call eagerly — its
-            # eager hook measures it (as in an eager step, audited when the structure is new)
-            # and the rest of the model stays compiled
-            torch._dynamo.graph_break()
+            # perhaps the examples flattened together with positions, which only the eager
+            # hooks can prove (from the input's autograd history) and measure: the pass is
+            # withheld and the model runs eagerly while it is measured
+            compiled.emit_forward(
+                self._key,
+                "unsupported:a layer on rows that may be examples flattened together "
+                "with positions",
+                0,
+                [],
+                [],
+            )
+            return None
         if shared_input or size != n or module in self._learned_shared:
             return self._traced_shared_call(module, args, kwargs, output, flat, x)
         out = _first(output)
@@ -2998,6 +3007,84 @@ def _sums_in_16_bits(grad: Tensor) -> bool:
     in 16 bits: a bfloat16/float16 gradient on the CPU (measured in torch 2.13: the bias
     gradient of 8,192 rows 9% off a float32 sum)."""
     return grad.device.type == "cpu" and grad.dtype in (torch.bfloat16, torch.float16)
+
+
+# autograd nodes whose output row r depends on row r of their inputs only (elementwise
+# operations, activations, dropout, a LayerNorm over the last dimensions, a copy)
+_ROWWISE_NODES = frozenset(
+    {
+        "AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1", "MulBackward0",
+        "MulBackward1", "DivBackward0", "DivBackward1", "NegBackward0", "ReluBackward0",
+        "GeluBackward0", "SiluBackward0", "TanhBackward0", "SigmoidBackward0", "EluBackward0",
+        "LeakyReluBackward0", "HardswishBackward0", "HardsigmoidBackward0", "SoftplusBackward0",
+        "ThresholdBackward0", "NativeDropoutBackward0", "CloneBackward0", "ToCopyBackward0",
+        "NativeLayerNormBackward0",
+    }
+)  # fmt: skip
+_VIEW_NODES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
+_PRODUCT_NODES = {"AddmmBackward0": 1, "MmBackward0": 0}  # the input's position (x @ Wᵀ)
+
+
+def _example_major(x: Tensor, n: int, size: int) -> bool:
+    """Whether ``x`` ([size, …], size = k·N) provably holds each example's k rows in turn.
+
+    With a history: every path back through it passes only through operations that keep rows
+    apart (:data:`_ROWWISE_NODES`, views that keep the leading size, a product with a
+    parameter) to a view that flattened a tensor whose dim 0 has the N examples, [N, a, …] →
+    [N·a·…, …]. Without one (input data, a frozen model's activation): a contiguous view of
+    all of a contiguous [N, …] tensor. A row selection (``x[idx]``, ``index_select``, a
+    gather: a mixture of experts' routing), a transpose or anything else not listed is not
+    proof — such rows could be ordered by the data, differently at every step."""
+    fn = x.grad_fn
+    if fn is None:
+        base = x._base
+        return (
+            base is not None
+            and base.dim() >= 2
+            and base.shape[0] == n
+            and base.is_contiguous()
+            and x.is_contiguous()
+            and x.data_ptr() == base.data_ptr()
+            and x.numel() == base.numel()
+        )
+    stack, seen, budget = [fn], set(), 64
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        budget -= 1
+        if budget < 0:
+            return False
+        name = type(node).__name__
+        if name == "AccumulateGrad":
+            continue  # a parameter, broadcast over the rows (a bias)
+        if name in _VIEW_NODES:
+            sizes = [int(s) for s in getattr(node, "_saved_self_sym_sizes", ())]
+            if sizes and sizes[0] == size:
+                stack.extend(f for f, _ in node.next_functions)  # the rows kept
+                continue
+            if (
+                len(sizes) >= 2
+                and sizes[0] == n
+                and size in itertools.accumulate(sizes[:-1], operator.mul)
+            ):
+                continue  # the flattening of [N, a, …]: each example's rows in turn
+            return False
+        if name in _PRODUCT_NODES:
+            edges = node.next_functions
+            at = _PRODUCT_NODES[name]
+            weight = edges[at + 1][0] if len(edges) > at + 1 else None
+            while weight is not None and type(weight).__name__ in ("TBackward0", "ToCopyBackward0"):
+                weight = weight.next_functions[0][0]  # transposed, cast (autocast)
+            if weight is not None and type(weight).__name__ != "AccumulateGrad":
+                return False  # a product with an activation: rows mixed
+            stack.extend(f for i, (f, _) in enumerate(edges) if i != at + 1)
+            continue
+        if name not in _ROWWISE_NODES:
+            return False
+        stack.extend(f for f, _ in node.next_functions)
+    return True
 
 
 def _flattened_hint(size: int, n: int) -> str:

@@ -91,9 +91,11 @@ class LayerRule:
             between the examples and the features alike (a Linear's, a LayerNorm's). A call
             whose input has k rows per example, the examples flattened together with positions
             (``x.reshape(-1, D)`` of a batch-first [N, T, D]: OPT's feed-forward block, Swin's
-            windows), is then measured as [N, k, …], rows taken as each example's k in turn;
-            the audit checks that they are, and a layer whose rows are not is treated as shared
-            from the next step on. ``None`` (default): such a call is treated as shared.
+            windows), is then measured as [N, k, …], rows taken as each example's k in turn —
+            when the input's autograd history shows that flattening, never for rows selected
+            by the data (a router's); the audit checks the order, and a layer whose rows are
+            not each example's in turn is treated as shared from the next step on. ``None``
+            (default): such a call is treated as shared.
         name: A label for messages.
     """
 
