@@ -168,3 +168,44 @@ def test_an_in_place_operation_on_a_shared_call_s_output_is_exact(first):
         return F.cross_entropy(model(x), y, reduction="none")
 
     assert_exact_both_modes(model, losses, N)
+
+
+class SharedKeysInAProduct(nn.Module):
+    """DeBERTa v1's disentangled attention in small: a table's projection, viewed per head
+    ([1, H, P, d]), meets the examples' queries [N, H, T, d] in a batched ``matmul`` that
+    broadcasts it over the examples — on either side — after an optional in-place division of
+    a view of the projection's output (``pos_query_layer /= scale``)."""
+
+    def __init__(self, side: str, in_place: bool):
+        super().__init__()
+        self.side, self.in_place = side, in_place
+        self.table = nn.Parameter(torch.randn(1, 5, 6))
+        self.proj = nn.Linear(6, 6)
+        self.q = nn.Linear(6, 6)
+
+    def forward(self, x):  # x: [N, T, 6]
+        p = self.proj(self.table).view(1, 5, 2, 3).permute(0, 2, 1, 3)  # [1, H, P, d]
+        if self.in_place:
+            p /= torch.tensor(2.0)
+        else:
+            p = p / torch.tensor(2.0)
+        q = self.q(x).view(x.shape[0], -1, 2, 3).permute(0, 2, 1, 3)  # [N, H, T, d]
+        if self.side == "right":
+            scores = torch.matmul(q, p.transpose(-1, -2))  # [N, H, T, P]
+        else:
+            scores = torch.matmul(p, q.transpose(-1, -2))  # [N, H, P, T]
+        return scores.tanh().sum((1, 2, 3))
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["divided", "divided-in-place"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_shared_operand_broadcast_over_the_examples_in_a_product(side, in_place):
+    """The shared operand is expanded to the batch before the product (a meeting like an
+    elementwise one's). An in-place operation on a view of a shared call's output rebases the
+    history of the tensor the view belongs to: the call's gradient is taken there (it was taken
+    at an alias's node the in-place operation bypassed, and the layer was refused as never
+    meeting the batch). Both refused before; exact now, in both modes."""
+    torch.manual_seed(0)
+    model = SharedKeysInAProduct(side, in_place)
+    x = torch.randn(N, 7, 6, generator=torch.Generator().manual_seed(3))
+    assert_exact_both_modes(model, lambda: model(x) ** 2, N)

@@ -1460,7 +1460,13 @@ class PerExampleNorms:
             output = output.clone()
         source = Source(tensor=output, call=call, label=label)
         if output.requires_grad:
-            source.edge = torch.autograd.graph.get_gradient_edge(output)
+            # the edge of the tensor the output's memory belongs to: on input that is itself
+            # shared the output is an alias (a shared tensor) of its copy, and an in-place
+            # operation on a view of it (DeBERTa's `pos_query_layer /= scale`) rebases that
+            # copy's history, past any alias's own node
+            with torch._C.DisableTorchFunctionSubclass():
+                root = output._base if output._base is not None else output
+            source.edge = torch.autograd.graph.get_gradient_edge(root)
             source.version = output._version
         shared = wrap(output, Origin(self, pass_, (source, *upstream), scope=None))
         source.tensor = shared

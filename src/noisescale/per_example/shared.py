@@ -23,6 +23,9 @@ rewritten into an equivalent one whose gradient is per example:
 * ``repeat(N, 1, …)`` (a copy of the shared rows for each example, [N·k, …], as DeBERTa repeats
   its position projections over examples × heads): example i's gradient is its own block of k
   rows, which the audit checks are example i's;
+* a batched ``matmul``/``bmm`` with a shared operand broadcast over the examples (DeBERTa's
+  position keys [1, H, d, P] against the queries [N, H, T, d]): the shared operand is expanded
+  to the batch first, as for an elementwise operation;
 * ``F.linear``/``matmul``/``addmm`` with a shared weight, ``F.embedding`` with a shared table and
   ``F.conv*`` with a shared kernel: the per-example gradient is the layer rule's factor (never
   materialised when the shared tensor is the parameter itself or a row block or transpose of it);
@@ -199,7 +202,7 @@ _ELEMENTWISE_NAMES = {
 }  # fmt: skip
 _EXPAND_NAMES = {"expand", "expand_as", "broadcast_to"}
 _LINEAR = {F.linear, torch._C._nn.linear}
-_MATMUL_NAMES = {"matmul", "__matmul__", "mm"}
+_MATMUL_NAMES = {"matmul", "__matmul__", "mm", "bmm"}
 _CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _NORM = {F.layer_norm, F.group_norm, F.batch_norm, getattr(F, "rms_norm", None)} - {None}
 
@@ -452,6 +455,24 @@ def _matmul(
     func: Any, args: tuple, kwargs: dict, origin: Origin, pass_: PassNorms, n: int, dim: int
 ) -> Any:
     x, w = args[0], args[1]
+    if (
+        isinstance(x, SharedTensor) != isinstance(w, SharedTensor)
+        and not kwargs
+        and len(args) == 2
+        and min(x.dim(), w.dim()) >= 3
+    ):
+        # a batched product with a shared operand broadcast over the examples (DeBERTa's
+        # queries [N, H, T, d] times its position keys [1, H, d, 2S]): the shared operand is
+        # expanded to the batch first, a meeting like an elementwise one's
+        shared = x if isinstance(x, SharedTensor) else w
+        batch = torch.broadcast_shapes(tuple(x.shape[:-2]), tuple(w.shape[:-2]))
+        shape = (*batch, *shared.shape[-2:])
+        if dim == 0 and shape[0] == n and tuple(shared.shape[:-2]) != tuple(batch):
+            with torch._C.DisableTorchFunctionSubclass():
+                e = shared.expand(shape)
+                result = func(e, _plain(w)) if shared is x else func(_plain(x), e)
+            origin.engine.add_meeting(pass_, Meeting("expand", shared, origin, hooked=e))
+            return result
     # x @ W with a shared 2-D W on the right: a linear layer whose weight is stored [in, out]
     if isinstance(x, SharedTensor) or not isinstance(w, SharedTensor) or w.dim() != 2:
         return _unsupported(func, args, kwargs, origin, pass_)
