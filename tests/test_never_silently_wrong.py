@@ -480,6 +480,19 @@ def test_a_time_major_flattening_with_as_many_positions_as_examples_is_learned()
     tracker.remove()
 
 
+def test_the_audit_catches_mixed_rows_whatever_the_seed():
+    """(From a review.) The attribution check scaled each example's rows by a random sign; with
+    4 examples one seed in eight drew the same sign for all, and rows mixed between examples
+    went unnoticed (a time-major flattening with T = N measured 1.04 off). Gaussian
+    coefficients (signs only in 16 bits) catch it on every seed."""
+    x = _flat_input(t=N)
+    for seed in range(8):
+        torch.manual_seed(seed)
+        model = FlattenedFeedForward(order="time")
+        with pytest.raises(UnsupportedModuleError, match=r"not each example's rows"):
+            one_shot(model, x, _sq)
+
+
 class RoutedRows(nn.Module):
     """A mixture of experts' routing in its plainest form: of the N·T flattened tokens, the
     expert takes the 2N its gate scores highest, ``flat[idx]``, and adds its output back
@@ -526,12 +539,74 @@ def test_rows_routed_by_the_data_are_never_taken_for_flattened_examples():
     engine.remove()
 
 
-def test_the_input_data_flattened_with_positions_is_measured(products):
-    """The model's input data reshaped to [N·T, D] before its first layer (no history, no
-    gradient: like a constant table by its look) is measured the same way, and proved by the
-    audit."""
+def test_the_input_data_flattened_with_positions_is_refused_with_the_cause():
+    """The model's input data reshaped to [N·T, D] before its first layer has no history to
+    show the flattening (a time-major [T, N, D] copied into a tensor with N leading looks the
+    same): refused, and the message says the examples were flattened and what is measured."""
     torch.manual_seed(0)
-    assert_exact_both_ways(FlattenedFeedForward(on_input=True), _flat_input(), _sq)
+    model = FlattenedFeedForward(on_input=True)
+    with pytest.raises(UnsupportedModuleError, match=r"20 = 4 × 5: if the examples were flattened"):
+        one_shot(model, _flat_input(), _sq)
+
+
+def assert_exact_or_refused(model, x, loss, steps: int = 5):
+    """Every step of the tracker's engine: exact against brute force, withheld, or refused —
+    never a wrong number."""
+    engine = PerExampleNorms(model)
+    try:
+        for step in range(steps):
+            model.zero_grad()
+            loss(model, x).mean().backward()
+            (p,) = engine.collect()
+            if p.raw_sqnorms is not None:
+                with engine.paused():
+                    want = truth(model, x, loss)
+                assert torch.allclose(p.raw_sqnorms * N**2, want, rtol=1e-9), step
+    except UnsupportedModuleError:
+        pass
+    finally:
+        engine.remove()
+
+
+class FlatOutput(nn.Module):
+    """(From a review of the flattened rows.) The model returns flattened rows, [T·N, D], so no
+    model output has the batch's examples in dim 0 and the audit's replay starts from the
+    hooked tensors themselves: a flattened layer there is never compared. ``how="reshaped"``:
+    time-major rows copied into a tensor with N leading and flattened — its history shows a
+    flattening of [N, T, D], and its rows are not each example's in turn; ``how="repeat"``: a
+    table repeated over the examples, multiplied into time-major rows."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.embed = nn.Linear(3, 3)
+        self.fc = nn.Linear(3, 3)
+        self.table = nn.Parameter(torch.randn(5, 3))
+
+    def forward(self, x):  # x: [N, T, 3] -> [T·N, 3], row t·N + i of example i
+        h = self.embed(x)
+        n, t, d = h.shape
+        tm = h.transpose(0, 1)
+        if self.how == "reshaped":
+            return self.fc(tm.reshape(n, t, d).view(-1, d)) + self.table.sum()
+        return self.fc(tm.reshape(-1, d) * self.table.repeat(n, 1))
+
+
+def _time_major_loss(model, x):
+    n, t = x.shape[:2]
+    return model(x).view(t, n, -1).pow(2).sum((0, 2))
+
+
+@pytest.mark.parametrize("how", ["reshaped", "repeat"])
+def test_flattened_rows_no_replay_compares_are_not_measured(how):
+    """Both were 0.6–3.4× wrong without a word in a first version (the audit never compared
+    them): a one-shot measurement is refused, saying the rows could not be checked; the
+    tracker's engine is exact or refuses on every step."""
+    torch.manual_seed(0)
+    x = _flat_input()
+    with pytest.raises(UnsupportedModuleError, match=r"could not check|rows of"):
+        one_shot(FlatOutput(how), x, _time_major_loss)
+    assert_exact_or_refused(FlatOutput(how), x, _time_major_loss)
 
 
 class ConstantTable(nn.Module):

@@ -16,17 +16,22 @@ therefore not caught; its effect on a norm is below tol as well.
 
 **Attribution.** The rows of every hooked tensor (a layer's output, a shared tensor expanded over
 the batch) must belong to the examples the engine attributes them to. When the first batched model
-output receives its gradient δ, the backward is replayed from it with signs s_i = ±1 on the
-examples (``torch.autograd.grad`` on the still intact graph, gradients of the hooked tensors only,
-no parameter gradients): if example i's rows of every hooked tensor depend on example i alone, the
-replayed gradient of each is exactly s_i times its row i. A table indexed by positions whose count
+output receives its gradient δ, the backward is replayed from it with a Gaussian coefficient s_i on
+each example (``torch.autograd.grad`` on the still intact graph, gradients of the hooked tensors
+only, no parameter gradients): if example i's rows of every hooked tensor depend on example i
+alone, the replayed gradient of each is exactly s_i times its row i (±1 signs, used before, missed
+rows mixed between two examples that drew the same sign). A table indexed by positions whose count
 happens to equal the batch size, a time-major activation, or an operation that mixes examples
-(BatchNorm statistics in training mode) breaks that, and the tensor is named. Each hooked tensor
-is compared through a random projection of each row (one number per example kept). Model outputs
-that receive gradient later (hidden states that are also outputs) are replayed with the part of
-their gradient the earlier replays did not account for. A model that returns only a scalar loss is
+(BatchNorm statistics in training mode) breaks that, and the tensor is named. Each hooked tensor is
+compared through a random projection of each row (one number per example kept). Model outputs that
+receive gradient later (hidden states that are also outputs) are replayed with the part of their
+gradient the earlier replays did not account for. A model that returns only a scalar loss is
 replayed from the first hooked tensors its backward reaches instead; a loss term computed inside
-such a model directly from an inner activation (bypassing them) then shows up as a mismatch.
+such a model directly from an inner activation (bypassing them) then shows up as a mismatch. A
+tensor taken for each example's rows in turn (the examples flattened together with positions, a
+shared table repeated over them) that no replay was compared with — the frontier of such a replay,
+or a pass whose backward could not be replayed — is reported as unverified: its rows' order has no
+other proof.
 
 Cost, on an audited pass only: every example's per-example norms, one extra backward pass without
 parameter gradients, and K random vectors the size of each parameter.
@@ -69,6 +74,8 @@ class _Target:
     reached: bool = False
     compared: bool = False
     seed: int = 0
+    seen: bool = False  # its gradient arrived in the real backward
+    verified: bool = False  # a replay's rows were compared with it
 
 
 @dataclass
@@ -78,10 +85,17 @@ class Findings:
     unexplained: dict[int, float] = field(default_factory=dict)  # pid -> relative remainder
     misattributed: list[_Target] = field(default_factory=list)
     unpermuted: str | None = None  # the outputs do not follow the inputs' examples
+    # targets in the FLAT layout (each example's rows in turn) that no replay was compared with
+    unverified_flat: list[_Target] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.unexplained and not self.misattributed and self.unpermuted is None
+        return (
+            not self.unexplained
+            and not self.misattributed
+            and self.unpermuted is None
+            and not self.unverified_flat
+        )
 
     @property
     def only_attribution(self) -> bool:
@@ -159,9 +173,12 @@ class PassAudit:
         self.amp = amp
         self.generator = generator
         self.device = generator.device
-        self.signs = (
-            torch.randint(0, 2, (n,), generator=generator, device=self.device) * 2 - 1
-        ).to(torch.float64)
+        # one Gaussian coefficient per example (±1 signs miss rows mixed between two examples
+        # whose signs agree, half the time); in 16 bits, where a product by anything but a
+        # power of two rounds and the replay would no longer reproduce the backward, their
+        # signs (_sign decides on the first replay)
+        self.signs = torch.randn(n, generator=generator, device=self.device, dtype=torch.float64)
+        self._signs_decided = False
         self._base_seed = int(
             torch.randint(0, 2**31 - 1, (1,), generator=generator, device=self.device)
         )
@@ -221,6 +238,10 @@ class PassAudit:
         return g.movedim(dim, 0)
 
     def _sign(self, g: Tensor, dim: int) -> Tensor:
+        if not self._signs_decided:
+            self._signs_decided = True
+            if self.amp or g.dtype in (torch.bfloat16, torch.float16):
+                self.signs = self.signs.sign()
         rows = self._by_example(g, dim)
         assert rows is not None
         signed = rows * self.signs.to(g.dtype).reshape(-1, *([1] * (rows.dim() - 1)))
@@ -254,13 +275,17 @@ class PassAudit:
         self._launch(edge, signed)
 
     def _on_target(self, target: _Target, grad: Tensor) -> None:
-        if target.compared or self._by_example(grad, target.dim) is None:
+        if self._by_example(grad, target.dim) is None:
+            return
+        target.seen = True
+        if target.compared:
             return
         target.compared = True
         if not target.reached:
             # nothing replayed reaches it: a frontier (e.g. a model that returns a scalar loss)
             self._launch(target.edge, self._sign(grad, target.dim))
             return
+        target.verified = True
         got = target.got
         want = self.signs * self._projection(target, grad)
         scale = float(self._projection(target, grad).norm())
@@ -339,6 +364,9 @@ class PassAudit:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self.findings.unverified_flat = [
+            t for t in self.targets if t.dim == FLAT and t.seen and not t.verified
+        ]
         tol = TOL_AMP if self.amp else TOL
         # rounding of sums of many terms: a floor relative to the whole pass's gradient, so a
         # parameter whose gradient is zero up to rounding (attention's key bias, which softmax

@@ -2694,6 +2694,9 @@ class PerExampleNorms:
             return
         if findings.unpermuted:
             raise UnsupportedModuleError(findings.message(self._labels, None, self._param_name))
+        if findings.unverified_flat:
+            self._on_unverified_flat(pass_, findings, learn)
+            return
         flat_wrong = [t.module for t in findings.misattributed if t.module in pass_.flat_calls]
         if flat_wrong:
             if not learn:
@@ -2934,6 +2937,44 @@ class PerExampleNorms:
             module.register_forward_hook(self._hook(self._on_forward), with_kwargs=True)
         )
 
+    def _on_unverified_flat(
+        self, pass_: PassNorms, findings: audit_mod.Findings, learn: bool
+    ) -> None:
+        """Tensors taken for each example's rows in turn that the audit's replay was never
+        compared with: learned as shared calls (the tracker), else refused."""
+        targets = findings.unverified_flat
+        why = (
+            pass_.audit.unverified
+            if pass_.audit is not None and pass_.audit.unverified
+            else "no replay of the backward reached them: a model output without the batch's "
+            "examples in dim 0 (e.g. logits returned flattened, [T·N, V]) is not replayed from"
+        )
+        names = ", ".join(sorted({f"'{t.label}'" for t in targets}))
+        calls = {t.module for t in targets if t.module in pass_.flat_calls}
+        if learn and len(calls) == len(targets):
+            self._learned_shared.update(calls)  # type: ignore[arg-type]
+            self._withhold(
+                pass_,
+                f"the rows of {names}, whose input's leading dimension is a multiple of the "
+                "batch's size, could not be checked to be each example's rows in turn "
+                f"({why}); they are treated as shared from the next step on",
+            )
+            return
+        raise UnsupportedModuleError(
+            "noisescale's audit of this step could not check that the rows of "
+            f"{names} (a leading dimension that is a multiple of the batch's size, taken as "
+            f"each example's rows in turn) belong to the examples they are attributed to ({why}), "
+            "so it refuses to report per-example norms that could be wrong. Return the model's "
+            "outputs with the examples in dim 0 ([N, T, V], not flattened), or use "
+            "per_example=False"
+            + (
+                ""
+                if learn or len(calls) != len(targets)
+                else " (GradientNoiseTracker treats such layers as shared calls from its second "
+                "step; a one-shot measurement cannot)"
+            )
+        )
+
     def _on_audit_failure(
         self, pass_: PassNorms, findings: audit_mod.Findings, learn: bool
     ) -> None:
@@ -3037,22 +3078,15 @@ def _example_major(x: Tensor, n: int, size: int) -> bool:
     With a history: every path back through it passes only through operations that keep rows
     apart (:data:`_ROWWISE_NODES`, views that keep the leading size, a product with a
     parameter) to a view that flattened a tensor whose dim 0 has the N examples, [N, a, …] →
-    [N·a·…, …]. Without one (input data, a frozen model's activation): a contiguous view of
-    all of a contiguous [N, …] tensor. A row selection (``x[idx]``, ``index_select``, a
-    gather: a mixture of experts' routing), a transpose or anything else not listed is not
-    proof — such rows could be ordered by the data, differently at every step."""
+    [N·a·…, …]. An input without a history (input data, a frozen model's activation) is not
+    taken, nor is a row selection (``x[idx]``, ``index_select``, a gather: a mixture of
+    experts' routing), a transpose or anything else not listed — such rows could be ordered by
+    the data, differently at every step. This is necessary, not sufficient: whether each
+    output row's gradient comes from its example alone depends on what consumes it, which the
+    audit's replay compares (a flattened call no replay compared is not measured)."""
     fn = x.grad_fn
     if fn is None:
-        base = x._base
-        return (
-            base is not None
-            and base.dim() >= 2
-            and base.shape[0] == n
-            and base.is_contiguous()
-            and x.is_contiguous()
-            and x.data_ptr() == base.data_ptr()
-            and x.numel() == base.numel()
-        )
+        return False  # no history to read (input data, a frozen activation): shared
     stack, seen, budget = [fn], set(), 64
     while stack:
         node = stack.pop()
