@@ -2951,7 +2951,8 @@ class PerExampleNorms:
         )
         names = ", ".join(sorted({f"'{t.label}'" for t in targets}))
         calls = {t.module for t in targets if t.module in pass_.flat_calls}
-        if learn and len(calls) == len(targets):
+        learnable = all(t.module in pass_.flat_calls for t in targets)  # (no repeated table)
+        if learn and learnable:
             self._learned_shared.update(calls)  # type: ignore[arg-type]
             self._withhold(
                 pass_,
@@ -2969,7 +2970,7 @@ class PerExampleNorms:
             "per_example=False"
             + (
                 ""
-                if learn or len(calls) != len(targets)
+                if learn or not learnable
                 else " (GradientNoiseTracker treats such layers as shared calls from its second "
                 "step; a one-shot measurement cannot)"
             )
