@@ -483,8 +483,8 @@ def test_a_time_major_flattening_with_as_many_positions_as_examples_is_learned()
 def test_the_audit_catches_mixed_rows_whatever_the_seed():
     """(From a review.) The attribution check scaled each example's rows by a random sign; with
     4 examples one seed in eight drew the same sign for all, and rows mixed between examples
-    went unnoticed (a time-major flattening with T = N measured 1.04 off). Gaussian
-    coefficients (signs only in 16 bits) catch it on every seed."""
+    went unnoticed (a time-major flattening with T = N measured 1.04 off). Coefficients ±2^e,
+    e in -2..2 (signs only in 16 bits), catch it on every seed here."""
     x = _flat_input(t=N)
     for seed in range(8):
         torch.manual_seed(seed)

@@ -16,19 +16,20 @@ therefore not caught; its effect on a norm is below tol as well.
 
 **Attribution.** The rows of every hooked tensor (a layer's output, a shared tensor expanded over
 the batch) must belong to the examples the engine attributes them to. When the first batched model
-output receives its gradient δ, the backward is replayed from it with a Gaussian coefficient s_i on
+output receives its gradient δ, the backward is replayed from it with a coefficient s_i = ±2^e on
 each example (``torch.autograd.grad`` on the still intact graph, gradients of the hooked tensors
 only, no parameter gradients): if example i's rows of every hooked tensor depend on example i
 alone, the replayed gradient of each is exactly s_i times its row i (±1 signs, used before, missed
-rows mixed between two examples that drew the same sign). A table indexed by positions whose count
-happens to equal the batch size, a time-major activation, or an operation that mixes examples
-(BatchNorm statistics in training mode) breaks that, and the tensor is named. Each hooked tensor is
-compared through a random projection of each row (one number per example kept). Model outputs that
-receive gradient later (hidden states that are also outputs) are replayed with the part of their
-gradient the earlier replays did not account for. A model that returns only a scalar loss is
-replayed from the first hooked tensors its backward reaches instead; a loss term computed inside
-such a model directly from an inner activation (bypassing them) then shows up as a mismatch. A
-tensor taken for each example's rows in turn (the examples flattened together with positions, a
+rows mixed between two examples that drew the same sign, half the time; e in -2..2 makes it one
+pair in ten, and powers of two scale exactly; signs alone in 16 bits). A table indexed by positions
+whose count happens to equal the batch size, a time-major activation, or an operation that mixes
+examples (BatchNorm statistics in training mode) breaks that, and the tensor is named. Each hooked
+tensor is compared through a random projection of each row (one number per example kept). Model
+outputs that receive gradient later (hidden states that are also outputs) are replayed with the
+part of their gradient the earlier replays did not account for. A model that returns only a scalar
+loss is replayed from the first hooked tensors its backward reaches instead; a loss term computed
+inside such a model directly from an inner activation (bypassing them) then shows up as a mismatch.
+A tensor taken for each example's rows in turn (the examples flattened together with positions, a
 shared table repeated over them) that no replay was compared with — the frontier of such a replay,
 or a pass whose backward could not be replayed — is reported as unverified: its rows' order has no
 other proof.
@@ -173,11 +174,15 @@ class PassAudit:
         self.amp = amp
         self.generator = generator
         self.device = generator.device
-        # one Gaussian coefficient per example (±1 signs miss rows mixed between two examples
-        # whose signs agree, half the time); in 16 bits, where a product by anything but a
-        # power of two rounds and the replay would no longer reproduce the backward, their
-        # signs (_sign decides on the first replay)
-        self.signs = torch.randn(n, generator=generator, device=self.device, dtype=torch.float64)
+        # one coefficient per example, ±2^e with e in -2..2 (±1 signs alone miss rows mixed
+        # between two examples whose signs agree, half the time; 10 values, one pair in ten).
+        # Powers of two scale exactly, so the replay reproduces the backward's rounding (a
+        # Gaussian coefficient did not: RWKV's exponentials then failed the check in float64).
+        # In 16 bits, where a factor of 4 may overflow a scaled gradient, the signs alone
+        # (_sign decides on the first replay).
+        exponents = torch.randint(-2, 3, (n,), generator=generator, device=self.device)
+        signs = torch.randint(0, 2, (n,), generator=generator, device=self.device) * 2 - 1
+        self.signs = (signs * torch.pow(2.0, exponents.to(torch.float64))).to(torch.float64)
         self._signs_decided = False
         self._base_seed = int(
             torch.randint(0, 2**31 - 1, (1,), generator=generator, device=self.device)
