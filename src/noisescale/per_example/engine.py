@@ -1177,10 +1177,9 @@ class PerExampleNorms:
         call = _Call(module, rule, label, params, in_dim, [saved], out_dims, n, flat=flat)
         for p in params.values():
             pass_.uses[id(p)] = pass_.uses.get(id(p), 0) + 1
-        tag = "call" if product_weight is None else "products"  # (a bias left to the rule)
+        # ("products": a bias left to the rule)
+        tag = "flat-call" if flat else "call" if product_weight is None else "products"
         pattern = (_shape_pattern(args[0], n),) if single else _pattern(args, kwargs, n)
-        if flat:
-            tag = "flat-call"
         pass_.signature.append((tag, id(module), pattern))
         hooked = [o for o in outs if isinstance(o, Tensor) and o.requires_grad]
         if len(outs) == 1:
@@ -1209,19 +1208,9 @@ class PerExampleNorms:
         order could change from one step to the next). 0 otherwise: the call is shared. The
         audit checks the rows' attribution on the first pass of each structure; a layer whose
         rows are not each example's in turn is learned as shared."""
-        if (
-            rule.flattened is None
-            or in_dim != 0
-            or self.batch_dim() != 0
-            or not isinstance(size, int)
-            or n < 1
-            or size <= n
-            or size % n
-        ):
+        if in_dim != 0 or self.batch_dim() != 0 or not _flat_size(rule, module, size, n):
             return 0
-        if not rule.flattened(module) or not _example_major(args[0], n, size):
-            return 0
-        return size // n
+        return size // n if _example_major(args[0], n, size) else 0
 
     def _on_weight_enter(self, module: nn.Module, args: tuple) -> None:
         """Sub-batch mode: run the layer on a detached weight; its gradient is computed by
@@ -1678,16 +1667,10 @@ class PerExampleNorms:
         if not isinstance(x, Tensor):
             compiled.emit_forward(self._key, "unsupported:a call on a non-tensor", 0, [], [])
             return None
-        rule = self._calls[module][0]
         if (
             not shared_input
-            and size != n
             and module not in self._learned_shared
-            and rule.flattened is not None
-            and isinstance(size, int)
-            and size > n > 0
-            and size % n == 0
-            and rule.flattened(module)
+            and _flat_size(self._calls[module][0], module, size, n)
         ):
             # perhaps the examples flattened together with positions, which only the eager
             # hooks can prove (from the input's autograd history) and measure: the pass is
@@ -2087,20 +2070,17 @@ class PerExampleNorms:
         n = pass_.batch_size
         with torch.no_grad():
             kind = meeting.kind
-            if kind == "expand" and meeting.extra.get("repeat"):
+            if kind == "expand":
                 # s.repeat(N, 1, …): example i's gradient of s is its own block of k rows
-                g = grad.unflatten(0, (n, -1))
+                repeat = meeting.extra.get("repeat", False)
+                g = grad.unflatten(0, (n, -1)) if repeat else grad.movedim(dim, 0)
                 rows = self._rows(pass_, g, g.device)
                 for _, _, (origin, operand) in meeting.extra["routes"]:
-                    per = g.reshape(n, *operand.shape)
-                    if rows is not None:
-                        per = per.index_select(0, rows)
-                    self._to_sources(pass_, origin, operand, per, reaches)
-            elif kind == "expand":
-                g = grad.movedim(dim, 0) if dim else grad
-                rows = self._rows(pass_, g, g.device)
-                for _, _, (origin, operand) in meeting.extra["routes"]:
-                    per = per_example_reduce(grad, tuple(operand.shape), dim, n)
+                    per = (
+                        g.reshape(n, *operand.shape)
+                        if repeat
+                        else per_example_reduce(grad, tuple(operand.shape), dim, n)
+                    )
                     if rows is not None:
                         per = per.index_select(0, rows)
                     self._to_sources(pass_, origin, operand, per, reaches)
@@ -3071,6 +3051,18 @@ _ROWWISE_NODES = frozenset(
 )  # fmt: skip
 _VIEW_NODES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
 _PRODUCT_NODES = {"AddmmBackward0": 1, "MmBackward0": 0}  # the input's position (x @ Wᵀ)
+
+
+def _flat_size(rule: LayerRule, module: nn.Module, size: Any, n: int) -> bool:
+    """Whether a call's leading size could be the examples flattened together with positions:
+    a multiple k·N (k > 1) of the batch's, on a layer whose rule treats positions alike."""
+    return (
+        rule.flattened is not None
+        and isinstance(size, int)
+        and size > n > 0
+        and size % n == 0
+        and rule.flattened(module)
+    )
 
 
 def _example_major(x: Tensor, n: int, size: int) -> bool:

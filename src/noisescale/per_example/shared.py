@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from noisescale.per_example.audit import FLAT
+
 if TYPE_CHECKING:
     from noisescale.per_example.engine import PassNorms, PerExampleNorms
 
@@ -269,7 +271,7 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
             with torch._C.DisableTorchFunctionSubclass():
                 result = func(*_unwrap(args), **_unwrap(kwargs))
             meeting = Meeting("expand", src, origin, hooked=result)
-            meeting.extra.update(dim=_FLAT, repeat=True)
+            meeting.extra.update(dim=FLAT, repeat=True)
             engine.add_meeting(pass_, meeting)
             return result
     if name in _ELEMENTWISE_NAMES or name in _EXPAND_NAMES:
@@ -307,9 +309,6 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
     with torch._C.DisableTorchFunctionSubclass():
         result = func(*args, **kwargs)
     return _rewrap(result, origin)
-
-
-_FLAT = -1  # audit.FLAT: dim 0 holds each example's rows in turn
 
 
 def _repeats(args: tuple, kwargs: dict) -> tuple[int, ...] | None:
