@@ -604,9 +604,55 @@ def test_flattened_rows_no_replay_compares_are_not_measured(how):
     tracker's engine is exact or refuses on every step."""
     torch.manual_seed(0)
     x = _flat_input()
-    with pytest.raises(UnsupportedModuleError, match=r"could not check|rows of"):
+    refused = r"could not check|rows of|never met the batch|never combined"
+    with pytest.raises(UnsupportedModuleError, match=refused):
         one_shot(FlatOutput(how), x, _time_major_loss)
     assert_exact_or_refused(FlatOutput(how), x, _time_major_loss)
+
+
+class TimeMajorData(nn.Module):
+    """(From a review.) The input data made time-major and flattened, [T·N, D] with T = N,
+    before anything with parameters touches it: it has no autograd history to show where it
+    came from, so the engine takes it for constants shared by every example. ``how="layer"``: a
+    Linear on those rows, its output returned; ``how="scale"``: the rows times a parameter,
+    returned. The loss views the output as [T, N, D] — and a view whose dim 0 has the batch's
+    size, met with a per-example target, was split there as if it held the examples: 1.1–5.2×
+    (the Linear) and 0.8× (the scale) wrong without a word."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.fc = nn.Linear(3, 3)
+        self.scale = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):  # x: [N, T, 3] -> [T·N, 3], row t·N + i of example i
+        rows = x.transpose(0, 1).contiguous().view(-1, 3)
+        return self.fc(rows) if self.how == "layer" else rows * self.scale
+
+
+@pytest.mark.parametrize("how", ["layer", "scale"])
+def test_input_data_made_time_major_is_never_taken_for_shared(how):
+    """What is taken as shared by every example must not change when the examples are
+    permuted: the audit re-runs the model on its input with the examples permuted and compares
+    every shared call's output and every shared model output. Refused, in both modes, naming the
+    layer or the output (with T ≠ N, too: the rows never meet the batch)."""
+    target = torch.randn(N, N, 3, generator=torch.Generator().manual_seed(21))
+
+    def loss(model, x):
+        t, n = x.shape[1], x.shape[0]
+        return (model(x).view(t, n, 3) - target[:t, :n]).pow(2).sum((0, 2))
+
+    x = torch.randn(N, N, 3, generator=torch.Generator().manual_seed(20))
+    for seed in range(3):
+        torch.manual_seed(seed)
+        match = "output computed from 'fc' and" if how == "layer" else "from 'scale' and"
+        with pytest.raises(UnsupportedModuleError, match=match):
+            one_shot(TimeMajorData(how), x, loss)
+        with pytest.raises(UnsupportedModuleError, match="permuted"):
+            engine_steps(TimeMajorData(how), x, loss, steps=1)
+    if how == "layer":
+        with pytest.raises(UnsupportedModuleError, match="'fc' was treated as shared"):
+            one_shot(TimeMajorData(how), x[:, :3], loss)
 
 
 class ConstantTable(nn.Module):

@@ -906,28 +906,39 @@ class PerExampleNorms:
         return due
 
     def _check_permutation(self, pass_: PassNorms, output: Any) -> None:
-        """Do the model's outputs follow its inputs' examples? Run it twice more, without
-        gradients and in evaluation mode, on the inputs and on the inputs with their examples
-        permuted: each batched output must come out permuted the same way. A time-major output
-        whose length equals the batch size, or an operation that mixes examples, fails; the
-        signed replay of the backward could not tell (it signs the output's dim 0)."""
+        """Do the model's outputs follow its inputs' examples? Run the model twice more,
+        without gradients and in evaluation mode, on the inputs and on the inputs with their
+        examples permuted. Each batched output whose example dimension is ambiguous must come
+        out permuted the same way: a time-major output whose length equals the batch size, or
+        an operation that mixes examples, fails; the signed replay of the backward could not
+        tell (it signs the output's dim 0). And each output taken as shared by every example
+        (computed from parameters and tensors without the batch's size in dim 0) must come out
+        unchanged: time-major rows of the input data, [T·N, D], have no autograd history to
+        show where they came from, and a view of such an output in the loss whose dim 0 happens
+        to have the batch's size (T = N) would be split there as if it held the examples — the
+        loss is outside the model, where no replay reaches."""
         n, dim = pass_.batch_size, self._model_dim
         # only an output with the batch's size along another dimension too can hide its
         # examples there (T = N); with one such dimension it is the example dimension
-        ambiguous = [
-            t
-            for t in _tensors(output)
-            if t.is_floating_point()
-            and t.dim() > dim
-            and t.shape[dim] == n
-            and sum(s == n for s in t.shape) > 1
-        ]
+        outputs = _tensors(output)
+        ambiguous = (
+            [
+                t
+                for t in outputs
+                if t.is_floating_point()
+                and t.dim() > dim
+                and t.shape[dim] == n
+                and sum(s == n for s in t.shape) > 1
+            ]
+            if self._model_dim == 0  # a built-in time-major model: its outputs' layouts are known
+            else []
+        )
+        shared_outputs = [i for i, t in enumerate(outputs) if isinstance(t, SharedTensor)]
         source = pass_.n_source
         if (
             n < 2
-            or not ambiguous
+            or not (ambiguous or shared_outputs)
             or not self._replay_allowed  # FSDP2: a re-run would all-gather inside the forward
-            or self._model_dim != 0  # a built-in time-major model: its outputs' layouts are known
             or pass_.inputs is None
             or source is None
             or source.dim() <= dim
@@ -985,6 +996,36 @@ class PerExampleNorms:
             for m, training in modes.items():
                 m.training = training
         tol = 5e-2 if pass_.amp else 1e-3
+        assert pass_.audit is not None
+
+        def differs(got: Tensor, want: Tensor) -> float | None:
+            # (the relative change, or None within the tolerance)
+            if got.shape != want.shape:
+                return 1.0
+            if not got.is_floating_point() or not got.numel():
+                return None if torch.equal(got, want) else 1.0
+            got, want = got.float(), want.float()
+            err, scale = float((got - want).abs().max()), float(want.abs().max()) + 1e-30
+            return err / scale if err > tol * scale else None
+
+        for i in shared_outputs:
+            if i >= len(plain) or i >= len(permuted):
+                continue
+            rel = differs(permuted[i], plain[i])
+            if rel is not None:
+                origin: Origin | None = getattr(outputs[i], "_ns_origin", None)
+                names = sorted({f"'{s.label}'" for s in origin.sources}) if origin else []
+                pass_.audit.findings.unpermuted = (
+                    f"a model output computed from {', '.join(names) or 'parameters'} and "
+                    f"tensors without the batch's examples in dim {dim} (so taken as shared by "
+                    "all examples) changes when the "
+                    f"examples of the model's input are permuted (by {rel:.2g} of its largest "
+                    "value): it holds the examples in a layout noisescale cannot follow "
+                    "(time-major, or flattened together with another dimension) and their "
+                    f"gradients would be split wrongly. Keep dim {dim} of the model's outputs "
+                    "the examples, or use per_example=False"
+                )
+                return
         for a, b in zip(plain, permuted, strict=False):
             if not any(a is t or a.shape == t.shape for t in ambiguous):
                 continue
@@ -995,7 +1036,6 @@ class PerExampleNorms:
             err = float((got - want).abs().max())
             scale = float(want.abs().max()) + 1e-30
             if err > tol * scale:
-                assert pass_.audit is not None
                 pass_.audit.findings.unpermuted = (
                     "the model's output does not follow its input's examples: with the input's "
                     f"examples (dim {dim}) permuted, the output's dim {dim} did not come out "
@@ -2673,6 +2713,8 @@ class PerExampleNorms:
                     self.audit_log.append(pass_.audit.unverified)
             return
         if findings.unpermuted:
+            # (a shared call that never met the batch says more about the cause: first)
+            self._refuse_unmet_shared(pass_, missing)
             raise UnsupportedModuleError(findings.message(self._labels, None, self._param_name))
         if findings.unverified_flat:
             self._on_unverified_flat(pass_, findings, learn)
@@ -2712,30 +2754,7 @@ class PerExampleNorms:
                 "step on",
             )
             return
-        for call in pass_.shared_calls:
-            if any(id(p) in missing for p in call.params.values()):
-                raise UnsupportedModuleError(
-                    f"layer '{call.label}' was treated as shared by all examples ({call.why}), "
-                    "but its output never met the batch (it was never combined with per-example "
-                    "activations). noisescale takes dim 0 of a layer's input as the example "
-                    "dimension: keep activations batch-first, the examples not flattened "
-                    "together with attention heads (flattened with positions, each example's "
-                    "rows in turn, they are measured for Linear, Conv1D, LayerNorm and "
-                    "RMSNorm; time-major built-in layers such as nn.LSTM(batch_first=False) are "
-                    "handled), or use per_example=False"
-                )
-        aliased = sorted(self._param_name[pid] for pid in missing & pass_.aliased)
-        if aliased:
-            raise UnsupportedModuleError(
-                f"parameters {aliased} were used directly in their module's forward but never "
-                "combined with a tensor whose dim 0 has the batch's "
-                f"{pass_.batch_size} examples, so their per-example gradients are unknown "
-                "(time-major activations; examples flattened together with positions or "
-                "routed to experts: x.reshape(-1, D), a mixture of experts' eager loop — keep "
-                "dim 0 the examples; transformers' experts_implementation='batched_mm' is "
-                "followed; or a custom torch.autograd.Function, whose outputs noisescale "
-                "cannot follow a parameter through), or use per_example=False"
-            )
+        self._refuse_unmet_shared(pass_, missing)
         unexplained = set(findings.unexplained) | missing
         if (
             learn
@@ -2768,6 +2787,34 @@ class PerExampleNorms:
                 )
             )
         raise UnsupportedModuleError(findings.message(self._labels, None, self._param_name))
+
+    def _refuse_unmet_shared(self, pass_: PassNorms, missing: set[int]) -> None:
+        """Refuse a pass in which parameters of a shared call, or parameters used directly,
+        got gradients that no meeting with the batch gave."""
+        for call in pass_.shared_calls:
+            if any(id(p) in missing for p in call.params.values()):
+                raise UnsupportedModuleError(
+                    f"layer '{call.label}' was treated as shared by all examples ({call.why}), "
+                    "but its output never met the batch (it was never combined with per-example "
+                    "activations). noisescale takes dim 0 of a layer's input as the example "
+                    "dimension: keep activations batch-first, the examples not flattened "
+                    "together with attention heads (flattened with positions, each example's "
+                    "rows in turn, they are measured for Linear, Conv1D, LayerNorm and "
+                    "RMSNorm; time-major built-in layers such as nn.LSTM(batch_first=False) are "
+                    "handled), or use per_example=False"
+                )
+        aliased = sorted(self._param_name[pid] for pid in missing & pass_.aliased)
+        if aliased:
+            raise UnsupportedModuleError(
+                f"parameters {aliased} were used directly in their module's forward but never "
+                "combined with a tensor whose dim 0 has the batch's "
+                f"{pass_.batch_size} examples, so their per-example gradients are unknown "
+                "(time-major activations; examples flattened together with positions or "
+                "routed to experts: x.reshape(-1, D), a mixture of experts' eager loop — keep "
+                "dim 0 the examples; transformers' experts_implementation='batched_mm' is "
+                "followed; or a custom torch.autograd.Function, whose outputs noisescale "
+                "cannot follow a parameter through), or use per_example=False"
+            )
 
     def _settle_compiled(self, pass_: PassNorms) -> bool:
         """What only a pass that ran inside a compiled graph can reveal; ``True``: withheld.
