@@ -56,7 +56,7 @@ from noisescale import state as state_mod
 from noisescale.errors import NoiseScaleInputError
 from noisescale.param_groups import parameter_groups
 from noisescale.per_example import PerExampleNorms
-from noisescale.per_example.factors import sqnorms
+from noisescale.per_example.factors import sqnorm_total
 from noisescale.preconditioning import check_preconditioner, preconditioner_weights
 from noisescale.sources.base import Observation, Source, StepNorms
 from noisescale.sources.distributed import DataParallelSource, ReducedStep
@@ -841,7 +841,7 @@ class GradientNoiseTracker:
                     if p.grad is not None
                 ]
             ).sum()
-        return sqnorms([g.detach() for g in grads]).sum()
+        return sqnorm_total([g.detach() for g in grads])
 
     def _group_grad_sqnorms(self, weights: dict[int, Tensor] | None) -> Tensor:
         sq, index = [], []

@@ -71,7 +71,7 @@ from torch.utils.hooks import RemovableHandle
 
 from noisescale.errors import NoiseScaleInputError
 from noisescale.per_example import PassNorms, PerExampleNorms
-from noisescale.per_example.factors import sqnorm, sqnorms
+from noisescale.per_example.factors import sqnorm, sqnorm_total
 from noisescale.sources.base import Observation, StepNorms
 from noisescale.state import NOTHING_UNMEASURED
 
@@ -534,7 +534,7 @@ class DataParallelSource:
         if self.kind != "fsdp":
             if self.rank != 0:
                 return None
-            return sqnorms([g.detach() for g in grads]).sum()
+            return sqnorm_total([g.detach() for g in grads])
         from torch.distributed.tensor import DTensor
 
         # grouped by the number of processes holding the same shard, so that each group's sum
@@ -550,7 +550,7 @@ class DataParallelSource:
                 shards.setdefault(1, []).append(g.detach())
         total: Tensor | None = None
         for replicas, group in shards.items():
-            part = sqnorms(group).sum()
+            part = sqnorm_total(group)
             if replicas > 1:
                 part = part / replicas
             total = part if total is None else total + part
