@@ -201,6 +201,10 @@ def _cases():
             ),
             r(7, 3, 11),
         ),
+        # non-overlapping patches (kernel = stride, no padding), few channels: a Linear on the
+        # patches, one batched product over the sub-batches (input beyond the last whole patch
+        # left out, as the convolution leaves it)
+        "conv-patchify": (lambda: Patchify(), r(9, 3, 10, 11)),
         "lstm-factors": (lambda: LSTMHead(), r(6, 5, 4)),
         # scale-only and bias-free normalisation layers between product layers
         "norm-affines": (
@@ -214,6 +218,23 @@ def _cases():
             r(10, 7, 5),
         ),
     }
+
+
+class Patchify(nn.Module):
+    """Patchify stems in one, two and three dimensions (ViT's, Swin's, a video model's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 5, 3, stride=3)  # 10×11 -> 3×3, a row and two columns left
+        self.line = nn.Conv1d(3, 4, (2,), stride=(2,), bias=False)
+        self.cube = nn.Conv3d(1, 2, 2, stride=2)
+
+    def forward(self, x):  # x: [N, 3, 10, 11]
+        n = x.shape[0]
+        a = self.stem(x).tanh().flatten(1)
+        b = self.line(x.flatten(2)).flatten(1)  # [N, 3, 110] -> [N, 4, 55]
+        c = self.cube(x[:, None, :, :, :10]).flatten(1)  # [N, 1, 3, 10, 10] -> [N, 2, 1, 5, 5]
+        return torch.cat([a, b, c.view(n, 2, -1).sum(2)], 1)
 
 
 class LSTMHead(nn.Module):
@@ -500,6 +521,7 @@ BF16_U = 2.0**-8  # bfloat16's unit roundoff
         # (a Linear met once per example keeps its float32 factors, in Gram form: bmm)
         ("conv-products", "convolution_backward"),  # one convolution per sub-batch
         ("conv-grouped-products", "convolution_backward"),  # one grouped convolution
+        ("conv-patchify", "bmm"),  # one batched product over the patches
     ],
 )
 def test_bf16_autocast_products_run_in_bf16_like_autograd(name, product):
@@ -580,7 +602,9 @@ def test_a_first_layer_without_bias_gets_its_gradient(first):
         assert torch.allclose(a.grad, b.grad, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("name", ["sequence-products", "conv-products", "norm-affines"])
+@pytest.mark.parametrize(
+    "name", ["sequence-products", "conv-products", "conv-patchify", "norm-affines"]
+)
 def test_preconditioned_subbatch_norms(name):
     make, x = _cases()[name]
     torch.manual_seed(0)
