@@ -15,6 +15,7 @@ attributed at all is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -632,10 +633,11 @@ class TimeMajorData(nn.Module):
 
 @pytest.mark.parametrize("how", ["layer", "scale"])
 def test_input_data_made_time_major_is_never_taken_for_shared(how):
-    """What is taken as shared by every example must not change when the examples are
-    permuted: the audit re-runs the model on its input with the examples permuted and compares
-    every shared call's output and every shared model output. Refused, in both modes, naming the
-    layer or the output (with T ≠ N, too: the rows never meet the batch)."""
+    """Refused, in both modes, naming the layer or the parameter, whatever T: in the loss
+    (after the model's forward returned) a tensor without autograd history — the target here —
+    is the user's, not per-example activations, and does not meet the batch, so the rows never
+    do. Where they meet activations, a shared model output must not change when the examples
+    are permuted (the audit re-runs the model to check: the next test)."""
     target = torch.randn(N, N, 3, generator=torch.Generator().manual_seed(21))
 
     def loss(model, x):
@@ -645,14 +647,146 @@ def test_input_data_made_time_major_is_never_taken_for_shared(how):
     x = torch.randn(N, N, 3, generator=torch.Generator().manual_seed(20))
     for seed in range(3):
         torch.manual_seed(seed)
-        match = "output computed from 'fc' and" if how == "layer" else "from 'scale' and"
+        match = "'fc' was treated as shared" if how == "layer" else r"\['scale'\] were used"
         with pytest.raises(UnsupportedModuleError, match=match):
             one_shot(TimeMajorData(how), x, loss)
-        with pytest.raises(UnsupportedModuleError, match="permuted"):
+        with pytest.raises(UnsupportedModuleError, match=match):
             engine_steps(TimeMajorData(how), x, loss, steps=1)
     if how == "layer":
         with pytest.raises(UnsupportedModuleError, match="'fc' was treated as shared"):
             one_shot(TimeMajorData(how), x[:, :3], loss)
+
+
+class TimeMajorWithFeatures(nn.Module):
+    """``TimeMajorData("layer")`` that also returns per-example features (with a history): the
+    loss multiplies the rows, viewed as [T, N, D], with the features made time-major too — a
+    per-example loss (summed over time, dim 0) whose meeting with the batch has T in dim 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.emb = nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x):  # x: [N, T, 3]
+        rows = x.transpose(0, 1).contiguous().view(-1, 3)
+        return self.fc(rows), self.emb(x)
+
+
+def _features_loss(model, x):
+    out, feats = model(x)
+    n, t = x.shape[:2]
+    return (out.view(t, n, 3) * feats.transpose(0, 1)).sum((0, 2))
+
+
+def test_a_shared_output_that_changes_with_the_examples_is_refused():
+    """What is taken as shared by every example must not change when the examples are
+    permuted: the audit re-runs the model on its input with the examples permuted and
+    compares each shared model output. Here it meets the (time-major) features with T = N,
+    split along time as if it held the examples — wrong without a word before; refused now,
+    in both modes, naming the layer."""
+    x = torch.randn(N, N, 3, generator=torch.Generator().manual_seed(26))
+    for seed in range(3):
+        torch.manual_seed(seed)
+        with pytest.raises(UnsupportedModuleError, match="output computed from 'fc' and"):
+            one_shot(TimeMajorWithFeatures(), x, _features_loss)
+        assert_exact_or_refused(TimeMajorWithFeatures(), x, _features_loss)
+
+
+@dataclasses.dataclass
+class _Out:
+    rows: torch.Tensor
+
+
+def test_input_data_made_time_major_in_a_dataclass_output_is_refused():
+    """(From a review.) The same rows returned inside a dataclass: the engine did not look into
+    dataclasses for the model's outputs, and the check never ran — 1.8–2× wrong in both modes.
+    Refused now."""
+    model = TimeMajorData("layer")
+    inner = model.forward
+    model.forward = lambda x: _Out(inner(x))  # type: ignore[method-assign]
+    target = torch.randn(N, N, 3, generator=torch.Generator().manual_seed(21))
+
+    def loss(m, x):
+        return (m(x).rows.view(N, N, 3) - target).pow(2).sum((0, 2))
+
+    x = torch.randn(N, N, 3, generator=torch.Generator().manual_seed(20))
+    with pytest.raises(UnsupportedModuleError, match="'fc'"):
+        one_shot(model, x, loss)
+    assert_exact_or_refused(model, x, loss)
+
+
+class TableOut(nn.Module):
+    """A learned position table [T, D] added to every example, and returned as well (or as the
+    parameter itself, ``raw``): the loss pulls it towards a fixed table, a term added to every
+    example's loss."""
+
+    def __init__(self, t: int, raw: bool = False):
+        super().__init__()
+        self.raw = raw
+        self.pos = nn.Parameter(torch.randn(t, 3))
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):  # x: [N, T, 3]
+        return self.head(x + self.pos).mean(1), self.pos if self.raw else self.pos * 1.0
+
+
+@pytest.mark.parametrize("t", [3, N])
+@pytest.mark.parametrize("raw", [False, True])
+def test_a_shared_output_pulled_towards_a_constant_in_the_loss(t, raw, products):
+    """(From a review.) With T = N the fixed [T, D] table in the loss has the batch's size in
+    dim 0 and was taken for per-example rows: the position table's gradient split along T,
+    up to 80% wrong. In the loss (after the model's forward returned) only tensors with an
+    autograd history meet the batch: exact for T ≠ N and T = N, in both modes — and the
+    parameter returned as it is needs no gradient in the permutation check's comparison (it
+    warned, an error under -W error)."""
+    torch.manual_seed(0)
+    ref = torch.randn(t, 3, generator=torch.Generator().manual_seed(22))
+    y = torch.randn(N, 2, generator=torch.Generator().manual_seed(23))
+    x = torch.randn(N, t, 3, generator=torch.Generator().manual_seed(24))
+
+    def loss(m, xs):
+        logits, pos = m(xs)
+        rows = y[: xs.shape[0]] if xs.shape[0] == N else y[_row_of(xs, x)]
+        return (logits - rows).pow(2).sum(1) + 0.1 * (pos - ref).pow(2).sum()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_exact_both_ways(TableOut(t, raw), x, loss)
+
+
+def _row_of(xs: torch.Tensor, x: torch.Tensor) -> int:
+    """Which example of ``x`` the single example ``xs`` is (the brute force's loss needs its
+    target)."""
+    return next(i for i in range(x.shape[0]) if torch.equal(x[i : i + 1], xs))
+
+
+class TrainOnlyOutput(nn.Module):
+    """A model that returns a parameter-only term first in training and not in evaluation."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return (self.fc.weight.pow(2).sum(), h) if self.training else (h,)
+
+
+def test_outputs_that_differ_between_training_and_evaluation_are_not_compared():
+    """(From a review.) The permutation check re-runs the model in evaluation mode; outputs
+    that differ in number or shape from the training forward's cannot be matched, so they are
+    not compared (it compared a training-only scalar with the logits and refused)."""
+    torch.manual_seed(0)
+    model = TrainOnlyOutput()
+    x = torch.randn(N, 3, generator=torch.Generator().manual_seed(25))
+
+    def loss(m, xs):
+        reg, h = m(xs)
+        return h.pow(2).sum(1) + reg
+
+    _, *rest = engine_steps(model, x, loss, steps=3)
+    want = truth(model, x, loss)
+    for p in rest:
+        assert torch.allclose(p.raw_sqnorms * N**2, want, rtol=1e-9)
 
 
 class ConstantTable(nn.Module):

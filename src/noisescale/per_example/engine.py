@@ -245,6 +245,7 @@ class PassNorms:
     n_source: Tensor | None = None  # the model input the example count was read from
     aliased: set[int] = field(default_factory=set)  # parameters handed out as shared aliases
     inputs: tuple | None = None  # the model's (args, kwargs), for the audit's permutation check
+    returned: bool = False  # the model's forward has returned (what runs now is the loss)
     subbatches: Subbatches | None = None
     broken: str | None = None  # a weight measured by sub-batch products was used twice
     reentrant: bool = False  # checkpoint(use_reentrant=True) recomputed layers in its backward
@@ -847,6 +848,7 @@ class PerExampleNorms:
         if not self._active() or torch._C._current_graph_task_id() != -1:
             return
         pass_ = self.passes[-1]
+        pass_.returned = True
         # The replay's roots, by gradient edge: the model's outputs; the tensor an output was
         # cast from (accelerate's convert_outputs_to_fp32 for the Trainer's bf16=True casts the
         # logits after the loss was computed from them: the loss's gradient never reaches the
@@ -947,9 +949,11 @@ class PerExampleNorms:
             return
         args, kwargs = pass_.inputs
         gen = self._audit_generator(torch.device("cpu"))
-        perm = torch.randperm(n, generator=gen)
-        same = perm == torch.arange(n)
-        perm[same] = perm.roll(1)[same]
+        # one random n-cycle: a permutation that moves every example (fixing up the fixed
+        # points of a random permutation afterwards could map two examples to one)
+        order = torch.randperm(n, generator=gen)
+        perm = torch.empty_like(order)
+        perm[order] = order.roll(-1)
 
         def permute(v: Any) -> Any:
             if isinstance(v, Tensor):
@@ -1000,6 +1004,7 @@ class PerExampleNorms:
 
         def differs(got: Tensor, want: Tensor) -> float | None:
             # (the relative change, or None within the tolerance)
+            got, want = got.detach(), want.detach()  # (a parameter returned as it is)
             if got.shape != want.shape:
                 return 1.0
             if not got.is_floating_point() or not got.numel():
@@ -1008,10 +1013,26 @@ class PerExampleNorms:
             err, scale = float((got - want).abs().max()), float(want.abs().max()) + 1e-30
             return err / scale if err > tol * scale else None
 
+        same_structure = len(plain) == len(outputs) == len(permuted) and all(
+            a.shape == b.shape for a, b in zip(plain, outputs, strict=True)
+        )
+        if shared_outputs and not same_structure:
+            # (the evaluation-mode re-runs return other outputs than the training forward did:
+            # their shared outputs cannot be matched)
+            pass_.audit.unverified = (
+                "the permutation check could not compare the model's shared outputs: in "
+                "evaluation mode the model returns other outputs than in training"
+            )
+            shared_outputs = []
         for i in shared_outputs:
-            if i >= len(plain) or i >= len(permuted):
-                continue
             rel = differs(permuted[i], plain[i])
+            sized = [j for j, size in enumerate(plain[i].shape) if size == n]
+            if rel is not None and len(sized) == 1:
+                # the examples along the one dimension of the batch's size (a time-major
+                # [T, N, D], T ≠ N): a meeting can find them only by bringing that dimension
+                # to the front, where they are
+                moved = plain[i].detach().index_select(sized[0], perm.to(plain[i].device))
+                rel = differs(permuted[i], moved) and rel
             if rel is not None:
                 origin: Origin | None = getattr(outputs[i], "_ns_origin", None)
                 names = sorted({f"'{s.label}'" for s in origin.sources}) if origin else []
@@ -3342,6 +3363,8 @@ def _tensors(value: Any) -> list[Tensor]:
         return [t for v in value.values() for t in _tensors(v)]
     if isinstance(value, list | tuple):
         return [t for v in value for t in _tensors(v)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [t for f in dataclasses.fields(value) for t in _tensors(getattr(value, f.name))]
     return []
 
 
