@@ -232,12 +232,6 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
     n, dim = pass_.batch_size, engine.batch_dim()
     name = _name(func)
     batched = [t for t in flat if _batched(t, n, dim)]
-    if pass_.returned:
-        # A shared model output in the loss: a tensor without autograd history there is a
-        # target or a constant of the user's, whose dim 0 may have the batch's size by
-        # coincidence ((pos − ref)² of a [T, D] table with T = N, added to every example's
-        # loss, was split along T). Only per-example activations meet the batch there.
-        batched = [t for t in batched if t.requires_grad]
     if func in _LINEAR:
         x = args[0] if args else kwargs.get("input")
         if _linear_input(x, n, dim):
