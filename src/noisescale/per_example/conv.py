@@ -11,6 +11,7 @@ patches and Σ_{l,m} (u_l·u_m)(δ_l·δ_m) is summed.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
@@ -184,9 +185,7 @@ def _patchify_subbatch_grads(module: ConvNd, x: Tensor, d: Tensor, sb: Any) -> T
     for g, kk in zip(grid, kernel, strict=True):
         split += [g, kk]
     perm = [0, *range(2, 2 + 2 * dims, 2), 1, *range(3, 3 + 2 * dims, 2)]
-    positions = 1
-    for g in grid:
-        positions *= g
+    positions = math.prod(grid)
     patches = xs.reshape(split).permute(perm).reshape(k, n * positions, -1)
     left = ds.reshape(k, n, o, positions).transpose(1, 2).reshape(k, o, n * positions)
     return torch.bmm(left, patches).view(k, *module.weight.shape)

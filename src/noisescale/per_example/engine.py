@@ -245,7 +245,6 @@ class PassNorms:
     n_source: Tensor | None = None  # the model input the example count was read from
     aliased: set[int] = field(default_factory=set)  # parameters handed out as shared aliases
     inputs: tuple | None = None  # the model's (args, kwargs), for the audit's permutation check
-    returned: bool = False  # the model's forward has returned (what runs now is the loss)
     subbatches: Subbatches | None = None
     broken: str | None = None  # a weight measured by sub-batch products was used twice
     reentrant: bool = False  # checkpoint(use_reentrant=True) recomputed layers in its backward
@@ -848,7 +847,6 @@ class PerExampleNorms:
         if not self._active() or torch._C._current_graph_task_id() != -1:
             return
         pass_ = self.passes[-1]
-        pass_.returned = True
         # The replay's roots, by gradient edge: the model's outputs; the tensor an output was
         # cast from (accelerate's convert_outputs_to_fp32 for the Trainer's bf16=True casts the
         # logits after the loss was computed from them: the loss's gradient never reaches the
@@ -1054,14 +1052,13 @@ class PerExampleNorms:
             got = b.float()
             if got.shape != want.shape:
                 continue
-            err = float((got - want).abs().max())
-            scale = float(want.abs().max()) + 1e-30
-            if err > tol * scale:
+            rel = differs(got, want)
+            if rel is not None:
                 pass_.audit.findings.unpermuted = (
                     "the model's output does not follow its input's examples: with the input's "
                     f"examples (dim {dim}) permuted, the output's dim {dim} did not come out "
                     "permuted the same way (max. difference "
-                    f"{err / scale:.2g} of its largest value). Its example dimension is another "
+                    f"{rel:.2g} of its largest value). Its example dimension is another "
                     "one (a time-major output: keep dim 0 the examples), or an operation in the "
                     "model mixes examples — a loss over pairs of examples, such as CLIP's or "
                     "SigLIP's contrastive loss (return_loss=True), has no per-example gradient; "
