@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import noisescale
@@ -206,6 +207,10 @@ def _cases():
         # left out, as the convolution leaves it)
         "conv-patchify": (lambda: Patchify(), r(9, 3, 10, 11)),
         "lstm-factors": (lambda: LSTMHead(), r(6, 5, 4)),
+        # product layers reading one input (gathered once for all of them) and views of it
+        # alike in all but their offset (gathered each)
+        "one-input-products": (lambda: OneInput(), r(10, 7, 5)),
+        "conv-one-input": (lambda: ConvOneInput(), r(9, 8, 6, 6)),
         # scale-only and bias-free normalisation layers between product layers
         "norm-affines": (
             lambda: nn.Sequential(
@@ -235,6 +240,46 @@ class Patchify(nn.Module):
         b = self.line(x.flatten(2)).flatten(1)  # [N, 3, 110] -> [N, 4, 55]
         c = self.cube(x[:, None, :, :, :10]).flatten(1)  # [N, 1, 3, 10, 10] -> [N, 2, 1, 5, 5]
         return torch.cat([a, b, c.view(n, 2, -1).sum(2)], 1)
+
+
+class OneInput(nn.Module):
+    """An attention block's query, key and value projections on one input, a gate and up
+    projection on another, and two layers on views of one tensor that differ only in their
+    offset."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 5)
+        self.q, self.k, self.v = nn.Linear(5, 6), nn.Linear(5, 6, bias=False), nn.Linear(5, 6)
+        self.gate, self.up = nn.Linear(6, 4), nn.Linear(6, 4)
+        self.first, self.last = nn.Linear(5, 3), nn.Linear(5, 3)
+
+    def forward(self, x):  # [N, 7, 5]
+        h = torch.tanh(self.inp(x))
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        att = torch.softmax(q @ k.transpose(1, 2), -1) @ v
+        mlp = F.silu(self.gate(att)) * self.up(att)
+        views = self.first(h[:, :6]) * self.last(h[:, 1:])  # [N, 6, 5] each, offsets 0 and 5
+        return torch.cat([mlp.flatten(1), views.flatten(1)], 1)
+
+
+class ConvOneInput(nn.Module):
+    """Convolutions reading one input (a residual block's first convolution and its projection
+    shortcut: gathered once), one that pads it itself (reflect), and two on channel views that
+    differ only in their offset (fewer than 8 channels: one convolution per sub-batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(8, 4, 3, stride=2, padding=1)
+        self.shortcut = nn.Conv2d(8, 4, 1, stride=2, bias=False)
+        self.reflect = nn.Conv2d(8, 4, 3, stride=2, padding=1, padding_mode="reflect")
+        self.low, self.high = nn.Conv2d(4, 2, 3), nn.Conv2d(4, 2, 3)
+
+    def forward(self, x):  # [N, 8, 6, 6]
+        h = torch.tanh(x)
+        block = torch.tanh(self.conv1(h)) + self.shortcut(h) * self.reflect(h)
+        views = self.low(h[:, :4]) * self.high(h[:, 4:])  # channel offsets 0 and 4
+        return torch.cat([block.flatten(1), views.flatten(1)], 1)
 
 
 class LSTMHead(nn.Module):

@@ -1408,7 +1408,7 @@ class PerExampleNorms:
         keep = id(weight) in self._multi_use
         if job.kind == "conv":
             out = subbatch_mod.conv_subbatch_grads(
-                job.module, x, d, sb, w2, keep, bias is not None, bias_w2
+                job.module, x, d, sb, w2, keep, bias is not None, bias_w2, self._scratch
             )
         else:
             # (the output gradient may be that of the output's base: [N·T, O] for [N, T, O])
@@ -2569,6 +2569,7 @@ class PerExampleNorms:
                 backward passes ran through one forward.
         """
         done, self.passes = self.passes, []
+        self._scratch.release()  # (rows kept for layers that read one input: an activation)
         split = [p for p in done if p.subbatches is not None and p.received and not p.skipped]
         if split:
             self._subbatches_pay = any(p.products for p in split)

@@ -117,7 +117,10 @@ class Scratch:
     on this project's small CPU models 10–25 MB, +0.2–0.5× the plain step's peak; buffers over
     :attr:`MAX_ELEMENTS` are not kept). Accelerators' caching allocators reuse memory already,
     so there every call allocates as usual (:meth:`get` returns ``None``). Convolutions do not
-    use it: their temporaries measured no faster from it.
+    use its buffers: their temporaries measured no faster from them.
+
+    It also keeps the rows last gathered for a role (:meth:`held`, :meth:`hold`, on every
+    device): layers reading one input gather it once.
     """
 
     #: Larger temporaries (64 MiB in float32) are allocated afresh, not held between steps.
@@ -128,12 +131,15 @@ class Scratch:
         # the views handed out, by buffer and shape (a model asks for the same few shapes at
         # every step); dropped with their buffer when it grows
         self._views: dict[tuple[int, str, torch.dtype], dict[tuple[int, ...], Tensor]] = {}
+        # the last rows gathered for a role, by what they were gathered from (:meth:`held`)
+        self._held: dict[tuple[int, str], tuple[tuple[Any, ...], Tensor, tuple[Any, ...]]] = {}
 
     def get(
         self, role: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None
     ) -> Tensor | None:
         """A [shape] tensor of ``dtype`` (default ``like``'s) whose contents are overwritten by
         the caller, valid until the next :meth:`get` of the same role on this thread."""
+        self._held.pop((threading.get_ident(), role), None)  # (about to be overwritten)
         if not like.is_cpu:
             return None
         key = (threading.get_ident(), role, like.dtype if dtype is None else dtype)
@@ -156,9 +162,48 @@ class Scratch:
         view = views[shape] = buf[:size].view(shape)
         return view
 
+    def held(self, role: str, source: Tensor, sb: Subbatches, dtype: torch.dtype) -> Tensor | None:
+        """The rows :meth:`hold` last kept for ``role`` on this thread, if they were gathered
+        from this very ``source`` (same storage, offset, shape, strides, and unchanged since:
+        its version counter) by these sub-batches into ``dtype``; else ``None``. Layers that read
+        one input — a query, key and value projection, a gate and up projection — then gather
+        it once. The entry holds the source and the sub-batches, so neither can be freed and
+        its address reused by another tensor while it is kept."""
+        entry = self._held.get((threading.get_ident(), role))
+        if entry is None or entry[0] != _source_key(source, sb, dtype):
+            return None
+        return entry[1]
+
+    def hold(
+        self, role: str, source: Tensor, sb: Subbatches, dtype: torch.dtype, rows: Tensor
+    ) -> None:
+        """Keep ``rows``, gathered from ``source`` by ``sb`` into ``dtype``, for :meth:`held`
+        (until the next :meth:`get` of ``role`` on this thread or :meth:`release`)."""
+        key = _source_key(source, sb, dtype)
+        self._held[(threading.get_ident(), role)] = (key, rows, (source, sb))
+
+    def release(self) -> None:
+        """Drop what :meth:`hold` kept (at the end of a step: it holds an activation)."""
+        self._held.clear()
+
     def clear(self) -> None:
         self._buffers.clear()
         self._views.clear()
+        self._held.clear()
+
+
+def _source_key(source: Tensor, sb: Subbatches, dtype: torch.dtype) -> tuple[Any, ...]:
+    return (
+        source.untyped_storage().data_ptr(),
+        source.storage_offset(),
+        tuple(source.shape),
+        source.stride(),
+        source._version,
+        source.dtype,
+        source.device,
+        id(sb),
+        dtype,
+    )
 
 
 def linear_subbatch_grads(
@@ -197,11 +242,17 @@ def linear_subbatch_grads(
         out = buffer(role, tuple(t.shape))
         return t.to(dtype) if out is None else out.copy_(t)
 
-    a, d = cast("a-cast", a), cast("d-cast", d)
-
+    d = cast("d-cast", d)
     _, p, i = a.shape
     o = d.shape[2]
-    a3 = sb.take_rows(a, buffer("a", (rows, p, i))).view(sb.k, sb.n * p, i)  # [k, n·P, I]
+    held = None if scratch is None else scratch.held("a", a, sb, dtype)
+    if held is not None:  # (gathered for the previous layer, which read this same input)
+        a3 = held
+    else:
+        source, a = a, cast("a-cast", a)
+        a3 = sb.take_rows(a, buffer("a", (rows, p, i))).view(sb.k, sb.n * p, i)  # [k, n·P, I]
+        if scratch is not None:
+            scratch.hold("a", source, sb, dtype, a3)
     d3 = sb.take_rows(d, buffer("d", (rows, p, o))).view(sb.k, sb.n * p, o)  # [k, n·P, O]
     chunk = sb.k if keep else max(1, _CHUNK_ELEMENTS // (o * i))
     if chunk >= sb.k and not keep:
@@ -257,12 +308,13 @@ def conv_subbatch_grads(
     keep: bool = False,
     bias: bool = False,
     bias_w2: Tensor | None = None,
+    scratch: Scratch | None = None,
 ) -> SubbatchGrads:
     """:func:`linear_subbatch_grads` for a convolution (``x``, ``d``: its input and output
     gradient, [N, C, ...])."""
     from noisescale.per_example.conv import subbatch_weight_grads
 
-    per = subbatch_weight_grads(module, x, d, sb, product_dtype(x, d))  # [k, *weight.shape]
+    per = subbatch_weight_grads(module, x, d, sb, product_dtype(x, d), scratch)  # [k, *w.shape]
     total = per.sum(0, dtype=_acc_dtype(per))
     if w2 is not None or keep:
         per = _acc(per)
