@@ -307,6 +307,42 @@ def test_subbatch_norms_match_brute_force(name):
     )
 
 
+def test_inputs_reloaded_into_one_buffer_are_not_taken_for_one_input():
+    """A saved-tensor hook that reloads every activation into one preallocated buffer (a pooled
+    offloading allocator): in the backward two layers' different inputs occupy the same
+    memory, with the same shape, strides and version. The layers that share one gather are
+    paired in the forward, by the input tensor itself, so each gathers its own (a key on the
+    backward's memory reused the first layer's rows: norms up to 56% off, the gradient 1.9×)."""
+    torch.manual_seed(0)
+    n, t, dim = 16, 8, 6
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(dim, 5), nn.Linear(dim, 5)
+
+        def forward(self, x):
+            return self.a(torch.sin(x)) * self.b(torch.cos(x))
+
+    model = TwoInputs().double()
+    x = torch.randn(n, t, dim, dtype=torch.float64)
+    arena = torch.empty(n * t * dim, dtype=torch.float64).untyped_storage()
+
+    def unpack(saved):
+        if saved.shape != (n, t, dim):
+            return saved
+        out = torch.empty(0, dtype=torch.float64).set_(arena, 0, saved.shape, saved.stride())
+        return out.copy_(saved)
+
+    def losses():
+        with torch.autograd.graph.saved_tensors_hooks(lambda u: u.detach().clone(), unpack):
+            return model(x).sin().flatten(1).sum(1)
+
+    assert_subbatches_exact(
+        model, lambda: losses().mean(), lambda i: model(x[i : i + 1]).sin().sum(), n
+    )
+
+
 def test_gpt2_subbatches_with_the_tied_head():
     """Conv1D weights by sub-batch products; the head tied to the token embedding by merged
     factors with their cross terms; positions [1, T] met through the shared-tensor path."""

@@ -117,18 +117,18 @@ def subbatch_weight_grads(
     sb: Any,
     dtype: torch.dtype | None = None,
     scratch: Any = None,
+    readers: Any = None,
 ) -> Tensor:
     """The weight gradient of each sub-batch, [k, *weight.shape], from one grouped convolution.
 
     Sub-batch j's channels become groups j·G … j·G + G − 1 of a convolution over a batch of its
     n examples (the examples of different sub-batches share the batch dimension), gathered in
     that layout in one copy. ``dtype``: what the convolution runs in (default: float32 at
-    least). ``scratch``: a :class:`~noisescale.per_example.subbatch.Scratch` whose
-    ``held``/``hold`` let convolutions that read one input (a residual block's first
-    convolution and its projection shortcut) gather it once.
+    least). ``scratch``, ``readers``: a :class:`~noisescale.per_example.subbatch.Scratch` and
+    the product layers that read ``x`` in the forward: convolutions that read one input (a
+    residual block's first convolution and its projection shortcut) gather it once.
     """
     w = module.weight
-    source = x
     if dtype is None:
         x, d = _acc(x), _acc(d)
     else:
@@ -136,18 +136,18 @@ def subbatch_weight_grads(
     if module.padding_mode == "zeros" and not isinstance(module.padding, str):
         padding = module.padding
     else:  # (padded here, as this module pads: not shared with another layer)
-        x, padding, source = _pad(module, x), 0, None
+        x, padding, readers = _pad(module, x), 0, None
     k, n = sb.k, sb.n
     grouped = module.in_channels // module.groups >= _GROUPED_MIN_CHANNELS
     if not grouped and _patchify(module):
         return _patchify_subbatch_grads(module, x, d, sb)
 
-    role = "conv-interleaved" if grouped else "conv-blocks"
-    xs = None if scratch is None or source is None else scratch.held(role, source, sb, x.dtype)
+    role, key = ("conv-interleaved" if grouped else "conv-blocks"), (tuple(x.shape), x.dtype)
+    xs = None if scratch is None else scratch.held(role, readers, sb, key)
     if xs is None:
         xs = sb.take(x, interleaved=grouped)
-        if scratch is not None and source is not None:
-            scratch.hold(role, source, sb, x.dtype, xs)
+        if scratch is not None:
+            scratch.hold(role, readers, sb, key, xs)
     ds = sb.take(d, interleaved=grouped)
     conv = functools.partial(
         _WEIGHT_GRAD[x.dim() - 2],

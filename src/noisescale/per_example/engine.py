@@ -48,6 +48,7 @@ import math
 import operator
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -146,6 +147,8 @@ class _WeightJob:
     box: list[Any]
     engine: Any = None
     bias: nn.Parameter | None = None  # the layer's bias, when its gradient is taken over too
+    # the product layers that read this call's input tensor itself in the forward (eager only)
+    readers: Any = None
 
     def weight_grad(self, x: Tensor, d: Tensor) -> tuple[Tensor | None, Tensor | None]:
         return self.engine._weight_backward(self, x, d)
@@ -230,6 +233,11 @@ class PassNorms:
     lazy: set[int] = field(default_factory=set)  # gradient norms still to read from .grad
     measured: bool = False  # with a subset: this pass's per-example norms are computed
     products: bool = False  # sub-batch mode: some weight's gradient came from sub-batch products
+    # product layers' inputs in the forward, by id: (a weak reference to the tensor — not to
+    # keep alive what a saved-tensor hook offloads —, its version, its readers)
+    read_by: dict[int, tuple[Any, int, subbatch_mod.Readers]] = field(
+        default_factory=dict, repr=False
+    )
     unsplit: bool = False  # sub-batch mode: measured per example, as no weight used products
     repeated_backward: bool = False  # a parameter received two gradients in the pass
     # Σ|.grad|² found before the step's first backward wrote it (audited passes: stale gradients)
@@ -632,6 +640,7 @@ class PerExampleNorms:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._scratch.release()
         self._eager_steps.want(False)
         for (_, _), stack in list(self._swapped.items()):
             stack.clear()
@@ -1152,6 +1161,7 @@ class PerExampleNorms:
             job, params = self._product_job(
                 pass_, module, rule, params, product_weight, product_bias
             )
+            job.readers = self._readers(pass_, args[0])
             x = args[0].detach()
             base = _reshaped_base(module, output)
             if base is None:
@@ -1353,6 +1363,24 @@ class PerExampleNorms:
             return job, {}  # (the common case: the products took every parameter)
         return job, {k: v for k, v in params.items() if v is not weight and v is not bias}
 
+    @staticmethod
+    def _readers(pass_: PassNorms, x: Tensor) -> subbatch_mod.Readers | None:
+        """The product layers reading the tensor ``x`` itself (this very object, unchanged: the
+        same version) in this pass's forward — a query, key and value projection, a gate and up
+        projection, a residual block's first convolution and its projection shortcut — whose
+        backward may then share one gather of its rows (``Scratch.held``). Paired here, in the
+        forward, not by the memory the backward's saved tensors occupy: a saved-tensor unpack
+        hook may reload different activations into one buffer. Plain tensors only."""
+        if type(x) is not torch.Tensor:
+            return None
+        entry = pass_.read_by.get(id(x))
+        if entry is not None and entry[0]() is x and entry[1] == x._version:
+            entry[2].count += 1
+            return entry[2]
+        readers = subbatch_mod.Readers()
+        pass_.read_by[id(x)] = (weakref.ref(x), x._version, readers)
+        return readers
+
     def _bias_with_products(self, module: nn.Module, weight: Tensor) -> nn.Parameter | None:
         """The bias of a layer whose weight takes sub-batch products, when its gradient is
         computed with the weight's (it then runs detached too): unless either has another use."""
@@ -1408,15 +1436,16 @@ class PerExampleNorms:
         keep = id(weight) in self._multi_use
         if job.kind == "conv":
             out = subbatch_mod.conv_subbatch_grads(
-                job.module, x, d, sb, w2, keep, bias is not None, bias_w2, self._scratch
-            )
+                job.module, x, d, sb, w2, keep, bias is not None, bias_w2, self._scratch,
+                job.readers,
+            )  # fmt: skip
         else:
             # (the output gradient may be that of the output's base: [N·T, O] for [N, T, O])
             a = x.reshape(x.shape[0], -1, x.shape[-1])
             g = d.reshape(x.shape[0], -1, d.shape[-1])
             out = subbatch_mod.linear_subbatch_grads(
                 a, g, sb, w2, job.kind == "conv1d", keep, self._scratch, bias is not None,
-                bias_w2,
+                bias_w2, job.readers,
             )  # fmt: skip
         audited = pass_.audit is not None
         grad = out.grad if out.grad.dtype == weight.dtype else out.grad.to(weight.dtype)

@@ -41,7 +41,7 @@ def _ones(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """A CPU tensor of ones (never written: read as a LayerNorm weight; a normal tensor even
     when first asked for under inference mode)."""
     with torch.inference_mode(False):
-        return torch.ones(shape, dtype=dtype)
+        return torch.ones(shape, dtype=dtype, device="cpu")  # (not the default device)
 
 
 def _normalised(module: nn.Module, x: Tensor) -> Tensor:

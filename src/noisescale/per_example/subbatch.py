@@ -104,6 +104,16 @@ class SubbatchGrads(NamedTuple):
     bias_sq: Tensor | None = None
 
 
+class Readers:
+    """The product layers that read one input tensor in a pass's forward (``count``), and how
+    many of them have taken its gathered rows in the backward (``used``)."""
+
+    __slots__ = ("count", "used")
+
+    def __init__(self) -> None:
+        self.count, self.used = 1, 0
+
+
 class Scratch:
     """Buffers for the sub-batch products' temporaries (the gathered inputs and output
     gradients, the k partial gradients), reused from layer to layer and step to step on the CPU.
@@ -119,8 +129,9 @@ class Scratch:
     so there every call allocates as usual (:meth:`get` returns ``None``). Convolutions do not
     use its buffers: their temporaries measured no faster from them.
 
-    It also keeps the rows last gathered for a role (:meth:`held`, :meth:`hold`, on every
-    device): layers reading one input gather it once.
+    It also keeps, on every device, the rows gathered for a layer whose input other product
+    layers read too (:meth:`held`, :meth:`hold`), until the last of them has taken them: such
+    layers gather their input once.
     """
 
     #: Larger temporaries (64 MiB in float32) are allocated afresh, not held between steps.
@@ -131,8 +142,8 @@ class Scratch:
         # the views handed out, by buffer and shape (a model asks for the same few shapes at
         # every step); dropped with their buffer when it grows
         self._views: dict[tuple[int, str, torch.dtype], dict[tuple[int, ...], Tensor]] = {}
-        # the last rows gathered for a role, by what they were gathered from (:meth:`held`)
-        self._held: dict[tuple[int, str], tuple[tuple[Any, ...], Tensor, tuple[Any, ...]]] = {}
+        # the last rows gathered for a role, for the other readers of their input (:meth:`held`)
+        self._held: dict[tuple[int, str], tuple[Readers, Subbatches, tuple, Tensor]] = {}
 
     def get(
         self, role: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None
@@ -162,25 +173,31 @@ class Scratch:
         view = views[shape] = buf[:size].view(shape)
         return view
 
-    def held(self, role: str, source: Tensor, sb: Subbatches, dtype: torch.dtype) -> Tensor | None:
-        """The rows :meth:`hold` last kept for ``role`` on this thread, if they were gathered
-        from this very ``source`` (same storage, offset, shape, strides, and unchanged since:
-        its version counter) by these sub-batches into ``dtype``; else ``None``. Layers that read
-        one input — a query, key and value projection, a gate and up projection — then gather
-        it once. The entry holds the source and the sub-batches, so neither can be freed and
-        its address reused by another tensor while it is kept."""
-        entry = self._held.get((threading.get_ident(), role))
-        if entry is None or entry[0] != _source_key(source, sb, dtype):
+    def held(self, role: str, readers: Readers | None, sb: Subbatches, key: tuple) -> Tensor | None:
+        """The rows gathered for ``role`` by the previous reader of one input tensor
+        (``readers``: the product layers that read it in the forward, paired there), by these
+        sub-batches, with this ``key`` (shape, dtype: what the rows are); else ``None``. The
+        last reader takes them out (they are held no longer than needed)."""
+        if readers is None or readers.count < 2:
             return None
-        return entry[1]
+        slot = (threading.get_ident(), role)
+        entry = self._held.get(slot)
+        if entry is None or entry[0] is not readers or entry[1] is not sb or entry[2] != key:
+            return None
+        readers.used += 1
+        if readers.used >= readers.count:
+            del self._held[slot]
+        return entry[3]
 
     def hold(
-        self, role: str, source: Tensor, sb: Subbatches, dtype: torch.dtype, rows: Tensor
+        self, role: str, readers: Readers | None, sb: Subbatches, key: tuple, rows: Tensor
     ) -> None:
-        """Keep ``rows``, gathered from ``source`` by ``sb`` into ``dtype``, for :meth:`held`
-        (until the next :meth:`get` of ``role`` on this thread or :meth:`release`)."""
-        key = _source_key(source, sb, dtype)
-        self._held[(threading.get_ident(), role)] = (key, rows, (source, sb))
+        """Keep ``rows`` for the other readers of their input (see :meth:`held`), until the
+        next :meth:`get` of ``role`` on this thread, the last reader, or :meth:`release`."""
+        if readers is None or readers.count < 2:
+            return
+        readers.used = 1
+        self._held[(threading.get_ident(), role)] = (readers, sb, key, rows)
 
     def release(self) -> None:
         """Drop what :meth:`hold` kept (at the end of a step: it holds an activation)."""
@@ -190,20 +207,6 @@ class Scratch:
         self._buffers.clear()
         self._views.clear()
         self._held.clear()
-
-
-def _source_key(source: Tensor, sb: Subbatches, dtype: torch.dtype) -> tuple[Any, ...]:
-    return (
-        source.untyped_storage().data_ptr(),
-        source.storage_offset(),
-        tuple(source.shape),
-        source.stride(),
-        source._version,
-        source.dtype,
-        source.device,
-        id(sb),
-        dtype,
-    )
 
 
 def linear_subbatch_grads(
@@ -216,6 +219,7 @@ def linear_subbatch_grads(
     scratch: Scratch | None = None,
     bias: bool = False,
     bias_w2: Tensor | None = None,
+    readers: Readers | None = None,
 ) -> SubbatchGrads:
     """The weight gradient of a linear map, the squared norm of each sub-batch's part of it, the
     k parts [k, *weight.shape] when ``keep``; with ``bias``, the same for its bias.
@@ -226,7 +230,8 @@ def linear_subbatch_grads(
     of the two uses need each sub-batch's gradient. ``scratch``: where the temporaries may live
     (not the kept gradients, which outlive the call). The bias's sub-batch gradients are the
     gathered output gradients summed over each sub-batch's rows: one read of them, as autograd's
-    own bias gradient takes.
+    own bias gradient takes. ``readers``: the product layers that read ``a`` in the forward
+    (:meth:`Scratch.held`: one gather for all of them).
     """
     dtype = product_dtype(a, d)
     rows = sb.k * sb.n
@@ -245,14 +250,15 @@ def linear_subbatch_grads(
     d = cast("d-cast", d)
     _, p, i = a.shape
     o = d.shape[2]
-    held = None if scratch is None else scratch.held("a", a, sb, dtype)
-    if held is not None:  # (gathered for the previous layer, which read this same input)
+    key = (tuple(a.shape), dtype)
+    held = None if scratch is None else scratch.held("a", readers, sb, key)
+    if held is not None:  # (gathered for another layer that read this same input)
         a3 = held
     else:
-        source, a = a, cast("a-cast", a)
+        a = cast("a-cast", a)
         a3 = sb.take_rows(a, buffer("a", (rows, p, i))).view(sb.k, sb.n * p, i)  # [k, n·P, I]
         if scratch is not None:
-            scratch.hold("a", source, sb, dtype, a3)
+            scratch.hold("a", readers, sb, key, a3)
     d3 = sb.take_rows(d, buffer("d", (rows, p, o))).view(sb.k, sb.n * p, o)  # [k, n·P, O]
     chunk = sb.k if keep else max(1, _CHUNK_ELEMENTS // (o * i))
     if chunk >= sb.k and not keep:
@@ -309,12 +315,14 @@ def conv_subbatch_grads(
     bias: bool = False,
     bias_w2: Tensor | None = None,
     scratch: Scratch | None = None,
+    readers: Readers | None = None,
 ) -> SubbatchGrads:
     """:func:`linear_subbatch_grads` for a convolution (``x``, ``d``: its input and output
     gradient, [N, C, ...])."""
     from noisescale.per_example.conv import subbatch_weight_grads
 
-    per = subbatch_weight_grads(module, x, d, sb, product_dtype(x, d), scratch)  # [k, *w.shape]
+    dtype = product_dtype(x, d)
+    per = subbatch_weight_grads(module, x, d, sb, dtype, scratch, readers)  # [k, *w.shape]
     total = per.sum(0, dtype=_acc_dtype(per))
     if w2 is not None or keep:
         per = _acc(per)
