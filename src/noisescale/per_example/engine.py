@@ -148,7 +148,7 @@ class _WeightJob:
     engine: Any = None
     bias: nn.Parameter | None = None  # the layer's bias, when its gradient is taken over too
     # the product layers that read this call's input tensor itself in the forward (eager only)
-    readers: Any = None
+    readers: subbatch_mod.Readers | None = None
 
     def weight_grad(self, x: Tensor, d: Tensor) -> tuple[Tensor | None, Tensor | None]:
         return self.engine._weight_backward(self, x, d)

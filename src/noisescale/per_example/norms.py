@@ -46,7 +46,8 @@ def _ones(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
 
 def _normalised(module: nn.Module, x: Tensor) -> Tensor:
     x = _acc(x)
-    # the fused kernels without affine parameters: several times faster than mean/var by hand
+    # the fused kernels (no bias; a weight only where it is faster, below): several times
+    # faster than mean/var by hand
     if isinstance(module, nn.LayerNorm):
         shape = tuple(module.normalized_shape)
         # on the CPU with a weight of ones: torch's kernel without affine parameters takes a
