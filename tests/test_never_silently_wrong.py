@@ -728,14 +728,9 @@ class TableOut(nn.Module):
         return self.head(x + self.pos).mean(1), self.pos if self.raw else self.pos * 1.0
 
 
-@pytest.mark.parametrize("t", [3])
-@pytest.mark.parametrize("raw", [False, True])
-def test_a_shared_output_pulled_towards_a_constant_in_the_loss(t, raw, products):
-    """A shared output in the loss: exact in both modes, and the parameter returned as it is
-    needs no gradient in the permutation check's comparison (it warned, an error under
-    -W error). (With T = N the fixed [T, D] table is taken for per-example rows: a known gap,
-    see docs/per_example.md — a rule that made it exact leaked in-place writes into targets.)"""
-    torch.manual_seed(0)
+def _table_loss(t: int, how: str = "sub"):
+    """The per-example loss of :class:`TableOut` on its input ``x``: each example's squared
+    error plus 0.1 × a penalty pulling the returned table towards a fixed [T, D] table."""
     ref = torch.randn(t, 3, generator=torch.Generator().manual_seed(22))
     y = torch.randn(N, 2, generator=torch.Generator().manual_seed(23))
     x = torch.randn(N, t, 3, generator=torch.Generator().manual_seed(24))
@@ -743,11 +738,108 @@ def test_a_shared_output_pulled_towards_a_constant_in_the_loss(t, raw, products)
     def loss(m, xs):
         logits, pos = m(xs)
         rows = y[: xs.shape[0]] if xs.shape[0] == N else y[_row_of(xs, x)]
-        return (logits - rows).pow(2).sum(1) + 0.1 * (pos - ref).pow(2).sum()
+        penalty = (pos - ref).pow(2).sum() if how == "sub" else (pos * ref).sum()
+        return (logits - rows).pow(2).sum(1) + 0.1 * penalty
 
+    return x, loss
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_a_shared_output_pulled_towards_a_constant_in_the_loss(raw, products):
+    """A shared output in the loss: exact in both modes, and the parameter returned as it is
+    needs no gradient in the permutation check's comparison (it warned, an error under
+    -W error)."""
+    torch.manual_seed(0)
+    x, loss = _table_loss(3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert_exact_both_ways(TableOut(t, raw), x, loss)
+        assert_exact_both_ways(TableOut(3, raw), x, loss)
+
+
+@pytest.mark.parametrize("how", ["sub", "mul"])
+@pytest.mark.parametrize("raw", [False, True])
+def test_a_table_with_as_many_rows_as_examples_met_by_a_constant_is_refused(raw, how):
+    """(From a review; a documented gap until 2026-12-03.) With T = N the fixed [T, D] table
+    has the batch's size in dim 0, and the returned table met it row by row: its rows were
+    split as if they were the examples' — 44–291% off without a word, in every mode and on
+    every step. Nothing shows whether a tensor without history is a target (rows = examples)
+    or a constant whose size happens to equal the batch's, so it is refused, on every step:
+    with the audit switched off too, which it does not depend on."""
+    x, loss = _table_loss(N, how)
+    with pytest.raises(UnsupportedModuleError, match="row by row in the operation"):
+        one_shot(TableOut(N, raw), x, loss)
+    for subbatches in (0, 2):
+        engine = PerExampleNorms(TableOut(N, raw), subbatches=subbatches, audit=False)
+        try:
+            engine.model.zero_grad()
+            loss(engine.model, x).mean().backward()
+            with pytest.raises(UnsupportedModuleError, match="cannot tell whether its rows"):
+                engine.collect()
+        finally:
+            engine.remove()
+
+
+@pytest.mark.parametrize("how", ["getitem", "embedding", "permuted"])
+@pytest.mark.parametrize("raw", [False, True])
+def test_a_shared_output_looked_up_in_the_loss_by_as_many_indices_as_examples_is_refused(raw, how):
+    """(Found while closing the gap above.) The returned table [T, D], T = N, looked up in the
+    loss by positions — ``pos[arange(T)]`` — and pulled towards a fixed table: the lookup took
+    each index for an example's, 15% wrong without a word, in every mode. In the loss no audit
+    can tell positions from labels (its replay starts at the model's outputs; inside the model
+    it learns which), so a lookup of a shared tensor there by as many indices as examples is
+    refused on every step, saying to do it inside the model's forward. With T ≠ N the indices
+    never meet the batch and the step is exact (the test above)."""
+    x, _ = _table_loss(N)
+    ref = torch.randn(N, 3, generator=torch.Generator().manual_seed(22))
+    y = torch.randn(N, 2, generator=torch.Generator().manual_seed(23))
+    order = torch.arange(N) if how != "permuted" else torch.tensor([2, 0, 3, 1])
+
+    def loss(m, xs):
+        logits, pos = m(xs)
+        rows = y[: xs.shape[0]] if xs.shape[0] == N else y[_row_of(xs, x)]
+        looked = F.embedding(order, pos) if how == "embedding" else pos[order]
+        return (logits - rows).pow(2).sum(1) + 0.1 * (looked - ref).pow(2).sum()
+
+    with pytest.raises(UnsupportedModuleError, match="inside the model's forward"):
+        one_shot(TableOut(N, raw), x, loss)
+    for subbatches in (0, 2):
+        engine = PerExampleNorms(TableOut(N, raw), subbatches=subbatches, audit=False)
+        try:
+            engine.model.zero_grad()
+            loss(engine.model, x).mean().backward()
+            with pytest.raises(UnsupportedModuleError, match="after the model's forward"):
+                engine.collect()
+        finally:
+            engine.remove()
+
+
+class Prototypes(nn.Module):
+    """Class prototypes [C, D] looked up by each example's label inside the forward (a
+    prototype or centre loss), with C = N."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 3)
+        self.prototypes = nn.Parameter(torch.randn(N, 3))
+
+    def forward(self, x, labels):
+        return (self.embed(x) - self.prototypes[labels]).pow(2).sum(1)
+
+
+def test_a_lookup_by_labels_inside_the_forward_is_exact():
+    """What the refusal above says to do: the same lookup by labels inside the model's forward,
+    as many classes as examples, is exact in both modes."""
+    torch.manual_seed(0)
+    x = torch.randn(N, 3, generator=torch.Generator().manual_seed(30))
+    labels = torch.tensor([1, 1, 3, 0])
+
+    def loss(m, xs):
+        if xs.shape[0] == N:
+            return m(xs, labels)
+        i = _row_of(xs, x)
+        return m(xs, labels[i : i + 1])
+
+    assert_exact_both_ways(Prototypes(), x, loss)
 
 
 def _row_of(xs: torch.Tensor, x: torch.Tensor) -> int:

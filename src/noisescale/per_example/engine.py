@@ -246,6 +246,10 @@ class PassNorms:
     signature: list[tuple] = field(default_factory=list)  # structure, for the audit
     audit: audit_mod.PassAudit | None = None
     unsupported: list[tuple[Any, str]] = field(default_factory=list)  # (scope, op)
+    # meetings that nothing can prove to be by example (shared.py's _rows_unproven and loss-time
+    # lookups): (origin, op, shared shape, other shape, kind "rows" | "lookup")
+    ambiguous: list[tuple[Any, str, tuple, tuple, str]] = field(default_factory=list)
+    returned: bool = False  # the model's forward has returned (what follows is the loss)
     shared_calls: list[_Call] = field(default_factory=list)
     # layers called on the examples flattened together with positions (LayerRule.flattened)
     flat_calls: set[nn.Module] = field(default_factory=set)
@@ -856,6 +860,7 @@ class PerExampleNorms:
         if not self._active() or torch._C._current_graph_task_id() != -1:
             return
         pass_ = self.passes[-1]
+        pass_.returned = True
         # The replay's roots, by gradient edge: the model's outputs; the tensor an output was
         # cast from (accelerate's convert_outputs_to_fp32 for the Trainer's bf16=True casts the
         # logits after the loss was computed from them: the loss's gradient never reaches the
@@ -2051,6 +2056,11 @@ class PerExampleNorms:
     def record_unsupported(self, pass_: PassNorms, origin: Origin, op: str) -> None:
         pass_.unsupported.append((origin, op))
 
+    def record_ambiguous(
+        self, pass_: PassNorms, origin: Origin, op: str, shapes: tuple[tuple, tuple], kind: str
+    ) -> None:
+        pass_.ambiguous.append((origin, op, *shapes, kind))
+
     # -- backward hooks -----------------------------------------------------------------------
 
     def _begin(
@@ -2754,16 +2764,19 @@ class PerExampleNorms:
             else audit_mod.Findings()
         )
         missing = pass_.received - pass_.covered
+        if findings.unpermuted:
+            # (a shared call that never met the batch says more about the cause: first)
+            self._refuse_unmet_shared(pass_, missing)
+            raise UnsupportedModuleError(findings.message(self._labels, None, self._param_name))
+        if pass_.ambiguous:
+            # (after the permutation check, which names the cause when it is time-major data)
+            raise UnsupportedModuleError(_ambiguous_message(pass_))
         if findings.ok and not missing:
             if pass_.audit is not None:
                 self._audited_signatures.add(pass_.audit.signature)
                 if pass_.audit.unverified:
                     self.audit_log.append(pass_.audit.unverified)
             return
-        if findings.unpermuted:
-            # (a shared call that never met the batch says more about the cause: first)
-            self._refuse_unmet_shared(pass_, missing)
-            raise UnsupportedModuleError(findings.message(self._labels, None, self._param_name))
         if findings.unverified_flat:
             self._on_unverified_flat(pass_, findings, learn)
             return
@@ -3287,6 +3300,33 @@ def _plain_weight_grad(job: _WeightJob, x: Tensor, d: Tensor) -> tuple[Tensor, T
     return (grad.t() if job.kind == "conv1d" else grad), bias
 
 
+def _ambiguous_message(pass_: PassNorms) -> str:
+    origin, op, shared, other, kind = pass_.ambiguous[0]
+    labels = sorted({s.label for s in origin.sources})
+    n = pass_.batch_size
+    if kind == "lookup":
+        return (
+            f"a tensor computed from {labels} alone, of shape {list(shared)}, was indexed "
+            f"after the model's forward returned (in the loss) by {list(other)} indices in the "
+            f"operation '{op}'. noisescale cannot tell whether each of the {n} indices belongs "
+            "to an example (labels) or to a position whose count happens to equal the batch's "
+            "(a position table indexed by arange(T) with T = N), and no audit reaches the loss. "
+            "Do the lookup inside the model's forward (where the audit checks it), keep "
+            "parameters out of the loss, or use per_example=False"
+        )
+    return (
+        f"a tensor computed from {labels} alone, of shape {list(shared)}, has the "
+        f"batch's size ({n}) in dim 0 and meets, row by row in the operation '{op}', "
+        f"only a tensor without autograd history of shape {list(other)} (a constant, a "
+        "target or input data). noisescale cannot tell whether its rows are the "
+        "examples' or a table whose size happens to equal the batch's (a position "
+        "table pulled towards a fixed table in the loss, with as many positions as "
+        "examples, would be split as if its rows were examples). Keep parameters out of "
+        "the loss (the optimizer's weight decay for penalties), use a batch size other "
+        f"than {n}, or use per_example=False"
+    )
+
+
 def _audit_scheduled(step: int) -> bool:
     """Audit step 1 (steps count from 1), steps 2, 4, 8, …, 1024, and every 1024th after."""
     return step <= 1 or (step <= 1024 and step & (step - 1) == 0) or step % 1024 == 0
@@ -3326,6 +3366,7 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
         )
         merged.audit = next((p.audit for p in group if p.audit is not None), None)
         merged.unsupported = [u for p in group for u in p.unsupported]
+        merged.ambiguous = [u for p in group for u in p.ambiguous]
         if any(p.rows is not None or p.skipped for p in group) and not merged.skipped:
             offset, taken = 0, []
             for p in group:

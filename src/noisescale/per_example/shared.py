@@ -245,6 +245,18 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
             # table[index.view(-1)] with T² = N): its rows are shared, and meet the batch later
             with torch._C.DisableTorchFunctionSubclass():
                 return _rewrap(func(*_unwrap(args), **_unwrap(kwargs)), origin)
+        if pass_.returned:
+            # in the loss: whether the indices are the examples' (labels) or positions whose
+            # count equals the batch's (arange(T), T = N) no audit checks there (its replay
+            # starts from the model's outputs) — inside the model it learns the latter
+            if func is F.embedding:
+                idx = args[0] if args else kwargs["input"]
+                table = args[1] if len(args) > 1 else kwargs["weight"]
+            else:
+                table, idx = args[0], args[1]
+            engine.record_ambiguous(
+                pass_, origin, name, (tuple(table.shape), tuple(idx.shape)), "lookup"
+            )
         if func is F.embedding:
             return _embedding(args, kwargs, origin, pass_, n, dim, key=key)
         # table[idx] with per-example integer indices: an embedding lookup into the rows
@@ -299,6 +311,9 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
                 return result
             return _rewrap(result, origin)
         if out_shape is not None and batched and len(out_shape) > dim and out_shape[dim] == n:
+            rows = _rows_unproven(flat, batched, len(out_shape), n, dim)
+            if rows is not None:
+                engine.record_ambiguous(pass_, origin, name, rows, "rows")
             return _elementwise(func, args, kwargs, origin, pass_, tuple(out_shape))
     if batched and inspect.isfunction(func):
         # a function written in Python (F.multi_head_attention_forward, …) dispatches once on
@@ -309,6 +324,33 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
     with torch._C.DisableTorchFunctionSubclass():
         result = func(*args, **kwargs)
     return _rewrap(result, origin)
+
+
+def _rows_unproven(
+    flat: list[Any], batched: list[Tensor], nd: int, n: int, dim: int
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(shared shape, other shape) when a shared operand is not broadcast over the examples —
+    it has the batch's size along ``dim`` itself, so the meeting would split its rows as the
+    examples' (:func:`per_example_reduce`) — and nothing it meets carries autograd history.
+
+    A Mixture-of-Experts' output (shared, its rows the tokens of each example) meets the
+    residual stream, which has history: the rows are the examples'. A learned table [T, D]
+    returned by the model and pulled towards a fixed [T, D] table in the loss, with T = N,
+    meets only a constant: whether that constant's dim 0 is the examples (a target) or a
+    coincidence of sizes (a fixed table) no operation shows, and the audit's replay cannot
+    tell either (no gradient flows into the constant). Refused by the engine (up to 80% wrong
+    before)."""
+    shared = next(
+        (
+            t
+            for t in flat
+            if isinstance(t, SharedTensor) and t.dim() == nd and t.dim() > dim and t.shape[dim] == n
+        ),
+        None,
+    )
+    if shared is None or any(t.grad_fn is not None for t in batched):
+        return None
+    return tuple(shared.shape), tuple(batched[0].shape)
 
 
 def _repeats(args: tuple, kwargs: dict) -> tuple[int, ...] | None:
