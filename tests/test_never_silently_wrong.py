@@ -728,9 +728,23 @@ class TableOut(nn.Module):
         return self.head(x + self.pos).mean(1), self.pos if self.raw else self.pos * 1.0
 
 
+_PENALTIES = {
+    # what the loss does with the returned table ``pos`` and a fixed table ``ref`` [T, 3]
+    "sub": lambda pos, ref: (pos - ref).pow(2).sum(),
+    "mul": lambda pos, ref: (pos * ref).sum(),
+    "getitem": lambda pos, ref: (pos[torch.arange(ref.shape[0])] - ref).pow(2).sum(),
+    "embedding": lambda pos, ref: (F.embedding(torch.arange(ref.shape[0]), pos) - ref).pow(2).sum(),
+    "permuted": lambda pos, ref: (pos[torch.arange(ref.shape[0]).flip(0)] - ref).pow(2).sum(),
+    "reduced": lambda pos, ref: (pos.sum(0) * ref).sum(),
+    "batched-matmul": lambda pos, ref: (pos.unsqueeze(0) @ ref.unsqueeze(2)).sum(),
+    "linear": lambda pos, ref: F.linear(ref, pos).sum(),
+    "expand": lambda pos, ref: (pos.expand(ref.shape[0], *pos.shape) - ref[:, None]).pow(2).sum(),
+}
+
+
 def _table_loss(t: int, how: str = "sub"):
     """The per-example loss of :class:`TableOut` on its input ``x``: each example's squared
-    error plus 0.1 × a penalty pulling the returned table towards a fixed [T, D] table."""
+    error plus 0.1 × a penalty that pulls the returned table towards a fixed [T, D] table."""
     ref = torch.randn(t, 3, generator=torch.Generator().manual_seed(22))
     y = torch.randn(N, 2, generator=torch.Generator().manual_seed(23))
     x = torch.randn(N, t, 3, generator=torch.Generator().manual_seed(24))
@@ -738,68 +752,36 @@ def _table_loss(t: int, how: str = "sub"):
     def loss(m, xs):
         logits, pos = m(xs)
         rows = y[: xs.shape[0]] if xs.shape[0] == N else y[_row_of(xs, x)]
-        penalty = (pos - ref).pow(2).sum() if how == "sub" else (pos * ref).sum()
-        return (logits - rows).pow(2).sum(1) + 0.1 * penalty
+        return (logits - rows).pow(2).sum(1) + 0.1 * _PENALTIES[how](pos, ref)
 
     return x, loss
 
 
+@pytest.mark.parametrize("how", ["sub", "getitem", "reduced"])
 @pytest.mark.parametrize("raw", [False, True])
-def test_a_shared_output_pulled_towards_a_constant_in_the_loss(raw, products):
+def test_a_shared_output_pulled_towards_a_constant_in_the_loss(raw, how, products):
     """A shared output in the loss: exact in both modes, and the parameter returned as it is
     needs no gradient in the permutation check's comparison (it warned, an error under
-    -W error)."""
+    -W error). (T ≠ N: the fixed table never has the batch's size.)"""
     torch.manual_seed(0)
-    x, loss = _table_loss(3)
+    x, loss = _table_loss(3, how)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert_exact_both_ways(TableOut(3, raw), x, loss)
 
 
-@pytest.mark.parametrize("how", ["sub", "mul"])
+@pytest.mark.parametrize("how", sorted(_PENALTIES))
 @pytest.mark.parametrize("raw", [False, True])
-def test_a_table_with_as_many_rows_as_examples_met_by_a_constant_is_refused(raw, how):
-    """(From a review; a documented gap until 2026-12-03.) With T = N the fixed [T, D] table
-    has the batch's size in dim 0, and the returned table met it row by row: its rows were
-    split as if they were the examples' — 44–291% off without a word, in every mode and on
-    every step. Nothing shows whether a tensor without history is a target (rows = examples)
-    or a constant whose size happens to equal the batch's, so it is refused, on every step:
-    with the audit switched off too, which it does not depend on."""
+def test_a_shared_output_met_in_the_loss_only_by_constants_of_the_batch_size_is_refused(raw, how):
+    """(From a review, a documented gap until 2026-12-03, and the forms found while closing
+    it.) With T = N the fixed [T, D] table, the positions ``arange(T)`` or an explicit
+    ``expand(T, …)`` have the batch's size in dim 0, and the returned table met them as if
+    that dimension held the examples: 15–291% off without a word, in every mode and on every
+    step. In the loss nothing tells a target or labels (rows = examples) from a constant whose
+    size happens to equal the batch's, and the audit's replay starts at the model's outputs —
+    so a meeting there through tensors without autograd history only is refused, on every
+    step: with the audit switched off too, which the refusal does not depend on."""
     x, loss = _table_loss(N, how)
-    with pytest.raises(UnsupportedModuleError, match="row by row in the operation"):
-        one_shot(TableOut(N, raw), x, loss)
-    for subbatches in (0, 2):
-        engine = PerExampleNorms(TableOut(N, raw), subbatches=subbatches, audit=False)
-        try:
-            engine.model.zero_grad()
-            loss(engine.model, x).mean().backward()
-            with pytest.raises(UnsupportedModuleError, match="cannot tell whether its rows"):
-                engine.collect()
-        finally:
-            engine.remove()
-
-
-@pytest.mark.parametrize("how", ["getitem", "embedding", "permuted"])
-@pytest.mark.parametrize("raw", [False, True])
-def test_a_shared_output_looked_up_in_the_loss_by_as_many_indices_as_examples_is_refused(raw, how):
-    """(Found while closing the gap above.) The returned table [T, D], T = N, looked up in the
-    loss by positions — ``pos[arange(T)]`` — and pulled towards a fixed table: the lookup took
-    each index for an example's, 15% wrong without a word, in every mode. In the loss no audit
-    can tell positions from labels (its replay starts at the model's outputs; inside the model
-    it learns which), so a lookup of a shared tensor there by as many indices as examples is
-    refused on every step, saying to do it inside the model's forward. With T ≠ N the indices
-    never meet the batch and the step is exact (the test above)."""
-    x, _ = _table_loss(N)
-    ref = torch.randn(N, 3, generator=torch.Generator().manual_seed(22))
-    y = torch.randn(N, 2, generator=torch.Generator().manual_seed(23))
-    order = torch.arange(N) if how != "permuted" else torch.tensor([2, 0, 3, 1])
-
-    def loss(m, xs):
-        logits, pos = m(xs)
-        rows = y[: xs.shape[0]] if xs.shape[0] == N else y[_row_of(xs, x)]
-        looked = F.embedding(order, pos) if how == "embedding" else pos[order]
-        return (logits - rows).pow(2).sum(1) + 0.1 * (looked - ref).pow(2).sum()
-
     with pytest.raises(UnsupportedModuleError, match="inside the model's forward"):
         one_shot(TableOut(N, raw), x, loss)
     for subbatches in (0, 2):
@@ -807,10 +789,71 @@ def test_a_shared_output_looked_up_in_the_loss_by_as_many_indices_as_examples_is
         try:
             engine.model.zero_grad()
             loss(engine.model, x).mean().backward()
-            with pytest.raises(UnsupportedModuleError, match="after the model's forward"):
+            with pytest.raises(UnsupportedModuleError, match="no audit reaches the loss"):
                 engine.collect()
         finally:
             engine.remove()
+
+
+class ScaleOut(nn.Module):
+    """Returns its per-example outputs and a learned scale, which the loss applies."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.scale = nn.Parameter(torch.tensor([1.5, -0.5]))
+
+    def forward(self, x):
+        return self.fc(x), self.scale * 1.0
+
+
+def test_a_shared_output_met_in_the_loss_by_the_model_outputs_is_exact(products):
+    """What the refusal above says to do — combine the shared output with the model's
+    per-example outputs (which carry a history) — is exact in both modes, the targets then met
+    through those."""
+    torch.manual_seed(0)
+    x = torch.randn(N, 3, generator=torch.Generator().manual_seed(31))
+    y = torch.randn(N, 2, generator=torch.Generator().manual_seed(32))
+
+    def loss(m, xs):
+        h, s = m(xs)
+        rows = y if xs.shape[0] == N else y[_row_of(xs, x)]
+        return (h * s - rows).pow(2).sum(1)
+
+    assert_exact_both_ways(ScaleOut(), x, loss)
+
+
+class TableIn(nn.Module):
+    """A table of T rows multiplied row by row into the input data [N, D] inside the forward:
+    only defined when T = N, each example meeting its own row."""
+
+    def __init__(self, t: int):
+        super().__init__()
+        self.rows = nn.Parameter(torch.randn(t, 3))
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(x * self.rows)
+
+
+def test_a_table_with_the_batch_size_met_row_by_row_by_input_data_is_refused():
+    """Inside the forward, a shared tensor with the batch's size in dim 0 that meets only
+    tensors without history row by row (the input data) is refused too: whether its rows are
+    the examples' nothing shows (a single example's forward would broadcast it instead)."""
+    x = torch.randn(N, 3, generator=torch.Generator().manual_seed(33))
+
+    def loss(m, xs):
+        return m(xs).pow(2).sum(1)
+
+    with pytest.raises(UnsupportedModuleError, match="row by row in the operation"):
+        one_shot(TableIn(N), x, loss)
+    engine = PerExampleNorms(TableIn(N), subbatches=2, audit=False)
+    try:
+        loss(engine.model, x).mean().backward()
+        with pytest.raises(UnsupportedModuleError, match="cannot tell whether its rows"):
+            engine.collect()
+    finally:
+        engine.remove()
 
 
 class Prototypes(nn.Module):
@@ -827,8 +870,8 @@ class Prototypes(nn.Module):
 
 
 def test_a_lookup_by_labels_inside_the_forward_is_exact():
-    """What the refusal above says to do: the same lookup by labels inside the model's forward,
-    as many classes as examples, is exact in both modes."""
+    """What the refusal of loss-time meetings says to do: a lookup by labels inside the model's
+    forward, as many classes as examples, is exact in both modes."""
     torch.manual_seed(0)
     x = torch.randn(N, 3, generator=torch.Generator().manual_seed(30))
     labels = torch.tensor([1, 1, 3, 0])

@@ -246,10 +246,12 @@ class PassNorms:
     signature: list[tuple] = field(default_factory=list)  # structure, for the audit
     audit: audit_mod.PassAudit | None = None
     unsupported: list[tuple[Any, str]] = field(default_factory=list)  # (scope, op)
-    # meetings that nothing can prove to be by example (shared.py's _rows_unproven and loss-time
-    # lookups): (origin, op, shared shape, other shape, kind "rows" | "lookup")
+    # meetings that nothing can prove to be by example (shared.py's _rows_unproven, and any in
+    # the loss through tensors without history): (origin, op, shared shape, other shape, kind
+    # "rows" | "loss")
     ambiguous: list[tuple[Any, str, tuple, tuple, str]] = field(default_factory=list)
     returned: bool = False  # the model's forward has returned (what follows is the loss)
+    meetings_added: int = 0
     shared_calls: list[_Call] = field(default_factory=list)
     # layers called on the examples flattened together with positions (LayerRule.flattened)
     flat_calls: set[nn.Module] = field(default_factory=set)
@@ -1986,6 +1988,7 @@ class PerExampleNorms:
 
     def add_meeting(self, pass_: PassNorms, meeting: Meeting) -> None:
         """Register where a shared tensor meets the batch; its hook runs in the backward."""
+        pass_.meetings_added += 1
         if pass_.skipped:
             return
         meeting.box.insert(0, True)  # alive until the backward takes it
@@ -3304,26 +3307,27 @@ def _ambiguous_message(pass_: PassNorms) -> str:
     origin, op, shared, other, kind = pass_.ambiguous[0]
     labels = sorted({s.label for s in origin.sources})
     n = pass_.batch_size
-    if kind == "lookup":
+    if kind == "loss":
         return (
-            f"a tensor computed from {labels} alone, of shape {list(shared)}, was indexed "
-            f"after the model's forward returned (in the loss) by {list(other)} indices in the "
-            f"operation '{op}'. noisescale cannot tell whether each of the {n} indices belongs "
-            "to an example (labels) or to a position whose count happens to equal the batch's "
-            "(a position table indexed by arange(T) with T = N), and no audit reaches the loss. "
-            "Do the lookup inside the model's forward (where the audit checks it), keep "
-            "parameters out of the loss, or use per_example=False"
+            f"a tensor computed from {labels} alone, of shape {list(shared)}, met the batch "
+            f"after the model's forward returned (in the loss), in the operation '{op}', only "
+            f"through tensors without autograd history of the batch's size ({n}) in dim 0, "
+            f"such as {list(other)}: targets, labels, or constants. noisescale cannot tell "
+            "whether their dim 0 is the examples (targets, labels) or a size that happens to "
+            "equal the batch's (a fixed table with as many rows as examples, positions "
+            "arange(T) with T = N), and no audit reaches the loss. Compute this inside the "
+            "model's forward (pass the targets to it, as Hugging Face models take labels=), "
+            "combine it with the model's per-example outputs first, keep parameters out of "
+            "the loss (the optimizer's weight decay for penalties), or use per_example=False"
         )
     return (
         f"a tensor computed from {labels} alone, of shape {list(shared)}, has the "
         f"batch's size ({n}) in dim 0 and meets, row by row in the operation '{op}', "
-        f"only a tensor without autograd history of shape {list(other)} (a constant, a "
-        "target or input data). noisescale cannot tell whether its rows are the "
-        "examples' or a table whose size happens to equal the batch's (a position "
-        "table pulled towards a fixed table in the loss, with as many positions as "
-        "examples, would be split as if its rows were examples). Keep parameters out of "
-        "the loss (the optimizer's weight decay for penalties), use a batch size other "
-        f"than {n}, or use per_example=False"
+        f"only a tensor without autograd history of shape {list(other)} (input data or a "
+        "mask). noisescale cannot tell whether its rows are the examples' or a table whose "
+        "size happens to equal the batch's (a single example's forward would broadcast the "
+        f"whole table over it). Use a batch size other than {n}, keep the table's rows "
+        "apart from the examples' dimension, or use per_example=False"
     )
 
 

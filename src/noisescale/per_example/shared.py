@@ -230,8 +230,43 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
         with torch._C.DisableTorchFunctionSubclass():
             return _rewrap(func(*args, **kwargs), origin)
     n, dim = pass_.batch_size, engine.batch_dim()
-    name = _name(func)
     batched = [t for t in flat if _batched(t, n, dim)]
+    if pass_.returned and not any(t.grad_fn is not None for t in batched):
+        # In the loss (the model's forward has returned), meeting the batch only through
+        # tensors without autograd history — targets, labels, or constants whose dim 0 happens
+        # to have the batch's size (a fixed table of T = N rows, positions arange(T)) — or
+        # through none (s.expand(N, …)): nothing
+        # tells them apart, and no audit reaches the loss (its replay starts at the model's
+        # outputs; inside the model the audit learns positions from examples). A meeting made
+        # here is refused (a table pulled towards a fixed table: 44-291% off; looked up by
+        # arange(T): 15%; broadcast against a constant: 15-40%, before 2026-12-03).
+        count = pass_.meetings_added
+        result = _meet(func, args, kwargs, flat, origin, pass_, n, dim, batched)
+        if pass_.meetings_added != count:
+            shared = next(t for t in flat if isinstance(t, SharedTensor))
+            other = batched[0] if batched else result
+            shape = tuple(other.shape) if isinstance(other, Tensor) else ()
+            engine.record_ambiguous(
+                pass_, origin, _name(func), (tuple(shared.shape), shape), "loss"
+            )
+        return result
+    return _meet(func, args, kwargs, flat, origin, pass_, n, dim, batched)
+
+
+def _meet(
+    func: Any,
+    args: tuple,
+    kwargs: dict,
+    flat: list[Any],
+    origin: Origin,
+    pass_: PassNorms,
+    n: int,
+    dim: int,
+    batched: list[Tensor],
+) -> Any:
+    """:func:`_dispatch`'s rewrite of one operation on shared tensors in an open pass."""
+    engine = origin.engine
+    name = _name(func)
     if func in _LINEAR:
         x = args[0] if args else kwargs.get("input")
         if _linear_input(x, n, dim):
@@ -245,18 +280,6 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
             # table[index.view(-1)] with T² = N): its rows are shared, and meet the batch later
             with torch._C.DisableTorchFunctionSubclass():
                 return _rewrap(func(*_unwrap(args), **_unwrap(kwargs)), origin)
-        if pass_.returned:
-            # in the loss: whether the indices are the examples' (labels) or positions whose
-            # count equals the batch's (arange(T), T = N) no audit checks there (its replay
-            # starts from the model's outputs) — inside the model it learns the latter
-            if func is F.embedding:
-                idx = args[0] if args else kwargs["input"]
-                table = args[1] if len(args) > 1 else kwargs["weight"]
-            else:
-                table, idx = args[0], args[1]
-            engine.record_ambiguous(
-                pass_, origin, name, (tuple(table.shape), tuple(idx.shape)), "lookup"
-            )
         if func is F.embedding:
             return _embedding(args, kwargs, origin, pass_, n, dim, key=key)
         # table[idx] with per-example integer indices: an embedding lookup into the rows
@@ -311,7 +334,8 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
                 return result
             return _rewrap(result, origin)
         if out_shape is not None and batched and len(out_shape) > dim and out_shape[dim] == n:
-            rows = _rows_unproven(flat, batched, len(out_shape), n, dim)
+            # (in the loss, _dispatch refuses any meeting through tensors without history)
+            rows = None if pass_.returned else _rows_unproven(flat, batched, len(out_shape), n, dim)
             if rows is not None:
                 engine.record_ambiguous(pass_, origin, name, rows, "rows")
             return _elementwise(func, args, kwargs, origin, pass_, tuple(out_shape))
@@ -333,13 +357,13 @@ def _rows_unproven(
     it has the batch's size along ``dim`` itself, so the meeting would split its rows as the
     examples' (:func:`per_example_reduce`) — and nothing it meets carries autograd history.
 
-    A Mixture-of-Experts' output (shared, its rows the tokens of each example) meets the
-    residual stream, which has history: the rows are the examples'. A learned table [T, D]
-    returned by the model and pulled towards a fixed [T, D] table in the loss, with T = N,
-    meets only a constant: whether that constant's dim 0 is the examples (a target) or a
-    coincidence of sizes (a fixed table) no operation shows, and the audit's replay cannot
-    tell either (no gradient flows into the constant). Refused by the engine (up to 80% wrong
-    before)."""
+    Inside the forward (the loss has a stricter rule of its own, in :func:`_dispatch`): a
+    Mixture-of-Experts' output (shared, its rows the tokens of each example) meets the
+    residual stream, which has history, and its rows are the examples'. A table of T rows
+    multiplied row by row into the input data, T = N, meets only data without history, and
+    whether its rows are the examples' no operation shows (a single example's forward would
+    broadcast the table over it): refused by the engine.
+    """
     shared = next(
         (
             t
