@@ -845,7 +845,8 @@ def test_a_table_with_the_batch_size_met_row_by_row_by_input_data_is_refused():
     def loss(m, xs):
         return m(xs).pow(2).sum(1)
 
-    with pytest.raises(UnsupportedModuleError, match="row by row in the operation"):
+    # (audited, the output also fails to follow a permutation of the examples)
+    with pytest.raises(UnsupportedModuleError, match=r"row by row|does not follow"):
         one_shot(TableIn(N), x, loss)
     engine = PerExampleNorms(TableIn(N), subbatches=2, audit=False)
     try:
@@ -1202,3 +1203,69 @@ def test_a_contrastive_loss_over_the_batch_is_refused_naming_it():
             tracker.step()
     finally:
         tracker.remove()
+
+
+class BufferPrototypes(nn.Module):
+    """Class prototypes computed from a fixed buffer of class embeddings through a Linear
+    (a cosine or zero-shot classifier's head), returned with the features; C classes."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.register_buffer("class_text", torch.randn(c, 5))
+        self.enc, self.proj = nn.Linear(6, 3), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.enc(x), self.proj(self.class_text)
+
+
+def _prototype_loss(x, y):
+    def loss(m, xs):
+        h, protos = m(xs)
+        ys = y if xs.shape[0] == N else y[_row_of(xs, x) : _row_of(xs, x) + 1]
+        return F.cross_entropy(h @ protos.T, ys, reduction="none")
+
+    return loss
+
+
+@pytest.mark.parametrize("c", [3, N])
+def test_prototypes_from_a_buffer_with_as_many_classes_as_examples_are_refused(c):
+    """(From a review.) With C = N the prototypes [C, D] look like a batched output: 'proj' was
+    measured as a per-example call and its rows split as the examples' — 35-124% off without a
+    word, in every mode. Every output with the batch's size in dim 0 must now follow the
+    examples when the audit permutes them; these do not, and the step is refused. With C ≠ N
+    'proj' is a shared call, met by the features in the loss: exact."""
+    torch.manual_seed(0)
+    x = torch.randn(N, 6, generator=torch.Generator().manual_seed(40))
+    y = torch.randint(0, c, (N,), generator=torch.Generator().manual_seed(41))
+    loss = _prototype_loss(x, y)
+    if c != N:
+        assert_exact_both_ways(BufferPrototypes(c), x, loss)
+        return
+    with pytest.raises(UnsupportedModuleError, match="holds no examples at all"):
+        one_shot(BufferPrototypes(c), x, loss)
+    assert_exact_or_refused(BufferPrototypes(c), x, loss)
+
+
+def test_a_constant_with_a_history_of_its_own_is_not_taken_for_the_examples():
+    """(From a review.) A teacher's table that still requires grad has an autograd history,
+    but not one that comes from the model's outputs: the returned table pulled towards it with
+    T = N was 21-47% off when any history counted. Only tensors computed from the model's
+    outputs carry the examples into the loss."""
+    teacher = nn.Parameter(torch.randn(1, N, 3, generator=torch.Generator().manual_seed(42)))
+    x, _ = _table_loss(N)
+    y = torch.randn(N, 2, generator=torch.Generator().manual_seed(23))
+
+    def loss(m, xs):
+        logits, pos = m(xs)
+        rows = y[: xs.shape[0]] if xs.shape[0] == N else y[_row_of(xs, x)]
+        return (logits - rows).pow(2).sum(1) + 0.1 * (pos - teacher.squeeze(0)).pow(2).sum()
+
+    with pytest.raises(UnsupportedModuleError, match="not computed from the model's outputs"):
+        one_shot(TableOut(N), x, loss)
+    engine = PerExampleNorms(TableOut(N), subbatches=2, audit=False)
+    try:
+        loss(engine.model, x).mean().backward()
+        with pytest.raises(UnsupportedModuleError, match="no audit reaches the loss"):
+            engine.collect()
+    finally:
+        engine.remove()

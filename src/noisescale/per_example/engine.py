@@ -251,6 +251,7 @@ class PassNorms:
     # "rows" | "loss")
     ambiguous: list[tuple[Any, str, tuple, tuple, str]] = field(default_factory=list)
     returned: bool = False  # the model's forward has returned (what follows is the loss)
+    output_nodes: dict[int, Any] = field(default_factory=dict)  # the outputs' autograd nodes
     meetings_added: int = 0
     shared_calls: list[_Call] = field(default_factory=list)
     # layers called on the examples flattened together with positions (LayerRule.flattened)
@@ -877,6 +878,8 @@ class PerExampleNorms:
                     candidates.append((source, out.shape))
         candidates += pass_.loss_inputs
         pass_.loss_inputs = []
+        # (what the loss computes from: shared.py asks whether a tensor there derives from them)
+        pass_.output_nodes = {id(edge.node): edge.node for edge, _ in candidates}
         dim, seen, roots = self._model_dim, set(), []
         for edge, shape in candidates:
             if (id(edge.node), edge.output_nr) in seen:
@@ -934,17 +937,28 @@ class PerExampleNorms:
         to have the batch's size (T = N) would be split there as if it held the examples — the
         loss is outside the model, where no replay reaches."""
         n, dim = pass_.batch_size, self._model_dim
-        # only an output with the batch's size along another dimension too can hide its
-        # examples there (T = N); with one such dimension it is the example dimension
+        # every output with the batch's size in dim 0 is taken for the examples': one with the
+        # batch's size along another dimension too can hide its examples there (T = N), and
+        # one computed from no example at all — class prototypes from a buffer of C = N rows,
+        # returned and met by the features in the loss — would have its rows split as the
+        # examples' (35-124% off, found by a review): both fail to follow a permutation
         outputs = _tensors(output)
+        # an input with another leading size (Qwen2-VL's patches of every image packed
+        # together) cannot be permuted with the examples: there only outputs that may be
+        # time-major are checked, as before the outputs of one batch-sized dimension were
+        packed = pass_.inputs is not None and any(
+            t.dim() > dim and t.shape[dim] not in (n, 1) for t in _tensors(pass_.inputs)
+        )
         ambiguous = (
             [
                 t
                 for t in outputs
                 if t.is_floating_point()
+                and t.requires_grad  # (no gradient flows through the others)
+                and not isinstance(t, SharedTensor)  # (checked below, as shared)
                 and t.dim() > dim
                 and t.shape[dim] == n
-                and sum(s == n for s in t.shape) > 1
+                and (not packed or sum(s == n for s in t.shape) > 1)
             ]
             if self._model_dim == 0  # a built-in time-major model: its outputs' layouts are known
             else []
@@ -1061,8 +1075,11 @@ class PerExampleNorms:
                     "the examples, or use per_example=False"
                 )
                 return
-        for a, b in zip(plain, permuted, strict=False):
-            if not any(a is t or a.shape == t.shape for t in ambiguous):
+        for i, (a, b) in enumerate(zip(plain, permuted, strict=False)):
+            if same_structure:
+                if not any(outputs[i] is t for t in ambiguous):
+                    continue
+            elif not any(a.shape == t.shape for t in ambiguous):
                 continue
             want = a.index_select(dim, perm.to(a.device)).float()
             got = b.float()
@@ -1075,11 +1092,14 @@ class PerExampleNorms:
                     f"examples (dim {dim}) permuted, the output's dim {dim} did not come out "
                     "permuted the same way (max. difference "
                     f"{rel:.2g} of its largest value). Its example dimension is another "
-                    "one (a time-major output: keep dim 0 the examples), or an operation in the "
-                    "model mixes examples — a loss over pairs of examples, such as CLIP's or "
-                    "SigLIP's contrastive loss (return_loss=True), has no per-example gradient; "
-                    "measure such a model with per_example=False and gradient-accumulation "
-                    "micro-batches"
+                    "one (a time-major output: keep dim 0 the examples), it holds no examples "
+                    "at all (computed from a buffer or constant whose dim 0 happens to have the "
+                    "batch's size, such as class prototypes with as many classes as examples: "
+                    "use them inside the model's forward, where they are followed), or an "
+                    "operation in the model mixes examples — a loss over pairs of examples, "
+                    "such as CLIP's or SigLIP's contrastive loss (return_loss=True), has no "
+                    "per-example gradient; measure such a model with per_example=False and "
+                    "gradient-accumulation micro-batches"
                 )
                 return
 
@@ -3311,11 +3331,12 @@ def _ambiguous_message(pass_: PassNorms) -> str:
         return (
             f"a tensor computed from {labels} alone, of shape {list(shared)}, met the batch "
             f"after the model's forward returned (in the loss), in the operation '{op}', only "
-            f"through tensors without autograd history of the batch's size ({n}) in dim 0, "
-            f"such as {list(other)}: targets, labels, or constants. noisescale cannot tell "
-            "whether their dim 0 is the examples (targets, labels) or a size that happens to "
-            "equal the batch's (a fixed table with as many rows as examples, positions "
-            "arange(T) with T = N), and no audit reaches the loss. Compute this inside the "
+            "through tensors not computed from the model's outputs with the batch's size "
+            f"({n}) in dim 0, such as {list(other)}: targets, labels, or constants. noisescale "
+            "cannot tell whether their dim 0 is the examples (targets, labels) or a size that "
+            "happens to equal the batch's (a fixed table with as many rows as examples, "
+            "positions arange(T) with T = N), and no audit reaches the loss. Compute this "
+            "inside the "
             "model's forward (pass the targets to it, as Hugging Face models take labels=), "
             "combine it with the model's per-example outputs first, keep parameters out of "
             "the loss (the optimizer's weight decay for penalties), or use per_example=False"

@@ -231,11 +231,12 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
             return _rewrap(func(*args, **kwargs), origin)
     n, dim = pass_.batch_size, engine.batch_dim()
     batched = [t for t in flat if _batched(t, n, dim)]
-    if pass_.returned and not any(t.grad_fn is not None for t in batched):
+    if pass_.returned and not any(_from_outputs(t, pass_) for t in batched):
         # In the loss (the model's forward has returned), meeting the batch only through
-        # tensors without autograd history — targets, labels, or constants whose dim 0 happens
-        # to have the batch's size (a fixed table of T = N rows, positions arange(T)) — or
-        # through none (s.expand(N, …)): nothing
+        # tensors not computed from the model's outputs — targets, labels, constants (no
+        # history, or one of their own: a teacher's table that requires grad) whose dim 0
+        # happens to have the batch's size (a fixed table of T = N rows, positions arange(T))
+        # — or through none (s.expand(N, …)): nothing
         # tells them apart, and no audit reaches the loss (its replay starts at the model's
         # outputs; inside the model the audit learns positions from examples). A meeting made
         # here is refused (a table pulled towards a fixed table: 44-291% off; looked up by
@@ -251,6 +252,32 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
             )
         return result
     return _meet(func, args, kwargs, flat, origin, pass_, n, dim, batched)
+
+
+_SEARCHED_NODES = 256
+
+
+def _from_outputs(t: Tensor, pass_: PassNorms) -> bool:
+    """Is ``t`` computed from the model's outputs of ``pass_`` (searching its autograd history
+    breadth-first, at most :data:`_SEARCHED_NODES` nodes)? A tensor with a history of its own
+    — a teacher's table that requires grad, ``leaf * 1`` — is not (21-270% off when taken for
+    the examples', found by a review)."""
+    node = t.grad_fn
+    if node is None or not pass_.output_nodes:
+        return False
+    targets = pass_.output_nodes
+    seen = {id(node)}
+    queue = [node]
+    for current in queue:
+        if id(current) in targets:
+            return True
+        if len(seen) > _SEARCHED_NODES:
+            return False
+        for nxt, _ in current.next_functions:
+            if nxt is not None and id(nxt) not in seen:
+                seen.add(id(nxt))
+                queue.append(nxt)
+    return False
 
 
 def _meet(

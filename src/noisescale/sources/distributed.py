@@ -323,9 +323,13 @@ class DataParallelSource:
         return hook
 
     def _on_model_forward(self, module: nn.Module, args: tuple) -> None:
+        if self.engine.is_paused or not torch.is_grad_enabled():
+            # (the audit's re-runs of the model, a validation forward: no backward follows, and
+            # the pass whose backward comes stays armed)
+            return
         self._armed = None
         current = self.engine.current_pass()
-        if self.engine.is_paused or not torch.is_grad_enabled() or current is None:
+        if current is None:
             return
         if current.idle:  # a step measure_every leaves unmeasured: nothing to read
             return
