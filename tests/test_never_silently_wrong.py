@@ -1227,23 +1227,18 @@ def _prototype_loss(x, y):
     return loss
 
 
-@pytest.mark.parametrize("c", [3, N])
-def test_prototypes_from_a_buffer_with_as_many_classes_as_examples_are_refused(c):
-    """(From a review.) With C = N the prototypes [C, D] look like a batched output: 'proj' was
-    measured as a per-example call and its rows split as the examples' — 35-124% off without a
-    word, in every mode. Every output with the batch's size in dim 0 must now follow the
-    examples when the audit permutes them; these do not, and the step is refused. With C ≠ N
-    'proj' is a shared call, met by the features in the loss: exact."""
+def test_prototypes_from_a_buffer_met_by_the_features_in_the_loss():
+    """Class prototypes computed from a buffer of class embeddings, returned and met by the
+    features in the loss: 'proj' is a shared call, exact in both modes. (With as many classes
+    as examples, C = N, the prototypes look like a batched output and 'proj' is measured as a
+    per-example call: 35-124% off, found by a review on 2026-12-03 — a known gap, see
+    docs/per_example.md; comparing every output under a permutation of the examples caught it,
+    but re-running the model on every audit broke RWKV, which rescales its weights in place in
+    evaluation mode.)"""
     torch.manual_seed(0)
     x = torch.randn(N, 6, generator=torch.Generator().manual_seed(40))
-    y = torch.randint(0, c, (N,), generator=torch.Generator().manual_seed(41))
-    loss = _prototype_loss(x, y)
-    if c != N:
-        assert_exact_both_ways(BufferPrototypes(c), x, loss)
-        return
-    with pytest.raises(UnsupportedModuleError, match="holds no examples at all"):
-        one_shot(BufferPrototypes(c), x, loss)
-    assert_exact_or_refused(BufferPrototypes(c), x, loss)
+    y = torch.randint(0, 3, (N,), generator=torch.Generator().manual_seed(41))
+    assert_exact_both_ways(BufferPrototypes(3), x, _prototype_loss(x, y))
 
 
 def test_a_constant_with_a_history_of_its_own_is_not_taken_for_the_examples():

@@ -247,8 +247,8 @@ class PassNorms:
     audit: audit_mod.PassAudit | None = None
     unsupported: list[tuple[Any, str]] = field(default_factory=list)  # (scope, op)
     # meetings that nothing can prove to be by example (shared.py's _rows_unproven, and any in
-    # the loss through tensors without history): (origin, op, shared shape, other shape, kind
-    # "rows" | "loss")
+    # the loss only through tensors not computed from the model's outputs): (origin, op, shared
+    # shape, other shape, kind "rows" | "loss")
     ambiguous: list[tuple[Any, str, tuple, tuple, str]] = field(default_factory=list)
     returned: bool = False  # the model's forward has returned (what follows is the loss)
     output_nodes: dict[int, Any] = field(default_factory=dict)  # the outputs' autograd nodes
@@ -937,28 +937,21 @@ class PerExampleNorms:
         to have the batch's size (T = N) would be split there as if it held the examples — the
         loss is outside the model, where no replay reaches."""
         n, dim = pass_.batch_size, self._model_dim
-        # every output with the batch's size in dim 0 is taken for the examples': one with the
-        # batch's size along another dimension too can hide its examples there (T = N), and
-        # one computed from no example at all — class prototypes from a buffer of C = N rows,
-        # returned and met by the features in the loss — would have its rows split as the
-        # examples' (35-124% off, found by a review): both fail to follow a permutation
+        # only an output with the batch's size along another dimension too can hide its
+        # examples there (T = N); with one such dimension it is the example dimension. (Every
+        # output with the batch's size was checked for a while on 2026-12-03 — it caught class
+        # prototypes computed from a buffer of C = N rows — but the re-runs between the forward
+        # and the backward broke RWKV, whose evaluation mode rescales its weights in place:
+        # re-running a user's model is not free of side effects, so it stays where needed.)
         outputs = _tensors(output)
-        # an input with another leading size (Qwen2-VL's patches of every image packed
-        # together) cannot be permuted with the examples: there only outputs that may be
-        # time-major are checked, as before the outputs of one batch-sized dimension were
-        packed = pass_.inputs is not None and any(
-            t.dim() > dim and t.shape[dim] not in (n, 1) for t in _tensors(pass_.inputs)
-        )
         ambiguous = (
             [
                 t
                 for t in outputs
                 if t.is_floating_point()
-                and t.requires_grad  # (no gradient flows through the others)
-                and not isinstance(t, SharedTensor)  # (checked below, as shared)
                 and t.dim() > dim
                 and t.shape[dim] == n
-                and (not packed or sum(s == n for s in t.shape) > 1)
+                and sum(s == n for s in t.shape) > 1
             ]
             if self._model_dim == 0  # a built-in time-major model: its outputs' layouts are known
             else []
@@ -1075,11 +1068,8 @@ class PerExampleNorms:
                     "the examples, or use per_example=False"
                 )
                 return
-        for i, (a, b) in enumerate(zip(plain, permuted, strict=False)):
-            if same_structure:
-                if not any(outputs[i] is t for t in ambiguous):
-                    continue
-            elif not any(a.shape == t.shape for t in ambiguous):
+        for a, b in zip(plain, permuted, strict=False):
+            if not any(a is t or a.shape == t.shape for t in ambiguous):
                 continue
             want = a.index_select(dim, perm.to(a.device)).float()
             got = b.float()
@@ -1092,14 +1082,11 @@ class PerExampleNorms:
                     f"examples (dim {dim}) permuted, the output's dim {dim} did not come out "
                     "permuted the same way (max. difference "
                     f"{rel:.2g} of its largest value). Its example dimension is another "
-                    "one (a time-major output: keep dim 0 the examples), it holds no examples "
-                    "at all (computed from a buffer or constant whose dim 0 happens to have the "
-                    "batch's size, such as class prototypes with as many classes as examples: "
-                    "use them inside the model's forward, where they are followed), or an "
-                    "operation in the model mixes examples — a loss over pairs of examples, "
-                    "such as CLIP's or SigLIP's contrastive loss (return_loss=True), has no "
-                    "per-example gradient; measure such a model with per_example=False and "
-                    "gradient-accumulation micro-batches"
+                    "one (a time-major output: keep dim 0 the examples), or an operation in the "
+                    "model mixes examples — a loss over pairs of examples, such as CLIP's or "
+                    "SigLIP's contrastive loss (return_loss=True), has no per-example gradient; "
+                    "measure such a model with per_example=False and gradient-accumulation "
+                    "micro-batches"
                 )
                 return
 
@@ -3336,10 +3323,10 @@ def _ambiguous_message(pass_: PassNorms) -> str:
             "cannot tell whether their dim 0 is the examples (targets, labels) or a size that "
             "happens to equal the batch's (a fixed table with as many rows as examples, "
             "positions arange(T) with T = N), and no audit reaches the loss. Compute this "
-            "inside the "
-            "model's forward (pass the targets to it, as Hugging Face models take labels=), "
-            "combine it with the model's per-example outputs first, keep parameters out of "
-            "the loss (the optimizer's weight decay for penalties), or use per_example=False"
+            "inside the model's forward (pass the targets to it, as Hugging Face models take "
+            "labels=), combine it with the model's per-example outputs first, keep "
+            "parameters out of the loss (the optimizer's weight decay for penalties), or use "
+            "per_example=False"
         )
     return (
         f"a tensor computed from {labels} alone, of shape {list(shared)}, has the "

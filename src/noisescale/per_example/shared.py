@@ -236,11 +236,11 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
         # tensors not computed from the model's outputs — targets, labels, constants (no
         # history, or one of their own: a teacher's table that requires grad) whose dim 0
         # happens to have the batch's size (a fixed table of T = N rows, positions arange(T))
-        # — or through none (s.expand(N, …)): nothing
-        # tells them apart, and no audit reaches the loss (its replay starts at the model's
-        # outputs; inside the model the audit learns positions from examples). A meeting made
-        # here is refused (a table pulled towards a fixed table: 44-291% off; looked up by
-        # arange(T): 15%; broadcast against a constant: 15-40%, before 2026-12-03).
+        # — or through none (s.expand(N, …)). Nothing tells them apart, and no audit reaches
+        # the loss (its replay starts at the model's outputs; inside the model the audit
+        # learns positions from examples). A meeting made here is refused (before 2026-12-03:
+        # a table pulled towards a fixed table 44-291% off, looked up by arange(T) 15%,
+        # broadcast against a constant 15-40%).
         count = pass_.meetings_added
         result = _meet(func, args, kwargs, flat, origin, pass_, n, dim, batched)
         if pass_.meetings_added != count:
