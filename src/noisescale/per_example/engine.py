@@ -253,6 +253,7 @@ class PassNorms:
     returned: bool = False  # the model's forward has returned (what follows is the loss)
     output_nodes: dict[int, Any] = field(default_factory=dict)  # the outputs' autograd nodes
     meetings_added: int = 0
+    buffer_storages: set[int] | None = None  # the model's buffers' storages (_is_buffer)
     shared_calls: list[_Call] = field(default_factory=list)
     # layers called on the examples flattened together with positions (LayerRule.flattened)
     flat_calls: set[nn.Module] = field(default_factory=set)
@@ -1248,7 +1249,12 @@ class PerExampleNorms:
             # measured as [N, k, …]; the audit checks that the rows are each example's in turn
             args = (args[0].unflatten(0, (n, flat)),)
             pass_.flat_calls.add(module)
-        elif shared_input or size != n or module in self._learned_shared:
+        elif (
+            shared_input
+            or size != n
+            or module in self._learned_shared
+            or (single and self._is_buffer(pass_, args[0]))
+        ):
             shared = self._shared_call(pass_, module, rule, label, params, args, kwargs, output)
             return replaced if shared is None else shared
         if product_weight is not None and not params:
@@ -1324,6 +1330,7 @@ class PerExampleNorms:
             and args[0].dim() > 0
             and args[0].shape[0] == pass_.batch_size
             and self._replay_allowed
+            and not self._is_buffer(pass_, args[0])
             and self._uses_products(module, weight, args[0], pass_.batch_size, pass_.subbatches.n)
         )
         if not use:
@@ -1334,6 +1341,30 @@ class PerExampleNorms:
         if bias is not None:
             module._parameters["bias"] = bias.detach()
         stack.append((weight, bias))
+
+    def _is_buffer(self, pass_: PassNorms, x: Tensor) -> bool:
+        """Is ``x`` (a layer's input) one of the model's buffers, or a view of one? Its leading
+        size may equal the batch's by coincidence — class embeddings [C, D] with C = N, turned
+        into prototypes by a Linear and returned: measured as a per-example call, their rows
+        were split as the examples' (35-124% off, found by a review) — but a buffer holds no
+        example: the call is shared. (Computed from a buffer by operations, the input is not
+        recognised: a known gap.)"""
+        if (
+            x.grad_fn is not None
+            or x.requires_grad
+            or not x.is_floating_point()  # (indices: BERT's token types, a buffer expanded)
+            or (x.dim() > 0 and x.stride(0) == 0)  # (one row for every example: theirs)
+            or torch.compiler.is_compiling()
+        ):
+            return False
+        try:
+            if pass_.buffer_storages is None:
+                pass_.buffer_storages = {
+                    b.untyped_storage().data_ptr() for b in self.model.buffers()
+                } - {0}
+            return x.untyped_storage().data_ptr() in pass_.buffer_storages
+        except (RuntimeError, NotImplementedError, TypeError):  # (tensors without storage)
+            return False
 
     def _uses_products(
         self, module: nn.Module, weight: Tensor, x: Tensor, n: int, per_subbatch: int
@@ -1532,6 +1563,11 @@ class PerExampleNorms:
             why = (
                 f"its input's leading dimension has the batch's size {pass_.batch_size}, but the "
                 "audit found its rows are not the examples"
+            )
+        elif size == pass_.batch_size:
+            why = (
+                f"its input is one of the model's buffers, whose leading size {size} equals the "
+                "batch's by coincidence"
             )
         else:
             why = (
