@@ -1269,3 +1269,46 @@ def test_a_constant_with_a_history_of_its_own_is_not_taken_for_the_examples():
             engine.collect()
     finally:
         engine.remove()
+
+
+def test_a_table_met_by_a_constant_with_one_example_is_exact():
+    """With one example every gradient is that example's: the loss-time rule does not refuse
+    (it did, needlessly, until a review noticed)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 3, generator=torch.Generator().manual_seed(43))
+    ref = torch.randn(1, 3, generator=torch.Generator().manual_seed(44))
+
+    def loss(m, xs):
+        logits, pos = m(xs)
+        return logits.pow(2).sum(1) + 0.1 * (pos - ref).pow(2).sum()
+
+    model = TableOut(1)
+    grads = torch.autograd.grad(loss(model, x).sum(), list(model.parameters()))
+    want = sum(g.pow(2).sum() for g in grads)
+    assert torch.allclose(one_shot(model, x, loss), want.reshape(1), rtol=1e-9)
+
+
+class TemperatureReadInTheLoss(nn.Module):
+    """A learned temperature the forward never uses: the loss reads it from the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+        self.log_t = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_a_parameter_read_in_the_loss_is_refused_saying_so():
+    """(From a review.) Refused — its gradient comes from no use the engine followed — and the
+    message now names the likely cause (it spoke of time-major activations only)."""
+    x = torch.randn(N, 6, generator=torch.Generator().manual_seed(45))
+    y = torch.tensor([0, 2, 1, 1])
+    model = TemperatureReadInTheLoss()
+
+    def loss(m, xs):
+        return F.cross_entropy(m(xs) * m.log_t.exp(), y[: xs.shape[0]], reduction="none")
+
+    with pytest.raises(UnsupportedModuleError, match="read outside the model's forward"):
+        one_shot(model, x, loss)

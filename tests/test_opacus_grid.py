@@ -961,7 +961,8 @@ def _causes() -> list:
             fallback_case(
                 "SequenceBias-time_major", _sequence_bias(False), lambda: torch.randn(N, T, E)
             ).values[0],
-            r"\['layer.bias'\] were used directly.*never combined with a tensor whose dim 0 "
+            r"\['layer.bias'\] received gradients.*used directly.*never combined with a tensor "
+            r"whose dim 0 "
             r"has the batch's 4 examples.*time-major",
             id="SequenceBias-time_major",
         )

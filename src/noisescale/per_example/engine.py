@@ -2913,14 +2913,16 @@ class PerExampleNorms:
         aliased = sorted(self._param_name[pid] for pid in missing & pass_.aliased)
         if aliased:
             raise UnsupportedModuleError(
-                f"parameters {aliased} were used directly in their module's forward but never "
-                "combined with a tensor whose dim 0 has the batch's "
-                f"{pass_.batch_size} examples, so their per-example gradients are unknown "
-                "(time-major activations; examples flattened together with positions or "
-                "routed to experts: x.reshape(-1, D), a mixture of experts' eager loop — keep "
-                "dim 0 the examples; transformers' experts_implementation='batched_mm' is "
-                "followed; or a custom torch.autograd.Function, whose outputs noisescale "
-                "cannot follow a parameter through), or use per_example=False"
+                f"parameters {aliased} received gradients that no use noisescale followed "
+                "gave: read outside the model's forward (in the loss: model.temperature — "
+                "return it from the forward instead, where it is followed), or used directly in "
+                "their module's forward but never combined with a tensor whose dim 0 has the "
+                f"batch's {pass_.batch_size} examples (time-major activations; examples "
+                "flattened together with positions or routed to experts: x.reshape(-1, D), a "
+                "mixture of experts' eager loop — keep dim 0 the examples; transformers' "
+                "experts_implementation='batched_mm' is followed; or a custom "
+                "torch.autograd.Function, whose outputs noisescale cannot follow a parameter "
+                "through), or use per_example=False"
             )
 
     def _settle_compiled(self, pass_: PassNorms) -> bool:

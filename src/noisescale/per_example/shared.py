@@ -231,7 +231,8 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
             return _rewrap(func(*args, **kwargs), origin)
     n, dim = pass_.batch_size, engine.batch_dim()
     batched = [t for t in flat if _batched(t, n, dim)]
-    if pass_.returned and not any(_from_outputs(t, pass_) for t in batched):
+    if pass_.returned and n > 1 and not any(_from_outputs(t, pass_) for t in batched):
+        # (one example: every gradient is its own, whatever the loss meets)
         # In the loss (the model's forward has returned), meeting the batch only through
         # tensors not computed from the model's outputs — targets, labels, constants (no
         # history, or one of their own: a teacher's table that requires grad) whose dim 0
