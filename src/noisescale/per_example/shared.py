@@ -232,7 +232,6 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
     n, dim = pass_.batch_size, engine.batch_dim()
     batched = [t for t in flat if _batched(t, n, dim)]
     if pass_.returned and n > 1 and not any(_from_outputs(t, pass_) for t in batched):
-        # (one example: every gradient is its own, whatever the loss meets)
         # In the loss (the model's forward has returned), meeting the batch only through
         # tensors not computed from the model's outputs — targets, labels, constants (no
         # history, or one of their own: a teacher's table that requires grad) whose dim 0
@@ -241,7 +240,7 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
         # the loss (its replay starts at the model's outputs; inside the model the audit
         # learns positions from examples). A meeting made here is refused (before 2026-12-03:
         # a table pulled towards a fixed table 44-291% off, looked up by arange(T) 15%,
-        # broadcast against a constant 15-40%).
+        # broadcast against a constant 15-40%). (With one example every gradient is its own.)
         count = pass_.meetings_added
         result = _meet(func, args, kwargs, flat, origin, pass_, n, dim, batched)
         if pass_.meetings_added != count:
