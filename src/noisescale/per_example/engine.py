@@ -80,6 +80,7 @@ from noisescale.per_example.factors import (
     sqnorm_of_sum,
     weighted_sqnorm,
 )
+from noisescale.per_example.loss_watch import LossWatch
 from noisescale.per_example.registry import LayerRule, rule_for, save_first_input
 from noisescale.per_example.shared import (
     Meeting,
@@ -251,6 +252,8 @@ class PassNorms:
     # shape, other shape, kind "rows" | "loss")
     ambiguous: list[tuple[Any, str, tuple, tuple, str]] = field(default_factory=list)
     returned: bool = False  # the model's forward has returned (what follows is the loss)
+    # how the loss combined the examples, when it did (loss_watch.py): refused in _settle
+    coupled: str | None = None
     output_nodes: dict[int, Any] = field(default_factory=dict)  # the outputs' autograd nodes
     meetings_added: int = 0
     buffer_storages: set[int] | None = None  # the model's buffers' storages (_is_buffer)
@@ -347,6 +350,8 @@ class PerExampleNorms:
         self._handles: list[RemovableHandle] = []
         self._recomputing = False
         self._paused = False
+        # follows the loss of audited passes from the model's outputs to the backward
+        self._loss_watch = LossWatch()
         #: The passes opened while set are counted (examples, tokens), not measured: no layer
         #: hook works on them and the step's collect() leaves the measured steps' schedules
         #: (audits, subsets) as they were. Set by the tracker for its unmeasured steps.
@@ -648,6 +653,7 @@ class PerExampleNorms:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._loss_watch.reset()
         self._scratch.release()
         self._eager_steps.want(False)
         for (_, _), stack in list(self._swapped.items()):
@@ -759,6 +765,7 @@ class PerExampleNorms:
         )
 
     def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._loss_watch.pause()  # (the model's own operations are the layer hooks' to follow)
         if self._recomputing or self._paused or self._replaying or not torch.is_grad_enabled():
             return
         # what a compiled forward's traced hooks read the batch's size from (its shape only)
@@ -860,6 +867,12 @@ class PerExampleNorms:
         )
 
     def _on_model_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        try:
+            self._model_output(output)
+        finally:
+            self._loss_watch.resume()  # (a watched pass's loss may go on after any forward)
+
+    def _model_output(self, output: Any) -> None:
         self._trace_batch = None
         if not self._active() or torch._C._current_graph_task_id() != -1:
             return
@@ -910,6 +923,9 @@ class PerExampleNorms:
             for edge, dim, owner, label in getattr(pass_, "_pending_targets", []):
                 pass_.audit.add_target(edge, dim, owner, label)
             self._check_permutation(pass_, output)
+            if pass_.batch_size > 1 and not (pass_.compiled or pass_.compiled_call):
+                batched = [t for t in _tensors(output) if not isinstance(t, SharedTensor)]
+                self._loss_watch.watch(pass_, batched, self._model_dim)
         if hasattr(pass_, "_pending_targets"):
             del pass_._pending_targets  # type: ignore[attr-defined]
 
@@ -2654,6 +2670,7 @@ class PerExampleNorms:
                 backward passes ran through one forward.
         """
         done, self.passes = self.passes, []
+        self._loss_watch.reset()
         self._scratch.release()  # (rows kept for layers that read one input: an activation)
         split = [p for p in done if p.subbatches is not None and p.received and not p.skipped]
         if split:
@@ -2804,6 +2821,8 @@ class PerExampleNorms:
             return
         if pass_.compiled and self._settle_compiled(pass_):
             return
+        if pass_.coupled is not None:
+            raise UnsupportedModuleError(_coupled_message(pass_))
         findings = (
             pass_.audit.finish(pass_.received, self._param_name)
             if pass_.audit is not None
@@ -3377,6 +3396,19 @@ def _ambiguous_message(pass_: PassNorms) -> str:
     )
 
 
+def _coupled_message(pass_: PassNorms) -> str:
+    return (
+        "the loss combines the examples, so they have no per-example gradients for noisescale "
+        f"to measure: after the model's forward returned, {pass_.coupled}, and the backward "
+        "started from the result. Per-example norms are defined for a loss that is a sum (or "
+        "mean) of per-example terms, Σ_i ℓ_i(output_i); a contrastive loss with in-batch "
+        "negatives, a pairwise term between two forwards' outputs, or a normalization by the "
+        "batch's statistics is not one (the gradient reaching example i's output depends on "
+        "the others'). Use per_example=False (the noise scale from micro-batch or replica "
+        "gradients), or detach the batch-level quantity if it is meant as a constant weight"
+    )
+
+
 def _audit_scheduled(step: int) -> bool:
     """Audit step 1 (steps count from 1), steps 2, 4, 8, …, 1024, and every 1024th after."""
     return step <= 1 or (step <= 1024 and step & (step - 1) == 0) or step % 1024 == 0
@@ -3417,6 +3449,7 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
         merged.audit = next((p.audit for p in group if p.audit is not None), None)
         merged.unsupported = [u for p in group for u in p.unsupported]
         merged.ambiguous = [u for p in group for u in p.ambiguous]
+        merged.coupled = next((p.coupled for p in group if p.coupled), None)
         if any(p.rows is not None or p.skipped for p in group) and not merged.skipped:
             offset, taken = 0, []
             for p in group:

@@ -1,0 +1,692 @@
+"""Does the loss keep the examples apart? Following the example axis from the model's outputs
+to the backward.
+
+The engine measures |∂ℓ_i/∂θ|² where the gradient reaching the model's outputs is ∂L/∂out.
+That is each example's gradient only when the loss is a sum (or mean) of per-example terms,
+L = Σ_i ℓ_i(out_i): then ∂L/∂out_i depends on example i alone. A loss that combines examples —
+in-batch negatives (a similarity matrix z₁ z₂ᵀ), a normalization by the batch's statistics, a
+pairwise term between two forwards' outputs — has no per-example gradients at all, and the
+engine would report each example's *share* of the gradient without a word. No audit of the
+model reaches it: the loss is computed outside the model.
+
+On audited passes, from the moment the model's forward returns until the backward is called,
+a :class:`~torch.utils._python_dispatch.TorchDispatchMode` follows every ATen operation on a
+tensor computed from the model's batched outputs and keeps, for each such tensor, what is known
+about how it depends on the examples (an abstract interpretation):
+
+* ``Rows(dim, block, key)`` — every index along ``dim`` holds one example's values (index j is
+  example (j // block) mod N for a regular layout, ``block`` None for a map known only by
+  ``key``), whatever the other indices; the model's batched outputs start so (dim 0).
+* ``SUM`` — every element is a sum over examples of a function of one example each (what a sum
+  or mean over the examples, a dot product along them, gives): linear operations keep it.
+* ``Mixed(reason)`` — anything else: examples combined non-linearly.
+
+Tensors that do not require grad are constants here (a detached batch statistic that weighs
+the examples reweighs per-example terms; it does not couple their gradients). A backward from
+a ``Mixed`` loss is refused (:attr:`PassNorms.coupled`); an operation this module does not know,
+on a tensor that derives from the outputs, is ``Mixed`` too — refused rather than guessed.
+
+Cost: one Python call per ATen operation of the loss on audited steps (steps 1, 2, 4, …, and
+every 1024th); the model's forward and the backward run without it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakTensorKeyDictionary
+
+__all__ = ["LossWatch"]
+
+
+@dataclass(frozen=True)
+class Rows:
+    dim: int
+    block: int | None  # None: the map from index to example is known only by `key`
+    key: Any  # the pass (regular layouts), or a token for an irregular map
+    n: int  # the pass's examples
+    owner: int  # the pass (its forward)
+
+
+@dataclass(frozen=True)
+class _Sum:
+    owners: frozenset  # the passes whose examples it sums over
+
+
+@dataclass(frozen=True)
+class Mixed:
+    reason: str
+
+
+Layout = Rows | _Sum | Mixed
+
+_fresh = itertools.count()
+
+# Pointwise operations linear in their tainted operands (with the other operands constant).
+_LINEAR_ANY = {"add", "sub", "neg", "clone", "_to_copy", "alias", "positive", "lift_fresh_copy"}
+_LINEAR_FIRST = {"div", "masked_fill", "true_divide"}  # linear in the first operand only
+_LINEAR_ONE = {"mul", "multiply"}  # linear when one operand is tainted
+_LINEAR_VALUES = {"where"}  # linear in the values when the condition is constant
+_SUMS = {"sum", "mean", "nansum"}
+_REDUCTIONS = _SUMS | {
+    "amax",
+    "amin",
+    "max",
+    "min",
+    "logsumexp",
+    "prod",
+    "norm",
+    "linalg_vector_norm",
+    "var",
+    "std",
+    "var_mean",
+    "std_mean",
+    "argmax",
+    "argmin",
+    "all",
+    "any",
+    "median",
+    "nanmedian",
+    "count_nonzero",
+}
+_IDENTITY = {"detach", "alias", "lift_fresh", "_to_copy", "clone", "contiguous", "_conj"}
+_LOSSES = {
+    "mse_loss",
+    "l1_loss",
+    "smooth_l1_loss",
+    "huber_loss",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "soft_margin_loss",
+    "kl_div",
+}
+# the most operations one watch sees before it gives up (forwards that no backward follows,
+# outside the model: the model's own forwards run without it)
+_MAX_OPS = 100_000
+
+
+class LossWatch:
+    """One step's watch over the loss of its audited passes (see the module doc)."""
+
+    def __init__(self) -> None:
+        self.layouts: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+        self.passes: list[Any] = []
+        self._dispatch = _Dispatch(self)
+        self._function = _Function(self)
+        self._pushed = False
+        self.done = False
+        self.seen = 0  # operations seen while the watch is on
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def watch(self, pass_: Any, outputs: list[Tensor], dim: int) -> None:
+        """Follow ``outputs`` (the pass's tensors with the batch's size in ``dim``)."""
+        if self.done:
+            self.reset()
+        n = pass_.batch_size
+        added = False
+        for t in outputs:
+            if t.requires_grad and t.dim() > dim and t.shape[dim] == n:
+                self.layouts[t] = Rows(dim, 1, id(pass_), n, id(pass_))
+                added = True
+        if added:
+            self.passes.append(pass_)
+        self.resume()
+
+    def pause(self) -> None:
+        """Stop following (a forward of the model starts: its operations are the engine's)."""
+        if self._pushed:
+            _remove(self._dispatch, dispatch=True)
+            _remove(self._function, dispatch=False)
+            self._pushed = False
+
+    def resume(self) -> None:
+        if self.passes and not self.done and not self._pushed:
+            torch._C._push_on_torch_function_stack(self._function)
+            torch.utils._python_dispatch._push_mode(self._dispatch)
+            self._pushed = True
+
+    def reset(self) -> None:
+        """End the watch (the step collects): nothing followed any more."""
+        self.pause()
+        self.layouts = WeakTensorKeyDictionary()
+        self.passes = []
+        self.done = False
+        self.seen = 0
+
+    # -- the verdict ---------------------------------------------------------------------------
+
+    def backward(self, roots: list[Tensor], *, final: bool) -> None:
+        """A backward starts from ``roots``: a root that mixes examples marks the passes.
+        ``final``: the step's backward (``backward``), which ends the watch; not for
+        ``torch.autograd.grad`` (a gradient penalty's inner gradient comes before the loss)."""
+        if self.done:
+            return
+        self.done = final
+        for root in roots:
+            layout = self.layouts.get(root) if isinstance(root, Tensor) else None
+            if isinstance(layout, Mixed):
+                for pass_ in self.passes:
+                    if pass_.coupled is None:
+                        pass_.coupled = layout.reason
+                return
+
+    # -- following one operation ---------------------------------------------------------------
+
+    def follow(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        if self.done or not torch.is_grad_enabled():
+            return
+        flat, _ = tree_flatten((args, kwargs))
+        known = [
+            (t, self.layouts.get(t))
+            for t in flat
+            if isinstance(t, Tensor) and t.requires_grad and t in self.layouts
+        ]
+        if not known:
+            return
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+        try:
+            layouts = _rule(func, args, kwargs, known, outs)
+        except Exception as err:  # a rule that cannot read the operation: not followed
+            layouts = Mixed(f"'{_name(func)}' ({type(err).__name__} in noisescale's rule)")
+        if not isinstance(layouts, list):
+            layouts = [layouts] * len(outs)
+        for t, layout in zip(outs, layouts, strict=False):
+            if layout is not None:
+                self.layouts[t] = layout
+        target = args[0] if args and isinstance(args[0], Tensor) else None
+        # written in place into a view: the base holds the written values now. Constants
+        # written into a followed tensor change nothing; values computed from the outputs
+        # written into part of another tensor are not followed there
+        if (
+            _name(func).endswith("_")
+            and target is not None
+            and target._base is not None
+            and any(t is not target for t, _ in known)
+        ):
+            self.layouts[target._base] = Mixed(
+                f"'aten.{_name(func)}' wrote values computed from the model's outputs into "
+                "part of another tensor"
+            )
+
+
+class _Dispatch(TorchDispatchMode):
+    def __init__(self, watch: LossWatch) -> None:
+        super().__init__()
+        self.watch = watch
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        watch = self.watch
+        watch.seen += 1
+        if watch.seen > _MAX_OPS:
+            watch.done = True  # a forward no backward followed: given up (nothing refused)
+        elif torch._C._current_graph_task_id() == -1:
+            watch.follow(func, args, kwargs, out)
+        return out
+
+
+_BACKWARDS = {Tensor.backward, torch.autograd.backward, torch.autograd.grad}
+
+
+class _Function(torch.overrides.TorchFunctionMode):
+    """Sees the backward start (``loss.backward()``, ``torch.autograd.backward/grad``)."""
+
+    def __init__(self, watch: LossWatch) -> None:
+        super().__init__()
+        self.watch = watch
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _BACKWARDS and not self.watch.done:
+            if func is Tensor.backward:
+                roots = [args[0]]
+            else:
+                first = args[0] if args else kwargs.get("tensors", kwargs.get("outputs"))
+                roots = [first] if isinstance(first, Tensor) else list(first or [])
+            final = func is not torch.autograd.grad
+            self.watch.backward(roots, final=final)
+            # the backward runs without the dispatch mode (the function mode is off inside
+            # this call; it comes off its stack when the step collects)
+            if final and self.watch._pushed:
+                _remove(self.watch._dispatch, dispatch=True)
+        return func(*args, **kwargs)
+
+
+def _remove(mode: Any, *, dispatch: bool) -> None:
+    """Take ``mode`` off its stack wherever it is (modes pushed above it stay, in order)."""
+    if dispatch:
+        length, get = torch._C._len_torch_dispatch_stack, torch._C._get_dispatch_stack_at
+        pop = lambda: torch._C._pop_torch_dispatch_stack(None)  # noqa: E731
+        push = torch._C._push_on_torch_dispatch_stack
+    else:
+        length, get = torch._C._len_torch_function_stack, torch._C._get_function_stack_at
+        pop, push = torch._C._pop_torch_function_stack, torch._C._push_on_torch_function_stack
+    if all(get(i) is not mode for i in range(length())):
+        return
+    above = []
+    while length():
+        top = pop()
+        if top is mode:
+            break
+        above.append(top)
+    for m in reversed(above):
+        push(m)
+
+
+# -- the rules ---------------------------------------------------------------------------------
+
+
+def _sum(known: list) -> _Sum:
+    """A sum over the examples of the passes the operands come from."""
+    owners: set = set()
+    for _, layout in known:
+        owners |= {layout.owner} if isinstance(layout, Rows) else set(layout.owners)
+    return _Sum(frozenset(owners))
+
+
+def _name(func: Any) -> str:
+    return func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else str(func)
+
+
+def _pointwise_op(func: Any, name: str) -> bool:
+    """Tagged pointwise, or the in-place form of an operation tagged so (``masked_fill_``)."""
+    if torch.Tag.pointwise in func.tags:
+        return True
+    packet = getattr(torch.ops.aten, name, None)
+    functional = getattr(packet, func._overloadname, None) if packet is not None else None
+    return functional is not None and torch.Tag.pointwise in functional.tags
+
+
+def _named(func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    named: dict[str, Any] = {}
+    for i, a in enumerate(func._schema.arguments):
+        if i < len(args):
+            named[a.name] = args[i]
+        elif a.name in kwargs:
+            named[a.name] = kwargs[a.name]
+        elif a.has_default_value():
+            named[a.name] = a.default_value
+    return named
+
+
+def _mixed(func: Any, what: str) -> Mixed:
+    return Mixed(f"'aten.{_name(func)}' {what}")
+
+
+def _dims(dim: Any, ndim: int) -> set[int]:
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+        return set(range(ndim))
+    if isinstance(dim, int):
+        dim = [dim]
+    return {d % max(ndim, 1) for d in dim}
+
+
+def _rule(func: Any, args: tuple, kwargs: dict, known: list, outs: list[Tensor]) -> Any:
+    name = _name(func)
+    if name.endswith("_") and not name.endswith("__"):
+        name = name[:-1]  # in place: the output is the first operand, with the same rule
+    for _, layout in known:
+        if isinstance(layout, Mixed):
+            return layout
+    if not outs:
+        return None
+    out = outs[0]
+    if name in _IDENTITY or name == "copy":
+        t, layout = known[0]
+        if len(known) == 1 and t is args[0] and t.shape == out.shape:
+            return layout
+    if name in ("view", "_unsafe_view", "reshape"):
+        return _reshape(known[0][1], tuple(args[0].shape), tuple(out.shape), func)
+    if _pointwise_op(func, name) or name in ("copy", "fill", "_to_copy"):
+        return _pointwise(func, name, args, kwargs, known, out)
+    if name in _REDUCTIONS:
+        return _reduction(func, name, args, kwargs, known, out)
+    if name in ("_softmax", "_log_softmax"):
+        t, layout = known[0]
+        if isinstance(layout, Rows) and (args[1] % t.dim()) != layout.dim:
+            return layout
+        return _mixed(func, "normalized over the examples")
+    if name in ("nll_loss_forward", "nll_loss2d_forward"):
+        return _nll(func, args, kwargs, known, outs)
+    if name in _LOSSES:
+        named = _named(func, args, kwargs)
+        layout = _pointwise(func, "loss", args, kwargs, known, args[0], linear=False)
+        if named.get("reduction", 1) == 0 or isinstance(layout, Mixed):
+            return layout
+        return _sum(known)
+    if name in ("mm", "bmm", "addmm", "baddbmm", "dot", "vdot", "mv"):
+        return _product(func, name, args, known, out)
+    return _views(func, name, args, kwargs, known, outs)
+
+
+_ACROSS = (
+    "combined the values of two forwards' examples (two views of each example compared "
+    "pairwise: noisescale measures two forwards through one backward as one micro-batch of "
+    "all their rows, each row an example)"
+)
+_ADDED_ACROSS = (
+    "added a sum over one forward's examples to each example of another forward (an anchor or "
+    "reference batch through the model whose term is in every example's loss: its rows would "
+    "be counted as examples of the step)"
+)
+
+
+def _pointwise(
+    func: Any,
+    name: str,
+    args: tuple,
+    kwargs: dict,
+    known: list,
+    out: Tensor,
+    linear: bool | None = None,
+) -> Layout:
+    rows, sums = [], 0
+    for t, layout in known:
+        if isinstance(layout, Rows):
+            d = layout.dim + (out.dim() - t.dim())
+            if d < 0 or t.shape[layout.dim] != out.shape[d]:
+                return _mixed(func, "broadcast one example's values over others")
+            rows.append(Rows(d, layout.block, layout.key, layout.n, layout.owner))
+        else:
+            sums += 1
+    if rows and any(r.owner != rows[0].owner for r in rows):
+        return _mixed(func, _ACROSS)
+    if rows and any(r != rows[0] for r in rows):
+        return _mixed(
+            func,
+            "combined the values of different examples (e.g. every example with every "
+            "other: in-batch negatives, a similarity matrix)",
+        )
+    if not sums:
+        return rows[0]
+    if linear is None:
+        tainted_first = known[0][0] is args[0] and len(known) == 1
+        if name in ("where",):
+            linear = not any(t is args[0] for t, _ in known)
+        else:
+            linear = (
+                name in _LINEAR_ANY
+                or (name in _LINEAR_ONE and len(known) == 1)
+                or (name in _LINEAR_FIRST and tainted_first)
+            )
+    if linear:
+        if rows and any(
+            rows[0].owner != o for _, x in known if isinstance(x, _Sum) for o in x.owners
+        ):
+            return _mixed(func, _ADDED_ACROSS)
+        return _sum(known)
+    return _mixed(
+        func,
+        "combined a sum over the examples non-linearly (e.g. normalized by a batch "
+        "statistic, or a product of two sums over the examples)",
+    )
+
+
+def _reduction(func: Any, name: str, args: tuple, kwargs: dict, known: list, out: Tensor) -> Any:
+    t, layout = known[0]
+    if len(known) > 1 or t is not args[0]:
+        return _mixed(func, "reduced with weights computed from the model's outputs")
+    named = _named(func, args, kwargs)
+    dims = _dims(named.get("dim"), t.dim()) if "dim" in named else set(range(t.dim()))
+    keep = bool(named.get("keepdim", False))
+    if isinstance(layout, Rows) and layout.dim not in dims:
+        shift = 0 if keep else sum(1 for d in dims if d < layout.dim)
+        return Rows(layout.dim - shift, layout.block, layout.key, layout.n, layout.owner)
+    if name in _SUMS:
+        return _sum(known)
+    return _mixed(func, "reduced over the examples non-linearly (a maximum, a norm, a variance)")
+
+
+def _nll(func: Any, args: tuple, kwargs: dict, known: list, outs: list[Tensor]) -> Any:
+    named = _named(func, args, kwargs)
+    t, layout = known[0]
+    if t is not args[0] or len(known) > 1 or not isinstance(layout, Rows):
+        return _mixed(func, "was given weights computed from the model's outputs")
+    classes = 1 if t.dim() >= 2 else 0
+    if layout.dim == classes:
+        return _mixed(func, "took the examples as classes")
+    loss = (
+        Rows(layout.dim - (layout.dim > classes), layout.block, layout.key, layout.n, layout.owner)
+        if named.get("reduction", 1) == 0
+        else _sum(known)
+    )
+    return [loss] + [None] * (len(outs) - 1)
+
+
+_ROLES = {
+    # (operand, dim) -> the output's dim it is placed in, or None: contracted
+    "mm": ({0: 0, 1: None}, {0: None, 1: 1}),
+    "addmm": ({0: 0, 1: None}, {0: None, 1: 1}),
+    "bmm": ({0: 0, 1: 1, 2: None}, {0: 0, 1: None, 2: 2}),
+    "baddbmm": ({0: 0, 1: 1, 2: None}, {0: 0, 1: None, 2: 2}),
+    "mv": ({0: 0, 1: None}, {0: None}),
+    "dot": ({0: None}, {0: None}),
+    "vdot": ({0: None}, {0: None}),
+}
+_SIMILARITY = (
+    "multiplied the values of different examples (e.g. every example with every other: "
+    "in-batch negatives, a similarity matrix z₁ z₂ᵀ)"
+)
+
+
+def _product(func: Any, name: str, args: tuple, known: list, out: Tensor) -> Layout:
+    bias = None
+    if name in ("addmm", "baddbmm"):
+        bias, args = args[0], args[1:3]
+    lay = {id(t): layout for t, layout in known}
+    operands = [lay.get(id(args[0])), lay.get(id(args[1]))]
+    result: Layout
+    if any(isinstance(x, _Sum) for x in operands):
+        both = all(x is not None for x in operands)
+        result = _mixed(func, "multiplied two sums over the examples") if both else _sum(known)
+    else:
+        placed, contracted = [], []
+        for layout, roles in zip(operands, _ROLES[name], strict=True):
+            if isinstance(layout, Rows):
+                where = roles[layout.dim]
+                if where is None:
+                    contracted.append(Rows(0, layout.block, layout.key, layout.n, layout.owner))
+                else:
+                    placed.append(Rows(where, layout.block, layout.key, layout.n, layout.owner))
+        if contracted:
+            # Σ over examples of one example's values (times constants, or times the same
+            # example's values): a sum over the examples; with anything else, mixed
+            same = len(contracted) == 1 or contracted[0] == contracted[1]
+            result = _sum(known) if same and not placed else _mixed(func, _SIMILARITY)
+        elif len(placed) == 2 and placed[0] != placed[1]:
+            result = _mixed(func, _SIMILARITY)
+        else:
+            result = placed[0]
+    if bias is not None and id(bias) in lay:
+        pair = [(out, result), (bias, lay[id(bias)])]
+        return _pointwise(func, "add", (out, bias), {}, pair, out)
+    return result
+
+
+def _reshape(layout: Layout, shape: tuple, new: tuple, func: Any) -> Layout:
+    if not isinstance(layout, Rows):
+        return layout
+    if layout.block is None:
+        # an irregular map (known by its key): kept where each new index along some dim lies
+        # within one old index along the examples' dim, the dims before it unchanged
+        d = layout.dim
+        inner = math.prod(shape[d + 1 :])
+        for d2 in range(len(new)):
+            tail = math.prod(new[d2 + 1 :])
+            if math.prod(new[:d2]) != math.prod(shape[:d]) or tail == 0 or inner % tail:
+                continue
+            if new[d2] * tail != shape[d] * inner:
+                continue
+            factor = inner // tail
+            key = layout.key if factor == 1 else ("split", layout.key, factor)
+            return Rows(d2, None, key, layout.n, layout.owner)
+        return _mixed(func, "reshaped the examples' values so that one index holds several")
+    n, d = layout.n, layout.dim
+    chunk = layout.block * math.prod(shape[d + 1 :])
+    for d2 in range(len(new)):
+        tail = math.prod(new[d2 + 1 :])
+        if tail == 0 or chunk % tail or (new[d2] * tail) % (n * chunk):
+            continue
+        return Rows(d2, chunk // tail, layout.key, n, layout.owner)
+    return _mixed(func, "reshaped the examples' values so that one index holds several examples")
+
+
+def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: list) -> Any:
+    t, layout = known[0]
+    out = outs[0]
+    named = _named(func, args, kwargs)
+    if name in ("cat", "stack"):
+        return _join(func, name, named, known, out)
+    if name == "index_put":
+        # x[idx] = v: constants written into a followed tensor keep its layout
+        if t is args[0] and len(known) == 1:
+            return layout
+        return _mixed(func, "wrote values computed from the model's outputs by indices")
+    if len(known) > 1 or t is not args[0]:
+        if name in ("index", "gather", "index_select", "take_along_dim"):
+            return _mixed(func, "picked values by indices computed from the model's outputs")
+        return _mixed(func, "is an operation noisescale does not follow through the loss")
+    if isinstance(layout, _Sum):
+        if name in ("expand", "unsqueeze", "squeeze", "permute", "transpose", "t", "select"):
+            return _sum(known)
+        if name in ("slice", "index", "gather", "index_select", "split", "unbind", "chunk"):
+            return _sum(known)
+        return _mixed(func, "is an operation noisescale does not follow through the loss")
+    d = layout.dim
+
+    def keep(new_dim: int) -> Rows:
+        return Rows(new_dim, layout.block, layout.key, layout.n, layout.owner)
+
+    def fresh(new_dim: int) -> Rows:
+        return Rows(new_dim, None, (name, next(_fresh)), layout.n, layout.owner)
+
+    if name == "expand":
+        return keep(d + out.dim() - t.dim())
+    if name == "unsqueeze":
+        u = named["dim"] % out.dim()
+        return keep(d + (u <= d))
+    if name == "squeeze":
+        kept = [i for i in range(t.dim()) if t.shape[i] != 1 or i not in _squeezed(named, t)]
+        return keep(kept.index(d))
+    if name == "permute":
+        order = [p % t.dim() for p in named["dims"]]
+        return keep(order.index(d))
+    if name in ("transpose", "t"):
+        if name == "t":
+            a, b = 0, 1 if t.dim() > 1 else 0
+        else:
+            a, b = named["dim0"] % t.dim(), named["dim1"] % t.dim()
+        return keep(b if d == a else a if d == b else d)
+    if name == "select":
+        s = named["dim"] % t.dim()
+        if s == d:
+            return _sum(known)  # one example's values (a function of one example)
+        return keep(d - (s < d))
+    if name == "slice":
+        s = named["dim"] % t.dim()
+        if s != d:
+            return keep(d)
+        start = named.get("start") or 0
+        step = named.get("step") or 1
+        size = t.shape[d]
+        start = start + size if start < 0 else start
+        if layout.block is not None and step == 1 and start % (layout.n * layout.block) == 0:
+            return keep(d)
+        return fresh(d)
+    if name in ("split", "split_with_sizes", "unbind", "chunk", "unsafe_split"):
+        s = named["dim"] % t.dim()
+        if name == "unbind":
+            return [_sum(known) if s == d else keep(d - (s < d)) for _ in outs]
+        return [keep(d) if s != d else fresh(d) for _ in outs]
+    if name in ("gather", "index_select"):
+        s = named["dim"] % t.dim()
+        if s != d:
+            index = named["index"]
+            if name == "index_select" or index.shape[d] == t.shape[d]:
+                return keep(d)
+            return fresh(d)
+        return fresh(d)
+    if name == "index":
+        return _index(func, named, t, layout, out, fresh)
+    if name in ("flip", "roll"):
+        dims = _dims(named.get("dims"), t.dim())
+        return fresh(d) if d in dims else keep(d)
+    if name in ("topk", "sort", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"):
+        s = named["dim"] % t.dim() if named.get("dim") is not None else t.dim() - 1
+        if s == d:
+            return _mixed(func, "ran along the examples")
+        return [keep(d) for _ in outs] if len(outs) > 1 else keep(d)
+    if name in ("native_layer_norm", "native_group_norm", "native_dropout"):
+        if name == "native_layer_norm" and d >= t.dim() - len(named["normalized_shape"]):
+            return _mixed(func, "normalized over the examples")
+        if name == "native_group_norm" and d != 0:
+            return _mixed(func, "normalized over the examples")
+        return [keep(d) for _ in outs]
+    if name in ("repeat", "tile"):
+        reps = list(named.get("repeats") or named.get("dims"))
+        shift = len(reps) - t.dim()
+        if reps[d + shift] == 1:
+            return keep(d + shift)
+        return fresh(d + shift)
+    return _mixed(func, "is an operation noisescale does not follow through the loss")
+
+
+def _squeezed(named: dict, t: Tensor) -> set[int]:
+    dim = named.get("dim")
+    if dim is None:
+        return set(range(t.dim()))
+    return _dims(dim, t.dim())
+
+
+def _index(func: Any, named: dict, t: Tensor, layout: Rows, out: Tensor, fresh: Any) -> Any:
+    indices = list(named["indices"])
+    # a boolean mask spans as many dims as it has
+    spans = []
+    pos = 0
+    for idx in indices:
+        width = idx.dim() if isinstance(idx, Tensor) and idx.dtype == torch.bool else 1
+        if idx is not None:
+            spans.append((pos, pos + width, idx))
+        pos += width
+    if not spans:
+        return layout
+    first, last = spans[0][0], spans[-1][1]
+    adjacent = all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1))
+    covered = {i for a, b, _ in spans for i in range(a, b)}
+    res = out.dim() - (t.dim() - len(covered))  # dims of the indexing result
+    d = layout.dim
+    if d in covered:
+        if res == 1:
+            # each selected position of a mask (or each index) takes one example's values
+            return fresh(first if adjacent else 0)
+        return _mixed(func, "indexed the examples with a multi-dimensional index")
+    if adjacent:
+        new = d if d < first else d - (last - first) + res
+        return Rows(new, layout.block, layout.key, layout.n, layout.owner)
+    rest = [i for i in range(t.dim()) if i not in covered]
+    return Rows(res + rest.index(d), layout.block, layout.key, layout.n, layout.owner)
+
+
+def _join(func: Any, name: str, named: dict, known: list, out: Tensor) -> Layout:
+    lays = []
+    s = named.get("dim", 0)
+    if any(isinstance(layout, _Sum) for _, layout in known):
+        return _sum(known)  # (joining is linear; one example's values are a sum over examples too)
+    for t, layout in known:
+        s_ = s % (t.dim() + (name == "stack"))
+        d = layout.dim + (name == "stack" and s_ <= layout.dim)
+        if name == "cat" and s_ == layout.dim:
+            return Rows(d, None, ("cat", next(_fresh)), layout.n, layout.owner)
+        lays.append(Rows(d, layout.block, layout.key, layout.n, layout.owner))
+    if any(x != lays[0] for x in lays):
+        return _mixed(func, "joined the values of different examples")
+    return lays[0]
