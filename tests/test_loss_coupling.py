@@ -360,3 +360,226 @@ def test_a_clip_style_two_tower_loss_is_refused():
     loss.backward()
     with pytest.raises(UnsupportedModuleError, match="the loss combines the examples"):
         tracker.step(loss=loss)
+
+
+# -- found by the review of 2026-12-03 (each measured without a word by the first version) ----
+
+
+class _Centred(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, o):
+        ctx.save_for_backward(o)
+        return (o - o.mean(0)).pow(2).sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        (o,) = ctx.saved_tensors
+        return g * 2 * (o - o.mean(0))
+
+
+def _checkpointed(o: torch.Tensor) -> torch.Tensor:
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(_similarity, o, use_reentrant=True)
+
+
+def _expanded_first(o: torch.Tensor) -> torch.Tensor:
+    return (o * o[:1].expand_as(o)).sum()
+
+
+def _stacked_first(o: torch.Tensor) -> torch.Tensor:
+    return (o * torch.stack([o[:1]] * o.shape[0]).view(o.shape)).sum()
+
+
+def _rebased_view(o: torch.Tensor) -> torch.Tensor:
+    o2 = o.clone()
+    column = o2[:, 0]
+    o2.copy_(o2.flip(0))
+    return (column * o[:, 0]).sum()
+
+
+HIDDEN = {
+    "an_autograd_function": (_Centred.apply, "combined a sum over the examples"),
+    "a_reentrant_checkpoint": (_checkpointed, "in-batch negatives"),
+    "one_example_expanded": (_expanded_first, "broadcast one example's values"),
+    "one_example_stacked": (_stacked_first, "combined the values of different examples"),
+    "a_view_rebased_in_place": (_rebased_view, "memory another tensor of the loss shares"),
+    "one_example_against_all": (
+        lambda o: (o - o[0]).pow(2).sum(),
+        "combined one example's values with other examples'",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HIDDEN))
+def test_coupling_hidden_from_the_first_version_is_refused(name):
+    model, (x, _) = mlp(), data()
+    loss_of, why = HIDDEN[name]
+    engine = PerExampleNorms(model)
+    try:
+        loss_of(model(x)).backward()
+        with pytest.raises(UnsupportedModuleError, match="the loss combines the examples") as err:
+            engine.collect()
+        assert why in str(err.value)
+    finally:
+        engine.remove()
+
+
+class _TimeMajor(nn.Module):
+    def __init__(self, flat: bool = False) -> None:
+        super().__init__()
+        self.lin, self.flat = nn.Linear(D, 3 * C), flat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x).view(-1, 3, C)
+        return h.reshape(-1, C) if self.flat else h.transpose(0, 1)  # [N·3, C] or [3, N, C]
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_outputs_with_the_examples_elsewhere_than_dim_0_are_followed(flat):
+    """A time-major output [T, N, C] (examples in dim 1) and examples flattened with positions
+    [N·T, C]: a contrastive loss on them is refused; a per-row loss is exact."""
+    torch.manual_seed(0)
+    model, (x, _) = _TimeMajor(flat), data()
+    last = (lambda o: o.view(N, 3, C)[:, -1]) if flat else (lambda o: o[-1])
+    engine = PerExampleNorms(model)
+    try:
+        _similarity(last(model(x))).backward()
+        with pytest.raises(UnsupportedModuleError, match="the loss combines the examples"):
+            engine.collect()
+    finally:
+        engine.remove()
+    if not flat:  # (a flattened output's rows: exact, the map from rows to examples kept)
+
+        def loss_of(o: torch.Tensor, y: torch.Tensor = Y) -> torch.Tensor:
+            return F.cross_entropy(o[-1], y) + o.pow(2).mean()
+
+        params = list(model.parameters())
+        want = []
+        for i in range(N):
+            loss_i = loss_of(model(x[i : i + 1]), Y[i : i + 1]) / N
+            want.append(sum(g.pow(2).sum() for g in torch.autograd.grad(loss_i, params)))
+        for p in measured(model, x, loss_of):
+            assert torch.allclose(p.raw_sqnorms, torch.stack(want), rtol=1e-9)
+
+
+@pytest.mark.parametrize("context", ["device", "flop_counter"])
+def test_a_mode_entered_around_the_forward_does_not_unseat_the_watch(context):
+    """A user's mode entered around the forward and left before the loss: it pops itself, not
+    the watch (which sits under every mode), and the coupled loss is still refused."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, (x, _) = mlp(), data()
+    engine = PerExampleNorms(model)
+    try:
+        with torch.device("cpu") if context == "device" else FlopCounterMode(display=False):
+            out = model(x)
+        _similarity(out).backward()
+        with pytest.raises(UnsupportedModuleError, match="in-batch negatives"):
+            engine.collect()
+    finally:
+        engine.remove()
+    assert _get_current_dispatch_mode() is None
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_a_watch_taken_off_its_stack_withholds_the_step():
+    """If the watch is taken off its stack (here by hand) the backward is not seen: the pass is
+    withheld (tracker) or refused (one shot), never measured unchecked."""
+    from noisescale.per_example import loss_watch
+
+    model, (x, _) = mlp(), data()
+    engine = PerExampleNorms(model)
+    try:
+        out = model(x)
+        loss_watch._remove(engine._loss_watch._function, dispatch=False)
+        F.cross_entropy(out, Y).backward()
+        (p,) = engine.collect()
+        assert p.raw_sqnorms is None and "did not see this pass's backward" in p.withheld
+    finally:
+        engine.remove()
+
+
+def _image_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D, 2 * 8 * 8), nn.Unflatten(1, (2, 8, 8)))
+
+
+_TARGET = torch.randn(N, 2, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+_KERNEL = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+IMAGE_LOSSES = {
+    "ssim_like_convolution": lambda o: F.conv2d(o - _TARGET, _KERNEL, groups=2).pow(2).mean(),
+    "pooled": lambda o: (
+        F.mse_loss(F.avg_pool2d(o, 2), F.avg_pool2d(_TARGET, 2)) + F.max_pool2d(o, 2).abs().mean()
+    ),
+    "upsampled": lambda o: F.interpolate(o, scale_factor=2, mode="bilinear").pow(2).mean(),
+    "spectral": lambda o: torch.fft.rfft2(o - _TARGET).abs().pow(2).mean(),
+    "padded": lambda o: F.pad(o, (1, 1, 1, 1), mode="reflect").sum(dim=(2, 3)).pow(2).mean(),
+    "patches": lambda o: F.unfold(o, 4, stride=4).pow(2).mean(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IMAGE_LOSSES))
+def test_image_losses_per_example_are_exact(name):
+    """SSIM-like, pooled, perceptual-style, spectral and padded losses on [N, C, H, W]: the
+    operations work on each image apart, and the norms equal brute force."""
+    model, (x, _) = _image_model(), data()
+    loss_of = IMAGE_LOSSES[name]
+    want = share_truth(model, x, loss_of)
+    for p in measured(model, x, loss_of):
+        assert p.raw_sqnorms is not None, p.withheld
+        assert torch.allclose(p.raw_sqnorms, want, rtol=1e-9), (name, p.raw_sqnorms, want)
+
+
+_PAIRS = torch.tensor([2, 0, 1, 1, 3])
+MORE_SEPARABLE = {
+    "a_loop_over_the_examples": lambda o: sum(
+        F.cross_entropy(o[i], Y[i]) for i in range(o.shape[0])
+    ),
+    "iterating_the_rows": lambda o: torch.stack([r.logsumexp(0) for r in o]).mean(),
+    "preference_pairs_in_columns": lambda o: -F.logsigmoid(o[:, 0] - o[:, 1]).mean(),
+    "masked_select": lambda o: o.masked_select(MASK[:, None] > 0).pow(2).mean(),
+    "diagonal_of_a_cost_matrix": lambda o: torch.diag(
+        torch.cdist(o, torch.eye(C)[_PAIRS] + 0.1)
+    ).mean(),
+    "multi_margin": lambda o: F.multi_margin_loss(o, Y),
+    "scattered_smoothing": lambda o: (
+        -(o.log_softmax(-1) * torch.full_like(o, 0.05).scatter(1, Y[:, None], 0.85)).sum(1).mean()
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MORE_SEPARABLE))
+def test_more_separable_losses_are_measured_exactly(name):
+    model, (x, _) = mlp(), data()
+    loss_of = MORE_SEPARABLE[name]
+    want = share_truth(model, x, loss_of)
+    for p in measured(model, x, loss_of):
+        assert p.raw_sqnorms is not None, p.withheld
+        assert torch.allclose(p.raw_sqnorms, want, rtol=1e-9), (name, p.raw_sqnorms, want)
+
+
+def test_a_ctc_loss_on_time_major_log_probs_is_exact():
+    """CTC takes [T, N, C] log-probabilities: one loss per example, exact."""
+    torch.manual_seed(0)
+    model, (x, _) = _TimeMajor(), data()
+    targets = torch.tensor([[1, 2], [2, 3], [1, 1], [3, 2], [2, 2]])
+
+    def loss_of(o: torch.Tensor) -> torch.Tensor:
+        n = o.shape[1]
+        return F.ctc_loss(o.log_softmax(-1), targets[:n], torch.full((n,), 3), torch.full((n,), 2))
+
+    params = list(model.parameters())
+    for p in measured(model, x, loss_of):
+        assert p.raw_sqnorms is not None, p.withheld
+        # ctc's mean divides by the target lengths, then by the batch: example i's term / N
+        want = []
+        for i in range(N):
+            o = model(x[i : i + 1])
+            loss_i = F.ctc_loss(
+                o.log_softmax(-1), targets[i : i + 1], torch.full((1,), 3), torch.full((1,), 2)
+            )
+            want.append(sum(g.pow(2).sum() for g in torch.autograd.grad(loss_i / N, params)))
+        assert torch.allclose(p.raw_sqnorms, torch.stack(want), rtol=1e-9)

@@ -254,6 +254,7 @@ class PassNorms:
     returned: bool = False  # the model's forward has returned (what follows is the loss)
     # how the loss combined the examples, when it did (loss_watch.py): refused in _settle
     coupled: str | None = None
+    loss_unfollowed: str | None = None  # why its loss could not be followed (withheld)
     output_nodes: dict[int, Any] = field(default_factory=dict)  # the outputs' autograd nodes
     meetings_added: int = 0
     buffer_storages: set[int] | None = None  # the model's buffers' storages (_is_buffer)
@@ -925,7 +926,8 @@ class PerExampleNorms:
             self._check_permutation(pass_, output)
             if pass_.batch_size > 1 and not (pass_.compiled or pass_.compiled_call):
                 batched = [t for t in _tensors(output) if not isinstance(t, SharedTensor)]
-                self._loss_watch.watch(pass_, batched, self._model_dim)
+                packed = _tensors(output, packed=True)
+                self._loss_watch.watch(pass_, batched, self._model_dim, packed)
         if hasattr(pass_, "_pending_targets"):
             del pass_._pending_targets  # type: ignore[attr-defined]
 
@@ -2670,6 +2672,7 @@ class PerExampleNorms:
                 backward passes ran through one forward.
         """
         done, self.passes = self.passes, []
+        self._loss_watch.finish()
         self._loss_watch.reset()
         self._scratch.release()  # (rows kept for layers that read one input: an activation)
         split = [p for p in done if p.subbatches is not None and p.received and not p.skipped]
@@ -2823,6 +2826,11 @@ class PerExampleNorms:
             return
         if pass_.coupled is not None:
             raise UnsupportedModuleError(_coupled_message(pass_))
+        if pass_.loss_unfollowed is not None:
+            if not learn:
+                raise UnsupportedModuleError(pass_.loss_unfollowed)
+            self._withhold(pass_, f"{pass_.loss_unfollowed}; the next audited step checks again")
+            return
         findings = (
             pass_.audit.finish(pass_.received, self._param_name)
             if pass_.audit is not None
@@ -3450,6 +3458,7 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
         merged.unsupported = [u for p in group for u in p.unsupported]
         merged.ambiguous = [u for p in group for u in p.ambiguous]
         merged.coupled = next((p.coupled for p in group if p.coupled), None)
+        merged.loss_unfollowed = next((p.loss_unfollowed for p in group if p.loss_unfollowed), None)
         if any(p.rows is not None or p.skipped for p in group) and not merged.skipped:
             offset, taken = 0, []
             for p in group:
@@ -3504,18 +3513,20 @@ def _autocast_enabled() -> bool:
     return any(torch.is_autocast_enabled(d) for d in _AUTOCAST_DEVICES)
 
 
-def _tensors(value: Any) -> list[Tensor]:
-    """The tensors in a model's output (a tensor, or tuples, lists and dicts of them)."""
+def _tensors(value: Any, packed: bool = False) -> list[Tensor]:
+    """The tensors in a model's output (a tensor, or tuples, lists and dicts of them); with
+    ``packed``, only the data of its packed sequences."""
     if isinstance(value, Tensor):
-        return [value]
+        return [] if packed else [value]
     if isinstance(value, PackedSequence):
         return [value.data]
     if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
+        return [t for v in value.values() for t in _tensors(v, packed)]
     if isinstance(value, list | tuple):
-        return [t for v in value for t in _tensors(v)]
+        return [t for v in value for t in _tensors(v, packed)]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return [t for f in dataclasses.fields(value) for t in _tensors(getattr(value, f.name))]
+        fields = dataclasses.fields(value)
+        return [t for f in fields for t in _tensors(getattr(value, f.name), packed)]
     return []
 
 

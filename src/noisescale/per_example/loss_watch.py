@@ -14,17 +14,28 @@ a :class:`~torch.utils._python_dispatch.TorchDispatchMode` follows every ATen op
 tensor computed from the model's batched outputs and keeps, for each such tensor, what is known
 about how it depends on the examples (an abstract interpretation):
 
-* ``Rows(dim, block, key)`` — every index along ``dim`` holds one example's values (index j is
-  example (j // block) mod N for a regular layout, ``block`` None for a map known only by
-  ``key``), whatever the other indices; the model's batched outputs start so (dim 0).
-* ``SUM`` — every element is a sum over examples of a function of one example each (what a sum
-  or mean over the examples, a dot product along them, gives): linear operations keep it.
-* ``Mixed(reason)`` — anything else: examples combined non-linearly.
+* ``Rows(dim, block, key, n, owner)`` — every index along ``dim`` holds one example's values
+  (index j is example (j // block) mod n for a regular layout; ``block`` None for a map known
+  only by ``key``), whatever the other indices. The model's batched outputs start so: in the
+  model's example dimension, else in the one dimension of the batch's size (time-major), else
+  as rows flattened with positions (an irregular map); ``owner`` is the pass (its forward).
+* ``One(owner, example)`` — one example's values only (``o[i]``): any function of them stays
+  that example's.
+* ``_Sum(owners)`` — every element is a sum over examples of a function of one example each
+  (what a sum or mean over the examples, a dot product along them, gives): linear operations
+  keep it.
+* ``Mixed(reason)`` — anything else: examples combined non-linearly, two forwards' rows
+  combined, a sum over one forward's examples added to another's rows.
 
-Tensors that do not require grad are constants here (a detached batch statistic that weighs
-the examples reweighs per-example terms; it does not couple their gradients). A backward from
-a ``Mixed`` loss is refused (:attr:`PassNorms.coupled`); an operation this module does not know,
-on a tensor that derives from the outputs, is ``Mixed`` too — refused rather than guessed.
+With gradients on, tensors that do not require grad are constants here (a detached batch
+statistic that weighs the examples reweighs per-example terms; it does not couple their
+gradients); without (inside a custom ``autograd.Function`` or a reentrant checkpoint), every
+operand is followed, so the Function's output has the layout of what it computed. A backward
+from a ``Mixed`` loss is refused (:attr:`PassNorms.coupled`); an operation this module does not
+know, on a tensor that derives from the outputs, is ``Mixed`` too — refused rather than
+guessed. A pass whose backward the watch did not see start is withheld
+(:attr:`PassNorms.loss_unfollowed`). Both modes sit at the bottom of their stacks (a user's mode
+entered around the forward pops itself, not the watch).
 
 Cost: one Python call per ATen operation of the loss on audited steps (steps 1, 2, 4, …, and
 every 1024th); the model's forward and the backward run without it.
@@ -56,6 +67,14 @@ class Rows:
 
 
 @dataclass(frozen=True)
+class One:
+    """Values of one example only (``o[i]``): any function of them is that example's."""
+
+    owner: int
+    example: Any  # its index, or a token when the map is irregular
+
+
+@dataclass(frozen=True)
 class _Sum:
     owners: frozenset  # the passes whose examples it sums over
 
@@ -65,7 +84,7 @@ class Mixed:
     reason: str
 
 
-Layout = Rows | _Sum | Mixed
+Layout = Rows | One | _Sum | Mixed
 
 _fresh = itertools.count()
 
@@ -116,25 +135,45 @@ class LossWatch:
     """One step's watch over the loss of its audited passes (see the module doc)."""
 
     def __init__(self) -> None:
-        self.layouts: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
-        self.passes: list[Any] = []
         self._dispatch = _Dispatch(self)
         self._function = _Function(self)
         self._pushed = False
-        self.done = False
-        self.seen = 0  # operations seen while the watch is on
+        self.reset()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def watch(self, pass_: Any, outputs: list[Tensor], dim: int) -> None:
-        """Follow ``outputs`` (the pass's tensors with the batch's size in ``dim``)."""
+    def watch(self, pass_: Any, outputs: list[Tensor], dim: int, packed: list[Tensor]) -> None:
+        """Follow the pass's batched ``outputs`` (examples in ``dim``, or in the one other
+        dimension of the batch's size — time-major —, or flattened with positions in ``dim``;
+        ``packed``: the data of packed sequences among them, rows of examples in their order)."""
         if self.done:
             self.reset()
         n = pass_.batch_size
         added = False
         for t in outputs:
-            if t.requires_grad and t.dim() > dim and t.shape[dim] == n:
-                self.layouts[t] = Rows(dim, 1, id(pass_), n, id(pass_))
+            if t.grad_fn is None or t.dim() == 0:
+                continue  # (a parameter returned as it is, a leaf, is no example's: shared)
+            layout: Layout | None = None
+            if any(t is p for p in packed):
+                layout = Rows(0, None, ("packed", id(pass_)), n, id(pass_))
+            elif t.dim() > dim and t.shape[dim] == n:
+                layout = Rows(dim, 1, id(pass_), n, id(pass_))
+            else:
+                sizes = [i for i, s in enumerate(t.shape) if s == n]
+                if len(sizes) == 1:
+                    layout = Rows(sizes[0], 1, id(pass_), n, id(pass_))
+                elif sizes:
+                    layout = Mixed(
+                        f"an output of shape {list(t.shape)} has the batch's size ({n}) in "
+                        "more than one dimension, none of them the examples' known one, and "
+                        "was used"
+                    )
+                elif t.dim() > dim and t.shape[dim] % n == 0:
+                    # examples flattened with positions, in an order the watch does not know:
+                    # each row is one example's, which row whose is known by this key only
+                    layout = Rows(dim, None, ("flat", id(pass_), id(t)), n, id(pass_))
+            if layout is not None:
+                self.layouts[t] = layout
                 added = True
         if added:
             self.passes.append(pass_)
@@ -148,18 +187,49 @@ class LossWatch:
             self._pushed = False
 
     def resume(self) -> None:
+        """Follow again, from the bottom of both mode stacks: a mode the user enters around the
+        forward and leaves before the backward pops itself, not the watch."""
         if self.passes and not self.done and not self._pushed:
-            torch._C._push_on_torch_function_stack(self._function)
-            torch.utils._python_dispatch._push_mode(self._dispatch)
+            _insert_bottom(self._function, dispatch=False)
+            _insert_bottom(self._dispatch, dispatch=True)
             self._pushed = True
+
+    def finish(self) -> None:
+        """The step collects: a watched pass whose loss was not followed to a backward is
+        marked (withheld by the engine, never measured unchecked)."""
+        reason = self.gave_up
+        if reason is None and not self.checked:
+            reason = (
+                "noisescale did not see this pass's backward start (loss.backward(), "
+                "torch.autograd.backward or torch.autograd.grad) after its forward, so it "
+                "could not check that the loss keeps the examples apart"
+            )
+        if reason is None and not self._present():
+            reason = (
+                "noisescale's watch over the loss was taken off the mode stack before the "
+                "backward (a TorchDispatchMode or TorchFunctionMode left out of order), so it "
+                "could not check that the loss keeps the examples apart"
+            )
+        if reason is not None:
+            for pass_ in self.passes:
+                if pass_.coupled is None and pass_.loss_unfollowed is None:
+                    pass_.loss_unfollowed = reason
 
     def reset(self) -> None:
         """End the watch (the step collects): nothing followed any more."""
         self.pause()
-        self.layouts = WeakTensorKeyDictionary()
-        self.passes = []
+        self.layouts: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+        self.written: dict[int, Mixed] = {}  # storages written in place with followed values
+        self.targets = WeakTensorKeyDictionary()  # the tensors written so (their layouts hold)
+        self.passes: list[Any] = []
         self.done = False
-        self.seen = 0
+        self.checked = False  # a backward (or autograd.grad) from the loss was seen
+        self.gave_up: str | None = None
+        self.followed = 0  # of them, on followed tensors
+        self.lost = False  # the dispatch mode was found off its stack at the backward
+
+    def _present(self) -> bool:
+        return not self.lost
 
     # -- the verdict ---------------------------------------------------------------------------
 
@@ -170,51 +240,82 @@ class LossWatch:
         if self.done:
             return
         self.done = final
+        self.checked = True
+        if not _on_stack(self._dispatch, dispatch=True):
+            self.lost = True
         for root in roots:
-            layout = self.layouts.get(root) if isinstance(root, Tensor) else None
+            layout = self._layout(root) if isinstance(root, Tensor) else None
             if isinstance(layout, Mixed):
                 for pass_ in self.passes:
                     if pass_.coupled is None:
                         pass_.coupled = layout.reason
                 return
 
+    def _layout(self, t: Tensor) -> Layout | None:
+        layout = self.layouts.get(t)
+        if self.written and (layout is None or t._base is not None):
+            hit = self.written.get(_storage(t))
+            if hit is not None and t not in self.targets:
+                return hit
+        return layout
+
     # -- following one operation ---------------------------------------------------------------
 
     def follow(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
-        if self.done or not torch.is_grad_enabled():
+        if self.done:
             return
+        # Under no_grad, inside a custom autograd.Function's forward or a reentrant checkpoint,
+        # operands are followed whatever they require: the Function's output gets the layout of
+        # what it computed. With gradients on, a tensor that requires none is a constant.
+        grad = torch.is_grad_enabled()
         flat, _ = tree_flatten((args, kwargs))
-        known = [
-            (t, self.layouts.get(t))
-            for t in flat
-            if isinstance(t, Tensor) and t.requires_grad and t in self.layouts
-        ]
+        known = []
+        for t in flat:
+            if isinstance(t, Tensor) and (t.requires_grad or not grad):
+                layout = self._layout(t)
+                if layout is not None:
+                    known.append((t, layout))
         if not known:
+            return
+        self.followed += 1
+        if self.followed > _MAX_OPS:
+            self.done = True
+            self.gave_up = (
+                f"the loss ran more than {_MAX_OPS:,} operations on tensors computed from the "
+                "model's outputs; noisescale stopped following it"
+            )
             return
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
         try:
             layouts = _rule(func, args, kwargs, known, outs)
         except Exception as err:  # a rule that cannot read the operation: not followed
-            layouts = Mixed(f"'{_name(func)}' ({type(err).__name__} in noisescale's rule)")
+            layouts = Mixed(f"'aten.{_name(func)}' ({type(err).__name__} in noisescale's rule)")
         if not isinstance(layouts, list):
             layouts = [layouts] * len(outs)
         for t, layout in zip(outs, layouts, strict=False):
             if layout is not None:
                 self.layouts[t] = layout
         target = args[0] if args and isinstance(args[0], Tensor) else None
-        # written in place into a view: the base holds the written values now. Constants
-        # written into a followed tensor change nothing; values computed from the outputs
-        # written into part of another tensor are not followed there
         if (
-            _name(func).endswith("_")
-            and target is not None
-            and target._base is not None
+            target is not None
+            and _name(func).endswith("_")
             and any(t is not target for t, _ in known)
         ):
-            self.layouts[target._base] = Mixed(
-                f"'aten.{_name(func)}' wrote values computed from the model's outputs into "
-                "part of another tensor"
+            # Values computed from the outputs written in place into a tensor: the tensor
+            # itself has the layout just computed; any other view of its memory (taken before,
+            # or after) is not followed through the write: mixed
+            self.targets[target] = True
+            self.written[_storage(target)] = Mixed(
+                f"'aten.{_name(func)}' wrote values computed from the model's outputs into a "
+                "tensor whose memory another tensor of the loss shares"
             )
+
+
+def _storage(t: Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return id(t)
 
 
 class _Dispatch(TorchDispatchMode):
@@ -225,12 +326,8 @@ class _Dispatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        watch = self.watch
-        watch.seen += 1
-        if watch.seen > _MAX_OPS:
-            watch.done = True  # a forward no backward followed: given up (nothing refused)
-        elif torch._C._current_graph_task_id() == -1:
-            watch.follow(func, args, kwargs, out)
+        if torch._C._current_graph_task_id() == -1:
+            self.watch.follow(func, args, kwargs, out)
         return out
 
 
@@ -261,16 +358,31 @@ class _Function(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _stack(dispatch: bool) -> tuple:
+    if dispatch:
+        return (
+            torch._C._len_torch_dispatch_stack,
+            torch._C._get_dispatch_stack_at,
+            lambda: torch._C._pop_torch_dispatch_stack(None),
+            torch._C._push_on_torch_dispatch_stack,
+        )
+    return (
+        torch._C._len_torch_function_stack,
+        torch._C._get_function_stack_at,
+        torch._C._pop_torch_function_stack,
+        torch._C._push_on_torch_function_stack,
+    )
+
+
+def _on_stack(mode: Any, *, dispatch: bool) -> bool:
+    length, get, _, _ = _stack(dispatch)
+    return any(get(i) is mode for i in range(length()))
+
+
 def _remove(mode: Any, *, dispatch: bool) -> None:
     """Take ``mode`` off its stack wherever it is (modes pushed above it stay, in order)."""
-    if dispatch:
-        length, get = torch._C._len_torch_dispatch_stack, torch._C._get_dispatch_stack_at
-        pop = lambda: torch._C._pop_torch_dispatch_stack(None)  # noqa: E731
-        push = torch._C._push_on_torch_dispatch_stack
-    else:
-        length, get = torch._C._len_torch_function_stack, torch._C._get_function_stack_at
-        pop, push = torch._C._pop_torch_function_stack, torch._C._push_on_torch_function_stack
-    if all(get(i) is not mode for i in range(length())):
+    length, _, pop, push = _stack(dispatch)
+    if not _on_stack(mode, dispatch=dispatch):
         return
     above = []
     while length():
@@ -282,6 +394,18 @@ def _remove(mode: Any, *, dispatch: bool) -> None:
         push(m)
 
 
+def _insert_bottom(mode: Any, *, dispatch: bool) -> None:
+    """Put ``mode`` under every mode on its stack (it only observes: what they change, it
+    sees changed)."""
+    length, _, pop, push = _stack(dispatch)
+    above = []
+    while length():
+        above.append(pop())
+    push(mode)
+    for m in reversed(above):
+        push(m)
+
+
 # -- the rules ---------------------------------------------------------------------------------
 
 
@@ -289,7 +413,7 @@ def _sum(known: list) -> _Sum:
     """A sum over the examples of the passes the operands come from."""
     owners: set = set()
     for _, layout in known:
-        owners |= {layout.owner} if isinstance(layout, Rows) else set(layout.owners)
+        owners |= set(layout.owners) if isinstance(layout, _Sum) else {layout.owner}
     return _Sum(frozenset(owners))
 
 
@@ -340,13 +464,25 @@ def _rule(func: Any, args: tuple, kwargs: dict, known: list, outs: list[Tensor])
     if not outs:
         return None
     out = outs[0]
+    ones = [layout for _, layout in known if isinstance(layout, One)]
+    if ones:
+        if len(ones) == len(known) and all(o == ones[0] for o in ones):
+            return ones[0]  # any function of one example's values is that example's
+        linear = name in ("cat", "stack") or (
+            name in ("add", "sub") and not any(isinstance(x, Rows) for _, x in known)
+        )
+        if linear:
+            return _sum(known)
+        return _mixed(func, "combined one example's values with other examples'")
+    if name in _BATCHED:
+        return _batched(func, name, args, kwargs, known, outs)
     if name in _IDENTITY or name == "copy":
         t, layout = known[0]
         if len(known) == 1 and t is args[0] and t.shape == out.shape:
             return layout
     if name in ("view", "_unsafe_view", "reshape"):
         return _reshape(known[0][1], tuple(args[0].shape), tuple(out.shape), func)
-    if _pointwise_op(func, name) or name in ("copy", "fill", "_to_copy"):
+    if _pointwise_op(func, name) or name in ("copy", "fill", "_to_copy", "log_sigmoid_forward"):
         return _pointwise(func, name, args, kwargs, known, out)
     if name in _REDUCTIONS:
         return _reduction(func, name, args, kwargs, known, out)
@@ -355,7 +491,9 @@ def _rule(func: Any, args: tuple, kwargs: dict, known: list, outs: list[Tensor])
         if isinstance(layout, Rows) and (args[1] % t.dim()) != layout.dim:
             return layout
         return _mixed(func, "normalized over the examples")
-    if name in ("nll_loss_forward", "nll_loss2d_forward"):
+    if name in ("nll_loss_forward", "nll_loss2d_forward", "multi_margin_loss") or (
+        name == "multilabel_margin_loss_forward"
+    ):
         return _nll(func, args, kwargs, known, outs)
     if name in _LOSSES:
         named = _named(func, args, kwargs)
@@ -531,6 +669,9 @@ def _reshape(layout: Layout, shape: tuple, new: tuple, func: Any) -> Layout:
             return Rows(d2, None, key, layout.n, layout.owner)
         return _mixed(func, "reshaped the examples' values so that one index holds several")
     n, d = layout.n, layout.dim
+    if shape[d] % (n * layout.block):
+        return _mixed(func, "reshaped a part of the examples' values")
+    # element f of the flattened tensor is example (f // chunk) mod n
     chunk = layout.block * math.prod(shape[d + 1 :])
     for d2 in range(len(new)):
         tail = math.prod(new[d2 + 1 :])
@@ -560,6 +701,8 @@ def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: l
             return _sum(known)
         if name in ("slice", "index", "gather", "index_select", "split", "unbind", "chunk"):
             return _sum(known)
+        if name in ("diagonal", "diagonal_copy", "trace", "repeat", "flip", "roll"):
+            return _sum(known)
         return _mixed(func, "is an operation noisescale does not follow through the loss")
     d = layout.dim
 
@@ -570,7 +713,10 @@ def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: l
         return Rows(new_dim, None, (name, next(_fresh)), layout.n, layout.owner)
 
     if name == "expand":
-        return keep(d + out.dim() - t.dim())
+        new = d + out.dim() - t.dim()
+        if t.shape[d] != out.shape[new]:
+            return _mixed(func, "broadcast one example's values over others")
+        return keep(new)
     if name == "unsqueeze":
         u = named["dim"] % out.dim()
         return keep(d + (u <= d))
@@ -589,23 +735,27 @@ def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: l
     if name == "select":
         s = named["dim"] % t.dim()
         if s == d:
-            return _sum(known)  # one example's values (a function of one example)
+            return _one(layout, named["index"] % t.shape[d])
         return keep(d - (s < d))
     if name == "slice":
         s = named["dim"] % t.dim()
         if s != d:
             return keep(d)
-        start = named.get("start") or 0
-        step = named.get("step") or 1
         size = t.shape[d]
-        start = start + size if start < 0 else start
-        if layout.block is not None and step == 1 and start % (layout.n * layout.block) == 0:
-            return keep(d)
+        start, stop = named.get("start"), named.get("end")
+        start = 0 if start is None else (start + size if start < 0 else min(start, size))
+        stop = size if stop is None else (stop + size if stop < 0 else min(stop, size))
+        step = named.get("step") or 1
+        cycle = None if layout.block is None else layout.n * layout.block
+        if cycle and step == 1 and start % cycle == 0 and (stop - start) % cycle == 0:
+            return keep(d)  # whole cycles of the examples
         return fresh(d)
     if name in ("split", "split_with_sizes", "unbind", "chunk", "unsafe_split"):
         s = named["dim"] % t.dim()
         if name == "unbind":
-            return [_sum(known) if s == d else keep(d - (s < d)) for _ in outs]
+            if s == d:
+                return [_one(layout, i) for i in range(len(outs))]
+            return [keep(d - (s < d)) for _ in outs]
         return [keep(d) if s != d else fresh(d) for _ in outs]
     if name in ("gather", "index_select"):
         s = named["dim"] % t.dim()
@@ -617,6 +767,26 @@ def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: l
         return fresh(d)
     if name == "index":
         return _index(func, named, t, layout, out, fresh)
+    if name == "masked_select":
+        return Rows(0, None, (name, next(_fresh)), layout.n, layout.owner)
+    if name in ("diagonal", "diagonal_copy"):
+        d1, d2 = named.get("dim1", 0) % t.dim(), named.get("dim2", 1) % t.dim()
+        if d in (d1, d2):
+            # x[k, k + offset]: element k is the example of index k (or k - offset) along d —
+            # the other dimension's values are the same example's (rows) or constants
+            offset = named.get("offset", 0)
+            shifted = offset if d == d2 else -offset
+            return keep(t.dim() - 2) if shifted == 0 else fresh(t.dim() - 2)
+        rest = [i for i in range(t.dim()) if i not in (d1, d2)]
+        return keep(rest.index(d))
+    if name == "trace":
+        return _sum(known)  # Σ_i x[i, i]: each term one example's
+    if name in ("scatter", "scatter_add", "scatter_reduce"):
+        if named["dim"] % t.dim() != d:
+            return keep(d)
+        return _mixed(func, "scattered along the examples")
+    if name == "_cdist_forward":
+        return keep(d) if d < t.dim() - 1 else _mixed(func, "measured distances across examples")
     if name in ("flip", "roll"):
         dims = _dims(named.get("dims"), t.dim())
         return fresh(d) if d in dims else keep(d)
@@ -638,6 +808,80 @@ def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: l
             return keep(d + shift)
         return fresh(d + shift)
     return _mixed(func, "is an operation noisescale does not follow through the loss")
+
+
+def _one(layout: Rows, index: int) -> One:
+    if layout.block is None:
+        return One(layout.owner, ("irregular", next(_fresh)))
+    return One(layout.owner, (index // layout.block) % layout.n)
+
+
+# Operations that work on each index of dim 0 apart (a batch of images, sequences, signals):
+# examples there stay there. Linear ones keep a sum over the examples a sum.
+_BATCHED_LINEAR = {
+    "convolution",
+    "avg_pool1d",
+    "avg_pool2d",
+    "avg_pool3d",
+    "_adaptive_avg_pool2d",
+    "_adaptive_avg_pool3d",
+    "upsample_nearest1d",
+    "upsample_nearest2d",
+    "upsample_nearest3d",
+    "upsample_linear1d",
+    "upsample_bilinear2d",
+    "upsample_bicubic2d",
+    "upsample_trilinear3d",
+    "im2col",
+    "pixel_shuffle",
+    "pixel_unshuffle",
+    "constant_pad_nd",
+    "reflection_pad1d",
+    "reflection_pad2d",
+    "reflection_pad3d",
+    "replication_pad1d",
+    "replication_pad2d",
+    "replication_pad3d",
+    "_fft_r2c",
+    "_fft_c2c",
+    "_fft_c2r",
+}
+_BATCHED = _BATCHED_LINEAR | {
+    "max_pool2d_with_indices",
+    "max_pool3d_with_indices",
+    "adaptive_max_pool2d",
+    "adaptive_max_pool3d",
+    "_ctc_loss",
+}
+_PADDED = {"1d": 1, "2d": 2, "3d": 3}
+
+
+def _batched(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: list) -> Any:
+    t, layout = known[0]
+    if len(known) > 1 or t is not args[0]:
+        return _mixed(func, "was given weights computed from the model's outputs")
+    if isinstance(layout, _Sum):
+        if name in _BATCHED_LINEAR:
+            return _sum(known)
+        return _mixed(func, "is not linear in a sum over the examples")
+    named = _named(func, args, kwargs)
+    d = layout.dim
+    if name == "_ctc_loss":  # log_probs [T, N, C]: one loss per example
+        if t.dim() != 3 or d != 1:
+            return _mixed(func, "took the examples for another dimension")
+        return [Rows(0, layout.block, layout.key, layout.n, layout.owner) for _ in outs]
+    if name.startswith("_fft_"):
+        if d in _dims(named["dim"], t.dim()):
+            return _mixed(func, "transformed along the examples")
+        return layout
+    if name == "constant_pad_nd" or name.startswith(("reflection_pad", "replication_pad")):
+        k = len(named["pad"]) // 2 if name == "constant_pad_nd" else _PADDED[name[-2:]]
+        return layout if d < t.dim() - k else _mixed(func, "padded along the examples")
+    if name == "convolution" and t.dim() != args[1].dim():
+        return _mixed(func, "ran an unbatched convolution over the examples")
+    if d != 0:
+        return _mixed(func, "took another dimension for the batch")
+    return [layout for _ in outs]
 
 
 def _squeezed(named: dict, t: Tensor) -> set[int]:
