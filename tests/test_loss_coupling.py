@@ -583,3 +583,25 @@ def test_a_ctc_loss_on_time_major_log_probs_is_exact():
             )
             want.append(sum(g.pow(2).sum() for g in torch.autograd.grad(loss_i / N, params)))
         assert torch.allclose(p.raw_sqnorms, torch.stack(want), rtol=1e-9)
+
+
+def test_a_step_collected_inside_the_backward_leaves_no_mode_behind():
+    """The Trainer's callback collects the step from inside the backward (a queued autograd
+    callback), where the watch's function mode is off its stack while its handler runs: the
+    next pause takes it off instead, and none piles up over the steps (the first version left
+    one per audited step)."""
+    model, (x, _) = mlp(), data()
+    engine = PerExampleNorms(model)
+    queue = torch.autograd.Variable._execution_engine.queue_callback
+    # (as the callback does: queued from the last gradient's hook, then once more)
+    hook = model[0].weight.register_post_accumulate_grad_hook(
+        lambda p: queue(lambda: queue(engine.collect))
+    )
+    try:
+        for _ in range(5):
+            F.cross_entropy(model(x), Y).backward()
+            assert torch._C._len_torch_function_stack() <= 1
+    finally:
+        hook.remove()
+        engine.remove()
+    assert torch._C._len_torch_function_stack() == 0

@@ -180,16 +180,20 @@ class LossWatch:
         self.resume()
 
     def pause(self) -> None:
-        """Stop following (a forward of the model starts: its operations are the engine's)."""
-        if self._pushed:
-            _remove(self._dispatch, dispatch=True)
-            _remove(self._function, dispatch=False)
-            self._pushed = False
+        """Stop following (a forward of the model starts: its operations are the engine's).
+        Both modes are looked for whatever ``_pushed`` says: a pause inside the function
+        mode's own handler (a backward that collects, or recomputes a checkpointed forward)
+        cannot take it off — it is off its stack while its handler runs, and goes back on
+        after — so the next pause does."""
+        _remove(self._dispatch, dispatch=True)
+        _remove(self._function, dispatch=False)
+        self._pushed = False
 
     def resume(self) -> None:
         """Follow again, from the bottom of both mode stacks: a mode the user enters around the
         forward and leaves before the backward pops itself, not the watch."""
         if self.passes and not self.done and not self._pushed:
+            self.pause()  # (one left on its stack by a pause inside its handler)
             _insert_bottom(self._function, dispatch=False)
             _insert_bottom(self._dispatch, dispatch=True)
             self._pushed = True
