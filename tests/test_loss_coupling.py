@@ -601,6 +601,14 @@ def test_a_step_collected_inside_the_backward_leaves_no_mode_behind():
         for _ in range(5):
             F.cross_entropy(model(x), Y).backward()
             assert torch._C._len_torch_function_stack() <= 1
+        # the last step's mode, inert, is taken off by the next forward of any tracked model
+        # (another engine's here: training ended without remove())
+        other = mlp()
+        second = PerExampleNorms(other)
+        with torch.no_grad():
+            other(x)
+        assert torch._C._len_torch_function_stack() == 0
+        second.remove()
     finally:
         hook.remove()
         engine.remove()

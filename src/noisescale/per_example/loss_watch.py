@@ -188,6 +188,7 @@ class LossWatch:
         _remove(self._dispatch, dispatch=True)
         _remove(self._function, dispatch=False)
         self._pushed = False
+        _remove_stale()
 
     def resume(self) -> None:
         """Follow again, from the bottom of both mode stacks: a mode the user enters around the
@@ -347,6 +348,8 @@ class _Function(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not self.watch._pushed:  # stale (see LossWatch.pause): inert
+            return func(*args, **kwargs)
         if func in _BACKWARDS and not self.watch.done:
             if func is Tensor.backward:
                 roots = [args[0]]
@@ -396,6 +399,15 @@ def _remove(mode: Any, *, dispatch: bool) -> None:
         above.append(top)
     for m in reversed(above):
         push(m)
+
+
+def _remove_stale() -> None:
+    """Take off any watch's function mode left on the stack by a pause inside its handler
+    (another engine's, or one whose engine is gone): inert, but a Python call per torch call."""
+    length, get, _, _ = _stack(False)
+    for mode in [get(i) for i in range(length())]:
+        if isinstance(mode, _Function) and not mode.watch._pushed:
+            _remove(mode, dispatch=False)
 
 
 def _insert_bottom(mode: Any, *, dispatch: bool) -> None:
