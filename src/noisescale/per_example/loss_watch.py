@@ -402,11 +402,13 @@ def _remove(mode: Any, *, dispatch: bool) -> None:
 
 
 def _remove_stale() -> None:
-    """Take off any watch's function mode left on the stack by a pause inside its handler
-    (another engine's, or one whose engine is gone): inert, but a Python call per torch call."""
+    """Take off any watch's function mode that has nothing left to see — left on the stack by
+    a pause inside its handler, or after its backward by a step that never collected (a
+    refusal raised first; another engine's, or one whose engine is gone): inert, but a Python
+    call per torch call."""
     length, get, _, _ = _stack(False)
     for mode in [get(i) for i in range(length())]:
-        if isinstance(mode, _Function) and not mode.watch._pushed:
+        if isinstance(mode, _Function) and (not mode.watch._pushed or mode.watch.done):
             _remove(mode, dispatch=False)
 
 
