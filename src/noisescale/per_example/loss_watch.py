@@ -740,6 +740,8 @@ def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: l
         return keep(d + (u <= d))
     if name == "squeeze":
         kept = [i for i in range(t.dim()) if t.shape[i] != 1 or i not in _squeezed(named, t)]
+        if d not in kept:  # one row of examples (o[i:i + 1].squeeze(0)): one example's
+            return _one(layout, 0)
         return keep(kept.index(d))
     if name == "permute":
         order = [p % t.dim() for p in named["dims"]]
