@@ -92,7 +92,6 @@ _fresh = itertools.count()
 _LINEAR_ANY = {"add", "sub", "neg", "clone", "_to_copy", "alias", "positive", "lift_fresh_copy"}
 _LINEAR_FIRST = {"div", "masked_fill", "true_divide"}  # linear in the first operand only
 _LINEAR_ONE = {"mul", "multiply"}  # linear when one operand is tainted
-_LINEAR_VALUES = {"where"}  # linear in the values when the condition is constant
 _SUMS = {"sum", "mean", "nansum"}
 _REDUCTIONS = _SUMS | {
     "amax",
@@ -209,7 +208,7 @@ class LossWatch:
                 "torch.autograd.backward or torch.autograd.grad) after its forward, so it "
                 "could not check that the loss keeps the examples apart"
             )
-        if reason is None and not self._present():
+        if reason is None and self.lost:
             reason = (
                 "noisescale's watch over the loss was taken off the mode stack before the "
                 "backward (a TorchDispatchMode or TorchFunctionMode left out of order), so it "
@@ -232,9 +231,6 @@ class LossWatch:
         self.gave_up: str | None = None
         self.followed = 0  # of them, on followed tensors
         self.lost = False  # the dispatch mode was found off its stack at the backward
-
-    def _present(self) -> bool:
-        return not self.lost
 
     # -- the verdict ---------------------------------------------------------------------------
 
@@ -566,7 +562,7 @@ def _pointwise(
         return rows[0]
     if linear is None:
         tainted_first = known[0][0] is args[0] and len(known) == 1
-        if name in ("where",):
+        if name == "where":  # linear in the values when the condition is constant
             linear = not any(t is args[0] for t, _ in known)
         else:
             linear = (
