@@ -48,9 +48,12 @@ def share_truth(model: nn.Module, x: torch.Tensor, loss_of) -> torch.Tensor:
     out = []
     for i in range(x.shape[0]):
         rows = torch.cat([full[:i], model(x[i : i + 1]), full[i + 1 :]])
-        grads = torch.autograd.grad(loss_of(rows), params)
-        out.append(sum(g.pow(2).sum() for g in grads))
+        out.append(grad_sqnorm(loss_of(rows), params))
     return torch.stack(out)
+
+
+def grad_sqnorm(loss: torch.Tensor, params: list) -> torch.Tensor:
+    return sum(g.pow(2).sum() for g in torch.autograd.grad(loss, params))
 
 
 def measured(model: nn.Module, x: torch.Tensor, loss_of, steps: int = 2) -> list:
@@ -65,6 +68,28 @@ def measured(model: nn.Module, x: torch.Tensor, loss_of, steps: int = 2) -> list
         return got
     finally:
         engine.remove()
+
+
+def assert_exact(model: nn.Module, x: torch.Tensor, loss_of) -> None:
+    """Measured on each of two steps (the first audited, the loss followed), equal to brute
+    force."""
+    want = share_truth(model, x, loss_of)
+    for p in measured(model, x, loss_of):
+        assert p.raw_sqnorms is not None, p.withheld
+        assert torch.allclose(p.raw_sqnorms, want, rtol=1e-9), (p.raw_sqnorms, want)
+
+
+def refused(model: nn.Module, step, match: str) -> str:
+    """``step()`` (forward, loss, backward) under an engine: its collect refuses, matching
+    ``match``; the message."""
+    engine = PerExampleNorms(model)
+    try:
+        step()
+        with pytest.raises(UnsupportedModuleError, match=match) as err:
+            engine.collect()
+    finally:
+        engine.remove()
+    return str(err.value)
 
 
 _, Y = data()
@@ -103,11 +128,7 @@ SEPARABLE = {
 @pytest.mark.parametrize("name", sorted(SEPARABLE))
 def test_a_loss_of_per_example_terms_is_measured_exactly(name):
     model, (x, _) = mlp(), data()
-    loss_of = SEPARABLE[name]
-    want = share_truth(model, x, loss_of)
-    for p in measured(model, x, loss_of):
-        assert p.raw_sqnorms is not None, p.withheld
-        assert torch.allclose(p.raw_sqnorms, want, rtol=1e-9), (name, p.raw_sqnorms, want)
+    assert_exact(model, x, SEPARABLE[name])
 
 
 def _similarity(o: torch.Tensor) -> torch.Tensor:
@@ -151,15 +172,9 @@ COUPLED = {
 def test_a_loss_that_combines_examples_is_refused_with_the_operation(name):
     model, (x, _) = mlp(), data()
     loss_of, op = COUPLED[name]
-    engine = PerExampleNorms(model)
-    try:
-        loss_of(model(x)).backward()
-        with pytest.raises(UnsupportedModuleError, match="the loss combines the examples") as err:
-            engine.collect()
-        assert op in str(err.value)
-        assert "per_example=False" in str(err.value)
-    finally:
-        engine.remove()
+    message = refused(model, lambda: loss_of(model(x)).backward(), "the loss combines the examples")
+    assert op in message
+    assert "per_example=False" in message
 
 
 def test_the_tracker_refuses_a_contrastive_loss_at_its_first_step():
@@ -182,14 +197,12 @@ def test_two_views_compared_across_two_forwards_are_refused():
     """SimCLR/BYOL: two forwards of one model (merged into one pass of 2N examples), and a term
     per pair (i of the first, i of the second): no per-example gradient of the 2N rows."""
     model, (x, _) = mlp(), data()
-    engine = PerExampleNorms(model)
-    try:
+
+    def step() -> None:
         z1, z2 = model(x), model(x + 0.1)
         (1 - F.cosine_similarity(z1, z2, dim=-1)).mean().backward()
-        with pytest.raises(UnsupportedModuleError, match="two forwards' examples"):
-            engine.collect()
-    finally:
-        engine.remove()
+
+    refused(model, step, "two forwards' examples")
 
 
 def test_a_reference_batch_whose_term_is_in_every_examples_loss_is_refused():
@@ -197,14 +210,12 @@ def test_a_reference_batch_whose_term_is_in_every_examples_loss_is_refused():
     example's term: the anchors' rows would be counted as the step's examples."""
     model, (x, _) = mlp(), data()
     anchor = torch.randn(3, D, generator=torch.Generator().manual_seed(3))
-    engine = PerExampleNorms(model)
-    try:
+
+    def step() -> None:
         loss = (model(x) - 1).pow(2).sum(1) + 0.1 * model(anchor).pow(2).sum()
         loss.mean().backward()
-        with pytest.raises(UnsupportedModuleError, match="anchor or reference batch"):
-            engine.collect()
-    finally:
-        engine.remove()
+
+    refused(model, step, "anchor or reference batch")
 
 
 def test_two_forwards_with_losses_of_their_own_are_exact():
@@ -222,22 +233,16 @@ def test_two_forwards_with_losses_of_their_own_are_exact():
     want = []
     for i in range(N):
         loss_i = F.cross_entropy(model(x[i : i + 1]), Y[i : i + 1]) / N
-        want.append(sum(g.pow(2).sum() for g in torch.autograd.grad(loss_i, params)))
+        want.append(grad_sqnorm(loss_i, params))
     for i in range(N):
         loss_i = F.mse_loss(model(x2[i : i + 1]), torch.zeros(1, C)) / N
-        want.append(sum(g.pow(2).sum() for g in torch.autograd.grad(loss_i, params)))
+        want.append(grad_sqnorm(loss_i, params))
     assert torch.allclose(p.raw_sqnorms, torch.stack(want), rtol=1e-9)
 
 
 def test_a_backward_through_torch_autograd_backward_is_watched_too():
     model, (x, _) = mlp(), data()
-    engine = PerExampleNorms(model)
-    try:
-        torch.autograd.backward(_similarity(model(x)))
-        with pytest.raises(UnsupportedModuleError, match="in-batch negatives"):
-            engine.collect()
-    finally:
-        engine.remove()
+    refused(model, lambda: torch.autograd.backward(_similarity(model(x))), "in-batch negatives")
 
 
 def test_the_watch_leaves_no_mode_behind():
@@ -331,11 +336,7 @@ def test_a_language_model_loss_shifted_and_flattened_outside_the_model_is_exact(
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.lm(input_ids=x).logits
 
-    wrapped = Logits()
-    want = share_truth(wrapped, ids, loss_of)
-    for p in measured(wrapped, ids, loss_of):
-        assert p.raw_sqnorms is not None, p.withheld
-        assert torch.allclose(p.raw_sqnorms, want, rtol=1e-9)
+    assert_exact(Logits(), ids, loss_of)
 
 
 def test_a_clip_style_two_tower_loss_is_refused():
@@ -415,14 +416,8 @@ HIDDEN = {
 def test_coupling_hidden_from_the_first_version_is_refused(name):
     model, (x, _) = mlp(), data()
     loss_of, why = HIDDEN[name]
-    engine = PerExampleNorms(model)
-    try:
-        loss_of(model(x)).backward()
-        with pytest.raises(UnsupportedModuleError, match="the loss combines the examples") as err:
-            engine.collect()
-        assert why in str(err.value)
-    finally:
-        engine.remove()
+    message = refused(model, lambda: loss_of(model(x)).backward(), "the loss combines the examples")
+    assert why in message
 
 
 class _TimeMajor(nn.Module):
@@ -442,13 +437,7 @@ def test_outputs_with_the_examples_elsewhere_than_dim_0_are_followed(flat):
     torch.manual_seed(0)
     model, (x, _) = _TimeMajor(flat), data()
     last = (lambda o: o.view(N, 3, C)[:, -1]) if flat else (lambda o: o[-1])
-    engine = PerExampleNorms(model)
-    try:
-        _similarity(last(model(x))).backward()
-        with pytest.raises(UnsupportedModuleError, match="the loss combines the examples"):
-            engine.collect()
-    finally:
-        engine.remove()
+    refused(model, lambda: _similarity(last(model(x))).backward(), "the loss combines the examples")
     if not flat:  # (a flattened output's rows: exact, the map from rows to examples kept)
 
         def loss_of(o: torch.Tensor, y: torch.Tensor = Y) -> torch.Tensor:
@@ -458,7 +447,7 @@ def test_outputs_with_the_examples_elsewhere_than_dim_0_are_followed(flat):
         want = []
         for i in range(N):
             loss_i = loss_of(model(x[i : i + 1]), Y[i : i + 1]) / N
-            want.append(sum(g.pow(2).sum() for g in torch.autograd.grad(loss_i, params)))
+            want.append(grad_sqnorm(loss_i, params))
         for p in measured(model, x, loss_of):
             assert torch.allclose(p.raw_sqnorms, torch.stack(want), rtol=1e-9)
 
@@ -471,15 +460,13 @@ def test_a_mode_entered_around_the_forward_does_not_unseat_the_watch(context):
     from torch.utils.flop_counter import FlopCounterMode
 
     model, (x, _) = mlp(), data()
-    engine = PerExampleNorms(model)
-    try:
+
+    def step() -> None:
         with torch.device("cpu") if context == "device" else FlopCounterMode(display=False):
             out = model(x)
         _similarity(out).backward()
-        with pytest.raises(UnsupportedModuleError, match="in-batch negatives"):
-            engine.collect()
-    finally:
-        engine.remove()
+
+    refused(model, step, "in-batch negatives")
     assert _get_current_dispatch_mode() is None
     assert torch._C._len_torch_function_stack() == 0
 
@@ -526,11 +513,7 @@ def test_image_losses_per_example_are_exact(name):
     """SSIM-like, pooled, perceptual-style, spectral and padded losses on [N, C, H, W]: the
     operations work on each image apart, and the norms equal brute force."""
     model, (x, _) = _image_model(), data()
-    loss_of = IMAGE_LOSSES[name]
-    want = share_truth(model, x, loss_of)
-    for p in measured(model, x, loss_of):
-        assert p.raw_sqnorms is not None, p.withheld
-        assert torch.allclose(p.raw_sqnorms, want, rtol=1e-9), (name, p.raw_sqnorms, want)
+    assert_exact(model, x, IMAGE_LOSSES[name])
 
 
 _PAIRS = torch.tensor([2, 0, 1, 1, 3])
@@ -557,11 +540,7 @@ MORE_SEPARABLE = {
 @pytest.mark.parametrize("name", sorted(MORE_SEPARABLE))
 def test_more_separable_losses_are_measured_exactly(name):
     model, (x, _) = mlp(), data()
-    loss_of = MORE_SEPARABLE[name]
-    want = share_truth(model, x, loss_of)
-    for p in measured(model, x, loss_of):
-        assert p.raw_sqnorms is not None, p.withheld
-        assert torch.allclose(p.raw_sqnorms, want, rtol=1e-9), (name, p.raw_sqnorms, want)
+    assert_exact(model, x, MORE_SEPARABLE[name])
 
 
 def test_a_ctc_loss_on_time_major_log_probs_is_exact():
@@ -584,7 +563,7 @@ def test_a_ctc_loss_on_time_major_log_probs_is_exact():
             loss_i = F.ctc_loss(
                 o.log_softmax(-1), targets[i : i + 1], torch.full((1,), 3), torch.full((1,), 2)
             )
-            want.append(sum(g.pow(2).sum() for g in torch.autograd.grad(loss_i / N, params)))
+            want.append(grad_sqnorm(loss_i / N, params))
         assert torch.allclose(p.raw_sqnorms, torch.stack(want), rtol=1e-9)
 
 
