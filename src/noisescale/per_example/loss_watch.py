@@ -51,8 +51,9 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
+
+from noisescale.per_example.shared import flatten
 
 __all__ = ["LossWatch"]
 
@@ -269,7 +270,8 @@ class LossWatch:
         # operands are followed whatever they require: the Function's output gets the layout of
         # what it computed. With gradients on, a tensor that requires none is a constant.
         grad = torch.is_grad_enabled()
-        flat, _ = tree_flatten((args, kwargs))
+        flat: list[Any] = []
+        flatten((args, kwargs), flat)
         known = []
         for t in flat:
             if isinstance(t, Tensor) and (t.requires_grad or not grad):
@@ -286,7 +288,9 @@ class LossWatch:
                 "model's outputs; noisescale stopped following it"
             )
             return
-        outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+        leaves: list[Any] = []
+        flatten(out, leaves)
+        outs = [t for t in leaves if isinstance(t, Tensor)]
         try:
             layouts = _rule(func, args, kwargs, known, outs)
         except Exception as err:  # a rule that cannot read the operation: not followed
