@@ -279,6 +279,20 @@ def _misuse() -> dict[str, str]:
     except NoiseScaleInputError as e:
         out["step_after_no_sync"] = str(e)
     tracker.remove()
+    # clipped before tracker.step(): DDP wrote the averaged .grad before the engine noted its
+    # version at the end of the backward, so only the clipping counts
+    for clip in (False, True):
+        model = DistributedDataParallel(make_model())
+        tracker = noisescale.GradientNoiseTracker(model)
+        F.cross_entropy(model(x), y).backward()
+        if clip:
+            nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        try:
+            tracker.step()
+            out[f"clipped_{clip}"] = "accepted"
+        except NoiseScaleInputError as e:
+            out[f"clipped_{clip}"] = str(e)
+        tracker.remove()
     return out
 
 
@@ -726,6 +740,8 @@ def test_misuse_is_reported(runs):
     misuse = runs[0]["misuse"]
     assert "neither DistributedDataParallel nor FSDP2" in misuse["plain_model"]
     assert "inside model.no_sync()" in misuse["step_after_no_sync"]
+    assert misuse["clipped_False"] == "accepted"
+    assert misuse["clipped_True"].startswith("call tracker.step() right after the last backward")
 
 
 def test_accumulation_without_no_sync_drops_only_the_local_source(runs):

@@ -108,3 +108,117 @@ def test_a_preconditioner_spanning_many_orders_is_flagged():
         opt.zero_grad()
     wide = [m for m in caught if "preconditioner 1/(√v̂ + ε)" in m]
     assert len(wide) == 1 and wide[0].startswith("keep the default sub-batches")
+
+
+def _clip_norm(model: nn.Module) -> None:
+    nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+
+
+def _clip_norm_inactive(model: nn.Module) -> None:
+    # no gradient is this large: the values stay, but the call order would be wrong whenever
+    # clipping does act, so it is refused all the same
+    nn.utils.clip_grad_norm_(model.parameters(), 1e6)
+
+
+def _clip_value(model: nn.Module) -> None:
+    nn.utils.clip_grad_value_(model.parameters(), 1e-3)
+
+
+def _rescale(model: nn.Module) -> None:
+    model[2].weight.grad.mul_(0.5)
+
+
+def _weight_decay(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.grad.add_(p.detach(), alpha=1e-2)
+
+
+CHANGES = [_clip_norm, _clip_norm_inactive, _clip_value, _rescale, _weight_decay]
+MODES = [
+    pytest.param({}, 1, id="default"),
+    pytest.param({"per_example_fraction": 1.0}, 1, id="exact"),
+    pytest.param({"per_example_fraction": 0.25}, 1, id="subset"),
+    pytest.param({}, 2, id="default-accum2"),
+    pytest.param({"per_example": False}, 2, id="micro-batches"),
+]
+
+
+def _steps(tracker, model, opt, change, micro: int, steps: range) -> None:
+    for step in steps:
+        x, y = _batch(step)
+        for xm, ym in zip(x.chunk(micro), y.chunk(micro), strict=True):
+            (F.cross_entropy(model(xm), ym) / micro).backward()
+        if change is not None:
+            change(model)
+        tracker.step()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("change", CHANGES)
+@pytest.mark.parametrize(("kw", "micro"), MODES)
+def test_gradients_changed_before_step_are_refused(change, kw, micro):
+    """Clipping (or any in-place change of .grad) between the backward and tracker.step():
+    the examples' norms were measured inside the backward, so .grad no longer matches them.
+    Until 2026-12-03 this was measured without a word (clipping before step() read a
+    negative |G|² blamed on noise, or a wrong B_simple)."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = noisescale.GradientNoiseTracker(model, **kw)
+    _steps(tracker, model, opt, None, micro, range(3))  # measured and kept
+    with pytest.raises(
+        NoiseScaleInputError,
+        match=r"^call tracker\.step\(\) right after the last backward pass, before clipping"
+        r".*the gradient of '.*' was changed after",
+    ):
+        _steps(tracker, model, opt, change, micro, range(3, 4))
+    assert tracker.steps == 3 and len(tracker.history) == 3  # nothing of the step recorded
+
+
+@pytest.mark.parametrize(("kw", "micro"), MODES)
+def test_clipping_after_step_measures_the_unclipped_gradients(kw, micro):
+    """The documented order: the same numbers as without clipping (lr = 0: the same model)."""
+
+    def run(change):
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        torch.manual_seed(3)  # the sub-batches' and the subset's draws
+        tracker = noisescale.GradientNoiseTracker(model, **kw)
+        for step in range(6):
+            x, y = _batch(step)
+            for xm, ym in zip(x.chunk(micro), y.chunk(micro), strict=True):
+                (F.cross_entropy(model(xm), ym) / micro).backward()
+            tracker.step()
+            if change is not None:
+                change(model)
+            opt.step()
+            opt.zero_grad()
+        return tracker.estimate()
+
+    plain, clipped = run(None), run(_clip_norm)
+    assert clipped.g2 == plain.g2 and clipped.trace_sigma == plain.trace_sigma
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_grad_scaler_unscale_then_clip_before_step(clip):
+    """The usual AMP loop: unscale_, then step() (fine), or unscale_, clip, step() (refused)."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    tracker = noisescale.GradientNoiseTracker(model, scaler=scaler)
+    for step in range(3):
+        x, y = _batch(step)
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        scaler.unscale_(opt)
+        if clip and step == 2:
+            _clip_norm(model)
+            with pytest.raises(NoiseScaleInputError, match="was changed after"):
+                tracker.step()
+            return
+        tracker.step()
+        if clip:
+            _clip_norm(model)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    assert len(tracker.history) == 3

@@ -320,6 +320,7 @@ class GradientNoiseTracker:
         self._history: list[dict[str, Any]] = []
         self.steps = 0
         self._warned: set[str] = set()
+        self._unscale_bump: dict[torch.device, int] = {}  # _unscale_versions
         self._unbounded_since: int | None = None
         if self.history_path is not None:
             self._start_history_file()
@@ -334,6 +335,7 @@ class GradientNoiseTracker:
             lr: The learning rate, if no ``optimizer`` was given.
         """
         scale, grads_unscaled = self._loss_scale()
+        self._check_grads_untouched(grads_unscaled)
         unmeasured = self.engine.idle
         passes = self.engine.collect(grad_rescale=scale if grads_unscaled else 1.0)
         if not passes:
@@ -805,6 +807,43 @@ class GradientNoiseTracker:
                 "steps, so this step's norms are not preconditioned; the estimate restarts at "
                 "the first preconditioned step",
             )
+
+    def _check_grads_untouched(self, grads_unscaled: bool) -> None:
+        """Refuse a step whose ``.grad`` was changed in place after the last backward pass: the
+        examples' norms were measured inside that backward, so a clipped or rescaled ``.grad``
+        no longer matches them and the estimate would be wrong without a word. Not with
+        ``process_group=`` on a plain model: its user averages ``.grad`` in place after the
+        backward, so an in-place change is expected there (and clipping is not seen)."""
+        if self._dist is not None and self._dist.kind == "manual":
+            return
+        allowed = self._unscale_versions() if grads_unscaled else 0
+        changed = self.engine.changed_grads(allowed)
+        if changed is None:
+            return
+        raise NoiseScaleInputError(
+            "call tracker.step() right after the last backward pass, before clipping or "
+            f"changing the gradients: the gradient of {changed!r} was changed after the last "
+            "backward pass and before tracker.step() (gradient clipping — clip_grad_norm_, "
+            "clip_grad_value_, accelerate's clip_grad_norm_ —, a rescale of .grad or a term "
+            "added to it). noisescale measured the examples' gradients inside the backward pass "
+            "and .grad no longer matches them, so the estimate would be wrong. A GradScaler's "
+            "unscale_ before tracker.step() is fine (pass it: GradientNoiseTracker(..., "
+            "scaler=scaler)). Nothing of this step was recorded"
+        )
+
+    def _unscale_versions(self) -> int:
+        """How many versions a GradScaler's ``unscale_`` adds to a gradient on the parameters'
+        device (none with torch's kernels today), probed once on a one-element tensor."""
+        device = self._params[0].device if self._params else torch.device("cpu")
+        known = self._unscale_bump.get(device)
+        if known is None:
+            t = torch.ones(1, device=device)
+            before = t._version
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                [t], torch.zeros(1, device=device), torch.ones(1, device=device)
+            )
+            known = self._unscale_bump[device] = t._version - before
+        return known
 
     def _remember_grads(self) -> None:
         """Which .grad tensors (and their versions) the step read, to recognise a repeat call."""

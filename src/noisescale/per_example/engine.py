@@ -255,6 +255,8 @@ class PassNorms:
     # how the loss combined the examples, when it did (loss_watch.py): refused in _settle
     coupled: str | None = None
     loss_unfollowed: str | None = None  # why its loss could not be followed (withheld)
+    # each parameter's (.grad, version) when the pass's backward had finished (changed_grads)
+    grad_marks: list[tuple[Any, int] | None] | None = None
     output_nodes: dict[int, Any] = field(default_factory=dict)  # the outputs' autograd nodes
     meetings_added: int = 0
     buffer_storages: set[int] | None = None  # the model's buffers' storages (_is_buffer)
@@ -393,6 +395,7 @@ class PerExampleNorms:
         self._fallback_rng: dict[nn.Module, dict[str, Tensor]] = {}
         self.steps_collected = 0
         self._audit_due = True
+        self._marking: tuple[int | None, list[PassNorms]] = (None, [])  # _mark_backward
         self._audited_signatures: set[tuple] = set()
         self.audit_log: list[str] = []  # what audits found and taught (for messages and tests)
         # torch.compile (noisescale.per_example.compiled): the key that names this engine in a
@@ -1128,6 +1131,7 @@ class PerExampleNorms:
         def hook(grad: Tensor) -> None:
             if self._replaying or self._paused:
                 return
+            self._mark_backward(pass_)
             self._enter(pass_)
             if batched and pass_.audit is not None and not torch.is_grad_enabled():
                 try:
@@ -1140,6 +1144,47 @@ class PerExampleNorms:
                     ) from err
 
         return hook
+
+    def _mark_backward(self, pass_: PassNorms) -> None:
+        """Once per backward: when it has finished, note each parameter's ``.grad`` and its
+        version on the passes it ran through, for :meth:`changed_grads`. The callback queues
+        itself once more, so that it runs after the final callbacks queued meanwhile (DDP's
+        reducer writes the reduced gradients into ``.grad`` in one)."""
+        task = torch._C._current_graph_task_id()
+        if task == self._marking[0]:
+            self._marking[1].append(pass_)
+            return
+        marked: list[PassNorms] = [pass_]
+        self._marking = (task, marked)
+        queue = torch.autograd.Variable._execution_engine.queue_callback
+        queue(lambda: queue(lambda: self._mark_grads(marked)))
+
+    def _mark_grads(self, marked: list[PassNorms]) -> None:
+        marks = [
+            None if (g := p.grad) is None else (weakref.ref(g), g._version) for p in self._params
+        ]
+        for pass_ in marked:
+            pass_.grad_marks = marks
+        if self._marking[1] is marked:
+            self._marking = (None, [])
+
+    def changed_grads(self, allowed: int = 0) -> str | None:
+        """The name of a parameter whose ``.grad`` was changed in place (clipped, rescaled,
+        weight decay added) after the backward of the last pass and before this call, or
+        ``None``. ``allowed``: in-place operations expected meanwhile (a GradScaler's
+        ``unscale_``, where it counts as one). Only a ``.grad`` that is still the tensor the
+        backward left is compared; a pass whose backward has not finished, or another forward
+        since, leaves nothing to compare."""
+        marks = self.passes[-1].grad_marks if self.passes else None
+        if marks is None:
+            return None
+        for p, mark in zip(self._params, marks, strict=True):
+            g = p.grad
+            if mark is None or g is None or mark[0]() is not g:
+                continue
+            if g._version - mark[1] > allowed:
+                return self._param_name[id(p)]
+        return None
 
     def _on_scope_enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Hand the forward shared aliases of the parameters it uses directly."""
