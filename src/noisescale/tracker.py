@@ -37,6 +37,7 @@ Conventions:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
@@ -837,11 +838,10 @@ class GradientNoiseTracker:
         device = self._params[0].device if self._params else torch.device("cpu")
         known = self._unscale_bump.get(device)
         if known is None:
-            t = torch.ones(1, device=device)
+            one = functools.partial(torch.ones, 1, device=device, dtype=torch.float32)
+            t = one()
             before = t._version
-            torch._amp_foreach_non_finite_check_and_unscale_(
-                [t], torch.zeros(1, device=device), torch.ones(1, device=device)
-            )
+            torch._amp_foreach_non_finite_check_and_unscale_([t], one() * 0, one())
             known = self._unscale_bump[device] = t._version - before
         return known
 

@@ -1,0 +1,150 @@
+"""Hooks of others on a parameter's gradient (``p.register_hook``): a mask that trains part of a
+weight, a conditional clamp, a logger.
+
+The engine measures each example's gradient inside the backward, before such a hook; ``.grad``
+holds the gradient after it. A hook that changes the gradient is refused on every step it acts
+(registered before the tracker or after — after was measured without a word until 2026-12-03:
+a mask on an MLP's first weight read B_simple 182 [152, 229]); a hook that only reads leaves
+every number as it was; micro-batch norms (``per_example=False``) are taken after the hooks, so
+a linear change (a mask) is measured there exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import noisescale
+from noisescale.errors import UnsupportedModuleError
+
+MODES = [
+    pytest.param({}, id="default"),
+    pytest.param({"per_example_fraction": 1.0}, id="exact"),
+    pytest.param({"per_example_fraction": 0.25}, id="subset"),
+]
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+
+def _mask(p: nn.Parameter) -> torch.Tensor:
+    return (torch.rand(p.shape, generator=torch.Generator().manual_seed(5)) < 0.3).to(p.dtype)
+
+
+def _train(model, tracker, steps: int, micro: int = 1) -> None:
+    for step in range(steps):
+        x, y = _batch(step)
+        for xm, ym in zip(x.chunk(micro), y.chunk(micro), strict=True):
+            (F.cross_entropy(model(xm), ym) / micro).backward()
+        tracker.step()
+        model.zero_grad()
+
+
+@pytest.mark.parametrize("kw", MODES)
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_masking_hook_is_refused(kw, when):
+    model = _model()
+    mask = _mask(model[0].weight)
+    if when == "before":
+        model[0].weight.register_hook(lambda g: g * mask)
+    tracker = noisescale.GradientNoiseTracker(model, **kw)
+    if when == "after":
+        model[0].weight.register_hook(lambda g: g * mask)
+    with pytest.raises(UnsupportedModuleError, match=r"^a hook on the gradient of '0\.weight'"):
+        _train(model, tracker, 1)
+    assert tracker.steps == 0
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_hook_that_acts_on_one_late_step_is_refused_there(in_place):
+    """A clamp that acts only on step 6 (not audited: 1, 2, 4, 8, … are)."""
+    model = _model()
+    tracker = noisescale.GradientNoiseTracker(model)
+    state = {"step": 0}
+
+    def clamp(g):
+        if state["step"] != 6:
+            return None
+        if in_place:
+            g.clamp_(-1e-3, 1e-3)
+            return None
+        return g.clamp(-1e-3, 1e-3)
+
+    model[2].bias.register_hook(clamp)
+    for step in range(1, 6):
+        state["step"] = step
+        _train_one(model, tracker, step)
+    state["step"] = 6
+    with pytest.raises(UnsupportedModuleError, match=r"gradient of '2\.bias' changed it"):
+        _train_one(model, tracker, 6)
+    assert tracker.steps == 5
+
+
+def _train_one(model, tracker, step: int) -> None:
+    x, y = _batch(step)
+    F.cross_entropy(model(x), y).backward()
+    tracker.step()
+    model.zero_grad()
+
+
+@pytest.mark.parametrize("kw", MODES)
+def test_hooks_that_only_read_change_nothing(kw):
+    """A logger (wandb.watch's kind: it returns None) before and after the tracker, and a hook
+    that returns the gradient it was given: the same numbers as without them."""
+
+    def run(hooks: bool):
+        model = _model()
+        seen = []
+        if hooks:
+            model[0].weight.register_hook(lambda g: seen.append(float(g.norm())))
+        torch.manual_seed(7)  # the sub-batches' and the subset's draws
+        tracker = noisescale.GradientNoiseTracker(model, **kw)
+        if hooks:
+            model[2].weight.register_hook(lambda g: g)
+            model[0].weight.register_hook(lambda g: seen.append(float(g.sum())))
+        _train(model, tracker, 6)
+        assert len(seen) == (12 if hooks else 0)
+        return [(r["g2"], r["trace_sigma"]) for r in tracker.history]
+
+    assert run(True) == run(False)
+
+
+def test_micro_batch_norms_see_a_mask_as_grad_does():
+    """per_example=False takes its micro-batch norms after the hooks: a mask M on a linear
+    model's weight (per-example gradient x_i) gives exactly the run on the data M ⊙ x."""
+    d = 10
+
+    def run(masked_data: bool):
+        torch.manual_seed(0)
+        model = nn.Linear(d, 1, bias=False)
+        mask = _mask(model.weight)[0]
+        tracker = noisescale.GradientNoiseTracker(model, per_example=False)
+        if not masked_data:
+            model.weight.register_hook(lambda g: g * mask)
+        g = torch.Generator().manual_seed(3)
+        for _ in range(8):
+            x = 0.5 + torch.randn(32, d, generator=g)
+            if masked_data:
+                x = x * mask
+            for part in x.chunk(4):
+                (model(part).mean() / 4).backward()
+            tracker.step()
+            model.zero_grad()
+        out = [(r["g2"], r["trace_sigma"]) for r in tracker.history]
+        assert all(math.isfinite(a) and math.isfinite(b) for a, b in out)
+        return out
+
+    for (g1, t1), (g2, t2) in zip(run(False), run(True), strict=True):
+        assert g1 == pytest.approx(g2, rel=1e-6, abs=1e-9)
+        assert t1 == pytest.approx(t2, rel=1e-6)
