@@ -222,3 +222,34 @@ def test_grad_scaler_unscale_then_clip_before_step(clip):
         scaler.update()
         opt.zero_grad()
     assert len(tracker.history) == 3
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"per_example_fraction": 1.0}, {"per_example": False}],
+    ids=["default", "exact", "micro"],
+)
+def test_gradients_zeroed_between_micro_batches_are_refused(kw, set_to_none):
+    """zero_grad() inside the accumulation loop: .grad holds the last micro-batch's gradient
+    only. Until 2026-12-03 this was measured without a word (per_example=False with zeros kept
+    read B_simple ≈ 2·10⁸ on this MLP; the other modes a |G|² that was not positive)."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = noisescale.GradientNoiseTracker(model, **kw)
+
+    def step(seed: int, wrong: bool) -> None:
+        x, y = _batch(seed)
+        for xm, ym in zip(x.chunk(2), y.chunk(2), strict=True):
+            if wrong:
+                opt.zero_grad(set_to_none=set_to_none)
+            (F.cross_entropy(model(xm), ym) / 2).backward()
+        tracker.step()
+        opt.step()
+        opt.zero_grad(set_to_none=set_to_none)
+
+    step(0, False)
+    step(1, False)
+    with pytest.raises(NoiseScaleInputError, match=r"^call optimizer\.zero_grad\(\) once per"):
+        step(2, True)
+    assert tracker.steps == 2 and len(tracker.history) == 2

@@ -357,6 +357,7 @@ class PerExampleNorms:
         self._sentinels: dict[int, tuple[RemovableHandle, RemovableHandle]] = {}
         self._hook_in: dict[int, tuple[Tensor, int]] = {}
         self._hook_changed: list[int] = []
+        self._between: str | None = None  # _check_between
         self._recomputing = False
         self._paused = False
         # follows the loss of audited passes from the model's outputs to the backward
@@ -1162,10 +1163,29 @@ class PerExampleNorms:
         if task == self._marking[0]:
             self._marking[1].append(pass_)
             return
+        self._check_between()
         marked: list[PassNorms] = [pass_]
         self._marking = (task, marked)
         queue = torch.autograd.Variable._execution_engine.queue_callback
         queue(lambda: queue(lambda: self._mark_grads(marked)))
+
+    def _check_between(self) -> None:
+        """At the start of a backward, whether ``.grad`` is still what the step's previous
+        backward left (:meth:`_mark_grads`): gradients zeroed between the micro-batches of one
+        step leave ``.grad`` holding only the last ones' gradient, which the step's norms
+        would be paired with as if it were the whole step's (:meth:`collect` refuses)."""
+        if self._between is not None:
+            return
+        marks = next((p.grad_marks for p in reversed(self.passes) if p.grad_marks), None)
+        if marks is None:
+            return
+        for p, mark in zip(self._params, marks, strict=True):
+            if mark is None:
+                continue
+            g = p.grad
+            if g is None or mark[0]() is not g or g._version != mark[1]:
+                self._between = self._param_name[id(p)]
+                return
 
     def _mark_grads(self, marked: list[PassNorms]) -> None:
         marks = [
@@ -2767,7 +2787,17 @@ class PerExampleNorms:
         """
         done, self.passes = self.passes, []
         changed, self._hook_changed = self._hook_changed, []
+        between, self._between = self._between, None
         self._hook_in.clear()
+        if between is not None:
+            self._loss_watch.reset()
+            raise NoiseScaleInputError(
+                "call optimizer.zero_grad() once per optimizer step, after optimizer.step(), "
+                f"not between the micro-batches of one step: the gradient of {between!r} was "
+                "zeroed (or changed) between two backward passes of this step, so .grad holds "
+                "only part of the step's gradient and the estimate would be wrong. Nothing of "
+                "this step was recorded"
+            )
         if changed and self.per_example:
             self._loss_watch.reset()
             names = ", ".join(repr(self._param_name[pid]) for pid in dict.fromkeys(changed))
