@@ -89,6 +89,10 @@ def test_a_hook_that_acts_on_one_late_step_is_refused_there(in_place):
     with pytest.raises(UnsupportedModuleError, match=r"gradient of '2\.bias' changed it"):
         _train_one(model, tracker, 6)
     assert tracker.steps == 5
+    model.zero_grad()
+    state["step"] = 7  # the hook quiet again: the tracker goes on
+    _train_one(model, tracker, 7)
+    assert tracker.steps == 6
 
 
 def _train_one(model, tracker, step: int) -> None:

@@ -173,6 +173,9 @@ def test_gradients_changed_before_step_are_refused(change, kw, micro):
     ):
         _steps(tracker, model, opt, change, micro, range(3, 4))
     assert tracker.steps == 3 and len(tracker.history) == 3  # nothing of the step recorded
+    opt.zero_grad()
+    _steps(tracker, model, opt, None, micro, range(4, 6))  # the loop mended, it goes on
+    assert tracker.steps == 5 and len(tracker.history) == 5
 
 
 @pytest.mark.parametrize(("kw", "micro"), MODES)
@@ -253,3 +256,6 @@ def test_gradients_zeroed_between_micro_batches_are_refused(kw, set_to_none):
     with pytest.raises(NoiseScaleInputError, match=r"^call optimizer\.zero_grad\(\) once per"):
         step(2, True)
     assert tracker.steps == 2 and len(tracker.history) == 2
+    opt.zero_grad()
+    step(3, False)  # the loop mended, the tracker goes on
+    assert tracker.steps == 3 and len(tracker.history) == 3

@@ -821,6 +821,7 @@ class GradientNoiseTracker:
         changed = self.engine.changed_grads(allowed)
         if changed is None:
             return
+        self.engine.discard()
         raise NoiseScaleInputError(
             "call tracker.step() right after the last backward pass, before clipping or "
             f"changing the gradients: the gradient of {changed!r} was changed after the last "

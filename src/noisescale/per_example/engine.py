@@ -2763,6 +2763,25 @@ class PerExampleNorms:
 
     # -- results ------------------------------------------------------------------------------
 
+    def discard(self) -> None:
+        """Drop the step's passes unmeasured: the state :meth:`collect` resets, for a step the
+        tracker refused before collecting it (the next step starts clean)."""
+        self.passes = []
+        self._loss_watch.finish()
+        self._loss_watch.reset()
+        self._scratch.release()
+        self._context.clear()
+        self._records.clear()
+        self._shadows.clear()
+        self._first_pass = None
+        self._positions = 0
+        self._forwards = 0
+        self._measured_found = False
+        self._task_accumulates.clear()
+        self._task_pass.clear()
+        self._hook_changed, self._between = [], None
+        self._hook_in.clear()
+
     def collect(self, grad_rescale: float = 1.0, *, learn: bool = True) -> list[PassNorms]:
         """Finish the open passes and return them, resetting the engine for the next step.
 
@@ -2786,29 +2805,6 @@ class PerExampleNorms:
                 backward passes ran through one forward.
         """
         done, self.passes = self.passes, []
-        changed, self._hook_changed = self._hook_changed, []
-        between, self._between = self._between, None
-        self._hook_in.clear()
-        if between is not None:
-            self._loss_watch.reset()
-            raise NoiseScaleInputError(
-                "call optimizer.zero_grad() once per optimizer step, after optimizer.step(), "
-                f"not between the micro-batches of one step: the gradient of {between!r} was "
-                "zeroed (or changed) between two backward passes of this step, so .grad holds "
-                "only part of the step's gradient and the estimate would be wrong. Nothing of "
-                "this step was recorded"
-            )
-        if changed and self.per_example:
-            self._loss_watch.reset()
-            names = ", ".join(repr(self._param_name[pid]) for pid in dict.fromkeys(changed))
-            raise UnsupportedModuleError(
-                f"a hook on the gradient of {names} changed it (a function given to "
-                "register_hook that returns another gradient or changes it in place: a mask, a "
-                "clamp, a scale); noisescale measures each example's gradient before such a "
-                "hook and .grad holds it after, so the norms would not match .grad. Apply the "
-                "change to .grad after tracker.step(), or use per_example=False (micro-batch "
-                "norms, taken after the hooks: right for a linear change such as a mask)"
-            )
         self._loss_watch.finish()
         self._loss_watch.reset()
         self._scratch.release()  # (rows kept for layers that read one input: an activation)
@@ -2832,6 +2828,27 @@ class PerExampleNorms:
             first.lazy.clear()
         self._task_accumulates.clear()
         self._task_pass.clear()
+        changed, self._hook_changed = self._hook_changed, []
+        between, self._between = self._between, None
+        self._hook_in.clear()
+        if between is not None:
+            raise NoiseScaleInputError(
+                "call optimizer.zero_grad() once per optimizer step, after optimizer.step(), "
+                f"not between the micro-batches of one step: the gradient of {between!r} was "
+                "zeroed (or changed) between two backward passes of this step, so .grad holds "
+                "only part of the step's gradient and the estimate would be wrong. Nothing of "
+                "this step was recorded"
+            )
+        if changed and self.per_example:
+            names = ", ".join(repr(self._param_name[pid]) for pid in dict.fromkeys(changed))
+            raise UnsupportedModuleError(
+                f"a hook on the gradient of {names} changed it (a function given to "
+                "register_hook that returns another gradient or changes it in place: a mask, a "
+                "clamp, a scale); noisescale measures each example's gradient before such a "
+                "hook and .grad holds it after, so the norms would not match .grad. Apply the "
+                "change to .grad after tracker.step(), or use per_example=False (micro-batch "
+                "norms, taken after the hooks: right for a linear change such as a mask)"
+            )
         if any(p.requires_grad != (id(p) in self._param) for p in self._all_params):
             raise NoiseScaleInputError(
                 "the model's trainable parameters changed since the tracker was created "
