@@ -1,5 +1,6 @@
-"""Hooks of others on a parameter's gradient (``p.register_hook``): a mask that trains part of a
-weight, a conditional clamp, a logger.
+"""Hooks of others on a parameter's gradient (``p.register_hook``: a mask that trains part of a
+weight, a conditional clamp, a logger) and after its accumulation
+(``register_post_accumulate_grad_hook``: a rescale, an optimizer inside the backward).
 
 The engine measures each example's gradient inside the backward, before such a hook; ``.grad``
 holds the gradient after it. A hook that changes the gradient is refused on every step it acts
@@ -152,3 +153,43 @@ def test_micro_batch_norms_see_a_mask_as_grad_does():
     for (g1, t1), (g2, t2) in zip(run(False), run(True), strict=True):
         assert g1 == pytest.approx(g2, rel=1e-6, abs=1e-9)
         assert t1 == pytest.approx(t2, rel=1e-6)
+
+
+@pytest.mark.parametrize("kw", [*MODES, pytest.param({"per_example": False}, id="micro-batches")])
+@pytest.mark.parametrize("empty", [False, True])
+def test_a_hook_after_accumulation_that_changes_grad_is_refused(kw, empty):
+    """Every norm is taken before a post-accumulate hook: one that rescales .grad in place is
+    refused in every mode (until 2026-12-03: B_simple 1361 where the loop without it read 227,
+    found by a review), and one that empties it (an optimizer step inside the backward) too."""
+    model = _model()
+    tracker = noisescale.GradientNoiseTracker(model, **kw)
+
+    def rescale(p: nn.Parameter) -> None:
+        if empty:  # what an optimizer stepped inside the backward leaves
+            p.grad = None
+        else:
+            p.grad.mul_(0.97)
+
+    model[2].weight.register_post_accumulate_grad_hook(rescale)
+    with pytest.raises(UnsupportedModuleError, match=r"^a hook run after the accumulation of"):
+        _train(model, tracker, 1, micro=2)
+
+
+@pytest.mark.parametrize("kw", MODES)
+def test_hooks_after_accumulation_that_only_read_change_nothing(kw):
+    def run(hooks: bool):
+        model = _model()
+        seen = []
+        if hooks:
+            model[0].weight.register_post_accumulate_grad_hook(
+                lambda p: seen.append(float(p.grad.norm()))
+            )
+        torch.manual_seed(7)
+        tracker = noisescale.GradientNoiseTracker(model, **kw)
+        if hooks:
+            model[2].bias.register_post_accumulate_grad_hook(lambda p: None)
+        _train(model, tracker, 6, micro=2)
+        assert len(seen) == (12 if hooks else 0)
+        return [(r["g2"], r["trace_sigma"]) for r in tracker.history]
+
+    assert run(True) == run(False)

@@ -133,7 +133,11 @@ def _weight_decay(model: nn.Module) -> None:
         p.grad.add_(p.detach(), alpha=1e-2)
 
 
-CHANGES = [_clip_norm, _clip_norm_inactive, _clip_value, _rescale, _weight_decay]
+def _replace(model: nn.Module) -> None:
+    model[0].weight.grad = model[0].weight.grad * 0.5  # another tensor, not an in-place change
+
+
+CHANGES = [_clip_norm, _clip_norm_inactive, _clip_value, _rescale, _weight_decay, _replace]
 MODES = [
     pytest.param({}, 1, id="default"),
     pytest.param({"per_example_fraction": 1.0}, 1, id="exact"),

@@ -355,8 +355,9 @@ class PerExampleNorms:
         # the sentinels around theirs, what the first sentinel saw, the parameters it changed
         self._param_hook: dict[int, RemovableHandle] = {}
         self._sentinels: dict[int, tuple[RemovableHandle, RemovableHandle]] = {}
-        self._hook_in: dict[int, tuple[Tensor, int]] = {}
-        self._hook_changed: list[int] = []
+        self._post_sentinels: dict[int, tuple[RemovableHandle, RemovableHandle]] = {}
+        self._hook_in: dict[tuple[int, bool], tuple[Tensor | None, int]] = {}
+        self._hook_changed: list[tuple[int, bool]] = []  # (parameter, after accumulation)
         self._between: str | None = None  # _check_between
         self._recomputing = False
         self._paused = False
@@ -1200,17 +1201,18 @@ class PerExampleNorms:
         """The name of a parameter whose ``.grad`` was changed in place (clipped, rescaled,
         weight decay added) after the backward of the last pass and before this call, or
         ``None``. ``allowed``: in-place operations expected meanwhile (a GradScaler's
-        ``unscale_``, where it counts as one). Only a ``.grad`` that is still the tensor the
-        backward left is compared; a pass whose backward has not finished, or another forward
-        since, leaves nothing to compare."""
+        ``unscale_``, where it counts as one). A ``.grad`` replaced by another tensor counts as
+        changed; one set to ``None`` is left to the other checks; a pass whose backward has not
+        finished, or another forward since, leaves nothing to compare. Not seen: a change
+        through ``.grad.data`` (a version counter of its own)."""
         marks = self.passes[-1].grad_marks if self.passes else None
         if marks is None:
             return None
         for p, mark in zip(self._params, marks, strict=True):
             g = p.grad
-            if mark is None or g is None or mark[0]() is not g:
+            if mark is None or g is None:
                 continue
-            if g._version - mark[1] > allowed:
+            if mark[0]() is not g or g._version - mark[1] > allowed:  # replaced, or changed
                 return self._param_name[id(p)]
         return None
 
@@ -2630,15 +2632,47 @@ class PerExampleNorms:
             hooks.update(theirs)
             hooks[ours[1]] = mine[ours[1]]
             hooks[ours[2]] = mine[ours[2]]
+        for pid, p in self._param.items():
+            self._guard_post_hooks(pid, p)
 
-    def _hook_entry(self, pid: int, grad: Tensor) -> None:
+    def _guard_post_hooks(self, pid: int, p: nn.Parameter) -> None:
+        """Hooks run after the gradient's accumulation (``register_post_accumulate_grad_hook``:
+        the Trainer callback's, an optimizer run inside the backward) between two sentinels
+        too: one that changes ``.grad`` does so before the backward's end, where
+        :meth:`changed_grads` takes its marks, and after every norm was taken."""
+        hooks = p._post_accumulate_grad_hooks
+        guarded = self._post_sentinels.get(pid)
+        if not hooks or len(hooks) == (0 if guarded is None else 2):
+            return
+        if guarded is None:
+            entry = p.register_post_accumulate_grad_hook(
+                lambda q, pid=pid: self._hook_entry(pid, q.grad, post=True)
+            )
+            leave = p.register_post_accumulate_grad_hook(
+                lambda q, pid=pid: self._hook_exit(pid, q.grad, post=True)
+            )
+            guarded = self._post_sentinels[pid] = (entry, leave)
+            self._handles += [entry, leave]
+        ours = [guarded[0].id, guarded[1].id]
+        if list(hooks)[:1] + list(hooks)[-1:] == ours:
+            return
+        theirs = [(key, hook) for key, hook in hooks.items() if key not in ours]
+        mine = {key: hooks[key] for key in ours}
+        hooks.clear()
+        hooks[ours[0]] = mine[ours[0]]
+        hooks.update(theirs)
+        hooks[ours[1]] = mine[ours[1]]
+
+    def _hook_entry(self, pid: int, grad: Tensor | None, post: bool = False) -> None:
         if not (self._paused or self._replaying):
-            self._hook_in[pid] = (grad, grad._version)
+            self._hook_in[pid, post] = (grad, -1 if grad is None else grad._version)
 
-    def _hook_exit(self, pid: int, grad: Tensor) -> None:
-        seen = self._hook_in.pop(pid, None)
-        if seen is not None and (seen[0] is not grad or seen[1] != grad._version):
-            self._hook_changed.append(pid)
+    def _hook_exit(self, pid: int, grad: Tensor | None, post: bool = False) -> None:
+        seen = self._hook_in.pop((pid, post), None)
+        if seen is not None and (
+            seen[0] is not grad or seen[1] != (-1 if grad is None else grad._version)
+        ):
+            self._hook_changed.append((pid, post))
 
     def _make_param_hook(self, pid: int) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
@@ -2839,8 +2873,19 @@ class PerExampleNorms:
                 "only part of the step's gradient and the estimate would be wrong. Nothing of "
                 "this step was recorded"
             )
+        post = [pid for pid, after in changed if after]
+        if post:
+            names = ", ".join(repr(self._param_name[pid]) for pid in dict.fromkeys(post))
+            raise UnsupportedModuleError(
+                f"a hook run after the accumulation of the gradient of {names} changed .grad "
+                "(a function given to register_post_accumulate_grad_hook: a rescale, a clamp, "
+                "an optimizer step inside the backward); noisescale takes every norm before "
+                "such a hook and .grad holds the gradient after it, so they would not match. "
+                "Apply the change after tracker.step()"
+            )
         if changed and self.per_example:
-            names = ", ".join(repr(self._param_name[pid]) for pid in dict.fromkeys(changed))
+            pids = dict.fromkeys(pid for pid, _ in changed)
+            names = ", ".join(repr(self._param_name[pid]) for pid in pids)
             raise UnsupportedModuleError(
                 f"a hook on the gradient of {names} changed it (a function given to "
                 "register_hook that returns another gradient or changes it in place: a mask, a "
