@@ -1178,15 +1178,8 @@ class PerExampleNorms:
         if self._between is not None:
             return
         marks = next((p.grad_marks for p in reversed(self.passes) if p.grad_marks), None)
-        if marks is None:
-            return
-        for p, mark in zip(self._params, marks, strict=True):
-            if mark is None:
-                continue
-            g = p.grad
-            if g is None or mark[0]() is not g or g._version != mark[1]:
-                self._between = self._param_name[id(p)]
-                return
+        if marks is not None:
+            self._between = self._changed_since(marks, 0, emptied=True)
 
     def _mark_grads(self, marked: list[PassNorms]) -> None:
         marks = [
@@ -1206,13 +1199,20 @@ class PerExampleNorms:
         finished, or another forward since, leaves nothing to compare. Not seen: a change
         through ``.grad.data`` (a version counter of its own)."""
         marks = self.passes[-1].grad_marks if self.passes else None
-        if marks is None:
-            return None
+        return None if marks is None else self._changed_since(marks, allowed, emptied=False)
+
+    def _changed_since(self, marks: list, allowed: int, emptied: bool) -> str | None:
+        """The first parameter whose ``.grad`` is not the tensor its mark noted (replaced, or
+        set to ``None`` when ``emptied`` counts) or was changed in place more than ``allowed``
+        times since."""
         for p, mark in zip(self._params, marks, strict=True):
-            g = p.grad
-            if mark is None or g is None:
+            if mark is None:
                 continue
-            if mark[0]() is not g or g._version - mark[1] > allowed:  # replaced, or changed
+            g = p.grad
+            if g is None:
+                if emptied:
+                    return self._param_name[id(p)]
+            elif mark[0]() is not g or g._version - mark[1] > allowed:
                 return self._param_name[id(p)]
         return None
 
@@ -2611,6 +2611,7 @@ class PerExampleNorms:
         by our hook, see what ``.grad`` gets. Checked at each measured forward: ~0.3 µs a
         parameter, and nothing more where no other hook is registered."""
         for pid, p in self._param.items():
+            self._guard_post_hooks(pid, p)
             hooks = p._backward_hooks
             guarded = self._sentinels.get(pid)
             if hooks is None or len(hooks) == (1 if guarded is None else 3):
@@ -2620,20 +2621,7 @@ class PerExampleNorms:
                 leave = p.register_hook(lambda g, pid=pid: self._hook_exit(pid, g))
                 guarded = self._sentinels[pid] = (entry, leave)
                 self._handles += [entry, leave]
-            # (reinserted: autograd calls them in the order of the underlying dict, which an
-            # OrderedDict's move_to_end does not change)
-            ours = [guarded[0].id, self._param_hook[pid].id, guarded[1].id]
-            if list(hooks)[:1] + list(hooks)[-2:] == ours:
-                continue
-            theirs = [(key, hook) for key, hook in hooks.items() if key not in ours]
-            mine = {key: hooks[key] for key in ours}
-            hooks.clear()
-            hooks[ours[0]] = mine[ours[0]]
-            hooks.update(theirs)
-            hooks[ours[1]] = mine[ours[1]]
-            hooks[ours[2]] = mine[ours[2]]
-        for pid, p in self._param.items():
-            self._guard_post_hooks(pid, p)
+            _order(hooks, guarded[0].id, [self._param_hook[pid].id, guarded[1].id])
 
     def _guard_post_hooks(self, pid: int, p: nn.Parameter) -> None:
         """Hooks run after the gradient's accumulation (``register_post_accumulate_grad_hook``:
@@ -2653,15 +2641,7 @@ class PerExampleNorms:
             )
             guarded = self._post_sentinels[pid] = (entry, leave)
             self._handles += [entry, leave]
-        ours = [guarded[0].id, guarded[1].id]
-        if list(hooks)[:1] + list(hooks)[-1:] == ours:
-            return
-        theirs = [(key, hook) for key, hook in hooks.items() if key not in ours]
-        mine = {key: hooks[key] for key in ours}
-        hooks.clear()
-        hooks[ours[0]] = mine[ours[0]]
-        hooks.update(theirs)
-        hooks[ours[1]] = mine[ours[1]]
+        _order(hooks, guarded[0].id, [guarded[1].id])
 
     def _hook_entry(self, pid: int, grad: Tensor | None, post: bool = False) -> None:
         if not (self._paused or self._replaying):
@@ -3385,6 +3365,22 @@ _REENTRANT = (
     "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
     "False}), its default), or per_example=False"
 )
+
+
+def _order(hooks: dict, first: int, last: list[int]) -> None:
+    """Put hook ``first`` before the others in a tensor's hook dict and the hooks ``last``
+    after them, in that order. Reinserted, not moved: autograd calls the hooks in the order of
+    the underlying dict, which an ``OrderedDict``'s ``move_to_end`` does not change."""
+    keys = list(hooks)
+    if keys[:1] == [first] and keys[len(keys) - len(last) :] == last:
+        return
+    ours = {key: hooks[key] for key in (first, *last)}
+    theirs = [(key, hook) for key, hook in hooks.items() if key not in ours]
+    hooks.clear()
+    hooks[first] = ours[first]
+    hooks.update(theirs)
+    for key in last:
+        hooks[key] = ours[key]
 
 
 def _cast_source(out: Tensor) -> Any:
