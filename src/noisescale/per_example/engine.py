@@ -2778,12 +2778,13 @@ class PerExampleNorms:
     # -- results ------------------------------------------------------------------------------
 
     def discard(self) -> None:
-        """Drop the step's passes unmeasured: the state :meth:`collect` resets, for a step the
-        tracker refused before collecting it (the next step starts clean)."""
+        """Drop the step's passes unmeasured and reset the step's state: what :meth:`collect`
+        does first, and all a step the tracker refused before collecting it needs (the next
+        step starts clean)."""
         self.passes = []
         self._loss_watch.finish()
         self._loss_watch.reset()
-        self._scratch.release()
+        self._scratch.release()  # (rows kept for layers that read one input: an activation)
         self._context.clear()
         self._records.clear()
         self._shadows.clear()
@@ -2818,20 +2819,12 @@ class PerExampleNorms:
                 backward with ``create_graph=True`` fed the parameters' gradients, or two
                 backward passes ran through one forward.
         """
-        done, self.passes = self.passes, []
-        self._loss_watch.finish()
-        self._loss_watch.reset()
-        self._scratch.release()  # (rows kept for layers that read one input: an activation)
+        done, first = self.passes, self._first_pass
+        changed, between = self._hook_changed, self._between
+        self.discard()  # the step's state reset, whatever is refused below
         split = [p for p in done if p.subbatches is not None and p.received and not p.skipped]
         if split:
             self._subbatches_pay = any(p.products for p in split)
-        self._context.clear()
-        self._records.clear()
-        self._shadows.clear()
-        first, self._first_pass = self._first_pass, None
-        self._positions = 0
-        self._forwards = 0
-        self._measured_found = False
         reached = sum(1 for p in done if p.received)  # passes of the step, before merging
         if first is not None and first.lazy and reached > 1:
             # parameters no later pass touched: .grad is still the first pass's gradient
@@ -2840,11 +2833,6 @@ class PerExampleNorms:
                 self._resolve_lazy(first, pid, grad_rescale**2)
         if first is not None:
             first.lazy.clear()
-        self._task_accumulates.clear()
-        self._task_pass.clear()
-        changed, self._hook_changed = self._hook_changed, []
-        between, self._between = self._between, None
-        self._hook_in.clear()
         if between is not None:
             raise NoiseScaleInputError(
                 "call optimizer.zero_grad() once per optimizer step, after optimizer.step(), "
