@@ -293,6 +293,25 @@ def _misuse() -> dict[str, str]:
         except NoiseScaleInputError as e:
             out[f"clipped_{clip}"] = str(e)
         tracker.remove()
+    # FSDP2: an in-place change of a sharded DTensor gradient bumps no version counter; the
+    # first step is audited, and there |.grad|² is compared by value
+    from torch.distributed.fsdp import fully_shard
+
+    for clip in (False, True):
+        model = make_model()
+        fully_shard(model[0])
+        fully_shard(model[2])
+        fully_shard(model)
+        tracker = noisescale.GradientNoiseTracker(model)
+        F.cross_entropy(model(x), y).backward()
+        if clip:
+            nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        try:
+            tracker.step()
+            out[f"fsdp_clipped_{clip}"] = "accepted"
+        except NoiseScaleInputError as e:
+            out[f"fsdp_clipped_{clip}"] = str(e)
+        tracker.remove()
     return out
 
 
@@ -742,6 +761,8 @@ def test_misuse_is_reported(runs):
     assert "inside model.no_sync()" in misuse["step_after_no_sync"]
     assert misuse["clipped_False"] == "accepted"
     assert misuse["clipped_True"].startswith("call tracker.step() right after the last backward")
+    assert misuse["fsdp_clipped_False"] == "accepted"
+    assert misuse["fsdp_clipped_True"].startswith("call tracker.step() right after the last")
 
 
 def test_accumulation_without_no_sync_drops_only_the_local_source(runs):

@@ -182,6 +182,48 @@ def test_gradients_changed_before_step_are_refused(change, kw, micro):
     assert tracker.steps == 5 and len(tracker.history) == 5
 
 
+def _rescale_data(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.grad.data.mul_(0.97)
+
+
+def _clamp_data(model: nn.Module) -> None:
+    # the DQN tutorial's clipping
+    for p in model.parameters():
+        p.grad.data.clamp_(-1e-3, 1e-3)
+
+
+def _weight_decay_data(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.grad.data.add_(p.data, alpha=1e-2)
+
+
+@pytest.mark.parametrize("change", [_rescale_data, _clamp_data, _weight_decay_data])
+@pytest.mark.parametrize(("kw", "micro"), MODES)
+@pytest.mark.parametrize("at", [0, 3], ids=["step1", "step4"])
+def test_gradients_changed_through_data_are_refused_on_audited_steps(change, kw, micro, at):
+    """A change through ``.grad.data`` bumps a version counter of its own, not ``.grad``'s: on
+    the steps audits fall on (1, 2, 4, …) each |.grad|² noted when the backward had finished
+    is compared by value, so a loop that does it on every step is refused at its first. Until
+    2026-12-03 this was measured without a word: on an MLP (batch 64) rescaling every .grad
+    by 0.97 through .data read B_simple 349 [310, 399] where the loop without it read
+    255 [232, 282]."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = noisescale.GradientNoiseTracker(model, **kw)
+    _steps(tracker, model, opt, None, micro, range(at))
+    with pytest.raises(
+        NoiseScaleInputError,
+        match=r"^call tracker\.step\(\) right after the last backward pass, before clipping"
+        r".*the gradient of '.*' was changed after.*also through \.grad\.data",
+    ):
+        _steps(tracker, model, opt, change, micro, range(at, at + 1))
+    assert tracker.steps == at and len(tracker.history) == at  # nothing of the step recorded
+    opt.zero_grad()
+    _steps(tracker, model, opt, None, micro, range(at + 1, at + 3))  # the loop mended
+    assert tracker.steps == at + 2
+
+
 @pytest.mark.parametrize(("kw", "micro"), MODES)
 def test_clipping_after_step_measures_the_unclipped_gradients(kw, micro):
     """The documented order: the same numbers as without clipping (lr = 0: the same model)."""
@@ -231,6 +273,35 @@ def test_grad_scaler_unscale_then_clip_before_step(clip):
     assert len(tracker.history) == 3
 
 
+@pytest.mark.parametrize("scale", [1024.0, 1000.7])
+def test_grad_scaler_unscale_without_the_scaler_is_refused_with_its_fix(scale):
+    """unscale_ divides .grad by the loss scale and bumps no version counter: a tracker not
+    given the scaler paired the hooks' scaled norms with the unscaled .grad (until 2026-12-03
+    the estimate read "not yet distinguishable from the noise"). Refused at the first step,
+    naming scaler=; given it, the same loop is measured (a scale that is not a power of two
+    divides out up to rounding)."""
+
+    def run(passed: bool) -> noisescale.GradientNoiseTracker:
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        kw = {"scaler": scaler} if passed else {}
+        tracker = noisescale.GradientNoiseTracker(model, **kw)
+        for step in range(5):
+            x, y = _batch(step)
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
+            scaler.unscale_(opt)
+            tracker.step()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        return tracker
+
+    assert len(run(True).history) == 5
+    with pytest.raises(NoiseScaleInputError, match=r"was changed after.*scaler=scaler"):
+        run(False)
+
+
 @pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize(
     "kw",
@@ -263,3 +334,25 @@ def test_gradients_zeroed_between_micro_batches_are_refused(kw, set_to_none):
     opt.zero_grad()
     step(3, False)  # the loop mended, the tracker goes on
     assert tracker.steps == 3 and len(tracker.history) == 3
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"per_example_fraction": 1.0}, {"per_example": False}],
+    ids=["default", "exact", "micro"],
+)
+def test_gradients_zeroed_through_data_between_micro_batches_are_refused(kw):
+    """``p.grad.data.zero_()`` inside the accumulation loop bumps no version of ``.grad``: on
+    an audited step (here the first) the values noted after the previous micro-batch's
+    backward are compared at the next one's start."""
+    model = _model()
+    tracker = noisescale.GradientNoiseTracker(model, **kw)
+    x, y = _batch(0)
+    with pytest.raises(NoiseScaleInputError, match=r"^call optimizer\.zero_grad\(\) once per"):
+        for xm, ym in zip(x.chunk(2), y.chunk(2), strict=True):
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.data.zero_()
+            (F.cross_entropy(model(xm), ym) / 2).backward()
+        tracker.step()
+    assert tracker.steps == 0 and not tracker.history

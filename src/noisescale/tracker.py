@@ -336,7 +336,7 @@ class GradientNoiseTracker:
             lr: The learning rate, if no ``optimizer`` was given.
         """
         scale, grads_unscaled = self._loss_scale()
-        self._check_grads_untouched(grads_unscaled)
+        self._check_grads_untouched(scale if grads_unscaled else None)
         unmeasured = self.engine.idle
         passes = self.engine.collect(grad_rescale=scale if grads_unscaled else 1.0)
         if not passes:
@@ -809,16 +809,20 @@ class GradientNoiseTracker:
                 "the first preconditioned step",
             )
 
-    def _check_grads_untouched(self, grads_unscaled: bool) -> None:
+    def _check_grads_untouched(self, unscaled_by: float | None) -> None:
         """Refuse a step whose ``.grad`` was changed in place after the last backward pass: the
         examples' norms were measured inside that backward, so a clipped or rescaled ``.grad``
-        no longer matches them and the estimate would be wrong without a word. Not with
-        ``process_group=`` on a plain model: its user averages ``.grad`` in place after the
-        backward, so an in-place change is expected there (and clipping is not seen)."""
+        no longer matches them and the estimate would be wrong without a word
+        (:meth:`~noisescale.per_example.PerExampleNorms.changed_grads`: every step by version
+        counters; on audited steps by value too, which sees ``.grad.data`` and an ``unscale_``
+        the tracker was not told of). ``unscaled_by``: the loss scale a GradScaler's
+        ``unscale_`` divided ``.grad`` by, else ``None``. Not with ``process_group=`` on a
+        plain model: its user averages ``.grad`` in place after the backward, so an in-place
+        change is expected there (and clipping is not seen)."""
         if self._dist is not None and self._dist.kind == "manual":
             return
-        allowed = self._unscale_versions() if grads_unscaled else 0
-        changed = self.engine.changed_grads(allowed)
+        allowed = 0 if unscaled_by is None else self._unscale_versions()
+        changed = self.engine.changed_grads(allowed, 1.0 if unscaled_by is None else unscaled_by)
         if changed is None:
             return
         self.engine.discard()
@@ -827,10 +831,11 @@ class GradientNoiseTracker:
             f"changing the gradients: the gradient of {changed!r} was changed after the last "
             "backward pass and before tracker.step() (gradient clipping — clip_grad_norm_, "
             "clip_grad_value_, accelerate's clip_grad_norm_ —, a rescale of .grad or a term "
-            "added to it). noisescale measured the examples' gradients inside the backward pass "
-            "and .grad no longer matches them, so the estimate would be wrong. A GradScaler's "
-            "unscale_ before tracker.step() is fine (pass it: GradientNoiseTracker(..., "
-            "scaler=scaler)). Nothing of this step was recorded"
+            "added to it, also through .grad.data). noisescale measured the examples' "
+            "gradients inside the backward pass and .grad no longer matches them, so the "
+            "estimate would be wrong. A GradScaler's unscale_ before tracker.step() is fine "
+            "(pass it: GradientNoiseTracker(..., scaler=scaler)). Nothing of this step was "
+            "recorded"
         )
 
     def _unscale_versions(self) -> int:

@@ -257,6 +257,9 @@ class PassNorms:
     loss_unfollowed: str | None = None  # why its loss could not be followed (withheld)
     # each parameter's (.grad, version) when the pass's backward had finished (changed_grads)
     grad_marks: list[tuple[Any, int] | None] | None = None
+    # on the steps audits fall on: each parameter's |.grad|² then too (changed_grads: what no
+    # version counter sees)
+    grad_prints: list[Tensor | None] | None = None
     output_nodes: dict[int, Any] = field(default_factory=dict)  # the outputs' autograd nodes
     meetings_added: int = 0
     buffer_storages: set[int] | None = None  # the model's buffers' storages (_is_buffer)
@@ -1177,29 +1180,87 @@ class PerExampleNorms:
         would be paired with as if it were the whole step's (:meth:`collect` refuses)."""
         if self._between is not None:
             return
-        marks = next((p.grad_marks for p in reversed(self.passes) if p.grad_marks), None)
-        if marks is not None:
-            self._between = self._changed_since(marks, 0, emptied=True)
+        last = next((p for p in reversed(self.passes) if p.grad_marks), None)
+        if last is not None:
+            self._between = self._changed_since(last.grad_marks, 0, emptied=True)
+            if self._between is None and last.grad_prints is not None:
+                self._between = self._changed_values(last.grad_prints, 1.0)
 
     def _mark_grads(self, marked: list[PassNorms]) -> None:
         marks = [
             None if (g := p.grad) is None else (weakref.ref(g), g._version) for p in self._params
         ]
+        # on the steps audits fall on (1, 2, 4, …: they read values back anyway), in every mode
+        checked = any(p.audit is not None for p in marked) or (
+            self._audit_due and not any(p.idle for p in marked)
+        )
+        prints = self._grad_prints() if checked else None
         for pass_ in marked:
             pass_.grad_marks = marks
+            pass_.grad_prints = prints
         if self._marking[1] is marked:
             self._marking = (None, [])
 
-    def changed_grads(self, allowed: int = 0) -> str | None:
+    def changed_grads(self, allowed: int = 0, unscaled_by: float = 1.0) -> str | None:
         """The name of a parameter whose ``.grad`` was changed in place (clipped, rescaled,
         weight decay added) after the backward of the last pass and before this call, or
         ``None``. ``allowed``: in-place operations expected meanwhile (a GradScaler's
-        ``unscale_``, where it counts as one). A ``.grad`` replaced by another tensor counts as
-        changed; one set to ``None`` is left to the other checks; a pass whose backward has not
-        finished, or another forward since, leaves nothing to compare. Not seen: a change
-        through ``.grad.data`` (a version counter of its own)."""
-        marks = self.passes[-1].grad_marks if self.passes else None
-        return None if marks is None else self._changed_since(marks, allowed, emptied=False)
+        ``unscale_``, where it counts as one); ``unscaled_by``: the loss scale ``.grad`` was
+        divided by meanwhile (``unscale_``), else 1. A ``.grad`` replaced by another tensor
+        counts as changed; one set to ``None`` is left to the other checks; a pass whose
+        backward has not finished, or another forward since, leaves nothing to compare.
+
+        Every step, by version counters (no host read). A change through ``.grad.data`` (a
+        version counter of its own), an ``unscale_`` the tracker was not told of, or an
+        in-place change of a sharded ``DTensor`` gradient (FSDP2) bumps none: on audited steps
+        (1, 2, 4, …, which read values back anyway) each ``|.grad|²`` noted when the backward
+        had finished is compared too, so a loop that does one of these on every step is refused
+        at its first."""
+        last = self.passes[-1] if self.passes else None
+        if last is None or last.grad_marks is None:
+            return None
+        changed = self._changed_since(last.grad_marks, allowed, emptied=False)
+        if changed is None and last.grad_prints is not None:
+            changed = self._changed_values(last.grad_prints, unscaled_by)
+        return changed
+
+    def _grad_prints(self) -> list[Tensor | None]:
+        """Each parameter's |.grad|² (its local shard's, for a ``DTensor``), in float64 (MPS:
+        float32): the same computation on the same values gives the same number, so a later
+        difference is a change (:meth:`_changed_values`)."""
+        out: list[Tensor | None] = []
+        with torch.no_grad():
+            for p in self._params:
+                g = p.grad
+                if g is None:
+                    out.append(None)
+                    continue
+                g = (g.to_local() if hasattr(g, "to_local") else g).detach()
+                dtype = torch.float32 if g.device.type == "mps" else torch.float64  # (no fp64)
+                out.append(torch.linalg.vector_norm(g, dtype=dtype).square())
+        return out
+
+    def _changed_values(self, prints: list[Tensor | None], unscaled_by: float) -> str | None:
+        """The first parameter whose |.grad|² is no longer the one :meth:`_grad_prints` noted
+        (divided by ``unscaled_by``²): relative differences under 1e-5 are taken as rounding
+        (an ``unscale_`` by a scale that is not a power of two) and change no estimate.
+        Reads values back: called on audited passes only."""
+        now = self._grad_prints()
+        pairs = [
+            (i, a, b)
+            for i, (a, b) in enumerate(zip(prints, now, strict=True))
+            if a is not None and b is not None
+        ]
+        if not pairs:
+            return None
+        before = torch.stack([a.to(pairs[0][1].device) for _, a, _ in pairs]) / unscaled_by**2
+        after = torch.stack([b.to(before.device) for _, _, b in pairs])
+        # (nan and inf — a step a GradScaler will skip — compare as unchanged)
+        changed = ((after - before).abs() > 1e-5 * torch.maximum(after, before)).tolist()
+        for (i, _, _), c in zip(pairs, changed, strict=True):
+            if c:
+                return self._param_name[id(self._params[i])]
+        return None
 
     def _changed_since(self, marks: list, allowed: int, emptied: bool) -> str | None:
         """The first parameter whose ``.grad`` is not the tensor its mark noted (replaced, or
