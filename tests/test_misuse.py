@@ -356,3 +356,77 @@ def test_gradients_zeroed_through_data_between_micro_batches_are_refused(kw):
             (F.cross_entropy(model(xm), ym) / 2).backward()
         tracker.step()
     assert tracker.steps == 0 and not tracker.history
+
+
+def _given_to_unused(model: nn.Module) -> None:
+    # weight decay by hand over every parameter, one of which the forward did not use
+    model.spare.grad = 1e-2 * model.spare.detach()
+
+
+def _emptied_one(model: nn.Module) -> None:
+    model[0].bias.grad = None
+
+
+def _changed_then_forward(model: nn.Module) -> None:
+    # a probe forward with gradients on after the change: its pass has no backward
+    model[2].weight.grad.mul_(1.5)
+    model(_batch(99)[0])
+
+
+@pytest.mark.parametrize("change", [_given_to_unused, _emptied_one, _changed_then_forward])
+@pytest.mark.parametrize(("kw", "micro"), MODES)
+def test_gradients_given_emptied_or_changed_before_a_probe_forward_are_refused(change, kw, micro):
+    """Three ways past the first version of the check, found by a review (2026-12-03), each
+    measured without a word on every step before: a ``.grad`` given to a parameter the
+    backward gave none (weight decay by hand over every parameter: on the reviewer's MLP,
+    20 steps, B_simple 1173 where the loop without it read 2047), one set to ``None`` while
+    the others kept theirs (6451), a change followed by a forward whose output is not
+    backpropagated — the check looked at that last pass, which had no marks (47)."""
+    model = _model()
+    model.register_parameter("spare", nn.Parameter(torch.ones(3)))  # not used by the forward
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = noisescale.GradientNoiseTracker(model, **kw)
+    _steps(tracker, model, opt, None, micro, range(3))
+    with pytest.raises(
+        NoiseScaleInputError,
+        match=r"^call tracker\.step\(\) right after the last backward pass.*the gradient of "
+        r"'(spare|0\.bias|2\.weight)' was changed after",
+    ):
+        _steps(tracker, model, opt, change, micro, range(3, 4))
+    assert tracker.steps == 3
+    opt.zero_grad()
+    _steps(tracker, model, opt, None, micro, range(4, 6))  # the loop mended
+    assert tracker.steps == 5
+
+
+def test_every_gradient_emptied_before_step_says_so():
+    """``optimizer.zero_grad()`` before ``tracker.step()``: its own message, not "changed"."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = noisescale.GradientNoiseTracker(model)
+    x, y = _batch(0)
+    F.cross_entropy(model(x), y).backward()
+    opt.zero_grad()
+    with pytest.raises(NoiseScaleInputError, match=r"^no parameter has a gradient"):
+        tracker.step()
+
+
+def test_grad_scaler_unscaling_one_optimizer_of_two_is_refused_as_such():
+    """``unscale_`` for one of two optimizers (to clip only its parameters) before
+    ``tracker.step()``: ``.grad`` mixes scaled and unscaled gradients. Before 2026-12-03 this
+    was measured (the reviewer's MLP: |G|² ≈ 6·10⁸, B_simple nan); the first value check
+    refused it naming the untouched parameter and telling to pass the scaler, which was
+    passed. Now the message says what happened."""
+    model = _model()
+    first = torch.optim.SGD(model[0].parameters(), lr=0.1)  # model[2]'s has its own, not unscaled
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    tracker = noisescale.GradientNoiseTracker(model, scaler=scaler)
+    x, y = _batch(0)
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    scaler.unscale_(first)
+    with pytest.raises(
+        NoiseScaleInputError,
+        match=r"^call tracker\.step\(\) before GradScaler\.unscale_, or unscale_ every optimizer"
+        r".*'2\.weight' was still scaled",
+    ):
+        tracker.step()

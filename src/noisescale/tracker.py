@@ -822,16 +822,26 @@ class GradientNoiseTracker:
         if self._dist is not None and self._dist.kind == "manual":
             return
         allowed = 0 if unscaled_by is None else self._unscale_versions()
-        changed = self.engine.changed_grads(allowed, 1.0 if unscaled_by is None else unscaled_by)
-        if changed is None:
+        found = self.engine.changed_grads(allowed, 1.0 if unscaled_by is None else unscaled_by)
+        if found is None:
             return
         self.engine.discard()
+        changed, how = found
+        if how == "not unscaled":
+            raise NoiseScaleInputError(
+                "call tracker.step() before GradScaler.unscale_, or unscale_ every optimizer "
+                f"first: the gradient of {changed!r} was still scaled at tracker.step() while "
+                "others were unscaled (unscale_ was called for some of the scaler's optimizers "
+                "only), so .grad mixes scaled and unscaled gradients and the estimate would be "
+                "wrong. Nothing of this step was recorded"
+            )
         raise NoiseScaleInputError(
             "call tracker.step() right after the last backward pass, before clipping or "
             f"changing the gradients: the gradient of {changed!r} was changed after the last "
             "backward pass and before tracker.step() (gradient clipping — clip_grad_norm_, "
             "clip_grad_value_, accelerate's clip_grad_norm_ —, a rescale of .grad or a term "
-            "added to it, also through .grad.data). noisescale measured the examples' "
+            "added to it, also through .grad.data; a .grad set to None or given to a parameter "
+            "the backward gave none). noisescale measured the examples' "
             "gradients inside the backward pass and .grad no longer matches them, so the "
             "estimate would be wrong. A GradScaler's unscale_ before tracker.step() is fine "
             "(pass it: GradientNoiseTracker(..., scaler=scaler)). Nothing of this step was "

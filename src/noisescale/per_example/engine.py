@@ -1184,7 +1184,8 @@ class PerExampleNorms:
         if last is not None:
             self._between = self._changed_since(last.grad_marks, 0, emptied=True)
             if self._between is None and last.grad_prints is not None:
-                self._between = self._changed_values(last.grad_prints, 1.0)
+                found = self._changed_values(last.grad_prints, 1.0)
+                self._between = None if found is None else found[0]
 
     def _mark_grads(self, marked: list[PassNorms]) -> None:
         marks = [
@@ -1201,14 +1202,17 @@ class PerExampleNorms:
         if self._marking[1] is marked:
             self._marking = (None, [])
 
-    def changed_grads(self, allowed: int = 0, unscaled_by: float = 1.0) -> str | None:
-        """The name of a parameter whose ``.grad`` was changed in place (clipped, rescaled,
-        weight decay added) after the backward of the last pass and before this call, or
-        ``None``. ``allowed``: in-place operations expected meanwhile (a GradScaler's
+    def changed_grads(self, allowed: int = 0, unscaled_by: float = 1.0) -> tuple[str, str] | None:
+        """A parameter whose ``.grad`` was changed after the step's last backward pass and
+        before this call — clipped, rescaled, weight decay added, replaced by another tensor,
+        given to a parameter that had none, or set to ``None`` while others kept theirs — as
+        ``(name, "changed")``; ``(name, "not unscaled")`` when ``.grad`` was unscaled for some
+        parameters but not this one (a GradScaler's ``unscale_`` called for one optimizer of
+        several); else ``None`` (also when every gradient was set to ``None``: the tracker says
+        so itself). ``allowed``: in-place operations expected meanwhile (a GradScaler's
         ``unscale_``, where it counts as one); ``unscaled_by``: the loss scale ``.grad`` was
-        divided by meanwhile (``unscale_``), else 1. A ``.grad`` replaced by another tensor
-        counts as changed; one set to ``None`` is left to the other checks; a pass whose
-        backward has not finished, or another forward since, leaves nothing to compare.
+        divided by meanwhile (``unscale_``), else 1. The marks are those of the last pass whose
+        backward has finished (a forward whose output was not backpropagated changes nothing).
 
         Every step, by version counters (no host read). A change through ``.grad.data`` (a
         version counter of its own), an ``unscale_`` the tracker was not told of, or an
@@ -1216,13 +1220,16 @@ class PerExampleNorms:
         (1, 2, 4, …, which read values back anyway) each ``|.grad|²`` noted when the backward
         had finished is compared too, so a loop that does one of these on every step is refused
         at its first."""
-        last = self.passes[-1] if self.passes else None
-        if last is None or last.grad_marks is None:
+        last = next((p for p in reversed(self.passes) if p.grad_marks is not None), None)
+        if last is None:
             return None
+        assert last.grad_marks is not None
         changed = self._changed_since(last.grad_marks, allowed, emptied=False)
-        if changed is None and last.grad_prints is not None:
-            changed = self._changed_values(last.grad_prints, unscaled_by)
-        return changed
+        if changed is not None:
+            return changed, "changed"
+        if last.grad_prints is not None:
+            return self._changed_values(last.grad_prints, unscaled_by)
+        return None
 
     def _grad_prints(self) -> list[Tensor | None]:
         """Each parameter's |.grad|² (its local shard's, for a ``DTensor``), in float64 (MPS:
@@ -1240,11 +1247,15 @@ class PerExampleNorms:
                 out.append(torch.linalg.vector_norm(g, dtype=dtype).square())
         return out
 
-    def _changed_values(self, prints: list[Tensor | None], unscaled_by: float) -> str | None:
+    def _changed_values(
+        self, prints: list[Tensor | None], unscaled_by: float
+    ) -> tuple[str, str] | None:
         """The first parameter whose |.grad|² is no longer the one :meth:`_grad_prints` noted
-        (divided by ``unscaled_by``²): relative differences under 1e-5 are taken as rounding
-        (an ``unscale_`` by a scale that is not a power of two) and change no estimate.
-        Reads values back: called on audited passes only."""
+        (divided by ``unscaled_by``²), as ``(name, "changed")`` — or ``(name, "not unscaled")``
+        where it is still the one noted, undivided, while ``.grad`` was to be unscaled. Relative
+        differences under 1e-5 are taken as rounding (an ``unscale_`` by a scale that is not a
+        power of two) and change no estimate. Reads values back: called on audited passes
+        only."""
         now = self._grad_prints()
         pairs = [
             (i, a, b)
@@ -1253,29 +1264,43 @@ class PerExampleNorms:
         ]
         if not pairs:
             return None
-        before = torch.stack([a.to(pairs[0][1].device) for _, a, _ in pairs]) / unscaled_by**2
-        after = torch.stack([b.to(before.device) for _, _, b in pairs])
-        # (nan and inf — a step a GradScaler will skip — compare as unchanged)
-        changed = ((after - before).abs() > 1e-5 * torch.maximum(after, before)).tolist()
-        for (i, _, _), c in zip(pairs, changed, strict=True):
-            if c:
-                return self._param_name[id(self._params[i])]
+        noted = torch.stack([a.to(pairs[0][1].device) for _, a, _ in pairs])
+        after = torch.stack([b.to(noted.device) for _, _, b in pairs])
+
+        def differs(before: Tensor) -> list[bool]:
+            # (nan and inf — a step a GradScaler will skip — compare as unchanged)
+            return ((after - before).abs() > 1e-5 * torch.maximum(after, before)).tolist()
+
+        changed = differs(noted / unscaled_by**2)
+        kept = differs(noted) if unscaled_by != 1.0 and any(changed) else None
+        for n, (i, _, _) in enumerate(pairs):
+            if changed[n]:
+                how = "not unscaled" if kept is not None and not kept[n] else "changed"
+                return self._param_name[id(self._params[i])], how
         return None
 
     def _changed_since(self, marks: list, allowed: int, emptied: bool) -> str | None:
         """The first parameter whose ``.grad`` is not the tensor its mark noted (replaced, or
-        set to ``None`` when ``emptied`` counts) or was changed in place more than ``allowed``
-        times since."""
+        given where there was none), was changed in place more than ``allowed`` times since, or
+        was set to ``None`` — when ``emptied`` counts, or while other parameters kept theirs
+        (every gradient set to ``None`` is left to the caller's own message)."""
+        noted = emptied_now = 0
+        first_emptied = None
         for p, mark in zip(self._params, marks, strict=True):
-            if mark is None:
-                continue
             g = p.grad
+            if mark is None:
+                if g is not None:  # a gradient given to a parameter the backward gave none
+                    return self._param_name[id(p)]
+                continue
+            noted += 1
             if g is None:
                 if emptied:
                     return self._param_name[id(p)]
+                emptied_now += 1
+                first_emptied = first_emptied or self._param_name[id(p)]
             elif mark[0]() is not g or g._version - mark[1] > allowed:
                 return self._param_name[id(p)]
-        return None
+        return first_emptied if 0 < emptied_now < noted else None
 
     def _on_scope_enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Hand the forward shared aliases of the parameters it uses directly."""
