@@ -1,0 +1,59 @@
+"""A batch that holds each example several times (repeated augmentation, views made with
+``repeat_interleave``) is not a set of independent draws: README "Known limits". The pairs of
+copies count as pairs of different examples, so the unbiased |G|² gains (m − 1)/(B − 1)·tr Σ
+and B_simple reads B/(1 + B/(B − 1)) for m = 2 — checked here against that closed form, and
+the documented way out (``per_example=False`` on micro-batches holding whole groups of copies,
+B_simple in rows: twice the distinct examples' for m = 2) against the distinct run.
+
+A frozen MLP (lr = 0) on a linear teacher: every run estimates the same population, so the
+runs differ only by the estimator and the sampling noise (intervals of ≈ ±3% after 400 steps).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import noisescale
+
+B, STEPS = 64, 400
+
+
+def _run(copies: int, micro: int, **kw) -> noisescale.NoiseEstimate:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 10))
+    teacher = torch.randn(20, 10)
+    tracker = noisescale.GradientNoiseTracker(model, **kw)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        x = torch.randn(B // copies, 20, generator=g)
+        y = (x @ teacher + 0.5 * torch.randn(B // copies, 10, generator=g)).argmax(1)
+        x, y = x.repeat_interleave(copies, 0), y.repeat_interleave(copies, 0)
+        for xm, ym in zip(x.chunk(micro), y.chunk(micro), strict=True):
+            (F.cross_entropy(model(xm), ym) / micro).backward()
+        tracker.step()
+        model.zero_grad()
+    return tracker.estimate()
+
+
+@pytest.fixture(scope="module")
+def distinct() -> noisescale.NoiseEstimate:
+    return _run(1, 1)
+
+
+@pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}], ids=["default", "exact"])
+def test_copies_in_one_batch_cap_b_simple_as_the_closed_form_says(distinct, kw):
+    copied = _run(2, 1, **kw)
+    predicted = distinct.b_simple / (1 + distinct.b_simple / (B - 1))  # (m − 1)/(B − 1) tr Σ
+    assert copied.low <= predicted <= copied.high
+    assert copied.high < distinct.low  # wrong by about half here, without a word
+    assert copied.trace_sigma == pytest.approx(distinct.trace_sigma, rel=0.05)  # tr Σ unbiased
+
+
+def test_micro_batches_of_whole_copy_groups_measure_b_simple_in_rows(distinct):
+    rows = _run(2, 4, per_example=False)  # each micro-batch: 8 examples, twice each
+    # a row of a copy carries half an example: twice the distinct examples' B_simple
+    assert rows.low <= 2 * distinct.b_simple <= rows.high
+    assert rows.low > distinct.high  # not the distinct examples' B_simple: a different unit
