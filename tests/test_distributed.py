@@ -280,38 +280,31 @@ def _misuse() -> dict[str, str]:
         out["step_after_no_sync"] = str(e)
     tracker.remove()
     # clipped before tracker.step(): DDP wrote the averaged .grad before the engine noted its
-    # version at the end of the backward, so only the clipping counts
-    for clip in (False, True):
-        model = DistributedDataParallel(make_model())
-        tracker = noisescale.GradientNoiseTracker(model)
-        F.cross_entropy(model(x), y).backward()
-        if clip:
-            nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
-        try:
-            tracker.step()
-            out[f"clipped_{clip}"] = "accepted"
-        except NoiseScaleInputError as e:
-            out[f"clipped_{clip}"] = str(e)
-        tracker.remove()
-    # FSDP2: an in-place change of a sharded DTensor gradient bumps no version counter; the
-    # first step is audited, and there |.grad|² is compared by value
+    # version at the end of the backward, so only the clipping counts. FSDP2: an in-place change
+    # of a sharded DTensor gradient bumps no version counter; the first step is audited, and
+    # there |.grad|² is compared by value
     from torch.distributed.fsdp import fully_shard
 
-    for clip in (False, True):
+    def fsdp2() -> nn.Module:
         model = make_model()
         fully_shard(model[0])
         fully_shard(model[2])
         fully_shard(model)
-        tracker = noisescale.GradientNoiseTracker(model)
-        F.cross_entropy(model(x), y).backward()
-        if clip:
-            nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
-        try:
-            tracker.step()
-            out[f"fsdp_clipped_{clip}"] = "accepted"
-        except NoiseScaleInputError as e:
-            out[f"fsdp_clipped_{clip}"] = str(e)
-        tracker.remove()
+        return model
+
+    for name, wrapped in (("", lambda: DistributedDataParallel(make_model())), ("fsdp_", fsdp2)):
+        for clip in (False, True):
+            model = wrapped()
+            tracker = noisescale.GradientNoiseTracker(model)
+            F.cross_entropy(model(x), y).backward()
+            if clip:
+                nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+            try:
+                tracker.step()
+                out[f"{name}clipped_{clip}"] = "accepted"
+            except NoiseScaleInputError as e:
+                out[f"{name}clipped_{clip}"] = str(e)
+            tracker.remove()
     return out
 
 

@@ -1178,14 +1178,9 @@ class PerExampleNorms:
         backward left (:meth:`_mark_grads`): gradients zeroed between the micro-batches of one
         step leave ``.grad`` holding only the last ones' gradient, which the step's norms
         would be paired with as if it were the whole step's (:meth:`collect` refuses)."""
-        if self._between is not None:
-            return
-        last = next((p for p in reversed(self.passes) if p.grad_marks), None)
-        if last is not None:
-            self._between = self._changed_since(last.grad_marks, 0, emptied=True)
-            if self._between is None and last.grad_prints is not None:
-                found = self._changed_values(last.grad_prints, 1.0)
-                self._between = None if found is None else found[0]
+        if self._between is None:
+            found = self._compare_marks(0, 1.0, emptied=True)
+            self._between = None if found is None else found[0]
 
     def _mark_grads(self, marked: list[PassNorms]) -> None:
         marks = [
@@ -1220,11 +1215,18 @@ class PerExampleNorms:
         (1, 2, 4, …, which read values back anyway) each ``|.grad|²`` noted when the backward
         had finished is compared too, so a loop that does one of these on every step is refused
         at its first."""
+        return self._compare_marks(allowed, unscaled_by, emptied=False)
+
+    def _compare_marks(
+        self, allowed: int, unscaled_by: float, emptied: bool
+    ) -> tuple[str, str] | None:
+        """:meth:`changed_grads` and :meth:`_check_between`: ``.grad`` against the marks of
+        the step's last pass whose backward has finished — by version (:meth:`_changed_since`),
+        then, where the pass noted them, by value (:meth:`_changed_values`)."""
         last = next((p for p in reversed(self.passes) if p.grad_marks is not None), None)
-        if last is None:
+        if last is None or last.grad_marks is None:
             return None
-        assert last.grad_marks is not None
-        changed = self._changed_since(last.grad_marks, allowed, emptied=False)
+        changed = self._changed_since(last.grad_marks, allowed, emptied)
         if changed is not None:
             return changed, "changed"
         if last.grad_prints is not None:
