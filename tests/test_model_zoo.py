@@ -499,6 +499,61 @@ def test_recurrent_layers(cell, batch_first, head_on, kw):
     assert_exact(model, lambda: model(x).mean(), lambda i: model(x[i : i + 1]).sum())
 
 
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "time-major"])
+@pytest.mark.parametrize(
+    "head_on,kw",
+    [
+        ("output", {}),
+        ("h_n", {"num_layers": 2}),
+        ("output", {"bidirectional": True, "num_layers": 2}),
+        ("h_n", {"bidirectional": True, "bias": False}),
+    ],
+    ids=["head-on-output", "head-on-h_n-2-layers", "bidirectional-2-layers", "bidir-no-bias"],
+)
+def test_lstm_with_projections(batch_first, head_on, kw):
+    """``proj_size``: h_t = W_hr (o_t ⊙ tanh c_t) [proj], fed back into the recurrence; every
+    weight (W_hr of each layer and direction included) against brute force, by example and by
+    sub-batch."""
+    torch.manual_seed(0)
+    model = _Recurrent(nn.LSTM, batch_first, head_on, proj_size=3, **kw)
+    width = 3 * (2 if kw.get("bidirectional") else 1)
+    model.head = nn.Linear(width if head_on == "output" else 3, 3)
+    assert "weight_hr_l0" in dict(model.rnn.named_parameters())
+    x = torch.randn(N, N, 5, generator=torch.Generator().manual_seed(3))  # T = N
+    assert_exact(model, lambda: model(x).mean(), lambda i: model(x[i : i + 1]).sum())
+    x10 = torch.randn(10, T, 5, generator=torch.Generator().manual_seed(4))
+    assert_subbatches_exact(
+        model, lambda: model(x10).mean(), lambda i: model(x10[i : i + 1]).sum(), 10, k=4,
+        rtol=RTOL,
+    )  # fmt: skip
+
+
+def test_lstm_with_projections_on_packed_sequences_from_an_initial_state():
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(5, 7, batch_first=True, bidirectional=True, proj_size=2)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x, lengths, h0, c0):
+            packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            out, _ = self.rnn(packed, (h0, c0))
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+            return self.head(out).pow(2).sum((1, 2))
+
+    torch.manual_seed(0)
+    model = Packed()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(N, T, 5, generator=gen)
+    h0, c0 = torch.randn(2, N, 2, generator=gen), torch.randn(2, N, 7, generator=gen)
+    lengths = torch.tensor([3, 6, 2, 5])  # not sorted
+    assert_exact(
+        model,
+        lambda: model(x, lengths, h0, c0).mean(),
+        lambda i: model(x[i : i + 1], lengths[i : i + 1], h0[:, i : i + 1], c0[:, i : i + 1])[0],
+    )
+
+
 def test_lstm_on_packed_sequences():
     class Packed(nn.Module):
         def __init__(self):

@@ -796,13 +796,6 @@ REFUSED = [
         for cls in (nn.Embedding, nn.EmbeddingBag)
     ),
     _refusal(
-        "LSTM-proj_size",
-        _lstm(proj_size=2),
-        lambda: torch.randn(N, T, D),
-        UnsupportedModuleError,
-        r"'rnn' \(nn.LSTM with proj_size=2\): projected LSTMs are not supported; use proj_size=0",
-    ),
-    _refusal(
         "LSTM-L2-dropout-training",
         _lstm(num_layers=2, dropout=0.5),
         lambda: torch.randn(N, T, D),

@@ -12,8 +12,10 @@ gate, so the two differ). It costs about one extra forward and backward of the r
 
 Supported: any number of layers, bidirectional, ``batch_first`` either way (the time-major layout
 is handled, not refused), an initial state ``hx``, packed sequences (``PackedSequence``, sorted or
-not), heads on the outputs or on h_n/c_n. Refused: ``proj_size > 0`` and inter-layer ``dropout``
-in training mode (the fused kernel's dropout masks cannot be reproduced).
+not), heads on the outputs or on h_n/c_n, an LSTM with projections (``proj_size > 0``: h_t =
+W_hr (o_t ⊙ tanh c_t), whose per-example gradient is Σ_t δ(hr)_t (o_t ⊙ tanh c_t)ᵀ with δ(hr)_t
+= ∂L/∂h_t). Refused: inter-layer ``dropout`` in training mode (the fused kernel's dropout masks
+cannot be reproduced).
 """
 
 from __future__ import annotations
@@ -31,12 +33,6 @@ from noisescale.per_example.registry import LayerRule, register_layer
 
 
 def check(module: nn.RNNBase, name: str) -> None:
-    if getattr(module, "proj_size", 0) > 0:
-        raise UnsupportedModuleError(
-            f"module '{name}' (nn.LSTM with proj_size={module.proj_size}): projected LSTMs are "
-            "not supported; use proj_size=0 with an nn.Linear on the outputs, or "
-            "per_example=False"
-        )
     if module.dropout > 0 and module.training and module.num_layers > 1:
         raise UnsupportedModuleError(
             f"module '{name}' ({type(module).__name__} with dropout={module.dropout}): the fused "
@@ -142,6 +138,8 @@ def _factors(
     hidden = module.hidden_size
     directions = 2 if module.bidirectional else 1
     lstm, gru = module.mode == "LSTM", module.mode == "GRU"
+    proj = getattr(module, "proj_size", 0)  # an LSTM's projection of h (0: none)
+    state = proj or hidden  # h's size
     g_out = _output_grad(module, saved, grads[0], n)
     g_states = []
     for g in grads[1:]:
@@ -155,6 +153,8 @@ def _factors(
 
     ih_nodes: list[Tensor] = []
     hh_nodes: list[list[Tensor]] = []
+    hr_nodes: list[list[Tensor]] = []  # the projected h of every step (proj_size > 0)
+    raw_states: list[Tensor] = []  # o_t ⊙ tanh c_t, what the projection maps (proj_size > 0)
     seq_inputs: list[Tensor] = []
     prev_states: list[Tensor] = []
     finals_h: list[Tensor] = []
@@ -174,8 +174,11 @@ def _factors(
                     ih = ih + b_ih.detach().to(dtype)
                 if not ih.requires_grad:
                     ih.requires_grad_(True)
+                w_hr = None
+                if proj:
+                    w_hr = getattr(module, "weight_hr" + sfx).detach().to(dtype)
                 k = layer * directions + direction
-                h = _acc(saved.hx[0][k]) if saved.hx is not None else layer_in.new_zeros(n, hidden)
+                h = _acc(saved.hx[0][k]) if saved.hx is not None else layer_in.new_zeros(n, state)
                 c = None
                 if lstm:
                     c = (
@@ -186,6 +189,8 @@ def _factors(
                 hs: list[Tensor | None] = [None] * steps
                 prevs: list[Tensor | None] = [None] * steps
                 hh_list: list[Tensor] = []
+                hr_list: list[Tensor] = []
+                raws: list[Tensor | None] = [None] * steps
                 order = range(steps - 1, -1, -1) if direction else range(steps)
                 for t in order:
                     prevs[t] = h.detach()
@@ -197,6 +202,10 @@ def _factors(
                             hh.requires_grad_(True)
                         hh_list.append(hh)
                     h_new, c_new = _step(module.mode, ih[:, t], hh, h, c)
+                    if w_hr is not None:
+                        raws[t] = h_new.detach()
+                        h_new = h_new @ w_hr.t()
+                        hr_list.append(h_new)
                     if mask is not None:
                         keep = mask[:, t : t + 1]
                         h = torch.where(keep, h_new, h)
@@ -208,11 +217,15 @@ def _factors(
                         if lstm:
                             c = c_new
                         hs[t] = h_new
-                if gru and direction:
-                    hh_list.reverse()  # time order
+                if direction:  # time order
+                    hh_list.reverse()
+                    hr_list.reverse()
                 outs.append(torch.stack(hs, 1))  # type: ignore[arg-type]
                 ih_nodes.append(ih)
                 hh_nodes.append(hh_list)
+                hr_nodes.append(hr_list)
+                if w_hr is not None:
+                    raw_states.append(torch.stack(raws, 1))  # type: ignore[arg-type]
                 seq_inputs.append(layer_in.detach())
                 prev_states.append(torch.stack(prevs, 1))  # type: ignore[arg-type]
                 finals_h.append(h)
@@ -229,10 +242,12 @@ def _factors(
         if lstm and len(g_states) > 1 and g_states[1] is not None:
             outputs.append(torch.stack(finals_c))
             grad_outputs.append(g_states[1].to(dtype))
-        targets = list(ih_nodes) + [t for hl in hh_nodes for t in hl]
+        hr_targets = [t for hl in hr_nodes for t in hl]
+        targets = list(ih_nodes) + [t for hl in hh_nodes for t in hl] + hr_targets
         found = torch.autograd.grad(outputs, targets, grad_outputs, allow_unused=True)
     d_ih = [_zero_if_none(g, t) for g, t in zip(found[: len(ih_nodes)], ih_nodes, strict=True)]
-    rest = list(found[len(ih_nodes) :])
+    rest = list(found[len(ih_nodes) : len(found) - len(hr_targets)])
+    hr_rest = list(found[len(found) - len(hr_targets) :])
     out: dict[str, Factor] = {}
     for k in range(len(ih_nodes)):
         layer, direction = divmod(k, directions)
@@ -251,6 +266,13 @@ def _factors(
             "bias_ih" + sfx: DenseFactor(d_ih[k].sum(1)),
             "bias_hh" + sfx: DenseFactor(d_hh.sum(1)),
         }
+        if proj:
+            count = len(hr_nodes[k])
+            parts, hr_rest = hr_rest[:count], hr_rest[count:]
+            d_hr = torch.stack(
+                [_zero_if_none(g, t) for g, t in zip(parts, hr_nodes[k], strict=True)], 1
+            )
+            params["weight_hr" + sfx] = LinearFactor(raw_states[k], d_hr)
         for name, factor in params.items():
             p = getattr(module, name, None)
             if p is not None and p.requires_grad:
