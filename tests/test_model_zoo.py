@@ -1027,3 +1027,62 @@ def test_deberta_learns_its_position_table_then_is_exact(path, variant, monkeypa
             audited.append(p.audited)
         engine.remove()
         assert 1 <= len(withheld) <= 2 and False in audited, (withheld, audited)
+
+
+@pytest.mark.parametrize("path", ["chosen", "products"])
+def test_mamba_learns_its_mixers_direct_uses_then_is_exact(path, monkeypatch):
+    """Hugging Face's Mamba without its CUDA kernels (the reference PyTorch scan every CPU
+    runs): each mixer reads ``conv1d.weight``/``bias`` into a functional causal convolution,
+    ``dt_proj.weight`` into ``dt_proj.weight @ time_step`` ([I, R] @ [N, R, T]: a shared weight
+    on the left of per-example columns, refused before as a ``matmul`` with no rule) and
+    ``dt_proj.bias``, ``A_log`` and ``D`` into the selective scan; ``conv1d`` and ``dt_proj``
+    are never called. A one-shot measurement refuses, naming them and saying that the tracker
+    learns them; the tracker's engine withholds its first step and from then on its per-example
+    and sub-batch norms equal brute force (its loss is computed in float32: ≈ 1e-7)."""
+    from noisescale.errors import UnsupportedModuleError
+    from noisescale.per_example import PerExampleNorms, subbatch
+    from test_subbatch import subbatch_truth
+
+    if path == "products":
+        monkeypatch.setattr(subbatch, "uses_products", lambda *a: True)
+    torch.manual_seed(0)
+    model = transformers.MambaForCausalLM(transformers.MambaConfig(
+        vocab_size=V, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2,
+        conv_kernel=4, use_mambapy=False,
+    ))  # fmt: skip
+    model.train()
+    ids = _ids()
+
+    def losses() -> torch.Tensor:
+        logits = model(input_ids=ids).logits
+        return (
+            F.cross_entropy(logits.reshape(-1, V), ids.reshape(-1), reduction="none")
+            .view(N, T)
+            .mean(1)
+        )
+
+    with pytest.raises(UnsupportedModuleError, match=r"dt_proj.weight.*GradientNoiseTracker"):
+        measured(model, lambda: losses().mean())
+    model.zero_grad()
+    truth = brute_force(model, lambda i: losses()[i])
+    for subbatches in (0, 2):
+        engine = PerExampleNorms(model, subbatches=subbatches)
+        engine.RECHECK_SUBBATCHES = 1
+        audited, withheld = [], []
+        for _ in range(4):
+            model.zero_grad()
+            losses().mean().backward()
+            (p,) = engine.collect()
+            if p.raw_sqnorms is None:
+                assert not audited and "dt_proj.weight" in p.withheld, p.withheld
+                withheld.append(p.withheld)
+                continue
+            if not subbatches:
+                want = truth / N**2  # the mean loss's per-example gradients
+            else:
+                with engine.paused():
+                    want = subbatch_truth(model, lambda i: losses()[i], N, p.subbatches)
+            torch.testing.assert_close(p.raw_sqnorms, want, rtol=RTOL, atol=0)
+            audited.append(p.audited)
+        engine.remove()
+        assert len(withheld) == 1 and False in audited, (withheld, audited)

@@ -176,6 +176,66 @@ def test_weight_reused_outside_its_module(make, x, products):
     assert_learns_then_exact(make(), x, _sq)
 
 
+class WeightLeftOfColumns(nn.Module):
+    """A weight applied from the left to each example's columns, its module never called:
+    ``proj.weight @ x`` with x [N, R, T] (Hugging Face Mamba's ``dt_proj.weight @
+    time_step``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 2)
+        self.proj = nn.Linear(2, 5, bias=False)
+
+    def forward(self, x):  # x: [N, T, 3]
+        cols = torch.tanh(self.inp(x)).transpose(1, 2)  # [N, R = 2, T]
+        return torch.sin(self.proj.weight @ cols)  # [N, 5, T]
+
+
+class WeightLeftOfTimeMajorColumns(nn.Module):
+    """The same product on a tensor whose dim 0 is not the batch: [T, R, N] with T = N, each
+    column an example — not per example in dim 0, however its size."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 2)
+        self.proj = nn.Linear(2, 5, bias=False)
+
+    def forward(self, x):  # x: [N, T, 3]
+        cols = torch.tanh(self.inp(x)).permute(1, 2, 0)  # [T, R, N]
+        return torch.sin(self.proj.weight @ cols).permute(2, 1, 0)  # [N, 5, T]
+
+
+@pytest.mark.parametrize("t", [N, 6], ids=["T=N", "T!=N"])
+def test_a_weight_on_the_left_of_per_example_columns(t, products):
+    x = torch.randn(N, t, 3, generator=torch.Generator().manual_seed(1)).double()
+    torch.manual_seed(0)
+    with pytest.raises(UnsupportedModuleError, match=r"proj.weight.*GradientNoiseTracker"):
+        one_shot(WeightLeftOfColumns().double(), x, _sq)
+    torch.manual_seed(0)
+    assert_learns_then_exact(WeightLeftOfColumns().double(), x, _sq)
+
+
+def test_a_weight_on_the_left_of_time_major_columns_is_refused_by_the_audit(products):
+    """T = N: dim 0 of the columns has the batch's size but holds positions. The first step
+    learns the direct use; the next is audited, which finds that the rows of the product are not
+    the examples they would be attributed to, and refuses with that cause — never a number."""
+    x = torch.randn(N, N, 3, generator=torch.Generator().manual_seed(1)).double()
+    torch.manual_seed(0)
+    model = WeightLeftOfTimeMajorColumns().double()
+    engine = PerExampleNorms(model, subbatches=0)
+    try:
+        model.zero_grad()
+        _sq(model, x).mean().backward()
+        (p,) = engine.collect()
+        assert p.raw_sqnorms is None and "proj.weight" in p.withheld, p.withheld
+        model.zero_grad()
+        _sq(model, x).mean().backward()
+        with pytest.raises(UnsupportedModuleError, match=r"'linear of proj.weight' do not belong"):
+            engine.collect()
+    finally:
+        engine.remove()
+
+
 def test_penalty_on_weights_added_to_the_loss_is_refused():
     """A penalty on the weights is not part of any example's loss as the tracker defines it, and
     it is outside the forward: refused (use the optimizer's weight decay)."""

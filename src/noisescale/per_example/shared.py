@@ -26,7 +26,9 @@ rewritten into an equivalent one whose gradient is per example:
 * a batched ``matmul``/``bmm`` with a shared operand broadcast over the examples (DeBERTa's
   position keys [1, H, d, P] against the queries [N, H, T, d]): the shared operand is expanded
   to the batch first, as for an elementwise operation;
-* ``F.linear``/``matmul``/``addmm`` with a shared weight, ``F.embedding`` with a shared table and
+* ``F.linear``/``matmul``/``addmm`` with a shared weight (on the right, or on the left of
+  per-example columns: ``W @ X`` with X [N, …, R, T], Mamba's ``dt_proj.weight @ time_step``),
+  ``F.embedding`` with a shared table and
   ``F.conv*`` with a shared kernel: the per-example gradient is the layer rule's factor (never
   materialised when the shared tensor is the parameter itself or a row block or transpose of it);
 * ``F.layer_norm``/``group_norm``/``rms_norm``/``batch_norm`` (evaluation statistics) with a shared
@@ -565,6 +567,28 @@ def _matmul(
                 result = func(e, _plain(w)) if shared is x else func(_plain(x), e)
             origin.engine.add_meeting(pass_, Meeting("expand", shared, origin, hooked=e))
             return result
+    if (
+        isinstance(x, SharedTensor)
+        and x.dim() == 2
+        and not isinstance(w, SharedTensor)
+        and not kwargs
+        and len(args) == 2
+        and isinstance(w, Tensor)
+        and w.dim() >= 3
+        and dim == 0
+        and w.shape[0] == n
+    ):
+        # W @ X with a shared 2-D W on the left and examples in dim 0 of X ([N, …, R, T]; Hugging
+        # Face Mamba's dt_proj.weight @ time_step [N, R, T]): F.linear on Xᵀ, transposed back —
+        # a linear layer on the T columns of each example
+        xt = w.transpose(-1, -2)
+        with torch._C.DisableTorchFunctionSubclass():
+            yt = F.linear(xt, _plain(x))
+        m = Meeting("linear", None, origin, hooked=yt)
+        m.box.append(xt.detach())
+        m.extra.update(weight=x, bias=None, dim=dim, transposed=False)
+        origin.engine.add_meeting(pass_, m)
+        return yt.transpose(-1, -2)
     # x @ W with a shared 2-D W on the right: a linear layer whose weight is stored [in, out]
     if isinstance(x, SharedTensor) or not isinstance(w, SharedTensor) or w.dim() != 2:
         return _unsupported(func, args, kwargs, origin, pass_)
