@@ -1086,3 +1086,58 @@ def test_mamba_learns_its_mixers_direct_uses_then_is_exact(path, monkeypatch):
             audited.append(p.audited)
         engine.remove()
         assert len(withheld) == 1 and False in audited, (withheld, audited)
+
+
+class _Bilinear(nn.Module):
+    """``nn.Bilinear`` on two inputs of different widths (``how``: ``vectors`` [N, I]; ``sequence``
+    [N, T, I] with T = N; ``same`` the one tensor twice; ``query`` a learned query expanded over
+    the batch as the second input)."""
+
+    def __init__(self, how: str, bias: bool):
+        super().__init__()
+        self.a, self.how = nn.Linear(5, 4), how
+        self.bil = nn.Bilinear(4, 4 if how == "same" else 3, 6, bias=bias)
+        self.b = nn.Linear(5, 3)
+        self.query = nn.Parameter(torch.randn(3))
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h1 = torch.tanh(self.a(x))
+        if self.how == "same":
+            h2 = h1
+        elif self.how == "query":
+            h2 = self.query.expand(*h1.shape[:-1], 3)
+        else:
+            h2 = torch.sin(self.b(x))
+        y = self.bil(h1, h2)
+        return self.head(y).pow(2).flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("how", ["vectors", "sequence", "same", "query"])
+def test_bilinear(how, bias):
+    """Example n's gradient of W [O, I1, I2] is Σ_t δ_t ⊗ x1_t ⊗ x2_t (refused before: no rule),
+    per example and by sub-batch, against brute force."""
+    torch.manual_seed(0)
+    model = _Bilinear(how, bias)
+    if how != "query":
+        model.query.requires_grad_(False)
+    if how == "same":
+        model.b.requires_grad_(False)
+    shape = (N, 5) if how == "vectors" else (N, N, 5)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    assert_exact(model, lambda: model(x).mean(), lambda i: model(x[i : i + 1]).sum())
+    x10 = torch.randn(10, *shape[1:], generator=torch.Generator().manual_seed(4))
+    assert_subbatches_exact(
+        model, lambda: model(x10).mean(), lambda i: model(x10[i : i + 1]).sum(), 10, k=4,
+        rtol=RTOL,
+    )  # fmt: skip
+
+
+def test_bilinear_frozen_weight_trainable_bias():
+    torch.manual_seed(0)
+    model = _Bilinear("vectors", True)
+    model.bil.weight.requires_grad_(False)
+    model.query.requires_grad_(False)
+    x = torch.randn(N, 5, generator=torch.Generator().manual_seed(3))
+    assert_exact(model, lambda: model(x).mean(), lambda i: model(x[i : i + 1]).sum())

@@ -1,8 +1,12 @@
 """nn.Linear and Hugging Face's ``Conv1D``: weight gradient Σ_t δ_t a_tᵀ over the positions of an
-example (every dim between the batch and the features is a position)."""
+example (every dim between the batch and the features is a position); ``nn.Bilinear``, the same
+with a_t = x1_t ⊗ x2_t."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import Tensor, nn
 
 from noisescale.per_example.factors import DenseFactor, Factor, LinearFactor
@@ -46,4 +50,32 @@ LINEAR_RULE = register_layer(nn.Linear, LayerRule(linear_factors, flattened=_row
 CONV1D_RULE = register_layer(
     "transformers.pytorch_utils.Conv1D",
     LayerRule(conv1d_hf_factors, flattened=_rows, name="Conv1D"),
+)
+
+
+def _save_both(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Tensor:
+    """``nn.Bilinear``'s two inputs side by side, [..., I1 + I2] (their leading dims are equal):
+    one tensor, which the engine moves and selects rows of like any input."""
+    x1 = args[0] if args else kwargs["input1"]
+    x2 = args[1] if len(args) > 1 else kwargs["input2"]
+    return torch.cat([x1, x2.to(x1.dtype)], -1)
+
+
+def bilinear_factors(module: nn.Module, both: Tensor, d: Tensor) -> dict[str, Factor]:
+    """y_t = x1_tᵀ W x2_t + b, W [O, I1, I2]: example n's gradient of W is Σ_t δ_t ⊗ x1_t ⊗ x2_t,
+    a linear layer's on the outer products a_t = x1_t ⊗ x2_t ([N, T, I1·I2])."""
+    i1 = module.in1_features
+    x1, x2 = both[..., :i1], both[..., i1:]
+    outer = (x1.unsqueeze(-1) * x2.unsqueeze(-2)).flatten(-2)
+    a3, d3 = _positions(outer, d)
+    out: dict[str, Factor] = {}
+    if module.weight.requires_grad:
+        out["weight"] = LinearFactor(a3, d3)
+    if module.bias is not None and module.bias.requires_grad:
+        out["bias"] = DenseFactor(d3.sum(1))
+    return out
+
+
+BILINEAR_RULE = register_layer(
+    nn.Bilinear, LayerRule(bilinear_factors, save=_save_both, name="Bilinear")
 )
