@@ -414,6 +414,33 @@ def test_a_model_the_traced_hooks_do_not_follow_runs_eagerly_and_says_so(style: 
             assert_same_norms(got, want)
 
 
+class BilinearMix(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bil, self.head = nn.Linear(10, 6), nn.Bilinear(6, 10, 5), nn.Linear(5, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.bil(torch.tanh(self.a(x)), x)))
+
+
+def bilinear() -> tuple[nn.Module, Callable, Batch]:
+    return BilinearMix(), F.cross_entropy, mlp()[2]
+
+
+def test_a_rule_that_saves_both_inputs_runs_eagerly_with_the_same_numbers() -> None:
+    """``nn.Bilinear``'s rule saves its two inputs, which the traced hooks do not: one warning
+    naming the layer, step 3 (the first compiled one) withheld, the others as eager."""
+    history, _, _, warned = train(bilinear, "subbatch", "torch.compile")
+    eager, *_ = train(bilinear, "subbatch", None)
+    assert history is not None and eager is not None
+    runs_eagerly = [w for w in warned if "runs eagerly" in w and "force_eager" in w]
+    assert len(runs_eagerly) == 1 and "'bil' (Bilinear)" in runs_eagerly[0], warned
+    assert [r["step"] for r in history if r["skipped"]] == [3]
+    for got, want in zip(history, eager, strict=True):
+        if got["step"] != 3:
+            assert_same_norms(got, want)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["subbatch", "per_example"])
 def test_examples_flattened_with_positions_run_eagerly_with_the_same_numbers(mode: str) -> None:
