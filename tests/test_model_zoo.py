@@ -210,6 +210,101 @@ def test_transformers_models_called_normally(name):
     assert_exact(model, *_losses(model, inputs), subbatches=False)
 
 
+def _ignored_labels(name: str, ids: torch.Tensor) -> torch.Tensor:
+    """Labels as users pass them: -100 on padding (a causal LM's sequences of different
+    lengths) or everywhere but the masked tokens (a masked LM), so that the examples count
+    different numbers of tokens — the last example none at all."""
+    labels = ids.clone()
+    if name == "bert":
+        keep = torch.zeros_like(ids, dtype=torch.bool)
+        keep[0, [1, 2, 4]] = keep[1, 0] = keep[2, [3, 5]] = True
+        labels[~keep] = -100
+    else:
+        labels[1, -3:] = -100
+        labels[2, -1:] = -100
+        labels[3, :] = -100
+    return labels
+
+
+def _own_losses(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Brute force: |∇ of the model's loss on example i alone|² (its own token mean), for the
+    examples that count tokens (the last counts none: its own loss is undefined)."""
+    return brute_force(
+        model,
+        lambda i: (
+            model(input_ids=ids[i : i + 1], labels=labels[i : i + 1]).loss
+            if i < N - 1
+            else model(input_ids=ids[:1], labels=labels[:1]).loss * 0
+        ),
+    )[: N - 1]
+
+
+@pytest.mark.parametrize("reduction,divide", [("mean", 1), ("sum", 4)], ids=["mean", "sum-by-4"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2"])
+def test_a_token_mean_loss_with_ignored_labels_gives_each_example_s_own_loss(
+    name, reduction, divide
+):
+    """A Hugging Face model's loss with labels=-100 is a mean over the batch's counted tokens:
+    example i weighs c_i/D in it, not 1/N. The one-shot norms are those of each example's own
+    loss (the model's loss on it alone), whatever ``loss_reduction`` says and however the loss
+    is scaled: the weights are measured. An example with no counted token: 0. Before, these
+    came out (N·c_i/D)² times too large or too small (0.56 relative error) without a word."""
+    build, _ = ZOO[name]
+    torch.manual_seed(0)
+    model = build()
+    model.train()
+    ids = _ids()
+    labels = _ignored_labels(name, ids)
+    with noisescale.per_example_sqnorms(model, loss_reduction=reduction) as pe:
+        (model(input_ids=ids, labels=labels).loss / divide).backward()
+    model.zero_grad()
+    want = _own_losses(model, ids, labels)
+    got = pe.sqnorms
+    assert got[N - 1] == 0
+    assert ((got[: N - 1] - want).abs() / want).max() < RTOL, (got, want)
+
+
+def test_the_trainer_s_num_items_in_batch_gives_each_example_s_own_loss():
+    build, _ = ZOO["gpt2"]
+    torch.manual_seed(0)
+    model = build()
+    ids = _ids()
+    labels = _ignored_labels("gpt2", ids)
+    with noisescale.per_example_sqnorms(model) as pe:
+        model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(40)).loss.backward()
+    model.zero_grad()
+    want = _own_losses(model, ids, labels)
+    got = pe.sqnorms
+    assert ((got[: N - 1] - want).abs() / want).max() < RTOL and got[N - 1] == 0, (got, want)
+
+
+@pytest.mark.parametrize("name", ["t5", "bert"])
+def test_a_token_loss_a_model_computes_itself_is_refused_when_counts_differ(name):
+    """T5 and BERT's masked LM compute their token-mean loss themselves (not through
+    ``loss_function``): with ignored labels the examples' weights are unknown — refused, naming
+    the counts and the fix; with every example counting as many tokens it is measured."""
+    from noisescale.errors import NoiseScaleInputError
+
+    build, _ = ZOO[name]
+    torch.manual_seed(0)
+    model = build()
+    ids = _ids()
+    labels = _ignored_labels(name, ids)
+    with pytest.raises(NoiseScaleInputError, match=r"different numbers of them.*from the logits"):
+        with noisescale.per_example_sqnorms(model):
+            model(input_ids=ids, labels=labels).loss.backward()
+    model.zero_grad()
+    labels = ids.clone()
+    labels[:, -3:] = -100  # every example counts 3 tokens
+    with noisescale.per_example_sqnorms(model) as pe:
+        model(input_ids=ids, labels=labels).loss.backward()
+    model.zero_grad()
+    want = brute_force(
+        model, lambda i: model(input_ids=ids[i : i + 1], labels=labels[i : i + 1]).loss
+    )
+    assert ((pe.sqnorms - want).abs() / want).max() < RTOL
+
+
 @pytest.mark.parametrize("path", ["chosen", "products", "factors"])
 @pytest.mark.parametrize("name", list(ZOO))
 def test_transformers_models_in_the_default_subbatch_mode(name, path, monkeypatch):

@@ -210,6 +210,9 @@ class TokenWatcher:
                 pass_.units = PassUnits(count_units(labels), "token", LABELS_ORIGIN)
             return
 
+        if labels.shape[0] == pass_.batch_size:
+            pass_.label_counts = count_units(labels)
+
         def hook(grad: Tensor) -> None:
             pass_.units_error = (
                 f"{name} computed its loss itself from labels= (not through its loss_function), "

@@ -276,6 +276,9 @@ class PassNorms:
     # how the pass's loss weighs its examples (tokens), attached by noisescale.tokens
     units: Any = None
     units_error: str | None = None
+    # tokens per example counted from the labels= of a model that computed its loss itself (the
+    # case of ``units_error``), [N] float64
+    label_counts: Tensor | None = None
     # (gradient edge, shape) of the logits a Hugging Face loss_function was computed from
     # (noisescale.tokens): a root of the audit's replay when the model's outputs are not on the
     # loss's path (a wrapper that returns only the loss)

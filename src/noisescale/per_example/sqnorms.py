@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from noisescale.errors import NoiseScaleInputError
-from noisescale.per_example.engine import LOSS_REDUCTIONS, PerExampleNorms
+from noisescale.per_example.engine import LOSS_REDUCTIONS, PassNorms, PerExampleNorms
 from noisescale.tokens import TokenWatcher
 
 
@@ -28,6 +28,12 @@ class per_example_sqnorms:
         model: The model whose trainable parameters are measured.
         loss_reduction: ``"mean"`` if the backpropagated loss averaged the examples' losses,
             ``"sum"`` if it summed them. Per-example norms are those of each example's own loss.
+            A Hugging Face model called with ``labels=`` weighs its tokens itself (a mean over
+            the batch's counted tokens, or over ``num_items_in_batch``): its weights are
+            measured, whatever ``loss_reduction`` says, and each example's own loss is the
+            model's loss on that example alone (the mean over its own counted tokens; an example
+            with none has norm 0). T5 and BART compute that loss themselves: refused when the
+            examples count different numbers of tokens.
 
     After the block, ``sqnorms`` is a tensor [N] (examples of several passes are concatenated).
     """
@@ -47,6 +53,39 @@ class per_example_sqnorms:
     def __enter__(self) -> per_example_sqnorms:
         return self
 
+    def _own(self, p: PassNorms) -> torch.Tensor:
+        """The squared norms of each example's own loss from the pass's measured ones.
+
+        A Hugging Face model's own loss (``labels=``) is a mean over the pass's counted tokens
+        (or over ``num_items_in_batch``): example i weighs c_i/D in it, not 1/N, when its c_i
+        counted tokens differ from the others' (labels -100 on padding) — the weights the
+        wrapped ``loss_function`` measured give each example's own loss, the model's loss on
+        that example alone (its own token mean). A model that computes such a loss itself
+        (T5, BART) cannot be weighed: refused unless every example counts as many tokens."""
+        raw = p.raw_sqnorms
+        assert raw is not None
+        units = p.units
+        if units is not None and units.measured and units.grad is not None:
+            per_unit = units.coefficient(1.0).to(raw.device)  # one token's weight
+            weight = (per_unit * units.counts.to(raw.device)).to(raw.dtype)  # example i's
+            own = raw / weight.square()
+            # an example with no counted token has no loss of its own and no gradient: 0
+            return torch.where(weight != 0, own, torch.zeros_like(own))
+        counts = p.label_counts
+        if p.units_error and counts is not None and bool((counts != counts[0]).any()):
+            raise NoiseScaleInputError(
+                "the model computed its loss itself from labels= (not through its "
+                "loss_function), as a mean over the tokens whose label is not -100, and the "
+                f"examples count different numbers of them ({counts.tolist()[:8]}…): each "
+                "example weighs by its token count in that loss, not 1/N, so the per-example "
+                "norms of each example's own loss cannot be read from it. Compute the loss "
+                "yourself from the logits, per example (e.g. the mean over each sequence's "
+                "tokens, then the mean over the examples), or give every example as many "
+                "counted tokens"
+            )
+        scale = float(p.batch_size) ** 2 if self.loss_reduction == "mean" else 1.0
+        return raw * scale
+
     def __exit__(self, *exc: object) -> None:
         try:
             if exc[0] is None:
@@ -61,11 +100,7 @@ class per_example_sqnorms:
                         "loss.backward() after creating per_example_sqnorms(model) (e.g. both "
                         "inside the `with` block)"
                     )
-                parts = []
-                for p in passes:
-                    scale = float(p.batch_size) ** 2 if self.loss_reduction == "mean" else 1.0
-                    parts.append(p.raw_sqnorms * scale)
-                self.sqnorms = torch.cat(parts)
+                self.sqnorms = torch.cat([self._own(p) for p in passes])
         finally:
             self._tokens.remove()
             self.engine.remove()
