@@ -353,3 +353,50 @@ def test_subset_pass_reached_by_two_backwards_is_measured_whole(build, step, acc
         measured = pass_.raw_sqnorms / pass_.row_weights  # undo the importance weights
         assert torch.allclose(measured, torch.stack(truth), rtol=1e-9)
     engine.remove()
+
+
+class _Positions(nn.Module):
+    """Linears applied at 20 positions per example (the default source's sub-batch products)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 64), nn.Linear(64, 4)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))).mean(1)
+
+
+@pytest.mark.parametrize("mode", ["subbatch", "per_example"])
+def test_a_model_cast_after_the_tracker_is_built_is_measured_as_if_cast_before(mode):
+    """``model.float()`` (or ``.to(device)``) after the tracker: autograd gives each parameter a
+    new AccumulateGrad node when its data changes dtype or device, so the node the engine held
+    never ran and every backward was taken for one that does not reach the weights (before:
+    an AttributeError in the first backward). Steps 1–5 (3 and 5 unaudited) equal those of a
+    tracker built after the cast."""
+    options = {"per_example_fraction": 1.0} if mode == "per_example" else {}
+    histories = []
+    for cast_first in (True, False):
+        torch.manual_seed(0)
+        model = _Positions()  # float64 (this module's default dtype)
+        if cast_first:
+            model.float()
+        tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **options)
+        if not cast_first:
+            model.float()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            x = torch.randn(32, 20, 16, generator=gen, dtype=torch.float32)
+            y = torch.randint(0, 4, (32,), generator=gen)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            tracker.step()
+            opt.step()
+        histories.append(tracker.history)
+        tracker.remove()
+    before, after = histories
+    assert len(after) == 5 and not any(r["skipped"] for r in after)
+    for a, b in zip(after, before, strict=True):
+        assert a["sqnorm_big"] == b["sqnorm_big"]
+        for name, source in b["sources"].items():
+            assert a["sources"][name]["sqnorm_small"] == source["sqnorm_small"]

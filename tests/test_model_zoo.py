@@ -1236,3 +1236,33 @@ def test_bilinear_frozen_weight_trainable_bias():
     model.query.requires_grad_(False)
     x = torch.randn(N, 5, generator=torch.Generator().manual_seed(3))
     assert_exact(model, lambda: model(x).mean(), lambda i: model(x[i : i + 1]).sum())
+
+
+def test_switch_transformers_is_refused_with_its_cause_in_every_mode():
+    """Top-1 routed experts, each called on the tokens routed to it ([tokens, D]: no example
+    dimension), and a router cast to float32 in every forward (the cast gives its weight a new
+    gradient accumulator: before, the default source crashed with an AttributeError). Refused
+    naming an expert, one-shot and by sub-batch."""
+    from noisescale.errors import UnsupportedModuleError
+    from noisescale.per_example import PerExampleNorms
+
+    torch.manual_seed(0)
+    model = transformers.SwitchTransformersForConditionalGeneration(
+        transformers.SwitchTransformersConfig(
+            vocab_size=V, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2,
+            num_heads=2, num_experts=4, expert_capacity=64, encoder_sparse_step=1,
+            decoder_sparse_step=1, router_jitter_noise=0.0, dropout_rate=0.0,
+            decoder_start_token_id=0,
+        )
+    )  # fmt: skip
+    ids = _ids(n=10)
+    with pytest.raises(UnsupportedModuleError, match=r"experts.expert_\d.w"):
+        measured(model, lambda: model(input_ids=ids, labels=ids).loss)
+    model.zero_grad()
+    engine = PerExampleNorms(model, subbatches=4)
+    try:
+        model(input_ids=ids, labels=ids).loss.backward()
+        with pytest.raises(UnsupportedModuleError, match=r"experts.expert_\d.w"):
+            engine.collect()
+    finally:
+        engine.remove()

@@ -137,6 +137,12 @@ class _Call:
     flat: int = 0  # rows per example of an input with the examples flattened in (0: not)
 
 
+def _accumulator(p: Tensor) -> Any:
+    """The AccumulateGrad node of a leaf tensor that requires grad."""
+    with torch.enable_grad():
+        return p.view_as(p).grad_fn.next_functions[0][0]
+
+
 @dataclass(eq=False)
 class _WeightJob:
     """A weight whose gradient the engine computes as sub-batch products (one layer call)."""
@@ -464,7 +470,7 @@ class PerExampleNorms:
         for pid, p in self._param.items():
             if type(p.data) is torch.Tensor:  # sharded (DTensor) parameters are resolved later
                 # the AccumulateGrad node autograd runs for p; held so it stays the same node
-                self._acc_node[pid] = p.view_as(p).grad_fn.next_functions[0][0]
+                self._acc_node[pid] = (_accumulator(p), p.dtype, p.device)
         self._update_compile_blocker()
         self._install()
         # step 1 is audited: compiled code runs it eagerly
@@ -2591,7 +2597,7 @@ class PerExampleNorms:
         False for a backward towards the inputs only (adversarial examples, saliency maps).
         """
         for pid in pids:
-            node = self._acc_node.get(pid)
+            node = self._accumulator(pid)
             if node is None or torch._C._will_engine_execute_node(node):
                 return True
         return False
@@ -2803,11 +2809,29 @@ class PerExampleNorms:
                     pass_.group_grad_sqnorm = sq.new_zeros(self.num_groups)
                 pass_.group_grad_sqnorm[self._group_of[pid]] += sq
 
+    def _accumulator(self, pid: int) -> Any:
+        """The AccumulateGrad node autograd runs for the parameter now (``None``: not known).
+
+        Autograd makes a new one when the parameter's data changes dtype or device
+        (``model.to(device)``, ``model.double()`` after the tracker was built; Hugging Face's
+        Switch Transformers casts its router to float32 in every forward): the node held
+        from before would never run, and a backward through the layer would be taken for one
+        that does not reach its weight."""
+        held = self._acc_node.get(pid)
+        if held is None:
+            return None
+        node, dtype, device = held
+        p = self._param[pid]
+        if p.dtype != dtype or p.device != device:
+            node = _accumulator(p)
+            self._acc_node[pid] = (node, p.dtype, p.device)
+        return node
+
     def _accumulates(self, task: int, pid: int) -> bool:
         """Whether the running backward writes .grad (backward(), not torch.autograd.grad)."""
         known = self._task_accumulates.get(task)
         if known is None:
-            node = self._acc_node.get(pid)
+            node = self._accumulator(pid)
             try:
                 known = node is not None and bool(torch._C._will_engine_execute_node(node))
             except RuntimeError:  # autograd.grad(): .grad is not written, so no lazy reading
