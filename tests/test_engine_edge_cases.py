@@ -400,3 +400,41 @@ def test_a_model_cast_after_the_tracker_is_built_is_measured_as_if_cast_before(m
         assert a["sqnorm_big"] == b["sqnorm_big"]
         for name, source in b["sources"].items():
             assert a["sources"][name]["sqnorm_small"] == source["sqnorm_small"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"per_example_fraction": 1.0}, {"per_example": False}],
+    ids=["default", "exact", "micro-batches"],
+)
+@pytest.mark.parametrize("how", ["re-created", "added", "overwritten-on-conversion"])
+def test_parameters_the_tracker_was_not_built_on_are_refused(how, options):
+    """A layer re-created or added after the tracker (``resize_token_embeddings()``, peft
+    adapters, ``load_state_dict(assign=True)`` do the same) has parameters the tracker never
+    saw: they were left out of every norm without a word (the noise scale of the rest of the
+    model). Refused at the first step, naming them, in every mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    tracker = noisescale.GradientNoiseTracker(model, **options)
+    names = r"\['2.weight', '2.bias'\]"
+    if how == "re-created":
+        model[2] = nn.Linear(32, 4)
+    elif how == "added":
+        model.append(nn.Linear(4, 4))
+        names = r"\['3.weight', '3.bias'\]"
+    else:
+        old = torch.__future__.get_overwrite_module_params_on_conversion()
+        torch.__future__.set_overwrite_module_params_on_conversion(True)
+        try:
+            model.float()  # (float64 here: new Parameter objects in float32)
+        finally:
+            torch.__future__.set_overwrite_module_params_on_conversion(old)
+        names = r"\['0.weight', '0.bias', '2.weight', '2.bias'\]"
+    x = torch.randn(16, 16, dtype=next(model.parameters()).dtype)
+    y = torch.randint(0, 4, (16,))
+    passes = 2 if options.get("per_example") is False else 1
+    for _ in range(passes):
+        (nn.functional.cross_entropy(model(x[:8]), y[:8]) / passes).backward()
+    with pytest.raises(NoiseScaleInputError, match=names + r" were added to the model or replaced"):
+        tracker.step()
+    tracker.remove()

@@ -57,6 +57,7 @@ from noisescale import state as state_mod
 from noisescale.errors import NoiseScaleInputError
 from noisescale.param_groups import parameter_groups
 from noisescale.per_example import PerExampleNorms
+from noisescale.per_example.engine import new_parameters_message
 from noisescale.per_example.factors import sqnorm_total
 from noisescale.preconditioning import check_preconditioner, preconditioner_weights
 from noisescale.sources.base import Observation, Source, StepNorms
@@ -293,6 +294,8 @@ class GradientNoiseTracker:
         if microbatch:
             self._sources.append(MicroBatchSource())
         self._params = [p for p in model.parameters() if p.requires_grad]
+        # every parameter at construction, frozen ones too (unfreezing has its own message)
+        self._known_params = {id(p) for p in model.parameters()}
         # DDP, FSDP2 or process_group=: local gradients against the averaged one (App. A.1)
         self._dist = DataParallelSource.detect(
             model, self.engine, self._params, process_group, microbatch=microbatch
@@ -336,6 +339,9 @@ class GradientNoiseTracker:
             lr: The learning rate, if no ``optimizer`` was given.
         """
         scale, grads_unscaled = self._loss_scale()
+        step = self.steps + 1
+        if (step & (step - 1) == 0 and step <= 1024) or step % 1024 == 0:
+            self._check_new_parameters()  # (on the audits' steps: a walk over the model)
         self._check_grads_untouched(scale if grads_unscaled else None)
         unmeasured = self.engine.idle
         passes = self.engine.collect(grad_rescale=scale if grads_unscaled else 1.0)
@@ -416,8 +422,19 @@ class GradientNoiseTracker:
             self._dist.remove()
         raise NoiseScaleInputError(message)
 
+    def _check_new_parameters(self) -> None:
+        """Refuse trainable parameters the tracker was not built on (every mode; in the
+        per-example modes the engine's audit checks too)."""
+        known = self._known_params
+        new = [
+            n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in known
+        ]
+        if new:
+            raise NoiseScaleInputError(new_parameters_message(new))
+
     def _no_passes(self) -> None:
         """Refuse a step that found no pass of the model, naming the likely misuse."""
+        self._check_new_parameters()
         if self.steps > 0 and self._params and self._grads_unchanged():
             raise NoiseScaleInputError(
                 "call tracker.step() once per optimizer step: it was called again with no "

@@ -137,6 +137,18 @@ class _Call:
     flat: int = 0  # rows per example of an input with the examples flattened in (0: not)
 
 
+def new_parameters_message(names: Sequence[str]) -> str:
+    """The refusal of trainable parameters the tracker was not built on."""
+    return (
+        f"parameters {list(names[:6])}{'…' if len(names) > 6 else ''} were added to the model or "
+        "replaced by new Parameter objects after the tracker was created (a layer re-created or "
+        "added, resize_token_embeddings(), peft adapters, load_state_dict(..., assign=True), "
+        "model.to() with torch.__future__.set_overwrite_module_params_on_conversion(True)): "
+        "the tracker would leave them out of every norm. Create the tracker after the model is "
+        "built, moved and loaded"
+    )
+
+
 def _accumulator(p: Tensor) -> Any:
     """The AccumulateGrad node of a leaf tensor that requires grad."""
     with torch.enable_grad():
@@ -2983,6 +2995,18 @@ class PerExampleNorms:
                 "(a layer was frozen or unfrozen); create a new tracker after changing "
                 "requires_grad"
             )
+        if any(p.audit is not None for p in done):
+            # on audited steps (1, 2, 4, …): a parameter the engine was not built on — a layer
+            # re-created or added, resize_token_embeddings(), peft adapters, assign=True loads —
+            # would be left out of every norm without a word
+            known = {id(p) for p in self._all_params}  # (unfreezing: the message above)
+            new = [
+                name
+                for name, p in self.model.named_parameters()
+                if p.requires_grad and id(p) not in known
+            ]
+            if new:
+                raise NoiseScaleInputError(new_parameters_message(new))
         for pass_ in done:
             if pass_.deferred and pass_.audit is not None:
                 pass_.audit.skip_sums.update(self._param)
