@@ -128,3 +128,39 @@ def test_bf16_autocast_gpt2():
         want.append(sum(g.double().pow(2).sum() for g in torch.autograd.grad(loss_i, params)))
     rel = ((pe.sqnorms.double() - torch.stack(want)).abs() / torch.stack(want)).max()
     assert rel < 0.02, float(rel)
+
+
+@pytest.mark.parametrize("mode", ["subbatch", "per_example"])
+def test_a_model_moved_to_the_gpu_after_the_tracker_is_measured_as_if_moved_before(mode):
+    """``GradientNoiseTracker(model)`` then ``model.cuda()``: the parameters' gradient
+    accumulators are new ones (tests/test_engine_edge_cases.py covers a cast on the CPU); the
+    history equals that of a tracker built after the move."""
+    options = {"per_example_fraction": 1.0} if mode == "per_example" else {}
+    histories = []
+    for moved_first in (True, False):
+        torch.manual_seed(0)
+        model = Net()
+        if moved_first:
+            model.to(CUDA)
+        tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **options)
+        if not moved_first:
+            model.to(CUDA)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        gen = torch.Generator(device=CUDA).manual_seed(1)
+        for _ in range(5):
+            ids = torch.randint(0, 50, (32, 12), generator=gen, device=CUDA)
+            y = torch.randint(0, 5, (32, 12), generator=gen, device=CUDA)
+            opt.zero_grad()
+            _loss(model(ids), y).mean().backward()
+            tracker.step()
+            opt.step()
+        histories.append(tracker.history)
+        tracker.remove()
+    before, after = histories
+    assert len(after) == 5 and not any(r["skipped"] for r in after)
+    for a, b in zip(after, before, strict=True):
+        assert a["sqnorm_big"] == pytest.approx(b["sqnorm_big"], rel=1e-5)
+        for name, source in b["sources"].items():
+            assert a["sources"][name]["sqnorm_small"] == pytest.approx(
+                source["sqnorm_small"], rel=1e-5
+            )
