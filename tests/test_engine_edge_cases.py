@@ -438,3 +438,30 @@ def test_parameters_the_tracker_was_not_built_on_are_refused(how, options):
     with pytest.raises(NoiseScaleInputError, match=names + r" were added to the model or replaced"):
         tracker.step()
     tracker.remove()
+
+
+@pytest.mark.parametrize("options", [{}, {"per_example": False}], ids=["default", "micro-batches"])
+def test_a_layer_re_created_between_audits_is_refused_at_once(options):
+    """Step 3 is not audited: the re-creation registers a module, which the tracker sees (torch's
+    global registration hooks count it) and walks the model at that step's ``step()`` — also
+    with micro-batch norms, where no audit runs (the engine's audit of a new structure catches
+    it in the per-example modes)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    tracker = noisescale.GradientNoiseTracker(model, **options)
+    x, y = torch.randn(16, 16), torch.randint(0, 4, (16,))
+
+    def backward():
+        model.zero_grad()
+        for rows in (slice(0, 8), slice(8, 16)):
+            (nn.functional.cross_entropy(model(x[rows]), y[rows]) / 2).backward()
+
+    for _ in range(2):
+        backward()
+        tracker.step()
+    model[2] = nn.Linear(32, 4)
+    backward()
+    with pytest.raises(NoiseScaleInputError, match=r"\['2.weight', '2.bias'\] were added"):
+        tracker.step()
+    assert len(tracker.history) == 2
+    tracker.remove()

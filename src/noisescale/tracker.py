@@ -106,6 +106,32 @@ class _Pending:
     unmeasured: tuple[int, int, Tensor | float | None] = state_mod.NOTHING_UNMEASURED
 
 
+_REGISTERED = [0]  # modules and parameters registered on any module in the process
+_REGISTRATION_HOOKS: list[Any] = []
+
+
+def _count_registration(*args: Any) -> None:
+    _REGISTERED[0] += 1
+
+
+def _registrations() -> int:
+    """How many modules and parameters have been registered on modules in this process since
+    the first tracker (torch's global registration hooks: one addition each). A layer re-created
+    or added, peft adapters, ``resize_token_embeddings()`` and ``load_state_dict(assign=True)``
+    register; the tracker walks the model for parameters it was not built on when the count
+    moved."""
+    if not _REGISTRATION_HOOKS:
+        from torch.nn.modules import module as module_mod
+
+        _REGISTRATION_HOOKS.append(
+            module_mod.register_module_module_registration_hook(_count_registration)
+        )
+        _REGISTRATION_HOOKS.append(
+            module_mod.register_module_parameter_registration_hook(_count_registration)
+        )
+    return _REGISTERED[0]
+
+
 class GradientNoiseTracker:
     """Measures B_simple = tr(Σ)/|G|² (paper eq. 2.9) during training, every step, unbiased.
 
@@ -296,6 +322,7 @@ class GradientNoiseTracker:
         self._params = [p for p in model.parameters() if p.requires_grad]
         # every parameter at construction, frozen ones too (unfreezing has its own message)
         self._known_params = {id(p) for p in model.parameters()}
+        self._registrations_seen = _registrations()
         # DDP, FSDP2 or process_group=: local gradients against the averaged one (App. A.1)
         self._dist = DataParallelSource.detect(
             model, self.engine, self._params, process_group, microbatch=microbatch
@@ -340,8 +367,16 @@ class GradientNoiseTracker:
         """
         scale, grads_unscaled = self._loss_scale()
         step = self.steps + 1
-        if (step & (step - 1) == 0 and step <= 1024) or step % 1024 == 0:
-            self._check_new_parameters()  # (on the audits' steps: a walk over the model)
+        registrations = _registrations()
+        if (
+            registrations != self._registrations_seen
+            or (step & (step - 1) == 0 and step <= 1024)
+            or step % 1024 == 0
+        ):
+            # a walk over the model: when a module or parameter was registered anywhere since
+            # the last check, and on the audits' steps (what no registration shows)
+            self._registrations_seen = registrations
+            self._check_new_parameters()
         self._check_grads_untouched(scale if grads_unscaled else None)
         unmeasured = self.engine.idle
         passes = self.engine.collect(grad_rescale=scale if grads_unscaled else 1.0)
