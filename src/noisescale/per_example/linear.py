@@ -66,14 +66,7 @@ def bilinear_factors(module: nn.Module, both: Tensor, d: Tensor) -> dict[str, Fa
     a linear layer's on the outer products a_t = x1_t ⊗ x2_t ([N, T, I1·I2])."""
     i1 = module.in1_features
     x1, x2 = both[..., :i1], both[..., i1:]
-    outer = (x1.unsqueeze(-1) * x2.unsqueeze(-2)).flatten(-2)
-    a3, d3 = _positions(outer, d)
-    out: dict[str, Factor] = {}
-    if module.weight.requires_grad:
-        out["weight"] = LinearFactor(a3, d3)
-    if module.bias is not None and module.bias.requires_grad:
-        out["bias"] = DenseFactor(d3.sum(1))
-    return out
+    return linear_factors(module, (x1.unsqueeze(-1) * x2.unsqueeze(-2)).flatten(-2), d)
 
 
 BILINEAR_RULE = register_layer(
