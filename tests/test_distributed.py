@@ -250,6 +250,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     results["tokens"] = {"history": _lm_run(rank)}
     results["tokens_every2"] = {"history": _lm_run(rank, measure_every=2)}
     results["misuse"] = _misuse()
+    results["hand_averaging"] = _manual_averaging(rank)
     results["comm_hooks"] = _comm_hooks(rank)
     results["syncs"] = _count_syncs(rank)
     results["parallelism"] = _parallelism(rank)
@@ -305,6 +306,81 @@ def _misuse() -> dict[str, str]:
             except NoiseScaleInputError as e:
                 out[f"{name}clipped_{clip}"] = str(e)
             tracker.remove()
+    return out
+
+
+def _manual_averaging(rank: int) -> dict[str, dict]:
+    """``process_group=`` on a plain model: the user averages ``.grad`` by hand. Each way of
+    doing it, for 5 steps (audited: 1, 2 and 4) of 2 micro-batches: the records kept and what
+    the step that was refused said (``None``: none was)."""
+    world = torch.distributed.group.WORLD
+    size = torch.distributed.get_world_size()
+    # the projections in chunks of 7 elements: every weight and bias over several chunks
+    dsrc._PROJECTION_CHUNK = 7
+
+    def mean(model: nn.Module, step: int) -> None:
+        for p in model.parameters():
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= size
+
+    def summed(model: nn.Module, step: int) -> None:
+        for p in model.parameters():
+            torch.distributed.all_reduce(p.grad)
+
+    def clipped(model: nn.Module, step: int) -> None:
+        mean(model, step)
+        nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+
+    def half(model: nn.Module, step: int) -> None:  # one layer left out of the averaging
+        for p in model[0].parameters():
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= size
+
+    def summed_from_3(model: nn.Module, step: int) -> None:
+        (summed if step >= 3 else mean)(model, step)
+
+    ways = {
+        "mean": mean,
+        "sum": summed,
+        "none": lambda model, step: None,
+        "clipped": clipped,
+        "half": half,
+        "sum_from_step_3": summed_from_3,
+        "mean_unscaled": mean,
+    }
+    out = {}
+    for name, average in ways.items():
+        model = make_model()
+        scaler = None
+        if name == "mean_unscaled":  # a GradScaler's unscale_ before tracker.step(), told
+            scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        tracker = noisescale.GradientNoiseTracker(
+            model, process_group=world, optimizer=opt, scaler=scaler, sync_every=1
+        )
+        refused = None
+        for t in range(5):
+            for j in range(2):
+                x, y = micro_batch(ACCUM, t % 3, rank, j)
+                loss = F.cross_entropy(model(x), y) / 2
+                (loss if scaler is None else scaler.scale(loss)).backward()
+            average(model, t + 1)
+            if scaler is not None:
+                scaler.unscale_(opt)
+            try:
+                tracker.step(loss=loss)
+            except NoiseScaleInputError as e:
+                refused = f"step {t + 1}: {e}"
+                break
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
+            opt.zero_grad()
+        out[name] = {"records": len(tracker.history), "refused": refused}
+        tracker.remove()
+    dsrc._PROJECTION_CHUNK = 1 << 22
     return out
 
 
@@ -756,6 +832,27 @@ def test_misuse_is_reported(runs):
     assert misuse["clipped_True"].startswith("call tracker.step() right after the last backward")
     assert misuse["fsdp_clipped_False"] == "accepted"
     assert misuse["fsdp_clipped_True"].startswith("call tracker.step() right after the last")
+
+
+def test_hand_averaging_is_checked(runs):
+    """``process_group=``: a mean by hand is accepted (also unscaled by a told GradScaler); a
+    sum, no all-reduce, a clip after the averaging or a layer left out are refused at the first
+    step the audits fall on, on every process alike, with nothing of that step recorded; a sum
+    from step 3 on is refused at step 4 (the next audited step), the 3 steps before kept."""
+    for rank in range(WORLD):
+        got = runs[rank]["hand_averaging"]
+        assert got["mean"] == {"records": 5, "refused": None}
+        assert got["mean_unscaled"] == {"records": 5, "refused": None}
+        for name in ("sum", "none", "clipped", "half"):
+            assert got[name]["records"] == 0, (name, got[name])
+            assert got[name]["refused"].startswith("step 1: process_group= says the gradients")
+            assert "Nothing of this step was recorded" in got[name]["refused"]
+        assert "the sum of the 2 processes' gradients, not their mean" in got["sum"]["refused"]
+        assert "the processes hold different gradients" in got["none"]["refused"]
+        assert "clipped, rescaled or changed after the averaging" in got["clipped"]["refused"]
+        assert got["sum_from_step_3"]["records"] == 3
+        assert got["sum_from_step_3"]["refused"].startswith("step 4: process_group= says")
+    assert runs[0]["hand_averaging"] == runs[1]["hand_averaging"]
 
 
 def test_accumulation_without_no_sync_drops_only_the_local_source(runs):

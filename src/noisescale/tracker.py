@@ -377,7 +377,7 @@ class GradientNoiseTracker:
             # the last check, and on the audits' steps (what no registration shows)
             self._registrations_seen = registrations
             self._check_new_parameters()
-        self._check_grads_untouched(scale if grads_unscaled else None)
+        self._check_grads_untouched(scale if grads_unscaled else None, scale)
         unmeasured = self.engine.idle
         passes = self.engine.collect(grad_rescale=scale if grads_unscaled else 1.0)
         if not passes:
@@ -861,17 +861,23 @@ class GradientNoiseTracker:
                 "the first preconditioned step",
             )
 
-    def _check_grads_untouched(self, unscaled_by: float | None) -> None:
+    def _check_grads_untouched(self, unscaled_by: float | None, scale: float = 1.0) -> None:
         """Refuse a step whose ``.grad`` was changed in place after the last backward pass: the
         examples' norms were measured inside that backward, so a clipped or rescaled ``.grad``
         no longer matches them and the estimate would be wrong without a word
         (:meth:`~noisescale.per_example.PerExampleNorms.changed_grads`: every step by version
         counters; on audited steps by value too, which sees ``.grad.data`` and an ``unscale_``
         the tracker was not told of). ``unscaled_by``: the loss scale a GradScaler's
-        ``unscale_`` divided ``.grad`` by, else ``None``. Not with ``process_group=`` on a
-        plain model: its user averages ``.grad`` in place after the backward, so an in-place
-        change is expected there (and clipping is not seen)."""
+        ``unscale_`` divided ``.grad`` by, else ``None``; ``scale``: the loss scale in the
+        backward's gradients. With ``process_group=`` on a plain model its user averages
+        ``.grad`` in place after the backward, so an in-place change is expected there: on the
+        audits' steps ``.grad`` is checked to be the processes' mean instead
+        (:meth:`~noisescale.sources.distributed.DataParallelSource.check_averaged`)."""
         if self._dist is not None and self._dist.kind == "manual":
+            wrong = self._dist.check_averaged(scale, scale if unscaled_by is None else 1.0)
+            if wrong is not None:
+                self.engine.discard()
+                raise NoiseScaleInputError(wrong)
             return
         allowed = 0 if unscaled_by is None else self._unscale_versions()
         found = self.engine.changed_grads(allowed, 1.0 if unscaled_by is None else unscaled_by)

@@ -15,7 +15,8 @@ global batch size after averaging." :class:`DataParallelSource` does that inside
   reduce-scatter), so the hooks go on the unsharded parameters, found when each module runs.
   After ``backward()`` each process holds a shard of the averaged gradient (sharded ``DTensor``).
 * ``"manual"`` — a plain model whose gradients the user averages over ``process_group`` after the
-  last backward pass of the step (``all_reduce`` then divide by the group size).
+  last backward pass of the step (``all_reduce`` then divide by the group size); checked on the
+  audits' steps (:meth:`DataParallelSource.check_averaged`).
 
 What one step costs: **one asynchronous all-reduce of a fixed-size float64 buffer** (``WIDTH``
 numbers, 24 today — 192 bytes — whatever the number of processes W), waited for only when the
@@ -98,6 +99,11 @@ STEP = 11  # the tracker's step number (summed: a check that the processes agree
 PROCESSES = 12  # 1 per process (summed: the processes whose step numbers STEP sums)
 HEAD = 13
 WIDTH = HEAD + FIELDS * len(SOURCES)
+
+
+# process_group='s check (DataParallelSource.check_averaged) projects gradients this many
+# elements at a time: two float64 temporaries of 32 MiB at most
+_PROJECTION_CHUNK = 1 << 22
 
 
 def _column(source: str, field: int) -> int:
@@ -231,6 +237,11 @@ class DataParallelSource:
         else:
             for p in self.params:
                 self._handles.append(p.register_hook(self._make_local_hook(p, id(p))))
+        # process_group=: the local gradient's random projection, noted when a backward of a
+        # step the audits' schedule falls on has finished (check_averaged)
+        self._local_projection: tuple[int, Tensor, Tensor] | None = None
+        if kind == "manual":
+            self._handles.append(engine.on_checked_backward(self._note_local_projection))
 
     @classmethod
     def detect(
@@ -365,6 +376,114 @@ class DataParallelSource:
             lp.local_sqnorm = sq if lp.local_sqnorm is None else lp.local_sqnorm + sq
 
         return hook
+
+    # -- process_group=: is .grad the processes' average? ---------------------------------------
+
+    def _projection(self, step: int) -> tuple[Tensor, Tensor] | None:
+        """(Σ_p ⟨.grad_p, v_p⟩, Σ_p |.grad_p|²) in float64 (MPS: float32), with v_p a standard
+        normal direction drawn from a seed of the step number and the parameter's position —
+        the same on every process; ``None`` when no parameter has a gradient."""
+        proj: Tensor | None = None
+        sq: Tensor | None = None
+        gen: torch.Generator | None = None
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                g = p.grad
+                if g is None:
+                    continue
+                dtype = torch.float32 if g.device.type == "mps" else torch.float64
+                if gen is None or gen.device != g.device:
+                    gen = torch.Generator(device=g.device)
+                gen.manual_seed((step * 1_000_003 + i) % (1 << 62))
+                flat = g.detach().reshape(-1)
+                for start in range(0, flat.numel(), _PROJECTION_CHUNK):  # (bounded memory)
+                    x = flat[start : start + _PROJECTION_CHUNK].to(dtype)
+                    v = torch.randn(x.shape, generator=gen, device=x.device, dtype=dtype)
+                    d, n = torch.dot(x, v), torch.dot(x, x)
+                    proj = d if proj is None else proj + d
+                    sq = n if sq is None else sq + n
+        return None if proj is None or sq is None else (proj, sq)
+
+    def _note_local_projection(self) -> None:
+        """At the end of a backward pass of a step the audits' schedule falls on: ``.grad`` is
+        still this process's own (accumulated) gradient, before the user's averaging. The last
+        backward of the step leaves the projection :meth:`check_averaged` compares with."""
+        step = self.engine.steps_collected + 1
+        found = self._projection(step)
+        self._local_projection = None if found is None else (step, *found)
+
+    def check_averaged(self, scale: float, grad_scale: float) -> str | None:
+        """``process_group=`` on a plain model, on the steps the audits' schedule falls on (1,
+        2, 4, …, 1,024, then one in 1,024): whether ``.grad`` is now the mean over the group's
+        processes of their local gradients, as eq. A.2 pairs it with them. A random projection
+        of the local gradient, noted when the step's last backward finished, and of ``.grad``
+        now, are summed over the processes in one small all-reduce; the mean of the local ones
+        must equal ``.grad``'s, and ``.grad``'s must be the same on every process. Returns what
+        is wrong (the same on every process: it is decided from the reduced sums), or ``None``.
+        ``scale``: the loss scale in the local gradients; ``grad_scale``: the one left in
+        ``.grad`` (1 after a GradScaler's ``unscale_``).
+
+        The tolerance, 8 rounding errors of the parameters' dtype (at least 1e-5) relative to
+        the local gradients' root-mean-square norm, covers an average reduced in that dtype; a
+        sum instead of a mean, a missing all-reduce, a clip or rescale after the averaging are
+        off by far more, except with a probability of the order of the tolerance per check."""
+        if self.kind != "manual" or self.engine.idle or not self.engine.check_scheduled:
+            return None
+        if str(dist.get_backend(self.group)) == "fake":
+            return None  # torch's test backend: collectives that do not communicate
+        step = self.engine.steps_collected + 1
+        noted, self._local_projection = self._local_projection, None
+        now = self._projection(step)
+        buf = torch.zeros(5, dtype=torch.float64, device=self.device)
+        if noted is not None and noted[0] == step and now is not None:
+            g = now[0] / grad_scale
+            parts = (1.0, noted[1] / scale, noted[2] / scale**2, g, g * g)
+            for i, value in enumerate(parts):
+                buf[i] = value.to(buf) if isinstance(value, Tensor) else value
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+        had, local, local_sq, mine, mine_sq = buf.tolist()
+        w = self.world_size
+        if round(had) < w or not all(map(math.isfinite, (local, local_sq, mine, mine_sq))):
+            return None  # a process without a noted backward this step, or inf/nan (AMP)
+        dtypes = {p.dtype for p in self.params if p.dtype.is_floating_point}
+        tol = max([1e-5] + [8 * torch.finfo(d).eps for d in dtypes])
+        rms = math.sqrt(max(local_sq, 0.0) / w)  # the local gradients' root-mean-square norm
+        if rms == 0.0:
+            return None
+        # per process: .grad's projection against the mean of the local ones, and its spread
+        # over the processes (zero when every process holds the same average)
+        off = abs(mine - local) / w
+        spread = math.sqrt(max(0.0, mine_sq - mine * mine / w) / w)
+        if spread <= tol * rms and off <= tol * rms:
+            return None
+        self._local, self._armed = {}, None  # (the step is discarded)
+        if spread > tol * rms:
+            what = (
+                "the processes hold different gradients in .grad (not all-reduced? averaged "
+                "over another group than process_group=?)"
+            )
+        elif local != 0.0 and abs(mine / local - w) <= 0.01 * w:
+            what = (
+                f".grad is the sum of the {w} processes' gradients, not their mean (divide by "
+                "the group's size after the all_reduce, or use ReduceOp.AVG)"
+            )
+        else:
+            what = (
+                ".grad is the same on every process but not the mean of their gradients "
+                "(clipped, rescaled or changed after the averaging? averaged over another "
+                "group than process_group=?)"
+            )
+        return (
+            f"process_group= says the gradients are averaged over the group's {w} processes "
+            f"between the last backward pass and tracker.step(), but {what}. Checked on the "
+            "audits' steps by a random projection of the gradients: the local gradients' "
+            f"projections average {local / w:.6g}, .grad's {mine / w:.6g}, and .grad's spread "
+            f"{spread:.3g} over the processes (tolerance {tol * rms:.3g}). Average after the "
+            "step's last backward with dist.all_reduce(p.grad) and p.grad /= world_size (or "
+            "op=ReduceOp.AVG) for every parameter, then call tracker.step(), before clipping; "
+            "or wrap the model in DistributedDataParallel and let the tracker take its group. "
+            "Nothing of this step was recorded"
+        )
 
     def remove(self) -> None:
         """Remove this source's hooks."""
