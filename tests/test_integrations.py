@@ -887,3 +887,173 @@ def test_lightning_callback_measures_every_mth_step():
         assert g["b_big"] == w["b_big"]
     per_step = want[0]["examples"]
     assert [h["examples"] for h in got] == [per_step, 3 * per_step, 5 * per_step]
+
+
+# -- what the Trainer backpropagates: its accumulation divisor, label smoothing ----------------
+
+_SEQ = 8  # examples of the one measured step
+
+
+def _bert_classifier():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, num_labels=3,
+    )  # fmt: skip
+    return transformers.BertForSequenceClassification(config).double()
+
+
+def _classified():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(1, 60, (_SEQ, 10), generator=g), torch.randint(0, 3, (_SEQ,), generator=g)
+
+
+class _Classified(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.ids, self.labels = _classified()
+
+    def __len__(self) -> int:
+        return _SEQ
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def _one_step(tmp_path, model, dataset, accumulation: int, trainer_cls=None, **kw) -> dict:
+    """One Trainer step over the same 8 examples (lr = 0), as 1 × 8 or k × 8/k micro-batches:
+    its record."""
+    import transformers
+
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    tracker_kw = {k: v for k, v in kw.items() if k == "loss_reduction"}
+    trainer_kw = {k: v for k, v in kw.items() if k != "loss_reduction" and k != "args"}
+    args = _hf_args(
+        tmp_path,
+        per_device_train_batch_size=_SEQ // accumulation,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        learning_rate=0.0,
+        max_grad_norm=0.0,
+        **kw.get("args", {}),
+    )
+    callback = NoiseScaleCallback(
+        per_example_fraction=1.0, microbatch=False, beta=1.0, **tracker_kw
+    )
+    (trainer_cls or transformers.Trainer)(
+        model=model, args=args, train_dataset=dataset, callbacks=[callback], **trainer_kw
+    ).train()
+    (record,) = callback.tracker.history
+    return record
+
+
+def _assert_same_record(got: dict, want: dict, rel: float = 1e-9) -> None:
+    for key in ("b_big", "sqnorm_big", "g2", "trace_sigma", "examples", "tokens"):
+        if want.get(key) is None:
+            assert got.get(key) is None, key
+        else:
+            assert got[key] == pytest.approx(want[key], rel=rel), key
+    small = (
+        got["sources"]["per_example"]["sqnorm_small"],
+        want["sources"]["per_example"]["sqnorm_small"],
+    )
+    assert small[0] == pytest.approx(small[1], rel=rel)
+
+
+def test_trainer_that_does_not_divide_by_the_accumulation_is_measured(tmp_path):
+    """A model that accepts loss kwargs but computes its loss itself (BERT's classifier): the
+    Trainer leaves each micro-batch's mean undivided by the accumulation (its
+    loss_is_scaled_for_ga), so the step's gradient is k times the mean's. The multiplier that
+    reached the model's loss is measured: 2 × 4 examples give the 1 × 8 record. (Until
+    2026-12-03 |G|², tr Σ and every norm read k² = 4× too large, B_simple unchanged.)"""
+    pytest.importorskip("transformers")
+    want = _one_step(tmp_path, _bert_classifier(), _Classified(), 1)
+    got = _one_step(tmp_path, _bert_classifier(), _Classified(), 2)
+    _assert_same_record(got, want)
+    # and a compute_loss override returning each micro-batch's mean, from the logits
+    import transformers
+
+    class OwnLoss(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = F.cross_entropy(outputs.logits, labels)
+            return (loss, outputs) if return_outputs else loss
+
+    for k in (1, 2):
+        got = _one_step(tmp_path, _bert_classifier(), _Classified(), k, trainer_cls=OwnLoss)
+        _assert_same_record(got, want)
+
+
+def test_a_compute_loss_func_needs_its_reduction_said(tmp_path):
+    """The Trainer expects a compute_loss_func to normalise over the step by
+    num_items_in_batch; noisescale cannot see how: refused unless loss_reduction says. Said
+    ('mean': each micro-batch's mean), the Trainer's scaling is measured: 2 × 4 = 1 × 8."""
+    pytest.importorskip("transformers")
+
+    def mean_loss(outputs, labels, num_items_in_batch=None):
+        return F.cross_entropy(outputs.logits, labels)
+
+    with pytest.raises(NoiseScaleInputError, match="compute_loss_func, whose loss noisescale"):
+        _one_step(tmp_path, _bert_classifier(), _Classified(), 2, compute_loss_func=mean_loss)
+    want = _one_step(tmp_path, _bert_classifier(), _Classified(), 1)
+    for k in (1, 2):
+        got = _one_step(
+            tmp_path, _bert_classifier(), _Classified(), k, compute_loss_func=mean_loss,
+            loss_reduction="mean",
+        )  # fmt: skip
+        _assert_same_record(got, want)
+
+
+def _gpt2_lm():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=60, n_embd=16, n_layer=1, n_head=2, n_positions=16, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, loss_type="ForCausalLM",
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config).double()
+
+
+class _Padded(torch.utils.data.Dataset):
+    """8 sequences of 3–12 counted tokens, -100 on the padding."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.ids = torch.randint(1, 60, (_SEQ, 12), generator=g)
+        lengths = torch.randint(3, 13, (_SEQ,), generator=g)
+        self.mask = (torch.arange(12)[None] < lengths[:, None]).long()
+        self.labels = torch.where(self.mask.bool(), self.ids, -100)
+
+    def __len__(self) -> int:
+        return _SEQ
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
+
+
+def test_label_smoothing_is_measured_per_token(tmp_path):
+    """label_smoothing_factor: the Trainer takes the labels out and its LabelSmoother computes
+    the loss over the counted tokens outside the model. It is measured as the model's own loss
+    is: with a factor of 1e-12 (the same objective as none, to 1e-12) the record is the one of
+    the model's own loss, per token, with accumulation 1 and 2; with 0.1 too it is per token,
+    counting the same tokens. (Until 2026-12-03 it was read as a mean over sequences, 15–97%
+    off, without a word.)"""
+    pytest.importorskip("transformers")
+    want = _one_step(tmp_path, _gpt2_lm(), _Padded(), 1)
+    assert want["tokens"] == float((_Padded().labels[:, 1:] != -100).sum())
+    for k in (1, 2):
+        got = _one_step(tmp_path, _gpt2_lm(), _Padded(), k, args={"label_smoothing_factor": 1e-12})
+        # (the model's own causal-LM loss computes in float32: its weights round at 1e-7)
+        _assert_same_record(got, want, rel=1e-6)
+        smoothed = _one_step(
+            tmp_path, _gpt2_lm(), _Padded(), k, args={"label_smoothing_factor": 0.1}
+        )
+        assert smoothed["tokens"] == want["tokens"] and smoothed["b_big"] == want["b_big"]
+        assert smoothed["sqnorm_big"] != pytest.approx(want["sqnorm_big"], rel=1e-3)

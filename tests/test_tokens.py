@@ -402,6 +402,55 @@ def test_sequence_classification_loss_is_measured_per_example():
         assert a["trace_sigma"] == pytest.approx(b["trace_sigma"], rel=1e-9)
 
 
+def test_the_multiplier_on_the_loss_is_measured_not_assumed():
+    """Two micro-batches per step, with the loss divided by their number and without: the same
+    records where the multiplier can be measured — a Hugging Face model's own loss (labels=:
+    BERT's classifier computes it itself), or a loss of the loop's own passed to
+    ``tracker.watch_loss`` — and k² = 4× larger |G|² and tr Σ where it is only assumed (1/k
+    for a mean: the loop's own loss, not watched). B_simple is the same in all."""
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, num_labels=3,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg).double()
+    g = torch.Generator().manual_seed(2)
+    batches = [
+        (torch.randint(0, 40, (6, 9), generator=g), torch.randint(0, 3, (6,), generator=g))
+        for _ in range(3)
+    ]
+
+    def run(how: str, divide: bool) -> list[dict]:
+        tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+        for ids, y in batches:
+            for half in (slice(0, 3), slice(3, 6)):
+                if how == "labels":
+                    loss = model(ids[half], labels=y[half]).loss
+                else:
+                    loss = F.cross_entropy(model(ids[half]).logits, y[half])
+                    if how == "watched":
+                        tracker.watch_loss(loss)
+                (loss / 2 if divide else loss).backward()
+            tracker.step()
+            model.zero_grad()
+        tracker.remove()
+        return tracker.history
+
+    want = run("own", divide=True)
+    for how, divide, factor in (
+        ("labels", True, 1.0), ("labels", False, 1.0), ("watched", True, 1.0),
+        ("watched", False, 1.0), ("own", False, 4.0),
+    ):  # fmt: skip
+        got = run(how, divide)
+        for a, b in zip(got, want, strict=True):
+            assert a["b_big"] == b["b_big"]
+            for key in ("sqnorm_big", "g2", "trace_sigma"):
+                assert a[key] == pytest.approx(factor * b[key], rel=1e-9), (how, divide, key)
+            assert a["b_simple"] == pytest.approx(b["b_simple"], rel=1e-9, nan_ok=True)
+
+
 def test_watcher_leaves_the_model_as_it_was(lm):
     model = lm["model"]
     before = model.loss_function

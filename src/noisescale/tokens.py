@@ -194,8 +194,6 @@ class TokenWatcher:
         loss = getattr(output, "loss", None) if not isinstance(output, dict) else output.get("loss")
         if (
             call["handled"]
-            or not isinstance(labels, Tensor)
-            or labels.dim() < 2
             or not isinstance(loss, Tensor)
             or not loss.requires_grad
             or not torch.is_grad_enabled()
@@ -203,6 +201,10 @@ class TokenWatcher:
             return
         pass_ = self._current_pass()
         if pass_ is None:
+            return
+        if loss.dim() == 0:
+            self._measure_multiplier(pass_, loss)
+        if not isinstance(labels, Tensor) or labels.dim() < 2:
             return
         name = type(module).__name__
         if self.count_labels:
@@ -218,14 +220,92 @@ class TokenWatcher:
                 f"{name} computed its loss itself from labels= (not through its loss_function), "
                 "so noisescale cannot tell how it weighs tokens (typically a mean over the "
                 "tokens whose label is not -100: sequences weigh by their length). Declare it: "
-                "pass loss_reduction='token_mean' (or 'num_items_in_batch') — the tokens are "
-                "then counted from labels= (those not -100), or by tracker.count_tokens(labels) "
-                "after each forward where the loss shifts its labels; under the Trainer: "
-                "NoiseScaleCallback(loss_reduction='token_mean'). Or compute the loss yourself "
-                "from the logits without passing labels= to the model"
+                "pass loss_reduction='token_mean' (each micro-batch's mean over its tokens, as "
+                "BERT, T5 and BART compute it — also under the Trainer, which passes them "
+                "num_items_in_batch they do not use; 'num_items_in_batch' only for a loss that "
+                "divides by it) — the tokens are then counted from labels= (those not -100), or "
+                "by tracker.count_tokens(labels) after each forward where the loss shifts its "
+                "labels; under the Trainer: NoiseScaleCallback(loss_reduction='token_mean'). Or "
+                "compute the loss yourself from the logits without passing labels= to the model"
             )
 
         loss.register_hook(hook)
+
+    def watch_loss(self, loss: Any) -> None:
+        """Measure the multiplier the step puts on ``loss``, a micro-batch's loss about to be
+        scaled and backpropagated (:meth:`~noisescale.GradientNoiseTracker.watch_loss`)."""
+        if not isinstance(loss, Tensor) or loss.dim() != 0 or not loss.requires_grad:
+            return
+        pass_ = self._current_pass()
+        if pass_ is not None and torch.is_grad_enabled():
+            self._measure_multiplier(pass_, loss)
+
+    def wrap_label_smoother(self, smoother: Callable) -> Callable:
+        """The ``transformers`` Trainer's ``LabelSmoother`` (``label_smoothing_factor``),
+        measured as the model's own ``loss_function`` is: the labels it counts (those not
+        ``ignore_index``, shifted for causal LMs), its divisor (``num_items_in_batch``, or the
+        counted labels) and the gradient that reaches its loss. Its loss, (1 − ε)·NLL + ε·(the
+        mean of −log p over the vocabulary), is a sum over the counted tokens divided by that
+        divisor, so each counted token weighs grad/divisor."""
+        ignore = getattr(smoother, "ignore_index", IGNORE_INDEX)
+
+        def label_smoother(
+            model_output: Any, labels: Tensor, shift_labels: bool = False, **kwargs: Any
+        ) -> Any:
+            out = smoother(model_output, labels, shift_labels=shift_labels, **kwargs)
+            if (
+                not isinstance(out, Tensor)
+                or not out.requires_grad
+                or not torch.is_grad_enabled()
+                or not isinstance(labels, Tensor)
+            ):
+                return out
+            pass_ = self._current_pass()
+            if pass_ is None:
+                return out
+            counted = (labels[..., 1:] if shift_labels else labels) != ignore
+            unit = "token" if labels.dim() >= 2 else "example"
+            counts = (
+                counted.flatten(1).sum(1, dtype=torch.float64)
+                if counted.dim() >= 2
+                else counted.to(torch.float64)
+            )
+            nib = kwargs.get("num_items_in_batch")
+            denominator = nib if nib is not None else counts.sum()
+            units = PassUnits(counts, unit, "LabelSmoother", denominator, measured=True)
+            if getattr(pass_, "units", None) is not None:
+                pass_.units_error = (
+                    "the Trainer's label smoother and another measured loss ran in one forward "
+                    "pass; noisescale cannot tell how the two losses weigh tokens"
+                )
+                return out
+
+            def hook(grad: Tensor) -> None:
+                units.grad = grad if units.grad is None else units.grad + grad
+
+            out.register_hook(hook)
+            pass_.units = units
+            return out
+
+        label_smoother.__wrapped__ = smoother  # type: ignore[attr-defined]
+        return label_smoother
+
+    @staticmethod
+    def _measure_multiplier(pass_: Any, loss: Tensor) -> None:
+        """Hook a loss the model computed itself (not through its ``loss_function``): the
+        gradient that reaches it in the backward is the multiplier the step put on it — 1/k
+        with k accumulation micro-batches, 1 where the Trainer leaves the division to a loss
+        normalised over the step (``num_items_in_batch``) that this model does not apply, a
+        loss scale — so that the weights ``loss_reduction`` gives within the loss are scaled
+        by what was measured, not by an assumed 1/k. The outermost model's loss counts (a
+        model inside another returns first; its hook is replaced)."""
+        if pass_.loss_grad_hook is not None:
+            pass_.loss_grad_hook.remove()
+
+        def hook(grad: Tensor) -> None:
+            pass_.loss_grad = grad if pass_.loss_grad is None else pass_.loss_grad + grad
+
+        pass_.loss_grad_hook = loss.register_hook(hook)
 
     def _wrap(self, original: Callable, kind: str | None) -> Callable:
         def loss_function(*args: Any, **kwargs: Any) -> Tensor:

@@ -145,7 +145,9 @@ class GradientNoiseTracker:
             by the number of micro-batches) or ``"num_items_in_batch"`` (the sum over the step's
             tokens divided by their number, as the ``transformers`` Trainer does). A Hugging
             Face model called with ``labels=`` needs nothing: the weights of its own loss are
-            measured (:mod:`noisescale.tokens`).
+            measured (:mod:`noisescale.tokens`). The division by the number of micro-batches
+            is measured wherever it can be — a Hugging Face model's own returned loss, a loss
+            passed to :meth:`watch_loss` — and assumed only elsewhere.
         per_example: Measure with the module hooks (sub-batches by default, per-example norms
             with ``per_example_fraction``). ``False`` relies on accumulation micro-batches only
             (no layer support needed).
@@ -353,6 +355,9 @@ class GradientNoiseTracker:
         self._warned: set[str] = set()
         self._unscale_bump: dict[torch.device, int] = {}  # _unscale_versions
         self._unbounded_since: int | None = None
+        # set by the transformers callback (noisescale.integrations.transformers): what
+        # computes the loss outside the model under the Trainer, if anything (for messages)
+        self._trainer_loss_outside: str | None = None
         if self.history_path is not None:
             self._start_history_file()
 
@@ -547,6 +552,25 @@ class GradientNoiseTracker:
         if pass_.units is None or from_labels:  # (the user's count over the labels= one)
             pass_.units = PassUnits(counts, "token", "count_tokens")
 
+    def watch_loss(self, loss: Tensor) -> None:
+        """Measure how the step scales this micro-batch's loss before backpropagating it.
+
+        Call right after computing the loss of a forward of the tracked model, before
+        dividing it by the accumulation or scaling it. The gradient that reaches ``loss`` in
+        the backward is then taken as the multiplier on the weights ``loss_reduction`` gives
+        the examples within it — 1/k with k micro-batches divided as usual, 1 where the loop
+        does not divide, a loss scale — instead of the assumed 1/k (``"mean"``,
+        ``"token_mean"``) or 1 (``"sum"``, ``"num_items_in_batch"``). |G|² and tr Σ depend on
+        it; B_simple does not. A Hugging Face model's own loss (``labels=``) is measured without
+        this call, and the Trainer's callback calls it on what ``compute_loss`` returns."""
+        self._tokens.watch_loss(loss)
+
+    def wrap_label_smoother(self, smoother: Any) -> Any:
+        """The ``transformers`` Trainer's ``label_smoother``, its weights measured
+        (:meth:`noisescale.tokens.TokenWatcher.wrap_label_smoother`; the Trainer's callback
+        installs it)."""
+        return self._tokens.wrap_label_smoother(smoother)
+
     def _weights_of(self, passes: list[Any], scale: float) -> tuple[StepNorms, str, Tensor | None]:
         """The step's normalisation: each pass's weight per unit, the units (examples or
         tokens) and the tokens counted (see :mod:`noisescale.tokens`)."""
@@ -592,24 +616,44 @@ class GradientNoiseTracker:
             definition = kinds.pop()
             coef: list[Any] = [u.coefficient(scale) for u in units]  # type: ignore[union-attr]
             return StepNorms(passes, coef, scale), definition, tokens
+        # the multiplier on each pass's loss: measured where a Hugging Face model computed the
+        # loss itself and it was backpropagated, or the Trainer's compute_loss returned it (the
+        # gradient that reached it), else what loss_reduction says: 1/k for the means, 1 for
+        # the sums
+        outer: list[Any] = [
+            p.loss_grad.detach().double() / scale for p in passes if p.loss_grad is not None
+        ]
+        if len(outer) != k:
+            per_mean = 1.0 / k
+            outer = [per_mean if self.loss_reduction in ("mean", "token_mean") else 1.0] * k
         if declared:
             if not counted:
                 raise NoiseScaleInputError(
                     f"loss_reduction={self.loss_reduction!r} weighs tokens, but this step has "
                     "micro-batches whose tokens were not counted: call "
                     "tracker.count_tokens(labels) after each forward (or call a Hugging Face "
-                    "model with labels=, whose loss is measured)"
+                    "model with labels=, whose loss is measured)" + self._labels_popped_hint()
                 )
             if self.loss_reduction == "token_mean":
-                coef = [1.0 / (k * u.counts.sum()) for u in units]  # type: ignore[union-attr]
+                coef = [m / u.counts.sum() for m, u in zip(outer, units, strict=True)]  # type: ignore[union-attr]
             else:
-                coef = [1.0 / tokens] * k  # type: ignore[operator]
+                coef = [m / tokens for m in outer]  # type: ignore[operator]
             return StepNorms(passes, coef, scale), "token", tokens
         coef = [
-            1.0 / (k * p.batch_size) if self.loss_reduction == "mean" and p.batch_size else 1.0
-            for p in passes
+            m / p.batch_size if self.loss_reduction == "mean" and p.batch_size else m
+            for m, p in zip(outer, passes, strict=True)
         ]
         return StepNorms(passes, coef, scale), "example", tokens
+
+    def _labels_popped_hint(self) -> str:
+        if self._trainer_loss_outside is None:
+            return ""
+        return (
+            f". Under the Trainer with {self._trainer_loss_outside}, the labels are taken out of "
+            "the batch before the model's forward, so they cannot be counted there: compute "
+            "the loss in the model (call it with labels=), or override Trainer.compute_loss "
+            "and call callback.tracker.count_tokens(labels) after the model's forward"
+        )
 
     def estimate(self) -> est.NoiseEstimate:
         """B_simple with its interval, |G|², tr Σ and the number of steps used (App. A.1), in

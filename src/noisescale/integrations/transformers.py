@@ -25,6 +25,13 @@ mean, or their sum when the Trainer passed ``num_items_in_batch`` to the model (
 divided each micro-batch's summed loss by the step's item count, and the micro-batch losses add
 up to the step's). It equals the ``loss`` the Trainer logs for that step.
 
+What the Trainer backpropagates. The Trainer divides a micro-batch's loss by the accumulation
+only when it believes the loss is not already normalised over the step; what ``compute_loss``
+returns is watched (:meth:`GradientNoiseTracker.watch_loss`), so the multiplier it put on each
+micro-batch's loss is measured, not assumed. Its ``LabelSmoother`` is measured as a model's own
+``loss_function`` is; a ``compute_loss_func`` needs ``loss_reduction`` (see
+:meth:`NoiseScaleCallback._watch_trainer_loss`).
+
 Logging. Every training log (the ``logs`` with a ``loss`` that ``on_log`` receives) gets
 ``noisescale/b_simple`` (with ``_low``/``_high``), ``noisescale/g2`` and
 ``noisescale/trace_sigma``, and with a schedule ``noisescale/batch_size`` and
@@ -154,6 +161,8 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         self.unrestorable_args: list[str] = []
         self.checkpoint: dict[str, Any] | None = None
         self._handles: list[Any] = []
+        # the Trainer's attributes replaced while a run is watched: (object, name, previous)
+        self._restore: list[tuple[Any, str, Any]] = []
         self._optimizer: Any = None
         self._lr_scheduler: Any = None
         self._train_batches: int | None = None
@@ -197,6 +206,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         self._lr_scheduler = kwargs.get("lr_scheduler")
         self._train_batches = _length(kwargs.get("train_dataloader"))
         self.tracker = GradientNoiseTracker(model, **self._tracker_kwargs(args))
+        self._watch_trainer_loss(args)
         for p in model.parameters():
             if p.requires_grad:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
@@ -523,10 +533,92 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
                 return owner if any(cb is self for cb in owner.callbacks) else None
         return None
 
+    def _watch_trainer_loss(self, args: Any) -> None:
+        """Measure how the Trainer weighs each micro-batch's loss. The Trainer divides it by
+        the accumulation only when it believes it is not normalised over the step already
+        (``loss_is_scaled_for_ga``): a model that accepts loss kwargs but computes its loss
+        itself (BERT, T5), a ``compute_loss`` override returning a mean, a label smoother,
+        would otherwise be assumed divided by k where they are not (|G|² and tr Σ k² too
+        large). So what ``compute_loss`` returns is watched (the gradient that reaches it is
+        the Trainer's multiplier), and the label smoother (``label_smoothing_factor``), which
+        computes a loss over tokens outside the model from labels the model never sees, is
+        measured as the model's own ``loss_function`` is. A ``compute_loss_func`` is refused
+        unless ``loss_reduction`` says how it weighs the examples."""
+        assert self.tracker is not None
+        trainer = self._calling_trainer()
+        if trainer is None:
+            if float(getattr(args, "label_smoothing_factor", 0.0) or 0.0) > 0:
+                raise NoiseScaleInputError(
+                    "NoiseScaleCallback could not reach the Trainer to measure its label "
+                    "smoother (label_smoothing_factor > 0), which weighs tokens outside the model; "
+                    "use the callback with transformers.Trainer itself"
+                )
+            self._warn_once(
+                "no-trainer",
+                "NoiseScaleCallback could not reach the Trainer, so a loss computed outside the "
+                "model (compute_loss_func, a compute_loss override) is taken to be each "
+                "micro-batch's mean divided by the accumulation",
+            )
+            return
+        if (
+            getattr(trainer, "compute_loss_func", None) is not None
+            and "loss_reduction" not in self.tracker_kwargs
+        ):
+            raise NoiseScaleInputError(
+                "the Trainer has a compute_loss_func, whose loss noisescale cannot see into: "
+                "the Trainer takes the labels out of the batch before the model's forward "
+                "and expects the function to normalise its loss over the whole step by "
+                "num_items_in_batch (it does not divide by the accumulation then), which a "
+                "mean over examples, a mean over tokens and a sum over tokens do differently. "
+                "Say which: NoiseScaleCallback(loss_reduction='mean') if it returns each "
+                "micro-batch's mean over its examples (the weights of the Trainer's "
+                "scaling are measured); a loss over tokens cannot be measured here (its "
+                "tokens cannot be counted): compute it in the model (labels=) or in a "
+                "Trainer.compute_loss override that calls "
+                "callback.tracker.count_tokens(labels)"
+            )
+        tracker = self.tracker
+        compute_loss = trainer.compute_loss
+
+        def watched(*a: Any, **kw: Any) -> Any:
+            out = compute_loss(*a, **kw)
+            tracker.watch_loss(out[0] if isinstance(out, tuple) else out)
+            return out
+
+        self._restore.append((trainer, "compute_loss", trainer.__dict__.get("compute_loss")))
+        trainer.compute_loss = watched
+        smoother = getattr(trainer, "label_smoother", None)
+        if smoother is not None:
+            trainer.label_smoother = tracker.wrap_label_smoother(smoother)
+            self._restore.append((trainer, "label_smoother", smoother))
+            tracker._trainer_loss_outside = "label_smoothing_factor"
+        if getattr(trainer, "compute_loss_func", None) is not None:
+            tracker._trainer_loss_outside = "compute_loss_func"
+
+    def _calling_trainer(self) -> Any | None:
+        """The ``transformers.Trainer`` whose method is running this hook, if any."""
+        from transformers import Trainer
+
+        frame = sys._getframe(1)
+        for _ in range(12):
+            frame = frame.f_back  # type: ignore[assignment]
+            if frame is None:
+                return None
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, Trainer):
+                return owner
+        return None
+
     def _release(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for obj, name, previous in reversed(self._restore):
+            if previous is None:
+                obj.__dict__.pop(name, None)  # (the class's method again)
+            else:
+                setattr(obj, name, previous)
+        self._restore.clear()
         if self.tracker is not None:
             self.tracker.remove()
 

@@ -295,6 +295,11 @@ class PassNorms:
     # how the pass's loss weighs its examples (tokens), attached by noisescale.tokens
     units: Any = None
     units_error: str | None = None
+    # the gradient that reached the loss a Hugging Face model computed itself and returned, in
+    # the backward (noisescale.tokens): the multiplier the step put on that loss (an
+    # accumulation divisor or none, a loss scale, the Trainer's own scaling); and its hook
+    loss_grad: Tensor | None = None
+    loss_grad_hook: Any = None
     # tokens per example counted from the labels= of a model that computed its loss itself (the
     # case of ``units_error``), [N] float64
     label_counts: Tensor | None = None
