@@ -455,9 +455,28 @@ def test_reentrant_checkpointing_that_the_audit_cannot_replay_says_so():
     model = build()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     batch, _ = _losses(model, inputs)
-    with pytest.raises(noisescale.UnsupportedModuleError, match="use_reentrant=False"):
+    with pytest.raises(noisescale.UnsupportedModuleError, match="use_reentrant=False") as err:
         with noisescale.per_example_sqnorms(model):
             batch().backward()
+    assert str(err.value).startswith("this step ran activation checkpointing with use_reentrant")
+
+
+def test_reentrant_checkpointing_is_named_first_in_the_tracker():
+    """Llama under reentrant checkpointing: whatever the engine met in the recomputed forward,
+    the refusal leads with the cause and its fix."""
+    build, inputs = ZOO["llama"]
+    torch.manual_seed(0)
+    model = build()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    batch, _ = _losses(model, inputs)
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    try:
+        with pytest.raises(noisescale.UnsupportedModuleError) as err:
+            batch().backward()
+            tracker.step()
+    finally:
+        tracker.remove()
+    assert str(err.value).startswith("this step ran activation checkpointing with use_reentrant")
 
 
 def test_lora_inside_a_wrapper_that_returns_only_the_loss():

@@ -767,7 +767,7 @@ class PerExampleNorms:
         Any other forward inside a backward is checkpoint(use_reentrant=True)'s, whose
         recomputed graph is backpropagated by a backward of its own: its hooks measure it like
         any forward, and simple cases audit (tests/test_engine_edge_cases.py); the pass is
-        marked so that where the audit cannot replay it, its refusal says so (``_REENTRANT``).
+        marked so that where the audit cannot replay it, its refusal says so first (``_REENTRANT_LEAD``).
         """
         pass_ = self.passes[-1]
         if torch._C._current_graph_task_id() == -1:
@@ -1182,7 +1182,7 @@ class PerExampleNorms:
                     if "use_reentrant" not in str(err):
                         raise
                     raise UnsupportedModuleError(
-                        "noisescale's audit could not replay this step's backward" + _REENTRANT
+                        f"{_REENTRANT_LEAD} (noisescale's audit could not replay it)"
                     ) from err
 
         return hook
@@ -3119,7 +3119,9 @@ class PerExampleNorms:
                 except UnsupportedModuleError as err:
                     if not pass_.reentrant:
                         raise
-                    raise UnsupportedModuleError(f"{err}{_REENTRANT}") from err
+                    raise UnsupportedModuleError(
+                        f"{_REENTRANT_LEAD} (what the engine met there: {err})"
+                    ) from err
         # an audited step runs eagerly, in compiled models too
         self._eager_steps.want(
             self._compiled_eagerly
@@ -3513,10 +3515,11 @@ class PerExampleNorms:
         return out
 
 
-_REENTRANT = (
-    " — this step ran activation checkpointing with use_reentrant=True, which recomputes the "
-    "forward and backpropagates it in a backward of its own, out of the audit's reach. Use "
-    "torch.utils.checkpoint(..., use_reentrant=False) (in transformers: "
+# the cause first: what the engine met in a reentrant recomputation follows from it
+_REENTRANT_LEAD = (
+    "this step ran activation checkpointing with use_reentrant=True, which recomputes the "
+    "forward and backpropagates it in a backward of its own, out of the per-example engine's "
+    "reach. Use torch.utils.checkpoint(..., use_reentrant=False) (in transformers: "
     "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
     "False}), its default), or per_example=False"
 )
