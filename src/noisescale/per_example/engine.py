@@ -767,7 +767,8 @@ class PerExampleNorms:
         Any other forward inside a backward is checkpoint(use_reentrant=True)'s, whose
         recomputed graph is backpropagated by a backward of its own: its hooks measure it like
         any forward, and simple cases audit (tests/test_engine_edge_cases.py); the pass is
-        marked so that where the audit cannot replay it, its refusal says so first (``_REENTRANT_LEAD``).
+        marked so that where the audit cannot replay it, its refusal says so first
+        (``_REENTRANT_LEAD``).
         """
         pass_ = self.passes[-1]
         if torch._C._current_graph_task_id() == -1:
