@@ -68,9 +68,11 @@ def _plain_history(
     ks: list[int],
     lrs: list[float] | None = None,
     clip: float | None = CLIP,
+    watch: bool = False,
     **tracker_kwargs,
 ) -> list[dict]:
-    """A plain loop: ks[t] micro-batches in step t, tracker before clipping, SGD at lrs[t]."""
+    """A plain loop: ks[t] micro-batches in step t, tracker before clipping, SGD at lrs[t];
+    ``watch``: each micro-batch's loss passed to ``tracker.watch_loss`` (its division measured)."""
     x_all, y_all = _data()
     model = _Wrapped(_net())
     model.load_state_dict(init)
@@ -86,7 +88,10 @@ def _plain_history(
         for _ in range(k):
             x, y = batches[pos % len(batches)]
             pos += 1
-            loss = F.cross_entropy(model(x), y) / k
+            raw = F.cross_entropy(model(x), y)
+            if watch:
+                tracker.watch_loss(raw)
+            loss = raw / k
             loss.backward()
             total += loss.detach()
         tracker.step(loss=total)
@@ -176,6 +181,35 @@ def test_lightning_matches_plain_loop_before_clipping():
     assert got[0]["sqnorm_big"] == pytest.approx(
         _plain_history(init, [2], clip=None)[0]["sqnorm_big"]
     )
+
+
+@needs_lightning
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_short_last_window_is_measured():
+    """12 batches with accumulate_grad_batches=5: windows of 5, 5 and 2. Lightning divides
+    every loss by 5, the short window's too; the callback measures that division (it used to
+    assume the window's own count, 2, and read |G|² and tr Σ (2/5)² = 0.16× the truth). The
+    records equal a plain loop's that divides each step by its own count. A training_step
+    that returns None (its batch skipped) in a step of its own is left out, not a crash."""
+    model = _lit_model()
+    init = copy.deepcopy(model.state_dict())
+    callback = LightningCallback(sync_every=1, log_every=0, per_example_fraction=1.0)
+    _lit_trainer(callback, max_epochs=1, accumulate_grad_batches=5).fit(model, _loader())
+    got = callback.tracker.history
+    want = _plain_history(init, [5, 5, 2], clip=None, watch=True)
+    assert [h["b_big"] for h in got] == [40, 40, 16]
+    for g, w in zip(got, want, strict=True):
+        for key in ("sqnorm_big", "g2", "trace_sigma"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-9), key
+
+    class SkipsOne(type(_lit_model())):
+        def training_step(self, batch, batch_idx):
+            return None if batch_idx == 1 else super().training_step(batch, batch_idx)
+
+    model = SkipsOne()
+    callback = LightningCallback(sync_every=1, log_every=0, per_example_fraction=1.0)
+    _lit_trainer(callback, max_steps=4).fit(model, _loader())
+    assert callback.tracker.steps == 3 and len(callback.tracker.history) == 3
 
 
 @needs_lightning

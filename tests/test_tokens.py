@@ -451,6 +451,54 @@ def test_the_multiplier_on_the_loss_is_measured_not_assumed():
             assert a["b_simple"] == pytest.approx(b["b_simple"], rel=1e-9, nan_ok=True)
 
 
+def test_a_short_last_window_is_left_out_unless_its_division_is_measured():
+    """Windows of 3, 3 and 1 micro-batches, each loss divided by 3 (the usual loop, and
+    accelerate's backward): the last step's division cannot be told from the passes (3 or
+    1?) — it is left out with a warning; with ``watch_loss`` it is measured and recorded, equal
+    to a loop that divides each step by its own count."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    model.double()
+    g = torch.Generator().manual_seed(1)
+    data = [
+        (
+            torch.randn(4, 6, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (4,), generator=g),
+        )
+        for _ in range(7)
+    ]
+    windows = [3, 3, 1]
+
+    def run(divisor, watch: bool) -> tuple[list[dict], list[str]]:
+        tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0, sync_every=1)
+        it = iter(data)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for k in windows:
+                for _ in range(k):
+                    x, y = next(it)
+                    loss = F.cross_entropy(model(x), y)
+                    if watch:
+                        tracker.watch_loss(loss)
+                    (loss / divisor(k)).backward()
+                tracker.step()
+                model.zero_grad()
+        tracker.remove()
+        return tracker.history, [str(w.message) for w in caught if "noisescale" in str(w.message)]
+
+    want, _ = run(lambda k: k, watch=True)
+    assert len(want) == 3
+    for divisor in (lambda k: 3, lambda k: k):  # unwatched, either is possible: left out
+        got, said = run(divisor, watch=False)
+        assert len(got) == 2 and any("short last window" in w for w in said), said
+    for watch, divisor in ((True, lambda k: 3), (True, lambda k: 1)):
+        got, said = run(divisor, watch)
+        assert len(got) == 3 and not any("short last window" in w for w in said)
+        for a, b in zip(got, want, strict=True):
+            for key in ("sqnorm_big", "g2", "trace_sigma"):
+                assert a[key] == pytest.approx(b[key], rel=1e-9), key
+
+
 def test_watcher_leaves_the_model_as_it_was(lm):
     model = lm["model"]
     before = model.loss_function

@@ -231,14 +231,15 @@ class TokenWatcher:
 
         loss.register_hook(hook)
 
-    def watch_loss(self, loss: Any) -> None:
+    def watch_loss(self, loss: Any, divided_by: float = 1.0) -> None:
         """Measure the multiplier the step puts on ``loss``, a micro-batch's loss about to be
-        scaled and backpropagated (:meth:`~noisescale.GradientNoiseTracker.watch_loss`)."""
+        scaled and backpropagated (:meth:`~noisescale.GradientNoiseTracker.watch_loss`);
+        ``divided_by``: what it was already divided by."""
         if not isinstance(loss, Tensor) or loss.dim() != 0 or not loss.requires_grad:
             return
         pass_ = self._current_pass()
         if pass_ is not None and torch.is_grad_enabled():
-            self._measure_multiplier(pass_, loss)
+            self._measure_multiplier(pass_, loss, divided_by)
 
     def wrap_label_smoother(self, smoother: Callable) -> Callable:
         """The ``transformers`` Trainer's ``LabelSmoother`` (``label_smoothing_factor``),
@@ -291,7 +292,7 @@ class TokenWatcher:
         return label_smoother
 
     @staticmethod
-    def _measure_multiplier(pass_: Any, loss: Tensor) -> None:
+    def _measure_multiplier(pass_: Any, loss: Tensor, divided_by: float = 1.0) -> None:
         """Hook a loss the model computed itself (not through its ``loss_function``): the
         gradient that reaches it in the backward is the multiplier the step put on it — 1/k
         with k accumulation micro-batches, 1 where the Trainer leaves the division to a loss
@@ -303,6 +304,8 @@ class TokenWatcher:
             pass_.loss_grad_hook.remove()
 
         def hook(grad: Tensor) -> None:
+            if divided_by != 1.0:
+                grad = grad / divided_by
             pass_.loss_grad = grad if pass_.loss_grad is None else pass_.loss_grad + grad
 
         pass_.loss_grad_hook = loss.register_hook(hook)

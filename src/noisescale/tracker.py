@@ -358,6 +358,10 @@ class GradientNoiseTracker:
         # set by the transformers callback (noisescale.integrations.transformers): what
         # computes the loss outside the model under the Trainer, if anything (for messages)
         self._trainer_loss_outside: str | None = None
+        # the previous step's micro-batches, and whether this step's divisor is unknown
+        # (_weights_of: a short window without a measured multiplier)
+        self._passes_before = 0
+        self._divisor_unknown = False
         if self.history_path is not None:
             self._start_history_file()
 
@@ -403,6 +407,9 @@ class GradientNoiseTracker:
         norms, definition, tokens = self._weights_of(passes, scale)
         self._check_definition(definition)
         self._schedule_next()
+        if self._divisor_unknown:
+            self._leave_out_short_window(len(passes))
+            return
         observations = {}
         with torch.no_grad():
             for source in self._sources:
@@ -454,6 +461,23 @@ class GradientNoiseTracker:
             self._unmeasured = state_mod.NOTHING_UNMEASURED
         if len(self._pending) >= self.sync_every:
             self.sync()
+
+    def _leave_out_short_window(self, k: int) -> None:
+        """A step with fewer micro-batches than the one before and no measured multiplier:
+        whether its losses were divided by its own count or by the full one cannot be told
+        (either reads |G|² and tr Σ (k'/k)² apart), so it is left out, with a warning. Under
+        data parallelism every process leaves it out alike, before the step's all-reduce, where
+        the processes hold the same number of micro-batches (as every step's collective
+        needs)."""
+        message = (
+            f"a step had {k} accumulation micro-batches where the step before had more (an "
+            "epoch's short last window?), and noisescale cannot tell whether their losses were "
+            f"divided by {k} or by the full count, as most loops, Lightning and accelerate's "
+            "backward do; the step is left out. To have the division measured, pass each "
+            "micro-batch's loss to tracker.watch_loss(loss) before dividing it (a Hugging Face "
+            "model's own loss, labels=, is measured without it)"
+        )
+        self._warn_once("short-window", message)
 
     def _refuse(self, message: str) -> NoReturn:
         """Refuse a setting in the constructor, leaving no hook on the model."""
@@ -552,7 +576,7 @@ class GradientNoiseTracker:
         if pass_.units is None or from_labels:  # (the user's count over the labels= one)
             pass_.units = PassUnits(counts, "token", "count_tokens")
 
-    def watch_loss(self, loss: Tensor) -> None:
+    def watch_loss(self, loss: Tensor, divided_by: float = 1.0) -> None:
         """Measure how the step scales this micro-batch's loss before backpropagating it.
 
         Call right after computing the loss of a forward of the tracked model, before
@@ -562,8 +586,15 @@ class GradientNoiseTracker:
         does not divide, a loss scale — instead of the assumed 1/k (``"mean"``,
         ``"token_mean"``) or 1 (``"sum"``, ``"num_items_in_batch"``). |G|² and tr Σ depend on
         it; B_simple does not. A Hugging Face model's own loss (``labels=``) is measured without
-        this call, and the Trainer's callback calls it on what ``compute_loss`` returns."""
-        self._tokens.watch_loss(loss)
+        this call, and the Trainer's callback calls it on what ``compute_loss`` returns.
+
+        ``divided_by``: what ``loss`` was already divided by, for a framework that hands over
+        the loss after its own division (Lightning's callback passes
+        ``accumulate_grad_batches``). Where nothing is measured and a step has fewer
+        micro-batches than the step before (an epoch's short last accumulation window, which
+        most loops still divide by the full count), the divisor cannot be told: the step is
+        left out, with a warning."""
+        self._tokens.watch_loss(loss, divided_by)
 
     def wrap_label_smoother(self, smoother: Any) -> Any:
         """The ``transformers`` Trainer's ``label_smoother``, its weights measured
@@ -623,9 +654,15 @@ class GradientNoiseTracker:
         outer: list[Any] = [
             p.loss_grad.detach().double() / scale for p in passes if p.loss_grad is not None
         ]
+        self._divisor_unknown = False
         if len(outer) != k:
             per_mean = 1.0 / k
-            outer = [per_mean if self.loss_reduction in ("mean", "token_mean") else 1.0] * k
+            divided = self.loss_reduction in ("mean", "token_mean")
+            outer = [per_mean if divided else 1.0] * k
+            # fewer micro-batches than the step before: an epoch's short last window, which
+            # loops (and Lightning, accelerate) usually still divide by the full count
+            self._divisor_unknown = divided and k < self._passes_before
+        self._passes_before = k
         if declared:
             if not counted:
                 raise NoiseScaleInputError(

@@ -172,6 +172,11 @@ class NoiseScaleCallback(pl.Callback):
     ) -> None:
         # Lightning has already divided each micro-batch's loss by accumulate_grad_batches, so
         # the sum over the step's micro-batches is the step's mean loss (kept on the device).
+        # That division is by the full count even in an epoch's short last window: the
+        # tracker measures it rather than assume the window's own count (manual optimisation
+        # hands over the user's loss, divided or not: there it is assumed as in a plain loop)
+        if pl_module.automatic_optimization:
+            self._require_tracker().watch_loss(loss, divided_by=trainer.accumulate_grad_batches)
         loss = loss.detach()
         self._loss = loss if self._loss is None else self._loss + loss
 
@@ -179,6 +184,19 @@ class NoiseScaleCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         tracker = self._require_tracker()
+        if self._loss is None and pl_module.automatic_optimization:
+            # training_step returned None for every batch of this step (skipped): no backward
+            # ran, the optimizer has nothing to apply, and there is nothing to measure
+            self._forwards = 0
+            return
+        if not self._forwards and self._stepped:
+            raise NoiseScaleInputError(
+                "a second optimizer step in one training batch (several optimizers stepped in "
+                "one training_step): the tracker measures one optimizer step per batch, the "
+                "gradient of the backward passes before it; step one optimizer per batch (or "
+                "one over all the parameters), or measure with a GradientNoiseTracker in a "
+                "loop of your own, stepping it before the first optimizer step"
+            )
         if not self._forwards:
             where = "the LightningModule" if self.module is None else f"'{self.module}'"
             raise NoiseScaleInputError(
