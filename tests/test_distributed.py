@@ -339,7 +339,23 @@ def _manual_averaging(rank: int) -> dict[str, dict]:
     def summed_from_3(model: nn.Module, step: int) -> None:
         (summed if step >= 3 else mean)(model, step)
 
+    # the averaging overlapped with the last backward: an asynchronous all-reduce started by
+    # each parameter's post-accumulate-grad hook, waited for after the backward
+    pending: list = []
+    last = [False]
+
+    def overlapped(model: nn.Module, step: int) -> None:
+        for work, p in pending:
+            work.wait()
+            p.grad /= size
+        pending.clear()
+
+    def start(p: torch.Tensor) -> None:
+        if last[0]:
+            pending.append((torch.distributed.all_reduce(p.grad, async_op=True), p))
+
     ways = {
+        "mean_overlapped": overlapped,
         "mean": mean,
         "sum": summed,
         "none": lambda model, step: None,
@@ -358,9 +374,13 @@ def _manual_averaging(rank: int) -> dict[str, dict]:
         tracker = noisescale.GradientNoiseTracker(
             model, process_group=world, optimizer=opt, scaler=scaler, sync_every=1
         )
+        if name == "mean_overlapped":
+            for p in model.parameters():
+                p.register_post_accumulate_grad_hook(start)
         refused = None
         for t in range(5):
             for j in range(2):
+                last[0] = j == 1
                 x, y = micro_batch(ACCUM, t % 3, rank, j)
                 loss = F.cross_entropy(model(x), y) / 2
                 (loss if scaler is None else scaler.scale(loss)).backward()
@@ -842,6 +862,7 @@ def test_hand_averaging_is_checked(runs):
     for rank in range(WORLD):
         got = runs[rank]["hand_averaging"]
         assert got["mean"] == {"records": 5, "refused": None}
+        assert got["mean_overlapped"] == {"records": 5, "refused": None}
         assert got["mean_unscaled"] == {"records": 5, "refused": None}
         for name in ("sum", "none", "clipped", "half"):
             assert got[name]["records"] == 0, (name, got[name])

@@ -49,7 +49,6 @@ import operator
 import sys
 import warnings
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -434,8 +433,6 @@ class PerExampleNorms:
         self.steps_collected = 0
         self._audit_due = True
         self._marking: tuple[int | None, list[PassNorms]] = (None, [])  # _mark_backward
-        # on_checked_backward (an OrderedDict: RemovableHandle keeps a weak reference to it)
-        self._checked_backward: OrderedDict[int, Callable[[], None]] = OrderedDict()
         self._audited_signatures: set[tuple] = set()
         self.audit_log: list[str] = []  # what audits found and taught (for messages and tests)
         # torch.compile (noisescale.per_example.compiled): the key that names this engine in a
@@ -1226,9 +1223,6 @@ class PerExampleNorms:
             pass_.grad_prints = prints
         if self._marking[1] is marked:
             self._marking = (None, [])
-        if self.check_scheduled and not any(p.idle for p in marked):
-            for listener in list(self._checked_backward.values()):
-                listener()
 
     @property
     def check_scheduled(self) -> bool:
@@ -1236,16 +1230,6 @@ class PerExampleNorms:
         then one in 1,024), counted in measured steps: the same on every process of a run,
         whatever its batches (an audit a new structure asks for is not counted)."""
         return _audit_scheduled(self.steps_collected + 1)
-
-    def on_checked_backward(self, listener: Callable[[], None]) -> RemovableHandle:
-        """Call ``listener()`` when a backward pass of a measured step the audits' schedule
-        falls on (:attr:`check_scheduled`) has finished — after autograd's final callbacks, so
-        ``.grad`` holds what the backward left, before the training loop changes it (a
-        ``process_group=`` source notes the local gradient there, before the user's
-        averaging)."""
-        handle = RemovableHandle(self._checked_backward)
-        self._checked_backward[handle.id] = listener
-        return handle
 
     def changed_grads(self, allowed: int = 0, unscaled_by: float = 1.0) -> tuple[str, str] | None:
         """A parameter whose ``.grad`` was changed after the step's last backward pass and

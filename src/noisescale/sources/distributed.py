@@ -106,6 +106,24 @@ WIDTH = HEAD + FIELDS * len(SOURCES)
 _PROJECTION_CHUNK = 1 << 22
 
 
+def _project(g: Tensor, step: int, index: int) -> tuple[Tensor, Tensor]:
+    """(⟨g, v⟩, |g|²) in float64 (MPS: float32), with v a standard normal direction drawn
+    from a seed of the step number and the parameter's position — the same on every process
+    (:meth:`DataParallelSource.check_averaged`), in chunks of bounded memory."""
+    dtype = torch.float32 if g.device.type == "mps" else torch.float64
+    gen = torch.Generator(device=g.device)
+    gen.manual_seed((step * 1_000_003 + index) % (1 << 62))
+    flat = g.reshape(-1)
+    proj = torch.zeros((), dtype=dtype, device=g.device)
+    sq = torch.zeros((), dtype=dtype, device=g.device)
+    for start in range(0, flat.numel(), _PROJECTION_CHUNK):
+        x = flat[start : start + _PROJECTION_CHUNK].to(dtype)
+        v = torch.randn(x.shape, generator=gen, device=x.device, dtype=dtype)
+        proj += torch.dot(x, v)
+        sq += torch.dot(x, x)
+    return proj, sq
+
+
 def _column(source: str, field: int) -> int:
     return HEAD + FIELDS * SOURCES.index(source) + field
 
@@ -235,13 +253,14 @@ class DataParallelSource:
         if kind == "fsdp":
             self._install_fsdp()
         else:
-            for p in self.params:
-                self._handles.append(p.register_hook(self._make_local_hook(p, id(p))))
-        # process_group=: the local gradient's random projection, noted when a backward of a
-        # step the audits' schedule falls on has finished (check_averaged)
-        self._local_projection: tuple[int, Tensor, Tensor] | None = None
-        if kind == "manual":
-            self._handles.append(engine.on_checked_backward(self._note_local_projection))
+            for i, p in enumerate(self.params):
+                self._handles.append(p.register_hook(self._make_local_hook(p, id(p), i)))
+        # process_group=, on a step the audits' schedule falls on (check_averaged): the step
+        # being projected, and each parameter's local gradient projected, as its hook last saw
+        # it (this pass's gradient plus .grad before it: before any averaging, even one that
+        # starts while the backward still runs)
+        self._project_step: int | None = None
+        self._projected: dict[int, tuple[Tensor, Tensor]] = {}
 
     @classmethod
     def detect(
@@ -344,6 +363,10 @@ class DataParallelSource:
             return
         if current.idle:  # a step measure_every leaves unmeasured: nothing to read
             return
+        if self.kind == "manual" and self.engine.check_scheduled:
+            step = self.engine.steps_collected + 1
+            if self._project_step != step:
+                self._project_step, self._projected = step, {}
         if not self._checked_caller:
             # a stage created after the tracker: construction could not see it
             self._checked_caller = True
@@ -359,8 +382,15 @@ class DataParallelSource:
         # the local accumulated gradient is read in the last (synchronising) pass of several
         self._armed = lp if lp.index >= 2 and lp.synced else None
 
-    def _make_local_hook(self, target: Tensor, pid: int) -> Callable[[Tensor], None]:
+    def _make_local_hook(
+        self, target: Tensor, pid: int, index: int = -1
+    ) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
+            if self._project_step is not None and not self.engine.is_paused:
+                with torch.no_grad():
+                    prev = target.grad
+                    local = grad.detach() if prev is None else grad.detach() + prev.detach()
+                    self._projected[index] = _project(local, self._project_step, index)
             lp = self._armed
             if lp is None or self.engine.is_paused:
                 return
@@ -379,45 +409,14 @@ class DataParallelSource:
 
     # -- process_group=: is .grad the processes' average? ---------------------------------------
 
-    def _projection(self, step: int) -> tuple[Tensor, Tensor] | None:
-        """(Σ_p ⟨.grad_p, v_p⟩, Σ_p |.grad_p|²) in float64 (MPS: float32), with v_p a standard
-        normal direction drawn from a seed of the step number and the parameter's position —
-        the same on every process; ``None`` when no parameter has a gradient."""
-        proj: Tensor | None = None
-        sq: Tensor | None = None
-        gen: torch.Generator | None = None
-        with torch.no_grad():
-            for i, p in enumerate(self.params):
-                g = p.grad
-                if g is None:
-                    continue
-                dtype = torch.float32 if g.device.type == "mps" else torch.float64
-                if gen is None or gen.device != g.device:
-                    gen = torch.Generator(device=g.device)
-                gen.manual_seed((step * 1_000_003 + i) % (1 << 62))
-                flat = g.detach().reshape(-1)
-                for start in range(0, flat.numel(), _PROJECTION_CHUNK):  # (bounded memory)
-                    x = flat[start : start + _PROJECTION_CHUNK].to(dtype)
-                    v = torch.randn(x.shape, generator=gen, device=x.device, dtype=dtype)
-                    d, n = torch.dot(x, v), torch.dot(x, x)
-                    proj = d if proj is None else proj + d
-                    sq = n if sq is None else sq + n
-        return None if proj is None or sq is None else (proj, sq)
-
-    def _note_local_projection(self) -> None:
-        """At the end of a backward pass of a step the audits' schedule falls on: ``.grad`` is
-        still this process's own (accumulated) gradient, before the user's averaging. The last
-        backward of the step leaves the projection :meth:`check_averaged` compares with."""
-        step = self.engine.steps_collected + 1
-        found = self._projection(step)
-        self._local_projection = None if found is None else (step, *found)
-
     def check_averaged(self, scale: float, grad_scale: float) -> str | None:
         """``process_group=`` on a plain model, on the steps the audits' schedule falls on (1,
         2, 4, …, 1,024, then one in 1,024): whether ``.grad`` is now the mean over the group's
         processes of their local gradients, as eq. A.2 pairs it with them. A random projection
-        of the local gradient, noted when the step's last backward finished, and of ``.grad``
-        now, are summed over the processes in one small all-reduce; the mean of the local ones
+        of the local gradient — each parameter's, noted by its hook when the backward last
+        reached it, before any averaging (also one started from a post-accumulate-grad hook
+        while the backward runs) — and of ``.grad`` now, are summed over the processes in one
+        small all-reduce; the mean of the local ones
         must equal ``.grad``'s, and ``.grad``'s must be the same on every process. Returns what
         is wrong (the same on every process: it is decided from the reduced sums), or ``None``.
         ``scale``: the loss scale in the local gradients; ``grad_scale``: the one left in
@@ -432,14 +431,21 @@ class DataParallelSource:
         if str(dist.get_backend(self.group)) == "fake":
             return None  # torch's test backend: collectives that do not communicate
         step = self.engine.steps_collected + 1
-        noted, self._local_projection = self._local_projection, None
-        now = self._projection(step)
+        noted = self._projected if self._project_step == step else {}
+        self._project_step, self._projected = None, {}
+        now = {
+            i: _project(p.grad.detach(), step, i)
+            for i, p in enumerate(self.params)
+            if p.grad is not None
+        }
         buf = torch.zeros(5, dtype=torch.float64, device=self.device)
-        if noted is not None and noted[0] == step and now is not None:
-            g = now[0] / grad_scale
-            parts = (1.0, noted[1] / scale, noted[2] / scale**2, g, g * g)
+        if noted and set(noted) == set(now):
+            local = sum(x[0].to(buf) for x in noted.values())
+            local_sq = sum(x[1].to(buf) for x in noted.values())
+            g = sum(x[0].to(buf) for x in now.values()) / grad_scale
+            parts = (1.0, local / scale, local_sq / scale**2, g, g * g)
             for i, value in enumerate(parts):
-                buf[i] = value.to(buf) if isinstance(value, Tensor) else value
+                buf[i] = value
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
         had, local, local_sq, mine, mine_sq = buf.tolist()
         w = self.world_size
@@ -471,7 +477,10 @@ class DataParallelSource:
             what = (
                 ".grad is the same on every process but not the mean of their gradients "
                 "(clipped, rescaled or changed after the averaging? averaged over another "
-                "group than process_group=?)"
+                "group than process_group=? reduced in a lower precision than the parameters', "
+                "e.g. through a bf16 buffer, whose rounding the check does not allow: average "
+                "in the parameters' dtype, or use DistributedDataParallel with its compression "
+                "hook)"
             )
         return (
             f"process_group= says the gradients are averaged over the group's {w} processes "
