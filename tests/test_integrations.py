@@ -1023,6 +1023,28 @@ def test_trainer_that_does_not_divide_by_the_accumulation_is_measured(tmp_path):
         _assert_same_record(got, want)
 
 
+def test_the_trainers_multiplication_by_the_processes_is_measured(tmp_path, monkeypatch):
+    """Under DDP with average_tokens_across_devices (the default) the Trainer multiplies the
+    loss by the number of processes, in place, after the model (or compute_loss_func)
+    returned it; that factor is part of what each example weighs. Simulated in one process
+    (the Accelerator says 2 processes: the loss is doubled, nothing averaged), the record is
+    the same as with one: the factor is measured, for a model's own loss and a
+    compute_loss_func alike (a first version watched the loss after the multiplication and
+    read 4×)."""
+    pytest.importorskip("transformers")
+    import accelerate
+
+    def mean_loss(outputs, labels, num_items_in_batch=None):
+        return F.cross_entropy(outputs.logits, labels)
+
+    for kw in ({}, {"compute_loss_func": mean_loss, "loss_reduction": "mean"}):
+        want = _one_step(tmp_path, _bert_classifier(), _Classified(), 1, **kw)
+        with monkeypatch.context() as m:
+            m.setattr(accelerate.Accelerator, "num_processes", property(lambda self: 2))
+            got = _one_step(tmp_path, _bert_classifier(), _Classified(), 1, **kw)
+        _assert_same_record(got, want)
+
+
 def test_a_compute_loss_func_needs_its_reduction_said(tmp_path):
     """The Trainer expects a compute_loss_func to normalise over the step by
     num_items_in_batch; noisescale cannot see how: refused unless loss_reduction says. Said

@@ -407,7 +407,10 @@ def test_the_multiplier_on_the_loss_is_measured_not_assumed():
     records where the multiplier can be measured — a Hugging Face model's own loss (labels=:
     BERT's classifier computes it itself), or a loss of the loop's own passed to
     ``tracker.watch_loss`` — and k² = 4× larger |G|² and tr Σ where it is only assumed (1/k
-    for a mean: the loop's own loss, not watched). B_simple is the same in all."""
+    for a mean: the loop's own loss, not watched). A model's loss that is one term of the loss
+    (0.25 of it, the rest the same loss computed by hand) is not taken for the whole: the
+    records stay the mean loss's (a first version read 1/0.25² = 16×). B_simple is the same
+    in all."""
     transformers.logging.set_verbosity_error()
     cfg = transformers.BertConfig(
         vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -428,6 +431,9 @@ def test_the_multiplier_on_the_loss_is_measured_not_assumed():
             for half in (slice(0, 3), slice(3, 6)):
                 if how == "labels":
                     loss = model(ids[half], labels=y[half]).loss
+                elif how == "a term":  # the model's loss as one term (a distillation's form)
+                    out = model(ids[half], labels=y[half])
+                    loss = 0.25 * out.loss + 0.75 * F.cross_entropy(out.logits, y[half])
                 else:
                     loss = F.cross_entropy(model(ids[half]).logits, y[half])
                     if how == "watched":
@@ -441,7 +447,7 @@ def test_the_multiplier_on_the_loss_is_measured_not_assumed():
     want = run("own", divide=True)
     for how, divide, factor in (
         ("labels", True, 1.0), ("labels", False, 1.0), ("watched", True, 1.0),
-        ("watched", False, 1.0), ("own", False, 4.0),
+        ("watched", False, 1.0), ("own", False, 4.0), ("a term", True, 1.0),
     ):  # fmt: skip
         got = run(how, divide)
         for a, b in zip(got, want, strict=True):

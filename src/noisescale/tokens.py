@@ -239,7 +239,7 @@ class TokenWatcher:
             return
         pass_ = self._current_pass()
         if pass_ is not None and torch.is_grad_enabled():
-            self._measure_multiplier(pass_, loss, divided_by)
+            self._measure_multiplier(pass_, loss, divided_by, explicit=True)
 
     def wrap_label_smoother(self, smoother: Callable) -> Callable:
         """The ``transformers`` Trainer's ``LabelSmoother`` (``label_smoothing_factor``),
@@ -292,16 +292,24 @@ class TokenWatcher:
         return label_smoother
 
     @staticmethod
-    def _measure_multiplier(pass_: Any, loss: Tensor, divided_by: float = 1.0) -> None:
+    def _measure_multiplier(
+        pass_: Any, loss: Tensor, divided_by: float = 1.0, explicit: bool = False
+    ) -> None:
         """Hook a loss the model computed itself (not through its ``loss_function``): the
         gradient that reaches it in the backward is the multiplier the step put on it — 1/k
         with k accumulation micro-batches, 1 where the Trainer leaves the division to a loss
         normalised over the step (``num_items_in_batch``) that this model does not apply, a
         loss scale — so that the weights ``loss_reduction`` gives within the loss are scaled
         by what was measured, not by an assumed 1/k. The outermost model's loss counts (a
-        model inside another returns first; its hook is replaced)."""
+        model inside another returns first; its hook is replaced). ``explicit``: the loss was
+        passed to ``watch_loss`` — it is the whole micro-batch loss, and a model's loss seen
+        returned afterwards (or before) does not replace it; a model's loss seen returned may
+        be one term of a larger loss, and the tracker takes less from it (``_weights_of``)."""
+        if pass_.loss_grad_explicit and not explicit:
+            return
         if pass_.loss_grad_hook is not None:
             pass_.loss_grad_hook.remove()
+        pass_.loss_grad, pass_.loss_grad_explicit = None, explicit
 
         def hook(grad: Tensor) -> None:
             if divided_by != 1.0:

@@ -358,6 +358,9 @@ class GradientNoiseTracker:
         # set by the transformers callback (noisescale.integrations.transformers): what
         # computes the loss outside the model under the Trainer, if anything (for messages)
         self._trainer_loss_outside: str | None = None
+        # the Trainer's callback, where a model's returned loss is the whole micro-batch loss
+        # (Trainer.compute_loss not overridden): its measured multiplier is taken as it is
+        self._trust_returned_loss = False
         # the previous step's micro-batches, and whether this step's divisor is unknown
         # (_weights_of: a short window without a measured multiplier)
         self._passes_before = 0
@@ -651,17 +654,27 @@ class GradientNoiseTracker:
         # loss itself and it was backpropagated, or the Trainer's compute_loss returned it (the
         # gradient that reached it), else what loss_reduction says: 1/k for the means, 1 for
         # the sums
-        outer: list[Any] = [
-            p.loss_grad.detach().double() / scale for p in passes if p.loss_grad is not None
-        ]
-        self._divisor_unknown = False
-        if len(outer) != k:
-            per_mean = 1.0 / k
-            divided = self.loss_reduction in ("mean", "token_mean")
-            outer = [per_mean if divided else 1.0] * k
-            # fewer micro-batches than the step before: an epoch's short last window, which
-            # loops (and Lightning, accelerate) usually still divide by the full count
-            self._divisor_unknown = divided and k < self._passes_before
+        divided = self.loss_reduction in ("mean", "token_mean")
+        assumed = 1.0 / k if divided else 1.0
+        outer: list[Any] = [assumed] * k
+        trusted = False
+        if all(p.loss_grad is not None for p in passes):
+            outer, trusted = [], True
+            for p in passes:
+                m = p.loss_grad.detach().double() / scale
+                if not (p.loss_grad_explicit or self._trust_returned_loss):
+                    # a model's own loss, seen returned: it may be one term of the loss
+                    # backpropagated (α·loss + (1 − α)·distillation), whose multiplier is not
+                    # the examples'. Only "not divided" (1) is taken from it — a loop, or the
+                    # Trainer, that does not divide by the accumulation; anything else keeps
+                    # the assumption (on the device: no host read)
+                    m = torch.where((m - 1.0).abs() <= 1e-6, torch.ones_like(m), assumed)
+                    trusted = False
+                outer.append(m)
+        # fewer micro-batches than the step before (an epoch's short last window, which loops,
+        # Lightning and accelerate usually still divide by the full count) and no multiplier
+        # known: left out (step())
+        self._divisor_unknown = divided and k < self._passes_before and not trusted
         self._passes_before = k
         if declared:
             if not counted:

@@ -564,6 +564,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
             getattr(trainer, "compute_loss_func", None) is not None
             and "loss_reduction" not in self.tracker_kwargs
         ):
+            self._release()  # (no tracker left on the model)
             raise NoiseScaleInputError(
                 "the Trainer has a compute_loss_func, whose loss noisescale cannot see into: "
                 "the Trainer takes the labels out of the batch before the model's forward "
@@ -578,15 +579,37 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
                 "callback.tracker.count_tokens(labels)"
             )
         tracker = self.tracker
-        compute_loss = trainer.compute_loss
+        from transformers import Trainer
 
-        def watched(*a: Any, **kw: Any) -> Any:
-            out = compute_loss(*a, **kw)
-            tracker.watch_loss(out[0] if isinstance(out, tuple) else out)
-            return out
+        if type(trainer).compute_loss is Trainer.compute_loss:
+            # the Trainer's own compute_loss: the model's returned loss is the micro-batch's
+            # whole loss, and its hook sees the gradient before compute_loss multiplies it in
+            # place by the processes (average_tokens_across_devices), which is part of the
+            # multiplier
+            tracker._trust_returned_loss = True
+        else:
+            # an override: what it returns is the micro-batch's loss (a model's loss in it may
+            # be one term of it)
+            compute_loss = trainer.compute_loss
 
-        self._restore.append((trainer, "compute_loss", trainer.__dict__.get("compute_loss")))
-        trainer.compute_loss = watched
+            def watched(*a: Any, **kw: Any) -> Any:
+                out = compute_loss(*a, **kw)
+                tracker.watch_loss(out[0] if isinstance(out, tuple) else out)
+                return out
+
+            self._restore.append((trainer, "compute_loss", trainer.__dict__.get("compute_loss")))
+            trainer.compute_loss = watched
+        loss_func = getattr(trainer, "compute_loss_func", None)
+        if loss_func is not None:
+            # watched as it returns, before compute_loss multiplies it in place
+
+            def watched_func(*a: Any, **kw: Any) -> Any:
+                out = loss_func(*a, **kw)
+                tracker.watch_loss(out)
+                return out
+
+            self._restore.append((trainer, "compute_loss_func", loss_func))
+            trainer.compute_loss_func = watched_func
         smoother = getattr(trainer, "label_smoother", None)
         if smoother is not None:
             trainer.label_smoother = tracker.wrap_label_smoother(smoother)

@@ -299,6 +299,9 @@ class PassNorms:
     # accumulation divisor or none, a loss scale, the Trainer's own scaling); and its hook
     loss_grad: Tensor | None = None
     loss_grad_hook: Any = None
+    # the loss was passed to watch_loss (it is the whole micro-batch loss), not only seen
+    # returned by a model (it may be one term of a larger loss)
+    loss_grad_explicit: bool = False
     # tokens per example counted from the labels= of a model that computed its loss itself (the
     # case of ``units_error``), [N] float64
     label_counts: Tensor | None = None
