@@ -505,6 +505,41 @@ def test_a_short_last_window_is_left_out_unless_its_division_is_measured():
                 assert a[key] == pytest.approx(b[key], rel=1e-9), key
 
 
+def test_two_forwards_in_one_backward_over_tokens_is_refused():
+    """Two forwards of a causal LM with labels=, one backward of (loss1 + loss2) / 2: each
+    loss's token weights are measured per backward pass, and two cannot be combined into one.
+    Until 2026-12-03 the merged pass lost them and the step was measured as a mean over
+    sequences, without a word. Each loss backpropagated in turn is measured per token."""
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.GPT2Config(
+        vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=16, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).double()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 40, (8, 10), generator=g)
+    mask = torch.arange(10)[None] < torch.randint(3, 11, (8,), generator=g)[:, None]
+    labels = torch.where(mask, ids, -100)
+
+    def loss(h: slice) -> torch.Tensor:
+        return model(ids[h], attention_mask=mask[h].long(), labels=labels[h]).loss
+
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    ((loss(slice(0, 4)) + loss(slice(4, 8))) / 2).backward()
+    with pytest.raises(NoiseScaleInputError, match="2 forward passes of the model were"):
+        tracker.step()
+    tracker.remove()
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    for h in (slice(0, 4), slice(4, 8)):
+        (loss(h) / 2).backward()
+    tracker.step()
+    assert tracker.definition == "token"
+    assert tracker.history[-1]["tokens"] == float((labels[:, 1:] != -100).sum())
+    tracker.remove()
+
+
 def test_watcher_leaves_the_model_as_it_was(lm):
     model = lm["model"]
     before = model.loss_function

@@ -3800,6 +3800,19 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
         merged.ambiguous = [u for p in group for u in p.ambiguous]
         merged.coupled = next((p.coupled for p in group if p.coupled), None)
         merged.loss_unfollowed = next((p.loss_unfollowed for p in group if p.loss_unfollowed), None)
+        # how the losses weigh the examples: one loss's weights per backward are measured (or
+        # counted); several forwards' in one backward cannot be combined into one pass's
+        if any(p.units is not None for p in group):
+            merged.units_error = (
+                f"{len(group)} forward passes of the model were backpropagated by one backward "
+                "(e.g. (loss1 + loss2).backward()) and their losses weigh tokens (a Hugging "
+                "Face model's labels=, count_tokens): noisescale reads one loss's token weights "
+                "per backward pass and cannot combine several. Call backward() on each "
+                "forward's loss in turn (gradient accumulation), or run the examples in one "
+                "forward"
+            )
+        else:
+            merged.units_error = next((p.units_error for p in group if p.units_error), None)
         if any(p.rows is not None or p.skipped for p in group) and not merged.skipped:
             offset, taken = 0, []
             for p in group:
