@@ -390,7 +390,9 @@ def test_step_with_fewer_micro_batches_than_the_drawn_position():
     def step(micro_batches):
         model.zero_grad()
         for _ in range(micro_batches):
-            F.mse_loss(model(torch.randn(8, 6)), torch.randn(8, 2)).backward()
+            loss = F.mse_loss(model(torch.randn(8, 6)), torch.randn(8, 2))
+            tracker.watch_loss(loss)  # (else a step of fewer micro-batches is left out)
+            loss.backward()
         tracker.step()
         return tracker.history[-1]
 

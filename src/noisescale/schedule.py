@@ -643,7 +643,13 @@ class AdaptiveBatchSize(_Realisation):
         if source is None or s.step - s.last_decision < self.interval:
             return False
         estimate = source if isinstance(source, NoiseEstimate) else source.estimate()
-        return self.decide(estimate)
+        changed = self.decide(estimate)
+        expect = getattr(source, "expect_micro_batches", None)
+        if changed and expect is not None:
+            # the loop divides by loss_divisor from the next step: fewer micro-batches there
+            # are this schedule's, not an epoch's short last window (which the tracker leaves out)
+            expect(self.num_micro_batches)
+        return changed
 
     def decide(self, estimate: NoiseEstimate) -> bool:
         """Decide now from ``estimate`` (normally :meth:`step` calls this every ``interval``).

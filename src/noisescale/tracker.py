@@ -599,6 +599,13 @@ class GradientNoiseTracker:
         left out, with a warning."""
         self._tokens.watch_loss(loss, divided_by)
 
+    def expect_micro_batches(self, k: int) -> None:
+        """Say that from the next step the loop accumulates ``k`` micro-batches and divides
+        each one's loss by ``k`` (:class:`~noisescale.schedule.AdaptiveBatchSize` calls it when
+        it changes the accumulation): a step of ``k`` after steps of more is then not taken for
+        an epoch's short last window, whose divisor is unknown and which is left out."""
+        self._passes_before = int(k)
+
     def wrap_label_smoother(self, smoother: Any) -> Any:
         """The ``transformers`` Trainer's ``label_smoother``, its weights measured
         (:meth:`noisescale.tokens.TokenWatcher.wrap_label_smoother`; the Trainer's callback
