@@ -1045,6 +1045,41 @@ def test_the_trainers_multiplication_by_the_processes_is_measured(tmp_path, monk
         _assert_same_record(got, want)
 
 
+class _KwargsModel(nn.Module):
+    """A model of one's own whose forward takes **kwargs: the Trainer then passes it
+    num_items_in_batch and does not divide its loss by the accumulation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _net().double()
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> dict:
+        logits = self.net(x)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+class _Doubles(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        x, y = _data()
+        self.x, self.y = x[:_SEQ].double(), y[:_SEQ]
+
+    def __len__(self) -> int:
+        return _SEQ
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+def test_a_model_of_ones_own_under_the_trainer_is_measured(tmp_path):
+    """Not a Hugging Face model, but its forward takes **kwargs: the Trainer leaves its
+    micro-batch means undivided, and the loss the model returns is watched: 2 × 4 examples give
+    the 1 × 8 record (the assumed 1/k read 4×)."""
+    pytest.importorskip("transformers")
+    want = _one_step(tmp_path, _KwargsModel(), _Doubles(), 1)
+    got = _one_step(tmp_path, _KwargsModel(), _Doubles(), 2)
+    _assert_same_record(got, want)
+
+
 def test_a_compute_loss_func_needs_its_reduction_said(tmp_path):
     """The Trainer expects a compute_loss_func to normalise over the step by
     num_items_in_batch; noisescale cannot see how: refused unless loss_reduction says. Said

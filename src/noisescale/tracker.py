@@ -146,8 +146,9 @@ class GradientNoiseTracker:
             tokens divided by their number, as the ``transformers`` Trainer does). A Hugging
             Face model called with ``labels=`` needs nothing: the weights of its own loss are
             measured (:mod:`noisescale.tokens`). The division by the number of micro-batches
-            is measured wherever it can be — a Hugging Face model's own returned loss, a loss
-            passed to :meth:`watch_loss` — and assumed only elsewhere.
+            is measured wherever it can be — a loss passed to :meth:`watch_loss`, the Trainer's
+            and Lightning's callbacks, a Hugging Face model's own loss left undivided — and
+            assumed only elsewhere.
         per_example: Measure with the module hooks (sub-batches by default, per-example norms
             with ``per_example_fraction``). ``False`` relies on accumulation micro-batches only
             (no layer support needed).
@@ -358,9 +359,6 @@ class GradientNoiseTracker:
         # set by the transformers callback (noisescale.integrations.transformers): what
         # computes the loss outside the model under the Trainer, if anything (for messages)
         self._trainer_loss_outside: str | None = None
-        # the Trainer's callback, where a model's returned loss is the whole micro-batch loss
-        # (Trainer.compute_loss not overridden): its measured multiplier is taken as it is
-        self._trust_returned_loss = False
         # the previous step's micro-batches, and whether this step's divisor is unknown
         # (_weights_of: a short window without a measured multiplier)
         self._passes_before = 0
@@ -477,8 +475,8 @@ class GradientNoiseTracker:
             "epoch's short last window?), and noisescale cannot tell whether their losses were "
             f"divided by {k} or by the full count, as most loops, Lightning and accelerate's "
             "backward do; the step is left out. To have the division measured, pass each "
-            "micro-batch's loss to tracker.watch_loss(loss) before dividing it (a Hugging Face "
-            "model's own loss, labels=, is measured without it)"
+            "micro-batch's loss to tracker.watch_loss(loss) before dividing it (the Trainer's "
+            "and Lightning's callbacks measure it themselves)"
         )
         self._warn_once("short-window", message)
 
@@ -588,8 +586,10 @@ class GradientNoiseTracker:
         the examples within it — 1/k with k micro-batches divided as usual, 1 where the loop
         does not divide, a loss scale — instead of the assumed 1/k (``"mean"``,
         ``"token_mean"``) or 1 (``"sum"``, ``"num_items_in_batch"``). |G|² and tr Σ depend on
-        it; B_simple does not. A Hugging Face model's own loss (``labels=``) is measured without
-        this call, and the Trainer's callback calls it on what ``compute_loss`` returns.
+        it; B_simple does not. The Trainer's and Lightning's callbacks measure it themselves.
+        A Hugging Face model's own loss (``labels=``) is watched without this call, but in a
+        loop of your own it may be one term of the loss backpropagated, so only whether it was
+        left undivided is taken from it.
 
         ``divided_by``: what ``loss`` was already divided by, for a framework that hands over
         the loss after its own division (Lightning's callback passes
@@ -669,7 +669,7 @@ class GradientNoiseTracker:
             outer, trusted = [], True
             for p in passes:
                 m = p.loss_grad.detach().double() / scale
-                if not (p.loss_grad_explicit or self._trust_returned_loss):
+                if not p.loss_grad_explicit:
                     # a model's own loss, seen returned: it may be one term of the loss
                     # backpropagated (α·loss + (1 − α)·distillation), whose multiplier is not
                     # the examples'. Only "not divided" (1) is taken from it — a loop, or the

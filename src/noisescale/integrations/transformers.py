@@ -26,8 +26,9 @@ divided each micro-batch's summed loss by the step's item count, and the micro-b
 up to the step's). It equals the ``loss`` the Trainer logs for that step.
 
 What the Trainer backpropagates. The Trainer divides a micro-batch's loss by the accumulation
-only when it believes the loss is not already normalised over the step; what ``compute_loss``
-returns is watched (:meth:`GradientNoiseTracker.watch_loss`), so the multiplier it put on each
+only when it believes the loss is not already normalised over the step; the loss the model
+returns (with the Trainer's own ``compute_loss``), what an override or a ``compute_loss_func``
+returns, is watched (:meth:`GradientNoiseTracker.watch_loss`), so the multiplier it put on each
 micro-batch's loss is measured, not assumed. Its ``LabelSmoother`` is measured as a model's own
 ``loss_function`` is; a ``compute_loss_func`` needs ``loss_reduction`` (see
 :meth:`NoiseScaleCallback._watch_trainer_loss`).
@@ -163,6 +164,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         self._handles: list[Any] = []
         # the Trainer's attributes replaced while a run is watched: (object, name, previous)
         self._restore: list[tuple[Any, str, Any]] = []
+        self._watch_returned = False  # the model's returned loss is the whole (_on_forward)
         self._optimizer: Any = None
         self._lr_scheduler: Any = None
         self._train_batches: int | None = None
@@ -430,6 +432,8 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
             return
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if isinstance(loss, Tensor) and loss.dim() == 0:
+            if self._watch_returned and self.tracker is not None:
+                self.tracker.watch_loss(loss)
             loss = loss.detach()
             self._loss = loss if self._loss is None else self._loss + loss
             self._losses += 1
@@ -539,12 +543,15 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         (``loss_is_scaled_for_ga``): a model that accepts loss kwargs but computes its loss
         itself (BERT, T5), a ``compute_loss`` override returning a mean, a label smoother,
         would otherwise be assumed divided by k where they are not (|G|² and tr Σ k² too
-        large). So what ``compute_loss`` returns is watched (the gradient that reaches it is
-        the Trainer's multiplier), and the label smoother (``label_smoothing_factor``), which
+        large). So the micro-batch's whole loss is watched where it is computed — the model's
+        returned loss under the Trainer's own ``compute_loss``, an override's return value, a
+        ``compute_loss_func``'s — (the gradient that reaches it is the Trainer's multiplier),
+        and the label smoother (``label_smoothing_factor``), which
         computes a loss over tokens outside the model from labels the model never sees, is
         measured as the model's own ``loss_function`` is. A ``compute_loss_func`` is refused
         unless ``loss_reduction`` says how it weighs the examples."""
         assert self.tracker is not None
+        self._watch_returned = False
         trainer = self._calling_trainer()
         if trainer is None:
             if float(getattr(args, "label_smoothing_factor", 0.0) or 0.0) > 0:
@@ -581,12 +588,17 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         tracker = self.tracker
         from transformers import Trainer
 
-        if type(trainer).compute_loss is Trainer.compute_loss:
+        smoother_or_func = getattr(trainer, "label_smoother", None) or getattr(
+            trainer, "compute_loss_func", None
+        )
+
+        own = type(trainer).compute_loss is Trainer.compute_loss
+        if own:
             # the Trainer's own compute_loss: the model's returned loss is the micro-batch's
-            # whole loss, and its hook sees the gradient before compute_loss multiplies it in
-            # place by the processes (average_tokens_across_devices), which is part of the
-            # multiplier
-            tracker._trust_returned_loss = True
+            # whole loss (unless a label smoother or compute_loss_func computes it), watched as
+            # the model returns it (_on_forward) — before compute_loss multiplies it in place by
+            # the processes (average_tokens_across_devices), which is part of the multiplier
+            self._watch_returned = smoother_or_func is None
         else:
             # an override: what it returns is the micro-batch's loss (a model's loss in it may
             # be one term of it)
@@ -642,6 +654,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
             else:
                 setattr(obj, name, previous)
         self._restore.clear()
+        self._watch_returned = False
         if self.tracker is not None:
             self.tracker.remove()
 
