@@ -377,7 +377,7 @@ def _manual_averaging(rank: int) -> dict[str, dict]:
         if name == "mean_overlapped":
             for p in model.parameters():
                 p.register_post_accumulate_grad_hook(start)
-        refused = None
+        refused, projected = None, []
         for t in range(5):
             for j in range(2):
                 last[0] = j == 1
@@ -385,6 +385,8 @@ def _manual_averaging(rank: int) -> dict[str, dict]:
                 loss = F.cross_entropy(model(x), y) / 2
                 (loss if scaler is None else scaler.scale(loss)).backward()
             average(model, t + 1)
+            # parameters projected in this step's backward: only on the audits' steps (1, 2, 4)
+            projected.append(len(tracker._dist._projected))
             if scaler is not None:
                 scaler.unscale_(opt)
             try:
@@ -399,6 +401,8 @@ def _manual_averaging(rank: int) -> dict[str, dict]:
                 scaler.update()
             opt.zero_grad()
         out[name] = {"records": len(tracker.history), "refused": refused}
+        if name == "mean":
+            out["projected_per_step"] = projected
         tracker.remove()
     dsrc._PROJECTION_CHUNK = 1 << 22
     return out
@@ -862,6 +866,7 @@ def test_hand_averaging_is_checked(runs):
     for rank in range(WORLD):
         got = runs[rank]["hand_averaging"]
         assert got["mean"] == {"records": 5, "refused": None}
+        assert got["projected_per_step"] == [4, 4, 0, 4, 0]  # 4 parameters, steps 1, 2, 4
         assert got["mean_overlapped"] == {"records": 5, "refused": None}
         assert got["mean_unscaled"] == {"records": 5, "refused": None}
         for name in ("sum", "none", "clipped", "half"):

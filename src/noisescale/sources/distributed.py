@@ -363,9 +363,11 @@ class DataParallelSource:
             return
         if current.idle:  # a step measure_every leaves unmeasured: nothing to read
             return
-        if self.kind == "manual" and self.engine.check_scheduled:
+        if self.kind == "manual":
             step = self.engine.steps_collected + 1
-            if self._project_step != step:
+            if not self.engine.check_scheduled:
+                self._project_step, self._projected = None, {}
+            elif self._project_step != step:
                 self._project_step, self._projected = step, {}
         if not self._checked_caller:
             # a stage created after the tracker: construction could not see it
@@ -386,7 +388,11 @@ class DataParallelSource:
         self, target: Tensor, pid: int, index: int = -1
     ) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
-            if self._project_step is not None and not self.engine.is_paused:
+            if (
+                self._project_step == self.engine.steps_collected + 1
+                and not self.engine.is_paused
+                and not self.engine.idle
+            ):
                 with torch.no_grad():
                     prev = target.grad
                     local = grad.detach() if prev is None else grad.detach() + prev.detach()
