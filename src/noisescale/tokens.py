@@ -264,28 +264,14 @@ class TokenWatcher:
             pass_ = self._current_pass()
             if pass_ is None:
                 return out
-            counted = (labels[..., 1:] if shift_labels else labels) != ignore
+            counts = count_units(labels[..., 1:] if shift_labels else labels, ignore)
             unit = "token" if labels.dim() >= 2 else "example"
-            counts = (
-                counted.flatten(1).sum(1, dtype=torch.float64)
-                if counted.dim() >= 2
-                else counted.to(torch.float64)
-            )
             nib = kwargs.get("num_items_in_batch")
             denominator = nib if nib is not None else counts.sum()
             units = PassUnits(counts, unit, "LabelSmoother", denominator, measured=True)
-            if getattr(pass_, "units", None) is not None:
-                pass_.units_error = (
-                    "the Trainer's label smoother and another measured loss ran in one forward "
-                    "pass; noisescale cannot tell how the two losses weigh tokens"
-                )
-                return out
-
-            def hook(grad: Tensor) -> None:
-                units.grad = grad if units.grad is None else units.grad + grad
-
-            out.register_hook(hook)
-            pass_.units = units
+            _attach_measured(
+                pass_, units, out, "the Trainer's label smoother and another measured loss ran"
+            )
             return out
 
         label_smoother.__wrapped__ = smoother  # type: ignore[attr-defined]
@@ -340,20 +326,8 @@ class TokenWatcher:
                 edge = torch.autograd.graph.get_gradient_edge(logits)
                 pass_.loss_inputs.append((edge, tuple(logits.shape)))
             units = self._units(kind, args, kwargs, original)
-            if units is None:
-                return out
-            if getattr(pass_, "units", None) is not None:
-                pass_.units_error = (
-                    "the model's loss_function ran twice in one forward pass; noisescale "
-                    "cannot tell how the two losses weigh tokens"
-                )
-                return out
-
-            def hook(grad: Tensor) -> None:
-                units.grad = grad if units.grad is None else units.grad + grad
-
-            out.register_hook(hook)
-            pass_.units = units
+            if units is not None:
+                _attach_measured(pass_, units, out, "the model's loss_function ran twice")
             return out
 
         loss_function.__wrapped__ = original  # type: ignore[attr-defined]
@@ -393,6 +367,24 @@ class TokenWatcher:
 
 
 _MISSING = object()
+
+
+def _attach_measured(pass_: Any, units: PassUnits, loss: Tensor, twice: str) -> None:
+    """Give the pass the units a loss it computed measures, and hook that loss: the gradient
+    that reaches it is their weight's numerator (:meth:`PassUnits.coefficient`). A pass that
+    has measured units already is refused (``twice``: what ran twice): two losses' token
+    weights cannot be told apart."""
+    if getattr(pass_, "units", None) is not None:
+        pass_.units_error = (
+            f"{twice} in one forward pass; noisescale cannot tell how the two losses weigh tokens"
+        )
+        return
+
+    def hook(grad: Tensor) -> None:
+        units.grad = grad if units.grad is None else units.grad + grad
+
+    loss.register_hook(hook)
+    pass_.units = units
 
 
 def mean_units(total_units: float, total_examples: float) -> float:

@@ -527,15 +527,10 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
 
     def _calling_handler(self) -> CallbackHandler | None:
         """The ``CallbackHandler`` whose ``call_event`` is running this hook, if any."""
-        frame = sys._getframe(1)
-        for _ in range(8):
-            frame = frame.f_back  # type: ignore[assignment]
-            if frame is None:
-                return None
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, CallbackHandler):
-                return owner if any(cb is self for cb in owner.callbacks) else None
-        return None
+        handler = _caller_of_type(CallbackHandler, 8)
+        if handler is None or not any(cb is self for cb in handler.callbacks):
+            return None
+        return handler
 
     def _watch_trainer_loss(self, args: Any) -> None:
         """Measure how the Trainer weighs each micro-batch's loss. The Trainer divides it by
@@ -634,15 +629,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         """The ``transformers.Trainer`` whose method is running this hook, if any."""
         from transformers import Trainer
 
-        frame = sys._getframe(1)
-        for _ in range(12):
-            frame = frame.f_back  # type: ignore[assignment]
-            if frame is None:
-                return None
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, Trainer):
-                return owner
-        return None
+        return _caller_of_type(Trainer, 12)
 
     def _release(self) -> None:
         for handle in self._handles:
@@ -662,6 +649,20 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _caller_of_type(kind: type, depth: int) -> Any | None:
+    """The ``self`` of the nearest of ``depth`` frames above the hook that called this (the
+    hook's caller's caller onwards) that is a ``kind``, if any."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        frame = frame.f_back  # type: ignore[assignment]
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, kind):
+            return owner
+    return None
 
 
 def _length(loader: Any) -> int | None:
