@@ -121,6 +121,22 @@ def _init(rank: int, port: int, timeout_s: float) -> None:
     )
 
 
+def _average_by_hand(model: nn.Module) -> None:
+    """What a loop with process_group= does after its last backward: the mean over WORLD."""
+    for p in model.parameters():
+        torch.distributed.all_reduce(p.grad)
+        p.grad /= WORLD
+
+
+def _optimizer_step(opt: torch.optim.Optimizer, scaler) -> None:
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
+        scaler.update()
+    opt.zero_grad()
+
+
 def _run_scenario(rank: int, setup: str, steps: list) -> dict:
     import warnings
 
@@ -175,16 +191,9 @@ def _run_scenario(rank: int, setup: str, steps: list) -> dict:
                     loss = F.cross_entropy(model(x), y) / k
                     (loss if scaler is None else scaler.scale(loss)).backward()
             if setup == "manual":
-                for p in model.parameters():
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= WORLD
+                _average_by_hand(model)
             tracker.step(loss=loss)
-            if scaler is None:
-                opt.step()
-            else:
-                scaler.step(opt)
-                scaler.update()
-            opt.zero_grad()
+            _optimizer_step(opt, scaler)
         e = tracker.estimate()
         history = tracker.history
     return {
@@ -319,9 +328,7 @@ def _manual_averaging(rank: int) -> dict[str, dict]:
     dsrc._PROJECTION_CHUNK = 7
 
     def mean(model: nn.Module, step: int) -> None:
-        for p in model.parameters():
-            torch.distributed.all_reduce(p.grad)
-            p.grad /= size
+        _average_by_hand(model)
 
     def summed(model: nn.Module, step: int) -> None:
         for p in model.parameters():
@@ -394,12 +401,7 @@ def _manual_averaging(rank: int) -> dict[str, dict]:
             except NoiseScaleInputError as e:
                 refused = f"step {t + 1}: {e}"
                 break
-            if scaler is None:
-                opt.step()
-            else:
-                scaler.step(opt)
-                scaler.update()
-            opt.zero_grad()
+            _optimizer_step(opt, scaler)
         out[name] = {"records": len(tracker.history), "refused": refused}
         if name == "mean":
             out["projected_per_step"] = projected

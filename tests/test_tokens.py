@@ -366,9 +366,8 @@ def test_resume_keeps_the_definition_and_the_tokens(lm):
     assert got.tokens_per_example == pytest.approx(expected.tokens_per_example, rel=1e-12)
 
 
-def test_sequence_classification_loss_is_measured_per_example():
-    """A Hugging Face classifier's loss averages examples: measured from its loss_function, the
-    numbers equal a plain mean loss computed by hand."""
+def _classifier_and_batches(steps: int) -> tuple[torch.nn.Module, list]:
+    """A tiny BERT sequence classifier (3 labels, float64) and ``steps`` batches of 6."""
     transformers.logging.set_verbosity_error()
     cfg = transformers.BertConfig(
         vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -380,8 +379,15 @@ def test_sequence_classification_loss_is_measured_per_example():
     g = torch.Generator().manual_seed(2)
     batches = [
         (torch.randint(0, 40, (6, 9), generator=g), torch.randint(0, 3, (6,), generator=g))
-        for _ in range(4)
+        for _ in range(steps)
     ]
+    return model, batches
+
+
+def test_sequence_classification_loss_is_measured_per_example():
+    """A Hugging Face classifier's loss averages examples: measured from its loss_function, the
+    numbers equal a plain mean loss computed by hand."""
+    model, batches = _classifier_and_batches(4)
     records = []
     for by_labels in (True, False):
         tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
@@ -411,19 +417,7 @@ def test_the_multiplier_on_the_loss_is_measured_not_assumed():
     (0.25 of it, the rest the same loss computed by hand) is not taken for the whole: the
     records stay the mean loss's (a first version read 1/0.25² = 16×). B_simple is the same
     in all."""
-    transformers.logging.set_verbosity_error()
-    cfg = transformers.BertConfig(
-        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=16, num_labels=3,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(cfg).double()
-    g = torch.Generator().manual_seed(2)
-    batches = [
-        (torch.randint(0, 40, (6, 9), generator=g), torch.randint(0, 3, (6,), generator=g))
-        for _ in range(3)
-    ]
+    model, batches = _classifier_and_batches(3)
 
     def run(how: str, divide: bool) -> list[dict]:
         tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
