@@ -451,6 +451,125 @@ def test_the_multiplier_on_the_loss_is_measured_not_assumed():
             assert a["b_simple"] == pytest.approx(b["b_simple"], rel=1e-9, nan_ok=True)
 
 
+def _unlabelled_pool(pool: int = 64):
+    """A tiny Llama sequence classifier (its loss through ``loss_function``, float64) and a pool
+    of sequences a quarter of which are labelled -100 (left out of the loss's mean), with each
+    labelled example's brute-force gradient."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=32, max_position_embeddings=16, num_labels=3,
+        pad_token_id=0,
+    )  # fmt: skip
+    model = transformers.LlamaForSequenceClassification(cfg).double()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 40, (pool, 9), generator=g)
+    y = torch.randint(0, 3, (pool,), generator=g)
+    y[torch.randperm(pool, generator=g)[: pool // 4]] = -100
+    params = list(model.parameters())
+    grads = torch.zeros(pool, sum(p.numel() for p in params), dtype=torch.float64)
+    for i in range(pool):
+        if y[i] != -100:
+            model.zero_grad()
+            F.cross_entropy(model(ids[i : i + 1]).logits, y[i : i + 1]).backward()
+            grads[i] = torch.cat([p.grad.flatten() for p in params])
+    model.zero_grad()
+    return model, ids, y, grads
+
+
+def test_a_classifiers_unlabelled_examples_one_shot_norms():
+    """A classifier's labels of -100: its loss averages the other examples. The one-shot norms
+    of each example's own loss equal brute force for a loss through ``loss_function`` (0 for
+    an example left out; they read (N/counted)² = 2.25× before), with and without
+    ``num_items_in_batch``; a loss computed by hand or by BERT's forward divides by the counted
+    examples unseen by the norms, and is refused with the fix, unless nothing is left out or
+    the loss sums."""
+    model, ids, y, grads = _unlabelled_pool(12)
+    idx = torch.tensor([0, 1, 2, 3, 4, 5])
+    assert 0 < int((y[idx] == -100).sum()) < len(idx)  # (some left out: the point)
+    truth = grads[idx].pow(2).sum(1)
+    for nib in (None, torch.tensor(7.0)):
+        with noisescale.per_example_sqnorms(model) as pe:
+            kwargs = {} if nib is None else {"num_items_in_batch": nib}
+            out = model(ids[idx], labels=y[idx], **kwargs)
+            out.loss.backward()
+        model.zero_grad()
+        torch.testing.assert_close(pe.sqnorms, truth, rtol=1e-6, atol=0.0)
+
+    def by_hand(loss_of, labels):
+        with noisescale.per_example_sqnorms(model) as pe:
+            loss_of(model(ids[idx]).logits, labels).backward()
+        model.zero_grad()
+        return pe.sqnorms
+
+    with pytest.raises(NoiseScaleInputError, match="averaged over the targets it counts"):
+        by_hand(F.cross_entropy, y[idx])
+    weights = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    with pytest.raises(NoiseScaleInputError, match="class weights"):
+        by_hand(lambda z, t: F.cross_entropy(z, t, weight=weights), y[idx].clamp(min=0))
+    full = y[idx].clamp(min=0)  # every example labelled: a mean over the examples, measured
+    with noisescale.per_example_sqnorms(model) as pe:
+        F.cross_entropy(model(ids[idx]).logits, full).backward()
+    model.zero_grad()
+    for i, n in enumerate(pe.sqnorms):
+        model.zero_grad()
+        F.cross_entropy(model(ids[idx][i : i + 1]).logits, full[i : i + 1]).backward()
+        want = sum(float(p.grad.pow(2).sum()) for p in model.parameters())
+        assert float(n) == pytest.approx(want, rel=1e-6)
+    model.zero_grad()
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        F.cross_entropy(model(ids[idx]).logits, y[idx], reduction="sum").backward()
+    model.zero_grad()
+    torch.testing.assert_close(pe.sqnorms, truth, rtol=1e-6, atol=0.0)
+    bert, batches = _classifier_and_batches(1)
+    (bids, by) = batches[0]
+    by = by.clone()
+    by[1] = -100
+    with pytest.raises(NoiseScaleInputError, match="BERT's classifier computes its loss"):
+        with noisescale.per_example_sqnorms(bert):
+            bert(bids, labels=by).loss.backward()
+
+
+def test_a_classifiers_unlabelled_examples_in_the_tracker():
+    """The tracker takes a pass whose loss averages its labelled examples as it is
+    backpropagated: each example fed weighs 1/N, its gradient T_i·g_i rescaled by the pass's
+    N/(counted) — the micro-batch gradient is exactly their mean, so B_simple is the noise
+    scale of the loop per example fed, ≈ B_labelled/p with p the labelled fraction. The loss
+    through ``loss_function`` (measured) and the same loss by hand give the same records, and
+    over 200 steps of 16 the estimate holds B_labelled/p (a quarter left out: 62.4)."""
+    model, ids, y, grads = _unlabelled_pool()
+    lab = y != -100
+    g = grads[lab]
+    mean = g.mean(0)
+    b_labelled = float((g - mean).pow(2).sum(1).mean() / mean.pow(2).sum())
+    truth = b_labelled / float(lab.double().mean())
+
+    def run(how: str, steps: int, mb: int, k: int) -> noisescale.GradientNoiseTracker:
+        tracker = noisescale.GradientNoiseTracker(model, beta=1.0, per_example_fraction=1.0)
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(steps):
+            idx = torch.randint(0, len(y), (mb * k,), generator=gen)
+            for j in range(k):
+                part = idx[j * mb : (j + 1) * mb]
+                if how == "labels":
+                    loss = model(ids[part], labels=y[part]).loss
+                else:
+                    loss = F.cross_entropy(model(ids[part]).logits, y[part])
+                (loss / k).backward()
+            tracker.step()
+            model.zero_grad()
+        tracker.remove()
+        return tracker
+
+    a, b = run("labels", 6, 4, 2).history, run("hand", 6, 4, 2).history
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("b_big", "sqnorm_big", "g2", "trace_sigma"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-9), key
+    e = run("labels", 200, 16, 1).estimate()
+    assert _within_three_sigma(e, truth), (e, truth)
+
+
 def test_a_short_last_window_is_left_out_unless_its_division_is_measured():
     """Windows of 3, 3 and 1 micro-batches, each loss divided by 3 (the usual loop, and
     accelerate's backward): the last step's division cannot be told from the passes (3 or

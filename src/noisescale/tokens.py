@@ -66,6 +66,13 @@ class PassUnits:
             backward reaches it (and for declared counts).
         measured: Whether the weights come from the model's own loss (else from
             ``loss_reduction``).
+        own: Where it differs from ``counts / denominator``: each example's weight in the
+            model's loss per unit of ``grad`` — a classifier's mean over the examples whose
+            label is not -100 gives 1/(their number) to those and 0 to the others, where the
+            tracker takes each example fed as weighing 1/N, its norm rescaled by the
+            micro-batch's N/(counted) (what the step's gradient is made of:
+            ``docs/per_example.md``). The one-shot norms of each example's own loss
+            (:class:`~noisescale.per_example.sqnorms.per_example_sqnorms`) divide by these.
     """
 
     counts: Tensor
@@ -74,6 +81,7 @@ class PassUnits:
     denominator: Tensor | float | None = None
     grad: Tensor | None = None
     measured: bool = False
+    own: Tensor | None = None
 
     def coefficient(self, scale: float) -> Tensor:
         """The weight of one unit in the backpropagated loss, loss scale divided out."""
@@ -204,6 +212,15 @@ class TokenWatcher:
             return
         if loss.dim() == 0:
             self._measure_multiplier(pass_, loss)
+        if (
+            isinstance(labels, Tensor)
+            and labels.dim() == 1
+            and not labels.is_floating_point()
+            and labels.shape[0] == pass_.batch_size
+        ):
+            # a classifier's loss computed in its forward (BERT's CrossEntropyLoss): a mean
+            # over the examples whose label is not -100 (per_example_sqnorms refuses it)
+            pass_.counted_mean = (labels == IGNORE_INDEX).any()
         if not isinstance(labels, Tensor) or labels.dim() < 2:
             return
         name = type(module).__name__
@@ -347,7 +364,15 @@ class TokenWatcher:
             nib = kwargs.get("num_items_in_batch")
             ce = getattr(config, "problem_type", None) == "single_label_classification"
             denominator = nib if (ce and nib is not None) else float(n)
-            return PassUnits(counts, "example", origin, denominator, measured=True)
+            units = PassUnits(counts, "example", origin, denominator, measured=True)
+            if ce and labels.numel() == n:
+                # a mean over the examples whose label is not ignore_index (-100: examples to
+                # leave out), or a sum over them divided by num_items_in_batch
+                counted = (labels.reshape(n) != kwargs.get("ignore_index", IGNORE_INDEX)).to(
+                    device=logits.device, dtype=torch.float64
+                )
+                units.own = counted / (nib if nib is not None else counted.sum())
+            return units
         labels = _arg(args, kwargs, 1, "labels")
         if not isinstance(labels, Tensor) or labels.dim() < 2:
             return None

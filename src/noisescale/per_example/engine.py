@@ -273,6 +273,9 @@ class PassNorms:
     # how the loss combined the examples, when it did (loss_watch.py): refused in _settle
     coupled: str | None = None
     loss_unfollowed: str | None = None  # why its loss could not be followed (withheld)
+    # a device bool: the loss averaged a negative log-likelihood over the targets it counts
+    # (some ignore_index, or class weights), not over the examples (loss_watch.py)
+    counted_mean: Any = None
     # each parameter's (.grad, version) when the pass's backward had finished (changed_grads)
     grad_marks: list[tuple[Any, int] | None] | None = None
     # on the steps audits fall on: each parameter's |.grad|² then too (changed_grads: what no
@@ -3799,6 +3802,9 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
         merged.unsupported = [u for p in group for u in p.unsupported]
         merged.ambiguous = [u for p in group for u in p.ambiguous]
         merged.coupled = next((p.coupled for p in group if p.coupled), None)
+        merged.counted_mean = next(
+            (p.counted_mean for p in group if p.counted_mean is not None), None
+        )
         merged.loss_unfollowed = next((p.loss_unfollowed for p in group if p.loss_unfollowed), None)
         # how the losses weigh the examples: one loss's weights per backward are measured (or
         # counted); several forwards' in one backward cannot be combined into one pass's

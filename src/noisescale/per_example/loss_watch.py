@@ -300,6 +300,8 @@ class LossWatch:
         for t, layout in zip(outs, layouts, strict=False):
             if layout is not None:
                 self.layouts[t] = layout
+        if _name(func) in ("nll_loss_forward", "nll_loss2d_forward"):
+            self._note_counted_mean(func, args, kwargs, known)
         target = args[0] if args and isinstance(args[0], Tensor) else None
         if (
             target is not None
@@ -314,6 +316,28 @@ class LossWatch:
                 f"'aten.{_name(func)}' wrote values computed from the model's outputs into a "
                 "tensor whose memory another tensor of the loss shares"
             )
+
+    def _note_counted_mean(self, func: Any, args: tuple, kwargs: dict, known: list) -> None:
+        """A negative log-likelihood averaged over its targets (``reduction='mean'``) divides
+        by the weight of the targets it counts — those not ``ignore_index``, each times its
+        class weight — not by the examples: a device flag on the pass that it did
+        (:attr:`PassNorms.counted_mean`), which the one-shot norms of each example's own loss
+        refuse (the tracker takes the pass as it is backpropagated: each example fed as
+        weighing 1/N, its norm rescaled by the pass's N/(counted); ``docs/per_example.md``)."""
+        named = _named(func, args, kwargs)
+        t, layout = known[0]
+        if t is not args[0] or not isinstance(layout, Rows) or named.get("reduction", 1) != 1:
+            return
+        target, weight = named.get("target"), named.get("weight")
+        if not isinstance(target, Tensor):
+            return
+        flag = (target == named.get("ignore_index", -100)).any()
+        if isinstance(weight, Tensor):
+            flag = flag | (weight != 1).any()
+        for pass_ in self.passes:
+            if id(pass_) == layout.owner:
+                previous = pass_.counted_mean
+                pass_.counted_mean = flag if previous is None else previous | flag
 
 
 def _storage(t: Tensor) -> int:

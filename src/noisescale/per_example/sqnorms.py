@@ -66,8 +66,12 @@ class per_example_sqnorms:
         assert raw is not None
         units = p.units
         if units is not None and units.measured and units.grad is not None:
-            per_unit = units.coefficient(1.0).to(raw.device)  # one token's weight
-            weight = (per_unit * units.counts.to(raw.device)).to(raw.dtype)  # example i's
+            if units.own is not None:  # a classifier's mean over its examples not labelled -100
+                own_weight = units.grad.detach().to(torch.float64) * units.own
+                weight = own_weight.to(device=raw.device, dtype=raw.dtype)
+            else:
+                per_unit = units.coefficient(1.0).to(raw.device)  # one token's weight
+                weight = (per_unit * units.counts.to(raw.device)).to(raw.dtype)  # example i's
             own = raw / weight.square()
             # an example with no counted token has no loss of its own and no gradient: 0
             return torch.where(weight != 0, own, torch.zeros_like(own))
@@ -82,6 +86,19 @@ class per_example_sqnorms:
                 "yourself from the logits, per example (e.g. the mean over each sequence's "
                 "tokens, then the mean over the examples), or give every example as many "
                 "counted tokens"
+            )
+        if self.loss_reduction == "mean" and p.counted_mean is not None and bool(p.counted_mean):
+            raise NoiseScaleInputError(
+                "the loss is a negative log-likelihood (cross_entropy / nll_loss) averaged over "
+                "the targets it counts — some targets are ignore_index (-100: examples or "
+                "tokens to leave out) or it has class weights — so it divides by their number "
+                "(or their weights' sum), not by the examples, and each example's own loss "
+                "cannot be read from it with loss_reduction='mean'. Use reduction='sum' and "
+                "divide by the number of examples yourself, or reduction='none' and average "
+                "each example's terms (its own mean), then the examples. A Hugging Face model "
+                "whose loss goes through its loss_function (GPT-2, Llama, … called with "
+                "labels=) has these weights measured; BERT's classifier computes its loss "
+                "itself: compute it from the logits as above"
             )
         scale = float(p.batch_size) ** 2 if self.loss_reduction == "mean" else 1.0
         return raw * scale
