@@ -503,11 +503,27 @@ def test_a_classifiers_unlabelled_examples_one_shot_norms():
         model.zero_grad()
         return pe.sqnorms
 
-    with pytest.raises(NoiseScaleInputError, match="averaged over the targets it counts"):
+    with pytest.raises(NoiseScaleInputError, match="targets equal to ignore_index"):
         by_hand(F.cross_entropy, y[idx])
     weights = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
     with pytest.raises(NoiseScaleInputError, match="class weights"):
         by_hand(lambda z, t: F.cross_entropy(z, t, weight=weights), y[idx].clamp(min=0))
+    keep = (y[idx] != -100).double()
+
+    def masked(z, t):  # the same mean over the labelled examples, by a mask
+        per = F.cross_entropy(z, t.clamp(min=0), reduction="none")
+        return (per * keep).sum() / keep.sum()
+
+    with pytest.raises(NoiseScaleInputError, match="a mask's sum"):
+        by_hand(masked, y[idx])
+    # divided by a tensor holding the number of examples: a mean over them, measured
+    full_sum = by_hand(
+        lambda z, t: (
+            F.cross_entropy(z, t.clamp(min=0), reduction="sum") / torch.tensor(float(len(idx)))
+        ),
+        y[idx],
+    )
+    assert bool((full_sum > 0).all())
     full = y[idx].clamp(min=0)  # every example labelled: a mean over the examples, measured
     with noisescale.per_example_sqnorms(model) as pe:
         F.cross_entropy(model(ids[idx]).logits, full).backward()

@@ -302,6 +302,8 @@ class LossWatch:
                 self.layouts[t] = layout
         if _name(func) in ("nll_loss_forward", "nll_loss2d_forward"):
             self._note_counted_mean(func, args, kwargs, known)
+        elif _name(func) in ("div", "true_divide"):
+            self._note_divided_sum(args, known)
         target = args[0] if args and isinstance(args[0], Tensor) else None
         if (
             target is not None
@@ -336,6 +338,21 @@ class LossWatch:
             flag = flag | (weight != 1).any()
         for pass_ in self.passes:
             if id(pass_) == layout.owner:
+                previous = pass_.counted_mean
+                pass_.counted_mean = flag if previous is None else previous | flag
+
+    def _note_divided_sum(self, args: tuple, known: list) -> None:
+        """A sum (or mean) over the examples divided by a tensor computed from the data — a
+        mask's sum, ``(ℓ·m).sum() / m.sum()`` — is a mean over what it counts unless that is
+        the number of examples: flagged as :meth:`_note_counted_mean` does."""
+        if len(known) != 1 or known[0][0] is not args[0] or not isinstance(known[0][1], _Sum):
+            return
+        divisor = args[1] if len(args) > 1 else None
+        if not isinstance(divisor, Tensor) or divisor.numel() != 1:
+            return
+        for pass_ in self.passes:
+            if id(pass_) in known[0][1].owners:
+                flag = (divisor != pass_.batch_size).reshape(())
                 previous = pass_.counted_mean
                 pass_.counted_mean = flag if previous is None else previous | flag
 

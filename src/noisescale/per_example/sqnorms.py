@@ -89,10 +89,10 @@ class per_example_sqnorms:
             )
         if self.loss_reduction == "mean" and p.counted_mean is not None and bool(p.counted_mean):
             raise NoiseScaleInputError(
-                "the loss is a negative log-likelihood (cross_entropy / nll_loss) averaged over "
-                "the targets it counts — some targets are ignore_index (-100: examples or "
-                "tokens to leave out) or it has class weights — so it divides by their number "
-                "(or their weights' sum), not by the examples, and each example's own loss "
+                "the loss is averaged over what it counts, not over the examples — a "
+                "cross_entropy / nll_loss with targets equal to ignore_index (-100: examples or "
+                "tokens to leave out) or with class weights, or a sum divided by a tensor that "
+                "is not the number of examples (a mask's sum) — so each example's own loss "
                 "cannot be read from it with loss_reduction='mean'. Use reduction='sum' and "
                 "divide by the number of examples yourself, or reduction='none' and average "
                 "each example's terms (its own mean), then the examples. A Hugging Face model "
