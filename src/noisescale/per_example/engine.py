@@ -273,8 +273,9 @@ class PassNorms:
     # how the loss combined the examples, when it did (loss_watch.py): refused in _settle
     coupled: str | None = None
     loss_unfollowed: str | None = None  # why its loss could not be followed (withheld)
-    # a device bool: the loss averaged a negative log-likelihood over the targets it counts
-    # (some ignore_index, or class weights), not over the examples (loss_watch.py)
+    # a device bool: the loss averaged over what it counts, not over the examples — a negative
+    # log-likelihood with ignore_index targets or class weights, or a sum divided by a tensor
+    # other than their number (loss_watch.py); per_example_sqnorms refuses it under "mean"
     counted_mean: Any = None
     # each parameter's (.grad, version) when the pass's backward had finished (changed_grads)
     grad_marks: list[tuple[Any, int] | None] | None = None
