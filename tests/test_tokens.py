@@ -491,9 +491,16 @@ def test_a_classifiers_unlabelled_examples_one_shot_norms():
     truth = grads[idx].pow(2).sum(1)
     for nib in (None, torch.tensor(7.0)):
         with noisescale.per_example_sqnorms(model) as pe:
-            kwargs = {} if nib is None else {"num_items_in_batch": nib}
-            out = model(ids[idx], labels=y[idx], **kwargs)
-            out.loss.backward()
+            if nib is None:
+                loss = model(ids[idx], labels=y[idx]).loss
+            else:  # a sum over the labelled examples divided by num_items_in_batch, as
+                # Zamba2's classifier passes it on (Llama's forward does not)
+                logits = model(ids[idx]).logits
+                loss = model.loss_function(
+                    labels=y[idx], pooled_logits=logits, config=model.config,
+                    num_items_in_batch=nib,
+                )  # fmt: skip
+            loss.backward()
         model.zero_grad()
         torch.testing.assert_close(pe.sqnorms, truth, rtol=1e-6, atol=0.0)
 
