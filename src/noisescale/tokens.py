@@ -368,9 +368,8 @@ class TokenWatcher:
             if ce and labels.numel() == n:
                 # a mean over the examples whose label is not ignore_index (-100: examples to
                 # leave out), or a sum over them divided by num_items_in_batch
-                counted = (labels.reshape(n) != kwargs.get("ignore_index", IGNORE_INDEX)).to(
-                    device=logits.device, dtype=torch.float64
-                )
+                ignore = kwargs.get("ignore_index", IGNORE_INDEX)
+                counted = count_units(labels.reshape(n), ignore).to(logits.device)
                 units.own = counted / (nib if nib is not None else counted.sum())
             return units
         labels = _arg(args, kwargs, 1, "labels")

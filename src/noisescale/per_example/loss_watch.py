@@ -336,10 +336,7 @@ class LossWatch:
         flag = (target == named.get("ignore_index", -100)).any()
         if isinstance(weight, Tensor):
             flag = flag | (weight != 1).any()
-        for pass_ in self.passes:
-            if id(pass_) == layout.owner:
-                previous = pass_.counted_mean
-                pass_.counted_mean = flag if previous is None else previous | flag
+        self._mark_counted_mean({layout.owner}, lambda pass_: flag)
 
     def _note_divided_sum(self, args: tuple, known: list) -> None:
         """A sum (or mean) over the examples divided by a tensor computed from the data — a
@@ -350,9 +347,16 @@ class LossWatch:
         divisor = args[1] if len(args) > 1 else None
         if not isinstance(divisor, Tensor) or divisor.numel() != 1:
             return
+        self._mark_counted_mean(
+            known[0][1].owners, lambda pass_: (divisor != pass_.batch_size).reshape(())
+        )
+
+    def _mark_counted_mean(self, owners: Any, flag_of: Any) -> None:
+        """OR ``flag_of(pass)`` (a device bool) into :attr:`PassNorms.counted_mean` of the
+        watched passes among ``owners`` (their ids)."""
         for pass_ in self.passes:
-            if id(pass_) in known[0][1].owners:
-                flag = (divisor != pass_.batch_size).reshape(())
+            if id(pass_) in owners:
+                flag = flag_of(pass_)
                 previous = pass_.counted_mean
                 pass_.counted_mean = flag if previous is None else previous | flag
 
