@@ -554,6 +554,29 @@ def test_a_classifiers_unlabelled_examples_one_shot_norms():
             bert(bids, labels=by).loss.backward()
 
 
+def test_a_counted_mean_in_either_of_two_forwards_in_one_backward_is_refused():
+    """Two forwards' losses added and backpropagated once (one merged pass): a cross-entropy
+    over counted targets in either of them is refused in the one-shot norms (a first version
+    took the first forward's flag only, and read the second's as a mean over its examples)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+    ).double()
+    x = torch.randn(8, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    for left_out in (1, 5):  # in the first forward, in the second
+        labels = y.clone()
+        labels[left_out] = -100
+        with pytest.raises(NoiseScaleInputError, match="targets equal to ignore_index"):
+            with noisescale.per_example_sqnorms(model):
+                first = F.cross_entropy(model(x[:4]), labels[:4])
+                (first + F.cross_entropy(model(x[4:]), labels[4:])).backward()
+        model.zero_grad()
+    with noisescale.per_example_sqnorms(model) as pe:  # nothing left out: measured
+        (F.cross_entropy(model(x[:4]), y[:4]) + F.cross_entropy(model(x[4:]), y[4:])).backward()
+    assert pe.sqnorms.shape == (8,)
+
+
 def test_a_classifiers_unlabelled_examples_in_the_tracker():
     """The tracker takes a pass whose loss averages its labelled examples as it is
     backpropagated: each example fed weighs 1/N, its gradient T_i·g_i rescaled by the pass's

@@ -43,6 +43,7 @@ the examples are along dim 1, and recurrent layers declare their own layout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import operator
@@ -3803,9 +3804,8 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
         merged.unsupported = [u for p in group for u in p.unsupported]
         merged.ambiguous = [u for p in group for u in p.ambiguous]
         merged.coupled = next((p.coupled for p in group if p.coupled), None)
-        merged.counted_mean = next(
-            (p.counted_mean for p in group if p.counted_mean is not None), None
-        )
+        flags = [p.counted_mean for p in group if p.counted_mean is not None]
+        merged.counted_mean = functools.reduce(operator.or_, flags) if flags else None
         merged.loss_unfollowed = next((p.loss_unfollowed for p in group if p.loss_unfollowed), None)
         # how the losses weigh the examples: one loss's weights per backward are measured (or
         # counted); several forwards' in one backward cannot be combined into one pass's
