@@ -7,6 +7,7 @@ and a preconditioner whose weights span many orders of magnitude.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -430,3 +431,69 @@ def test_grad_scaler_unscaling_one_optimizer_of_two_is_refused_as_such():
         r".*'2\.weight' was still scaled",
     ):
         tracker.step()
+
+
+def _sam_perturbation(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """Sharpness-aware minimization's ascent: ρ·g/|g| per parameter, from a copy of the model
+    no tracker sees."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    grads = torch.autograd.grad(F.cross_entropy(twin(x), y), list(twin.parameters()))
+    return [0.05 * g / (g.norm() + 1e-12) for g in grads]
+
+
+@pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}], ids=["default", "exact"])
+def test_sharpness_aware_minimization_measures_its_second_pass_under_paused(kw):
+    """SAM runs two forward/backward passes per step, zeroing .grad between them: taken as two
+    micro-batches of one step it is refused, the message naming ``tracker.paused()``; with the
+    ascent pass under ``paused()`` the records are those of a loop that runs the second pass
+    alone at the perturbed weights."""
+
+    def sam_step(model, opt, tracker, x, y, pause: bool) -> None:
+        with tracker.paused() if pause else contextlib.nullcontext():
+            F.cross_entropy(model(x), y).backward()
+            eps = [0.05 * p.grad / (p.grad.norm() + 1e-12) for p in model.parameters()]
+            opt.zero_grad()
+        ascend(model, eps, 1)
+        F.cross_entropy(model(x), y).backward()
+        ascend(model, eps, -1)
+        tracker.step()
+        opt.step()
+        opt.zero_grad()
+
+    def ascend(model, eps, sign) -> None:
+        with torch.no_grad():
+            for p, e in zip(model.parameters(), eps, strict=True):
+                p.add_(sign * e)
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = noisescale.GradientNoiseTracker(model, **kw)
+    with pytest.raises(NoiseScaleInputError, match=r"tracker\.paused\(\)"):
+        sam_step(model, opt, tracker, *_batch(0), pause=False)
+    assert tracker.steps == 0
+
+    torch.manual_seed(5)
+    sam, sam_opt = _model(), None
+    sam_opt = torch.optim.SGD(sam.parameters(), lr=0.1)
+    sam_tracker = noisescale.GradientNoiseTracker(sam, **kw)
+    for seed in range(6):
+        sam_step(sam, sam_opt, sam_tracker, *_batch(seed), pause=True)
+    torch.manual_seed(5)
+    alone = _model()
+    alone_opt = torch.optim.SGD(alone.parameters(), lr=0.1)
+    alone_tracker = noisescale.GradientNoiseTracker(alone, **kw)
+    for seed in range(6):
+        x, y = _batch(seed)
+        eps = _sam_perturbation(alone, x, y)
+        ascend(alone, eps, 1)
+        F.cross_entropy(alone(x), y).backward()
+        ascend(alone, eps, -1)
+        alone_tracker.step()
+        alone_opt.step()
+        alone_opt.zero_grad()
+    got = [v for r in sam_tracker.history for v in (r["g2"], r["trace_sigma"])]
+    want = [v for r in alone_tracker.history for v in (r["g2"], r["trace_sigma"])]
+    assert len(got) == 12
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-7)

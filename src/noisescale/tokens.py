@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from noisescale.errors import NoiseScaleInputError
+from noisescale.module_hooks import OwnedHook, WrappedLoss
 
 __all__ = ["PassUnits", "TokenWatcher", "count_units"]
 
@@ -175,8 +176,14 @@ class TokenWatcher:
             previous = m.__dict__.get("_loss_function", _MISSING)
             self._wrapped.append((m, previous))
             m.loss_function = self._wrap(original, kind)
-            self._handles.append(m.register_forward_pre_hook(self._on_call, with_kwargs=True))
-            self._handles.append(m.register_forward_hook(self._on_return, with_kwargs=True))
+            # a copy of the model (an EMA, AveragedModel) gets inert hooks and its own
+            # loss_function back (module_hooks)
+            self._handles.append(
+                m.register_forward_pre_hook(OwnedHook(m, self._on_call), with_kwargs=True)
+            )
+            self._handles.append(
+                m.register_forward_hook(OwnedHook(m, self._on_return), with_kwargs=True)
+            )
 
     @property
     def active(self) -> bool:
@@ -347,8 +354,7 @@ class TokenWatcher:
                 _attach_measured(pass_, units, out, "the model's loss_function ran twice")
             return out
 
-        loss_function.__wrapped__ = original  # type: ignore[attr-defined]
-        return loss_function
+        return WrappedLoss(original, loss_function)
 
     @staticmethod
     def _units(kind: str, args: tuple, kwargs: dict, original: Callable) -> PassUnits | None:

@@ -401,7 +401,8 @@ class GradientNoiseTracker:
                 "call optimizer.zero_grad() (or model.zero_grad()) after each optimizer step, "
                 "and create the tracker before the first backward pass: the parameters' .grad "
                 "already held gradients when this step's first backward began, so .grad sums "
-                "several steps and its norm is not this step's big batch"
+                "several steps (or a pass under tracker.paused() left its gradients there: "
+                "zero them before the measured passes) and its norm is not this step's big batch"
             )
         self.steps += 1
         self._remember_grads()
@@ -516,7 +517,9 @@ class GradientNoiseTracker:
             )
         raise NoiseScaleInputError(
             "call tracker.step() once per optimizer step, after loss.backward(): no "
-            "backward pass ran since the last step"
+            "backward pass of the model given to the tracker ran since the last step (a copy "
+            "of it — copy.deepcopy, an EMA, AveragedModel — is not measured: create the "
+            "tracker on the model you train)"
         )
 
     def _check_definition(self, definition: str) -> None:

@@ -63,6 +63,7 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.utils.hooks import RemovableHandle
 
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
+from noisescale.module_hooks import Inert
 from noisescale.per_example import audit as audit_mod
 from noisescale.per_example import compiled, fallback, norms
 from noisescale.per_example import subbatch as subbatch_mod
@@ -321,6 +322,46 @@ class PassNorms:
     compiled_call: bool = False  # the model was called through torch.compile
 
 
+class _ModuleHook:
+    """The engine's hook on one module (:meth:`PerExampleNorms._hook`): ``eager``, or while
+    Dynamo traces it ``traced``. ``owner``, the module it was put on: in a copy of the model
+    that shares it (a shallow ``copy.copy``) it does nothing; deep-copied (``copy.deepcopy``:
+    ``AveragedModel``, an EMA, a twin) or pickled (``torch.save(model)``) it is inert — the
+    copy is not the model measured (:mod:`noisescale.module_hooks`). Before 2026-12-04 the hook
+    was a closure: a copy's forward with gradients on failed with a ``KeyError`` inside the
+    engine, and ``torch.save(model)`` could not pickle it."""
+
+    def __init__(
+        self,
+        engine: PerExampleNorms,
+        eager: Callable,
+        traced: Callable | None,
+        owner: nn.Module | None,
+    ) -> None:
+        self.engine = engine
+        self.eager = eager
+        self.traced = traced
+        self.owner = owner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        engine = self.engine
+        if torch.compiler.is_compiling():
+            if self.traced is not None and engine.compile_blocker is None:
+                return self.traced(*args, **kwargs)
+            compiled.emit_forward(engine._key, "blocked", 0, [], [])
+            return None
+        if self.owner is not None and args[0] is not self.owner:
+            return None  # a copy of the model
+        engine._inside_compiled_call = compiled.in_compiled_call()
+        return self.eager(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> Inert:
+        return Inert()
+
+    def __reduce__(self) -> tuple:
+        return (Inert, ())
+
+
 class PerExampleNorms:
     """The hook engine: per-example squared norms and micro-batch gradient norms per pass.
 
@@ -576,37 +617,34 @@ class PerExampleNorms:
         if not allow_fallback:
             return
 
-    def _hook(self, eager: Callable, traced: Callable | None = None) -> Callable:
+    def _hook(
+        self, eager: Callable, traced: Callable | None = None, owner: nn.Module | None = None
+    ) -> Callable:
         """A module hook: ``eager``, or while Dynamo traces it ``traced`` — the form whose work
         runs inside the compiled graph (:mod:`~noisescale.per_example.compiled`). A hook
         without a traced form, or any hook of a model the traced hooks cannot follow
         (:attr:`compile_blocker`), only reports that the pass ran compiled: the pass is
-        withheld and compiled code then runs eagerly while the engine measures."""
+        withheld and compiled code then runs eagerly while the engine measures.
+
+        ``owner``: the module the hook is put on; in a copy of the model the hook does nothing
+        (:class:`_ModuleHook`)."""
 
         self._eager_hooks.append(eager)
         if self._compile_prepared:
             compiled.skip_frames(eager, recursive=True)
 
-        def hook(*args: Any, **kwargs: Any) -> Any:
-            if torch.compiler.is_compiling():
-                if traced is not None and self.compile_blocker is None:
-                    return traced(*args, **kwargs)
-                compiled.emit_forward(self._key, "blocked", 0, [], [])
-                return None
-            self._inside_compiled_call = compiled.in_compiled_call()
-            return eager(*args, **kwargs)
-
-        return hook
+        return _ModuleHook(self, eager, traced, owner)
 
     def _install(self) -> None:
         self._handles.append(
             self.model.register_forward_pre_hook(
-                self._hook(self._on_model_forward, self._traced_model_forward), with_kwargs=True
+                self._hook(self._on_model_forward, self._traced_model_forward, owner=self.model),
+                with_kwargs=True,
             )
         )
         self._handles.append(
             self.model.register_forward_hook(
-                self._hook(self._on_model_output, self._traced_model_output)
+                self._hook(self._on_model_output, self._traced_model_output, owner=self.model)
             )
         )
         for module in self.model.modules():
@@ -617,31 +655,33 @@ class PerExampleNorms:
                 dim = 1
                 self._handles.append(
                     module.register_forward_pre_hook(
-                        self._hook(lambda m, a, d=dim: self._push_context(d))
+                        self._hook(lambda m, a, d=dim: self._push_context(d), owner=module)
                     )
                 )
                 self._handles.append(
                     module.register_forward_hook(
-                        self._hook(lambda m, a, o: self._pop_context()), always_call=True
+                        self._hook(lambda m, a, o: self._pop_context(), owner=module),
+                        always_call=True,
                     )
                 )
         for module in self._calls:
             if self.subbatches and _by_products(module, self._calls[module][0]):
                 self._handles.append(
                     module.register_forward_pre_hook(
-                        self._hook(self._on_weight_enter, self._traced_weight_enter)
+                        self._hook(self._on_weight_enter, self._traced_weight_enter, owner=module)
                     )
                 )
                 self._handles.append(
                     module.register_forward_hook(
-                        self._hook(self._on_weight_exit, self._traced_weight_exit),
+                        self._hook(self._on_weight_exit, self._traced_weight_exit, owner=module),
                         prepend=True,
                         always_call=True,
                     )
                 )
             self._handles.append(
                 module.register_forward_hook(
-                    self._hook(self._on_forward, self._traced_forward), with_kwargs=True
+                    self._hook(self._on_forward, self._traced_forward, owner=module),
+                    with_kwargs=True,
                 )
             )
         for module in self._scopes:
@@ -661,12 +701,13 @@ class PerExampleNorms:
     def _install_scope(self, module: nn.Module) -> None:
         self._handles.append(
             module.register_forward_pre_hook(
-                self._hook(self._on_scope_enter, self._traced_scope_enter), with_kwargs=True
+                self._hook(self._on_scope_enter, self._traced_scope_enter, owner=module),
+                with_kwargs=True,
             )
         )
         self._handles.append(
             module.register_forward_hook(
-                self._hook(self._on_scope_exit, self._traced_scope_exit),
+                self._hook(self._on_scope_exit, self._traced_scope_exit, owner=module),
                 with_kwargs=True,
                 prepend=True,
                 always_call=True,
@@ -695,8 +736,12 @@ class PerExampleNorms:
             for name, alias in self._unswapped.pop(id(module), []):
                 module._parameters[name] = alias
 
-        self._handles.append(holder.register_forward_pre_hook(self._hook(enter), prepend=True))
-        self._handles.append(holder.register_forward_hook(self._hook(leave), always_call=True))
+        self._handles.append(
+            holder.register_forward_pre_hook(self._hook(enter, owner=holder), prepend=True)
+        )
+        self._handles.append(
+            holder.register_forward_hook(self._hook(leave, owner=holder), always_call=True)
+        )
 
     def remove(self) -> None:
         """Remove every hook; the object keeps what it has measured."""
@@ -1899,8 +1944,8 @@ class PerExampleNorms:
             # one, without the hooks' operators. Graphs compiled from now on check the hooks.
             torch._dynamo.config.skip_nnmodule_hook_guards = False
             self._compile_prepared = True
-            # (this hook's code is every hook's: _hook's inner function)
-            compiled.skip_frames(self._hook(self._on_model_forward), recursive=False)
+            # (every module hook's code: _ModuleHook.__call__)
+            compiled.skip_frames(_ModuleHook.__call__, recursive=False)
             for eager in self._eager_hooks:
                 compiled.skip_frames(eager, recursive=True)
         model = self.model
@@ -2987,7 +3032,9 @@ class PerExampleNorms:
                 f"not between the micro-batches of one step: the gradient of {between!r} was "
                 "zeroed (or changed) between two backward passes of this step, so .grad holds "
                 "only part of the step's gradient and the estimate would be wrong. Nothing of "
-                "this step was recorded"
+                "this step was recorded. A pass that is not part of the step's gradient (the "
+                "ascent pass of sharpness-aware minimization, a probe at other weights) goes "
+                "under `with tracker.paused():`, its gradients zeroed before the measured pass"
             )
         post = [pid for pid, after in changed if after]
         if post:
@@ -3424,9 +3471,13 @@ class PerExampleNorms:
         rule = fallback.rule(self)
         self._calls[module] = (rule, self._labels[module], params)
         self._update_compile_blocker()
-        self._handles.append(module.register_forward_pre_hook(self._hook(fallback.pre_hook(self))))
         self._handles.append(
-            module.register_forward_hook(self._hook(self._on_forward), with_kwargs=True)
+            module.register_forward_pre_hook(self._hook(fallback.pre_hook(self), owner=module))
+        )
+        self._handles.append(
+            module.register_forward_hook(
+                self._hook(self._on_forward, owner=module), with_kwargs=True
+            )
         )
 
     def _on_unverified_flat(

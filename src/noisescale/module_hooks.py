@@ -1,0 +1,84 @@
+"""The hooks noisescale puts on a user's modules, and what becomes of them in a copy of the model.
+
+A copy of a model — ``copy.deepcopy``, and through it ``torch.optim.swa_utils.AveragedModel``,
+timm's ``ModelEma``, Lightning's weight averaging, an EMA teacher, a twin for sharpness-aware
+minimization — takes its modules' hooks with it, and ``torch.save(model)`` pickles them. The copy
+is not the model being measured: its parameters are other tensors, whose gradients never reach
+the measured ones. So a hook noisescale puts on a module acts only when that module runs; a deep
+copy or a pickle of it is a hook that does nothing; and the ``loss_function`` noisescale wraps
+on a Hugging Face model is, in a copy, the model's own again. Before 2026-12-04 a copy's forward
+with gradients on failed with a ``KeyError`` from inside the engine, and a Hugging Face model
+with a tracker could not be copied or pickled at all ("cannot pickle 'AccumulateGrad' object").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Inert", "OwnedHook", "WrappedLoss"]
+
+
+class Inert:
+    """What a noisescale hook becomes in a copy of the model: nothing."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "noisescale.module_hooks.Inert()"
+
+
+class OwnedHook:
+    """A forward (pre-)hook that calls ``fn`` only for the module it was put on, ``owner``;
+    copied (``copy.deepcopy``) or pickled, it is :class:`Inert`. A shallow ``copy.copy`` of a
+    module shares its hooks' dictionary: there the hook sees another module and does nothing.
+
+    Under Dynamo a mismatch is left to ``fn`` (the traced hooks of a compiled model), so the
+    compiled graph sees the same calls as before; in eager mode the check is one ``is``."""
+
+    __slots__ = ("fn", "owner")
+
+    def __init__(self, owner: nn.Module, fn: Callable[..., Any]) -> None:
+        self.owner = owner
+        self.fn = fn
+
+    def __call__(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if module is not self.owner and not torch.compiler.is_compiling():
+            return None
+        return self.fn(module, *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> Inert:
+        return Inert()
+
+    def __reduce__(self) -> tuple:
+        return (Inert, ())
+
+
+def _original(loss_function: Callable[..., Any]) -> Callable[..., Any]:
+    return loss_function
+
+
+class WrappedLoss:
+    """A Hugging Face model's ``loss_function`` wrapped by noisescale (``wrapper``, which calls
+    ``original``); in a copy of the model, or a pickle of it, ``original`` alone."""
+
+    __slots__ = ("__wrapped__", "wrapper")
+
+    def __init__(self, original: Callable[..., Any], wrapper: Callable[..., Any]) -> None:
+        self.__wrapped__ = original
+        self.wrapper = wrapper
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.wrapper(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> Callable[..., Any]:
+        return self.__wrapped__
+
+    def __reduce__(self) -> tuple:
+        return (_original, (self.__wrapped__,))
