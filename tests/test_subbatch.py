@@ -886,7 +886,7 @@ def test_subbatches_that_leave_examples_out_are_refused(monkeypatch):
 
     real = Subbatches.split
     monkeypatch.setattr(
-        Subbatches, "split", staticmethod(lambda num, k, g, d: real(num - 1, k, g, d))
+        Subbatches, "split", staticmethod(lambda num, k, g, d, p=None: real(num - 1, k, g, d, p))
     )
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     engine = PerExampleNorms(model, subbatches=2)

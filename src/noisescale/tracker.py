@@ -216,6 +216,15 @@ class GradientNoiseTracker:
             counted per process; a mismatch is refused when the statistics are read). With
             ``torch.compile`` the model compiles into one more graph (the unmeasured steps',
             which has no hooks in it but the one that counts the examples).
+        paired_rows: ``"flip"`` when row i of every batch is mixed with row N − 1 − i (timm's
+            ``Mixup`` and ``CutMix``: ``x.flip(0)``): such rows share data, so their gradients
+            are not independent and, paired in eq. A.2 as different examples, read B_simple
+            2.5–3.3× low with a tight interval (``docs/per_example.md``). Each pair is then kept
+            in one sub-batch, and B_simple is the loop's own noise scale in rows (a pair's
+            shared data counted in its variance). Batches must be even. Mixing along other
+            orders (``torch.randperm``, torchvision's ``MixUp``/``CutMix``, which roll the
+            batch by one) chains the rows together and has no such split: measure it with
+            ``per_example=False`` on accumulation micro-batches each mixed within itself.
     """
 
     def __init__(
@@ -240,6 +249,7 @@ class GradientNoiseTracker:
         process_group: Any | None = None,
         tokens_per_example: int | None = None,
         measure_every: int = 1,
+        paired_rows: str | None = None,
     ) -> None:
         if loss_reduction not in LOSS_REDUCTIONS:
             raise NoiseScaleInputError(
@@ -271,6 +281,18 @@ class GradientNoiseTracker:
         if precondition_from < 1:
             raise NoiseScaleInputError(
                 f"precondition_from must be at least 1, got {precondition_from}"
+            )
+        if paired_rows not in (None, "flip"):
+            raise NoiseScaleInputError(
+                f"paired_rows must be None or 'flip' (row i mixed with row N − 1 − i, as timm's "
+                f"Mixup and CutMix do), got {paired_rows!r}"
+            )
+        if paired_rows is not None and (not per_example or per_example_fraction is not None):
+            raise NoiseScaleInputError(
+                "paired_rows keeps each pair of mixed rows in one sub-batch of the default "
+                "source; drop per_example_fraction (per-example norms would pair rows that "
+                "share data) — or, with per_example=False, drop paired_rows: each accumulation "
+                "micro-batch mixed within itself is already an independent group"
             )
         if not per_example and not microbatch:
             raise NoiseScaleInputError(
@@ -310,7 +332,9 @@ class GradientNoiseTracker:
             precondition=self._preconditioner_weights if precondition is not None else None,
             per_example_fraction=per_example_fraction or 1.0,
             subbatches=subbatches if self.mode == "subbatch" else 0,
+            pairs=paired_rows,
         )
+        self.paired_rows = paired_rows
         self.subbatches = subbatches
         self.per_example_fraction = per_example_fraction
         self._sources: list[Source] = []
@@ -1145,6 +1169,7 @@ class GradientNoiseTracker:
             "definition": self.definition or "example",
             "unit": UNITS[self.definition or "example"],
             **({"subbatches": self.subbatches} if self.mode == "subbatch" else {}),
+            **({"paired_rows": self.paired_rows} if self.paired_rows is not None else {}),
             **(
                 {"per_example_fraction": self.per_example_fraction}
                 if self.mode == "per_example"
@@ -1213,6 +1238,7 @@ class GradientNoiseTracker:
             "tokens": s.tokens,
             "counted_examples": s.counted_examples,
             "definition": self.definition,
+            "paired_rows": self.paired_rows,
             "preconditioned_from": s.preconditioned_from,
             "loss_reduction": self.loss_reduction,
             "confidence": self.confidence,
@@ -1245,6 +1271,11 @@ class GradientNoiseTracker:
                 f"the checkpoint was measured with the {saved_source!r} source but this tracker "
                 f"uses {self.mode!r}; construct it with the same per_example/"
                 "per_example_fraction/subbatches settings"
+            )
+        if state.get("paired_rows") != self.paired_rows:
+            raise NoiseScaleInputError(
+                f"the checkpoint was measured with paired_rows={state.get('paired_rows')!r} but "
+                f"this tracker uses {self.paired_rows!r}; construct it with the same paired_rows"
             )
         saved_groups = state.get("group_states", {})
         if set(saved_groups) != set(self._state.groups):

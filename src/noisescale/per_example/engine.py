@@ -396,6 +396,7 @@ class PerExampleNorms:
         per_example_fraction: float = 1.0,
         subbatches: int = 0,
         audit: bool = True,
+        pairs: str | None = None,
     ):
         if not 0.0 < per_example_fraction <= 1.0:
             raise NoiseScaleInputError(
@@ -409,6 +410,8 @@ class PerExampleNorms:
                 f"subbatches must be 0 (per-example norms) or at least 2, got {subbatches}"
             )
         self.subbatches = subbatches
+        # "flip": rows i and N − 1 − i share data and share a sub-batch (Subbatches.split)
+        self.pairs = pairs
         # Sub-batch mode: whether the last split pass had a weight whose gradient came from
         # sub-batch products (None: not known yet); passes count since sub-batches last ran
         self._subbatches_pay: bool | None = None
@@ -901,11 +904,20 @@ class PerExampleNorms:
         pass_.n_source = _first_tensor(args, kwargs)
         pass_.inputs = (args, kwargs)
         if self.subbatches and self.per_example and n >= 2 and not pass_.skipped:
-            if self._split():
+            if self.pairs is not None and n % 2:
+                raise NoiseScaleInputError(
+                    f"paired_rows={self.pairs!r} pairs row i with row N − 1 − i (timm's "
+                    f"Mixup and CutMix), but this forward had N = {n} rows, an odd number; "
+                    "feed even batches (timm's Mixup requires them too, drop_last=True in "
+                    "the loader) or drop paired_rows if the rows are not mixed in pairs"
+                )
+            if self.pairs is not None and n < 4:
+                pass  # one pair: no two sub-batches to compare; no small-batch norm
+            elif self.pairs is not None or self._split():
                 source = pass_.n_source
                 device = source.device if source is not None else torch.device("cpu")
                 pass_.subbatches = Subbatches.split(
-                    n, self.subbatches, self._generator(device), device
+                    n, self.subbatches, self._generator(device), device, self.pairs
                 )
             else:
                 pass_.unsplit = True
@@ -1501,7 +1513,7 @@ class PerExampleNorms:
                 device = pass_.subbatches.index.device
                 pass_.subbatches = (
                     Subbatches.split(n, self.subbatches, self._generator(device), device)
-                    if n >= 2
+                    if n >= 2 and self.pairs is None
                     else None
                 )
         flat = (

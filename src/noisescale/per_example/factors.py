@@ -420,7 +420,22 @@ class Subbatches:
     sizes: tuple[int, ...]
 
     @staticmethod
-    def split(num: int, k: int, generator: torch.Generator, device: torch.device) -> Subbatches:
+    def split(
+        num: int,
+        k: int,
+        generator: torch.Generator,
+        device: torch.device,
+        pairs: str | None = None,
+    ) -> Subbatches:
+        """``pairs="flip"``: row i and row N − 1 − i share data (timm's Mixup and CutMix mix each
+        image with the batch's flipped order) and go to the same sub-batch: the N/2 pairs are
+        split at random instead of the rows, so the cross terms left in eq. A.2 are between
+        independent pairs only (``paired_rows`` of the tracker). ``num`` must then be even."""
+        if pairs == "flip":
+            half = Subbatches.split(num // 2, k, generator, device)
+            index = torch.stack((half.index, num - 1 - half.index), 1).reshape(-1)
+            pad = torch.stack((2 * half.pad, 2 * half.pad + 1), 1).reshape(-1)
+            return Subbatches(index, pad, half.k, 2 * half.n, tuple(2 * s for s in half.sizes))
         k = min(k, num)
         q, r = divmod(num, k)
         n = q + (r > 0)
