@@ -465,3 +465,63 @@ def test_a_layer_re_created_between_audits_is_refused_at_once(options):
         tracker.step()
     assert len(tracker.history) == 2
     tracker.remove()
+
+
+@pytest.mark.parametrize("products", [False, True], ids=["factors", "products"])
+def test_several_forwards_one_backward_give_sub_batch_norms_of_their_parts(products):
+    """Losses of several forwards summed and backpropagated once (a list of chunk losses, a
+    GAN discriminator on real and fake, DANN's source and target): the merged pass's groups are
+    the forwards' sub-batches, which together partition its examples, each norm equal to brute
+    force. Until 2026-12-04 the merged pass kept no sub-batches, and the default measured
+    nothing ("this step has one example") where the exact mode measured the step."""
+    from noisescale.per_example import PerExampleNorms
+    from noisescale.per_example.factors import MergedSubbatches
+
+    torch.manual_seed(0)
+    width = 40 if products else 8  # (products pay from 16 rows per sub-batch)
+    model = nn.Sequential(nn.Linear(3, width), nn.Tanh(), nn.Linear(width, 2))
+    g = torch.Generator().manual_seed(3)
+    parts = [torch.randn(n, 5 if products else 1, 3, generator=g).squeeze(1) for n in (7, 5, 6)]
+    engine = PerExampleNorms(model, subbatches=3)
+    engine.RECHECK_SUBBATCHES = 1
+    for _ in range(2):  # an audited step and one that is not
+        model.zero_grad()
+        sum(per_loss(model(x)).sum() for x in parts).backward()
+        (p,) = engine.collect()
+        assert isinstance(p.subbatches, MergedSubbatches)
+        assert sum(p.subbatches.sizes) == 18 and p.raw_sqnorms.numel() == 9
+        with engine.paused():
+            params = list(model.parameters())
+            want = []
+            for x, sb in zip(parts, p.subbatches.parts, strict=True):
+                index = sb.index.view(sb.k, sb.n).tolist()
+                for j, size in enumerate(sb.sizes):
+                    loss = per_loss(model(x[index[j][:size]])).sum()
+                    want.append(sum(gr.pow(2).sum() for gr in torch.autograd.grad(loss, params)))
+        torch.testing.assert_close(p.raw_sqnorms, torch.stack(want), rtol=1e-9, atol=0)
+    engine.remove()
+
+
+def test_several_forwards_one_backward_in_the_default_mode_are_unbiased():
+    """The tracker on such a loop: loss_i = w·x_i (per-example gradient x_i), four forwards of 8
+    examples per step, their means summed over 4 and backpropagated once; the interval holds the
+    closed-form truth."""
+    d = 10
+    mu, sd = torch.full((d,), 0.5), torch.linspace(0.5, 2.0, d)
+    truth = float((sd**2).sum() / (mu @ mu))
+    torch.manual_seed(0)
+    model = nn.Linear(d, 1, bias=False)
+    tracker = noisescale.GradientNoiseTracker(model, beta=1.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        x = mu + torch.randn(32, d, generator=g) * sd
+        sum(model(part).mean() for part in x.chunk(4)).div(4).backward()
+        tracker.step()
+        model.zero_grad()
+    e = tracker.estimate()
+    # split at first, then (no weight pays for products here) every example measured: both
+    # merges, of sub-batches and of per-example norms
+    used = {name for r in tracker.history for name in r["sources"]}
+    assert used == {"subbatch", "per_example"}
+    assert e.low <= truth <= e.high
+    assert e.trace_sigma == pytest.approx(float((sd**2).sum()), rel=0.08)

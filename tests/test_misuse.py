@@ -497,3 +497,77 @@ def test_sharpness_aware_minimization_measures_its_second_pass_under_paused(kw):
     want = [v for r in alone_tracker.history for v in (r["g2"], r["trace_sigma"])]
     assert len(got) == 12
     assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"per_example_fraction": 1.0}, {"per_example": False}],
+    ids=["default", "exact", "micro"],
+)
+def test_a_zero_grad_skipped_once_on_an_unaudited_step_is_refused(kw, micro):
+    """``if bad_batch: continue`` after the backward skips one ``zero_grad``: the next step's
+    .grad sums two steps. Audited steps (1, 2, 4, 8, …) read .grad's norm before the first
+    backward; until 2026-12-04 a step between them (here 6) recorded g2 5.12 where the truth
+    was −0.13 (tr Σ 13.6 against 18.9), without a word. Now every step compares .grad's
+    version with the last step's."""
+    if kw.get("per_example") is False and micro == 1:
+        pytest.skip("per_example=False needs accumulation")
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = noisescale.GradientNoiseTracker(model, **kw)
+
+    def step(seed: int) -> None:
+        x, y = _batch(seed)
+        for xm, ym in zip(x.chunk(micro), y.chunk(micro), strict=True):
+            (F.cross_entropy(model(xm), ym) / micro).backward()
+        tracker.step()
+        opt.step()
+
+    for seed in range(5):
+        step(seed)
+        opt.zero_grad(set_to_none=seed % 2 == 0)
+    step(5)  # step 6: zero_grad skipped after it
+    with pytest.raises(NoiseScaleInputError, match=r"^call optimizer\.zero_grad\(\).*'.*' was not"):
+        step(6)  # step 7, not audited
+    assert tracker.steps == 6 and len(tracker.history) == 6
+    opt.zero_grad()
+    step(7)  # the loop mended, the tracker goes on
+    assert tracker.steps == 7 and len(tracker.history) == 7
+
+
+@pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}], ids=["default", "exact"])
+def test_a_frozen_discriminator_in_the_generator_step_changes_nothing(kw):
+    """pix2pix's and CycleGAN's loop: ``set_requires_grad(netD, False)`` for the generator's
+    step (a forward through D whose backward reaches none of D's parameters), D's
+    ``zero_grad`` at the start of its next step. Until 2026-12-04 the D tracker took the frozen
+    forward for a micro-batch and refused the next step as gradients zeroed between two of them;
+    now its records are those of the loop with that forward under ``paused()``."""
+
+    def run(pause: bool) -> list:
+        torch.manual_seed(1)
+        gen = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 6))
+        disc = _model()
+        opt_d = torch.optim.SGD(disc.parameters(), lr=0.05)
+        opt_g = torch.optim.SGD(gen.parameters(), lr=0.05)
+        tracker = noisescale.GradientNoiseTracker(disc, **kw)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(5):
+            real, z = torch.randn(12, 6, generator=g), torch.randn(12, 3, generator=g)
+            fake = gen(z)
+            disc.requires_grad_(True)
+            opt_d.zero_grad()
+            logits = disc(torch.cat([real, fake.detach()]))
+            F.cross_entropy(logits, torch.arange(24) // 12).backward()
+            tracker.step()
+            opt_d.step()
+            disc.requires_grad_(False)
+            opt_g.zero_grad()
+            with tracker.paused() if pause else contextlib.nullcontext():
+                F.cross_entropy(disc(fake), torch.zeros(12, dtype=torch.long)).backward()
+            opt_g.step()
+        return [v for r in tracker.history for v in (r["g2"], r["trace_sigma"])]
+
+    want = run(pause=True)
+    assert len(want) == 10
+    assert run(pause=False) == want

@@ -543,7 +543,8 @@ class GradientNoiseTracker:
             "call tracker.step() once per optimizer step, after loss.backward(): no "
             "backward pass of the model given to the tracker ran since the last step (a copy "
             "of it — copy.deepcopy, an EMA, AveragedModel — is not measured: create the "
-            "tracker on the model you train)"
+            "tracker on the model you train; nor are tensors put in place of its parameters, "
+            "torch.func.functional_call(model, other_params, ...): train its own parameters)"
         )
 
     def _check_definition(self, definition: str) -> None:
@@ -1027,7 +1028,8 @@ class GradientNoiseTracker:
             "backward pass and before tracker.step() (gradient clipping — clip_grad_norm_, "
             "clip_grad_value_, accelerate's clip_grad_norm_ —, a rescale of .grad or a term "
             "added to it, also through .grad.data; a .grad set to None or given to a parameter "
-            "the backward gave none). noisescale measured the examples' "
+            "the backward gave none — torch.autograd.grad's result assigned to .grad: call "
+            "loss.backward() instead). noisescale measured the examples' "
             "gradients inside the backward pass and .grad no longer matches them, so the "
             "estimate would be wrong. A GradScaler's unscale_ before tracker.step() is fine "
             "(pass it: GradientNoiseTracker(..., scaler=scaler)). Nothing of this step was "

@@ -72,6 +72,7 @@ from noisescale.per_example.factors import (
     EmbeddingFactor,
     Factor,
     LinearFactor,
+    MergedSubbatches,
     NormFactor,
     SliceFactor,
     Subbatches,
@@ -294,7 +295,7 @@ class PassNorms:
     n_source: Tensor | None = None  # the model input the example count was read from
     aliased: set[int] = field(default_factory=set)  # parameters handed out as shared aliases
     inputs: tuple | None = None  # the model's (args, kwargs), for the audit's permutation check
-    subbatches: Subbatches | None = None
+    subbatches: Subbatches | MergedSubbatches | None = None
     broken: str | None = None  # a weight measured by sub-batch products was used twice
     reentrant: bool = False  # checkpoint(use_reentrant=True) recomputed layers in its backward
     # how the pass's loss weighs its examples (tokens), attached by noisescale.tokens
@@ -440,6 +441,11 @@ class PerExampleNorms:
         self._hook_in: dict[tuple[int, bool], tuple[Tensor | None, int]] = {}
         self._hook_changed: list[tuple[int, bool]] = []  # (parameter, after accumulation)
         self._between: str | None = None  # _check_between
+        # each parameter's .grad (weakref, version) when the last step's last backward ended:
+        # a step's first gradient of a parameter finding .grad still that tensor at that
+        # version means nobody zeroed it since (the parameter hook; names it in _unzeroed)
+        self._step_marks: dict[int, tuple[Any, int]] = {}
+        self._unzeroed: str | None = None
         self._recomputing = False
         self._paused = False
         # follows the loss of audited passes from the model's outputs to the backward
@@ -1322,7 +1328,11 @@ class PerExampleNorms:
         """:meth:`changed_grads` and :meth:`_check_between`: ``.grad`` against the marks of
         the step's last pass whose backward has finished — by version (:meth:`_changed_since`),
         then, where the pass noted them, by value (:meth:`_changed_values`)."""
-        last = next((p for p in reversed(self.passes) if p.grad_marks is not None), None)
+        # (a pass whose backward reached no parameter — a frozen discriminator in a GAN's
+        # generator step — changed no .grad, and its marks say nothing of this step's)
+        last = next(
+            (p for p in reversed(self.passes) if p.grad_marks is not None and p.received), None
+        )
         if last is None or last.grad_marks is None:
             return None
         changed = self._changed_since(last.grad_marks, allowed, emptied)
@@ -2856,6 +2866,8 @@ class PerExampleNorms:
             if repeated:
                 current.repeated_backward = True
             current.received.add(pid)
+            if self._step_marks and not repeated and self._accumulates(task, pid):
+                self._check_zeroed(pid)
             if current.idle:
                 return
             if current.audit is not None:
@@ -2874,6 +2886,27 @@ class PerExampleNorms:
             self._add_grad_norm(current, pid, grad)
 
         return hook
+
+    def _check_zeroed(self, pid: int) -> None:
+        """Every step, before a parameter's first gradient of the step is accumulated: its
+        ``.grad`` must not still be the tensor the last step's last backward left, at the same
+        version — then nothing zeroed it (``zero_grad`` sets ``None`` or zeroes in place, which
+        bumps the version) and ``.grad`` will sum two steps. Version counters only: no host
+        read. Until 2026-12-04 only the audited steps (1, 2, 4, …) checked this, by value
+        (:meth:`_check_stale`): a ``zero_grad`` skipped once on another step (``if bad: continue``
+        after the backward) was measured without a word. A ``DTensor`` gradient (FSDP2), whose
+        in-place changes bump no version of its own, is left to the audited steps."""
+        mark = self._step_marks.pop(pid, None)
+        if mark is None or self._unzeroed is not None:
+            return
+        g = self._param[pid].grad
+        if (
+            g is not None
+            and g is mark[0]()
+            and g._version == mark[1]
+            and type(g).__name__ != "DTensor"
+        ):
+            self._unzeroed = self._param_name[pid]
 
     def _check_stale(self, pass_: PassNorms, task: int, pid: int) -> None:
         """On audited steps: before the step's first backward writes ``.grad``, it must be empty
@@ -3000,6 +3033,7 @@ class PerExampleNorms:
         self._task_accumulates.clear()
         self._task_pass.clear()
         self._hook_changed, self._between = [], None
+        self._unzeroed = None
         self._hook_in.clear()
 
     def collect(self, grad_rescale: float = 1.0, *, learn: bool = True) -> list[PassNorms]:
@@ -3025,8 +3059,18 @@ class PerExampleNorms:
                 backward passes ran through one forward.
         """
         done, first = self.passes, self._first_pass
-        changed, between = self._hook_changed, self._between
+        changed, between, unzeroed = self._hook_changed, self._between, self._unzeroed
         self.discard()  # the step's state reset, whatever is refused below
+        marked = next((p for p in reversed(done) if p.grad_marks and p.received), None)
+        self._step_marks = (
+            {}
+            if marked is None or marked.grad_marks is None
+            else {
+                id(p): m
+                for p, m in zip(self._params, marked.grad_marks, strict=True)
+                if m is not None
+            }
+        )
         split = [p for p in done if p.subbatches is not None and p.received and not p.skipped]
         if split:
             self._subbatches_pay = any(p.products for p in split)
@@ -3046,7 +3090,16 @@ class PerExampleNorms:
                 "only part of the step's gradient and the estimate would be wrong. Nothing of "
                 "this step was recorded. A pass that is not part of the step's gradient (the "
                 "ascent pass of sharpness-aware minimization, a probe at other weights) goes "
-                "under `with tracker.paused():`, its gradients zeroed before the measured pass"
+                "under `with tracker.paused():`, its gradients zeroed before the measured pass; "
+                "with torch.optim.LBFGS, whose closure runs several passes per step, call "
+                "tracker.step() inside the closure, after its backward"
+            )
+        if unzeroed is not None:
+            raise NoiseScaleInputError(
+                "call optimizer.zero_grad() (or model.zero_grad()) after each optimizer step: "
+                f"the gradient of {unzeroed!r} was not zeroed since the last step, so .grad sums "
+                "this step's gradient and the last one's and its norm is not this step's big "
+                "batch. Nothing of this step was recorded"
             )
         post = [pid for pid, after in changed if after]
         if post:
@@ -3883,6 +3936,19 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
             )
         else:
             merged.units_error = next((p.units_error for p in group if p.units_error), None)
+        # in sub-batch mode each pass was split (or measured per example): their groups
+        # together partition the merged pass (before 2026-12-04 the merged pass had no
+        # sub-batches, and the default measured nothing where the exact mode measured it)
+        if any(p.subbatches is not None or p.unsplit for p in group) and all(
+            p.raw_sqnorms is not None and not p.skipped and (p.subbatches is not None or p.unsplit)
+            for p in group
+        ):
+            if all(p.unsplit for p in group):
+                merged.unsplit = True
+            else:
+                merged.subbatches = MergedSubbatches(
+                    [p.batch_size if p.subbatches is None else p.subbatches for p in group]
+                )
         if any(p.rows is not None or p.skipped for p in group) and not merged.skipped:
             offset, taken = 0, []
             for p in group:

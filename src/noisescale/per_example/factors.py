@@ -489,6 +489,29 @@ class Subbatches:
         return rows.view(self.n, self.k, *rows.shape[1:])
 
 
+class MergedSubbatches:
+    """The groups of a pass merged from passes one backward ran through (several forwards
+    backpropagated together): each pass's sub-batches, or its examples where it was measured
+    per example (``parts`` holds its example count), in the passes' order — a partition of the
+    merged pass's examples, which is all eq. A.2 asks of sub-batches. What the sources read:
+    ``sizes``, ``k`` and :meth:`sizes_tensor`."""
+
+    def __init__(self, parts: list[Subbatches | int]) -> None:
+        self.parts = parts
+        self.sizes = tuple(
+            s for p in parts for s in (p.sizes if isinstance(p, Subbatches) else (1,) * p)
+        )
+        self.k = len(self.sizes)
+
+    def sizes_tensor(self, like: Tensor) -> Tensor:
+        return torch.cat(
+            [
+                p.sizes_tensor(like) if isinstance(p, Subbatches) else like.new_ones(p)
+                for p in self.parts
+            ]
+        )
+
+
 @dataclass
 class NormFactor:
     """Sub-batch squared norms computed where the gradient itself was (a weight whose gradient
