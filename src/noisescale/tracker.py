@@ -225,6 +225,11 @@ class GradientNoiseTracker:
             orders (``torch.randperm``, torchvision's ``MixUp``/``CutMix``, which roll the
             batch by one) chains the rows together and has no such split: measure it with
             ``per_example=False`` on accumulation micro-batches each mixed within itself.
+            ``"halves"`` when every batch is two strata of N/2 rows each, row i of the first
+            paired with row i + N/2 of the second — a GAN discriminator on
+            ``torch.cat([real, fake])``: each sub-batch then holds as many of each, and
+            B_simple is the noise scale of such batches (measured as one population, the
+            difference between the strata would count as noise).
     """
 
     def __init__(
@@ -282,10 +287,11 @@ class GradientNoiseTracker:
             raise NoiseScaleInputError(
                 f"precondition_from must be at least 1, got {precondition_from}"
             )
-        if paired_rows not in (None, "flip"):
+        if paired_rows not in (None, "flip", "halves"):
             raise NoiseScaleInputError(
-                f"paired_rows must be None or 'flip' (row i mixed with row N − 1 − i, as timm's "
-                f"Mixup and CutMix do), got {paired_rows!r}"
+                "paired_rows must be None, 'flip' (row i mixed with row N − 1 − i, as timm's "
+                "Mixup and CutMix do) or 'halves' (row i with row i + N/2: two strata, "
+                f"torch.cat([real, fake])), got {paired_rows!r}"
             )
         if paired_rows is not None and (not per_example or per_example_fraction is not None):
             raise NoiseScaleInputError(

@@ -411,7 +411,8 @@ class PerExampleNorms:
                 f"subbatches must be 0 (per-example norms) or at least 2, got {subbatches}"
             )
         self.subbatches = subbatches
-        # "flip": rows i and N − 1 − i share data and share a sub-batch (Subbatches.split)
+        # "flip" (rows i and N − 1 − i share data) or "halves" (rows i and i + N/2, two
+        # strata): each pair shares a sub-batch (Subbatches.split)
         self.pairs = pairs
         # Sub-batch mode: whether the last split pass had a weight whose gradient came from
         # sub-batch products (None: not known yet); passes count since sub-batches last ran
@@ -912,10 +913,11 @@ class PerExampleNorms:
         if self.subbatches and self.per_example and n >= 2 and not pass_.skipped:
             if self.pairs is not None and n % 2:
                 raise NoiseScaleInputError(
-                    f"paired_rows={self.pairs!r} pairs row i with row N − 1 − i (timm's "
-                    f"Mixup and CutMix), but this forward had N = {n} rows, an odd number; "
-                    "feed even batches (timm's Mixup requires them too, drop_last=True in "
-                    "the loader) or drop paired_rows if the rows are not mixed in pairs"
+                    f"paired_rows={self.pairs!r} pairs the rows of a batch in two (row i "
+                    f"with row {'N − 1 − i' if self.pairs == 'flip' else 'i + N/2'}), but this "
+                    f"forward had N = {n} rows, an odd number; feed even batches (timm's Mixup "
+                    "requires them too, drop_last=True in the loader) or drop paired_rows if "
+                    "the rows are not paired"
                 )
             if self.pairs is not None and n < 4:
                 pass  # one pair: no two sub-batches to compare; no small-batch norm

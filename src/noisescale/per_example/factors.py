@@ -430,10 +430,13 @@ class Subbatches:
         """``pairs="flip"``: row i and row N − 1 − i share data (timm's Mixup and CutMix mix each
         image with the batch's flipped order) and go to the same sub-batch: the N/2 pairs are
         split at random instead of the rows, so the cross terms left in eq. A.2 are between
-        independent pairs only (``paired_rows`` of the tracker). ``num`` must then be even."""
-        if pairs == "flip":
+        independent pairs only (``paired_rows`` of the tracker). ``"halves"``: row i and row
+        i + N/2 (a batch made of two strata, ``torch.cat([real, fake])``), so that every
+        sub-batch holds as many of each. ``num`` must then be even."""
+        if pairs in ("flip", "halves"):
             half = Subbatches.split(num // 2, k, generator, device)
-            index = torch.stack((half.index, num - 1 - half.index), 1).reshape(-1)
+            other = num - 1 - half.index if pairs == "flip" else half.index + num // 2
+            index = torch.stack((half.index, other), 1).reshape(-1)
             pad = torch.stack((2 * half.pad, 2 * half.pad + 1), 1).reshape(-1)
             return Subbatches(index, pad, half.k, 2 * half.n, tuple(2 * s for s in half.sizes))
         k = min(k, num)
@@ -455,9 +458,11 @@ class Subbatches:
 
     def sizes_tensor(self, like: Tensor) -> Tensor:
         """The sub-batch sizes as a tensor on ``like``'s device (no host-to-device copy)."""
-        q = self.sizes[-1]
+        # the larger sub-batches come first: sizes (q + d)·r, then q — d = 1 for rows, 2 for
+        # pairs of rows (``pairs``)
+        q, d = self.sizes[-1], self.sizes[0] - self.sizes[-1]
         r = sum(1 for s in self.sizes if s > q)
-        return q + (torch.arange(self.k, device=like.device) < r).to(like.dtype)
+        return q + d * (torch.arange(self.k, device=like.device) < r).to(like.dtype)
 
     def take_rows(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         """Rows of ``x`` (dim 0 = examples) as [k·n, ...], sub-batch after sub-batch,
