@@ -422,6 +422,15 @@ class GradientNoiseTracker:
         passes = self.engine.collect(grad_rescale=scale if grads_unscaled else 1.0)
         if not passes:
             self._no_passes()
+        if self.engine.unzeroed is not None:
+            # every step, by .grad's version (the audited steps below also by value)
+            raise NoiseScaleInputError(
+                "call optimizer.zero_grad() (or model.zero_grad()) after each optimizer step: "
+                f"the gradient of {self.engine.unzeroed!r} was not zeroed since the last step, "
+                "so .grad sums this step's gradient and the last one's and its norm is not this "
+                "step's big batch (or a pass under tracker.paused() left its gradients there: "
+                "zero them before the measured passes). Nothing of this step was recorded"
+            )
         if unmeasured:
             self._unmeasured_step(passes, scale)
             return

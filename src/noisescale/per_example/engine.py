@@ -447,6 +447,7 @@ class PerExampleNorms:
         # version means nobody zeroed it since (the parameter hook; names it in _unzeroed)
         self._step_marks: dict[int, tuple[Any, int]] = {}
         self._unzeroed: str | None = None
+        self.unzeroed: str | None = None  # the last collected step's (collect)
         self._recomputing = False
         self._paused = False
         # follows the loss of audited passes from the model's outputs to the backward
@@ -3061,7 +3062,11 @@ class PerExampleNorms:
                 backward passes ran through one forward.
         """
         done, first = self.passes, self._first_pass
-        changed, between, unzeroed = self._hook_changed, self._between, self._unzeroed
+        changed, between = self._hook_changed, self._between
+        #: a parameter whose .grad the step found not zeroed since the last one
+        #: (:meth:`_check_zeroed`); the tracker refuses the step, a one-shot measurement — whose
+        #: norms do not read .grad — does not care
+        self.unzeroed = self._unzeroed
         self.discard()  # the step's state reset, whatever is refused below
         marked = next((p for p in reversed(done) if p.grad_marks and p.received), None)
         self._step_marks = (
@@ -3095,13 +3100,6 @@ class PerExampleNorms:
                 "under `with tracker.paused():`, its gradients zeroed before the measured pass; "
                 "with torch.optim.LBFGS, whose closure runs several passes per step, call "
                 "tracker.step() inside the closure, after its backward"
-            )
-        if unzeroed is not None:
-            raise NoiseScaleInputError(
-                "call optimizer.zero_grad() (or model.zero_grad()) after each optimizer step: "
-                f"the gradient of {unzeroed!r} was not zeroed since the last step, so .grad sums "
-                "this step's gradient and the last one's and its norm is not this step's big "
-                "batch. Nothing of this step was recorded"
             )
         post = [pid for pid, after in changed if after]
         if post:
