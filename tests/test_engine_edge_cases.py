@@ -525,3 +525,27 @@ def test_several_forwards_one_backward_in_the_default_mode_are_unbiased():
     assert used == {"subbatch", "per_example"}
     assert e.low <= truth <= e.high
     assert e.trace_sigma == pytest.approx(float((sd**2).sum()), rel=0.08)
+
+
+@pytest.mark.parametrize("pairs", [None, "flip"])
+def test_one_forward_then_two_forwards_in_one_backward(pairs):
+    """A step of two micro-batches, the second the sum of two forwards' losses: the merging of
+    passes compared its groups with ``==``, which on passes holding tensors raised "Boolean
+    value of Tensor with more than one value is ambiguous" from inside noisescale (found by a
+    review on 2026-12-04; older than the day's changes)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    tracker = noisescale.GradientNoiseTracker(model, paired_rows=pairs)
+    g = torch.Generator().manual_seed(5)
+
+    def loss() -> torch.Tensor:
+        x, y = torch.randn(8, 3, generator=g), torch.randn(8, 2, generator=g)
+        return (model(x) - y).pow(2).sum(-1).mean()
+
+    for _ in range(3):
+        (loss() / 2).backward()
+        ((loss() + loss()) / 4).backward()
+        tracker.step()
+        model.zero_grad()
+    assert len(tracker.history) == 3
+    assert [r["examples"] for r in tracker.history] == [24, 48, 72]

@@ -571,3 +571,30 @@ def test_a_frozen_discriminator_in_the_generator_step_changes_nothing(kw):
     want = run(pause=True)
     assert len(want) == 10
     assert run(pause=False) == want
+
+
+@pytest.mark.parametrize(
+    "zero",
+    [
+        lambda g: g.data.zero_(),
+        lambda g: g.data.mul_(0),
+        lambda g: torch._foreach_zero_([g.data]),
+    ],
+    ids=["data.zero_", "data.mul_0", "foreach_zero"],
+)
+@pytest.mark.parametrize("kw", [{}, {"measure_every": 4}], ids=["default", "every4"])
+def test_gradients_zeroed_through_data_pass(zero, kw):
+    """``p.grad.data.zero_()`` after the step, the classic manual loop, zeroes .grad without a
+    version of its own: the every-step check reads then whether .grad holds anything (a review
+    found the first version refusing this loop)."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = noisescale.GradientNoiseTracker(model, **kw)
+    for seed in range(9):
+        x, y = _batch(seed)
+        F.cross_entropy(model(x), y).backward()
+        tracker.step()
+        opt.step()
+        for p in model.parameters():
+            zero(p.grad)
+    assert tracker.steps == 9

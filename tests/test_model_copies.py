@@ -221,3 +221,22 @@ def test_lightning_weight_averaging_beside_the_callback():
     got = fit(True)
     assert len(want) == 8
     assert got == want
+
+
+@pytest.mark.parametrize("kind", ["mlp", "gpt2"])
+def test_a_shallow_copy_is_the_measured_model(kind):
+    """``copy.copy(model)`` shares its parameters, submodules and hooks: trained through, it is
+    the model, and the records are the model's (a review found a first version that took its
+    root for a copy and refused the step)."""
+
+    def run(shallow: bool) -> list:
+        model = BUILD[kind]()
+        tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+        used = copy.copy(model) if shallow else model
+        for step in range(3):
+            _loss(used, kind, _batch(kind, step)).backward()
+            tracker.step()
+            model.zero_grad()
+        return [(r["g2"], r["trace_sigma"]) for r in tracker.history]
+
+    assert run(True) == run(False)

@@ -4,11 +4,14 @@ A copy of a model — ``copy.deepcopy``, and through it ``torch.optim.swa_utils.
 timm's ``ModelEma``, Lightning's weight averaging, an EMA teacher, a twin for sharpness-aware
 minimization — takes its modules' hooks with it, and ``torch.save(model)`` pickles them. The copy
 is not the model being measured: its parameters are other tensors, whose gradients never reach
-the measured ones. So a hook noisescale puts on a module acts only when that module runs; a deep
-copy or a pickle of it is a hook that does nothing; and the ``loss_function`` noisescale wraps
-on a Hugging Face model is, in a copy, the model's own again. Before 2026-12-04 a copy's forward
-with gradients on failed with a ``KeyError`` from inside the engine, and a Hugging Face model
-with a tracker could not be copied or pickled at all ("cannot pickle 'AccumulateGrad' object").
+the measured ones. So a deep copy or a pickle of a hook noisescale puts on a module is a hook
+that does nothing, and the ``loss_function`` noisescale wraps on a Hugging Face model is, in a
+copy, the model's own again. A shallow ``copy.copy(model)`` shares the model's parameters,
+submodules and hooks' dictionaries: it is the measured model, and its hooks act.
+
+Before 2026-12-04 a copy's forward with gradients on failed with a ``KeyError`` from inside the
+engine, and a Hugging Face model with a tracker could not be copied or pickled at all ("cannot
+pickle 'AccumulateGrad' object").
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
 __all__ = ["Inert", "OwnedHook", "WrappedLoss"]
@@ -35,12 +37,9 @@ class Inert:
 
 
 class OwnedHook:
-    """A forward (pre-)hook that calls ``fn`` only for the module it was put on, ``owner``;
-    copied (``copy.deepcopy``) or pickled, it is :class:`Inert`. A shallow ``copy.copy`` of a
-    module shares its hooks' dictionary: there the hook sees another module and does nothing.
-
-    Under Dynamo a mismatch is left to ``fn`` (the traced hooks of a compiled model), so the
-    compiled graph sees the same calls as before; in eager mode the check is one ``is``."""
+    """A forward (pre-)hook put on ``owner`` that calls ``fn``; copied (``copy.deepcopy``) or
+    pickled, it is :class:`Inert`. (A shallow ``copy.copy`` of the model shares it and the
+    parameters: there it acts, as on the model.)"""
 
     __slots__ = ("fn", "owner")
 
@@ -48,10 +47,8 @@ class OwnedHook:
         self.owner = owner
         self.fn = fn
 
-    def __call__(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if module is not self.owner and not torch.compiler.is_compiling():
-            return None
-        return self.fn(module, *args, **kwargs)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
 
     def __deepcopy__(self, memo: dict) -> Inert:
         return Inert()

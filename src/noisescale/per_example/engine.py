@@ -325,12 +325,14 @@ class PassNorms:
 
 class _ModuleHook:
     """The engine's hook on one module (:meth:`PerExampleNorms._hook`): ``eager``, or while
-    Dynamo traces it ``traced``. ``owner``, the module it was put on: in a copy of the model
-    that shares it (a shallow ``copy.copy``) it does nothing; deep-copied (``copy.deepcopy``:
-    ``AveragedModel``, an EMA, a twin) or pickled (``torch.save(model)``) it is inert — the
-    copy is not the model measured (:mod:`noisescale.module_hooks`). Before 2026-12-04 the hook
-    was a closure: a copy's forward with gradients on failed with a ``KeyError`` inside the
-    engine, and ``torch.save(model)`` could not pickle it."""
+    Dynamo traces it ``traced``. Deep-copied (``copy.deepcopy``: ``AveragedModel``, an EMA, a
+    twin) or pickled (``torch.save(model)``) it is inert: the copy is not the model measured
+    (:mod:`noisescale.module_hooks`). ``owner``, the layer it was put on: a shallow
+    ``copy.copy`` of that layer shares the hook but is a module the engine has no rule for, and
+    there the hook does nothing (the model's own hooks have none: a shallow copy of the whole
+    model shares its parameters and is the measured model). Before 2026-12-04 the hook was a
+    closure: a copy's forward with gradients on failed with a ``KeyError`` inside the engine,
+    and ``torch.save(model)`` could not pickle it."""
 
     def __init__(
         self,
@@ -446,7 +448,7 @@ class PerExampleNorms:
         # a step's first gradient of a parameter finding .grad still that tensor at that
         # version means nobody zeroed it since (the parameter hook; names it in _unzeroed)
         self._step_marks: dict[int, tuple[Any, int]] = {}
-        self._unzeroed: str | None = None
+        self._unzeroed: list[tuple[str, Tensor]] = []  # (name, .grad not all zeros)
         self.unzeroed: str | None = None  # the last collected step's (collect)
         self._recomputing = False
         self._paused = False
@@ -649,13 +651,13 @@ class PerExampleNorms:
     def _install(self) -> None:
         self._handles.append(
             self.model.register_forward_pre_hook(
-                self._hook(self._on_model_forward, self._traced_model_forward, owner=self.model),
+                self._hook(self._on_model_forward, self._traced_model_forward),
                 with_kwargs=True,
             )
         )
         self._handles.append(
             self.model.register_forward_hook(
-                self._hook(self._on_model_output, self._traced_model_output, owner=self.model)
+                self._hook(self._on_model_output, self._traced_model_output)
             )
         )
         for module in self.model.modules():
@@ -2900,7 +2902,7 @@ class PerExampleNorms:
         after the backward) was measured without a word. A ``DTensor`` gradient (FSDP2), whose
         in-place changes bump no version of its own, is left to the audited steps."""
         mark = self._step_marks.pop(pid, None)
-        if mark is None or self._unzeroed is not None:
+        if mark is None:
             return
         g = self._param[pid].grad
         if (
@@ -2909,7 +2911,11 @@ class PerExampleNorms:
             and g._version == mark[1]
             and type(g).__name__ != "DTensor"
         ):
-            self._unzeroed = self._param_name[pid]
+            # zeroed through .data (``p.grad.data.zero_()``) bumps no version of .grad: whether
+            # it holds anything is noted on the device, read once in collect — a host read only
+            # in loops that leave .grad's version alone
+            with torch.no_grad():
+                self._unzeroed.append((self._param_name[pid], g.detach().ne(0).any()))
 
     def _check_stale(self, pass_: PassNorms, task: int, pid: int) -> None:
         """On audited steps: before the step's first backward writes ``.grad``, it must be empty
@@ -3036,7 +3042,7 @@ class PerExampleNorms:
         self._task_accumulates.clear()
         self._task_pass.clear()
         self._hook_changed, self._between = [], None
-        self._unzeroed = None
+        self._unzeroed = []
         self._hook_in.clear()
 
     def collect(self, grad_rescale: float = 1.0, *, learn: bool = True) -> list[PassNorms]:
@@ -3066,7 +3072,13 @@ class PerExampleNorms:
         #: a parameter whose .grad the step found not zeroed since the last one
         #: (:meth:`_check_zeroed`); the tracker refuses the step, a one-shot measurement — whose
         #: norms do not read .grad — does not care
-        self.unzeroed = self._unzeroed
+        self.unzeroed = None
+        if self._unzeroed:
+            held = torch.stack([flag.to(self._unzeroed[0][1].device) for _, flag in self._unzeroed])
+            self.unzeroed = next(
+                (name for (name, _), h in zip(self._unzeroed, held.tolist(), strict=True) if h),
+                None,
+            )
         self.discard()  # the step's state reset, whatever is refused below
         marked = next((p for p in reversed(done) if p.grad_marks and p.received), None)
         self._step_marks = (
@@ -3891,7 +3903,7 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
         joined = [g for g in groups if any(pass_.tasks & q.tasks for q in g)]
         merged = [pass_]
         for g in joined:
-            groups.remove(g)
+            groups = [h for h in groups if h is not g]  # (by identity: passes hold tensors)
             merged = g + merged
         groups.append(merged)
     out = []
