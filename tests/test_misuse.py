@@ -433,7 +433,7 @@ def test_grad_scaler_unscaling_one_optimizer_of_two_is_refused_as_such():
         tracker.step()
 
 
-def _sam_perturbation(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+def _sam_ascent(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
     """Sharpness-aware minimization's ascent: ρ·g/|g| per parameter, from a copy of the model
     no tracker sees."""
     import copy
@@ -441,6 +441,20 @@ def _sam_perturbation(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> lis
     twin = copy.deepcopy(model)
     grads = torch.autograd.grad(F.cross_entropy(twin(x), y), list(twin.parameters()))
     return [0.05 * g / (g.norm() + 1e-12) for g in grads]
+
+
+def _sam_descent(model, opt, tracker, x, y, eps) -> None:
+    """SAM's second pass: the gradient at the perturbed weights, measured and stepped."""
+    with torch.no_grad():
+        for p, e in zip(model.parameters(), eps, strict=True):
+            p.add_(e)
+    F.cross_entropy(model(x), y).backward()
+    with torch.no_grad():
+        for p, e in zip(model.parameters(), eps, strict=True):
+            p.sub_(e)
+    tracker.step()
+    opt.step()
+    opt.zero_grad()
 
 
 @pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}], ids=["default", "exact"])
@@ -455,17 +469,22 @@ def test_sharpness_aware_minimization_measures_its_second_pass_under_paused(kw):
             F.cross_entropy(model(x), y).backward()
             eps = [0.05 * p.grad / (p.grad.norm() + 1e-12) for p in model.parameters()]
             opt.zero_grad()
-        ascend(model, eps, 1)
-        F.cross_entropy(model(x), y).backward()
-        ascend(model, eps, -1)
-        tracker.step()
-        opt.step()
-        opt.zero_grad()
+        _sam_descent(model, opt, tracker, x, y, eps)
 
-    def ascend(model, eps, sign) -> None:
-        with torch.no_grad():
-            for p, e in zip(model.parameters(), eps, strict=True):
-                p.add_(sign * e)
+    def run(pause: bool | None) -> list:
+        """``pause``: SAM with its ascent under ``paused()``; ``None``: the second pass alone,
+        the ascent from an untracked copy."""
+        torch.manual_seed(5)
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        tracker = noisescale.GradientNoiseTracker(model, **kw)
+        for seed in range(6):
+            x, y = _batch(seed)
+            if pause is None:
+                _sam_descent(model, opt, tracker, x, y, _sam_ascent(model, x, y))
+            else:
+                sam_step(model, opt, tracker, x, y, pause)
+        return [v for r in tracker.history for v in (r["g2"], r["trace_sigma"])]
 
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -474,27 +493,7 @@ def test_sharpness_aware_minimization_measures_its_second_pass_under_paused(kw):
         sam_step(model, opt, tracker, *_batch(0), pause=False)
     assert tracker.steps == 0
 
-    torch.manual_seed(5)
-    sam, sam_opt = _model(), None
-    sam_opt = torch.optim.SGD(sam.parameters(), lr=0.1)
-    sam_tracker = noisescale.GradientNoiseTracker(sam, **kw)
-    for seed in range(6):
-        sam_step(sam, sam_opt, sam_tracker, *_batch(seed), pause=True)
-    torch.manual_seed(5)
-    alone = _model()
-    alone_opt = torch.optim.SGD(alone.parameters(), lr=0.1)
-    alone_tracker = noisescale.GradientNoiseTracker(alone, **kw)
-    for seed in range(6):
-        x, y = _batch(seed)
-        eps = _sam_perturbation(alone, x, y)
-        ascend(alone, eps, 1)
-        F.cross_entropy(alone(x), y).backward()
-        ascend(alone, eps, -1)
-        alone_tracker.step()
-        alone_opt.step()
-        alone_opt.zero_grad()
-    got = [v for r in sam_tracker.history for v in (r["g2"], r["trace_sigma"])]
-    want = [v for r in alone_tracker.history for v in (r["g2"], r["trace_sigma"])]
+    got, want = run(pause=True), run(pause=None)
     assert len(got) == 12
     assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
 

@@ -35,18 +35,28 @@ def _model() -> nn.Module:
     return nn.Linear(D, 1, bias=False)
 
 
-def _run(steps: int, n: int, seed: int, **kw) -> noisescale.GradientNoiseTracker:
+def _track(steps: int, seed: int, batch, **kw) -> noisescale.GradientNoiseTracker:
+    """A tracker on the linear model over ``steps`` steps of ``batch(g)``'s rows, each step's
+    loss their mean."""
     model = _model()
     tracker = noisescale.GradientNoiseTracker(model, beta=1.0, **kw)
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        x = MU + torch.randn(n, D, generator=g) * SD
-        lam = float(torch.distributions.Beta(0.8, 0.8).sample())
-        mixed = lam * x + (1 - lam) * x.flip(0)  # timm's Mixup, mode "batch"
-        model(mixed).mean().backward()
+        model(batch(g)).mean().backward()
         tracker.step()
         model.zero_grad()
     return tracker
+
+
+def _run(steps: int, n: int, seed: int, **kw) -> noisescale.GradientNoiseTracker:
+    """timm's Mixup, mode "batch": one λ per batch, row i mixed with row N − 1 − i."""
+
+    def mixed(g: torch.Generator) -> torch.Tensor:
+        x = MU + torch.randn(n, D, generator=g) * SD
+        lam = float(torch.distributions.Beta(0.8, 0.8).sample())
+        return lam * x + (1 - lam) * x.flip(0)
+
+    return _track(steps, seed, mixed, **kw)
 
 
 def test_flip_pairs_read_the_loop_s_noise_scale():
@@ -139,25 +149,9 @@ def test_a_checkpoint_resumes_only_with_the_same_pairing():
 def test_paired_sub_batch_norms_match_brute_force(name):
     """The sub-batch norms of pairs, by products and by merged factors alike, equal brute force
     for the sub-batches drawn (tests/test_subbatch.py's cases, an even batch)."""
-    from test_subbatch import _cases, assert_subbatches_exact
+    from test_subbatch import assert_case_exact
 
-    make, x = _cases()[name]
-    x = x[: x.shape[0] // 2 * 2]
-    torch.manual_seed(0)
-    model = make().double()
-    n = x.shape[0]
-
-    def per(out):
-        return out.sin().flatten(1).sum(1)
-
-    assert_subbatches_exact(
-        model,
-        lambda: per(model(x)).mean(),
-        lambda i: per(model(x[i : i + 1])).sum(),
-        n,
-        k=3,
-        pairs="flip",
-    )
+    assert_case_exact(name, even=True, k=3, pairs="flip")
 
 
 # two strata (a GAN discriminator's real and fake halves): loss_i = w·x_i, the first half drawn
@@ -172,16 +166,12 @@ STRATA_TRUTH = float((SD**2).sum() / ((MU_A + MU_B) / 2).pow(2).sum())
 
 
 def _strata(steps: int, n: int, seed: int, **kw) -> noisescale.GradientNoiseTracker:
-    model = _model()
-    tracker = noisescale.GradientNoiseTracker(model, beta=1.0, **kw)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
+    def halves(g: torch.Generator) -> torch.Tensor:
         real = MU_A + torch.randn(n // 2, D, generator=g) * SD
         fake = MU_B + torch.randn(n // 2, D, generator=g) * SD
-        model(torch.cat([real, fake])).mean().backward()
-        tracker.step()
-        model.zero_grad()
-    return tracker
+        return torch.cat([real, fake])
+
+    return _track(steps, seed, halves, **kw)
 
 
 def test_halves_read_the_noise_scale_of_batches_made_of_two_strata():

@@ -292,19 +292,30 @@ class LSTMHead(nn.Module):
         return self.head(self.rnn(x)[0])
 
 
-@pytest.mark.parametrize("name", list(_cases()))
-def test_subbatch_norms_match_brute_force(name):
+def assert_case_exact(name: str, even: bool = False, **kw) -> None:
+    """:func:`assert_subbatches_exact` on one of :func:`_cases` (``even``: its batch cut to an
+    even size; ``kw``: ``k`` and the engine's options, e.g. ``pairs``)."""
     make, x = _cases()[name]
+    if even:
+        x = x[: x.shape[0] // 2 * 2]
     torch.manual_seed(0)
     model = make().double()
-    n = x.shape[0]
 
     def per(out):
         return out.sin().flatten(1).sum(1)
 
     assert_subbatches_exact(
-        model, lambda: per(model(x)).mean(), lambda i: per(model(x[i : i + 1])).sum(), n
+        model,
+        lambda: per(model(x)).mean(),
+        lambda i: per(model(x[i : i + 1])).sum(),
+        x.shape[0],
+        **kw,
     )
+
+
+@pytest.mark.parametrize("name", list(_cases()))
+def test_subbatch_norms_match_brute_force(name):
+    assert_case_exact(name)
 
 
 def test_inputs_reloaded_into_one_buffer_are_not_taken_for_one_input():

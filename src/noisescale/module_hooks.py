@@ -19,9 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from torch import nn
-
-__all__ = ["Inert", "OwnedHook", "WrappedLoss"]
+__all__ = ["Hook", "Inert", "InertWhenCopied", "WrappedLoss"]
 
 
 class Inert:
@@ -36,25 +34,31 @@ class Inert:
         return "noisescale.module_hooks.Inert()"
 
 
-class OwnedHook:
-    """A forward (pre-)hook put on ``owner`` that calls ``fn``; copied (``copy.deepcopy``) or
-    pickled, it is :class:`Inert`. (A shallow ``copy.copy`` of the model shares it and the
-    parameters: there it acts, as on the model.)"""
+class InertWhenCopied:
+    """Deep-copied (``copy.deepcopy``) or pickled, an :class:`Inert` hook: the base of every
+    hook noisescale puts on a module (:class:`Hook` here, the engine's ``_ModuleHook``)."""
 
-    __slots__ = ("fn", "owner")
-
-    def __init__(self, owner: nn.Module, fn: Callable[..., Any]) -> None:
-        self.owner = owner
-        self.fn = fn
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)
+    __slots__ = ()
 
     def __deepcopy__(self, memo: dict) -> Inert:
         return Inert()
 
     def __reduce__(self) -> tuple:
         return (Inert, ())
+
+
+class Hook(InertWhenCopied):
+    """A forward (pre-)hook that calls ``fn``, inert in a deep copy or a pickle of the model. (A
+    shallow ``copy.copy`` of the model shares it and the parameters: there it acts, as on the
+    model.)"""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
 
 
 def _original(loss_function: Callable[..., Any]) -> Callable[..., Any]:

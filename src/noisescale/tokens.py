@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from noisescale.errors import NoiseScaleInputError
-from noisescale.module_hooks import OwnedHook, WrappedLoss
+from noisescale.module_hooks import Hook, WrappedLoss
 
 __all__ = ["PassUnits", "TokenWatcher", "count_units"]
 
@@ -178,12 +178,8 @@ class TokenWatcher:
             m.loss_function = self._wrap(original, kind)
             # a copy of the model (an EMA, AveragedModel) gets inert hooks and its own
             # loss_function back (module_hooks)
-            self._handles.append(
-                m.register_forward_pre_hook(OwnedHook(m, self._on_call), with_kwargs=True)
-            )
-            self._handles.append(
-                m.register_forward_hook(OwnedHook(m, self._on_return), with_kwargs=True)
-            )
+            self._handles.append(m.register_forward_pre_hook(Hook(self._on_call), with_kwargs=True))
+            self._handles.append(m.register_forward_hook(Hook(self._on_return), with_kwargs=True))
 
     @property
     def active(self) -> bool:

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 from noisescale.errors import NoiseScaleInputError
 from noisescale.integrations import estimate_metrics
-from noisescale.module_hooks import OwnedHook
+from noisescale.module_hooks import Hook
 from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, scale_lr
 from noisescale.tracker import GradientNoiseTracker
 
@@ -136,7 +136,7 @@ class NoiseScaleCallback(pl.Callback):
         )
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.tracker = GradientNoiseTracker(target, scaler=scaler, **self._tracker_kwargs(trainer))
-        self._forward_handle = target.register_forward_pre_hook(OwnedHook(target, self._on_forward))
+        self._forward_handle = target.register_forward_pre_hook(Hook(self._on_forward))
         self._forwards = 0
         self._loss, self._stepped = None, False
         self._examples_seen = 0

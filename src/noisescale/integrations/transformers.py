@@ -101,7 +101,7 @@ from torch import Tensor, nn
 
 from noisescale.errors import NoiseScaleInputError
 from noisescale.integrations import estimate_metrics
-from noisescale.module_hooks import OwnedHook
+from noisescale.module_hooks import Hook
 from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, scale_lr
 from noisescale.tracker import GradientNoiseTracker
 
@@ -213,9 +213,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         for p in model.parameters():
             if p.requires_grad:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
-        self._handles.append(
-            model.register_forward_hook(OwnedHook(model, self._on_forward), with_kwargs=True)
-        )
+        self._handles.append(model.register_forward_hook(Hook(self._on_forward), with_kwargs=True))
         world = int(getattr(args, "world_size", 1))
         average = getattr(args, "average_tokens_across_devices", False)
         self._items_scale = world if world > 1 and average else 1

@@ -63,7 +63,7 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.utils.hooks import RemovableHandle
 
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
-from noisescale.module_hooks import Inert
+from noisescale.module_hooks import InertWhenCopied
 from noisescale.per_example import audit as audit_mod
 from noisescale.per_example import compiled, fallback, norms
 from noisescale.per_example import subbatch as subbatch_mod
@@ -323,7 +323,7 @@ class PassNorms:
     compiled_call: bool = False  # the model was called through torch.compile
 
 
-class _ModuleHook:
+class _ModuleHook(InertWhenCopied):
     """The engine's hook on one module (:meth:`PerExampleNorms._hook`): ``eager``, or while
     Dynamo traces it ``traced``. Deep-copied (``copy.deepcopy``: ``AveragedModel``, an EMA, a
     twin) or pickled (``torch.save(model)``) it is inert: the copy is not the model measured
@@ -357,12 +357,6 @@ class _ModuleHook:
             return None  # a copy of the model
         engine._inside_compiled_call = compiled.in_compiled_call()
         return self.eager(*args, **kwargs)
-
-    def __deepcopy__(self, memo: dict) -> Inert:
-        return Inert()
-
-    def __reduce__(self) -> tuple:
-        return (Inert, ())
 
 
 class PerExampleNorms:
@@ -3083,7 +3077,7 @@ class PerExampleNorms:
         marked = next((p for p in reversed(done) if p.grad_marks and p.received), None)
         self._step_marks = (
             {}
-            if marked is None or marked.grad_marks is None
+            if marked is None
             else {
                 id(p): m
                 for p, m in zip(self._params, marked.grad_marks, strict=True)

@@ -71,7 +71,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from noisescale.errors import NoiseScaleInputError
-from noisescale.module_hooks import OwnedHook
+from noisescale.module_hooks import Hook
 from noisescale.per_example import PassNorms, PerExampleNorms
 from noisescale.per_example.factors import sqnorm, sqnorm_total
 from noisescale.sources.base import Observation, StepNorms
@@ -250,9 +250,7 @@ class DataParallelSource:
         self._warned: set[str] = set()
         self._checked_caller = False
         # after the engine's pre-hook, which opens the pass this one looks at
-        self._handles.append(
-            model.register_forward_pre_hook(OwnedHook(model, self._on_model_forward))
-        )
+        self._handles.append(model.register_forward_pre_hook(Hook(self._on_model_forward)))
         if kind == "fsdp":
             self._install_fsdp()
         else:
@@ -327,7 +325,7 @@ class DataParallelSource:
             if sharded:
                 self._handles.append(
                     module.register_forward_pre_hook(
-                        OwnedHook(module, self._make_fsdp_pre_hook(module, sharded))
+                        Hook(self._make_fsdp_pre_hook(module, sharded))
                     )
                 )
 
