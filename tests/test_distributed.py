@@ -278,9 +278,53 @@ def _misuse() -> dict[str, str]:
         warnings.simplefilter("always")
         noisescale.GradientNoiseTracker(make_model())  # e.g. created before wrapping in DDP
     out["plain_model"] = " ".join(str(w.message) for w in caught)
+    # the tracker on the plain model, which a DistributedDataParallel then runs: created after
+    # the tracker, or its .module given to the tracker, or around a module holding the tracked
+    # one; refused at the first forward, on every process alike (no collective is left waiting)
+    x, y = micro_batch(EVEN, 0, 0, 0)
+
+    def tracked(model: nn.Module) -> noisescale.GradientNoiseTracker:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the plain model's warning, tested above)
+            return noisescale.GradientNoiseTracker(model)
+
+    def after() -> tuple[noisescale.GradientNoiseTracker, nn.Module]:
+        model = make_model()
+        tracker = tracked(model)
+        return tracker, DistributedDataParallel(model)
+
+    def inner() -> tuple[noisescale.GradientNoiseTracker, nn.Module]:
+        ddp = DistributedDataParallel(make_model())
+        return tracked(ddp.module), ddp
+
+    def part() -> tuple[noisescale.GradientNoiseTracker, nn.Module]:
+        ddp = DistributedDataParallel(make_model())
+        return tracked(ddp.module[0]), ddp
+
+    for name, build in (("ddp_after", after), ("ddp_inner", inner), ("ddp_part", part)):
+        tracker, ddp = build()
+        try:
+            F.cross_entropy(ddp(x), y).backward()
+            tracker.step()
+            out[name] = "accepted"
+        except NoiseScaleInputError as e:
+            out[name] = str(e)
+        tracker.remove()
+    # FSDP2's fully_shard after the tracker replaces the parameters: refused at the step
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    tracker = tracked(model)
+    fully_shard(model)
+    try:
+        F.cross_entropy(model(x), y).backward()
+        tracker.step()
+        out["fsdp_after"] = "accepted"
+    except NoiseScaleInputError as e:
+        out["fsdp_after"] = str(e)
+    tracker.remove()
     model = DistributedDataParallel(make_model())
     tracker = noisescale.GradientNoiseTracker(model)
-    x, y = micro_batch(EVEN, 0, 0, 0)
     with model.no_sync():
         F.cross_entropy(model(x), y).backward()
     try:
@@ -853,6 +897,15 @@ def test_communication_hooks(runs):
 def test_misuse_is_reported(runs):
     misuse = runs[0]["misuse"]
     assert "neither DistributedDataParallel nor FSDP2" in misuse["plain_model"]
+    for name in ("ddp_after", "ddp_inner"):
+        assert misuse[name].startswith(
+            "this forward pass is run by a DistributedDataParallel around the model given to "
+            "the tracker, created after the tracker (or the tracker was given ddp.module)"
+        ), misuse[name]
+    assert misuse["ddp_part"].startswith(
+        "this forward pass is run by a DistributedDataParallel around a module holding it"
+    )
+    assert "FSDP2's fully_shard()" in misuse["fsdp_after"]
     assert "inside model.no_sync()" in misuse["step_after_no_sync"]
     assert misuse["clipped_False"] == "accepted"
     assert misuse["clipped_True"].startswith("call tracker.step() right after the last backward")

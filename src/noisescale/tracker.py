@@ -50,6 +50,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from noisescale import estimators as est
@@ -61,7 +62,7 @@ from noisescale.per_example.engine import new_parameters_message
 from noisescale.per_example.factors import sqnorm_total
 from noisescale.preconditioning import check_preconditioner, preconditioner_weights
 from noisescale.sources.base import Observation, Source, StepNorms
-from noisescale.sources.distributed import DataParallelSource, ReducedStep
+from noisescale.sources.distributed import DataParallelSource, ReducedStep, watch_late_wrapper
 from noisescale.sources.microbatch import MicroBatchSource
 from noisescale.sources.per_example import PerExampleSource
 from noisescale.sources.subbatch import SubbatchSource
@@ -360,6 +361,14 @@ class GradientNoiseTracker:
         self._dist = DataParallelSource.detect(
             model, self.engine, self._params, process_group, microbatch=microbatch
         )
+        self._late_wrapper = (
+            watch_late_wrapper(model, self.engine)
+            if self._dist is None
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+            else None
+        )
         if self._dist is not None:
             # the data-parallel source needs each pass's local norm as the backward computes it
             self.engine.lazy_first_pass = False
@@ -525,6 +534,8 @@ class GradientNoiseTracker:
         self.engine.remove()
         if self._dist is not None:
             self._dist.remove()
+        if self._late_wrapper is not None:
+            self._late_wrapper.remove()
         raise NoiseScaleInputError(message)
 
     def _check_new_parameters(self) -> None:
@@ -816,6 +827,8 @@ class GradientNoiseTracker:
         self._tokens.remove()
         if self._dist is not None:
             self._dist.remove()
+        if self._late_wrapper is not None:
+            self._late_wrapper.remove()
 
     # -- host side ----------------------------------------------------------------------------
 

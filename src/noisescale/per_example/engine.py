@@ -146,9 +146,9 @@ def new_parameters_message(names: Sequence[str]) -> str:
         f"parameters {list(names[:6])}{'…' if len(names) > 6 else ''} were added to the model or "
         "replaced by new Parameter objects after the tracker was created (a layer re-created or "
         "added, resize_token_embeddings(), peft adapters, load_state_dict(..., assign=True), "
-        "model.to() with torch.__future__.set_overwrite_module_params_on_conversion(True)): "
-        "the tracker would leave them out of every norm. Create the tracker after the model is "
-        "built, moved and loaded"
+        "model.to() with torch.__future__.set_overwrite_module_params_on_conversion(True), "
+        "FSDP2's fully_shard()): the tracker would leave them out of every norm. Create the "
+        "tracker after the model is built, moved, loaded and wrapped"
     )
 
 

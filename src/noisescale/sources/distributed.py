@@ -299,6 +299,8 @@ class DataParallelSource:
         if process_group is not None:
             return cls(model, engine, params, process_group, "manual", microbatch=microbatch)
         if dist.get_world_size() > 1:
+            # (a DistributedDataParallel created after the tracker is refused at the forward:
+            # watch_late_wrapper, which the tracker installs in this case)
             warnings.warn(
                 "torch.distributed is initialised but the model is neither "
                 "DistributedDataParallel nor FSDP2 (fully_shard), so the tracker measures this "
@@ -841,6 +843,43 @@ def _calling_pipeline_stage() -> Any | None:
             return me
         frame = frame.f_back
     return None
+
+
+def _late_wrapper_message(ddp: Any, model: nn.Module) -> str:
+    inner = "the model given to the tracker" if ddp.module is model else "a module holding it"
+    return (
+        f"this forward pass is run by a DistributedDataParallel around {inner}, created after "
+        "the tracker (or the tracker was given ddp.module): DDP averages the gradients over "
+        f"its {dist.get_world_size(ddp.process_group)} processes, which the tracker, built on "
+        "the plain model, would read as this process's own, a wrong |G|² and tr Σ. Create "
+        "the tracker from the wrapped model, after the wrap: "
+        "GradientNoiseTracker(DistributedDataParallel(model)) (with accelerate, after "
+        "accelerator.prepare(model); the Trainer's callback does this itself)"
+    )
+
+
+def watch_late_wrapper(model: nn.Module, engine: PerExampleNorms) -> RemovableHandle:
+    """A forward pre-hook for a plain model in a run of several processes without
+    ``process_group=``: on the steps the audits' schedule falls on (1, 2, 4, …), it refuses a
+    forward that a ``DistributedDataParallel`` runs — a DDP created after the tracker, or one
+    whose ``.module`` was given to the tracker — whose averaged gradients the tracker would take
+    for this process's own. DDP marks nothing on the module it wraps, so the hook looks for it
+    in the calling frames (a few microseconds on the steps it checks)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        if engine.is_paused or not torch.is_grad_enabled() or not engine.check_scheduled:
+            return
+        frame = sys._getframe(1)
+        while frame is not None:
+            me = frame.f_locals.get("self")
+            if isinstance(me, DistributedDataParallel) and any(
+                m is module for m in me.module.modules()
+            ):
+                raise NoiseScaleInputError(_late_wrapper_message(me, module))
+            frame = frame.f_back
+
+    return model.register_forward_pre_hook(Hook(hook))
 
 
 def _refuse_fsdp1(model: nn.Module) -> None:
