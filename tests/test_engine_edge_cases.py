@@ -502,10 +502,11 @@ def test_several_forwards_one_backward_give_sub_batch_norms_of_their_parts(produ
     engine.remove()
 
 
-def test_several_forwards_one_backward_in_the_default_mode_are_unbiased():
+@pytest.mark.parametrize("micro", [1, 2], ids=["one-backward", "accumulated"])
+def test_several_forwards_one_backward_in_the_default_mode_are_unbiased(micro):
     """The tracker on such a loop: loss_i = w·x_i (per-example gradient x_i), four forwards of 8
-    examples per step, their means summed over 4 and backpropagated once; the interval holds the
-    closed-form truth."""
+    examples per step, their means summed over 4 and backpropagated once — or in two
+    accumulated micro-batches of two forwards each; the interval holds the closed-form truth."""
     d = 10
     mu, sd = torch.full((d,), 0.5), torch.linspace(0.5, 2.0, d)
     truth = float((sd**2).sum() / (mu @ mu))
@@ -515,16 +516,93 @@ def test_several_forwards_one_backward_in_the_default_mode_are_unbiased():
     g = torch.Generator().manual_seed(0)
     for _ in range(300):
         x = mu + torch.randn(32, d, generator=g) * sd
-        sum(model(part).mean() for part in x.chunk(4)).div(4).backward()
+        for chunk in x.chunk(micro):
+            sum(model(part).mean() for part in chunk.chunk(4 // micro)).div(4).backward()
         tracker.step()
         model.zero_grad()
     e = tracker.estimate()
     # split at first, then (no weight pays for products here) every example measured: both
     # merges, of sub-batches and of per-example norms
     used = {name for r in tracker.history for name in r["sources"]}
-    assert used == {"subbatch", "per_example"}
+    assert used == {"subbatch", "per_example"} | ({"microbatch"} if micro > 1 else set())
     assert e.low <= truth <= e.high
     assert e.trace_sigma == pytest.approx(float((sd**2).sum()), rel=0.08)
+
+
+@pytest.mark.parametrize(
+    "options", [{"subbatches": 4}, {"per_example_fraction": 0.25}], ids=["subbatch", "subset"]
+)
+def test_accumulated_micro_batches_of_two_forwards_are_measured_whole(options):
+    """Gradient accumulation whose micro-batches each sum two forwards' losses, a correct loop.
+    The engine chose the measured micro-batch by its position among the forwards, and counted
+    the positions to draw from in backwards: part of a merged pass was measured, the second
+    micro-batch never, and the audit of step 4 refused the step (a false refusal found by a
+    review on 2026-12-04). Now one backward's forwards are measured or skipped together; what
+    is measured equals brute force, over eight steps of which four are audited."""
+    from noisescale.per_example import PerExampleNorms
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    engine = PerExampleNorms(model, **options)
+    g = torch.Generator().manual_seed(5)
+    params = list(model.parameters())
+    measured = set()
+    for _ in range(8):
+        model.zero_grad()
+        micro = [[torch.randn(8, 3, generator=g) for _ in range(2)] for _ in range(2)]
+        for forwards in micro:
+            sum(per_loss(model(x)).sum() for x in forwards).backward()
+        passes = engine.collect()
+        assert [p.batch_size for p in passes] == [16, 16]
+        for j, (p, forwards) in enumerate(zip(passes, micro, strict=True)):
+            if p.raw_sqnorms is None:
+                assert p.skipped
+                continue
+            if p.rows is not None or p.subbatches is not None:
+                continue  # the first step: rows drawn, or sub-batches (tested elsewhere)
+            measured.add(j)
+            with engine.paused():
+                want = [
+                    sum(
+                        gr.pow(2).sum()
+                        for gr in torch.autograd.grad(per_loss(model(x[i : i + 1])).sum(), params)
+                    )
+                    for x in forwards
+                    for i in range(8)
+                ]
+            torch.testing.assert_close(p.raw_sqnorms, torch.stack(want), rtol=1e-9, atol=0)
+    assert measured == {0, 1}
+    engine.remove()
+
+
+def test_micro_batches_of_one_then_two_forwards_from_step_to_step():
+    """Steps of two micro-batches of one forward each, then steps whose micro-batches sum two
+    forwards: the sub-batch mode picks the measured forward by the last step's micro-batches,
+    which this step's merged passes do not match; such a pass is kept whole or skipped whole
+    (its micro-batch norm only), never measured in part, and no step is refused."""
+    from noisescale.per_example import PerExampleNorms
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    engines = [PerExampleNorms(model, subbatches=4), noisescale.GradientNoiseTracker(model)]
+    g = torch.Generator().manual_seed(5)
+    kinds = []
+    for step in range(16):
+        model.zero_grad()
+        for _ in range(2):
+            n = 2 if step % 3 == 2 else 1
+            sum(per_loss(model(torch.randn(8, 3, generator=g))).mean() for _ in range(n)).backward()
+        for p in engines[0].collect():
+            if p.raw_sqnorms is None:
+                kinds.append("skipped")
+            else:
+                assert p.raw_sqnorms.numel() == p.batch_size or p.subbatches is not None
+                kinds.append("whole")
+        engines[1].step()
+    assert "skipped" in kinds and "whole" in kinds
+    assert len(engines[1].history) == 16
+    for engine in engines:
+        engine.remove()
 
 
 @pytest.mark.parametrize("pairs", [None, "flip"])

@@ -42,6 +42,7 @@ the examples are along dim 1, and recurrent layers declare their own layout.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import itertools
@@ -476,6 +477,7 @@ class PerExampleNorms:
         self._first_pass: PassNorms | None = None
         self.subset_position = 0
         self._positions = 0
+        self._task_measured: dict[int, bool] = {}  # this step's backwards: measured or not
         self._measured_found = False
         self.last_step_examples: int | None = None
         # Sub-batch mode with accumulation: the number of micro-batches of the last step (0 while
@@ -2718,8 +2720,16 @@ class PerExampleNorms:
             return True
         if reaches is None:
             return True
-        position, self._positions = self._positions, self._positions + 1
-        if position == self.subset_position:
+        # one position per backward: the forwards that one backward runs through together
+        # (two forwards, one loss) are one pass of the step (merged at collect), measured or
+        # skipped together (before 2026-12-04 each forward took a position of its own, so only
+        # part of such a pass was measured, the later ones never, and the audit refused)
+        task = torch._C._current_graph_task_id()
+        measured = self._task_measured.get(task)
+        if measured is None:
+            position, self._positions = self._positions, self._positions + 1
+            measured = self._task_measured[task] = position == self.subset_position
+        if measured:
             pass_.measured = self._measured_found = True
             return True
         pass_.skipped = True
@@ -3031,6 +3041,7 @@ class PerExampleNorms:
         self._shadows.clear()
         self._first_pass = None
         self._positions = 0
+        self._task_measured.clear()
         self._forwards = 0
         self._measured_found = False
         self._task_accumulates.clear()
@@ -3209,14 +3220,19 @@ class PerExampleNorms:
                 )
         compiled_step = any(p.compiled or p.compiled_call for p in done)
         self._seen_compiled = self._seen_compiled or compiled_step
-        done = [p for p in _merge_shared_backward(done) if p.received]
+        opened = len(done)
+        done = _merge_shared_backward(done)
+        # several forwards in one backward: their positions (counted in forwards) and the
+        # step's backwards (counted in passes that received gradients) are not the same count
+        merged_any = len(done) < opened
+        done = [p for p in done if p.received]
         if done and all(p.idle for p in done):
             return done  # an unmeasured step: the measured steps' schedules stay as they were
         self.steps_collected += 1
         self._audit_due = _audit_scheduled(self.steps_collected + 1)  # the next step's number
         if done:
             self.last_step_examples = sum(p.batch_size for p in done)
-            separate = len(done) == reached and not compiled_step
+            separate = len(done) == reached and not compiled_step and not merged_any
             self.last_step_passes = reached if self.subbatches and separate else 0
             # which pass of the next step is measured: a subset's, or (sub-batch mode) the one
             # micro-batch that is split
@@ -3905,6 +3921,14 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
         if len(group) == 1:
             out.append(group[0])
             continue
+        if any(p.skipped and not p.idle for p in group) and not all(p.skipped for p in group):
+            # part of the pass measured: in sub-batch mode with accumulation the micro-batch
+            # measured is chosen at the forward, by the last step's passes, and this step ran
+            # several forwards in one backward where the last ran one (from the next step on,
+            # every forward of such a step is measured). Its per-example gradients would miss
+            # the skipped forwards' share of the backward (the audit's coverage check would
+            # fail): the pass keeps its micro-batch norm only, as a skipped one does
+            group = [_without_norms(p) for p in group]
         first = group[0]
         merged = PassNorms(batch_size=sum(p.batch_size for p in group), weights=first.weights)
         for name in ("raw_sqnorms", "group_sqnorms"):
@@ -3970,6 +3994,16 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
             merged.param_tasks |= p.param_tasks
         out.append(merged)
     return out
+
+
+def _without_norms(pass_: PassNorms) -> PassNorms:
+    """A copy of the pass without its per-example norms, rows and audit (its micro-batch norm
+    and bookkeeping kept)."""
+    bare = copy.copy(pass_)
+    bare.raw_sqnorms = bare.group_sqnorms = bare.rows = bare.audit = bare.subbatches = None
+    bare.unsplit = False
+    bare.skipped = True
+    return bare
 
 
 # -- helpers ----------------------------------------------------------------------------------
