@@ -57,3 +57,66 @@ def test_micro_batches_of_whole_copy_groups_measure_b_simple_in_rows(distinct):
     # a row of a copy carries half an example: twice the distinct examples' B_simple
     assert rows.low <= 2 * distinct.b_simple <= rows.high
     assert rows.low > distinct.high  # not the distinct examples' B_simple: a different unit
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Dropout(0.1))
+        self.heads = nn.ModuleList([nn.Linear(32, 10), nn.Linear(32, 10)])
+
+    def forward(self, x: torch.Tensor, head: int = 0) -> torch.Tensor:
+        return self.heads[head](self.body(x))
+
+
+def _same_input_twice(form: str, model: _TwoHeads, x: torch.Tensor, y: torch.Tensor):
+    if form == "multi-sample dropout":  # one batch, two dropout masks, losses summed
+        return F.cross_entropy(model(x), y) + F.cross_entropy(model(x), y)
+    if form == "two heads in turn":
+        return F.cross_entropy(model(x, head=0), y) + F.cross_entropy(model(x, head=1), y)
+    if form == "a view of the batch":
+        return F.cross_entropy(model(x), y) + F.cross_entropy(model(x.view(x.shape)), y)
+    # a copy: as two augmented views, not detectable (README, "Known limits")
+    return F.cross_entropy(model(x), y) + F.cross_entropy(model(x.clone()), y)
+
+
+FORMS = ["multi-sample dropout", "two heads in turn", "a view of the batch"]
+
+
+@pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}], ids=["default", "exact"])
+@pytest.mark.parametrize("form", [*FORMS, "a copy"])
+def test_one_backward_through_the_same_input_twice_is_refused(form, kw):
+    """The same input tensor through two forwards that one backward runs through: each
+    example's gradient is the sum of its two rows', and a merged pass took the 2N rows for 2N
+    independent examples — measured without a word until 2026-12-04. Refused from the first
+    step, with the records before it kept; a copy of the batch is two tensors, as two augmented
+    views are, and is measured as 2N rows (documented, not detectable)."""
+    torch.manual_seed(0)
+    model = _TwoHeads()
+    tracker = noisescale.GradientNoiseTracker(model, **kw)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 20, generator=g), torch.randint(0, 10, (16,), generator=g)
+    F.cross_entropy(model(x), y).backward()  # one step of one forward, recorded
+    tracker.step()
+    model.zero_grad()
+    _same_input_twice(form, model, x, y).backward()
+    if form == "a copy":
+        tracker.step()
+        assert [r["examples"] for r in tracker.history] == [16, 48]  # (a running count)
+        return
+    with pytest.raises(noisescale.NoiseScaleInputError, match="on the same input tensor"):
+        tracker.step()
+    assert len(tracker.history) == 1
+
+
+def test_the_same_input_in_two_accumulated_backwards_is_not_refused():
+    """Two backwards, one per forward, of one batch: two micro-batches (the same examples in
+    both, a repeat the loop chose), which the check of one backward does not concern."""
+    torch.manual_seed(0)
+    model = _TwoHeads().eval()
+    tracker = noisescale.GradientNoiseTracker(model)
+    x, y = torch.randn(16, 20), torch.randint(0, 10, (16,))
+    for head in (0, 1):
+        (F.cross_entropy(model(x, head=head), y) / 2).backward()
+    tracker.step()
+    assert tracker.history[-1]["examples"] == 32

@@ -3921,6 +3921,7 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
         if len(group) == 1:
             out.append(group[0])
             continue
+        _refuse_same_input_twice(group)
         if any(p.skipped and not p.idle for p in group) and not all(p.skipped for p in group):
             # part of the pass measured: in sub-batch mode with accumulation the micro-batch
             # measured is chosen at the forward, by the last step's passes, and this step ran
@@ -3994,6 +3995,47 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
             merged.param_tasks |= p.param_tasks
         out.append(merged)
     return out
+
+
+def _same_tensor(a: Tensor | None, b: Tensor | None) -> bool:
+    if a is None or b is None:
+        return False
+    if a is b:
+        return True
+    return (
+        a.numel() > 0
+        and a.device == b.device
+        and a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.data_ptr() == b.data_ptr()
+    )
+
+
+def _refuse_same_input_twice(group: list[PassNorms]) -> None:
+    """Refuse one backward through two forwards of the model on the same input tensor.
+
+    Their rows are the same examples twice (multi-sample dropout, R-Drop's two passes, two
+    task heads called in turn on one batch): each example's gradient is the sum of its two
+    rows', but a merged pass takes its 2N rows for 2N independent examples, so per-example
+    norms, sub-batch norms and the noise scale from them are wrong. (Two augmented views are
+    two input tensors, which no check can tell from two batches: documented, not detected.)
+    """
+    for i, a in enumerate(group):
+        for b in group[i + 1 :]:
+            if a.batch_size == b.batch_size and _same_tensor(a.n_source, b.n_source):
+                raise NoiseScaleInputError(
+                    "one backward ran through two forward passes of the model on the same "
+                    f"input tensor (shape {tuple(a.n_source.shape)}; e.g. multi-sample "
+                    "dropout, R-Drop, two heads called in turn on one batch, their losses "
+                    "summed): its rows are the same examples twice, whose gradient is the sum "
+                    "of both rows', so no norm per row is an example's and the merged pass's "
+                    f"{a.batch_size + b.batch_size} rows are not independent draws. Run the "
+                    "batch through one forward, or measure with per_example=False (norms of "
+                    "accumulation micro-batches, exact whatever the loss does within each); "
+                    "a forward that is not trained (a teacher) goes under torch.no_grad() or "
+                    "tracker.paused()"
+                )
 
 
 def _without_norms(pass_: PassNorms) -> PassNorms:
