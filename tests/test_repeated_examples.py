@@ -109,14 +109,17 @@ def test_one_backward_through_the_same_input_twice_is_refused(form, kw):
     assert len(tracker.history) == 1
 
 
-def test_the_same_input_in_two_accumulated_backwards_is_not_refused():
-    """Two backwards, one per forward, of one batch: two micro-batches (the same examples in
-    both, a repeat the loop chose), which the check of one backward does not concern."""
+@pytest.mark.parametrize("kw", [{}, {"per_example": False}], ids=["default", "micro-batches"])
+def test_the_same_input_in_two_accumulated_backwards_is_refused(kw):
+    """Two backwards of one step, one per forward, on one batch — a task head each: the same
+    examples in two micro-batches, which the step takes for two independent draws of 16
+    (with per-example norms, 32 examples). Refused, in every mode."""
     torch.manual_seed(0)
     model = _TwoHeads().eval()
-    tracker = noisescale.GradientNoiseTracker(model)
+    tracker = noisescale.GradientNoiseTracker(model, **kw)
     x, y = torch.randn(16, 20), torch.randint(0, 10, (16,))
     for head in (0, 1):
         (F.cross_entropy(model(x, head=head), y) / 2).backward()
-    tracker.step()
-    assert tracker.history[-1]["examples"] == 32
+    with pytest.raises(noisescale.NoiseScaleInputError, match="backward passes of one step"):
+        tracker.step()
+    assert tracker.history == []

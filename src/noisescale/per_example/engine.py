@@ -3220,6 +3220,7 @@ class PerExampleNorms:
                 )
         compiled_step = any(p.compiled or p.compiled_call for p in done)
         self._seen_compiled = self._seen_compiled or compiled_step
+        _refuse_same_input_twice([p for p in done if p.tasks and not p.idle])
         opened = len(done)
         done = _merge_shared_backward(done)
         # several forwards in one backward: their positions (counted in forwards) and the
@@ -3921,7 +3922,6 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
         if len(group) == 1:
             out.append(group[0])
             continue
-        _refuse_same_input_twice(group)
         if any(p.skipped and not p.idle for p in group) and not all(p.skipped for p in group):
             # part of the pass measured: in sub-batch mode with accumulation the micro-batch
             # measured is chosen at the forward, by the last step's passes, and this step ran
@@ -4012,29 +4012,33 @@ def _same_tensor(a: Tensor | None, b: Tensor | None) -> bool:
     )
 
 
-def _refuse_same_input_twice(group: list[PassNorms]) -> None:
-    """Refuse one backward through two forwards of the model on the same input tensor.
+def _refuse_same_input_twice(passes: list[PassNorms]) -> None:
+    """Refuse a step whose backward passes ran through two forwards of the model on the same
+    input tensor.
 
     Their rows are the same examples twice (multi-sample dropout, R-Drop's two passes, two
-    task heads called in turn on one batch): each example's gradient is the sum of its two
-    rows', but a merged pass takes its 2N rows for 2N independent examples, so per-example
-    norms, sub-batch norms and the noise scale from them are wrong. (Two augmented views are
-    two input tensors, which no check can tell from two batches: documented, not detected.)
+    task heads called in turn on one batch, in one backward or two): each example's gradient
+    is the sum of its two rows', but the step takes its 2N rows for 2N independent examples
+    (one merged pass, or two micro-batches), so per-example norms, sub-batch and micro-batch
+    norms and the noise scale from them are wrong. (Two augmented views are two input tensors,
+    which no check can tell from two batches: documented, not detected.)
     """
-    for i, a in enumerate(group):
-        for b in group[i + 1 :]:
+    for i, a in enumerate(passes):
+        for b in passes[i + 1 :]:
             if a.batch_size == b.batch_size and _same_tensor(a.n_source, b.n_source):
+                one = bool(a.tasks & b.tasks)
                 raise NoiseScaleInputError(
-                    "one backward ran through two forward passes of the model on the same "
-                    f"input tensor (shape {tuple(a.n_source.shape)}; e.g. multi-sample "
-                    "dropout, R-Drop, two heads called in turn on one batch, their losses "
-                    "summed): its rows are the same examples twice, whose gradient is the sum "
-                    "of both rows', so no norm per row is an example's and the merged pass's "
-                    f"{a.batch_size + b.batch_size} rows are not independent draws. Run the "
-                    "batch through one forward, or measure with per_example=False (norms of "
-                    "accumulation micro-batches, exact whatever the loss does within each); "
-                    "a forward that is not trained (a teacher) goes under torch.no_grad() or "
-                    "tracker.paused()"
+                    f"{'one backward' if one else 'the backward passes of one step'} ran "
+                    "through two forward passes of the model on the same input tensor (shape "
+                    f"{tuple(a.n_source.shape)}; e.g. multi-sample dropout, R-Drop, two heads "
+                    "called in turn on one batch): its rows are the same examples twice, whose "
+                    "gradient is the sum of both rows', so no norm per row is an example's and "
+                    f"the step's {a.batch_size + b.batch_size} rows are not independent draws"
+                    f"{'' if one else ' (nor are its micro-batches)'}. Run the batch through "
+                    "one forward and one loss; with accumulation, give each micro-batch other "
+                    "examples (per_example=False then measures any loss within a micro-batch "
+                    "exactly). A forward that is not trained (a teacher, a probe) goes under "
+                    "torch.no_grad() or tracker.paused()"
                 )
 
 
