@@ -173,13 +173,13 @@ ZOO = {
 }  # fmt: skip
 
 
-def _losses(model: nn.Module, inputs, n: int = N) -> tuple:
+def _losses(model: nn.Module, inputs, n: int = N, seed: int = 0) -> tuple:
     """The batch loss (the mean of the examples' own losses) and one example's loss, for ``n``
-    examples. Language models get sequences of equal length (some attention padding), so their
-    token mean is the mean of the examples' token means."""
+    examples (drawn with ``seed``). Language models get sequences of equal length (some
+    attention padding), so their token mean is the mean of the examples' token means."""
     model.train()
     if inputs == "lm":
-        ids, mask = _ids(n=n), _mask(n)
+        ids, mask = _ids(seed, n=n), _mask(n)
 
         def batch() -> torch.Tensor:
             return model(input_ids=ids, attention_mask=mask, labels=ids).loss
@@ -190,7 +190,7 @@ def _losses(model: nn.Module, inputs, n: int = N) -> tuple:
 
         return batch, one
     size = inputs[1]
-    x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(2 + seed))
     y = torch.arange(n) % 3
 
     def batch_images() -> torch.Tensor:
@@ -362,11 +362,19 @@ def _lora(model: nn.Module, name: str) -> nn.Module:
 
 
 def _train(
-    model: nn.Module, batch, steps: int, *, count: int | None = None, passes=lambda step: 1
+    model: nn.Module,
+    batch,
+    steps: int,
+    *,
+    count: int | None = None,
+    passes=lambda step: 1,
+    micro_batches=None,
 ) -> tuple[list[dict], list[str]]:
     """``steps`` SGD steps of the tracker's default, ``passes(step)`` accumulation micro-batches
-    each; ``count``: the loss is a token mean the model computes itself (declared, and the tokens
-    of ``count`` sequences counted by hand). The history and every warning raised."""
+    each (``micro_batches[j]``'s loss for the j-th: other examples than ``batch``'s, which the
+    tracker refuses to see twice in one step); ``count``: the loss is a token mean the model
+    computes itself (declared, and the tokens of ``count`` sequences counted by hand). The
+    history and every warning raised."""
     tracker = noisescale.GradientNoiseTracker(
         model, "mean" if count is None else "token_mean", sync_every=1
     )
@@ -375,8 +383,8 @@ def _train(
         warnings.simplefilter("always")
         for step in range(steps):
             opt.zero_grad()
-            for _ in range(passes(step)):
-                loss = batch() / passes(step)
+            for j in range(passes(step)):
+                loss = (micro_batches[j] if micro_batches else batch)() / passes(step)
                 if count is not None:
                     tracker.count_tokens(_ids(n=count))
                 loss.backward()
@@ -561,9 +569,16 @@ def test_the_tracker_trains_each_family_with_its_default(name):
     build, inputs = ZOO[name]
     torch.manual_seed(0)
     model = build()
-    batch, _ = _losses(model, inputs, n=32)
+    batches = [_losses(model, inputs, n=32, seed=j)[0] for j in range(3)]
     count = 32 if name in SELF_COMPUTED_LOSS else None
-    history, said = _train(model, batch, 6, count=count, passes=lambda step: 1 if step < 3 else 3)
+    history, said = _train(
+        model,
+        batches[0],
+        6,
+        count=count,
+        passes=lambda step: 1 if step < 3 else 3,
+        micro_batches=batches,
+    )
     learns = name == "albert"
     assert len(said) == learns and all("step 1: " in s and "more than once" in s for s in said)
     assert len(history) == 6

@@ -123,3 +123,29 @@ def test_the_same_input_in_two_accumulated_backwards_is_refused(kw):
     with pytest.raises(noisescale.NoiseScaleInputError, match="backward passes of one step"):
         tracker.step()
     assert tracker.history == []
+
+
+def test_an_input_buffer_refilled_in_place_between_micro_batches_is_other_examples():
+    """One input tensor refilled with ``copy_`` for each micro-batch (a static buffer, as
+    CUDA-graph loops keep): the same storage at another version holds other examples, and the
+    step is measured — exactly as with two tensors."""
+    torch.manual_seed(0)
+    model = _TwoHeads().eval()
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    g = torch.Generator().manual_seed(1)
+    xs, y = torch.randn(2, 16, 20, generator=g), torch.randint(0, 10, (16,), generator=g)
+    buffer = torch.empty(16, 20)
+    for x in xs:
+        buffer.copy_(x)
+        (F.cross_entropy(model(buffer), y) / 2).backward()
+    tracker.step()
+    model.zero_grad()
+    for x in xs:
+        (F.cross_entropy(model(x), y) / 2).backward()
+    tracker.step()
+    first, second = tracker.history
+    assert second["examples"] - first["examples"] == first["examples"] == 32
+    assert first["sqnorm_big"] == pytest.approx(second["sqnorm_big"], rel=1e-12)
+    assert first["sources"].keys() == second["sources"].keys() == {"per_example", "microbatch"}
+    for name, source in first["sources"].items():
+        assert source == pytest.approx(second["sources"][name], rel=1e-12)

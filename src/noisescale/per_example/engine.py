@@ -294,6 +294,7 @@ class PassNorms:
     flat_calls: set[nn.Module] = field(default_factory=set)
     amp: bool = False  # the forward ran under autocast (looser audit tolerance)
     n_source: Tensor | None = None  # the model input the example count was read from
+    n_version: int = 0  # its version counter at the forward (an input buffer refilled in place)
     aliased: set[int] = field(default_factory=set)  # parameters handed out as shared aliases
     inputs: tuple | None = None  # the model's (args, kwargs), for the audit's permutation check
     subbatches: Subbatches | MergedSubbatches | None = None
@@ -908,6 +909,8 @@ class PerExampleNorms:
             skipped = skipped or position != self.subset_position
         pass_ = PassNorms(batch_size=n, weights=weights, skipped=skipped or n == 0)
         pass_.n_source = _first_tensor(args, kwargs)
+        if pass_.n_source is not None:
+            pass_.n_version = pass_.n_source._version
         pass_.inputs = (args, kwargs)
         if self.subbatches and self.per_example and n >= 2 and not pass_.skipped:
             if self.pairs is not None and n % 2:
@@ -3997,18 +4000,22 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
     return out
 
 
-def _same_tensor(a: Tensor | None, b: Tensor | None) -> bool:
-    if a is None or b is None:
+def _same_input(a: PassNorms, b: PassNorms) -> bool:
+    """Whether two passes read the same input tensor with the same contents: the same tensor,
+    or one with the same storage, shape and stride, at the same version (a buffer refilled in
+    place between two micro-batches, ``buf.copy_(batch)``, holds other examples)."""
+    x, y = a.n_source, b.n_source
+    if x is None or y is None or a.n_version != b.n_version:
         return False
-    if a is b:
+    if x is y:
         return True
     return (
-        a.numel() > 0
-        and a.device == b.device
-        and a.dtype == b.dtype
-        and a.shape == b.shape
-        and a.stride() == b.stride()
-        and a.data_ptr() == b.data_ptr()
+        x.numel() > 0
+        and x.device == y.device
+        and x.dtype == y.dtype
+        and x.shape == y.shape
+        and x.stride() == y.stride()
+        and x.data_ptr() == y.data_ptr()
     )
 
 
@@ -4025,7 +4032,7 @@ def _refuse_same_input_twice(passes: list[PassNorms]) -> None:
     """
     for i, a in enumerate(passes):
         for b in passes[i + 1 :]:
-            if a.batch_size == b.batch_size and _same_tensor(a.n_source, b.n_source):
+            if a.batch_size == b.batch_size and _same_input(a, b):
                 one = bool(a.tasks & b.tasks)
                 raise NoiseScaleInputError(
                     f"{'one backward' if one else 'the backward passes of one step'} ran "
