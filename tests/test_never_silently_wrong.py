@@ -1365,3 +1365,83 @@ def test_a_parameter_read_in_the_loss_is_refused_saying_so():
 
     with pytest.raises(UnsupportedModuleError, match="read outside the model's forward"):
         one_shot(model, x, loss)
+
+
+class _PickedRows(nn.Module):
+    """A head on the rows a loss counts, picked from the examples flattened with their
+    positions ([N·T, D] -> [K, D]), as ModernBERT's ``sparse_prediction=True`` does."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.body = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.body(x)).reshape(-1, 5)
+        flat = keep.reshape(-1)
+        if self.how == "mask":
+            rows = h[flat]
+        elif self.how == "index":
+            rows = h[flat.nonzero().squeeze(1)]
+        elif self.how == "index_select":
+            rows = h.index_select(0, flat.nonzero().squeeze(1))
+        else:  # masked_select, then rows again
+            rows = h.masked_select(flat[:, None]).view(-1, 5)
+        return self.head(rows).pow(2).sum(-1)  # one loss per picked row
+
+
+def _keep(counts: list[int]) -> torch.Tensor:
+    keep = torch.zeros(N, 6, dtype=torch.bool)
+    for i, c in enumerate(counts):
+        keep[i, :c] = True
+    return keep
+
+
+@pytest.mark.parametrize("how", ["mask", "index", "index_select", "masked_select"])
+def test_rows_picked_by_a_mask_whose_count_equals_the_batch_are_refused(how):
+    """As many picked rows as examples, by coincidence: one each (rows = examples) on the
+    audited steps, then [2, 1, 1, 0] on an unaudited one, where the rows were split as the
+    examples — 19–37% off without a word, the example with no row given a norm (found by a
+    helper's sweep on 2026-12-04, ModernBERT). Which example a picked row belongs to depends on
+    the data, which an audit proves for one step only: the rows are not taken for the examples
+    on any step, and the step is refused at once, naming the cause."""
+    torch.manual_seed(0)
+    model = _PickedRows(how)
+    x = torch.randn(N, 6, 5)
+    for measure in ("engine", "tracker"):
+        engine = (
+            PerExampleNorms(model)
+            if measure == "engine"
+            else noisescale.GradientNoiseTracker(model)
+        )
+        for counts in ([1, 1, 1, 1], [2, 1, 1, 0]):
+            model.zero_grad()
+            model(x, _keep(counts)).sum().backward()
+            with pytest.raises(UnsupportedModuleError, match="picked by a mask or an index"):
+                engine.collect() if measure == "engine" else engine.step()
+        engine.remove()
+
+
+def test_one_row_per_example_picked_along_the_examples_is_exact():
+    """``h[arange(N), last]`` — a sequence classifier's last token, CLIP's end-of-text token —
+    runs its index along the examples: the rows are the examples, and the head on them is exact
+    (not a picked-rows refusal)."""
+    torch.manual_seed(0)
+
+    class LastToken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head = nn.Linear(5, 5), nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.body(x))
+            last = (x[..., 0] > 0).long().sum(1).clamp_min(1) - 1  # data-dependent positions
+            return self.head(h[torch.arange(x.shape[0]), last]).pow(2).sum(-1)
+
+    model = LastToken()
+    x = torch.randn(N, 6, 5)
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        model(x).sum().backward()
+    want = truth(model, x, lambda m, xi: m(xi))
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-10, atol=0)

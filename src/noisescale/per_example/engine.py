@@ -138,6 +138,7 @@ class _Call:
     out_dims: Sequence[int] = (0,)
     size: int = 0  # examples in the call (a shared call: the leading size of its input)
     why: str = ""  # why a shared call was treated as shared
+    picked: str = ""  # why, when its input's rows (or an upstream shared call's) were picked
     flat: int = 0  # rows per example of an input with the examples flattened in (0: not)
 
 
@@ -1548,6 +1549,7 @@ class PerExampleNorms:
             or size != n
             or module in self._learned_shared
             or (single and self._is_buffer(pass_, args[0]))
+            or (single and _selected_rows(args[0], n) is not None)
         ):
             shared = self._shared_call(pass_, module, rule, label, params, args, kwargs, output)
             return replaced if shared is None else shared
@@ -1625,6 +1627,7 @@ class PerExampleNorms:
             and args[0].shape[0] == pass_.batch_size
             and self._replay_allowed
             and not self._is_buffer(pass_, args[0])
+            and _selected_rows(args[0], pass_.batch_size) is None
             and self._uses_products(module, weight, args[0], pass_.batch_size, pass_.subbatches.n)
         )
         if not use:
@@ -1839,7 +1842,14 @@ class PerExampleNorms:
             )
         saved = rule.save(module, _unshare(args), _unshare(kwargs), output)
         size = _first_size(args, kwargs, 0) or 0
-        if any(isinstance(v, SharedTensor) for v in _flat_values(args, kwargs)):
+        upstream: list[Source] = []
+        for v in _flat_values(args, kwargs):
+            if isinstance(v, SharedTensor):
+                upstream.extend(v._ns_origin.sources)  # type: ignore[attr-defined]
+        picked = next((s.call.picked for s in upstream if s.call is not None and s.call.picked), "")
+        if picked:
+            why = picked  # (the cause, named at the first call on the picked rows)
+        elif any(isinstance(v, SharedTensor) for v in _flat_values(args, kwargs)):
             why = (
                 "its input came from parameters used directly, combined only with tensors "
                 "whose dim 0 does not have the batch's size (constants, time-major "
@@ -1858,6 +1868,17 @@ class PerExampleNorms:
                 f"its input's leading dimension has the batch's size {pass_.batch_size}, but the "
                 "audit found its rows are not the examples"
             )
+        elif size == pass_.batch_size and (
+            selected := _selected_rows(_first_tensor(args, kwargs), size)
+        ):
+            why = picked = (
+                f"the {size} input rows of layer '{label}', on which it is computed, were "
+                f"picked by a mask or an index ({selected}), so "
+                "their count equals the batch's by coincidence, and which example each row "
+                "belongs to changes with the data (a loss on the masked tokens alone, "
+                "h.view(-1, D)[labels.view(-1) != -100], as ModernBERT's "
+                "sparse_prediction=True does: turn it off, or use per_example=False)"
+            )
         elif size == pass_.batch_size:
             why = (
                 f"its input is one of the model's buffers, whose leading size {size} equals the "
@@ -1868,11 +1889,7 @@ class PerExampleNorms:
                 f"its input's leading dimension {size} is not the batch's {pass_.batch_size} "
                 "examples" + _flattened_hint(size, pass_.batch_size)
             )
-        call = _Call(module, rule, label, params, 0, [saved], size=size, why=why)
-        upstream: list[Source] = []
-        for v in _flat_values(args, kwargs):
-            if isinstance(v, SharedTensor):
-                upstream.extend(v._ns_origin.sources)  # type: ignore[attr-defined]
+        call = _Call(module, rule, label, params, 0, [saved], size=size, why=why, picked=picked)
         if output.requires_grad and output._base is not None:
             # a view (nn.Linear on [1, T, D] returns one): an in-place operation on it would
             # rebase the view's own history and bypass its edge; a copy of its own (a shared
@@ -4208,6 +4225,50 @@ def _owned(factor: Factor, shape: torch.Size) -> Factor:
                 changes[f.name] = _owned(value, shape)
         return dataclasses.replace(factor, **changes)
     return DenseFactor(factor.dense(shape).clone())
+
+
+# autograd nodes that pass a tensor's rows on unchanged, in order (looked through)
+_ROW_PRESERVING = frozenset(
+    {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0",
+     "ToCopyBackward0", "ExpandBackward0", "ContiguousBackward0"}
+)  # fmt: skip
+
+
+def _selected_rows(x: Tensor | None, n: int) -> str | None:
+    """How ``x``'s ``n`` rows were picked from a tensor whose rows are not the examples, when
+    its autograd history shows it: a boolean mask or an index along dim 0 of a tensor of
+    another leading size (the examples flattened with their positions, [N·T, D], filtered to
+    the tokens a loss counts). Their count equals the batch's by coincidence, and which example
+    each row belongs to depends on the data — a structure the audit proves for one step's data
+    only (before 2026-12-04 such rows were split as the examples on unaudited steps: 19–37%
+    off). ``None`` when the history shows no such selection (an index whose first tensor runs
+    along the examples' own dimension, ``h[arange(N), last]``, is not one)."""
+    if x is None or x.grad_fn is None or torch.compiler.is_compiling():
+        return None
+    node = x.grad_fn
+    for _ in range(4):
+        if type(node).__name__ not in _ROW_PRESERVING:
+            break
+        nxt = node.next_functions
+        if not nxt or nxt[0][0] is None:
+            return None
+        node = nxt[0][0]
+    kind = type(node).__name__
+    if kind == "IndexBackward0":
+        sizes = node._saved_self_sym_sizes
+        first = node._saved_indices[0] if node._saved_indices else None
+        if first is None or not sizes or sizes[0] == n:
+            return None
+        how = "a boolean mask" if first.dtype == torch.bool else "an index"
+        return f"{how} over the {sizes[0]} rows of a {list(sizes)} tensor"
+    if kind in ("IndexSelectBackward0", "GatherBackward0"):
+        sizes = node._saved_self_sym_sizes
+        if node._saved_dim != 0 or not sizes or sizes[0] == n:
+            return None
+        return f"an index over the {sizes[0]} rows of a {list(sizes)} tensor"
+    if kind in ("MaskedSelectBackward0", "TakeBackward0"):
+        return "a masked_select or take, whose result is flat"
+    return None
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
