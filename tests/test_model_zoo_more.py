@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from test_model_zoo import N, V, _ids, _losses, _mask, assert_exact
+import noisescale
+from test_model_zoo import RTOL, N, V, _ids, _losses, _mask, _train, assert_exact
+from test_subbatch import assert_subbatches_exact
 
 transformers = pytest.importorskip("transformers")
 
@@ -269,3 +271,42 @@ def test_more_families_called_normally(name):
     torch.manual_seed(0)
     model = build()
     assert_exact(model, *_losses_more(model, inputs))
+
+
+@pytest.mark.parametrize("path", ["chosen", "products"])
+def test_a_layer_scale_in_a_layer_transformers_recomputes(path, monkeypatch):
+    """BEiT's layer scale is a parameter multiplied in, in the layer whose ``forward``
+    ``gradient_checkpointing_enable()`` recomputes — inside the module call, without the module
+    hooks that hand the forward its alias, so the recomputed forward saved other tensors and
+    torch raised ``CheckpointError`` (found by the helper's sweep, 2026-12-04). The layer's
+    checkpoint function now mirrors the alias in the recomputation: per-example norms,
+    sub-batch norms and three tracker steps exact, no warning; a deep copy of the model gets
+    transformers' own function back, and so does the model once the tracker is removed."""
+    import copy
+
+    from noisescale.per_example import subbatch
+
+    if path == "products":
+        monkeypatch.setattr(subbatch, "uses_products", lambda *a: True)
+    build, inputs = MORE["beit"]
+    torch.manual_seed(0)
+    model = build()
+    model.gradient_checkpointing_enable()
+    layer = model.beit.layers[0]
+    own = layer._gradient_checkpointing_func
+    assert_exact(model, *_losses(model, inputs), subbatches=False)
+    batch, one = _losses(model, inputs, n=10)
+    assert_subbatches_exact(model, batch, one, 10, k=4, steps=3, rtol=RTOL)
+    history, said = _train(model, batch, 3)
+    assert not [s for s in said if "noisescale" in s]
+    assert all(not r["skipped"] for r in history)
+    assert layer._gradient_checkpointing_func is own  # (every tracker removed)
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(model)
+    batch().backward()
+    tracker.step()
+    twin = copy.deepcopy(model)
+    assert type(twin.beit.layers[0]._gradient_checkpointing_func) is type(own)
+    twin(pixel_values=torch.randn(2, 3, 8, 8)).logits.sum().backward()
+    tracker.remove()
+    assert layer._gradient_checkpointing_func is own

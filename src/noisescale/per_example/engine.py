@@ -462,6 +462,7 @@ class PerExampleNorms:
         # (scope module, holder module, name, pid): the holder's parameter is replaced by a
         # shared alias while the scope module's forward runs
         self._scopes: dict[nn.Module, list[tuple[nn.Module, str, int]]] = {}
+        self._mirrored: list[nn.Module] = []  # layers whose checkpoint function is wrapped
         self._fallback: set[nn.Module] = set()  # owner modules measured by torch.func
         self._learned_shared: set[nn.Module] = set()  # layers whose input proved to be shared
         #: lookups into parameters used directly that the audit found to be by positions
@@ -764,6 +765,11 @@ class PerExampleNorms:
         self._eager_steps.want(False)
         for (_, _), stack in list(self._swapped.items()):
             stack.clear()
+        for module in self._mirrored:
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            if isinstance(func, _MirroredCheckpoint):
+                module._gradient_checkpointing_func = func.original
+        self._mirrored.clear()
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -1430,6 +1436,7 @@ class PerExampleNorms:
             return
         if pass_.skipped:
             return
+        self._mirror_in_recompute(module)
         for holder, name, pid in self._scopes[module]:
             real = holder._parameters.get(name)
             if real is None or isinstance(real, SharedTensor):
@@ -1441,6 +1448,23 @@ class PerExampleNorms:
             source.tensor = alias
             self._swapped.setdefault((id(holder), name), []).append(real)
             holder._parameters[name] = alias  # type: ignore[assignment]
+
+    def _mirror_in_recompute(self, module: nn.Module) -> None:
+        """A transformers layer whose ``forward`` activation checkpointing recomputes
+        (``GradientCheckpointingLayer``: it checkpoints ``forward``, inside the module call, so
+        the recomputation runs without the module's hooks): its checkpoint function is wrapped
+        so that the recomputed forward gets the aliases of the parameters it uses directly, as
+        the forward did — else the tensors it saves differ and checkpoint raises (BEiT's layer
+        scale, a parameter multiplied in: ``CheckpointError`` until 2026-12-04)."""
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if (
+            func is None
+            or isinstance(func, _MirroredCheckpoint)
+            or not getattr(module, "gradient_checkpointing", False)
+        ):
+            return
+        module._gradient_checkpointing_func = _MirroredCheckpoint(func, self, module)
+        self._mirrored.append(module)
 
     def _on_scope_exit(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         for holder, name, _ in reversed(self._scopes.get(module, [])):
@@ -3703,6 +3727,43 @@ def _cast_source(out: Tensor) -> Any:
     if len(nexts) != 1:
         return None
     return torch.autograd.graph.GradientEdge(*nexts[0])
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class _MirroredCheckpoint(InertWhenCopied):
+    """A transformers layer's ``_gradient_checkpointing_func`` (``checkpoint`` with its
+    options), wrapped so that the forward it recomputes in the backward holds the same aliases
+    of the layer's directly used parameters as the forward held (:meth:`_on_scope_enter`, on
+    the step's shadow pass: nothing of it counts). A copy or a pickle of the model gets the
+    original function back."""
+
+    __slots__ = ("engine", "module", "original")
+
+    def __init__(self, original: Callable[..., Any], engine: Any, module: nn.Module) -> None:
+        self.original, self.engine, self.module = original, engine, module
+
+    def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        engine, module = self.engine, self.module
+
+        def run(*a: Any, **k: Any) -> Any:
+            if not _checkpoint_recompute():
+                return fn(*a, **k)
+            engine._on_scope_enter(module, (), {})
+            try:
+                return fn(*a, **k)
+            finally:
+                engine._on_scope_exit(module, (), {}, None)
+
+        return self.original(run, *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        return copy.deepcopy(self.original, memo)
+
+    def __reduce__(self) -> tuple:
+        return (_identity, (self.original,))
 
 
 def _checkpoint_recompute() -> bool:
