@@ -627,3 +627,64 @@ def test_one_forward_then_two_forwards_in_one_backward(pairs):
         model.zero_grad()
     assert len(tracker.history) == 3
     assert [r["examples"] for r in tracker.history] == [24, 48, 72]
+
+
+class _InPlaceAfterLinear(nn.Module):
+    """A Linear on sequences, [N, T, D], whose output is then changed in place: its output is
+    a view of the product's [N·T, O] result, which the in-place operation rebases."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.proj = nn.Linear(3, 40)  # (wide enough for sub-batch products to pay)
+        self.act = nn.ReLU(inplace=True)
+        self.drop = nn.Dropout(0.0)  # p = 0 returns its input itself
+        self.head = nn.Linear(40, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        if self.form == "ReLU(inplace=True)":
+            h = self.act(h)
+        elif self.form == "masked zeros":  # Wav2Vec2's padded frames, after a Dropout(0)
+            h = self.drop(h)
+            h[:, -1] = 0
+        else:
+            h.mul_(torch.linspace(0.5, 1.5, h.shape[1])[:, None])
+        return self.head(h)
+
+
+@pytest.mark.parametrize("path", ["chosen", "products", "factors"])
+@pytest.mark.parametrize("form", ["ReLU(inplace=True)", "masked zeros", "mul_"])
+def test_an_in_place_operation_on_a_linear_layer_s_output_over_sequences(form, path, monkeypatch):
+    """``nn.ReLU(inplace=True)`` after a Linear on [N, T, D], Wav2Vec2's ``h[~mask] = 0``, a
+    ``mul_``: the hook on the layer's output (a view of [N·T, O]) sat on a node the in-place
+    operation leaves out of the graph, and every mode refused the layer as "no use of its
+    parameters" (found by a helper's sweep on 2026-12-04, Wav2Vec2 with an attention mask). The
+    hook is on the whole base now: exact per example and by sub-batch, each way."""
+    from noisescale.per_example import subbatch
+    from test_subbatch import assert_subbatches_exact
+
+    if path != "chosen":
+        monkeypatch.setattr(subbatch, "uses_products", lambda *a: path == "products")
+    torch.manual_seed(0)
+    model = _InPlaceAfterLinear(form).double()
+    x = torch.randn(6, 5, 3, dtype=torch.float64)
+    params = list(model.parameters())
+
+    def loss(rows):
+        return per_loss(model(x[rows]).flatten(1)).sum()
+
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        loss(slice(None)).backward()
+    want = torch.stack(
+        [
+            sum(g.pow(2).sum() for g in torch.autograd.grad(loss(slice(i, i + 1)), params))
+            for i in range(6)
+        ]
+    )
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-10, atol=0)
+    model.zero_grad()
+    # (the batch loss is the mean of the examples' own, as the sub-batch harness takes it)
+    assert_subbatches_exact(
+        model, lambda: loss(slice(None)) / 6, lambda i: loss(slice(i, i + 1)), 6, k=3
+    )

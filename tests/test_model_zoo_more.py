@@ -209,6 +209,17 @@ MORE = {
         final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0, ctc_loss_reduction="mean",
         pad_token_id=0,
     )), ("ctc", 200)),
+    # the stable-layer-norm layout (LayerNorm extractor) with an attention mask: the padded
+    # frames of feature_projection's Linear output zeroed in place (refused as "no use of its
+    # parameters" until 2026-12-04)
+    "wav2vec2-padded": (lambda: transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(
+        vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3),
+        num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, feat_extract_norm="layer",
+        do_stable_layer_norm=True, hidden_dropout=0.0, activation_dropout=0.0,
+        attention_dropout=0.0, feat_proj_dropout=0.0, final_dropout=0.0, layerdrop=0.0,
+        mask_time_prob=0.0, ctc_loss_reduction="mean", pad_token_id=0,
+    )), ("ctc-mask", 200)),
     # two conv1d over mel frames, sinusoidal encoder positions, decoder with cross attention
     "whisper": (lambda: transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(
         vocab_size=V, num_mel_bins=8, d_model=16, encoder_layers=1, decoder_layers=1,
@@ -247,12 +258,17 @@ def _losses_more(model: nn.Module, inputs, n: int = N) -> tuple:
         def call(s):
             return F.cross_entropy(model(pixel_values=x[s]).logits, y[s])
     # raw audio of L samples, 3 target tokens each, ctc_loss_reduction="mean"
-    elif inputs[0] == "ctc":
+    elif inputs[0] in ("ctc", "ctc-mask"):
         x = torch.randn(n, inputs[1], generator=torch.Generator().manual_seed(2))
         y = torch.randint(1, V, (n, 3), generator=torch.Generator().manual_seed(3))
+        # ctc-mask: example 1's last 60 samples are padding (the model zeroes their frames)
+        m = torch.ones(n, inputs[1], dtype=torch.long)
+        m[1, -60:] = 0
+        masked = {"attention_mask": m} if inputs[0] == "ctc-mask" else {}
 
         def call(s):
-            return model(input_values=x[s], labels=y[s]).loss
+            mask = {k: v[s] for k, v in masked.items()}
+            return model(input_values=x[s], labels=y[s], **mask).loss
     elif inputs[0] == "whisper":  # log-mel features [n, mels, frames], 5 decoder labels each
         mel, frames = inputs[1], inputs[2]
         x = torch.randn(n, mel, frames, generator=torch.Generator().manual_seed(2))

@@ -1517,7 +1517,8 @@ class PerExampleNorms:
             # input, dim 0 the batch's examples, not shared)
             n = pass_.batch_size
             pass_.signature.append(("products", id(module), (_shape_pattern(args[0], n),)))
-            self._add_target(pass_, outs[0], 0, module, label)
+            target, tdim = _survivor(outs[0], 0, n)
+            self._add_target(pass_, target, tdim, module, label)
             return replaced
         if not any(isinstance(o, Tensor) and o.requires_grad for o in outs):
             return replaced
@@ -1579,7 +1580,8 @@ class PerExampleNorms:
             return replaced if shared is None else shared
         if product_weight is not None and not params:
             pass_.signature.append(("products", id(module), _pattern(args, kwargs, n)))
-            self._add_target(pass_, outs[0], out_dims[0], module, label)
+            target, tdim = _survivor(outs[0], out_dims[0], n)
+            self._add_target(pass_, target, tdim, module, label)
             return replaced
         saved = rule.save(module, args, kwargs, output.unflatten(0, (n, flat)) if flat else output)
         call = _Call(module, rule, label, params, in_dim, [saved], out_dims, n, flat=flat)
@@ -1590,7 +1592,15 @@ class PerExampleNorms:
         pattern = (_shape_pattern(args[0], n),) if single else _pattern(args, kwargs, n)
         pass_.signature.append((tag, id(module), pattern))
         hooked = [o for o in outs if isinstance(o, Tensor) and o.requires_grad]
-        if len(outs) == 1:
+        survivor = _survivor(outs[0], out_dims[0], n)[0] if len(outs) == 1 and not flat else outs[0]
+        if len(outs) == 1 and survivor is not outs[0]:
+            # (the whole base of a reshaped view: its hook still fires after an in-place
+            # operation on the view, whose own node that operation leaves out of the graph)
+            shape = outs[0].shape
+            survivor.register_hook(
+                lambda g, c=call, p=pass_, s=shape: self._on_call_grad(p, c, (g.view(s),))
+            )
+        elif len(outs) == 1:
             outs[0].register_hook(lambda g, c=call, p=pass_: self._on_call_grad(p, c, (g,)))
         else:
             torch.autograd.graph.register_multi_grad_hook(
@@ -1602,7 +1612,10 @@ class PerExampleNorms:
             )
         for o, d in zip(outs, out_dims, strict=False):
             if isinstance(o, Tensor) and o.requires_grad:
-                self._add_target(pass_, o, audit_mod.FLAT if flat else d, module, label)
+                if o is outs[0] and survivor is not o:
+                    self._add_target(pass_, survivor, audit_mod.FLAT, module, label)
+                else:
+                    self._add_target(pass_, o, audit_mod.FLAT if flat else d, module, label)
         return replaced
 
     def _flat_rows(
@@ -3893,6 +3906,36 @@ def _without_cross_terms(uses: list[Factor]) -> bool:
     """Whether one of a parameter's uses in a pass came from sub-batch products that kept no
     sub-batch gradients: the norm of the uses' sum cannot be formed (its cross terms)."""
     return any(isinstance(f, NormFactor) and f.grads is None for f in uses)
+
+
+def _survivor(output: Tensor, dim: int, n: int) -> tuple[Tensor, int]:
+    """The tensor to hook for a layer's output gradient, and its example dimension.
+
+    nn.Linear on [N, T, I] and Hugging Face's Conv1D return a view of a product's result,
+    ``addmm(...).view(N, T, O)``. An in-place operation on that view — ``nn.ReLU(inplace=True)``,
+    ``h[~mask] = 0`` (Wav2Vec2's padded frames), ``h.mul_(m)`` — rebases it: its gradient then
+    flows through the base's new node into the product, and the view's own node, where a hook
+    on the view sits, is left out of the graph (until 2026-12-04 such a layer was refused as
+    "no use of its parameters"). The whole base, its rows each example's in turn ([N·T, O]:
+    the audit's FLAT), keeps its node whatever is done to the view. ``(output, dim)`` for any
+    other output."""
+    base = output._base
+    if (
+        base is None
+        or dim != 0
+        or base._base is not None
+        or not base.requires_grad
+        or base.numel() != output.numel()
+        or base.dim() == 0
+        or base.shape[0] < n
+        or base.shape[0] % max(n, 1)
+        or output.dim() == 0
+        or output.shape[0] != n
+        or not (base.is_contiguous() and output.is_contiguous())
+        or base.data_ptr() != output.data_ptr()
+    ):
+        return output, dim
+    return base, audit_mod.FLAT
 
 
 def _reshaped_base(module: nn.Module, output: Any) -> Tensor | None:
