@@ -1046,7 +1046,10 @@ class PerExampleNorms:
             pass_.audited = True
             for edge in roots:
                 pass_.audit.add_root(edge, dim)
-            for edge, dim, owner, label in getattr(pass_, "_pending_targets", []):
+            for edge, dim, owner, label, rebased in getattr(pass_, "_pending_targets", []):
+                if rebased is not None and rebased[0]._version != rebased[1]:
+                    # the view was changed in place since: its node is out of the graph
+                    edge, dim = rebased[2], audit_mod.FLAT
                 pass_.audit.add_target(edge, dim, owner, label)
             self._check_permutation(pass_, output)
             if pass_.batch_size > 1 and not (pass_.compiled or pass_.compiled_call):
@@ -1235,9 +1238,18 @@ class PerExampleNorms:
                 return
 
     def _add_target(
-        self, pass_: PassNorms, tensor: Tensor, dim: int, owner: nn.Module | None, label: str
+        self,
+        pass_: PassNorms,
+        tensor: Tensor,
+        dim: int,
+        owner: nn.Module | None,
+        label: str,
+        base: Tensor | None = None,
     ) -> None:
-        """Remember a hooked tensor: the audit decided at the end of the forward needs it."""
+        """Remember a hooked tensor: the audit decided at the end of the forward needs it.
+        ``base``: the whole base of ``tensor``, a reshaped view whose rows are each example's
+        in turn (:func:`_survivor`), taken instead if the view is changed in place before the
+        forward ends (an in-place operation leaves the view's own node out of the graph)."""
         if not self.auditing_enabled:
             return
         edge = torch.autograd.graph.get_gradient_edge(tensor)
@@ -1247,7 +1259,12 @@ class PerExampleNorms:
         pending = getattr(pass_, "_pending_targets", None)
         if pending is None:
             pending = pass_._pending_targets = []  # type: ignore[attr-defined]
-        pending.append((edge, dim, owner, label))
+        rebased = (
+            None
+            if base is None
+            else (tensor, tensor._version, torch.autograd.graph.get_gradient_edge(base))
+        )
+        pending.append((edge, dim, owner, label, rebased))
 
     def _make_root_hook(self, pass_: PassNorms, edge: Any, batched: bool) -> Callable:
         def hook(grad: Tensor) -> None:
@@ -1517,8 +1534,8 @@ class PerExampleNorms:
             # input, dim 0 the batch's examples, not shared)
             n = pass_.batch_size
             pass_.signature.append(("products", id(module), (_shape_pattern(args[0], n),)))
-            target, tdim = _survivor(outs[0], 0, n)
-            self._add_target(pass_, target, tdim, module, label)
+            target, _ = _survivor(outs[0], 0, n)
+            self._add_target(pass_, outs[0], 0, module, label, _base_or_none(target, outs[0]))
             return replaced
         if not any(isinstance(o, Tensor) and o.requires_grad for o in outs):
             return replaced
@@ -1580,8 +1597,9 @@ class PerExampleNorms:
             return replaced if shared is None else shared
         if product_weight is not None and not params:
             pass_.signature.append(("products", id(module), _pattern(args, kwargs, n)))
-            target, tdim = _survivor(outs[0], out_dims[0], n)
-            self._add_target(pass_, target, tdim, module, label)
+            target, _ = _survivor(outs[0], out_dims[0], n)
+            base = _base_or_none(target, outs[0])
+            self._add_target(pass_, outs[0], out_dims[0], module, label, base)
             return replaced
         saved = rule.save(module, args, kwargs, output.unflatten(0, (n, flat)) if flat else output)
         call = _Call(module, rule, label, params, in_dim, [saved], out_dims, n, flat=flat)
@@ -1612,10 +1630,8 @@ class PerExampleNorms:
             )
         for o, d in zip(outs, out_dims, strict=False):
             if isinstance(o, Tensor) and o.requires_grad:
-                if o is outs[0] and survivor is not o:
-                    self._add_target(pass_, survivor, audit_mod.FLAT, module, label)
-                else:
-                    self._add_target(pass_, o, audit_mod.FLAT if flat else d, module, label)
+                base = survivor if o is outs[0] and survivor is not o else None
+                self._add_target(pass_, o, audit_mod.FLAT if flat else d, module, label, base)
         return replaced
 
     def _flat_rows(
@@ -3936,6 +3952,10 @@ def _survivor(output: Tensor, dim: int, n: int) -> tuple[Tensor, int]:
     ):
         return output, dim
     return base, audit_mod.FLAT
+
+
+def _base_or_none(target: Tensor, output: Tensor) -> Tensor | None:
+    return None if target is output else target
 
 
 def _reshaped_base(module: nn.Module, output: Any) -> Tensor | None:
