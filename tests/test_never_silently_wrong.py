@@ -1382,6 +1382,13 @@ class _PickedRows(nn.Module):
         flat = keep.reshape(-1)
         if self.how == "mask":
             rows = h[flat]
+        elif self.how == "2-D mask":
+            rows = h.reshape(keep.shape[0], -1, 5)[keep]
+        elif self.how == "mask, then GELU and dropout":
+            rows = F.dropout(F.gelu(h[flat]), 0.1)
+        elif self.how == "index pair":
+            b, t = keep.nonzero(as_tuple=True)
+            rows = h.reshape(keep.shape[0], -1, 5)[b, t]
         elif self.how == "index":
             rows = h[flat.nonzero().squeeze(1)]
         elif self.how == "index_select":
@@ -1398,7 +1405,10 @@ def _keep(counts: list[int]) -> torch.Tensor:
     return keep
 
 
-@pytest.mark.parametrize("how", ["mask", "index", "index_select", "masked_select"])
+@pytest.mark.parametrize(
+    "how",
+    ["mask", "index", "index_select", "masked_select", "2-D mask", "mask, then GELU and dropout"],
+)
 def test_rows_picked_by_a_mask_whose_count_equals_the_batch_are_refused(how):
     """As many picked rows as examples, by coincidence: one each (rows = examples) on the
     audited steps, then [2, 1, 1, 0] on an unaudited one, where the rows were split as the
@@ -1445,3 +1455,68 @@ def test_one_row_per_example_picked_along_the_examples_is_exact():
         model(x).sum().backward()
     want = truth(model, x, lambda m, xi: m(xi))
     torch.testing.assert_close(pe.sqnorms, want, rtol=1e-10, atol=0)
+
+
+def test_rows_picked_by_an_index_pair_are_measured_when_they_are_the_examples():
+    """``h[b, t]`` with ``b, t = keep.nonzero(as_tuple=True)``: on the CPU the indices are read
+    — one row per example in order (b = arange(N)) is the examples, exact; [2, 1, 1, 0] is
+    refused (the review of 2026-12-04 found this form, an activation after the pick and a
+    2-D mask measured wrong on the unaudited step)."""
+    torch.manual_seed(0)
+    model = _PickedRows("index pair")
+    x = torch.randn(N, 6, 5)
+    engine = PerExampleNorms(model)
+    keep = _keep([1, 1, 1, 1])
+    for _ in range(3):  # audited, audited, not audited
+        model.zero_grad()
+        model(x, keep).sum().backward()
+        (p,) = engine.collect()
+        with engine.paused():
+            want = truth(model, x, lambda m, xi: m(xi, keep[:1]))
+        torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-10, atol=0)
+    model.zero_grad()
+    model(x, _keep([2, 1, 1, 0])).sum().backward()
+    with pytest.raises(UnsupportedModuleError, match="none of them the examples in order"):
+        engine.collect()
+    engine.remove()
+
+
+@pytest.mark.parametrize("form", ["gather, batch-first", "gather, time-major", "index, time-major"])
+def test_a_last_step_picked_along_the_examples_is_exact(form):
+    """A recurrent model's last step per example — ``out.gather(1, idx)`` batch-first,
+    ``out.gather(0, idx).view(N, H)`` or ``out[lengths - 1, arange(N)]`` time-major — is one
+    row per example in order: exact, not a picked-rows refusal (the review's first reading of
+    the gather crashed, and the time-major index was refused)."""
+    torch.manual_seed(0)
+    lengths = torch.tensor([5, 3, 4, 1])
+
+    class Last(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(3, 8, batch_first=form.endswith("batch-first"))
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out, _ = self.rnn(x)
+            n = out.shape[0] if form.endswith("batch-first") else out.shape[1]
+            last = lengths[:n] - 1 if n == N else lengths[self.row : self.row + 1] - 1
+            if form == "gather, batch-first":
+                h = out.gather(1, last.view(-1, 1, 1).expand(-1, 1, 8)).squeeze(1)
+            elif form == "gather, time-major":
+                h = out.gather(0, last.view(1, -1, 1).expand(1, -1, 8)).view(n, 8)
+            else:
+                h = out[last, torch.arange(n)]
+            return self.fc(h).pow(2).sum(-1)
+
+    model = Last()
+    x = torch.randn(N, 5, 3) if form.endswith("batch-first") else torch.randn(5, N, 3)
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        model.row = 0
+        model(x).sum().backward()
+    params = list(model.parameters())
+    want = []
+    for i in range(N):
+        model.row = i
+        xi = x[i : i + 1] if form.endswith("batch-first") else x[:, i : i + 1]
+        want.append(sum(g.pow(2).sum() for g in torch.autograd.grad(model(xi).sum(), params)))
+    torch.testing.assert_close(pe.sqnorms, torch.stack(want), rtol=1e-10, atol=0)

@@ -149,3 +149,54 @@ def test_an_input_buffer_refilled_in_place_between_micro_batches_is_other_exampl
     assert first["sources"].keys() == second["sources"].keys() == {"per_example", "microbatch"}
     for name, source in first["sources"].items():
         assert source == pytest.approx(second["sources"][name], rel=1e-12)
+
+
+class _Scaled(nn.Module):
+    """A model given a tensor that is not the batch before it: a time, a prompt."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 20)
+        self.fc = nn.Linear(20, 10)
+
+    def forward(self, first: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if first.dtype == torch.long:  # a prompt expanded over the batch
+            return self.fc(x + self.emb(first).mean(1))
+        return self.fc(x * first)  # a 0-dim time shared by the examples
+
+
+@pytest.mark.parametrize(
+    "form", ["0-dim time first", "prompt expanded first", "saliency probe", "inference tensors"]
+)
+def test_the_same_input_check_leaves_correct_loops_alone(form):
+    """What the review of 2026-12-04 found the first version refused: two micro-batches of
+    other examples given the same tensor that is not the batch (a 0-dim time, a prompt
+    expanded over the batch: the examples are read from the batch, and a row broadcast to
+    every example is none); a saliency probe's backward to the input on the training batch
+    (it reaches no parameter); batches made under ``torch.inference_mode()`` (they have no
+    version counter: it crashed) — and a new tensor on one reused numpy buffer per micro-batch,
+    which numpy refills without a version (taken for other examples)."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = _Scaled()
+    tracker = noisescale.GradientNoiseTracker(model)
+    g = torch.Generator().manual_seed(1)
+    t, prompt = torch.tensor(0.5), torch.randint(0, 10, (1, 4))
+    buffer = np.zeros((16, 20), dtype=np.float32)
+    for _ in range(3):
+        for _ in range(2):
+            x, y = torch.randn(16, 20, generator=g), torch.randint(0, 10, (16,), generator=g)
+            if form == "inference tensors":
+                with torch.inference_mode():
+                    x = x * 1.0
+                buffer[:] = x.numpy()
+                x = torch.from_numpy(buffer)
+            first = prompt.expand(16, -1) if form == "prompt expanded first" else t
+            if form == "saliency probe":  # on the training batch itself
+                x.requires_grad_()
+                torch.autograd.grad(model(t, x).sum(), x)
+            (F.cross_entropy(model(first, x), y) / 2).backward()
+        tracker.step()
+        model.zero_grad()
+    assert [r["examples"] for r in tracker.history] == [32, 64, 96]

@@ -295,7 +295,10 @@ class PassNorms:
     flat_calls: set[nn.Module] = field(default_factory=set)
     amp: bool = False  # the forward ran under autocast (looser audit tolerance)
     n_source: Tensor | None = None  # the model input the example count was read from
-    n_version: int = 0  # its version counter at the forward (an input buffer refilled in place)
+    # the input the example count was read from, and its version counter at the forward (None:
+    # an inference tensor, which has none), for the same input seen twice in a step
+    examples: Tensor | None = None
+    examples_version: int | None = None
     aliased: set[int] = field(default_factory=set)  # parameters handed out as shared aliases
     inputs: tuple | None = None  # the model's (args, kwargs), for the audit's permutation check
     subbatches: Subbatches | MergedSubbatches | None = None
@@ -916,8 +919,11 @@ class PerExampleNorms:
             skipped = skipped or position != self.subset_position
         pass_ = PassNorms(batch_size=n, weights=weights, skipped=skipped or n == 0)
         pass_.n_source = _first_tensor(args, kwargs)
-        if pass_.n_source is not None:
-            pass_.n_version = pass_.n_source._version
+        examples = _batch_tensor(args, kwargs, self._model_dim)
+        if examples is not None and examples.numel() and examples.stride(self._model_dim):
+            # (not one row broadcast to every example: a prompt expanded over the batch)
+            pass_.examples = examples
+            pass_.examples_version = None if examples.is_inference() else examples._version
         pass_.inputs = (args, kwargs)
         if self.subbatches and self.per_example and n >= 2 and not pass_.skipped:
             if self.pairs is not None and n % 2:
@@ -3293,7 +3299,9 @@ class PerExampleNorms:
                 )
         compiled_step = any(p.compiled or p.compiled_call for p in done)
         self._seen_compiled = self._seen_compiled or compiled_step
-        _refuse_same_input_twice([p for p in done if p.tasks and not p.idle])
+        # (the passes of backwards that reached the parameters: not a saliency probe's)
+        trained = set().union(*(p.param_tasks for p in done))
+        _refuse_same_input_twice([p for p in done if p.tasks & trained and not p.idle])
         opened = len(done)
         done = _merge_shared_backward(done)
         # several forwards in one backward: their positions (counted in forwards) and the
@@ -4142,22 +4150,24 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
 
 
 def _same_input(a: PassNorms, b: PassNorms) -> bool:
-    """Whether two passes read the same input tensor with the same contents: the same tensor,
-    or one with the same storage, shape and stride, at the same version (a buffer refilled in
-    place between two micro-batches, ``buf.copy_(batch)``, holds other examples)."""
-    x, y = a.n_source, b.n_source
-    if x is None or y is None or a.n_version != b.n_version:
+    """Whether two passes read the same examples: in one backward, the same tensor or one with
+    the same storage, shape and stride (a view); across backwards (two micro-batches), the
+    same tensor object at the same version — a buffer refilled in place between them,
+    ``buf.copy_(batch)``, holds other examples, and a new tensor on a reused buffer
+    (``torch.from_numpy(buf)`` each time, which numpy refills without a version) is taken
+    for other examples too."""
+    x, y = a.examples, b.examples
+    if x is None or y is None:
         return False
-    if x is y:
-        return True
-    return (
-        x.numel() > 0
-        and x.device == y.device
-        and x.dtype == y.dtype
-        and x.shape == y.shape
-        and x.stride() == y.stride()
-        and x.data_ptr() == y.data_ptr()
-    )
+    if a.tasks & b.tasks:  # one backward: nothing can have changed the input in between
+        return x is y or (
+            x.device == y.device
+            and x.dtype == y.dtype
+            and x.shape == y.shape
+            and x.stride() == y.stride()
+            and x.data_ptr() == y.data_ptr()
+        )
+    return x is y and a.examples_version is not None and a.examples_version == b.examples_version
 
 
 def _refuse_same_input_twice(passes: list[PassNorms]) -> None:
@@ -4178,7 +4188,7 @@ def _refuse_same_input_twice(passes: list[PassNorms]) -> None:
                 raise NoiseScaleInputError(
                     f"{'one backward' if one else 'the backward passes of one step'} ran "
                     "through two forward passes of the model on the same input tensor (shape "
-                    f"{tuple(a.n_source.shape)}; e.g. multi-sample dropout, R-Drop, two heads "
+                    f"{tuple(a.examples.shape)}; e.g. multi-sample dropout, R-Drop, two heads "
                     "called in turn on one batch): its rows are the same examples twice, whose "
                     "gradient is the sum of both rows', so no norm per row is an example's and "
                     f"the step's {a.batch_size + b.batch_size} rows are not independent draws"
@@ -4351,26 +4361,34 @@ def _owned(factor: Factor, shape: torch.Size) -> Factor:
     return DenseFactor(factor.dense(shape).clone())
 
 
-# autograd nodes that pass a tensor's rows on unchanged, in order (looked through)
+# autograd nodes that pass a tensor's rows on unchanged, in order, or change each element alone
+# (looked through, along their first input, from a layer's input back to a pick)
 _ROW_PRESERVING = frozenset(
     {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0",
-     "ToCopyBackward0", "ExpandBackward0", "ContiguousBackward0"}
+     "ToCopyBackward0", "ContiguousBackward0", "GeluBackward0", "ReluBackward0",
+     "SiluBackward0", "TanhBackward0", "SigmoidBackward0", "NativeDropoutBackward0",
+     "MulBackward1", "DivBackward1", "NegBackward0", "LeakyReluBackward0", "EluBackward0",
+     "HardtanhBackward0", "SoftplusBackward0", "ThresholdBackward0", "PowBackward0",
+     "MulBackward0", "DivBackward0", "AddBackward0", "SubBackward0"}
 )  # fmt: skip
 
 
 def _selected_rows(x: Tensor | None, n: int) -> str | None:
-    """How ``x``'s ``n`` rows were picked from a tensor whose rows are not the examples, when
-    its autograd history shows it: a boolean mask or an index along dim 0 of a tensor of
-    another leading size (the examples flattened with their positions, [N·T, D], filtered to
-    the tokens a loss counts). Their count equals the batch's by coincidence, and which example
-    each row belongs to depends on the data — a structure the audit proves for one step's data
+    """How ``x``'s ``n`` rows were picked so that which example each belongs to depends on the
+    data, when its autograd history shows it (through views and elementwise functions): a
+    boolean mask over more than the examples' own dimension, or one over (or an index into) a
+    tensor of another leading size — the examples flattened with their positions, [N·T, D],
+    filtered to the tokens a loss counts — or, on the CPU, several index tensors none of
+    which runs along the examples in order (``h[b, t]`` from ``mask.nonzero()``). Their count
+    equals the batch's by coincidence, and an audit proves their order for one step's data
     only (before 2026-12-04 such rows were split as the examples on unaudited steps: 19–37%
-    off). ``None`` when the history shows no such selection (an index whose first tensor runs
-    along the examples' own dimension, ``h[arange(N), last]``, is not one)."""
+    off). ``None`` when the history shows no such pick: an index along the examples' own
+    dimension — ``h[arange(N), last]``, a time-major ``out[last, arange(N)]`` — is not one.
+    (On an accelerator, several index tensors are not read: a known gap.)"""
     if x is None or x.grad_fn is None or torch.compiler.is_compiling():
         return None
     node = x.grad_fn
-    for _ in range(4):
+    for _ in range(8):
         if type(node).__name__ not in _ROW_PRESERVING:
             break
         nxt = node.next_functions
@@ -4379,15 +4397,48 @@ def _selected_rows(x: Tensor | None, n: int) -> str | None:
         node = nxt[0][0]
     kind = type(node).__name__
     if kind == "IndexBackward0":
-        sizes = node._saved_self_sym_sizes
-        first = node._saved_indices[0] if node._saved_indices else None
-        if first is None or not sizes or sizes[0] == n:
+        sizes = tuple(node._saved_self_sym_sizes)
+        indices = [t for t in node._saved_indices if t is not None]
+        if not indices or not sizes:
             return None
-        how = "a boolean mask" if first.dtype == torch.bool else "an index"
-        return f"{how} over the {sizes[0]} rows of a {list(sizes)} tensor"
+        masks = [t for t in indices if t.dtype == torch.bool]
+        if masks:
+            one_dim0 = len(indices) == 1 and node._saved_indices[0] is not None
+            if one_dim0 and masks[0].dim() == 1 and sizes[0] == n:
+                return None  # the examples kept, in order (all of them, when n are)
+            return f"a boolean mask over a {list(sizes)} tensor"
+        if len(indices) == 1:
+            index = node._saved_indices[0]
+            if index is None or sizes[0] == n or index.dim() == 0 or index.shape[0] != n:
+                # (along another dimension; along the examples' own; or rows that a view
+                # takes from another dimension, aligned with the source's)
+                return None
+            return f"an index over the {sizes[0]} rows of a {list(sizes)} tensor"
+        if indices[0].device.type != "cpu":
+            return None
+        # several index tensors: one along a dimension of the batch's size that is the
+        # examples in order (arange) says the rows are the examples
+        full = list(node._saved_indices) + [None] * (len(sizes) - len(node._saved_indices))
+        for dim, index in enumerate(full):
+            if (
+                index is not None
+                and sizes[dim] == n
+                and index.shape == (n,)
+                and bool((index == torch.arange(n)).all())
+            ):
+                return None
+        return f"index tensors over a {list(sizes)} tensor, none of them the examples in order"
     if kind in ("IndexSelectBackward0", "GatherBackward0"):
-        sizes = node._saved_self_sym_sizes
-        if node._saved_dim != 0 or not sizes or sizes[0] == n:
+        # the result's dim 0 runs along the index's: picked rows when it has the batch's size
+        # and the source's dim 0 another (a gather along dim 0 whose result has one row, a
+        # time-major RNN's last step, keeps the examples of dim 1 in order)
+        if node._saved_dim != 0:
+            return None
+        sizes = getattr(node, "_saved_self_sym_sizes", None)
+        if sizes is None:
+            sizes = node._saved_self.shape
+        index = node._saved_index
+        if not sizes or sizes[0] == n or index.dim() == 0 or index.shape[0] != n:
             return None
         return f"an index over the {sizes[0]} rows of a {list(sizes)} tensor"
     if kind in ("MaskedSelectBackward0", "TakeBackward0"):
