@@ -301,7 +301,22 @@ def _misuse() -> dict[str, str]:
         ddp = DistributedDataParallel(make_model())
         return tracked(ddp.module[0]), ddp
 
-    for name, build in (("ddp_after", after), ("ddp_inner", inner), ("ddp_part", part)):
+    def later() -> tuple[noisescale.GradientNoiseTracker, nn.Module]:
+        # four steps of the plain model first: the wrap falls on step 5, which no audit does
+        model = make_model()
+        tracker = tracked(model)
+        for _ in range(4):
+            F.cross_entropy(model(x), y).backward()
+            tracker.step()
+            model.zero_grad()
+        return tracker, DistributedDataParallel(model)
+
+    for name, build in (
+        ("ddp_after", after),
+        ("ddp_inner", inner),
+        ("ddp_part", part),
+        ("ddp_later", later),
+    ):
         tracker, ddp = build()
         try:
             F.cross_entropy(ddp(x), y).backward()
@@ -897,7 +912,7 @@ def test_communication_hooks(runs):
 def test_misuse_is_reported(runs):
     misuse = runs[0]["misuse"]
     assert "neither DistributedDataParallel nor FSDP2" in misuse["plain_model"]
-    for name in ("ddp_after", "ddp_inner"):
+    for name in ("ddp_after", "ddp_inner", "ddp_later"):
         assert misuse[name].startswith(
             "this forward pass is run by a DistributedDataParallel around the model given to "
             "the tracker, created after the tracker (or the tracker was given ddp.module)"

@@ -688,3 +688,41 @@ def test_an_in_place_operation_on_a_linear_layer_s_output_over_sequences(form, p
     assert_subbatches_exact(
         model, lambda: loss(slice(None)) / 6, lambda i: loss(slice(i, i + 1)), 6, k=3
     )
+
+
+def test_checkpointed_direct_uses_in_a_pass_the_subset_skips_in_its_backward():
+    """``per_example_fraction=0.5`` with two accumulated micro-batches and a checkpointed block
+    whose layer scale is used directly: the backward decides which pass is measured, after the
+    forward of the other has handed out aliases of the scale; the recomputation mirrored the
+    pass as skipped, handed out none, and torch raised ``CheckpointError`` (older than
+    2026-12-04, found by that day's review). It mirrors the pass as its forward ran now."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+            self.gamma = nn.Parameter(torch.full((16,), 0.1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.gamma * torch.tanh(self.fc(x))
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.block, self.out = nn.Linear(5, 16), Block(), nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(checkpoint(self.block, self.inp(x), use_reentrant=False))
+
+    torch.manual_seed(0)
+    model = Model()
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=0.5)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        for _ in range(2):
+            x, y = torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)
+            (nn.functional.cross_entropy(model(x), y) / 2).backward()
+        tracker.step()
+        model.zero_grad()
+    assert len(tracker.history) == 5 and all(not r["skipped"] for r in tracker.history)
+    tracker.remove()

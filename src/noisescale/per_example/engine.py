@@ -299,6 +299,7 @@ class PassNorms:
     # an inference tensor, which has none), for the same input seen twice in a step
     examples: Tensor | None = None
     examples_version: int | None = None
+    forward_skipped: bool = False  # skipped when its forward ran (the backward may skip it later)
     aliased: set[int] = field(default_factory=set)  # parameters handed out as shared aliases
     inputs: tuple | None = None  # the model's (args, kwargs), for the audit's permutation check
     subbatches: Subbatches | MergedSubbatches | None = None
@@ -852,7 +853,9 @@ class PerExampleNorms:
             shadow = self._shadows[id(pass_)] = PassNorms(
                 batch_size=pass_.batch_size,
                 weights=pass_.weights,
-                skipped=pass_.skipped,
+                # as the forward was: a subset's backward may have skipped the pass since, after
+                # its forward handed out aliases the recomputation must hand out too
+                skipped=pass_.forward_skipped,
                 subbatches=pass_.subbatches,
                 amp=pass_.amp,
                 unsplit=pass_.unsplit,
@@ -918,6 +921,7 @@ class PerExampleNorms:
             position, self._forwards = self._forwards, self._forwards + 1
             skipped = skipped or position != self.subset_position
         pass_ = PassNorms(batch_size=n, weights=weights, skipped=skipped or n == 0)
+        pass_.forward_skipped = pass_.skipped
         pass_.n_source = _first_tensor(args, kwargs)
         examples = _batch_tensor(args, kwargs, self._model_dim)
         if examples is not None and examples.numel() and examples.stride(self._model_dim):

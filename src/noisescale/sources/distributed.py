@@ -860,15 +860,16 @@ def _late_wrapper_message(ddp: Any, model: nn.Module) -> str:
 
 def watch_late_wrapper(model: nn.Module, engine: PerExampleNorms) -> RemovableHandle:
     """A forward pre-hook for a plain model in a run of several processes without
-    ``process_group=``: on the steps the audits' schedule falls on (1, 2, 4, …), it refuses a
-    forward that a ``DistributedDataParallel`` runs — a DDP created after the tracker, or one
-    whose ``.module`` was given to the tracker — whose averaged gradients the tracker would take
-    for this process's own. DDP marks nothing on the module it wraps, so the hook looks for it
-    in the calling frames (a few microseconds on the steps it checks)."""
+    ``process_group=``: it refuses a forward that a ``DistributedDataParallel`` runs — a DDP
+    created after the tracker, or one whose ``.module`` was given to the tracker — whose
+    averaged gradients the tracker would take for this process's own. DDP marks nothing on the
+    module it wraps, so the hook looks for it in the calling frames, on every forward with
+    gradients (tens of microseconds; only in this set-up, where the tracker otherwise measures
+    each process alone)."""
     from torch.nn.parallel import DistributedDataParallel
 
     def hook(module: nn.Module, args: tuple) -> None:
-        if engine.is_paused or not torch.is_grad_enabled() or not engine.check_scheduled:
+        if engine.is_paused or not torch.is_grad_enabled():
             return
         frame = sys._getframe(1)
         while frame is not None:
