@@ -1258,7 +1258,7 @@ class PerExampleNorms:
     ) -> None:
         """Remember a hooked tensor: the audit decided at the end of the forward needs it.
         ``base``: the whole base of ``tensor``, a reshaped view whose rows are each example's
-        in turn (:func:`_survivor`), taken instead if the view is changed in place before the
+        in turn (:func:`_rebasable_base`), taken instead if the view is changed in place before the
         forward ends (an in-place operation leaves the view's own node out of the graph)."""
         if not self.auditing_enabled:
             return
@@ -1544,8 +1544,8 @@ class PerExampleNorms:
             # input, dim 0 the batch's examples, not shared)
             n = pass_.batch_size
             pass_.signature.append(("products", id(module), (_shape_pattern(args[0], n),)))
-            target, _ = _survivor(outs[0], 0, n)
-            self._add_target(pass_, outs[0], 0, module, label, _base_or_none(target, outs[0]))
+            base = _rebasable_base(outs[0], 0, n)
+            self._add_target(pass_, outs[0], 0, module, label, base)
             return replaced
         if not any(isinstance(o, Tensor) and o.requires_grad for o in outs):
             return replaced
@@ -1607,8 +1607,7 @@ class PerExampleNorms:
             return replaced if shared is None else shared
         if product_weight is not None and not params:
             pass_.signature.append(("products", id(module), _pattern(args, kwargs, n)))
-            target, _ = _survivor(outs[0], out_dims[0], n)
-            base = _base_or_none(target, outs[0])
+            base = _rebasable_base(outs[0], out_dims[0], n)
             self._add_target(pass_, outs[0], out_dims[0], module, label, base)
             return replaced
         saved = rule.save(module, args, kwargs, output.unflatten(0, (n, flat)) if flat else output)
@@ -1620,12 +1619,12 @@ class PerExampleNorms:
         pattern = (_shape_pattern(args[0], n),) if single else _pattern(args, kwargs, n)
         pass_.signature.append((tag, id(module), pattern))
         hooked = [o for o in outs if isinstance(o, Tensor) and o.requires_grad]
-        survivor = _survivor(outs[0], out_dims[0], n)[0] if len(outs) == 1 and not flat else outs[0]
-        if len(outs) == 1 and survivor is not outs[0]:
+        base = _rebasable_base(outs[0], out_dims[0], n) if len(outs) == 1 and not flat else None
+        if base is not None:
             # (the whole base of a reshaped view: its hook still fires after an in-place
             # operation on the view, whose own node that operation leaves out of the graph)
             shape = outs[0].shape
-            survivor.register_hook(
+            base.register_hook(
                 lambda g, c=call, p=pass_, s=shape: self._on_call_grad(p, c, (g.view(s),))
             )
         elif len(outs) == 1:
@@ -1640,8 +1639,8 @@ class PerExampleNorms:
             )
         for o, d in zip(outs, out_dims, strict=False):
             if isinstance(o, Tensor) and o.requires_grad:
-                base = survivor if o is outs[0] and survivor is not o else None
-                self._add_target(pass_, o, audit_mod.FLAT if flat else d, module, label, base)
+                rebased = base if o is outs[0] else None
+                self._add_target(pass_, o, audit_mod.FLAT if flat else d, module, label, rebased)
         return replaced
 
     def _flat_rows(
@@ -3774,7 +3773,7 @@ def _identity(x: Any) -> Any:
     return x
 
 
-class _MirroredCheckpoint(InertWhenCopied):
+class _MirroredCheckpoint:
     """A transformers layer's ``_gradient_checkpointing_func`` (``checkpoint`` with its
     options), wrapped so that the forward it recomputes in the backward holds the same aliases
     of the layer's directly used parameters as the forward held (:meth:`_on_scope_enter`, on
@@ -3936,8 +3935,8 @@ def _without_cross_terms(uses: list[Factor]) -> bool:
     return any(isinstance(f, NormFactor) and f.grads is None for f in uses)
 
 
-def _survivor(output: Tensor, dim: int, n: int) -> tuple[Tensor, int]:
-    """The tensor to hook for a layer's output gradient, and its example dimension.
+def _rebasable_base(output: Tensor, dim: int, n: int) -> Tensor | None:
+    """The tensor to hook for a layer's output gradient instead of the output, if any.
 
     nn.Linear on [N, T, I] and Hugging Face's Conv1D return a view of a product's result,
     ``addmm(...).view(N, T, O)``. An in-place operation on that view — ``nn.ReLU(inplace=True)``,
@@ -3945,8 +3944,8 @@ def _survivor(output: Tensor, dim: int, n: int) -> tuple[Tensor, int]:
     flows through the base's new node into the product, and the view's own node, where a hook
     on the view sits, is left out of the graph (until 2026-12-04 such a layer was refused as
     "no use of its parameters"). The whole base, its rows each example's in turn ([N·T, O]:
-    the audit's FLAT), keeps its node whatever is done to the view. ``(output, dim)`` for any
-    other output."""
+    the audit's FLAT), keeps its node whatever is done to the view. ``None`` for any other
+    output."""
     base = output._base
     if (
         base is None
@@ -3962,12 +3961,8 @@ def _survivor(output: Tensor, dim: int, n: int) -> tuple[Tensor, int]:
         or not (base.is_contiguous() and output.is_contiguous())
         or base.data_ptr() != output.data_ptr()
     ):
-        return output, dim
-    return base, audit_mod.FLAT
-
-
-def _base_or_none(target: Tensor, output: Tensor) -> Tensor | None:
-    return None if target is output else target
+        return None
+    return base
 
 
 def _reshaped_base(module: nn.Module, output: Any) -> Tensor | None:
