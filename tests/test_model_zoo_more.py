@@ -32,15 +32,55 @@ transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
-MORE = {
-    # its own local/global attention (sliding window 4 on every other layer), no unpadding on
-    # the eager/sdpa path
-    "modernbert": (lambda: transformers.ModernBertForMaskedLM(transformers.ModernBertConfig(
+# Configurations that two entries share, each with its own head (or layout)
+
+
+def _modernbert(**kw):
+    return transformers.ModernBertConfig(
         vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=16, global_attn_every_n_layers=2,
         local_attention=4, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
-        sep_token_id=2, mask_token_id=3,
-    )), "lm"),
+        sep_token_id=2, mask_token_id=3, **kw,
+    )  # fmt: skip
+
+
+def _mistral(**kw):
+    return transformers.MistralConfig(
+        vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16, **kw,
+    )  # fmt: skip
+
+
+def _electra():
+    return transformers.ElectraConfig(
+        vocab_size=V, embedding_size=8, hidden_size=16, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=32, max_position_embeddings=16,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+
+
+def _deit():
+    return transformers.DeiTConfig(
+        image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=32, num_labels=3,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+
+
+def _wav2vec2(**layout):
+    return transformers.Wav2Vec2Config(
+        vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3),
+        num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, hidden_dropout=0.0,
+        activation_dropout=0.0, attention_dropout=0.0, feat_proj_dropout=0.0, final_dropout=0.0,
+        layerdrop=0.0, mask_time_prob=0.0, ctc_loss_reduction="mean", pad_token_id=0, **layout,
+    )  # fmt: skip
+
+
+MORE = {
+    # its own local/global attention (sliding window 4 on every other layer), no unpadding on
+    # the eager/sdpa path
+    "modernbert": (lambda: transformers.ModernBertForMaskedLM(_modernbert()), "lm"),
     # a masked LM head with its own vocab transform/projector; loss computed by the model
     # (token_mean in the tracker)
     "distilbert": (lambda: transformers.DistilBertForMaskedLM(transformers.DistilBertConfig(
@@ -54,11 +94,7 @@ MORE = {
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )), "lm"),
     # an embedding projection (embedding_size 8 -> hidden 16) and a generator head
-    "electra": (lambda: transformers.ElectraForMaskedLM(transformers.ElectraConfig(
-        vocab_size=V, embedding_size=8, hidden_size=16, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=32, max_position_embeddings=16,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )), "lm"),
+    "electra": (lambda: transformers.ElectraForMaskedLM(_electra()), "lm"),
     # relative-position buckets [T, T] looked up into a bias shared by the batch
     "mpnet": (lambda: transformers.MPNetForMaskedLM(transformers.MPNetConfig(
         vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -67,11 +103,7 @@ MORE = {
         attention_probs_dropout_prob=0.0,
     )), "lm"),
     # sliding-window attention (window 4 < T), grouped-query attention
-    "mistral": (lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
-        vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
-        sliding_window=4,
-    )), "lm"),
+    "mistral": (lambda: transformers.MistralForCausalLM(_mistral(sliding_window=4)), "lm"),
     # partial rotary, parallel attention/MLP, a biased LM head
     "phi": (lambda: transformers.PhiForCausalLM(transformers.PhiConfig(
         vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -151,11 +183,7 @@ MORE = {
         pad_token_id=0, decoder_start_token_id=0,
     )), "lm"),
     # a class and a distillation token expanded over the batch
-    "deit-cls": (lambda: transformers.DeiTForImageClassification(transformers.DeiTConfig(
-        image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=32, num_labels=3,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )), ("images", 8)),
+    "deit-cls": (lambda: transformers.DeiTForImageClassification(_deit()), ("images", 8)),
     # a relative position bias table indexed by a [T*T] buffer, layer scale, mean pooling
     "beit": (lambda: transformers.BeitForImageClassification(transformers.BeitConfig(
         image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
@@ -173,53 +201,25 @@ MORE = {
     )), ("images", 16)),
     # mean pooling over the attention mask
     "modernbert-cls": (lambda: transformers.ModernBertForSequenceClassification(
-        transformers.ModernBertConfig(
-        vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=16, global_attn_every_n_layers=2,
-        local_attention=4, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
-        sep_token_id=2, mask_token_id=3, num_labels=3, classifier_pooling="mean",
-    )), "cls"),
+        _modernbert(num_labels=3, classifier_pooling="mean")), "cls"),
     # the last non-padding token pooled by indexing [arange(N), last] (pad_token_id 0, right
     # padding)
     "mistral-cls": (lambda: transformers.MistralForSequenceClassification(
-        transformers.MistralConfig(
-        vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
-        pad_token_id=0, num_labels=3,
-    )), "cls-pad"),
+        _mistral(pad_token_id=0, num_labels=3)), "cls-pad"),
     # replaced-token detection: a BCE over tokens, computed by the model
-    "electra-disc": (lambda: transformers.ElectraForPreTraining(transformers.ElectraConfig(
-        vocab_size=V, embedding_size=8, hidden_size=16, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=32, max_position_embeddings=16,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )), "rtd"),
+    "electra-disc": (lambda: transformers.ElectraForPreTraining(_electra()), "rtd"),
     # with teacher: the mean of the class and distillation heads' logits, cross-entropy
     # outside the model
-    "deit": (lambda: transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(
-        image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=32, num_labels=3,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )), ("images-logits", 8)),
+    "deit": (lambda: transformers.DeiTForImageClassificationWithTeacher(_deit()),
+             ("images-logits", 8)),
     # conv feature extractor with GroupNorm, weight-normed grouped positional conv, CTC (mean)
-    "wav2vec2": (lambda: transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(
-        vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3),
-        num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, feat_extract_norm="group",
-        hidden_dropout=0.0, activation_dropout=0.0, attention_dropout=0.0, feat_proj_dropout=0.0,
-        final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0, ctc_loss_reduction="mean",
-        pad_token_id=0,
-    )), ("ctc", 200)),
+    "wav2vec2": (lambda: transformers.Wav2Vec2ForCTC(_wav2vec2(feat_extract_norm="group")),
+                 ("ctc", 200)),
     # the stable-layer-norm layout (LayerNorm extractor) with an attention mask: the padded
     # frames of feature_projection's Linear output zeroed in place (refused as "no use of its
     # parameters" until 2026-12-04)
-    "wav2vec2-padded": (lambda: transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(
-        vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3),
-        num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, feat_extract_norm="layer",
-        do_stable_layer_norm=True, hidden_dropout=0.0, activation_dropout=0.0,
-        attention_dropout=0.0, feat_proj_dropout=0.0, final_dropout=0.0, layerdrop=0.0,
-        mask_time_prob=0.0, ctc_loss_reduction="mean", pad_token_id=0,
-    )), ("ctc-mask", 200)),
+    "wav2vec2-padded": (lambda: transformers.Wav2Vec2ForCTC(
+        _wav2vec2(feat_extract_norm="layer", do_stable_layer_norm=True)), ("ctc-mask", 200)),
     # two conv1d over mel frames, sinusoidal encoder positions, decoder with cross attention
     "whisper": (lambda: transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(
         vocab_size=V, num_mel_bins=8, d_model=16, encoder_layers=1, decoder_layers=1,

@@ -50,7 +50,6 @@ from typing import Any, NoReturn
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from noisescale import estimators as est
@@ -361,14 +360,7 @@ class GradientNoiseTracker:
         self._dist = DataParallelSource.detect(
             model, self.engine, self._params, process_group, microbatch=microbatch
         )
-        self._late_wrapper = (
-            watch_late_wrapper(model, self.engine)
-            if self._dist is None
-            and dist.is_available()
-            and dist.is_initialized()
-            and dist.get_world_size() > 1
-            else None
-        )
+        self._late_wrapper = watch_late_wrapper(model, self.engine) if self._dist is None else None
         if self._dist is not None:
             # the data-parallel source needs each pass's local norm as the backward computes it
             self.engine.lazy_first_pass = False

@@ -294,7 +294,9 @@ class PassNorms:
     # layers called on the examples flattened together with positions (LayerRule.flattened)
     flat_calls: set[nn.Module] = field(default_factory=set)
     amp: bool = False  # the forward ran under autocast (looser audit tolerance)
-    n_source: Tensor | None = None  # the model input the example count was read from
+    # the model's first tensor argument (a layer reading it may set the example count:
+    # EmbeddingBag's offsets)
+    n_source: Tensor | None = None
     # the input the example count was read from, and its version counter at the forward (None:
     # an inference tensor, which has none), for the same input seen twice in a step
     examples: Tensor | None = None
@@ -1600,8 +1602,7 @@ class PerExampleNorms:
             shared_input
             or size != n
             or module in self._learned_shared
-            or (single and self._is_buffer(pass_, args[0]))
-            or (single and _selected_rows(args[0], n) is not None)
+            or (single and self._rows_not_examples(pass_, args[0], n))
         ):
             shared = self._shared_call(pass_, module, rule, label, params, args, kwargs, output)
             return replaced if shared is None else shared
@@ -1688,8 +1689,7 @@ class PerExampleNorms:
             and args[0].dim() > 0
             and args[0].shape[0] == pass_.batch_size
             and self._replay_allowed
-            and not self._is_buffer(pass_, args[0])
-            and _selected_rows(args[0], pass_.batch_size) is None
+            and not self._rows_not_examples(pass_, args[0], pass_.batch_size)
             and self._uses_products(module, weight, args[0], pass_.batch_size, pass_.subbatches.n)
         )
         if not use:
@@ -1700,6 +1700,12 @@ class PerExampleNorms:
         if bias is not None:
             module._parameters["bias"] = bias.detach()
         stack.append((weight, bias))
+
+    def _rows_not_examples(self, pass_: PassNorms, x: Tensor, n: int) -> bool:
+        """Whether ``x``, a layer's input with the batch's leading size, holds rows that are not
+        the examples by that coincidence: one of the model's buffers, or rows picked by a mask
+        or an index (:func:`_selected_rows`). Such a call is shared."""
+        return self._is_buffer(pass_, x) or _selected_rows(x, n) is not None
 
     def _is_buffer(self, pass_: PassNorms, x: Tensor) -> bool:
         """Is ``x`` (a layer's input) one of the model's buffers, or a view of one? Its leading
@@ -1904,14 +1910,16 @@ class PerExampleNorms:
             )
         saved = rule.save(module, _unshare(args), _unshare(kwargs), output)
         size = _first_size(args, kwargs, 0) or 0
-        upstream: list[Source] = []
-        for v in _flat_values(args, kwargs):
-            if isinstance(v, SharedTensor):
-                upstream.extend(v._ns_origin.sources)  # type: ignore[attr-defined]
+        shared = [v for v in _flat_values(args, kwargs) if isinstance(v, SharedTensor)]
+        upstream: list[Source] = [
+            source
+            for v in shared
+            for source in v._ns_origin.sources  # type: ignore[attr-defined]
+        ]
         picked = next((s.call.picked for s in upstream if s.call is not None and s.call.picked), "")
         if picked:
             why = picked  # (the cause, named at the first call on the picked rows)
-        elif any(isinstance(v, SharedTensor) for v in _flat_values(args, kwargs)):
+        elif shared:
             why = (
                 "its input came from parameters used directly, combined only with tensors "
                 "whose dim 0 does not have the batch's size (constants, time-major "
@@ -3946,18 +3954,29 @@ def _rebasable_base(output: Tensor, dim: int, n: int) -> Tensor | None:
     "no use of its parameters"). The whole base, its rows each example's in turn ([N·T, O]:
     the audit's FLAT), keeps its node whatever is done to the view. ``None`` for any other
     output."""
-    base = output._base
+    base = _whole_base(output)
     if (
         base is None
         or dim != 0
-        or base._base is not None
-        or not base.requires_grad
-        or base.numel() != output.numel()
         or base.dim() == 0
         or base.shape[0] < n
         or base.shape[0] % max(n, 1)
         or output.dim() == 0
         or output.shape[0] != n
+    ):
+        return None
+    return base
+
+
+def _whole_base(output: Tensor) -> Tensor | None:
+    """The tensor ``output`` is a reshaped view of, when it is the whole base, in the same
+    layout (a product's result, ``addmm(...).view(...)``)."""
+    base = output._base
+    if (
+        base is None
+        or base._base is not None
+        or not base.requires_grad
+        or base.numel() != output.numel()
         or not (base.is_contiguous() and output.is_contiguous())
         or base.data_ptr() != output.data_ptr()
     ):
@@ -3970,21 +3989,13 @@ def _reshaped_base(module: nn.Module, output: Any) -> Tensor | None:
     Hugging Face's Conv1D return ``addmm(...).view(...)`` — when the view may be replaced by a
     new one: no forward hook but the engine's saw it (a hook of the user's registered before
     the tracker's would hold the old view), and it is the whole base, in the same layout."""
-    if not isinstance(output, Tensor):
-        return None
-    base = output._base
     if (
-        base is None
-        or base._base is not None
-        or not base.requires_grad
-        or base.numel() != output.numel()
-        or not (base.is_contiguous() and output.is_contiguous())
-        or base.data_ptr() != output.data_ptr()
+        not isinstance(output, Tensor)
         or len(module._forward_hooks) != 2  # _on_weight_exit and _on_forward
         or _global_forward_hooks
     ):
         return None
-    return base
+    return _whole_base(output)
 
 
 def _product_kind(module: nn.Module, rule: LayerRule) -> str:
