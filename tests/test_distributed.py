@@ -38,7 +38,7 @@ from torch import nn
 
 import noisescale
 from noisescale import estimators as est
-from noisescale.errors import NoiseScaleInputError
+from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.sources import distributed as dsrc
 
 WORLD = 2
@@ -267,6 +267,18 @@ def _worker(rank: int, port: int, out: str) -> None:
     _crash(rank, out)
 
 
+class _PickedPair(nn.Module):
+    """A head on rows picked by index pairs, h[b, t] with b, t from a mask's nonzero()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        b, t = keep.nonzero(as_tuple=True)
+        return self.head(torch.tanh(self.body(x))[b, t]).pow(2).sum(-1)
+
+
 def _misuse() -> dict[str, str]:
     """What a user is told when the set-up cannot give the data-parallel estimate."""
     import warnings
@@ -325,6 +337,35 @@ def _misuse() -> dict[str, str]:
         except NoiseScaleInputError as e:
             out[name] = str(e)
         tracker.remove()
+    # rows picked by index pairs, compared on the device as on an accelerator: the second
+    # process's step 6 picks [2, 1, 1, 0] rows (as many as examples, not the examples); the
+    # processes that found one are counted in the all-reduce, so both refuse step 6 when they
+    # read it, keeping steps 1-5
+    import noisescale.per_example.engine as engine_mod
+
+    reads = engine_mod._host_reads_indices
+    engine_mod._host_reads_indices = lambda index: False
+    try:
+        model = DistributedDataParallel(_PickedPair())
+        tracker = noisescale.GradientNoiseTracker(model, sync_every=8)
+        h = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(7))
+        for step in range(6):
+            keep = torch.zeros(4, 3, dtype=torch.bool)
+            bad = step == 5 and torch.distributed.get_rank() == 1
+            counts = [2, 1, 1, 0] if bad else [1, 1, 1, 1]
+            for i, c in enumerate(counts):
+                keep[i, :c] = True
+            model(h, keep).sum().backward()
+            tracker.step()
+            model.zero_grad()
+        try:
+            tracker.sync()
+            out["picked_rows"] = "accepted"
+        except UnsupportedModuleError as e:
+            out["picked_rows"] = f"{[r['step'] for r in tracker.history]} {e}"
+        tracker.remove()
+    finally:
+        engine_mod._host_reads_indices = reads
     # FSDP2's fully_shard after the tracker replaces the parameters: refused at the step
     from torch.distributed.fsdp import fully_shard
 
@@ -926,6 +967,11 @@ def test_misuse_is_reported(runs):
     assert misuse["clipped_True"].startswith("call tracker.step() right after the last backward")
     assert misuse["fsdp_clipped_False"] == "accepted"
     assert misuse["fsdp_clipped_True"].startswith("call tracker.step() right after the last")
+    for rank in (0, 1):  # both refuse step 6, keeping 1-5
+        picked = runs[rank]["misuse"]["picked_rows"]
+        assert picked.startswith(
+            "[1, 2, 3, 4, 5] step 6 (on 1 of the processes): the input rows of 'module.head'"
+        ), picked
 
 
 def test_hand_averaging_is_checked(runs):
@@ -1056,7 +1102,7 @@ def test_buffer_and_work_do_not_grow_with_the_number_of_processes():
     for world in (2, 1024, 16384):
         values = _buffer(examples=8 * world, sum_c=world, sum_c2=world / 8, big=1.0,
                          local=(world, 8.0 * world, 2.0 * world, world))  # fmt: skip
-        assert values.size == dsrc.WIDTH == 29
+        assert values.size == dsrc.WIDTH == 30
         b_big, _, examples, _, sources, _ = dsrc.resolve(values, world)
         assert b_big == pytest.approx(8 * world) and examples == 8 * world
         assert sources["local"].size == pytest.approx(1 / 8)

@@ -1481,6 +1481,86 @@ def test_rows_picked_by_an_index_pair_are_measured_when_they_are_the_examples():
     engine.remove()
 
 
+def _as_on_an_accelerator(monkeypatch) -> None:
+    """Index tensors compared on the device, as on an accelerator (the flag read later)."""
+    import noisescale.per_example.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "_host_reads_indices", lambda index: False)
+
+
+def test_an_index_pair_on_an_accelerator_is_flagged_on_the_device(monkeypatch):
+    """On an accelerator ``h[b, t]``'s indices are not read when the layer runs (it would wait
+    for the device): they are compared with arange(N) there — one row per example in order is
+    the examples, exact, its flag false; [2, 1, 1, 0] is measured as examples but flagged, for
+    the tracker to refuse when it reads the step (until 2026-12-04 nothing was: a known gap)."""
+    _as_on_an_accelerator(monkeypatch)
+    torch.manual_seed(0)
+    model = _PickedRows("index pair")
+    x = torch.randn(N, 6, 5)
+    engine = PerExampleNorms(model)
+    keep = _keep([1, 1, 1, 1])
+    for _ in range(3):  # audited, audited, not audited
+        model.zero_grad()
+        model(x, keep).sum().backward()
+        (p,) = engine.collect()
+        ((label, how, flag),) = engine.unread_picks
+        assert label == "head" and "none of them the examples in order" in how
+        assert not bool(flag) and flag.dtype == torch.bool
+        with engine.paused():
+            want = truth(model, x, lambda m, xi: m(xi, keep[:1]))
+        torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-10, atol=0)
+    model.zero_grad()
+    model(x, _keep([2, 1, 1, 0])).sum().backward()
+    engine.collect()  # (not read here)
+    ((_, _, flag),) = engine.unread_picks
+    assert bool(flag)
+    engine.remove()
+
+
+@pytest.mark.parametrize("sync_every", [1, 8])
+def test_the_tracker_refuses_a_flagged_pick_when_it_reads_the_step(monkeypatch, sync_every):
+    """The flag is read with the step's statistics, in the same transfer: the first step whose
+    pick was not the examples is refused there, with the steps before it recorded and it (and
+    any unread step after it) not — never folded into the estimate."""
+    _as_on_an_accelerator(monkeypatch)
+    torch.manual_seed(0)
+    model = _PickedRows("index pair")
+    x = torch.randn(N, 6, 5)
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=sync_every)
+    for counts in ([1, 1, 1, 1],) * 5:
+        model.zero_grad()
+        model(x, _keep(counts)).sum().backward()
+        tracker.step()
+    model.zero_grad()
+    model(x, _keep([2, 1, 1, 0])).sum().backward()
+    message = "step 6: the input rows of 'head' .index tensors over a .4, 6, 5. tensor, none"
+    with pytest.raises(UnsupportedModuleError, match=message):
+        tracker.step()  # (sync_every=1: read now)
+        model.zero_grad()
+        model(x, _keep([1, 1, 1, 1])).sum().backward()
+        tracker.step()  # an unread step after it
+        tracker.sync()
+    assert [r["step"] for r in tracker.history] == [1, 2, 3, 4, 5]
+    tracker.remove()
+
+
+def test_a_one_shot_measurement_refuses_a_bad_pick_on_an_accelerator_by_its_audit(monkeypatch):
+    """``per_example_sqnorms`` audits the one step it measures, the flag aside: rows that are
+    not the examples are refused by the audit."""
+    _as_on_an_accelerator(monkeypatch)
+    torch.manual_seed(0)
+    model = _PickedRows("index pair")
+    x = torch.randn(N, 6, 5)
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        model(x, _keep([1, 1, 1, 1])).sum().backward()
+    keep = _keep([1, 1, 1, 1])
+    want = truth(model, x, lambda m, xi: m(xi, keep[:1]))
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-10, atol=0)
+    with pytest.raises(UnsupportedModuleError, match="do not belong to the examples"):
+        with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
+            model(x, _keep([2, 1, 1, 0])).sum().backward()
+
+
 @pytest.mark.parametrize("form", ["gather, batch-first", "gather, time-major", "index, time-major"])
 def test_a_last_step_picked_along_the_examples_is_exact(form):
     """A recurrent model's last step per example — ``out.gather(1, idx)`` batch-first,

@@ -44,7 +44,7 @@ import warnings
 import weakref
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -54,14 +54,19 @@ from torch import Tensor, nn
 
 from noisescale import estimators as est
 from noisescale import state as state_mod
-from noisescale.errors import NoiseScaleInputError
+from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.param_groups import parameter_groups
 from noisescale.per_example import PerExampleNorms
 from noisescale.per_example.engine import new_parameters_message
 from noisescale.per_example.factors import sqnorm_total
 from noisescale.preconditioning import check_preconditioner, preconditioner_weights
 from noisescale.sources.base import Observation, Source, StepNorms
-from noisescale.sources.distributed import DataParallelSource, ReducedStep, watch_late_wrapper
+from noisescale.sources.distributed import (
+    PICKED,
+    DataParallelSource,
+    ReducedStep,
+    watch_late_wrapper,
+)
 from noisescale.sources.microbatch import MicroBatchSource
 from noisescale.sources.per_example import PerExampleSource
 from noisescale.sources.subbatch import SubbatchSource
@@ -104,6 +109,9 @@ class _Pending:
     tokens: Tensor | None = None  # tokens the step's loss counted
     # measure_every: the unmeasured steps since the last measured one (count, examples, tokens)
     unmeasured: tuple[int, int, Tensor | float | None] = state_mod.NOTHING_UNMEASURED
+    # layer inputs picked by index tensors not read on the accelerator when the layer ran:
+    # (layer, how, device flag "not the examples"), read with the rest (engine.unread_picks)
+    picks: tuple[tuple[str, str, Tensor], ...] = ()
 
 
 _REGISTERED = [0]  # modules and parameters registered on any module in the process
@@ -421,6 +429,7 @@ class GradientNoiseTracker:
         self._check_grads_untouched(scale if grads_unscaled else None, scale)
         unmeasured = self.engine.idle
         passes = self.engine.collect(grad_rescale=scale if grads_unscaled else 1.0)
+        picks = tuple(self.engine.unread_picks)
         if not passes:
             self._no_passes()
         if self.engine.unzeroed is not None:
@@ -463,11 +472,18 @@ class GradientNoiseTracker:
         grad_scale = 1.0 if grads_unscaled else scale
         if self._dist is not None:
             reduced = self._dist.launch(
-                norms, observations, grad_scale, loss, tokens, self._unmeasured, self.steps
+                norms, observations, grad_scale, loss, tokens, self._unmeasured, self.steps, picks
             )
             count = self._unmeasured[0]
             self._pending.append(
-                _Pending(self.steps, lr, scale, reduced=reduced, unmeasured=(count, 0, None))
+                _Pending(
+                    self.steps,
+                    lr,
+                    scale,
+                    reduced=reduced,
+                    unmeasured=(count, 0, None),
+                    picks=picks,
+                )
             )
             self._unmeasured = state_mod.NOTHING_UNMEASURED
         else:
@@ -498,6 +514,7 @@ class GradientNoiseTracker:
                     None if self.precondition is None else weights is not None,
                     tokens=tokens,
                     unmeasured=self._unmeasured,
+                    picks=picks,
                 )
             )
             self._unmeasured = state_mod.NOTHING_UNMEASURED
@@ -829,24 +846,54 @@ class GradientNoiseTracker:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        stats = self._read(pending)
+        stats, refused = self._read(pending)
         records = []
         for p, s in zip(pending, stats, strict=True):
+            if refused is not None and p.step >= refused[0]:
+                break
             self._state, record = state_mod.update(self._state, s, self.confidence)
             self._after_update(p, record)
             records.append(record)
         self._history.extend(records)
         if self.history_path is not None:
             self._write_lines(records)
+        if refused is not None:
+            raise UnsupportedModuleError(refused[1])
 
-    def _read(self, pending: list[_Pending]) -> list[state_mod.StepStats]:
-        """Every pending step's numbers, read from the device in one transfer."""
+    @staticmethod
+    def _picked_message(p: _Pending, count: int) -> str:
+        """Why step ``p`` is refused: in ``count`` processes, a layer's input rows were picked
+        by index tensors none of which is the examples in order."""
+        where = "" if p.reduced is None else f" (on {count} of the processes)"
+        layers = sorted({f"'{label}' ({how})" for label, how, _ in p.picks})
+        named = ", ".join(layers) if layers else "a layer on another process"
+        if p.reduced is not None and len(layers) > 1:
+            named = "one or more of " + named  # (this process's flags are read summed)
+        return (
+            f"step {p.step}{where}: the input rows of {named} were picked by index tensors, "
+            "none of them the examples in order — h[b, t] with b, t from mask.nonzero() — so "
+            "their count equals the batch's by coincidence and which example each row belongs "
+            "to changes with the data. On an accelerator these indices are compared on the "
+            "device when the layer runs and read here, with the step's statistics: this step "
+            "and the unread ones after it were not recorded (the steps before it were). Pick "
+            "one row per example with an index along the examples, h[torch.arange(N), t], or "
+            "measure with per_example=False"
+        )
+
+    def _read(
+        self, pending: list[_Pending]
+    ) -> tuple[list[state_mod.StepStats], tuple[int, str] | None]:
+        """Every pending step's numbers, read from the device in one transfer, and the first
+        step refused by what they show (its number and why), if any."""
+        refused: tuple[int, str] | None = None
         if self._dist is not None:
             values = torch.cat([p.reduced.values() for p in pending]).cpu().numpy()
             width = values.size // len(pending)
             out = []
             for i, p in enumerate(pending):
                 row = values[i * width : (i + 1) * width]
+                if refused is None and row[PICKED] > 0:
+                    refused = (p.step, self._picked_message(p, round(float(row[PICKED]))))
                 b_big, big, examples, loss, sources, tokens = self._dist.resolve(row)
                 unmeasured = (p.unmeasured[0], *self._dist.resolve_unmeasured(row, p.step))
                 if not sources:
@@ -870,7 +917,7 @@ class GradientNoiseTracker:
                         unmeasured=unmeasured,
                     )
                 )
-            return out
+            return out, refused
         flat: list[Tensor] = []
 
         def later(x: Any) -> None:  # a device number, read with the rest
@@ -893,6 +940,7 @@ class GradientNoiseTracker:
                 flat.append(p.loss.reshape(1))
             if p.group_big is not None:
                 flat.append(p.group_big.reshape(-1))
+            flat += [flag.reshape(1) for _, _, flag in p.picks]
         device = flat[0].device
         values = torch.cat([f.to(device=device, dtype=torch.float64) for f in flat]).cpu().numpy()
         out, pos = [], 0
@@ -931,6 +979,12 @@ class GradientNoiseTracker:
             if p.group_big is not None:
                 group_big = values[pos : pos + g].copy()
                 pos += g
+            if p.picks:
+                picked = values[pos : pos + len(p.picks)]
+                pos += len(p.picks)
+                if refused is None and picked.any():
+                    bad = [pick for pick, flag in zip(p.picks, picked, strict=True) if flag]
+                    refused = (p.step, self._picked_message(replace(p, picks=tuple(bad)), 1))
             out.append(
                 state_mod.StepStats(
                     p.step,
@@ -948,7 +1002,7 @@ class GradientNoiseTracker:
                     unmeasured=(unmeasured_steps, unmeasured_examples, unmeasured_tokens),
                 )
             )
-        return out
+        return out, refused
 
     def _after_update(self, p: _Pending, record: dict[str, Any]) -> None:
         if record["skipped"] and not math.isfinite(record["sqnorm_big"]) and self.scaler is None:

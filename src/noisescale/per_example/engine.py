@@ -290,6 +290,10 @@ class PassNorms:
     output_nodes: dict[int, Any] = field(default_factory=dict)  # the outputs' autograd nodes
     meetings_added: int = 0
     buffer_storages: set[int] | None = None  # the model's buffers' storages (_is_buffer)
+    # layer inputs picked by several index tensors on an accelerator, where the indices are
+    # not read when the layer runs: (layer, how, a device flag "none of them is the examples in
+    # order"), read by the tracker with the step's statistics (_selected_rows)
+    unread_picks: list[tuple[str, str, Tensor]] = field(default_factory=list)
     shared_calls: list[_Call] = field(default_factory=list)
     # layers called on the examples flattened together with positions (LayerRule.flattened)
     flat_calls: set[nn.Module] = field(default_factory=set)
@@ -453,6 +457,8 @@ class PerExampleNorms:
         self._step_marks: dict[int, tuple[Any, int]] = {}
         self._unzeroed: list[tuple[str, Tensor]] = []  # (name, .grad not all zeros)
         self.unzeroed: str | None = None  # the last collected step's (collect)
+        # the last collected step's PassNorms.unread_picks, every pass's (collect)
+        self.unread_picks: list[tuple[str, str, Tensor]] = []
         self._recomputing = False
         self._paused = False
         # follows the loss of audited passes from the model's outputs to the backward
@@ -1602,7 +1608,7 @@ class PerExampleNorms:
             shared_input
             or size != n
             or module in self._learned_shared
-            or (single and self._rows_not_examples(pass_, args[0], n))
+            or (single and self._rows_not_examples(pass_, args[0], n, label))
         ):
             shared = self._shared_call(pass_, module, rule, label, params, args, kwargs, output)
             return replaced if shared is None else shared
@@ -1689,7 +1695,9 @@ class PerExampleNorms:
             and args[0].dim() > 0
             and args[0].shape[0] == pass_.batch_size
             and self._replay_allowed
-            and not self._rows_not_examples(pass_, args[0], pass_.batch_size)
+            and not self._rows_not_examples(
+                pass_, args[0], pass_.batch_size, self._calls[module][1]
+            )
             and self._uses_products(module, weight, args[0], pass_.batch_size, pass_.subbatches.n)
         )
         if not use:
@@ -1701,11 +1709,18 @@ class PerExampleNorms:
             module._parameters["bias"] = bias.detach()
         stack.append((weight, bias))
 
-    def _rows_not_examples(self, pass_: PassNorms, x: Tensor, n: int) -> bool:
-        """Whether ``x``, a layer's input with the batch's leading size, holds rows that are not
-        the examples by that coincidence: one of the model's buffers, or rows picked by a mask
-        or an index (:func:`_selected_rows`). Such a call is shared."""
-        return self._is_buffer(pass_, x) or _selected_rows(x, n) is not None
+    def _rows_not_examples(self, pass_: PassNorms, x: Tensor, n: int, label: str) -> bool:
+        """Whether ``x``, the input of layer ``label`` with the batch's leading size, holds rows
+        that are not the examples by that coincidence: one of the model's buffers, or rows
+        picked by a mask or an index (:func:`_selected_rows`). Such a call is shared. (Index
+        tensors on an accelerator are checked on the device: ``pass_.unread_picks``.)"""
+        if self._is_buffer(pass_, x):
+            return True
+        unread: list[tuple[str, Tensor]] = []
+        if _selected_rows(x, n, unread) is not None:
+            return True
+        pass_.unread_picks += [(label, how, flag) for how, flag in unread]
+        return False
 
     def _is_buffer(self, pass_: PassNorms, x: Tensor) -> bool:
         """Is ``x`` (a layer's input) one of the model's buffers, or a view of one? Its leading
@@ -3168,6 +3183,7 @@ class PerExampleNorms:
         #: (:meth:`_check_zeroed`); the tracker refuses the step, a one-shot measurement — whose
         #: norms do not read .grad — does not care
         self.unzeroed = None
+        self.unread_picks = [pick for p in done for pick in p.unread_picks]
         if self._unzeroed:
             held = torch.stack([flag.to(self._unzeroed[0][1].device) for _, flag in self._unzeroed])
             self.unzeroed = next(
@@ -4383,7 +4399,17 @@ _ROW_PRESERVING = frozenset(
 )  # fmt: skip
 
 
-def _selected_rows(x: Tensor | None, n: int) -> str | None:
+def _host_reads_indices(index: Tensor) -> bool:
+    """Whether :func:`_selected_rows` reads index tensors' values when the layer runs: on the
+    CPU; on an accelerator that would wait for the device, and they are compared there instead
+    (a flag the tracker reads with the step's statistics). Tests patch it to take the
+    accelerator's way on the CPU."""
+    return index.device.type == "cpu"
+
+
+def _selected_rows(
+    x: Tensor | None, n: int, unread: list[tuple[str, Tensor]] | None = None
+) -> str | None:
     """How ``x``'s ``n`` rows were picked so that which example each belongs to depends on the
     data, when its autograd history shows it (through views and elementwise functions): a
     boolean mask over more than the examples' own dimension, or one over (or an index into) a
@@ -4394,7 +4420,10 @@ def _selected_rows(x: Tensor | None, n: int) -> str | None:
     only (before 2026-12-04 such rows were split as the examples on unaudited steps: 19–37%
     off). ``None`` when the history shows no such pick: an index along the examples' own
     dimension — ``h[arange(N), last]``, a time-major ``out[last, arange(N)]`` — is not one.
-    (On an accelerator, several index tensors are not read: a known gap.)"""
+    On an accelerator several index tensors are not read (that would wait for the device):
+    ``None`` then, and ``(how, flag)`` is appended to ``unread``, ``flag`` a device boolean,
+    true when none of them is the examples in order — the tracker refuses the step when it
+    reads the step's statistics, before they are folded into the estimate."""
     if x is None or x.grad_fn is None or torch.compiler.is_compiling():
         return None
     node = x.grad_fn
@@ -4424,20 +4453,26 @@ def _selected_rows(x: Tensor | None, n: int) -> str | None:
                 # takes from another dimension, aligned with the source's)
                 return None
             return f"an index over the {sizes[0]} rows of a {list(sizes)} tensor"
-        if indices[0].device.type != "cpu":
-            return None
         # several index tensors: one along a dimension of the batch's size that is the
         # examples in order (arange) says the rows are the examples
+        how = f"index tensors over a {list(sizes)} tensor, none of them the examples in order"
         full = list(node._saved_indices) + [None] * (len(sizes) - len(node._saved_indices))
-        for dim, index in enumerate(full):
-            if (
-                index is not None
-                and sizes[dim] == n
-                and index.shape == (n,)
-                and bool((index == torch.arange(n)).all())
-            ):
-                return None
-        return f"index tensors over a {list(sizes)} tensor, none of them the examples in order"
+        along = [
+            index
+            for dim, index in enumerate(full)
+            if index is not None and sizes[dim] == n and index.shape == (n,)
+        ]
+        if not along:
+            return how
+        if not _host_reads_indices(along[0]):
+            if unread is not None:
+                order = torch.arange(n, device=along[0].device)
+                in_order = torch.stack([(index == order).all() for index in along]).any()
+                unread.append((how, in_order.logical_not()))
+            return None
+        if any(bool((index == torch.arange(n, device=index.device)).all()) for index in along):
+            return None
+        return how
     if kind in ("IndexSelectBackward0", "GatherBackward0"):
         # the result's dim 0 runs along the index's: picked rows when it has the batch's size
         # and the source's dim 0 another (a gather along dim 0 whose result has one row, a

@@ -98,7 +98,10 @@ UNMEASURED_TOKENS = 9
 HAS_UNMEASURED_TOKENS = 10  # processes that counted them
 STEP = 11  # the tracker's step number (summed: a check that the processes agree)
 PROCESSES = 12  # 1 per process (summed: the processes whose step numbers STEP sums)
-HEAD = 13
+# processes where a layer's input rows were picked by index tensors, none of them the examples
+# in order (compared on the device: PerExampleNorms.unread_picks); the step is then refused
+PICKED = 13
+HEAD = 14
 WIDTH = HEAD + FIELDS * len(SOURCES)
 
 
@@ -522,6 +525,7 @@ class DataParallelSource:
         tokens: Tensor | None = None,
         unmeasured: tuple[int, int, Tensor | float | None] = NOTHING_UNMEASURED,
         step_number: int = 0,
+        picks: Sequence[tuple[str, str, Tensor]] = (),
     ) -> ReducedStep:
         """Pack this process's sums for the step and start the all-reduce.
 
@@ -536,6 +540,9 @@ class DataParallelSource:
                 (``measure_every``): their count, examples and tokens (``None``: not counted).
             step_number: The tracker's step number, summed over the processes as a check that
                 they reduce the same step (:func:`resolve_unmeasured`).
+            picks: This process's layer inputs picked by index tensors on the device
+                (``PerExampleNorms.unread_picks``): the processes where one is not the
+                examples in order are counted, and the tracker refuses the step.
 
         The weights c may be device tensors (measured from the model's own loss,
         :mod:`noisescale.tokens`); they then enter the buffer on the device, like the norms.
@@ -565,6 +572,8 @@ class DataParallelSource:
         host[UNMEASURED_EXAMPLES] = float(unmeasured[1])
         host[STEP] = float(step_number)
         host[PROCESSES] = 1.0
+        if picks:
+            put(PICKED, torch.stack([flag for _, _, flag in picks]).any())
         if unmeasured[2] is not None:
             put(UNMEASURED_TOKENS, unmeasured[2])
             host[HAS_UNMEASURED_TOKENS] = 1.0
