@@ -164,3 +164,43 @@ def test_a_model_moved_to_the_gpu_after_the_tracker_is_measured_as_if_moved_befo
             assert a["sources"][name]["sqnorm_small"] == pytest.approx(
                 source["sqnorm_small"], rel=1e-5
             )
+
+
+def test_index_pairs_are_compared_on_the_device_and_refused_when_read():
+    """``h[b, t]`` (b, t from a mask's nonzero()): the indices are compared with arange(N) on
+    the device, without a host synchronisation; a step whose rows are not the examples is
+    refused when the tracker reads it, the steps before it kept (the CPU suite forces this
+    path: tests/test_never_silently_wrong.py)."""
+    torch.manual_seed(0)
+
+    class Picked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head = nn.Linear(5, 5), nn.Linear(5, 3)
+
+        def forward(self, x, b, t):
+            return self.head(torch.tanh(self.body(x))[b, t]).pow(2).sum(-1)
+
+    def pair(counts: list[int]) -> list[torch.Tensor]:
+        keep = torch.zeros(4, 3, dtype=torch.bool)
+        for i, c in enumerate(counts):
+            keep[i, :c] = True
+        return [t.to(CUDA) for t in keep.nonzero(as_tuple=True)]  # (nonzero on the host)
+
+    model = Picked().to(CUDA)
+    x = torch.randn(4, 3, 5, device=CUDA)
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=64)
+    good, bad = pair([1, 1, 1, 1]), pair([2, 1, 1, 0])
+
+    def step(b, t) -> None:
+        model.zero_grad()
+        model(x, b, t).sum().backward()
+        tracker.step()
+
+    steps_without_host_sync(lambda: step(*good), warm=5, checked=2)  # steps 1-7
+    step(*good)  # step 8 (audited)
+    step(*bad)  # step 9
+    with pytest.raises(noisescale.UnsupportedModuleError, match="step 9: the input rows of 'head'"):
+        tracker.sync()
+    assert [r["step"] for r in tracker.history] == list(range(1, 9))
+    tracker.remove()
