@@ -30,7 +30,7 @@ demo: install
 # banner when it skipped anything (no Chromium, no PostgreSQL, no GPU). Two pytest-xdist
 # workers, one test file each at a time (a file's tests share module-level caches), each with
 # its share of the cores (tests/conftest.py): 10–16 minutes on this project's 2-core machine
-# (2,509 tests, 2026-12-04 at 8 h and 13 h: 574–640 s (578 s on de6f44b, 640 s on 334f96f); 2,438 of them 676–685 s at 4 h; 2,345 of them 598–660 s the day before, by the host's load; README). TEST_WORKERS=0 runs it in one
+# (2,513 tests, 2026-12-04 at 8 h and 13 h: 574–640 s (578 s on de6f44b, 640 s on 334f96f, 629 s on a46b7b7); 2,438 of them 676–685 s at 4 h; 2,345 of them 598–660 s the day before, by the host's load; README). TEST_WORKERS=0 runs it in one
 # process.
 TEST_WORKERS ?= 2
 test: install
