@@ -1499,7 +1499,7 @@ def test_an_index_pair_on_an_accelerator_is_flagged_on_the_device(monkeypatch):
     x = torch.randn(N, 6, 5)
     engine = PerExampleNorms(model)
     keep = _keep([1, 1, 1, 1])
-    for _ in range(3):  # audited, audited, not audited
+    for _ in range(4):  # audited, audited, not audited, audited
         model.zero_grad()
         model(x, keep).sum().backward()
         (p,) = engine.collect()
@@ -1511,7 +1511,7 @@ def test_an_index_pair_on_an_accelerator_is_flagged_on_the_device(monkeypatch):
         torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-10, atol=0)
     model.zero_grad()
     model(x, _keep([2, 1, 1, 0])).sum().backward()
-    engine.collect()  # (not read here)
+    engine.collect()  # (step 5, not audited: not read here)
     ((_, _, flag),) = engine.unread_picks
     assert bool(flag)
     engine.remove()
@@ -1544,9 +1544,70 @@ def test_the_tracker_refuses_a_flagged_pick_when_it_reads_the_step(monkeypatch, 
     tracker.remove()
 
 
-def test_a_one_shot_measurement_refuses_a_bad_pick_on_an_accelerator_by_its_audit(monkeypatch):
-    """``per_example_sqnorms`` audits the one step it measures, the flag aside: rows that are
-    not the examples are refused by the audit."""
+def test_a_flagged_pick_on_an_audited_step_is_refused_at_once_and_the_tracker_goes_on(
+    monkeypatch,
+):
+    """(From the review of a46b7b7.) An audited step reads back anyway: its flags are read at
+    the step, and a flagged pick refused before the audit's findings are settled — the audit
+    blamed the layer the rows came from ('body') and took it for shared on every later step."""
+    _as_on_an_accelerator(monkeypatch)
+    torch.manual_seed(0)
+    model = _PickedRows("index pair")
+    x = torch.randn(N, 6, 5)
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1)
+    for step in range(1, 9):
+        model.zero_grad()
+        model(x, _keep([2, 1, 1, 0] if step == 4 else [1, 1, 1, 1])).sum().backward()
+        if step == 4:
+            with pytest.raises(UnsupportedModuleError, match="layer 'head' were picked by index"):
+                tracker.step()
+        else:
+            tracker.step()
+    assert [r["step"] for r in tracker.history] == [1, 2, 3, 4, 5, 6, 7]
+    tracker.remove()
+
+
+def test_a_pick_in_a_pass_no_training_backward_reaches_is_not_refused(monkeypatch):
+    """(From the review.) A metric's forward with gradients on, or a saliency probe, runs the
+    bad pick outside the step's gradient: as on the CPU, the step is recorded."""
+    _as_on_an_accelerator(monkeypatch)
+    torch.manual_seed(0)
+    model = _PickedRows("index pair")
+    x = torch.randn(N, 6, 5, requires_grad=True)
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1)
+    for step in range(1, 7):
+        model.zero_grad()
+        model(x, _keep([1, 1, 1, 1])).sum().backward()
+        if step == 5:
+            model(x, _keep([2, 1, 1, 0])).sum().item()  # a metric
+        if step == 6:
+            torch.autograd.grad(model(x, _keep([2, 1, 1, 0])).sum(), x)  # a saliency probe
+        tracker.step()
+    assert [r["step"] for r in tracker.history] == [1, 2, 3, 4, 5, 6]
+    tracker.remove()
+
+
+def test_remove_takes_the_hooks_off_when_what_was_pending_is_refused(monkeypatch):
+    """(From the review.) ``remove()`` reads what is pending, which may now be refused: the
+    hooks come off the model first, and the error is raised after."""
+    _as_on_an_accelerator(monkeypatch)
+    torch.manual_seed(0)
+    model = _PickedRows("index pair")
+    x = torch.randn(N, 6, 5)
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=64)
+    for step in range(1, 7):
+        model.zero_grad()
+        model(x, _keep([2, 1, 1, 0] if step == 6 else [1, 1, 1, 1])).sum().backward()
+        tracker.step()
+    with pytest.raises(UnsupportedModuleError, match="step 6"):
+        tracker.remove()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert [r["step"] for r in tracker.history] == [1, 2, 3, 4, 5]
+
+
+def test_a_one_shot_measurement_refuses_a_bad_pick_on_an_accelerator_at_its_audit(monkeypatch):
+    """``per_example_sqnorms`` audits the one step it measures, which reads the flags: rows
+    that are not the examples are refused, saying why."""
     _as_on_an_accelerator(monkeypatch)
     torch.manual_seed(0)
     model = _PickedRows("index pair")
@@ -1556,7 +1617,7 @@ def test_a_one_shot_measurement_refuses_a_bad_pick_on_an_accelerator_by_its_audi
     keep = _keep([1, 1, 1, 1])
     want = truth(model, x, lambda m, xi: m(xi, keep[:1]))
     torch.testing.assert_close(pe.sqnorms, want, rtol=1e-10, atol=0)
-    with pytest.raises(UnsupportedModuleError, match="do not belong to the examples"):
+    with pytest.raises(UnsupportedModuleError, match="layer 'head' were picked by index tensors"):
         with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
             model(x, _keep([2, 1, 1, 0])).sum().backward()
 

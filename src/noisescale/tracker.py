@@ -830,14 +830,17 @@ class GradientNoiseTracker:
         return self._state.skipped_steps
 
     def remove(self) -> None:
-        """Read what is pending and remove the hooks from the model."""
-        self.sync()
-        self.engine.remove()
-        self._tokens.remove()
-        if self._dist is not None:
-            self._dist.remove()
-        if self._late_wrapper is not None:
-            self._late_wrapper.remove()
+        """Read what is pending and remove the hooks from the model (also when what was
+        pending is refused: the error is raised after the hooks are gone)."""
+        try:
+            self.sync()
+        finally:
+            self.engine.remove()
+            self._tokens.remove()
+            if self._dist is not None:
+                self._dist.remove()
+            if self._late_wrapper is not None:
+                self._late_wrapper.remove()
 
     # -- host side ----------------------------------------------------------------------------
 

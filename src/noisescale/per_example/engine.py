@@ -1709,6 +1709,28 @@ class PerExampleNorms:
             module._parameters["bias"] = bias.detach()
         stack.append((weight, bias))
 
+    def _take_unread_picks(self, passes: list[PassNorms]) -> None:
+        """The step's :attr:`PassNorms.unread_picks` (passes of backwards that reached the
+        parameters: not a metric's forward or a saliency probe's), for the tracker to read with
+        the step's statistics. An audited pass's are read now — the audit reads back anyway —
+        and a flagged one is refused before the audit's findings are settled: the audit would
+        blame the layer the picked rows came from and take it for shared from then on."""
+        picks = [pick for p in passes for pick in p.unread_picks]
+        audited = [pick for p in passes if p.audited for pick in p.unread_picks]
+        if audited:
+            flags = torch.stack([flag.to(audited[0][2].device) for _, _, flag in audited])
+            bad = [pick for pick, flag in zip(audited, flags.tolist(), strict=True) if flag]
+            if bad:
+                label, how, _ = bad[0]
+                raise UnsupportedModuleError(
+                    f"the input rows of layer '{label}' were picked by {how} (h[b, t] with b, t "
+                    "from mask.nonzero()): their count equals the batch's by coincidence and "
+                    "which example each belongs to changes with the data. Nothing of this "
+                    "step was recorded. Pick one row per example with an index along the "
+                    "examples, h[torch.arange(N), t], or measure with per_example=False"
+                )
+        self.unread_picks = picks
+
     def _rows_not_examples(self, pass_: PassNorms, x: Tensor, n: int, label: str) -> bool:
         """Whether ``x``, the input of layer ``label`` with the batch's leading size, holds rows
         that are not the examples by that coincidence: one of the model's buffers, or rows
@@ -3183,7 +3205,7 @@ class PerExampleNorms:
         #: (:meth:`_check_zeroed`); the tracker refuses the step, a one-shot measurement — whose
         #: norms do not read .grad — does not care
         self.unzeroed = None
-        self.unread_picks = [pick for p in done for pick in p.unread_picks]
+        self.unread_picks = []  # (set below, from the passes of the step's training backwards)
         if self._unzeroed:
             held = torch.stack([flag.to(self._unzeroed[0][1].device) for _, flag in self._unzeroed])
             self.unzeroed = next(
@@ -3329,6 +3351,7 @@ class PerExampleNorms:
         # (the passes of backwards that reached the parameters: not a saliency probe's)
         trained = set().union(*(p.param_tasks for p in done))
         _refuse_same_input_twice([p for p in done if p.tasks & trained and not p.idle])
+        self._take_unread_picks([p for p in done if p.tasks & trained and not p.idle])
         opened = len(done)
         done = _merge_shared_backward(done)
         # several forwards in one backward: their positions (counted in forwards) and the
@@ -4466,8 +4489,13 @@ def _selected_rows(
             return how
         if not _host_reads_indices(along[0]):
             if unread is not None:
-                order = torch.arange(n, device=along[0].device)
-                in_order = torch.stack([(index == order).all() for index in along]).any()
+                device = along[0].device
+                in_order = torch.stack(
+                    [
+                        (index == torch.arange(n, device=index.device)).all().to(device)
+                        for index in along
+                    ]
+                ).any()
                 unread.append((how, in_order.logical_not()))
             return None
         if any(bool((index == torch.arange(n, device=index.device)).all()) for index in along):
