@@ -156,7 +156,10 @@ def test_b_simple_invariant_to_loss_scale(scale, norms):
     b = estimate_from_norms(1, small * scale**2, 16, big * scale**2)
     if a.available:
         assert b.b_simple == pytest.approx(a.b_simple, rel=1e-9)
-        assert b.low == pytest.approx(a.low, rel=1e-7, abs=1e-9)
+        # (norms equal to the last bits — a spread of rounding noise, which scaling rounds
+        # anew — widen the interval by up to 3e-7 of B_simple at one degree of freedom, whose
+        # t quantile is 12.7: found by hypothesis on 2026-12-04, norms 0.01 and 0.01 + 1 ulp)
+        assert b.low == pytest.approx(a.low, rel=1e-7, abs=1e-9 + 2e-6 * abs(a.b_simple))
     else:
         assert not b.available
 
