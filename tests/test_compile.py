@@ -24,15 +24,15 @@ have no dropout: compiled code draws its random masks differently from eager.
 
 Then what the traced hooks do not follow: the tracker says so once, runs its hooks outside the
 graph (graph breaks) and keeps exact numbers; a structure change under compile withholds one
-step and audits the next eagerly.
+step and audits the next eagerly. The transformers models whose modules use their parameters
+directly, inductor, and ``measure_every`` under compile are in ``tests/test_compile_more.py``
+(a file of its own, so that two pytest-xdist workers can run the two at once).
 """
 
 from __future__ import annotations
 
 import functools
 import gc
-import math
-import shutil
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -66,7 +66,8 @@ def _no_tracker_left_over() -> None:
     object) is let go of here: its steps are over."""
     from noisescale.per_example import compiled
 
-    gc.collect()
+    if compiled._HOLDING:  # (gc.collect() costs 1-2 s a test once transformers is loaded)
+        gc.collect()
     for key in list(compiled._HOLDING):
         compiled._release(key)
 
@@ -170,7 +171,10 @@ def train(
 ) -> tuple[list[dict[str, Any]] | None, int, int, list[str]]:
     """``steps`` training steps: (history, graph breaks, graphs compiled, noisescale's
     warnings); ``options``: more of the tracker's arguments."""
-    gc.collect()  # a tracker of an earlier test, not removed, gives the compiler stance back
+    from noisescale.per_example import compiled
+
+    if compiled._HOLDING:  # a tracker of an earlier test, not removed, gives the stance back
+        gc.collect()
     assert torch._dynamo.eval_frame._stance.stance == "default"
     torch._dynamo.reset()
     counters.clear()
@@ -341,48 +345,6 @@ class FlattenedFeedForward(nn.Module):
 def flattened_feed_forward() -> tuple[nn.Module, Callable, Batch]:
     _, loss, batch = gpt()
     return FlattenedFeedForward(), loss, batch
-
-
-def llama() -> tuple[nn.Module, Callable, Batch]:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-    )  # fmt: skip
-    _, loss, batch = gpt2()
-    return transformers.LlamaForCausalLM(config), loss, batch
-
-
-def vit() -> tuple[nn.Module, Callable, Batch]:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(
-        image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=64, num_labels=10, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-
-    def loss(out: Any, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(out.logits, y)
-
-    def batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.randn(N, 3, 8, 8, generator=gen), torch.randint(0, 10, (N,), generator=gen)
-
-    return transformers.ViTForImageClassification(config), loss, batch
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["subbatch", "per_example"])
-@pytest.mark.parametrize("factory", [llama, vit], ids=["llama", "vit"])
-def test_parameters_used_directly_in_their_module(factory: Callable, mode: str) -> None:
-    """Llama's RMSNorm (``weight * x``), ViT's class token (``expand``) and position table
-    (``x + table``): parameters their own module uses directly, followed inside the graph."""
-    history, breaks, graphs, warned = train(factory, mode, "torch.compile")
-    plain_breaks, plain_graphs = _untracked(factory, "torch.compile")
-    eager, *_ = train(factory, mode, None)
-    assert (breaks, warned) == (plain_breaks, [])
-    assert graphs <= max(plain_graphs, 1)
-    assert history is not None and eager is not None
-    assert_same_numbers(history, eager)
 
 
 def assert_same_norms(got: dict[str, Any], want: dict[str, Any]) -> None:
@@ -595,22 +557,6 @@ def test_a_product_layer_s_bias_comes_with_its_weight_in_the_graph(monkeypatch) 
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not any(shutil.which(c) for c in ("c++", "g++", "clang++")), reason="inductor needs C++"
-)
-def test_inductor() -> None:
-    """The compiler users run: inductor generates its own kernels for the forward and the
-    backward, and may reuse a buffer once its last reader is done — so what the engine keeps of
-    a tensor an event handed it (the first of two uses of a tied weight) must be its own."""
-    history, breaks, _, warned = train(gpt2, "per_example", "torch.compile", backend="inductor")
-    _, plain_breaks, _, _ = train(gpt2, None, "torch.compile", backend="inductor")
-    eager, *_ = train(gpt2, "per_example", None)
-    assert (breaks, warned) == (plain_breaks, [])
-    assert history is not None and eager is not None
-    assert_same_numbers(history, eager)  # (measured: 2e-16 apart, inductor's own kernels)
-
-
-@pytest.mark.slow
 def test_a_graph_compiled_before_the_tracker_is_recompiled() -> None:
     """Dynamo does not guard on module hooks by default: a graph compiled before the tracker's
     hooks existed keeps running without them. The first compiled step that ran it is withheld,
@@ -641,124 +587,3 @@ def test_a_graph_compiled_before_the_tracker_is_recompiled() -> None:
     torch._dynamo.reset()
     assert [r["step"] for r in history if "per_example" not in r["sources"]] == [3]
     assert ran_compiled == [False, False, False, False, True, True]
-
-
-class LabelledGPT2(nn.Module):
-    """A transformers GPT-2 computing its own loss from ``labels=``: the loss is a mean over
-    tokens, which the tracker counts."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lm = tiny_gpt2(layers=1)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lm(input_ids=ids, labels=ids).loss
-
-
-def labelled_gpt2() -> tuple[nn.Module, Callable, Batch]:
-    return LabelledGPT2(), lambda loss, _: loss, _tokens(30)
-
-
-@functools.cache
-def _eager_every(factory: Callable, mode: str, every: int, steps: int) -> list[dict[str, Any]]:
-    history, *_ = train(factory, mode, None, steps=steps, measure_every=every)
-    assert history is not None
-    return history
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["subbatch", "per_example"])
-@pytest.mark.parametrize("factory", [mlp, gpt2], ids=["mlp", "gpt2"])
-def test_measure_every_compiled(factory: Callable, mode: str) -> None:
-    """measure_every=3 on a compiled model: the unmeasured steps run a graph of their own, with
-    no hook in it but the one that opens and counts their pass (Dynamo guards the graphs on the
-    engine's state, which the hooks read while tracing). No graph break, one graph more than
-    without the tracker, and every record — the measured steps' norms and estimates, the
-    examples and tokens of the steps between them — the same as eager's. Measured steps 1, 4,
-    7, 10, 13; of those 1, 4 and 10 are audited and run eagerly, with the unmeasured steps just
-    before them (the stance is held from the step before an audit); steps 5–7 and 11–13 run
-    compiled, unmeasured and measured."""
-    history, breaks, graphs, warned = train(
-        factory, mode, "torch.compile", steps=13, measure_every=3
-    )
-    plain_breaks, plain_graphs = _untracked(factory, "torch.compile")
-    assert breaks == plain_breaks
-    assert max(plain_graphs, 1) < graphs <= 2 * max(plain_graphs, 1), (graphs, plain_graphs)
-    assert not warned, warned
-    assert history is not None
-    assert [r["step"] for r in history] == [1, 4, 7, 10, 13]
-    assert_same_numbers(history, _eager_every(factory, mode, 3, 13), records=5)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["subbatch", "per_example"])
-def test_measure_every_with_blocks_compiled_one_by_one(mode: str) -> None:
-    """The reference GPT with each block compiled by itself: the model's own hook runs eagerly
-    and opens the unmeasured steps' passes, the blocks' traced hooks record nothing on them (a
-    second graph per block) — the same records as eager."""
-    history, breaks, graphs, warned = train(gpt, mode, "blocks", steps=13, measure_every=3)
-    assert breaks == 0 and not warned, (breaks, warned)
-    assert graphs >= 2, graphs  # a measured and an unmeasured graph (the blocks share them)
-    assert history is not None
-    assert_same_numbers(history, _eager_every(gpt, mode, 3, 13), records=5)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("style", ["torch.compile", "model.compile"])
-def test_measure_every_on_a_model_the_traced_hooks_do_not_follow(style: str) -> None:
-    """A directly used parameter with measure_every=3: as with every step measured, the model
-    runs eagerly while it is measured and says so; ``torch.compile(model)`` is seen when its
-    graph first runs on a measured step — step 7 (steps 1 and 4 are audited, eagerly) — and
-    that step is withheld. Every step's examples are counted."""
-    history, _, _, warned = train(layer_scale, "per_example", style, steps=13, measure_every=3)
-    eager = _eager_every(layer_scale, "per_example", 3, 13)
-    assert history is not None
-    runs_eagerly = [w for w in warned if "runs eagerly" in w and "force_eager" in w]
-    assert len(runs_eagerly) == 1 and "'gamma'" in runs_eagerly[0], warned
-    withheld = [7] if style == "torch.compile" else []
-    assert [r["step"] for r in history] == [1, 4, 7, 10, 13]
-    assert [r["step"] for r in history if "per_example" not in r["sources"]] == withheld
-    for got, want in zip(history, eager, strict=True):
-        assert got["examples"] == want["examples"]
-        assert got.get("unmeasured_steps") == want.get("unmeasured_steps")
-        if got["step"] not in withheld:
-            assert_same_norms(got, want)
-
-
-@pytest.mark.slow
-def test_measure_every_compiled_counts_every_step_s_tokens() -> None:
-    """A compiled transformers GPT-2 computing its loss from ``labels=`` (a mean over tokens):
-    with measure_every=3 the unmeasured steps' tokens and examples are counted as eagerly. (This
-    model's graph breaks inside its loss, so one compiled step meets a structure not audited
-    yet and waits for an eager audit — as with every step measured.)"""
-    history, *_ = train(labelled_gpt2, "subbatch", "torch.compile", steps=13, measure_every=3)
-    assert history is not None
-    eager = _eager_every(labelled_gpt2, "subbatch", 3, 13)
-    assert [r["step"] for r in history] == [r["step"] for r in eager] == [1, 4, 7, 10, 13]
-    for got, want in zip(history, eager, strict=True):
-        for key in ("examples", "tokens", "tokens_seen", "unmeasured_steps"):
-            assert got.get(key) == want.get(key), (got["step"], key)
-    assert history[-1]["tokens_seen"] == 13 * N * (T - 1)  # every step's shifted labels
-    assert history[-1]["examples"] == 13 * N
-    assert math.isfinite(history[-1]["b_simple"])
-
-
-def test_a_graph_for_the_other_kind_of_step_is_refused() -> None:
-    """Were a graph traced for a measured step run on an unmeasured one, or the reverse (if
-    Dynamo stopped guarding on the engine's state), the step is refused, not miscounted."""
-    from noisescale.errors import UnsupportedModuleError
-
-    model = nn.Linear(3, 2)
-    engine = PerExampleNorms(model, subbatches=2)
-    x = torch.randn(4, 3)
-    for traced_idle, idle in ((0, True), (1, False)):
-        engine.idle = idle
-        with pytest.raises(UnsupportedModuleError, match="measure_every=1"):
-            engine.on_forward_event("open", traced_idle, [x], [])
-    engine.idle = True
-    engine.on_forward_event("open", 1, [x], [])
-    assert engine.passes[-1].idle
-    # a block compiled by itself, its measured graph run in an unmeasured pass
-    with pytest.raises(UnsupportedModuleError, match="traced for a measured step"):
-        engine.on_forward_event("call", 0, [x], [1, 0])
-    engine.remove()
