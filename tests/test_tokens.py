@@ -712,6 +712,53 @@ def test_watcher_leaves_the_model_as_it_was(lm):
     assert torch.isfinite(out.loss)
 
 
+def test_a_batch_packed_into_one_row_is_one_example_and_the_warning_says_how_to_measure_it():
+    """Padding-free packing (``DataCollatorWithFlattening``, TRL's ``padding_free=True``): the
+    step's documents concatenated into one row [1, L], ``position_ids`` restarting at each.
+    One row is one example, which per-example norms cannot split: the step is skipped with a
+    warning that names packing and the fix. With ``per_example=False`` and four packed
+    micro-batches a step, every step is measured, its tokens the ones the loss counted (L − 1
+    a row: Hugging Face's causal-LM loss shifts the labels across the whole row)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=64)
+    model = transformers.GPT2LMHeadModel(config)
+    gen = torch.Generator().manual_seed(1)
+
+    def packed() -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = torch.randint(3, 12, (4,), generator=gen).tolist()
+        ids = torch.randint(0, 32, (1, sum(lengths)), generator=gen)
+        return ids, torch.cat([torch.arange(n) for n in lengths])[None]
+
+    tracker = noisescale.GradientNoiseTracker(model)
+    with pytest.warns(RuntimeWarning, match="packed into one row .* per_example=False"):
+        for _ in range(2):
+            ids, positions = packed()
+            model(input_ids=ids, position_ids=positions, labels=ids).loss.backward()
+            tracker.step()
+            model.zero_grad()
+    assert all(r["skipped"] for r in tracker.history) and math.isnan(tracker.b_simple)
+    tracker.remove()
+
+    tracker = noisescale.GradientNoiseTracker(model, per_example=False)
+    counted = []
+    for _ in range(3):
+        tokens = 0
+        for _ in range(4):
+            ids, positions = packed()
+            (model(input_ids=ids, position_ids=positions, labels=ids).loss / 4).backward()
+            tokens += ids.shape[1] - 1
+        tracker.step()
+        model.zero_grad()
+        counted.append(tokens)
+    history = tracker.history
+    tracker.remove()
+    assert [r["tokens"] for r in history] == counted
+    assert not any(r["skipped"] for r in history)
+    assert all(r["sources"]["microbatch"]["count"] == 4 for r in history)
+    assert math.isfinite(history[-1]["g2"]) and math.isfinite(history[-1]["trace_sigma"])
+
+
 # -- tokens in the report and the CLI ------------------------------------------------------------
 
 

@@ -83,6 +83,13 @@ __all__ = ["GradientNoiseTracker"]
 # how the backpropagated loss combines the examples' (or tokens') own losses
 LOSS_REDUCTIONS = ("mean", "sum", "token_mean", "num_items_in_batch")
 UNITS = {"example": "examples", "token": "tokens"}
+# What a step of one example may be in language-model training (the warning that skips it)
+_PACKED = (
+    "A batch packed into one row (padding-free packing: position_ids restarting inside the "
+    "row, DataCollatorWithFlattening, TRL's padding_free=True) is one example here: keep the "
+    "documents in rows of their own, or measure with per_example=False and several "
+    "accumulation micro-batches"
+)
 
 HISTORY_KIND = "noisescale.history"
 HISTORY_VERSION = 1
@@ -903,7 +910,7 @@ class GradientNoiseTracker:
                     self._warn_once(
                         "small-equals-big",
                         "this step has one example over all processes and no other small-batch "
-                        "source (small batch = big batch); the step is skipped",
+                        "source (small batch = big batch); the step is skipped. " + _PACKED,
                     )
                 out.append(
                     state_mod.StepStats(
@@ -1057,7 +1064,8 @@ class GradientNoiseTracker:
                 "small-equals-big",
                 "this step has one example and no other small-batch source, so the noise cannot "
                 "be separated from the gradient (small batch = big batch); the step is skipped. "
-                "Use more than one example per step or accumulate several micro-batches.",
+                "Use more than one example per step or accumulate several micro-batches. "
+                + _PACKED,
             )
         if self.precondition is not None and passes[0].weights is None:
             self._warn_once(
