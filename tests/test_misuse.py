@@ -75,6 +75,74 @@ def test_tracker_created_after_the_forward_says_so_first():
         tracker.step()
 
 
+class _BodyAndHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+@pytest.mark.parametrize("mode", [{}, {"per_example_fraction": 1.0}])
+@pytest.mark.parametrize("call", ["submodule", "forward"])
+def test_a_submodule_called_by_itself_is_named_with_the_fix(call, mode):
+    """The passes open at the tracked model's forward: a loop that calls a submodule by itself
+    (model.body(x) with a head of its own, as fused linear-cross-entropy losses do with
+    model.model(...)) or model.forward(x), which skips the model's hooks, ran no pass. The
+    refusal names the first layer that ran outside it and leads with the fix (before
+    2026-12-04 it said to create the tracker before the first forward, which it was)."""
+    model = _BodyAndHead()
+    tracker = noisescale.GradientNoiseTracker(model, **mode)
+    x, y = _batch(0)
+    if call == "submodule":
+        out = F.linear(model.body(x), model.head.weight, model.head.bias)
+    else:
+        out = model.forward(x)
+    F.cross_entropy(out, y).backward()
+    with pytest.raises(NoiseScaleInputError, match=r"^call the model the tracker was given") as e:
+        tracker.step()
+    assert "(_BodyAndHead)" in str(e.value) and "layer 'body.0'" in str(e.value)
+    assert tracker.history == []
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()  # called as a model: measured from then on
+    tracker.step()
+    assert len(tracker.history) == 1 and not tracker.history[0]["skipped"]
+
+
+def test_a_submodule_called_by_itself_in_micro_batch_mode_is_among_the_causes():
+    """per_example=False hooks no layer, so no layer can be named: the message lists the
+    submodule among the forwards the hooks cannot see."""
+    model = _BodyAndHead()
+    tracker = noisescale.GradientNoiseTracker(model, per_example=False)
+    for seed in range(2):
+        x, y = _batch(seed)
+        F.cross_entropy(F.linear(model.body(x), model.head.weight), y).backward()
+    with pytest.raises(NoiseScaleInputError, match=r"^create the tracker before.*model\.model"):
+        tracker.step()
+
+
+def test_a_transformers_model_whose_inner_model_is_called_is_named():
+    """LlamaForCausalLM tracked, its inner LlamaModel called with a loss of one's own on the
+    head's weight (the shape of a fused linear-cross-entropy loss)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config)
+    tracker = noisescale.GradientNoiseTracker(model)
+    ids = torch.randint(0, 32, (4, 6))
+    hidden = model.model(input_ids=ids).last_hidden_state
+    logits = hidden[:, :-1] @ model.lm_head.weight.T
+    F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+    with pytest.raises(NoiseScaleInputError, match=r"\(LlamaForCausalLM\).*'model\.embed_tokens'"):
+        tracker.step()
+
+
 def test_step_twice_says_once_per_optimizer_step():
     model = _model()
     tracker = noisescale.GradientNoiseTracker(model)
@@ -595,3 +663,14 @@ def test_gradients_zeroed_through_data_pass(zero, kw):
         for p in model.parameters():
             zero(p.grad)
     assert tracker.steps == 9
+
+
+def test_one_shot_norms_name_a_submodule_called_by_itself():
+    model = _BodyAndHead()
+    x, y = _batch(0)
+    with pytest.raises(NoiseScaleInputError, match=r"^call the model given to per_example_sqnorm"):
+        with noisescale.per_example_sqnorms(model) as pe:
+            F.cross_entropy(model.forward(x), y).backward()
+    with noisescale.per_example_sqnorms(model) as pe:  # called as a model: measured
+        F.cross_entropy(model(x), y).backward()
+    assert pe.sqnorms.shape == (16,)

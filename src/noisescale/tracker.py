@@ -572,6 +572,19 @@ class GradientNoiseTracker:
                 "call tracker.step() once per optimizer step: it was called again with no "
                 "forward and backward pass of the model since the last call"
             )
+        unopened = self.engine.unopened
+        if unopened is not None and any(p.grad is not None for p in self._params):
+            raise NoiseScaleInputError(
+                "call the model the tracker was given "
+                f"({type(self.model).__name__}), or give the tracker the module you call: "
+                f"layer '{unopened}' ran with gradients enabled outside a forward of that "
+                "model — a submodule called by itself, model.model(...) with a loss of your own "
+                "on its output, as fused linear-cross-entropy losses and custom heads do, or "
+                "model.forward(...) called directly, which skips the model's hooks — and "
+                "noisescale opens each pass at the model's forward. Wrap the submodule and the "
+                "loss in one module and track that, or track the submodule (its parameters "
+                "only). Nothing of this step was recorded"
+            )
         if any(p.grad is not None for p in self._params):
             raise NoiseScaleInputError(
                 "create the tracker before the model's first forward pass (it measures "
@@ -579,7 +592,8 @@ class GradientNoiseTracker:
                 "forward pass with gradients enabled. If it was created first, the forward "
                 "ran where the hooks cannot see it (torch.utils.checkpoint.checkpoint(model, "
                 "..., use_reentrant=True) around the whole model: checkpoint blocks inside "
-                "the model instead)"
+                "the model instead; or a submodule called by itself, model.model(...): call "
+                "the model, or give the tracker the module you call)"
             )
         raise NoiseScaleInputError(
             "call tracker.step() once per optimizer step, after loss.backward(): no "

@@ -459,6 +459,11 @@ class PerExampleNorms:
         self.unzeroed: str | None = None  # the last collected step's (collect)
         # the last collected step's PassNorms.unread_picks, every pass's (collect)
         self.unread_picks: list[tuple[str, str, Tensor]] = []
+        # a layer that ran with gradients enabled while no pass of the model was open (a
+        # submodule called by itself, model.model(...)): the step's first, and the last
+        # collected step's (collect), for the tracker to name when it finds no pass
+        self._unopened: str | None = None
+        self.unopened: str | None = None
         self._recomputing = False
         self._paused = False
         # follows the loss of audited passes from the model's outputs to the backward
@@ -1512,6 +1517,13 @@ class PerExampleNorms:
         taken = stack.pop() if stack else None
         product_weight, product_bias = (None, None) if taken is None else taken
         if product_weight is None and not self._active():
+            if (
+                not self.passes
+                and self._unopened is None
+                and torch.is_grad_enabled()
+                and not (self._paused or self._recomputing or self._replaying)
+            ):
+                self._unopened = self._calls[module][1]
             return None
         rule, label, params = self._calls[module]
         pass_ = self._hook_pass()
@@ -3176,6 +3188,7 @@ class PerExampleNorms:
         self._hook_changed, self._between = [], None
         self._unzeroed = []
         self._hook_in.clear()
+        self._unopened = None
 
     def collect(self, grad_rescale: float = 1.0, *, learn: bool = True) -> list[PassNorms]:
         """Finish the open passes and return them, resetting the engine for the next step.
@@ -3206,6 +3219,7 @@ class PerExampleNorms:
         #: norms do not read .grad — does not care
         self.unzeroed = None
         self.unread_picks = []  # (set below, from the passes of the step's training backwards)
+        self.unopened = self._unopened
         if self._unzeroed:
             held = torch.stack([flag.to(self._unzeroed[0][1].device) for _, flag in self._unzeroed])
             self.unzeroed = next(

@@ -112,6 +112,16 @@ class per_example_sqnorms:
                 if collected and all(p.batch_size == 0 for p in collected):
                     self.sqnorms = torch.zeros(0)  # an empty batch (e.g. Poisson sampling)
                     return
+                if not passes and not collected and self.engine.unopened is not None:
+                    raise NoiseScaleInputError(
+                        "call the model given to per_example_sqnorms "
+                        f"({type(self.engine.model).__name__}), or give it the module you "
+                        f"call: layer '{self.engine.unopened}' ran with gradients enabled "
+                        "outside a forward of that model (a submodule called by itself, "
+                        "model.model(...), or model.forward(...) called directly, which skips "
+                        "the model's hooks), and the per-example gradients are taken from the "
+                        "model's forward"
+                    )
                 if not passes:
                     raise NoiseScaleInputError(
                         "no per-example gradient was computed: run the forward pass and "
