@@ -1661,3 +1661,67 @@ def test_a_last_step_picked_along_the_examples_is_exact(form):
         xi = x[i : i + 1] if form.endswith("batch-first") else x[:, i : i + 1]
         want.append(sum(g.pow(2).sum() for g in torch.autograd.grad(model(xi).sum(), params)))
     torch.testing.assert_close(pe.sqnorms, torch.stack(want), rtol=1e-10, atol=0)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """The shape of Liger's or Cut Cross-Entropy's fused loss: the head's weight enters a
+    function whose products autograd does not record (a mean over the tokens)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, labels):
+        flat = h.reshape(-1, h.shape[-1])
+        logits = flat @ weight.T
+        loss = F.cross_entropy(logits, labels.reshape(-1))
+        p = logits.softmax(-1)
+        p[torch.arange(len(p)), labels.reshape(-1)] -= 1
+        ctx.save_for_backward(flat, weight, p / len(p))
+        ctx.shape = h.shape
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        flat, weight, p = ctx.saved_tensors
+        return (g * p @ weight).reshape(ctx.shape), g * p.T @ flat, None
+
+
+class _FusedHeadLlama(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        config = transformers.LlamaConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1,
+        )  # fmt: skip
+        self.lm = transformers.LlamaForCausalLM(config)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.lm.model(input_ids=ids).last_hidden_state
+        return _FusedLinearCrossEntropy.apply(hidden[:, :-1], self.lm.lm_head.weight, ids[:, 1:])
+
+
+@pytest.mark.parametrize("mode", [{}, {"per_example_fraction": 1.0}])
+def test_a_fused_linear_cross_entropy_is_refused_and_named(mode):
+    """The head's weight used inside a torch.autograd.Function: no use the engine can see, so
+    no per-example norm of it — refused with the cause and the fix, in both per-example modes
+    and one-shot; micro-batch norms (per_example=False) measure it, as any gradient."""
+    torch.manual_seed(0)
+    model = _FusedHeadLlama()
+    ids = torch.randint(0, 32, (4, 6))
+    tracker = noisescale.GradientNoiseTracker(model, **mode)
+    model(ids).backward()
+    with pytest.raises(UnsupportedModuleError, match=r"'lm\.lm_head\.weight'.*autograd\.Function"):
+        tracker.step()
+    assert tracker.history == []
+    tracker.remove()
+    model.zero_grad()
+    with pytest.raises(UnsupportedModuleError, match=r"fused linear-cross-entropy"):
+        with noisescale.per_example_sqnorms(model):
+            model(ids).backward()
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(model, per_example=False)
+    for _ in range(2):
+        for half in ids.chunk(2):
+            (model(half) / 2).backward()
+        tracker.step()
+        model.zero_grad()
+    assert [r["sources"]["microbatch"]["count"] for r in tracker.history] == [2, 2]
