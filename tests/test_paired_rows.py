@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import noisescale
-from noisescale.errors import NoiseScaleInputError
+from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
+from noisescale.per_example import PerExampleNorms
 from noisescale.per_example.factors import Subbatches
 
 D = 10
@@ -191,3 +193,117 @@ def test_halves_read_the_noise_scale_of_batches_made_of_two_strata():
 def test_without_halves_two_strata_read_as_one_population(kw):
     e = _strata(300, 32, 0, **kw).estimate()
     assert e.low > 1.3 * STRATA_TRUTH
+
+
+# Preference pairs (DPO, a reward model's Bradley-Terry loss): the chosen and the rejected
+# responses concatenated into one batch, row i's partner row i + N/2 — the rows the halves pair —
+# and a loss that combines each pair's two rows, the pairs apart.
+
+
+def _preference_model():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    policy = transformers.GPT2LMHeadModel(config).double()
+    reference = transformers.GPT2LMHeadModel(config).double().requires_grad_(False)
+    return policy, reference
+
+
+def _sequence_logps(model, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=ids).logits[:, :-1]
+    return logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0].sum(-1)
+
+
+def _dpo(policy, reference, chosen: torch.Tensor, rejected: torch.Tensor, form: str):
+    """TRL's concatenated forward: one batch [chosen; rejected]; the mean over the pairs of
+    −log σ(β·margin) (``dpo``), or a reward model's −log σ(r_chosen − r_rejected) on the
+    summed log-probabilities as rewards (``bradley-terry``); ``across`` couples the pairs (a
+    margin centred on the batch's mean) and must be refused."""
+    ids = torch.cat([chosen, rejected])
+    logps = _sequence_logps(policy, ids)
+    n = len(chosen)
+    if form == "bradley-terry":
+        return -F.logsigmoid(logps[:n] - logps[n:]).mean()
+    with torch.no_grad():
+        ref = _sequence_logps(reference, ids)
+    margin = 0.1 * ((logps[:n] - ref[:n]) - (logps[n:] - ref[n:]))
+    if form == "across":
+        margin = margin - margin.mean()
+    return -F.logsigmoid(margin).mean()
+
+
+def _pair_truth(policy, loss_of_pairs, pairs: int, subbatches) -> torch.Tensor:
+    """|∇ (1/P) Σ_{p ∈ j} ℓ_p|² for each sub-batch j: the batch loss restricted to its pairs."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    index = subbatches.index.view(subbatches.k, subbatches.n).tolist()
+    out = []
+    for j, size in enumerate(subbatches.sizes):
+        members = sorted({i % pairs for i in index[j][:size]})
+        grads = torch.autograd.grad(loss_of_pairs(members) * len(members) / pairs, params)
+        out.append(sum(g.pow(2).sum() for g in grads))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("form", ["dpo", "bradley-terry"])
+def test_preference_pairs_in_halves_are_measured_exactly(form):
+    """With ``paired_rows="halves"`` the loss may combine a pair's two rows: each sub-batch's
+    norm equals brute force over its pairs, on audited steps and the unaudited one alike (the
+    loss watch follows the rows as N/2 units; before 2026-12-04 it refused the pair's margin as
+    a loss combining examples)."""
+    policy, reference = _preference_model()
+    g = torch.Generator().manual_seed(1)
+    chosen, rejected = (torch.randint(0, 32, (8, 6), generator=g) for _ in range(2))
+
+    def loss_of_pairs(members: list[int]) -> torch.Tensor:
+        return _dpo(policy, reference, chosen[members], rejected[members], form)
+
+    engine = PerExampleNorms(policy, subbatches=3, pairs="halves")
+    engine.RECHECK_SUBBATCHES = 1
+    audited = []
+    for _ in range(3):
+        policy.zero_grad()
+        _dpo(policy, reference, chosen, rejected, form).backward()
+        (p,) = engine.collect()
+        assert p.raw_sqnorms is not None, p.withheld
+        with engine.paused():
+            want = _pair_truth(policy, loss_of_pairs, 8, p.subbatches)
+        assert ((p.raw_sqnorms - want).abs() / want).max() < 1e-9, (p.raw_sqnorms, want)
+        audited.append(p.audited)
+    engine.remove()
+    assert audited == [True, True, False]
+
+
+@pytest.mark.parametrize("paired_rows", [None, "halves", "flip"])
+def test_a_preference_loss_is_refused_where_the_rows_are_not_its_pairs(paired_rows):
+    """Without pairing, with the flipped pairing (row i with N − 1 − i: not a concatenation's
+    partner), or with a margin centred on the batch's mean (the pairs combined), the loss
+    combines rows the sub-batches keep apart: refused, never measured."""
+    policy, reference = _preference_model()
+    g = torch.Generator().manual_seed(1)
+    chosen, rejected = (torch.randint(0, 32, (8, 6), generator=g) for _ in range(2))
+    form = "across" if paired_rows == "halves" else "dpo"
+    tracker = noisescale.GradientNoiseTracker(policy, paired_rows=paired_rows)
+    _dpo(policy, reference, chosen, rejected, form).backward()
+    with pytest.raises(UnsupportedModuleError, match="the loss combines the examples"):
+        tracker.step()
+    assert tracker.history == []
+
+
+def test_preference_pairs_tracked_with_halves():
+    """The tracker end to end: every step measured from the first, sub-batch sizes in rows (a
+    pair is two)."""
+    policy, reference = _preference_model()
+    g = torch.Generator().manual_seed(2)
+    tracker = noisescale.GradientNoiseTracker(policy, paired_rows="halves")
+    for _ in range(4):
+        chosen, rejected = (torch.randint(0, 32, (8, 6), generator=g) for _ in range(2))
+        _dpo(policy, reference, chosen, rejected, "dpo").backward()
+        tracker.step()
+        policy.zero_grad()
+    history = tracker.history
+    assert [r["examples"] for r in history] == [16, 32, 48, 64]  # (cumulative)
+    assert all("subbatch" in r["sources"] for r in history)
+    assert all(r["sources"]["subbatch"]["b_small"] % 2 == 0 for r in history)

@@ -244,7 +244,10 @@ class GradientNoiseTracker:
             paired with row i + N/2 of the second — a GAN discriminator on
             ``torch.cat([real, fake])``: each sub-batch then holds as many of each, and
             B_simple is the noise scale of such batches (measured as one population, the
-            difference between the strata would count as noise).
+            difference between the strata would count as noise). Also preference pairs —
+            DPO or a reward model on ``torch.cat([chosen, rejected])`` — whose loss combines
+            row i with row i + N/2: the loss may then combine a pair's rows (nothing across
+            pairs), and B_simple and the batch are counted in rows, two a pair.
     """
 
     def __init__(

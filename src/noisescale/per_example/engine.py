@@ -1078,7 +1078,7 @@ class PerExampleNorms:
             if pass_.batch_size > 1 and not (pass_.compiled or pass_.compiled_call):
                 batched = [t for t in _tensors(output) if not isinstance(t, SharedTensor)]
                 packed = _tensors(output, packed=True)
-                self._loss_watch.watch(pass_, batched, self._model_dim, packed)
+                self._loss_watch.watch(pass_, batched, self._model_dim, packed, self.pairs)
         if hasattr(pass_, "_pending_targets"):
             del pass_._pending_targets  # type: ignore[attr-defined]
 

@@ -142,13 +142,26 @@ class LossWatch:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def watch(self, pass_: Any, outputs: list[Tensor], dim: int, packed: list[Tensor]) -> None:
+    def watch(
+        self,
+        pass_: Any,
+        outputs: list[Tensor],
+        dim: int,
+        packed: list[Tensor],
+        pairs: str | None = None,
+    ) -> None:
         """Follow the pass's batched ``outputs`` (examples in ``dim``, or in the one other
         dimension of the batch's size — time-major —, or flattened with positions in ``dim``;
-        ``packed``: the data of packed sequences among them, rows of examples in their order)."""
+        ``packed``: the data of packed sequences among them, rows of examples in their order).
+
+        ``pairs="halves"`` (``paired_rows``: row i and row i + N/2 are one unit, kept in one
+        sub-batch) follows the N rows as N/2 units — index j is unit j mod N/2 — so a loss may
+        combine the two rows of a pair (a preference pair's chosen and rejected responses,
+        concatenated: DPO, a reward model's Bradley-Terry loss) but nothing across pairs."""
         if self.done:
             self.reset()
         n = pass_.batch_size
+        units = n // 2 if pairs == "halves" and n % 2 == 0 else n
         added = False
         for t in outputs:
             if t.grad_fn is None or t.dim() == 0:
@@ -157,11 +170,11 @@ class LossWatch:
             if any(t is p for p in packed):
                 layout = Rows(0, None, ("packed", id(pass_)), n, id(pass_))
             elif t.dim() > dim and t.shape[dim] == n:
-                layout = Rows(dim, 1, id(pass_), n, id(pass_))
+                layout = Rows(dim, 1, id(pass_), units, id(pass_))
             else:
                 sizes = [i for i, s in enumerate(t.shape) if s == n]
                 if len(sizes) == 1:
-                    layout = Rows(sizes[0], 1, id(pass_), n, id(pass_))
+                    layout = Rows(sizes[0], 1, id(pass_), units, id(pass_))
                 elif sizes:
                     layout = Mixed(
                         f"an output of shape {list(t.shape)} has the batch's size ({n}) in "
@@ -821,6 +834,9 @@ def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: l
             if s == d:
                 return [_one(layout, i) for i in range(len(outs))]
             return [keep(d - (s < d)) for _ in outs]
+        cycle = None if layout.block is None else layout.n * layout.block
+        if s == d and cycle and all(o.shape[d] % cycle == 0 for o in outs):
+            return [keep(d) for _ in outs]  # whole cycles of the examples each (pairs' halves)
         return [keep(d) if s != d else fresh(d) for _ in outs]
     if name in ("gather", "index_select"):
         s = named["dim"] % t.dim()
