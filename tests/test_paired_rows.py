@@ -307,3 +307,21 @@ def test_preference_pairs_tracked_with_halves():
     assert [r["examples"] for r in history] == [16, 32, 48, 64]  # (cumulative)
     assert all("subbatch" in r["sources"] for r in history)
     assert all(r["sources"]["subbatch"]["b_small"] % 2 == 0 for r in history)
+
+
+def test_a_reward_model_on_two_forwards_is_refused_with_the_way_to_measure_it():
+    """A reward model's chosen and rejected responses through two forwards (as a trainer may run
+    them) combine two forwards' rows: refused, the message naming the one forward on
+    ``torch.cat([chosen, rejected])`` with ``paired_rows="halves"`` that is then measured."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, 1))
+    chosen, rejected = torch.randn(8, D), torch.randn(8, D)
+    tracker = noisescale.GradientNoiseTracker(model, paired_rows="halves")
+    (-F.logsigmoid(model(chosen) - model(rejected)).mean()).backward()
+    with pytest.raises(UnsupportedModuleError, match=r"torch\.cat\(\[chosen, rejected\]\) with "):
+        tracker.step()
+    model.zero_grad()
+    rewards = model(torch.cat([chosen, rejected]))
+    (-F.logsigmoid(rewards[:8] - rewards[8:]).mean()).backward()
+    tracker.step()
+    assert len(tracker.history) == 1 and "subbatch" in tracker.history[0]["sources"]

@@ -585,7 +585,9 @@ def _rule(func: Any, args: tuple, kwargs: dict, known: list, outs: list[Tensor])
 _ACROSS = (
     "combined the values of two forwards' examples (two views of each example compared "
     "pairwise: noisescale measures two forwards through one backward as one micro-batch of "
-    "all their rows, each row an example)"
+    "all their rows, each row an example; a preference pair's chosen and rejected responses "
+    "through two forwards, as a reward model's trainer may run them, are measured as pairs when "
+    "run as one forward on torch.cat([chosen, rejected]) with paired_rows='halves')"
 )
 _ADDED_ACROSS = (
     "added a sum over one forward's examples to each example of another forward (an anchor or "
