@@ -595,3 +595,32 @@ def test_a_step_collected_inside_the_backward_leaves_no_mode_behind():
         hook.remove()
         engine.remove()
     assert torch._C._len_torch_function_stack() == 0
+
+
+@pytest.mark.parametrize("shape", [(2, -1), (-1, 2)])
+def test_an_output_with_no_dimension_of_the_batch_s_size_is_not_trusted(shape):
+    """A model that returns its N scores as view(2, N/2) (or N/2 × 2): no dimension has the
+    batch's size, so the watch cannot tell whose each value is. Before 2026-12-04 such an
+    output was not watched at all and (Σ r)² / N was measured as separable — each example's
+    norm its share of the coupled gradient, 2.7e3–3e6 off (found by a review); now anything
+    computed from it is refused, by the tracker at its first step and by the one-shot."""
+    torch.manual_seed(0)
+
+    class Reshaped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x).view(*shape)
+
+    model = Reshaped()
+    x = torch.randn(8, 4)
+    message = refused(model, lambda: (model(x).sum() ** 2 / 8).backward(), "no dimension of the")
+    assert "[2, 4]" in message or "[4, 2]" in message
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(model)
+    (model(x).sum() ** 2 / 8).backward()
+    with pytest.raises(UnsupportedModuleError, match="batch's size"):
+        tracker.step()
+    assert tracker.history == []

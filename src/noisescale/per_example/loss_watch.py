@@ -185,6 +185,18 @@ class LossWatch:
                     # examples flattened with positions, in an order the watch does not know:
                     # each row is one example's, which row whose is known by this key only
                     layout = Rows(dim, None, ("flat", id(pass_), id(t)), n, id(pass_))
+                else:
+                    # computed from the batch (it has a gradient) but in no layout the watch
+                    # knows — a score vector returned as view(2, N/2): which example each
+                    # value is was not followed, so nothing computed from it is (before
+                    # 2026-12-04 it was not watched at all, and (Σ r)² measured as separable:
+                    # norms 2.7e3-3e6 off, a review found)
+                    layout = Mixed(
+                        f"an output of shape {list(t.shape)} has no dimension of the batch's "
+                        f"size ({n}), so which example each of its values belongs to is not "
+                        "known, and was used (return the outputs with the examples in a "
+                        "dimension of their own and reshape them in the loss)"
+                    )
             if layout is not None:
                 self.layouts[t] = layout
                 added = True
