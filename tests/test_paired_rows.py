@@ -325,3 +325,155 @@ def test_a_reward_model_on_two_forwards_is_refused_with_the_way_to_measure_it():
     (-F.logsigmoid(rewards[:8] - rewards[8:]).mean()).backward()
     tracker.step()
     assert len(tracker.history) == 1 and "subbatch" in tracker.history[0]["sources"]
+
+
+# Rows in consecutive blocks of G that share data (``grouped_rows=G``): GRPO's G completions of
+# one prompt, a query's G candidates. Closed form: row (b, g) is x = z_b + e_bg, loss_i = w·x_i,
+# z_b ~ N(MU, diag(SZ²)) shared by the block, e_bg ~ N(0, diag(SD²)). A batch of N/G blocks has
+# a mean gradient of covariance (diag(SZ²) + diag(SD²)/G)/(N/G), so its noise scale in rows is
+# (G·|SZ|² + |SD|²)/|MU|²; taken for independent rows, the cross terms of a block's rows in
+# different sub-batches carry |SZ|² into |G|² and the reading is far below it.
+G = 3
+SZ = torch.full((D,), 0.6)
+GROUPED_TRUTH = float((G * (SZ**2).sum() + (SD**2).sum()) / (MU @ MU))
+
+
+def _grouped(steps: int, n: int, seed: int, **kw) -> noisescale.GradientNoiseTracker:
+    def blocks(g: torch.Generator) -> torch.Tensor:
+        z = MU + torch.randn(n // G, D, generator=g) * SZ
+        return z.repeat_interleave(G, 0) + torch.randn(n, D, generator=g) * SD
+
+    return _track(steps, seed, blocks, **kw)
+
+
+def test_grouped_rows_read_the_noise_scale_of_batches_of_groups():
+    e = _grouped(300, 24, 0, grouped_rows=G).estimate()
+    assert e.low <= GROUPED_TRUTH <= e.high
+    hits = sum(
+        (lambda e: e.low <= GROUPED_TRUTH <= e.high)(
+            _grouped(60, 24, 100 + seed, grouped_rows=G).estimate()
+        )
+        for seed in range(30)
+    )
+    assert hits >= 26  # 95% nominal, 30 runs: binomial sd 1.2
+
+
+def test_without_grouped_rows_groups_read_low():
+    e = _grouped(300, 24, 0).estimate()
+    assert e.high < 0.8 * GROUPED_TRUTH
+
+
+@pytest.mark.parametrize("n,k,g", [(24, 8, 3), (20, 4, 4), (12, 8, 3), (30, 7, 5), (6, 8, 3)])
+def test_the_split_keeps_each_block_in_one_sub_batch(n, k, g):
+    for seed in range(5):
+        s = Subbatches.split(n, k, torch.Generator().manual_seed(seed), torch.device("cpu"), g)
+        rows = s.index.view(s.k, s.n).clone()
+        real = torch.ones(s.k * s.n, dtype=torch.bool)
+        real[s.pad] = False
+        real = real.view(s.k, s.n)
+        seen = []
+        for j in range(s.k):
+            members = set(rows[j][real[j]].tolist())
+            assert len(members) == s.sizes[j]
+            assert all(i // g * g + o in members for i in members for o in range(g))
+            seen += members
+        assert sorted(seen) == list(range(n))
+        assert s.sizes_tensor(torch.zeros(1)).tolist() == list(s.sizes)
+        assert s.k == min(k, n // g)
+
+
+def _grpo_loss(policy, ids: torch.Tensor, advantages: torch.Tensor, form: str) -> torch.Tensor:
+    """GRPO's loss on a batch of completions in blocks of G: each row's mean token log-prob
+    weighed by its advantage (rewards normalised within the block, computed without a
+    gradient), the mean over rows (``grpo``); or a listwise loss over each block's G
+    candidates, a softmax of their scores against the first (``listwise``), which combines a
+    block's rows; ``across`` normalises the scores over the whole batch and must be refused."""
+    logits = policy(input_ids=ids).logits[:, :-1]
+    logp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0].mean(-1)
+    if form == "grpo":
+        return -(advantages * logp).mean()
+    if form == "listwise":
+        return -logp.view(-1, G).log_softmax(1)[:, 0].mean()
+    return -(logp - logp.logsumexp(0)).mean()
+
+
+@pytest.mark.parametrize("form", ["grpo", "listwise"])
+def test_grouped_sub_batch_norms_match_brute_force(form):
+    """Each sub-batch's norm equals brute force over its blocks (a tiny GPT-2, 5 blocks of 3)."""
+    policy, _ = _preference_model()
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 32, (15, 6), generator=gen)
+    rewards = torch.randn(5, G, generator=gen, dtype=torch.float64)
+    advantages = ((rewards - rewards.mean(1, keepdim=True)) / rewards.std(1, keepdim=True)).view(-1)
+
+    def loss_of_blocks(members: list[int]) -> torch.Tensor:
+        rows = [b * G + o for b in members for o in range(G)]
+        return _grpo_loss(policy, ids[rows], advantages[rows], form)
+
+    engine = PerExampleNorms(policy, subbatches=3, pairs=G)
+    engine.RECHECK_SUBBATCHES = 1
+    audited = []
+    for _ in range(3):
+        policy.zero_grad()
+        _grpo_loss(policy, ids, advantages, form).backward()
+        (p,) = engine.collect()
+        assert p.raw_sqnorms is not None, p.withheld
+        index = p.subbatches.index.view(p.subbatches.k, p.subbatches.n).tolist()
+        params = [q for q in policy.parameters() if q.requires_grad]
+        want = []
+        with engine.paused():
+            for j, size in enumerate(p.subbatches.sizes):
+                members = sorted({i // G for i in index[j][:size]})
+                grads = torch.autograd.grad(loss_of_blocks(members) * len(members) / 5, params)
+                want.append(sum(g.pow(2).sum() for g in grads))
+        want = torch.stack(want)
+        assert ((p.raw_sqnorms - want).abs() / want).max() < 1e-9, (p.raw_sqnorms, want)
+        audited.append(p.audited)
+    engine.remove()
+    assert audited == [True, True, False]
+
+
+@pytest.mark.parametrize("grouped", [None, G])
+def test_a_loss_across_blocks_is_refused(grouped):
+    """A listwise loss without grouped_rows, and scores normalised over the whole batch with
+    it: the loss combines rows the sub-batches keep apart — refused."""
+    policy, _ = _preference_model()
+    ids = torch.randint(0, 32, (12, 6), generator=torch.Generator().manual_seed(4))
+    tracker = noisescale.GradientNoiseTracker(policy, grouped_rows=grouped)
+    form = "listwise" if grouped is None else "across"
+    _grpo_loss(policy, ids, torch.ones(12), form).backward()
+    with pytest.raises(UnsupportedModuleError, match="the loss combines the examples"):
+        tracker.step()
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"grouped_rows": 1}, "at least 2"),
+        ({"grouped_rows": "3"}, "grouped_rows must be"),
+        ({"grouped_rows": 3, "paired_rows": "flip"}, "not both"),
+        ({"grouped_rows": 3, "per_example_fraction": 1.0}, "drop per_example_fraction"),
+        ({"grouped_rows": 3, "per_example": False}, "whole groups"),
+    ],
+)
+def test_bad_grouped_rows_settings_are_refused(kw, match):
+    with pytest.raises(NoiseScaleInputError, match=match):
+        noisescale.GradientNoiseTracker(_model(), **kw)
+
+
+def test_a_batch_of_part_of_a_group_is_refused_and_a_checkpoint_keeps_the_grouping():
+    model = _model()
+    tracker = noisescale.GradientNoiseTracker(model, grouped_rows=3)
+    with pytest.raises(NoiseScaleInputError, match="not a multiple of 3"):
+        model(torch.randn(10, D))
+    model.zero_grad()
+    for _ in range(2):
+        model(torch.randn(12, D)).mean().backward()
+        tracker.step()
+        model.zero_grad()
+    state = tracker.state_dict()
+    again = noisescale.GradientNoiseTracker(_model(), grouped_rows=3)
+    again.load_state_dict(state)
+    assert again.steps == 2
+    with pytest.raises(NoiseScaleInputError, match=r"grouped_rows=3"):
+        noisescale.GradientNoiseTracker(_model()).load_state_dict(state)

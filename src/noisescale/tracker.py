@@ -248,6 +248,13 @@ class GradientNoiseTracker:
             DPO or a reward model on ``torch.cat([chosen, rejected])`` — whose loss combines
             row i with row i + N/2: the loss may then combine a pair's rows (nothing across
             pairs), and B_simple and the batch are counted in rows, two a pair.
+        grouped_rows: ``G`` when the rows come in consecutive blocks of G that share data —
+            GRPO's G completions of each prompt (their advantages normalised within the
+            group), a query's G candidates under a listwise loss: rows of one block are not
+            independent draws, and eq. A.2 pairing them as different examples reads B_simple
+            off with a tight interval. Each block is then kept in one sub-batch, the loss may
+            combine a block's rows (nothing across blocks), and B_simple and the batch are
+            counted in rows, G a block. Batches must hold whole blocks.
     """
 
     def __init__(
@@ -273,6 +280,7 @@ class GradientNoiseTracker:
         tokens_per_example: int | None = None,
         measure_every: int = 1,
         paired_rows: str | None = None,
+        grouped_rows: int | None = None,
     ) -> None:
         if loss_reduction not in LOSS_REDUCTIONS:
             raise NoiseScaleInputError(
@@ -310,6 +318,27 @@ class GradientNoiseTracker:
                 "paired_rows must be None, 'flip' (row i mixed with row N − 1 − i, as timm's "
                 "Mixup and CutMix do) or 'halves' (row i with row i + N/2: two strata, "
                 f"torch.cat([real, fake])), got {paired_rows!r}"
+            )
+        if grouped_rows is not None and not (
+            isinstance(grouped_rows, int)
+            and not isinstance(grouped_rows, bool)
+            and grouped_rows >= 2
+        ):
+            raise NoiseScaleInputError(
+                "grouped_rows must be None or the number of consecutive rows that share data, "
+                f"at least 2 (GRPO's completions per prompt), got {grouped_rows!r}"
+            )
+        if grouped_rows is not None and paired_rows is not None:
+            raise NoiseScaleInputError(
+                "give paired_rows or grouped_rows, not both: each says how the rows of a batch "
+                "are tied together"
+            )
+        if grouped_rows is not None and (not per_example or per_example_fraction is not None):
+            raise NoiseScaleInputError(
+                "grouped_rows keeps each block of rows in one sub-batch of the default source; "
+                "drop per_example_fraction (per-example norms would pair rows that share data) "
+                "— or, with per_example=False, drop grouped_rows and give each accumulation "
+                "micro-batch whole groups: each is then an independent draw"
             )
         if paired_rows is not None and (not per_example or per_example_fraction is not None):
             raise NoiseScaleInputError(
@@ -356,9 +385,10 @@ class GradientNoiseTracker:
             precondition=self._preconditioner_weights if precondition is not None else None,
             per_example_fraction=per_example_fraction or 1.0,
             subbatches=subbatches if self.mode == "subbatch" else 0,
-            pairs=paired_rows,
+            pairs=paired_rows if grouped_rows is None else grouped_rows,
         )
         self.paired_rows = paired_rows
+        self.grouped_rows = grouped_rows
         self.subbatches = subbatches
         self.per_example_fraction = per_example_fraction
         self._sources: list[Source] = []
@@ -1274,6 +1304,7 @@ class GradientNoiseTracker:
             "unit": UNITS[self.definition or "example"],
             **({"subbatches": self.subbatches} if self.mode == "subbatch" else {}),
             **({"paired_rows": self.paired_rows} if self.paired_rows is not None else {}),
+            **({"grouped_rows": self.grouped_rows} if self.grouped_rows is not None else {}),
             **(
                 {"per_example_fraction": self.per_example_fraction}
                 if self.mode == "per_example"
@@ -1343,6 +1374,7 @@ class GradientNoiseTracker:
             "counted_examples": s.counted_examples,
             "definition": self.definition,
             "paired_rows": self.paired_rows,
+            "grouped_rows": self.grouped_rows,
             "preconditioned_from": s.preconditioned_from,
             "loss_reduction": self.loss_reduction,
             "confidence": self.confidence,
@@ -1380,6 +1412,12 @@ class GradientNoiseTracker:
             raise NoiseScaleInputError(
                 f"the checkpoint was measured with paired_rows={state.get('paired_rows')!r} but "
                 f"this tracker uses {self.paired_rows!r}; construct it with the same paired_rows"
+            )
+        if state.get("grouped_rows") != self.grouped_rows:
+            raise NoiseScaleInputError(
+                f"the checkpoint was measured with grouped_rows={state.get('grouped_rows')!r} "
+                f"but this tracker uses {self.grouped_rows!r}; construct it with the same "
+                "grouped_rows"
             )
         saved_groups = state.get("group_states", {})
         if set(saved_groups) != set(self._state.groups):

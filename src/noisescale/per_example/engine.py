@@ -406,7 +406,7 @@ class PerExampleNorms:
         per_example_fraction: float = 1.0,
         subbatches: int = 0,
         audit: bool = True,
-        pairs: str | None = None,
+        pairs: str | int | None = None,
     ):
         if not 0.0 < per_example_fraction <= 1.0:
             raise NoiseScaleInputError(
@@ -421,7 +421,8 @@ class PerExampleNorms:
             )
         self.subbatches = subbatches
         # "flip" (rows i and N − 1 − i share data) or "halves" (rows i and i + N/2, two
-        # strata): each pair shares a sub-batch (Subbatches.split)
+        # strata): each pair shares a sub-batch (Subbatches.split); an integer G: blocks of G
+        # consecutive rows (grouped_rows)
         self.pairs = pairs
         # Sub-batch mode: whether the last split pass had a weight whose gradient came from
         # sub-batch products (None: not known yet); passes count since sub-batches last ran
@@ -943,7 +944,15 @@ class PerExampleNorms:
             pass_.examples_version = None if examples.is_inference() else examples._version
         pass_.inputs = (args, kwargs)
         if self.subbatches and self.per_example and n >= 2 and not pass_.skipped:
-            if self.pairs is not None and n % 2:
+            unit = self.pairs if isinstance(self.pairs, int) else 2
+            if isinstance(self.pairs, int) and n % unit:
+                raise NoiseScaleInputError(
+                    f"grouped_rows={unit} keeps blocks of {unit} consecutive rows together, "
+                    f"but this forward had N = {n} rows, not a multiple of {unit}; feed whole "
+                    "groups (every prompt with all its completions; drop_last=True in the "
+                    "loader) or drop grouped_rows if the rows are not grouped"
+                )
+            if self.pairs is not None and n % 2 and not isinstance(self.pairs, int):
                 raise NoiseScaleInputError(
                     f"paired_rows={self.pairs!r} pairs the rows of a batch in two (row i "
                     f"with row {'N − 1 − i' if self.pairs == 'flip' else 'i + N/2'}), but this "
@@ -951,8 +960,8 @@ class PerExampleNorms:
                     "requires them too, drop_last=True in the loader) or drop paired_rows if "
                     "the rows are not paired"
                 )
-            if self.pairs is not None and n < 4:
-                pass  # one pair: no two sub-batches to compare; no small-batch norm
+            if self.pairs is not None and n < 2 * unit:
+                pass  # one pair (group): no two sub-batches to compare; no small-batch norm
             elif self.pairs is not None or self._split():
                 source = pass_.n_source
                 device = source.device if source is not None else torch.device("cpu")

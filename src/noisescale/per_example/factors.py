@@ -425,14 +425,26 @@ class Subbatches:
         k: int,
         generator: torch.Generator,
         device: torch.device,
-        pairs: str | None = None,
+        pairs: str | int | None = None,
     ) -> Subbatches:
         """``pairs="flip"``: row i and row N − 1 − i share data (timm's Mixup and CutMix mix each
         image with the batch's flipped order) and go to the same sub-batch: the N/2 pairs are
         split at random instead of the rows, so the cross terms left in eq. A.2 are between
         independent pairs only (``paired_rows`` of the tracker). ``"halves"``: row i and row
         i + N/2 (a batch made of two strata, ``torch.cat([real, fake])``), so that every
-        sub-batch holds as many of each. ``num`` must then be even."""
+        sub-batch holds as many of each. ``num`` must then be even. An integer G: blocks of G
+        consecutive rows (GRPO's G completions of one prompt, a query's G candidates) go to one
+        sub-batch each, the N/G blocks split at random (``grouped_rows``); ``num`` a multiple
+        of G."""
+        if isinstance(pairs, int) and not isinstance(pairs, bool):
+            g = pairs
+            blocks = Subbatches.split(num // g, k, generator, device)
+            offsets = torch.arange(g, device=blocks.index.device)
+            index = (blocks.index[:, None] * g + offsets).reshape(-1)
+            pad = (blocks.pad[:, None] * g + offsets.to(blocks.pad.device)).reshape(-1)
+            return Subbatches(
+                index, pad, blocks.k, g * blocks.n, tuple(g * s for s in blocks.sizes)
+            )
         if pairs in ("flip", "halves"):
             half = Subbatches.split(num // 2, k, generator, device)
             other = num - 1 - half.index if pairs == "flip" else half.index + num // 2

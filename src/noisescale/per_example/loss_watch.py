@@ -148,7 +148,7 @@ class LossWatch:
         outputs: list[Tensor],
         dim: int,
         packed: list[Tensor],
-        pairs: str | None = None,
+        pairs: str | int | None = None,
     ) -> None:
         """Follow the pass's batched ``outputs`` (examples in ``dim``, or in the one other
         dimension of the batch's size — time-major —, or flattened with positions in ``dim``;
@@ -157,11 +157,18 @@ class LossWatch:
         ``pairs="halves"`` (``paired_rows``: row i and row i + N/2 are one unit, kept in one
         sub-batch) follows the N rows as N/2 units — index j is unit j mod N/2 — so a loss may
         combine the two rows of a pair (a preference pair's chosen and rejected responses,
-        concatenated: DPO, a reward model's Bradley-Terry loss) but nothing across pairs."""
+        concatenated: DPO, a reward model's Bradley-Terry loss) but nothing across pairs.
+        An integer G (``grouped_rows``: blocks of G consecutive rows kept in one sub-batch)
+        follows them as N/G units — index j is unit j // G — so a loss may combine the rows of
+        a block (a listwise loss over a query's G candidates) but nothing across blocks."""
         if self.done:
             self.reset()
         n = pass_.batch_size
-        units = n // 2 if pairs == "halves" and n % 2 == 0 else n
+        units, block = n, 1
+        if pairs == "halves" and n % 2 == 0:
+            units = n // 2
+        elif isinstance(pairs, int) and not isinstance(pairs, bool) and n % pairs == 0:
+            units, block = n // pairs, pairs
         added = False
         for t in outputs:
             if t.grad_fn is None or t.dim() == 0:
@@ -170,11 +177,11 @@ class LossWatch:
             if any(t is p for p in packed):
                 layout = Rows(0, None, ("packed", id(pass_)), n, id(pass_))
             elif t.dim() > dim and t.shape[dim] == n:
-                layout = Rows(dim, 1, id(pass_), units, id(pass_))
+                layout = Rows(dim, block, id(pass_), units, id(pass_))
             else:
                 sizes = [i for i, s in enumerate(t.shape) if s == n]
                 if len(sizes) == 1:
-                    layout = Rows(sizes[0], 1, id(pass_), units, id(pass_))
+                    layout = Rows(sizes[0], block, id(pass_), units, id(pass_))
                 elif sizes:
                     layout = Mixed(
                         f"an output of shape {list(t.shape)} has the batch's size ({n}) in "
