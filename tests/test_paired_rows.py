@@ -477,3 +477,28 @@ def test_a_batch_of_part_of_a_group_is_refused_and_a_checkpoint_keeps_the_groupi
     assert again.steps == 2
     with pytest.raises(NoiseScaleInputError, match=r"grouped_rows=3"):
         noisescale.GradientNoiseTracker(_model()).load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "kw, sizes",
+    [
+        ({"grouped_rows": 4}, [1]),  # GRPO, one completion a micro-batch
+        ({"grouped_rows": 2}, [4, 1]),  # an unmeasured micro-batch with part of a group
+        ({"paired_rows": "halves"}, [1]),
+        ({"paired_rows": "flip"}, [4, 3]),
+    ],
+)
+def test_every_micro_batch_must_hold_whole_groups(kw, sizes):
+    """A group (or pair) split across accumulation micro-batches ties them together, and the
+    micro-batch norms would take them for independent draws: every forward is checked, one row
+    or more, measured or not (a review found GRPO with one completion a micro-batch read
+    B_simple 5.19 [4.75, 5.71] against a truth of 12.9, the same as without grouped_rows)."""
+    model = _model()
+    tracker = noisescale.GradientNoiseTracker(model, **kw)
+    with pytest.raises(NoiseScaleInputError, match="each accumulation micro-batch too"):
+        for _ in range(3):
+            for n in sizes:
+                model(torch.randn(n, D)).mean().backward()
+            tracker.step()
+            model.zero_grad()
+    assert tracker.history == []

@@ -907,6 +907,32 @@ class PerExampleNorms:
         if self.passes and self._inside_compiled_call:
             self.passes[-1].compiled_call = True
 
+    def _check_tied_rows(self, n: int) -> None:
+        """Under ``paired_rows`` or ``grouped_rows`` every forward — each accumulation
+        micro-batch, measured or not, one row or more — must hold whole pairs or groups: one
+        split across micro-batches ties them together, and the micro-batch norms would take
+        them for independent draws (a review found GRPO with one completion a micro-batch read
+        B_simple 0.40x its truth, its interval excluding it)."""
+        if self.pairs is None or not self.per_example or not n:
+            return
+        if isinstance(self.pairs, int) and n % self.pairs:
+            g = self.pairs
+            raise NoiseScaleInputError(
+                f"grouped_rows={g} keeps blocks of {g} consecutive rows together, but this "
+                f"forward had N = {n} rows, not a multiple of {g}; feed whole groups in every "
+                "forward, each accumulation micro-batch too (every prompt with all its "
+                "completions; drop_last=True in the loader), or drop grouped_rows if the rows "
+                "are not grouped"
+            )
+        if not isinstance(self.pairs, int) and n % 2:
+            raise NoiseScaleInputError(
+                f"paired_rows={self.pairs!r} pairs the rows of a batch in two (row i "
+                f"with row {'N − 1 − i' if self.pairs == 'flip' else 'i + N/2'}), but this "
+                f"forward had N = {n} rows, an odd number; feed even batches in every forward, "
+                "each accumulation micro-batch too (timm's Mixup requires them, drop_last=True "
+                "in the loader), or drop paired_rows if the rows are not paired"
+            )
+
     def _open_pass(self, args: tuple, kwargs: dict) -> None:
         if torch._C._current_graph_task_id() != -1:
             # a forward re-run during backward (activation checkpointing) belongs to its pass
@@ -915,6 +941,7 @@ class PerExampleNorms:
         # with grad enabled) are dropped, and passes that one backward ran through together
         # (two forwards, one loss) are merged, when the step collects them.
         n = self._batch_size_of_model(args, kwargs)
+        self._check_tied_rows(n)
         if self.idle:
             self._context.clear()
             self.passes.append(PassNorms(batch_size=n, skipped=True, idle=True))
@@ -945,21 +972,6 @@ class PerExampleNorms:
         pass_.inputs = (args, kwargs)
         if self.subbatches and self.per_example and n >= 2 and not pass_.skipped:
             unit = self.pairs if isinstance(self.pairs, int) else 2
-            if isinstance(self.pairs, int) and n % unit:
-                raise NoiseScaleInputError(
-                    f"grouped_rows={unit} keeps blocks of {unit} consecutive rows together, "
-                    f"but this forward had N = {n} rows, not a multiple of {unit}; feed whole "
-                    "groups (every prompt with all its completions; drop_last=True in the "
-                    "loader) or drop grouped_rows if the rows are not grouped"
-                )
-            if self.pairs is not None and n % 2 and not isinstance(self.pairs, int):
-                raise NoiseScaleInputError(
-                    f"paired_rows={self.pairs!r} pairs the rows of a batch in two (row i "
-                    f"with row {'N − 1 − i' if self.pairs == 'flip' else 'i + N/2'}), but this "
-                    f"forward had N = {n} rows, an odd number; feed even batches (timm's Mixup "
-                    "requires them too, drop_last=True in the loader) or drop paired_rows if "
-                    "the rows are not paired"
-                )
             if self.pairs is not None and n < 2 * unit:
                 pass  # one pair (group): no two sub-batches to compare; no small-batch norm
             elif self.pairs is not None or self._split():
