@@ -502,3 +502,45 @@ def test_every_micro_batch_must_hold_whole_groups(kw, sizes):
             tracker.step()
             model.zero_grad()
     assert tracker.history == []
+
+
+@pytest.mark.parametrize("form", ["strided", "strided-across"])
+def test_interleaved_pairs_taken_by_strided_slices(form):
+    """Pairs interleaved, (chosen, rejected) in rows 2i and 2i + 1, under ``grouped_rows=2``:
+    ``r[0::2] − r[1::2]`` takes one row of each block, index k from block k, and is measured
+    exactly (it was refused before 2026-12-04, though valid); shifted by one block, the
+    difference pairs rows of different blocks and is refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    x = torch.randn(12, D, dtype=torch.float64)
+
+    def loss_of(rows: torch.Tensor) -> torch.Tensor:
+        r = model(rows)[:, 0]
+        if form == "strided":
+            return -F.logsigmoid(r[0::2] - r[1::2]).mean()
+        return -F.logsigmoid(r[0::2][1:] - r[1::2][:-1]).mean()
+
+    if form == "strided-across":
+        tracker = noisescale.GradientNoiseTracker(model, grouped_rows=2)
+        loss_of(x).backward()
+        with pytest.raises(UnsupportedModuleError, match="the loss combines the examples"):
+            tracker.step()
+        return
+    engine = PerExampleNorms(model, subbatches=3, pairs=2)
+    params = list(model.parameters())
+    for _ in range(3):
+        model.zero_grad()
+        loss_of(x).backward()
+        (p,) = engine.collect()
+        assert p.raw_sqnorms is not None, p.withheld
+        index = p.subbatches.index.view(p.subbatches.k, p.subbatches.n).tolist()
+        want = []
+        with engine.paused():
+            for j, size in enumerate(p.subbatches.sizes):
+                blocks = sorted({i // 2 for i in index[j][:size]})
+                rows = torch.tensor([2 * b + o for b in blocks for o in range(2)])
+                grads = torch.autograd.grad(loss_of(x[rows]) * len(blocks) / 6, params)
+                want.append(sum(g.pow(2).sum() for g in grads))
+        want = torch.stack(want)
+        assert ((p.raw_sqnorms - want).abs() / want).max() < 1e-9, (p.raw_sqnorms, want)
+    engine.remove()

@@ -848,6 +848,10 @@ def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: l
         cycle = None if layout.block is None else layout.n * layout.block
         if cycle and step == 1 and start % cycle == 0 and (stop - start) % cycle == 0:
             return keep(d)  # whole cycles of the examples
+        if layout.block and layout.block > 1 and step == layout.block and start < layout.block:
+            # one row of each block (grouped_rows: o[0::G], a pair's first row): index k is
+            # row start + k·G, whose unit is k mod n
+            return Rows(d, 1, layout.key, layout.n, layout.owner)
         return fresh(d)
     if name in ("split", "split_with_sizes", "unbind", "chunk", "unsafe_split"):
         s = named["dim"] % t.dim()
