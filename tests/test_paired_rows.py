@@ -86,6 +86,15 @@ def test_without_paired_rows_mixed_pairs_read_low(kw):
     assert e.high < TRUE_B_SIMPLE and e.b_simple < 0.75 * TRUE_B_SIMPLE
 
 
+def _members(s: Subbatches) -> list[set[int]]:
+    """The rows of each sub-batch, its padding left out."""
+    rows = s.index.view(s.k, s.n).clone()
+    real = torch.ones(s.k * s.n, dtype=torch.bool)
+    real[s.pad] = False
+    real = real.view(s.k, s.n)
+    return [set(rows[j][real[j]].tolist()) for j in range(s.k)]
+
+
 @pytest.mark.parametrize("pairs", ["flip", "halves"])
 @pytest.mark.parametrize("n,k", [(32, 8), (22, 8), (8, 8), (6, 2), (4, 8)])
 def test_the_split_keeps_each_pair_in_one_sub_batch(n, k, pairs):
@@ -94,13 +103,8 @@ def test_the_split_keeps_each_pair_in_one_sub_batch(n, k, pairs):
 
     for seed in range(5):
         s = Subbatches.split(n, k, torch.Generator().manual_seed(seed), torch.device("cpu"), pairs)
-        rows = s.index.view(s.k, s.n).clone()
-        real = torch.ones(s.k * s.n, dtype=torch.bool)
-        real[s.pad] = False
-        real = real.view(s.k, s.n)
         seen = []
-        for j in range(s.k):
-            members = set(rows[j][real[j]].tolist())
+        for j, members in enumerate(_members(s)):
             assert len(members) == s.sizes[j]
             assert all(partner(i) in members for i in members)
             seen += members
@@ -235,14 +239,15 @@ def _dpo(policy, reference, chosen: torch.Tensor, rejected: torch.Tensor, form: 
     return -F.logsigmoid(margin).mean()
 
 
-def _pair_truth(policy, loss_of_pairs, pairs: int, subbatches) -> torch.Tensor:
-    """|∇ (1/P) Σ_{p ∈ j} ℓ_p|² for each sub-batch j: the batch loss restricted to its pairs."""
-    params = [p for p in policy.parameters() if p.requires_grad]
-    index = subbatches.index.view(subbatches.k, subbatches.n).tolist()
+def _unit_truth(model, loss_of_units, units: int, subbatches, unit_of) -> torch.Tensor:
+    """|∇ (1/U) Σ_{u ∈ j} ℓ_u|² for each sub-batch j: the batch loss, a mean over ``units``
+    pairs or blocks (``unit_of`` a row's), restricted to the units of the sub-batch's rows
+    (``loss_of_units(members)``: the mean loss over those units)."""
+    params = [p for p in model.parameters() if p.requires_grad]
     out = []
-    for j, size in enumerate(subbatches.sizes):
-        members = sorted({i % pairs for i in index[j][:size]})
-        grads = torch.autograd.grad(loss_of_pairs(members) * len(members) / pairs, params)
+    for rows in _members(subbatches):
+        members = sorted({unit_of(i) for i in rows})
+        grads = torch.autograd.grad(loss_of_units(members) * len(members) / units, params)
         out.append(sum(g.pow(2).sum() for g in grads))
     return torch.stack(out)
 
@@ -269,7 +274,7 @@ def test_preference_pairs_in_halves_are_measured_exactly(form):
         (p,) = engine.collect()
         assert p.raw_sqnorms is not None, p.withheld
         with engine.paused():
-            want = _pair_truth(policy, loss_of_pairs, 8, p.subbatches)
+            want = _unit_truth(policy, loss_of_pairs, 8, p.subbatches, lambda i: i % 8)
         assert ((p.raw_sqnorms - want).abs() / want).max() < 1e-9, (p.raw_sqnorms, want)
         audited.append(p.audited)
     engine.remove()
@@ -367,13 +372,8 @@ def test_without_grouped_rows_groups_read_low():
 def test_the_split_keeps_each_block_in_one_sub_batch(n, k, g):
     for seed in range(5):
         s = Subbatches.split(n, k, torch.Generator().manual_seed(seed), torch.device("cpu"), g)
-        rows = s.index.view(s.k, s.n).clone()
-        real = torch.ones(s.k * s.n, dtype=torch.bool)
-        real[s.pad] = False
-        real = real.view(s.k, s.n)
         seen = []
-        for j in range(s.k):
-            members = set(rows[j][real[j]].tolist())
+        for j, members in enumerate(_members(s)):
             assert len(members) == s.sizes[j]
             assert all(i // g * g + o in members for i in members for o in range(g))
             seen += members
@@ -418,15 +418,8 @@ def test_grouped_sub_batch_norms_match_brute_force(form):
         _grpo_loss(policy, ids, advantages, form).backward()
         (p,) = engine.collect()
         assert p.raw_sqnorms is not None, p.withheld
-        index = p.subbatches.index.view(p.subbatches.k, p.subbatches.n).tolist()
-        params = [q for q in policy.parameters() if q.requires_grad]
-        want = []
         with engine.paused():
-            for j, size in enumerate(p.subbatches.sizes):
-                members = sorted({i // G for i in index[j][:size]})
-                grads = torch.autograd.grad(loss_of_blocks(members) * len(members) / 5, params)
-                want.append(sum(g.pow(2).sum() for g in grads))
-        want = torch.stack(want)
+            want = _unit_truth(policy, loss_of_blocks, 5, p.subbatches, lambda i: i // G)
         assert ((p.raw_sqnorms - want).abs() / want).max() < 1e-9, (p.raw_sqnorms, want)
         audited.append(p.audited)
     engine.remove()
@@ -526,21 +519,17 @@ def test_interleaved_pairs_taken_by_strided_slices(form):
         with pytest.raises(UnsupportedModuleError, match="the loss combines the examples"):
             tracker.step()
         return
+
+    def loss_of_blocks(blocks: list[int]) -> torch.Tensor:
+        return loss_of(x[torch.tensor([2 * b + o for b in blocks for o in range(2)])])
+
     engine = PerExampleNorms(model, subbatches=3, pairs=2)
-    params = list(model.parameters())
     for _ in range(3):
         model.zero_grad()
         loss_of(x).backward()
         (p,) = engine.collect()
         assert p.raw_sqnorms is not None, p.withheld
-        index = p.subbatches.index.view(p.subbatches.k, p.subbatches.n).tolist()
-        want = []
         with engine.paused():
-            for j, size in enumerate(p.subbatches.sizes):
-                blocks = sorted({i // 2 for i in index[j][:size]})
-                rows = torch.tensor([2 * b + o for b in blocks for o in range(2)])
-                grads = torch.autograd.grad(loss_of(x[rows]) * len(blocks) / 6, params)
-                want.append(sum(g.pow(2).sum() for g in grads))
-        want = torch.stack(want)
+            want = _unit_truth(model, loss_of_blocks, 6, p.subbatches, lambda i: i // 2)
         assert ((p.raw_sqnorms - want).abs() / want).max() < 1e-9, (p.raw_sqnorms, want)
     engine.remove()
