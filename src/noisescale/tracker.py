@@ -57,7 +57,7 @@ from noisescale import state as state_mod
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.param_groups import parameter_groups
 from noisescale.per_example import PerExampleNorms
-from noisescale.per_example.engine import new_parameters_message
+from noisescale.per_example.engine import new_parameters_message, submodule_called_message
 from noisescale.per_example.factors import sqnorm_total
 from noisescale.preconditioning import check_preconditioner, preconditioner_weights
 from noisescale.sources.base import Observation, Source, StepNorms
@@ -608,15 +608,10 @@ class GradientNoiseTracker:
         unopened = self.engine.unopened
         if unopened is not None and any(p.grad is not None for p in self._params):
             raise NoiseScaleInputError(
-                "call the model the tracker was given "
-                f"({type(self.model).__name__}), or give the tracker the module you call: "
-                f"layer '{unopened}' ran with gradients enabled outside a forward of that "
-                "model — a submodule called by itself, model.model(...) with a loss of your own "
-                "on its output, as fused linear-cross-entropy losses and custom heads do, or "
-                "model.forward(...) called directly, which skips the model's hooks — and "
-                "noisescale opens each pass at the model's forward. Wrap the submodule and the "
-                "loss in one module and track that, or track the submodule (its parameters "
-                "only). Nothing of this step was recorded"
+                submodule_called_message(
+                    "call the model the tracker was given", self.model, unopened
+                )
+                + ". Nothing of this step was recorded"
             )
         if any(p.grad is not None for p in self._params):
             raise NoiseScaleInputError(

@@ -154,6 +154,20 @@ def new_parameters_message(names: Sequence[str]) -> str:
     )
 
 
+def submodule_called_message(lead: str, model: nn.Module, label: str) -> str:
+    """The refusal of a step in which a layer ran with gradients enabled outside a forward of
+    the measured ``model`` (:attr:`PerExampleNorms.unopened`); ``lead`` names the fix."""
+    return (
+        f"{lead} ({type(model).__name__}), or give it the module you call: layer '{label}' "
+        "ran with gradients enabled outside a forward of that model — a submodule called by "
+        "itself, model.model(...) with a loss of your own on its output, as fused "
+        "linear-cross-entropy losses and custom heads do, or model.forward(...) called "
+        "directly, which skips the model's hooks — and noisescale opens each pass at the "
+        "model's forward. Wrap the submodule and the loss in one module and measure that, or "
+        "measure the submodule (its parameters only)"
+    )
+
+
 def _accumulator(p: Tensor) -> Any:
     """The AccumulateGrad node of a leaf tensor that requires grad."""
     with torch.enable_grad():

@@ -6,7 +6,12 @@ import torch
 from torch import nn
 
 from noisescale.errors import NoiseScaleInputError
-from noisescale.per_example.engine import LOSS_REDUCTIONS, PassNorms, PerExampleNorms
+from noisescale.per_example.engine import (
+    LOSS_REDUCTIONS,
+    PassNorms,
+    PerExampleNorms,
+    submodule_called_message,
+)
 from noisescale.tokens import TokenWatcher
 
 
@@ -114,13 +119,11 @@ class per_example_sqnorms:
                     return
                 if not passes and not collected and self.engine.unopened is not None:
                     raise NoiseScaleInputError(
-                        "call the model given to per_example_sqnorms "
-                        f"({type(self.engine.model).__name__}), or give it the module you "
-                        f"call: layer '{self.engine.unopened}' ran with gradients enabled "
-                        "outside a forward of that model (a submodule called by itself, "
-                        "model.model(...), or model.forward(...) called directly, which skips "
-                        "the model's hooks), and the per-example gradients are taken from the "
-                        "model's forward"
+                        submodule_called_message(
+                            "call the model given to per_example_sqnorms",
+                            self.engine.model,
+                            self.engine.unopened,
+                        )
                     )
                 if not passes:
                     raise NoiseScaleInputError(
