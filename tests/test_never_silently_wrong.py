@@ -1725,3 +1725,71 @@ def test_a_fused_linear_cross_entropy_is_refused_and_named(mode):
         tracker.step()
         model.zero_grad()
     assert [r["sources"]["microbatch"]["count"] for r in tracker.history] == [2, 2]
+
+
+def _moe(family: str, **config):
+    transformers = pytest.importorskip("transformers")
+    experts = {"Mixtral": "num_local_experts"}.get(family, "num_experts")
+    sizes = {experts: 3, **({"moe_intermediate_size": 8} if family == "Qwen3Moe" else {})}
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{family}Config")(
+        vocab_size=20, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+        num_experts_per_tok=2, experts_implementation="batched_mm", **sizes, **config,
+    )  # fmt: skip
+    return getattr(transformers, f"{family}ForCausalLM")(cfg)
+
+
+class LossOnly(nn.Module):
+    """A wrapper that returns only the loss: the routers' logits are not among its outputs."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids, labels=ids).loss
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["called", "loss-only"])
+@pytest.mark.parametrize("family", ["Mixtral", "Qwen3Moe", "Olmoe"])
+def test_a_mixture_of_experts_trained_with_its_auxiliary_loss_is_refused_naming_it(
+    family: str, wrapped: bool
+):
+    """``output_router_logits=True``: Hugging Face adds the routers' load-balancing loss, the
+    batch's mean routing fractions times its mean router probabilities over every token of the
+    batch — a loss that combines examples. The audit refuses it (a router weight's per-example
+    gradients miss 57-110% of its gradient; called directly, its flattened logits change when
+    the examples are permuted), and its findings alone named a parameter used outside the
+    forward or a layout; the message now leads with the auxiliary loss, one-shot and in the
+    tracker (3 experts, so that no size equals the batch's 4). Measured instead with
+    per_example=False and two micro-batches a step, each with its own auxiliary loss."""
+    moe = _moe(family, output_router_logits=True, router_aux_loss_coef=0.5)
+    model = LossOnly(moe) if wrapped else moe
+    ids = torch.randint(0, 20, (N, 5), generator=torch.Generator().manual_seed(13))
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return model(x) if wrapped else model(input_ids=x, labels=x).loss
+
+    cause = (
+        r"routers' logits and, given labels, adds their auxiliary loss .*router_aux_loss_coef=0\.5"
+    )
+    with pytest.raises(UnsupportedModuleError, match=cause):
+        with noisescale.per_example_sqnorms(model) as _:
+            loss(ids).backward()
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1)
+    with pytest.raises(UnsupportedModuleError, match=cause):
+        loss(ids).backward()
+        tracker.step()
+    tracker.remove()
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example=False)
+    for _ in range(2):
+        for half in ids.chunk(2):
+            (loss(half) / 2).backward()
+        tracker.step()
+        model.zero_grad()
+    assert [r["sources"]["microbatch"]["count"] for r in tracker.history] == [2, 2]
+    assert all(r["sqnorm_big"] > 0 for r in tracker.history)
+    tracker.remove()

@@ -3484,7 +3484,7 @@ class PerExampleNorms:
         if findings.unpermuted:
             # (a shared call that never met the batch says more about the cause: first)
             self._refuse_unmet_shared(pass_, missing)
-            raise UnsupportedModuleError(findings.message(self._labels, None, self._param_name))
+            raise UnsupportedModuleError(self._audit_message(findings))
         if pass_.ambiguous:
             # (after the permutation check, which names the cause when it is time-major data)
             raise UnsupportedModuleError(_ambiguous_message(pass_))
@@ -3516,7 +3516,7 @@ class PerExampleNorms:
                     "measurement cannot. Flatten with the examples first, or use "
                     "per_example=False"
                     + (
-                        ". Besides: " + findings.message(self._labels, None, self._param_name)
+                        ". Besides: " + self._audit_message(findings)
                         if others
                         else ""
                     )
@@ -3567,7 +3567,13 @@ class PerExampleNorms:
                     "next; a one-shot measurement cannot.)"
                 )
             )
-        raise UnsupportedModuleError(findings.message(self._labels, None, self._param_name))
+        raise UnsupportedModuleError(self._audit_message(findings))
+
+    def _audit_message(self, findings: audit_mod.Findings) -> str:
+        """The failed audit's findings, led by the likely cause where the model names one."""
+        text = findings.message(self._labels, None, self._param_name)
+        cause = _auxiliary_loss_cause(self.model)
+        return text if cause is None else f"{cause} What the audit found: {text}"
 
     def _refuse_unmet_shared(self, pass_: PassNorms, missing: set[int]) -> None:
         """Refuse a pass in which parameters of a shared call, or parameters used directly,
@@ -3819,7 +3825,7 @@ class PerExampleNorms:
                 "on",
             )
             return
-        raise UnsupportedModuleError(findings.message(self._labels, None, self._param_name))
+        raise UnsupportedModuleError(self._audit_message(findings))
 
     def _holders(self, pid: int) -> list[tuple[nn.Module, str]]:
         out = []
@@ -4111,6 +4117,39 @@ def _plain_weight_grad(job: _WeightJob, x: Tensor, d: Tensor) -> tuple[Tensor, T
     grad = g.t() @ a
     bias = None if job.bias is None else d.reshape(-1, d.shape[-1]).sum(0)
     return (grad.t() if job.kind == "conv1d" else grad), bias
+
+
+def _auxiliary_loss_cause(model: nn.Module) -> str | None:
+    """A Hugging Face mixture of experts trained with its routers' auxiliary loss: the
+    load-balancing loss multiplies the batch's mean routing fractions by its mean router
+    probabilities, over every token of the batch together (and Switch Transformers' z-loss is
+    a mean over them too), so it combines examples — the audit fails on it, and its findings
+    alone would name a generic cause."""
+    for name, module in model.named_modules():
+        config = getattr(module, "config", None)
+        if not getattr(config, "output_router_logits", False):
+            continue
+        coefs = {
+            key: value
+            for key in ("router_aux_loss_coef", "router_z_loss_coef")
+            if isinstance(value := getattr(config, key, None), (int, float)) and value
+        }
+        if not coefs:
+            continue
+        where = f"'{name}.config'" if name else "the model's config"
+        set_ = ", ".join(f"{k}={v:g}" for k, v in coefs.items())
+        return (
+            f"This model returns its routers' logits and, given labels, adds their auxiliary "
+            f"loss to its loss ({where}: output_router_logits=True, {set_}), computed from the "
+            "routing of every token of the batch together (a load-balancing loss: the batch's "
+            "mean routing fractions times its mean router probabilities): that loss combines "
+            "examples, so no example has a gradient of its own. Measure this model with "
+            "per_example=False and two or more gradient-accumulation micro-batches a step "
+            "(each micro-batch's loss, its auxiliary loss included, is then a group of its "
+            "own), or, if it is not trained with the auxiliary loss, with "
+            "output_router_logits=False."
+        )
+    return None
 
 
 def _ambiguous_message(pass_: PassNorms) -> str:
