@@ -674,3 +674,69 @@ def test_one_shot_norms_name_a_submodule_called_by_itself():
     with noisescale.per_example_sqnorms(model) as pe:  # called as a model: measured
         F.cross_entropy(model(x), y).backward()
     assert pe.sqnorms.shape == (16,)
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"per_example_fraction": 1.0}, {"per_example": False}],
+    ids=["default", "exact", "micro"],
+)  # fmt: skip
+@pytest.mark.parametrize("extra", ["sam-clone", "sam-subbatch", "held-out-log"])
+def test_a_pass_whose_gradients_only_autograd_grad_took_is_not_part_of_the_step(kw, extra):
+    """A forward and ``torch.autograd.grad`` on the tracked model that never writes .grad —
+    SAM's ascent on ``x.clone()`` or on a sub-batch (m-sharpness), a held-out batch's gradient
+    logged between the backward and the step, the inner step of first-order MAML — is not a
+    micro-batch of the step: a review found each counted as one (b_big 2x, tr Σ 2.7x off,
+    silently). The records equal those of the same loop with the extra pass run on an untracked
+    copy of the model. (per_example=False: two micro-batches a step, and the extra pass.)"""
+    micro = 2 if kw.get("per_example") is False else 1
+
+    def extra_pass(model, x, y) -> list[torch.Tensor]:
+        if extra == "held-out-log":
+            xh, yh = _batch(100)
+            grads = torch.autograd.grad(F.cross_entropy(model(xh), yh), list(model.parameters()))
+            return [torch.zeros_like(g) for g in grads]  # (only logged)
+        xs, ys = (x.clone(), y) if extra == "sam-clone" else (x[:8], y[:8])
+        grads = torch.autograd.grad(F.cross_entropy(model(xs), ys), list(model.parameters()))
+        return [0.05 * g / (g.norm() + 1e-12) for g in grads]
+
+    def run(tracked_extra: bool) -> list:
+        model = _model()
+        twin = _model()  # (the untracked copy: same weights, kept in step)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+        for seed in range(6):
+            x, y = _batch(seed)
+            if extra == "held-out-log":
+                for half in zip(x.chunk(micro), y.chunk(micro), strict=True):
+                    (F.cross_entropy(model(half[0]), half[1]) / micro).backward()
+                extra_pass(model if tracked_extra else twin, x, y)
+                tracker.step()
+                opt.step()
+                opt.zero_grad()
+            else:
+                eps = extra_pass(model if tracked_extra else twin, x, y)
+                with torch.no_grad():
+                    for p, e in zip(model.parameters(), eps, strict=True):
+                        p.add_(e)
+                for half in zip(x.chunk(micro), y.chunk(micro), strict=True):
+                    (F.cross_entropy(model(half[0]), half[1]) / micro).backward()
+                with torch.no_grad():
+                    for p, e in zip(model.parameters(), eps, strict=True):
+                        p.sub_(e)
+                tracker.step()
+                opt.step()
+                opt.zero_grad()
+            twin.load_state_dict(model.state_dict())
+        assert all(r["examples"] == 16 * (i + 1) for i, r in enumerate(tracker.history))
+        return tracker.history
+
+    got, want = run(tracked_extra=True), run(tracked_extra=False)
+    assert len(got) == len(want) == 6
+    for a, b in zip(got, want, strict=True):
+        # the small batches of each source: their sizes and counts (the default draws its
+        # sub-batches from the tracker's generator, which the extra pass's forward advances)
+        shape = {k: (v["count"], v["b_small"]) for k, v in b["sources"].items()}
+        assert {k: (v["count"], v["b_small"]) for k, v in a["sources"].items()} == shape
+        assert a["b_big"] == b["b_big"] == 16 and a["sqnorm_big"] == pytest.approx(b["sqnorm_big"])
+        if kw:  # every example, or the micro-batches: the same numbers
+            assert (a["g2"], a["trace_sigma"]) == pytest.approx((b["g2"], b["trace_sigma"]))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import noisescale
-from noisescale.errors import UnsupportedModuleError
+from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.per_example import PerExampleNorms
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -326,6 +326,37 @@ def test_positions_shaped_t_with_t_equal_to_the_batch_are_learned_as_shared(prod
     assert_learns_then_exact(ArangePositions("[T]"), ids, _sq)
 
 
+class CountedArangePositions(ArangePositions):
+    """The same, counting its forwards in a buffer (as modules that keep statistics do)."""
+
+    def __init__(self):
+        super().__init__("[T]")
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, ids):
+        self.calls += 1
+        return super().forward(ids)
+
+
+def test_learning_positions_as_shared_re_runs_the_model_without_a_trace():
+    """Before the audit learns 'wpe' as called on a table shared by every example, it re-runs
+    the model twice (the examples permuted in one run) to see that the layer's input does not
+    follow them; the output permutation check re-runs it too. The buffers the re-runs changed
+    are restored (the permutation check's left its re-runs in them before 2026-12-04), and the
+    steps that follow are exact (test above)."""
+    torch.manual_seed(0)
+    model = CountedArangePositions()
+    ids = torch.randint(0, 7, (N, N), generator=torch.Generator().manual_seed(4))  # T = N
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+    with pytest.warns(RuntimeWarning, match="'wpe' is the same for every example"):
+        for _ in range(3):
+            _sq(model, ids).mean().backward()
+            tracker.step()
+            model.zero_grad()
+    assert int(model.calls) == 3
+    assert [r["skipped"] for r in tracker.history] == [True, False, False]
+
+
 @pytest.mark.parametrize("t", [N, 6], ids=["T=N", "T!=N"])
 def test_positions_shaped_1_t_are_exact_at_once(t, products):
     torch.manual_seed(0)
@@ -378,10 +409,15 @@ class TimeMajorLinear(nn.Module):
         return h.cumsum(0).transpose(0, 1)  # mixes positions; back to batch-first
 
 
+_TIME_MAJOR = r"rows of 'lin' .* its input changes when the examples .* time-major"
+
+
 def test_custom_time_major_layer_is_never_silently_wrong():
     """T = N: the layer's dim 0 has the batch's size but holds positions. The audit sees the rows
-    do not belong to the examples; the layer is then followed as shared, which it is not, and
-    its output never meets the batch as a shared tensor: refused with the cause named."""
+    do not belong to the examples, and the layer is not learned as one called on a table shared
+    by every example: its input changes when the model's input examples are permuted. Refused
+    at once with the cause named (until 2026-12-04 the first step was withheld, taking the
+    layer for shared, and the next refused)."""
     torch.manual_seed(0)
     model = TimeMajorLinear()
     x = torch.randn(N, N, 3, generator=torch.Generator().manual_seed(8))
@@ -389,27 +425,19 @@ def test_custom_time_major_layer_is_never_silently_wrong():
         one_shot(model, x, _sq)
     engine = PerExampleNorms(model)
     model(x).pow(2).flatten(1).sum(1).mean().backward()
-    (first,) = engine.collect()
-    assert first.raw_sqnorms is None and "'lin'" in first.withheld
-    model.zero_grad()
-    model(x).pow(2).flatten(1).sum(1).mean().backward()
-    with pytest.raises(UnsupportedModuleError):
+    with pytest.raises(UnsupportedModuleError, match=_TIME_MAJOR):
         engine.collect()
 
 
 def test_custom_time_major_layer_in_the_default_source(products):
-    """The same layer under the tracker's default source (sub-batches): the first pass is
-    withheld naming the layer, the next refused — never sub-batch norms of positions."""
+    """The same layer under the tracker's default source (sub-batches): refused at the first
+    step, naming the layer — never sub-batch norms of positions."""
     torch.manual_seed(0)
     model = TimeMajorLinear()
     x = torch.randn(N, N, 3, generator=torch.Generator().manual_seed(8))
     engine = PerExampleNorms(model, subbatches=2)
     model(x).pow(2).flatten(1).sum(1).mean().backward()
-    (first,) = engine.collect()
-    assert first.raw_sqnorms is None and "'lin'" in first.withheld
-    model.zero_grad()
-    model(x).pow(2).flatten(1).sum(1).mean().backward()
-    with pytest.raises(UnsupportedModuleError):
+    with pytest.raises(UnsupportedModuleError, match=_TIME_MAJOR):
         engine.collect()
 
 
@@ -1793,3 +1821,149 @@ def test_a_mixture_of_experts_trained_with_its_auxiliary_loss_is_refused_naming_
     assert [r["sources"]["microbatch"]["count"] for r in tracker.history] == [2, 2]
     assert all(r["sqnorm_big"] > 0 for r in tracker.history)
     tracker.remove()
+
+
+class BatchCoupled(nn.Module):
+    """Examples mixed inside the forward after the first layer: a batch mean added back as
+    context (minibatch features, a set context), Manifold Mixup with a permutation of the batch
+    or with its reverse."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.l0, self.l1, self.aux = nn.Linear(5, 7), nn.Linear(7, 3), nn.Linear(7, 3)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.l0(x))
+        if self.how == "context":
+            return self.l1(h) + self.aux(h.mean(0, keepdim=True).expand_as(h))
+        perm = torch.arange(h.shape[0]).roll(1) if self.how == "mixup" else None
+        mixed = h[perm] if perm is not None else h.flip(0)
+        return self.l1(0.7 * h + 0.3 * mixed)
+
+
+@pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}], ids=["default", "exact"])
+@pytest.mark.parametrize("how", ["context", "mixup", "flip"])
+def test_examples_mixed_inside_the_forward_are_refused_at_the_first_step(how, kw):
+    """A review found a batch-mean context and Manifold Mixup inside the forward measured: the
+    audit found the first layer's rows misattributed, took it for a layer called on a table
+    shared by every example (positions arange(T) with T = N), skipped step 1 with that
+    warning and reported numbers from step 2 on (the reverse, ``h.flip(0)``, was refused from
+    step 2 naming a wrong cause). Before learning a layer as shared the audit now re-runs the
+    model with the examples permuted: the layer's input follows them, so the step is refused,
+    naming the mixing and per_example=False."""
+    model = BatchCoupled(how)
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(6) % 3
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(UnsupportedModuleError, match=r"rows of 'l0' .*mixes examples"):
+        tracker.step()
+    assert tracker.history == []
+
+
+class Rollout(nn.Module):
+    """A rollout as one module: the model applied to its own output ``k`` times, the states
+    stacked batch-first, [N, k, D]."""
+
+    def __init__(self, model: nn.Module, k: int = 3) -> None:
+        super().__init__()
+        self.model, self.k = model, k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        states = []
+        for _ in range(self.k):
+            x = self.model(x)
+            states.append(x)
+        return torch.stack(states, 1)
+
+
+def _stepper() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5))
+
+
+def _fed_loss(m: nn.Module, form: str, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Per-example losses [n] of a model fed its own output within one step."""
+    if form == "rollout":
+        s, loss = x, 0.0
+        for k in range(3):
+            s = m(s)
+            loss = loss + (s - t[:, k]).pow(2).mean(1)
+        return loss
+    if form == "self-conditioning":
+        return (m(x + m(x)) - t[:, 0]).pow(2).mean(1)
+    first = m(x)  # the pushforward trick: the second step's input detached
+    second = (m(first.detach()) - t[:, 1]).pow(2).mean(1)
+    return (
+        second if form == "pushforward-second-only" else (first - t[:, 0]).pow(2).mean(1) + second
+    )
+
+
+def _fed_data(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(6, 5, generator=g), torch.randn(6, 3, 5, generator=g)
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"per_example_fraction": 1.0}, {"per_example": False}],
+    ids=["default", "exact", "micro"],
+)  # fmt: skip
+@pytest.mark.parametrize("form", ["rollout", "self-conditioning"])
+def test_a_model_fed_its_own_output_within_a_step_is_refused(form, kw):
+    """A review found the model applied to its own output within one step measured as if each
+    call held N examples of its own — a rollout of 3 read b_big 18 for 6 examples and tr Σ
+    +164%, self-conditioning with gradient +76%, silently (and the one-shot norms had 18 rows
+    for 6 examples). Refused now, naming the fix, in every mode. (The pushforward trick with a
+    loss on both steps, ``m(m(x).detach())``, +91%, has no autograd link between the calls and
+    stays undetected: documented.)"""
+    m = _stepper()
+    x, t = _fed_data()
+    tracker = noisescale.GradientNoiseTracker(m, sync_every=1, **kw)
+    micro = 2 if kw.get("per_example") is False else 1
+    for xs, ts in zip(x.chunk(micro), t.chunk(micro), strict=True):
+        (_fed_loss(m, form, xs, ts).mean() / micro).backward()
+    with pytest.raises(NoiseScaleInputError, match="earlier forward of this step returned"):
+        tracker.step()
+    assert tracker.history == []
+    m.zero_grad()
+    with pytest.raises(NoiseScaleInputError, match="Wrap the rollout in one module"):
+        with noisescale.per_example_sqnorms(m) as _:
+            _fed_loss(m, form, x, t).mean().backward()
+
+
+@pytest.mark.parametrize("form", ["rollout", "pushforward-second-only"])
+def test_a_rollout_in_one_module_and_a_detached_first_step_are_exact(form):
+    """What the refusal says to do: the rollout wrapped in one module given to the tracker is
+    exact against brute force (the repeated calls of its layers are one example's), and so is
+    the pushforward trick when only the second step is trained (the first, detached, receives no
+    gradient and is no pass of the step)."""
+    m = _stepper()
+    x, t = _fed_data()
+    if form == "rollout":
+        model = Rollout(m)
+
+        def losses(xs, ts):
+            return (model(xs) - ts).pow(2).mean((1, 2)) * 3  # (the same sum over the 3 states)
+
+    else:
+        model = m
+
+        def losses(xs, ts):
+            return _fed_loss(m, form, xs, ts)
+
+    with noisescale.per_example_sqnorms(model) as pe:
+        losses(x, t).mean().backward()
+    params = list(model.parameters())
+    want = torch.stack(
+        [
+            sum(
+                g.pow(2).sum()
+                for g in torch.autograd.grad(losses(x[i : i + 1], t[i : i + 1]).sum(), params)
+            )
+            for i in range(6)
+        ]
+    )
+    assert pe.sqnorms.shape == (6,)
+    assert torch.allclose(pe.sqnorms, want, rtol=1e-9)

@@ -154,11 +154,15 @@ class GradientNoiseTracker:
         model: The model being trained: plain, wrapped in ``DistributedDataParallel``, or an
             FSDP2 (``fully_shard``) root; create the tracker after wrapping.
         loss_reduction: How the backpropagated loss combined the examples' own losses:
-            ``"mean"`` or ``"sum"`` over examples; or, for a loss over tokens (declare it when
-            the model does not compute the loss itself, and call :meth:`count_tokens` after each
-            forward), ``"token_mean"`` (each micro-batch's mean over its counted tokens, divided
-            by the number of micro-batches) or ``"num_items_in_batch"`` (the sum over the step's
-            tokens divided by their number, as the ``transformers`` Trainer does). A Hugging
+            ``"mean"`` or ``"sum"`` over examples (``"mean"``: each micro-batch's mean over
+            its own examples, divided by the number of micro-batches; a sum divided by the
+            step's total of examples, as with micro-batches of unequal sizes, is ``"sum"``
+            times a constant, which B_simple does not depend on); or, for a loss over tokens
+            (declare it when the model does not compute the loss itself, and call
+            :meth:`count_tokens` after each forward), ``"token_mean"`` (each micro-batch's
+            mean over its counted tokens, divided by the number of micro-batches) or
+            ``"num_items_in_batch"`` (the sum over the step's tokens divided by their number,
+            as the ``transformers`` Trainer does). A Hugging
             Face model called with ``labels=`` needs nothing: the weights of its own loss are
             measured (:mod:`noisescale.tokens`). The division by the number of micro-batches
             is measured wherever it can be — a loss passed to :meth:`watch_loss`, the Trainer's

@@ -278,6 +278,12 @@ class PassNorms:
     )
     unsplit: bool = False  # sub-batch mode: measured per example, as no weight used products
     repeated_backward: bool = False  # a parameter received two gradients in the pass
+    # a backward through the pass wrote .grad (backward(), not only torch.autograd.grad)
+    wrote: bool = False
+    # the model's outputs' autograd nodes (kept alive: their ids are not reused), for a later
+    # forward of the step fed by them; the earlier pass whose outputs fed this one's input
+    fed_marks: dict[int, Any] | None = None
+    fed_by: PassNorms | None = None
     # Σ|.grad|² found before the step's first backward wrote it (audited passes: stale gradients)
     stale_sqnorm: Tensor | None = None
     slots: dict[int, _Slot] = field(default_factory=dict)  # shared sources
@@ -956,9 +962,10 @@ class PerExampleNorms:
         # (two forwards, one loss) are merged, when the step collects them.
         n = self._batch_size_of_model(args, kwargs)
         self._check_tied_rows(n)
+        fed_by = _fed_by(self.passes, args, kwargs)
         if self.idle:
             self._context.clear()
-            self.passes.append(PassNorms(batch_size=n, skipped=True, idle=True))
+            self.passes.append(PassNorms(batch_size=n, skipped=True, idle=True, fed_by=fed_by))
             return
         self._guard_param_hooks()
         weights = self.precondition() if self.precondition is not None else None
@@ -976,6 +983,7 @@ class PerExampleNorms:
             position, self._forwards = self._forwards, self._forwards + 1
             skipped = skipped or position != self.subset_position
         pass_ = PassNorms(batch_size=n, weights=weights, skipped=skipped or n == 0)
+        pass_.fed_by = fed_by
         pass_.forward_skipped = pass_.skipped
         pass_.n_source = _first_tensor(args, kwargs)
         examples = _batch_tensor(args, kwargs, self._model_dim)
@@ -1058,6 +1066,15 @@ class PerExampleNorms:
 
     def _model_output(self, output: Any) -> None:
         self._trace_batch = None
+        if (
+            self.passes
+            and not (self._recomputing or self._paused or self._replaying)
+            and torch.is_grad_enabled()
+            and torch._C._current_graph_task_id() == -1
+        ):
+            self.passes[-1].fed_marks = {
+                id(t.grad_fn): t.grad_fn for t in _tensors(output) if t.grad_fn is not None
+            }
         if not self._active() or torch._C._current_graph_task_id() != -1:
             return
         pass_ = self.passes[-1]
@@ -1129,6 +1146,85 @@ class PerExampleNorms:
             return False
         return due
 
+    def _example_cycle(self, n: int) -> Tensor:
+        """One random n-cycle, from the audit's generator: a permutation that moves every
+        example (fixing up the fixed points of a random permutation afterwards could map two
+        examples to one)."""
+        order = torch.randperm(n, generator=self._audit_generator(torch.device("cpu")))
+        perm = torch.empty_like(order)
+        perm[order] = order.roll(-1)
+        return perm
+
+    def _inputs_follow_examples(
+        self, pass_: PassNorms, layers: list[nn.Module]
+    ) -> list[nn.Module] | None:
+        """The layers among ``layers`` whose input changes when the examples of the model's
+        input are permuted; ``None`` when that cannot be told (no re-run possible).
+
+        Before the audit takes a layer whose rows it found misattributed for one called on a
+        table shared by every example (positions arange(T) with T = N), it checks that the
+        layer's input does not carry the examples: the model is run twice more without
+        gradients, in the modes it trained in, from the same random state (dropout draws the
+        same masks in both runs), on its inputs and on them with the examples permuted; a
+        shared input comes out the same, an input computed from the examples does not (a
+        review found a batch-mean context, ``h.mean(0).expand_as(h)``, learned as a shared
+        first layer and measured on every later step). The buffers are restored after the
+        re-runs."""
+        n, dim, source = pass_.batch_size, self._model_dim, pass_.n_source
+        if (
+            n < 2
+            or not self._replay_allowed
+            or pass_.inputs is None
+            or source is None
+            or (pass_.examples is not None and pass_.examples._version != pass_.examples_version)
+        ):
+            return None
+        try:
+            p_inputs = _permute_examples(pass_.inputs, self._example_cycle(n), n, dim, source)
+        except _SkipCheck:
+            return None
+        seen: dict[nn.Module, list[list[Tensor]]] = {m: [[], []] for m in layers}
+        run = [0]
+
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            first = _first_tensor(args, kwargs)
+            if first is not None:
+                seen[module][run[0]].append(first.detach().clone())
+
+        handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in layers]
+        model = self.model
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module  # (no collectives in a re-run)
+        try:
+            with (
+                torch.no_grad(),
+                self.paused(),
+                torch.random.fork_rng(devices=[]),
+                _buffers_kept(model),
+            ):
+                state = torch.get_rng_state()
+                for run[0], (args, kwargs) in enumerate((pass_.inputs, p_inputs)):
+                    torch.set_rng_state(state)
+                    model(*args, **kwargs)
+        except Exception:  # a forward that cannot be re-run: say so, do not guess
+            return None
+        finally:
+            for h in handles:
+                h.remove()
+
+        def same(a: list[Tensor], b: list[Tensor]) -> bool:
+            return len(a) == len(b) and all(
+                x.shape == y.shape
+                and (
+                    torch.allclose(x.double(), y.double(), rtol=1e-6, atol=0.0)
+                    if x.is_floating_point()
+                    else torch.equal(x, y)
+                )
+                for x, y in zip(a, b, strict=True)
+            )
+
+        return [m for m in layers if not seen[m][0] or not same(*seen[m])]
+
     def _check_permutation(self, pass_: PassNorms, output: Any) -> None:
         """Do the model's outputs follow its inputs' examples? Run the model twice more,
         without gradients and in evaluation mode, on the inputs and on the inputs with their
@@ -1174,32 +1270,16 @@ class PerExampleNorms:
         ):
             return
         args, kwargs = pass_.inputs
-        gen = self._audit_generator(torch.device("cpu"))
-        # one random n-cycle: a permutation that moves every example (fixing up the fixed
-        # points of a random permutation afterwards could map two examples to one)
-        order = torch.randperm(n, generator=gen)
-        perm = torch.empty_like(order)
-        perm[order] = order.roll(-1)
-
-        def permute(v: Any) -> Any:
-            if isinstance(v, Tensor):
-                if v.dim() <= dim or v.shape[dim] != n:
-                    return v
-                if v is not source and sum(s == n for s in v.shape) > 1:
-                    raise _SkipCheck  # an input whose example dimension is ambiguous
-                return v.index_select(dim, perm.to(v.device))
-            if isinstance(v, PackedSequence):
-                raise _SkipCheck
-            if isinstance(v, dict):
-                return {k: permute(x) for k, x in v.items()}
-            if type(v) in (list, tuple):
-                return type(v)(permute(x) for x in v)
-            return v
-
+        perm = self._example_cycle(n)
         modes = {m: m.training for m in self.model.modules()}
         try:
-            p_args, p_kwargs = permute(args), permute(kwargs)
-            with torch.no_grad(), self.paused(), torch.random.fork_rng(devices=[]):
+            p_args, p_kwargs = _permute_examples((args, kwargs), perm, n, dim, source)
+            with (
+                torch.no_grad(),
+                self.paused(),
+                torch.random.fork_rng(devices=[]),
+                _buffers_kept(self.model),
+            ):
                 self.model.train(False)
                 # DistributedDataParallel: the module itself, no collectives in a re-run
                 model = getattr(self.model, "module", self.model)
@@ -3049,6 +3129,8 @@ class PerExampleNorms:
             if repeated:
                 current.repeated_backward = True
             current.received.add(pid)
+            if not current.wrote and self._accumulates(task, pid):
+                current.wrote = True
             if self._step_marks and not repeated and self._accumulates(task, pid):
                 self._check_zeroed(pid)
             if current.idle:
@@ -3262,6 +3344,15 @@ class PerExampleNorms:
                 None,
             )
         self.discard()  # the step's state reset, whatever is refused below
+        if any(p.wrote for p in done):
+            # A pass whose gradients only torch.autograd.grad took (the ascent of
+            # sharpness-aware minimization, a gradient logged for a held-out batch, the inner
+            # step of first-order MAML) is not part of .grad: not a micro-batch of the step (a
+            # review found each counted as one, b_big 2x and tr Σ 2.7x off). (Where no pass
+            # wrote .grad, they stay: a .grad assigned by hand is refused by the tracker.)
+            for p in done:
+                if p.received and not p.wrote:
+                    p.received = set()
         marked = next((p for p in reversed(done) if p.grad_marks and p.received), None)
         self._step_marks = (
             {}
@@ -3400,6 +3491,7 @@ class PerExampleNorms:
         # (the passes of backwards that reached the parameters: not a saliency probe's)
         trained = set().union(*(p.param_tasks for p in done))
         _refuse_same_input_twice([p for p in done if p.tasks & trained and not p.idle])
+        _refuse_fed_by_its_own_output([p for p in done if p.tasks & trained])
         self._take_unread_picks([p for p in done if p.tasks & trained and not p.idle])
         opened = len(done)
         done = _merge_shared_backward(done)
@@ -3515,11 +3607,7 @@ class PerExampleNorms:
                     "step and treats such layers as shared from the next; a one-shot "
                     "measurement cannot. Flatten with the examples first, or use "
                     "per_example=False"
-                    + (
-                        ". Besides: " + self._audit_message(findings)
-                        if others
-                        else ""
-                    )
+                    + (". Besides: " + self._audit_message(findings) if others else "")
                 )
             self._learned_shared.update(flat_wrong)
             names = ", ".join(sorted({f"'{self._labels[m]}'" for m in flat_wrong}))
@@ -3810,6 +3898,28 @@ class PerExampleNorms:
             and not any(m in self._learned_shared for m in learnable_calls)
             and not any(key in self.learned_shared_lookups for key in lookups)
         ):
+            following = self._inputs_follow_examples(pass_, learnable_calls)
+            if following is None or following:
+                names = ", ".join(f"'{self._labels[m]}'" for m in following or learnable_calls)
+                raise UnsupportedModuleError(
+                    "noisescale's audit of this step failed, so it refuses to report per-example "
+                    f"norms that could be wrong: the rows of {names} do not belong to the "
+                    "examples they are attributed to, and "
+                    + (
+                        "its input changes when the examples of the model's input are permuted, "
+                        "so it is not a table shared by every example"
+                        if following
+                        else "the model could not be re-run to tell whether its input is a "
+                        "table shared by every example"
+                    )
+                    + ": its dim 0 is not the examples' (a time-major activation, [T, N, …] "
+                    "with T = N — keep dim 0 the examples), or an operation in the forward "
+                    "mixes examples — a statistic of the batch (a batch mean added back as "
+                    "context, minibatch features, BatchNorm in training mode) or one example's "
+                    "activations mixed into another's (Manifold Mixup) —, and such a model has "
+                    "no per-example gradient: measure it with per_example=False and two or more "
+                    "gradient-accumulation micro-batches a step"
+                )
             self._learned_shared.update(learnable_calls)
             self.learned_shared_lookups.update(lookups)
             names = ", ".join(
@@ -4119,6 +4229,41 @@ def _plain_weight_grad(job: _WeightJob, x: Tensor, d: Tensor) -> tuple[Tensor, T
     return (grad.t() if job.kind == "conv1d" else grad), bias
 
 
+@contextmanager
+def _buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Re-runs of the user's model that leave no trace in its buffers (running statistics,
+    counters a forward updates): each one they changed restored to its value before, in place
+    (only those: a copy into a buffer the backward saved — prototypes a loss reads — would
+    change its version and fail the backward)."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                if not torch.equal(b, saved):
+                    b.copy_(saved)
+
+
+def _permute_examples(v: Any, perm: Tensor, n: int, dim: int, source: Tensor | None) -> Any:
+    """The model's inputs with their examples (dim ``dim`` of size ``n``) permuted by
+    ``perm``; raises _SkipCheck for an input that cannot be (a packed sequence, or an input
+    other than ``source`` with the batch's size along two dimensions)."""
+    if isinstance(v, Tensor):
+        if v.dim() <= dim or v.shape[dim] != n:
+            return v
+        if v is not source and sum(s == n for s in v.shape) > 1:
+            raise _SkipCheck  # an input whose example dimension is ambiguous
+        return v.index_select(dim, perm.to(v.device))
+    if isinstance(v, PackedSequence):
+        raise _SkipCheck
+    if isinstance(v, dict):
+        return {k: _permute_examples(x, perm, n, dim, source) for k, x in v.items()}
+    if type(v) in (list, tuple):
+        return type(v)(_permute_examples(x, perm, n, dim, source) for x in v)
+    return v
+
+
 def _auxiliary_loss_cause(model: nn.Module) -> str | None:
     """A Hugging Face mixture of experts trained with its routers' auxiliary loss: the
     load-balancing loss multiplies the batch's mean routing fractions by its mean router
@@ -4338,6 +4483,52 @@ def _refuse_same_input_twice(passes: list[PassNorms]) -> None:
                     "exactly). A forward that is not trained (a teacher, a probe) goes under "
                     "torch.no_grad() or tracker.paused()"
                 )
+
+
+def _fed_by(passes: list[PassNorms], args: tuple, kwargs: dict) -> PassNorms | None:
+    """The earlier pass of the step whose model outputs a tensor argument of this forward was
+    computed from through autograd (``m(m(x))``, ``m(x + m(x))``: a walk of its graph, bounded
+    at 512 nodes), or None. (A detached output, the pushforward trick's ``m(m(x).detach())``,
+    has no such link: its memory is the output's, but an address an output freed may hold a
+    new batch, so memory cannot tell; not detected, documented.)"""
+    earlier = [p for p in passes if p.fed_marks]
+    if not earlier:
+        return None
+    for t in _flat_values(args, kwargs):
+        if not isinstance(t, Tensor):
+            continue
+        node, seen, todo = t.grad_fn, set(), []
+        while node is not None and len(seen) < 512:
+            if id(node) not in seen:
+                seen.add(id(node))
+                for p in earlier:
+                    if id(node) in p.fed_marks:  # type: ignore[operator]
+                        return p
+                todo.extend(n for n, _ in node.next_functions if n is not None)
+            node = todo.pop() if todo else None
+    return None
+
+
+def _refuse_fed_by_its_own_output(passes: list[PassNorms]) -> None:
+    """Refuse a step in which a trained forward of the model ran on what an earlier trained
+    forward of the step returned: a rollout, an unrolled recurrence, self-conditioning with
+    gradient. Row i of every call is example i, whose
+    gradient is the sum over the calls, but the step took each call's rows for N independent
+    examples of their own (a review found b_big 3x and tr Σ up to +164%, silently)."""
+    trained = {id(p) for p in passes}
+    for p in passes:
+        if p.fed_by is not None and id(p.fed_by) in trained:
+            raise NoiseScaleInputError(
+                "a forward of the model ran on what an earlier forward of this step returned "
+                "(a rollout m(m(x)), an unrolled recurrence, self-conditioning with gradient, "
+                "m(x + m(x))), and both were trained: row i of "
+                "each call is example i, whose gradient is the sum over the calls, so no row's "
+                "norm is an example's and the calls' rows are not independent draws. Wrap the "
+                "rollout in one module whose forward calls the model each time and give that "
+                "module to the tracker (the repeated calls of its layers are then measured as "
+                "one example's), or run a forward that is not trained under torch.no_grad() or "
+                "tracker.paused(). Nothing of this step was recorded"
+            )
 
 
 def _without_norms(pass_: PassNorms) -> PassNorms:
