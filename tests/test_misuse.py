@@ -740,3 +740,75 @@ def test_a_pass_whose_gradients_only_autograd_grad_took_is_not_part_of_the_step(
         assert a["b_big"] == b["b_big"] == 16 and a["sqnorm_big"] == pytest.approx(b["sqnorm_big"])
         if kw:  # every example, or the micro-batches: the same numbers
             assert (a["g2"], a["trace_sigma"]) == pytest.approx((b["g2"], b["trace_sigma"]))
+
+
+def test_lazy_modules_not_yet_initialised_are_named_with_the_fix():
+    """A model with nn.LazyLinear before its first forward crashed tracker creation with
+    torch's error about an uninitialized parameter; now the parameters are named and the fix
+    given. After one forward (the lazy module becomes a Linear) the tracker works."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(8), nn.Tanh(), nn.Linear(8, 3))
+    with pytest.raises(NoiseScaleInputError, match=r"'0\.weight', '0\.bias' of lazy modules"):
+        noisescale.GradientNoiseTracker(model)
+    x, y = _batch(0)
+    with torch.no_grad():
+        model(x)
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1)
+    F.cross_entropy(model(x), y).backward()
+    tracker.step()
+    assert tracker.history[0]["examples"] == 16
+
+
+@pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}], ids=["default", "exact"])
+def test_per_sample_gradients_by_torch_func_beside_the_tracker(kw):
+    """``vmap(grad(f))`` over the tracked model between the backward and the step (per-sample
+    gradients for logging or privacy): it raised "vmap: called random operation" once a tracker
+    was attached (the engine drew sub-batches inside vmap). Its forwards are no pass of the step
+    now: it runs, and the records are those of the loop without it."""
+    from torch.func import functional_call, grad, vmap
+
+    def run(with_vmap: bool) -> list:
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+        torch.manual_seed(3)
+        for seed in range(3):
+            x, y = _batch(seed)
+            F.cross_entropy(model(x), y).backward()
+            if with_vmap:
+                params = {k: v.detach() for k, v in model.named_parameters()}
+
+                def loss(p, xi, yi):
+                    return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+                per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+                assert per_sample["0.weight"].shape == (16, 8, 6)
+            tracker.step()
+            opt.step()
+            opt.zero_grad()
+        return [v for r in tracker.history for v in (r["b_big"], r["g2"], r["trace_sigma"])]
+
+    assert run(True) == pytest.approx(run(False), rel=1e-12, abs=1e-15)
+
+
+def test_a_validation_loss_under_paused_is_not_the_step_s():
+    """A Hugging Face model's validation loss (``labels=``) computed under ``tracker.paused()``
+    between the backward and the step, with gradients on and no backward: it was attached to
+    the step's pass and refused as "the model's loss_function ran twice". Ignored now; the step
+    is measured as without it (tokens counted: 4 sequences × 5 predicted tokens)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=20, n_positions=8, n_embd=8, n_layer=1, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config)
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+    ids = torch.randint(0, 20, (4, 6), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    with tracker.paused():
+        val = model(input_ids=ids[:2], labels=ids[:2]).loss
+        tracker.count_tokens(ids[:2])  # (nothing inside paused())
+    assert val.requires_grad
+    tracker.step()
+    assert tracker.history[0]["b_big"] == 20 and not tracker.history[0]["skipped"]

@@ -670,8 +670,11 @@ class GradientNoiseTracker:
         counted — shift them first if your loss shifts) or a boolean mask of counted tokens.
         Needed with ``loss_reduction="token_mean"`` or ``"num_items_in_batch"``; with a loss
         over examples the counts only give estimates in tokens too. Not needed for a Hugging
-        Face model called with ``labels=``. No host synchronisation.
+        Face model called with ``labels=``. No host synchronisation. Inside
+        :meth:`paused` it does nothing (the forward there is not the step's).
         """
+        if self.engine.is_paused:
+            return
         pass_ = self.engine.current_pass()
         if pass_ is None:
             raise NoiseScaleInputError(

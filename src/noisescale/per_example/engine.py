@@ -596,6 +596,18 @@ class PerExampleNorms:
 
     @staticmethod
     def _refuse_modules(model: nn.Module) -> None:
+        lazy = [
+            name
+            for name, p in model.named_parameters()
+            if isinstance(p, nn.parameter.UninitializedParameter)
+        ]
+        if lazy:
+            shown = ", ".join(repr(n) for n in lazy[:3]) + (" …" if len(lazy) > 3 else "")
+            raise NoiseScaleInputError(
+                f"parameters {shown} of lazy modules (nn.LazyLinear, nn.LazyConv2d, …) are not "
+                "initialised yet, so there is nothing to hook: run the model once on a batch "
+                "(under torch.no_grad()) before creating the tracker, as the optimizer needs too"
+            )
         for mname, module in model.named_modules():
             if getattr(module, "sparse", False) and isinstance(
                 module, nn.Embedding | nn.EmbeddingBag
@@ -833,8 +845,11 @@ class PerExampleNorms:
         return self._paused
 
     def current_pass(self) -> PassNorms | None:
-        """The pass the next backward belongs to (the last one opened), or ``None``."""
-        return self.passes[-1] if self.passes else None
+        """The pass the next backward belongs to (the last one opened), or ``None`` — also
+        inside :meth:`paused`, whose forwards open none (a validation loss a Hugging Face model
+        computes there is not the open pass's: a review found it refused as that pass's loss
+        function run twice)."""
+        return self.passes[-1] if self.passes and not self._paused else None
 
     def open_passes(self) -> int:
         """How many passes the current step has opened so far."""
@@ -912,6 +927,7 @@ class PerExampleNorms:
             not self._recomputing
             and not self._paused
             and not replaying
+            and not _inside_functorch()
             and torch.is_grad_enabled()
             and bool(self.passes)
             and not self.passes[-1].idle
@@ -919,7 +935,13 @@ class PerExampleNorms:
 
     def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._loss_watch.pause()  # (the model's own operations are the layer hooks' to follow)
-        if self._recomputing or self._paused or self._replaying or not torch.is_grad_enabled():
+        if (
+            self._recomputing
+            or self._paused
+            or self._replaying
+            or not torch.is_grad_enabled()
+            or _inside_functorch()
+        ):
             return
         # what a compiled forward's traced hooks read the batch's size from (its shape only)
         self._trace_batch = _batch_tensor(args, kwargs, self._model_dim)
@@ -4243,6 +4265,13 @@ def _buffers_kept(model: nn.Module) -> Iterator[None]:
             for b, saved in buffers:
                 if not torch.equal(b, saved):
                     b.copy_(saved)
+
+
+def _inside_functorch() -> bool:
+    """Inside a torch.func transform (``vmap(grad(f))`` over the model, the user's per-sample
+    gradients): its forwards are no pass of the step — their gradients never reach .grad — and
+    drawing sub-batches inside vmap is an error (a review found the tracker broke such a call)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _permute_examples(v: Any, perm: Tensor, n: int, dim: int, source: Tensor | None) -> Any:
