@@ -812,3 +812,28 @@ def test_a_validation_loss_under_paused_is_not_the_step_s():
     assert val.requires_grad
     tracker.step()
     assert tracker.history[0]["b_big"] == 20 and not tracker.history[0]["skipped"]
+
+
+def test_a_gradient_logged_after_the_step_leaves_the_next_step_alone():
+    """``torch.autograd.grad`` on a held-out batch after ``tracker.step()`` and before the
+    optimizer's step and ``zero_grad``: its forward is counted in the next step's passes, and
+    the next backward found .grad changed since that pass's "backward" — refused as gradients
+    zeroed between micro-batches. The logged pass wrote no .grad: ignored, the records those of
+    the loop without it."""
+
+    def run(log: bool) -> list:
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+        for seed in range(4):
+            x, y = _batch(seed)
+            F.cross_entropy(model(x), y).backward()
+            tracker.step()
+            if log:
+                xh, yh = _batch(100 + seed)
+                torch.autograd.grad(F.cross_entropy(model(xh), yh), list(model.parameters()))
+            opt.step()
+            opt.zero_grad()
+        return [v for r in tracker.history for v in (r["b_big"], r["g2"], r["trace_sigma"])]
+
+    assert run(True) == pytest.approx(run(False), rel=1e-12, abs=1e-15)

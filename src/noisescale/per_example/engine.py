@@ -278,8 +278,10 @@ class PassNorms:
     )
     unsplit: bool = False  # sub-batch mode: measured per example, as no weight used products
     repeated_backward: bool = False  # a parameter received two gradients in the pass
-    # a backward through the pass wrote .grad (backward(), not only torch.autograd.grad)
+    # a backward through the pass wrote .grad (backward()); torch.autograd.grad took gradients
+    # of parameters through it (wrote nothing). (FSDP2 writes .grad outside: neither is set.)
     wrote: bool = False
+    grad_only: bool = False
     # the model's outputs' autograd nodes (kept alive: their ids are not reused), for a later
     # forward of the step fed by them; the earlier pass whose outputs fed this one's input
     fed_marks: dict[int, Any] | None = None
@@ -527,6 +529,7 @@ class PerExampleNorms:
         self.last_step_passes = 0
         self._forwards = 0
         self._task_accumulates: dict[int, bool] = {}
+        self._grad_only_tasks: set[int] = set()  # tasks of torch.autograd.grad() calls
         self._acc_node: dict[int, Any] = {}
         self._fallback_rng: dict[nn.Module, dict[str, Tensor]] = {}
         self.steps_collected = 0
@@ -1517,9 +1520,15 @@ class PerExampleNorms:
         the step's last pass whose backward has finished — by version (:meth:`_changed_since`),
         then, where the pass noted them, by value (:meth:`_changed_values`)."""
         # (a pass whose backward reached no parameter — a frozen discriminator in a GAN's
-        # generator step — changed no .grad, and its marks say nothing of this step's)
+        # generator step — or only torch.autograd.grad's — a gradient logged after the last
+        # step — changed no .grad, and its marks say nothing of this step's)
         last = next(
-            (p for p in reversed(self.passes) if p.grad_marks is not None and p.received), None
+            (
+                p
+                for p in reversed(self.passes)
+                if p.grad_marks is not None and p.received and not (p.grad_only and not p.wrote)
+            ),
+            None,
         )
         if last is None or last.grad_marks is None:
             return None
@@ -3153,6 +3162,8 @@ class PerExampleNorms:
             current.received.add(pid)
             if not current.wrote and self._accumulates(task, pid):
                 current.wrote = True
+            elif task in self._grad_only_tasks:
+                current.grad_only = True
             if self._step_marks and not repeated and self._accumulates(task, pid):
                 self._check_zeroed(pid)
             if current.idle:
@@ -3250,6 +3261,7 @@ class PerExampleNorms:
                 known = node is not None and bool(torch._C._will_engine_execute_node(node))
             except RuntimeError:  # autograd.grad(): .grad is not written, so no lazy reading
                 known = False
+                self._grad_only_tasks.add(task)
             self._task_accumulates[task] = known
         return known
 
@@ -3323,6 +3335,7 @@ class PerExampleNorms:
         self._forwards = 0
         self._measured_found = False
         self._task_accumulates.clear()
+        self._grad_only_tasks.clear()
         self._task_pass.clear()
         self._hook_changed, self._between = [], None
         self._unzeroed = []
@@ -3373,7 +3386,7 @@ class PerExampleNorms:
             # review found each counted as one, b_big 2x and tr Σ 2.7x off). (Where no pass
             # wrote .grad, they stay: a .grad assigned by hand is refused by the tracker.)
             for p in done:
-                if p.received and not p.wrote:
+                if p.received and p.grad_only and not p.wrote:
                     p.received = set()
         marked = next((p for p in reversed(done) if p.grad_marks and p.received), None)
         self._step_marks = (
