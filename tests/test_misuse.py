@@ -837,3 +837,59 @@ def test_a_gradient_logged_after_the_step_leaves_the_next_step_alone():
         return [v for r in tracker.history for v in (r["b_big"], r["g2"], r["trace_sigma"])]
 
     assert run(True) == pytest.approx(run(False), rel=1e-12, abs=1e-15)
+
+
+def _unequal_step(loss_reduction: str, divide_by_total: bool) -> tuple[dict, list[str]]:
+    """One step of two micro-batches of 12 and 4 examples, each loss its sum divided by the
+    step's 16 (``divide_by_total``) or its own mean divided by 2; the record and warnings (the
+    per-example source alone)."""
+    model = _model()
+    tracker = noisescale.GradientNoiseTracker(
+        model, loss_reduction, sync_every=1, per_example_fraction=1.0, microbatch=False
+    )
+    x, y = _batch(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for xs, ys in ((x[:12], y[:12]), (x[12:], y[12:])):
+            if divide_by_total:
+                loss = F.cross_entropy(model(xs), ys, reduction="sum") / 16
+            else:
+                loss = F.cross_entropy(model(xs), ys) / 2
+            loss.backward()
+        tracker.step()
+    return tracker.history[0], [str(w.message) for w in caught]
+
+
+def test_unequal_micro_batches_under_mean_say_what_is_assumed():
+    """A step's loss divided by its total of examples over micro-batches of unequal sizes (an
+    epoch's last window; a token budget) is a sum times a constant, not loss_reduction="mean"
+    (each micro-batch's own mean over the micro-batches' number): left at "mean" a review read
+    B_simple -9 for 87, silently. Unequal micro-batches under an assumed "mean" now warn, naming
+    both readings; "sum" declared is exact (its b_big the step's 16 examples), and so is "mean"
+    for a loop that divides each micro-batch's mean by their number."""
+    got, caught = _unequal_step("mean", divide_by_total=True)
+    assert any("(12, 4) and loss_reduction='mean'" in w for w in caught), caught
+    right, caught = _unequal_step("sum", divide_by_total=True)
+    assert not any("unequal" in w for w in caught) and right["b_big"] == 16
+    model = _model()
+    x, y = _batch(0)
+    params = list(model.parameters())
+    each = torch.stack(
+        [
+            torch.cat([g.flatten() for g in torch.autograd.grad(
+                F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params
+            )])
+            for i in range(16)
+        ]
+    )  # fmt: skip
+    big, small = each.mean(0).pow(2).sum(), each.pow(2).sum(1).mean()
+    g2, trace = (16 * big - small) / 15, (small - big) / (1 - 1 / 16)
+    # (in the units of a sum: each example weighs 1/16 of what "sum" takes, a factor 16² on
+    # both, none on B_simple)
+    assert (right["g2"], right["trace_sigma"]) == pytest.approx(
+        (float(g2) / 256, float(trace) / 256), rel=1e-4
+    )  # (float32: g2 is a difference of near-equal terms)
+    assert got["trace_sigma"] / got["g2"] != pytest.approx(float(trace / g2), rel=0.1)
+    mean_k, _ = _unequal_step("mean", divide_by_total=False)  # (warns: the same reading)
+    # (weights 1/24 on 12 examples and 1/8 on 4: an effective batch (Σc)²/Σc² of 12)
+    assert mean_k["b_big"] == pytest.approx(12) and not mean_k["skipped"]

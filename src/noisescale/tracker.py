@@ -815,6 +815,20 @@ class GradientNoiseTracker:
             else:
                 coef = [m / tokens for m in outer]  # type: ignore[operator]
             return StepNorms(passes, coef, scale), "token", tokens
+        sizes = [p.batch_size for p in passes]
+        if self.loss_reduction == "mean" and not trusted and len(set(sizes)) > 1:
+            # (a review found a sum over the step divided by its total, left at "mean", read
+            # B_simple -9 for 87: the weights 1/(k·n_j) assumed are not the loss's 1/Σn)
+            self._warn_once(
+                "unequal-mean",
+                "a step's micro-batches hold unequal numbers of examples "
+                f"({', '.join(map(str, sizes))}) and loss_reduction='mean' takes each "
+                "micro-batch's loss for the mean over its own examples divided by the number "
+                f"of micro-batches ({k}); if your loss instead divides the step's sum by its "
+                f"total of examples ({sum(sizes)}), every example weighing the same, declare "
+                "loss_reduction='sum' (a constant factor changes no B_simple): with the wrong "
+                "declaration the estimate is wrong",
+            )
         coef = [
             m / p.batch_size if self.loss_reduction == "mean" and p.batch_size else m
             for m, p in zip(outer, passes, strict=True)
