@@ -394,6 +394,31 @@ def test_t5_relative_bias_with_both_lengths_equal_to_the_batch(products):
     assert_learns_then_exact(model, ids, loss)
 
 
+def test_t5_relative_bias_learned_with_labels_of_their_own():
+    """The same with the labels a tensor of their own, [N, T] with T = N beside input_ids:
+    before learning the table as shared the audit re-runs the model with the examples permuted,
+    every input along dim 0 (the check of the model's outputs skips an input whose example
+    dimension is ambiguous; this one must not, or it would refuse T5 here)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.T5Config(
+        vocab_size=20, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
+        dropout_rate=0.0, decoder_start_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg)
+    ids = torch.randint(0, 20, (N, N), generator=torch.Generator().manual_seed(7))
+    labels = ids.clone()
+    tracker = noisescale.GradientNoiseTracker(
+        model, "token_mean", sync_every=1, per_example_fraction=1.0
+    )
+    with pytest.warns(RuntimeWarning, match="relative_attention_bias"):
+        for _ in range(3):
+            model(input_ids=ids, labels=labels).loss.backward()
+            tracker.step()
+            model.zero_grad()
+    assert [r["skipped"] for r in tracker.history] == [True, False, False]
+
+
 # -- 4. time-major layers with T = N --------------------------------------------------------
 
 

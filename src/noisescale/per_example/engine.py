@@ -282,9 +282,11 @@ class PassNorms:
     # of parameters through it (wrote nothing). (FSDP2 writes .grad outside: neither is set.)
     wrote: bool = False
     grad_only: bool = False
-    # the model's outputs' autograd nodes (kept alive: their ids are not reused), for a later
-    # forward of the step fed by them; the earlier pass whose outputs fed this one's input
-    fed_marks: dict[int, Any] | None = None
+    # the model's outputs' autograd nodes as (id, sequence number) — not the nodes, which
+    # would keep a graph no backward reaches alive; a dead node's id reused by a new node
+    # comes with a later sequence number —, for a later forward of the step fed by them; the
+    # earlier pass whose outputs fed this one's input
+    fed_marks: set[tuple[int, int]] | None = None
     fed_by: PassNorms | None = None
     # Σ|.grad|² found before the step's first backward wrote it (audited passes: stale gradients)
     stale_sqnorm: Tensor | None = None
@@ -1098,7 +1100,7 @@ class PerExampleNorms:
             and torch._C._current_graph_task_id() == -1
         ):
             self.passes[-1].fed_marks = {
-                id(t.grad_fn): t.grad_fn for t in _tensors(output) if t.grad_fn is not None
+                _node_key(t.grad_fn) for t in _tensors(output) if t.grad_fn is not None
             }
         if not self._active() or torch._C._current_graph_task_id() != -1:
             return
@@ -1205,7 +1207,10 @@ class PerExampleNorms:
         ):
             return None
         try:
-            p_inputs = _permute_examples(pass_.inputs, self._example_cycle(n), n, dim, source)
+            # (an input with the batch's size along two dimensions, labels [N, T] with T = N
+            # beside input_ids, is permuted along the example dimension all inputs share)
+            perm = self._example_cycle(n)
+            p_inputs = _permute_examples(pass_.inputs, perm, n, dim, source, strict=False)
         except _SkipCheck:
             return None
         seen: dict[nn.Module, list[list[Tensor]]] = {m: [[], []] for m in layers}
@@ -4287,22 +4292,25 @@ def _inside_functorch() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def _permute_examples(v: Any, perm: Tensor, n: int, dim: int, source: Tensor | None) -> Any:
+def _permute_examples(
+    v: Any, perm: Tensor, n: int, dim: int, source: Tensor | None, strict: bool = True
+) -> Any:
     """The model's inputs with their examples (dim ``dim`` of size ``n``) permuted by
-    ``perm``; raises _SkipCheck for an input that cannot be (a packed sequence, or an input
-    other than ``source`` with the batch's size along two dimensions)."""
+    ``perm``; raises _SkipCheck for an input that cannot be (a packed sequence, or — when
+    ``strict`` — an input other than ``source`` with the batch's size along two dimensions;
+    not strict, such an input is taken at its word, the examples in dim ``dim``)."""
     if isinstance(v, Tensor):
         if v.dim() <= dim or v.shape[dim] != n:
             return v
-        if v is not source and sum(s == n for s in v.shape) > 1:
+        if strict and v is not source and sum(s == n for s in v.shape) > 1:
             raise _SkipCheck  # an input whose example dimension is ambiguous
         return v.index_select(dim, perm.to(v.device))
     if isinstance(v, PackedSequence):
         raise _SkipCheck
     if isinstance(v, dict):
-        return {k: _permute_examples(x, perm, n, dim, source) for k, x in v.items()}
+        return {k: _permute_examples(x, perm, n, dim, source, strict) for k, x in v.items()}
     if type(v) in (list, tuple):
-        return type(v)(_permute_examples(x, perm, n, dim, source) for x in v)
+        return type(v)(_permute_examples(x, perm, n, dim, source, strict) for x in v)
     return v
 
 
@@ -4527,6 +4535,10 @@ def _refuse_same_input_twice(passes: list[PassNorms]) -> None:
                 )
 
 
+def _node_key(node: Any) -> tuple[int, int]:
+    return id(node), node._sequence_nr()
+
+
 def _fed_by(passes: list[PassNorms], args: tuple, kwargs: dict) -> PassNorms | None:
     """The earlier pass of the step whose model outputs a tensor argument of this forward was
     computed from through autograd (``m(m(x))``, ``m(x + m(x))``: a walk of its graph, bounded
@@ -4543,8 +4555,9 @@ def _fed_by(passes: list[PassNorms], args: tuple, kwargs: dict) -> PassNorms | N
         while node is not None and len(seen) < 512:
             if id(node) not in seen:
                 seen.add(id(node))
+                key = _node_key(node)
                 for p in earlier:
-                    if id(node) in p.fed_marks:  # type: ignore[operator]
+                    if key in p.fed_marks:  # type: ignore[operator]
                         return p
                 todo.extend(n for n, _ in node.next_functions if n is not None)
             node = todo.pop() if todo else None
