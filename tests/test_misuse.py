@@ -511,12 +511,19 @@ def _sam_ascent(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torc
     return [0.05 * g / (g.norm() + 1e-12) for g in grads]
 
 
-def _sam_descent(model, opt, tracker, x, y, eps) -> None:
-    """SAM's second pass: the gradient at the perturbed weights, measured and stepped."""
+def _accumulate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro: int) -> None:
+    """The backward passes of one step: ``micro`` micro-batches, each loss its mean / micro."""
+    for xs, ys in zip(x.chunk(micro), y.chunk(micro), strict=True):
+        (F.cross_entropy(model(xs), ys) / micro).backward()
+
+
+def _sam_descent(model, opt, tracker, x, y, eps, micro: int = 1) -> None:
+    """SAM's second pass: the gradient at the perturbed weights (in ``micro`` accumulation
+    micro-batches), measured and stepped."""
     with torch.no_grad():
         for p, e in zip(model.parameters(), eps, strict=True):
             p.add_(e)
-    F.cross_entropy(model(x), y).backward()
+    _accumulate(model, x, y, micro)
     with torch.no_grad():
         for p, e in zip(model.parameters(), eps, strict=True):
             p.sub_(e)
@@ -707,25 +714,14 @@ def test_a_pass_whose_gradients_only_autograd_grad_took_is_not_part_of_the_step(
         for seed in range(6):
             x, y = _batch(seed)
             if extra == "held-out-log":
-                for half in zip(x.chunk(micro), y.chunk(micro), strict=True):
-                    (F.cross_entropy(model(half[0]), half[1]) / micro).backward()
+                _accumulate(model, x, y, micro)
                 extra_pass(model if tracked_extra else twin, x, y)
                 tracker.step()
                 opt.step()
                 opt.zero_grad()
             else:
                 eps = extra_pass(model if tracked_extra else twin, x, y)
-                with torch.no_grad():
-                    for p, e in zip(model.parameters(), eps, strict=True):
-                        p.add_(e)
-                for half in zip(x.chunk(micro), y.chunk(micro), strict=True):
-                    (F.cross_entropy(model(half[0]), half[1]) / micro).backward()
-                with torch.no_grad():
-                    for p, e in zip(model.parameters(), eps, strict=True):
-                        p.sub_(e)
-                tracker.step()
-                opt.step()
-                opt.zero_grad()
+                _sam_descent(model, opt, tracker, x, y, eps, micro)
             twin.load_state_dict(model.state_dict())
         assert all(r["examples"] == 16 * (i + 1) for i, r in enumerate(tracker.history))
         return tracker.history
@@ -796,13 +792,9 @@ def test_a_validation_loss_under_paused_is_not_the_step_s():
     between the backward and the step, with gradients on and no backward: it was attached to
     the step's pass and refused as "the model's loss_function ran twice". Ignored now; the step
     is measured as without it (tokens counted: 4 sequences × 5 predicted tokens)."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=20, n_positions=8, n_embd=8, n_layer=1, n_head=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
-    model = transformers.GPT2LMHeadModel(config)
+    from test_subbatch import tiny_gpt2
+
+    model = tiny_gpt2(layers=1)
     tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
     ids = torch.randint(0, 20, (4, 6), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=ids).loss.backward()

@@ -372,10 +372,8 @@ def test_positions_shaped_t_with_t_other_than_the_batch_are_exact_at_once(produc
     assert_exact_both_ways(model, ids, _sq)
 
 
-def test_t5_relative_bias_with_both_lengths_equal_to_the_batch(products):
-    """T5 looks its relative-position bias up with [Q, K] buckets; with Q = K = N the buckets'
-    leading size is the batch's. A one-shot measurement refuses, naming the table; the tracker's
-    engine learns the table is shared and is exact from the next step."""
+def _tiny_t5() -> tuple[nn.Module, torch.Tensor]:
+    """A T5 of width 8 and its input ids [N, T] with T = N."""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.T5Config(
         vocab_size=20, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
@@ -383,7 +381,14 @@ def test_t5_relative_bias_with_both_lengths_equal_to_the_batch(products):
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.T5ForConditionalGeneration(cfg)
-    ids = torch.randint(0, 20, (N, N), generator=torch.Generator().manual_seed(7))
+    return model, torch.randint(0, 20, (N, N), generator=torch.Generator().manual_seed(7))
+
+
+def test_t5_relative_bias_with_both_lengths_equal_to_the_batch(products):
+    """T5 looks its relative-position bias up with [Q, K] buckets; with Q = K = N the buckets'
+    leading size is the batch's. A one-shot measurement refuses, naming the table; the tracker's
+    engine learns the table is shared and is exact from the next step."""
+    model, ids = _tiny_t5()
 
     def loss(m, xs):  # equal lengths: the batch loss is the mean of the examples' token means
         return m(input_ids=xs, labels=xs).loss.expand(xs.shape[0])
@@ -399,14 +404,7 @@ def test_t5_relative_bias_learned_with_labels_of_their_own():
     before learning the table as shared the audit re-runs the model with the examples permuted,
     every input along dim 0 (the check of the model's outputs skips an input whose example
     dimension is ambiguous; this one must not, or it would refuse T5 here)."""
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.T5Config(
-        vocab_size=20, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
-        dropout_rate=0.0, decoder_start_token_id=0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.T5ForConditionalGeneration(cfg)
-    ids = torch.randint(0, 20, (N, N), generator=torch.Generator().manual_seed(7))
+    model, ids = _tiny_t5()
     labels = ids.clone()
     tracker = noisescale.GradientNoiseTracker(
         model, "token_mean", sync_every=1, per_example_fraction=1.0

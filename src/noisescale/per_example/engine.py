@@ -1182,6 +1182,29 @@ class PerExampleNorms:
         perm[order] = order.roll(-1)
         return perm
 
+    def _run_twice(
+        self, inputs: tuple, permuted: tuple, between: Callable[[], None] | None = None
+    ) -> tuple[Any, Any]:
+        """The model's outputs on ``inputs`` and on ``permuted`` (each ``(args, kwargs)``):
+        run without gradients, its hooks paused, both from one random state (dropout draws
+        the same masks), its buffers left as they were; a DistributedDataParallel's module
+        itself (no collectives in a re-run). ``between`` is called between the two runs."""
+        model = self.model
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        with (
+            torch.no_grad(),
+            self.paused(),
+            torch.random.fork_rng(devices=[]),
+            _buffers_kept(model),
+        ):
+            state = torch.get_rng_state()
+            first = model(*inputs[0], **inputs[1])
+            if between is not None:
+                between()
+            torch.set_rng_state(state)
+            return first, model(*permuted[0], **permuted[1])
+
     def _inputs_follow_examples(
         self, pass_: PassNorms, layers: list[nn.Module]
     ) -> list[nn.Module] | None:
@@ -1221,21 +1244,12 @@ class PerExampleNorms:
             if first is not None:
                 seen[module][run[0]].append(first.detach().clone())
 
+        def second() -> None:
+            run[0] = 1
+
         handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in layers]
-        model = self.model
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module  # (no collectives in a re-run)
         try:
-            with (
-                torch.no_grad(),
-                self.paused(),
-                torch.random.fork_rng(devices=[]),
-                _buffers_kept(model),
-            ):
-                state = torch.get_rng_state()
-                for run[0], (args, kwargs) in enumerate((pass_.inputs, p_inputs)):
-                    torch.set_rng_state(state)
-                    model(*args, **kwargs)
+            self._run_twice(pass_.inputs, p_inputs, between=second)
         except Exception:  # a forward that cannot be re-run: say so, do not guess
             return None
         finally:
@@ -1303,22 +1317,9 @@ class PerExampleNorms:
         perm = self._example_cycle(n)
         modes = {m: m.training for m in self.model.modules()}
         try:
-            p_args, p_kwargs = _permute_examples((args, kwargs), perm, n, dim, source)
-            with (
-                torch.no_grad(),
-                self.paused(),
-                torch.random.fork_rng(devices=[]),
-                _buffers_kept(self.model),
-            ):
-                self.model.train(False)
-                # DistributedDataParallel: the module itself, no collectives in a re-run
-                model = getattr(self.model, "module", self.model)
-                if not isinstance(self.model, nn.parallel.DistributedDataParallel):
-                    model = self.model
-                state = torch.get_rng_state()
-                plain = _tensors(model(*args, **kwargs))
-                torch.set_rng_state(state)
-                permuted = _tensors(model(*p_args, **p_kwargs))
+            p_inputs = _permute_examples((args, kwargs), perm, n, dim, source)
+            self.model.train(False)
+            plain, permuted = map(_tensors, self._run_twice((args, kwargs), p_inputs))
         except _SkipCheck:
             assert pass_.audit is not None
             pass_.audit.unverified = (
