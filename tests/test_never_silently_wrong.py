@@ -1990,3 +1990,164 @@ def test_a_rollout_in_one_module_and_a_detached_first_step_are_exact(form):
     )
     assert pe.sqnorms.shape == (6,)
     assert torch.allclose(pe.sqnorms, want, rtol=1e-9)
+
+
+# -- what the forward does changes on a step the audits' schedule does not fall on ------------
+#
+# A helper's hunt (2026-12-04, evening) found the engine's per-pass checks blind to what changes
+# only between the layers on an unaudited step (3, 5–7, …): a weight used again beside its layer,
+# examples mixed, a frozen BatchNorm put back in training mode — sub-batch norms 1–80% off, no
+# word. The autograd operations the forward records are now part of its structure (a changed
+# count audits the pass), and a frozen layer's form is checked at every pass.
+
+
+class _Switched(nn.Module):
+    """A model whose forward does something else between its layers when ``extra`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.extra = nn.Linear(3, 4), nn.Linear(4, 2), None
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.extra == "direct":  # the layer's weight used again, beside the layer
+            return self.b(h) + (h @ self.a.weight)[..., :1]
+        if self.extra == "center":  # examples mixed: a batch mean taken out
+            h = h - h.mean(0, keepdim=True)
+        if self.extra == "roll":
+            h = h.roll(1, 0)
+        return self.b(h)
+
+
+def _switched_steps(extra: str, at: int, steps: int, **engine):
+    """Steps of one engine on _Switched, ``extra`` on step ``at`` only (1-based): each step's
+    collected pass and the brute-force truth of its sub-batches (or examples), or the error."""
+    from test_subbatch import subbatch_truth
+
+    torch.manual_seed(0)
+    model = _Switched()
+    eng = PerExampleNorms(model, **engine)
+    eng.RECHECK_SUBBATCHES = 1
+    out = []
+    try:
+        for step in range(1, steps + 1):
+            model.extra = extra if step == at else None
+            x = torch.randn(N, 5, 3)
+
+            def losses(x=x):
+                return model(x).pow(2).sum((1, 2))
+
+            model.zero_grad()
+            losses().mean().backward()
+            (p,) = eng.collect()
+            want = None
+            if p.raw_sqnorms is not None:
+                with eng.paused():
+                    if p.subbatches is not None:
+                        want = subbatch_truth(model, lambda i: losses()[i], N, p.subbatches)
+                    else:
+                        # (of the backpropagated mean: each example's gradient / N)
+                        want = truth(model, x, lambda m, xi: m(xi).pow(2).sum((1, 2))) / N**2
+            out.append((p, want))
+    finally:
+        eng.remove()
+    return out
+
+
+@pytest.mark.parametrize("engine", [{"subbatches": 2}, {}], ids=["subbatches", "examples"])
+@pytest.mark.parametrize("at", [3, 5])
+def test_a_weight_used_beside_its_layer_only_on_an_unaudited_step_is_not_missed(at, engine):
+    steps = _switched_steps("direct", at, at + 2, **engine)
+    for step, (p, want) in enumerate(steps, 1):
+        if step == at:
+            # audited as a structure never seen: withheld, the use learned
+            assert p.audited and p.raw_sqnorms is None and "used" in p.withheld, step
+            continue
+        assert p.raw_sqnorms is not None, (step, p.withheld)
+        torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
+    # (steps 3 and 5 are not on the audits' schedule: before, their norms came 26–80% off)
+
+
+@pytest.mark.parametrize("engine", [{"subbatches": 2}, {}], ids=["subbatches", "examples"])
+@pytest.mark.parametrize("extra", ["center", "roll"])
+def test_examples_mixed_only_on_an_unaudited_step_are_refused(extra, engine):
+    with pytest.raises(UnsupportedModuleError, match="mixes examples"):
+        _switched_steps(extra, 3, 4, **engine)
+
+
+def test_the_same_forward_is_not_audited_again_for_its_count_of_operations():
+    steps = _switched_steps("none", 0, 8, subbatches=2)
+    assert [s for s, (p, _) in enumerate(steps, 1) if p.audited] == [1, 2, 4, 8]
+    for p, want in steps:
+        torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
+
+
+def _frozen_bn() -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 1, 3))
+    model[1].eval().requires_grad_(False)  # frozen, as the refusal of a BatchNorm suggests
+    return model
+
+
+@pytest.mark.parametrize("at", [1, 3])
+@pytest.mark.parametrize("mode", ["default", "exact"])
+def test_a_frozen_batchnorm_put_back_in_training_mode_is_refused_naming_it(at, mode):
+    """model.train() after an evaluation puts a BatchNorm frozen by eval() back in training
+    mode: its batch statistics couple the examples (sub-batch norms 1.5–5.7% off on an
+    unaudited step before, without a word; at step 1 a generic audit message)."""
+    torch.manual_seed(0)
+    model = _frozen_bn()
+    kw = {} if mode == "default" else {"per_example_fraction": 1.0}
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    with pytest.raises(UnsupportedModuleError, match=r"module '1' \(BatchNorm2d\).*model\.train"):
+        for step in range(1, at + 1):
+            if step == at:
+                model.train()  # the usual loop after an evaluation
+            opt.zero_grad()
+            model(torch.randn(N, 2, 6, 6)).pow(2).mean().backward()
+            tracker.step()
+            opt.step()
+    assert len(tracker.history) == at - 1  # the steps before are kept
+    tracker.remove()
+
+
+def test_a_parameter_resized_after_the_tracker_is_refused_not_a_crash_in_autograd():
+    """resize_token_embeddings() assigns the resized table to the same Parameter's .data: the
+    AccumulateGrad node the engine held kept the old shape, and the next backward failed inside
+    autograd ("got [56, 16] but expected [50, 16]"). Refused now, naming it; after remove() the
+    loop goes on without the tracker."""
+    pytest.importorskip("transformers")
+    from test_subbatch import tiny_gpt2
+
+    torch.manual_seed(0)
+    model = tiny_gpt2(1)
+    vocab = model.config.vocab_size
+    tracker = noisescale.GradientNoiseTracker(model)
+    ids = torch.randint(0, vocab, (N, 6))
+    model(input_ids=ids, labels=ids).loss.backward()
+    tracker.step()
+    model.resize_token_embeddings(vocab + 3, pad_to_multiple_of=8)
+    model.zero_grad()
+    with pytest.raises(NoiseScaleInputError, match=r"'transformer\.wte\.weight'\] changed shape"):
+        model(input_ids=ids, labels=ids)
+    tracker.remove()
+    assert len(tracker.history) == 1
+    model(input_ids=ids, labels=ids).loss.backward()  # (autograd makes its node anew)
+    assert model.transformer.wte.weight.grad.shape[0] == -(-(vocab + 3) // 8) * 8
+
+
+def test_a_one_shot_refusal_of_a_weight_used_beside_its_layer_says_the_tracker_learns_it():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.e, self.o = nn.Embedding(10, 4), nn.Linear(4, 2)
+
+        def forward(self, ids):
+            h = self.e(ids)
+            return self.o(h).pow(2).sum((1, 2)) + (h @ self.e.weight.t()).pow(2).mean((1, 2))
+
+    torch.manual_seed(0)
+    model = Tied()
+    with pytest.raises(UnsupportedModuleError, match="GradientNoiseTracker learns such uses"):
+        with noisescale.per_example_sqnorms(model, loss_reduction="mean"):
+            model(torch.randint(0, 10, (N, 3))).mean().backward()

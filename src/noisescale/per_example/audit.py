@@ -170,6 +170,7 @@ class PassAudit:
         replay: bool = True,
     ) -> None:
         self.signature = signature
+        self.nodes: int | None = None  # autograd nodes the forward made (eager; the engine)
         self.n = n
         self.amp = amp
         self.generator = generator

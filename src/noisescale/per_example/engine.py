@@ -292,6 +292,8 @@ class PassNorms:
     stale_sqnorm: Tensor | None = None
     slots: dict[int, _Slot] = field(default_factory=dict)  # shared sources
     signature: list[tuple] = field(default_factory=list)  # structure, for the audit
+    nodes_at: int | None = None  # the thread's autograd sequence number at the forward
+    nodes: int | None = None  # autograd nodes its (eager) forward made
     audit: audit_mod.PassAudit | None = None
     unsupported: list[tuple[Any, str]] = field(default_factory=list)  # (scope, op)
     # meetings that nothing can prove to be by example (shared.py's _rows_unproven, and any in
@@ -353,11 +355,36 @@ class PassNorms:
     # (noisescale.tokens): a root of the audit's replay when the model's outputs are not on the
     # loss's path (a wrapper that returns only the loss)
     loss_inputs: list = field(default_factory=list)
+    # the hooks the pass put on its graph (removed with release())
+    handles: list = field(default_factory=list)
     compiled: bool = False  # its forward ran inside a compiled graph (torch.compile)
     unaudited: bool = False  # compiled, and due for an audit it could not have there
     compiled_unsupported: str | None = None  # an operation the traced hooks do not follow
     compiled_blocked: bool = False  # compiled, in a model the traced hooks cannot follow
     compiled_call: bool = False  # the model was called through torch.compile
+
+    def release(self) -> None:
+        """Drop what ties the pass to its step's autograd graph and inputs (the step is over):
+        the graph's hooks hold the pass, so a pass holding the graph's nodes — or tensors
+        computed in it — would keep both alive for good. What the step measured stays."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.output_nodes = {}
+        self.loss_inputs = []
+        self.audit = None
+        self.inputs = self.examples = self.n_source = None
+        self.fed_by, self.fed_marks = None, None
+        self.grad_marks = self.grad_prints = None
+        self.shared_calls = []
+        self.slots = {}
+        self.pending = {}
+        self.deferred = {}
+        self.read_by = {}
+        self.unread_picks = []
+        self.unsupported = []
+        self.ambiguous = []
+        self.flat_calls = set()
 
 
 class _ModuleHook(InertWhenCopied):
@@ -533,11 +560,15 @@ class PerExampleNorms:
         self._task_accumulates: dict[int, bool] = {}
         self._grad_only_tasks: set[int] = set()  # tasks of torch.autograd.grad() calls
         self._acc_node: dict[int, Any] = {}
+        self._shapes: dict[int, torch.Size] = {}  # (each held node's parameter's)
+        # layers without a trainable parameter whose rule checks their form at each pass
+        self._mode_checks: list[tuple[nn.Module, Callable[[nn.Module, str], None], str]] = []
         self._fallback_rng: dict[nn.Module, dict[str, Tensor]] = {}
         self.steps_collected = 0
         self._audit_due = True
         self._marking: tuple[int | None, list[PassNorms]] = (None, [])  # _mark_backward
         self._audited_signatures: set[tuple] = set()
+        self._audited_nodes: set[tuple] = set()  # (signature, autograd nodes) audited
         self.audit_log: list[str] = []  # what audits found and taught (for messages and tests)
         # torch.compile (noisescale.per_example.compiled): the key that names this engine in a
         # compiled graph, the modules by position (a graph names a layer by its index), what the
@@ -592,6 +623,7 @@ class PerExampleNorms:
             if type(p.data) is torch.Tensor:  # sharded (DTensor) parameters are resolved later
                 # the AccumulateGrad node autograd runs for p; held so it stays the same node
                 self._acc_node[pid] = (_accumulator(p), p.dtype, p.device)
+                self._shapes[pid] = p.shape
         self._update_compile_blocker()
         self._install()
         # step 1 is audited: compiled code runs it eagerly
@@ -643,10 +675,13 @@ class PerExampleNorms:
                 if p is not None and p.requires_grad and id(p) in self._param
             }
             if rule is None:
-                if own and isinstance(module, nn.modules.batchnorm._BatchNorm):
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     # a BatchNorm subclass with its own forward (timm's BatchNormAct2d): batch
                     # statistics in training mode, whatever else the forward adds
-                    norms.check(module, label)
+                    if own:
+                        norms.check(module, label)
+                    else:
+                        self._mode_checks.append((module, norms.check, label))
                 for name, p in own.items():
                     self._scopes.setdefault(module, []).append((module, name, id(p)))
                 if isinstance(module, nn.MultiheadAttention):
@@ -671,6 +706,11 @@ class PerExampleNorms:
                 )
             if rule.check is not None:
                 rule.check(module, label)
+                if not covered:
+                    # a frozen layer whose form can still couple the examples (a BatchNorm
+                    # frozen by eval(), which model.train() puts back in training mode): no
+                    # hook of its own runs its check, each pass does (_open_pass)
+                    self._mode_checks.append((module, rule.check, label))
             if covered:
                 self._calls[module] = (rule, label, covered)
         # a weight registered on two modules (a tied head) is used twice: sub-batch products,
@@ -815,6 +855,10 @@ class PerExampleNorms:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        # (autograd makes a parameter's AccumulateGrad node anew when none is held: one held
+        # after removal would keep its old shape, and a resized parameter's backward failing)
+        self._acc_node.clear()
+        self._shapes.clear()
         self._loss_watch.reset()
         self._scratch.release()
         self._eager_steps.want(False)
@@ -980,6 +1024,22 @@ class PerExampleNorms:
                 "in the loader), or drop paired_rows if the rows are not paired"
             )
 
+    def _check_shapes(self) -> None:
+        """Refuse a parameter whose data was given another shape since the tracker was built
+        (``resize_token_embeddings()`` assigns the new table to the old Parameter's ``.data``):
+        the AccumulateGrad node the engine holds for it expects the old shape, and autograd
+        would fail in the backward with an error that does not say why."""
+        changed = [pid for pid, shape in self._shapes.items() if self._param[pid].shape != shape]
+        if changed:
+            names = [self._param_name[pid] for pid in changed]
+            raise NoiseScaleInputError(
+                f"parameters {names[:6]}{'…' if len(names) > 6 else ''} changed shape after the "
+                "tracker was created (resize_token_embeddings() assigns the resized table to "
+                "the same Parameter): the tracker was built on the old shapes. Create the "
+                "tracker after the model is resized (tracker.remove() first; what it measured "
+                "stays in its history)"
+            )
+
     def _open_pass(self, args: tuple, kwargs: dict) -> None:
         if torch._C._current_graph_task_id() != -1:
             # a forward re-run during backward (activation checkpointing) belongs to its pass
@@ -987,6 +1047,7 @@ class PerExampleNorms:
         # Every forward opens a pass; passes that no backward reaches (a validation forward
         # with grad enabled) are dropped, and passes that one backward ran through together
         # (two forwards, one loss) are merged, when the step collects them.
+        self._check_shapes()
         n = self._batch_size_of_model(args, kwargs)
         self._check_tied_rows(n)
         fed_by = _fed_by(self.passes, args, kwargs)
@@ -995,6 +1056,8 @@ class PerExampleNorms:
             self.passes.append(PassNorms(batch_size=n, skipped=True, idle=True, fed_by=fed_by))
             return
         self._guard_param_hooks()
+        for module, check, label in self._mode_checks:
+            check(module, label)
         weights = self.precondition() if self.precondition is not None else None
         # a forward after the step's measured backward (the next accumulation micro-batch)
         # cannot be measured: no layer hooks for it
@@ -1034,6 +1097,7 @@ class PerExampleNorms:
         pass_.amp = _autocast_enabled()
         self._context.clear()
         self.passes.append(pass_)
+        pass_.nodes_at = _sequence_nr()
 
     #: Sub-batch mode re-checks a model measured per example this often (shapes may change).
     RECHECK_SUBBATCHES = 256
@@ -1105,6 +1169,18 @@ class PerExampleNorms:
         if not self._active() or torch._C._current_graph_task_id() != -1:
             return
         pass_ = self.passes[-1]
+        if (
+            pass_.nodes_at is not None
+            and not pass_.returned
+            and not (pass_.compiled or pass_.compiled_call)
+        ):
+            # What the forward did between the layers is part of its structure: a weight used
+            # again outside its layer, examples mixed (a batch mean, a roll), a step of the
+            # loop that changes only there records other autograd operations — counted by
+            # autograd's own sequence number (thread-local, one per node made) — and the
+            # pass is audited as a structure never seen (eager forwards: a compiled one
+            # makes its graph's nodes, which Dynamo's guards tie to its structure)
+            pass_.nodes = _sequence_nr() - pass_.nodes_at
         pass_.returned = True
         # The replay's roots, by gradient edge: the model's outputs; the tensor an output was
         # cast from (accelerate's convert_outputs_to_fp32 for the Trainer's bf16=True casts the
@@ -1129,8 +1205,12 @@ class PerExampleNorms:
             seen.add((id(edge.node), edge.output_nr))
             batched = len(shape) > dim and shape[dim] == pass_.batch_size
             hook = self._make_root_hook(pass_, edge, batched)
-            edge.node.register_prehook(
-                lambda grads, h=hook, nr=edge.output_nr: None if grads[nr] is None else h(grads[nr])
+            pass_.handles.append(
+                edge.node.register_prehook(
+                    lambda grads, h=hook, nr=edge.output_nr: (
+                        None if grads[nr] is None else h(grads[nr])
+                    )
+                )
             )
             if batched:
                 roots.append(edge)
@@ -1145,6 +1225,7 @@ class PerExampleNorms:
                 amp=pass_.amp,
                 replay=self._replay_allowed,
             )
+            pass_.audit.nodes = pass_.nodes
             pass_.audited = True
             for edge in roots:
                 pass_.audit.add_root(edge, dim)
@@ -1165,8 +1246,11 @@ class PerExampleNorms:
         """Whether to audit the pass: the step is due, or its structure was never audited. A pass
         that ran inside a compiled graph cannot be (no eager graph to replay): it is marked, its
         per-example norms are withheld and the next step runs eagerly (:meth:`collect`)."""
+        signature = tuple(pass_.signature)
         due = self.auditing_enabled and (
-            self._audit_due or tuple(pass_.signature) not in self._audited_signatures
+            self._audit_due
+            or signature not in self._audited_signatures
+            or (pass_.nodes is not None and (signature, pass_.nodes) not in self._audited_nodes)
         )
         if due and pass_.compiled:
             pass_.unaudited = True
@@ -1795,19 +1879,24 @@ class PerExampleNorms:
             # (the whole base of a reshaped view: its hook still fires after an in-place
             # operation on the view, whose own node that operation leaves out of the graph)
             shape = outs[0].shape
-            base.register_hook(
-                lambda g, c=call, p=pass_, s=shape: self._on_call_grad(p, c, (g.view(s),))
+            pass_.handles.append(
+                base.register_hook(
+                    lambda g, c=call, p=pass_, s=shape: self._on_call_grad(p, c, (g.view(s),))
+                )
             )
         elif len(outs) == 1:
-            outs[0].register_hook(lambda g, c=call, p=pass_: self._on_call_grad(p, c, (g,)))
+            pass_.handles.append(
+                outs[0].register_hook(lambda g, c=call, p=pass_: self._on_call_grad(p, c, (g,)))
+            )
         else:
-            torch.autograd.graph.register_multi_grad_hook(
+            handle = torch.autograd.graph.register_multi_grad_hook(
                 hooked,
                 lambda grads, c=call, p=pass_, o=outs, h=hooked: self._on_call_grad(
                     p, c, _align(o, h, grads)
                 ),
                 mode="all",
             )
+            pass_.handles.append(handle)
         for o, d in zip(outs, out_dims, strict=False):
             if isinstance(o, Tensor) and o.requires_grad:
                 rebased = base if o is outs[0] else None
@@ -2652,7 +2741,9 @@ class PerExampleNorms:
         meeting.extra["dim"] = dim
         hooked = meeting.hooked
         assert hooked is not None
-        hooked.register_hook(lambda g, m=meeting, p=pass_: self._on_meeting_grad(p, m, g))
+        pass_.handles.append(
+            hooked.register_hook(lambda g, m=meeting, p=pass_: self._on_meeting_grad(p, m, g))
+        )
         # (a lookup's target carries its key: an audit may learn that it is shared)
         owner = meeting.extra.get("learn")
         self._add_target(pass_, hooked, dim, owner, f"{meeting.kind} of {', '.join(labels)}")
@@ -3328,6 +3419,12 @@ class PerExampleNorms:
         """Drop the step's passes unmeasured and reset the step's state: what :meth:`collect`
         does first, and all a step the tracker refused before collecting it needs (the next
         step starts clean)."""
+        passes = self.passes
+        self._reset_step()
+        for pass_ in passes:
+            pass_.release()
+
+    def _reset_step(self) -> None:
         self.passes = []
         self._loss_watch.finish()
         self._loss_watch.reset()
@@ -3370,6 +3467,21 @@ class PerExampleNorms:
                 backward with ``create_graph=True`` fed the parameters' gradients, or two
                 backward passes ran through one forward.
         """
+        opened = self.passes
+        done: list[PassNorms] = []
+        try:
+            done = self._collect(grad_rescale, learn)
+            return done
+        finally:
+            # The step is over: what ties a pass to its autograd graph goes. The graph's
+            # hooks hold the pass and the pass held the graph's nodes (the outputs', the
+            # audit's roots): a cycle through autograd's C++ nodes that Python's collector
+            # cannot see, which kept every step's pass, graph and input batch alive (a
+            # ResNet's 64 images a step: +1.5 MB of memory a step, for good).
+            for pass_ in (*opened, *done):
+                pass_.release()
+
+    def _collect(self, grad_rescale: float, learn: bool) -> list[PassNorms]:
         done, first = self.passes, self._first_pass
         changed, between = self._hook_changed, self._between
         #: a parameter whose .grad the step found not zeroed since the last one
@@ -3384,7 +3496,7 @@ class PerExampleNorms:
                 (name for (name, _), h in zip(self._unzeroed, held.tolist(), strict=True) if h),
                 None,
             )
-        self.discard()  # the step's state reset, whatever is refused below
+        self._reset_step()  # the step's state reset, whatever is refused below
         if any(p.wrote for p in done):
             # A pass whose gradients only torch.autograd.grad took (the ascent of
             # sharpness-aware minimization, a gradient logged for a held-out batch, the inner
@@ -3624,6 +3736,8 @@ class PerExampleNorms:
         if findings.ok and not missing:
             if pass_.audit is not None:
                 self._audited_signatures.add(pass_.audit.signature)
+                if pass_.audit.nodes is not None:
+                    self._audited_nodes.add((pass_.audit.signature, pass_.audit.nodes))
                 if pass_.audit.unverified:
                     self.audit_log.append(pass_.audit.unverified)
             return
@@ -3696,7 +3810,15 @@ class PerExampleNorms:
                     "next; a one-shot measurement cannot.)"
                 )
             )
-        raise UnsupportedModuleError(self._audit_message(findings))
+        text = self._audit_message(findings)
+        if not learn and unexplained and not findings.misattributed:
+            text = text.rstrip(".") + (
+                ". If it is a weight used directly in a module's forward beside its layer (a "
+                "read-out h @ emb.weight.T next to emb(ids)), GradientNoiseTracker learns such "
+                "uses on its first step and measures them exactly from the next; a one-shot "
+                "measurement cannot"
+            )
+        raise UnsupportedModuleError(text)
 
     def _audit_message(self, findings: audit_mod.Findings) -> str:
         """The failed audit's findings, led by the likely cause where the model names one."""
@@ -4624,6 +4746,15 @@ _AUTOCAST_DEVICES = tuple(d for d in ("cpu", "cuda") if _autocast_known(d))
 
 
 _ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def _sequence_nr() -> int | None:
+    """The calling thread's autograd sequence number: one more for each autograd node made
+    (private to torch; ``None`` where a torch lacks it)."""
+    return _GET_SEQUENCE_NR() if _GET_SEQUENCE_NR is not None else None
+
+
+_GET_SEQUENCE_NR: Callable[[], int] | None = getattr(torch._C._autograd, "_get_sequence_nr", None)
 
 
 def _autocast_enabled() -> bool:

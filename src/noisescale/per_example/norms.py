@@ -30,7 +30,8 @@ def check(module: nn.Module, name: str) -> None:
         raise UnsupportedModuleError(
             f"module '{name}' ({type(module).__name__}) normalises with statistics of the whole "
             "batch in training mode, so a per-example gradient is not defined. Replace it with "
-            "GroupNorm/LayerNorm, freeze it (module.eval() with requires_grad_(False)), or "
+            "GroupNorm/LayerNorm, freeze it (module.eval() with requires_grad_(False) — and "
+            "eval() again after every model.train(), which puts it back in training mode), or "
             "measure without per-example norms: GradientNoiseTracker(model, per_example=False) "
             "with gradient-accumulation micro-batches"
         )
