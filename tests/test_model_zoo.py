@@ -454,6 +454,54 @@ def test_gradient_checkpointing(name, path, monkeypatch):
     assert all(not r["skipped"] for r in history)
 
 
+@pytest.mark.parametrize("adapter", ["ia3", "vera", "lokr"])
+def test_peft_adapters_learned_on_the_whole_model_under_gradient_checkpointing(adapter):
+    """peft's IA3 and VeRA multiply learned vectors into activations inside each decoder
+    layer; the engine learns them as direct uses of the model as a whole and hands the forward
+    aliases of them. With activation checkpointing (non-reentrant) the decoder layers'
+    recomputed forward ran without those aliases and torch's checkpoint raised
+    (``CheckpointError``, saved [4, 6, 16] against recomputed [16]) from the second step — a
+    crash of the user's loop (a helper's hunt, 2026-12-04). Now the recomputation gets them too.
+    LoKr's weight, a Kronecker product of its factors, is followed the same way; its forward
+    draws a random number in training mode (module dropout), which the batched backward that
+    carries per-example gradients to the factors (vmap) cannot run when it recomputes a
+    checkpointed layer: it crashed there, and now takes one backward per row. The first pass is
+    withheld (the uses learned), then per-example and sub-batch norms equal brute force."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = ZOO["llama"][0]()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
+    config = (
+        peft.IA3Config(target_modules=["q_proj", "v_proj", "down_proj"],
+                       feedforward_modules=["down_proj"])
+        if adapter == "ia3"
+        else peft.VeraConfig(r=4, target_modules=["q_proj", "v_proj"])
+        if adapter == "vera"
+        else peft.LoKrConfig(r=2, target_modules=["q_proj", "v_proj"])
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(base, config)
+    with torch.no_grad():  # away from peft's initial values (ones, zeros)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    model.train()
+    ids = _ids()
+
+    def losses() -> torch.Tensor:
+        logits = model(input_ids=ids).logits
+        return (
+            F.cross_entropy(logits.reshape(-1, V), ids.reshape(-1), reduction="none")
+            .view(N, T)
+            .mean(1)
+        )
+
+    for withheld, audited in _learns_then_exact(model, losses, 4, RTOL, lambda why: bool(why)):
+        assert len(withheld) == 1 and len(audited) == 3, (withheld, audited)
+
+
 def test_reentrant_checkpointing_that_the_audit_cannot_replay_says_so():
     """checkpoint(use_reentrant=True) backpropagates its recomputed forward in a backward of
     its own; where the audit cannot follow it (GPT-2's blocks), the refusal says so and names

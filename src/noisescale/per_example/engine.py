@@ -532,6 +532,8 @@ class PerExampleNorms:
         # shared alias while the scope module's forward runs
         self._scopes: dict[nn.Module, list[tuple[nn.Module, str, int]]] = {}
         self._mirrored: list[nn.Module] = []  # layers whose checkpoint function is wrapped
+        # each scope's modules that may checkpoint their forward (_mirror_in_recompute)
+        self._checkpointing_layers: dict[nn.Module, list[nn.Module]] = {}
         self._fallback: set[nn.Module] = set()  # owner modules measured by torch.func
         self._learned_shared: set[nn.Module] = set()  # layers whose input proved to be shared
         #: lookups into parameters used directly that the audit found to be by positions
@@ -869,6 +871,7 @@ class PerExampleNorms:
             if isinstance(func, _MirroredCheckpoint):
                 module._gradient_checkpointing_func = func.original
         self._mirrored.clear()
+        self._checkpointing_layers.clear()
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -1726,21 +1729,30 @@ class PerExampleNorms:
             holder._parameters[name] = alias  # type: ignore[assignment]
 
     def _mirror_in_recompute(self, module: nn.Module) -> None:
-        """A transformers layer whose ``forward`` activation checkpointing recomputes
+        """The transformers layers whose ``forward`` activation checkpointing recomputes
         (``GradientCheckpointingLayer``: it checkpoints ``forward``, inside the module call, so
-        the recomputation runs without the module's hooks): its checkpoint function is wrapped
-        so that the recomputed forward gets the aliases of the parameters it uses directly, as
-        the forward did — else the tensors it saves differ and checkpoint raises (BEiT's layer
-        scale, a parameter multiplied in: ``CheckpointError`` until 2026-12-04)."""
-        func = getattr(module, "_gradient_checkpointing_func", None)
-        if (
-            func is None
-            or isinstance(func, _MirroredCheckpoint)
-            or not getattr(module, "gradient_checkpointing", False)
-        ):
-            return
-        module._gradient_checkpointing_func = _MirroredCheckpoint(func, self, module)
-        self._mirrored.append(module)
+        the recomputation runs without the module's hooks) — ``module`` itself and those
+        inside it: their checkpoint function is wrapped so that the recomputed forward gets the
+        aliases of the parameters ``module`` uses directly, as the forward did — else the
+        tensors it saves differ and checkpoint raises (BEiT's layer scale, a parameter
+        multiplied in its layer; peft's IA3 and VeRA vectors, learned as direct uses of the
+        whole model, read inside each checkpointed decoder layer: ``CheckpointError`` until
+        2026-12-04)."""
+        layers = self._checkpointing_layers.get(module)
+        if layers is None:
+            layers = self._checkpointing_layers[module] = [
+                m for m in module.modules() if hasattr(m, "gradient_checkpointing")
+            ]
+        for layer in layers:
+            func = getattr(layer, "_gradient_checkpointing_func", None)
+            if func is None or not getattr(layer, "gradient_checkpointing", False):
+                continue
+            if isinstance(func, _MirroredCheckpoint):
+                if func.engine is self and module not in func.scopes:
+                    func.scopes.append(module)
+                continue
+            layer._gradient_checkpointing_func = _MirroredCheckpoint(func, self, [module])
+            self._mirrored.append(layer)
 
     def _on_scope_exit(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         for holder, name, _ in reversed(self._scopes.get(module, [])):
@@ -3010,14 +3022,7 @@ class PerExampleNorms:
                 edge = torch.autograd.graph.get_gradient_edge
                 edges = [s.edge if s.edge is not None else edge(s.tensor) for s in sources]
             with audit_mod.replaying(), torch.enable_grad():
-                grads = torch.autograd.grad(
-                    output,
-                    edges,
-                    per.to(operand.dtype),
-                    retain_graph=True,
-                    allow_unused=True,
-                    is_grads_batched=True,
-                )
+                grads = _batched_grad(output, edges, per.to(operand.dtype))
         for source, g in zip(sources, grads, strict=True):
             slot = pass_.slots.get(id(source))
             if slot is None:
@@ -4154,26 +4159,30 @@ def _identity(x: Any) -> Any:
 class _MirroredCheckpoint:
     """A transformers layer's ``_gradient_checkpointing_func`` (``checkpoint`` with its
     options), wrapped so that the forward it recomputes in the backward holds the same aliases
-    of the layer's directly used parameters as the forward held (:meth:`_on_scope_enter`, on
-    the step's shadow pass: nothing of it counts). A copy or a pickle of the model gets the
-    original function back."""
+    of the parameters used directly in its ``scopes`` (the layer, or a module around it) as the
+    forward held (:meth:`_on_scope_enter`, on the step's shadow pass: nothing of it counts). A
+    copy or a pickle of the model gets the original function back."""
 
-    __slots__ = ("engine", "module", "original")
+    __slots__ = ("engine", "original", "scopes")
 
-    def __init__(self, original: Callable[..., Any], engine: Any, module: nn.Module) -> None:
-        self.original, self.engine, self.module = original, engine, module
+    def __init__(self, original: Callable[..., Any], engine: Any, scopes: list[nn.Module]) -> None:
+        self.original, self.engine, self.scopes = original, engine, scopes
 
     def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        engine, module = self.engine, self.module
+        engine, scopes = self.engine, self.scopes
 
         def run(*a: Any, **k: Any) -> Any:
             if not _checkpoint_recompute():
                 return fn(*a, **k)
-            engine._on_scope_enter(module, (), {})
+            entered = []
             try:
+                for scope in list(scopes):
+                    engine._on_scope_enter(scope, (), {})
+                    entered.append(scope)
                 return fn(*a, **k)
             finally:
-                engine._on_scope_exit(module, (), {}, None)
+                for scope in reversed(entered):
+                    engine._on_scope_exit(scope, (), {}, None)
 
         return self.original(run, *args, **kwargs)
 
@@ -4182,6 +4191,39 @@ class _MirroredCheckpoint:
 
     def __reduce__(self) -> tuple:
         return (_identity, (self.original,))
+
+
+def _batched_grad(output: Tensor, edges: list, rows: Tensor) -> Sequence[Tensor | None]:
+    """The vector-Jacobian products of ``output`` for each of ``rows`` (dim 0) at ``edges``:
+    one batched backward (``torch.func.vmap`` over autograd), or — where that backward
+    recomputes a checkpointed forward that draws random numbers, which vmap cannot run
+    (peft's LoKr under activation checkpointing in training mode draws its module dropout: a
+    crash until 2026-12-04) — one backward per row, each recomputation replaying the forward's
+    random state (checkpoint's ``preserve_rng_state``)."""
+    try:
+        return torch.autograd.grad(
+            output, edges, rows, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    except RuntimeError as error:
+        if "random operations inside of vmap" not in str(error):
+            raise
+    per_row = [
+        torch.autograd.grad(output, edges, row, retain_graph=True, allow_unused=True)
+        for row in rows
+    ]
+    return [
+        None
+        if all(g[j] is None for g in per_row)
+        else torch.stack(
+            [
+                g[j]
+                if g[j] is not None
+                else torch.zeros_like(next(h[j] for h in per_row if h[j] is not None))
+                for g in per_row
+            ]
+        )
+        for j in range(len(edges))
+    ]
 
 
 def _checkpoint_recompute() -> bool:
