@@ -502,6 +502,37 @@ def test_peft_adapters_learned_on_the_whole_model_under_gradient_checkpointing(a
         assert len(withheld) == 1 and len(audited) == 3, (withheld, audited)
 
 
+def test_peft_vectors_under_reentrant_checkpointing_are_refused_naming_it():
+    """Under checkpoint(use_reentrant=True) the decoder layers' recomputation runs none of the
+    engine's hooks when the parameters are followed from the model's own forward (IA3): the
+    pass was not marked as reentrant and the refusal blamed a use outside the forward. It leads
+    with use_reentrant now."""
+    from noisescale.errors import UnsupportedModuleError
+    from noisescale.per_example import PerExampleNorms
+
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = ZOO["llama"][0]()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    base.enable_input_require_grads()
+    config = peft.IA3Config(target_modules=["q_proj", "v_proj"], feedforward_modules=[])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(base, config)
+    model.train()
+    ids = _ids()
+    engine = PerExampleNorms(model, subbatches=2)
+    with pytest.raises(UnsupportedModuleError, match=r"^this step ran activation checkpointing "
+                       r"with use_reentrant=True"):  # fmt: skip
+        for _ in range(3):
+            model.zero_grad()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (torch's note on use_reentrant)
+                model(input_ids=ids, labels=ids).loss.backward()
+            engine.collect()
+    engine.remove()
+
+
 def test_reentrant_checkpointing_that_the_audit_cannot_replay_says_so():
     """checkpoint(use_reentrant=True) backpropagates its recomputed forward in a backward of
     its own; where the audit cannot follow it (GPT-2's blocks), the refusal says so and names

@@ -3675,7 +3675,7 @@ class PerExampleNorms:
                 try:
                     self._settle(pass_, learn)
                 except UnsupportedModuleError as err:
-                    if not pass_.reentrant:
+                    if not (pass_.reentrant or _reentrant_checkpointing(self.model)):
                         raise
                     raise UnsupportedModuleError(
                         f"{_REENTRANT_LEAD} (what the engine met there: {err})"
@@ -4122,6 +4122,22 @@ _REENTRANT_LEAD = (
     "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
     "False}), its default), or per_example=False"
 )
+
+
+def _reentrant_checkpointing(model: nn.Module) -> bool:
+    """Whether a transformers layer of ``model`` checkpoints its forward with
+    ``use_reentrant=True`` (``gradient_checkpointing_enable(gradient_checkpointing_kwargs=
+    {"use_reentrant": True})``): its recomputation may run none of the engine's hooks (peft's
+    IA3, VeRA and LoKr, whose parameters are followed from the model's own forward), so the
+    pass is not marked (:meth:`PerExampleNorms._hook_pass`) and a refusal would not name it."""
+    for module in model.modules():
+        if not getattr(module, "gradient_checkpointing", False):
+            continue
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        func = func.original if isinstance(func, _MirroredCheckpoint) else func
+        if isinstance(func, functools.partial) and func.keywords.get("use_reentrant") is True:
+            return True
+    return False
 
 
 def _order(hooks: dict, first: int, last: list[int]) -> None:
