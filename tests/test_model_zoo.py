@@ -202,6 +202,35 @@ def _losses(model: nn.Module, inputs, n: int = N, seed: int = 0) -> tuple:
     return batch_images, one_image
 
 
+def _token_means(model: nn.Module, ids: torch.Tensor):
+    """Each sequence's own loss, [N]: the mean of its tokens' cross-entropy, from the logits of
+    a language model called on ``ids`` alone (no labels=)."""
+
+    def losses() -> torch.Tensor:
+        logits = model(input_ids=ids).logits
+        return (
+            F.cross_entropy(logits.reshape(-1, V), ids.reshape(-1), reduction="none")
+            .view(N, T)
+            .mean(1)
+        )
+
+    return losses
+
+
+def _checkpointed_llama_with(config, reentrant: bool) -> nn.Module:
+    """The zoo's Llama with activation checkpointing (``use_reentrant`` as given) and peft's
+    adapters of ``config``, in training mode."""
+    peft = pytest.importorskip("peft")
+    base = ZOO["llama"][0]()
+    kwargs = {"use_reentrant": reentrant}
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    base.enable_input_require_grads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(base, config)
+    return model.train()
+
+
 @pytest.mark.parametrize("name", list(ZOO))
 def test_transformers_models_called_normally(name):
     build, inputs = ZOO[name]
@@ -469,9 +498,6 @@ def test_peft_adapters_learned_on_the_whole_model_under_gradient_checkpointing(a
     withheld (the uses learned), then per-example and sub-batch norms equal brute force."""
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    base = ZOO["llama"][0]()
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    base.enable_input_require_grads()
     config = (
         peft.IA3Config(target_modules=["q_proj", "v_proj", "down_proj"],
                        feedforward_modules=["down_proj"])
@@ -480,23 +506,12 @@ def test_peft_adapters_learned_on_the_whole_model_under_gradient_checkpointing(a
         if adapter == "vera"
         else peft.LoKrConfig(r=2, target_modules=["q_proj", "v_proj"])
     )  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = peft.get_peft_model(base, config)
+    model = _checkpointed_llama_with(config, reentrant=False)
     with torch.no_grad():  # away from peft's initial values (ones, zeros)
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))
-    model.train()
-    ids = _ids()
-
-    def losses() -> torch.Tensor:
-        logits = model(input_ids=ids).logits
-        return (
-            F.cross_entropy(logits.reshape(-1, V), ids.reshape(-1), reduction="none")
-            .view(N, T)
-            .mean(1)
-        )
+    losses = _token_means(model, _ids())
 
     for withheld, audited in _learns_then_exact(model, losses, 4, RTOL, lambda why: bool(why)):
         assert len(withheld) == 1 and len(audited) == 3, (withheld, audited)
@@ -512,14 +527,8 @@ def test_peft_vectors_under_reentrant_checkpointing_are_refused_naming_it():
 
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    base = ZOO["llama"][0]()
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    base.enable_input_require_grads()
     config = peft.IA3Config(target_modules=["q_proj", "v_proj"], feedforward_modules=[])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = peft.get_peft_model(base, config)
-    model.train()
+    model = _checkpointed_llama_with(config, reentrant=True)
     ids = _ids()
     engine = PerExampleNorms(model, subbatches=2)
     with pytest.raises(UnsupportedModuleError, match=r"^this step ran activation checkpointing "
@@ -1272,15 +1281,7 @@ def test_mamba_learns_its_mixers_direct_uses_then_is_exact(path, monkeypatch):
         conv_kernel=4, use_mambapy=False,
     ))  # fmt: skip
     model.train()
-    ids = _ids()
-
-    def losses() -> torch.Tensor:
-        logits = model(input_ids=ids).logits
-        return (
-            F.cross_entropy(logits.reshape(-1, V), ids.reshape(-1), reduction="none")
-            .view(N, T)
-            .mean(1)
-        )
+    losses = _token_means(model, _ids())
 
     with pytest.raises(UnsupportedModuleError, match=r"dt_proj.weight.*GradientNoiseTracker"):
         measured(model, lambda: losses().mean())

@@ -4227,17 +4227,9 @@ def _batched_grad(output: Tensor, edges: list, rows: Tensor) -> Sequence[Tensor 
         torch.autograd.grad(output, edges, row, retain_graph=True, allow_unused=True)
         for row in rows
     ]
+    # (an edge the graph does not reach is None for every row alike)
     return [
-        None
-        if all(g[j] is None for g in per_row)
-        else torch.stack(
-            [
-                g[j]
-                if g[j] is not None
-                else torch.zeros_like(next(h[j] for h in per_row if h[j] is not None))
-                for g in per_row
-            ]
-        )
+        None if per_row[0][j] is None else torch.stack([g[j] for g in per_row])
         for j in range(len(edges))
     ]
 
