@@ -8,6 +8,7 @@ is one backward pass per example. Relative error ≤ 1e-6 (float64 gives ~1e-15)
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -540,6 +541,132 @@ def test_peft_vectors_under_reentrant_checkpointing_are_refused_naming_it():
                 model(input_ids=ids, labels=ids).loss.backward()
             engine.collect()
     engine.remove()
+
+
+def _adalora_llama(orth_reg_weight: float) -> nn.Module:
+    """The zoo's Llama with peft's AdaLoRA (rank 4, = N) on q and v, away from its initial
+    values, in training mode."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = peft.AdaLoraConfig(task_type="CAUSAL_LM", lora_alpha=8, init_r=4, total_step=10,
+                                target_modules=["q_proj", "v_proj"],
+                                orth_reg_weight=orth_reg_weight)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(ZOO["llama"][0](), config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.train()
+
+
+@pytest.mark.parametrize(("n", "weight"), [(4, 0.5), (5, 0.5), (4, 0.0)])
+def test_adalora_penalty_in_the_loss_is_refused_naming_it(n, weight):
+    """peft's AdaLoRA adds orth_reg_weight × |P Pᵀ − I| of its lora_A and lora_B to every loss
+    the model returns (labels=): a term of those parameters alone, of no example. The audit
+    refused it, naming a generic cause (N = 5) — and at N equal to the adapters' rank (4) as a
+    table whose size happens to equal the batch's, advising another batch size (a helper's
+    hunt, 2026-12-04). The refusal now leads with AdaLoRA's penalty and the two ways to measure
+    (at weight 0 the penalty still runs, with a zero gradient: refused at N = 4 alike)."""
+    from noisescale.per_example import PerExampleNorms
+
+    model = _adalora_llama(weight)
+    ids = _ids(n=n)
+    engine = PerExampleNorms(model, subbatches=2)
+    with pytest.raises(noisescale.UnsupportedModuleError) as err:
+        for _ in range(3):
+            model.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            engine.collect()
+    engine.remove()
+    text = str(err.value)
+    assert text.startswith(f"This is peft's AdaLoRA ('base_model', adapter 'default', "
+                           f"orth_reg_weight={weight:g})"), text  # fmt: skip
+    assert "without labels=" in text and "per_example=False" in text
+    assert "What noisescale found: " in text
+
+
+def test_adalora_without_its_penalty_is_exact():
+    """The fix the refusal names: AdaLoRA called without labels=, the loss computed from its
+    logits (peft adds no penalty then), at N equal to its rank — its lora_A, lora_E and lora_B,
+    read from parameter dicts inside each layer, are learned at the first pass, then exact."""
+    model = _adalora_llama(0.5)
+    losses = _token_means(model, _ids())
+    for withheld, audited in _learns_then_exact(model, losses, 3, RTOL, lambda why: bool(why)):
+        assert len(withheld) == 1 and len(audited) == 2, (withheld, audited)
+
+
+@pytest.mark.parametrize("adapter", ["gralora", "boft"])
+def test_peft_adapters_without_a_rule_are_refused_naming_the_layer_that_holds_them(adapter):
+    """peft's GraLoRA (an einsum of its blocks) and BOFT (a butterfly of rotations) read their
+    parameters from parameter dicts inside each adapted layer: the engine follows them through
+    the model's whole forward and then meets an operation without a per-example rule. The
+    refusal named '<top-level model>' as the place to register a rule (a helper's hunt,
+    2026-12-04); it names the adapted layer that holds them, and its class, now."""
+    from noisescale.per_example import PerExampleNorms
+
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = (
+        peft.GraloraConfig(r=4, gralora_k=2, target_modules=["q_proj", "v_proj"])
+        if adapter == "gralora"
+        else peft.BOFTConfig(boft_block_size=4, target_modules=["q_proj", "v_proj"])
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(ZOO["llama"][0](), config).train()
+    ids = _ids(n=5)
+    engine = PerExampleNorms(model, subbatches=2)
+    with pytest.raises(noisescale.UnsupportedModuleError) as err:
+        for _ in range(3):
+            model.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            engine.collect()
+    engine.remove()
+    text = str(err.value)
+    layer = "base_model.model.model.layers.0.self_attn.q_proj"
+    cls = f"peft.tuners.{adapter}.layer.Linear"
+    assert f"(held by '{layer}' ({cls}))" in text, text
+    assert f"Register a rule for {cls} (noisescale.register_layer)" in text, text
+    assert "<top-level model>" not in text
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_inputs_embeds_built_by_the_caller_are_refused_naming_the_embedding(name):
+    """``model(inputs_embeds=model.get_input_embeddings()(ids))``: the embedding runs before
+    the model's forward, where no pass is open, so its use is never attributed to examples. It
+    was refused, but as a parameter with no use it could attribute (Llama) or by the audit's
+    generic remainder (GPT-2, whose head is tied to it), and the tracker first withheld a step
+    to learn it as a use inside the forward (a helper's hunt, 2026-12-04). Both refuse at the
+    first step now, naming the embedding layer that ran outside the forward and the fix."""
+    build, _ = ZOO[name]
+    torch.manual_seed(0)
+    model = build()
+    ids = _ids()
+    label = "model.embed_tokens" if name == "llama" else "transformer.wte"
+    lead = f"layer '{label}' ran with gradients enabled outside a forward of the measured model"
+
+    def loss() -> torch.Tensor:
+        logits = model(inputs_embeds=model.get_input_embeddings()(ids)).logits[:, :-1]
+        return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:])
+
+    with pytest.raises(noisescale.UnsupportedModuleError, match=f"^{re.escape(lead)}") as err:
+        with noisescale.per_example_sqnorms(model):
+            loss().backward()
+    assert "pass input_ids" in str(err.value)
+    tracker = noisescale.GradientNoiseTracker(model)
+    model.zero_grad()
+    loss().backward()
+    with pytest.raises(noisescale.UnsupportedModuleError, match=f"^{re.escape(lead)}"):
+        tracker.step()  # (the first step: nothing learned, nothing withheld)
+    assert tracker.history == []
+    tracker.remove()
+    # called the usual way, the same model is measured
+    with noisescale.per_example_sqnorms(model, loss_reduction="mean") as pe:
+        logits = model(input_ids=ids).logits[:, :-1]
+        F.cross_entropy(logits.transpose(1, 2), ids[:, 1:]).backward()
+    assert pe.sqnorms.shape == (N,)
 
 
 def test_reentrant_checkpointing_that_the_audit_cannot_replay_says_so():

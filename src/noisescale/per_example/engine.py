@@ -516,6 +516,8 @@ class PerExampleNorms:
         # collected step's (collect), for the tracker to name when it finds no pass
         self._unopened: str | None = None
         self.unopened: str | None = None
+        self._unopened_params: list[str] = []  # (the names of its parameters)
+        self._outside_params: set[str] = set()  # the collected step's _unopened_params
         self._recomputing = False
         self._paused = False
         # follows the loss of audited passes from the model's outputs to the backward
@@ -583,6 +585,7 @@ class PerExampleNorms:
         self._records: dict[int, _Record] = {}
         self._next_token = 1
         self._trace_batch: Tensor | None = None
+        self._returned_loss = False  # whether the last forward of the model returned .loss
         self._eager_hooks: list[Callable] = []  # what each module hook runs without compile
         self._compile_prepared = False  # _prepare_compile() has run (Dynamo is imported)
         self._inside_compiled_call = False  # the running eager hook runs inside a compiled call
@@ -1160,6 +1163,8 @@ class PerExampleNorms:
 
     def _model_output(self, output: Any) -> None:
         self._trace_batch = None
+        # (a loss the model computed itself, to which its forward may add terms of its own)
+        self._returned_loss = isinstance(getattr(output, "loss", None), Tensor)
         if (
             self.passes
             and not (self._recomputing or self._paused or self._replaying)
@@ -1771,7 +1776,8 @@ class PerExampleNorms:
                 and torch.is_grad_enabled()
                 and not (self._paused or self._recomputing or self._replaying)
             ):
-                self._unopened = self._calls[module][1]
+                rule, self._unopened, params = self._calls[module]
+                self._unopened_params = [self._param_name[id(p)] for p in params.values()]
             return None
         rule, label, params = self._calls[module]
         pass_ = self._hook_pass()
@@ -3449,6 +3455,7 @@ class PerExampleNorms:
         self._unzeroed = []
         self._hook_in.clear()
         self._unopened = None
+        self._unopened_params = []
 
     def collect(self, grad_rescale: float = 1.0, *, learn: bool = True) -> list[PassNorms]:
         """Finish the open passes and return them, resetting the engine for the next step.
@@ -3474,9 +3481,25 @@ class PerExampleNorms:
         """
         opened = self.passes
         done: list[PassNorms] = []
+        unopened, outside = self._unopened, self._unopened_params
         try:
             done = self._collect(grad_rescale, learn)
             return done
+        except UnsupportedModuleError as err:
+            text = str(err)
+            if unopened is None or not any(f"'{name}'" in text for name in outside):
+                raise
+            # the refused parameters' layer ran before the model's forward (inputs_embeds
+            # built by the caller): that use was never seen, whatever the finding says
+            raise UnsupportedModuleError(
+                f"layer '{unopened}' ran with gradients enabled outside a forward of the "
+                f"measured model ({type(self.model).__name__}) — e.g. inputs_embeds computed by "
+                "the caller, model.get_input_embeddings()(ids), then model(inputs_embeds=...) "
+                "— so its parameters' use there was never attributed to examples. Let the "
+                "model run the layer (pass input_ids), wrap the layer's call and the model's "
+                "in one module and measure that, or use per_example=False. What noisescale "
+                f"found: {text}"
+            ) from err
         finally:
             # The step is over: what ties a pass to its autograd graph goes. The graph's
             # hooks hold the pass and the pass held the graph's nodes (the outputs', the
@@ -3495,6 +3518,9 @@ class PerExampleNorms:
         self.unzeroed = None
         self.unread_picks = []  # (set below, from the passes of the step's training backwards)
         self.unopened = self._unopened
+        # the parameters of that layer: not learned as direct uses of the forward (a use
+        # outside it, inputs_embeds built by the caller, would never be seen)
+        self._outside_params = set(self._unopened_params)
         if self._unzeroed:
             held = torch.stack([flag.to(self._unzeroed[0][1].device) for _, flag in self._unzeroed])
             self.unzeroed = next(
@@ -3737,7 +3763,7 @@ class PerExampleNorms:
             raise UnsupportedModuleError(self._audit_message(findings))
         if pass_.ambiguous:
             # (after the permutation check, which names the cause when it is time-major data)
-            raise UnsupportedModuleError(_ambiguous_message(pass_))
+            raise UnsupportedModuleError(self._with_cause(_ambiguous_message(pass_)))
         if findings.ok and not missing:
             if pass_.audit is not None:
                 self._audited_signatures.add(pass_.audit.signature)
@@ -3827,9 +3853,15 @@ class PerExampleNorms:
 
     def _audit_message(self, findings: audit_mod.Findings) -> str:
         """The failed audit's findings, led by the likely cause where the model names one."""
-        text = findings.message(self._labels, None, self._param_name)
-        cause = _auxiliary_loss_cause(self.model)
-        return text if cause is None else f"{cause} What the audit found: {text}"
+        return self._with_cause(findings.message(self._labels, None, self._param_name))
+
+    def _with_cause(self, text: str) -> str:
+        """A refusal led by the likely cause where the model names one (a term its forward adds
+        to its loss: a mixture of experts' auxiliary loss, AdaLoRA's orthogonality penalty)."""
+        cause = _auxiliary_loss_cause(self.model) or (
+            _penalty_cause(self.model) if self._returned_loss else None
+        )
+        return text if cause is None else f"{cause} What noisescale found: {text}"
 
     def _refuse_unmet_shared(self, pass_: PassNorms, missing: set[int]) -> None:
         """Refuse a pass in which parameters of a shared call, or parameters used directly,
@@ -3914,6 +3946,8 @@ class PerExampleNorms:
         used outside their layer too, and those of a module without a rule whose forward never
         ran (timm's relative-position tables, read by the attention's forward through
         ``self.rel_pos.get_bias()``)."""
+        if any(self._param_name.get(pid) in self._outside_params for pid in pids):
+            return False
         new_scopes = []
         for pid in pids:
             holders = self._holders(pid)
@@ -3972,21 +4006,7 @@ class PerExampleNorms:
                     if isinstance(sub, nn.modules.batchnorm._BatchNorm):
                         norms.check(sub, self._labels.get(sub, name))
             if scope is None or scope is self.model or not self.allow_fallback or not learn:
-                where = (
-                    f"inside module '{self._labels.get(scope, '?')}'" if scope is not None else ""
-                )
-                raise UnsupportedModuleError(
-                    f"parameters {labels} meet the batch {where} in the operation '{op}', which "
-                    "has no per-example rule"
-                    + (
-                        " (the top-level model cannot be re-run per example)"
-                        if scope is self.model
-                        else ""
-                    )
-                    + ". Register a rule for the module that owns them "
-                    "(noisescale.register_layer), move them into a layer with a rule, or use "
-                    "per_example=False"
-                )
+                raise UnsupportedModuleError(self._unsupported_message(origin, op, labels, scope))
             owners[scope] = op
         for scope in owners:
             fallback.check(scope, self._labels[scope])
@@ -3997,6 +4017,65 @@ class PerExampleNorms:
             pass_,
             f"modules {names} use their parameters in operations without a per-example rule; "
             "they are measured with the torch.func fallback from the next step on",
+        )
+
+    def _unsupported_message(
+        self, origin: Any, op: str, labels: list[str], scope: nn.Module | None
+    ) -> str:
+        if scope is not self.model:
+            where = f"inside module '{self._labels.get(scope, '?')}' " if scope is not None else ""
+            return (
+                f"parameters {labels} meet the batch {where}in the operation '{op}', which has "
+                "no per-example rule. Register a rule for the module that owns them "
+                "(noisescale.register_layer), move them into a layer with a rule, or use "
+                "per_example=False"
+            )
+        # Followed through the model's whole forward (read from a parameter container, not
+        # as a layer's own weights: peft's GraLoRA and BOFT): name the modules that hold them,
+        # whose forward is where a rule would go, not the top-level model.
+        owners: dict[str, str] = {}
+        for source in origin.sources:
+            for holder, _ in self._holders(source.pid):
+                owner = self._owning_layer(holder)
+                if owner is not None:
+                    owners.setdefault(self._module_name(owner), _qualified(type(owner)))
+        held = (
+            " (held by " + ", ".join(f"'{n}' ({t})" for n, t in sorted(owners.items())) + ")"
+            if owners
+            else ""
+        )
+        kinds = sorted(set(owners.values()))
+        rule_for = " or ".join(kinds) if kinds else "the module that owns them"
+        return (
+            f"parameters {labels}{held} meet the batch in the operation '{op}', which has no "
+            "per-example rule. They are read outside any layer noisescale measures (from a "
+            "parameter container, or by another module's forward), so it followed them "
+            "through the whole model's forward, and the top-level model cannot be re-run per "
+            f"example. Register a rule for {rule_for} (noisescale.register_layer), move them "
+            "into a layer with a rule, or use per_example=False"
+        )
+
+    def _owning_layer(self, holder: nn.Module) -> nn.Module | None:
+        """The module whose forward reads ``holder``'s parameters: ``holder`` itself, or, for
+        a container (ParameterDict, ParameterList, ModuleDict, ModuleList), the innermost
+        module that holds it."""
+        containers = (nn.ParameterDict, nn.ParameterList, nn.ModuleDict, nn.ModuleList)
+        if not isinstance(holder, containers):
+            return holder
+        parents = {
+            id(child): module for module in self.model.modules() for child in module.children()
+        }
+        module: nn.Module | None = holder
+        while module is not None and isinstance(module, containers):
+            module = parents.get(id(module))
+        return module
+
+    def _module_name(self, module: nn.Module) -> str:
+        label = self._labels.get(module)
+        if label is not None:
+            return label
+        return next((n for n, m in self.model.named_modules() if m is module), "?") or (
+            "<top-level model>"
         )
 
     def _calls_fallback(self, module: nn.Module) -> None:
@@ -4516,6 +4595,45 @@ def _auxiliary_loss_cause(model: nn.Module) -> str | None:
             "(each micro-batch's loss, its auxiliary loss included, is then a group of its "
             "own), or, if it is not trained with the auxiliary loss, with "
             "output_router_logits=False."
+        )
+    return None
+
+
+def _qualified(cls: type) -> str:
+    """``peft.tuners.gralora.layer.Linear``: a class by its module, as a user imports it."""
+    module, name = cls.__module__, cls.__qualname__
+    return name if module in ("builtins", "__main__") else f"{module}.{name}"
+
+
+def _penalty_cause(model: nn.Module) -> str | None:
+    """peft's AdaLoRA: whenever the model returns a loss (called with ``labels=``), its forward
+    adds ``orth_reg_weight`` × the orthogonality penalty |P Pᵀ − I| of every ``lora_A`` and
+    ``lora_B`` to it — a term computed from those parameters alone, of no example, which the
+    audit finds as a use outside any layer (or, when a rank equals the batch's size, as a table
+    of that size meeting a constant). It is named whatever its weight: at 0 the penalty still
+    runs, with a zero gradient."""
+    for name, module in model.named_modules():
+        if type(module).__name__ != "AdaLoraModel":
+            continue
+        configs = getattr(module, "peft_config", None)
+        adapter = getattr(module, "trainable_adapter_name", None)
+        config = configs.get(adapter) if isinstance(configs, dict) else None
+        weight = getattr(config, "orth_reg_weight", None)
+        if not isinstance(weight, (int, float)):
+            continue
+        where = f"'{name}'" if name else "the model"
+        return (
+            f"This is peft's AdaLoRA ({where}, adapter '{adapter}', orth_reg_weight={weight:g}): "
+            "when the model returns a loss (called with labels=), its forward adds the "
+            "orthogonality penalty |P Pᵀ − I| of every lora_A and lora_B to it"
+            + (" (at weight 0 it still runs, with a zero gradient)" if weight == 0 else "")
+            + ", a term "
+            "computed from those parameters alone that belongs to no example, so the step has "
+            "no per-example gradients. Call the model without labels= and compute the loss "
+            "from its logits (peft then adds no penalty: train without it), or, to keep it, "
+            "measure with per_example=False and two or more gradient-accumulation "
+            "micro-batches a step (each micro-batch's gradient then carries the penalty's, "
+            "and B_simple is that of the penalised objective)."
         )
     return None
 
