@@ -543,6 +543,21 @@ def test_peft_vectors_under_reentrant_checkpointing_are_refused_naming_it():
     engine.remove()
 
 
+def _refusal_by_engine(model: nn.Module, ids: torch.Tensor) -> str:
+    """The text of the refusal that up to three passes of ``model(input_ids=ids, labels=ids)``
+    meet in the tracker's engine (by 2 sub-batches, learning between passes)."""
+    from noisescale.per_example import PerExampleNorms
+
+    engine = PerExampleNorms(model, subbatches=2)
+    with pytest.raises(noisescale.UnsupportedModuleError) as err:
+        for _ in range(3):
+            model.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            engine.collect()
+    engine.remove()
+    return str(err.value)
+
+
 def _adalora_llama(orth_reg_weight: float) -> nn.Module:
     """The zoo's Llama with peft's AdaLoRA (rank 4, = N) on q and v, away from its initial
     values, in training mode."""
@@ -569,18 +584,9 @@ def test_adalora_penalty_in_the_loss_is_refused_naming_it(n, weight):
     table whose size happens to equal the batch's, advising another batch size (a helper's
     hunt, 2026-12-04). The refusal now leads with AdaLoRA's penalty and the two ways to measure
     (at weight 0 the penalty still runs, with a zero gradient: refused at N = 4 alike)."""
-    from noisescale.per_example import PerExampleNorms
-
     model = _adalora_llama(weight)
     ids = _ids(n=n)
-    engine = PerExampleNorms(model, subbatches=2)
-    with pytest.raises(noisescale.UnsupportedModuleError) as err:
-        for _ in range(3):
-            model.zero_grad()
-            model(input_ids=ids, labels=ids).loss.backward()
-            engine.collect()
-    engine.remove()
-    text = str(err.value)
+    text = _refusal_by_engine(model, ids)
     assert text.startswith(f"This is peft's AdaLoRA ('base_model', adapter 'default', "
                            f"orth_reg_weight={weight:g})"), text  # fmt: skip
     assert "without labels=" in text and "per_example=False" in text
@@ -604,8 +610,6 @@ def test_peft_adapters_without_a_rule_are_refused_naming_the_layer_that_holds_th
     the model's whole forward and then meets an operation without a per-example rule. The
     refusal named '<top-level model>' as the place to register a rule (a helper's hunt,
     2026-12-04); it names the adapted layer that holds them, and its class, now."""
-    from noisescale.per_example import PerExampleNorms
-
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     config = (
@@ -617,14 +621,7 @@ def test_peft_adapters_without_a_rule_are_refused_naming_the_layer_that_holds_th
         warnings.simplefilter("ignore")
         model = peft.get_peft_model(ZOO["llama"][0](), config).train()
     ids = _ids(n=5)
-    engine = PerExampleNorms(model, subbatches=2)
-    with pytest.raises(noisescale.UnsupportedModuleError) as err:
-        for _ in range(3):
-            model.zero_grad()
-            model(input_ids=ids, labels=ids).loss.backward()
-            engine.collect()
-    engine.remove()
-    text = str(err.value)
+    text = _refusal_by_engine(model, ids)
     layer = "base_model.model.model.layers.0.self_attn.q_proj"
     cls = f"peft.tuners.{adapter}.layer.Linear"
     assert f"(held by '{layer}' ({cls}))" in text, text
