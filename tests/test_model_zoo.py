@@ -659,11 +659,11 @@ def test_inputs_embeds_built_by_the_caller_are_refused_naming_the_embedding(name
         tracker.step()  # (the first step: nothing learned, nothing withheld)
     assert tracker.history == []
     tracker.remove()
-    # called the usual way, the same model is measured
-    with noisescale.per_example_sqnorms(model, loss_reduction="mean") as pe:
-        logits = model(input_ids=ids).logits[:, :-1]
-        F.cross_entropy(logits.transpose(1, 2), ids[:, 1:]).backward()
-    assert pe.sqnorms.shape == (N,)
+    # called the usual way, the same model is measured exactly
+    losses = _token_means(model, ids)
+    model.zero_grad()
+    got = measured(model, lambda: losses().mean())  # (each example's own loss's norms)
+    torch.testing.assert_close(got, brute_force(model, lambda i: losses()[i]), rtol=RTOL, atol=0)
 
 
 def test_reentrant_checkpointing_that_the_audit_cannot_replay_says_so():

@@ -1776,7 +1776,7 @@ class PerExampleNorms:
                 and torch.is_grad_enabled()
                 and not (self._paused or self._recomputing or self._replaying)
             ):
-                rule, self._unopened, params = self._calls[module]
+                _, self._unopened, params = self._calls[module]
                 self._unopened_params = [self._param_name[id(p)] for p in params.values()]
             return None
         rule, label, params = self._calls[module]
@@ -3763,7 +3763,8 @@ class PerExampleNorms:
             raise UnsupportedModuleError(self._audit_message(findings))
         if pass_.ambiguous:
             # (after the permutation check, which names the cause when it is time-major data)
-            raise UnsupportedModuleError(self._with_cause(_ambiguous_message(pass_)))
+            # (a tensor of parameters alone: a penalty's, never a router's auxiliary loss)
+            raise UnsupportedModuleError(self._with_cause(_ambiguous_message(pass_), False))
         if findings.ok and not missing:
             if pass_.audit is not None:
                 self._audited_signatures.add(pass_.audit.signature)
@@ -3855,10 +3856,11 @@ class PerExampleNorms:
         """The failed audit's findings, led by the likely cause where the model names one."""
         return self._with_cause(findings.message(self._labels, None, self._param_name))
 
-    def _with_cause(self, text: str) -> str:
+    def _with_cause(self, text: str, auxiliary: bool = True) -> str:
         """A refusal led by the likely cause where the model names one (a term its forward adds
-        to its loss: a mixture of experts' auxiliary loss, AdaLoRA's orthogonality penalty)."""
-        cause = _auxiliary_loss_cause(self.model) or (
+        to its loss: a mixture of experts' auxiliary loss unless ``auxiliary`` is false,
+        AdaLoRA's orthogonality penalty when the model returned a loss)."""
+        cause = (_auxiliary_loss_cause(self.model) if auxiliary else None) or (
             _penalty_cause(self.model) if self._returned_loss else None
         )
         return text if cause is None else f"{cause} What noisescale found: {text}"
