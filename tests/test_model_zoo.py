@@ -623,7 +623,8 @@ def test_peft_adapters_without_a_rule_are_refused_naming_the_layer_that_holds_th
     ids = _ids(n=5)
     text = _refusal_by_engine(model, ids)
     layer = "base_model.model.model.layers.0.self_attn.q_proj"
-    cls = f"peft.tuners.{adapter}.layer.Linear"
+    held = type(model.get_submodule(layer))
+    cls = f"{held.__module__}.{held.__qualname__}"  # (peft.tuners.gralora.layer.Linear)
     assert f"(held by '{layer}' ({cls}))" in text, text
     assert f"Register a rule for {cls} (noisescale.register_layer)" in text, text
     assert "<top-level model>" not in text
