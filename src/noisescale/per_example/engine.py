@@ -4037,10 +4037,11 @@ class PerExampleNorms:
         # whose forward is where a rule would go, not the top-level model.
         owners: dict[str, str] = {}
         for source in origin.sources:
+            if source.pid is None:
+                continue
             for holder, _ in self._holders(source.pid):
-                owner = self._owning_layer(holder)
-                if owner is not None:
-                    owners.setdefault(self._module_name(owner), _qualified(type(owner)))
+                name, owner = self._owning_layer(holder)
+                owners.setdefault(name, _qualified(type(owner)))
         held = (
             " (held by " + ", ".join(f"'{n}' ({t})" for n, t in sorted(owners.items())) + ")"
             if owners
@@ -4057,28 +4058,17 @@ class PerExampleNorms:
             "into a layer with a rule, or use per_example=False"
         )
 
-    def _owning_layer(self, holder: nn.Module) -> nn.Module | None:
-        """The module whose forward reads ``holder``'s parameters: ``holder`` itself, or, for
-        a container (ParameterDict, ParameterList, ModuleDict, ModuleList), the innermost
-        module that holds it."""
+    def _owning_layer(self, holder: nn.Module) -> tuple[str, nn.Module]:
+        """The module whose forward reads ``holder``'s parameters, with its name: ``holder``
+        itself, or, for a container (ParameterDict, ParameterList, ModuleDict, ModuleList),
+        the innermost module that holds it (by the dotted names every module is labelled
+        with when the engine is built)."""
         containers = (nn.ParameterDict, nn.ParameterList, nn.ModuleDict, nn.ModuleList)
-        if not isinstance(holder, containers):
-            return holder
-        parents = {
-            id(child): module for module in self.model.modules() for child in module.children()
-        }
-        module: nn.Module | None = holder
-        while module is not None and isinstance(module, containers):
-            module = parents.get(id(module))
-        return module
-
-    def _module_name(self, module: nn.Module) -> str:
-        label = self._labels.get(module)
-        if label is not None:
-            return label
-        return next((n for n, m in self.model.named_modules() if m is module), "?") or (
-            "<top-level model>"
-        )
+        name, module = self._labels[holder], holder
+        while isinstance(module, containers) and module is not self.model:
+            name = name.rpartition(".")[0]
+            module = self.model.get_submodule(name)  # ("": the model itself)
+        return self._labels[module], module
 
     def _calls_fallback(self, module: nn.Module) -> None:
         params = fallback.fallback_params(module)
