@@ -341,10 +341,10 @@ def _misuse() -> dict[str, str]:
     # process's step 6 picks [2, 1, 1, 0] rows (as many as examples, not the examples); the
     # processes that found one are counted in the all-reduce, so both refuse step 6 when they
     # read it, keeping steps 1-5
-    import noisescale.per_example.engine as engine_mod
+    import noisescale.per_example.graph as graph_mod
 
-    reads = engine_mod._host_reads_indices
-    engine_mod._host_reads_indices = lambda index: False
+    reads = graph_mod._host_reads_indices
+    graph_mod._host_reads_indices = lambda index: False
     try:
         model = DistributedDataParallel(_PickedPair())
         tracker = noisescale.GradientNoiseTracker(model, sync_every=8)
@@ -365,7 +365,7 @@ def _misuse() -> dict[str, str]:
             out["picked_rows"] = f"{[r['step'] for r in tracker.history]} {e}"
         tracker.remove()
     finally:
-        engine_mod._host_reads_indices = reads
+        graph_mod._host_reads_indices = reads
     # FSDP2's fully_shard after the tracker replaces the parameters: refused at the step
     from torch.distributed.fsdp import fully_shard
 

@@ -1534,9 +1534,9 @@ def test_rows_picked_by_an_index_pair_are_measured_when_they_are_the_examples():
 
 def _as_on_an_accelerator(monkeypatch) -> None:
     """Index tensors compared on the device, as on an accelerator (the flag read later)."""
-    import noisescale.per_example.engine as engine_mod
+    import noisescale.per_example.graph as graph_mod
 
-    monkeypatch.setattr(engine_mod, "_host_reads_indices", lambda index: False)
+    monkeypatch.setattr(graph_mod, "_host_reads_indices", lambda index: False)
 
 
 def test_an_index_pair_on_an_accelerator_is_flagged_on_the_device(monkeypatch):

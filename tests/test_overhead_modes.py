@@ -440,7 +440,7 @@ def _steady_module():
 
 
 def test_the_steady_state_bench_leaves_out_the_engine_s_audited_steps():
-    from noisescale.per_example.engine import _audit_scheduled
+    from noisescale.per_example.pass_checks import _audit_scheduled
 
     steady = _steady_module()
     assert [s for s in range(1, 5000) if steady.audited(s)] == [

@@ -57,8 +57,8 @@ from noisescale import state as state_mod
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.param_groups import parameter_groups
 from noisescale.per_example import PerExampleNorms
-from noisescale.per_example.engine import new_parameters_message, submodule_called_message
 from noisescale.per_example.factors import sqnorm_total
+from noisescale.per_example.messages import new_parameters_message, submodule_called_message
 from noisescale.preconditioning import check_preconditioner, preconditioner_weights
 from noisescale.sources.base import Observation, Source, StepNorms
 from noisescale.sources.distributed import (

@@ -2,7 +2,13 @@
 
 The package, layer by layer:
 
-* :mod:`~.engine` — passes, hooks, every use of every parameter, collection;
+* :mod:`~.engine` — the hooks, every use of every parameter, the checks between audits,
+  collection; the rest of the engine in modules of their own: :mod:`~.passes` (what one pass
+  records, :class:`PassNorms`), :mod:`~.settle` (each pass's norms kept, withheld or refused
+  after the backward), :mod:`~.traced` (the hooks under ``torch.compile``), :mod:`~.messages`
+  (refusals whose cause lies outside the layer that met it), :mod:`~.pass_checks` (checks
+  across a step's passes), :mod:`~.graph` (reading autograd's graph, the audit's batched
+  backward) and :mod:`~.values` (the hooks' arguments and outputs);
 * :mod:`~.registry` — the rule protocol and :func:`register_layer`, the public extension point;
 * :mod:`~.shared` — parameters and shared calls followed to where they meet the batch;
 * :mod:`~.audit` — the proof that the factors add up and are attributed to the right examples;
@@ -18,8 +24,9 @@ The package, layer by layer:
 from __future__ import annotations
 
 from noisescale.per_example import conv, embedding, linear, norms, rnn  # noqa: F401 (register)
-from noisescale.per_example.engine import LOSS_REDUCTIONS, PassNorms, PerExampleNorms
+from noisescale.per_example.engine import LOSS_REDUCTIONS, PerExampleNorms
 from noisescale.per_example.factors import weighted_sqnorm
+from noisescale.per_example.passes import PassNorms
 from noisescale.per_example.registry import (
     LayerRule,
     register_layer,

@@ -57,7 +57,8 @@ from torch import Tensor, nn
 from noisescale.per_example.audit import FLAT
 
 if TYPE_CHECKING:
-    from noisescale.per_example.engine import PassNorms, PerExampleNorms
+    from noisescale.per_example.engine import PerExampleNorms
+    from noisescale.per_example.passes import PassNorms
 
 __all__ = ["SharedTensor", "Source"]
 

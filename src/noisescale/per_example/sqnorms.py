@@ -6,12 +6,9 @@ import torch
 from torch import nn
 
 from noisescale.errors import NoiseScaleInputError
-from noisescale.per_example.engine import (
-    LOSS_REDUCTIONS,
-    PassNorms,
-    PerExampleNorms,
-    submodule_called_message,
-)
+from noisescale.per_example.engine import LOSS_REDUCTIONS, PerExampleNorms
+from noisescale.per_example.messages import submodule_called_message
+from noisescale.per_example.passes import PassNorms
 from noisescale.tokens import TokenWatcher
 
 

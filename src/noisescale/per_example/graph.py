@@ -1,0 +1,412 @@
+"""Reading autograd's graph: the nodes a layer's input came through (rows kept apart or
+picked by data), a product's reshaped output, hook order, the sequence number and whether
+autocast is on, and the batched backward the audit replays (under checkpointing too)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks
+
+from noisescale.per_example.registry import LayerRule
+
+
+def _accumulator(p: Tensor) -> Any:
+    """The AccumulateGrad node of a leaf tensor that requires grad."""
+    with torch.enable_grad():
+        return p.view_as(p).grad_fn.next_functions[0][0]
+
+
+def _order(hooks: dict, first: int, last: list[int]) -> None:
+    """Put hook ``first`` before the others in a tensor's hook dict and the hooks ``last``
+    after them, in that order. Reinserted, not moved: autograd calls the hooks in the order of
+    the underlying dict, which an ``OrderedDict``'s ``move_to_end`` does not change."""
+    keys = list(hooks)
+    if keys[:1] == [first] and keys[len(keys) - len(last) :] == last:
+        return
+    ours = {key: hooks[key] for key in (first, *last)}
+    theirs = [(key, hook) for key, hook in hooks.items() if key not in ours]
+    hooks.clear()
+    hooks[first] = ours[first]
+    hooks.update(theirs)
+    for key in last:
+        hooks[key] = ours[key]
+
+
+def _cast_source(out: Tensor) -> Any:
+    """The gradient edge of the tensor ``out`` is a dtype cast of (``out.float()``), or
+    ``None``."""
+    fn = out.grad_fn
+    if fn is None or type(fn).__name__ != "ToCopyBackward0":
+        return None
+    nexts = [e for e in fn.next_functions if e[0] is not None]
+    if len(nexts) != 1:
+        return None
+    return torch.autograd.graph.GradientEdge(*nexts[0])
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class _MirroredCheckpoint:
+    """A transformers layer's ``_gradient_checkpointing_func`` (``checkpoint`` with its
+    options), wrapped so that the forward it recomputes in the backward holds the same aliases
+    of the parameters used directly in its ``scopes`` (the layer, or a module around it) as the
+    forward held (:meth:`_on_scope_enter`, on the step's shadow pass: nothing of it counts). A
+    copy or a pickle of the model gets the original function back."""
+
+    __slots__ = ("engine", "original", "scopes")
+
+    def __init__(self, original: Callable[..., Any], engine: Any, scopes: list[nn.Module]) -> None:
+        self.original, self.engine, self.scopes = original, engine, scopes
+
+    def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        engine, scopes = self.engine, self.scopes
+
+        def run(*a: Any, **k: Any) -> Any:
+            if not _checkpoint_recompute():
+                return fn(*a, **k)
+            entered = []
+            try:
+                for scope in list(scopes):
+                    engine._on_scope_enter(scope, (), {})
+                    entered.append(scope)
+                return fn(*a, **k)
+            finally:
+                for scope in reversed(entered):
+                    engine._on_scope_exit(scope, (), {}, None)
+
+        return self.original(run, *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        return copy.deepcopy(self.original, memo)
+
+    def __reduce__(self) -> tuple:
+        return (_identity, (self.original,))
+
+
+def _batched_grad(output: Tensor, edges: list, rows: Tensor) -> Sequence[Tensor | None]:
+    """The vector-Jacobian products of ``output`` for each of ``rows`` (dim 0) at ``edges``:
+    one batched backward (``torch.func.vmap`` over autograd), or — where that backward
+    recomputes a checkpointed forward that draws random numbers, which vmap cannot run
+    (peft's LoKr under activation checkpointing in training mode draws its module dropout: a
+    crash until 2026-12-04) — one backward per row, each recomputation replaying the forward's
+    random state (checkpoint's ``preserve_rng_state``)."""
+    try:
+        return torch.autograd.grad(
+            output, edges, rows, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    except RuntimeError as error:
+        if "random operations inside of vmap" not in str(error):
+            raise
+    per_row = [
+        torch.autograd.grad(output, edges, row, retain_graph=True, allow_unused=True)
+        for row in rows
+    ]
+    # (an edge the graph does not reach is None for every row alike)
+    return [
+        None if per_row[0][j] is None else torch.stack([g[j] for g in per_row])
+        for j in range(len(edges))
+    ]
+
+
+def _checkpoint_recompute() -> bool:
+    """Whether this forward is torch.utils.checkpoint's non-reentrant recomputation: inside a
+    backward, under the saved-tensor hooks checkpoint installs to collect what it recomputes —
+    or, checkpoints nested in the recomputed code (Swin checkpoints stages and their blocks),
+    under the hooks of an inner checkpoint's forward, run again as part of the outer one's
+    recomputation."""
+    if torch._C._current_graph_task_id() == -1:
+        return False
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    name = "" if top is None else getattr(top[0], "__qualname__", "")
+    return "_recomputation_hook" in name or "_checkpoint_hook" in name
+
+
+# autograd nodes whose output row r depends on row r of their inputs only (elementwise
+# operations, activations, dropout, a LayerNorm over the last dimensions, a copy)
+_ROWWISE_NODES = frozenset(
+    {
+        "AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1", "MulBackward0",
+        "MulBackward1", "DivBackward0", "DivBackward1", "NegBackward0", "ReluBackward0",
+        "GeluBackward0", "SiluBackward0", "TanhBackward0", "SigmoidBackward0", "EluBackward0",
+        "LeakyReluBackward0", "HardswishBackward0", "HardsigmoidBackward0", "SoftplusBackward0",
+        "ThresholdBackward0", "NativeDropoutBackward0", "CloneBackward0", "ToCopyBackward0",
+        "NativeLayerNormBackward0",
+    }
+)  # fmt: skip
+
+
+_VIEW_NODES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
+
+
+_PRODUCT_NODES = {"AddmmBackward0": 1, "MmBackward0": 0}  # the input's position (x @ Wᵀ)
+
+
+def _flat_size(rule: LayerRule, module: nn.Module, size: Any, n: int) -> bool:
+    """Whether a call's leading size could be the examples flattened together with positions:
+    a multiple k·N (k > 1) of the batch's, on a layer whose rule treats positions alike."""
+    return (
+        rule.flattened is not None
+        and isinstance(size, int)
+        and size > n > 0
+        and size % n == 0
+        and rule.flattened(module)
+    )
+
+
+def _example_major(x: Tensor, n: int, size: int) -> bool:
+    """Whether ``x`` ([size, …], size = k·N) provably holds each example's k rows in turn.
+
+    With a history: every path back through it passes only through operations that keep rows
+    apart (:data:`_ROWWISE_NODES`, views that keep the leading size, a product with a
+    parameter) to a view that flattened a tensor whose dim 0 has the N examples, [N, a, …] →
+    [N·a·…, …]. An input without a history (input data, a frozen model's activation) is not
+    taken, nor is a row selection (``x[idx]``, ``index_select``, a gather: a mixture of
+    experts' routing), a transpose or anything else not listed — such rows could be ordered by
+    the data, differently at every step. This is necessary, not sufficient: whether each
+    output row's gradient comes from its example alone depends on what consumes it, which the
+    audit's replay compares (a flattened call no replay compared is not measured)."""
+    fn = x.grad_fn
+    if fn is None:
+        return False  # no history to read (input data, a frozen activation): shared
+    stack, seen, budget = [fn], set(), 64
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        budget -= 1
+        if budget < 0:
+            return False
+        name = type(node).__name__
+        if name == "AccumulateGrad":
+            continue  # a parameter, broadcast over the rows (a bias)
+        if name in _VIEW_NODES:
+            sizes = [int(s) for s in getattr(node, "_saved_self_sym_sizes", ())]
+            if sizes and sizes[0] == size:
+                stack.extend(f for f, _ in node.next_functions)  # the rows kept
+                continue
+            if (
+                len(sizes) >= 2
+                and sizes[0] == n
+                and size in itertools.accumulate(sizes[:-1], operator.mul)
+            ):
+                continue  # the flattening of [N, a, …]: each example's rows in turn
+            return False
+        if name in _PRODUCT_NODES:
+            edges = node.next_functions
+            at = _PRODUCT_NODES[name]
+            weight = edges[at + 1][0] if len(edges) > at + 1 else None
+            while weight is not None and type(weight).__name__ in ("TBackward0", "ToCopyBackward0"):
+                weight = weight.next_functions[0][0]  # transposed, cast (autocast)
+            if weight is not None and type(weight).__name__ != "AccumulateGrad":
+                return False  # a product with an activation: rows mixed
+            stack.extend(f for i, (f, _) in enumerate(edges) if i != at + 1)
+            continue
+        if name not in _ROWWISE_NODES:
+            return False
+        stack.extend(f for f, _ in node.next_functions)
+    return True
+
+
+def _rebasable_base(output: Tensor, dim: int, n: int) -> Tensor | None:
+    """The tensor to hook for a layer's output gradient instead of the output, if any.
+
+    nn.Linear on [N, T, I] and Hugging Face's Conv1D return a view of a product's result,
+    ``addmm(...).view(N, T, O)``. An in-place operation on that view — ``nn.ReLU(inplace=True)``,
+    ``h[~mask] = 0`` (Wav2Vec2's padded frames), ``h.mul_(m)`` — rebases it: its gradient then
+    flows through the base's new node into the product, and the view's own node, where a hook
+    on the view sits, is left out of the graph (until 2026-12-04 such a layer was refused as
+    "no use of its parameters"). The whole base, its rows each example's in turn ([N·T, O]:
+    the audit's FLAT), keeps its node whatever is done to the view. ``None`` for any other
+    output."""
+    base = _whole_base(output)
+    if (
+        base is None
+        or dim != 0
+        or base.dim() == 0
+        or base.shape[0] < n
+        or base.shape[0] % max(n, 1)
+        or output.dim() == 0
+        or output.shape[0] != n
+    ):
+        return None
+    return base
+
+
+def _whole_base(output: Tensor) -> Tensor | None:
+    """The tensor ``output`` is a reshaped view of, when it is the whole base, in the same
+    layout (a product's result, ``addmm(...).view(...)``)."""
+    base = output._base
+    if (
+        base is None
+        or base._base is not None
+        or not base.requires_grad
+        or base.numel() != output.numel()
+        or not (base.is_contiguous() and output.is_contiguous())
+        or base.data_ptr() != output.data_ptr()
+    ):
+        return None
+    return base
+
+
+def _reshaped_base(module: nn.Module, output: Any) -> Tensor | None:
+    """The tensor a product layer's output is a reshaped view of — nn.Linear on [N, T, I] and
+    Hugging Face's Conv1D return ``addmm(...).view(...)`` — when the view may be replaced by a
+    new one: no forward hook but the engine's saw it (a hook of the user's registered before
+    the tracker's would hold the old view), and it is the whole base, in the same layout."""
+    if (
+        not isinstance(output, Tensor)
+        or len(module._forward_hooks) != 2  # _on_weight_exit and _on_forward
+        or _global_forward_hooks
+    ):
+        return None
+    return _whole_base(output)
+
+
+def _autocast_known(device: str) -> bool:
+    try:
+        torch.is_autocast_enabled(device)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+_AUTOCAST_DEVICES = tuple(d for d in ("cpu", "cuda") if _autocast_known(d))
+
+
+_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def _sequence_nr() -> int | None:
+    """The calling thread's autograd sequence number: one more for each autograd node made
+    (private to torch; ``None`` where a torch lacks it)."""
+    return _GET_SEQUENCE_NR() if _GET_SEQUENCE_NR is not None else None
+
+
+_GET_SEQUENCE_NR: Callable[[], int] | None = getattr(torch._C._autograd, "_get_sequence_nr", None)
+
+
+def _autocast_enabled() -> bool:
+    """Whether autocast is on for the CPU or CUDA (checked in every measured layer's hook: one
+    call into torch where it has one for every device)."""
+    if _ANY_AUTOCAST is not None:
+        return bool(_ANY_AUTOCAST())
+    return any(torch.is_autocast_enabled(d) for d in _AUTOCAST_DEVICES)
+
+
+# autograd nodes that pass a tensor's rows on unchanged, in order, or change each element alone
+# (looked through, along their first input, from a layer's input back to a pick)
+_ROW_PRESERVING = frozenset(
+    {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0",
+     "ToCopyBackward0", "ContiguousBackward0", "GeluBackward0", "ReluBackward0",
+     "SiluBackward0", "TanhBackward0", "SigmoidBackward0", "NativeDropoutBackward0",
+     "MulBackward1", "DivBackward1", "NegBackward0", "LeakyReluBackward0", "EluBackward0",
+     "HardtanhBackward0", "SoftplusBackward0", "ThresholdBackward0", "PowBackward0",
+     "MulBackward0", "DivBackward0", "AddBackward0", "SubBackward0"}
+)  # fmt: skip
+
+
+def _host_reads_indices(index: Tensor) -> bool:
+    """Whether :func:`_selected_rows` reads index tensors' values when the layer runs: on the
+    CPU; on an accelerator that would wait for the device, and they are compared there instead
+    (a flag the tracker reads with the step's statistics). Tests patch it to take the
+    accelerator's way on the CPU."""
+    return index.device.type == "cpu"
+
+
+def _selected_rows(
+    x: Tensor | None, n: int, unread: list[tuple[str, Tensor]] | None = None
+) -> str | None:
+    """How ``x``'s ``n`` rows were picked so that which example each belongs to depends on the
+    data, when its autograd history shows it (through views and elementwise functions): a
+    boolean mask over more than the examples' own dimension, or one over (or an index into) a
+    tensor of another leading size — the examples flattened with their positions, [N·T, D],
+    filtered to the tokens a loss counts — or, on the CPU, several index tensors none of
+    which runs along the examples in order (``h[b, t]`` from ``mask.nonzero()``). Their count
+    equals the batch's by coincidence, and an audit proves their order for one step's data
+    only (before 2026-12-04 such rows were split as the examples on unaudited steps: 19–37%
+    off). ``None`` when the history shows no such pick: an index along the examples' own
+    dimension — ``h[arange(N), last]``, a time-major ``out[last, arange(N)]`` — is not one.
+    On an accelerator several index tensors are not read (that would wait for the device):
+    ``None`` then, and ``(how, flag)`` is appended to ``unread``, ``flag`` a device boolean,
+    true when none of them is the examples in order — the tracker refuses the step when it
+    reads the step's statistics, before they are folded into the estimate."""
+    if x is None or x.grad_fn is None or torch.compiler.is_compiling():
+        return None
+    node = x.grad_fn
+    for _ in range(8):
+        if type(node).__name__ not in _ROW_PRESERVING:
+            break
+        nxt = node.next_functions
+        if not nxt or nxt[0][0] is None:
+            return None
+        node = nxt[0][0]
+    kind = type(node).__name__
+    if kind == "IndexBackward0":
+        sizes = tuple(node._saved_self_sym_sizes)
+        indices = [t for t in node._saved_indices if t is not None]
+        if not indices or not sizes:
+            return None
+        masks = [t for t in indices if t.dtype == torch.bool]
+        if masks:
+            one_dim0 = len(indices) == 1 and node._saved_indices[0] is not None
+            if one_dim0 and masks[0].dim() == 1 and sizes[0] == n:
+                return None  # the examples kept, in order (all of them, when n are)
+            return f"a boolean mask over a {list(sizes)} tensor"
+        if len(indices) == 1:
+            index = node._saved_indices[0]
+            if index is None or sizes[0] == n or index.dim() == 0 or index.shape[0] != n:
+                # (along another dimension; along the examples' own; or rows that a view
+                # takes from another dimension, aligned with the source's)
+                return None
+            return f"an index over the {sizes[0]} rows of a {list(sizes)} tensor"
+        # several index tensors: one along a dimension of the batch's size that is the
+        # examples in order (arange) says the rows are the examples
+        how = f"index tensors over a {list(sizes)} tensor, none of them the examples in order"
+        full = list(node._saved_indices) + [None] * (len(sizes) - len(node._saved_indices))
+        along = [
+            index
+            for dim, index in enumerate(full)
+            if index is not None and sizes[dim] == n and index.shape == (n,)
+        ]
+        if not along:
+            return how
+        if not _host_reads_indices(along[0]):
+            if unread is not None:
+                device = along[0].device
+                in_order = torch.stack(
+                    [
+                        (index == torch.arange(n, device=index.device)).all().to(device)
+                        for index in along
+                    ]
+                ).any()
+                unread.append((how, in_order.logical_not()))
+            return None
+        if any(bool((index == torch.arange(n, device=index.device)).all()) for index in along):
+            return None
+        return how
+    if kind in ("IndexSelectBackward0", "GatherBackward0"):
+        # the result's dim 0 runs along the index's: picked rows when it has the batch's size
+        # and the source's dim 0 another (a gather along dim 0 whose result has one row, a
+        # time-major RNN's last step, keeps the examples of dim 1 in order)
+        if node._saved_dim != 0:
+            return None
+        sizes = getattr(node, "_saved_self_sym_sizes", None)
+        if sizes is None:
+            sizes = node._saved_self.shape
+        index = node._saved_index
+        if not sizes or sizes[0] == n or index.dim() == 0 or index.shape[0] != n:
+            return None
+        return f"an index over the {sizes[0]} rows of a {list(sizes)} tensor"
+    if kind in ("MaskedSelectBackward0", "TakeBackward0"):
+        return "a masked_select or take, whose result is flat"
+    return None

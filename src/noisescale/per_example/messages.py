@@ -1,0 +1,193 @@
+"""The engine's refusals that name a cause found outside the layer that met it: parameters
+added after the tracker, a submodule called alone, reentrant checkpointing, a loss term
+computed from the parameters (AdaLoRA's penalty, a mixture of experts' auxiliary loss),
+examples mixed in the model."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+from torch import nn
+
+from noisescale.per_example.graph import _MirroredCheckpoint
+from noisescale.per_example.passes import PassNorms
+
+
+def new_parameters_message(names: Sequence[str]) -> str:
+    """The refusal of trainable parameters the tracker was not built on."""
+    return (
+        f"parameters {list(names[:6])}{'…' if len(names) > 6 else ''} were added to the model or "
+        "replaced by new Parameter objects after the tracker was created (a layer re-created or "
+        "added, resize_token_embeddings(), peft adapters, load_state_dict(..., assign=True), "
+        "model.to() with torch.__future__.set_overwrite_module_params_on_conversion(True), "
+        "FSDP2's fully_shard()): the tracker would leave them out of every norm. Create the "
+        "tracker after the model is built, moved, loaded and wrapped"
+    )
+
+
+def submodule_called_message(lead: str, model: nn.Module, label: str) -> str:
+    """The refusal of a step in which a layer ran with gradients enabled outside a forward of
+    the measured ``model`` (:attr:`PerExampleNorms.unopened`); ``lead`` names the fix."""
+    return (
+        f"{lead} ({type(model).__name__}), or give it the module you call: layer '{label}' "
+        "ran with gradients enabled outside a forward of that model — a submodule called by "
+        "itself, model.model(...) with a loss of your own on its output, as fused "
+        "linear-cross-entropy losses and custom heads do, or model.forward(...) called "
+        "directly, which skips the model's hooks — and noisescale opens each pass at the "
+        "model's forward. Wrap the submodule and the loss in one module and measure that, or "
+        "measure the submodule (its parameters only)"
+    )
+
+
+# the cause first: what the engine met in a reentrant recomputation follows from it
+_REENTRANT_LEAD = (
+    "this step ran activation checkpointing with use_reentrant=True, which recomputes the "
+    "forward and backpropagates it in a backward of its own, out of the per-example engine's "
+    "reach. Use torch.utils.checkpoint(..., use_reentrant=False) (in transformers: "
+    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
+    "False}), its default), or per_example=False"
+)
+
+
+def _reentrant_checkpointing(model: nn.Module) -> bool:
+    """Whether a transformers layer of ``model`` checkpoints its forward with
+    ``use_reentrant=True`` (``gradient_checkpointing_enable(gradient_checkpointing_kwargs=
+    {"use_reentrant": True})``): its recomputation may run none of the engine's hooks (peft's
+    IA3, VeRA and LoKr, whose parameters are followed from the model's own forward), so the
+    pass is not marked (:meth:`PerExampleNorms._hook_pass`) and a refusal would not name it."""
+    for module in model.modules():
+        if not getattr(module, "gradient_checkpointing", False):
+            continue
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        func = func.original if isinstance(func, _MirroredCheckpoint) else func
+        if isinstance(func, functools.partial) and func.keywords.get("use_reentrant") is True:
+            return True
+    return False
+
+
+def _flattened_hint(size: int, n: int) -> str:
+    """What a leading size that is a multiple of the batch's most likely means."""
+    if n < 1 or size <= n or size % n:
+        return ""
+    return (
+        f" — {size} = {n} × {size // n}: if the examples were flattened together with another "
+        "dimension, noisescale can tell which example a row belongs to only for a layer that "
+        "treats positions alike (Linear, Conv1D, LayerNorm, RMSNorm) on rows that are each "
+        "example's in turn (x.reshape(-1, D) of a batch-first [N, T, D], as OPT's feed-forward "
+        "block does); elsewhere it needs the examples along dim 0 of the input"
+    )
+
+
+def _auxiliary_loss_cause(model: nn.Module) -> str | None:
+    """A Hugging Face mixture of experts trained with its routers' auxiliary loss: the
+    load-balancing loss multiplies the batch's mean routing fractions by its mean router
+    probabilities, over every token of the batch together (and Switch Transformers' z-loss is
+    a mean over them too), so it combines examples — the audit fails on it, and its findings
+    alone would name a generic cause."""
+    for name, module in model.named_modules():
+        config = getattr(module, "config", None)
+        if not getattr(config, "output_router_logits", False):
+            continue
+        coefs = {
+            key: value
+            for key in ("router_aux_loss_coef", "router_z_loss_coef")
+            if isinstance(value := getattr(config, key, None), (int, float)) and value
+        }
+        if not coefs:
+            continue
+        where = f"'{name}.config'" if name else "the model's config"
+        set_ = ", ".join(f"{k}={v:g}" for k, v in coefs.items())
+        return (
+            f"This model returns its routers' logits and, given labels, adds their auxiliary "
+            f"loss to its loss ({where}: output_router_logits=True, {set_}), computed from the "
+            "routing of every token of the batch together (a load-balancing loss: the batch's "
+            "mean routing fractions times its mean router probabilities): that loss combines "
+            "examples, so no example has a gradient of its own. Measure this model with "
+            "per_example=False and two or more gradient-accumulation micro-batches a step "
+            "(each micro-batch's loss, its auxiliary loss included, is then a group of its "
+            "own), or, if it is not trained with the auxiliary loss, with "
+            "output_router_logits=False."
+        )
+    return None
+
+
+def _qualified(cls: type) -> str:
+    """``peft.tuners.gralora.layer.Linear``: a class by its module, as a user imports it."""
+    module, name = cls.__module__, cls.__qualname__
+    return name if module in ("builtins", "__main__") else f"{module}.{name}"
+
+
+def _penalty_cause(model: nn.Module) -> str | None:
+    """peft's AdaLoRA: whenever the model returns a loss (called with ``labels=``), its forward
+    adds ``orth_reg_weight`` × the orthogonality penalty |P Pᵀ − I| of every ``lora_A`` and
+    ``lora_B`` to it — a term computed from those parameters alone, of no example, which the
+    audit finds as a use outside any layer (or, when a rank equals the batch's size, as a table
+    of that size meeting a constant). It is named whatever its weight: at 0 the penalty still
+    runs, with a zero gradient."""
+    for name, module in model.named_modules():
+        if type(module).__name__ != "AdaLoraModel":
+            continue
+        configs = getattr(module, "peft_config", None)
+        adapter = getattr(module, "trainable_adapter_name", None)
+        config = configs.get(adapter) if isinstance(configs, dict) else None
+        weight = getattr(config, "orth_reg_weight", None)
+        if not isinstance(weight, (int, float)):
+            continue
+        where = f"'{name}'" if name else "the model"
+        return (
+            f"This is peft's AdaLoRA ({where}, adapter '{adapter}', orth_reg_weight={weight:g}): "
+            "when the model returns a loss (called with labels=), its forward adds the "
+            "orthogonality penalty |P Pᵀ − I| of every lora_A and lora_B to it"
+            + (" (at weight 0 it still runs, with a zero gradient)" if weight == 0 else "")
+            + ", a term "
+            "computed from those parameters alone that belongs to no example, so the step has "
+            "no per-example gradients. Call the model without labels= and compute the loss "
+            "from its logits (peft then adds no penalty: train without it), or, to keep it, "
+            "measure with per_example=False and two or more gradient-accumulation "
+            "micro-batches a step (each micro-batch's gradient then carries the penalty's, "
+            "and B_simple is that of the penalised objective)."
+        )
+    return None
+
+
+def _ambiguous_message(pass_: PassNorms) -> str:
+    origin, op, shared, other, kind = pass_.ambiguous[0]
+    labels = sorted({s.label for s in origin.sources})
+    n = pass_.batch_size
+    if kind == "loss":
+        return (
+            f"a tensor computed from {labels} alone, of shape {list(shared)}, met the batch "
+            f"after the model's forward returned (in the loss), in the operation '{op}', only "
+            "through tensors not computed from the model's outputs with the batch's size "
+            f"({n}) in dim 0, such as {list(other)}: targets, labels, or constants. noisescale "
+            "cannot tell whether their dim 0 is the examples (targets, labels) or a size that "
+            "happens to equal the batch's (a fixed table with as many rows as examples, "
+            "positions arange(T) with T = N), and no audit reaches the loss. Compute this "
+            "inside the model's forward (pass the targets to it, as Hugging Face models take "
+            "labels=), combine it with the model's per-example outputs first, keep "
+            "parameters out of the loss (the optimizer's weight decay for penalties), or use "
+            "per_example=False"
+        )
+    return (
+        f"a tensor computed from {labels} alone, of shape {list(shared)}, has the "
+        f"batch's size ({n}) in dim 0 and meets, row by row in the operation '{op}', "
+        f"only a tensor without autograd history of shape {list(other)} (input data or a "
+        "mask). noisescale cannot tell whether its rows are the examples' or a table whose "
+        "size happens to equal the batch's (a single example's forward would broadcast the "
+        f"whole table over it). Use a batch size other than {n}, keep the table's rows "
+        "apart from the examples' dimension, or use per_example=False"
+    )
+
+
+def _coupled_message(pass_: PassNorms) -> str:
+    return (
+        "the loss combines the examples, so they have no per-example gradients for noisescale "
+        f"to measure: after the model's forward returned, {pass_.coupled}, and the backward "
+        "started from the result. Per-example norms are defined for a loss that is a sum (or "
+        "mean) of per-example terms, Σ_i ℓ_i(output_i); a contrastive loss with in-batch "
+        "negatives, a pairwise term between two forwards' outputs, or a normalization by the "
+        "batch's statistics is not one (the gradient reaching example i's output depends on "
+        "the others'). Use per_example=False (the noise scale from micro-batch or replica "
+        "gradients), or detach the batch-level quantity if it is meant as a constant weight"
+    )

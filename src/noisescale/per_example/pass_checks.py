@@ -1,0 +1,224 @@
+"""Checks across the passes of one step: the audit schedule, passes one backward ran through
+(merged), two forwards on the same input, a forward fed by its own output."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import operator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from noisescale.errors import NoiseScaleInputError
+from noisescale.per_example.factors import MergedSubbatches
+from noisescale.per_example.passes import PassNorms
+from noisescale.per_example.values import _flat_values
+
+
+def _audit_scheduled(step: int) -> bool:
+    """Audit step 1 (steps count from 1), steps 2, 4, 8, …, 1024, and every 1024th after."""
+    return step <= 1 or (step <= 1024 and step & (step - 1) == 0) or step % 1024 == 0
+
+
+def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
+    """Merge passes that one backward ran through: one micro-batch of all their examples."""
+    groups: list[list[PassNorms]] = []
+    for pass_ in passes:
+        joined = [g for g in groups if any(pass_.tasks & q.tasks for q in g)]
+        merged = [pass_]
+        for g in joined:
+            groups = [h for h in groups if h is not g]  # (by identity: passes hold tensors)
+            merged = g + merged
+        groups.append(merged)
+    out = []
+    for group in groups:
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        if any(p.skipped and not p.idle for p in group) and not all(p.skipped for p in group):
+            # part of the pass measured: in sub-batch mode with accumulation the micro-batch
+            # measured is chosen at the forward, by the last step's passes, and this step ran
+            # several forwards in one backward where the last ran one (from the next step on,
+            # every forward of such a step is measured). Its per-example gradients would miss
+            # the skipped forwards' share of the backward (the audit's coverage check would
+            # fail): the pass keeps its micro-batch norm only, as a skipped one does
+            group = [_without_norms(p) for p in group]
+        first = group[0]
+        merged = PassNorms(batch_size=sum(p.batch_size for p in group), weights=first.weights)
+        for name in ("raw_sqnorms", "group_sqnorms"):
+            parts = [getattr(p, name) for p in group if getattr(p, name) is not None]
+            setattr(merged, name, torch.cat(parts) if parts else None)
+        for name in ("grad_sqnorm", "group_grad_sqnorm"):
+            parts = [getattr(p, name) for p in group if getattr(p, name) is not None]
+            setattr(merged, name, sum(parts[1:], parts[0]) if parts else None)
+        merged.skipped = all(p.skipped for p in group)
+        merged.audited = any(p.audited for p in group)
+        merged.compiled = any(p.compiled for p in group)
+        merged.unaudited = any(p.unaudited for p in group)
+        merged.compiled_blocked = any(p.compiled_blocked for p in group)
+        merged.compiled_call = any(p.compiled_call for p in group)
+        merged.compiled_unsupported = next(
+            (p.compiled_unsupported for p in group if p.compiled_unsupported), None
+        )
+        merged.audit = next((p.audit for p in group if p.audit is not None), None)
+        merged.unsupported = [u for p in group for u in p.unsupported]
+        merged.ambiguous = [u for p in group for u in p.ambiguous]
+        merged.coupled = next((p.coupled for p in group if p.coupled), None)
+        flags = [p.counted_mean for p in group if p.counted_mean is not None]
+        merged.counted_mean = functools.reduce(operator.or_, flags) if flags else None
+        merged.loss_unfollowed = next((p.loss_unfollowed for p in group if p.loss_unfollowed), None)
+        # how the losses weigh the examples: one loss's weights per backward are measured (or
+        # counted); several forwards' in one backward cannot be combined into one pass's
+        if any(p.units is not None for p in group):
+            merged.units_error = (
+                f"{len(group)} forward passes of the model were backpropagated by one backward "
+                "(e.g. (loss1 + loss2).backward()) and their losses weigh tokens (a Hugging "
+                "Face model's labels=, count_tokens): noisescale reads one loss's token weights "
+                "per backward pass and cannot combine several. Call backward() on each "
+                "forward's loss in turn (gradient accumulation), or run the examples in one "
+                "forward"
+            )
+        else:
+            merged.units_error = next((p.units_error for p in group if p.units_error), None)
+        # in sub-batch mode each pass was split (or measured per example): their groups
+        # together partition the merged pass (before 2026-12-04 the merged pass had no
+        # sub-batches, and the default measured nothing where the exact mode measured it)
+        if any(p.subbatches is not None or p.unsplit for p in group) and all(
+            p.raw_sqnorms is not None and not p.skipped and (p.subbatches is not None or p.unsplit)
+            for p in group
+        ):
+            if all(p.unsplit for p in group):
+                merged.unsplit = True
+            else:
+                merged.subbatches = MergedSubbatches(
+                    [p.batch_size if p.subbatches is None else p.subbatches for p in group]
+                )
+        if any(p.rows is not None or p.skipped for p in group) and not merged.skipped:
+            offset, taken = 0, []
+            for p in group:
+                if not p.skipped:
+                    r = p.rows if p.rows is not None else torch.arange(p.batch_size)
+                    taken.append(r.cpu() + offset)
+                offset += p.batch_size
+            merged.rows = torch.cat(taken)
+        for p in group:
+            merged.received |= p.received
+            merged.covered |= p.covered
+            merged.tasks |= p.tasks
+            merged.param_tasks |= p.param_tasks
+        out.append(merged)
+    return out
+
+
+def _same_input(a: PassNorms, b: PassNorms) -> bool:
+    """Whether two passes read the same examples: in one backward, the same tensor or one with
+    the same storage, shape and stride (a view); across backwards (two micro-batches), the
+    same tensor object at the same version — a buffer refilled in place between them,
+    ``buf.copy_(batch)``, holds other examples, and a new tensor on a reused buffer
+    (``torch.from_numpy(buf)`` each time, which numpy refills without a version) is taken
+    for other examples too."""
+    x, y = a.examples, b.examples
+    if x is None or y is None:
+        return False
+    if a.tasks & b.tasks:  # one backward: nothing can have changed the input in between
+        return x is y or (
+            x.device == y.device
+            and x.dtype == y.dtype
+            and x.shape == y.shape
+            and x.stride() == y.stride()
+            and x.data_ptr() == y.data_ptr()
+        )
+    return x is y and a.examples_version is not None and a.examples_version == b.examples_version
+
+
+def _refuse_same_input_twice(passes: list[PassNorms]) -> None:
+    """Refuse a step whose backward passes ran through two forwards of the model on the same
+    input tensor.
+
+    Their rows are the same examples twice (multi-sample dropout, R-Drop's two passes, two
+    task heads called in turn on one batch, in one backward or two): each example's gradient
+    is the sum of its two rows', but the step takes its 2N rows for 2N independent examples
+    (one merged pass, or two micro-batches), so per-example norms, sub-batch and micro-batch
+    norms and the noise scale from them are wrong. (Two augmented views are two input tensors,
+    which no check can tell from two batches: documented, not detected.)
+    """
+    for i, a in enumerate(passes):
+        for b in passes[i + 1 :]:
+            if a.batch_size == b.batch_size and _same_input(a, b):
+                one = bool(a.tasks & b.tasks)
+                raise NoiseScaleInputError(
+                    f"{'one backward' if one else 'the backward passes of one step'} ran "
+                    "through two forward passes of the model on the same input tensor (shape "
+                    f"{tuple(a.examples.shape)}; e.g. multi-sample dropout, R-Drop, two heads "
+                    "called in turn on one batch): its rows are the same examples twice, whose "
+                    "gradient is the sum of both rows', so no norm per row is an example's and "
+                    f"the step's {a.batch_size + b.batch_size} rows are not independent draws"
+                    f"{'' if one else ' (nor are its micro-batches)'}. Run the batch through "
+                    "one forward and one loss; with accumulation, give each micro-batch other "
+                    "examples (per_example=False then measures any loss within a micro-batch "
+                    "exactly). A forward that is not trained (a teacher, a probe) goes under "
+                    "torch.no_grad() or tracker.paused()"
+                )
+
+
+def _node_key(node: Any) -> tuple[int, int]:
+    return id(node), node._sequence_nr()
+
+
+def _fed_by(passes: list[PassNorms], args: tuple, kwargs: dict) -> PassNorms | None:
+    """The earlier pass of the step whose model outputs a tensor argument of this forward was
+    computed from through autograd (``m(m(x))``, ``m(x + m(x))``: a walk of its graph, bounded
+    at 512 nodes), or None. (A detached output, the pushforward trick's ``m(m(x).detach())``,
+    has no such link: its memory is the output's, but an address an output freed may hold a
+    new batch, so memory cannot tell; not detected, documented.)"""
+    earlier = [p for p in passes if p.fed_marks]
+    if not earlier:
+        return None
+    for t in _flat_values(args, kwargs):
+        if not isinstance(t, Tensor):
+            continue
+        node, seen, todo = t.grad_fn, set(), []
+        while node is not None and len(seen) < 512:
+            if id(node) not in seen:
+                seen.add(id(node))
+                key = _node_key(node)
+                for p in earlier:
+                    if key in p.fed_marks:  # type: ignore[operator]
+                        return p
+                todo.extend(n for n, _ in node.next_functions if n is not None)
+            node = todo.pop() if todo else None
+    return None
+
+
+def _refuse_fed_by_its_own_output(passes: list[PassNorms]) -> None:
+    """Refuse a step in which a trained forward of the model ran on what an earlier trained
+    forward of the step returned: a rollout, an unrolled recurrence, self-conditioning with
+    gradient. Row i of every call is example i, whose
+    gradient is the sum over the calls, but the step took each call's rows for N independent
+    examples of their own (a review found b_big 3x and tr Σ up to +164%, silently)."""
+    trained = {id(p) for p in passes}
+    for p in passes:
+        if p.fed_by is not None and id(p.fed_by) in trained:
+            raise NoiseScaleInputError(
+                "a forward of the model ran on what an earlier forward of this step returned "
+                "(a rollout m(m(x)), an unrolled recurrence, self-conditioning with gradient, "
+                "m(x + m(x))), and both were trained: row i of "
+                "each call is example i, whose gradient is the sum over the calls, so no row's "
+                "norm is an example's and the calls' rows are not independent draws. Wrap the "
+                "rollout in one module whose forward calls the model each time and give that "
+                "module to the tracker (the repeated calls of its layers are then measured as "
+                "one example's), or run a forward that is not trained under torch.no_grad() or "
+                "tracker.paused(). Nothing of this step was recorded"
+            )
+
+
+def _without_norms(pass_: PassNorms) -> PassNorms:
+    """A copy of the pass without its per-example norms, rows and audit (its micro-batch norm
+    and bookkeeping kept)."""
+    bare = copy.copy(pass_)
+    bare.raw_sqnorms = bare.group_sqnorms = bare.rows = bare.audit = bare.subbatches = None
+    bare.unsplit = False
+    bare.skipped = True
+    return bare

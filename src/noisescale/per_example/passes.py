@@ -1,0 +1,277 @@
+"""What the engine records for one pass (a forward and the backward that reaches it) and for
+the calls in it: :class:`PassNorms`, the per-example norms it hands the tracker."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from noisescale.per_example import audit as audit_mod
+from noisescale.per_example import subbatch as subbatch_mod
+from noisescale.per_example.factors import Factor, MergedSubbatches, Subbatches
+from noisescale.per_example.registry import LayerRule
+from noisescale.per_example.shared import Meeting, Source
+
+
+@dataclass(eq=False)
+class _Call:
+    """A layer call (or a shared call) whose rule runs in the backward pass."""
+
+    module: nn.Module
+    rule: LayerRule
+    label: str
+    params: dict[str, nn.Parameter]
+    dim: int  # where the examples are in its input and outputs (layout of the rule's caller)
+    box: list[Any] = field(default_factory=list)  # the saved input, emptied by the backward
+    out_dims: Sequence[int] = (0,)
+    size: int = 0  # examples in the call (a shared call: the leading size of its input)
+    why: str = ""  # why a shared call was treated as shared
+    picked: str = ""  # why, when its input's rows (or an upstream shared call's) were picked
+    flat: int = 0  # rows per example of an input with the examples flattened in (0: not)
+
+
+@dataclass(eq=False)
+class _WeightJob:
+    """A weight whose gradient the engine computes as sub-batch products (one layer call)."""
+
+    pass_: Any
+    module: nn.Module
+    weight: nn.Parameter
+    kind: str  # "linear", "conv1d" (Hugging Face Conv1D, weight [in, out]) or "conv"
+    box: list[Any]
+    engine: Any = None
+    bias: nn.Parameter | None = None  # the layer's bias, when its gradient is taken over too
+    # the product layers that read this call's input tensor itself in the forward (eager only)
+    readers: subbatch_mod.Readers | None = None
+
+    def weight_grad(self, x: Tensor, d: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        return self.engine._weight_backward(self, x, d)
+
+
+@dataclass(eq=False)
+class _Slot:
+    """Per-example gradients of one shared source, summed over the meetings that reached it."""
+
+    source: Source
+    expected: int = 0
+    arrived: int = 0
+    total: Tensor | None = None
+    pass_: Any = None
+
+
+@dataclass(eq=False)
+class _Record:
+    """What one event of a compiled graph recorded (``PerExampleNorms.on_forward_event``)."""
+
+    kind: str  # "call", "shared", "param", "meet" or "root"
+    pass_: Any
+    call: _Call | None = None
+    job: _WeightJob | None = None
+    meeting: Meeting | None = None
+    source: Source | None = None  # a shared call's, for its meetings
+
+
+@dataclass
+class PassNorms:
+    """Per-example norms of one forward/backward pass (one micro-batch).
+
+    Attributes:
+        batch_size: Examples in the pass (dim 0 of the model's input).
+        raw_sqnorms: Σ over parameters of |∂(backpropagated loss)/∂θ restricted to example i|²,
+            before undoing the loss reduction, for the examples ``rows``; shape [batch_size], or
+            [len(rows)] for a subset, each times its ``row_weights``. ``None`` when per-example
+            norms were not computed (or withheld: see ``withheld``).
+        grad_sqnorm: |∂(backpropagated loss)/∂θ|² of the whole pass (the micro-batch gradient),
+            a 0-d tensor; ``None`` if no parameter received a gradient.
+        group_sqnorms: ``raw_sqnorms`` split by parameter group, shape [batch_size, groups].
+        group_grad_sqnorm: ``grad_sqnorm`` split by parameter group, shape [groups].
+        weights: P² per parameter id when the norms are preconditioned, |P ⊙ g|² = Σ P²g²
+            (the same weights for every norm of the pass); ``None`` for plain norms.
+        rows: The examples (indices into the pass's batch) whose norms were computed, drawn
+            with replacement with probabilities that favour large gradients; ``None`` for all.
+        row_weights: The importance weights 1/(n·q_i) of ``rows``, already applied to
+            ``raw_sqnorms`` and ``group_sqnorms`` when the pass is collected.
+        skipped: With a subset fraction, one pass of a step computes per-example norms; the
+            others (further accumulation micro-batches) have ``raw_sqnorms`` ``None`` and this set.
+        audited: Every example was measured and checked against autograd (see the module doc).
+        withheld: Why this pass's per-example norms were withheld (an audit that taught the
+            engine something; the step's other sources still count), or ``None``.
+        subbatches: In sub-batch mode, how the pass's examples were split; ``raw_sqnorms`` then
+            holds one squared norm per sub-batch (of sizes ``subbatches.sizes``).
+    """
+
+    batch_size: int
+    raw_sqnorms: Tensor | None = None
+    grad_sqnorm: Tensor | None = None
+    group_sqnorms: Tensor | None = None
+    group_grad_sqnorm: Tensor | None = None
+    weights: dict[int, Tensor] | None = None
+    rows: Tensor | None = None
+    row_weights: Tensor | None = None
+    skipped: bool = False
+    # counted, not measured: the tracker's unmeasured steps (measure_every), which run plain
+    idle: bool = False
+    audited: bool = False
+    withheld: str | None = None
+    # bookkeeping while the pass is open
+    uses: dict[int, int] = field(default_factory=dict)
+    pending: dict[int, list[Factor]] = field(default_factory=dict)
+    covered: set[int] = field(default_factory=set)
+    received: set[int] = field(default_factory=set)
+    tasks: set[int] = field(default_factory=set)  # autograd graph tasks that ran through the pass
+    param_tasks: set[int] = field(default_factory=set)  # tasks that computed parameter gradients
+    # factors from torch.autograd.grad() calls, kept until it is known whether they reached the
+    # parameters (autograd cannot tell a hook that during autograd.grad)
+    deferred: dict[int, list[tuple[nn.Parameter, Factor]]] = field(default_factory=dict)
+    second_order: bool = False  # a backward with create_graph=True ran through the pass
+    lazy: set[int] = field(default_factory=set)  # gradient norms still to read from .grad
+    measured: bool = False  # with a subset: this pass's per-example norms are computed
+    products: bool = False  # sub-batch mode: some weight's gradient came from sub-batch products
+    # product layers' inputs in the forward, by id: (a weak reference to the tensor — not to
+    # keep alive what a saved-tensor hook offloads —, its version, its readers)
+    read_by: dict[int, tuple[Any, int, subbatch_mod.Readers]] = field(
+        default_factory=dict, repr=False
+    )
+    unsplit: bool = False  # sub-batch mode: measured per example, as no weight used products
+    repeated_backward: bool = False  # a parameter received two gradients in the pass
+    # a backward through the pass wrote .grad (backward()); torch.autograd.grad took gradients
+    # of parameters through it (wrote nothing). (FSDP2 writes .grad outside: neither is set.)
+    wrote: bool = False
+    grad_only: bool = False
+    # the model's outputs' autograd nodes as (id, sequence number) — not the nodes, which
+    # would keep a graph no backward reaches alive; a dead node's id reused by a new node
+    # comes with a later sequence number —, for a later forward of the step fed by them; the
+    # earlier pass whose outputs fed this one's input
+    fed_marks: set[tuple[int, int]] | None = None
+    fed_by: PassNorms | None = None
+    # Σ|.grad|² found before the step's first backward wrote it (audited passes: stale gradients)
+    stale_sqnorm: Tensor | None = None
+    slots: dict[int, _Slot] = field(default_factory=dict)  # shared sources
+    signature: list[tuple] = field(default_factory=list)  # structure, for the audit
+    nodes_at: int | None = None  # the thread's autograd sequence number at the forward
+    nodes: int | None = None  # autograd nodes its (eager) forward made
+    audit: audit_mod.PassAudit | None = None
+    unsupported: list[tuple[Any, str]] = field(default_factory=list)  # (scope, op)
+    # meetings that nothing can prove to be by example (shared.py's _rows_unproven, and any in
+    # the loss only through tensors not computed from the model's outputs): (origin, op, shared
+    # shape, other shape, kind "rows" | "loss")
+    ambiguous: list[tuple[Any, str, tuple, tuple, str]] = field(default_factory=list)
+    returned: bool = False  # the model's forward has returned (what follows is the loss)
+    # how the loss combined the examples, when it did (loss_watch.py): refused in _settle
+    coupled: str | None = None
+    loss_unfollowed: str | None = None  # why its loss could not be followed (withheld)
+    # a device bool: the loss averaged over what it counts, not over the examples — a negative
+    # log-likelihood with ignore_index targets or class weights, or a sum divided by a tensor
+    # other than their number (loss_watch.py); per_example_sqnorms refuses it under "mean"
+    counted_mean: Any = None
+    # each parameter's (.grad, version) when the pass's backward had finished (changed_grads)
+    grad_marks: list[tuple[Any, int] | None] | None = None
+    # on the steps audits fall on: each parameter's |.grad|² then too (changed_grads: what no
+    # version counter sees)
+    grad_prints: list[Tensor | None] | None = None
+    output_nodes: dict[int, Any] = field(default_factory=dict)  # the outputs' autograd nodes
+    meetings_added: int = 0
+    buffer_storages: set[int] | None = None  # the model's buffers' storages (_is_buffer)
+    # layer inputs picked by several index tensors on an accelerator, where the indices are
+    # not read when the layer runs: (layer, how, a device flag "none of them is the examples in
+    # order"), read by the tracker with the step's statistics (_selected_rows)
+    unread_picks: list[tuple[str, str, Tensor]] = field(default_factory=list)
+    shared_calls: list[_Call] = field(default_factory=list)
+    # layers called on the examples flattened together with positions (LayerRule.flattened)
+    flat_calls: set[nn.Module] = field(default_factory=set)
+    amp: bool = False  # the forward ran under autocast (looser audit tolerance)
+    # the model's first tensor argument (a layer reading it may set the example count:
+    # EmbeddingBag's offsets)
+    n_source: Tensor | None = None
+    # the input the example count was read from, and its version counter at the forward (None:
+    # an inference tensor, which has none), for the same input seen twice in a step
+    examples: Tensor | None = None
+    examples_version: int | None = None
+    forward_skipped: bool = False  # skipped when its forward ran (the backward may skip it later)
+    aliased: set[int] = field(default_factory=set)  # parameters handed out as shared aliases
+    inputs: tuple | None = None  # the model's (args, kwargs), for the audit's permutation check
+    subbatches: Subbatches | MergedSubbatches | None = None
+    broken: str | None = None  # a weight measured by sub-batch products was used twice
+    reentrant: bool = False  # checkpoint(use_reentrant=True) recomputed layers in its backward
+    # how the pass's loss weighs its examples (tokens), attached by noisescale.tokens
+    units: Any = None
+    units_error: str | None = None
+    # the gradient that reached the loss a Hugging Face model computed itself and returned, in
+    # the backward (noisescale.tokens): the multiplier the step put on that loss (an
+    # accumulation divisor or none, a loss scale, the Trainer's own scaling); and its hook
+    loss_grad: Tensor | None = None
+    loss_grad_hook: Any = None
+    # the loss was passed to watch_loss (it is the whole micro-batch loss), not only seen
+    # returned by a model (it may be one term of a larger loss)
+    loss_grad_explicit: bool = False
+    # tokens per example counted from the labels= of a model that computed its loss itself (the
+    # case of ``units_error``), [N] float64
+    label_counts: Tensor | None = None
+    # (gradient edge, shape) of the logits a Hugging Face loss_function was computed from
+    # (noisescale.tokens): a root of the audit's replay when the model's outputs are not on the
+    # loss's path (a wrapper that returns only the loss)
+    loss_inputs: list = field(default_factory=list)
+    # the hooks the pass put on its graph (removed with release())
+    handles: list = field(default_factory=list)
+    compiled: bool = False  # its forward ran inside a compiled graph (torch.compile)
+    unaudited: bool = False  # compiled, and due for an audit it could not have there
+    compiled_unsupported: str | None = None  # an operation the traced hooks do not follow
+    compiled_blocked: bool = False  # compiled, in a model the traced hooks cannot follow
+    compiled_call: bool = False  # the model was called through torch.compile
+
+    def release(self) -> None:
+        """Drop what ties the pass to its step's autograd graph and inputs (the step is over):
+        the graph's hooks hold the pass, so a pass holding the graph's nodes — or tensors
+        computed in it — would keep both alive for good. What the step measured stays."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.output_nodes = {}
+        self.loss_inputs = []
+        self.audit = None
+        self.inputs = self.examples = self.n_source = None
+        self.fed_by, self.fed_marks = None, None
+        self.grad_marks = self.grad_prints = None
+        self.shared_calls = []
+        self.slots = {}
+        self.pending = {}
+        self.deferred = {}
+        self.read_by = {}
+        self.unread_picks = []
+        self.unsupported = []
+        self.ambiguous = []
+        self.flat_calls = set()
+
+
+def _by_products(module: nn.Module, rule: LayerRule) -> bool:
+    """Layers whose weight gradient the sub-batch mode computes itself (built-in rules only)."""
+    from noisescale.per_example import conv, linear
+
+    return rule in (linear.LINEAR_RULE, linear.CONV1D_RULE, *conv.CONV_RULES)
+
+
+def _product_kind(module: nn.Module, rule: LayerRule) -> str:
+    """How a layer's weight gradient is one product: ``"conv"``, ``"conv1d"`` (Hugging Face's
+    ``Conv1D``, weight [in, out]) or ``"linear"``."""
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        return "conv"
+    return "conv1d" if rule.name == "Conv1D" else "linear"
+
+
+def _plain_weight_grad(job: _WeightJob, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The weight gradient as one product, and the bias's when taken over (a backward the
+    engine does not measure)."""
+    if job.kind == "conv":
+        from noisescale.per_example.conv import ConvWeightFactor
+
+        grad = ConvWeightFactor(job.module, x, d).summed(job.weight.shape)
+        bias = None if job.bias is None else d.transpose(0, 1).flatten(1).sum(1)
+        return grad, bias
+    a = x.reshape(-1, x.shape[-1])
+    g = d.reshape(-1, d.shape[-1]).to(a.dtype)
+    grad = g.t() @ a
+    bias = None if job.bias is None else d.reshape(-1, d.shape[-1]).sum(0)
+    return (grad.t() if job.kind == "conv1d" else grad), bias

@@ -1,0 +1,497 @@
+"""After the backward: each pass's norms kept, withheld while the engine learns (a direct use
+of a parameter, a layer for the fallback), or refused with a message that names the cause.
+A mixin of :class:`~.engine.PerExampleNorms`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from noisescale.errors import UnsupportedModuleError
+from noisescale.per_example import audit as audit_mod
+from noisescale.per_example import fallback, norms
+from noisescale.per_example.messages import (
+    _ambiguous_message,
+    _auxiliary_loss_cause,
+    _coupled_message,
+    _penalty_cause,
+    _qualified,
+)
+from noisescale.per_example.passes import PassNorms
+
+
+class Settle:
+    """:class:`~noisescale.per_example.engine.PerExampleNorms`' decisions after a backward: what
+    :meth:`_settle` does with each collected pass, and the refusals' messages."""
+
+    def _settle(self, pass_: PassNorms, learn: bool) -> None:
+        """Check the pass's coverage and audit; adapt or refuse."""
+        if pass_.skipped:
+            return
+        if pass_.broken is not None:
+            self._withhold(
+                pass_,
+                f"{pass_.broken}; from the next step on its sub-batch norms come from its "
+                "factors (with the cross terms between its uses)",
+            )
+            return
+        if pass_.unsupported:
+            self._on_unsupported(pass_, learn)
+            if pass_.withheld is not None:
+                return
+        if pass_.compiled_call and not (pass_.compiled or pass_.covered) and pass_.received:
+            # none of the layer hooks ran in a compiled forward: Dynamo ran a graph it had
+            # compiled before they existed (it does not guard on hooks by default, so it does
+            # not notice hooks added later). Dropped; later compilations guard on hooks
+            # (_prepare_compile).
+            self._withhold(
+                pass_,
+                "its forward ran a graph that torch.compile made before the tracker's hooks "
+                "existed; the compiled code is reset (torch._dynamo.reset()) and recompiled "
+                "with them from the next step on",
+            )
+            torch._dynamo.reset()
+            return
+        if pass_.compiled and self._settle_compiled(pass_):
+            return
+        if pass_.coupled is not None:
+            raise UnsupportedModuleError(_coupled_message(pass_))
+        if pass_.loss_unfollowed is not None:
+            if not learn:
+                raise UnsupportedModuleError(pass_.loss_unfollowed)
+            self._withhold(pass_, f"{pass_.loss_unfollowed}; the next audited step checks again")
+            return
+        findings = (
+            pass_.audit.finish(pass_.received, self._param_name)
+            if pass_.audit is not None
+            else audit_mod.Findings()
+        )
+        missing = pass_.received - pass_.covered
+        if findings.unpermuted:
+            # (a shared call that never met the batch says more about the cause: first)
+            self._refuse_unmet_shared(pass_, missing)
+            raise UnsupportedModuleError(self._audit_message(findings))
+        if pass_.ambiguous:
+            # (after the permutation check, which names the cause when it is time-major data)
+            # (a tensor of parameters alone: a penalty's, never a router's auxiliary loss)
+            raise UnsupportedModuleError(self._with_cause(_ambiguous_message(pass_), False))
+        if findings.ok and not missing:
+            if pass_.audit is not None:
+                self._audited_signatures.add(pass_.audit.signature)
+                if pass_.audit.nodes is not None:
+                    self._audited_nodes.add((pass_.audit.signature, pass_.audit.nodes))
+                if pass_.audit.unverified:
+                    self.audit_log.append(pass_.audit.unverified)
+            return
+        if findings.unverified_flat:
+            self._on_unverified_flat(pass_, findings, learn)
+            return
+        flat_wrong = [t.module for t in findings.misattributed if t.module in pass_.flat_calls]
+        if flat_wrong:
+            if not learn:
+                names = ", ".join(f"'{self._labels[m]}'" for m in flat_wrong)
+                others = len(flat_wrong) < len(findings.misattributed) or bool(
+                    findings.unexplained or missing
+                )
+                raise UnsupportedModuleError(
+                    "noisescale's audit of this step failed, so it refuses to report "
+                    f"per-example norms that could be wrong: the rows of {names}, whose input's "
+                    "leading dimension is a multiple of the batch's size, were measured as each "
+                    "example's rows in turn (the examples flattened together with positions, "
+                    "x.reshape(-1, D) of a batch-first [N, T, D]), and they are not each "
+                    "example's rows in turn (a time-major [T, N, D] flattened, or rows routed "
+                    "or sorted across examples). GradientNoiseTracker learns this on its first "
+                    "step and treats such layers as shared from the next; a one-shot "
+                    "measurement cannot. Flatten with the examples first, or use "
+                    "per_example=False"
+                    + (". Besides: " + self._audit_message(findings) if others else "")
+                )
+            self._learned_shared.update(flat_wrong)
+            names = ", ".join(sorted({f"'{self._labels[m]}'" for m in flat_wrong}))
+            self._withhold(
+                pass_,
+                f"the audit found that the rows of layer(s) {names}, whose input's leading "
+                "dimension is a multiple of the batch's size, are not each example's rows in "
+                "turn (examples flattened together with positions, x.reshape(-1, D) of a "
+                "batch-first activation, would be); they are treated as shared from the next "
+                "step on",
+            )
+            return
+        self._refuse_unmet_shared(pass_, missing)
+        unexplained = set(findings.unexplained) | missing
+        if (
+            learn
+            and unexplained
+            and not findings.misattributed
+            and self._learn_direct_uses(pass_, sorted(unexplained))
+        ):
+            return
+        if findings.misattributed and not missing:
+            self._on_audit_failure(pass_, findings, learn)
+            return
+        if missing:
+            names = sorted(self._param_name[pid] for pid in missing)
+            raise UnsupportedModuleError(
+                f"parameters {names} received gradients but noisescale saw no use of them that "
+                "it can attribute to examples (used outside their module, e.g. "
+                "`F.linear(x, other.weight)`, or read through a method of their module other "
+                "than forward, e.g. timm's `self.rel_pos.get_bias()` for a relative-position "
+                "table; inside a torch.autograd.Function, whose operations autograd does not "
+                "record — a fused linear-cross-entropy loss on the output head's weight "
+                "(Liger's, Cut Cross-Entropy): compute the logits with the head and a plain "
+                "cross-entropy; or in the loss outside the model's forward, e.g. "
+                "a weight penalty: use the optimizer's weight_decay instead). Call the owning "
+                "module, register a rule for the module that uses them "
+                "(noisescale.register_layer), or use per_example=False"
+                + (
+                    ""
+                    if learn
+                    else ". (If they are used directly in a module's forward — torchvision "
+                    "Swin's attention passes self.qkv.weight to F.linear — GradientNoiseTracker "
+                    "learns those uses on its first step and measures them exactly from the "
+                    "next; a one-shot measurement cannot.)"
+                )
+            )
+        text = self._audit_message(findings)
+        if not learn and unexplained and not findings.misattributed:
+            text = text.rstrip(".") + (
+                ". If it is a weight used directly in a module's forward beside its layer (a "
+                "read-out h @ emb.weight.T next to emb(ids)), GradientNoiseTracker learns such "
+                "uses on its first step and measures them exactly from the next; a one-shot "
+                "measurement cannot"
+            )
+        raise UnsupportedModuleError(text)
+
+    def _audit_message(self, findings: audit_mod.Findings) -> str:
+        """The failed audit's findings, led by the likely cause where the model names one."""
+        return self._with_cause(findings.message(self._labels, None, self._param_name))
+
+    def _with_cause(self, text: str, auxiliary: bool = True) -> str:
+        """A refusal led by the likely cause where the model names one (a term its forward adds
+        to its loss: a mixture of experts' auxiliary loss unless ``auxiliary`` is false,
+        AdaLoRA's orthogonality penalty when the model returned a loss)."""
+        cause = (_auxiliary_loss_cause(self.model) if auxiliary else None) or (
+            _penalty_cause(self.model) if self._returned_loss else None
+        )
+        return text if cause is None else f"{cause} What noisescale found: {text}"
+
+    def _refuse_unmet_shared(self, pass_: PassNorms, missing: set[int]) -> None:
+        """Refuse a pass in which parameters of a shared call, or parameters used directly,
+        got gradients that no meeting with the batch gave."""
+        for call in pass_.shared_calls:
+            if any(id(p) in missing for p in call.params.values()):
+                raise UnsupportedModuleError(
+                    f"layer '{call.label}' was treated as shared by all examples ({call.why}), "
+                    "but its output never met the batch (it was never combined with per-example "
+                    "activations). noisescale takes dim 0 of a layer's input as the example "
+                    "dimension: keep activations batch-first, the examples not flattened "
+                    "together with attention heads (flattened with positions, each example's "
+                    "rows in turn, they are measured for Linear, Conv1D, LayerNorm and "
+                    "RMSNorm; time-major built-in layers such as nn.LSTM(batch_first=False) are "
+                    "handled), or use per_example=False"
+                )
+        aliased = sorted(self._param_name[pid] for pid in missing & pass_.aliased)
+        if aliased:
+            raise UnsupportedModuleError(
+                f"parameters {aliased} received gradients that no use noisescale followed "
+                "gave: read outside the model's forward (in the loss: model.temperature — "
+                "return it from the forward instead, where it is followed), or used directly in "
+                "their module's forward but never combined with a tensor whose dim 0 has the "
+                f"batch's {pass_.batch_size} examples (time-major activations; examples "
+                "flattened together with positions or routed to experts: x.reshape(-1, D), a "
+                "mixture of experts' eager loop — keep dim 0 the examples; transformers' "
+                "experts_implementation='batched_mm' is followed; or a custom "
+                "torch.autograd.Function, whose outputs noisescale cannot follow a parameter "
+                "through), or use per_example=False"
+            )
+
+    def _settle_compiled(self, pass_: PassNorms) -> bool:
+        """What only a pass that ran inside a compiled graph can reveal; ``True``: withheld.
+
+        A structure never audited (a new input shape) is audited eagerly on the next step. An
+        operation the traced hooks do not follow, or a parameter whose gradient the graph did
+        not report (a graph break inside its layer's forward makes Dynamo drop the hook's
+        backward), makes the eager hooks run outside the graph from the next step on.
+        """
+        if pass_.compiled_blocked:
+            self._withhold(
+                pass_,
+                f"its forward ran inside a compiled graph, which the hooks cannot measure in "
+                f"this model ({self.compile_blocker}); from the next step on compiled code runs "
+                "eagerly",
+            )
+            self._run_compiled_code_eagerly()
+            return True
+        if pass_.compiled_unsupported is not None:
+            learned = (
+                "a tensor shared by every example (a layer's output on input without the "
+                f"batch's examples) meets the batch in '{pass_.compiled_unsupported}', which "
+                "the traced hooks do not follow"
+            )
+        elif pass_.received - pass_.covered:
+            names = sorted(self._param_name[pid] for pid in pass_.received - pass_.covered)
+            learned = (
+                f"the compiled graph did not report the per-example gradients of parameters "
+                f"{names} (a graph break inside their layer's forward?)"
+            )
+        elif pass_.unaudited:
+            self._audit_due = True
+            self._withhold(
+                pass_,
+                "its forward ran inside a compiled graph with a structure (shapes, layers) not "
+                "audited yet, which an audit must see eagerly: the next step runs eagerly",
+            )
+            return True
+        else:
+            return False
+        self._compile_learned = learned
+        self._update_compile_blocker()
+        self._withhold(
+            pass_,
+            f"under torch.compile, {learned}; from the next step on compiled code runs eagerly",
+        )
+        self._run_compiled_code_eagerly()
+        return True
+
+    def _learn_direct_uses(self, pass_: PassNorms, pids: list[int]) -> bool:
+        """Follow parameters through the whole forward from the next step on: rule-owned ones
+        used outside their layer too, and those of a module without a rule whose forward never
+        ran (timm's relative-position tables, read by the attention's forward through
+        ``self.rel_pos.get_bias()``)."""
+        if any(self._param_name.get(pid) in self._outside_params for pid in pids):
+            return False
+        new_scopes = []
+        for pid in pids:
+            holders = self._holders(pid)
+            if not holders:
+                return False
+            for holder, name in holders:
+                known = any(
+                    h is holder and n == name for h, n, _ in self._scopes.get(self.model, [])
+                )
+                if known:
+                    return False  # already followed: the use is outside the forward
+                new_scopes.append((holder, name, pid))
+        first_time = self.model not in self._scopes
+        self._scopes.setdefault(self.model, []).extend(new_scopes)
+        # used in their layer and outside it: sub-batch products keep what cross terms need
+        # (or leave them to the factors) from the next step on, not a step later
+        self._multi_use.update(pids)
+        self._update_compile_blocker()
+        if first_time:
+            self._install_scope(self.model)
+        for holder, _, _ in new_scopes:
+            if holder in self._calls:  # (a rule-less holder's own forward hands out aliases)
+                self._guard_holder(holder)
+        names = sorted(self._param_name[pid] for pid in pids)
+        self._withhold(
+            pass_,
+            f"parameters {names} are used outside the layers that own them; their direct uses "
+            "in the model's forward are followed from the next step on",
+        )
+        return True
+
+    def _withhold(self, pass_: PassNorms, reason: str) -> None:
+        pass_.withheld = reason
+        pass_.raw_sqnorms = None
+        pass_.group_sqnorms = None
+        self.audit_log.append(reason)
+
+    def _on_unsupported(self, pass_: PassNorms, learn: bool) -> None:
+        owners: dict[nn.Module, str] = {}
+        for origin, op in pass_.unsupported:
+            scope = origin.scope
+            calls = [s.call for s in origin.sources if s.call is not None]
+            if calls:
+                call = calls[0]
+                raise UnsupportedModuleError(
+                    f"layer '{call.label}' was called on input that is not per-example "
+                    f"({call.why}), and its output then met the batch in the operation '{op}', "
+                    "which noisescale cannot attribute to examples (e.g. the cells of a "
+                    "hand-written recurrent layer run on the active rows of a packed sequence, "
+                    "a subset of the batch). Call layers on whole, batch-first activations "
+                    "(nn.LSTM/GRU/RNN handle packed sequences exactly), or use per_example=False"
+                )
+            labels = sorted({s.label for s in origin.sources})
+            if scope is not None:
+                for name, sub in scope.named_modules():  # (switched to train() since)
+                    if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                        norms.check(sub, self._labels.get(sub, name))
+            if scope is None or scope is self.model or not self.allow_fallback or not learn:
+                raise UnsupportedModuleError(self._unsupported_message(origin, op, labels, scope))
+            owners[scope] = op
+        for scope in owners:
+            fallback.check(scope, self._labels[scope])
+            self._fallback.add(scope)
+            self._calls_fallback(scope)
+        names = ", ".join(f"'{self._labels[m]}' ({op})" for m, op in owners.items())
+        self._withhold(
+            pass_,
+            f"modules {names} use their parameters in operations without a per-example rule; "
+            "they are measured with the torch.func fallback from the next step on",
+        )
+
+    def _unsupported_message(
+        self, origin: Any, op: str, labels: list[str], scope: nn.Module | None
+    ) -> str:
+        if scope is not self.model:
+            where = f"inside module '{self._labels.get(scope, '?')}' " if scope is not None else ""
+            return (
+                f"parameters {labels} meet the batch {where}in the operation '{op}', which has "
+                "no per-example rule. Register a rule for the module that owns them "
+                "(noisescale.register_layer), move them into a layer with a rule, or use "
+                "per_example=False"
+            )
+        # Followed through the model's whole forward (read from a parameter container, not
+        # as a layer's own weights: peft's GraLoRA and BOFT): name the modules that hold them,
+        # whose forward is where a rule would go, not the top-level model.
+        owners: dict[str, str] = {}
+        for source in origin.sources:
+            if source.pid is None:
+                continue
+            for holder, _ in self._holders(source.pid):
+                name, owner = self._owning_layer(holder)
+                owners.setdefault(name, _qualified(type(owner)))
+        held = (
+            " (held by " + ", ".join(f"'{n}' ({t})" for n, t in sorted(owners.items())) + ")"
+            if owners
+            else ""
+        )
+        kinds = sorted(set(owners.values()))
+        rule_for = " or ".join(kinds) if kinds else "the module that owns them"
+        return (
+            f"parameters {labels}{held} meet the batch in the operation '{op}', which has no "
+            "per-example rule. They are read outside any layer noisescale measures (from a "
+            "parameter container, or by another module's forward), so it followed them "
+            "through the whole model's forward, and the top-level model cannot be re-run per "
+            f"example. Register a rule for {rule_for} (noisescale.register_layer), move them "
+            "into a layer with a rule, or use per_example=False"
+        )
+
+    def _owning_layer(self, holder: nn.Module) -> tuple[str, nn.Module]:
+        """The module whose forward reads ``holder``'s parameters, with its name: ``holder``
+        itself, or, for a container (ParameterDict, ParameterList, ModuleDict, ModuleList),
+        the innermost module that holds it (by the dotted names every module is labelled
+        with when the engine is built)."""
+        containers = (nn.ParameterDict, nn.ParameterList, nn.ModuleDict, nn.ModuleList)
+        name, module = self._labels[holder], holder
+        while isinstance(module, containers) and module is not self.model:
+            name = name.rpartition(".")[0]
+            module = self.model.get_submodule(name)  # ("": the model itself)
+        return self._labels[module], module
+
+    def _calls_fallback(self, module: nn.Module) -> None:
+        params = fallback.fallback_params(module)
+        rule = fallback.rule(self)
+        self._calls[module] = (rule, self._labels[module], params)
+        self._update_compile_blocker()
+        self._handles.append(
+            module.register_forward_pre_hook(self._hook(fallback.pre_hook(self), owner=module))
+        )
+        self._handles.append(
+            module.register_forward_hook(
+                self._hook(self._on_forward, owner=module), with_kwargs=True
+            )
+        )
+
+    def _on_unverified_flat(
+        self, pass_: PassNorms, findings: audit_mod.Findings, learn: bool
+    ) -> None:
+        """Tensors taken for each example's rows in turn that the audit's replay was never
+        compared with: learned as shared calls (the tracker), else refused."""
+        targets = findings.unverified_flat
+        why = (
+            pass_.audit.unverified
+            if pass_.audit is not None and pass_.audit.unverified
+            else "no replay of the backward reached them: a model output without the batch's "
+            "examples in dim 0 (e.g. logits returned flattened, [T·N, V]) is not replayed from"
+        )
+        names = ", ".join(sorted({f"'{t.label}'" for t in targets}))
+        calls = {t.module for t in targets if t.module in pass_.flat_calls}
+        learnable = all(t.module in pass_.flat_calls for t in targets)  # (no repeated table)
+        if learn and learnable:
+            self._learned_shared.update(calls)  # type: ignore[arg-type]
+            self._withhold(
+                pass_,
+                f"the rows of {names}, whose input's leading dimension is a multiple of the "
+                "batch's size, could not be checked to be each example's rows in turn "
+                f"({why}); they are treated as shared from the next step on",
+            )
+            return
+        raise UnsupportedModuleError(
+            "noisescale's audit of this step could not check that the rows of "
+            f"{names} (a leading dimension that is a multiple of the batch's size, taken as "
+            f"each example's rows in turn) belong to the examples they are attributed to ({why}), "
+            "so it refuses to report per-example norms that could be wrong. Return the model's "
+            "outputs with the examples in dim 0 ([N, T, V], not flattened), or use "
+            "per_example=False"
+            + (
+                ""
+                if learn or not learnable
+                else " (GradientNoiseTracker treats such layers as shared calls from its second "
+                "step; a one-shot measurement cannot)"
+            )
+        )
+
+    def _on_audit_failure(
+        self, pass_: PassNorms, findings: audit_mod.Findings, learn: bool
+    ) -> None:
+        owners = findings.misattributed_modules()
+        learnable_calls = [m for m in owners if isinstance(m, nn.Module)]
+        lookups = [m for m in owners if isinstance(m, tuple)]
+        if (
+            learn
+            and findings.only_attribution
+            and owners
+            and len(learnable_calls) + len(lookups) == len(owners)
+            and not any(m in self._learned_shared for m in learnable_calls)
+            and not any(key in self.learned_shared_lookups for key in lookups)
+        ):
+            following = self._inputs_follow_examples(pass_, learnable_calls)
+            if following is None or following:
+                names = ", ".join(f"'{self._labels[m]}'" for m in following or learnable_calls)
+                raise UnsupportedModuleError(
+                    "noisescale's audit of this step failed, so it refuses to report per-example "
+                    f"norms that could be wrong: the rows of {names} do not belong to the "
+                    "examples they are attributed to, and "
+                    + (
+                        "its input changes when the examples of the model's input are permuted, "
+                        "so it is not a table shared by every example"
+                        if following
+                        else "the model could not be re-run to tell whether its input is a "
+                        "table shared by every example"
+                    )
+                    + ": its dim 0 is not the examples' (a time-major activation, [T, N, …] "
+                    "with T = N — keep dim 0 the examples), or an operation in the forward "
+                    "mixes examples — a statistic of the batch (a batch mean added back as "
+                    "context, minibatch features, BatchNorm in training mode) or one example's "
+                    "activations mixed into another's (Manifold Mixup) —, and such a model has "
+                    "no per-example gradient: measure it with per_example=False and two or more "
+                    "gradient-accumulation micro-batches a step"
+                )
+            self._learned_shared.update(learnable_calls)
+            self.learned_shared_lookups.update(lookups)
+            names = ", ".join(
+                [f"'{self._labels[m]}'" for m in learnable_calls]
+                + [f"'{t.label}'" for t in findings.misattributed if isinstance(t.module, tuple)]
+            )
+            self._withhold(
+                pass_,
+                f"the audit found that the input of layer(s) or lookup(s) {names} is the same "
+                "for every example although its leading dimension has the batch's size (e.g. "
+                "positions arange(T), or a relative-position index of T² entries, with that "
+                "count equal to the batch size); they are treated as shared from the next step "
+                "on",
+            )
+            return
+        raise UnsupportedModuleError(self._audit_message(findings))
+
+    def _holders(self, pid: int) -> list[tuple[nn.Module, str]]:
+        out = []
+        for module in self.model.modules():
+            for name, p in module._parameters.items():
+                if p is not None and id(p) == pid:
+                    out.append((module, name))
+        return out
