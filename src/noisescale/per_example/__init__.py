@@ -2,13 +2,16 @@
 
 The package, layer by layer:
 
-* :mod:`~.engine` — the hooks, every use of every parameter, the checks between audits,
-  collection; the rest of the engine in modules of their own: :mod:`~.passes` (what one pass
-  records, :class:`PassNorms`), :mod:`~.settle` (each pass's norms kept, withheld or refused
-  after the backward), :mod:`~.traced` (the hooks under ``torch.compile``), :mod:`~.messages`
-  (refusals whose cause lies outside the layer that met it), :mod:`~.pass_checks` (checks
-  across a step's passes), :mod:`~.graph` (reading autograd's graph, the audit's batched
-  backward) and :mod:`~.values` (the hooks' arguments and outputs);
+* :mod:`~.engine` — construction, the forward and backward hooks, every use of every
+  parameter, collection; four mixins of :class:`PerExampleNorms` hold the rest:
+  :mod:`~.settle` (each pass's norms kept, withheld or refused after the backward),
+  :mod:`~.traced` (the hooks under ``torch.compile``), :mod:`~.example_check` (the audit's
+  re-runs: do the model's rows follow its examples?) and :mod:`~.grad_watch` (``.grad``
+  changed outside the engine); and modules of their own: :mod:`~.passes` (what one pass
+  records, :class:`PassNorms`), :mod:`~.messages` (refusals whose cause lies outside the layer
+  that met it), :mod:`~.pass_checks` (checks across a step's passes), :mod:`~.graph` (reading
+  autograd's graph, the audit's batched backward) and :mod:`~.values` (the hooks' arguments
+  and outputs);
 * :mod:`~.registry` — the rule protocol and :func:`register_layer`, the public extension point;
 * :mod:`~.shared` — parameters and shared calls followed to where they meet the batch;
 * :mod:`~.audit` — the proof that the factors add up and are attributed to the right examples;

@@ -38,6 +38,11 @@ Conventions: the backpropagated loss is (1/N)·Σ_i ℓ_i (``"mean"``) or Σ_i �
 N examples of dim 0 of the model's input (dim 1 for a time-major built-in model); inside
 ``nn.TransformerEncoder``/``Decoder``/``Transformer`` and their layers with ``batch_first=False``
 the examples are along dim 1, and recurrent layers declare their own layout.
+
+Layout: this module holds :class:`PerExampleNorms`' construction, its forward and backward hooks
+and collection; its mixins hold what it decides after a backward (:mod:`~.settle`), its hooks
+under ``torch.compile`` (:mod:`~.traced`), the audit's re-runs on permuted examples
+(:mod:`~.example_check`) and its watch on ``.grad`` (:mod:`~.grad_watch`).
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.per_example import audit as audit_mod
 from noisescale.per_example import compiled, norms
 from noisescale.per_example import subbatch as subbatch_mod
+from noisescale.per_example.example_check import ExampleCheck
 from noisescale.per_example.factors import (
     DenseFactor,
     EmbeddingFactor,
@@ -72,6 +78,7 @@ from noisescale.per_example.factors import (
     sqnorm_of_sum,
     weighted_sqnorm,
 )
+from noisescale.per_example.grad_watch import GradWatch
 from noisescale.per_example.graph import (
     _accumulator,
     _autocast_enabled,
@@ -81,7 +88,6 @@ from noisescale.per_example.graph import (
     _example_major,
     _flat_size,
     _MirroredCheckpoint,
-    _order,
     _rebasable_base,
     _reshaped_base,
     _selected_rows,
@@ -136,12 +142,10 @@ from noisescale.per_example.values import (
     _move,
     _owned,
     _pattern,
-    _permute_examples,
     _positions,
     _route_sources,
     _shape_pattern,
     _size_along,
-    _SkipCheck,
     _take_rows,
     _tensors,
     _time_major,
@@ -156,7 +160,7 @@ LOSS_REDUCTIONS = ("mean", "sum")
 _UNKNOWN = object()  # (PerExampleNorms._begin: not asked yet)
 
 
-class PerExampleNorms(Traced, Settle):
+class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
     """The hook engine: per-example squared norms and micro-batch gradient norms per pass.
 
     Args:
@@ -983,254 +987,6 @@ class PerExampleNorms(Traced, Settle):
         if hasattr(pass_, "_pending_targets"):
             del pass_._pending_targets  # type: ignore[attr-defined]
 
-    def _audit_wanted(self, pass_: PassNorms) -> bool:
-        """Whether to audit the pass: the step is due, or its structure was never audited. A pass
-        that ran inside a compiled graph cannot be (no eager graph to replay): it is marked, its
-        per-example norms are withheld and the next step runs eagerly (:meth:`collect`)."""
-        signature = tuple(pass_.signature)
-        due = self.auditing_enabled and (
-            self._audit_due
-            or signature not in self._audited_signatures
-            or (pass_.nodes is not None and (signature, pass_.nodes) not in self._audited_nodes)
-        )
-        if due and pass_.compiled:
-            pass_.unaudited = True
-            return False
-        return due
-
-    def _example_cycle(self, n: int) -> Tensor:
-        """One random n-cycle, from the audit's generator: a permutation that moves every
-        example (fixing up the fixed points of a random permutation afterwards could map two
-        examples to one)."""
-        order = torch.randperm(n, generator=self._audit_generator(torch.device("cpu")))
-        perm = torch.empty_like(order)
-        perm[order] = order.roll(-1)
-        return perm
-
-    def _run_twice(
-        self, inputs: tuple, permuted: tuple, between: Callable[[], None] | None = None
-    ) -> tuple[Any, Any]:
-        """The model's outputs on ``inputs`` and on ``permuted`` (each ``(args, kwargs)``):
-        run without gradients, its hooks paused, both from one random state (dropout draws
-        the same masks), its buffers left as they were; a DistributedDataParallel's module
-        itself (no collectives in a re-run). ``between`` is called between the two runs."""
-        model = self.model
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        with (
-            torch.no_grad(),
-            self.paused(),
-            torch.random.fork_rng(devices=[]),
-            _buffers_kept(model),
-        ):
-            state = torch.get_rng_state()
-            first = model(*inputs[0], **inputs[1])
-            if between is not None:
-                between()
-            torch.set_rng_state(state)
-            return first, model(*permuted[0], **permuted[1])
-
-    def _inputs_follow_examples(
-        self, pass_: PassNorms, layers: list[nn.Module]
-    ) -> list[nn.Module] | None:
-        """The layers among ``layers`` whose input changes when the examples of the model's
-        input are permuted; ``None`` when that cannot be told (no re-run possible).
-
-        Before the audit takes a layer whose rows it found misattributed for one called on a
-        table shared by every example (positions arange(T) with T = N), it checks that the
-        layer's input does not carry the examples: the model is run twice more without
-        gradients, in the modes it trained in, from the same random state (dropout draws the
-        same masks in both runs), on its inputs and on them with the examples permuted; a
-        shared input comes out the same, an input computed from the examples does not (a
-        review found a batch-mean context, ``h.mean(0).expand_as(h)``, learned as a shared
-        first layer and measured on every later step). The buffers are restored after the
-        re-runs."""
-        n, dim, source = pass_.batch_size, self._model_dim, pass_.n_source
-        if (
-            n < 2
-            or not self._replay_allowed
-            or pass_.inputs is None
-            or source is None
-            or (pass_.examples is not None and pass_.examples._version != pass_.examples_version)
-        ):
-            return None
-        try:
-            # (an input with the batch's size along two dimensions, labels [N, T] with T = N
-            # beside input_ids, is permuted along the example dimension all inputs share)
-            perm = self._example_cycle(n)
-            p_inputs = _permute_examples(pass_.inputs, perm, n, dim, source, strict=False)
-        except _SkipCheck:
-            return None
-        seen: dict[nn.Module, list[list[Tensor]]] = {m: [[], []] for m in layers}
-        run = [0]
-
-        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            first = _first_tensor(args, kwargs)
-            if first is not None:
-                seen[module][run[0]].append(first.detach().clone())
-
-        def second() -> None:
-            run[0] = 1
-
-        handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in layers]
-        try:
-            self._run_twice(pass_.inputs, p_inputs, between=second)
-        except Exception:  # a forward that cannot be re-run: say so, do not guess
-            return None
-        finally:
-            for h in handles:
-                h.remove()
-
-        def same(a: list[Tensor], b: list[Tensor]) -> bool:
-            return len(a) == len(b) and all(
-                x.shape == y.shape
-                and (
-                    torch.allclose(x.double(), y.double(), rtol=1e-6, atol=0.0)
-                    if x.is_floating_point()
-                    else torch.equal(x, y)
-                )
-                for x, y in zip(a, b, strict=True)
-            )
-
-        return [m for m in layers if not seen[m][0] or not same(*seen[m])]
-
-    def _check_permutation(self, pass_: PassNorms, output: Any) -> None:
-        """Do the model's outputs follow its inputs' examples? Run the model twice more,
-        without gradients and in evaluation mode, on the inputs and on the inputs with their
-        examples permuted. Each batched output whose example dimension is ambiguous must come
-        out permuted the same way: a time-major output whose length equals the batch size, or
-        an operation that mixes examples, fails; the signed replay of the backward could not
-        tell (it signs the output's dim 0). And each output taken as shared by every example
-        (computed from parameters and tensors without the batch's size in dim 0) must come out
-        unchanged: time-major rows of the input data, [T·N, D], have no autograd history to
-        show where they came from, and a view of such an output in the loss whose dim 0 happens
-        to have the batch's size (T = N) would be split there as if it held the examples — the
-        loss is outside the model, where no replay reaches."""
-        n, dim = pass_.batch_size, self._model_dim
-        # only an output with the batch's size along another dimension too can hide its
-        # examples there (T = N); with one such dimension it is the example dimension. (Every
-        # output with the batch's size was checked for a while on 2026-12-03 — it caught class
-        # prototypes computed from a buffer of C = N rows — but the re-runs between the forward
-        # and the backward broke RWKV, whose evaluation mode rescales its weights in place:
-        # re-running a user's model is not free of side effects, so it stays where needed.)
-        outputs = _tensors(output)
-        ambiguous = (
-            [
-                t
-                for t in outputs
-                if t.is_floating_point()
-                and t.dim() > dim
-                and t.shape[dim] == n
-                and sum(s == n for s in t.shape) > 1
-            ]
-            if self._model_dim == 0  # a built-in time-major model: its outputs' layouts are known
-            else []
-        )
-        shared_outputs = [i for i, t in enumerate(outputs) if isinstance(t, SharedTensor)]
-        source = pass_.n_source
-        if (
-            n < 2
-            or not (ambiguous or shared_outputs)
-            or not self._replay_allowed  # FSDP2: a re-run would all-gather inside the forward
-            or pass_.inputs is None
-            or source is None
-            or source.dim() <= dim
-            or source.shape[dim] != n
-        ):
-            return
-        args, kwargs = pass_.inputs
-        perm = self._example_cycle(n)
-        modes = {m: m.training for m in self.model.modules()}
-        try:
-            p_inputs = _permute_examples((args, kwargs), perm, n, dim, source)
-            self.model.train(False)
-            plain, permuted = map(_tensors, self._run_twice((args, kwargs), p_inputs))
-        except _SkipCheck:
-            assert pass_.audit is not None
-            pass_.audit.unverified = (
-                "the output permutation check was skipped: an input's example dimension is "
-                "ambiguous (another dimension has the batch's size)"
-            )
-            return
-        except Exception as err:  # a forward that cannot be re-run: say so, do not guess
-            assert pass_.audit is not None
-            pass_.audit.unverified = (
-                f"the output permutation check could not re-run the model ({err})"
-            )
-            return
-        finally:
-            for m, training in modes.items():
-                m.training = training
-        tol = 5e-2 if pass_.amp else 1e-3
-        assert pass_.audit is not None
-
-        def differs(got: Tensor, want: Tensor) -> float | None:
-            # (the relative change, or None within the tolerance)
-            got, want = got.detach(), want.detach()  # (a parameter returned as it is)
-            if got.shape != want.shape:
-                return 1.0
-            if not got.is_floating_point() or not got.numel():
-                return None if torch.equal(got, want) else 1.0
-            got, want = got.float(), want.float()
-            err, scale = float((got - want).abs().max()), float(want.abs().max()) + 1e-30
-            return err / scale if err > tol * scale else None
-
-        same_structure = len(plain) == len(outputs) == len(permuted) and all(
-            a.shape == b.shape for a, b in zip(plain, outputs, strict=True)
-        )
-        if shared_outputs and not same_structure:
-            # (the evaluation-mode re-runs return other outputs than the training forward did:
-            # their shared outputs cannot be matched)
-            pass_.audit.unverified = (
-                "the permutation check could not compare the model's shared outputs: in "
-                "evaluation mode the model returns other outputs than in training"
-            )
-            shared_outputs = []
-        for i in shared_outputs:
-            rel = differs(permuted[i], plain[i])
-            sized = [j for j, size in enumerate(plain[i].shape) if size == n]
-            if rel is not None and len(sized) == 1:
-                # the examples along the one dimension of the batch's size (a time-major
-                # [T, N, D], T ≠ N): a meeting can find them only by bringing that dimension
-                # to the front, where they are
-                moved = plain[i].detach().index_select(sized[0], perm.to(plain[i].device))
-                rel = differs(permuted[i], moved) and rel
-            if rel is not None:
-                origin: Origin | None = getattr(outputs[i], "_ns_origin", None)
-                names = sorted({f"'{s.label}'" for s in origin.sources}) if origin else []
-                pass_.audit.findings.unpermuted = (
-                    f"a model output computed from {', '.join(names) or 'parameters'} and "
-                    f"tensors without the batch's examples in dim {dim} (so taken as shared by "
-                    "all examples) changes when the "
-                    f"examples of the model's input are permuted (by {rel:.2g} of its largest "
-                    "value): it holds the examples in a layout noisescale cannot follow "
-                    "(time-major, or flattened together with another dimension) and their "
-                    f"gradients would be split wrongly. Keep dim {dim} of the model's outputs "
-                    "the examples, or use per_example=False"
-                )
-                return
-        for a, b in zip(plain, permuted, strict=False):
-            if not any(a is t or a.shape == t.shape for t in ambiguous):
-                continue
-            want = a.index_select(dim, perm.to(a.device)).float()
-            got = b.float()
-            if got.shape != want.shape:
-                continue
-            rel = differs(got, want)
-            if rel is not None:
-                pass_.audit.findings.unpermuted = (
-                    "the model's output does not follow its input's examples: with the input's "
-                    f"examples (dim {dim}) permuted, the output's dim {dim} did not come out "
-                    "permuted the same way (max. difference "
-                    f"{rel:.2g} of its largest value). Its example dimension is another "
-                    "one (a time-major output: keep dim 0 the examples), or an operation in the "
-                    "model mixes examples — a loss over pairs of examples, such as CLIP's or "
-                    "SigLIP's contrastive loss (return_loss=True), has no per-example gradient; "
-                    "measure such a model with per_example=False and gradient-accumulation "
-                    "micro-batches"
-                )
-                return
-
     def _add_target(
         self,
         pass_: PassNorms,
@@ -1277,169 +1033,6 @@ class PerExampleNorms(Traced, Settle):
                     ) from err
 
         return hook
-
-    def _mark_backward(self, pass_: PassNorms) -> None:
-        """Once per backward: when it has finished, note each parameter's ``.grad`` and its
-        version on the passes it ran through, for :meth:`changed_grads`. The callback queues
-        itself once more, so that it runs after the final callbacks queued meanwhile (DDP's
-        reducer writes the reduced gradients into ``.grad`` in one)."""
-        task = torch._C._current_graph_task_id()
-        if task == self._marking[0]:
-            self._marking[1].append(pass_)
-            return
-        self._check_between()
-        marked: list[PassNorms] = [pass_]
-        self._marking = (task, marked)
-        queue = torch.autograd.Variable._execution_engine.queue_callback
-        queue(lambda: queue(lambda: self._mark_grads(marked)))
-
-    def _check_between(self) -> None:
-        """At the start of a backward, whether ``.grad`` is still what the step's previous
-        backward left (:meth:`_mark_grads`): gradients zeroed between the micro-batches of one
-        step leave ``.grad`` holding only the last ones' gradient, which the step's norms
-        would be paired with as if it were the whole step's (:meth:`collect` refuses)."""
-        if self._between is None:
-            found = self._compare_marks(0, 1.0, emptied=True)
-            self._between = None if found is None else found[0]
-
-    def _mark_grads(self, marked: list[PassNorms]) -> None:
-        marks = [
-            None if (g := p.grad) is None else (weakref.ref(g), g._version) for p in self._params
-        ]
-        # on the steps audits fall on (1, 2, 4, …: they read values back anyway), in every mode
-        checked = any(p.audit is not None for p in marked) or (
-            self._audit_due and not any(p.idle for p in marked)
-        )
-        prints = self._grad_prints() if checked else None
-        for pass_ in marked:
-            pass_.grad_marks = marks
-            pass_.grad_prints = prints
-        if self._marking[1] is marked:
-            self._marking = (None, [])
-
-    @property
-    def check_scheduled(self) -> bool:
-        """Whether the step under way is one the audits' schedule falls on (1, 2, 4, …, 1,024,
-        then one in 1,024), counted in measured steps: the same on every process of a run,
-        whatever its batches (an audit a new structure asks for is not counted)."""
-        return _audit_scheduled(self.steps_collected + 1)
-
-    def changed_grads(self, allowed: int = 0, unscaled_by: float = 1.0) -> tuple[str, str] | None:
-        """A parameter whose ``.grad`` was changed after the step's last backward pass and
-        before this call — clipped, rescaled, weight decay added, replaced by another tensor,
-        given to a parameter that had none, or set to ``None`` while others kept theirs — as
-        ``(name, "changed")``; ``(name, "not unscaled")`` when ``.grad`` was unscaled for some
-        parameters but not this one (a GradScaler's ``unscale_`` called for one optimizer of
-        several); else ``None`` (also when every gradient was set to ``None``: the tracker says
-        so itself). ``allowed``: in-place operations expected meanwhile (a GradScaler's
-        ``unscale_``, where it counts as one); ``unscaled_by``: the loss scale ``.grad`` was
-        divided by meanwhile (``unscale_``), else 1. The marks are those of the last pass whose
-        backward has finished (a forward whose output was not backpropagated changes nothing).
-
-        Every step, by version counters (no host read). A change through ``.grad.data`` (a
-        version counter of its own), an ``unscale_`` the tracker was not told of, or an
-        in-place change of a sharded ``DTensor`` gradient (FSDP2) bumps none: on audited steps
-        (1, 2, 4, …, which read values back anyway) each ``|.grad|²`` noted when the backward
-        had finished is compared too, so a loop that does one of these on every step is refused
-        at its first."""
-        return self._compare_marks(allowed, unscaled_by, emptied=False)
-
-    def _compare_marks(
-        self, allowed: int, unscaled_by: float, emptied: bool
-    ) -> tuple[str, str] | None:
-        """:meth:`changed_grads` and :meth:`_check_between`: ``.grad`` against the marks of
-        the step's last pass whose backward has finished — by version (:meth:`_changed_since`),
-        then, where the pass noted them, by value (:meth:`_changed_values`)."""
-        # (a pass whose backward reached no parameter — a frozen discriminator in a GAN's
-        # generator step — or only torch.autograd.grad's — a gradient logged after the last
-        # step — changed no .grad, and its marks say nothing of this step's)
-        last = next(
-            (
-                p
-                for p in reversed(self.passes)
-                if p.grad_marks is not None and p.received and not (p.grad_only and not p.wrote)
-            ),
-            None,
-        )
-        if last is None or last.grad_marks is None:
-            return None
-        changed = self._changed_since(last.grad_marks, allowed, emptied)
-        if changed is not None:
-            return changed, "changed"
-        if last.grad_prints is not None:
-            return self._changed_values(last.grad_prints, unscaled_by)
-        return None
-
-    def _grad_prints(self) -> list[Tensor | None]:
-        """Each parameter's |.grad|² (its local shard's, for a ``DTensor``), in float64 (MPS:
-        float32): the same computation on the same values gives the same number, so a later
-        difference is a change (:meth:`_changed_values`)."""
-        out: list[Tensor | None] = []
-        with torch.no_grad():
-            for p in self._params:
-                g = p.grad
-                if g is None:
-                    out.append(None)
-                    continue
-                g = (g.to_local() if hasattr(g, "to_local") else g).detach()
-                dtype = torch.float32 if g.device.type == "mps" else torch.float64  # (no fp64)
-                out.append(torch.linalg.vector_norm(g, dtype=dtype).square())
-        return out
-
-    def _changed_values(
-        self, prints: list[Tensor | None], unscaled_by: float
-    ) -> tuple[str, str] | None:
-        """The first parameter whose |.grad|² is no longer the one :meth:`_grad_prints` noted
-        (divided by ``unscaled_by``²), as ``(name, "changed")`` — or ``(name, "not unscaled")``
-        where it is still the one noted, undivided, while ``.grad`` was to be unscaled. Relative
-        differences under 1e-5 are taken as rounding (an ``unscale_`` by a scale that is not a
-        power of two) and change no estimate. Reads values back: called on audited passes
-        only."""
-        now = self._grad_prints()
-        pairs = [
-            (i, a, b)
-            for i, (a, b) in enumerate(zip(prints, now, strict=True))
-            if a is not None and b is not None
-        ]
-        if not pairs:
-            return None
-        noted = torch.stack([a.to(pairs[0][1].device) for _, a, _ in pairs])
-        after = torch.stack([b.to(noted.device) for _, _, b in pairs])
-
-        def differs(before: Tensor) -> list[bool]:
-            # (nan and inf — a step a GradScaler will skip — compare as unchanged)
-            return ((after - before).abs() > 1e-5 * torch.maximum(after, before)).tolist()
-
-        changed = differs(noted / unscaled_by**2)
-        kept = differs(noted) if unscaled_by != 1.0 and any(changed) else None
-        for n, (i, _, _) in enumerate(pairs):
-            if changed[n]:
-                how = "not unscaled" if kept is not None and not kept[n] else "changed"
-                return self._param_name[id(self._params[i])], how
-        return None
-
-    def _changed_since(self, marks: list, allowed: int, emptied: bool) -> str | None:
-        """The first parameter whose ``.grad`` is not the tensor its mark noted (replaced, or
-        given where there was none), was changed in place more than ``allowed`` times since, or
-        was set to ``None`` — when ``emptied`` counts, or while other parameters kept theirs
-        (every gradient set to ``None`` is left to the caller's own message)."""
-        noted = emptied_now = 0
-        first_emptied = None
-        for p, mark in zip(self._params, marks, strict=True):
-            g = p.grad
-            if mark is None:
-                if g is not None:  # a gradient given to a parameter the backward gave none
-                    return self._param_name[id(p)]
-                continue
-            noted += 1
-            if g is None:
-                if emptied:
-                    return self._param_name[id(p)]
-                emptied_now += 1
-                first_emptied = first_emptied or self._param_name[id(p)]
-            elif mark[0]() is not g or g._version - mark[1] > allowed:
-                return self._param_name[id(p)]
-        return first_emptied if 0 < emptied_now < noted else None
 
     def _on_scope_enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Hand the forward shared aliases of the parameters it uses directly."""
@@ -2024,14 +1617,6 @@ class PerExampleNorms(Traced, Settle):
         )
         return shared
 
-    # -- torch.compile: the traced hooks and the events of compiled graphs ----------------------
-    #
-    # While Dynamo traces a compiled model's forward, the hooks take these forms (the design is in
-    # noisescale.per_example.compiled). They read only what the model's structure and shapes
-    # decide — never a pass, which changes every step and would make Dynamo recompile — and leave
-    # the per-pass work to on_forward_event / on_backward_event / on_weight_grad, which the
-    # compiled graph calls when it runs and which do what the eager hooks do.
-
     # -- meetings (called by SharedTensor) ------------------------------------------------------
 
     def add_meeting(self, pass_: PassNorms, meeting: Meeting) -> None:
@@ -2516,59 +2101,6 @@ class PerExampleNorms(Traced, Settle):
         for device, values in state.items():
             self._generator(torch.device(device)).set_state(torch.tensor(values, dtype=torch.uint8))
 
-    def _guard_param_hooks(self) -> None:
-        """Hooks of others on a parameter's gradient (``p.register_hook``: a mask, a clamp, a
-        logger) run between two sentinels, and this engine's own hook after them: the first
-        sentinel notes the gradient that arrives, the last one whether it is still that tensor,
-        unchanged (its version), so a hook that changes it is found on every step, whether it
-        was registered before the tracker or after. The per-example norms are computed before
-        such a hook and ``.grad`` after it (:meth:`collect` refuses); micro-batch norms, taken
-        by our hook, see what ``.grad`` gets. Checked at each measured forward: ~0.3 µs a
-        parameter, and nothing more where no other hook is registered."""
-        for pid, p in self._param.items():
-            self._guard_post_hooks(pid, p)
-            hooks = p._backward_hooks
-            guarded = self._sentinels.get(pid)
-            if hooks is None or len(hooks) == (1 if guarded is None else 3):
-                continue
-            if guarded is None:
-                entry = p.register_hook(lambda g, pid=pid: self._hook_entry(pid, g))
-                leave = p.register_hook(lambda g, pid=pid: self._hook_exit(pid, g))
-                guarded = self._sentinels[pid] = (entry, leave)
-                self._handles += [entry, leave]
-            _order(hooks, guarded[0].id, [self._param_hook[pid].id, guarded[1].id])
-
-    def _guard_post_hooks(self, pid: int, p: nn.Parameter) -> None:
-        """Hooks run after the gradient's accumulation (``register_post_accumulate_grad_hook``:
-        the Trainer callback's, an optimizer run inside the backward) between two sentinels
-        too: one that changes ``.grad`` does so before the backward's end, where
-        :meth:`changed_grads` takes its marks, and after every norm was taken."""
-        hooks = p._post_accumulate_grad_hooks
-        guarded = self._post_sentinels.get(pid)
-        if not hooks or len(hooks) == (0 if guarded is None else 2):
-            return
-        if guarded is None:
-            entry = p.register_post_accumulate_grad_hook(
-                lambda q, pid=pid: self._hook_entry(pid, q.grad, post=True)
-            )
-            leave = p.register_post_accumulate_grad_hook(
-                lambda q, pid=pid: self._hook_exit(pid, q.grad, post=True)
-            )
-            guarded = self._post_sentinels[pid] = (entry, leave)
-            self._handles += [entry, leave]
-        _order(hooks, guarded[0].id, [guarded[1].id])
-
-    def _hook_entry(self, pid: int, grad: Tensor | None, post: bool = False) -> None:
-        if not (self._paused or self._replaying):
-            self._hook_in[pid, post] = (grad, -1 if grad is None else grad._version)
-
-    def _hook_exit(self, pid: int, grad: Tensor | None, post: bool = False) -> None:
-        seen = self._hook_in.pop((pid, post), None)
-        if seen is not None and (
-            seen[0] is not grad or seen[1] != (-1 if grad is None else grad._version)
-        ):
-            self._hook_changed.append((pid, post))
-
     def _make_param_hook(self, pid: int) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
             if self._paused or self._replaying:
@@ -3042,22 +2574,6 @@ def _without_cross_terms(uses: list[Factor]) -> bool:
     """Whether one of a parameter's uses in a pass came from sub-batch products that kept no
     sub-batch gradients: the norm of the uses' sum cannot be formed (its cross terms)."""
     return any(isinstance(f, NormFactor) and f.grads is None for f in uses)
-
-
-@contextmanager
-def _buffers_kept(model: nn.Module) -> Iterator[None]:
-    """Re-runs of the user's model that leave no trace in its buffers (running statistics,
-    counters a forward updates): each one they changed restored to its value before, in place
-    (only those: a copy into a buffer the backward saved — prototypes a loss reads — would
-    change its version and fail the backward)."""
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, saved in buffers:
-                if not torch.equal(b, saved):
-                    b.copy_(saved)
 
 
 def _inside_functorch() -> bool:

@@ -81,7 +81,14 @@ class _ModuleHook(InertWhenCopied):
 
 class Traced:
     """:class:`~noisescale.per_example.engine.PerExampleNorms` under ``torch.compile``: the
-    hooks' traced forms and the compiled graph's events."""
+    hooks' traced forms and the compiled graph's events.
+
+    While Dynamo traces a compiled model's forward, the hooks take these forms (the design is in
+    :mod:`noisescale.per_example.compiled`). They read only what the model's structure and
+    shapes decide — never a pass, which changes every step and would make Dynamo recompile —
+    and leave the per-pass work to :meth:`on_forward_event`, :meth:`on_backward_event` and
+    :meth:`on_weight_grad`, which the compiled graph calls when it runs and which do what the
+    eager hooks do."""
 
     def _why_not_traced(self) -> str | None:
         """What in the model the traced hooks do not follow (``None``: they follow it all)."""

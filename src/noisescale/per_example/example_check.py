@@ -1,0 +1,289 @@
+"""Do the model's rows follow its examples? On audited steps the model runs twice more,
+without gradients, its hooks paused and its buffers kept: on its inputs and on them with the
+examples moved by a random cycle. An output whose example dimension is ambiguous must come
+out moved the same way (a time-major output of length N, examples mixed inside the model),
+an output taken as shared must not change, and a layer the audit would take for one called
+on a table shared by every example must not see its input move. It also decides
+which passes are audited (:meth:`_audit_wanted`). A mixin of :class:`~.engine.PerExampleNorms`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from noisescale.per_example.passes import PassNorms
+from noisescale.per_example.shared import Origin, SharedTensor
+from noisescale.per_example.values import _first_tensor, _permute_examples, _SkipCheck, _tensors
+
+
+class ExampleCheck:
+    """:class:`~noisescale.per_example.engine.PerExampleNorms`' permutation check of audited
+    steps."""
+
+    def _audit_wanted(self, pass_: PassNorms) -> bool:
+        """Whether to audit the pass: the step is due, or its structure was never audited. A pass
+        that ran inside a compiled graph cannot be (no eager graph to replay): it is marked, its
+        per-example norms are withheld and the next step runs eagerly (:meth:`collect`)."""
+        signature = tuple(pass_.signature)
+        due = self.auditing_enabled and (
+            self._audit_due
+            or signature not in self._audited_signatures
+            or (pass_.nodes is not None and (signature, pass_.nodes) not in self._audited_nodes)
+        )
+        if due and pass_.compiled:
+            pass_.unaudited = True
+            return False
+        return due
+
+    def _example_cycle(self, n: int) -> Tensor:
+        """One random n-cycle, from the audit's generator: a permutation that moves every
+        example (fixing up the fixed points of a random permutation afterwards could map two
+        examples to one)."""
+        order = torch.randperm(n, generator=self._audit_generator(torch.device("cpu")))
+        perm = torch.empty_like(order)
+        perm[order] = order.roll(-1)
+        return perm
+
+    def _run_twice(
+        self, inputs: tuple, permuted: tuple, between: Callable[[], None] | None = None
+    ) -> tuple[Any, Any]:
+        """The model's outputs on ``inputs`` and on ``permuted`` (each ``(args, kwargs)``):
+        run without gradients, its hooks paused, both from one random state (dropout draws
+        the same masks), its buffers left as they were; a DistributedDataParallel's module
+        itself (no collectives in a re-run). ``between`` is called between the two runs."""
+        model = self.model
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        with (
+            torch.no_grad(),
+            self.paused(),
+            torch.random.fork_rng(devices=[]),
+            _buffers_kept(model),
+        ):
+            state = torch.get_rng_state()
+            first = model(*inputs[0], **inputs[1])
+            if between is not None:
+                between()
+            torch.set_rng_state(state)
+            return first, model(*permuted[0], **permuted[1])
+
+    def _inputs_follow_examples(
+        self, pass_: PassNorms, layers: list[nn.Module]
+    ) -> list[nn.Module] | None:
+        """The layers among ``layers`` whose input changes when the examples of the model's
+        input are permuted; ``None`` when that cannot be told (no re-run possible).
+
+        Before the audit takes a layer whose rows it found misattributed for one called on a
+        table shared by every example (positions arange(T) with T = N), it checks that the
+        layer's input does not carry the examples: the model is run twice more without
+        gradients, in the modes it trained in, from the same random state (dropout draws the
+        same masks in both runs), on its inputs and on them with the examples permuted; a
+        shared input comes out the same, an input computed from the examples does not (a
+        review found a batch-mean context, ``h.mean(0).expand_as(h)``, learned as a shared
+        first layer and measured on every later step). The buffers are restored after the
+        re-runs."""
+        n, dim, source = pass_.batch_size, self._model_dim, pass_.n_source
+        if (
+            n < 2
+            or not self._replay_allowed
+            or pass_.inputs is None
+            or source is None
+            or (pass_.examples is not None and pass_.examples._version != pass_.examples_version)
+        ):
+            return None
+        try:
+            # (an input with the batch's size along two dimensions, labels [N, T] with T = N
+            # beside input_ids, is permuted along the example dimension all inputs share)
+            perm = self._example_cycle(n)
+            p_inputs = _permute_examples(pass_.inputs, perm, n, dim, source, strict=False)
+        except _SkipCheck:
+            return None
+        seen: dict[nn.Module, list[list[Tensor]]] = {m: [[], []] for m in layers}
+        run = [0]
+
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            first = _first_tensor(args, kwargs)
+            if first is not None:
+                seen[module][run[0]].append(first.detach().clone())
+
+        def second() -> None:
+            run[0] = 1
+
+        handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in layers]
+        try:
+            self._run_twice(pass_.inputs, p_inputs, between=second)
+        except Exception:  # a forward that cannot be re-run: say so, do not guess
+            return None
+        finally:
+            for h in handles:
+                h.remove()
+
+        def same(a: list[Tensor], b: list[Tensor]) -> bool:
+            return len(a) == len(b) and all(
+                x.shape == y.shape
+                and (
+                    torch.allclose(x.double(), y.double(), rtol=1e-6, atol=0.0)
+                    if x.is_floating_point()
+                    else torch.equal(x, y)
+                )
+                for x, y in zip(a, b, strict=True)
+            )
+
+        return [m for m in layers if not seen[m][0] or not same(*seen[m])]
+
+    def _check_permutation(self, pass_: PassNorms, output: Any) -> None:
+        """Do the model's outputs follow its inputs' examples? Run the model twice more,
+        without gradients and in evaluation mode, on the inputs and on the inputs with their
+        examples permuted. Each batched output whose example dimension is ambiguous must come
+        out permuted the same way: a time-major output whose length equals the batch size, or
+        an operation that mixes examples, fails; the signed replay of the backward could not
+        tell (it signs the output's dim 0). And each output taken as shared by every example
+        (computed from parameters and tensors without the batch's size in dim 0) must come out
+        unchanged: time-major rows of the input data, [T·N, D], have no autograd history to
+        show where they came from, and a view of such an output in the loss whose dim 0 happens
+        to have the batch's size (T = N) would be split there as if it held the examples — the
+        loss is outside the model, where no replay reaches."""
+        n, dim = pass_.batch_size, self._model_dim
+        # only an output with the batch's size along another dimension too can hide its
+        # examples there (T = N); with one such dimension it is the example dimension. (Every
+        # output with the batch's size was checked for a while on 2026-12-03 — it caught class
+        # prototypes computed from a buffer of C = N rows — but the re-runs between the forward
+        # and the backward broke RWKV, whose evaluation mode rescales its weights in place:
+        # re-running a user's model is not free of side effects, so it stays where needed.)
+        outputs = _tensors(output)
+        ambiguous = (
+            [
+                t
+                for t in outputs
+                if t.is_floating_point()
+                and t.dim() > dim
+                and t.shape[dim] == n
+                and sum(s == n for s in t.shape) > 1
+            ]
+            if self._model_dim == 0  # a built-in time-major model: its outputs' layouts are known
+            else []
+        )
+        shared_outputs = [i for i, t in enumerate(outputs) if isinstance(t, SharedTensor)]
+        source = pass_.n_source
+        if (
+            n < 2
+            or not (ambiguous or shared_outputs)
+            or not self._replay_allowed  # FSDP2: a re-run would all-gather inside the forward
+            or pass_.inputs is None
+            or source is None
+            or source.dim() <= dim
+            or source.shape[dim] != n
+        ):
+            return
+        args, kwargs = pass_.inputs
+        perm = self._example_cycle(n)
+        modes = {m: m.training for m in self.model.modules()}
+        try:
+            p_inputs = _permute_examples((args, kwargs), perm, n, dim, source)
+            self.model.train(False)
+            plain, permuted = map(_tensors, self._run_twice((args, kwargs), p_inputs))
+        except _SkipCheck:
+            assert pass_.audit is not None
+            pass_.audit.unverified = (
+                "the output permutation check was skipped: an input's example dimension is "
+                "ambiguous (another dimension has the batch's size)"
+            )
+            return
+        except Exception as err:  # a forward that cannot be re-run: say so, do not guess
+            assert pass_.audit is not None
+            pass_.audit.unverified = (
+                f"the output permutation check could not re-run the model ({err})"
+            )
+            return
+        finally:
+            for m, training in modes.items():
+                m.training = training
+        tol = 5e-2 if pass_.amp else 1e-3
+        assert pass_.audit is not None
+
+        def differs(got: Tensor, want: Tensor) -> float | None:
+            # (the relative change, or None within the tolerance)
+            got, want = got.detach(), want.detach()  # (a parameter returned as it is)
+            if got.shape != want.shape:
+                return 1.0
+            if not got.is_floating_point() or not got.numel():
+                return None if torch.equal(got, want) else 1.0
+            got, want = got.float(), want.float()
+            err, scale = float((got - want).abs().max()), float(want.abs().max()) + 1e-30
+            return err / scale if err > tol * scale else None
+
+        same_structure = len(plain) == len(outputs) == len(permuted) and all(
+            a.shape == b.shape for a, b in zip(plain, outputs, strict=True)
+        )
+        if shared_outputs and not same_structure:
+            # (the evaluation-mode re-runs return other outputs than the training forward did:
+            # their shared outputs cannot be matched)
+            pass_.audit.unverified = (
+                "the permutation check could not compare the model's shared outputs: in "
+                "evaluation mode the model returns other outputs than in training"
+            )
+            shared_outputs = []
+        for i in shared_outputs:
+            rel = differs(permuted[i], plain[i])
+            sized = [j for j, size in enumerate(plain[i].shape) if size == n]
+            if rel is not None and len(sized) == 1:
+                # the examples along the one dimension of the batch's size (a time-major
+                # [T, N, D], T ≠ N): a meeting can find them only by bringing that dimension
+                # to the front, where they are
+                moved = plain[i].detach().index_select(sized[0], perm.to(plain[i].device))
+                rel = differs(permuted[i], moved) and rel
+            if rel is not None:
+                origin: Origin | None = getattr(outputs[i], "_ns_origin", None)
+                names = sorted({f"'{s.label}'" for s in origin.sources}) if origin else []
+                pass_.audit.findings.unpermuted = (
+                    f"a model output computed from {', '.join(names) or 'parameters'} and "
+                    f"tensors without the batch's examples in dim {dim} (so taken as shared by "
+                    "all examples) changes when the "
+                    f"examples of the model's input are permuted (by {rel:.2g} of its largest "
+                    "value): it holds the examples in a layout noisescale cannot follow "
+                    "(time-major, or flattened together with another dimension) and their "
+                    f"gradients would be split wrongly. Keep dim {dim} of the model's outputs "
+                    "the examples, or use per_example=False"
+                )
+                return
+        for a, b in zip(plain, permuted, strict=False):
+            if not any(a is t or a.shape == t.shape for t in ambiguous):
+                continue
+            want = a.index_select(dim, perm.to(a.device)).float()
+            got = b.float()
+            if got.shape != want.shape:
+                continue
+            rel = differs(got, want)
+            if rel is not None:
+                pass_.audit.findings.unpermuted = (
+                    "the model's output does not follow its input's examples: with the input's "
+                    f"examples (dim {dim}) permuted, the output's dim {dim} did not come out "
+                    "permuted the same way (max. difference "
+                    f"{rel:.2g} of its largest value). Its example dimension is another "
+                    "one (a time-major output: keep dim 0 the examples), or an operation in the "
+                    "model mixes examples — a loss over pairs of examples, such as CLIP's or "
+                    "SigLIP's contrastive loss (return_loss=True), has no per-example gradient; "
+                    "measure such a model with per_example=False and gradient-accumulation "
+                    "micro-batches"
+                )
+                return
+
+
+@contextmanager
+def _buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Re-runs of the user's model that leave no trace in its buffers (running statistics,
+    counters a forward updates): each one they changed restored to its value before, in place
+    (only those: a copy into a buffer the backward saved — prototypes a loss reads — would
+    change its version and fail the backward)."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                if not torch.equal(b, saved):
+                    b.copy_(saved)
