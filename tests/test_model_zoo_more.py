@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import noisescale
+from noisescale.errors import UnsupportedModuleError
+from noisescale.per_example import PerExampleNorms
 from test_model_zoo import RTOL, N, V, _ids, _losses, _mask, _train, assert_exact
 from test_subbatch import assert_subbatches_exact
 
@@ -326,3 +328,255 @@ def test_a_layer_scale_in_a_layer_transformers_recomputes(path, monkeypatch):
     twin(pixel_values=torch.randn(2, 3, 8, 8)).logits.sum().backward()
     tracker.remove()
     assert layer._gradient_checkpointing_func is own
+
+
+# -- the third ring (a helper's sweep of 2026-12-05: ≈ 35 more families, no wrong number) -------
+#
+# What it found, each fixed here: a rule-less module that returns a ModelOutput was never hooked
+# (the fallback differentiated nothing, the audit took its parameters for direct uses, and
+# the scope's exit then left the engine's alias in the model: ViTMAE's decoder.mask_token,
+# Funnel's attention); the fallback's size coincidence named no cause; a step of two
+# micro-batches refused on the step the engine learns on (Mamba2); an MoE's router logits
+# called without labels blamed on an auxiliary loss the model never added.
+
+
+def _vitmae() -> nn.Module:
+    torch.manual_seed(0)
+    model = transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(
+        image_size=8, patch_size=2, num_channels=3, hidden_size=16, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=32, decoder_hidden_size=16,
+        decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32,
+        mask_ratio=0.5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    ))  # fmt: skip
+    return model.train()
+
+
+def _steps_against_brute_force(model, batch, one, n, steps, passes=1, micro=None):
+    """``steps`` SGD steps under the exact engine, ``passes`` micro-batches each (``micro[j]``:
+    the j-th one's (batch loss, one example's loss)); each pass's norms (None: withheld)
+    against brute force, and the relative error, per step."""
+    engine = PerExampleNorms(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    params = [p for p in model.parameters() if p.requires_grad]
+    micro = micro or [(batch, one)]
+    out = []
+    for _ in range(steps):
+        opt.zero_grad()
+        for b, _o in micro[:passes]:
+            (b() / passes).backward()
+        got = engine.collect()
+        errors = []
+        with engine.paused():
+            for p, (_b, o) in zip(got, micro, strict=False):
+                if p.raw_sqnorms is None:
+                    errors.append(None)
+                    continue
+                want = torch.stack([
+                    sum(g.pow(2).sum() for g in torch.autograd.grad(o(i), params, allow_unused=True)
+                        if g is not None)
+                    for i in range(n)
+                ])  # fmt: skip
+                # (each pass's loss was divided by the passes: its norms are of that loss)
+                have = p.raw_sqnorms * (n * passes) ** 2
+                errors.append(float(((have - want).abs() / want).max()))
+        out.append(errors)
+        opt.step()
+    engine.remove()
+    return out
+
+
+def test_a_rule_less_module_returning_a_model_output_is_measured_by_the_fallback():
+    """ViTMAE's decoder appends ``mask_token.repeat(N, …)`` with ``cat`` (no rule: the
+    fallback) and returns a ``ViTMAEDecoderOutput``. The fallback now differentiates the
+    output's first tensor (the logits); before, the output was never hooked, the audit took
+    the mask token for a direct use of the whole model, and from step 3 every step was
+    refused as "added after the tracker was created" — the decoder's exit having left the
+    engine's alias in its ``_parameters``, where it stayed after ``remove()`` (a new
+    optimizer then failed: "can't optimize a non-leaf Tensor"). Exact from step 2, the model
+    unaltered."""
+    model = _vitmae()
+    x = torch.randn(N, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    noise = torch.rand(N, 16, generator=torch.Generator().manual_seed(5))
+    token = model.decoder.mask_token
+
+    def batch():
+        return model(pixel_values=x, noise=noise).loss
+
+    def one(i):
+        return model(pixel_values=x[i : i + 1], noise=noise[i : i + 1]).loss
+
+    errors = _steps_against_brute_force(model, batch, one, N, steps=5)
+    assert errors[0] == [None]  # step 1: the decoder goes to the fallback
+    assert all(e[0] is not None and e[0] < RTOL for e in errors[1:]), errors
+    assert model.decoder._parameters["mask_token"] is token
+    torch.optim.SGD(model.parameters(), lr=0.1)  # (every parameter a leaf again)
+
+
+def _funnel(n: int):
+    torch.manual_seed(0)
+    model = transformers.FunnelForSequenceClassification(transformers.FunnelConfig(
+        vocab_size=V, block_sizes=[1, 1], d_model=16, n_head=2, d_head=8, d_inner=32,
+        hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, num_labels=3,
+    )).train()  # fmt: skip
+    ids = torch.randint(0, V, (n, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(n, 8, dtype=torch.long)
+    mask[1, -2:] = 0
+    y = torch.arange(n) % 3
+
+    def batch():
+        return model(input_ids=ids, attention_mask=mask, labels=y).loss
+
+    def one(i):
+        s = slice(i, i + 1)
+        return model(input_ids=ids[s], attention_mask=mask[s], labels=y[s]).loss
+
+    return model, batch, one
+
+
+def test_the_fallback_on_funnel_attention_is_exact_and_its_size_coincidence_named():
+    """Funnel's attention combines ``r_kernel``, ``seg_embed`` and its biases with the queries
+    in ``einsum``: the fallback re-runs it per example, splitting every argument whose dim 0
+    has the batch's size. With 8 tokens the second block's pooled positions have 4 rows: at
+    N = 3 the fallback is exact from step 2; at N = 4 they are split as if they were the
+    examples, and the audit's refusal now leads with that cause and its fix (it named a
+    parameter "added after the tracker was created", the alias left in the model)."""
+    model, batch, one = _funnel(3)
+    errors = _steps_against_brute_force(model, batch, one, 3, steps=5)
+    assert errors[0] == [None]
+    assert all(e[0] is not None and e[0] < RTOL for e in errors[1:]), errors
+    model, batch, one = _funnel(4)
+    attention = model.funnel.encoder.blocks[1][0].attention
+    kernel = attention.r_kernel
+    with pytest.raises(
+        UnsupportedModuleError,
+        match=r"torch\.func fallback gave for module\(s\) 'funnel\.encoder\.blocks\.1\.0\."
+        r"attention' .*dim 0 has the batch's size \(4\).*Use a batch size other than 4",
+    ):
+        _steps_against_brute_force(model, batch, one, 4, steps=4)
+    assert attention._parameters["r_kernel"] is kernel
+
+
+def test_accumulation_on_the_step_the_engine_learns_on():
+    """Mamba2 uses its ``conv1d``'s weight and bias directly in the forward, which the engine
+    learns on step 1 (left out) and follows from step 2. With two micro-batches a step, the
+    second micro-batch of step 1 ran before that and was refused ("received gradients but
+    noisescale saw no use of them"); it is now left out with the first, and every micro-batch
+    of the later steps is exact."""
+    torch.manual_seed(0)
+    model = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+        vocab_size=V, hidden_size=16, num_hidden_layers=2, state_size=8, expand=2, head_dim=8,
+        num_heads=4, n_groups=1, conv_kernel=4, chunk_size=4, use_cache=False,
+    )).train()  # fmt: skip
+    micro = [_losses(model, "lm", seed=s) for s in (0, 1)]
+    errors = _steps_against_brute_force(model, *micro[0], N, steps=4, passes=2, micro=micro)
+    assert errors[0] == [None, None]
+    assert all(e is not None and e < RTOL for step in errors[1:] for e in step), errors
+    history, said = _train(
+        model, micro[0][0], 3, passes=lambda step: 2, micro_batches=[b for b, _ in micro]
+    )
+    assert len(history) == 3
+    assert [r["skipped"] for r in history] == [False, False, False]
+    assert any("an earlier micro-batch of this step taught the engine" in s for s in said)
+
+
+def test_router_logits_returned_without_labels_name_the_setting_not_an_auxiliary_loss():
+    """Qwen3-MoE with ``output_router_logits=True`` called without ``labels=``: the model adds
+    no auxiliary loss, but returns its routers' logits, one row per token of the batch, which
+    the audit cannot attribute — refused, naming them and ``output_router_logits=False`` (the
+    message blamed the auxiliary loss "given labels"); returning only the logits is exact."""
+    torch.manual_seed(0)
+    n = 3  # (not the 4 experts)
+    lm = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16, head_dim=8,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+        output_router_logits=True, router_aux_loss_coef=0.01, experts_implementation="batched_mm",
+    )).train()  # fmt: skip
+    ids = _ids(n=n)
+
+    def loss(model, s, wrapped):
+        out = model(input_ids=ids[s])
+        logits = out if wrapped else out.logits
+        k = logits.shape[0]
+        flat = F.cross_entropy(
+            logits[:, :-1].reshape(-1, V), ids[s][:, 1:].reshape(-1), reduction="none"
+        )
+        return flat.view(k, -1).mean(1)
+
+    with pytest.raises(
+        UnsupportedModuleError,
+        match=r"returns its routers' logits .*returned no loss \(no labels=\).*"
+        r"set output_router_logits=False",
+    ):
+        with noisescale.per_example_sqnorms(lm) as _:
+            loss(lm, slice(None), False).mean().backward()
+
+    class LogitsOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, x):
+            return self.lm(input_ids=x).logits
+
+    lm.zero_grad()
+    wrapped = LogitsOnly()
+    params = [p for p in lm.parameters() if p.requires_grad]
+    want = torch.stack([
+        sum(g.pow(2).sum() for g in torch.autograd.grad(
+            loss(wrapped.lm, slice(i, i + 1), False)[0], params, allow_unused=True)
+            if g is not None)
+        for i in range(n)
+    ])  # fmt: skip
+    with noisescale.per_example_sqnorms(wrapped) as pe:
+        F.cross_entropy(
+            wrapped(ids)[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1), reduction="none"
+        ).view(n, -1).mean(1).mean().backward()
+    # (the router's softmax and the loss run in float32 inside the model: 1e-6 relative)
+    assert float(((pe.sqnorms - want).abs() / want).max()) < 1e-6
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_recurrent_gemma_s_gates_are_refused_with_both_possible_causes(n):
+    """RecurrentGemma's RG-LRU computes its gates from activations moved to [heads, N·T,
+    width] for a ``baddbmm`` and back: their rows are the examples', reached in a layout the
+    engine does not follow, and the scan multiplies them with a zero initial state (no
+    history). The refusal advised only "a batch size other than N" — refused alike at every
+    N; it now names both possibilities, and a rule or per_example=False for this one."""
+    torch.manual_seed(0)
+    model = transformers.RecurrentGemmaForCausalLM(transformers.RecurrentGemmaConfig(
+        num_hidden_layers=2, vocab_size=V, hidden_size=16, intermediate_size=32,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, lru_width=16,
+        attention_window_size=4, conv1d_width=4, block_types=["recurrent", "attention"],
+        partial_rotary_factor=0.5, pad_token_id=0, use_cache=False,
+    )).train()  # fmt: skip
+    ids, mask = _ids(n=n), _mask(n)
+    with pytest.raises(
+        UnsupportedModuleError,
+        match=rf"batch's size \({n}\).*If it is such a table, use a batch size other than {n}.*"
+        r"If its rows are the examples'.*register a rule for the module that computes it",
+    ):
+        with noisescale.per_example_sqnorms(model) as _:
+            model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+
+
+def test_transformers_default_grouped_experts_are_refused_naming_batched_mm():
+    """transformers' default expert kernel (``experts_implementation="grouped_mm"``, one grouped
+    product per layer over the tokens routed to each expert; float32) meets the batch in
+    ``_grouped_mm``, which has no per-example rule: refused, now naming the setting that is
+    measured exactly, ``"batched_mm"`` (Qwen2-MoE, 4 sequences with padding, as a helper's
+    sweep found it)."""
+    torch.manual_seed(0)
+    model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=16,
+    )).float().train()  # fmt: skip
+    if model.config._experts_implementation != "grouped_mm":
+        pytest.skip("this transformers' default expert kernel is not grouped_mm")
+    ids, mask = _ids(), _mask()
+    with pytest.raises(
+        UnsupportedModuleError, match=r"_grouped_mm.*experts_implementation='batched_mm'"
+    ):
+        with noisescale.per_example_sqnorms(model) as _:
+            model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()

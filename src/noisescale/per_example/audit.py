@@ -88,6 +88,7 @@ class Findings:
     unpermuted: str | None = None  # the outputs do not follow the inputs' examples
     # targets in the FLAT layout (each example's rows in turn) that no replay was compared with
     unverified_flat: list[_Target] = field(default_factory=list)
+    batch_size: int | None = None  # the audited pass's examples (for the messages)
 
     @property
     def ok(self) -> bool:

@@ -280,6 +280,10 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self.learned_shared_lookups: set[tuple] = set()
         self._context: list[int] = []  # example dim inside time-major containers
         self._swapped: dict[tuple[int, str], list[Tensor]] = {}
+        # per scope module, one frame per open call: the (holder, name) it swapped for aliases,
+        # which its exit puts back — and only those (a scope that swapped nothing, a rule-less
+        # module run by the fallback, must not pop the aliases an enclosing scope handed out)
+        self._scope_frames: dict[nn.Module, list[list[tuple[nn.Module, str]]]] = {}
         self._guarded: set[nn.Module] = set()
         self._unswapped: dict[int, list[tuple[str, Tensor]]] = {}
         self._task_pass: dict[int, PassNorms] = {}
@@ -323,6 +327,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._next_token = 1
         self._trace_batch: Tensor | None = None
         self._returned_loss = False  # whether the last forward of the model returned .loss
+        # whether it returned its routers' logits (a transformers mixture of experts) and no loss
+        self._returned_router_logits_only = False
         self._eager_hooks: list[Callable] = []  # what each module hook runs without compile
         self._compile_prepared = False  # _prepare_compile() has run (Dynamo is imported)
         self._inside_compiled_call = False  # the running eager hook runs inside a compiled call
@@ -604,8 +610,15 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._loss_watch.reset()
         self._scratch.release()
         self._eager_steps.want(False)
+        # an alias still in the model (a forward that never returned to its scope's exit) is
+        # replaced by the parameter itself: the model is left as it was given
+        for scope_uses in self._scopes.values():
+            for holder, name, pid in scope_uses:
+                if isinstance(holder._parameters.get(name), SharedTensor):
+                    holder._parameters[name] = self._param[pid]
         for (_, _), stack in list(self._swapped.items()):
             stack.clear()
+        self._scope_frames.clear()
         for module in self._mirrored:
             func = getattr(module, "_gradient_checkpointing_func", None)
             if isinstance(func, _MirroredCheckpoint):
@@ -902,6 +915,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._trace_batch = None
         # (a loss the model computed itself, to which its forward may add terms of its own)
         self._returned_loss = isinstance(getattr(output, "loss", None), Tensor)
+        self._returned_router_logits_only = (
+            not self._returned_loss and getattr(output, "router_logits", None) is not None
+        )
         if (
             self.passes
             and not (self._recomputing or self._paused or self._replaying)
@@ -1036,6 +1052,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
 
     def _on_scope_enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Hand the forward shared aliases of the parameters it uses directly."""
+        frame: list[tuple[nn.Module, str]] = []
+        self._scope_frames.setdefault(module, []).append(frame)
         if not self._active() or module in self._fallback:
             return
         pass_ = self._hook_pass()
@@ -1058,6 +1076,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             source.tensor = alias
             self._swapped.setdefault((id(holder), name), []).append(real)
             holder._parameters[name] = alias  # type: ignore[assignment]
+            frame.append((holder, name))
 
     def _mirror_in_recompute(self, module: nn.Module) -> None:
         """The transformers layers whose ``forward`` activation checkpointing recomputes
@@ -1086,7 +1105,10 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             self._mirrored.append(layer)
 
     def _on_scope_exit(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        for holder, name, _ in reversed(self._scopes.get(module, [])):
+        frames = self._scope_frames.get(module)
+        if not frames:
+            return
+        for holder, name in reversed(frames.pop()):
             stack = self._swapped.get((id(holder), name))
             if stack:
                 holder._parameters[name] = stack.pop()  # type: ignore[assignment]
@@ -2545,15 +2567,30 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             if reached > 1 and (self.per_example_fraction < 1.0 or self.last_step_passes > 1):
                 self.subset_position = self._draw_subset_position(reached)
         if self.per_example:
+            taught: str | None = None  # what an earlier pass of this step taught the engine
             for pass_ in done:
                 try:
                     self._settle(pass_, learn)
                 except UnsupportedModuleError as err:
+                    if taught is not None:
+                        # The step's earlier micro-batch taught the engine (a direct use, a
+                        # layer for the fallback), from the next step on: this one ran before
+                        # that and meets the same thing. Left out with it — never measured
+                        # wrong: the next step is audited on what was learned, and a cause
+                        # that remains is refused then.
+                        self._withhold(
+                            pass_,
+                            f"an earlier micro-batch of this step taught the engine ({taught}); "
+                            "this one ran before that and is left out with it",
+                        )
+                        continue
                     if not (pass_.reentrant or _reentrant_checkpointing(self.model)):
                         raise
                     raise UnsupportedModuleError(
                         f"{_REENTRANT_LEAD} (what the engine met there: {err})"
                     ) from err
+                if learn and taught is None and pass_.withheld is not None:
+                    taught = pass_.withheld
         # an audited step runs eagerly, in compiled models too
         self._eager_steps.want(
             self._compiled_eagerly

@@ -14,12 +14,15 @@ the engine measures that module with this fallback from the next step on:
   example (batched over the examples, ``is_grads_batched``).
 
 The forward's autocast state (bfloat16/float16) is replayed in both cases. Assumptions: dim 0 of
-every tensor argument and of the output is the example dimension, and only the first output of a
-module that returns a tuple carries the gradient (other outputs that receive one are refused).
+every tensor argument and of the output is the example dimension, and only the module's main
+output carries the gradient — a tensor, the first element of a tuple or list, the first tensor of
+a dict or a ``transformers`` ``ModelOutput`` (a submodule's ``logits``) — other outputs that
+receive one are refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -75,6 +78,27 @@ class Saved:
         )
 
 
+def _outputs(output: Any) -> list[Any]:
+    """A module's outputs in order: a tuple's or list's elements, a dict's values (a
+    ``ModelOutput`` is one: its fields that are set), a dataclass's fields; else the output."""
+    if isinstance(output, tuple | list):
+        return list(output)
+    if isinstance(output, dict):
+        return list(output.values())
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        return [getattr(output, f.name) for f in dataclasses.fields(output)]
+    return [output]
+
+
+def main_output(output: Any) -> Any:
+    """The output the fallback differentiates: the first of :func:`_outputs` — for a dict or
+    a dataclass, the first tensor among them."""
+    outs = _outputs(output)
+    if isinstance(output, tuple | list):
+        return outs[0] if outs else None
+    return next((o for o in outs if isinstance(o, Tensor)), None)
+
+
 def _rng_states() -> dict[str, Tensor]:
     states = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -112,10 +136,10 @@ def rule(engine: PerExampleNorms) -> LayerRule:
         drew = before is not None and any(
             not torch.equal(state, after.get(name, state)) for name, state in before.items()
         )
-        if isinstance(output, tuple):
-            for k, extra in enumerate(output[1:], start=1):
-                if isinstance(extra, Tensor) and extra.requires_grad:
-                    extra.register_hook(_refuse_extra_output(engine._labels[module], k))
+        main = main_output(output)
+        for k, extra in enumerate(_outputs(output)):
+            if isinstance(extra, Tensor) and extra.requires_grad and extra is not main:
+                extra.register_hook(_refuse_extra_output(engine._labels[module], k))
         detached = tree_map(lambda a: a.detach() if isinstance(a, Tensor) else a, args)
         return Saved(detached, kwargs, _autocast_state(), before if drew else None)
 
@@ -141,6 +165,7 @@ def rule(engine: PerExampleNorms) -> LayerRule:
         params=None,
         native_layout=True,
         select=select,
+        outputs=lambda module, output: [main_output(output)],
         name="torch.func fallback",
     )
 
@@ -179,8 +204,7 @@ def _per_example_vmap(module: nn.Module, saved: Saved, d: Tensor, name: str) -> 
         args, kw = tree_unflatten(full, spec)
 
         def f(p: dict[str, Tensor]) -> Tensor:
-            out = functional_call(module, p, args, kw)
-            return out[0] if isinstance(out, tuple) else out
+            return main_output(functional_call(module, p, args, kw))
 
         out, pullback = vjp(f, params)
         return pullback(grad.unsqueeze(0).to(out.dtype))[0]
@@ -213,8 +237,7 @@ def _recompute_batch(module: nn.Module, saved: Saved, d: Tensor, name: str) -> d
         if "cuda" in saved.rng:
             torch.cuda.set_rng_state(saved.rng["cuda"])
         with torch.enable_grad(), _autocast(saved):
-            out = functional_call(module, params, saved.args, saved.kwargs)
-    out = out[0] if isinstance(out, tuple) else out
+            out = main_output(functional_call(module, params, saved.args, saved.kwargs))
     k = rows.shape[0]
     onehot = torch.zeros(k, *d.shape, device=d.device, dtype=out.dtype)
     onehot[torch.arange(k, device=d.device), rows] = d.index_select(0, rows).to(out.dtype)
@@ -239,8 +262,9 @@ def _refuse_extra_output(label: str, k: int) -> Callable[[Tensor], None]:
         if torch.count_nonzero(grad):
             raise UnsupportedModuleError(
                 f"output {k} of module '{label}' received a gradient; the torch.func fallback "
-                "uses only the first output of a module. Do not backpropagate through its other "
-                "outputs, or use per_example=False"
+                "uses only a module's main output (the first; the first tensor of a dict or "
+                "ModelOutput). Do not backpropagate through its other outputs, or use "
+                "per_example=False"
             )
 
     return hook

@@ -79,12 +79,14 @@ def _flattened_hint(size: int, n: int) -> str:
     )
 
 
-def _auxiliary_loss_cause(model: nn.Module) -> str | None:
+def _auxiliary_loss_cause(model: nn.Module, logits_only: bool = False) -> str | None:
     """A Hugging Face mixture of experts trained with its routers' auxiliary loss: the
     load-balancing loss multiplies the batch's mean routing fractions by its mean router
     probabilities, over every token of the batch together (and Switch Transformers' z-loss is
     a mean over them too), so it combines examples — the audit fails on it, and its findings
-    alone would name a generic cause."""
+    alone would name a generic cause. ``logits_only``: the model returned its router logits
+    and no loss (no labels, so it added no auxiliary loss itself): those logits, one row per
+    token of the batch, are what the audit met, whether or not the user's loss uses them."""
     for name, module in model.named_modules():
         config = getattr(module, "config", None)
         if not getattr(config, "output_router_logits", False):
@@ -98,6 +100,18 @@ def _auxiliary_loss_cause(model: nn.Module) -> str | None:
             continue
         where = f"'{name}.config'" if name else "the model's config"
         set_ = ", ".join(f"{k}={v:g}" for k, v in coefs.items())
+        if logits_only:
+            return (
+                f"This model returns its routers' logits ({where}: output_router_logits=True, "
+                f"{set_}), one row per token of the whole batch, which noisescale cannot "
+                "attribute to examples; it returned no loss (no labels=), so it added no "
+                "auxiliary loss itself. If your loss does not use the router logits, set "
+                "output_router_logits=False (or return only the logits from a wrapper): the "
+                "model is then measured exactly. If it adds their auxiliary loss, that loss "
+                "combines examples (the batch's mean routing fractions times its mean router "
+                "probabilities) and no example has a gradient of its own: measure with "
+                "per_example=False and two or more gradient-accumulation micro-batches a step."
+            )
         return (
             f"This model returns its routers' logits and, given labels, adds their auxiliary "
             f"loss to its loss ({where}: output_router_logits=True, {set_}), computed from the "
@@ -175,8 +189,12 @@ def _ambiguous_message(pass_: PassNorms) -> str:
         f"only a tensor without autograd history of shape {list(other)} (input data or a "
         "mask). noisescale cannot tell whether its rows are the examples' or a table whose "
         "size happens to equal the batch's (a single example's forward would broadcast the "
-        f"whole table over it). Use a batch size other than {n}, keep the table's rows "
-        "apart from the examples' dimension, or use per_example=False"
+        f"whole table over it). If it is such a table, use a batch size other than {n} or "
+        "keep the table's rows apart from the examples' dimension. If its rows are the "
+        "examples' — they reached it in a layout noisescale did not follow, moved out of "
+        "dim 0 for a batched product and back (RecurrentGemma's gates, a baddbmm over "
+        "[heads, N·T, width]), and another batch size is refused alike — register a rule for "
+        "the module that computes it (noisescale.register_layer), or use per_example=False"
     )
 
 
@@ -191,3 +209,24 @@ def _coupled_message(pass_: PassNorms) -> str:
         "the others'). Use per_example=False (the noise scale from micro-batch or replica "
         "gradients), or detach the batch-level quantity if it is meant as a constant weight"
     )
+
+
+def _experts_hint(op: str, scope: nn.Module | None = None) -> str:
+    """transformers' mixture-of-experts kernels: ``experts_implementation="grouped_mm"`` (its
+    default where torch has ``_grouped_mm``) runs every expert in one grouped product over the
+    tokens routed to it, and ``"eager"`` loops over the experts indexing the tokens routed to
+    each; neither has a per-example rule, and ``"batched_mm"`` is followed. ``scope``: the
+    module where the parameters met the batch (a router, an experts module)."""
+    if "grouped_mm" in op:
+        return (
+            ". This is transformers' grouped expert product (experts_implementation="
+            "'grouped_mm', the default for mixtures of experts): build the model with "
+            "experts_implementation='batched_mm', which noisescale measures exactly"
+        )
+    name = type(scope).__name__ if scope is not None else ""
+    if any(word in name for word in ("Expert", "Router", "Moe", "MoE", "SparseMoe")):
+        return (
+            f". '{name}' belongs to a mixture of experts: with transformers' models, build it "
+            "with experts_implementation='batched_mm', which noisescale measures exactly"
+        )
+    return ""

@@ -16,6 +16,7 @@ from noisescale.per_example.messages import (
     _ambiguous_message,
     _auxiliary_loss_cause,
     _coupled_message,
+    _experts_hint,
     _penalty_cause,
     _qualified,
 )
@@ -68,6 +69,7 @@ class Settle:
             if pass_.audit is not None
             else audit_mod.Findings()
         )
+        findings.batch_size = pass_.batch_size
         missing = pass_.received - pass_.covered
         if findings.unpermuted:
             # (a shared call that never met the batch says more about the cause: first)
@@ -166,15 +168,44 @@ class Settle:
 
     def _audit_message(self, findings: audit_mod.Findings) -> str:
         """The failed audit's findings, led by the likely cause where the model names one."""
-        return self._with_cause(findings.message(self._labels, None, self._param_name))
+        text = self._with_cause(findings.message(self._labels, None, self._param_name))
+        lead = self._fallback_cause(findings)
+        return text if lead is None else f"{lead} What noisescale found: {text}"
+
+    def _fallback_cause(self, findings: audit_mod.Findings) -> str | None:
+        """Where parameters measured by the torch.func fallback do not add up: the fallback
+        splits every tensor argument of the module whose dim 0 has the batch's size, and one
+        that has it by coincidence (Funnel's pooled positions, [T/2, …] with T/2 = N) is split
+        as if it held the examples."""
+        modules = []
+        for pid in findings.unexplained:
+            for holder, _ in self._holders(pid):
+                if holder in self._fallback and holder not in modules:
+                    modules.append(holder)
+        if not modules:
+            return None
+        names = ", ".join(f"'{self._labels[m]}'" for m in modules)
+        n = findings.batch_size
+        size = f" ({n})" if n is not None else ""
+        return (
+            f"The per-example gradients the torch.func fallback gave for module(s) {names} do "
+            "not add up to their gradient. The fallback re-runs such a module per example and "
+            f"splits every tensor argument whose dim 0 has the batch's size{size} as if it held "
+            "the examples: an argument with that size by coincidence — positions, a pooled "
+            "length, a table — is split wrongly. Use a batch size other than "
+            f"{n if n is not None else 'this one'}, register a rule for the module "
+            "(noisescale.register_layer), or use per_example=False."
+        )
 
     def _with_cause(self, text: str, auxiliary: bool = True) -> str:
         """A refusal led by the likely cause where the model names one (a term its forward adds
         to its loss: a mixture of experts' auxiliary loss unless ``auxiliary`` is false,
         AdaLoRA's orthogonality penalty when the model returned a loss)."""
-        cause = (_auxiliary_loss_cause(self.model) if auxiliary else None) or (
-            _penalty_cause(self.model) if self._returned_loss else None
-        )
+        cause = (
+            _auxiliary_loss_cause(self.model, self._returned_router_logits_only)
+            if auxiliary
+            else None
+        ) or (_penalty_cause(self.model) if self._returned_loss else None)
         return text if cause is None else f"{cause} What noisescale found: {text}"
 
     def _refuse_unmet_shared(self, pass_: PassNorms, missing: set[int]) -> None:
@@ -313,6 +344,7 @@ class Settle:
                     "hand-written recurrent layer run on the active rows of a packed sequence, "
                     "a subset of the batch). Call layers on whole, batch-first activations "
                     "(nn.LSTM/GRU/RNN handle packed sequences exactly), or use per_example=False"
+                    + _experts_hint(op, scope)
                 )
             labels = sorted({s.label for s in origin.sources})
             if scope is not None:
@@ -342,7 +374,7 @@ class Settle:
                 f"parameters {labels} meet the batch {where}in the operation '{op}', which has "
                 "no per-example rule. Register a rule for the module that owns them "
                 "(noisescale.register_layer), move them into a layer with a rule, or use "
-                "per_example=False"
+                f"per_example=False{_experts_hint(op, scope)}"
             )
         # Followed through the model's whole forward (read from a parameter container, not
         # as a layer's own weights: peft's GraLoRA and BOFT): name the modules that hold them,
