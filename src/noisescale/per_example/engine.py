@@ -309,6 +309,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # layers without a trainable parameter whose rule checks their form at each pass
         self._mode_checks: list[tuple[nn.Module, Callable[[nn.Module, str], None], str]] = []
         self._fallback_rng: dict[nn.Module, dict[str, Tensor]] = {}
+        # per fallback module, the shapes of the arguments its last backward split as examples
+        self._fallback_split: dict[nn.Module, list[tuple[int, ...]]] = {}
         self.steps_collected = 0
         self._audit_due = True
         self._marking: tuple[int | None, list[PassNorms]] = (None, [])  # _mark_backward
@@ -2327,6 +2329,16 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._unopened = None
         self._unopened_params = []
 
+    def _learned_state(self) -> tuple[int, ...]:
+        """How much the engine has learned about the model (layers for the fallback, direct
+        uses followed, shared calls and lookups): a pass that changed it taught the engine."""
+        return (
+            len(self._fallback),
+            sum(len(uses) for uses in self._scopes.values()),
+            len(self._learned_shared),
+            len(self.learned_shared_lookups),
+        )
+
     def collect(self, grad_rescale: float = 1.0, *, learn: bool = True) -> list[PassNorms]:
         """Finish the open passes and return them, resetting the engine for the next step.
 
@@ -2569,27 +2581,35 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         if self.per_example:
             taught: str | None = None  # what an earlier pass of this step taught the engine
             for pass_ in done:
+                known = self._learned_state()
                 try:
                     self._settle(pass_, learn)
                 except UnsupportedModuleError as err:
                     if taught is not None:
                         # The step's earlier micro-batch taught the engine (a direct use, a
                         # layer for the fallback), from the next step on: this one ran before
-                        # that and meets the same thing. Left out with it — never measured
-                        # wrong: the next step is audited on what was learned, and a cause
-                        # that remains is refused then.
+                        # that and may meet the same thing. Left out with it, and the next
+                        # step is audited (whatever its schedule), so that a cause the lesson
+                        # does not explain is refused there, before any step is measured.
                         self._withhold(
                             pass_,
                             f"an earlier micro-batch of this step taught the engine ({taught}); "
-                            "this one ran before that and is left out with it",
+                            "this one ran before that and is left out with it (the next step "
+                            f"is audited; what this one met: {err})",
                         )
+                        self._audit_due = True
                         continue
                     if not (pass_.reentrant or _reentrant_checkpointing(self.model)):
                         raise
                     raise UnsupportedModuleError(
                         f"{_REENTRANT_LEAD} (what the engine met there: {err})"
                     ) from err
-                if learn and taught is None and pass_.withheld is not None:
+                if (
+                    learn
+                    and taught is None
+                    and pass_.withheld is not None
+                    and self._learned_state() != known
+                ):
                     taught = pass_.withheld
         # an audited step runs eagerly, in compiled models too
         self._eager_steps.want(

@@ -15,9 +15,9 @@ the engine measures that module with this fallback from the next step on:
 
 The forward's autocast state (bfloat16/float16) is replayed in both cases. Assumptions: dim 0 of
 every tensor argument and of the output is the example dimension, and only the module's main
-output carries the gradient — a tensor, the first element of a tuple or list, the first tensor of
-a dict or a ``transformers`` ``ModelOutput`` (a submodule's ``logits``) — other outputs that
-receive one are refused.
+output carries the gradient — its first floating-point tensor with one (:func:`main_leaf`; nested
+outputs included: a tuple's first element, a ``transformers`` ``ModelOutput``'s ``logits``) —
+other outputs that pass a gradient on are refused, by their path.
 """
 
 from __future__ import annotations
@@ -69,34 +69,53 @@ class Saved:
     autocast: list[tuple[str, torch.dtype]] = field(default_factory=list)
     rng: dict[str, Tensor] | None = None  # generator states before the call, if it drew
     rows: Tensor | None = None
+    main: int | None = 0  # which leaf of the output is differentiated (main_leaf)
+    # the shapes of the tensor arguments split as per-example (dim 0 of the batch's size)
+    split: list[tuple[int, ...]] = field(default_factory=list)
 
     def map(self, fn: Callable[[Any], Any]) -> Saved:
         """``fn`` applied to every leaf of the arguments, nested ones included (a tuple of
         masks passed as one argument)."""
-        return Saved(
-            tree_map(fn, self.args), tree_map(fn, self.kwargs), self.autocast, self.rng, self.rows
+        return dataclasses.replace(
+            self, args=tree_map(fn, self.args), kwargs=tree_map(fn, self.kwargs)
         )
 
 
-def _outputs(output: Any) -> list[Any]:
-    """A module's outputs in order: a tuple's or list's elements, a dict's values (a
-    ``ModelOutput`` is one: its fields that are set), a dataclass's fields; else the output."""
+def output_leaves(output: Any, path: str = "") -> list[tuple[str, Any]]:
+    """A module's outputs in order, nested ones included — a tuple's or list's elements, a
+    dict's values (a ``ModelOutput`` is one: its fields that are set), a dataclass's fields —
+    each with its path (``1``, ``'hidden_states'[0]``)."""
     if isinstance(output, tuple | list):
-        return list(output)
-    if isinstance(output, dict):
-        return list(output.values())
-    if dataclasses.is_dataclass(output) and not isinstance(output, type):
-        return [getattr(output, f.name) for f in dataclasses.fields(output)]
-    return [output]
+        items: list[tuple[str, Any]] = [(f"{path}[{i}]", v) for i, v in enumerate(output)]
+    elif isinstance(output, dict):
+        items = [(f"{path}[{k!r}]", v) for k, v in output.items()]
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        items = [(f"{path}.{f.name}", getattr(output, f.name)) for f in dataclasses.fields(output)]
+    else:
+        return [(path or "output", output)]
+    return [leaf for p, v in items for leaf in output_leaves(v, p)]
 
 
-def main_output(output: Any) -> Any:
-    """The output the fallback differentiates: the first of :func:`_outputs` — for a dict or
-    a dataclass, the first tensor among them."""
-    outs = _outputs(output)
-    if isinstance(output, tuple | list):
-        return outs[0] if outs else None
-    return next((o for o in outs if isinstance(o, Tensor)), None)
+def main_leaf(leaves: list[tuple[str, Any]]) -> int | None:
+    """Which output the fallback differentiates: the first floating-point tensor with a
+    history and a dimension for the examples (a tuple's first element, a ``ModelOutput``'s
+    ``logits`` or ``last_hidden_state``; not a mask, a ``None``, a 0-d loss); else the first
+    tensor."""
+    tensors = [i for i, (_, v) in enumerate(leaves) if isinstance(v, Tensor)]
+    for i in tensors:
+        v = leaves[i][1]
+        if v.is_floating_point() and v.requires_grad and v.dim() > 0:
+            return i
+    return tensors[0] if tensors else None
+
+
+def main_output(output: Any, index: int | None = None) -> Any:
+    """The output the fallback differentiates (leaf ``index`` of :func:`output_leaves`, by
+    default :func:`main_leaf`'s)."""
+    leaves = output_leaves(output)
+    if index is None:
+        index = main_leaf(leaves)
+    return None if index is None or index >= len(leaves) else leaves[index][1]
 
 
 def _rng_states() -> dict[str, Tensor]:
@@ -136,19 +155,24 @@ def rule(engine: PerExampleNorms) -> LayerRule:
         drew = before is not None and any(
             not torch.equal(state, after.get(name, state)) for name, state in before.items()
         )
-        main = main_output(output)
-        for k, extra in enumerate(_outputs(output)):
-            if isinstance(extra, Tensor) and extra.requires_grad and extra is not main:
-                extra.register_hook(_refuse_extra_output(engine._labels[module], k))
+        leaves = output_leaves(output)
+        main = main_leaf(leaves)
+        for k, (path, extra) in enumerate(leaves):
+            if isinstance(extra, Tensor) and extra.requires_grad and k != main:
+                extra.register_hook(_refuse_extra_output(engine._labels[module], path))
         detached = tree_map(lambda a: a.detach() if isinstance(a, Tensor) else a, args)
-        return Saved(detached, kwargs, _autocast_state(), before if drew else None)
+        return Saved(detached, kwargs, _autocast_state(), before if drew else None, main=main)
 
     def select(module: nn.Module, saved: Saved, rows: Tensor) -> Saved:
-        return Saved(saved.args, saved.kwargs, saved.autocast, saved.rng, rows)
+        return dataclasses.replace(saved, rows=rows)
 
     def factors(module: nn.Module, saved: Saved, grads: tuple) -> dict[str, Factor]:
         d = grads[0]
         label = engine._labels[module]
+        leaves, _ = tree_flatten((saved.args, saved.kwargs))
+        engine._fallback_split[module] = [
+            tuple(leaf.shape) for leaf in leaves if _is_batched(leaf, d.shape[0])
+        ]
         engine._recomputing = True
         try:
             if saved.rng is not None:
@@ -165,7 +189,7 @@ def rule(engine: PerExampleNorms) -> LayerRule:
         params=None,
         native_layout=True,
         select=select,
-        outputs=lambda module, output: [main_output(output)],
+        outputs=lambda module, output: [main_output(output)],  # (save's main_leaf)
         name="torch.func fallback",
     )
 
@@ -204,7 +228,7 @@ def _per_example_vmap(module: nn.Module, saved: Saved, d: Tensor, name: str) -> 
         args, kw = tree_unflatten(full, spec)
 
         def f(p: dict[str, Tensor]) -> Tensor:
-            return main_output(functional_call(module, p, args, kw))
+            return main_output(functional_call(module, p, args, kw), saved.main)
 
         out, pullback = vjp(f, params)
         return pullback(grad.unsqueeze(0).to(out.dtype))[0]
@@ -237,7 +261,7 @@ def _recompute_batch(module: nn.Module, saved: Saved, d: Tensor, name: str) -> d
         if "cuda" in saved.rng:
             torch.cuda.set_rng_state(saved.rng["cuda"])
         with torch.enable_grad(), _autocast(saved):
-            out = main_output(functional_call(module, params, saved.args, saved.kwargs))
+            out = main_output(functional_call(module, params, saved.args, saved.kwargs), saved.main)
     k = rows.shape[0]
     onehot = torch.zeros(k, *d.shape, device=d.device, dtype=out.dtype)
     onehot[torch.arange(k, device=d.device), rows] = d.index_select(0, rows).to(out.dtype)
@@ -257,14 +281,15 @@ def _recompute_batch(module: nn.Module, saved: Saved, d: Tensor, name: str) -> d
     }
 
 
-def _refuse_extra_output(label: str, k: int) -> Callable[[Tensor], None]:
+def _refuse_extra_output(label: str, path: str) -> Callable[[Tensor], None]:
     def hook(grad: Tensor) -> None:
         if torch.count_nonzero(grad):
             raise UnsupportedModuleError(
-                f"output {k} of module '{label}' received a gradient; the torch.func fallback "
-                "uses only a module's main output (the first; the first tensor of a dict or "
-                "ModelOutput). Do not backpropagate through its other outputs, or use "
-                "per_example=False"
+                f"output {path} of module '{label}' received a gradient; the torch.func "
+                "fallback differentiates only a module's main output (its first floating-point "
+                "tensor with a gradient: a tuple's first element, a ModelOutput's logits or "
+                "last_hidden_state). Do not backpropagate through its other outputs, register "
+                "a rule for the module (noisescale.register_layer), or use per_example=False"
             )
 
     return hook

@@ -173,28 +173,31 @@ class Settle:
         return text if lead is None else f"{lead} What noisescale found: {text}"
 
     def _fallback_cause(self, findings: audit_mod.Findings) -> str | None:
-        """Where parameters measured by the torch.func fallback do not add up: the fallback
-        splits every tensor argument of the module whose dim 0 has the batch's size, and one
-        that has it by coincidence (Funnel's pooled positions, [T/2, …] with T/2 = N) is split
-        as if it held the examples."""
-        modules = []
+        """Where parameters measured by the torch.func fallback do not add up and the fallback
+        split more than one argument as examples: it splits every tensor argument of the
+        module whose dim 0 has the batch's size, and one that has it by coincidence (Funnel's
+        pooled positions, [T/2, …] with T/2 = N) is split as if it held the examples. (With
+        one such argument, the input, that is not the cause: no lead.)"""
+        split: dict[nn.Module, list[tuple[int, ...]]] = {}
         for pid in findings.unexplained:
             for holder, _ in self._holders(pid):
-                if holder in self._fallback and holder not in modules:
-                    modules.append(holder)
-        if not modules:
+                shapes = self._fallback_split.get(holder, [])
+                if holder in self._fallback and len(shapes) > 1:
+                    split[holder] = shapes
+        if not split:
             return None
-        names = ", ".join(f"'{self._labels[m]}'" for m in modules)
+        names = ", ".join(f"'{self._labels[m]}'" for m in split)
+        shapes = "; ".join(", ".join(str(list(t)) for t in v) for v in split.values())
         n = findings.batch_size
-        size = f" ({n})" if n is not None else ""
         return (
             f"The per-example gradients the torch.func fallback gave for module(s) {names} do "
             "not add up to their gradient. The fallback re-runs such a module per example and "
-            f"splits every tensor argument whose dim 0 has the batch's size{size} as if it held "
-            "the examples: an argument with that size by coincidence — positions, a pooled "
-            "length, a table — is split wrongly. Use a batch size other than "
-            f"{n if n is not None else 'this one'}, register a rule for the module "
-            "(noisescale.register_layer), or use per_example=False."
+            f"splits every tensor argument whose dim 0 has the batch's size ({n}) as if it "
+            f"held the examples — here arguments of shapes {shapes}: if one of them has that "
+            "size by coincidence (positions, a pooled length, a table), use a batch size other "
+            f"than {n}. Otherwise the parameters are used elsewhere too (below). Registering a "
+            "rule for the module (noisescale.register_layer) or per_example=False works in "
+            "either case."
         )
 
     def _with_cause(self, text: str, auxiliary: bool = True) -> str:
