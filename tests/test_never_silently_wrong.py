@@ -15,6 +15,7 @@ attributed at all is refused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 
@@ -2285,4 +2286,152 @@ def test_a_micro_batch_left_out_with_the_learning_step_gets_the_next_step_audite
         (model(x, c, branch).pow(2).sum(1).mean() / 2).backward()
     with pytest.raises(UnsupportedModuleError, match="audit of this step failed"):
         engine.collect()
+    engine.remove()
+
+
+class EinOut(nn.Module):
+    """A rule-less module (einsum: the fallback) with structured outputs: ``"maps"`` — a dict
+    that holds a per-example list before its output when ``self.maps`` (one entry per example:
+    the leaves before the output differ between the batch and one example); ``"dup"`` — the
+    output again in ``hidden_states`` beside the module's own input (as transformers' encoders
+    return them); ``"param"`` — a parameter returned beside the output."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.maps = kind, False
+        self.weight = nn.Parameter(torch.randn(4, 4))
+        self.temp = nn.Parameter(torch.ones(()))
+
+    def forward(self, h: torch.Tensor):
+        y = torch.einsum("nd,de->ne", h, self.weight)
+        if self.kind == "maps":
+            out = {"maps": list(h.detach().unbind(0))} if self.maps else {}
+            out["y"] = y
+            out["z"] = torch.einsum("nd,de->ne", h.tanh(), self.weight)
+            return out
+        if self.kind == "dup":
+            return {"last_hidden_state": y, "hidden_states": (h, y)}
+        return {"y": y, "extra": (self.temp,)}
+
+
+class AroundEin(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.ein, self.l2 = nn.Linear(3, 4), EinOut(kind), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, c: float = 0.0) -> torch.Tensor:
+        h = self.l1(x)
+        h = h - c * h.mean(0, keepdim=True)
+        o = self.ein(h)
+        y = o["y"] if "y" in o else o["last_hidden_state"]
+        if self.ein.kind == "param":
+            y = y * o["extra"][0]
+        return self.l2(y)
+
+
+def _relerr(engine, model, p, x, c=0.0, passes=1):
+    params = list(model.parameters())
+    with engine.paused():
+        want = torch.stack([
+            sum(g.pow(2).sum() for g in torch.autograd.grad(
+                model(x, c).pow(2).sum(1)[i], params, allow_unused=True) if g is not None)
+            for i in range(len(x))
+        ])  # fmt: skip
+    return float(((p.raw_sqnorms * (len(x) * passes) ** 2 - want).abs() / want).max())
+
+
+def test_the_fallback_finds_its_output_by_its_path_in_the_per_example_re_run():
+    """From step 3 the module returns a per-example list before its output: the output's
+    position among the outputs is N + 0 in the forward and 1 in the re-run on one example,
+    where another output of the same shape sat — differentiated with the output's gradient,
+    0.5% off without a word (a review, 2026-12-05). Found by its path now: exact."""
+    model = AroundEin("maps")
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(1))
+    engine = PerExampleNorms(model)
+    for step in range(1, 6):
+        model.ein.maps = step >= 3
+        model.zero_grad()
+        model(x).pow(2).sum(1).mean().backward()
+        (p,) = engine.collect()
+        if step > 1:
+            assert _relerr(engine, model, p, x) < 1e-10, step
+    engine.remove()
+
+
+def test_outputs_that_are_the_output_again_or_the_module_s_input_are_not_refused():
+    """``hidden_states`` holding the module's input and its output again (transformers'
+    encoders): only a tensor computed in the module, other than its output, can carry a
+    gradient the fallback does not measure. Exact; they were refused."""
+    model = AroundEin("dup")
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    engine = PerExampleNorms(model)
+    for step in range(1, 5):
+        model.zero_grad()
+        model(x).pow(2).sum(1).mean().backward()
+        (p,) = engine.collect()
+        if step > 1:
+            assert _relerr(engine, model, p, x) < 1e-10, step
+    engine.remove()
+
+
+def test_no_refusal_hook_is_left_on_a_parameter_a_fallback_module_returns():
+    """A parameter among the outputs got a refusal hook at every forward, never removed: after
+    ``remove()`` a plain backward raised. Parameters (leaves) are never hooked now."""
+    model = AroundEin("param")
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    engine = PerExampleNorms(model)
+    for _ in range(3):
+        model.zero_grad()
+        model(x).pow(2).sum(1).mean().backward()
+        with contextlib.suppress(UnsupportedModuleError):
+            engine.collect()
+    engine.remove()
+    assert not model.ein.temp._backward_hooks
+    model.zero_grad()
+    model(x).pow(2).sum().backward()
+
+
+def test_two_micro_batches_through_a_rule_less_module_on_the_first_step():
+    """Both micro-batches of step 1 sent the module to the fallback, which installed it twice
+    and counted its gradients twice: a wrong lesson at step 2, every later step refused (a
+    review, 2026-12-05; older than that day's changes). Installed once: exact from step 2."""
+    model = AroundEin("dup")
+    xs = [torch.randn(4, 3, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    engine = PerExampleNorms(model)
+    for step in range(1, 5):
+        model.zero_grad()
+        for x in xs:
+            (model(x).pow(2).sum(1).mean() / 2).backward()
+        passes = engine.collect()
+        if step > 1:
+            for p, x in zip(passes, xs, strict=True):
+                assert _relerr(engine, model, p, x, passes=2) < 1e-10, step
+    engine.remove()
+    assert len(model.ein._forward_hooks) == 0
+
+
+def test_after_a_deferred_or_refused_micro_batch_every_micro_batch_is_audited():
+    """Sub-batch mode splits one micro-batch a step. Step 1: the first micro-batch teaches the
+    fallback, the third couples its examples (deferred with the lesson). The next step
+    measures and audits every micro-batch, and refuses; a caller that catches the refusal and
+    goes on is refused again, not measured: the coupled micro-batch read 22% off on an
+    unaudited step (a review, 2026-12-05)."""
+    model = CoupledSecond()
+    xs = [torch.randn(4, 3, generator=torch.Generator().manual_seed(s)) for s in (1, 2, 3)]
+    plan = [(xs[0], 0.0, True), (xs[1], 0.0, False), (xs[2], 1.0, False)]
+    engine = PerExampleNorms(model, subbatches=2)
+    refused = []
+    for step in range(1, 7):
+        model.zero_grad()
+        for x, c, branch in plan:
+            (model(x, c, branch).pow(2).sum(1).mean() / 3).backward()
+        try:
+            passes = engine.collect()
+        except UnsupportedModuleError:
+            refused.append(step)
+            continue
+        assert step == 1
+        assert "taught the engine" in passes[2].withheld
+    assert refused == [2, 3, 4, 5, 6]
     engine.remove()

@@ -2598,7 +2598,14 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                             f"is audited; what this one met: {err})",
                         )
                         self._audit_due = True
+                        # every micro-batch of the next step is measured (and so audited), the
+                        # deferred one's position included: in sub-batch mode one a step is
+                        self.last_step_passes, self.subset_position = 0, 0
                         continue
+                    # a caller that catches the refusal and goes on gets every micro-batch of
+                    # the next step measured and audited, until a step passes
+                    self._audit_due = True
+                    self.last_step_passes, self.subset_position = 0, 0
                     if not (pass_.reentrant or _reentrant_checkpointing(self.model)):
                         raise
                     raise UnsupportedModuleError(

@@ -69,7 +69,7 @@ class Saved:
     autocast: list[tuple[str, torch.dtype]] = field(default_factory=list)
     rng: dict[str, Tensor] | None = None  # generator states before the call, if it drew
     rows: Tensor | None = None
-    main: int | None = 0  # which leaf of the output is differentiated (main_leaf)
+    main: str | None = None  # the path of the output leaf differentiated (main_leaf)
     # the shapes of the tensor arguments split as per-example (dim 0 of the batch's size)
     split: list[tuple[int, ...]] = field(default_factory=list)
 
@@ -109,13 +109,22 @@ def main_leaf(leaves: list[tuple[str, Any]]) -> int | None:
     return tensors[0] if tensors else None
 
 
-def main_output(output: Any, index: int | None = None) -> Any:
-    """The output the fallback differentiates (leaf ``index`` of :func:`output_leaves`, by
-    default :func:`main_leaf`'s)."""
+def main_output(output: Any, path: str | None = None, label: str = "") -> Any:
+    """The output the fallback differentiates: the leaf of :func:`output_leaves` at ``path``
+    (the forward's, in a per-example re-run: found by its path, not its position, which a
+    per-example list before it would shift), by default :func:`main_leaf`'s."""
     leaves = output_leaves(output)
-    if index is None:
+    if path is None:
         index = main_leaf(leaves)
-    return None if index is None or index >= len(leaves) else leaves[index][1]
+        return None if index is None else leaves[index][1]
+    for p, value in leaves:
+        if p == path:
+            return value
+    raise UnsupportedModuleError(
+        f"module '{label}' returned its output {path} in the forward but not when the torch.func "
+        "fallback re-ran it on one example (its outputs' structure depends on the batch); "
+        "register a rule for it (noisescale.register_layer) or use per_example=False"
+    )
 
 
 def _rng_states() -> dict[str, Tensor]:
@@ -157,11 +166,28 @@ def rule(engine: PerExampleNorms) -> LayerRule:
         )
         leaves = output_leaves(output)
         main = main_leaf(leaves)
-        for k, (path, extra) in enumerate(leaves):
-            if isinstance(extra, Tensor) and extra.requires_grad and k != main:
+        main_tensor = None if main is None else leaves[main][1]
+        inputs = {id(a) for a in tree_flatten((args, kwargs))[0] if isinstance(a, Tensor)}
+        for path, extra in leaves:
+            # Another output that passes a gradient on, computed in the module (not the main
+            # output again, as hidden_states[-1] is last_hidden_state; not one of its inputs
+            # passed through; not a parameter or other leaf, whose hook would outlive the step)
+            if (
+                isinstance(extra, Tensor)
+                and extra.requires_grad
+                and extra.grad_fn is not None
+                and extra is not main_tensor
+                and id(extra) not in inputs
+            ):
                 extra.register_hook(_refuse_extra_output(engine._labels[module], path))
         detached = tree_map(lambda a: a.detach() if isinstance(a, Tensor) else a, args)
-        return Saved(detached, kwargs, _autocast_state(), before if drew else None, main=main)
+        return Saved(
+            detached,
+            kwargs,
+            _autocast_state(),
+            before if drew else None,
+            main=None if main is None else leaves[main][0],
+        )
 
     def select(module: nn.Module, saved: Saved, rows: Tensor) -> Saved:
         return dataclasses.replace(saved, rows=rows)
@@ -228,7 +254,7 @@ def _per_example_vmap(module: nn.Module, saved: Saved, d: Tensor, name: str) -> 
         args, kw = tree_unflatten(full, spec)
 
         def f(p: dict[str, Tensor]) -> Tensor:
-            return main_output(functional_call(module, p, args, kw), saved.main)
+            return main_output(functional_call(module, p, args, kw), saved.main, name)
 
         out, pullback = vjp(f, params)
         return pullback(grad.unsqueeze(0).to(out.dtype))[0]
@@ -261,7 +287,9 @@ def _recompute_batch(module: nn.Module, saved: Saved, d: Tensor, name: str) -> d
         if "cuda" in saved.rng:
             torch.cuda.set_rng_state(saved.rng["cuda"])
         with torch.enable_grad(), _autocast(saved):
-            out = main_output(functional_call(module, params, saved.args, saved.kwargs), saved.main)
+            out = main_output(
+                functional_call(module, params, saved.args, saved.kwargs), saved.main, name
+            )
     k = rows.shape[0]
     onehot = torch.zeros(k, *d.shape, device=d.device, dtype=out.dtype)
     onehot[torch.arange(k, device=d.device), rows] = d.index_select(0, rows).to(out.dtype)

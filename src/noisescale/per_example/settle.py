@@ -358,6 +358,10 @@ class Settle:
                 raise UnsupportedModuleError(self._unsupported_message(origin, op, labels, scope))
             owners[scope] = op
         for scope in owners:
+            if scope in self._fallback:
+                # (an earlier micro-batch of this step sent it there already: its hooks are in
+                # place, and a second set would count its gradients twice)
+                continue
             fallback.check(scope, self._labels[scope])
             self._fallback.add(scope)
             self._calls_fallback(scope)
