@@ -2435,3 +2435,102 @@ def test_after_a_deferred_or_refused_micro_batch_every_micro_batch_is_audited():
         assert "taught the engine" in passes[2].withheld
     assert refused == [2, 3, 4, 5, 6]
     engine.remove()
+
+
+class EinRows(nn.Module):
+    """A rule-less module (einsum) returning ``(*rows, y, z)`` — its input's rows first when
+    ``self.rows`` (one per example: the outputs' structure depends on the batch); with
+    ``inplace``, it first adds its bias to its input in place (and draws a random number, so
+    that the fallback re-runs the whole batch); ``"view"``: returns ``(y, h[:, :2])``."""
+
+    def __init__(self, kind: str = "rows") -> None:
+        super().__init__()
+        self.kind, self.rows = kind, False
+        self.weight = nn.Parameter(torch.randn(4, 4))
+        self.b = nn.Parameter(torch.randn(4))
+
+    def forward(self, h: torch.Tensor):
+        if self.kind == "inplace":
+            torch.rand(1)
+            h.add_(self.b)
+        y = torch.einsum("nd,de->ne", h, self.weight)
+        if self.kind == "view":
+            return (y, h[:, :2])
+        rows = tuple(h.detach().unbind(0)) if self.rows else ()
+        return (*rows, y, torch.einsum("nd,de->ne", h.tanh(), self.weight))
+
+
+class AroundRows(nn.Module):
+    def __init__(self, kind: str = "rows") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.ein, self.l2 = nn.Linear(3, 4), EinRows(kind), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, c: float = 0.0) -> torch.Tensor:
+        out = self.ein(self.l1(x) * 1.0)
+        return self.l2(out[0] if self.ein.kind == "view" else out[-2])
+
+
+def test_a_fallback_module_whose_outputs_depend_on_the_batch_is_refused():
+    """From step 3 the module returns its input's rows before its output: in the re-run on one
+    example the output's position holds another output of the same shape, differentiated with
+    the output's gradient — 0.6% off without a word (a review, 2026-12-05; older than that
+    day's changes). The re-run must hold its output at the same place now — the same keys, the
+    same positions in tuples of the same lengths — or it is refused."""
+    model = AroundRows()
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(1))
+    engine = PerExampleNorms(model)
+    for step in range(1, 5):
+        model.ein.rows = step >= 3
+        model.zero_grad()
+        if step < 3:
+            model(x).pow(2).sum(1).mean().backward()
+            (p,) = engine.collect()
+            if step == 2:
+                assert _relerr(engine, model, p, x) < 1e-10
+            continue
+        with pytest.raises(UnsupportedModuleError, match="outputs in another structure"):
+            model(x).pow(2).sum(1).mean().backward()
+            engine.collect()
+    engine.remove()
+
+
+def test_a_fallback_module_that_changes_its_input_in_place_is_refused_not_crashed():
+    """The fallback re-runs a module on the input it saved: one that adds to its input in place
+    (``h.add_(b)``) changed the user's activation again, and the user's backward crashed
+    ("modified by an inplace operation"; a review, 2026-12-05). Refused at its forward."""
+    model = AroundRows("inplace")
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    engine = PerExampleNorms(model)
+    model(x).pow(2).sum().backward()
+    engine.collect()  # (step 1: the module goes to the fallback)
+    model.zero_grad()
+    with pytest.raises(UnsupportedModuleError, match="changes its input in place"):
+        model(x).pow(2).sum().backward()
+    engine.remove()
+
+
+def test_a_view_of_the_fallback_module_s_input_among_its_outputs_is_not_refused():
+    """``(y, h[:, :2])``: the view passes its gradient to the module's input only, which the
+    fallback's parameters do not see. Exact; it was refused as an output with a gradient."""
+    model = AroundRows("view")
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+
+    class Both(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x: torch.Tensor, c: float = 0.0) -> torch.Tensor:
+            y, v = model.ein(model.l1(x) * 1.0)
+            return model.l2(y) + v.sum(1, keepdim=True)
+
+    both = Both()
+    engine = PerExampleNorms(both)
+    for step in range(1, 5):
+        both.zero_grad()
+        both(x).pow(2).sum(1).mean().backward()
+        (p,) = engine.collect()
+        if step > 1:
+            assert _relerr(engine, both, p, x) < 1e-10, step
+    engine.remove()

@@ -311,6 +311,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._fallback_rng: dict[nn.Module, dict[str, Tensor]] = {}
         # per fallback module, the shapes of the arguments its last backward split as examples
         self._fallback_split: dict[nn.Module, list[tuple[int, ...]]] = {}
+        # per fallback module, its tensor arguments' versions when its forward began
+        self._fallback_versions: dict[nn.Module, list[tuple[Tensor, int]]] = {}
         self.steps_collected = 0
         self._audit_due = True
         self._marking: tuple[int | None, list[PassNorms]] = (None, [])  # _mark_backward
@@ -2323,6 +2325,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._task_accumulates.clear()
         self._grad_only_tasks.clear()
         self._task_pass.clear()
+        self._fallback_versions.clear()
         self._hook_changed, self._between = [], None
         self._unzeroed = []
         self._hook_in.clear()

@@ -69,7 +69,8 @@ class Saved:
     autocast: list[tuple[str, torch.dtype]] = field(default_factory=list)
     rng: dict[str, Tensor] | None = None  # generator states before the call, if it drew
     rows: Tensor | None = None
-    main: str | None = None  # the path of the output leaf differentiated (main_leaf)
+    main: str | None = None  # the spine of the output leaf differentiated (main_leaf)
+    main_path: str = ""  # (its path, for messages)
     # the shapes of the tensor arguments split as per-example (dim 0 of the batch's size)
     split: list[tuple[int, ...]] = field(default_factory=list)
 
@@ -81,50 +82,65 @@ class Saved:
         )
 
 
-def output_leaves(output: Any, path: str = "") -> list[tuple[str, Any]]:
+def output_leaves(output: Any, path: str = "", spine: str = "") -> list[tuple[str, str, Any]]:
     """A module's outputs in order, nested ones included — a tuple's or list's elements, a
     dict's values (a ``ModelOutput`` is one: its fields that are set), a dataclass's fields —
-    each with its path (``1``, ``'hidden_states'[0]``)."""
+    each with its path (``[1]``, ``['hidden_states'][0]``) and its spine: the path with the
+    length of every tuple or list on the way (``[1/2]``), by which a per-example re-run finds
+    the same output again."""
     if isinstance(output, tuple | list):
-        items: list[tuple[str, Any]] = [(f"{path}[{i}]", v) for i, v in enumerate(output)]
+        n = len(output)
+        items = [(f"{path}[{i}]", f"{spine}[{i}/{n}]", v) for i, v in enumerate(output)]
     elif isinstance(output, dict):
-        items = [(f"{path}[{k!r}]", v) for k, v in output.items()]
+        items = [(f"{path}[{k!r}]", f"{spine}[{k!r}]", v) for k, v in output.items()]
     elif dataclasses.is_dataclass(output) and not isinstance(output, type):
-        items = [(f"{path}.{f.name}", getattr(output, f.name)) for f in dataclasses.fields(output)]
+        items = [
+            (f"{path}.{f.name}", f"{spine}.{f.name}", getattr(output, f.name))
+            for f in dataclasses.fields(output)
+        ]
     else:
-        return [(path or "output", output)]
-    return [leaf for p, v in items for leaf in output_leaves(v, p)]
+        return [(path or "output", spine, output)]
+    return [leaf for p, k, v in items for leaf in output_leaves(v, p, k)]
 
 
-def main_leaf(leaves: list[tuple[str, Any]]) -> int | None:
+def main_leaf(leaves: list[tuple[str, str, Any]]) -> int | None:
     """Which output the fallback differentiates: the first floating-point tensor with a
     history and a dimension for the examples (a tuple's first element, a ``ModelOutput``'s
     ``logits`` or ``last_hidden_state``; not a mask, a ``None``, a 0-d loss); else the first
     tensor."""
-    tensors = [i for i, (_, v) in enumerate(leaves) if isinstance(v, Tensor)]
+    tensors = [i for i, (_, _, v) in enumerate(leaves) if isinstance(v, Tensor)]
     for i in tensors:
-        v = leaves[i][1]
+        v = leaves[i][2]
         if v.is_floating_point() and v.requires_grad and v.dim() > 0:
             return i
     return tensors[0] if tensors else None
 
 
-def main_output(output: Any, path: str | None = None, label: str = "") -> Any:
-    """The output the fallback differentiates: the leaf of :func:`output_leaves` at ``path``
-    (the forward's, in a per-example re-run: found by its path, not its position, which a
-    per-example list before it would shift), by default :func:`main_leaf`'s."""
+def main_output(output: Any, saved: Saved | None = None, label: str = "") -> Any:
+    """The output the fallback differentiates: :func:`main_leaf`'s, or in a per-example
+    re-run the one at the forward's spine (``saved.main``): the same keys, and the same
+    positions in tuples and lists of the same lengths. A per-example list (one entry per
+    example) before it in a tuple would move it, and another output stand where it was:
+    refused."""
     leaves = output_leaves(output)
-    if path is None:
+    if saved is None or saved.main is None:
         index = main_leaf(leaves)
-        return None if index is None else leaves[index][1]
-    for p, value in leaves:
-        if p == path:
+        return None if index is None else leaves[index][2]
+    for _, spine, value in leaves:
+        if spine == saved.main:
             return value
     raise UnsupportedModuleError(
-        f"module '{label}' returned its output {path} in the forward but not when the torch.func "
-        "fallback re-ran it on one example (its outputs' structure depends on the batch); "
-        "register a rule for it (noisescale.register_layer) or use per_example=False"
+        f"module '{label}' returned its outputs in another structure when the torch.func "
+        f"fallback re-ran it on one example ({_few(tuple(p for p, _, _ in leaves))}) than in "
+        f"the forward, where its output was {saved.main_path}: they depend on the batch (a "
+        "list with one entry per example), so its output cannot be matched. Register a rule "
+        "for it (noisescale.register_layer) or use per_example=False"
     )
+
+
+def _few(paths: tuple[str, ...]) -> str:
+    shown = ", ".join(paths[:4]) + (f", … ({len(paths)} in all)" if len(paths) > 4 else "")
+    return f"outputs {shown}" if paths else "no output"
 
 
 def _rng_states() -> dict[str, Tensor]:
@@ -140,6 +156,9 @@ def pre_hook(engine: PerExampleNorms) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple) -> None:
         if engine._active():
             engine._fallback_rng[module] = _rng_states()
+            engine._fallback_versions[module] = [
+                (leaf, leaf._version) for leaf in tree_flatten(args)[0] if isinstance(leaf, Tensor)
+            ]
 
     return hook
 
@@ -159,6 +178,15 @@ def rule(engine: PerExampleNorms) -> LayerRule:
     """The fallback as a layer rule of the engine."""
 
     def save(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Saved:
+        for arg, version in engine._fallback_versions.pop(module, []):
+            if arg._version != version:
+                raise UnsupportedModuleError(
+                    f"module '{engine._labels[module]}' changes its input in place in its "
+                    "forward, and the torch.func fallback, which re-runs it per example on the "
+                    "input it was given, cannot: it would change the input again. Make the "
+                    "module work on a copy (x = x + b, not x.add_(b)), register a rule for it "
+                    "(noisescale.register_layer), or use per_example=False"
+                )
         before = engine._fallback_rng.pop(module, None)
         after = _rng_states() if before is not None else {}
         drew = before is not None and any(
@@ -166,9 +194,10 @@ def rule(engine: PerExampleNorms) -> LayerRule:
         )
         leaves = output_leaves(output)
         main = main_leaf(leaves)
-        main_tensor = None if main is None else leaves[main][1]
+        main_tensor = None if main is None else leaves[main][2]
         inputs = {id(a) for a in tree_flatten((args, kwargs))[0] if isinstance(a, Tensor)}
-        for path, extra in leaves:
+        # (a view of an input passes its gradient to the input only: h[:, :2])
+        for path, _, extra in leaves:
             # Another output that passes a gradient on, computed in the module (not the main
             # output again, as hidden_states[-1] is last_hidden_state; not one of its inputs
             # passed through; not a parameter or other leaf, whose hook would outlive the step)
@@ -178,6 +207,7 @@ def rule(engine: PerExampleNorms) -> LayerRule:
                 and extra.grad_fn is not None
                 and extra is not main_tensor
                 and id(extra) not in inputs
+                and not (extra._base is not None and id(extra._base) in inputs)
             ):
                 extra.register_hook(_refuse_extra_output(engine._labels[module], path))
         detached = tree_map(lambda a: a.detach() if isinstance(a, Tensor) else a, args)
@@ -186,7 +216,8 @@ def rule(engine: PerExampleNorms) -> LayerRule:
             kwargs,
             _autocast_state(),
             before if drew else None,
-            main=None if main is None else leaves[main][0],
+            main=None if main is None else leaves[main][1],
+            main_path="" if main is None else leaves[main][0],
         )
 
     def select(module: nn.Module, saved: Saved, rows: Tensor) -> Saved:
@@ -254,7 +285,7 @@ def _per_example_vmap(module: nn.Module, saved: Saved, d: Tensor, name: str) -> 
         args, kw = tree_unflatten(full, spec)
 
         def f(p: dict[str, Tensor]) -> Tensor:
-            return main_output(functional_call(module, p, args, kw), saved.main, name)
+            return main_output(functional_call(module, p, args, kw), saved, name)
 
         out, pullback = vjp(f, params)
         return pullback(grad.unsqueeze(0).to(out.dtype))[0]
@@ -262,6 +293,8 @@ def _per_example_vmap(module: nn.Module, saved: Saved, d: Tensor, name: str) -> 
     try:
         with _autocast(saved):
             grads = vmap(one_example, in_dims=(0, 0))(split, d)
+    except UnsupportedModuleError:
+        raise  # (the output's structure, above: its own message)
     except Exception as err:  # torch raises many types here; name the module in one clear error
         raise UnsupportedModuleError(
             f"module '{name}' ({type(module).__name__}) uses its parameters in an operation "
@@ -288,7 +321,7 @@ def _recompute_batch(module: nn.Module, saved: Saved, d: Tensor, name: str) -> d
             torch.cuda.set_rng_state(saved.rng["cuda"])
         with torch.enable_grad(), _autocast(saved):
             out = main_output(
-                functional_call(module, params, saved.args, saved.kwargs), saved.main, name
+                functional_call(module, params, saved.args, saved.kwargs), saved, name
             )
     k = rows.shape[0]
     onehot = torch.zeros(k, *d.shape, device=d.device, dtype=out.dtype)
