@@ -2534,3 +2534,80 @@ def test_a_view_of_the_fallback_module_s_input_among_its_outputs_is_not_refused(
         if step > 1:
             assert _relerr(engine, both, p, x) < 1e-10, step
     engine.remove()
+
+
+class _Reverse(torch.autograd.Function):
+    """Gradient-reversal style: the input itself (a view) forward; backward, the negated
+    gradient to the input and a gradient to ``a``."""
+
+    @staticmethod
+    def forward(ctx, h, a):
+        ctx.save_for_backward(h)
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, g):
+        (h,) = ctx.saved_tensors
+        return -g, (g * h).sum(0)
+
+
+class EinKinds(nn.Module):
+    """A rule-less module (einsum): ``"after"`` — per-example rows after its output;
+    ``"inference"`` — a table made under ``torch.inference_mode`` passed with its input;
+    ``"function"`` — a custom Function's view of its input, carrying a gradient to ``a``."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.weight = nn.Parameter(torch.randn(4, 4))
+        self.a = nn.Parameter(torch.randn(4))
+
+    def forward(self, h: torch.Tensor, table: torch.Tensor | None = None):
+        if table is not None:
+            h = h + table
+        y = torch.einsum("nd,de->ne", h, self.weight)
+        if self.kind == "after":
+            return (y, *h.detach().unbind(0))
+        if self.kind == "function":
+            return (y, _Reverse.apply(h, self.a))
+        return y
+
+
+@pytest.mark.parametrize("kind", ["after", "inference", "function"])
+def test_the_fallback_s_output_checks_on_what_a_review_found(kind):
+    """Per-example rows after the output cannot move it (exact; refused by the first form of
+    the structure check); a table made under inference mode has no version counter (exact;
+    the in-place check crashed on it); a custom Function's view of the input that gives a
+    parameter a gradient is refused by name (the views of inputs let through must be built-in
+    views). A review of 2026-12-05."""
+    torch.manual_seed(0)
+    l1, ein, l2 = nn.Linear(3, 4), EinKinds(kind), nn.Linear(4, 2)
+    with torch.inference_mode():
+        table = torch.randn(4)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.ein, self.l2 = l1, ein, l2
+
+        def forward(self, x: torch.Tensor, c: float = 0.0) -> torch.Tensor:
+            out = self.ein(self.l1(x) * 1.0, table if kind == "inference" else None)
+            if kind == "function":
+                return self.l2(out[0] + out[1])
+            return self.l2(out[0] if kind == "after" else out)
+
+    model = Model()
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(1))
+    engine = PerExampleNorms(model)
+    for step in range(1, 5):
+        model.zero_grad()
+        if kind == "function" and step > 1:
+            with pytest.raises(UnsupportedModuleError, match=r"output \[1\] of module 'ein'"):
+                model(x).pow(2).sum(1).mean().backward()
+                engine.collect()
+            continue
+        model(x).pow(2).sum(1).mean().backward()
+        (p,) = engine.collect()
+        if step > 1:
+            assert _relerr(engine, model, p, x) < 1e-10, step
+    engine.remove()

@@ -90,7 +90,11 @@ def output_leaves(output: Any, path: str = "", spine: str = "") -> list[tuple[st
     the same output again."""
     if isinstance(output, tuple | list):
         n = len(output)
-        items = [(f"{path}[{i}]", f"{spine}[{i}/{n}]", v) for i, v in enumerate(output)]
+        # (the first element's place moves with nothing before it: no length)
+        items = [
+            (f"{path}[{i}]", f"{spine}[{i}/{n}]" if i else f"{spine}[0]", v)
+            for i, v in enumerate(output)
+        ]
     elif isinstance(output, dict):
         items = [(f"{path}[{k!r}]", f"{spine}[{k!r}]", v) for k, v in output.items()]
     elif dataclasses.is_dataclass(output) and not isinstance(output, type):
@@ -138,6 +142,35 @@ def main_output(output: Any, saved: Saved | None = None, label: str = "") -> Any
     )
 
 
+# autograd nodes of built-in views: their gradient goes to their input alone
+_VIEW_NODES = frozenset(
+    {"ViewBackward0", "SliceBackward0", "SelectBackward0", "TransposeBackward0", "TBackward0",
+     "PermuteBackward0", "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1",
+     "ExpandBackward0", "AsStridedBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
+     "AliasBackward0", "NarrowBackward0", "UnbindBackward0", "SplitBackward0"}
+)  # fmt: skip
+
+
+def _view_of_input(t: Tensor, inputs: set[int]) -> bool:
+    """Whether ``t`` is a view of one of the module's inputs through built-in views only
+    (``h[:, :2]``), whose gradient goes to that input alone — not a custom Function's output
+    that merely aliases it and gives a parameter a gradient too."""
+    base = t._base
+    if base is None or id(base) not in inputs:
+        return False
+    node, target = t.grad_fn, base.grad_fn
+    for _ in range(16):
+        if node is None or type(node).__name__ not in _VIEW_NODES:
+            return False
+        edges = [e for e in node.next_functions if e[0] is not None]
+        if len(edges) != 1:
+            return False
+        node = edges[0][0]
+        if node is target:
+            return True
+    return False
+
+
 def _few(paths: tuple[str, ...]) -> str:
     shown = ", ".join(paths[:4]) + (f", … ({len(paths)} in all)" if len(paths) > 4 else "")
     return f"outputs {shown}" if paths else "no output"
@@ -153,11 +186,14 @@ def _rng_states() -> dict[str, Tensor]:
 def pre_hook(engine: PerExampleNorms) -> Callable[..., None]:
     """Remember the random generators' states before a fallback module's forward."""
 
-    def hook(module: nn.Module, args: tuple) -> None:
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if engine._active():
             engine._fallback_rng[module] = _rng_states()
+            # (an inference-mode tensor has no version: it cannot be changed in place here)
             engine._fallback_versions[module] = [
-                (leaf, leaf._version) for leaf in tree_flatten(args)[0] if isinstance(leaf, Tensor)
+                (leaf, leaf._version)
+                for leaf in tree_flatten((args, kwargs))[0]
+                if isinstance(leaf, Tensor) and not leaf.is_inference()
             ]
 
     return hook
@@ -207,7 +243,7 @@ def rule(engine: PerExampleNorms) -> LayerRule:
                 and extra.grad_fn is not None
                 and extra is not main_tensor
                 and id(extra) not in inputs
-                and not (extra._base is not None and id(extra._base) in inputs)
+                and not _view_of_input(extra, inputs)
             ):
                 extra.register_hook(_refuse_extra_output(engine._labels[module], path))
         detached = tree_map(lambda a: a.detach() if isinstance(a, Tensor) else a, args)

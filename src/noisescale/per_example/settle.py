@@ -427,7 +427,9 @@ class Settle:
         self._calls[module] = (rule, self._labels[module], params)
         self._update_compile_blocker()
         self._handles.append(
-            module.register_forward_pre_hook(self._hook(fallback.pre_hook(self), owner=module))
+            module.register_forward_pre_hook(
+                self._hook(fallback.pre_hook(self), owner=module), with_kwargs=True
+            )
         )
         self._handles.append(
             module.register_forward_hook(
