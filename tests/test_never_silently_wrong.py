@@ -2341,6 +2341,21 @@ def _relerr(engine, model, p, x, c=0.0, passes=1):
     return float(((p.raw_sqnorms * (len(x) * passes) ** 2 - want).abs() / want).max())
 
 
+def _exact_after_the_first_step(model, x, steps, before=None):
+    """``steps`` mean-loss steps under the exact engine (``before(step)`` first): step 1 may
+    learn (the fallback), every later step is exact against brute force."""
+    engine = PerExampleNorms(model)
+    for step in range(1, steps + 1):
+        if before is not None:
+            before(step)
+        model.zero_grad()
+        model(x).pow(2).sum(1).mean().backward()
+        (p,) = engine.collect()
+        if step > 1:
+            assert _relerr(engine, model, p, x) < 1e-10, step
+    engine.remove()
+
+
 def test_the_fallback_finds_its_output_by_its_path_in_the_per_example_re_run():
     """From step 3 the module returns a per-example list before its output: the output's
     position among the outputs is N + 0 in the forward and 1 in the re-run on one example,
@@ -2348,15 +2363,7 @@ def test_the_fallback_finds_its_output_by_its_path_in_the_per_example_re_run():
     0.5% off without a word (a review, 2026-12-05). Found by its path now: exact."""
     model = AroundEin("maps")
     x = torch.randn(2, 3, generator=torch.Generator().manual_seed(1))
-    engine = PerExampleNorms(model)
-    for step in range(1, 6):
-        model.ein.maps = step >= 3
-        model.zero_grad()
-        model(x).pow(2).sum(1).mean().backward()
-        (p,) = engine.collect()
-        if step > 1:
-            assert _relerr(engine, model, p, x) < 1e-10, step
-    engine.remove()
+    _exact_after_the_first_step(model, x, 5, lambda step: setattr(model.ein, "maps", step >= 3))
 
 
 def test_outputs_that_are_the_output_again_or_the_module_s_input_are_not_refused():
@@ -2365,14 +2372,7 @@ def test_outputs_that_are_the_output_again_or_the_module_s_input_are_not_refused
     gradient the fallback does not measure. Exact; they were refused."""
     model = AroundEin("dup")
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
-    engine = PerExampleNorms(model)
-    for step in range(1, 5):
-        model.zero_grad()
-        model(x).pow(2).sum(1).mean().backward()
-        (p,) = engine.collect()
-        if step > 1:
-            assert _relerr(engine, model, p, x) < 1e-10, step
-    engine.remove()
+    _exact_after_the_first_step(model, x, 4)
 
 
 def test_no_refusal_hook_is_left_on_a_parameter_a_fallback_module_returns():
@@ -2525,15 +2525,7 @@ def test_a_view_of_the_fallback_module_s_input_among_its_outputs_is_not_refused(
             y, v = model.ein(model.l1(x) * 1.0)
             return model.l2(y) + v.sum(1, keepdim=True)
 
-    both = Both()
-    engine = PerExampleNorms(both)
-    for step in range(1, 5):
-        both.zero_grad()
-        both(x).pow(2).sum(1).mean().backward()
-        (p,) = engine.collect()
-        if step > 1:
-            assert _relerr(engine, both, p, x) < 1e-10, step
-    engine.remove()
+    _exact_after_the_first_step(Both(), x, 4)
 
 
 class _Reverse(torch.autograd.Function):

@@ -1670,12 +1670,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 routes.append(("direct", role, (source, relation, operand)))
                 continue
             for source in origin.sources:
-                slot = pass_.slots.get(id(source))
-                if slot is None:
-                    slot = pass_.slots[id(source)] = _Slot(source, pass_=pass_)
-                    for pid in self._source_pids(source):
-                        pass_.uses[pid] = pass_.uses.get(pid, 0) + 1
-                slot.expected += 1
+                self._expect_slot(pass_, source)
             routes.append(("vjp", role, (origin, operand)))
         meeting.extra["routes"] = routes
         labels = tuple(sorted(s.label for _, _, r in routes for s in _route_sources(r)))
@@ -1711,6 +1706,16 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         if role == "bias" and relation[0] == "t":
             return None
         return source, relation
+
+    def _expect_slot(self, pass_: PassNorms, source: Source) -> None:
+        """One more meeting's gradient for ``source``'s slot of the pass (made on its first,
+        which counts one use of each of its parameters)."""
+        slot = pass_.slots.get(id(source))
+        if slot is None:
+            slot = pass_.slots[id(source)] = _Slot(source, pass_=pass_)
+            for pid in self._source_pids(source):
+                pass_.uses[pid] = pass_.uses.get(pid, 0) + 1
+        slot.expected += 1
 
     def _source_pids(self, source: Source) -> list[int]:
         if source.pid is not None:
@@ -2588,6 +2593,11 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 try:
                     self._settle(pass_, learn)
                 except UnsupportedModuleError as err:
+                    # whether deferred or refused (and caught by a caller who goes on): every
+                    # micro-batch of the next step is measured and audited, the deferred one's
+                    # position included (in sub-batch mode one a step is), until a step passes
+                    self._audit_due = True
+                    self.last_step_passes, self.subset_position = 0, 0
                     if taught is not None:
                         # The step's earlier micro-batch taught the engine (a direct use, a
                         # layer for the fallback), from the next step on: this one ran before
@@ -2600,15 +2610,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                             "this one ran before that and is left out with it (the next step "
                             f"is audited; what this one met: {err})",
                         )
-                        self._audit_due = True
-                        # every micro-batch of the next step is measured (and so audited), the
-                        # deferred one's position included: in sub-batch mode one a step is
-                        self.last_step_passes, self.subset_position = 0, 0
                         continue
-                    # a caller that catches the refusal and goes on gets every micro-batch of
-                    # the next step measured and audited, until a step passes
-                    self._audit_due = True
-                    self.last_step_passes, self.subset_position = 0, 0
                     if not (pass_.reentrant or _reentrant_checkpointing(self.model)):
                         raise
                     raise UnsupportedModuleError(

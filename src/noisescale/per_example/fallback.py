@@ -71,8 +71,6 @@ class Saved:
     rows: Tensor | None = None
     main: str | None = None  # the spine of the output leaf differentiated (main_leaf)
     main_path: str = ""  # (its path, for messages)
-    # the shapes of the tensor arguments split as per-example (dim 0 of the batch's size)
-    split: list[tuple[int, ...]] = field(default_factory=list)
 
     def map(self, fn: Callable[[Any], Any]) -> Saved:
         """``fn`` applied to every leaf of the arguments, nested ones included (a tuple of
@@ -143,7 +141,7 @@ def main_output(output: Any, saved: Saved | None = None, label: str = "") -> Any
 
 
 # autograd nodes of built-in views: their gradient goes to their input alone
-_VIEW_NODES = frozenset(
+_INPUT_VIEW_NODES = frozenset(
     {"ViewBackward0", "SliceBackward0", "SelectBackward0", "TransposeBackward0", "TBackward0",
      "PermuteBackward0", "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1",
      "ExpandBackward0", "AsStridedBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
@@ -160,7 +158,7 @@ def _view_of_input(t: Tensor, inputs: set[int]) -> bool:
         return False
     node, target = t.grad_fn, base.grad_fn
     for _ in range(16):
-        if node is None or type(node).__name__ not in _VIEW_NODES:
+        if node is None or type(node).__name__ not in _INPUT_VIEW_NODES:
             return False
         edges = [e for e in node.next_functions if e[0] is not None]
         if len(edges) != 1:

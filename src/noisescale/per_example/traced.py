@@ -24,7 +24,6 @@ from noisescale.per_example.passes import (
     _plain_weight_grad,
     _product_kind,
     _Record,
-    _Slot,
     _WeightJob,
 )
 from noisescale.per_example.registry import save_first_input
@@ -456,12 +455,7 @@ class Traced:
         origin = Origin(self, pass_, (source,))
         meeting = Meeting("expand", None, origin)
         meeting.box.insert(0, True)  # alive until the backward takes it
-        slot = pass_.slots.get(id(source))
-        if slot is None:
-            slot = pass_.slots[id(source)] = _Slot(source, pass_=pass_)
-            for pid in self._source_pids(source):
-                pass_.uses[pid] = pass_.uses.get(pid, 0) + 1
-        slot.expected += 1
+        self._expect_slot(pass_, source)
         meeting.extra["routes"] = [("vjp", None, (origin, source.tensor))]
         meeting.extra["dim"] = 0
         n = pass_.batch_size
