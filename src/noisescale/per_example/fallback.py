@@ -261,9 +261,14 @@ def rule(engine: PerExampleNorms) -> LayerRule:
         d = grads[0]
         label = engine._labels[module]
         leaves, _ = tree_flatten((saved.args, saved.kwargs))
-        engine._fallback_split[module] = [
-            tuple(leaf.shape) for leaf in leaves if _is_batched(leaf, d.shape[0])
-        ]
+        # what the per-example re-run splits as examples (the lead of a refusal where its
+        # gradients do not add up); the whole-batch re-run, for a module that draws random
+        # numbers, splits nothing
+        engine._fallback_split[module] = (
+            []
+            if saved.rng is not None
+            else [tuple(leaf.shape) for leaf in leaves if _is_batched(leaf, d.shape[0])]
+        )
         engine._recomputing = True
         try:
             if saved.rng is not None:

@@ -36,7 +36,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from noisescale.per_example.factors import Factor
@@ -196,21 +195,3 @@ def rule_for(module: nn.Module) -> LayerRule | None:
 def supported_layers() -> list[str]:
     """Names of the module types with a registered rule."""
     return sorted(k if isinstance(k, str) else k.__name__ for k in _RULES)
-
-
-def leading_size(value: Any, dim: int = 0) -> int | None:
-    """The size of ``dim`` of the first tensor in ``value`` (nested tuples, lists, dicts)."""
-    if isinstance(value, Tensor):
-        return int(value.shape[dim]) if value.dim() > dim else None
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, list | tuple):
-        for v in value:
-            size = leading_size(v, dim)
-            if size is not None:
-                return size
-    return None
-
-
-def is_float(t: Any) -> bool:
-    return isinstance(t, Tensor) and torch.is_floating_point(t)

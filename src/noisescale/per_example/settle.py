@@ -168,9 +168,12 @@ class Settle:
 
     def _audit_message(self, findings: audit_mod.Findings) -> str:
         """The failed audit's findings, led by the likely cause where the model names one."""
-        text = self._with_cause(findings.message(self._labels, None, self._param_name))
-        lead = self._fallback_cause(findings)
-        return text if lead is None else f"{lead} What noisescale found: {text}"
+        text = findings.message(self._labels, None, self._param_name)
+        # (the model's own term first: where it is there, it combines examples for certain)
+        causes = [c for c in (self._model_cause(), self._fallback_cause(findings)) if c]
+        if len(causes) == 2:
+            return f"{causes[0]} Also possible: {causes[1]} What noisescale found: {text}"
+        return text if not causes else f"{causes[0]} What noisescale found: {text}"
 
     def _fallback_cause(self, findings: audit_mod.Findings) -> str | None:
         """Where parameters measured by the torch.func fallback do not add up and the fallback
@@ -204,12 +207,17 @@ class Settle:
         """A refusal led by the likely cause where the model names one (a term its forward adds
         to its loss: a mixture of experts' auxiliary loss unless ``auxiliary`` is false,
         AdaLoRA's orthogonality penalty when the model returned a loss)."""
-        cause = (
+        cause = self._model_cause(auxiliary)
+        return text if cause is None else f"{cause} What noisescale found: {text}"
+
+    def _model_cause(self, auxiliary: bool = True) -> str | None:
+        """A term the model's forward adds to its loss, which combines examples (see
+        :meth:`_with_cause`), or ``None``."""
+        return (
             _auxiliary_loss_cause(self.model, self._returned_router_logits_only)
             if auxiliary
             else None
         ) or (_penalty_cause(self.model) if self._returned_loss else None)
-        return text if cause is None else f"{cause} What noisescale found: {text}"
 
     def _refuse_unmet_shared(self, pass_: PassNorms, missing: set[int]) -> None:
         """Refuse a pass in which parameters of a shared call, or parameters used directly,
