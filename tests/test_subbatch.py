@@ -698,6 +698,70 @@ def test_a_first_layer_without_bias_gets_its_gradient(first):
         assert torch.allclose(a.grad, b.grad, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("first", ["conv", "linear"])
+def test_a_hook_that_makes_the_first_layer_s_output_require_grad(first):
+    """Hugging Face's ``enable_input_require_grads()`` (which ``gradient_checkpointing_enable()``
+    calls for vision-language models) registers a forward hook doing
+    ``output.requires_grad_(True)`` on the input embeddings — for SigLIP, PaliGemma or GIT the
+    vision tower's patch ``Conv2d``. In the model that output already has a history from the
+    weight; run on a detached weight for the sub-batch products, it had none, the hook made it a
+    leaf, and the products' in-place marking crashed the forward (RuntimeError: a leaf Variable
+    that requires grad has been used in an in-place operation). Exact now, hook registered
+    before the tracker (as a Trainer does it), and the gradients are autograd's own."""
+    torch.manual_seed(0)
+    n = 6
+    if first == "conv":
+        layer, x = nn.Conv2d(3, 4, 3), torch.randn(n, 3, 6, 6)
+    else:
+        layer, x = nn.Linear(5, 4), torch.randn(n, 3, 5)
+    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.LazyLinear(2))
+    model(x)  # materialise the lazy layer
+    model[0].register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    plain = copy.deepcopy(model)
+    plain(x).pow(2).sum(1).mean().backward()
+
+    def losses():
+        return model(x).pow(2).sum(1)
+
+    assert_exact_both_modes(model, losses, n)
+    model.zero_grad()
+    tracker = train_tracked(model, lambda: losses().mean(), steps=1)
+    assert not tracker.history[-1]["skipped"]
+    for a, b in zip(plain.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-15)
+
+
+def test_siglip_with_enable_input_require_grads():
+    """The same through transformers: SigLIP's image classifier, whose input embeddings are its
+    patch convolution, after ``enable_input_require_grads()``."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.SiglipForImageClassification(
+            transformers.SiglipConfig(
+                vision_config=dict(
+                    image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1,
+                    num_attention_heads=2, intermediate_size=32,
+                ),
+                text_config=dict(
+                    vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=32,
+                ),
+                num_labels=3,
+            )
+        )  # fmt: skip
+    model.enable_input_require_grads()
+    n = 5
+    pixels = torch.randn(n, 3, 8, 8)
+    labels = torch.tensor([0, 1, 2, 1, 0])
+
+    def losses():
+        return F.cross_entropy(model(pixel_values=pixels).logits, labels, reduction="none")
+
+    assert_exact_both_modes(model, losses, n)
+
+
 @pytest.mark.parametrize(
     "name", ["sequence-products", "conv-products", "conv-patchify", "norm-affines"]
 )
