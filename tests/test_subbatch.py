@@ -731,6 +731,55 @@ def test_a_hook_that_makes_the_first_layer_s_output_require_grad(first):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-15)
 
 
+_OUTPUT_HOOKS = {
+    "scaled": lambda module, args, out: out * 2,
+    "scaled-in-place": lambda module, args, out: out.mul_(2),
+    "squashed": lambda module, args, out: torch.tanh(out),
+}
+
+
+@pytest.mark.parametrize("hook", list(_OUTPUT_HOOKS))
+@pytest.mark.parametrize("layer", ["conv", "linear-seq", "layernorm", "embedding"])
+def test_a_hook_registered_before_the_tracker_that_changes_a_layer_s_output(layer, hook):
+    """A forward hook the user registered before the tracker that changes a layer's output (a
+    steering or scaling hook, an activation patch). The engine's hooks ran after it, so the
+    sub-batch products took the gradient of the hooked output for the layer's own: its weight's
+    ``.grad`` — which the products give — came out halved for ``o * 2`` (training itself on a
+    wrong gradient) and the sub-batch norms 20% off, on audited steps too (the audit compares
+    with the ``.grad`` the products gave); the exact mode refused. The engine's forward hook now
+    runs first, on the layer's own output: exact in both modes, ``.grad`` autograd's own."""
+    torch.manual_seed(0)
+    n = 6
+    if layer == "conv":
+        first, x = nn.Conv2d(3, 4, 3), torch.randn(n, 3, 6, 6)
+    elif layer == "linear-seq":
+        first, x = nn.Linear(8, 8), torch.randn(n, 20, 8)
+    elif layer == "layernorm":
+        first, x = nn.LayerNorm(8), torch.randn(n, 5, 8)
+    else:
+        first, x = nn.Embedding(11, 8), torch.randint(0, 11, (n, 5))
+    model = nn.Sequential(first, nn.Tanh(), nn.Flatten(), nn.LazyLinear(2))
+    with torch.no_grad():
+        model(x)  # materialise the lazy layer
+    if layer == "layernorm":  # (an affine that is not the identity)
+        with torch.no_grad():
+            first.weight.normal_()
+            first.bias.normal_()
+    first.register_forward_hook(_OUTPUT_HOOKS[hook])
+    plain = copy.deepcopy(model)
+    plain(x).pow(2).sum(1).mean().backward()
+
+    def losses():
+        return model(x).pow(2).sum(1)
+
+    assert_exact_both_modes(model, losses, n)
+    model.zero_grad()
+    tracker = train_tracked(model, lambda: losses().mean(), steps=1)
+    assert not tracker.history[-1]["skipped"]
+    for a, b in zip(plain.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-15)
+
+
 def test_siglip_with_enable_input_require_grads():
     """The same through transformers: SigLIP's image classifier, whose input embeddings are its
     patch convolution, after ``enable_input_require_grads()``."""

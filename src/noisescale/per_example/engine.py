@@ -544,12 +544,24 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                     )
                 )
         for module in self._calls:
+            # First among the module's forward hooks: a rule reads the layer's own output, and
+            # the sub-batch products take the gradient of that output — not of what a hook the
+            # user registered earlier made of it (o * 2, o.mul_(2): the weight's gradient
+            # itself, which the products give, would be the hooked output's)
+            self._handles.append(
+                module.register_forward_hook(
+                    self._hook(self._on_forward, self._traced_forward, owner=module),
+                    with_kwargs=True,
+                    prepend=True,
+                )
+            )
             if self.subbatches and _by_products(module, self._calls[module][0]):
                 self._handles.append(
                     module.register_forward_pre_hook(
                         self._hook(self._on_weight_enter, self._traced_weight_enter, owner=module)
                     )
                 )
+                # (before _on_forward, which takes the call off the stack this one reads)
                 self._handles.append(
                     module.register_forward_hook(
                         self._hook(self._on_weight_exit, self._traced_weight_exit, owner=module),
@@ -557,12 +569,6 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                         always_call=True,
                     )
                 )
-            self._handles.append(
-                module.register_forward_hook(
-                    self._hook(self._on_forward, self._traced_forward, owner=module),
-                    with_kwargs=True,
-                )
-            )
         for module in self._scopes:
             self._install_scope(module)
         self._prepare_compile()
