@@ -172,6 +172,8 @@ class PassAudit:
     ) -> None:
         self.signature = signature
         self.nodes: int | None = None  # autograd nodes the forward made (eager; the engine)
+        # the model's parameters, whose .grad a replay must leave as it found it (the engine)
+        self.params: list[Tensor] = []
         self.n = n
         self.amp = amp
         self.generator = generator
@@ -307,6 +309,15 @@ class PassAudit:
         inputs = [t.edge for t in pending]
         if not inputs:
             return
+        # torch.autograd.grad leaves every .grad alone, but a custom Function whose backward
+        # calls .backward() itself (Reformer's reversible layers, re-running their forward)
+        # accumulates the replay's signed gradients into the parameters it reaches: the
+        # .grad the optimizer steps on would hold them. Each parameter's .grad is set aside
+        # for the replay and put back after it (references, not copies; the main backward
+        # waits while its hook runs the replay).
+        kept = [(p, p.grad) for p in self.params]
+        for p, _ in kept:
+            p.grad = None
         try:
             with replaying():
                 got = torch.autograd.grad(
@@ -318,6 +329,9 @@ class PassAudit:
             for t in [*self.roots, *self.targets]:
                 t.compared = True
             return
+        finally:
+            for p, g in kept:
+                p.grad = g
         for target, g in zip(pending, got, strict=True):
             if g is None:
                 continue

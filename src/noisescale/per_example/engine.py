@@ -1017,6 +1017,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 replay=self._replay_allowed,
             )
             pass_.audit.nodes = pass_.nodes
+            pass_.audit.params = list(self._param.values())
             pass_.audited = True
             for edge in roots:
                 pass_.audit.add_root(edge, dim)
