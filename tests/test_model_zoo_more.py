@@ -561,6 +561,43 @@ def test_recurrent_gemma_s_gates_are_refused_with_both_possible_causes(n):
             model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
 
 
+def _moe_refusal(model) -> str:
+    ids, mask = _ids(), _mask()
+    with pytest.raises(UnsupportedModuleError) as info:
+        with noisescale.per_example_sqnorms(model) as _:
+            model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    return str(info.value)
+
+
+def test_moe_refusals_do_not_advise_a_setting_that_would_change_nothing():
+    """GPT-OSS already on ``experts_implementation="batched_mm"`` is refused for its expert
+    biases (gathered per token, added in place: no per-example rule); the refusal advised
+    'batched_mm', already set. DBRX's experts are a loop written by hand that ignores the
+    setting; its refusal advised it too. Each now says what holds."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+    )  # fmt: skip
+    gpt_oss = transformers.GptOssForCausalLM(transformers.GptOssConfig(
+        **common, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], experts_implementation="batched_mm",
+    )).train()  # fmt: skip
+    text = _moe_refusal(gpt_oss)
+    assert "bias" in text and "already runs transformers' batched expert product" in text, text
+    assert "experts_implementation='batched_mm' is followed" not in text
+    dbrx = transformers.DbrxForCausalLM(transformers.DbrxConfig(
+        vocab_size=V, d_model=16, n_heads=2, n_layers=2, max_seq_len=16,
+        attn_config=dict(kv_n_heads=1, rope_theta=10000.0, clip_qkv=8.0),
+        ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2),
+        resid_pdrop=0.0, emb_pdrop=0.0,
+    )).train()  # fmt: skip
+    text = _moe_refusal(dbrx)
+    assert "is written by hand" in text and "would not change them" in text, text
+    assert "'batched_mm' is followed" not in text and "build it with" not in text
+
+
 def test_transformers_default_grouped_experts_are_refused_naming_batched_mm():
     """transformers' default expert kernel (``experts_implementation="grouped_mm"``, one grouped
     product per layer over the tokens routed to each expert; float32) meets the batch in
@@ -581,3 +618,15 @@ def test_transformers_default_grouped_experts_are_refused_naming_batched_mm():
     ):
         with noisescale.per_example_sqnorms(model) as _:
             model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    # The tracker, which sends a module without a rule to the torch.func fallback, did so
+    # here and refused the next step with 'called on input that is not per-example' — the
+    # experts run on routed tokens — naming neither kernel. Refused on its first step now,
+    # naming the setting that works.
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(model)
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    with pytest.raises(
+        UnsupportedModuleError, match=r"_grouped_mm.*experts_implementation='batched_mm'"
+    ):
+        tracker.step()
+    tracker.remove()

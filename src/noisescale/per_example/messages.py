@@ -211,12 +211,16 @@ def _coupled_message(pass_: PassNorms) -> str:
     )
 
 
-def _experts_hint(op: str, scope: nn.Module | None = None) -> str:
+def _experts_hint(op: str, scope: nn.Module | None = None, model: nn.Module | None = None) -> str:
     """transformers' mixture-of-experts kernels: ``experts_implementation="grouped_mm"`` (its
     default where torch has ``_grouped_mm``) runs every expert in one grouped product over the
     tokens routed to it, and ``"eager"`` loops over the experts indexing the tokens routed to
     each; neither has a per-example rule, and ``"batched_mm"`` is followed. ``scope``: the
-    module where the parameters met the batch (a router, an experts module)."""
+    module where the parameters met the batch (a router, an experts module); ``model``: the
+    model, whose config says which kernel it runs. Advice that would change nothing is not
+    given: a model already on ``"batched_mm"`` (what met the batch is outside the batched
+    product, e.g. GPT-OSS's expert biases, gathered per token and added in place), experts
+    written by hand that do not follow the setting (DBRX's)."""
     if "grouped_mm" in op:
         return (
             ". This is transformers' grouped expert product (experts_implementation="
@@ -224,9 +228,26 @@ def _experts_hint(op: str, scope: nn.Module | None = None) -> str:
             "experts_implementation='batched_mm', which noisescale measures exactly"
         )
     name = type(scope).__name__ if scope is not None else ""
-    if any(word in name for word in ("Expert", "Router", "Moe", "MoE", "SparseMoe")):
+    if not any(word in name for word in ("Expert", "Router", "Moe", "MoE", "SparseMoe")):
+        return ""
+    setting = getattr(getattr(model, "config", None), "_experts_implementation", None)
+    # (transformers' @use_experts_implementation gives the experts class these attributes)
+    follows = hasattr(scope, "is_concatenated") and hasattr(scope, "has_gate")
+    if setting == "batched_mm":
         return (
-            f". '{name}' belongs to a mixture of experts: with transformers' models, build it "
-            "with experts_implementation='batched_mm', which noisescale measures exactly"
+            f". '{name}' belongs to a mixture of experts that already runs transformers' "
+            "batched expert product (experts_implementation='batched_mm'), which noisescale "
+            f"follows for the expert weights; what meets the batch here ('{op}') is outside "
+            "it and has no per-example rule (expert biases gathered per token, a router's own "
+            "operations): register a rule for the module, or use per_example=False"
         )
-    return ""
+    if "Expert" in name and not follows:
+        return (
+            f". '{name}' is a mixture of experts written by hand (it does not follow "
+            "transformers' experts_implementation, so that setting would not change it): "
+            "register a rule for it (noisescale.register_layer), or use per_example=False"
+        )
+    return (
+        f". '{name}' belongs to a mixture of experts: with transformers' models, build it "
+        "with experts_implementation='batched_mm', which noisescale measures exactly"
+    )

@@ -71,6 +71,17 @@ class Settle:
         )
         findings.batch_size = pass_.batch_size
         missing = pass_.received - pass_.covered
+        if (not findings.ok or missing) and self._gradients_not_finite(pass_):
+            # (a diverging loss, an overflow: the audit's comparisons of inf and nan fail
+            # whatever the model does, and would name a cause it does not have)
+            self._audit_due = True
+            self._withhold(
+                pass_,
+                "its gradients are not finite (inf or nan: the loss diverged or overflowed), so "
+                "the audit could not check it; its per-example norms are left out and the next "
+                "step is audited",
+            )
+            return
         if findings.unpermuted:
             # (a shared call that never met the batch says more about the cause: first)
             self._refuse_unmet_shared(pass_, missing)
@@ -234,7 +245,8 @@ class Settle:
                     "RMSNorm; time-major built-in layers such as nn.LSTM(batch_first=False) are "
                     "handled), or use per_example=False"
                 )
-        aliased = sorted(self._param_name[pid] for pid in missing & pass_.aliased)
+        aliased_ids = missing & pass_.aliased
+        aliased = sorted(self._param_name[pid] for pid in aliased_ids)
         if aliased:
             raise UnsupportedModuleError(
                 f"parameters {aliased} received gradients that no use noisescale followed "
@@ -243,11 +255,42 @@ class Settle:
                 "their module's forward but never combined with a tensor whose dim 0 has the "
                 f"batch's {pass_.batch_size} examples (time-major activations; examples "
                 "flattened together with positions or routed to experts: x.reshape(-1, D), a "
-                "mixture of experts' eager loop — keep dim 0 the examples; transformers' "
-                "experts_implementation='batched_mm' is followed; or a custom "
+                f"mixture of experts' eager loop — keep dim 0 the examples; "
+                f"{self._experts_clause(aliased_ids)}; or a custom "
                 "torch.autograd.Function, whose outputs noisescale cannot follow a parameter "
                 "through), or use per_example=False"
             )
+
+    def _experts_clause(self, pids: set[int]) -> str:
+        """What to say of transformers' experts kernels where parameters were not followed:
+        ``batched_mm`` is followed — unless the model runs it already (then what escaped is
+        outside the batched product), or the experts holding them are written by hand and
+        ignore the setting."""
+        setting = getattr(getattr(self.model, "config", None), "_experts_implementation", None)
+        by_hand = sorted(
+            {
+                type(holder).__name__
+                for pid in pids
+                for holder, _ in self._holders(pid)
+                if "Expert" in type(holder).__name__
+                and not (hasattr(holder, "is_concatenated") and hasattr(holder, "has_gate"))
+            }
+        )
+        if by_hand:
+            return (
+                f"{', '.join(by_hand)} {'is' if len(by_hand) == 1 else 'are'} written by "
+                "hand, not following transformers' "
+                "experts_implementation (that setting would not change them): register a rule "
+                "for the module (noisescale.register_layer)"
+            )
+        if setting == "batched_mm":
+            return (
+                "this model already runs transformers' batched expert product "
+                "(experts_implementation='batched_mm'), which is followed for the expert "
+                "weights, not for what is outside it (expert biases gathered per token and "
+                "added in place, GPT-OSS's; a router's own custom Function, PhiMoE's)"
+            )
+        return "transformers' experts_implementation='batched_mm' is followed"
 
     def _settle_compiled(self, pass_: PassNorms) -> bool:
         """What only a pass that ran inside a compiled graph can reveal; ``True``: withheld.
@@ -335,6 +378,18 @@ class Settle:
         )
         return True
 
+    def _gradients_not_finite(self, pass_: PassNorms) -> bool:
+        """Whether a gradient this pass reached holds inf or nan (read on a failed audit only:
+        it waits for the device)."""
+        for pid in pass_.received:
+            p = self._param.get(pid)
+            grad = None if p is None else p.grad
+            if hasattr(grad, "to_local"):  # (a DTensor: this process's shard, no collective)
+                grad = grad.to_local()
+            if isinstance(grad, torch.Tensor) and not bool(torch.isfinite(grad).all()):
+                return True
+        return False
+
     def _withhold(self, pass_: PassNorms, reason: str) -> None:
         pass_.withheld = reason
         pass_.raw_sqnorms = None
@@ -355,14 +410,23 @@ class Settle:
                     "hand-written recurrent layer run on the active rows of a packed sequence, "
                     "a subset of the batch). Call layers on whole, batch-first activations "
                     "(nn.LSTM/GRU/RNN handle packed sequences exactly), or use per_example=False"
-                    + _experts_hint(op, scope)
+                    + _experts_hint(op, scope, self.model)
                 )
             labels = sorted({s.label for s in origin.sources})
             if scope is not None:
                 for name, sub in scope.named_modules():  # (switched to train() since)
                     if isinstance(sub, nn.modules.batchnorm._BatchNorm):
                         norms.check(sub, self._labels.get(sub, name))
-            if scope is None or scope is self.model or not self.allow_fallback or not learn:
+            if (
+                scope is None
+                or scope is self.model
+                or not self.allow_fallback
+                or not learn
+                # (transformers' grouped expert product runs on the tokens routed to each
+                # expert, never on per-example rows: the fallback would refuse it a step later
+                # with a cause that does not name the setting that works)
+                or "grouped_mm" in op
+            ):
                 raise UnsupportedModuleError(self._unsupported_message(origin, op, labels, scope))
             owners[scope] = op
         for scope in owners:
@@ -389,7 +453,7 @@ class Settle:
                 f"parameters {labels} meet the batch {where}in the operation '{op}', which has "
                 "no per-example rule. Register a rule for the module that owns them "
                 "(noisescale.register_layer), move them into a layer with a rule, or use "
-                f"per_example=False{_experts_hint(op, scope)}"
+                f"per_example=False{_experts_hint(op, scope, self.model)}"
             )
         # Followed through the model's whole forward (read from a parameter container, not
         # as a layer's own weights: peft's GraLoRA and BOFT): name the modules that hold them,
