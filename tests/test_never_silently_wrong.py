@@ -2752,3 +2752,30 @@ def test_a_step_with_non_finite_gradients_is_left_out_not_blamed_on_the_model():
     assert p.raw_sqnorms is None
     assert "gradients are not finite" in p.withheld, p.withheld
     assert engine._audit_due
+
+
+def test_reformer_s_axial_positions_refused_for_their_cause_not_checkpointing():
+    """Reformer with axial position embeddings, measured once: its two position tables are
+    read outside their module (a one-shot measurement cannot learn that; the tracker does, and
+    is exact from its second step). The refusal led with 'this step ran activation
+    checkpointing with use_reentrant=True' — no checkpointing was configured: the reversible
+    layers re-run their forward in their backward. It now leads with the tables."""
+    transformers = pytest.importorskip("transformers")
+    v, n, t = 50, 4, 6
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.ReformerModelWithLMHead(transformers.ReformerConfig(
+            vocab_size=v, hidden_size=16, num_attention_heads=2, attention_head_size=8,
+            attn_layers=["local", "local"], feed_forward_size=32, axial_pos_embds=True,
+            axial_pos_shape=[2, 3], axial_pos_embds_dim=[8, 8], max_position_embeddings=6,
+            local_attn_chunk_length=2, is_decoder=True, hidden_dropout_prob=0.0,
+            local_attention_probs_dropout_prob=0.0, pad_token_id=0, eos_token_id=1,
+        )).train()  # fmt: skip
+    ids = torch.randint(0, v, (n, t))
+    with pytest.raises(UnsupportedModuleError) as info:
+        with noisescale.per_example_sqnorms(model) as _:
+            model(input_ids=ids, labels=ids).loss.backward()
+    text = str(info.value)
+    assert text.startswith("parameters ['reformer.embeddings.position_embeddings.weights.0'"), text
+    assert "reversible layers" in text and "ran activation checkpointing" not in text

@@ -2639,10 +2639,22 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                             f"is audited; what this one met: {err})",
                         )
                         continue
-                    if not (pass_.reentrant or _reentrant_checkpointing(self.model)):
+                    if _reentrant_checkpointing(self.model):
+                        raise UnsupportedModuleError(
+                            f"{_REENTRANT_LEAD} (what the engine met there: {err})"
+                        ) from err
+                    if not pass_.reentrant:
                         raise
+                    # A forward ran inside the backward, with no checkpointing configured:
+                    # a custom Function re-running its forward in its backward (Reformer's
+                    # reversible layers) as likely as checkpoint(use_reentrant=True).
                     raise UnsupportedModuleError(
-                        f"{_REENTRANT_LEAD} (what the engine met there: {err})"
+                        f"{err}. (This step also ran a forward inside a backward — a custom "
+                        "torch.autograd.Function that re-runs its forward in its backward, as "
+                        "reversible layers do, or activation checkpointing with "
+                        "use_reentrant=True — which the engine may not see whole: if what is "
+                        "named above does not explain it, that does; checkpoint with "
+                        "use_reentrant=False, or use per_example=False)"
                     ) from err
                 if (
                     learn
