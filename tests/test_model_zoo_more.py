@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import noisescale
-from noisescale.errors import UnsupportedModuleError
+from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.per_example import PerExampleNorms
 from test_model_zoo import RTOL, N, V, _ids, _losses, _mask, _train, assert_exact
 from test_subbatch import assert_subbatches_exact
@@ -629,4 +629,41 @@ def test_transformers_default_grouped_experts_are_refused_naming_batched_mm():
         UnsupportedModuleError, match=r"_grouped_mm.*experts_implementation='batched_mm'"
     ):
         tracker.step()
+    tracker.remove()
+
+
+@pytest.mark.parametrize("problem", ["multi_label_classification", "regression"])
+def test_a_model_s_own_loss_from_floating_point_labels_is_a_mean_over_examples(problem):
+    """BERT classifying with several labels at once (BCEWithLogitsLoss over [N, C] float
+    labels) or regressing C targets (MSELoss): a mean over every element of equal-sized
+    per-example terms, so each example weighs 1/N. The tracker refused it, reading the float
+    labels as tokens and telling the user to declare loss_reduction='token_mean' — which then
+    counted each example's non-zero labels as its tokens and weighed examples by how many
+    labels they score (ViLT's answer scores, helper-found). Now measured as the mean it is,
+    exact against brute force, and 'token_mean' with such labels refused, naming 'mean'."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, num_labels=3, problem_type=problem,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    ))  # fmt: skip
+    ids, mask = _ids(), _mask()
+    labels = (torch.rand(N, 3) > 0.5).double() if problem != "regression" else torch.randn(N, 3)
+    labels[0] = torch.tensor([1.0, 0.0, 0.0]) if problem != "regression" else labels[0]
+
+    def batch():
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    def one(i):
+        s = slice(i, i + 1)
+        return model(input_ids=ids[s], attention_mask=mask[s], labels=labels[s]).loss
+
+    assert_exact(model, batch, one)
+    history, warned = _train(model, batch, 3)
+    assert not any(r["skipped"] for r in history[1:]), history
+    assert not [w for w in warned if "noisescale" in w and "step 1" not in w], warned
+    tracker = noisescale.GradientNoiseTracker(model, "token_mean")
+    with pytest.raises(NoiseScaleInputError, match=r"floating-point labels=.*reduction='mean'"):
+        batch()
     tracker.remove()

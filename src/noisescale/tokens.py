@@ -227,6 +227,22 @@ class TokenWatcher:
         if not isinstance(labels, Tensor) or labels.dim() < 2:
             return
         name = type(module).__name__
+        if labels.is_floating_point():
+            # Scores or targets, not token ids: a multi-label classifier's or a regression's
+            # BCEWithLogitsLoss / MSELoss, ViLT's answer scores — a mean over every element of
+            # [N, …] terms of one size per example, so each example weighs 1/N (the "mean"
+            # reduction). Counting its non-zero entries as tokens would weigh examples by how
+            # many answers they score.
+            if self.count_labels:
+                raise NoiseScaleInputError(
+                    f"{name} computed its loss itself from floating-point labels= of shape "
+                    f"{tuple(labels.shape)} (scores or targets, as a multi-label classifier's "
+                    "or a regression's, not token ids), but loss_reduction declares a loss "
+                    "over tokens, which would be counted as the labels' non-zero entries. Such "
+                    "a loss (BCEWithLogitsLoss, MSELoss) is a mean over the examples: use "
+                    "loss_reduction='mean', the default"
+                )
+            return
         if self.count_labels:
             if getattr(pass_, "units", None) is None and labels.shape[0] == pass_.batch_size:
                 pass_.units = PassUnits(count_units(labels), "token", LABELS_ORIGIN)
