@@ -1314,6 +1314,20 @@ def test_a_contrastive_loss_over_the_batch_is_refused_naming_it():
             tracker.step()
     finally:
         tracker.remove()
+    # A loss on the embeddings alone: refused too (the model's [N, N] logits_per_image does
+    # not follow the examples), and the message named only the contrastive loss, which was not
+    # asked for; it now names the output and the towers that follow the examples.
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(model)
+    try:
+        with pytest.raises(
+            UnsupportedModuleError, match=r"output 'logits_per_image' \[4, 4\].*get_image_features"
+        ):
+            out = model(input_ids=ids, pixel_values=pixels)
+            (out.image_embeds.pow(2).sum(1) + out.text_embeds.pow(2).sum(1)).mean().backward()
+            tracker.step()
+    finally:
+        tracker.remove()
 
 
 class BufferPrototypes(nn.Module):

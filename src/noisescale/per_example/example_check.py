@@ -8,7 +8,7 @@ which passes are audited (:meth:`_audit_wanted`). A mixin of :class:`~.engine.Pe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -185,7 +185,8 @@ class ExampleCheck:
         try:
             p_inputs = _permute_examples((args, kwargs), perm, n, dim, source)
             self.model.train(False)
-            plain, permuted = map(_tensors, self._run_twice((args, kwargs), p_inputs))
+            plain_out, permuted_out = self._run_twice((args, kwargs), p_inputs)
+            plain, permuted = _tensors(plain_out), _tensors(permuted_out)
         except _SkipCheck:
             assert pass_.audit is not None
             pass_.audit.unverified = (
@@ -259,18 +260,43 @@ class ExampleCheck:
                 continue
             rel = differs(got, want)
             if rel is not None:
+                name = _output_name(plain_out, a)
+                pairs = sum(size == n for size in a.shape) == 2 and a.dim() == 2
                 pass_.audit.findings.unpermuted = (
-                    "the model's output does not follow its input's examples: with the input's "
-                    f"examples (dim {dim}) permuted, the output's dim {dim} did not come out "
-                    "permuted the same way (max. difference "
-                    f"{rel:.2g} of its largest value). Its example dimension is another "
-                    "one (a time-major output: keep dim 0 the examples), or an operation in the "
-                    "model mixes examples — a loss over pairs of examples, such as CLIP's or "
-                    "SigLIP's contrastive loss (return_loss=True), has no per-example gradient; "
-                    "measure such a model with per_example=False and gradient-accumulation "
-                    "micro-batches"
+                    f"the model's output{name} [{', '.join(map(str, a.shape))}] does not "
+                    f"follow its input's examples: with the input's examples (dim {dim}) "
+                    f"permuted, the output's dim {dim} did not come out permuted the same way "
+                    f"(max. difference {rel:.2g} of its largest value). Its example dimension "
+                    "is another one (a time-major output: keep dim 0 the examples), or an "
+                    "operation in the model mixes examples — a loss over pairs of examples, "
+                    "such as CLIP's or SigLIP's contrastive loss (return_loss=True), has no "
+                    "per-example gradient; measure such a model with per_example=False and "
+                    "gradient-accumulation micro-batches"
+                    + (
+                        f". A [{n}, {n}] output compares every pair of examples (CLIP's and "
+                        "SigLIP's logits_per_image): if your loss does not use it (a loss on "
+                        "the embeddings alone), compute them with the towers alone — "
+                        "model.get_image_features(...), model.get_text_features(...), or the "
+                        "vision or text model — whose outputs follow the examples"
+                        if pairs
+                        else ""
+                    )
                 )
                 return
+
+
+def _output_name(output: Any, tensor: Tensor) -> str:
+    """`` 'key'`` or `` [i]`` of ``tensor`` among the top level of a model's output (a
+    ``ModelOutput`` or dict, a tuple or list), or ``""``."""
+    if isinstance(output, Mapping):
+        for key, value in output.items():
+            if value is tensor:
+                return f" '{key}'"
+    elif isinstance(output, tuple | list):
+        for i, value in enumerate(output):
+            if value is tensor:
+                return f" [{i}]"
+    return ""
 
 
 @contextmanager
