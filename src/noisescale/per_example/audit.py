@@ -142,6 +142,13 @@ class Findings:
                 "count equals the batch size, a time-major activation — keep dim 0 the "
                 "examples — or an operation that mixes examples, such as BatchNorm in training "
                 "mode or a loss computed inside the model from an inner activation)"
+                + (
+                    f". A dimension that has the batch's size {self.batch_size} by coincidence "
+                    "(positions, image tokens, a pooled length) is told apart by a batch of "
+                    "another size: if one is measured exactly, that was the cause"
+                    if self.batch_size
+                    else ""
+                )
             )
         return (
             "noisescale's audit of this step failed, so it refuses to report per-example norms "
