@@ -667,3 +667,21 @@ def test_a_model_s_own_loss_from_floating_point_labels_is_a_mean_over_examples(p
     with pytest.raises(NoiseScaleInputError, match=r"floating-point labels=.*reduction='mean'"):
         batch()
     tracker.remove()
+
+
+def test_longformer_s_sequence_first_layers_are_refused_naming_the_layout():
+    """Longformer (and LED, XLNet) transposes its hidden states to sequence-first inside its
+    attention: the query projection runs on [T, N, D]. Refused — noisescale needs the examples
+    along dim 0 — but the message guessed 'if the examples were flattened together with
+    another dimension' (T = 2N) or cited packed RNN cells; it now names the layout."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.LongformerForMaskedLM(transformers.LongformerConfig(
+        vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=16, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, attention_window=[4, 4], pad_token_id=1,
+    )).train()  # fmt: skip
+    ids = _ids()
+    with pytest.raises(UnsupportedModuleError, match=r"sequence-first \(time-major\) activation"):
+        with noisescale.per_example_sqnorms(model) as _:
+            model(input_ids=ids, labels=ids).loss.backward()

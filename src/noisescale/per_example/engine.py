@@ -1643,9 +1643,17 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 "batch's by coincidence"
             )
         else:
-            why = (
-                f"its input's leading dimension {size} is not the batch's {pass_.batch_size} "
-                "examples" + _flattened_hint(size, pass_.batch_size)
+            first = _first_tensor(args, kwargs)
+            n = pass_.batch_size
+            time_major = isinstance(first, Tensor) and first.dim() > 1 and int(first.shape[1]) == n
+            why = f"its input's leading dimension {size} is not the batch's {n} examples" + (
+                f" — its dim 1 has the batch's size: a sequence-first (time-major) activation "
+                f"[{size}, {n}, …], as Longformer, LED and XLNet make inside their layers; "
+                "noisescale needs the examples along dim 0 (the time-major built-in layers, "
+                "nn.LSTM/GRU/RNN, MultiheadAttention and TransformerEncoder with "
+                "batch_first=False, are handled)"
+                if time_major
+                else _flattened_hint(size, n)
             )
         call = _Call(module, rule, label, params, 0, [saved], size=size, why=why, picked=picked)
         if output.requires_grad and output._base is not None:
