@@ -703,7 +703,9 @@ def test_empty_batch(make):
 _NO_RULE = r"which has no per-example rule.*register_layer.*per_example=False"
 _TIME_MAJOR = (
     r"was treated as shared by all examples \(its input's leading dimension 5 is not the batch's 4 "
-    r"examples\).*keep activations batch-first.*per_example=False"
+    r"examples( — its dim 1 has the batch's size: if that holds the examples, a sequence-first "
+    r"\(time-major\) activation \[5, 4, …\].*)?\).*keep activations batch-first.*"
+    r"per_example=False"
 )
 _AUDIT = (
     r"do not belong to the examples they are attributed to.*time-major activation"

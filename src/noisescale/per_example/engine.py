@@ -1645,10 +1645,18 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         else:
             first = _first_tensor(args, kwargs)
             n = pass_.batch_size
-            time_major = isinstance(first, Tensor) and first.dim() > 1 and int(first.shape[1]) == n
+            # ([T, N, D]; a 2-D input's dim 1 is its features, whatever their number)
+            time_major = (
+                isinstance(first, Tensor)
+                and first.dim() > 2
+                and int(first.shape[1]) == n
+                and isinstance(size, int)
+                and size > 1
+            )
             why = f"its input's leading dimension {size} is not the batch's {n} examples" + (
-                f" — its dim 1 has the batch's size: a sequence-first (time-major) activation "
-                f"[{size}, {n}, …], as Longformer, LED and XLNet make inside their layers; "
+                " — its dim 1 has the batch's size: if that holds the examples, a "
+                f"sequence-first (time-major) activation [{size}, {n}, …], as Longformer, LED "
+                "and XLNet make inside their layers; "
                 "noisescale needs the examples along dim 0 (the time-major built-in layers, "
                 "nn.LSTM/GRU/RNN, MultiheadAttention and TransformerEncoder with "
                 "batch_first=False, are handled)"
