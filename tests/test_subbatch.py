@@ -14,17 +14,21 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import types
 import warnings
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune
 from torch import nn
 
 import noisescale
 from noisescale import estimators as est
+from noisescale.errors import UnsupportedModuleError
 from noisescale.per_example import PerExampleNorms
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -742,12 +746,15 @@ _OUTPUT_HOOKS = {
 @pytest.mark.parametrize("layer", ["conv", "linear-seq", "layernorm", "embedding"])
 def test_a_hook_registered_before_the_tracker_that_changes_a_layer_s_output(layer, hook):
     """A forward hook the user registered before the tracker that changes a layer's output (a
-    steering or scaling hook, an activation patch). The engine's hooks ran after it, so the
-    sub-batch products took the gradient of the hooked output for the layer's own: its weight's
+    steering or scaling hook, an activation patch) runs before the engine's. The sub-batch
+    products then took the gradient of the hooked output for the layer's own: its weight's
     ``.grad`` — which the products give — came out halved for ``o * 2`` (training itself on a
-    wrong gradient) and the sub-batch norms 20% off, on audited steps too (the audit compares
-    with the ``.grad`` the products gave); the exact mode refused. The engine's forward hook now
-    runs first, on the layer's own output: exact in both modes, ``.grad`` autograd's own."""
+    wrong gradient, no word) and the sub-batch norms 20% off on audited steps too (the audit
+    compares with the ``.grad`` the products gave). The products are not used on such a layer
+    now: its rule measures it, which the audit checks against autograd — the step is refused
+    (the rule read the hooked output's gradient), never measured wrong, and ``.grad`` is a
+    plain model's. (Running the engine's hook first instead made it exact here but read
+    gradients before a user's tensor hook on the output could change them: 85–96% off.)"""
     torch.manual_seed(0)
     n = 6
     if layer == "conv":
@@ -767,17 +774,148 @@ def test_a_hook_registered_before_the_tracker_that_changes_a_layer_s_output(laye
             first.bias.normal_()
     first.register_forward_hook(_OUTPUT_HOOKS[hook])
     plain = copy.deepcopy(model)
-    plain(x).pow(2).sum(1).mean().backward()
 
-    def losses():
-        return model(x).pow(2).sum(1)
+    def losses(m):
+        return m(x).pow(2).sum(1)
 
-    assert_exact_both_modes(model, losses, n)
-    model.zero_grad()
-    tracker = train_tracked(model, lambda: losses().mean(), steps=1)
-    assert not tracker.history[-1]["skipped"]
+    for k in (None, 2):
+        engine = PerExampleNorms(model, **({} if k is None else {"subbatches": k}))
+        engine.RECHECK_SUBBATCHES = 1
+        for _ in range(3):  # (steps 1, 2 audited, 3 not)
+            model.zero_grad()
+            plain.zero_grad()
+            losses(model).mean().backward()
+            losses(plain).mean().backward()
+            for a, b in zip(plain.parameters(), model.parameters(), strict=True):
+                torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-15)
+            try:
+                (p,) = engine.collect()
+            except UnsupportedModuleError:
+                break  # refused: nothing measured
+            if p.raw_sqnorms is None:
+                continue  # withheld (learned): nothing measured
+            with engine.paused():
+                if k is None:
+                    want = example_sqnorms(model, lambda i: losses(model)[i].mean() / n, n)
+                else:
+                    want = subbatch_truth(model, lambda i: losses(model)[i], n, p.subbatches)
+            torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
+        engine.remove()
+
+
+def _between_prepended(model):
+    model[2].register_forward_hook(lambda module, args, out: out * 2, prepend=True)
+    return lambda: None
+
+
+def _between_global(model):
+    layer = model[2]
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: out * 2 if module is layer else None
+    )
+    return handle.remove
+
+
+def _between_patched(model):
+    forward = model[2].forward
+    model[2].forward = types.MethodType(lambda self, x: forward(x * 1.5), model[2])
+    return lambda: None
+
+
+def _between_partial(model):
+    forward = model[2].forward
+    model[2].forward = functools.partial(lambda x, s: forward(x) * s, s=2.0)
+    return lambda: None
+
+
+def _between_penalty(model):
+    def pre(module, args):
+        model.aux = 0.05 * module.weight.pow(2).sum()
+
+    model[2].register_forward_pre_hook(pre)
+    return lambda: None
+
+
+_BETWEEN = {
+    "a hook prepended after the tracker": _between_prepended,
+    "a global forward hook": _between_global,
+    "a patched forward": _between_patched,
+    "a partial forward": _between_partial,
+    "a pre-hook after the tracker reading the weight": _between_penalty,
+}
+
+
+@pytest.mark.parametrize("change", list(_BETWEEN))
+def test_nothing_runs_between_a_product_layer_and_the_engine_s_hooks(change):
+    """The sub-batch products compute a layer's weight gradient from the output and input the
+    engine's forward hook sees, and run the layer on a detached weight. Anything between the
+    layer's own product and that hook — a hook the user prepends after the tracker was made, a
+    global forward hook, a patched ``module.forward``, a pre-hook after the engine's reading the
+    (detached) weight — made the weight's ``.grad`` itself wrong (0.33–0.5 off, every step,
+    audited ones too: the audit compares with the ``.grad`` the products gave), or crashed. The
+    products now run only where nothing can come between; elsewhere the layer's rule measures
+    the call, which the audit checks against autograd. ``.grad`` is a plain model's."""
+    x = torch.randn(5, 2, 6, 6, generator=torch.Generator().manual_seed(1))
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Conv2d(3, 3, 3), nn.Tanh(), nn.Flatten(),
+            nn.Linear(12, 3),
+        )  # fmt: skip
+
+    def loss_of(m):
+        loss = m(x).pow(2).mean()
+        return loss + m.aux if hasattr(m, "aux") else loss
+
+    plain = build()
+    undo = _BETWEEN[change](plain)
+    loss_of(plain).backward()
+    undo()
+    model = build()
+    tracker = noisescale.GradientNoiseTracker(model)
+    undo = _BETWEEN[change](model)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (step 1 may learn a direct use)
+            loss_of(model).backward()
+            tracker.step()
+    finally:
+        undo()
+        tracker.remove()
     for a, b in zip(plain.parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-15)
+
+
+def test_a_layer_run_with_another_parameter_is_refused_naming_the_swap():
+    """A forward pre-hook that swaps a layer's weight for another parameter of the model for
+    the call (an EMA copy, a tie by hook), restored after: the layer's per-example gradients
+    were credited to the weight it held when the tracker was made, which received none, and
+    the other parameter's were counted again through its direct use — the exact norms were
+    each example's |g|² plus its |g_alt|², on audited steps too. Refused now, naming it; and a
+    weight moved away after the tracker was created (prune) is named as such."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    model.alt = nn.Parameter(model[2].weight.detach().clone() * 0.7 + 0.01)
+    own = model[2].weight
+    model[2].register_forward_pre_hook(lambda m, a: m._parameters.__setitem__("weight", model.alt))
+    model[2].register_forward_hook(
+        lambda m, a, o: m._parameters.__setitem__("weight", own), always_call=True
+    )
+    x = torch.randn(5, 7)
+    with pytest.raises(UnsupportedModuleError, match=r"module '2' ran with its parameter 'weight' "
+                       r"replaced by another tensor.*EMA"):  # fmt: skip
+        with noisescale.per_example_sqnorms(model, loss_reduction="mean") as _:
+            model(x).pow(2).mean().backward()
+    model = nn.Sequential(nn.Linear(7, 8), nn.Tanh(), nn.Linear(8, 3))
+    tracker = noisescale.GradientNoiseTracker(model)
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.3)
+    try:
+        with pytest.raises(UnsupportedModuleError, match=r"no longer holds its parameter "
+                           r"'weight'.*prune"):  # fmt: skip
+            model(x).pow(2).mean().backward()
+    finally:
+        tracker.remove()
 
 
 def test_siglip_with_enable_input_require_grads():

@@ -93,6 +93,16 @@ class PassUnits:
         return self.grad.detach().to(torch.float64) / (d * scale)
 
 
+def _mean_over_examples(module: nn.Module) -> bool:
+    """Whether a transformers model's own loss from floating-point labels is known to be a
+    mean over the examples: a classifier (``…ForSequenceClassification``, ``…ForImage…``,
+    ``…ForAudioClassification``) with ``problem_type`` multi-label or regression."""
+    problem = getattr(getattr(module, "config", None), "problem_type", None)
+    return problem in ("multi_label_classification", "regression") and type(
+        module
+    ).__name__.endswith("Classification")
+
+
 def count_units(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Tokens per example from labels [N, ...] (those not ``ignore_index``) or a mask [N, ...]
     (those true / non-zero), as float64 [N]."""
@@ -228,20 +238,37 @@ class TokenWatcher:
             return
         name = type(module).__name__
         if labels.is_floating_point():
-            # Scores or targets, not token ids: a multi-label classifier's or a regression's
-            # BCEWithLogitsLoss / MSELoss, ViLT's answer scores — a mean over every element of
-            # [N, …] terms of one size per example, so each example weighs 1/N (the "mean"
-            # reduction). Counting its non-zero entries as tokens would weigh examples by how
-            # many answers they score.
+            # Scores or targets, not token ids. Counting their non-zero entries as tokens would
+            # weigh examples by how many labels they score: 'token_mean' is refused with them.
             if self.count_labels:
                 raise NoiseScaleInputError(
                     f"{name} computed its loss itself from floating-point labels= of shape "
-                    f"{tuple(labels.shape)} (scores or targets, as a multi-label classifier's "
-                    "or a regression's, not token ids), but loss_reduction declares a loss "
-                    "over tokens, which would be counted as the labels' non-zero entries. Such "
-                    "a loss (BCEWithLogitsLoss, MSELoss) is a mean over the examples: use "
-                    "loss_reduction='mean', the default"
+                    f"{tuple(labels.shape)} (scores or targets, not token ids), but "
+                    "loss_reduction declares a loss over tokens, which would be counted as "
+                    "the labels' non-zero entries. A classifier's multi-label or regression "
+                    "loss is a mean over the examples: use loss_reduction='mean', the default; "
+                    "another loss, compute it yourself from the model's outputs"
                 )
+            if _mean_over_examples(module):
+                # transformers' classifiers with problem_type multi_label_classification
+                # (BCEWithLogitsLoss) or regression (MSELoss): a mean over every element of
+                # [N, C], each example weighing 1/N — the "mean" reduction
+                return
+            pass_.float_labels = True
+
+            def refuse(grad: Tensor) -> None:
+                pass_.units_error = (
+                    f"{name} computed its loss itself from floating-point labels= of shape "
+                    f"{tuple(labels.shape)} (scores or targets), and noisescale cannot tell how "
+                    "that loss weighs the examples: a mean over them (a multi-label "
+                    "classifier's BCEWithLogitsLoss) or not (a loss over the valid pixels of "
+                    "the whole batch, as GLPN's and DPT's depth losses; a scale-invariant loss "
+                    "that couples the examples). Compute the loss yourself from the model's "
+                    "outputs without passing labels=, as a mean over the examples of each "
+                    "one's own loss"
+                )
+
+            loss.register_hook(refuse)
             return
         if self.count_labels:
             if getattr(pass_, "units", None) is None and labels.shape[0] == pass_.batch_size:

@@ -199,6 +199,12 @@ class PassNorms:
     # how the pass's loss weighs its examples (tokens), attached by noisescale.tokens
     units: Any = None
     units_error: str | None = None
+    # a layer that ran with another Parameter than the one it held when the engine was made
+    # (label, name, the Parameter): refused at collection, unless registered in the model
+    # (then the refusal of parameters added after the tracker names them all)
+    replaced: list = field(default_factory=list)
+    # a model's own loss from floating-point labels= not known to be a mean over examples
+    float_labels: bool = False
     # the gradient that reached the loss a Hugging Face model computed itself and returned, in
     # the backward (noisescale.tokens): the multiplier the step put on that loss (an
     # accumulation divisor or none, a loss scale, the Trainer's own scaling); and its hook

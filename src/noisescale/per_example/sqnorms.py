@@ -78,6 +78,8 @@ class per_example_sqnorms:
             # an example with no counted token has no loss of its own and no gradient: 0
             return torch.where(weight != 0, own, torch.zeros_like(own))
         counts = p.label_counts
+        if p.units_error and p.float_labels:
+            raise NoiseScaleInputError(p.units_error)
         if p.units_error and counts is not None and bool((counts != counts[0]).any()):
             raise NoiseScaleInputError(
                 "the model computed its loss itself from labels= (not through its "

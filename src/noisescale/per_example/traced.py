@@ -149,6 +149,7 @@ class Traced:
         ``model.compile()`` that the traced hooks cannot follow runs eagerly from now on."""
         if "torch._dynamo" not in sys.modules:
             return
+        self._products_blocked = {m for m in self._product_hooks if not self._nothing_between(m)}
         if not self._compile_prepared:
             # Dynamo does not guard on module hooks by default: a graph compiled for another
             # instance of the model's class without hooks (an untracked copy) would run for this
@@ -242,6 +243,8 @@ class Traced:
         if not _by_products(module, rule) or weight is None:
             return False
         if id(weight) in self._multi_use or module in self._learned_shared:
+            return False
+        if module in self._products_blocked:  # (as last seen eagerly: _prepare_compile)
             return False
         n = self.traced_batch_size()
         x = args[0] if args else None
