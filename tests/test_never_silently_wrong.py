@@ -2793,3 +2793,87 @@ def test_reformer_s_axial_positions_refused_for_their_cause_not_checkpointing():
     text = str(info.value)
     assert text.startswith("parameters ['reformer.embeddings.position_embeddings.weights.0'"), text
     assert "reversible layers" in text and "ran activation checkpointing" not in text
+
+
+class _HookedOutput(nn.Module):
+    """``h = first(x); h.register_hook(lambda g: g * scale)``: a gradient scaled (reversed,
+    clipped) on a layer's own output, inside the forward."""
+
+    def __init__(self, first: nn.Module, scale: list[float]):
+        super().__init__()
+        self.first, self.head, self.scale = first, nn.LazyLinear(2), scale
+
+    def forward(self, x):
+        h = self.first(x)
+        if h.requires_grad:
+            h.register_hook(lambda g: g * self.scale[0])
+        return self.head(torch.tanh(h).flatten(1))
+
+
+@pytest.mark.parametrize("subbatches", [None, 2])
+@pytest.mark.parametrize("layer", ["linear", "linear-seq", "layernorm", "embedding"])
+def test_a_gradient_hook_on_a_layer_s_output_is_seen_by_the_engine(layer, subbatches):
+    """A tensor hook on a layer's output that changes its gradient, registered after the
+    engine's — inside the forward, or from a forward hook registered after the tracker: the
+    engine's own tensor hook ran first and read the gradient unchanged, 96% off on unaudited
+    steps (the audit saw it only where it ran; older than this session, a review found it).
+    The engine now reads the gradient as the output's node receives it, after every tensor
+    hook: exact on every step, the scale changing between them."""
+    torch.manual_seed(0)
+    n = 6
+    if layer == "linear":
+        first, x = nn.Linear(8, 8), torch.randn(n, 8)
+    elif layer == "linear-seq":
+        first, x = nn.Linear(8, 8), torch.randn(n, 20, 8)
+    elif layer == "layernorm":
+        first, x = nn.LayerNorm(8), torch.randn(n, 5, 8)
+    else:
+        first, x = nn.Embedding(11, 8), torch.randint(0, 11, (n, 5))
+    scale = [1.0]
+    model = _HookedOutput(first, scale)
+    with torch.no_grad():
+        model(x)
+    engine = PerExampleNorms(model, **({} if subbatches is None else {"subbatches": subbatches}))
+    engine.RECHECK_SUBBATCHES = 1
+
+    def losses():
+        return model(x).pow(2).sum(1)
+
+    measured = 0
+    for s in (1.0, 1.0, 0.5, -0.5):  # (steps 1, 2 audited; 3 not; 4 audited)
+        scale[0] = s
+        model.zero_grad()
+        losses().mean().backward()
+        (p,) = engine.collect()
+        if p.raw_sqnorms is None:
+            continue
+        with engine.paused():
+            if subbatches is None:
+                want = torch.stack(
+                    [
+                        sum(
+                            g.pow(2).sum()
+                            for g in torch.autograd.grad(losses()[i], list(model.parameters()))
+                        )
+                        for i in range(n)
+                    ]
+                ) / (n * n)
+            else:
+                want = _subbatch_truth(model, lambda i: losses()[i], n, p.subbatches)
+        torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
+        measured += 1
+    engine.remove()
+    assert measured >= 3
+
+
+def _subbatch_truth(model, loss_of_example, n, subbatches):
+    params = list(model.parameters())
+    grads = [torch.autograd.grad(loss_of_example(i), params) for i in range(n)]
+    index = subbatches.index.view(subbatches.k, subbatches.n).tolist()
+    out = []
+    for j, size in enumerate(subbatches.sizes):
+        members = index[j][:size]
+        out.append(
+            sum((sum(grads[i][t] for i in members) / n).pow(2).sum() for t in range(len(params)))
+        )
+    return torch.stack(out)
