@@ -720,3 +720,31 @@ def test_a_model_s_own_loss_from_float_labels_not_known_to_be_a_mean_is_refused(
             tracker.step()
     finally:
         tracker.remove()
+
+
+def test_an_audio_frame_classifier_s_own_loss_from_one_hot_labels_is_exact():
+    """Wav2Vec2's frame classifier takes one-hot float labels [N, T, C] and averages the
+    cross-entropy over every frame: a mean over the examples (T frames each). Its problem_type
+    is never set, so narrowing float labels to classifiers with one refused it (a review);
+    known frame classifiers and ViLT's and VisualBERT's question answering are means."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForAudioFrameClassification(transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=2, num_labels=3, hidden_dropout=0.0,
+        attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0, layerdrop=0.0,
+        mask_time_prob=0.0, do_stable_layer_norm=True, feat_extract_norm="layer",
+    )).train()  # fmt: skip
+    x = torch.randn(N, 400)
+    with torch.no_grad():
+        frames = model(input_values=x).logits.shape[1]
+    labels = F.one_hot(torch.randint(0, 3, (N, frames)), 3).to(x.dtype)
+
+    def batch():
+        return model(input_values=x, labels=labels).loss
+
+    def one(i):
+        return model(input_values=x[i : i + 1], labels=labels[i : i + 1]).loss
+
+    assert_exact(model, batch, one, subbatches=False)

@@ -914,6 +914,7 @@ def test_a_layer_run_with_another_parameter_is_refused_naming_the_swap():
         with pytest.raises(UnsupportedModuleError, match=r"no longer holds its parameter "
                            r"'weight'.*prune"):  # fmt: skip
             model(x).pow(2).mean().backward()
+            tracker.step()
     finally:
         tracker.remove()
 
@@ -1155,3 +1156,22 @@ def test_subbatches_that_leave_examples_out_are_refused(monkeypatch):
     model(torch.randn(6, 3)).pow(2).mean().backward()
     with pytest.raises(UnsupportedModuleError, match="split into sub-batches of 5"):
         engine.collect()
+
+
+def test_other_weights_through_functional_call_without_a_backward_are_not_refused():
+    """An EMA's evaluation by torch.func.functional_call with gradients left on runs every
+    layer with other tensors than its parameters, and nothing is backpropagated: refused in
+    the forward by the first swap check (a review); it is now refused only for a pass whose
+    backward reaches the parameters, and the next step is measured."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
+    ema = {k: v.detach().clone() for k, v in model.named_parameters()}
+    tracker = noisescale.GradientNoiseTracker(model)
+    x = torch.randn(5, 6)
+    try:
+        torch.func.functional_call(model, ema, (x,))  # (no backward)
+        model(x).pow(2).mean().backward()
+        tracker.step()
+        assert not tracker.history[-1]["skipped"]
+    finally:
+        tracker.remove()

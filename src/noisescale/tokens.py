@@ -93,14 +93,25 @@ class PassUnits:
         return self.grad.detach().to(torch.float64) / (d * scale)
 
 
+# transformers models whose own loss from floating-point labels is a mean over the examples of
+# equal-sized terms: VQA heads (ViLT: BCE over the answers, times their number; VisualBERT: KL
+# divergence, 'batchmean'), audio frame classifiers (cross-entropy over every frame of [N, T]
+# one-hot labels; their problem_type is never set)
+_FLOAT_LABEL_MEANS = ("ViltForQuestionAnswering", "VisualBertForQuestionAnswering")
+
+
 def _mean_over_examples(module: nn.Module) -> bool:
     """Whether a transformers model's own loss from floating-point labels is known to be a
     mean over the examples: a classifier (``…ForSequenceClassification``, ``…ForImage…``,
-    ``…ForAudioClassification``) with ``problem_type`` multi-label or regression."""
+    ``…ForAudioClassification``) with ``problem_type`` multi-label or regression, an audio
+    frame classifier, ViLT's and VisualBERT's question answering."""
+    name = type(module).__name__
+    if name in _FLOAT_LABEL_MEANS or name.endswith("ForAudioFrameClassification"):
+        return True
     problem = getattr(getattr(module, "config", None), "problem_type", None)
-    return problem in ("multi_label_classification", "regression") and type(
-        module
-    ).__name__.endswith("Classification")
+    return problem in ("multi_label_classification", "regression") and name.endswith(
+        "Classification"
+    )
 
 
 def count_units(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:

@@ -1445,11 +1445,11 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             if held is p or _alias_of(held, p) or hasattr(p, "placements"):
                 # (a DTensor: FSDP2 runs the module on the unsharded parameter it swaps in)
                 continue
-            if isinstance(held, nn.Parameter) and id(held) not in self._param:
-                # (one registered in the model since: refused with every such parameter named)
-                pass_.replaced.append((label, name, held))
-                continue
-            raise UnsupportedModuleError(_replaced_message(label, name, held))
+            # refused when the pass is collected, if its backward reached the parameters (a
+            # torch.func.functional_call of other weights with gradients on, never
+            # backpropagated — an EMA's evaluation — is not refused; one registered in the
+            # model since is refused with every such parameter named)
+            pass_.replaced.append((label, name, held))
 
     def _on_call_enter(self, module: nn.Module, args: tuple) -> None:
         if self._active():
@@ -2662,7 +2662,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             if new:
                 raise NoiseScaleInputError(new_parameters_message(new))
         for pass_ in done:
-            for label, name, held in pass_.replaced:
+            for label, name, held in pass_.replaced if pass_.received else ():
                 raise UnsupportedModuleError(_replaced_message(label, name, held))
         for pass_ in done:
             if pass_.deferred and pass_.audit is not None:
