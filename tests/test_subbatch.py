@@ -1175,3 +1175,31 @@ def test_other_weights_through_functional_call_without_a_backward_are_not_refuse
         assert not tracker.history[-1]["skipped"]
     finally:
         tracker.remove()
+
+
+def test_a_weight_swapped_and_put_back_within_the_call_is_refused():
+    """A patched forward that runs a layer on a frozen copy of its weight and puts the weight
+    back before returning: neither the engine's last pre-hook nor its forward hook sees the
+    swap, the rule credited the layer's per-example gradients to its weight, which received
+    none, and the copy's were counted again — up to 100% off, audited steps too (a review).
+    Refused on the audit: per-example gradients credited to a parameter autograd gave none."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    layer = model[2]
+    copy_ = layer.weight.detach().clone() * 0.9
+    forward = layer.forward
+
+    def swapped(x):
+        own = layer._parameters["weight"]
+        layer._parameters["weight"] = copy_
+        try:
+            return forward(x)
+        finally:
+            layer._parameters["weight"] = own
+
+    layer.forward = swapped
+    x = torch.randn(5, 6)
+    with pytest.raises(UnsupportedModuleError, match=r"parameters \['2.weight'\], which "
+                       r"received no gradient"):  # fmt: skip
+        with noisescale.per_example_sqnorms(model, loss_reduction="mean") as _:
+            model(x).pow(2).mean().backward()

@@ -71,6 +71,25 @@ class Settle:
         )
         findings.batch_size = pass_.batch_size
         missing = pass_.received - pass_.covered
+        # Per-example gradients credited to a parameter whose own gradient autograd never
+        # computed: the layer ran on another tensor (swapped and put back within the call, by
+        # a patched forward or hooks around the engine's) — the tensor used is counted again
+        # through its own uses. (The fallback's re-run gives every parameter of its module a
+        # gradient, zeros included: its parameters are left to the coverage check.)
+        phantom = sorted(
+            self._param_name[pid]
+            for pid in pass_.covered - pass_.received
+            if not any(holder in self._fallback for holder, _ in self._holders(pid))
+        )
+        if phantom and pass_.audit is not None:
+            raise UnsupportedModuleError(
+                f"noisescale attributed per-example gradients to parameters {phantom}, which "
+                "received no gradient in this step's backward: their layer ran on another "
+                "tensor (a weight swapped for the call and put back within it — a patched "
+                "forward, a pre-hook and a forward hook around the engine's; an EMA copy, a "
+                "tie by hook). Tie weights by sharing the Parameter itself before creating the "
+                "tracker, or use per_example=False"
+            )
         if (not findings.ok or missing) and self._gradients_not_finite(pass_):
             # (a diverging loss, an overflow: the audit's comparisons of inf and nan fail
             # whatever the model does, and would name a cause it does not have)
