@@ -27,6 +27,7 @@ from torch import nn
 import noisescale
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.per_example import PerExampleNorms
+from test_subbatch import subbatch_truth
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -2859,21 +2860,8 @@ def test_a_gradient_hook_on_a_layer_s_output_is_seen_by_the_engine(layer, subbat
                     ]
                 ) / (n * n)
             else:
-                want = _subbatch_truth(model, lambda i: losses()[i], n, p.subbatches)
+                want = subbatch_truth(model, lambda i: losses()[i], n, p.subbatches)
         torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
         measured += 1
     engine.remove()
     assert measured >= 3
-
-
-def _subbatch_truth(model, loss_of_example, n, subbatches):
-    params = list(model.parameters())
-    grads = [torch.autograd.grad(loss_of_example(i), params) for i in range(n)]
-    index = subbatches.index.view(subbatches.k, subbatches.n).tolist()
-    out = []
-    for j, size in enumerate(subbatches.sizes):
-        members = index[j][:size]
-        out.append(
-            sum((sum(grads[i][t] for i in members) / n).pow(2).sum() for t in range(len(params)))
-        )
-    return torch.stack(out)

@@ -161,26 +161,6 @@ LOSS_REDUCTIONS = ("mean", "sum")
 _UNKNOWN = object()  # (PerExampleNorms._begin: not asked yet)
 
 
-def _give_back_history(y: Tensor, label: str) -> None:
-    """A product layer's result, computed from a detached weight, before WeightBySubbatch gives
-    it its history from the weight: a forward hook that ran before the engine's may have made
-    it a leaf that requires a gradient (``output.requires_grad_(True)``, which Hugging Face's
-    ``enable_input_require_grads`` registers on a model's input embeddings, a vision tower's
-    patch convolution among them, for gradient checkpointing) — a no-op on the layer's output
-    in the model, which has a history from the weight. Marked as the leaf it is not, it could
-    not be changed in place; the flag is taken back, and the products give the history."""
-    if not (y.requires_grad and y.grad_fn is None):
-        return
-    if y._backward_hooks or getattr(y, "_post_accumulate_grad_hooks", None):
-        raise UnsupportedModuleError(
-            f"the output of layer '{label}' was made a leaf tensor that requires a gradient by "
-            "a forward hook, and a gradient hook was registered on it; noisescale computes "
-            "this layer's weight gradient itself and cannot keep that hook. Register the hook "
-            "on the layer's output after the tracker is created, or use per_example=False"
-        )
-    y.requires_grad_(False)
-
-
 def _after_tensor_hooks(t: Tensor, fn: Callable[[Tensor], None]) -> RemovableHandle:
     """``fn`` on the gradient of ``t`` as its node receives it: after every tensor hook on
     ``t``, whenever registered — a hook the user puts on a layer's output from a forward hook
@@ -1246,7 +1226,6 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             job.readers = self._readers(pass_, args[0])
             x = args[0].detach()
             base = _reshaped_base(module, output)
-            _give_back_history(outs[0] if base is None else base, label)
             if base is None:
                 subbatch_mod.weight_by_subbatch(outs[0], x, product_weight, product_bias, job)
             else:
@@ -1464,9 +1443,10 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         detached weight: a penalty read from it, a swap) and its two forward hooks the first
         of the module's (a hook the user registered before the tracker, or prepended after it,
         runs before them and may change the output). Otherwise the call goes to the layer's
-        rule, whose
-        per-example gradients the audit checks against autograd's own. (With products, the
-        weight's gradient is the products' own: an audit could not see such a change.)"""
+        rule, whose per-example gradients the audit checks against autograd's own. (With
+        products, the weight's gradient is the products' own: an audit could not see such a
+        change. A hook that makes the output require a gradient, as ``enable_input_require_grads``
+        does, thus never meets a layer run on a detached weight.)"""
         if "forward" in module.__dict__ or _global_forward_hooks:
             return False
         ids = self._product_hooks.get(module)

@@ -211,6 +211,18 @@ def _coupled_message(pass_: PassNorms) -> str:
     )
 
 
+def _experts_setting(model: nn.Module | None) -> str | None:
+    """The experts kernel a transformers model's config asks for (``None`` elsewhere)."""
+    return getattr(getattr(model, "config", None), "_experts_implementation", None)
+
+
+def _follows_experts_setting(module: object) -> bool:
+    """Whether an experts module follows ``experts_implementation``: transformers'
+    ``@use_experts_implementation`` gives its class these attributes; experts written by hand
+    (DBRX's) have neither."""
+    return hasattr(module, "is_concatenated") and hasattr(module, "has_gate")
+
+
 def _experts_hint(op: str, scope: nn.Module | None = None, model: nn.Module | None = None) -> str:
     """transformers' mixture-of-experts kernels: ``experts_implementation="grouped_mm"`` (its
     default where torch has ``_grouped_mm``) runs every expert in one grouped product over the
@@ -230,10 +242,7 @@ def _experts_hint(op: str, scope: nn.Module | None = None, model: nn.Module | No
     name = type(scope).__name__ if scope is not None else ""
     if not any(word in name for word in ("Expert", "Router", "Moe", "MoE", "SparseMoe")):
         return ""
-    setting = getattr(getattr(model, "config", None), "_experts_implementation", None)
-    # (transformers' @use_experts_implementation gives the experts class these attributes)
-    follows = hasattr(scope, "is_concatenated") and hasattr(scope, "has_gate")
-    if setting == "batched_mm":
+    if _experts_setting(model) == "batched_mm":
         return (
             f". '{name}' belongs to a mixture of experts that already runs transformers' "
             "batched expert product (experts_implementation='batched_mm'), which noisescale "
@@ -241,7 +250,7 @@ def _experts_hint(op: str, scope: nn.Module | None = None, model: nn.Module | No
             "it and has no per-example rule (expert biases gathered per token, a router's own "
             "operations): register a rule for the module, or use per_example=False"
         )
-    if "Expert" in name and not follows:
+    if "Expert" in name and not _follows_experts_setting(scope):
         return (
             f". '{name}' is a mixture of experts written by hand (it does not follow "
             "transformers' experts_implementation, so that setting would not change it): "

@@ -17,6 +17,8 @@ from noisescale.per_example.messages import (
     _auxiliary_loss_cause,
     _coupled_message,
     _experts_hint,
+    _experts_setting,
+    _follows_experts_setting,
     _penalty_cause,
     _qualified,
 )
@@ -285,14 +287,12 @@ class Settle:
         ``batched_mm`` is followed — unless the model runs it already (then what escaped is
         outside the batched product), or the experts holding them are written by hand and
         ignore the setting."""
-        setting = getattr(getattr(self.model, "config", None), "_experts_implementation", None)
         by_hand = sorted(
             {
                 type(holder).__name__
                 for pid in pids
                 for holder, _ in self._holders(pid)
-                if "Expert" in type(holder).__name__
-                and not (hasattr(holder, "is_concatenated") and hasattr(holder, "has_gate"))
+                if "Expert" in type(holder).__name__ and not _follows_experts_setting(holder)
             }
         )
         if by_hand:
@@ -302,7 +302,7 @@ class Settle:
                 "experts_implementation (that setting would not change them): register a rule "
                 "for the module (noisescale.register_layer)"
             )
-        if setting == "batched_mm":
+        if _experts_setting(self.model) == "batched_mm":
             return (
                 "this model already runs transformers' batched expert product "
                 "(experts_implementation='batched_mm'), which is followed for the expert "
