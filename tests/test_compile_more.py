@@ -219,3 +219,59 @@ def test_a_graph_for_the_other_kind_of_step_is_refused() -> None:
     with pytest.raises(UnsupportedModuleError, match="traced for a measured step"):
         engine.on_forward_event("call", 0, [x], [1, 0])
     engine.remove()
+
+
+_TWO_INSTANCES = """
+import sys, warnings
+import torch
+from torch import nn
+import noisescale
+
+warnings.simplefilter("ignore")
+if sys.argv[1] == "import-first":
+    import torch._dynamo
+def build():
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
+model, copy = build(), build()
+tracker = noisescale.GradientNoiseTracker(model)
+call = torch.compile(model, backend="aot_eager")
+other = torch.compile(copy, backend="aot_eager")
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for step in range(3):
+    x = torch.randn(16, 4, 6)
+    opt.zero_grad()
+    other(x).pow(2).mean().backward()  # an untracked copy of the same class, compiled first
+    call(x).pow(2).mean().backward()
+    try:
+        tracker.step()
+    except noisescale.NoiseScaleInputError as err:
+        print("REFUSED", err)
+        raise SystemExit(0)
+    opt.step()
+print("MEASURED", len(tracker.history))
+"""
+
+
+@pytest.mark.parametrize("order", ["import-first", "tracker-first"])
+def test_an_untracked_copy_compiled_too_is_told_apart_or_refused_naming_dynamo(
+    order: str, tmp_path
+) -> None:
+    """Dynamo shares a graph between instances of one class unless told to check module hooks,
+    which the tracker does once ``torch._dynamo`` is imported. With a tracker made before that,
+    a copy of the model compiled first (a reference model, a teacher) hands the tracked model
+    its graph without the hooks: the step is refused, naming Dynamo and the one-line fix —
+    which measures. A process of its own: whether Dynamo is imported is the process's state."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "two.py"
+    script.write_text(_TWO_INSTANCES)
+    run = subprocess.run(
+        [sys.executable, str(script), order], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    if order == "import-first":
+        assert "MEASURED 3" in run.stdout, run.stdout
+    else:
+        assert "REFUSED" in run.stdout and "import torch._dynamo" in run.stdout, run.stdout
+        assert "shares the graphs it compiles between instances" in run.stdout

@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping
@@ -618,8 +619,22 @@ class GradientNoiseTracker:
                 + ". Nothing of this step was recorded"
             )
         if any(p.grad is not None for p in self._params):
+            compiled_late = ""
+            if self.engine.dynamo_after_creation and "torch._dynamo" in sys.modules:
+                compiled_late = (
+                    "the model's compiled code seems to have run without the tracker's hooks: "
+                    "torch.compile was first used after the tracker was created, and Dynamo, "
+                    "which by default does not check a module's hooks, shares the graphs it "
+                    "compiles between instances of the model's class, with the hooks or "
+                    "without them (a copy compiled too: a reference model, a teacher, an EMA "
+                    "model). Run `import "
+                    "torch._dynamo` before creating the tracker (or create it after the first "
+                    "torch.compile call): the tracker then has Dynamo check hooks. Also "
+                    "possible: "
+                )
             raise NoiseScaleInputError(
-                "create the tracker before the model's first forward pass (it measures "
+                compiled_late
+                + "create the tracker before the model's first forward pass (it measures "
                 "through hooks on the forward): tracker.step() found gradients but saw no "
                 "forward pass with gradients enabled. If it was created first, the forward "
                 "ran where the hooks cannot see it (torch.utils.checkpoint.checkpoint(model, "

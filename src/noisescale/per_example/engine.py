@@ -48,6 +48,7 @@ under ``torch.compile`` (:mod:`~.traced`), the audit's re-runs on permuted examp
 from __future__ import annotations
 
 import math
+import sys
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -395,6 +396,10 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._returned_router_logits_only = False
         self._eager_hooks: list[Callable] = []  # what each module hook runs without compile
         self._compile_prepared = False  # _prepare_compile() has run (Dynamo is imported)
+        # Dynamo was not imported when the engine was made: a graph compiled before the first
+        # _prepare_compile() does not check module hooks (the tracker's message on a step that
+        # saw no pass names it)
+        self.dynamo_after_creation = "torch._dynamo" not in sys.modules
         self._inside_compiled_call = False  # the running eager hook runs inside a compiled call
         self._eager_steps = compiled.EagerSteps(self._key)
         # why the traced hooks cannot follow the model (then compiled code runs eagerly while
