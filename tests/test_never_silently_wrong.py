@@ -1331,6 +1331,31 @@ def test_a_contrastive_loss_over_the_batch_is_refused_naming_it():
         tracker.remove()
 
 
+def test_several_text_queries_per_image_are_refused_naming_the_inputs_sizes():
+    """OWL-ViT with Q text queries per image: ``input_ids`` [N·Q, T] beside ``pixel_values``
+    [N, …]. The first input's size was taken for the examples and the refusal blamed the patch
+    embedding alone; it now names the inputs' sizes and what to use."""
+    transformers = pytest.importorskip("transformers")
+    text = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16)  # fmt: skip
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=16, patch_size=8)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.OwlViTForObjectDetection(
+        transformers.OwlViTConfig(text_config=text, vision_config=vision, projection_dim=16)
+    )
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 50, (3 * N, 6), generator=g)  # three queries per image
+    pixels = torch.randn(N, 3, 16, 16, generator=g)
+    with pytest.raises(
+        UnsupportedModuleError,
+        match=rf"inputs disagree on their leading size \(input_ids {3 * N}, pixel_values {N}\)"
+        r".*several text queries per image.*per_example=False",
+    ):
+        with noisescale.per_example_sqnorms(model, loss_reduction="mean"):
+            model(input_ids=ids, pixel_values=pixels).logits.pow(2).mean().backward()
+
+
 class BufferPrototypes(nn.Module):
     """Class prototypes computed from a fixed buffer of class embeddings through a Linear
     (a cosine or zero-shot classifier's head), returned with the features; C classes. ``view``:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from noisescale.per_example.graph import _MirroredCheckpoint
 from noisescale.per_example.passes import PassNorms
@@ -64,6 +64,26 @@ def _reentrant_checkpointing(model: nn.Module) -> bool:
         if isinstance(func, functools.partial) and func.keywords.get("use_reentrant") is True:
             return True
     return False
+
+
+def _input_sizes_clause(pass_: PassNorms) -> str:
+    """Where the model's own inputs disagree on their leading size (text queries per image:
+    ``input_ids`` [N·Q, T] beside ``pixel_values`` [N, …]), what noisescale took for the number
+    of examples, and that such a model is not measured per example; else ``""``."""
+    if pass_.inputs is None:
+        return ""
+    args, kwargs = pass_.inputs
+    named = [(f"argument {i}", v) for i, v in enumerate(args)] + list(kwargs.items())
+    sizes = [(name, int(v.shape[0])) for name, v in named if isinstance(v, Tensor) and v.dim()]
+    if len({size for _, size in sizes}) < 2:
+        return ""
+    listed = ", ".join(f"{name} {size}" for name, size in sizes)
+    return (
+        f" The model's inputs disagree on their leading size ({listed}); noisescale took "
+        f"{pass_.batch_size}, from the first, for the number of examples. A model whose "
+        "examples have several rows in one input and one in another (several text queries "
+        "per image) is not measured per example: use per_example=False."
+    )
 
 
 def _flattened_hint(size: int, n: int) -> str:

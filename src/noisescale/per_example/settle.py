@@ -19,6 +19,7 @@ from noisescale.per_example.messages import (
     _experts_hint,
     _experts_setting,
     _follows_experts_setting,
+    _input_sizes_clause,
     _penalty_cause,
     _qualified,
 )
@@ -264,7 +265,7 @@ class Settle:
                     "together with attention heads (flattened with positions, each example's "
                     "rows in turn, they are measured for Linear, Conv1D, LayerNorm and "
                     "RMSNorm; time-major built-in layers such as nn.LSTM(batch_first=False) are "
-                    "handled), or use per_example=False"
+                    "handled), or use per_example=False." + _input_sizes_clause(pass_)
                 )
         aliased_ids = missing & pass_.aliased
         aliased = sorted(self._param_name[pid] for pid in aliased_ids)
