@@ -275,3 +275,67 @@ def test_an_untracked_copy_compiled_too_is_told_apart_or_refused_naming_dynamo(
     else:
         assert "REFUSED" in run.stdout and "import torch._dynamo" in run.stdout, run.stdout
         assert "shares the graphs it compiles between instances" in run.stdout
+
+
+@pytest.mark.parametrize("style", ["torch.compile", "model.compile"])
+def test_a_hook_put_before_the_engine_s_mid_run_never_makes_a_compiled_step_wrong(
+    style: str,
+) -> None:
+    """A forward hook prepended to a product layer after step 4 (a steering hook that doubles
+    its output) comes between the layer and the engine's hooks. Dynamo recompiles (it guards
+    the hooks); the graph traced then used the sub-batch products as the hooks were at the last
+    step's end, and the weight's .grad came out 50% off. The traced hooks now read the hooks'
+    order while tracing. The audit that follows learns what it cannot measure compiled, and a
+    ``torch.compile(model)`` graph traced with that then opened no pass (the step was refused
+    blaming the tracker's creation): the model's own hook now opens it, so that the step is
+    withheld and the model runs eagerly. Every step: .grad autograd's own, and the step
+    recorded exactly (as eager), withheld, or refused — as eager refuses this hook."""
+    from noisescale import GradientNoiseTracker
+    from noisescale.errors import NoiseScaleInputError
+    from test_compile import BACKEND, _compiled
+
+    torch._dynamo.reset()
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4)
+        )
+
+    def double(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out * 2
+
+    model, reference = build(), build()
+    tracker = GradientNoiseTracker(model)
+    call = _compiled(model, style, BACKEND)
+    gen = torch.Generator().manual_seed(3)
+    recorded, refused = [], None
+    try:
+        for step in range(1, 12):
+            if step == 5:
+                model[2].register_forward_hook(double, prepend=True)
+                reference[2].register_forward_hook(double)
+            reference.load_state_dict(model.state_dict())
+            x = torch.randn(N, T, 12, generator=gen)
+            model.zero_grad()
+            reference.zero_grad()
+            call(x).pow(2).mean().backward()
+            reference(x).pow(2).mean().backward()
+            for got, want in zip(model.parameters(), reference.parameters(), strict=True):
+                torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-12)
+            try:
+                tracker.step()
+            except NoiseScaleInputError as err:
+                refused = str(err)
+                break
+            record = tracker.history[-1]
+            if record["sources"]:
+                recorded.append(step)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+    finally:
+        tracker.remove()
+        torch._dynamo.reset()
+    assert refused is not None and "audit of this step failed" in refused, refused
+    assert recorded == [1, 2, 3, 4]  # from step 5 on: withheld until the audit refuses

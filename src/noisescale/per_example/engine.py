@@ -367,11 +367,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._fallback_rng: dict[nn.Module, dict[str, Tensor]] = {}
         # per fallback module, the shapes of the arguments its last backward split as examples
         self._fallback_split: dict[nn.Module, list[tuple[int, ...]]] = {}
-        # a product layer's hooks (weight enter, weight exit, forward), and those layers where
-        # something may run between its own product and the engine's hooks (_nothing_between),
-        # as last seen outside a compiled forward (the traced hooks read it)
+        # a product layer's hooks (weight enter, weight exit, forward): _nothing_between checks
+        # their order, eagerly at each call and while Dynamo traces (it guards the hooks)
         self._product_hooks: dict[nn.Module, tuple[int, int, int]] = {}
-        self._products_blocked: set[nn.Module] = set()
         # per fallback module, its tensor arguments' versions when its forward began
         self._fallback_versions: dict[nn.Module, list[tuple[Tensor, int]]] = {}
         self.steps_collected = 0
@@ -542,7 +540,11 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             return
 
     def _hook(
-        self, eager: Callable, traced: Callable | None = None, owner: nn.Module | None = None
+        self,
+        eager: Callable,
+        traced: Callable | None = None,
+        owner: nn.Module | None = None,
+        opens: bool = False,
     ) -> Callable:
         """A module hook: ``eager``, or while Dynamo traces it ``traced`` — the form whose work
         runs inside the compiled graph (:mod:`~noisescale.per_example.compiled`). A hook
@@ -557,12 +559,12 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         if self._compile_prepared:
             compiled.skip_frames(eager, recursive=True)
 
-        return _ModuleHook(self, eager, traced, owner)
+        return _ModuleHook(self, eager, traced, owner, opens)
 
     def _install(self) -> None:
         self._handles.append(
             self.model.register_forward_pre_hook(
-                self._hook(self._on_model_forward, self._traced_model_forward),
+                self._hook(self._on_model_forward, self._traced_model_forward, opens=True),
                 with_kwargs=True,
             )
         )

@@ -59,16 +59,21 @@ class _ModuleHook(InertWhenCopied):
         eager: Callable,
         traced: Callable | None,
         owner: nn.Module | None,
+        opens: bool = False,
     ) -> None:
         self.engine = engine
         self.eager = eager
         self.traced = traced
         self.owner = owner
+        self.opens = opens  # the model's own pre-hook, which opens the pass
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         engine = self.engine
         if torch.compiler.is_compiling():
-            if self.traced is not None and engine.compile_blocker is None:
+            if self.traced is not None and (engine.compile_blocker is None or self.opens):
+                # (the model's own pre-hook opens the pass also in a graph traced with the
+                # blocker: one found by an audit mid-run, which the graph runs' other hooks then
+                # report, so that the pass is withheld and the model runs eagerly from then on)
                 return self.traced(*args, **kwargs)
             compiled.emit_forward(engine._key, "blocked", 0, [], [])
             return None
@@ -149,7 +154,6 @@ class Traced:
         ``model.compile()`` that the traced hooks cannot follow runs eagerly from now on."""
         if "torch._dynamo" not in sys.modules:
             return
-        self._products_blocked = {m for m in self._product_hooks if not self._nothing_between(m)}
         if not self._compile_prepared:
             # Dynamo does not guard on module hooks by default: a graph compiled for another
             # instance of the model's class without hooks (an untracked copy) would run for this
@@ -244,7 +248,7 @@ class Traced:
             return False
         if id(weight) in self._multi_use or module in self._learned_shared:
             return False
-        if module in self._products_blocked:  # (as last seen eagerly: _prepare_compile)
+        if not self._nothing_between(module):  # (read while tracing: Dynamo guards the hooks)
             return False
         n = self.traced_batch_size()
         x = args[0] if args else None
