@@ -790,3 +790,38 @@ def test_checkpointed_direct_uses_in_a_pass_the_subset_skips_in_its_backward():
         model.zero_grad()
     assert len(tracker.history) == 5 and all(not r["skipped"] for r in tracker.history)
     tracker.remove()
+
+
+@pytest.mark.parametrize("how", ["script-block", "script-whole", "trace-whole"])
+def test_a_torchscript_module_is_refused_naming_it_and_micro_batches_still_measure(how):
+    """A TorchScript module (torch.jit.script or trace) runs its forward where no hook or rule
+    follows it: the tracker crashed reading its class's forward (an AttributeError of
+    TorchScript's). Now refused when created, naming the outermost scripted modules; with
+    per_example=False the micro-batch norms, which need no hook inside the model, are measured.
+    A whole scripted model takes no forward hook at all: refused in both modes."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    block = nn.Sequential(nn.Tanh(), nn.Linear(8, 2))
+    if how == "script-block":
+        model, named = nn.Sequential(nn.Linear(4, 8), torch.jit.script(block)), "'1'"
+    elif how == "script-whole":
+        model, named = torch.jit.script(nn.Sequential(nn.Linear(4, 8), block)), "'the model'"
+    else:
+        model, named = torch.jit.trace(nn.Sequential(nn.Linear(4, 8), block), x), "'the model'"
+    if named == "'the model'":  # (no forward hook at all: micro-batches cannot be counted)
+        for per_example in (True, False):
+            with pytest.raises(UnsupportedModuleError, match=r"the model is TorchScript"):
+                noisescale.GradientNoiseTracker(model, per_example=per_example)
+        return
+    with pytest.raises(UnsupportedModuleError, match=rf"modules {named} are TorchScript"):
+        noisescale.GradientNoiseTracker(model)
+    tracker = noisescale.GradientNoiseTracker(model, per_example=False)
+    try:
+        for _ in range(2):
+            for half in (x[:4], x[4:]):
+                (model(half).pow(2).mean() / 2).backward()
+            tracker.step()
+            model.zero_grad()
+        assert "microbatch" in tracker.history[-1]["sources"]
+    finally:
+        tracker.remove()

@@ -410,7 +410,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # sees the structure the compiled steps have (else every compiled step would wait for
         # another audit)
         self._seen_compiled = False
-        self._refuse_modules(model)
+        self._refuse_modules(model, per_example)
         self._model_dim = 1 if _time_major(model) else 0
         # FSDP2 reshards parameters in hooks of the backward: a replayed backward would run them
         self._replay_allowed = not _has_fsdp2(model)
@@ -447,7 +447,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
     # -- construction -------------------------------------------------------------------------
 
     @staticmethod
-    def _refuse_modules(model: nn.Module) -> None:
+    def _refuse_modules(model: nn.Module, per_example: bool = True) -> None:
         lazy = [
             name
             for name, p in model.named_parameters()
@@ -459,6 +459,29 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 f"parameters {shown} of lazy modules (nn.LazyLinear, nn.LazyConv2d, …) are not "
                 "initialised yet, so there is nothing to hook: run the model once on a batch "
                 "(under torch.no_grad()) before creating the tracker, as the optimizer needs too"
+            )
+        outer: list[str] = []  # the outermost TorchScript modules (their children are too)
+        for name, module in model.named_modules():
+            if isinstance(module, torch.jit.ScriptModule) and not any(
+                o == "" or name.startswith(o + ".") for o in outer
+            ):
+                outer.append(name)
+        scripted = [name or "the model" for name in outer]
+        if outer == [""]:
+            raise UnsupportedModuleError(
+                "the model is TorchScript (torch.jit.script or torch.jit.trace), which takes no "
+                "forward hook, and noisescale counts the model's passes with one: measure the "
+                "eager model (script a copy for deployment, or use torch.compile, which is "
+                "measured)"
+            )
+        if scripted and per_example:
+            shown = ", ".join(repr(n) for n in scripted[:3]) + (" …" if len(scripted) > 3 else "")
+            raise UnsupportedModuleError(
+                f"modules {shown} are TorchScript (torch.jit.script or torch.jit.trace): their "
+                "forward runs in TorchScript, where noisescale's hooks and rules cannot follow "
+                "it. Measure the eager module (script a copy for deployment, or use "
+                "torch.compile, which is measured), or use per_example=False (micro-batch norms "
+                "need no hooks inside the model)"
             )
         for mname, module in model.named_modules():
             if getattr(module, "sparse", False) and isinstance(
