@@ -347,7 +347,7 @@ def _misuse() -> dict[str, str]:
     graph_mod._host_reads_indices = lambda index: False
     try:
         model = DistributedDataParallel(_PickedPair())
-        tracker = noisescale.GradientNoiseTracker(model, sync_every=8)
+        tracker = noisescale.GradientNoiseTracker(model, "sum", sync_every=8)
         h = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(7))
         for step in range(6):
             keep = torch.zeros(4, 3, dtype=torch.bool)

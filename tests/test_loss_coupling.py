@@ -624,3 +624,61 @@ def test_an_output_with_no_dimension_of_the_batch_s_size_is_not_trusted(shape):
     with pytest.raises(UnsupportedModuleError, match="batch's size"):
         tracker.step()
     assert tracker.history == []
+
+
+SUMS_AND_MEANS = {
+    # (the loss, what it is: "sum" or "mean" over the examples, or None: scaled — taken as given)
+    "sum": (lambda o, y: F.cross_entropy(o, y, reduction="none").sum(), "sum"),
+    "reduction=sum": (lambda o, y: F.cross_entropy(o, y, reduction="sum"), "sum"),
+    "nll sum": (lambda o, y: F.nll_loss(o.log_softmax(-1), y, reduction="sum"), "sum"),
+    "mse sum": (lambda o, y: F.mse_loss(o, torch.ones_like(o), reduction="sum"), "sum"),
+    "sum of sums": (lambda o, y: (o - 1).pow(2).sum(1).sum(), "sum"),
+    "mean": (lambda o, y: F.cross_entropy(o, y), "mean"),
+    "mean of means": (lambda o, y: (o - 1).pow(2).mean(1).mean(), "mean"),
+    "sum / N": (lambda o, y: F.cross_entropy(o, y, reduction="sum") / o.shape[0], None),
+    "sum / 20": (lambda o, y: F.cross_entropy(o, y, reduction="sum") / 20, None),
+    "3 * mean": (lambda o, y: 3 * F.cross_entropy(o, y), None),
+    "mean of sums": (lambda o, y: (o - 1).pow(2).sum(1).mean(), "mean"),
+}
+
+
+@pytest.mark.parametrize("name", SUMS_AND_MEANS)
+@pytest.mark.parametrize("declared", ["mean", "sum"])
+def test_a_plain_sum_declared_a_mean_or_the_reverse_is_refused(name, declared):
+    """A helper's hunt: ``loss.sum()`` (or ``reduction='sum'``) under the default
+    loss_reduction='mean' made every per-example norm N² too large, and the tracker's |G|² and
+    tr Σ with them (B_simple too when the batch size changes) — without a word. The loss watch
+    now tells a plain sum or mean over the examples from a scaled one: a plain one that
+    contradicts loss_reduction is refused, in the one-shot measurement and the tracker; a
+    scaled one (a divisor, a factor) is the user's definition of the per-example loss, taken as
+    given — and matching ones are exact."""
+    loss_of, kind = SUMS_AND_MEANS[name]
+    model = mlp()
+    x, y = data()
+    contradicts = kind is not None and kind != declared
+    if contradicts:
+        with pytest.raises(noisescale.NoiseScaleInputError, match=f"plain {kind} over the"):
+            with noisescale.per_example_sqnorms(model, loss_reduction=declared):
+                loss_of(model(x), y).backward()
+        model.zero_grad()
+        tracker = noisescale.GradientNoiseTracker(model, loss_reduction=declared)
+        try:
+            with pytest.raises(noisescale.NoiseScaleInputError, match=f"plain {kind} over the"):
+                loss_of(model(x), y).backward()
+                tracker.step()
+        finally:
+            tracker.remove()
+        return
+    with noisescale.per_example_sqnorms(model, loss_reduction=declared) as pe:
+        loss_of(model(x), y).backward()
+    # truth: the loss's own per-example terms, as the declared reduction defines them
+    params = list(model.parameters())
+    full = loss_of(model(x), y)
+    want = []
+    for i in range(N):
+        with torch.no_grad():
+            rest = model(x)
+        rows = torch.cat([rest[:i], model(x[i : i + 1]), rest[i + 1 :]])
+        share = grad_sqnorm(loss_of(rows, y) - full.detach(), params)
+        want.append(share * (N**2 if declared == "mean" else 1))
+    assert torch.allclose(pe.sqnorms, torch.stack(want), rtol=1e-9)

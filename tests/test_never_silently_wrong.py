@@ -1618,7 +1618,7 @@ def test_the_tracker_refuses_a_flagged_pick_when_it_reads_the_step(monkeypatch, 
     torch.manual_seed(0)
     model = _PickedRows("index pair")
     x = torch.randn(N, 6, 5)
-    tracker = noisescale.GradientNoiseTracker(model, sync_every=sync_every)
+    tracker = noisescale.GradientNoiseTracker(model, "sum", sync_every=sync_every)
     for counts in ([1, 1, 1, 1],) * 5:
         model.zero_grad()
         model(x, _keep(counts)).sum().backward()
@@ -1646,7 +1646,7 @@ def test_a_flagged_pick_on_an_audited_step_is_refused_at_once_and_the_tracker_go
     torch.manual_seed(0)
     model = _PickedRows("index pair")
     x = torch.randn(N, 6, 5)
-    tracker = noisescale.GradientNoiseTracker(model, sync_every=1)
+    tracker = noisescale.GradientNoiseTracker(model, "sum", sync_every=1)
     for step in range(1, 9):
         model.zero_grad()
         model(x, _keep([2, 1, 1, 0] if step == 4 else [1, 1, 1, 1])).sum().backward()
@@ -1666,7 +1666,7 @@ def test_a_pick_in_a_pass_no_training_backward_reaches_is_not_refused(monkeypatc
     torch.manual_seed(0)
     model = _PickedRows("index pair")
     x = torch.randn(N, 6, 5, requires_grad=True)
-    tracker = noisescale.GradientNoiseTracker(model, sync_every=1)
+    tracker = noisescale.GradientNoiseTracker(model, "sum", sync_every=1)
     for step in range(1, 7):
         model.zero_grad()
         model(x, _keep([1, 1, 1, 1])).sum().backward()
@@ -1686,7 +1686,7 @@ def test_remove_takes_the_hooks_off_when_what_was_pending_is_refused(monkeypatch
     torch.manual_seed(0)
     model = _PickedRows("index pair")
     x = torch.randn(N, 6, 5)
-    tracker = noisescale.GradientNoiseTracker(model, sync_every=64)
+    tracker = noisescale.GradientNoiseTracker(model, "sum", sync_every=64)
     for step in range(1, 7):
         model.zero_grad()
         model(x, _keep([2, 1, 1, 0] if step == 6 else [1, 1, 1, 1])).sum().backward()

@@ -59,7 +59,11 @@ from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.param_groups import parameter_groups
 from noisescale.per_example import PerExampleNorms
 from noisescale.per_example.factors import sqnorm_total
-from noisescale.per_example.messages import new_parameters_message, submodule_called_message
+from noisescale.per_example.messages import (
+    loss_kind_message,
+    new_parameters_message,
+    submodule_called_message,
+)
 from noisescale.preconditioning import check_preconditioner, preconditioner_weights
 from noisescale.sources.base import Observation, Source, StepNorms
 from noisescale.sources.distributed import (
@@ -750,6 +754,9 @@ class GradientNoiseTracker:
         """The step's normalisation: each pass's weight per unit, the units (examples or
         tokens) and the tokens counted (see :mod:`noisescale.tokens`)."""
         declared = self.loss_reduction in ("token_mean", "num_items_in_batch")
+        wrong_kind = loss_kind_message(self.loss_reduction, passes)
+        if wrong_kind is not None:
+            raise NoiseScaleInputError(wrong_kind)
         for p in passes:
             counted_by_user = p.units is not None and not p.units.measured
             if p.units_error and not (declared and counted_by_user):

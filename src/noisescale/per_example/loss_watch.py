@@ -78,6 +78,11 @@ class One:
 @dataclass(frozen=True)
 class _Sum:
     owners: frozenset  # the passes whose examples it sums over
+    # "sum" or "mean": the tensor is exactly that reduction over the examples of per-example
+    # terms (``ℓ.sum()``, ``ℓ.mean()``, ``cross_entropy(..., reduction="sum")``), nothing after
+    # it — what the loss_reduction declared must match (LossWatch.backward); None: scaled since,
+    # or not known
+    plain: str | None = None
 
 
 @dataclass(frozen=True)
@@ -284,6 +289,10 @@ class LossWatch:
                     if pass_.coupled is None:
                         pass_.coupled = layout.reason
                 return
+            if isinstance(layout, _Sum) and layout.plain is not None:
+                for pass_ in self.passes:
+                    if id(pass_) in layout.owners:
+                        pass_.loss_kind = layout.plain
 
     def _layout(self, t: Tensor) -> Layout | None:
         layout = self.layouts.get(t)
@@ -595,7 +604,9 @@ def _rule(func: Any, args: tuple, kwargs: dict, known: list, outs: list[Tensor])
         layout = _pointwise(func, "loss", args, kwargs, known, args[0], linear=False)
         if named.get("reduction", 1) == 0 or isinstance(layout, Mixed):
             return layout
-        return _sum(known)
+        plain = isinstance(layout, Rows) and len(known) == 1
+        kind = _REDUCTION_KIND.get(named.get("reduction", 1)) if plain else None
+        return _Sum(_sum(known).owners, kind)
     if name in ("mm", "bmm", "addmm", "baddbmm", "dot", "vdot", "mv"):
         return _product(func, name, args, known, out)
     return _views(func, name, args, kwargs, known, outs)
@@ -677,7 +688,10 @@ def _reduction(func: Any, name: str, args: tuple, kwargs: dict, known: list, out
         shift = 0 if keep else sum(1 for d in dims if d < layout.dim)
         return Rows(layout.dim - shift, layout.block, layout.key, layout.n, layout.owner)
     if name in _SUMS:
-        return _sum(known)
+        kind = "mean" if name == "mean" else "sum"
+        if isinstance(layout, _Sum):  # (a sum of a plain sum is one; a mean of a mean, one)
+            kind = layout.plain if layout.plain == kind else None
+        return _Sum(_sum(known).owners, kind)
     return _mixed(func, "reduced over the examples non-linearly (a maximum, a norm, a variance)")
 
 
@@ -689,12 +703,16 @@ def _nll(func: Any, args: tuple, kwargs: dict, known: list, outs: list[Tensor]) 
     classes = 1 if t.dim() >= 2 else 0
     if layout.dim == classes:
         return _mixed(func, "took the examples as classes")
+    reduction = named.get("reduction", 1)
     loss = (
         Rows(layout.dim - (layout.dim > classes), layout.block, layout.key, layout.n, layout.owner)
-        if named.get("reduction", 1) == 0
-        else _sum(known)
+        if reduction == 0
+        else _Sum(_sum(known).owners, _REDUCTION_KIND.get(reduction))
     )
     return [loss] + [None] * (len(outs) - 1)
+
+
+_REDUCTION_KIND = {1: "mean", 2: "sum"}  # ATen's reduction argument
 
 
 _ROLES = {

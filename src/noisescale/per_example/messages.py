@@ -26,6 +26,33 @@ def new_parameters_message(names: Sequence[str]) -> str:
     )
 
 
+def loss_kind_message(declared: str, passes: Sequence[PassNorms]) -> str | None:
+    """A backward from a plain sum over the examples under ``loss_reduction="mean"``, or from a
+    plain mean under ``"sum"`` (loss_watch.py, audited steps), with more than one example: the
+    refusal's text; else ``None``."""
+    for p in passes:
+        if p.batch_size < 2 or p.loss_kind is None or p.loss_kind == declared:
+            continue
+        if declared == "mean" and p.loss_kind == "sum":
+            return (
+                "the loss is a plain sum over the examples (loss.sum(), reduction='sum'), but "
+                "loss_reduction='mean' (the default) says it is their mean: every per-example "
+                f"norm (and a tracker's |G|² and tr Σ) would come out N² = {p.batch_size**2} "
+                "times too large (B_simple too, when the batch size changes). Pass "
+                "loss_reduction='sum', or average the loss over the examples. Nothing of this "
+                "step was recorded"
+            )
+        if declared == "sum" and p.loss_kind == "mean":
+            return (
+                "the loss is a plain mean over the examples (loss.mean(), reduction='mean'), "
+                "but loss_reduction='sum' says it is their sum: every per-example norm (and a "
+                f"tracker's |G|² and tr Σ) would come out N² = {p.batch_size**2} times too "
+                "small. Pass loss_reduction='mean' (the default), or sum the loss over the "
+                "examples. Nothing of this step was recorded"
+            )
+    return None
+
+
 def submodule_called_message(lead: str, model: nn.Module, label: str) -> str:
     """The refusal of a step in which a layer ran with gradients enabled outside a forward of
     the measured ``model`` (:attr:`PerExampleNorms.unopened`); ``lead`` names the fix."""

@@ -167,6 +167,9 @@ class PassNorms:
     # log-likelihood with ignore_index targets or class weights, or a sum divided by a tensor
     # other than their number (loss_watch.py); per_example_sqnorms refuses it under "mean"
     counted_mean: Any = None
+    # "sum" or "mean": the backward started from a plain sum or mean over the examples of
+    # per-example terms (loss_watch.py, audited steps), which loss_reduction must match
+    loss_kind: str | None = None
     # each parameter's (.grad, version) when the pass's backward had finished (changed_grads)
     grad_marks: list[tuple[Any, int] | None] | None = None
     # on the steps audits fall on: each parameter's |.grad|² then too (changed_grads: what no

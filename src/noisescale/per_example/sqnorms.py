@@ -7,7 +7,7 @@ from torch import nn
 
 from noisescale.errors import NoiseScaleInputError
 from noisescale.per_example.engine import LOSS_REDUCTIONS, PerExampleNorms
-from noisescale.per_example.messages import submodule_called_message
+from noisescale.per_example.messages import loss_kind_message, submodule_called_message
 from noisescale.per_example.passes import PassNorms
 from noisescale.tokens import TokenWatcher
 
@@ -91,6 +91,9 @@ class per_example_sqnorms:
                 "tokens, then the mean over the examples), or give every example as many "
                 "counted tokens"
             )
+        wrong_kind = loss_kind_message(self.loss_reduction, [p])
+        if wrong_kind is not None:
+            raise NoiseScaleInputError(wrong_kind)
         if self.loss_reduction == "mean" and p.counted_mean is not None and bool(p.counted_mean):
             raise NoiseScaleInputError(
                 "the loss is averaged over what it counts, not over the examples — a "
