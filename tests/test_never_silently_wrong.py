@@ -2890,3 +2890,68 @@ def test_a_gradient_hook_on_a_layer_s_output_is_seen_by_the_engine(layer, subbat
         measured += 1
     engine.remove()
     assert measured >= 3
+
+
+class _HookedMiddle(nn.Module):
+    """A gradient scaled on a layer's output with a layer below it (a gradient reversal layer
+    between a feature extractor and a domain head, as in domain-adversarial training)."""
+
+    def __init__(self, scale: list[float], where: str):
+        super().__init__()
+        self.below, self.middle, self.head = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        self.scale, self.where = scale, where
+        if where == "forward hook":
+            self.middle.register_forward_hook(
+                lambda m, a, out: out.register_hook(lambda g: g * self.scale[0]) and None
+            )
+
+    def forward(self, x):
+        h = self.middle(torch.tanh(self.below(x)))
+        if self.where == "forward":
+            h.register_hook(lambda g: g * self.scale[0])
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("where", ["forward", "forward hook"])
+@pytest.mark.parametrize("subbatches", [None, 2])
+def test_a_gradient_hook_on_a_middle_layer_s_output_is_exact(where, subbatches):
+    """The same, with a layer below the hooked one (a helper's hunt, 2026-12-05): the audit's
+    replay read the hooked output's gradient before the hook — torch.autograd.grad captures an
+    input edge whose node it must also run before that node's tensor hooks — and the engine's
+    reading after it, so every step was refused as rows not the examples' (a ×3 hook read ⅓).
+    The replay now reads each target as its node receives the gradient: exact on every step."""
+    torch.manual_seed(0)
+    n = 6
+    x = torch.randn(n, 5)
+    scale = [3.0]
+    model = _HookedMiddle(scale, where)
+    engine = PerExampleNorms(model, **({} if subbatches is None else {"subbatches": subbatches}))
+    engine.RECHECK_SUBBATCHES = 1
+
+    def losses():
+        return model(x).pow(2).sum(1)
+
+    measured = 0
+    for s in (3.0, 3.0, -1.0, 0.5):  # (steps 1, 2 audited; 3 not; 4 audited)
+        scale[0] = s
+        model.zero_grad()
+        losses().mean().backward()
+        (p,) = engine.collect()
+        assert p.raw_sqnorms is not None, p.withheld
+        with engine.paused():
+            if subbatches is None:
+                want = torch.stack(
+                    [
+                        sum(
+                            g.pow(2).sum()
+                            for g in torch.autograd.grad(losses()[i], list(model.parameters()))
+                        )
+                        for i in range(n)
+                    ]
+                ) / (n * n)
+            else:
+                want = subbatch_truth(model, lambda i: losses()[i], n, p.subbatches)
+        torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
+        measured += 1
+    engine.remove()
+    assert measured == 4

@@ -325,11 +325,27 @@ class PassAudit:
         kept = [(p, p.grad) for p in self.params]
         for p, _ in kept:
             p.grad = None
+        # What each target's node receives, read as the engine reads it in the backward: after
+        # every tensor hook on the output (a user's gradient scaling). torch.autograd.grad
+        # captures an input edge whose node it must also run (a target with another below it)
+        # before those hooks (torch 2.13), one it need not run after them: a hook's factor on
+        # a layer's output read as rows not the examples' (2026-12-05, a helper's hunt).
+        seen: dict[int, Tensor] = {}
+        watches = []
+        for i, t in enumerate(pending):
+            nr = t.edge.output_nr
+
+            def received(grads: tuple, i: int = i, nr: int = nr) -> None:
+                if nr < len(grads) and grads[nr] is not None:
+                    seen[i] = grads[nr]
+
+            watches.append(t.edge.node.register_prehook(received))
         try:
             with replaying():
                 got = torch.autograd.grad(
                     [edge], inputs, [grad], retain_graph=True, allow_unused=True
                 )
+            got = tuple(seen.get(i, g) for i, g in enumerate(got))
         except RuntimeError as err:
             # e.g. torch.utils.checkpoint(use_reentrant=True) refuses torch.autograd.grad
             self.unverified = f"the attribution check could not replay the backward ({err})"
@@ -339,6 +355,8 @@ class PassAudit:
         finally:
             for p, g in kept:
                 p.grad = g
+            for watch in watches:
+                watch.remove()
         for target, g in zip(pending, got, strict=True):
             if g is None:
                 continue
