@@ -639,6 +639,12 @@ SUMS_AND_MEANS = {
     "sum / 20": (lambda o, y: F.cross_entropy(o, y, reduction="sum") / 20, None),
     "3 * mean": (lambda o, y: 3 * F.cross_entropy(o, y), None),
     "mean of sums": (lambda o, y: (o - 1).pow(2).sum(1).mean(), "mean"),
+    # scaled before the sum (a review): the mean written as a sum of scaled terms
+    "(l / N).sum()": (lambda o, y: (F.cross_entropy(o, y, reduction="none") / N).sum(), None),
+    "(w * l).sum()": (
+        lambda o, y: (torch.full((N,), 1.0 / N) * F.cross_entropy(o, y, reduction="none")).sum(),
+        None,
+    ),
 }
 
 
@@ -682,3 +688,18 @@ def test_a_plain_sum_declared_a_mean_or_the_reverse_is_refused(name, declared):
         share = grad_sqnorm(loss_of(rows, y) - full.detach(), params)
         want.append(share * (N**2 if declared == "mean" else 1))
     assert torch.allclose(pe.sqnorms, torch.stack(want), rtol=1e-9)
+
+
+
+def test_a_probe_s_sum_before_the_loss_is_not_taken_for_the_loss():
+    """(A review.) ``torch.autograd.grad`` of a plain sum of the outputs (a saliency probe)
+    before the step's loss, a scaled mean: the probe's sum was taken for the loss's kind and
+    the step refused; only the step's backward says what the loss is."""
+    model = mlp()
+    x, y = data()
+    x.requires_grad_(True)
+    with noisescale.per_example_sqnorms(model) as pe:
+        out = model(x)
+        torch.autograd.grad(out.logsumexp(1).sum(), x, retain_graph=True)
+        (F.cross_entropy(out, y) / 2).backward()
+    assert pe.sqnorms.shape == (N,) and bool((pe.sqnorms > 0).all())

@@ -1254,3 +1254,40 @@ def test_a_model_cast_to_16_bits_is_measured_to_its_rounding(dtype):
             assert tracker.history[-1]["sources"], tracker.history[-1]  # (recorded)
     finally:
         tracker.remove()
+
+
+def test_one_16_bit_layer_leaves_the_others_audited_at_their_own_precision():
+    """(A review.) The 16-bit tolerance was first the whole model's as soon as one parameter
+    was 16-bit: a penalty on a float32 weight beside one bf16 layer, 0.05% of a norm, went
+    through. Each parameter is now checked at its own gradient's precision, and a bf16
+    weight's second use of a few percent is refused as in float32."""
+    torch.manual_seed(0)
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 8).float(), nn.Linear(8, 3).to(torch.bfloat16)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x.float())).to(torch.bfloat16)).float()
+
+    x = torch.randn(8, 6, dtype=torch.float32)
+    model = Mixed()
+    with pytest.raises(UnsupportedModuleError, match="'a.weight'"):
+        with noisescale.per_example_sqnorms(model):
+            loss = model(x).pow(2).sum(1).mean() + 3e-3 * model.a.weight.float().pow(2).sum()
+            loss.backward()
+
+    class Twice(nn.Module):  # a bf16 weight used again beside its layer, 5% of its gradient
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.b(h) + 0.05 * (h @ self.b.weight.T)
+
+    model = Twice().to(torch.bfloat16)
+    with pytest.raises(UnsupportedModuleError, match="'b.weight'"):
+        with noisescale.per_example_sqnorms(model):
+            model(x.to(torch.bfloat16)).float().pow(2).sum(1).mean().backward()

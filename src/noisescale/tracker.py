@@ -152,6 +152,16 @@ def _registrations() -> int:
     return _REGISTERED[0]
 
 
+
+def _dynamo_compiled() -> bool:
+    """Whether Dynamo has compiled a graph in this process (it is imported by more than
+    torch.compile: building an optimizer imports it)."""
+    if "torch._dynamo" not in sys.modules:
+        return False
+    from torch._dynamo.utils import counters
+
+    return bool(counters["stats"].get("unique_graphs"))
+
 class GradientNoiseTracker:
     """Measures B_simple = tr(Σ)/|G|² (paper eq. 2.9) during training, every step, unbiased.
 
@@ -624,7 +634,7 @@ class GradientNoiseTracker:
             )
         if any(p.grad is not None for p in self._params):
             compiled_late = ""
-            if self.engine.dynamo_after_creation and "torch._dynamo" in sys.modules:
+            if self.engine.dynamo_after_creation and _dynamo_compiled():
                 compiled_late = (
                     "the model's compiled code seems to have run without the tracker's hooks: "
                     "torch.compile was first used after the tracker was created, and Dynamo, "

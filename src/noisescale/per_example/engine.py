@@ -1090,9 +1090,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 signature,
                 self._audit_generator(_device_of(output, pass_)),
                 pass_.batch_size,
-                # (16-bit parameters, a model cast with .bfloat16(): autograd's own gradient is
-                # rounded as under autocast)
-                amp=pass_.amp or self._sixteen_bit(),
+                amp=pass_.amp,
                 replay=self._replay_allowed,
             )
             pass_.audit.nodes = pass_.nodes
@@ -1442,10 +1440,6 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         if bias is not None:
             module._parameters["bias"] = bias.detach()
         stack.append((weight, bias))
-
-    def _sixteen_bit(self) -> bool:
-        """Whether a measured parameter is bfloat16 or float16 (an audited step's question)."""
-        return any(p.dtype in (torch.bfloat16, torch.float16) for p in self._param.values())
 
     def _check_held(self, module: nn.Module, pass_: PassNorms) -> None:
         """Refuse a layer that runs with another tensor than a parameter it held when the

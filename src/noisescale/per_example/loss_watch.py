@@ -99,6 +99,8 @@ _LINEAR_ANY = {"add", "sub", "neg", "clone", "_to_copy", "alias", "positive", "l
 _LINEAR_FIRST = {"div", "masked_fill", "true_divide"}  # linear in the first operand only
 _LINEAR_ONE = {"mul", "multiply"}  # linear when one operand is tainted
 _SUMS = {"sum", "mean", "nansum"}
+# multiplied or divided by a constant (the other operand not followed): scaled, not plain
+_SCALINGS = {"mul", "multiply", "div", "true_divide"}
 _REDUCTIONS = _SUMS | {
     "amax",
     "amin",
@@ -261,6 +263,9 @@ class LossWatch:
         """End the watch (the step collects): nothing followed any more."""
         self.pause()
         self.layouts: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+        # tensors scaled by a constant since the model's outputs (ℓ / N, w · ℓ): a sum of them
+        # is not a plain sum over the examples (_Sum.plain)
+        self.scaled = WeakTensorKeyDictionary()
         self.written: dict[int, Mixed] = {}  # storages written in place with followed values
         self.targets = WeakTensorKeyDictionary()  # the tensors written so (their layouts hold)
         self.passes: list[Any] = []
@@ -289,7 +294,9 @@ class LossWatch:
                     if pass_.coupled is None:
                         pass_.coupled = layout.reason
                 return
-            if isinstance(layout, _Sum) and layout.plain is not None:
+            if final and isinstance(layout, _Sum) and layout.plain is not None:
+                # (the step's loss only: not an earlier torch.autograd.grad's output, a
+                # saliency probe's or a gradient penalty's inner sum)
                 for pass_ in self.passes:
                     if id(pass_) in layout.owners:
                         pass_.loss_kind = layout.plain
@@ -338,9 +345,17 @@ class LossWatch:
             layouts = Mixed(f"'aten.{_name(func)}' ({type(err).__name__} in noisescale's rule)")
         if not isinstance(layouts, list):
             layouts = [layouts] * len(outs)
+        name = _name(func).rstrip("_")
+        scaled = any(t in self.scaled for t, _ in known) or (
+            name in _SCALINGS and len(known) == 1 and len(flat) > 1
+        )
         for t, layout in zip(outs, layouts, strict=False):
             if layout is not None:
+                if scaled and isinstance(layout, _Sum) and layout.plain is not None:
+                    layout = _Sum(layout.owners)
                 self.layouts[t] = layout
+                if scaled:
+                    self.scaled[t] = True
         if _name(func) in ("nll_loss_forward", "nll_loss2d_forward"):
             self._note_counted_mean(func, args, kwargs, known)
         elif _name(func) in ("div", "true_divide"):

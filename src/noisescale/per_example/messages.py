@@ -102,7 +102,7 @@ def _input_sizes_clause(pass_: PassNorms) -> str:
     args, kwargs = pass_.inputs
     named = [(f"argument {i}", v) for i, v in enumerate(args)] + list(kwargs.items())
     sizes = [(name, int(v.shape[0])) for name, v in named if isinstance(v, Tensor) and v.dim()]
-    if len({size for _, size in sizes}) < 2:
+    if len({size for _, size in sizes if size > 1}) < 2:  # (a [1, T] input is broadcast)
         return ""
     listed = ", ".join(f"{name} {size}" for name, size in sizes)
     return (
