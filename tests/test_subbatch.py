@@ -1273,7 +1273,7 @@ def test_one_16_bit_layer_leaves_the_others_audited_at_their_own_precision():
 
     x = torch.randn(8, 6, dtype=torch.float32)
     model = Mixed()
-    with pytest.raises(UnsupportedModuleError, match="'a.weight'"):
+    with pytest.raises(UnsupportedModuleError, match=r"'a\.weight'"):
         with noisescale.per_example_sqnorms(model):
             loss = model(x).pow(2).sum(1).mean() + 3e-3 * model.a.weight.float().pow(2).sum()
             loss.backward()
@@ -1288,6 +1288,6 @@ def test_one_16_bit_layer_leaves_the_others_audited_at_their_own_precision():
             return self.b(h) + 0.05 * (h @ self.b.weight.T)
 
     model = Twice().to(torch.bfloat16)
-    with pytest.raises(UnsupportedModuleError, match="'b.weight'"):
+    with pytest.raises(UnsupportedModuleError, match=r"'b\.weight'"):
         with noisescale.per_example_sqnorms(model):
             model(x.to(torch.bfloat16)).float().pow(2).sum(1).mean().backward()
