@@ -690,7 +690,6 @@ def test_a_plain_sum_declared_a_mean_or_the_reverse_is_refused(name, declared):
     assert torch.allclose(pe.sqnorms, torch.stack(want), rtol=1e-9)
 
 
-
 def test_a_probe_s_sum_before_the_loss_is_not_taken_for_the_loss():
     """(A review.) ``torch.autograd.grad`` of a plain sum of the outputs (a saliency probe)
     before the step's loss, a scaled mean: the probe's sum was taken for the loss's kind and

@@ -152,7 +152,6 @@ def _registrations() -> int:
     return _REGISTERED[0]
 
 
-
 def _dynamo_compiled() -> bool:
     """Whether Dynamo has compiled a graph in this process (it is imported by more than
     torch.compile: building an optimizer imports it)."""
@@ -161,6 +160,7 @@ def _dynamo_compiled() -> bool:
     from torch._dynamo.utils import counters
 
     return bool(counters["stats"].get("unique_graphs"))
+
 
 class GradientNoiseTracker:
     """Measures B_simple = tr(Σ)/|G|² (paper eq. 2.9) during training, every step, unbiased.
