@@ -339,3 +339,54 @@ def test_a_hook_put_before_the_engine_s_mid_run_never_makes_a_compiled_step_wron
         torch._dynamo.reset()
     assert refused is not None and "audit of this step failed" in refused, refused
     assert recorded == [1, 2, 3, 4]  # from step 5 on: withheld until the audit refuses
+
+
+@pytest.mark.parametrize("what", ["prepended hook", "global hook", "patched forward"])
+def test_a_hook_put_between_after_an_audit_withholds_the_compiled_step(what: str) -> None:
+    """(A review, 2026-12-05.) Something put between a layer and the engine's hooks after the
+    audits of steps 1 and 2: eager withholds step 3 (its autograd graph changed) and the audit
+    of step 4 refuses; compiled, the graph Dynamo traced for the new hooks kept the audited
+    signature and step 3 was recorded, its mean per-example norm 28% off. A compiled pass run
+    with other hooks than the last audit saw is now withheld and the next step audited eagerly."""
+    from noisescale import GradientNoiseTracker
+    from noisescale.errors import NoiseScaleInputError
+    from test_compile import BACKEND
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4)
+    )
+    tracker = GradientNoiseTracker(model)
+    call = torch.compile(model, backend=BACKEND)
+    gen = torch.Generator().manual_seed(3)
+    handle = None
+    recorded, refused = [], None
+    try:
+        for step in range(1, 10):
+            if step == 3:
+                if what == "prepended hook":
+                    handle = model[2].register_forward_hook(lambda m, a, o: o * 2, prepend=True)
+                elif what == "global hook":
+                    handle = torch.nn.modules.module.register_module_forward_hook(
+                        lambda m, a, o: o * 2 if m is model[2] else None
+                    )
+                else:
+                    layer = model[2]
+                    layer.forward = lambda x, s=layer: nn.Linear.forward(s, x) * 2
+            model.zero_grad()
+            call(torch.randn(N, T, 12, generator=gen)).pow(2).mean().backward()
+            try:
+                tracker.step()
+            except NoiseScaleInputError as err:
+                refused = str(err)
+                break
+            if tracker.history[-1]["sources"]:
+                recorded.append(step)
+    finally:
+        tracker.remove()
+        if handle is not None:
+            handle.remove()
+        torch._dynamo.reset()
+    assert recorded == [1, 2], recorded
+    assert refused is not None and "audit of this step failed" in refused, refused

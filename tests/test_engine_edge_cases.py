@@ -825,3 +825,37 @@ def test_a_torchscript_module_is_refused_naming_it_and_micro_batches_still_measu
         assert "microbatch" in tracker.history[-1]["sources"]
     finally:
         tracker.remove()
+
+
+@pytest.mark.parametrize("kind", ["no parameters", "frozen"])
+def test_a_scripted_part_with_nothing_to_measure_is_measured_around(kind):
+    """(A review.) A TorchScript submodule with no trained parameter — a scripted activation, a
+    frozen scripted feature extractor — needs no hook of its own: autograd runs through it, and
+    the layers around it are measured, exactly (each example's own backward)."""
+
+    class Act(nn.Module):
+        def forward(self, x):
+            return torch.tanh(x) * 1.5
+
+    torch.manual_seed(0)
+    if kind == "no parameters":
+        model = nn.Sequential(nn.Linear(5, 8), torch.jit.script(Act()), nn.Linear(8, 3))
+    else:
+        features = torch.jit.script(nn.Sequential(nn.Linear(5, 8), nn.Tanh()))
+        for p in features.parameters():
+            p.requires_grad_(False)
+        model = nn.Sequential(nn.Linear(5, 5), features, nn.Linear(8, 3))
+    x = torch.randn(6, 5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = torch.stack(
+        [
+            sum(
+                g.pow(2).sum()
+                for g in torch.autograd.grad(model(x[i : i + 1]).pow(2).sum(), params)
+            )
+            for i in range(6)
+        ]
+    )
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        model(x).pow(2).sum().backward()
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-10, atol=0)

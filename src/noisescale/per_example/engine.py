@@ -56,7 +56,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.module import _global_forward_hooks
+from torch.nn.modules.module import (
+    _global_backward_hooks,
+    _global_backward_pre_hooks,
+    _global_forward_hooks,
+    _global_forward_pre_hooks,
+)
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
@@ -376,6 +381,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._audit_due = True
         self._marking: tuple[int | None, list[PassNorms]] = (None, [])  # _mark_backward
         self._audited_signatures: set[tuple] = set()
+        # the layers' hooks as the last passed audit saw them (_hook_state): a compiled pass
+        # with other hooks ran a graph traced since, which no audit has seen
+        self._hooks_audited: int | None = None
         self._audited_nodes: set[tuple] = set()  # (signature, autograd nodes) audited
         self.audit_log: list[str] = []  # what audits found and taught (for messages and tests)
         # torch.compile (noisescale.per_example.compiled): the key that names this engine in a
@@ -461,12 +469,15 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 "(under torch.no_grad()) before creating the tracker, as the optimizer needs too"
             )
         outer: list[str] = []  # the outermost TorchScript modules (their children are too)
+        trained: list[str] = []  # of them, those with parameters to measure
         for name, module in model.named_modules():
             if isinstance(module, torch.jit.ScriptModule) and not any(
                 o == "" or name.startswith(o + ".") for o in outer
             ):
                 outer.append(name)
-        scripted = [name or "the model" for name in outer]
+                if any(p.requires_grad for p in module.parameters()):
+                    trained.append(name)
+        scripted = [name or "the model" for name in trained]
         if outer == [""]:
             raise UnsupportedModuleError(
                 "the model is TorchScript (torch.jit.script or torch.jit.trace), which takes no "
@@ -499,6 +510,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
 
     def _build_plan(self, allow_fallback: bool) -> None:
         for module in self.model.modules():
+            if isinstance(module, torch.jit.ScriptModule):
+                continue  # (nothing of it trained: _refuse_modules; autograd runs through it)
             label = self._labels[module]
             # a parametrized weight (weight_norm, spectral_norm, orthogonal, …) is computed by
             # its parametrization from the original tensors each time it is read: the layer's
@@ -1440,6 +1453,30 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         if bias is not None:
             module._parameters["bias"] = bias.detach()
         stack.append((weight, bias))
+
+    def _hook_state(self) -> int:
+        """A fingerprint of every hook that can come between a measured layer and the engine
+        (the layers' own, the global ones, a patched ``forward``). Dynamo recompiles a graph
+        when they change; a compiled pass run with another state than the last audit saw ran a
+        graph no audit has checked (``_audit_wanted``). ≈ 1 µs a layer, on compiled passes."""
+        state = [
+            tuple(_global_forward_hooks),
+            tuple(_global_forward_pre_hooks),
+            tuple(_global_backward_hooks),
+            tuple(_global_backward_pre_hooks),
+        ]
+        for m in self._calls:
+            forward = m.__dict__.get("forward")
+            state.append(
+                (
+                    tuple(m._forward_pre_hooks),
+                    tuple(m._forward_hooks),
+                    tuple(m._backward_pre_hooks),
+                    tuple(m._backward_hooks),
+                    None if forward is None else id(forward),
+                )
+            )
+        return hash(tuple(state))
 
     def _check_held(self, module: nn.Module, pass_: PassNorms) -> None:
         """Refuse a layer that runs with another tensor than a parameter it held when the

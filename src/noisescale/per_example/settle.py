@@ -115,6 +115,7 @@ class Settle:
         if findings.ok and not missing:
             if pass_.audit is not None:
                 self._audited_signatures.add(pass_.audit.signature)
+                self._hooks_audited = self._hook_state()
                 if pass_.audit.nodes is not None:
                     self._audited_nodes.add((pass_.audit.signature, pass_.audit.nodes))
                 if pass_.audit.unverified:
