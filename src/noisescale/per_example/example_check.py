@@ -43,7 +43,7 @@ class ExampleCheck:
             )
         ):
             # (a graph traced since a hook changed — prepended, global, a patched forward, a
-            # pre-hook reading a weight — keeps the audited signature: 30-45% off unwithheld
+            # pre-hook reading a weight — keeps the audited signature: 28-31% off, recorded
             # before 2026-12-05, a review found)
             pass_.unaudited = True
             return False
