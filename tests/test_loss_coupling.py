@@ -702,3 +702,49 @@ def test_a_probe_s_sum_before_the_loss_is_not_taken_for_the_loss():
         torch.autograd.grad(out.logsumexp(1).sum(), x, retain_graph=True)
         (F.cross_entropy(out, y) / 2).backward()
     assert pe.sqnorms.shape == (N,) and bool((pe.sqnorms > 0).all())
+
+
+@pytest.mark.parametrize("ignored", [False, True])
+def test_a_flattened_loss_with_label_smoothing_is_a_mean_over_the_examples(ignored):
+    """(A review.) Cross-entropy with label smoothing over a flattened [N·T, V] batch divides its
+    smoothing term by its mask's sum — N·T when no target is ignored: a mean over the examples
+    of each one's token mean, which the one-shot measurement refused as a mean over what it
+    counts. Exact now (each example's own loss, its token mean); with an ignored target the
+    examples weigh by their counted tokens, still refused under "mean"."""
+    t, v = 4, 7
+
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.fc = nn.Embedding(v, 6), nn.Linear(6, v)
+
+        def forward(self, ids):
+            return self.fc(torch.tanh(self.emb(ids)))
+
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, v, (N, t), generator=g)
+    labels = torch.randint(0, v, (N, t), generator=g)
+    if ignored:
+        labels[0, 0] = -100
+    model = LM()
+
+    def loss_of(rows):
+        logits = model(ids[rows])
+        return F.cross_entropy(logits.view(-1, v), labels[rows].view(-1), label_smoothing=0.1)
+
+    if ignored:
+        with pytest.raises(noisescale.NoiseScaleInputError, match="averaged over what it counts"):
+            with noisescale.per_example_sqnorms(model):
+                loss_of(slice(None)).backward()
+        return
+    with noisescale.per_example_sqnorms(model) as pe:
+        loss_of(slice(None)).backward()
+    params = list(model.parameters())
+    want = torch.stack(
+        [
+            sum(g.pow(2).sum() for g in torch.autograd.grad(loss_of(slice(i, i + 1)), params))
+            for i in range(N)
+        ]
+    )
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-10, atol=0)

@@ -83,6 +83,10 @@ class _Sum:
     # it — what the loss_reduction declared must match (LossWatch.backward); None: scaled since,
     # or not known
     plain: str | None = None
+    # the elements it summed when every example gave as many (a sum over all of a regular
+    # layout: N·T rows of a flattened batch): a division by this count is a mean over each
+    # example's equal share, which is a mean over the examples (_note_divided_sum); else None
+    count: int | None = None
 
 
 @dataclass(frozen=True)
@@ -352,7 +356,7 @@ class LossWatch:
         for t, layout in zip(outs, layouts, strict=False):
             if layout is not None:
                 if scaled and isinstance(layout, _Sum) and layout.plain is not None:
-                    layout = _Sum(layout.owners)
+                    layout = _Sum(layout.owners, None, layout.count)
                 self.layouts[t] = layout
                 if scaled:
                     self.scaled[t] = True
@@ -403,9 +407,18 @@ class LossWatch:
         divisor = args[1] if len(args) > 1 else None
         if not isinstance(divisor, Tensor) or divisor.numel() != 1:
             return
-        self._mark_counted_mean(
-            known[0][1].owners, lambda pass_: (divisor != pass_.batch_size).reshape(())
-        )
+        count = known[0][1].count
+
+        def flag(pass_: Any) -> Any:
+            counted = divisor != pass_.batch_size
+            if count is not None and count % max(pass_.batch_size, 1) == 0:
+                # every element counted, each example's share alike (cross-entropy's label
+                # smoothing divides its smoothing term by its mask's sum, N·T with no target
+                # ignored): a mean over the examples of each one's mean
+                counted = counted & (divisor != count)
+            return counted.reshape(())
+
+        self._mark_counted_mean(known[0][1].owners, flag)
 
     def _mark_counted_mean(self, owners: Any, flag_of: Any) -> None:
         """OR ``flag_of(pass)`` (a device bool) into :attr:`PassNorms.counted_mean` of the
@@ -706,7 +719,10 @@ def _reduction(func: Any, name: str, args: tuple, kwargs: dict, known: list, out
         kind = "mean" if name == "mean" else "sum"
         if isinstance(layout, _Sum):  # (a sum of a plain sum is one; a mean of a mean, one)
             kind = layout.plain if layout.plain == kind else None
-        return _Sum(_sum(known).owners, kind)
+        count = None
+        if isinstance(layout, Rows) and layout.block is not None and dims == set(range(t.dim())):
+            count = t.numel()  # (every element: each example's rows alike, a regular layout)
+        return _Sum(_sum(known).owners, kind, count)
     return _mixed(func, "reduced over the examples non-linearly (a maximum, a norm, a variance)")
 
 
