@@ -27,7 +27,7 @@ from torch import nn
 import noisescale
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.per_example import PerExampleNorms
-from test_subbatch import subbatch_truth
+from test_subbatch import example_sqnorms, layer_and_input, subbatch_truth
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -2821,6 +2821,14 @@ def test_reformer_s_axial_positions_refused_for_their_cause_not_checkpointing():
     assert "reversible layers" in text and "ran activation checkpointing" not in text
 
 
+def _raw_truth(model: nn.Module, losses, n: int, subbatches) -> torch.Tensor:
+    """The engine's raw norms of the mean loss, by brute force: each example's |∇ ℓ_i / N|²
+    (every example measured), or each sub-batch's (``subbatches``)."""
+    if subbatches is None:
+        return example_sqnorms(model, lambda i: losses()[i] / n, n)
+    return subbatch_truth(model, lambda i: losses()[i], n, subbatches)
+
+
 class _HookedOutput(nn.Module):
     """``h = first(x); h.register_hook(lambda g: g * scale)``: a gradient scaled (reversed,
     clipped) on a layer's own output, inside the forward."""
@@ -2847,14 +2855,7 @@ def test_a_gradient_hook_on_a_layer_s_output_is_seen_by_the_engine(layer, subbat
     hook: exact on every step, the scale changing between them."""
     torch.manual_seed(0)
     n = 6
-    if layer == "linear":
-        first, x = nn.Linear(8, 8), torch.randn(n, 8)
-    elif layer == "linear-seq":
-        first, x = nn.Linear(8, 8), torch.randn(n, 20, 8)
-    elif layer == "layernorm":
-        first, x = nn.LayerNorm(8), torch.randn(n, 5, 8)
-    else:
-        first, x = nn.Embedding(11, 8), torch.randint(0, 11, (n, 5))
+    first, x = layer_and_input(layer, n)
     scale = [1.0]
     model = _HookedOutput(first, scale)
     with torch.no_grad():
@@ -2874,18 +2875,7 @@ def test_a_gradient_hook_on_a_layer_s_output_is_seen_by_the_engine(layer, subbat
         if p.raw_sqnorms is None:
             continue
         with engine.paused():
-            if subbatches is None:
-                want = torch.stack(
-                    [
-                        sum(
-                            g.pow(2).sum()
-                            for g in torch.autograd.grad(losses()[i], list(model.parameters()))
-                        )
-                        for i in range(n)
-                    ]
-                ) / (n * n)
-            else:
-                want = subbatch_truth(model, lambda i: losses()[i], n, p.subbatches)
+            want = _raw_truth(model, losses, n, p.subbatches if subbatches else None)
         torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
         measured += 1
     engine.remove()
@@ -2939,18 +2929,7 @@ def test_a_gradient_hook_on_a_middle_layer_s_output_is_exact(where, subbatches):
         (p,) = engine.collect()
         assert p.raw_sqnorms is not None, p.withheld
         with engine.paused():
-            if subbatches is None:
-                want = torch.stack(
-                    [
-                        sum(
-                            g.pow(2).sum()
-                            for g in torch.autograd.grad(losses()[i], list(model.parameters()))
-                        )
-                        for i in range(n)
-                    ]
-                ) / (n * n)
-            else:
-                want = subbatch_truth(model, lambda i: losses()[i], n, p.subbatches)
+            want = _raw_truth(model, losses, n, p.subbatches if subbatches else None)
         torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
         measured += 1
     engine.remove()

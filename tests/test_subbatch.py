@@ -68,6 +68,21 @@ def example_sqnorms(model: nn.Module, loss_of_example, n: int) -> torch.Tensor:
     return torch.stack(out)
 
 
+def layer_and_input(kind: str, n: int) -> tuple[nn.Module, torch.Tensor]:
+    """A first layer of one family — "conv", "linear", "linear-seq" (on [n, 20, 8]),
+    "layernorm", "embedding" — and a batch of n inputs for it (the layer made first, from the
+    global generator, then the batch)."""
+    if kind == "conv":
+        return nn.Conv2d(3, 4, 3), torch.randn(n, 3, 6, 6)
+    if kind == "linear":
+        return nn.Linear(8, 8), torch.randn(n, 8)
+    if kind == "linear-seq":
+        return nn.Linear(8, 8), torch.randn(n, 20, 8)
+    if kind == "layernorm":
+        return nn.LayerNorm(8), torch.randn(n, 5, 8)
+    return nn.Embedding(11, 8), torch.randint(0, 11, (n, 5))
+
+
 def assert_exact_both_modes(model: nn.Module, losses, n: int, k: int = 2, rtol: float = 1e-9):
     """The exact mode (``per_example_sqnorms`` around the mean loss's backward) and the default
     source's sub-batch norms (:func:`assert_subbatches_exact`) against brute force; ``losses()``
@@ -758,14 +773,7 @@ def test_a_hook_registered_before_the_tracker_that_changes_a_layer_s_output(laye
     gradients before a user's tensor hook on the output could change them: 85–96% off.)"""
     torch.manual_seed(0)
     n = 6
-    if layer == "conv":
-        first, x = nn.Conv2d(3, 4, 3), torch.randn(n, 3, 6, 6)
-    elif layer == "linear-seq":
-        first, x = nn.Linear(8, 8), torch.randn(n, 20, 8)
-    elif layer == "layernorm":
-        first, x = nn.LayerNorm(8), torch.randn(n, 5, 8)
-    else:
-        first, x = nn.Embedding(11, 8), torch.randint(0, 11, (n, 5))
+    first, x = layer_and_input(layer, n)
     model = nn.Sequential(first, nn.Tanh(), nn.Flatten(), nn.LazyLinear(2))
     with torch.no_grad():
         model(x)  # materialise the lazy layer

@@ -262,7 +262,7 @@ class PassAudit:
     def _sign(self, g: Tensor, dim: int) -> Tensor:
         if not self._signs_decided:
             self._signs_decided = True
-            if self.amp or g.dtype in (torch.bfloat16, torch.float16):
+            if self.amp or g.dtype in _SIXTEEN:
                 self.signs = self.signs.sign()
         rows = self._by_example(g, dim)
         assert rows is not None
