@@ -641,10 +641,9 @@ class GradientNoiseTracker:
                     "which by default does not check a module's hooks, shares the graphs it "
                     "compiles between instances of the model's class, with the hooks or "
                     "without them (a copy compiled too: a reference model, a teacher, an EMA "
-                    "model). Run `import "
-                    "torch._dynamo` before creating the tracker (or create it after the first "
-                    "torch.compile call): the tracker then has Dynamo check hooks. Also "
-                    "possible: "
+                    "model). Run `import torch._dynamo` before creating the tracker (or create "
+                    "it after the first torch.compile call): the tracker then has Dynamo check "
+                    "hooks. Also possible: "
                 )
             raise NoiseScaleInputError(
                 compiled_late
