@@ -9,6 +9,7 @@ from torch import nn
 
 import noisescale
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
+from noisescale.per_example.factors import DenseFactor
 
 N = 5
 
@@ -264,6 +265,154 @@ def test_a_registered_rule_replaces_the_fallback():
         got = measured(model, x, lambda out, r: getattr(out.sin().flatten(1).sum(1), r)())
         want = brute_force(model, x, lambda out, i: out.sin().sum())
         assert torch.allclose(got, want, rtol=1e-9)
+    finally:
+        noisescale.unregister_layer(_Headwise)
+
+
+def _headwise_grads(x, grad_output):
+    return torch.einsum("nhd,nhe->nhde", x, grad_output)
+
+
+# Rules whose factors add up to the layer's gradient (the coverage check passes them) but give
+# the examples the wrong shares of it.
+_WRONG_SPLITS = {
+    "spread evenly": lambda g: g.mean(0, keepdim=True).expand_as(g).clone(),
+    "shifted by one example": lambda g: g.roll(1, 0),
+    "two examples swapped": lambda g: g[torch.tensor([1, 0, *range(2, g.shape[0])])],
+}
+
+
+@pytest.mark.parametrize("split", list(_WRONG_SPLITS))
+@pytest.mark.parametrize("mode", ["one-shot", "tracker"])
+def test_a_registered_rule_that_splits_the_gradient_wrongly_is_refused(split, mode):
+    """The audit weights each example's rows of the layer's output gradient by a coefficient
+    s_i, runs the layer's backward again and compares Σ s_i g_i with the rule's Σ s_i f_i: a
+    rule right in sum and wrong per example — measured without a word before 2026-12-05 — is
+    refused, naming the layer."""
+
+    @noisescale.register_layer(_Headwise)
+    def wrong(module, x, grad_output):
+        return {"weight": DenseFactor(_WRONG_SPLITS[split](_headwise_grads(x, grad_output)))}
+
+    try:
+        model = nn.Sequential(nn.Linear(3, 3), _Headwise())
+        x = torch.randn(N, 2, 3)
+        with pytest.raises(UnsupportedModuleError, match="registered for '1' does not give each"):
+            if mode == "one-shot":
+                measured(model, x, lambda out, r: getattr(out.sin().flatten(1).sum(1), r)())
+            else:
+                tracker = noisescale.GradientNoiseTracker(model)
+                model(x).sin().flatten(1).sum(1).mean().backward()
+                tracker.step()
+    finally:
+        noisescale.unregister_layer(_Headwise)
+
+
+class _MyLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, 3))
+
+    def forward(self, x):
+        return x @ self.weight.T
+
+
+@pytest.mark.parametrize("wrong", [False, True], ids=["right", "positions for examples"])
+def test_a_registered_rule_with_a_linear_factor_is_checked_without_materialising(wrong):
+    """A compact rule (LinearFactor: activations and output gradients) is checked through its
+    weighted sum Σ s_i a_iᵀδ_i: right, exact; with the positions taken for the examples (the
+    sum over all rows is the same, T = N), refused."""
+    from noisescale.per_example.factors import LinearFactor
+
+    @noisescale.register_layer(_MyLinear)
+    def rule(module, x, grad_output):
+        if wrong:
+            x, grad_output = x.transpose(0, 1), grad_output.transpose(0, 1)
+        return {"weight": LinearFactor(x, grad_output)}
+
+    try:
+        model = nn.Sequential(nn.Linear(3, 3), _MyLinear())
+        x = torch.randn(N, N, 3)
+        loss = lambda out, r: getattr(out.sin().flatten(1).sum(1), r)()  # noqa: E731
+        if wrong:
+            with pytest.raises(UnsupportedModuleError, match="registered for '1' does not give"):
+                measured(model, x, loss)
+        else:
+            want = brute_force(model, x, lambda out, i: out.sin().sum())
+            assert torch.allclose(measured(model, x, loss), want, rtol=1e-9)
+    finally:
+        noisescale.unregister_layer(_MyLinear)
+
+
+class _HeadwiseFlat(_Headwise):
+    """Its output a reshaped view of the einsum's ([N, H·E]): the engine hooks the view's base."""
+
+    def forward(self, x):
+        return torch.einsum("nhd,hde->nhe", x, self.weight).flatten(1)
+
+
+@pytest.mark.parametrize("twice", [False, True], ids=["once", "called twice"])
+def test_a_right_rule_passes_the_audit_s_check_of_its_split(twice):
+    """A correct rule on a layer whose output is a view of its result, and on one called
+    twice in a pass (each call's backward then also reaches the other's use: its check stands
+    aside, the coverage check covers it): exact, as brute force."""
+
+    @noisescale.register_layer(_HeadwiseFlat)
+    def right(module, x, grad_output):
+        return {"weight": DenseFactor(_headwise_grads(x, grad_output.unflatten(1, (2, 4))))}
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = _HeadwiseFlat()
+
+        def forward(self, x):
+            h = self.heads(x)
+            if twice:
+                h = self.heads(torch.tanh(h).unflatten(1, (2, 4))[..., :3])
+            return h
+
+    try:
+        model = Model()
+        x = torch.randn(N, 2, 3)
+        got = measured(model, x, lambda out, r: getattr(out.sin().sum(1), r)())
+        want = brute_force(model, x, lambda out, i: out.sin().sum())
+        assert torch.allclose(got, want, rtol=1e-9)
+    finally:
+        noisescale.unregister_layer(_HeadwiseFlat)
+
+
+def test_a_right_rule_whose_weight_also_shifts_the_layer_s_input():
+    """A correct rule on a layer whose weight is also used directly before the call (a shift
+    of its input, learned on the first step and measured from the next): the layer's backward
+    from its output reaches that use too, so the check of the rule's split stands aside on the
+    audited second step; the norms equal brute force."""
+    from noisescale.per_example import PerExampleNorms
+
+    @noisescale.register_layer(_Headwise)
+    def right(module, x, grad_output):
+        return {"weight": DenseFactor(_headwise_grads(x, grad_output))}
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = _Headwise()
+
+        def forward(self, x):
+            return self.heads(x + self.heads.weight[0, :, 0])
+
+    try:
+        model = Model()
+        x = torch.randn(N, 2, 3)
+        engine = PerExampleNorms(model)
+        want = brute_force(model, x, lambda out, i: out.sin().sum())
+        for step in range(3):
+            model.zero_grad()
+            model(x).sin().flatten(1).sum(1).mean().backward()
+            (p,) = engine.collect()
+            if step:
+                assert torch.allclose(p.raw_sqnorms * N**2, want, rtol=1e-9), step
+        engine.remove()
     finally:
         noisescale.unregister_layer(_Headwise)
 

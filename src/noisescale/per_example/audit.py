@@ -1,7 +1,8 @@
 """The engine's audit: proof, on a pass, that every per-example contribution is complete and
 attributed to the right example.
 
-Two checks run on an audited pass (every example measured):
+Two checks run on an audited pass (every example measured), and a third on rules registered
+outside noisescale:
 
 **Coverage.** For every parameter, the per-example gradients the factors describe must add up to
 the gradient autograd computed for that pass: Σ_i g_i(θ) = ∂L/∂θ. A use the engine missed (a
@@ -34,14 +35,20 @@ shared table repeated over them) that no replay was compared with — the fronti
 or a pass whose backward could not be replayed — is reported as unverified: its rows' order has no
 other proof.
 
+**A user's rule** (:meth:`PassAudit.check_rule`). Coverage sees only the sum of a rule's factors
+over the examples; a rule of the user's is also checked for its split among them: the layer's own
+backward is run again from its outputs with each example's rows weighted by s_i, and the factors
+must give Σ_i s_i g_i as well.
+
 Cost, on an audited pass only: every example's per-example norms, one extra backward pass without
-parameter gradients, and K random vectors the size of each parameter.
+parameter gradients, and K random vectors the size of each parameter (and two backwards of each
+layer that has a user's rule).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,7 +56,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from noisescale.per_example.factors import Factor, _acc
+from noisescale.per_example.factors import Factor, LinearFactor, _acc
 
 __all__ = ["Findings", "PassAudit"]
 
@@ -94,6 +101,9 @@ class Findings:
     # targets in the FLAT layout (each example's rows in turn) that no replay was compared with
     unverified_flat: list[_Target] = field(default_factory=list)
     batch_size: int | None = None  # the audited pass's examples (for the messages)
+    # a registered rule of the user's whose factors do not split the gradient among the
+    # examples as autograd does (PassAudit.check_rule): one message each
+    wrong_rules: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -102,6 +112,7 @@ class Findings:
             and not self.misattributed
             and self.unpermuted is None
             and not self.unverified_flat
+            and not self.wrong_rules
         )
 
     @property
@@ -123,7 +134,7 @@ class Findings:
     def message(
         self, labels: dict[nn.Module, str], _: Any = None, names: dict[int, str] | None = None
     ) -> str:
-        parts = []
+        parts = list(self.wrong_rules)
         if self.unpermuted:
             parts.append(self.unpermuted)
         if self.unexplained:
@@ -375,6 +386,90 @@ class PassAudit:
                 p = self._projection(target, g)
                 target.got = p if target.got is None else target.got + p
 
+    # -- a user's rule ------------------------------------------------------------------------
+
+    def check_rule(
+        self,
+        label: str,
+        edges: Sequence[Any],
+        grads: Sequence[Tensor],
+        params: dict[str, nn.Parameter],
+        factors: dict[str, Factor],
+    ) -> None:
+        """Does a rule registered by the user give each example its own gradient? The coverage
+        check sees only the factors' sum over the examples: a rule that spreads the batch's
+        gradient evenly over the examples, or hands example i's to example i + 1, passes it.
+        Here the layer's own backward runs again from its outputs (``edges``, whose gradients
+        ``grads`` hold the examples in dim 0) with each example's rows weighted by the audit's
+        coefficient s_i: autograd then gives Σ_i s_i g_i(θ), which the factors must reproduce
+        (Σ_i s_i f_i). A parameter the layer's inputs also depend on (used again upstream: the
+        backward from the outputs reaches that use too) shows as a plain sum that is not the
+        factors', and is left to the coverage check. Two backwards of the layer, on audited
+        steps, for rules registered outside noisescale only."""
+        pairs = [(e, g) for e, g in zip(edges, grads, strict=True) if e is not None]
+        pairs = [(e, g) for e, g in pairs if g is not None]
+        if not pairs or not params or any(g.dim() == 0 or g.shape[0] != self.n for _, g in pairs):
+            return
+        sixteen = self.amp or any(g.dtype in _SIXTEEN for _, g in pairs)
+        s = self.signs.sign() if sixteen else self.signs
+        plain = [g for _, g in pairs]
+        signed = [g * s.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1))) for g in plain]
+        tensors = list(params.values())
+        kept = [(p, p.grad) for p in self.params]  # (see _launch)
+        for p, _ in kept:
+            p.grad = None
+        # the gradient hooks on the parameters (a logger's, the engine's) would see these
+        # backwards' gradients: set aside while they run
+        hooks = [(d, dict(d)) for d in (getattr(p, "_backward_hooks", None) for p in tensors) if d]
+        for d, _ in hooks:
+            d.clear()
+        try:
+            with replaying():
+                out = [e for e, _ in pairs]
+                got = torch.autograd.grad(out, tensors, plain, retain_graph=True, allow_unused=True)
+                got_s = torch.autograd.grad(
+                    out, tensors, signed, retain_graph=True, allow_unused=True
+                )
+        except RuntimeError:
+            return  # (a backward that cannot run twice: the coverage check still stands)
+        finally:
+            for p, g in kept:
+                p.grad = g
+            for d, items in hooks:
+                d.update(items)
+        for (name, p), total, weighted in zip(params.items(), got, got_s, strict=True):
+            factor = factors.get(name)
+            if factor is None or total is None or weighted is None:
+                continue
+            try:
+                sq = factor.sqnorm()
+                mine = _acc(_weighted_sum(factor, s, p.shape))
+                own_sum = _acc(factor.summed(p.shape))
+            except (NotImplementedError, AssertionError):
+                continue  # (a NormFactor keeps no per-example gradient)
+            if sq.shape[0] != self.n:
+                continue
+            total, weighted = _acc(total.detach()), _acc(weighted.detach())
+            tol = TOL_AMP if self.amp else TOL_16 if p.dtype in _SIXTEEN else TOL
+            floor = 64 * _eps(mine.dtype)
+            plain_scale = float(sq.to(torch.float64).sum().sqrt())
+            own = float((total.reshape(own_sum.shape) - own_sum).norm())
+            if own > tol * float(total.norm()) + floor * plain_scale + 1e-30:
+                continue  # the layer's input depends on the parameter too: not this call's alone
+            scale = float((sq.to(torch.float64) * s.to(torch.float64) ** 2).sum().sqrt())
+            off = float((weighted.reshape(mine.shape) - mine).norm())
+            if off > tol * scale + floor * scale + 1e-30:
+                self.findings.wrong_rules.append(
+                    f"the rule registered for '{label}' does not give each example its own "
+                    f"gradient of '{name}': with the examples weighted by random coefficients, "
+                    f"its per-example gradients add up to {_percent(off / max(scale, 1e-300))} "
+                    "(relative) away from what autograd computes through the layer, while their "
+                    "plain sum agrees — a rule that spreads, averages or shifts the batch's "
+                    "gradient among the examples. Check it against one backward per example "
+                    "(examples/register_layer.py shows how), or remove it "
+                    "(noisescale.unregister_layer) to measure the layer through the fallback"
+                )
+
     # -- coverage -----------------------------------------------------------------------------
 
     def _random(self, pid_index: int, like: Tensor, k: int) -> Tensor:
@@ -441,6 +536,19 @@ class PassAudit:
                     lhs / K_PROJECTIONS / max(float(sq), 1e-300)
                 )
         return self.findings
+
+
+def _weighted_sum(factor: Factor, s: Tensor, shape: torch.Size) -> Tensor:
+    """Σ_i s_i f_i of a factor's per-example gradients (a linear factor's without making them)."""
+    if isinstance(factor, LinearFactor):
+        a = factor.a * s.to(factor.a.dtype).repeat_interleave(factor.groups)[:, None, None]
+        return LinearFactor(a, factor.d, factor.groups, factor.transposed).summed(shape)
+    dense = _acc(factor.dense(shape))
+    return (dense * s.to(dense.dtype).reshape(-1, *([1] * (dense.dim() - 1)))).sum(0)
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.2g}%" if x < 1 else f"{100 * x:.0f}%"
 
 
 def _eps(dtype: torch.dtype) -> float:

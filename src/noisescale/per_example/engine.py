@@ -125,7 +125,7 @@ from noisescale.per_example.passes import (
     _Slot,
     _WeightJob,
 )
-from noisescale.per_example.registry import LayerRule, rule_for
+from noisescale.per_example.registry import LayerRule, rule_for, users_rule
 from noisescale.per_example.settle import Settle
 from noisescale.per_example.shared import (
     Meeting,
@@ -1363,6 +1363,20 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         pass_.signature.append((tag, id(module), pattern))
         hooked = [o for o in outs if isinstance(o, Tensor) and o.requires_grad]
         base = _rebasable_base(outs[0], out_dims[0], n) if len(outs) == 1 and not flat else None
+        if (
+            self.auditing_enabled
+            and users_rule(rule)
+            and not flat
+            and in_dim == 0
+            and all(d == 0 for d in out_dims)
+        ):
+            # (the base, when the hook is put on it: the view's own node has run by then)
+            call.edges = [
+                (torch.autograd.graph.get_gradient_edge(t), t.shape)
+                if isinstance(t, Tensor) and t.requires_grad
+                else None
+                for t in ([base] if base is not None else outs)
+            ]
         if base is not None:
             # (the whole base of a reshaped view: its hook still fires after an in-place
             # operation on the view, whose own node that operation leaves out of the graph)
@@ -2013,7 +2027,33 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                     "checked under autocast on the CPU (autograd adds their gradients up "
                     "in 16 bits there)"
                 )
+            if (
+                call.edges is not None
+                and pass_.audit is not None
+                and rows is None
+                and call.dim == 0
+                and reaches is True
+                and not pass_.compiled
+            ):
+                self._check_rule(pass_, call, grads, facs)
         self._deliver(pass_, call.params, facs, reaches)
+
+    @staticmethod
+    def _check_rule(pass_: PassNorms, call: _Call, grads: tuple, facs: dict[str, Factor]) -> None:
+        """The audit's check of a rule the user registered (:meth:`PassAudit.check_rule`), on
+        the parameters this call alone uses in the pass."""
+        assert pass_.audit is not None and call.edges is not None
+        edges, gs = [], []
+        for item, g in zip(call.edges, grads, strict=False):
+            if item is not None and g is not None:
+                edges.append(item[0])
+                gs.append(g.reshape(item[1]))
+        params = {
+            name: p
+            for name, p in call.params.items()
+            if pass_.uses.get(id(p), 1) == 1 and id(p) not in pass_.audit.skip_sums
+        }
+        pass_.audit.check_rule(call.label, edges, gs, params, facs)
 
     def _deliver(
         self,

@@ -31,6 +31,9 @@ class _Call:
     why: str = ""  # why a shared call was treated as shared
     picked: str = ""  # why, when its input's rows (or an upstream shared call's) were picked
     flat: int = 0  # rows per example of an input with the examples flattened in (0: not)
+    # the gradient edges of its outputs (None where an output needs no gradient), kept for a
+    # rule the user registered: the audit checks its split among the examples (check_rule)
+    edges: list[Any] | None = None
 
 
 @dataclass(eq=False)

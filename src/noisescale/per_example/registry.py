@@ -20,9 +20,10 @@ here the way a user's layer does (BackPACK's and Opacus's per-layer registries a
 The engine calls the rule in the backward pass, after moving the example dimension to dim 0, with
 the rows of a subset already selected. A rule that returns a factor for every trainable parameter
 its module owns (keyed by the parameters' names in the module) makes that module exact; the
-engine's coverage audit checks, on the first step and whenever the model's structure changes,
-that the factors add up to the gradient autograd computed, and refuses the step with a message
-otherwise.
+engine's audit checks, on the first step and whenever the model's structure changes, that the
+factors add up to the gradient autograd computed and — for a rule registered outside noisescale —
+that they split it among the examples as autograd does (the layer's backward re-run with the
+examples weighted), and refuses the step with a message otherwise.
 
 Rules are looked up along the module's class hierarchy; a subclass that overrides ``forward``
 does not inherit its base's rule (it may compute something else). A rule can also be registered
@@ -190,6 +191,13 @@ def rule_for(module: nn.Module) -> LayerRule | None:
             # a subclass that overrides forward may compute something else
             return rule if getattr(cls, "forward", None) is forward else None
     return None
+
+
+def users_rule(rule: LayerRule) -> bool:
+    """Whether ``rule`` was written outside noisescale (its factors function's module): the
+    audit checks such a rule's split of the gradient among the examples, which noisescale's
+    own rules are tested for."""
+    return not getattr(rule.factors, "__module__", "").startswith("noisescale.")
 
 
 def supported_layers() -> list[str]:

@@ -104,6 +104,8 @@ class Settle:
                 "step is audited",
             )
             return
+        if findings.wrong_rules:
+            raise UnsupportedModuleError(self._audit_message(findings))
         if findings.unpermuted:
             # (a shared call that never met the batch says more about the cause: first)
             self._refuse_unmet_shared(pass_, missing)
