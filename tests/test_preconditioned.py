@@ -228,6 +228,67 @@ def test_precondition_from_delays_p_and_restarts_the_averages():
         noisescale.GradientNoiseTracker(model, precondition=opt, precondition_from=0)
 
 
+class _WithHead(nn.Module):
+    """A body, and a head the loss reaches only on the steps in ``uses`` (never by default)."""
+
+    def __init__(self, uses=()) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+        self.head = nn.Linear(3, 1)
+        self.uses, self.step = set(uses), 0
+
+    def forward(self, x):
+        out = self.body(x)
+        return out + self.head(x) if self.step in self.uses else out
+
+
+def _preconditioned_run(model, params, steps=8, precondition_from=2):
+    opt = torch.optim.Adam(params, lr=1e-2)
+    tracker = noisescale.GradientNoiseTracker(
+        model, precondition=opt, precondition_from=precondition_from, per_example_fraction=1.0
+    )
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, steps + 1):
+        model.step = step
+        model(torch.randn(8, 3, generator=g)).pow(2).mean().backward()
+        tracker.step()
+        opt.step()
+        opt.zero_grad()
+    return tracker
+
+
+def test_a_parameter_that_never_gets_a_gradient_does_not_keep_the_norms_plain():
+    """Adam holds no state for a trainable head the loss never reaches: until 2026-12-05 every
+    step stayed plain for the whole run (B_simple 85% off on a hunt's model), with only the
+    warning of a run's first steps. Its weight is zero now (its gradient is too): the same
+    numbers as the model without it."""
+    torch.manual_seed(0)
+    model = _WithHead()
+    torch.manual_seed(1)
+    plain = _WithHead()
+    plain.body.load_state_dict(model.body.state_dict())
+    plain.head.requires_grad_(False)
+    got = _preconditioned_run(model, model.parameters())
+    want = _preconditioned_run(plain, plain.body.parameters())
+    assert [r["preconditioned"] for r in got.history] == [False] * 2 + [True] * 6
+    for key in ("g2", "trace_sigma", "b_simple"):
+        assert [r[key] for r in got.history] == pytest.approx([r[key] for r in want.history])
+
+
+def test_a_parameter_s_first_gradient_leaves_its_step_out_and_does_not_hold_the_others_back():
+    """A head reached on steps 5 and 7 only: preconditioning starts at step 3 as asked
+    (Adam counts steps per parameter; the head's count held every parameter back before), the
+    step of the head's first gradient is left out with a warning (its P is not defined yet),
+    and step 7 is measured with the head's P."""
+    torch.manual_seed(0)
+    model = _WithHead(uses=(5, 7))
+    with pytest.warns(RuntimeWarning, match=r"\['head.bias', 'head.weight'\] got their first"):
+        tracker = _preconditioned_run(model, model.parameters())
+    steps = [r["step"] for r in tracker.history]
+    assert steps == [1, 2, 3, 4, 6, 7, 8], steps
+    assert [r["preconditioned"] for r in tracker.history] == [False] * 2 + [True] * 5
+
+
 def test_refusals():
     model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
     with pytest.raises(NoiseScaleInputError, match="Adam, AdamW or RMSprop"):

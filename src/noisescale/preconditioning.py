@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from noisescale.errors import NoiseScaleInputError
 
-__all__ = ["check_preconditioner", "preconditioner_weights"]
+__all__ = ["check_preconditioner", "preconditioner_weights", "stateless_parameters"]
 
 _PRECONDITIONERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
 
@@ -42,17 +42,29 @@ def preconditioner_weights(
     bias-corrected second moment (``max_exp_avg_sq`` with amsgrad); RMSprop by √v + ε (v minus
     the squared mean gradient when centered). The state read is the one left by the previous
     ``optimizer.step()``, fixed while this step's gradients are drawn, so the preconditioned
-    norms stay unbiased for |P ⊙ G|² and tr(PΣP). ``None`` while any parameter has taken fewer
-    than ``min_steps`` steps.
+    norms stay unbiased for |P ⊙ G|² and tr(PΣP). ``None`` until the optimizer has taken
+    ``min_steps`` steps (counted by its most-stepped parameter: Adam counts per parameter, and a
+    head used one step in ten would otherwise hold every other parameter back).
+
+    A parameter the optimizer holds no state for has never had a gradient (a pooler the loss
+    does not use): its weight is zero — it adds nothing to any norm while it gets no gradient,
+    and a step in which it gets its first one must be left out by the caller
+    (:func:`stateless_parameters`), its preconditioner not being defined yet. (Until
+    2026-12-05 such a parameter kept every step plain for the whole run, without a word.)
     """
+    params = list(params)
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    steps = [float(optimizer.state[p].get("step", 0)) for p in params if optimizer.state.get(p)]
+    if not steps or max(steps) < min_steps:
+        return None
     out: dict[int, Tensor] = {}
     with torch.no_grad():
         for p in params:
             group = group_of[id(p)]
             state = optimizer.state.get(p)
-            if not state or float(state.get("step", 0)) < min_steps:
-                return None
+            if not state:
+                out[id(p)] = torch.zeros_like(p, dtype=_at_least_float32(p).dtype)
+                continue
             if isinstance(optimizer, torch.optim.RMSprop):
                 v = state["square_avg"]
                 if group["centered"]:
@@ -64,6 +76,13 @@ def preconditioner_weights(
                 denom = (_at_least_float32(v) / correction).sqrt() + group["eps"]
             out[id(p)] = denom.pow(-2)
     return out
+
+
+def stateless_parameters(
+    optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]
+) -> list[nn.Parameter]:
+    """The parameters the optimizer holds no state for (none had a gradient yet)."""
+    return [p for p in params if not optimizer.state.get(p)]
 
 
 def _at_least_float32(x: Tensor) -> Tensor:

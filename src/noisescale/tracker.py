@@ -64,7 +64,11 @@ from noisescale.per_example.messages import (
     new_parameters_message,
     submodule_called_message,
 )
-from noisescale.preconditioning import check_preconditioner, preconditioner_weights
+from noisescale.preconditioning import (
+    check_preconditioner,
+    preconditioner_weights,
+    stateless_parameters,
+)
 from noisescale.sources.base import Observation, Source, StepNorms
 from noisescale.sources.distributed import (
     PICKED,
@@ -396,6 +400,8 @@ class GradientNoiseTracker:
             self.mode = "per_example"
         self._weights: dict[int, Tensor] | None = None
         self._weights_step = -1
+        # parameters without optimizer state when the weights were read (weight zero)
+        self._stateless: list[nn.Parameter] = []
         self.engine = PerExampleNorms(
             model,
             per_example=per_example,
@@ -520,6 +526,8 @@ class GradientNoiseTracker:
         if self._divisor_unknown:
             self._leave_out_short_window(len(passes))
             return
+        if passes[0].weights is not None and self._first_gradients():
+            return
         observations = {}
         with torch.no_grad():
             for source in self._sources:
@@ -579,6 +587,23 @@ class GradientNoiseTracker:
             self._unmeasured = state_mod.NOTHING_UNMEASURED
         if len(self._pending) >= self.sync_every:
             self.sync()
+
+    def _first_gradients(self) -> bool:
+        """Whether a parameter the preconditioner had no state for got a gradient in this step
+        (its first: the optimizer makes state for every parameter with a ``.grad``): its P is
+        not defined yet, so the step is left out, with a warning. The next step has it."""
+        first = [p for p in self._stateless if p.grad is not None]
+        if not first:
+            return False
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        self._warn_once(
+            "first-gradient",
+            f"parameters {sorted(names.get(id(p), '?') for p in first)} got their first gradient "
+            "in this step, so the optimizer has no second-moment state for them yet and their "
+            "preconditioner is not defined; the step is left out of the preconditioned estimate "
+            "(parameters that never get a gradient add nothing to it)",
+        )
+        return True
 
     def _leave_out_short_window(self, k: int) -> None:
         """A step with fewer micro-batches than the one before and no measured multiplier:
@@ -1295,6 +1320,11 @@ class GradientNoiseTracker:
             assert self.precondition is not None
             self._weights = preconditioner_weights(
                 self.precondition, self._params, min_steps=self.precondition_from
+            )
+            self._stateless = (
+                []
+                if self._weights is None
+                else stateless_parameters(self.precondition, self._params)
             )
             self._weights_step = self.steps
             if self._weights is not None and "wide-preconditioner" not in self._warned:
