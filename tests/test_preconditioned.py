@@ -289,6 +289,65 @@ def test_a_parameter_s_first_gradient_leaves_its_step_out_and_does_not_hold_the_
     assert [r["preconditioned"] for r in tracker.history] == [False] * 2 + [True] * 5
 
 
+def _resumable(model, precondition_from=2):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    return opt, noisescale.GradientNoiseTracker(
+        model, precondition=opt, precondition_from=precondition_from, per_example_fraction=1.0
+    )
+
+
+def _train(model, tracker, opt, steps, g):
+    for _ in range(steps):
+        model(torch.randn(8, 3, generator=g)).pow(2).mean().backward()
+        tracker.step()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_a_preconditioned_checkpoint_is_not_resumed_plain():
+    """A checkpoint whose estimate is preconditioned, loaded into a tracker without
+    precondition=: refused, as other changes of what is measured are (until 2026-12-05 the
+    plain steps were folded into the preconditioned averages: tr Σ 51% off on a hunt's model).
+    A plain checkpoint, or one taken before preconditioning began, resumes either way."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    g = torch.Generator().manual_seed(0)
+    opt, tracker = _resumable(model)
+    _train(model, tracker, opt, 1, g)
+    early = tracker.state_dict()
+    _train(model, tracker, opt, 4, g)
+    late = tracker.state_dict()
+    tracker.remove()
+    plain = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    with pytest.raises(NoiseScaleInputError, match=r"preconditioned gradient \(precondition="):
+        plain.load_state_dict(late)
+    plain.load_state_dict(early)
+    plain.remove()
+
+
+def test_a_resumed_tracker_whose_optimizer_has_no_state_leaves_its_plain_steps_out():
+    """Resumed with precondition= but a fresh optimizer (its state not restored): the steps
+    before it has state again are plain, and are left out of the preconditioned estimate with a
+    warning that says so (before 2026-12-05 they were folded in, and the warning promised a
+    restart that did not come)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    g = torch.Generator().manual_seed(0)
+    opt, tracker = _resumable(model)
+    _train(model, tracker, opt, 5, g)
+    state = tracker.state_dict()
+    folded = tracker.estimate().steps
+    tracker.remove()
+    opt, resumed = _resumable(model)
+    resumed.load_state_dict(state)
+    with pytest.warns(RuntimeWarning, match="preconditioned since step 3, so the step is left"):
+        _train(model, resumed, opt, 4, g)
+    records = resumed.history
+    assert [r["preconditioned"] for r in records] == [False, False, True, True]
+    assert [r["skipped"] for r in records] == [True, True, False, False]
+    assert resumed.estimate().steps == folded + 2
+
+
 def test_refusals():
     model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
     with pytest.raises(NoiseScaleInputError, match="Adam, AdamW or RMSprop"):

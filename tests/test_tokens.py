@@ -664,6 +664,49 @@ def test_a_short_last_window_is_left_out_unless_its_division_is_measured():
                 assert a[key] == pytest.approx(b[key], rel=1e-9), key
 
 
+def test_a_tracker_resumed_just_before_a_short_window_leaves_it_out_as_before():
+    """The last step's micro-batch count is part of the checkpoint: a tracker resumed between
+    a window of 3 and a short window of 1 leaves the short one out, as the uninterrupted run
+    does. Before 2026-12-05 the resumed tracker measured it, its tr Σ (1/3)² off."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    model.double()
+    g = torch.Generator().manual_seed(1)
+    data = [
+        (
+            torch.randn(4, 6, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (4,), generator=g),
+        )
+        for _ in range(7)
+    ]
+
+    def window(tracker, batches):
+        for x, y in batches:
+            (F.cross_entropy(model(x), y) / 3).backward()
+        tracker.step()
+        model.zero_grad()
+
+    def tracker():
+        return noisescale.GradientNoiseTracker(model, per_example_fraction=1.0, sync_every=1)
+
+    whole = tracker()
+    with pytest.warns(RuntimeWarning, match="short last window"):
+        for i in (0, 3, 6):
+            window(whole, data[i : i + (1 if i == 6 else 3)])
+    whole.remove()
+    first = tracker()
+    window(first, data[0:3])
+    window(first, data[3:6])
+    state = first.state_dict()
+    first.remove()
+    resumed = tracker()
+    resumed.load_state_dict(state)
+    with pytest.warns(RuntimeWarning, match="short last window"):
+        window(resumed, data[6:7])
+    assert resumed.steps == whole.steps == 3
+    assert resumed.estimate().steps == whole.estimate().steps == 2
+
+
 def test_two_forwards_in_one_backward_over_tokens_is_refused():
     """Two forwards of a causal LM with labels=, one backward of (loss1 + loss2) / 2: each
     loss's token weights are measured per backward pass, and two cannot be combined into one.

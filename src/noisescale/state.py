@@ -138,7 +138,10 @@ def update(
     finite = math.isfinite(stats.sqnorm_big) and all(
         math.isfinite(g) and math.isfinite(t) for g, t in per_source.values()
     )
-    skipped = not (finite and per_source)
+    # a plain step after the estimate became preconditioned (an optimizer without state: a
+    # fresh one after a resume): the two quantities are never averaged together
+    plain_after = stats.preconditioned is False and preconditioned_from is not None
+    skipped = not (finite and per_source) or plain_after
     g2 = tr = math.nan
     names = sorted(per_source)
     record_groups: dict[str, dict[str, Any]] | None = None
@@ -193,6 +196,8 @@ def update(
         _per_token(record, tokens / counted if counted else math.nan)
     if e.reason:
         record["unavailable"] = e.reason
+    if plain_after:
+        record["left_out"] = "not preconditioned, after the estimate became preconditioned"
     if stats.unmeasured[0]:
         record["unmeasured_steps"] = stats.unmeasured[0]  # before this one (measure_every)
     if record_groups is not None:

@@ -1186,7 +1186,19 @@ class GradientNoiseTracker:
                 "Use more than one example per step or accumulate several micro-batches. "
                 + _PACKED,
             )
-        if self.precondition is not None and passes[0].weights is None:
+        if (
+            self.precondition is not None
+            and passes[0].weights is None
+            and self._state.preconditioned_from is not None
+        ):
+            self._warn_once(
+                "not-preconditioned-after",
+                "the optimizer holds no second-moment state (a fresh optimizer after resuming "
+                "the tracker? restore its state_dict too), so this step's norms are not "
+                "preconditioned; the estimate has been preconditioned since step "
+                f"{self._state.preconditioned_from}, so the step is left out",
+            )
+        elif self.precondition is not None and passes[0].weights is None:
             self._warn_once(
                 "not-preconditioned",
                 f"the optimizer has taken fewer than precondition_from={self.precondition_from} "
@@ -1453,6 +1465,9 @@ class GradientNoiseTracker:
             "paired_rows": self.paired_rows,
             "grouped_rows": self.grouped_rows,
             "preconditioned_from": s.preconditioned_from,
+            "precondition": self.precondition is not None,
+            # the last step's micro-batch count: a shorter window next is left out (its divisor)
+            "passes_before": self._passes_before,
             "loss_reduction": self.loss_reduction,
             "confidence": self.confidence,
             "source": self.mode,
@@ -1496,6 +1511,13 @@ class GradientNoiseTracker:
                 f"but this tracker uses {self.grouped_rows!r}; construct it with the same "
                 "grouped_rows"
             )
+        if state.get("preconditioned_from") is not None and self.precondition is None:
+            raise NoiseScaleInputError(
+                "the checkpoint's estimate is of the preconditioned gradient (precondition= since "
+                f"step {state['preconditioned_from']}) but this tracker measures the plain one; "
+                "construct it with precondition=<the optimizer> (and restore the optimizer's "
+                "state), or start a new plain estimate"
+            )
         saved_groups = state.get("group_states", {})
         if set(saved_groups) != set(self._state.groups):
             raise NoiseScaleInputError(
@@ -1532,6 +1554,7 @@ class GradientNoiseTracker:
         self.engine.last_step_passes = int(state.get("subset_step_passes", 0))
         self.engine.steps_collected = int(state.get("engine_steps", self.steps))
         self.engine.subbatches_pay = state.get("subbatches_pay")
+        self._passes_before = int(state.get("passes_before", 0))
         count, examples, tokens = state.get("unmeasured", [0, 0, 0.0])
         self._unmeasured = (int(count), int(examples), None if tokens is None else float(tokens))
         self._schedule_next()
