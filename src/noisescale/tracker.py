@@ -105,6 +105,10 @@ HISTORY_VERSION = 1
 STATE_VERSION = 3
 # warn when the interval has stayed unbounded for this many steps with a cheap, less precise mode
 UNBOUNDED_WARNING_STEPS = 500
+# warn when the averaged tr Σ rests on fewer steps' worth of noise than this, and on under this
+# share of the steps averaged (a few examples carry the noise: the interval under-covers)
+FEW_NOISE_STEPS = 15
+FEW_NOISE_SHARE = 0.25
 
 
 @dataclass
@@ -460,6 +464,8 @@ class GradientNoiseTracker:
         self._warned: set[str] = set()
         self._unscale_bump: dict[torch.device, int] = {}  # _unscale_versions
         self._unbounded_since: int | None = None
+        # Σ w tr⁺, Σ w² tr⁺², Σ w, Σ w² over the folded steps (_watch_tails)
+        self._tails = (0.0, 0.0, 0.0, 0.0)
         # set by the transformers callback (noisescale.integrations.transformers): what
         # computes the loss outside the model under the Trainer, if anything (for messages)
         self._trainer_loss_outside: str | None = None
@@ -1136,6 +1142,8 @@ class GradientNoiseTracker:
     def _after_update(self, p: _Pending, record: dict[str, Any]) -> None:
         if record["skipped"] and not math.isfinite(record["sqnorm_big"]) and self.scaler is None:
             self._warn_once("non-finite", f"step {p.step} has non-finite gradients; it is left out")
+        if not record["skipped"]:
+            self._watch_tails(p, record)
         unbounded = record["b_simple_high"] is None or not math.isfinite(
             record["b_simple_high"] or math.inf
         )
@@ -1150,6 +1158,41 @@ class GradientNoiseTracker:
                 f"with the {self.mode} source; the default sub-batch source (subbatches=8, no "
                 "per_example_fraction) separates |G|² from the noise far more precisely late in "
                 "training, at about the same cost (bench/precision.py)",
+            )
+
+    def _watch_tails(self, p: _Pending, record: dict[str, Any]) -> None:
+        """Warn once when the averaged tr Σ rests on a few steps: n_eff = (Σ w_t tr_t)² /
+        Σ w_t² tr_t² (tr_t the step's estimate, clipped at 0; w_t its weight in the average)
+        under :data:`FEW_NOISE_STEPS` and under :data:`FEW_NOISE_SHARE` of the steps' own
+        effective count. That is a noise carried by a few examples (heavy tails, late in
+        training), and the interval, which takes the average as near-normal, then covers less
+        than it says, on the side that reads B_simple too low: 81% for a nominal 95% with
+        ≈ 4 steps' worth (0.5% of the examples carrying 91% of tr Σ, 50 steps of 16; a
+        helper's measurement, 2026-12-05), 91% with ≈ 11. A run that has not yet met one of
+        those examples cannot be told from one without them: nothing warns there."""
+        if record.get("preconditioned") and self._state.preconditioned_from == p.step:
+            self._tails = (0.0, 0.0, 0.0, 0.0)  # the averages restarted
+        tr = record["trace_sigma"]
+        if not math.isfinite(tr):
+            return
+        tr = max(tr, 0.0)
+        b = self._state.noise.beta
+        s1, s2, w1, w2 = self._tails
+        s1, s2, w1, w2 = b * s1 + tr, b * b * s2 + tr * tr, b * w1 + 1, b * b * w2 + 1
+        self._tails = (s1, s2, w1, w2)
+        if s2 <= 0 or "few-noise-steps" in self._warned:
+            return
+        n_eff, steps = s1 * s1 / s2, w1 * w1 / w2
+        bounded = record["b_simple_high"] is not None and math.isfinite(record["b_simple_high"])
+        if bounded and steps >= 10 and n_eff < FEW_NOISE_STEPS and n_eff < FEW_NOISE_SHARE * steps:
+            self._warn_once(
+                "few-noise-steps",
+                f"step {p.step}: the averaged tr Σ rests on about {n_eff:.1f} steps' worth of "
+                f"noise out of {steps:.0f} (a few examples carry most of it: heavy tails, as "
+                "late in training); B_simple's interval takes the average for near-normal and "
+                "then covers less than it says, reading B_simple too low (81% for a nominal 95% "
+                "at about 4 steps' worth in a test): let the run go on before deciding on this "
+                "interval — it recovers as more of those examples are seen",
             )
 
     def _warn_about_sources(self, passes: list[Any], observations: dict[str, Any]) -> None:
