@@ -70,6 +70,8 @@ SCENARIOS: dict[str, tuple[str, list[list[list[int]]]]] = {
     "hsdp": ("hsdp", UNEVEN),
     # measure_every=2: steps 1 and 3 measured, step 2's examples counted over the processes
     "ddp_every2": ("ddp_every2", UNEVEN),
+    # DDP(static_graph=True): its first iteration learns which parameters it all-reduces
+    "ddp_static": ("ddp_static", UNEVEN),
     "fsdp2_every2": ("fsdp_every2", UNEVEN),
 }
 
@@ -146,7 +148,11 @@ def _run_scenario(rank: int, setup: str, steps: list) -> dict:
     group = None
     if setup.startswith("ddp"):
         # .grad as views into DDP's buckets: the hooks must still see the local sums
-        model = DistributedDataParallel(model, gradient_as_bucket_view=setup == "ddp_bucket_view")
+        model = DistributedDataParallel(
+            model,
+            gradient_as_bucket_view=setup == "ddp_bucket_view",
+            static_graph=setup == "ddp_static",
+        )
     elif setup.startswith(("fsdp", "hsdp")):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -844,6 +850,21 @@ def test_every_process_computes_the_same_history(runs):
     for name in SCENARIOS:
         for key in ("history", "estimate"):
             assert json.dumps(runs[0][name][key]) == json.dumps(runs[1][name][key]), name
+
+
+def test_a_static_graph_ddp_keeps_averaging_and_is_measured_from_its_second_step(runs):
+    """DDP(static_graph=True) learns on its first iteration which parameters to all-reduce;
+    with the per-example hooks in that backward it took every one for unused, and the processes
+    trained apart while the tracker read each one's own gradient as the average (|G_big|²
+    +135–299%, a helper's hunt, 2026-12-05). The first step now runs with the hooks idle,
+    counted and not measured; the later steps equal plain DDP's, which equal one process's."""
+    static, plain = runs[0]["ddp_static"]["history"], runs[0]["ddp_uneven"]["history"]
+    assert [r["step"] for r in static] == [2, 3]
+    assert static[0]["unmeasured_steps"] == 1
+    for got, want in zip(static, plain[1:], strict=True):
+        assert_big_batch_matches(got, want)
+        for key in ("g2", "trace_sigma"):
+            assert got[key] == pytest.approx(want[key], rel=1e-9), key
 
 
 @pytest.mark.parametrize("name", ["ddp_even", "ddp_uneven", "ddp_amp", "manual", "fsdp2", "hsdp"])

@@ -438,6 +438,19 @@ class GradientNoiseTracker:
             model, self.engine, self._params, process_group, microbatch=microbatch
         )
         self._late_wrapper = watch_late_wrapper(model, self.engine) if self._dist is None else None
+        if (
+            isinstance(model, nn.parallel.DistributedDataParallel)
+            and getattr(model, "static_graph", False)
+            and not getattr(model, "_static_graph_delay_allreduce_enqueued", True)
+            and per_example
+        ):
+            # DDP(static_graph=True) learns on its first iteration which parameters it will
+            # all-reduce; with the per-example hooks in that backward it took every parameter
+            # for unused and never averaged again — each process trained apart, and the
+            # tracker read its own gradient for the average, +135-299% (a helper's hunt,
+            # 2026-12-05). That iteration runs with the hooks idle: the first step is counted,
+            # not measured (as measure_every's are).
+            self.engine.idle = True
         if self._dist is not None:
             # the data-parallel source needs each pass's local norm as the backward computes it
             self.engine.lazy_first_pass = False
