@@ -185,6 +185,53 @@ def test_lightning_matches_plain_loop_before_clipping():
 
 @needs_lightning
 @pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("second_forward", [False, True], ids=["one forward", "a forward each"])
+def test_lightning_two_optimizers_stepped_in_one_batch_are_refused(second_forward):
+    """A GAN's pattern under manual optimisation: a generator step, then a discriminator step on
+    another objective, in one training_step. With a forward before each, both were measured as
+    steps and averaged into one estimate until 2026-12-05 (a helper's hunt); now refused, as
+    two steps after one forward always were."""
+    import lightning.pytorch as pl_
+
+    class Two(pl_.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.gen = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+            self.disc = nn.Linear(6, 1)
+            self.automatic_optimization = False
+
+        def forward(self, x, which="gen"):
+            return self.gen(x) if which == "gen" else self.disc(x)
+
+        def training_step(self, batch, i):
+            x, y = batch
+            o_g, o_d = self.optimizers()
+            self.manual_backward(F.cross_entropy(self(x), y))
+            o_g.step()
+            o_g.zero_grad()
+            if second_forward:
+                self.manual_backward((self(x, "disc").squeeze(1) - y.float()).pow(2).mean())
+            o_d.step()
+            o_d.zero_grad()
+
+        def configure_optimizers(self):
+            return [
+                torch.optim.SGD(self.gen.parameters(), 0.1),
+                torch.optim.SGD(self.disc.parameters(), 0.1),
+            ]
+
+    g = torch.Generator().manual_seed(11)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+    )
+    callback = LightningCallback(sync_every=1, log_every=0)
+    trainer = _lit_trainer(callback, max_epochs=1, limit_train_batches=2)
+    with pytest.raises(NoiseScaleInputError, match="a second optimizer step in one training batch"):
+        trainer.fit(Two(), torch.utils.data.DataLoader(data, batch_size=4))
+
+
+@needs_lightning
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_lightning_short_last_window_is_measured():
     """12 batches with accumulate_grad_batches=5: windows of 5, 5 and 2. Lightning divides
     every loss by 5, the short window's too; the callback measures that division (it used to

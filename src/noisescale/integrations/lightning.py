@@ -116,6 +116,7 @@ class NoiseScaleCallback(pl.Callback):
         self.tracker: GradientNoiseTracker | None = None
         self._loss: Tensor | None = None
         self._stepped = False
+        self._stepped_optimizer: Any = None
         self._examples_seen = 0
         self._applied_micro_batches: int | None = None  # set once the trainer has one of ours
         self._applied_lr_factor = 1.0
@@ -190,7 +191,10 @@ class NoiseScaleCallback(pl.Callback):
             # ran, the optimizer has nothing to apply, and there is nothing to measure
             self._forwards = 0
             return
-        if not self._forwards and self._stepped:
+        if self._stepped and (not self._forwards or optimizer is not self._stepped_optimizer):
+            # (each optimizer after its own forward, a GAN's generator then discriminator: two
+            # objectives' gradients, measured as two steps and averaged into one estimate
+            # until 2026-12-05, a helper found)
             raise NoiseScaleInputError(
                 "a second optimizer step in one training batch (several optimizers stepped in "
                 "one training_step): the tracker measures one optimizer step per batch, the "
@@ -207,6 +211,7 @@ class NoiseScaleCallback(pl.Callback):
         tracker.step(loss=self._loss, lr=float(optimizer.param_groups[0]["lr"]))
         self._loss, self._forwards = None, 0
         self._stepped = True
+        self._stepped_optimizer = optimizer
 
     def _on_forward(self, module: nn.Module, args: Any) -> None:
         if torch.is_grad_enabled():
