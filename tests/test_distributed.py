@@ -72,6 +72,8 @@ SCENARIOS: dict[str, tuple[str, list[list[list[int]]]]] = {
     "ddp_every2": ("ddp_every2", UNEVEN),
     # DDP(static_graph=True): its first iteration learns which parameters it all-reduces
     "ddp_static": ("ddp_static", UNEVEN),
+    # torch.compile(DDP(model)): the wrapper hides DDP from the tracker
+    "ddp_compiled": ("ddp_compiled", UNEVEN),
     "fsdp2_every2": ("fsdp_every2", UNEVEN),
 }
 
@@ -153,6 +155,9 @@ def _run_scenario(rank: int, setup: str, steps: list) -> dict:
             gradient_as_bucket_view=setup == "ddp_bucket_view",
             static_graph=setup == "ddp_static",
         )
+        if setup == "ddp_compiled":
+            torch._dynamo.reset()
+            model = torch.compile(model, backend="aot_eager")
     elif setup.startswith(("fsdp", "hsdp")):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -296,6 +301,13 @@ def _misuse() -> dict[str, str]:
         warnings.simplefilter("always")
         noisescale.GradientNoiseTracker(make_model())  # e.g. created before wrapping in DDP
     out["plain_model"] = " ".join(str(w.message) for w in caught)
+    try:  # DDP(torch.compile(model)): Dynamo failed on the hooks inside DDP's forward
+        noisescale.GradientNoiseTracker(
+            DistributedDataParallel(torch.compile(make_model(), backend="aot_eager"))
+        )
+        out["ddp_of_compiled"] = "accepted"
+    except NoiseScaleInputError as err:
+        out["ddp_of_compiled"] = str(err)
     # the tracker on the plain model, which a DistributedDataParallel then runs: created after
     # the tracker, or its .module given to the tracker, or around a module holding the tracked
     # one; refused at the first forward, on every process alike (no collective is left waiting)
@@ -850,6 +862,21 @@ def test_every_process_computes_the_same_history(runs):
     for name in SCENARIOS:
         for key in ("history", "estimate"):
             assert json.dumps(runs[0][name][key]) == json.dumps(runs[1][name][key]), name
+
+
+def test_a_compiled_ddp_is_measured_as_ddp(runs):
+    """torch.compile(DistributedDataParallel(model)): the compiled wrapper hid DDP, and the
+    averaged .grad was read against this process's batch alone — g2 and tr Σ up to 7.2× off,
+    under a warning to create the tracker from the wrapped model, which the user had done (a
+    helper's hunt, 2026-12-05). Every record now equals eager DDP's."""
+    for got, want in zip(
+        runs[0]["ddp_compiled"]["history"], runs[0]["ddp_uneven"]["history"], strict=True
+    ):
+        assert_big_batch_matches(got, want)
+        for key in ("g2", "trace_sigma"):
+            assert got[key] == pytest.approx(want[key], rel=1e-9), key
+    assert runs[0]["ddp_compiled"]["warnings"] == []
+    assert "compile the wrapped model instead" in runs[0]["misuse"]["ddp_of_compiled"]
 
 
 def test_a_static_graph_ddp_keeps_averaging_and_is_measured_from_its_second_step(runs):

@@ -295,8 +295,25 @@ class DataParallelSource:
         _refuse_fsdp1(model)
         fsdp = _is_fsdp2(model)  # refuses parameters split by anything else (tensor parallel)
         if isinstance(model, DistributedDataParallel):
+            if getattr(model.module, "_orig_mod", None) is not None:
+                # (steps 1-2 pass, eagerly; Dynamo's own assertion failed at step 3)
+                raise NoiseScaleInputError(
+                    "DistributedDataParallel around a torch.compile()d model is not supported "
+                    "by the tracker (Dynamo fails on its hooks inside DDP's forward): compile "
+                    "the wrapped model instead, torch.compile(DistributedDataParallel(model)), "
+                    "and create the tracker from that — or measure without torch.compile"
+                )
             group = process_group if process_group is not None else model.process_group
             return cls(model, engine, params, group, "ddp", microbatch=microbatch)
+        compiled = getattr(model, "_orig_mod", None)
+        if isinstance(compiled, DistributedDataParallel):
+            # torch.compile(DDP(model)): the wrapper hides DDP, whose averaged .grad was read
+            # against this process's batch alone until 2026-12-05 (g2 and tr Σ up to 7.2×
+            # off, under a warning asking for what the user had done). DDP averages over its
+            # group after the last backward, as process_group= describes (checked exact against
+            # eager DDP by a helper)
+            group = process_group if process_group is not None else compiled.process_group
+            return cls(model, engine, params, group, "manual", microbatch=microbatch)
         if fsdp:
             return cls(model, engine, params, process_group, "fsdp", microbatch=microbatch)
         if process_group is not None:
@@ -773,6 +790,14 @@ def _is_fsdp2(model: nn.Module) -> bool:
     for name, p in sharded:
         if not (is_fsdp and _fsdp_layout(p)):
             # tensor parallelism alone can give FSDP2's layout (Shard(0) on a 1-D mesh)
+            compiled = getattr(model, "_orig_mod", None)
+            if isinstance(compiled, FSDPModule) and _fsdp_layout(p):
+                raise NoiseScaleInputError(
+                    "the model given to the tracker is torch.compile() of an FSDP2 root, whose "
+                    "wrapper hides fully_shard from it: compile the layers (or the root's "
+                    "forward) before fully_shard and create the tracker from the FSDP2 root, or "
+                    "measure without torch.compile"
+                )
             if inner_fsdp and _fsdp_layout(p):
                 raise NoiseScaleInputError(
                     f"parameter '{name}' is sharded by fully_shard() but the model given to the "
