@@ -433,6 +433,11 @@ def _misuse() -> dict[str, str]:
             except NoiseScaleInputError as e:
                 out[f"{name}clipped_{clip}"] = str(e)
             tracker.remove()
+    try:  # the compiled wrapper hides the FSDP2 root
+        noisescale.GradientNoiseTracker(torch.compile(fsdp2(), backend="aot_eager"))
+        out["fsdp_compiled"] = "accepted"
+    except NoiseScaleInputError as e:
+        out["fsdp_compiled"] = str(e)
     return out
 
 
@@ -877,6 +882,7 @@ def test_a_compiled_ddp_is_measured_as_ddp(runs):
             assert got[key] == pytest.approx(want[key], rel=1e-9), key
     assert runs[0]["ddp_compiled"]["warnings"] == []
     assert "compile the wrapped model instead" in runs[0]["misuse"]["ddp_of_compiled"]
+    assert "torch.compile() of an FSDP2 root" in runs[0]["misuse"]["fsdp_compiled"]
 
 
 def test_a_static_graph_ddp_keeps_averaging_and_is_measured_from_its_second_step(runs):
