@@ -377,6 +377,45 @@ def test_resizable_sampler_drop_last_len_and_schedule_link():
     assert s.batch_size == 208
 
 
+def test_batch_sampler_schedule_keeps_every_measured_step():
+    """With a ResizableBatchSampler the loop runs one backward per step: a batch change is not
+    a change of accumulation, so no step after it is taken for an epoch's short last window."""
+    import warnings
+
+    x, y = _problem()
+    ds = torch.utils.data.TensorDataset(x, y)
+    sampler = ResizableBatchSampler(
+        torch.utils.data.RandomSampler(ds, generator=torch.Generator().manual_seed(0)), 8
+    )
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    tracker = GradientNoiseTracker(model, sync_every=1)
+    c = AdaptiveBatchSize(
+        micro_batch_size=8,
+        max_batch_size=64,
+        factor=1.0,
+        interval=5,
+        max_relative_width=math.inf,
+        batch_sampler=sampler,
+    )
+    steps = changes = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a "short last window" warning fails the test
+        while steps < 30:
+            for xb, yb in loader:
+                F.cross_entropy(model(xb), yb).backward()
+                tracker.step()
+                opt.step()
+                opt.zero_grad()
+                changes += c.step(tracker)
+                steps += 1
+                if steps == 30:
+                    break
+    assert changes >= 1 and c.batch_size == 16  # B_simple ≈ 15
+    assert tracker.estimate().steps == steps
+
+
 # -- fixed ramps ---------------------------------------------------------------------------------
 
 

@@ -538,7 +538,8 @@ class AdaptiveBatchSize(_Realisation):
             :attr:`lr_factor`).
         lr_schedulers: Schedulers whose ``base_lrs`` to scale along (see :func:`scale_lr`).
         batch_sampler: A :class:`ResizableBatchSampler` to resize with the batch (for loaders
-            that yield whole steps rather than micro-batches).
+            that yield whole steps rather than micro-batches: one backward per step, so the
+            tracker is not told of a change of accumulation).
     """
 
     def __init__(
@@ -645,9 +646,10 @@ class AdaptiveBatchSize(_Realisation):
         estimate = source if isinstance(source, NoiseEstimate) else source.estimate()
         changed = self.decide(estimate)
         expect = getattr(source, "expect_micro_batches", None)
-        if changed and expect is not None:
+        if changed and expect is not None and self.batch_sampler is None:
             # the loop divides by loss_divisor from the next step: fewer micro-batches there
-            # are this schedule's, not an epoch's short last window (which the tracker leaves out)
+            # are this schedule's, not an epoch's short last window (which the tracker leaves out).
+            # A batch sampler's loop runs one backward per step whatever the batch: nothing to say
             expect(self.num_micro_batches)
         return changed
 
