@@ -331,6 +331,26 @@ def test_resumed_run_continues_with_the_same_batch_size_and_lr():
         assert lr == pytest.approx(1e-2 * math.sqrt(b / 8))
 
 
+def test_checkpoint_outside_the_new_bounds_is_refused():
+    """A schedule restored into smaller bounds (a smaller device) would train at the saved batch
+    until the next decision: refused, and the schedule is left as it was."""
+    saved = _controller(micro_batch_size=32, batch_size=32, max_batch_size=1024, interval=1)
+    saved.step(_estimate(512.0))
+    state = json.loads(json.dumps(saved.state_dict()))
+    assert state["state"]["batch_size"] > 128
+    small = _controller(micro_batch_size=32, batch_size=32, max_batch_size=128, interval=1)
+    with pytest.raises(NoiseScaleInputError, match=r"outside this schedule's .* \[32, 128\]"):
+        small.load_state_dict(state)
+    assert small.batch_size == 32 and small.state.step == 0
+    high = _controller(micro_batch_size=32, batch_size=1024, min_batch_size=1024,
+                       max_batch_size=2048, interval=1)  # fmt: skip
+    with pytest.raises(NoiseScaleInputError, match="outside"):
+        high.load_state_dict(state)
+    wide = _controller(micro_batch_size=32, batch_size=32, max_batch_size=1024, interval=1)
+    wide.load_state_dict(state)
+    assert wide.batch_size == saved.batch_size
+
+
 # -- the resizable batch sampler -----------------------------------------------------------------
 
 

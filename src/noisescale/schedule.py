@@ -724,12 +724,27 @@ class AdaptiveBatchSize(_Realisation):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the optimizer's learning rates are set to the saved ones."""
+        """Restore :meth:`state_dict`; the optimizer's learning rates are set to the saved ones.
+
+        Raises:
+            NoiseScaleInputError: the saved batch size lies outside this schedule's bounds (a
+                resumed job on a smaller device): it would be used until the next decision.
+        """
         if state.get("kind") != "AdaptiveBatchSize":
             raise NoiseScaleInputError(
                 f"not an AdaptiveBatchSize state (kind={state.get('kind')!r})"
             )
-        self._state = AdaptiveBatchSizeState(**state["state"])
+        saved = AdaptiveBatchSizeState(**state["state"])
+        if not self.min_batch_size <= saved.batch_size <= self.max_batch_size:
+            # it would train at that batch (and its learning rate) until the next decision
+            raise NoiseScaleInputError(
+                f"the checkpoint's batch size {saved.batch_size} lies outside this schedule's "
+                f"[min_batch_size, max_batch_size] = [{self.min_batch_size}, "
+                f"{self.max_batch_size}]; construct the schedule with bounds that include it "
+                "(it moves within them at the next decision), or start a new schedule without "
+                "load_state_dict"
+            )
+        self._state = saved
         self._load_common(state)
 
 
