@@ -65,6 +65,11 @@ class SweepRunError(RuntimeError):
     """The training function raised; the run is recorded as failed and reruns next time."""
 
 
+class NothingReportedError(NoiseScaleInputError):
+    """The training function returned without a report: bad input, unless ``keep_going``
+    (then the run is one failed grid point, as a run that raised)."""
+
+
 class Reporter:
     """What the training function calls at each step: ``reporter.report(step, loss, ...)``.
 
@@ -426,8 +431,8 @@ def run_sweep(
     Raises:
         SweepRunError: ``train`` raised (unless ``keep_going``); the run is stored as failed.
         KeyboardInterrupt: after storing the interrupted run as failed.
-        NoiseScaleInputError: an empty or bad grid, a run that reported nothing, or a storage
-            that cannot be opened.
+        NoiseScaleInputError: an empty or bad grid, a run that reported nothing (unless
+            ``keep_going``: then it is stored as failed), or a storage that cannot be opened.
     """
     if not batch_sizes or not learning_rates:
         raise NoiseScaleInputError("the grid needs at least one batch size and one learning rate")
@@ -449,7 +454,13 @@ def run_sweep(
     _fail_legacy_running(queue)
 
     def work(claim: Claim, bar: Any) -> float:
-        return _train_one(claim, train, steps, bar, flush_every, flush_seconds)
+        try:
+            return _train_one(claim, train, steps, bar, flush_every, flush_seconds)
+        except NothingReportedError as err:
+            if not keep_going:
+                raise
+            # one grid point that returned early: a failed run, and the grid goes on
+            raise RuntimeError(str(err)) from None
 
     def failure(outcome: UnitOutcome) -> Exception:
         b, lr = outcome.unit.params["batch_size"], outcome.unit.params["learning_rate"]
@@ -515,7 +526,7 @@ def _train_one(
     reporter.flush()
     trial.set_user_attr("records", reporter.records)
     if reporter.records == 0:
-        raise NoiseScaleInputError(
+        raise NothingReportedError(
             "the training function returned without calling reporter.report(step, loss)"
         )
     final = reporter.last_loss
