@@ -41,6 +41,7 @@ from noisescale.sweep.queue import (
     UnitStatus,
     WorkQueue,
     WorkUnit,
+    completed,
     run_units,
     unit_key,
 )
@@ -608,6 +609,28 @@ def read_study_runs(
             f"{source} in {mask_url(storage)} has no finished run with a curve"
         )
     return runs_from_rows(rows, metric=metric, source=source)
+
+
+def unfinished_points(storage: str, study_names: Sequence[str]) -> list[str]:
+    """The grid points of sweep studies without a COMPLETE trial, described for a warning:
+    :func:`read_study_runs` leaves them out, so their batch sizes' fastest run may come from
+    another learning rate. A point rerun to completion is not listed."""
+    from optuna.trial import TrialState
+
+    words = {TrialState.FAIL: "failed", TrialState.RUNNING: "running"}
+    out: list[str] = []
+    for name in study_names:
+        points: dict[tuple[Any, Any], list[optuna.trial.FrozenTrial]] = {}
+        for t in open_study(storage, name, create=False).get_trials(deepcopy=False):
+            if "batch_size" in t.params and "learning_rate" in t.params:
+                key = (t.params["batch_size"], t.params["learning_rate"])
+                points.setdefault(key, []).append(t)
+        prefix = f"{name}: " if len(study_names) > 1 else ""
+        for (b, lr), trials in sorted(points.items()):
+            if not completed(trials):
+                state = words.get(trials[-1].state, "not run yet")
+                out.append(f"{prefix}batch_size={b:g}, learning_rate={lr:g} ({state})")
+    return out
 
 
 def trial_curve(trial: optuna.trial.FrozenTrial) -> dict[str, list[Any]]:
