@@ -236,3 +236,67 @@ def test_cli_through_python_m_exits_2() -> None:
     assert bad.returncode == 2
     assert bad.stdout == ""
     assert "noisescale calc: error: --noise-scale must be a number, got 'minus one'" in bad.stderr
+
+
+# --- from a history -----------------------------------------------------------------------------
+
+
+def _history(tmp_path, last: dict, preconditioned: bool | None = None) -> str:
+    """A two-record tracker history whose last B_simple is ``last`` (b_simple, low, high)."""
+    header = {"kind": "noisescale.history", "version": 1, "beta": 0.5, "confidence": 0.9}
+    records = [{"step": s, "b_big": 32, "examples": 32 * s, **last} for s in range(1, 20)]
+    if preconditioned is not None:
+        for r in records:
+            r["preconditioned"] = preconditioned
+    path = tmp_path / "h.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in [header, *records]) + "\n")
+    return str(path)
+
+
+def test_history_noise_scale_keeps_its_interval_and_open_end_is_warned(
+    tmp_path, capsys: pytest.CaptureFixture
+) -> None:
+    """|G|² not yet told from zero: B_simple's interval is [0, ∞), so no regime is settled."""
+    path = _history(tmp_path, {"b_simple": 35.0, "b_simple_low": 0.0, "b_simple_high": None})
+    rows = calc_json(capsys, "--history", path, "--batch-size", "32,1000")
+    for row in rows:
+        assert row["noise_scale_interval"] == [0.0, None] and row["confidence"] == 0.9
+        assert row["regimes_over_interval"] == ["small", "balanced", "large"]
+        assert any("open above" in w for w in row["warnings"])
+    assert main(["calc", "--history", path, "--batch-size", "32,1000"]) == 0
+    out, err = capsys.readouterr()
+    assert "90% interval [0, ∞)" in out and "small–large" in out
+    assert "noisescale calc: warning: the last B_simple's interval is open above" in err
+    assert main(["calc", "--history", path, "--batch-size", "32"]) == 0
+    assert "not settled" in capsys.readouterr().out
+
+
+def test_history_regime_is_settled_only_over_the_whole_interval(
+    tmp_path, capsys: pytest.CaptureFixture
+) -> None:
+    # B_simple 100 [80, 125]: B = 100 is balanced throughout (125/3 ≤ 100 ≤ 3·80); B = 40 is
+    # balanced at the estimate (120 ≥ 100) but small for B_noise 125 (120 < 125)
+    path = _history(tmp_path, {"b_simple": 100.0, "b_simple_low": 80.0, "b_simple_high": 125.0})
+    rows = calc_json(capsys, "--history", path, "--batch-size", "100,40")
+    assert rows[0]["noise_scale_interval"] == [80.0, 125.0]
+    assert rows[0]["regimes_over_interval"] == ["balanced"]
+    assert rows[1]["regime"] == "balanced"
+    assert rows[1]["regimes_over_interval"] == ["small", "balanced"]
+    assert not any("open above" in w for w in rows[0]["warnings"])
+    # re-expressed at another temperature, the interval moves with the noise scale (eq. C.2)
+    rows = calc_json(capsys, "--history", path, "--batch-size", "100", "--temperature-from",
+                     "1", "--temperature-to", "2")  # fmt: skip
+    assert rows["noise_scale"] == 50.0 and rows["noise_scale_interval"] == [40.0, 62.5]
+
+
+def test_history_says_when_its_noise_scale_is_preconditioned(
+    tmp_path, capsys: pytest.CaptureFixture
+) -> None:
+    path = _history(
+        tmp_path,
+        {"b_simple": 100.0, "b_simple_low": 80.0, "b_simple_high": 125.0},
+        preconditioned=True,
+    )
+    assert main(["calc", "--history", path, "--batch-size", "100"]) == 0
+    assert "B_simple of the preconditioned gradient P ⊙ g = 100" in capsys.readouterr().out
+    assert calc_json(capsys, "--history", path, "--batch-size", "100")["preconditioned"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import noisescale
 from noisescale.cli import main
 from test_recommend_cli import ALPHA, BETA, PARAM_BYTES
 from test_report import synthetic_records, write_synthetic_history
@@ -501,3 +503,19 @@ def test_a_library_value_error_is_exit_2_and_the_traceback_is_opt_in(
     monkeypatch.setenv("NOISESCALE_TRACEBACK", "1")
     with pytest.raises(ValueError, match="a library refused this"):
         main(args)
+
+
+def test_output_cut_short_by_its_reader_is_dropped_quietly(tmp_path: Path) -> None:
+    """`noisescale calc … | head -1`: no BrokenPipeError traceback, and the command finishes."""
+    command = [sys.executable, "-m", "noisescale", "calc", "--noise-scale", "100",
+               "--batch-size", "1:10000:+1"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(noisescale.__file__).parents[1])}
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b"Noise scale")
+    proc.stdout.close()  # the reader goes away, as `head -1` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

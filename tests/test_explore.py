@@ -76,6 +76,16 @@ def test_page_rejects_bad_initial_values(b_noise: float, batch_size: float | Non
         explore_html(b_noise, batch_size)
 
 
+@pytest.mark.parametrize(
+    ("b_noise", "start"), [(0.3, 1), (0.5, 1), (5e9, 2**SLIDER_MAX_LOG2), (2.0**30 + 1, 2**30)]
+)
+def test_default_batch_is_brought_into_the_sliders_range(b_noise: float, start: int) -> None:
+    """The user gave no batch size: a noise scale outside [1, 2^30] (B_simple < 1 early in
+    training) starts the slider at its end instead of failing with "got None"."""
+    page = explore_html(b_noise)
+    assert f'"batchSize": {start}' in page and f'"bNoise": {b_noise!r}' in page
+
+
 def test_cli_writes_the_page(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "page.html"
     assert main(["explore", "--noise-scale", "900", "-o", str(out), "--json"]) == 0

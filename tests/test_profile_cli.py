@@ -43,6 +43,11 @@ def build(hidden=4, threshold=10**9):
 
 def not_a_triple():
     return 42
+
+
+def wrong_batch():
+    model, loss_fn, _ = build()
+    return model, loss_fn, lambda batch_size, device: (torch.randn(batch_size, 5), None)
 '''
 
 
@@ -144,6 +149,13 @@ def test_profile_builtin_models(tmp_path: Path) -> None:
         ("ns_tiny_model:not_a_triple", [], "must return (model"),
         ("ns_tiny_model:build", ["--model-option", "depth=3"], "bad model options"),
         ("ns_tiny_model:build", ["--model-option", "novalue"], "KEY=VALUE"),
+        # the builder's own error for a bad value, and a batch the model does not take
+        (
+            "ns_tiny_model:build",
+            ["--model-option", "hidden=-5", *FAST],
+            "failed to build the model with options {'hidden': -5}: RuntimeError",
+        ),
+        ("ns_tiny_model:wrong_batch", FAST, "a training step at batch size 1 failed: RuntimeError"),
         ("gpt-small", ["--model-option", "n_layers=3"], "gpt-small"),
         ("ns_tiny_model:build", ["--device", "tpu"], "device"),
         ("ns_tiny_model:build", ["--repeats", "0"], "--repeats"),

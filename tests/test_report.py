@@ -267,6 +267,50 @@ def test_resumed_run_replaces_the_overlapping_steps(tmp_path: Path) -> None:
     assert "resumed" in history.warnings[0]
 
 
+def _switching_records(switch: int = 100, n: int = 400) -> list[dict[str, Any]]:
+    """B_simple 10 (plain) before step ``switch``, 300 (preconditioned, P ⊙ g) from it on, as a
+    tracker with ``precondition=`` writes it; per-step g2 and tr Σ exact (no noise)."""
+    plain = synthetic_records(n_steps=n, a=10.0, tau=None)
+    pre = synthetic_records(n_steps=n, a=300.0, tau=None)
+    records = plain[:switch] + pre[switch:]
+    for r in records:
+        r["preconditioned"] = r["step"] >= switch
+        if r["g2"] is not None:
+            r["g2"], r["trace_sigma"] = r["g2_ema"], r["trace_sigma_ema"]
+    return records
+
+
+def test_plain_and_preconditioned_records_are_never_spliced(tmp_path: Path) -> None:
+    """docs/beyond_b_simple.md: plain and preconditioned norms are never averaged together; the
+    report, calc and branch windows read the records after the switch, and say so."""
+    from noisescale.branch.side import window_b_simple
+
+    path = write_synthetic_history(tmp_path / "h.jsonl", _switching_records())
+    history = load_history(path)
+    assert history.step.tolist() == list(range(100, 400)) and history.preconditioned
+    assert "switches from plain to preconditioned gradient norms at step 100" in history.warnings[0]
+    data = report_data(history)
+    assert data.run.b_crit == pytest.approx(300.0, rel=1e-12)  # constant: exactly B_noise
+    assert data.trend.b_simple_start == pytest.approx(300.0, rel=1e-12)
+    assert any("switches" in w for w in data.warnings)
+    # a branch window across the switch: only the preconditioned steps, exactly 300
+    window = window_b_simple(history, 50 * 64, 200 * 64)
+    assert window.b_simple == pytest.approx(300.0, rel=1e-12)
+    assert window.steps == 100
+
+
+def test_plain_steps_left_out_after_preconditioning_began_are_no_switch(tmp_path: Path) -> None:
+    """A resumed run whose optimizer state was not restored writes a few plain steps, left out
+    (skipped), inside its preconditioned history: read through, not taken for a switch that
+    would leave the earlier preconditioned steps out."""
+    records = _switching_records()
+    for r in records[200:203]:
+        r["preconditioned"], r["skipped"] = False, True
+    history = load_history(write_synthetic_history(tmp_path / "h.jsonl", records))
+    assert history.step.tolist() == list(range(100, 400))
+    assert sum("switches" in w for w in history.warnings) == 1
+
+
 def test_missing_examples_are_integrated_from_batch_sizes(tmp_path: Path) -> None:
     records = synthetic_records(n_steps=60)
     for r in records:

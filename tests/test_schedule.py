@@ -331,6 +331,26 @@ def test_resumed_run_continues_with_the_same_batch_size_and_lr():
         assert lr == pytest.approx(1e-2 * math.sqrt(b / 8))
 
 
+def test_checkpoint_outside_the_new_bounds_is_refused():
+    """A schedule restored into smaller bounds (a smaller device) would train at the saved batch
+    until the next decision: refused, and the schedule is left as it was."""
+    saved = _controller(micro_batch_size=32, batch_size=32, max_batch_size=1024, interval=1)
+    saved.step(_estimate(512.0))
+    state = json.loads(json.dumps(saved.state_dict()))
+    assert state["state"]["batch_size"] > 128
+    small = _controller(micro_batch_size=32, batch_size=32, max_batch_size=128, interval=1)
+    with pytest.raises(NoiseScaleInputError, match=r"outside this schedule's .* \[32, 128\]"):
+        small.load_state_dict(state)
+    assert small.batch_size == 32 and small.state.step == 0
+    high = _controller(micro_batch_size=32, batch_size=1024, min_batch_size=1024,
+                       max_batch_size=2048, interval=1)  # fmt: skip
+    with pytest.raises(NoiseScaleInputError, match="outside"):
+        high.load_state_dict(state)
+    wide = _controller(micro_batch_size=32, batch_size=32, max_batch_size=1024, interval=1)
+    wide.load_state_dict(state)
+    assert wide.batch_size == saved.batch_size
+
+
 # -- the resizable batch sampler -----------------------------------------------------------------
 
 
@@ -375,6 +395,45 @@ def test_resizable_sampler_drop_last_len_and_schedule_link():
     assert s.batch_size == 16
     c.step(_estimate(400.0))
     assert s.batch_size == 208
+
+
+def test_batch_sampler_schedule_keeps_every_measured_step():
+    """With a ResizableBatchSampler the loop runs one backward per step: a batch change is not
+    a change of accumulation, so no step after it is taken for an epoch's short last window."""
+    import warnings
+
+    x, y = _problem()
+    ds = torch.utils.data.TensorDataset(x, y)
+    sampler = ResizableBatchSampler(
+        torch.utils.data.RandomSampler(ds, generator=torch.Generator().manual_seed(0)), 8
+    )
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    tracker = GradientNoiseTracker(model, sync_every=1)
+    c = AdaptiveBatchSize(
+        micro_batch_size=8,
+        max_batch_size=64,
+        factor=1.0,
+        interval=5,
+        max_relative_width=math.inf,
+        batch_sampler=sampler,
+    )
+    steps = changes = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a "short last window" warning fails the test
+        while steps < 30:
+            for xb, yb in loader:
+                F.cross_entropy(model(xb), yb).backward()
+                tracker.step()
+                opt.step()
+                opt.zero_grad()
+                changes += c.step(tracker)
+                steps += 1
+                if steps == 30:
+                    break
+    assert changes >= 1 and c.batch_size == 16  # B_simple ≈ 15
+    assert tracker.estimate().steps == steps
 
 
 # -- fixed ramps ---------------------------------------------------------------------------------

@@ -59,6 +59,11 @@ TRAIN = textwrap.dedent(
 
     def silent(batch_size, learning_rate, reporter):
         return None
+
+    def silent_at_8(batch_size, learning_rate, reporter):
+        if batch_size == 8:
+            return None
+        reporter.report(1, 1.0, examples=batch_size)
     """
 )
 
@@ -320,6 +325,47 @@ def test_bad_input_exits_2(
         assert main([*args, "--no-progress"]) == 2, args
         err = capsys.readouterr().err
         assert "noisescale sweep: error:" in err and message in err, err
+
+
+def test_keep_going_goes_on_past_a_run_that_reported_nothing(
+    train_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    args = ["sweep", f"{train_file}:silent_at_8", "--batch-sizes", "8,16,32"]
+    args += ["--learning-rates", "0.1", "--storage", storage, "--study", "t", "--no-progress"]
+    assert main([*args, "--keep-going", "--json"]) == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["failed"] == 1 and summary["ran"] == 2
+    assert [r["state"] for r in summary["runs"]].count("failed") == 1
+    assert [t.state for t in _trials(storage)].count(TrialState.COMPLETE) == 2
+
+
+def test_fit_names_the_grid_points_it_leaves_out(
+    train_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A failed point is left out of the fit (its curve ends early): said, not silent."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    monkeypatch.setenv("SWEEP_CALLS", str(tmp_path / "calls.txt"))
+    monkeypatch.setenv("SWEEP_CRASH_AT", "2")  # the second run: batch 8, lr 0.3
+    assert _sweep(train_file, storage, "--keep-going") == 1
+    capsys.readouterr()
+    fit = ["fit", storage, "--study", "t", "--goal", "0.5", "--ema", "0"]
+    assert main(fit) == 0
+    assert (
+        "warning: 1 grid point(s) have no finished run and are left out: batch_size=8, "
+        "learning_rate=0.3 (failed)" in capsys.readouterr().err
+    )
+    assert main([*fit, "--json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out)["unfinished_points"] == ["batch_size=8, learning_rate=0.3 (failed)"]
+    monkeypatch.delenv("SWEEP_CRASH_AT")
+    assert _sweep(train_file, storage) == 0  # the failed point reruns and finishes
+    capsys.readouterr()
+    assert main(fit) == 0
+    assert "left out" not in capsys.readouterr().err
 
 
 def test_fit_on_a_study_errors(

@@ -229,6 +229,59 @@ def test_history_jsonl(tmp_path):
     assert out.read_text().splitlines()[1:] == path.read_text().splitlines()[1:]
 
 
+def _train(tracker, model, data):
+    for x in data:
+        model(x).mean().backward()
+        tracker.step()
+        model.zero_grad()
+
+
+def test_fresh_tracker_never_appends_to_another_runs_history(tmp_path):
+    """A new tracker on an existing history: never appended under that header (in examples, a
+    token_mean run's per-token B_simple would read as examples), never overwritten."""
+    path = tmp_path / "run.jsonl"
+    model = linear_model()
+    first = noisescale.GradientNoiseTracker(model, history_path=path, sync_every=1)
+    _train(first, model, batches(20, 5, 8))
+    first.remove()
+    before = path.read_bytes()
+    differs = r"loss_reduction 'mean' \(this tracker: 'sum'\)"
+    with pytest.raises(NoiseScaleInputError, match=differs):
+        noisescale.GradientNoiseTracker(model, loss_reduction="sum", history_path=path)
+    # the same settings but not resumed: its steps would count from 1 again over the old ones
+    fresh = noisescale.GradientNoiseTracker(model, history_path=path, sync_every=1)
+    with pytest.raises(NoiseScaleInputError, match=r"was not resumed.*another history_path"):
+        _train(fresh, model, batches(21, 1, 8))
+    assert path.read_bytes() == before
+    assert fresh.history[-1]["step"] == 1  # what was measured is kept in memory
+
+
+def test_resumed_tracker_appends_to_its_own_history(tmp_path):
+    path = tmp_path / "run.jsonl"
+    data = batches(22, 8, 8)
+    model = linear_model()
+    first = noisescale.GradientNoiseTracker(model, beta=0.9, history_path=path, sync_every=1)
+    _train(first, model, data[:5])
+    state = first.state_dict()
+    first.remove()
+    resumed = noisescale.GradientNoiseTracker(model, beta=0.9, history_path=path, sync_every=1)
+    resumed.load_state_dict(state)
+    _train(resumed, model, data[5:])
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [x.get("kind") for x in lines].count("noisescale.history") == 1
+    assert [x["step"] for x in lines[1:]] == list(range(1, 9))
+    resumed.remove()
+    # a checkpoint of another run (another beta) is not continued in this file
+    other = noisescale.GradientNoiseTracker(model, beta=0.5, history_path=tmp_path / "o.jsonl")
+    _train(other, model, data[:2])
+    before = path.read_bytes()
+    wrong = noisescale.GradientNoiseTracker(model, history_path=path, sync_every=1)
+    wrong.load_state_dict(other.state_dict())
+    with pytest.raises(NoiseScaleInputError, match=r"beta 0\.9 \(this tracker: 0\.5\)"):
+        _train(wrong, model, data[2:3])
+    assert path.read_bytes() == before
+
+
 def test_bfloat16_autocast_close_to_float32():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D, 32), nn.Tanh(), nn.Linear(32, 1))

@@ -4,7 +4,8 @@ Every command prints human-readable text by default and machine-readable JSON wi
 where it produces numbers. :func:`main` owns the exit codes: 0 on success, 2 for bad input of any
 kind (a usage error, a :class:`~noisescale.errors.NoiseScaleInputError`, or a ``ValueError`` from
 the library), printed as ``noisescale <command>: error: ...`` without a traceback, and 130 on
-Ctrl-C. Set ``NOISESCALE_TRACEBACK=1`` to see the traceback of such an error.
+Ctrl-C. Set ``NOISESCALE_TRACEBACK=1`` to see the traceback of such an error. Output cut short
+by its reader (``| head``) is dropped quietly: the command still finishes, and writes its files.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import pkgutil
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from noisescale import __version__, commands
 from noisescale.errors import NoiseScaleInputError
@@ -53,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             (sub or parser).error(f"unrecognized arguments: {' '.join(extras)}")
     except SystemExit as exit_:  # argparse's usage errors (2) and --help/--version (0)
         return exit_.code if isinstance(exit_.code, int) else 2
+    guard = _PipeGuard(sys.stdout)
+    sys.stdout = guard  # type: ignore[assignment]
     try:
         return int(args.func(args) or 0)
     except (ValueError, OverflowError) as err:
@@ -67,6 +71,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"noisescale {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        guard.flush()
+        sys.stdout = guard.stream
+
+
+class _PipeGuard:
+    """Standard output that drops what its reader no longer takes (``| head`` closed the pipe).
+
+    A broken pipe would otherwise end the command with a traceback, before it wrote its files
+    (a profile measured for minutes, say); the rest of its output goes to the null device.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return int(self.stream.write(text))
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def _drop(self) -> None:
+        self.broken = True
+        try:  # the interpreter flushes the stream at exit: let that go to the null device
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 def _describe(err: ArithmeticError | ValueError) -> str:

@@ -538,7 +538,8 @@ class AdaptiveBatchSize(_Realisation):
             :attr:`lr_factor`).
         lr_schedulers: Schedulers whose ``base_lrs`` to scale along (see :func:`scale_lr`).
         batch_sampler: A :class:`ResizableBatchSampler` to resize with the batch (for loaders
-            that yield whole steps rather than micro-batches).
+            that yield whole steps rather than micro-batches: one backward per step, so the
+            tracker is not told of a change of accumulation).
     """
 
     def __init__(
@@ -645,9 +646,10 @@ class AdaptiveBatchSize(_Realisation):
         estimate = source if isinstance(source, NoiseEstimate) else source.estimate()
         changed = self.decide(estimate)
         expect = getattr(source, "expect_micro_batches", None)
-        if changed and expect is not None:
+        if changed and expect is not None and self.batch_sampler is None:
             # the loop divides by loss_divisor from the next step: fewer micro-batches there
-            # are this schedule's, not an epoch's short last window (which the tracker leaves out)
+            # are this schedule's, not an epoch's short last window (which the tracker leaves out).
+            # A batch sampler's loop runs one backward per step whatever the batch: nothing to say
             expect(self.num_micro_batches)
         return changed
 
@@ -722,12 +724,27 @@ class AdaptiveBatchSize(_Realisation):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the optimizer's learning rates are set to the saved ones."""
+        """Restore :meth:`state_dict`; the optimizer's learning rates are set to the saved ones.
+
+        Raises:
+            NoiseScaleInputError: the saved batch size lies outside this schedule's bounds (a
+                resumed job on a smaller device): it would be used until the next decision.
+        """
         if state.get("kind") != "AdaptiveBatchSize":
             raise NoiseScaleInputError(
                 f"not an AdaptiveBatchSize state (kind={state.get('kind')!r})"
             )
-        self._state = AdaptiveBatchSizeState(**state["state"])
+        saved = AdaptiveBatchSizeState(**state["state"])
+        if not self.min_batch_size <= saved.batch_size <= self.max_batch_size:
+            # it would train at that batch (and its learning rate) until the next decision
+            raise NoiseScaleInputError(
+                f"the checkpoint's batch size {saved.batch_size} lies outside this schedule's "
+                f"[min_batch_size, max_batch_size] = [{self.min_batch_size}, "
+                f"{self.max_batch_size}]; construct the schedule with bounds that include it "
+                "(it moves within them at the next decision), or start a new schedule without "
+                "load_state_dict"
+            )
+        self._state = saved
         self._load_common(state)
 
 

@@ -219,7 +219,10 @@ class GradientNoiseTracker:
         optimizer: If given, its first parameter group's learning rate is recorded each step
             (for the temperature ε/B, paper App. C).
         history_path: Stream the per-step history to this JSON Lines file (appended at each
-            sync, so an interrupted run keeps what was measured).
+            sync, so an interrupted run keeps what was measured). An existing history there is
+            continued only by a tracker resumed with :meth:`load_state_dict` whose header (loss
+            reduction, unit, beta, source) is the file's; otherwise the first write is refused
+            (the file is left as it was).
         sync_every: Steps between host reads of the device statistics.
         fallback: Allow the torch.func fallback for modules whose parameters meet the batch in
             an operation without a per-example rule.
@@ -486,6 +489,7 @@ class GradientNoiseTracker:
         # (_weights_of: a short window without a measured multiplier)
         self._passes_before = 0
         self._divisor_unknown = False
+        self._resumed = False  # load_state_dict: an existing history may be continued
         if self.history_path is not None:
             self._start_history_file()
 
@@ -1458,34 +1462,88 @@ class GradientNoiseTracker:
         }
 
     def _start_history_file(self) -> None:
-        """Start the history file, or continue one of ours; never append to anything else."""
+        """Check the history file: new, or a history of ours this tracker may continue.
+
+        An existing history is appended to only by a resumed tracker (:meth:`load_state_dict`)
+        whose header is the file's: another run's records, or records in another unit or of
+        another loss reduction, under the file's header would be read as its own. What can be
+        told now is refused now; the rest at the first write (the first step fixes the
+        definition, and a resume comes after the constructor).
+        """
         assert self.history_path is not None
         path = self.history_path
         if path.is_dir():
             raise NoiseScaleInputError(f"history_path {str(path)!r} is a directory; give a file")
-        if path.exists() and path.stat().st_size > 0:
-            with path.open() as f:
-                first = f.readline()
-            try:
-                header = json.loads(first)
-            except json.JSONDecodeError:
-                header = None
-            if not isinstance(header, dict) or header.get("kind") != HISTORY_KIND:
-                raise NoiseScaleInputError(
-                    f"history_path {str(path)!r} exists and is not a noisescale history (its "
-                    "first line is not a history header); give a new path — nothing was "
-                    "written to it"
-                )
-            self._header_written = True  # a resumed run appends to its own history
+        header = self._existing_history_header()
+        if header is not None:
+            # fixed at construction: load_state_dict refuses a checkpoint that differs in these
+            self._check_history_header(
+                header, ("loss_reduction", "source", "paired_rows", "grouped_rows")
+            )
         # a new file's header is written with the first records: it names the definition (examples
         # or tokens), which the first step fixes
 
+    def _existing_history_header(self) -> dict[str, Any] | None:
+        """The header of the history already at ``history_path`` (None: no file, or empty)."""
+        assert self.history_path is not None
+        path = self.history_path
+        if not (path.exists() and path.stat().st_size > 0):
+            return None
+        with path.open() as f:
+            first = f.readline()
+        try:
+            header = json.loads(first)
+        except json.JSONDecodeError:
+            header = None
+        if not isinstance(header, dict) or header.get("kind") != HISTORY_KIND:
+            raise NoiseScaleInputError(
+                f"history_path {str(path)!r} exists and is not a noisescale history (its "
+                "first line is not a history header); give a new path — nothing was "
+                "written to it"
+            )
+        return header
+
+    def _check_history_header(self, header: dict[str, Any], keys: Iterable[str]) -> None:
+        """Refuse to append under ``header`` where it differs from ours in ``keys``."""
+        ours = self._header()
+        differ = [
+            f"{k} {header.get(k)!r} (this tracker: {ours.get(k)!r})"
+            for k in keys
+            if header.get(k) != ours.get(k)
+        ]
+        if differ:
+            assert self.history_path is not None
+            raise NoiseScaleInputError(
+                f"history_path {str(self.history_path)!r} holds another run's history, written "
+                f"with {', '.join(differ)}; this tracker's records under that header would be "
+                "read in its terms. Give this run another history_path, or move or delete the "
+                "file (it was not changed)"
+            )
+
+    def _continue_history_file(self) -> bool:
+        """At the first write: whether the file at ``history_path`` is ours to append to."""
+        header = self._existing_history_header()
+        if header is None:
+            return False
+        self._check_history_header(header, [k for k in self._header() if k != "kind"])
+        if not self._resumed:
+            assert self.history_path is not None
+            raise NoiseScaleInputError(
+                f"history_path {str(self.history_path)!r} already holds a history and this "
+                "tracker was not resumed (load_state_dict), so its steps, counted from 1 again, "
+                "would replace that run's records in every reader. Give this run another "
+                "history_path, or move or delete the file (it was not changed); a resumed "
+                "tracker appends to its own history"
+            )
+        return True
+
     def _write_lines(self, records: Iterable[dict[str, Any]]) -> None:
         assert self.history_path is not None
-        self.history_path.parent.mkdir(parents=True, exist_ok=True)
         if not self._header_written:
-            records = [self._header(), *records]
+            if not self._continue_history_file():
+                records = [self._header(), *records]
             self._header_written = True
+        self.history_path.parent.mkdir(parents=True, exist_ok=True)
         with self.history_path.open("a") as f:
             for r in records:
                 f.write(json.dumps(_json_safe(r), allow_nan=False) + "\n")
@@ -1581,6 +1639,7 @@ class GradientNoiseTracker:
                 f"has {sorted(self._state.groups)}; construct it with the same groups="
             )
         self._pending.clear()
+        self._resumed = True
         combiner = {
             k: est.CombinerState(
                 **{

@@ -9,7 +9,10 @@ Examples::
     noisescale calc --history runs/lm/history.jsonl --batch-size 8192:262144:x2
 
 With ``--history`` the noise scale is the run's last B_simple, in the unit the run measured
-(tokens when its loss averaged tokens; ``--unit`` converts with the run's tokens per example);
+(tokens when its loss averaged tokens; ``--unit`` converts with the run's tokens per example),
+printed with its interval; a regime is stated as settled only where it holds over the whole
+interval (else the range of regimes is shown), and the report's warnings (an interval open above,
+a short run, a switch to preconditioned norms) are printed too;
 for a language model measured in tokens, Kaplan et al.'s B_crit at the run's last loss is printed
 beside it for comparison (their law was fitted on WebText2 with GPT-2-like models).
 
@@ -24,7 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from typing import Any
+import sys
+from typing import Any, NamedTuple
 
 from noisescale.commands._args import MAX_COUNT
 from noisescale.errors import NoiseScaleInputError
@@ -119,13 +123,15 @@ def run(args: argparse.Namespace) -> int:
     from noisescale import theory
 
     origin: str | None = None
+    measurement: _Measured | None = None
     if args.unit is not None and args.history is None:
         raise NoiseScaleInputError("--unit goes with --history (the run's B_simple)")
     if args.noise_scale is not None:
         measured = positive_number(args.noise_scale, "--noise-scale", maximum=MAX_SIZE)
         unit = "examples"
     elif args.history is not None:
-        measured, unit, origin = _from_history(args.history, args.unit)
+        measurement = _from_history(args.history, args.unit)
+        measured, unit, origin = measurement.b_simple, measurement.unit, measurement.sentence
     else:
         measured = float(theory.b_crit_kaplan(positive_number(args.kaplan_loss, "--kaplan-loss")))
         unit = "tokens"
@@ -179,6 +185,18 @@ def run(args: argparse.Namespace) -> int:
             "the numbers overflow: the batch sizes, noise scale, learning rates or temperatures "
             "given are too far apart (e.g. B/B_noise beyond 1e300); use values closer together"
         )
+    if measurement is not None:
+        # the interval in the unit and at the temperature of the noise scale printed
+        scale = b_noise / measured
+        low, high = measurement.low * scale, measurement.high * scale
+        for row in rows:
+            row["noise_scale_interval"] = [low, high if math.isfinite(high) else None]
+            row["confidence"] = measurement.confidence
+            row["regimes_over_interval"] = regimes_between(row["batch_size"], low, high)
+            row["preconditioned"] = measurement.preconditioned
+            row["warnings"] = list(measurement.warnings)
+        for warning in measurement.warnings:
+            print(f"noisescale calc: warning: {warning}", file=sys.stderr)
     if args.json:
         if origin is not None:
             for row in rows:
@@ -191,11 +209,39 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _from_history(path: str, unit: str | None) -> tuple[float, str, str]:
-    """The run's last B_simple in ``unit`` (default the run's), its unit, and a sentence saying
-    where it came from (with Kaplan's B_crit at the run's loss for a run measured in tokens)."""
+class _Measured(NamedTuple):
+    """The last B_simple of a history, its interval, and what the report would warn about."""
+
+    b_simple: float
+    low: float
+    high: float  # inf: open above
+    confidence: float
+    unit: str
+    sentence: str
+    preconditioned: bool
+    warnings: tuple[str, ...]
+
+
+def regimes_between(batch_size: float, low: float, high: float) -> list[str]:
+    """The regimes of ``batch_size`` for noise scales in [low, high], from small to large.
+
+    One entry: the regime is settled over the interval. A low end of 0 reaches the large-batch
+    regime and an open high end (``inf``) the small-batch one.
+    """
     from noisescale import theory
-    from noisescale.report.data import b_simple_vs_step, load_history
+
+    order = ["small", "balanced", "large"]
+    first = theory.regime(batch_size, high) if math.isfinite(high) else "small"
+    last = theory.regime(batch_size, low) if low > 0 else "large"
+    return order[order.index(first) : order.index(last) + 1]
+
+
+def _from_history(path: str, unit: str | None) -> _Measured:
+    """The run's last B_simple in ``unit`` (default the run's) with its interval, and a sentence
+    saying where it came from (with Kaplan's B_crit at the run's loss for a run measured in
+    tokens)."""
+    from noisescale import theory
+    from noisescale.report.data import b_simple_vs_step, load_history, run_warnings
     from noisescale.report.text import format_number as f
 
     history = load_history(path)
@@ -206,6 +252,9 @@ def _from_history(path: str, unit: str | None) -> tuple[float, str, str]:
             "'unavailable' reason in its records)"
         )
     b, step = float(series.b_simple[-1]), int(series.step[-1])
+    low, high = float(series.low[-1]), float(series.high[-1])
+    low = low if math.isfinite(low) and low > 0 else 0.0
+    high = high if math.isfinite(high) else math.inf
     own = history.unit
     t = history.last_tokens_per_example
     target = unit or own
@@ -215,8 +264,15 @@ def _from_history(path: str, unit: str | None) -> tuple[float, str, str]:
                 f"{path!r} is in {own} and its run counted no tokens, so it cannot be given in "
                 f"{target}; count them while training (noisescale.tokens)"
             )
-        b = b * t if target == "tokens" else b / t
-    sentence = f"Noise scale B_simple = {f(b)} {target}, the last estimate of {path} (step {step:,}"
+        factor = t if target == "tokens" else 1 / t
+        b, low, high = b * factor, low * factor, high * factor
+    confidence = float(history.header.get("confidence", 0.95))
+    interval = f"[{f(low)}, {f(high)}]" if math.isfinite(high) else f"[{f(low)}, ∞)"
+    kind = " of the preconditioned gradient P ⊙ g" if history.preconditioned else ""
+    sentence = (
+        f"Noise scale B_simple{kind} = {f(b)} {target}, {100 * confidence:g}% interval "
+        f"{interval}, the last estimate of {path} (step {step:,}"
+    )
     if math.isfinite(t) and t > 0:
         sentence += f"; {t:.3g} tokens per example"
     sentence += ")"
@@ -228,7 +284,10 @@ def _from_history(path: str, unit: str | None) -> tuple[float, str, str]:
             f". For comparison, Kaplan et al.'s law at this loss ({f(loss)} nats/token) gives "
             f"B_crit = {f(kaplan)} tokens (fitted on WebText2; --kaplan-loss)"
         )
-    return b, target, sentence
+    warnings = (*history.warnings, *run_warnings(history, series))
+    return _Measured(
+        b, low, high, confidence, target, sentence, history.preconditioned, tuple(warnings)
+    )
 
 
 def batch_size_row(
@@ -360,6 +419,11 @@ def _json_number(x: float) -> float | int:
     return int(x) if float(x).is_integer() else x
 
 
+def _regime_cell(row: dict[str, Any]) -> str:
+    over = row.get("regimes_over_interval", [row["regime"]])
+    return row["regime"] if len(over) == 1 else f"{over[0]}–{over[-1]}"
+
+
 def _source_line(
     b_noise: float,
     unit: str,
@@ -412,10 +476,17 @@ def _single_text(
     from noisescale.report.text import format_number as f
 
     b = format_batch_size(row["batch_size"])
+    regime = f"{REGIME_WORDS[row['regime']]}."
+    over = row.get("regimes_over_interval", [row["regime"]])
+    if len(over) > 1:
+        regime = (
+            f"{row['regime']} regime at the estimate, but not settled: over its interval B is "
+            f"anywhere from the {over[0]}- to the {over[-1]}-batch regime, and the ratios below "
+            "are the estimate's only."
+        )
     lines = [
         _source_line(row["noise_scale"], unit, measured, temperatures, origin),
-        f"Batch size B = {b} {unit} is {f(row['b_over_b_noise'])}× the noise scale: "
-        f"{REGIME_WORDS[row['regime']]}.",
+        f"Batch size B = {b} {unit} is {f(row['b_over_b_noise'])}× the noise scale: {regime}",
         f"  optimal learning rate   ε_opt/ε_max   = {f(row['lr_over_max']):<10} (eq. 2.6)",
         f"  loss decrease per step  ΔL_opt/ΔL_max = {f(row['loss_improvement_over_max']):<10}"
         " (eq. 2.7)",
@@ -448,7 +519,7 @@ def _table_text(
         [
             format_batch_size(r["batch_size"]),
             f(r["b_over_b_noise"]),
-            r["regime"],
+            _regime_cell(r),
             f(r["lr_over_max"]),
             f(r["steps_over_min"]),
             f(r["examples_over_min"]),
@@ -464,6 +535,11 @@ def _table_text(
     if lr_settings:
         out.append(_lr_line(lr_settings))
     out.append(f"Batch sizes in {unit}; regimes: small B < B_noise/3, large B > 3·B_noise.")
+    if any(len(r.get("regimes_over_interval", ())) > 1 for r in rows):
+        out.append(
+            "A regime X–Y is not settled: over the noise scale's interval it ranges from X to Y "
+            "(the ratios are the estimate's only)."
+        )
     out.append("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
     out.extend("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in table)
     return "\n".join(out)

@@ -38,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--batch-size",
         metavar="B",
-        help="initial batch size (default: the noise scale, rounded)",
+        help="initial batch size (default: the noise scale, rounded, within the slider's "
+        "range 1 to 2^30)",
     )
     parser.add_argument(
         "-o",

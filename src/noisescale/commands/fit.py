@@ -152,15 +152,18 @@ def run(args: argparse.Namespace) -> int:
     if source.storage is None:
         runs = read_runs(source.path, metric=args.metric)
     else:
-        from noisescale.sweep.study import read_study_runs, select_studies
+        from noisescale.sweep.study import read_study_runs, select_studies, unfinished_points
 
         _quiet_optuna(args.verbose)
         studies = select_studies(source.storage.url, args.study)
         runs = read_study_runs(source.storage.url, studies, metric=args.metric)
+        unfinished = unfinished_points(source.storage.url, studies)
     if goals is None:
         goals = default_goals(runs, decay=args.ema, count=args.goals)
     results = critical_batch_sizes(runs, goals, decay=args.ema)
     notes = [_duplicates_note(duplicate_settings(runs))] if duplicate_settings(runs) else []
+    if source.storage is not None and unfinished:
+        notes.append(_unfinished_note(unfinished))
     for note in notes:
         print(f"noisescale fit: warning: {note}", file=sys.stderr)
     from noisescale.sweep import plot
@@ -187,12 +190,23 @@ def run(args: argparse.Namespace) -> int:
             ],
             "goals": [r.as_dict() for r in results],
         }
+        if source.storage is not None:
+            payload["unfinished_points"] = unfinished
         print(json.dumps(payload, indent=2, allow_nan=False))
     else:
         print(_text(results, runs_count=len(runs), metric=args.metric, decay=args.ema))
         for path in outputs:
             print(f"wrote {path}")
     return 0
+
+
+def _unfinished_note(points: list[str]) -> str:
+    shown = "; ".join(points[:8]) + (f"; and {len(points) - 8} more" if len(points) > 8 else "")
+    return (
+        f"{len(points)} grid point(s) have no finished run and are left out: {shown}. The "
+        "fastest run at those batch sizes may then come from a slower learning rate: run the "
+        "sweep again to finish them (failed points rerun) before trusting B_crit"
+    )
 
 
 @dataclass(frozen=True)

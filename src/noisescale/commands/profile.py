@@ -162,7 +162,11 @@ def run(args: argparse.Namespace) -> int:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     elif args.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    step = make_training_step(model, loss_fn, make_batch, optimizer=optimizer, device=device)
+    step = _checked_step(
+        make_training_step(model, loss_fn, make_batch, optimizer=optimizer, device=device),
+        args.model,
+        options,
+    )
 
     search = None
     if not args.no_memory_search:
@@ -253,6 +257,11 @@ def resolve_model(spec: str, options: dict[str, Any]) -> tuple[nn.Module, LossFn
         built = builder(**options)
     except TypeError as err:
         raise NoiseScaleInputError(f"{spec}: bad model options {options}: {err}") from None
+    except Exception as err:  # the user's code, e.g. a negative width reaching torch
+        raise NoiseScaleInputError(
+            f"{spec} failed to build the model with options {options}: "
+            f"{type(err).__name__}: {err}; check the --model-option values"
+        ) from None
     if not (
         isinstance(built, tuple)
         and len(built) == 3
@@ -264,6 +273,28 @@ def resolve_model(spec: str, options: dict[str, Any]) -> tuple[nn.Module, LossFn
             f"{spec} must return (model: nn.Module, loss_fn, make_batch), got {type(built)!r}"
         )
     return built
+
+
+def _checked_step(step: Any, spec: str, options: dict[str, Any]) -> Any:
+    """``step``, with an error of the user's model, loss or batch (other than running out of
+    memory, which the search and the timing handle) turned into a one-line input error."""
+    from noisescale.hardware.memory import is_out_of_memory
+
+    def checked(batch_size: int) -> None:
+        try:
+            step(batch_size)
+        except NoiseScaleInputError:
+            raise
+        except Exception as err:
+            if is_out_of_memory(err):
+                raise
+            raise NoiseScaleInputError(
+                f"{spec} (options {options}): a training step at batch size {batch_size} failed: "
+                f"{type(err).__name__}: {err}; check that make_batch(batch_size, device) gives "
+                "inputs the model takes and targets its loss_fn takes"
+            ) from None
+
+    return checked
 
 
 def _import(module_name: str) -> Any:

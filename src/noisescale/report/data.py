@@ -92,6 +92,8 @@ class History:
     tokens_seen: np.ndarray
     tokens_per_example: np.ndarray
     warnings: tuple[str, ...] = ()
+    #: The records are B_simple of the Adam-preconditioned gradient P ⊙ g (``precondition=``).
+    preconditioned: bool = False
 
     @property
     def unit(self) -> str:
@@ -110,7 +112,9 @@ def load_history(path: str | Path) -> History:
 
     Tolerated, with a warning in :attr:`History.warnings`: an unfinished last line (a run that was
     killed while writing) and steps that go back (a run resumed from a checkpoint: the records
-    written after the resume replace the earlier ones from the same steps).
+    written after the resume replace the earlier ones from the same steps). A history that
+    switches between plain and preconditioned norms (``precondition_from=``) is read from its last
+    switch on, with a warning: the two are different quantities and never analysed together.
 
     Raises:
         NoiseScaleInputError: The file is missing, empty, not a noisescale history, has an
@@ -162,12 +166,14 @@ def load_history(path: str | Path) -> History:
     if not records:
         raise NoiseScaleInputError(f"history file {str(p)!r} has a header but no steps yet")
     records = _drop_superseded(records, warnings)
+    records = _after_last_switch(records, warnings)
     return History(
         path=str(p),
         header=header,
         step=np.array([obj["step"] for _, obj in records], dtype=np.int64),
         skipped=np.array([bool(obj.get("skipped", False)) for _, obj in records]),
         warnings=tuple(warnings),
+        preconditioned=_is_preconditioned(records[-1][1]),
         **{name: _float_column(records, name, p) for name in FLOAT_FIELDS},
     )
 
@@ -620,6 +626,42 @@ def _drop_superseded(
             )
         kept.append((number, obj))
     return kept
+
+
+def _is_preconditioned(obj: dict[str, Any]) -> bool:
+    return obj.get("preconditioned") is True  # absent: no preconditioner was asked for
+
+
+def _after_last_switch(
+    records: list[tuple[int, dict[str, Any]]], warnings: list[str]
+) -> list[tuple[int, dict[str, Any]]]:
+    """The records from the last switch between plain and preconditioned norms on.
+
+    A tracker with ``precondition=`` measures the plain gradient for its first
+    ``precondition_from`` steps and P ⊙ g after: two different quantities (the tracker restarts
+    its averages at the switch), which one trajectory or window must not splice together.
+    """
+    # a plain step the tracker left out after the estimate became preconditioned (an optimizer
+    # whose state was not restored on a resume) carries no estimate: no switch
+    flags: list[bool] = []
+    for _, obj in records:
+        left_out = obj.get("skipped") and flags and flags[-1] and not _is_preconditioned(obj)
+        flags.append(True if left_out else _is_preconditioned(obj))
+    switches = [i for i in range(1, len(flags)) if flags[i] != flags[i - 1]]
+    if not switches:
+        return records
+    i = switches[-1]
+    kind = "preconditioned" if flags[i] else "plain"
+    other = "plain" if flags[i] else "preconditioned"
+    first, last = records[0][1]["step"], records[-1][1]["step"]
+    warnings.append(
+        f"the history switches from {other} to {kind} gradient norms at step "
+        f"{records[i][1]['step']} (precondition_from=): the two measure different quantities "
+        f"and are never analysed together, so only steps {records[i][1]['step']}–{last} "
+        f"({kind}) are read and steps {first}–{records[i - 1][1]['step']} are left out"
+        + (f" ({len(switches)} switches; the last one counts)" if len(switches) > 1 else "")
+    )
+    return records[i:]
 
 
 def _float_column(records: list[tuple[int, dict[str, Any]]], name: str, path: Path) -> np.ndarray:

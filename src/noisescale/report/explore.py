@@ -31,18 +31,23 @@ SLIDER_STEP = 0.001
 
 
 def explore_html(b_noise: float = 1000.0, batch_size: float | None = None) -> str:
-    """The explorer page with ``b_noise`` and ``batch_size`` (default: ``b_noise``) filled in.
+    """The explorer page with ``b_noise`` and ``batch_size`` filled in.
 
     Args:
         b_noise: The initial noise scale B_noise (or B_simple), positive.
-        batch_size: The initial batch size, at least 1 (rounded to an integer, as the slider is).
+        batch_size: The initial batch size, at least 1 (rounded to an integer, as the slider is);
+            default the noise scale rounded, brought into the slider's range [1, 2^30].
 
     Returns:
         The complete HTML document as a string.
     """
     if not (math.isfinite(b_noise) and b_noise > 0):
         raise NoiseScaleInputError(f"the noise scale must be a finite positive number: {b_noise!r}")
-    b = float(round(b_noise)) if batch_size is None else float(batch_size)
+    if batch_size is None:
+        # the slider's range holds every batch; a noise scale outside it starts at its end
+        b = min(max(float(round(b_noise)), 1.0), 2.0**SLIDER_MAX_LOG2)
+    else:
+        b = float(batch_size)
     if not (math.isfinite(b) and 1 <= b <= 2.0**SLIDER_MAX_LOG2):
         raise NoiseScaleInputError(
             f"the batch size must lie between 1 and 2^{SLIDER_MAX_LOG2}, got {batch_size!r}"

@@ -41,6 +41,7 @@ from noisescale.sweep.queue import (
     UnitStatus,
     WorkQueue,
     WorkUnit,
+    completed,
     run_units,
     unit_key,
 )
@@ -63,6 +64,11 @@ CURVE_PREFIX = "curve_"
 
 class SweepRunError(RuntimeError):
     """The training function raised; the run is recorded as failed and reruns next time."""
+
+
+class NothingReportedError(NoiseScaleInputError):
+    """The training function returned without a report: bad input, unless ``keep_going``
+    (then the run is one failed grid point, as a run that raised)."""
 
 
 class Reporter:
@@ -426,8 +432,8 @@ def run_sweep(
     Raises:
         SweepRunError: ``train`` raised (unless ``keep_going``); the run is stored as failed.
         KeyboardInterrupt: after storing the interrupted run as failed.
-        NoiseScaleInputError: an empty or bad grid, a run that reported nothing, or a storage
-            that cannot be opened.
+        NoiseScaleInputError: an empty or bad grid, a run that reported nothing (unless
+            ``keep_going``: then it is stored as failed), or a storage that cannot be opened.
     """
     if not batch_sizes or not learning_rates:
         raise NoiseScaleInputError("the grid needs at least one batch size and one learning rate")
@@ -449,7 +455,13 @@ def run_sweep(
     _fail_legacy_running(queue)
 
     def work(claim: Claim, bar: Any) -> float:
-        return _train_one(claim, train, steps, bar, flush_every, flush_seconds)
+        try:
+            return _train_one(claim, train, steps, bar, flush_every, flush_seconds)
+        except NothingReportedError as err:
+            if not keep_going:
+                raise
+            # one grid point that returned early: a failed run, and the grid goes on
+            raise RuntimeError(str(err)) from None
 
     def failure(outcome: UnitOutcome) -> Exception:
         b, lr = outcome.unit.params["batch_size"], outcome.unit.params["learning_rate"]
@@ -515,7 +527,7 @@ def _train_one(
     reporter.flush()
     trial.set_user_attr("records", reporter.records)
     if reporter.records == 0:
-        raise NoiseScaleInputError(
+        raise NothingReportedError(
             "the training function returned without calling reporter.report(step, loss)"
         )
     final = reporter.last_loss
@@ -597,6 +609,28 @@ def read_study_runs(
             f"{source} in {mask_url(storage)} has no finished run with a curve"
         )
     return runs_from_rows(rows, metric=metric, source=source)
+
+
+def unfinished_points(storage: str, study_names: Sequence[str]) -> list[str]:
+    """The grid points of sweep studies without a COMPLETE trial, described for a warning:
+    :func:`read_study_runs` leaves them out, so their batch sizes' fastest run may come from
+    another learning rate. A point rerun to completion is not listed."""
+    from optuna.trial import TrialState
+
+    words = {TrialState.FAIL: "failed", TrialState.RUNNING: "running"}
+    out: list[str] = []
+    for name in study_names:
+        points: dict[tuple[Any, Any], list[optuna.trial.FrozenTrial]] = {}
+        for t in open_study(storage, name, create=False).get_trials(deepcopy=False):
+            if "batch_size" in t.params and "learning_rate" in t.params:
+                key = (t.params["batch_size"], t.params["learning_rate"])
+                points.setdefault(key, []).append(t)
+        prefix = f"{name}: " if len(study_names) > 1 else ""
+        for (b, lr), trials in sorted(points.items()):
+            if not completed(trials):
+                state = words.get(trials[-1].state, "not run yet")
+                out.append(f"{prefix}batch_size={b:g}, learning_rate={lr:g} ({state})")
+    return out
 
 
 def trial_curve(trial: optuna.trial.FrozenTrial) -> dict[str, list[Any]]:
