@@ -248,6 +248,54 @@ def test_a_short_or_diverged_branch() -> None:
         local_critical_batch_size([BranchRun(0, 0, budget, ref)], tolerance=0)
 
 
+def _eq_2_11_branch(b: float, seed: int, budget: float, diverge: bool = False) -> BranchRun:
+    """A branch following eq. 2.11 exactly with B_crit = 32: the loss falls with the minimal
+    examples E/(1 + B/32); ``diverge``: NaN from half-way through the budget."""
+    steps = np.arange(0, int(budget / b) + 1, dtype=float)
+    examples = steps * b
+    loss = 2.0 * np.exp(-examples / (1 + b / 32.0) / 2000.0)
+    if diverge:
+        loss[loss.size // 2 :] = math.nan
+    return BranchRun(
+        0.0, seed, budget, Run.from_arrays(f"b{b}", b, 0.1, steps, loss, examples=examples)
+    )
+
+
+def test_a_diverged_reference_is_refused_not_read_as_efficient() -> None:
+    budget = 4096.0
+    healthy = [_eq_2_11_branch(b, s, budget) for b in SIZES for s in (0, 1, 2)]
+    # cbs = τ·B_crit + (1 + τ)·B_ref = 0.2·32 + 1.2·8 = 16 exactly.
+    assert local_critical_batch_size(healthy, tolerance=0.2).cbs == pytest.approx(16.0, rel=1e-4)
+    # The reference diverges half-way in one seed: its curve stops there, the other branches'
+    # losses lie beyond it and would read as η = 1 (a confident, wrong cbs of about 37).
+    sick = [
+        _eq_2_11_branch(b, s, budget, diverge=b == 8 and s == 1) for b in SIZES for s in (0, 1, 2)
+    ]
+    with pytest.raises(NoiseScaleInputError, match=r"reference branch \(batch size 8.*diverged"):
+        local_critical_batch_size(sick, tolerance=0.2)
+    # Against the best branch the diverged one is never the reference.
+    assert local_critical_batch_size(sick, reference="best").reference_batch_size != 8
+
+
+def test_examples_counted_along_the_main_run_are_refused() -> None:
+    budget = 4096.0
+    branches = [_eq_2_11_branch(b, 0, budget) for b in SIZES]
+    # The slip: examples along the main run (checkpoint + n) instead of from the branch point.
+    shifted = [
+        BranchRun(
+            8000.0,
+            0,
+            budget,
+            Run.from_arrays(
+                "b", br.batch_size, 0.1, br.run.step, br.run.metric, examples=br.run.examples + 8000
+            ),
+        )
+        for br in branches
+    ]
+    with pytest.raises(NoiseScaleInputError, match="count from the branch point"):
+        local_critical_batch_size(shifted)
+
+
 # -- the warm-up ----------------------------------------------------------------------------
 
 
