@@ -617,6 +617,58 @@ def test_the_command_runs_reanalyses_and_keeps_outputs(
     ]
 
 
+def _small_plan(*extra: str) -> list[str]:
+    """A quick branch command on examples/branch_train.py (one checkpoint, two batch sizes)."""
+    return [
+        "branch",
+        str(REPO / "examples" / "branch_train.py") + ":train",
+        "--checkpoints",
+        "0",
+        "--batch-sizes",
+        "8,16",
+        "--lr",
+        "0.1",
+        "--lr-rule",
+        "linear",
+        "--budget",
+        "256",
+        "--repeats",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_a_study_keeps_its_unit_and_refuses_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    optuna = pytest.importorskip("optuna")
+    from noisescale.branch.runner import PLAN_ATTR
+    from noisescale.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NOISESCALE_STORAGE", raising=False)
+    assert main(_small_plan("--unit", "tokens", "--study", "tok")) == 0
+    capsys.readouterr()
+    # Re-analysed without --unit: the stored unit is followed.
+    assert main(["branch", "--study", "tok", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unit"] == "tokens"
+    # A contradicting --unit is refused, naming both; so is running examples into the study.
+    assert main(["branch", "--study", "tok", "--unit", "examples"]) == 2
+    err = capsys.readouterr().err
+    assert "--unit examples" in err and "count tokens" in err
+    assert main(_small_plan("--unit", "examples", "--study", "tok")) == 2
+    assert "count tokens" in capsys.readouterr().err
+    # A study stored before plans kept their unit is still read (as examples unless told).
+    study = optuna.load_study(study_name="tok", storage="sqlite:///sweep.db")
+    old = {k: v for k, v in study.user_attrs[PLAN_ATTR].items() if k != "unit"}
+    study.set_user_attr(PLAN_ATTR, old)
+    assert main(["branch", "--study", "tok", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unit"] == "examples"
+    assert main(["branch", "--study", "tok", "--json", "--unit", "tokens"]) == 0
+    assert json.loads(capsys.readouterr().out)["unit"] == "tokens"
+
+
 # -- the experiment, in its quick mode ----------------------------------------------------------
 
 EXPERIMENT = REPO / "experiments" / "branch" / "run.py"

@@ -160,8 +160,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     analysis.add_argument(
         "--unit",
         choices=("examples", "tokens"),
-        default="examples",
-        help="what checkpoints, budgets and batch sizes count (default examples)",
+        help="what checkpoints, budgets and batch sizes count (default: the unit stored with "
+        "the study's branches, else examples); stored with the branches it runs",
     )
     analysis.add_argument(
         "--history",
@@ -263,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
     if (db := sqlite_file(storage.url)) is not None:
         inputs.append(str(db))
     outputs = _outputs(args, inputs)
+    args.unit = _unit(args, storage.url, study)
     history = _history(args)
     b_noise = _b_noise(args, history)
     plan = None
@@ -295,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
             b_star=args.b_star,
             lr_grid=tuple(args.lr_grid),
             repeats=args.repeats,
+            unit=args.unit,
         )
     else:
         grid_flags = [
@@ -586,6 +588,28 @@ def _outputs(args: argparse.Namespace, inputs: list[str]) -> list[Path]:
             raise NoiseScaleInputError(f"-o {output} is given twice")
         outputs.append(path)
     return outputs
+
+
+def _unit(args: argparse.Namespace, storage: str, study: str) -> str:
+    """``--unit``, else the unit stored with the study's branches, else examples; refuses a
+    ``--unit`` that contradicts the stored one."""
+    from noisescale.branch.runner import stored_unit
+    from noisescale.sweep.study import select_studies
+
+    stored = None
+    try:
+        names = select_studies(storage, study)
+        if len(names) == 1:
+            stored = stored_unit(storage, names[0])
+    except NoiseScaleInputError:
+        pass  # no storage or study yet: a new study, or an error the analysis names
+    if args.unit is not None and stored is not None and args.unit != stored:
+        raise NoiseScaleInputError(
+            f"--unit {args.unit}, but the branches of study {study!r} count {stored}: drop "
+            f"--unit (or give --unit {stored}), or use another --study for branches in "
+            f"{args.unit}"
+        )
+    return args.unit or stored or "examples"
 
 
 def _history(args: argparse.Namespace) -> Any:
