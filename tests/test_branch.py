@@ -669,6 +669,51 @@ def test_a_study_keeps_its_unit_and_refuses_another(
     assert json.loads(capsys.readouterr().out)["unit"] == "tokens"
 
 
+def test_another_learning_rate_on_the_same_study_is_not_pooled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    optuna = pytest.importorskip("optuna")
+    from noisescale.branch.runner import PLAN_ATTR
+    from noisescale.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NOISESCALE_STORAGE", raising=False)
+
+    def compared(payload: dict[str, Any]) -> list[tuple[float, float]]:
+        batches = payload["points"][0]["branch"]["batches"]
+        return [(b["batch_size"], b["learning_rate"]) for b in batches]
+
+    first = _small_plan("--json")
+    assert main(first) == 0
+    capsys.readouterr()
+    # The same study again with another --lr: only this plan's branches are compared (linear
+    # rule: 0.2 at 8, 0.4 at 16), and the earlier plan's are named as left out.
+    second = [*first[:7], "0.2", *first[8:]]
+    assert second[6] == "--lr"
+    assert main(second) == 0
+    payload = _last_json(capsys)
+    assert compared(payload) == [(8, 0.2), (16, 0.4)]
+    assert payload["points"][0]["branch"]["batches"][0]["learning_rates"] == [0.2]
+    assert any("another plan" in n and "lr 0.1" in n for n in payload["notes"])
+    # Analysis only follows the last plan run; running the first again makes it the last.
+    assert main(["branch", "--json"]) == 0
+    assert compared(_last_json(capsys)) == [(8, 0.2), (16, 0.4)]
+    assert main(first) == 0
+    assert compared(_last_json(capsys)) == [(8, 0.1), (16, 0.2)]
+    # A study without a stored plan cannot tell a grid from pooled plans: it says so.
+    study = optuna.load_study(study_name="noisescale-branch", storage="sqlite:///sweep.db")
+    study.set_user_attr(PLAN_ATTR, None)
+    assert main(["branch", "--json"]) == 0
+    notes = _last_json(capsys)["notes"]
+    assert any("pooled as a grid" in n and "B=8 lr 0.1, 0.2" in n for n in notes)
+
+
+def _last_json(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    """The JSON document a --json command printed (after any progress lines)."""
+    out = capsys.readouterr().out
+    return json.loads(out[out.index("{\n") :])
+
+
 # -- the experiment, in its quick mode ----------------------------------------------------------
 
 EXPERIMENT = REPO / "experiments" / "branch" / "run.py"

@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from noisescale import theory
@@ -411,6 +411,40 @@ def stored_plan(storage: str, study_name: str) -> dict[str, Any] | None:
     """The plan last run on a study (:meth:`BranchPlan.as_dict`), or ``None``."""
     plan = open_study(storage, study_name, create=False).user_attrs.get(PLAN_ATTR)
     return plan if isinstance(plan, dict) else None
+
+
+def plan_from_dict(stored: dict[str, Any] | None) -> BranchPlan | None:
+    """The :class:`BranchPlan` of :meth:`BranchPlan.as_dict` (e.g. :func:`stored_plan`), or
+    ``None`` when there is none or it does not describe a plan."""
+    if not isinstance(stored, dict):
+        return None
+    names = {f.name for f in fields(BranchPlan)}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in names}
+    try:
+        return BranchPlan(**kwargs)
+    except (NoiseScaleInputError, TypeError, ValueError):
+        return None
+
+
+def split_by_plan(
+    branches: Sequence[BranchRun], plan: BranchPlan
+) -> tuple[list[BranchRun], list[BranchRun]]:
+    """The branches that ``plan`` runs (its checkpoints, batch sizes, learning rates, seeds and
+    budget) and the others, e.g. those of an earlier plan with another learning rate."""
+    wanted = {
+        (
+            float(u.params["checkpoint"]),
+            float(u.params["batch_size"]),
+            float(u.params["learning_rate"]),
+            int(u.params["seed"]),
+        )
+        for u in plan.units()
+    }
+    mine, others = [], []
+    for b in branches:
+        key = (b.checkpoint, float(b.batch_size), float(b.learning_rate), b.seed)
+        (mine if key in wanted and b.budget == plan.budget else others).append(b)
+    return mine, others
 
 
 def stored_unit(storage: str, study_name: str) -> str | None:

@@ -381,7 +381,12 @@ def _analyse(
     outputs: list[Path],
 ) -> int:
     from noisescale.branch.compare import local_critical_batch_sizes
-    from noisescale.branch.runner import read_branches, stored_plan
+    from noisescale.branch.runner import (
+        plan_from_dict,
+        read_branches,
+        split_by_plan,
+        stored_plan,
+    )
     from noisescale.branch.side import b_simple_trajectory, history_positions, side_by_side
     from noisescale.branch.warmup import fit_warmup
     from noisescale.sweep.study import select_studies
@@ -390,10 +395,38 @@ def _analyse(
     if len(names) != 1:
         raise NoiseScaleInputError(f"--study {study!r} matches {len(names)} studies; name one")
     name = names[0]
-    budget = plan.budget if plan is not None else args.budget
+    notes: list[str] = []
+    stored = stored_plan(storage.url, name) or {}
+    # The plan run now, else the last one run on the study: a study can hold several plans'
+    # branches (another --lr, rule or B*), which must not be pooled into a learning-rate grid.
+    current = plan if plan is not None else plan_from_dict(stored)
+    if current is not None and args.budget not in (None, current.budget):
+        current = None  # asked for another budget: an earlier plan's branches
+    budget = current.budget if current is not None else args.budget
     branches = read_branches(storage.url, name, budget=budget)
-    if plan is not None:
-        branches = [b for b in branches if b.checkpoint in plan.checkpoints]
+    if current is not None:
+        branches, others = split_by_plan(branches, current)
+        which = "this command's" if plan is not None else "the last"
+        if not branches:
+            raise NoiseScaleInputError(
+                f"study {name!r} has no finished branch of {which} plan; run it "
+                "(MODULE:FUNCTION with its options) to complete it"
+            )
+        if others:
+            notes.append(
+                f"{len(others)} finished branch(es) of the study belong to another plan "
+                f"({_settings(others)}) and are left out: only {which} plan's branches are "
+                "compared. To analyse the others, run the command with their plan's options "
+                "again (finished branches are skipped)"
+            )
+    else:
+        pooled = _pooled_rates(branches)
+        if pooled:
+            notes.append(
+                f"the study stores no plan that tells a learning-rate grid from branches of "
+                f"several plans; pooled as a grid (the lowest loss at the budget is compared): "
+                f"{pooled}"
+            )
     results = local_critical_batch_sizes(
         branches,
         tolerance=args.tolerance,
@@ -409,7 +442,6 @@ def _analyse(
         b_noise=b_noise,
         confidence=args.confidence,
     )
-    notes: list[str] = []
     usable = results
     if args.stable is not None:
         start, end = args.stable
@@ -422,7 +454,6 @@ def _analyse(
             )
     base = args.base_batch_size
     if base is None:
-        stored = stored_plan(storage.url, name) or {}
         base = int(stored.get("base_batch_size") or min(r.reference_batch_size for r in results))
     total = args.warmup_total
     if total is None and history is not None:
@@ -545,6 +576,27 @@ def _text(rows: list[Any], warm: Any, args: argparse.Namespace, storage: Any, st
         f"{shlex.quote(study)} --tolerance T"
     )
     return "\n".join(lines)
+
+
+def _settings(branches: list[Any]) -> str:
+    """The settings of some branches, compactly: checkpoint, batch size and learning rates."""
+    rates: dict[tuple[float, float], set[float]] = {}
+    for b in branches:
+        rates.setdefault((b.checkpoint, b.batch_size), set()).add(b.learning_rate)
+    shown = [
+        f"checkpoint {c:g} B={b:g} lr {', '.join(f'{lr:g}' for lr in sorted(lrs))}"
+        for (c, b), lrs in sorted(rates.items())
+    ]
+    more = f" and {len(shown) - 6} more" if len(shown) > 6 else ""
+    return "; ".join(shown[:6]) + more
+
+
+def _pooled_rates(branches: list[Any]) -> str:
+    """The checkpoints and batch sizes run at several learning rates ("" when none)."""
+    rates: dict[tuple[float, float], set[float]] = {}
+    for b in branches:
+        rates.setdefault((b.checkpoint, b.batch_size), set()).add(b.learning_rate)
+    return _settings([b for b in branches if len(rates[(b.checkpoint, b.batch_size)]) > 1])
 
 
 def _cbs_mark(bound: str | None) -> str | None:
