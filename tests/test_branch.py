@@ -390,6 +390,42 @@ def test_window_b_simple_is_the_ratio_of_means_over_the_window(tmp_path: Path) -
     assert data["points"][0]["x"] == 960 and data["threshold"] == pytest.approx(1 / 1.2)
 
 
+def test_a_b_noise_trackers_records_give_the_windows_ratio_of_means() -> None:
+    torch = pytest.importorskip("torch")
+    from noisescale.estimators import b_simple_interval, init_state, update_state
+    from noisescale.hessian import BNoiseEstimate, BNoiseTracker
+
+    # Per-measurement B_noise drops from 100 to 10 after step 100; GᵀHG alternates 1 and 3.
+    tracker = BNoiseTracker(torch.nn.Linear(1, 1), loss_fn=None, beta=0.9)  # type: ignore[arg-type]
+    for step in range(1, 201):
+        ghg = 1.0 if step % 2 else 3.0
+        trace = ghg * (100.0 if step <= 100 else 10.0) * (1 + 0.01 * (step % 5))
+        tracker.update(
+            BNoiseEstimate(math.nan, math.nan, math.nan, ghg, trace, *[math.nan] * 3, 1.0, 1.0),
+            step=step,
+        )
+    records = [dict(r, examples=8 * r["step"]) for r in tracker.history]
+    # The window [800, 1200] holds steps 100 … 150: the ratio of the plain means of their own
+    # GᵀHG and tr(HΣ) (brute force), not the mean of the tracker's running EMA (which lags).
+    inside = [r for r in records if 800 <= r["examples"] <= 1200]
+    truth = np.mean([r["trace_h_sigma"] for r in inside]) / np.mean([r["ghg"] for r in inside])
+    e = b_simple_interval(
+        update_state(
+            init_state(1.0),
+            np.array([r["ghg"] for r in inside]),
+            np.array([r["trace_h_sigma"] for r in inside]),
+        ),
+        0.95,
+    )
+    row = side_by_side([_result(800, 400, 10.0, 10.0)], b_noise=read_b_noise(records))[0]
+    assert row.b_noise == pytest.approx(truth, rel=1e-12) and truth < 13
+    assert (row.b_noise_low, row.b_noise_high) == pytest.approx((e.low, e.high), rel=1e-12)
+    assert row.b_noise_low < row.b_noise < row.b_noise_high
+    # Summary points and per-measurement records are not mixed.
+    with pytest.raises(NoiseScaleInputError, match="mix per-measurement"):
+        read_b_noise([records[0], {"examples": 5, "b_noise": 3.0}])
+
+
 def test_a_history_in_tokens_is_converted(tmp_path: Path) -> None:
     records = synthetic_records(n_steps=100, batch_size=64)
     for r in records:  # 8 tokens per sequence: B_simple and the batch in tokens

@@ -177,8 +177,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     analysis.add_argument(
         "--b-noise",
         metavar="FILE",
-        help="B_noise measurements along the main run (JSON Lines: b_noise and examples or "
-        "step, optionally b_noise_low/high)",
+        help="B_noise measurements along the main run (JSON Lines with examples or step: a "
+        "BNoiseTracker's records, whose per-measurement ghg and trace_h_sigma give each "
+        "window's B_noise and interval; or summary points b_noise, optionally b_noise_low/high)",
     )
     analysis.add_argument(
         "--stable",
