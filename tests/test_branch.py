@@ -744,6 +744,29 @@ def test_another_learning_rate_on_the_same_study_is_not_pooled(
     assert any("pooled as a grid" in n and "B=8 lr 0.1, 0.2" in n for n in notes)
 
 
+def test_fit_and_sweep_refuse_a_study_of_branches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("optuna")
+    from noisescale.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NOISESCALE_STORAGE", raising=False)
+    assert main(_small_plan("--checkpoints", "0,2000", "--study", "demo")) == 0
+    capsys.readouterr()
+    # The same default sweep.db: fit must not read the branches as a grid of runs.
+    assert main(["fit", "sqlite:///sweep.db", "--goal", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "holds branches of `noisescale branch`" in err and "--study demo" in err
+    assert len(err.strip().splitlines()) == 1
+    # Nor may a sweep add its grid runs to it.
+    sweep = ["sweep", str(REPO / "examples" / "sweep_train.py") + ":train", "--batch-sizes", "8"]
+    sweep += ["--learning-rates", "0.1", "--study", "demo", "--no-progress"]
+    assert main(sweep) == 2
+    assert "holds the branches of `noisescale branch`" in capsys.readouterr().err
+    assert main(["branch", "--study", "demo", "--json"]) == 0  # the branches are untouched
+
+
 def _last_json(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     """The JSON document a --json command printed (after any progress lines)."""
     out = capsys.readouterr().out
