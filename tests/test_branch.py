@@ -439,6 +439,36 @@ def test_a_history_in_tokens_is_converted(tmp_path: Path) -> None:
     assert examples.b_simple == pytest.approx(tokens.b_simple / 8)
 
 
+def test_tokens_per_example_converts_a_history_that_did_not_count_tokens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    records = synthetic_records(n_steps=100, batch_size=64)  # examples, no token counts
+    history = load_history(write_synthetic_history(tmp_path / "h.jsonl", records))
+    with pytest.raises(NoiseScaleInputError, match="tokens-per-example"):
+        window_b_simple(history, 8 * 640, 8 * 1280, unit="tokens")
+    # At 8 tokens per example the token window [5120, 10240] is the example window [640, 1280].
+    tokens = window_b_simple(history, 8 * 640, 8 * 1280, unit="tokens", tokens_per_example=8)
+    inside = [r for r in records if 640 <= r["examples"] <= 1280]
+    expected = np.mean([r["trace_sigma"] for r in inside]) / np.mean([r["g2"] for r in inside])
+    assert tokens.steps == len(inside) == 11
+    assert tokens.b_simple == pytest.approx(8 * expected, rel=1e-12)
+    # The command, as its help describes: token branches beside an examples history.
+    pytest.importorskip("optuna")
+    from noisescale.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NOISESCALE_STORAGE", raising=False)
+    argv = _small_plan("--unit", "tokens", "--budget", "8192", "--study", "tok", "--json")
+    argv += ["--history", "h.jsonl", "--tokens-per-example", "8"]
+    assert main(argv) == 0
+    point = _last_json(capsys)["points"][0]
+    # The window [0, 8192] tokens = [0, 1024] examples: steps t = 0 … 15 (64(t + 1) examples).
+    first = [r for r in records[:16] if r["g2"] is not None]  # the first steps carry none yet
+    truth = np.mean([r["trace_sigma"] for r in first]) / np.mean([r["g2"] for r in first])
+    assert point["b_simple_steps"] == len(first) > 5
+    assert point["b_simple"] == pytest.approx(8 * truth, rel=1e-12)
+
+
 # -- the shared study ---------------------------------------------------------------------------
 
 

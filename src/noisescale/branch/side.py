@@ -112,13 +112,18 @@ class Trajectory:
     high: np.ndarray
 
 
-def history_positions(history: History, unit: str) -> np.ndarray:
+def history_positions(
+    history: History, unit: str, tokens_per_example: float | None = None
+) -> np.ndarray:
     """Position of every record of ``history`` along the run, in ``unit``.
 
-    Records without a running count are placed by integrating the per-step batch sizes.
+    Records without a running count are placed by integrating the per-step batch sizes. A
+    history in examples that did not count tokens is placed in tokens with
+    ``tokens_per_example``.
 
     Raises:
-        NoiseScaleInputError: tokens asked of a history that did not count them.
+        NoiseScaleInputError: tokens asked of a history that did not count them, without
+            ``tokens_per_example``.
     """
     _check_unit(unit)
     if unit == "tokens":
@@ -128,8 +133,11 @@ def history_positions(history: History, unit: str) -> np.ndarray:
             if history.unit == "tokens" and not np.any(np.isfinite(per)):
                 # The history counts tokens in its batch sizes (b_big) but not a running total.
                 return _integrate(history, history.b_big)
+            if history.unit == "examples" and tokens_per_example is not None:
+                return history_positions(history, "examples") * float(tokens_per_example)
             raise NoiseScaleInputError(
-                f"{history.path!r} did not count tokens; give the branches in examples"
+                f"{history.path!r} did not count tokens; give the tokens per example "
+                "(--tokens-per-example) or the branches in examples"
             )
         return _fill(history, pos, history.b_big)
     pos = history.examples.copy()
@@ -164,7 +172,7 @@ def b_simple_trajectory(
     history: History, unit: str = "examples", tokens_per_example: float | None = None
 ) -> Trajectory:
     """The tracker's running B_simple and its interval against position, in ``unit``."""
-    pos = history_positions(history, unit)
+    pos = history_positions(history, unit, tokens_per_example)
     f = b_simple_factor(history, unit, tokens_per_example)
     keep = ~history.skipped & np.isfinite(history.b_simple) & (history.b_simple > 0)
     keep &= np.isfinite(pos)
@@ -190,7 +198,7 @@ def window_b_simple(
     The estimate is in ``unit``; ``steps`` says how many records it uses (0: none in the
     window, then B_simple is ``nan``).
     """
-    pos = history_positions(history, unit)
+    pos = history_positions(history, unit, tokens_per_example)
     inside = (pos >= start) & (pos <= end) & ~history.skipped
     inside &= np.isfinite(history.g2) & np.isfinite(history.trace_sigma)
     state = estimators.update_state(
@@ -237,7 +245,7 @@ def side_by_side(
     """
     _check_unit(unit)
     rows = []
-    pos = history_positions(history, unit) if history is not None else None
+    pos = history_positions(history, unit, tokens_per_example) if history is not None else None
     for r in sorted(results, key=lambda r: r.checkpoint):
         start, end = r.checkpoint, r.checkpoint + r.budget
         loss = math.nan
@@ -297,7 +305,10 @@ def _window_b_noise(inside: Sequence[NoisePoint], confidence: float) -> tuple[fl
 
 
 def read_b_noise(
-    records: Sequence[dict[str, Any]], history: History | None = None, unit: str = "examples"
+    records: Sequence[dict[str, Any]],
+    history: History | None = None,
+    unit: str = "examples",
+    tokens_per_example: float | None = None,
 ) -> list[NoisePoint]:
     """B_noise points from records with ``examples`` (or ``step``, placed with the history) and
     either a :class:`~noisescale.hessian.BNoiseTracker`'s per-measurement ``ghg`` and
@@ -309,7 +320,7 @@ def read_b_noise(
         NoiseScaleInputError: a record without ``b_noise`` (or ``ghg`` and ``trace_h_sigma``)
             or a position, or records that mix the two kinds.
     """
-    pos = history_positions(history, unit) if history is not None else None
+    pos = history_positions(history, unit, tokens_per_example) if history is not None else None
     out = []
     kinds = set()
     for i, rec in enumerate(records, start=1):

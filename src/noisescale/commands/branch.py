@@ -458,7 +458,7 @@ def _analyse(
         base = int(stored.get("base_batch_size") or min(r.reference_batch_size for r in results))
     total = args.warmup_total
     if total is None and history is not None:
-        positions = history_positions(history, args.unit)
+        positions = history_positions(history, args.unit, args.tokens_per_example)
         total = float(positions[-1]) if math.isfinite(positions[-1]) else None
     if total is None:
         total = max(r.checkpoint + r.budget for r in results)
@@ -674,7 +674,8 @@ def _history(args: argparse.Namespace) -> Any:
     from noisescale.report.data import load_history
 
     history = load_history(args.history)
-    history_positions(history, args.unit)  # refuses tokens asked of a history without them
+    # Refuses tokens asked of a history without them (and without --tokens-per-example).
+    history_positions(history, args.unit, args.tokens_per_example)
     return history
 
 
@@ -701,7 +702,7 @@ def _b_noise(args: argparse.Namespace, history: Any) -> list[Any]:
             ) from None
     if not records:
         raise NoiseScaleInputError(f"--b-noise {args.b_noise} holds no measurement")
-    return read_b_noise(records, history, args.unit)
+    return read_b_noise(records, history, args.unit, args.tokens_per_example)
 
 
 def _efficiency_png(path: Path) -> Path:
