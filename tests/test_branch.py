@@ -797,6 +797,33 @@ def test_fit_and_sweep_refuse_a_study_of_branches(
     assert main(["branch", "--study", "demo", "--json"]) == 0  # the branches are untouched
 
 
+def test_the_printed_reanalyse_command_runs_as_printed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("optuna")
+    import shlex
+
+    from noisescale.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NOISESCALE_STORAGE", raising=False)
+    write_synthetic_history(tmp_path / "h.jsonl", synthetic_records(n_steps=100, batch_size=64))
+    argv = _small_plan("--unit", "tokens", "--budget", "8192", "--study", "tok 1")
+    argv += ["--storage", "sqlite:///b.db", "--history", "h.jsonl", "--tokens-per-example", "8"]
+    argv += ["--reference", "best", "--tolerance", "0.35"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("branch point(s)") : out.index("re-analyse")]
+    hint = out[out.index("re-analyse") :].split(": ", 1)[1].strip()
+    words = shlex.split(hint)
+    assert words[:2] == ["noisescale", "branch"] and "--tolerance" in words
+    # Run as printed: the same analysis (storage, study, unit, history, reference, τ).
+    assert main(words[1:]) == 0
+    again = capsys.readouterr().out
+    assert again[again.index("branch point(s)") : again.index("re-analyse")] == table
+    assert again[again.index("re-analyse") :].split(": ", 1)[1].strip() == hint
+
+
 def _last_json(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     """The JSON document a --json command printed (after any progress lines)."""
     out = capsys.readouterr().out

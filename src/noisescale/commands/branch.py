@@ -571,12 +571,42 @@ def _text(rows: list[Any], warm: Any, args: argparse.Namespace, storage: Any, st
             f"(the password is masked; set {STORAGE_ENV} or use --storage-file to keep it off "
             "the command line)"
         )
-    where = " ".join(shlex.quote(a) for a in storage.command_args())
-    lines.append(
-        f"re-analyse: noisescale branch {where + ' ' if where else ''}--study "
-        f"{shlex.quote(study)} --tolerance T"
-    )
+    lines.append(f"re-analyse: {_reanalyse(args, storage, study)}")
     return "\n".join(lines)
+
+
+def _reanalyse(args: argparse.Namespace, storage: Any, study: str) -> str:
+    """The command that analyses the same branches the same way again, runnable as printed
+    (the storage's password stays masked; see the note above it)."""
+    where = storage.command_args()
+    if where and where[0] != "--storage-file":
+        where = ["--storage", *where]
+    words = ["noisescale", "branch", *where, "--study", study]
+    if args.unit != "examples":
+        words += ["--unit", args.unit]
+    for flag, value, default in (
+        ("--budget", args.budget, None),
+        ("--base-batch-size", args.base_batch_size, None),
+        ("--reference", args.reference, "smallest"),
+        ("--ema", args.ema, 0.0),
+        ("--confidence", args.confidence, 0.95),
+        ("--history", args.history, None),
+        ("--tokens-per-example", args.tokens_per_example, None),
+        ("--b-noise", args.b_noise, None),
+        ("--stable", None if args.stable is None else ":".join(map(_word, args.stable)), None),
+        ("--warmup-total", args.warmup_total, None),
+    ):
+        if value is not None and value != default:
+            words += [flag, _word(value)]
+    words += ["--tolerance", _word(args.tolerance)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _word(value: Any) -> str:
+    """A value as a command-line word that parses back to the same number."""
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value)
 
 
 def _settings(branches: list[Any]) -> str:
