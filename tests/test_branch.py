@@ -735,6 +735,24 @@ def test_a_study_keeps_its_unit_and_refuses_another(
     assert json.loads(capsys.readouterr().out)["unit"] == "tokens"
 
 
+def test_split_by_plan_keeps_the_plans_own_branches() -> None:
+    from noisescale.branch.runner import split_by_plan
+
+    plan = BranchPlan((0, 500), (8, 32), 8, 0.1, 256, lr_rule="linear", repeats=2)
+
+    def branch(c: float, b: float, lr: float, seed: int, budget: float = 256) -> BranchRun:
+        return BranchRun(c, seed, budget, Run.from_arrays("r", b, lr, [0], [1.0], examples=[0]))
+
+    ours = [branch(500, 32, 0.4 * (1 + 1e-13), 1), branch(0, 8, 0.1, 0)]  # rounding tolerated
+    theirs = [
+        branch(0, 8, 0.2, 0),  # another --lr
+        branch(0, 8, 0.1, 2),  # a seed the plan does not run
+        branch(100, 8, 0.1, 0),  # another checkpoint
+        branch(0, 8, 0.1, 0, budget=512),  # another budget
+    ]
+    assert split_by_plan([*ours, *theirs], plan) == (ours, theirs)
+
+
 def test_another_learning_rate_on_the_same_study_is_not_pooled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -431,19 +431,19 @@ def split_by_plan(
 ) -> tuple[list[BranchRun], list[BranchRun]]:
     """The branches that ``plan`` runs (its checkpoints, batch sizes, learning rates, seeds and
     budget) and the others, e.g. those of an earlier plan with another learning rate."""
-    wanted = {
-        (
-            float(u.params["checkpoint"]),
-            float(u.params["batch_size"]),
-            float(u.params["learning_rate"]),
-            int(u.params["seed"]),
-        )
-        for u in plan.units()
-    }
+    rates: dict[tuple[float, float, int], list[float]] = {}
+    for u in plan.units():
+        p = u.params
+        key = (float(p["checkpoint"]), float(p["batch_size"]), int(p["seed"]))
+        rates.setdefault(key, []).append(float(p["learning_rate"]))
     mine, others = [], []
     for b in branches:
-        key = (b.checkpoint, float(b.batch_size), float(b.learning_rate), b.seed)
-        (mine if key in wanted and b.budget == plan.budget else others).append(b)
+        # Rates are compared to 1e-9: a plan stored by another version may round differently.
+        planned = rates.get((b.checkpoint, float(b.batch_size), b.seed), [])
+        ours = b.budget == plan.budget and any(
+            math.isclose(b.learning_rate, lr, rel_tol=1e-9) for lr in planned
+        )
+        (mine if ours else others).append(b)
     return mine, others
 
 
