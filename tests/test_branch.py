@@ -248,6 +248,54 @@ def test_a_short_or_diverged_branch() -> None:
         local_critical_batch_size([BranchRun(0, 0, budget, ref)], tolerance=0)
 
 
+def _eq_2_11_branch(b: float, seed: int, budget: float, diverge: bool = False) -> BranchRun:
+    """A branch following eq. 2.11 exactly with B_crit = 32: the loss falls with the minimal
+    examples E/(1 + B/32); ``diverge``: NaN from half-way through the budget."""
+    steps = np.arange(0, int(budget / b) + 1, dtype=float)
+    examples = steps * b
+    loss = 2.0 * np.exp(-examples / (1 + b / 32.0) / 2000.0)
+    if diverge:
+        loss[loss.size // 2 :] = math.nan
+    return BranchRun(
+        0.0, seed, budget, Run.from_arrays(f"b{b}", b, 0.1, steps, loss, examples=examples)
+    )
+
+
+def test_a_diverged_reference_is_refused_not_read_as_efficient() -> None:
+    budget = 4096.0
+    healthy = [_eq_2_11_branch(b, s, budget) for b in SIZES for s in (0, 1, 2)]
+    # cbs = τ·B_crit + (1 + τ)·B_ref = 0.2·32 + 1.2·8 = 16 exactly.
+    assert local_critical_batch_size(healthy, tolerance=0.2).cbs == pytest.approx(16.0, rel=1e-4)
+    # The reference diverges half-way in one seed: its curve stops there, the other branches'
+    # losses lie beyond it and would read as η = 1 (a confident, wrong cbs of about 37).
+    sick = [
+        _eq_2_11_branch(b, s, budget, diverge=b == 8 and s == 1) for b in SIZES for s in (0, 1, 2)
+    ]
+    with pytest.raises(NoiseScaleInputError, match=r"reference branch \(batch size 8.*diverged"):
+        local_critical_batch_size(sick, tolerance=0.2)
+    # Against the best branch the diverged one is never the reference.
+    assert local_critical_batch_size(sick, reference="best").reference_batch_size != 8
+
+
+def test_examples_counted_along_the_main_run_are_refused() -> None:
+    budget = 4096.0
+    branches = [_eq_2_11_branch(b, 0, budget) for b in SIZES]
+    # The slip: examples along the main run (checkpoint + n) instead of from the branch point.
+    shifted = [
+        BranchRun(
+            8000.0,
+            0,
+            budget,
+            Run.from_arrays(
+                "b", br.batch_size, 0.1, br.run.step, br.run.metric, examples=br.run.examples + 8000
+            ),
+        )
+        for br in branches
+    ]
+    with pytest.raises(NoiseScaleInputError, match="count from the branch point"):
+        local_critical_batch_size(shifted)
+
+
 # -- the warm-up ----------------------------------------------------------------------------
 
 
@@ -342,6 +390,42 @@ def test_window_b_simple_is_the_ratio_of_means_over_the_window(tmp_path: Path) -
     assert data["points"][0]["x"] == 960 and data["threshold"] == pytest.approx(1 / 1.2)
 
 
+def test_a_b_noise_trackers_records_give_the_windows_ratio_of_means() -> None:
+    torch = pytest.importorskip("torch")
+    from noisescale.estimators import b_simple_interval, init_state, update_state
+    from noisescale.hessian import BNoiseEstimate, BNoiseTracker
+
+    # Per-measurement B_noise drops from 100 to 10 after step 100; GᵀHG alternates 1 and 3.
+    tracker = BNoiseTracker(torch.nn.Linear(1, 1), loss_fn=None, beta=0.9)  # type: ignore[arg-type]
+    for step in range(1, 201):
+        ghg = 1.0 if step % 2 else 3.0
+        trace = ghg * (100.0 if step <= 100 else 10.0) * (1 + 0.01 * (step % 5))
+        tracker.update(
+            BNoiseEstimate(math.nan, math.nan, math.nan, ghg, trace, *[math.nan] * 3, 1.0, 1.0),
+            step=step,
+        )
+    records = [dict(r, examples=8 * r["step"]) for r in tracker.history]
+    # The window [800, 1200] holds steps 100 … 150: the ratio of the plain means of their own
+    # GᵀHG and tr(HΣ) (brute force), not the mean of the tracker's running EMA (which lags).
+    inside = [r for r in records if 800 <= r["examples"] <= 1200]
+    truth = np.mean([r["trace_h_sigma"] for r in inside]) / np.mean([r["ghg"] for r in inside])
+    e = b_simple_interval(
+        update_state(
+            init_state(1.0),
+            np.array([r["ghg"] for r in inside]),
+            np.array([r["trace_h_sigma"] for r in inside]),
+        ),
+        0.95,
+    )
+    row = side_by_side([_result(800, 400, 10.0, 10.0)], b_noise=read_b_noise(records))[0]
+    assert row.b_noise == pytest.approx(truth, rel=1e-12) and truth < 13
+    assert (row.b_noise_low, row.b_noise_high) == pytest.approx((e.low, e.high), rel=1e-12)
+    assert row.b_noise_low < row.b_noise < row.b_noise_high
+    # Summary points and per-measurement records are not mixed.
+    with pytest.raises(NoiseScaleInputError, match="mix per-measurement"):
+        read_b_noise([records[0], {"examples": 5, "b_noise": 3.0}])
+
+
 def test_a_history_in_tokens_is_converted(tmp_path: Path) -> None:
     records = synthetic_records(n_steps=100, batch_size=64)
     for r in records:  # 8 tokens per sequence: B_simple and the batch in tokens
@@ -353,6 +437,36 @@ def test_a_history_in_tokens_is_converted(tmp_path: Path) -> None:
     examples = window_b_simple(history, 640, 1280, unit="examples")
     assert examples.steps == tokens.steps == 11
     assert examples.b_simple == pytest.approx(tokens.b_simple / 8)
+
+
+def test_tokens_per_example_converts_a_history_that_did_not_count_tokens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    records = synthetic_records(n_steps=100, batch_size=64)  # examples, no token counts
+    history = load_history(write_synthetic_history(tmp_path / "h.jsonl", records))
+    with pytest.raises(NoiseScaleInputError, match="tokens-per-example"):
+        window_b_simple(history, 8 * 640, 8 * 1280, unit="tokens")
+    # At 8 tokens per example the token window [5120, 10240] is the example window [640, 1280].
+    tokens = window_b_simple(history, 8 * 640, 8 * 1280, unit="tokens", tokens_per_example=8)
+    inside = [r for r in records if 640 <= r["examples"] <= 1280]
+    expected = np.mean([r["trace_sigma"] for r in inside]) / np.mean([r["g2"] for r in inside])
+    assert tokens.steps == len(inside) == 11
+    assert tokens.b_simple == pytest.approx(8 * expected, rel=1e-12)
+    # The command, as its help describes: token branches beside an examples history.
+    pytest.importorskip("optuna")
+    from noisescale.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NOISESCALE_STORAGE", raising=False)
+    argv = _small_plan("--unit", "tokens", "--budget", "8192", "--study", "tok", "--json")
+    argv += ["--history", "h.jsonl", "--tokens-per-example", "8"]
+    assert main(argv) == 0
+    point = _last_json(capsys)["points"][0]
+    # The window [0, 8192] tokens = [0, 1024] examples: steps t = 0 … 15 (64(t + 1) examples).
+    first = [r for r in records[:16] if r["g2"] is not None]  # the first steps carry none yet
+    truth = np.mean([r["trace_sigma"] for r in first]) / np.mean([r["g2"] for r in first])
+    assert point["b_simple_steps"] == len(first) > 5
+    assert point["b_simple"] == pytest.approx(8 * truth, rel=1e-12)
 
 
 # -- the shared study ---------------------------------------------------------------------------
@@ -567,6 +681,171 @@ def test_the_command_runs_reanalyses_and_keeps_outputs(
     assert [p["branch"]["cbs"] for p in again["points"]] == [
         p["branch"]["cbs"] for p in json.loads((tmp_path / "b.json").read_text())["points"]
     ]
+
+
+def _small_plan(*extra: str) -> list[str]:
+    """A quick branch command on examples/branch_train.py (one checkpoint, two batch sizes)."""
+    return [
+        "branch",
+        str(REPO / "examples" / "branch_train.py") + ":train",
+        "--checkpoints",
+        "0",
+        "--batch-sizes",
+        "8,16",
+        "--lr",
+        "0.1",
+        "--lr-rule",
+        "linear",
+        "--budget",
+        "256",
+        "--repeats",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_a_study_keeps_its_unit_and_refuses_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    optuna = pytest.importorskip("optuna")
+    from noisescale.branch.runner import PLAN_ATTR
+    from noisescale.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NOISESCALE_STORAGE", raising=False)
+    assert main(_small_plan("--unit", "tokens", "--study", "tok")) == 0
+    capsys.readouterr()
+    # Re-analysed without --unit: the stored unit is followed.
+    assert main(["branch", "--study", "tok", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unit"] == "tokens"
+    # A contradicting --unit is refused, naming both; so is running examples into the study.
+    assert main(["branch", "--study", "tok", "--unit", "examples"]) == 2
+    err = capsys.readouterr().err
+    assert "--unit examples" in err and "count tokens" in err
+    assert main(_small_plan("--unit", "examples", "--study", "tok")) == 2
+    assert "count tokens" in capsys.readouterr().err
+    # A study stored before plans kept their unit is still read (as examples unless told).
+    study = optuna.load_study(study_name="tok", storage="sqlite:///sweep.db")
+    old = {k: v for k, v in study.user_attrs[PLAN_ATTR].items() if k != "unit"}
+    study.set_user_attr(PLAN_ATTR, old)
+    assert main(["branch", "--study", "tok", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unit"] == "examples"
+    assert main(["branch", "--study", "tok", "--json", "--unit", "tokens"]) == 0
+    assert json.loads(capsys.readouterr().out)["unit"] == "tokens"
+
+
+def test_split_by_plan_keeps_the_plans_own_branches() -> None:
+    from noisescale.branch.runner import split_by_plan
+
+    plan = BranchPlan((0, 500), (8, 32), 8, 0.1, 256, lr_rule="linear", repeats=2)
+
+    def branch(c: float, b: float, lr: float, seed: int, budget: float = 256) -> BranchRun:
+        return BranchRun(c, seed, budget, Run.from_arrays("r", b, lr, [0], [1.0], examples=[0]))
+
+    ours = [branch(500, 32, 0.4 * (1 + 1e-13), 1), branch(0, 8, 0.1, 0)]  # rounding tolerated
+    theirs = [
+        branch(0, 8, 0.2, 0),  # another --lr
+        branch(0, 8, 0.1, 2),  # a seed the plan does not run
+        branch(100, 8, 0.1, 0),  # another checkpoint
+        branch(0, 8, 0.1, 0, budget=512),  # another budget
+    ]
+    assert split_by_plan([*ours, *theirs], plan) == (ours, theirs)
+
+
+def test_another_learning_rate_on_the_same_study_is_not_pooled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    optuna = pytest.importorskip("optuna")
+    from noisescale.branch.runner import PLAN_ATTR
+    from noisescale.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NOISESCALE_STORAGE", raising=False)
+
+    def compared(payload: dict[str, Any]) -> list[tuple[float, float]]:
+        batches = payload["points"][0]["branch"]["batches"]
+        return [(b["batch_size"], b["learning_rate"]) for b in batches]
+
+    first = _small_plan("--json")
+    assert main(first) == 0
+    capsys.readouterr()
+    # The same study again with another --lr: only this plan's branches are compared (linear
+    # rule: 0.2 at 8, 0.4 at 16), and the earlier plan's are named as left out.
+    second = [*first[:7], "0.2", *first[8:]]
+    assert second[6] == "--lr"
+    assert main(second) == 0
+    payload = _last_json(capsys)
+    assert compared(payload) == [(8, 0.2), (16, 0.4)]
+    assert payload["points"][0]["branch"]["batches"][0]["learning_rates"] == [0.2]
+    assert any("another plan" in n and "lr 0.1" in n for n in payload["notes"])
+    # Analysis only follows the last plan run; running the first again makes it the last.
+    assert main(["branch", "--json"]) == 0
+    assert compared(_last_json(capsys)) == [(8, 0.2), (16, 0.4)]
+    assert main(first) == 0
+    assert compared(_last_json(capsys)) == [(8, 0.1), (16, 0.2)]
+    # A study without a stored plan cannot tell a grid from pooled plans: it says so.
+    study = optuna.load_study(study_name="noisescale-branch", storage="sqlite:///sweep.db")
+    study.set_user_attr(PLAN_ATTR, None)
+    assert main(["branch", "--json"]) == 0
+    notes = _last_json(capsys)["notes"]
+    assert any("pooled as a grid" in n and "B=8 lr 0.1, 0.2" in n for n in notes)
+
+
+def test_fit_and_sweep_refuse_a_study_of_branches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("optuna")
+    from noisescale.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NOISESCALE_STORAGE", raising=False)
+    assert main(_small_plan("--checkpoints", "0,2000", "--study", "demo")) == 0
+    capsys.readouterr()
+    # The same default sweep.db: fit must not read the branches as a grid of runs.
+    assert main(["fit", "sqlite:///sweep.db", "--goal", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "holds branches of `noisescale branch`" in err and "--study demo" in err
+    assert len(err.strip().splitlines()) == 1
+    # Nor may a sweep add its grid runs to it.
+    sweep = ["sweep", str(REPO / "examples" / "sweep_train.py") + ":train", "--batch-sizes", "8"]
+    sweep += ["--learning-rates", "0.1", "--study", "demo", "--no-progress"]
+    assert main(sweep) == 2
+    assert "holds the branches of `noisescale branch`" in capsys.readouterr().err
+    assert main(["branch", "--study", "demo", "--json"]) == 0  # the branches are untouched
+
+
+def test_the_printed_reanalyse_command_runs_as_printed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("optuna")
+    import shlex
+
+    from noisescale.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NOISESCALE_STORAGE", raising=False)
+    write_synthetic_history(tmp_path / "h.jsonl", synthetic_records(n_steps=100, batch_size=64))
+    argv = _small_plan("--unit", "tokens", "--budget", "8192", "--study", "tok 1")
+    argv += ["--storage", "sqlite:///b.db", "--history", "h.jsonl", "--tokens-per-example", "8"]
+    argv += ["--reference", "best", "--tolerance", "0.35"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("branch point(s)") : out.index("re-analyse")]
+    hint = out[out.index("re-analyse") :].split(": ", 1)[1].strip()
+    words = shlex.split(hint)
+    assert words[:2] == ["noisescale", "branch"] and "--tolerance" in words
+    # Run as printed: the same analysis (storage, study, unit, history, reference, τ).
+    assert main(words[1:]) == 0
+    again = capsys.readouterr().out
+    assert again[again.index("branch point(s)") : again.index("re-analyse")] == table
+    assert again[again.index("re-analyse") :].split(": ", 1)[1].strip() == hint
+
+
+def _last_json(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    """The JSON document a --json command printed (after any progress lines)."""
+    out = capsys.readouterr().out
+    return json.loads(out[out.index("{\n") :])
 
 
 # -- the experiment, in its quick mode ----------------------------------------------------------

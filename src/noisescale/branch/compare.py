@@ -216,9 +216,18 @@ def loss_at_budget(branch: BranchRun, *, decay: float = 0.0) -> float:
     A branch that diverged before the budget has loss ``inf``.
 
     Raises:
-        NoiseScaleInputError: the branch's records stop short of its budget.
+        NoiseScaleInputError: the branch's records stop short of its budget, or start past it
+            (examples counted along the main run instead of from the branch point).
     """
     run = branch.run
+    if run.examples.size and run.examples[0] > branch.budget * (1 + BUDGET_SLACK):
+        raise NoiseScaleInputError(
+            f"the branch at checkpoint {branch.checkpoint:g}, batch size {run.batch_size:g}, "
+            f"learning rate {run.learning_rate:g}, seed {branch.seed} reported its first loss at "
+            f"{float(run.examples[0]):g} examples, past its budget of {branch.budget:g}: steps "
+            "and examples count from the branch point (0 at the checkpoint), not along the main "
+            "run; report examples=0 at the checkpoint and the examples the branch itself has seen"
+        )
     if run.examples.size and run.examples[-1] >= branch.budget * (1 - BUDGET_SLACK):
         smoothed = ema_smoothed(run.metric, decay)
         return float(np.interp(branch.budget, run.examples, smoothed))
@@ -380,8 +389,9 @@ def local_critical_batch_size(
 
     Raises:
         NoiseScaleInputError: no branches, several checkpoints or budgets, fewer than two batch
-            sizes, no seed that every batch size ran, a bad tolerance or reference, or a branch
-            that stopped short of its budget.
+            sizes, no seed that every batch size ran, a bad tolerance or reference, a branch
+            that stopped short of its budget or whose examples do not count from the branch
+            point, or a reference branch that diverged.
     """
     if not branches:
         raise NoiseScaleInputError("no branches to compare")
@@ -432,6 +442,17 @@ def local_critical_batch_size(
         )
     mean_loss = {b: _mean(losses[(b, chosen[b])][s] for s in seeds) for b in sizes}
     ref_b = sizes[0] if reference == "smallest" else min(sizes, key=lambda b: mean_loss[b])
+    ref_diverged = [s for s in seeds if not math.isfinite(losses[(ref_b, chosen[ref_b])][s])]
+    if ref_diverged:
+        # Every efficiency is read off the reference's curve; cut short by its divergence, it
+        # cannot say how many examples the reference needed, and η would read as 1.
+        raise NoiseScaleInputError(
+            f"checkpoint {checkpoint:g}: the reference branch (batch size {ref_b:g}, learning "
+            f"rate {chosen[ref_b]:g}) diverged before its budget with seed(s) {ref_diverged}; "
+            "the other branches are measured against its curve, so this branch point has no "
+            "local critical batch size. Rerun the reference at a lower learning rate (or try "
+            "several with a learning-rate grid), or compare against reference='best'"
+        )
     eta = np.ones((len(sizes), len(seeds)))
     for i, b in enumerate(sizes):
         if b == ref_b:

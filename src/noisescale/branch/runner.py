@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from noisescale import theory
@@ -83,6 +83,8 @@ LR_RULES = ("none", "linear", "sqrt", "paper")
 PLAN_ATTR = "branch_plan"
 #: The unit attribute that marks a trial as a branch.
 KIND = "branch"
+#: What a plan's checkpoints, budget and batch sizes can count.
+UNITS = ("examples", "tokens")
 
 
 class BranchRunError(RuntimeError):
@@ -107,6 +109,8 @@ class BranchPlan:
             alone; e.g. ``(0.5, 1, 2)`` tunes each branch on a small grid; the best at the
             budget is compared).
         repeats: Data orders (seeds 0 … repeats − 1) per batch size and learning rate.
+        unit: What checkpoints, budget and batch sizes count: ``"examples"`` or ``"tokens"``.
+            Stored with the plan so that an analysis reads the branches in their own unit.
     """
 
     checkpoints: tuple[float, ...]
@@ -119,6 +123,7 @@ class BranchPlan:
     b_star: float | None = None
     lr_grid: tuple[float, ...] = (1.0,)
     repeats: int = DEFAULT_REPEATS
+    unit: str = "examples"
 
     def __post_init__(self) -> None:
         def positive_ints(values: Sequence[Any]) -> bool:
@@ -167,6 +172,8 @@ class BranchPlan:
             raise NoiseScaleInputError("a learning-rate multiplier is given twice")
         if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
             raise NoiseScaleInputError(f"repeats must be a whole number ≥ 1, got {self.repeats}")
+        if self.unit not in UNITS:
+            raise NoiseScaleInputError(f"unit must be one of {', '.join(UNITS)}, got {self.unit!r}")
 
     def learning_rates(self, batch_size: float) -> list[float]:
         """ε₀ × rule factor from B₀ to ``batch_size`` × each multiplier of the grid."""
@@ -309,6 +316,15 @@ def run_branches(
         grace_period=grace_period,
         max_retries=max_retries,
     )
+    before = queue.study.user_attrs.get(PLAN_ATTR)
+    # Plans stored before the unit was kept have none; their branches cannot be checked.
+    before_unit = before.get("unit") if isinstance(before, dict) else None
+    if before_unit is not None and before_unit != plan.unit:
+        raise NoiseScaleInputError(
+            f"study {queue.study_name!r} holds branches counted in {before_unit}; these count "
+            f"{plan.unit}, and the two cannot be compared: use another study, or give the "
+            f"branches in {before_unit}"
+        )
     queue.study.set_user_attr(PLAN_ATTR, plan.as_dict())
 
     def work(claim: Claim, bar: Any) -> float:
@@ -395,6 +411,47 @@ def stored_plan(storage: str, study_name: str) -> dict[str, Any] | None:
     """The plan last run on a study (:meth:`BranchPlan.as_dict`), or ``None``."""
     plan = open_study(storage, study_name, create=False).user_attrs.get(PLAN_ATTR)
     return plan if isinstance(plan, dict) else None
+
+
+def plan_from_dict(stored: dict[str, Any] | None) -> BranchPlan | None:
+    """The :class:`BranchPlan` of :meth:`BranchPlan.as_dict` (e.g. :func:`stored_plan`), or
+    ``None`` when there is none or it does not describe a plan."""
+    if not isinstance(stored, dict):
+        return None
+    names = {f.name for f in fields(BranchPlan)}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in names}
+    try:
+        return BranchPlan(**kwargs)
+    except (NoiseScaleInputError, TypeError, ValueError):
+        return None
+
+
+def split_by_plan(
+    branches: Sequence[BranchRun], plan: BranchPlan
+) -> tuple[list[BranchRun], list[BranchRun]]:
+    """The branches that ``plan`` runs (its checkpoints, batch sizes, learning rates, seeds and
+    budget) and the others, e.g. those of an earlier plan with another learning rate."""
+    rates: dict[tuple[float, float, int], list[float]] = {}
+    for u in plan.units():
+        p = u.params
+        key = (float(p["checkpoint"]), float(p["batch_size"]), int(p["seed"]))
+        rates.setdefault(key, []).append(float(p["learning_rate"]))
+    mine, others = [], []
+    for b in branches:
+        # Rates are compared to 1e-9: a plan stored by another version may round differently.
+        planned = rates.get((b.checkpoint, float(b.batch_size), b.seed), [])
+        ours = b.budget == plan.budget and any(
+            math.isclose(b.learning_rate, lr, rel_tol=1e-9) for lr in planned
+        )
+        (mine if ours else others).append(b)
+    return mine, others
+
+
+def stored_unit(storage: str, study_name: str) -> str | None:
+    """The unit of the plan last run on a study, or ``None`` (no plan, or one stored before
+    plans kept their unit: those count examples unless told otherwise)."""
+    unit = (stored_plan(storage, study_name) or {}).get("unit")
+    return unit if unit in UNITS else None
 
 
 def _branch_of(trial: optuna.trial.FrozenTrial) -> BranchRun | None:

@@ -8,8 +8,10 @@ checkpoint + budget], and in it:
 * B_simple of the main run over that window: the ratio of the plain means of the tracker's
   unbiased per-step |G|² and tr Σ over the window's steps (App. A.1), with its Fieller interval
   — not the tracker's running EMA, which lags and would mix in earlier training;
-* B_noise where it was measured (:class:`~noisescale.hessian.BNoiseTracker` records, or any
-  ``(examples, b_noise[, low, high])`` points): the mean of the measurements in the window;
+* B_noise where it was measured: from :class:`~noisescale.hessian.BNoiseTracker` records, the
+  ratio of the plain means of their per-measurement GᵀHG and tr(HΣ) over the window, with its
+  Fieller interval, as for B_simple (the records' ``b_noise`` is the tracker's running EMA);
+  from summary points ``(examples, b_noise[, low, high])``, one per window, their mean;
 * the ratios B_crit/B_simple and cbs/B_simple — what McCandlish et al. predict to be of order 1
   (B_crit ≈ B_noise, B_simple within a small factor) and Merrill et al. doubt.
 
@@ -45,6 +47,10 @@ class NoisePoint:
     b_noise: float
     low: float = math.nan
     high: float = math.nan
+    #: The measurement's own unbiased GᵀHG and tr(HΣ) (a ``BNoiseTracker`` record's ``ghg``
+    #: and ``trace_h_sigma``; ``nan`` for a summary point).
+    ghg: float = math.nan
+    trace_h_sigma: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ class SideBySideRow:
             is too noisy to place a checkpoint by; ``nan`` without a history).
         b_simple, b_simple_low, b_simple_high: B_simple over the window with its interval.
         b_simple_steps: Steps of the window that carry |G|² and tr Σ.
-        b_noise, b_noise_low, b_noise_high: Mean of the B_noise measurements in the window.
+        b_noise, b_noise_low, b_noise_high: B_noise over the window (module docstring).
         ratio_b_crit: B_crit/B_simple.
         ratio_cbs: cbs/B_simple.
     """
@@ -106,13 +112,18 @@ class Trajectory:
     high: np.ndarray
 
 
-def history_positions(history: History, unit: str) -> np.ndarray:
+def history_positions(
+    history: History, unit: str, tokens_per_example: float | None = None
+) -> np.ndarray:
     """Position of every record of ``history`` along the run, in ``unit``.
 
-    Records without a running count are placed by integrating the per-step batch sizes.
+    Records without a running count are placed by integrating the per-step batch sizes. A
+    history in examples that did not count tokens is placed in tokens with
+    ``tokens_per_example``.
 
     Raises:
-        NoiseScaleInputError: tokens asked of a history that did not count them.
+        NoiseScaleInputError: tokens asked of a history that did not count them, without
+            ``tokens_per_example``.
     """
     _check_unit(unit)
     if unit == "tokens":
@@ -122,8 +133,11 @@ def history_positions(history: History, unit: str) -> np.ndarray:
             if history.unit == "tokens" and not np.any(np.isfinite(per)):
                 # The history counts tokens in its batch sizes (b_big) but not a running total.
                 return _integrate(history, history.b_big)
+            if history.unit == "examples" and tokens_per_example is not None:
+                return history_positions(history, "examples") * float(tokens_per_example)
             raise NoiseScaleInputError(
-                f"{history.path!r} did not count tokens; give the branches in examples"
+                f"{history.path!r} did not count tokens; give the tokens per example "
+                "(--tokens-per-example) or the branches in examples"
             )
         return _fill(history, pos, history.b_big)
     pos = history.examples.copy()
@@ -158,7 +172,7 @@ def b_simple_trajectory(
     history: History, unit: str = "examples", tokens_per_example: float | None = None
 ) -> Trajectory:
     """The tracker's running B_simple and its interval against position, in ``unit``."""
-    pos = history_positions(history, unit)
+    pos = history_positions(history, unit, tokens_per_example)
     f = b_simple_factor(history, unit, tokens_per_example)
     keep = ~history.skipped & np.isfinite(history.b_simple) & (history.b_simple > 0)
     keep &= np.isfinite(pos)
@@ -184,7 +198,7 @@ def window_b_simple(
     The estimate is in ``unit``; ``steps`` says how many records it uses (0: none in the
     window, then B_simple is ``nan``).
     """
-    pos = history_positions(history, unit)
+    pos = history_positions(history, unit, tokens_per_example)
     inside = (pos >= start) & (pos <= end) & ~history.skipped
     inside &= np.isfinite(history.g2) & np.isfinite(history.trace_sigma)
     state = estimators.update_state(
@@ -231,7 +245,7 @@ def side_by_side(
     """
     _check_unit(unit)
     rows = []
-    pos = history_positions(history, unit) if history is not None else None
+    pos = history_positions(history, unit, tokens_per_example) if history is not None else None
     for r in sorted(results, key=lambda r: r.checkpoint):
         start, end = r.checkpoint, r.checkpoint + r.budget
         loss = math.nan
@@ -249,9 +263,7 @@ def side_by_side(
             if window.any():
                 loss = float(history.loss[window].mean())
         inside = [p for p in b_noise if start <= p.examples <= end]
-        bn = float(np.mean([p.b_noise for p in inside])) if inside else math.nan
-        bn_low = float(np.mean([p.low for p in inside])) if inside else math.nan
-        bn_high = float(np.mean([p.high for p in inside])) if inside else math.nan
+        bn, bn_low, bn_high = _window_b_noise(inside, confidence)
         bs = e.b_simple if e is not None else math.nan
         rows.append(
             SideBySideRow(
@@ -272,21 +284,61 @@ def side_by_side(
     return rows
 
 
+def _window_b_noise(inside: Sequence[NoisePoint], confidence: float) -> tuple[float, ...]:
+    """B_noise over a window and its interval: from per-measurement parts when the points carry
+    them (ratio of means, Fieller interval), else the mean of the summary points."""
+    if not inside:
+        return math.nan, math.nan, math.nan
+    if all(math.isfinite(p.ghg) and math.isfinite(p.trace_h_sigma) for p in inside):
+        state = estimators.update_state(
+            estimators.init_state(1.0),
+            np.array([p.ghg for p in inside]),
+            np.array([p.trace_h_sigma for p in inside]),
+        )
+        e = estimators.b_simple_interval(state, confidence)
+        return e.b_simple, e.low, e.high
+    return (
+        float(np.mean([p.b_noise for p in inside])),
+        float(np.mean([p.low for p in inside])),
+        float(np.mean([p.high for p in inside])),
+    )
+
+
 def read_b_noise(
-    records: Sequence[dict[str, Any]], history: History | None = None, unit: str = "examples"
+    records: Sequence[dict[str, Any]],
+    history: History | None = None,
+    unit: str = "examples",
+    tokens_per_example: float | None = None,
 ) -> list[NoisePoint]:
-    """B_noise points from records with ``b_noise`` and ``examples`` (or ``step``, placed with
-    the history), optionally ``b_noise_low``/``b_noise_high`` — e.g. a
-    :class:`~noisescale.hessian.BNoiseTracker`'s ``history``.
+    """B_noise points from records with ``examples`` (or ``step``, placed with the history) and
+    either a :class:`~noisescale.hessian.BNoiseTracker`'s per-measurement ``ghg`` and
+    ``trace_h_sigma`` (its ``history``: the window's B_noise is computed from them, not from
+    the running ``b_noise``) or summary values ``b_noise`` and optionally
+    ``b_noise_low``/``b_noise_high`` (e.g. one measurement per window).
 
     Raises:
-        NoiseScaleInputError: a record without ``b_noise`` or a position.
+        NoiseScaleInputError: a record without ``b_noise`` (or ``ghg`` and ``trace_h_sigma``)
+            or a position, or records that mix the two kinds.
     """
-    pos = history_positions(history, unit) if history is not None else None
+    pos = history_positions(history, unit, tokens_per_example) if history is not None else None
     out = []
+    kinds = set()
     for i, rec in enumerate(records, start=1):
-        if not isinstance(rec, dict) or not _number(rec.get("b_noise")):
-            raise NoiseScaleInputError(f"B_noise record {i}: needs a number 'b_noise'")
+        parts = (
+            isinstance(rec, dict) and _number(rec.get("ghg")) and _number(rec.get("trace_h_sigma"))
+        )
+        kinds.add(bool(parts))
+        if len(kinds) > 1:
+            raise NoiseScaleInputError(
+                f"B_noise record {i}: the records mix per-measurement 'ghg' and "
+                "'trace_h_sigma' (a BNoiseTracker's) with summary 'b_noise' values; give one "
+                "kind"
+            )
+        if not parts and (not isinstance(rec, dict) or not _number(rec.get("b_noise"))):
+            raise NoiseScaleInputError(
+                f"B_noise record {i}: needs a number 'b_noise' (or a BNoiseTracker's 'ghg' "
+                "and 'trace_h_sigma')"
+            )
         if _number(rec.get(unit)):
             at = float(rec[unit])
         elif _number(rec.get("step")) and history is not None and pos is not None:
@@ -300,6 +352,12 @@ def read_b_noise(
             raise NoiseScaleInputError(
                 f"B_noise record {i}: needs '{unit}' (or 'step' and the run's history)"
             )
+        if parts:
+            ghg, trace = float(rec["ghg"]), float(rec["trace_h_sigma"])
+            out.append(
+                NoisePoint(at, trace / ghg if ghg > 0 else math.nan, ghg=ghg, trace_h_sigma=trace)
+            )
+            continue
         out.append(
             NoisePoint(
                 at,

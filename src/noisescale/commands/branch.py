@@ -160,8 +160,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     analysis.add_argument(
         "--unit",
         choices=("examples", "tokens"),
-        default="examples",
-        help="what checkpoints, budgets and batch sizes count (default examples)",
+        help="what checkpoints, budgets and batch sizes count (default: the unit stored with "
+        "the study's branches, else examples); stored with the branches it runs",
     )
     analysis.add_argument(
         "--history",
@@ -177,8 +177,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     analysis.add_argument(
         "--b-noise",
         metavar="FILE",
-        help="B_noise measurements along the main run (JSON Lines: b_noise and examples or "
-        "step, optionally b_noise_low/high)",
+        help="B_noise measurements along the main run (JSON Lines with examples or step: a "
+        "BNoiseTracker's records, whose per-measurement ghg and trace_h_sigma give each "
+        "window's B_noise and interval; or summary points b_noise, optionally b_noise_low/high)",
     )
     analysis.add_argument(
         "--stable",
@@ -263,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
     if (db := sqlite_file(storage.url)) is not None:
         inputs.append(str(db))
     outputs = _outputs(args, inputs)
+    args.unit = _unit(args, storage.url, study)
     history = _history(args)
     b_noise = _b_noise(args, history)
     plan = None
@@ -295,6 +297,7 @@ def run(args: argparse.Namespace) -> int:
             b_star=args.b_star,
             lr_grid=tuple(args.lr_grid),
             repeats=args.repeats,
+            unit=args.unit,
         )
     else:
         grid_flags = [
@@ -379,7 +382,12 @@ def _analyse(
     outputs: list[Path],
 ) -> int:
     from noisescale.branch.compare import local_critical_batch_sizes
-    from noisescale.branch.runner import read_branches, stored_plan
+    from noisescale.branch.runner import (
+        plan_from_dict,
+        read_branches,
+        split_by_plan,
+        stored_plan,
+    )
     from noisescale.branch.side import b_simple_trajectory, history_positions, side_by_side
     from noisescale.branch.warmup import fit_warmup
     from noisescale.sweep.study import select_studies
@@ -388,10 +396,38 @@ def _analyse(
     if len(names) != 1:
         raise NoiseScaleInputError(f"--study {study!r} matches {len(names)} studies; name one")
     name = names[0]
-    budget = plan.budget if plan is not None else args.budget
+    notes: list[str] = []
+    stored = stored_plan(storage.url, name) or {}
+    # The plan run now, else the last one run on the study: a study can hold several plans'
+    # branches (another --lr, rule or B*), which must not be pooled into a learning-rate grid.
+    current = plan if plan is not None else plan_from_dict(stored)
+    if current is not None and args.budget not in (None, current.budget):
+        current = None  # asked for another budget: an earlier plan's branches
+    budget = current.budget if current is not None else args.budget
     branches = read_branches(storage.url, name, budget=budget)
-    if plan is not None:
-        branches = [b for b in branches if b.checkpoint in plan.checkpoints]
+    if current is not None:
+        branches, others = split_by_plan(branches, current)
+        which = "this command's" if plan is not None else "the last"
+        if not branches:
+            raise NoiseScaleInputError(
+                f"study {name!r} has no finished branch of {which} plan; run it "
+                "(MODULE:FUNCTION with its options) to complete it"
+            )
+        if others:
+            notes.append(
+                f"{len(others)} finished branch(es) of the study belong to another plan "
+                f"({_settings(others)}) and are left out: only {which} plan's branches are "
+                "compared. To analyse the others, run the command with their plan's options "
+                "again (finished branches are skipped)"
+            )
+    else:
+        pooled = _pooled_rates(branches)
+        if pooled:
+            notes.append(
+                f"the study stores no plan that tells a learning-rate grid from branches of "
+                f"several plans; pooled as a grid (the lowest loss at the budget is compared): "
+                f"{pooled}"
+            )
     results = local_critical_batch_sizes(
         branches,
         tolerance=args.tolerance,
@@ -407,7 +443,6 @@ def _analyse(
         b_noise=b_noise,
         confidence=args.confidence,
     )
-    notes: list[str] = []
     usable = results
     if args.stable is not None:
         start, end = args.stable
@@ -420,11 +455,10 @@ def _analyse(
             )
     base = args.base_batch_size
     if base is None:
-        stored = stored_plan(storage.url, name) or {}
         base = int(stored.get("base_batch_size") or min(r.reference_batch_size for r in results))
     total = args.warmup_total
     if total is None and history is not None:
-        positions = history_positions(history, args.unit)
+        positions = history_positions(history, args.unit, args.tokens_per_example)
         total = float(positions[-1]) if math.isfinite(positions[-1]) else None
     if total is None:
         total = max(r.checkpoint + r.budget for r in results)
@@ -537,12 +571,63 @@ def _text(rows: list[Any], warm: Any, args: argparse.Namespace, storage: Any, st
             f"(the password is masked; set {STORAGE_ENV} or use --storage-file to keep it off "
             "the command line)"
         )
-    where = " ".join(shlex.quote(a) for a in storage.command_args())
-    lines.append(
-        f"re-analyse: noisescale branch {where + ' ' if where else ''}--study "
-        f"{shlex.quote(study)} --tolerance T"
-    )
+    lines.append(f"re-analyse: {_reanalyse(args, storage, study)}")
     return "\n".join(lines)
+
+
+def _reanalyse(args: argparse.Namespace, storage: Any, study: str) -> str:
+    """The command that analyses the same branches the same way again, runnable as printed
+    (the storage's password stays masked; see the note above it)."""
+    where = storage.command_args()
+    if where and where[0] != "--storage-file":
+        where = ["--storage", *where]
+    words = ["noisescale", "branch", *where, "--study", study]
+    if args.unit != "examples":
+        words += ["--unit", args.unit]
+    for flag, value, default in (
+        ("--budget", args.budget, None),
+        ("--base-batch-size", args.base_batch_size, None),
+        ("--reference", args.reference, "smallest"),
+        ("--ema", args.ema, 0.0),
+        ("--confidence", args.confidence, 0.95),
+        ("--history", args.history, None),
+        ("--tokens-per-example", args.tokens_per_example, None),
+        ("--b-noise", args.b_noise, None),
+        ("--stable", None if args.stable is None else ":".join(map(_word, args.stable)), None),
+        ("--warmup-total", args.warmup_total, None),
+    ):
+        if value is not None and value != default:
+            words += [flag, _word(value)]
+    words += ["--tolerance", _word(args.tolerance)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _word(value: Any) -> str:
+    """A value as a command-line word that parses back to the same number."""
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value)
+
+
+def _settings(branches: list[Any]) -> str:
+    """The settings of some branches, compactly: checkpoint, batch size and learning rates."""
+    rates: dict[tuple[float, float], set[float]] = {}
+    for b in branches:
+        rates.setdefault((b.checkpoint, b.batch_size), set()).add(b.learning_rate)
+    shown = [
+        f"checkpoint {c:g} B={b:g} lr {', '.join(f'{lr:g}' for lr in sorted(lrs))}"
+        for (c, b), lrs in sorted(rates.items())
+    ]
+    more = f" and {len(shown) - 6} more" if len(shown) > 6 else ""
+    return "; ".join(shown[:6]) + more
+
+
+def _pooled_rates(branches: list[Any]) -> str:
+    """The checkpoints and batch sizes run at several learning rates ("" when none)."""
+    rates: dict[tuple[float, float], set[float]] = {}
+    for b in branches:
+        rates.setdefault((b.checkpoint, b.batch_size), set()).add(b.learning_rate)
+    return _settings([b for b in branches if len(rates[(b.checkpoint, b.batch_size)]) > 1])
 
 
 def _cbs_mark(bound: str | None) -> str | None:
@@ -588,6 +673,28 @@ def _outputs(args: argparse.Namespace, inputs: list[str]) -> list[Path]:
     return outputs
 
 
+def _unit(args: argparse.Namespace, storage: str, study: str) -> str:
+    """``--unit``, else the unit stored with the study's branches, else examples; refuses a
+    ``--unit`` that contradicts the stored one."""
+    from noisescale.branch.runner import stored_unit
+    from noisescale.sweep.study import select_studies
+
+    stored = None
+    try:
+        names = select_studies(storage, study)
+        if len(names) == 1:
+            stored = stored_unit(storage, names[0])
+    except NoiseScaleInputError:
+        pass  # no storage or study yet: a new study, or an error the analysis names
+    if args.unit is not None and stored is not None and args.unit != stored:
+        raise NoiseScaleInputError(
+            f"--unit {args.unit}, but the branches of study {study!r} count {stored}: drop "
+            f"--unit (or give --unit {stored}), or use another --study for branches in "
+            f"{args.unit}"
+        )
+    return args.unit or stored or "examples"
+
+
 def _history(args: argparse.Namespace) -> Any:
     if args.history is None:
         if args.tokens_per_example is not None:
@@ -597,7 +704,8 @@ def _history(args: argparse.Namespace) -> Any:
     from noisescale.report.data import load_history
 
     history = load_history(args.history)
-    history_positions(history, args.unit)  # refuses tokens asked of a history without them
+    # Refuses tokens asked of a history without them (and without --tokens-per-example).
+    history_positions(history, args.unit, args.tokens_per_example)
     return history
 
 
@@ -624,7 +732,7 @@ def _b_noise(args: argparse.Namespace, history: Any) -> list[Any]:
             ) from None
     if not records:
         raise NoiseScaleInputError(f"--b-noise {args.b_noise} holds no measurement")
-    return read_b_noise(records, history, args.unit)
+    return read_b_noise(records, history, args.unit, args.tokens_per_example)
 
 
 def _efficiency_png(path: Path) -> Path:

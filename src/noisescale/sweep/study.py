@@ -433,7 +433,8 @@ def run_sweep(
         SweepRunError: ``train`` raised (unless ``keep_going``); the run is stored as failed.
         KeyboardInterrupt: after storing the interrupted run as failed.
         NoiseScaleInputError: an empty or bad grid, a run that reported nothing (unless
-            ``keep_going``: then it is stored as failed), or a storage that cannot be opened.
+            ``keep_going``: then it is stored as failed), a storage that cannot be opened, or
+            a study that holds branches (``noisescale branch``).
     """
     if not batch_sizes or not learning_rates:
         raise NoiseScaleInputError("the grid needs at least one batch size and one learning rate")
@@ -452,6 +453,13 @@ def run_sweep(
         max_retries=max_retries,
         key_of=sweep_key,
     )
+    from noisescale.branch.runner import PLAN_ATTR
+
+    if PLAN_ATTR in queue.study.user_attrs:
+        raise NoiseScaleInputError(
+            f"study {queue.study_name!r} in {queue.storage_shown} holds the branches of "
+            "`noisescale branch`, not a sweep grid: give the sweep a study of its own (--study)"
+        )
     _fail_legacy_running(queue)
 
     def work(claim: Claim, bar: Any) -> float:
@@ -580,9 +588,12 @@ def read_study_runs(
     when several studies are read.
 
     Raises:
-        NoiseScaleInputError: no such study, several studies and no name, or no finished run.
+        NoiseScaleInputError: no such study, several studies and no name, no finished run, or
+            a study of branches (``noisescale branch``).
     """
     from optuna.trial import TrialState
+
+    from noisescale.branch.runner import KIND
 
     names = select_studies(storage, study_name)
     rows: list[tuple[int, dict[str, Any]]] = []
@@ -592,6 +603,15 @@ def read_study_runs(
         for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             if "batch_size" not in trial.params or "learning_rate" not in trial.params:
                 continue
+            if trial.user_attrs.get("kind") == KIND:
+                # Branches start from checkpoints of one run and count from each: as a grid of
+                # runs from scratch their curves would give a confident, wrong B_crit.
+                raise NoiseScaleInputError(
+                    f"study {name!r} in {mask_url(storage)} holds branches of `noisescale "
+                    f"branch` (trial {trial.number}: checkpoint {trial.params.get('checkpoint')}, "
+                    f"seed {trial.params.get('seed')}), not the runs of a sweep: analyse it with "
+                    f"noisescale branch --study {name}, and fit a sweep's study"
+                )
             run_name = f"{prefix}trial {trial.number}"
             for chunk in _curve_chunks(trial.user_attrs):
                 length = len(chunk.get("step", []))
