@@ -704,6 +704,8 @@ def _history(args: argparse.Namespace) -> Any:
     from noisescale.report.data import load_history
 
     history = load_history(args.history)
+    for warning in history.warnings:  # (e.g. read from its switch to preconditioned norms on)
+        print(f"noisescale branch: warning: {args.history}: {warning}", file=sys.stderr)
     # Refuses tokens asked of a history without them (and without --tokens-per-example).
     history_positions(history, args.unit, args.tokens_per_example)
     return history
