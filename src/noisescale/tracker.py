@@ -769,6 +769,13 @@ class GradientNoiseTracker:
                 "count_tokens() was called before the model's forward pass: call it after each "
                 "forward (and before tracker.step())"
             )
+        if num_items_in_batch is not None and self.loss_reduction != "num_items_in_batch":
+            raise NoiseScaleInputError(
+                "count_tokens(num_items_in_batch=) gives the divisor of a loss declared "
+                "loss_reduction='num_items_in_batch' (a sum over tokens divided by it), but this "
+                f"tracker's loss_reduction is {self.loss_reduction!r}: declare the loss the "
+                "tracker is given, or leave num_items_in_batch out"
+            )
         counts = count_units(labels, ignore_index)
         if counts.shape[0] != pass_.batch_size:
             raise NoiseScaleInputError(
