@@ -19,7 +19,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from noisescale.integrations.transformers import NoiseScaleCallback
-from test_integrations import DDP_SCENARIOS, _hf_args, _HFDataset, _HFModel, _lit_model, _loader
+from test_integrations import (
+    DDP_SCENARIOS,
+    _gpt2_lm,
+    _hf_args,
+    _HFDataset,
+    _HFModel,
+    _lit_model,
+    _loader,
+    _Padded,
+    _token_loss_trainer,
+)
 
 
 def main(out: Path) -> None:
@@ -45,12 +55,36 @@ def main(out: Path) -> None:
             "model": type(trainer.model_wrapped).__name__,
             "history": callback.tracker.history,
         }
+    for name, override in (("override", True), ("own_loss", False)):
+        results[name] = _token_loss(out / name, override)
     results["lightning"] = {"history": _lightning(out / "lightning")}
     rank = torch.distributed.get_rank()
     (out / f"{rank}.json").write_text(json.dumps(results))
     # an orderly end: a process group left to interpreter shutdown can abort the process
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+
+
+def _token_loss(out: Path, override: bool) -> list[dict]:
+    """GPT-2 over padded sequences, 2 steps of 2 sequences per process: the documented
+    compute_loss override over tokens (loss_reduction='num_items_in_batch'), or the model's
+    own loss (labels=, measured)."""
+    import transformers
+
+    kw = {"loss_reduction": "num_items_in_batch"} if override else {}
+    callback = NoiseScaleCallback(sync_every=1, per_example_fraction=1.0, microbatch=False, **kw)
+    args = _hf_args(
+        out, per_device_train_batch_size=2, gradient_accumulation_steps=1, max_steps=2,
+        learning_rate=0.0, max_grad_norm=0.0,
+    )  # fmt: skip
+    trainer_cls = _token_loss_trainer() if override else transformers.Trainer
+    trainer = trainer_cls(
+        model=_gpt2_lm(), args=args, train_dataset=_Padded(), callbacks=[callback]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    return callback.tracker.history
 
 
 def _lightning(out: Path) -> list[dict]:

@@ -263,12 +263,73 @@ def _lm_run(rank: int | None, measure_every: int = 1) -> list[dict]:
     return history
 
 
+def _uneven_lm_batch(t: int, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As :func:`_lm_batch`, process 1's sequences longer (8–12 tokens) than process 0's (2–12):
+    the processes' token counts differ, so how a loss weighs them across processes shows."""
+    g = torch.Generator().manual_seed(100 * t + r)
+    ids = torch.randint(0, 32, (LM_SEQ, 12), generator=g)
+    lengths = torch.randint(2 if r == 0 else 8, 13, (LM_SEQ,), generator=g)
+    mask = torch.arange(12)[None] < lengths[:, None]
+    return ids, mask.long(), torch.where(mask, ids, -100)
+
+
+def _lm_declared_run(rank: int | None, divisor: str) -> list[dict] | str:
+    """A causal-LM loss by hand, declared loss_reduction='num_items_in_batch': each process's
+    summed token loss divided by the step's tokens over all processes, times WORLD (as the
+    Trainer does with average_tokens_across_devices), so every token weighs the same in the
+    averaged .grad. ``divisor``: how the tracker learns that — ``"given"``:
+    count_tokens(num_items_in_batch=count / WORLD); ``"watched"``: num_items_in_batch=count
+    and watch_loss before the multiplication by WORLD; ``"none"``: count_tokens(labels)
+    alone (refused under DDP: returns the message). ``rank`` None: one process accumulating
+    every process's batch (the loss divided by the step's count, nothing given)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _lm_model()
+    if rank is not None:
+        model = DistributedDataParallel(model)
+    tracker = noisescale.GradientNoiseTracker(
+        model, beta=1.0, per_example_fraction=1.0, loss_reduction="num_items_in_batch"
+    )
+    try:
+        for t in range(LM_STEPS):
+            batches = [_uneven_lm_batch(t, r) for r in range(WORLD)]
+            total = sum(int((b[2][:, 1:] != -100).sum()) for b in batches)
+            for r in [rank] if rank is not None else range(WORLD):
+                ids, mask, labels = batches[r]
+                logits = model(ids, attention_mask=mask).logits
+                shifted = labels[:, 1:]
+                summed = F.cross_entropy(
+                    logits[:, :-1].flatten(0, 1), shifted.flatten(), reduction="sum"
+                )
+                loss = summed / total
+                if rank is None or divisor == "none":
+                    tracker.count_tokens(shifted)
+                elif divisor == "given":
+                    tracker.count_tokens(shifted, num_items_in_batch=torch.tensor(total / WORLD))
+                else:
+                    tracker.count_tokens(shifted, num_items_in_batch=total)
+                    tracker.watch_loss(loss)
+                (loss * WORLD if rank is not None else loss).backward()
+            tracker.step()
+            model.zero_grad()
+        return tracker.history
+    except noisescale.NoiseScaleInputError as exc:
+        return str(exc)
+    except Exception as exc:  # (kept from the other scenarios' processes)
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        tracker.remove()
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     """All scenarios, then a crash (one process start-up is most of the cost)."""
     _init(rank, port, timeout_s=CRASH_TIMEOUT_S)
     results = {name: _run_scenario(rank, *SCENARIOS[name]) for name in SCENARIOS}
     results["tokens"] = {"history": _lm_run(rank)}
     results["tokens_every2"] = {"history": _lm_run(rank, measure_every=2)}
+    results["tokens_declared"] = {
+        d: _lm_declared_run(rank, d) for d in ("given", "watched", "none")
+    }
     results["misuse"] = _misuse()
     results["hand_averaging"] = _manual_averaging(rank)
     results["comm_hooks"] = _comm_hooks(rank)
@@ -938,6 +999,36 @@ def test_a_loss_over_tokens_equals_single_process(runs):
         g, w = got["sources"]["per_example"], want["sources"]["per_example"]
         assert g["count"] == w["count"]
         assert g["sqnorm_small"] == pytest.approx(w["sqnorm_small"], rel=1e-5)
+
+
+def test_a_declared_loss_over_the_step_s_tokens_equals_single_process(runs):
+    """loss_reduction='num_items_in_batch' under DDP, each process's summed token loss divided
+    by the step's tokens over all processes (times the processes, as the Trainer does): with
+    the divisor given to count_tokens (or given undivided and the multiplication measured by
+    watch_loss) the record equals one process accumulating both batches. Without it the
+    tracker cannot tell that loss from one divided by each process's own count, and refuses
+    it (until 2026-12-05 it took the latter: b_big, |G_big|² and tr Σ up to 33% off here,
+    91% in a hunt's Trainer run, without a word)."""
+    want_hist = _lm_declared_run(None, "none")
+    assert isinstance(want_hist, list)
+    declared = runs[0]["tokens_declared"]
+    assert isinstance(declared["none"], str), "not refused"
+    assert declared["none"].startswith(
+        "loss_reduction='num_items_in_batch' under data parallelism needs the number the loss "
+        "divided its sum over tokens by"
+    ), declared["none"]
+    assert "count_tokens(labels, num_items_in_batch=n)" in declared["none"]
+    assert "loss_reduction='token_mean'" in declared["none"]
+    for divisor in ("given", "watched"):
+        got_hist = declared[divisor]
+        assert isinstance(got_hist, list), got_hist
+        assert json.dumps(got_hist) == json.dumps(runs[1]["tokens_declared"][divisor])
+        for got, want in zip(got_hist, want_hist, strict=True):
+            assert got["tokens"] == want["tokens"]
+            for key in ("b_big", "sqnorm_big"):
+                assert got[key] == pytest.approx(want[key], rel=1e-5), (divisor, key)
+            g, w = got["sources"]["per_example"], want["sources"]["per_example"]
+            assert g["sqnorm_small"] == pytest.approx(w["sqnorm_small"], rel=1e-5)
 
 
 def test_uneven_local_batches_weight_the_big_batch(runs):

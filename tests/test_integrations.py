@@ -860,6 +860,14 @@ def test_callbacks_ddp_under_accelerate_launch(tmp_path, float64_default):
         for got_step, want_step in zip(run["history"], want, strict=True):
             _assert_same_ddp_step(got_step, want_step, accumulation)
 
+    # the compute_loss override over tokens (num_items_in_batch over both processes' tokens,
+    # times 2) against the model's own loss in the same processes: the same record (until
+    # 2026-12-05 each process's tokens were weighed by its own count, up to 91% off)
+    override, own = ranks[0]["override"], ranks[0]["own_loss"]
+    assert len(override) == len(own) == 2
+    for got_step, want_step in zip(override, own, strict=True):
+        _assert_same_record(got_step, want_step, rel=1e-6)
+
     # Lightning gives each process a DistributedSampler, shuffling (seed 0) for training
     x, y = _data()
     data = torch.utils.data.TensorDataset(x, y)
@@ -1195,3 +1203,56 @@ def test_label_smoothing_is_measured_per_token(tmp_path):
         )
         assert smoothed["tokens"] == want["tokens"] and smoothed["b_big"] == want["b_big"]
         assert smoothed["sqnorm_big"] != pytest.approx(want["sqnorm_big"], rel=1e-3)
+
+
+def _token_loss_trainer():
+    """The Trainer with the documented compute_loss override over tokens
+    (docs/integrations.md): the summed shifted-token loss divided by the num_items_in_batch
+    the Trainer passes (times the processes when it counts all of theirs, as
+    Trainer.compute_loss does), the shifted labels counted."""
+    import transformers
+
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    class TokenLoss(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            shifted = labels[:, 1:]
+            (callback,) = [
+                c for c in self.callback_handler.callbacks if isinstance(c, NoiseScaleCallback)
+            ]
+            callback.tracker.count_tokens(shifted)
+            logits = outputs.logits[:, :-1].flatten(0, 1)
+            loss = F.cross_entropy(logits, shifted.flatten(), reduction="sum")
+            loss = loss / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes
+            return (loss, outputs) if return_outputs else loss
+
+    return TokenLoss
+
+
+def test_a_compute_loss_override_over_tokens_is_weighed_by_the_trainer_s_divisor(tmp_path):
+    """The documented recipe for a loss of one's own over tokens under the Trainer: a
+    compute_loss override that divides the summed (shifted) token loss by the
+    num_items_in_batch the Trainer passes and counts the shifted labels, declared
+    loss_reduction='num_items_in_batch'. For GPT-2 the Trainer counts num_items_in_batch over
+    the unshifted labels (one token more per sequence than the loss counts), so the divisor is
+    not the tokens counted: the callback takes the one the Trainer passed, and the record is
+    the model's own loss's, with accumulation 1 and 2. (Until 2026-12-05 the tracker took the
+    counted tokens for the divisor: |G|² and tr Σ read (counted / num_items_in_batch)² off,
+    0.48–0.73 here, without a word.)"""
+    pytest.importorskip("transformers")
+    TokenLoss = _token_loss_trainer()
+    data = _Padded()
+    # the Trainer's count for GPT-2 is not the loss's (the case that was misread)
+    assert int((data.labels != -100).sum()) != int((data.labels[:, 1:] != -100).sum())
+    want = _one_step(tmp_path, _gpt2_lm(), data, 1)
+    for k in (1, 2):
+        got = _one_step(
+            tmp_path, _gpt2_lm(), _Padded(), k, trainer_cls=TokenLoss,
+            loss_reduction="num_items_in_batch",
+        )  # fmt: skip
+        # (the model's own causal-LM loss computes in float32: its weights round at 1e-7)
+        _assert_same_record(got, want, rel=1e-6)

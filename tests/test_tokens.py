@@ -112,26 +112,39 @@ def _hand_a2(lm, micro_batches, weights):
     return g2 / mu**2, tr / mu
 
 
-@pytest.mark.parametrize("style", ["hf-mean", "trainer", "declared"])
+@pytest.mark.parametrize("style", ["hf-mean", "trainer", "declared", "declared-divisor"])
 def test_one_step_is_eq_a2_with_the_losss_own_token_weights(lm, style):
     """Two micro-batches of different token counts: Hugging Face's mean loss divided by 2 (a
     plain loop), the Trainer's num_items_in_batch, and a declared token_mean over a loss of
     one's own with count_tokens — every per-example norm and the big batch exactly as eq. A.2
-    with the weights each loss gives its tokens."""
+    with the weights each loss gives its tokens. ``declared-divisor``: a declared
+    num_items_in_batch loss whose divisor is not the tokens counted (the Trainer's count of
+    GPT-2's unshifted labels), given to count_tokens(num_items_in_batch=) — until 2026-12-05
+    the divisor was taken to be the counted tokens, |G|² and tr Σ (counted/divisor)² off."""
     model = lm["model"]
+    reduction = {"declared": "token_mean", "declared-divisor": "num_items_in_batch"}
     tracker = noisescale.GradientNoiseTracker(
         model,
         per_example_fraction=1.0,
         microbatch=False,
         beta=1.0,
-        loss_reduction="token_mean" if style == "declared" else "mean",
+        loss_reduction=reduction.get(style, "mean"),
     )
     mbs = [torch.tensor([0, 5, 7, 11, 20]), torch.tensor([3, 9, 30, 41])]
     labels = lm["labels"]
     total = sum(float((labels[m, 1:] != -100).sum()) for m in mbs)
+    unshifted = sum(float((labels[m] != -100).sum()) for m in mbs)
     for m in mbs:
         kwargs = {"attention_mask": lm["mask"][m].long()}
-        if style == "declared":
+        if style == "declared-divisor":
+            logits = model(lm["ids"][m], **kwargs).logits
+            target = labels[m, 1:]
+            summed = F.cross_entropy(
+                logits[:, :-1].reshape(-1, VOCAB), target.reshape(-1), reduction="sum"
+            )
+            loss = summed / unshifted
+            tracker.count_tokens(target, num_items_in_batch=torch.tensor(unshifted))
+        elif style == "declared":
             logits = model(lm["ids"][m], **kwargs).logits
             target = labels[m, 1:]
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), target.reshape(-1)) / 2
@@ -144,10 +157,11 @@ def test_one_step_is_eq_a2_with_the_losss_own_token_weights(lm, style):
     tracker.step()
     record = tracker.history[-1]
     tokens = [float((labels[m, 1:] != -100).sum()) for m in mbs]
-    weights = [1.0 / total] * 2 if style == "trainer" else [1 / (2 * n) for n in tokens]
+    uniform = style in ("trainer", "declared-divisor")
+    weights = [1.0 / total] * 2 if uniform else [1 / (2 * n) for n in tokens]
     g2, tr = _hand_a2(lm, mbs, weights)
     # Hugging Face's loss casts the logits to float32 (float32 rounding, ~1e-7); ours is float64
-    rel = 1e-9 if style == "declared" else 1e-6
+    rel = 1e-9 if style.startswith("declared") else 1e-6
     assert record["g2"] == pytest.approx(g2, rel=rel)
     assert record["trace_sigma"] == pytest.approx(tr, rel=rel)
     assert record["tokens"] == total
@@ -321,6 +335,17 @@ def test_declared_token_loss_needs_the_counts():
     model(torch.randn(4, 3)).pow(2).mean().backward()
     with pytest.raises(NoiseScaleInputError, match="4"):
         tracker.count_tokens(torch.ones(5, 5))
+
+
+def test_a_divisor_for_another_loss_reduction_is_refused():
+    """count_tokens(num_items_in_batch=) is the divisor of a loss declared
+    'num_items_in_batch'; given with 'token_mean' (each micro-batch divided by its own
+    tokens) the two say different things, and neither is taken silently."""
+    model = torch.nn.Linear(3, 2)
+    tracker = noisescale.GradientNoiseTracker(model, loss_reduction="token_mean")
+    model(torch.randn(4, 3)).pow(2).mean().backward()
+    with pytest.raises(NoiseScaleInputError, match="loss_reduction='num_items_in_batch'"):
+        tracker.count_tokens(torch.ones(4, 5), num_items_in_batch=20)
 
 
 def test_changing_definition_mid_run_is_refused(lm):

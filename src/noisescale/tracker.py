@@ -185,7 +185,8 @@ class GradientNoiseTracker:
             :meth:`count_tokens` after each forward), ``"token_mean"`` (each micro-batch's
             mean over its counted tokens, divided by the number of micro-batches) or
             ``"num_items_in_batch"`` (the sum over the step's tokens divided by their number,
-            as the ``transformers`` Trainer does). A Hugging
+            as the ``transformers`` Trainer does; under data parallelism the divisor must be
+            given, ``count_tokens(num_items_in_batch=)``). A Hugging
             Face model called with ``labels=`` needs nothing: the weights of its own loss are
             measured (:mod:`noisescale.tokens`). The division by the number of micro-batches
             is measured wherever it can be — a loss passed to :meth:`watch_loss`, the Trainer's
@@ -738,7 +739,12 @@ class GradientNoiseTracker:
         """Whether the next step is measured (steps 1, 1 + m, 1 + 2m, … of measure_every=m)."""
         self.engine.idle = self.steps % self.measure_every != 0
 
-    def count_tokens(self, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> None:
+    def count_tokens(
+        self,
+        labels: Tensor,
+        ignore_index: int = IGNORE_INDEX,
+        num_items_in_batch: Tensor | float | None = None,
+    ) -> None:
         """Tell the tracker how many tokens each example of this micro-batch counts in the loss.
 
         Call after each forward (the pass it counts is the last one the model ran), with the
@@ -748,6 +754,16 @@ class GradientNoiseTracker:
         over examples the counts only give estimates in tokens too. Not needed for a Hugging
         Face model called with ``labels=``. No host synchronisation. Inside
         :meth:`paused` it does nothing (the forward there is not the step's).
+
+        ``num_items_in_batch`` (with ``loss_reduction="num_items_in_batch"``): the number this
+        micro-batch's summed token loss was divided by, in the loss passed to
+        :meth:`watch_loss` (or backpropagated, without it) — each of its tokens then weighs
+        1/that. Without it the divisor is taken to be the step's counted tokens, which is
+        right in one process only; under data parallelism it is required. A loss divided by
+        the step's tokens over all W processes and multiplied by W (as the Trainer does with
+        ``average_tokens_across_devices``) divides by that count / W. The Trainer's callback
+        passes the ``num_items_in_batch`` the Trainer gives ``compute_loss``. A tensor is
+        not read on the host.
         """
         if self.engine.is_paused:
             return
@@ -756,6 +772,13 @@ class GradientNoiseTracker:
             raise NoiseScaleInputError(
                 "count_tokens() was called before the model's forward pass: call it after each "
                 "forward (and before tracker.step())"
+            )
+        if num_items_in_batch is not None and self.loss_reduction != "num_items_in_batch":
+            raise NoiseScaleInputError(
+                "count_tokens(num_items_in_batch=) gives the divisor of a loss declared "
+                "loss_reduction='num_items_in_batch' (a sum over tokens divided by it), but this "
+                f"tracker's loss_reduction is {self.loss_reduction!r}: declare the loss the "
+                "tracker is given, or leave num_items_in_batch out"
             )
         counts = count_units(labels, ignore_index)
         if counts.shape[0] != pass_.batch_size:
@@ -770,7 +793,7 @@ class GradientNoiseTracker:
                 "count_tokens() was called twice for one forward pass; call it once per micro-batch"
             )
         if pass_.units is None or from_labels:  # (the user's count over the labels= one)
-            pass_.units = PassUnits(counts, "token", "count_tokens")
+            pass_.units = PassUnits(counts, "token", "count_tokens", num_items_in_batch)
 
     def watch_loss(self, loss: Tensor, divided_by: float = 1.0) -> None:
         """Measure how the step scales this micro-batch's loss before backpropagating it.
@@ -892,7 +915,8 @@ class GradientNoiseTracker:
             if self.loss_reduction == "token_mean":
                 coef = [m / u.counts.sum() for m, u in zip(outer, units, strict=True)]  # type: ignore[union-attr]
             else:
-                coef = [m / tokens for m in outer]  # type: ignore[operator]
+                divisors = self._items_divisors(units, tokens)  # type: ignore[arg-type]
+                coef = [m / d for m, d in zip(outer, divisors, strict=True)]
             return StepNorms(passes, coef, scale), "token", tokens
         sizes = [p.batch_size for p in passes]
         if self.loss_reduction == "mean" and not trusted and len(set(sizes)) > 1:
@@ -913,6 +937,48 @@ class GradientNoiseTracker:
             for m, p in zip(outer, passes, strict=True)
         ]
         return StepNorms(passes, coef, scale), "example", tokens
+
+    def _items_divisors(self, units: list[Any], tokens: Tensor) -> list[Any]:
+        """What each pass's summed token loss was divided by, under the declared
+        ``"num_items_in_batch"``: the divisor given with ``count_tokens(num_items_in_batch=)``
+        (the Trainer's callback gives the one the Trainer passed), else the step's counted
+        tokens — which is what a loss divides by only in one process: under data parallelism
+        a loss divided by the step's tokens over all processes weighs every token alike, one
+        divided by each process's own count weighs them by the process, and the tracker could
+        not tell the two apart (until 2026-12-05 it took the second, and a Trainer-style loss
+        read b_big, |G_big|² and tr Σ up to 91% off without a word). In one process the
+        Trainer counts num_items_in_batch over unshifted labels for GPT-2 where its loss
+        shifts them: its own number is the divisor, not the tokens counted."""
+        given = [u.denominator for u in units]
+        if all(d is not None for d in given):
+            return [
+                d.detach().to(device=tokens.device, dtype=torch.float64)
+                if isinstance(d, Tensor)
+                else float(d)
+                for d in given
+            ]
+        if any(d is not None for d in given):
+            raise NoiseScaleInputError(
+                "count_tokens() was given num_items_in_batch= in some of this step's "
+                "micro-batches and not in others; give it in every micro-batch (the number "
+                "that micro-batch's summed token loss was divided by)"
+            )
+        if self._dist is not None and self._dist.world_size > 1:
+            raise NoiseScaleInputError(
+                "loss_reduction='num_items_in_batch' under data parallelism needs the number "
+                "the loss divided its sum over tokens by: divided by the step's tokens over all "
+                f"{self._dist.world_size} processes (as the Trainer does with "
+                "average_tokens_across_devices) every token weighs the same, divided by each "
+                "process's own count they weigh by process, and the tokens this process "
+                "counted cannot tell which. Give it: tracker.count_tokens(labels, "
+                "num_items_in_batch=n), n the divisor of this micro-batch's summed loss (a loss "
+                "divided by the step's tokens over all processes and multiplied by their "
+                "number divides by that count / the number of processes); or call a Hugging "
+                "Face model with labels= and num_items_in_batch= (its loss is measured); or "
+                "divide each micro-batch's summed loss by its own tokens, "
+                "loss_reduction='token_mean'"
+            )
+        return [tokens] * len(units)
 
     def _labels_popped_hint(self) -> str:
         if self._trainer_loss_outside is None:

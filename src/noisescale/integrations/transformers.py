@@ -599,10 +599,13 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
             # an override: what it returns is the micro-batch's loss (a model's loss in it may
             # be one term of it)
             compute_loss = trainer.compute_loss
+            processes = _processes_in_items(trainer, args)
 
             def watched(*a: Any, **kw: Any) -> Any:
                 out = compute_loss(*a, **kw)
                 tracker.watch_loss(out[0] if isinstance(out, tuple) else out)
+                items = kw["num_items_in_batch"] if "num_items_in_batch" in kw else _arg(a, 3)
+                _give_items_divisor(tracker, items, processes)
                 return out
 
             self._restore.append((trainer, "compute_loss", trainer.__dict__.get("compute_loss")))
@@ -650,6 +653,46 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _arg(args: tuple, index: int) -> Any:
+    return args[index] if len(args) > index else None
+
+
+def _processes_in_items(trainer: Any, args: Any) -> int:
+    """How many processes' tokens the Trainer's ``num_items_in_batch`` counts and its own
+    ``compute_loss`` multiplies the loss by (``average_tokens_across_devices``): a
+    ``compute_loss`` override that divides by that count multiplies by it too (as the docs
+    ask), so each token weighs that number / ``num_items_in_batch``."""
+    if not getattr(args, "average_tokens_across_devices", False):
+        return 1
+    if int(getattr(args, "world_size", 1)) <= 1:
+        return 1
+    n_gpu = int(getattr(args, "n_gpu", 1) or 1)
+    if n_gpu > 1:
+        return n_gpu
+    processes = int(getattr(getattr(trainer, "accelerator", None), "num_processes", 1))
+    tp = getattr(trainer, "get_tp_size", None)
+    return processes // int(tp()) if callable(tp) else processes
+
+
+def _give_items_divisor(tracker: GradientNoiseTracker, items: Any, processes: int) -> None:
+    """With ``loss_reduction="num_items_in_batch"``: the divisor of the pass's summed token
+    loss is the ``num_items_in_batch`` the Trainer passed to the ``compute_loss`` override
+    (over the processes: divided by their number, which the loss is multiplied by), not the
+    tokens counted — the Trainer counts GPT-2's unshifted labels where the loss shifts them,
+    and under data parallelism every process's tokens (until 2026-12-05 |G|² and tr Σ read
+    (counted / num_items_in_batch)² off in one process, and b_big, |G_big|², tr Σ up to 91%
+    off under DDP, without a word)."""
+    if tracker.loss_reduction != "num_items_in_batch" or items is None:
+        return
+    if not isinstance(items, (Tensor, int, float)):
+        return
+    pass_ = tracker.engine.current_pass()
+    units = getattr(pass_, "units", None)
+    if units is None or units.measured or units.denominator is not None:
+        return  # not counted (refused at the step), measured, or given by count_tokens()
+    units.denominator = items / processes if processes != 1 else items
 
 
 def _caller_of_type(kind: type, depth: int) -> Any | None:
