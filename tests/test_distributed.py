@@ -362,13 +362,32 @@ def _misuse() -> dict[str, str]:
         warnings.simplefilter("always")
         noisescale.GradientNoiseTracker(make_model())  # e.g. created before wrapping in DDP
     out["plain_model"] = " ".join(str(w.message) for w in caught)
-    try:  # DDP(torch.compile(model)): Dynamo failed on the hooks inside DDP's forward
-        noisescale.GradientNoiseTracker(
-            DistributedDataParallel(torch.compile(make_model(), backend="aot_eager"))
-        )
-        out["ddp_of_compiled"] = "accepted"
-    except NoiseScaleInputError as err:
-        out["ddp_of_compiled"] = str(err)
+    for mode, kw in (("", {}), ("_micro", {"per_example": False})):
+        try:  # DDP(torch.compile(model)): Dynamo failed on the per-example hooks in DDP's forward
+            noisescale.GradientNoiseTracker(
+                DistributedDataParallel(torch.compile(make_model(), backend="aot_eager")), **kw
+            ).remove()
+            out[f"ddp_of_compiled{mode}"] = "accepted"
+        except NoiseScaleInputError as err:
+            out[f"ddp_of_compiled{mode}"] = str(err)
+    # a static-graph DDP resumed: its new first iteration runs with the hooks idle as well
+    x0, y0 = micro_batch(EVEN, 0, 0, 0)
+    first = noisescale.GradientNoiseTracker(DistributedDataParallel(make_model()))
+    F.cross_entropy(first.model(x0), y0).backward()
+    first.step()
+    state = first.state_dict()
+    first.remove()
+    ddp = DistributedDataParallel(make_model(), static_graph=True)
+    resumed = noisescale.GradientNoiseTracker(ddp)
+    resumed.load_state_dict(state)
+    xs, ys = micro_batch(UNEVEN, 1, torch.distributed.get_rank(), 0)
+    F.cross_entropy(ddp(xs), ys).backward()
+    grads = torch.cat([p.grad.flatten() for p in ddp.parameters()])
+    both = [torch.zeros_like(grads) for _ in range(WORLD)]
+    torch.distributed.all_gather(both, grads)
+    resumed.step()
+    resumed.remove()
+    out["static_resumed_averaged"] = bool(torch.equal(both[0], both[1]))
     # the tracker on the plain model, which a DistributedDataParallel then runs: created after
     # the tracker, or its .module given to the tracker, or around a module holding the tracked
     # one; refused at the first forward, on every process alike (no collective is left waiting)
@@ -943,6 +962,7 @@ def test_a_compiled_ddp_is_measured_as_ddp(runs):
             assert got[key] == pytest.approx(want[key], rel=1e-9), key
     assert runs[0]["ddp_compiled"]["warnings"] == []
     assert "compile the wrapped model instead" in runs[0]["misuse"]["ddp_of_compiled"]
+    assert runs[0]["misuse"]["ddp_of_compiled_micro"] == "accepted"  # (as before: exact)
     assert "torch.compile() of an FSDP2 root" in runs[0]["misuse"]["fsdp_compiled"]
 
 
@@ -952,6 +972,7 @@ def test_a_static_graph_ddp_keeps_averaging_and_is_measured_from_its_second_step
     trained apart while the tracker read each one's own gradient as the average (|G_big|²
     +135–299%, a helper's hunt, 2026-12-05). The first step now runs with the hooks idle,
     counted and not measured; the later steps equal plain DDP's, which equal one process's."""
+    assert runs[0]["misuse"]["static_resumed_averaged"]  # (load_state_dict undid it at first)
     static, plain = runs[0]["ddp_static"]["history"], runs[0]["ddp_uneven"]["history"]
     assert [r["step"] for r in static] == [2, 3]
     assert static[0]["unmeasured_steps"] == 1

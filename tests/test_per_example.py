@@ -320,8 +320,9 @@ class _MyLinear(nn.Module):
 @pytest.mark.parametrize("wrong", [False, True], ids=["right", "positions for examples"])
 def test_a_registered_rule_with_a_linear_factor_is_checked_without_materialising(wrong):
     """A compact rule (LinearFactor: activations and output gradients) is checked through its
-    weighted sum Σ s_i a_iᵀδ_i: right, exact; with the positions taken for the examples (the
-    sum over all rows is the same, T = N), refused."""
+    weighted sum Σ s_i a_iᵀδ_i (its dense form never made: see the embedding's test): right,
+    exact; with the positions taken for the examples (the sum over all rows is the same,
+    T = N), refused."""
     from noisescale.per_example.factors import LinearFactor
 
     @noisescale.register_layer(_MyLinear)
@@ -342,6 +343,81 @@ def test_a_registered_rule_with_a_linear_factor_is_checked_without_materialising
             assert torch.allclose(measured(model, x, loss), want, rtol=1e-9)
     finally:
         noisescale.unregister_layer(_MyLinear)
+
+
+class _FlatLinear(_MyLinear):
+    """As nn.Linear computes on [N, T, I]: one product on [N·T, I], viewed back as [N, T, O]
+    (the engine hooks the view's base, whose dim 0 is N·T)."""
+
+    def forward(self, x):
+        return (x.reshape(-1, x.shape[-1]) @ self.weight.T).view(x.shape[0], -1, 2)
+
+
+@pytest.mark.parametrize("wrong", [False, True], ids=["right", "shifted"])
+def test_a_registered_rule_on_a_view_of_a_flat_product_is_checked(wrong):
+    """The check of a rule's split signs the output's rows and reshapes them to the base's
+    [N·T, …]: a shifted rule here was measured 113% off without a word in the check's first
+    version (a review, 2026-12-05), as its twin written x @ W.T was refused."""
+
+    @noisescale.register_layer(_FlatLinear)
+    def rule(module, x, grad_output):
+        per = torch.einsum("nto,nti->noi", grad_output, x)
+        return {"weight": DenseFactor(per.roll(1, 0) if wrong else per)}
+
+    try:
+        model = nn.Sequential(nn.Linear(3, 3), _FlatLinear())
+        x = torch.randn(N, 6, 3)
+        loss = lambda out, r: getattr(out.sin().flatten(1).sum(1), r)()  # noqa: E731
+        if wrong:
+            with pytest.raises(UnsupportedModuleError, match="registered for '1' does not give"):
+                measured(model, x, loss)
+        else:
+            want = brute_force(model, x, lambda out, i: out.sin().sum())
+            assert torch.allclose(measured(model, x, loss), want, rtol=1e-9)
+    finally:
+        noisescale.unregister_layer(_FlatLinear)
+
+
+class _MyEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(11, 4))
+
+    def forward(self, ids):
+        return F.embedding(ids, self.weight) * 2.0
+
+
+@pytest.mark.parametrize("wrong", [False, True], ids=["right", "shifted"])
+def test_a_registered_embedding_rule_is_checked_without_its_dense_form(wrong, monkeypatch):
+    """An EmbeddingFactor is weighted in its compact form ([N, V, D] dense would not fit for
+    a real vocabulary: the check's first version grew an 8 MiB table's step by 596 MiB, a
+    review found): its dense form is never made; right, exact; shifted, refused."""
+    from noisescale.per_example.factors import EmbeddingFactor
+
+    def never(self, shape):
+        raise AssertionError("the embedding's dense form was made")
+
+    monkeypatch.setattr(EmbeddingFactor, "dense", never)
+
+    @noisescale.register_layer(_MyEmbedding)
+    def rule(module, ids, grad_output):
+        d = grad_output * 2.0
+        if wrong:  # (ids and rows shifted together: the sum is right, the split is not)
+            ids, d = ids.roll(1, 0), d.roll(1, 0)
+        return {"weight": EmbeddingFactor(ids, d, 11)}
+
+    try:
+        model = nn.Sequential(_MyEmbedding(), nn.Linear(4, 3))
+        ids = torch.randint(0, 11, (N, 7))
+        loss = lambda out, r: getattr(out.sin().flatten(1).sum(1), r)()  # noqa: E731
+        if wrong:
+            with pytest.raises(UnsupportedModuleError, match="registered for '0' does not give"):
+                measured(model, ids, loss)
+        else:
+            want = brute_force(model, ids, lambda out, i: out.sin().sum())
+            assert torch.allclose(measured(model, ids, loss), want, rtol=1e-9)
+    finally:
+        noisescale.unregister_layer(_MyEmbedding)
 
 
 class _HeadwiseFlat(_Headwise):

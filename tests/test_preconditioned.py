@@ -8,6 +8,7 @@ unbiasedness of the preconditioned |PG|² and tr(PΣP) on a quadratic with known
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -273,6 +274,19 @@ def test_a_parameter_that_never_gets_a_gradient_does_not_keep_the_norms_plain():
     assert [r["preconditioned"] for r in got.history] == [False] * 2 + [True] * 6
     for key in ("g2", "trace_sigma", "b_simple"):
         assert [r[key] for r in got.history] == pytest.approx([r[key] for r in want.history])
+
+
+def test_a_large_parameter_without_gradient_is_no_spread_of_the_preconditioner():
+    """An unused 16×16 pooler holds most of the coordinates: its zero weights are not the
+    preconditioner's, and the wide-preconditioner warning (which read "inf× its median" in a
+    review of the first version) stays quiet when the used coordinates span little."""
+    torch.manual_seed(0)
+    model = _WithHead()
+    model.head = nn.Linear(16, 16)  # never reached by the loss
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _preconditioned_run(model, model.parameters())
+    assert not [w for w in caught if "its median" in str(w.message)]
 
 
 def test_a_parameter_s_first_gradient_leaves_its_step_out_and_does_not_hold_the_others_back():

@@ -282,6 +282,29 @@ def test_resumed_tracker_appends_to_its_own_history(tmp_path):
     assert path.read_bytes() == before
 
 
+@pytest.mark.parametrize(
+    "change", [{"per_example_fraction": 0.5}, {"subbatches": 4}], ids=["fraction", "subbatches"]
+)
+def test_a_resume_that_changes_how_precisely_it_measures_continues_its_history(tmp_path, change):
+    """load_state_dict lets a resume change the per-example fraction or the sub-batch count:
+    the records keep their meaning, and the history goes on (the first version of the header
+    check refused it as "another run's history", a review found)."""
+    path = tmp_path / "run.jsonl"
+    data = batches(23, 6, 8)
+    model = linear_model()
+    before = {"per_example_fraction": 1.0} if "per_example_fraction" in change else {}
+    first = noisescale.GradientNoiseTracker(model, history_path=path, sync_every=1, **before)
+    _train(first, model, data[:3])
+    state = first.state_dict()
+    first.remove()
+    resumed = noisescale.GradientNoiseTracker(model, history_path=path, sync_every=1, **change)
+    resumed.load_state_dict(state)
+    _train(resumed, model, data[3:])
+    resumed.remove()
+    steps = [json.loads(x).get("step") for x in path.read_text().splitlines()[1:]]
+    assert steps == list(range(1, 7))
+
+
 def test_bfloat16_autocast_close_to_float32():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D, 32), nn.Tanh(), nn.Linear(32, 1))

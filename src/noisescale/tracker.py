@@ -101,6 +101,11 @@ _PACKED = (
 )
 
 HISTORY_KIND = "noisescale.history"
+# the header's keys a continued history must share with the tracker continuing it
+_HISTORY_MEANING = (
+    "version", "loss_reduction", "beta", "confidence", "definition", "unit", "paired_rows",
+    "grouped_rows",
+)  # fmt: skip
 HISTORY_VERSION = 1
 STATE_VERSION = 3
 # warn when the interval has stayed unbounded for this many steps with a cheap, less precise mode
@@ -442,19 +447,22 @@ class GradientNoiseTracker:
             model, self.engine, self._params, process_group, microbatch=microbatch
         )
         self._late_wrapper = watch_late_wrapper(model, self.engine) if self._dist is None else None
-        if (
-            isinstance(model, nn.parallel.DistributedDataParallel)
-            and getattr(model, "static_graph", False)
-            and not getattr(model, "_static_graph_delay_allreduce_enqueued", True)
+        # DDP(static_graph=True) (compiled or not) learns on its first iteration which
+        # parameters it will all-reduce; with the per-example hooks in that backward it took
+        # every parameter for unused and never averaged again — each process trained apart,
+        # and the tracker read its own gradient for the average, +135-299% (a helper's hunt,
+        # 2026-12-05). That iteration runs with the hooks idle: the step is counted, not
+        # measured (as measure_every's are) — also after a resume (a review found the first
+        # fix undone by load_state_dict).
+        ddp = getattr(model, "_orig_mod", model)
+        self._static_ddp = (
+            ddp
+            if isinstance(ddp, nn.parallel.DistributedDataParallel)
+            and getattr(ddp, "static_graph", False)
             and per_example
-        ):
-            # DDP(static_graph=True) learns on its first iteration which parameters it will
-            # all-reduce; with the per-example hooks in that backward it took every parameter
-            # for unused and never averaged again — each process trained apart, and the
-            # tracker read its own gradient for the average, +135-299% (a helper's hunt,
-            # 2026-12-05). That iteration runs with the hooks idle: the first step is counted,
-            # not measured (as measure_every's are).
-            self.engine.idle = True
+            else None
+        )
+        self.engine.idle = self._static_first()
         if self._dist is not None:
             # the data-parallel source needs each pass's local norm as the backward computes it
             self.engine.lazy_first_pass = False
@@ -737,7 +745,12 @@ class GradientNoiseTracker:
 
     def _schedule_next(self) -> None:
         """Whether the next step is measured (steps 1, 1 + m, 1 + 2m, … of measure_every=m)."""
-        self.engine.idle = self.steps % self.measure_every != 0
+        self.engine.idle = self.steps % self.measure_every != 0 or self._static_first()
+
+    def _static_first(self) -> bool:
+        """Whether the next forward is a static-graph DDP's first iteration (see __init__)."""
+        ddp = self._static_ddp
+        return ddp is not None and not getattr(ddp, "_static_graph_delay_allreduce_enqueued", True)
 
     def count_tokens(
         self,
@@ -1477,7 +1490,11 @@ class GradientNoiseTracker:
         per-example subset often reads it as unavailable."""
         self._warned.add("wide-preconditioner")
         with torch.no_grad():
-            flat = torch.cat([w.reshape(-1).float() for w in weights.values()])
+            # (parameters without optimizer state weigh zero: not the preconditioner's spread)
+            stateless = {id(p) for p in self._stateless}
+            flat = torch.cat(
+                [w.reshape(-1).float() for pid, w in weights.items() if pid not in stateless]
+            )
             if flat.numel() > 1_000_000:  # a sample is enough for the median
                 gen = torch.Generator(device=flat.device).manual_seed(0)
                 idx = torch.randint(flat.numel(), (1_000_000,), generator=gen, device=flat.device)
@@ -1591,7 +1608,9 @@ class GradientNoiseTracker:
         header = self._existing_history_header()
         if header is None:
             return False
-        self._check_history_header(header, [k for k in self._header() if k != "kind"])
+        # what gives the records their meaning (a resume may change how precisely they are
+        # measured — the source's fraction or sub-batches — as load_state_dict allows)
+        self._check_history_header(header, _HISTORY_MEANING)
         if not self._resumed:
             assert self.history_path is not None
             raise NoiseScaleInputError(

@@ -56,7 +56,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from noisescale.per_example.factors import Factor, LinearFactor, _acc
+from noisescale.per_example.factors import (
+    EmbeddingFactor,
+    Factor,
+    LinearFactor,
+    SliceFactor,
+    _acc,
+)
 
 __all__ = ["Findings", "PassAudit"]
 
@@ -395,6 +401,7 @@ class PassAudit:
         grads: Sequence[Tensor],
         params: dict[str, nn.Parameter],
         factors: dict[str, Factor],
+        shapes: Sequence[torch.Size] | None = None,
     ) -> None:
         """Does a rule registered by the user give each example its own gradient? The coverage
         check sees only the factors' sum over the examples: a rule that spreads the batch's
@@ -405,15 +412,27 @@ class PassAudit:
         (Σ_i s_i f_i). A parameter the layer's inputs also depend on (used again upstream: the
         backward from the outputs reaches that use too) shows as a plain sum that is not the
         factors', and is left to the coverage check. Two backwards of the layer, on audited
-        steps, for rules registered outside noisescale only."""
-        pairs = [(e, g) for e, g in zip(edges, grads, strict=True) if e is not None]
-        pairs = [(e, g) for e, g in pairs if g is not None]
-        if not pairs or not params or any(g.dim() == 0 or g.shape[0] != self.n for _, g in pairs):
+        steps, for rules registered outside noisescale only. ``grads`` are in the layout of the
+        layer's outputs (examples in dim 0); ``shapes``, where given, are the edges' own (the
+        whole base [N·T, …] of an output that is a view of it: signed as the output, then
+        reshaped)."""
+        shapes = shapes if shapes is not None else [g.shape for g in grads]
+        pairs = [
+            (e, g, shape)
+            for e, g, shape in zip(edges, grads, shapes, strict=True)
+            if e is not None and g is not None
+        ]
+        if not pairs or not params:
             return
-        sixteen = self.amp or any(g.dtype in _SIXTEEN for _, g in pairs)
+        if any(g.dim() == 0 or g.shape[0] != self.n for _, g, _ in pairs):
+            return
+        sixteen = self.amp or any(g.dtype in _SIXTEEN for _, g, _ in pairs)
         s = self.signs.sign() if sixteen else self.signs
-        plain = [g for _, g in pairs]
-        signed = [g * s.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1))) for g in plain]
+        plain = [g.reshape(shape) for _, g, shape in pairs]
+        signed = [
+            (g * s.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))).reshape(shape)
+            for _, g, shape in pairs
+        ]
         tensors = list(params.values())
         kept = [(p, p.grad) for p in self.params]  # (see _launch)
         for p, _ in kept:
@@ -425,7 +444,7 @@ class PassAudit:
             d.clear()
         try:
             with replaying():
-                out = [e for e, _ in pairs]
+                out = [e for e, _, _ in pairs]
                 got = torch.autograd.grad(out, tensors, plain, retain_graph=True, allow_unused=True)
                 got_s = torch.autograd.grad(
                     out, tensors, signed, retain_graph=True, allow_unused=True
@@ -539,10 +558,21 @@ class PassAudit:
 
 
 def _weighted_sum(factor: Factor, s: Tensor, shape: torch.Size) -> Tensor:
-    """Σ_i s_i f_i of a factor's per-example gradients (a linear factor's without making them)."""
+    """Σ_i s_i f_i of a factor's per-example gradients, without making them where the factor
+    is compact (an embedding's [N, V, D] would not fit in memory: a review found 596 MiB for an
+    8 MiB table)."""
     if isinstance(factor, LinearFactor):
         a = factor.a * s.to(factor.a.dtype).repeat_interleave(factor.groups)[:, None, None]
         return LinearFactor(a, factor.d, factor.groups, factor.transposed).summed(shape)
+    if isinstance(factor, EmbeddingFactor):
+        d = factor.d * s.to(factor.d.dtype)[:, None, None]
+        return EmbeddingFactor(factor.idx, d, factor.num_rows).summed(shape)
+    if isinstance(factor, SliceFactor):
+        block = torch.Size((factor.stop - factor.start, *shape[1:]))
+        out = _acc(_weighted_sum(factor.inner, s, block))
+        whole = out.new_zeros(shape)
+        whole[factor.start : factor.stop] = out
+        return whole
     dense = _acc(factor.dense(shape))
     return (dense * s.to(dense.dtype).reshape(-1, *([1] * (dense.dim() - 1)))).sum(0)
 

@@ -2043,17 +2043,18 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         """The audit's check of a rule the user registered (:meth:`PassAudit.check_rule`), on
         the parameters this call alone uses in the pass."""
         assert pass_.audit is not None and call.edges is not None
-        edges, gs = [], []
+        edges, gs, shapes = [], [], []
         for item, g in zip(call.edges, grads, strict=False):
             if item is not None and g is not None:
                 edges.append(item[0])
-                gs.append(g.reshape(item[1]))
+                gs.append(g)
+                shapes.append(item[1])
         params = {
             name: p
             for name, p in call.params.items()
             if pass_.uses.get(id(p), 1) == 1 and id(p) not in pass_.audit.skip_sums
         }
-        pass_.audit.check_rule(call.label, edges, gs, params, facs)
+        pass_.audit.check_rule(call.label, edges, gs, params, facs, shapes)
 
     def _deliver(
         self,

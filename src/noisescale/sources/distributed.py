@@ -295,13 +295,14 @@ class DataParallelSource:
         _refuse_fsdp1(model)
         fsdp = _is_fsdp2(model)  # refuses parameters split by anything else (tensor parallel)
         if isinstance(model, DistributedDataParallel):
-            if getattr(model.module, "_orig_mod", None) is not None:
+            if getattr(model.module, "_orig_mod", None) is not None and engine.per_example:
                 # (steps 1-2 pass, eagerly; Dynamo's own assertion failed at step 3)
                 raise NoiseScaleInputError(
                     "DistributedDataParallel around a torch.compile()d model is not supported "
-                    "by the tracker (Dynamo fails on its hooks inside DDP's forward): compile "
-                    "the wrapped model instead, torch.compile(DistributedDataParallel(model)), "
-                    "and create the tracker from that — or measure without torch.compile"
+                    "by the per-example hooks (Dynamo fails on them inside DDP's forward): "
+                    "compile the wrapped model instead, torch.compile(DistributedDataParallel("
+                    "model)), and create the tracker from that — or measure with "
+                    "per_example=False, or without torch.compile"
                 )
             group = process_group if process_group is not None else model.process_group
             return cls(model, engine, params, group, "ddp", microbatch=microbatch)
