@@ -253,8 +253,6 @@ def test_operation_without_a_rule_uses_the_fallback_from_the_next_step():
 
 
 def test_a_registered_rule_replaces_the_fallback():
-    from noisescale.per_example.factors import DenseFactor
-
     @noisescale.register_layer(_Headwise)
     def headwise(module, x, grad_output):
         return {"weight": DenseFactor(torch.einsum("nhd,nhe->nhde", x, grad_output))}
@@ -308,6 +306,22 @@ def test_a_registered_rule_that_splits_the_gradient_wrongly_is_refused(split, mo
         noisescale.unregister_layer(_Headwise)
 
 
+def _assert_rule_checked(layer: type, model: nn.Module, x, label: str, wrong: bool) -> None:
+    """With ``layer``'s rule registered (unregistered here, whatever happens): a ``wrong`` rule
+    is refused naming the layer ``label``, a right one equals brute force."""
+    loss = lambda out, r: getattr(out.sin().flatten(1).sum(1), r)()  # noqa: E731
+    try:
+        if wrong:
+            refused = f"registered for '{label}' does not give"
+            with pytest.raises(UnsupportedModuleError, match=refused):
+                measured(model, x, loss)
+        else:
+            want = brute_force(model, x, lambda out, i: out.sin().sum())
+            assert torch.allclose(measured(model, x, loss), want, rtol=1e-9)
+    finally:
+        noisescale.unregister_layer(layer)
+
+
 class _MyLinear(nn.Module):
     def __init__(self):
         super().__init__()
@@ -331,18 +345,8 @@ def test_a_registered_rule_with_a_linear_factor_is_checked_without_materialising
             x, grad_output = x.transpose(0, 1), grad_output.transpose(0, 1)
         return {"weight": LinearFactor(x, grad_output)}
 
-    try:
-        model = nn.Sequential(nn.Linear(3, 3), _MyLinear())
-        x = torch.randn(N, N, 3)
-        loss = lambda out, r: getattr(out.sin().flatten(1).sum(1), r)()  # noqa: E731
-        if wrong:
-            with pytest.raises(UnsupportedModuleError, match="registered for '1' does not give"):
-                measured(model, x, loss)
-        else:
-            want = brute_force(model, x, lambda out, i: out.sin().sum())
-            assert torch.allclose(measured(model, x, loss), want, rtol=1e-9)
-    finally:
-        noisescale.unregister_layer(_MyLinear)
+    model = nn.Sequential(nn.Linear(3, 3), _MyLinear())
+    _assert_rule_checked(_MyLinear, model, torch.randn(N, N, 3), "1", wrong)
 
 
 class _FlatLinear(_MyLinear):
@@ -364,18 +368,8 @@ def test_a_registered_rule_on_a_view_of_a_flat_product_is_checked(wrong):
         per = torch.einsum("nto,nti->noi", grad_output, x)
         return {"weight": DenseFactor(per.roll(1, 0) if wrong else per)}
 
-    try:
-        model = nn.Sequential(nn.Linear(3, 3), _FlatLinear())
-        x = torch.randn(N, 6, 3)
-        loss = lambda out, r: getattr(out.sin().flatten(1).sum(1), r)()  # noqa: E731
-        if wrong:
-            with pytest.raises(UnsupportedModuleError, match="registered for '1' does not give"):
-                measured(model, x, loss)
-        else:
-            want = brute_force(model, x, lambda out, i: out.sin().sum())
-            assert torch.allclose(measured(model, x, loss), want, rtol=1e-9)
-    finally:
-        noisescale.unregister_layer(_FlatLinear)
+    model = nn.Sequential(nn.Linear(3, 3), _FlatLinear())
+    _assert_rule_checked(_FlatLinear, model, torch.randn(N, 6, 3), "1", wrong)
 
 
 class _MyEmbedding(nn.Module):
@@ -406,18 +400,8 @@ def test_a_registered_embedding_rule_is_checked_without_its_dense_form(wrong, mo
             ids, d = ids.roll(1, 0), d.roll(1, 0)
         return {"weight": EmbeddingFactor(ids, d, 11)}
 
-    try:
-        model = nn.Sequential(_MyEmbedding(), nn.Linear(4, 3))
-        ids = torch.randint(0, 11, (N, 7))
-        loss = lambda out, r: getattr(out.sin().flatten(1).sum(1), r)()  # noqa: E731
-        if wrong:
-            with pytest.raises(UnsupportedModuleError, match="registered for '0' does not give"):
-                measured(model, ids, loss)
-        else:
-            want = brute_force(model, ids, lambda out, i: out.sin().sum())
-            assert torch.allclose(measured(model, ids, loss), want, rtol=1e-9)
-    finally:
-        noisescale.unregister_layer(_MyEmbedding)
+    model = nn.Sequential(_MyEmbedding(), nn.Linear(4, 3))
+    _assert_rule_checked(_MyEmbedding, model, torch.randint(0, 11, (N, 7)), "0", wrong)
 
 
 class _HeadwiseFlat(_Headwise):
