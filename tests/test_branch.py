@@ -439,8 +439,17 @@ def test_a_history_in_tokens_is_converted(tmp_path: Path) -> None:
     assert examples.b_simple == pytest.approx(tokens.b_simple / 8)
 
 
+@pytest.fixture
+def fresh_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The command's working folder: a test's own (its default ``sweep.db``), with no storage
+    taken from the environment."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NOISESCALE_STORAGE", raising=False)
+    return tmp_path
+
+
 def test_tokens_per_example_converts_a_history_that_did_not_count_tokens(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, fresh_folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     records = synthetic_records(n_steps=100, batch_size=64)  # examples, no token counts
     history = load_history(write_synthetic_history(tmp_path / "h.jsonl", records))
@@ -456,8 +465,6 @@ def test_tokens_per_example_converts_a_history_that_did_not_count_tokens(
     pytest.importorskip("optuna")
     from noisescale.cli import main
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("NOISESCALE_STORAGE", raising=False)
     argv = _small_plan("--unit", "tokens", "--budget", "8192", "--study", "tok", "--json")
     argv += ["--history", "h.jsonl", "--tokens-per-example", "8"]
     assert main(argv) == 0
@@ -619,14 +626,12 @@ def test_three_workers_share_the_branches(tmp_path: Path, storage: str) -> None:
 
 
 def test_the_command_runs_reanalyses_and_keeps_outputs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, fresh_folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pytest.importorskip("optuna")
     pytest.importorskip("matplotlib")
     from noisescale.cli import main
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("NOISESCALE_STORAGE", raising=False)
     write_synthetic_history(tmp_path / "h.jsonl", synthetic_records(n_steps=200, batch_size=8))
     argv = [
         "branch",
@@ -706,14 +711,12 @@ def _small_plan(*extra: str) -> list[str]:
 
 
 def test_a_study_keeps_its_unit_and_refuses_another(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    fresh_folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     optuna = pytest.importorskip("optuna")
     from noisescale.branch.runner import PLAN_ATTR
     from noisescale.cli import main
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("NOISESCALE_STORAGE", raising=False)
     assert main(_small_plan("--unit", "tokens", "--study", "tok")) == 0
     capsys.readouterr()
     # Re-analysed without --unit: the stored unit is followed.
@@ -754,14 +757,11 @@ def test_split_by_plan_keeps_the_plans_own_branches() -> None:
 
 
 def test_another_learning_rate_on_the_same_study_is_not_pooled(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    fresh_folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     optuna = pytest.importorskip("optuna")
     from noisescale.branch.runner import PLAN_ATTR
     from noisescale.cli import main
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("NOISESCALE_STORAGE", raising=False)
 
     def compared(payload: dict[str, Any]) -> list[tuple[float, float]]:
         batches = payload["points"][0]["branch"]["batches"]
@@ -793,13 +793,11 @@ def test_another_learning_rate_on_the_same_study_is_not_pooled(
 
 
 def test_fit_and_sweep_refuse_a_study_of_branches(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    fresh_folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pytest.importorskip("optuna")
     from noisescale.cli import main
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("NOISESCALE_STORAGE", raising=False)
     assert main(_small_plan("--checkpoints", "0,2000", "--study", "demo")) == 0
     capsys.readouterr()
     # The same default sweep.db: fit must not read the branches as a grid of runs.
@@ -816,15 +814,13 @@ def test_fit_and_sweep_refuse_a_study_of_branches(
 
 
 def test_the_printed_reanalyse_command_runs_as_printed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, fresh_folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pytest.importorskip("optuna")
     import shlex
 
     from noisescale.cli import main
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("NOISESCALE_STORAGE", raising=False)
     write_synthetic_history(tmp_path / "h.jsonl", synthetic_records(n_steps=100, batch_size=64))
     argv = _small_plan("--unit", "tokens", "--budget", "8192", "--study", "tok 1")
     argv += ["--storage", "sqlite:///b.db", "--history", "h.jsonl", "--tokens-per-example", "8"]
