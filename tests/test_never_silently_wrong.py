@@ -1293,15 +1293,21 @@ def test_a_position_pair_lookup_of_another_size_is_exact_at_once(products):
     assert_exact_both_ways(_RelativeBiasByPositions(3), x, _sq)
 
 
+# tiny text and vision towers (CLIP's and OWL-ViT's configs take the same keys)
+_TINY_TOWERS = (
+    dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+         num_attention_heads=2, max_position_embeddings=16),
+    dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+         image_size=16, patch_size=8),
+)  # fmt: skip
+
+
 def test_a_contrastive_loss_over_the_batch_is_refused_naming_it():
     """CLIP's loss (return_loss=True) compares every image with every text of the batch: an
     example's gradient is not defined. The first step's audit refuses it (the output does not
     follow the input's examples when they are permuted), and says what to use instead."""
     transformers = pytest.importorskip("transformers")
-    text = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=16)  # fmt: skip
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                  num_attention_heads=2, image_size=16, patch_size=8)  # fmt: skip
+    text, vision = _TINY_TOWERS
     torch.manual_seed(0)
     model = transformers.CLIPModel(
         transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
@@ -1336,10 +1342,7 @@ def test_several_text_queries_per_image_are_refused_naming_the_inputs_sizes():
     [N, …]. The first input's size was taken for the examples and the refusal blamed the patch
     embedding alone; it now names the inputs' sizes and what to use."""
     transformers = pytest.importorskip("transformers")
-    text = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=16)  # fmt: skip
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                  num_attention_heads=2, image_size=16, patch_size=8)  # fmt: skip
+    text, vision = _TINY_TOWERS
     torch.manual_seed(0)
     model = transformers.OwlViTForObjectDetection(
         transformers.OwlViTConfig(text_config=text, vision_config=vision, projection_dim=16)
