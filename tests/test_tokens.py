@@ -641,11 +641,8 @@ def test_a_classifiers_unlabelled_examples_in_the_tracker():
     assert _within_three_sigma(e, truth), (e, truth)
 
 
-def test_a_short_last_window_is_left_out_unless_its_division_is_measured():
-    """Windows of 3, 3 and 1 micro-batches, each loss divided by 3 (the usual loop, and
-    accelerate's backward): the last step's division cannot be told from the passes (3 or
-    1?) — it is left out with a warning; with ``watch_loss`` it is measured and recorded, equal
-    to a loop that divides each step by its own count."""
+def _windows_model_and_data() -> tuple[torch.nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A small float64 classifier and seven micro-batches of 4 (for windows of 3, 3 and 1)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     model.double()
@@ -657,6 +654,15 @@ def test_a_short_last_window_is_left_out_unless_its_division_is_measured():
         )
         for _ in range(7)
     ]
+    return model, data
+
+
+def test_a_short_last_window_is_left_out_unless_its_division_is_measured():
+    """Windows of 3, 3 and 1 micro-batches, each loss divided by 3 (the usual loop, and
+    accelerate's backward): the last step's division cannot be told from the passes (3 or
+    1?) — it is left out with a warning; with ``watch_loss`` it is measured and recorded, equal
+    to a loop that divides each step by its own count."""
+    model, data = _windows_model_and_data()
     windows = [3, 3, 1]
 
     def run(divisor, watch: bool) -> tuple[list[dict], list[str]]:
@@ -693,17 +699,7 @@ def test_a_tracker_resumed_just_before_a_short_window_leaves_it_out_as_before():
     """The last step's micro-batch count is part of the checkpoint: a tracker resumed between
     a window of 3 and a short window of 1 leaves the short one out, as the uninterrupted run
     does. Before 2026-12-05 the resumed tracker measured it, its tr Σ (1/3)² off."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    model.double()
-    g = torch.Generator().manual_seed(1)
-    data = [
-        (
-            torch.randn(4, 6, generator=g, dtype=torch.float64),
-            torch.randint(0, 3, (4,), generator=g),
-        )
-        for _ in range(7)
-    ]
+    model, data = _windows_model_and_data()
 
     def window(tracker, batches):
         for x, y in batches:
