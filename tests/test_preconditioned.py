@@ -303,6 +303,14 @@ def test_a_parameter_s_first_gradient_leaves_its_step_out_and_does_not_hold_the_
     assert [r["preconditioned"] for r in tracker.history] == [False] * 2 + [True] * 5
 
 
+def _mlp_and_data() -> tuple[nn.Module, torch.Generator]:
+    """The resume tests' model (seeded) and the generator of their batches."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)
+    ), torch.Generator().manual_seed(0)
+
+
 def _resumable(model, precondition_from=2):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     return opt, noisescale.GradientNoiseTracker(
@@ -323,9 +331,7 @@ def test_a_preconditioned_checkpoint_is_not_resumed_plain():
     precondition=: refused, as other changes of what is measured are (until 2026-12-05 the
     plain steps were folded into the preconditioned averages: tr Σ 51% off on a hunt's model).
     A plain checkpoint, or one taken before preconditioning began, resumes either way."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
-    g = torch.Generator().manual_seed(0)
+    model, g = _mlp_and_data()
     opt, tracker = _resumable(model)
     _train(model, tracker, opt, 1, g)
     early = tracker.state_dict()
@@ -344,9 +350,7 @@ def test_a_resumed_tracker_whose_optimizer_has_no_state_leaves_its_plain_steps_o
     before it has state again are plain, and are left out of the preconditioned estimate with a
     warning that says so (before 2026-12-05 they were folded in, and the warning promised a
     restart that did not come)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
-    g = torch.Generator().manual_seed(0)
+    model, g = _mlp_and_data()
     opt, tracker = _resumable(model)
     _train(model, tracker, opt, 5, g)
     state = tracker.state_dict()
