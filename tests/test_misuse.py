@@ -371,6 +371,56 @@ def test_grad_scaler_unscale_without_the_scaler_is_refused_with_its_fix(scale):
         run(False)
 
 
+_SCALER_MODES = {  # tracker arguments, micro-batches per step
+    "default": ({}, 1),
+    "every example": ({"per_example_fraction": 1.0}, 1),
+    "micro-batches of one example": ({"per_example_fraction": 1.0}, 16),
+    "per_example=False": ({"per_example": False}, 2),
+    "measure_every": ({"measure_every": 4}, 1),
+}
+
+
+def _scaled_loop(
+    tracker_kw: dict, scaler, parts: int, steps: int = 3
+) -> noisescale.GradientNoiseTracker:
+    """A GradScaler loop that calls tracker.step() before unscale_ (scaler.step unscales),
+    its loss scaled by ``scaler``, each step's 16 examples in ``parts`` micro-batches."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = noisescale.GradientNoiseTracker(model, **tracker_kw)
+    for step in range(steps):
+        x, y = _batch(step)
+        for xs, ys in zip(x.chunk(parts), y.chunk(parts), strict=True):
+            scaler.scale(F.cross_entropy(model(xs), ys) / parts).backward()
+        tracker.step()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    return tracker
+
+
+@pytest.mark.parametrize("mode", list(_SCALER_MODES))
+def test_grad_scaler_not_given_to_the_tracker_is_refused(mode):
+    """scaler.scale(loss).backward(), then tracker.step() before unscale_, with a tracker not
+    given the scaler: .grad and every hook's gradient hold S·g. Until 2026-12-05 this was
+    recorded without a word — B_simple right, |G|² and tr Σ S² = 2³² too large at the default
+    scale (and so B_noise, the temperature, the history). Refused at the first step, in every
+    mode, naming scaler=; a scaler other than the one given is refused too; given it, the
+    numbers are those of the same loop without loss scaling."""
+    kw, parts = _SCALER_MODES[mode]
+    with pytest.raises(NoiseScaleInputError, match=r"scaled by a torch\.amp\.GradScaler.*scaler="):
+        _scaled_loop(kw, torch.amp.GradScaler("cpu", init_scale=2.0**16), parts)
+    given = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    with pytest.raises(NoiseScaleInputError, match="other than the one the tracker was given"):
+        _scaled_loop({**kw, "scaler": given}, torch.amp.GradScaler("cpu"), parts)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    measured = _scaled_loop({**kw, "scaler": scaler}, scaler, parts).history
+    plain = _scaled_loop(kw, torch.amp.GradScaler("cpu", enabled=False), parts).history
+    assert len(measured) == len(plain) == (1 if mode == "measure_every" else 3)
+    for a, b in zip(measured, plain, strict=True):
+        assert a["sqnorm_big"] == pytest.approx(b["sqnorm_big"], rel=1e-6)
+
+
 @pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize(
     "kw",

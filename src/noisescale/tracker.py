@@ -529,6 +529,7 @@ class GradientNoiseTracker:
         picks = tuple(self.engine.unread_picks)
         if not passes:
             self._no_passes()
+        self._check_grad_scaler(passes)
         if self.engine.unzeroed is not None:
             # every step, by .grad's version (the audited steps below also by value)
             raise NoiseScaleInputError(
@@ -1451,6 +1452,31 @@ class GradientNoiseTracker:
         values = torch.stack(sq)
         idx = torch.tensor(index, device=values.device)
         return values.new_zeros(len(self._group_names)).index_add_(0, idx, values)
+
+    def _check_grad_scaler(self, passes: list[Any]) -> None:
+        """Refuse a step whose loss a ``GradScaler`` scaled (seen on audited passes) when the
+        tracker was not given that scaler: ``.grad`` then holds S·g until ``unscale_``, and
+        |G|², tr Σ and everything computed from them (B_noise, the temperature, the history)
+        would read S² too large — 2³² at the default scale — with B_simple unchanged."""
+        for p in passes:
+            seen = p.grad_scaler
+            if seen is None or seen is self.scaler:
+                continue
+            if self.scaler is None:
+                raise NoiseScaleInputError(
+                    "the loss was scaled by a torch.amp.GradScaler (scaler.scale(loss)."
+                    "backward(), also accelerate's fp16 and Lightning's 16-mixed) that the "
+                    "tracker was not given: .grad holds the gradients times the loss scale "
+                    f"({float(seen.get_scale()):g}), so |G|² and tr Σ would read its square too "
+                    "large. Pass it: GradientNoiseTracker(model, scaler=scaler) "
+                    "(accelerator.scaler under accelerate), which divides the scale out "
+                    "whether or not unscale_ already ran. Nothing of this step was recorded"
+                )
+            raise NoiseScaleInputError(
+                "the loss was scaled by a torch.amp.GradScaler other than the one the tracker "
+                "was given (scaler=): pass the scaler that scales the loss, so that its scale "
+                "is the one divided out. Nothing of this step was recorded"
+            )
 
     def _loss_scale(self) -> tuple[float, bool]:
         """The AMP loss scale in the hooks' gradients, and whether ``.grad`` is already unscaled."""

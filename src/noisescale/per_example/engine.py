@@ -1095,7 +1095,19 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             )
             if batched:
                 roots.append(edge)
-        if pass_.skipped or not self.per_example:
+        if not pass_.skipped and not self.per_example:
+            if (
+                self._audit_due
+                and self.auditing_enabled
+                and not (pass_.compiled or pass_.compiled_call)
+            ):
+                # (micro-batches may mix their examples: only a GradScaler's scale is looked
+                # for, on the steps audits would fall on; eager passes — a compiled one's
+                # next forward must not run under the watch's mode)
+                batched = [t for t in _tensors(output) if not isinstance(t, SharedTensor)]
+                self._loss_watch.watch(pass_, batched, self._model_dim, [], scaler_only=True)
+            return
+        if pass_.skipped:
             return
         signature = tuple(pass_.signature)
         if self._audit_wanted(pass_):
@@ -1117,10 +1129,18 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                     edge, dim = rebased[2], audit_mod.FLAT
                 pass_.audit.add_target(edge, dim, owner, label)
             self._check_permutation(pass_, output)
-            if pass_.batch_size > 1 and not (pass_.compiled or pass_.compiled_call):
+            if not (pass_.compiled or pass_.compiled_call):
                 batched = [t for t in _tensors(output) if not isinstance(t, SharedTensor)]
                 packed = _tensors(output, packed=True)
-                self._loss_watch.watch(pass_, batched, self._model_dim, packed, self.pairs)
+                # (a pass of one example: nothing to mix — watched for a GradScaler alone)
+                self._loss_watch.watch(
+                    pass_,
+                    batched,
+                    self._model_dim,
+                    packed,
+                    self.pairs,
+                    scaler_only=pass_.batch_size < 2,
+                )
         if hasattr(pass_, "_pending_targets"):
             del pass_._pending_targets  # type: ignore[attr-defined]
 

@@ -173,6 +173,9 @@ class PassNorms:
     # "sum" or "mean": the backward started from a plain sum or mean over the examples of
     # per-example terms (loss_watch.py, audited steps), which loss_reduction must match
     loss_kind: str | None = None
+    # the torch.amp.GradScaler whose scale multiplied the loss (loss_watch.py, audited steps),
+    # which the tracker must have been given (scaler=)
+    grad_scaler: Any = None
     # each parameter's (.grad, version) when the pass's backward had finished (changed_grads)
     grad_marks: list[tuple[Any, int] | None] | None = None
     # on the steps audits fall on: each parameter's |.grad|² then too (changed_grads: what no
