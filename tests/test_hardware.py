@@ -38,6 +38,7 @@ from noisescale.hardware import (
     pareto_front,
     profile_throughput,
     recommend_batch_size,
+    time_optimizer_update,
 )
 from noisescale.reference_models import GPT, GPTConfig, PaperCNN, gpt_small, lm_loss, mnist_cnn
 
@@ -513,6 +514,79 @@ def test_recommend_multi_device_with_accumulation_closed_form() -> None:
     # One device: 256 examples in 8 passes of 32, no all-reduce.
     assert c1.step_time_s == pytest.approx(8 * 0.01 + 0.256)
     assert rec.fastest is c4 and rec.cheapest is c1
+
+
+# A virtual clock: a forward/backward pass costs 1 ms + 0.1 ms/example, the optimizer update
+# 20 ms (a large model at a small micro-batch). A profiled step is a pass and an update.
+_PASS_A, _PASS_B, _UPDATE = 1e-3, 1e-4, 20e-3
+
+
+def _virtual_clock_profile(**fields) -> ThroughputProfile:
+    clock = [0.0]
+
+    def step(batch_size: int) -> None:  # what make_training_step times
+        clock[0] += _PASS_A + _PASS_B * batch_size + _UPDATE
+
+    def update() -> None:  # optimizer.step() alone
+        clock[0] += _UPDATE
+
+    points = profile_throughput(step, [8, 16, 32, 64], warmup=0, repeats=3, timer=lambda: clock[0])
+    update_times = time_optimizer_update(
+        step, update, 8, warmup=1, repeats=3, timer=lambda: clock[0]
+    )
+    assert update_times == pytest.approx((_UPDATE,) * 3)
+    return ThroughputProfile.from_points(
+        points,
+        device={"type": "cuda"},
+        model={"name": "m", "param_bytes": 0},
+        max_batch_size=64,
+        **({"optimizer_update_s": _UPDATE, "optimizer_update_times_s": update_times} | fields),
+    )
+
+
+def test_accumulated_step_pays_one_optimizer_update() -> None:
+    # The fit is α = 21 ms (pass + update), β = 0.1 ms. An accumulated step of k micro-batches of
+    # m runs k passes and ONE update: k·(1 ms + 0.1 ms·m) + 20 ms, not k·(α + β·m).
+    profile = _virtual_clock_profile()
+    assert (profile.fit.alpha_s, profile.fit.beta_s) == pytest.approx((21e-3, 1e-4))
+    rec = recommend_batch_size(2000.0, profile, batch_sizes=[64, 256, 1024, 4096])
+    expected = {64: (1, 27.4e-3), 256: (4, 49.6e-3), 1024: (16, 138.4e-3), 4096: (64, 493.6e-3)}
+    for c in rec.candidates:
+        k, step_s = expected[c.batch_size]
+        assert c.split.num_micro_batches == k and c.split.micro_batch_size == 64
+        assert c.step_time_s == pytest.approx(k * (_PASS_A + _PASS_B * 64) + _UPDATE)
+        assert c.step_time_s == pytest.approx(step_s)
+        assert c.optimizer_update_s == pytest.approx(_UPDATE)
+    # Per minimal step, (1 + 2000/B)·t_step: 0.884, 0.437, 0.409, 0.735 s. Charging k updates
+    # (k·α + β·B: 438.4 ms at B = 1024, 1.29 s per minimal step) made B = 64 look fastest.
+    assert rec.fastest.batch_size == rec.cheapest.batch_size == 1024
+    assert rec.fastest.time_per_s_min_s == pytest.approx((1 + 2000 / 1024) * 138.4e-3)
+    assert any("u = 0.02 s" in a and "once per optimizer step" in a for a in rec.assumptions)
+
+
+def test_profile_without_optimizer_update_is_priced_as_before_and_says_so(tmp_path) -> None:
+    # A profile file written before the update was timed apart has no optimizer_update_s: it
+    # still loads, every pass is charged the whole α (k·α + β·B), and the assumptions say so.
+    profile = _virtual_clock_profile()
+    data = profile.to_dict()
+    del data["optimizer_update_s"], data["optimizer_update_times_s"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    old = ThroughputProfile.load(path)
+    assert old.optimizer_update_s is None
+    rec = recommend_batch_size(2000.0, old, batch_sizes=[1024])
+    assert rec.fastest.step_time_s == pytest.approx(16 * 21e-3 + 1e-4 * 1024)
+    assert any("did not time the optimizer update apart" in a for a in rec.assumptions)
+    # Saved and read back, a new profile keeps the update's time.
+    profile.save(tmp_path / "new.json")
+    assert ThroughputProfile.load(tmp_path / "new.json") == profile
+
+
+def test_profile_without_an_optimizer_charges_no_update() -> None:
+    profile = _virtual_clock_profile(optimizer_update_s=0.0, optimizer_update_times_s=())
+    rec = recommend_batch_size(2000.0, profile, batch_sizes=[1024])
+    assert rec.fastest.step_time_s == pytest.approx(16 * 21e-3 + 1e-4 * 1024)
+    assert any("ran no optimizer update" in a for a in rec.assumptions)
 
 
 def test_one_device_optimum_is_sqrt_closed_form() -> None:

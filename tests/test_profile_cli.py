@@ -101,6 +101,22 @@ def test_profile_writes_versioned_json(tiny_module: str, tmp_path: Path) -> None
     assert data["model"]["parameters"] == 74 and data["model"]["param_bytes"] == 74 * 4
     assert data["model"]["options"] == {"hidden": 8}
     assert data["device"]["type"] == "cpu" and data["settings"]["optimizer"] == "adamw"
+    # The AdamW update, timed alone (a step pays it once however many micro-batches).
+    assert len(data["optimizer_update_times_s"]) == 2
+    assert data["optimizer_update_s"] == pytest.approx(
+        sorted(data["optimizer_update_times_s"])[0] / 2
+        + sorted(data["optimizer_update_times_s"])[1] / 2
+    )
+    assert data["optimizer_update_s"] > 0
+
+
+def test_profile_without_optimizer_records_no_update(
+    tiny_module: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["profile", f"{tiny_module}:build", "--batch-sizes", "1,2", "--no-memory-search"]
+    assert main([*args, "--optimizer", "none", "--json", *FAST]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["optimizer_update_s"] == 0.0 and data["optimizer_update_times_s"] == []
 
 
 def test_profile_finds_simulated_memory_limit(

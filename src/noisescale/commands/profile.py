@@ -21,6 +21,7 @@ import importlib
 import importlib.util
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -124,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         find_max_batch_size,
         make_training_step,
         profile_throughput,
+        time_optimizer_update,
     )
 
     if args.warmup > MAX_REPEATS or args.repeats > MAX_REPEATS:
@@ -192,6 +194,21 @@ def run(args: argparse.Namespace) -> int:
         raise NoiseScaleInputError(
             "fewer than two batch sizes fitted in memory; give smaller --batch-sizes"
         )
+    # A timed step includes one optimizer update; an accumulated step of k micro-batches runs
+    # k passes and one update, so `recommend` needs the update's time on its own.
+    update_times: tuple[float, ...] = ()
+    if optimizer is not None:
+        _note(args, "timing the optimizer update alone ...")
+        update_times = time_optimizer_update(
+            step,
+            optimizer.step,
+            points[0].batch_size,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            device=device,
+            model=model,
+            optimizer=optimizer,
+        )
     extra: dict[str, Any] = {"spec": args.model, "options": options}
     config = getattr(model, "config", None)
     block_size = getattr(config, "block_size", None)
@@ -213,6 +230,8 @@ def run(args: argparse.Namespace) -> int:
             "timed_batch_sizes": sorted(set(batch_sizes)),
         },
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        optimizer_update_s=statistics.median(update_times) if update_times else 0.0,
+        optimizer_update_times_s=update_times,
     )
     text = json.dumps(profile.to_dict(), indent=2, allow_nan=False) + "\n"
     if args.json:
@@ -350,6 +369,11 @@ def format_profile(profile: ThroughputProfile) -> str:
         f"β = {_pm(fit.beta_s, fit.beta_se_s, 1e3)} ms/example "
         f"(largest relative residual {fit.max_rel_residual:.1%})"
     )
+    if profile.optimizer_update_s is not None and profile.optimizer_update_times_s:
+        lines.append(
+            f"optimizer update alone: {profile.optimizer_update_s * 1e3:.4g} ms (part of α; "
+            "paid once per step however many micro-batches are accumulated)"
+        )
     search = profile.max_batch_search
     if search is None:
         lines.append("largest batch in memory: not searched")

@@ -7,7 +7,9 @@ The step-time model of one device is linear in the micro-batch size b (examples)
     t(b) = α + β·b,
 
 α being the fixed cost of a forward/backward/optimizer pass (kernel launches, optimizer update,
-Python) and β the cost per example. It is fitted by least squares to the median step times
+Python) and β the cost per example. The optimizer update's own time u (part of α) is timed apart
+(``optimizer_update_s``): an accumulated step of k micro-batches runs k forward/backward passes
+but one update, k·(α − u) + β·Σbᵢ + u. It is fitted by least squares to the median step times
 (:func:`fit_step_time`). On a GPU, t(b) is flat until the device is saturated; the fit is then
 a compromise across the measured range, and ``max_rel_residual`` says how good it is.
 
@@ -238,6 +240,11 @@ class ThroughputProfile:
         max_batch_search: Details of that search (limit, capped, trials), or None.
         settings: How it was measured (warm-up, repeats, optimizer).
         created: ISO-8601 time of the measurement.
+        optimizer_update_s: Seconds of the optimizer update alone, the part of α that an
+            accumulated step pays once rather than once per micro-batch: the median of
+            ``optimizer_update_times_s``, 0 when the timed step had no optimizer, None when it was
+            not timed apart (profiles written before noisescale timed it).
+        optimizer_update_times_s: Each timed update (s).
     """
 
     device: dict[str, Any]
@@ -248,6 +255,8 @@ class ThroughputProfile:
     max_batch_search: dict[str, Any] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     created: str = ""
+    optimizer_update_s: float | None = None
+    optimizer_update_times_s: tuple[float, ...] = ()
 
     @classmethod
     def from_points(cls, points: Sequence[ThroughputPoint], **fields: Any) -> ThroughputProfile:
@@ -278,6 +287,8 @@ class ThroughputProfile:
             "fit": self.fit.to_dict(),
             "max_batch_size": self.max_batch_size,
             "max_batch_search": self.max_batch_search,
+            "optimizer_update_s": self.optimizer_update_s,
+            "optimizer_update_times_s": list(self.optimizer_update_times_s),
         }
 
     @classmethod
@@ -309,6 +320,9 @@ class ThroughputProfile:
                 max_rel_residual=float(f["max_rel_residual"]),
             )
             max_batch = data.get("max_batch_size")
+            # Absent from profiles written before the update was timed apart: None, priced as
+            # before (every micro-batch pays the whole α) and said so in the recommendation.
+            update = data.get("optimizer_update_s")
             profile = cls(
                 device=dict(data["device"]),
                 model=dict(data["model"]),
@@ -318,6 +332,10 @@ class ThroughputProfile:
                 max_batch_search=data.get("max_batch_search"),
                 settings=dict(data.get("settings") or {}),
                 created=str(data.get("created", "")),
+                optimizer_update_s=None if update is None else float(update),
+                optimizer_update_times_s=tuple(
+                    float(t) for t in data.get("optimizer_update_times_s") or ()
+                ),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise NoiseScaleInputError(
@@ -345,6 +363,13 @@ class ThroughputProfile:
         ):
             raise NoiseScaleInputError(
                 f"corrupt profile: model.param_bytes must be a number ≥ 0, got {param_bytes!r}"
+            )
+        update_times = (
+            () if profile.optimizer_update_s is None else (profile.optimizer_update_s,)
+        ) + profile.optimizer_update_times_s
+        if any(not (math.isfinite(t) and t >= 0) for t in update_times):
+            raise NoiseScaleInputError(
+                "corrupt profile: the optimizer update's time is not a number ≥ 0"
             )
         if profile.max_batch_size is not None and profile.max_batch_size < 1:
             raise NoiseScaleInputError("corrupt profile: max_batch_size must be at least 1")

@@ -8,10 +8,15 @@ needed to reach a fixed loss:
 
 A candidate runs B on N data-parallel devices, each device splitting its B/N examples into k
 micro-batches that fit in memory (:func:`~noisescale.hardware.accumulation.accumulation_split`).
-With the profiled step-time model t(b) = α + β·b (:mod:`noisescale.hardware.profile`) one optimizer
-step takes
+With the profiled step-time model t(b) = α + β·b (:mod:`noisescale.hardware.profile`), whose α
+includes one optimizer update taking u (timed apart by ``noisescale profile``), a micro-batch's
+forward/backward pass takes α − u + β·bᵢ and one optimizer step, k passes and one update, takes
 
-    t_step = Σᵢ (α + β·bᵢ) + c·(N−1)/N·bytes/bandwidth = k·α + β·B/N + t_allreduce(N),
+    t_step = Σᵢ (α − u + β·bᵢ) + u + c·(N−1)/N·bytes/bandwidth
+           = k·(α − u) + u + β·B/N + t_allreduce(N).
+
+A profile that did not time the update apart (u unknown) is priced with u = 0: every pass pays
+the whole α, which overprices accumulation by (k − 1)·u; the assumptions say so.
 
 and the run takes time = S·t_step, GPU-hours = time·N/3600 and money = GPU-hours × price.
 Recommended points:
@@ -64,6 +69,8 @@ class Candidate:
         examples_over_min: E/E_min = 1 + B/B_noise (eq. 2.11).
         step_time_s: Seconds per optimizer step, all-reduce included.
         allreduce_s: The all-reduce's part of ``step_time_s``.
+        optimizer_update_s: The optimizer update's part of ``step_time_s``, paid once per step
+            however many micro-batches (0 when the profile did not time it apart).
         extrapolated: The largest micro-batch lies outside the profiled batch sizes.
         time_per_s_min_s: Wall-clock seconds per minimal step, (S/S_min)·t_step.
         time_rel: Wall-clock time over the fastest candidate's.
@@ -85,6 +92,7 @@ class Candidate:
     allreduce_s: float
     extrapolated: bool
     time_per_s_min_s: float
+    optimizer_update_s: float = 0.0
     time_rel: float = math.nan
     cost_rel: float = math.nan
     steps: float | None = None
@@ -111,6 +119,7 @@ class Candidate:
             "examples_over_min": self.examples_over_min,
             "step_time_s": self.step_time_s,
             "allreduce_s": self.allreduce_s,
+            "optimizer_update_s": self.optimizer_update_s,
             "extrapolated": self.extrapolated,
             "time_per_s_min_s": self.time_per_s_min_s,
             "time_rel": self.time_rel,
@@ -288,6 +297,9 @@ def recommend_batch_size(
     nbytes = profile.grad_bytes if grad_bytes is None else grad_bytes
     fit = profile.fit
     lo, hi = profile.measured_range
+    # The update is part of α; a noisy fit may leave α below the update timed apart, and a pass
+    # never costs less than nothing.
+    update_s = min(profile.optimizer_update_s or 0.0, max(fit.alpha_s, 0.0))
 
     raw: list[Candidate] = []
     for batch_size in sizes:
@@ -309,8 +321,12 @@ def recommend_batch_size(
                     f"non-positive step time at b = {smallest}; re-profile with more batch sizes "
                     "or repeats"
                 )
-            # Σᵢ (α + β·bᵢ) over the k micro-batches.
-            compute_s = split.num_micro_batches * fit.alpha_s + fit.beta_s * per_device
+            # Σᵢ (α − u + β·bᵢ) over the k forward/backward passes, and one update u.
+            compute_s = (
+                split.num_micro_batches * (fit.alpha_s - update_s)
+                + fit.beta_s * per_device
+                + update_s
+            )
             ar_s = allreduce_time(
                 nbytes, n, link.bandwidth_bytes_per_s, allreduce_factor=allreduce_factor
             )
@@ -326,6 +342,7 @@ def recommend_batch_size(
                     allreduce_s=ar_s,
                     extrapolated=not lo <= split.micro_batch_size <= hi,
                     time_per_s_min_s=s_ratio * step_s,
+                    optimizer_update_s=update_s,
                 )
             )
     if not raw:
@@ -379,6 +396,7 @@ def recommend_batch_size(
             s_min,
             price_per_gpu_hour,
             currency,
+            update_s,
             from_search=max_micro_batch_size is None,
         ),
     )
@@ -421,6 +439,7 @@ def _assumptions(
     s_min: float | None,
     price: float | None,
     currency: str | None,
+    update_s: float,
     *,
     from_search: bool,
 ) -> tuple[str, ...]:
@@ -441,17 +460,44 @@ def _assumptions(
         f"(largest relative residual {fit.max_rel_residual:.1%}); extrapolated outside that "
         "range; every device is identical to the profiled one.",
     ]
+    optimizer = profile.settings.get("optimizer")
+    if profile.optimizer_update_s is None:
+        pass_cost = "k·α + β·(its batch)"
+        lines.append(
+            "The profile did not time the optimizer update apart (written before noisescale "
+            "did): it is assumed to cost nothing beyond a pass, so each of a step's k "
+            "accumulated passes is charged the whole α, update included, which overprices "
+            "accumulation by (k − 1) updates; re-profile to price it exactly."
+        )
+    elif optimizer == "none" or profile.optimizer_update_s == 0:
+        pass_cost = "k·α + β·(its batch)"
+        lines.append(
+            "The profiled step ran no optimizer update, so none is counted: add your "
+            "optimizer's time per step, or profile with one."
+        )
+    else:
+        pass_cost = "k·(α − u) + β·(its batch) + u"
+        clamped = (
+            f" (timed {profile.optimizer_update_s:.4g} s, more than α: capped at α)"
+            if update_s < profile.optimizer_update_s
+            else ""
+        )
+        lines.append(
+            f"The optimizer update, part of α, takes u = {update_s:.4g} s{clamped}, timed "
+            "apart; it runs once per optimizer step, so an accumulated step of k passes costs "
+            f"{pass_cost}."
+        )
     if micro_limit and capped:
         lines.append(
             f"Micro-batches of at least {micro_limit} examples fit in memory (the memory search "
             f"stopped at its limit, {micro_limit}, before running out); batches are split into "
             f"micro-batches of at most {micro_limit}, accumulated over k passes costing "
-            "k·α + β·(its batch): profile with a higher --max-batch-limit if larger ones fit."
+            f"{pass_cost}: profile with a higher --max-batch-limit if larger ones fit."
         )
     elif micro_limit:
         lines.append(
             f"Micro-batches of at most {micro_limit} examples fit in memory; a device's batch "
-            "above that is accumulated over k passes costing k·α + β·(its batch)."
+            f"above that is accumulated over k passes costing {pass_cost}."
         )
     else:
         lines.append(

@@ -113,6 +113,65 @@ def _timed_steps(
     return times
 
 
+def time_optimizer_update(
+    step_fn: StepFn,
+    update_fn: Callable[[], object],
+    batch_size: int,
+    *,
+    warmup: int = 2,
+    repeats: int = 5,
+    device: torch.device | str = "cpu",
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    timer: Callable[[], float] = time.perf_counter,
+) -> tuple[float, ...]:
+    """Time the optimizer update alone: ``repeats`` calls of ``update_fn`` after ``warmup``.
+
+    A profiled training step (:func:`~noisescale.hardware.memory.make_training_step`) includes one
+    optimizer update, but an accumulated step of k micro-batches runs k forward/backward passes
+    and still only one update; the recommendation needs the update's time on its own to price
+    that. One ``step_fn(batch_size)`` first leaves gradients (and optimizer state) for the update
+    to work on; the update's cost does not depend on the batch size. ``model``/``optimizer`` are
+    restored afterwards, as in :func:`profile_throughput`.
+
+    Args:
+        step_fn: One training step at a batch size that leaves its gradients in place (as
+            ``make_training_step``'s does: it clears them before, not after, each step).
+        update_fn: The optimizer update, e.g. ``optimizer.step``.
+        batch_size: A batch size that fits, for the step that makes the gradients.
+        warmup: Untimed updates first.
+        repeats: Timed updates (a profile uses their median).
+        device: Device the update runs on (synchronised around each timed update when CUDA).
+        model: Model that ``step_fn`` trains, restored afterwards.
+        optimizer: Optimizer that ``update_fn`` steps, restored afterwards.
+        timer: Clock in seconds.
+
+    Returns:
+        The seconds of each timed update.
+    """
+    if warmup < 0 or repeats < 1:
+        raise NoiseScaleInputError("warm-up must be ≥ 0 and repeats ≥ 1")
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(dev)
+
+    times: list[float] = []
+    with _preserved_state(model, optimizer):
+        step_fn(batch_size)
+        for _ in range(warmup):
+            update_fn()
+        for _ in range(repeats):
+            sync()
+            t0 = timer()
+            update_fn()
+            sync()
+            times.append(timer() - t0)
+    return tuple(times)
+
+
 def describe_device(device: torch.device | str) -> dict[str, Any]:
     """What a profile was measured on: device type and name, memory, threads, torch version."""
     dev = torch.device(device)
