@@ -405,6 +405,38 @@ def test_profile_throughput_stops_at_first_oom() -> None:
     assert [p.batch_size for p in points] == [1, 2, 4]
 
 
+def test_profile_throughput_reports_the_batch_that_ran_out_of_memory() -> None:
+    seen: list[int] = []
+    points = profile_throughput(
+        _fake_step(5, []), [1, 2, 4, 8, 16], warmup=1, repeats=2, on_out_of_memory=seen.append
+    )
+    assert [p.batch_size for p in points] == [1, 2, 4] and seen == [8]
+
+
+@pytest.mark.parametrize("searched", [None, 64])
+def test_recommend_never_uses_a_batch_that_ran_out_of_memory(searched: int | None) -> None:
+    # Timed at 1-8, batch 16 ran out of memory while timing (the search, if any, said 64): the
+    # largest micro-batch known to fit is 8, so B = 128 on one device is 8×16, never 128×1.
+    points = [ThroughputPoint(b, (0.01 + 0.001 * b,)) for b in (1, 2, 4, 8)]
+    profile = ThroughputProfile.from_points(
+        points,
+        device={"type": "cuda"},
+        model={"name": "m", "param_bytes": 0},
+        max_batch_size=searched,
+        out_of_memory_batch_size=16,
+    )
+    assert profile.largest_fitting_batch_size == 8
+    rec = recommend_batch_size(200.0, profile, batch_sizes=[4, 16, 128, 1024])
+    assert max(c.split.micro_batch_size for c in rec.candidates) == 8
+    c128 = next(c for c in rec.candidates if c.batch_size == 128)
+    assert (c128.split.micro_batch_size, c128.split.num_micro_batches) == (8, 16)
+    assert c128.step_time_s == pytest.approx(16 * 0.01 + 0.001 * 128)
+    assert any("Batch size 16 ran out of memory" in a for a in rec.assumptions)
+    with pytest.raises(NoiseScaleInputError, match="ran out of memory"):
+        recommend_batch_size(200.0, profile, max_micro_batch_size=16)
+    assert recommend_batch_size(200.0, profile, max_micro_batch_size=12).fastest
+
+
 def test_profile_throughput_real_model_restores_it() -> None:
     torch.manual_seed(1)
     model = _TinyNet(threshold=10**9)

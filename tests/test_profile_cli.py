@@ -214,7 +214,42 @@ def test_profile_needs_two_sizes_that_fit(
     args = ["profile", f"{tiny_module}:build", "--model-option", "threshold=1"]
     code = main([*args, "--batch-sizes", "1,2,4", "--no-memory-search", *FAST])
     assert code == 2
-    assert "fewer than two batch sizes" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "batch size 2 ran out of memory while timing" in err
+    assert (
+        "needs two batch sizes, but batch size 2 ran out of memory (only batch size 1 was timed)"
+        in err
+    )
+
+
+def test_an_out_of_memory_while_timing_is_recorded_and_respected(
+    tiny_module: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "p.json"
+    args = ["profile", f"{tiny_module}:build", "--model-option", "threshold=6"]
+    code = main([*args, "--no-memory-search", "--batch-sizes", "2,4,8,16", *FAST, "-o", str(out)])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "batch size 8 ran out of memory while timing" in captured.err
+    assert "not timed: 8, 16" in captured.err
+    assert "largest batch in memory: below 8" in captured.out
+    data = json.loads(out.read_text())
+    assert [p["batch_size"] for p in data["points"]] == [2, 4]
+    assert data["settings"]["timed_batch_sizes"] == [2, 4]
+    assert data["settings"]["dropped_batch_sizes"] == [8, 16]
+    assert data["out_of_memory_batch_size"] == 8 and data["max_batch_size"] is None
+    # recommend splits every batch into micro-batches of at most 4 (timed, fits), never 8. (The
+    # fit is set to a clean line: real timings of so tiny a model are noise.)
+    data["fit"] |= {"alpha_s": 0.01, "beta_s": 0.001}
+    out.write_text(json.dumps(data))
+    assert main(["recommend", "--noise-scale", "50", "--profile", str(out), "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert max(c["micro_batch_size"] for c in rec["candidates"]) == 4
+    assert (
+        main(["recommend", "--noise-scale", "50", "--profile", str(out), "--max-micro-batch", "8"])
+        == 2
+    )
+    assert "ran out of memory" in capsys.readouterr().err
 
 
 def test_profile_output_is_checked_before_measuring(

@@ -181,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         top = search.max_batch_size if search else (args.max_batch_limit or 64)
         batch_sizes = [2**i for i in range(top.bit_length()) if 2**i <= top]
     _note(args, f"timing batch sizes {', '.join(map(str, batch_sizes))} ...")
+    out_of_memory: list[int] = []
     points = profile_throughput(
         step,
         batch_sizes,
@@ -189,11 +190,20 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         model=model,
         optimizer=optimizer,
+        on_out_of_memory=out_of_memory.append,
     )
-    if len(points) < 2:
-        raise NoiseScaleInputError(
-            "fewer than two batch sizes fitted in memory; give smaller --batch-sizes"
+    oom = out_of_memory[0] if out_of_memory else None
+    timed = [p.batch_size for p in points]
+    dropped = sorted(set(batch_sizes) - set(timed))
+    if oom is not None:
+        # Said even with --json (on stderr): the sizes asked for were not all timed.
+        print(
+            f"warning: batch size {oom} ran out of memory while timing, so the largest batch "
+            f"that fits is below {oom}; not timed: {', '.join(map(str, dropped))}",
+            file=sys.stderr,
         )
+    if len(points) < 2:
+        raise NoiseScaleInputError(_too_few_points(points, oom, args))
     # A timed step includes one optimizer update; an accumulated step of k micro-batches runs
     # k passes and one update, so `recommend` needs the update's time on its own.
     update_times: tuple[float, ...] = ()
@@ -227,11 +237,14 @@ def run(args: argparse.Namespace) -> int:
             "repeats": args.repeats,
             "optimizer": args.optimizer,
             "seed": args.seed,
-            "timed_batch_sizes": sorted(set(batch_sizes)),
+            "timed_batch_sizes": timed,
+            "requested_batch_sizes": sorted(set(batch_sizes)),
+            "dropped_batch_sizes": dropped,
         },
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         optimizer_update_s=statistics.median(update_times) if update_times else 0.0,
         optimizer_update_times_s=update_times,
+        out_of_memory_batch_size=oom,
     )
     text = json.dumps(profile.to_dict(), indent=2, allow_nan=False) + "\n"
     if args.json:
@@ -251,6 +264,26 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"wrote {output}")
     return 0
+
+
+def _too_few_points(points: list[Any], oom: int | None, args: argparse.Namespace) -> str:
+    """Why fewer than two batch sizes were timed, and what to give instead."""
+    timed = f"only batch size {points[0].batch_size} was timed" if points else "nothing was timed"
+    if oom is not None:
+        return (
+            f"fitting t(b) = α + β·b needs two batch sizes, but batch size {oom} ran out of "
+            f"memory ({timed}); give smaller --batch-sizes"
+        )
+    if args.batch_sizes:
+        return (
+            f"fitting t(b) = α + β·b needs at least two batch sizes ({timed}); give two or more "
+            "--batch-sizes, e.g. --batch-sizes 8,16"
+        )
+    return (
+        f"fitting t(b) = α + β·b needs at least two batch sizes, but the default sizes (powers "
+        f"of two up to the largest batch that fits, {points[0].batch_size if points else 1}) "
+        "are only one; give --batch-sizes with two or more, or a larger --max-batch-limit"
+    )
 
 
 def resolve_model(spec: str, options: dict[str, Any]) -> tuple[nn.Module, LossFn, MakeBatch]:
@@ -375,7 +408,14 @@ def format_profile(profile: ThroughputProfile) -> str:
             "paid once per step however many micro-batches are accumulated)"
         )
     search = profile.max_batch_search
-    if search is None:
+    oom = profile.out_of_memory_batch_size
+    if oom is not None and (profile.max_batch_size is None or profile.max_batch_size >= oom):
+        searched = "not searched" if search is None else f"the search said {profile.max_batch_size}"
+        lines.append(
+            f"largest batch in memory: below {oom}, which ran out of memory while timing "
+            f"({searched}); the largest timed, {profile.largest_fitting_batch_size}, fits"
+        )
+    elif search is None:
         lines.append("largest batch in memory: not searched")
     elif search["capped"]:
         lines.append(

@@ -245,6 +245,9 @@ class ThroughputProfile:
             ``optimizer_update_times_s``, 0 when the timed step had no optimizer, None when it was
             not timed apart (profiles written before noisescale timed it).
         optimizer_update_times_s: Each timed update (s).
+        out_of_memory_batch_size: A batch size that ran out of memory while the steps were timed
+            (None: none did). The largest batch that fits is below it, whatever
+            ``max_batch_size`` says, and no recommendation uses a micro-batch this large.
     """
 
     device: dict[str, Any]
@@ -257,6 +260,7 @@ class ThroughputProfile:
     created: str = ""
     optimizer_update_s: float | None = None
     optimizer_update_times_s: tuple[float, ...] = ()
+    out_of_memory_batch_size: int | None = None
 
     @classmethod
     def from_points(cls, points: Sequence[ThroughputPoint], **fields: Any) -> ThroughputProfile:
@@ -269,6 +273,18 @@ class ThroughputProfile:
     def grad_bytes(self) -> float:
         """Bytes of gradient all-reduced per step: the trainable parameters' bytes."""
         return float(self.model.get("param_bytes", 0))
+
+    @property
+    def largest_fitting_batch_size(self) -> int | None:
+        """The largest micro-batch known to fit: the memory search's, lowered below a batch that
+        ran out of memory while timing (to the largest timed one); None when neither is known."""
+        oom = self.out_of_memory_batch_size
+        if oom is None:
+            return self.max_batch_size
+        if self.max_batch_size is not None and self.max_batch_size < oom:
+            return self.max_batch_size
+        below = [p.batch_size for p in self.points if p.batch_size < oom]
+        return max(below) if below else max(oom - 1, 1)
 
     @property
     def measured_range(self) -> tuple[int, int]:
@@ -289,6 +305,7 @@ class ThroughputProfile:
             "max_batch_search": self.max_batch_search,
             "optimizer_update_s": self.optimizer_update_s,
             "optimizer_update_times_s": list(self.optimizer_update_times_s),
+            "out_of_memory_batch_size": self.out_of_memory_batch_size,
         }
 
     @classmethod
@@ -323,6 +340,7 @@ class ThroughputProfile:
             # Absent from profiles written before the update was timed apart: None, priced as
             # before (every micro-batch pays the whole α) and said so in the recommendation.
             update = data.get("optimizer_update_s")
+            oom = data.get("out_of_memory_batch_size")
             profile = cls(
                 device=dict(data["device"]),
                 model=dict(data["model"]),
@@ -336,6 +354,7 @@ class ThroughputProfile:
                 optimizer_update_times_s=tuple(
                     float(t) for t in data.get("optimizer_update_times_s") or ()
                 ),
+                out_of_memory_batch_size=None if oom is None else int(oom),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise NoiseScaleInputError(
@@ -370,6 +389,12 @@ class ThroughputProfile:
         if any(not (math.isfinite(t) and t >= 0) for t in update_times):
             raise NoiseScaleInputError(
                 "corrupt profile: the optimizer update's time is not a number ≥ 0"
+            )
+        if profile.out_of_memory_batch_size is not None and any(
+            p.batch_size >= profile.out_of_memory_batch_size for p in points
+        ):
+            raise NoiseScaleInputError(
+                "corrupt profile: a timed batch size is at or above out_of_memory_batch_size"
             )
         if profile.max_batch_size is not None and profile.max_batch_size < 1:
             raise NoiseScaleInputError("corrupt profile: max_batch_size must be at least 1")

@@ -292,7 +292,15 @@ def recommend_batch_size(
         raise NoiseScaleInputError("the largest micro-batch must be at least 1")
     if grad_bytes is not None and not (math.isfinite(grad_bytes) and grad_bytes >= 0):
         raise NoiseScaleInputError(f"gradient bytes must be finite and ≥ 0, got {grad_bytes}")
-    micro_limit = profile.max_batch_size if max_micro_batch_size is None else max_micro_batch_size
+    oom = profile.out_of_memory_batch_size
+    if max_micro_batch_size is not None and oom is not None and max_micro_batch_size >= oom:
+        raise NoiseScaleInputError(
+            f"the largest micro-batch ({max_micro_batch_size}) is at or above batch size {oom}, "
+            "which ran out of memory when the profile was measured; give a smaller one"
+        )
+    micro_limit = (
+        profile.largest_fitting_batch_size if max_micro_batch_size is None else max_micro_batch_size
+    )
     link = interconnect or INTERCONNECTS[DEFAULT_INTERCONNECT]
     nbytes = profile.grad_bytes if grad_bytes is None else grad_bytes
     fit = profile.fit
@@ -446,7 +454,10 @@ def _assumptions(
     fit = profile.fit
     unit = hours_unit(str(profile.device.get("type", "cuda")))
     search = profile.max_batch_search if isinstance(profile.max_batch_search, dict) else {}
-    capped = from_search and bool(search.get("capped"))
+    oom = profile.out_of_memory_batch_size
+    # A batch that ran out of memory while timing below the search's maximum overrides it.
+    lowered = oom is not None and (profile.max_batch_size is None or profile.max_batch_size >= oom)
+    capped = from_search and bool(search.get("capped")) and not lowered
     lo, hi = profile.measured_range
     device = profile.device.get("name") or profile.device.get("type", "the profiled device")
     lines = [
@@ -487,7 +498,19 @@ def _assumptions(
             "apart; it runs once per optimizer step, so an accumulated step of k passes costs "
             f"{pass_cost}."
         )
-    if micro_limit and capped:
+    if micro_limit and from_search and lowered:
+        source = (
+            "the memory was not searched"
+            if profile.max_batch_size is None
+            else f"below the memory search's {profile.max_batch_size}"
+        )
+        lines.append(
+            f"Batch size {oom} ran out of memory while the profile was timed ({source}), so the "
+            f"largest micro-batch that fits is below {oom}; the largest timed one, "
+            f"{micro_limit}, is used: batches above it are accumulated over k passes costing "
+            f"{pass_cost}. Profile with the memory search to find the exact limit."
+        )
+    elif micro_limit and capped:
         lines.append(
             f"Micro-batches of at least {micro_limit} examples fit in memory (the memory search "
             f"stopped at its limit, {micro_limit}, before running out); batches are split into "

@@ -38,11 +38,13 @@ def profile_throughput(
     model: nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     timer: Callable[[], float] = time.perf_counter,
+    on_out_of_memory: Callable[[int], object] | None = None,
 ) -> list[ThroughputPoint]:
     """Time ``repeats`` training steps at each batch size, after ``warmup`` untimed ones.
 
     Batch sizes run in ascending order; the first that runs out of memory ends the sweep (larger
-    ones would too), so the result may hold fewer points than requested. Each step is timed on its
+    ones would too), so the result may hold fewer points than requested; ``on_out_of_memory`` is
+    then called with that batch size, the smallest seen not to fit. Each step is timed on its
     own between two device synchronisations. On CUDA the peak memory allocated at each batch size
     is recorded too. As in :func:`~noisescale.hardware.memory.find_max_batch_size`, a given
     ``model``/``optimizer`` is restored afterwards.
@@ -57,6 +59,7 @@ def profile_throughput(
         model: Model that ``step_fn`` trains, restored afterwards.
         optimizer: Optimizer that ``step_fn`` steps, restored afterwards.
         timer: Clock in seconds.
+        on_out_of_memory: Called with the batch size that ran out of memory, if one did.
 
     Returns:
         One point per batch size that fitted in memory, ascending.
@@ -82,6 +85,8 @@ def profile_throughput(
             _clear_grads(model, optimizer)
             if times is None:
                 free_memory()
+                if on_out_of_memory is not None:
+                    on_out_of_memory(batch_size)
                 break
             peak = torch.cuda.max_memory_allocated(dev) if cuda else None
             points.append(ThroughputPoint(batch_size, tuple(times), peak))
