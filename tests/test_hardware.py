@@ -725,6 +725,9 @@ def test_recommend_rejects_nonpositive_predicted_time() -> None:
 def test_default_batch_sizes() -> None:
     assert default_batch_sizes(100.0) == [2**i for i in range(13)]  # 32·100 = 3200 → 4096
     assert default_batch_sizes(0.01, max_devices=8) == [1, 2, 4, 8]
+    # Multiples of a device count that is not a power of two, up to the first ≥ 3200.
+    assert default_batch_sizes(100.0, 6, devices=3) == [3 * 2**i for i in range(12)]
+    assert default_batch_sizes(0.01, 6, devices=6) == [6]
 
 
 def test_custom_interconnect_changes_allreduce() -> None:

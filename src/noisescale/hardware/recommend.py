@@ -151,6 +151,8 @@ class Recommendation:
         currency: The currency of the price (``None``: not named).
         device_type: The profiled device's type (``cuda``, ``cpu``, …), which names the hours:
             GPU-hours on a GPU, CPU-hours on a CPU.
+        devices_without_candidates: Device counts asked for that divide none of the given batch
+            sizes, so that no candidate runs on them.
     """
 
     b_noise: float
@@ -165,6 +167,7 @@ class Recommendation:
     assumptions: tuple[str, ...]
     currency: str | None = None
     device_type: str = "cuda"
+    devices_without_candidates: tuple[int, ...] = ()
 
     @property
     def relative(self) -> bool:
@@ -194,6 +197,7 @@ class Recommendation:
             "device_type": self.device_type,
             "hours_unit": self.hours_unit,
             "relative": self.relative,
+            "devices_without_candidates": list(self.devices_without_candidates),
             "recommended": {
                 "fastest": self.fastest.to_dict(),
                 "cheapest": self.cheapest.to_dict(),
@@ -210,14 +214,21 @@ def hours_unit(device_type: str) -> str:
     return {"cuda": "GPU-h", "cpu": "CPU-h"}.get(device_type, "device-h")
 
 
-def default_batch_sizes(b_noise: float, max_devices: int = 1) -> list[int]:
-    """Powers of two from 1 up to the first at or above max(32·B_noise, devices).
+def default_batch_sizes(b_noise: float, max_devices: int = 1, *, devices: int = 1) -> list[int]:
+    """Powers of two times ``devices``, from ``devices`` up to the first at or above
+    max(32·B_noise, max_devices).
 
     At B = 32·B_noise a run already needs 33× the minimum examples (eq. 2.11), past any sensible
-    price for time.
+    price for time. With ``devices`` = N every size divides evenly over N devices: the default
+    candidates of N = 3 are 3, 6, 12, …, where powers of two alone would give it none.
     """
-    top = max(32.0 * b_noise, float(max_devices), 1.0)
-    return [2**i for i in range(math.ceil(math.log2(top)) + 1)]
+    if devices < 1:
+        raise NoiseScaleInputError(f"number of devices must be at least 1, got {devices}")
+    top = max(32.0 * b_noise, float(max_devices), float(devices), 1.0)
+    sizes = [devices]
+    while sizes[-1] < top:
+        sizes.append(2 * sizes[-1])
+    return sizes
 
 
 def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
@@ -260,7 +271,8 @@ def recommend_batch_size(
         s_min: Minimum optimisation steps to the target loss.
         e_min: Minimum training examples to the target loss.
         price_per_gpu_hour: Money per device-hour.
-        batch_sizes: Global batch sizes to consider; default :func:`default_batch_sizes`.
+        batch_sizes: Global batch sizes to consider, each on the device counts that divide it;
+            default :func:`default_batch_sizes` for each device count N (N·2ⁱ).
         max_micro_batch_size: Largest micro-batch that fits; default the profile's memory
             search (without one, each device runs its batch in one pass).
         interconnect: All-reduce bandwidth assumption; default :data:`DEFAULT_INTERCONNECT`.
@@ -281,9 +293,19 @@ def recommend_batch_size(
     device_counts = sorted(set(devices))
     if not device_counts or device_counts[0] < 1:
         raise NoiseScaleInputError("device counts must be positive integers")
-    sizes = sorted(set(batch_sizes or default_batch_sizes(b_noise, device_counts[-1])))
-    if sizes[0] < 1:
-        raise NoiseScaleInputError("batch sizes must be positive integers")
+    if batch_sizes:
+        sizes = sorted(set(batch_sizes))
+        if sizes[0] < 1:
+            raise NoiseScaleInputError("batch sizes must be positive integers")
+        pairs = [(b, n) for b in sizes for n in device_counts if b % n == 0]
+    else:
+        pairs = sorted(
+            (b, n)
+            for n in device_counts
+            for b in default_batch_sizes(b_noise, device_counts[-1], devices=n)
+        )
+    # Device counts that divide none of the given batch sizes get no candidate: said, not hidden.
+    without = tuple(n for n in device_counts if all(pn != n for _, pn in pairs))
     if e_min is not None:
         s_min = e_min / b_noise
     elif s_min is not None:
@@ -310,49 +332,44 @@ def recommend_batch_size(
     update_s = min(profile.optimizer_update_s or 0.0, max(fit.alpha_s, 0.0))
 
     raw: list[Candidate] = []
-    for batch_size in sizes:
+    for batch_size, n in pairs:
         s_ratio = float(steps_over_min(batch_size, b_noise))
         e_ratio = float(examples_over_min(batch_size, b_noise))
-        for n in device_counts:
-            if batch_size % n != 0:
-                continue
-            per_device = batch_size // n
-            split = (
-                accumulation_split(per_device, micro_limit)
-                if micro_limit
-                else AccumulationSplit(per_device, 1)
+        per_device = batch_size // n
+        split = (
+            accumulation_split(per_device, micro_limit)
+            if micro_limit
+            else AccumulationSplit(per_device, 1)
+        )
+        smallest = split.batch_size // split.num_micro_batches
+        if fit.step_time(smallest) <= 0:
+            raise NoiseScaleInputError(
+                f"the profile's fit t(b) = {fit.alpha_s:.3g} + {fit.beta_s:.3g}·b predicts a "
+                f"non-positive step time at b = {smallest}; re-profile with more batch sizes "
+                "or repeats"
             )
-            smallest = split.batch_size // split.num_micro_batches
-            if fit.step_time(smallest) <= 0:
-                raise NoiseScaleInputError(
-                    f"the profile's fit t(b) = {fit.alpha_s:.3g} + {fit.beta_s:.3g}·b predicts a "
-                    f"non-positive step time at b = {smallest}; re-profile with more batch sizes "
-                    "or repeats"
-                )
-            # Σᵢ (α − u + β·bᵢ) over the k forward/backward passes, and one update u.
-            compute_s = (
-                split.num_micro_batches * (fit.alpha_s - update_s)
-                + fit.beta_s * per_device
-                + update_s
+        # Σᵢ (α − u + β·bᵢ) over the k forward/backward passes, and one update u.
+        compute_s = (
+            split.num_micro_batches * (fit.alpha_s - update_s) + fit.beta_s * per_device + update_s
+        )
+        ar_s = allreduce_time(
+            nbytes, n, link.bandwidth_bytes_per_s, allreduce_factor=allreduce_factor
+        )
+        step_s = compute_s + ar_s
+        raw.append(
+            Candidate(
+                batch_size=batch_size,
+                devices=n,
+                split=split,
+                steps_over_min=s_ratio,
+                examples_over_min=e_ratio,
+                step_time_s=step_s,
+                allreduce_s=ar_s,
+                extrapolated=not lo <= split.micro_batch_size <= hi,
+                time_per_s_min_s=s_ratio * step_s,
+                optimizer_update_s=update_s,
             )
-            ar_s = allreduce_time(
-                nbytes, n, link.bandwidth_bytes_per_s, allreduce_factor=allreduce_factor
-            )
-            step_s = compute_s + ar_s
-            raw.append(
-                Candidate(
-                    batch_size=batch_size,
-                    devices=n,
-                    split=split,
-                    steps_over_min=s_ratio,
-                    examples_over_min=e_ratio,
-                    step_time_s=step_s,
-                    allreduce_s=ar_s,
-                    extrapolated=not lo <= split.micro_batch_size <= hi,
-                    time_per_s_min_s=s_ratio * step_s,
-                    optimizer_update_s=update_s,
-                )
-            )
+        )
     if not raw:
         raise NoiseScaleInputError(
             "no candidate: no batch size is divisible by any device count; add batch sizes or "
@@ -389,6 +406,7 @@ def recommend_batch_size(
         price_per_gpu_hour=price_per_gpu_hour,
         currency=currency,
         device_type=device_type,
+        devices_without_candidates=without,
         candidates=candidates,
         pareto_front=front,
         fastest=fastest,
@@ -406,7 +424,21 @@ def recommend_batch_size(
             currency,
             update_s,
             from_search=max_micro_batch_size is None,
-        ),
+        )
+        + _no_candidate_lines(without, sizes if batch_sizes else []),
+    )
+
+
+def _no_candidate_lines(devices: Sequence[int], sizes: Sequence[int]) -> tuple[str, ...]:
+    if not devices:
+        return ()
+    counts = ", ".join(map(str, devices))
+    shown = ", ".join(map(str, sizes[:8])) + (", …" if len(sizes) > 8 else "")
+    return (
+        f"No candidate on {counts} device(s): none of the batch sizes given ({shown}) divides "
+        "evenly over that many devices, so they were not weighed; give batch sizes that are "
+        "multiples of the device count, or leave --batch-sizes out (then each device count N "
+        "gets N·2ⁱ).",
     )
 
 
