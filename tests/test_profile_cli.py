@@ -291,7 +291,7 @@ def test_profile_that_cannot_be_written_is_kept_elsewhere(
 
     monkeypatch.chdir(tmp_path)
 
-    def disk_full(path: object, data: object) -> None:
+    def disk_full(path: object, data: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(_args, "write_atomic", disk_full)
@@ -303,6 +303,37 @@ def test_profile_that_cannot_be_written_is_kept_elsewhere(
     (rescued,) = tmp_path.glob("noisescale-p-*.json")
     assert f"saved to {rescued} instead" in err
     assert json.loads(rescued.read_text())["kind"] == "noisescale.profile"
+
+
+def test_a_file_written_while_measuring_is_not_replaced_without_force(
+    tiny_module: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from noisescale.commands import profile as profile_command
+
+    out = tmp_path / "p.json"
+    real_format = profile_command.format_profile
+
+    def another_job_writes_it(profile: object) -> str:  # runs after measuring, before writing
+        out.write_text("measured by another job")
+        return real_format(profile)
+
+    monkeypatch.setattr(profile_command, "format_profile", another_job_writes_it)
+    args = ["profile", f"{tiny_module}:build", "--no-memory-search", *FAST, "-o", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert out.read_text() == "measured by another job"
+    assert "it was created while this command ran, and is not replaced without --force" in err
+    (rescued,) = tmp_path.glob("noisescale-p-*.json")
+    assert f"saved to {rescued} instead" in err
+    assert json.loads(rescued.read_text())["kind"] == "noisescale.profile"
+    assert not list(tmp_path.glob(".p.json.*.tmp"))
+    # With --force the other file is replaced, as asked.
+    rescued.unlink()
+    assert main([*args, "--force"]) == 0
+    assert json.loads(out.read_text())["kind"] == "noisescale.profile"
 
 
 def test_profile_of_a_model_without_parameters_exit_2(
@@ -317,3 +348,27 @@ def test_profile_of_a_model_without_parameters_exit_2(
     monkeypatch.syspath_prepend(str(tmp_path))
     assert main(["profile", "ns_empty_model:build", "--no-memory-search"]) == 2
     assert "has no trainable parameters" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_write_without_replace_never_overwrites(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hard_links: bool
+) -> None:
+    import errno
+    import os
+
+    from noisescale.commands._args import write_atomic
+
+    if not hard_links:  # e.g. some network or FAT file systems: O_EXCL creation instead
+
+        def no_link(src: object, dst: object) -> None:
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_link)
+    new = tmp_path / "new.json"
+    write_atomic(new, "first", replace=False)
+    assert new.read_text() == "first"
+    with pytest.raises(FileExistsError):
+        write_atomic(new, "second", replace=False)
+    assert new.read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.json"]  # no temporary file left

@@ -260,7 +260,8 @@ def run(args: argparse.Namespace) -> int:
             )
     if output is not None:
         # Measured minutes ago: if the file cannot be written now, keep it somewhere and say so.
-        _args.write_or_rescue(output, text, what="the measured profile")
+        # Without --force, a file that appeared while measuring is never replaced.
+        _args.write_or_rescue(output, text, what="the measured profile", replace=args.force)
         if not args.json:
             print(f"wrote {output}")
     return 0

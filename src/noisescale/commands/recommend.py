@@ -171,7 +171,9 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if output is not None:
-        _args.write_or_rescue(output, recommendation_html(rec, profile), what="the page")
+        _args.write_or_rescue(
+            output, recommendation_html(rec, profile), what="the page", replace=args.force
+        )
     if args.json:
         data = rec.to_dict()
         data["profile"] = {
