@@ -141,6 +141,17 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.batch_sizes and max(args.batch_sizes) > MAX_BATCH_LIMIT:
         raise NoiseScaleInputError(f"--batch-sizes must be at most {MAX_BATCH_LIMIT} each")
+    # The fit t(b) = α + β·b needs two batch sizes: said before measuring, and not blamed on memory.
+    if args.batch_sizes and len(set(args.batch_sizes)) < 2:
+        raise NoiseScaleInputError(
+            "fitting t(b) = α + β·b needs at least two batch sizes; give two or more "
+            "--batch-sizes, e.g. --batch-sizes 8,16"
+        )
+    if not args.batch_sizes and args.max_batch_limit == 1:
+        raise NoiseScaleInputError(
+            "--max-batch-limit 1 leaves one batch size to time, and fitting t(b) = α + β·b "
+            "needs two: give a larger --max-batch-limit or two or more --batch-sizes"
+        )
     # Where the profile goes is settled before minutes of measuring, not after.
     output = (
         _args.check_output_file(args.output, flag="-o", force=args.force, suffixes=(".json",))
@@ -203,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if len(points) < 2:
-        raise NoiseScaleInputError(_too_few_points(points, oom, args))
+        raise NoiseScaleInputError(_too_few_points(points, oom, search))
     # A timed step includes one optimizer update; an accumulated step of k micro-batches runs
     # k passes and one update, so `recommend` needs the update's time on its own.
     update_times: tuple[float, ...] = ()
@@ -267,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _too_few_points(points: list[Any], oom: int | None, args: argparse.Namespace) -> str:
+def _too_few_points(points: list[Any], oom: int | None, search: Any) -> str:
     """Why fewer than two batch sizes were timed, and what to give instead."""
     timed = f"only batch size {points[0].batch_size} was timed" if points else "nothing was timed"
     if oom is not None:
@@ -275,16 +286,19 @@ def _too_few_points(points: list[Any], oom: int | None, args: argparse.Namespace
             f"fitting t(b) = α + β·b needs two batch sizes, but batch size {oom} ran out of "
             f"memory ({timed}); give smaller --batch-sizes"
         )
-    if args.batch_sizes:
+    if search is not None and search.capped:
         return (
-            f"fitting t(b) = α + β·b needs at least two batch sizes ({timed}); give two or more "
-            "--batch-sizes, e.g. --batch-sizes 8,16"
+            f"fitting t(b) = α + β·b needs two batch sizes, but the memory search stopped at "
+            f"its limit, {search.max_batch_size} ({timed}): give a larger --max-batch-limit or "
+            "two or more --batch-sizes"
         )
-    return (
-        f"fitting t(b) = α + β·b needs at least two batch sizes, but the default sizes (powers "
-        f"of two up to the largest batch that fits, {points[0].batch_size if points else 1}) "
-        "are only one; give --batch-sizes with two or more, or a larger --max-batch-limit"
-    )
+    if search is not None:
+        return (
+            f"fitting t(b) = α + β·b needs two batch sizes, but only batch size "
+            f"{search.max_batch_size} fits in memory (the memory search); use a device with "
+            "more memory or a smaller model"
+        )
+    return f"fitting t(b) = α + β·b needs at least two batch sizes ({timed})"
 
 
 def resolve_model(spec: str, options: dict[str, Any]) -> tuple[nn.Module, LossFn, MakeBatch]:

@@ -310,6 +310,15 @@ def recommend_batch_size(
         s_min = e_min / b_noise
     elif s_min is not None:
         e_min = s_min * b_noise
+    if (
+        s_min is not None
+        and e_min is not None
+        and not all(math.isfinite(v) and v > 0 for v in (s_min, e_min))
+    ):
+        raise NoiseScaleInputError(
+            f"the target is out of range with B_noise = {b_noise:g}: E_min = S_min·B_noise gives "
+            f"S_min = {s_min:g}, E_min = {e_min:g}; check the noise scale and the target"
+        )
     if max_micro_batch_size is not None and max_micro_batch_size < 1:
         raise NoiseScaleInputError("the largest micro-batch must be at least 1")
     if grad_bytes is not None and not (math.isfinite(grad_bytes) and grad_bytes >= 0):
@@ -375,6 +384,7 @@ def recommend_batch_size(
             "no candidate: no batch size is divisible by any device count; add batch sizes or "
             "device counts"
         )
+    _check_in_range(raw, b_noise)
 
     t_min = min(c.time_per_s_min_s for c in raw)
     g_min = min(c.device_time_per_s_min_s for c in raw)
@@ -382,6 +392,7 @@ def recommend_batch_size(
     candidates = tuple(
         _finish(c, t_min, g_min, s_min, e_min, price_per_gpu_hour, front_keys) for c in raw
     )
+    _check_in_range(candidates, b_noise)
     front = tuple(
         sorted(
             (c for c in candidates if c.pareto),
@@ -427,6 +438,41 @@ def recommend_batch_size(
         )
         + _no_candidate_lines(without, sizes if batch_sizes else []),
     )
+
+
+def _check_in_range(candidates: Sequence[Candidate], b_noise: float) -> None:
+    """Refuse inputs so extreme that a candidate's numbers overflow (or vanish) in floats.
+
+    E/E_min = 1 + B/B_noise overflows for a noise scale far below one example (1e-320), an
+    all-reduce time for a bandwidth near zero; such numbers would print as inf (or fail as JSON).
+    """
+    for c in candidates:
+        if not math.isfinite(c.examples_over_min):
+            raise NoiseScaleInputError(
+                f"the noise scale {b_noise:.3g} is too small to price batch sizes: E/E_min = "
+                f"1 + B/B_noise overflows at B = {c.batch_size}; give B_noise in examples (a "
+                "language model's in sequences), as measured"
+            )
+        if not (math.isfinite(c.step_time_s) and math.isfinite(c.allreduce_s)):
+            raise NoiseScaleInputError(
+                f"the step time of B = {c.batch_size} on {c.devices} device(s) overflows "
+                f"(all-reduce {c.allreduce_s:g} s): check --bandwidth and --grad-bytes"
+            )
+        values = (
+            c.time_per_s_min_s,
+            c.device_time_per_s_min_s,
+            c.time_rel,
+            c.cost_rel,
+            *(v for v in (c.steps, c.examples, c.time_s, c.gpu_hours, c.cost) if v is not None),
+        )
+        if not all(math.isfinite(v) for v in values if not math.isnan(v)) or any(
+            v is not None and v <= 0 for v in (c.steps, c.examples)
+        ):
+            raise NoiseScaleInputError(
+                f"B = {c.batch_size} on {c.devices} device(s) prices out of range (steps "
+                f"{c.steps}, examples {c.examples}, time {c.time_s} s, cost {c.cost}): the noise "
+                "scale, target, price or profile is too extreme to compute with"
+            )
 
 
 def _no_candidate_lines(devices: Sequence[int], sizes: Sequence[int]) -> tuple[str, ...]:
