@@ -372,3 +372,20 @@ def test_write_without_replace_never_overwrites(
         write_atomic(new, "second", replace=False)
     assert new.read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.json"]  # no temporary file left
+
+
+def test_an_update_that_runs_out_of_memory_alone_is_left_unknown(
+    tiny_module: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import noisescale.hardware
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+
+    monkeypatch.setattr(noisescale.hardware, "time_optimizer_update", out_of_memory, raising=False)
+    args = ["profile", f"{tiny_module}:build", "--batch-sizes", "1,2", "--no-memory-search"]
+    assert main([*args, "--json", *FAST]) == 0
+    captured = capsys.readouterr()
+    assert "the optimizer update ran out of memory when timed alone" in captured.err
+    data = json.loads(captured.out)
+    assert data["optimizer_update_s"] is None and data["optimizer_update_times_s"] == []

@@ -127,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         profile_throughput,
         time_optimizer_update,
     )
+    from noisescale.hardware.memory import free_memory, is_out_of_memory
 
     if args.warmup > MAX_REPEATS or args.repeats > MAX_REPEATS:
         raise NoiseScaleInputError(
@@ -218,18 +219,32 @@ def run(args: argparse.Namespace) -> int:
     # A timed step includes one optimizer update; an accumulated step of k micro-batches runs
     # k passes and one update, so `recommend` needs the update's time on its own.
     update_times: tuple[float, ...] = ()
+    update_s: float | None = 0.0
     if optimizer is not None:
         _note(args, "timing the optimizer update alone ...")
-        update_times = time_optimizer_update(
-            step,
-            optimizer.step,
-            points[0].batch_size,
-            warmup=args.warmup,
-            repeats=args.repeats,
-            device=device,
-            model=model,
-            optimizer=optimizer,
-        )
+        try:
+            update_times = time_optimizer_update(
+                step,
+                optimizer.step,
+                points[0].batch_size,
+                warmup=args.warmup,
+                repeats=args.repeats,
+                device=device,
+                model=model,
+                optimizer=optimizer,
+            )
+            update_s = statistics.median(update_times)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            update_s = None  # not timed apart: recommend prices it as part of every pass
+        if update_s is None:
+            free_memory()
+            print(
+                "warning: the optimizer update ran out of memory when timed alone; the profile "
+                "leaves its time unknown, and recommend charges it on every accumulated pass",
+                file=sys.stderr,
+            )
     extra: dict[str, Any] = {"spec": args.model, "options": options}
     config = getattr(model, "config", None)
     block_size = getattr(config, "block_size", None)
@@ -253,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
             "dropped_batch_sizes": dropped,
         },
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        optimizer_update_s=statistics.median(update_times) if update_times else 0.0,
+        optimizer_update_s=update_s,
         optimizer_update_times_s=update_times,
         out_of_memory_batch_size=oom,
     )

@@ -182,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
             "model": profile.model,
             "fit": profile.fit.to_dict(),
             "max_batch_size": profile.max_batch_size,
+            "optimizer_update_s": profile.optimizer_update_s,
+            "out_of_memory_batch_size": profile.out_of_memory_batch_size,
         }
         print(json.dumps(data, indent=2, allow_nan=False))
     else:
