@@ -291,6 +291,15 @@ PROFILE = [
     (["mnist-cnn", "-o", "p.txt"], "must end in .json"),
     (["mnist-cnn", "--model-option", "novalue"], "--model-option needs KEY=VALUE"),
     (["mnist-cnn", "--optimizer", "lion"], "invalid choice"),
+    (
+        ["mnist-cnn", "--batch-sizes", "4"],
+        "fitting t(b) = α + β·b needs at least two batch sizes; give two or more --batch-sizes",
+    ),
+    (
+        ["mnist-cnn", "--no-memory-search", "--max-batch-limit", "1"],
+        "--max-batch-limit 1 leaves one batch size to time",
+    ),
+    (["mnist-cnn", "--max-batch-limit", "1"], "--max-batch-limit 1 leaves one batch size"),
     (["mnist-cnn", "--bogus"], "unrecognized arguments: --bogus"),
 ]
 if not torch.cuda.is_available():
@@ -337,6 +346,20 @@ RECOMMEND = [
     (["--noise-scale", "10", *REC, "-o", "missing/r.html"], "does not exist; create it first"),
     (["--noise-scale", "10", *REC, "--gpus", "3", "--batch-sizes", "4,8"], "no candidate"),
     (["--noise-scale", "10", *REC, "--bogus"], "unrecognized arguments: --bogus"),
+    (
+        ["--noise-scale", "1e-320", *REC],
+        "the noise scale 1e-320 is too small to price batch sizes: E/E_min = 1 + B/B_noise "
+        "overflows at B = 1",
+    ),
+    (["--noise-scale", "1e-320", *REC, "--json"], "the noise scale 1e-320 is too small"),
+    (
+        ["--noise-scale", "1e-300", *REC, "--batch-sizes", "1e15"],
+        "overflows at B = 1000000000000000",
+    ),
+    (
+        ["--noise-scale", "10", *REC, "--gpus", "2", "--bandwidth", "1e-320"],
+        "the step time of B = 2 on 2 device(s) overflows",
+    ),
 ]
 
 DEMO = [

@@ -38,6 +38,7 @@ from noisescale.hardware import (
     pareto_front,
     profile_throughput,
     recommend_batch_size,
+    time_optimizer_update,
 )
 from noisescale.reference_models import GPT, GPTConfig, PaperCNN, gpt_small, lm_loss, mnist_cnn
 
@@ -404,6 +405,38 @@ def test_profile_throughput_stops_at_first_oom() -> None:
     assert [p.batch_size for p in points] == [1, 2, 4]
 
 
+def test_profile_throughput_reports_the_batch_that_ran_out_of_memory() -> None:
+    seen: list[int] = []
+    points = profile_throughput(
+        _fake_step(5, []), [1, 2, 4, 8, 16], warmup=1, repeats=2, on_out_of_memory=seen.append
+    )
+    assert [p.batch_size for p in points] == [1, 2, 4] and seen == [8]
+
+
+@pytest.mark.parametrize("searched", [None, 64])
+def test_recommend_never_uses_a_batch_that_ran_out_of_memory(searched: int | None) -> None:
+    # Timed at 1-8, batch 16 ran out of memory while timing (the search, if any, said 64): the
+    # largest micro-batch known to fit is 8, so B = 128 on one device is 8×16, never 128×1.
+    points = [ThroughputPoint(b, (0.01 + 0.001 * b,)) for b in (1, 2, 4, 8)]
+    profile = ThroughputProfile.from_points(
+        points,
+        device={"type": "cuda"},
+        model={"name": "m", "param_bytes": 0},
+        max_batch_size=searched,
+        out_of_memory_batch_size=16,
+    )
+    assert profile.largest_fitting_batch_size == 8
+    rec = recommend_batch_size(200.0, profile, batch_sizes=[4, 16, 128, 1024])
+    assert max(c.split.micro_batch_size for c in rec.candidates) == 8
+    c128 = next(c for c in rec.candidates if c.batch_size == 128)
+    assert (c128.split.micro_batch_size, c128.split.num_micro_batches) == (8, 16)
+    assert c128.step_time_s == pytest.approx(16 * 0.01 + 0.001 * 128)
+    assert any("Batch size 16 ran out of memory" in a for a in rec.assumptions)
+    with pytest.raises(NoiseScaleInputError, match="ran out of memory"):
+        recommend_batch_size(200.0, profile, max_micro_batch_size=16)
+    assert recommend_batch_size(200.0, profile, max_micro_batch_size=12).fastest
+
+
 def test_profile_throughput_real_model_restores_it() -> None:
     torch.manual_seed(1)
     model = _TinyNet(threshold=10**9)
@@ -515,6 +548,79 @@ def test_recommend_multi_device_with_accumulation_closed_form() -> None:
     assert rec.fastest is c4 and rec.cheapest is c1
 
 
+# A virtual clock: a forward/backward pass costs 1 ms + 0.1 ms/example, the optimizer update
+# 20 ms (a large model at a small micro-batch). A profiled step is a pass and an update.
+_PASS_A, _PASS_B, _UPDATE = 1e-3, 1e-4, 20e-3
+
+
+def _virtual_clock_profile(**fields) -> ThroughputProfile:
+    clock = [0.0]
+
+    def step(batch_size: int) -> None:  # what make_training_step times
+        clock[0] += _PASS_A + _PASS_B * batch_size + _UPDATE
+
+    def update() -> None:  # optimizer.step() alone
+        clock[0] += _UPDATE
+
+    points = profile_throughput(step, [8, 16, 32, 64], warmup=0, repeats=3, timer=lambda: clock[0])
+    update_times = time_optimizer_update(
+        step, update, 8, warmup=1, repeats=3, timer=lambda: clock[0]
+    )
+    assert update_times == pytest.approx((_UPDATE,) * 3)
+    return ThroughputProfile.from_points(
+        points,
+        device={"type": "cuda"},
+        model={"name": "m", "param_bytes": 0},
+        max_batch_size=64,
+        **({"optimizer_update_s": _UPDATE, "optimizer_update_times_s": update_times} | fields),
+    )
+
+
+def test_accumulated_step_pays_one_optimizer_update() -> None:
+    # The fit is α = 21 ms (pass + update), β = 0.1 ms. An accumulated step of k micro-batches of
+    # m runs k passes and ONE update: k·(1 ms + 0.1 ms·m) + 20 ms, not k·(α + β·m).
+    profile = _virtual_clock_profile()
+    assert (profile.fit.alpha_s, profile.fit.beta_s) == pytest.approx((21e-3, 1e-4))
+    rec = recommend_batch_size(2000.0, profile, batch_sizes=[64, 256, 1024, 4096])
+    expected = {64: (1, 27.4e-3), 256: (4, 49.6e-3), 1024: (16, 138.4e-3), 4096: (64, 493.6e-3)}
+    for c in rec.candidates:
+        k, step_s = expected[c.batch_size]
+        assert c.split.num_micro_batches == k and c.split.micro_batch_size == 64
+        assert c.step_time_s == pytest.approx(k * (_PASS_A + _PASS_B * 64) + _UPDATE)
+        assert c.step_time_s == pytest.approx(step_s)
+        assert c.optimizer_update_s == pytest.approx(_UPDATE)
+    # Per minimal step, (1 + 2000/B)·t_step: 0.884, 0.437, 0.409, 0.735 s. Charging k updates
+    # (k·α + β·B: 438.4 ms at B = 1024, 1.29 s per minimal step) made B = 64 look fastest.
+    assert rec.fastest.batch_size == rec.cheapest.batch_size == 1024
+    assert rec.fastest.time_per_s_min_s == pytest.approx((1 + 2000 / 1024) * 138.4e-3)
+    assert any("u = 0.02 s" in a and "once per optimizer step" in a for a in rec.assumptions)
+
+
+def test_profile_without_optimizer_update_is_priced_as_before_and_says_so(tmp_path) -> None:
+    # A profile file written before the update was timed apart has no optimizer_update_s: it
+    # still loads, every pass is charged the whole α (k·α + β·B), and the assumptions say so.
+    profile = _virtual_clock_profile()
+    data = profile.to_dict()
+    del data["optimizer_update_s"], data["optimizer_update_times_s"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    old = ThroughputProfile.load(path)
+    assert old.optimizer_update_s is None
+    rec = recommend_batch_size(2000.0, old, batch_sizes=[1024])
+    assert rec.fastest.step_time_s == pytest.approx(16 * 21e-3 + 1e-4 * 1024)
+    assert any("did not time the optimizer update apart" in a for a in rec.assumptions)
+    # Saved and read back, a new profile keeps the update's time.
+    profile.save(tmp_path / "new.json")
+    assert ThroughputProfile.load(tmp_path / "new.json") == profile
+
+
+def test_profile_without_an_optimizer_charges_no_update() -> None:
+    profile = _virtual_clock_profile(optimizer_update_s=0.0, optimizer_update_times_s=())
+    rec = recommend_batch_size(2000.0, profile, batch_sizes=[1024])
+    assert rec.fastest.step_time_s == pytest.approx(16 * 21e-3 + 1e-4 * 1024)
+    assert any("ran no optimizer update" in a for a in rec.assumptions)
+
+
 def test_one_device_optimum_is_sqrt_closed_form() -> None:
     # One device, no accumulation: time ∝ (1 + B_noise/B)(α + β·B) = α + β·B_noise + α·B_noise/B
     # + β·B, least at B* = √(α·B_noise/β) = √(0.01·100/0.001) ≈ 31.6.
@@ -619,6 +725,9 @@ def test_recommend_rejects_nonpositive_predicted_time() -> None:
 def test_default_batch_sizes() -> None:
     assert default_batch_sizes(100.0) == [2**i for i in range(13)]  # 32·100 = 3200 → 4096
     assert default_batch_sizes(0.01, max_devices=8) == [1, 2, 4, 8]
+    # Multiples of a device count that is not a power of two, up to the first ≥ 3200.
+    assert default_batch_sizes(100.0, 6, devices=3) == [3 * 2**i for i in range(12)]
+    assert default_batch_sizes(0.01, 6, devices=6) == [6]
 
 
 def test_custom_interconnect_changes_allreduce() -> None:

@@ -101,6 +101,22 @@ def test_profile_writes_versioned_json(tiny_module: str, tmp_path: Path) -> None
     assert data["model"]["parameters"] == 74 and data["model"]["param_bytes"] == 74 * 4
     assert data["model"]["options"] == {"hidden": 8}
     assert data["device"]["type"] == "cpu" and data["settings"]["optimizer"] == "adamw"
+    # The AdamW update, timed alone (a step pays it once however many micro-batches).
+    assert len(data["optimizer_update_times_s"]) == 2
+    assert data["optimizer_update_s"] == pytest.approx(
+        sorted(data["optimizer_update_times_s"])[0] / 2
+        + sorted(data["optimizer_update_times_s"])[1] / 2
+    )
+    assert data["optimizer_update_s"] > 0
+
+
+def test_profile_without_optimizer_records_no_update(
+    tiny_module: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["profile", f"{tiny_module}:build", "--batch-sizes", "1,2", "--no-memory-search"]
+    assert main([*args, "--optimizer", "none", "--json", *FAST]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["optimizer_update_s"] == 0.0 and data["optimizer_update_times_s"] == []
 
 
 def test_profile_finds_simulated_memory_limit(
@@ -198,7 +214,42 @@ def test_profile_needs_two_sizes_that_fit(
     args = ["profile", f"{tiny_module}:build", "--model-option", "threshold=1"]
     code = main([*args, "--batch-sizes", "1,2,4", "--no-memory-search", *FAST])
     assert code == 2
-    assert "fewer than two batch sizes" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "batch size 2 ran out of memory while timing" in err
+    assert (
+        "needs two batch sizes, but batch size 2 ran out of memory (only batch size 1 was timed)"
+        in err
+    )
+
+
+def test_an_out_of_memory_while_timing_is_recorded_and_respected(
+    tiny_module: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "p.json"
+    args = ["profile", f"{tiny_module}:build", "--model-option", "threshold=6"]
+    code = main([*args, "--no-memory-search", "--batch-sizes", "2,4,8,16", *FAST, "-o", str(out)])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "batch size 8 ran out of memory while timing" in captured.err
+    assert "not timed: 8, 16" in captured.err
+    assert "largest batch in memory: below 8" in captured.out
+    data = json.loads(out.read_text())
+    assert [p["batch_size"] for p in data["points"]] == [2, 4]
+    assert data["settings"]["timed_batch_sizes"] == [2, 4]
+    assert data["settings"]["dropped_batch_sizes"] == [8, 16]
+    assert data["out_of_memory_batch_size"] == 8 and data["max_batch_size"] is None
+    # recommend splits every batch into micro-batches of at most 4 (timed, fits), never 8. (The
+    # fit is set to a clean line: real timings of so tiny a model are noise.)
+    data["fit"] |= {"alpha_s": 0.01, "beta_s": 0.001}
+    out.write_text(json.dumps(data))
+    assert main(["recommend", "--noise-scale", "50", "--profile", str(out), "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert max(c["micro_batch_size"] for c in rec["candidates"]) == 4
+    assert (
+        main(["recommend", "--noise-scale", "50", "--profile", str(out), "--max-micro-batch", "8"])
+        == 2
+    )
+    assert "ran out of memory" in capsys.readouterr().err
 
 
 def test_profile_output_is_checked_before_measuring(
@@ -240,7 +291,7 @@ def test_profile_that_cannot_be_written_is_kept_elsewhere(
 
     monkeypatch.chdir(tmp_path)
 
-    def disk_full(path: object, data: object) -> None:
+    def disk_full(path: object, data: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(_args, "write_atomic", disk_full)
@@ -252,6 +303,37 @@ def test_profile_that_cannot_be_written_is_kept_elsewhere(
     (rescued,) = tmp_path.glob("noisescale-p-*.json")
     assert f"saved to {rescued} instead" in err
     assert json.loads(rescued.read_text())["kind"] == "noisescale.profile"
+
+
+def test_a_file_written_while_measuring_is_not_replaced_without_force(
+    tiny_module: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from noisescale.commands import profile as profile_command
+
+    out = tmp_path / "p.json"
+    real_format = profile_command.format_profile
+
+    def another_job_writes_it(profile: object) -> str:  # runs after measuring, before writing
+        out.write_text("measured by another job")
+        return real_format(profile)
+
+    monkeypatch.setattr(profile_command, "format_profile", another_job_writes_it)
+    args = ["profile", f"{tiny_module}:build", "--no-memory-search", *FAST, "-o", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert out.read_text() == "measured by another job"
+    assert "it was created while this command ran, and is not replaced without --force" in err
+    (rescued,) = tmp_path.glob("noisescale-p-*.json")
+    assert f"saved to {rescued} instead" in err
+    assert json.loads(rescued.read_text())["kind"] == "noisescale.profile"
+    assert not list(tmp_path.glob(".p.json.*.tmp"))
+    # With --force the other file is replaced, as asked.
+    rescued.unlink()
+    assert main([*args, "--force"]) == 0
+    assert json.loads(out.read_text())["kind"] == "noisescale.profile"
 
 
 def test_profile_of_a_model_without_parameters_exit_2(
@@ -266,3 +348,44 @@ def test_profile_of_a_model_without_parameters_exit_2(
     monkeypatch.syspath_prepend(str(tmp_path))
     assert main(["profile", "ns_empty_model:build", "--no-memory-search"]) == 2
     assert "has no trainable parameters" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_write_without_replace_never_overwrites(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hard_links: bool
+) -> None:
+    import errno
+    import os
+
+    from noisescale.commands._args import write_atomic
+
+    if not hard_links:  # e.g. some network or FAT file systems: O_EXCL creation instead
+
+        def no_link(src: object, dst: object) -> None:
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_link)
+    new = tmp_path / "new.json"
+    write_atomic(new, "first", replace=False)
+    assert new.read_text() == "first"
+    with pytest.raises(FileExistsError):
+        write_atomic(new, "second", replace=False)
+    assert new.read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.json"]  # no temporary file left
+
+
+def test_an_update_that_runs_out_of_memory_alone_is_left_unknown(
+    tiny_module: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import noisescale.hardware
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+
+    monkeypatch.setattr(noisescale.hardware, "time_optimizer_update", out_of_memory, raising=False)
+    args = ["profile", f"{tiny_module}:build", "--batch-sizes", "1,2", "--no-memory-search"]
+    assert main([*args, "--json", *FAST]) == 0
+    captured = capsys.readouterr()
+    assert "the optimizer update ran out of memory when timed alone" in captured.err
+    data = json.loads(captured.out)
+    assert data["optimizer_update_s"] is None and data["optimizer_update_times_s"] == []

@@ -77,6 +77,39 @@ def test_numbers_match_eq_2_11_by_hand(
     assert data["assumptions"] and data["profile"]["fit"]["alpha_s"] == pytest.approx(ALPHA)
 
 
+def test_device_counts_that_are_not_powers_of_two_get_candidates(
+    profile_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Default batch sizes: N·2ⁱ for each N, up to the first ≥ 32·B_noise = 3200.
+    data = _run_json(
+        capsys, "--noise-scale", "100", "--profile", str(profile_path), "--gpus", "1,3,6"
+    )
+    sizes = {
+        n: sorted(c["batch_size"] for c in data["candidates"] if c["devices"] == n)
+        for n in (1, 3, 6)
+    }
+    assert sizes[1] == [2**i for i in range(13)]
+    assert sizes[3] == [3 * 2**i for i in range(12)]  # 3 … 6144
+    assert sizes[6] == [6 * 2**i for i in range(11)]  # 6 … 6144
+    assert data["devices_without_candidates"] == []
+    # B = 96 on 3 devices: 32 each in one pass, plus a ring all-reduce 2·(2/3)·4e8/2e10 s.
+    c = next(c for c in data["candidates"] if (c["batch_size"], c["devices"]) == (96, 3))
+    assert c["step_time_s"] == pytest.approx(ALPHA + BETA * 32 + 2 * (2 / 3) * PARAM_BYTES / 2e10)
+
+
+def test_device_counts_without_a_divisible_batch_size_are_named(
+    profile_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--noise-scale", "100", "--profile", str(profile_path), "--gpus", "1,3,6"]
+    assert main(["recommend", *args, "--batch-sizes", "64,128", "--json"]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert {c["devices"] for c in data["candidates"]} == {1}
+    assert data["devices_without_candidates"] == [3, 6]
+    assert "warning: no candidate on 3, 6 device(s)" in captured.err
+    assert any(a.startswith("No candidate on 3, 6 device(s)") for a in data["assumptions"])
+
+
 def test_target_steps_and_custom_bandwidth(
     profile_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

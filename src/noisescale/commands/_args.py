@@ -214,13 +214,18 @@ def check_output_dir(path: str | Path, *, flag: str) -> Path:
     return out
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> None:
+def write_atomic(path: str | Path, data: str | bytes, *, replace: bool = True) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 
     Readers see either the old file or the whole new one, never half of it; when writing fails
-    the old file is untouched and the temporary file removed.
+    the old file is untouched and the temporary file removed. With ``replace=False`` the
+    temporary file is hard-linked into place instead, which fails if ``path`` exists by then
+    (checked and done in one step by the file system, so a file that another job wrote since
+    the command's first check is never overwritten); where hard links are not supported the
+    file is created exclusively (``O_EXCL``) and written.
 
     Raises:
+        FileExistsError: ``replace`` is false and ``path`` exists.
         OSError: the folder is missing or not writable, or the disk is full.
     """
     target = Path(path)
@@ -231,26 +236,57 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, target)
+        if replace:
+            os.replace(tmp, target)
+        else:
+            _link_new(tmp, target, payload)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if not replace:
+        Path(tmp).unlink(missing_ok=True)
 
 
-def write_or_rescue(path: str | Path, data: str | bytes, *, what: str) -> None:
+def _link_new(tmp: str, target: Path, payload: bytes) -> None:
+    """Put the finished ``tmp`` at ``target`` only if ``target`` does not exist (atomically)."""
+    try:
+        os.link(tmp, target)
+        return
+    except FileExistsError:
+        raise
+    except OSError:
+        pass  # a file system without hard links: create the file exclusively instead
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+
+
+def write_or_rescue(
+    path: str | Path, data: str | bytes, *, what: str, replace: bool = True
+) -> None:
     """Write a measured result to ``path``; if that fails, keep it elsewhere and say where.
 
     The result is written atomically (:func:`write_atomic`). When ``path`` cannot be written
-    (its folder vanished, the disk is full, permissions changed while measuring), the data go to
-    a new file in the current folder or, failing that, the temporary folder.
+    (its folder vanished, the disk is full, permissions changed while measuring, or, with
+    ``replace=False``, another job created it meanwhile), the data go to a new file in the
+    current folder or, failing that, the temporary folder; an existing file is left as it is.
 
     Raises:
         NoiseScaleInputError: ``path`` could not be written; the message names the file that
             holds the result instead (or says that none could be written).
     """
     try:
-        write_atomic(path, data)
+        write_atomic(path, data, replace=replace)
         return
+    except FileExistsError:
+        reason = (
+            "it was created while this command ran, and is not replaced without --force; "
+            "it is left as it is"
+        )
     except OSError as err:
         reason = err.strerror or str(err)
     target = Path(path)

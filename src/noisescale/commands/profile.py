@@ -21,6 +21,7 @@ import importlib
 import importlib.util
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -124,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
         find_max_batch_size,
         make_training_step,
         profile_throughput,
+        time_optimizer_update,
     )
+    from noisescale.hardware.memory import free_memory, is_out_of_memory
 
     if args.warmup > MAX_REPEATS or args.repeats > MAX_REPEATS:
         raise NoiseScaleInputError(
@@ -139,6 +142,17 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.batch_sizes and max(args.batch_sizes) > MAX_BATCH_LIMIT:
         raise NoiseScaleInputError(f"--batch-sizes must be at most {MAX_BATCH_LIMIT} each")
+    # The fit t(b) = α + β·b needs two batch sizes: said before measuring, and not blamed on memory.
+    if args.batch_sizes and len(set(args.batch_sizes)) < 2:
+        raise NoiseScaleInputError(
+            "fitting t(b) = α + β·b needs at least two batch sizes; give two or more "
+            "--batch-sizes, e.g. --batch-sizes 8,16"
+        )
+    if not args.batch_sizes and args.max_batch_limit == 1:
+        raise NoiseScaleInputError(
+            "--max-batch-limit 1 leaves one batch size to time, and fitting t(b) = α + β·b "
+            "needs two: give a larger --max-batch-limit or two or more --batch-sizes"
+        )
     # Where the profile goes is settled before minutes of measuring, not after.
     output = (
         _args.check_output_file(args.output, flag="-o", force=args.force, suffixes=(".json",))
@@ -179,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
         top = search.max_batch_size if search else (args.max_batch_limit or 64)
         batch_sizes = [2**i for i in range(top.bit_length()) if 2**i <= top]
     _note(args, f"timing batch sizes {', '.join(map(str, batch_sizes))} ...")
+    out_of_memory: list[int] = []
     points = profile_throughput(
         step,
         batch_sizes,
@@ -187,11 +202,49 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         model=model,
         optimizer=optimizer,
+        on_out_of_memory=out_of_memory.append,
     )
-    if len(points) < 2:
-        raise NoiseScaleInputError(
-            "fewer than two batch sizes fitted in memory; give smaller --batch-sizes"
+    oom = out_of_memory[0] if out_of_memory else None
+    timed = [p.batch_size for p in points]
+    dropped = sorted(set(batch_sizes) - set(timed))
+    if oom is not None:
+        # Said even with --json (on stderr): the sizes asked for were not all timed.
+        print(
+            f"warning: batch size {oom} ran out of memory while timing, so the largest batch "
+            f"that fits is below {oom}; not timed: {', '.join(map(str, dropped))}",
+            file=sys.stderr,
         )
+    if len(points) < 2:
+        raise NoiseScaleInputError(_too_few_points(points, oom, search))
+    # A timed step includes one optimizer update; an accumulated step of k micro-batches runs
+    # k passes and one update, so `recommend` needs the update's time on its own.
+    update_times: tuple[float, ...] = ()
+    update_s: float | None = 0.0
+    if optimizer is not None:
+        _note(args, "timing the optimizer update alone ...")
+        try:
+            update_times = time_optimizer_update(
+                step,
+                optimizer.step,
+                points[0].batch_size,
+                warmup=args.warmup,
+                repeats=args.repeats,
+                device=device,
+                model=model,
+                optimizer=optimizer,
+            )
+            update_s = statistics.median(update_times)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            update_s = None  # not timed apart: recommend prices it as part of every pass
+        if update_s is None:
+            free_memory()
+            print(
+                "warning: the optimizer update ran out of memory when timed alone; the profile "
+                "leaves its time unknown, and recommend charges it on every accumulated pass",
+                file=sys.stderr,
+            )
     extra: dict[str, Any] = {"spec": args.model, "options": options}
     config = getattr(model, "config", None)
     block_size = getattr(config, "block_size", None)
@@ -210,9 +263,14 @@ def run(args: argparse.Namespace) -> int:
             "repeats": args.repeats,
             "optimizer": args.optimizer,
             "seed": args.seed,
-            "timed_batch_sizes": sorted(set(batch_sizes)),
+            "timed_batch_sizes": timed,
+            "requested_batch_sizes": sorted(set(batch_sizes)),
+            "dropped_batch_sizes": dropped,
         },
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        optimizer_update_s=update_s,
+        optimizer_update_times_s=update_times,
+        out_of_memory_batch_size=oom,
     )
     text = json.dumps(profile.to_dict(), indent=2, allow_nan=False) + "\n"
     if args.json:
@@ -228,10 +286,34 @@ def run(args: argparse.Namespace) -> int:
             )
     if output is not None:
         # Measured minutes ago: if the file cannot be written now, keep it somewhere and say so.
-        _args.write_or_rescue(output, text, what="the measured profile")
+        # Without --force, a file that appeared while measuring is never replaced.
+        _args.write_or_rescue(output, text, what="the measured profile", replace=args.force)
         if not args.json:
             print(f"wrote {output}")
     return 0
+
+
+def _too_few_points(points: list[Any], oom: int | None, search: Any) -> str:
+    """Why fewer than two batch sizes were timed, and what to give instead."""
+    timed = f"only batch size {points[0].batch_size} was timed" if points else "nothing was timed"
+    if oom is not None:
+        return (
+            f"fitting t(b) = α + β·b needs two batch sizes, but batch size {oom} ran out of "
+            f"memory ({timed}); give smaller --batch-sizes"
+        )
+    if search is not None and search.capped:
+        return (
+            f"fitting t(b) = α + β·b needs two batch sizes, but the memory search stopped at "
+            f"its limit, {search.max_batch_size} ({timed}): give a larger --max-batch-limit or "
+            "two or more --batch-sizes"
+        )
+    if search is not None:
+        return (
+            f"fitting t(b) = α + β·b needs two batch sizes, but only batch size "
+            f"{search.max_batch_size} fits in memory (the memory search); use a device with "
+            "more memory or a smaller model"
+        )
+    return f"fitting t(b) = α + β·b needs at least two batch sizes ({timed})"
 
 
 def resolve_model(spec: str, options: dict[str, Any]) -> tuple[nn.Module, LossFn, MakeBatch]:
@@ -350,8 +432,20 @@ def format_profile(profile: ThroughputProfile) -> str:
         f"β = {_pm(fit.beta_s, fit.beta_se_s, 1e3)} ms/example "
         f"(largest relative residual {fit.max_rel_residual:.1%})"
     )
+    if profile.optimizer_update_s is not None and profile.optimizer_update_times_s:
+        lines.append(
+            f"optimizer update alone: {profile.optimizer_update_s * 1e3:.4g} ms (part of α; "
+            "paid once per step however many micro-batches are accumulated)"
+        )
     search = profile.max_batch_search
-    if search is None:
+    oom = profile.out_of_memory_batch_size
+    if oom is not None and (profile.max_batch_size is None or profile.max_batch_size >= oom):
+        searched = "not searched" if search is None else f"the search said {profile.max_batch_size}"
+        lines.append(
+            f"largest batch in memory: below {oom}, which ran out of memory while timing "
+            f"({searched}); the largest timed, {profile.largest_fitting_batch_size}, fits"
+        )
+    elif search is None:
         lines.append("largest batch in memory: not searched")
     elif search["capped"]:
         lines.append(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import TYPE_CHECKING
 
 from noisescale.commands import _args
@@ -75,7 +76,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--batch-sizes",
         type=_args.positive_int_list,
         metavar="B1,B2,...",
-        help="global batch sizes to consider (default: powers of two up to 32·B_noise)",
+        help="global batch sizes to consider, each on the --gpus counts that divide it "
+        "(default: for each device count N, N times powers of two up to 32·B_noise)",
     )
     parser.add_argument(
         "--max-micro-batch",
@@ -161,8 +163,17 @@ def run(args: argparse.Namespace) -> int:
         grad_bytes=args.grad_bytes,
         currency=args.currency,
     )
+    if rec.devices_without_candidates:
+        counts = ", ".join(map(str, rec.devices_without_candidates))
+        print(
+            f"warning: no candidate on {counts} device(s): no batch size given divides evenly "
+            "over that many (see the assumptions)",
+            file=sys.stderr,
+        )
     if output is not None:
-        _args.write_or_rescue(output, recommendation_html(rec, profile), what="the page")
+        _args.write_or_rescue(
+            output, recommendation_html(rec, profile), what="the page", replace=args.force
+        )
     if args.json:
         data = rec.to_dict()
         data["profile"] = {
@@ -171,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
             "model": profile.model,
             "fit": profile.fit.to_dict(),
             "max_batch_size": profile.max_batch_size,
+            "optimizer_update_s": profile.optimizer_update_s,
+            "out_of_memory_batch_size": profile.out_of_memory_batch_size,
         }
         print(json.dumps(data, indent=2, allow_nan=False))
     else:

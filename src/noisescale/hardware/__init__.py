@@ -48,7 +48,12 @@ if TYPE_CHECKING:
         is_out_of_memory,
         make_training_step,
     )
-    from noisescale.hardware.timing import describe_device, describe_model, profile_throughput
+    from noisescale.hardware.timing import (
+        describe_device,
+        describe_model,
+        profile_throughput,
+        time_optimizer_update,
+    )
 
 __all__ = [
     "DEFAULT_INTERCONNECT",
@@ -74,6 +79,7 @@ __all__ = [
     "pareto_front",
     "profile_throughput",
     "recommend_batch_size",
+    "time_optimizer_update",
 ]
 
 _LAZY = {
@@ -85,6 +91,7 @@ _LAZY = {
     "describe_device": "noisescale.hardware.timing",
     "describe_model": "noisescale.hardware.timing",
     "profile_throughput": "noisescale.hardware.timing",
+    "time_optimizer_update": "noisescale.hardware.timing",
 }
 
 

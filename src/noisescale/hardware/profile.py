@@ -7,7 +7,9 @@ The step-time model of one device is linear in the micro-batch size b (examples)
     t(b) = α + β·b,
 
 α being the fixed cost of a forward/backward/optimizer pass (kernel launches, optimizer update,
-Python) and β the cost per example. It is fitted by least squares to the median step times
+Python) and β the cost per example. The optimizer update's own time u (part of α) is timed apart
+(``optimizer_update_s``): an accumulated step of k micro-batches runs k forward/backward passes
+but one update, k·(α − u) + β·Σbᵢ + u. It is fitted by least squares to the median step times
 (:func:`fit_step_time`). On a GPU, t(b) is flat until the device is saturated; the fit is then
 a compromise across the measured range, and ``max_rel_residual`` says how good it is.
 
@@ -238,6 +240,14 @@ class ThroughputProfile:
         max_batch_search: Details of that search (limit, capped, trials), or None.
         settings: How it was measured (warm-up, repeats, optimizer).
         created: ISO-8601 time of the measurement.
+        optimizer_update_s: Seconds of the optimizer update alone, the part of α that an
+            accumulated step pays once rather than once per micro-batch: the median of
+            ``optimizer_update_times_s``, 0 when the timed step had no optimizer, None when it was
+            not timed apart (profiles written before noisescale timed it).
+        optimizer_update_times_s: Each timed update (s).
+        out_of_memory_batch_size: A batch size that ran out of memory while the steps were timed
+            (None: none did). The largest batch that fits is below it, whatever
+            ``max_batch_size`` says, and no recommendation uses a micro-batch this large.
     """
 
     device: dict[str, Any]
@@ -248,6 +258,9 @@ class ThroughputProfile:
     max_batch_search: dict[str, Any] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     created: str = ""
+    optimizer_update_s: float | None = None
+    optimizer_update_times_s: tuple[float, ...] = ()
+    out_of_memory_batch_size: int | None = None
 
     @classmethod
     def from_points(cls, points: Sequence[ThroughputPoint], **fields: Any) -> ThroughputProfile:
@@ -260,6 +273,18 @@ class ThroughputProfile:
     def grad_bytes(self) -> float:
         """Bytes of gradient all-reduced per step: the trainable parameters' bytes."""
         return float(self.model.get("param_bytes", 0))
+
+    @property
+    def largest_fitting_batch_size(self) -> int | None:
+        """The largest micro-batch known to fit: the memory search's, lowered below a batch that
+        ran out of memory while timing (to the largest timed one); None when neither is known."""
+        oom = self.out_of_memory_batch_size
+        if oom is None:
+            return self.max_batch_size
+        if self.max_batch_size is not None and self.max_batch_size < oom:
+            return self.max_batch_size
+        below = [p.batch_size for p in self.points if p.batch_size < oom]
+        return max(below) if below else max(oom - 1, 1)
 
     @property
     def measured_range(self) -> tuple[int, int]:
@@ -278,6 +303,9 @@ class ThroughputProfile:
             "fit": self.fit.to_dict(),
             "max_batch_size": self.max_batch_size,
             "max_batch_search": self.max_batch_search,
+            "optimizer_update_s": self.optimizer_update_s,
+            "optimizer_update_times_s": list(self.optimizer_update_times_s),
+            "out_of_memory_batch_size": self.out_of_memory_batch_size,
         }
 
     @classmethod
@@ -309,6 +337,10 @@ class ThroughputProfile:
                 max_rel_residual=float(f["max_rel_residual"]),
             )
             max_batch = data.get("max_batch_size")
+            # Absent from profiles written before the update was timed apart: None, priced as
+            # before (every micro-batch pays the whole α) and said so in the recommendation.
+            update = data.get("optimizer_update_s")
+            oom = data.get("out_of_memory_batch_size")
             profile = cls(
                 device=dict(data["device"]),
                 model=dict(data["model"]),
@@ -318,6 +350,11 @@ class ThroughputProfile:
                 max_batch_search=data.get("max_batch_search"),
                 settings=dict(data.get("settings") or {}),
                 created=str(data.get("created", "")),
+                optimizer_update_s=None if update is None else float(update),
+                optimizer_update_times_s=tuple(
+                    float(t) for t in data.get("optimizer_update_times_s") or ()
+                ),
+                out_of_memory_batch_size=None if oom is None else int(oom),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise NoiseScaleInputError(
@@ -345,6 +382,19 @@ class ThroughputProfile:
         ):
             raise NoiseScaleInputError(
                 f"corrupt profile: model.param_bytes must be a number ≥ 0, got {param_bytes!r}"
+            )
+        update_times = (
+            () if profile.optimizer_update_s is None else (profile.optimizer_update_s,)
+        ) + profile.optimizer_update_times_s
+        if any(not (math.isfinite(t) and t >= 0) for t in update_times):
+            raise NoiseScaleInputError(
+                "corrupt profile: the optimizer update's time is not a number ≥ 0"
+            )
+        if profile.out_of_memory_batch_size is not None and any(
+            p.batch_size >= profile.out_of_memory_batch_size for p in points
+        ):
+            raise NoiseScaleInputError(
+                "corrupt profile: a timed batch size is at or above out_of_memory_batch_size"
             )
         if profile.max_batch_size is not None and profile.max_batch_size < 1:
             raise NoiseScaleInputError("corrupt profile: max_batch_size must be at least 1")

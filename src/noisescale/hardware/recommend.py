@@ -8,10 +8,15 @@ needed to reach a fixed loss:
 
 A candidate runs B on N data-parallel devices, each device splitting its B/N examples into k
 micro-batches that fit in memory (:func:`~noisescale.hardware.accumulation.accumulation_split`).
-With the profiled step-time model t(b) = α + β·b (:mod:`noisescale.hardware.profile`) one optimizer
-step takes
+With the profiled step-time model t(b) = α + β·b (:mod:`noisescale.hardware.profile`), whose α
+includes one optimizer update taking u (timed apart by ``noisescale profile``), a micro-batch's
+forward/backward pass takes α − u + β·bᵢ and one optimizer step, k passes and one update, takes
 
-    t_step = Σᵢ (α + β·bᵢ) + c·(N−1)/N·bytes/bandwidth = k·α + β·B/N + t_allreduce(N),
+    t_step = Σᵢ (α − u + β·bᵢ) + u + c·(N−1)/N·bytes/bandwidth
+           = k·(α − u) + u + β·B/N + t_allreduce(N).
+
+A profile that did not time the update apart (u unknown) is priced with u = 0: every pass pays
+the whole α, which overprices accumulation by (k − 1)·u; the assumptions say so.
 
 and the run takes time = S·t_step, GPU-hours = time·N/3600 and money = GPU-hours × price.
 Recommended points:
@@ -64,6 +69,8 @@ class Candidate:
         examples_over_min: E/E_min = 1 + B/B_noise (eq. 2.11).
         step_time_s: Seconds per optimizer step, all-reduce included.
         allreduce_s: The all-reduce's part of ``step_time_s``.
+        optimizer_update_s: The optimizer update's part of ``step_time_s``, paid once per step
+            however many micro-batches (0 when the profile did not time it apart).
         extrapolated: The largest micro-batch lies outside the profiled batch sizes.
         time_per_s_min_s: Wall-clock seconds per minimal step, (S/S_min)·t_step.
         time_rel: Wall-clock time over the fastest candidate's.
@@ -85,6 +92,7 @@ class Candidate:
     allreduce_s: float
     extrapolated: bool
     time_per_s_min_s: float
+    optimizer_update_s: float = 0.0
     time_rel: float = math.nan
     cost_rel: float = math.nan
     steps: float | None = None
@@ -111,6 +119,7 @@ class Candidate:
             "examples_over_min": self.examples_over_min,
             "step_time_s": self.step_time_s,
             "allreduce_s": self.allreduce_s,
+            "optimizer_update_s": self.optimizer_update_s,
             "extrapolated": self.extrapolated,
             "time_per_s_min_s": self.time_per_s_min_s,
             "time_rel": self.time_rel,
@@ -142,6 +151,8 @@ class Recommendation:
         currency: The currency of the price (``None``: not named).
         device_type: The profiled device's type (``cuda``, ``cpu``, …), which names the hours:
             GPU-hours on a GPU, CPU-hours on a CPU.
+        devices_without_candidates: Device counts asked for that divide none of the given batch
+            sizes, so that no candidate runs on them.
     """
 
     b_noise: float
@@ -156,6 +167,7 @@ class Recommendation:
     assumptions: tuple[str, ...]
     currency: str | None = None
     device_type: str = "cuda"
+    devices_without_candidates: tuple[int, ...] = ()
 
     @property
     def relative(self) -> bool:
@@ -185,6 +197,7 @@ class Recommendation:
             "device_type": self.device_type,
             "hours_unit": self.hours_unit,
             "relative": self.relative,
+            "devices_without_candidates": list(self.devices_without_candidates),
             "recommended": {
                 "fastest": self.fastest.to_dict(),
                 "cheapest": self.cheapest.to_dict(),
@@ -201,14 +214,21 @@ def hours_unit(device_type: str) -> str:
     return {"cuda": "GPU-h", "cpu": "CPU-h"}.get(device_type, "device-h")
 
 
-def default_batch_sizes(b_noise: float, max_devices: int = 1) -> list[int]:
-    """Powers of two from 1 up to the first at or above max(32·B_noise, devices).
+def default_batch_sizes(b_noise: float, max_devices: int = 1, *, devices: int = 1) -> list[int]:
+    """Powers of two times ``devices``, from ``devices`` up to the first at or above
+    max(32·B_noise, max_devices).
 
     At B = 32·B_noise a run already needs 33× the minimum examples (eq. 2.11), past any sensible
-    price for time.
+    price for time. With ``devices`` = N every size divides evenly over N devices: the default
+    candidates of N = 3 are 3, 6, 12, …, where powers of two alone would give it none.
     """
-    top = max(32.0 * b_noise, float(max_devices), 1.0)
-    return [2**i for i in range(math.ceil(math.log2(top)) + 1)]
+    if devices < 1:
+        raise NoiseScaleInputError(f"number of devices must be at least 1, got {devices}")
+    top = max(32.0 * b_noise, float(max_devices), float(devices), 1.0)
+    sizes = [devices]
+    while sizes[-1] < top:
+        sizes.append(2 * sizes[-1])
+    return sizes
 
 
 def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
@@ -251,7 +271,8 @@ def recommend_batch_size(
         s_min: Minimum optimisation steps to the target loss.
         e_min: Minimum training examples to the target loss.
         price_per_gpu_hour: Money per device-hour.
-        batch_sizes: Global batch sizes to consider; default :func:`default_batch_sizes`.
+        batch_sizes: Global batch sizes to consider, each on the device counts that divide it;
+            default :func:`default_batch_sizes` for each device count N (N·2ⁱ).
         max_micro_batch_size: Largest micro-batch that fits; default the profile's memory
             search (without one, each device runs its batch in one pass).
         interconnect: All-reduce bandwidth assumption; default :data:`DEFAULT_INTERCONNECT`.
@@ -272,67 +293,98 @@ def recommend_batch_size(
     device_counts = sorted(set(devices))
     if not device_counts or device_counts[0] < 1:
         raise NoiseScaleInputError("device counts must be positive integers")
-    sizes = sorted(set(batch_sizes or default_batch_sizes(b_noise, device_counts[-1])))
-    if sizes[0] < 1:
-        raise NoiseScaleInputError("batch sizes must be positive integers")
+    if batch_sizes:
+        sizes = sorted(set(batch_sizes))
+        if sizes[0] < 1:
+            raise NoiseScaleInputError("batch sizes must be positive integers")
+        pairs = [(b, n) for b in sizes for n in device_counts if b % n == 0]
+    else:
+        pairs = sorted(
+            (b, n)
+            for n in device_counts
+            for b in default_batch_sizes(b_noise, device_counts[-1], devices=n)
+        )
+    # Device counts that divide none of the given batch sizes get no candidate: said, not hidden.
+    without = tuple(n for n in device_counts if all(pn != n for _, pn in pairs))
     if e_min is not None:
         s_min = e_min / b_noise
     elif s_min is not None:
         e_min = s_min * b_noise
+    if (
+        s_min is not None
+        and e_min is not None
+        and not all(math.isfinite(v) and v > 0 for v in (s_min, e_min))
+    ):
+        raise NoiseScaleInputError(
+            f"the target is out of range with B_noise = {b_noise:g}: E_min = S_min·B_noise gives "
+            f"S_min = {s_min:g}, E_min = {e_min:g}; check the noise scale and the target"
+        )
     if max_micro_batch_size is not None and max_micro_batch_size < 1:
         raise NoiseScaleInputError("the largest micro-batch must be at least 1")
     if grad_bytes is not None and not (math.isfinite(grad_bytes) and grad_bytes >= 0):
         raise NoiseScaleInputError(f"gradient bytes must be finite and ≥ 0, got {grad_bytes}")
-    micro_limit = profile.max_batch_size if max_micro_batch_size is None else max_micro_batch_size
+    oom = profile.out_of_memory_batch_size
+    if max_micro_batch_size is not None and oom is not None and max_micro_batch_size >= oom:
+        raise NoiseScaleInputError(
+            f"the largest micro-batch ({max_micro_batch_size}) is at or above batch size {oom}, "
+            "which ran out of memory when the profile was measured; give a smaller one"
+        )
+    micro_limit = (
+        profile.largest_fitting_batch_size if max_micro_batch_size is None else max_micro_batch_size
+    )
     link = interconnect or INTERCONNECTS[DEFAULT_INTERCONNECT]
     nbytes = profile.grad_bytes if grad_bytes is None else grad_bytes
     fit = profile.fit
     lo, hi = profile.measured_range
+    # The update is part of α; a noisy fit may leave α below the update timed apart, and a pass
+    # never costs less than nothing.
+    update_s = min(profile.optimizer_update_s or 0.0, max(fit.alpha_s, 0.0))
 
     raw: list[Candidate] = []
-    for batch_size in sizes:
+    for batch_size, n in pairs:
         s_ratio = float(steps_over_min(batch_size, b_noise))
         e_ratio = float(examples_over_min(batch_size, b_noise))
-        for n in device_counts:
-            if batch_size % n != 0:
-                continue
-            per_device = batch_size // n
-            split = (
-                accumulation_split(per_device, micro_limit)
-                if micro_limit
-                else AccumulationSplit(per_device, 1)
+        per_device = batch_size // n
+        split = (
+            accumulation_split(per_device, micro_limit)
+            if micro_limit
+            else AccumulationSplit(per_device, 1)
+        )
+        smallest = split.batch_size // split.num_micro_batches
+        if fit.step_time(smallest) <= 0:
+            raise NoiseScaleInputError(
+                f"the profile's fit t(b) = {fit.alpha_s:.3g} + {fit.beta_s:.3g}·b predicts a "
+                f"non-positive step time at b = {smallest}; re-profile with more batch sizes "
+                "or repeats"
             )
-            smallest = split.batch_size // split.num_micro_batches
-            if fit.step_time(smallest) <= 0:
-                raise NoiseScaleInputError(
-                    f"the profile's fit t(b) = {fit.alpha_s:.3g} + {fit.beta_s:.3g}·b predicts a "
-                    f"non-positive step time at b = {smallest}; re-profile with more batch sizes "
-                    "or repeats"
-                )
-            # Σᵢ (α + β·bᵢ) over the k micro-batches.
-            compute_s = split.num_micro_batches * fit.alpha_s + fit.beta_s * per_device
-            ar_s = allreduce_time(
-                nbytes, n, link.bandwidth_bytes_per_s, allreduce_factor=allreduce_factor
+        # Σᵢ (α − u + β·bᵢ) over the k forward/backward passes, and one update u.
+        compute_s = (
+            split.num_micro_batches * (fit.alpha_s - update_s) + fit.beta_s * per_device + update_s
+        )
+        ar_s = allreduce_time(
+            nbytes, n, link.bandwidth_bytes_per_s, allreduce_factor=allreduce_factor
+        )
+        step_s = compute_s + ar_s
+        raw.append(
+            Candidate(
+                batch_size=batch_size,
+                devices=n,
+                split=split,
+                steps_over_min=s_ratio,
+                examples_over_min=e_ratio,
+                step_time_s=step_s,
+                allreduce_s=ar_s,
+                extrapolated=not lo <= split.micro_batch_size <= hi,
+                time_per_s_min_s=s_ratio * step_s,
+                optimizer_update_s=update_s,
             )
-            step_s = compute_s + ar_s
-            raw.append(
-                Candidate(
-                    batch_size=batch_size,
-                    devices=n,
-                    split=split,
-                    steps_over_min=s_ratio,
-                    examples_over_min=e_ratio,
-                    step_time_s=step_s,
-                    allreduce_s=ar_s,
-                    extrapolated=not lo <= split.micro_batch_size <= hi,
-                    time_per_s_min_s=s_ratio * step_s,
-                )
-            )
+        )
     if not raw:
         raise NoiseScaleInputError(
             "no candidate: no batch size is divisible by any device count; add batch sizes or "
             "device counts"
         )
+    _check_in_range(raw, b_noise)
 
     t_min = min(c.time_per_s_min_s for c in raw)
     g_min = min(c.device_time_per_s_min_s for c in raw)
@@ -340,6 +392,7 @@ def recommend_batch_size(
     candidates = tuple(
         _finish(c, t_min, g_min, s_min, e_min, price_per_gpu_hour, front_keys) for c in raw
     )
+    _check_in_range(candidates, b_noise)
     front = tuple(
         sorted(
             (c for c in candidates if c.pareto),
@@ -364,6 +417,7 @@ def recommend_batch_size(
         price_per_gpu_hour=price_per_gpu_hour,
         currency=currency,
         device_type=device_type,
+        devices_without_candidates=without,
         candidates=candidates,
         pareto_front=front,
         fastest=fastest,
@@ -379,8 +433,58 @@ def recommend_batch_size(
             s_min,
             price_per_gpu_hour,
             currency,
+            update_s,
             from_search=max_micro_batch_size is None,
-        ),
+        )
+        + _no_candidate_lines(without, sizes if batch_sizes else []),
+    )
+
+
+def _check_in_range(candidates: Sequence[Candidate], b_noise: float) -> None:
+    """Refuse inputs so extreme that a candidate's numbers overflow (or vanish) in floats.
+
+    E/E_min = 1 + B/B_noise overflows for a noise scale far below one example (1e-320), an
+    all-reduce time for a bandwidth near zero; such numbers would print as inf (or fail as JSON).
+    """
+    for c in candidates:
+        if not math.isfinite(c.examples_over_min):
+            raise NoiseScaleInputError(
+                f"the noise scale {b_noise:.3g} is too small to price batch sizes: E/E_min = "
+                f"1 + B/B_noise overflows at B = {c.batch_size}; give B_noise in examples (a "
+                "language model's in sequences), as measured"
+            )
+        if not (math.isfinite(c.step_time_s) and math.isfinite(c.allreduce_s)):
+            raise NoiseScaleInputError(
+                f"the step time of B = {c.batch_size} on {c.devices} device(s) overflows "
+                f"(all-reduce {c.allreduce_s:g} s): check --bandwidth and --grad-bytes"
+            )
+        values = (
+            c.time_per_s_min_s,
+            c.device_time_per_s_min_s,
+            c.time_rel,
+            c.cost_rel,
+            *(v for v in (c.steps, c.examples, c.time_s, c.gpu_hours, c.cost) if v is not None),
+        )
+        if not all(math.isfinite(v) for v in values if not math.isnan(v)) or any(
+            v is not None and v <= 0 for v in (c.steps, c.examples)
+        ):
+            raise NoiseScaleInputError(
+                f"B = {c.batch_size} on {c.devices} device(s) prices out of range (steps "
+                f"{c.steps}, examples {c.examples}, time {c.time_s} s, cost {c.cost}): the noise "
+                "scale, target, price or profile is too extreme to compute with"
+            )
+
+
+def _no_candidate_lines(devices: Sequence[int], sizes: Sequence[int]) -> tuple[str, ...]:
+    if not devices:
+        return ()
+    counts = ", ".join(map(str, devices))
+    shown = ", ".join(map(str, sizes[:8])) + (", …" if len(sizes) > 8 else "")
+    return (
+        f"No candidate on {counts} device(s): none of the batch sizes given ({shown}) divides "
+        "evenly over that many devices, so they were not weighed; give batch sizes that are "
+        "multiples of the device count, or leave --batch-sizes out (then each device count N "
+        "gets N·2ⁱ).",
     )
 
 
@@ -421,13 +525,17 @@ def _assumptions(
     s_min: float | None,
     price: float | None,
     currency: str | None,
+    update_s: float,
     *,
     from_search: bool,
 ) -> tuple[str, ...]:
     fit = profile.fit
     unit = hours_unit(str(profile.device.get("type", "cuda")))
     search = profile.max_batch_search if isinstance(profile.max_batch_search, dict) else {}
-    capped = from_search and bool(search.get("capped"))
+    oom = profile.out_of_memory_batch_size
+    # A batch that ran out of memory while timing below the search's maximum overrides it.
+    lowered = oom is not None and (profile.max_batch_size is None or profile.max_batch_size >= oom)
+    capped = from_search and bool(search.get("capped")) and not lowered
     lo, hi = profile.measured_range
     device = profile.device.get("name") or profile.device.get("type", "the profiled device")
     lines = [
@@ -441,17 +549,56 @@ def _assumptions(
         f"(largest relative residual {fit.max_rel_residual:.1%}); extrapolated outside that "
         "range; every device is identical to the profiled one.",
     ]
-    if micro_limit and capped:
+    optimizer = profile.settings.get("optimizer")
+    if profile.optimizer_update_s is None:
+        pass_cost = "k·α + β·(its batch)"
+        lines.append(
+            "The profile did not time the optimizer update apart (written before noisescale "
+            "did): it is assumed to cost nothing beyond a pass, so each of a step's k "
+            "accumulated passes is charged the whole α, update included, which overprices "
+            "accumulation by (k − 1) updates; re-profile to price it exactly."
+        )
+    elif optimizer == "none" or profile.optimizer_update_s == 0:
+        pass_cost = "k·α + β·(its batch)"
+        lines.append(
+            "The profiled step ran no optimizer update, so none is counted: add your "
+            "optimizer's time per step, or profile with one."
+        )
+    else:
+        pass_cost = "k·(α − u) + β·(its batch) + u"
+        clamped = (
+            f" (timed {profile.optimizer_update_s:.4g} s, more than α: capped at α)"
+            if update_s < profile.optimizer_update_s
+            else ""
+        )
+        lines.append(
+            f"The optimizer update, part of α, takes u = {update_s:.4g} s{clamped}, timed "
+            "apart; it runs once per optimizer step, so an accumulated step of k passes costs "
+            f"{pass_cost}."
+        )
+    if micro_limit and from_search and lowered:
+        source = (
+            "the memory was not searched"
+            if profile.max_batch_size is None
+            else f"below the memory search's {profile.max_batch_size}"
+        )
+        lines.append(
+            f"Batch size {oom} ran out of memory while the profile was timed ({source}), so the "
+            f"largest micro-batch that fits is below {oom}; the largest timed one, "
+            f"{micro_limit}, is used: batches above it are accumulated over k passes costing "
+            f"{pass_cost}. Profile with the memory search to find the exact limit."
+        )
+    elif micro_limit and capped:
         lines.append(
             f"Micro-batches of at least {micro_limit} examples fit in memory (the memory search "
             f"stopped at its limit, {micro_limit}, before running out); batches are split into "
             f"micro-batches of at most {micro_limit}, accumulated over k passes costing "
-            "k·α + β·(its batch): profile with a higher --max-batch-limit if larger ones fit."
+            f"{pass_cost}: profile with a higher --max-batch-limit if larger ones fit."
         )
     elif micro_limit:
         lines.append(
             f"Micro-batches of at most {micro_limit} examples fit in memory; a device's batch "
-            "above that is accumulated over k passes costing k·α + β·(its batch)."
+            f"above that is accumulated over k passes costing {pass_cost}."
         )
     else:
         lines.append(

@@ -38,11 +38,13 @@ def profile_throughput(
     model: nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     timer: Callable[[], float] = time.perf_counter,
+    on_out_of_memory: Callable[[int], object] | None = None,
 ) -> list[ThroughputPoint]:
     """Time ``repeats`` training steps at each batch size, after ``warmup`` untimed ones.
 
     Batch sizes run in ascending order; the first that runs out of memory ends the sweep (larger
-    ones would too), so the result may hold fewer points than requested. Each step is timed on its
+    ones would too), so the result may hold fewer points than requested; ``on_out_of_memory`` is
+    then called with that batch size, the smallest seen not to fit. Each step is timed on its
     own between two device synchronisations. On CUDA the peak memory allocated at each batch size
     is recorded too. As in :func:`~noisescale.hardware.memory.find_max_batch_size`, a given
     ``model``/``optimizer`` is restored afterwards.
@@ -57,6 +59,7 @@ def profile_throughput(
         model: Model that ``step_fn`` trains, restored afterwards.
         optimizer: Optimizer that ``step_fn`` steps, restored afterwards.
         timer: Clock in seconds.
+        on_out_of_memory: Called with the batch size that ran out of memory, if one did.
 
     Returns:
         One point per batch size that fitted in memory, ascending.
@@ -82,6 +85,8 @@ def profile_throughput(
             _clear_grads(model, optimizer)
             if times is None:
                 free_memory()
+                if on_out_of_memory is not None:
+                    on_out_of_memory(batch_size)
                 break
             peak = torch.cuda.max_memory_allocated(dev) if cuda else None
             points.append(ThroughputPoint(batch_size, tuple(times), peak))
@@ -111,6 +116,65 @@ def _timed_steps(
             raise
         return None  # leaving the except clause frees the failed step's traceback
     return times
+
+
+def time_optimizer_update(
+    step_fn: StepFn,
+    update_fn: Callable[[], object],
+    batch_size: int,
+    *,
+    warmup: int = 2,
+    repeats: int = 5,
+    device: torch.device | str = "cpu",
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    timer: Callable[[], float] = time.perf_counter,
+) -> tuple[float, ...]:
+    """Time the optimizer update alone: ``repeats`` calls of ``update_fn`` after ``warmup``.
+
+    A profiled training step (:func:`~noisescale.hardware.memory.make_training_step`) includes one
+    optimizer update, but an accumulated step of k micro-batches runs k forward/backward passes
+    and still only one update; the recommendation needs the update's time on its own to price
+    that. One ``step_fn(batch_size)`` first leaves gradients (and optimizer state) for the update
+    to work on; the update's cost does not depend on the batch size. ``model``/``optimizer`` are
+    restored afterwards, as in :func:`profile_throughput`.
+
+    Args:
+        step_fn: One training step at a batch size that leaves its gradients in place (as
+            ``make_training_step``'s does: it clears them before, not after, each step).
+        update_fn: The optimizer update, e.g. ``optimizer.step``.
+        batch_size: A batch size that fits, for the step that makes the gradients.
+        warmup: Untimed updates first.
+        repeats: Timed updates (a profile uses their median).
+        device: Device the update runs on (synchronised around each timed update when CUDA).
+        model: Model that ``step_fn`` trains, restored afterwards.
+        optimizer: Optimizer that ``update_fn`` steps, restored afterwards.
+        timer: Clock in seconds.
+
+    Returns:
+        The seconds of each timed update.
+    """
+    if warmup < 0 or repeats < 1:
+        raise NoiseScaleInputError("warm-up must be ≥ 0 and repeats ≥ 1")
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(dev)
+
+    times: list[float] = []
+    with _preserved_state(model, optimizer):
+        step_fn(batch_size)
+        for _ in range(warmup):
+            update_fn()
+        for _ in range(repeats):
+            sync()
+            t0 = timer()
+            update_fn()
+            sync()
+            times.append(timer() - t0)
+    return tuple(times)
 
 
 def describe_device(device: torch.device | str) -> dict[str, Any]:
