@@ -475,3 +475,38 @@ def test_stepwise_ramp_in_tokens_resumes():
     assert ramp.lr_factor == 1.0 and ramp.num_micro_batches == 16
     with pytest.raises(NoiseScaleInputError, match="kind"):
         ramp.load_state_dict(_controller().state_dict())
+
+
+# -- regressions found by the schedule hunt (2026-12-05) -------------------------------------------
+
+
+@pytest.mark.parametrize("setting", [{"exchange_rate": math.inf}, {"factor": math.inf}])
+def test_infinite_exchange_rate_or_factor_is_refused_at_construction(setting):
+    """inf > 0 passed the constructor's check; the first decision then raised OverflowError
+    (cannot convert float infinity to integer) in the middle of the run."""
+    with pytest.raises(NoiseScaleInputError, match="finite"):
+        AdaptiveBatchSize(micro_batch_size=8, max_batch_size=64, interval=1, **setting)
+    with pytest.raises(NoiseScaleInputError, match="finite"):
+        target_batch_size(50.0, **setting)
+    for bad in (math.nan, -1.0, 0.0):
+        with pytest.raises(NoiseScaleInputError):
+            target_batch_size(50.0, **{next(iter(setting)): bad})
+
+
+def test_loss_divisor_is_one_with_a_batch_sampler():
+    """With a batch sampler the loop runs one backward pass over the whole batch of 64: the
+    mean loss needs no division (it returned 64/8 = 8, a gradient 8× too small)."""
+    sampler = ResizableBatchSampler(1000, 8)
+    c = AdaptiveBatchSize(micro_batch_size=8, max_batch_size=256, batch_size=64, factor=1.0,
+                          batch_sampler=sampler)  # fmt: skip
+    assert sampler.batch_size == 64 and c.loss_divisor == 1 and c.num_micro_batches == 8
+    # the divided loss's gradient equals the whole batch's mean-loss gradient
+    w = nn.Parameter(torch.tensor([0.5, -1.0]))
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    ((x @ w - y) ** 2).mean().div(c.loss_divisor).backward()
+    want = 2 * x.T @ (x @ w.detach() - y) / 64
+    assert torch.allclose(w.grad, want)
+    # accumulation without a sampler keeps dividing by the micro-batch count
+    assert AdaptiveBatchSize(micro_batch_size=8, max_batch_size=256, batch_size=64,
+                             factor=1.0).loss_divisor == 8  # fmt: skip

@@ -19,9 +19,10 @@ Both realise the batch with gradient accumulation: the micro-batch is fixed and
 :attr:`~AdaptiveBatchSize.num_micro_batches` says how many the next optimizer step accumulates
 (divide each micro-batch's mean loss by :attr:`~AdaptiveBatchSize.loss_divisor`); or a
 :class:`ResizableBatchSampler` hands a ``DataLoader`` whole batches whose size changes between
-iterations. The learning rate follows a rule (:data:`LR_RULES`) and is written into
-``param_group["lr"]`` as a factor relative to the rate tuned at ``base_batch_size``; the
-optimizer's state (momentum, Adam moments) is left as it is.
+iterations (one backward pass per step; ``loss_divisor`` is then 1). The learning rate
+follows a rule (:data:`LR_RULES`) and is written into ``param_group["lr"]`` as a factor
+relative to the rate tuned at ``base_batch_size``; the optimizer's state (momentum, Adam
+moments) is left as it is.
 
 Typical loop::
 
@@ -95,8 +96,8 @@ def target_batch_size(
 
     Args:
         b_simple: The measured simple noise scale (examples), positive.
-        exchange_rate: r, in examples per step; give this or ``factor``.
-        factor: c; give this or ``exchange_rate``.
+        exchange_rate: r, in examples per step, positive and finite; give this or ``factor``.
+        factor: c, positive and finite; give this or ``exchange_rate``.
 
     Example:
         >>> target_batch_size(400.0, exchange_rate=100.0)
@@ -109,12 +110,15 @@ def target_batch_size(
     if not (math.isfinite(b_simple) and b_simple > 0):
         raise NoiseScaleInputError(f"B_simple must be positive and finite, got {b_simple!r}")
     if exchange_rate is not None:
-        if not exchange_rate > 0:
-            raise NoiseScaleInputError(f"exchange_rate must be positive, got {exchange_rate!r}")
+        # finite too: an infinite rate gives an infinite target, which no batch realises
+        if not (math.isfinite(exchange_rate) and exchange_rate > 0):
+            raise NoiseScaleInputError(
+                f"exchange_rate must be positive and finite, got {exchange_rate!r}"
+            )
         return float(theory.adaptive_batch_size(b_simple, exchange_rate))
     assert factor is not None
-    if not factor > 0:
-        raise NoiseScaleInputError(f"factor must be positive, got {factor!r}")
+    if not (math.isfinite(factor) and factor > 0):
+        raise NoiseScaleInputError(f"factor must be positive and finite, got {factor!r}")
     return factor * b_simple
 
 
@@ -419,12 +423,15 @@ class _Realisation:
 
     @property
     def loss_divisor(self) -> int:
-        """Divide each micro-batch's mean-reduced loss by this before ``backward()``.
+        """Divide each backward pass's mean-reduced loss by this before ``backward()``.
 
         Then ``.grad`` holds the mean gradient over the whole step, as ``loss_reduction="mean"``
-        of the tracker expects.
+        of the tracker expects. With accumulation that is :attr:`num_micro_batches`; with a
+        ``batch_sampler`` the loop runs one backward pass over the whole batch, whose mean loss
+        is already the step's, so it is 1 (``num_micro_batches`` still says how many
+        micro-batches the batch holds).
         """
-        return self.num_micro_batches
+        return 1 if self.batch_sampler is not None else self.num_micro_batches
 
     @property
     def lr_factor(self) -> float:
