@@ -510,3 +510,83 @@ def test_loss_divisor_is_one_with_a_batch_sampler():
     # accumulation without a sampler keeps dividing by the micro-batch count
     assert AdaptiveBatchSize(micro_batch_size=8, max_batch_size=256, batch_size=64,
                              factor=1.0).loss_divisor == 8  # fmt: skip
+
+
+def _token_estimate(b_tokens: float, t: float, g2: float = 1.0, **kw) -> NoiseEstimate:
+    """An estimate in tokens (a token-mean loss): B_simple = tr Σ/|G|² tokens, T tokens each."""
+    half = 0.05 * b_tokens
+    return NoiseEstimate(g2, b_tokens * g2, b_tokens, b_tokens - half, b_tokens + half,
+                         unit="tokens", tokens_per_example=t, **kw)  # fmt: skip
+
+
+def test_an_estimate_in_tokens_is_converted_to_examples():
+    """With a per-token loss B_simple is in tokens while the batch counts sequences: B_simple =
+    2048 tokens at T = 32 tokens per sequence is 64 sequences, so factor=1 aims at 64 (it aimed
+    at 2048 sequences, T× too large)."""
+    c = _controller(micro_batch_size=8, max_batch_size=8192, factor=1.0, exchange_rate=None,
+                    interval=1)  # fmt: skip
+    c.step(_token_estimate(2048.0, 32.0))
+    assert c.batch_size == 64
+    assert c.history[-1]["b_simple"] == pytest.approx(64.0)
+    assert c.history[-1]["target"] == pytest.approx(64.0)
+    # B = √(r·B_simple) with B_simple in examples: √(100·64) = 80
+    r = _controller(micro_batch_size=8, max_batch_size=8192, interval=1)
+    r.step(_token_estimate(2048.0, 32.0))
+    assert r.batch_size == 80
+
+
+@pytest.mark.parametrize("rule", ["paper", "adascale"])
+def test_measured_lr_rules_use_the_estimate_in_examples(rule):
+    """The rules "paper" (measured B* = B_simple) and "adascale" (σ² = tr Σ/B₀) need B_simple and
+    tr Σ in the batch's unit: B* = 1024 tokens / 16 = 64 sequences, tr Σ = 1024/16 = 64."""
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    c = _controller(micro_batch_size=8, max_batch_size=8192, factor=2.0, exchange_rate=None,
+                    interval=1, lr_rule=rule, optimizer=opt)  # fmt: skip
+    c.step(_token_estimate(1024.0, 16.0))
+    assert c.batch_size == 128  # 2 × 64
+    if rule == "paper":
+        want = (1 + 64 / 8) / (1 + 64 / 128)  # eq. A.3 with α = 1 at B₀ = 8
+    else:
+        sigma2, mu2 = 64.0 / 8, 1.0
+        want = (sigma2 + mu2) / (sigma2 / 16 + mu2)
+    assert c.lr_factor == pytest.approx(want)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * want)
+
+
+def test_an_estimate_in_tokens_without_a_token_count_is_refused():
+    c = _controller(micro_batch_size=8, max_batch_size=8192, interval=1)
+    with pytest.raises(NoiseScaleInputError, match=r"tokens_per_example=.*count_tokens"):
+        c.step(_token_estimate(2048.0, math.nan))
+    assert c.batch_size == 8 and c.state.changes == 0
+    # one not yet available is waited on, as in examples
+    c.step(NoiseEstimate(math.nan, math.nan, math.nan, unit="tokens"))
+    assert c.history[-1]["action"] == "wait: no estimate yet"
+
+
+def test_a_token_mean_tracker_drives_the_batch_in_sequences():
+    """End to end with a real tracker and a token-mean loss (T = 32 tokens per sequence): the
+    batch follows B_simple in sequences (the tracker's own conversion), not in tokens."""
+    torch.manual_seed(0)
+    vocab, t, micro = 16, 32, 8
+    model = nn.Sequential(nn.Embedding(vocab, 16), nn.Linear(16, vocab))
+    tracker = GradientNoiseTracker(model, beta=0.9, loss_reduction="token_mean")
+    c = AdaptiveBatchSize(micro_batch_size=micro, max_batch_size=8192, factor=1.0, interval=20,
+                          max_relative_width=math.inf, hysteresis=1.0)  # fmt: skip
+    for _ in range(40):
+        for _ in range(c.num_micro_batches):
+            x = torch.randint(0, vocab, (micro, t))
+            y = (x + torch.randint(0, 3, (micro, t))) % vocab
+            loss = F.cross_entropy(model(x).reshape(-1, vocab), y.reshape(-1))
+            tracker.count_tokens(y)
+            (loss / c.loss_divisor).backward()
+        tracker.step()
+        model.zero_grad()
+        c.step(tracker)
+    e = tracker.estimate()
+    assert e.unit == "tokens" and e.tokens_per_example == t
+    want = quantized_batch_size(e.to("examples").b_simple, micro, micro, 8192)
+    decided = c.history[-1]
+    assert decided["b_simple"] == pytest.approx(e.b_simple / t)
+    assert c.batch_size == quantized_batch_size(decided["target"], micro, micro, 8192)
+    assert c.batch_size <= 4 * micro and want <= 4 * micro  # B_simple ≈ 1.7 sequences, not 55

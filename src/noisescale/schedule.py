@@ -258,6 +258,23 @@ def scale_lr(
             scheduler.base_lrs = [b * factor for b in base]
 
 
+def _in_examples(estimate: NoiseEstimate) -> NoiseEstimate:
+    """``estimate`` in examples, the unit of the schedules' batch sizes (refused if unknown)."""
+    if estimate.unit == "examples":
+        return estimate
+    try:
+        return estimate.to("examples")
+    except ValueError as exc:
+        # acting on it would aim the batch (in examples) at B_simple in tokens: T× too large
+        raise NoiseScaleInputError(
+            f"the noise-scale estimate is in {estimate.unit} (the loss averages tokens) but the "
+            "schedule's batch sizes count examples, and the tokens per example are unknown, so "
+            "B_simple cannot be converted: give GradientNoiseTracker tokens_per_example= "
+            "(fixed-length sequences), or call tracker.count_tokens(labels) after each forward "
+            "(Hugging Face models called with labels= are counted for you)"
+        ) from exc
+
+
 # -- the resizable batch sampler -----------------------------------------------------------------
 
 
@@ -513,6 +530,10 @@ class AdaptiveBatchSize(_Realisation):
     follows ``lr_rule`` (:func:`lr_factor`). Changes therefore come at least ``interval`` steps
     apart and the estimate is read (one host synchronisation) only at decisions.
 
+    Batch sizes count examples (sequences, for a language model): an estimate in tokens (a
+    loss that averages tokens) is converted with its ``tokens_per_example``, and refused where
+    no tokens were counted (:meth:`decide`).
+
     B_simple depends on the temperature ε/B (paper App. C): a rule that changes ε/B when the
     batch changes (``"none"``, ``"sqrt"``) changes the quantity being measured. Let ``interval``
     be at least the tracker's averaging horizon (≈ (1 + β)/(1 − β) steps) so decisions see the
@@ -663,10 +684,20 @@ class AdaptiveBatchSize(_Realisation):
     def decide(self, estimate: NoiseEstimate) -> bool:
         """Decide now from ``estimate`` (normally :meth:`step` calls this every ``interval``).
 
+        The schedule's batch sizes count examples (sequences, for a language model). An
+        estimate in tokens (a loss that averages tokens) is converted with its
+        ``tokens_per_example`` before it is used, for the target and for the measured
+        learning-rate rules alike; one that cannot be converted is refused.
+
         Returns:
             ``True`` when the batch size or the learning rate changed.
+
+        Raises:
+            NoiseScaleInputError: the estimate is in tokens and no tokens were counted.
         """
         s = self._state._replace(last_decision=self._state.step)
+        measured = estimate.available and estimate.b_simple > 0
+        estimate = _in_examples(estimate) if measured else estimate
         entry: dict[str, Any] = {
             "step": s.step,
             "examples": s.examples,
@@ -675,7 +706,7 @@ class AdaptiveBatchSize(_Realisation):
             "b_simple_high": estimate.high,
             "relative_width": estimate.relative_width,
         }
-        if not estimate.available or not estimate.b_simple > 0:
+        if not measured:
             self._state = s
             self._record({**entry, "action": "wait: no estimate yet", "batch_size": s.batch_size})
             return False
