@@ -590,3 +590,125 @@ def test_a_token_mean_tracker_drives_the_batch_in_sequences():
     assert decided["b_simple"] == pytest.approx(e.b_simple / t)
     assert c.batch_size == quantized_batch_size(decided["target"], micro, micro, 8192)
     assert c.batch_size <= 4 * micro and want <= 4 * micro  # B_simple ≈ 1.7 sequences, not 55
+
+
+_L = torch.optim.lr_scheduler
+_SCHEDULERS = {
+    "LambdaLR": lambda o: _L.LambdaLR(o, lambda s: 1 / (1 + s)),
+    "MultiplicativeLR": lambda o: _L.MultiplicativeLR(o, lambda s: 0.95),
+    "StepLR": lambda o: _L.StepLR(o, 2, 0.5),
+    "MultiStepLR": lambda o: _L.MultiStepLR(o, [4, 7], 0.5),
+    "ConstantLR": lambda o: _L.ConstantLR(o, 0.5, total_iters=6),
+    "LinearLR": lambda o: _L.LinearLR(o, 0.1, 1.0, 5),
+    "ExponentialLR": lambda o: _L.ExponentialLR(o, 0.9),
+    "PolynomialLR": lambda o: _L.PolynomialLR(o, 10, 2.0),
+    "CosineAnnealingLR": lambda o: _L.CosineAnnealingLR(o, 10),
+    "CosineAnnealingWarmRestarts": lambda o: _L.CosineAnnealingWarmRestarts(o, 4),
+    "OneCycleLR": lambda o: _L.OneCycleLR(o, max_lr=1.0, total_steps=20),
+    "CyclicLR": lambda o: _L.CyclicLR(o, 0.1, 1.0, step_size_up=3),
+    "ReduceLROnPlateau": lambda o: _L.ReduceLROnPlateau(o, factor=0.5, patience=0, min_lr=0.05),
+    "SequentialLR(warm-up, cosine)": lambda o: _L.SequentialLR(
+        o, [_L.LinearLR(o, 0.1, 1.0, 5), _L.CosineAnnealingLR(o, 20)], milestones=[5]
+    ),
+    "SequentialLR(constant, step)": lambda o: _L.SequentialLR(
+        o, [_L.ConstantLR(o, 0.5, total_iters=5), _L.StepLR(o, 3, 0.5)], milestones=[5]
+    ),
+    "SequentialLR(warm-up, one-cycle)": lambda o: _L.SequentialLR(
+        o, [_L.LinearLR(o, 0.1, 1.0, 4), _L.OneCycleLR(o, max_lr=1.0, total_steps=20)], [4]
+    ),
+    "ChainedScheduler": lambda o: _L.ChainedScheduler(
+        [_L.ConstantLR(o, 0.5, total_iters=4), _L.ExponentialLR(o, 0.9)]
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(_SCHEDULERS))
+def test_scale_lr_factor_holds_through_every_supported_scheduler(name):
+    """scale_lr(4) at step 3, then 13 more scheduler steps (past every milestone, cycle and
+    plateau floor): the rate is 4× the unscaled run's at every step. OneCycleLR lost the factor
+    at the next step, CyclicLR kept 1.14–4×, SequentialLR lost it at the milestone and
+    ReduceLROnPlateau at its min_lr floor."""
+    import warnings
+
+    runs = []
+    for scaled in (False, True):
+        p = nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=0.5, momentum=0.9)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sched = _SCHEDULERS[name](opt)
+            lrs = []
+            for step in range(16):
+                if scaled and step == 3:
+                    scale_lr(opt, 4.0, [sched])
+                lrs.append(opt.param_groups[0]["lr"])
+                opt.step()
+                if isinstance(sched, _L.ReduceLROnPlateau):
+                    sched.step(1.0)  # no improvement: halve, down to the floor
+                else:
+                    sched.step()
+        runs.append(lrs)
+    plain, scaled_run = runs
+    assert scaled_run[:3] == plain[:3]
+    assert scaled_run[3:] == pytest.approx([4 * lr for lr in plain[3:]], rel=1e-9, abs=1e-12)
+
+
+def test_adaptive_schedule_keeps_its_factor_past_a_sequential_milestone():
+    """End to end: lr_rule="linear" at batch 256 from 32 (factor 8) with warm-up → cosine; after the
+    milestone the rate was 0.1 (the factor dropped) where 8 × the cosine's ≈ 0.8 is right."""
+    import warnings
+
+    lrs = {}
+    for factor in (None, 1.0):
+        p = nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=0.1)
+        seq = _L.SequentialLR(opt, [_L.LinearLR(opt, 0.1, 1.0, 5), _L.CosineAnnealingLR(opt, 100)],
+                              milestones=[5])  # fmt: skip
+        ab = None
+        if factor is not None:
+            ab = AdaptiveBatchSize(micro_batch_size=32, max_batch_size=1024, factor=factor,
+                                   interval=2, lr_rule="linear", optimizer=opt,
+                                   lr_schedulers=[seq])  # fmt: skip
+        got = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(10):
+                opt.step()
+                seq.step()
+                if ab is not None:
+                    ab.step(_estimate(256.0))
+                got.append(opt.param_groups[0]["lr"])
+        lrs[factor] = got
+        if ab is not None:
+            assert ab.batch_size == 256 and ab.lr_factor == 8.0
+    assert lrs[1.0][1:] == pytest.approx([8 * lr for lr in lrs[None][1:]])
+    assert lrs[1.0][-1] == pytest.approx(0.8, rel=0.01)
+
+
+class _OwnScheduler(torch.optim.lr_scheduler.LRScheduler):
+    """A scheduler whose rates noisescale cannot know to follow a factor."""
+
+    def __init__(self, optimizer):
+        self.peak = 1.0
+        super().__init__(optimizer)
+
+    def get_lr(self):
+        return [self.peak / (1 + self.last_epoch) for _ in self.optimizer.param_groups]
+
+
+def test_an_unsupported_scheduler_is_refused_before_anything_is_written():
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.5)
+    own = _OwnScheduler(opt)
+    before = opt.param_groups[0]["lr"]
+    with pytest.raises(NoiseScaleInputError, match=r"_OwnScheduler.*LambdaLR"):
+        scale_lr(opt, 4.0, [_L.StepLR(opt, 2), own])
+    assert opt.param_groups[0]["lr"] == before
+    with pytest.raises(NoiseScaleInputError, match="_OwnScheduler"):  # inside a container too
+        scale_lr(opt, 4.0, [_L.SequentialLR(opt, [_L.StepLR(opt, 2), own], milestones=[2])])
+    with pytest.raises(NoiseScaleInputError, match="_OwnScheduler"):  # at construction
+        _controller(lr_rule="linear", optimizer=opt, lr_schedulers=[own])
+    with pytest.raises(NoiseScaleInputError, match="_OwnScheduler"):
+        BatchSizeRamp.linear(16, 64, 100, micro_batch_size=16, lr_rule="sqrt", optimizer=opt,
+                             lr_schedulers=[own])  # fmt: skip
+    _controller(lr_rule="none", optimizer=opt, lr_schedulers=[own])  # never scales: accepted

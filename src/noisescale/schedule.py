@@ -59,11 +59,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LR_RULES",
+    "SUPPORTED_LR_SCHEDULERS",
     "AdaptiveBatchSize",
     "AdaptiveBatchSizeState",
     "BatchSizeRamp",
     "BatchSizeRampState",
     "ResizableBatchSampler",
+    "check_lr_schedulers",
     "lr_factor",
     "quantized_batch_size",
     "ramp_batch_size",
@@ -238,24 +240,120 @@ def ramp_batch_size(
     return max(1, math.floor(b / micro_batch_size + 0.5)) * micro_batch_size
 
 
+_sched = torch.optim.lr_scheduler
+
+#: Schedulers that keep a factor once their ``base_lrs`` are scaled: they either multiply the
+#: current ``param_group["lr"]`` (chainable) or recompute the rate from ``base_lrs``.
+_BASE_LRS_SCHEDULERS: tuple[type, ...] = (
+    _sched.LambdaLR,
+    _sched.MultiplicativeLR,
+    _sched.StepLR,
+    _sched.MultiStepLR,
+    _sched.ConstantLR,
+    _sched.LinearLR,
+    _sched.ExponentialLR,
+    _sched.PolynomialLR,
+    _sched.CosineAnnealingLR,
+    _sched.CosineAnnealingWarmRestarts,
+)
+#: Schedulers that keep rates of their own besides ``base_lrs``, scaled along by :func:`scale_lr`.
+_OWN_RATES_SCHEDULERS: tuple[type, ...] = (
+    _sched.OneCycleLR,  # per group: "initial_lr", "max_lr", "min_lr"
+    _sched.CyclicLR,  # max_lrs
+    _sched.ReduceLROnPlateau,  # min_lrs (the floor would otherwise cap a scaled rate)
+)
+#: Containers: each child scheduler is scaled (a child keeps its own ``base_lrs``).
+_CONTAINER_SCHEDULERS: tuple[type, ...] = (_sched.SequentialLR, _sched.ChainedScheduler)
+
+SUPPORTED_LR_SCHEDULERS = tuple(
+    t.__name__ for t in _BASE_LRS_SCHEDULERS + _OWN_RATES_SCHEDULERS + _CONTAINER_SCHEDULERS
+)
+
+
+def _flat_schedulers(lr_schedulers: Iterable[Any]) -> list[Any]:
+    """Every scheduler to scale, children of containers included, each once; unknown ones
+    are refused (before anything is written)."""
+    out: list[Any] = []
+    seen: set[int] = set()
+
+    def visit(s: Any) -> None:
+        if id(s) in seen:
+            return
+        seen.add(id(s))
+        if isinstance(s, _CONTAINER_SCHEDULERS):
+            for child in s._schedulers:
+                visit(child)
+            return
+        if isinstance(s, _BASE_LRS_SCHEDULERS + _OWN_RATES_SCHEDULERS):
+            out.append(s)
+            return
+        inner = getattr(s, "scheduler", None)  # accelerate's AcceleratedScheduler wraps one
+        if inner is not None and inner is not s:
+            visit(inner)
+            return
+        raise NoiseScaleInputError(
+            f"cannot scale the learning rate of a {type(s).__name__} scheduler: a learning-rate "
+            "factor (lr_rule other than 'none') is kept only by the schedulers "
+            f"{', '.join(SUPPORTED_LR_SCHEDULERS)} (torch.optim.lr_scheduler), whose rates "
+            "noisescale knows how to scale. Write the schedule as a LambdaLR (any shape: "
+            "LambdaLR(optimizer, lambda step: f(step))), or use lr_rule='none'"
+        )
+
+    for scheduler in lr_schedulers:
+        visit(scheduler)
+    return out
+
+
+def check_lr_schedulers(lr_schedulers: Iterable[Any]) -> None:
+    """Refuse a scheduler :func:`scale_lr` cannot scale (see :data:`SUPPORTED_LR_SCHEDULERS`).
+
+    Raises:
+        NoiseScaleInputError: a scheduler (or a container's child) is not a supported kind.
+    """
+    _flat_schedulers(lr_schedulers)
+
+
 def scale_lr(
     optimizer: torch.optim.Optimizer, factor: float, lr_schedulers: Iterable[Any] = ()
 ) -> None:
-    """Multiply every parameter group's learning rate by ``factor``, in place.
+    """Multiply every parameter group's learning rate by ``factor``, in place, for good.
 
-    The optimizer's state (momentum buffers, Adam moments, step counts) is left as it is. Each
-    learning-rate scheduler's ``base_lrs`` is scaled too, so that schedulers that recompute the
-    rate from it (``LambdaLR``, ``OneCycleLR``, …) keep the factor, as chainable ones
-    (``StepLR``, ``ExponentialLR``, …) do by reading ``param_group["lr"]``.
+    The optimizer's state (momentum buffers, Adam moments, step counts) is left as it is. The
+    schedulers in ``lr_schedulers`` keep the factor through their later steps (tested past their
+    milestones): those that multiply ``param_group["lr"]`` or recompute it from ``base_lrs``
+    (``LambdaLR``, ``MultiplicativeLR``, ``StepLR``, ``MultiStepLR``, ``ConstantLR``,
+    ``LinearLR``, ``ExponentialLR``, ``PolynomialLR``, ``CosineAnnealingLR``,
+    ``CosineAnnealingWarmRestarts``) have ``base_lrs`` scaled; ``OneCycleLR`` its groups'
+    ``initial_lr``, ``max_lr`` and ``min_lr``; ``CyclicLR`` its ``base_lrs`` and ``max_lrs``;
+    ``ReduceLROnPlateau`` its ``min_lrs``; ``SequentialLR`` and ``ChainedScheduler`` each child.
+    Any other scheduler is refused (:data:`SUPPORTED_LR_SCHEDULERS`), before anything is written.
+
+    Raises:
+        NoiseScaleInputError: ``factor`` is not positive and finite, or a scheduler is not a
+            supported kind.
     """
     if not (math.isfinite(factor) and factor > 0):
         raise NoiseScaleInputError(f"a learning-rate factor must be positive, got {factor!r}")
+    schedulers = _flat_schedulers(lr_schedulers)
     for group in optimizer.param_groups:
         group["lr"] = group["lr"] * factor
-    for scheduler in lr_schedulers:
+    scaled_groups: set[int] = set()
+    for scheduler in schedulers:
         base = getattr(scheduler, "base_lrs", None)
         if base is not None:
             scheduler.base_lrs = [b * factor for b in base]
+        if isinstance(scheduler, _sched.OneCycleLR):
+            for group in scheduler.optimizer.param_groups:
+                if id(group) not in scaled_groups:  # two OneCycleLRs on one optimizer
+                    scaled_groups.add(id(group))
+                    for key in ("initial_lr", "max_lr", "min_lr"):
+                        group[key] = group[key] * factor
+        elif isinstance(scheduler, _sched.CyclicLR):
+            scheduler.max_lrs = [m * factor for m in scheduler.max_lrs]
+        elif isinstance(scheduler, _sched.ReduceLROnPlateau):
+            scheduler.min_lrs = [m * factor for m in scheduler.min_lrs]
+            if getattr(scheduler, "default_min_lr", None) is not None:
+                scheduler.default_min_lr = scheduler.default_min_lr * factor
 
 
 def _in_examples(estimate: NoiseEstimate) -> NoiseEstimate:
@@ -416,6 +514,9 @@ class _Realisation:
         self.b_star = b_star
         self.optimizer = optimizer
         self.lr_schedulers = list(lr_schedulers)
+        if lr_rule != "none":
+            # refused now rather than at the first change, mid-run
+            check_lr_schedulers(self.lr_schedulers)
         self.batch_sampler = batch_sampler
         self.history = []
 
@@ -564,7 +665,8 @@ class AdaptiveBatchSize(_Realisation):
             each decision (with α = 1 that is eq. 2.6).
         optimizer: Whose ``param_group["lr"]`` to write (``None``: compute only; read
             :attr:`lr_factor`).
-        lr_schedulers: Schedulers whose ``base_lrs`` to scale along (see :func:`scale_lr`).
+        lr_schedulers: Schedulers to scale along, so that they keep the factor (the kinds
+            :func:`scale_lr` supports; others are refused here unless ``lr_rule="none"``).
         batch_sampler: A :class:`ResizableBatchSampler` to resize with the batch (for loaders
             that yield whole steps rather than micro-batches: one backward per step, so the
             tracker is not told of a change of accumulation).

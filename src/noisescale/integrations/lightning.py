@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from noisescale.errors import NoiseScaleInputError
 from noisescale.integrations import estimate_metrics
 from noisescale.module_hooks import Hook
-from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, scale_lr
+from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, check_lr_schedulers, scale_lr
 from noisescale.tracker import GradientNoiseTracker
 
 try:
@@ -156,6 +156,9 @@ class NoiseScaleCallback(pl.Callback):
         # A resumed run continues with the accumulation that was in effect (possibly mid-epoch,
         # where a pending change may not be applicable yet); a fresh one gets the schedule's
         # start at the first epoch start.
+        if self.schedule is not None and self.schedule.lr_rule != "none":
+            # a scheduler that would drop the factor is refused now, not at the first change
+            check_lr_schedulers(c.scheduler for c in trainer.lr_scheduler_configs)
         if self.schedule is not None and self._applied_micro_batches is not None:
             trainer.accumulate_grad_batches = self._applied_micro_batches
 
