@@ -712,3 +712,66 @@ def test_an_unsupported_scheduler_is_refused_before_anything_is_written():
         BatchSizeRamp.linear(16, 64, 100, micro_batch_size=16, lr_rule="sqrt", optimizer=opt,
                              lr_schedulers=[own])  # fmt: skip
     _controller(lr_rule="none", optimizer=opt, lr_schedulers=[own])  # never scales: accepted
+
+
+def test_checkpoint_of_another_lr_rule_or_base_is_refused():
+    """A "linear" checkpoint at batch 256 (factor 256/32 = 8, lr 0.8) loaded into a "sqrt" schedule
+    kept factor 8 and lr 0.8 where √8 = 2.83 and 0.283 are right, until the next decision."""
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    kw = dict(micro_batch_size=32, max_batch_size=1024, factor=1.0, exchange_rate=None, interval=1)
+    saved = _controller(**kw, lr_rule="linear", optimizer=opt)
+    saved.step(_estimate(256.0))
+    assert (saved.batch_size, saved.lr_factor) == (256, 8.0)
+    state = json.loads(json.dumps(saved.state_dict()))
+
+    def fresh(**more):
+        q = nn.Parameter(torch.zeros(1))
+        o = torch.optim.SGD([q], lr=0.1)
+        return _controller(**{**kw, "optimizer": o, **more}), o
+
+    sqrt, o = fresh(lr_rule="sqrt")
+    with pytest.raises(NoiseScaleInputError, match=r"lr_rule='linear' there, 'sqrt' here"):
+        sqrt.load_state_dict(state)
+    assert sqrt.lr_factor == 1.0 and o.param_groups[0]["lr"] == 0.1  # left as it was
+    based, _ = fresh(lr_rule="linear", base_batch_size=128, batch_size=128)
+    with pytest.raises(NoiseScaleInputError, match=r"base_batch_size=32 there, 128 here"):
+        based.load_state_dict(state)
+    paper = json.loads(json.dumps(_controller(**kw, lr_rule="paper", b_star=64.0).state_dict()))
+    with pytest.raises(NoiseScaleInputError, match=r"b_star=64\.0 there, 128\.0 here"):
+        _controller(**kw, lr_rule="paper", b_star=128.0).load_state_dict(paper)
+    # the same rule resumes at the saved factor, with other bounds or targets too
+    same, o = fresh(lr_rule="linear", max_batch_size=2048, factor=2.0)
+    same.load_state_dict(state)
+    assert (same.batch_size, same.lr_factor) == (256, 8.0)
+    assert o.param_groups[0]["lr"] == pytest.approx(0.8)
+    # what does not change a number is not compared (α under "linear"; B₀ under "none")
+    fresh(lr_rule="linear", alpha=0.5)[0].load_state_dict(state)
+    none = json.loads(json.dumps(_controller(**kw).state_dict()))
+    _controller(**kw, base_batch_size=64).load_state_dict(none)
+    # a checkpoint written before the configuration was saved cannot be checked: accepted
+    old = {k: v for k, v in state.items() if k != "config"}
+    fresh(lr_rule="linear")[0].load_state_dict(old)
+
+
+def test_another_ramps_checkpoint_is_refused():
+    """A ramp restored from another ramp's state held its batch (8 where the new ramp says 16)."""
+    a = BatchSizeRamp.linear(8, 64, 1000, micro_batch_size=8)
+    for _ in range(5):
+        a.step()
+    state = json.loads(json.dumps(a.state_dict()))
+    b = BatchSizeRamp.linear(16, 64, 1000, micro_batch_size=8)
+    with pytest.raises(NoiseScaleInputError, match=r"points=.* there, .* here"):
+        b.load_state_dict(state)
+    assert b.batch_size == 16 and b.state.step == 0
+    stepwise = BatchSizeRamp.stepwise([(0, 8), (1000, 64)], micro_batch_size=8)
+    with pytest.raises(NoiseScaleInputError, match="interpolate=True there, False here"):
+        stepwise.load_state_dict(state)
+    p = nn.Parameter(torch.zeros(1))
+    sqrt = BatchSizeRamp.linear(8, 64, 1000, micro_batch_size=8, lr_rule="sqrt",
+                                optimizer=torch.optim.SGD([p], lr=0.1))  # fmt: skip
+    with pytest.raises(NoiseScaleInputError, match="lr_rule='none' there, 'sqrt' here"):
+        sqrt.load_state_dict(state)
+    same = BatchSizeRamp.linear(8, 64, 1000, micro_batch_size=8)
+    same.load_state_dict(state)
+    assert same.state == a.state

@@ -43,6 +43,7 @@ Typical loop::
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -597,6 +598,38 @@ class _Realisation:
             return None
         return [float(g["lr"]) for g in self.optimizer.param_groups]
 
+    def _config(self) -> dict[str, Any]:
+        """What fixes the learning-rate factor (and for a ramp, the batch): saved with the state
+        so that a checkpoint is restored only into a schedule that computes the same numbers."""
+        return {
+            "lr_rule": self.lr_rule,
+            "base_batch_size": self.base_batch_size,
+            "alpha": self.alpha,
+            "b_star": self.b_star,
+        }
+
+    def _check_config(self, state: dict[str, Any]) -> None:
+        saved = state.get("config")
+        if saved is None:  # a checkpoint from before the configuration was saved
+            return
+        mine = json.loads(json.dumps(self._config()))  # as a JSON round trip gives it back
+        # only what changes the numbers: the base batch not under "none", α and B* only under
+        # "paper"
+        rules = {mine["lr_rule"], saved.get("lr_rule", mine["lr_rule"])}
+        ignore = set() if rules - {"none"} else {"base_batch_size"}
+        if "paper" not in rules:
+            ignore |= {"alpha", "b_star"}
+        differ = [k for k in mine if k in saved and k not in ignore and saved[k] != mine[k]]
+        if differ:
+            # the saved lr_factor (and lrs) belong to the checkpoint's rule: loading them here
+            # would train at the old rate until the next decision (a ramp: at the old batch)
+            what = ", ".join(f"{k}={saved[k]!r} there, {mine[k]!r} here" for k in differ)
+            raise NoiseScaleInputError(
+                f"the checkpoint was written by a {type(self).__name__} configured differently "
+                f"({what}); construct the schedule with the checkpoint's settings to resume it, "
+                "or start a new schedule without load_state_dict"
+            )
+
     def _load_common(self, state: dict[str, Any]) -> None:
         if int(state["micro_batch_size"]) != self.micro_batch_size:
             raise NoiseScaleInputError(
@@ -858,6 +891,7 @@ class AdaptiveBatchSize(_Realisation):
         return {
             "kind": "AdaptiveBatchSize",
             "micro_batch_size": self.micro_batch_size,
+            "config": self._config(),
             "state": self._state._asdict(),
             "lrs": self._lrs(),
             "history": [dict(h) for h in self.history],
@@ -868,12 +902,16 @@ class AdaptiveBatchSize(_Realisation):
 
         Raises:
             NoiseScaleInputError: the saved batch size lies outside this schedule's bounds (a
-                resumed job on a smaller device): it would be used until the next decision.
+                resumed job on a smaller device): it would be used until the next decision; or
+                the checkpoint's learning-rate rule, ``base_batch_size``, ``alpha`` or
+                ``b_star`` differ from this schedule's: its saved factor and rates would be
+                used until the next decision.
         """
         if state.get("kind") != "AdaptiveBatchSize":
             raise NoiseScaleInputError(
                 f"not an AdaptiveBatchSize state (kind={state.get('kind')!r})"
             )
+        self._check_config(state)
         saved = AdaptiveBatchSizeState(**state["state"])
         if not self.min_batch_size <= saved.batch_size <= self.max_batch_size:
             # it would train at that batch (and its learning rate) until the next decision
@@ -1015,14 +1053,29 @@ class BatchSizeRamp(_Realisation):
         return {
             "kind": "BatchSizeRamp",
             "micro_batch_size": self.micro_batch_size,
+            "config": self._config(),
             "state": self._state._asdict(),
             "lrs": self._lrs(),
             "history": [dict(h) for h in self.history],
         }
 
+    def _config(self) -> dict[str, Any]:
+        return {
+            **super()._config(),
+            "points": [[x, b] for x, b in self.points],
+            "interpolate": self.interpolate,
+        }
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the optimizer's learning rates are set to the saved ones."""
+        """Restore :meth:`state_dict`; the optimizer's learning rates are set to the saved ones.
+
+        Raises:
+            NoiseScaleInputError: the checkpoint was written by a ramp with other knots,
+                interpolation, learning-rate rule, ``base_batch_size``, ``alpha`` or ``b_star``:
+                its saved batch and rate are not this ramp's.
+        """
         if state.get("kind") != "BatchSizeRamp":
             raise NoiseScaleInputError(f"not a BatchSizeRamp state (kind={state.get('kind')!r})")
+        self._check_config(state)
         self._state = BatchSizeRampState(**state["state"])
         self._load_common(state)
