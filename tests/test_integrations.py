@@ -1256,3 +1256,60 @@ def test_a_compute_loss_override_over_tokens_is_weighed_by_the_trainer_s_divisor
         )  # fmt: skip
         # (the model's own causal-LM loss computes in float32: its weights round at 1e-7)
         _assert_same_record(got, want, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_adaptive_batch_is_global_under_ddp(tmp_path):
+    """2 CPU processes (torchrun, gloo): a schedule counts global examples, like B_simple and the
+    tracker's example count, under Lightning's DDP strategy and in a plain DDP loop.
+
+    With the per-process micro-batch (4) as the Lightning docstring asked, the global batch was
+    twice the schedule's (56 against a target of 29, the hunt's repro): such a schedule is now
+    refused when training starts. With the global one (4 × 2 = 8) every step runs the
+    schedule's batch over both processes, and the schedule's example count is the tracker's.
+    """
+    pytest.importorskip("lightning")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from noisescale.schedule import quantized_batch_size
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    worker = Path(__file__).with_name("ddp_schedule_worker.py")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(port), str(worker), str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=DDP_TIMEOUT_S, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    micro, world, per_process = 8, 2, 4
+
+    for rank in ranks:
+        lit = rank["lightning"]
+        assert lit["world_size"] == world
+        for local, k in lit["rows"]:
+            assert local == k * per_process and world * local == k * micro  # the global batch
+        assert sum(world * local for local, _ in lit["rows"]) == lit["schedule_examples"]
+        assert lit["schedule_examples"] == lit["tracker_examples"]
+        last = lit["history"][-1]
+        assert lit["batch_size"] == quantized_batch_size(last["target"], micro, micro, 256) > micro
+        assert world * lit["rows"][-1][0] == lit["batch_size"]  # the target, not twice it
+
+        refused = rank["lightning_refused"]["error"]
+        assert "micro_batch_size is 4" in refused and "micro-batch is 8 examples" in refused
+
+        plain = rank["plain"]
+        for (local, batch), tracked in zip(plain["rows"], plain["tracked"], strict=True):
+            assert world * local == batch == tracked
+        assert plain["schedule_examples"] == plain["tracker_examples"] == sum(plain["tracked"])
+        assert plain["batch_size"] == quantized_batch_size(plain["b_simple"], micro, micro, 256)
+        assert len({b for _, b in plain["rows"]}) > 1  # the batch changed
+    assert ranks[0]["lightning"]["rows"] == ranks[1]["lightning"]["rows"]
+    assert ranks[0]["plain"]["rows"] == ranks[1]["plain"]["rows"]

@@ -24,6 +24,11 @@ follows a rule (:data:`LR_RULES`) and is written into ``param_group["lr"]`` as a
 relative to the rate tuned at ``base_batch_size``; the optimizer's state (momentum, Adam
 moments) is left as it is.
 
+Under data parallelism batch sizes count global examples, like B_simple and the tracker's
+example count: ``micro_batch_size`` is the per-process micro-batch × the number of processes,
+and each process accumulates :attr:`~AdaptiveBatchSize.num_micro_batches` of its own
+micro-batches (the Lightning and Hugging Face callbacks check this convention).
+
 Typical loop::
 
     tracker = GradientNoiseTracker(model)
