@@ -10,6 +10,8 @@ process writes ``OUT/<rank>.json``:
   ran and the accumulation in effect; the schedule's and the tracker's totals.
 * ``lightning_refused``: the same with the per-process micro-batch (4), which made the global
   batch twice the schedule's until 2026-12-05 (a helper found): the error message.
+* ``transformers``: the Trainer (DDP over gloo under torchrun) with ``NoiseScaleCallback(ramp)``,
+  the ramp's micro-batch the global one (8 per device × 2): each step's big batch and rate.
 * ``plain``: a plain DDP loop (``no_sync`` for all but the last micro-batch), the same record.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -28,7 +31,7 @@ from torch import nn
 
 from noisescale import GradientNoiseTracker
 from noisescale.errors import NoiseScaleInputError
-from noisescale.schedule import AdaptiveBatchSize
+from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp
 
 PER_PROCESS = 4
 STEPS = 40
@@ -153,10 +156,41 @@ def _plain(micro: int) -> dict:
     }
 
 
+def _transformers(out: Path) -> dict:
+    import transformers
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from noisescale.integrations.transformers import NoiseScaleCallback
+    from test_integrations import MICRO, _hf_args, _HFDataset, _HFModel
+
+    world = int(os.environ["WORLD_SIZE"])  # torchrun's; the Trainer starts the process group
+    # global examples: 16 per step until 32 are consumed, then 32 (linear rule, tuned at 16)
+    ramp = BatchSizeRamp.stepwise(
+        [(0, MICRO * world), (2 * MICRO * world, 2 * MICRO * world)],
+        micro_batch_size=MICRO * world,
+        lr_rule="linear",
+        base_batch_size=MICRO * world,
+    )
+    callback = NoiseScaleCallback(ramp, sync_every=1, per_example_fraction=1.0)
+    args = _hf_args(out / "hf", gradient_accumulation_steps=1, max_steps=-1, num_train_epochs=2)
+    trainer = transformers.Trainer(
+        model=_HFModel(), args=args, train_dataset=_HFDataset(), callbacks=[callback]
+    )
+    trainer.train()
+    assert callback.tracker is not None
+    return {
+        "world_size": int(args.world_size),
+        "steps": [(h["b_big"], h["lr"]) for h in callback.tracker.history if "b_big" in h],
+        "ramp_examples": ramp.state.examples,
+        "tracker_examples": callback.tracker.examples,
+    }
+
+
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    results = {"lightning": _lightning(2 * PER_PROCESS)}
+    results = {"transformers": _transformers(out)}
+    results["lightning"] = _lightning(2 * PER_PROCESS)
     results["lightning_refused"] = _lightning(PER_PROCESS)
     results["plain"] = _plain(2 * PER_PROCESS)
     rank = torch.distributed.get_rank()
