@@ -630,8 +630,8 @@ class _Realisation:
             # would train at the old rate until the next decision (a ramp: at the old batch)
             what = ", ".join(f"{k}={saved[k]!r} there, {mine[k]!r} here" for k in differ)
             raise NoiseScaleInputError(
-                f"the checkpoint was written by a {type(self).__name__} configured differently "
-                f"({what}); construct the schedule with the checkpoint's settings to resume it, "
+                f"the checkpoint was written by a schedule configured differently ({what}); "
+                "construct the schedule with the checkpoint's settings to resume it, "
                 "or start a new schedule without load_state_dict"
             )
 
@@ -699,8 +699,8 @@ class AdaptiveBatchSize(_Realisation):
             batch). If it differs from the start, the learning rate is rescaled at once (for
             rules that need a measurement, at the first decision).
         alpha: α of eq. A.3 for ``lr_rule="paper"``.
-        b_star: B* of eq. A.3 for ``lr_rule="paper"``; ``None`` uses the measured B_simple at
-            each decision (with α = 1 that is eq. 2.6).
+        b_star: B* of eq. A.3 for ``lr_rule="paper"``, in examples; ``None`` uses the measured
+            B_simple (in examples) at each decision (with α = 1 that is eq. 2.6).
         optimizer: Whose ``param_group["lr"]`` to write (``None``: compute only; read
             :attr:`lr_factor`).
         lr_schedulers: Schedulers to scale along, so that they keep the factor (the kinds
