@@ -279,6 +279,46 @@ def test_lightning_applies_schedule_at_legal_step_boundaries():
 
 @needs_lightning
 @pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_refuses_a_schedule_it_cannot_realise_or_scale():
+    """Refused when training starts, before a step: a micro-batch other than the dataloader's
+    batch × processes (the schedule counts global examples), and, under a learning-rate rule, a
+    scheduler whose rates scale_lr cannot scale (the factor would be lost at its next step)."""
+    ramp = BatchSizeRamp.stepwise([(0, 16), (32, 32)], micro_batch_size=16)
+    with pytest.raises(NoiseScaleInputError, match=r"micro_batch_size is 16 .* 8 examples"):
+        _lit_trainer(LightningCallback(ramp, log_every=0), max_steps=2).fit(_lit_model(), _loader())
+
+    class Own(torch.optim.lr_scheduler.LRScheduler):
+        def get_lr(self):
+            return [0.1 / (1 + self.last_epoch) for _ in self.optimizer.param_groups]
+
+    def with_scheduler(make):
+        model = _lit_model()
+
+        def configure_optimizers():
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": make(opt), "interval": "step"}}
+
+        model.configure_optimizers = configure_optimizers
+        return model
+
+    sqrt = BatchSizeRamp.stepwise([(0, 8), (24, 16)], micro_batch_size=MICRO, lr_rule="sqrt")
+    trainer = _lit_trainer(LightningCallback(sqrt, log_every=0), max_steps=2)
+    with pytest.raises(NoiseScaleInputError, match="cannot scale the learning rate of a Own"):
+        trainer.fit(with_scheduler(Own), _loader())
+    assert sqrt.state.step == 0
+    # a supported one runs, with the factor through the scheduler: √2 from step 5 on
+    sqrt = BatchSizeRamp.stepwise([(0, 8), (24, 16)], micro_batch_size=MICRO, lr_rule="sqrt",
+                                  base_batch_size=8)  # fmt: skip
+    callback = LightningCallback(sqrt, sync_every=1, log_every=0)
+    trainer = _lit_trainer(callback, max_steps=8)
+    trainer.fit(with_scheduler(lambda o: torch.optim.lr_scheduler.StepLR(o, 2, 0.5)), _loader())
+    lrs = [h["lr"] for h in callback.tracker.history]
+    want = [0.1 * 0.5 ** (i // 2) * (math.sqrt(2) if i >= 4 else 1.0) for i in range(8)]
+    assert lrs == pytest.approx(want)
+
+
+@needs_lightning
+@pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("fraction", [1.0, 1 / 16])
 def test_lightning_adaptive_resume_continues_batch_and_lr(tmp_path, fraction):
     def make_callback() -> LightningCallback:
@@ -1256,3 +1296,68 @@ def test_a_compute_loss_override_over_tokens_is_weighed_by_the_trainer_s_divisor
         )  # fmt: skip
         # (the model's own causal-LM loss computes in float32: its weights round at 1e-7)
         _assert_same_record(got, want, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_adaptive_batch_is_global_under_ddp(tmp_path):
+    """2 CPU processes (torchrun, gloo): a schedule counts global examples, like B_simple and the
+    tracker's example count, under Lightning's DDP strategy, the Hugging Face Trainer and in a
+    plain DDP loop.
+
+    With the per-process micro-batch (4) as the Lightning docstring asked, the global batch was
+    twice the schedule's (56 against a target of 29, the hunt's repro): such a schedule is now
+    refused when training starts. With the global one (4 × 2 = 8) every step runs the
+    schedule's batch over both processes, and the schedule's example count is the tracker's.
+    """
+    pytest.importorskip("lightning")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from noisescale.schedule import quantized_batch_size
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    worker = Path(__file__).with_name("ddp_schedule_worker.py")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(port), str(worker), str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=DDP_TIMEOUT_S, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    micro, world, per_process = 8, 2, 4
+
+    for rank in ranks:
+        lit = rank["lightning"]
+        assert lit["world_size"] == world
+        for local, k in lit["rows"]:
+            assert local == k * per_process and world * local == k * micro  # the global batch
+        assert sum(world * local for local, _ in lit["rows"]) == lit["schedule_examples"]
+        assert lit["schedule_examples"] == lit["tracker_examples"]
+        last = lit["history"][-1]
+        assert lit["batch_size"] == quantized_batch_size(last["target"], micro, micro, 256) > micro
+        assert world * lit["rows"][-1][0] == lit["batch_size"]  # the target, not twice it
+
+        refused = rank["lightning_refused"]["error"]
+        assert "micro_batch_size is 4" in refused and "micro-batch is 8 examples" in refused
+
+        # the Trainer, global micro-batch 8 × 2: a ramp 16 → 32 after 32 examples, applied at
+        # the epoch's 2nd step boundary (6 micro-batches per process: 1 + 1 + 2 + 2, then 2 × 3)
+        hf = rank["transformers"]
+        assert hf["world_size"] == world
+        assert hf["steps"] == [[16.0, 0.1]] * 2 + [[32.0, 0.2]] * 5
+        assert hf["ramp_examples"] == hf["tracker_examples"] == 2 * 96  # two epochs
+
+        plain = rank["plain"]
+        for (local, batch), tracked in zip(plain["rows"], plain["tracked"], strict=True):
+            assert world * local == batch == tracked
+        assert plain["schedule_examples"] == plain["tracker_examples"] == sum(plain["tracked"])
+        assert plain["batch_size"] == quantized_batch_size(plain["b_simple"], micro, micro, 256)
+        assert len({b for _, b in plain["rows"]}) > 1  # the batch changed
+    assert ranks[0]["lightning"]["rows"] == ranks[1]["lightning"]["rows"]
+    assert ranks[0]["plain"]["rows"] == ranks[1]["plain"]["rows"]

@@ -475,3 +475,303 @@ def test_stepwise_ramp_in_tokens_resumes():
     assert ramp.lr_factor == 1.0 and ramp.num_micro_batches == 16
     with pytest.raises(NoiseScaleInputError, match="kind"):
         ramp.load_state_dict(_controller().state_dict())
+
+
+# -- regressions found by the schedule hunt (2026-12-05) -------------------------------------------
+
+
+@pytest.mark.parametrize("setting", [{"exchange_rate": math.inf}, {"factor": math.inf}])
+def test_infinite_exchange_rate_or_factor_is_refused_at_construction(setting):
+    """inf > 0 passed the constructor's check; the first decision then raised OverflowError
+    (cannot convert float infinity to integer) in the middle of the run."""
+    with pytest.raises(NoiseScaleInputError, match="finite"):
+        AdaptiveBatchSize(micro_batch_size=8, max_batch_size=64, interval=1, **setting)
+    with pytest.raises(NoiseScaleInputError, match="finite"):
+        target_batch_size(50.0, **setting)
+    for bad in (math.nan, -1.0, 0.0):
+        with pytest.raises(NoiseScaleInputError):
+            target_batch_size(50.0, **{next(iter(setting)): bad})
+
+
+def test_loss_divisor_is_one_with_a_batch_sampler():
+    """With a batch sampler the loop runs one backward pass over the whole batch of 64: the
+    mean loss needs no division (it returned 64/8 = 8, a gradient 8× too small)."""
+    sampler = ResizableBatchSampler(1000, 8)
+    c = AdaptiveBatchSize(micro_batch_size=8, max_batch_size=256, batch_size=64, factor=1.0,
+                          batch_sampler=sampler)  # fmt: skip
+    assert sampler.batch_size == 64 and c.loss_divisor == 1 and c.num_micro_batches == 8
+    # the divided loss's gradient equals the whole batch's mean-loss gradient
+    w = nn.Parameter(torch.tensor([0.5, -1.0]))
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    ((x @ w - y) ** 2).mean().div(c.loss_divisor).backward()
+    want = 2 * x.T @ (x @ w.detach() - y) / 64
+    assert torch.allclose(w.grad, want)
+    # accumulation without a sampler keeps dividing by the micro-batch count
+    assert AdaptiveBatchSize(micro_batch_size=8, max_batch_size=256, batch_size=64,
+                             factor=1.0).loss_divisor == 8  # fmt: skip
+
+
+def _token_estimate(b_tokens: float, t: float, g2: float = 1.0, **kw) -> NoiseEstimate:
+    """An estimate in tokens (a token-mean loss): B_simple = tr Σ/|G|² tokens, T tokens each."""
+    half = 0.05 * b_tokens
+    return NoiseEstimate(g2, b_tokens * g2, b_tokens, b_tokens - half, b_tokens + half,
+                         unit="tokens", tokens_per_example=t, **kw)  # fmt: skip
+
+
+def test_an_estimate_in_tokens_is_converted_to_examples():
+    """With a per-token loss B_simple is in tokens while the batch counts sequences: B_simple =
+    2048 tokens at T = 32 tokens per sequence is 64 sequences, so factor=1 aims at 64 (it aimed
+    at 2048 sequences, T× too large)."""
+    c = _controller(micro_batch_size=8, max_batch_size=8192, factor=1.0, exchange_rate=None,
+                    interval=1)  # fmt: skip
+    c.step(_token_estimate(2048.0, 32.0))
+    assert c.batch_size == 64
+    assert c.history[-1]["b_simple"] == pytest.approx(64.0)
+    assert c.history[-1]["target"] == pytest.approx(64.0)
+    # B = √(r·B_simple) with B_simple in examples: √(100·64) = 80
+    r = _controller(micro_batch_size=8, max_batch_size=8192, interval=1)
+    r.step(_token_estimate(2048.0, 32.0))
+    assert r.batch_size == 80
+
+
+@pytest.mark.parametrize("rule", ["paper", "adascale"])
+def test_measured_lr_rules_use_the_estimate_in_examples(rule):
+    """The rules "paper" (measured B* = B_simple) and "adascale" (σ² = tr Σ/B₀) need B_simple and
+    tr Σ in the batch's unit: B* = 1024 tokens / 16 = 64 sequences, tr Σ = 1024/16 = 64."""
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    c = _controller(micro_batch_size=8, max_batch_size=8192, factor=2.0, exchange_rate=None,
+                    interval=1, lr_rule=rule, optimizer=opt)  # fmt: skip
+    c.step(_token_estimate(1024.0, 16.0))
+    assert c.batch_size == 128  # 2 × 64
+    if rule == "paper":
+        want = (1 + 64 / 8) / (1 + 64 / 128)  # eq. A.3 with α = 1 at B₀ = 8
+    else:
+        sigma2, mu2 = 64.0 / 8, 1.0
+        want = (sigma2 + mu2) / (sigma2 / 16 + mu2)
+    assert c.lr_factor == pytest.approx(want)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * want)
+
+
+def test_an_estimate_in_tokens_without_a_token_count_is_refused():
+    c = _controller(micro_batch_size=8, max_batch_size=8192, interval=1)
+    with pytest.raises(NoiseScaleInputError, match=r"tokens_per_example=.*count_tokens"):
+        c.step(_token_estimate(2048.0, math.nan))
+    assert c.batch_size == 8 and c.state.changes == 0
+    # one not yet available is waited on, as in examples
+    c.step(NoiseEstimate(math.nan, math.nan, math.nan, unit="tokens"))
+    assert c.history[-1]["action"] == "wait: no estimate yet"
+
+
+def test_a_token_mean_tracker_drives_the_batch_in_sequences():
+    """End to end with a real tracker and a token-mean loss (T = 32 tokens per sequence): the
+    batch follows B_simple in sequences (the tracker's own conversion), not in tokens."""
+    torch.manual_seed(0)
+    vocab, t, micro = 16, 32, 8
+    model = nn.Sequential(nn.Embedding(vocab, 16), nn.Linear(16, vocab))
+    tracker = GradientNoiseTracker(model, beta=0.9, loss_reduction="token_mean")
+    c = AdaptiveBatchSize(micro_batch_size=micro, max_batch_size=8192, factor=1.0, interval=20,
+                          max_relative_width=math.inf, hysteresis=1.0)  # fmt: skip
+    for _ in range(40):
+        for _ in range(c.num_micro_batches):
+            x = torch.randint(0, vocab, (micro, t))
+            y = (x + torch.randint(0, 3, (micro, t))) % vocab
+            loss = F.cross_entropy(model(x).reshape(-1, vocab), y.reshape(-1))
+            tracker.count_tokens(y)
+            (loss / c.loss_divisor).backward()
+        tracker.step()
+        model.zero_grad()
+        c.step(tracker)
+    e = tracker.estimate()
+    assert e.unit == "tokens" and e.tokens_per_example == t
+    want = quantized_batch_size(e.to("examples").b_simple, micro, micro, 8192)
+    decided = c.history[-1]
+    assert decided["b_simple"] == pytest.approx(e.b_simple / t)
+    assert c.batch_size == quantized_batch_size(decided["target"], micro, micro, 8192)
+    assert c.batch_size <= 4 * micro and want <= 4 * micro  # B_simple ≈ 1.7 sequences, not 55
+
+
+_L = torch.optim.lr_scheduler
+_SCHEDULERS = {
+    "LambdaLR": lambda o: _L.LambdaLR(o, lambda s: 1 / (1 + s)),
+    "MultiplicativeLR": lambda o: _L.MultiplicativeLR(o, lambda s: 0.95),
+    "StepLR": lambda o: _L.StepLR(o, 2, 0.5),
+    "MultiStepLR": lambda o: _L.MultiStepLR(o, [4, 7], 0.5),
+    "ConstantLR": lambda o: _L.ConstantLR(o, 0.5, total_iters=6),
+    "LinearLR": lambda o: _L.LinearLR(o, 0.1, 1.0, 5),
+    "ExponentialLR": lambda o: _L.ExponentialLR(o, 0.9),
+    "PolynomialLR": lambda o: _L.PolynomialLR(o, 10, 2.0),
+    "CosineAnnealingLR": lambda o: _L.CosineAnnealingLR(o, 10),
+    "CosineAnnealingWarmRestarts": lambda o: _L.CosineAnnealingWarmRestarts(o, 4),
+    "OneCycleLR": lambda o: _L.OneCycleLR(o, max_lr=1.0, total_steps=20),
+    "CyclicLR": lambda o: _L.CyclicLR(o, 0.1, 1.0, step_size_up=3),
+    "ReduceLROnPlateau": lambda o: _L.ReduceLROnPlateau(o, factor=0.5, patience=0, min_lr=0.05),
+    "SequentialLR(warm-up, cosine)": lambda o: _L.SequentialLR(
+        o, [_L.LinearLR(o, 0.1, 1.0, 5), _L.CosineAnnealingLR(o, 20)], milestones=[5]
+    ),
+    "SequentialLR(constant, step)": lambda o: _L.SequentialLR(
+        o, [_L.ConstantLR(o, 0.5, total_iters=5), _L.StepLR(o, 3, 0.5)], milestones=[5]
+    ),
+    "SequentialLR(warm-up, one-cycle)": lambda o: _L.SequentialLR(
+        o, [_L.LinearLR(o, 0.1, 1.0, 4), _L.OneCycleLR(o, max_lr=1.0, total_steps=20)], [4]
+    ),
+    "ChainedScheduler": lambda o: _L.ChainedScheduler(
+        [_L.ConstantLR(o, 0.5, total_iters=4), _L.ExponentialLR(o, 0.9)]
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(_SCHEDULERS))
+def test_scale_lr_factor_holds_through_every_supported_scheduler(name):
+    """scale_lr(4) at step 3, then 13 more scheduler steps (past every milestone, cycle and
+    plateau floor): the rate is 4× the unscaled run's at every step. OneCycleLR lost the factor
+    at the next step, CyclicLR kept 1.14–4×, SequentialLR lost it at the milestone and
+    ReduceLROnPlateau at its min_lr floor."""
+    import warnings
+
+    runs = []
+    for scaled in (False, True):
+        p = nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=0.5, momentum=0.9)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sched = _SCHEDULERS[name](opt)
+            lrs = []
+            for step in range(16):
+                if scaled and step == 3:
+                    scale_lr(opt, 4.0, [sched])
+                lrs.append(opt.param_groups[0]["lr"])
+                opt.step()
+                if isinstance(sched, _L.ReduceLROnPlateau):
+                    sched.step(1.0)  # no improvement: halve, down to the floor
+                else:
+                    sched.step()
+        runs.append(lrs)
+    plain, scaled_run = runs
+    assert scaled_run[:3] == plain[:3]
+    assert scaled_run[3:] == pytest.approx([4 * lr for lr in plain[3:]], rel=1e-9, abs=1e-12)
+
+
+def test_adaptive_schedule_keeps_its_factor_past_a_sequential_milestone():
+    """End to end: lr_rule="linear" at batch 256 from 32 (factor 8) with warm-up → cosine; after the
+    milestone the rate was 0.1 (the factor dropped) where 8 × the cosine's ≈ 0.8 is right."""
+    import warnings
+
+    lrs = {}
+    for factor in (None, 1.0):
+        p = nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=0.1)
+        seq = _L.SequentialLR(opt, [_L.LinearLR(opt, 0.1, 1.0, 5), _L.CosineAnnealingLR(opt, 100)],
+                              milestones=[5])  # fmt: skip
+        ab = None
+        if factor is not None:
+            ab = AdaptiveBatchSize(micro_batch_size=32, max_batch_size=1024, factor=factor,
+                                   interval=2, lr_rule="linear", optimizer=opt,
+                                   lr_schedulers=[seq])  # fmt: skip
+        got = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(10):
+                opt.step()
+                seq.step()
+                if ab is not None:
+                    ab.step(_estimate(256.0))
+                got.append(opt.param_groups[0]["lr"])
+        lrs[factor] = got
+        if ab is not None:
+            assert ab.batch_size == 256 and ab.lr_factor == 8.0
+    assert lrs[1.0][1:] == pytest.approx([8 * lr for lr in lrs[None][1:]])
+    assert lrs[1.0][-1] == pytest.approx(0.8, rel=0.01)
+
+
+class _OwnScheduler(torch.optim.lr_scheduler.LRScheduler):
+    """A scheduler whose rates noisescale cannot know to follow a factor."""
+
+    def __init__(self, optimizer):
+        self.peak = 1.0
+        super().__init__(optimizer)
+
+    def get_lr(self):
+        return [self.peak / (1 + self.last_epoch) for _ in self.optimizer.param_groups]
+
+
+def test_an_unsupported_scheduler_is_refused_before_anything_is_written():
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.5)
+    own = _OwnScheduler(opt)
+    before = opt.param_groups[0]["lr"]
+    with pytest.raises(NoiseScaleInputError, match=r"_OwnScheduler.*LambdaLR"):
+        scale_lr(opt, 4.0, [_L.StepLR(opt, 2), own])
+    assert opt.param_groups[0]["lr"] == before
+    with pytest.raises(NoiseScaleInputError, match="_OwnScheduler"):  # inside a container too
+        scale_lr(opt, 4.0, [_L.SequentialLR(opt, [_L.StepLR(opt, 2), own], milestones=[2])])
+    with pytest.raises(NoiseScaleInputError, match="_OwnScheduler"):  # at construction
+        _controller(lr_rule="linear", optimizer=opt, lr_schedulers=[own])
+    with pytest.raises(NoiseScaleInputError, match="_OwnScheduler"):
+        BatchSizeRamp.linear(16, 64, 100, micro_batch_size=16, lr_rule="sqrt", optimizer=opt,
+                             lr_schedulers=[own])  # fmt: skip
+    _controller(lr_rule="none", optimizer=opt, lr_schedulers=[own])  # never scales: accepted
+
+
+def test_checkpoint_of_another_lr_rule_or_base_is_refused():
+    """A "linear" checkpoint at batch 256 (factor 256/32 = 8, lr 0.8) loaded into a "sqrt" schedule
+    kept factor 8 and lr 0.8 where √8 = 2.83 and 0.283 are right, until the next decision."""
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    kw = dict(micro_batch_size=32, max_batch_size=1024, factor=1.0, exchange_rate=None, interval=1)
+    saved = _controller(**kw, lr_rule="linear", optimizer=opt)
+    saved.step(_estimate(256.0))
+    assert (saved.batch_size, saved.lr_factor) == (256, 8.0)
+    state = json.loads(json.dumps(saved.state_dict()))
+
+    def fresh(**more):
+        q = nn.Parameter(torch.zeros(1))
+        o = torch.optim.SGD([q], lr=0.1)
+        return _controller(**{**kw, "optimizer": o, **more}), o
+
+    sqrt, o = fresh(lr_rule="sqrt")
+    with pytest.raises(NoiseScaleInputError, match=r"lr_rule='linear' there, 'sqrt' here"):
+        sqrt.load_state_dict(state)
+    assert sqrt.lr_factor == 1.0 and o.param_groups[0]["lr"] == 0.1  # left as it was
+    based, _ = fresh(lr_rule="linear", base_batch_size=128, batch_size=128)
+    with pytest.raises(NoiseScaleInputError, match=r"base_batch_size=32 there, 128 here"):
+        based.load_state_dict(state)
+    paper = json.loads(json.dumps(_controller(**kw, lr_rule="paper", b_star=64.0).state_dict()))
+    with pytest.raises(NoiseScaleInputError, match=r"b_star=64\.0 there, 128\.0 here"):
+        _controller(**kw, lr_rule="paper", b_star=128.0).load_state_dict(paper)
+    # the same rule resumes at the saved factor, with other bounds or targets too
+    same, o = fresh(lr_rule="linear", max_batch_size=2048, factor=2.0)
+    same.load_state_dict(state)
+    assert (same.batch_size, same.lr_factor) == (256, 8.0)
+    assert o.param_groups[0]["lr"] == pytest.approx(0.8)
+    # what does not change a number is not compared (α under "linear"; B₀ under "none")
+    fresh(lr_rule="linear", alpha=0.5)[0].load_state_dict(state)
+    none = json.loads(json.dumps(_controller(**kw).state_dict()))
+    _controller(**kw, base_batch_size=64).load_state_dict(none)
+    # a checkpoint written before the configuration was saved cannot be checked: accepted
+    old = {k: v for k, v in state.items() if k != "config"}
+    fresh(lr_rule="linear")[0].load_state_dict(old)
+
+
+def test_another_ramps_checkpoint_is_refused():
+    """A ramp restored from another ramp's state held its batch (8 where the new ramp says 16)."""
+    a = BatchSizeRamp.linear(8, 64, 1000, micro_batch_size=8)
+    for _ in range(5):
+        a.step()
+    state = json.loads(json.dumps(a.state_dict()))
+    b = BatchSizeRamp.linear(16, 64, 1000, micro_batch_size=8)
+    with pytest.raises(NoiseScaleInputError, match=r"points=.* there, .* here"):
+        b.load_state_dict(state)
+    assert b.batch_size == 16 and b.state.step == 0
+    stepwise = BatchSizeRamp.stepwise([(0, 8), (1000, 64)], micro_batch_size=8)
+    with pytest.raises(NoiseScaleInputError, match="interpolate=True there, False here"):
+        stepwise.load_state_dict(state)
+    p = nn.Parameter(torch.zeros(1))
+    sqrt = BatchSizeRamp.linear(8, 64, 1000, micro_batch_size=8, lr_rule="sqrt",
+                                optimizer=torch.optim.SGD([p], lr=0.1))  # fmt: skip
+    with pytest.raises(NoiseScaleInputError, match="lr_rule='none' there, 'sqrt' here"):
+        sqrt.load_state_dict(state)
+    same = BatchSizeRamp.linear(8, 64, 1000, micro_batch_size=8)
+    same.load_state_dict(state)
+    assert same.state == a.state

@@ -19,9 +19,15 @@ Both realise the batch with gradient accumulation: the micro-batch is fixed and
 :attr:`~AdaptiveBatchSize.num_micro_batches` says how many the next optimizer step accumulates
 (divide each micro-batch's mean loss by :attr:`~AdaptiveBatchSize.loss_divisor`); or a
 :class:`ResizableBatchSampler` hands a ``DataLoader`` whole batches whose size changes between
-iterations. The learning rate follows a rule (:data:`LR_RULES`) and is written into
-``param_group["lr"]`` as a factor relative to the rate tuned at ``base_batch_size``; the
-optimizer's state (momentum, Adam moments) is left as it is.
+iterations (one backward pass per step; ``loss_divisor`` is then 1). The learning rate
+follows a rule (:data:`LR_RULES`) and is written into ``param_group["lr"]`` as a factor
+relative to the rate tuned at ``base_batch_size``; the optimizer's state (momentum, Adam
+moments) is left as it is.
+
+Under data parallelism batch sizes count global examples, like B_simple and the tracker's
+example count: ``micro_batch_size`` is the per-process micro-batch × the number of processes,
+and each process accumulates :attr:`~AdaptiveBatchSize.num_micro_batches` of its own
+micro-batches (the Lightning and Hugging Face callbacks check this convention).
 
 Typical loop::
 
@@ -42,6 +48,7 @@ Typical loop::
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -58,11 +65,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LR_RULES",
+    "SUPPORTED_LR_SCHEDULERS",
     "AdaptiveBatchSize",
     "AdaptiveBatchSizeState",
     "BatchSizeRamp",
     "BatchSizeRampState",
     "ResizableBatchSampler",
+    "check_lr_schedulers",
     "lr_factor",
     "quantized_batch_size",
     "ramp_batch_size",
@@ -95,8 +104,8 @@ def target_batch_size(
 
     Args:
         b_simple: The measured simple noise scale (examples), positive.
-        exchange_rate: r, in examples per step; give this or ``factor``.
-        factor: c; give this or ``exchange_rate``.
+        exchange_rate: r, in examples per step, positive and finite; give this or ``factor``.
+        factor: c, positive and finite; give this or ``exchange_rate``.
 
     Example:
         >>> target_batch_size(400.0, exchange_rate=100.0)
@@ -109,12 +118,15 @@ def target_batch_size(
     if not (math.isfinite(b_simple) and b_simple > 0):
         raise NoiseScaleInputError(f"B_simple must be positive and finite, got {b_simple!r}")
     if exchange_rate is not None:
-        if not exchange_rate > 0:
-            raise NoiseScaleInputError(f"exchange_rate must be positive, got {exchange_rate!r}")
+        # finite too: an infinite rate gives an infinite target, which no batch realises
+        if not (math.isfinite(exchange_rate) and exchange_rate > 0):
+            raise NoiseScaleInputError(
+                f"exchange_rate must be positive and finite, got {exchange_rate!r}"
+            )
         return float(theory.adaptive_batch_size(b_simple, exchange_rate))
     assert factor is not None
-    if not factor > 0:
-        raise NoiseScaleInputError(f"factor must be positive, got {factor!r}")
+    if not (math.isfinite(factor) and factor > 0):
+        raise NoiseScaleInputError(f"factor must be positive and finite, got {factor!r}")
     return factor * b_simple
 
 
@@ -234,24 +246,137 @@ def ramp_batch_size(
     return max(1, math.floor(b / micro_batch_size + 0.5)) * micro_batch_size
 
 
+_sched = torch.optim.lr_scheduler
+
+#: Schedulers that keep a factor once their ``base_lrs`` are scaled: they either multiply the
+#: current ``param_group["lr"]`` (chainable) or recompute the rate from ``base_lrs``.
+_BASE_LRS_SCHEDULERS: tuple[type, ...] = (
+    _sched.LambdaLR,
+    _sched.MultiplicativeLR,
+    _sched.StepLR,
+    _sched.MultiStepLR,
+    _sched.ConstantLR,
+    _sched.LinearLR,
+    _sched.ExponentialLR,
+    _sched.PolynomialLR,
+    _sched.CosineAnnealingLR,
+    _sched.CosineAnnealingWarmRestarts,
+)
+#: Schedulers that keep rates of their own besides ``base_lrs``, scaled along by :func:`scale_lr`.
+_OWN_RATES_SCHEDULERS: tuple[type, ...] = (
+    _sched.OneCycleLR,  # per group: "initial_lr", "max_lr", "min_lr"
+    _sched.CyclicLR,  # max_lrs
+    _sched.ReduceLROnPlateau,  # min_lrs (the floor would otherwise cap a scaled rate)
+)
+#: Containers: each child scheduler is scaled (a child keeps its own ``base_lrs``).
+_CONTAINER_SCHEDULERS: tuple[type, ...] = (_sched.SequentialLR, _sched.ChainedScheduler)
+
+SUPPORTED_LR_SCHEDULERS = tuple(
+    t.__name__ for t in _BASE_LRS_SCHEDULERS + _OWN_RATES_SCHEDULERS + _CONTAINER_SCHEDULERS
+)
+
+
+def _flat_schedulers(lr_schedulers: Iterable[Any]) -> list[Any]:
+    """Every scheduler to scale, children of containers included, each once; unknown ones
+    are refused (before anything is written)."""
+    out: list[Any] = []
+    seen: set[int] = set()
+
+    def visit(s: Any) -> None:
+        if id(s) in seen:
+            return
+        seen.add(id(s))
+        if isinstance(s, _CONTAINER_SCHEDULERS):
+            for child in s._schedulers:
+                visit(child)
+            return
+        if isinstance(s, _BASE_LRS_SCHEDULERS + _OWN_RATES_SCHEDULERS):
+            out.append(s)
+            return
+        inner = getattr(s, "scheduler", None)  # accelerate's AcceleratedScheduler wraps one
+        if inner is not None and inner is not s:
+            visit(inner)
+            return
+        raise NoiseScaleInputError(
+            f"cannot scale the learning rate of a {type(s).__name__} scheduler: a learning-rate "
+            "factor (lr_rule other than 'none') is kept only by the schedulers "
+            f"{', '.join(SUPPORTED_LR_SCHEDULERS)} (torch.optim.lr_scheduler), whose rates "
+            "noisescale knows how to scale. Write the schedule as a LambdaLR (any shape: "
+            "LambdaLR(optimizer, lambda step: f(step))), or use lr_rule='none'"
+        )
+
+    for scheduler in lr_schedulers:
+        visit(scheduler)
+    return out
+
+
+def check_lr_schedulers(lr_schedulers: Iterable[Any]) -> None:
+    """Refuse a scheduler :func:`scale_lr` cannot scale (see :data:`SUPPORTED_LR_SCHEDULERS`).
+
+    Raises:
+        NoiseScaleInputError: a scheduler (or a container's child) is not a supported kind.
+    """
+    _flat_schedulers(lr_schedulers)
+
+
 def scale_lr(
     optimizer: torch.optim.Optimizer, factor: float, lr_schedulers: Iterable[Any] = ()
 ) -> None:
-    """Multiply every parameter group's learning rate by ``factor``, in place.
+    """Multiply every parameter group's learning rate by ``factor``, in place, for good.
 
-    The optimizer's state (momentum buffers, Adam moments, step counts) is left as it is. Each
-    learning-rate scheduler's ``base_lrs`` is scaled too, so that schedulers that recompute the
-    rate from it (``LambdaLR``, ``OneCycleLR``, …) keep the factor, as chainable ones
-    (``StepLR``, ``ExponentialLR``, …) do by reading ``param_group["lr"]``.
+    The optimizer's state (momentum buffers, Adam moments, step counts) is left as it is. The
+    schedulers in ``lr_schedulers`` keep the factor through their later steps (tested past their
+    milestones): those that multiply ``param_group["lr"]`` or recompute it from ``base_lrs``
+    (``LambdaLR``, ``MultiplicativeLR``, ``StepLR``, ``MultiStepLR``, ``ConstantLR``,
+    ``LinearLR``, ``ExponentialLR``, ``PolynomialLR``, ``CosineAnnealingLR``,
+    ``CosineAnnealingWarmRestarts``) have ``base_lrs`` scaled; ``OneCycleLR`` its groups'
+    ``initial_lr``, ``max_lr`` and ``min_lr``; ``CyclicLR`` its ``base_lrs`` and ``max_lrs``;
+    ``ReduceLROnPlateau`` its ``min_lrs``; ``SequentialLR`` and ``ChainedScheduler`` each child.
+    Any other scheduler is refused (:data:`SUPPORTED_LR_SCHEDULERS`), before anything is written.
+
+    Raises:
+        NoiseScaleInputError: ``factor`` is not positive and finite, or a scheduler is not a
+            supported kind.
     """
     if not (math.isfinite(factor) and factor > 0):
         raise NoiseScaleInputError(f"a learning-rate factor must be positive, got {factor!r}")
+    schedulers = _flat_schedulers(lr_schedulers)
     for group in optimizer.param_groups:
         group["lr"] = group["lr"] * factor
-    for scheduler in lr_schedulers:
+    scaled_groups: set[int] = set()
+    for scheduler in schedulers:
         base = getattr(scheduler, "base_lrs", None)
         if base is not None:
             scheduler.base_lrs = [b * factor for b in base]
+        if isinstance(scheduler, _sched.OneCycleLR):
+            for group in scheduler.optimizer.param_groups:
+                if id(group) not in scaled_groups:  # two OneCycleLRs on one optimizer
+                    scaled_groups.add(id(group))
+                    for key in ("initial_lr", "max_lr", "min_lr"):
+                        group[key] = group[key] * factor
+        elif isinstance(scheduler, _sched.CyclicLR):
+            scheduler.max_lrs = [m * factor for m in scheduler.max_lrs]
+        elif isinstance(scheduler, _sched.ReduceLROnPlateau):
+            scheduler.min_lrs = [m * factor for m in scheduler.min_lrs]
+            if getattr(scheduler, "default_min_lr", None) is not None:
+                scheduler.default_min_lr = scheduler.default_min_lr * factor
+
+
+def _in_examples(estimate: NoiseEstimate) -> NoiseEstimate:
+    """``estimate`` in examples, the unit of the schedules' batch sizes (refused if unknown)."""
+    if estimate.unit == "examples":
+        return estimate
+    try:
+        return estimate.to("examples")
+    except ValueError as exc:
+        # acting on it would aim the batch (in examples) at B_simple in tokens: T× too large
+        raise NoiseScaleInputError(
+            f"the noise-scale estimate is in {estimate.unit} (the loss averages tokens) but the "
+            "schedule's batch sizes count examples, and the tokens per example are unknown, so "
+            "B_simple cannot be converted: give GradientNoiseTracker tokens_per_example= "
+            "(fixed-length sequences), or call tracker.count_tokens(labels) after each forward "
+            "(Hugging Face models called with labels= are counted for you)"
+        ) from exc
 
 
 # -- the resizable batch sampler -----------------------------------------------------------------
@@ -395,6 +520,9 @@ class _Realisation:
         self.b_star = b_star
         self.optimizer = optimizer
         self.lr_schedulers = list(lr_schedulers)
+        if lr_rule != "none":
+            # refused now rather than at the first change, mid-run
+            check_lr_schedulers(self.lr_schedulers)
         self.batch_sampler = batch_sampler
         self.history = []
 
@@ -419,12 +547,15 @@ class _Realisation:
 
     @property
     def loss_divisor(self) -> int:
-        """Divide each micro-batch's mean-reduced loss by this before ``backward()``.
+        """Divide each backward pass's mean-reduced loss by this before ``backward()``.
 
         Then ``.grad`` holds the mean gradient over the whole step, as ``loss_reduction="mean"``
-        of the tracker expects.
+        of the tracker expects. With accumulation that is :attr:`num_micro_batches`; with a
+        ``batch_sampler`` the loop runs one backward pass over the whole batch, whose mean loss
+        is already the step's, so it is 1 (``num_micro_batches`` still says how many
+        micro-batches the batch holds).
         """
-        return self.num_micro_batches
+        return 1 if self.batch_sampler is not None else self.num_micro_batches
 
     @property
     def lr_factor(self) -> float:
@@ -472,6 +603,38 @@ class _Realisation:
             return None
         return [float(g["lr"]) for g in self.optimizer.param_groups]
 
+    def _config(self) -> dict[str, Any]:
+        """What fixes the learning-rate factor (and for a ramp, the batch): saved with the state
+        so that a checkpoint is restored only into a schedule that computes the same numbers."""
+        return {
+            "lr_rule": self.lr_rule,
+            "base_batch_size": self.base_batch_size,
+            "alpha": self.alpha,
+            "b_star": self.b_star,
+        }
+
+    def _check_config(self, state: dict[str, Any]) -> None:
+        saved = state.get("config")
+        if saved is None:  # a checkpoint from before the configuration was saved
+            return
+        mine = json.loads(json.dumps(self._config()))  # as a JSON round trip gives it back
+        # only what changes the numbers: the base batch not under "none", α and B* only under
+        # "paper"
+        rules = {mine["lr_rule"], saved.get("lr_rule", mine["lr_rule"])}
+        ignore = set() if rules - {"none"} else {"base_batch_size"}
+        if "paper" not in rules:
+            ignore |= {"alpha", "b_star"}
+        differ = [k for k in mine if k in saved and k not in ignore and saved[k] != mine[k]]
+        if differ:
+            # the saved lr_factor (and lrs) belong to the checkpoint's rule: loading them here
+            # would train at the old rate until the next decision (a ramp: at the old batch)
+            what = ", ".join(f"{k}={saved[k]!r} there, {mine[k]!r} here" for k in differ)
+            raise NoiseScaleInputError(
+                f"the checkpoint was written by a schedule configured differently ({what}); "
+                "construct the schedule with the checkpoint's settings to resume it, "
+                "or start a new schedule without load_state_dict"
+            )
+
     def _load_common(self, state: dict[str, Any]) -> None:
         if int(state["micro_batch_size"]) != self.micro_batch_size:
             raise NoiseScaleInputError(
@@ -506,6 +669,10 @@ class AdaptiveBatchSize(_Realisation):
     follows ``lr_rule`` (:func:`lr_factor`). Changes therefore come at least ``interval`` steps
     apart and the estimate is read (one host synchronisation) only at decisions.
 
+    Batch sizes count examples (sequences, for a language model): an estimate in tokens (a
+    loss that averages tokens) is converted with its ``tokens_per_example``, and refused where
+    no tokens were counted (:meth:`decide`).
+
     B_simple depends on the temperature ε/B (paper App. C): a rule that changes ε/B when the
     batch changes (``"none"``, ``"sqrt"``) changes the quantity being measured. Let ``interval``
     be at least the tracker's averaging horizon (≈ (1 + β)/(1 − β) steps) so decisions see the
@@ -532,11 +699,12 @@ class AdaptiveBatchSize(_Realisation):
             batch). If it differs from the start, the learning rate is rescaled at once (for
             rules that need a measurement, at the first decision).
         alpha: α of eq. A.3 for ``lr_rule="paper"``.
-        b_star: B* of eq. A.3 for ``lr_rule="paper"``; ``None`` uses the measured B_simple at
-            each decision (with α = 1 that is eq. 2.6).
+        b_star: B* of eq. A.3 for ``lr_rule="paper"``, in examples; ``None`` uses the measured
+            B_simple (in examples) at each decision (with α = 1 that is eq. 2.6).
         optimizer: Whose ``param_group["lr"]`` to write (``None``: compute only; read
             :attr:`lr_factor`).
-        lr_schedulers: Schedulers whose ``base_lrs`` to scale along (see :func:`scale_lr`).
+        lr_schedulers: Schedulers to scale along, so that they keep the factor (the kinds
+            :func:`scale_lr` supports; others are refused here unless ``lr_rule="none"``).
         batch_sampler: A :class:`ResizableBatchSampler` to resize with the batch (for loaders
             that yield whole steps rather than micro-batches: one backward per step, so the
             tracker is not told of a change of accumulation).
@@ -656,10 +824,20 @@ class AdaptiveBatchSize(_Realisation):
     def decide(self, estimate: NoiseEstimate) -> bool:
         """Decide now from ``estimate`` (normally :meth:`step` calls this every ``interval``).
 
+        The schedule's batch sizes count examples (sequences, for a language model). An
+        estimate in tokens (a loss that averages tokens) is converted with its
+        ``tokens_per_example`` before it is used, for the target and for the measured
+        learning-rate rules alike; one that cannot be converted is refused.
+
         Returns:
             ``True`` when the batch size or the learning rate changed.
+
+        Raises:
+            NoiseScaleInputError: the estimate is in tokens and no tokens were counted.
         """
         s = self._state._replace(last_decision=self._state.step)
+        measured = estimate.available and estimate.b_simple > 0
+        estimate = _in_examples(estimate) if measured else estimate
         entry: dict[str, Any] = {
             "step": s.step,
             "examples": s.examples,
@@ -668,7 +846,7 @@ class AdaptiveBatchSize(_Realisation):
             "b_simple_high": estimate.high,
             "relative_width": estimate.relative_width,
         }
-        if not estimate.available or not estimate.b_simple > 0:
+        if not measured:
             self._state = s
             self._record({**entry, "action": "wait: no estimate yet", "batch_size": s.batch_size})
             return False
@@ -718,6 +896,7 @@ class AdaptiveBatchSize(_Realisation):
         return {
             "kind": "AdaptiveBatchSize",
             "micro_batch_size": self.micro_batch_size,
+            "config": self._config(),
             "state": self._state._asdict(),
             "lrs": self._lrs(),
             "history": [dict(h) for h in self.history],
@@ -728,12 +907,16 @@ class AdaptiveBatchSize(_Realisation):
 
         Raises:
             NoiseScaleInputError: the saved batch size lies outside this schedule's bounds (a
-                resumed job on a smaller device): it would be used until the next decision.
+                resumed job on a smaller device): it would be used until the next decision; or
+                the checkpoint's learning-rate rule, ``base_batch_size``, ``alpha`` or
+                ``b_star`` differ from this schedule's: its saved factor and rates would be
+                used until the next decision.
         """
         if state.get("kind") != "AdaptiveBatchSize":
             raise NoiseScaleInputError(
                 f"not an AdaptiveBatchSize state (kind={state.get('kind')!r})"
             )
+        self._check_config(state)
         saved = AdaptiveBatchSizeState(**state["state"])
         if not self.min_batch_size <= saved.batch_size <= self.max_batch_size:
             # it would train at that batch (and its learning rate) until the next decision
@@ -875,14 +1058,29 @@ class BatchSizeRamp(_Realisation):
         return {
             "kind": "BatchSizeRamp",
             "micro_batch_size": self.micro_batch_size,
+            "config": self._config(),
             "state": self._state._asdict(),
             "lrs": self._lrs(),
             "history": [dict(h) for h in self.history],
         }
 
+    def _config(self) -> dict[str, Any]:
+        return {
+            **super()._config(),
+            "points": [[x, b] for x, b in self.points],
+            "interpolate": self.interpolate,
+        }
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the optimizer's learning rates are set to the saved ones."""
+        """Restore :meth:`state_dict`; the optimizer's learning rates are set to the saved ones.
+
+        Raises:
+            NoiseScaleInputError: the checkpoint was written by a ramp with other knots,
+                interpolation, learning-rate rule, ``base_batch_size``, ``alpha`` or ``b_star``:
+                its saved batch and rate are not this ramp's.
+        """
         if state.get("kind") != "BatchSizeRamp":
             raise NoiseScaleInputError(f"not a BatchSizeRamp state (kind={state.get('kind')!r})")
+        self._check_config(state)
         self._state = BatchSizeRampState(**state["state"])
         self._load_common(state)

@@ -42,8 +42,12 @@ Adapting the batch. Lightning realises a batch of k micro-batches with
 gradients at batch indices divisible by k and steps when the epoch's batch count is, so k can
 change between optimizer steps only where the epoch's batch count so far is a multiple of the new
 k (always at an epoch start); the callback applies a schedule's decision at the first such step
-boundary (at most k − 1 steps late) and writes the learning-rate factor at the same moment. The
-dataloader's batch size must equal the schedule's ``micro_batch_size``. Schedulers that were
+boundary (at most k − 1 steps late) and writes the learning-rate factor at the same moment. A
+schedule counts global examples, as the tracker's B_simple and example count do: its
+``micro_batch_size`` must equal the dataloader's (per-process) batch size × the number of
+processes (checked when training starts), and each process then accumulates
+``schedule.num_micro_batches`` of its micro-batches, so the global batch is the schedule's (the
+Hugging Face callback follows the same convention). Schedulers that were
 sized from ``trainer.estimated_stepping_batches`` (e.g. ``OneCycleLR``) were sized for the
 starting accumulation.
 """
@@ -59,7 +63,7 @@ from torch import Tensor, nn
 from noisescale.errors import NoiseScaleInputError
 from noisescale.integrations import estimate_metrics
 from noisescale.module_hooks import Hook
-from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, scale_lr
+from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, check_lr_schedulers, scale_lr
 from noisescale.tracker import GradientNoiseTracker
 
 try:
@@ -156,6 +160,11 @@ class NoiseScaleCallback(pl.Callback):
         # A resumed run continues with the accumulation that was in effect (possibly mid-epoch,
         # where a pending change may not be applicable yet); a fresh one gets the schedule's
         # start at the first epoch start.
+        if self.schedule is not None:
+            self._check_micro_batch(trainer)
+        if self.schedule is not None and self.schedule.lr_rule != "none":
+            # a scheduler that would drop the factor is refused now, not at the first change
+            check_lr_schedulers(c.scheduler for c in trainer.lr_scheduler_configs)
         if self.schedule is not None and self._applied_micro_batches is not None:
             trainer.accumulate_grad_batches = self._applied_micro_batches
 
@@ -276,6 +285,22 @@ class NoiseScaleCallback(pl.Callback):
         kwargs.setdefault("process_group", torch.distributed.group.WORLD)
         return kwargs
 
+    def _check_micro_batch(self, trainer: pl.Trainer) -> None:
+        """The schedule counts global examples: its micro-batch is every process's together."""
+        assert self.schedule is not None
+        per_process = _loader_batch_size(trainer.train_dataloader)
+        if per_process is None:  # several loaders, or one without a fixed batch size
+            return
+        world = max(1, int(trainer.world_size))
+        micro = per_process * world
+        if self.schedule.micro_batch_size != micro:
+            raise NoiseScaleInputError(
+                f"the schedule's micro_batch_size is {self.schedule.micro_batch_size} but the "
+                f"trainer's micro-batch is {micro} examples (the dataloader's batch size "
+                f"{per_process} × {world} processes): a schedule counts global examples, as the "
+                "tracker's B_simple does; build the schedule with that micro_batch_size"
+            )
+
     def _release(self) -> None:
         if self._forward_handle is not None:
             self._forward_handle.remove()
@@ -322,6 +347,16 @@ class NoiseScaleCallback(pl.Callback):
                 "through Trainer.fit"
             )
         return self.tracker
+
+
+def _loader_batch_size(loader: Any) -> int | None:
+    """The per-process batch size of a single ``DataLoader``; ``None`` where there is none."""
+    if not isinstance(loader, torch.utils.data.DataLoader):
+        return None
+    if loader.batch_size is not None:
+        return int(loader.batch_size)
+    size = getattr(loader.batch_sampler, "batch_size", None)
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
 
 
 def _plain(x: Any) -> Any:

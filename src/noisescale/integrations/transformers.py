@@ -62,8 +62,8 @@ the Trainer reads afresh for every optimizer step: it fetches that many micro-ba
 their losses by it and synchronises after the last. Like Lightning, it ends a step where the
 epoch's micro-batch count is a multiple of it, so a new value applies at the first step boundary
 where that count is a multiple of it (at most k − 1 steps late; always at an epoch start), with
-the learning-rate factor at the same moment (the optimizer's rates and the scheduler's
-``base_lrs``). What the data path does not allow:
+the learning-rate factor at the same moment (the optimizer's rates and the scheduler, of a
+kind :func:`~noisescale.schedule.scale_lr` supports). What the data path does not allow:
 
 * The Trainer sizes each epoch's loop (``num_update_steps_per_epoch``) for the accumulation given
   in ``TrainingArguments`` at the start, so a smaller one would end epochs early: start with
@@ -102,7 +102,7 @@ from torch import Tensor, nn
 from noisescale.errors import NoiseScaleInputError
 from noisescale.integrations import estimate_metrics
 from noisescale.module_hooks import Hook
-from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, scale_lr
+from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, check_lr_schedulers, scale_lr
 from noisescale.tracker import GradientNoiseTracker
 
 try:
@@ -375,6 +375,9 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
 
     def _check_schedule(self, args: Any) -> None:
         assert self.schedule is not None
+        if self.schedule.lr_rule != "none" and self._lr_scheduler is not None:
+            # a scheduler that would drop the factor is refused now, not at the first change
+            check_lr_schedulers([self._lr_scheduler])
         processes = int(getattr(args, "world_size", 1))
         micro = int(args.per_device_train_batch_size) * max(1, int(args.n_gpu)) * processes
         if self.schedule.micro_batch_size != micro:
