@@ -250,3 +250,34 @@ def test_nan_loss_is_a_divergence_not_an_error(
     path = _write_csv(tmp_path / "nan.csv", rows)
     out = _fit_json(capsys, str(path), "--goal", "0.2", "--ema", "0")
     assert out["goals"][0]["b_crit"] == pytest.approx(MODEL.b_crit(0.2), rel=5e-3)
+
+
+def test_a_figure_written_by_another_job_meanwhile_is_not_replaced_without_force(
+    tmp_path: Path,
+    runs_csv: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """-o is checked before the fit; a file another job creates there before the write is
+    kept (until 2026-12-05 it was replaced without --force) and the figure saved beside it."""
+    from noisescale.sweep import plot
+
+    out = tmp_path / "pareto.html"
+    real = plot.pareto_html
+
+    def another_job_writes_it(*args: object, **kwargs: object) -> str:
+        out.write_text("written by another job")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plot, "pareto_html", another_job_writes_it)
+    monkeypatch.chdir(tmp_path)  # (where the figure is saved instead)
+    args = ["fit", str(runs_csv), "--goal", "0.5", "-o", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert out.read_text() == "written by another job"
+    assert "is not replaced without --force" in err
+    (rescued,) = tmp_path.glob("noisescale-pareto-*.html")
+    assert "<svg" in rescued.read_text()
+    rescued.unlink()
+    assert main([*args, "--force"]) == 0
+    assert "<svg" in out.read_text()

@@ -482,15 +482,19 @@ def _analyse(
     for path in outputs:
         suffix = path.suffix.lower()
         if suffix == ".json":
-            _args.write_or_rescue(path, text + "\n", what="the results")
+            _args.write_or_rescue(path, text + "\n", what="the results", replace=args.force)
             continue
         if figures is None:
             from noisescale.branch.page import figures_png, plot_data
 
             figures = figures_png(plot_data(rows, traj, warm, unit=args.unit))
         if suffix == ".png":
-            _args.write_or_rescue(path, figures["side_by_side"], what="the figure")
-            _args.write_or_rescue(_efficiency_png(path), figures["efficiency"], what="the figure")
+            _args.write_or_rescue(
+                path, figures["side_by_side"], what="the figure", replace=args.force
+            )
+            _args.write_or_rescue(
+                _efficiency_png(path), figures["efficiency"], what="the figure", replace=args.force
+            )
         else:
             from noisescale.branch.page import branch_html
 
@@ -498,7 +502,7 @@ def _analyse(
             page = branch_html(
                 rows, figures, plan=warm, title=str(title), unit=args.unit, warnings=notes
             )
-            _args.write_or_rescue(path, page, what="the page")
+            _args.write_or_rescue(path, page, what="the page", replace=args.force)
     if args.json:
         print(text)
         return 0

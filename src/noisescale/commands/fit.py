@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             title = f"Critical batch size: {source.title}"
             data = plot.pareto_html(results, metric=args.metric, title=title)
-        _args.write_or_rescue(path, data, what="the Pareto figure")
+        _args.write_or_rescue(path, data, what="the Pareto figure", replace=args.force)
     if args.json:
         payload: dict[str, Any] = {
             "kind": "noisescale.fit",
