@@ -884,3 +884,22 @@ def test_calc_reads_a_history_in_either_unit(token_history, capsys):
     assert row["unit"] == "examples"
     assert row["noise_scale"] == pytest.approx(e.to("examples").b_simple)
     assert main(["calc", "--noise-scale", "10", "--unit", "tokens", "--batch-size", "4"]) == 2
+
+
+def test_an_unavailable_per_token_estimate_quotes_its_own_averages():
+    """The reason of an estimate given per token quotes |G|² (or tr Σ) in that unit, as
+    ``e.g2`` holds it: until 2026-12-05 it quoted the per-example sums' |G|², T̄² apart
+    (-1.31 in the reason for an e.g2 of -0.00584 at 15 tokens per sequence)."""
+    from noisescale import estimators as est
+    from noisescale.state import per_token
+
+    for g2, trace in [(-1.3146, 4.0), (2.0, -3.0)]:
+        e = est.NoiseEstimate(
+            g2, trace, math.nan, 0.0, math.inf, 0.95, 5, 5.0, est.unavailable_reason(g2, trace)
+        )
+        t = per_token(e, 15.0)
+        assert t.reason == est.unavailable_reason(g2 / 15.0**2, trace / 15.0)
+        quoted = f"{t.g2:.3g}" if g2 < 0 else f"{t.trace_sigma:.3g}"
+        assert quoted in t.reason and t.reason != e.reason
+    other = est.NoiseEstimate(*[math.nan] * 5, 0.95, 0, 0.0, "no step measured yet")
+    assert per_token(other, 15.0).reason == "no step measured yet"

@@ -351,18 +351,7 @@ def b_simple_interval(state: NoiseScaleState, confidence: float = 0.95) -> Noise
     s = state.trace_sum / state.w1
     # Average first, then judge: single steps are often negative; the averages are not, unless
     # the measurement cannot yet resolve them.
-    reason = ""
-    if not g > 0:
-        reason = (
-            f"the averaged |G|² is {g:.3g}, not positive: the gradient is not yet "
-            "distinguishable from the noise (more steps, a larger batch or a more precise "
-            "small-batch source will resolve it)"
-        )
-    elif not s > 0:
-        reason = (
-            f"the averaged tr Σ is {s:.3g}, not positive: the small-batch norms are too noisy "
-            "for the steps so far to separate the noise"
-        )
+    reason = unavailable_reason(g, s)
     b_simple = s / g if not reason else math.nan
     n_eff = state.w1**2 / state.w2
     low = high = math.nan
@@ -400,6 +389,23 @@ def b_simple_interval(state: NoiseScaleState, confidence: float = 0.95) -> Noise
         float(n_eff),
         reason,
     )
+
+
+def unavailable_reason(g2: float, trace_sigma: float) -> str:
+    """Why B_simple is not available from these averages of |G|² and tr Σ ("" when it is);
+    the numbers quoted are these, in the unit they are given in."""
+    if not g2 > 0:
+        return (
+            f"the averaged |G|² is {g2:.3g}, not positive: the gradient is not yet "
+            "distinguishable from the noise (more steps, a larger batch or a more precise "
+            "small-batch source will resolve it)"
+        )
+    if not trace_sigma > 0:
+        return (
+            f"the averaged tr Σ is {trace_sigma:.3g}, not positive: the small-batch norms are "
+            "too noisy for the steps so far to separate the noise"
+        )
+    return ""
 
 
 def _t_quantile(confidence: float, dof: float) -> float:

@@ -226,10 +226,15 @@ def per_token(e: est.NoiseEstimate, tokens_per_example: float) -> est.NoiseEstim
     from dataclasses import replace
 
     t = tokens_per_example
+    g2, trace_sigma = e.g2 / t**2, e.trace_sigma / t
+    # (the reason quotes the averages: in the unit given, as e.g2 and e.trace_sigma are)
+    quoted = est.unavailable_reason(e.g2, e.trace_sigma)
+    reason = est.unavailable_reason(g2, trace_sigma) if quoted and e.reason == quoted else e.reason
     return replace(
         e,
-        g2=e.g2 / t**2,
-        trace_sigma=e.trace_sigma / t,
+        g2=g2,
+        trace_sigma=trace_sigma,
+        reason=reason,
         b_simple=e.b_simple * t,
         low=e.low * t,
         high=e.high * t,

@@ -19,7 +19,7 @@ global batch size after averaging." :class:`DataParallelSource` does that inside
   audits' steps (:meth:`DataParallelSource.check_averaged`).
 
 What one step costs: **one asynchronous all-reduce of a fixed-size float64 buffer** (``WIDTH``
-numbers, 24 today — 192 bytes — whatever the number of processes W), waited for only when the
+numbers, 30 today — 240 bytes — whatever the number of processes W), waited for only when the
 tracker reads its statistics, with no host synchronisation on the way (on CUDA the host-side
 numbers go through pinned memory). Every process packs sums, not rows: the examples, Σc and Σc²
 of its examples' weights in its local gradient (c = 1/(k·N_j) for mean losses over k
