@@ -341,3 +341,43 @@ def test_split_batch_structures():
     parts = split_batch((x, y), 3)
     assert [tuple(map(len, p)) for p in parts] == [(3, 3), (2, 2), (2, 2)]
     assert isinstance(parts[0], tuple)
+
+
+def _bn_model_and_data():
+    """A small BatchNorm MLP a few SGD steps into training (train mode, moved statistics)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(256, 4)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    for i in range(20):  # SGD steps (torch.optim's first use costs seconds of imports)
+        grads = torch.autograd.grad(_ce(model, (x[i::20], y[i::20])), list(model.parameters()))
+        with torch.no_grad():
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p -= 0.1 * g
+    return model, x, y
+
+
+def _ce(m, b):
+    return nn.functional.cross_entropy(m(b[0]), b[1])
+
+
+def test_line_search_and_delta_l_opt_leave_batchnorm_state_bit_identical():
+    """Every trial forward in train mode moves BatchNorm's running statistics; the calls must
+    leave the whole state_dict (running_mean/var, num_batches_tracked) and the modes as found."""
+    model, x, y = _bn_model_and_data()
+    gen = torch.Generator().manual_seed(1)
+
+    def sample(b):
+        i = torch.randint(0, 256, (b,), generator=gen)
+        return x[i], y[i]
+
+    params = list(model.parameters())
+    dirs = [[g.detach() for g in torch.autograd.grad(_ce(model, sample(16)), params)]]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    line_search(model, _ce, dirs, (x, y))
+    measure_delta_l_opt(model, _ce, sample, (x, y), [4, 64], repeats=2, grid=15)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    assert all(m.training for m in model.modules())

@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -71,6 +71,33 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 
 class _Pausable(Protocol):
     def paused(self) -> AbstractContextManager[None]: ...
+
+
+@contextmanager
+def _model_state_kept(model: nn.Module) -> Iterator[None]:
+    """Every buffer (BatchNorm's running statistics and ``num_batches_tracked``, persistent or
+    not) and every module's ``training`` flag exactly as they were, whatever the body did.
+
+    A forward in train mode updates BatchNorm's running statistics; the measurements here run
+    many forwards (at perturbed parameters, for the line search) that are not training. The
+    buffer objects are put back too, in case the body replaced one.
+    """
+    buffers = [
+        (module, name, buf, buf.detach().clone())
+        for module in model.modules()
+        for name, buf in module._buffers.items()
+        if buf is not None
+    ]
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, name, buf, saved in buffers:
+                module._buffers[name] = buf
+                buf.copy_(saved)
+        for module, training in flags:
+            module.training = training
 
 
 # -- batches ----------------------------------------------------------------------------------
@@ -492,7 +519,10 @@ def line_search(
     maximising is what eq. 2.5–2.7 describe (the best step for the expected loss); maximising each
     direction's own curve would instead favour lucky directions. A log-spaced grid over
     ``eps_range`` brackets the maximum, golden-section search refines it to relative width
-    ``rtol``. The parameters are restored afterwards.
+    ``rtol``. The parameters are restored afterwards, and so is every buffer: a model in train
+    mode updates BatchNorm's running statistics on each of the many trial forwards (at steps
+    up to ``eps_range[1]``), which would otherwise be left as those of wildly perturbed
+    networks.
 
     When no step size on the grid improves the averaged loss (few, very noisy directions: the
     noise in mean_r GᵀV_r exceeds |G|²), the result is ``eps_opt = delta_l_opt = 0``.
@@ -523,6 +553,22 @@ def line_search(
         raise NoiseScaleInputError(
             f"need 0 < eps_range[0] < eps_range[1] and grid ≥ 3, got {eps_range} and {grid}"
         )
+    with _model_state_kept(model):
+        return _line_search(model, loss_fn, directions, eval_batch, params, lo, hi, grid, rtol)
+
+
+def _line_search(
+    model: nn.Module,
+    loss_fn: LossFn,
+    directions: Sequence[Sequence[Tensor]],
+    eval_batch: Batch,
+    params: list[nn.Parameter],
+    lo: float,
+    hi: float,
+    grid: int,
+    rtol: float,
+) -> LineSearch:
+    eps_range = (lo, hi)
     theta = [p.detach().clone() for p in params]
     with torch.no_grad():
         base = float(loss_fn(model, eval_batch))
@@ -620,7 +666,7 @@ def measure_delta_l_opt(
     remaining small-B points upwards (B_noise downwards).
 
     Args:
-        model: The model at θ (left unchanged).
+        model: The model at θ (left unchanged: parameters, buffers and train/eval flags).
         loss_fn: ``loss_fn(model, batch)`` → mean loss.
         sample_batch: Draws a fresh batch of the given size (independent of ``eval_batch``).
         eval_batch: A large held-out batch standing in for the full-data loss.
@@ -639,14 +685,17 @@ def measure_delta_l_opt(
         raise NoiseScaleInputError(f"repeats must be at least 1, got {repeats}")
     params = _params_of(model)
     delta_l, eps = [], []
-    for b in sizes:
-        count = max(repeats, -(-min_examples // b))
-        directions = [_mean_gradient(loss_fn, model, sample_batch(b), params) for _ in range(count)]
-        ls = line_search(
-            model, loss_fn, directions, eval_batch, eps_range=eps_range, grid=grid, rtol=rtol
-        )
-        delta_l.append(ls.delta_l_opt)
-        eps.append(ls.eps_opt)
+    with _model_state_kept(model):  # the directions' forwards update BatchNorm statistics too
+        for b in sizes:
+            count = max(repeats, -(-min_examples // b))
+            directions = [
+                _mean_gradient(loss_fn, model, sample_batch(b), params) for _ in range(count)
+            ]
+            ls = line_search(
+                model, loss_fn, directions, eval_batch, eps_range=eps_range, grid=grid, rtol=rtol
+            )
+            delta_l.append(ls.delta_l_opt)
+            eps.append(ls.eps_opt)
     used = [j for j, d in enumerate(delta_l) if d > 0]
     if len(used) < 2:
         raise NoiseScaleInputError(
