@@ -381,3 +381,42 @@ def test_line_search_and_delta_l_opt_leave_batchnorm_state_bit_identical():
     for k, v in before.items():
         assert torch.equal(after[k], v), k
     assert all(m.training for m in model.modules())
+
+
+def test_train_mode_batchnorm_is_refused_and_state_kept():
+    """Per-part batch statistics make the parts' gradients depend on the split (GᵀHG 3× the
+    eval-mode value with parts of 16 in the hunt): refused with the fix named. In eval mode the
+    measurement runs and leaves every buffer bit-identical."""
+    model, x, y = _bn_model_and_data()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NoiseScaleInputError, match=r"'1' \(BatchNorm1d, in train mode\).*eval"):
+        measure_b_noise(model, _ce, (x[:48], y[:48]))
+    bn = BNoiseTracker(model, _ce)
+    with pytest.raises(NoiseScaleInputError, match="GroupNorm"):
+        bn.step((x[:48], y[:48]))
+    model.eval()
+    m = measure_b_noise(model, _ce, (x[:48], y[:48]))
+    assert math.isfinite(m.ghg)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not any(mod.training for mod in model.modules())
+
+
+def test_buffers_a_forward_updates_are_restored_after_a_measurement():
+    """Any module whose forward updates a buffer (here a forward counter): the measurement's
+    extra forwards are not training and leave no trace."""
+
+    class Counting(nn.Linear):
+        def __init__(self) -> None:
+            super().__init__(4, 3)
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x):
+            self.calls += 1
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    model = Counting()
+    x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+    measure_b_noise(model, _ce, (x, y), splits=3)
+    assert int(model.calls) == 0

@@ -298,7 +298,12 @@ def measure_b_noise(
     products G_iᵀG_j give |G|² and tr(Σ), hence B_simple from the same examples.
 
     Args:
-        model: The model (any mode; dropout makes each loss evaluation a different function).
+        model: The model. Dropout in train mode makes each loss evaluation a different function
+            (the estimates are then those of the population of examples × dropout masks).
+            BatchNorm must use its running statistics — ``model.eval()`` around the
+            measurement — or the call is refused: with batch statistics each part's gradient
+            depends on the part, not only on the model. Every buffer and train/eval flag is
+            left as it was.
         loss_fn: ``loss_fn(model, batch)`` → the mean loss over the batch's examples. It must be
             twice differentiable (double backward through the model).
         batch: The examples whose gradients are measured (a tensor, a tuple or a dict of tensors
@@ -313,13 +318,46 @@ def measure_b_noise(
         with :class:`BNoiseTracker` before trusting the ratio (single-step GᵀHG is often ≤ 0).
 
     Raises:
-        NoiseScaleInputError: for ``splits < 2``, a batch too small to split, or a bad loss.
+        NoiseScaleInputError: for ``splits < 2``, a batch too small to split, a BatchNorm
+            using batch statistics, or a bad loss.
     """
     if splits < 2:
         raise NoiseScaleInputError(
             f"splits must be at least 2 (got {splits}): GᵀHG comes from cross terms between parts"
         )
     params = _params_of(model)
+    _refuse_batch_statistics(model)
+    with _model_state_kept(model):
+        return _measure_b_noise(model, loss_fn, batch, hessian_batch, splits, params)
+
+
+def _refuse_batch_statistics(model: nn.Module) -> None:
+    """Refuse a BatchNorm that normalises with the statistics of the batch it is given."""
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        if module.training or module.running_mean is None or module.running_var is None:
+            why = "in train mode" if module.training else "without running statistics"
+            raise NoiseScaleInputError(
+                f"module '{name or type(model).__name__}' ({type(module).__name__}, {why}) "
+                "normalises each forward with the statistics of the batch it is given: each "
+                "part's gradient would use that part's own statistics, so the parts are not "
+                "independent draws of one gradient and GᵀHG and tr(HΣ) would depend on the part "
+                "size (splits), not only on the model. Measure B_noise in eval mode — "
+                "model.eval() before the measurement (BatchNorm then uses its running "
+                "statistics; dropout is off), model.train() after — or use a normalisation "
+                "without batch statistics (GroupNorm, LayerNorm)"
+            )
+
+
+def _measure_b_noise(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    hessian_batch: Batch | None,
+    splits: int,
+    params: list[nn.Parameter],
+) -> BNoiseEstimate:
     if hessian_batch is None:
         *grad_parts, hessian_batch = split_batch(batch, splits + 1)
     else:
