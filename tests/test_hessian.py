@@ -420,3 +420,46 @@ def test_buffers_a_forward_updates_are_restored_after_a_measurement():
     x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
     measure_b_noise(model, _ce, (x, y), splits=3)
     assert int(model.calls) == 0
+
+
+class _OnceTanh(torch.autograd.Function):
+    """tanh with a backward marked @once_differentiable, as fused kernels often are."""
+
+    @staticmethod
+    def forward(ctx, a):
+        t = torch.tanh(a)
+        ctx.save_for_backward(t)
+        return t
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (t,) = ctx.saved_tensors
+        return g * (1 - t * t)
+
+
+def test_a_once_differentiable_op_in_the_loss_is_refused():
+    """torch double-backpropagates through it without an error and drops its curvature
+    (tr(HΣ) 35% low in the hunt): the op is named in the refusal."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Linear(6, 3))
+    x, y = torch.randn(30, 5), torch.randint(0, 3, (30,))
+
+    def loss_fn(m, b):
+        return _ce(lambda inp: m[1](_OnceTanh.apply(m[0](inp))), b)
+
+    with pytest.raises(NoiseScaleInputError, match=r"_OnceTanh.*once_differentiable"):
+        measure_b_noise(model, loss_fn, (x, y))
+
+
+def test_an_op_without_double_backward_names_the_eager_fix():
+    """sdpa's CPU kernel has no double backward; torch's error is passed on with the fix."""
+    torch.manual_seed(0)
+    proj = nn.Linear(4, 4)
+
+    def loss_fn(m, b):
+        h = m(b).view(b.shape[0], 1, 2, 2)
+        return nn.functional.scaled_dot_product_attention(h, h, h).pow(2).mean()
+
+    with pytest.raises(NoiseScaleInputError, match='attn_implementation="eager"'):
+        measure_b_noise(proj, loss_fn, torch.randn(9, 4))

@@ -305,7 +305,10 @@ def measure_b_noise(
             depends on the part, not only on the model. Every buffer and train/eval flag is
             left as it was.
         loss_fn: ``loss_fn(model, batch)`` → the mean loss over the batch's examples. It must be
-            twice differentiable (double backward through the model).
+            twice differentiable (double backward through the model): a custom
+            ``autograd.Function`` marked ``@once_differentiable`` in its graph is refused, and so
+            is an op without a double backward (Hugging Face models: load them with
+            ``attn_implementation="eager"``).
         batch: The examples whose gradients are measured (a tensor, a tuple or a dict of tensors
             with the examples along dim 0).
         hessian_batch: Examples for the Hessian-vector products, independent of ``batch``. When
@@ -319,7 +322,7 @@ def measure_b_noise(
 
     Raises:
         NoiseScaleInputError: for ``splits < 2``, a batch too small to split, a BatchNorm
-            using batch statistics, or a bad loss.
+            using batch statistics, a loss that is not twice differentiable, or a bad loss.
     """
     if splits < 2:
         raise NoiseScaleInputError(
@@ -350,6 +353,38 @@ def _refuse_batch_statistics(model: nn.Module) -> None:
             )
 
 
+_ONCE_DIFFERENTIABLE_CODE = torch.autograd.function.once_differentiable(lambda ctx: None).__code__
+
+
+def _refuse_once_differentiable(loss: Tensor) -> None:
+    """Refuse a loss whose graph holds a custom ``autograd.Function`` whose backward is
+    ``@once_differentiable``: torch lets the double backward pass through it without a word
+    (its outputs' double-backward node leads to a detached copy), so the Hessian-vector
+    products would silently lose the curvature that flows through the op."""
+    seen: set[Any] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        forward_cls = getattr(node, "_forward_cls", None)
+        if forward_cls is not None:
+            for attr in ("backward", "vjp"):
+                fn = getattr(forward_cls, attr, None)
+                if getattr(fn, "__code__", None) is _ONCE_DIFFERENTIABLE_CODE:
+                    raise NoiseScaleInputError(
+                        f"the loss passes through {forward_cls.__module__}."
+                        f"{forward_cls.__qualname__}, a custom autograd.Function whose backward "
+                        "is marked @once_differentiable: B_noise needs Hessian-vector products "
+                        "(double backward), and torch would silently leave out the curvature "
+                        "that passes through this op instead of raising. Use an implementation "
+                        "that is twice differentiable (plain torch operations, or a Function "
+                        "whose backward is itself differentiable) for the measurement"
+                    )
+        stack.extend(nxt for nxt, _ in node.next_functions)
+
+
 def _measure_b_noise(
     model: nn.Module,
     loss_fn: LossFn,
@@ -367,19 +402,31 @@ def _measure_b_noise(
 
     loss_h = loss_fn(model, hessian_batch)
     _check_loss(loss_h)
+    _refuse_once_differentiable(loss_h)
     grad_h = torch.autograd.grad(loss_h, params, create_graph=True, allow_unused=True)
     # entries that do not depend on θ again (a loss linear in some parameter) have zero HVPs
     live = [j for j, g in enumerate(grad_h) if g is not None and g.requires_grad]
     q = np.zeros((splits, splits))
     for j, g_j in enumerate(grads):
         if live:
-            hv_live = torch.autograd.grad(
-                [grad_h[i] for i in live],
-                params,
-                grad_outputs=[g_j[i] for i in live],
-                retain_graph=j < splits - 1,
-                allow_unused=True,
-            )
+            try:
+                hv_live = torch.autograd.grad(
+                    [grad_h[i] for i in live],
+                    params,
+                    grad_outputs=[g_j[i] for i in live],
+                    retain_graph=j < splits - 1,
+                    allow_unused=True,
+                )
+            except RuntimeError as err:
+                if "not implemented" not in str(err) and "differentiate twice" not in str(err):
+                    raise
+                raise NoiseScaleInputError(
+                    f"the loss is not twice differentiable: torch says '{err}'. B_noise needs "
+                    "Hessian-vector products (double backward) through the model and loss. "
+                    "Fused kernels often have no double backward: for a Hugging Face model "
+                    "load it with attn_implementation=\"eager\" (sdpa's and flash attention's "
+                    "kernels have none); elsewhere use the op's plain torch implementation"
+                ) from err
             hv = [
                 torch.zeros_like(p) if h is None else h
                 for p, h in zip(params, hv_live, strict=True)
