@@ -463,3 +463,13 @@ def test_an_op_without_double_backward_names_the_eager_fix():
 
     with pytest.raises(NoiseScaleInputError, match='attn_implementation="eager"'):
         measure_b_noise(proj, loss_fn, torch.randn(9, 4))
+
+
+def test_an_empty_hessian_batch_is_refused():
+    """Its loss is nan and its gradient zero: taken as GᵀHG = tr(HΣ) = 0 before, which moved a
+    tracker's GᵀHG and eps_max by a quarter in the hunt."""
+    prob = Quadratic()
+    bn = BNoiseTracker(prob.model, prob.loss_fn)
+    with pytest.raises(NoiseScaleInputError, match="hessian_batch holds no examples"):
+        bn.step(prob.sample(8), hessian_batch=prob.sample(0))
+    assert bn.estimate().steps == 0

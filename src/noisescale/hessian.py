@@ -321,8 +321,9 @@ def measure_b_noise(
         with :class:`BNoiseTracker` before trusting the ratio (single-step GᵀHG is often ≤ 0).
 
     Raises:
-        NoiseScaleInputError: for ``splits < 2``, a batch too small to split, a BatchNorm
-            using batch statistics, a loss that is not twice differentiable, or a bad loss.
+        NoiseScaleInputError: for ``splits < 2``, a batch too small to split, an empty
+            ``hessian_batch``, a BatchNorm using batch statistics, a loss that is not twice
+            differentiable, or a bad loss.
     """
     if splits < 2:
         raise NoiseScaleInputError(
@@ -396,6 +397,13 @@ def _measure_b_noise(
     if hessian_batch is None:
         *grad_parts, hessian_batch = split_batch(batch, splits + 1)
     else:
+        if batch_size(hessian_batch) == 0:
+            raise NoiseScaleInputError(
+                "hessian_batch holds no examples: the Hessian of a mean over no examples is not "
+                "defined (its loss is nan and its gradient zero, which would be taken as a "
+                "measurement of GᵀHG = tr(HΣ) = 0). Pass a non-empty batch (a loader's short "
+                "last batch can be empty), or hessian_batch=None"
+            )
         grad_parts = split_batch(batch, splits)
     sizes = [batch_size(p) for p in grad_parts]
     grads = [_mean_gradient(loss_fn, model, part, params) for part in grad_parts]
