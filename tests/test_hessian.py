@@ -473,3 +473,63 @@ def test_an_empty_hessian_batch_is_refused():
     with pytest.raises(NoiseScaleInputError, match="hessian_batch holds no examples"):
         bn.step(prob.sample(8), hessian_batch=prob.sample(0))
     assert bn.estimate().steps == 0
+
+
+def test_a_sum_loss_is_refused():
+    """A sum over the examples gave GᵀHG ~1,900× and tr(HΣ) ~1,700× the truth in the hunt."""
+    prob = Quadratic()
+
+    def summed(m, b):
+        return prob.loss_fn(m, b) * b.shape[0]
+
+    with pytest.raises(NoiseScaleInputError, match="sum over the examples, not their mean"):
+        measure_b_noise(prob.model, summed, prob.sample(24))
+
+
+def _token_problem():
+    """Per-token logits of sequences with 1..6 real tokens (the rest padding)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4)
+    n, t = 24, 6
+    x, y = torch.randn(n, t, 3), torch.randint(0, 4, (n, t))
+    lengths = torch.randint(1, t + 1, (n,))
+    mask = (torch.arange(t)[None] < lengths[:, None]).double()
+    return model, (x, mask, y)
+
+
+def _token_losses(m, b):
+    x, mask, y = b
+    ce = nn.functional.cross_entropy(m(x).flatten(0, 1), y.flatten(), reduction="none")
+    return ce.view_as(mask) * mask, mask
+
+
+def test_a_token_mean_over_unequal_lengths_is_refused_per_example_mean_accepted():
+    """A mean over the batch's tokens weighs each sequence by its tokens: the parts' gradients
+    depend on the split (|G|² 3.5× off with parts of one example in the hunt). Refused, with
+    the per-example mean named; that loss, and a token mean over equal lengths, are measured."""
+    model, (x, mask, y) = _token_problem()
+
+    def token_mean(m, b):
+        losses, mask = _token_losses(m, b)
+        return losses.sum() / mask.sum()
+
+    def example_mean(m, b):
+        losses, mask = _token_losses(m, b)
+        return (losses.sum(1) / mask.sum(1)).mean()
+
+    with pytest.raises(NoiseScaleInputError, match="per-example mean loss"):
+        measure_b_noise(model, token_mean, (x, mask, y))
+    assert math.isfinite(measure_b_noise(model, example_mean, (x, mask, y)).ghg)
+    full = torch.ones_like(mask)
+    a = measure_b_noise(model, token_mean, (x, full, y))
+    b = measure_b_noise(model, example_mean, (x, full, y))
+    assert (a.ghg, a.trace_h_sigma) == pytest.approx((b.ghg, b.trace_h_sigma), rel=1e-9)
+
+
+def test_the_loss_check_leaves_dropout_alone():
+    """Dropout in train mode (each evaluation its own function) is measured, not refused: the
+    loss check sees two evaluations differ and stays out of the way."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3))
+    x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+    assert math.isfinite(measure_b_noise(model, _ce, (x, y)).ghg)

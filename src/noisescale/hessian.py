@@ -143,6 +143,27 @@ def split_batch(batch: Batch, k: int) -> list[Batch]:
     return [type(batch)(col[j] for col in columns) for j in range(k)]  # type: ignore[call-arg]
 
 
+def _rebuild(seq: Sequence[Any], items: list[Any]) -> Sequence[Any]:
+    """A sequence of the batch's type holding ``items`` (a namedtuple takes them as fields)."""
+    if isinstance(seq, tuple) and hasattr(type(seq), "_fields"):
+        return type(seq)(*items)
+    return type(seq)(items)  # type: ignore[call-arg]
+
+
+def _map_examples(batch: Batch, fn: Callable[[Tensor], Tensor]) -> Batch:
+    """The batch with ``fn`` applied to each tensor whose dim 0 counts its examples."""
+    n = batch_size(batch)
+
+    def one(v: Any) -> Any:
+        return fn(v) if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v
+
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return {key: one(v) for key, v in batch.items()}
+    return _rebuild(batch, [one(v) for v in batch])
+
+
 # -- one measurement --------------------------------------------------------------------------
 
 
@@ -386,6 +407,84 @@ def _refuse_once_differentiable(loss: Tensor) -> None:
         stack.extend(nxt for nxt, _ in node.next_functions)
 
 
+_CHECK_EXAMPLES = 8  # examples of the first part that the loss-contract check uses
+
+
+def _check_mean_over_examples(
+    model: nn.Module, loss_fn: LossFn, part: Batch, params: list[nn.Parameter]
+) -> None:
+    """Refuse a loss that is not an equal-weight mean over the batch's examples, where a few
+    small, deterministic evaluations can tell.
+
+    Every estimate here assumes E[G_i] = G and cov(G_i) = Σ/n_i, which holds for the mean over
+    examples of per-example losses. On S, the first (at most 8) examples of ``part``:
+
+    * the loss of S repeated twice equals the loss of S for a mean and twice it for a sum (a sum
+      makes GᵀHG and tr(HΣ) n_i²·n_h times too large); anything else is not a mean over examples
+      (a loss that couples the examples, or one normalised by the batch);
+    * the gradient of S is the size-weighted mean of the gradients of its two halves for a mean
+      over examples, but not for a mean over tokens of sequences with unequal token counts
+      (Hugging Face's causal-LM loss with padding), which weighs each example by its tokens and
+      makes the parts' gradients depend on how the batch is split.
+
+    A loss that is not deterministic (dropout in train mode) is not checked: two evaluations of
+    S differ. The random-number generators are left as they were.
+    """
+    m = min(batch_size(part), _CHECK_EXAMPLES)
+    if m < 1:
+        return
+    s_batch = _map_examples(part, lambda v: v[:m])
+    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        with torch.no_grad():
+            l_s = loss_fn(model, s_batch)
+            _check_loss(l_s)
+            l_s, again = float(l_s), float(loss_fn(model, s_batch))
+            if l_s != again or not math.isfinite(l_s) or l_s == 0.0:
+                return  # random (dropout), or nothing to compare
+            l_ss = float(loss_fn(model, _map_examples(s_batch, lambda v: torch.cat([v, v]))))
+        low = min(torch.finfo(p.dtype).eps for p in params if p.is_floating_point())
+        tol = 2e-2 if low < 1e-3 else 0.25  # bfloat16/float16 parameters: coarser round-off
+        if abs(l_ss - 2.0 * l_s) <= tol * abs(l_s):
+            raise NoiseScaleInputError(
+                f"loss_fn returns a sum over the examples, not their mean: the loss of {m} "
+                f"examples is {l_s:.6g} and of the same examples twice {l_ss:.6g} (a mean would "
+                "not change). GᵀHG and tr(HΣ) would come out (part size)²·(Hessian batch size) "
+                "times too large, eps_max and delta_l_max off by as much. Return the mean over "
+                "the batch's examples (reduction='mean', loss.mean())"
+            )
+        if abs(l_ss - l_s) > tol * max(abs(l_s), abs(l_ss)):
+            raise NoiseScaleInputError(
+                "loss_fn does not return a mean over the batch's examples: the loss of "
+                f"{m} examples is {l_s:.6g} but of the same examples twice {l_ss:.6g} (a mean "
+                "would not change). A loss that couples the examples (in-batch negatives, a "
+                "normalisation by the batch) has no per-example gradients, and B_noise "
+                "assumes them. Return the mean over the examples of per-example losses"
+            )
+        if m < 4:  # halves of one example: not every loss_fn takes them
+            return
+        h = m // 2
+        g_a = _mean_gradient(loss_fn, model, _map_examples(s_batch, lambda v: v[:h]), params)
+        g_b = _mean_gradient(loss_fn, model, _map_examples(s_batch, lambda v: v[h:]), params)
+        g_s = _mean_gradient(loss_fn, model, s_batch, params)
+    mixed = [(h * a.double() + (m - h) * b.double()) / m for a, b in zip(g_a, g_b, strict=True)]
+    diff = [s.double() - x for s, x in zip(g_s, mixed, strict=True)]
+    scale = max(_dots(g, g) for g in (g_a, g_b, g_s))
+    if scale > 0 and _dots(diff, diff) > tol**2 * scale:
+        raise NoiseScaleInputError(
+            "loss_fn is not an equal-weight mean over the batch's examples of per-example "
+            f"losses: the gradient of {m} examples differs from the mean of its two halves' "
+            f"gradients by {math.sqrt(_dots(diff, diff) / scale):.2g} of its norm, so the "
+            "parts' gradients, hence GᵀHG and tr(HΣ), would depend on how the batch is split. "
+            "A mean over tokens of sequences with unequal token counts (Hugging Face's "
+            "causal-LM .loss with padding) weighs each example by its tokens (|G|² came out "
+            "3.5x too large with parts of one example): use a per-example mean loss, each "
+            "sequence's mean over its own tokens, then the mean over the sequences. A loss "
+            "that couples the examples (a normalisation by the batch's statistics) has no "
+            "per-example gradients at all"
+        )
+
+
 def _measure_b_noise(
     model: nn.Module,
     loss_fn: LossFn,
@@ -406,6 +505,7 @@ def _measure_b_noise(
             )
         grad_parts = split_batch(batch, splits)
     sizes = [batch_size(p) for p in grad_parts]
+    _check_mean_over_examples(model, loss_fn, grad_parts[0], params)
     grads = [_mean_gradient(loss_fn, model, part, params) for part in grad_parts]
 
     loss_h = loss_fn(model, hessian_batch)
