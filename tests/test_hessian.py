@@ -8,6 +8,8 @@ Unbiasedness is checked as |mean − truth| ≤ 4 standard errors of the mean ov
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import math
 
 import numpy as np
@@ -321,7 +323,7 @@ def test_bad_input():
     prob = Quadratic()
     with pytest.raises(NoiseScaleInputError, match="splits"):
         measure_b_noise(prob.model, prob.loss_fn, prob.sample(8), splits=1)
-    with pytest.raises(NoiseScaleInputError, match="cannot split"):
+    with pytest.raises(NoiseScaleInputError, match="cannot give splits=2"):
         measure_b_noise(prob.model, prob.loss_fn, prob.sample(2), splits=2)
     with pytest.raises(NoiseScaleInputError, match="mean loss"):
         measure_b_noise(prob.model, lambda m, x: m(x).sum(1), prob.sample(8))
@@ -533,3 +535,68 @@ def test_the_loss_check_leaves_dropout_alone():
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3))
     x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
     assert math.isfinite(measure_b_noise(model, _ce, (x, y)).ghg)
+
+
+def test_splits_message_per_example_parts_and_namedtuple_batches():
+    """The default Hessian batch takes a part of its own, and the message says so (it read
+    "into 3 parts" for splits=2); per-example parts work with an explicit Hessian batch; a
+    namedtuple batch is split into namedtuples (it crashed in __new__) and measured exactly as
+    the plain tuple."""
+    prob = Quadratic()
+    with pytest.raises(NoiseScaleInputError, match=r"2 examples cannot give splits=2 .*hessian_"):
+        measure_b_noise(prob.model, prob.loss_fn, prob.sample(2), splits=2)
+    x, h = prob.sample(8), prob.sample(8)
+    per_example = measure_b_noise(prob.model, prob.loss_fn, x, hessian_batch=h, splits=8)
+    assert math.isfinite(per_example.ghg)
+
+    Pair = collections.namedtuple("Pair", "x y")
+    model, (xs, _, ys) = _token_problem()
+
+    def loss_fn(m, b):
+        return _ce(m, (b[0][:, 0], b[1][:, 0]))
+
+    parts = split_batch(Pair(xs, ys), 3)
+    assert all(isinstance(p, Pair) for p in parts) and torch.equal(parts[2].x, xs[16:])
+    a = measure_b_noise(model, loss_fn, Pair(xs, ys))
+    b = measure_b_noise(model, loss_fn, (xs, ys))
+    assert a == b
+
+
+def test_b_noise_not_available_says_why():
+    """nan B_noise came without a reason when the averaged tr(HΣ) was ≤ 0 (as for GᵀHG ≤ 0)."""
+    prob = Quadratic()
+    bn = BNoiseTracker(prob.model, prob.loss_fn, beta=1.0)
+    assert bn.estimate().reason == "no measurement yet"
+    one = measure_b_noise(prob.model, prob.loss_fn, prob.sample(24))
+    for ghg, tr, what in [(0.025, -0.2, "tr(HΣ) is -0.2"), (-0.01, 1.0, "GᵀHG is -0.01")]:
+        fresh = BNoiseTracker(prob.model, prob.loss_fn, beta=1.0)
+        for _ in range(3):
+            fresh.update(dataclasses.replace(one, ghg=ghg, trace_h_sigma=tr))
+        e = fresh.estimate()
+        assert math.isnan(e.b_noise) and (e.low, e.high) == (0.0, math.inf)
+        assert what in e.reason and "not positive" in e.reason
+    bn.update(one)
+    assert bn.estimate().reason == "" or "not positive" in bn.estimate().reason
+
+
+def test_tracker_state_keeps_history_and_refuses_another_beta():
+    """Resuming kept the estimates but dropped the history (2 records against 4) and silently
+    replaced the constructor's beta with the state's."""
+    prob = Quadratic(seed=1)
+    bn = BNoiseTracker(prob.model, prob.loss_fn, beta=0.8)
+    for _ in range(2):
+        bn.step(prob.sample(24))
+    resumed = BNoiseTracker(prob.model, prob.loss_fn, beta=0.8)
+    resumed.load_state_dict(bn.state_dict())
+    for _ in range(2):
+        batch = prob.sample(24)
+        bn.step(batch)
+        resumed.step(batch)
+
+    def records(tracker):  # the time taken aside; nan compares by its repr
+        return repr([{k: v for k, v in r.items() if k != "seconds"} for r in tracker.history])
+
+    assert records(resumed) == records(bn) and len(bn.history) == 4
+    assert resumed.estimate() == bn.estimate()
+    with pytest.raises(NoiseScaleInputError, match=r"beta=0\.8 but this tracker was built with"):
+        BNoiseTracker(prob.model, prob.loss_fn, beta=0.5).load_state_dict(bn.state_dict())

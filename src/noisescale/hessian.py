@@ -123,7 +123,7 @@ def split_batch(batch: Batch, k: int) -> list[Batch]:
     """Split a batch into ``k`` disjoint parts along dim 0 (sizes differ by at most one).
 
     Tensors whose dim 0 is the batch size are split; anything else (a scalar, a shared tensor) is
-    passed to every part unchanged.
+    passed to every part unchanged. Each part has the batch's type (a namedtuple stays one).
     """
     n = batch_size(batch)
     if not 1 <= k <= n:
@@ -140,7 +140,7 @@ def split_batch(batch: Batch, k: int) -> list[Batch]:
         split = {key: parts(v) for key, v in batch.items()}
         return [{key: split[key][j] for key in batch} for j in range(k)]
     columns = [parts(v) for v in batch]
-    return [type(batch)(col[j] for col in columns) for j in range(k)]  # type: ignore[call-arg]
+    return [_rebuild(batch, [col[j] for col in columns]) for j in range(k)]
 
 
 def _rebuild(seq: Sequence[Any], items: list[Any]) -> Sequence[Any]:
@@ -172,7 +172,8 @@ class BNoiseEstimate:
     """B_noise (eq. 2.8) and B_simple (eq. 2.9) from the same gradients, with their parts.
 
     Attributes:
-        b_noise: tr(HΣ)/GᵀHG in examples; ``nan`` while the (averaged) GᵀHG ≤ 0.
+        b_noise: tr(HΣ)/GᵀHG in examples; ``nan`` while the (averaged) GᵀHG or tr(HΣ) is not
+            positive (``reason`` says which; the interval is then [0, ∞)).
         low: Lower end of the confidence interval for B_noise (``nan`` with one measurement).
         high: Upper end (``inf`` when GᵀHG is not yet distinguishable from zero).
         ghg: Unbiased estimate of GᵀHG.
@@ -185,6 +186,7 @@ class BNoiseEstimate:
         confidence: Nominal coverage of the intervals.
         steps: Measurements averaged.
         effective_steps: Kish effective number of measurements under the EMA weights.
+        reason: Why B_noise is not available (empty when it is).
     """
 
     b_noise: float
@@ -200,6 +202,7 @@ class BNoiseEstimate:
     confidence: float = 0.95
     steps: int = 1
     effective_steps: float = 1.0
+    reason: str = ""
 
     @property
     def available(self) -> bool:
@@ -239,6 +242,20 @@ def _estimate(
 ) -> BNoiseEstimate:
     h = est.b_simple_interval(hessian, confidence)
     s = est.b_simple_interval(simple, confidence)
+    reason = h.reason and "no measurement yet"
+    if h.steps and not h.g2 > 0:
+        reason = (
+            f"the averaged GᵀHG is {h.g2:.3g}, not positive: the curvature along the gradient "
+            "is not yet distinguishable from the noise (more measurements or larger parts will "
+            "resolve it), or the loss is not convex along the gradient, where B_noise is not "
+            "defined"
+        )
+    elif h.steps and not h.trace_sigma > 0:
+        reason = (
+            f"the averaged tr(HΣ) is {h.trace_sigma:.3g}, not positive: the parts' own quadratic "
+            "forms are too noisy for the measurements so far to separate the noise (more "
+            "measurements or larger parts will resolve it)"
+        )
     return BNoiseEstimate(
         b_noise=h.b_simple,
         low=h.low,
@@ -253,6 +270,7 @@ def _estimate(
         confidence=confidence,
         steps=h.steps,
         effective_steps=h.effective_steps,
+        reason=reason,
     )
 
 
@@ -334,8 +352,10 @@ def measure_b_noise(
             with the examples along dim 0).
         hessian_batch: Examples for the Hessian-vector products, independent of ``batch``. When
             ``None``, ``batch`` is split into ``splits + 1`` parts and the last one is used.
-        splits: Number of gradient parts k ≥ 2 (k HVPs); ``splits = len(batch)`` uses
-            per-example gradients (b_small = 1) at the cost of one HVP per example.
+        splits: Number of gradient parts k ≥ 2 (k HVPs). With an explicit ``hessian_batch``,
+            ``splits = len(batch)`` uses per-example gradients (b_small = 1) at the cost of one
+            HVP per example; with ``hessian_batch=None`` the batch must hold at least
+            ``splits + 1`` examples (``splits = len(batch) - 1`` at most).
 
     Returns:
         A single-measurement :class:`BNoiseEstimate` (``steps == 1``, no interval); average many
@@ -494,6 +514,13 @@ def _measure_b_noise(
     params: list[nn.Parameter],
 ) -> BNoiseEstimate:
     if hessian_batch is None:
+        n = batch_size(batch)
+        if n < splits + 1:
+            raise NoiseScaleInputError(
+                f"a batch of {n} examples cannot give splits={splits} gradient parts and a "
+                f"Hessian batch (it is split into splits + 1 = {splits + 1} parts, the last for "
+                "the Hessian): pass a larger batch, or the Hessian's examples as hessian_batch="
+            )
         *grad_parts, hessian_batch = split_batch(batch, splits + 1)
     else:
         if batch_size(hessian_batch) == 0:
@@ -607,6 +634,7 @@ class BNoiseTracker:
         self.tracker = tracker
         self.calls = 0
         self.seconds = 0.0
+        self.beta = beta
         self._hessian = est.init_state(beta)
         self._simple = est.init_state(beta)
         self.history: list[dict[str, Any]] = []
@@ -659,18 +687,34 @@ class BNoiseTracker:
         return _estimate(self._hessian, self._simple, self.confidence)
 
     def state_dict(self) -> dict[str, Any]:
+        """The averages, the call count and time, and the history (all that resuming needs)."""
         return {
             "hessian": self._hessian._asdict(),
             "simple": self._simple._asdict(),
             "calls": self.calls,
             "seconds": self.seconds,
+            "history": [dict(r) for r in self.history],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: estimates, ``calls`` and ``history`` continue exactly.
+
+        The state's EMAs were built with its ``beta``; a tracker constructed with another one is
+        refused rather than silently switched to the state's. A state saved before the history
+        was kept resumes with an empty history.
+        """
+        saved_beta = float(state["hessian"]["beta"])
+        if saved_beta != self.beta:
+            raise NoiseScaleInputError(
+                f"the state was averaged with beta={saved_beta} but this tracker was built with "
+                f"beta={self.beta}; construct it with beta={saved_beta} to resume (the EMAs "
+                "cannot change their decay midway)"
+            )
         self._hessian = est.NoiseScaleState(**state["hessian"])
         self._simple = est.NoiseScaleState(**state["simple"])
         self.calls = int(state["calls"])
         self.seconds = float(state["seconds"])
+        self.history = [dict(r) for r in state.get("history", [])]
 
 
 # -- the line-search method (sec. 2.2) --------------------------------------------------------
