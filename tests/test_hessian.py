@@ -486,6 +486,12 @@ def test_a_sum_loss_is_refused():
 
     with pytest.raises(NoiseScaleInputError, match="sum over the examples, not their mean"):
         measure_b_noise(prob.model, summed, prob.sample(24))
+    with pytest.raises(NoiseScaleInputError, match="sum over the examples, not their mean"):
+        BNoiseTracker(prob.model, summed).step(prob.sample(24))  # its first measurement checks
+    # unchecked, the sum is measured (8²·8 = 512 times GᵀHG: parts of 8, Hessian batch of 8)
+    x = prob.sample(24)
+    scaled = measure_b_noise(prob.model, summed, x, check_loss=False)
+    assert scaled.ghg == pytest.approx(512 * measure_b_noise(prob.model, prob.loss_fn, x).ghg)
 
 
 def _token_problem():
