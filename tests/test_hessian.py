@@ -527,6 +527,14 @@ def test_a_token_mean_over_unequal_lengths_is_refused_per_example_mean_accepted(
 
     with pytest.raises(NoiseScaleInputError, match="per-example mean loss"):
         measure_b_noise(model, token_mean, (x, mask, y))
+    with pytest.raises(NoiseScaleInputError, match="per-example mean loss"):  # parts of one
+        measure_b_noise(
+            model,
+            token_mean,
+            (x[:8], mask[:8], y[:8]),
+            hessian_batch=(x[8:], mask[8:], y[8:]),
+            splits=8,
+        )
     assert math.isfinite(measure_b_noise(model, example_mean, (x, mask, y)).ghg)
     full = torch.ones_like(mask)
     a = measure_b_noise(model, token_mean, (x, full, y))

@@ -432,17 +432,18 @@ def _refuse_once_differentiable(loss: Tensor) -> None:
         stack.extend(nxt for nxt, _ in node.next_functions)
 
 
-_CHECK_EXAMPLES = 8  # examples of the first part that the loss-contract check uses
+_CHECK_EXAMPLES = 8  # examples of the batch that the loss-contract check uses
 
 
 def _check_mean_over_examples(
-    model: nn.Module, loss_fn: LossFn, part: Batch, params: list[nn.Parameter]
+    model: nn.Module, loss_fn: LossFn, batch: Batch, params: list[nn.Parameter]
 ) -> None:
     """Refuse a loss that is not an equal-weight mean over the batch's examples, where a few
     small, deterministic evaluations can tell.
 
     Every estimate here assumes E[G_i] = G and cov(G_i) = Σ/n_i, which holds for the mean over
-    examples of per-example losses. On S, the first (at most 8) examples of ``part``:
+    examples of per-example losses. On S, the first (at most 8) examples of ``batch`` (the
+    function is checked, not the parts: parts of one example are checked too):
 
     * the loss of S repeated twice equals the loss of S for a mean and twice it for a sum (a sum
       makes GᵀHG and tr(HΣ) n_i²·n_h times too large); anything else is not a mean over examples
@@ -455,10 +456,10 @@ def _check_mean_over_examples(
     A loss that is not deterministic (dropout in train mode) is not checked: two evaluations of
     S differ. The random-number generators are left as they were.
     """
-    m = min(batch_size(part), _CHECK_EXAMPLES)
+    m = min(batch_size(batch), _CHECK_EXAMPLES)
     if m < 1:
         return
-    s_batch = _map_examples(part, lambda v: v[:m])
+    s_batch = _map_examples(batch, lambda v: v[:m])
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):
         with torch.no_grad():
@@ -539,7 +540,7 @@ def _measure_b_noise(
         grad_parts = split_batch(batch, splits)
     sizes = [batch_size(p) for p in grad_parts]
     if check_loss:
-        _check_mean_over_examples(model, loss_fn, grad_parts[0], params)
+        _check_mean_over_examples(model, loss_fn, batch, params)
     grads = [_mean_gradient(loss_fn, model, part, params) for part in grad_parts]
 
     loss_h = loss_fn(model, hessian_batch)
