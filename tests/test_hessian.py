@@ -614,3 +614,18 @@ def test_tracker_state_keeps_history_and_refuses_another_beta():
     assert resumed.estimate() == bn.estimate()
     with pytest.raises(NoiseScaleInputError, match=r"beta=0\.8 but this tracker was built with"):
         BNoiseTracker(prob.model, prob.loss_fn, beta=0.5).load_state_dict(bn.state_dict())
+
+
+def test_the_loss_check_cuts_only_the_examples():
+    """A tensor shared by all examples (class weights) that happens to have as many rows as
+    the check's examples is passed whole, as the parts get it."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 8)
+    batch = {"x": torch.randn(24, 4), "y": torch.randint(0, 8, (24,)), "w": torch.rand(8) + 0.5}
+
+    def loss_fn(m, b):
+        return nn.functional.cross_entropy(
+            m(b["x"]), b["y"], weight=b["w"], reduction="none"
+        ).mean()
+
+    assert math.isfinite(measure_b_noise(model, loss_fn, batch).ghg)

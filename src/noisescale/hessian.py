@@ -468,7 +468,7 @@ def _check_mean_over_examples(
             l_s, again = float(l_s), float(loss_fn(model, s_batch))
             if l_s != again or not math.isfinite(l_s) or l_s == 0.0:
                 return  # random (dropout), or nothing to compare
-            l_ss = float(loss_fn(model, _map_examples(s_batch, lambda v: torch.cat([v, v]))))
+            l_ss = float(loss_fn(model, _map_examples(batch, lambda v: torch.cat([v[:m], v[:m]]))))
         low = min(torch.finfo(p.dtype).eps for p in params if p.is_floating_point())
         tol = 2e-2 if low < 1e-3 else 0.25  # bfloat16/float16 parameters: coarser round-off
         if abs(l_ss - 2.0 * l_s) <= tol * abs(l_s):
@@ -490,8 +490,10 @@ def _check_mean_over_examples(
         if m < 4:  # halves of one example: not every loss_fn takes them
             return
         h = m // 2
-        g_a = _mean_gradient(loss_fn, model, _map_examples(s_batch, lambda v: v[:h]), params)
-        g_b = _mean_gradient(loss_fn, model, _map_examples(s_batch, lambda v: v[h:]), params)
+        # every part is cut from the batch itself: a tensor that is not per-example but happens
+        # to have m rows must not be cut
+        g_a = _mean_gradient(loss_fn, model, _map_examples(batch, lambda v: v[:h]), params)
+        g_b = _mean_gradient(loss_fn, model, _map_examples(batch, lambda v: v[h:m]), params)
         g_s = _mean_gradient(loss_fn, model, s_batch, params)
     mixed = [(h * a.double() + (m - h) * b.double()) / m for a, b in zip(g_a, g_b, strict=True)]
     diff = [s.double() - x for s, x in zip(g_s, mixed, strict=True)]
