@@ -629,3 +629,18 @@ def test_the_loss_check_cuts_only_the_examples():
         ).mean()
 
     assert math.isfinite(measure_b_noise(model, loss_fn, batch).ghg)
+
+
+def test_line_search_puts_back_train_eval_flags_its_loss_changed():
+    """A loss_fn that switches the model to eval mode (to evaluate without dropout) leaves
+    the model in train mode after the line search, as it was."""
+    model, x, y = _bn_model_and_data()
+    params = list(model.parameters())
+    dirs = [[g.detach() for g in torch.autograd.grad(_ce(model, (x[:16], y[:16])), params)]]
+
+    def eval_loss(m, b):
+        m.eval()
+        return _ce(m, b)
+
+    line_search(model, eval_loss, dirs, (x, y))
+    assert all(m.training for m in model.modules())
