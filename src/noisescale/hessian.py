@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -73,6 +73,33 @@ class _Pausable(Protocol):
     def paused(self) -> AbstractContextManager[None]: ...
 
 
+@contextmanager
+def _model_state_kept(model: nn.Module) -> Iterator[None]:
+    """Every buffer (BatchNorm's running statistics and ``num_batches_tracked``, persistent or
+    not) and every module's ``training`` flag exactly as they were, whatever the body did.
+
+    A forward in train mode updates BatchNorm's running statistics; the measurements here run
+    many forwards (at perturbed parameters, for the line search) that are not training. The
+    buffer objects are put back too, in case the body replaced one.
+    """
+    buffers = [
+        (module, name, buf, buf.detach().clone())
+        for module in model.modules()
+        for name, buf in module._buffers.items()
+        if buf is not None
+    ]
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, name, buf, saved in buffers:
+                module._buffers[name] = buf
+                buf.copy_(saved)
+        for module, training in flags:
+            module.training = training
+
+
 # -- batches ----------------------------------------------------------------------------------
 
 
@@ -96,7 +123,7 @@ def split_batch(batch: Batch, k: int) -> list[Batch]:
     """Split a batch into ``k`` disjoint parts along dim 0 (sizes differ by at most one).
 
     Tensors whose dim 0 is the batch size are split; anything else (a scalar, a shared tensor) is
-    passed to every part unchanged.
+    passed to every part unchanged. Each part has the batch's type (a namedtuple stays one).
     """
     n = batch_size(batch)
     if not 1 <= k <= n:
@@ -113,7 +140,28 @@ def split_batch(batch: Batch, k: int) -> list[Batch]:
         split = {key: parts(v) for key, v in batch.items()}
         return [{key: split[key][j] for key in batch} for j in range(k)]
     columns = [parts(v) for v in batch]
-    return [type(batch)(col[j] for col in columns) for j in range(k)]  # type: ignore[call-arg]
+    return [_rebuild(batch, [col[j] for col in columns]) for j in range(k)]
+
+
+def _rebuild(seq: Sequence[Any], items: list[Any]) -> Sequence[Any]:
+    """A sequence of the batch's type holding ``items`` (a namedtuple takes them as fields)."""
+    if isinstance(seq, tuple) and hasattr(type(seq), "_fields"):
+        return type(seq)(*items)
+    return type(seq)(items)  # type: ignore[call-arg]
+
+
+def _map_examples(batch: Batch, fn: Callable[[Tensor], Tensor]) -> Batch:
+    """The batch with ``fn`` applied to each tensor whose dim 0 counts its examples."""
+    n = batch_size(batch)
+
+    def one(v: Any) -> Any:
+        return fn(v) if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v
+
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return {key: one(v) for key, v in batch.items()}
+    return _rebuild(batch, [one(v) for v in batch])
 
 
 # -- one measurement --------------------------------------------------------------------------
@@ -124,7 +172,8 @@ class BNoiseEstimate:
     """B_noise (eq. 2.8) and B_simple (eq. 2.9) from the same gradients, with their parts.
 
     Attributes:
-        b_noise: tr(HΣ)/GᵀHG in examples; ``nan`` while the (averaged) GᵀHG ≤ 0.
+        b_noise: tr(HΣ)/GᵀHG in examples; ``nan`` while the (averaged) GᵀHG or tr(HΣ) is not
+            positive (``reason`` says which; the interval is then [0, ∞)).
         low: Lower end of the confidence interval for B_noise (``nan`` with one measurement).
         high: Upper end (``inf`` when GᵀHG is not yet distinguishable from zero).
         ghg: Unbiased estimate of GᵀHG.
@@ -137,6 +186,7 @@ class BNoiseEstimate:
         confidence: Nominal coverage of the intervals.
         steps: Measurements averaged.
         effective_steps: Kish effective number of measurements under the EMA weights.
+        reason: Why B_noise is not available (empty when it is).
     """
 
     b_noise: float
@@ -152,6 +202,7 @@ class BNoiseEstimate:
     confidence: float = 0.95
     steps: int = 1
     effective_steps: float = 1.0
+    reason: str = ""
 
     @property
     def available(self) -> bool:
@@ -191,6 +242,20 @@ def _estimate(
 ) -> BNoiseEstimate:
     h = est.b_simple_interval(hessian, confidence)
     s = est.b_simple_interval(simple, confidence)
+    reason = h.reason and "no measurement yet"
+    if h.steps and not h.g2 > 0:
+        reason = (
+            f"the averaged GᵀHG is {h.g2:.3g}, not positive: the curvature along the gradient "
+            "is not yet distinguishable from the noise (more measurements or larger parts will "
+            "resolve it), or the loss is not convex along the gradient, where B_noise is not "
+            "defined"
+        )
+    elif h.steps and not h.trace_sigma > 0:
+        reason = (
+            f"the averaged tr(HΣ) is {h.trace_sigma:.3g}, not positive: the parts' own quadratic "
+            "forms are too noisy for the measurements so far to separate the noise (more "
+            "measurements or larger parts will resolve it)"
+        )
     return BNoiseEstimate(
         b_noise=h.b_simple,
         low=h.low,
@@ -205,6 +270,7 @@ def _estimate(
         confidence=confidence,
         steps=h.steps,
         effective_steps=h.effective_steps,
+        reason=reason,
     )
 
 
@@ -261,6 +327,7 @@ def measure_b_noise(
     *,
     hessian_batch: Batch | None = None,
     splits: int = 2,
+    check_loss: bool = True,
 ) -> BNoiseEstimate:
     """One unbiased measurement of GᵀHG and tr(HΣ), hence B_noise (eq. 2.8), at the current θ.
 
@@ -271,50 +338,240 @@ def measure_b_noise(
     products G_iᵀG_j give |G|² and tr(Σ), hence B_simple from the same examples.
 
     Args:
-        model: The model (any mode; dropout makes each loss evaluation a different function).
+        model: The model. Dropout in train mode makes each loss evaluation a different function
+            (the estimates are then those of the population of examples × dropout masks).
+            BatchNorm must use its running statistics — ``model.eval()`` around the
+            measurement — or the call is refused: with batch statistics each part's gradient
+            depends on the part, not only on the model. Every buffer and train/eval flag is
+            left as it was.
         loss_fn: ``loss_fn(model, batch)`` → the mean loss over the batch's examples. It must be
-            twice differentiable (double backward through the model).
+            twice differentiable (double backward through the model): a custom
+            ``autograd.Function`` marked ``@once_differentiable`` in its graph is refused, and so
+            is an op without a double backward (Hugging Face models: load them with
+            ``attn_implementation="eager"``).
         batch: The examples whose gradients are measured (a tensor, a tuple or a dict of tensors
             with the examples along dim 0).
         hessian_batch: Examples for the Hessian-vector products, independent of ``batch``. When
             ``None``, ``batch`` is split into ``splits + 1`` parts and the last one is used.
-        splits: Number of gradient parts k ≥ 2 (k HVPs); ``splits = len(batch)`` uses
-            per-example gradients (b_small = 1) at the cost of one HVP per example.
+        splits: Number of gradient parts k ≥ 2 (k HVPs). With an explicit ``hessian_batch``,
+            ``splits = len(batch)`` uses per-example gradients (b_small = 1) at the cost of one
+            HVP per example; with ``hessian_batch=None`` the batch must hold at least
+            ``splits + 1`` examples (``splits = len(batch) - 1`` at most).
+        check_loss: Check on a few examples that ``loss_fn`` is a mean over the examples (a sum,
+            or a mean over tokens of sequences of unequal length, is refused). It costs a few
+            small passes (a third more on a small MLP); :class:`BNoiseTracker` checks its
+            measurements 1, 2, 4, 8, … and every 1024th.
 
     Returns:
         A single-measurement :class:`BNoiseEstimate` (``steps == 1``, no interval); average many
         with :class:`BNoiseTracker` before trusting the ratio (single-step GᵀHG is often ≤ 0).
 
     Raises:
-        NoiseScaleInputError: for ``splits < 2``, a batch too small to split, or a bad loss.
+        NoiseScaleInputError: for ``splits < 2``, a batch too small to split, an empty
+            ``hessian_batch``, a BatchNorm using batch statistics, a loss that is not twice
+            differentiable, or a bad loss.
     """
     if splits < 2:
         raise NoiseScaleInputError(
             f"splits must be at least 2 (got {splits}): GᵀHG comes from cross terms between parts"
         )
     params = _params_of(model)
+    _refuse_batch_statistics(model)
+    with _model_state_kept(model):
+        return _measure_b_noise(model, loss_fn, batch, hessian_batch, splits, params, check_loss)
+
+
+def _refuse_batch_statistics(model: nn.Module) -> None:
+    """Refuse a BatchNorm that normalises with the statistics of the batch it is given."""
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        if module.training or module.running_mean is None or module.running_var is None:
+            why = "in train mode" if module.training else "without running statistics"
+            raise NoiseScaleInputError(
+                f"module '{name or type(model).__name__}' ({type(module).__name__}, {why}) "
+                "normalises each forward with the statistics of the batch it is given: each "
+                "part's gradient would use that part's own statistics, so the parts are not "
+                "independent draws of one gradient and GᵀHG and tr(HΣ) would depend on the part "
+                "size (splits), not only on the model. Measure B_noise in eval mode — "
+                "model.eval() before the measurement (BatchNorm then uses its running "
+                "statistics; dropout is off), model.train() after — or use a normalisation "
+                "without batch statistics (GroupNorm, LayerNorm)"
+            )
+
+
+_ONCE_DIFFERENTIABLE_CODE = torch.autograd.function.once_differentiable(lambda ctx: None).__code__
+
+
+def _refuse_once_differentiable(loss: Tensor) -> None:
+    """Refuse a loss whose graph holds a custom ``autograd.Function`` whose backward is
+    ``@once_differentiable``: torch lets the double backward pass through it without a word
+    (its outputs' double-backward node leads to a detached copy), so the Hessian-vector
+    products would silently lose the curvature that flows through the op."""
+    seen: set[Any] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        forward_cls = getattr(node, "_forward_cls", None)
+        if forward_cls is not None:
+            for attr in ("backward", "vjp"):
+                fn = getattr(forward_cls, attr, None)
+                if getattr(fn, "__code__", None) is _ONCE_DIFFERENTIABLE_CODE:
+                    raise NoiseScaleInputError(
+                        f"the loss passes through {forward_cls.__module__}."
+                        f"{forward_cls.__qualname__}, a custom autograd.Function whose backward "
+                        "is marked @once_differentiable: B_noise needs Hessian-vector products "
+                        "(double backward), and torch would silently leave out the curvature "
+                        "that passes through this op instead of raising. Use an implementation "
+                        "that is twice differentiable (plain torch operations, or a Function "
+                        "whose backward is itself differentiable) for the measurement"
+                    )
+        stack.extend(nxt for nxt, _ in node.next_functions)
+
+
+_CHECK_EXAMPLES = 8  # examples of the batch that the loss-contract check uses
+
+
+def _check_mean_over_examples(
+    model: nn.Module, loss_fn: LossFn, batch: Batch, params: list[nn.Parameter]
+) -> None:
+    """Refuse a loss that is not an equal-weight mean over the batch's examples, where a few
+    small, deterministic evaluations can tell.
+
+    Every estimate here assumes E[G_i] = G and cov(G_i) = Σ/n_i, which holds for the mean over
+    examples of per-example losses. On S, the first (at most 8) examples of ``batch`` (the
+    function is checked, not the parts: parts of one example are checked too):
+
+    * the loss of S repeated twice equals the loss of S for a mean and twice it for a sum (a sum
+      makes GᵀHG and tr(HΣ) n_i²·n_h times too large); anything else is not a mean over examples
+      (a loss that couples the examples, or one normalised by the batch);
+    * the gradient of S is the size-weighted mean of the gradients of its two halves for a mean
+      over examples, but not for a mean over tokens of sequences with unequal token counts
+      (Hugging Face's causal-LM loss with padding), which weighs each example by its tokens and
+      makes the parts' gradients depend on how the batch is split.
+
+    A loss that is not deterministic (dropout in train mode) is not checked: two evaluations of
+    S differ. The random-number generators are left as they were.
+    """
+    m = min(batch_size(batch), _CHECK_EXAMPLES)
+    if m < 1:
+        return
+    s_batch = _map_examples(batch, lambda v: v[:m])
+    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        with torch.no_grad():
+            l_s = loss_fn(model, s_batch)
+            _check_loss(l_s)
+            l_s, again = float(l_s), float(loss_fn(model, s_batch))
+            if l_s != again or not math.isfinite(l_s) or l_s == 0.0:
+                return  # random (dropout), or nothing to compare
+            l_ss = float(loss_fn(model, _map_examples(batch, lambda v: torch.cat([v[:m], v[:m]]))))
+        low = min(torch.finfo(p.dtype).eps for p in params if p.is_floating_point())
+        tol = 2e-2 if low < 1e-3 else 0.25  # bfloat16/float16 parameters: coarser round-off
+        if abs(l_ss - 2.0 * l_s) <= tol * abs(l_s):
+            raise NoiseScaleInputError(
+                f"loss_fn returns a sum over the examples, not their mean: the loss of {m} "
+                f"examples is {l_s:.6g} and of the same examples twice {l_ss:.6g} (a mean would "
+                "not change). GᵀHG and tr(HΣ) would come out (part size)²·(Hessian batch size) "
+                "times too large, eps_max and delta_l_max off by as much. Return the mean over "
+                "the batch's examples (reduction='mean', loss.mean())"
+            )
+        if abs(l_ss - l_s) > tol * max(abs(l_s), abs(l_ss)):
+            raise NoiseScaleInputError(
+                "loss_fn does not return a mean over the batch's examples: the loss of "
+                f"{m} examples is {l_s:.6g} but of the same examples twice {l_ss:.6g} (a mean "
+                "would not change). A loss that couples the examples (in-batch negatives, a "
+                "normalisation by the batch) has no per-example gradients, and B_noise "
+                "assumes them. Return the mean over the examples of per-example losses"
+            )
+        if m < 4:  # halves of one example: not every loss_fn takes them
+            return
+        h = m // 2
+        # every part is cut from the batch itself: a tensor that is not per-example but happens
+        # to have m rows must not be cut
+        g_a = _mean_gradient(loss_fn, model, _map_examples(batch, lambda v: v[:h]), params)
+        g_b = _mean_gradient(loss_fn, model, _map_examples(batch, lambda v: v[h:m]), params)
+        g_s = _mean_gradient(loss_fn, model, s_batch, params)
+    mixed = [(h * a.double() + (m - h) * b.double()) / m for a, b in zip(g_a, g_b, strict=True)]
+    diff = [s.double() - x for s, x in zip(g_s, mixed, strict=True)]
+    scale = max(_dots(g, g) for g in (g_a, g_b, g_s))
+    if scale > 0 and _dots(diff, diff) > tol**2 * scale:
+        raise NoiseScaleInputError(
+            "loss_fn is not an equal-weight mean over the batch's examples of per-example "
+            f"losses: the gradient of {m} examples differs from the mean of its two halves' "
+            f"gradients by {math.sqrt(_dots(diff, diff) / scale):.2g} of its norm, so the "
+            "parts' gradients, hence GᵀHG and tr(HΣ), would depend on how the batch is split. "
+            "A mean over tokens of sequences with unequal token counts (Hugging Face's "
+            "causal-LM .loss with padding) weighs each example by its tokens (|G|² came out "
+            "3.5x too large with parts of one example): use a per-example mean loss, each "
+            "sequence's mean over its own tokens, then the mean over the sequences. A loss "
+            "that couples the examples (a normalisation by the batch's statistics) has no "
+            "per-example gradients at all"
+        )
+
+
+def _measure_b_noise(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    hessian_batch: Batch | None,
+    splits: int,
+    params: list[nn.Parameter],
+    check_loss: bool,
+) -> BNoiseEstimate:
     if hessian_batch is None:
+        n = batch_size(batch)
+        if n < splits + 1:
+            raise NoiseScaleInputError(
+                f"a batch of {n} examples cannot give splits={splits} gradient parts and a "
+                f"Hessian batch (it is split into splits + 1 = {splits + 1} parts, the last for "
+                "the Hessian): pass a larger batch, or the Hessian's examples as hessian_batch="
+            )
         *grad_parts, hessian_batch = split_batch(batch, splits + 1)
     else:
+        if batch_size(hessian_batch) == 0:
+            raise NoiseScaleInputError(
+                "hessian_batch holds no examples: the Hessian of a mean over no examples is not "
+                "defined (its loss is nan and its gradient zero, which would be taken as a "
+                "measurement of GᵀHG = tr(HΣ) = 0). Pass a non-empty batch (a loader's short "
+                "last batch can be empty), or hessian_batch=None"
+            )
         grad_parts = split_batch(batch, splits)
     sizes = [batch_size(p) for p in grad_parts]
+    if check_loss:
+        _check_mean_over_examples(model, loss_fn, batch, params)
     grads = [_mean_gradient(loss_fn, model, part, params) for part in grad_parts]
 
     loss_h = loss_fn(model, hessian_batch)
     _check_loss(loss_h)
+    _refuse_once_differentiable(loss_h)
     grad_h = torch.autograd.grad(loss_h, params, create_graph=True, allow_unused=True)
     # entries that do not depend on θ again (a loss linear in some parameter) have zero HVPs
     live = [j for j, g in enumerate(grad_h) if g is not None and g.requires_grad]
     q = np.zeros((splits, splits))
     for j, g_j in enumerate(grads):
         if live:
-            hv_live = torch.autograd.grad(
-                [grad_h[i] for i in live],
-                params,
-                grad_outputs=[g_j[i] for i in live],
-                retain_graph=j < splits - 1,
-                allow_unused=True,
-            )
+            try:
+                hv_live = torch.autograd.grad(
+                    [grad_h[i] for i in live],
+                    params,
+                    grad_outputs=[g_j[i] for i in live],
+                    retain_graph=j < splits - 1,
+                    allow_unused=True,
+                )
+            except RuntimeError as err:
+                if "not implemented" not in str(err) and "differentiate twice" not in str(err):
+                    raise
+                raise NoiseScaleInputError(
+                    f"the loss is not twice differentiable: torch says '{err}'. B_noise needs "
+                    "Hessian-vector products (double backward) through the model and loss. "
+                    "Fused kernels often have no double backward: for a Hugging Face model "
+                    "load it with attn_implementation=\"eager\" (sdpa's and flash attention's "
+                    "kernels have none); elsewhere use the op's plain torch implementation"
+                ) from err
             hv = [
                 torch.zeros_like(p) if h is None else h
                 for p, h in zip(params, hv_live, strict=True)
@@ -386,7 +643,9 @@ class BNoiseTracker:
         self.confidence = confidence
         self.tracker = tracker
         self.calls = 0
+        self._measured = 0  # measurements taken by step() since construction or resume
         self.seconds = 0.0
+        self.beta = beta
         self._hessian = est.init_state(beta)
         self._simple = est.init_state(beta)
         self.history: list[dict[str, Any]] = []
@@ -401,9 +660,16 @@ class BNoiseTracker:
             return None
         pause = self.tracker.paused() if self.tracker is not None else nullcontext()
         start = time.perf_counter()
+        self._measured += 1
+        n = self._measured
         with pause:
             m = measure_b_noise(
-                self.model, self.loss_fn, batch, hessian_batch=hessian_batch, splits=self.splits
+                self.model,
+                self.loss_fn,
+                batch,
+                hessian_batch=hessian_batch,
+                splits=self.splits,
+                check_loss=n & (n - 1) == 0 or n % 1024 == 0,  # 1, 2, 4, 8, …, every 1024th
             )
         seconds = time.perf_counter() - start
         self.seconds += seconds
@@ -439,18 +705,34 @@ class BNoiseTracker:
         return _estimate(self._hessian, self._simple, self.confidence)
 
     def state_dict(self) -> dict[str, Any]:
+        """The averages, the call count and time, and the history (all that resuming needs)."""
         return {
             "hessian": self._hessian._asdict(),
             "simple": self._simple._asdict(),
             "calls": self.calls,
             "seconds": self.seconds,
+            "history": [dict(r) for r in self.history],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: estimates, ``calls`` and ``history`` continue exactly.
+
+        The state's EMAs were built with its ``beta``; a tracker constructed with another one is
+        refused rather than silently switched to the state's. A state saved before the history
+        was kept resumes with an empty history.
+        """
+        saved_beta = float(state["hessian"]["beta"])
+        if saved_beta != self.beta:
+            raise NoiseScaleInputError(
+                f"the state was averaged with beta={saved_beta} but this tracker was built with "
+                f"beta={self.beta}; construct it with beta={saved_beta} to resume (the EMAs "
+                "cannot change their decay midway)"
+            )
         self._hessian = est.NoiseScaleState(**state["hessian"])
         self._simple = est.NoiseScaleState(**state["simple"])
         self.calls = int(state["calls"])
         self.seconds = float(state["seconds"])
+        self.history = [dict(r) for r in state.get("history", [])]
 
 
 # -- the line-search method (sec. 2.2) --------------------------------------------------------
@@ -492,7 +774,10 @@ def line_search(
     maximising is what eq. 2.5–2.7 describe (the best step for the expected loss); maximising each
     direction's own curve would instead favour lucky directions. A log-spaced grid over
     ``eps_range`` brackets the maximum, golden-section search refines it to relative width
-    ``rtol``. The parameters are restored afterwards.
+    ``rtol``. The parameters are restored afterwards, and so is every buffer: a model in train
+    mode updates BatchNorm's running statistics on each of the many trial forwards (at steps
+    up to ``eps_range[1]``), which would otherwise be left as those of wildly perturbed
+    networks.
 
     When no step size on the grid improves the averaged loss (few, very noisy directions: the
     noise in mean_r GᵀV_r exceeds |G|²), the result is ``eps_opt = delta_l_opt = 0``.
@@ -523,6 +808,22 @@ def line_search(
         raise NoiseScaleInputError(
             f"need 0 < eps_range[0] < eps_range[1] and grid ≥ 3, got {eps_range} and {grid}"
         )
+    with _model_state_kept(model):
+        return _line_search(model, loss_fn, directions, eval_batch, params, lo, hi, grid, rtol)
+
+
+def _line_search(
+    model: nn.Module,
+    loss_fn: LossFn,
+    directions: Sequence[Sequence[Tensor]],
+    eval_batch: Batch,
+    params: list[nn.Parameter],
+    lo: float,
+    hi: float,
+    grid: int,
+    rtol: float,
+) -> LineSearch:
+    eps_range = (lo, hi)
     theta = [p.detach().clone() for p in params]
     with torch.no_grad():
         base = float(loss_fn(model, eval_batch))
@@ -620,7 +921,7 @@ def measure_delta_l_opt(
     remaining small-B points upwards (B_noise downwards).
 
     Args:
-        model: The model at θ (left unchanged).
+        model: The model at θ (left unchanged: parameters, buffers and train/eval flags).
         loss_fn: ``loss_fn(model, batch)`` → mean loss.
         sample_batch: Draws a fresh batch of the given size (independent of ``eval_batch``).
         eval_batch: A large held-out batch standing in for the full-data loss.
@@ -639,14 +940,17 @@ def measure_delta_l_opt(
         raise NoiseScaleInputError(f"repeats must be at least 1, got {repeats}")
     params = _params_of(model)
     delta_l, eps = [], []
-    for b in sizes:
-        count = max(repeats, -(-min_examples // b))
-        directions = [_mean_gradient(loss_fn, model, sample_batch(b), params) for _ in range(count)]
-        ls = line_search(
-            model, loss_fn, directions, eval_batch, eps_range=eps_range, grid=grid, rtol=rtol
-        )
-        delta_l.append(ls.delta_l_opt)
-        eps.append(ls.eps_opt)
+    with _model_state_kept(model):  # the directions' forwards update BatchNorm statistics too
+        for b in sizes:
+            count = max(repeats, -(-min_examples // b))
+            directions = [
+                _mean_gradient(loss_fn, model, sample_batch(b), params) for _ in range(count)
+            ]
+            ls = line_search(
+                model, loss_fn, directions, eval_batch, eps_range=eps_range, grid=grid, rtol=rtol
+            )
+            delta_l.append(ls.delta_l_opt)
+            eps.append(ls.eps_opt)
     used = [j for j, d in enumerate(delta_l) if d > 0]
     if len(used) < 2:
         raise NoiseScaleInputError(
