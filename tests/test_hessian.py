@@ -234,6 +234,33 @@ def test_gradient_tracker_is_paused_during_measurements():
         assert list(r["sources"]) == (["subbatch"] if r["step"] == 1 else ["per_example"])
 
 
+def test_a_one_off_measurement_beside_a_tracker_goes_under_paused():
+    """measure_b_noise's Hessian-vector products run several backward passes through one
+    forward: outside tracker.paused() the next step is refused, and the message names paused()
+    (the docs' example called it outside, a docs check found); under paused() the tracker's
+    records are those of the training passes alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1))
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1)
+
+    def loss_fn(m, x):
+        return m(x).pow(2).mean()
+
+    def train_step() -> None:
+        loss_fn(model, torch.randn(8, 4)).backward()
+        tracker.step()
+        model.zero_grad()
+
+    train_step()
+    with tracker.paused():
+        measure_b_noise(model, loss_fn, torch.randn(12, 4))
+    train_step()
+    assert [r["b_big"] for r in tracker.history] == [8, 8]
+    measure_b_noise(model, loss_fn, torch.randn(12, 4))
+    with pytest.raises(NoiseScaleInputError, match=r"tracker\.paused\(\)"):
+        train_step()
+
+
 def test_line_search_finds_the_optimum_of_the_averaged_quadratic():
     prob = Quadratic(seed=2)
     params = list(prob.model.parameters())

@@ -2831,7 +2831,10 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 raise NoiseScaleInputError(
                     "two backward passes ran through one forward (retain_graph=True), so the "
                     "gradient norms of their sum are unknown; add the losses and call backward "
-                    "once per forward"
+                    "once per forward (passes that are not the step's — a measurement such as "
+                    "noisescale.hessian.measure_b_noise, whose Hessian-vector products run "
+                    "several backward passes through one forward — go under "
+                    "`with tracker.paused():`)"
                 )
         compiled_step = any(p.compiled or p.compiled_call for p in done)
         self._seen_compiled = self._seen_compiled or compiled_step
