@@ -326,8 +326,11 @@ class PassAudit:
             return
         target.verified = True
         got = target.got
-        want = self.signs * self._projection(target, grad)
-        scale = float(self._projection(target, grad).norm())
+        # (detached: a create_graph backward — a double backward — gives gradients that
+        # require grad)
+        projected = self._projection(target, grad.detach())
+        want = self.signs * projected
+        scale = float(projected.norm())
         tol = ATTRIBUTION_TOL_AMP if self.amp or grad.dtype in _SIXTEEN else ATTRIBUTION_TOL
         if got is None or float((got - want).norm()) > tol * scale + 1e-30 * (1 + scale):
             self.findings.misattributed.append(target)
