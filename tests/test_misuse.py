@@ -421,6 +421,56 @@ def test_grad_scaler_not_given_to_the_tracker_is_refused(mode):
         assert a["sqnorm_big"] == pytest.approx(b["sqnorm_big"], rel=1e-6)
 
 
+class _LossInside(nn.Module):
+    """A model that computes its loss in its forward (the Hugging Face ``.loss`` pattern)."""
+
+    def __init__(self, returns: str) -> None:
+        super().__init__()
+        self.net, self.returns = _model(), returns
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> object:
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y)
+        return {"loss": loss, "logits": logits} if self.returns == "dict" else loss
+
+
+@pytest.mark.parametrize("form", ["loss in a dict", "loss alone", "compiled", "from step 3"])
+@pytest.mark.parametrize("per_example", [True, False])
+def test_grad_scaler_not_given_is_refused_whatever_computes_the_loss(form, per_example):
+    """The scaler is seen in its own scale() on every step, whatever the loss was computed in:
+    a review found a model that returns its loss (alone or in a dict), a compiled model, and a
+    scaler first used on an unaudited step all recorded with |G|² 2³² too large (7.99e8 for
+    0.186). Refused at the step the scaler scaled, nothing of it recorded."""
+    torch.manual_seed(0)
+    model: nn.Module = _LossInside("dict" if form == "loss in a dict" else "alone")
+    call = model
+    if form == "compiled":
+        model = _model()
+        call = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    tracker = noisescale.GradientNoiseTracker(model, per_example=per_example)
+    first = 3 if form == "from step 3" else 1
+    for step in range(1, first + 1):
+        x, y = _batch(step)
+        if form == "compiled":
+            loss = F.cross_entropy(call(x), y)
+        else:
+            out = call(x, y)
+            loss = out["loss"] if isinstance(out, dict) else out
+        if step < first:
+            loss.backward()
+            tracker.step()
+            opt.step()
+            opt.zero_grad()
+            continue
+        scaler.scale(loss).backward()
+        with pytest.raises(NoiseScaleInputError, match=r"scaled by a torch\.amp\.GradScaler"):
+            tracker.step()
+    assert len(tracker.history) == first - 1
+    assert all(r["sqnorm_big"] < 1e3 for r in tracker.history)
+
+
 @pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize(
     "kw",

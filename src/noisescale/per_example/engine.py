@@ -67,7 +67,7 @@ from torch.utils.hooks import RemovableHandle
 
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.per_example import audit as audit_mod
-from noisescale.per_example import compiled, norms
+from noisescale.per_example import compiled, norms, scaler_watch
 from noisescale.per_example import subbatch as subbatch_mod
 from noisescale.per_example.example_check import ExampleCheck
 from noisescale.per_example.factors import (
@@ -292,6 +292,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._audit_generators: dict[torch.device, torch.Generator] = {}
         self.precondition = precondition
         self.passes: list[PassNorms] = []
+        # a GradScaler's scale() notes itself on the open passes its loss came from
+        scaler_watch.listen(self)
         self._handles: list[RemovableHandle] = []
         # hooks of others on the parameters' gradients (_guard_param_hooks): our hook's handle,
         # the sentinels around theirs, what the first sentinel saw, the parameters it changed
@@ -1095,19 +1097,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             )
             if batched:
                 roots.append(edge)
-        if not pass_.skipped and not self.per_example:
-            if (
-                self._audit_due
-                and self.auditing_enabled
-                and not (pass_.compiled or pass_.compiled_call)
-            ):
-                # (micro-batches may mix their examples: only a GradScaler's scale is looked
-                # for, on the steps audits would fall on; eager passes — a compiled one's
-                # next forward must not run under the watch's mode)
-                batched = [t for t in _tensors(output) if not isinstance(t, SharedTensor)]
-                self._loss_watch.watch(pass_, batched, self._model_dim, [], scaler_only=True)
-            return
-        if pass_.skipped:
+        if pass_.skipped or not self.per_example:
             return
         signature = tuple(pass_.signature)
         if self._audit_wanted(pass_):
@@ -1129,18 +1119,10 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                     edge, dim = rebased[2], audit_mod.FLAT
                 pass_.audit.add_target(edge, dim, owner, label)
             self._check_permutation(pass_, output)
-            if not (pass_.compiled or pass_.compiled_call):
+            if pass_.batch_size > 1 and not (pass_.compiled or pass_.compiled_call):
                 batched = [t for t in _tensors(output) if not isinstance(t, SharedTensor)]
                 packed = _tensors(output, packed=True)
-                # (a pass of one example: nothing to mix — watched for a GradScaler alone)
-                self._loss_watch.watch(
-                    pass_,
-                    batched,
-                    self._model_dim,
-                    packed,
-                    self.pairs,
-                    scaler_only=pass_.batch_size < 2,
-                )
+                self._loss_watch.watch(pass_, batched, self._model_dim, packed, self.pairs)
         if hasattr(pass_, "_pending_targets"):
             del pass_._pending_targets  # type: ignore[attr-defined]
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,7 +160,6 @@ class LossWatch:
         dim: int,
         packed: list[Tensor],
         pairs: str | int | None = None,
-        scaler_only: bool = False,
     ) -> None:
         """Follow the pass's batched ``outputs`` (examples in ``dim``, or in the one other
         dimension of the batch's size — time-major —, or flattened with positions in ``dim``;
@@ -176,10 +174,6 @@ class LossWatch:
         a block (a listwise loss over a query's G candidates) but nothing across blocks."""
         if self.done:
             self.reset()
-        if scaler_only:
-            # (per_example=False, whose micro-batches may mix their examples, or a pass of one
-            # example: only a GradScaler's scale on the loss is looked for — no verdict)
-            self.scaler_only.add(id(pass_))
         n = pass_.batch_size
         units, block = n, 1
         if pairs == "halves" and n % 2 == 0:
@@ -265,7 +259,7 @@ class LossWatch:
                 "could not check that the loss keeps the examples apart"
             )
         if reason is not None:
-            for pass_ in self._judged():
+            for pass_ in self.passes:
                 if pass_.coupled is None and pass_.loss_unfollowed is None:
                     pass_.loss_unfollowed = reason
 
@@ -279,7 +273,6 @@ class LossWatch:
         self.written: dict[int, Mixed] = {}  # storages written in place with followed values
         self.targets = WeakTensorKeyDictionary()  # the tensors written so (their layouts hold)
         self.passes: list[Any] = []
-        self.scaler_only: set[int] = set()  # the passes watched for a GradScaler alone
         self.done = False
         self.checked = False  # a backward (or autograd.grad) from the loss was seen
         self.gave_up: str | None = None
@@ -301,22 +294,16 @@ class LossWatch:
         for root in roots:
             layout = self._layout(root) if isinstance(root, Tensor) else None
             if isinstance(layout, Mixed):
-                for pass_ in self._judged():
+                for pass_ in self.passes:
                     if pass_.coupled is None:
                         pass_.coupled = layout.reason
                 return
             if final and isinstance(layout, _Sum) and layout.plain is not None:
                 # (the step's loss only: not an earlier torch.autograd.grad's output, a
                 # saliency probe's or a gradient penalty's inner sum)
-                for pass_ in self._judged():
+                for pass_ in self.passes:
                     if id(pass_) in layout.owners:
                         pass_.loss_kind = layout.plain
-
-    def _judged(self) -> list[Any]:
-        """The watched passes whose loss is judged (not those watched for a scaler alone)."""
-        if not self.scaler_only:
-            return self.passes
-        return [p for p in self.passes if id(p) not in self.scaler_only]
 
     def _layout(self, t: Tensor) -> Layout | None:
         layout = self.layouts.get(t)
@@ -373,8 +360,6 @@ class LossWatch:
                 self.layouts[t] = layout
                 if scaled:
                     self.scaled[t] = True
-        if name == "mul" and len(known) == 1 and not isinstance(known[0][1], Mixed):
-            self._note_grad_scaler()
         if _name(func) in ("nll_loss_forward", "nll_loss2d_forward"):
             self._note_counted_mean(func, args, kwargs, known)
         elif _name(func) in ("div", "true_divide"):
@@ -393,24 +378,6 @@ class LossWatch:
                 f"'aten.{_name(func)}' wrote values computed from the model's outputs into a "
                 "tensor whose memory another tensor of the loss shares"
             )
-
-    def _note_grad_scaler(self) -> None:
-        """A loss multiplied by a ``torch.amp.GradScaler``'s scale (``scaler.scale(loss)``,
-        also accelerate's and Lightning's): the scaler on the passes (:attr:`PassNorms.
-        grad_scaler`), which the tracker must have been given — its ``.grad`` holds the
-        gradients times the scale until ``unscale_``, and without ``scaler=`` |G|² and tr Σ
-        read S² (2³² at the default scale) too large, B_simple unchanged."""
-        frame = sys._getframe(2)
-        for _ in range(8):  # (the watch's own frames, then GradScaler.scale or its helper)
-            if frame is None:
-                return
-            if frame.f_code.co_name == "scale":
-                owner = frame.f_locals.get("self")
-                if isinstance(owner, torch.amp.GradScaler):
-                    for pass_ in self.passes:
-                        pass_.grad_scaler = owner
-                    return
-            frame = frame.f_back
 
     def _note_counted_mean(self, func: Any, args: tuple, kwargs: dict, known: list) -> None:
         """A negative log-likelihood averaged over its targets (``reduction='mean'``) divides
@@ -456,7 +423,7 @@ class LossWatch:
     def _mark_counted_mean(self, owners: Any, flag_of: Any) -> None:
         """OR ``flag_of(pass)`` (a device bool) into :attr:`PassNorms.counted_mean` of the
         watched passes among ``owners`` (their ids)."""
-        for pass_ in self._judged():
+        for pass_ in self.passes:
             if id(pass_) in owners:
                 flag = flag_of(pass_)
                 previous = pass_.counted_mean
