@@ -261,6 +261,26 @@ def test_a_one_off_measurement_beside_a_tracker_goes_under_paused():
         train_step()
 
 
+def test_the_loss_check_takes_a_loss_fn_that_takes_a_gradient_itself():
+    """A mean loss whose loss_fn differentiates the model (force matching: forces = −∂E/∂x)
+    was measured before the loss check came, which ran loss_fn under no_grad and crashed on it
+    (a review found): checked with gradients on, it gives the unchecked measurement exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    x, f = torch.randn(24, 3, dtype=torch.float64), torch.randn(24, 3, dtype=torch.float64)
+
+    def loss_fn(m, batch):
+        xs, fs = batch
+        xs = xs.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(m(xs).sum(), xs, create_graph=True)
+        return (-grad - fs).pow(2).sum(1).mean()
+
+    checked = measure_b_noise(model, loss_fn, (x, f))
+    unchecked = measure_b_noise(model, loss_fn, (x, f), check_loss=False)
+    assert checked.ghg == unchecked.ghg and checked.trace_h_sigma == unchecked.trace_h_sigma
+    assert math.isfinite(checked.ghg)
+
+
 def test_line_search_finds_the_optimum_of_the_averaged_quadratic():
     prob = Quadratic(seed=2)
     params = list(prob.model.parameters())

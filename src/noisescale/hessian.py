@@ -462,13 +462,15 @@ def _check_mean_over_examples(
     s_batch = _map_examples(batch, lambda v: v[:m])
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):
-        with torch.no_grad():
-            l_s = loss_fn(model, s_batch)
-            _check_loss(l_s)
-            l_s, again = float(l_s), float(loss_fn(model, s_batch))
-            if l_s != again or not math.isfinite(l_s) or l_s == 0.0:
-                return  # random (dropout), or nothing to compare
-            l_ss = float(loss_fn(model, _map_examples(batch, lambda v: torch.cat([v[:m], v[:m]]))))
+        # (with gradients on: a loss_fn may take a gradient itself — force matching, a
+        # physics-informed residual, a gradient penalty — which no_grad would break)
+        l_s = loss_fn(model, s_batch)
+        _check_loss(l_s)
+        l_s, again = float(l_s.detach()), float(loss_fn(model, s_batch).detach())
+        if l_s != again or not math.isfinite(l_s) or l_s == 0.0:
+            return  # random (dropout), or nothing to compare
+        doubled = _map_examples(batch, lambda v: torch.cat([v[:m], v[:m]]))
+        l_ss = float(loss_fn(model, doubled).detach())
         low = min(torch.finfo(p.dtype).eps for p in params if p.is_floating_point())
         tol = 2e-2 if low < 1e-3 else 0.25  # bfloat16/float16 parameters: coarser round-off
         if abs(l_ss - 2.0 * l_s) <= tol * abs(l_s):
