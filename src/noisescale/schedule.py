@@ -47,9 +47,11 @@ Typical loop::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -297,17 +299,62 @@ def _flat_schedulers(lr_schedulers: Iterable[Any]) -> list[Any]:
         if inner is not None and inner is not s:
             visit(inner)
             return
+        if _computes_from_base_lrs(s):
+            # a scheduler of the user's own that computes its rate from base_lrs or from
+            # param_group["lr"] (a warm-up + cosine written as a subclass): scaled like torch's
+            # own (a review found such a subclass refused where it had kept the factor exactly)
+            out.append(s)
+            return
         raise NoiseScaleInputError(
             f"cannot scale the learning rate of a {type(s).__name__} scheduler: a learning-rate "
             "factor (lr_rule other than 'none') is kept only by the schedulers "
             f"{', '.join(SUPPORTED_LR_SCHEDULERS)} (torch.optim.lr_scheduler), whose rates "
-            "noisescale knows how to scale. Write the schedule as a LambdaLR (any shape: "
+            "noisescale knows how to scale, and schedulers of your own whose rate follows their "
+            "base_lrs (this one's did not double with them). Write the schedule as a LambdaLR "
+            "(any shape: "
             "LambdaLR(optimizer, lambda step: f(step))), or use lr_rule='none'"
         )
 
     for scheduler in lr_schedulers:
         visit(scheduler)
     return out
+
+
+def _plain(x: Any) -> Any:
+    """A number as a Python int or float (a NumPy or 0-d tensor scalar is not JSON)."""
+    if x is None or isinstance(x, bool | int | float | str):
+        return x
+    return x.item() if hasattr(x, "item") else x
+
+
+def _computes_from_base_lrs(s: Any) -> bool:
+    """Whether an ``LRScheduler`` noisescale does not know computes its next rate in proportion
+    to its ``base_lrs`` and the groups' rates: its ``get_lr()`` asked with both doubled (then put
+    back) must double. A scheduler that keeps a rate of its own (a peak, a floor) does not."""
+    if not isinstance(s, _sched.LRScheduler) or getattr(s, "base_lrs", None) is None:
+        return False
+    groups = s.optimizer.param_groups
+    lrs, base = [g["lr"] for g in groups], list(s.base_lrs)
+    enable = getattr(_sched, "_enable_get_lr_call", None)
+    inside = enable(s) if enable is not None else contextlib.nullcontext()
+    try:
+        with warnings.catch_warnings(), inside:
+            warnings.simplefilter("ignore")  # (get_lr outside step() warns)
+            before = [float(x) for x in s.get_lr()]
+            for g in groups:
+                g["lr"] = g["lr"] * 2.0
+            s.base_lrs = [b * 2.0 for b in base]
+            after = [float(x) for x in s.get_lr()]
+    except Exception:  # a get_lr that cannot be asked: not known to follow
+        return False
+    finally:
+        for g, lr in zip(groups, lrs, strict=True):
+            g["lr"] = lr
+        s.base_lrs = base
+    return len(after) == len(before) and all(
+        math.isclose(a, 2.0 * b, rel_tol=1e-9, abs_tol=1e-300)
+        for a, b in zip(after, before, strict=False)
+    )
 
 
 def check_lr_schedulers(lr_schedulers: Iterable[Any]) -> None:
@@ -331,8 +378,10 @@ def scale_lr(
     ``LinearLR``, ``ExponentialLR``, ``PolynomialLR``, ``CosineAnnealingLR``,
     ``CosineAnnealingWarmRestarts``) have ``base_lrs`` scaled; ``OneCycleLR`` its groups'
     ``initial_lr``, ``max_lr`` and ``min_lr``; ``CyclicLR`` its ``base_lrs`` and ``max_lrs``;
-    ``ReduceLROnPlateau`` its ``min_lrs``; ``SequentialLR`` and ``ChainedScheduler`` each child.
-    Any other scheduler is refused (:data:`SUPPORTED_LR_SCHEDULERS`), before anything is written.
+    ``ReduceLROnPlateau`` its ``min_lrs``; ``SequentialLR`` and ``ChainedScheduler`` each child;
+    the cosines' ``eta_min`` too. An ``LRScheduler`` of the user's own has its ``base_lrs`` scaled
+    when its next rate follows them (asked with them doubled, it doubles); any other scheduler is
+    refused (:data:`SUPPORTED_LR_SCHEDULERS`), before anything is written.
 
     Raises:
         NoiseScaleInputError: ``factor`` is not positive and finite, or a scheduler is not a
@@ -356,6 +405,10 @@ def scale_lr(
                         group[key] = group[key] * factor
         elif isinstance(scheduler, _sched.CyclicLR):
             scheduler.max_lrs = [m * factor for m in scheduler.max_lrs]
+        elif isinstance(scheduler, _sched.CosineAnnealingLR | _sched.CosineAnnealingWarmRestarts):
+            # the floor the cosine decays to (a review found the factor lost with eta_min > 0:
+            # the ratio to the unscaled schedule fell from 3 to 1.00 by the end of the cycle)
+            scheduler.eta_min = scheduler.eta_min * factor
         elif isinstance(scheduler, _sched.ReduceLROnPlateau):
             scheduler.min_lrs = [m * factor for m in scheduler.min_lrs]
             if getattr(scheduler, "default_min_lr", None) is not None:
@@ -606,11 +659,12 @@ class _Realisation:
     def _config(self) -> dict[str, Any]:
         """What fixes the learning-rate factor (and for a ramp, the batch): saved with the state
         so that a checkpoint is restored only into a schedule that computes the same numbers."""
+        # (plain numbers: a NumPy scalar given as a setting is not JSON, a review found)
         return {
             "lr_rule": self.lr_rule,
-            "base_batch_size": self.base_batch_size,
-            "alpha": self.alpha,
-            "b_star": self.b_star,
+            "base_batch_size": _plain(self.base_batch_size),
+            "alpha": _plain(self.alpha),
+            "b_star": _plain(self.b_star),
         }
 
     def _check_config(self, state: dict[str, Any]) -> None:
@@ -1067,7 +1121,7 @@ class BatchSizeRamp(_Realisation):
     def _config(self) -> dict[str, Any]:
         return {
             **super()._config(),
-            "points": [[x, b] for x, b in self.points],
+            "points": [[_plain(x), _plain(b)] for x, b in self.points],
             "interpolate": self.interpolate,
         }
 
