@@ -256,7 +256,7 @@ def _link_new(tmp: str, target: Path, payload: bytes) -> None:
         raise
     except OSError:
         pass  # a file system without hard links: create the file exclusively instead
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # (as mkstemp's)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
