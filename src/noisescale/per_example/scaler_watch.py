@@ -25,8 +25,8 @@ from torch import Tensor
 # the engines that want to know (weakly: a tracker that is gone stops listening)
 _ENGINES: weakref.WeakSet = weakref.WeakSet()
 # nodes walked from a scaled tensor before giving up (a loss is a few operations past the
-# model's outputs)
-_MAX_NODES = 4096
+# model's outputs; the walk does not go on into the model past an output)
+_MAX_NODES = 1024
 
 
 def listen(engine: Any) -> None:
@@ -96,9 +96,10 @@ def reached(roots: list[Any], passes: list[Any]) -> list[Any]:
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
-        for p in owners.get(id(node), ()):
-            found[id(p)] = p
-        if len(found) == len(passes):
-            break
+        hit = owners.get(id(node))
+        if hit:  # an output of a pass: the model's graph lies beyond, not the loss's
+            for p in hit:
+                found[id(p)] = p
+            continue
         stack.extend(nxt for nxt, _ in node.next_functions)
     return list(found.values())
