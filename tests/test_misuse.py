@@ -471,6 +471,66 @@ def test_grad_scaler_not_given_is_refused_whatever_computes_the_loss(form, per_e
     assert all(r["sqnorm_big"] < 1e3 for r in tracker.history)
 
 
+def test_grad_scaler_not_given_is_refused_far_from_the_outputs_and_in_new_forms():
+    """A second review found three more ways past the first scaler watch (which walked the
+    graph from the scaled loss, up to 1,024 nodes): a penalty over 300 weight tensors added
+    after the loss (recorded 8.9e8 for 0.21), a scaler subclass defined after the tracker with
+    a scale() of its own (4.5e8 for 0.11), and scale() of a generator (a lazy map). The
+    backward started from a scaled tensor is now marked, and the passes' own output hooks read
+    it: each refused."""
+
+    class Deep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(6, 6) for _ in range(150))
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = torch.tanh(layer(x))
+            return self.head(x)
+
+    def step(model, tracker, scale) -> None:
+        x, y = _batch(0)
+        loss = F.cross_entropy(model(x), y)
+        penalty = sum(p.pow(2).sum() for p in model.parameters())
+        scale(loss + 1e-4 * penalty).backward()
+        tracker.step()
+
+    torch.manual_seed(0)
+    model = Deep()
+    tracker = noisescale.GradientNoiseTracker(model, per_example=False)
+    with pytest.raises(NoiseScaleInputError, match=r"scaled by a torch\.amp\.GradScaler"):
+        step(model, tracker, torch.amp.GradScaler("cpu").scale)
+    model.zero_grad()
+    given = torch.amp.GradScaler("cpu")
+    tracker = noisescale.GradientNoiseTracker(model, per_example=False, scaler=given)
+    step(model, tracker, given.scale)
+    assert len(tracker.history) == 1
+
+    model = _model()
+    tracker = noisescale.GradientNoiseTracker(model)
+
+    class LateScaler(torch.amp.GradScaler):  # defined after the tracker, its own scale()
+        def scale(self, outputs):
+            if self._scale is None:
+                self._lazy_init_scale_growth_tracker(outputs.device)
+            return outputs * self._scale
+
+    late = LateScaler("cpu", init_scale=2.0**16)
+    x, y = _batch(1)
+    late.scale(F.cross_entropy(model(x), y)).backward()
+    with pytest.raises(NoiseScaleInputError, match=r"scaled by a torch\.amp\.GradScaler"):
+        tracker.step()
+    model.zero_grad()
+    x, y = _batch(2)
+    (scaled,) = list(torch.amp.GradScaler("cpu").scale(iter([F.cross_entropy(model(x), y)])))
+    scaled.backward()
+    with pytest.raises(NoiseScaleInputError, match=r"scaled by a torch\.amp\.GradScaler"):
+        tracker.step()
+    assert tracker.history == []
+
+
 @pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize(
     "kw",

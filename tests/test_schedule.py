@@ -818,3 +818,41 @@ def test_a_schedule_set_up_with_numpy_numbers_resumes():
     adaptive = _controller(**kw, lr_rule="paper", b_star=np.float32(300.0), optimizer=opt)
     state = json.loads(json.dumps(adaptive.state_dict()))
     _controller(**kw, lr_rule="paper", b_star=300.0, optimizer=opt).load_state_dict(state)
+
+
+class _WarmupCosineToFloor(_WarmupCosine):
+    """A warm-up + cosine down to a floor of its own (min_lr): follows base_lrs early, not
+    once the floor dominates."""
+
+    def get_lr(self):
+        return [max(lr, 0.02) for lr in super().get_lr()]
+
+
+class _CountingScheduler(_WarmupCosine):
+    """A get_lr that keeps state (a counter of its calls)."""
+
+    def __init__(self, optimizer, warmup, total):
+        self.calls = [0]
+        super().__init__(optimizer, warmup, total)
+
+    def get_lr(self):
+        self.calls[0] += 1
+        return super().get_lr()
+
+
+def test_a_users_scheduler_is_probed_ahead_and_on_a_copy():
+    """A second review: a scheduler keeping a floor of its own was accepted by a probe of its
+    next rate alone (the factor 4 fell to 1.27 by step 20), and the probe ran the scheduler
+    itself (a stateful get_lr's counter moved though it was refused). Probed at epochs 0, 1,
+    10, 100 and 1,000 ahead, on a copy sharing the optimizer: refused, and the scheduler and
+    the optimizer's rates are as they were."""
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    floor = _WarmupCosineToFloor(opt, 4, 16)
+    with pytest.raises(NoiseScaleInputError, match="_WarmupCosineToFloor"):
+        scale_lr(opt, 4.0, [floor])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 4)  # (warm-up: step 0 of 4)
+    counting = _CountingScheduler(opt, 4, 16)
+    calls = counting.calls[0]
+    scale_lr(opt, 2.0, [counting])  # follows its base_lrs at every epoch probed: accepted
+    assert counting.calls[0] == calls

@@ -48,6 +48,7 @@ Typical loop::
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import math
@@ -328,33 +329,50 @@ def _plain(x: Any) -> Any:
 
 
 def _computes_from_base_lrs(s: Any) -> bool:
-    """Whether an ``LRScheduler`` noisescale does not know computes its next rate in proportion
-    to its ``base_lrs`` and the groups' rates: its ``get_lr()`` asked with both doubled (then put
-    back) must double. A scheduler that keeps a rate of its own (a peak, a floor) does not."""
+    """Whether an ``LRScheduler`` noisescale does not know computes its rates in proportion to
+    its ``base_lrs`` and the groups' rates: on a copy of it (the optimizer shared, its rates put
+    back), ``get_lr()`` asked with both doubled must double, now and at epochs 1, 10, 100 and
+    1,000 ahead (a floor or a peak it keeps for later shows there: a review found a warm-up +
+    cosine to its own minimum accepted by a probe of the next rate alone). An epoch at which
+    its ``get_lr`` cannot be asked is skipped; one that cannot be asked now refuses it."""
     if not isinstance(s, _sched.LRScheduler) or getattr(s, "base_lrs", None) is None:
         return False
     groups = s.optimizer.param_groups
     lrs, base = [g["lr"] for g in groups], list(s.base_lrs)
-    enable = getattr(_sched, "_enable_get_lr_call", None)
-    inside = enable(s) if enable is not None else contextlib.nullcontext()
     try:
+        probe = copy.deepcopy(s, {id(s.optimizer): s.optimizer})
+    except Exception:  # a scheduler that cannot be copied: not probed, not known to follow
+        return False
+    enable = getattr(_sched, "_enable_get_lr_call", None)
+
+    def rates(epoch: int, doubled: bool) -> list[float]:
+        for g, lr in zip(groups, lrs, strict=True):
+            g["lr"] = lr * 2.0 if doubled else lr
+        probe.base_lrs = [b * 2.0 for b in base] if doubled else list(base)
+        probe.last_epoch = epoch
+        inside = enable(probe) if enable is not None else contextlib.nullcontext()
         with warnings.catch_warnings(), inside:
             warnings.simplefilter("ignore")  # (get_lr outside step() warns)
-            before = [float(x) for x in s.get_lr()]
-            for g in groups:
-                g["lr"] = g["lr"] * 2.0
-            s.base_lrs = [b * 2.0 for b in base]
-            after = [float(x) for x in s.get_lr()]
-    except Exception:  # a get_lr that cannot be asked: not known to follow
-        return False
+            return [float(x) for x in probe.get_lr()]
+
+    try:
+        for ahead in (0, 1, 10, 100, 1000):
+            try:
+                before = rates(s.last_epoch + ahead, False)
+                after = rates(s.last_epoch + ahead, True)
+            except Exception:
+                if ahead == 0:
+                    return False  # (its next rate cannot be asked)
+                continue
+            if len(after) != len(before) or not all(
+                math.isclose(a, 2.0 * b, rel_tol=1e-9, abs_tol=1e-300)
+                for a, b in zip(after, before, strict=True)
+            ):
+                return False
+        return True
     finally:
         for g, lr in zip(groups, lrs, strict=True):
             g["lr"] = lr
-        s.base_lrs = base
-    return len(after) == len(before) and all(
-        math.isclose(a, 2.0 * b, rel_tol=1e-9, abs_tol=1e-300)
-        for a, b in zip(after, before, strict=False)
-    )
 
 
 def check_lr_schedulers(lr_schedulers: Iterable[Any]) -> None:
@@ -380,7 +398,8 @@ def scale_lr(
     ``initial_lr``, ``max_lr`` and ``min_lr``; ``CyclicLR`` its ``base_lrs`` and ``max_lrs``;
     ``ReduceLROnPlateau`` its ``min_lrs``; ``SequentialLR`` and ``ChainedScheduler`` each child;
     the cosines' ``eta_min`` too. An ``LRScheduler`` of the user's own has its ``base_lrs`` scaled
-    when its next rate follows them (asked with them doubled, it doubles); any other scheduler is
+    when its rates follow them (asked on a copy with them doubled, now and up to 1,000 epochs
+    ahead, they double); any other scheduler is
     refused (:data:`SUPPORTED_LR_SCHEDULERS`), before anything is written.
 
     Raises:

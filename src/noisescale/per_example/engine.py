@@ -292,8 +292,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._audit_generators: dict[torch.device, torch.Generator] = {}
         self.precondition = precondition
         self.passes: list[PassNorms] = []
-        # a GradScaler's scale() notes itself on the open passes its loss came from
-        scaler_watch.listen(self)
+        # a GradScaler's scale() notes itself on the backward it starts (read by the root hooks)
+        scaler_watch.listen()
         self._handles: list[RemovableHandle] = []
         # hooks of others on the parameters' gradients (_guard_param_hooks): our hook's handle,
         # the sentinels around theirs, what the first sentinel saw, the parameters it changed
@@ -1159,6 +1159,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         def hook(grad: Tensor) -> None:
             if self._replaying or self._paused:
                 return
+            scaler = scaler_watch.task_scaler()
+            if scaler is not None:  # a GradScaler scaled the loss this backward started from
+                pass_.grad_scaler = scaler
             self._mark_backward(pass_)
             self._enter(pass_)
             if batched and pass_.audit is not None and not torch.is_grad_enabled():

@@ -173,8 +173,9 @@ class PassNorms:
     # "sum" or "mean": the backward started from a plain sum or mean over the examples of
     # per-example terms (loss_watch.py, audited steps), which loss_reduction must match
     loss_kind: str | None = None
-    # the torch.amp.GradScaler whose scale() multiplied a loss computed from this pass's
-    # outputs (scaler_watch.py, every step), which the tracker must have been given (scaler=)
+    # the torch.amp.GradScaler whose scale() multiplied the loss a backward through this pass
+    # started from (scaler_watch.py, every step), which the tracker must have been given
+    # (scaler=)
     grad_scaler: Any = None
     # each parameter's (.grad, version) when the pass's backward had finished (changed_grads)
     grad_marks: list[tuple[Any, int] | None] | None = None

@@ -4,35 +4,56 @@
 multiplied by the loss scale S until ``unscale_``. A tracker given the scaler (``scaler=``)
 divides S out; one not given it read |G|² and tr Σ S² too large (2³² at the default scale),
 B_simple unchanged, without a word until 2026-12-05. So while a tracker exists, ``scale`` of
-``torch.amp.GradScaler`` (and of any subclass defined by then that overrides it:
-``ShardedGradScaler``) notes the scaler on the open passes of every engine whose model outputs
-the scaled tensors were computed from — found by a walk up their autograd graph, bounded, from
-the scaled tensor to the passes' output nodes (the loss, or the logits it was computed from;
-a model that returns its loss, a compiled model) — and the tracker refuses a scaler it was not
-given, on every step. The method is wrapped once, in place, and calls the original unchanged;
-a scaler that is disabled returns its input and is not noted.
+``torch.amp.GradScaler`` and of its subclasses that override it (``ShardedGradScaler``; also
+those defined later: a scaler's construction wraps its class) is wrapped in place: it calls the
+original unchanged and puts a pre-hook on each scaled tensor's autograd node, which notes the
+scaler against the backward's graph task when that backward starts from it. The engine's hooks
+on a pass's output nodes (:meth:`~.engine.PerExampleNorms._make_root_hook`) run later in the
+same backward and read the note: the pass's loss was scaled, whatever computed it from the
+outputs (the model itself, a penalty beside it, a discriminator, a compiled graph) — no walk
+of the graph, which a review found could stop short of the outputs. The tracker then refuses a
+scaler it was not given, on every step. A scaler that is disabled returns its input unscaled and
+is not noted.
 """
 
 from __future__ import annotations
 
 import functools
-import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-# the engines that want to know (weakly: a tracker that is gone stops listening)
-_ENGINES: weakref.WeakSet = weakref.WeakSet()
-# nodes walked from a scaled tensor before giving up (a loss is a few operations past the
-# model's outputs; the walk does not go on into the model past an output)
-_MAX_NODES = 1024
+# graph task id -> the scaler whose scaled tensor started that backward (the last few only)
+_TASKS: dict[int, Any] = {}
+_KEEP = 64
 
 
-def listen(engine: Any) -> None:
-    """Note scalers for ``engine`` (its :meth:`note_scaled`); wraps ``scale`` on first use."""
-    _ENGINES.add(engine)
+def listen() -> None:
+    """Wrap ``scale`` of GradScaler and of its subclasses that override it (idempotent), and
+    GradScaler's ``__init__``, so that a subclass defined later is wrapped when first built."""
     _wrap_all()
+    base = torch.amp.GradScaler
+    init = base.__dict__["__init__"]
+    if getattr(init, "_noisescale_original", None) is None:
+
+        @functools.wraps(init)
+        def __init__(self: Any, *args: Any, _original: Any = init, **kwargs: Any) -> None:
+            _original(self, *args, **kwargs)
+            own = type(self).__dict__.get("scale")
+            if own is not None and getattr(own, "_noisescale_original", None) is None:
+                _wrap_all()  # (a subclass defined after the tracker, with a scale of its own)
+
+        __init__._noisescale_original = init  # type: ignore[attr-defined]
+        base.__init__ = __init__  # type: ignore[method-assign]
+
+
+def task_scaler() -> Any:
+    """The scaler noted for the backward running now (None when none scaled its root)."""
+    if not _TASKS:
+        return None
+    return _TASKS.get(torch._C._current_graph_task_id())
 
 
 def _subclasses(cls: type) -> list[type]:
@@ -53,53 +74,41 @@ def _wrap_all() -> None:
         @functools.wraps(original)
         def scale(self: Any, outputs: Any, _original: Any = original) -> Any:
             scaled = _original(self, outputs)
-            if _ENGINES and scaled is not outputs:
-                _note(self, scaled)
+            if scaled is outputs:  # disabled: nothing scaled
+                return scaled
+            if isinstance(scaled, Iterator):  # (an iterable's scaled values come lazily)
+                return _noting(self, scaled)
+            _note(self, scaled)
             return scaled
 
         scale._noisescale_original = original  # type: ignore[attr-defined]
         cls.scale = scale  # type: ignore[method-assign]
 
 
+def _noting(scaler: Any, values: Iterator[Any]) -> Iterator[Any]:
+    for value in values:
+        _note(scaler, value)
+        yield value
+
+
 def _note(scaler: Any, scaled: Any) -> None:
-    tensors: list[Tensor] = []
     stack = [scaled]
     while stack:
         x = stack.pop()
         if isinstance(x, Tensor):
-            tensors.append(x)
+            node = x.grad_fn
+            if node is not None:
+                node.register_prehook(functools.partial(_started, scaler))
         elif isinstance(x, list | tuple):
             stack.extend(x)
         elif isinstance(x, dict):
             stack.extend(x.values())
-    roots = [t.grad_fn for t in tensors if t.grad_fn is not None]
-    if not roots:
-        return
-    for engine in list(_ENGINES):
-        passes = [p for p in engine.passes if p.output_nodes]
-        if passes:
-            for p in reached(roots, passes):
-                p.grad_scaler = scaler
 
 
-def reached(roots: list[Any], passes: list[Any]) -> list[Any]:
-    """The passes whose output nodes a walk up from ``roots`` meets."""
-    owners: dict[int, list[Any]] = {}
-    for p in passes:
-        for key in p.output_nodes:
-            owners.setdefault(key, []).append(p)
-    found: dict[int, Any] = {}
-    seen: set[int] = set()
-    stack = list(roots)
-    while stack and len(seen) < _MAX_NODES:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        hit = owners.get(id(node))
-        if hit:  # an output of a pass: the model's graph lies beyond, not the loss's
-            for p in hit:
-                found[id(p)] = p
-            continue
-        stack.extend(nxt for nxt, _ in node.next_functions)
-    return list(found.values())
+def _started(scaler: Any, grads: Any) -> None:
+    """A backward reached a scaled tensor's node: note the scaler against its graph task."""
+    task = torch._C._current_graph_task_id()
+    if task != -1:
+        _TASKS[task] = scaler
+        while len(_TASKS) > _KEEP:
+            del _TASKS[next(iter(_TASKS))]
