@@ -1454,10 +1454,11 @@ class GradientNoiseTracker:
         return values.new_zeros(len(self._group_names)).index_add_(0, idx, values)
 
     def _check_grad_scaler(self, passes: list[Any]) -> None:
-        """Refuse a step whose loss a ``GradScaler`` scaled (seen on audited passes) when the
-        tracker was not given that scaler: ``.grad`` then holds S·g until ``unscale_``, and
-        |G|², tr Σ and everything computed from them (B_noise, the temperature, the history)
-        would read S² too large — 2³² at the default scale — with B_simple unchanged."""
+        """Refuse a step whose loss a ``GradScaler`` scaled (marked on every step:
+        :mod:`noisescale.per_example.scaler_watch`) when the tracker was not given that scaler:
+        ``.grad`` then holds S·g until ``unscale_``, and |G|², tr Σ and everything computed from
+        them (B_noise, the temperature, the history) would read S² too large — 2³² at the
+        default scale — with B_simple unchanged."""
         for p in passes:
             seen = p.grad_scaler
             if seen is None or seen is self.scaler:
