@@ -208,3 +208,9 @@ def test_bad_group_specs():
         noisescale.GradientNoiseTracker(model, groups={"a": [torch.zeros(2)]})
     with pytest.raises(NoiseScaleInputError, match="expected parameters"):
         noisescale.GradientNoiseTracker(model, groups={"a": [3]})
+    # a named group whose parameters are all frozen: missing from estimate_groups() without a
+    # word before 2026-12-05 (a KeyError when asked for), a hunt found
+    frozen = Net()
+    frozen.body.requires_grad_(False)
+    with pytest.raises(NoiseScaleInputError, match="'a' holds no trainable parameter"):
+        noisescale.GradientNoiseTracker(frozen, groups={"a": [frozen.body]})

@@ -903,3 +903,46 @@ def test_an_unavailable_per_token_estimate_quotes_its_own_averages():
         assert quoted in t.reason and t.reason != e.reason
     other = est.NoiseEstimate(*[math.nan] * 5, 0.95, 0, 0.0, "no step measured yet")
     assert per_token(other, 15.0).reason == "no step measured yet"
+
+
+def test_a_per_token_historys_groups_are_per_token(tmp_path):
+    """With a token-mean loss each record's totals are per token; its per-group fields were
+    left per example (a hunt found: B_simple T̄ apart from estimate_groups(), the groups'
+    |G|² summing to T̄² times the total's). Now the groups add up to the total per step, in the
+    history file and in memory, and the last record's averages are estimate_groups()'."""
+    torch.manual_seed(0)
+    vocab, length = 11, 6
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(vocab, 8), torch.nn.Tanh(), torch.nn.Linear(8, vocab)
+    ).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    path = tmp_path / "history.jsonl"
+    tracker = noisescale.GradientNoiseTracker(
+        model,
+        groups=True,
+        loss_reduction="token_mean",
+        history_path=str(path),
+        per_example_fraction=1.0,
+        sync_every=1,
+    )
+    for _ in range(12):
+        x = torch.randint(0, vocab, (12, length))
+        y = (x * 3 + 1) % vocab
+        y[torch.rand(12, length) < 0.3] = -100
+        logits = model(x)
+        tracker.count_tokens(y)
+        loss = F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1), ignore_index=-100)
+        loss.backward()
+        tracker.step(loss=loss)
+        opt.step()
+        opt.zero_grad()
+    groups = tracker.estimate_groups()
+    records = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    assert len(records) == len(tracker.history) == 12
+    for record in [*records, *tracker.history]:
+        for key in ("sqnorm_big", "g2", "trace_sigma"):
+            total = sum(g[key] for g in record["groups"].values())
+            assert total == pytest.approx(record[key], rel=1e-5), key
+    for name, g in records[-1]["groups"].items():
+        assert g["g2_ema"] == pytest.approx(groups[name].g2, rel=1e-9)
+        assert g["trace_sigma_ema"] == pytest.approx(groups[name].trace_sigma, rel=1e-9)

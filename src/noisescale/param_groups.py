@@ -87,6 +87,12 @@ def parameter_groups(
                         f"group {group!r}: expected parameters, modules or their names, got "
                         f"{type(item).__name__}"
                     )
+            if str(group) not in members:
+                # (its estimate would be missing from estimate_groups() without a word)
+                raise NoiseScaleInputError(
+                    f"group {group!r} holds no trainable parameter (all of them are frozen): "
+                    "its estimate would be missing; drop it from groups=, or unfreeze them"
+                )
     else:
         raise NoiseScaleInputError(
             "groups must be True, 'children', 'param_groups' or a mapping {name: [parameters, "

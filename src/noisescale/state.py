@@ -192,6 +192,10 @@ def update(
         record["tokens"] = stats.tokens
         record["tokens_seen"] = tokens
         record["tokens_per_example"] = tokens / counted if counted else math.nan
+    if record_groups is not None:
+        # (before the conversion to tokens, which converts the groups too: until 2026-12-05 they
+        # were attached after it and stayed per example in a per-token history, a hunt found)
+        record["groups"] = record_groups
     if stats.definition == "token":
         _per_token(record, tokens / counted if counted else math.nan)
     if e.reason:
@@ -200,8 +204,6 @@ def update(
         record["left_out"] = "not preconditioned, after the estimate became preconditioned"
     if stats.unmeasured[0]:
         record["unmeasured_steps"] = stats.unmeasured[0]  # before this one (measure_every)
-    if record_groups is not None:
-        record["groups"] = record_groups
     if stats.preconditioned is not None:
         record["preconditioned"] = stats.preconditioned
     if stats.extra:
