@@ -13,7 +13,6 @@ import csv
 import json
 import math
 import os
-import socket
 import warnings
 
 import pytest
@@ -24,6 +23,7 @@ from torch import nn
 from noisescale import GradientNoiseTracker
 from noisescale.errors import NoiseScaleInputError
 from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp
+from test_distributed import free_port
 
 N, D, C = 96, 10, 3
 
@@ -864,9 +864,7 @@ def test_callbacks_ddp_under_accelerate_launch(tmp_path, float64_default):
 
     from noisescale.integrations.transformers import NoiseScaleCallback
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     worker = Path(__file__).with_name("ddp_callbacks_worker.py")
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
@@ -1316,9 +1314,7 @@ def test_adaptive_batch_is_global_under_ddp(tmp_path):
 
     from noisescale.schedule import quantized_batch_size
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     worker = Path(__file__).with_name("ddp_schedule_worker.py")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

@@ -64,18 +64,12 @@ def profile_throughput(
     Returns:
         One point per batch size that fitted in memory, ascending.
     """
-    if warmup < 0 or repeats < 1:
-        raise NoiseScaleInputError("warm-up must be ≥ 0 and repeats ≥ 1")
+    sync = _checked_sync(warmup, repeats, device)
     sizes = sorted(set(batch_sizes))
     if not sizes or sizes[0] < 1:
         raise NoiseScaleInputError("batch sizes to time must be positive integers")
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(dev)
-
     points: list[ThroughputPoint] = []
     with _preserved_state(model, optimizer):
         for batch_size in sizes:
@@ -154,15 +148,7 @@ def time_optimizer_update(
     Returns:
         The seconds of each timed update.
     """
-    if warmup < 0 or repeats < 1:
-        raise NoiseScaleInputError("warm-up must be ≥ 0 and repeats ≥ 1")
-    dev = torch.device(device)
-    cuda = dev.type == "cuda"
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(dev)
-
+    sync = _checked_sync(warmup, repeats, device)
     times: list[float] = []
     with _preserved_state(model, optimizer):
         step_fn(batch_size)
@@ -175,6 +161,19 @@ def time_optimizer_update(
             sync()
             times.append(timer() - t0)
     return tuple(times)
+
+
+def _checked_sync(warmup: int, repeats: int, device: torch.device | str) -> Callable[[], None]:
+    """Refuse a negative warm-up or no repeats; the device's synchronisation (a no-op off CUDA)."""
+    if warmup < 0 or repeats < 1:
+        raise NoiseScaleInputError("warm-up must be ≥ 0 and repeats ≥ 1")
+    dev = torch.device(device)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    return sync
 
 
 def describe_device(device: torch.device | str) -> dict[str, Any]:
