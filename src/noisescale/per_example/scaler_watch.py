@@ -23,7 +23,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import Tensor
+
+from noisescale.per_example.values import _tensors
 
 # graph task id -> the scaler whose scaled tensor started that backward (the last few only)
 _TASKS: dict[int, Any] = {}
@@ -92,17 +93,9 @@ def _noting(scaler: Any, values: Iterator[Any]) -> Iterator[Any]:
 
 
 def _note(scaler: Any, scaled: Any) -> None:
-    stack = [scaled]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, Tensor):
-            node = x.grad_fn
-            if node is not None:
-                node.register_prehook(functools.partial(_started, scaler))
-        elif isinstance(x, list | tuple):
-            stack.extend(x)
-        elif isinstance(x, dict):
-            stack.extend(x.values())
+    for t in _tensors(scaled):  # (a tensor, or lists, tuples and dicts of them)
+        if t.grad_fn is not None:
+            t.grad_fn.register_prehook(functools.partial(_started, scaler))
 
 
 def _started(scaler: Any, grads: Any) -> None:
