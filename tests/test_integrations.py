@@ -819,6 +819,27 @@ DDP_SCENARIOS = {"one_pass": 1, "no_sync": 2}
 DDP_TIMEOUT_S = 240
 
 
+def _two_processes(launcher: list[str], worker: str, tmp_path) -> list[dict]:
+    """Run ``tests/<worker>`` in 2 CPU processes under ``launcher`` (its module and arguments;
+    ``{port}`` in them is a free port), one thread each, and return what each rank wrote to
+    ``tmp_path/<rank>.json``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = str(free_port())
+    command = [
+        sys.executable, "-m", *(a.replace("{port}", port) for a in launcher),
+        str(Path(__file__).with_name(worker)), str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=DDP_TIMEOUT_S, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+
+
 def _assert_same_ddp_step(got: dict, want: dict, accumulation: int) -> None:
     """A data-parallel step against one process accumulating the same micro-batches."""
     assert got["b_big"] == want["b_big"] == 16 * accumulation
@@ -858,25 +879,14 @@ def test_callbacks_ddp_under_accelerate_launch(tmp_path, float64_default):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     pytest.importorskip("lightning")
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from noisescale.integrations.transformers import NoiseScaleCallback
 
-    port = free_port()
-    worker = Path(__file__).with_name("ddp_callbacks_worker.py")
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_port", str(port), str(worker), str(tmp_path),
+    launcher = [
+        "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", "{port}",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=DDP_TIMEOUT_S, check=False
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    ranks = _two_processes(launcher, "ddp_callbacks_worker.py", tmp_path)
     assert ranks[0] == ranks[1]  # every process computes the same estimates
     for name in (*DDP_SCENARIOS, "lightning"):
         # one history file, written by the first process only
@@ -1308,24 +1318,10 @@ def test_adaptive_batch_is_global_under_ddp(tmp_path):
     schedule's batch over both processes, and the schedule's example count is the tracker's.
     """
     pytest.importorskip("lightning")
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from noisescale.schedule import quantized_batch_size
 
-    port = free_port()
-    worker = Path(__file__).with_name("ddp_schedule_worker.py")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(port), str(worker), str(tmp_path),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=DDP_TIMEOUT_S, check=False
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    launcher = ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", "{port}"]
+    ranks = _two_processes(launcher, "ddp_schedule_worker.py", tmp_path)
     micro, world, per_process = 8, 2, 4
 
     for rank in ranks:
