@@ -528,3 +528,78 @@ def test_cli_never_overwrites_without_force(tmp_path: Path, capsys: pytest.Captu
     assert main(["report", str(path), "-o", str(tmp_path / "x.html")]) == 2
     assert "already holds figures" in capsys.readouterr().err
     assert (tmp_path / "x_figures" / "cost.png").read_bytes() == b"mine"
+
+
+def test_report_shows_the_last_records_per_group_estimates(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A history written with ``groups=``: the page and ``--json`` give each group's B_simple and
+    interval as the tracker's ``estimate_groups()`` has them, and each group's share of the
+    averaged tr Σ and |G|² (summing to 1, the groups adding up to the whole)."""
+    import torch
+    from torch import nn
+
+    import noisescale
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    path = tmp_path / "run.jsonl"
+    tracker = noisescale.GradientNoiseTracker(
+        model, groups=True, history_path=path, per_example_fraction=1.0
+    )
+    teacher = torch.randn(6, 3, dtype=torch.float64)
+    for _ in range(40):
+        x = torch.randn(32, 6, dtype=torch.float64)
+        loss = nn.functional.cross_entropy(model(x), (x @ teacher).argmax(1))
+        loss.backward()
+        tracker.step(loss=loss)
+        opt.step()
+        opt.zero_grad()
+    tracker.sync()
+    tracker.remove()
+    want = tracker.estimate_groups()
+    assert set(want) == {"0", "2"}
+
+    assert main(["report", str(path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    got = {g["name"]: g for g in summary["groups"]}
+    assert list(got) == ["0", "2"]
+    for name, e in want.items():
+        assert math.isfinite(e.b_simple)
+        assert got[name]["b_simple"] == pytest.approx(e.b_simple, rel=1e-12)
+        assert got[name]["b_simple_interval"] == pytest.approx([e.low, e.high], rel=1e-12)
+        assert got[name]["trace_sigma_share"] == pytest.approx(
+            e.trace_sigma / sum(w.trace_sigma for w in want.values()), rel=1e-12
+        )
+        assert got[name]["g2_share"] == pytest.approx(
+            e.g2 / sum(w.g2 for w in want.values()), rel=1e-12
+        )
+    assert sum(g["trace_sigma_share"] for g in got.values()) == pytest.approx(1.0, rel=1e-12)
+    page = (tmp_path / "run.html").read_text(encoding="utf-8")
+    assert "B<sub>simple</sub> per parameter group" in page
+    assert "<td class=name>0</td>" in page and "<td class=name>2</td>" in page
+
+    # A history without groups has no such section, and an empty list in the JSON.
+    plain = write_synthetic_history(tmp_path / "plain.jsonl")
+    assert main(["report", str(plain), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["groups"] == []
+    assert "per parameter group" not in (tmp_path / "plain.html").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("groups", "message"),
+    [
+        ([1, 2], "'groups' must map each group's name"),
+        ({"a": {"b_simple": "big"}}, "group 'a' has a non-numeric 'b_simple'"),
+    ],
+)
+def test_corrupt_groups_are_a_clear_error(
+    tmp_path: Path, groups: Any, message: str, capsys: pytest.CaptureFixture
+) -> None:
+    records = synthetic_records(n_steps=30)
+    records[-1]["groups"] = groups
+    path = write_synthetic_history(tmp_path / "h.jsonl", records)
+    assert main(["report", str(path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "h.html").exists()

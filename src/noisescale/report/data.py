@@ -66,6 +66,22 @@ TREND_FACTOR = 1.25
 TREND_SPAN = 0.1
 
 
+class GroupEstimate(NamedTuple):
+    """One parameter group's estimate in a history record (``groups=``): its averaged |G|² and
+    tr Σ (the groups add up to the total's), B_simple and its interval (NaN where unavailable)."""
+
+    name: str
+    b_simple: float
+    low: float
+    high: float
+    g2_ema: float
+    trace_sigma_ema: float
+
+
+#: The fields of a record's per-group entry that :class:`GroupEstimate` reads.
+GROUP_FIELDS = ("b_simple", "b_simple_low", "b_simple_high", "g2_ema", "trace_sigma_ema")
+
+
 @dataclass(frozen=True)
 class History:
     """A tracker history as arrays, one entry per recorded step, in step order.
@@ -94,6 +110,9 @@ class History:
     warnings: tuple[str, ...] = ()
     #: The records are B_simple of the Adam-preconditioned gradient P ⊙ g (``precondition=``).
     preconditioned: bool = False
+    #: B_simple per parameter group (``groups=``) in the last record, in its order; empty when
+    #: the last record has none.
+    groups: tuple[GroupEstimate, ...] = ()
 
     @property
     def unit(self) -> str:
@@ -174,6 +193,7 @@ def load_history(path: str | Path) -> History:
         skipped=np.array([bool(obj.get("skipped", False)) for _, obj in records]),
         warnings=tuple(warnings),
         preconditioned=_is_preconditioned(records[-1][1]),
+        groups=_groups(*records[-1], p),
         **{name: _float_column(records, name, p) for name in FLOAT_FIELDS},
     )
 
@@ -588,8 +608,41 @@ def summary_dict(data: ReportData) -> dict[str, Any]:
         },
         "fixed_batch_costs": [row._asdict() for row in data.costs],
         "b_simple_trend": {k: _finite_or_none(v) for k, v in data.trend._asdict().items()},
+        "groups": [
+            {
+                "name": g.name,
+                "b_simple": _finite_or_none(g.b_simple),
+                "b_simple_interval": [_finite_or_none(g.low), _finite_or_none(g.high)],
+                "trace_sigma_share": _finite_or_none(tr),
+                "g2_share": _finite_or_none(g2),
+            }
+            for g, (tr, g2) in zip(
+                data.history.groups, group_shares(data.history.groups), strict=True
+            )
+        ],
         "warnings": list(data.warnings),
     }
+
+
+def group_shares(groups: Iterable[GroupEstimate]) -> list[tuple[float, float]]:
+    """Each group's share of the averaged tr Σ and of the averaged |G|² (the groups add up to
+    the total's; a group's |G|² estimate, unbiased, can be negative where noise swamps it). NaN
+    where the sum is not positive and finite."""
+    groups = list(groups)
+
+    def shares(values: list[float]) -> list[float]:
+        total = math.fsum(values)
+        if not (math.isfinite(total) and total > 0):
+            return [math.nan] * len(values)
+        return [v / total for v in values]
+
+    return list(
+        zip(
+            shares([g.trace_sigma_ema for g in groups]),
+            shares([g.g2_ema for g in groups]),
+            strict=True,
+        )
+    )
 
 
 def _check_header(obj: Any, path: Path) -> dict[str, Any]:
@@ -662,6 +715,31 @@ def _after_last_switch(
         + (f" ({len(switches)} switches; the last one counts)" if len(switches) > 1 else "")
     )
     return records[i:]
+
+
+def _groups(number: int, obj: dict[str, Any], path: Path) -> tuple[GroupEstimate, ...]:
+    """The per-group estimates of one record (line ``number``), checked."""
+    groups = obj.get("groups")
+    if groups is None:
+        return ()
+    if not isinstance(groups, dict) or not all(isinstance(g, dict) for g in groups.values()):
+        raise NoiseScaleInputError(
+            f"{str(path)!r}, line {number}: 'groups' must map each group's name to its "
+            "estimate; the file is corrupt"
+        )
+    out = []
+    for name, group in groups.items():
+        values = []
+        for field in GROUP_FIELDS:
+            v = group.get(field)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+                raise NoiseScaleInputError(
+                    f"{str(path)!r}, line {number}: group {name!r} has a non-numeric "
+                    f"{field!r} ({v!r}); the file is corrupt"
+                )
+            values.append(math.nan if v is None else float(v))
+        out.append(GroupEstimate(str(name), *values))
+    return tuple(out)
 
 
 def _float_column(records: list[tuple[int, dict[str, Any]]], name: str, path: Path) -> np.ndarray:

@@ -15,7 +15,7 @@ import html
 import json
 
 from noisescale import theory
-from noisescale.report.data import ReportData, Trend
+from noisescale.report.data import ReportData, Trend, group_shares
 from noisescale.report.figures import FIGURE_NAMES
 from noisescale.report.text import (
     TEXT_JS,
@@ -165,9 +165,47 @@ def report_html(data: ReportData, figures: dict[str, bytes], figures_dir: str | 
         .replace("__LAST__", f"{run.last_step:,}")
         .replace("__DEFAULT_BATCH__", e(format_batch_size(default_batch)))
         .replace("__FIGURES_NOTE__", figures_note)
+        .replace("__GROUPS__", _groups_section(data))
         .replace("__TEXT_JS__", TEXT_JS)
         .replace("__DATA__", json.dumps(page_data))
         .replace("__UNIT__", unit)
+    )
+
+
+def _groups_section(data: ReportData) -> str:
+    """B_simple per parameter group at the last record (``groups=``), or nothing."""
+    groups = data.history.groups
+    if not groups:
+        return ""
+    e = html.escape
+    unit = data.history.unit
+    step = int(data.history.step[-1])
+
+    def cell(x: float, percent: bool = False) -> str:
+        if not _finite(x):
+            return "<td>—</td>"
+        return f"<td>{format_number(100 * x)}%</td>" if percent else f"<td>{format_number(x)}</td>"
+
+    rows = "".join(
+        f"<tr><td class=name>{e(g.name)}</td>{cell(g.b_simple)}"
+        + (
+            f"<td>{format_number(g.low)}–{format_number(g.high)}</td>"
+            if _finite(g.low) and _finite(g.high)
+            else "<td>—</td>"
+        )
+        + f"{cell(tr, True)}{cell(g2, True)}</tr>"
+        for g, (tr, g2) in zip(groups, group_shares(groups), strict=True)
+    )
+    return (
+        "<h2>B<sub>simple</sub> per parameter group</h2>"
+        f"<p>At the last record (step {step:,}), in {unit}: each group's own "
+        "B<sub>simple</sub> = tr Σ/|G|² of its parameters' gradient, and its share of the "
+        "whole model's averaged tr Σ and |G|² (the groups add up to the whole). A group whose "
+        "|G|² estimate is not positive, its noise swamping it so far, has no B<sub>simple</sub> "
+        "(—).</p>"
+        '<table class="costs"><tr><th>group</th><th>B<sub>simple</sub></th><th>interval</th>'
+        "<th>share of tr Σ</th><th>share of |G|²</th></tr>"
+        f"{rows}</table>"
     )
 
 
@@ -227,6 +265,7 @@ _PAGE = """<!DOCTYPE html>
   table.costs { border-collapse: collapse; font-variant-numeric: tabular-nums; }
   table.costs th, table.costs td { padding: .25em .7em; border-bottom: 1px solid #eee;
                                    text-align: right; }
+  table.costs td.name { text-align: left; }
   table.costs tr.this-run td { background: #fff6d6; font-weight: 600; }
   .warnings { color: #8a5a00; }
   .calc { background: #f6f7f9; border: 1px solid #e1e4e8; border-radius: 6px;
@@ -262,6 +301,7 @@ __ROWS__
   (<span class="num" id="report-readout-saved"></span>% fewer).
   <div id="report-error" role="alert"></div>
 </div>
+__GROUPS__
 <h2>Figures</h2>
 __FIGURES__
 __FIGURES_NOTE__
