@@ -1353,3 +1353,65 @@ def test_adaptive_batch_is_global_under_ddp(tmp_path):
         assert len({b for _, b in plain["rows"]}) > 1  # the batch changed
     assert ranks[0]["lightning"]["rows"] == ranks[1]["lightning"]["rows"]
     assert ranks[0]["plain"]["rows"] == ranks[1]["plain"]["rows"]
+
+
+def test_transformers_refuses_samplers_whose_steps_or_micro_batches_are_not_random(tmp_path):
+    """``group_by_length`` (a step of similar lengths: B_simple 22% low with every example
+    measured) is refused; ``batch_rebalance`` (a random step sorted by length into micro-batches:
+    3.5× too high by default) is refused under accumulation unless every example of the step is
+    measured without the micro-batch source, which is exact whatever the micro-batches hold;
+    ``sequential`` is warned about (right only for a dataset stored shuffled)."""
+    pytest.importorskip("transformers")
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    def args(strategy: str, accumulation: int = 2) -> object:
+        return _hf_args(
+            tmp_path, train_sampling_strategy=strategy, gradient_accumulation_steps=accumulation
+        )
+
+    with pytest.raises(NoiseScaleInputError, match=r"group_by_length.*not independent draws"):
+        NoiseScaleCallback().on_train_begin(args("group_by_length"), None, None, model=_HFModel())
+    with pytest.raises(NoiseScaleInputError, match=r"batch_rebalance.*per_example_fraction=1\.0"):
+        NoiseScaleCallback().on_train_begin(args("batch_rebalance"), None, None, model=_HFModel())
+    with pytest.raises(NoiseScaleInputError, match="batch_rebalance"):
+        NoiseScaleCallback(per_example_fraction=1.0).on_train_begin(
+            args("batch_rebalance"), None, None, model=_HFModel()
+        )
+
+    # Accepted where the estimate does not rest on the micro-batches being random parts.
+    import transformers
+
+    class Lengths(_HFDataset):  # (the length samplers read each example's "input_ids")
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {**super().__getitem__(i), "input_ids": torch.zeros(1 + i % 5)}
+
+    class Model(_HFModel):
+        def forward(self, x, labels=None, input_ids=None):
+            return super().forward(x, labels)
+
+    for strategy, accumulation, kwargs in [
+        ("batch_rebalance", 2, {"per_example_fraction": 1.0, "microbatch": False}),
+        ("batch_rebalance", 1, {}),
+        ("random", 2, {}),
+    ]:
+        callback = NoiseScaleCallback(sync_every=1, **kwargs)
+        trainer = transformers.Trainer(
+            model=Model(),
+            args=args(strategy, accumulation),
+            train_dataset=Lengths(),
+            data_collator=lambda rows: {
+                k: torch.stack([r[k] for r in rows]) for k in ("x", "labels")
+            },
+            callbacks=[callback],
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            trainer.train()
+        assert len(callback.tracker.history) == 6, strategy
+
+    callback = NoiseScaleCallback(sync_every=1)
+    trainer = transformers.Trainer(
+        model=_HFModel(), args=args("sequential"), train_dataset=_HFDataset(), callbacks=[callback]
+    )
+    with pytest.warns(RuntimeWarning, match="'sequential' keeps the dataset's order"):
+        trainer.train()

@@ -203,6 +203,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
             )
         if model is None:
             raise NoiseScaleInputError("the Trainer passed no model to the callback")
+        self._check_sampler(args)
         self._release()
         self._move_ahead_of_reporters(args)
         self._optimizer = kwargs.get("optimizer")
@@ -478,6 +479,60 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         return loss / count
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def _check_sampler(self, args: Any) -> None:
+        """Refuse a training sampler whose steps or micro-batches are not random draws.
+
+        B_simple's estimate needs each step's examples to be independent draws from the data,
+        and the micro-batch and data-parallel sources each part of a step (a micro-batch, a
+        process's share) to be a random part of it. ``group_by_length`` puts sequences of
+        similar length in one step (B_simple 15.7 [14.8, 16.9] tokens where the truth was 20.0,
+        every example measured); ``batch_rebalance`` draws a step at random but sorts it by
+        length into micro-batches and processes (70.1 [64.8, 75.9] by default, 27.0 with
+        sub-batches only; every example of the step measured read 20.6 [20.0, 21.2]).
+        ``sequential`` keeps the dataset's order: right only for a dataset stored shuffled.
+        """
+        strategy = getattr(args, "train_sampling_strategy", "random")
+        if getattr(args, "group_by_length", False):  # (the older flag, where it exists)
+            strategy = "group_by_length"
+        fix = (
+            "measure with train_sampling_strategy='random' (a short measurement run is enough "
+            "to size the batch)"
+        )
+        if strategy == "group_by_length":
+            raise NoiseScaleInputError(
+                "train_sampling_strategy='group_by_length' puts sequences of similar length "
+                "in the same step, so a step's examples are not independent draws and B_simple "
+                f"would be biased (22% low in a test, every example measured); {fix}"
+            )
+        if strategy == "batch_rebalance":
+            accumulation = int(getattr(args, "gradient_accumulation_steps", 1))
+            world = int(getattr(args, "world_size", 1))
+            exact = (
+                self.tracker_kwargs.get("per_example_fraction") == 1.0
+                and self.tracker_kwargs.get("microbatch") is False
+            )
+            if world > 1 or (accumulation > 1 and not exact):
+                parts = "processes" if world > 1 else "accumulation micro-batches"
+                remedy = (
+                    fix
+                    if world > 1
+                    else "pass per_example_fraction=1.0, microbatch=False to the callback "
+                    f"(every example measured: exact, at its cost), or {fix}"
+                )
+                raise NoiseScaleInputError(
+                    "train_sampling_strategy='batch_rebalance' sorts each step's examples by "
+                    f"length into {parts}, so each is not a random part of the step, which the "
+                    f"estimate from {parts} and sub-batches assumes (B_simple 3.5× too high in "
+                    f"a test); {remedy}"
+                )
+        if strategy == "sequential":
+            self._warn_once(
+                "sequential",
+                "train_sampling_strategy='sequential' keeps the dataset's order: B_simple is "
+                "right only if the dataset is stored shuffled (each step's examples independent "
+                "draws); otherwise use 'random'",
+            )
 
     def _tracker_kwargs(self, args: Any) -> dict[str, Any]:
         kwargs = dict(self.tracker_kwargs)

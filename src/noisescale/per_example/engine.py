@@ -2874,7 +2874,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                         continue
                     if _reentrant_checkpointing(self.model):
                         raise UnsupportedModuleError(
-                            f"{_REENTRANT_LEAD} (what the engine met there: {err})"
+                            f"{_REENTRANT_LEAD}. (What the engine's check met there, for "
+                            "reference — a consequence of the reentrant recomputation; the "
+                            f"other causes its words list do not apply: {err})"
                         ) from err
                     if not pass_.reentrant:
                         raise
