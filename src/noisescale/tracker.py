@@ -395,6 +395,17 @@ class GradientNoiseTracker:
         self.sync_every = sync_every
         self.history_path = Path(history_path) if history_path is not None else None
         trainable = [p for p in model.parameters() if p.requires_grad]
+        complex_ = [n for n, p in model.named_parameters() if p.requires_grad and p.is_complex()]
+        if complex_:
+            # (until 2026-12-05 they crashed in the first step with torch's own RuntimeError)
+            raise NoiseScaleInputError(
+                f"parameters {complex_} are complex, and noisescale measures real parameters "
+                "only (its per-example and batch norms are written for real gradients); freeze "
+                "them (requires_grad=False) to measure the noise scale of the real parameters, "
+                "or hold each as a real tensor of its real and imaginary parts, made complex "
+                "in the forward by torch.view_as_complex, and measure with per_example=False "
+                "(the per-example rules do not follow view_as_complex)"
+            )
         self.precondition = precondition
         self.precondition_from = precondition_from
         if precondition is not None:
