@@ -17,6 +17,7 @@ from torch import nn
 
 import noisescale
 from noisescale.errors import NoiseScaleInputError
+from noisescale.preconditioning import stateless_parameters
 from noisescale.tracker import preconditioner_weights
 
 F32 = 8 * torch.finfo(torch.float32).eps
@@ -374,3 +375,56 @@ def test_refusals():
         )
     with pytest.raises(NoiseScaleInputError, match="not in the precondition optimizer"):
         noisescale.GradientNoiseTracker(model, precondition=torch.optim.Adam(model[0].parameters()))
+
+
+class _HeadLater(nn.Module):
+    """A body, and a head the loss reaches from step 3 on (the first of them overflows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        self.head = nn.Linear(3, 2)
+        self.use = False
+
+    def forward(self, x):
+        return self.body(x) + self.head(x) if self.use else self.body(x)
+
+
+def _scaled_run(fused: bool):
+    torch.manual_seed(0)
+    model = _HeadLater()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    tracker = noisescale.GradientNoiseTracker(
+        model, precondition=opt, precondition_from=1, per_example_fraction=1.0, scaler=scaler
+    )
+    g = torch.Generator().manual_seed(3)
+    for step in range(6):
+        x, y = torch.randn(8, 3, generator=g), torch.randn(8, 2, generator=g)
+        model.use = step in (2, 3)
+        if step == 2:
+            y[0, 0] = float("inf")  # an overflow step: the scaler skips opt.step
+        scaler.scale((0.5 * (model(x) - y).pow(2).sum(1)).mean()).backward()
+        tracker.step()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    return opt, model, tracker.history
+
+
+def test_fused_adam_s_unstepped_state_is_no_state():
+    """Fused Adam makes state (step 0, v = 0) for a head whose first gradient comes on a step a
+    GradScaler skips for overflow; until 2026-12-05 the head's next step read P = 0/0 = NaN and
+    was dropped without a word. That state counts as none now: the step is left out with the
+    first-gradient warning, as with non-fused Adam, and the records are non-fused Adam's."""
+    with pytest.warns(RuntimeWarning, match=r"\['head.bias', 'head.weight'\] got their first"):
+        opt, model, fused = _scaled_run(fused=True)
+    _, _, plain = _scaled_run(fused=False)
+    assert [r["step"] for r in fused] == [r["step"] for r in plain] == [1, 2, 5, 6]
+    assert all(math.isfinite(r["g2"]) for r in fused)
+    assert [r["g2"] for r in fused] == pytest.approx([r["g2"] for r in plain], rel=1e-6)
+    # the unit: a state whose step is 0 weighs zero and is reported stateless
+    opt.state[model.head.weight]["step"].zero_()
+    params = list(model.parameters())
+    assert torch.all(preconditioner_weights(opt, params)[id(model.head.weight)] == 0)
+    assert stateless_parameters(opt, params) == [model.head.weight]

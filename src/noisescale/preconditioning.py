@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,17 @@ def check_preconditioner(
         )
 
 
+def optimizer_steps(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> int:
+    """The steps the optimizer has taken, counted by its most-stepped parameter among
+    ``params`` (Adam and RMSprop count per parameter); 0 before its first step."""
+    steps = [_step(optimizer.state[p]) for p in params if optimizer.state.get(p)]
+    return int(max(steps, default=0))
+
+
+def _step(state: dict[str, Any]) -> float:
+    return float(state.get("step", 0))
+
+
 def preconditioner_weights(
     optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], min_steps: int = 1
 ) -> dict[int, Tensor] | None:
@@ -50,19 +62,21 @@ def preconditioner_weights(
     does not use): its weight is zero — it adds nothing to any norm while it gets no gradient,
     and a step in which it gets its first one must be left out by the caller
     (:func:`stateless_parameters`), its preconditioner not being defined yet. (Until
-    2026-12-05 such a parameter kept every step plain for the whole run, without a word.)
+    2026-12-05 such a parameter kept every step plain for the whole run, without a word.) State
+    that has not stepped counts as none: fused Adam makes it (``step`` 0) on a step a GradScaler
+    skips for overflow, where v̂ = 0/(1 − β₂⁰) is not defined (until 2026-12-05 it read P = NaN
+    and the next step was dropped without a word).
     """
     params = list(params)
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    steps = [float(optimizer.state[p].get("step", 0)) for p in params if optimizer.state.get(p)]
-    if not steps or max(steps) < min_steps:
+    if optimizer_steps(optimizer, params) < min_steps:
         return None
     out: dict[int, Tensor] = {}
     with torch.no_grad():
         for p in params:
             group = group_of[id(p)]
             state = optimizer.state.get(p)
-            if not state:
+            if not state or _step(state) == 0:
                 out[id(p)] = torch.zeros_like(p, dtype=_at_least_float32(p).dtype)
                 continue
             if isinstance(optimizer, torch.optim.RMSprop):
@@ -81,8 +95,9 @@ def preconditioner_weights(
 def stateless_parameters(
     optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]
 ) -> list[nn.Parameter]:
-    """The parameters the optimizer holds no state for (none had a gradient yet)."""
-    return [p for p in params if not optimizer.state.get(p)]
+    """The parameters whose preconditioner is not defined yet: the optimizer holds no state for
+    them (none had a gradient yet), or state that has not stepped (``step`` 0)."""
+    return [p for p in params if not optimizer.state.get(p) or _step(optimizer.state[p]) == 0]
 
 
 def _at_least_float32(x: Tensor) -> Tensor:
