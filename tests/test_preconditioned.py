@@ -377,6 +377,110 @@ def test_refusals():
         noisescale.GradientNoiseTracker(model, precondition=torch.optim.Adam(model[0].parameters()))
 
 
+class _NoBiasCorrection(torch.optim.Adam):
+    """An Adam that divides by √v + ε, without v's bias correction (transformers' old
+    ``AdamW(correct_bias=False)``, many hand-written Adams)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                state["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = state["exp_avg_sq"].sqrt().add_(group["eps"])
+                p.addcdiv_(state["exp_avg"], denom, value=-group["lr"])
+
+
+class _OwnInitGroup(torch.optim.AdamW):
+    def _init_group(self, *args, **kwargs):
+        return super()._init_group(*args, **kwargs)
+
+
+class _NewDefaults(torch.optim.AdamW):
+    def __init__(self, params):
+        super().__init__(params, lr=1e-2, eps=1e-6)
+
+
+def test_a_subclass_that_overrides_the_update_is_refused():
+    """A subclass of Adam passes isinstance whatever its step does: until 2026-12-05 one
+    without bias correction was measured with Adam's P (|P ⊙ G|² off by 1 − β₂ᵗ, 0.5% of the
+    truth on a hunt's model). A subclass that overrides step or _init_group is refused, naming
+    it; one that keeps torch's update (new defaults), and AdamW (a subclass of Adam in this
+    torch), are accepted — also after torch wrapped step for its profiler hooks."""
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+    for kind, overridden in ((_NoBiasCorrection, "step"), (_OwnInitGroup, "_init_group")):
+        opt = kind(model.parameters())
+        with pytest.raises(
+            NoiseScaleInputError, match=rf"{kind.__name__}, a subclass .* {overridden}"
+        ):
+            noisescale.GradientNoiseTracker(model, precondition=opt)
+    for kind in (_NewDefaults, torch.optim.AdamW, torch.optim.Adam, torch.optim.RMSprop):
+        opt = kind(model.parameters())
+        opt.zero_grad()
+        opt.step()  # wraps type(opt).step in torch's profiler hook
+        noisescale.GradientNoiseTracker(model, precondition=opt).remove()
+
+
+def _twin_runs(wrap):
+    """Two identical preconditioned runs, one given ``wrap(opt)``, one ``opt``: their records."""
+    out = []
+    for wrapped in (True, False):
+        model, g = _mlp_and_data()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        tracker = noisescale.GradientNoiseTracker(
+            model,
+            precondition=wrap(opt) if wrapped else opt,
+            precondition_from=2,
+            per_example_fraction=1.0,
+        )
+        assert tracker.precondition is opt
+        _train(model, tracker, opt, 5, g)
+        out.append(tracker.history)
+    return out
+
+
+def test_accelerate_s_and_lightning_s_optimizer_wrappers_are_unwrapped():
+    """accelerate's prepare() wraps the optimizer in AcceleratedOptimizer (same state, one
+    process): refused until 2026-12-05 ("got AcceleratedOptimizer"), with no word of
+    .optimizer. It and Lightning's LightningOptimizer are unwrapped now (the same records as
+    the optimizer itself); another wrapper holding a supported optimizer is refused, saying to
+    pass the one inside."""
+    accelerate = pytest.importorskip("accelerate")
+    lightning = pytest.importorskip("lightning.pytorch.core.optimizer")
+    accelerator = accelerate.Accelerator(cpu=True)
+    try:
+        for wrap in (accelerator.prepare_optimizer, lightning.LightningOptimizer):
+            # (Lightning's is a LightningAdam, a subclass of Adam with Lightning's step)
+            assert type(wrap(torch.optim.Adam(nn.Linear(1, 1).parameters()))).__name__ in (
+                "AcceleratedOptimizer",
+                "LightningAdam",
+            )
+            got, want = _twin_runs(wrap)
+            assert [r["preconditioned"] for r in got] == [False] * 2 + [True] * 3
+            assert [r["g2"] for r in got] == [r["g2"] for r in want]
+    finally:
+        accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+
+    class Holder:
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    model = nn.Linear(3, 1)
+    with pytest.raises(NoiseScaleInputError, match=r"Holder, a wrapper .*=opt\.optimizer"):
+        noisescale.GradientNoiseTracker(
+            model, precondition=Holder(torch.optim.Adam(model.parameters()))
+        )
+
+
 class _HeadLater(nn.Module):
     """A body, and a head the loss reaches from step 3 on (the first of them overflows)."""
 

@@ -68,6 +68,7 @@ from noisescale.preconditioning import (
     check_preconditioner,
     preconditioner_weights,
     stateless_parameters,
+    unwrap_optimizer,
 )
 from noisescale.sources.base import Observation, Source, StepNorms
 from noisescale.sources.distributed import (
@@ -406,6 +407,8 @@ class GradientNoiseTracker:
                 "in the forward by torch.view_as_complex, and measure with per_example=False "
                 "(the per-example rules do not follow view_as_complex)"
             )
+        if precondition is not None:
+            precondition = unwrap_optimizer(precondition)
         self.precondition = precondition
         self.precondition_from = precondition_from
         if precondition is not None:
