@@ -532,3 +532,30 @@ def test_fused_adam_s_unstepped_state_is_no_state():
     params = list(model.parameters())
     assert torch.all(preconditioner_weights(opt, params)[id(model.head.weight)] == 0)
     assert stateless_parameters(opt, params) == [model.head.weight]
+
+
+def test_the_wide_preconditioner_warning_quotes_the_epsilon_of_the_widest_group():
+    """Groups with ε = 0.1 and ε = 1e-8, the ~0 second moments in the second: until 2026-12-05
+    the warning quoted the first group's ε, "P ≈ 1/ε = 1e+01", where P was about 1e+08."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = torch.optim.Adam(
+        [{"params": model[2].parameters(), "eps": 0.1}, {"params": model[0].parameters()}],
+        lr=1e-3,
+        eps=1e-8,
+    )
+    tracker = noisescale.GradientNoiseTracker(model, precondition=opt, precondition_from=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            x, y = torch.randn(16, 3), torch.randn(16, 2)
+            x[:, 2] = 0.0  # an input never non-zero: v = 0 for its weights
+            (0.5 * (model(x) - y).pow(2).sum(1)).mean().backward()
+            tracker.step()
+            opt.step()
+            opt.zero_grad()
+    wide = [str(w.message) for w in caught if "its median" in str(w.message)]
+    assert len(wide) == 1 and "P ≈ 1/ε = 1e+08, ε = 1e-08 in param group 1" in wide[0], wide
+    # the quoted P is the largest one: 1/ε of the group, since those coordinates have v = 0
+    p2 = preconditioner_weights(opt, list(model.parameters()))
+    assert float(p2[id(model[0].weight)].max().sqrt()) == pytest.approx(1e8)

@@ -1533,9 +1533,8 @@ class GradientNoiseTracker:
         with torch.no_grad():
             # (parameters without optimizer state weigh zero: not the preconditioner's spread)
             stateless = {id(p) for p in self._stateless}
-            flat = torch.cat(
-                [w.reshape(-1).float() for pid, w in weights.items() if pid not in stateless]
-            )
+            kept = [(pid, w) for pid, w in weights.items() if pid not in stateless]
+            flat = torch.cat([w.reshape(-1).float() for _, w in kept])
             if flat.numel() > 1_000_000:  # a sample is enough for the median
                 gen = torch.Generator(device=flat.device).manual_seed(0)
                 idx = torch.randint(flat.numel(), (1_000_000,), generator=gen, device=flat.device)
@@ -1544,13 +1543,22 @@ class GradientNoiseTracker:
                 median = flat.median()
             spread = float((flat.max() / median).sqrt())  # of P, not P²
         if spread > 1e4:
-            eps = self.precondition.param_groups[0].get("eps")  # type: ignore[union-attr]
+            # the ε of the group holding the widest coordinate (until 2026-12-05 the first
+            # group's was quoted, 1/ε = 1e+01 where those coordinates had P ≈ 1e+08)
+            with torch.no_grad():
+                widest = kept[int(torch.stack([w.float().max() for _, w in kept]).argmax())][0]
+            groups = self.precondition.param_groups  # type: ignore[union-attr]
+            index = next(
+                i for i, g in enumerate(groups) if any(id(p) == widest for p in g["params"])
+            )
+            eps = groups[index]["eps"]
+            where = f" in param group {index}" if len(groups) > 1 else ""
             warnings.warn(
                 "keep the default sub-batches and expect to need many steps (or measure the "
                 "plain noise scale, without precondition=): the preconditioner 1/(√v̂ + ε) of "
                 f"some coordinates is {spread:.1e}× its median (their second moment is ~0, so "
-                f"P ≈ 1/ε = {1 / eps:.0e}), and the rare examples that touch them carry most of "
-                "the preconditioned noise",
+                f"P ≈ 1/ε = {1 / eps:.0e}, ε = {eps:g}{where}), and the rare examples that "
+                "touch them carry most of the preconditioned noise",
                 RuntimeWarning,
                 stacklevel=4,
             )
