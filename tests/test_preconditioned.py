@@ -377,6 +377,72 @@ def test_refusals():
         noisescale.GradientNoiseTracker(model, precondition=torch.optim.Adam(model[0].parameters()))
 
 
+def _run(model, tracker, opt, steps, g, stepped=None):
+    """``steps`` steps of the MLP regression; ``stepped`` is the optimizer that trains (``opt``
+    by default: another one leaves ``opt`` unstepped)."""
+    stepping = opt if stepped is None else stepped
+    for _ in range(steps):
+        model(torch.randn(8, 3, generator=g)).pow(2).mean().backward()
+        tracker.step()
+        stepping.step()
+        stepping.zero_grad()
+
+
+def _assert_unavailable(e, *fragments):
+    assert math.isnan(e.b_simple) and math.isnan(e.g2) and math.isnan(e.trace_sigma)
+    assert (e.low, e.high, e.steps) == (0.0, math.inf, 0)
+    assert not e.available and e.relative_width == math.inf
+    for fragment in fragments:
+        assert fragment in e.reason, (fragment, e.reason)
+
+
+def test_an_estimate_before_preconditioning_starts_is_unavailable_and_says_why():
+    """precondition= with an optimizer that never steps (a second Adam passed by mistake): until
+    2026-12-05 estimate() returned the plain B_simple, bit-identical to a plain tracker's, with
+    reason '' and one warning at step 1 that promised a restart. It is unavailable now, saying
+    preconditioning has not started and that this optimizer does not step; a warning says so
+    once the tracker has run well past precondition_from. The schedule and the b_simple
+    property take it as any unavailable estimate."""
+    model, g = _mlp_and_data()
+    idle = torch.optim.Adam(model.parameters(), lr=1e-2)
+    trains = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tracker = noisescale.GradientNoiseTracker(
+        model, precondition=idle, precondition_from=3, groups=True, per_example_fraction=1.0
+    )
+    with pytest.warns(RuntimeWarning, match="has not stepped in the 10 steps the tracker"):
+        _run(model, tracker, idle, 12, g, stepped=trains)
+    assert [r["preconditioned"] for r in tracker.history] == [False] * 12
+    assert not idle.state
+    why = ("preconditioning has not started", "0 of precondition_from=3", "trains this model")
+    _assert_unavailable(tracker.estimate(), *why)
+    groups = tracker.estimate_groups()
+    assert set(groups) == {"0", "2"}
+    for e in groups.values():
+        _assert_unavailable(e, *why)
+    assert math.isnan(tracker.b_simple)
+    schedule = noisescale.AdaptiveBatchSize(
+        micro_batch_size=8, max_batch_size=64, factor=1.0, interval=1
+    )
+    assert schedule.step(tracker) is False and schedule.batch_size == 8
+
+
+def test_an_estimate_in_the_warm_up_is_unavailable_then_preconditioned():
+    """The first precondition_from optimizer steps of every run are plain: estimate() is
+    unavailable there (it was the plain B_simple, unmarked, before 2026-12-05), naming how far
+    the optimizer is; from the first preconditioned step it is the preconditioned average."""
+    model, g = _mlp_and_data()
+    opt, tracker = _resumable(model, precondition_from=5)
+    _run(model, tracker, opt, 3, g)
+    e = tracker.estimate()
+    _assert_unavailable(e, "preconditioning has not started", "3 of precondition_from=5")
+    assert "trains this model" not in e.reason
+    _run(model, tracker, opt, 5, g)
+    e = tracker.estimate()
+    assert e.available and e.reason == "" and e.steps == 3
+    records = [r for r in tracker.history if r["preconditioned"]]
+    assert e.b_simple == pytest.approx(records[-1]["b_simple"], rel=1e-12)
+
+
 class _NoBiasCorrection(torch.optim.Adam):
     """An Adam that divides by √v + ε, without v's bias correction (transformers' old
     ``AdamW(correct_bias=False)``, many hand-written Adams)."""
@@ -559,3 +625,23 @@ def test_the_wide_preconditioner_warning_quotes_the_epsilon_of_the_widest_group(
     # the quoted P is the largest one: 1/ε of the group, since those coordinates have v = 0
     p2 = preconditioner_weights(opt, list(model.parameters()))
     assert float(p2[id(model[0].weight)].max().sqrt()) == pytest.approx(1e8)
+
+
+def test_a_resume_with_a_larger_precondition_from_names_it():
+    """Optimizer state restored (5 steps) but the default precondition_from=100: until
+    2026-12-05 the warning said the optimizer held no second-moment state and to restore it."""
+    model, g = _mlp_and_data()
+    opt, tracker = _resumable(model)
+    _train(model, tracker, opt, 5, g)
+    state, optimizer_state = tracker.state_dict(), opt.state_dict()
+    tracker.remove()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt.load_state_dict(optimizer_state)
+    resumed = noisescale.GradientNoiseTracker(model, precondition=opt, per_example_fraction=1.0)
+    resumed.load_state_dict(state)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(model, resumed, opt, 2, g)
+    messages = [str(w.message) for w in caught]
+    assert any("taken 5 steps, fewer than precondition_from=100" in m for m in messages)
+    assert not any("holds no second-moment state" in m for m in messages), messages
