@@ -524,7 +524,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         if given is True or unwrap_optimizer(given) is trainers:
             return trainers
         raise NoiseScaleInputError(
-            f"precondition= got a {type(given).__name__} that is not the optimizer the Trainer "
+            f"precondition= got {type(given).__name__}, which is not the optimizer the Trainer "
             f"steps (its {type(trainers).__name__}, built from args.optim or given as "
             "Trainer(optimizers=(optimizer, scheduler))), so it would never step and the "
             "preconditioned estimate would never start; pass precondition=True to precondition "
