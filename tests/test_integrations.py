@@ -693,6 +693,47 @@ def test_transformers_schedule_refusals(tmp_path):
         NoiseScaleCallback(BatchSizeRamp.stepwise([(0, 8)], micro_batch_size=8, optimizer=opt))
 
 
+def test_transformers_preconditions_with_the_trainer_s_own_optimizer(tmp_path):
+    """precondition=True is the Trainer's optimizer (accelerate's wrapper taken off); another
+    optimizer is refused at train begin (until 2026-12-05 it was taken, never stepped, and the
+    whole run was measured plain with estimate() giving the plain B_simple); the Trainer's
+    own, passed as itself, is accepted."""
+    pytest.importorskip("transformers")
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    callback = NoiseScaleCallback(
+        precondition=True, precondition_from=2, sync_every=1, per_example_fraction=1.0
+    )
+    _, trainer = _hf_train(tmp_path, callback, optim="adamw_torch")
+    trainer.train()
+    assert callback.tracker.precondition is trainer.optimizer.optimizer
+    assert isinstance(callback.tracker.precondition, torch.optim.AdamW)
+    history = callback.tracker.history
+    assert [r["preconditioned"] for r in history] == [False] * 2 + [True] * 4
+    estimate = callback.tracker.estimate()
+    assert estimate.steps == 4 and "preconditioning has not started" not in estimate.reason
+
+    other = torch.optim.Adam(_net().parameters())
+    _, trainer = _hf_train(tmp_path, NoiseScaleCallback(precondition=other), optim="adamw_torch")
+    with pytest.raises(NoiseScaleInputError, match=r"not the optimizer the Trainer steps.*=True"):
+        trainer.train()
+
+    import transformers
+
+    model = _HFModel()
+    mine = torch.optim.Adam(model.parameters(), lr=0.01)
+    callback = NoiseScaleCallback(precondition=mine, precondition_from=2)
+    transformers.Trainer(
+        model=model,
+        args=_hf_args(tmp_path),
+        train_dataset=_HFDataset(),
+        callbacks=[callback],
+        optimizers=(mine, None),
+    ).train()
+    assert callback.tracker.precondition is mine
+    assert [r["preconditioned"] for r in callback.tracker.history] == [False] * 2 + [True] * 4
+
+
 # -- bf16 on a tiny GPT-2 -----------------------------------------------------------------------
 
 BF16_U = 2.0**-8  # bfloat16's unit roundoff (8 significant bits)

@@ -1045,3 +1045,36 @@ def test_unequal_micro_batches_under_mean_say_what_is_assumed():
     mean_k, _ = _unequal_step("mean", divide_by_total=False)  # (warns: the same reading)
     # (weights 1/24 on 12 examples and 1/8 on 4: an effective batch (Σc)²/Σc² of 12)
     assert mean_k["b_big"] == pytest.approx(12) and not mean_k["skipped"]
+
+
+def test_complex_parameters_are_refused_and_frozen_ones_measured():
+    """A complex parameter crashed in the first step with torch's own RuntimeError
+    ("linalg.vector_norm: dtype should be complex …") until 2026-12-05, in every mode. It is
+    refused at construction, naming it and the fixes; frozen, the real parameters around it are
+    measured (per-example norms against brute force)."""
+    model = nn.Linear(3, 2, dtype=torch.complex128)
+    with pytest.raises(NoiseScaleInputError, match=r"\['weight', 'bias'\] are complex.*freeze"):
+        noisescale.GradientNoiseTracker(model)
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Parameter(torch.randn(3, 3, dtype=torch.complex128), requires_grad=False)
+            self.lin = nn.Linear(3, 2, dtype=torch.float64)
+
+        def forward(self, x):
+            return self.lin((x.to(torch.complex128) @ self.c).abs())
+
+    torch.manual_seed(0)
+    model = Mixed()
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0, sync_every=1)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    model(x).pow(2).sum(1).mean().backward()
+    tracker.step()
+    params = list(model.lin.parameters())
+    grads = [torch.autograd.grad(model(x[i : i + 1]).pow(2).sum(), params) for i in range(8)]
+    big = [torch.stack(col).mean(0) for col in zip(*grads, strict=True)]
+    per_ex = sum(float(sum(g.pow(2).sum() for g in gi)) for gi in grads) / 8
+    g2_big = float(sum(g.pow(2).sum() for g in big))
+    want, _ = noisescale.estimators.per_example_norm_estimates([per_ex], g2_big, 8)
+    assert tracker.history[0]["g2"] == pytest.approx(want, rel=1e-9)

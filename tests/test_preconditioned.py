@@ -17,6 +17,7 @@ from torch import nn
 
 import noisescale
 from noisescale.errors import NoiseScaleInputError
+from noisescale.preconditioning import stateless_parameters
 from noisescale.tracker import preconditioner_weights
 
 F32 = 8 * torch.finfo(torch.float32).eps
@@ -374,3 +375,273 @@ def test_refusals():
         )
     with pytest.raises(NoiseScaleInputError, match="not in the precondition optimizer"):
         noisescale.GradientNoiseTracker(model, precondition=torch.optim.Adam(model[0].parameters()))
+
+
+def _run(model, tracker, opt, steps, g, stepped=None):
+    """``steps`` steps of the MLP regression; ``stepped`` is the optimizer that trains (``opt``
+    by default: another one leaves ``opt`` unstepped)."""
+    stepping = opt if stepped is None else stepped
+    for _ in range(steps):
+        model(torch.randn(8, 3, generator=g)).pow(2).mean().backward()
+        tracker.step()
+        stepping.step()
+        stepping.zero_grad()
+
+
+def _assert_unavailable(e, *fragments):
+    assert math.isnan(e.b_simple) and math.isnan(e.g2) and math.isnan(e.trace_sigma)
+    assert (e.low, e.high, e.steps) == (0.0, math.inf, 0)
+    assert not e.available and e.relative_width == math.inf
+    for fragment in fragments:
+        assert fragment in e.reason, (fragment, e.reason)
+
+
+def test_an_estimate_before_preconditioning_starts_is_unavailable_and_says_why():
+    """precondition= with an optimizer that never steps (a second Adam passed by mistake): until
+    2026-12-05 estimate() returned the plain B_simple, bit-identical to a plain tracker's, with
+    reason '' and one warning at step 1 that promised a restart. It is unavailable now, saying
+    preconditioning has not started and that this optimizer does not step; a warning says so
+    once the tracker has run well past precondition_from. The schedule and the b_simple
+    property take it as any unavailable estimate."""
+    model, g = _mlp_and_data()
+    idle = torch.optim.Adam(model.parameters(), lr=1e-2)
+    trains = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tracker = noisescale.GradientNoiseTracker(
+        model, precondition=idle, precondition_from=3, groups=True, per_example_fraction=1.0
+    )
+    with pytest.warns(RuntimeWarning, match="has not stepped in the 10 steps the tracker"):
+        _run(model, tracker, idle, 12, g, stepped=trains)
+    assert [r["preconditioned"] for r in tracker.history] == [False] * 12
+    assert not idle.state
+    why = ("preconditioning has not started", "0 of precondition_from=3", "trains this model")
+    _assert_unavailable(tracker.estimate(), *why)
+    groups = tracker.estimate_groups()
+    assert set(groups) == {"0", "2"}
+    for e in groups.values():
+        _assert_unavailable(e, *why)
+    assert math.isnan(tracker.b_simple)
+    schedule = noisescale.AdaptiveBatchSize(
+        micro_batch_size=8, max_batch_size=64, factor=1.0, interval=1
+    )
+    assert schedule.step(tracker) is False and schedule.batch_size == 8
+
+
+def test_an_estimate_in_the_warm_up_is_unavailable_then_preconditioned():
+    """The first precondition_from optimizer steps of every run are plain: estimate() is
+    unavailable there (it was the plain B_simple, unmarked, before 2026-12-05), naming how far
+    the optimizer is; from the first preconditioned step it is the preconditioned average."""
+    model, g = _mlp_and_data()
+    opt, tracker = _resumable(model, precondition_from=5)
+    _run(model, tracker, opt, 3, g)
+    e = tracker.estimate()
+    _assert_unavailable(e, "preconditioning has not started", "3 of precondition_from=5")
+    assert "trains this model" not in e.reason
+    _run(model, tracker, opt, 5, g)
+    e = tracker.estimate()
+    assert e.available and e.reason == "" and e.steps == 3
+    records = [r for r in tracker.history if r["preconditioned"]]
+    assert e.b_simple == pytest.approx(records[-1]["b_simple"], rel=1e-12)
+
+
+class _NoBiasCorrection(torch.optim.Adam):
+    """An Adam that divides by √v + ε, without v's bias correction (transformers' old
+    ``AdamW(correct_bias=False)``, many hand-written Adams)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                state["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = state["exp_avg_sq"].sqrt().add_(group["eps"])
+                p.addcdiv_(state["exp_avg"], denom, value=-group["lr"])
+
+
+class _OwnInitGroup(torch.optim.AdamW):
+    def _init_group(self, *args, **kwargs):
+        return super()._init_group(*args, **kwargs)
+
+
+class _NewDefaults(torch.optim.AdamW):
+    def __init__(self, params):
+        super().__init__(params, lr=1e-2, eps=1e-6)
+
+
+def test_a_subclass_that_overrides_the_update_is_refused():
+    """A subclass of Adam passes isinstance whatever its step does: until 2026-12-05 one
+    without bias correction was measured with Adam's P (|P ⊙ G|² off by 1 − β₂ᵗ, 0.5% of the
+    truth on a hunt's model). A subclass that overrides step or _init_group is refused, naming
+    it; one that keeps torch's update (new defaults), and AdamW (a subclass of Adam in this
+    torch), are accepted — also after torch wrapped step for its profiler hooks."""
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+    for kind, overridden in ((_NoBiasCorrection, "step"), (_OwnInitGroup, "_init_group")):
+        opt = kind(model.parameters())
+        with pytest.raises(
+            NoiseScaleInputError, match=rf"{kind.__name__}, a subclass .* {overridden}"
+        ):
+            noisescale.GradientNoiseTracker(model, precondition=opt)
+    for kind in (_NewDefaults, torch.optim.AdamW, torch.optim.Adam, torch.optim.RMSprop):
+        opt = kind(model.parameters())
+        opt.zero_grad()
+        opt.step()  # wraps type(opt).step in torch's profiler hook
+        noisescale.GradientNoiseTracker(model, precondition=opt).remove()
+
+
+def _twin_runs(wrap):
+    """Two identical preconditioned runs, one given ``wrap(opt)``, one ``opt``: their records."""
+    out = []
+    for wrapped in (True, False):
+        model, g = _mlp_and_data()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        tracker = noisescale.GradientNoiseTracker(
+            model,
+            precondition=wrap(opt) if wrapped else opt,
+            precondition_from=2,
+            per_example_fraction=1.0,
+        )
+        assert tracker.precondition is opt
+        _train(model, tracker, opt, 5, g)
+        out.append(tracker.history)
+    return out
+
+
+def test_accelerate_s_and_lightning_s_optimizer_wrappers_are_unwrapped():
+    """accelerate's prepare() wraps the optimizer in AcceleratedOptimizer (same state, one
+    process): refused until 2026-12-05 ("got AcceleratedOptimizer"), with no word of
+    .optimizer. It and Lightning's LightningOptimizer are unwrapped now (the same records as
+    the optimizer itself); another wrapper holding a supported optimizer is refused, saying to
+    pass the one inside."""
+    accelerate = pytest.importorskip("accelerate")
+    lightning = pytest.importorskip("lightning.pytorch.core.optimizer")
+    accelerator = accelerate.Accelerator(cpu=True)
+    try:
+        for wrap in (accelerator.prepare_optimizer, lightning.LightningOptimizer):
+            # (Lightning's is a LightningAdam, a subclass of Adam with Lightning's step)
+            assert type(wrap(torch.optim.Adam(nn.Linear(1, 1).parameters()))).__name__ in (
+                "AcceleratedOptimizer",
+                "LightningAdam",
+            )
+            got, want = _twin_runs(wrap)
+            assert [r["preconditioned"] for r in got] == [False] * 2 + [True] * 3
+            assert [r["g2"] for r in got] == [r["g2"] for r in want]
+    finally:
+        accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+
+    class Holder:
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    model = nn.Linear(3, 1)
+    with pytest.raises(NoiseScaleInputError, match=r"Holder, a wrapper .*=opt\.optimizer"):
+        noisescale.GradientNoiseTracker(
+            model, precondition=Holder(torch.optim.Adam(model.parameters()))
+        )
+
+
+class _HeadLater(nn.Module):
+    """A body, and a head the loss reaches from step 3 on (the first of them overflows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        self.head = nn.Linear(3, 2)
+        self.use = False
+
+    def forward(self, x):
+        return self.body(x) + self.head(x) if self.use else self.body(x)
+
+
+def _scaled_run(fused: bool):
+    torch.manual_seed(0)
+    model = _HeadLater()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    tracker = noisescale.GradientNoiseTracker(
+        model, precondition=opt, precondition_from=1, per_example_fraction=1.0, scaler=scaler
+    )
+    g = torch.Generator().manual_seed(3)
+    for step in range(6):
+        x, y = torch.randn(8, 3, generator=g), torch.randn(8, 2, generator=g)
+        model.use = step in (2, 3)
+        if step == 2:
+            y[0, 0] = float("inf")  # an overflow step: the scaler skips opt.step
+        scaler.scale((0.5 * (model(x) - y).pow(2).sum(1)).mean()).backward()
+        tracker.step()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    return opt, model, tracker.history
+
+
+def test_fused_adam_s_unstepped_state_is_no_state():
+    """Fused Adam makes state (step 0, v = 0) for a head whose first gradient comes on a step a
+    GradScaler skips for overflow; until 2026-12-05 the head's next step read P = 0/0 = NaN and
+    was dropped without a word. That state counts as none now: the step is left out with the
+    first-gradient warning, as with non-fused Adam, and the records are non-fused Adam's."""
+    with pytest.warns(RuntimeWarning, match=r"\['head.bias', 'head.weight'\] got their first"):
+        opt, model, fused = _scaled_run(fused=True)
+    _, _, plain = _scaled_run(fused=False)
+    assert [r["step"] for r in fused] == [r["step"] for r in plain] == [1, 2, 5, 6]
+    assert all(math.isfinite(r["g2"]) for r in fused)
+    assert [r["g2"] for r in fused] == pytest.approx([r["g2"] for r in plain], rel=1e-6)
+    # the unit: a state whose step is 0 weighs zero and is reported stateless
+    opt.state[model.head.weight]["step"].zero_()
+    params = list(model.parameters())
+    assert torch.all(preconditioner_weights(opt, params)[id(model.head.weight)] == 0)
+    assert stateless_parameters(opt, params) == [model.head.weight]
+
+
+def test_the_wide_preconditioner_warning_quotes_the_epsilon_of_the_widest_group():
+    """Groups with ε = 0.1 and ε = 1e-8, the ~0 second moments in the second: until 2026-12-05
+    the warning quoted the first group's ε, "P ≈ 1/ε = 1e+01", where P was about 1e+08."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = torch.optim.Adam(
+        [{"params": model[2].parameters(), "eps": 0.1}, {"params": model[0].parameters()}],
+        lr=1e-3,
+        eps=1e-8,
+    )
+    tracker = noisescale.GradientNoiseTracker(model, precondition=opt, precondition_from=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            x, y = torch.randn(16, 3), torch.randn(16, 2)
+            x[:, 2] = 0.0  # an input never non-zero: v = 0 for its weights
+            (0.5 * (model(x) - y).pow(2).sum(1)).mean().backward()
+            tracker.step()
+            opt.step()
+            opt.zero_grad()
+    wide = [str(w.message) for w in caught if "its median" in str(w.message)]
+    assert len(wide) == 1 and "P ≈ 1/ε = 1e+08, ε = 1e-08 in param group 1" in wide[0], wide
+    # the quoted P is the largest one: 1/ε of the group, since those coordinates have v = 0
+    p2 = preconditioner_weights(opt, list(model.parameters()))
+    assert float(p2[id(model[0].weight)].max().sqrt()) == pytest.approx(1e8)
+
+
+def test_a_resume_with_a_larger_precondition_from_names_it():
+    """Optimizer state restored (5 steps) but the default precondition_from=100: until
+    2026-12-05 the warning said the optimizer held no second-moment state and to restore it."""
+    model, g = _mlp_and_data()
+    opt, tracker = _resumable(model)
+    _train(model, tracker, opt, 5, g)
+    state, optimizer_state = tracker.state_dict(), opt.state_dict()
+    tracker.remove()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt.load_state_dict(optimizer_state)
+    resumed = noisescale.GradientNoiseTracker(model, precondition=opt, per_example_fraction=1.0)
+    resumed.load_state_dict(state)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(model, resumed, opt, 2, g)
+    messages = [str(w.message) for w in caught]
+    assert any("taken 5 steps, fewer than precondition_from=100" in m for m in messages)
+    assert not any("holds no second-moment state" in m for m in messages), messages

@@ -66,8 +66,10 @@ from noisescale.per_example.messages import (
 )
 from noisescale.preconditioning import (
     check_preconditioner,
+    optimizer_steps,
     preconditioner_weights,
     stateless_parameters,
+    unwrap_optimizer,
 )
 from noisescale.sources.base import Observation, Source, StepNorms
 from noisescale.sources.distributed import (
@@ -236,8 +238,11 @@ class GradientNoiseTracker:
             preconditioned gradient P ⊙ g with P = 1/(√v̂ + ε) from its second-moment state
             (paper footnote 7, App. E.2), in the big batch and every small-batch source alike.
             Until the optimizer has taken ``precondition_from`` steps norms are plain, the
-            history says ``"preconditioned": false``, and the averages restart at the first
-            preconditioned step.
+            history says ``"preconditioned": false``, :meth:`estimate` is unavailable
+            (``nan``, interval [0, ∞), a ``reason`` saying preconditioning has not started),
+            and the averages start at the first preconditioned step. accelerate's
+            ``AcceleratedOptimizer`` and Lightning's ``LightningOptimizer`` are unwrapped; a
+            subclass that overrides ``step`` is refused (its preconditioner may differ).
         precondition_from: Optimizer steps before P is used (early v̂ averages only a few
             squared gradients, and 1/ε-sized P would dominate the averages;
             ``docs/beyond_b_simple.md``). ``1`` starts as soon as there is state.
@@ -395,6 +400,19 @@ class GradientNoiseTracker:
         self.sync_every = sync_every
         self.history_path = Path(history_path) if history_path is not None else None
         trainable = [p for p in model.parameters() if p.requires_grad]
+        complex_ = [n for n, p in model.named_parameters() if p.requires_grad and p.is_complex()]
+        if complex_:
+            # (until 2026-12-05 they crashed in the first step with torch's own RuntimeError)
+            raise NoiseScaleInputError(
+                f"parameters {complex_} are complex, and noisescale measures real parameters "
+                "only (its per-example and batch norms are written for real gradients); freeze "
+                "them (requires_grad=False) to measure the noise scale of the real parameters, "
+                "or hold each as a real tensor of its real and imaginary parts, made complex "
+                "in the forward by torch.view_as_complex, and measure with per_example=False "
+                "(the per-example rules do not follow view_as_complex)"
+            )
+        if precondition is not None:
+            precondition = unwrap_optimizer(precondition)
         self.precondition = precondition
         self.precondition_from = precondition_from
         if precondition is not None:
@@ -487,6 +505,8 @@ class GradientNoiseTracker:
         self._history: list[dict[str, Any]] = []
         self.steps = 0
         self._warned: set[str] = set()
+        # (tracker step, optimizer steps) when the precondition optimizer's count last moved
+        self._optimizer_seen: tuple[int, int] | None = None
         self._unscale_bump: dict[torch.device, int] = {}  # _unscale_versions
         self._unbounded_since: int | None = None
         # Σ w tr⁺, Σ w² tr⁺², Σ w, Σ w² over the folded steps (_watch_tails)
@@ -1008,7 +1028,16 @@ class GradientNoiseTracker:
         """B_simple with its interval, |G|², tr Σ and the number of steps used (App. A.1), in
         the unit the loss defines (``unit``: examples or tokens; ``.to()`` converts)."""
         self.sync()
+        not_yet = self._not_preconditioned_yet()
+        if not_yet:
+            return self._in_units(self._unavailable(not_yet))
         return self._in_units(est.b_simple_interval(self._state.noise, self.confidence))
+
+    def _unavailable(self, reason: str) -> est.NoiseEstimate:
+        """An estimate that is not there: ``nan``, an interval [0, ∞) that does not look like a
+        tight one, no steps, and ``reason``."""
+        nan = math.nan
+        return est.NoiseEstimate(nan, nan, nan, 0.0, math.inf, self.confidence, 0, 0.0, reason)
 
     def _in_units(self, e: est.NoiseEstimate) -> est.NoiseEstimate:
         t = self._state.tokens_per_example
@@ -1025,8 +1054,11 @@ class GradientNoiseTracker:
         examples' gradients restricted to the group.
         """
         self.sync()
+        not_yet = self._not_preconditioned_yet()
         return {
-            n: self._in_units(est.b_simple_interval(s, self.confidence))
+            n: self._in_units(
+                self._unavailable(not_yet) if not_yet else est.b_simple_interval(s, self.confidence)
+            )
             for n, s in self._state.groups.items()
         }
 
@@ -1326,25 +1358,86 @@ class GradientNoiseTracker:
                 "Use more than one example per step or accumulate several micro-batches. "
                 + _PACKED,
             )
-        if (
-            self.precondition is not None
-            and passes[0].weights is None
-            and self._state.preconditioned_from is not None
-        ):
+        if self.precondition is None or passes[0].weights is not None:
+            return
+        taken = self._watch_optimizer()
+        if self._state.preconditioned_from is not None:
+            # (until 2026-12-05 this blamed missing state also where the state was restored
+            # and a larger precondition_from held the steps back)
+            cause = (
+                "the optimizer holds no second-moment state (a fresh optimizer after resuming "
+                "the tracker? restore its state_dict too)"
+                if taken == 0
+                else f"the optimizer has taken {taken} steps, fewer than precondition_from="
+                f"{self.precondition_from} (larger than the resumed run's? give the tracker "
+                "the precondition_from the run was measured with)"
+            )
             self._warn_once(
                 "not-preconditioned-after",
-                "the optimizer holds no second-moment state (a fresh optimizer after resuming "
-                "the tracker? restore its state_dict too), so this step's norms are not "
-                "preconditioned; the estimate has been preconditioned since step "
-                f"{self._state.preconditioned_from}, so the step is left out",
+                f"{cause}, so this step's norms are not preconditioned; the estimate has been "
+                f"preconditioned since step {self._state.preconditioned_from}, so the step is "
+                "left out",
             )
-        elif self.precondition is not None and passes[0].weights is None:
+            return
+        self._warn_once(
+            "not-preconditioned",
+            f"the optimizer has taken {taken} steps, fewer than precondition_from="
+            f"{self.precondition_from}, so this step's norms are not preconditioned; "
+            "estimate() is unavailable "
+            "(nan, with the reason) until the first preconditioned step, where the averages "
+            "start",
+        )
+        stalled = self._optimizer_stalled()
+        if stalled >= max(2 * self.precondition_from, 10):
             self._warn_once(
-                "not-preconditioned",
-                f"the optimizer has taken fewer than precondition_from={self.precondition_from} "
-                "steps, so this step's norms are not preconditioned; the estimate restarts at "
-                "the first preconditioned step",
+                "optimizer-stalled",
+                f"the optimizer given as precondition= has not stepped in the {stalled} steps "
+                "the tracker counted (it stays at step "
+                f"{taken} of precondition_from={self.precondition_from}), so preconditioning "
+                "never starts and estimate() stays unavailable: is it the optimizer that "
+                "trains this model? Pass the one whose step() updates it (under the Trainer's "
+                "callback, precondition=True)",
             )
+
+    def _watch_optimizer(self) -> int:
+        """The precondition optimizer's step count now, noting the tracker step at which it
+        last moved (:meth:`_optimizer_stalled`)."""
+        assert self.precondition is not None
+        taken = optimizer_steps(self.precondition, self._params)
+        if self._optimizer_seen is None or self._optimizer_seen[1] != taken:
+            self._optimizer_seen = (self.steps, taken)
+        return taken
+
+    def _optimizer_stalled(self) -> int:
+        """Tracker steps counted since the precondition optimizer's step count last moved (or
+        since this tracker first read it): an optimizer that never steps while the tracker
+        does is not the one training the model, and would keep the estimate plain for good
+        (until 2026-12-05 it did, and estimate() gave the plain B_simple without a word)."""
+        if self._optimizer_seen is None:
+            return 0
+        return self.steps - self._optimizer_seen[0]
+
+    def _not_preconditioned_yet(self) -> str:
+        """Why a tracker asked for the preconditioned noise scale has no estimate yet ("" when
+        it has one, or was not asked): the steps measured before the optimizer reached
+        ``precondition_from`` are plain, a different quantity, and are not its estimate."""
+        if self.precondition is None or self._state.preconditioned_from is not None:
+            return ""
+        taken = self._watch_optimizer()
+        reason = (
+            f"preconditioning has not started: the optimizer has taken {taken} of "
+            f"precondition_from={self.precondition_from} steps, and the plain steps measured "
+            "until then are not the preconditioned estimate (the history keeps them, "
+            '"preconditioned": false); it starts at the first preconditioned step'
+        )
+        stalled = self._optimizer_stalled()
+        if stalled > 0:
+            reason += (
+                f". The optimizer has not stepped in the {stalled} steps the tracker counted: "
+                "is it the optimizer that trains this model? Pass the one whose step() updates "
+                "it"
+            )
+        return reason
 
     def _check_grads_untouched(self, unscaled_by: float | None, scale: float = 1.0) -> None:
         """Refuse a step whose ``.grad`` was changed in place after the last backward pass: the
@@ -1519,9 +1612,8 @@ class GradientNoiseTracker:
         with torch.no_grad():
             # (parameters without optimizer state weigh zero: not the preconditioner's spread)
             stateless = {id(p) for p in self._stateless}
-            flat = torch.cat(
-                [w.reshape(-1).float() for pid, w in weights.items() if pid not in stateless]
-            )
+            kept = [(pid, w) for pid, w in weights.items() if pid not in stateless]
+            flat = torch.cat([w.reshape(-1).float() for _, w in kept])
             if flat.numel() > 1_000_000:  # a sample is enough for the median
                 gen = torch.Generator(device=flat.device).manual_seed(0)
                 idx = torch.randint(flat.numel(), (1_000_000,), generator=gen, device=flat.device)
@@ -1530,13 +1622,22 @@ class GradientNoiseTracker:
                 median = flat.median()
             spread = float((flat.max() / median).sqrt())  # of P, not P²
         if spread > 1e4:
-            eps = self.precondition.param_groups[0].get("eps")  # type: ignore[union-attr]
+            # the ε of the group holding the widest coordinate (until 2026-12-05 the first
+            # group's was quoted, 1/ε = 1e+01 where those coordinates had P ≈ 1e+08)
+            with torch.no_grad():
+                widest = kept[int(torch.stack([w.float().max() for _, w in kept]).argmax())][0]
+            groups = self.precondition.param_groups  # type: ignore[union-attr]
+            index = next(
+                i for i, g in enumerate(groups) if any(id(p) == widest for p in g["params"])
+            )
+            eps = groups[index]["eps"]
+            where = f" in param group {index}" if len(groups) > 1 else ""
             warnings.warn(
                 "keep the default sub-batches and expect to need many steps (or measure the "
                 "plain noise scale, without precondition=): the preconditioner 1/(√v̂ + ε) of "
                 f"some coordinates is {spread:.1e}× its median (their second moment is ~0, so "
-                f"P ≈ 1/ε = {1 / eps:.0e}), and the rare examples that touch them carry most of "
-                "the preconditioned noise",
+                f"P ≈ 1/ε = {1 / eps:.0e}, ε = {eps:g}{where}), and the rare examples that "
+                "touch them carry most of the preconditioned noise",
                 RuntimeWarning,
                 stacklevel=4,
             )

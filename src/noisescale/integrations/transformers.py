@@ -102,6 +102,7 @@ from torch import Tensor, nn
 from noisescale.errors import NoiseScaleInputError
 from noisescale.integrations import estimate_metrics
 from noisescale.module_hooks import Hook
+from noisescale.preconditioning import unwrap_optimizer
 from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, check_lr_schedulers, scale_lr
 from noisescale.tracker import GradientNoiseTracker
 
@@ -141,6 +142,9 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
             ``per_example``, ``beta``, ``history_path``, …). Under ``torch.distributed`` the
             tracker averages over the default process group unless ``process_group`` is given,
             and only the first process writes ``history_path`` (all compute the same history).
+            ``precondition=True`` measures the noise scale preconditioned by the Trainer's own
+            optimizer (an Adam, AdamW or RMSprop: ``optim="adamw_torch"``, or one given as
+            ``Trainer(optimizers=...)``); an optimizer passed here must be that one.
     """
 
     def __init__(
@@ -536,6 +540,9 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
 
     def _tracker_kwargs(self, args: Any) -> dict[str, Any]:
         kwargs = dict(self.tracker_kwargs)
+        given = kwargs.pop("precondition", None)
+        if given is not None and given is not False:
+            kwargs["precondition"] = self._precondition(given)
         if int(getattr(args, "world_size", 1)) <= 1:
             return kwargs
         if getattr(args, "deepspeed", None):
@@ -557,6 +564,27 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
             # averaged over the default group (DDP's, FSDP2's)
             kwargs["process_group"] = torch.distributed.group.WORLD
         return kwargs
+
+    def _precondition(self, given: Any) -> Any:
+        """The Trainer's optimizer for ``precondition=True``; an optimizer given is accepted
+        only if it is the Trainer's (after accelerate's wrapper): the Trainer steps its own,
+        and the preconditioner of one that never steps never starts (until 2026-12-05 such a
+        run was measured plain throughout, and estimate() gave the plain B_simple)."""
+        trainers = unwrap_optimizer(self._optimizer) if self._optimizer is not None else None
+        if trainers is None:
+            raise NoiseScaleInputError(
+                "precondition= needs the Trainer's optimizer, and the Trainer passed none to the "
+                "callback's on_train_begin"
+            )
+        if given is True or unwrap_optimizer(given) is trainers:
+            return trainers
+        raise NoiseScaleInputError(
+            f"precondition= got {type(given).__name__}, which is not the optimizer the Trainer "
+            f"steps (its {type(trainers).__name__}, built from args.optim or given as "
+            "Trainer(optimizers=(optimizer, scheduler))), so it would never step and the "
+            "preconditioned estimate would never start; pass precondition=True to precondition "
+            "with the Trainer's optimizer (or give yours to the Trainer)"
+        )
 
     def _metrics(self) -> dict[str, float]:
         assert self.tracker is not None
