@@ -1388,7 +1388,7 @@ class GradientNoiseTracker:
             "start",
         )
         stalled = self._optimizer_stalled()
-        if stalled >= max(2 * self.precondition_from, 10):
+        if stalled >= self._stall_limit():
             self._warn_once(
                 "optimizer-stalled",
                 f"the optimizer given as precondition= has not stepped in the {stalled} steps "
@@ -1407,6 +1407,12 @@ class GradientNoiseTracker:
         if self._optimizer_seen is None or self._optimizer_seen[1] != taken:
             self._optimizer_seen = (self.steps, taken)
         return taken
+
+    def _stall_limit(self) -> int:
+        """Tracker steps with the optimizer's count unmoved before it is named as perhaps not
+        the one training the model (a loop that calls ``tracker.step()`` before
+        ``optimizer.step()`` sees one such step every step)."""
+        return max(2 * self.precondition_from, 10)
 
     def _optimizer_stalled(self) -> int:
         """Tracker steps counted since the precondition optimizer's step count last moved (or
@@ -1431,7 +1437,7 @@ class GradientNoiseTracker:
             '"preconditioned": false); it starts at the first preconditioned step'
         )
         stalled = self._optimizer_stalled()
-        if stalled > 0:
+        if stalled >= self._stall_limit():
             reason += (
                 f". The optimizer has not stepped in the {stalled} steps the tracker counted: "
                 "is it the optimizer that trains this model? Pass the one whose step() updates "
