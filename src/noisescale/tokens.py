@@ -37,6 +37,7 @@ How the tracker learns the weights (:class:`PassUnits`, one per backward pass):
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from noisescale.errors import NoiseScaleInputError
-from noisescale.module_hooks import Hook, WrappedLoss
+from noisescale.module_hooks import Hook, WrappedLoss, foreign_thread
 
 __all__ = ["PassUnits", "TokenWatcher", "count_units"]
 
@@ -184,6 +185,7 @@ class TokenWatcher:
     ) -> None:
         self._current_pass = current_pass
         self.count_labels = count_labels
+        self._thread = threading.get_ident()  # the measured thread (module_hooks)
         self._wrapped: list[tuple[nn.Module, Any]] = []
         self._handles: list[Any] = []
         self._calls: list[dict[str, Any]] = []
@@ -329,7 +331,8 @@ class TokenWatcher:
         ) -> Any:
             out = smoother(model_output, labels, shift_labels=shift_labels, **kwargs)
             if (
-                not isinstance(out, Tensor)
+                foreign_thread(self._thread)
+                or not isinstance(out, Tensor)
                 or not out.requires_grad
                 or not torch.is_grad_enabled()
                 or not isinstance(labels, Tensor)
@@ -381,6 +384,8 @@ class TokenWatcher:
     def _wrap(self, original: Callable, kind: str | None) -> Callable:
         def loss_function(*args: Any, **kwargs: Any) -> Tensor:
             out = original(*args, **kwargs)
+            if foreign_thread(self._thread):
+                return out  # (another thread's forward: not measured, see module_hooks)
             if self._calls:
                 self._calls[-1]["handled"] = True
             if kind is None or not isinstance(out, Tensor) or not torch.is_grad_enabled():

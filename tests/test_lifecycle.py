@@ -1,0 +1,239 @@
+"""The lifecycle of a tracker: forwards on other threads."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import noisescale
+from noisescale.errors import NoiseScaleInputError
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+
+class Pause:
+    """On the thread ``on``, a Block's forward stops halfway until ``resume`` is set."""
+
+    on: int | None = None
+    inside = threading.Event()
+    resume = threading.Event()
+
+
+class Block(nn.Module):
+    """A layer scale used directly (the engine swaps it for an alias during the forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.gamma = nn.Parameter(torch.full((8,), 0.5))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = h + self.gamma * torch.tanh(self.lin(h))
+        if threading.get_ident() == Pause.on:
+            Pause.inside.set()
+            assert Pause.resume.wait(10)
+        return out
+
+
+class Net(nn.Module):
+    def __init__(self, recompute: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(3, 8)
+        self.block = Block()
+        self.out = nn.Linear(8, 2)
+        self.temp = nn.Parameter(torch.tensor(1.3))
+        self.recompute = recompute
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        h = checkpoint(self.block, h, use_reentrant=False) if self.recompute else self.block(h)
+        return self.out(h) * self.temp
+
+
+X = torch.randn(6, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+Y = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+
+def loss_of(model: nn.Module) -> torch.Tensor:
+    return model(X).pow(2).sum(1).mean()
+
+
+def reference(**kw) -> dict:
+    """The record of one step of a fresh Net, nothing else running."""
+    model = Net(**kw)
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+    loss_of(model).backward()
+    tracker.step()
+    rec = tracker.history[-1]
+    tracker.remove()
+    return rec
+
+
+def same(a: dict, b: dict) -> None:
+    for key in ("b_big", "sqnorm_big", "g2", "trace_sigma"):
+        assert b[key] == pytest.approx(a[key], rel=1e-9), key
+
+
+def only_parameters(model: nn.Module) -> bool:
+    return all(type(t) is nn.Parameter for t in model.state_dict(keep_vars=True).values()) and all(
+        type(p) is nn.Parameter for p in model.parameters()
+    )
+
+
+def in_the_middle(model: Net, other) -> None:
+    """Run ``other()`` on a second thread while this thread's forward of ``model`` is halfway
+    through its block (the alias of ``gamma`` in place), then finish the forward."""
+    Pause.inside.clear()
+    Pause.resume.clear()
+    Pause.on = threading.get_ident()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        assert Pause.inside.wait(10)
+        try:
+            other()
+        except BaseException as e:  # (handed to the test)
+            errors.append(e)
+        finally:
+            Pause.resume.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        loss_of(model).backward()
+    finally:
+        Pause.resume.set()
+        thread.join(10)
+        Pause.on = None
+    if errors:
+        raise errors[0]
+
+
+def overlapping(model: Net, other) -> bool:
+    """This thread's forward of ``model`` stops halfway through its block; ``other()`` (a
+    forward of it) on a second thread enters the block and stops there too; this thread then
+    finishes its forward and backward while the other is still inside. Whether the model held
+    only its Parameters then."""
+    Pause.inside.clear()
+    Pause.resume.clear()
+    other_inside, other_resume = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        assert Pause.inside.wait(10)
+        # (the second stop, on this thread: the block's forward reads Pause.on at its end)
+        Pause.inside, Pause.resume = other_inside, other_resume
+        Pause.on = threading.get_ident()
+        try:
+            other()
+        except BaseException as e:  # (handed to the test)
+            errors.append(e)
+        finally:
+            other_inside.set()
+
+    first_resume = Pause.resume
+    Pause.on = threading.get_ident()
+    thread = threading.Thread(target=run)
+    thread.start()
+
+    def release_first() -> None:
+        assert other_inside.wait(10)
+        first_resume.set()
+
+    releaser = threading.Thread(target=release_first)
+    releaser.start()
+    try:
+        output = model(X)
+        clean = only_parameters(model)  # (the other thread's forward is still in the block)
+        output.pow(2).sum(1).mean().backward()
+    finally:
+        first_resume.set()
+        other_resume.set()
+        thread.join(10)
+        releaser.join(10)
+        Pause.on = None
+        Pause.inside, Pause.resume = threading.Event(), threading.Event()
+    if errors:
+        raise errors[0]
+    return clean
+
+
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
+def test_a_forward_overlapping_the_measured_one_on_another_thread(grad_mode):
+    """Before: the other thread's forward, entered while the measured one was in the block,
+    took the measured forward's exit from the block — the alias of ``gamma`` stayed in the
+    model after its forward returned (``copy.deepcopy`` and a checkpoint took it)."""
+    model = Net()
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+
+    def evaluate() -> None:
+        with getattr(torch, grad_mode)():
+            model(Y)
+
+    assert overlapping(model, evaluate)
+    assert only_parameters(model)
+    tracker.step()
+    same(reference(), tracker.history[-1])
+    tracker.remove()
+
+
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
+def test_a_forward_without_gradients_on_another_thread_passes_untouched(grad_mode):
+    """Before: the other thread's forward swapped the model's parameters for aliases and back
+    on the engine's one stack, which the measured forward shared — an alias left in the model
+    (``copy.deepcopy`` then failed), steps refused for causes that never happened, a crash."""
+    model = Net()
+    expected = model(Y).detach()
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+    seen = []
+
+    def evaluate() -> None:
+        with getattr(torch, grad_mode)():
+            seen.append(model(Y))
+
+    in_the_middle(model, evaluate)
+    assert only_parameters(model)
+    tracker.step()
+    same(reference(), tracker.history[-1])
+    assert torch.equal(seen[0], expected)
+    assert not seen[0].requires_grad
+    copy.deepcopy(model)  # (an alias left in the model cannot be deep-copied)
+    tracker.remove()
+
+
+def test_a_forward_with_gradients_on_another_thread_is_refused_there():
+    model = Net()
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+    with pytest.raises(NoiseScaleInputError, match=r"another thread.*torch\.no_grad\(\)"):
+        in_the_middle(model, lambda: model(Y).sum())
+    assert only_parameters(model)
+    tracker.step()  # the measured thread's step is whole and exact
+    same(reference(), tracker.history[-1])
+    tracker.remove()
+
+
+def test_a_backward_on_another_thread_is_measured():
+    """Autograd runs backward hooks — and the forward that activation checkpointing re-runs —
+    on threads of its own (a CUDA device thread): they are not bound to the measured thread.
+    (Step 3: an audited step watches the loss with a mode of the forward's thread, and one whose
+    backward starts on another thread is withheld, with a warning.)"""
+    model = Net(recompute=True)
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+    for _ in range(2):
+        loss_of(model).backward()
+        tracker.step()
+        model.zero_grad()
+    loss = loss_of(model)
+    thread = threading.Thread(target=loss.backward)
+    thread.start()
+    thread.join(10)
+    tracker.step()
+    same(reference(recompute=True), tracker.history[-1])
+    tracker.remove()
+
