@@ -420,11 +420,22 @@ class GradientNoiseTracker:
             per_example=per_example,
             fallback=fallback,
             groups=group_params or None,
-            precondition=self._preconditioner_weights if precondition is not None else None,
+            # (weakly: the engine's hooks on the model must not keep the tracker alive)
+            precondition=_weakly(self._preconditioner_weights)
+            if precondition is not None
+            else None,
             per_example_fraction=per_example_fraction or 1.0,
             subbatches=subbatches if self.mode == "subbatch" else 0,
             pairs=paired_rows if grouped_rows is None else grouped_rows,
         )
+        # What puts hooks on the model (the engine, the token watcher, the data-parallel
+        # watches), removed when the tracker is collected: a tracker dropped without remove()
+        # (`del tracker`, a notebook cell run again that rebinds the name) kept its hooks
+        # opening passes and holding their activations on every forward, for good (+607 MB
+        # over 300 steps, a helper's hunt, 2026-12-05). Nothing on the model refers to the
+        # tracker itself, so once the user's last reference goes the hooks go with it.
+        self._hooked: list[Any] = [self.engine]
+        self._finalizer = weakref.finalize(self, _release, self._hooked, self.engine)
         self.paired_rows = paired_rows
         self.grouped_rows = grouped_rows
         self.subbatches = subbatches
@@ -447,6 +458,7 @@ class GradientNoiseTracker:
             model, self.engine, self._params, process_group, microbatch=microbatch
         )
         self._late_wrapper = watch_late_wrapper(model, self.engine) if self._dist is None else None
+        self._hooked += [self._dist, self._late_wrapper]
         # DDP(static_graph=True) (compiled or not) learns on its first iteration which
         # parameters it will all-reduce; with the per-example hooks in that backward it took
         # every parameter for unused and never averaged again — each process trained apart,
@@ -481,6 +493,7 @@ class GradientNoiseTracker:
             self.engine.current_pass,
             count_labels=loss_reduction in ("token_mean", "num_items_in_batch"),
         )
+        self._hooked.append(self._tokens)
         self._header_written = False
         self._state = state_mod.init(beta, tuple(self._group_names))
         self._pending: list[_Pending] = []
@@ -657,11 +670,7 @@ class GradientNoiseTracker:
 
     def _refuse(self, message: str) -> NoReturn:
         """Refuse a setting in the constructor, leaving no hook on the model."""
-        self.engine.remove()
-        if self._dist is not None:
-            self._dist.remove()
-        if self._late_wrapper is not None:
-            self._late_wrapper.remove()
+        _remove_hooks(self._hooked)
         raise NoiseScaleInputError(message)
 
     def _check_new_parameters(self) -> None:
@@ -1060,16 +1069,26 @@ class GradientNoiseTracker:
 
     def remove(self) -> None:
         """Read what is pending and remove the hooks from the model (also when what was
-        pending is refused: the error is raised after the hooks are gone)."""
+        pending is refused: the error is raised after the hooks are gone). What was measured
+        stays readable.
+
+        A tracker that is no longer referenced (``del tracker``, its name bound to a new
+        tracker) has its hooks removed when Python collects it, and ``with
+        GradientNoiseTracker(model) as tracker:`` removes them at the end of the block."""
         try:
             self.sync()
         finally:
-            self.engine.remove()
-            self._tokens.remove()
-            if self._dist is not None:
-                self._dist.remove()
-            if self._late_wrapper is not None:
-                self._late_wrapper.remove()
+            _remove_hooks(self._hooked)
+
+    def __enter__(self) -> GradientNoiseTracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.remove()
+        else:
+            # (the block's own error is the one to see; what was pending stays pending)
+            _remove_hooks(self._hooked)
 
     # -- host side ----------------------------------------------------------------------------
 
@@ -1785,6 +1804,34 @@ class GradientNoiseTracker:
         count, examples, tokens = state.get("unmeasured", [0, 0, 0.0])
         self._unmeasured = (int(count), int(examples), None if tokens is None else float(tokens))
         self._schedule_next()
+
+
+def _remove_hooks(hooked: list[Any]) -> None:
+    """Remove the hooks of what a tracker put on the model (``remove()``, or the tracker
+    collected); refers to the tracker's parts, never to the tracker."""
+    for owner in hooked:
+        if owner is not None:
+            owner.remove()
+
+
+def _release(hooked: list[Any], engine: PerExampleNorms) -> None:
+    """A tracker collected: its hooks removed, and the passes its engine held open dropped (a
+    pass and its autograd graph hold each other through autograd's C++ nodes, a cycle Python's
+    collector cannot see)."""
+    _remove_hooks(hooked)
+    engine.discard()
+
+
+def _weakly(method: Any) -> Any:
+    """``method`` of an object, called through a weak reference to it (``None`` once the
+    object is gone)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        bound = ref()
+        return None if bound is None else bound(*args, **kwargs)
+
+    return call
 
 
 def _json_safe(x: Any) -> Any:

@@ -744,10 +744,13 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._scratch.release()
         self._eager_steps.want(False)
         # an alias still in the model (a forward that never returned to its scope's exit) is
-        # replaced by the parameter itself: the model is left as it was given
+        # replaced by the parameter itself: the model is left as it was given (only this
+        # engine's: a tracker collected while another one's forward runs leaves its aliases)
         for scope_uses in self._scopes.values():
             for holder, name, pid in scope_uses:
-                if isinstance(holder._parameters.get(name), SharedTensor):
+                held = holder._parameters.get(name)
+                origin = getattr(held, "_ns_origin", None)
+                if isinstance(held, SharedTensor) and getattr(origin, "engine", self) is self:
                     holder._parameters[name] = self._param[pid]
         for (_, _), stack in list(self._swapped.items()):
             stack.clear()
