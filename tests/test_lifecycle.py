@@ -1,5 +1,5 @@
 """The lifecycle of a tracker: forwards on other threads, a tracker dropped without
-``remove()``."""
+``remove()``, a step abandoned after its backward."""
 
 from __future__ import annotations
 
@@ -302,3 +302,34 @@ def record(model: nn.Module) -> dict:
     tracker.remove()
     assert hooks_on(model) == 0
     return rec
+
+
+def abandoned_then_step(model: nn.Module, tracker, discard: bool) -> None:
+    """A step abandoned after its backward (a loss found not finite), then a step measured."""
+    model(Y).pow(2).sum(1).mean().backward()
+    if discard:
+        tracker.discard()
+    model.zero_grad()
+    loss_of(model).backward()
+    tracker.step()
+
+
+@pytest.mark.parametrize("kw", [{"per_example_fraction": 1.0}, {}])
+def test_discard_drops_an_abandoned_step(kw):
+    model = Net()
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+    abandoned_then_step(model, tracker, discard=True)
+    expected = noisescale.GradientNoiseTracker(Net(), sync_every=1, **kw)
+    fresh = expected.model
+    loss_of(fresh).backward()
+    expected.step()
+    same(expected.history[-1], tracker.history[-1])
+    assert tracker.steps == 1
+
+
+def test_an_abandoned_step_without_discard_names_it():
+    """Before: the refusal blamed zero_grad() between micro-batches only."""
+    model = Net()
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+    with pytest.raises(NoiseScaleInputError, match=r"tracker\.discard\(\).*measure_every="):
+        abandoned_then_step(model, tracker, discard=False)

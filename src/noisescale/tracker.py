@@ -634,6 +634,28 @@ class GradientNoiseTracker:
         if len(self._pending) >= self.sync_every:
             self.sync()
 
+    def discard(self) -> None:
+        """Drop what was measured since the last :meth:`step`: a step abandoned after its
+        forward or backward, which :meth:`step` will not be called for. Call it before
+        ``optimizer.zero_grad()``; the next step is measured as if the abandoned one never ran.
+        Without it the next :meth:`step` finds the abandoned backward's gradient zeroed under
+        it, as if between two micro-batches of one step, and refuses the step::
+
+            loss = criterion(model(x), y)
+            loss.backward()
+            if not torch.isfinite(loss):      # a bad batch: skip it
+                tracker.discard()
+                optimizer.zero_grad()
+                continue
+            tracker.step(loss=loss)
+
+        Also after a step interrupted by an exception caught in the loop (a KeyboardInterrupt,
+        an out-of-memory error). To measure only some steps, call :meth:`step` every step and
+        pass ``measure_every=``."""
+        self.engine.discard()
+        if self._dist is not None:
+            self._dist.discard()
+
     def _first_gradients(self) -> bool:
         """Whether a parameter the preconditioner had no state for got a gradient in this step
         (its first: the optimizer makes state for every parameter with a ``.grad``): its P is

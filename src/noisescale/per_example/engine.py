@@ -2729,7 +2729,11 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 "ascent pass of sharpness-aware minimization, a probe at other weights) goes "
                 "under `with tracker.paused():`, its gradients zeroed before the measured pass; "
                 "with torch.optim.LBFGS, whose closure runs several passes per step, call "
-                "tracker.step() inside the closure, after its backward"
+                "tracker.step() inside the closure, after its backward. A step abandoned after "
+                "its backward (a loss that is not finite, then zero_grad() and continue; an "
+                "exception caught in the loop) needs tracker.discard() before zero_grad(); "
+                "to measure only some steps, call tracker.step() every step with "
+                "measure_every= instead of skipping it"
             )
         post = [pid for pid, after in changed if after]
         if post:
