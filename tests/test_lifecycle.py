@@ -1,5 +1,5 @@
 """The lifecycle of a tracker: forwards on other threads, a tracker dropped without
-``remove()``, a step abandoned after its backward."""
+``remove()``, a step abandoned after its backward, a resumed checkpoint."""
 
 from __future__ import annotations
 
@@ -333,3 +333,43 @@ def test_an_abandoned_step_without_discard_names_it():
     tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
     with pytest.raises(NoiseScaleInputError, match=r"tracker\.discard\(\).*measure_every="):
         abandoned_then_step(model, tracker, discard=False)
+
+
+def trained_state(model: nn.Module, steps: int = 3, **kw) -> dict:
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0, **kw)
+    for _ in range(steps):
+        model.zero_grad()
+        loss_of(model).backward()
+        tracker.step()
+    state = tracker.state_dict()
+    tracker.remove()
+    return state
+
+
+def test_a_resumed_tracker_keeps_its_confidence_and_refuses_another_beta():
+    """Before: the checkpoint's confidence and beta replaced the constructor's without a word."""
+    state = trained_state(Net())
+    resumed = noisescale.GradientNoiseTracker(Net(), per_example_fraction=1.0, confidence=0.5)
+    resumed.load_state_dict(state)
+    assert resumed.estimate().confidence == 0.5
+    other = noisescale.GradientNoiseTracker(Net(), per_example_fraction=1.0, beta=0.5)
+    with pytest.raises(NoiseScaleInputError, match=r"beta=0\.99"):
+        other.load_state_dict(state)
+
+
+def test_a_checkpoint_of_another_model_is_refused():
+    """Before: a 3-8-2 model's averages were resumed on a wider model's, mixing both."""
+    state = trained_state(Net())
+    wider = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2))
+    tracker = noisescale.GradientNoiseTracker(wider, per_example_fraction=1.0)
+    with pytest.raises(NoiseScaleInputError, match="another model"):
+        tracker.load_state_dict(state)
+    del state["model"]  # (a checkpoint written before the signature: loads)
+    tracker.load_state_dict(state)
+
+
+def test_another_measure_every_on_resume_is_named():
+    state = trained_state(Net())
+    tracker = noisescale.GradientNoiseTracker(Net(), per_example_fraction=1.0, measure_every=4)
+    with pytest.warns(RuntimeWarning, match=r"measure_every=1 .*measure_every=4"):
+        tracker.load_state_dict(state)

@@ -1745,6 +1745,8 @@ class GradientNoiseTracker:
             "engine_steps": self.engine.steps_collected,
             "subbatches_pay": self.engine.subbatches_pay,
             "measure_every": self.measure_every,
+            # what the estimate was measured on: a checkpoint of another model is refused
+            "model": self._model_signature(),
             # the unmeasured steps since the last measured one (count, examples, tokens)
             "unmeasured": [
                 self._unmeasured[0],
@@ -1753,8 +1755,23 @@ class GradientNoiseTracker:
             ],
         }
 
+    def _model_signature(self) -> dict[str, int]:
+        """The trainable parameters the tracker measures, in a form wrappers do not change
+        (DDP's ``module.``, ``torch.compile``'s ``_orig_mod.`` rename them): their number and
+        their total of elements."""
+        return {
+            "parameters": len(self._params),
+            "elements": sum(p.numel() for p in self._params),
+        }
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (this version's or an earlier one's)."""
+        """Restore :meth:`state_dict` (this version's or an earlier one's).
+
+        The checkpoint's averages belong to its model and its ``beta``: a checkpoint of another
+        model (other trainable parameters) or of another ``beta`` is refused. The interval's
+        ``confidence`` is this tracker's, as constructed (it only sets the level of the
+        interval, computed afresh from the state). A different ``measure_every`` is taken, with
+        a warning: the averages then span other numbers of trained steps before and after."""
         if state.get("loss_reduction", self.loss_reduction) != self.loss_reduction:
             raise NoiseScaleInputError(
                 f"the checkpoint was measured with loss_reduction={state['loss_reduction']!r} "
@@ -1784,6 +1801,34 @@ class GradientNoiseTracker:
                 f"step {state['preconditioned_from']}) but this tracker measures the plain one; "
                 "construct it with precondition=<the optimizer> (and restore the optimizer's "
                 "state), or start a new plain estimate"
+            )
+        saved_model, model = state.get("model"), self._model_signature()
+        if saved_model is not None and saved_model != model:
+            raise NoiseScaleInputError(
+                f"the checkpoint was measured on a model with {saved_model['parameters']} "
+                f"trainable parameter tensors of {saved_model['elements']} elements in all, but "
+                f"this tracker's model has {model['parameters']} of {model['elements']}: its "
+                "averages are another model's (or of other parameters frozen), and mixed with "
+                "this one's they would be neither's. Load the tracker checkpoint saved with "
+                "this model, or start a new estimate (no load_state_dict)"
+            )
+        saved_beta, beta = float(state["state"]["beta"]), self._state.noise.beta
+        if saved_beta != beta:
+            raise NoiseScaleInputError(
+                f"the checkpoint's averages were taken with beta={saved_beta} but this tracker "
+                f"was built with beta={beta}: the averages' weights belong to their beta. "
+                f"Construct the tracker with beta={saved_beta} to resume them, or start a new "
+                "estimate (no load_state_dict)"
+            )
+        saved_every = int(state.get("measure_every", self.measure_every))
+        if saved_every != self.measure_every:
+            self._warn(
+                f"the checkpoint was measured with measure_every={saved_every} and this tracker "
+                f"measures with measure_every={self.measure_every}: the resumed averages "
+                "weigh measured steps, which span "
+                f"{saved_every} trained steps each before the resume and {self.measure_every} "
+                "after; construct the tracker with the checkpoint's measure_every to keep them "
+                "alike"
             )
         saved_groups = state.get("group_states", {})
         if set(saved_groups) != set(self._state.groups):
@@ -1815,7 +1860,8 @@ class GradientNoiseTracker:
         )
         self.definition = state.get("definition")
         self.steps = int(state["steps"])
-        self.confidence = float(state["confidence"])
+        # (self.confidence stays the constructor's: until 2026-12-05 the checkpoint's replaced
+        # it without a word)
         self.engine.set_rng_state(state.get("subset_rng", {}))
         self.engine.last_step_examples = state.get("subset_step_examples")
         self.engine.subset_position = int(state.get("subset_position", 0))
