@@ -1,5 +1,5 @@
-"""The lifecycle of a tracker: forwards on other threads, a tracker dropped without
-``remove()``, a step abandoned after its backward, a resumed checkpoint."""
+"""The lifecycle of a tracker: other threads, a tracker dropped without ``remove()``, a step
+abandoned after its backward, a resumed checkpoint, two trackers on one model."""
 
 from __future__ import annotations
 
@@ -373,3 +373,57 @@ def test_another_measure_every_on_resume_is_named():
     tracker = noisescale.GradientNoiseTracker(Net(), per_example_fraction=1.0, measure_every=4)
     with pytest.warns(RuntimeWarning, match=r"measure_every=1 .*measure_every=4"):
         tracker.load_state_dict(state)
+
+
+def gpt2() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+def lm_step(model: nn.Module, tracker) -> None:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 32, (4, 8), generator=g)
+    labels = ids.clone()
+    labels[:2, :3] = -100
+    model(input_ids=ids, labels=labels).loss.backward()
+    tracker.step()
+    model.zero_grad()
+
+
+def test_a_second_live_tracker_on_a_hugging_face_model_is_refused():
+    """Before: both were accepted; the first's step then failed naming the model's layout
+    ('transformer.wpe'), and the second measured per example instead of per token."""
+    model = gpt2()
+    first = noisescale.GradientNoiseTracker(model, sync_every=1)
+    hooks = hooks_on(model)
+    with pytest.raises(NoiseScaleInputError, match=r"remove\(\) on the first"):
+        noisescale.GradientNoiseTracker(model)
+    assert hooks_on(model) == hooks  # (refused before any hook was put on the model)
+    lm_step(model, first)
+    assert first.definition == "token"
+    first.remove()
+    second = noisescale.GradientNoiseTracker(model, sync_every=1)
+    lm_step(model, second)
+    assert second.definition == "token"
+    second.remove()
+
+
+def test_a_dropped_tracker_leaves_a_hugging_face_model_its_own_loss():
+    """Before: a tracker dropped without remove() left its loss wrapper, under which the next
+    tracker found no loss it knew and measured per example, not per token, without a word."""
+    model = gpt2()
+    own = model.loss_function
+    tracker = noisescale.GradientNoiseTracker(model)
+    del tracker
+    gc.collect()
+    assert model.loss_function == own
+    assert hooks_on(model) == 0
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1)
+    lm_step(model, tracker)
+    assert tracker.definition == "token"
+    assert tracker.history[-1]["b_big"] == 24  # the counted tokens (32 less 6 and 2 shifted)

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from noisescale.errors import NoiseScaleInputError
 from noisescale.module_hooks import Hook, WrappedLoss, foreign_thread
 
-__all__ = ["PassUnits", "TokenWatcher", "count_units"]
+__all__ = ["PassUnits", "TokenWatcher", "count_units", "refuse_wrapped_loss"]
 
 IGNORE_INDEX = -100
 
@@ -142,6 +142,24 @@ def _is_hf_model(module: nn.Module) -> bool:
     return any(c.__name__ == "PreTrainedModel" for c in type(module).__mro__) and hasattr(
         type(module), "loss_function"
     )
+
+
+def refuse_wrapped_loss(model: nn.Module) -> None:
+    """Refuse a second tracker on a Hugging Face model whose ``loss_function`` a live tracker
+    has wrapped. The new wrapper would find no loss it knows under the first one's — its
+    tracker measuring per example where it measures per token, the first tracker's step
+    refused with a message about the model's layout (a helper's hunt, 2026-12-05) — and the
+    two engines' hooks on one transformer do not measure alike. A tracker dropped without
+    ``remove()`` takes its wrapper with it once collected."""
+    for m in model.modules():
+        if _is_hf_model(m) and isinstance(m.__dict__.get("_loss_function"), WrappedLoss):
+            raise NoiseScaleInputError(
+                f"{type(m).__name__}'s loss_function is already wrapped by another live "
+                "noisescale tracker (or per_example_sqnorms block) on this model, and two on "
+                "one Hugging Face model cannot both measure its loss: call remove() on the "
+                "first one before creating this one (in a notebook, run tracker.remove() "
+                "before running the cell that creates it again)"
+            )
 
 
 def _loss_kinds() -> dict[Callable, str]:

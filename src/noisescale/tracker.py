@@ -85,6 +85,7 @@ from noisescale.tokens import (
     PassUnits,
     TokenWatcher,
     count_units,
+    refuse_wrapped_loss,
 )
 
 __all__ = ["GradientNoiseTracker"]
@@ -388,6 +389,7 @@ class GradientNoiseTracker:
                 "per_example=False and microbatch=False leave no small-batch source to compare "
                 "with the big batch; enable at least one"
             )
+        refuse_wrapped_loss(model)  # (before any hook is put on the model)
         self.model = model
         self.loss_reduction = loss_reduction
         self.confidence = confidence
