@@ -438,6 +438,7 @@ class GradientNoiseTracker:
         # tracker itself, so once the user's last reference goes the hooks go with it.
         self._hooked: list[Any] = [self.engine]
         self._finalizer = weakref.finalize(self, _release, self._hooked, self.engine)
+        self._finalizer.atexit = False  # (at the interpreter's exit the model goes too)
         self.paired_rows = paired_rows
         self.grouped_rows = grouped_rows
         self.subbatches = subbatches
