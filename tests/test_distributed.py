@@ -789,7 +789,8 @@ def _parallelism(rank: int) -> dict[str, str]:
         # the tracker before the stage: refused at the schedule's first forward (one stage per
         # process on its own group, so the refusal leaves no peer waiting for activations)
         model = DistributedDataParallel(make_model(), process_group=solo)
-        noisescale.GradientNoiseTracker(model)
+        # (kept: a tracker no longer referenced has its hooks removed)
+        _tracker = noisescale.GradientNoiseTracker(model)
         stage = PipelineStage(model, 0, 1, torch.device("cpu"), group=solo)
         schedule = ScheduleGPipe(stage, n_microbatches=2, loss_fn=F.cross_entropy)
         x, y = micro_batch(EVEN, 0, rank, 0)

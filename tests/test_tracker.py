@@ -275,11 +275,14 @@ def test_resumed_tracker_appends_to_its_own_history(tmp_path):
     other = noisescale.GradientNoiseTracker(model, beta=0.5, history_path=tmp_path / "o.jsonl")
     _train(other, model, data[:2])
     before = path.read_bytes()
-    wrong = noisescale.GradientNoiseTracker(model, history_path=path, sync_every=1)
+    wrong = noisescale.GradientNoiseTracker(model, beta=0.5, history_path=path, sync_every=1)
     wrong.load_state_dict(other.state_dict())
     with pytest.raises(NoiseScaleInputError, match=r"beta 0\.9 \(this tracker: 0\.5\)"):
         _train(wrong, model, data[2:3])
     assert path.read_bytes() == before
+    # (and a tracker of another beta than the checkpoint's is refused when it loads it)
+    with pytest.raises(NoiseScaleInputError, match=r"beta=0\.5 to resume"):
+        noisescale.GradientNoiseTracker(model).load_state_dict(other.state_dict())
 
 
 @pytest.mark.parametrize(

@@ -12,14 +12,61 @@ submodules and hooks' dictionaries: it is the measured model, and its hooks act.
 Before 2026-12-04 a copy's forward with gradients on failed with a ``KeyError`` from inside the
 engine, and a Hugging Face model with a tracker could not be copied or pickled at all ("cannot
 pickle 'AccumulateGrad' object").
+
+**One thread.** A tracker measures the forwards of the thread that created it: its hooks keep
+one forward's state at a time (the parameters swapped for aliases, the open pass), and a
+forward on another thread at the same moment interleaved with it — a crash inside autograd, an
+alias left in the model in place of a Parameter, steps refused for causes that never happened
+(a helper's hunt, 2026-12-05). On any other thread a forward with gradients disabled (an
+evaluation under ``torch.no_grad()`` or ``torch.inference_mode()``) passes the hooks untouched,
+and one with gradients enabled is refused there, before the model runs
+(:func:`refuse_foreign_forward`). Backward hooks are not bound to the thread: autograd runs
+them on threads of its own, and a forward it re-runs inside a backward (activation
+checkpointing's recomputation) belongs to that backward's pass.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Hook", "Inert", "InertWhenCopied", "WrappedLoss"]
+import torch
+
+from noisescale.errors import NoiseScaleInputError
+
+__all__ = [
+    "Hook",
+    "Inert",
+    "InertWhenCopied",
+    "WrappedLoss",
+    "foreign_thread",
+    "refuse_foreign_forward",
+]
+
+
+def foreign_thread(owner: int) -> bool:
+    """Whether a hook runs on a thread other than ``owner`` (the measuring thread's
+    ``threading.get_ident()``) outside any backward (see the module docstring). Never while
+    Dynamo traces: asking would break the graph, and a compiled graph does not depend on the
+    thread (a compiled forward on another thread is not checked: a gap)."""
+    if torch.compiler.is_compiling():
+        return False
+    return threading.get_ident() != owner and torch._C._current_graph_task_id() == -1
+
+
+def refuse_foreign_forward(owner: int) -> None:
+    """Refuse a forward with gradients enabled on a thread other than ``owner``."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    here = threading.current_thread().name
+    raise NoiseScaleInputError(
+        f"a forward of the tracked model ran with gradients enabled on thread {here!r} while "
+        f"the tracker measures the model's forwards on thread {names.get(owner, owner)!r} (the "
+        "one that created it); its hooks hold one forward's state at a time, and a forward on "
+        "another thread would mix into the measured one. Run the forwards of other threads "
+        "(an evaluation, a sampler) under torch.no_grad() or torch.inference_mode(), which "
+        "the tracker lets through untouched, or create the tracker on the thread that trains"
+    )
 
 
 class Inert:
@@ -52,12 +99,15 @@ class Hook(InertWhenCopied):
     shallow ``copy.copy`` of the model shares it and the parameters: there it acts, as on the
     model.)"""
 
-    __slots__ = ("fn",)
+    __slots__ = ("fn", "owner")
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], owner: int | None = None) -> None:
         self.fn = fn
+        self.owner = threading.get_ident() if owner is None else owner
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if foreign_thread(self.owner):
+            return None  # (the engine's own hooks refuse such a forward with gradients)
         return self.fn(*args, **kwargs)
 
 

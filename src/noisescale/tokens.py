@@ -37,6 +37,7 @@ How the tracker learns the weights (:class:`PassUnits`, one per backward pass):
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,9 +46,9 @@ import torch
 from torch import Tensor, nn
 
 from noisescale.errors import NoiseScaleInputError
-from noisescale.module_hooks import Hook, WrappedLoss
+from noisescale.module_hooks import Hook, WrappedLoss, foreign_thread
 
-__all__ = ["PassUnits", "TokenWatcher", "count_units"]
+__all__ = ["PassUnits", "TokenWatcher", "count_units", "refuse_wrapped_loss"]
 
 IGNORE_INDEX = -100
 
@@ -143,6 +144,24 @@ def _is_hf_model(module: nn.Module) -> bool:
     )
 
 
+def refuse_wrapped_loss(model: nn.Module) -> None:
+    """Refuse a second tracker on a Hugging Face model whose ``loss_function`` a live tracker
+    has wrapped. The new wrapper would find no loss it knows under the first one's — its
+    tracker measuring per example where it measures per token, the first tracker's step
+    refused with a message about the model's layout (a helper's hunt, 2026-12-05) — and the
+    two engines' hooks on one transformer do not measure alike. A tracker dropped without
+    ``remove()`` takes its wrapper with it once collected."""
+    for m in model.modules():
+        if _is_hf_model(m) and isinstance(m.__dict__.get("_loss_function"), WrappedLoss):
+            raise NoiseScaleInputError(
+                f"{type(m).__name__}'s loss_function is already wrapped by another live "
+                "noisescale tracker (or per_example_sqnorms block) on this model, and two on "
+                "one Hugging Face model cannot both measure its loss: call remove() on the "
+                "first one before creating this one (in a notebook, run tracker.remove() "
+                "before running the cell that creates it again)"
+            )
+
+
 def _loss_kinds() -> dict[Callable, str]:
     from transformers.loss import loss_utils as lu
 
@@ -184,6 +203,7 @@ class TokenWatcher:
     ) -> None:
         self._current_pass = current_pass
         self.count_labels = count_labels
+        self._thread = threading.get_ident()  # the measured thread (module_hooks)
         self._wrapped: list[tuple[nn.Module, Any]] = []
         self._handles: list[Any] = []
         self._calls: list[dict[str, Any]] = []
@@ -329,7 +349,8 @@ class TokenWatcher:
         ) -> Any:
             out = smoother(model_output, labels, shift_labels=shift_labels, **kwargs)
             if (
-                not isinstance(out, Tensor)
+                foreign_thread(self._thread)
+                or not isinstance(out, Tensor)
                 or not out.requires_grad
                 or not torch.is_grad_enabled()
                 or not isinstance(labels, Tensor)
@@ -381,6 +402,8 @@ class TokenWatcher:
     def _wrap(self, original: Callable, kind: str | None) -> Callable:
         def loss_function(*args: Any, **kwargs: Any) -> Tensor:
             out = original(*args, **kwargs)
+            if foreign_thread(self._thread):
+                return out  # (another thread's forward: not measured, see module_hooks)
             if self._calls:
                 self._calls[-1]["handled"] = True
             if kind is None or not isinstance(out, Tensor) or not torch.is_grad_enabled():

@@ -87,6 +87,7 @@ from noisescale.tokens import (
     PassUnits,
     TokenWatcher,
     count_units,
+    refuse_wrapped_loss,
 )
 
 __all__ = ["GradientNoiseTracker"]
@@ -393,6 +394,7 @@ class GradientNoiseTracker:
                 "per_example=False and microbatch=False leave no small-batch source to compare "
                 "with the big batch; enable at least one"
             )
+        refuse_wrapped_loss(model)  # (before any hook is put on the model)
         self.model = model
         self.loss_reduction = loss_reduction
         self.confidence = confidence
@@ -438,11 +440,23 @@ class GradientNoiseTracker:
             per_example=per_example,
             fallback=fallback,
             groups=group_params or None,
-            precondition=self._preconditioner_weights if precondition is not None else None,
+            # (weakly: the engine's hooks on the model must not keep the tracker alive)
+            precondition=_weakly(self._preconditioner_weights)
+            if precondition is not None
+            else None,
             per_example_fraction=per_example_fraction or 1.0,
             subbatches=subbatches if self.mode == "subbatch" else 0,
             pairs=paired_rows if grouped_rows is None else grouped_rows,
         )
+        # What puts hooks on the model (the engine, the token watcher, the data-parallel
+        # watches), removed when the tracker is collected: a tracker dropped without remove()
+        # (`del tracker`, a notebook cell run again that rebinds the name) kept its hooks
+        # opening passes and holding their activations on every forward, for good (+607 MB
+        # over 300 steps, a helper's hunt, 2026-12-05). Nothing on the model refers to the
+        # tracker itself, so once the user's last reference goes the hooks go with it.
+        self._hooked: list[Any] = [self.engine]
+        self._finalizer = weakref.finalize(self, _release, self._hooked, self.engine)
+        self._finalizer.atexit = False  # (at the interpreter's exit the model goes too)
         self.paired_rows = paired_rows
         self.grouped_rows = grouped_rows
         self.subbatches = subbatches
@@ -465,6 +479,7 @@ class GradientNoiseTracker:
             model, self.engine, self._params, process_group, microbatch=microbatch
         )
         self._late_wrapper = watch_late_wrapper(model, self.engine) if self._dist is None else None
+        self._hooked += [self._dist, self._late_wrapper]
         # DDP(static_graph=True) (compiled or not) learns on its first iteration which
         # parameters it will all-reduce; with the per-example hooks in that backward it took
         # every parameter for unused and never averaged again — each process trained apart,
@@ -499,6 +514,7 @@ class GradientNoiseTracker:
             self.engine.current_pass,
             count_labels=loss_reduction in ("token_mean", "num_items_in_batch"),
         )
+        self._hooked.append(self._tokens)
         self._header_written = False
         self._state = state_mod.init(beta, tuple(self._group_names))
         self._pending: list[_Pending] = []
@@ -641,6 +657,28 @@ class GradientNoiseTracker:
         if len(self._pending) >= self.sync_every:
             self.sync()
 
+    def discard(self) -> None:
+        """Drop what was measured since the last :meth:`step`: a step abandoned after its
+        forward or backward, which :meth:`step` will not be called for. Call it before
+        ``optimizer.zero_grad()``; the next step is measured as if the abandoned one never ran.
+        Without it the next :meth:`step` finds the abandoned backward's gradient zeroed under
+        it, as if between two micro-batches of one step, and refuses the step::
+
+            loss = criterion(model(x), y)
+            loss.backward()
+            if not torch.isfinite(loss):      # a bad batch: skip it
+                tracker.discard()
+                optimizer.zero_grad()
+                continue
+            tracker.step(loss=loss)
+
+        Also after a step interrupted by an exception caught in the loop (a KeyboardInterrupt,
+        an out-of-memory error). To measure only some steps, call :meth:`step` every step and
+        pass ``measure_every=``."""
+        self.engine.discard()
+        if self._dist is not None:
+            self._dist.discard()
+
     def _first_gradients(self) -> bool:
         """Whether a parameter the preconditioner had no state for got a gradient in this step
         (its first: the optimizer makes state for every parameter with a ``.grad``): its P is
@@ -677,11 +715,7 @@ class GradientNoiseTracker:
 
     def _refuse(self, message: str) -> NoReturn:
         """Refuse a setting in the constructor, leaving no hook on the model."""
-        self.engine.remove()
-        if self._dist is not None:
-            self._dist.remove()
-        if self._late_wrapper is not None:
-            self._late_wrapper.remove()
+        _remove_hooks(self._hooked)
         raise NoiseScaleInputError(message)
 
     def _check_new_parameters(self) -> None:
@@ -1092,16 +1126,26 @@ class GradientNoiseTracker:
 
     def remove(self) -> None:
         """Read what is pending and remove the hooks from the model (also when what was
-        pending is refused: the error is raised after the hooks are gone)."""
+        pending is refused: the error is raised after the hooks are gone). What was measured
+        stays readable.
+
+        A tracker that is no longer referenced (``del tracker``, its name bound to a new
+        tracker) has its hooks removed when Python collects it, and ``with
+        GradientNoiseTracker(model) as tracker:`` removes them at the end of the block."""
         try:
             self.sync()
         finally:
-            self.engine.remove()
-            self._tokens.remove()
-            if self._dist is not None:
-                self._dist.remove()
-            if self._late_wrapper is not None:
-                self._late_wrapper.remove()
+            _remove_hooks(self._hooked)
+
+    def __enter__(self) -> GradientNoiseTracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.remove()
+        else:
+            # (the block's own error is the one to see; what was pending stays pending)
+            _remove_hooks(self._hooked)
 
     # -- host side ----------------------------------------------------------------------------
 
@@ -1811,6 +1855,8 @@ class GradientNoiseTracker:
             "engine_steps": self.engine.steps_collected,
             "subbatches_pay": self.engine.subbatches_pay,
             "measure_every": self.measure_every,
+            # what the estimate was measured on: a checkpoint of another model is refused
+            "model": self._model_signature(),
             # the unmeasured steps since the last measured one (count, examples, tokens)
             "unmeasured": [
                 self._unmeasured[0],
@@ -1819,8 +1865,23 @@ class GradientNoiseTracker:
             ],
         }
 
+    def _model_signature(self) -> dict[str, int]:
+        """The trainable parameters the tracker measures, in a form wrappers do not change
+        (DDP's ``module.``, ``torch.compile``'s ``_orig_mod.`` rename them): their number and
+        their total of elements."""
+        return {
+            "parameters": len(self._params),
+            "elements": sum(p.numel() for p in self._params),
+        }
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (this version's or an earlier one's)."""
+        """Restore :meth:`state_dict` (this version's or an earlier one's).
+
+        The checkpoint's averages belong to its model and its ``beta``: a checkpoint of another
+        model (other trainable parameters) or of another ``beta`` is refused. The interval's
+        ``confidence`` is this tracker's, as constructed (it only sets the level of the
+        interval, computed afresh from the state). A different ``measure_every`` is taken, with
+        a warning: the averages then span other numbers of trained steps before and after."""
         if state.get("loss_reduction", self.loss_reduction) != self.loss_reduction:
             raise NoiseScaleInputError(
                 f"the checkpoint was measured with loss_reduction={state['loss_reduction']!r} "
@@ -1850,6 +1911,34 @@ class GradientNoiseTracker:
                 f"step {state['preconditioned_from']}) but this tracker measures the plain one; "
                 "construct it with precondition=<the optimizer> (and restore the optimizer's "
                 "state), or start a new plain estimate"
+            )
+        saved_model, model = state.get("model"), self._model_signature()
+        if saved_model is not None and saved_model != model:
+            raise NoiseScaleInputError(
+                f"the checkpoint was measured on a model with {saved_model['parameters']} "
+                f"trainable parameter tensors of {saved_model['elements']} elements in all, but "
+                f"this tracker's model has {model['parameters']} of {model['elements']}: its "
+                "averages are another model's (or of other parameters frozen), and mixed with "
+                "this one's they would be neither's. Load the tracker checkpoint saved with "
+                "this model, or start a new estimate (no load_state_dict)"
+            )
+        saved_beta, beta = float(state["state"]["beta"]), self._state.noise.beta
+        if saved_beta != beta:
+            raise NoiseScaleInputError(
+                f"the checkpoint's averages were taken with beta={saved_beta} but this tracker "
+                f"was built with beta={beta}: the averages' weights belong to their beta. "
+                f"Construct the tracker with beta={saved_beta} to resume them, or start a new "
+                "estimate (no load_state_dict)"
+            )
+        saved_every = int(state.get("measure_every", self.measure_every))
+        if saved_every != self.measure_every:
+            self._warn(
+                f"the checkpoint was measured with measure_every={saved_every} and this tracker "
+                f"measures with measure_every={self.measure_every}: the resumed averages "
+                "weigh measured steps, which span "
+                f"{saved_every} trained steps each before the resume and {self.measure_every} "
+                "after; construct the tracker with the checkpoint's measure_every to keep them "
+                "alike"
             )
         saved_groups = state.get("group_states", {})
         if set(saved_groups) != set(self._state.groups):
@@ -1881,7 +1970,8 @@ class GradientNoiseTracker:
         )
         self.definition = state.get("definition")
         self.steps = int(state["steps"])
-        self.confidence = float(state["confidence"])
+        # (self.confidence stays the constructor's: until 2026-12-05 the checkpoint's replaced
+        # it without a word)
         self.engine.set_rng_state(state.get("subset_rng", {}))
         self.engine.last_step_examples = state.get("subset_step_examples")
         self.engine.subset_position = int(state.get("subset_position", 0))
@@ -1892,6 +1982,34 @@ class GradientNoiseTracker:
         count, examples, tokens = state.get("unmeasured", [0, 0, 0.0])
         self._unmeasured = (int(count), int(examples), None if tokens is None else float(tokens))
         self._schedule_next()
+
+
+def _remove_hooks(hooked: list[Any]) -> None:
+    """Remove the hooks of what a tracker put on the model (``remove()``, or the tracker
+    collected); refers to the tracker's parts, never to the tracker."""
+    for owner in hooked:
+        if owner is not None:
+            owner.remove()
+
+
+def _release(hooked: list[Any], engine: PerExampleNorms) -> None:
+    """A tracker collected: its hooks removed, and the passes its engine held open dropped (a
+    pass and its autograd graph hold each other through autograd's C++ nodes, a cycle Python's
+    collector cannot see)."""
+    _remove_hooks(hooked)
+    engine.discard()
+
+
+def _weakly(method: Any) -> Any:
+    """``method`` of an object, called through a weak reference to it (``None`` once the
+    object is gone)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        bound = ref()
+        return None if bound is None else bound(*args, **kwargs)
+
+    return call
 
 
 def _json_safe(x: Any) -> Any:

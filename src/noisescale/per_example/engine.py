@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -66,6 +67,7 @@ from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
+from noisescale.module_hooks import foreign_thread
 from noisescale.per_example import audit as audit_mod
 from noisescale.per_example import compiled, norms, scaler_watch
 from noisescale.per_example import subbatch as subbatch_mod
@@ -262,6 +264,10 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 f"per_example_fraction must be in (0, 1], got {per_example_fraction}"
             )
         self.model = model
+        # the thread whose forwards are measured: the one creating the engine; on any other
+        # the module hooks let a forward without gradients through untouched and refuse one
+        # with gradients (noisescale.module_hooks, "One thread")
+        self.thread = threading.get_ident()
         self.per_example = per_example
         self.per_example_fraction = per_example_fraction
         if subbatches < 0 or subbatches == 1:
@@ -583,6 +589,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         traced: Callable | None = None,
         owner: nn.Module | None = None,
         opens: bool = False,
+        post: bool = False,
     ) -> Callable:
         """A module hook: ``eager``, or while Dynamo traces it ``traced`` — the form whose work
         runs inside the compiled graph (:mod:`~noisescale.per_example.compiled`). A hook
@@ -591,13 +598,13 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         withheld and compiled code then runs eagerly while the engine measures.
 
         ``owner``: the module the hook is put on; in a copy of the model the hook does nothing
-        (:class:`_ModuleHook`)."""
+        (:class:`_ModuleHook`). ``post``: a forward hook (after the module), not a pre-hook."""
 
         self._eager_hooks.append(eager)
         if self._compile_prepared:
             compiled.skip_frames(eager, recursive=True)
 
-        return _ModuleHook(self, eager, traced, owner, opens)
+        return _ModuleHook(self, eager, traced, owner, opens, post)
 
     def _install(self) -> None:
         self._handles.append(
@@ -608,7 +615,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         )
         self._handles.append(
             self.model.register_forward_hook(
-                self._hook(self._on_model_output, self._traced_model_output)
+                self._hook(self._on_model_output, self._traced_model_output, post=True)
             )
         )
         for module in self.model.modules():
@@ -624,7 +631,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 )
                 self._handles.append(
                     module.register_forward_hook(
-                        self._hook(lambda m, a, o: self._pop_context(), owner=module),
+                        self._hook(lambda m, a, o: self._pop_context(), owner=module, post=True),
                         always_call=True,
                     )
                 )
@@ -638,7 +645,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             # gradient, which the audit finds (refused); the sub-batch products, whose weight
             # gradient the audit cannot check, are not used then (_nothing_between).
             forward = module.register_forward_hook(
-                self._hook(self._on_forward, self._traced_forward, owner=module),
+                self._hook(self._on_forward, self._traced_forward, owner=module, post=True),
                 with_kwargs=True,
             )
             self._handles.append(forward)
@@ -648,7 +655,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 )
                 # (before _on_forward, which takes the call off the stack this one reads)
                 leave = module.register_forward_hook(
-                    self._hook(self._on_weight_exit, self._traced_weight_exit, owner=module),
+                    self._hook(
+                        self._on_weight_exit, self._traced_weight_exit, owner=module, post=True
+                    ),
                     prepend=True,
                     always_call=True,
                 )
@@ -684,7 +693,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         )
         self._handles.append(
             module.register_forward_hook(
-                self._hook(self._on_scope_exit, self._traced_scope_exit, owner=module),
+                self._hook(self._on_scope_exit, self._traced_scope_exit, owner=module, post=True),
                 with_kwargs=True,
                 prepend=True,
                 always_call=True,
@@ -717,7 +726,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             holder.register_forward_pre_hook(self._hook(enter, owner=holder), prepend=True)
         )
         self._handles.append(
-            holder.register_forward_hook(self._hook(leave, owner=holder), always_call=True)
+            holder.register_forward_hook(
+                self._hook(leave, owner=holder, post=True), always_call=True
+            )
         )
 
     def remove(self) -> None:
@@ -733,10 +744,13 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._scratch.release()
         self._eager_steps.want(False)
         # an alias still in the model (a forward that never returned to its scope's exit) is
-        # replaced by the parameter itself: the model is left as it was given
+        # replaced by the parameter itself: the model is left as it was given (only this
+        # engine's: a tracker collected while another one's forward runs leaves its aliases)
         for scope_uses in self._scopes.values():
             for holder, name, pid in scope_uses:
-                if isinstance(holder._parameters.get(name), SharedTensor):
+                held = holder._parameters.get(name)
+                origin = getattr(held, "_ns_origin", None)
+                if isinstance(held, SharedTensor) and getattr(origin, "engine", self) is self:
                     holder._parameters[name] = self._param[pid]
         for (_, _), stack in list(self._swapped.items()):
             stack.clear()
@@ -790,7 +804,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
 
     def tracks_shared(self) -> bool:
         replaying = self._replaying and not _checkpoint_recompute()  # (see _active)
-        return not (self._paused or replaying or self._recomputing)
+        # (another thread's forward under no_grad may read an alias the measured thread's
+        # forward put in the model: there it is the parameter's value, nothing is followed)
+        return not (self._paused or replaying or self._recomputing or foreign_thread(self.thread))
 
     def open_pass(self) -> PassNorms | None:
         if not self.passes or not torch.is_grad_enabled():
@@ -2713,7 +2729,11 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 "ascent pass of sharpness-aware minimization, a probe at other weights) goes "
                 "under `with tracker.paused():`, its gradients zeroed before the measured pass; "
                 "with torch.optim.LBFGS, whose closure runs several passes per step, call "
-                "tracker.step() inside the closure, after its backward"
+                "tracker.step() inside the closure, after its backward. A step abandoned after "
+                "its backward (a loss that is not finite, then zero_grad() and continue; an "
+                "exception caught in the loop) needs tracker.discard() before zero_grad(); "
+                "to measure only some steps, call tracker.step() every step with "
+                "measure_every= instead of skipping it"
             )
         post = [pid for pid, after in changed if after]
         if post:

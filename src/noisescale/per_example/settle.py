@@ -528,7 +528,7 @@ class Settle:
         )
         self._handles.append(
             module.register_forward_hook(
-                self._hook(self._on_forward, owner=module), with_kwargs=True
+                self._hook(self._on_forward, owner=module, post=True), with_kwargs=True
             )
         )
 

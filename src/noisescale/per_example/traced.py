@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from noisescale.errors import UnsupportedModuleError
-from noisescale.module_hooks import InertWhenCopied
+from noisescale.module_hooks import InertWhenCopied, foreign_thread, refuse_foreign_forward
 from noisescale.per_example import compiled
 from noisescale.per_example import subbatch as subbatch_mod
 from noisescale.per_example.graph import _autocast_enabled, _flat_size
@@ -51,7 +51,12 @@ class _ModuleHook(InertWhenCopied):
     there the hook does nothing (the model's own hooks have none: a shallow copy of the whole
     model shares its parameters and is the measured model). Before 2026-12-04 the hook was a
     closure: a copy's forward with gradients on failed with a ``KeyError`` inside the engine,
-    and ``torch.save(model)`` could not pickle it."""
+    and ``torch.save(model)`` could not pickle it.
+
+    On a thread other than the engine's (:mod:`noisescale.module_hooks`, "One thread") the
+    hook does nothing under ``torch.no_grad()``; with gradients enabled a pre-hook (``post``
+    false) refuses the forward there, before the module runs, and a forward hook does nothing
+    (torch runs those registered with ``always_call`` after the refusal too)."""
 
     def __init__(
         self,
@@ -60,15 +65,23 @@ class _ModuleHook(InertWhenCopied):
         traced: Callable | None,
         owner: nn.Module | None,
         opens: bool = False,
+        post: bool = False,
     ) -> None:
         self.engine = engine
         self.eager = eager
         self.traced = traced
         self.owner = owner
         self.opens = opens  # the model's own pre-hook, which opens the pass
+        self.post = post
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         engine = self.engine
+        if foreign_thread(engine.thread):
+            if self.post or not torch.is_grad_enabled():
+                return None
+            if self.owner is not None and args[0] is not self.owner:
+                return None  # a copy of the model
+            refuse_foreign_forward(engine.thread)
         if torch.compiler.is_compiling():
             if self.traced is not None and (engine.compile_blocker is None or self.opens):
                 # (the model's own pre-hook opens the pass also in a graph traced with the

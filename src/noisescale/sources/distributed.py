@@ -526,6 +526,11 @@ class DataParallelSource:
             "Nothing of this step was recorded"
         )
 
+    def discard(self) -> None:
+        """Forget this process's view of the step's passes (the tracker's ``discard()``: the
+        step was abandoned)."""
+        self._local, self._armed = {}, None
+
     def remove(self) -> None:
         """Remove this source's hooks."""
         for h in self._handles:

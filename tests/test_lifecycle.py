@@ -1,0 +1,429 @@
+"""The lifecycle of a tracker: other threads, a tracker dropped without ``remove()``, a step
+abandoned after its backward, a resumed checkpoint, two trackers on one model."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import threading
+import weakref
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import noisescale
+from noisescale.errors import NoiseScaleInputError
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+
+class Pause:
+    """On the thread ``on``, a Block's forward stops halfway until ``resume`` is set."""
+
+    on: int | None = None
+    inside = threading.Event()
+    resume = threading.Event()
+
+
+class Block(nn.Module):
+    """A layer scale used directly (the engine swaps it for an alias during the forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.gamma = nn.Parameter(torch.full((8,), 0.5))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = h + self.gamma * torch.tanh(self.lin(h))
+        if threading.get_ident() == Pause.on:
+            Pause.inside.set()
+            assert Pause.resume.wait(10)
+        return out
+
+
+class Net(nn.Module):
+    def __init__(self, recompute: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(3, 8)
+        self.block = Block()
+        self.out = nn.Linear(8, 2)
+        self.temp = nn.Parameter(torch.tensor(1.3))
+        self.recompute = recompute
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        h = checkpoint(self.block, h, use_reentrant=False) if self.recompute else self.block(h)
+        return self.out(h) * self.temp
+
+
+X = torch.randn(6, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+Y = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+
+def loss_of(model: nn.Module) -> torch.Tensor:
+    return model(X).pow(2).sum(1).mean()
+
+
+def reference(**kw) -> dict:
+    """The record of one step of a fresh Net, nothing else running."""
+    model = Net(**kw)
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+    loss_of(model).backward()
+    tracker.step()
+    rec = tracker.history[-1]
+    tracker.remove()
+    return rec
+
+
+def same(a: dict, b: dict) -> None:
+    for key in ("b_big", "sqnorm_big", "g2", "trace_sigma"):
+        assert b[key] == pytest.approx(a[key], rel=1e-9), key
+
+
+def only_parameters(model: nn.Module) -> bool:
+    return all(type(t) is nn.Parameter for t in model.state_dict(keep_vars=True).values()) and all(
+        type(p) is nn.Parameter for p in model.parameters()
+    )
+
+
+def in_the_middle(model: Net, other) -> None:
+    """Run ``other()`` on a second thread while this thread's forward of ``model`` is halfway
+    through its block (the alias of ``gamma`` in place), then finish the forward."""
+    Pause.inside.clear()
+    Pause.resume.clear()
+    Pause.on = threading.get_ident()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        assert Pause.inside.wait(10)
+        try:
+            other()
+        except BaseException as e:  # (handed to the test)
+            errors.append(e)
+        finally:
+            Pause.resume.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        loss_of(model).backward()
+    finally:
+        Pause.resume.set()
+        thread.join(10)
+        Pause.on = None
+    if errors:
+        raise errors[0]
+
+
+def overlapping(model: Net, other) -> bool:
+    """This thread's forward of ``model`` stops halfway through its block; ``other()`` (a
+    forward of it) on a second thread enters the block and stops there too; this thread then
+    finishes its forward and backward while the other is still inside. Whether the model held
+    only its Parameters then."""
+    Pause.inside.clear()
+    Pause.resume.clear()
+    other_inside, other_resume = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        assert Pause.inside.wait(10)
+        # (the second stop, on this thread: the block's forward reads Pause.on at its end)
+        Pause.inside, Pause.resume = other_inside, other_resume
+        Pause.on = threading.get_ident()
+        try:
+            other()
+        except BaseException as e:  # (handed to the test)
+            errors.append(e)
+        finally:
+            other_inside.set()
+
+    first_resume = Pause.resume
+    Pause.on = threading.get_ident()
+    thread = threading.Thread(target=run)
+    thread.start()
+
+    def release_first() -> None:
+        assert other_inside.wait(10)
+        first_resume.set()
+
+    releaser = threading.Thread(target=release_first)
+    releaser.start()
+    try:
+        output = model(X)
+        clean = only_parameters(model)  # (the other thread's forward is still in the block)
+        output.pow(2).sum(1).mean().backward()
+    finally:
+        first_resume.set()
+        other_resume.set()
+        thread.join(10)
+        releaser.join(10)
+        Pause.on = None
+        Pause.inside, Pause.resume = threading.Event(), threading.Event()
+    if errors:
+        raise errors[0]
+    return clean
+
+
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
+def test_a_forward_overlapping_the_measured_one_on_another_thread(grad_mode):
+    """Before: the other thread's forward, entered while the measured one was in the block,
+    took the measured forward's exit from the block — the alias of ``gamma`` stayed in the
+    model after its forward returned (``copy.deepcopy`` and a checkpoint took it)."""
+    model = Net()
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+
+    def evaluate() -> None:
+        with getattr(torch, grad_mode)():
+            model(Y)
+
+    assert overlapping(model, evaluate)
+    assert only_parameters(model)
+    tracker.step()
+    same(reference(), tracker.history[-1])
+    tracker.remove()
+
+
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
+def test_a_forward_without_gradients_on_another_thread_passes_untouched(grad_mode):
+    """Before: the other thread's forward swapped the model's parameters for aliases and back
+    on the engine's one stack, which the measured forward shared — an alias left in the model
+    (``copy.deepcopy`` then failed), steps refused for causes that never happened, a crash."""
+    model = Net()
+    expected = model(Y).detach()
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+    seen = []
+
+    def evaluate() -> None:
+        with getattr(torch, grad_mode)():
+            seen.append(model(Y))
+
+    in_the_middle(model, evaluate)
+    assert only_parameters(model)
+    tracker.step()
+    same(reference(), tracker.history[-1])
+    assert torch.equal(seen[0], expected)
+    assert not seen[0].requires_grad
+    copy.deepcopy(model)  # (an alias left in the model cannot be deep-copied)
+    tracker.remove()
+
+
+def test_a_forward_with_gradients_on_another_thread_is_refused_there():
+    model = Net()
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+    with pytest.raises(NoiseScaleInputError, match=r"another thread.*torch\.no_grad\(\)"):
+        in_the_middle(model, lambda: model(Y).sum())
+    assert only_parameters(model)
+    tracker.step()  # the measured thread's step is whole and exact
+    same(reference(), tracker.history[-1])
+    tracker.remove()
+
+
+def test_a_backward_on_another_thread_is_measured():
+    """Autograd runs backward hooks — and the forward that activation checkpointing re-runs —
+    on threads of its own (a CUDA device thread): they are not bound to the measured thread.
+    (Step 3: an audited step watches the loss with a mode of the forward's thread, and one whose
+    backward starts on another thread is withheld, with a warning.)"""
+    model = Net(recompute=True)
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+    for _ in range(2):
+        loss_of(model).backward()
+        tracker.step()
+        model.zero_grad()
+    loss = loss_of(model)
+    thread = threading.Thread(target=loss.backward)
+    thread.start()
+    thread.join(10)
+    tracker.step()
+    same(reference(recompute=True), tracker.history[-1])
+    tracker.remove()
+
+
+def hooks_on(model: nn.Module) -> int:
+    modules = sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in model.modules()
+    )
+    return modules + sum(len(p._backward_hooks or {}) for p in model.parameters())
+
+
+@pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}, {"per_example": False}])
+def test_a_dropped_tracker_takes_its_hooks_with_it(kw):
+    """Before: a tracker dropped without remove() kept its hooks on the model for good, each
+    forward opening a pass that held its activations (+607 MB over 300 steps)."""
+    model = Net()
+    tracker = noisescale.GradientNoiseTracker(model, **kw)
+    loss_of(model).backward()  # (a pass open, and one measured step pending)
+    tracker.step()
+    model.zero_grad()
+    loss_of(model)
+    engine = weakref.ref(tracker.engine)
+    dropped = weakref.ref(tracker)
+    del tracker
+    gc.collect()
+    assert dropped() is None and engine() is None
+    assert hooks_on(model) == 0
+    same(reference(), record(model))
+
+
+def test_a_tracker_as_a_with_block():
+    model = Net()
+    with noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0) as t:
+        loss_of(model).backward()
+        t.step()
+    assert hooks_on(model) == 0
+    same(reference(), t.history[-1])
+    with pytest.raises(KeyError), noisescale.GradientNoiseTracker(model):
+        raise KeyError("the block's own error")
+    assert hooks_on(model) == 0
+
+
+def test_a_dropped_preconditioned_tracker_is_collected():
+    """The engine called back into the tracker for the preconditioner's weights: its hooks
+    kept the tracker alive."""
+    model = Net()
+    opt = torch.optim.Adam(model.parameters())
+    tracker = noisescale.GradientNoiseTracker(model, precondition=opt)
+    dropped = weakref.ref(tracker)
+    del tracker
+    gc.collect()
+    assert dropped() is None
+    assert hooks_on(model) == 0
+
+
+def record(model: nn.Module) -> dict:
+    model.zero_grad(set_to_none=True)
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+    loss_of(model).backward()
+    tracker.step()
+    rec = tracker.history[-1]
+    tracker.remove()
+    assert hooks_on(model) == 0
+    return rec
+
+
+def abandoned_then_step(model: nn.Module, tracker, discard: bool) -> None:
+    """A step abandoned after its backward (a loss found not finite), then a step measured."""
+    model(Y).pow(2).sum(1).mean().backward()
+    if discard:
+        tracker.discard()
+    model.zero_grad()
+    loss_of(model).backward()
+    tracker.step()
+
+
+@pytest.mark.parametrize("kw", [{"per_example_fraction": 1.0}, {}])
+def test_discard_drops_an_abandoned_step(kw):
+    model = Net()
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+    abandoned_then_step(model, tracker, discard=True)
+    expected = noisescale.GradientNoiseTracker(Net(), sync_every=1, **kw)
+    fresh = expected.model
+    loss_of(fresh).backward()
+    expected.step()
+    same(expected.history[-1], tracker.history[-1])
+    assert tracker.steps == 1
+
+
+def test_an_abandoned_step_without_discard_names_it():
+    """Before: the refusal blamed zero_grad() between micro-batches only."""
+    model = Net()
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+    with pytest.raises(NoiseScaleInputError, match=r"tracker\.discard\(\).*measure_every="):
+        abandoned_then_step(model, tracker, discard=False)
+
+
+def trained_state(model: nn.Module, steps: int = 3, **kw) -> dict:
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0, **kw)
+    for _ in range(steps):
+        model.zero_grad()
+        loss_of(model).backward()
+        tracker.step()
+    state = tracker.state_dict()
+    tracker.remove()
+    return state
+
+
+def test_a_resumed_tracker_keeps_its_confidence_and_refuses_another_beta():
+    """Before: the checkpoint's confidence and beta replaced the constructor's without a word."""
+    state = trained_state(Net())
+    resumed = noisescale.GradientNoiseTracker(Net(), per_example_fraction=1.0, confidence=0.5)
+    resumed.load_state_dict(state)
+    assert resumed.estimate().confidence == 0.5
+    other = noisescale.GradientNoiseTracker(Net(), per_example_fraction=1.0, beta=0.5)
+    with pytest.raises(NoiseScaleInputError, match=r"beta=0\.99"):
+        other.load_state_dict(state)
+
+
+def test_a_checkpoint_of_another_model_is_refused():
+    """Before: a 3-8-2 model's averages were resumed on a wider model's, mixing both."""
+    state = trained_state(Net())
+    wider = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2))
+    tracker = noisescale.GradientNoiseTracker(wider, per_example_fraction=1.0)
+    with pytest.raises(NoiseScaleInputError, match="another model"):
+        tracker.load_state_dict(state)
+    del state["model"]  # (a checkpoint written before the signature: loads)
+    tracker.load_state_dict(state)
+
+
+def test_another_measure_every_on_resume_is_named():
+    state = trained_state(Net())
+    tracker = noisescale.GradientNoiseTracker(Net(), per_example_fraction=1.0, measure_every=4)
+    with pytest.warns(RuntimeWarning, match=r"measure_every=1 .*measure_every=4"):
+        tracker.load_state_dict(state)
+
+
+def gpt2() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+def lm_step(model: nn.Module, tracker) -> None:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 32, (4, 8), generator=g)
+    labels = ids.clone()
+    labels[:2, :3] = -100
+    model(input_ids=ids, labels=labels).loss.backward()
+    tracker.step()
+    model.zero_grad()
+
+
+def test_a_second_live_tracker_on_a_hugging_face_model_is_refused():
+    """Before: both were accepted; the first's step then failed naming the model's layout
+    ('transformer.wpe'), and the second measured per example instead of per token."""
+    model = gpt2()
+    first = noisescale.GradientNoiseTracker(model, sync_every=1)
+    hooks = hooks_on(model)
+    with pytest.raises(NoiseScaleInputError, match=r"remove\(\) on the first"):
+        noisescale.GradientNoiseTracker(model)
+    assert hooks_on(model) == hooks  # (refused before any hook was put on the model)
+    lm_step(model, first)
+    assert first.definition == "token"
+    first.remove()
+    second = noisescale.GradientNoiseTracker(model, sync_every=1)
+    lm_step(model, second)
+    assert second.definition == "token"
+    second.remove()
+
+
+def test_a_dropped_tracker_leaves_a_hugging_face_model_its_own_loss():
+    """Before: a tracker dropped without remove() left its loss wrapper, under which the next
+    tracker found no loss it knew and measured per example, not per token, without a word."""
+    model = gpt2()
+    own = model.loss_function
+    tracker = noisescale.GradientNoiseTracker(model)
+    del tracker
+    gc.collect()
+    assert model.loss_function == own
+    assert hooks_on(model) == 0
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1)
+    lm_step(model, tracker)
+    assert tracker.definition == "token"
+    assert tracker.history[-1]["b_big"] == 24  # the counted tokens (32 less 6 and 2 shifted)
