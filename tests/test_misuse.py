@@ -1078,3 +1078,54 @@ def test_complex_parameters_are_refused_and_frozen_ones_measured():
     g2_big = float(sum(g.pow(2).sum() for g in big))
     want, _ = noisescale.estimators.per_example_norm_estimates([per_ex], g2_big, 8)
     assert tracker.history[0]["g2"] == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("sync_every", [1, 32])
+@pytest.mark.parametrize("per_example", [True, False])
+def test_grad_scaler_not_given_is_refused_on_every_compiled_step(per_example, sync_every):
+    """A compiled model runs its audited steps (1, 2, 4, …) eagerly and the others compiled,
+    where no hook on the model's outputs runs in the backward: until 2026-12-05 those steps —
+    and every step with per_example=False — recorded |G|² and tr Σ a GradScaler's scale² too
+    large (g2 ≈ 7e8 where 0.2) without a word. The parameters' own hooks note the scaler now:
+    every step refused; the same run given the scaler records what an unscaled run does."""
+    records = {}
+    for given in (False, True):
+        torch._dynamo.reset()  # (each run its own graphs, as in a fresh process)
+        model = _model()
+        call = torch.compile(model, backend="aot_eager")
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        tracker = noisescale.GradientNoiseTracker(
+            model,
+            per_example=per_example,
+            scaler=scaler if given else None,
+            sync_every=sync_every,
+        )
+        for step in range(1, 7):
+            for micro in range(2):
+                x, y = _batch(10 * step + micro)
+                scaler.scale(F.cross_entropy(call(x), y) / 2).backward()
+            if given:
+                tracker.step()
+            else:
+                with pytest.raises(NoiseScaleInputError, match=r"scaled by a torch\.amp"):
+                    tracker.step()
+                    tracker.sync()
+            for p in model.parameters():
+                p.grad = None
+        tracker.sync()
+        records[given] = tracker.history
+    assert records[False] == []
+    assert len(records[True]) == 6
+    torch._dynamo.reset()
+    plain = _model()
+    call = torch.compile(plain, backend="aot_eager")
+    tracker = noisescale.GradientNoiseTracker(plain, per_example=per_example, sync_every=1)
+    for step in range(1, 7):
+        for micro in range(2):
+            x, y = _batch(10 * step + micro)
+            (F.cross_entropy(call(x), y) / 2).backward()
+        tracker.step()
+        for p in plain.parameters():
+            p.grad = None
+    for got, want in zip(records[True], tracker.history, strict=True):
+        assert got["sqnorm_big"] == pytest.approx(want["sqnorm_big"], rel=1e-5)

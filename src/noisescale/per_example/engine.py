@@ -2414,6 +2414,11 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             current.tasks.add(task)
             current.param_tasks.add(task)
             self._task_pass.setdefault(task, current)
+            if current.grad_scaler is None and (scaler := scaler_watch.task_scaler()) is not None:
+                # (the root hooks' note, also where none runs: a compiled model's steps after
+                # its eager audited ones, per_example=False — until 2026-12-05 those recorded
+                # a GradScaler's scale² without a word)
+                current.grad_scaler = scaler
             repeated = pid in current.received
             if repeated:
                 current.repeated_backward = True
