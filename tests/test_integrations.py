@@ -420,6 +420,63 @@ def test_lightning_callback_refuses_a_schedule_with_an_optimizer():
         LightningCallback(schedule)
 
 
+def _ramp() -> BatchSizeRamp:
+    return BatchSizeRamp.stepwise(
+        [(0, 8), (24, 16)], micro_batch_size=MICRO, lr_rule="linear", base_batch_size=8
+    )
+
+
+@needs_lightning
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_refuses_a_schedule_under_manual_optimization():
+    """Lightning ignores accumulate_grad_batches under manual optimisation: the schedule's
+    batch would never run while its learning rate did (batch 8 at twice the rate, until
+    2026-12-05, a hunt found). Refused before the first step."""
+
+    class Manual(type(_lit_model())):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            x, y = batch
+            self.manual_backward(F.cross_entropy(self(x), y))
+            opt.step()
+            opt.zero_grad()
+
+    callback = LightningCallback(_ramp(), sync_every=1, log_every=0)
+    with pytest.raises(NoiseScaleInputError, match=r"manual optimisation.*accumulate_grad_batches"):
+        _lit_trainer(callback, max_steps=10).fit(Manual(), _loader())
+    assert callback.tracker.steps == 0
+    # measuring only is still fine under manual optimisation
+    callback = LightningCallback(sync_every=1, log_every=0)
+    _lit_trainer(callback, max_steps=3).fit(Manual(), _loader())
+    assert callback.tracker.steps == 3
+
+
+@needs_lightning
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_refuses_a_schedule_with_gradient_accumulation_scheduler():
+    """Two controllers of accumulate_grad_batches: until 2026-12-05 Lightning's scheduler set
+    k = 3 after the callback, and steps of 24 ran at the learning rate chosen for 16."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    callback = LightningCallback(_ramp(), sync_every=1, log_every=0)
+    trainer = pl.Trainer(
+        callbacks=[callback, GradientAccumulationScheduler({0: 1, 1: 3})],
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(NoiseScaleInputError, match="GradientAccumulationScheduler"):
+        trainer.fit(_lit_model(), _loader())
+    assert callback.tracker.steps == 0
+
+
 # -- Hugging Face transformers -------------------------------------------------------------------
 
 

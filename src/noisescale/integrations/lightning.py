@@ -161,6 +161,7 @@ class NoiseScaleCallback(pl.Callback):
         # where a pending change may not be applicable yet); a fresh one gets the schedule's
         # start at the first epoch start.
         if self.schedule is not None:
+            self._check_accumulation_control(trainer, pl_module)
             self._check_micro_batch(trainer)
         if self.schedule is not None and self.schedule.lr_rule != "none":
             # a scheduler that would drop the factor is refused now, not at the first change
@@ -284,6 +285,36 @@ class NoiseScaleCallback(pl.Callback):
         # averaged over the default group
         kwargs.setdefault("process_group", torch.distributed.group.WORLD)
         return kwargs
+
+    def _check_accumulation_control(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> None:
+        """Refuse a schedule where ``accumulate_grad_batches`` is not the callback's to set.
+
+        Under manual optimisation Lightning ignores ``accumulate_grad_batches`` (it refuses the
+        setting when the user passes it, before the callback writes it): every step would keep
+        the first batch while the learning rate took the schedule's factor (a hunt saw batch 8
+        trained at twice the learning rate, the schedule reporting 16). A
+        ``GradientAccumulationScheduler`` writes it too, at its epochs: the batch that ran was
+        then neither the schedule's nor measured against the schedule's learning rate.
+        """
+        fix = "or measure only (NoiseScaleCallback() without a schedule)"
+        if not pl_module.automatic_optimization:
+            raise NoiseScaleInputError(
+                "a batch-size schedule under manual optimisation (automatic_optimization=False): "
+                "the callback realises the schedule's batch through "
+                "Trainer.accumulate_grad_batches, which Lightning ignores under manual "
+                "optimisation, so the run would train at the old batch with the new batch's "
+                f"learning rate; use automatic optimisation to adapt the batch, {fix}"
+            )
+        for cb in trainer.callbacks:
+            if isinstance(cb, pl.callbacks.GradientAccumulationScheduler):
+                raise NoiseScaleInputError(
+                    "a batch-size schedule together with Lightning's GradientAccumulationScheduler"
+                    ": both set Trainer.accumulate_grad_batches, so the batch that runs would be "
+                    "neither's (and the learning rate the schedule's for another batch); drop "
+                    f"the GradientAccumulationScheduler to let the schedule size the batch, {fix}"
+                )
 
     def _check_micro_batch(self, trainer: pl.Trainer) -> None:
         """The schedule counts global examples: its micro-batch is every process's together."""
