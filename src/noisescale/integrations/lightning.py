@@ -54,6 +54,7 @@ starting accumulation.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -127,6 +128,7 @@ class NoiseScaleCallback(pl.Callback):
         self._pending_state: dict[str, Any] | None = None
         self._forward_handle: Any = None  # set while a fit is set up
         self._forwards = 0  # forward calls of the measured module with gradients, this step
+        self._warned: set[str] = set()
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -160,6 +162,7 @@ class NoiseScaleCallback(pl.Callback):
         # A resumed run continues with the accumulation that was in effect (possibly mid-epoch,
         # where a pending change may not be applicable yet); a fresh one gets the schedule's
         # start at the first epoch start.
+        self._check_sampler(trainer)
         if self.schedule is not None:
             self._check_accumulation_control(trainer, pl_module)
             self._check_micro_batch(trainer)
@@ -316,6 +319,47 @@ class NoiseScaleCallback(pl.Callback):
                     f"the GradientAccumulationScheduler to let the schedule size the batch, {fix}"
                 )
 
+    def _check_sampler(self, trainer: pl.Trainer) -> None:
+        """Refuse or warn where a step's examples are not random draws from the data.
+
+        B_simple's estimate needs each step's examples to be independent draws. Lightning's
+        ``overfit_batches`` turns the loader's shuffling off and replays the same few batches
+        every epoch: the steps are not draws from the data (one batch replayed has no gradient
+        noise at all, yet its records read tr Σ 6.9), whatever the data's order, so it is
+        refused. An unshuffled loader keeps the data's stored order: right only for data stored
+        shuffled (11× low on data stored sorted by label, with a confident interval), which the
+        callback cannot see, so it warns. A batch sampler of the user's own is not judged.
+        """
+        overfit = trainer.overfit_batches
+        if overfit:
+            raise NoiseScaleInputError(
+                f"Trainer(overfit_batches={overfit}) replays the same few batches, unshuffled, "
+                "every epoch, so the steps are not independent draws from the data and B_simple "
+                "would measure the spread of those batches, not the data's gradient noise; "
+                "remove the NoiseScaleCallback from an overfitting run, or set overfit_batches=0"
+            )
+        for loader in _dataloaders(trainer.train_dataloader):
+            batches = loader.batch_sampler
+            if type(batches) is not torch.utils.data.BatchSampler:
+                continue  # no automatic batching, or a batch sampler of the user's own
+            sampler = batches.sampler
+            unshuffled = type(sampler) is torch.utils.data.SequentialSampler or (
+                isinstance(sampler, torch.utils.data.DistributedSampler) and not sampler.shuffle
+            )
+            if unshuffled:
+                self._warn_once(
+                    "sequential",
+                    "the training dataloader is not shuffled (shuffle=False, a "
+                    f"{type(sampler).__name__}): it keeps the dataset's order, so B_simple is "
+                    "right only if the dataset is stored shuffled (each step's examples "
+                    "independent draws); otherwise pass shuffle=True to the DataLoader",
+                )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
     def _check_micro_batch(self, trainer: pl.Trainer) -> None:
         """The schedule counts global examples: its micro-batch is every process's together."""
         assert self.schedule is not None
@@ -378,6 +422,20 @@ class NoiseScaleCallback(pl.Callback):
                 "through Trainer.fit"
             )
         return self.tracker
+
+
+def _dataloaders(loaders: Any) -> list[torch.utils.data.DataLoader]:
+    """Every ``DataLoader`` in ``trainer.train_dataloader`` (one, or a CombinedLoader's
+    iterables: a list, a dict, nested)."""
+    if isinstance(loaders, torch.utils.data.DataLoader):
+        return [loaders]
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    elif hasattr(loaders, "iterables"):  # a CombinedLoader
+        return _dataloaders(loaders.iterables)
+    if isinstance(loaders, list | tuple):
+        return [d for x in loaders for d in _dataloaders(x)]
+    return []
 
 
 def _loader_batch_size(loader: Any) -> int | None:
