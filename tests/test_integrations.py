@@ -525,6 +525,42 @@ def test_lightning_unshuffled_loader_warned_and_overfit_batches_refused():
         _lit_trainer(callback, max_steps=2, overfit_batches=2).fit(_lit_model(), shuffled)
 
 
+@needs_lightning
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_precondition_true_is_the_modules_optimizer():
+    """precondition=True (the Hugging Face callback's spelling) preconditions with the
+    optimizer configure_optimizers returns; until 2026-12-05 it was refused ('got bool')."""
+    model = _lit_model()
+    model.configure_optimizers = lambda: torch.optim.Adam(model.parameters(), lr=1e-3)
+    callback = LightningCallback(sync_every=1, log_every=0, precondition=True, precondition_from=2)
+    _lit_trainer(callback, max_steps=4).fit(model, _loader())
+    tracker = callback.tracker
+    assert tracker.precondition is model.trainer.optimizers[0]
+    assert [h["preconditioned"] for h in tracker.history] == [False, False, True, True]
+    # the same run with the optimizer passed by hand measures the same
+    model = _lit_model()
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.configure_optimizers = lambda: adam
+    by_hand = LightningCallback(sync_every=1, log_every=0, precondition=adam, precondition_from=2)
+    _lit_trainer(by_hand, max_steps=4).fit(model, _loader())
+    _assert_same_history(tracker.history, by_hand.tracker.history)
+    # an optimizer the trainer does not step would never start preconditioning
+    model = _lit_model()
+    other = LightningCallback(log_every=0, precondition=torch.optim.Adam(model.parameters()))
+    with pytest.raises(NoiseScaleInputError, match="got Adam, which is not an optimizer the"):
+        _lit_trainer(other, max_steps=1).fit(model, _loader())
+    # several optimizers: which one is ambiguous
+    model = _lit_model()
+    model.automatic_optimization = False
+    model.configure_optimizers = lambda: [
+        torch.optim.Adam(model.net[0].parameters()),
+        torch.optim.Adam(model.net[2].parameters()),
+    ]
+    callback = LightningCallback(log_every=0, precondition=True)
+    with pytest.raises(NoiseScaleInputError, match="returned 2; pass the one"):
+        _lit_trainer(callback, max_steps=1).fit(model, _loader())
+
+
 # -- Hugging Face transformers -------------------------------------------------------------------
 
 

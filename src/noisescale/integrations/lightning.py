@@ -64,6 +64,7 @@ from torch import Tensor, nn
 from noisescale.errors import NoiseScaleInputError
 from noisescale.integrations import estimate_metrics
 from noisescale.module_hooks import Hook
+from noisescale.preconditioning import unwrap_optimizer
 from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, check_lr_schedulers, scale_lr
 from noisescale.tracker import GradientNoiseTracker
 
@@ -94,7 +95,10 @@ class NoiseScaleCallback(pl.Callback):
             the estimate, one host synchronisation); 0 turns logging off.
         **tracker_kwargs: Passed to :class:`GradientNoiseTracker` (``loss_reduction``,
             ``per_example``, ``beta``, ``history_path``, …). The AMP scaler is taken from the
-            trainer.
+            trainer. ``precondition=True`` measures the noise scale preconditioned by the
+            LightningModule's own optimizer (an Adam, AdamW or RMSprop returned by
+            ``configure_optimizers``; the tracker is then built in ``on_fit_start``, once the
+            optimizer exists); an optimizer passed here must be the one the trainer steps.
     """
 
     def __init__(
@@ -138,6 +142,22 @@ class NoiseScaleCallback(pl.Callback):
         # every fit measures its own module: a callback reused for a second fit (a new model, a
         # tuner's trial) lets go of the previous one
         self._release()
+        if self.tracker_kwargs.get("precondition") is True:
+            # the LightningModule's optimizer is made by configure_optimizers, after setup: the
+            # tracker is built in on_fit_start, when trainer.optimizers holds it
+            self.tracker = None
+            return
+        self._build(trainer, pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        given = self.tracker_kwargs.get("precondition")
+        if given is True:
+            self._build(trainer, pl_module)
+        elif given is not None and given is not False:
+            _check_module_optimizer(trainer, given)
+
+    def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A new tracker on the measured module (and a checkpoint's state, if one was loaded)."""
         target: nn.Module = (
             pl_module if self.module is None else pl_module.get_submodule(self.module)
         )
@@ -279,6 +299,10 @@ class NoiseScaleCallback(pl.Callback):
 
     def _tracker_kwargs(self, trainer: pl.Trainer) -> dict[str, Any]:
         kwargs = dict(self.tracker_kwargs)
+        if kwargs.get("precondition") is False:
+            kwargs.pop("precondition")
+        elif kwargs.get("precondition") is True:
+            kwargs["precondition"] = _module_optimizer(trainer)
         if trainer.world_size <= 1 or not torch.distributed.is_initialized():
             return kwargs
         if trainer.global_rank != 0:
@@ -422,6 +446,34 @@ class NoiseScaleCallback(pl.Callback):
                 "through Trainer.fit"
             )
         return self.tracker
+
+
+def _module_optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer:
+    """The LightningModule's one optimizer, for ``precondition=True``."""
+    optimizers = list(trainer.optimizers)
+    if len(optimizers) != 1:
+        raise NoiseScaleInputError(
+            "precondition=True preconditions with the LightningModule's optimizer, and "
+            f"configure_optimizers returned {len(optimizers)}; pass the one to precondition "
+            "with as precondition=<optimizer> (create it in __init__ and return it from "
+            "configure_optimizers)"
+        )
+    return optimizers[0]
+
+
+def _check_module_optimizer(trainer: pl.Trainer, given: Any) -> None:
+    """Refuse a ``precondition=`` optimizer that the trainer does not step: its preconditioner
+    would never start (the Hugging Face callback refuses the same)."""
+    steps = [unwrap_optimizer(o) for o in trainer.optimizers]
+    if any(unwrap_optimizer(given) is o for o in steps):
+        return
+    names = ", ".join(type(o).__name__ for o in steps) or "none"
+    raise NoiseScaleInputError(
+        f"precondition= got {type(given).__name__}, which is not an optimizer the trainer steps "
+        f"(configure_optimizers returned: {names}), so it would never step and the "
+        "preconditioned estimate would never start; pass precondition=True to precondition "
+        "with the LightningModule's optimizer (or return yours from configure_optimizers)"
+    )
 
 
 def _dataloaders(loaders: Any) -> list[torch.utils.data.DataLoader]:
