@@ -561,6 +561,57 @@ def test_lightning_precondition_true_is_the_modules_optimizer():
         _lit_trainer(callback, max_steps=1).fit(model, _loader())
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_compiled_submodule_is_refused_at_construction_with_the_fix(tmp_path):
+    """A torch.compile'd submodule inside the measured model (self.net = torch.compile(...), a
+    common Lightning pattern) crashed at the first compiled step inside Dynamo until
+    2026-12-05. Refused when the tracker is made, in a plain loop and through both callbacks;
+    the whole model compiled, a submodule compiled in place, and per_example=False run (the
+    in-place one exact against eager)."""
+    x, y = _data()
+
+    def run(model, **kwargs) -> list[dict]:
+        tracker = GradientNoiseTracker(model, sync_every=1, **kwargs)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for s in range(4):
+            for k in range(2):
+                rows = slice(16 * s + 8 * k, 16 * s + 8 * k + 8)
+                F.cross_entropy(model(x[rows]), y[rows]).backward()
+            tracker.step()
+            opt.step()
+            opt.zero_grad()
+        tracker.remove()
+        return tracker.history
+
+    def wrapped(compiled: str) -> nn.Module:
+        model = _Wrapped(_net())
+        if compiled == "wrapper":
+            model.net = torch.compile(model.net, backend="eager")
+        elif compiled == "in place":
+            model.net.compile(backend="eager")
+        return model
+
+    with pytest.raises(NoiseScaleInputError, match=r"\['net'\] .*compile the whole model"):
+        GradientNoiseTracker(wrapped("wrapper"))
+    exact = {"per_example_fraction": 1.0, "microbatch": False}
+    _assert_same_history(run(wrapped("in place"), **exact), run(wrapped("none"), **exact))
+    assert len(run(wrapped("wrapper"), per_example=False)) == 4
+    # the root compiled is not refused
+    GradientNoiseTracker(torch.compile(wrapped("none"), backend="eager")).remove()
+    if pl is not None:
+        model = _lit_model()
+        model.net = torch.compile(model.net, backend="eager")
+        with pytest.raises(NoiseScaleInputError, match="compile the whole model"):
+            _lit_trainer(LightningCallback(log_every=0), max_steps=2).fit(model, _loader())
+    pytest.importorskip("transformers")
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    model, trainer = _hf_train(tmp_path, NoiseScaleCallback())
+    model.net = torch.compile(model.net, backend="eager")
+    with pytest.raises(NoiseScaleInputError, match="compile the whole model"):
+        trainer.train()
+
+
 # -- Hugging Face transformers -------------------------------------------------------------------
 
 
