@@ -1436,6 +1436,56 @@ def test_a_compute_loss_func_needs_its_reduction_said(tmp_path):
         _assert_same_record(got, want)
 
 
+def test_a_compute_loss_func_in_the_trainers_form_is_measured(tmp_path):
+    """The Trainer's own form, the sum of the examples' losses divided by num_items_in_batch,
+    declared 'num_items_in_batch', equals brute force (each example's gradient alone, eq. A.2
+    over the step's 8) for k = 1, 2, 4. Until 2026-12-05 no declaration measured it: 'mean'
+    read |G|² and tr Σ k² too small, 'sum' 1/64; those are now refused, as is
+    'num_items_in_batch' for a loss that does not divide by it."""
+    pytest.importorskip("transformers")
+
+    def items_loss(outputs, labels, num_items_in_batch=None):
+        return F.cross_entropy(outputs.logits, labels, reduction="sum") / num_items_in_batch
+
+    def mean_loss(outputs, labels, num_items_in_batch=None):
+        return F.cross_entropy(outputs.logits, labels)
+
+    model, (ids, labels) = _bert_classifier(), _classified()
+    grads = []
+    for i in range(_SEQ):
+        model.zero_grad()
+        F.cross_entropy(model(input_ids=ids[i : i + 1]).logits, labels[i : i + 1]).backward()
+        grads.append(
+            torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        )
+    g = torch.stack(grads)
+    big, small = float(g.mean(0) @ g.mean(0)), float((g * g).sum(1).mean())
+    want = {
+        "sqnorm_big": big,
+        "g2": (_SEQ * big - small) / (_SEQ - 1),
+        "trace_sigma": (small - big) / (1 - 1 / _SEQ),
+    }
+    for k in (1, 2, 4):
+        got = _one_step(
+            tmp_path, _bert_classifier(), _Classified(), k, compute_loss_func=items_loss,
+            loss_reduction="num_items_in_batch",
+        )  # fmt: skip
+        assert got["b_big"] == _SEQ
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-6), (k, key)
+    for declared in ("mean", "sum"):
+        with pytest.raises(NoiseScaleInputError, match="divides its loss by num_items_in_batch"):
+            _one_step(
+                tmp_path, _bert_classifier(), _Classified(), 2, compute_loss_func=items_loss,
+                loss_reduction=declared,
+            )  # fmt: skip
+    with pytest.raises(NoiseScaleInputError, match="does not change with it"):
+        _one_step(
+            tmp_path, _bert_classifier(), _Classified(), 2, compute_loss_func=mean_loss,
+            loss_reduction="num_items_in_batch",
+        )  # fmt: skip
+
+
 def _gpt2_lm():
     import transformers
 
