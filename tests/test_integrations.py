@@ -420,6 +420,198 @@ def test_lightning_callback_refuses_a_schedule_with_an_optimizer():
         LightningCallback(schedule)
 
 
+def _ramp() -> BatchSizeRamp:
+    return BatchSizeRamp.stepwise(
+        [(0, 8), (24, 16)], micro_batch_size=MICRO, lr_rule="linear", base_batch_size=8
+    )
+
+
+@needs_lightning
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_refuses_a_schedule_under_manual_optimization():
+    """Lightning ignores accumulate_grad_batches under manual optimisation: the schedule's
+    batch would never run while its learning rate did (batch 8 at twice the rate, until
+    2026-12-05, a hunt found). Refused before the first step."""
+
+    class Manual(type(_lit_model())):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            x, y = batch
+            self.manual_backward(F.cross_entropy(self(x), y))
+            opt.step()
+            opt.zero_grad()
+
+    callback = LightningCallback(_ramp(), sync_every=1, log_every=0)
+    with pytest.raises(NoiseScaleInputError, match=r"manual optimisation.*accumulate_grad_batches"):
+        _lit_trainer(callback, max_steps=10).fit(Manual(), _loader())
+    assert callback.tracker.steps == 0
+    # measuring only is still fine under manual optimisation
+    callback = LightningCallback(sync_every=1, log_every=0)
+    _lit_trainer(callback, max_steps=3).fit(Manual(), _loader())
+    assert callback.tracker.steps == 3
+
+
+@needs_lightning
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_refuses_a_schedule_with_gradient_accumulation_scheduler():
+    """Two controllers of accumulate_grad_batches: until 2026-12-05 Lightning's scheduler set
+    k = 3 after the callback, and steps of 24 ran at the learning rate chosen for 16."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    callback = LightningCallback(_ramp(), sync_every=1, log_every=0)
+    trainer = pl.Trainer(
+        callbacks=[callback, GradientAccumulationScheduler({0: 1, 1: 3})],
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(NoiseScaleInputError, match="GradientAccumulationScheduler"):
+        trainer.fit(_lit_model(), _loader())
+    assert callback.tracker.steps == 0
+
+
+@needs_lightning
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_unshuffled_loader_warned_and_overfit_batches_refused():
+    """A step's examples must be random draws: an unshuffled loader is right only on data
+    stored shuffled (11× low on sorted data, a hunt found), so it is warned about once; a
+    shuffled loader, a batch sampler of the user's own and a CombinedLoader are not."""
+    from lightning.pytorch.utilities import CombinedLoader
+
+    def fit(loader, **kwargs):
+        callback = LightningCallback(sync_every=1, log_every=0)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            _lit_trainer(callback, max_steps=2, **kwargs).fit(_lit_model(), loader)
+        return [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)]
+
+    x, y = _data()
+    data = torch.utils.data.TensorDataset(x, y)
+    unshuffled = [m for m in fit(_loader()) if "not shuffled" in m]
+    assert len(unshuffled) == 1 and "SequentialSampler" in unshuffled[0]
+    shuffled = torch.utils.data.DataLoader(data, batch_size=MICRO, shuffle=True)
+    assert not [m for m in fit(shuffled) if "not shuffled" in m]
+    own = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(data), MICRO, False)
+
+    class Own(torch.utils.data.Sampler):  # a batch sampler of the user's own: not judged
+        def __iter__(self):
+            return iter(own)
+
+        def __len__(self):
+            return len(own)
+
+    mine = torch.utils.data.DataLoader(data, batch_sampler=Own())
+    assert not [m for m in fit(mine) if "not shuffled" in m]
+    combined = CombinedLoader({"a": shuffled, "b": _loader()}, "max_size_cycle")
+
+    class Two(type(_lit_model())):
+        def training_step(self, batch, batch_idx):
+            x, y = batch["a"]
+            return F.cross_entropy(self(x), y)
+
+    callback = LightningCallback(sync_every=1, log_every=0)
+    with pytest.warns(RuntimeWarning, match="not shuffled"):
+        _lit_trainer(callback, max_steps=2).fit(Two(), combined)
+    assert callback.tracker.steps == 2
+    callback = LightningCallback(sync_every=1, log_every=0)
+    with pytest.raises(NoiseScaleInputError, match=r"overfit_batches=2\) replays"):
+        _lit_trainer(callback, max_steps=2, overfit_batches=2).fit(_lit_model(), shuffled)
+
+
+@needs_lightning
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_precondition_true_is_the_modules_optimizer():
+    """precondition=True (the Hugging Face callback's spelling) preconditions with the
+    optimizer configure_optimizers returns; until 2026-12-05 it was refused ('got bool')."""
+    model = _lit_model()
+    model.configure_optimizers = lambda: torch.optim.Adam(model.parameters(), lr=1e-3)
+    callback = LightningCallback(sync_every=1, log_every=0, precondition=True, precondition_from=2)
+    _lit_trainer(callback, max_steps=4).fit(model, _loader())
+    tracker = callback.tracker
+    assert tracker.precondition is model.trainer.optimizers[0]
+    assert [h["preconditioned"] for h in tracker.history] == [False, False, True, True]
+    # the same run with the optimizer passed by hand measures the same
+    model = _lit_model()
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.configure_optimizers = lambda: adam
+    by_hand = LightningCallback(sync_every=1, log_every=0, precondition=adam, precondition_from=2)
+    _lit_trainer(by_hand, max_steps=4).fit(model, _loader())
+    _assert_same_history(tracker.history, by_hand.tracker.history)
+    # an optimizer the trainer does not step would never start preconditioning
+    model = _lit_model()
+    other = LightningCallback(log_every=0, precondition=torch.optim.Adam(model.parameters()))
+    with pytest.raises(NoiseScaleInputError, match="got Adam, which is not an optimizer the"):
+        _lit_trainer(other, max_steps=1).fit(model, _loader())
+    # several optimizers: which one is ambiguous
+    model = _lit_model()
+    model.automatic_optimization = False
+    model.configure_optimizers = lambda: [
+        torch.optim.Adam(model.net[0].parameters()),
+        torch.optim.Adam(model.net[2].parameters()),
+    ]
+    callback = LightningCallback(log_every=0, precondition=True)
+    with pytest.raises(NoiseScaleInputError, match="returned 2; pass the one"):
+        _lit_trainer(callback, max_steps=1).fit(model, _loader())
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_compiled_submodule_is_refused_at_construction_with_the_fix(tmp_path):
+    """A torch.compile'd submodule inside the measured model (self.net = torch.compile(...), a
+    common Lightning pattern) crashed at the first compiled step inside Dynamo until
+    2026-12-05. Refused when the tracker is made, in a plain loop and through both callbacks;
+    the whole model compiled, a submodule compiled in place, and per_example=False run (the
+    in-place one exact against eager)."""
+    x, y = _data()
+
+    def run(model, **kwargs) -> list[dict]:
+        tracker = GradientNoiseTracker(model, sync_every=1, **kwargs)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for s in range(4):
+            for k in range(2):
+                rows = slice(16 * s + 8 * k, 16 * s + 8 * k + 8)
+                F.cross_entropy(model(x[rows]), y[rows]).backward()
+            tracker.step()
+            opt.step()
+            opt.zero_grad()
+        tracker.remove()
+        return tracker.history
+
+    def wrapped(compiled: str) -> nn.Module:
+        model = _Wrapped(_net())
+        if compiled == "wrapper":
+            model.net = torch.compile(model.net, backend="eager")
+        elif compiled == "in place":
+            model.net.compile(backend="eager")
+        return model
+
+    with pytest.raises(NoiseScaleInputError, match=r"\['net'\] .*compile the whole model"):
+        GradientNoiseTracker(wrapped("wrapper"))
+    exact = {"per_example_fraction": 1.0, "microbatch": False}
+    _assert_same_history(run(wrapped("in place"), **exact), run(wrapped("none"), **exact))
+    assert len(run(wrapped("wrapper"), per_example=False)) == 4
+    # the root compiled is not refused
+    GradientNoiseTracker(torch.compile(wrapped("none"), backend="eager")).remove()
+    if pl is not None:
+        model = _lit_model()
+        model.net = torch.compile(model.net, backend="eager")
+        with pytest.raises(NoiseScaleInputError, match="compile the whole model"):
+            _lit_trainer(LightningCallback(log_every=0), max_steps=2).fit(model, _loader())
+    pytest.importorskip("transformers")
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    model, trainer = _hf_train(tmp_path, NoiseScaleCallback())
+    model.net = torch.compile(model.net, backend="eager")
+    with pytest.raises(NoiseScaleInputError, match="compile the whole model"):
+        trainer.train()
+
+
 # -- Hugging Face transformers -------------------------------------------------------------------
 
 
@@ -1242,6 +1434,56 @@ def test_a_compute_loss_func_needs_its_reduction_said(tmp_path):
             loss_reduction="mean",
         )  # fmt: skip
         _assert_same_record(got, want)
+
+
+def test_a_compute_loss_func_in_the_trainers_form_is_measured(tmp_path):
+    """The Trainer's own form, the sum of the examples' losses divided by num_items_in_batch,
+    declared 'num_items_in_batch', equals brute force (each example's gradient alone, eq. A.2
+    over the step's 8) for k = 1, 2, 4. Until 2026-12-05 no declaration measured it: 'mean'
+    read |G|² and tr Σ k² too small, 'sum' 1/64; those are now refused, as is
+    'num_items_in_batch' for a loss that does not divide by it."""
+    pytest.importorskip("transformers")
+
+    def items_loss(outputs, labels, num_items_in_batch=None):
+        return F.cross_entropy(outputs.logits, labels, reduction="sum") / num_items_in_batch
+
+    def mean_loss(outputs, labels, num_items_in_batch=None):
+        return F.cross_entropy(outputs.logits, labels)
+
+    model, (ids, labels) = _bert_classifier(), _classified()
+    grads = []
+    for i in range(_SEQ):
+        model.zero_grad()
+        F.cross_entropy(model(input_ids=ids[i : i + 1]).logits, labels[i : i + 1]).backward()
+        grads.append(
+            torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        )
+    g = torch.stack(grads)
+    big, small = float(g.mean(0) @ g.mean(0)), float((g * g).sum(1).mean())
+    want = {
+        "sqnorm_big": big,
+        "g2": (_SEQ * big - small) / (_SEQ - 1),
+        "trace_sigma": (small - big) / (1 - 1 / _SEQ),
+    }
+    for k in (1, 2, 4):
+        got = _one_step(
+            tmp_path, _bert_classifier(), _Classified(), k, compute_loss_func=items_loss,
+            loss_reduction="num_items_in_batch",
+        )  # fmt: skip
+        assert got["b_big"] == _SEQ
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-6), (k, key)
+    for declared in ("mean", "sum"):
+        with pytest.raises(NoiseScaleInputError, match="divides its loss by num_items_in_batch"):
+            _one_step(
+                tmp_path, _bert_classifier(), _Classified(), 2, compute_loss_func=items_loss,
+                loss_reduction=declared,
+            )  # fmt: skip
+    with pytest.raises(NoiseScaleInputError, match="does not change with it"):
+        _one_step(
+            tmp_path, _bert_classifier(), _Classified(), 2, compute_loss_func=mean_loss,
+            loss_reduction="num_items_in_batch",
+        )  # fmt: skip
 
 
 def _gpt2_lm():

@@ -335,6 +335,31 @@ class TokenWatcher:
         if pass_ is not None and torch.is_grad_enabled():
             self._measure_multiplier(pass_, loss, divided_by, explicit=True)
 
+    def measure_items_loss(self, loss: Any, labels: Any, items: Any) -> bool:
+        """A ``transformers`` ``compute_loss_func`` declared ``"num_items_in_batch"`` with one
+        label per example: the Trainer's form, a sum over the examples whose label is not -100
+        divided by the step's ``num_items_in_batch`` (which then counts examples), measured as
+        the label smoother is: each counted example weighs grad / ``num_items_in_batch``.
+        ``False`` where that does not apply (token labels, which the function may shift:
+        their tokens are not counted, and the step is refused as uncounted)."""
+        if (
+            not isinstance(loss, Tensor)
+            or loss.dim() != 0
+            or not loss.requires_grad
+            or not torch.is_grad_enabled()
+            or not isinstance(labels, Tensor)
+            or labels.dim() != 1
+            or items is None
+        ):
+            return False
+        pass_ = self._current_pass()
+        if pass_ is None:
+            return False
+        counts = (labels != IGNORE_INDEX).to(torch.float64)
+        units = PassUnits(counts, "example", "compute_loss_func", items, measured=True)
+        _attach_measured(pass_, units, loss, "compute_loss_func and another measured loss ran")
+        return True
+
     def wrap_label_smoother(self, smoother: Callable) -> Callable:
         """The ``transformers`` Trainer's ``LabelSmoother`` (``label_smoothing_factor``),
         measured as the model's own ``loss_function`` is: the labels it counts (those not

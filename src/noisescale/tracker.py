@@ -168,6 +168,24 @@ def _registrations() -> int:
     return _REGISTERED[0]
 
 
+def _compiled_submodules(model: nn.Module) -> list[str]:
+    """Names of ``torch.compile`` wrappers (``OptimizedModule``) below the model's root (the
+    root itself compiled is supported, and so is a submodule compiled in place with
+    ``module.compile()``, which stays a plain module: tested exact against eager)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is None:  # Dynamo never imported: nothing was compiled
+        return []
+    wrapper = eval_frame.OptimizedModule
+    root = model._orig_mod if isinstance(model, wrapper) else model
+    if isinstance(root, nn.parallel.DistributedDataParallel):
+        root = root.module  # (DDP of a compiled model has its own refusal, with its own fix)
+    return [
+        name
+        for name, m in model.named_modules()
+        if m is not model and m is not root and isinstance(m, wrapper)
+    ]
+
+
 def _dynamo_compiled() -> bool:
     """Whether Dynamo has compiled a graph in this process (it is imported by more than
     torch.compile: building an optimizer imports it)."""
@@ -412,6 +430,21 @@ class GradientNoiseTracker:
                 "or hold each as a real tensor of its real and imaginary parts, made complex "
                 "in the forward by torch.view_as_complex, and measure with per_example=False "
                 "(the per-example rules do not follow view_as_complex)"
+            )
+        compiled_inside = _compiled_submodules(model) if per_example else []
+        if compiled_inside:
+            # (until 2026-12-05 the first compiled step crashed inside Dynamo: "... is already
+            # tracked for mutation", an AssertionError naming no cause, a hunt found)
+            raise NoiseScaleInputError(
+                f"the submodule{'s' if len(compiled_inside) > 1 else ''} {compiled_inside} "
+                "of the measured model "
+                f"{'are' if len(compiled_inside) > 1 else 'is'} torch.compile(...)'s wrapper "
+                "(an OptimizedModule), inside which Dynamo cannot trace the tracker's "
+                "per-example hooks on the layers (it fails at the first compiled step); compile "
+                "the whole model instead (torch.compile(model) or model.compile(), then the "
+                "tracker), compile the submodule in place (submodule.compile(), which keeps it "
+                "a plain module; measured exactly), or measure with per_example=False "
+                "(micro-batch norms from gradient accumulation)"
             )
         if precondition is not None:
             precondition = unwrap_optimizer(precondition)

@@ -54,6 +54,7 @@ starting accumulation.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -63,6 +64,7 @@ from torch import Tensor, nn
 from noisescale.errors import NoiseScaleInputError
 from noisescale.integrations import estimate_metrics
 from noisescale.module_hooks import Hook
+from noisescale.preconditioning import unwrap_optimizer
 from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, check_lr_schedulers, scale_lr
 from noisescale.tracker import GradientNoiseTracker
 
@@ -93,7 +95,10 @@ class NoiseScaleCallback(pl.Callback):
             the estimate, one host synchronisation); 0 turns logging off.
         **tracker_kwargs: Passed to :class:`GradientNoiseTracker` (``loss_reduction``,
             ``per_example``, ``beta``, ``history_path``, …). The AMP scaler is taken from the
-            trainer.
+            trainer. ``precondition=True`` measures the noise scale preconditioned by the
+            LightningModule's own optimizer (an Adam, AdamW or RMSprop returned by
+            ``configure_optimizers``; the tracker is then built in ``on_fit_start``, once the
+            optimizer exists); an optimizer passed here must be the one the trainer steps.
     """
 
     def __init__(
@@ -127,6 +132,7 @@ class NoiseScaleCallback(pl.Callback):
         self._pending_state: dict[str, Any] | None = None
         self._forward_handle: Any = None  # set while a fit is set up
         self._forwards = 0  # forward calls of the measured module with gradients, this step
+        self._warned: set[str] = set()
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -136,6 +142,22 @@ class NoiseScaleCallback(pl.Callback):
         # every fit measures its own module: a callback reused for a second fit (a new model, a
         # tuner's trial) lets go of the previous one
         self._release()
+        if self.tracker_kwargs.get("precondition") is True:
+            # the LightningModule's optimizer is made by configure_optimizers, after setup: the
+            # tracker is built in on_fit_start, when trainer.optimizers holds it
+            self.tracker = None
+            return
+        self._build(trainer, pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        given = self.tracker_kwargs.get("precondition")
+        if given is True:
+            self._build(trainer, pl_module)
+        elif given is not None and given is not False:
+            _check_module_optimizer(trainer, given)
+
+    def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A new tracker on the measured module (and a checkpoint's state, if one was loaded)."""
         target: nn.Module = (
             pl_module if self.module is None else pl_module.get_submodule(self.module)
         )
@@ -160,7 +182,9 @@ class NoiseScaleCallback(pl.Callback):
         # A resumed run continues with the accumulation that was in effect (possibly mid-epoch,
         # where a pending change may not be applicable yet); a fresh one gets the schedule's
         # start at the first epoch start.
+        self._check_sampler(trainer)
         if self.schedule is not None:
+            self._check_accumulation_control(trainer, pl_module)
             self._check_micro_batch(trainer)
         if self.schedule is not None and self.schedule.lr_rule != "none":
             # a scheduler that would drop the factor is refused now, not at the first change
@@ -275,6 +299,10 @@ class NoiseScaleCallback(pl.Callback):
 
     def _tracker_kwargs(self, trainer: pl.Trainer) -> dict[str, Any]:
         kwargs = dict(self.tracker_kwargs)
+        if kwargs.get("precondition") is False:
+            kwargs.pop("precondition")
+        elif kwargs.get("precondition") is True:
+            kwargs["precondition"] = _module_optimizer(trainer)
         if trainer.world_size <= 1 or not torch.distributed.is_initialized():
             return kwargs
         if trainer.global_rank != 0:
@@ -284,6 +312,77 @@ class NoiseScaleCallback(pl.Callback):
         # averaged over the default group
         kwargs.setdefault("process_group", torch.distributed.group.WORLD)
         return kwargs
+
+    def _check_accumulation_control(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> None:
+        """Refuse a schedule where ``accumulate_grad_batches`` is not the callback's to set.
+
+        Under manual optimisation Lightning ignores ``accumulate_grad_batches`` (it refuses the
+        setting when the user passes it, before the callback writes it): every step would keep
+        the first batch while the learning rate took the schedule's factor (a hunt saw batch 8
+        trained at twice the learning rate, the schedule reporting 16). A
+        ``GradientAccumulationScheduler`` writes it too, at its epochs: the batch that ran was
+        then neither the schedule's nor measured against the schedule's learning rate.
+        """
+        fix = "or measure only (NoiseScaleCallback() without a schedule)"
+        if not pl_module.automatic_optimization:
+            raise NoiseScaleInputError(
+                "a batch-size schedule under manual optimisation (automatic_optimization=False): "
+                "the callback realises the schedule's batch through "
+                "Trainer.accumulate_grad_batches, which Lightning ignores under manual "
+                "optimisation, so the run would train at the old batch with the new batch's "
+                f"learning rate; use automatic optimisation to adapt the batch, {fix}"
+            )
+        for cb in trainer.callbacks:
+            if isinstance(cb, pl.callbacks.GradientAccumulationScheduler):
+                raise NoiseScaleInputError(
+                    "a batch-size schedule together with Lightning's GradientAccumulationScheduler"
+                    ": both set Trainer.accumulate_grad_batches, so the batch that runs would be "
+                    "neither's (and the learning rate the schedule's for another batch); drop "
+                    f"the GradientAccumulationScheduler to let the schedule size the batch, {fix}"
+                )
+
+    def _check_sampler(self, trainer: pl.Trainer) -> None:
+        """Refuse or warn where a step's examples are not random draws from the data.
+
+        B_simple's estimate needs each step's examples to be independent draws. Lightning's
+        ``overfit_batches`` turns the loader's shuffling off and replays the same few batches
+        every epoch: the steps are not draws from the data (one batch replayed has no gradient
+        noise at all, yet its records read tr Σ 6.9), whatever the data's order, so it is
+        refused. An unshuffled loader keeps the data's stored order: right only for data stored
+        shuffled (11× low on data stored sorted by label, with a confident interval), which the
+        callback cannot see, so it warns. A batch sampler of the user's own is not judged.
+        """
+        overfit = trainer.overfit_batches
+        if overfit:
+            raise NoiseScaleInputError(
+                f"Trainer(overfit_batches={overfit}) replays the same few batches, unshuffled, "
+                "every epoch, so the steps are not independent draws from the data and B_simple "
+                "would measure the spread of those batches, not the data's gradient noise; "
+                "remove the NoiseScaleCallback from an overfitting run, or set overfit_batches=0"
+            )
+        for loader in _dataloaders(trainer.train_dataloader):
+            batches = loader.batch_sampler
+            if type(batches) is not torch.utils.data.BatchSampler:
+                continue  # no automatic batching, or a batch sampler of the user's own
+            sampler = batches.sampler
+            unshuffled = type(sampler) is torch.utils.data.SequentialSampler or (
+                isinstance(sampler, torch.utils.data.DistributedSampler) and not sampler.shuffle
+            )
+            if unshuffled:
+                self._warn_once(
+                    "sequential",
+                    "the training dataloader is not shuffled (shuffle=False, a "
+                    f"{type(sampler).__name__}): it keeps the dataset's order, so B_simple is "
+                    "right only if the dataset is stored shuffled (each step's examples "
+                    "independent draws); otherwise pass shuffle=True to the DataLoader",
+                )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _check_micro_batch(self, trainer: pl.Trainer) -> None:
         """The schedule counts global examples: its micro-batch is every process's together."""
@@ -347,6 +446,48 @@ class NoiseScaleCallback(pl.Callback):
                 "through Trainer.fit"
             )
         return self.tracker
+
+
+def _module_optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer:
+    """The LightningModule's one optimizer, for ``precondition=True``."""
+    optimizers = list(trainer.optimizers)
+    if len(optimizers) != 1:
+        raise NoiseScaleInputError(
+            "precondition=True preconditions with the LightningModule's optimizer, and "
+            f"configure_optimizers returned {len(optimizers)}; pass the one to precondition "
+            "with as precondition=<optimizer> (create it in __init__ and return it from "
+            "configure_optimizers)"
+        )
+    return optimizers[0]
+
+
+def _check_module_optimizer(trainer: pl.Trainer, given: Any) -> None:
+    """Refuse a ``precondition=`` optimizer that the trainer does not step: its preconditioner
+    would never start (the Hugging Face callback refuses the same)."""
+    steps = [unwrap_optimizer(o) for o in trainer.optimizers]
+    if any(unwrap_optimizer(given) is o for o in steps):
+        return
+    names = ", ".join(type(o).__name__ for o in steps) or "none"
+    raise NoiseScaleInputError(
+        f"precondition= got {type(given).__name__}, which is not an optimizer the trainer steps "
+        f"(configure_optimizers returned: {names}), so it would never step and the "
+        "preconditioned estimate would never start; pass precondition=True to precondition "
+        "with the LightningModule's optimizer (or return yours from configure_optimizers)"
+    )
+
+
+def _dataloaders(loaders: Any) -> list[torch.utils.data.DataLoader]:
+    """Every ``DataLoader`` in ``trainer.train_dataloader`` (one, or a CombinedLoader's
+    iterables: a list, a dict, nested)."""
+    if isinstance(loaders, torch.utils.data.DataLoader):
+        return [loaders]
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    elif hasattr(loaders, "iterables"):  # a CombinedLoader
+        return _dataloaders(loaders.iterables)
+    if isinstance(loaders, list | tuple):
+        return [d for x in loaders for d in _dataloaders(x)]
+    return []
 
 
 def _loader_batch_size(loader: Any) -> int | None:

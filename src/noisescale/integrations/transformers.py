@@ -660,11 +660,15 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
                 "and expects the function to normalise its loss over the whole step by "
                 "num_items_in_batch (it does not divide by the accumulation then), which a "
                 "mean over examples, a mean over tokens and a sum over tokens do differently. "
-                "Say which: NoiseScaleCallback(loss_reduction='mean') if it returns each "
-                "micro-batch's mean over its examples (the weights of the Trainer's "
-                "scaling are measured); a loss over tokens cannot be measured here (its "
-                "tokens cannot be counted): compute it in the model (labels=) or in a "
-                "Trainer.compute_loss override that calls "
+                "Say which: NoiseScaleCallback(loss_reduction='num_items_in_batch') if it "
+                "returns the Trainer's form, the sum of the examples' losses divided by "
+                "num_items_in_batch (one label per example: measured exactly); "
+                "loss_reduction='mean' if it returns each micro-batch's mean over its examples "
+                "(the weights of the Trainer's scaling are measured). On the first step the "
+                "function is called once more with another num_items_in_batch, and a "
+                "declaration the loss contradicts is refused. A loss over tokens cannot be "
+                "measured here (its tokens cannot be counted): compute it in the model "
+                "(labels=) or in a Trainer.compute_loss override that calls "
                 "callback.tracker.count_tokens(labels)"
             )
         tracker = self.tracker
@@ -700,9 +704,20 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         if loss_func is not None:
             # watched as it returns, before compute_loss multiplies it in place
 
+            unchecked = [True]  # the function's divisor is checked on its first call
+
             def watched_func(*a: Any, **kw: Any) -> Any:
                 out = loss_func(*a, **kw)
-                tracker.watch_loss(out)
+                labels = kw["labels"] if "labels" in kw else _arg(a, 1)
+                items = kw["num_items_in_batch"] if "num_items_in_batch" in kw else _arg(a, 2)
+                if unchecked and torch.is_grad_enabled() and items is not None:
+                    unchecked.clear()
+                    self._check_loss_func(loss_func, a, kw, out, labels, items)
+                measured = tracker.loss_reduction == "num_items_in_batch" and (
+                    tracker._tokens.measure_items_loss(out, labels, items)
+                )
+                if not measured:
+                    tracker.watch_loss(out)
                 return out
 
             self._restore.append((trainer, "compute_loss_func", loss_func))
@@ -714,6 +729,56 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
             tracker._trainer_loss_outside = "label_smoothing_factor"
         if getattr(trainer, "compute_loss_func", None) is not None:
             tracker._trainer_loss_outside = "compute_loss_func"
+
+    def _check_loss_func(
+        self, loss_func: Any, a: tuple, kw: dict, out: Any, labels: Any, items: Any
+    ) -> None:
+        """Refuse a ``loss_reduction`` the ``compute_loss_func`` contradicts. Whether it divides
+        by ``num_items_in_batch`` is seen by calling it again, without gradients, with twice
+        that number: its loss halves, or stays. Until 2026-12-05 the Trainer's own form (a sum
+        divided by num_items_in_batch) was measured under 'mean' with |G|² and tr Σ k² too
+        small under k accumulation steps, and under 'sum' (1/num_items_in_batch)² off."""
+        if not isinstance(out, Tensor) or out.dim() != 0:
+            return
+        if "num_items_in_batch" in kw or len(a) < 3:
+            again_a, again_kw = a, {**kw, "num_items_in_batch": items * 2}
+        else:
+            again_a, again_kw = (*a[:2], items * 2, *a[3:]), kw
+        with torch.no_grad():
+            again = loss_func(*again_a, **again_kw)
+        if not isinstance(again, Tensor) or again.dim() != 0:
+            return
+        ratio = float(again.detach().double() / out.detach().double())
+        divides = math.isclose(ratio, 0.5, rel_tol=1e-4)
+        ignores = math.isclose(ratio, 1.0, rel_tol=1e-4)
+        declared = self.tracker_kwargs.get("loss_reduction")
+        message = None
+        if divides and declared != "num_items_in_batch":
+            tokens = isinstance(labels, Tensor) and labels.dim() >= 2
+            fix = (
+                "a loss over tokens cannot be measured through compute_loss_func (its tokens "
+                "cannot be counted): compute it in the model (labels=) or in a "
+                "Trainer.compute_loss override that calls callback.tracker.count_tokens(labels)"
+                if tokens
+                else "declare loss_reduction='num_items_in_batch', which measures this form "
+                "exactly, or return each micro-batch's mean and keep 'mean'"
+            )
+            message = (
+                "the compute_loss_func divides its loss by num_items_in_batch (the Trainer's "
+                f"form: the step's sum divided by its count), but loss_reduction={declared!r} "
+                "says it does not: |G|² and tr Σ would be measured wrong ('mean': k² too small "
+                "under k accumulation steps; 'sum': by num_items_in_batch squared); " + fix
+            )
+        elif ignores and declared == "num_items_in_batch":
+            message = (
+                "loss_reduction='num_items_in_batch' says the compute_loss_func divides its "
+                "loss by num_items_in_batch, but its loss does not change with it; declare "
+                "loss_reduction='mean' if it returns each micro-batch's mean over its examples, "
+                "or 'sum' for a plain sum"
+            )
+        if message is not None:
+            self._release()  # (no tracker left on the model, the Trainer's functions restored)
+            raise NoiseScaleInputError(message)
 
     def _calling_trainer(self) -> Any | None:
         """The ``transformers.Trainer`` whose method is running this hook, if any."""

@@ -800,9 +800,9 @@ def _is_fsdp2(model: nn.Module) -> bool:
             if isinstance(compiled, FSDPModule) and _fsdp_layout(p):
                 raise NoiseScaleInputError(
                     "the model given to the tracker is torch.compile() of an FSDP2 root, whose "
-                    "wrapper hides fully_shard from it: compile the layers (or the root's "
-                    "forward) before fully_shard and create the tracker from the FSDP2 root, or "
-                    "measure without torch.compile"
+                    "wrapper hides fully_shard from it: compile the layers in place "
+                    "(layer.compile(); or the root's forward) before fully_shard and create the "
+                    "tracker from the FSDP2 root, or measure without torch.compile"
                 )
             if inner_fsdp and _fsdp_layout(p):
                 raise NoiseScaleInputError(
