@@ -1698,3 +1698,16 @@ def test_transformers_refuses_samplers_whose_steps_or_micro_batches_are_not_rand
     )
     with pytest.warns(RuntimeWarning, match="'sequential' keeps the dataset's order"):
         trainer.train()
+
+    # A stream has no sampler: the Trainer ignores the setting, and so does the callback.
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            data = _HFDataset()
+            return (data[i] for i in range(len(data)))
+
+    callback = NoiseScaleCallback(sync_every=1)
+    trainer = transformers.Trainer(
+        model=_HFModel(), args=args("group_by_length"), train_dataset=Stream(), callbacks=[callback]
+    )
+    trainer.train()
+    assert len(callback.tracker.history) == 6

@@ -522,13 +522,19 @@ def test_accelerate_s_and_lightning_s_optimizer_wrappers_are_unwrapped():
     pass the one inside."""
     accelerate = pytest.importorskip("accelerate")
     lightning = pytest.importorskip("lightning.pytorch.core.optimizer")
+    fabric = pytest.importorskip("lightning.fabric.wrappers")
     accelerator = accelerate.Accelerator(cpu=True)
+
+    def fabric_wrap(optimizer):  # (fabric.setup's FabricAdam: a subclass with Fabric's step)
+        return fabric._FabricOptimizer(optimizer, strategy=None)
+
     try:
-        for wrap in (accelerator.prepare_optimizer, lightning.LightningOptimizer):
+        for wrap in (accelerator.prepare_optimizer, lightning.LightningOptimizer, fabric_wrap):
             # (Lightning's is a LightningAdam, a subclass of Adam with Lightning's step)
             assert type(wrap(torch.optim.Adam(nn.Linear(1, 1).parameters()))).__name__ in (
                 "AcceleratedOptimizer",
                 "LightningAdam",
+                "FabricAdam",
             )
             got, want = _twin_runs(wrap)
             assert [r["preconditioned"] for r in got] == [False] * 2 + [True] * 3

@@ -603,3 +603,35 @@ def test_corrupt_groups_are_a_clear_error(
     assert main(["report", str(path)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "h.html").exists()
+
+
+def test_a_run_that_asked_for_preconditioning_but_has_only_plain_records_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """precondition= with fewer optimizer steps than precondition_from: estimate() is
+    unavailable, and the report and calc --history, which read the plain records, warn that the
+    number they show is the plain noise scale."""
+    import torch
+    from torch import nn
+
+    import noisescale
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    path = tmp_path / "run.jsonl"
+    tracker = noisescale.GradientNoiseTracker(
+        model, precondition=opt, precondition_from=100, history_path=path, sync_every=1
+    )
+    with pytest.warns(RuntimeWarning):
+        for _ in range(12):
+            model(torch.randn(16, 4)).pow(2).mean().backward()
+            tracker.step()
+            opt.step()
+            opt.zero_grad()
+    tracker.remove()
+    assert "preconditioning has not started" in tracker.estimate().reason
+    history = load_history(path)
+    assert any("these records are plain" in w for w in history.warnings)
+    assert main(["calc", "--history", str(path), "--batch-size", "16"]) == 0
+    assert "these records are plain" in capsys.readouterr().err

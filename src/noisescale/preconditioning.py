@@ -27,8 +27,8 @@ _MATH = ("step", "_init_group")
 
 def unwrap_optimizer(optimizer: Any) -> Any:
     """The optimizer inside the wrappers that step it unchanged: accelerate's
-    ``AcceleratedOptimizer`` (``.optimizer``) and Lightning's ``LightningOptimizer``
-    (``._optimizer``) hold the same optimizer, with the same state, in one process. (Until
+    ``AcceleratedOptimizer`` (``.optimizer``), Lightning's ``LightningOptimizer`` and Fabric's
+    optimizer (``._optimizer``) hold the same optimizer, with the same state, in one process. (Until
     2026-12-05 an ``AcceleratedOptimizer`` was refused, with no word of ``.optimizer``.)"""
     # (Lightning makes a class per optimizer, LightningAdam, a subclass of LightningOptimizer
     # and Adam whose step is Lightning's: found by its bases, and unwrapped before the check
@@ -36,7 +36,12 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     bases = {(c.__module__.split(".")[0], c.__name__) for c in type(optimizer).__mro__}
     if ("accelerate", "AcceleratedOptimizer") in bases:
         return unwrap_optimizer(optimizer.optimizer)
-    if bases & {("lightning", "LightningOptimizer"), ("pytorch_lightning", "LightningOptimizer")}:
+    if bases & {
+        ("lightning", "LightningOptimizer"),
+        ("pytorch_lightning", "LightningOptimizer"),
+        ("lightning", "_FabricOptimizer"),  # (fabric.setup's FabricAdam, the same way)
+        ("lightning_fabric", "_FabricOptimizer"),
+    }:
         return unwrap_optimizer(optimizer._optimizer)
     return optimizer
 

@@ -260,8 +260,9 @@ class GradientNoiseTracker:
             history says ``"preconditioned": false``, :meth:`estimate` is unavailable
             (``nan``, interval [0, ∞), a ``reason`` saying preconditioning has not started),
             and the averages start at the first preconditioned step. accelerate's
-            ``AcceleratedOptimizer`` and Lightning's ``LightningOptimizer`` are unwrapped; a
-            subclass that overrides ``step`` is refused (its preconditioner may differ).
+            ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer`` and Fabric's optimizer
+            are unwrapped; a subclass that overrides ``step`` or ``_init_group`` is refused (its
+            preconditioner may differ).
         precondition_from: Optimizer steps before P is used (early v̂ averages only a few
             squared gradients, and 1/ε-sized P would dominate the averages;
             ``docs/beyond_b_simple.md``). ``1`` starts as soon as there is state.
@@ -1445,7 +1446,7 @@ class GradientNoiseTracker:
                 "the optimizer holds no second-moment state (a fresh optimizer after resuming "
                 "the tracker? restore its state_dict too)"
                 if taken == 0
-                else f"the optimizer has taken {taken} steps, fewer than precondition_from="
+                else f"the optimizer has taken {_steps(taken)}, fewer than precondition_from="
                 f"{self.precondition_from} (larger than the resumed run's? give the tracker "
                 "the precondition_from the run was measured with)"
             )
@@ -1458,7 +1459,7 @@ class GradientNoiseTracker:
             return
         self._warn_once(
             "not-preconditioned",
-            f"the optimizer has taken {taken} steps, fewer than precondition_from="
+            f"the optimizer has taken {_steps(taken)}, fewer than precondition_from="
             f"{self.precondition_from}, so this step's norms are not preconditioned; "
             "estimate() is unavailable "
             "(nan, with the reason) until the first preconditioned step, where the averages "
@@ -1695,8 +1696,14 @@ class GradientNoiseTracker:
         with torch.no_grad():
             # (parameters without optimizer state weigh zero: not the preconditioner's spread)
             stateless = {id(p) for p in self._stateless}
-            kept = [(pid, w) for pid, w in weights.items() if pid not in stateless]
-            flat = torch.cat([w.reshape(-1).float() for _, w in kept])
+            kept = [
+                (pid, w) for pid, w in weights.items() if pid not in stateless and w.numel() > 0
+            ]
+            if not kept:
+                return
+            # (on one device: a model spread over several has its weights on each)
+            device = kept[0][1].device
+            flat = torch.cat([w.reshape(-1).float().to(device) for _, w in kept])
             if flat.numel() > 1_000_000:  # a sample is enough for the median
                 gen = torch.Generator(device=flat.device).manual_seed(0)
                 idx = torch.randint(flat.numel(), (1_000_000,), generator=gen, device=flat.device)
@@ -1708,7 +1715,8 @@ class GradientNoiseTracker:
             # the ε of the group holding the widest coordinate (until 2026-12-05 the first
             # group's was quoted, 1/ε = 1e+01 where those coordinates had P ≈ 1e+08)
             with torch.no_grad():
-                widest = kept[int(torch.stack([w.float().max() for _, w in kept]).argmax())][0]
+                maxes = torch.stack([w.float().max().to(device) for _, w in kept])
+                widest = kept[int(maxes.argmax())][0]
             groups = self.precondition.param_groups  # type: ignore[union-attr]
             index = next(
                 i for i, g in enumerate(groups) if any(id(p) == widest for p in g["params"])
@@ -1751,6 +1759,12 @@ class GradientNoiseTracker:
             **(
                 {"per_example_fraction": self.per_example_fraction}
                 if self.mode == "per_example"
+                else {}
+            ),
+            # asked for the preconditioned noise scale: a reader names records that are plain
+            **(
+                {"precondition_from": self.precondition_from}
+                if self.precondition is not None
                 else {}
             ),
         }
@@ -2015,6 +2029,10 @@ class GradientNoiseTracker:
         count, examples, tokens = state.get("unmeasured", [0, 0, 0.0])
         self._unmeasured = (int(count), int(examples), None if tokens is None else float(tokens))
         self._schedule_next()
+
+
+def _steps(n: int) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"
 
 
 def _remove_hooks(hooked: list[Any]) -> None:

@@ -207,7 +207,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
             )
         if model is None:
             raise NoiseScaleInputError("the Trainer passed no model to the callback")
-        self._check_sampler(args)
+        self._check_sampler(args, kwargs.get("train_dataloader"))
         self._release()
         self._move_ahead_of_reporters(args)
         self._optimizer = kwargs.get("optimizer")
@@ -484,7 +484,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _check_sampler(self, args: Any) -> None:
+    def _check_sampler(self, args: Any, loader: Any = None) -> None:
         """Refuse a training sampler whose steps or micro-batches are not random draws.
 
         B_simple's estimate needs each step's examples to be independent draws from the data,
@@ -496,6 +496,8 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         sub-batches only; every example of the step measured read 20.6 [20.0, 21.2]).
         ``sequential`` keeps the dataset's order: right only for a dataset stored shuffled.
         """
+        if isinstance(getattr(loader, "dataset", None), torch.utils.data.IterableDataset):
+            return  # (the Trainer builds no sampler for a stream: its order is the stream's)
         strategy = getattr(args, "train_sampling_strategy", "random")
         if getattr(args, "group_by_length", False):  # (the older flag, where it exists)
             strategy = "group_by_length"

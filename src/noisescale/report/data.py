@@ -186,6 +186,16 @@ def load_history(path: str | Path) -> History:
         raise NoiseScaleInputError(f"history file {str(p)!r} has a header but no steps yet")
     records = _drop_superseded(records, warnings)
     records = _after_last_switch(records, warnings)
+    if "precondition_from" in header and not _is_preconditioned(records[-1][1]):
+        # (until 2026-12-05 such a run's plain B_simple was shown as its only one, without a
+        # word, where the tracker's estimate() says preconditioning has not started)
+        warnings.append(
+            "this run asked for the Adam-preconditioned noise scale (precondition=), but these "
+            "records are plain: preconditioning starts after precondition_from="
+            f"{header['precondition_from']} optimizer steps, and the run's optimizer had not "
+            "taken them (or never stepped); B_simple here is the plain noise scale, not the "
+            "preconditioned one"
+        )
     return History(
         path=str(p),
         header=header,
