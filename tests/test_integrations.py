@@ -598,6 +598,23 @@ def test_compiled_submodule_is_refused_at_construction_with_the_fix(tmp_path):
     assert len(run(wrapped("wrapper"), per_example=False)) == 4
     # the root compiled is not refused
     GradientNoiseTracker(torch.compile(wrapped("none"), backend="eager")).remove()
+
+    # nor a frozen compiled part (a teacher): it has no gradient to measure, and is exact
+    class WithTeacher(nn.Module):
+        def __init__(self, compiled: bool) -> None:
+            super().__init__()
+            self.net = _net()
+            teacher = _net().requires_grad_(False)
+            self.teacher = torch.compile(teacher, backend="eager") if compiled else teacher
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x) + 0.5 * self.teacher(x)
+
+    torch.manual_seed(0)
+    with_compiled = WithTeacher(True)
+    torch.manual_seed(0)
+    with_eager = WithTeacher(False)
+    _assert_same_history(run(with_compiled, **exact), run(with_eager, **exact))
     if pl is not None:
         model = _lit_model()
         model.net = torch.compile(model.net, backend="eager")
@@ -1711,3 +1728,24 @@ def test_transformers_refuses_samplers_whose_steps_or_micro_batches_are_not_rand
     )
     trainer.train()
     assert len(callback.tracker.history) == 6
+
+
+def test_the_compute_loss_func_check_leaves_torch_s_generator_alone():
+    """The callback calls a compute_loss_func once more on its first step to see whether it
+    divides by num_items_in_batch; a loss that draws random numbers (label noise) must leave the
+    run's later draws what they would be without the callback."""
+    pytest.importorskip("transformers")
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    def loss_func(outputs, labels, num_items_in_batch=None):
+        noise = 1e-3 * torch.rand(())  # (draws from torch's generator)
+        return F.cross_entropy(outputs, labels, reduction="sum") / num_items_in_batch + noise
+
+    callback = NoiseScaleCallback(loss_reduction="num_items_in_batch")
+    logits, labels = torch.randn(8, 3, requires_grad=True), torch.randint(0, 3, (8,))
+    out = loss_func(logits, labels, num_items_in_batch=8)
+    torch.manual_seed(5)
+    callback._check_loss_func(loss_func, (logits, labels), {"num_items_in_batch": 8}, out, labels, 8)
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(3))

@@ -158,7 +158,9 @@ def refuse_wrapped_loss(model: nn.Module) -> None:
                 "noisescale tracker (or per_example_sqnorms block) on this model, and two on "
                 "one Hugging Face model cannot both measure its loss: call remove() on the "
                 "first one before creating this one (in a notebook, run tracker.remove() "
-                "before running the cell that creates it again)"
+                "before running the cell that creates it again; after a Trainer.train() or "
+                "fit() that stopped with an exception, its callback's tracker still holds the "
+                "model: callback.tracker.remove(), or give that callback to the new trainer)"
             )
 
 

@@ -179,10 +179,14 @@ def _compiled_submodules(model: nn.Module) -> list[str]:
     root = model._orig_mod if isinstance(model, wrapper) else model
     if isinstance(root, nn.parallel.DistributedDataParallel):
         root = root.module  # (DDP of a compiled model has its own refusal, with its own fix)
+    # (a frozen one — a compiled teacher, a VAE — has no gradient to measure: measured exactly)
     return [
         name
         for name, m in model.named_modules()
-        if m is not model and m is not root and isinstance(m, wrapper)
+        if m is not model
+        and m is not root
+        and isinstance(m, wrapper)
+        and any(p.requires_grad for p in m.parameters())
     ]
 
 

@@ -746,7 +746,10 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
             again_a, again_kw = a, {**kw, "num_items_in_batch": items * 2}
         else:
             again_a, again_kw = (*a[:2], items * 2, *a[3:]), kw
-        with torch.no_grad():
+        # (torch's generators as they were after: a loss that draws — label noise, sampled
+        # softmax — leaves the run's later draws what they would be without the callback)
+        devices = [out.device.index or 0] if out.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
             again = loss_func(*again_a, **again_kw)
         if not isinstance(again, Tensor) or again.dim() != 0:
             return
