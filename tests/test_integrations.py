@@ -1745,7 +1745,8 @@ def test_the_compute_loss_func_check_leaves_torch_s_generator_alone():
     logits, labels = torch.randn(8, 3, requires_grad=True), torch.randint(0, 3, (8,))
     out = loss_func(logits, labels, num_items_in_batch=8)
     torch.manual_seed(5)
-    callback._check_loss_func(loss_func, (logits, labels), {"num_items_in_batch": 8}, out, labels, 8)
+    kwargs = {"num_items_in_batch": 8}
+    callback._check_loss_func(loss_func, (logits, labels), kwargs, out, labels, 8)
     after = torch.rand(3)
     torch.manual_seed(5)
     assert torch.equal(after, torch.rand(3))
