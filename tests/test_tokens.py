@@ -946,3 +946,34 @@ def test_a_per_token_historys_groups_are_per_token(tmp_path):
     for name, g in records[-1]["groups"].items():
         assert g["g2_ema"] == pytest.approx(groups[name].g2, rel=1e-9)
         assert g["trace_sigma_ema"] == pytest.approx(groups[name].trace_sigma, rel=1e-9)
+
+
+def test_token_mean_over_micro_batches_of_different_counts_is_warned_about():
+    """A token mean per micro-batch weighs each micro-batch's tokens by 1/(its own count), a
+    weight that depends on the data: eq. A.2 is then biased (B_simple ≈ 20% high on BERT's
+    masked LM with two micro-batches, in a helper's Monte Carlo). Warned once; not with equal
+    counts, nor with one micro-batch a step."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+
+    def step(tracker, counts):
+        for n in counts:
+            x = torch.randn(4, 5, 3, dtype=torch.float64)
+            mask = torch.zeros(4, 5)
+            mask.view(-1)[:n] = 1
+            loss = (model(x).pow(2).sum(-1) * mask.double()).sum() / n / len(counts)
+            loss.backward()
+            tracker.count_tokens(mask)
+        tracker.step()
+        model.zero_grad()
+
+    for counts in ([6, 6], [9]):
+        tracker = noisescale.GradientNoiseTracker(model, loss_reduction="token_mean")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            step(tracker, counts)
+        tracker.remove()
+    tracker = noisescale.GradientNoiseTracker(model, loss_reduction="token_mean")
+    with pytest.warns(RuntimeWarning, match=r"different numbers of tokens \(6, 9\)"):
+        step(tracker, [6, 9])
+    tracker.remove()
