@@ -1175,9 +1175,6 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         def hook(grad: Tensor) -> None:
             if self._replaying or self._paused:
                 return
-            scaler = scaler_watch.task_scaler()
-            if scaler is not None:  # a GradScaler scaled the loss this backward started from
-                pass_.grad_scaler = scaler
             self._mark_backward(pass_)
             self._enter(pass_)
             if batched and pass_.audit is not None and not torch.is_grad_enabled():
@@ -2415,9 +2412,10 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             current.param_tasks.add(task)
             self._task_pass.setdefault(task, current)
             if current.grad_scaler is None and (scaler := scaler_watch.task_scaler()) is not None:
-                # (the root hooks' note, also where none runs: a compiled model's steps after
-                # its eager audited ones, per_example=False — until 2026-12-05 those recorded
-                # a GradScaler's scale² without a word)
+                # a GradScaler scaled the loss this backward started from: noted here, where
+                # every backward that writes a gradient passes — also a compiled model's steps
+                # after its eager audited ones and per_example=False, where no hook on the
+                # outputs runs (until 2026-12-05 those recorded the scale² without a word)
                 current.grad_scaler = scaler
             repeated = pid in current.received
             if repeated:

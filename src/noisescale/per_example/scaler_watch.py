@@ -8,10 +8,11 @@ B_simple unchanged, without a word until 2026-12-05. So while a tracker exists, 
 those defined later: a scaler's construction wraps its class) is wrapped in place: it calls the
 original unchanged and puts a pre-hook on each scaled tensor's autograd node, which notes the
 scaler against the backward's graph task when that backward starts from it. The engine's hooks
-on a pass's output nodes (:meth:`~.engine.PerExampleNorms._make_root_hook`) run later in the
-same backward and read the note: the pass's loss was scaled, whatever computed it from the
+on the parameters' gradients (:meth:`~.engine.PerExampleNorms._make_param_hook`) run later in
+the same backward and read the note: the pass's loss was scaled, whatever computed it from the
 outputs (the model itself, a penalty beside it, a discriminator, a compiled graph) — no walk
-of the graph, which a review found could stop short of the outputs. The tracker then refuses a
+of the graph, which a review found could stop short of the outputs. (Hooks on the outputs
+read it until 2026-12-05; a compiled model's unaudited steps have none.) The tracker then refuses a
 scaler it was not given, on every step. A scaler that is disabled returns its input unscaled and
 is not noted.
 """
