@@ -18,7 +18,27 @@ from __future__ import annotations
 
 from typing import Any
 
+from noisescale.errors import NoiseScaleInputError
+from noisescale.preconditioning import unwrap_optimizer
+
 __all__: list[str] = []
+
+
+def stepped_optimizer(given: Any, stepped: list[Any], which: str, listing: str, own: str) -> Any:
+    """A callback's ``precondition=`` optimizer, taken only if the framework steps it (each
+    wrapper taken off): one it never steps would never start preconditioning, the estimate
+    unavailable for good (until 2026-12-05 such a run was measured plain throughout and
+    estimate() gave the plain B_simple). ``which``: what it should have been ("the optimizer
+    the Trainer"); ``listing``: what the framework steps; ``own``: what precondition=True
+    means there, and how to hand the framework one's own."""
+    inner = unwrap_optimizer(given)
+    if any(inner is unwrap_optimizer(o) for o in stepped):
+        return inner
+    raise NoiseScaleInputError(
+        f"precondition= got {type(given).__name__}, which is not {which} steps ({listing}), so "
+        "it would never step and the preconditioned estimate would never start; pass "
+        f"precondition=True to precondition with {own}"
+    )
 
 
 def estimate_metrics(

@@ -62,7 +62,7 @@ import torch
 from torch import Tensor, nn
 
 from noisescale.errors import NoiseScaleInputError
-from noisescale.integrations import estimate_metrics
+from noisescale.integrations import estimate_metrics, stepped_optimizer
 from noisescale.module_hooks import Hook
 from noisescale.preconditioning import unwrap_optimizer
 from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, check_lr_schedulers, scale_lr
@@ -462,17 +462,16 @@ def _module_optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer:
 
 
 def _check_module_optimizer(trainer: pl.Trainer, given: Any) -> None:
-    """Refuse a ``precondition=`` optimizer that the trainer does not step: its preconditioner
-    would never start (the Hugging Face callback refuses the same)."""
+    """Refuse a ``precondition=`` optimizer that the trainer does not step (as the Hugging Face
+    callback does)."""
     steps = [unwrap_optimizer(o) for o in trainer.optimizers]
-    if any(unwrap_optimizer(given) is o for o in steps):
-        return
     names = ", ".join(type(o).__name__ for o in steps) or "none"
-    raise NoiseScaleInputError(
-        f"precondition= got {type(given).__name__}, which is not an optimizer the trainer steps "
-        f"(configure_optimizers returned: {names}), so it would never step and the "
-        "preconditioned estimate would never start; pass precondition=True to precondition "
-        "with the LightningModule's optimizer (or return yours from configure_optimizers)"
+    stepped_optimizer(
+        given,
+        steps,
+        "an optimizer the trainer",
+        f"configure_optimizers returned: {names}",
+        "the LightningModule's optimizer (or return yours from configure_optimizers)",
     )
 
 

@@ -100,7 +100,7 @@ import torch
 from torch import Tensor, nn
 
 from noisescale.errors import NoiseScaleInputError
-from noisescale.integrations import estimate_metrics
+from noisescale.integrations import estimate_metrics, stepped_optimizer
 from noisescale.module_hooks import Hook
 from noisescale.preconditioning import unwrap_optimizer
 from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, check_lr_schedulers, scale_lr
@@ -578,14 +578,15 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
                 "precondition= needs the Trainer's optimizer, and the Trainer passed none to the "
                 "callback's on_train_begin"
             )
-        if given is True or unwrap_optimizer(given) is trainers:
+        if given is True:
             return trainers
-        raise NoiseScaleInputError(
-            f"precondition= got {type(given).__name__}, which is not the optimizer the Trainer "
-            f"steps (its {type(trainers).__name__}, built from args.optim or given as "
-            "Trainer(optimizers=(optimizer, scheduler))), so it would never step and the "
-            "preconditioned estimate would never start; pass precondition=True to precondition "
-            "with the Trainer's optimizer (or give yours to the Trainer)"
+        return stepped_optimizer(
+            given,
+            [trainers],
+            "the optimizer the Trainer",
+            f"its {type(trainers).__name__}, built from args.optim or given as "
+            "Trainer(optimizers=(optimizer, scheduler))",
+            "the Trainer's optimizer (or give yours to the Trainer)",
         )
 
     def _metrics(self) -> dict[str, float]:
