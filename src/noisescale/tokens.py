@@ -337,6 +337,19 @@ class TokenWatcher:
         if pass_ is not None and torch.is_grad_enabled():
             self._measure_multiplier(pass_, loss, divided_by, explicit=True)
 
+    def _measured_pass(self, loss: Any) -> Any:
+        """The pass a loss that a wrapped loss function returned is measured on, or ``None``
+        where it is not measured: not a tensor with gradients, gradients off, another
+        thread's forward (:mod:`noisescale.module_hooks`), no pass open."""
+        if (
+            foreign_thread(self._thread)
+            or not isinstance(loss, Tensor)
+            or not loss.requires_grad
+            or not torch.is_grad_enabled()
+        ):
+            return None
+        return self._current_pass()
+
     def measure_items_loss(self, loss: Any, labels: Any, items: Any) -> bool:
         """A ``transformers`` ``compute_loss_func`` declared ``"num_items_in_batch"`` with one
         label per example: the Trainer's form, a sum over the examples whose label is not -100
@@ -344,18 +357,10 @@ class TokenWatcher:
         the label smoother is: each counted example weighs grad / ``num_items_in_batch``.
         ``False`` where that does not apply (token labels, which the function may shift:
         their tokens are not counted, and the step is refused as uncounted)."""
-        if (
-            not isinstance(loss, Tensor)
-            or loss.dim() != 0
-            or not loss.requires_grad
-            or not torch.is_grad_enabled()
-            or not isinstance(labels, Tensor)
-            or labels.dim() != 1
-            or items is None
-        ):
+        if not isinstance(labels, Tensor) or labels.dim() != 1 or items is None:
             return False
-        pass_ = self._current_pass()
-        if pass_ is None:
+        pass_ = self._measured_pass(loss)
+        if pass_ is None or loss.dim() != 0:
             return False
         counts = (labels != IGNORE_INDEX).to(torch.float64)
         units = PassUnits(counts, "example", "compute_loss_func", items, measured=True)
@@ -375,16 +380,8 @@ class TokenWatcher:
             model_output: Any, labels: Tensor, shift_labels: bool = False, **kwargs: Any
         ) -> Any:
             out = smoother(model_output, labels, shift_labels=shift_labels, **kwargs)
-            if (
-                foreign_thread(self._thread)
-                or not isinstance(out, Tensor)
-                or not out.requires_grad
-                or not torch.is_grad_enabled()
-                or not isinstance(labels, Tensor)
-            ):
-                return out
-            pass_ = self._current_pass()
-            if pass_ is None:
+            pass_ = self._measured_pass(out)
+            if pass_ is None or not isinstance(labels, Tensor):
                 return out
             counts = count_units(labels[..., 1:] if shift_labels else labels, ignore)
             unit = "token" if labels.dim() >= 2 else "example"
