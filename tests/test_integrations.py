@@ -146,7 +146,7 @@ def _lit_model() -> nn.Module:
     return LitModel()
 
 
-def _lit_trainer(callback, **kwargs):
+def _lit_trainer(callback, *others, **kwargs):
     defaults = dict(
         accelerator="cpu",
         devices=1,
@@ -155,7 +155,7 @@ def _lit_trainer(callback, **kwargs):
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    return pl.Trainer(callbacks=[callback], **{**defaults, **kwargs})
+    return pl.Trainer(callbacks=[callback, *others], **{**defaults, **kwargs})
 
 
 def _loader() -> torch.utils.data.DataLoader:
@@ -463,15 +463,7 @@ def test_lightning_refuses_a_schedule_with_gradient_accumulation_scheduler():
     from lightning.pytorch.callbacks import GradientAccumulationScheduler
 
     callback = LightningCallback(_ramp(), sync_every=1, log_every=0)
-    trainer = pl.Trainer(
-        callbacks=[callback, GradientAccumulationScheduler({0: 1, 1: 3})],
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = _lit_trainer(callback, GradientAccumulationScheduler({0: 1, 1: 3}), max_epochs=2)
     with pytest.raises(NoiseScaleInputError, match="GradientAccumulationScheduler"):
         trainer.fit(_lit_model(), _loader())
     assert callback.tracker.steps == 0
