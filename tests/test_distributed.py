@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import multiprocessing
 import os
 import socket
@@ -1009,11 +1010,17 @@ def test_one_pass_per_process_equals_single_process(runs, name):
 def test_a_loss_over_tokens_equals_single_process(runs):
     """Hugging Face GPT-2 under DDP, each process's loss its own mean over counted tokens: the
     measured token weights, the tokens and the per-example source equal one process
-    accumulating both batches with the same weights."""
+    accumulating both batches with the same weights. The processes' token counts differ, so
+    their weights depend on the data: the big batch is taken within each process's pass, as
+    within each micro-batch in one process (b_big = LM_SEQ examples), and the 'local' source,
+    whose small batches are those passes, is left out (until 2026-12-05 the averaged gradient
+    was the big batch, eq. A.2 then biased: tests/test_tokens.py)."""
     want_hist = _lm_run(None)
     got_hist = runs[0]["tokens"]["history"]
     assert json.dumps(got_hist) == json.dumps(runs[1]["tokens"]["history"])
     for got, want in zip(got_hist, want_hist, strict=True):
+        assert set(got["sources"]) == set(want["sources"]) == {"per_example"}
+        assert got["b_big"] / got["tokens_per_example"] == pytest.approx(LM_SEQ)
         assert got["tokens"] == want["tokens"]
         assert got["tokens_per_example"] == pytest.approx(want["tokens_per_example"])
         for key in ("b_big", "sqnorm_big"):
@@ -1235,6 +1242,29 @@ def _buffer(**fields) -> np.ndarray:
     return values
 
 
+def test_resolve_takes_the_big_batch_within_the_passes_when_their_weights_vary():
+    """Each process's own token mean (weights 1/(2·30) and 1/(2·20): the counts differ) over
+    local batches of 4: the averaged gradient is no big batch for eq. A.2, so the big batch is
+    taken within each process (Σ b_m·|X̄_m|² / Σ b_m over 4 examples a pass) and the 'local'
+    source, whose small batches are those passes, is left out; equal weights keep the
+    averaged gradient. Once varied, a tracker keeps measuring within (DataParallelSource)."""
+    c = [1 / 60, 1 / 40]
+    common = dict(examples=8, sum_c=4 * sum(c), sum_c2=4 * sum(x * x for x in c), big=0.5,
+                  per_example=(8, 8.0, 80.0, 2), local=(2, 0.5, 12.0, 2),
+                  pass_count=2, pass_big=4 * 3.0 + 4 * 5.0, pass_examples=8)  # fmt: skip
+    values = _buffer(pass_c=sum(c), pass_c2=sum(x * x for x in c), **common)
+    assert dsrc.weights_vary(values)
+    b_big, big, _, _, sources, _ = dsrc.resolve(values, 2, within=True)
+    assert b_big == 4.0 and big == pytest.approx(4.0)
+    assert set(sources) == {"per_example"}
+    same = _buffer(pass_c=2 / 50, pass_c2=2 / 50**2, **common)
+    assert not dsrc.weights_vary(same)
+    b_big, big, _, _, sources, _ = dsrc.resolve(same, 2)
+    assert set(sources) == {"per_example", "local"}
+    missing = _buffer(pass_c=sum(c), pass_c2=sum(x * x for x in c), pass_missing=1, **common)
+    assert math.isnan(dsrc.resolve(missing, 2, within=True)[1])
+
+
 def test_resolve_closed_form():
     # mean losses, local batches 4 and 2 (weights 1/4 and 1/2 locally, halved in .grad)
     values = _buffer(
@@ -1269,7 +1299,7 @@ def test_buffer_and_work_do_not_grow_with_the_number_of_processes():
     for world in (2, 1024, 16384):
         values = _buffer(examples=8 * world, sum_c=world, sum_c2=world / 8, big=1.0,
                          local=(world, 8.0 * world, 2.0 * world, world))  # fmt: skip
-        assert values.size == dsrc.WIDTH == 30
+        assert values.size == dsrc.WIDTH == 36
         b_big, _, examples, _, sources, _ = dsrc.resolve(values, world)
         assert b_big == pytest.approx(8 * world) and examples == 8 * world
         assert sources["local"].size == pytest.approx(1 / 8)

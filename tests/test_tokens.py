@@ -112,6 +112,23 @@ def _hand_a2(lm, micro_batches, weights):
     return g2 / mu**2, tr / mu
 
 
+def _hand_a2_within(lm, micro_batches):
+    """eq. A.2 with the big batch taken within each micro-batch (StepNorms.within_passes): the
+    micro-batches' mean gradients X̄_m, S = Σ_m (b_m/B)·|X̄_m|², B/k examples, against the
+    per-example norms — what a loss whose weights depend on the data (each micro-batch's own
+    token mean) is measured with."""
+    x, t = lm["x"], lm["t"]
+    idx = torch.cat(micro_batches)
+    n = len(idx)
+    s_big = sum(len(m) / n * float(x[m].mean(0).pow(2).sum()) for m in micro_batches)
+    b_big = n / len(micro_batches)
+    s_small = float(x[idx].pow(2).sum(1).sum())
+    g2 = (b_big * n * s_big - s_small) / (b_big * n - n)
+    tr = b_big * (s_small - n * s_big) / (b_big * n - n)
+    mu = float(t[idx].mean())
+    return g2 / mu**2, tr / mu
+
+
 @pytest.mark.parametrize("style", ["hf-mean", "trainer", "declared", "declared-divisor"])
 def test_one_step_is_eq_a2_with_the_losss_own_token_weights(lm, style):
     """Two micro-batches of different token counts: Hugging Face's mean loss divided by 2 (a
@@ -120,7 +137,11 @@ def test_one_step_is_eq_a2_with_the_losss_own_token_weights(lm, style):
     with the weights each loss gives its tokens. ``declared-divisor``: a declared
     num_items_in_batch loss whose divisor is not the tokens counted (the Trainer's count of
     GPT-2's unshifted labels), given to count_tokens(num_items_in_batch=) — until 2026-12-05
-    the divisor was taken to be the counted tokens, |G|² and tr Σ (counted/divisor)² off."""
+    the divisor was taken to be the counted tokens, |G|² and tr Σ (counted/divisor)² off.
+    The two losses that divide each micro-batch by its own count (``hf-mean``, ``declared``)
+    weigh the micro-batches by weights that depend on the data: their big batch is taken
+    within each micro-batch (until 2026-12-05 it was the step's gradient, eq. A.2 biased:
+    ``test_a_token_mean_per_micro_batch_is_unbiased``)."""
     model = lm["model"]
     reduction = {"declared": "token_mean", "declared-divisor": "num_items_in_batch"}
     tracker = noisescale.GradientNoiseTracker(
@@ -157,9 +178,11 @@ def test_one_step_is_eq_a2_with_the_losss_own_token_weights(lm, style):
     tracker.step()
     record = tracker.history[-1]
     tokens = [float((labels[m, 1:] != -100).sum()) for m in mbs]
-    uniform = style in ("trainer", "declared-divisor")
-    weights = [1.0 / total] * 2 if uniform else [1 / (2 * n) for n in tokens]
-    g2, tr = _hand_a2(lm, mbs, weights)
+    if style in ("trainer", "declared-divisor"):
+        g2, tr = _hand_a2(lm, mbs, [1.0 / total] * 2)
+    else:
+        assert tokens[0] != tokens[1]
+        g2, tr = _hand_a2_within(lm, mbs)
     # Hugging Face's loss casts the logits to float32 (float32 rounding, ~1e-7); ours is float64
     rel = 1e-9 if style.startswith("declared") else 1e-6
     assert record["g2"] == pytest.approx(g2, rel=rel)
@@ -781,8 +804,11 @@ def test_a_batch_packed_into_one_row_is_one_example_and_the_warning_says_how_to_
     step's documents concatenated into one row [1, L], ``position_ids`` restarting at each.
     One row is one example, which per-example norms cannot split: the step is skipped with a
     warning that names packing and the fix. With ``per_example=False`` and four packed
-    micro-batches a step, every step is measured, its tokens the ones the loss counted (L − 1
-    a row: Hugging Face's causal-LM loss shifts the labels across the whole row)."""
+    micro-batches a step whose loss divides by the step's tokens (``num_items_in_batch``, as
+    the Trainer passes it), every step is measured, its tokens the ones the loss counted
+    (L − 1 a row: Hugging Face's causal-LM loss shifts the labels across the whole row); each
+    row's own mean weighs the micro-batches by weights that depend on the data, and nothing
+    unbiased is left (skipped, said so)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=64)
@@ -804,23 +830,36 @@ def test_a_batch_packed_into_one_row_is_one_example_and_the_warning_says_how_to_
     assert all(r["skipped"] for r in tracker.history) and math.isnan(tracker.b_simple)
     tracker.remove()
 
-    tracker = noisescale.GradientNoiseTracker(model, per_example=False)
-    counted = []
-    for _ in range(3):
-        tokens = 0
-        for _ in range(4):
-            ids, positions = packed()
-            (model(input_ids=ids, position_ids=positions, labels=ids).loss / 4).backward()
-            tokens += ids.shape[1] - 1
-        tracker.step()
-        model.zero_grad()
-        counted.append(tokens)
-    history = tracker.history
-    tracker.remove()
-    assert [r["tokens"] for r in history] == counted
+    def run(step_divisor: bool) -> list[dict]:
+        tracker = noisescale.GradientNoiseTracker(model, per_example=False)
+        counted = []
+        for _ in range(3):
+            rows = [packed() for _ in range(4)]
+            tokens = sum(ids.shape[1] - 1 for ids, _ in rows)
+            for ids, positions in rows:
+                if step_divisor:
+                    kwargs = {"num_items_in_batch": tokens}
+                    loss = model(input_ids=ids, position_ids=positions, labels=ids, **kwargs).loss
+                else:
+                    loss = model(input_ids=ids, position_ids=positions, labels=ids).loss / 4
+                loss.backward()
+            tracker.step()
+            model.zero_grad()
+            counted.append(tokens)
+        history = tracker.history
+        tracker.remove()
+        assert [r["tokens"] for r in history] == counted
+        return history
+
+    history = run(step_divisor=True)
     assert not any(r["skipped"] for r in history)
     assert all(r["sources"]["microbatch"]["count"] == 4 for r in history)
     assert math.isfinite(history[-1]["g2"]) and math.isfinite(history[-1]["trace_sigma"])
+    # each packed row's own token mean: the micro-batches weigh 1/(their own count), and the
+    # micro-batch norms cannot separate the noise without bias (until 2026-12-05 measured so)
+    with pytest.warns(RuntimeWarning, match="one example per micro-batch there is nothing"):
+        history = run(step_divisor=False)
+    assert all(r["skipped"] for r in history)
 
 
 # -- tokens in the report and the CLI ------------------------------------------------------------
@@ -948,11 +987,97 @@ def test_a_per_token_historys_groups_are_per_token(tmp_path):
         assert g["trace_sigma_ema"] == pytest.approx(groups[name].trace_sigma, rel=1e-9)
 
 
-def test_token_mean_over_micro_batches_of_different_counts_is_warned_about():
-    """A token mean per micro-batch weighs each micro-batch's tokens by 1/(its own count), a
-    weight that depends on the data: eq. A.2 is then biased (B_simple ≈ 20% high on BERT's
-    masked LM with two micro-batches, in a helper's Monte Carlo). Warned once; not with equal
-    counts, nor with one micro-batch a step."""
+def _varying_pool(size=48, length=8, dim=3):
+    """A frozen linear model over a pool of sequences of 1–8 tokens whose features grow with
+    their length, so that each sequence's summed token gradient x_i and its count n_i are
+    related non-linearly; with the truth |E x|² and tr Cov(x) over the pool (drawn with
+    replacement: the population covariance)."""
+    torch.manual_seed(0)
+    lens = torch.randint(1, length + 1, (size,))
+    z = torch.randn(size, length, dim, dtype=torch.float64)
+    z = z + (lens[:, None, None].double() / length) ** 2 * 1.5
+    target = torch.randn(size, length, 2, dtype=torch.float64)
+    mask = torch.arange(length)[None] < lens[:, None]
+    model = torch.nn.Linear(dim, 2).double()
+
+    def token_losses(idx):
+        return ((model(z[idx]) - target[idx]) ** 2).sum(-1) * mask[idx]
+
+    xs = []
+    for i in range(size):
+        model.zero_grad()
+        token_losses([i]).sum().backward()
+        xs.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    model.zero_grad(set_to_none=True)
+    x = torch.stack(xs)
+    mu = x.mean(0)
+    truth = (float(mu @ mu), float(((x - mu) ** 2).sum(1).mean()))
+    return model, token_losses, mask, truth
+
+
+def _token_mean_run(model, token_losses, mask, steps, k, b, seed=1, **kwargs):
+    """Per-step |G|² and tr Σ per sequence (the records' per-token values times the run's
+    tokens per sequence) of a token mean over each of k micro-batches of b sequences."""
+    tracker = noisescale.GradientNoiseTracker(model, loss_reduction="token_mean", **kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for _ in range(k):
+            idx = torch.randint(0, len(mask), (b,), generator=gen)
+            (token_losses(idx).sum() / mask[idx].sum() / k).backward()
+            tracker.count_tokens(mask[idx])
+        tracker.step()
+        model.zero_grad()
+    history = tracker.history
+    tracker.remove()
+    g2 = torch.tensor([r["g2"] * r["tokens_per_example"] ** 2 for r in history])
+    tr = torch.tensor([r["trace_sigma"] * r["tokens_per_example"] for r in history])
+    return history, g2, tr
+
+
+@pytest.mark.parametrize(("mode", "steps"), [("default", 3000), ("every-example", 1500)])
+def test_a_token_mean_per_micro_batch_is_unbiased(mode, steps):
+    """Each micro-batch's own token mean weighs the micro-batches by 1/(their count), weights
+    that depend on the data: the step's gradient is then no big batch for eq. A.2. Until
+    2026-12-05 it was taken as one — here |G|² 15% low and tr Σ 20% high (z ≈ −7 and +7 at
+    3,000 steps; B_simple ≈ 20% high on BERT's masked LM in a helper's Monte Carlo), warned
+    about from 15:41 that day and not fixed. The big batch is now taken within each
+    micro-batch: the mean of the per-step estimates lands on the pool's truth within 4
+    standard errors (one test in about 16,000 fails by chance; the fixed seeds make it
+    deterministic)."""
+    model, token_losses, mask, (g2_true, tr_true) = _varying_pool()
+    kwargs = {"per_example_fraction": 1.0} if mode == "every-example" else {}
+    with pytest.warns(RuntimeWarning, match="measured within its micro-batches"):
+        history, g2, tr = _token_mean_run(model, token_losses, mask, steps, 2, 4, **kwargs)
+    assert not any(r["skipped"] for r in history)
+    # 8 sequences in 2 micro-batches (the records give b_big in tokens)
+    assert all(r["b_big"] / r["tokens_per_example"] == pytest.approx(4.0) for r in history)
+    assert all("microbatch" not in r["sources"] for r in history)
+    for got, want in ((g2, g2_true), (tr, tr_true)):
+        se = float(got.std()) / math.sqrt(len(got))
+        assert abs(float(got.mean()) - want) < 4 * se, (float(got.mean()), want, se)
+
+
+def test_a_token_mean_per_micro_batch_of_one_sequence_is_skipped_and_says_why():
+    """One sequence a micro-batch: within a micro-batch there is no pair of examples to
+    compare, and across them the weights depend on the data — nothing unbiased is left, and
+    every step is skipped (not only those whose counts differ: from the first step that
+    varies, all are measured within their micro-batches, since choosing by each step's own
+    counts would select steps on their data — tr Σ 90% low in a Monte Carlo)."""
+    model, token_losses, mask, _ = _varying_pool()
+    with pytest.warns(RuntimeWarning, match="one example per micro-batch there is nothing"):
+        history, _, _ = _token_mean_run(model, token_losses, mask, 40, 2, 1)
+    assert all(r["skipped"] for r in history[1:]), [r["skipped"] for r in history]
+
+
+def _b_big_examples(history):
+    return [round(r["b_big"] / r["tokens_per_example"], 9) for r in history]
+
+
+def test_token_mean_weights_vary_only_when_the_counts_do():
+    """Equal counts (packed rows of one length) weigh every token alike: the step's gradient
+    is the big batch, no warning; one micro-batch a step too. Counts that differ are warned
+    about once and measured within the micro-batches from then on, equal counts included,
+    and a resumed tracker goes on so."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2).double()
 
@@ -972,8 +1097,24 @@ def test_token_mean_over_micro_batches_of_different_counts_is_warned_about():
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)
             step(tracker, counts)
+            step(tracker, counts)
+        assert _b_big_examples(tracker.history) == [4.0 * len(counts)] * 2
         tracker.remove()
-    tracker = noisescale.GradientNoiseTracker(model, loss_reduction="token_mean")
-    with pytest.warns(RuntimeWarning, match=r"different numbers of tokens \(6, 9\)"):
+    tracker = noisescale.GradientNoiseTracker(model, loss_reduction="token_mean", groups=True)
+    step(tracker, [6, 6])
+    with pytest.warns(RuntimeWarning, match="step 2: its micro-batches. losses each divide"):
         step(tracker, [6, 9])
+        tracker.sync()  # (read with the step's statistics: no host read at the step)
+    step(tracker, [6, 6])
+    assert _b_big_examples(tracker.history) == [8.0, 4.0, 4.0]
+    for r in tracker.history:  # the parameter groups' big batches are taken within too
+        for key in ("g2", "trace_sigma"):
+            # (group norms are summed in float32)
+            assert sum(g[key] for g in r["groups"].values()) == pytest.approx(r[key], rel=1e-6)
+    state = tracker.state_dict()
     tracker.remove()
+    resumed = noisescale.GradientNoiseTracker(model, loss_reduction="token_mean", groups=True)
+    resumed.load_state_dict(state)
+    step(resumed, [6, 6])
+    assert _b_big_examples(resumed.history) == [4.0]
+    resumed.remove()

@@ -73,6 +73,7 @@ from noisescale.preconditioning import (
 )
 from noisescale.sources.base import Observation, Source, StepNorms
 from noisescale.sources.distributed import (
+    PASS_MISSING,
     PICKED,
     DataParallelSource,
     ReducedStep,
@@ -140,6 +141,42 @@ class _Pending:
     # layer inputs picked by index tensors not read on the accelerator when the layer ran:
     # (layer, how, device flag "not the examples"), read with the rest (engine.unread_picks)
     picks: tuple[tuple[str, str, Tensor], ...] = ()
+    # whether the passes weighed their examples by weights that depend on the data (device
+    # bool), and whether the step was then measured within its passes (StepNorms.weights_vary)
+    vary: tuple[Tensor, bool] | None = None
+
+
+def _within_passes(
+    vary: Tensor,
+    within: tuple[Tensor, Tensor | None, float],
+    big: Tensor,
+    group_big: Tensor | None,
+    b_big: Any,
+) -> tuple[Tensor, Tensor | None, Any]:
+    """Where the passes' weights vary with the data, the big batch within each pass
+    (:meth:`~noisescale.sources.base.StepNorms.within_passes`) in place of the step's gradient,
+    chosen on the device."""
+    w_big, w_group, w_b = within
+    big = torch.where(vary, w_big.to(torch.float64), big.to(torch.float64))
+    if group_big is not None:
+        alt = w_group if w_group is not None else torch.full_like(group_big, math.nan)
+        group_big = torch.where(vary, alt.to(torch.float64), group_big.to(torch.float64))
+    b_big = torch.where(vary, torch.full_like(big, w_b), torch.as_tensor(b_big).to(big))
+    return big, group_big, b_big
+
+
+def _without_pass_norms(vary: Tensor, observations: dict[str, Observation]) -> dict[str, Any]:
+    """The micro-batch source left out where the passes' weights vary with the data: its small
+    batches are the passes themselves, which the big batch within each pass already is (its
+    count set to 0 on the device; :meth:`GradientNoiseTracker._read` drops a source of none)."""
+    obs = observations.get("microbatch")
+    if obs is None:
+        return observations
+    keep = (~vary).to(torch.float64)
+    return {
+        **observations,
+        "microbatch": replace(obs, count=keep * obs.count, inv_size_sum=keep * obs.inv_size_sum),
+    }
 
 
 _REGISTERED = [0]  # modules and parameters registered on any module in the process
@@ -571,6 +608,9 @@ class GradientNoiseTracker:
         # the previous step's micro-batches, and whether this step's divisor is unknown
         # (_weights_of: a short window without a measured multiplier)
         self._passes_before = 0
+        # whether a step's passes have weighed their examples by weights that vary with the
+        # data (a device bool, sticky: StepNorms.weights_vary); None until a step could tell
+        self._weights_varied: Tensor | None = None
         self._divisor_unknown = False
         self._resumed = False  # load_state_dict: an existing history may be continued
         if self.history_path is not None:
@@ -674,12 +714,25 @@ class GradientNoiseTracker:
                     if self._group_names
                     else None
                 )
+                b_big, vary = norms.b_big, norms.weights_vary()
+                if vary is not None:
+                    # once the weights have varied, every later step is measured within its
+                    # passes: choosing by each step's own counts would select steps on their
+                    # data (a Monte Carlo with one sequence a micro-batch read tr Σ 90% low
+                    # from the steps whose two counts happened to be equal)
+                    if self._weights_varied is not None:
+                        vary = vary | self._weights_varied.to(vary.device)
+                    self._weights_varied = vary
+                within = None if vary is None else norms.within_passes()
+                if vary is not None and within is not None:
+                    big, group_big, b_big = _within_passes(vary, within, big, group_big, b_big)
+                    observations = _without_pass_norms(vary, observations)
             self._pending.append(
                 _Pending(
                     self.steps,
                     lr,
                     scale,
-                    norms.b_big,
+                    b_big,
                     big,
                     observations,
                     loss.detach() if isinstance(loss, Tensor) else loss,
@@ -689,6 +742,7 @@ class GradientNoiseTracker:
                     tokens=tokens,
                     unmeasured=self._unmeasured,
                     picks=picks,
+                    vary=None if vary is None else (vary, within is not None),
                 )
             )
             self._unmeasured = state_mod.NOTHING_UNMEASURED
@@ -1020,8 +1074,6 @@ class GradientNoiseTracker:
                 )
             if self.loss_reduction == "token_mean":
                 coef = [m / u.counts.sum() for m, u in zip(outer, units, strict=True)]  # type: ignore[union-attr]
-                if len(units) > 1 and "token-mean-weights" not in self._warned:
-                    self._warn_token_mean_weights(units)
             else:
                 divisors = self._items_divisors(units, tokens)  # type: ignore[arg-type]
                 coef = [m / d for m, d in zip(outer, divisors, strict=True)]
@@ -1243,6 +1295,8 @@ class GradientNoiseTracker:
                 if refused is None and row[PICKED] > 0:
                     refused = (p.step, self._picked_message(p, round(float(row[PICKED]))))
                 b_big, big, examples, loss, sources, tokens = self._dist.resolve(row)
+                if self._dist.weights_varied:
+                    self._warn_weights_vary(p.step, within=row[PASS_MISSING] == 0)
                 unmeasured = (p.unmeasured[0], *self._dist.resolve_unmeasured(row, p.step))
                 if not sources:
                     self._warn_once(
@@ -1278,6 +1332,8 @@ class GradientNoiseTracker:
             later(p.b_big)
             later(p.tokens)
             later(p.unmeasured[2])
+            if p.vary is not None:
+                flat.append(p.vary[0].reshape(1))
             for obs in p.observations.values():
                 flat.append(obs.sqnorm_sum.reshape(1))
                 later(obs.count)
@@ -1308,6 +1364,8 @@ class GradientNoiseTracker:
             unmeasured_steps, unmeasured_examples, unmeasured_tokens = p.unmeasured
             if unmeasured_tokens is not None:
                 unmeasured_tokens = read(unmeasured_tokens)
+            if p.vary is not None and read(p.vary[0]):
+                self._warn_weights_vary(p.step, within=p.vary[1])
             sources = {}
             for name, obs in p.observations.items():
                 total = float(values[pos])
@@ -1492,27 +1550,40 @@ class GradientNoiseTracker:
             self._optimizer_seen = (self.steps, taken)
         return taken
 
-    def _warn_token_mean_weights(self, units: list[Any]) -> None:
-        """Warn once when the micro-batches of a token-mean step count different numbers of
-        tokens: each micro-batch's tokens then weigh 1/(its own count), a weight that depends
-        on the data, and eq. A.2, which is unbiased for weights fixed before the examples are
-        drawn, is not (a helper's Monte Carlo, 2026-12-05: BERT's masked LM under the Trainer
-        with two micro-batches read |G|² 13–15% low and tr Σ 2–8% high, B_simple ≈ 20% high;
-        one micro-batch a step, or one divisor for the whole step, read it within 0.1%). One
-        host read, until the warning."""
-        counts = [float(u.counts.sum()) for u in units]  # type: ignore[union-attr]
-        if max(counts) == min(counts):
-            return
+    def _warn_weights_vary(self, step: int, within: bool) -> None:
+        """Once, at the first step whose passes weighed their examples by weights that depend on
+        the data (:meth:`~noisescale.sources.base.StepNorms.weights_vary`): a loss that divides
+        each micro-batch's summed token loss by that micro-batch's own count. The step's
+        gradient is then no big batch for eq. A.2 — taken as one, a Monte Carlo read |G|²
+        16% low and tr Σ 22% high (B_simple 45% high; BERT's masked LM with two micro-batches
+        a step, about 20% high), warned about and left so until 2026-12-05 — and the step is
+        measured within its passes (``tests/test_tokens.py``)."""
+        if within:
+            what = (
+                "each step is measured within its micro-batches (each the big batch of its own "
+                "sub-batches or examples; the micro-batch norms are left out): unbiased, but "
+                "without the pairs of examples across micro-batches, so less precise — and with "
+                "one example per micro-batch there is nothing left to measure and the step is "
+                "skipped"
+            )
+        else:
+            what = (
+                "a micro-batch's gradient norm is missing, so the step could not be measured "
+                "within its micro-batches, and its estimate is biased (|G|² low, tr Σ high: "
+                "B_simple 20–45% too high in tests)"
+            )
         self._warn_once(
             "token-mean-weights",
-            "loss_reduction='token_mean' with micro-batches that count different numbers of "
-            f"tokens ({', '.join(f'{c:g}' for c in counts)}): each micro-batch divides its "
-            "summed token loss by its own count, a weight that depends on the examples drawn, "
-            "and the estimate is then biased (|G|² low, tr Σ high: B_simple about 20% too high "
-            "on a masked LM with two micro-batches a step, in a test). Unbiased: a loss that "
-            "divides the step's summed token loss by the step's total count (the Trainer's "
-            "num_items_in_batch, declared loss_reduction='num_items_in_batch'), or one "
-            "micro-batch a step",
+            f"step {step}: its micro-batches' losses each divide their sum by their own count, "
+            "and the counts differ (loss_reduction='token_mean' or a Hugging Face model's own "
+            "mean loss over its labels, each micro-batch's tokens; or micro-batches of a step "
+            "holding different numbers of examples, as the Trainer's batch_rebalance makes "
+            "them): the step's gradient weighs the micro-batches by weights that depend on the "
+            f"data drawn, so it is not a big batch eq. A.2 can use; {what}. More precise: "
+            "divide the step's summed token loss by the step's total count (a Hugging Face "
+            "model called with num_items_in_batch=, as the Trainer does for the models that "
+            "accept it; your own loss declared loss_reduction='num_items_in_batch'), so that "
+            "every token weighs the same",
         )
 
     def _stall_limit(self) -> int:
@@ -1921,6 +1992,10 @@ class GradientNoiseTracker:
             "precondition": self.precondition is not None,
             # the last step's micro-batch count: a shorter window next is left out (its divisor)
             "passes_before": self._passes_before,
+            # the passes' weights have varied with the data: later steps are measured within
+            # their passes (StepNorms.within_passes)
+            "weights_varied": (self._weights_varied is not None and bool(self._weights_varied))
+            or (self._dist is not None and self._dist.weights_varied),
             "loss_reduction": self.loss_reduction,
             "confidence": self.confidence,
             "source": self.mode,
@@ -2055,6 +2130,9 @@ class GradientNoiseTracker:
         self.engine.steps_collected = int(state.get("engine_steps", self.steps))
         self.engine.subbatches_pay = state.get("subbatches_pay")
         self._passes_before = int(state.get("passes_before", 0))
+        self._weights_varied = torch.tensor(True) if state.get("weights_varied") else None
+        if self._dist is not None:
+            self._dist.weights_varied = bool(state.get("weights_varied"))
         count, examples, tokens = state.get("unmeasured", [0, 0, 0.0])
         self._unmeasured = (int(count), int(examples), None if tokens is None else float(tokens))
         self._schedule_next()

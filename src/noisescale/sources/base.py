@@ -66,6 +66,49 @@ class StepNorms:
         """|mean gradient of n examples of pass j|² from a raw squared norm of their sum."""
         return raw / (self.scale * self.coef[j] * n) ** 2
 
+    def weights_vary(self) -> Tensor | None:
+        """Whether the passes weigh their examples differently by weights that depend on the
+        data (a 0-d bool on the device, no host read), or ``None`` where they cannot: one pass,
+        or weights fixed by the declaration (host numbers).
+
+        A loss that divides each micro-batch's summed token loss by that micro-batch's own count
+        (``loss_reduction="token_mean"``, a Hugging Face model's own mean loss, each process's
+        own mean under data parallelism) weighs the micro-batches by 1/(their count): the step's
+        gradient Σ_m c_m·X_m is then no big batch for eq. A.2, whose unbiasedness needs weights
+        fixed before the examples are drawn (:meth:`within_passes`)."""
+        if len(self.passes) < 2 or not any(isinstance(c, Tensor) for c in self.coef):
+            return None
+        device = next(c for c in self.coef if isinstance(c, Tensor)).device
+        c = torch.stack(
+            [torch.as_tensor(c, dtype=torch.float64, device=device).reshape(()) for c in self.coef]
+        )
+        return (c.max() - c.min()) > 1e-9 * c.abs().max()
+
+    def within_passes(self) -> tuple[Tensor, Tensor | None, float] | None:
+        """The big batch taken within each pass: (S, group S, b) with S = Σ_m (b_m/B)·|X̄_m|²,
+        X̄_m pass m's mean gradient (its norm divided by its own weight, which is known exactly),
+        and b = B/k, so that E S = |G|² + tr Σ·Σ_m (b_m/B)/b_m = |G|² + tr Σ/b — eq. A.2's big
+        batch with weights that do not depend on the data. Each pass's small batches then meet
+        their own pass's examples only: unbiased where the step's gradient, weighted by the
+        data, is not, at the price of the pairs of examples across passes. ``None`` where a
+        pass's gradient norm is missing."""
+        parts, groups, examples, k = [], [], 0, 0
+        for j, p in enumerate(self.passes):
+            n = p.batch_size
+            if n == 0:
+                continue
+            if p.grad_sqnorm is None:
+                return None
+            parts.append(self.mean_grad_sq(p.grad_sqnorm.reshape(()), j, float(n)) * n)
+            if p.group_grad_sqnorm is not None:
+                groups.append(self.mean_grad_sq(p.group_grad_sqnorm, j, float(n)) * n)
+            examples += n
+            k += 1
+        if not parts:
+            return None
+        group = torch.stack(groups).sum(0) / examples if len(groups) == len(parts) else None
+        return torch.stack(parts).sum() / examples, group, examples / k
+
 
 @dataclass
 class Observation:

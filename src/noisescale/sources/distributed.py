@@ -19,7 +19,7 @@ global batch size after averaging." :class:`DataParallelSource` does that inside
   audits' steps (:meth:`DataParallelSource.check_averaged`).
 
 What one step costs: **one asynchronous all-reduce of a fixed-size float64 buffer** (``WIDTH``
-numbers, 30 today — 240 bytes — whatever the number of processes W), waited for only when the
+numbers, 36 today — 288 bytes — whatever the number of processes W), waited for only when the
 tracker reads its statistics, with no host synchronisation on the way (on CUDA the host-side
 numbers go through pinned memory). Every process packs sums, not rows: the examples, Σc and Σc²
 of its examples' weights in its local gradient (c = 1/(k·N_j) for mean losses over k
@@ -101,8 +101,20 @@ PROCESSES = 12  # 1 per process (summed: the processes whose step numbers STEP s
 # processes where a layer's input rows were picked by index tensors, none of them the examples
 # in order (compared on the device: PerExampleNorms.unread_picks); the step is then refused
 PICKED = 13
-HEAD = 14
+# the passes of every process, where a loss weighs them by weights measured on the device (a
+# token mean per micro-batch, each process's own mean: StepNorms.weights_vary): their count,
+# Σ c and Σ c² (the weights vary where Σc² > (Σc)²/count), Σ b_m·|X̄_m|² and Σ b_m (the big
+# batch within each pass, StepNorms.within_passes), and the processes that lacked a pass norm
+PASS_COUNT = 14
+PASS_C = 15
+PASS_C2 = 16
+PASS_BIG = 17
+PASS_EXAMPLES = 18
+PASS_MISSING = 19
+HEAD = 20
 WIDTH = HEAD + FIELDS * len(SOURCES)
+# relative spread of the passes' weights above which they are taken to vary with the data
+VARYING = 1e-9
 
 
 # process_group='s check (DataParallelSource.check_averaged) projects gradients this many
@@ -181,21 +193,42 @@ def resolve_unmeasured(
     return round(float(values[UNMEASURED_EXAMPLES])), float(tokens) if counted else None
 
 
+def weights_vary(values: np.ndarray) -> bool:
+    """Whether the step's passes, over all processes, weighed their examples by weights that
+    differ (measured on the device: each process's or micro-batch's own token mean), from the
+    reduced sums (:data:`PASS_COUNT`, :data:`PASS_C`, :data:`PASS_C2`)."""
+    n, c, c2 = values[PASS_COUNT], values[PASS_C], values[PASS_C2]
+    return bool(n > 1 and n * c2 - c * c > VARYING * c * c)
+
+
 def resolve(
-    values: np.ndarray, world_size: int
+    values: np.ndarray, world_size: int, within: bool = False
 ) -> tuple[float, float, int, float | None, dict, float | None]:
     """Global b_big, |G_big|², examples, mean loss, each source's small batches (summed over
     processes) and the tokens counted (``None`` unless every process counted them) from the
-    all-reduced buffer. O(1): nothing here loops over processes."""
+    all-reduced buffer. O(1): nothing here loops over processes.
+
+    ``within``: the passes' weights vary with the data (:func:`weights_vary`, now or at an
+    earlier step), so the averaged gradient is no big batch for eq. A.2 — the big batch is
+    taken within each pass of each process (:meth:`StepNorms.within_passes`), and the sources
+    whose small batches are whole passes or processes (``"microbatch"``, ``"local"``) are left
+    out; |G_big|² is ``nan`` where a process lacked a pass norm."""
     from noisescale.state import SmallBatches
 
     sum_c, sum_c2 = values[SUM_C], values[SUM_C2]
     b_big = sum_c * sum_c / sum_c2 if sum_c2 > 0 else math.nan
     # .grad = (1/W)·Σ_r local_r, so its example weights are c/W
     sqnorm_big = values[BIG] / (sum_c / world_size) ** 2 if sum_c > 0 else math.nan
+    if within:
+        examples, passes = values[PASS_EXAMPLES], values[PASS_COUNT]
+        usable = examples > 0 and values[PASS_MISSING] == 0
+        b_big = examples / passes if usable else math.nan
+        sqnorm_big = values[PASS_BIG] / examples if usable else math.nan
     loss = values[LOSS] / values[HAS_LOSS] if values[HAS_LOSS] > 0 else None
     sources = {}
     for name in SOURCES:
+        if within and name in ("microbatch", "local"):
+            continue
         count, inv, total, have = (values[_column(name, f)] for f in range(FIELDS))
         if count > 0:
             sources[name] = SmallBatches(
@@ -252,6 +285,8 @@ class DataParallelSource:
         self._replicas: dict[int, int] = {}
         self._warned: set[str] = set()
         self._checked_caller = False
+        #: the passes' weights have varied with the data at some step (sticky; in checkpoints)
+        self.weights_varied = False
         # after the engine's pre-hook, which opens the pass this one looks at
         self._handles.append(model.register_forward_pre_hook(Hook(self._on_model_forward)))
         if kind == "fsdp":
@@ -615,6 +650,8 @@ class DataParallelSource:
             big = self._big_part()
             if big is not None:
                 dev[BIG] = big / grad_scale**2
+            if any(isinstance(c, Tensor) for c in step.coef):
+                self._put_passes(step, put, host)
             if loss is not None:
                 host[HAS_LOSS] = 1.0
                 if isinstance(loss, Tensor):
@@ -636,11 +673,36 @@ class DataParallelSource:
             return values
         return values.pin_memory().to(self.device, non_blocking=True)
 
+    def _put_passes(self, step: StepNorms, put: Callable[[int, Any], None], host: list) -> None:
+        """This process's passes for the big batch within each pass, where the weights are
+        measured on the device and may vary with the data (:data:`PASS_COUNT` …)."""
+        coef = [c for c, p in zip(step.coef, step.passes, strict=True) if p.batch_size > 0]
+        if not coef:
+            return
+        device = next(x for x in coef if isinstance(x, Tensor)).device
+        c = torch.stack(
+            [torch.as_tensor(x, dtype=torch.float64, device=device).reshape(()) for x in coef]
+        )
+        host[PASS_COUNT] = float(len(coef))
+        put(PASS_C, c.sum())
+        put(PASS_C2, (c * c).sum())
+        within = step.within_passes()
+        if within is None:
+            host[PASS_MISSING] = 1.0
+            return
+        examples = float(sum(p.batch_size for p in step.passes))
+        put(PASS_BIG, within[0] * examples)
+        host[PASS_EXAMPLES] = examples
+
     def resolve(
         self, values: np.ndarray
     ) -> tuple[float, float, int, float | None, dict, float | None]:
-        """The step's global statistics from the reduced buffer (host side, no collective)."""
-        return resolve(values, self.world_size)
+        """The step's global statistics from the reduced buffer (host side, no collective).
+        Once the passes' weights have varied with the data (:func:`weights_vary`), every later
+        step is measured within its passes (as the single-process tracker does: choosing by
+        each step's own counts would select steps on their data)."""
+        self.weights_varied = self.weights_varied or weights_vary(values)
+        return resolve(values, self.world_size, within=self.weights_varied)
 
     def resolve_unmeasured(self, values: np.ndarray, step_number: int) -> tuple[int, float | None]:
         """The unmeasured steps' examples and tokens over the processes (module function)."""
