@@ -492,8 +492,10 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         process's share) to be a random part of it. ``group_by_length`` puts sequences of
         similar length in one step (B_simple 15.7 [14.8, 16.9] tokens where the truth was 20.0,
         every example measured); ``batch_rebalance`` draws a step at random but sorts it by
-        length into micro-batches and processes (70.1 [64.8, 75.9] by default, 27.0 with
-        sub-batches only; every example of the step measured read 20.6 [20.0, 21.2]).
+        length into micro-batches and processes of different sizes (70.1 [64.8, 75.9] by
+        default, 27.0 with sub-batches only; every example measured read 20.6 [20.0, 21.2],
+        but the micro-batches' sizes weigh their examples by weights that depend on the data,
+        which no estimate here allows: refused under accumulation).
         ``sequential`` keeps the dataset's order: right only for a dataset stored shuffled.
         """
         if isinstance(getattr(loader, "dataset", None), torch.utils.data.IterableDataset):
@@ -514,23 +516,19 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         if strategy == "batch_rebalance":
             accumulation = int(getattr(args, "gradient_accumulation_steps", 1))
             world = int(getattr(args, "world_size", 1))
-            exact = (
-                self.tracker_kwargs.get("per_example_fraction") == 1.0
-                and self.tracker_kwargs.get("microbatch") is False
-            )
-            if world > 1 or (accumulation > 1 and not exact):
+            if world > 1 or accumulation > 1:
+                # (until 2026-12-05 every example measured without the micro-batch source was
+                # accepted: but the micro-batches it sizes by length weigh their examples by
+                # 1/(their size), weights that depend on the data, and the tracker then takes
+                # the big batch within each micro-batch — which is not a random part)
                 parts = "processes" if world > 1 else "accumulation micro-batches"
-                remedy = (
-                    fix
-                    if world > 1
-                    else "pass per_example_fraction=1.0, microbatch=False to the callback "
-                    f"(every example measured: exact, at its cost), or {fix}"
-                )
                 raise NoiseScaleInputError(
                     "train_sampling_strategy='batch_rebalance' sorts each step's examples by "
-                    f"length into {parts}, so each is not a random part of the step, which the "
-                    f"estimate from {parts} and sub-batches assumes (B_simple 3.5× too high in "
-                    f"a test); {remedy}"
+                    f"length into {parts} of different sizes, so each is not a random part of "
+                    "the step, which the estimate from micro-batches and sub-batches assumes "
+                    "(B_simple 3.5× too high in a test), and each weighs its examples by "
+                    "1/(its size), weights that depend on the data, which the step's gradient "
+                    f"as the big batch does not allow; {fix}"
                 )
         if strategy == "sequential":
             self._warn_once(
