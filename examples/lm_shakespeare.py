@@ -9,9 +9,12 @@
 A tiny GPT-2 (``transformers``' own class, random initialisation) learns Shakespeare byte by byte.
 Sequences are runs of whole lines, 16 to 128 bytes long, padded to 128 with labels -100 on the
 padding — variable lengths, as real data has. The model's loss is Hugging Face's causal-LM loss,
-a mean over the counted tokens (under the Trainer, over the step's tokens:
-``num_items_in_batch``), so the tracker measures the noise scale *per token*, from the weights
-that loss gives each token (:mod:`noisescale.tokens`), and reports it in tokens and in sequences.
+the sum over each micro-batch's counted tokens divided by the step's (``num_items_in_batch``,
+given in the plain loop as the Trainer gives it), so the tracker measures the noise scale *per
+token*, from the weights that loss gives each token (:mod:`noisescale.tokens`), and reports it in
+tokens and in sequences. (Each micro-batch's own mean, ``model(**batch).loss / 2``, would weigh
+the micro-batches by their counts, which depend on the data: measured within each micro-batch,
+less precisely — docs/language_models.md.)
 
 At the end it prints B_simple in both units and the critical batch size of the run's trajectory
 (App. D: B_crit = E_min/S_min), in tokens. Two lines of the example are noisescale's; everything
@@ -94,20 +97,28 @@ def plain_loop(data: Lines, steps: int, history: Path) -> noisescale.GradientNoi
     loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True, drop_last=True)
     batches = iter(loader)
     for step in range(1, steps + 1):
+        micro = []
         for _ in range(2):  # two micro-batches of 8 sequences per step
             try:
-                batch = next(batches)
+                micro.append(next(batches))
             except StopIteration:
                 batches = iter(loader)
-                batch = next(batches)
-            loss = model(**batch).loss / 2  # Hugging Face's token mean, per micro-batch
+                micro.append(next(batches))
+        # the step's tokens (Hugging Face's loss shifts the labels): each micro-batch's summed
+        # token loss divided by them, as the Trainer does, so that every token weighs the same
+        # (each micro-batch's own mean would weigh them by its count: measured, less precisely)
+        n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        total = 0.0
+        for batch in micro:
+            loss = model(**batch, num_items_in_batch=n).loss
             loss.backward()
-        tracker.step(loss=loss * 2)  # 2: after backward, before clipping and the step
+            total += loss.item()
+        tracker.step(loss=total)  # 2: after backward, before clipping and the step
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
         if step % 50 == 0:
-            print(f"step {step:4d}  loss {2 * loss.item():.3f}  {describe(tracker.estimate())}")
+            print(f"step {step:4d}  loss {total:.3f}  {describe(tracker.estimate())}")
     return tracker
 
 
