@@ -1583,7 +1583,8 @@ class GradientNoiseTracker:
             "divide the step's summed token loss by the step's total count (a Hugging Face "
             "model called with num_items_in_batch=, as the Trainer does for the models that "
             "accept it; your own loss declared loss_reduction='num_items_in_batch'), so that "
-            "every token weighs the same",
+            "every token weighs the same; or measure every example (per_example_fraction=1.0), "
+            "which loses little within micro-batches (bench/token_mean_precision.py)",
         )
 
     def _stall_limit(self) -> int:
