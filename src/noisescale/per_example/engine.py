@@ -223,6 +223,20 @@ def _replaced_message(label: str, name: str, held: Any) -> str:
     )
 
 
+class _GraphAlive:
+    """Held by the hooks on a pass's outputs' autograd nodes: collected with its graph."""
+
+
+def _graph_freed(ref: Any) -> None:
+    """A pass's forward graph was freed: if no backward reached the pass (a forward with
+    gradients on whose outputs were dropped: an evaluation loop outside ``torch.no_grad()``),
+    none can now, and its input batch is let go of at once (measured: every batch of such a
+    loop was held until the next step). The step drops the pass, as before."""
+    pass_ = ref()
+    if pass_ is not None and not pass_.tasks:
+        pass_.inputs = pass_.examples = pass_.n_source = None
+
+
 class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
     """The hook engine: per-example squared norms and micro-batch gradient norms per pass.
 
@@ -1096,51 +1110,66 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         candidates += pass_.loss_inputs
         pass_.loss_inputs = []
         # (what the loss computes from: shared.py asks whether a tensor there derives from them)
-        pass_.output_nodes = {id(edge.node): edge.node for edge, _ in candidates}
-        dim, seen, roots = self._model_dim, set(), []
+        pass_.output_nodes = {_node_key(edge.node) for edge, _ in candidates}
+        dim, seen, roots, boxes = self._model_dim, set(), [], []
+        # held by the hooks on the outputs' nodes, so collected with the forward's graph: a
+        # pass no backward reached lets go of its input batch then, not at the step's end
+        alive = _GraphAlive()
+        weakref.finalize(alive, _graph_freed, weakref.ref(pass_))
         for edge, shape in candidates:
             if (id(edge.node), edge.output_nr) in seen:
                 continue
             seen.add((id(edge.node), edge.output_nr))
             batched = len(shape) > dim and shape[dim] == pass_.batch_size
-            hook = self._make_root_hook(pass_, edge, batched)
+            # the hook, held by the output's node, holds the edge (and so that node) only for
+            # the audit: a forward no backward reaches would otherwise keep its whole graph
+            # alive through that cycle until the step's end (an evaluation loop with gradients
+            # on: every batch's activations; emptied below where no audit needs it)
+            box = [edge]
+            boxes.append(box)
+            hook = self._make_root_hook(pass_, box, batched)
             pass_.handles.append(
                 edge.node.register_prehook(
-                    lambda grads, h=hook, nr=edge.output_nr: (
+                    lambda grads, h=hook, nr=edge.output_nr, _graph=alive: (
                         None if grads[nr] is None else h(grads[nr])
                     )
                 )
             )
             if batched:
                 roots.append(edge)
-        if pass_.skipped or not self.per_example:
-            return
-        signature = tuple(pass_.signature)
-        if self._audit_wanted(pass_):
-            pass_.audit = audit_mod.PassAudit(
-                signature,
-                self._audit_generator(_device_of(output, pass_)),
-                pass_.batch_size,
-                amp=pass_.amp,
-                replay=self._replay_allowed,
-            )
-            pass_.audit.nodes = pass_.nodes
-            pass_.audit.params = list(self._param.values())
-            pass_.audited = True
-            for edge in roots:
-                pass_.audit.add_root(edge, dim)
-            for edge, dim, owner, label, rebased in getattr(pass_, "_pending_targets", []):
-                if rebased is not None and rebased[0]._version != rebased[1]:
-                    # the view was changed in place since: its node is out of the graph
-                    edge, dim = rebased[2], audit_mod.FLAT
-                pass_.audit.add_target(edge, dim, owner, label)
-            self._check_permutation(pass_, output)
-            if pass_.batch_size > 1 and not (pass_.compiled or pass_.compiled_call):
-                batched = [t for t in _tensors(output) if not isinstance(t, SharedTensor)]
-                packed = _tensors(output, packed=True)
-                self._loss_watch.watch(pass_, batched, self._model_dim, packed, self.pairs)
-        if hasattr(pass_, "_pending_targets"):
-            del pass_._pending_targets  # type: ignore[attr-defined]
+        try:
+            if pass_.skipped or not self.per_example:
+                return
+            signature = tuple(pass_.signature)
+            if self._audit_wanted(pass_):
+                pass_.audit = audit_mod.PassAudit(
+                    signature,
+                    self._audit_generator(_device_of(output, pass_)),
+                    pass_.batch_size,
+                    amp=pass_.amp,
+                    replay=self._replay_allowed,
+                )
+                pass_.audit.nodes = pass_.nodes
+                pass_.audit.params = list(self._param.values())
+                pass_.audited = True
+                for edge in roots:
+                    pass_.audit.add_root(edge, dim)
+                for edge, dim, owner, label, rebased in getattr(pass_, "_pending_targets", []):
+                    if rebased is not None and rebased[0]._version != rebased[1]:
+                        # the view was changed in place since: its node is out of the graph
+                        edge, dim = rebased[2], audit_mod.FLAT
+                    pass_.audit.add_target(edge, dim, owner, label)
+                self._check_permutation(pass_, output)
+                if pass_.batch_size > 1 and not (pass_.compiled or pass_.compiled_call):
+                    batched = [t for t in _tensors(output) if not isinstance(t, SharedTensor)]
+                    packed = _tensors(output, packed=True)
+                    self._loss_watch.watch(pass_, batched, self._model_dim, packed, self.pairs)
+        finally:
+            if pass_.audit is None:
+                for box in boxes:
+                    box.clear()
+            if hasattr(pass_, "_pending_targets"):
+                del pass_._pending_targets  # type: ignore[attr-defined]
 
     def _add_target(
         self,
@@ -1171,15 +1200,18 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         )
         pending.append((edge, dim, owner, label, rebased))
 
-    def _make_root_hook(self, pass_: PassNorms, edge: Any, batched: bool) -> Callable:
+    def _make_root_hook(self, pass_: PassNorms, box: list, batched: bool) -> Callable:
+        """The hook on an output's node; ``box`` holds the output's gradient edge while the
+        pass's audit may need it (emptied otherwise: see :meth:`_on_model_return`)."""
+
         def hook(grad: Tensor) -> None:
             if self._replaying or self._paused:
                 return
             self._mark_backward(pass_)
             self._enter(pass_)
-            if batched and pass_.audit is not None and not torch.is_grad_enabled():
+            if batched and box and pass_.audit is not None and not torch.is_grad_enabled():
                 try:
-                    pass_.audit.on_root(edge, grad)
+                    pass_.audit.on_root(box[0], grad)
                 except RuntimeError as err:
                     if "use_reentrant" not in str(err):
                         raise

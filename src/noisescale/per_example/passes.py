@@ -182,7 +182,10 @@ class PassNorms:
     # on the steps audits fall on: each parameter's |.grad|² then too (changed_grads: what no
     # version counter sees)
     grad_prints: list[Tensor | None] | None = None
-    output_nodes: dict[int, Any] = field(default_factory=dict)  # the outputs' autograd nodes
+    # the outputs' autograd nodes as (id, sequence number), not the nodes: a pass holding them
+    # would keep alive the graph of a forward no backward reaches (an evaluation loop with
+    # gradients on) until the step ends
+    output_nodes: set[tuple[int, int]] = field(default_factory=set)
     meetings_added: int = 0
     buffer_storages: set[int] | None = None  # the model's buffers' storages (_is_buffer)
     # layer inputs picked by several index tensors on an accelerator, where the indices are
@@ -245,7 +248,7 @@ class PassNorms:
         for handle in self.handles:
             handle.remove()
         self.handles = []
-        self.output_nodes = {}
+        self.output_nodes = set()
         self.loss_inputs = []
         self.audit = None
         self.inputs = self.examples = self.n_source = None

@@ -272,7 +272,7 @@ def _from_outputs(t: Tensor, pass_: PassNorms) -> bool:
     seen = {id(node)}
     queue = [node]
     for current in queue:
-        if id(current) in targets:
+        if (id(current), current._sequence_nr()) in targets:
             return True
         if len(seen) > _SEARCHED_NODES:
             return False
