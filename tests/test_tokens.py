@@ -808,7 +808,7 @@ def test_a_batch_packed_into_one_row_is_one_example_and_the_warning_says_how_to_
     the Trainer passes it), every step is measured, its tokens the ones the loss counted
     (L − 1 a row: Hugging Face's causal-LM loss shifts the labels across the whole row); each
     row's own mean weighs the micro-batches by weights that depend on the data, and nothing
-    unbiased is left (skipped, said so)."""
+    unbiased is left (refused, with the fix)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=64)
@@ -856,10 +856,10 @@ def test_a_batch_packed_into_one_row_is_one_example_and_the_warning_says_how_to_
     assert all(r["sources"]["microbatch"]["count"] == 4 for r in history)
     assert math.isfinite(history[-1]["g2"]) and math.isfinite(history[-1]["trace_sigma"])
     # each packed row's own token mean: the micro-batches weigh 1/(their own count), and the
-    # micro-batch norms cannot separate the noise without bias (until 2026-12-05 measured so)
-    with pytest.warns(RuntimeWarning, match="one example per micro-batch there is nothing"):
-        history = run(step_divisor=False)
-    assert all(r["skipped"] for r in history)
+    # micro-batch norms cannot separate the noise without bias (until 2026-12-05 measured so):
+    # refused, with the fix
+    with pytest.raises(NoiseScaleInputError, match="with per_example=False the only small"):
+        run(step_divisor=False)
 
 
 # -- tokens in the report and the CLI ------------------------------------------------------------
@@ -1057,16 +1057,18 @@ def test_a_token_mean_per_micro_batch_is_unbiased(mode, steps):
         assert abs(float(got.mean()) - want) < 4 * se, (float(got.mean()), want, se)
 
 
-def test_a_token_mean_per_micro_batch_of_one_sequence_is_skipped_and_says_why():
+def test_a_token_mean_per_micro_batch_of_one_sequence_is_refused_and_says_why():
     """One sequence a micro-batch: within a micro-batch there is no pair of examples to
     compare, and across them the weights depend on the data — nothing unbiased is left, and
-    every step is skipped (not only those whose counts differ: from the first step that
-    varies, all are measured within their micro-batches, since choosing by each step's own
-    counts would select steps on their data — tr Σ 90% low in a Monte Carlo)."""
+    the step is refused with the fix (the steps before it, whose counts happened to be equal,
+    are kept: from the first step that varies, all are measured within their micro-batches,
+    since choosing by each step's own counts would select steps on their data — tr Σ 90% low
+    in a Monte Carlo)."""
     model, token_losses, mask, _ = _varying_pool()
-    with pytest.warns(RuntimeWarning, match="one example per micro-batch there is nothing"):
-        history, _, _ = _token_mean_run(model, token_losses, mask, 40, 2, 1)
-    assert all(r["skipped"] for r in history[1:]), [r["skipped"] for r in history]
+    with pytest.raises(NoiseScaleInputError, match="nothing in this step can be measured") as err:
+        _token_mean_run(model, token_losses, mask, 40, 2, 1)
+    assert "each micro-batch holds one example" in str(err.value)
+    assert "num_items_in_batch=n" in str(err.value)
 
 
 def _b_big_examples(history):
@@ -1118,3 +1120,25 @@ def test_token_mean_weights_vary_only_when_the_counts_do():
     step(resumed, [6, 6])
     assert _b_big_examples(resumed.history) == [4.0]
     resumed.remove()
+
+
+def test_unequal_micro_batches_of_a_mean_over_examples_are_not_weights_that_vary():
+    """A mean over examples with its multiplier measured (watch_loss: device weights m/b_m) and
+    a short micro-batch once (an epoch's last): the weights differ, but by sizes the loop fixed,
+    not by the data drawn — the step's gradient stays the big batch and the micro-batch source
+    stays (a review found the first version taking them for varying weights, which switched
+    the rest of the run to measuring within micro-batches)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1)
+    for sizes in ([8, 8], [8, 3], [8, 8]):
+        for n in sizes:
+            loss = model(torch.randn(n, 4)).pow(2).sum(1).mean()
+            tracker.watch_loss(loss)
+            (loss / 2).backward()
+        tracker.step()
+        model.zero_grad()
+    history = tracker.history
+    tracker.remove()
+    assert [r["b_big"] for r in history][::2] == [16.0, 16.0]
+    assert all("microbatch" in r["sources"] for r in history)

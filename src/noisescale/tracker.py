@@ -142,8 +142,9 @@ class _Pending:
     # (layer, how, device flag "not the examples"), read with the rest (engine.unread_picks)
     picks: tuple[tuple[str, str, Tensor], ...] = ()
     # whether the passes weighed their examples by weights that depend on the data (device
-    # bool), and whether the step was then measured within its passes (StepNorms.weights_vary)
-    vary: tuple[Tensor, bool] | None = None
+    # bool), whether the step was then measured within its passes (StepNorms.weights_vary),
+    # and whether nothing was left to measure there (per_example=False, one example a pass)
+    vary: tuple[Tensor, bool, bool] | None = None
 
 
 def _within_passes(
@@ -178,6 +179,9 @@ def _without_pass_norms(vary: Tensor, observations: dict[str, Observation]) -> d
         "microbatch": replace(obs, count=keep * obs.count, inv_size_sum=keep * obs.inv_size_sum),
     }
 
+
+# how the refusal of a step that nothing can measure begins (GradientNoiseTracker._nothing_within)
+_NOTHING_WITHIN = "nothing in this step can be measured without bias"
 
 _REGISTERED = [0]  # modules and parameters registered on any module in the process
 _REGISTRATION_HOOKS: list[Any] = []
@@ -611,6 +615,7 @@ class GradientNoiseTracker:
         # whether a step's passes have weighed their examples by weights that vary with the
         # data (a device bool, sticky: StepNorms.weights_vary); None until a step could tell
         self._weights_varied: Tensor | None = None
+        self._varied_before = False  # ... in the run this tracker resumed (load_state_dict)
         self._divisor_unknown = False
         self._resumed = False  # load_state_dict: an existing history may be continued
         if self.history_path is not None:
@@ -721,9 +726,13 @@ class GradientNoiseTracker:
                     # data (a Monte Carlo with one sequence a micro-batch read tr Σ 90% low
                     # from the steps whose two counts happened to be equal)
                     if self._weights_varied is not None:
-                        vary = vary | self._weights_varied.to(vary.device)
+                        vary = vary | self._weights_varied
+                    elif self._varied_before:  # a resumed run's (no copy to the device)
+                        vary = torch.ones_like(vary)
                     self._weights_varied = vary
                 within = None if vary is None else norms.within_passes()
+                # nothing to compare within a pass: only its own norm, or a single example
+                nothing = self.mode == "microbatch" or all(p.batch_size <= 1 for p in passes)
                 if vary is not None and within is not None:
                     big, group_big, b_big = _within_passes(vary, within, big, group_big, b_big)
                     observations = _without_pass_norms(vary, observations)
@@ -742,7 +751,7 @@ class GradientNoiseTracker:
                     tokens=tokens,
                     unmeasured=self._unmeasured,
                     picks=picks,
-                    vary=None if vary is None else (vary, within is not None),
+                    vary=None if vary is None else (vary, within is not None, nothing),
                 )
             )
             self._unmeasured = state_mod.NOTHING_UNMEASURED
@@ -1037,7 +1046,11 @@ class GradientNoiseTracker:
                 )
             definition = kinds.pop()
             coef: list[Any] = [u.coefficient(scale) for u in units]  # type: ignore[union-attr]
-            return StepNorms(passes, coef, scale), definition, tokens
+            # a loss over tokens divides each pass's sum by a count of its own (or by the
+            # step's, num_items_in_batch: then the weights do not differ); over examples, the
+            # weights are fixed by the passes' sizes
+            data = definition == "token"
+            return StepNorms(passes, coef, scale, data_weights=data), definition, tokens
         # the multiplier on each pass's loss: measured where a Hugging Face model computed the
         # loss itself and it was backpropagated, or the Trainer's compute_loss returned it (the
         # gradient that reached it), else what loss_reduction says: 1/k for the means, 1 for
@@ -1072,12 +1085,13 @@ class GradientNoiseTracker:
                     "tracker.count_tokens(labels) after each forward (or call a Hugging Face "
                     "model with labels=, whose loss is measured)" + self._labels_popped_hint()
                 )
-            if self.loss_reduction == "token_mean":
+            own_counts = self.loss_reduction == "token_mean"
+            if own_counts:
                 coef = [m / u.counts.sum() for m, u in zip(outer, units, strict=True)]  # type: ignore[union-attr]
             else:
                 divisors = self._items_divisors(units, tokens)  # type: ignore[arg-type]
                 coef = [m / d for m, d in zip(outer, divisors, strict=True)]
-            return StepNorms(passes, coef, scale), "token", tokens
+            return StepNorms(passes, coef, scale, data_weights=own_counts), "token", tokens
         sizes = [p.batch_size for p in passes]
         if self.loss_reduction == "mean" and not trusted and len(set(sizes)) > 1:
             # (a review found a sum over the step divided by its total, left at "mean", read
@@ -1247,6 +1261,11 @@ class GradientNoiseTracker:
             return
         pending, self._pending = self._pending, []
         stats, refused = self._read(pending)
+        if refused is not None and refused[1].startswith(_NOTHING_WITHIN):
+            # (what the step shows about the loss, not about a module)
+            kind: type[Exception] = NoiseScaleInputError
+        else:
+            kind = UnsupportedModuleError
         records = []
         for p, s in zip(pending, stats, strict=True):
             if refused is not None and p.step >= refused[0]:
@@ -1258,7 +1277,7 @@ class GradientNoiseTracker:
         if self.history_path is not None:
             self._write_lines(records)
         if refused is not None:
-            raise UnsupportedModuleError(refused[1])
+            raise kind(refused[1])
 
     @staticmethod
     def _picked_message(p: _Pending, count: int) -> str:
@@ -1296,6 +1315,8 @@ class GradientNoiseTracker:
                     refused = (p.step, self._picked_message(p, round(float(row[PICKED]))))
                 b_big, big, examples, loss, sources, tokens = self._dist.resolve(row)
                 if self._dist.weights_varied:
+                    if refused is None and not sources:
+                        refused = (p.step, self._nothing_within(p.step))
                     self._warn_weights_vary(p.step, within=row[PASS_MISSING] == 0)
                 unmeasured = (p.unmeasured[0], *self._dist.resolve_unmeasured(row, p.step))
                 if not sources:
@@ -1365,6 +1386,8 @@ class GradientNoiseTracker:
             if unmeasured_tokens is not None:
                 unmeasured_tokens = read(unmeasured_tokens)
             if p.vary is not None and read(p.vary[0]):
+                if refused is None and p.vary[2]:
+                    refused = (p.step, self._nothing_within(p.step))
                 self._warn_weights_vary(p.step, within=p.vary[1])
             sources = {}
             for name, obs in p.observations.items():
@@ -1550,6 +1573,25 @@ class GradientNoiseTracker:
             self._optimizer_seen = (self.steps, taken)
         return taken
 
+    def _nothing_within(self, step: int) -> str:
+        """Why a step whose passes' weights vary with the data cannot be measured at all."""
+        where = (
+            "with per_example=False the only small batches are the micro-batches themselves"
+            if self.mode == "microbatch"
+            else "each micro-batch holds one example, so it has nothing to compare"
+        )
+        return (
+            f"{_NOTHING_WITHIN} (step {step}): its micro-batches' losses each divide their sum "
+            "by their own token count and the counts differ, so the step's gradient weighs them "
+            "by weights that depend on the data and is no big batch for eq. A.2 (B_simple "
+            "20–45% too high when taken for one, in tests); the step can then be measured only "
+            f"within each micro-batch, and {where}. Divide each micro-batch's summed token "
+            "loss by the step's total count instead: a Hugging Face model called with "
+            "num_items_in_batch=n (n the step's counted tokens, as the Trainer passes it), or "
+            "your own loss declared loss_reduction='num_items_in_batch'"
+            + ("; or several examples a micro-batch" if self.mode != "microbatch" else "")
+        )
+
     def _warn_weights_vary(self, step: int, within: bool) -> None:
         """Once, at the first step whose passes weighed their examples by weights that depend on
         the data (:meth:`~noisescale.sources.base.StepNorms.weights_vary`): a loss that divides
@@ -1562,9 +1604,7 @@ class GradientNoiseTracker:
             what = (
                 "each step is measured within its micro-batches (each the big batch of its own "
                 "sub-batches or examples; the micro-batch norms are left out): unbiased, but "
-                "without the pairs of examples across micro-batches, so less precise — and with "
-                "one example per micro-batch there is nothing left to measure and the step is "
-                "skipped"
+                "without the pairs of examples across micro-batches, so less precise"
             )
         else:
             what = (
@@ -1995,7 +2035,8 @@ class GradientNoiseTracker:
             "passes_before": self._passes_before,
             # the passes' weights have varied with the data: later steps are measured within
             # their passes (StepNorms.within_passes)
-            "weights_varied": (self._weights_varied is not None and bool(self._weights_varied))
+            "weights_varied": self._varied_before
+            or (self._weights_varied is not None and bool(self._weights_varied))
             or (self._dist is not None and self._dist.weights_varied),
             "loss_reduction": self.loss_reduction,
             "confidence": self.confidence,
@@ -2131,7 +2172,7 @@ class GradientNoiseTracker:
         self.engine.steps_collected = int(state.get("engine_steps", self.steps))
         self.engine.subbatches_pay = state.get("subbatches_pay")
         self._passes_before = int(state.get("passes_before", 0))
-        self._weights_varied = torch.tensor(True) if state.get("weights_varied") else None
+        self._weights_varied, self._varied_before = None, bool(state.get("weights_varied"))
         if self._dist is not None:
             self._dist.weights_varied = bool(state.get("weights_varied"))
         count, examples, tokens = state.get("unmeasured", [0, 0, 0.0])

@@ -157,7 +157,11 @@ def _auxiliary_loss_cause(model: nn.Module, logits_only: bool = False) -> str | 
                 "model is then measured exactly. If it adds their auxiliary loss, that loss "
                 "combines examples (the batch's mean routing fractions times its mean router "
                 "probabilities) and no example has a gradient of its own: measure with "
-                "per_example=False and two or more gradient-accumulation micro-batches a step."
+                "per_example=False and two or more gradient-accumulation micro-batches a step"
+                " (a language model's own loss from labels=: call it with num_items_in_batch=n, "
+                "n the step's counted tokens, in every micro-batch — each micro-batch's own "
+                "token mean weighs them by counts that depend on the data, which micro-batch "
+                "norms alone cannot measure without bias)."
             )
         return (
             f"This model returns its routers' logits and, given labels, adds their auxiliary "
@@ -167,8 +171,10 @@ def _auxiliary_loss_cause(model: nn.Module, logits_only: bool = False) -> str | 
             "examples, so no example has a gradient of its own. Measure this model with "
             "per_example=False and two or more gradient-accumulation micro-batches a step "
             "(each micro-batch's loss, its auxiliary loss included, is then a group of its "
-            "own), or, if it is not trained with the auxiliary loss, with "
-            "output_router_logits=False."
+            "own; call the model with num_items_in_batch=n, n the step's counted tokens, in "
+            "every micro-batch: each micro-batch's own token mean weighs them by counts that "
+            "depend on the data, which micro-batch norms alone cannot measure without bias), "
+            "or, if it is not trained with the auxiliary loss, with output_router_logits=False."
         )
     return None
 
@@ -207,7 +213,9 @@ def _penalty_cause(model: nn.Module) -> str | None:
             "from its logits (peft then adds no penalty: train without it), or, to keep it, "
             "measure with per_example=False and two or more gradient-accumulation "
             "micro-batches a step (each micro-batch's gradient then carries the penalty's, "
-            "and B_simple is that of the penalised objective)."
+            "and B_simple is that of the penalised objective; a language model's loss over "
+            "tokens then needs num_items_in_batch=n, the step's counted tokens, in every "
+            "micro-batch's call)."
         )
     return None
 

@@ -74,7 +74,7 @@ from noisescale.errors import NoiseScaleInputError
 from noisescale.module_hooks import Hook
 from noisescale.per_example import PassNorms, PerExampleNorms
 from noisescale.per_example.factors import sqnorm, sqnorm_total
-from noisescale.sources.base import Observation, StepNorms
+from noisescale.sources.base import Observation, StepNorms, weights_spread
 from noisescale.state import NOTHING_UNMEASURED
 
 __all__ = ["DataParallelSource", "ReducedStep", "resolve"]
@@ -113,8 +113,6 @@ PASS_EXAMPLES = 18
 PASS_MISSING = 19
 HEAD = 20
 WIDTH = HEAD + FIELDS * len(SOURCES)
-# relative spread of the passes' weights above which they are taken to vary with the data
-VARYING = 1e-9
 
 
 # process_group='s check (DataParallelSource.check_averaged) projects gradients this many
@@ -198,7 +196,7 @@ def weights_vary(values: np.ndarray) -> bool:
     differ (measured on the device: each process's or micro-batch's own token mean), from the
     reduced sums (:data:`PASS_COUNT`, :data:`PASS_C`, :data:`PASS_C2`)."""
     n, c, c2 = values[PASS_COUNT], values[PASS_C], values[PASS_C2]
-    return bool(n > 1 and n * c2 - c * c > VARYING * c * c)
+    return bool(n > 1 and weights_spread(n, c, c2))
 
 
 def resolve(
@@ -650,7 +648,7 @@ class DataParallelSource:
             big = self._big_part()
             if big is not None:
                 dev[BIG] = big / grad_scale**2
-            if any(isinstance(c, Tensor) for c in step.coef):
+            if step.data_weights and any(isinstance(c, Tensor) for c in step.coef):
                 self._put_passes(step, put, host)
             if loss is not None:
                 host[HAS_LOSS] = 1.0
@@ -676,14 +674,10 @@ class DataParallelSource:
     def _put_passes(self, step: StepNorms, put: Callable[[int, Any], None], host: list) -> None:
         """This process's passes for the big batch within each pass, where the weights are
         measured on the device and may vary with the data (:data:`PASS_COUNT` …)."""
-        coef = [c for c, p in zip(step.coef, step.passes, strict=True) if p.batch_size > 0]
-        if not coef:
+        if not any(p.batch_size > 0 for p in step.passes):
             return
-        device = next(x for x in coef if isinstance(x, Tensor)).device
-        c = torch.stack(
-            [torch.as_tensor(x, dtype=torch.float64, device=device).reshape(()) for x in coef]
-        )
-        host[PASS_COUNT] = float(len(coef))
+        c = step.pass_weights()
+        host[PASS_COUNT] = float(len(c))
         put(PASS_C, c.sum())
         put(PASS_C2, (c * c).sum())
         within = step.within_passes()
