@@ -1450,7 +1450,8 @@ def test_a_compute_loss_func_in_the_trainers_form_is_measured(tmp_path):
     declared 'num_items_in_batch', equals brute force (each example's gradient alone, eq. A.2
     over the step's 8) for k = 1, 2, 4. Until 2026-12-05 no declaration measured it: 'mean'
     read |G|² and tr Σ k² too small, 'sum' 1/64; those are now refused, as is
-    'num_items_in_batch' for a loss that does not divide by it."""
+    'num_items_in_batch' for a loss that does not divide by it, and any declaration for one
+    that depends on num_items_in_batch otherwise (half of each form)."""
     pytest.importorskip("transformers")
 
     def items_loss(outputs, labels, num_items_in_batch=None):
@@ -1493,6 +1494,16 @@ def test_a_compute_loss_func_in_the_trainers_form_is_measured(tmp_path):
             tmp_path, _bert_classifier(), _Classified(), 2, compute_loss_func=mean_loss,
             loss_reduction="num_items_in_batch",
         )  # fmt: skip
+
+    def mixed_loss(outputs, labels, num_items_in_batch=None):  # half of each form
+        return (items_loss(outputs, labels, num_items_in_batch) + mean_loss(outputs, labels)) / 2
+
+    for declared in ("mean", "sum", "num_items_in_batch"):  # (measured without a word before)
+        with pytest.raises(NoiseScaleInputError, match="but not as its divisor"):
+            _one_step(
+                tmp_path, _bert_classifier(), _Classified(), 2, compute_loss_func=mixed_loss,
+                loss_reduction=declared,
+            )  # fmt: skip
 
 
 def _gpt2_lm():

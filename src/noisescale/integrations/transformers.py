@@ -753,6 +753,8 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         if not isinstance(again, Tensor) or again.dim() != 0:
             return
         ratio = float(again.detach().double() / out.detach().double())
+        if not math.isfinite(ratio):
+            return  # (a loss of exactly 0: nothing to tell)
         divides = math.isclose(ratio, 0.5, rel_tol=1e-4)
         ignores = math.isclose(ratio, 1.0, rel_tol=1e-4)
         declared = self.tracker_kwargs.get("loss_reduction")
@@ -779,6 +781,19 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
                 "loss by num_items_in_batch, but its loss does not change with it; declare "
                 "loss_reduction='mean' if it returns each micro-batch's mean over its examples, "
                 "or 'sum' for a plain sum"
+            )
+        elif min(abs(ratio - 0.5), abs(ratio - 1.0)) > 0.02:
+            # (until 2026-12-05 measured under whatever was declared, without a word; a term
+            # that does not depend on the parameters — label noise, a constant — moves the
+            # ratio a little without changing the gradient: not refused below 2%)
+            message = (
+                "the compute_loss_func's loss changes with num_items_in_batch, but not as its "
+                f"divisor (doubling num_items_in_batch multiplied the loss by {ratio:.4g}, "
+                "neither 1/2 nor 1: a sum divided by it plus a term that is not, or a divisor "
+                "of its own beside it), so noisescale cannot tell how it weighs the examples; "
+                "return each micro-batch's mean over its examples (loss_reduction='mean'), a "
+                "plain sum ('sum') or the examples' summed loss divided by num_items_in_batch "
+                "('num_items_in_batch')"
             )
         if message is not None:
             self._release()  # (no tracker left on the model, the Trainer's functions restored)
