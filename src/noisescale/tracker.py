@@ -142,9 +142,9 @@ class _Pending:
     # (layer, how, device flag "not the examples"), read with the rest (engine.unread_picks)
     picks: tuple[tuple[str, str, Tensor], ...] = ()
     # whether the passes weighed their examples by weights that depend on the data (device
-    # bool), whether the step was then measured within its passes (StepNorms.weights_vary),
-    # and whether nothing was left to measure there (per_example=False, one example a pass)
-    vary: tuple[Tensor, bool, bool] | None = None
+    # bool; the step is then measured within its passes: StepNorms.weights_vary), and why
+    # nothing would be left to measure there, if so (per_example=False, one example a pass)
+    vary: tuple[Tensor, str | None] | None = None
 
 
 def _within_passes(
@@ -731,8 +731,7 @@ class GradientNoiseTracker:
                         vary = torch.ones_like(vary)
                     self._weights_varied = vary
                 within = None if vary is None else norms.within_passes()
-                # nothing to compare within a pass: only its own norm, or a single example
-                nothing = self.mode == "microbatch" or all(p.batch_size <= 1 for p in passes)
+                nothing = self._nothing_to_compare(passes, within)
                 if vary is not None and within is not None:
                     big, group_big, b_big = _within_passes(vary, within, big, group_big, b_big)
                     observations = _without_pass_norms(vary, observations)
@@ -751,7 +750,7 @@ class GradientNoiseTracker:
                     tokens=tokens,
                     unmeasured=self._unmeasured,
                     picks=picks,
-                    vary=None if vary is None else (vary, within is not None, nothing),
+                    vary=None if vary is None else (vary, nothing),
                 )
             )
             self._unmeasured = state_mod.NOTHING_UNMEASURED
@@ -1315,9 +1314,10 @@ class GradientNoiseTracker:
                     refused = (p.step, self._picked_message(p, round(float(row[PICKED]))))
                 b_big, big, examples, loss, sources, tokens = self._dist.resolve(row)
                 if self._dist.weights_varied:
-                    if refused is None and not sources:
-                        refused = (p.step, self._nothing_within(p.step))
-                    self._warn_weights_vary(p.step, within=row[PASS_MISSING] == 0)
+                    if refused is None and (not sources or row[PASS_MISSING] > 0):
+                        why = self._nothing_to_compare([], None if row[PASS_MISSING] else ())
+                        refused = (p.step, self._nothing_within(p.step, why))
+                    self._warn_weights_vary(p.step)
                 unmeasured = (p.unmeasured[0], *self._dist.resolve_unmeasured(row, p.step))
                 if not sources:
                     self._warn_once(
@@ -1386,9 +1386,9 @@ class GradientNoiseTracker:
             if unmeasured_tokens is not None:
                 unmeasured_tokens = read(unmeasured_tokens)
             if p.vary is not None and read(p.vary[0]):
-                if refused is None and p.vary[2]:
-                    refused = (p.step, self._nothing_within(p.step))
-                self._warn_weights_vary(p.step, within=p.vary[1])
+                if refused is None and p.vary[1] is not None:
+                    refused = (p.step, self._nothing_within(p.step, p.vary[1]))
+                self._warn_weights_vary(p.step)
             sources = {}
             for name, obs in p.observations.items():
                 total = float(values[pos])
@@ -1573,13 +1573,25 @@ class GradientNoiseTracker:
             self._optimizer_seen = (self.steps, taken)
         return taken
 
-    def _nothing_within(self, step: int) -> str:
+    def _nothing_to_compare(self, passes: list[Any], within: Any) -> str | None:
+        """Why a step measured within its passes would have nothing to compare there, or
+        ``None``: no small batch but the passes themselves (``per_example=False``), one
+        example a pass, or a pass's gradient norm missing (its backward reached no
+        parameter)."""
+        if self.mode == "microbatch":
+            return "with per_example=False the only small batches are the micro-batches themselves"
+        if within is None:
+            return (
+                "a micro-batch's gradient norm is missing (its backward reached no parameter), "
+                "so the micro-batches cannot be taken on their own"
+            )
+        if passes and all(p.batch_size <= 1 for p in passes):
+            return "each micro-batch holds one example, so it has nothing to compare"
+        return None
+
+    def _nothing_within(self, step: int, where: str | None) -> str:
         """Why a step whose passes' weights vary with the data cannot be measured at all."""
-        where = (
-            "with per_example=False the only small batches are the micro-batches themselves"
-            if self.mode == "microbatch"
-            else "each micro-batch holds one example, so it has nothing to compare"
-        )
+        where = where or "no process had a small batch within its passes"
         return (
             f"{_NOTHING_WITHIN} (step {step}): its micro-batches' losses each divide their sum "
             "by their own token count and the counts differ, so the step's gradient weighs them "
@@ -1592,7 +1604,7 @@ class GradientNoiseTracker:
             + ("; or several examples a micro-batch" if self.mode != "microbatch" else "")
         )
 
-    def _warn_weights_vary(self, step: int, within: bool) -> None:
+    def _warn_weights_vary(self, step: int) -> None:
         """Once, at the first step whose passes weighed their examples by weights that depend on
         the data (:meth:`~noisescale.sources.base.StepNorms.weights_vary`): a loss that divides
         each micro-batch's summed token loss by that micro-batch's own count. The step's
@@ -1600,18 +1612,11 @@ class GradientNoiseTracker:
         16% low and tr Σ 22% high (B_simple 45% high; BERT's masked LM with two micro-batches
         a step, about 20% high), warned about and left so until 2026-12-05 — and the step is
         measured within its passes (``tests/test_tokens.py``)."""
-        if within:
-            what = (
-                "each step is measured within its micro-batches (each the big batch of its own "
-                "sub-batches or examples; the micro-batch norms are left out): unbiased, but "
-                "without the pairs of examples across micro-batches, so less precise"
-            )
-        else:
-            what = (
-                "a micro-batch's gradient norm is missing, so the step could not be measured "
-                "within its micro-batches, and its estimate is biased (|G|² low, tr Σ high: "
-                "B_simple 20–45% too high in tests)"
-            )
+        what = (
+            "each step is measured within its micro-batches (each the big batch of its own "
+            "sub-batches or examples; the micro-batch norms are left out): unbiased, but "
+            "without the pairs of examples across micro-batches, so less precise"
+        )
         self._warn_once(
             "token-mean-weights",
             f"step {step}: its micro-batches' losses each divide their sum by their own count, "
