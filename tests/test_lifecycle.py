@@ -430,13 +430,14 @@ def test_a_dropped_tracker_leaves_a_hugging_face_model_its_own_loss():
 
 
 @pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}])
-def test_a_forward_no_backward_reaches_lets_go_of_its_graph_and_batch(kw):
+def test_a_forward_no_backward_reaches_lets_go_of_its_graph(kw):
     """An evaluation loop with gradients on (``model.eval()`` without ``torch.no_grad()``):
     each forward opens a pass, which no backward reaches. Until 2026-12-05 each such pass held
     its outputs' autograd nodes (and a hook there held the output's edge), so every batch's
-    graph — its activations — and its input stayed alive until the next step (+143 MB for 40
-    batches of a 512-2048-10 MLP, measured). Now a graph goes when its outputs do, and its pass
-    lets go of the input then; the next step is measured as if the loop had not run."""
+    graph — its activations — stayed alive until the next step (+143 MB for 40 batches of a
+    512-2048-10 MLP, measured). Now a graph goes when its outputs do (the pass keeps its input
+    until the step: the same-input check needs it); the next step is measured as if the loop
+    had not run. An audited pass still keeps its graph until the step ends."""
     model = Net()
     tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
     for _ in range(5):  # past the first audits (an audited pass keeps its graph for the step)
@@ -460,7 +461,6 @@ def test_a_forward_no_backward_reaches_lets_go_of_its_graph_and_batch(kw):
     gc.collect()
     assert graphs and all(g() is None for g in graphs)
     assert len(tracker.engine.passes) == len(batches)
-    assert all(p.inputs is None and p.examples is None for p in tracker.engine.passes)
     loss_of(model).backward()
     tracker.step()
     assert not tracker.history[-1]["skipped"]

@@ -1057,18 +1057,19 @@ def test_a_token_mean_per_micro_batch_is_unbiased(mode, steps):
         assert abs(float(got.mean()) - want) < 4 * se, (float(got.mean()), want, se)
 
 
-def test_a_token_mean_per_micro_batch_of_one_sequence_is_refused_and_says_why():
+def test_a_token_mean_per_micro_batch_of_one_sequence_is_skipped_and_says_why():
     """One sequence a micro-batch: within a micro-batch there is no pair of examples to
     compare, and across them the weights depend on the data — nothing unbiased is left, and
-    the step is refused with the fix (the steps before it, whose counts happened to be equal,
-    are kept: from the first step that varies, all are measured within their micro-batches,
-    since choosing by each step's own counts would select steps on their data — tr Σ 90% low
-    in a Monte Carlo)."""
+    every step from the first whose counts differ is skipped with a warning that says why and
+    the fix (not only those whose counts differ: choosing by each step's own counts would
+    select steps on their data — tr Σ 90% low in a Monte Carlo). Not refused: another step of
+    the run may hold more (``test_a_step_of_one_sequence_a_micro_batch_among_others_...``)."""
     model, token_losses, mask, _ = _varying_pool()
-    with pytest.raises(NoiseScaleInputError, match="nothing in this step can be measured") as err:
-        _token_mean_run(model, token_losses, mask, 40, 2, 1)
-    assert "each micro-batch holds one example" in str(err.value)
-    assert "num_items_in_batch=n" in str(err.value)
+    with pytest.warns(RuntimeWarning, match="each holds one example") as caught:
+        history, _, _ = _token_mean_run(model, token_losses, mask, 40, 2, 1)
+    first = next(i for i, r in enumerate(history) if r["skipped"])
+    assert all(r["skipped"] for r in history[first:])
+    assert any("num_items_in_batch=" in str(w.message) for w in caught)
 
 
 def _b_big_examples(history):
@@ -1142,3 +1143,24 @@ def test_unequal_micro_batches_of_a_mean_over_examples_are_not_weights_that_vary
     tracker.remove()
     assert [r["b_big"] for r in history][::2] == [16.0, 16.0]
     assert all("microbatch" in r["sources"] for r in history)
+
+
+def test_a_step_of_one_sequence_a_micro_batch_among_others_is_skipped_not_refused():
+    """A token budget that leaves one step with one sequence a micro-batch, in a run whose
+    other steps hold four: that step has nothing to compare within its micro-batches and is
+    skipped with a warning; the run goes on (a review found the first version refusing it,
+    which killed a run of measurable steps)."""
+    model, token_losses, mask, _ = _varying_pool()
+    tracker = noisescale.GradientNoiseTracker(model, loss_reduction="token_mean", sync_every=1)
+    gen = torch.Generator().manual_seed(2)
+    with pytest.warns(RuntimeWarning, match="each holds one example"):
+        for b in (4, 4, 1, 4, 4):
+            for _ in range(2):
+                idx = torch.randint(0, len(mask), (b,), generator=gen)
+                (token_losses(idx).sum() / mask[idx].sum() / 2).backward()
+                tracker.count_tokens(mask[idx])
+            tracker.step()
+            model.zero_grad()
+    history = tracker.history
+    tracker.remove()
+    assert [r["skipped"] for r in history] == [False, False, True, False, False]

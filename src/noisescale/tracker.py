@@ -142,9 +142,10 @@ class _Pending:
     # (layer, how, device flag "not the examples"), read with the rest (engine.unread_picks)
     picks: tuple[tuple[str, str, Tensor], ...] = ()
     # whether the passes weighed their examples by weights that depend on the data (device
-    # bool; the step is then measured within its passes: StepNorms.weights_vary), and why
-    # nothing would be left to measure there, if so (per_example=False, one example a pass)
-    vary: tuple[Tensor, str | None] | None = None
+    # bool; the step is then measured within its passes: StepNorms.weights_vary), why nothing
+    # could ever be measured there, if so (per_example=False), and whether each pass held
+    # one example (this step skipped)
+    vary: tuple[Tensor, str | None, bool] | None = None
 
 
 def _within_passes(
@@ -732,6 +733,7 @@ class GradientNoiseTracker:
                     self._weights_varied = vary
                 within = None if vary is None else norms.within_passes()
                 nothing = self._nothing_to_compare(passes, within)
+                one_each = all(p.batch_size <= 1 for p in passes)
                 if vary is not None and within is not None:
                     big, group_big, b_big = _within_passes(vary, within, big, group_big, b_big)
                     observations = _without_pass_norms(vary, observations)
@@ -750,7 +752,7 @@ class GradientNoiseTracker:
                     tokens=tokens,
                     unmeasured=self._unmeasured,
                     picks=picks,
-                    vary=None if vary is None else (vary, nothing),
+                    vary=None if vary is None else (vary, nothing, one_each),
                 )
             )
             self._unmeasured = state_mod.NOTHING_UNMEASURED
@@ -1314,8 +1316,8 @@ class GradientNoiseTracker:
                     refused = (p.step, self._picked_message(p, round(float(row[PICKED]))))
                 b_big, big, examples, loss, sources, tokens = self._dist.resolve(row)
                 if self._dist.weights_varied:
-                    if refused is None and (not sources or row[PASS_MISSING] > 0):
-                        why = self._nothing_to_compare([], None if row[PASS_MISSING] else ())
+                    why = self._nothing_to_compare([], None if row[PASS_MISSING] else ())
+                    if refused is None and why is not None:
                         refused = (p.step, self._nothing_within(p.step, why))
                     self._warn_weights_vary(p.step)
                 unmeasured = (p.unmeasured[0], *self._dist.resolve_unmeasured(row, p.step))
@@ -1389,6 +1391,14 @@ class GradientNoiseTracker:
                 if refused is None and p.vary[1] is not None:
                     refused = (p.step, self._nothing_within(p.step, p.vary[1]))
                 self._warn_weights_vary(p.step)
+                if p.vary[2]:
+                    self._warn_once(
+                        "token-mean-one-each",
+                        f"step {p.step} is skipped: measured within its micro-batches (their "
+                        "token-mean weights vary with the data), and each holds one example, "
+                        "so there is nothing to compare; hold several examples a micro-batch, "
+                        "or divide by the step's tokens (num_items_in_batch=)",
+                    )
             sources = {}
             for name, obs in p.observations.items():
                 total = float(values[pos])
@@ -1574,10 +1584,12 @@ class GradientNoiseTracker:
         return taken
 
     def _nothing_to_compare(self, passes: list[Any], within: Any) -> str | None:
-        """Why a step measured within its passes would have nothing to compare there, or
-        ``None``: no small batch but the passes themselves (``per_example=False``), one
-        example a pass, or a pass's gradient norm missing (its backward reached no
-        parameter)."""
+        """Why a step measured within its passes could never be measured there, or ``None``:
+        no small batch but the passes themselves (``per_example=False``: every such step is
+        refused), or a pass's gradient norm missing (its backward reached no parameter). A
+        step whose micro-batches hold one example each is skipped instead, with a warning
+        (:meth:`_warn_weights_vary`): other steps of the run may hold more (a review found
+        one such step killing a run of measurable ones)."""
         if self.mode == "microbatch":
             return "with per_example=False the only small batches are the micro-batches themselves"
         if within is None:
@@ -1585,13 +1597,10 @@ class GradientNoiseTracker:
                 "a micro-batch's gradient norm is missing (its backward reached no parameter), "
                 "so the micro-batches cannot be taken on their own"
             )
-        if passes and all(p.batch_size <= 1 for p in passes):
-            return "each micro-batch holds one example, so it has nothing to compare"
         return None
 
-    def _nothing_within(self, step: int, where: str | None) -> str:
+    def _nothing_within(self, step: int, where: str) -> str:
         """Why a step whose passes' weights vary with the data cannot be measured at all."""
-        where = where or "no process had a small batch within its passes"
         return (
             f"{_NOTHING_WITHIN} (step {step}): its micro-batches' losses each divide their sum "
             "by their own token count and the counts differ, so the step's gradient weighs them "
@@ -1601,7 +1610,6 @@ class GradientNoiseTracker:
             "loss by the step's total count instead: a Hugging Face model called with "
             "num_items_in_batch=n (n the step's counted tokens, as the Trainer passes it), or "
             "your own loss declared loss_reduction='num_items_in_batch'"
-            + ("; or several examples a micro-batch" if self.mode != "microbatch" else "")
         )
 
     def _warn_weights_vary(self, step: int) -> None:

@@ -128,6 +128,22 @@ def _sync_gradients() -> bool:
     return bool(GradientState().sync_gradients)
 
 
+def _rng_states() -> tuple[Tensor, list[Tensor]]:
+    """torch's CPU generator's state and the CUDA devices' (for a call repeated as it ran)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    return torch.random.get_rng_state(), cuda
+
+
+def _set_rng_states(states: tuple[Tensor, list[Tensor]], devices: list[int]) -> None:
+    """Restore :func:`_rng_states`' CPU state and those of ``devices`` (the ones
+    ``fork_rng`` puts back afterwards)."""
+    cpu, cuda = states
+    torch.random.set_rng_state(cpu)
+    for d in devices:
+        if d < len(cuda):
+            torch.cuda.set_rng_state(cuda[d], d)
+
+
 class NoiseScaleCallback(TrainerCallback, ExportableState):
     """Measures B_simple in a Hugging Face ``Trainer`` run, logs it and optionally adapts the batch.
 
@@ -708,12 +724,14 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
             unchecked = [True]  # the function's divisor is checked on its first call
 
             def watched_func(*a: Any, **kw: Any) -> Any:
+                # (the generators as the call found them: the probe draws what it drew)
+                before = _rng_states() if unchecked else None
                 out = loss_func(*a, **kw)
                 labels = kw["labels"] if "labels" in kw else _arg(a, 1)
                 items = kw["num_items_in_batch"] if "num_items_in_batch" in kw else _arg(a, 2)
                 if unchecked and torch.is_grad_enabled() and items is not None:
                     unchecked.clear()
-                    self._check_loss_func(loss_func, a, kw, out, labels, items)
+                    self._check_loss_func(loss_func, a, kw, out, labels, items, before)
                 measured = tracker.loss_reduction == "num_items_in_batch" and (
                     tracker._tokens.measure_items_loss(out, labels, items)
                 )
@@ -732,7 +750,14 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
             tracker._trainer_loss_outside = "compute_loss_func"
 
     def _check_loss_func(
-        self, loss_func: Any, a: tuple, kw: dict, out: Any, labels: Any, items: Any
+        self,
+        loss_func: Any,
+        a: tuple,
+        kw: dict,
+        out: Any,
+        labels: Any,
+        items: Any,
+        before: Any = None,
     ) -> None:
         """Refuse a ``loss_reduction`` the ``compute_loss_func`` contradicts. Whether it divides
         by ``num_items_in_batch`` is seen by calling it again, without gradients, with twice
@@ -749,6 +774,11 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         # softmax — leaves the run's later draws what they would be without the callback)
         devices = [out.device.index or 0] if out.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            if before is not None:
+                # the same draws as the call it repeats (label noise drawn anew moved the
+                # ratio by its own amount, and a loss that ignores num_items_in_batch was
+                # refused; a review found it)
+                _set_rng_states(before, devices)
             again = loss_func(*again_a, **again_kw)
         if not isinstance(again, Tensor) or again.dim() != 0:
             return

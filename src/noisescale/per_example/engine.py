@@ -223,20 +223,6 @@ def _replaced_message(label: str, name: str, held: Any) -> str:
     )
 
 
-class _GraphAlive:
-    """Held by the hooks on a pass's outputs' autograd nodes: collected with its graph."""
-
-
-def _graph_freed(ref: Any) -> None:
-    """A pass's forward graph was freed: if no backward reached the pass (a forward with
-    gradients on whose outputs were dropped: an evaluation loop outside ``torch.no_grad()``),
-    none can now, and its input batch is let go of at once (measured: every batch of such a
-    loop was held until the next step). The step drops the pass, as before."""
-    pass_ = ref()
-    if pass_ is not None and not pass_.tasks:
-        pass_.inputs = pass_.examples = pass_.n_source = None
-
-
 class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
     """The hook engine: per-example squared norms and micro-batch gradient norms per pass.
 
@@ -1112,10 +1098,6 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # (what the loss computes from: shared.py asks whether a tensor there derives from them)
         pass_.output_nodes = {_node_key(edge.node) for edge, _ in candidates}
         dim, seen, roots, boxes = self._model_dim, set(), [], []
-        # held by the hooks on the outputs' nodes, so collected with the forward's graph: a
-        # pass no backward reached lets go of its input batch then, not at the step's end
-        alive = _GraphAlive()
-        weakref.finalize(alive, _graph_freed, weakref.ref(pass_))
         for edge, shape in candidates:
             if (id(edge.node), edge.output_nr) in seen:
                 continue
@@ -1130,7 +1112,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             hook = self._make_root_hook(pass_, box, batched)
             pass_.handles.append(
                 edge.node.register_prehook(
-                    lambda grads, h=hook, nr=edge.output_nr, _graph=alive: (
+                    lambda grads, h=hook, nr=edge.output_nr: (
                         None if grads[nr] is None else h(grads[nr])
                     )
                 )
