@@ -937,3 +937,88 @@ def replace_every(model: SyntheticBranchModel, every: int) -> SyntheticBranchMod
     from dataclasses import replace
 
     return replace(model, report_every=every)
+
+
+FAILING_TRAIN = textwrap.dedent(
+    """
+    import os
+    import sys
+
+    sys.path.insert(0, {examples!r})
+    from branch_train import train as _train
+
+
+    def train(batch_size, learning_rate, reporter, *, checkpoint, budget, seed):
+        fail = os.environ.get("BRANCH_FAIL", "")
+        if fail and (checkpoint, batch_size) == tuple(float(x) for x in fail.split(",")):
+            raise RuntimeError("out of memory (simulated)")
+        _train(batch_size, learning_rate, reporter, checkpoint=checkpoint, budget=budget,
+               seed=seed)
+    """
+)
+
+
+def test_a_partial_study_keeps_its_reference_and_names_what_is_missing(
+    tmp_path: Path,
+    fresh_folder: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every branch of the plan's smallest batch size (8) at checkpoint 2000 failed: the analysis
+    # compared that point against B_ref = 16, a local CBS of 44.19 [36.32, 53.76] at τ = 0.5
+    # where the truth at B_ref = 8 is 31.5, without a word.
+    pytest.importorskip("optuna")
+    from noisescale.cli import main
+
+    (tmp_path / "train_fail.py").write_text(FAILING_TRAIN.format(examples=str(REPO / "examples")))
+    plan = [
+        "branch",
+        "train_fail.py:train",
+        "--checkpoints",
+        "0,2000",
+        "--batch-sizes",
+        "8,16,32",
+        "--lr",
+        "0.1",
+        "--lr-rule",
+        "linear",
+        "--budget",
+        "512",
+        "--repeats",
+        "2",
+        "--tolerance",
+        "0.5",
+        "--no-progress",
+        "--keep-going",
+    ]
+    monkeypatch.setenv("BRANCH_FAIL", "2000,8")
+    assert main([*plan, "--study", "ref"]) == 1
+    capsys.readouterr()
+    assert main(["branch", "--study", "ref", "--tolerance", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint 2000" in err and "reference batch size 8" in err
+    assert "(failed)" in err and "Run the plan again" in err
+    # The library refuses it too, given the reference batch size.
+    branches = read_branches("sqlite:///sweep.db", "ref")
+    at_2000 = [b for b in branches if b.checkpoint == 2000]
+    with pytest.raises(NoiseScaleInputError, match="reference batch size 8"):
+        local_critical_batch_size(at_2000, tolerance=0.5, reference_batch_size=8)
+    assert local_critical_batch_size(at_2000, tolerance=0.5).reference_batch_size == 16
+    # Another batch size missing: compared without it, and said so (text and JSON).
+    monkeypatch.setenv("BRANCH_FAIL", "2000,32")
+    assert main([*plan, "--study", "mid"]) == 1
+    capsys.readouterr()
+    assert main(["branch", "--study", "mid", "--tolerance", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "2 branch(es) of the plan have not finished" in err
+    assert "checkpoint 2000 B=32 seed(s) 0, 1 (2 failed)" in err
+    assert main(["branch", "--study", "mid", "--tolerance", "0.5", "--json"]) == 0
+    payload = _last_json(capsys)
+    assert any("checkpoint 2000 B=32" in n for n in payload["notes"])
+    assert [
+        (u["checkpoint"], u["batch_size"], u["state"]) for u in payload["unfinished_branches"]
+    ] == [
+        (2000.0, 32, "failed"),
+        (2000.0, 32, "failed"),
+    ]
+    assert all(p["branch"]["reference_batch_size"] == 8 for p in payload["points"])

@@ -28,6 +28,7 @@ import math
 import shlex
 import sys
 import traceback
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -383,6 +384,7 @@ def _analyse(
 ) -> int:
     from noisescale.branch.compare import local_critical_batch_sizes
     from noisescale.branch.runner import (
+        missing_branches,
         plan_from_dict,
         read_branches,
         split_by_plan,
@@ -405,6 +407,8 @@ def _analyse(
         current = None  # asked for another budget: an earlier plan's branches
     budget = current.budget if current is not None else args.budget
     branches = read_branches(storage.url, name, budget=budget)
+    missing: list[Any] = []
+    reference_batch_size = None
     if current is not None:
         branches, others = split_by_plan(branches, current)
         which = "this command's" if plan is not None else "the last"
@@ -420,6 +424,30 @@ def _analyse(
                 "compared. To analyse the others, run the command with their plan's options "
                 "again (finished branches are skipped)"
             )
+        missing = missing_branches(storage.url, name, current, branches)
+        if args.reference == "smallest":
+            reference_batch_size = float(min(current.batch_sizes))
+            have = {b.checkpoint for b in branches}
+            for c in sorted(have):
+                if not any(
+                    b.checkpoint == c and b.batch_size == reference_batch_size for b in branches
+                ):
+                    states = sorted(
+                        {
+                            m.state
+                            for m in missing
+                            if m.checkpoint == c and m.batch_size == reference_batch_size
+                        }
+                    )
+                    raise NoiseScaleInputError(
+                        f"checkpoint {c:g} has no finished branch at the plan's reference batch "
+                        f"size {reference_batch_size:g} ({', '.join(states) or 'missing'}): "
+                        "comparing it against the next batch size would move its local "
+                        f"critical batch size by (1 + τ)·ΔB_ref. Run the plan again "
+                        "(MODULE:FUNCTION with its options) to finish it"
+                    )
+        if missing:
+            notes.append(_missing_note(missing))
     else:
         pooled = _pooled_rates(branches)
         if pooled:
@@ -434,6 +462,7 @@ def _analyse(
         reference=args.reference,
         decay=args.ema,
         confidence=args.confidence,
+        reference_batch_size=reference_batch_size,
     )
     rows = side_by_side(
         results,
@@ -476,6 +505,9 @@ def _analyse(
         "points": [row.as_dict() for row in rows],
         "warmup": None if warm is None else warm.as_dict(),
         "notes": notes,
+        "unfinished_branches": [
+            {k: v for k, v in m.__dict__.items() if k != "final_loss"} for m in missing
+        ],
     }
     text = json.dumps(payload, indent=2, allow_nan=False)
     figures: dict[str, bytes] | None = None
@@ -611,6 +643,29 @@ def _word(value: Any) -> str:
     if isinstance(value, float):
         return str(int(value)) if value.is_integer() else repr(value)
     return str(value)
+
+
+def _missing_note(missing: list[Any]) -> str:
+    """The planned branches an analysis goes without, grouped by checkpoint and batch size."""
+    groups: dict[tuple[float, int], list[Any]] = {}
+    for m in missing:
+        groups.setdefault((m.checkpoint, m.batch_size), []).append(m)
+    shown = []
+    for (c, b), ms in sorted(groups.items()):
+        states = Counter(m.state for m in ms)
+        seeds = sorted({m.seed for m in ms})
+        shown.append(
+            f"checkpoint {c:g} B={b} seed(s) {', '.join(map(str, seeds))} ("
+            + ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+            + ")"
+        )
+    more = f"; and {len(shown) - 8} more" if len(shown) > 8 else ""
+    return (
+        f"{len(missing)} branch(es) of the plan have not finished and are left out: "
+        f"{'; '.join(shown[:8])}{more}. The branch points are compared without them (fewer "
+        "batch sizes or seeds, or a checkpoint missing from the table); run the plan again "
+        "(MODULE:FUNCTION with its options) to finish them before trusting the numbers"
+    )
 
 
 def _settings(branches: list[Any]) -> str:
