@@ -1022,3 +1022,52 @@ def test_a_partial_study_keeps_its_reference_and_names_what_is_missing(
         (2000.0, 32, "failed"),
     ]
     assert all(p["branch"]["reference_batch_size"] == 8 for p in payload["points"])
+
+
+def test_a_b_noise_trackers_records_are_converted_to_tokens(
+    tmp_path: Path, fresh_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A BNoiseTracker measures per example: B_noise 40 examples at 8 tokens per example is 320
+    # tokens beside token branches; it was reported as 40.0, in examples beside B_crit in tokens.
+    records = synthetic_records(n_steps=100, batch_size=64)
+    for r in records:
+        r["tokens_seen"] = 8 * r["examples"]
+        r["tokens_per_example"] = 8.0
+    header = {"kind": "noisescale.history", "version": 1, "unit": "tokens", "beta": 0.9}
+    history = load_history(write_synthetic_history(tmp_path / "t.jsonl", records, header))
+    bn = [
+        {"step": s, "ghg": 1.0 + s % 2, "trace_h_sigma": 40.0 * (1.0 + s % 2)}
+        for s in range(10, 20)
+    ]
+    rows = side_by_side(
+        [_result(8 * 640, 8 * 640, 100.0, 150.0)],
+        history,
+        unit="tokens",
+        b_noise=read_b_noise(bn, history, unit="tokens"),
+    )
+    assert rows[0].b_noise == pytest.approx(320.0, rel=1e-12)
+    examples = side_by_side(
+        [_result(640, 640, 100.0, 150.0)], history, b_noise=read_b_noise(bn, history)
+    )[0]
+    assert examples.b_noise == pytest.approx(40.0, rel=1e-12)
+    assert (rows[0].b_noise_low, rows[0].b_noise_high) == pytest.approx(
+        (8 * examples.b_noise_low, 8 * examples.b_noise_high), rel=1e-9
+    )
+    # --tokens-per-example says it where the history does not.
+    by_hand = read_b_noise(bn, history, unit="tokens", tokens_per_example=4)
+    assert by_hand[0].trace_h_sigma / by_hand[0].ghg == pytest.approx(160.0)
+    # Records placed by tokens, with nothing to convert their values by: refused, not mixed.
+    placed = [dict(r, tokens=8 * 64 * r["step"]) for r in bn]
+    with pytest.raises(NoiseScaleInputError, match="per example"):
+        read_b_noise(placed, unit="tokens")
+    # The command: converted with the history's tokens per example; refused (exit 2) without.
+    pytest.importorskip("optuna")
+    from noisescale.cli import main
+
+    (tmp_path / "bn.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bn))
+    (tmp_path / "bt.jsonl").write_text("".join(json.dumps(r) + "\n" for r in placed))
+    argv = _small_plan("--unit", "tokens", "--budget", "8192", "--study", "tok", "--json")
+    assert main([*argv, "--history", "t.jsonl", "--b-noise", "bn.jsonl"]) == 0
+    assert _last_json(capsys)["points"][0]["b_noise"] == pytest.approx(320.0, rel=1e-12)
+    assert main(["branch", "--study", "tok", "--b-noise", "bt.jsonl"]) == 2
+    assert "per example" in capsys.readouterr().err

@@ -173,7 +173,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--tokens-per-example",
         type=_args.positive_float,
         metavar="T",
-        help="to convert a history in the other unit that did not count tokens",
+        help="to convert a history in the other unit that did not count tokens, and a "
+        "BNoiseTracker's B_noise (per example) for branches in tokens (default: the history's "
+        "tokens per example at each record's step)",
     )
     analysis.add_argument(
         "--b-noise",
@@ -756,8 +758,10 @@ def _unit(args: argparse.Namespace, storage: str, study: str) -> str:
 
 def _history(args: argparse.Namespace) -> Any:
     if args.history is None:
-        if args.tokens_per_example is not None:
-            raise NoiseScaleInputError("--tokens-per-example converts a --history; give one")
+        if args.tokens_per_example is not None and args.b_noise is None:
+            raise NoiseScaleInputError(
+                "--tokens-per-example converts a --history (or --b-noise); give one"
+            )
         return None
     from noisescale.branch.side import history_positions
     from noisescale.report.data import load_history
