@@ -1071,3 +1071,23 @@ def test_a_b_noise_trackers_records_are_converted_to_tokens(
     assert _last_json(capsys)["points"][0]["b_noise"] == pytest.approx(320.0, rel=1e-12)
     assert main(["branch", "--study", "tok", "--b-noise", "bt.jsonl"]) == 2
     assert "per example" in capsys.readouterr().err
+
+
+def test_a_window_the_history_barely_covers_is_noted(
+    tmp_path: Path, fresh_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The history ends at 320 examples; the second window, [288, 544], spans 32 of its steps
+    # and holds 5: B_simple "over the window" came from those, with no word.
+    pytest.importorskip("optuna")
+    from noisescale.cli import main
+
+    write_synthetic_history(tmp_path / "h.jsonl", synthetic_records(n_steps=40, batch_size=8))
+    assert main(_small_plan("--checkpoints", "0,288", "--history", "h.jsonl")) == 0
+    captured = capsys.readouterr()
+    assert "checkpoint 288: 5 of 32 steps" in captured.err
+    assert "checkpoint 0:" not in captured.err  # 27 of 32 steps: covered
+    assert main(["branch", "--history", "h.jsonl", "--json"]) == 0
+    payload = _last_json(capsys)
+    assert [p["window_steps"] for p in payload["points"]] == [32, 32]
+    assert [p["b_simple_steps"] for p in payload["points"]] == [27, 5]
+    assert any("checkpoint 288: 5 of 32 steps" in n for n in payload["notes"])

@@ -64,6 +64,9 @@ class SideBySideRow:
             is too noisy to place a checkpoint by; ``nan`` without a history).
         b_simple, b_simple_low, b_simple_high: B_simple over the window with its interval.
         b_simple_steps: Steps of the window that carry |G|² and tr Σ.
+        window_steps: The main run's records the window spans, at the history's median spacing
+            (0 without a history): ``b_simple_steps`` well below it means the history does not
+            cover the window, and B_simple rests on a few steps at one of its ends.
         b_noise, b_noise_low, b_noise_high: B_noise over the window (module docstring).
         ratio_b_crit: B_crit/B_simple.
         ratio_cbs: cbs/B_simple.
@@ -81,6 +84,7 @@ class SideBySideRow:
     b_noise_high: float
     ratio_b_crit: float
     ratio_cbs: float
+    window_steps: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready (non-finite numbers as ``null``)."""
@@ -91,6 +95,7 @@ class SideBySideRow:
             "b_simple_low",
             "b_simple_high",
             "b_simple_steps",
+            "window_steps",
             "b_noise",
             "b_noise_low",
             "b_noise_high",
@@ -246,6 +251,11 @@ def side_by_side(
     _check_unit(unit)
     rows = []
     pos = history_positions(history, unit, tokens_per_example) if history is not None else None
+    spacing = math.nan
+    if pos is not None:
+        gaps = np.diff(pos[np.isfinite(pos)])
+        gaps = gaps[gaps > 0]
+        spacing = float(np.median(gaps)) if gaps.size else math.nan
     for r in sorted(results, key=lambda r: r.checkpoint):
         start, end = r.checkpoint, r.checkpoint + r.budget
         loss = math.nan
@@ -279,6 +289,7 @@ def side_by_side(
                 b_noise_high=bn_high,
                 ratio_b_crit=_ratio(r.b_crit, bs),
                 ratio_cbs=_ratio(r.cbs, bs),
+                window_steps=round((end - start) / spacing) if spacing > 0 else 0,
             )
         )
     return rows

@@ -474,6 +474,24 @@ def _analyse(
         b_noise=b_noise,
         confidence=args.confidence,
     )
+    short = [
+        row
+        for row in rows
+        if history is not None
+        and row.window_steps > 0
+        and 2 * row.b_simple_steps < row.window_steps
+    ]
+    if short:
+        shown = "; ".join(
+            f"checkpoint {row.result.checkpoint:g}: {row.b_simple_steps} of "
+            f"{row.window_steps} steps"
+            for row in short
+        )
+        notes.append(
+            f"the history covers less than half of {len(short)} branch window(s) ({shown}): "
+            "B_simple there is measured over those steps only, at one end of the window, not "
+            "over the window; give the history of the whole run"
+        )
     usable = results
     if args.stable is not None:
         start, end = args.stable
