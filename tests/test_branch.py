@@ -1091,3 +1091,20 @@ def test_a_window_the_history_barely_covers_is_noted(
     assert [p["window_steps"] for p in payload["points"]] == [32, 32]
     assert [p["b_simple_steps"] for p in payload["points"]] == [27, 5]
     assert any("checkpoint 288: 5 of 32 steps" in n for n in payload["notes"])
+
+
+def test_b_noise_is_a_column_of_the_table(
+    fresh_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --b-noise values were in the JSON only, never in the table the README promises.
+    pytest.importorskip("optuna")
+    from noisescale.cli import main
+
+    (fresh_folder / "bn.jsonl").write_text(
+        json.dumps({"examples": 100, "b_noise": 12.5, "b_noise_low": 10, "b_noise_high": 15}) + "\n"
+    )
+    assert main(_small_plan("--b-noise", "bn.jsonl")) == 0
+    out = capsys.readouterr().out
+    assert "B_noise (window)" in out and "12.5 [10, 15]" in out
+    assert main(["branch"]) == 0
+    assert "B_noise" not in capsys.readouterr().out  # no column without --b-noise

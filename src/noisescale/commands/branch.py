@@ -589,16 +589,20 @@ def _text(rows: list[Any], warm: Any, args: argparse.Namespace, storage: Any, st
         f"{format_number(100 * args.tolerance)}% more {args.unit} than the {args.reference} "
         f"reference); {format_number(100 * r0.confidence)}% intervals over data orders",
         f"  {'checkpoint':>11}  {'local CBS':>22}  {'B_crit (eq. 2.11)':>22}  "
-        f"{'B_simple (window)':>22}  {'B_crit/B_simple':>15}",
+        f"{'B_simple (window)':>22}  {'B_crit/B_simple':>15}"
+        + (f"  {'B_noise (window)':>22}" if args.b_noise else ""),
     ]
     for row in rows:
         r = row.result
+        noise = ""
+        if args.b_noise:
+            noise = f"  {value(row.b_noise, row.b_noise_low, row.b_noise_high):>22}"
         lines.append(
             f"  {format_count(r.checkpoint):>11}  "
             f"{value(r.cbs, r.cbs_low, r.cbs_high, _cbs_mark(r.cbs_bound)):>22}  "
             f"{value(r.b_crit, r.b_crit_low, r.b_crit_high, r.b_crit_bound):>22}  "
             f"{value(row.b_simple, row.b_simple_low, row.b_simple_high):>22}  "
-            f"{value(row.ratio_b_crit):>15}"
+            f"{value(row.ratio_b_crit):>15}{noise}"
         )
         for w in r.warnings:
             lines.append(f"      warning: {w}")
