@@ -2,7 +2,8 @@
 
 Examples::
 
-    # branch the synthetic run of examples/branch_train.py (seconds; eq. 2.11 with B_noise 20 → 60)
+    # branch the synthetic run of examples/branch_train.py (seconds; eq. 2.11 with B_noise
+    # 16 → 36 → 71 at the three checkpoints)
     noisescale branch examples/branch_train.py:train --checkpoints 0,2000,8000 \\
         --batch-sizes 8,16,32,64,128 --base-batch-size 8 --lr 0.1 --lr-rule linear \\
         --budget 1024 --study demo -o branch.html
@@ -56,7 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "budget of examples (tokens) at several batch sizes and data orders, compare their "
         "losses at equal examples, and report at each checkpoint the local critical batch size "
         "(the largest batch needing at most (1 + τ)× the reference's examples) and its eq. 2.11 "
-        "reading B_crit, with intervals over data orders; beside the main run's B_simple "
+        "reading B_crit, with intervals over data orders (B_crit's 95% interval covered the "
+        "truth in 95-96% of synthetic experiments; the local CBS's under-covers at small τ: "
+        "89-94% at τ = 0.2, 96% at τ = 1); beside the main run's B_simple "
         "(--history), with a batch-size warm-up fitted to it. Branches are stored in an Optuna "
         "study that any number of workers share; finished branches are skipped on the next "
         "invocation.",
@@ -156,7 +159,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="EMA decay smoothing each branch's curve (default 0: none)",
     )
     analysis.add_argument(
-        "--confidence", type=_confidence, default=0.95, help="of the intervals (default 0.95)"
+        "--confidence",
+        type=_confidence,
+        default=0.95,
+        help="of the intervals (default 0.95); the local CBS's 95%% interval covered the truth "
+        "in only 89-94%% of synthetic experiments at τ = 0.2 (B_crit's: 95-96%%)",
     )
     analysis.add_argument(
         "--unit",
