@@ -789,7 +789,7 @@ def _history(args: argparse.Namespace) -> Any:
     if args.history is None:
         if args.tokens_per_example is not None and args.b_noise is None:
             raise NoiseScaleInputError(
-                "--tokens-per-example converts a --history (or --b-noise); give one"
+                "--tokens-per-example converts a --history; give one (or a --b-noise)"
             )
         return None
     from noisescale.branch.side import history_positions
