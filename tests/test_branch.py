@@ -937,3 +937,174 @@ def replace_every(model: SyntheticBranchModel, every: int) -> SyntheticBranchMod
     from dataclasses import replace
 
     return replace(model, report_every=every)
+
+
+FAILING_TRAIN = textwrap.dedent(
+    """
+    import os
+    import sys
+
+    sys.path.insert(0, {examples!r})
+    from branch_train import train as _train
+
+
+    def train(batch_size, learning_rate, reporter, *, checkpoint, budget, seed):
+        fail = os.environ.get("BRANCH_FAIL", "")
+        if fail and (checkpoint, batch_size) == tuple(float(x) for x in fail.split(",")):
+            raise RuntimeError("out of memory (simulated)")
+        _train(batch_size, learning_rate, reporter, checkpoint=checkpoint, budget=budget,
+               seed=seed)
+    """
+)
+
+
+def test_a_partial_study_keeps_its_reference_and_names_what_is_missing(
+    tmp_path: Path,
+    fresh_folder: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every branch of the plan's smallest batch size (8) at checkpoint 2000 failed: the analysis
+    # compared that point against B_ref = 16, a local CBS of 44.19 [36.32, 53.76] at τ = 0.5
+    # where the truth at B_ref = 8 is 31.5, without a word.
+    pytest.importorskip("optuna")
+    from noisescale.cli import main
+
+    (tmp_path / "train_fail.py").write_text(FAILING_TRAIN.format(examples=str(REPO / "examples")))
+    plan = [
+        "branch",
+        "train_fail.py:train",
+        "--checkpoints",
+        "0,2000",
+        "--batch-sizes",
+        "8,16,32",
+        "--lr",
+        "0.1",
+        "--lr-rule",
+        "linear",
+        "--budget",
+        "512",
+        "--repeats",
+        "2",
+        "--tolerance",
+        "0.5",
+        "--no-progress",
+        "--keep-going",
+    ]
+    monkeypatch.setenv("BRANCH_FAIL", "2000,8")
+    assert main([*plan, "--study", "ref"]) == 1
+    capsys.readouterr()
+    assert main(["branch", "--study", "ref", "--tolerance", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint 2000" in err and "reference batch size 8" in err
+    assert "(failed)" in err and "Run the plan again" in err
+    # The library refuses it too, given the reference batch size.
+    branches = read_branches("sqlite:///sweep.db", "ref")
+    at_2000 = [b for b in branches if b.checkpoint == 2000]
+    with pytest.raises(NoiseScaleInputError, match="reference batch size 8"):
+        local_critical_batch_size(at_2000, tolerance=0.5, reference_batch_size=8)
+    assert local_critical_batch_size(at_2000, tolerance=0.5).reference_batch_size == 16
+    # Another batch size missing: compared without it, and said so (text and JSON).
+    monkeypatch.setenv("BRANCH_FAIL", "2000,32")
+    assert main([*plan, "--study", "mid"]) == 1
+    capsys.readouterr()
+    assert main(["branch", "--study", "mid", "--tolerance", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "2 branch(es) of the plan have not finished" in err
+    assert "checkpoint 2000 B=32 seed(s) 0, 1 (2 failed)" in err
+    assert main(["branch", "--study", "mid", "--tolerance", "0.5", "--json"]) == 0
+    payload = _last_json(capsys)
+    assert any("checkpoint 2000 B=32" in n for n in payload["notes"])
+    assert [
+        (u["checkpoint"], u["batch_size"], u["state"]) for u in payload["unfinished_branches"]
+    ] == [
+        (2000.0, 32, "failed"),
+        (2000.0, 32, "failed"),
+    ]
+    assert all(p["branch"]["reference_batch_size"] == 8 for p in payload["points"])
+
+
+def test_a_b_noise_trackers_records_are_converted_to_tokens(
+    tmp_path: Path, fresh_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A BNoiseTracker measures per example: B_noise 40 examples at 8 tokens per example is 320
+    # tokens beside token branches; it was reported as 40.0, in examples beside B_crit in tokens.
+    records = synthetic_records(n_steps=100, batch_size=64)
+    for r in records:
+        r["tokens_seen"] = 8 * r["examples"]
+        r["tokens_per_example"] = 8.0
+    header = {"kind": "noisescale.history", "version": 1, "unit": "tokens", "beta": 0.9}
+    history = load_history(write_synthetic_history(tmp_path / "t.jsonl", records, header))
+    bn = [
+        {"step": s, "ghg": 1.0 + s % 2, "trace_h_sigma": 40.0 * (1.0 + s % 2)}
+        for s in range(10, 20)
+    ]
+    rows = side_by_side(
+        [_result(8 * 640, 8 * 640, 100.0, 150.0)],
+        history,
+        unit="tokens",
+        b_noise=read_b_noise(bn, history, unit="tokens"),
+    )
+    assert rows[0].b_noise == pytest.approx(320.0, rel=1e-12)
+    examples = side_by_side(
+        [_result(640, 640, 100.0, 150.0)], history, b_noise=read_b_noise(bn, history)
+    )[0]
+    assert examples.b_noise == pytest.approx(40.0, rel=1e-12)
+    assert (rows[0].b_noise_low, rows[0].b_noise_high) == pytest.approx(
+        (8 * examples.b_noise_low, 8 * examples.b_noise_high), rel=1e-9
+    )
+    # --tokens-per-example says it where the history does not.
+    by_hand = read_b_noise(bn, history, unit="tokens", tokens_per_example=4)
+    assert by_hand[0].trace_h_sigma / by_hand[0].ghg == pytest.approx(160.0)
+    # Records placed by tokens, with nothing to convert their values by: refused, not mixed.
+    placed = [dict(r, tokens=8 * 64 * r["step"]) for r in bn]
+    with pytest.raises(NoiseScaleInputError, match="per example"):
+        read_b_noise(placed, unit="tokens")
+    # The command: converted with the history's tokens per example; refused (exit 2) without.
+    pytest.importorskip("optuna")
+    from noisescale.cli import main
+
+    (tmp_path / "bn.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bn))
+    (tmp_path / "bt.jsonl").write_text("".join(json.dumps(r) + "\n" for r in placed))
+    argv = _small_plan("--unit", "tokens", "--budget", "8192", "--study", "tok", "--json")
+    assert main([*argv, "--history", "t.jsonl", "--b-noise", "bn.jsonl"]) == 0
+    assert _last_json(capsys)["points"][0]["b_noise"] == pytest.approx(320.0, rel=1e-12)
+    assert main(["branch", "--study", "tok", "--b-noise", "bt.jsonl"]) == 2
+    assert "per example" in capsys.readouterr().err
+
+
+def test_a_window_the_history_barely_covers_is_noted(
+    tmp_path: Path, fresh_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The history ends at 320 examples; the second window, [288, 544], spans 32 of its steps
+    # and holds 5: B_simple "over the window" came from those, with no word.
+    pytest.importorskip("optuna")
+    from noisescale.cli import main
+
+    write_synthetic_history(tmp_path / "h.jsonl", synthetic_records(n_steps=40, batch_size=8))
+    assert main(_small_plan("--checkpoints", "0,288", "--history", "h.jsonl")) == 0
+    captured = capsys.readouterr()
+    assert "checkpoint 288: 5 of 32 steps" in captured.err
+    assert "checkpoint 0:" not in captured.err  # 27 of 32 steps: covered
+    assert main(["branch", "--history", "h.jsonl", "--json"]) == 0
+    payload = _last_json(capsys)
+    assert [p["window_steps"] for p in payload["points"]] == [32, 32]
+    assert [p["b_simple_steps"] for p in payload["points"]] == [27, 5]
+    assert any("checkpoint 288: 5 of 32 steps" in n for n in payload["notes"])
+
+
+def test_b_noise_is_a_column_of_the_table(
+    fresh_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --b-noise values were in the JSON only, never in the table the README promises.
+    pytest.importorskip("optuna")
+    from noisescale.cli import main
+
+    (fresh_folder / "bn.jsonl").write_text(
+        json.dumps({"examples": 100, "b_noise": 12.5, "b_noise_low": 10, "b_noise_high": 15}) + "\n"
+    )
+    assert main(_small_plan("--b-noise", "bn.jsonl")) == 0
+    out = capsys.readouterr().out
+    assert "B_noise (window)" in out and "12.5 [10, 15]" in out
+    assert main(["branch"]) == 0
+    assert "B_noise" not in capsys.readouterr().out  # no column without --b-noise

@@ -371,6 +371,7 @@ def local_critical_batch_size(
     reference: str = "smallest",
     decay: float = 0.0,
     confidence: float = 0.95,
+    reference_batch_size: float | None = None,
 ) -> LocalCriticalBatch:
     """The local critical batch size at one branch point (module docstring).
 
@@ -386,12 +387,17 @@ def local_critical_batch_size(
             fluctuates from record to record; report the same number of records per branch so
             that every branch is smoothed over the same fraction of its budget.
         confidence: Coverage of the intervals.
+        reference_batch_size: With ``reference="smallest"``, the batch size that must be the
+            reference: the plan's smallest. Without it a branch point whose smallest batch
+            size failed (or is still running) would silently be compared against the next
+            one, which moves the local CBS by (1 + τ)·ΔB_ref (eq. 2.11).
 
     Raises:
         NoiseScaleInputError: no branches, several checkpoints or budgets, fewer than two batch
             sizes, no seed that every batch size ran, a bad tolerance or reference, a branch
             that stopped short of its budget or whose examples do not count from the branch
-            point, or a reference branch that diverged.
+            point, a reference branch that diverged, or a ``reference_batch_size`` that is
+            not the smallest batch size of the branches (absent, or with smaller ones).
     """
     if not branches:
         raise NoiseScaleInputError("no branches to compare")
@@ -409,6 +415,20 @@ def local_critical_batch_size(
     for branch in branches:
         by_setting[(branch.batch_size, branch.learning_rate)][branch.seed] = branch
     sizes = sorted({b for b, _ in by_setting})
+    if reference_batch_size is not None:
+        if reference != "smallest":
+            raise NoiseScaleInputError(
+                "reference_batch_size goes with reference='smallest' (the best branch is the "
+                "reference under 'best')"
+            )
+        if not sizes or sizes[0] != reference_batch_size:
+            got = ", ".join(f"{b:g}" for b in sizes)
+            raise NoiseScaleInputError(
+                f"checkpoint {checkpoint:g} has no finished branch at the reference batch size "
+                f"{reference_batch_size:g} as the smallest (it has {got}): comparing against "
+                "another would move the local critical batch size; run the plan again to "
+                "finish its branches"
+            )
     if len(sizes) < 2:
         raise NoiseScaleInputError(
             f"checkpoint {checkpoint:g}: branches at {len(sizes)} batch size(s); comparing needs "
@@ -531,6 +551,7 @@ def local_critical_batch_sizes(
     reference: str = "smallest",
     decay: float = 0.0,
     confidence: float = 0.95,
+    reference_batch_size: float | None = None,
 ) -> list[LocalCriticalBatch]:
     """:func:`local_critical_batch_size` at every checkpoint, in order along the run.
 
@@ -550,6 +571,7 @@ def local_critical_batch_sizes(
             reference=reference,
             decay=decay,
             confidence=confidence,
+            reference_batch_size=reference_batch_size,
         )
         for c in sorted(grouped)
     ]

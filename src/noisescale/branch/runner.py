@@ -49,6 +49,7 @@ from noisescale.errors import NoiseScaleInputError
 from noisescale.sweep.queue import (
     DEFAULT_HEARTBEAT_S,
     DEFAULT_MAX_RETRIES,
+    UNIT_ATTR,
     Claim,
     QueueSummary,
     UnitOutcome,
@@ -445,6 +446,64 @@ def split_by_plan(
         )
         (mine if ours else others).append(b)
     return mine, others
+
+
+def missing_branches(
+    storage: str, study_name: str, plan: BranchPlan, finished: Sequence[BranchRun]
+) -> list[BranchState]:
+    """The branches of ``plan`` that ``finished`` (:func:`split_by_plan`'s) lacks, with what
+    became of them: ``"failed"``, ``"running"`` (or waiting to be claimed), ``"finished
+    without a curve"`` or ``"not run yet"``. An analysis of a partial study must say which
+    branches it compares without, or it silently compares fewer batch sizes, seeds or
+    checkpoints."""
+    from optuna.trial import TrialState
+
+    done = {
+        (b.checkpoint, float(b.batch_size), b.seed, b.learning_rate, b.budget) for b in finished
+    }
+
+    def is_done(p: dict[str, Any]) -> bool:
+        return any(
+            (c, b, s, bud)
+            == (float(p["checkpoint"]), float(p["batch_size"]), int(p["seed"]), plan.budget)
+            and math.isclose(lr, float(p["learning_rate"]), rel_tol=1e-9)
+            for c, b, s, lr, bud in done
+        )
+
+    units = [u for u in plan.units() if not is_done(u.params)]
+    if not units:
+        return []
+    trials: dict[str, list[Any]] = {}
+    for t in open_study(storage, study_name, create=False).get_trials(deepcopy=False):
+        key = t.user_attrs.get(UNIT_ATTR)
+        if isinstance(key, str):
+            trials.setdefault(key, []).append(t)
+    out = []
+    for u in units:
+        mine = trials.get(u.key, [])
+        states = {t.state for t in mine}
+        if TrialState.COMPLETE in states:
+            state = "finished without a curve"
+        elif states & {TrialState.RUNNING, TrialState.WAITING}:
+            state = "running"
+        elif TrialState.FAIL in states:
+            state = "failed"
+        else:
+            state = "not run yet"
+        p = u.params
+        last = mine[-1] if mine else None
+        out.append(
+            BranchState(
+                checkpoint=float(p["checkpoint"]),
+                batch_size=int(p["batch_size"]),
+                learning_rate=float(p["learning_rate"]),
+                seed=int(p["seed"]),
+                state=state,
+                trial_number=None if last is None else last.number,
+                error=None if last is None else last.user_attrs.get("error"),
+            )
+        )
+    return out
 
 
 def stored_unit(storage: str, study_name: str) -> str | None:

@@ -64,6 +64,9 @@ class SideBySideRow:
             is too noisy to place a checkpoint by; ``nan`` without a history).
         b_simple, b_simple_low, b_simple_high: B_simple over the window with its interval.
         b_simple_steps: Steps of the window that carry |G|² and tr Σ.
+        window_steps: The main run's records the window spans, at the history's median spacing
+            (0 without a history): ``b_simple_steps`` well below it means the history does not
+            cover the window, and B_simple rests on a few steps at one of its ends.
         b_noise, b_noise_low, b_noise_high: B_noise over the window (module docstring).
         ratio_b_crit: B_crit/B_simple.
         ratio_cbs: cbs/B_simple.
@@ -81,6 +84,7 @@ class SideBySideRow:
     b_noise_high: float
     ratio_b_crit: float
     ratio_cbs: float
+    window_steps: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready (non-finite numbers as ``null``)."""
@@ -91,6 +95,7 @@ class SideBySideRow:
             "b_simple_low",
             "b_simple_high",
             "b_simple_steps",
+            "window_steps",
             "b_noise",
             "b_noise_low",
             "b_noise_high",
@@ -246,6 +251,11 @@ def side_by_side(
     _check_unit(unit)
     rows = []
     pos = history_positions(history, unit, tokens_per_example) if history is not None else None
+    spacing = math.nan
+    if pos is not None:
+        gaps = np.diff(pos[np.isfinite(pos)])
+        gaps = gaps[gaps > 0]
+        spacing = float(np.median(gaps)) if gaps.size else math.nan
     for r in sorted(results, key=lambda r: r.checkpoint):
         start, end = r.checkpoint, r.checkpoint + r.budget
         loss = math.nan
@@ -279,6 +289,7 @@ def side_by_side(
                 b_noise_high=bn_high,
                 ratio_b_crit=_ratio(r.b_crit, bs),
                 ratio_cbs=_ratio(r.cbs, bs),
+                window_steps=round((end - start) / spacing) if spacing > 0 else 0,
             )
         )
     return rows
@@ -316,9 +327,14 @@ def read_b_noise(
     the running ``b_noise``) or summary values ``b_noise`` and optionally
     ``b_noise_low``/``b_noise_high`` (e.g. one measurement per window).
 
+    A ``BNoiseTracker`` measures per example: for branches in tokens its B_noise (value and
+    interval) is multiplied by the tokens per example — ``tokens_per_example``, else the
+    history's at the record's step. Summary points are read as given, in ``unit``.
+
     Raises:
         NoiseScaleInputError: a record without ``b_noise`` (or ``ghg`` and ``trace_h_sigma``)
-            or a position, or records that mix the two kinds.
+            or a position, records that mix the two kinds, or a ``BNoiseTracker``'s record
+            beside branches in tokens without the tokens per example to convert it.
     """
     pos = history_positions(history, unit, tokens_per_example) if history is not None else None
     out = []
@@ -339,21 +355,28 @@ def read_b_noise(
                 f"B_noise record {i}: needs a number 'b_noise' (or a BNoiseTracker's 'ghg' "
                 "and 'trace_h_sigma')"
             )
+        index = None
+        if _number(rec.get("step")) and history is not None:
+            match = np.flatnonzero(history.step == int(rec["step"]))
+            index = int(match[0]) if match.size else None
         if _number(rec.get(unit)):
             at = float(rec[unit])
         elif _number(rec.get("step")) and history is not None and pos is not None:
-            match = np.flatnonzero(history.step == int(rec["step"]))
-            if not match.size:
+            if index is None:
                 raise NoiseScaleInputError(
                     f"B_noise record {i}: step {rec['step']} is not in the history"
                 )
-            at = float(pos[match[0]])
+            at = float(pos[index])
         else:
             raise NoiseScaleInputError(
                 f"B_noise record {i}: needs '{unit}' (or 'step' and the run's history)"
             )
         if parts:
             ghg, trace = float(rec["ghg"]), float(rec["trace_h_sigma"])
+            if unit == "tokens":
+                # Per example: B_noise in tokens is T times B_noise in examples (scaling
+                # tr(HΣ) scales the ratio of means and its Fieller interval alike).
+                trace *= _tokens_per_example(i, rec, history, index, tokens_per_example)
             out.append(
                 NoisePoint(at, trace / ghg if ghg > 0 else math.nan, ghg=ghg, trace_h_sigma=trace)
             )
@@ -367,6 +390,29 @@ def read_b_noise(
             )
         )
     return out
+
+
+def _tokens_per_example(
+    i: int,
+    rec: dict[str, Any],
+    history: History | None,
+    index: int | None,
+    tokens_per_example: float | None,
+) -> float:
+    """Tokens per example to convert a ``BNoiseTracker``'s record ``i`` (per example) to
+    tokens: ``tokens_per_example``, else the history's at the record's step."""
+    t = tokens_per_example
+    if t is None and history is not None and index is not None:
+        t = float(history.tokens_per_example[index])
+    if t is None or not (math.isfinite(t) and t > 0):
+        where = f"step {rec['step']}" if _number(rec.get("step")) else "its position"
+        raise NoiseScaleInputError(
+            f"B_noise record {i}: a BNoiseTracker measures B_noise per example, and the "
+            f"branches count tokens; the tokens per example at {where} are unknown (the "
+            "history does not record them there): give --tokens-per-example T "
+            "(tokens_per_example=), or the branches in examples"
+        )
+    return float(t)
 
 
 def _number(x: Any) -> bool:

@@ -2,7 +2,8 @@
 
 Examples::
 
-    # branch the synthetic run of examples/branch_train.py (seconds; eq. 2.11 with B_noise 20 → 60)
+    # branch the synthetic run of examples/branch_train.py (seconds; eq. 2.11 with B_noise
+    # 16 → 36 → 71 at the three checkpoints)
     noisescale branch examples/branch_train.py:train --checkpoints 0,2000,8000 \\
         --batch-sizes 8,16,32,64,128 --base-batch-size 8 --lr 0.1 --lr-rule linear \\
         --budget 1024 --study demo -o branch.html
@@ -28,6 +29,7 @@ import math
 import shlex
 import sys
 import traceback
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "budget of examples (tokens) at several batch sizes and data orders, compare their "
         "losses at equal examples, and report at each checkpoint the local critical batch size "
         "(the largest batch needing at most (1 + τ)× the reference's examples) and its eq. 2.11 "
-        "reading B_crit, with intervals over data orders; beside the main run's B_simple "
+        "reading B_crit, with intervals over data orders (B_crit's 95% interval covered the "
+        "truth in 95-96% of synthetic experiments; the local CBS's under-covers at small τ: "
+        "89-94% at τ = 0.2, 96% at τ = 1); beside the main run's B_simple "
         "(--history), with a batch-size warm-up fitted to it. Branches are stored in an Optuna "
         "study that any number of workers share; finished branches are skipped on the next "
         "invocation.",
@@ -155,7 +159,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="EMA decay smoothing each branch's curve (default 0: none)",
     )
     analysis.add_argument(
-        "--confidence", type=_confidence, default=0.95, help="of the intervals (default 0.95)"
+        "--confidence",
+        type=_confidence,
+        default=0.95,
+        help="of the intervals (default 0.95); the local CBS's 95%% interval covered the truth "
+        "in only 89-94%% of synthetic experiments at τ = 0.2 (B_crit's: 95-96%%)",
     )
     analysis.add_argument(
         "--unit",
@@ -172,7 +180,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--tokens-per-example",
         type=_args.positive_float,
         metavar="T",
-        help="to convert a history in the other unit that did not count tokens",
+        help="to convert a history in the other unit that did not count tokens, and a "
+        "BNoiseTracker's B_noise (per example) for branches in tokens (default: the history's "
+        "tokens per example at each record's step)",
     )
     analysis.add_argument(
         "--b-noise",
@@ -383,6 +393,7 @@ def _analyse(
 ) -> int:
     from noisescale.branch.compare import local_critical_batch_sizes
     from noisescale.branch.runner import (
+        missing_branches,
         plan_from_dict,
         read_branches,
         split_by_plan,
@@ -405,6 +416,8 @@ def _analyse(
         current = None  # asked for another budget: an earlier plan's branches
     budget = current.budget if current is not None else args.budget
     branches = read_branches(storage.url, name, budget=budget)
+    missing: list[Any] = []
+    reference_batch_size = None
     if current is not None:
         branches, others = split_by_plan(branches, current)
         which = "this command's" if plan is not None else "the last"
@@ -420,6 +433,30 @@ def _analyse(
                 "compared. To analyse the others, run the command with their plan's options "
                 "again (finished branches are skipped)"
             )
+        missing = missing_branches(storage.url, name, current, branches)
+        if args.reference == "smallest":
+            reference_batch_size = float(min(current.batch_sizes))
+            have = {b.checkpoint for b in branches}
+            for c in sorted(have):
+                if not any(
+                    b.checkpoint == c and b.batch_size == reference_batch_size for b in branches
+                ):
+                    states = sorted(
+                        {
+                            m.state
+                            for m in missing
+                            if m.checkpoint == c and m.batch_size == reference_batch_size
+                        }
+                    )
+                    raise NoiseScaleInputError(
+                        f"checkpoint {c:g} has no finished branch at the plan's reference batch "
+                        f"size {reference_batch_size:g} ({', '.join(states) or 'missing'}): "
+                        "comparing it against the next batch size would move its local "
+                        f"critical batch size by (1 + τ)·ΔB_ref. Run the plan again "
+                        "(MODULE:FUNCTION with its options) to finish it"
+                    )
+        if missing:
+            notes.append(_missing_note(missing))
     else:
         pooled = _pooled_rates(branches)
         if pooled:
@@ -434,6 +471,7 @@ def _analyse(
         reference=args.reference,
         decay=args.ema,
         confidence=args.confidence,
+        reference_batch_size=reference_batch_size,
     )
     rows = side_by_side(
         results,
@@ -443,6 +481,24 @@ def _analyse(
         b_noise=b_noise,
         confidence=args.confidence,
     )
+    short = [
+        row
+        for row in rows
+        if history is not None
+        and row.window_steps > 0
+        and 2 * row.b_simple_steps < row.window_steps
+    ]
+    if short:
+        shown = "; ".join(
+            f"checkpoint {row.result.checkpoint:g}: {row.b_simple_steps} of "
+            f"{row.window_steps} steps"
+            for row in short
+        )
+        notes.append(
+            f"the history covers less than half of {len(short)} branch window(s) ({shown}): "
+            "B_simple there is measured over those steps only, at one end of the window, not "
+            "over the window; give the history of the whole run"
+        )
     usable = results
     if args.stable is not None:
         start, end = args.stable
@@ -476,6 +532,9 @@ def _analyse(
         "points": [row.as_dict() for row in rows],
         "warmup": None if warm is None else warm.as_dict(),
         "notes": notes,
+        "unfinished_branches": [
+            {k: v for k, v in m.__dict__.items() if k != "final_loss"} for m in missing
+        ],
     }
     text = json.dumps(payload, indent=2, allow_nan=False)
     figures: dict[str, bytes] | None = None
@@ -537,16 +596,20 @@ def _text(rows: list[Any], warm: Any, args: argparse.Namespace, storage: Any, st
         f"{format_number(100 * args.tolerance)}% more {args.unit} than the {args.reference} "
         f"reference); {format_number(100 * r0.confidence)}% intervals over data orders",
         f"  {'checkpoint':>11}  {'local CBS':>22}  {'B_crit (eq. 2.11)':>22}  "
-        f"{'B_simple (window)':>22}  {'B_crit/B_simple':>15}",
+        f"{'B_simple (window)':>22}  {'B_crit/B_simple':>15}"
+        + (f"  {'B_noise (window)':>22}" if args.b_noise else ""),
     ]
     for row in rows:
         r = row.result
+        noise = ""
+        if args.b_noise:
+            noise = f"  {value(row.b_noise, row.b_noise_low, row.b_noise_high):>22}"
         lines.append(
             f"  {format_count(r.checkpoint):>11}  "
             f"{value(r.cbs, r.cbs_low, r.cbs_high, _cbs_mark(r.cbs_bound)):>22}  "
             f"{value(r.b_crit, r.b_crit_low, r.b_crit_high, r.b_crit_bound):>22}  "
             f"{value(row.b_simple, row.b_simple_low, row.b_simple_high):>22}  "
-            f"{value(row.ratio_b_crit):>15}"
+            f"{value(row.ratio_b_crit):>15}{noise}"
         )
         for w in r.warnings:
             lines.append(f"      warning: {w}")
@@ -611,6 +674,29 @@ def _word(value: Any) -> str:
     if isinstance(value, float):
         return str(int(value)) if value.is_integer() else repr(value)
     return str(value)
+
+
+def _missing_note(missing: list[Any]) -> str:
+    """The planned branches an analysis goes without, grouped by checkpoint and batch size."""
+    groups: dict[tuple[float, int], list[Any]] = {}
+    for m in missing:
+        groups.setdefault((m.checkpoint, m.batch_size), []).append(m)
+    shown = []
+    for (c, b), ms in sorted(groups.items()):
+        states = Counter(m.state for m in ms)
+        seeds = sorted({m.seed for m in ms})
+        shown.append(
+            f"checkpoint {c:g} B={b} seed(s) {', '.join(map(str, seeds))} ("
+            + ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+            + ")"
+        )
+    more = f"; and {len(shown) - 8} more" if len(shown) > 8 else ""
+    return (
+        f"{len(missing)} branch(es) of the plan have not finished and are left out: "
+        f"{'; '.join(shown[:8])}{more}. The branch points are compared without them (fewer "
+        "batch sizes or seeds, or a checkpoint missing from the table); run the plan again "
+        "(MODULE:FUNCTION with its options) to finish them before trusting the numbers"
+    )
 
 
 def _settings(branches: list[Any]) -> str:
@@ -701,8 +787,10 @@ def _unit(args: argparse.Namespace, storage: str, study: str) -> str:
 
 def _history(args: argparse.Namespace) -> Any:
     if args.history is None:
-        if args.tokens_per_example is not None:
-            raise NoiseScaleInputError("--tokens-per-example converts a --history; give one")
+        if args.tokens_per_example is not None and args.b_noise is None:
+            raise NoiseScaleInputError(
+                "--tokens-per-example converts a --history; give one (or a --b-noise)"
+            )
         return None
     from noisescale.branch.side import history_positions
     from noisescale.report.data import load_history
