@@ -966,7 +966,10 @@ def test_a_partial_study_keeps_its_reference_and_names_what_is_missing(
 ) -> None:
     # Every branch of the plan's smallest batch size (8) at checkpoint 2000 failed: the analysis
     # compared that point against B_ref = 16, a local CBS of 44.19 [36.32, 53.76] at τ = 0.5
-    # where the truth at B_ref = 8 is 31.5, without a word.
+    # where the truth at B_ref = 8 is 31.5, without a word. Now that checkpoint is left out,
+    # said so, and the complete one compared (a review: refusing the whole analysis hid the
+    # complete checkpoints mid-run, when a larger batch finishes first); with every
+    # checkpoint's reference missing, refused.
     pytest.importorskip("optuna")
     from noisescale.cli import main
 
@@ -994,12 +997,22 @@ def test_a_partial_study_keeps_its_reference_and_names_what_is_missing(
     monkeypatch.setenv("BRANCH_FAIL", "2000,8")
     assert main([*plan, "--study", "ref"]) == 1
     capsys.readouterr()
-    assert main(["branch", "--study", "ref", "--tolerance", "0.5"]) == 2
-    err = capsys.readouterr().err
-    assert "checkpoint 2000" in err and "reference batch size 8" in err
-    assert "(failed)" in err and "Run the plan again" in err
+    assert main(["branch", "--study", "ref", "--tolerance", "0.5", "--json"]) == 0
+    payload = _last_json(capsys)
+    assert [p["branch"]["checkpoint"] for p in payload["points"]] == [0.0]
+    assert any(
+        "checkpoint 2000 (B_ref = 8: failed)" in n and "Run the plan again" in n
+        for n in payload["notes"]
+    )
+    # An earlier plan analysed by its --budget gets the same check (its trials' smallest
+    # batch size, failed ones included).
+    assert main([*plan[:-1], "--budget", "1024", "--study", "ref"]) == 1
+    capsys.readouterr()
+    assert main(["branch", "--study", "ref", "--budget", "512", "--json"]) == 0
+    payload = _last_json(capsys)
+    assert [p["branch"]["checkpoint"] for p in payload["points"]] == [0.0]
     # The library refuses it too, given the reference batch size.
-    branches = read_branches("sqlite:///sweep.db", "ref")
+    branches = read_branches("sqlite:///sweep.db", "ref", budget=512)
     at_2000 = [b for b in branches if b.checkpoint == 2000]
     with pytest.raises(NoiseScaleInputError, match="reference batch size 8"):
         local_critical_batch_size(at_2000, tolerance=0.5, reference_batch_size=8)
@@ -1084,13 +1097,14 @@ def test_a_window_the_history_barely_covers_is_noted(
     write_synthetic_history(tmp_path / "h.jsonl", synthetic_records(n_steps=40, batch_size=8))
     assert main(_small_plan("--checkpoints", "0,288", "--history", "h.jsonl")) == 0
     captured = capsys.readouterr()
-    assert "checkpoint 288: 5 of 32 steps" in captured.err
+    assert "checkpoint 288: 12% of the window, 5 step(s)" in captured.err
     assert "checkpoint 0:" not in captured.err  # 27 of 32 steps: covered
     assert main(["branch", "--history", "h.jsonl", "--json"]) == 0
     payload = _last_json(capsys)
     assert [p["window_steps"] for p in payload["points"]] == [32, 32]
     assert [p["b_simple_steps"] for p in payload["points"]] == [27, 5]
-    assert any("checkpoint 288: 5 of 32 steps" in n for n in payload["notes"])
+    assert any("checkpoint 288: 12% of the window" in n for n in payload["notes"])
+    assert [round(p["window_covered"], 3) for p in payload["points"]] == [0.969, 0.125]
 
 
 def test_b_noise_is_a_column_of_the_table(

@@ -461,17 +461,14 @@ def local_critical_batch_size(
             f"only seeds {list(seeds)} ran at every batch size; the others are left out"
         )
     if decay > 0:
+        # (a diverged branch's curve stops early: not a different spacing)
         counts = [
-            int(
-                np.sum(
-                    by_setting[(b, chosen[b])][s].run.examples
-                    <= by_setting[(b, chosen[b])][s].budget
-                )
-            )
+            int(np.sum(br.run.examples <= br.budget))
             for b in sizes
             for s in seeds
+            if (br := by_setting[(b, chosen[b])][s]).run.diverged_at_step is None
         ]
-        if min(counts) > 0 and max(counts) > 2 * min(counts):
+        if counts and min(counts) > 0 and max(counts) > 2 * min(counts):
             # (a hunt, 2026-12-05: branches reporting every step, --ema 0.9 — B_crit 19.2 for
             # 20 and its interval covering in 49% of experiments, against 95% without it)
             warnings.append(

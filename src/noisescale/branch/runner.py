@@ -484,11 +484,12 @@ def missing_branches(
         states = {t.state for t in mine}
         if TrialState.COMPLETE in states:
             state = "finished without a curve"
-        elif states & {TrialState.RUNNING, TrialState.WAITING}:
+        elif TrialState.RUNNING in states:
             state = "running"
         elif TrialState.FAIL in states:
             state = "failed"
         else:
+            # (every branch is queued as a waiting trial when the plan starts: one nobody ran)
             state = "not run yet"
         p = u.params
         last = mine[-1] if mine else None
@@ -503,6 +504,24 @@ def missing_branches(
                 error=None if last is None else last.user_attrs.get("error"),
             )
         )
+    return out
+
+
+def planned_reference_sizes(storage: str, study_name: str, budget: float) -> dict[float, float]:
+    """The smallest batch size of the study's branches of ``budget`` at each checkpoint, in any
+    state (failed, running or queued ones too): the reference an earlier plan, analysed with
+    ``--budget``, meant to compare against."""
+    out: dict[float, float] = {}
+    for trial in open_study(storage, study_name, create=False).get_trials(deepcopy=False):
+        attrs, p = trial.user_attrs, trial.params
+        if attrs.get("kind") != KIND or attrs.get("budget") is None:
+            continue
+        if "checkpoint" not in p or "batch_size" not in p:
+            continue
+        if not math.isclose(float(attrs["budget"]), float(budget), rel_tol=1e-9):
+            continue
+        c, b = float(p["checkpoint"]), float(p["batch_size"])
+        out[c] = min(out.get(c, b), b)
     return out
 
 

@@ -64,9 +64,11 @@ class SideBySideRow:
             is too noisy to place a checkpoint by; ``nan`` without a history).
         b_simple, b_simple_low, b_simple_high: B_simple over the window with its interval.
         b_simple_steps: Steps of the window that carry |G|² and tr Σ.
-        window_steps: The main run's records the window spans, at the history's median spacing
-            (0 without a history): ``b_simple_steps`` well below it means the history does not
-            cover the window, and B_simple rests on a few steps at one of its ends.
+        window_steps: The main run's records the window spans, at the median spacing of the
+            history's records within one window of it (0 without a history).
+        window_covered: The fraction of the window between the history's first and last
+            positions (``nan`` without a history): under one half, B_simple rests on the few
+            steps at one end of it.
         b_noise, b_noise_low, b_noise_high: B_noise over the window (module docstring).
         ratio_b_crit: B_crit/B_simple.
         ratio_cbs: cbs/B_simple.
@@ -85,6 +87,7 @@ class SideBySideRow:
     ratio_b_crit: float
     ratio_cbs: float
     window_steps: int = 0
+    window_covered: float = math.nan
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready (non-finite numbers as ``null``)."""
@@ -96,6 +99,7 @@ class SideBySideRow:
             "b_simple_high",
             "b_simple_steps",
             "window_steps",
+            "window_covered",
             "b_noise",
             "b_noise_low",
             "b_noise_high",
@@ -251,11 +255,7 @@ def side_by_side(
     _check_unit(unit)
     rows = []
     pos = history_positions(history, unit, tokens_per_example) if history is not None else None
-    spacing = math.nan
-    if pos is not None:
-        gaps = np.diff(pos[np.isfinite(pos)])
-        gaps = gaps[gaps > 0]
-        spacing = float(np.median(gaps)) if gaps.size else math.nan
+    finite = pos[np.isfinite(pos)] if pos is not None else np.empty(0)
     for r in sorted(results, key=lambda r: r.checkpoint):
         start, end = r.checkpoint, r.checkpoint + r.budget
         loss = math.nan
@@ -289,7 +289,8 @@ def side_by_side(
                 b_noise_high=bn_high,
                 ratio_b_crit=_ratio(r.b_crit, bs),
                 ratio_cbs=_ratio(r.cbs, bs),
-                window_steps=round((end - start) / spacing) if spacing > 0 else 0,
+                window_steps=_window_steps(finite, start, end),
+                window_covered=_covered(finite, start, end),
             )
         )
     return rows
@@ -413,6 +414,25 @@ def _tokens_per_example(
             "(tokens_per_example=), or the branches in examples"
         )
     return float(t)
+
+
+def _covered(pos: np.ndarray, start: float, end: float) -> float:
+    """The fraction of [start, end] between the history's first and last positions (a review
+    found the first version's count of records at the run's median spacing calling a window
+    half-covered when the main run's batch had grown since: records 8× apart)."""
+    if not pos.size or end <= start:
+        return math.nan
+    inside = min(end, float(pos.max())) - max(start, float(pos.min()))
+    return max(0.0, inside) / (end - start)
+
+
+def _window_steps(pos: np.ndarray, start: float, end: float) -> int:
+    """Records the window spans at the median spacing of the history's records within one
+    window of it (0 where there are none)."""
+    near = pos[(pos >= start - (end - start)) & (pos <= end + (end - start))]
+    gaps = np.diff(np.sort(near))
+    gaps = gaps[gaps > 0]
+    return round((end - start) / float(np.median(gaps))) if gaps.size else 0
 
 
 def _number(x: Any) -> bool:

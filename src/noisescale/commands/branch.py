@@ -395,6 +395,7 @@ def _analyse(
     from noisescale.branch.runner import (
         missing_branches,
         plan_from_dict,
+        planned_reference_sizes,
         read_branches,
         split_by_plan,
         stored_plan,
@@ -418,6 +419,7 @@ def _analyse(
     branches = read_branches(storage.url, name, budget=budget)
     missing: list[Any] = []
     reference_batch_size = None
+    planned_refs: dict[float, float] = {}
     if current is not None:
         branches, others = split_by_plan(branches, current)
         which = "this command's" if plan is not None else "the last"
@@ -436,25 +438,7 @@ def _analyse(
         missing = missing_branches(storage.url, name, current, branches)
         if args.reference == "smallest":
             reference_batch_size = float(min(current.batch_sizes))
-            have = {b.checkpoint for b in branches}
-            for c in sorted(have):
-                if not any(
-                    b.checkpoint == c and b.batch_size == reference_batch_size for b in branches
-                ):
-                    states = sorted(
-                        {
-                            m.state
-                            for m in missing
-                            if m.checkpoint == c and m.batch_size == reference_batch_size
-                        }
-                    )
-                    raise NoiseScaleInputError(
-                        f"checkpoint {c:g} has no finished branch at the plan's reference batch "
-                        f"size {reference_batch_size:g} ({', '.join(states) or 'missing'}): "
-                        "comparing it against the next batch size would move its local "
-                        f"critical batch size by (1 + τ)·ΔB_ref. Run the plan again "
-                        "(MODULE:FUNCTION with its options) to finish it"
-                    )
+            planned_refs = dict.fromkeys({b.checkpoint for b in branches}, reference_batch_size)
         if missing:
             notes.append(_missing_note(missing))
     else:
@@ -465,6 +449,13 @@ def _analyse(
                 f"several plans; pooled as a grid (the lowest loss at the budget is compared): "
                 f"{pooled}"
             )
+        if args.reference == "smallest":
+            # an earlier plan's branches (another --budget): its reference at each checkpoint
+            # is the smallest batch size of its branches in any state (failed ones included)
+            of = budget if budget is not None else branches[0].budget
+            planned_refs = planned_reference_sizes(storage.url, name, of)
+    if args.reference == "smallest":
+        branches = _without_unreferenced(branches, planned_refs, missing, notes)
     results = local_critical_batch_sizes(
         branches,
         tolerance=args.tolerance,
@@ -481,17 +472,11 @@ def _analyse(
         b_noise=b_noise,
         confidence=args.confidence,
     )
-    short = [
-        row
-        for row in rows
-        if history is not None
-        and row.window_steps > 0
-        and 2 * row.b_simple_steps < row.window_steps
-    ]
+    short = [row for row in rows if history is not None and row.window_covered < 0.5]
     if short:
         shown = "; ".join(
-            f"checkpoint {row.result.checkpoint:g}: {row.b_simple_steps} of "
-            f"{row.window_steps} steps"
+            f"checkpoint {row.result.checkpoint:g}: {100 * row.window_covered:.0f}% of the "
+            f"window, {row.b_simple_steps} step(s)"
             for row in short
         )
         notes.append(
@@ -674,6 +659,41 @@ def _word(value: Any) -> str:
     if isinstance(value, float):
         return str(int(value)) if value.is_integer() else repr(value)
     return str(value)
+
+
+def _without_unreferenced(
+    branches: list[Any], refs: dict[float, float], missing: list[Any], notes: list[str]
+) -> list[Any]:
+    """The branches of the checkpoints whose planned reference batch size finished; the others
+    are left out with a note (their local critical batch size against the next batch size would
+    move by (1 + τ)·ΔB_ref: 44.2 where the truth was 31.5, in a hunt), and the analysis is
+    refused when none is left. With several workers a checkpoint's larger batches often finish
+    first: the complete checkpoints are still compared."""
+    left_out: dict[float, str] = {}
+    for c in sorted({b.checkpoint for b in branches}):
+        ref = refs.get(c)
+        if ref is None:
+            continue
+        if not any(b.checkpoint == c and b.batch_size == ref for b in branches):
+            states = sorted({m.state for m in missing if m.checkpoint == c and m.batch_size == ref})
+            left_out[c] = f"checkpoint {c:g} (B_ref = {ref:g}: {', '.join(states) or 'missing'})"
+    if not left_out:
+        return branches
+    kept = [b for b in branches if b.checkpoint not in left_out]
+    text = "; ".join(left_out.values())
+    if not kept:
+        raise NoiseScaleInputError(
+            f"no checkpoint has a finished branch at its plan's reference batch size ({text}): "
+            "comparing against the next batch size would move the local critical batch size "
+            "by (1 + τ)·ΔB_ref. Run the plan again (MODULE:FUNCTION with its options) to finish "
+            "them, or compare against the best branch instead (--reference best)"
+        )
+    notes.append(
+        f"left out, their reference batch size not finished: {text}; comparing against the next "
+        "batch size would move the local critical batch size by (1 + τ)·ΔB_ref. Run the plan "
+        "again (MODULE:FUNCTION with its options) to finish them, or --reference best"
+    )
+    return kept
 
 
 def _missing_note(missing: list[Any]) -> str:
