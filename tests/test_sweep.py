@@ -358,3 +358,22 @@ def test_run_validation() -> None:
     run = Run.from_arrays("r", 8, 0.1, [3, 1, 2], [0.3, 1.0, 0.5])
     np.testing.assert_array_equal(run.metric, [1.0, 0.5, 0.3])
     np.testing.assert_array_equal(run.examples, [8.0, 16.0, 24.0])
+
+
+def test_b_crit_interval_uses_student_t_on_n_minus_2_degrees_of_freedom() -> None:
+    """`fit` printed B_crit ± SE alone, and ± 1.96 SE covered 71% with three batch sizes (a
+    hunt, 2026-12-05): the interval uses t on n − 2 d.o.f., whose coverage the test above
+    checks; none at a bound."""
+    from noisescale.branch.compare import t_quantile
+
+    rng = np.random.default_rng(3)
+    b = np.array([8.0, 64.0, 512.0, 4096.0])
+    s = (1000.0 + 1000.0 * 300.0 / b) * np.exp(0.1 * rng.standard_normal(b.size))
+    fit = fit_pareto(s, b * s)
+    low, high = fit.b_crit_interval(0.95)
+    t = t_quantile(0.95, 2)
+    assert low == pytest.approx(fit.b_crit * math.exp(-t * fit.log_b_crit_stderr), rel=1e-12)
+    assert high == pytest.approx(fit.b_crit * math.exp(t * fit.log_b_crit_stderr), rel=1e-12)
+    assert high / low > math.exp(2 * 1.96 * fit.log_b_crit_stderr)
+    flat = fit_pareto(np.full(4, 100.0), b * 100.0)
+    assert all(math.isnan(x) for x in flat.b_crit_interval())
