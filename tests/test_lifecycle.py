@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import gc
 import threading
+import warnings
 import weakref
 
 import pytest
@@ -466,3 +467,25 @@ def test_a_forward_no_backward_reaches_lets_go_of_its_graph(kw):
     assert not tracker.history[-1]["skipped"]
     assert tracker.history[-1]["examples"] == X.shape[0] * 6
     tracker.remove()
+
+
+def test_an_evaluation_loop_with_gradients_on_is_named_once():
+    """Sixteen forwards with gradients on and no backward since the last step: an evaluation
+    loop outside ``torch.no_grad()``, whose passes keep their inputs (and audited ones their
+    graphs) until the step — warned once, naming the fix. Sixteen accumulation micro-batches,
+    each forward followed by its backward, are not."""
+    model = Net()
+    tracker = noisescale.GradientNoiseTracker(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(17):
+            (model(torch.randn_like(X)).pow(2).sum(1).mean() / 17).backward()
+        tracker.step()
+        model.zero_grad()
+    with pytest.warns(RuntimeWarning, match=r"16 forwards .* outside torch.no_grad\(\)"):
+        for _ in range(20):
+            model(torch.randn_like(X)).pow(2).sum(1).mean()
+    loss_of(model).backward()
+    tracker.step()
+    tracker.remove()
+    assert not tracker.history[-1]["skipped"]
