@@ -183,6 +183,14 @@ def _without_pass_norms(vary: Tensor, observations: dict[str, Observation]) -> d
 
 # how the refusal of a step that nothing can measure begins (GradientNoiseTracker._nothing_within)
 _NOTHING_WITHIN = "nothing in this step can be measured without bias"
+# the fix for a loss whose micro-batches divide by their own token counts (the refusal above,
+# and the warning that such steps are measured within their micro-batches)
+_STEP_DIVISOR = (
+    "divide each micro-batch's summed token loss by the step's total count: a Hugging Face "
+    "model called with num_items_in_batch=n (n the step's counted tokens, as the Trainer "
+    "passes it to the models that accept it), or your own loss declared "
+    "loss_reduction='num_items_in_batch'"
+)
 
 _REGISTERED = [0]  # modules and parameters registered on any module in the process
 _REGISTRATION_HOOKS: list[Any] = []
@@ -732,8 +740,6 @@ class GradientNoiseTracker:
                         vary = torch.ones_like(vary)
                     self._weights_varied = vary
                 within = None if vary is None else norms.within_passes()
-                nothing = self._nothing_to_compare(passes, within)
-                one_each = all(p.batch_size <= 1 for p in passes)
                 if vary is not None and within is not None:
                     big, group_big, b_big = _within_passes(vary, within, big, group_big, b_big)
                     observations = _without_pass_norms(vary, observations)
@@ -752,7 +758,13 @@ class GradientNoiseTracker:
                     tokens=tokens,
                     unmeasured=self._unmeasured,
                     picks=picks,
-                    vary=None if vary is None else (vary, nothing, one_each),
+                    vary=None
+                    if vary is None
+                    else (
+                        vary,
+                        self._nothing_to_compare(missing_norm=within is None),
+                        all(p.batch_size <= 1 for p in passes),
+                    ),
                 )
             )
             self._unmeasured = state_mod.NOTHING_UNMEASURED
@@ -1316,7 +1328,7 @@ class GradientNoiseTracker:
                     refused = (p.step, self._picked_message(p, round(float(row[PICKED]))))
                 b_big, big, examples, loss, sources, tokens = self._dist.resolve(row)
                 if self._dist.weights_varied:
-                    why = self._nothing_to_compare([], None if row[PASS_MISSING] else ())
+                    why = self._nothing_to_compare(missing_norm=row[PASS_MISSING] > 0)
                     if refused is None and why is not None:
                         refused = (p.step, self._nothing_within(p.step, why))
                     self._warn_weights_vary(p.step)
@@ -1583,7 +1595,7 @@ class GradientNoiseTracker:
             self._optimizer_seen = (self.steps, taken)
         return taken
 
-    def _nothing_to_compare(self, passes: list[Any], within: Any) -> str | None:
+    def _nothing_to_compare(self, missing_norm: bool) -> str | None:
         """Why a step measured within its passes could never be measured there, or ``None``:
         no small batch but the passes themselves (``per_example=False``: every such step is
         refused), or a pass's gradient norm missing (its backward reached no parameter). A
@@ -1592,7 +1604,7 @@ class GradientNoiseTracker:
         one such step killing a run of measurable ones)."""
         if self.mode == "microbatch":
             return "with per_example=False the only small batches are the micro-batches themselves"
-        if within is None:
+        if missing_norm:
             return (
                 "a micro-batch's gradient norm is missing (its backward reached no parameter), "
                 "so the micro-batches cannot be taken on their own"
@@ -1606,10 +1618,7 @@ class GradientNoiseTracker:
             "by their own token count and the counts differ, so the step's gradient weighs them "
             "by weights that depend on the data and is no big batch for eq. A.2 (B_simple "
             "20–45% too high when taken for one, in tests); the step can then be measured only "
-            f"within each micro-batch, and {where}. Divide each micro-batch's summed token "
-            "loss by the step's total count instead: a Hugging Face model called with "
-            "num_items_in_batch=n (n the step's counted tokens, as the Trainer passes it), or "
-            "your own loss declared loss_reduction='num_items_in_batch'"
+            f"within each micro-batch, and {where}. Instead, {_STEP_DIVISOR}"
         )
 
     def _warn_weights_vary(self, step: int) -> None:
@@ -1629,15 +1638,12 @@ class GradientNoiseTracker:
             "token-mean-weights",
             f"step {step}: its micro-batches' losses each divide their sum by their own count, "
             "and the counts differ (loss_reduction='token_mean' or a Hugging Face model's own "
-            "mean loss over its labels, each micro-batch's tokens; or micro-batches of a step "
-            "holding different numbers of examples, as the Trainer's batch_rebalance makes "
-            "them): the step's gradient weighs the micro-batches by weights that depend on the "
+            "mean loss over its labels, each micro-batch's tokens): the step's gradient weighs "
+            "the micro-batches by weights that depend on the "
             f"data drawn, so it is not a big batch eq. A.2 can use; {what}. More precise: "
-            "divide the step's summed token loss by the step's total count (a Hugging Face "
-            "model called with num_items_in_batch=, as the Trainer does for the models that "
-            "accept it; your own loss declared loss_reduction='num_items_in_batch'), so that "
-            "every token weighs the same; or measure every example (per_example_fraction=1.0), "
-            "which loses little within micro-batches (bench/token_mean_precision.py)",
+            f"{_STEP_DIVISOR}, so that every token weighs the same; or measure every example "
+            "(per_example_fraction=1.0), which loses little within micro-batches "
+            "(bench/token_mean_precision.py)",
         )
 
     def _stall_limit(self) -> int:

@@ -1214,7 +1214,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
 
     def _make_root_hook(self, pass_: PassNorms, box: list, batched: bool) -> Callable:
         """The hook on an output's node; ``box`` holds the output's gradient edge while the
-        pass's audit may need it (emptied otherwise: see :meth:`_on_model_return`)."""
+        pass's audit may need it (emptied otherwise: see :meth:`_model_output`)."""
 
         def hook(grad: Tensor) -> None:
             if self._replaying or self._paused:

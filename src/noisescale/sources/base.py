@@ -80,12 +80,17 @@ class StepNorms:
         own mean under data parallelism) weighs the micro-batches by 1/(their count): the step's
         gradient Σ_m c_m·X_m is then no big batch for eq. A.2, whose unbiasedness needs weights
         fixed before the examples are drawn (:meth:`within_passes`)."""
-        if len(self.passes) < 2 or not self.data_weights:
-            return None
-        if not any(isinstance(c, Tensor) for c in self.coef):
+        if len(self.passes) < 2 or not self.data_weighted:
             return None
         c = self.pass_weights()
         return weights_spread(float(len(c)), c.sum(), (c * c).sum())
+
+    @property
+    def data_weighted(self) -> bool:
+        """The weights come from the passes' own counts and were measured on the device, so
+        they may differ by the data drawn (:meth:`weights_vary`; under data parallelism,
+        across processes)."""
+        return self.data_weights and any(isinstance(c, Tensor) for c in self.coef)
 
     def pass_weights(self) -> Tensor:
         """The weights of the passes that hold examples, stacked on the device (float64)."""

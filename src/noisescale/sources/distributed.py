@@ -648,7 +648,7 @@ class DataParallelSource:
             big = self._big_part()
             if big is not None:
                 dev[BIG] = big / grad_scale**2
-            if step.data_weights and any(isinstance(c, Tensor) for c in step.coef):
+            if step.data_weighted:
                 self._put_passes(step, put, host)
             if loss is not None:
                 host[HAS_LOSS] = 1.0

@@ -205,10 +205,9 @@ class ParetoFit:
 
     def b_crit_interval(self, confidence: float = 0.95) -> tuple[float, float]:
         """B_crit's interval, B_crit·exp(±t·SE(ln B_crit)) with Student's t on n − 2 degrees of
-        freedom (the z-score's law, ``tests/test_sweep.py``); (nan, nan) at a bound or with
-        three points' one degree of freedom too few to say more than ± SE. ± 1.96 SE, what a
-        reader makes of the ± the command printed alone, covered 71% with three batch sizes
-        and 89% with seven (a hunt, 2026-12-05)."""
+        freedom (the z-score's law, ``tests/test_sweep.py``); (nan, nan) at a bound or with no
+        degree of freedom (two points). ± 1.96 SE, what a reader makes of a bare ±, covered 71%
+        with three batch sizes and 89% with seven (a hunt, 2026-12-05)."""
         from noisescale.branch.compare import t_quantile  # (branch imports this module)
 
         dof = self.n_points - 2
@@ -377,6 +376,7 @@ class GoalResult:
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (infinities become ``None``)."""
         fit = self.fit
+        low, high = fit.b_crit_interval(0.95)
         return {
             "goal": self.goal,
             "s_min": fit.s_min,
@@ -386,8 +386,8 @@ class GoalResult:
             "b_crit": fit.b_crit,
             "b_crit_stderr": _finite(fit.b_crit_stderr),
             # Student's t on n − 2 degrees of freedom (ParetoFit.b_crit_interval)
-            "b_crit_low": _finite(fit.b_crit_interval(0.95)[0]),
-            "b_crit_high": _finite(fit.b_crit_interval(0.95)[1]),
+            "b_crit_low": _finite(low),
+            "b_crit_high": _finite(high),
             "log_b_crit_stderr": _finite(fit.log_b_crit_stderr),
             "b_crit_at_bound": fit.at_bound,
             "b_crit_lag_corrected": self.b_crit_lag_corrected,
