@@ -136,6 +136,18 @@ def test_batchnorm_switched_to_train_after_construction_refused():
     tracker.remove()
 
 
+def test_batchnorm_without_running_statistics_in_eval_names_the_real_fix():
+    """A BatchNorm built with track_running_stats=False uses the batch's statistics in eval mode
+    too: refused, and the message says so and names track_running_stats=True — not the
+    training-mode advice to call eval(), which such a user has already followed."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False)).eval()
+    with pytest.raises(UnsupportedModuleError, match="track_running_stats=False") as err:
+        noisescale.GradientNoiseTracker(model)  # (refused when the tracker is created)
+    assert "in eval mode too" in str(err.value)
+    assert "track_running_stats=True" in str(err.value)
+    assert "in training mode" not in str(err.value)
+
+
 class BatchNormAct(nn.BatchNorm1d):
     """timm's BatchNormAct2d pattern: a BatchNorm subclass whose own forward calls
     F.batch_norm and an activation (so the BatchNorm rule does not apply to it)."""

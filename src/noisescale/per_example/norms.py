@@ -24,6 +24,20 @@ _InstanceNorm = nn.InstanceNorm1d | nn.InstanceNorm2d | nn.InstanceNorm3d
 
 
 def check(module: nn.Module, name: str) -> None:
+    if (
+        isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and not module.training
+        and not module.track_running_stats
+    ):
+        raise UnsupportedModuleError(
+            f"module '{name}' ({type(module).__name__}) was built with "
+            "track_running_stats=False, so it normalises with statistics of the whole batch in "
+            "eval mode too (it keeps no running statistics to use instead), and a per-example "
+            "gradient is not defined. Build it with track_running_stats=True and freeze it "
+            "(module.eval() with requires_grad_(False)), replace it with GroupNorm/LayerNorm, or "
+            "measure without per-example norms: GradientNoiseTracker(model, per_example=False) "
+            "with gradient-accumulation micro-batches"
+        )
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
         module.training or not module.track_running_stats
     ):
