@@ -943,9 +943,10 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
     def _watch_unreached(self) -> None:
         """Warn once when :data:`UNREACHED_WARNING` forwards of the step have had no backward:
         an evaluation loop with gradients on. Each such pass keeps its input batch until the
-        step, and an audited one its whole graph (activations: +101 MB for 40 batches of 256 of
-        an MLP with Dropout, whose evaluation forward is a structure the audits have not seen,
-        in a review, 2026-12-05). Counted every :data:`UNREACHED_WARNING` forwards."""
+        step (its graph goes with its outputs, an audited one's too: every evaluation forward
+        of an MLP with Dropout, a structure the audits have not seen, kept its activations until
+        2026-12-05, 83.9 MB for 40 batches of 256). Counted every :data:`UNREACHED_WARNING`
+        forwards."""
         k = self.UNREACHED_WARNING
         if self._unreached_warned or len(self.passes) < k or len(self.passes) % k:
             return
@@ -955,10 +956,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             warnings.warn(
                 f"noisescale: {waiting} forwards of the measured model ran with gradients on and "
                 "no backward since the last tracker.step() — an evaluation loop outside "
-                "torch.no_grad()? Each keeps its input batch (and an audited one its "
-                "activations) until the next step; run evaluation under torch.no_grad() (or "
-                "tracker.paused()). Forwards whose losses are summed and backpropagated together "
-                "later are measured as they should be",
+                "torch.no_grad()? Each keeps its input batch until the next step; run "
+                "evaluation under torch.no_grad() (or tracker.paused()). Forwards whose losses "
+                "are summed and backpropagated together later are measured as they should be",
                 RuntimeWarning,
                 stacklevel=4,
             )
