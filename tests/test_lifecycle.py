@@ -438,10 +438,11 @@ def test_a_forward_no_backward_reaches_lets_go_of_its_graph(kw):
     graph — its activations — stayed alive until the next step (+143 MB for 40 batches of a
     512-2048-10 MLP, measured). Now a graph goes when its outputs do (the pass keeps its input
     until the step: the same-input check needs it); the next step is measured as if the loop
-    had not run. An audited pass still keeps its graph until the step ends."""
+    had not run. An audited one lets go of its graph too
+    (``test_an_audited_forward_no_backward_reaches_lets_go_of_its_graph``)."""
     model = Net()
     tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
-    for _ in range(5):  # past the first audits (an audited pass keeps its graph for the step)
+    for _ in range(5):  # past the first audits
         loss_of(model).backward()
         tracker.step()
         model.zero_grad()
@@ -471,9 +472,9 @@ def test_a_forward_no_backward_reaches_lets_go_of_its_graph(kw):
 
 def test_an_evaluation_loop_with_gradients_on_is_named_once():
     """Sixteen forwards with gradients on and no backward since the last step: an evaluation
-    loop outside ``torch.no_grad()``, whose passes keep their inputs (and audited ones their
-    graphs) until the step — warned once, naming the fix. Sixteen accumulation micro-batches,
-    each forward followed by its backward, are not."""
+    loop outside ``torch.no_grad()``, whose passes keep their inputs until the step — warned
+    once, naming the fix. Sixteen accumulation micro-batches, each forward followed by its
+    backward, are not."""
     model = Net()
     tracker = noisescale.GradientNoiseTracker(model)
     with warnings.catch_warnings():
@@ -489,3 +490,62 @@ def test_an_evaluation_loop_with_gradients_on_is_named_once():
     tracker.step()
     tracker.remove()
     assert not tracker.history[-1]["skipped"]
+
+
+class DropNet(nn.Module):
+    """Dropout between two layers: its evaluation forward (no Dropout node) is a structure the
+    training steps' audits have not seen, so every evaluation forward is audited."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(3, 8)
+        self.drop = nn.Dropout(0.25)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.drop(torch.tanh(self.inp(x))))
+
+
+@pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}])
+def test_an_audited_forward_no_backward_reaches_lets_go_of_its_graph(kw):
+    """An evaluation loop with gradients on over a model with Dropout: each evaluation forward
+    is audited (a structure not seen in training), and no backward reaches it. Until
+    2026-12-05 the audit held its roots and targets by gradient edge — autograd nodes — and its
+    hooks on the targets' nodes held those, so every such batch's graph, its activations, stayed
+    alive (83.9 MB for 40 batches of 256 of a 512-2048-10 MLP, still there after the next step
+    and tracker.remove()). Now the audit holds them by key and finds them again in the
+    backward: the graph goes with its outputs, and the next steps are measured as if the loop
+    had not run."""
+    model = DropNet()
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+    for _ in range(5):
+        loss_of(model).backward()
+        tracker.step()
+        model.zero_grad()
+    graphs = []
+
+    def mark(module, args, out):  # a sentinel only the forward's graph holds
+        sentinel = Pause()
+        graphs.append(weakref.ref(sentinel))
+        out.grad_fn.register_prehook(lambda grads, s=sentinel: None)
+
+    handle = model.inp.register_forward_hook(mark)
+    batches = [torch.randn(16, 3) for _ in range(6)]
+    model.eval()
+    for x in batches:
+        model(x).pow(2).mean()
+    model.train()
+    handle.remove()
+    passes = list(tracker.engine.passes)
+    assert len(passes) == len(batches) and all(p.audited for p in passes)
+    del passes
+    gc.collect()
+    assert graphs and all(g() is None for g in graphs)
+    for steps in (6, 7):  # a step with the loop's passes, and the next (the examples so far)
+        loss_of(model).backward()
+        tracker.step()
+        model.zero_grad()
+        assert not tracker.history[-1]["skipped"]
+        assert tracker.history[-1]["examples"] == X.shape[0] * steps
+    tracker.remove()

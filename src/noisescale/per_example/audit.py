@@ -47,6 +47,7 @@ layer that has a user's rule).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -55,6 +56,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 
 from noisescale.per_example.factors import (
     EmbeddingFactor,
@@ -84,7 +86,11 @@ FLAT = -1
 
 @dataclass
 class _Target:
-    edge: Any
+    # the gradient edge's node by key (_node_key), not the node: an audit holding its graph's
+    # nodes kept a forward no backward reaches (an evaluation loop with gradients on) alive
+    # for good; the backward finds them again (_find_nodes)
+    node: int
+    output_nr: int
     dim: int
     module: Any  # the layer whose call it hooked, a lookup's key, or None
     label: str
@@ -238,16 +244,18 @@ class PassAudit:
 
     def add_root(self, edge: Any, dim: int) -> None:
         """A model output (or the tensor it was cast from, or the logits a loss was computed
-        from), by its gradient edge."""
-        target = _Target(edge, dim, None, "model output", root=True, seed=len(self.roots))
+        from), by its gradient edge (kept by key: see :class:`_Target`)."""
+        key, nr = _node_key(edge.node), edge.output_nr
+        target = _Target(key, nr, dim, None, "model output", root=True, seed=len(self.roots))
         self.roots.append(target)
 
     def add_target(self, edge: Any, dim: int, module: nn.Module | None, label: str) -> None:
-        target = _Target(edge, dim, module, label, seed=1000 + len(self.targets))
-        self.targets.append(target)
         node, nr = edge.node, edge.output_nr
+        target = _Target(_node_key(node), nr, dim, module, label, seed=1000 + len(self.targets))
+        self.targets.append(target)
 
         def prehook(grad_outputs: tuple) -> None:
+            # (held by the node: it holds the target, which holds no node)
             if self._ignored():
                 return
             g = grad_outputs[nr] if nr < len(grad_outputs) else None
@@ -300,9 +308,16 @@ class PassAudit:
         w = torch.randn(rows.shape[1], generator=gen, device=rows.device, dtype=rows.dtype)
         return (rows @ w).to(torch.float64)
 
-    def on_root(self, edge: Any, grad: Tensor) -> None:
-        """A batched model output received its gradient: replay what earlier replays missed."""
-        target = next((t for t in self.roots if _same_edge(t.edge, edge)), None)
+    def on_root(self, output_nr: int, grad: Tensor) -> None:
+        """A batched model output received its gradient: replay what earlier replays missed.
+        Called by a pre-hook on the output's node, input ``output_nr``: the node is the one
+        the backward is running (:func:`_running_node`)."""
+        node = _running_node()
+        if node is None:  # (a backward that runs hooks outside autograd's engine)
+            self._not_replayed("the backward ran the output's hook outside autograd's engine")
+            return
+        key = _key_of(node)
+        target = next((t for t in self.roots if t.node == key and t.output_nr == output_nr), None)
         if target is None or self._by_example(grad, target.dim) is None:
             return
         signed = self._sign(grad, target.dim)
@@ -311,7 +326,7 @@ class PassAudit:
             tol = ATTRIBUTION_TOL_AMP if self.amp or grad.dtype in _SIXTEEN else ATTRIBUTION_TOL
             if float(signed.norm()) <= tol * float(grad.norm()) + 1e-30:
                 return
-        self._launch(edge, signed)
+        self._launch(node, output_nr, signed)
 
     def _on_target(self, target: _Target, grad: Tensor) -> None:
         if self._by_example(grad, target.dim) is None:
@@ -322,7 +337,12 @@ class PassAudit:
         target.compared = True
         if not target.reached:
             # nothing replayed reaches it: a frontier (e.g. a model that returns a scalar loss)
-            self._launch(target.edge, self._sign(grad, target.dim))
+            # (from the target's own pre-hook: its node is the one the backward is running)
+            node = _running_node()
+            if node is None or _key_of(node) != target.node:
+                self._not_replayed("the backward ran a hook outside autograd's engine")
+                return
+            self._launch(node, target.output_nr, self._sign(grad, target.dim))
             return
         target.verified = True
         got = target.got
@@ -335,11 +355,20 @@ class PassAudit:
         if got is None or float((got - want).norm()) > tol * scale + 1e-30 * (1 + scale):
             self.findings.misattributed.append(target)
 
-    def _launch(self, edge: Any, grad: Tensor) -> None:
+    def _launch(self, node: Any, output_nr: int, grad: Tensor) -> None:
+        """Replay the backward from input ``output_nr`` of ``node`` (the node the backward is
+        running) with ``grad``, to every target not yet compared and every root."""
         if not self.replay:
             return
         pending = [t for t in [*self.roots, *self.targets] if not t.compared or t.root]
-        inputs = [t.edge for t in pending]
+        if not pending:
+            return
+        # The targets' nodes, found again below the replay's own: a target no walk from it
+        # reaches is one autograd.grad would answer None for (allow_unused), and stays so
+        found = _find_nodes(node, {t.node for t in pending})
+        pending = [t for t in pending if t.node in found]
+        edge = GradientEdge(node, output_nr)
+        inputs = [GradientEdge(found[t.node], t.output_nr) for t in pending]
         if not inputs:
             return
         # torch.autograd.grad leaves every .grad alone, but a custom Function whose backward
@@ -358,14 +387,14 @@ class PassAudit:
         # a layer's output read as rows not the examples' (2026-12-05, a helper's hunt).
         seen: dict[int, Tensor] = {}
         watches = []
-        for i, t in enumerate(pending):
-            nr = t.edge.output_nr
+        for i, (t, e) in enumerate(zip(pending, inputs, strict=True)):
+            nr = t.output_nr
 
             def received(grads: tuple, i: int = i, nr: int = nr) -> None:
                 if nr < len(grads) and grads[nr] is not None:
                     seen[i] = grads[nr]
 
-            watches.append(t.edge.node.register_prehook(received))
+            watches.append(e.node.register_prehook(received))
         try:
             with replaying():
                 got = torch.autograd.grad(
@@ -374,9 +403,7 @@ class PassAudit:
             got = tuple(seen.get(i, g) for i, g in enumerate(got))
         except RuntimeError as err:
             # e.g. torch.utils.checkpoint(use_reentrant=True) refuses torch.autograd.grad
-            self.unverified = f"the attribution check could not replay the backward ({err})"
-            for t in [*self.roots, *self.targets]:
-                t.compared = True
+            self._not_replayed(str(err))
             return
         finally:
             for p, g in kept:
@@ -394,6 +421,12 @@ class PassAudit:
             else:
                 p = self._projection(target, g)
                 target.got = p if target.got is None else target.got + p
+
+    def _not_replayed(self, why: str) -> None:
+        """The backward could not be replayed: the pass is unverified, as reported."""
+        self.unverified = f"the attribution check could not replay the backward ({why})"
+        for t in [*self.roots, *self.targets]:
+            t.compared = True
 
     # -- a user's rule ------------------------------------------------------------------------
 
@@ -588,8 +621,53 @@ def _eps(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps)
 
 
-def _same_edge(a: Any, b: Any) -> bool:
-    return a.node is b.node and a.output_nr == b.output_nr
+#: The name of the key an audited node holds in its metadata dict (:func:`_node_key`)
+_KEY = "noisescale.audit"
+_KEYS = itertools.count()
+
+
+def _node_key(node: Any) -> int:
+    """An autograd node's key, given to it here and held by the node itself, in its metadata
+    dict (which lives with the C++ node). Not its Python object's id: torch versions that keep
+    only a weak pointer to that object let it go between the forward and the backward and make
+    another, elsewhere; and not the node, which would keep its graph alive."""
+    meta = node.metadata
+    key = meta.get(_KEY)
+    if key is None:
+        key = meta[_KEY] = next(_KEYS)
+    return key
+
+
+def _key_of(node: Any) -> int | None:
+    """The key :func:`_node_key` gave ``node``, or ``None``."""
+    return node.metadata.get(_KEY)
+
+
+def _running_node() -> Any:
+    """The autograd node the backward is running (called from a pre-hook on it: autograd's
+    engine runs a node's pre-hooks with the node current), or ``None``."""
+    return torch._C._current_autograd_node()
+
+
+def _find_nodes(start: Any, keys: set[int]) -> dict[int, Any]:
+    """The nodes of ``keys`` that ``start`` or the nodes below it are (autograd's next
+    functions, as a backward from ``start`` follows them): where the audit finds its targets
+    again at a replay, held by key until then (:class:`_Target`). Stops once all are found;
+    otherwise walks the whole graph below ``start``, once per replay (an audited pass's)."""
+    found: dict[int, Any] = {}
+    seen = {id(start)}
+    queue = [start]  # (holds each node's Python object: an id is one node's for the walk)
+    for node in queue:
+        key = _key_of(node)
+        if key in keys:
+            found[key] = node
+            if len(found) == len(keys):
+                break
+        for child, _ in node.next_functions:
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                queue.append(child)
+    return found
 
 
 _REPLAYS = [0]

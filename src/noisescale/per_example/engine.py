@@ -943,9 +943,10 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
     def _watch_unreached(self) -> None:
         """Warn once when :data:`UNREACHED_WARNING` forwards of the step have had no backward:
         an evaluation loop with gradients on. Each such pass keeps its input batch until the
-        step, and an audited one its whole graph (activations: +101 MB for 40 batches of 256 of
-        an MLP with Dropout, whose evaluation forward is a structure the audits have not seen,
-        in a review, 2026-12-05). Counted every :data:`UNREACHED_WARNING` forwards."""
+        step (its graph goes with its outputs, an audited one's too: every evaluation forward
+        of an MLP with Dropout, a structure the audits have not seen, kept its activations until
+        2026-12-05, 83.9 MB for 40 batches of 256). Counted every :data:`UNREACHED_WARNING`
+        forwards."""
         k = self.UNREACHED_WARNING
         if self._unreached_warned or len(self.passes) < k or len(self.passes) % k:
             return
@@ -955,10 +956,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             warnings.warn(
                 f"noisescale: {waiting} forwards of the measured model ran with gradients on and "
                 "no backward since the last tracker.step() — an evaluation loop outside "
-                "torch.no_grad()? Each keeps its input batch (and an audited one its "
-                "activations) until the next step; run evaluation under torch.no_grad() (or "
-                "tracker.paused()). Forwards whose losses are summed and backpropagated together "
-                "later are measured as they should be",
+                "torch.no_grad()? Each keeps its input batch until the next step; run "
+                "evaluation under torch.no_grad() (or tracker.paused()). Forwards whose losses "
+                "are summed and backpropagated together later are measured as they should be",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -1127,19 +1127,17 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         pass_.loss_inputs = []
         # (what the loss computes from: shared.py asks whether a tensor there derives from them)
         pass_.output_nodes = {_node_key(edge.node) for edge, _ in candidates}
-        dim, seen, roots, boxes = self._model_dim, set(), [], []
+        dim, seen, roots = self._model_dim, set(), []
         for edge, shape in candidates:
             if (id(edge.node), edge.output_nr) in seen:
                 continue
             seen.add((id(edge.node), edge.output_nr))
             batched = len(shape) > dim and shape[dim] == pass_.batch_size
-            # the hook, held by the output's node, holds the edge (and so that node) only for
-            # the audit: a forward no backward reaches would otherwise keep its whole graph
-            # alive through that cycle until the step's end (an evaluation loop with gradients
-            # on: every batch's activations; emptied below where no audit needs it)
-            box = [edge]
-            boxes.append(box)
-            hook = self._make_root_hook(pass_, box, batched)
+            # the hook, held by the output's node, holds neither the edge nor the node (the
+            # audit finds the node as the one the backward runs): a forward no backward reaches
+            # would otherwise keep its whole graph alive through that cycle until the step's
+            # end (an evaluation loop with gradients on: every batch's activations)
+            hook = self._make_root_hook(pass_, edge.output_nr, batched)
             pass_.handles.append(
                 edge.node.register_prehook(
                     lambda grads, h=hook, nr=edge.output_nr: (
@@ -1177,9 +1175,6 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                     packed = _tensors(output, packed=True)
                     self._loss_watch.watch(pass_, batched, self._model_dim, packed, self.pairs)
         finally:
-            if pass_.audit is None:
-                for box in boxes:
-                    box.clear()
             if hasattr(pass_, "_pending_targets"):
                 del pass_._pending_targets  # type: ignore[attr-defined]
 
@@ -1212,18 +1207,18 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         )
         pending.append((edge, dim, owner, label, rebased))
 
-    def _make_root_hook(self, pass_: PassNorms, box: list, batched: bool) -> Callable:
-        """The hook on an output's node; ``box`` holds the output's gradient edge while the
-        pass's audit may need it (emptied otherwise: see :meth:`_model_output`)."""
+    def _make_root_hook(self, pass_: PassNorms, output_nr: int, batched: bool) -> Callable:
+        """The hook on an output's node, for its input ``output_nr`` (the audit's root there:
+        :meth:`PassAudit.on_root` takes the node as the one the backward runs)."""
 
         def hook(grad: Tensor) -> None:
             if self._replaying or self._paused:
                 return
             self._mark_backward(pass_)
             self._enter(pass_)
-            if batched and box and pass_.audit is not None and not torch.is_grad_enabled():
+            if batched and pass_.audit is not None and not torch.is_grad_enabled():
                 try:
-                    pass_.audit.on_root(box[0], grad)
+                    pass_.audit.on_root(output_nr, grad)
                 except RuntimeError as err:
                     if "use_reentrant" not in str(err):
                         raise
