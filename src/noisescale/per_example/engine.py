@@ -2196,12 +2196,17 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         elif kind == "embedding":
             idx = x.movedim(dim, 0) if dim else x
             g = grad.movedim(dim, 0) if dim else grad
+            bag = meeting.extra.get("bag_weight")  # F.embedding_bag: [N, L], Σ_t weight·row
             rows = self._rows(pass_, g, g.device)
             if rows is not None:
                 idx, g = idx.index_select(0, rows), g.index_select(0, rows)
+                bag = bag.index_select(0, rows) if bag is not None else None
             k = idx.shape[0]
             idx2 = idx.reshape(k, -1)
-            d3 = g.reshape(k, idx2.shape[1], -1)
+            if bag is not None:
+                d3 = bag.unsqueeze(-1).to(g.dtype) * g.reshape(k, 1, -1)
+            else:
+                d3 = g.reshape(k, idx2.shape[1], -1)
             pad = meeting.extra.get("padding_idx")
             if pad is not None:
                 d3 = d3 * (idx2 != pad).unsqueeze(-1).to(d3.dtype)

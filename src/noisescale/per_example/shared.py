@@ -314,6 +314,14 @@ def _meet(
             return _embedding(args, kwargs, origin, pass_, n, dim, key=key)
         # table[idx] with per-example integer indices: an embedding lookup into the rows
         return _embedding((args[1], args[0]), {}, origin, pass_, n, dim, flatten=True, key=key)
+    if func is F.embedding_bag and dim == 0 and (bags := _bag_call(args, kwargs, n)) is not None:
+        key = _lookup_key(origin, name)
+        if bags.get("mode", "mean") not in ("sum", "mean") or bags.get("scale_grad_by_freq"):
+            # mode='max' (each dimension's gradient to the row that won it), frequencies
+            # counted over the whole batch: named as the operation noisescale cannot follow
+            return _unsupported(func, args, kwargs, origin, pass_)
+        if key not in engine.learned_shared_lookups:
+            return _embedding_bag(bags, origin, pass_, key)
     if func in _CONV and batched:
         return _conv(func, args, kwargs, origin, pass_, n, dim)
     if func in _NORM and batched:
@@ -498,7 +506,7 @@ class Meeting:
     expand) or the operation's output (linear, embedding, conv).
     """
 
-    kind: str  # "expand" (elementwise included), "linear", "embedding", "conv"
+    kind: str  # "expand" (elementwise included), "linear", "embedding" (bags too), "conv"
     shared: SharedTensor | None
     origin: Origin
     hooked: Tensor | None = None
@@ -644,6 +652,75 @@ def _embedding(
     m.box.append(idx)
     m.extra.update(weight=w, padding_idx=bound.get("padding_idx"), dim=dim, flatten=flatten)
     m.extra["learn"] = key  # what the audit may learn to be shared
+    origin.engine.add_meeting(pass_, m)
+    return y
+
+
+_BAG_NAMES = (
+    "input", "weight", "offsets", "max_norm", "norm_type", "scale_grad_by_freq", "mode",
+    "sparse", "per_sample_weights", "include_last_offset", "padding_idx",
+)  # fmt: skip
+
+
+def _bag_call(args: tuple, kwargs: dict, n: int) -> dict[str, Any] | None:
+    """``F.embedding_bag``'s arguments when its table alone is shared and it makes one bag per
+    example (the batch's ``n`` bags); ``None`` otherwise.
+
+    Its input is often not per-example along dim 0 — the bags' indices flattened, the bags cut
+    by offsets (with ``include_last_offset=True`` one more than the bags) — so whether it meets
+    the batch is read from its count of bags, as nn.EmbeddingBag's rule does; bag i is taken
+    for example i (the audit checks that each bag's row of the output is its example's).
+    """
+    bound = dict(zip(_BAG_NAMES, args, strict=False))
+    bound.update(kwargs)
+    idx, w = bound.get("input"), bound.get("weight")
+    offsets, psw = bound.get("offsets"), bound.get("per_sample_weights")
+    if (
+        not isinstance(w, SharedTensor)
+        or w.dim() != 2
+        or not isinstance(idx, Tensor)
+        or isinstance(idx, SharedTensor)
+        or idx.is_nested
+        or idx.is_floating_point()
+        or idx.dim() not in (1, 2)
+        or (idx.dim() == 1) != isinstance(offsets, Tensor)
+        or isinstance(offsets, SharedTensor)
+        or isinstance(psw, SharedTensor)
+        or bound.get("sparse")
+    ):
+        return None
+    from noisescale.per_example.embedding import bag_count
+
+    last = bool(bound.get("include_last_offset", False)) and idx.dim() == 1
+    if bag_count(idx, offsets, last) != n:
+        return None
+    return bound
+
+
+def _embedding_bag(bound: dict[str, Any], origin: Origin, pass_: PassNorms, key: tuple) -> Any:
+    """``F.embedding_bag`` with a shared table, one bag per example: row i of its output is
+    Σ_t weight[i, t] · table[index[i, t]], so example i's gradient of the table is
+    EmbeddingFactor(index, weight ⊗ δ) — as nn.EmbeddingBag's rule (padding and 'mean''s count
+    in the weights, with or without ``include_last_offset``)."""
+    from noisescale.per_example.embedding import bag_rows
+
+    idx, w = bound["input"], bound["weight"]
+    with torch._C.DisableTorchFunctionSubclass():
+        y = F.embedding_bag(
+            **{k: _plain(v) if isinstance(v, Tensor) else v for k, v in bound.items()}
+        )
+    pad = bound.get("padding_idx")
+    if pad is not None and pad < 0:
+        pad += w.shape[0]
+    last = bool(bound.get("include_last_offset", False)) and idx.dim() == 1
+    bag, weight = bag_rows(
+        idx, bound.get("offsets"), bound.get("per_sample_weights"), bound.get("mode", "mean"),
+        pad, last,
+    )  # fmt: skip
+    m = Meeting("embedding", None, origin, hooked=y)
+    m.box.append(bag)
+    m.extra.update(weight=w, padding_idx=None, dim=0, flatten=False, bag_weight=weight)
+    m.extra["learn"] = key
     origin.engine.add_meeting(pass_, m)
     return y
 
