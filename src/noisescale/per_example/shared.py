@@ -46,6 +46,7 @@ operation.
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -230,6 +231,8 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
     engine = origin.engine
     pass_ = engine.open_pass()
     if pass_ is None:  # after the step's passes closed (e.g. a loss term read after forward)
+        if engine.passes and not torch.is_grad_enabled():
+            _note_custom_function(engine.passes[-1], origin)
         with torch._C.DisableTorchFunctionSubclass():
             return _rewrap(func(*args, **kwargs), origin)
     n, dim = pass_.batch_size, engine.batch_dim()
@@ -255,6 +258,36 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
             )
         return result
     return _meet(func, args, kwargs, flat, origin, pass_, n, dim, batched)
+
+
+_FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__  # type: ignore[attr-defined]
+_SEARCHED_FRAMES = 24
+
+
+def _note_custom_function(pass_: PassNorms, origin: Origin) -> None:
+    """A shared tensor read with gradients off while a pass is open: inside a custom
+    ``torch.autograd.Function``'s forward (a straight-through estimator, ``STE.apply(w)``),
+    note the Function's class for the parameters it came from — autograd will run the user's
+    backward for them, which noisescale cannot follow a parameter through, and a refusal then
+    names it (a read under ``torch.no_grad()`` is not a use: no frame of ``Function.apply``,
+    nothing noted). Only such reads pay the walk up the stack (at most
+    :data:`_SEARCHED_FRAMES` frames); torch's own Functions (reentrant checkpointing) are not
+    noted."""
+    frame = sys._getframe(2)
+    for _ in range(_SEARCHED_FRAMES):
+        if frame is None:
+            return
+        if frame.f_code is _FUNCTION_APPLY:
+            cls = frame.f_locals.get("cls")
+            if not isinstance(cls, type) or cls.__module__.split(".")[0] == "torch":
+                return
+            for source in origin.sources:
+                pids = [source.pid] if source.pid is not None else source.call.params.values()
+                for pid in pids:
+                    pid = pid if isinstance(pid, int) else id(pid)
+                    pass_.custom_functions.setdefault(pid, cls.__qualname__)
+            return
+        frame = frame.f_back
 
 
 _SEARCHED_NODES = 256
