@@ -666,14 +666,22 @@ def test_rows_routed_by_the_data_are_never_taken_for_flattened_examples():
     engine.remove()
 
 
-def test_the_input_data_flattened_with_positions_is_refused_with_the_cause():
+def test_the_input_data_flattened_with_positions_is_measured_a_copy_refused():
     """The model's input data reshaped to [N·T, D] before its first layer has no history to
-    show the flattening (a time-major [T, N, D] copied into a tensor with N leading looks the
-    same): refused, and the message says the examples were flattened and what is measured."""
+    show the flattening; a view of the input itself shows it in its memory (each example's
+    rows in turn) and is measured, exact (refused until 2026-12). A time-major [T, N, D] copied
+    into a tensor with N·T leading rows looks the same from its history and is no view of the
+    input: still refused."""
     torch.manual_seed(0)
     model = FlattenedFeedForward(on_input=True)
-    with pytest.raises(UnsupportedModuleError, match=r"20 = 4 × 5: if the examples were flattened"):
-        one_shot(model, _flat_input(), _sq)
+    x = _flat_input()
+    got = one_shot(model, x, _sq)
+    model.zero_grad()
+    assert torch.allclose(got, truth(model, x, _sq), rtol=1e-9)
+    model = FlattenedFeedForward(order="time", on_input=True)
+    # (its output, shared, then meets the input data row by row in the residual: that names it)
+    with pytest.raises(UnsupportedModuleError, match=r"meets, row by row in the operation 'add'"):
+        one_shot(model, x, _sq)
 
 
 def assert_exact_or_refused(model, x, loss, steps: int = 5):

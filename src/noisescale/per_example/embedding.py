@@ -57,11 +57,8 @@ def _bag_check(module: nn.EmbeddingBag, name: str) -> None:
 
 
 def _bag_batch_size(module: nn.EmbeddingBag, args: tuple, kwargs: dict[str, Any]) -> int:
-    idx = args[0]
     offsets = args[1] if len(args) > 1 else kwargs.get("offsets")
-    if idx.dim() == 2:
-        return int(idx.shape[0])
-    return int(offsets.numel()) - (1 if module.include_last_offset else 0)
+    return bag_count(args[0], offsets, module.include_last_offset)
 
 
 def _bag_save(module: nn.EmbeddingBag, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
@@ -69,14 +66,43 @@ def _bag_save(module: nn.EmbeddingBag, args: tuple, kwargs: dict[str, Any], outp
     idx = args[0]
     offsets = args[1] if len(args) > 1 else kwargs.get("offsets")
     psw = args[2] if len(args) > 2 else kwargs.get("per_sample_weights")
+    return bag_rows(idx, offsets, psw, module.mode, module.padding_idx, module.include_last_offset)
+
+
+def bag_count(idx: Tensor, offsets: Tensor | None, include_last_offset: bool) -> int:
+    """The number of bags of an embedding-bag call (its output's rows)."""
+    if idx.dim() == 2 or offsets is None:
+        return int(idx.shape[0])
+    return int(offsets.numel()) - (1 if include_last_offset else 0)
+
+
+def bag_rows(
+    idx: Tensor,
+    offsets: Tensor | None,
+    psw: Tensor | None,
+    mode: str,
+    padding_idx: int | None,
+    include_last_offset: bool,
+) -> tuple[Tensor, Tensor]:
+    """(index [N, L], weight [N, L]) of an embedding-bag call (``mode`` 'sum' or 'mean'): each
+    bag's indices, padded, and the weight of each in the bag's output — its per-sample weight,
+    over the bag's count of non-padding indices for 'mean', zero for padding; bag n's output
+    is Σ_t weight[n, t] · table[index[n, t]]. With ``include_last_offset`` there are
+    N = offsets.numel() - 1 bags, without it N = offsets.numel(); either way the input's end
+    closes the last bag, as in torch's kernels."""
+    if psw is not None:
+        psw = psw.detach()
     if idx.dim() == 2:
         bag = idx
         weight = psw if psw is not None else torch.ones(bag.shape, device=idx.device)
         valid = torch.ones_like(bag, dtype=torch.bool)
     else:
-        n = _bag_batch_size(module, args, kwargs)
-        ends = offsets[1 : n + 1] if module.include_last_offset else offsets[1:]
-        ends = torch.cat([ends, ends.new_tensor([idx.numel()])])[:n]
+        assert offsets is not None
+        n = bag_count(idx, offsets, include_last_offset)
+        # the last bag runs to the input's end, also with include_last_offset=True: torch
+        # reads the last offset only for the count of bags (indices after it are the last
+        # bag's; before 2026-12 they were left out, the audit refusing 33%)
+        ends = torch.cat([offsets[1:n], offsets.new_tensor([idx.numel()])])
         starts = offsets[:n]
         lengths = ends - starts
         width = int(lengths.max()) if n else 0  # one host read per call, in the forward
@@ -86,10 +112,10 @@ def _bag_save(module: nn.EmbeddingBag, args: tuple, kwargs: dict[str, Any], outp
         bag = torch.where(valid, idx[flat], torch.zeros_like(flat))
         w = psw[flat] if psw is not None else torch.ones(bag.shape, device=idx.device)
         weight = torch.where(valid, w, torch.zeros_like(w))
-    if module.padding_idx is not None:
-        valid = valid & (bag != module.padding_idx)
+    if padding_idx is not None:
+        valid = valid & (bag != padding_idx)
     weight = weight * valid.to(weight.dtype)
-    if module.mode == "mean":
+    if mode == "mean":
         count = valid.sum(1, keepdim=True).clamp_min(1)
         weight = weight / count.to(weight.dtype)
     return bag, weight

@@ -97,6 +97,7 @@ from noisescale.per_example.graph import (
     _checkpoint_recompute,
     _example_major,
     _flat_size,
+    _flattened_input,
     _MirroredCheckpoint,
     _rebasable_base,
     _reshaped_base,
@@ -1385,7 +1386,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                     else None
                 )
         flat = (
-            self._flat_rows(rule, module, args, size, n, in_dim)
+            self._flat_rows(pass_, rule, module, args, size, n, in_dim)
             if single
             and size != n
             and isinstance(output, Tensor)
@@ -1465,19 +1466,31 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         return replaced
 
     def _flat_rows(
-        self, rule: LayerRule, module: nn.Module, args: tuple, size: Any, n: int, in_dim: int
+        self,
+        pass_: PassNorms,
+        rule: LayerRule,
+        module: nn.Module,
+        args: tuple,
+        size: Any,
+        n: int,
+        in_dim: int,
     ) -> int:
         """k, when a layer's single input holds each example's k rows in turn: the examples
         flattened together with positions (``x.reshape(-1, D)`` of a batch-first [N, T, D]),
         its leading size k·N, the layer's rule treating positions alike
         (``LayerRule.flattened``), and the input's history showing the flattening
         (:func:`_example_major`: never rows selected, sorted or routed by the data, whose
-        order could change from one step to the next). 0 otherwise: the call is shared. The
+        order could change from one step to the next) — or, input data without a history,
+        its memory showing it: a view flattening one of the model's inputs, [N, a, …] →
+        [N·a, …] (:func:`_flattened_input`). 0 otherwise: the call is shared. The
         audit checks the rows' attribution on the first pass of each structure; a layer whose
         rows are not each example's in turn is learned as shared."""
         if in_dim != 0 or self.batch_dim() != 0 or not _flat_size(rule, module, size, n):
             return 0
-        return size // n if _example_major(args[0], n, size) else 0
+        x = args[0]
+        if _example_major(x, n, size) or _flattened_input(x, pass_.inputs, n, size):
+            return size // n
+        return 0
 
     def _on_weight_enter(self, module: nn.Module, args: tuple) -> None:
         """Sub-batch mode: run the layer on a detached weight; its gradient is computed by
@@ -2191,12 +2204,17 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         elif kind == "embedding":
             idx = x.movedim(dim, 0) if dim else x
             g = grad.movedim(dim, 0) if dim else grad
+            bag = meeting.extra.get("bag_weight")  # F.embedding_bag: [N, L], Σ_t weight·row
             rows = self._rows(pass_, g, g.device)
             if rows is not None:
                 idx, g = idx.index_select(0, rows), g.index_select(0, rows)
+                bag = bag.index_select(0, rows) if bag is not None else None
             k = idx.shape[0]
             idx2 = idx.reshape(k, -1)
-            d3 = g.reshape(k, idx2.shape[1], -1)
+            if bag is not None:
+                d3 = bag.unsqueeze(-1).to(g.dtype) * g.reshape(k, 1, -1)
+            else:
+                d3 = g.reshape(k, idx2.shape[1], -1)
             pad = meeting.extra.get("padding_idx")
             if pad is not None:
                 d3 = d3 * (idx2 != pad).unsqueeze(-1).to(d3.dtype)

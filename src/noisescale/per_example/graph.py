@@ -217,6 +217,38 @@ def _example_major(x: Tensor, n: int, size: int) -> bool:
     return True
 
 
+def _flattened_input(x: Tensor, inputs: tuple | None, n: int, size: int) -> bool:
+    """Whether ``x`` ([size, …], size = k·N), without a history, is one of the model's inputs
+    [N, a, …] flattened, ``x.reshape(N·a, …)``: a view of the whole input, in its memory's
+    row-major order, so that its rows are each example's in turn — the proof that
+    :func:`_example_major` reads from a history, here read from the memory (tokens flattened
+    from the raw input before a Linear, ``l(x.reshape(B*T, D))``; until 2026-12 such a call was
+    taken for one shared by every example and refused, "its output never met the batch"). A
+    copy (a non-contiguous input reshaped), a slice, a transpose or another tensor is not
+    taken. ``inputs``: the model's (args, kwargs); only their top-level tensors are read."""
+    base = x._base
+    if (
+        base is None
+        or inputs is None
+        or x.grad_fn is not None
+        or base.dim() < 2
+        or base.shape[0] != n
+        or x.dim() < 1
+        or x.shape[0] != size
+        or x.numel() != base.numel()
+        or not (x.is_contiguous() and base.is_contiguous())
+        or x.data_ptr() != base.data_ptr()
+    ):
+        return False
+    args, kwargs = inputs
+    if not any(v is base for v in (*args, *kwargs.values())):
+        return False
+    # the leading dimensions merged: [N, a, b, …, rest] → [N·a·b…, rest]
+    dims = itertools.accumulate(base.shape[:-1], operator.mul)
+    rest = tuple(x.shape[1:])
+    return any(d == size and rest == tuple(base.shape[j + 1 :]) for j, d in enumerate(dims))
+
+
 def _rebasable_base(output: Tensor, dim: int, n: int) -> Tensor | None:
     """The tensor to hook for a layer's output gradient instead of the output, if any.
 

@@ -205,6 +205,9 @@ class PassNorms:
     examples_version: int | None = None
     forward_skipped: bool = False  # skipped when its forward ran (the backward may skip it later)
     aliased: set[int] = field(default_factory=set)  # parameters handed out as shared aliases
+    # parameters read inside a custom torch.autograd.Function's forward -> its class's name
+    # (autograd runs the user's backward for them, which no use of noisescale's follows)
+    custom_functions: dict[int, str] = field(default_factory=dict)
     inputs: tuple | None = None  # the model's (args, kwargs), for the audit's permutation check
     subbatches: Subbatches | MergedSubbatches | None = None
     broken: str | None = None  # a weight measured by sub-batch products was used twice

@@ -272,6 +272,13 @@ class Settle:
                 )
         aliased_ids = missing & pass_.aliased
         aliased = sorted(self._param_name[pid] for pid in aliased_ids)
+        through = {
+            self._param_name[pid]: pass_.custom_functions[pid]
+            for pid in aliased_ids
+            if pid in pass_.custom_functions
+        }
+        if through:
+            raise UnsupportedModuleError(_custom_function_message(through, aliased))
         if aliased:
             raise UnsupportedModuleError(
                 f"parameters {aliased} received gradients that no use noisescale followed "
@@ -631,3 +638,27 @@ class Settle:
                 if p is not None and id(p) == pid:
                     out.append((module, name))
         return out
+
+
+def _custom_function_message(through: dict[str, str], missing: list[str]) -> str:
+    """The refusal of parameters passed through a custom ``torch.autograd.Function`` (a
+    straight-through estimator, a product written with its own backward): ``through`` maps
+    each one's name to the Function's class name; ``missing`` names every parameter not
+    followed."""
+    names = ", ".join(f"'{name}'" for name in sorted(through))
+    classes = sorted(set(through.values()))
+    applied = ", ".join(f"{c}.apply" for c in classes)
+    others = sorted(set(missing) - set(through))
+    plural = len(through) > 1
+    return (
+        f"parameter{'s' if plural else ''} {names} {'are' if plural else 'is'} passed through "
+        f"the custom torch.autograd.Function{'s' if len(classes) > 1 else ''} "
+        f"{', '.join(classes)} ({applied} in the forward), so {'their' if plural else 'its'} "
+        "per-example gradients cannot be measured: autograd hands the Function's backward — "
+        "your own code — the gradient of its output summed over the batch, and noisescale "
+        "cannot follow a parameter through it. For a straight-through estimator, write the "
+        "quantised weight as w + (q(w) - w).detach() instead of a Function (measured exactly: "
+        "its gradient to w is the identity's); otherwise register a rule for the module that "
+        "applies the Function (noisescale.register_layer), or use per_example=False"
+        + (f". Also not followed: {others}" if others else "")
+    )

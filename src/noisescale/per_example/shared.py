@@ -46,6 +46,7 @@ operation.
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -230,6 +231,8 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
     engine = origin.engine
     pass_ = engine.open_pass()
     if pass_ is None:  # after the step's passes closed (e.g. a loss term read after forward)
+        if engine.passes and not torch.is_grad_enabled():
+            _note_custom_function(engine.passes[-1], origin)
         with torch._C.DisableTorchFunctionSubclass():
             return _rewrap(func(*args, **kwargs), origin)
     n, dim = pass_.batch_size, engine.batch_dim()
@@ -255,6 +258,36 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
             )
         return result
     return _meet(func, args, kwargs, flat, origin, pass_, n, dim, batched)
+
+
+_FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__  # type: ignore[attr-defined]
+_SEARCHED_FRAMES = 24
+
+
+def _note_custom_function(pass_: PassNorms, origin: Origin) -> None:
+    """A shared tensor read with gradients off while a pass is open: inside a custom
+    ``torch.autograd.Function``'s forward (a straight-through estimator, ``STE.apply(w)``),
+    note the Function's class for the parameters it came from — autograd will run the user's
+    backward for them, which noisescale cannot follow a parameter through, and a refusal then
+    names it (a read under ``torch.no_grad()`` is not a use: no frame of ``Function.apply``,
+    nothing noted). Only such reads pay the walk up the stack (at most
+    :data:`_SEARCHED_FRAMES` frames); torch's own Functions (reentrant checkpointing) are not
+    noted."""
+    frame = sys._getframe(2)
+    for _ in range(_SEARCHED_FRAMES):
+        if frame is None:
+            return
+        if frame.f_code is _FUNCTION_APPLY:
+            cls = frame.f_locals.get("cls")
+            if not isinstance(cls, type) or cls.__module__.split(".")[0] == "torch":
+                return
+            for source in origin.sources:
+                pids = [source.pid] if source.pid is not None else source.call.params.values()
+                for pid in pids:
+                    pid = pid if isinstance(pid, int) else id(pid)
+                    pass_.custom_functions.setdefault(pid, cls.__qualname__)
+            return
+        frame = frame.f_back
 
 
 _SEARCHED_NODES = 256
@@ -314,6 +347,14 @@ def _meet(
             return _embedding(args, kwargs, origin, pass_, n, dim, key=key)
         # table[idx] with per-example integer indices: an embedding lookup into the rows
         return _embedding((args[1], args[0]), {}, origin, pass_, n, dim, flatten=True, key=key)
+    if func is F.embedding_bag and dim == 0 and (bags := _bag_call(args, kwargs, n)) is not None:
+        key = _lookup_key(origin, name)
+        if bags.get("mode", "mean") not in ("sum", "mean") or bags.get("scale_grad_by_freq"):
+            # mode='max' (each dimension's gradient to the row that won it), frequencies
+            # counted over the whole batch: named as the operation noisescale cannot follow
+            return _unsupported(func, args, kwargs, origin, pass_)
+        if key not in engine.learned_shared_lookups:
+            return _embedding_bag(bags, origin, pass_, key)
     if func in _CONV and batched:
         return _conv(func, args, kwargs, origin, pass_, n, dim)
     if func in _NORM and batched:
@@ -498,7 +539,7 @@ class Meeting:
     expand) or the operation's output (linear, embedding, conv).
     """
 
-    kind: str  # "expand" (elementwise included), "linear", "embedding", "conv"
+    kind: str  # "expand" (elementwise included), "linear", "embedding" (bags too), "conv"
     shared: SharedTensor | None
     origin: Origin
     hooked: Tensor | None = None
@@ -644,6 +685,75 @@ def _embedding(
     m.box.append(idx)
     m.extra.update(weight=w, padding_idx=bound.get("padding_idx"), dim=dim, flatten=flatten)
     m.extra["learn"] = key  # what the audit may learn to be shared
+    origin.engine.add_meeting(pass_, m)
+    return y
+
+
+_BAG_NAMES = (
+    "input", "weight", "offsets", "max_norm", "norm_type", "scale_grad_by_freq", "mode",
+    "sparse", "per_sample_weights", "include_last_offset", "padding_idx",
+)  # fmt: skip
+
+
+def _bag_call(args: tuple, kwargs: dict, n: int) -> dict[str, Any] | None:
+    """``F.embedding_bag``'s arguments when its table alone is shared and it makes one bag per
+    example (the batch's ``n`` bags); ``None`` otherwise.
+
+    Its input is often not per-example along dim 0 — the bags' indices flattened, the bags cut
+    by offsets (with ``include_last_offset=True`` one more than the bags) — so whether it meets
+    the batch is read from its count of bags, as nn.EmbeddingBag's rule does; bag i is taken
+    for example i (the audit checks that each bag's row of the output is its example's).
+    """
+    bound = dict(zip(_BAG_NAMES, args, strict=False))
+    bound.update(kwargs)
+    idx, w = bound.get("input"), bound.get("weight")
+    offsets, psw = bound.get("offsets"), bound.get("per_sample_weights")
+    if (
+        not isinstance(w, SharedTensor)
+        or w.dim() != 2
+        or not isinstance(idx, Tensor)
+        or isinstance(idx, SharedTensor)
+        or idx.is_nested
+        or idx.is_floating_point()
+        or idx.dim() not in (1, 2)
+        or (idx.dim() == 1) != isinstance(offsets, Tensor)
+        or isinstance(offsets, SharedTensor)
+        or isinstance(psw, SharedTensor)
+        or bound.get("sparse")
+    ):
+        return None
+    from noisescale.per_example.embedding import bag_count
+
+    last = bool(bound.get("include_last_offset", False)) and idx.dim() == 1
+    if bag_count(idx, offsets, last) != n:
+        return None
+    return bound
+
+
+def _embedding_bag(bound: dict[str, Any], origin: Origin, pass_: PassNorms, key: tuple) -> Any:
+    """``F.embedding_bag`` with a shared table, one bag per example: row i of its output is
+    Σ_t weight[i, t] · table[index[i, t]], so example i's gradient of the table is
+    EmbeddingFactor(index, weight ⊗ δ) — as nn.EmbeddingBag's rule (padding and 'mean''s count
+    in the weights, with or without ``include_last_offset``)."""
+    from noisescale.per_example.embedding import bag_rows
+
+    idx, w = bound["input"], bound["weight"]
+    with torch._C.DisableTorchFunctionSubclass():
+        y = F.embedding_bag(
+            **{k: _plain(v) if isinstance(v, Tensor) else v for k, v in bound.items()}
+        )
+    pad = bound.get("padding_idx")
+    if pad is not None and pad < 0:
+        pad += w.shape[0]
+    last = bool(bound.get("include_last_offset", False)) and idx.dim() == 1
+    bag, weight = bag_rows(
+        idx, bound.get("offsets"), bound.get("per_sample_weights"), bound.get("mode", "mean"),
+        pad, last,
+    )  # fmt: skip
+    m = Meeting("embedding", None, origin, hooked=y)
+    m.box.append(bag)
+    m.extra.update(weight=w, padding_idx=None, dim=0, flatten=False, bag_weight=weight)
+    m.extra["learn"] = key
     origin.engine.add_meeting(pass_, m)
     return y
 

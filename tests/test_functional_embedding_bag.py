@@ -1,0 +1,175 @@
+"""``F.embedding_bag`` called on a model's own table, one bag per example.
+
+Its input is rarely per-example along dim 0: the bags' indices are flattened, cut by offsets —
+with ``include_last_offset=True`` one more offset than bags, the last closing the last bag. Until
+2026-12 such a call with ``include_last_offset=True`` (nothing of the batch's size among its
+arguments) was taken for a computation shared by every example, and the step was refused blaming
+the layer after it ("layer 'head' was treated as shared … never met the batch"); with plain
+offsets or a 2-D input it went to the torch.func fallback, one step withheld. The call now meets
+the batch itself, as nn.EmbeddingBag's rule does: bag i is example i's, in every mode ('sum',
+'mean'), with per-sample weights, a padding index, bags of unequal lengths, the table computed
+from parameters — exact against brute force in the exact mode and the default sub-batch mode.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from test_subbatch import assert_exact_both_modes, train_tracked
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+N, L, ROWS = 5, 4, 7
+
+
+class Bags(nn.Module):
+    """A dense input x [N, 3] plus one bag of token rows per example, through a head."""
+
+    def __init__(self, how: str, mode: str, padding_idx=None, psw=False, scaled=False):
+        super().__init__()
+        self.how, self.mode, self.padding_idx, self.psw = how, mode, padding_idx, psw
+        self.w = nn.Parameter(torch.randn(ROWS, 3))
+        self.scale = nn.Parameter(torch.rand(3) + 0.5) if scaled else None
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x, ids, lengths, sample_weights):
+        table = self.w * self.scale if self.scale is not None else self.w
+        kw = dict(mode=self.mode, padding_idx=self.padding_idx)
+        if self.psw:
+            kw["per_sample_weights"] = sample_weights
+        if self.how == "2d":
+            bags = F.embedding_bag(ids, table, **kw)
+        else:
+            if self.psw:
+                kw["per_sample_weights"] = sample_weights.flatten()[: int(lengths.sum())]
+            flat = torch.cat([ids[i, : int(lengths[i])] for i in range(ids.shape[0])])
+            starts = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+            last = self.how == "last"
+            offsets = starts if last else starts[:-1]
+            bags = F.embedding_bag(flat, table, offsets, include_last_offset=last, **kw)
+        return self.head(torch.tanh(x + bags))
+
+
+def _case(how: str, mode: str, uneven: bool = False, **kw):
+    torch.manual_seed(0)
+    model = Bags(how, mode, **kw)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, 3, generator=g)
+    ids = torch.randint(0, ROWS, (N, L), generator=g)
+    ids[1, 0] = 2  # (the padding index of some cases, in a bag that has other rows too)
+    lengths = torch.tensor([4, 1, 3, 2, 4]) if uneven else torch.full((N,), L)
+    sample_weights = torch.rand(N, L, generator=g) + 0.5
+    y = torch.randint(0, 2, (N,), generator=g)
+
+    def losses():
+        return F.cross_entropy(model(x, ids, lengths, sample_weights), y, reduction="none")
+
+    return model, losses
+
+
+CASES = {
+    "last sum": dict(how="last", mode="sum"),
+    "last mean": dict(how="last", mode="mean"),
+    "last sum uneven": dict(how="last", mode="sum", uneven=True),
+    "last mean uneven": dict(how="last", mode="mean", uneven=True),
+    "last mean padding": dict(how="last", mode="mean", padding_idx=2),
+    "last sum padding -5": dict(how="last", mode="sum", padding_idx=-5),
+    "last per-sample weights": dict(how="last", mode="sum", psw=True, uneven=True),
+    "last scaled table": dict(how="last", mode="mean", scaled=True),
+    "offsets sum": dict(how="offsets", mode="sum"),
+    "offsets mean uneven padding": dict(how="offsets", mode="mean", uneven=True, padding_idx=2),
+    "2d mean": dict(how="2d", mode="mean"),
+    "2d per-sample weights": dict(how="2d", mode="sum", psw=True),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_functional_embedding_bag_is_exact(name):
+    model, losses = _case(**CASES[name])
+    assert_exact_both_modes(model, losses, N)
+
+
+def test_indices_after_the_last_offset_belong_to_the_last_bag():
+    """With ``include_last_offset=True`` torch reads the last offset only for the count of
+    bags: the last bag runs to the input's end."""
+
+    class Trailing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(ROWS, 3))
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, i):
+            flat = torch.cat([i.flatten(), i[:, 0]])  # N more indices, in the last bag
+            offsets = torch.arange(0, i.numel() + 1, L)
+            bags = F.embedding_bag(flat, self.w, offsets, mode="sum", include_last_offset=True)
+            return self.head(bags)
+
+    torch.manual_seed(0)
+    model = Trailing()
+    i = torch.randint(0, ROWS, (N, L), generator=torch.Generator().manual_seed(1))
+    assert_exact_both_modes(model, lambda: model(i).pow(2).sum(1), N)
+
+
+def test_nn_embedding_bag_s_last_bag_runs_to_the_input_s_end():
+    """torch reads the last offset of ``include_last_offset=True`` only for the count of bags:
+    indices after it belong to the last bag (nn.EmbeddingBag's rule left them out, the audit
+    refusing 33%; on a step not audited the norm would have been wrong)."""
+
+    class Module(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag = nn.EmbeddingBag(ROWS, 3, mode="mean", include_last_offset=True)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x, ids, offsets):
+            return self.head(torch.tanh(x + self.bag(ids, offsets)))
+
+    torch.manual_seed(0)
+    model = Module()
+    g = torch.Generator().manual_seed(1)
+    x, i = torch.randn(N, 3, generator=g), torch.randint(0, ROWS, (N, L), generator=g)
+    flat, offsets = torch.cat([i.flatten(), i[:, 0]]), torch.arange(0, N * L + 1, L)
+    assert_exact_both_modes(model, lambda: model(x, flat, offsets).pow(2).sum(1), N)
+
+
+def test_bags_that_straddle_the_input_rows_are_each_loss_term_s():
+    """Offsets need not cut the input at its rows: bag i is what example i's loss depends on,
+    and its gradient is measured (as nn.EmbeddingBag's rule measures it)."""
+
+    class Straddling(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(ROWS, 3))
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, i):
+            offsets = torch.tensor([0, 1, 5, 9, 12, 20])
+            bags = F.embedding_bag(i.flatten(), self.w, offsets, include_last_offset=True)
+            return self.head(bags)
+
+    torch.manual_seed(0)
+    model = Straddling()
+    i = torch.randint(0, ROWS, (N, L), generator=torch.Generator().manual_seed(1))
+    assert_exact_both_modes(model, lambda: model(i).pow(2).sum(1), N)
+
+
+def test_the_tracker_trains_through_a_functional_embedding_bag():
+    model, losses = _case("last", "mean", uneven=True, padding_idx=2)
+    tracker = train_tracked(model, lambda: losses().mean(), per_example_fraction=1.0)
+    assert tracker.history, "no step measured"
+
+
+def test_max_mode_is_still_refused_with_its_cause():
+    """mode='max' sends each dimension's gradient to the row that won it: not followed."""
+    import noisescale
+    from noisescale.errors import UnsupportedModuleError
+
+    model, losses = _case("last", "max")
+    with pytest.raises(UnsupportedModuleError) as err:
+        with noisescale.per_example_sqnorms(model, loss_reduction="mean"):
+            losses().mean().backward()
+    assert "embedding_bag" in str(err.value), str(err.value)
