@@ -11,11 +11,16 @@ would refuse a mistake)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import noisescale
+from noisescale.errors import UnsupportedModuleError
+from noisescale.per_example import PerExampleNorms
 from test_subbatch import assert_exact_both_modes, train_tracked
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -97,3 +102,225 @@ def test_the_tracker_trains_a_cell_loop(kwargs):
     x, y = torch.randn(16, T, 3, generator=g), torch.randint(0, 3, (16,), generator=g)
     tracker = train_tracked(model, lambda: F.cross_entropy(model(x), y), lr=0.1, **kwargs)
     assert not any(r["skipped"] for r in tracker.history), kwargs
+
+
+# -- nn.RNN / nn.GRU / nn.LSTM from a learned initial state ----------------------------------------
+#
+# A parameter h0 [L·D, 1, H] (or [L·D, H]) expanded over the examples along dim 1 and passed as
+# hx: shared by the examples until the layer runs each example's recurrence from its own column,
+# where it meets the batch. Refused before ("called on input that is not per-example", which was
+# not the cause).
+
+
+class LearnedState(nn.Module):
+    def __init__(self, kind: str, form: str, batch_first: bool, layers: int, bidirectional: bool,
+                 proj: bool = False, both: bool = True, flat: bool = False):  # fmt: skip
+        super().__init__()
+        kw = {"proj_size": 2} if proj else {}
+        self.rnn = getattr(nn, kind)(
+            3, 5, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, **kw
+        )
+        self.form, self.batch_first, self.both, self.flat = form, batch_first, both, flat
+        self.states = layers * (2 if bidirectional else 1)
+        width = 2 if proj else 5
+        self.h0 = nn.Parameter(torch.randn(self.states, *(() if flat else (1,)), width))
+        if kind == "LSTM" and both:
+            self.c0 = nn.Parameter(torch.randn(self.states, *(() if flat else (1,)), 5))
+        self.head = nn.Linear(width * (2 if bidirectional else 1) + width, 3)
+
+    def _expand(self, p: torch.Tensor, n: int) -> torch.Tensor:
+        p = p.unsqueeze(1) if self.flat else p
+        if self.form == "expand":
+            return p.expand(-1, n, -1)
+        if self.form == "expand().contiguous()":
+            return p.expand(-1, n, -1).contiguous()
+        if self.form == "repeat":
+            return p.repeat(1, n, 1)
+        return p.expand(-1, n, -1) * 2.0  # computed after the expansion
+
+    def forward(self, x):
+        n = x.shape[0]
+        seq = x if self.batch_first else x.transpose(0, 1)
+        h = self._expand(self.h0, n)
+        if isinstance(self.rnn, nn.LSTM):
+            c = self._expand(self.c0, n) if self.both else torch.zeros(self.states, n, 5)
+            out, (hn, _) = self.rnn(seq, hx=(h, c))
+        else:
+            out, hn = self.rnn(seq, h)
+        out = out if self.batch_first else out.transpose(0, 1)
+        return self.head(torch.cat([out, hn[-1][:, None].expand(-1, out.shape[1], -1)], 2))
+
+
+def _per_example_grads(model, loss_of_example, n):
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for i in range(n):
+        gs = torch.autograd.grad(loss_of_example(i), params, allow_unused=True)
+        out.append(
+            [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params, strict=True)]
+        )
+    return out
+
+
+def assert_exact_accumulated(model, subbatches: int, reduction: str, micro: int, n: int = 5):
+    """Three steps of ``micro`` micro-batches each (losses by ``reduction``), every pass's norms
+    against brute force: per example (``subbatches`` 0) or per sub-batch."""
+    engine = PerExampleNorms(model, subbatches=subbatches)
+    if subbatches:
+        engine.RECHECK_SUBBATCHES = 1
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(7)
+    target = torch.randn(3, generator=gen)
+    try:
+        for _ in range(3):
+            batches = [torch.randn(n, 4, 3, generator=gen) for _ in range(micro)]
+            states = []
+            for x in batches:
+                states.append(copy.deepcopy(model.state_dict()))
+                losses = (model(x) - target).pow(2).mean((1, 2))
+                (losses.mean() if reduction == "mean" else losses.sum()).backward()
+            passes = engine.collect()
+            assert len(passes) == micro
+            with engine.paused():
+                measured = [p for p in passes if not p.skipped]
+                # (sub-batches measure one micro-batch a step from the second step on; the exact
+                # mode every one)
+                assert measured and (subbatches or len(measured) == micro), passes
+                for p, x, state in zip(passes, batches, states, strict=True):
+                    if p.skipped:
+                        continue
+                    assert p.raw_sqnorms is not None, p.withheld
+                    live = copy.deepcopy(model.state_dict())
+                    model.load_state_dict(state)
+                    c = 1 / n if reduction == "mean" else 1.0
+
+                    def loss_of(i, x=x, c=c):
+                        return c * (model(x[i : i + 1]) - target).pow(2).mean()
+
+                    g = _per_example_grads(model, loss_of, n)
+                    model.load_state_dict(live)
+                    if p.subbatches is None:
+                        want = torch.stack([sum(t.pow(2).sum() for t in gi) for gi in g])
+                    else:
+                        index = p.subbatches.index.view(p.subbatches.k, p.subbatches.n).tolist()
+                        want = torch.stack([
+                            sum(sum(g[i][t] for i in index[j][:size]).pow(2).sum()
+                                for t in range(len(g[0])))
+                            for j, size in enumerate(p.subbatches.sizes)
+                        ])  # fmt: skip
+                    torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
+            opt.step()
+            opt.zero_grad()
+    finally:
+        engine.remove()
+
+
+STATE_CASES = [
+    pytest.param("GRU", "expand().contiguous()", True, 1, False, False, True, False, id="GRU"),
+    pytest.param("GRU", "expand", False, 2, True, False, True, False, id="GRU-2-bi-time-major"),
+    pytest.param("RNN", "repeat", True, 2, False, False, True, False, id="RNN-2-repeat"),
+    pytest.param("RNN", "expand", False, 1, True, False, True, True, id="RNN-bi-2D-h0"),
+    pytest.param(
+        "LSTM", "expand().contiguous()", True, 1, False, False, False, False, id="LSTM-h0-only"
+    ),
+    pytest.param("LSTM", "repeat", False, 2, True, False, True, False, id="LSTM-2-bi-both"),
+    pytest.param("LSTM", "expand", True, 2, True, True, True, True, id="LSTM-proj-2D-both"),
+    pytest.param(
+        "LSTM",
+        "computed after",
+        True,
+        1,
+        True,
+        False,
+        True,
+        False,
+        id="LSTM-state-computed-after-the-expansion",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "form", "batch_first", "layers", "bidirectional", "proj", "both", "flat"),
+    STATE_CASES,
+)
+@pytest.mark.parametrize("subbatches", [0, 2], ids=["every example", "sub-batches"])
+@pytest.mark.parametrize(("reduction", "micro"), [("mean", 1), ("sum", 2)], ids=["mean", "sum-2"])
+def test_a_learned_initial_state_is_exact(
+    kind, form, batch_first, layers, bidirectional, proj, both, flat, subbatches, reduction, micro
+):
+    torch.manual_seed(0)
+    model = LearnedState(kind, form, batch_first, layers, bidirectional, proj, both, flat)
+    assert_exact_accumulated(model, subbatches, reduction, micro)
+
+
+def test_a_learned_initial_state_in_the_tracker_and_one_shot():
+    """The tracker's default and exact modes train it without a warning or a skipped step; the
+    one-shot measurement gives each example's norm."""
+    torch.manual_seed(0)
+    model = LearnedState("GRU", "expand().contiguous()", True, 2, False)
+    x = torch.randn(6, 4, 3, generator=torch.Generator().manual_seed(3))
+    for kw in ({}, {"per_example_fraction": 1.0}, {"per_example_fraction": 0.5}):
+        tracker = train_tracked(model, lambda: model(x).pow(2).mean(), **kw)
+        assert not any(r["skipped"] for r in tracker.history), kw
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        model(x).pow(2).mean((1, 2)).sum().backward()
+    params = list(model.parameters())
+    want = torch.stack([
+        sum(g.pow(2).sum() for g in torch.autograd.grad(model(x[i : i + 1]).pow(2).mean(), params))
+        for i in range(6)
+    ])  # fmt: skip
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+
+
+class _SharedByLayers(nn.Module):
+    """One state [1, 1, H] for both layers and every example."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.rnn, self.form = nn.GRU(3, 4, num_layers=2, batch_first=True), form
+        self.h0 = nn.Parameter(torch.randn(1, 1, 4))
+
+    def forward(self, x):
+        n = x.shape[0]
+        if self.form == "expand":
+            h = self.h0.expand(2, n, 4).contiguous()
+        elif self.form == "repeat then expand":
+            h = self.h0.repeat(2, 1, 1).expand(-1, n, -1)
+        else:  # one repeat over layers and examples
+            h = self.h0.repeat(2, n, 1)
+        return self.rnn(x, h)[0][:, -1]
+
+
+@pytest.mark.parametrize("form", ["expand", "repeat then expand", "repeat"])
+def test_a_state_shared_by_as_many_layers_as_examples_is_exact_or_refused(form):
+    """h0 [1, 1, H] made [2, N, H] for two layers: exact at N = 5; at N = 2 its expansion over
+    the layers (dim 0) looks like one over the examples (a class token's), and the layer's
+    examples are along dim 1 — refused naming the cause (wrong and passed by an audit after
+    eight steps of another size, in a review), unless made by one repeat over both."""
+    torch.manual_seed(0)
+    model = _SharedByLayers(form)
+    engine = PerExampleNorms(model, subbatches=0)
+    try:
+        for n in (5, 5, 5, 2, 2):
+            x = torch.randn(n, 4, 3)
+            model.zero_grad()
+            if n == 2 and form != "repeat":
+                with pytest.raises(UnsupportedModuleError, match=(
+                    r"layer 'rnn' \(GRU\) was given a learned initial state computed from h0, "
+                    r"one state shared by its 2 layers·directions and by the examples.*"
+                    r"Learn one state per layer.*h0.repeat\(num_layers·directions, N, 1\)"
+                )):  # fmt: skip
+                    model(x).pow(2).sum().backward()
+                continue
+            model(x).pow(2).sum().backward()
+            (p,) = engine.collect()
+            with engine.paused():
+                params = list(model.parameters())
+                want = torch.stack([
+                    sum(g.pow(2).sum()
+                        for g in torch.autograd.grad(model(x[i : i + 1]).pow(2).sum(), params))
+                    for i in range(n)
+                ])  # fmt: skip
+            torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
+    finally:
+        engine.remove()

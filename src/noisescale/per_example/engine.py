@@ -65,6 +65,7 @@ from torch.nn.modules.module import (
     _global_forward_pre_hooks,
 )
 from torch.nn.utils import parametrize
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils.hooks import RemovableHandle
 
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
@@ -137,6 +138,7 @@ from noisescale.per_example.shared import (
     SharedTensor,
     Source,
     per_example_reduce,
+    per_example_state,
     view_relation,
     wrap,
 )
@@ -192,6 +194,11 @@ def _after_tensor_hooks(t: Tensor, fn: Callable[[Tensor], None]) -> RemovableHan
 
 def _no_traced_check(module: nn.Module, args: tuple) -> None:
     """The traced form of :meth:`PerExampleNorms._on_call_enter`: nothing (see there)."""
+
+
+def _no_traced_state(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """The traced form of :meth:`PerExampleNorms._on_recurrent_enter`: nothing (a compiled
+    forward holds no shared tensors: :attr:`PerExampleNorms.compile_blocker`)."""
 
 
 def _alias_of(held: Any, p: nn.Parameter) -> bool:
@@ -666,6 +673,14 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 )
                 self._handles += [enter, leave]
                 self._product_hooks[module] = (enter.id, leave.id, forward.id)
+            elif isinstance(module, nn.RNNBase):
+                # (a learned initial state meets the batch here: _on_recurrent_enter)
+                self._handles.append(
+                    module.register_forward_pre_hook(
+                        self._hook(self._on_recurrent_enter, _no_traced_state, owner=module),
+                        with_kwargs=True,
+                    )
+                )
             else:
                 # (compiled: not checked, a gap the notes name)
                 self._handles.append(
@@ -1584,6 +1599,91 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
     def _on_call_enter(self, module: nn.Module, args: tuple) -> None:
         if self._active():
             self._check_held(module, self._hook_pass())
+
+    def _on_recurrent_enter(
+        self, module: nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict] | None:
+        """:meth:`_on_call_enter` for nn.RNN/GRU/LSTM, which also makes a learned initial state
+        per-example. A state computed from parameters alone (``h0.expand(-1, N, -1)`` of a
+        parameter h0 [L·D, 1, H], or a copy or ``repeat`` of it) is shared by the examples until
+        the layer runs each example's recurrence from its own column (dim 1): there it meets the
+        batch (:func:`~noisescale.per_example.shared.per_example_state`), and the layer is
+        called with the per-example state — an ordinary call, whose rule recomputes the
+        recurrence from it. Left shared (the call then refused as shared) when the layer's input
+        is not the batch's examples, or the state's dim 1 does not have the batch's size."""
+        if not self._active():
+            return None
+        pass_ = self._hook_pass()
+        self._check_held(module, pass_)
+        in_args = len(args) > 1
+        hx = args[1] if in_args else kwargs.get("hx")
+        states = hx if isinstance(hx, tuple) else (hx,)
+        if pass_.skipped:
+            return None
+        if pass_.square_expansions:
+            for h in states:
+                if (
+                    isinstance(h, Tensor)
+                    and not isinstance(h, SharedTensor)
+                    and h.dim() == 3
+                    and h.shape[0] == h.shape[1] == pass_.batch_size
+                ):
+                    self._refuse_square_expansion(module, pass_, h)
+        if not any(isinstance(h, SharedTensor) for h in states):
+            return None
+        x = args[0] if args else kwargs.get("input")
+        n = pass_.batch_size
+        if isinstance(x, PackedSequence):
+            size = int(x.batch_sizes[0])
+        elif isinstance(x, Tensor) and not isinstance(x, SharedTensor) and x.dim() == 3:
+            size = int(x.shape[0 if module.batch_first else 1])
+        else:
+            return None
+        if size != n or not all(
+            not isinstance(h, SharedTensor) or (h.dim() == 3 and h.shape[1] == n) for h in states
+        ):
+            return None
+        made = tuple(
+            per_example_state(h, pass_) if isinstance(h, SharedTensor) else h for h in states
+        )
+        new = made if isinstance(hx, tuple) else made[0]
+        if in_args:
+            return (args[0], new, *args[2:]), kwargs
+        return args, {**kwargs, "hx": new}
+
+    def _refuse_square_expansion(self, module: nn.Module, pass_: PassNorms, state: Tensor) -> None:
+        """Refuse a recurrent layer's initial state [L·D, N, H], L·D = N, made from an
+        expansion or repetition the shared tensors took for one over the examples along dim 0
+        (:attr:`PassNorms.square_expansions`): a tensor shared by the layers and the examples,
+        h0 [1, 1, H] expanded to [L·D, N, H] (or repeated over the layers, then expanded). The
+        layer's examples are along dim 1, and each example's gradient of h0 would have been
+        taken from a layer's row: wrong, and an audit can pass it (one passed, in a review,
+        after eight steps of another batch size; the next steps were 2e-5 to 2e-3 off)."""
+        node = state.grad_fn
+        for _ in range(4):  # (through .contiguous(), .clone(), a view)
+            if node is None:
+                return
+            labels = pass_.square_expansions.get((id(node), node._sequence_nr()))
+            if labels is not None:
+                layers = int(state.shape[0])
+                raise UnsupportedModuleError(
+                    f"layer '{self._labels.get(module, '?')}' ({type(module).__name__}) was "
+                    f"given a learned initial state computed from {labels}, one state shared by "
+                    f"its {layers} layers·directions and by the examples, made {list(state.shape)}"
+                    f": with as many layers·directions as examples ({layers}), its expansion "
+                    "over the layers looked like one over the examples along dim 0 (a class "
+                    "token's), where the layer's examples are along dim 1. Learn one state per "
+                    "layer (a parameter of shape [num_layers·directions, 1, H], expanded with "
+                    "h0.expand(-1, N, -1)), or make it with one repeat over layers and examples "
+                    "together (h0.repeat(num_layers·directions, N, 1)): both are measured exactly"
+                )
+            nxt = node.next_functions
+            if len(nxt) != 1 or type(node).__name__ not in (
+                "CloneBackward0", "ViewBackward0", "AliasBackward0", "ExpandBackward0",
+                "ToCopyBackward0",
+            ):  # fmt: skip
+                return
+            node = nxt[0][0]
 
     def _nothing_between(self, module: nn.Module) -> bool:
         """Whether the layer's own product reaches the engine's forward hook as it computed it,

@@ -187,6 +187,12 @@ class PassNorms:
     # gradients on) until the step ends
     output_nodes: set[tuple[int, int]] = field(default_factory=set)
     meetings_added: int = 0
+    # expansions and repetitions of a shared tensor taken as meetings along dim 0 (a class
+    # token's s.expand(N, …), s.repeat(N, 1, …)): the autograd node's (id, sequence number) and
+    # the shared tensor's sources, for a recurrent layer that finds such a tensor in its
+    # initial state [L·D, N, H] with L·D = N (h0 [1, 1, H].expand(L, N, H)), whose examples
+    # are along dim 1 (PerExampleNorms._on_recurrent_enter)
+    square_expansions: dict[tuple[int, int], str] = field(default_factory=dict)
     buffer_storages: set[int] | None = None  # the model's buffers' storages (_is_buffer)
     # layer inputs picked by several index tensors on an accelerator, where the indices are
     # not read when the layer runs: (layer, how, a device flag "none of them is the examples in

@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from noisescale.per_example.engine import PerExampleNorms
     from noisescale.per_example.passes import PassNorms
 
-__all__ = ["SharedTensor", "Source"]
+__all__ = ["SharedTensor", "Source", "per_example_state"]
 
 
 @dataclass(eq=False)
@@ -379,6 +379,7 @@ def _meet(
             meeting = Meeting("expand", src, origin, hooked=result)
             meeting.extra.update(dim=FLAT, repeat=True)
             engine.add_meeting(pass_, meeting)
+            _note_row_meeting(pass_, result, origin, dim)
             return result
     if name in _ELEMENTWISE_NAMES or name in _EXPAND_NAMES:
         shapes = [tuple(t.shape) for t in flat if isinstance(t, Tensor)]
@@ -402,8 +403,9 @@ def _meet(
                 and _broadcast_along(tuple(src.shape), tuple(result.shape), dim)
             ):
                 engine.add_meeting(pass_, Meeting("expand", src, origin, hooked=result))
+                _note_row_meeting(pass_, result, origin, dim)
                 return result
-            return _rewrap(result, origin)
+            return _broadcast_of(_rewrap(result, origin), src)
         if out_shape is not None and batched and len(out_shape) > dim and out_shape[dim] == n:
             # (in the loss, _dispatch refuses any meeting through tensors without history)
             rows = None if pass_.returned else _rows_unproven(flat, batched, len(out_shape), n, dim)
@@ -418,7 +420,23 @@ def _meet(
         return _unsupported(func, args, kwargs, origin, pass_)
     with torch._C.DisableTorchFunctionSubclass():
         result = func(*args, **kwargs)
-    return _rewrap(result, origin)
+    result = _rewrap(result, origin)
+    if name in _COPY_NAMES and args and hasattr(args[0], "_ns_broadcast"):
+        # (a copy of an expansion is still that expansion's values: .contiguous() of h0.expand)
+        result = _broadcast_of(result, args[0])
+    elif name == "repeat" and args and _repeat_broadcasts(args, kwargs):
+        result = _broadcast_of(result, args[0])
+    return result
+
+
+def _note_row_meeting(pass_: PassNorms, result: Tensor, origin: Origin, dim: int) -> None:
+    """Remember an expansion or repetition taken as a meeting along dim 0
+    (:attr:`PassNorms.square_expansions`), for a recurrent layer whose initial state it becomes
+    (its examples along dim 1)."""
+    node = result.grad_fn
+    if dim == 0 and node is not None:
+        labels = ", ".join(sorted(s.label for s in origin.sources))
+        pass_.square_expansions[(id(node), node._sequence_nr())] = labels
 
 
 def _rows_unproven(
@@ -526,6 +544,89 @@ def _composite(func: Any, args: tuple, kwargs: dict) -> Any:
         return func(*args, **kwargs)
     finally:
         restore()
+
+
+# -- expansions that have not met the batch yet: a learned initial state -----------------------
+#
+# A learned initial state of nn.RNN/GRU/LSTM is a parameter h0 [L·D, 1, H] expanded over the
+# examples along dim 1 (``h0.expand(-1, N, -1).contiguous()``, ``h0.repeat(1, N, 1)``): the
+# expansion does not meet the batch where it is made (the engine's examples are along dim 0
+# there, and dim 0 is the layers), so the result stays shared. The recurrent layer is where it
+# meets the batch — its dim 1 holds the examples — and :func:`per_example_state` makes the
+# meeting there. An expansion remembers the shared tensor it expands (``_ns_broadcast``), so
+# that the meeting can be made on that tensor: each example's gradient of h0 is then its own
+# column of the state's gradient, [N, L·D, 1, H], and not the state's whole gradient with only
+# that column non-zero, [N, L·D, N, H], carried back through the expansion (N times the memory).
+
+_COPY_NAMES = {"contiguous", "clone"}
+
+
+def _broadcast_of(result: Any, expanded: Any) -> Any:
+    """``result`` (a shared tensor whose values are ``expanded`` expanded to its shape, or a
+    copy of such an expansion: ``expanded`` then carries the mark), marked with the shared
+    tensor expanded and both version counters, which :func:`_broadcast_source` checks: an
+    in-place change of either since makes the mark stale."""
+    if not isinstance(result, SharedTensor) or not isinstance(expanded, SharedTensor):
+        return result
+    if result is expanded:
+        return result
+    found = _broadcast_source(expanded) if hasattr(expanded, "_ns_broadcast") else None
+    src, src_version = found if found is not None else (expanded, expanded._version)
+    try:
+        shape = tuple(torch.broadcast_shapes(tuple(src.shape), tuple(result.shape)))
+    except RuntimeError:
+        return result
+    if shape != tuple(result.shape):
+        return result
+    result._ns_broadcast = (src, src_version, result._version)  # type: ignore[attr-defined]
+    return result
+
+
+def _broadcast_source(t: SharedTensor) -> tuple[SharedTensor, int] | None:
+    """The shared tensor ``t`` is an expansion (or a copy of one) of, with its version when
+    expanded, if neither changed in place since; ``None`` otherwise."""
+    mark = getattr(t, "_ns_broadcast", None)
+    if mark is None:
+        return None
+    src, src_version, version = mark
+    if src._version != src_version or t._version != version:
+        return None
+    return src, src_version
+
+
+def _repeat_broadcasts(args: tuple, kwargs: dict) -> bool:
+    """``s.repeat(*sizes)`` repeats only dimensions of size 1 (and adds leading ones): its
+    values are those of ``s`` expanded (``h0.repeat(1, N, 1)`` of h0 [L, 1, H])."""
+    src = args[0]
+    reps = _repeats(args, kwargs)
+    if not isinstance(src, SharedTensor) or reps is None or len(reps) < src.dim():
+        return False
+    tail = reps[len(reps) - src.dim() :]
+    return all(r == 1 or size == 1 for r, size in zip(tail, src.shape, strict=True))
+
+
+def per_example_state(state: SharedTensor, pass_: PassNorms) -> Tensor:
+    """A recurrent layer's initial state computed from parameters alone (a learned h0 or c0,
+    expanded over the examples along dim 1), made per-example where the layer meets the batch
+    with it: a plain tensor of the same values, hooked as a meeting whose examples are along
+    dim 1 (:meth:`~noisescale.per_example.engine.PerExampleNorms.add_meeting`). Each example's
+    gradient of the state is its own column of the state's gradient (the layer runs each
+    example's recurrence from that column alone); it is carried back to the parameters the
+    state came from. The layer itself then sees an ordinary per-example call."""
+    origin: Origin = state._ns_origin  # type: ignore[attr-defined]
+    found = _broadcast_source(state)
+    with torch._C.DisableTorchFunctionSubclass():
+        if found is not None:
+            operand = found[0]
+            hooked = operand.expand(state.shape)
+            out = hooked.contiguous() if state.is_contiguous() else hooked
+        else:
+            operand = state
+            hooked = out = state.expand(state.shape)
+    meeting = Meeting("expand", operand, operand._ns_origin, hooked=hooked)
+    meeting.extra["dim"] = 1
+    origin.engine.add_meeting(pass_, meeting)
+    return out
 
 
 # -- meetings ---------------------------------------------------------------------------------
