@@ -21,8 +21,10 @@ output receives its gradient δ, the backward is replayed from it with a coeffic
 each example (``torch.autograd.grad`` on the still intact graph, gradients of the hooked tensors
 only, no parameter gradients): if example i's rows of every hooked tensor depend on example i
 alone, the replayed gradient of each is exactly s_i times its row i (±1 signs, used before, missed
-rows mixed between two examples that drew the same sign, half the time; e in -2..2 makes it one
-pair in ten, and powers of two scale exactly; signs alone in 16 bits). A table indexed by positions
+rows mixed between two examples that drew the same sign, half the time; e in -2..2 gives ten
+values, drawn without replacement: distinct up to ten examples — drawn independently, one pair in
+ten drew the same value and passed rows mixed between them, 2026-12-05 — and powers of two scale
+exactly; signs alone in 16 bits, as many of each as the batch allows). A table indexed by positions
 whose count happens to equal the batch size, a time-major activation, or an operation that mixes
 examples (BatchNorm statistics in training mode) breaks that, and the tensor is named. Each hooked
 tensor is compared through a random projection of each row (one number per example kept). Model
@@ -213,15 +215,18 @@ class PassAudit:
         self.amp = amp
         self.generator = generator
         self.device = generator.device
-        # one coefficient per example, ±2^e with e in -2..2 (±1 signs alone miss rows mixed
-        # between two examples whose signs agree, half the time; 10 values, one pair in ten).
-        # Powers of two scale exactly, so the replay reproduces the backward's rounding (a
-        # Gaussian coefficient did not: RWKV's exponentials then failed the check in float64).
-        # In 16 bits, where a factor of 4 may overflow a scaled gradient, the signs alone
+        # one coefficient per example, ±2^e with e in -2..2, **distinct** where the batch has
+        # at most 10 examples and each value as often as another beyond (rows mixed between
+        # examples with the same coefficient pass the check: drawn independently, two
+        # examples drew the same one time in ten, and at N = 2 a time-major model's rows —
+        # T = N — passed an audit in one draw of ten and were then measured up to 7× off on
+        # every step after, 2026-12-05). Powers of two scale exactly, so the replay
+        # reproduces the backward's rounding (a Gaussian coefficient did not: RWKV's
+        # exponentials then failed the check in float64). In 16 bits, where a factor of 4 may
+        # overflow a scaled gradient, signs alone — as many of each as the batch allows
         # (_sign decides on the first replay).
-        exponents = torch.randint(-2, 3, (n,), generator=generator, device=self.device)
-        signs = torch.randint(0, 2, (n,), generator=generator, device=self.device) * 2 - 1
-        self.signs = (signs * torch.pow(2.0, exponents.to(torch.float64))).to(torch.float64)
+        self.signs = _distinct(_COEFFICIENTS, n, generator, self.device)
+        self._signs16 = _distinct(_SIGNS, n, generator, self.device)
         self._signs_decided = False
         self._base_seed = int(
             torch.randint(0, 2**31 - 1, (1,), generator=generator, device=self.device)
@@ -288,7 +293,7 @@ class PassAudit:
         if not self._signs_decided:
             self._signs_decided = True
             if self.amp or g.dtype in _SIXTEEN:
-                self.signs = self.signs.sign()
+                self.signs = self._signs16
         rows = self._by_example(g, dim)
         assert rows is not None
         signed = rows * self.signs.to(g.dtype).reshape(-1, *([1] * (rows.dim() - 1)))
@@ -463,7 +468,7 @@ class PassAudit:
         if any(g.dim() == 0 or g.shape[0] != self.n for _, g, _ in pairs):
             return
         sixteen = self.amp or any(g.dtype in _SIXTEEN for _, g, _ in pairs)
-        s = self.signs.sign() if sixteen else self.signs
+        s = self._signs16 if sixteen else self.signs
         plain = [g.reshape(shape) for _, g, shape in pairs]
         signed = [
             (g * s.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))).reshape(shape)
@@ -615,6 +620,24 @@ def _weighted_sum(factor: Factor, s: Tensor, shape: torch.Size) -> Tensor:
 
 def _percent(x: float) -> str:
     return f"{100 * x:.2g}%" if x < 1 else f"{100 * x:.0f}%"
+
+
+#: The audit's coefficients: ±2^e, e in -2..2 (float), and the signs alone (16 bits)
+_COEFFICIENTS = tuple(s * 2.0**e for s in (1, -1) for e in range(-2, 3))
+_SIGNS = (1.0, -1.0)
+
+
+def _distinct(values: tuple[float, ...], n: int, generator: torch.Generator, device: Any) -> Tensor:
+    """``n`` coefficients drawn from ``values`` without replacement: distinct while
+    ``n <= len(values)``, beyond that each value ⌊n/V⌋ or ⌈n/V⌉ times, at random places (the
+    pool of values shuffled once per round of V, the first ``n`` taken, then shuffled across
+    the examples)."""
+    v = len(values)
+    rounds = -(-n // v) if n else 0
+    order = [torch.randperm(v, generator=generator, device=device) for _ in range(rounds)]
+    picked = torch.cat(order)[:n] if order else torch.zeros(0, dtype=torch.long, device=device)
+    picked = picked[torch.randperm(n, generator=generator, device=device)]
+    return torch.tensor(values, dtype=torch.float64, device=device)[picked]
 
 
 def _eps(dtype: torch.dtype) -> float:
