@@ -4,6 +4,7 @@ A mixin of :class:`~.engine.PerExampleNorms`."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -122,6 +123,7 @@ class Settle:
                     self._audited_nodes.add((pass_.audit.signature, pass_.audit.nodes))
                 if pass_.audit.unverified:
                     self.audit_log.append(pass_.audit.unverified)
+                    self._warn_unreplayed(pass_.audit.unverified)
             return
         if findings.unverified_flat:
             self._on_unverified_flat(pass_, findings, learn)
@@ -254,6 +256,16 @@ class Settle:
             if auxiliary
             else None
         ) or (_penalty_cause(self.model) if self._returned_loss else None)
+
+    def _warn_unreplayed(self, unverified: str) -> None:
+        """Say once per tracker that an audit passed a structure whose backward it could not
+        replay (``torch.utils.checkpoint(use_reentrant=True)`` refuses ``autograd.grad``): its
+        rows' attribution is unchecked, which until 2026-12-05 only the engine's internal log
+        recorded (examples mixed inside such a checkpoint were measured 0.6% off, a review)."""
+        if not unverified.startswith(_UNREPLAYED) or getattr(self, "_unreplayed_warned", False):
+            return
+        self._unreplayed_warned = True
+        warnings.warn(_unreplayed_warning(unverified), RuntimeWarning, stacklevel=2)
 
     def _refuse_unmet_shared(self, pass_: PassNorms, missing: set[int]) -> None:
         """Refuse a pass in which parameters of a shared call, or parameters used directly,
@@ -638,6 +650,19 @@ class Settle:
                 if p is not None and id(p) == pid:
                     out.append((module, name))
         return out
+
+
+_UNREPLAYED = "the attribution check could not replay the backward"
+
+
+def _unreplayed_warning(why: str) -> str:
+    return (
+        f"noisescale: {why}, so which example each row of the model's activations belongs to "
+        "was not checked on this structure (examples mixed inside the part it could not replay "
+        "would be measured without a word). Where it is activation checkpointing, "
+        "torch.utils.checkpoint(..., use_reentrant=False) (in transformers: "
+        "gradient_checkpointing_kwargs={'use_reentrant': False}) lets the audit check it"
+    )
 
 
 def _custom_function_message(through: dict[str, str], missing: list[str]) -> str:
