@@ -589,3 +589,43 @@ def test_the_precision_bench_runs_measure_every_by_step_number():
     gaps = [(1, 10.0, 5.0, 20.0), (3, 11.0, 6.0, 21.0), (5, 12.0, 7.0, 22.0)]
     assert bench._at(gaps, 4) == (11.0, 6.0, 21.0)
     assert bench._at(gaps, 5) == (12.0, 7.0, 22.0)
+
+
+def _long_module():
+    path = Path(__file__).resolve().parents[1] / "bench" / "long_sequences.py"
+    spec = importlib.util.spec_from_file_location("bench_long_sequences", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_long_sequence_bench_leaves_out_the_audited_steps_and_runs_end_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """bench/long_sequences.py: its audited steps are the engine's (within its steps), and a
+    run writes both result files with a ratio from the unaudited steps (its real models take
+    seconds a step: a small GPT stands in for them here)."""
+    from noisescale.per_example.pass_checks import _audit_scheduled
+
+    long = _long_module()
+    assert sorted(long.AUDITED) == [s for s in range(1, 129) if _audit_scheduled(s)]
+    cfg = GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, d_model=16)
+
+    def small(name):
+        def draw(gen):
+            ids = torch.randint(0, 64, (4, 8), generator=gen)
+            return ids, ids
+
+        return GPT(cfg), f"small {name}", draw
+
+    monkeypatch.setattr(long, "build", small)
+    monkeypatch.setattr(sys, "argv", ["long_sequences.py", "--workload", "gpt2", "--steps", "20",
+                                      "--out", str(tmp_path)])  # fmt: skip
+    long.main()
+    result = json.loads((tmp_path / "long-sequences-cpu.json").read_text())
+    (row,) = result["rows"]
+    assert row["workload"] == "gpt2" and row["ratio"] == row["default_s"] / row["plain_s"] > 0
+    assert "| small gpt2 |" in (tmp_path / "long-sequences-cpu.md").read_text()
+    monkeypatch.setattr(sys, "argv", ["long_sequences.py", "--steps", "10"])
+    with pytest.raises(SystemExit, match="at least 20"):
+        long.main()
