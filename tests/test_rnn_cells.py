@@ -369,3 +369,43 @@ def test_a_state_shared_by_as_many_layers_as_examples_is_exact_or_refused(form, 
             torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
     finally:
         engine.remove()
+
+
+class _EncoderDecoder(nn.Module):
+    """A class token expanded over the examples (a meeting along dim 0, like h0 [1, 1, H]
+    expanded over two layers at N = 2) in a 2-layer encoder's input, whose final state
+    [2, N, H] is the decoder's initial state."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, 3))
+        self.enc = nn.GRU(3, 4, num_layers=2, batch_first=True)
+        self.dec = nn.GRU(3, 4, num_layers=2, batch_first=True)
+
+    def forward(self, x):
+        _, h = self.enc(torch.cat([self.cls.expand(x.shape[0], 1, 3), x], 1))
+        return self.dec(x, h)[0][:, -1]
+
+
+def test_an_encoders_state_with_a_class_token_at_as_many_layers_as_examples_is_exact():
+    """The search for an expansion over the layers taken for one over the examples stops at
+    the encoder's output (its examples along dim 1, kept apart): not refused at N = 2."""
+    torch.manual_seed(0)
+    model = _EncoderDecoder()
+    engine = PerExampleNorms(model, subbatches=0)
+    try:
+        for n in (5, 5, 2, 2):
+            x = torch.randn(n, 4, 3)
+            model.zero_grad()
+            model(x).pow(2).sum().backward()
+            (p,) = engine.collect()
+            with engine.paused():
+                params = list(model.parameters())
+                want = torch.stack([
+                    sum(g.pow(2).sum()
+                        for g in torch.autograd.grad(model(x[i : i + 1]).pow(2).sum(), params))
+                    for i in range(n)
+                ])  # fmt: skip
+            torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
+    finally:
+        engine.remove()
