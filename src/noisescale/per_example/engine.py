@@ -201,6 +201,140 @@ def _no_traced_state(module: nn.Module, args: tuple, kwargs: dict) -> None:
     forward holds no shared tensors: :attr:`PerExampleNorms.compile_blocker`)."""
 
 
+# -- a recurrent layer's state [L·D, N, H] with L·D = N ----------------------------------------
+#
+# :meth:`PerExampleNorms._refuse_square_expansion` searches the state's autograd history for an
+# expansion taken as a meeting along dim 0 (PassNorms.square_expansions). Such a meeting gave
+# example i the gradient of the expansion's row i; that is right only if row i became the
+# state's column i (dim 1, the layer's examples). The search follows, from the state's dim 1,
+# the dimension it came from through operations whose correspondence of dimensions is known
+# (elementwise ones, views that only add or drop dimensions of size 1, expand, permute,
+# transpose, cat and stack along another dimension, select, slice, sum and mean over others);
+# through any other, or where that dimension was broadcast, sliced, concatenated or stacked, it
+# is lost. A recorded expansion reached along a path where the state's dim 1 is its dim 0 is
+# right (h0 [H] expanded over the examples, then viewed to [1, N, H] and expanded over the
+# layers); reached in any other way, the state is refused. The search stops at the output of
+# a layer the engine measured (PassNorms.call_outputs) reached along its examples' dimension:
+# the layer keeps its examples apart, and what its input was made of is its own (an encoder's
+# final state made a decoder's initial state, the encoder's input with a class token). Each
+# (operation, output, dimension) is visited once, at most _STATE_SEARCH_NODES of them; a longer
+# history is refused (it is searched only when a pass has such an expansion and L·D = N, a
+# small last batch).
+
+_STATE_SEARCH_NODES = 300
+_SEARCH_EXHAUSTED = "(the search was cut short)"
+_POINTWISE_NODES = {
+    f"{name}Backward{k}"
+    for name in (
+        "Clone", "Alias", "ToCopy", "Tanh", "Sigmoid", "Relu", "Neg", "Exp", "Log", "Sqrt",
+        "Rsqrt", "Abs", "Sin", "Cos", "Gelu", "Elu", "LeakyRelu", "Silu", "Softplus",
+        "Hardtanh", "Clamp", "Pow", "Mul", "Div", "Add", "Sub", "Rsub", "Where", "Maximum",
+        "Minimum", "Lerp", "Addcmul", "Addcdiv", "NativeDropout",
+    )
+    for k in range(3)
+}  # fmt: skip
+_RESHAPE_NODES = {
+    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "UnsqueezeBackward0",
+    "UnsqueezeBackward1", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2",
+    "SqueezeBackward3", "SqueezeBackward4",
+}  # fmt: skip
+
+
+def _node_shape(node: Any, output: int) -> tuple[int, ...] | None:
+    """The shape of output ``output`` of autograd node ``node``'s forward (None if unknown)."""
+    meta = getattr(node, "_input_metadata", None)
+    if meta is None or output >= len(meta):
+        return None
+    try:
+        return tuple(int(s) for s in meta[output].shape)
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+
+
+def _dim_before(
+    kind: str, node: Any, out: tuple[int, ...], d: int, inp: tuple[int, ...] | None
+) -> int | None:
+    """The dimension of one of ``node``'s inputs (shape ``inp``) that its output's dimension
+    ``d`` (of ``out``) is, element for element; None if not known, or broadcast."""
+    if inp is None:
+        return None
+    if kind in _POINTWISE_NODES or kind == "ExpandBackward0":
+        j = d - (len(out) - len(inp))
+        return j if j >= 0 and inp[j] == out[d] else None
+    if kind in _RESHAPE_NODES:
+        kept_out = [i for i, s in enumerate(out) if s != 1]
+        kept_in = [i for i, s in enumerate(inp) if s != 1]
+        if out[d] == 1 or [out[i] for i in kept_out] != [inp[i] for i in kept_in]:
+            return None
+        return kept_in[kept_out.index(d)]
+    if kind == "SelectBackward0":
+        at = _dim_index(node._saved_dim, len(inp))
+        j = d if d < at else d + 1
+    elif kind == "SliceBackward0":
+        j = None if d == _dim_index(node._saved_dim, len(out)) else d
+    elif kind in ("SumBackward1", "MeanBackward1"):
+        dims = {_dim_index(x, len(inp)) for x in (node._saved_dim or range(len(inp)))}
+        kept = [i for i in range(len(inp)) if node._saved_keepdim or i not in dims]
+        j = kept[d] if d < len(kept) and kept[d] not in dims else None
+    elif kind == "PermuteBackward0":
+        dims = [int(x) % len(out) for x in node._saved_dims]
+        j = dims[d]
+    elif kind == "TransposeBackward0":
+        a, b = int(node._saved_dim0) % len(out), int(node._saved_dim1) % len(out)
+        j = b if d == a else a if d == b else d
+    elif kind == "CatBackward0":
+        j = None if d == int(node._saved_dim) % len(out) else d
+    elif kind == "StackBackward0":
+        at = int(node._saved_dim) % len(out)
+        j = None if d == at else d if d < at else d - 1
+    else:
+        return None
+    return j if j is not None and j < len(inp) and inp[j] == out[d] else None
+
+
+def _dim_index(dim: int, rank: int) -> int:
+    """A saved dimension (autograd keeps -1 as 2⁶⁴ - 1) as an index into ``rank`` dims."""
+    dim = int(dim)
+    return (dim - 2**64 if dim >= 2**63 else dim) % rank
+
+
+def _square_expansion_in(
+    state: Tensor,
+    recorded: dict[tuple[int, int], str],
+    layer_outputs: dict[tuple[int, int, int], int],
+) -> str | None:
+    """The sources of an expansion in ``recorded`` in ``state``'s history whose dim 0 did not
+    become the state's dim 1, :data:`_SEARCH_EXHAUSTED` if the history is too long to tell,
+    None if there is none (see the notes above)."""
+    if state.grad_fn is None:
+        return None
+    start = (state.grad_fn, state.output_nr, tuple(state.shape), 1)
+    seen = {(id(state.grad_fn), state.output_nr, 1)}
+    queue: list[tuple[Any, int, tuple[int, ...] | None, int | None]] = [start]
+    for node, nr, out, d in queue:
+        key = (id(node), node._sequence_nr())
+        labels = recorded.get(key)
+        if labels is not None:
+            if d != 0:
+                return labels
+            continue  # (its operand is shared: no meeting before it)
+        if d is not None and layer_outputs.get((*key, nr)) == d:
+            continue
+        kind = type(node).__name__
+        for nxt, output in node.next_functions:
+            if nxt is None:
+                continue
+            inp = _node_shape(nxt, output)
+            j = None if d is None or out is None else _dim_before(kind, node, out, d, inp)
+            if (id(nxt), output, j) in seen:
+                continue
+            if len(seen) >= _STATE_SEARCH_NODES:
+                return _SEARCH_EXHAUSTED
+            seen.add((id(nxt), output, j))
+            queue.append((nxt, output, inp, j))
+    return None
+
+
 def _alias_of(held: Any, p: nn.Parameter) -> bool:
     """Whether ``held`` is one of the engine's aliases of parameter ``p`` (a scope hands them
     out for parameters used directly; a compiled forward's are opaque to this check)."""
@@ -1428,6 +1562,11 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             return replaced
         saved = rule.save(module, args, kwargs, output.unflatten(0, (n, flat)) if flat else output)
         call = _Call(module, rule, label, params, in_dim, [saved], out_dims, n, flat=flat)
+        if pass_.square_expansions and not flat:
+            # (where _square_expansion_in stops: an encoder's final state made a decoder's)
+            for o, d in zip(outs, out_dims, strict=False):
+                if isinstance(o, Tensor) and o.grad_fn is not None:
+                    pass_.call_outputs[(*_node_key(o.grad_fn), o.output_nr)] = d
         for p in params.values():
             pass_.uses[id(p)] = pass_.uses.get(id(p), 0) + 1
         # ("products": a bias left to the rule)
@@ -1620,7 +1759,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         states = hx if isinstance(hx, tuple) else (hx,)
         if pass_.skipped:
             return None
-        if pass_.square_expansions:
+        if pass_.square_expansions and pass_.batch_size > 1:  # (one example: all its own)
             for h in states:
                 if (
                     isinstance(h, Tensor)
@@ -1652,39 +1791,45 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         return args, {**kwargs, "hx": new}
 
     def _refuse_square_expansion(self, module: nn.Module, pass_: PassNorms, state: Tensor) -> None:
-        """Refuse a recurrent layer's initial state [L·D, N, H], L·D = N, made from an
-        expansion or repetition the shared tensors took for one over the examples along dim 0
-        (:attr:`PassNorms.square_expansions`): a tensor shared by the layers and the examples,
-        h0 [1, 1, H] expanded to [L·D, N, H] (or repeated over the layers, then expanded). The
-        layer's examples are along dim 1, and each example's gradient of h0 would have been
-        taken from a layer's row: wrong, and an audit can pass it (one passed, in a review,
-        after eight steps of another batch size, 3e-5 off; the next steps were 2e-4 to 6e-4
-        off, the repeat-then-expand form up to 2e-3)."""
-        node = state.grad_fn
-        for _ in range(4):  # (through .contiguous(), .clone(), a view)
-            if node is None:
-                return
-            labels = pass_.square_expansions.get((id(node), node._sequence_nr()))
-            if labels is not None:
-                layers = int(state.shape[0])
-                raise UnsupportedModuleError(
-                    f"layer '{self._labels.get(module, '?')}' ({type(module).__name__}) was "
-                    f"given a learned initial state computed from {labels}, one state shared by "
-                    f"its {layers} layers·directions and by the examples, made {list(state.shape)}"
-                    f": with as many layers·directions as examples ({layers}), its expansion "
-                    "over the layers looked like one over the examples along dim 0 (a class "
-                    "token's), where the layer's examples are along dim 1. Learn one state per "
-                    "layer (a parameter of shape [num_layers·directions, 1, H], expanded with "
-                    "h0.expand(-1, N, -1)), or make it with one repeat over layers and examples "
-                    "together (h0.repeat(num_layers·directions, N, 1)): both are measured exactly"
-                )
-            nxt = node.next_functions
-            if len(nxt) != 1 or type(node).__name__ not in (
-                "CloneBackward0", "ViewBackward0", "AliasBackward0", "ExpandBackward0",
-                "ToCopyBackward0",
-            ):  # fmt: skip
-                return
-            node = nxt[0][0]
+        """Refuse a recurrent layer's initial state [L·D, N, H], L·D = N, computed — by any
+        operations — from an expansion or repetition the shared tensors took for one over the
+        examples along dim 0 (:attr:`PassNorms.square_expansions`) whose dim 0 did not become
+        the state's dim 1: a tensor shared by the layers and the examples, h0 [1, 1, H]
+        expanded to [L·D, N, H] (or repeated over the layers, then expanded; then a tanh, a
+        product, views, a cat …). The layer's examples are along dim 1, and each example's
+        gradient of h0 would have been taken from a layer's row: wrong, and an audit can pass
+        it (one passed, in a review, after eight steps of another batch size, 3e-5 off; the
+        next steps were 2e-4 to 6e-4 off, the repeat-then-expand form up to 2e-3; with a tanh,
+        a product or a sum after the expansion, up to 7.4). Also refused when the state's
+        history is too long to search (:func:`_square_expansion_in`)."""
+        found = _square_expansion_in(state, pass_.square_expansions, pass_.call_outputs)
+        if found is None:
+            return
+        label = f"layer '{self._labels.get(module, '?')}' ({type(module).__name__})"
+        layers = int(state.shape[0])
+        if found is _SEARCH_EXHAUSTED:
+            raise UnsupportedModuleError(
+                f"{label} was given an initial state {list(state.shape)} with as many "
+                f"layers·directions as examples ({layers}), in a pass where an expansion of a "
+                "parameter over dim 0 was taken for one over the examples (a class token's), "
+                f"and the state's history is too long (more than {_STATE_SEARCH_NODES} "
+                "operations) to show that no such expansion became the state's layers·"
+                "directions (dim 0; the layer's examples are along dim 1), which would give "
+                "each example a layer's gradient. Run this step with a batch size other than "
+                f"{layers} (drop_last=True drops a small last batch), or learn one state per "
+                "layer (a parameter [num_layers·directions, 1, H] expanded with "
+                "h0.expand(-1, N, -1))"
+            )
+        raise UnsupportedModuleError(
+            f"{label} was given a learned initial state computed from {found}, one state "
+            f"shared by its {layers} layers·directions and by the examples, made "
+            f"{list(state.shape)}: with as many layers·directions as examples ({layers}), its "
+            "expansion over the layers looked like one over the examples along dim 0 (a class "
+            "token's), where the layer's examples are along dim 1. Learn one state per "
+            "layer (a parameter of shape [num_layers·directions, 1, H], expanded with "
+            "h0.expand(-1, N, -1)), or make it with one repeat over layers and examples "
+            "together (h0.repeat(num_layers·directions, N, 1)): both are measured exactly"
+        )
 
     def _nothing_between(self, module: nn.Module) -> bool:
         """Whether the layer's own product reaches the engine's forward hook as it computed it,

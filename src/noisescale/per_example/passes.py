@@ -188,11 +188,16 @@ class PassNorms:
     output_nodes: set[tuple[int, int]] = field(default_factory=set)
     meetings_added: int = 0
     # expansions and repetitions of a shared tensor taken as meetings along dim 0 (a class
-    # token's s.expand(N, …), s.repeat(N, 1, …)): the autograd node's (id, sequence number) and
-    # the shared tensor's sources, for a recurrent layer that finds such a tensor in its
-    # initial state [L·D, N, H] with L·D = N (h0 [1, 1, H].expand(L, N, H)), whose examples
-    # are along dim 1 (PerExampleNorms._on_recurrent_enter)
+    # token's s.expand(N, …), s.repeat(N, 1, …), s broadcast against constants only): the
+    # autograd node's (id, sequence number) and the shared tensor's sources, for a recurrent
+    # layer that finds such a tensor anywhere in the history of its initial state [L·D, N, H]
+    # with L·D = N (h0 [1, 1, H].expand(L, N, H).tanh()), whose examples are along dim 1
+    # (PerExampleNorms._refuse_square_expansion)
     square_expansions: dict[tuple[int, int], str] = field(default_factory=dict)
+    # outputs of the layers measured in this pass after such an expansion was noted: the
+    # output's autograd node (id, sequence number, output number) and its examples' dimension,
+    # where that search stops (the layer keeps its examples apart along it)
+    call_outputs: dict[tuple[int, int, int], int] = field(default_factory=dict)
     buffer_storages: set[int] | None = None  # the model's buffers' storages (_is_buffer)
     # layer inputs picked by several index tensors on an accelerator, where the indices are
     # not read when the layer runs: (layer, how, a device flag "none of them is the examples in
@@ -258,6 +263,7 @@ class PassNorms:
             handle.remove()
         self.handles = []
         self.output_nodes = set()
+        self.call_outputs = {}
         self.loss_inputs = []
         self.audit = None
         self.inputs = self.examples = self.n_source = None

@@ -411,7 +411,12 @@ def _meet(
             rows = None if pass_.returned else _rows_unproven(flat, batched, len(out_shape), n, dim)
             if rows is not None:
                 engine.record_ambiguous(pass_, origin, name, rows, "rows")
-            return _elementwise(func, args, kwargs, origin, pass_, tuple(out_shape))
+            # (a shared operand broadcast against constants only — h0 * torch.ones(L, N, H) —
+            # is a meeting along dim 0 that nothing ties to the examples: noted like s.expand)
+            constants = dim == 0 and not any(t.requires_grad for t in batched)
+            return _elementwise(
+                func, args, kwargs, origin, pass_, tuple(out_shape), note_rows=constants
+            )
     if batched and inspect.isfunction(func):
         # a function written in Python (F.multi_head_attention_forward, …) dispatches once on
         # all its tensors: run its body, whose operations are then seen one by one
@@ -431,8 +436,9 @@ def _meet(
 
 def _note_row_meeting(pass_: PassNorms, result: Tensor, origin: Origin, dim: int) -> None:
     """Remember an expansion or repetition taken as a meeting along dim 0
-    (:attr:`PassNorms.square_expansions`), for a recurrent layer whose initial state it becomes
-    (its examples along dim 1)."""
+    (:attr:`PassNorms.square_expansions`), for a recurrent layer whose initial state it may
+    become, by any operations (its examples along dim 1:
+    :meth:`~noisescale.per_example.engine.PerExampleNorms._refuse_square_expansion`)."""
     node = result.grad_fn
     if dim == 0 and node is not None:
         labels = ", ".join(sorted(s.label for s in origin.sources))
@@ -649,8 +655,17 @@ class Meeting:
 
 
 def _elementwise(
-    func: Any, args: tuple, kwargs: dict, origin: Origin, pass_: PassNorms, shape: tuple
+    func: Any,
+    args: tuple,
+    kwargs: dict,
+    origin: Origin,
+    pass_: PassNorms,
+    shape: tuple,
+    note_rows: bool = False,
 ) -> Any:
+    """An elementwise operation whose shared operands meet the batch: each expanded to the
+    result's shape and hooked. ``note_rows``: remember the expansions of those broadcast along
+    dim 0 (:func:`_note_row_meeting`)."""
     engine = origin.engine
     meetings: list[Meeting] = []
 
@@ -660,6 +675,8 @@ def _elementwise(
                 e = v.expand(shape)
             m = Meeting("expand", v, origin, hooked=e)
             meetings.append(m)
+            if note_rows and _broadcast_along(tuple(v.shape), shape, 0):
+                _note_row_meeting(pass_, e, origin, 0)
             return e
         return v
 
