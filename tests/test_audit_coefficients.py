@@ -79,13 +79,31 @@ class _StackedLayers(nn.Module):
         return x
 
 
+class _EncoderStatePlusLearned(nn.Module):
+    """A GRU encoder's final state [L, N, H] plus a learned per-layer state [L, 1, H] as the
+    decoder's initial state: at L = N the broadcast looks like a meeting along dim 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.GRU(D, 4, num_layers=2, batch_first=True, dtype=torch.float64)
+        self.dec = nn.GRU(D, 4, num_layers=2, batch_first=True, dtype=torch.float64)
+        self.h0 = nn.Parameter(torch.randn(2, 1, 4, dtype=torch.float64))
+        self.out = nn.Linear(4, 1, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, h = self.enc(x)
+        y, _ = self.dec(x, h + self.h0)
+        return self.out(y).mean((1, 2))
+
+
 @pytest.mark.parametrize(
     ("build", "shape", "schedule"),
     [
         (_TimeMajorQuery, (2, D), [2] * 30),  # T = N = 2 throughout
         (_StackedLayers, (D,), [5] * 8 + [2] * 16),  # a small last batch: L = N = 2
+        (_EncoderStatePlusLearned, (3, D), [5] * 8 + [2] * 12),  # L = N = 2: 185× off before
     ],
-    ids=["time-major-query", "stacked-layers"],
+    ids=["time-major-query", "stacked-layers", "encoder-state-plus-learned"],
 )
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_rows_of_another_example_are_refused_at_every_step_never_measured(
@@ -129,5 +147,5 @@ def test_rows_of_another_example_are_refused_at_every_step_never_measured(
             opt.zero_grad()
     finally:
         engine.remove()
-    if build is _StackedLayers:
+    if build is not _TimeMajorQuery:
         assert reported >= 8  # (the steps at N = 5 are measured)
