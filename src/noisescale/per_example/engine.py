@@ -213,16 +213,19 @@ def _no_traced_state(module: nn.Module, args: tuple, kwargs: dict) -> None:
 # through any other, or where that dimension was broadcast, sliced, concatenated or stacked, it
 # is lost. A recorded expansion reached along a path where the state's dim 1 is its dim 0 is
 # right (h0 [H] expanded over the examples, then viewed to [1, N, H] and expanded over the
-# layers); reached in any other way, the state is refused. The search stops at the output of
+# layers); reached where the state's dim 1 is known to be another of its dimensions, the state
+# is refused. The search stops at the output of
 # a layer the engine measured (PassNorms.call_outputs) reached along its examples' dimension:
 # the layer keeps its examples apart, and what its input was made of is its own (an encoder's
 # final state made a decoder's initial state, the encoder's input with a class token). Each
-# (operation, output, dimension) is visited once, at most _STATE_SEARCH_NODES of them; a longer
-# history is refused (it is searched only when a pass has such an expansion and L·D = N, a
-# small last batch).
+# (operation, output, dimension) is visited once, at most _STATE_SEARCH_NODES of them, and none
+# made before the earliest recorded expansion. Where the correspondence was lost or the budget
+# ran out, the search refuses nothing: the audit decides (its coefficients are distinct for up
+# to ten examples, so rows of another example fail it at every step — a review found that
+# refusing there refused ordinary encoder-decoders at N = L). It runs only when a pass has such
+# an expansion and L·D = N, a small last batch.
 
 _STATE_SEARCH_NODES = 300
-_SEARCH_EXHAUSTED = "(the search was cut short)"
 _POINTWISE_NODES = {
     f"{name}Backward{k}"
     for name in (
@@ -277,15 +280,15 @@ def _dim_before(
         kept = [i for i in range(len(inp)) if node._saved_keepdim or i not in dims]
         j = kept[d] if d < len(kept) and kept[d] not in dims else None
     elif kind == "PermuteBackward0":
-        dims = [int(x) % len(out) for x in node._saved_dims]
+        dims = [_dim_index(x, len(out)) for x in node._saved_dims]
         j = dims[d]
     elif kind == "TransposeBackward0":
-        a, b = int(node._saved_dim0) % len(out), int(node._saved_dim1) % len(out)
+        a, b = _dim_index(node._saved_dim0, len(out)), _dim_index(node._saved_dim1, len(out))
         j = b if d == a else a if d == b else d
     elif kind == "CatBackward0":
-        j = None if d == int(node._saved_dim) % len(out) else d
+        j = None if d == _dim_index(node._saved_dim, len(out)) else d
     elif kind == "StackBackward0":
-        at = int(node._saved_dim) % len(out)
+        at = _dim_index(node._saved_dim, len(out))
         j = None if d == at else d if d < at else d - 1
     else:
         return None
@@ -303,11 +306,18 @@ def _square_expansion_in(
     recorded: dict[tuple[int, int], str],
     layer_outputs: dict[tuple[int, int, int], int],
 ) -> str | None:
-    """The sources of an expansion in ``recorded`` in ``state``'s history whose dim 0 did not
-    become the state's dim 1, :data:`_SEARCH_EXHAUSTED` if the history is too long to tell,
-    None if there is none (see the notes above)."""
-    if state.grad_fn is None:
+    """The sources of an expansion in ``recorded`` in ``state``'s history reached along a
+    known dimension other than its dim 0 — the state's dim 1 (the layer's examples) is known to
+    have been another dimension of it: the expansion's rows became layers —, None otherwise
+    (see the notes above). Reached where the correspondence of dimensions was lost, or past
+    the search's budget, it is left to the audit, whose coefficients are distinct for up to ten
+    examples: it refuses such a state at every step where the rows are not the examples'
+    (a review, 2026-12-05: refusing them here refused ordinary encoder-decoders, a bridge's
+    view, a repeat, an encoder run before a start token)."""
+    if state.grad_fn is None or not recorded:
         return None
+    # (a node made before the earliest recorded expansion cannot have it in its history)
+    floor = min(seq for _, seq in recorded)
     start = (state.grad_fn, state.output_nr, tuple(state.shape), 1)
     seen = {(id(state.grad_fn), state.output_nr, 1)}
     queue: list[tuple[Any, int, tuple[int, ...] | None, int | None]] = [start]
@@ -315,21 +325,21 @@ def _square_expansion_in(
         key = (id(node), node._sequence_nr())
         labels = recorded.get(key)
         if labels is not None:
-            if d != 0:
+            if d is not None and d != 0:
                 return labels
             continue  # (its operand is shared: no meeting before it)
         if d is not None and layer_outputs.get((*key, nr)) == d:
             continue
         kind = type(node).__name__
         for nxt, output in node.next_functions:
-            if nxt is None:
+            if nxt is None or nxt._sequence_nr() < floor:
                 continue
             inp = _node_shape(nxt, output)
             j = None if d is None or out is None else _dim_before(kind, node, out, d, inp)
             if (id(nxt), output, j) in seen:
                 continue
             if len(seen) >= _STATE_SEARCH_NODES:
-                return _SEARCH_EXHAUSTED
+                return None
             seen.add((id(nxt), output, j))
             queue.append((nxt, output, inp, j))
     return None
@@ -1800,26 +1810,13 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         gradient of h0 would have been taken from a layer's row: wrong, and an audit can pass
         it (one passed, in a review, after eight steps of another batch size, 3e-5 off; the
         next steps were 2e-4 to 6e-4 off, the repeat-then-expand form up to 2e-3; with a tanh,
-        a product or a sum after the expansion, up to 7.4). Also refused when the state's
-        history is too long to search (:func:`_square_expansion_in`)."""
+        a product or a sum after the expansion, up to 7.4). Where the search cannot tell, the
+        audit decides (:func:`_square_expansion_in`)."""
         found = _square_expansion_in(state, pass_.square_expansions, pass_.call_outputs)
         if found is None:
             return
         label = f"layer '{self._labels.get(module, '?')}' ({type(module).__name__})"
         layers = int(state.shape[0])
-        if found is _SEARCH_EXHAUSTED:
-            raise UnsupportedModuleError(
-                f"{label} was given an initial state {list(state.shape)} with as many "
-                f"layers·directions as examples ({layers}), in a pass where an expansion of a "
-                "parameter over dim 0 was taken for one over the examples (a class token's), "
-                f"and the state's history is too long (more than {_STATE_SEARCH_NODES} "
-                "operations) to show that no such expansion became the state's layers·"
-                "directions (dim 0; the layer's examples are along dim 1), which would give "
-                "each example a layer's gradient. Run this step with a batch size other than "
-                f"{layers} (drop_last=True drops a small last batch), or learn one state per "
-                "layer (a parameter [num_layers·directions, 1, H] expanded with "
-                "h0.expand(-1, N, -1))"
-            )
         raise UnsupportedModuleError(
             f"{label} was given a learned initial state computed from {found}, one state "
             f"shared by its {layers} layers·directions and by the examples, made "
