@@ -634,8 +634,10 @@ def _distinct(values: tuple[float, ...], n: int, generator: torch.Generator, dev
     the examples)."""
     v = len(values)
     rounds = -(-n // v) if n else 0
-    order = [torch.randperm(v, generator=generator, device=device) for _ in range(rounds)]
-    picked = torch.cat(order)[:n] if order else torch.zeros(0, dtype=torch.long, device=device)
+    # (every round's permutation in one call: a randperm per round made 32,768 calls for the
+    # signs of 65,536 examples, ≈ 0.1 s an audit on the CPU, a review)
+    rows = torch.rand(rounds, v, generator=generator, device=device).argsort(dim=1)
+    picked = rows.reshape(-1)[:n]
     picked = picked[torch.randperm(n, generator=generator, device=device)]
     return torch.tensor(values, dtype=torch.float64, device=device)[picked]
 
