@@ -335,7 +335,10 @@ def _square_expansion_in(
             if nxt is None or nxt._sequence_nr() < floor:
                 continue
             inp = _node_shape(nxt, output)
-            j = None if d is None or out is None else _dim_before(kind, node, out, d, inp)
+            try:
+                j = None if d is None or out is None else _dim_before(kind, node, out, d, inp)
+            except (AttributeError, TypeError):  # (a torch whose nodes save other names)
+                j = None
             if (id(nxt), output, j) in seen:
                 continue
             if len(seen) >= _STATE_SEARCH_NODES:
