@@ -149,3 +149,35 @@ def test_rows_of_another_example_are_refused_at_every_step_never_measured(
         engine.remove()
     if build is not _TimeMajorQuery:
         assert reported >= 8  # (the steps at N = 5 are measured)
+
+
+def test_a_structure_whose_audit_failed_stays_refused_whatever_a_later_draw(monkeypatch):
+    """A caller that catches the refusal and goes on: the next step of the same structure is
+    audited again, and a draw that lets the misattributed rows pass (here forced: every example
+    the same coefficient) used to certify it — every step after was measured wrong. It stays
+    refused now."""
+    import noisescale.per_example.audit as audit_mod
+
+    torch.manual_seed(0)
+    model = _TimeMajorQuery()
+    engine = PerExampleNorms(model, subbatches=0)
+    gen = torch.Generator().manual_seed(1)
+    try:
+        x = torch.randn(2, 2, D, generator=gen, dtype=torch.float64)
+        with pytest.raises(Exception, match="audit of this step failed"):
+            model(x).pow(2).sum().backward()
+            engine.collect()
+        model.zero_grad()
+
+        def equal(values, n, generator, device):  # the lucky draw: nothing to tell apart
+            return torch.full((n,), values[0], dtype=torch.float64, device=device)
+
+        monkeypatch.setattr(audit_mod, "_distinct", equal)
+        for _ in range(3):
+            x = torch.randn(2, 2, D, generator=gen, dtype=torch.float64)
+            with pytest.raises(Exception, match="Refused again: this structure's audit failed"):
+                model(x).pow(2).sum().backward()
+                engine.collect()
+            model.zero_grad()
+    finally:
+        engine.remove()

@@ -546,6 +546,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._audit_due = True
         self._marking: tuple[int | None, list[PassNorms]] = (None, [])  # _mark_backward
         self._audited_signatures: set[tuple] = set()
+        # (signature, learned state) of structures whose audit found rows of the wrong
+        # examples -> the refusal, repeated at every later pass of them (Settle._settle)
+        self._refused_structures: dict[tuple, str] = {}
         # the layers' hooks as the last passed audit saw them (_hook_state): a compiled pass
         # with other hooks ran a graph traced since, which no audit has seen
         self._hooks_audited: int | None = None

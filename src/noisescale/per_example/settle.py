@@ -32,7 +32,34 @@ class Settle:
     :meth:`_settle` does with each collected pass, and the refusals' messages."""
 
     def _settle(self, pass_: PassNorms, learn: bool) -> None:
-        """Check the pass's coverage and audit; adapt or refuse."""
+        """Check the pass's coverage and audit; adapt or refuse. A structure whose audit found
+        rows attributed to the wrong examples (or a rule that splits its gradient wrongly, or
+        outputs that do not follow a permutation of the examples) is refused at every later
+        pass of that structure while the engine has learned nothing new — not audited again
+        until a random draw lets it pass: the audit's coefficients and permutations are random,
+        and one lucky draw certified a structure whose every later step was measured wrong
+        (a hunt, 2026-12-05; a caller who catches the refusal and goes on met it)."""
+        key = None if pass_.audit is None else (pass_.audit.signature, self._learned_state())
+        refused = None if key is None else self._refused_structures.get(key)
+        if refused is not None and not pass_.skipped:
+            raise UnsupportedModuleError(refused)
+        try:
+            self._settle_once(pass_, learn)
+        except UnsupportedModuleError as err:
+            found = None if pass_.audit is None else pass_.audit.findings
+            if (
+                key is not None
+                and found is not None
+                and (found.misattributed or found.wrong_rules or found.unpermuted is not None)
+            ):
+                self._refused_structures[key] = (
+                    f"{err} (Refused again: this structure's audit failed on an earlier step, "
+                    "and it stays refused — its audit draws random coefficients, and a later "
+                    "draw that let it pass would certify it for the steps after.)"
+                )
+            raise
+
+    def _settle_once(self, pass_: PassNorms, learn: bool) -> None:
         if pass_.skipped:
             return
         if pass_.broken is not None:
