@@ -175,9 +175,12 @@ def test_a_structure_whose_audit_failed_stays_refused_whatever_a_later_draw(monk
         monkeypatch.setattr(audit_mod, "_distinct", equal)
         for _ in range(3):
             x = torch.randn(2, 2, D, generator=gen, dtype=torch.float64)
-            with pytest.raises(Exception, match="Refused again: this structure's audit failed"):
+            with pytest.raises(
+                Exception, match="Refused again: this structure's audit failed"
+            ) as e:
                 model(x).pow(2).sum().backward()
                 engine.collect()
+            assert "create a new tracker" in str(e.value)
             model.zero_grad()
     finally:
         engine.remove()

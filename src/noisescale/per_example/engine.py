@@ -3201,6 +3201,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                             f"is audited; what this one met: {err})",
                         )
                         continue
+                    if pass_.sticky is not None:  # (refused: the structure stays refused)
+                        self._refused_structures[pass_.sticky[0]] = pass_.sticky[1]
                     if _reentrant_checkpointing(self.model):
                         raise UnsupportedModuleError(
                             f"{_REENTRANT_LEAD}. (What the engine's check met there, for "

@@ -219,6 +219,9 @@ class PassNorms:
     # parameters read inside a custom torch.autograd.Function's forward -> its class's name
     # (autograd runs the user's backward for them, which no use of noisescale's follows)
     custom_functions: dict[int, str] = field(default_factory=dict)
+    # (key, refusal) of a structure whose audit found rows of the wrong examples, kept by the
+    # engine where the pass is refused (Settle._settle)
+    sticky: tuple[tuple, str] | None = None
     inputs: tuple | None = None  # the model's (args, kwargs), for the audit's permutation check
     subbatches: Subbatches | MergedSubbatches | None = None
     broken: str | None = None  # a weight measured by sub-batch products was used twice

@@ -52,10 +52,15 @@ class Settle:
                 and found is not None
                 and (found.misattributed or found.wrong_rules or found.unpermuted is not None)
             ):
-                self._refused_structures[key] = (
-                    f"{err} (Refused again: this structure's audit failed on an earlier step, "
-                    "and it stays refused — its audit draws random coefficients, and a later "
-                    "draw that let it pass would certify it for the steps after.)"
+                # (kept by _collect only where it refuses: a micro-batch set aside because an
+                # earlier one of its step taught the engine is not refused)
+                pass_.sticky = (
+                    key,
+                    f"{str(err).rstrip('.')}. Refused again: this structure's audit failed on an "
+                    "earlier step, and it stays refused (its audit draws random coefficients, "
+                    "and a later draw that let it pass would certify it for the steps after). "
+                    "If the model has changed since, create a new tracker "
+                    "(tracker.remove(), then GradientNoiseTracker(model)) to audit it afresh",
                 )
             raise
 
