@@ -272,6 +272,19 @@ def test_a_learned_initial_state_in_the_tracker_and_one_shot():
     torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
 
 
+def _brute_sqnorms(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Each example's squared gradient norm of ``model(x_i).pow(2).sum()``, one backward each
+    (parameters the example does not reach count zero)."""
+    params = list(model.parameters())
+    return torch.stack([
+        sum(g.pow(2).sum()
+            for g in torch.autograd.grad(
+                model(x[i : i + 1]).pow(2).sum(), params, allow_unused=True
+            ) if g is not None)
+        for i in range(x.shape[0])
+    ])  # fmt: skip
+
+
 class _SharedByLayers(nn.Module):
     """One state [1, 1, H] for both layers and every example, made [2, N, H] in one of
     several ways (a GRU of two layers)."""
@@ -362,12 +375,7 @@ def test_a_state_shared_by_as_many_layers_as_examples_is_exact_or_refused(form, 
             model(x).pow(2).sum().backward()
             (p,) = engine.collect()
             with engine.paused():
-                params = list(model.parameters())
-                want = torch.stack([
-                    sum(g.pow(2).sum()
-                        for g in torch.autograd.grad(model(x[i : i + 1]).pow(2).sum(), params))
-                    for i in range(n)
-                ])  # fmt: skip
+                want = _brute_sqnorms(model, x)
             torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
     finally:
         engine.remove()
@@ -402,12 +410,7 @@ def test_an_encoders_state_with_a_class_token_at_as_many_layers_as_examples_is_e
             model(x).pow(2).sum().backward()
             (p,) = engine.collect()
             with engine.paused():
-                params = list(model.parameters())
-                want = torch.stack([
-                    sum(g.pow(2).sum()
-                        for g in torch.autograd.grad(model(x[i : i + 1]).pow(2).sum(), params))
-                    for i in range(n)
-                ])  # fmt: skip
+                want = _brute_sqnorms(model, x)
             torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
     finally:
         engine.remove()
@@ -469,14 +472,7 @@ def test_ordinary_decoder_states_at_as_many_layers_as_examples_are_exact(form):
             model(x).pow(2).sum().backward()
             (p,) = engine.collect()
             with engine.paused():
-                params = list(model.parameters())
-                want = torch.stack([
-                    sum(g.pow(2).sum()
-                        for g in torch.autograd.grad(
-                            model(x[i : i + 1]).pow(2).sum(), params, allow_unused=True
-                        ) if g is not None)
-                    for i in range(n)
-                ])  # fmt: skip
+                want = _brute_sqnorms(model, x)
             torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
     finally:
         engine.remove()
