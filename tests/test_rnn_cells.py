@@ -285,6 +285,17 @@ def _brute_sqnorms(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ])  # fmt: skip
 
 
+def _assert_step_exact(model: nn.Module, engine: PerExampleNorms, x: torch.Tensor) -> None:
+    """One step of ``model(x).pow(2).sum()`` measured by ``engine``: its per-example norms
+    equal brute force (float64: to 1e-9)."""
+    model.zero_grad()
+    model(x).pow(2).sum().backward()
+    (p,) = engine.collect()
+    with engine.paused():
+        want = _brute_sqnorms(model, x)
+    torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
+
+
 class _SharedByLayers(nn.Module):
     """One state [1, 1, H] for both layers and every example, made [2, N, H] in one of
     several ways (a GRU of two layers)."""
@@ -372,11 +383,7 @@ def test_a_state_shared_by_as_many_layers_as_examples_is_exact_or_refused(form, 
                     model(x).pow(2).sum().backward()
                     engine.collect()
                 continue
-            model(x).pow(2).sum().backward()
-            (p,) = engine.collect()
-            with engine.paused():
-                want = _brute_sqnorms(model, x)
-            torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
+            _assert_step_exact(model, engine, x)
     finally:
         engine.remove()
 
@@ -406,12 +413,7 @@ def test_an_encoders_state_with_a_class_token_at_as_many_layers_as_examples_is_e
     try:
         for n in (5, 5, 2, 2):
             x = torch.randn(n, 4, 3)
-            model.zero_grad()
-            model(x).pow(2).sum().backward()
-            (p,) = engine.collect()
-            with engine.paused():
-                want = _brute_sqnorms(model, x)
-            torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
+            _assert_step_exact(model, engine, x)
     finally:
         engine.remove()
 
@@ -468,11 +470,6 @@ def test_ordinary_decoder_states_at_as_many_layers_as_examples_are_exact(form):
     try:
         for n in (5, 5, 2, 2, 2):
             x = torch.randn(n, length, 3)
-            model.zero_grad()
-            model(x).pow(2).sum().backward()
-            (p,) = engine.collect()
-            with engine.paused():
-                want = _brute_sqnorms(model, x)
-            torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
+            _assert_step_exact(model, engine, x)
     finally:
         engine.remove()
