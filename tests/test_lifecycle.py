@@ -430,6 +430,36 @@ def test_a_dropped_tracker_leaves_a_hugging_face_model_its_own_loss():
     assert tracker.history[-1]["b_big"] == 24  # the counted tokens (32 less 6 and 2 shifted)
 
 
+_EVAL_BATCHES = 6
+
+
+def _evaluation_loop_after_training(
+    model: nn.Module, tracker: noisescale.GradientNoiseTracker, layer: nn.Module
+) -> list[weakref.ref]:
+    """Five tracked training steps (past the first audits), then an evaluation loop with
+    gradients on (``model.eval()`` without ``torch.no_grad()``) of :data:`_EVAL_BATCHES`
+    forwards and no backward: weak references to a sentinel only each forward's graph holds
+    (hooked on ``layer``'s output)."""
+    for _ in range(5):
+        loss_of(model).backward()
+        tracker.step()
+        model.zero_grad()
+    graphs = []
+
+    def mark(module, args, out):
+        sentinel = Pause()
+        graphs.append(weakref.ref(sentinel))
+        out.grad_fn.register_prehook(lambda grads, s=sentinel: None)
+
+    handle = layer.register_forward_hook(mark)
+    model.eval()
+    for _ in range(_EVAL_BATCHES):
+        model(torch.randn(16, 3)).pow(2).mean()
+    model.train()
+    handle.remove()
+    return graphs
+
+
 @pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}])
 def test_a_forward_no_backward_reaches_lets_go_of_its_graph(kw):
     """An evaluation loop with gradients on (``model.eval()`` without ``torch.no_grad()``):
@@ -442,27 +472,10 @@ def test_a_forward_no_backward_reaches_lets_go_of_its_graph(kw):
     (``test_an_audited_forward_no_backward_reaches_lets_go_of_its_graph``)."""
     model = Net()
     tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
-    for _ in range(5):  # past the first audits
-        loss_of(model).backward()
-        tracker.step()
-        model.zero_grad()
-    graphs = []
-
-    def mark(module, args, out):  # a sentinel only the forward's graph holds
-        sentinel = Pause()
-        graphs.append(weakref.ref(sentinel))
-        out.grad_fn.register_prehook(lambda grads, s=sentinel: None)
-
-    handle = model.block.lin.register_forward_hook(mark)
-    batches = [torch.randn(16, 3) for _ in range(6)]
-    model.eval()
-    for x in batches:
-        model(x).pow(2).mean()
-    model.train()
-    handle.remove()
+    graphs = _evaluation_loop_after_training(model, tracker, model.block.lin)
     gc.collect()
     assert graphs and all(g() is None for g in graphs)
-    assert len(tracker.engine.passes) == len(batches)
+    assert len(tracker.engine.passes) == _EVAL_BATCHES
     loss_of(model).backward()
     tracker.step()
     assert not tracker.history[-1]["skipped"]
@@ -519,26 +532,9 @@ def test_an_audited_forward_no_backward_reaches_lets_go_of_its_graph(kw):
     had not run."""
     model = DropNet()
     tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
-    for _ in range(5):
-        loss_of(model).backward()
-        tracker.step()
-        model.zero_grad()
-    graphs = []
-
-    def mark(module, args, out):  # a sentinel only the forward's graph holds
-        sentinel = Pause()
-        graphs.append(weakref.ref(sentinel))
-        out.grad_fn.register_prehook(lambda grads, s=sentinel: None)
-
-    handle = model.inp.register_forward_hook(mark)
-    batches = [torch.randn(16, 3) for _ in range(6)]
-    model.eval()
-    for x in batches:
-        model(x).pow(2).mean()
-    model.train()
-    handle.remove()
+    graphs = _evaluation_loop_after_training(model, tracker, model.inp)
     passes = list(tracker.engine.passes)
-    assert len(passes) == len(batches) and all(p.audited for p in passes)
+    assert len(passes) == _EVAL_BATCHES and all(p.audited for p in passes)
     del passes
     gc.collect()
     assert graphs and all(g() is None for g in graphs)
