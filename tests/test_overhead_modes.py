@@ -30,11 +30,14 @@ from noisescale.per_example import conv as conv_module
 from noisescale.reference_models import GPT, GPTConfig, PaperCNN
 
 
-def _load_bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "overhead.py"
-    spec = importlib.util.spec_from_file_location("bench_overhead", path)
+def _load_bench(script: str = "overhead", register: bool = True):
+    """``bench/<script>.py`` as a module (``register``: in ``sys.modules``, where dataclasses
+    look their module up while building)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_overhead"] = module  # dataclasses look their module up while building
+    if register:
+        sys.modules[f"bench_{script}"] = module
     spec.loader.exec_module(module)
     return module
 
@@ -432,11 +435,7 @@ def test_the_bench_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def _steady_module():
-    path = Path(__file__).resolve().parents[1] / "bench" / "steady.py"
-    spec = importlib.util.spec_from_file_location("bench_steady", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_bench("steady", register=False)
 
 
 def test_the_steady_state_bench_leaves_out_the_engine_s_audited_steps():
@@ -592,11 +591,7 @@ def test_the_precision_bench_runs_measure_every_by_step_number():
 
 
 def _long_module():
-    path = Path(__file__).resolve().parents[1] / "bench" / "long_sequences.py"
-    spec = importlib.util.spec_from_file_location("bench_long_sequences", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_bench("long_sequences", register=False)
 
 
 def test_the_long_sequence_bench_leaves_out_the_audited_steps_and_runs_end_to_end(
