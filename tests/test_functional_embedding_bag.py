@@ -92,24 +92,32 @@ def test_a_functional_embedding_bag_is_exact(name):
     assert_exact_both_modes(model, losses, N)
 
 
+class _TableBags(nn.Module):
+    """A model's own table read by ``F.embedding_bag(..., include_last_offset=True)`` into a
+    head; ``layout(i)`` gives the flat indices, the offsets and the mode."""
+
+    def __init__(self, layout):
+        super().__init__()
+        self.layout = layout
+        self.w = nn.Parameter(torch.randn(ROWS, 3))
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, i):
+        flat, offsets, mode = self.layout(i)
+        bags = F.embedding_bag(flat, self.w, offsets, mode=mode, include_last_offset=True)
+        return self.head(bags)
+
+
 def test_indices_after_the_last_offset_belong_to_the_last_bag():
     """With ``include_last_offset=True`` torch reads the last offset only for the count of
     bags: the last bag runs to the input's end."""
 
-    class Trailing(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.randn(ROWS, 3))
-            self.head = nn.Linear(3, 2)
-
-        def forward(self, i):
-            flat = torch.cat([i.flatten(), i[:, 0]])  # N more indices, in the last bag
-            offsets = torch.arange(0, i.numel() + 1, L)
-            bags = F.embedding_bag(flat, self.w, offsets, mode="sum", include_last_offset=True)
-            return self.head(bags)
+    def trailing(i):
+        flat = torch.cat([i.flatten(), i[:, 0]])  # N more indices, in the last bag
+        return flat, torch.arange(0, i.numel() + 1, L), "sum"
 
     torch.manual_seed(0)
-    model = Trailing()
+    model = _TableBags(trailing)
     i = torch.randint(0, ROWS, (N, L), generator=torch.Generator().manual_seed(1))
     assert_exact_both_modes(model, lambda: model(i).pow(2).sum(1), N)
 
@@ -140,19 +148,11 @@ def test_bags_that_straddle_the_input_rows_are_each_loss_term_s():
     """Offsets need not cut the input at its rows: bag i is what example i's loss depends on,
     and its gradient is measured (as nn.EmbeddingBag's rule measures it)."""
 
-    class Straddling(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.randn(ROWS, 3))
-            self.head = nn.Linear(3, 2)
-
-        def forward(self, i):
-            offsets = torch.tensor([0, 1, 5, 9, 12, 20])
-            bags = F.embedding_bag(i.flatten(), self.w, offsets, include_last_offset=True)
-            return self.head(bags)
+    def straddling(i):
+        return i.flatten(), torch.tensor([0, 1, 5, 9, 12, 20]), "mean"
 
     torch.manual_seed(0)
-    model = Straddling()
+    model = _TableBags(straddling)
     i = torch.randint(0, ROWS, (N, L), generator=torch.Generator().manual_seed(1))
     assert_exact_both_modes(model, lambda: model(i).pow(2).sum(1), N)
 
