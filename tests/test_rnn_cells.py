@@ -21,7 +21,7 @@ from torch import nn
 import noisescale
 from noisescale.errors import UnsupportedModuleError
 from noisescale.per_example import PerExampleNorms
-from test_subbatch import assert_exact_both_modes, train_tracked
+from test_subbatch import assert_exact_both_modes, per_example_grads, train_tracked
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -151,17 +151,6 @@ class LearnedState(nn.Module):
         return self.head(torch.cat([out, hn[-1][:, None].expand(-1, out.shape[1], -1)], 2))
 
 
-def _per_example_grads(model, loss_of_example, n):
-    params = [p for p in model.parameters() if p.requires_grad]
-    out = []
-    for i in range(n):
-        gs = torch.autograd.grad(loss_of_example(i), params, allow_unused=True)
-        out.append(
-            [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params, strict=True)]
-        )
-    return out
-
-
 def assert_exact_accumulated(model, subbatches: int, reduction: str, micro: int, n: int = 5):
     """Three steps of ``micro`` micro-batches each (losses by ``reduction``), every pass's norms
     against brute force: per example (``subbatches`` 0) or per sub-batch."""
@@ -197,7 +186,7 @@ def assert_exact_accumulated(model, subbatches: int, reduction: str, micro: int,
                     def loss_of(i, x=x, c=c):
                         return c * (model(x[i : i + 1]) - target).pow(2).mean()
 
-                    g = _per_example_grads(model, loss_of, n)
+                    g = per_example_grads(model, loss_of, n)
                     model.load_state_dict(live)
                     if p.subbatches is None:
                         want = torch.stack([sum(t.pow(2).sum() for t in gi) for gi in g])

@@ -35,16 +35,24 @@ from noisescale.per_example import PerExampleNorms
 pytestmark = pytest.mark.usefixtures("float64_default")
 
 
+def per_example_grads(model: nn.Module, loss_of_example, n: int) -> list[list[torch.Tensor]]:
+    """Each example's gradient of every trainable parameter (zeros where it has none), one
+    backward pass per example."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for i in range(n):
+        gs = torch.autograd.grad(loss_of_example(i), params, allow_unused=True)
+        out.append(
+            [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params, strict=True)]
+        )
+    return out
+
+
 def subbatch_truth(model: nn.Module, loss_of_example, n: int, subbatches, weights=None):
     """|Σ_{i ∈ j} g_i|²/N² per sub-batch j (the mean loss's gradient restricted to sub-batch j),
     from one backward pass per example."""
     params = [p for p in model.parameters() if p.requires_grad]
-    grads = []
-    for i in range(n):
-        gs = torch.autograd.grad(loss_of_example(i), params, allow_unused=True)
-        grads.append(
-            [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params, strict=True)]
-        )
+    grads = per_example_grads(model, loss_of_example, n)
     index = subbatches.index.view(subbatches.k, subbatches.n).tolist()
     out = []
     for j, size in enumerate(subbatches.sizes):
