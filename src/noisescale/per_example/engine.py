@@ -549,6 +549,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # (signature, learned state) of structures whose audit found rows of the wrong
         # examples -> the refusal, repeated at every later pass of them (Settle._settle)
         self._refused_structures: dict[tuple, str] = {}
+        self._unreplayed_warned = False  # (Settle._warn_unreplayed: once per engine)
         # the layers' hooks as the last passed audit saw them (_hook_state): a compiled pass
         # with other hooks ran a graph traced since, which no audit has seen
         self._hooks_audited: int | None = None

@@ -294,7 +294,7 @@ class Settle:
         replay (``torch.utils.checkpoint(use_reentrant=True)`` refuses ``autograd.grad``): its
         rows' attribution is unchecked, which until 2026-12-05 only the engine's internal log
         recorded (examples mixed inside such a checkpoint were measured 0.6% off, a review)."""
-        if not unverified.startswith(_UNREPLAYED) or getattr(self, "_unreplayed_warned", False):
+        if not unverified.startswith(_UNREPLAYED) or self._unreplayed_warned:
             return
         self._unreplayed_warned = True
         warnings.warn(_unreplayed_warning(unverified), RuntimeWarning, stacklevel=2)
