@@ -550,6 +550,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # examples -> the refusal, repeated at every later pass of them (Settle._settle)
         self._refused_structures: dict[tuple, str] = {}
         self._unreplayed_warned = False  # (Settle._warn_unreplayed: once per engine)
+        self.recurrent = False  # a recurrent layer among the hooked ones (_install)
         # the layers' hooks as the last passed audit saw them (_hook_state): a compiled pass
         # with other hooks ran a graph traced since, which no audit has seen
         self._hooks_audited: int | None = None
@@ -796,6 +797,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                         always_call=True,
                     )
                 )
+        # (the learned-state search's records are kept only for a model with a recurrent layer,
+        # the one place they are read: _on_recurrent_enter)
+        self.recurrent = any(isinstance(m, nn.RNNBase) for m in self._calls)
         for module in self._calls:
             # After the forward hooks the user registered before the tracker (as they were),
             # not first: such a hook may register a tensor hook on the output that changes its

@@ -440,7 +440,7 @@ def _note_row_meeting(pass_: PassNorms, result: Tensor, origin: Origin, dim: int
     become, by any operations (its examples along dim 1:
     :meth:`~noisescale.per_example.engine.PerExampleNorms._refuse_square_expansion`)."""
     node = result.grad_fn
-    if dim == 0 and node is not None:
+    if dim == 0 and node is not None and origin.engine.recurrent:
         labels = ", ".join(sorted(s.label for s in origin.sources))
         pass_.square_expansions[(id(node), node._sequence_nr())] = labels
 
