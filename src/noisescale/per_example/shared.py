@@ -571,10 +571,11 @@ def _broadcast_of(result: Any, expanded: Any) -> Any:
     """``result`` (a shared tensor whose values are ``expanded`` expanded to its shape, or a
     copy of such an expansion: ``expanded`` then carries the mark), marked with the shared
     tensor expanded and both version counters, which :func:`_broadcast_source` checks: an
-    in-place change of either since makes the mark stale."""
+    in-place change of either since makes the mark stale. Marked only in a model with a
+    recurrent layer, where :func:`per_example_state` reads it."""
     if not isinstance(result, SharedTensor) or not isinstance(expanded, SharedTensor):
         return result
-    if result is expanded:
+    if result is expanded or not result._ns_origin.engine.recurrent:  # type: ignore[attr-defined]
         return result
     found = _broadcast_source(expanded) if hasattr(expanded, "_ns_broadcast") else None
     src, src_version = found if found is not None else (expanded, expanded._version)
