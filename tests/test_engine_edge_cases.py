@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 import noisescale
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
+from noisescale.per_example import PerExampleNorms
 
 # brute-force references in float64 (the fixture lives in conftest.py)
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -326,7 +327,6 @@ def test_no_step_keeps_its_pass_graph_or_inputs_alive(mode, monkeypatch):
     nodes and the model's inputs: a cycle through autograd's C++ nodes that Python's collector
     cannot free. Every step's pass, graph and input batch stayed for good (+1.5 MB a step on
     the bench's ResNet, 64 images a step). Nothing of a finished step stays now."""
-    from noisescale.per_example import PerExampleNorms
 
     made = []  # every pass opened, weakly
     open_pass = PerExampleNorms._open_pass
@@ -407,7 +407,6 @@ def _actor_critic_step(model, x, y):  # one forward, two backwards through disjo
 @pytest.mark.parametrize("accumulate", [1, 3])
 def test_subset_pass_reached_by_two_backwards_is_measured_whole(build, step, accumulate):
     """A pass whose hooks run in two graph tasks is measured in both, or in neither."""
-    from noisescale.per_example import PerExampleNorms
 
     torch.manual_seed(0)
     model = build()
@@ -550,7 +549,6 @@ def test_several_forwards_one_backward_give_sub_batch_norms_of_their_parts(produ
     the forwards' sub-batches, which together partition its examples, each norm equal to brute
     force. Until 2026-12-04 the merged pass kept no sub-batches, and the default measured
     nothing ("this step has one example") where the exact mode measured the step."""
-    from noisescale.per_example import PerExampleNorms
     from noisescale.per_example.factors import MergedSubbatches
 
     torch.manual_seed(0)
@@ -615,7 +613,6 @@ def test_accumulated_micro_batches_of_two_forwards_are_measured_whole(options):
     micro-batch never, and the audit of step 4 refused the step (a false refusal found by a
     review on 2026-12-04). Now one backward's forwards are measured or skipped together; what
     is measured equals brute force, over eight steps of which four are audited."""
-    from noisescale.per_example import PerExampleNorms
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
@@ -656,7 +653,6 @@ def test_micro_batches_of_one_then_two_forwards_from_step_to_step():
     forwards: the sub-batch mode picks the measured forward by the last step's micro-batches,
     which this step's merged passes do not match; such a pass is kept whole or skipped whole
     (its micro-batch norm only), never measured in part, and no step is refused."""
-    from noisescale.per_example import PerExampleNorms
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
@@ -884,6 +880,78 @@ class _MixedInsideReentrant(nn.Module):
     def forward(self, x):
         h = checkpoint(lambda t: self.mid(t.flip(0) * 0.3 + t), self.inp(x), use_reentrant=True)
         return self.head(torch.tanh(h))
+
+
+class _BesideReentrant(nn.Module):
+    """A layer checkpointed with use_reentrant=True between two others, examples mixed just
+    below it (between 'inp' and the checkpoint), just above it, or nowhere; ``reentrant``
+    False runs the same function without the checkpoint (for brute force, which
+    torch.autograd.grad cannot take through it)."""
+
+    def __init__(self, mix: str | None):
+        super().__init__()
+        self.inp, self.mid, self.head = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.mix, self.reentrant = mix, True
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.mix == "below":
+            h = h.flip(0) * 0.3 + h
+        h = checkpoint(self.mid, h, use_reentrant=True) if self.reentrant else self.mid(h)
+        if self.mix == "above":
+            h = h.flip(0) * 0.3 + h
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("subbatches", [0, 4])
+@pytest.mark.parametrize(
+    ("mix", "named"),
+    [
+        ("below", "'inp'"),
+        ("above", r"'the output of torch.utils.checkpoint\(use_reentrant=True\)'"),
+    ],
+)
+def test_examples_mixed_beside_a_reentrant_checkpoint_are_refused(mix, named, subbatches):
+    """torch refuses torch.autograd.grad through checkpoint(use_reentrant=True), and the audit's
+    replay of the whole pass failed there: examples mixed right after such a checkpoint or
+    right before it were measured 0.19–0.73 off (0.59–2.2 in a review's model) with only a
+    warning that the pass went unchecked (a review, 2026-12-05). The replays now stop at the
+    checkpoint: its output is compared from above, its input is a frontier below — refused."""
+    torch.manual_seed(0)
+    model = _BesideReentrant(mix)
+    engine = PerExampleNorms(model, subbatches=subbatches)
+    try:
+        with pytest.raises(UnsupportedModuleError, match=f"the rows of {named} do not belong"):
+            model(torch.randn(16, 5)).pow(2).sum().backward()
+            engine.collect()
+    finally:
+        engine.remove()
+
+
+def test_a_model_checkpointed_with_use_reentrant_true_is_still_exact():
+    """The replays that stop at a reentrant checkpoint refuse nothing exact: the same model
+    with no examples mixed, measured in both modes against brute force (run without the
+    checkpoint: the same function), and the warning names what went unchecked — the
+    checkpointed function alone."""
+    from test_subbatch import assert_subbatches_exact, example_sqnorms
+
+    torch.manual_seed(0)
+    model, x = _BesideReentrant(None), torch.randn(12, 5)
+
+    def loss_of_example(i):
+        model.reentrant = False
+        try:
+            return model(x[i : i + 1]).pow(2).sum()
+        finally:
+            model.reentrant = True
+
+    with pytest.warns(RuntimeWarning, match="inside the checkpointed function and at its input"):
+        with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+            model(x).pow(2).sum().backward()
+    model.zero_grad()
+    want = example_sqnorms(model, loss_of_example, 12)
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+    assert_subbatches_exact(model, lambda: model(x).pow(2).sum(1).mean(), loss_of_example, 12)
 
 
 @pytest.mark.parametrize("build", [_Checkpointed, _MixedInsideReentrant])

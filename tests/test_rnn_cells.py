@@ -12,11 +12,13 @@ would refuse a mistake)."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import noisescale
 from noisescale.errors import UnsupportedModuleError
@@ -373,6 +375,53 @@ def test_a_state_shared_by_as_many_layers_as_examples_is_exact_or_refused(form, 
                     engine.collect()
                 continue
             _assert_step_exact(model, engine, x)
+    finally:
+        engine.remove()
+
+
+class _SharedByLayersThenReentrant(_SharedByLayers):
+    """:class:`_SharedByLayers` with a checkpoint(use_reentrant=True) after the layer (the
+    same function without it for brute force, ``reentrant`` False)."""
+
+    def __init__(self, form: str):
+        super().__init__(form)
+        self.reentrant = True
+
+    def forward(self, x):
+        o = super().forward(x)
+        return checkpoint(torch.tanh, o, use_reentrant=True) if self.reentrant else o.tanh()
+
+
+@pytest.mark.parametrize(
+    "form", ["repeat then expand", "five views", "stack of layer rows", *_EXACT_SQUARE]
+)
+def test_a_square_state_beside_a_reentrant_checkpoint_is_exact_or_refused(form):
+    """The forms the audit decides at N = L·D = 2 (the search loses the examples' dimension)
+    with a checkpoint(use_reentrant=True) after the layer: the audit's replay failed at the
+    checkpoint and left the whole pass unchecked, and they were measured 1e-4 to 7e-4 off with
+    only the warning (2026-12-05). The replays stop at the checkpoint now and check the rest:
+    refused, and the exact forms still exact."""
+    torch.manual_seed(0)
+    model = _SharedByLayersThenReentrant(form)
+    engine = PerExampleNorms(model, subbatches=0)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "noisescale: the attribution check", RuntimeWarning)
+            for n in (5,) * 3 + (2,) * 3:
+                x = torch.randn(n, 4, 3)
+                model.zero_grad()
+                if n == 2 and form not in _EXACT_SQUARE:
+                    with pytest.raises(UnsupportedModuleError, match="audit of this step failed"):
+                        model(x).pow(2).sum().backward()
+                        engine.collect()
+                    continue
+                model(x).pow(2).sum().backward()
+                (p,) = engine.collect()
+                with engine.paused():
+                    model.reentrant = False
+                    want = _brute_sqnorms(model, x)
+                    model.reentrant = True
+                torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
     finally:
         engine.remove()
 
