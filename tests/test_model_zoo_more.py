@@ -598,12 +598,16 @@ def test_moe_refusals_do_not_advise_a_setting_that_would_change_nothing():
     assert "'batched_mm' is followed" not in text and "build it with" not in text
 
 
-def test_transformers_default_grouped_experts_are_refused_naming_batched_mm():
+@pytest.mark.parametrize("n", [4, 3])
+def test_transformers_default_grouped_experts_are_exact_with_as_many_experts_as_examples(n):
     """transformers' default expert kernel (``experts_implementation="grouped_mm"``, one grouped
-    product per layer over the tokens routed to each expert; float32) meets the batch in
-    ``_grouped_mm``, which has no per-example rule: refused, now naming the setting that is
-    measured exactly, ``"batched_mm"`` (Qwen2-MoE, 4 sequences with padding, as a helper's
-    sweep found it)."""
+    product per layer over the tokens routed to each expert, float32) is measured like any
+    shared computation whose rows are the examples' tokens. Its offsets [E] have one entry per
+    expert; with as many experts as examples (N = E = 4) they were taken for the examples' and
+    the step refused as '_grouped_mm' with no per-example rule — an earlier helper's sweep ran
+    at N = E and this test asserted that refusal, while the same model was exact at every
+    other N (a hunt of 2026-12-05: OLMoE and six more MoE families refused at N = E). Exact at
+    N = E and N = 3, one-shot and in the tracker (Qwen2-MoE, with padding)."""
     torch.manual_seed(0)
     model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
         vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -612,24 +616,34 @@ def test_transformers_default_grouped_experts_are_refused_naming_batched_mm():
     )).float().train()  # fmt: skip
     if model.config._experts_implementation != "grouped_mm":
         pytest.skip("this transformers' default expert kernel is not grouped_mm")
-    ids, mask = _ids(), _mask()
-    with pytest.raises(
-        UnsupportedModuleError, match=r"_grouped_mm.*experts_implementation='batched_mm'"
-    ):
-        with noisescale.per_example_sqnorms(model) as _:
-            model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
-    # The tracker, which sends a module without a rule to the torch.func fallback, did so
-    # here and refused the next step with 'called on input that is not per-example' — the
-    # experts run on routed tokens — naming neither kernel. Refused on its first step now,
-    # naming the setting that works.
+    ids, mask = _ids(n=n), _mask(n=n)
+
+    def losses():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        per_token = F.cross_entropy(
+            logits.reshape(-1, V), ids[:, 1:].reshape(-1), reduction="none"
+        ).view(n, -1)
+        return (per_token * mask[:, 1:]).sum(1)
+
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        losses().sum().backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = torch.stack([
+        sum(g.pow(2).sum() for g in torch.autograd.grad(losses()[i], params) if g is not None)
+        for i in range(n)
+    ])  # fmt: skip
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-5, atol=0)
+    # the tracker (its default source: sub-batches) measures its steps, refusing none
     model.zero_grad()
     tracker = noisescale.GradientNoiseTracker(model)
-    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
-    with pytest.raises(
-        UnsupportedModuleError, match=r"_grouped_mm.*experts_implementation='batched_mm'"
-    ):
-        tracker.step()
-    tracker.remove()
+    try:
+        for _ in range(3):
+            model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+            tracker.step()
+            model.zero_grad()
+        assert len(tracker.history) == 3
+    finally:
+        tracker.remove()
 
 
 @pytest.mark.parametrize("problem", ["multi_label_classification", "regression"])
