@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -870,8 +872,8 @@ def test_a_scripted_part_with_nothing_to_measure_is_measured_around(kind):
 
 
 class _MixedInsideReentrant(nn.Module):
-    """Examples mixed inside a checkpoint(use_reentrant=True), whose backward the audit cannot
-    replay (torch refuses autograd.grad through it)."""
+    """Examples mixed inside a checkpoint(use_reentrant=True), whose backward torch refuses to
+    run under torch.autograd.grad."""
 
     def __init__(self):
         super().__init__()
@@ -882,61 +884,81 @@ class _MixedInsideReentrant(nn.Module):
         return self.head(torch.tanh(h))
 
 
-class _BesideReentrant(nn.Module):
-    """A layer checkpointed with use_reentrant=True between two others, examples mixed just
-    below it (between 'inp' and the checkpoint), just above it, or nowhere; ``reentrant``
-    False runs the same function without the checkpoint (for brute force, which
-    torch.autograd.grad cannot take through it)."""
+def _mixed(h):
+    return h.flip(0) * 0.3 + h
 
-    def __init__(self, mix: str | None):
+
+class _Reentrant(nn.Module):
+    """Layers checkpointed with use_reentrant=True in one of several forms, examples mixed at
+    one place or nowhere; ``reentrant`` False runs the same functions without the checkpoints
+    (for brute force, which torch.autograd.grad cannot take through them)."""
+
+    def __init__(self, form: str, mix: str | None):
         super().__init__()
-        self.inp, self.mid, self.head = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 3)
-        self.mix, self.reentrant = mix, True
+        self.inp, self.mid, self.mid2 = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.ln, self.head = nn.LayerNorm(8), nn.Linear(8, 3)
+        self.form, self.mix, self.reentrant = form, mix, True
+
+    def _ck(self, f, *args):
+        return checkpoint(f, *args, use_reentrant=True) if self.reentrant else f(*args)
+
+    def _at(self, place: str, h):
+        return _mixed(h) if self.mix == place else h
 
     def forward(self, x):
-        h = self.inp(x)
-        if self.mix == "below":
-            h = h.flip(0) * 0.3 + h
-        h = checkpoint(self.mid, h, use_reentrant=True) if self.reentrant else self.mid(h)
-        if self.mix == "above":
-            h = h.flip(0) * 0.3 + h
-        return self.head(torch.tanh(h))
+        h = self._at("below", self.inp(x))
+        if self.form == "one":
+            h = self._ck(lambda t: self._at("inside", self.mid(t)), h)
+        elif self.form == "two in a row":
+            h = self._ck(self.mid, h)
+            h = self._ck(self.mid2, self._at("between", h))
+        elif self.form == "pre-norm residual":
+            h = h + self._ck(lambda t: self._at("inside", self.mid(t)), self.ln(h))
+        elif self.form == "nested":
+            h = self._ck(lambda t: self._ck(self.mid2, self._at("between", self.mid(t))), h)
+        else:  # "two inputs, a skip path"
+            h = self._ck(lambda u, v: self.mid(u) + self.mid2(v), h, h * 2) + self._at("skip", h)
+        return self.head(torch.tanh(self._at("above", h)))
+
+
+_REENTRANT_MIXED = [
+    ("one", "below"), ("one", "inside"), ("one", "above"), ("two in a row", "between"),
+    ("pre-norm residual", "inside"), ("nested", "between"), ("two inputs, a skip path", "skip"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("subbatches", [0, 4])
-@pytest.mark.parametrize(
-    ("mix", "named"),
-    [
-        ("below", "'inp'"),
-        ("above", r"'the output of torch.utils.checkpoint\(use_reentrant=True\)'"),
-    ],
-)
-def test_examples_mixed_beside_a_reentrant_checkpoint_are_refused(mix, named, subbatches):
-    """torch refuses torch.autograd.grad through checkpoint(use_reentrant=True), and the audit's
-    replay of the whole pass failed there: examples mixed right after such a checkpoint or
-    right before it were measured 0.19–0.73 off (0.59–2.2 in a review's model) with only a
-    warning that the pass went unchecked (a review, 2026-12-05). The replays now stop at the
-    checkpoint: its output is compared from above, its input is a frontier below — refused."""
+@pytest.mark.parametrize(("form", "mix"), _REENTRANT_MIXED)
+def test_examples_mixed_at_a_reentrant_checkpoint_are_refused(form, mix, subbatches):
+    """torch refuses to run checkpoint(use_reentrant=True)'s backward under
+    torch.autograd.grad, and the audit's replay failed there, leaving the whole pass unchecked:
+    examples mixed below, inside, above, between two such checkpoints or on a skip path
+    beside one were measured 0.05–2.2x off with a warning alone (2026-12-05, a review). A
+    replay now runs through them (their backward made to compute the inputs' gradients with
+    torch.autograd.grad): refused."""
     torch.manual_seed(0)
-    model = _BesideReentrant(mix)
+    model = _Reentrant(form, mix)
     engine = PerExampleNorms(model, subbatches=subbatches)
     try:
-        with pytest.raises(UnsupportedModuleError, match=f"the rows of {named} do not belong"):
+        with pytest.raises(UnsupportedModuleError, match="audit of this step failed"):
             model(torch.randn(16, 5)).pow(2).sum().backward()
             engine.collect()
     finally:
         engine.remove()
 
 
-def test_a_model_checkpointed_with_use_reentrant_true_is_still_exact():
-    """The replays that stop at a reentrant checkpoint refuse nothing exact: the same model
-    with no examples mixed, measured in both modes against brute force (run without the
-    checkpoint: the same function), and the warning names what went unchecked — the
-    checkpointed function alone."""
+@pytest.mark.parametrize(
+    "form", ["one", "two in a row", "pre-norm residual", "nested", "two inputs, a skip path"]
+)
+def test_a_model_checkpointed_with_use_reentrant_true_is_exact_and_checked(form):
+    """The same forms with no examples mixed: exact in both modes against brute force (run
+    without the checkpoints: the same functions), and checked — no warning that the audit could
+    not replay the backward (a first version of the fix, a review found, refused the pre-norm
+    residual and left two checkpoints in a row unchecked)."""
     from test_subbatch import assert_subbatches_exact, example_sqnorms
 
     torch.manual_seed(0)
-    model, x = _BesideReentrant(None), torch.randn(12, 5)
+    model, x = _Reentrant(form, None), torch.randn(12, 5)
 
     def loss_of_example(i):
         model.reentrant = False
@@ -945,21 +967,60 @@ def test_a_model_checkpointed_with_use_reentrant_true_is_still_exact():
         finally:
             model.reentrant = True
 
-    with pytest.warns(RuntimeWarning, match="inside the checkpointed function and at its input"):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "noisescale", RuntimeWarning)
         with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
             model(x).pow(2).sum().backward()
-    model.zero_grad()
-    want = example_sqnorms(model, loss_of_example, 12)
-    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
-    assert_subbatches_exact(model, lambda: model(x).pow(2).sum(1).mean(), loss_of_example, 12)
+        model.zero_grad()
+        want = example_sqnorms(model, loss_of_example, 12)
+        torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+        assert_subbatches_exact(model, lambda: model(x).pow(2).sum(1).mean(), loss_of_example, 12)
+
+
+class _FrozenBelowReentrant(nn.Module):
+    """A frozen first layer (LoRA's frozen base), then a checkpoint(use_reentrant=True) whose
+    function mixes examples after its one layer: no hooked layer below it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mid, self.head = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.inp.requires_grad_(False)
+
+    def forward(self, x):
+        h = self.inp(x).requires_grad_()  # (as transformers' enable_input_require_grads does)
+        h = checkpoint(lambda t: _mixed(self.mid(t)), h, use_reentrant=True)
+        return self.head(torch.tanh(h))
+
+
+def test_examples_mixed_inside_a_reentrant_checkpoint_with_no_layer_below_are_refused():
+    """The layers inside a reentrant checkpoint are hooked in the backward's own recomputation,
+    which no replay reaches; what the checkpoint's input receives is compared instead — with no
+    hooked layer below, the only place examples mixed inside show (0.2–0.44 off without a
+    word before, a review)."""
+    torch.manual_seed(0)
+    model = _FrozenBelowReentrant()
+    engine = PerExampleNorms(model, subbatches=0)
+    try:
+        with pytest.raises(
+            UnsupportedModuleError,
+            match=r"the rows of 'the input of torch.utils.checkpoint\(use_reentrant=True\)'",
+        ):
+            model(torch.randn(16, 5)).pow(2).sum().backward()
+            engine.collect()
+    finally:
+        engine.remove()
 
 
 @pytest.mark.parametrize("build", [_Checkpointed, _MixedInsideReentrant])
-def test_an_audit_that_could_not_replay_the_backward_says_so(build):
+def test_an_audit_that_could_not_replay_the_backward_says_so(build, monkeypatch):
     """An audit that could not replay a pass's backward left the rows' attribution unchecked
     and said so only in the engine's internal log: examples mixed inside a reentrant
-    checkpoint were measured 0.6% off without a word (a review, 2026-12-05). The tracker now
-    warns once, naming use_reentrant=False."""
+    checkpoint were measured 0.6% off without a word (a review, 2026-12-05). The tracker warns
+    once, naming use_reentrant=False. (Replays run through reentrant checkpoints since; a torch
+    whose checkpoint is built otherwise still fails there — as here, with that disabled.)"""
+    from noisescale.per_example import audit
+
+    monkeypatch.setattr(audit, "_through_reentrant_checkpoints", lambda active: nullcontext())
     torch.manual_seed(0)
     model = build()
     tracker = noisescale.GradientNoiseTracker(model, loss_reduction="sum")

@@ -399,8 +399,8 @@ def test_a_square_state_beside_a_reentrant_checkpoint_is_exact_or_refused(form):
     """The forms the audit decides at N = L·D = 2 (the search loses the examples' dimension)
     with a checkpoint(use_reentrant=True) after the layer: the audit's replay failed at the
     checkpoint and left the whole pass unchecked, and they were measured 1e-4 to 7e-4 off with
-    only the warning (2026-12-05). The replays stop at the checkpoint now and check the rest:
-    refused, and the exact forms still exact."""
+    only the warning (2026-12-05). The replays run through the checkpoint now: refused, and
+    the exact forms still exact."""
     torch.manual_seed(0)
     model = _SharedByLayersThenReentrant(form)
     engine = PerExampleNorms(model, subbatches=0)

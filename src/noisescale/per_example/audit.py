@@ -35,7 +35,9 @@ inside such a model directly from an inner activation (bypassing them) then show
 A tensor taken for each example's rows in turn (the examples flattened together with positions, a
 shared table repeated over them) that no replay was compared with — the frontier of such a replay,
 or a pass whose backward could not be replayed — is reported as unverified: its rows' order has no
-other proof.
+other proof. A replay runs through ``torch.utils.checkpoint(use_reentrant=True)``, whose backward
+torch refuses to run under ``torch.autograd.grad`` (:func:`_through_reentrant_checkpoints`), and
+compares what each such checkpoint's input receives (:meth:`PassAudit._checkpoint_inputs`).
 
 **A user's rule** (:meth:`PassAudit.check_rule`). Coverage sees only the sum of a rule's factors
 over the examples; a rule of the user's is also checked for its split among them: the layer's own
@@ -51,6 +53,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -233,7 +236,9 @@ class PassAudit:
         )
         self.targets: list[_Target] = []
         self.roots: list[_Target] = []
-        self._checkpoints: set[int] = set()  # reentrant checkpoints' nodes given targets
+        # reentrant checkpoints' nodes (by key) met by a replay, and the targets made on their
+        # inputs (_checkpoint_inputs)
+        self._checkpoints: dict[int, list[_Target]] = {}
         self._handles: list[Any] = []
         self._grad: dict[int, tuple[Tensor, Tensor]] = {}  # pid -> (|G|², projections)
         self._sums: dict[int, Tensor] = {}  # pid -> projections of Σ factors
@@ -371,22 +376,22 @@ class PassAudit:
             return
         # The targets' nodes, found again below the replay's own: a target no walk from it
         # reaches is one autograd.grad would answer None for (allow_unused), and stays so
-        found, shadowed, checkpoints = _find_nodes(node, {t.node for t in pending})
+        found, checkpoints = _find_nodes(node, {t.node for t in pending})
         pending = [t for t in pending if t.node in found]
         for checkpoint in checkpoints:
-            # the checkpoint's output is checked as a layer's is: replays from above capture
-            # its gradient without running the checkpoint's backward
-            pending.extend(self._checkpoint_targets(checkpoint, found, shadowed))
-        if shadowed:
-            # torch refuses autograd.grad through a checkpoint(use_reentrant=True): the targets
-            # below one are left to replays of their own, launched when the backward reaches
-            # them (as a frontier's are), and only the checkpointed part and its input go
-            # unchecked (until 2026-12-05 the whole pass did: examples mixed after such a
-            # checkpoint were measured 0.59–2.23× off with a warning alone, a review)
-            pending = [t for t in pending if t.node not in shadowed]
-            self.unverified = self.unverified or _REENTRANT_UNREPLAYED
+            pending.extend(
+                t for t in self._checkpoint_inputs(checkpoint, found) if t not in pending
+            )
         edge = GradientEdge(node, output_nr)
-        inputs = [GradientEdge(found[t.node], t.output_nr) for t in pending]
+        # one input per edge: torch.autograd.grad given an edge twice captures it twice into
+        # one slot, and each of its targets read twice its gradient (a checkpoint's input that
+        # is a layer's output, 2026-12-05)
+        slot: dict[tuple[int, int], int] = {}
+        inputs = []
+        for t in pending:
+            if slot.setdefault((t.node, t.output_nr), len(inputs)) == len(inputs):
+                inputs.append(GradientEdge(found[t.node], t.output_nr))
+        at = [slot[t.node, t.output_nr] for t in pending]
         if not inputs:
             return
         # torch.autograd.grad leaves every .grad alone, but a custom Function whose backward
@@ -405,8 +410,8 @@ class PassAudit:
         # a layer's output read as rows not the examples' (2026-12-05, a helper's hunt).
         seen: dict[int, Tensor] = {}
         watches = []
-        for i, (t, e) in enumerate(zip(pending, inputs, strict=True)):
-            nr = t.output_nr
+        for i, e in enumerate(inputs):
+            nr = e.output_nr
 
             def received(grads: tuple, i: int = i, nr: int = nr) -> None:
                 if nr < len(grads) and grads[nr] is not None:
@@ -414,13 +419,13 @@ class PassAudit:
 
             watches.append(e.node.register_prehook(received))
         try:
-            with replaying():
-                got = torch.autograd.grad(
+            with replaying(), _through_reentrant_checkpoints(bool(checkpoints)):
+                captured = torch.autograd.grad(
                     [edge], inputs, [grad], retain_graph=True, allow_unused=True
                 )
-            got = tuple(seen.get(i, g) for i, g in enumerate(got))
+            got = tuple(seen.get(i, captured[i]) for i in at)
         except RuntimeError as err:
-            # e.g. torch.utils.checkpoint(use_reentrant=True) refuses torch.autograd.grad
+            # (a replay that cannot run: a reentrant checkpoint of a torch built otherwise)
             self._not_replayed(str(err))
             return
         finally:
@@ -440,40 +445,32 @@ class PassAudit:
                 p = self._projection(target, g)
                 target.got = p if target.got is None else target.got + p
 
-    def _checkpoint_targets(
-        self, node: Any, found: dict[int, Any], shadowed: set[int]
-    ) -> list[_Target]:
-        """The targets on a reentrant checkpoint's node ``node``, met by a replay, that a
-        replay from above it can still compare: made the first time it is met, on each of its
-        outputs and each of its inputs' edges whose dim 0 — and no other dimension — has the
-        batch's size. An output's gradient a replay from above captures without running the
-        checkpoint's backward (the edge between the layers above and the checkpointed
-        function); an input's is a frontier below it, whose own replay checks the layers
-        below (the edge between them and the checkpoint). What runs inside it stays
-        unchecked. (A dimension of the batch's size other than dim 0 could be the examples':
-        such a tensor is left unchecked too.)"""
+    def _checkpoint_inputs(self, node: Any, found: dict[int, Any]) -> list[_Target]:
+        """Targets, made the first time a replay meets reentrant checkpoint ``node``, on the
+        edges to its inputs whose dim 0 — and no other dimension — has the batch's size (and
+        no target yet): the layers inside were hooked in the backward's own recomputation, a
+        graph no replay reaches (a replay recomputes the function again:
+        :func:`_through_reentrant_checkpoints`), so examples mixed inside, above the first of
+        them, show only in what the function's input receives (with no hooked layer below,
+        nowhere else: a frozen first layer, a review). The replays capture it from above as
+        any target's."""
         key = _node_key(node)
-        if key in shadowed:
-            return []
-        if key not in self._checkpoints:
-            self._checkpoints.add(key)
-            label = "torch.utils.checkpoint(use_reentrant=True)"
-            for nr in range(len(getattr(node, "_input_metadata", ()))):
-                if self._batch_first(_metadata_shape(node, nr)):
-                    self.add_target(GradientEdge(node, nr), 0, None, f"the output of {label}")
+        made = self._checkpoints.get(key)
+        if made is None:
+            made = self._checkpoints[key] = []
+            taken = {(t.node, t.output_nr) for t in self.targets}
+            label = "the input of torch.utils.checkpoint(use_reentrant=True)"
             for child, nr in node.next_functions:
-                if (
-                    child is not None
-                    and type(child).__name__ != "AccumulateGrad"
-                    and self._batch_first(_metadata_shape(child, nr))
-                ):
-                    self.add_target(GradientEdge(child, nr), 0, None, f"the input of {label}")
-        found[key] = node
-        return [t for t in self.targets if t.node == key and not t.compared]
-
-    def _batch_first(self, shape: tuple[int, ...] | None) -> bool:
-        """Whether a tensor of ``shape`` has the batch's size along dim 0 and no other."""
-        return bool(shape) and shape[0] == self.n and self.n not in shape[1:]  # type: ignore[index]
+                shape = _node_output_shape(child, nr)
+                if not shape or shape[0] != self.n or self.n in shape[1:]:
+                    continue
+                if (_node_key(child), nr) not in taken:
+                    self.add_target(GradientEdge(child, nr), 0, None, label)
+                    made.append(self.targets[-1])
+        for child, _ in node.next_functions:
+            if child is not None and _key_of(child) is not None:
+                found[_key_of(child)] = child
+        return [t for t in made if not t.compared]
 
     def _not_replayed(self, why: str) -> None:
         """The backward could not be replayed: the pass is unverified, as reported."""
@@ -722,7 +719,7 @@ def _running_node() -> Any:
     return torch._C._current_autograd_node()
 
 
-def _metadata_shape(node: Any, nr: int) -> tuple[int, ...] | None:
+def _node_output_shape(node: Any, nr: int) -> tuple[int, ...] | None:
     """The shape of output ``nr`` of autograd node ``node``'s forward (None if unknown)."""
     try:
         return tuple(int(x) for x in node._input_metadata[nr].shape)
@@ -730,51 +727,98 @@ def _metadata_shape(node: Any, nr: int) -> tuple[int, ...] | None:
         return None
 
 
-def _find_nodes(start: Any, keys: set[int]) -> tuple[dict[int, Any], set[int], list[Any]]:
+def _find_nodes(start: Any, keys: set[int]) -> tuple[dict[int, Any], list[Any]]:
     """The nodes of ``keys`` that ``start`` or the nodes below it are (autograd's next
     functions, as a backward from ``start`` follows them): where the audit finds its targets
-    again at a replay, held by key until then (:class:`_Target`); and the keys of those below
-    a reentrant checkpoint's node (``torch.utils.checkpoint(use_reentrant=True)``, whose
-    backward refuses to run under ``torch.autograd.grad``), which a replay from ``start``
-    cannot reach; and those checkpoints' nodes. Walks the whole graph below ``start``, once per
-    replay (an audited pass's): a checkpoint met after every target was found may still lie
-    on another path to one of them."""
+    again at a replay, held by key until then (:class:`_Target`); and the reentrant
+    checkpoints' nodes among those below (:func:`_through_reentrant_checkpoints`). Walks the
+    whole graph below ``start``, once per replay (an audited pass's)."""
     found: dict[int, Any] = {}
     seen = {id(start)}
     queue = [start]  # (holds each node's Python object: an id is one node's for the walk)
-    checkpoints: list[Any] = []
+    reentrant: list[Any] = []
     for node in queue:
         key = _key_of(node)
         if key in keys:
             found[key] = node
         if type(node).__name__ == _REENTRANT_NODE:
-            checkpoints.append(node)
+            reentrant.append(node)
         for child, _ in node.next_functions:
             if child is not None and id(child) not in seen:
                 seen.add(id(child))
                 queue.append(child)
-    shadowed: set[int] = set()
-    if checkpoints:
-        below = [c for node in checkpoints for c, _ in node.next_functions if c is not None]
-        walked = {id(node) for node in below}
-        for node in below:
-            key = _key_of(node)
-            if key in found:
-                shadowed.add(key)
-            for child, _ in node.next_functions:
-                if child is not None and id(child) not in walked:
-                    walked.add(id(child))
-                    below.append(child)
-    return found, shadowed, checkpoints
+    return found, reentrant
 
 
-# The node of torch.utils.checkpoint(use_reentrant=True) (its autograd.Function's backward)
+# -- a replay through torch.utils.checkpoint(use_reentrant=True) ------------------------------
+#
+# Its backward recomputes the checkpointed function and backpropagates the recomputed graph with
+# torch.autograd.backward, accumulating into every leaf it reaches — the parameters used inside
+# included —, and reads its inputs' gradients from their .grad. Under torch.autograd.grad it
+# refuses to run (torch.autograd._is_checkpoint_valid), so a replay that met one failed and the
+# whole pass went unchecked (until 2026-12-05: examples mixed before, after or inside such a
+# checkpoint measured 0.05–2.2x off with a warning alone; a review). During a replay, on the
+# replaying thread, the check passes and that one torch.autograd.backward is run as
+# torch.autograd.grad to the checkpoint's detached inputs (recorded from
+# torch.utils.checkpoint.detach_variable, called just before it): nothing is accumulated into
+# the parameters inside, no hook of theirs runs (DDP's, a user's), and the replay goes on below
+# the checkpoint with the gradients of its inputs, as through any node. Where torch's
+# checkpoint is not built this way (another torch), the replay fails as before: unverified.
+
 _REENTRANT_NODE = "CheckpointFunctionBackward"
-_REENTRANT_UNREPLAYED = (
-    "the attribution check could not replay the backward through "
-    "torch.utils.checkpoint(use_reentrant=True), which refuses torch.autograd.grad: inside the "
-    "checkpointed function and at its input"
-)
+_REENTRANT = threading.local()
+
+
+@contextmanager
+def _through_reentrant_checkpoints(active: bool) -> Iterator[None]:
+    """Let a replay on this thread run through reentrant checkpoints (see the notes above)."""
+    if not active:
+        yield
+        return
+    import torch.utils.checkpoint as ckpt
+
+    state = _REENTRANT
+    if getattr(state, "detached", None) is not None:  # (a replay inside a replay)
+        yield
+        return
+    valid, detach, backward = (
+        torch.autograd._is_checkpoint_valid,
+        ckpt.detach_variable,
+        torch.autograd.backward,
+    )
+    state.detached = []
+
+    def is_valid() -> bool:
+        return getattr(_REENTRANT, "detached", None) is not None or valid()
+
+    def detach_variable(inputs: tuple) -> tuple:
+        out = detach(inputs)
+        if getattr(_REENTRANT, "detached", None) is not None:
+            _REENTRANT.detached.append(out)
+        return out
+
+    def run_backward(tensors: Any, grad_tensors: Any = None, *args: Any, **kwargs: Any) -> None:
+        stack = getattr(_REENTRANT, "detached", None)
+        if not stack or args or set(kwargs) - {"retain_graph", "create_graph"}:
+            return backward(tensors, grad_tensors, *args, **kwargs)
+        leaves = [t for t in stack.pop() if isinstance(t, Tensor) and t.requires_grad]
+        if not leaves:
+            return None
+        grads = torch.autograd.grad(tensors, leaves, grad_tensors, allow_unused=True, **kwargs)
+        for leaf, g in zip(leaves, grads, strict=True):
+            leaf.grad = g
+        return None
+
+    torch.autograd._is_checkpoint_valid = is_valid
+    ckpt.detach_variable = detach_variable
+    torch.autograd.backward = run_backward
+    try:
+        yield
+    finally:
+        torch.autograd._is_checkpoint_valid = valid
+        ckpt.detach_variable = detach
+        torch.autograd.backward = backward
+        state.detached = None
 
 
 _REPLAYS = [0]

@@ -688,15 +688,10 @@ _UNREPLAYED = "the attribution check could not replay the backward"
 
 
 def _unreplayed_warning(why: str) -> str:
-    where = (
-        "there"
-        if why.startswith(_UNREPLAYED + " through torch.utils.checkpoint")
-        else "on this structure, anywhere in its pass"
-    )
     return (
         f"noisescale: {why}, so which example each row of the model's activations belongs to "
-        f"was not checked {where} (examples mixed by the model there would be measured without "
-        "a further word). Where it is activation checkpointing, "
+        "was not checked on this structure, anywhere in its pass (examples mixed by the model "
+        "would be measured without a further word). Where it is activation checkpointing, "
         "torch.utils.checkpoint(..., use_reentrant=False) (in transformers: "
         "gradient_checkpointing_kwargs={'use_reentrant': False}) lets the audit check it"
     )
