@@ -427,6 +427,20 @@ def _meet(
             return _elementwise(
                 func, args, kwargs, origin, pass_, tuple(out_shape), note_rows=constants
             )
+    if name == "__setitem__" and dim == 0 and _masked_assignment(args, n):
+        # x[mask] = s: a shared value written into the positions a per-example boolean mask
+        # picks (SpecAugment's learned vector in wav2vec2-style models, on by default in
+        # training: hidden_states[mask_time_indices] = self.masked_spec_embed) — where(mask, s,
+        # x) written back into x, s expanded over the examples and met there like any
+        # elementwise operand (each example's gradient of s: its masked positions' rows)
+        target, mask, value = args
+        mask = mask.reshape(*mask.shape, *(1,) * (target.dim() - mask.dim()))
+        result = _elementwise(
+            torch.where, (mask, value, target), {}, origin, pass_, tuple(target.shape)
+        )
+        with torch._C.DisableTorchFunctionSubclass():
+            target.copy_(result)
+        return None
     if batched and inspect.isfunction(func):
         # a function written in Python (F.multi_head_attention_forward, …) dispatches once on
         # all its tensors: run its body, whose operations are then seen one by one
@@ -442,6 +456,32 @@ def _meet(
     elif name == "repeat" and args and _repeat_broadcasts(args, kwargs):
         result = _broadcast_of(result, args[0])
     return result
+
+
+def _masked_assignment(args: tuple, n: int) -> bool:
+    """``x[mask] = s``: ``x`` a per-example tensor (not shared), ``mask`` a boolean tensor of
+    its leading dimensions (the examples' first), ``s`` a shared tensor that broadcasts over
+    the positions' trailing dimensions."""
+    if len(args) != 3:
+        return False
+    target, mask, value = args
+    if (
+        not isinstance(value, SharedTensor)
+        or not isinstance(target, Tensor)
+        or isinstance(target, SharedTensor)
+        or not isinstance(mask, Tensor)
+        or isinstance(mask, SharedTensor)
+        or mask.dtype != torch.bool
+        or not 0 < mask.dim() <= target.dim()
+        or tuple(mask.shape) != tuple(target.shape[: mask.dim()])
+        or target.shape[0] != n
+    ):
+        return False
+    trailing = tuple(target.shape[mask.dim() :])
+    try:
+        return torch.broadcast_shapes(tuple(value.shape), trailing) == trailing
+    except RuntimeError:
+        return False
 
 
 def _note_row_meeting(pass_: PassNorms, result: Tensor, origin: Origin, dim: int) -> None:
