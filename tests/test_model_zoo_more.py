@@ -336,6 +336,28 @@ def test_specaugment_s_learned_mask_vector_in_training_is_exact(family):
     assert len(history) == 3 and not [s for s in said if "noisescale" in s]
 
 
+def test_encodec_s_weight_normed_transposed_convolutions_are_exact():
+    """Encodec (its default norm_type='weight_norm'): the decoder's upsampling layers are
+    weight-normed ConvTranspose1d, whose parametrized weight meets the batch in
+    F.conv_transpose1d — withheld for the fallback, then refused every step naming the
+    parametrization's input, which it has none of (a hunt, 2026-12-05). Measured as the
+    convolution it is the adjoint of: exact per example and by sub-batch, through the
+    encoder's convolutions, its time-major LSTM and the quantizer's straight-through."""
+    from test_subbatch import assert_exact_both_modes
+
+    torch.manual_seed(0)
+    model = transformers.EncodecModel(transformers.EncodecConfig(
+        audio_channels=1, hidden_size=8, num_filters=4, num_residual_layers=1,
+        upsampling_ratios=[2, 2], codebook_size=16, codebook_dim=8, num_lstm_layers=1,
+        kernel_size=3, last_kernel_size=3, residual_kernel_size=3, target_bandwidths=[1.5],
+        sampling_rate=100, norm_type="weight_norm", use_causal_conv=True,
+    ))  # fmt: skip
+    x = torch.randn(N, 1, 64, generator=torch.Generator().manual_seed(2))
+    assert_exact_both_modes(
+        model, lambda: model(input_values=x).audio_values.pow(2).flatten(1).sum(1), N, k=2
+    )
+
+
 @pytest.mark.parametrize("path", ["chosen", "products"])
 def test_a_layer_scale_in_a_layer_transformers_recomputes(path, monkeypatch):
     """BEiT's layer scale is a parameter multiplied in, in the layer whose ``forward``

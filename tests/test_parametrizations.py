@@ -45,6 +45,16 @@ CASES = {
         _head(parametrizations.weight_norm(nn.Conv1d(4, 4, 3, padding=1, groups=2), dim=2), 24),
         (N, 4, 6),
     ),
+    # (parametrized transposed convolutions meet the batch in F.conv_transposeNd: refused
+    # before, Encodec's weight-normed decoder with them, a hunt of 2026-12-05)
+    "weight_norm ConvTranspose1d, stride 2, output_padding (Encodec)": lambda: _transposed(
+        nn.ConvTranspose1d(4, 4, 3, stride=2, padding=1, output_padding=1), (N, 4, 6)
+    ),
+    "weight_norm ConvTranspose2d, groups, dilation, dim=1": lambda: _transposed(
+        nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2, dilation=2),
+        (N, 4, 4, 4),
+        dim=1,
+    ),
     "spectral_norm Linear, eval": lambda: (
         _head(parametrizations.spectral_norm(nn.Linear(5, 5)), 5).eval(),
         (N, 5),
@@ -59,6 +69,11 @@ CASES = {
         (N, 5),
     ),
 }
+
+
+def _transposed(layer: nn.Module, shape: tuple, dim: int = 0):
+    width = layer(torch.zeros(shape)).numel() // shape[0]
+    return _head(parametrizations.weight_norm(layer, dim=dim), width), shape
 
 
 def _registered(module, name, parametrization):

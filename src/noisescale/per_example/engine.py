@@ -2487,7 +2487,12 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             if rows is not None:
                 xx, g = x.index_select(0, rows), grad.index_select(0, rows)
             spec = meeting.extra["spec"]
-            facs = conv.factors(spec, xx, g)
+            if meeting.extra.get("transposed"):
+                # (the adjoint convolution, δ to x: conv.transposed_factors' rule)
+                facs = conv.factors(spec, g, xx)
+                facs["bias"] = DenseFactor(g.reshape(g.shape[0], g.shape[1], -1).sum(2))
+            else:
+                facs = conv.factors(spec, xx, g)
             for route, role, data in meeting.extra["routes"]:
                 factor = facs[role]
                 self._route(

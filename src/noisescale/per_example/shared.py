@@ -210,6 +210,7 @@ _EXPAND_NAMES = {"expand", "expand_as", "broadcast_to"}
 _LINEAR = {F.linear, torch._C._nn.linear}
 _MATMUL_NAMES = {"matmul", "__matmul__", "mm", "bmm"}
 _CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_CONV_TRANSPOSE = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
 _NORM = {F.layer_norm, F.group_norm, F.batch_norm, getattr(F, "rms_norm", None)} - {None}
 
 
@@ -367,6 +368,8 @@ def _meet(
             return _embedding_bag(bags, origin, pass_, key)
     if func in _CONV and batched:
         return _conv(func, args, kwargs, origin, pass_, n, dim)
+    if func in _CONV_TRANSPOSE and batched:
+        return _conv(func, args, kwargs, origin, pass_, n, dim, transposed=True)
     if func in _NORM and batched:
         return _norm(func, args, kwargs, origin, pass_)
     if func is F.scaled_dot_product_attention and batched:
@@ -951,9 +954,24 @@ class _ConvSpec:
 
 
 def _conv(
-    func: Any, args: tuple, kwargs: dict, origin: Origin, pass_: PassNorms, n: int, dim: int
+    func: Any,
+    args: tuple,
+    kwargs: dict,
+    origin: Origin,
+    pass_: PassNorms,
+    n: int,
+    dim: int,
+    transposed: bool = False,
 ) -> Any:
+    """A convolution of per-example input with a shared weight (a parametrized layer's:
+    weight_norm, spectral_norm). ``transposed``: F.conv_transposeNd, measured as the
+    convolution it is the adjoint of, input and output gradient exchanged (conv.py's rule for
+    nn.ConvTransposeNd; Encodec's weight-normed decoder was refused, a hunt of 2026-12-05),
+    its spec without the bias (Σ of the output gradient over positions, the engine's)."""
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    if transposed:
+        names = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups")
+        names += ("dilation",)
     bound = dict(zip(names, args, strict=False))
     bound.update(kwargs)
     x, w = bound["input"], bound["weight"]
@@ -963,8 +981,8 @@ def _conv(
         y = func(**{k: _plain(v) if isinstance(v, Tensor) else v for k, v in bound.items()})
     spec = _ConvSpec(
         w,
-        bound.get("bias"),
-        _CONV[func],
+        None if transposed else bound.get("bias"),
+        (_CONV_TRANSPOSE if transposed else _CONV)[func],
         bound.get("stride", 1),
         bound.get("padding", 0),
         bound.get("dilation", 1),
@@ -972,7 +990,7 @@ def _conv(
     )
     m = Meeting("conv", None, origin, hooked=y)
     m.box.append(x.detach())
-    m.extra.update(spec=spec, weight=w, bias=bound.get("bias"), dim=dim)
+    m.extra.update(spec=spec, weight=w, bias=bound.get("bias"), dim=dim, transposed=transposed)
     origin.engine.add_meeting(pass_, m)
     return y
 
