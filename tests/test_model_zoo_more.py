@@ -672,9 +672,11 @@ def test_transformers_default_grouped_experts_are_exact_with_as_many_experts_as_
     shared computation whose rows are the examples' tokens. Its offsets [E] have one entry per
     expert; with as many experts as examples (N = E = 4) they were taken for the examples' and
     the step refused as '_grouped_mm' with no per-example rule — an earlier helper's sweep ran
-    at N = E and this test asserted that refusal, while the same model was exact at every
-    other N (a hunt of 2026-12-05: OLMoE and six more MoE families refused at N = E). Exact at
-    N = E and N = 3, one-shot and in the tracker (Qwen2-MoE, with padding)."""
+    at N = E and this test asserted that refusal, while the same model was exact at the other
+    N it tried (a hunt of 2026-12-05: OLMoE and six more MoE families refused at N = E). Exact
+    at N = E and N = 3, one-shot and in the tracker (Qwen2-MoE, with padding). (Still refused:
+    routed tokens that number exactly N — one-token sequences, top-1 — taken for the
+    examples' rows, sorted by expert.)"""
     torch.manual_seed(0)
     model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
         vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,

@@ -182,3 +182,25 @@ def test_the_wav2vec2_family_with_its_weight_normed_position_convolution(family)
         return F.cross_entropy(model(input_values=x).logits, y, reduction="none")
 
     _assert_exact(model, losses, preconditioned=False)
+
+
+@pytest.mark.parametrize("parametrized", [True, False])
+def test_a_transposed_convolution_with_output_padding_not_below_its_stride_is_refused(
+    parametrized,
+):
+    """torch allows a transposed convolution's output_padding up to its dilation; at or above
+    its stride the adjoint convolution has more positions than the input, and the rule's
+    factors crashed on the size mismatch (a review, 2026-12-05): refused naming it, for the
+    module (at the tracker's creation) and for a parametrized weight (at the forward)."""
+    from noisescale.per_example import PerExampleNorms
+
+    torch.manual_seed(0)
+    layer = nn.ConvTranspose1d(3, 4, 3, stride=1, padding=1, output_padding=1, dilation=2)
+    model = _head(parametrizations.weight_norm(layer) if parametrized else layer, 4 * 7)
+    with pytest.raises(UnsupportedModuleError, match=r"output_padding \[1\] not below its stride"):
+        engine = PerExampleNorms(model)
+        try:
+            model(torch.randn(N, 3, 6)).pow(2).sum().backward()
+            engine.collect()
+        finally:
+            engine.remove()

@@ -326,6 +326,27 @@ def check_transposed(module: nn.Module, name: str) -> None:
             "noisescale's rule for transposed convolutions assumes zero padding. Use "
             "per_example=False"
         )
+    check_output_padding(module.stride, module.output_padding, f"module '{name}'")
+
+
+def check_output_padding(stride: Any, output_padding: Any, what: str) -> None:
+    """The adjoint convolution of a transposed one has L_in + ⌊output_padding/stride⌋
+    positions per dimension: with ``output_padding`` ≥ ``stride`` (torch allows it below the
+    dilation) more than the input's, and the rule does not hold — refused (the factors
+    crashed on a size mismatch, a review, 2026-12-05)."""
+    strides = tuple(stride) if isinstance(stride, list | tuple) else (stride,)
+    pads = tuple(output_padding) if isinstance(output_padding, list | tuple) else (output_padding,)
+    if len(pads) == 1 and len(strides) > 1:
+        pads = pads * len(strides)
+    if len(strides) == 1 and len(pads) > 1:
+        strides = strides * len(pads)
+    if any(int(p) >= int(st) for p, st in zip(pads, strides, strict=False)):
+        raise UnsupportedModuleError(
+            f"{what} is a transposed convolution with output_padding {list(pads)} not below its "
+            f"stride {list(strides)} (torch allows it below the dilation): noisescale's rule, "
+            "the adjoint convolution's, does not cover the extra output positions. Use an "
+            "output_padding below the stride (or crop the output), or per_example=False"
+        )
 
 
 def transposed_factors(module: ConvTransposeNd, x: Tensor, d: Tensor) -> dict[str, Factor]:

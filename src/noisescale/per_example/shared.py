@@ -977,6 +977,13 @@ def _conv(
     x, w = bound["input"], bound["weight"]
     if isinstance(x, SharedTensor) or dim != 0:
         return _unsupported(func, args, kwargs, origin, pass_)
+    if transposed:
+        from noisescale.per_example.conv import check_output_padding
+
+        labels = ", ".join(sorted(s.label for s in origin.sources))
+        check_output_padding(
+            bound.get("stride", 1), bound.get("output_padding", 0), f"'{_name(func)}' of {labels}"
+        )
     with torch._C.DisableTorchFunctionSubclass():
         y = func(**{k: _plain(v) if isinstance(v, Tensor) else v for k, v in bound.items()})
     spec = _ConvSpec(
