@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import warnings
 import weakref
-from contextlib import nullcontext
 
 import pytest
 import torch
@@ -916,6 +915,10 @@ class _Reentrant(nn.Module):
             h = h + self._ck(lambda t: self._at("inside", self.mid(t)), self.ln(h))
         elif self.form == "nested":
             h = self._ck(lambda t: self._ck(self.mid2, self._at("between", self.mid(t))), h)
+        elif self.form == "a frozen input's branch":
+            # c: a frozen encoder's output (no grad), read by a layer inside the checkpoint
+            c = self.inp(x).detach()
+            h = self._ck(lambda u, v: self.mid(u) + self._at("branch", self.mid2(v)), h, c)
         else:  # "two inputs, a skip path"
             h = self._ck(lambda u, v: self.mid(u) + self.mid2(v), h, h * 2) + self._at("skip", h)
         return self.head(torch.tanh(self._at("above", h)))
@@ -924,6 +927,7 @@ class _Reentrant(nn.Module):
 _REENTRANT_MIXED = [
     ("one", "below"), ("one", "inside"), ("one", "above"), ("two in a row", "between"),
     ("pre-norm residual", "inside"), ("nested", "between"), ("two inputs, a skip path", "skip"),
+    ("a frozen input's branch", "branch"),
 ]  # fmt: skip
 
 
@@ -935,7 +939,10 @@ def test_examples_mixed_at_a_reentrant_checkpoint_are_refused(form, mix, subbatc
     examples mixed below, inside, above, between two such checkpoints or on a skip path
     beside one were measured 0.05–2.2x off with a warning alone (2026-12-05, a review). A
     replay now runs through them (their backward made to compute the inputs' gradients with
-    torch.autograd.grad): refused."""
+    torch.autograd.grad), and the layers hooked in the backward's own recomputation are
+    compared from the recomputed outputs (examples mixed on a branch inside that reaches no
+    input requiring grad — a frozen encoder's states — were measured 0.16–0.51 off without a
+    word by the first version, a review): refused."""
     torch.manual_seed(0)
     model = _Reentrant(form, mix)
     engine = PerExampleNorms(model, subbatches=subbatches)
@@ -948,8 +955,12 @@ def test_examples_mixed_at_a_reentrant_checkpoint_are_refused(form, mix, subbatc
 
 
 @pytest.mark.parametrize(
-    "form", ["one", "two in a row", "pre-norm residual", "nested", "two inputs, a skip path"]
-)
+    "form",
+    [
+        "one", "two in a row", "pre-norm residual", "nested", "two inputs, a skip path",
+        "a frozen input's branch",
+    ],
+)  # fmt: skip
 def test_a_model_checkpointed_with_use_reentrant_true_is_exact_and_checked(form):
     """The same forms with no examples mixed: exact in both modes against brute force (run
     without the checkpoints: the same functions), and checked — no warning that the audit could
@@ -994,16 +1005,16 @@ class _FrozenBelowReentrant(nn.Module):
 
 def test_examples_mixed_inside_a_reentrant_checkpoint_with_no_layer_below_are_refused():
     """The layers inside a reentrant checkpoint are hooked in the backward's own recomputation,
-    which no replay reaches; what the checkpoint's input receives is compared instead — with no
-    hooked layer below, the only place examples mixed inside show (0.2–0.44 off without a
-    word before, a review)."""
+    compared from its recomputed outputs; what the checkpoint's input receives is compared too
+    — with no hooked layer below, the only other place examples mixed inside show (0.2–0.44
+    off without a word before, a review)."""
     torch.manual_seed(0)
     model = _FrozenBelowReentrant()
     engine = PerExampleNorms(model, subbatches=0)
     try:
         with pytest.raises(
             UnsupportedModuleError,
-            match=r"the rows of 'the input of torch.utils.checkpoint\(use_reentrant=True\)'",
+            match=r"the rows of 'mid', 'the input of torch.utils.checkpoint\(use_reentrant=True\)'",
         ):
             model(torch.randn(16, 5)).pow(2).sum().backward()
             engine.collect()
@@ -1020,7 +1031,7 @@ def test_an_audit_that_could_not_replay_the_backward_says_so(build, monkeypatch)
     whose checkpoint is built otherwise still fails there — as here, with that disabled.)"""
     from noisescale.per_example import audit
 
-    monkeypatch.setattr(audit, "_through_reentrant_checkpoints", lambda active: nullcontext())
+    monkeypatch.setattr(audit, "_replaying_here", lambda: False)
     torch.manual_seed(0)
     model = build()
     tracker = noisescale.GradientNoiseTracker(model, loss_reduction="sum")
@@ -1035,3 +1046,35 @@ def test_an_audit_that_could_not_replay_the_backward_says_so(build, monkeypatch)
         assert "was not checked" in str(unreplayed[0].message)
     finally:
         tracker.remove()
+
+
+class _NormInsideReentrant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.head = nn.Linear(5, 8), nn.Linear(8, 3)
+        self.norm = nn.InstanceNorm1d(8, affine=True, track_running_stats=True)
+
+    def forward(self, x):
+        h = self.inp(x).view(-1, 8, 1).expand(-1, 8, 4)
+        h = checkpoint(self.norm, h, use_reentrant=True)
+        return self.head(h.mean(-1))
+
+
+def test_an_audit_s_replay_through_a_reentrant_checkpoint_leaves_buffers_as_they_were():
+    """A replay through a reentrant checkpoint runs its forward once more: an InstanceNorm's
+    running statistics inside were updated once more on every audited step (a review); they
+    are put back after the replay — the same as with no tracker."""
+    torch.manual_seed(0)
+    model, x = _NormInsideReentrant(), torch.randn(6, 5)
+    twin = _NormInsideReentrant()
+    twin.load_state_dict(model.state_dict())
+    engine = PerExampleNorms(model, subbatches=0)
+    try:
+        model(x).pow(2).sum().backward()
+        (p,) = engine.collect()
+        assert p.audited and p.raw_sqnorms is not None
+    finally:
+        engine.remove()
+    twin(x).pow(2).sum().backward()
+    torch.testing.assert_close(model.norm.running_mean, twin.norm.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(model.norm.running_var, twin.norm.running_var, rtol=0, atol=0)

@@ -36,7 +36,7 @@ A tensor taken for each example's rows in turn (the examples flattened together 
 shared table repeated over them) that no replay was compared with — the frontier of such a replay,
 or a pass whose backward could not be replayed — is reported as unverified: its rows' order has no
 other proof. A replay runs through ``torch.utils.checkpoint(use_reentrant=True)``, whose backward
-torch refuses to run under ``torch.autograd.grad`` (:func:`_through_reentrant_checkpoints`), and
+torch refuses to run under ``torch.autograd.grad`` (:func:`install_reentrant_support`), and
 compares what each such checkpoint's input receives (:meth:`PassAudit._checkpoint_inputs`).
 
 **A user's rule** (:meth:`PassAudit.check_rule`). Coverage sees only the sum of a rule's factors
@@ -51,9 +51,12 @@ layer that has a user's rule).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -214,6 +217,7 @@ class PassAudit:
         self.nodes: int | None = None  # autograd nodes the forward made (eager; the engine)
         # the model's parameters, whose .grad a replay must leave as it found it (the engine)
         self.params: list[Tensor] = []
+        self.buffers: list[Tensor] = []  # the model's (put back after a replay ran a forward)
         self.n = n
         self.amp = amp
         self.generator = generator
@@ -250,6 +254,8 @@ class PassAudit:
             None if replay else "the attribution check does not replay backwards under FSDP2"
         )
         self.replay = replay
+        if replay:
+            _AWAITING.add(self)
 
     # -- registration (end of forward) --------------------------------------------------------
 
@@ -369,20 +375,54 @@ class PassAudit:
     def _launch(self, node: Any, output_nr: int, grad: Tensor) -> None:
         """Replay the backward from input ``output_nr`` of ``node`` (the node the backward is
         running) with ``grad``, to every target not yet compared and every root."""
+        self._replay([GradientEdge(node, output_nr)], [grad])
+
+    def on_recomputed(self, outputs: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        """A reentrant checkpoint's real backward is about to backpropagate its recomputed
+        outputs with ``grads`` (:func:`_checkpoint_backward`): the layers inside were hooked in
+        that recomputation, a graph no replay from the model's outputs reaches. Replay it first
+        from those outputs with their gradients signed per example, so that each such layer is
+        compared as any target is (examples mixed inside on a branch that reaches no input
+        requiring grad — a frozen encoder's states — were measured 0.16–0.51 off without a
+        word, a review of 2026-12-05). An output without the batch's size in dim 0 cannot be
+        signed: what is inside is then unverified."""
         if not self.replay:
             return
-        pending = [t for t in [*self.roots, *self.targets] if not t.compared or t.root]
+        starts = [o.grad_fn for o in outputs if o.grad_fn is not None]
+        keys = {t.node for t in self.targets if not t.compared and not t.reached}
+        if not starts or not keys or not any(_find_nodes(n, keys)[0] for n in starts):
+            return
+        if any(self._by_example(g, 0) is None for g in grads):
+            self.unverified = self.unverified or (
+                "the attribution check could not replay the backward inside a "
+                "torch.utils.checkpoint(use_reentrant=True) whose output does not have the "
+                "batch's size in dim 0"
+            )
+            return
+        edges = [GradientEdge(o.grad_fn, o.output_nr) for o in outputs]
+        self._replay(edges, [self._sign(g, 0) for g in grads], roots=False)
+
+    def _replay(self, edges: list[Any], grads: list[Tensor], roots: bool = True) -> None:
+        """Replay the backward from ``edges`` with ``grads`` to every target not yet compared
+        (and, with ``roots``, every root) below them."""
+        if not self.replay:
+            return
+        pending = [t for t in [*self.roots, *self.targets] if not t.compared or (roots and t.root)]
         if not pending:
             return
         # The targets' nodes, found again below the replay's own: a target no walk from it
         # reaches is one autograd.grad would answer None for (allow_unused), and stays so
-        found, checkpoints = _find_nodes(node, {t.node for t in pending})
+        found: dict[int, Any] = {}
+        checkpoints: list[Any] = []
+        for e in edges:
+            f, c = _find_nodes(e.node, {t.node for t in pending})
+            found.update(f)
+            checkpoints += [n for n in c if all(n is not m for m in checkpoints)]
         pending = [t for t in pending if t.node in found]
         for checkpoint in checkpoints:
             pending.extend(
                 t for t in self._checkpoint_inputs(checkpoint, found) if t not in pending
             )
-        edge = GradientEdge(node, output_nr)
         # one input per edge: torch.autograd.grad given an edge twice captures it twice into
         # one slot, and each of its targets read twice its gradient (a checkpoint's input that
         # is a layer's output, 2026-12-05)
@@ -419,9 +459,9 @@ class PassAudit:
 
             watches.append(e.node.register_prehook(received))
         try:
-            with replaying(), _through_reentrant_checkpoints(bool(checkpoints)):
+            with replaying(), _buffers_kept(self.buffers if checkpoints else ()):
                 captured = torch.autograd.grad(
-                    [edge], inputs, [grad], retain_graph=True, allow_unused=True
+                    edges, inputs, grads, retain_graph=True, allow_unused=True
                 )
             got = tuple(seen.get(i, captured[i]) for i in at)
         except RuntimeError as err:
@@ -450,7 +490,7 @@ class PassAudit:
         edges to its inputs whose dim 0 — and no other dimension — has the batch's size (and
         no target yet): the layers inside were hooked in the backward's own recomputation, a
         graph no replay reaches (a replay recomputes the function again:
-        :func:`_through_reentrant_checkpoints`), so examples mixed inside, above the first of
+        :func:`install_reentrant_support`), so examples mixed inside, above the first of
         them, show only in what the function's input receives (with no hooked layer below,
         nowhere else: a frozen first layer, a review). The replays capture it from above as
         any target's."""
@@ -615,6 +655,7 @@ class PassAudit:
 
     def finish(self, received: set[int], names: dict[int, str]) -> Findings:
         """Compare what was recorded; remove the audit's hooks."""
+        _AWAITING.discard(self)
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -731,7 +772,7 @@ def _find_nodes(start: Any, keys: set[int]) -> tuple[dict[int, Any], list[Any]]:
     """The nodes of ``keys`` that ``start`` or the nodes below it are (autograd's next
     functions, as a backward from ``start`` follows them): where the audit finds its targets
     again at a replay, held by key until then (:class:`_Target`); and the reentrant
-    checkpoints' nodes among those below (:func:`_through_reentrant_checkpoints`). Walks the
+    checkpoints' nodes among those below (:func:`install_reentrant_support`). Walks the
     whole graph below ``start``, once per replay (an audited pass's)."""
     found: dict[int, Any] = {}
     seen = {id(start)}
@@ -750,75 +791,132 @@ def _find_nodes(start: Any, keys: set[int]) -> tuple[dict[int, Any], list[Any]]:
     return found, reentrant
 
 
-# -- a replay through torch.utils.checkpoint(use_reentrant=True) ------------------------------
+# -- torch.utils.checkpoint(use_reentrant=True) ------------------------------------------------
 #
 # Its backward recomputes the checkpointed function and backpropagates the recomputed graph with
 # torch.autograd.backward, accumulating into every leaf it reaches — the parameters used inside
 # included —, and reads its inputs' gradients from their .grad. Under torch.autograd.grad it
 # refuses to run (torch.autograd._is_checkpoint_valid), so a replay that met one failed and the
 # whole pass went unchecked (until 2026-12-05: examples mixed before, after or inside such a
-# checkpoint measured 0.05–2.2x off with a warning alone; a review). During a replay, on the
-# replaying thread, the check passes and that one torch.autograd.backward is run as
-# torch.autograd.grad to the checkpoint's detached inputs (recorded from
-# torch.utils.checkpoint.detach_variable, called just before it): nothing is accumulated into
-# the parameters inside, no hook of theirs runs (DDP's, a user's), and the replay goes on below
-# the checkpoint with the gradients of its inputs, as through any node. Where torch's
-# checkpoint is not built this way (another torch), the replay fails as before: unverified.
+# checkpoint measured 0.05–2.2x off with a warning alone; a review). While an engine exists,
+# torch.autograd.backward and torch.autograd._is_checkpoint_valid are wrapped (once per
+# process, however many engines: install_reentrant_support), and the wrappers act only when
+# called from the checkpoint's backward (its code object, checked on the caller's frame):
+#
+# * inside a replay, on the replaying thread, the checkpoint's backward may run, and its one
+#   torch.autograd.backward is run as torch.autograd.grad to its detached inputs: nothing is
+#   accumulated into the parameters inside and none of their hooks run (DDP's, a user's); the
+#   replay goes on below the checkpoint with its inputs' gradients, as through any node. The
+#   checkpointed forward runs once more, so the model's buffers are put back after such a
+#   replay (an InstanceNorm's running statistics: _buffers_kept);
+# * in an audited pass's real backward, the recomputed outputs are first replayed with their
+#   gradients signed per example (PassAudit.on_recomputed), so that the layers hooked in that
+#   recomputation are compared as any target is.
+#
+# Called from anywhere else, the wrappers are torch's functions. On a torch whose checkpoint is
+# built otherwise, a replay fails there as before: unverified, with the tracker's warning.
 
 _REENTRANT_NODE = "CheckpointFunctionBackward"
-_REENTRANT = threading.local()
+_REENTRANT_LOCK = threading.Lock()
+_REENTRANT: dict[str, Any] = {"holds": 0, "originals": None}
+# the audits whose pass's real backward may run a reentrant checkpoint (PassAudit.replay)
+_AWAITING: weakref.WeakSet[PassAudit] = weakref.WeakSet()
+
+
+def _checkpoint_backward_code() -> Any:
+    try:
+        from torch.utils.checkpoint import CheckpointFunction
+
+        return CheckpointFunction.backward.__code__
+    except (ImportError, AttributeError):  # pragma: no cover - another torch
+        return None
+
+
+def _replaying_here() -> bool:
+    return getattr(_THREAD, "replays", 0) > 0
+
+
+def _wrapped_backward(original: Callable, code: Any) -> Callable:
+    @functools.wraps(original)
+    def backward(tensors: Any, grad_tensors: Any = None, *args: Any, **kwargs: Any) -> Any:
+        caller = sys._getframe(1)
+        if caller.f_code is not code or args or set(kwargs) - {"retain_graph", "create_graph"}:
+            return original(tensors, grad_tensors, *args, **kwargs)
+        outputs = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+        grads = [grad_tensors] if isinstance(grad_tensors, Tensor) else list(grad_tensors or ())
+        if not _replaying_here():
+            if len(grads) == len(outputs):
+                for audit in list(_AWAITING):
+                    audit.on_recomputed(outputs, grads)
+            return original(tensors, grad_tensors, *args, **kwargs)
+        detached = caller.f_locals.get("detached_inputs", ())
+        leaves = [t for t in detached if isinstance(t, Tensor) and t.requires_grad]
+        if leaves:
+            got = torch.autograd.grad(outputs, leaves, grads or None, allow_unused=True, **kwargs)
+            for leaf, g in zip(leaves, got, strict=True):
+                leaf.grad = g
+        return None
+
+    return backward
+
+
+def install_reentrant_support() -> None:
+    """Wrap torch's functions for reentrant checkpoints (see the notes above); once per
+    process, counted: :func:`release_reentrant_support` undoes it at the last release."""
+    with _REENTRANT_LOCK:
+        _REENTRANT["holds"] += 1
+        if _REENTRANT["originals"] is not None or _REENTRANT["holds"] != 1:
+            return
+        code = _checkpoint_backward_code()
+        if code is None:  # pragma: no cover - another torch
+            return
+        backward, valid = torch.autograd.backward, torch.autograd._is_checkpoint_valid
+
+        def is_valid() -> bool:
+            return _replaying_here() or valid()
+
+        _REENTRANT["originals"] = (backward, valid)
+        torch.autograd.backward = _wrapped_backward(backward, code)
+        torch.autograd._is_checkpoint_valid = is_valid
+
+
+def release_reentrant_support() -> None:
+    with _REENTRANT_LOCK:
+        _REENTRANT["holds"] = max(0, _REENTRANT["holds"] - 1)
+        if _REENTRANT["holds"] or _REENTRANT["originals"] is None:
+            return
+        torch.autograd.backward, torch.autograd._is_checkpoint_valid = _REENTRANT["originals"]
+        _REENTRANT["originals"] = None
+
+
+class ReentrantHold:
+    """An engine's hold on :func:`install_reentrant_support`, released once (at
+    ``remove()``, or when the engine is collected)."""
+
+    def __init__(self) -> None:
+        install_reentrant_support()
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            release_reentrant_support()
+
+    def __del__(self) -> None:
+        self.release()
 
 
 @contextmanager
-def _through_reentrant_checkpoints(active: bool) -> Iterator[None]:
-    """Let a replay on this thread run through reentrant checkpoints (see the notes above)."""
-    if not active:
-        yield
-        return
-    import torch.utils.checkpoint as ckpt
-
-    state = _REENTRANT
-    if getattr(state, "detached", None) is not None:  # (a replay inside a replay)
-        yield
-        return
-    valid, detach, backward = (
-        torch.autograd._is_checkpoint_valid,
-        ckpt.detach_variable,
-        torch.autograd.backward,
-    )
-    state.detached = []
-
-    def is_valid() -> bool:
-        return getattr(_REENTRANT, "detached", None) is not None or valid()
-
-    def detach_variable(inputs: tuple) -> tuple:
-        out = detach(inputs)
-        if getattr(_REENTRANT, "detached", None) is not None:
-            _REENTRANT.detached.append(out)
-        return out
-
-    def run_backward(tensors: Any, grad_tensors: Any = None, *args: Any, **kwargs: Any) -> None:
-        stack = getattr(_REENTRANT, "detached", None)
-        if not stack or args or set(kwargs) - {"retain_graph", "create_graph"}:
-            return backward(tensors, grad_tensors, *args, **kwargs)
-        leaves = [t for t in stack.pop() if isinstance(t, Tensor) and t.requires_grad]
-        if not leaves:
-            return None
-        grads = torch.autograd.grad(tensors, leaves, grad_tensors, allow_unused=True, **kwargs)
-        for leaf, g in zip(leaves, grads, strict=True):
-            leaf.grad = g
-        return None
-
-    torch.autograd._is_checkpoint_valid = is_valid
-    ckpt.detach_variable = detach_variable
-    torch.autograd.backward = run_backward
+def _buffers_kept(buffers: Sequence[Tensor]) -> Iterator[None]:
+    """Put back the buffers a replay changed (it ran a reentrant checkpoint's forward again)."""
+    kept = [(b, b._version, b.detach().clone()) for b in buffers]
     try:
         yield
     finally:
-        torch.autograd._is_checkpoint_valid = valid
-        ckpt.detach_variable = detach
-        torch.autograd.backward = backward
-        state.detached = None
+        with torch.no_grad():
+            for b, version, value in kept:
+                if b._version != version:
+                    b.copy_(value)
 
 
 _REPLAYS = [0]
@@ -829,11 +927,16 @@ def replay_active() -> bool:
     return _REPLAYS[0] > 0
 
 
+_THREAD = threading.local()  # .replays: this thread's replays in progress
+
+
 @contextmanager
 def replaying() -> Iterator[None]:
     """Mark a backward started by noisescale itself (an audit replay, a batched vjp)."""
     _REPLAYS[0] += 1
+    _THREAD.replays = getattr(_THREAD, "replays", 0) + 1
     try:
         yield
     finally:
         _REPLAYS[0] -= 1
+        _THREAD.replays -= 1

@@ -592,6 +592,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._model_dim = 1 if _time_major(model) else 0
         # FSDP2 reshards parameters in hooks of the backward: a replayed backward would run them
         self._replay_allowed = not _has_fsdp2(model)
+        # (the audit's replays through checkpoint(use_reentrant=True): audit.py's notes)
+        self._reentrant_hold = audit_mod.ReentrantHold()
         for mname, module in model.named_modules():
             self._labels[module] = mname or "<top-level model>"
             for pname, p in module.named_parameters(recurse=False):
@@ -916,6 +918,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._loss_watch.reset()
         self._scratch.release()
         self._eager_steps.want(False)
+        self._reentrant_hold.release()
         # an alias still in the model (a forward that never returned to its scope's exit) is
         # replaced by the parameter itself: the model is left as it was given (only this
         # engine's: a tracker collected while another one's forward runs leaves its aliases)
@@ -1332,6 +1335,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 )
                 pass_.audit.nodes = pass_.nodes
                 pass_.audit.params = list(self._param.values())
+                pass_.audit.buffers = list(self.model.buffers())
                 pass_.audited = True
                 for edge in roots:
                     pass_.audit.add_root(edge, dim)

@@ -451,6 +451,7 @@ class _Dispatch(TorchDispatchMode):
 
 
 _BACKWARDS = {Tensor.backward, torch.autograd.backward, torch.autograd.grad}
+_GRAD = torch.autograd.grad
 
 
 class _Function(torch.overrides.TorchFunctionMode):
@@ -464,13 +465,16 @@ class _Function(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if not self.watch._pushed:  # stale (see LossWatch.pause): inert
             return func(*args, **kwargs)
-        if func in _BACKWARDS and not self.watch.done:
+        # (a wrapper of torch's, by functools.wraps: audit.install_reentrant_support's)
+        if (func in _BACKWARDS or getattr(func, "__wrapped__", None) in _BACKWARDS) and (
+            not self.watch.done
+        ):
             if func is Tensor.backward:
                 roots = [args[0]]
             else:
                 first = args[0] if args else kwargs.get("tensors", kwargs.get("outputs"))
                 roots = [first] if isinstance(first, Tensor) else list(first or [])
-            final = func is not torch.autograd.grad
+            final = func is not torch.autograd.grad and func is not _GRAD
             self.watch.backward(roots, final=final)
             # the backward runs without the dispatch mode (the function mode is off inside
             # this call; it comes off its stack when the step collects)
