@@ -377,22 +377,38 @@ class PassAudit:
         running) with ``grad``, to every target not yet compared and every root."""
         self._replay([GradientEdge(node, output_nr)], [grad])
 
-    def on_recomputed(self, outputs: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
-        """A reentrant checkpoint's real backward is about to backpropagate its recomputed
-        outputs with ``grads`` (:func:`_checkpoint_backward`): the layers inside were hooked in
-        that recomputation, a graph no replay from the model's outputs reaches. Replay it first
-        from those outputs with their gradients signed per example, so that each such layer is
-        compared as any target is (examples mixed inside on a branch that reaches no input
-        requiring grad — a frozen encoder's states — were measured 0.16–0.51 off without a
-        word, a review of 2026-12-05). An output without the batch's size in dim 0 cannot be
-        signed: what is inside is then unverified."""
+    def on_recomputed(
+        self, outputs: Sequence[Tensor], grads: Sequence[Tensor], node: Any = None
+    ) -> None:
+        """A reentrant checkpoint's real backward (its node ``node``) is about to backpropagate
+        its recomputed outputs with ``grads`` (the wrapper of :func:`install_reentrant_support`):
+        the layers inside were hooked in that recomputation, a graph no replay from the model's
+        outputs reaches. Replay it first from those outputs with their gradients signed per
+        example, so that each such layer is compared as any target is (examples mixed inside on
+        a branch that reaches no input requiring grad — a frozen encoder's states — were
+        measured 0.16–0.51 off without a word, a review of 2026-12-05). Unverified, and said:
+        an output without the batch's size in dim 0 (it cannot be signed), and a
+        checkpoint no replay ran through (the backward reached it first: a model that returns
+        only its loss) with hooked layers below it, whose rows there no replay compares."""
         if not self.replay:
             return
-        starts = [o.grad_fn for o in outputs if o.grad_fn is not None]
         keys = {t.node for t in self.targets if not t.compared and not t.reached}
-        if not starts or not keys or not any(_find_nodes(n, keys)[0] for n in starts):
+        if not keys:
             return
-        if any(self._by_example(g, 0) is None for g in grads):
+        if node is not None and _node_key(node) not in self._checkpoints:
+            below = [c for c, _ in getattr(node, "next_functions", ()) if c is not None]
+            if any(_find_nodes(c, keys)[0] for c in below):
+                self.unverified = self.unverified or (
+                    "the attribution check could not replay the backward through a "
+                    "torch.utils.checkpoint(use_reentrant=True) that the backward reached "
+                    "before any replay (a model that returns only its loss)"
+                )
+        starts = [o.grad_fn for o in outputs if o.grad_fn is not None]
+        if not starts or not any(_find_nodes(n, keys)[0] for n in starts):
+            return
+        # (dim 0 taken for the examples' where it has their count, as everywhere in the engine:
+        # a width that equals the batch size is common; a coincidence in dim 0 is refused)
+        if not all(self._by_example(g, 0) is not None for g in grads):
             self.unverified = self.unverified or (
                 "the attribution check could not replay the backward inside a "
                 "torch.utils.checkpoint(use_reentrant=True) whose output does not have the "
@@ -459,7 +475,7 @@ class PassAudit:
 
             watches.append(e.node.register_prehook(received))
         try:
-            with replaying(), _buffers_kept(self.buffers if checkpoints else ()):
+            with replaying(), _state_kept(self.buffers, bool(checkpoints)):
                 captured = torch.autograd.grad(
                     edges, inputs, grads, retain_graph=True, allow_unused=True
                 )
@@ -487,13 +503,13 @@ class PassAudit:
 
     def _checkpoint_inputs(self, node: Any, found: dict[int, Any]) -> list[_Target]:
         """Targets, made the first time a replay meets reentrant checkpoint ``node``, on the
-        edges to its inputs whose dim 0 — and no other dimension — has the batch's size (and
-        no target yet): the layers inside were hooked in the backward's own recomputation, a
-        graph no replay reaches (a replay recomputes the function again:
-        :func:`install_reentrant_support`), so examples mixed inside, above the first of
-        them, show only in what the function's input receives (with no hooked layer below,
-        nowhere else: a frozen first layer, a review). The replays capture it from above as
-        any target's."""
+        edges to its inputs whose dim 0 has the batch's size (and no target yet). The layers
+        inside were hooked in the backward's own recomputation, which a replay through the
+        checkpoint does not reach (it recomputes the function again), and are compared from
+        the recomputed outputs (:meth:`on_recomputed`); what the function's inputs receive is
+        compared here, from above, as any target's: examples mixed inside below the first
+        layer show there (with no hooked layer below, nowhere else: a frozen first layer, a
+        review)."""
         key = _node_key(node)
         made = self._checkpoints.get(key)
         if made is None:
@@ -502,7 +518,7 @@ class PassAudit:
             label = "the input of torch.utils.checkpoint(use_reentrant=True)"
             for child, nr in node.next_functions:
                 shape = _node_output_shape(child, nr)
-                if not shape or shape[0] != self.n or self.n in shape[1:]:
+                if not shape or shape[0] != self.n:
                     continue
                 if (_node_key(child), nr) not in taken:
                     self.add_target(GradientEdge(child, nr), 0, None, label)
@@ -801,20 +817,22 @@ def _find_nodes(start: Any, keys: set[int]) -> tuple[dict[int, Any], list[Any]]:
 # checkpoint measured 0.05–2.2x off with a warning alone; a review). While an engine exists,
 # torch.autograd.backward and torch.autograd._is_checkpoint_valid are wrapped (once per
 # process, however many engines: install_reentrant_support), and the wrappers act only when
-# called from the checkpoint's backward (its code object, checked on the caller's frame):
+# called from the checkpoint's backward (its code object, found on the calling frames):
 #
 # * inside a replay, on the replaying thread, the checkpoint's backward may run, and its one
 #   torch.autograd.backward is run as torch.autograd.grad to its detached inputs: nothing is
 #   accumulated into the parameters inside and none of their hooks run (DDP's, a user's); the
 #   replay goes on below the checkpoint with its inputs' gradients, as through any node. The
-#   checkpointed forward runs once more, so the model's buffers are put back after such a
-#   replay (an InstanceNorm's running statistics: _buffers_kept);
+#   checkpointed forward runs once more (its forward and tensor hooks too), so the model's
+#   buffers and the random generators are put back after such a replay (_state_kept);
 # * in an audited pass's real backward, the recomputed outputs are first replayed with their
 #   gradients signed per example (PassAudit.on_recomputed), so that the layers hooked in that
 #   recomputation are compared as any target is.
 #
-# Called from anywhere else, the wrappers are torch's functions. On a torch whose checkpoint is
-# built otherwise, a replay fails there as before: unverified, with the tracker's warning.
+# Called from anywhere else, the wrappers pass the call through to torch's functions. On a
+# torch whose checkpoint is built otherwise, a replay fails there as before: unverified, with
+# the tracker's warning. (The checkpoint's backward is found a few frames up: another
+# library's wrapper may stand between; a wrapper put over ours is left in place at release.)
 
 _REENTRANT_NODE = "CheckpointFunctionBackward"
 _REENTRANT_LOCK = threading.Lock()
@@ -836,19 +854,44 @@ def _replaying_here() -> bool:
     return getattr(_THREAD, "replays", 0) > 0
 
 
+def _checkpoint_frame(code: Any) -> Any:
+    """The frame of the reentrant checkpoint's backward this call was made from, a few frames
+    up (another library's wrapper of torch.autograd.backward between them), or None."""
+    frame = sys._getframe(2)
+    for _ in range(_FRAMES):
+        if frame is None:
+            return None
+        if frame.f_code is code:
+            return frame
+        frame = frame.f_back
+    return None
+
+
+_FRAMES = 6
+
+
 def _wrapped_backward(original: Callable, code: Any) -> Callable:
     @functools.wraps(original)
     def backward(tensors: Any, grad_tensors: Any = None, *args: Any, **kwargs: Any) -> Any:
-        caller = sys._getframe(1)
-        if caller.f_code is not code or args or set(kwargs) - {"retain_graph", "create_graph"}:
+        if (
+            args
+            or set(kwargs) - {"retain_graph", "create_graph"}
+            or getattr(_THREAD, "handling", False)
+            or (caller := _checkpoint_frame(code)) is None
+        ):
             return original(tensors, grad_tensors, *args, **kwargs)
         outputs = [tensors] if isinstance(tensors, Tensor) else list(tensors)
         grads = [grad_tensors] if isinstance(grad_tensors, Tensor) else list(grad_tensors or ())
         if not _replaying_here():
-            if len(grads) == len(outputs):
-                for audit in list(_AWAITING):
-                    audit.on_recomputed(outputs, grads)
-            return original(tensors, grad_tensors, *args, **kwargs)
+            _THREAD.handling = True  # (a wrapper of ours below another's: passes it on)
+            try:
+                if len(grads) == len(outputs):
+                    node = caller.f_locals.get("ctx")
+                    for audit in list(_AWAITING):
+                        audit.on_recomputed(outputs, grads, node)
+                return original(tensors, grad_tensors, *args, **kwargs)
+            finally:
+                _THREAD.handling = False
         detached = caller.f_locals.get("detached_inputs", ())
         leaves = [t for t in detached if isinstance(t, Tensor) and t.requires_grad]
         if leaves:
@@ -857,7 +900,20 @@ def _wrapped_backward(original: Callable, code: Any) -> Callable:
                 leaf.grad = g
         return None
 
+    backward._noisescale_reentrant = True  # type: ignore[attr-defined]
     return backward
+
+
+def _ours_installed() -> bool:
+    """Whether torch.autograd.backward is our wrapper, or wraps it (functools.wraps)."""
+    f: Any = torch.autograd.backward
+    for _ in range(_FRAMES):
+        if getattr(f, "_noisescale_reentrant", False):
+            return True
+        f = getattr(f, "__wrapped__", None)
+        if f is None:
+            return False
+    return False
 
 
 def install_reentrant_support() -> None:
@@ -873,25 +929,36 @@ def install_reentrant_support() -> None:
         backward, valid = torch.autograd.backward, torch.autograd._is_checkpoint_valid
 
         def is_valid() -> bool:
-            return _replaying_here() or valid()
+            # (only while our wrapper is reached from the checkpoint's backward: without it
+            # torch's own backward would accumulate the replay's gradients)
+            return (_replaying_here() and _ours_installed()) or valid()
 
-        _REENTRANT["originals"] = (backward, valid)
-        torch.autograd.backward = _wrapped_backward(backward, code)
+        wrapped = _wrapped_backward(backward, code)
+        _REENTRANT["originals"] = (backward, valid, wrapped, is_valid)
+        torch.autograd.backward = wrapped
         torch.autograd._is_checkpoint_valid = is_valid
 
 
 def release_reentrant_support() -> None:
+    """Undo :func:`install_reentrant_support` at the last release — each function only if
+    it is still ours (a wrapper another library put over ours is left, ours passing calls
+    through)."""
     with _REENTRANT_LOCK:
         _REENTRANT["holds"] = max(0, _REENTRANT["holds"] - 1)
         if _REENTRANT["holds"] or _REENTRANT["originals"] is None:
             return
-        torch.autograd.backward, torch.autograd._is_checkpoint_valid = _REENTRANT["originals"]
+        backward, valid, wrapped, is_valid = _REENTRANT["originals"]
+        if torch.autograd.backward is wrapped:
+            torch.autograd.backward = backward
+        if torch.autograd._is_checkpoint_valid is is_valid:
+            torch.autograd._is_checkpoint_valid = valid
         _REENTRANT["originals"] = None
 
 
 class ReentrantHold:
-    """An engine's hold on :func:`install_reentrant_support`, released once (at
-    ``remove()``, or when the engine is collected)."""
+    """An engine's hold on :func:`install_reentrant_support`, released once — at
+    ``remove()``, or when the hold is collected (a tracker dropped and collected; an engine
+    kept alive by its model's hooks keeps the wrappers, which then pass calls through)."""
 
     def __init__(self) -> None:
         install_reentrant_support()
@@ -907,9 +974,17 @@ class ReentrantHold:
 
 
 @contextmanager
-def _buffers_kept(buffers: Sequence[Tensor]) -> Iterator[None]:
-    """Put back the buffers a replay changed (it ran a reentrant checkpoint's forward again)."""
+def _state_kept(buffers: Sequence[Tensor], active: bool) -> Iterator[None]:
+    """Put back what a replay that ran a reentrant checkpoint's forward again changed: the
+    buffers (an InstanceNorm's running statistics) and the random generators (with
+    ``preserve_rng_state=False`` its dropout drew from them: the user's stream moved on, and
+    the backward's own recomputation drew other masks than the replay's, a review)."""
+    if not active:
+        yield
+        return
     kept = [(b, b._version, b.detach().clone()) for b in buffers]
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
         yield
     finally:
@@ -917,6 +992,9 @@ def _buffers_kept(buffers: Sequence[Tensor]) -> Iterator[None]:
             for b, version, value in kept:
                 if b._version != version:
                     b.copy_(value)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 _REPLAYS = [0]

@@ -454,6 +454,16 @@ _BACKWARDS = {Tensor.backward, torch.autograd.backward, torch.autograd.grad}
 _GRAD = torch.autograd.grad
 
 
+def _is_backward(func: Any) -> bool:
+    for _ in range(6):
+        if func in _BACKWARDS:
+            return True
+        func = getattr(func, "__wrapped__", None)
+        if func is None:
+            return False
+    return False
+
+
 class _Function(torch.overrides.TorchFunctionMode):
     """Sees the backward start (``loss.backward()``, ``torch.autograd.backward/grad``)."""
 
@@ -465,10 +475,9 @@ class _Function(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if not self.watch._pushed:  # stale (see LossWatch.pause): inert
             return func(*args, **kwargs)
-        # (a wrapper of torch's, by functools.wraps: audit.install_reentrant_support's)
-        if (func in _BACKWARDS or getattr(func, "__wrapped__", None) in _BACKWARDS) and (
-            not self.watch.done
-        ):
+        # (or a wrapper of torch's, by functools.wraps: audit.install_reentrant_support's,
+        # another library's over it)
+        if _is_backward(func) and not self.watch.done:
             if func is Tensor.backward:
                 roots = [args[0]]
             else:
