@@ -905,7 +905,8 @@ def _wrapped_backward(original: Callable, code: Any) -> Callable:
 
 
 def _ours_installed() -> bool:
-    """Whether torch.autograd.backward is our wrapper, or wraps it (functools.wraps)."""
+    """Whether torch.autograd.backward is our wrapper, or wraps it (functools.wraps; at most
+    :data:`_FRAMES` wrappers deep, as the frames searched)."""
     f: Any = torch.autograd.backward
     for _ in range(_FRAMES):
         if getattr(f, "_noisescale_reentrant", False):

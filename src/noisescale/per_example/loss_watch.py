@@ -454,14 +454,16 @@ _BACKWARDS = {Tensor.backward, torch.autograd.backward, torch.autograd.grad}
 _GRAD = torch.autograd.grad
 
 
-def _is_backward(func: Any) -> bool:
+def _backward_of(func: Any) -> Any:
+    """The function of :data:`_BACKWARDS` that ``func`` is or wraps (functools.wraps, a few
+    wrappers deep: audit.install_reentrant_support's, another library's over it), or None."""
     for _ in range(6):
         if func in _BACKWARDS:
-            return True
+            return func
         func = getattr(func, "__wrapped__", None)
         if func is None:
-            return False
-    return False
+            return None
+    return None
 
 
 class _Function(torch.overrides.TorchFunctionMode):
@@ -475,15 +477,13 @@ class _Function(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if not self.watch._pushed:  # stale (see LossWatch.pause): inert
             return func(*args, **kwargs)
-        # (or a wrapper of torch's, by functools.wraps: audit.install_reentrant_support's,
-        # another library's over it)
-        if _is_backward(func) and not self.watch.done:
-            if func is Tensor.backward:
+        if (torch_func := _backward_of(func)) is not None and not self.watch.done:
+            if torch_func is Tensor.backward:
                 roots = [args[0]]
             else:
                 first = args[0] if args else kwargs.get("tensors", kwargs.get("outputs"))
                 roots = [first] if isinstance(first, Tensor) else list(first or [])
-            final = func is not torch.autograd.grad and func is not _GRAD
+            final = torch_func is not _GRAD
             self.watch.backward(roots, final=final)
             # the backward runs without the dispatch mode (the function mode is off inside
             # this call; it comes off its stack when the step collects)
