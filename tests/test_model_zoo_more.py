@@ -358,6 +358,56 @@ def test_encodec_s_weight_normed_transposed_convolutions_are_exact():
     )
 
 
+@pytest.mark.parametrize("subbatches", [0, 2])
+def test_mobilebert_s_bias_read_through_its_never_called_decoder_is_exact(subbatches):
+    """MobileBERT's MLM head registers its bias on two modules (``self.bias`` and
+    ``self.decoder.bias``, one Parameter) and reads it in its own forward through the decoder,
+    which it never calls. Every step was refused naming other causes (a hunt, 2026-12-05);
+    the read through the second registration is learned on the first step like any direct
+    use, and the steps after are exact against brute force."""
+    from test_subbatch import subbatch_truth
+
+    torch.manual_seed(0)
+    model = transformers.MobileBertForMaskedLM(transformers.MobileBertConfig(
+        vocab_size=V, hidden_size=32, embedding_size=16, intra_bottleneck_size=16,
+        true_hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        num_feedforward_networks=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        max_position_embeddings=16,
+    ))  # fmt: skip
+    ids = _ids()
+
+    def losses():
+        logits = model(input_ids=ids).logits
+        return (
+            F.cross_entropy(logits.reshape(-1, V), ids.reshape(-1), reduction="none")
+            .view(N, -1)
+            .sum(1)
+        )
+
+    engine = PerExampleNorms(model, subbatches=subbatches)
+    engine.RECHECK_SUBBATCHES = 1
+    try:
+        for step in range(3):
+            model.zero_grad()
+            losses().mean().backward()
+            (p,) = engine.collect()
+            if step == 0:
+                assert p.raw_sqnorms is None and "used outside the layers" in p.withheld
+                continue
+            with engine.paused():
+                if p.subbatches is None:
+                    params = [q for q in model.parameters() if q.requires_grad]
+                    want = torch.stack([
+                        sum(g.pow(2).sum() for g in torch.autograd.grad(losses()[i], params))
+                        for i in range(N)
+                    ]) / N**2  # fmt: skip
+                else:
+                    want = subbatch_truth(model, lambda i: losses()[i], N, p.subbatches)
+            torch.testing.assert_close(p.raw_sqnorms, want, rtol=RTOL, atol=0)
+    finally:
+        engine.remove()
+
+
 @pytest.mark.parametrize("path", ["chosen", "products"])
 def test_a_layer_scale_in_a_layer_transformers_recomputes(path, monkeypatch):
     """BEiT's layer scale is a parameter multiplied in, in the layer whose ``forward``

@@ -191,7 +191,7 @@ class Settle:
                 "step on",
             )
             return
-        self._refuse_unmet_shared(pass_, missing)
+        self._refuse_unmet_shared(pass_, missing, learn)
         unexplained = set(findings.unexplained) | missing
         if (
             learn
@@ -299,9 +299,17 @@ class Settle:
         self._unreplayed_warned = True
         warnings.warn(_unreplayed_warning(unverified), RuntimeWarning, stacklevel=2)
 
-    def _refuse_unmet_shared(self, pass_: PassNorms, missing: set[int]) -> None:
+    def _refuse_unmet_shared(
+        self, pass_: PassNorms, missing: set[int], learn: bool = False
+    ) -> None:
         """Refuse a pass in which parameters of a shared call, or parameters used directly,
-        got gradients that no meeting with the batch gave."""
+        got gradients that no meeting with the batch gave. With ``learn``, a parameter used
+        directly that is also registered on a module no scope hands an alias for — and was
+        read there: MobileBERT's MLM bias, ``self.bias`` and ``self.decoder.bias`` one
+        Parameter, read as the latter in the head's forward while the decoder is never called
+        (refused every step naming other causes, a hunt of 2026-12-05) — is left to be
+        learned as a direct use (:meth:`_learn_direct_uses`), both registrations followed
+        from the next step."""
         for call in pass_.shared_calls:
             if any(id(p) in missing for p in call.params.values()):
                 raise UnsupportedModuleError(
@@ -315,6 +323,13 @@ class Settle:
                     "handled), or use per_example=False." + _input_sizes_clause(pass_)
                 )
         aliased_ids = missing & pass_.aliased
+        if learn:
+            scoped = {(id(h), n) for uses in self._scopes.values() for h, n, _ in uses}
+            aliased_ids = {
+                pid
+                for pid in aliased_ids
+                if all((id(h), n) in scoped for h, n in self._holders(pid))
+            }
         aliased = sorted(self._param_name[pid] for pid in aliased_ids)
         through = {
             self._param_name[pid]: pass_.custom_functions[pid]
