@@ -403,20 +403,22 @@ class PassAudit:
                     "torch.utils.checkpoint(use_reentrant=True) that the backward reached "
                     "before any replay (a model that returns only its loss)"
                 )
-        starts = [o.grad_fn for o in outputs if o.grad_fn is not None]
-        if not starts or not any(_find_nodes(n, keys)[0] for n in starts):
+        # (an output that is one of the function's inputs, returned as it is, has no graph
+        # here: its gradient goes straight to the input; a review found it crashing the step)
+        pairs = [(o, g) for o, g in zip(outputs, grads, strict=True) if o.grad_fn is not None]
+        if not pairs or not any(_find_nodes(o.grad_fn, keys)[0] for o, _ in pairs):
             return
         # (dim 0 taken for the examples' where it has their count, as everywhere in the engine:
         # a width that equals the batch size is common; a coincidence in dim 0 is refused)
-        if not all(self._by_example(g, 0) is not None for g in grads):
+        if not all(self._by_example(g, 0) is not None for _, g in pairs):
             self.unverified = self.unverified or (
                 "the attribution check could not replay the backward inside a "
                 "torch.utils.checkpoint(use_reentrant=True) whose output does not have the "
                 "batch's size in dim 0"
             )
             return
-        edges = [GradientEdge(o.grad_fn, o.output_nr) for o in outputs]
-        self._replay(edges, [self._sign(g, 0) for g in grads], roots=False)
+        edges = [GradientEdge(o.grad_fn, o.output_nr) for o, _ in pairs]
+        self._replay(edges, [self._sign(g, 0) for _, g in pairs], roots=False)
 
     def _replay(self, edges: list[Any], grads: list[Tensor], roots: bool = True) -> None:
         """Replay the backward from ``edges`` with ``grads`` to every target not yet compared
@@ -480,9 +482,10 @@ class PassAudit:
                     edges, inputs, grads, retain_graph=True, allow_unused=True
                 )
             got = tuple(seen.get(i, captured[i]) for i in at)
-        except RuntimeError as err:
-            # (a replay that cannot run: a reentrant checkpoint of a torch built otherwise)
-            self._not_replayed(str(err))
+        except Exception as err:  # (never the user's backward's error: the pass unverified)
+            # (a replay that cannot run: a reentrant checkpoint of a torch built otherwise, a
+            # custom Function's backward that cannot take the replay's gradients)
+            self._not_replayed(f"{type(err).__name__}: {err}")
             return
         finally:
             for p, g in kept:
@@ -854,15 +857,22 @@ def _replaying_here() -> bool:
     return getattr(_THREAD, "replays", 0) > 0
 
 
-def _checkpoint_frame(code: Any) -> Any:
-    """The frame of the reentrant checkpoint's backward this call was made from, a few frames
-    up (another library's wrapper of torch.autograd.backward between them), or None."""
+def _checkpoint_frame(code: Any, tensors: Any) -> Any:
+    """The frame of the reentrant checkpoint's backward whose own torch.autograd.backward
+    call this is — a few frames up (another library's wrapper of torch.autograd.backward
+    between them), called with the checkpoint's recomputed outputs (``outputs_with_grad``: a
+    custom Function inside the checkpoint whose backward calls torch.autograd.backward itself,
+    a reversible layer's, is not it, a review) — or None."""
     frame = sys._getframe(2)
     for _ in range(_FRAMES):
         if frame is None:
             return None
         if frame.f_code is code:
-            return frame
+            expected = frame.f_locals.get("outputs_with_grad")
+            given = [tensors] if isinstance(tensors, Tensor) else list(tensors or ())
+            if expected is None or len(expected) != len(given):
+                return None
+            return frame if all(a is b for a, b in zip(expected, given, strict=True)) else None
         frame = frame.f_back
     return None
 
@@ -876,14 +886,15 @@ def _wrapped_backward(original: Callable, code: Any) -> Callable:
         if (
             args
             or set(kwargs) - {"retain_graph", "create_graph"}
-            or getattr(_THREAD, "handling", False)
-            or (caller := _checkpoint_frame(code)) is None
+            or (caller := _checkpoint_frame(code, tensors)) is None
+            # (a wrapper of ours below another of ours, given the call the outer one handles)
+            or getattr(_THREAD, "handling", None) is caller
         ):
             return original(tensors, grad_tensors, *args, **kwargs)
         outputs = [tensors] if isinstance(tensors, Tensor) else list(tensors)
         grads = [grad_tensors] if isinstance(grad_tensors, Tensor) else list(grad_tensors or ())
         if not _replaying_here():
-            _THREAD.handling = True  # (a wrapper of ours below another's: passes it on)
+            outer, _THREAD.handling = getattr(_THREAD, "handling", None), caller
             try:
                 if len(grads) == len(outputs):
                     node = caller.f_locals.get("ctx")
@@ -891,7 +902,7 @@ def _wrapped_backward(original: Callable, code: Any) -> Callable:
                         audit.on_recomputed(outputs, grads, node)
                 return original(tensors, grad_tensors, *args, **kwargs)
             finally:
-                _THREAD.handling = False
+                _THREAD.handling = outer
         detached = caller.f_locals.get("detached_inputs", ())
         leaves = [t for t in detached if isinstance(t, Tensor) and t.requires_grad]
         if leaves:

@@ -3163,6 +3163,14 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                     "noisescale.hessian.measure_b_noise, whose Hessian-vector products run "
                     "several backward passes through one forward — go under "
                     "`with tracker.paused():`)"
+                    + (
+                        ". (This step also ran checkpoint(use_reentrant=True), whose forward "
+                        "recomputed in a backward noisescale takes for the step's last forward's: "
+                        "with several forwards before their backwards, that reads as this — use "
+                        "use_reentrant=False, or one backward after each forward)"
+                        if any(p.reentrant for p in done)
+                        else ""
+                    )
                 )
         compiled_step = any(p.compiled or p.compiled_call for p in done)
         self._seen_compiled = self._seen_compiled or compiled_step
