@@ -408,6 +408,34 @@ def test_mobilebert_s_bias_read_through_its_never_called_decoder_is_exact(subbat
         engine.remove()
 
 
+def test_experts_called_on_routed_tokens_are_refused_at_once_naming_them():
+    """JetMoE's experts (a module with its own weights, called on the tokens routed to it) use
+    their weights in operations with no per-example rule: the first step was withheld "for
+    the torch.func fallback from the next step on", and every step after was refused naming
+    the module's input — a promise not kept (a hunt, 2026-12-05). The fallback runs a module
+    per example along dim 0, which such a module's input does not have: refused on the first
+    step, naming that."""
+    torch.manual_seed(0)
+    model = transformers.JetMoeForCausalLM(transformers.JetMoeConfig(
+        vocab_size=V, hidden_size=16, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8,
+        intermediate_size=32, max_position_embeddings=16, num_local_experts=4,
+        num_experts_per_tok=2,
+    ))  # fmt: skip
+    ids = _ids()
+    engine = PerExampleNorms(model)
+    try:
+        with pytest.raises(
+            UnsupportedModuleError,
+            match=r"JetMoeParallelExperts.*called with no input whose dim 0 has the batch's 4",
+        ):
+            F.cross_entropy(
+                model(input_ids=ids).logits.reshape(-1, V), ids.reshape(-1), reduction="sum"
+            ).backward()
+            engine.collect()
+    finally:
+        engine.remove()
+
+
 @pytest.mark.parametrize("path", ["chosen", "products"])
 def test_a_layer_scale_in_a_layer_transformers_recomputes(path, monkeypatch):
     """BEiT's layer scale is a parameter multiplied in, in the layer whose ``forward``

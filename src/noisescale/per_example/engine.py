@@ -66,6 +66,7 @@ from torch.nn.modules.module import (
 )
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
+from torch.utils._pytree import tree_leaves as _tree_leaves
 from torch.utils.hooks import RemovableHandle
 
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
@@ -1417,6 +1418,11 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             return
         if pass_.skipped:
             return
+        if module is not self.model and not any(
+            isinstance(a, Tensor) and a.dim() and a.shape[0] == pass_.batch_size
+            for a in _tree_leaves((args, kwargs))
+        ):
+            pass_.scopes_unbatched.add(id(module))
         self._mirror_in_recompute(module)
         for holder, name, pid in self._scopes[module]:
             real = holder._parameters.get(name)

@@ -158,6 +158,9 @@ class PassNorms:
     nodes: int | None = None  # autograd nodes its (eager) forward made
     audit: audit_mod.PassAudit | None = None
     unsupported: list[tuple[Any, str]] = field(default_factory=list)  # (scope, op)
+    # modules handing out aliases whose call had no tensor argument with the batch's size in
+    # dim 0 (examples flattened or routed): the torch.func fallback cannot take them
+    scopes_unbatched: set[int] = field(default_factory=set)
     # meetings that nothing can prove to be by example (shared.py's _rows_unproven, and any in
     # the loss only through tensors not computed from the model's outputs): (origin, op, shared
     # shape, other shape, kind "rows" | "loss")

@@ -524,6 +524,25 @@ class Settle:
                 # place, and a second set would count its gradients twice)
                 continue
             fallback.check(scope, self._labels[scope])
+            if id(scope) in pass_.scopes_unbatched:
+                # (the fallback runs a module per example, along dim 0 of its inputs: it would
+                # refuse this one a step later, naming its input — JetMoE's experts, called on
+                # the tokens routed to them, were withheld "for the fallback" and refused
+                # every step after; a hunt, 2026-12-05)
+                labels = sorted(
+                    {s.label for o, _ in pass_.unsupported if o.scope is scope for s in o.sources}
+                )
+                raise UnsupportedModuleError(
+                    f"parameters {labels} meet the batch inside module "
+                    f"'{self._labels.get(scope, '?')}' ({type(scope).__name__}) in the "
+                    f"operation '{owners[scope]}', which has no per-example rule, and that "
+                    "module was called with no input whose dim 0 has the batch's "
+                    f"{pass_.batch_size} examples (examples flattened together with positions, "
+                    "or tokens routed to experts): the torch.func fallback, which runs a module "
+                    "per example along dim 0, cannot take it either. Keep dim 0 the examples, "
+                    "register a rule for the module (noisescale.register_layer), or use "
+                    f"per_example=False{_experts_hint(owners[scope], scope, self.model)}"
+                )
             self._fallback.add(scope)
             self._calls_fallback(scope)
         names = ", ".join(f"'{self._labels[m]}' ({op})" for m, op in owners.items())
