@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from noisescale.errors import UnsupportedModuleError
 from noisescale.per_example import PerExampleNorms
 from noisescale.per_example.audit import _COEFFICIENTS, _SIGNS, _distinct
 
@@ -184,3 +185,63 @@ def test_a_structure_whose_audit_failed_stays_refused_whatever_a_later_draw(monk
             model.zero_grad()
     finally:
         engine.remove()
+
+
+class _MixedBf16(nn.Module):
+    def __init__(self, mixed: bool):
+        super().__init__()
+        self.inp, self.l1, self.l2, self.out = (
+            nn.Linear(8, 16), nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 3)
+        )  # fmt: skip
+        self.mixed = mixed
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.mixed:
+            h = h.flip(0) * 0.3 + h  # examples mixed
+        return self.out(h + self.l2(torch.tanh(self.l1(h))))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("form", ["bf16 model", "bf16 autocast"])
+def test_a_bfloat16_audit_draws_distinct_coefficients(form, seed):
+    """Audits where 16-bit numbers take part drew signs alone (a factor of 4 may overflow a
+    float16 gradient), so two examples that shared a sign passed rows mixed between them: a
+    bf16 model mixing examples 0↔3 and 1↔2 at N = 4 passed one audit in three and was then
+    measured 10–18% off without a word (a hunt, 2026-12-05). bfloat16 has float32's range:
+    its audits draw the distinct powers of two — refused at every seed; the same model
+    unmixed measured, within bf16 rounding of a bf16 brute force."""
+    torch.manual_seed(seed)
+    x = torch.randn(4, 5, 8)
+    for mixed in (True, False):
+        model = _MixedBf16(mixed)
+        if form == "bf16 model":
+            model = model.to(torch.bfloat16)
+
+        def losses(model=model):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=form == "bf16 autocast"):
+                out = model(x.to(next(model.parameters()).dtype))
+            return out.float().pow(2).flatten(1).sum(1)
+
+        engine = PerExampleNorms(model, subbatches=0)
+        try:
+            if mixed:
+                with pytest.raises(UnsupportedModuleError, match="audit of this step failed"):
+                    losses().sum().backward()
+                    engine.collect()
+                continue
+            losses().sum().backward()
+            (p,) = engine.collect()
+            with engine.paused():
+                params = list(model.parameters())
+                per = losses()
+                want = torch.stack([
+                    sum(
+                        g.float().pow(2).sum()
+                        for g in torch.autograd.grad(per[i], params, retain_graph=True)
+                    )
+                    for i in range(4)
+                ])  # fmt: skip
+            torch.testing.assert_close(p.raw_sqnorms.float(), want, rtol=3e-2, atol=0)
+        finally:
+            engine.remove()

@@ -688,6 +688,32 @@ def test_reentrant_checkpointing_the_audit_replays_through_is_exact(name):
     assert rel < RTOL, f"relative error {float(rel):.3g}"
 
 
+def test_examples_mixed_inside_a_reentrant_checkpointed_lora_block_are_refused_naming_it():
+    """LoRA on GPT-2 under reentrant checkpointing, examples mixed in block 0's MLP: the
+    refusal led with use_reentrant=True and said the other causes did not apply — but the
+    audit replays through such checkpoints, and what it found (rows mixed) is the cause, as
+    with use_reentrant=False (a hunt, 2026-12-05)."""
+    torch.manual_seed(0)
+    model = ZOO["gpt2"][0]()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    model = _lora(model, "gpt2")
+    model.train()
+    ids, mask = _ids(0, n=4), _mask(4)
+    model.base_model.model.transformer.h[0].mlp.register_forward_hook(
+        lambda m, i, o: o.flip(0) * 0.3 + o
+    )
+    engine = noisescale.per_example.PerExampleNorms(model, subbatches=0)
+    try:
+        with pytest.raises(noisescale.UnsupportedModuleError) as err:
+            model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+            engine.collect()
+    finally:
+        engine.remove()
+    assert str(err.value).startswith("noisescale's audit of this step failed")
+    assert "do not belong to the examples" in str(err.value)
+
+
 def test_reentrant_checkpointing_is_named_first_in_the_tracker():
     """Llama under reentrant checkpointing: whatever the engine met in the recomputed forward,
     the refusal leads with the cause and its fix."""

@@ -212,6 +212,7 @@ class PassAudit:
         n: int,
         amp: bool = False,
         replay: bool = True,
+        float16: bool = True,
     ) -> None:
         self.signature = signature
         self.nodes: int | None = None  # autograd nodes the forward made (eager; the engine)
@@ -220,6 +221,7 @@ class PassAudit:
         self.buffers: list[Tensor] = []  # the model's (put back after a replay ran a forward)
         self.n = n
         self.amp = amp
+        self.float16 = float16  # (float16 in the step: signs alone, see below)
         self.generator = generator
         self.device = generator.device
         # one coefficient per example, ±2^e with e in -2..2, **distinct** where the batch has
@@ -229,9 +231,9 @@ class PassAudit:
         # T = N — passed an audit in one draw of ten and were then measured up to 7× off on
         # every step after, 2026-12-05). Powers of two scale exactly, so the replay
         # reproduces the backward's rounding (a Gaussian coefficient did not: RWKV's
-        # exponentials then failed the check in float64). In 16 bits, where a factor of 4 may
-        # overflow a scaled gradient, signs alone — as many of each as the batch allows
-        # (_sign decides on the first replay).
+        # exponentials then failed the check in float64). Where float16 takes part, whose
+        # range a factor of 4 may overflow in a scaled gradient, signs alone — as many of each
+        # as the batch allows (_sign decides on the first replay; bfloat16 has float32's range).
         self.signs = _distinct(_COEFFICIENTS, n, generator, self.device)
         self._signs16 = _distinct(_SIGNS, n, generator, self.device)
         self._signs_decided = False
@@ -304,7 +306,11 @@ class PassAudit:
     def _sign(self, g: Tensor, dim: int) -> Tensor:
         if not self._signs_decided:
             self._signs_decided = True
-            if self.amp or g.dtype in _SIXTEEN:
+            # (signs alone only where float16 takes part — its range is what a factor of 4
+            # may overflow; bfloat16 has float32's: with signs alone, two examples sharing
+            # one passed rows mixed between them — a bf16 model at N = 4 one audit in three,
+            # then 10–18% off without a word, a hunt of 2026-12-05)
+            if self.float16 or g.dtype == torch.float16:
                 self.signs = self._signs16
         rows = self._by_example(g, dim)
         assert rows is not None

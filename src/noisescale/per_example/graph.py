@@ -335,6 +335,18 @@ def _autocast_enabled() -> bool:
     return any(torch.is_autocast_enabled(d) for d in _AUTOCAST_DEVICES)
 
 
+def _float16_in_use(params: Any) -> bool:
+    """Whether float16 takes part in the step: autocast to float16 on, or a parameter in it
+    (bfloat16 has float32's range: no overflow to fear from a factor of 4)."""
+    for d in _AUTOCAST_DEVICES:
+        try:
+            if torch.is_autocast_enabled(d) and torch.get_autocast_dtype(d) == torch.float16:
+                return True
+        except (AttributeError, RuntimeError, TypeError):  # pragma: no cover - older torch
+            return True
+    return any(p.dtype == torch.float16 for p in params)
+
+
 # autograd nodes that pass a tensor's rows on unchanged, in order, or change each element alone
 # (looked through, along their first input, from a layer's input back to a pick)
 _ROW_PRESERVING = frozenset(
