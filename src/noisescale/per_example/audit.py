@@ -203,6 +203,8 @@ class PassAudit:
         n: Examples in the pass.
         amp: The forward ran under autocast (looser tolerances).
         replay: Run the attribution check (not under FSDP2, whose backward hooks reshard).
+        float16: float16 takes part in the step (autocast to it, or a parameter in it): the
+            replay's coefficients are signs alone (a float16 gradient also makes them so).
     """
 
     def __init__(
@@ -212,7 +214,7 @@ class PassAudit:
         n: int,
         amp: bool = False,
         replay: bool = True,
-        float16: bool = True,
+        float16: bool = False,
     ) -> None:
         self.signature = signature
         self.nodes: int | None = None  # autograd nodes the forward made (eager; the engine)

@@ -1424,9 +1424,15 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             return
         if pass_.skipped:
             return
-        if module is not self.model and not any(
-            isinstance(a, Tensor) and a.dim() and a.shape[0] == pass_.batch_size
-            for a in _tree_leaves((args, kwargs))
+        n = pass_.batch_size
+        if (
+            module is not self.model
+            # (a top-level argument first: the common case, without walking the structure)
+            and not any(isinstance(a, Tensor) and a.dim() and a.shape[0] == n for a in args)
+            and not any(
+                isinstance(a, Tensor) and a.dim() and a.shape[0] == n
+                for a in _tree_leaves((args, kwargs))
+            )
         ):
             pass_.scopes_unbatched.add(id(module))
         self._mirror_in_recompute(module)
