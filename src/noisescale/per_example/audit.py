@@ -24,9 +24,10 @@ alone, the replayed gradient of each is exactly s_i times its row i (±1 signs, 
 rows mixed between two examples that drew the same sign, half the time; e in -2..2 gives ten
 values, drawn without replacement: distinct up to ten examples — drawn independently, one pair in
 ten drew the same value and passed rows mixed between them, 2026-12-05 — and powers of two scale
-exactly; signs alone in 16 bits, as many of each as the batch allows). A table indexed by positions
-whose count happens to equal the batch size, a time-major activation, or an operation that mixes
-examples (BatchNorm statistics in training mode) breaks that, and the tensor is named. Each hooked
+exactly; signs alone where float16 takes part, as many of each as the batch allows). A table
+indexed by positions whose count happens to equal the batch size, a time-major activation, or an
+operation that mixes examples (BatchNorm statistics in training mode) breaks that, and the tensor
+is named. Each hooked
 tensor is compared through a random projection of each row (one number per example kept). Model
 outputs that receive gradient later (hidden states that are also outputs) are replayed with the
 part of their gradient the earlier replays did not account for. A model that returns only a scalar
@@ -528,7 +529,7 @@ class PassAudit:
             taken = {(t.node, t.output_nr) for t in self.targets}
             label = "the input of torch.utils.checkpoint(use_reentrant=True)"
             for child, nr in node.next_functions:
-                shape = _node_output_shape(child, nr)
+                shape = node_shape(child, nr)
                 if not shape or shape[0] != self.n:
                     continue
                 if (_node_key(child), nr) not in taken:
@@ -787,7 +788,7 @@ def _running_node() -> Any:
     return torch._C._current_autograd_node()
 
 
-def _node_output_shape(node: Any, nr: int) -> tuple[int, ...] | None:
+def node_shape(node: Any, nr: int) -> tuple[int, ...] | None:
     """The shape of output ``nr`` of autograd node ``node``'s forward (None if unknown)."""
     try:
         return tuple(int(x) for x in node._input_metadata[nr].shape)

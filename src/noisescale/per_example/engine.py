@@ -249,17 +249,6 @@ _RESHAPE_NODES = {
 }  # fmt: skip
 
 
-def _node_shape(node: Any, output: int) -> tuple[int, ...] | None:
-    """The shape of output ``output`` of autograd node ``node``'s forward (None if unknown)."""
-    meta = getattr(node, "_input_metadata", None)
-    if meta is None or output >= len(meta):
-        return None
-    try:
-        return tuple(int(s) for s in meta[output].shape)
-    except (AttributeError, TypeError, RuntimeError):
-        return None
-
-
 def _dim_before(
     kind: str, node: Any, out: tuple[int, ...], d: int, inp: tuple[int, ...] | None
 ) -> int | None:
@@ -340,7 +329,7 @@ def _square_expansion_in(
         for nxt, output in node.next_functions:
             if nxt is None or nxt._sequence_nr() < floor:
                 continue
-            inp = _node_shape(nxt, output)
+            inp = audit_mod.node_shape(nxt, output)
             try:
                 j = None if d is None or out is None else _dim_before(kind, node, out, d, inp)
             except (AttributeError, TypeError):  # (a torch whose nodes save other names)
