@@ -1783,3 +1783,59 @@ def test_the_compute_loss_func_check_leaves_torch_s_generator_alone():
     after = torch.rand(3)
     torch.manual_seed(5)
     assert torch.equal(after, torch.rand(3))
+
+
+@pytest.mark.slow
+def test_trainer_with_torch_compile_measures_what_eager_measures(tmp_path):
+    """TrainingArguments(torch_compile=True): the Trainer compiles the model (accelerate's
+    ``torch.compile``; ``trainer.model_wrapped`` is the ``OptimizedModule``) and the callback
+    tracks ``trainer.model``: a GPT-2 with its own token-mean loss, every example measured,
+    gives eager's norms at every step and no warning."""
+    transformers = pytest.importorskip("transformers")
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    transformers.logging.set_verbosity_error()
+    ids = torch.randint(1, 50, (32, 8), generator=torch.Generator().manual_seed(0))
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 32
+
+        def __getitem__(self, i: int) -> dict:
+            return {"input_ids": ids[i], "labels": ids[i]}
+
+    def train(compiled: bool) -> tuple[list[dict], str]:
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16,
+        ))  # fmt: skip
+        extra = {"torch_compile": True, "torch_compile_backend": "aot_eager"} if compiled else {}
+        args = _hf_args(
+            tmp_path, per_device_train_batch_size=8, gradient_accumulation_steps=1,
+            max_steps=4, max_grad_norm=0.0, **extra,
+        )  # fmt: skip
+        callback = NoiseScaleCallback(
+            loss_reduction="token_mean", sync_every=1, per_example_fraction=1.0
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = transformers.Trainer(
+                model=model, args=args, train_dataset=Tokens(), callbacks=[callback]
+            )
+            trainer.train()
+        ours = [str(w.message) for w in caught if "noisescale" in str(w.message)]
+        assert not ours, ours
+        wrapped = type(trainer.model_wrapped).__name__
+        callback.tracker.remove()
+        return [dict(r) for r in callback.tracker.history], wrapped
+
+    eager, _ = train(False)
+    compiled, wrapped = train(True)
+    assert wrapped == "OptimizedModule"
+    assert len(compiled) == len(eager) == 4
+    for got, want in zip(compiled, eager, strict=True):
+        assert got["tokens"] == want["tokens"]
+        assert got["sqnorm_big"] == pytest.approx(want["sqnorm_big"], rel=1e-5)
+        for name, source in want["sources"].items():
+            mine = got["sources"][name]["sqnorm_small"]
+            assert mine == pytest.approx(source["sqnorm_small"], rel=1e-5)

@@ -402,6 +402,15 @@ def _map(value: Any, fn: Callable[[Any], Any]) -> Any:
     return fn(value)
 
 
+def is_compile_wrapper(module: Any) -> bool:
+    """Whether ``module`` is ``torch.compile``'s wrapper of a module (an ``OptimizedModule``)."""
+    if "torch._dynamo" not in sys.modules:
+        return False
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return isinstance(module, OptimizedModule)
+
+
 # -- hooks that run outside the graph ----------------------------------------------------------
 
 

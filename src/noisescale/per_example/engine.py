@@ -555,7 +555,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # compiled graph, the modules by position (a graph names a layer by its index), what the
         # graph's events recorded (by token), and the tensor whose leading size is the batch
         self._key = compiled.register(self)
-        self._modules = list(model.modules())
+        # (torch.compile's wrappers left out: Dynamo, tracing a hook's lookup in this table,
+        # builds every key, and a wrapper's `_orig_mod` is the module it is tracing)
+        self._modules = [m for m in model.modules() if not compiled.is_compile_wrapper(m)]
         self._site = {m: i for i, m in enumerate(self._modules)}
         self._params: list[nn.Parameter] = []  # trainable parameters by position, and back
         self._param_index: dict[int, int] = {}
@@ -577,6 +579,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # the engine measures: _compiled_eagerly); _compile_learned: what a compiled pass revealed
         self.compile_blocker: str | None = None
         self._compile_learned: str | None = None
+        # a backward recomputed a forward (checkpoint(use_reentrant=True)): _settle_compiled
+        self._reentrant_seen = False
         self._compiled_eagerly = False
         # A step of the model ran compiled: from then on the eager hooks take the traced hooks'
         # decisions where they differ (a tied weight's products), so that an audited eager step
@@ -1009,7 +1013,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             return pass_
         if not _checkpoint_recompute():
             if torch.is_grad_enabled() and not self._recomputing and not self._replaying:
-                pass_.reentrant = True
+                pass_.reentrant = self._reentrant_seen = True
             return pass_
         shadow = self._shadows.get(id(pass_))
         if shadow is None:

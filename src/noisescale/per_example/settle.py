@@ -410,6 +410,15 @@ class Settle:
                 f"the compiled graph did not report the per-example gradients of parameters "
                 f"{names} (a graph break inside their layer's forward?)"
             )
+        elif pass_.unaudited and self._reentrant_seen:
+            # (the recomputation of a checkpoint(use_reentrant=True) in the backward, traced
+            # or not, gives compiled passes a structure no eager audit sees: without this,
+            # every unaudited step was withheld and the next one run eagerly)
+            learned = (
+                "the model runs activation checkpoints with use_reentrant=True, whose "
+                "recomputation in the backward the traced hooks do not follow (use_reentrant="
+                "False is followed inside the graph)"
+            )
         elif pass_.unaudited:
             self._audit_due = True
             self._withhold(
