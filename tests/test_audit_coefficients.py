@@ -16,7 +16,7 @@ from torch import nn
 
 from noisescale.errors import UnsupportedModuleError
 from noisescale.per_example import PerExampleNorms
-from noisescale.per_example.audit import _COEFFICIENTS, _SIGNS, _distinct
+from noisescale.per_example.audit import _COEFFICIENTS, _COEFFICIENTS16, _distinct
 
 D = 3
 
@@ -42,12 +42,16 @@ def test_more_examples_use_every_value_about_as_often(n):
     assert len(seen_places) == 50  # (at random places, not one fixed pattern)
 
 
-@pytest.mark.parametrize("n", [2, 3, 8])
-def test_sixteen_bit_signs_are_balanced(n):
+@pytest.mark.parametrize("n", [2, 3, 6, 8, 13])
+def test_float16_coefficients_are_distinct_up_to_six_and_at_most_one(n):
+    """Where float16 takes part a factor above one may overflow a scaled gradient: ±2^e with
+    e in -2..0, distinct up to six examples, each value about as often beyond."""
+    assert sorted(abs(c) for c in _COEFFICIENTS16) == [0.25, 0.25, 0.5, 0.5, 1.0, 1.0]
     gen = torch.Generator().manual_seed(2)
     for _ in range(100):
-        s = _distinct(_SIGNS, n, gen, torch.device("cpu")).tolist()
-        assert abs(s.count(1.0) - s.count(-1.0)) <= 1
+        s = _distinct(_COEFFICIENTS16, n, gen, torch.device("cpu")).tolist()
+        counts = [s.count(v) for v in _COEFFICIENTS16]
+        assert max(counts) - min(counts) <= 1 and sum(counts) == n
 
 
 class _TimeMajorQuery(nn.Module):
@@ -203,23 +207,27 @@ class _MixedBf16(nn.Module):
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("form", ["bf16 model", "bf16 autocast"])
-def test_a_bfloat16_audit_draws_distinct_coefficients(form, seed):
+@pytest.mark.parametrize(
+    "form", ["bf16 model", "bf16 autocast", "float16 model", "float16 autocast"]
+)
+def test_a_sixteen_bit_audit_draws_distinct_coefficients(form, seed):
     """Audits where 16-bit numbers take part drew signs alone (a factor of 4 may overflow a
     float16 gradient), so two examples that shared a sign passed rows mixed between them: a
     bf16 model mixing examples 0↔3 and 1↔2 at N = 4 passed one audit in three and was then
     measured 10–18% off without a word (a hunt, 2026-12-05). bfloat16 has float32's range:
-    its audits draw the distinct powers of two — refused at every seed; the same model
-    unmixed measured, within bf16 rounding of a bf16 brute force."""
+    its audits draw the distinct powers of two; float16's draw ±2^e with e in -2..0 (signs
+    alone until later that day), distinct up to six examples — refused at every seed; the same
+    model unmixed measured, within 16-bit rounding of a brute force in the same dtype."""
     torch.manual_seed(seed)
     x = torch.randn(4, 5, 8)
+    dtype = torch.float16 if form.startswith("float16") else torch.bfloat16
     for mixed in (True, False):
         model = _MixedBf16(mixed)
-        if form == "bf16 model":
-            model = model.to(torch.bfloat16)
+        if form.endswith("model"):
+            model = model.to(dtype)
 
         def losses(model=model):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=form == "bf16 autocast"):
+            with torch.autocast("cpu", dtype=dtype, enabled=form.endswith("autocast")):
                 out = model(x.to(next(model.parameters()).dtype))
             return out.float().pow(2).flatten(1).sum(1)
 

@@ -24,7 +24,8 @@ alone, the replayed gradient of each is exactly s_i times its row i (±1 signs, 
 rows mixed between two examples that drew the same sign, half the time; e in -2..2 gives ten
 values, drawn without replacement: distinct up to ten examples — drawn independently, one pair in
 ten drew the same value and passed rows mixed between them, 2026-12-05 — and powers of two scale
-exactly; signs alone where float16 takes part, as many of each as the batch allows). A table
+exactly; where float16 takes part, e in -2..0, six values, distinct up to six examples — signs
+alone until 2026-12-05, which passed rows mixed between two examples of one sign). A table
 indexed by positions whose count happens to equal the batch size, a time-major activation, or an
 operation that mixes examples (BatchNorm statistics in training mode) breaks that, and the tensor
 is named. Each hooked
@@ -205,7 +206,8 @@ class PassAudit:
         amp: The forward ran under autocast (looser tolerances).
         replay: Run the attribution check (not under FSDP2, whose backward hooks reshard).
         float16: float16 takes part in the step (autocast to it, or a parameter in it): the
-            replay's coefficients are signs alone (a float16 gradient also makes them so).
+            replay's coefficients are ±2^e with e in -2..0 (a float16 gradient also makes them
+            so).
     """
 
     def __init__(
@@ -224,7 +226,7 @@ class PassAudit:
         self.buffers: list[Tensor] = []  # the model's (put back after a replay ran a forward)
         self.n = n
         self.amp = amp
-        self.float16 = float16  # (float16 in the step: signs alone, see below)
+        self.float16 = float16  # (float16 in the step: factors of at most one, see below)
         self.generator = generator
         self.device = generator.device
         # one coefficient per example, ±2^e with e in -2..2, **distinct** where the batch has
@@ -235,10 +237,12 @@ class PassAudit:
         # every step after, 2026-12-05). Powers of two scale exactly, so the replay
         # reproduces the backward's rounding (a Gaussian coefficient did not: RWKV's
         # exponentials then failed the check in float64). Where float16 takes part, whose
-        # range a factor of 4 may overflow in a scaled gradient, signs alone — as many of each
-        # as the batch allows (_sign decides on the first replay; bfloat16 has float32's range).
+        # range a factor of 4 may overflow in a scaled gradient, e in -2..0: six values,
+        # distinct up to six examples (signs alone until 2026-12-05: a float16 model mixing
+        # examples of one sign passed; _sign decides on the first replay; bfloat16 has
+        # float32's range).
         self.signs = _distinct(_COEFFICIENTS, n, generator, self.device)
-        self._signs16 = _distinct(_SIGNS, n, generator, self.device)
+        self._signs16 = _distinct(_COEFFICIENTS16, n, generator, self.device)
         self._signs_decided = False
         self._base_seed = int(
             torch.randint(0, 2**31 - 1, (1,), generator=generator, device=self.device)
@@ -309,10 +313,10 @@ class PassAudit:
     def _sign(self, g: Tensor, dim: int) -> Tensor:
         if not self._signs_decided:
             self._signs_decided = True
-            # (signs alone only where float16 takes part — its range is what a factor of 4
-            # may overflow; bfloat16 has float32's: with signs alone, two examples sharing
-            # one passed rows mixed between them — a bf16 model at N = 4 one audit in three,
-            # then 10–18% off without a word, a hunt of 2026-12-05)
+            # (factors of at most one only where float16 takes part — its range is what a
+            # factor of 4 may overflow; bfloat16 has float32's: with signs alone, two examples
+            # sharing one passed rows mixed between them — a bf16 model at N = 4 one audit in
+            # three, then 10–18% off without a word, a hunt of 2026-12-05)
             if self.float16 or g.dtype == torch.float16:
                 self.signs = self._signs16
         rows = self._by_example(g, dim)
@@ -580,7 +584,10 @@ class PassAudit:
             return
         if any(g.dim() == 0 or g.shape[0] != self.n for _, g, _ in pairs):
             return
-        sixteen = self.amp or any(g.dtype in _SIXTEEN for _, g, _ in pairs)
+        # (as _sign: factors of at most one where float16 takes part; bfloat16 draws them all —
+        # signs alone under any 16-bit type until 2026-12-05, which passed a rule handing
+        # example i's gradient to an example of the same sign)
+        sixteen = self.float16 or any(g.dtype == torch.float16 for _, g, _ in pairs)
         s = self._signs16 if sixteen else self.signs
         plain = [g.reshape(shape) for _, g, shape in pairs]
         signed = [
@@ -736,9 +743,10 @@ def _percent(x: float) -> str:
     return f"{100 * x:.2g}%" if x < 1 else f"{100 * x:.0f}%"
 
 
-#: The audit's coefficients: ±2^e, e in -2..2 (float), and the signs alone (16 bits)
+#: The audit's coefficients: ±2^e, e in -2..2; where float16 takes part, e in -2..0 (a factor
+#: above one may overflow a scaled float16 gradient; one below it only shifts its exponent)
 _COEFFICIENTS = tuple(s * 2.0**e for s in (1, -1) for e in range(-2, 3))
-_SIGNS = (1.0, -1.0)
+_COEFFICIENTS16 = tuple(s * 2.0**e for s in (1, -1) for e in range(-2, 1))
 
 
 def _distinct(values: tuple[float, ...], n: int, generator: torch.Generator, device: Any) -> Tensor:
