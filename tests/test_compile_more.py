@@ -390,3 +390,95 @@ def test_a_hook_put_between_after_an_audit_withholds_the_compiled_step(what: str
         torch._dynamo.reset()
     assert recorded == [1, 2], recorded
     assert refused is not None and "audit of this step failed" in refused, refused
+
+
+class _FrozenByNoGrad(nn.Module):
+    """A submodule run under no_grad (a frozen feature extractor, its parameters still
+    trainable): the compiled backward calls their hooks with no gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(10, 16)
+        self.head = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            h = self.enc(x)
+        return self.head(h)
+
+
+@pytest.mark.parametrize(
+    "mode", [{"per_example": False}, {"per_example_fraction": 0.5}, {}], ids=str
+)
+def test_a_submodule_run_without_gradients_under_compile_with_accumulation(mode):
+    """The compiled backward calls the hooks of parameters it gave no gradient, with None:
+    until 2026-12-05 that crashed the backward (AttributeError on None.detach(), every mode,
+    per_example=False from step 1) or withheld the first compiled step blaming a graph break
+    and ran compiled code eagerly from then on (a hunt). Now the same records as eager."""
+    import torch._dynamo
+
+    from noisescale import GradientNoiseTracker
+
+    histories = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = _FrozenByNoGrad()
+        call = torch.compile(model, backend="aot_eager") if compiled else model
+        tracker = GradientNoiseTracker(model, sync_every=1, **mode)
+        gen = torch.Generator().manual_seed(1)
+        try:
+            for _ in range(5):
+                for _ in range(2):
+                    x = torch.randn(16, 10, generator=gen)
+                    y = torch.randint(0, 5, (16,), generator=gen)
+                    (F.cross_entropy(call(x), y) / 2).backward()
+                tracker.step()
+                model.zero_grad()
+            histories.append([dict(r) for r in tracker.history])
+            assert torch._dynamo.eval_frame._stance.stance == "default"
+        finally:
+            tracker.remove()
+    eager, compiled_run = histories
+    assert len(compiled_run) == len(eager) == 5
+    for got, want in zip(compiled_run, eager, strict=True):
+        if mode:
+            assert_same_norms(got, want)
+        else:
+            # (the default, under accumulation: compiled steps split every micro-batch where
+            # eager ones split one — other sub-batches, as unbiased; the step's gradient alike)
+            assert got["sqnorm_big"] == pytest.approx(want["sqnorm_big"], rel=1e-9)
+            assert set(got["sources"]) == set(want["sources"])
+
+
+def test_a_short_batch_does_not_stop_a_compiled_model_s_subbatch_graph():
+    """After a split pass whose layers' sub-batch products did not pay (a short sequence on an
+    audited step), passes are measured per example; a compiled graph traced before, with
+    products, ran on them — refused as a graph break that was not, and compiled code ran
+    eagerly for the rest of the process (a hunt, 2026-12-05). The traced decision reads that
+    state now: no step withheld, the stance back to default."""
+    import torch._dynamo
+
+    from noisescale import GradientNoiseTracker
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    transformers = pytest.importorskip("transformers")
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    ))  # fmt: skip
+    call = torch.compile(model, backend="aot_eager")
+    tracker = GradientNoiseTracker(model, sync_every=1)
+    gen = torch.Generator().manual_seed(1)
+    try:
+        for length in (8, 8, 8, 6, 8, 8):  # step 4, audited and eager, has T = 6
+            x = torch.randint(0, 64, (16, length), generator=gen)
+            y = torch.randint(0, 64, (16, length), generator=gen)
+            F.cross_entropy(call(x).logits.flatten(0, 1), y.flatten()).backward()
+            tracker.step()
+            model.zero_grad()
+        assert all(r["sources"] and not r["skipped"] for r in tracker.history)
+        assert torch._dynamo.eval_frame._stance.stance == "default"
+    finally:
+        tracker.remove()

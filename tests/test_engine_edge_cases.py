@@ -1205,7 +1205,9 @@ def test_a_reentrant_checkpoint_the_backward_reaches_first_is_said_unchecked():
     """A model that returns only its loss, with a reentrant checkpoint at its top: no replay
     runs through the checkpoint (each starts from a layer the backward reached inside it), so
     rows below it are compared with nothing — examples mixed there measured 0.25–0.32 off
-    without a word (a review). The tracker now warns that the pass went unchecked there."""
+    without a word (a review). The tracker warned that the pass went unchecked there; since
+    the loss watch follows the model's own code in an audited forward (2026-12-05, later), the
+    mixing itself — in that code — is refused at the first step."""
 
     class Loss(nn.Module):
         def __init__(self):
@@ -1219,11 +1221,9 @@ def test_a_reentrant_checkpoint_the_backward_reaches_first_is_said_unchecked():
     model = Loss()
     tracker = noisescale.GradientNoiseTracker(model, loss_reduction="sum")
     try:
-        with pytest.warns(RuntimeWarning, match="that the backward reached before any replay"):
-            for _ in range(2):
-                model(torch.randn(8, 5)).backward()
-                tracker.step()
-                model.zero_grad()
+        model(torch.randn(8, 5)).backward()
+        with pytest.raises(UnsupportedModuleError, match="inside the model's own forward code"):
+            tracker.step()
     finally:
         tracker.remove()
 
@@ -1273,3 +1273,60 @@ def test_two_forwards_before_their_backwards_under_reentrant_checkpointing_say_s
             engine.collect()
     finally:
         engine.remove()
+
+
+class _WithBatchNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)
+        self.head = nn.Linear(3, 2)
+        self.aux = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))  # (never called)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def _bn_eval(module: nn.Module) -> None:
+    if isinstance(module, nn.BatchNorm2d):
+        module.eval()
+
+
+def test_a_batchnorm_frozen_before_every_forward_and_one_never_called_are_measured():
+    """The usual frozen-BatchNorm loop — ``model.train(); model.apply(freeze_bn)`` before
+    every forward — and a BatchNorm the forward never calls (an unused head) were refused when
+    the tracker was made, the model being built in training mode (a hunt, 2026-12-05): their
+    mode is checked where they run now. Measured exactly; a BatchNorm that runs in training
+    mode is still refused, at its forward."""
+    torch.manual_seed(0)
+    model = _WithBatchNorm().double()
+    with torch.no_grad():
+        model.bn.running_var.uniform_(0.5, 2)
+    model.bn.requires_grad_(False)  # (the model stays in training mode: as built)
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0, sync_every=1)
+    try:
+        x = torch.randn(6, 2, 5, 5, dtype=torch.float64)
+        for _ in range(2):
+            model.train()
+            model.apply(_bn_eval)
+            model.zero_grad()
+            model(x).pow(2).sum(1).mean().backward()
+            tracker.step()
+        record = tracker.history[-1]
+        params = [p for n, p in model.named_parameters() if p.requires_grad and "aux" not in n]
+        want = (
+            sum(
+                sum(
+                    g.pow(2).sum()
+                    for g in torch.autograd.grad(model(x[i : i + 1]).pow(2).sum(), params)
+                )
+                for i in range(6)
+            )
+            / 6
+        )
+        got = record["sources"]["per_example"]["sqnorm_small"]
+        assert got == pytest.approx(float(want), rel=1e-9)
+        model.train()  # (the BatchNorm not frozen again: batch statistics)
+        with pytest.raises(UnsupportedModuleError, match=r"'bn' \(BatchNorm2d\)"):
+            model(x).pow(2).sum(1).mean().backward()
+    finally:
+        tracker.remove()

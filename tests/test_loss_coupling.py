@@ -260,8 +260,9 @@ def test_the_watch_leaves_no_mode_behind():
             engine.remove()
         assert _get_current_dispatch_mode() is None
         assert torch._C._len_torch_function_stack() == 0
-    # a forward that no backward follows: the model's forwards run without the watch (a
-    # validation forward in between), and the step's collect takes it off
+    # a forward that no backward follows: the watch runs in an audited step's forward (the
+    # model's own code: a loss computed there), not in a validation forward without gradients
+    # in between, and the step's collect takes it off
     engine = PerExampleNorms(model)
     inside = []
     handle = model[0].register_forward_hook(
@@ -278,7 +279,7 @@ def test_the_watch_leaves_no_mode_behind():
     finally:
         handle.remove()
         engine.remove()
-    assert inside == [False, False]
+    assert inside == [True, False]
     assert _get_current_dispatch_mode() is None
 
 
@@ -748,3 +749,152 @@ def test_a_flattened_loss_with_label_smoothing_is_a_mean_over_the_examples(ignor
         ]
     )
     torch.testing.assert_close(pe.sqnorms, want, rtol=1e-10, atol=0)
+
+
+# -- a loss the model computes itself ----------------------------------------------------------
+
+
+class LossInside(nn.Module):
+    """A model whose forward returns the loss it computes from its own layers' outputs (a
+    Hugging Face model called with ``labels=`` or ``return_loss=True``, nanoGPT's
+    ``(logits, loss)``, a research codebase's ``forward(x, y)``)."""
+
+    def __init__(self, loss_of, also_logits: bool = False) -> None:
+        super().__init__()
+        self.net, self.loss_of, self.also_logits = mlp(), loss_of, also_logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        out = self.net(x)
+        loss = self.loss_of(out)
+        return (out, loss) if self.also_logits else loss
+
+
+def _inside_loss(out) -> torch.Tensor:
+    return out[1] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("also_logits", [False, True], ids=["loss only", "logits and loss"])
+@pytest.mark.parametrize("name", sorted(COUPLED))
+def test_a_loss_computed_inside_the_forward_that_combines_examples_is_refused(name, also_logits):
+    """Until 2026-12-05 the watch followed the loss from the model's outputs only: computed in
+    the forward (CLIP's ``return_loss=True``), an in-batch contrastive loss was measured as
+    each example's share of a coupled gradient, without a word (a hunt: B_simple 1838 on a dual
+    encoder, transformers' CLIPModel measured at every step). An audited step's forward is now
+    followed from its hooked layers' outputs: refused with the operation, said to be inside."""
+    loss_of, op = COUPLED[name]
+    model, (x, _) = LossInside(loss_of, also_logits), data()
+    message = refused(
+        model, lambda: _inside_loss(model(x)).backward(), "the loss combines the examples"
+    )
+    assert op in message and "inside the model's own forward code" in message
+    assert "per_example=False" in message
+
+
+@pytest.mark.parametrize("also_logits", [False, True], ids=["loss only", "logits and loss"])
+@pytest.mark.parametrize("name", sorted(SEPARABLE))
+def test_a_loss_computed_inside_the_forward_of_per_example_terms_is_exact(name, also_logits):
+    """The same separable losses computed in the forward: measured on the audited step (its
+    forward followed) and the next, equal to brute force."""
+    loss_of = SEPARABLE[name]
+    model, (x, _) = LossInside(loss_of, also_logits), data()
+    want = share_truth(model.net, x, loss_of)
+    engine = PerExampleNorms(model)
+    try:
+        for _ in range(3):
+            model.zero_grad()
+            _inside_loss(model(x)).backward()
+            (p,) = engine.collect()
+            assert p.raw_sqnorms is not None, p.withheld
+            torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
+    finally:
+        engine.remove()
+
+
+def test_a_plain_sum_computed_inside_the_forward_is_refused_under_mean():
+    """``reduction="sum"`` in the forward under the default ``loss_reduction="mean"``: every
+    norm N² too large, without a word until 2026-12-05 (a hunt: 256× at N = 16); refused as
+    the same sum outside the forward is. Declared ``"sum"``, exact."""
+    from noisescale.errors import NoiseScaleInputError
+
+    def summed(o: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(o, Y, reduction="sum")
+
+    x, _ = data()
+    model = LossInside(summed)
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    try:
+        loss = model(x)
+        loss.backward()
+        with pytest.raises(NoiseScaleInputError, match="plain sum over the examples"):
+            tracker.step(loss=loss)
+    finally:
+        tracker.remove()
+    model = LossInside(summed)
+    want = share_truth(model.net, x, summed)
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        model(x).backward()
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+
+
+def test_transformers_clip_with_its_own_loss_is_refused():
+    """transformers' CLIPModel(return_loss=True): its contrastive loss is computed in its
+    forward — refused at the first step, naming the in-batch product."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(
+            vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=16,
+        ),
+        vision_config=dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            image_size=8, patch_size=4, num_channels=3,
+        ),
+        projection_dim=8,
+    )  # fmt: skip
+    model = transformers.CLIPModel(cfg)
+    tracker = noisescale.GradientNoiseTracker(model)
+    try:
+        ids, pixels = torch.randint(0, 50, (4, 6)), torch.randn(4, 3, 8, 8)
+        out = model(input_ids=ids, pixel_values=pixels, return_loss=True)
+        out.loss.backward()
+        inside = "inside the model's own forward code"
+        with pytest.raises(UnsupportedModuleError, match=inside) as err:
+            tracker.step(loss=out.loss)
+        assert "in-batch negatives" in str(err.value)
+    finally:
+        tracker.remove()
+
+
+def test_a_new_structure_audited_after_its_forward_withholds_an_inner_loss():
+    """An audit a new structure asks for is decided when the forward has run, too late to
+    follow a loss computed inside it: that step is withheld (never measured unchecked) and the
+    next one audited with its forward followed — here refused, the loss having turned
+    contrastive at step 3, which no scheduled audit (1, 2, 4) would have seen first."""
+    x, _ = data()
+    state = {"coupled": False}
+
+    def loss_of(o: torch.Tensor) -> torch.Tensor:
+        return _similarity(o) if state["coupled"] else F.cross_entropy(o, Y)
+
+    model = LossInside(loss_of)
+    engine = PerExampleNorms(model)
+    try:
+        for step in (1, 2):
+            model.zero_grad()
+            model(x).backward()
+            (p,) = engine.collect()
+            assert p.raw_sqnorms is not None, step
+        state["coupled"] = True
+        model.zero_grad()
+        model(x).backward()
+        (p,) = engine.collect()
+        assert p.audited and p.raw_sqnorms is None
+        assert "did not follow" in p.withheld
+        model.zero_grad()
+        model(x).backward()
+        with pytest.raises(UnsupportedModuleError, match="inside the model's own forward code"):
+            engine.collect()
+    finally:
+        engine.remove()

@@ -869,7 +869,12 @@ def test_a_model_s_own_loss_from_float_labels_not_known_to_be_a_mean_is_refused(
             module.requires_grad_(False)
     pixels = torch.randn(N, 3, 16, 16)
     labels = torch.rand(N, 32, 32) * 5 + 0.5  # (every pixel valid)
-    match = r"floating-point labels=.*cannot tell how that loss weighs the examples"
+    # (since 2026-12-05 the loss computed in the forward is followed, and its coupling is
+    # named first: the square root of the batch's means)
+    match = (
+        r"floating-point labels=.*cannot tell how that loss weighs the examples"
+        r"|the loss combines the examples.*inside the model's own forward code"
+    )
     with pytest.raises(NoiseScaleInputError, match=match):
         with noisescale.per_example_sqnorms(model) as _:
             model(pixel_values=pixels, labels=labels).loss.backward()

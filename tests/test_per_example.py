@@ -176,7 +176,8 @@ def test_matches_brute_force(model, x, reduction):
 def test_batchnorm_training_refused():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     with pytest.raises(UnsupportedModuleError, match=r"'1' \(BatchNorm2d\).*per-example"):
-        noisescale.per_example_sqnorms(model)
+        with noisescale.per_example_sqnorms(model):
+            model(torch.randn(2, 3, 5, 5)).sum().backward()
 
 
 def test_weight_used_outside_its_module_is_reported():

@@ -46,6 +46,14 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
+def learning_rate(optimizer: Any) -> float | None:
+    """The learning rate of the optimizer's first parameter group, ``None`` where it has none:
+    transformers' ``Adafactor`` in its default relative-step mode keeps ``lr=None`` there
+    (``tracker.step()`` crashed on it, a hunt, 2026-12-05)."""
+    lr = optimizer.param_groups[0].get("lr")
+    return None if lr is None else float(lr)
+
+
 def check_preconditioner(
     model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]
 ) -> None:

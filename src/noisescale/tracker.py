@@ -60,12 +60,14 @@ from noisescale.param_groups import parameter_groups
 from noisescale.per_example import PerExampleNorms
 from noisescale.per_example.factors import sqnorm_total
 from noisescale.per_example.messages import (
+    class_weighted_message,
     loss_kind_message,
     new_parameters_message,
     submodule_called_message,
 )
 from noisescale.preconditioning import (
     check_preconditioner,
+    learning_rate,
     optimizer_steps,
     preconditioner_weights,
     stateless_parameters,
@@ -696,7 +698,7 @@ class GradientNoiseTracker:
                 if obs is not None:
                     observations[source.name] = obs
         if lr is None and self.optimizer is not None:
-            lr = float(self.optimizer.param_groups[0]["lr"])
+            lr = learning_rate(self.optimizer)
         grad_scale = 1.0 if grads_unscaled else scale
         if self._dist is not None:
             reduced = self._dist.launch(
@@ -1016,7 +1018,9 @@ class GradientNoiseTracker:
         """The step's normalisation: each pass's weight per unit, the units (examples or
         tokens) and the tokens counted (see :mod:`noisescale.tokens`)."""
         declared = self.loss_reduction in ("token_mean", "num_items_in_batch")
-        wrong_kind = loss_kind_message(self.loss_reduction, passes)
+        wrong_kind = loss_kind_message(self.loss_reduction, passes) or class_weighted_message(
+            passes
+        )
         if wrong_kind is not None:
             raise NoiseScaleInputError(wrong_kind)
         for p in passes:

@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from noisescale.errors import NoiseScaleInputError
 from noisescale.integrations import estimate_metrics, stepped_optimizer
 from noisescale.module_hooks import Hook
-from noisescale.preconditioning import unwrap_optimizer
+from noisescale.preconditioning import learning_rate, unwrap_optimizer
 from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, check_lr_schedulers, scale_lr
 from noisescale.tracker import GradientNoiseTracker
 
@@ -241,7 +241,7 @@ class NoiseScaleCallback(pl.Callback):
                 f"no forward call of {where} was seen in this step: training_step must call it "
                 "(e.g. self(x)), or pass module='<the submodule training_step calls>'"
             )
-        tracker.step(loss=self._loss, lr=float(optimizer.param_groups[0]["lr"]))
+        tracker.step(loss=self._loss, lr=learning_rate(optimizer))
         self._loss, self._forwards = None, 0
         self._stepped = True
         self._stepped_optimizer = optimizer

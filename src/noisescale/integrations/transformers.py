@@ -102,7 +102,7 @@ from torch import Tensor, nn
 from noisescale.errors import NoiseScaleInputError
 from noisescale.integrations import estimate_metrics, stepped_optimizer
 from noisescale.module_hooks import Hook
-from noisescale.preconditioning import unwrap_optimizer
+from noisescale.preconditioning import learning_rate, unwrap_optimizer
 from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, check_lr_schedulers, scale_lr
 from noisescale.tracker import GradientNoiseTracker
 
@@ -482,7 +482,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         assert self.tracker is not None
         lr = None
         if self._optimizer is not None:
-            lr = float(self._optimizer.param_groups[0]["lr"])
+            lr = learning_rate(self._optimizer)
         self.tracker.step(loss=self._step_loss(), lr=lr)
 
     def _step_loss(self) -> Tensor | None:

@@ -25,6 +25,7 @@ from noisescale.per_example.factors import (
     LinearFactor,
     _acc,
     _sqnorm_rows,
+    acc_sum,
 )
 from noisescale.per_example.registry import LayerRule, register_layer
 
@@ -276,7 +277,7 @@ def factors(module: ConvNd, x: Tensor, d: Tensor) -> dict[str, Factor]:
             dd = d3.reshape(n, g, o, length).permute(0, 1, 3, 2).reshape(n * g, length, o)
             out["weight"] = LinearFactor(a, dd, groups=g)
     if module.bias is not None and module.bias.requires_grad:
-        out["bias"] = DenseFactor(d3.sum(2))
+        out["bias"] = DenseFactor(acc_sum(d3, 2))
     return out
 
 
@@ -352,7 +353,7 @@ def check_output_padding(stride: Any, output_padding: Any, what: str) -> None:
 def transposed_factors(module: ConvTransposeNd, x: Tensor, d: Tensor) -> dict[str, Factor]:
     out = factors(_AsConv(module), d, x)  # type: ignore[arg-type]
     if module.bias is not None and module.bias.requires_grad:
-        out["bias"] = DenseFactor(d.reshape(d.shape[0], d.shape[1], -1).sum(2))
+        out["bias"] = DenseFactor(acc_sum(d.reshape(d.shape[0], d.shape[1], -1), 2))
     return out
 
 

@@ -86,6 +86,7 @@ from noisescale.per_example.factors import (
     Subbatches,
     _acc,
     _flat_rows,
+    acc_sum,
     group_factor,
     sqnorm,
     sqnorm_of_sum,
@@ -558,6 +559,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # (torch.compile's wrappers left out: Dynamo, tracing a hook's lookup in this table,
         # builds every key, and a wrapper's `_orig_mod` is the module it is tracing)
         self._modules = [m for m in model.modules() if not compiled.is_compile_wrapper(m)]
+        self._spine = _spine(model)  # (whose own code the loss watch follows: begin_forward)
         self._site = {m: i for i, m in enumerate(self._modules)}
         self._params: list[nn.Parameter] = []  # trainable parameters by position, and back
         self._param_index: dict[int, int] = {}
@@ -700,10 +702,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     # a BatchNorm subclass with its own forward (timm's BatchNormAct2d): batch
                     # statistics in training mode, whatever else the forward adds
-                    if own:
-                        norms.check(module, label)
-                    else:
-                        self._mode_checks.append((module, norms.check, label))
+                    norms.check_built(module, label)
+                    self._mode_checks.append((module, norms.check, label))
                 for name, p in own.items():
                     self._scopes.setdefault(module, []).append((module, name, id(p)))
                 if isinstance(module, nn.MultiheadAttention):
@@ -727,11 +727,15 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                     "(noisescale.register_layer), or per_example=False"
                 )
             if rule.check is not None:
-                rule.check(module, label)
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    # (its mode where it runs: _on_forward, or the pre-hook of _mode_checks)
+                    norms.check_built(module, label)
+                else:
+                    rule.check(module, label)
                 if not covered:
                     # a frozen layer whose form can still couple the examples (a BatchNorm
                     # frozen by eval(), which model.train() puts back in training mode): no
-                    # hook of its own runs its check, each pass does (_open_pass)
+                    # hook of its own runs its check, a pre-hook does at each call (_install)
                     self._mode_checks.append((module, rule.check, label))
             if covered:
                 self._calls[module] = (rule, label, covered)
@@ -798,6 +802,20 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                         always_call=True,
                     )
                 )
+        if self.per_example:
+            self._install_spine_hooks()
+        for module, check, label in self._mode_checks:
+            # (at each call of the layer, in the pass: not when the pass opens, which refused a
+            # BatchNorm the forward never calls, an unused head's)
+            self._handles.append(
+                module.register_forward_pre_hook(
+                    self._hook(
+                        lambda m, a, c=check, lb=label: c(m, lb) if self._active() else None,
+                        lambda m, a, c=check, lb=label: c(m, lb),
+                        owner=module,
+                    )
+                )
+            )
         # (the learned-state search's records are kept only for a model with a recurrent layer,
         # the one place they are read: _on_recurrent_enter)
         self.recurrent = any(isinstance(m, nn.RNNBase) for m in self._calls)
@@ -1066,6 +1084,18 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._open_pass(args, kwargs)
         if self.passes and self._inside_compiled_call:
             self.passes[-1].compiled_call = True
+        elif (
+            self.per_example
+            and self.auditing_enabled
+            and self._audit_due
+            and self._active()
+            and not self.passes[-1].skipped
+            and self.passes[-1].batch_size > 1
+        ):
+            # an audited step's forward is followed from its hooked layers' outputs: a loss the
+            # model computes itself must keep the examples apart too (loss_watch.begin_forward)
+            self.passes[-1].forward_watched = True
+            self._loss_watch.begin_forward(self.passes[-1], self.pairs)
 
     def _check_tied_rows(self, n: int) -> None:
         """Under ``paired_rows`` or ``grouped_rows`` every forward — each accumulation
@@ -1153,8 +1183,6 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             self.passes.append(PassNorms(batch_size=n, skipped=True, idle=True, fed_by=fed_by))
             return
         self._guard_param_hooks()
-        for module, check, label in self._mode_checks:
-            check(module, label)
         weights = self.precondition() if self.precondition is not None else None
         # a forward after the step's measured backward (the next accumulation micro-batch)
         # cannot be measured: no layer hooks for it
@@ -1246,10 +1274,48 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             "unknown; pass the batch as a tensor (dim 0 = examples)"
         )
 
+    def _install_spine_hooks(self) -> None:
+        """The loss watch follows the model's own code in an audited step's forward
+        (:meth:`LossWatch.begin_forward`): hooks on the children with parameters of the model
+        and of the modules it only delegates to tell it when one of them runs (not followed)
+        and what it returned (rows of examples). Registered once, so that a checkpoint's
+        recomputation runs the same hooks; the engine's own layers are followed through."""
+        watch = self._loss_watch
+        for module in self.model.modules():
+            if id(module) not in self._spine:
+                continue
+            for child in module.children():
+                if (
+                    id(child) in self._spine
+                    or child in self._calls
+                    or next(child.parameters(), None) is None
+                    or isinstance(child, torch.jit.ScriptModule)  # (takes no hooks: followed)
+                ):
+                    continue
+                self._handles.append(
+                    child.register_forward_pre_hook(
+                        self._hook(
+                            lambda m, a: watch.module_called(m), lambda m, a: None, owner=child
+                        )
+                    )
+                )
+                self._handles.append(
+                    child.register_forward_hook(
+                        self._hook(
+                            lambda m, a, o: watch.module_returned(m, o),
+                            lambda m, a, o: None,
+                            owner=child,
+                            post=True,
+                        ),
+                        always_call=True,
+                    )
+                )
+
     def _on_model_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         try:
             self._model_output(output)
         finally:
+            self._loss_watch.end_forward()
             self._loss_watch.resume()  # (a watched pass's loss may go on after any forward)
 
     def _model_output(self, output: Any) -> None:
@@ -1335,6 +1401,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 )
                 pass_.audit.nodes = pass_.nodes
                 pass_.audit.params = list(self._param.values())
+                self._skip_16_bit_embedding_sums(pass_.audit)
                 pass_.audit.buffers = list(self.model.buffers())
                 pass_.audited = True
                 for edge in roots:
@@ -1346,6 +1413,18 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                     pass_.audit.add_target(edge, dim, owner, label)
                 self._check_permutation(pass_, output)
                 if pass_.batch_size > 1 and not (pass_.compiled or pass_.compiled_call):
+                    if not pass_.forward_watched and any(
+                        t.dim() == 0 and t.requires_grad for t in _tensors(output)
+                    ):
+                        # audited for a structure not seen before, decided once the forward
+                        # had run: a loss computed inside it was not followed (begin_forward)
+                        pass_.loss_unfollowed = (
+                            "the model's forward returned a value it computed itself (a loss?) "
+                            "on a step audited for a structure not seen before, whose forward "
+                            "noisescale did not follow, so it could not check that the loss "
+                            "keeps the examples apart"
+                        )
+                        self._audit_due = True
                     batched = [t for t in _tensors(output) if not isinstance(t, SharedTensor)]
                     packed = _tensors(output, packed=True)
                     self._loss_watch.watch(pass_, batched, self._model_dim, packed, self.pairs)
@@ -1478,6 +1557,21 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 holder._parameters[name] = stack.pop()  # type: ignore[assignment]
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        replaced = self._on_layer_output(module, args, kwargs, output)
+        watch = self._loss_watch
+        if (
+            watch.forward_pass is not None
+            and watch.in_own_code()
+            and not (self._recomputing or self._replaying or self._paused)
+        ):
+            # a layer the model's own code called (lm_head, CLIP's projections): the audit
+            # proves its rows, what the model computes from them on is followed
+            watch.mark_layer(
+                watch.forward_pass, _tensors(output if replaced is None else replaced), 0
+            )
+        return replaced
+
+    def _on_layer_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         stack = self._weight_calls.get(module)
         taken = stack.pop() if stack else None
         product_weight, product_bias = (None, None) if taken is None else taken
@@ -2377,6 +2471,21 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 self._check_rule(pass_, call, grads, facs)
         self._deliver(pass_, call.params, facs, reaches)
 
+    def _skip_16_bit_embedding_sums(self, audit: audit_mod.PassAudit) -> None:
+        """An embedding table stored in 16 bits on the CPU: torch's backward adds a row read
+        many times up in 16 bits there (bf16, one row read 1,024 times: 4.9% off a float64 sum;
+        16,384 times: 14%), so autograd's ``.grad`` is a poor reference for the coverage check
+        — BERT in bf16 was refused at its fourth step over ``token_type_embeddings`` (every
+        position reads row 0), blaming a missed use (a hunt, 2026-12-05). Such a table is
+        compared with a tolerance of 25% of its gradient (a missed use — a tied head, a
+        penalty — is most of it), and a refusal names this cause too."""
+        for module in self._calls:
+            if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+                continue
+            weight = module.weight
+            if _sums_in_16_bits(weight) and weight.requires_grad:
+                audit.loose[id(weight)] = audit_mod.TOL_EMBEDDING_16
+
     @staticmethod
     def _check_rule(pass_: PassNorms, call: _Call, grads: tuple, facs: dict[str, Factor]) -> None:
         """The audit's check of a rule the user registered (:meth:`PassAudit.check_rule`), on
@@ -2467,7 +2576,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                         "npo,npi->nio" if transposed else "npo,npi->noi", _acc(d), _acc(a)
                     )
                 else:
-                    factor = DenseFactor(d.sum(1))
+                    factor = DenseFactor(acc_sum(d, 1))
                     dense = lambda: _acc(d).sum(1)  # noqa: E731
                 self._route(pass_, route, data, factor, dense, reaches)
         elif kind == "embedding":
@@ -2505,7 +2614,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             if meeting.extra.get("transposed"):
                 # (the adjoint convolution, δ to x: conv.transposed_factors' rule)
                 facs = conv.factors(spec, g, xx)
-                facs["bias"] = DenseFactor(g.reshape(g.shape[0], g.shape[1], -1).sum(2))
+                facs["bias"] = DenseFactor(acc_sum(g.reshape(g.shape[0], g.shape[1], -1), 2))
             else:
                 facs = conv.factors(spec, xx, g)
             for route, role, data in meeting.extra["routes"]:
@@ -2732,8 +2841,15 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             self._generator(torch.device(device)).set_state(torch.tensor(values, dtype=torch.uint8))
 
     def _make_param_hook(self, pid: int) -> Callable[[Tensor], None]:
-        def hook(grad: Tensor) -> None:
+        def hook(grad: Tensor | None) -> None:
             if self._paused or self._replaying:
+                return
+            if grad is None:
+                # a compiled backward calls the hooks of parameters it gave no gradient (a
+                # submodule run under no_grad or on a detached input, its parameters still
+                # trainable): nothing reached them — eager autograd calls no hook (until
+                # 2026-12-05 this crashed the backward, or withheld a step blaming a graph
+                # break, a hunt)
                 return
             task = torch._C._current_graph_task_id()
             current = self._task_pass.get(task) or (self.passes[-1] if self.passes else None)
@@ -3275,10 +3391,23 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         return done
 
 
+def _spine(model: nn.Module) -> frozenset[int]:
+    """The ids of ``model`` and of the modules it only delegates to: while a module has exactly
+    one child with trainable or frozen parameters (torch.compile's ``_orig_mod``, peft's
+    ``base_model`` and ``model``), that child too."""
+    spine, module = {id(model)}, model
+    while True:
+        owners = [c for c in module.children() if next(c.parameters(), None) is not None]
+        if len(owners) != 1:
+            return frozenset(spine)
+        module = owners[0]
+        spine.add(id(module))
+
+
 def _sums_in_16_bits(grad: Tensor) -> bool:
     """Whether autograd sums a normalisation layer's affine gradients from this output gradient
-    in 16 bits: a bfloat16/float16 gradient on the CPU (measured in torch 2.13: the bias
-    gradient of 8,192 rows 9% off a float32 sum)."""
+    (or an embedding's rows, given its weight) in 16 bits: a bfloat16/float16 tensor on the CPU
+    (measured in torch 2.13: the bias gradient of 8,192 rows 9% off a float32 sum)."""
     return grad.device.type == "cpu" and grad.dtype in (torch.bfloat16, torch.float16)
 
 

@@ -36,6 +36,15 @@ def _acc(x: Tensor) -> Tensor:
     return x if x.dtype == _acc_dtype(x) else x.float()
 
 
+def acc_sum(x: Tensor, dim: int) -> Tensor:
+    """``x.sum(dim)`` accumulated in float32 for 16-bit ``x``: a bias's per-example gradient
+    summed over positions in bfloat16 was rounded per example, and where the examples' gradients
+    cancel the audit's sum of those rows missed autograd's (summed in float32) by more than its
+    tolerance — a step refused, blaming a missed use, partway through a run (a hunt,
+    2026-12-05: a per-token value head, 8 audits in 100 in bf16)."""
+    return x.sum(dim, dtype=_acc_dtype(x))
+
+
 # vector_norm is one fused pass without the temporary of pow(2).sum(), but on CPU it sums
 # sequentially, so its relative error grows with the length (2e-5 at 10⁶ elements, 1e-3 at
 # 1.6·10⁷). There, long rows are cut into pieces of this many elements whose norms are summed.

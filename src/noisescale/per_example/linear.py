@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from noisescale.per_example.factors import DenseFactor, Factor, LinearFactor
+from noisescale.per_example.factors import DenseFactor, Factor, LinearFactor, acc_sum
 from noisescale.per_example.registry import LayerRule, register_layer
 
 
@@ -24,7 +24,7 @@ def linear_factors(module: nn.Module, a: Tensor, d: Tensor) -> dict[str, Factor]
     if module.weight.requires_grad:
         out["weight"] = LinearFactor(a3, d3)
     if module.bias is not None and module.bias.requires_grad:
-        out["bias"] = DenseFactor(d3.sum(1))
+        out["bias"] = DenseFactor(acc_sum(d3, 1))
     return out
 
 
@@ -35,7 +35,7 @@ def conv1d_hf_factors(module: nn.Module, a: Tensor, d: Tensor) -> dict[str, Fact
     if module.weight.requires_grad:
         out["weight"] = LinearFactor(a3, d3, transposed=True)
     if module.bias is not None and module.bias.requires_grad:
-        out["bias"] = DenseFactor(d3.sum(1))
+        out["bias"] = DenseFactor(acc_sum(d3, 1))
     return out
 
 

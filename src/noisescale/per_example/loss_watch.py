@@ -7,7 +7,9 @@ L = Σ_i ℓ_i(out_i): then ∂L/∂out_i depends on example i alone. A loss tha
 in-batch negatives (a similarity matrix z₁ z₂ᵀ), a normalization by the batch's statistics, a
 pairwise term between two forwards' outputs — has no per-example gradients at all, and the
 engine would report each example's *share* of the gradient without a word. No audit of the
-model reaches it: the loss is computed outside the model.
+model reaches it: the loss is computed after the model's last measured layers — outside the
+model, or inside its forward (``labels=``, ``return_loss=True``), which the watch then follows
+from those layers' outputs on (:meth:`LossWatch.begin_forward`).
 
 On audited passes, from the moment the model's forward returns until the backward is called,
 a :class:`~torch.utils._python_dispatch.TorchDispatchMode` follows every ATen operation on a
@@ -92,6 +94,8 @@ class _Sum:
 @dataclass(frozen=True)
 class Mixed:
     reason: str
+    inside: bool = False  # found inside the model's forward (begin_forward), not after it
+    unknown: bool = False  # an operation without a rule (_unknown), not a known coupling
 
 
 Layout = Rows | One | _Sum | Mixed
@@ -175,11 +179,7 @@ class LossWatch:
         if self.done:
             self.reset()
         n = pass_.batch_size
-        units, block = n, 1
-        if pairs == "halves" and n % 2 == 0:
-            units = n // 2
-        elif isinstance(pairs, int) and not isinstance(pairs, bool) and n % pairs == 0:
-            units, block = n // pairs, pairs
+        units, block = _units(n, pairs)
         added = False
         for t in outputs:
             if t.grad_fn is None or t.dim() == 0:
@@ -218,9 +218,75 @@ class LossWatch:
             if layout is not None:
                 self.layouts[t] = layout
                 added = True
-        if added:
+        if added and pass_ not in self.passes:
             self.passes.append(pass_)
         self.resume()
+
+    def begin_forward(self, pass_: Any, pairs: str | int | None = None) -> None:
+        """Follow the model's own code in a forward (an audited step's): the loss a model
+        computes itself — ``labels=``, CLIP's ``return_loss=True``, nanoGPT's ``(logits,
+        loss)`` — which no watch over what follows the forward reaches (until 2026-12-05 an
+        in-batch contrastive loss or a plain sum returned by the forward was measured without
+        a word). Followed: the code of the model and of the modules it only delegates to (the
+        engine's spine: its one child with parameters, and so on — torch.compile's and peft's
+        wrappers), with the layers they call that the engine hooks and modules without
+        parameters (loss modules); inside the spine's other children nothing is — the audit
+        proves the rows of what they return, which start fresh there (:meth:`module_returned`)
+        — so that the watch's rules, written for losses, meet the model's own code and not
+        its layers' (run through a whole model they refused LoRA models and checkpointed ones
+        for nothing: tried and dropped, 2026-12-05)."""
+        if self.done:
+            self.reset()
+        if pass_ not in self.passes:
+            self.passes.append(pass_)
+        self.forward_pass = pass_
+        self._forward_units = _units(pass_.batch_size, pairs)
+        self._running = []
+        self.resume()
+
+    def end_forward(self) -> None:
+        self.forward_pass = None
+        self._running = []
+
+    def in_own_code(self) -> bool:
+        """Whether the followed forward runs the model's own code now (no child running)."""
+        return not self._running
+
+    def module_called(self, module: Any) -> None:
+        """A module with parameters called from the model's own code (the engine's pre-hook on
+        the spine's children): its operations are not followed until it returns."""
+        if self.forward_pass is not None:
+            self._running.append(module)
+
+    def module_returned(self, module: Any, output: Any) -> None:
+        if self.forward_pass is None or not self._running or self._running[-1] is not module:
+            return
+        self._running.pop()
+        if not self._running and self.forward_pass is not None:
+            leaves: list[Any] = []
+            flatten(output, leaves)
+            self.mark_layer(self.forward_pass, [t for t in leaves if isinstance(t, Tensor)], 0)
+
+    def mark_layer(self, pass_: Any, outputs: list[Tensor], dim: int) -> None:
+        """A module's ``outputs`` returned into the model's own code: each output with the
+        batch's examples in ``dim`` (or in its one dimension of their size) is that example's
+        rows; any other is not followed."""
+        if self.forward_pass is not pass_ or self.done:
+            return
+        n = pass_.batch_size
+        units, block = self._forward_units
+        for t in outputs:
+            if t.grad_fn is None or t.dim() == 0:
+                continue
+            sizes = [i for i, s in enumerate(t.shape) if s == n]
+            at = sizes[0] if len(sizes) == 1 else None
+            if t.dim() > dim and t.shape[dim] == n:
+                at = dim
+            self.scaled.pop(t, None)
+            if at is None:
+                self.layouts.pop(t, None)
+            else:
+                self.layouts[t] = Rows(at, block, id(pass_), units, id(pass_))
 
     def pause(self) -> None:
         """Stop following (a forward of the model starts: its operations are the engine's).
@@ -273,6 +339,9 @@ class LossWatch:
         self.written: dict[int, Mixed] = {}  # storages written in place with followed values
         self.targets = WeakTensorKeyDictionary()  # the tensors written so (their layouts hold)
         self.passes: list[Any] = []
+        self.forward_pass: Any = None  # the pass whose forward is followed (begin_forward)
+        self._forward_units = (0, 1)
+        self._running: list[Any] = []  # the spine's children running (module_called)
         self.done = False
         self.checked = False  # a backward (or autograd.grad) from the loss was seen
         self.gave_up: str | None = None
@@ -296,7 +365,12 @@ class LossWatch:
             if isinstance(layout, Mixed):
                 for pass_ in self.passes:
                     if pass_.coupled is None:
-                        pass_.coupled = layout.reason
+                        pass_.coupled = (
+                            "inside the model's own forward code (a loss it computes itself, "
+                            "or its examples combined between its layers), "
+                            if layout.inside
+                            else "after the model's forward returned, "
+                        ) + layout.reason
                 return
             if final and isinstance(layout, _Sum) and layout.plain is not None:
                 # (the step's loss only: not an earlier torch.autograd.grad's output, a
@@ -316,8 +390,8 @@ class LossWatch:
     # -- following one operation ---------------------------------------------------------------
 
     def follow(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
-        if self.done:
-            return
+        if self.done or (self.forward_pass is not None and self._running):
+            return  # (inside a module of the model's: begin_forward)
         # Under no_grad, inside a custom autograd.Function's forward or a reentrant checkpoint,
         # operands are followed whatever they require: the Function's output gets the layout of
         # what it computed. With gradients on, a tensor that requires none is a constant.
@@ -346,21 +420,39 @@ class LossWatch:
         try:
             layouts = _rule(func, args, kwargs, known, outs)
         except Exception as err:  # a rule that cannot read the operation: not followed
-            layouts = Mixed(f"'aten.{_name(func)}' ({type(err).__name__} in noisescale's rule)")
+            layouts = Mixed(
+                f"'aten.{_name(func)}' ({type(err).__name__} in noisescale's rule)", unknown=True
+            )
         if not isinstance(layouts, list):
             layouts = [layouts] * len(outs)
         name = _name(func).rstrip("_")
         scaled = any(t in self.scaled for t, _ in known) or (
             name in _SCALINGS and len(known) == 1 and len(flat) > 1
         )
+        inside = self.forward_pass is not None
         for t, layout in zip(outs, layouts, strict=False):
+            if inside and isinstance(layout, Mixed):
+                if layout.unknown:
+                    # Inside the forward an operation without a rule (an attention kernel, a
+                    # frozen layer's) loses the thread rather than refusing the model: what
+                    # it computes is not followed (a loss computed from it alone is taken as
+                    # it is — the gap the watch had inside the forward before 2026-12-05 —
+                    # while one combining examples through known operations is refused)
+                    self.layouts.pop(t, None)
+                    continue
+                if not layout.inside:
+                    layout = Mixed(layout.reason, True)
             if layout is not None:
                 if scaled and isinstance(layout, _Sum) and layout.plain is not None:
                     layout = _Sum(layout.owners, None, layout.count)
                 self.layouts[t] = layout
                 if scaled:
                     self.scaled[t] = True
-        if _name(func) in ("nll_loss_forward", "nll_loss2d_forward"):
+        if inside:
+            # (a mean over what a loss computed in the forward counts is the token watcher's to
+            # weigh — transformers' labels=, noisescale.tokens — not flagged here)
+            pass
+        elif _name(func) in ("nll_loss_forward", "nll_loss2d_forward"):
             self._note_counted_mean(func, args, kwargs, known)
         elif _name(func) in ("div", "true_divide"):
             self._note_divided_sum(args, known)
@@ -395,7 +487,11 @@ class LossWatch:
             return
         flag = (target == named.get("ignore_index", -100)).any()
         if isinstance(weight, Tensor):
-            flag = flag | (weight != 1).any()
+            weighted = (weight != 1).any()
+            flag = flag | weighted
+            for pass_ in self.passes:
+                if id(pass_) == layout.owner:
+                    pass_.class_weighted = weighted
         self._mark_counted_mean({layout.owner}, lambda pass_: flag)
 
     def _note_divided_sum(self, args: tuple, known: list) -> None:
@@ -428,6 +524,17 @@ class LossWatch:
                 flag = flag_of(pass_)
                 previous = pass_.counted_mean
                 pass_.counted_mean = flag if previous is None else previous | flag
+
+
+def _units(n: int, pairs: str | int | None) -> tuple[int, int]:
+    """(units, block) of a pass of ``n`` rows: ``paired_rows`` ("halves": row i and row
+    i + N/2 are one unit) or ``grouped_rows`` (G: blocks of G consecutive rows) — else N
+    units of one row."""
+    if pairs == "halves" and n % 2 == 0:
+        return n // 2, 1
+    if isinstance(pairs, int) and not isinstance(pairs, bool) and n % pairs == 0:
+        return n // pairs, pairs
+    return n, 1
 
 
 def _storage(t: Tensor) -> int:
@@ -589,6 +696,16 @@ def _named(func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
 
 def _mixed(func: Any, what: str) -> Mixed:
     return Mixed(f"'aten.{_name(func)}' {what}")
+
+
+def _unknown(func: Any) -> Mixed:
+    """An operation the watch has no rule for: mixed after the forward (refused rather than
+    guessed); inside it, where the model's own operations run (attention kernels, frozen
+    layers), the thread is dropped instead (:meth:`LossWatch.follow`)."""
+    return Mixed(
+        f"'aten.{_name(func)}' is an operation noisescale does not follow through the loss",
+        unknown=True,
+    )
 
 
 def _dims(dim: Any, ndim: int) -> set[int]:
@@ -854,7 +971,7 @@ def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: l
     if len(known) > 1 or t is not args[0]:
         if name in ("index", "gather", "index_select", "take_along_dim"):
             return _mixed(func, "picked values by indices computed from the model's outputs")
-        return _mixed(func, "is an operation noisescale does not follow through the loss")
+        return _unknown(func)
     if isinstance(layout, _Sum):
         if name in ("expand", "unsqueeze", "squeeze", "permute", "transpose", "t", "select"):
             return _sum(known)
@@ -862,7 +979,7 @@ def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: l
             return _sum(known)
         if name in ("diagonal", "diagonal_copy", "trace", "repeat", "flip", "roll"):
             return _sum(known)
-        return _mixed(func, "is an operation noisescale does not follow through the loss")
+        return _unknown(func)
     d = layout.dim
 
     def keep(new_dim: int) -> Rows:
@@ -975,7 +1092,7 @@ def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: l
         if reps[d + shift] == 1:
             return keep(d + shift)
         return fresh(d + shift)
-    return _mixed(func, "is an operation noisescale does not follow through the loss")
+    return _unknown(func)
 
 
 def _one(layout: Rows, index: int) -> One:

@@ -53,6 +53,25 @@ def loss_kind_message(declared: str, passes: Sequence[PassNorms]) -> str | None:
     return None
 
 
+def class_weighted_message(passes: Sequence[PassNorms]) -> str | None:
+    """A step whose loss is a cross-entropy or NLL with class weights averaged over the batch's
+    summed weights (``reduction="mean"``, loss_watch.py, audited steps): the refusal's text;
+    else ``None``."""
+    for p in passes:
+        if p.class_weighted is not None and bool(p.class_weighted):
+            return (
+                "the loss is a cross-entropy (or NLL) with class weights (weight=) averaged "
+                "over the batch's summed weights (reduction='mean'): that divisor depends on the "
+                "examples drawn, so the step's gradient is a ratio whose noise the examples' "
+                "norms do not give without bias (on a frozen model with weights 1, 8, 0.1 and "
+                "8 examples a step, B_simple read 54% high, its interval excluding the truth). "
+                "Weigh the examples yourself and average over them — (w[y] * "
+                "F.cross_entropy(out, y, reduction='none')).mean(), or the weighted sum divided "
+                "by a constant — or use per_example=False with accumulation micro-batches"
+            )
+    return None
+
+
 def submodule_called_message(lead: str, model: nn.Module, label: str) -> str:
     """The refusal of a step in which a layer ran with gradients enabled outside a forward of
     the measured ``model`` (:attr:`PerExampleNorms.unopened`); ``lead`` names the fix."""
@@ -256,7 +275,7 @@ def _ambiguous_message(pass_: PassNorms) -> str:
 def _coupled_message(pass_: PassNorms) -> str:
     return (
         "the loss combines the examples, so they have no per-example gradients for noisescale "
-        f"to measure: after the model's forward returned, {pass_.coupled}, and the backward "
+        f"to measure: {pass_.coupled}, and the backward "
         "started from the result. Per-example norms are defined for a loss that is a sum (or "
         "mean) of per-example terms, Σ_i ℓ_i(output_i); a contrastive loss with in-batch "
         "negatives, a pairwise term between two forwards' outputs, or a normalization by the "

@@ -16,11 +16,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from noisescale.errors import UnsupportedModuleError
-from noisescale.per_example.factors import DenseFactor, Factor, _acc
+from noisescale.per_example.factors import DenseFactor, Factor, _acc, acc_sum
 from noisescale.per_example.registry import LayerRule, register_layer
 
 _BatchNorm = nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d
 _InstanceNorm = nn.InstanceNorm1d | nn.InstanceNorm2d | nn.InstanceNorm3d
+
+
+def check_built(module: nn.Module, name: str) -> None:
+    """What is refused when the engine is made: a BatchNorm that keeps no running statistics
+    (batch statistics in every mode). Its mode is checked where it runs (:func:`check`, at each
+    call): a model is built in training mode, and a loop that freezes its BatchNorms before
+    every forward (``model.train(); model.apply(freeze_bn)``) — or one that never calls a
+    BatchNorm (an unused head) — was refused when the tracker was made, until 2026-12-05 (a
+    hunt)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
+        check(module, name)
 
 
 def check(module: nn.Module, name: str) -> None:
@@ -102,16 +113,16 @@ def factors(module: nn.Module, x: Tensor, d: Tensor) -> dict[str, Factor]:
     if isinstance(module, nn.LayerNorm | nn.RMSNorm):
         feat = tuple(module.normalized_shape)
         if weight is not None and weight.requires_grad:
-            out["weight"] = DenseFactor(_times(d, module, x).reshape(n, -1, *feat).sum(1))
+            out["weight"] = DenseFactor(acc_sum(_times(d, module, x).reshape(n, -1, *feat), 1))
         if bias is not None and bias.requires_grad:
-            out["bias"] = DenseFactor(d.reshape(n, -1, *feat).sum(1))
+            out["bias"] = DenseFactor(acc_sum(d.reshape(n, -1, *feat), 1))
         return out
     # GroupNorm / InstanceNorm / BatchNorm: one affine parameter per channel (dim 1)
     c = x.shape[1]
     if weight is not None and weight.requires_grad:
-        out["weight"] = DenseFactor(_times(d, module, x).reshape(n, c, -1).sum(2))
+        out["weight"] = DenseFactor(acc_sum(_times(d, module, x).reshape(n, c, -1), 2))
     if bias is not None and bias.requires_grad:
-        out["bias"] = DenseFactor(d.reshape(n, c, -1).sum(2))
+        out["bias"] = DenseFactor(acc_sum(d.reshape(n, c, -1), 2))
     return out
 
 

@@ -168,6 +168,12 @@ class PassNorms:
     returned: bool = False  # the model's forward has returned (what follows is the loss)
     # how the loss combined the examples, when it did (loss_watch.py): refused in _settle
     coupled: str | None = None
+    # a cross-entropy / NLL with class weights averaged over them (a device bool; loss_watch):
+    # refused by the tracker (its divisor depends on the examples drawn)
+    class_weighted: Any = None
+    # its forward was followed by the loss watch (an audited step's: a loss the model computes
+    # itself is checked too; loss_watch.begin_forward)
+    forward_watched: bool = False
     loss_unfollowed: str | None = None  # why its loss could not be followed (withheld)
     # a device bool: the loss averaged over what it counts, not over the examples — a negative
     # log-likelihood with ignore_index targets or class weights, or a sum divided by a tensor

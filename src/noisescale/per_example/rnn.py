@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
-from noisescale.per_example.factors import DenseFactor, Factor, LinearFactor, _acc
+from noisescale.per_example.factors import DenseFactor, Factor, LinearFactor, _acc, acc_sum
 from noisescale.per_example.registry import LayerRule, register_layer
 
 
@@ -263,8 +263,8 @@ def _factors(
         params = {
             "weight_ih" + sfx: LinearFactor(seq_inputs[k], d_ih[k]),
             "weight_hh" + sfx: LinearFactor(prev_states[k], d_hh),
-            "bias_ih" + sfx: DenseFactor(d_ih[k].sum(1)),
-            "bias_hh" + sfx: DenseFactor(d_hh.sum(1)),
+            "bias_ih" + sfx: DenseFactor(acc_sum(d_ih[k], 1)),
+            "bias_hh" + sfx: DenseFactor(acc_sum(d_hh, 1)),
         }
         if proj:
             count = len(hr_nodes[k])

@@ -252,8 +252,15 @@ class Traced:
         return None
 
     def _traced_products(self, module: nn.Module, args: tuple) -> bool:
-        """:meth:`_on_weight_enter`'s decision, from what does not change between passes."""
+        """:meth:`_on_weight_enter`'s decision, from what does not change between passes —
+        and whether passes are split at all (:meth:`_split`): after a split pass without
+        products (a short sequence, a small last batch) they are not, and a graph traced
+        before, with products, ran on the unsplit passes after it — refused as a graph break
+        that was not, and compiled code run eagerly from then on (a hunt, 2026-12-05). Read
+        while tracing, the flag is guarded: a change recompiles."""
         if not (self.subbatches and self.per_example and self._replay_allowed):
+            return False
+        if self._subbatches_pay is False:
             return False
         rule, _, params = self._calls[module]
         weight = params.get("weight")
