@@ -215,6 +215,16 @@ def test_non_numeric_value(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     _fails(capsys, [str(tmp_path / "bad.jsonl")], "line 1: batch_size is not a number")
 
 
+def test_a_learning_rate_not_positive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A learning rate of 0 or below was accepted until 2026-12-05 ("best lr 0", exit 0; a
+    hunt), where a batch size of -8 exited 2."""
+    for lr in ("0", "-0.1"):
+        (tmp_path / "lr.csv").write_text(
+            f"run,batch_size,learning_rate,step,loss\na,8,{lr},1,0.5\na,8,{lr},2,0.4\n"
+        )
+        _fails(capsys, [str(tmp_path / "lr.csv")], "learning_rate must be a positive number")
+
+
 def test_goal_no_run_reaches(runs_csv: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _fails(capsys, [str(runs_csv), "--goal", "1e-6"], "no run reaches the goal 1e-06")
 

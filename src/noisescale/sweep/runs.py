@@ -89,8 +89,11 @@ class Run:
             raise NoiseScaleInputError(
                 f"run {name!r}: batch_size must be a positive number, got {batch_size}"
             )
-        if not math.isfinite(learning_rate):
-            raise NoiseScaleInputError(f"run {name!r}: learning_rate must be finite")
+        if not (math.isfinite(learning_rate) and learning_rate > 0):
+            # (0 or below was accepted until 2026-12-05: `fit` printed "best lr 0", a hunt)
+            raise NoiseScaleInputError(
+                f"run {name!r}: learning_rate must be a positive number, got {learning_rate}"
+            )
         if not np.all(np.isfinite(step_arr)):
             raise NoiseScaleInputError(f"run {name!r}: every step must be a finite number")
         order = np.argsort(step_arr, kind="stable")
