@@ -898,3 +898,42 @@ def test_a_new_structure_audited_after_its_forward_withholds_an_inner_loss():
             engine.collect()
     finally:
         engine.remove()
+
+
+class _FlatHead(nn.Module):
+    """An OPT-style head on the examples flattened with positions, [N·T, D] → [N·T, C], its
+    output unflattened and a per-token cross-entropy taken in the model's own code."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.classes = classes
+        self.emb, self.ff = nn.Embedding(20, 8), nn.Linear(8, 8)
+        self.head, self.gate = nn.Linear(8, classes), nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        n, t = x.shape
+        h = self.emb(x)
+        h = h + self.ff(h.reshape(-1, 8)).view(n, t, 8)
+        logits = self.head(h.reshape(-1, 8)).view(n, t, self.classes) + self.gate(h)
+        return F.cross_entropy(logits.reshape(-1, self.classes), y.reshape(-1))
+
+
+@pytest.mark.parametrize("classes", [5, 4])
+def test_a_head_on_flattened_rows_with_as_many_classes_as_examples(classes):
+    """The forward's watch took a layer's output [N·T, C] with C = N for rows of examples in
+    its classes' dimension and refused the step as combining examples (a review, 2026-12-05):
+    only an output with the examples in dim 0 is marked now. Measured after the first step
+    (withheld while the engine learns the flattened rows), as with C ≠ N."""
+    torch.manual_seed(0)
+    model = _FlatHead(classes)
+    tracker = noisescale.GradientNoiseTracker(model)
+    try:
+        for _ in range(4):
+            x, y = torch.randint(0, 20, (4, 3)), torch.randint(0, classes, (4, 3))
+            loss = model(x, y)
+            loss.backward()
+            tracker.step(loss=loss)
+            model.zero_grad()
+        assert all(r["sources"] for r in tracker.history[1:])
+    finally:
+        tracker.remove()

@@ -384,9 +384,17 @@ def test_class_weights_averaged_over_their_batch_sum_are_refused_with_the_fix():
             tracker.step(loss=loss)
     finally:
         tracker.remove()
+
+    def logged_beside(o: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # (a weighted loss only logged: not what the backward starts)
+            F.cross_entropy(o, y, weight=w)
+        return F.cross_entropy(o, y)
+
     for loss_of in (
         lambda o: (w[y] * F.cross_entropy(o, y, reduction="none")).mean(),
         lambda o: F.cross_entropy(o, y, weight=torch.ones(3)),
+        lambda o: F.cross_entropy(o, y, weight=torch.full((3,), 1 / 3)),  # (a constant divisor)
+        logged_beside,
     ):
         model.zero_grad()
         tracker = noisescale.GradientNoiseTracker(model)

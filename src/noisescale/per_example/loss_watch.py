@@ -269,8 +269,9 @@ class LossWatch:
 
     def mark_layer(self, pass_: Any, outputs: list[Tensor], dim: int) -> None:
         """A module's ``outputs`` returned into the model's own code: each output with the
-        batch's examples in ``dim`` (or in its one dimension of their size) is that example's
-        rows; any other is not followed."""
+        batch's examples in ``dim`` is that example's rows; any other is not followed (not a
+        guess at another dimension of the batch's size: a head on flattened rows [N·T, C]
+        with C = N was refused as combining examples, a review)."""
         if self.forward_pass is not pass_ or self.done:
             return
         n = pass_.batch_size
@@ -278,15 +279,12 @@ class LossWatch:
         for t in outputs:
             if t.grad_fn is None or t.dim() == 0:
                 continue
-            sizes = [i for i, s in enumerate(t.shape) if s == n]
-            at = sizes[0] if len(sizes) == 1 else None
-            if t.dim() > dim and t.shape[dim] == n:
-                at = dim
             self.scaled.pop(t, None)
-            if at is None:
-                self.layouts.pop(t, None)
+            self.weighted.pop(t, None)
+            if t.dim() > dim and t.shape[dim] == n:
+                self.layouts[t] = Rows(dim, block, id(pass_), units, id(pass_))
             else:
-                self.layouts[t] = Rows(at, block, id(pass_), units, id(pass_))
+                self.layouts.pop(t, None)
 
     def pause(self) -> None:
         """Stop following (a forward of the model starts: its operations are the engine's).
@@ -336,6 +334,9 @@ class LossWatch:
         # tensors scaled by a constant since the model's outputs (ℓ / N, w · ℓ): a sum of them
         # is not a plain sum over the examples (_Sum.plain)
         self.scaled = WeakTensorKeyDictionary()
+        # tensors computed from a cross-entropy / NLL with differing class weights averaged over
+        # them (a device bool each): a backward from one is refused by the tracker
+        self.weighted = WeakTensorKeyDictionary()
         self.written: dict[int, Mixed] = {}  # storages written in place with followed values
         self.targets = WeakTensorKeyDictionary()  # the tensors written so (their layouts hold)
         self.passes: list[Any] = []
@@ -372,6 +373,11 @@ class LossWatch:
                             else "after the model's forward returned, "
                         ) + layout.reason
                 return
+            if final and isinstance(root, Tensor) and root in self.weighted:
+                flag = self.weighted[root]
+                for pass_ in self.passes:
+                    previous = pass_.class_weighted
+                    pass_.class_weighted = flag if previous is None else previous | flag
             if final and isinstance(layout, _Sum) and layout.plain is not None:
                 # (the step's loss only: not an earlier torch.autograd.grad's output, a
                 # saliency probe's or a gradient penalty's inner sum)
@@ -430,24 +436,27 @@ class LossWatch:
             name in _SCALINGS and len(known) == 1 and len(flat) > 1
         )
         inside = self.forward_pass is not None
+        flags = [self.weighted[t] for t, _ in known if t in self.weighted]
+        if flags:
+            weighted = flags[0]
+            for flag in flags[1:]:
+                weighted = weighted | flag
+            for t in outs:
+                self.weighted[t] = weighted
         for t, layout in zip(outs, layouts, strict=False):
-            if inside and isinstance(layout, Mixed):
-                if layout.unknown:
-                    # Inside the forward an operation without a rule (an attention kernel, a
-                    # frozen layer's) loses the thread rather than refusing the model: what
-                    # it computes is not followed (a loss computed from it alone is taken as
-                    # it is — the gap the watch had inside the forward before 2026-12-05 —
-                    # while one combining examples through known operations is refused)
-                    self.layouts.pop(t, None)
-                    continue
-                if not layout.inside:
-                    layout = Mixed(layout.reason, True)
+            if inside and isinstance(layout, Mixed) and not layout.inside:
+                # (an operation without a rule in the model's own code is refused, as after the
+                # forward: dropping the thread there, tried first, measured a loss over
+                # torch.cdist's logits without a word, a review)
+                layout = Mixed(layout.reason, True, layout.unknown)
             if layout is not None:
                 if scaled and isinstance(layout, _Sum) and layout.plain is not None:
                     layout = _Sum(layout.owners, None, layout.count)
                 self.layouts[t] = layout
                 if scaled:
                     self.scaled[t] = True
+        if _name(func) in ("nll_loss_forward", "nll_loss2d_forward"):
+            self._note_class_weights(func, args, kwargs, outs)
         if inside:
             # (a mean over what a loss computed in the forward counts is the token watcher's to
             # weigh — transformers' labels=, noisescale.tokens — not flagged here)
@@ -487,12 +496,20 @@ class LossWatch:
             return
         flag = (target == named.get("ignore_index", -100)).any()
         if isinstance(weight, Tensor):
-            weighted = (weight != 1).any()
-            flag = flag | weighted
-            for pass_ in self.passes:
-                if id(pass_) == layout.owner:
-                    pass_.class_weighted = weighted
+            flag = flag | (weight != 1).any()
         self._mark_counted_mean({layout.owner}, lambda pass_: flag)
+
+    def _note_class_weights(self, func: Any, args: tuple, kwargs: dict, outs: list) -> None:
+        """A cross-entropy / NLL averaged over class weights that differ (uniform ones, 1/C,
+        make a constant divisor): the tracker refuses a backward from what it computed
+        (:meth:`backward`) — not a weighted loss only logged beside the one trained on (a
+        review, 2026-12-05)."""
+        named = _named(func, args, kwargs)
+        weight = named.get("weight")
+        if named.get("reduction", 1) != 1 or not isinstance(weight, Tensor):
+            return
+        for out in outs:
+            self.weighted[out] = weight.amin() != weight.amax()
 
     def _note_divided_sum(self, args: tuple, known: list) -> None:
         """A sum (or mean) over the examples divided by a tensor computed from the data — a
@@ -699,9 +716,9 @@ def _mixed(func: Any, what: str) -> Mixed:
 
 
 def _unknown(func: Any) -> Mixed:
-    """An operation the watch has no rule for: mixed after the forward (refused rather than
-    guessed); inside it, where the model's own operations run (attention kernels, frozen
-    layers), the thread is dropped instead (:meth:`LossWatch.follow`)."""
+    """An operation the watch has no rule for: mixed (refused rather than guessed), after the
+    forward and in the model's own code alike (where the watch does not go inside its
+    layers: :meth:`LossWatch.begin_forward`)."""
     return Mixed(
         f"'aten.{_name(func)}' is an operation noisescale does not follow through the loss",
         unknown=True,
