@@ -95,7 +95,6 @@ class _Sum:
 class Mixed:
     reason: str
     inside: bool = False  # found inside the model's forward (begin_forward), not after it
-    unknown: bool = False  # an operation without a rule (_unknown), not a known coupling
 
 
 Layout = Rows | One | _Sum | Mixed
@@ -426,9 +425,7 @@ class LossWatch:
         try:
             layouts = _rule(func, args, kwargs, known, outs)
         except Exception as err:  # a rule that cannot read the operation: not followed
-            layouts = Mixed(
-                f"'aten.{_name(func)}' ({type(err).__name__} in noisescale's rule)", unknown=True
-            )
+            layouts = Mixed(f"'aten.{_name(func)}' ({type(err).__name__} in noisescale's rule)")
         if not isinstance(layouts, list):
             layouts = [layouts] * len(outs)
         name = _name(func).rstrip("_")
@@ -448,7 +445,7 @@ class LossWatch:
                 # (an operation without a rule in the model's own code is refused, as after the
                 # forward: dropping the thread there, tried first, measured a loss over
                 # torch.cdist's logits without a word, a review)
-                layout = Mixed(layout.reason, True, layout.unknown)
+                layout = Mixed(layout.reason, True)
             if layout is not None:
                 if scaled and isinstance(layout, _Sum) and layout.plain is not None:
                     layout = _Sum(layout.owners, None, layout.count)
@@ -457,13 +454,11 @@ class LossWatch:
                     self.scaled[t] = True
         if _name(func) in ("nll_loss_forward", "nll_loss2d_forward"):
             self._note_class_weights(func, args, kwargs, outs)
-        if inside:
-            # (a mean over what a loss computed in the forward counts is the token watcher's to
-            # weigh — transformers' labels=, noisescale.tokens — not flagged here)
-            pass
-        elif _name(func) in ("nll_loss_forward", "nll_loss2d_forward"):
+        # (a mean over what a loss computed in the forward counts is the token watcher's to
+        # weigh — transformers' labels=, noisescale.tokens — not flagged here)
+        if not inside and _name(func) in ("nll_loss_forward", "nll_loss2d_forward"):
             self._note_counted_mean(func, args, kwargs, known)
-        elif _name(func) in ("div", "true_divide"):
+        elif not inside and _name(func) in ("div", "true_divide"):
             self._note_divided_sum(args, known)
         target = args[0] if args and isinstance(args[0], Tensor) else None
         if (
@@ -720,8 +715,7 @@ def _unknown(func: Any) -> Mixed:
     forward and in the model's own code alike (where the watch does not go inside its
     layers: :meth:`LossWatch.begin_forward`)."""
     return Mixed(
-        f"'aten.{_name(func)}' is an operation noisescale does not follow through the loss",
-        unknown=True,
+        f"'aten.{_name(func)}' is an operation noisescale does not follow through the loss"
     )
 
 
