@@ -1092,8 +1092,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             and not self.passes[-1].skipped
             and self.passes[-1].batch_size > 1
         ):
-            # an audited step's forward is followed from its hooked layers' outputs: a loss the
-            # model computes itself must keep the examples apart too (loss_watch.begin_forward)
+            # an audited step's forward is followed in the model's own code: a loss the model
+            # computes itself must keep the examples apart too (loss_watch.begin_forward)
             self.passes[-1].forward_watched = True
             self._loss_watch.begin_forward(self.passes[-1], self.pairs)
 
