@@ -937,3 +937,68 @@ def test_a_head_on_flattened_rows_with_as_many_classes_as_examples(classes):
         assert all(r["sources"] for r in tracker.history[1:])
     finally:
         tracker.remove()
+
+
+class _SeqFirstEncoder(nn.Module):
+    """A sequence-first GRU (``batch_first=False``) whose last state is the embedding, and a
+    loss over it computed in the forward: InfoNCE across the batch, or a per-example term."""
+
+    def __init__(self, contrastive: bool) -> None:
+        super().__init__()
+        self.contrastive = contrastive
+        self.gru, self.head = nn.GRU(D, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, h = self.gru(x.transpose(0, 1))  # h [1, N, 8]: the examples in dim 1
+        z = h[-1]
+        if self.contrastive:
+            return _similarity(z)
+        return z.pow(2).sum(1).mean()
+
+
+@pytest.mark.parametrize("contrastive", [True, False], ids=["in-batch", "per-example"])
+def test_a_loss_over_a_sequence_first_layer_s_state_in_the_forward(contrastive):
+    """The forward's watch marked only outputs with the examples in dim 0 and left a
+    sequence-first GRU's state unfollowed: an in-batch loss over it computed in the forward
+    was measured without a word, where the same loss outside was refused (a second review,
+    2026-12-05). The layer's example dimension is known now: refused; a per-example loss over
+    the same state measured."""
+    torch.manual_seed(0)
+    model = _SeqFirstEncoder(contrastive).double()
+    x = torch.randn(N, 3, D, dtype=torch.float64)
+    engine = PerExampleNorms(model)
+    try:
+        model(x).backward()
+        if contrastive:
+            with pytest.raises(UnsupportedModuleError, match="inside the model's own forward"):
+                engine.collect()
+        else:
+            (p,) = engine.collect()
+            assert p.raw_sqnorms is not None, p.withheld
+    finally:
+        engine.remove()
+
+
+def test_a_forward_that_raises_leaves_no_mode_behind():
+    """An exception in an audited forward left the watch's modes on the stacks until the next
+    forward (every operation the user ran meanwhile went through Python; a second review)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    class Raises(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.net(x)
+            raise ValueError(f"boom {out.shape}")
+
+    model, (x, _) = Raises(), data()
+    engine = PerExampleNorms(model)
+    try:
+        with pytest.raises(ValueError, match="boom"):
+            model(x)
+        assert _get_current_dispatch_mode() is None
+        assert torch._C._len_torch_function_stack() == 0
+    finally:
+        engine.remove()

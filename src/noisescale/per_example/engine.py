@@ -109,7 +109,7 @@ from noisescale.per_example.graph import (
     _selected_rows,
     _sequence_nr,
 )
-from noisescale.per_example.loss_watch import LossWatch
+from noisescale.per_example.loss_watch import LossWatch, example_dims
 from noisescale.per_example.messages import (
     _REENTRANT_LEAD,
     _flattened_hint,
@@ -785,6 +785,14 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 self._hook(self._on_model_output, self._traced_model_output, post=True)
             )
         )
+        # (a forward that raised: the watch that followed it comes off the mode stacks — left
+        # there, every operation the user ran next went through Python, a review)
+        self._handles.append(
+            self.model.register_forward_hook(
+                self._hook(self._on_model_raised, lambda m, a, o: None, post=True),
+                always_call=True,
+            )
+        )
         for module in self.model.modules():
             if self.per_example and (
                 _time_major(module) or isinstance(module, nn.MultiheadAttention)
@@ -1311,6 +1319,11 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                     )
                 )
 
+    def _on_model_raised(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._loss_watch.forward_pass is not None:  # (_on_model_output did not run)
+            self._loss_watch.end_forward()
+            self._loss_watch.pause()
+
     def _on_model_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         try:
             self._model_output(output)
@@ -1566,9 +1579,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         ):
             # a layer the model's own code called (lm_head, CLIP's projections): the audit
             # proves its rows, what the model computes from them on is followed
-            watch.mark_layer(
-                watch.forward_pass, _tensors(output if replaced is None else replaced), 0
-            )
+            outputs = _tensors(output if replaced is None else replaced)
+            watch.mark_layer(watch.forward_pass, outputs, example_dims(module, outputs))
         return replaced
 
     def _on_layer_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:

@@ -264,26 +264,57 @@ class LossWatch:
         if not self._running and self.forward_pass is not None:
             leaves: list[Any] = []
             flatten(output, leaves)
-            self.mark_layer(self.forward_pass, [t for t in leaves if isinstance(t, Tensor)], 0)
+            outputs = [t for t in leaves if isinstance(t, Tensor)]
+            self.mark_layer(self.forward_pass, outputs, example_dims(module, outputs), hooked=False)
 
-    def mark_layer(self, pass_: Any, outputs: list[Tensor], dim: int) -> None:
-        """A module's ``outputs`` returned into the model's own code: each output with the
-        batch's examples in ``dim`` is that example's rows; any other is not followed (not a
-        guess at another dimension of the batch's size: a head on flattened rows [N·T, C]
-        with C = N was refused as combining examples, a review)."""
+    def mark_layer(
+        self,
+        pass_: Any,
+        outputs: list[Tensor],
+        dims: list[int | None] | None = None,
+        *,
+        hooked: bool = True,
+    ) -> None:
+        """A module's ``outputs`` returned into the model's own code: rows of examples where
+        its layout says so. ``dims``: each output's example dimension where known (a recurrent
+        or sequence-first layer's); otherwise dim 0 when it has the batch's size — never a
+        guess at another dimension of a hooked layer's output (a head on [N·T, C] with C = N
+        was refused as combining examples, a review). The output of a module the engine does
+        not hook is read as an output of the model is (:meth:`watch`): one other dimension of
+        the batch's size is a sequence-first layout, several are ambiguous (an InfoNCE over a
+        sequence-first GRU's state was measured without a word when such outputs were left
+        unfollowed, a second review). Not followed: an output without the batch's size in any
+        dimension (a shared table's) or with the examples flattened with positions ([N·T, C]:
+        the audit proves those rows; what the model's code computes from them is not seen)."""
         if self.forward_pass is not pass_ or self.done:
             return
         n = pass_.batch_size
         units, block = self._forward_units
-        for t in outputs:
+        for i, t in enumerate(outputs):
             if t.grad_fn is None or t.dim() == 0:
                 continue
             self.scaled.pop(t, None)
             self.weighted.pop(t, None)
-            if t.dim() > dim and t.shape[dim] == n:
-                self.layouts[t] = Rows(dim, block, id(pass_), units, id(pass_))
-            else:
+            layout: Layout | None = None
+            at = None if dims is None or i >= len(dims) else dims[i]
+            sizes = [d for d, size in enumerate(t.shape) if size == n]
+            if at is not None and t.dim() > at and t.shape[at] == n:
+                layout = Rows(at, block, id(pass_), units, id(pass_))
+            elif t.shape[0] == n:
+                layout = Rows(0, block, id(pass_), units, id(pass_))
+            elif not hooked and len(sizes) == 1:
+                layout = Rows(sizes[0], block, id(pass_), units, id(pass_))
+            elif not hooked and sizes:
+                layout = Mixed(
+                    f"an output of shape {list(t.shape)} of a module in the model has the "
+                    f"batch's size ({n}) in more than one dimension, none of them dim 0, and "
+                    "was used in the loss (keep the examples in dim 0)",
+                    True,
+                )
+            if layout is None:
                 self.layouts.pop(t, None)
+            else:
+                self.layouts[t] = layout
 
     def pause(self) -> None:
         """Stop following (a forward of the model starts: its operations are the engine's).
@@ -536,6 +567,23 @@ class LossWatch:
                 flag = flag_of(pass_)
                 previous = pass_.counted_mean
                 pass_.counted_mean = flag if previous is None else previous | flag
+
+
+def example_dims(module: Any, outputs: list[Tensor]) -> list[int | None] | None:
+    """The example dimension of each of a built-in layer's (flattened) outputs where it is not
+    dim 0: an RNN's output (dim 1 unless ``batch_first``) and states (dim 1), a sequence-first
+    attention or transformer layer's (dim 1); ``None`` for any other module."""
+    nn = torch.nn
+    if isinstance(module, nn.RNNBase):
+        return [0 if module.batch_first else 1] + [1] * (len(outputs) - 1)
+    seq_first = False
+    if isinstance(module, nn.MultiheadAttention):
+        seq_first = not module.batch_first
+    elif isinstance(module, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer):
+        seq_first = not module.self_attn.batch_first
+    elif isinstance(module, nn.TransformerEncoder | nn.TransformerDecoder):
+        seq_first = bool(module.layers) and not module.layers[0].self_attn.batch_first
+    return [1] * len(outputs) if seq_first else None
 
 
 def _units(n: int, pairs: str | int | None) -> tuple[int, int]:
