@@ -1002,3 +1002,74 @@ def test_a_forward_that_raises_leaves_no_mode_behind():
         assert torch._C._len_torch_function_stack() == 0
     finally:
         engine.remove()
+
+
+class _SeqFirstChild(nn.Module):
+    """A module of the user's own holding a sequence-first GRU: returns [T, N, H]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(D, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.gru(x.transpose(0, 1))
+        return out
+
+
+class _InfoNCEOverChild(nn.Module):
+    """The encoder one of two children with parameters (so not a wrapper the watch follows
+    into): its output comes back into the model's code as an unhooked module's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.aux = _SeqFirstChild(), nn.Linear(D, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _similarity(self.enc(x)[-1]) + self.aux(x[:, 0]).pow(2).mean()
+
+
+@pytest.mark.parametrize("length", [N, 3], ids=["T = N", "T != N"])
+def test_an_in_batch_loss_over_a_sequence_first_child_with_as_many_steps_as_examples(length):
+    """A child module of the user's own returning [T, N, H]: with T = N the forward's watch
+    read dim 0 as the examples, took ``out[-1]`` for one example's values, and let an in-batch
+    loss over it through without a word (a third review, 2026-12-05). A child that ran a
+    sequence-first layer has its outputs read in dim 1 now: refused, whatever T."""
+    torch.manual_seed(0)
+    model = _InfoNCEOverChild().double()
+    x = torch.randn(N, length, D, dtype=torch.float64)
+    engine = PerExampleNorms(model)
+    try:
+        model(x).backward()
+        with pytest.raises(UnsupportedModuleError, match="inside the model's own forward"):
+            engine.collect()
+    finally:
+        engine.remove()
+
+
+def test_nn_transformer_sequence_first_is_read_in_dim_1():
+    """``nn.Transformer(batch_first=False)`` was missing from the layers whose outputs hold the
+    examples in dim 1: an in-batch loss over its output at T_tgt = N went through (a third
+    review). Refused now."""
+    torch.manual_seed(0)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(D, 8)
+            self.tr = nn.Transformer(
+                d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
+                dim_feedforward=16, dropout=0.0,
+            )  # fmt: skip
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inp(x).transpose(0, 1)  # [T, N, 8]
+            return _similarity(self.tr(h, h)[-1])
+
+    model = Model().double()
+    engine = PerExampleNorms(model)
+    try:
+        model(torch.randn(N, N, D, dtype=torch.float64)).backward()
+        with pytest.raises(UnsupportedModuleError, match="inside the model's own forward"):
+            engine.collect()
+    finally:
+        engine.remove()

@@ -1572,15 +1572,16 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         replaced = self._on_layer_output(module, args, kwargs, output)
         watch = self._loss_watch
-        if (
-            watch.forward_pass is not None
-            and watch.in_own_code()
-            and not (self._recomputing or self._replaying or self._paused)
+        if watch.forward_pass is not None and not (
+            self._recomputing or self._replaying or self._paused
         ):
-            # a layer the model's own code called (lm_head, CLIP's projections): the audit
-            # proves its rows, what the model computes from them on is followed
             outputs = _tensors(output if replaced is None else replaced)
-            watch.mark_layer(watch.forward_pass, outputs, example_dims(module, outputs))
+            if watch.in_own_code():
+                # a layer the model's own code called (lm_head, CLIP's projections): the
+                # audit proves its rows, what the model computes from them on is followed
+                watch.mark_layer(watch.forward_pass, outputs, example_dims(module, outputs))
+            else:
+                watch.note_layer_dims(example_dims(module, outputs))
         return replaced
 
     def _on_layer_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:

@@ -241,6 +241,7 @@ class LossWatch:
         self.forward_pass = pass_
         self._forward_units = _units(pass_.batch_size, pairs)
         self._running = []
+        self._seq_first = set()
         self.resume()
 
     def end_forward(self) -> None:
@@ -250,6 +251,13 @@ class LossWatch:
     def in_own_code(self) -> bool:
         """Whether the followed forward runs the model's own code now (no child running)."""
         return not self._running
+
+    def note_layer_dims(self, dims: list[int | None] | None) -> None:
+        """A hooked layer ran inside a child of the model's code with its examples outside dim 0
+        (a sequence-first GRU): the child's own outputs are read in dim 1
+        (:meth:`module_returned`)."""
+        if self._running and dims and any(d not in (None, 0) for d in dims):
+            self._seq_first.add(id(self._running[0]))
 
     def module_called(self, module: Any) -> None:
         """A module with parameters called from the model's own code (the engine's pre-hook on
@@ -265,7 +273,10 @@ class LossWatch:
             leaves: list[Any] = []
             flatten(output, leaves)
             outputs = [t for t in leaves if isinstance(t, Tensor)]
-            self.mark_layer(self.forward_pass, outputs, example_dims(module, outputs), hooked=False)
+            dims = example_dims(module, outputs)
+            if dims is None and id(module) in self._seq_first:
+                dims = [1] * len(outputs)
+            self.mark_layer(self.forward_pass, outputs, dims, hooked=False)
 
     def mark_layer(
         self,
@@ -301,14 +312,19 @@ class LossWatch:
             if at is not None and t.dim() > at and t.shape[at] == n:
                 layout = Rows(at, block, id(pass_), units, id(pass_))
             elif t.shape[0] == n:
+                # (a child that ran a sequence-first layer reads dim 1 above: a [T, N, H]
+                # with T = N read as examples in dim 0 let an in-batch loss over it through,
+                # a third review)
                 layout = Rows(0, block, id(pass_), units, id(pass_))
-            elif not hooked and len(sizes) == 1:
+            elif not hooked and len(sizes) == 1 and t.shape[0] % n != 0:
                 layout = Rows(sizes[0], block, id(pass_), units, id(pass_))
             elif not hooked and sizes:
                 layout = Mixed(
-                    f"an output of shape {list(t.shape)} of a module in the model has the "
-                    f"batch's size ({n}) in more than one dimension, none of them dim 0, and "
-                    "was used in the loss (keep the examples in dim 0)",
+                    f"an output of shape {list(t.shape)} of a module of the model has the "
+                    f"batch's size ({n}) outside dim 0, and its dim 0 may be the examples "
+                    "flattened with positions, so which dimension holds them is not known, and "
+                    "it was used in the loss computed in the forward (keep the examples in dim "
+                    "0, or compute the loss outside the forward)",
                     True,
                 )
             if layout is None:
@@ -373,6 +389,7 @@ class LossWatch:
         self.forward_pass: Any = None  # the pass whose forward is followed (begin_forward)
         self._forward_units = (0, 1)
         self._running: list[Any] = []  # the spine's children running (module_called)
+        self._seq_first: set[int] = set()  # of them, those that ran a sequence-first layer
         self.done = False
         self.checked = False  # a backward (or autograd.grad) from the loss was seen
         self.gave_up: str | None = None
@@ -576,8 +593,11 @@ def example_dims(module: Any, outputs: list[Tensor]) -> list[int | None] | None:
     nn = torch.nn
     if isinstance(module, nn.RNNBase):
         return [0 if module.batch_first else 1] + [1] * (len(outputs) - 1)
-    seq_first = False
     if isinstance(module, nn.MultiheadAttention):
+        # (its attention weights are [N, L, S] whatever batch_first says)
+        return [0 if module.batch_first else 1] + [0] * (len(outputs) - 1)
+    seq_first = False
+    if isinstance(module, nn.Transformer):
         seq_first = not module.batch_first
     elif isinstance(module, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer):
         seq_first = not module.self_attn.batch_first
