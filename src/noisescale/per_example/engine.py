@@ -546,6 +546,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # examples -> the refusal, repeated at every later pass of them (Settle._settle)
         self._refused_structures: dict[tuple, str] = {}
         self._unreplayed_warned = False  # (Settle._warn_unreplayed: once per engine)
+        self._child_loss_warned = False  # (a loss computed inside a child: once per engine)
         self.recurrent = False  # a recurrent layer among the hooked ones (_install)
         # the layers' hooks as the last passed audit saw them (_hook_state): a compiled pass
         # with other hooks ran a graph traced since, which no audit has seen

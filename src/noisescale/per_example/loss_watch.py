@@ -273,6 +273,10 @@ class LossWatch:
             leaves: list[Any] = []
             flatten(output, leaves)
             outputs = [t for t in leaves if isinstance(t, Tensor)]
+            for t in outputs:
+                if t.dim() == 0 and t.requires_grad:
+                    # a loss computed inside a module of the model: not followed (begin_forward)
+                    self.child_losses[t] = type(module).__name__
             dims = example_dims(module, outputs)
             if dims is None and id(module) in self._seq_first:
                 dims = [1] * len(outputs)
@@ -383,6 +387,9 @@ class LossWatch:
         # tensors computed from a cross-entropy / NLL with differing class weights averaged over
         # them (a device bool each): a backward from one is refused by the tracker
         self.weighted = WeakTensorKeyDictionary()
+        # 0-dim tensors requiring grad that a module of the model returned (a loss computed
+        # inside it, not followed), and what is computed from them: the module's class
+        self.child_losses = WeakTensorKeyDictionary()
         self.written: dict[int, Mixed] = {}  # storages written in place with followed values
         self.targets = WeakTensorKeyDictionary()  # the tensors written so (their layouts hold)
         self.passes: list[Any] = []
@@ -420,6 +427,9 @@ class LossWatch:
                             else "after the model's forward returned, "
                         ) + layout.reason
                 return
+            if final and isinstance(root, Tensor) and root in self.child_losses:
+                for pass_ in self.passes:
+                    pass_.child_loss = self.child_losses[root]
             if final and isinstance(root, Tensor) and root in self.weighted:
                 flag = self.weighted[root]
                 for pass_ in self.passes:
@@ -451,6 +461,18 @@ class LossWatch:
         grad = torch.is_grad_enabled()
         flat: list[Any] = []
         flatten((args, kwargs), flat)
+        if self.child_losses:
+            children = [
+                self.child_losses[t]
+                for t in flat
+                if isinstance(t, Tensor) and t.dim() == 0 and t in self.child_losses
+            ]
+            if children:
+                leaves: list[Any] = []
+                flatten(out, leaves)
+                for t in leaves:
+                    if isinstance(t, Tensor) and t.dim() == 0:
+                        self.child_losses[t] = children[0]
         known = []
         for t in flat:
             if isinstance(t, Tensor) and (t.requires_grad or not grad):

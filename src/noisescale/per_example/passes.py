@@ -171,6 +171,9 @@ class PassNorms:
     # a cross-entropy / NLL with class weights averaged over them (a device bool; loss_watch):
     # refused by the tracker (its divisor depends on the examples drawn)
     class_weighted: Any = None
+    # the loss the backward started from was computed inside a module of the model with
+    # parameters, whose code the watch does not follow (its class; warned once: settle.py)
+    child_loss: str | None = None
     # its forward was followed by the loss watch (an audited step's: a loss the model computes
     # itself is checked too; loss_watch.begin_forward)
     forward_watched: bool = False

@@ -148,6 +148,17 @@ class Settle:
             # (a tensor of parameters alone: a penalty's, never a router's auxiliary loss)
             raise UnsupportedModuleError(self._with_cause(_ambiguous_message(pass_), False))
         if findings.ok and not missing:
+            if pass_.child_loss is not None and not self._child_loss_warned:
+                self._child_loss_warned = True
+                warnings.warn(
+                    f"noisescale: the loss was computed inside a module of the model with "
+                    f"parameters ({pass_.child_loss}), whose code noisescale does not follow: "
+                    "a loss there that combines the examples (in-batch negatives, a batch "
+                    "statistic) would not be refused. Compute the loss in the model's own "
+                    "forward or outside it to have it checked (said once)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             if pass_.audit is not None:
                 self._audited_signatures.add(pass_.audit.signature)
                 self._hooks_audited = self._hook_state()
