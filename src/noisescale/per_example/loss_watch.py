@@ -56,6 +56,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from noisescale.per_example.shared import flatten
+from noisescale.per_example.values import _time_major
 
 __all__ = ["LossWatch"]
 
@@ -618,14 +619,7 @@ def example_dims(module: Any, outputs: list[Tensor]) -> list[int | None] | None:
     if isinstance(module, nn.MultiheadAttention):
         # (its attention weights are [N, L, S] whatever batch_first says)
         return [0 if module.batch_first else 1] + [0] * (len(outputs) - 1)
-    seq_first = False
-    if isinstance(module, nn.Transformer):
-        seq_first = not module.batch_first
-    elif isinstance(module, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer):
-        seq_first = not module.self_attn.batch_first
-    elif isinstance(module, nn.TransformerEncoder | nn.TransformerDecoder):
-        seq_first = bool(module.layers) and not module.layers[0].self_attn.batch_first
-    return [1] * len(outputs) if seq_first else None
+    return [1] * len(outputs) if _time_major(module) else None
 
 
 def _units(n: int, pairs: str | int | None) -> tuple[int, int]:

@@ -180,7 +180,7 @@ class Traced:
         model = self.model
         if self.compile_blocker is not None and (
             getattr(model, "_compiled_call_impl", None) is not None
-            or type(model).__name__ == "OptimizedModule"
+            or compiled.is_compile_wrapper(model)
         ):
             self._run_compiled_code_eagerly()
 
