@@ -1114,3 +1114,92 @@ def test_a_loss_computed_inside_a_module_with_parameters_is_said_unchecked():
         assert len(said) == 1 and "does not follow" in said[0]
     finally:
         tracker.remove()
+
+
+def _critic(norm: str) -> nn.Module:
+    torch.manual_seed(3)
+    layer = {"batch_norm": nn.BatchNorm1d(8), "layer_norm": nn.LayerNorm(8)}[norm]
+    return nn.Sequential(nn.Linear(C, 8), layer, nn.LeakyReLU(0.2), nn.Linear(8, 1))
+
+
+def _gan_step(generator, critic, x, paused=None):
+    """The loop of PyTorch's DCGAN tutorial: the generator's forward, the critic's step on its
+    detached output (another graph's backward), then the generator's loss through the critic."""
+    fake = generator(x)
+    critic.zero_grad()
+    block = paused() if paused is not None else contextlib.nullcontext()
+    with block:
+        real = torch.randn(N, C, generator=torch.Generator().manual_seed(5))
+        critic_loss = F.softplus(-critic(real)).mean() + F.softplus(critic(fake.detach())).mean()
+        critic_loss.backward()
+    return F.softplus(-critic(fake)).mean()
+
+
+@pytest.mark.parametrize("paused", [False, True])
+def test_another_graphs_backward_before_the_loss_does_not_end_the_watch(paused):
+    """A GAN's critic step between the generator's forward and its loss: its backward reaches
+    nothing of the generator's pass. Until 2026-12-06 it ended the watch, and the generator's
+    loss through a critic with BatchNorm in training mode — which couples the examples — was
+    measured without a word (a hunt: the DCGAN tutorial's loop, every step measured)."""
+    generator, (x, _) = mlp(), data()
+    critic = _critic("batch_norm")
+    engine = PerExampleNorms(generator)
+    try:
+        generator.zero_grad()
+        _gan_step(generator, critic, x, engine.paused if paused else None).backward()
+        with pytest.raises(UnsupportedModuleError, match="native_batch_norm"):
+            engine.collect()
+    finally:
+        engine.remove()
+    tracker = noisescale.GradientNoiseTracker(mlp())
+    with pytest.raises(UnsupportedModuleError, match="combines the examples"):
+        for _ in range(2):
+            tracker.model.zero_grad()
+            _gan_step(tracker.model, critic, x, tracker.paused if paused else None).backward()
+            tracker.step()
+    tracker.remove()
+
+
+def test_a_gan_generator_through_a_critic_of_per_example_layers_is_exact():
+    """The same loop with a LayerNorm critic (per example): measured, equal to brute force."""
+    generator, (x, _) = mlp(), data()
+    critic = _critic("layer_norm")
+    for p in critic.parameters():
+        p.requires_grad_(False)  # (only the generator's gradients are brute-forced)
+    want = share_truth(generator, x, lambda out: F.softplus(-critic(out)).mean())
+    for p in critic.parameters():
+        p.requires_grad_(True)
+    engine = PerExampleNorms(generator)
+    try:
+        for _ in range(2):  # (the first step audited, the loss followed; the second not)
+            generator.zero_grad()
+            _gan_step(generator, critic, x).backward()
+            (p,) = engine.collect()
+            assert p.raw_sqnorms is not None, p.withheld
+            assert torch.allclose(p.raw_sqnorms, want, rtol=1e-9), (p.raw_sqnorms, want)
+    finally:
+        engine.remove()
+
+
+def test_a_loss_on_a_kept_activation_alone_is_still_the_pass_s():
+    """A backward from a tensor the watch has no layout for, computed from an activation a
+    forward hook kept (not from the model's outputs), reaches the pass: it is the pass's
+    backward, measured, not left for another."""
+    model, (x, _) = mlp(), data()
+    kept = []
+    handle = model[1].register_forward_hook(lambda m, a, out: kept.append(out))
+
+    def loss_of(out):
+        return kept[-1].pow(2).sum(1).mean()
+
+    try:
+        want = []
+        for i in range(N):
+            model.zero_grad()
+            model(x[i : i + 1])
+            want.append(grad_sqnorm(loss_of(None) / N, [model[0].weight, model[0].bias]))
+        for p in measured(model, x, loss_of):
+            assert p.raw_sqnorms is not None, p.withheld
+            assert torch.allclose(p.raw_sqnorms, torch.stack(want), rtol=1e-9)
+    finally:
+        handle.remove()

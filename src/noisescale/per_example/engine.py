@@ -479,7 +479,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._recomputing = False
         self._paused = False
         # follows the loss of audited passes from the model's outputs to the backward
-        self._loss_watch = LossWatch()
+        self._loss_watch = LossWatch(paused=lambda: self._paused)
         #: The passes opened while set are counted (examples, tokens), not measured: no layer
         #: hook works on them and the step's collect() leaves the measured steps' schedules
         #: (audits, subsets) as they were. Set by the tracker for its unmeasured steps.

@@ -144,15 +144,20 @@ _LOSSES = {
 # the most operations one watch sees before it gives up (forwards that no backward follows,
 # outside the model: the model's own forwards run without it)
 _MAX_OPS = 100_000
+# the most autograd nodes one walk visits to tell whether a backward reaches a watched pass
+_MAX_WALK = 200_000
 
 
 class LossWatch:
     """One step's watch over the loss of its audited passes (see the module doc)."""
 
-    def __init__(self) -> None:
+    def __init__(self, paused: Any = None) -> None:
         self._dispatch = _Dispatch(self)
         self._function = _Function(self)
         self._pushed = False
+        # whether the engine ignores the passes run now (its paused() block): a backward there
+        # is not the step's (the engine that owns the watch sets it)
+        self.paused: Any = paused or (lambda: False)
         self.reset()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -410,7 +415,16 @@ class LossWatch:
         """A backward starts from ``roots``: a root that mixes examples marks the passes.
         ``final``: the step's backward (``backward``), which ends the watch; not for
         ``torch.autograd.grad`` (a gradient penalty's inner gradient comes before the loss)."""
-        if self.done:
+        if self.done or self.paused():
+            return
+        if not any(isinstance(r, Tensor) and self._layout(r) is not None for r in roots) and (
+            not self._reaches_passes(roots)
+        ):
+            # another graph's backward: a GAN's discriminator step on G(z).detach() between
+            # the generator's forward and its loss (the loop of PyTorch's DCGAN tutorial). Not
+            # this pass's: the watch goes on to the loss that is (until 2026-12-06 it ended
+            # here, and the generator's loss through a discriminator with BatchNorm in
+            # training mode — coupling the examples — was measured without a word, a hunt)
             return
         self.done = final
         self.checked = True
@@ -442,6 +456,33 @@ class LossWatch:
                 for pass_ in self.passes:
                     if id(pass_) in layout.owners:
                         pass_.loss_kind = layout.plain
+
+    def _reaches_passes(self, roots: list[Tensor]) -> bool:
+        """Whether a backward from ``roots`` reaches a watched pass: an output of its model, or
+        any node its forward made (a loss from an activation a hook kept). A walk of the
+        roots' autograd graph, on audited steps only and only for roots the watch has no
+        layout for; past :data:`_MAX_WALK` nodes it is taken to reach them, as before."""
+        outputs: set[Any] = set()
+        spans = []
+        for pass_ in self.passes:
+            outputs |= pass_.output_nodes
+            start, made = getattr(pass_, "nodes_at", None), getattr(pass_, "nodes", None)
+            if start is not None and made is not None:
+                spans.append((start, start + made))
+        stack = [r.grad_fn for r in roots if isinstance(r, Tensor) and r.grad_fn is not None]
+        seen: set[int] = set()
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if len(seen) > _MAX_WALK:
+                return True
+            number = node._sequence_nr()
+            if (id(node), number) in outputs or any(a <= number < b for a, b in spans):
+                return True
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        return False
 
     def _layout(self, t: Tensor) -> Layout | None:
         layout = self.layouts.get(t)
@@ -692,6 +733,14 @@ class _Function(torch.overrides.TorchFunctionMode):
             # this call; it comes off its stack when the step collects)
             if final and self.watch._pushed:
                 _remove(self.watch._dispatch, dispatch=True)
+                if not self.watch.done:
+                    # another graph's backward, or one in the engine's paused() block: the
+                    # watch goes on to the loss after it
+                    try:
+                        return func(*args, **kwargs)
+                    finally:
+                        if self.watch._pushed and not self.watch.done:
+                            _insert_bottom(self.watch._dispatch, dispatch=True)
         return func(*args, **kwargs)
 
 
