@@ -119,6 +119,51 @@ def test_gradient_penalty_refused():
     record(make(), penalty, per_example=False)  # no per-example source, no error
 
 
+def _r1_then_another_forward(model):
+    """StyleGAN2's R1 loop: the penalty on D(real) (create_graph=True), then D(fake) in the
+    same loss."""
+    x = X.clone().requires_grad_(True)
+    out = model(x)
+    (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    loss = per_loss(out).mean() + per_loss(model(X2)).mean() + gx.pow(2).sum(1).mean()
+    loss.backward()
+
+
+def _wgan_gp_penalty_last(model):
+    """WGAN-GP as written in its paper's pseudo-code: the critic's terms, then the penalty's
+    forward on interpolates last."""
+    eps = torch.rand(6, 1, generator=torch.Generator().manual_seed(3))
+    x_hat = (eps * X + (1 - eps) * X2).requires_grad_(True)
+    critic = model(X2).mean() - model(X).mean()
+    (g,) = torch.autograd.grad(model(x_hat).sum(), x_hat, create_graph=True)
+    (critic + 10 * (g.norm(dim=1) - 1).pow(2).mean()).backward()
+
+
+@pytest.mark.parametrize("loop", [_r1_then_another_forward, _wgan_gp_penalty_last])
+@pytest.mark.parametrize("fraction", [1.0, None])
+def test_a_gradient_penalty_beside_another_forward_is_refused_as_one(loop, fraction):
+    """With another forward of the model in the same backward, the parameters' gradients were
+    recorded on one pass, and the penalty's pass was let through unless it was that one: R1 on
+    D(real) before a D(fake) forward was measured without its second-order terms (norms 38–84%
+    off on every step, audited or not; a hunt, 2026-12-06); with the penalty's forward last the
+    step was refused as gradient clipping. Refused now, naming create_graph."""
+    kw = {} if fraction is None else {"per_example_fraction": fraction}
+    with pytest.raises(NoiseScaleInputError, match="create_graph=True"):
+        record(make(), loop, **kw)  # (step 1, audited)
+    model = make()
+    tracker = noisescale.GradientNoiseTracker(model, **kw)
+    for _ in range(2):  # (steps 1 and 2, audited; the penalty from step 3, which is not)
+        model.zero_grad()
+        plain(model)
+        tracker.step()
+    model.zero_grad()
+    with pytest.raises(NoiseScaleInputError, match="create_graph=True"):
+        loop(model)
+        tracker.step()
+    tracker.remove()
+    record(make(), loop, per_example=False)  # micro-batch norms: no error
+
+
 def test_two_backwards_through_one_forward_refused():
     def twice(model):
         out = model(X)

@@ -58,6 +58,7 @@ from noisescale import state as state_mod
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.param_groups import parameter_groups
 from noisescale.per_example import PerExampleNorms
+from noisescale.per_example import engine as engine_mod
 from noisescale.per_example.factors import sqnorm_total
 from noisescale.per_example.messages import (
     class_weighted_message,
@@ -1709,7 +1710,15 @@ class GradientNoiseTracker:
         found = self.engine.changed_grads(allowed, 1.0 if unscaled_by is None else unscaled_by)
         if found is None:
             return
+        # a gradient penalty's backward (create_graph=True) through a forward after the step's
+        # other forwards leaves that pass's marks before the final backward: the cause is the
+        # penalty, not a clip (until 2026-12-06 textbook WGAN-GP was blamed on clipping, a hunt)
+        passes = self.engine.passes
+        trained = set().union(*(p.param_tasks for p in passes))
+        second_order = any(p.second_order and (p.received or p.tasks & trained) for p in passes)
         self.engine.discard()
+        if second_order:
+            raise NoiseScaleInputError(engine_mod.SECOND_ORDER)
         changed, how = found
         if how == "not unscaled":
             raise NoiseScaleInputError(

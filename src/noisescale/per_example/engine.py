@@ -375,6 +375,15 @@ def _replaced_message(label: str, name: str, held: Any) -> str:
     )
 
 
+#: Why a step with a backward with create_graph=True through the model is refused.
+SECOND_ORDER = (
+    "a backward with create_graph=True (a gradient penalty or double backward) "
+    "ran through the model before the parameters' gradients were computed; "
+    "per-example norms do not include its second-order terms. Use "
+    "per_example=False (micro-batch norms are exact there)"
+)
+
+
 class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
     """The hook engine: per-example squared norms and micro-batch gradient norms per pass.
 
@@ -3278,6 +3287,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                     wg = w.to(pass_.group_sqnorms.dtype)[:, None]
                     pass_.group_sqnorms = pass_.group_sqnorms * wg
             pass_.uses.clear()
+        # (the passes of backwards that reached the parameters: not a saliency probe's)
+        trained = set().union(*(p.param_tasks for p in done))
         for pass_ in done:
             sb = pass_.subbatches
             if sb is not None and pass_.received and sum(sb.sizes) != pass_.batch_size:
@@ -3289,13 +3300,12 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                     "noisescale bug — please report it with the model. Meanwhile measure every "
                     "example: GradientNoiseTracker(model, per_example_fraction=1.0)"
                 )
-            if pass_.second_order and pass_.received:
-                raise NoiseScaleInputError(
-                    "a backward with create_graph=True (a gradient penalty or double backward) "
-                    "ran through the model before the parameters' gradients were computed; "
-                    "per-example norms do not include its second-order terms. Use "
-                    "per_example=False (micro-batch norms are exact there)"
-                )
+            if pass_.second_order and (pass_.received or pass_.tasks & trained):
+                # (not only the pass the parameters' gradients were recorded on: several
+                # forwards through one backward record them on one — R1's penalty on D(real)
+                # before a D(fake) forward was measured without its second-order terms until
+                # 2026-12-06, norms 38–84% off, a hunt)
+                raise NoiseScaleInputError(SECOND_ORDER)
             if pass_.repeated_backward:
                 raise NoiseScaleInputError(
                     "two backward passes ran through one forward (retain_graph=True), so the "
@@ -3315,8 +3325,6 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 )
         compiled_step = any(p.compiled or p.compiled_call for p in done)
         self._seen_compiled = self._seen_compiled or compiled_step
-        # (the passes of backwards that reached the parameters: not a saliency probe's)
-        trained = set().union(*(p.param_tasks for p in done))
         _refuse_same_input_twice([p for p in done if p.tasks & trained and not p.idle])
         _refuse_fed_by_its_own_output([p for p in done if p.tasks & trained])
         self._take_unread_picks([p for p in done if p.tasks & trained and not p.idle])
