@@ -1203,3 +1203,41 @@ def test_a_loss_on_a_kept_activation_alone_is_still_the_pass_s():
             assert torch.allclose(p.raw_sqnorms, torch.stack(want), rtol=1e-9)
     finally:
         handle.remove()
+
+
+def _loss_network(dims: int, training: bool) -> nn.Module:
+    """A frozen network the loss runs the model's output through (a perceptual or
+    feature-matching loss): BatchNorm with running statistics of its own."""
+    torch.manual_seed(4)
+    if dims == 1:
+        net = nn.Sequential(nn.Linear(C, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    else:
+        net = nn.Sequential(
+            nn.Unflatten(1, (1, 2, 2)), nn.Conv2d(1, 4, 1), nn.BatchNorm2d(4), nn.ReLU()
+        )
+    bn = net[1] if dims == 1 else net[2]
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    net.requires_grad_(False)
+    return net.train(training)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_a_loss_through_a_frozen_network_with_batch_norm_in_eval_mode_is_exact(dims):
+    """Evaluation-mode BatchNorm is a constant affine map per channel: the examples stay apart
+    (until 2026-12-06 the watch refused it as coupling them, a hunt: LPIPS, VGG-BN features)."""
+    model, (x, _) = mlp(), data()
+    net = _loss_network(dims, training=False)
+    target = torch.randn(N, C, generator=torch.Generator().manual_seed(6))
+
+    def loss_of(out):
+        return (net(out) - net(target)).pow(2).flatten(1).sum(1).mean()
+
+    assert_exact(model, x, loss_of)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_a_loss_through_batch_norm_in_training_mode_is_refused(dims):
+    model, (x, _) = mlp(), data()
+    net = _loss_network(dims, training=True)
+    refused(model, lambda: net(model(x)).pow(2).mean().backward(), "BatchNorm in training mode")

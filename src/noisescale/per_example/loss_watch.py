@@ -911,7 +911,44 @@ def _rule(func: Any, args: tuple, kwargs: dict, known: list, outs: list[Tensor])
         return _Sum(_sum(known).owners, kind)
     if name in ("mm", "bmm", "addmm", "baddbmm", "dot", "vdot", "mv"):
         return _product(func, name, args, known, out)
+    if name in _BATCH_NORMS:
+        return _batch_norm(func, name, args, kwargs, known, outs)
     return _views(func, name, args, kwargs, known, outs)
+
+
+# BatchNorm's kernels: in evaluation mode (running statistics) a constant affine map per
+# channel, element by element; in training mode a normalization by the batch's statistics
+_BATCH_NORMS = {
+    "native_batch_norm",
+    "_native_batch_norm_legit",
+    "_native_batch_norm_legit_no_training",
+    "_batch_norm_no_update",
+    "_batch_norm_with_update",
+    "cudnn_batch_norm",
+    "miopen_batch_norm",
+}
+
+
+def _batch_norm(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: list) -> Any:
+    """A BatchNorm after the model's forward — a frozen loss network (a perceptual or
+    feature-matching loss through a CNN with BatchNorm), a GAN's critic — keeps every element
+    apart in evaluation mode (until 2026-12-06 it was refused as coupling the examples, a
+    hunt); in training mode it couples them."""
+    named = _named(func, args, kwargs)
+    frozen = name in ("_native_batch_norm_legit_no_training", "_batch_norm_no_update") or (
+        named.get("training") is False
+    )
+    stats = named.get("running_mean") is not None and named.get("running_var") is not None
+    t, layout = known[0]
+    if frozen and stats and len(known) == 1 and t is args[0] and t.shape == outs[0].shape:
+        return [layout] + [None] * (len(outs) - 1)
+    if frozen and stats:
+        return _mixed(func, "took a tensor computed from the outputs as its statistics")
+    return _mixed(
+        func,
+        "normalized with statistics of the batch (a BatchNorm in training mode; in evaluation "
+        "mode, model.eval(), it uses its running statistics and keeps the examples apart)",
+    )
 
 
 _ACROSS = (
