@@ -1241,3 +1241,71 @@ def test_a_loss_through_batch_norm_in_training_mode_is_refused(dims):
     model, (x, _) = mlp(), data()
     net = _loss_network(dims, training=True)
     refused(model, lambda: net(model(x)).pow(2).mean().backward(), "BatchNorm in training mode")
+
+
+def _selected_log_probs(o: torch.Tensor, y: torch.Tensor, loop: bool) -> torch.Tensor:
+    """TRL's ``selective_log_softmax``: with ``loop``, row by row in Python and stacked back
+    (its float32 and bf16 branches both do), else vectorised."""
+    if loop:
+        return torch.stack([row.log_softmax(-1)[t] for row, t in zip(o, y, strict=True)])
+    return o.log_softmax(-1).gather(1, y[:, None])[:, 0]
+
+
+def _policy_loss(o: torch.Tensor, loop: bool) -> torch.Tensor:
+    """A PPO-style ratio (non-linear after the stack) against detached old log-probs."""
+    lp = _selected_log_probs(o, Y, loop)
+    return -(torch.exp(lp - lp.detach() * 0.9) * torch.linspace(-1, 1, N)).mean()
+
+
+def test_rows_taken_apart_and_stacked_back_in_order_are_rows():
+    """TRL's helper computes log-probs one row at a time and stacks them: until 2026-12-06 the
+    stack was taken for a sum over the examples, and every DPO/GRPO/PPO loss written with it
+    was refused as combining them (a hunt). In order, the stacked rows are rows: exact."""
+    model, (x, _) = mlp(), data()
+    assert_exact(model, x, lambda o: _policy_loss(o, loop=True))
+
+
+@pytest.mark.parametrize("pairs", ["halves", 2])
+def test_rows_stacked_back_under_paired_and_grouped_rows_equal_the_vectorised_loss(pairs):
+    """Under ``paired_rows="halves"`` (a DPO margin between row i and i + N/2) and
+    ``grouped_rows`` (G rows of one prompt), the stacked form measures what the vectorised form
+    measures (itself exact against brute force elsewhere), step by step."""
+    model = mlp()
+    x = torch.randn(8, D, generator=torch.Generator().manual_seed(7))
+    y = torch.randint(0, C, (8,), generator=torch.Generator().manual_seed(8))
+
+    def loss_of(o, loop):
+        lp = _selected_log_probs(o, y, loop)
+        if pairs == "halves":
+            return -F.logsigmoid(0.5 * (lp[:4] - lp[4:])).mean()
+        return -(torch.exp(lp - lp.detach()) * torch.tensor([1.0, -1.0] * 4)).mean()
+
+    got = {}
+    for loop in (True, False):
+        engine = PerExampleNorms(model, subbatches=2, pairs=pairs)
+        try:
+            got[loop] = []
+            for _ in range(3):  # (steps 1 and 2 audited, 3 not)
+                model.zero_grad()
+                loss_of(model(x), loop).backward()
+                (p,) = engine.collect()
+                assert p.raw_sqnorms is not None, p.withheld
+                got[loop].append((p.raw_sqnorms, p.subbatches.index))
+        finally:
+            engine.remove()
+    for (a, ia), (b, ib) in zip(got[True], got[False], strict=True):
+        assert torch.equal(ia, ib)
+        assert torch.allclose(a, b, rtol=1e-12)
+
+
+def test_rows_stacked_back_out_of_order_and_combined_with_the_rows_are_refused():
+    """Stacked in another order, index j is not example j: combined with the rows themselves
+    (each example's output times another's) the loss couples them — refused, as before."""
+    model, (x, _) = mlp(), data()
+
+    def step():
+        o = model(x)
+        flipped = torch.stack([o[i] for i in reversed(range(N))])
+        (flipped * o).sum(1).mean().backward()
+
+    refused(model, step, "combines the examples")

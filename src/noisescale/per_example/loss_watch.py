@@ -874,6 +874,10 @@ def _rule(func: Any, args: tuple, kwargs: dict, known: list, outs: list[Tensor])
     if ones:
         if len(ones) == len(known) and all(o == ones[0] for o in ones):
             return ones[0]  # any function of one example's values is that example's
+        if name == "stack" and len(ones) == len(known):
+            rows = _restacked(args, kwargs, known, out)
+            if rows is not None:
+                return rows
         linear = name in ("cat", "stack") or (
             name in ("add", "sub") and not any(isinstance(x, Rows) for _, x in known)
         )
@@ -1274,6 +1278,33 @@ def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: l
             return keep(d + shift)
         return fresh(d + shift)
     return _unknown(func)
+
+
+def _restacked(args: tuple, kwargs: dict, known: list, out: Tensor) -> Rows | None:
+    """``torch.stack`` of one tensor per example, in the examples' order — rows taken apart
+    and computed one by one (TRL's ``selective_log_softmax``: ``torch.stack([f(row) for row
+    in logits])``) — is rows again; else ``None``. Until 2026-12-06 it was taken for a sum
+    over the examples, and every DPO, GRPO or PPO loss written with TRL's helper was refused
+    as combining them (a hunt)."""
+    tensors = args[0] if args else kwargs.get("tensors")
+    by_id = {id(t): layout for t, layout in known}
+    if not isinstance(tensors, list | tuple) or len(tensors) != len(known):
+        return None
+    layouts = [by_id.get(id(t)) for t in tensors]
+    if not all(isinstance(x, One) for x in layouts):
+        return None
+    owner = layouts[0].owner  # type: ignore[union-attr]
+    examples = [x.example for x in layouts]  # type: ignore[union-attr]
+    if any(x.owner != owner for x in layouts) or not all(  # type: ignore[union-attr]
+        isinstance(e, int) for e in examples
+    ):
+        return None
+    m, n = len(examples), max(examples) + 1
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    for block in {1, max(1, m // n)}:
+        if all(e == (j // block) % n for j, e in enumerate(examples)):
+            return Rows(dim % out.dim(), block, owner, n, owner)
+    return None
 
 
 def _one(layout: Rows, index: int) -> One:
