@@ -646,6 +646,21 @@ SUMS_AND_MEANS = {
         lambda o, y: (torch.full((N,), 1.0 / N) * F.cross_entropy(o, y, reduction="none")).sum(),
         None,
     ),
+    # a hunt (2026-12-06): a leading minus cleared the kind, a constant inside a non-linear
+    # function (DPO's β, a temperature) marked the terms scaled — plain sums went unchecked
+    "-logsigmoid(beta * m).sum()": (
+        lambda o, y: -F.logsigmoid(0.5 * (o[:, 0] - o[:, 1])).sum(),
+        "sum",
+    ),
+    "-logsigmoid(m).sum()": (lambda o, y: -F.logsigmoid(o[:, 0] - o[:, 1]).sum(), "sum"),
+    "-(squares).mean()": (lambda o, y: -o.pow(2).sum(1).mean(), "mean"),
+    "exp(o / T).sum()": (lambda o, y: torch.exp(o[:, 0] / 2).sum(), "sum"),
+    "cross_entropy(o / T, sum)": (lambda o, y: F.cross_entropy(o / 2, y, reduction="sum"), "sum"),
+    # positively homogeneous: the factor passes through, a mean written so stays the user's
+    "relu(l / N).sum()": (
+        lambda o, y: F.relu(F.cross_entropy(o, y, reduction="none") / N).sum(),
+        None,
+    ),
 }
 
 

@@ -109,6 +109,40 @@ _LINEAR_ONE = {"mul", "multiply"}  # linear when one operand is tainted
 _SUMS = {"sum", "mean", "nansum"}
 # multiplied or divided by a constant (the other operand not followed): scaled, not plain
 _SCALINGS = {"mul", "multiply", "div", "true_divide"}
+# operations that change a sum's sign or copy it, nothing else: its kind stays
+_SIGN_ONLY = {"neg", "positive", "clone", "alias", "_to_copy", "lift_fresh_copy"}
+# functions through which no constant factor passes (f(c·x) is no constant times f(x)): what
+# they give is a fresh per-example term, not a scaled one — β inside a DPO margin's
+# logsigmoid, a temperature inside a softmax (until 2026-12-06 the mark stuck, and a plain sum
+# of such terms under "mean" went unchecked, a hunt). Positively homogeneous ones (relu, abs)
+# and powers keep the mark: relu(ℓ/N).sum() is a mean.
+_UNSCALING = {
+    "exp",
+    "exp2",
+    "expm1",
+    "log",
+    "log1p",
+    "log2",
+    "log10",
+    "log_sigmoid_forward",
+    "sigmoid",
+    "logit",
+    "tanh",
+    "softplus",
+    "erf",
+    "erfc",
+    "sin",
+    "cos",
+    "atan",
+    "asinh",
+    "_softmax",
+    "_log_softmax",
+    "logsumexp",
+    "binary_cross_entropy_with_logits",
+    "binary_cross_entropy",
+    "nll_loss_forward",
+    "nll_loss2d_forward",
+}
 _REDUCTIONS = _SUMS | {
     "amax",
     "amin",
@@ -541,7 +575,7 @@ class LossWatch:
         if not isinstance(layouts, list):
             layouts = [layouts] * len(outs)
         name = _name(func).rstrip("_")
-        scaled = any(t in self.scaled for t, _ in known) or (
+        scaled = (any(t in self.scaled for t, _ in known) and name not in _UNSCALING) or (
             name in _SCALINGS and len(known) == 1 and len(flat) > 1
         )
         inside = self.forward_pass is not None
@@ -1007,6 +1041,11 @@ def _pointwise(
                 or (name in _LINEAR_ONE and len(known) == 1)
                 or (name in _LINEAR_FIRST and tainted_first)
             )
+    if linear and name in _SIGN_ONLY and len(known) == 1 and isinstance(known[0][1], _Sum):
+        # −Σ ℓ_i is the plain sum of the terms −ℓ_i: its kind stays (until 2026-12-06 a leading
+        # minus, -F.logsigmoid(m).sum(), cleared it and a plain sum under "mean" went
+        # unchecked, a hunt)
+        return known[0][1]
     if linear:
         if rows and any(
             rows[0].owner != o for _, x in known if isinstance(x, _Sum) for o in x.owners
