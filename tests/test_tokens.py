@@ -1164,3 +1164,50 @@ def test_a_step_of_one_sequence_a_micro_batch_among_others_is_skipped_not_refuse
     history = tracker.history
     tracker.remove()
     assert [r["skipped"] for r in history] == [False, False, True, False, False]
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 0.1])
+def test_a_models_token_loss_as_one_term_is_measured_over_the_examples(lm, alpha):
+    """DPO with TRL's RPO term, ``dpo(out.logits) + α·out.loss``: the model's labels= loss is
+    one term. Its tokens and its factor α describe that term alone; until 2026-12-06 the tracker
+    took them for the whole loss's — the step's gradient divided by α (|G|², tr Σ 1/α² too
+    large) in a unit of tokens the objective does not have (a hunt). Measured over the examples
+    now, every record equal to the same loss written by hand (which no labels= ever counted);
+    declared a loss over tokens, refused."""
+    model, ids, mask, labels = lm["model"], lm["ids"][:8], lm["mask"][:8], lm["labels"][:8]
+    attn = mask.long()
+
+    def pair_term(logits):
+        lp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+        lp = (lp * mask[:, 1:]).sum(1)
+        return -F.logsigmoid(0.1 * (lp[:4] - lp[4:])).mean()
+
+    def run(by_hand: bool, **kw):
+        tracker = noisescale.GradientNoiseTracker(model, paired_rows="halves", **kw)
+        try:
+            for _ in range(3):  # (steps 1 and 2 audited, 3 not)
+                model.zero_grad()
+                if by_hand:
+                    logits = model(ids, attention_mask=attn).logits
+                    nll = F.cross_entropy(
+                        logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1)
+                    )
+                else:
+                    out = model(ids, attention_mask=attn, labels=labels)
+                    logits, nll = out.logits, out.loss
+                (pair_term(logits) + alpha * nll).backward()
+                real = sum(float(p.grad.pow(2).sum()) for p in model.parameters())
+                tracker.step()
+                assert tracker.history[-1]["sqnorm_big"] == pytest.approx(real, rel=1e-9)
+            return tracker.history, tracker.estimate()
+        finally:
+            tracker.remove()
+            model.zero_grad()
+
+    (got, e), (want, e_hand) = run(False), run(True)
+    assert e.unit == e_hand.unit == "examples"
+    for a, b in zip(got, want, strict=True):
+        for key in ("sqnorm_big", "g2", "trace_sigma", "b_simple"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, nan_ok=True), key
+    with pytest.raises(NoiseScaleInputError, match="one term of the loss backpropagated"):
+        run(False, loss_reduction="token_mean")

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +85,9 @@ class PassUnits:
     grad: Tensor | None = None
     measured: bool = False
     own: Tensor | None = None
+    # the model's own loss is one term of what was backpropagated (dpo + α·out.loss): its
+    # token weights describe that term alone (_on_backward)
+    one_term: bool = False
 
     def coefficient(self, scale: float) -> Tensor:
         """The weight of one unit in the backpropagated loss, loss scale divided out."""
@@ -246,6 +250,10 @@ class TokenWatcher:
         call = self._calls.pop() if self._calls else {"handled": False}
         labels = kwargs.get("labels")
         loss = getattr(output, "loss", None) if not isinstance(output, dict) else output.get("loss")
+        if call["handled"] and isinstance(loss, Tensor) and loss.requires_grad:
+            current = self._current_pass()
+            if current is not None:
+                _note_returned_loss(current, loss)
         if (
             call["handled"]
             or not isinstance(loss, Tensor)
@@ -449,6 +457,8 @@ class TokenWatcher:
             units = self._units(kind, args, kwargs, original)
             if units is not None:
                 _attach_measured(pass_, units, out, "the model's loss_function ran twice")
+                if pass_.units is units:
+                    _watch_terms(pass_, units, out)
             return out
 
         return WrappedLoss(original, loss_function)
@@ -496,6 +506,101 @@ class TokenWatcher:
 _MISSING = object()
 
 
+# The passes whose units a model's own loss_function measured, until a backward decides
+# whether that loss is all of what is backpropagated (_on_backward): (the pass, weakly; its
+# units; the gradient edges, as (sequence number, output), that are the model's loss — what
+# loss_function returned, and the loss the model returned built from it)
+_PENDING: list[tuple[Any, PassUnits, set[tuple[int, int]]]] = []
+# the most autograd nodes one walk visits; past it the loss is taken for one term
+_MAX_WALK = 200_000
+
+
+def _edge(t: Tensor) -> tuple[int, int] | None:
+    node = t.grad_fn
+    return None if node is None else (node._sequence_nr(), t.output_nr)
+
+
+def _watch_terms(pass_: Any, units: PassUnits, loss: Tensor) -> None:
+    edge = _edge(loss)
+    if edge is None:
+        return
+    _PENDING[:] = [e for e in _PENDING if e[0]() is not None][-63:]
+    _PENDING.append((weakref.ref(pass_), units, {edge}))
+
+
+def _note_returned_loss(pass_: Any, loss: Tensor) -> None:
+    """The loss the model returned, built from what its loss_function returned (an auxiliary
+    loss added in the forward, a scale): part of the model's loss, not another term."""
+    edge = _edge(loss)
+    for ref, _, edges in _PENDING:
+        if ref() is pass_ and edge is not None:
+            edges.add(edge)
+
+
+def _on_backward(roots: Any) -> None:
+    """A backward starts from ``roots``: for each pending pass it reaches, whether it reaches
+    the pass's outputs other than through the model's own loss (``PassUnits.one_term``).
+
+    DPO with TRL's RPO term, ``dpo(out.logits) + α * out.loss``: the units the model's loss
+    measures (its tokens, its multiplier α) describe that term alone, and the tracker divided
+    the whole step's gradient by α — |G|², tr Σ 1/α² too large, in a meaningless unit of
+    tokens, until 2026-12-06 (a hunt). Such a loss is measured over the examples, as the same
+    loss written by hand is."""
+    if not _PENDING:
+        return
+    tensors = [roots] if isinstance(roots, Tensor) else list(roots or ())
+    for entry in list(_PENDING):
+        pass_ = entry[0]()
+        if pass_ is None:
+            _PENDING.remove(entry)
+            continue
+        verdict = _other_terms(tensors, pass_, entry[2])
+        if verdict is None:
+            continue  # (another graph's backward: not this pass's)
+        entry[1].one_term = verdict
+        _PENDING.remove(entry)
+
+
+def _other_terms(roots: list[Tensor], pass_: Any, loss_edges: set[tuple[int, int]]) -> bool | None:
+    """True: a path from ``roots`` reaches a node the pass's forward made (its outputs, an
+    activation) without going through the model's loss; False: the roots reach the pass only
+    through it; None: not at all."""
+    outputs = {seq for _, seq in getattr(pass_, "output_nodes", ())}
+    first, made = getattr(pass_, "nodes_at", None), getattr(pass_, "nodes", None)
+    span = (first, first + made) if first is not None and made is not None else None
+    stack = [(r.grad_fn, r.output_nr) for r in roots if isinstance(r, Tensor)]
+    seen: set[tuple[int, int, int]] = set()
+    via_loss = False
+    while stack:
+        node, nr = stack.pop()
+        if node is None:
+            continue
+        seq = node._sequence_nr()
+        if (seq, nr) in loss_edges:
+            via_loss = True
+            continue
+        if (id(node), seq, nr) in seen:
+            continue
+        seen.add((id(node), seq, nr))
+        if len(seen) > _MAX_WALK:
+            return True
+        edges = node.next_functions
+        if node.name() in _PASS_THROUGH and nr < len(edges):
+            # output nr of an identity over several tensors is its input nr: DDP's sink over
+            # the outputs (find_unused_parameters=True) joins the loss with the logits
+            stack.append(edges[nr])
+            continue
+        if seq in outputs or (span is not None and span[0] <= seq < span[1]):
+            return True
+        stack.extend(edges)
+    return False if via_loss else None
+
+
+# autograd Functions that return their tensor inputs as they are, output i for input i:
+# DDP's sink over the model's outputs, the identity of a module's full backward hook
+_PASS_THROUGH = {"_DDPSinkBackward", "BackwardHookFunctionBackward"}
+
+
 def _attach_measured(pass_: Any, units: PassUnits, loss: Tensor, twice: str) -> None:
     """Give the pass the units a loss it computed measures, and hook that loss: the gradient
     that reaches it is their weight's numerator (:meth:`PassUnits.coefficient`). A pass that
@@ -517,3 +622,13 @@ def _attach_measured(pass_: Any, units: PassUnits, loss: Tensor, twice: str) -> 
 def mean_units(total_units: float, total_examples: float) -> float:
     """Units (tokens) per example, ``nan`` when unknown."""
     return total_units / total_examples if total_examples > 0 else math.nan
+
+
+def _install() -> None:
+    from noisescale.per_example import audit
+
+    if _on_backward not in audit.BACKWARD_STARTS:
+        audit.BACKWARD_STARTS.append(_on_backward)
+
+
+_install()

@@ -1029,7 +1029,24 @@ class GradientNoiseTracker:
             if p.units_error and not (declared and counted_by_user):
                 raise NoiseScaleInputError(p.units_error)
         k = len(passes)
-        units: list[PassUnits | None] = [p.units for p in passes]
+        one_term = [p.units is not None and p.units.one_term for p in passes]
+        if any(one_term) and declared:
+            raise NoiseScaleInputError(
+                f"loss_reduction={self.loss_reduction!r} declares a loss over tokens, but the "
+                "model's own loss (labels=), whose tokens noisescale counts, is one term of the "
+                "loss backpropagated (another term computed from the model's outputs, as DPO "
+                "with an NLL term α·out.loss): its tokens do not describe the whole loss. Use "
+                "loss_reduction='mean' (the loss as a mean over the examples: measured so), or "
+                "compute the whole loss over tokens yourself and count them with "
+                "tracker.count_tokens()"
+            )
+        # a model's own loss that is one term of the loss backpropagated: its units and its
+        # multiplier describe that term alone — the step is measured over the examples, as the
+        # same loss written by hand is (until 2026-12-06 the whole step's gradient was divided
+        # by the term's factor α: |G|² and tr Σ 1/α² too large, in tokens; a hunt)
+        units: list[PassUnits | None] = [
+            None if alone else p.units for p, alone in zip(passes, one_term, strict=True)
+        ]
         if self.tokens_per_example is not None:
             units = [
                 u
@@ -1077,7 +1094,7 @@ class GradientNoiseTracker:
         assumed = 1.0 / k if divided else 1.0
         outer: list[Any] = [assumed] * k
         trusted = False
-        if all(p.loss_grad is not None for p in passes):
+        if all(p.loss_grad is not None for p in passes) and not any(one_term):
             outer, trusted = [], True
             for p in passes:
                 m = p.loss_grad.detach().double() / scale

@@ -915,9 +915,17 @@ def _checkpoint_frame(code: Any, tensors: Any) -> Any:
 _FRAMES = 6
 
 
+#: Functions told of every backward's roots before it runs (``torch.autograd.backward``, which
+#: ``Tensor.backward`` calls), while an engine holds :func:`install_reentrant_support`:
+#: noisescale.tokens asks whether a model's own loss is all of what is backpropagated.
+BACKWARD_STARTS: list[Callable[[Any], None]] = []
+
+
 def _wrapped_backward(original: Callable, code: Any) -> Callable:
     @functools.wraps(original)
     def backward(tensors: Any, grad_tensors: Any = None, *args: Any, **kwargs: Any) -> Any:
+        for started in BACKWARD_STARTS:
+            started(tensors)
         if (
             args
             or set(kwargs) - {"retain_graph", "create_graph"}
