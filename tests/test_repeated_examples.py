@@ -76,7 +76,11 @@ def _same_input_twice(form: str, model: _TwoHeads, x: torch.Tensor, y: torch.Ten
         return F.cross_entropy(model(x, head=0), y) + F.cross_entropy(model(x, head=1), y)
     if form == "a view of the batch":
         return F.cross_entropy(model(x), y) + F.cross_entropy(model(x.view(x.shape)), y)
-    # a copy: as two augmented views, not detectable (README, "Known limits")
+    if form == "the batch indexed again":  # buf[idx] for each forward (an actor-critic's)
+        return F.cross_entropy(model(x[torch.arange(16)], head=0), y) + F.cross_entropy(
+            model(x[torch.arange(16)], head=1), y
+        )
+    # a copy (equal values, another tensor)
     return F.cross_entropy(model(x), y) + F.cross_entropy(model(x.clone()), y)
 
 
@@ -84,13 +88,16 @@ FORMS = ["multi-sample dropout", "two heads in turn", "a view of the batch"]
 
 
 @pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}], ids=["default", "exact"])
-@pytest.mark.parametrize("form", [*FORMS, "a copy"])
+@pytest.mark.parametrize("form", [*FORMS, "a copy", "the batch indexed again"])
 def test_one_backward_through_the_same_input_twice_is_refused(form, kw):
     """The same input tensor through two forwards that one backward runs through: each
     example's gradient is the sum of its two rows', and a merged pass took the 2N rows for 2N
     independent examples — measured without a word until 2026-12-04. Refused from the first
-    step, with the records before it kept; a copy of the batch is two tensors, as two augmented
-    views are, and is measured as 2N rows (documented, not detectable)."""
+    step, with the records before it kept. Equal values in another tensor (a copy, the batch
+    indexed again for each head) are refused on the audits' steps, where values are compared
+    (until 2026-12-06 they were measured as 2N rows: an actor-critic's heads each fed
+    buf[idx] read B_simple 15.9 for a truth of 7.2, a hunt); two augmented views, whose values
+    differ, cannot be told from two batches (documented)."""
     torch.manual_seed(0)
     model = _TwoHeads()
     tracker = noisescale.GradientNoiseTracker(model, **kw)
@@ -99,27 +106,27 @@ def test_one_backward_through_the_same_input_twice_is_refused(form, kw):
     F.cross_entropy(model(x), y).backward()  # one step of one forward, recorded
     tracker.step()
     model.zero_grad()
-    _same_input_twice(form, model, x, y).backward()
-    if form == "a copy":
-        tracker.step()
-        assert [r["examples"] for r in tracker.history] == [16, 48]  # (a running count)
-        return
+    _same_input_twice(form, model, x, y).backward()  # (step 2: audited)
     with pytest.raises(noisescale.NoiseScaleInputError, match="on the same input tensor"):
         tracker.step()
     assert len(tracker.history) == 1
 
 
 @pytest.mark.parametrize("kw", [{}, {"per_example": False}], ids=["default", "micro-batches"])
-def test_the_same_input_in_two_accumulated_backwards_is_refused(kw):
+@pytest.mark.parametrize("indexed", [False, True], ids=["one tensor", "indexed again"])
+def test_the_same_input_in_two_accumulated_backwards_is_refused(kw, indexed):
     """Two backwards of one step, one per forward, on one batch — a task head each: the same
     examples in two micro-batches, which the step takes for two independent draws of 16
-    (with per-example norms, 32 examples). Refused, in every mode."""
+    (with per-example norms, 32 examples). Refused, in every mode; also with the batch indexed
+    again for each (equal values: on the audits' steps; B_simple 1770 for a truth of 7.2 in
+    the hunt that found it)."""
     torch.manual_seed(0)
     model = _TwoHeads().eval()
     tracker = noisescale.GradientNoiseTracker(model, **kw)
     x, y = torch.randn(16, 20), torch.randint(0, 10, (16,))
     for head in (0, 1):
-        (F.cross_entropy(model(x, head=head), y) / 2).backward()
+        rows = x[torch.arange(16)] if indexed else x
+        (F.cross_entropy(model(rows, head=head), y) / 2).backward()
     with pytest.raises(noisescale.NoiseScaleInputError, match="backward passes of one step"):
         tracker.step()
     assert tracker.history == []
@@ -166,7 +173,14 @@ class _Scaled(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "form", ["0-dim time first", "prompt expanded first", "saliency probe", "inference tensors"]
+    "form",
+    [
+        "0-dim time first",
+        "prompt expanded first",
+        "saliency probe",
+        "inference tensors",
+        "equal masks first",
+    ],
 )
 def test_the_same_input_check_leaves_correct_loops_alone(form):
     """What the review of 2026-12-04 found the first version refused: two micro-batches of
@@ -175,7 +189,9 @@ def test_the_same_input_check_leaves_correct_loops_alone(form):
     every example is none); a saliency probe's backward to the input on the training batch
     (it reaches no parameter); batches made under ``torch.inference_mode()`` (they have no
     version counter: it crashed) — and a new tensor on one reused numpy buffer per micro-batch,
-    which numpy refills without a version (taken for other examples)."""
+    which numpy refills without a version (taken for other examples) — and, since values are
+    compared on the audits' steps (2026-12-06), micro-batches whose first argument is an equal
+    all-ones mask and whose batches differ."""
     import numpy as np
 
     torch.manual_seed(0)
@@ -193,6 +209,8 @@ def test_the_same_input_check_leaves_correct_loops_alone(form):
                 buffer[:] = x.numpy()
                 x = torch.from_numpy(buffer)
             first = prompt.expand(16, -1) if form == "prompt expanded first" else t
+            if form == "equal masks first":  # an all-ones mask per micro-batch: equal values
+                first = torch.ones(16, 20)
             if form == "saliency probe":  # on the training batch itself
                 x.requires_grad_()
                 torch.autograd.grad(model(t, x).sum(), x)

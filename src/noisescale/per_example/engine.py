@@ -3325,7 +3325,11 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 )
         compiled_step = any(p.compiled or p.compiled_call for p in done)
         self._seen_compiled = self._seen_compiled or compiled_step
-        _refuse_same_input_twice([p for p in done if p.tasks & trained and not p.idle])
+        # (by value on the audits' steps, in every mode: they read values back anyway)
+        _refuse_same_input_twice(
+            [p for p in done if p.tasks & trained and not p.idle],
+            by_value=self._audit_due or any(p.audit is not None for p in done),
+        )
         _refuse_fed_by_its_own_output([p for p in done if p.tasks & trained])
         self._take_unread_picks([p for p in done if p.tasks & trained and not p.idle])
         opened = len(done)

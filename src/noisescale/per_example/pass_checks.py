@@ -14,7 +14,7 @@ from torch import Tensor
 from noisescale.errors import NoiseScaleInputError
 from noisescale.per_example.factors import MergedSubbatches
 from noisescale.per_example.passes import PassNorms
-from noisescale.per_example.values import _flat_values
+from noisescale.per_example.values import _flat_tensors, _flat_values
 
 
 def _audit_scheduled(step: int) -> bool:
@@ -117,7 +117,7 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
     return out
 
 
-def _same_input(a: PassNorms, b: PassNorms) -> bool:
+def _same_input(a: PassNorms, b: PassNorms, by_value: bool = False) -> bool:
     """Whether two passes read the same examples: in one backward, the same tensor or one with
     the same storage, shape and stride (a view); across backwards (two micro-batches), the
     same tensor object at the same version — a buffer refilled in place between them,
@@ -128,17 +128,52 @@ def _same_input(a: PassNorms, b: PassNorms) -> bool:
     if x is None or y is None:
         return False
     if a.tasks & b.tasks:  # one backward: nothing can have changed the input in between
-        return x is y or (
+        if x is y or (
             x.device == y.device
             and x.dtype == y.dtype
             and x.shape == y.shape
             and x.stride() == y.stride()
             and x.data_ptr() == y.data_ptr()
+        ):
+            return True
+    elif x is y and a.examples_version is not None and a.examples_version == b.examples_version:
+        return True
+    # ``by_value`` (the audits' steps, which read values back anyway): equal values in another
+    # tensor — the batch indexed again for the second forward, buf[idx] twice, a .clone(), a
+    # second .to(device) — are the same examples too (until 2026-12-06 only the same tensor
+    # was seen: an actor-critic's two heads each fed buf[idx] read B_simple 15.9 and 1770 for
+    # a truth of 7.2, a hunt). Not while x or y is written in place by the other pass.
+    # Every tensor argument with the batch's rows must be equal, not the first alone (two
+    # micro-batches share an all-ones attention mask, not their input_ids).
+    if not by_value or a.inputs is None or b.inputs is None:
+        return False
+    left, right = _rows_of(a), _rows_of(b)
+    return (
+        bool(left)
+        and len(left) == len(right)
+        and all(
+            u.device == v.device
+            and u.dtype == v.dtype
+            and u.shape == v.shape
+            # (one buffer refilled for each micro-batch, or new tensors on one numpy buffer:
+            # what it holds now is the last batch, not what the first forward read — told
+            # apart above, by version, where it can be)
+            and u.data_ptr() != v.data_ptr()
+            and bool(torch.equal(u, v))
+            for u, v in zip(left, right, strict=True)
         )
-    return x is y and a.examples_version is not None and a.examples_version == b.examples_version
+    )
 
 
-def _refuse_same_input_twice(passes: list[PassNorms]) -> None:
+def _rows_of(pass_: PassNorms) -> list[Tensor]:
+    """The pass's tensor arguments with a row per example (dim 0 of the batch's size)."""
+    found: list[Tensor] = []
+    _flat_tensors(pass_.inputs, found)
+    n = pass_.batch_size
+    return [t for t in found if t.dim() > 0 and t.shape[0] == n and t.numel() > 0]
+
+
+def _refuse_same_input_twice(passes: list[PassNorms], by_value: bool = False) -> None:
     """Refuse a step whose backward passes ran through two forwards of the model on the same
     input tensor.
 
@@ -151,13 +186,14 @@ def _refuse_same_input_twice(passes: list[PassNorms]) -> None:
     """
     for i, a in enumerate(passes):
         for b in passes[i + 1 :]:
-            if a.batch_size == b.batch_size and _same_input(a, b):
+            if a.batch_size == b.batch_size and _same_input(a, b, by_value):
                 one = bool(a.tasks & b.tasks)
                 raise NoiseScaleInputError(
                     f"{'one backward' if one else 'the backward passes of one step'} ran "
                     "through two forward passes of the model on the same input tensor (shape "
-                    f"{tuple(a.examples.shape)}; e.g. multi-sample dropout, R-Drop, two heads "
-                    "called in turn on one batch): its rows are the same examples twice, whose "
+                    f"{tuple(a.examples.shape)}, or equal values; e.g. multi-sample dropout, "
+                    "R-Drop, two heads called in turn on one batch, or on the batch indexed "
+                    "again): its rows are the same examples twice, whose "
                     "gradient is the sum of both rows', so no norm per row is an example's and "
                     f"the step's {a.batch_size + b.batch_size} rows are not independent draws"
                     f"{'' if one else ' (nor are its micro-batches)'}. Run the batch through "
