@@ -1324,3 +1324,17 @@ def test_rows_stacked_back_out_of_order_and_combined_with_the_rows_are_refused()
         (flipped * o).sum(1).mean().backward()
 
     refused(model, step, "combines the examples")
+
+
+def test_a_preference_pair_without_paired_rows_is_refused_naming_the_option():
+    """DPO on torch.cat([chosen, rejected]) without paired_rows: refused as coupling row i with
+    row i + N/2, the message naming paired_rows='halves' (a hunt found it named only
+    per_example=False)."""
+    model = mlp()
+    x = torch.randn(8, D, generator=torch.Generator().manual_seed(9))
+
+    def step():
+        r = model(x)[:, 0]
+        (-F.logsigmoid(r[:4] - r[4:])).mean().backward()
+
+    refused(model, step, "paired_rows='halves'")

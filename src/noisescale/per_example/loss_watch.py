@@ -1027,7 +1027,10 @@ def _pointwise(
         return _mixed(
             func,
             "combined the values of different examples (e.g. every example with every "
-            "other: in-batch negatives, a similarity matrix)",
+            "other: in-batch negatives, a similarity matrix; or, without "
+            "paired_rows='halves', a preference pair's chosen and rejected rows of one batch "
+            "— DPO, a reward model's Bradley-Terry loss on torch.cat([chosen, rejected]) —, "
+            "which GradientNoiseTracker(model, paired_rows='halves') measures by pair)",
         )
     if not sums:
         return rows[0]
