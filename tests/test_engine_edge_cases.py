@@ -1375,3 +1375,24 @@ def test_a_batchnorm_frozen_before_every_forward_and_one_never_called_are_measur
             model(x).pow(2).sum(1).mean().backward()
     finally:
         tracker.remove()
+
+
+def test_another_models_step_through_the_tracked_model_names_the_fix():
+    """A GAN with the tracker on the critic: the generator's step backpropagates through the
+    critic (not paused, not frozen), writing and then zeroing its .grad between the critic's
+    steps. Refused as before, the message now naming that cause and its fix (a hunt found it
+    named only zero_grad's placement)."""
+    critic, generator = make(), nn.Linear(3, 3)
+    tracker = noisescale.GradientNoiseTracker(critic)
+    opt_g = torch.optim.SGD(generator.parameters(), lr=0.1)
+    with pytest.raises(NoiseScaleInputError, match="tracked discriminator"):
+        for _ in range(2):
+            critic.zero_grad()
+            fake = generator(X)
+            (per_loss(critic(X)).mean() - per_loss(critic(fake.detach())).mean()).backward()
+            tracker.step()
+            critic.zero_grad()  # (the critic's optimizer step would go here)
+            opt_g.zero_grad()
+            per_loss(critic(fake)).mean().backward()  # the generator's loss through the critic
+            opt_g.step()
+    tracker.remove()
