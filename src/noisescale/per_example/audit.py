@@ -171,7 +171,10 @@ class Findings:
                 f"the per-example gradients of parameters {items} do not add up to the gradient "
                 "autograd computed: a use of them was missed or counted twice (a parameter used "
                 "outside the model's forward, e.g. a penalty added to the loss — use the "
-                "optimizer's weight_decay instead; one parameter registered on two modules that "
+                "optimizer's weight_decay instead —, or by a module around the model: a tracker "
+                "given a submodule whose weights its parent also reads, as a tied autoencoder's "
+                "decoder reads the encoder's — give the tracker the parent; one parameter "
+                "registered on two modules that "
                 "both use it in one computation; a module whose rule does not match its forward)"
                 + (
                     ". Or, for "
