@@ -1731,8 +1731,8 @@ class GradientNoiseTracker:
         # other forwards leaves that pass's marks before the final backward: the cause is the
         # penalty, not a clip (until 2026-12-06 textbook WGAN-GP was blamed on clipping, a hunt)
         passes = self.engine.passes
-        trained = set().union(*(p.param_tasks for p in passes))
-        second_order = any(p.second_order and (p.received or p.tasks & trained) for p in passes)
+        wrote = set().union(*(p.param_tasks for p in passes if p.wrote))
+        second_order = any(p.second_order and (p.received or p.tasks & wrote) for p in passes)
         self.engine.discard()
         if second_order:
             raise NoiseScaleInputError(engine_mod.SECOND_ORDER)

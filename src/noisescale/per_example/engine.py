@@ -3290,8 +3290,10 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                     wg = w.to(pass_.group_sqnorms.dtype)[:, None]
                     pass_.group_sqnorms = pass_.group_sqnorms * wg
             pass_.uses.clear()
-        # (the passes of backwards that reached the parameters: not a saliency probe's)
+        # (the passes of backwards that reached the parameters: not a saliency probe's; of
+        # them, those that wrote .grad: not torch.autograd.grad's, which are no part of .grad)
         trained = set().union(*(p.param_tasks for p in done))
+        wrote = set().union(*(p.param_tasks for p in done if p.wrote))
         for pass_ in done:
             sb = pass_.subbatches
             if sb is not None and pass_.received and sum(sb.sizes) != pass_.batch_size:
@@ -3303,7 +3305,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                     "noisescale bug — please report it with the model. Meanwhile measure every "
                     "example: GradientNoiseTracker(model, per_example_fraction=1.0)"
                 )
-            if pass_.second_order and (pass_.received or pass_.tasks & trained):
+            if pass_.second_order and (pass_.received or pass_.tasks & wrote):
                 # (not only the pass the parameters' gradients were recorded on: several
                 # forwards through one backward record them on one — R1's penalty on D(real)
                 # before a D(fake) forward was measured without its second-order terms until
@@ -3328,10 +3330,12 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 )
         compiled_step = any(p.compiled or p.compiled_call for p in done)
         self._seen_compiled = self._seen_compiled or compiled_step
-        # (by value on the audits' steps, in every mode: they read values back anyway)
+        # (by value on the audits' steps, in every mode — they read values back anyway —, the
+        # passes a backward that wrote .grad ran through)
+        audited = self._audit_due or any(p.audit is not None for p in done)
         _refuse_same_input_twice(
             [p for p in done if p.tasks & trained and not p.idle],
-            by_value=self._audit_due or any(p.audit is not None for p in done),
+            by_value=[p for p in done if p.tasks & wrote and not p.idle] if audited else (),
         )
         _refuse_fed_by_its_own_output([p for p in done if p.tasks & trained])
         self._take_unread_picks([p for p in done if p.tasks & trained and not p.idle])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import operator
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -173,7 +174,7 @@ def _rows_of(pass_: PassNorms) -> list[Tensor]:
     return [t for t in found if t.dim() > 0 and t.shape[0] == n and t.numel() > 0]
 
 
-def _refuse_same_input_twice(passes: list[PassNorms], by_value: bool = False) -> None:
+def _refuse_same_input_twice(passes: list[PassNorms], by_value: Sequence[PassNorms] = ()) -> None:
     """Refuse a step whose backward passes ran through two forwards of the model on the same
     input tensor.
 
@@ -182,11 +183,15 @@ def _refuse_same_input_twice(passes: list[PassNorms], by_value: bool = False) ->
     is the sum of its two rows', but the step takes its 2N rows for 2N independent examples
     (one merged pass, or two micro-batches), so per-example norms, sub-batch and micro-batch
     norms and the noise scale from them are wrong. (Two augmented views are two input tensors,
-    which no check can tell from two batches: documented, not detected.)
+    which no check can tell from two batches: documented, not detected.) ``by_value``: the
+    passes also compared by value (the audits' steps; those whose backward wrote ``.grad`` —
+    not SAM's ascent taken by ``torch.autograd.grad`` on ``x.clone()``, no part of the step).
     """
+    valued = {id(p) for p in by_value}
     for i, a in enumerate(passes):
         for b in passes[i + 1 :]:
-            if a.batch_size == b.batch_size and _same_input(a, b, by_value):
+            both = id(a) in valued and id(b) in valued
+            if a.batch_size == b.batch_size and _same_input(a, b, both):
                 one = bool(a.tasks & b.tasks)
                 raise NoiseScaleInputError(
                     f"{'one backward' if one else 'the backward passes of one step'} ran "
