@@ -1338,3 +1338,19 @@ def test_a_preference_pair_without_paired_rows_is_refused_naming_the_option():
         (-F.logsigmoid(r[:4] - r[4:])).mean().backward()
 
     refused(model, step, "paired_rows='halves'")
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_loss_through_an_instance_norm_network_is_exact(training):
+    """InstanceNorm normalizes each example's channels by that example's own statistics —
+    torch runs it as a BatchNorm over [1, N·C, ...], the examples in the channels. A perceptual
+    or style loss through such a network keeps the examples apart (a review found it refused,
+    blamed on BatchNorm in training mode)."""
+    model, (x, _) = mlp(), data()
+    torch.manual_seed(5)
+    net = nn.Sequential(
+        nn.Unflatten(1, (1, 2, 2)), nn.Conv2d(1, 3, 1), nn.InstanceNorm2d(3, affine=True)
+    )
+    net.requires_grad_(False).train(training)
+    target = torch.randn(N, C, generator=torch.Generator().manual_seed(6))
+    assert_exact(model, x, lambda out: (net(out) - net(target)).pow(2).flatten(1).sum(1).mean())

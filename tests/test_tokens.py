@@ -1211,3 +1211,21 @@ def test_a_models_token_loss_as_one_term_is_measured_over_the_examples(lm, alpha
             assert a[key] == pytest.approx(b[key], rel=1e-6, nan_ok=True), key
     with pytest.raises(NoiseScaleInputError, match="one term of the loss backpropagated"):
         run(False, loss_reduction="token_mean")
+
+
+def test_a_backward_from_a_generator_of_roots_still_computes_the_gradients(lm):
+    """``torch.autograd.backward`` given a generator: the hook that asks whether the model's
+    own loss is all of what is backpropagated read it first, and torch then got nothing to
+    backpropagate (a review). The roots are read once, for both."""
+    model, ids, labels = lm["model"], lm["ids"][:4], lm["labels"][:4]
+    tracker = noisescale.GradientNoiseTracker(model)
+    try:
+        model.zero_grad()
+        out = model(ids, labels=labels)
+        torch.autograd.backward(t for t in [out.loss])
+        assert model.lm_head.weight.grad is not None
+        tracker.step()
+        assert len(tracker.history) == 1
+    finally:
+        tracker.remove()
+        model.zero_grad()

@@ -927,8 +927,11 @@ BACKWARD_STARTS: list[Callable[[Any], None]] = []
 def _wrapped_backward(original: Callable, code: Any) -> Callable:
     @functools.wraps(original)
     def backward(tensors: Any, grad_tensors: Any = None, *args: Any, **kwargs: Any) -> Any:
-        for started in BACKWARD_STARTS:
-            started(tensors)
+        if BACKWARD_STARTS:
+            if not isinstance(tensors, Tensor | list | tuple) and tensors is not None:
+                tensors = tuple(tensors)  # (a generator: read once, for them and for torch)
+            for started in BACKWARD_STARTS:
+                started(tensors)
         if (
             args
             or set(kwargs) - {"retain_graph", "create_graph"}

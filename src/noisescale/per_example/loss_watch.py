@@ -978,10 +978,16 @@ def _batch_norm(func: Any, name: str, args: tuple, kwargs: dict, known: list, ou
     )
     stats = named.get("running_mean") is not None and named.get("running_var") is not None
     t, layout = known[0]
-    if frozen and stats and len(known) == 1 and t is args[0] and t.shape == outs[0].shape:
+    alone = len(known) == 1 and t is args[0] and t.shape == outs[0].shape
+    if frozen and stats and alone:
         return [layout] + [None] * (len(outs) - 1)
     if frozen and stats:
         return _mixed(func, "took a tensor computed from the outputs as its statistics")
+    if alone and isinstance(layout, Rows) and layout.dim == 1:
+        # the examples in the channels: each channel's statistics are one example's values —
+        # InstanceNorm, which torch runs as a BatchNorm over [1, N·C, ...] (until 2026-12-06 a
+        # loss through an InstanceNorm network was refused, a review)
+        return [layout] + [None] * (len(outs) - 1)
     return _mixed(
         func,
         "normalized with statistics of the batch (a BatchNorm in training mode; in evaluation "

@@ -145,8 +145,12 @@ def _same_input(a: PassNorms, b: PassNorms, by_value: bool = False) -> bool:
     # was seen: an actor-critic's two heads each fed buf[idx] read B_simple 15.9 and 1770 for
     # a truth of 7.2, a hunt). Not while x or y is written in place by the other pass.
     # Every tensor argument with the batch's rows must be equal, not the first alone (two
-    # micro-batches share an all-ones attention mask, not their input_ids).
-    if not by_value or a.inputs is None or b.inputs is None:
+    # forwards share an all-ones attention mask, not their input_ids). Within one backward
+    # only: two micro-batches (a backward each) of equal inputs may be independent draws — a
+    # sampler with replacement at small batches draws one example twice — or other examples
+    # (other labels, used outside the model), which no check can tell from the same examples
+    # twice (a review found the first version refusing both).
+    if not by_value or not a.tasks & b.tasks or a.inputs is None or b.inputs is None:
         return False
     left, right = _rows_of(a), _rows_of(b)
     return (
