@@ -119,6 +119,15 @@ def _mean_over_examples(module: nn.Module) -> bool:
     )
 
 
+def _ignore_index(module: nn.Module) -> int:
+    """The label a model's own loss leaves out: its config's ``semantic_loss_ignore_index``
+    (Segformer, BEiT, DPT, UperNet: 255 by default) where it has one, else -100 (until
+    2026-12-06 always -100: a Segformer's ignored pixels were counted as tokens, tr Σ 1.7×
+    too large on a hunt's batch)."""
+    value = getattr(getattr(module, "config", None), "semantic_loss_ignore_index", None)
+    return value if isinstance(value, int) else IGNORE_INDEX
+
+
 def count_units(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Tokens per example from labels [N, ...] (those not ``ignore_index``) or a mask [N, ...]
     (those true / non-zero), as float64 [N]."""
@@ -313,11 +322,13 @@ class TokenWatcher:
             return
         if self.count_labels:
             if getattr(pass_, "units", None) is None and labels.shape[0] == pass_.batch_size:
-                pass_.units = PassUnits(count_units(labels), "token", LABELS_ORIGIN)
+                pass_.units = PassUnits(
+                    count_units(labels, _ignore_index(module)), "token", LABELS_ORIGIN
+                )
             return
 
         if labels.shape[0] == pass_.batch_size:
-            pass_.label_counts = count_units(labels)
+            pass_.label_counts = count_units(labels, _ignore_index(module))
 
         def hook(grad: Tensor) -> None:
             pass_.units_error = (
@@ -327,7 +338,8 @@ class TokenWatcher:
                 "pass loss_reduction='token_mean' (each micro-batch's mean over its tokens, as "
                 "BERT, T5 and BART compute it — also under the Trainer, which passes them "
                 "num_items_in_batch they do not use; 'num_items_in_batch' only for a loss that "
-                "divides by it) — the tokens are then counted from labels= (those not -100), or "
+                "divides by it) — the tokens (pixels) are then counted from labels= (those not "
+                "-100, or not the model's config.semantic_loss_ignore_index), or "
                 "by tracker.count_tokens(labels) after each forward where the loss shifts its "
                 "labels; under the Trainer: NoiseScaleCallback(loss_reduction='token_mean'). Or "
                 "compute the loss yourself from the logits without passing labels= to the model"

@@ -83,7 +83,8 @@ class per_example_sqnorms:
         if p.units_error and counts is not None and bool((counts != counts[0]).any()):
             raise NoiseScaleInputError(
                 "the model computed its loss itself from labels= (not through its "
-                "loss_function), as a mean over the tokens whose label is not -100, and the "
+                "loss_function), as a mean over the tokens (pixels) whose label is not -100 "
+                "(or the model's config.semantic_loss_ignore_index), and the "
                 f"examples count different numbers of them ({counts.tolist()[:8]}…): each "
                 "example weighs by its token count in that loss, not 1/N, so the per-example "
                 "norms of each example's own loss cannot be read from it. Compute the loss "
