@@ -1354,3 +1354,34 @@ def test_a_loss_through_an_instance_norm_network_is_exact(training):
     net.requires_grad_(False).train(training)
     target = torch.randn(N, C, generator=torch.Generator().manual_seed(6))
     assert_exact(model, x, lambda out: (net(out) - net(target)).pow(2).flatten(1).sum(1).mean())
+
+
+class _MaskedReconstruction(nn.Module):
+    """SimMIM's loss, computed in the forward: a reconstruction error averaged over the masked
+    positions of the whole batch, (l1 · mask).sum() / mask.sum()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, D))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        l1 = (self.net(x) - x).abs()
+        return (l1 * mask).sum() / (mask.sum() + 1e-5)
+
+
+def test_the_one_shot_refuses_a_mean_over_what_the_model_counts_in_its_forward():
+    """Each example's own loss cannot be read from a mean over the batch's masked positions
+    (SimMIM, computed by the model; a hunt found it returned N² × each share, up to 12× off)
+    nor over rows picked by a mask (BEiT's cross-entropy over logits[bool_masked_pos]): the
+    one-shot norms refuse both under loss_reduction='mean', as after the forward."""
+    torch.manual_seed(0)
+    model = _MaskedReconstruction()
+    x, _ = data()
+    mask = (torch.rand(N, D, generator=torch.Generator().manual_seed(3)) < 0.4).double()
+    with pytest.raises(noisescale.NoiseScaleInputError, match="averaged over what it counts"):
+        with noisescale.per_example_sqnorms(model):
+            model(x, mask).backward()
+    picker, (x, y) = mlp(), data()
+    with pytest.raises(noisescale.NoiseScaleInputError, match="averaged over what it counts"):
+        with noisescale.per_example_sqnorms(picker):
+            F.cross_entropy(picker(x)[MASK > 0], Y[MASK > 0]).backward()

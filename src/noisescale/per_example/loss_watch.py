@@ -600,12 +600,15 @@ class LossWatch:
                     self.scaled[t] = True
         if _name(func) in ("nll_loss_forward", "nll_loss2d_forward"):
             self._note_class_weights(func, args, kwargs, outs)
-        # (a mean over what a loss computed in the forward counts is the token watcher's to
-        # weigh — transformers' labels=, noisescale.tokens — not flagged here)
-        if not inside and _name(func) in ("nll_loss_forward", "nll_loss2d_forward"):
-            self._note_counted_mean(func, args, kwargs, known)
-        elif not inside and _name(func) in ("div", "true_divide"):
-            self._note_divided_sum(args, known)
+        # (inside the forward too: a loss the model computes itself over what it counts —
+        # SimMIM's (l1·mask).sum() / mask.sum() — which the one-shot norms of each example's
+        # own loss refuse unless the token watcher measured its weights, as for transformers'
+        # loss_function; until 2026-12-06 not flagged there, and returned N² × each share,
+        # up to 12× off, a hunt. The tracker does not read the flag.)
+        if _name(func) in ("nll_loss_forward", "nll_loss2d_forward"):
+            self._note_counted_mean(func, args, kwargs, known, inside)
+        elif _name(func) in ("div", "true_divide"):
+            self._note_divided_sum(args, known, inside)
         target = args[0] if args and isinstance(args[0], Tensor) else None
         if (
             target is not None
@@ -621,7 +624,9 @@ class LossWatch:
                 "tensor whose memory another tensor of the loss shares"
             )
 
-    def _note_counted_mean(self, func: Any, args: tuple, kwargs: dict, known: list) -> None:
+    def _note_counted_mean(
+        self, func: Any, args: tuple, kwargs: dict, known: list, inside: bool = False
+    ) -> None:
         """A negative log-likelihood averaged over its targets (``reduction='mean'``) divides
         by the weight of the targets it counts — those not ``ignore_index``, each times its
         class weight — not by the examples: a device flag on the pass that it did
@@ -638,7 +643,16 @@ class LossWatch:
         flag = (target == named.get("ignore_index", -100)).any()
         if isinstance(weight, Tensor):
             flag = flag | (weight != 1).any()
-        self._mark_counted_mean({layout.owner}, lambda pass_: flag)
+        if (
+            layout.block is None
+            and isinstance(layout.key, tuple)
+            and layout.key[:1] not in (("flat",), ("packed",))
+        ):
+            # rows picked (a boolean mask, an index, a slice): a mean over them divides by
+            # their count, not the examples' (BEiT's masked patches, logits[bool_masked_pos];
+            # a hunt, 2026-12-06)
+            flag = flag | torch.ones((), dtype=torch.bool, device=flag.device)
+        self._mark_counted_mean({layout.owner}, lambda pass_: flag, inside)
 
     def _note_class_weights(self, func: Any, args: tuple, kwargs: dict, outs: list) -> None:
         """A cross-entropy / NLL averaged over class weights that differ (uniform ones, 1/C,
@@ -652,7 +666,7 @@ class LossWatch:
         for out in outs:
             self.weighted[out] = weight.amin() != weight.amax()
 
-    def _note_divided_sum(self, args: tuple, known: list) -> None:
+    def _note_divided_sum(self, args: tuple, known: list, inside: bool = False) -> None:
         """A sum (or mean) over the examples divided by a tensor computed from the data — a
         mask's sum, ``(ℓ·m).sum() / m.sum()`` — is a mean over what it counts unless that is
         the number of examples: flagged as :meth:`_note_counted_mean` does."""
@@ -672,16 +686,19 @@ class LossWatch:
                 counted = counted & (divisor != count)
             return counted.reshape(())
 
-        self._mark_counted_mean(known[0][1].owners, flag)
+        self._mark_counted_mean(known[0][1].owners, flag, inside)
 
-    def _mark_counted_mean(self, owners: Any, flag_of: Any) -> None:
+    def _mark_counted_mean(self, owners: Any, flag_of: Any, inside: bool = False) -> None:
         """OR ``flag_of(pass)`` (a device bool) into :attr:`PassNorms.counted_mean` of the
-        watched passes among ``owners`` (their ids)."""
+        watched passes among ``owners`` (their ids) — :attr:`PassNorms.counted_inside` for one
+        inside the model's forward (a Hugging Face model's labels= loss: the token watcher's
+        counts decide there)."""
+        name = "counted_inside" if inside else "counted_mean"
         for pass_ in self.passes:
             if id(pass_) in owners:
                 flag = flag_of(pass_)
-                previous = pass_.counted_mean
-                pass_.counted_mean = flag if previous is None else previous | flag
+                previous = getattr(pass_, name)
+                setattr(pass_, name, flag if previous is None else previous | flag)
 
 
 def example_dims(module: Any, outputs: list[Tensor]) -> list[int | None] | None:

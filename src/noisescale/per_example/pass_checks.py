@@ -69,6 +69,8 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
         merged.coupled = next((p.coupled for p in group if p.coupled), None)
         flags = [p.counted_mean for p in group if p.counted_mean is not None]
         merged.counted_mean = functools.reduce(operator.or_, flags) if flags else None
+        flags = [p.counted_inside for p in group if p.counted_inside is not None]
+        merged.counted_inside = functools.reduce(operator.or_, flags) if flags else None
         weighted = [p.class_weighted for p in group if p.class_weighted is not None]
         merged.class_weighted = functools.reduce(operator.or_, weighted) if weighted else None
         kinds = {p.loss_kind for p in group}

@@ -182,6 +182,9 @@ class PassNorms:
     # log-likelihood with ignore_index targets or class weights, or a sum divided by a tensor
     # other than their number (loss_watch.py); per_example_sqnorms refuses it under "mean"
     counted_mean: Any = None
+    # the same, for a mean computed inside the model's forward (SimMIM's masked mean): refused
+    # by the one-shot norms where no Hugging Face labels= count decides (noisescale.tokens)
+    counted_inside: Any = None
     # "sum" or "mean": the backward started from a plain sum or mean over the examples of
     # per-example terms (loss_watch.py, audited steps), which loss_reduction must match
     loss_kind: str | None = None

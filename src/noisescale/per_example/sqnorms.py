@@ -95,7 +95,10 @@ class per_example_sqnorms:
         wrong_kind = loss_kind_message(self.loss_reduction, [p])
         if wrong_kind is not None:
             raise NoiseScaleInputError(wrong_kind)
-        if self.loss_reduction == "mean" and p.counted_mean is not None and bool(p.counted_mean):
+        counted = p.counted_mean is not None and bool(p.counted_mean)
+        if p.counted_inside is not None and p.label_counts is None and p.units is None:
+            counted = counted or bool(p.counted_inside)
+        if self.loss_reduction == "mean" and counted:
             raise NoiseScaleInputError(
                 "the loss is averaged over what it counts, not over the examples — a "
                 "cross_entropy / nll_loss with targets equal to ignore_index (-100: examples or "
