@@ -1396,3 +1396,38 @@ def test_another_models_step_through_the_tracked_model_names_the_fix():
             per_loss(critic(fake)).mean().backward()  # the generator's loss through the critic
             opt_g.step()
     tracker.remove()
+
+
+class _WithCond(nn.Module):
+    """A forward with torch.cond, one of torch's higher-order operators (as flex_attention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cond(torch.tensor(True), lambda t: t.tanh(), lambda t: t.relu(), (self.a(x),))
+        return self.b(h)
+
+
+def test_a_higher_order_operator_on_an_audited_step_names_itself_and_the_fix():
+    """torch runs a higher-order operator (flex_attention, torch.cond) under a dispatch mode
+    only where the mode has a rule for it: on an audited step it raised torch's own
+    NotImplementedError about noisescale's mode object (flex_attention at step 1, a hunt). The
+    error now names the operator and per_example=False, which measures the model."""
+    torch.manual_seed(0)
+    model = _WithCond()
+    # (per_example=False first: after a failed compile of torch.cond's branches, Dynamo keeps
+    # failing on them in this process, with or without noisescale)
+    tracker = noisescale.GradientNoiseTracker(model, per_example=False)
+    for _ in range(2):
+        for half in (X[:3], X[3:]):
+            per_loss(model(half)).mean().backward()
+        tracker.step()
+        model.zero_grad()
+    assert len(tracker.history) == 2
+    tracker.remove()
+    tracker = noisescale.GradientNoiseTracker(model)
+    with pytest.raises(Exception, match=r"higher-order operator 'cond'.*per_example=False"):
+        per_loss(model(X)).mean().backward()
+    tracker.remove()

@@ -45,6 +45,7 @@ every 1024th); the model's forward and the backward run without it.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -391,6 +392,7 @@ class LossWatch:
         """Follow again, from the bottom of both mode stacks: a mode the user enters around the
         forward and leaves before the backward pops itself, not the watch."""
         if self.passes and not self.done and not self._pushed:
+            _refuse_higher_order_operators()
             self.pause()  # (one left on its stack by a pause inside its handler)
             _insert_bottom(self._function, dispatch=False)
             _insert_bottom(self._dispatch, dispatch=True)
@@ -730,6 +732,29 @@ def _storage(t: Tensor) -> int:
         return t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):
         return id(t)
+
+
+def _refuse_higher_order_operators() -> None:
+    """Give every higher-order operator torch has made so far (``flex_attention``,
+    ``torch.cond``, …) a rule for the watch's dispatch mode that refuses it by name: torch
+    runs none of them under a mode without one, and raised its own NotImplementedError
+    inside the model on an audited step (flex_attention at step 1, a hunt, 2026-12-06)."""
+    for hop in list(getattr(torch._ops, "_higher_order_ops", {}).values()):
+        table = getattr(hop, "python_key_table", None)
+        if table is not None and _Dispatch not in table:
+            hop.py_impl(_Dispatch)(functools.partial(_refuse_operator, hop.name()))
+
+
+def _refuse_operator(name: str, mode: Any, *args: Any, **kwargs: Any) -> Any:
+    from noisescale.errors import UnsupportedModuleError
+
+    raise UnsupportedModuleError(
+        f"torch's higher-order operator '{name}' (flex_attention, torch.cond, torch.while_loop, "
+        "…) ran while noisescale followed the model's forward or its loss on a step it audits "
+        "(steps 1, 2, 4, …, then one in 1,024), and noisescale cannot follow such operators: "
+        "it cannot check that they keep the examples apart. Measure this model with "
+        "per_example=False (norms of gradient-accumulation micro-batches, exact for any loss)"
+    )
 
 
 class _Dispatch(TorchDispatchMode):
