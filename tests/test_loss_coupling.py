@@ -1381,7 +1381,7 @@ def test_the_one_shot_refuses_a_mean_over_what_the_model_counts_in_its_forward()
     with pytest.raises(noisescale.NoiseScaleInputError, match="averaged over what it counts"):
         with noisescale.per_example_sqnorms(model):
             model(x, mask).backward()
-    picker, (x, y) = mlp(), data()
+    picker, (x, _) = mlp(), data()
     with pytest.raises(noisescale.NoiseScaleInputError, match="averaged over what it counts"):
         with noisescale.per_example_sqnorms(picker):
             F.cross_entropy(picker(x)[MASK > 0], Y[MASK > 0]).backward()
