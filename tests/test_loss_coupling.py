@@ -1385,3 +1385,22 @@ def test_the_one_shot_refuses_a_mean_over_what_the_model_counts_in_its_forward()
     with pytest.raises(noisescale.NoiseScaleInputError, match="averaged over what it counts"):
         with noisescale.per_example_sqnorms(picker):
             F.cross_entropy(picker(x)[MASK > 0], Y[MASK > 0]).backward()
+
+
+def _added_in_place(o: torch.Tensor, flip: bool) -> torch.Tensor:
+    """DETR's box head: reference points added in place into a slice of each row's features
+    (``tmp[..., :2] += reference``), from the same example's row or, flipped, another's."""
+    tmp = o * 1.5
+    other = o.flip(0) if flip else o
+    tmp[:, :2] += other[:, 2:].tanh()
+    return tmp.pow(2).sum(1).mean()
+
+
+def test_rows_added_in_place_into_their_own_rows_are_exact():
+    """A write that leaves every row its own example's keeps every view of the memory as
+    rows; until 2026-12-06 any in-place write of followed values marked the tensor's other
+    views mixed, and Conditional and Deformable DETR were refused as combining examples (a
+    hunt). Another example's values written in are refused, as before."""
+    model, (x, _) = mlp(), data()
+    assert_exact(model, x, lambda o: _added_in_place(o, flip=False))
+    refused(model, lambda: _added_in_place(model(x), flip=True).backward(), "combines the examples")

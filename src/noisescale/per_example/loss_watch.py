@@ -570,6 +570,13 @@ class LossWatch:
         leaves: list[Any] = []
         flatten(out, leaves)
         outs = [t for t in leaves if isinstance(t, Tensor)]
+        # an in-place operation's target before it (a write that leaves its rows as they were
+        # leaves the other views of its memory as they were too)
+        before = (
+            self._layout(args[0])
+            if args and isinstance(args[0], Tensor) and _name(func).endswith("_")
+            else None
+        )
         try:
             layouts = _rule(func, args, kwargs, known, outs)
         except Exception as err:  # a rule that cannot read the operation: not followed
@@ -616,15 +623,29 @@ class LossWatch:
             target is not None
             and _name(func).endswith("_")
             and any(t is not target for t, _ in known)
+            # (rows written into the same rows — DETR's tmp[..., :2] += reference, a slice
+            # along the features of per-example rows — keep every view's rows; until
+            # 2026-12-06 Conditional and Deformable DETR were refused as combining examples,
+            # a hunt)
+            and not (isinstance(before, Rows) and self.layouts.get(target) == before)
         ):
             # Values computed from the outputs written in place into a tensor: the tensor
             # itself has the layout just computed; any other view of its memory (taken before,
             # or after) is not followed through the write: mixed
             self.targets[target] = True
-            self.written[_storage(target)] = Mixed(
+            storage = _storage(target)
+            mixed = Mixed(
                 f"'aten.{_name(func)}' wrote values computed from the model's outputs into a "
                 "tensor whose memory another tensor of the loss shares"
             )
+            self.written[storage] = mixed
+            # the views followed already (the base a slice was written into: tmp after
+            # tmp[:, :2] += o.flip(0)[:, 2:]) kept their own layouts until 2026-12-06, and a
+            # loss over the base read the examples apart (measured without a word; found
+            # writing a test for DETR's in-place write)
+            for other in list(self.layouts.keys()):
+                if other is not target and _storage(other) == storage:
+                    self.layouts[other] = mixed
 
     def _note_counted_mean(
         self, func: Any, args: tuple, kwargs: dict, known: list, inside: bool = False
