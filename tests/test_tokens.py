@@ -1278,3 +1278,18 @@ def test_a_segmentation_models_ignored_pixels_are_not_counted():
         assert a["tokens"] == b["tokens"]
         for key in ("b_big", "sqnorm_big", "g2", "trace_sigma"):
             assert a[key] == pytest.approx(b[key], rel=1e-9), key
+
+
+def test_the_ignore_index_a_segmentation_loss_leaves_out():
+    """Which label a model's own per-pixel loss leaves out: Segformer's and BEiT's
+    semantic_loss_ignore_index, UperNet's loss_ignore_index — but with one label Segformer's
+    binary cross-entropy averages every pixel, and -100 stays (a review found a first version
+    counting only the valid pixels there: one-shot norms refused, token counts wrong)."""
+    from noisescale.tokens import _ignore_index
+
+    assert _ignore_index(_segformer(255)) == 255
+    seg = transformers.SegformerConfig(num_labels=1)
+    assert _ignore_index(type("M", (), {"config": seg})()) == -100
+    uper = type("C", (), {"loss_ignore_index": 255, "num_labels": 4})()
+    assert _ignore_index(type("M", (), {"config": uper})()) == 255
+    assert _ignore_index(torch.nn.Linear(2, 2)) == -100

@@ -120,12 +120,18 @@ def _mean_over_examples(module: nn.Module) -> bool:
 
 
 def _ignore_index(module: nn.Module) -> int:
-    """The label a model's own loss leaves out: its config's ``semantic_loss_ignore_index``
-    (Segformer, BEiT, DPT, UperNet: 255 by default) where it has one, else -100 (until
-    2026-12-06 always -100: a Segformer's ignored pixels were counted as tokens, tr Σ 1.7×
-    too large on a hunt's batch)."""
-    value = getattr(getattr(module, "config", None), "semantic_loss_ignore_index", None)
-    return value if isinstance(value, int) else IGNORE_INDEX
+    """The label a segmentation model's own cross-entropy leaves out: its config's
+    ``semantic_loss_ignore_index`` (Segformer, BEiT, DPT: 255 by default) or
+    ``loss_ignore_index`` (UperNet), else -100 (until 2026-12-06 always -100: a Segformer's
+    ignored pixels were counted as tokens, tr Σ 1.7× too large on a hunt's batch). With one
+    label the loss is a binary cross-entropy averaged over every pixel (Segformer's
+    ``(bce * valid).mean()``): -100, as before (a review)."""
+    config = getattr(module, "config", None)
+    for name in ("semantic_loss_ignore_index", "loss_ignore_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return IGNORE_INDEX if getattr(config, "num_labels", 2) == 1 else value
+    return IGNORE_INDEX
 
 
 def count_units(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:

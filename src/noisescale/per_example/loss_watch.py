@@ -666,15 +666,6 @@ class LossWatch:
         flag = (target == named.get("ignore_index", -100)).any()
         if isinstance(weight, Tensor):
             flag = flag | (weight != 1).any()
-        if (
-            layout.block is None
-            and isinstance(layout.key, tuple)
-            and layout.key[:1] not in (("flat",), ("packed",))
-        ):
-            # rows picked (a boolean mask, an index, a slice): a mean over them divides by
-            # their count, not the examples' (BEiT's masked patches, logits[bool_masked_pos];
-            # a hunt, 2026-12-06)
-            flag = flag | torch.ones((), dtype=torch.bool, device=flag.device)
         self._mark_counted_mean({layout.owner}, lambda pass_: flag, inside)
 
     def _note_class_weights(self, func: Any, args: tuple, kwargs: dict, outs: list) -> None:
