@@ -144,10 +144,10 @@ def _same_input(a: PassNorms, b: PassNorms, by_value: bool = False) -> bool:
     # ``by_value`` (the audits' steps, which read values back anyway): equal values in another
     # tensor — the batch indexed again for the second forward, buf[idx] twice, a .clone(), a
     # second .to(device) — are the same examples too (until 2026-12-06 only the same tensor
-    # was seen: an actor-critic's two heads each fed buf[idx] read B_simple 15.9 and 1770 for
-    # a truth of 7.2, a hunt). Not while x or y is written in place by the other pass.
-    # Every tensor argument with the batch's rows must be equal, not the first alone (two
-    # forwards share an all-ones attention mask, not their input_ids). Within one backward
+    # was seen: an actor-critic's two heads each fed buf[idx] in one backward read B_simple
+    # 15.9 for a truth of 7.2, a hunt). Every tensor argument with the batch's rows must be
+    # equal, not the first alone (two forwards share an all-ones attention mask, not their
+    # input_ids). Within one backward
     # only: two micro-batches (a backward each) of equal inputs may be independent draws — a
     # sampler with replacement at small batches draws one example twice — or other examples
     # (other labels, used outside the model), which no check can tell from the same examples
