@@ -58,14 +58,15 @@ from noisescale import state as state_mod
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.param_groups import parameter_groups
 from noisescale.per_example import PerExampleNorms
-from noisescale.per_example import engine as engine_mod
 from noisescale.per_example.factors import sqnorm_total
 from noisescale.per_example.messages import (
+    SECOND_ORDER,
     class_weighted_message,
     loss_kind_message,
     new_parameters_message,
     submodule_called_message,
 )
+from noisescale.per_example.pass_checks import takes_second_order, written_tasks
 from noisescale.preconditioning import (
     check_preconditioner,
     learning_rate,
@@ -1730,12 +1731,11 @@ class GradientNoiseTracker:
         # a gradient penalty's backward (create_graph=True) through a forward after the step's
         # other forwards leaves that pass's marks before the final backward: the cause is the
         # penalty, not a clip (until 2026-12-06 textbook WGAN-GP was blamed on clipping, a hunt)
-        passes = self.engine.passes
-        wrote = set().union(*(p.param_tasks for p in passes if p.wrote))
-        second_order = any(p.second_order and (p.received or p.tasks & wrote) for p in passes)
+        wrote = written_tasks(self.engine.passes)
+        second_order = any(takes_second_order(p, wrote) for p in self.engine.passes)
         self.engine.discard()
         if second_order:
-            raise NoiseScaleInputError(engine_mod.SECOND_ORDER)
+            raise NoiseScaleInputError(SECOND_ORDER)
         changed, how = found
         if how == "not unscaled":
             raise NoiseScaleInputError(

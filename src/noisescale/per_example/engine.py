@@ -112,6 +112,7 @@ from noisescale.per_example.graph import (
 from noisescale.per_example.loss_watch import LossWatch, example_dims
 from noisescale.per_example.messages import (
     _REENTRANT_LEAD,
+    SECOND_ORDER,
     _flattened_hint,
     _reentrant_checkpointing,
     new_parameters_message,
@@ -123,6 +124,8 @@ from noisescale.per_example.pass_checks import (
     _node_key,
     _refuse_fed_by_its_own_output,
     _refuse_same_input_twice,
+    takes_second_order,
+    written_tasks,
 )
 from noisescale.per_example.passes import (
     PassNorms,
@@ -373,15 +376,6 @@ def _replaced_message(label: str, name: str, held: Any) -> str:
         f"weights by sharing the Parameter itself (b.{name} = a.{name}) before creating the "
         "tracker, or use per_example=False"
     )
-
-
-#: Why a step with a backward with create_graph=True through the model is refused.
-SECOND_ORDER = (
-    "a backward with create_graph=True (a gradient penalty or double backward) "
-    "ran through the model before the parameters' gradients were computed; "
-    "per-example norms do not include its second-order terms. Use "
-    "per_example=False (micro-batch norms are exact there)"
-)
 
 
 class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
@@ -3293,7 +3287,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # (the passes of backwards that reached the parameters: not a saliency probe's; of
         # them, those that wrote .grad: not torch.autograd.grad's, which are no part of .grad)
         trained = set().union(*(p.param_tasks for p in done))
-        wrote = set().union(*(p.param_tasks for p in done if p.wrote))
+        wrote = written_tasks(done)
         for pass_ in done:
             sb = pass_.subbatches
             if sb is not None and pass_.received and sum(sb.sizes) != pass_.batch_size:
@@ -3305,11 +3299,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                     "noisescale bug — please report it with the model. Meanwhile measure every "
                     "example: GradientNoiseTracker(model, per_example_fraction=1.0)"
                 )
-            if pass_.second_order and (pass_.received or pass_.tasks & wrote):
-                # (not only the pass the parameters' gradients were recorded on: several
-                # forwards through one backward record them on one — R1's penalty on D(real)
-                # before a D(fake) forward was measured without its second-order terms until
-                # 2026-12-06, norms 38–84% off, a hunt)
+            if takes_second_order(pass_, wrote):
                 raise NoiseScaleInputError(SECOND_ORDER)
             if pass_.repeated_backward:
                 raise NoiseScaleInputError(

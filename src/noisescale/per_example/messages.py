@@ -334,3 +334,13 @@ def _experts_hint(op: str, scope: nn.Module | None = None, model: nn.Module | No
         f". '{name}' belongs to a mixture of experts: with transformers' models, build it "
         "with experts_implementation='batched_mm', which noisescale measures exactly"
     )
+
+
+#: Why a step with a backward with create_graph=True through the model is refused (the
+#: engine's collect; the tracker's check of .grad, which would otherwise blame a clip).
+SECOND_ORDER = (
+    "a backward with create_graph=True (a gradient penalty or double backward) "
+    "ran through the model before the parameters' gradients were computed; "
+    "per-example norms do not include its second-order terms. Use "
+    "per_example=False (micro-batch norms are exact there)"
+)

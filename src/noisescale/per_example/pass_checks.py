@@ -120,6 +120,21 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
     return out
 
 
+def written_tasks(passes: Sequence[PassNorms]) -> set[int]:
+    """The autograd graph tasks that wrote ``.grad`` through these passes (not
+    ``torch.autograd.grad``'s, which are no part of ``.grad``)."""
+    return set().union(*(p.param_tasks for p in passes if p.wrote))
+
+
+def takes_second_order(pass_: PassNorms, wrote: set[int]) -> bool:
+    """Whether a backward with create_graph=True ran through ``pass_`` and the step's
+    gradient came through it too: the parameters' gradients recorded on it, or a backward of
+    ``wrote`` (:func:`written_tasks`) ran through it — several forwards through one backward
+    record those gradients on one pass only (R1's penalty on D(real) before a D(fake)
+    forward was measured without its second-order terms until 2026-12-06, 38–84% off)."""
+    return pass_.second_order and bool(pass_.received or pass_.tasks & wrote)
+
+
 def _same_input(a: PassNorms, b: PassNorms, by_value: bool = False) -> bool:
     """Whether two passes read the same examples: in one backward, the same tensor or one with
     the same storage, shape and stride (a view); across backwards (two micro-batches), the
