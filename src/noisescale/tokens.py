@@ -529,8 +529,6 @@ _MISSING = object()
 # units; the gradient edges, as (sequence number, output), that are the model's loss — what
 # loss_function returned, and the loss the model returned built from it)
 _PENDING: list[tuple[Any, PassUnits, set[tuple[int, int]]]] = []
-# the most autograd nodes one walk visits; past it the loss is taken for one term
-_MAX_WALK = 200_000
 
 
 def _edge(t: Tensor) -> tuple[int, int] | None:
@@ -566,57 +564,20 @@ def _on_backward(roots: Any) -> None:
     loss written by hand is."""
     if not _PENDING:
         return
+    # (here, not at the top: noisescale.per_example imports this module)
+    from noisescale.per_example.graph import reaches_pass
+
     tensors = [roots] if isinstance(roots, Tensor) else list(roots or ())
     for entry in list(_PENDING):
         pass_ = entry[0]()
         if pass_ is None:
             _PENDING.remove(entry)
             continue
-        verdict = _other_terms(tensors, pass_, entry[2])
+        verdict = reaches_pass(tensors, [pass_], entry[2])
         if verdict is None:
             continue  # (another graph's backward: not this pass's)
         entry[1].one_term = verdict
         _PENDING.remove(entry)
-
-
-def _other_terms(roots: list[Tensor], pass_: Any, loss_edges: set[tuple[int, int]]) -> bool | None:
-    """True: a path from ``roots`` reaches a node the pass's forward made (its outputs, an
-    activation) without going through the model's loss; False: the roots reach the pass only
-    through it; None: not at all."""
-    outputs = {seq for _, seq in getattr(pass_, "output_nodes", ())}
-    first, made = getattr(pass_, "nodes_at", None), getattr(pass_, "nodes", None)
-    span = (first, first + made) if first is not None and made is not None else None
-    stack = [(r.grad_fn, r.output_nr) for r in roots if isinstance(r, Tensor)]
-    seen: set[tuple[int, int, int]] = set()
-    via_loss = False
-    while stack:
-        node, nr = stack.pop()
-        if node is None:
-            continue
-        seq = node._sequence_nr()
-        if (seq, nr) in loss_edges:
-            via_loss = True
-            continue
-        if (id(node), seq, nr) in seen:
-            continue
-        seen.add((id(node), seq, nr))
-        if len(seen) > _MAX_WALK:
-            return True
-        edges = node.next_functions
-        if node.name() in _PASS_THROUGH and nr < len(edges):
-            # output nr of an identity over several tensors is its input nr: DDP's sink over
-            # the outputs (find_unused_parameters=True) joins the loss with the logits
-            stack.append(edges[nr])
-            continue
-        if seq in outputs or (span is not None and span[0] <= seq < span[1]):
-            return True
-        stack.extend(edges)
-    return False if via_loss else None
-
-
-# autograd Functions that return their tensor inputs as they are, output i for input i:
-# DDP's sink over the model's outputs, the identity of a module's full backward hook
-_PASS_THROUGH = {"_DDPSinkBackward", "BackwardHookFunctionBackward"}
 
 
 def _attach_measured(pass_: Any, units: PassUnits, loss: Tensor, twice: str) -> None:

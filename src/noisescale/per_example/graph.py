@@ -454,3 +454,53 @@ def _selected_rows(
     if kind in ("MaskedSelectBackward0", "TakeBackward0"):
         return "a masked_select or take, whose result is flat"
     return None
+
+
+# the most autograd nodes one walk of :func:`reaches_pass` visits; past it the roots are taken
+# to reach the passes (the cautious answer for both callers)
+_MAX_WALK = 200_000
+# autograd Functions that return their tensor inputs as they are, output i for input i:
+# DDP's sink over the model's outputs, the identity of a module's full backward hook
+_PASS_THROUGH = {"_DDPSinkBackward", "BackwardHookFunctionBackward"}
+
+
+def reaches_pass(
+    roots: Sequence[Any], passes: Sequence[Any], stops: set[tuple[int, int]] | None = None
+) -> bool | None:
+    """Whether a backward from ``roots`` reaches a node one of ``passes``' forwards made (an
+    output of the model, an activation a hook kept): True; False where it reaches them only
+    through one of the edges ``stops`` — (sequence number, output) pairs, the model's own loss
+    (noisescale.tokens); None where it does not reach them at all (another graph's backward).
+    Output i of an identity over several tensors is followed to its input i only (DDP's sink
+    joins the loss with the logits)."""
+    outputs: set[int] = set()
+    spans = []
+    for pass_ in passes:
+        outputs |= {seq for _, seq in getattr(pass_, "output_nodes", ())}
+        first, made = getattr(pass_, "nodes_at", None), getattr(pass_, "nodes", None)
+        if first is not None and made is not None:
+            spans.append((first, first + made))
+    stack = [(r.grad_fn, r.output_nr) for r in roots if isinstance(r, Tensor)]
+    seen: set[tuple[int, int, int]] = set()
+    stopped = False
+    while stack:
+        node, nr = stack.pop()
+        if node is None:
+            continue
+        seq = node._sequence_nr()
+        if stops and (seq, nr) in stops:
+            stopped = True
+            continue
+        if (id(node), seq, nr) in seen:
+            continue
+        seen.add((id(node), seq, nr))
+        if len(seen) > _MAX_WALK:
+            return True
+        edges = node.next_functions
+        if node.name() in _PASS_THROUGH and nr < len(edges):
+            stack.append(edges[nr])
+            continue
+        if seq in outputs or any(a <= seq < b for a, b in spans):
+            return True
+        stack.extend(edges)
+    return False if stopped else None

@@ -56,6 +56,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from noisescale.per_example.graph import reaches_pass
 from noisescale.per_example.shared import flatten
 from noisescale.per_example.values import _time_major
 
@@ -179,8 +180,6 @@ _LOSSES = {
 # the most operations one watch sees before it gives up (forwards that no backward follows,
 # outside the model: the model's own forwards run without it)
 _MAX_OPS = 100_000
-# the most autograd nodes one walk visits to tell whether a backward reaches a watched pass
-_MAX_WALK = 200_000
 
 
 class LossWatch:
@@ -454,7 +453,8 @@ class LossWatch:
         if self.done or self.paused():
             return
         if not any(isinstance(r, Tensor) and self._layout(r) is not None for r in roots) and (
-            not self._reaches_passes(roots)
+            # (a walk of the roots' graph, on audited steps only, for roots without a layout)
+            reaches_pass(roots, self.passes) is None
         ):
             # another graph's backward: a GAN's discriminator step on G(z).detach() between
             # the generator's forward and its loss (the loop of PyTorch's DCGAN tutorial). Not
@@ -492,33 +492,6 @@ class LossWatch:
                 for pass_ in self.passes:
                     if id(pass_) in layout.owners:
                         pass_.loss_kind = layout.plain
-
-    def _reaches_passes(self, roots: list[Tensor]) -> bool:
-        """Whether a backward from ``roots`` reaches a watched pass: an output of its model, or
-        any node its forward made (a loss from an activation a hook kept). A walk of the
-        roots' autograd graph, on audited steps only and only for roots the watch has no
-        layout for; past :data:`_MAX_WALK` nodes it is taken to reach them, as before."""
-        outputs: set[Any] = set()
-        spans = []
-        for pass_ in self.passes:
-            outputs |= pass_.output_nodes
-            start, made = getattr(pass_, "nodes_at", None), getattr(pass_, "nodes", None)
-            if start is not None and made is not None:
-                spans.append((start, start + made))
-        stack = [r.grad_fn for r in roots if isinstance(r, Tensor) and r.grad_fn is not None]
-        seen: set[int] = set()
-        while stack:
-            node = stack.pop()
-            if node is None or id(node) in seen:
-                continue
-            seen.add(id(node))
-            if len(seen) > _MAX_WALK:
-                return True
-            number = node._sequence_nr()
-            if (id(node), number) in outputs or any(a <= number < b for a, b in spans):
-                return True
-            stack.extend(next_node for next_node, _ in node.next_functions)
-        return False
 
     def _layout(self, t: Tensor) -> Layout | None:
         layout = self.layouts.get(t)
