@@ -1402,3 +1402,181 @@ def test_rows_added_in_place_into_their_own_rows_are_exact():
     model, (x, _) = mlp(), data()
     assert_exact(model, x, lambda o: _added_in_place(o, flip=False))
     refused(model, lambda: _added_in_place(model(x), flip=True).backward(), "combines the examples")
+
+
+T = 4
+
+
+def _seq_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, C))
+
+
+def _masks() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    even = torch.zeros(N, T, dtype=torch.bool)
+    for i in range(N):  # two masked positions in every sequence (SimMIM's fixed ratio)
+        even[i, torch.randperm(T, generator=g)[:2]] = True
+    uneven = even.clone()
+    uneven[0] = True  # (BEiT's block masks: a different count per image)
+    return {"even": even, "uneven": uneven}
+
+
+_PICKS = {
+    # name: (loss of the outputs o [N, T, C], every example holds as many of the rows averaged)
+    "mse over o[mask]": (lambda o, m, y: F.mse_loss(o[m], torch.ones_like(o[m]))),
+    "l1 over o[mask]": (lambda o, m, y: F.l1_loss(o[m], torch.zeros_like(o[m]))),
+    "bce over o[mask]": (
+        lambda o, m, y: F.binary_cross_entropy_with_logits(o[m], torch.ones_like(o[m]))
+    ),
+    "cross_entropy over o[mask]": (lambda o, m, y: F.cross_entropy(o[m], y[m])),
+    "mean over o[mask]": (lambda o, m, y: o[m].pow(2).sum(-1).mean()),
+    "masked_select": (lambda o, m, y: torch.masked_select(o, m[..., None]).pow(2).mean()),
+    "cat of two picks": (lambda o, m, y: torch.cat([o[m], o[m].flip(0)]).tanh().mean()),
+    "rows and their complement": (lambda o, m, y: torch.cat([o[m], o[~m]]).tanh().mean()),
+}
+_REORDERED = {
+    # name: (loss, whether every example holds as many rows)
+    "o[perm]": (lambda o: o[torch.tensor([3, 1, 4, 0, 2])].pow(2).mean(), True),
+    "flip": (lambda o: o.flip(0).pow(2).mean(), True),
+    "roll": (lambda o: o.roll(2, 0).pow(2).mean(), True),
+    "repeat": (lambda o: o.repeat(2, 1, 1).pow(2).mean(), True),
+    "cat of two slices": (lambda o: torch.cat([o[2:], o[:2]]).pow(2).mean(), True),
+    "gather of whole rows": (
+        lambda o: (
+            o.gather(0, torch.tensor([4, 2, 0, 1, 3])[:, None, None].expand(N, T, C)).pow(2).mean()
+        ),
+        True,
+    ),
+    "o[:2]": (lambda o: o[:2].pow(2).mean(), False),
+    "o[perm[:3]]": (lambda o: o[torch.tensor([3, 1, 4])].pow(2).mean(), False),
+    "one example twice": (lambda o: torch.cat([o, o[:1]]).pow(2).mean(), False),
+    "a piece of a split": (lambda o: o.split([2, 3])[1].pow(2).mean(), False),
+    "gather mixing rows": (
+        lambda o: o.gather(0, torch.arange(N * T * C).reshape(N, T, C) % N).pow(2).mean(),
+        False,
+    ),
+}
+
+
+def _one_shot(model: nn.Module, x: torch.Tensor, loss_of) -> torch.Tensor:
+    with noisescale.per_example_sqnorms(model, loss_reduction="mean") as pe:
+        loss_of(model(x)).backward()
+    model.zero_grad()
+    return pe.sqnorms
+
+
+@pytest.mark.parametrize("mask", ["even", "uneven"])
+@pytest.mark.parametrize("name", list(_PICKS))
+def test_the_one_shot_norms_of_a_mean_over_picked_rows(name, mask):
+    """A mean over rows picked by a mask is a mean over the examples when every example has as
+    many picked rows (SimMIM's fixed ratio): each example's own loss is its rows' mean, exact;
+    with masks of different sizes (BEiT's) it averages over what it counts and the one-shot
+    norms refuse — until 2026-12-06 they returned (N/M)² × each example's for an MSE, an L1 or
+    a BCE (a review; only cross-entropy's ignored targets were flagged)."""
+    model = _seq_model()
+    x = torch.randn(N, T, D, generator=torch.Generator().manual_seed(4))
+    y = torch.randint(0, C, (N, T), generator=torch.Generator().manual_seed(5))
+    m = _masks()[mask]
+
+    def loss_of(o):
+        return _PICKS[name](o, m, y)
+
+    if mask == "uneven" and name != "rows and their complement":  # (that one: T rows each)
+        with pytest.raises(noisescale.NoiseScaleInputError, match="picked from the examples'"):
+            _one_shot(model, x, loss_of)
+        return
+    want = N**2 * share_truth(model, x, loss_of)  # (L = mean of each example's own loss)
+    assert torch.allclose(_one_shot(model, x, loss_of), want, rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", list(_REORDERED))
+def test_the_one_shot_norms_of_a_mean_over_reordered_or_repeated_rows(name):
+    """Rows reordered, or each repeated as often, keep a mean over the examples (exact); rows
+    of some examples only, or of one more often, are a counted mean (refused)."""
+    loss_of, even = _REORDERED[name]
+    model = _seq_model()
+    x = torch.randn(N, T, D, generator=torch.Generator().manual_seed(4))
+    if not even:
+        with pytest.raises(noisescale.NoiseScaleInputError, match="picked from the examples'"):
+            _one_shot(model, x, loss_of)
+        return
+    want = N**2 * share_truth(model, x, loss_of)
+    assert torch.allclose(_one_shot(model, x, loss_of), want, rtol=1e-9)
+
+
+def test_the_tracker_measures_a_mean_over_uneven_picks_as_backpropagated():
+    """The tracker takes such a loss as it is backpropagated (each example fed, weighed as the
+    loss weighs it): the flag is the one-shot norms' alone."""
+    model = _seq_model()
+    x = torch.randn(N, T, D, generator=torch.Generator().manual_seed(4))
+    m = _masks()["uneven"]
+
+    def loss_of(o):
+        return F.mse_loss(o[m], torch.ones_like(o[m]))
+
+    want = share_truth(model, x, loss_of)
+    for p in measured(model, x, loss_of):
+        assert p.raw_sqnorms is not None, p.withheld
+        assert torch.allclose(p.raw_sqnorms, want, rtol=1e-9)
+
+
+def _chunked(chunks: str):
+    V = C
+
+    def loss_of(o):
+        lf = o.reshape(-1, V)
+        t = torch.arange(lf.shape[0]) % V
+        if chunks == "tokens of 3":  # chunks across the sequences' boundaries
+            cuts = range(0, lf.shape[0], 3)
+            tok = torch.cat(
+                [F.cross_entropy(lf[s : s + 3], t[s : s + 3], reduction="none") for s in cuts]
+            )
+        elif chunks == "split":
+            tok = torch.cat(
+                [
+                    F.cross_entropy(a, b, reduction="none")
+                    for a, b in zip(lf.split(7), t.split(7), strict=True)
+                ]
+            )
+        else:  # "whole sequences": chunks of the 3-D logits, each flattened
+            o3, t3 = lf.view(N, T, V), t.view(N, T)
+            tok = torch.cat(
+                [
+                    F.cross_entropy(
+                        o3[s : s + 2].reshape(-1, V), t3[s : s + 2].reshape(-1), reduction="none"
+                    )
+                    for s in range(0, N, 2)
+                ]
+            )
+        return tok.view(N, T).mean(1).mean()
+
+    return loss_of
+
+
+@pytest.mark.parametrize("chunks", ["tokens of 3", "split", "whole sequences"])
+def test_a_cross_entropy_computed_in_chunks_and_joined_again_is_exact(chunks):
+    """A memory-saving cross-entropy over chunks of the flattened tokens, joined with torch.cat
+    and averaged per sequence, is a mean of per-example terms: exact, one-shot and engine —
+    until 2026-12-06 refused as combining the examples (a hunt)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(C, D), nn.Linear(D, C))
+    x = torch.randint(0, C, (N, T), generator=torch.Generator().manual_seed(6))
+    loss_of = _chunked(chunks)
+    assert_exact(model, x, loss_of)
+    want = N**2 * share_truth(model, x, loss_of)
+    assert torch.allclose(_one_shot(model, x, loss_of), want, rtol=1e-9)
+
+
+def test_chunks_joined_with_one_left_out_are_a_counted_mean():
+    """Consecutive chunks with one left out are no longer every example's rows alike."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(C, D), nn.Linear(D, C))
+    x = torch.randint(0, C, (N, T), generator=torch.Generator().manual_seed(6))
+
+    def loss_of(o):
+        tok = F.cross_entropy(o.reshape(-1, C), x.reshape(-1), reduction="none")
+        return torch.cat([tok[:6], tok[9:]]).mean()
+
+    with pytest.raises(noisescale.NoiseScaleInputError, match="picked from the examples'"):
+        _one_shot(model, x, loss_of)

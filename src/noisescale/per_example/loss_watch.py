@@ -45,10 +45,11 @@ every 1024th); the model's forward and the backward run without it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -70,6 +71,15 @@ class Rows:
     key: Any  # the pass (regular layouts), or a token for an irregular map
     n: int  # the pass's examples
     owner: int  # the pass (its forward)
+    # an irregular map's example of each index along ``dim`` (a long tensor; -1 where one
+    # index holds values of several) when the rows were picked from a known map (``o[mask]``,
+    # ``o[perm]``, a slice, ``torch.cat`` of such): a mean over them is a mean over the
+    # examples only if each example has as many (:meth:`LossWatch._note_uneven_mean`)
+    ids: Any = field(default=None, compare=False, repr=False)
+    # rows [start, stop) of a regular map's (key, block, start, stop, size) — a slice or a
+    # split piece, a chunk of a chunked cross-entropy —, which torch.cat of the consecutive
+    # pieces makes that map again (:func:`_joined_span`)
+    span: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,41 @@ class Mixed:
 
 
 Layout = Rows | One | _Sum | Mixed
+
+
+def _moved(layout: Rows, dim: int) -> Rows:
+    """The same map along another dimension."""
+    return dataclasses.replace(layout, dim=dim)
+
+
+def _ids(layout: Rows, size: int, device: Any) -> Tensor | None:
+    """The example (unit) of each of the ``size`` indices along ``layout.dim``; None where
+    the map is known by its key only."""
+    if layout.block is not None:
+        steps = torch.arange(size, device=device)
+        return torch.div(steps, layout.block, rounding_mode="floor") % layout.n
+    if layout.ids is not None and layout.ids.numel() == size:
+        return layout.ids
+    return None
+
+
+def _picked(
+    layout: Rows, dim: int, ids: Tensor | None, name: str, span: tuple | None = None
+) -> Rows:
+    """Rows picked from ``layout``'s (an irregular map, ``ids`` each index's example)."""
+    return Rows(dim, None, (name, next(_fresh)), layout.n, layout.owner, ids, span)
+
+
+def _sliced(layout: Rows, size: int, start: int, stop: int) -> tuple | None:
+    """The span of rows [start, stop) of ``layout``'s ``size`` (a regular map's, or a span's)."""
+    stop = max(start, stop)
+    if layout.block is not None:
+        return (layout.key, layout.block, start, stop, size)
+    if layout.span is not None:
+        key, block, first, _, whole = layout.span
+        return (key, block, first + start, first + stop, whole)
+    return None
+
 
 _fresh = itertools.count()
 
@@ -177,6 +222,18 @@ _LOSSES = {
     "soft_margin_loss",
     "kl_div",
 }
+# means over what they average (a mean over picked rows is one over the examples only if each
+# example has as many: LossWatch._note_uneven_mean)
+_MEANS = {
+    "mean",
+    "nll_loss_forward",
+    "nll_loss2d_forward",
+    "multi_margin_loss",
+    "multilabel_margin_loss_forward",
+} | _LOSSES
+# the keys of the irregular maps the forward's outputs start with (rows flattened with
+# positions, packed sequences): their means are tokens' means, which the token watcher counts
+_IRREGULAR = ("flat", "packed")
 # the most operations one watch sees before it gives up (forwards that no backward follows,
 # outside the model: the model's own forwards run without it)
 _MAX_OPS = 100_000
@@ -591,6 +648,8 @@ class LossWatch:
             self._note_counted_mean(func, args, kwargs, known, inside)
         elif _name(func) in ("div", "true_divide"):
             self._note_divided_sum(args, known, inside)
+        if name in _MEANS:
+            self._note_uneven_mean(func, name, args, kwargs, known, inside)
         target = args[0] if args and isinstance(args[0], Tensor) else None
         if (
             target is not None
@@ -639,6 +698,38 @@ class LossWatch:
         flag = (target == named.get("ignore_index", -100)).any()
         if isinstance(weight, Tensor):
             flag = flag | (weight != 1).any()
+        self._mark_counted_mean({layout.owner}, lambda pass_: flag, inside)
+
+    def _note_uneven_mean(
+        self, func: Any, name: str, args: tuple, kwargs: dict, known: list, inside: bool
+    ) -> None:
+        """A mean (``.mean()``, a loss's ``reduction='mean'``) over rows picked from the
+        examples' — ``o[mask]``, a masked image model's ``pred[mask]``, ``o[:k]``,
+        ``torch.cat`` of such — is a mean over the examples only where every example has as
+        many rows there; else it averages over what it counts, flagged as
+        :meth:`_note_counted_mean` does (where the picks' map is not known, flagged: the
+        one-shot norms refuse, the tracker does not read the flag). Until 2026-12-06 only a
+        cross-entropy's ignored targets and class weights were flagged, and the one-shot norms
+        of an MSE, an L1 or a BCE over an uneven ``o[mask]`` came out (N/M)² × each
+        example's, a review."""
+        t, layout = known[0]
+        if t is not args[0] or not isinstance(layout, Rows) or layout.block is not None:
+            return
+        if layout.n == 0 or (isinstance(layout.key, tuple) and layout.key[0] in _IRREGULAR):
+            return
+        named = _named(func, args, kwargs)
+        if name == "mean":
+            if "dim" in named and layout.dim not in _dims(named.get("dim"), t.dim()):
+                return
+        elif named.get("reduction", 1) != 1:
+            return
+        ids = layout.ids
+        if ids is None:
+            flag = torch.ones((), dtype=torch.bool, device=t.device)
+        else:  # (no host sync: the flag stays on the device until the norms are read)
+            counts = torch.zeros(layout.n, dtype=torch.long, device=ids.device)
+            counts.index_add_(0, ids.clamp(0, layout.n - 1), torch.ones_like(ids))
+            flag = (counts != counts[0]).any() | (ids < 0).any()
         self._mark_counted_mean({layout.owner}, lambda pass_: flag, inside)
 
     def _note_class_weights(self, func: Any, args: tuple, kwargs: dict, outs: list) -> None:
@@ -1051,7 +1142,7 @@ def _pointwise(
             d = layout.dim + (out.dim() - t.dim())
             if d < 0 or t.shape[layout.dim] != out.shape[d]:
                 return _mixed(func, "broadcast one example's values over others")
-            rows.append(Rows(d, layout.block, layout.key, layout.n, layout.owner))
+            rows.append(_moved(layout, d))
         else:
             sums += 1
     if rows and any(r.owner != rows[0].owner for r in rows):
@@ -1104,7 +1195,7 @@ def _reduction(func: Any, name: str, args: tuple, kwargs: dict, known: list, out
     keep = bool(named.get("keepdim", False))
     if isinstance(layout, Rows) and layout.dim not in dims:
         shift = 0 if keep else sum(1 for d in dims if d < layout.dim)
-        return Rows(layout.dim - shift, layout.block, layout.key, layout.n, layout.owner)
+        return _moved(layout, layout.dim - shift)
     if name in _SUMS:
         kind = "mean" if name == "mean" else "sum"
         if isinstance(layout, _Sum):  # (a sum of a plain sum is one; a mean of a mean, one)
@@ -1126,7 +1217,7 @@ def _nll(func: Any, args: tuple, kwargs: dict, known: list, outs: list[Tensor]) 
         return _mixed(func, "took the examples as classes")
     reduction = named.get("reduction", 1)
     loss = (
-        Rows(layout.dim - (layout.dim > classes), layout.block, layout.key, layout.n, layout.owner)
+        _moved(layout, layout.dim - (layout.dim > classes))
         if reduction == 0
         else _Sum(_sum(known).owners, _REDUCTION_KIND.get(reduction))
     )
@@ -1168,9 +1259,9 @@ def _product(func: Any, name: str, args: tuple, known: list, out: Tensor) -> Lay
             if isinstance(layout, Rows):
                 where = roles[layout.dim]
                 if where is None:
-                    contracted.append(Rows(0, layout.block, layout.key, layout.n, layout.owner))
+                    contracted.append(_moved(layout, 0))
                 else:
-                    placed.append(Rows(where, layout.block, layout.key, layout.n, layout.owner))
+                    placed.append(_moved(layout, where))
         if contracted:
             # Σ over examples of one example's values (times constants, or times the same
             # example's values): a sum over the examples; with anything else, mixed
@@ -1202,7 +1293,12 @@ def _reshape(layout: Layout, shape: tuple, new: tuple, func: Any) -> Layout:
                 continue
             factor = inner // tail
             key = layout.key if factor == 1 else ("split", layout.key, factor)
-            return Rows(d2, None, key, layout.n, layout.owner)
+            ids, span = layout.ids, layout.span
+            if factor != 1:
+                ids = None if ids is None else ids.repeat_interleave(factor)
+                if span is not None:  # (each row now `factor` rows: a regular map's too)
+                    span = (span[0], span[1] * factor, *(x * factor for x in span[2:]))
+            return Rows(d2, None, key, layout.n, layout.owner, ids, span)
         return _mixed(func, "reshaped the examples' values so that one index holds several")
     n, d = layout.n, layout.dim
     if shape[d] % (n * layout.block):
@@ -1243,10 +1339,13 @@ def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: l
     d = layout.dim
 
     def keep(new_dim: int) -> Rows:
-        return Rows(new_dim, layout.block, layout.key, layout.n, layout.owner)
+        return _moved(layout, new_dim)
 
-    def fresh(new_dim: int) -> Rows:
-        return Rows(new_dim, None, (name, next(_fresh)), layout.n, layout.owner)
+    def fresh(new_dim: int, ids: Tensor | None = None, span: tuple | None = None) -> Rows:
+        return _picked(layout, new_dim, ids, name, span)
+
+    def examples() -> Tensor | None:  # (computed where rows are picked only)
+        return _ids(layout, t.shape[d], t.device)
 
     if name == "expand":
         new = d + out.dim() - t.dim()
@@ -1291,7 +1390,9 @@ def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: l
             # one row of each block (grouped_rows: o[0::G], a pair's first row): index k is
             # row start + k·G, whose unit is k mod n
             return Rows(d, 1, layout.key, layout.n, layout.owner)
-        return fresh(d)
+        ex = examples()
+        span = _sliced(layout, size, start, stop) if step == 1 else None
+        return fresh(d, None if ex is None else ex[start:stop:step], span)
     if name in ("split", "split_with_sizes", "unbind", "chunk", "unsafe_split"):
         s = named["dim"] % t.dim()
         if name == "unbind":
@@ -1301,19 +1402,31 @@ def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: l
         cycle = None if layout.block is None else layout.n * layout.block
         if s == d and cycle and all(o.shape[d] % cycle == 0 for o in outs):
             return [keep(d) for _ in outs]  # whole cycles of the examples each (pairs' halves)
-        return [keep(d) if s != d else fresh(d) for _ in outs]
+        if s != d:
+            return [keep(d) for _ in outs]
+        pieces, at, ex = [], 0, examples()
+        for o in outs:
+            span = _sliced(layout, t.shape[d], at, at + o.shape[d])
+            pieces.append(fresh(d, None if ex is None else ex[at : at + o.shape[d]], span))
+            at += o.shape[d]
+        return pieces
     if name in ("gather", "index_select"):
         s = named["dim"] % t.dim()
         if s != d:
             index = named["index"]
             if name == "index_select" or index.shape[d] == t.shape[d]:
                 return keep(d)
-            return fresh(d)
-        return fresh(d)
+            ex = examples()  # (gather's first index.shape[d] rows, each its own)
+            return fresh(d, None if ex is None else ex[: index.shape[d]])
+        return fresh(d, _gathered(examples(), named["index"], d, name))
     if name == "index":
-        return _index(func, named, t, layout, out, fresh)
+        return _index(func, named, t, layout, out, fresh, examples)
     if name == "masked_select":
-        return Rows(0, None, (name, next(_fresh)), layout.n, layout.owner)
+        ids, ex = None, examples()
+        if ex is not None:
+            along = ex.reshape([-1 if i == d else 1 for i in range(t.dim())]).expand(t.shape)
+            ids = torch.masked_select(along, named["mask"].to(ex.device))
+        return fresh(0, ids)
     if name in ("diagonal", "diagonal_copy"):
         d1, d2 = named.get("dim1", 0) % t.dim(), named.get("dim2", 1) % t.dim()
         if d in (d1, d2):
@@ -1334,7 +1447,17 @@ def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: l
         return keep(d) if d < t.dim() - 1 else _mixed(func, "measured distances across examples")
     if name in ("flip", "roll"):
         dims = _dims(named.get("dims"), t.dim())
-        return fresh(d) if d in dims else keep(d)
+        if d not in dims:
+            return keep(d)
+        ex = examples()
+        if ex is None:
+            return fresh(d)
+        if name == "flip":
+            return fresh(d, ex.flip(0))
+        listed = [x % t.dim() for x in (named.get("dims") or [])]
+        if d not in listed:  # (rolled as one flattened sequence)
+            return fresh(d, ex.roll(named["shifts"][0]) if t.dim() == 1 else None)
+        return fresh(d, ex.roll(named["shifts"][listed.index(d)]))
     if name in ("topk", "sort", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"):
         s = named["dim"] % t.dim() if named.get("dim") is not None else t.dim() - 1
         if s == d:
@@ -1351,7 +1474,8 @@ def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: l
         shift = len(reps) - t.dim()
         if reps[d + shift] == 1:
             return keep(d + shift)
-        return fresh(d + shift)
+        ex = examples()
+        return fresh(d + shift, None if ex is None else ex.repeat(reps[d + shift]))
     return _unknown(func)
 
 
@@ -1441,7 +1565,7 @@ def _batched(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs:
     if name == "_ctc_loss":  # log_probs [T, N, C]: one loss per example
         if t.dim() != 3 or d != 1:
             return _mixed(func, "took the examples for another dimension")
-        return [Rows(0, layout.block, layout.key, layout.n, layout.owner) for _ in outs]
+        return [_moved(layout, 0) for _ in outs]
     if name.startswith("_fft_"):
         if d in _dims(named["dim"], t.dim()):
             return _mixed(func, "transformed along the examples")
@@ -1463,7 +1587,9 @@ def _squeezed(named: dict, t: Tensor) -> set[int]:
     return _dims(dim, t.dim())
 
 
-def _index(func: Any, named: dict, t: Tensor, layout: Rows, out: Tensor, fresh: Any) -> Any:
+def _index(
+    func: Any, named: dict, t: Tensor, layout: Rows, out: Tensor, fresh: Any, examples: Any
+) -> Any:
     indices = list(named["indices"])
     # a boolean mask spans as many dims as it has
     spans = []
@@ -1482,14 +1608,77 @@ def _index(func: Any, named: dict, t: Tensor, layout: Rows, out: Tensor, fresh: 
     d = layout.dim
     if d in covered:
         if res == 1:
-            # each selected position of a mask (or each index) takes one example's values
-            return fresh(first if adjacent else 0)
+            # each selected position of a mask (or each index) takes one example's values —
+            # which one, the same indices of the examples' map say
+            ids, ex = None, examples()
+            if ex is not None:
+                dims = sorted(covered)
+                grid = ex.reshape([-1 if i == d else 1 for i in dims])
+                grid = grid.expand([t.shape[i] for i in dims])
+                ids = grid[tuple(idx.to(ex.device) for _, _, idx in spans)]
+            return fresh(first if adjacent else 0, ids)
         return _mixed(func, "indexed the examples with a multi-dimensional index")
     if adjacent:
         new = d if d < first else d - (last - first) + res
-        return Rows(new, layout.block, layout.key, layout.n, layout.owner)
+        return _moved(layout, new)
     rest = [i for i in range(t.dim()) if i not in covered]
-    return Rows(res + rest.index(d), layout.block, layout.key, layout.n, layout.owner)
+    return _moved(layout, res + rest.index(d))
+
+
+def _gathered(ex: Tensor | None, index: Tensor, d: int, name: str) -> Tensor | None:
+    """The example of each index along ``d`` of ``gather``'s or ``index_select``'s result
+    (-1 where gather's index differs along the other dimensions)."""
+    if ex is None:
+        return None
+    index = index.to(ex.device)
+    if name == "index_select" or index.dim() <= 1:
+        return ex[index.reshape(-1)]
+    rows = index.movedim(d, 0).reshape(index.shape[d], -1)
+    if rows.shape[1] == 0:
+        return None
+    same = (rows == rows[:, :1]).all(1)
+    return torch.where(same, ex[rows[:, 0]], torch.full_like(rows[:, 0], -1))
+
+
+def _joined(named: dict, known: list, dim: int, layout: Rows) -> Tensor | None:
+    """The example of each index of ``torch.cat``'s result along the examples' ``dim`` (-1
+    for a constant's rows), or None where a part's map is not known."""
+    by_id = {id(t): x for t, x in known}
+    parts = []
+    for t in named.get("tensors", ()):
+        x = by_id.get(id(t))
+        if x is None:
+            if t.dim() > dim:
+                parts.append(torch.full((t.shape[dim],), -1, dtype=torch.long, device=t.device))
+            continue
+        if not isinstance(x, Rows) or x.dim != dim or (x.owner, x.n) != (layout.owner, layout.n):
+            return None
+        ex = _ids(x, t.shape[dim], t.device)
+        if ex is None:
+            return None
+        parts.append(ex)
+    return torch.cat(parts) if parts else None
+
+
+def _joined_span(named: dict, known: list, dim: int, layout: Rows) -> Rows | None:
+    """``torch.cat`` of consecutive pieces of one regular map, together all of it — a
+    cross-entropy computed in chunks of the flattened tokens and joined again — is that map
+    (until 2026-12-06 refused as combining the examples, a hunt)."""
+    by_id = {id(t): x for t, x in known}
+    at, head = 0, None
+    for t in named.get("tensors", ()):
+        x = by_id.get(id(t))
+        if not isinstance(x, Rows) or x.dim != dim or x.span is None or x.owner != layout.owner:
+            return None
+        key, block, start, stop, size = x.span
+        if head is None:
+            head = (key, block, size)
+        if (key, block, size) != head or start != at or stop - start != t.shape[dim]:
+            return None
+        at = stop
+    if head is None or at != head[2]:
+        return None
+    return Rows(dim, head[1], head[0], layout.n, layout.owner)
 
 
 def _join(func: Any, name: str, named: dict, known: list, out: Tensor) -> Layout:
@@ -1501,8 +1690,11 @@ def _join(func: Any, name: str, named: dict, known: list, out: Tensor) -> Layout
         s_ = s % (t.dim() + (name == "stack"))
         d = layout.dim + (name == "stack" and s_ <= layout.dim)
         if name == "cat" and s_ == layout.dim:
-            return Rows(d, None, ("cat", next(_fresh)), layout.n, layout.owner)
-        lays.append(Rows(d, layout.block, layout.key, layout.n, layout.owner))
+            whole = _joined_span(named, known, s_, layout)
+            if whole is not None:
+                return whole
+            return _picked(layout, d, _joined(named, known, s_, layout), "cat")
+        lays.append(_moved(layout, d))
     if any(x != lays[0] for x in lays):
         return _mixed(func, "joined the values of different examples")
     return lays[0]
