@@ -1435,3 +1435,51 @@ def test_a_higher_order_operator_on_an_audited_step_names_itself_and_the_fix():
     )
     assert "higher-order operator 'cond'" in run.stdout, run.stdout + run.stderr
     assert "per_example=False" in run.stdout
+
+
+class _Jagged(nn.Module):
+    """A jagged nested tensor through nn.Linear, pooled per example (valid torch on the CPU)."""
+
+    def __init__(self, inside: bool):
+        super().__init__()
+        self.inp, self.head, self.inside = nn.Linear(8, 8), nn.Linear(8, 3), inside
+
+    def forward(self, x):
+        if self.inside:
+            x = torch.nested.nested_tensor(list(x), layout=torch.jagged)
+        h = torch.tanh(self.inp(x))
+        return self.head(torch.stack([t.mean(0) for t in h.unbind()]))
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["model input", "built in the forward"])
+@pytest.mark.parametrize("mode", ["tracker", "exact", "one-shot"])
+def test_a_jagged_nested_tensor_is_refused_by_name_and_measured_without_per_example(inside, mode):
+    """A nested tensor crashed in the audit's replay (a model input) or in the refusal's own
+    message (built in the forward: a jagged dim is a symbolic size) until 2026-12-06, a hunt;
+    it is refused naming it and the fix, and per_example=False measures it."""
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        xs = [torch.randn(n, 8, generator=g) for n in (3, 5, 2, 4)]
+        return xs if inside else torch.nested.nested_tensor(xs, layout=torch.jagged)
+
+    y = torch.tensor([0, 2, 1, 0])
+    model = _Jagged(inside)
+    with pytest.raises(UnsupportedModuleError, match=r"nested tensor .*per_example=False"):
+        if mode == "one-shot":
+            with noisescale.per_example_sqnorms(model):
+                nn.functional.cross_entropy(model(batch()), y).backward()
+        else:
+            kw = {"per_example_fraction": 1.0} if mode == "exact" else {}
+            with noisescale.GradientNoiseTracker(model, **kw):
+                nn.functional.cross_entropy(model(batch()), y).backward()
+    model.zero_grad()
+    with noisescale.GradientNoiseTracker(model, per_example=False) as tracker:
+        for _ in range(3):
+            for _ in range(2):
+                nn.functional.cross_entropy(model(batch()), y).backward()
+            tracker.step()
+            model.zero_grad()
+        assert len(tracker.history) == 3 and torch.isfinite(
+            torch.tensor(tracker.history[-1]["trace_sigma"])
+        )

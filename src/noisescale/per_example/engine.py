@@ -115,6 +115,7 @@ from noisescale.per_example.messages import (
     SECOND_ORDER,
     _flattened_hint,
     _reentrant_checkpointing,
+    nested_message,
     new_parameters_message,
 )
 from noisescale.per_example.pass_checks import (
@@ -1186,6 +1187,11 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # with grad enabled) are dropped, and passes that one backward ran through together
         # (two forwards, one loss) are merged, when the step collects them.
         self._check_shapes()
+        if self.per_example and any(
+            isinstance(v, Tensor) and v.is_nested for v in (*args, *kwargs.values())
+        ):
+            # (crashed in the audit's replay or the norms until 2026-12-06, a hunt)
+            raise UnsupportedModuleError(nested_message("the model's input"))
         n = self._batch_size_of_model(args, kwargs)
         self._check_tied_rows(n)
         self._watch_unreached()
@@ -2217,6 +2223,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         output: Any,
     ) -> Any:
         """A layer called on input shared by every example: follow its output to the batch."""
+        if any(isinstance(v, Tensor) and v.is_nested for v in _flat_values(args, kwargs)):
+            # (a jagged tensor's dim 1 is a symbolic size: reading it crashed until 2026-12-06)
+            raise UnsupportedModuleError(nested_message(f"the input of layer '{label}'"))
         if rule.native_layout or not isinstance(output, Tensor):
             raise UnsupportedModuleError(
                 f"layer '{label}' ({type(module).__name__}) was called on input that is not "

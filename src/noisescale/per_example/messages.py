@@ -344,3 +344,14 @@ SECOND_ORDER = (
     "per-example norms do not include its second-order terms. Use "
     "per_example=False (micro-batch norms are exact there)"
 )
+
+
+def nested_message(where: str) -> str:
+    """Why a nested tensor (``torch.nested``) met by the engine is refused; ``where`` says
+    where (the model's input, a layer's)."""
+    return (
+        f"{where} is a nested tensor (torch.nested, e.g. layout=torch.jagged: examples of "
+        "different lengths in one tensor); noisescale's per-example rules read the examples "
+        "along a dense dim 0 and do not follow nested tensors. Pad the examples to one length "
+        "with a mask, or use per_example=False (micro-batch norms, which any layer gives)"
+    )
