@@ -173,3 +173,73 @@ def test_max_mode_is_still_refused_with_its_cause():
         with noisescale.per_example_sqnorms(model, loss_reduction="mean"):
             losses().mean().backward()
     assert "embedding_bag" in str(err.value), str(err.value)
+
+
+class _LearnedWeights(nn.Module):
+    """Bags whose per_sample_weights are learned: a weight per item (PyTorch's EmbeddingBag
+    tutorial order, text first), or a gate on per-occurrence features (DLRM's order)."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.form = form
+        self.bag = nn.EmbeddingBag(10, 4, mode="sum")
+        self.table = nn.Parameter(torch.randn(10, 4))
+        self.item_w = nn.Parameter(torch.randn(10))
+        self.gate = nn.Linear(3, 1)
+        self.dense = nn.Linear(2, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, dense, text, offsets, feats):
+        if self.form == "gate":
+            w = torch.sigmoid(self.gate(feats)).squeeze(-1)
+        else:
+            w = self.item_w[text].sigmoid()
+        if self.form == "functional":
+            e = F.embedding_bag(text, self.table, offsets, mode="sum", per_sample_weights=w)
+        else:
+            e = self.bag(text, offsets, per_sample_weights=w)
+        return self.head(e + self.dense(dense)).squeeze(-1)
+
+
+@pytest.mark.parametrize("form", ["item weights", "gate", "functional"])
+@pytest.mark.parametrize("mode", ["default", "exact", "one-shot"])
+def test_learned_per_sample_weights_are_refused_by_name(form, mode):
+    """Their gradient comes one per looked-up index: until 2026-12-06 the default's sub-batch
+    norms took it for rows of examples (up to 14% off without a word) and the other modes
+    crashed (a hunt). Refused naming the fix; per_example=False measures the model."""
+    import noisescale
+    from noisescale.errors import UnsupportedModuleError
+
+    g = torch.Generator().manual_seed(1)
+    lens = torch.tensor([3, 1, 2, 3, 1, 2, 2, 3])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)[:-1]])
+    model = _LearnedWeights(form)
+
+    def loss():  # (a new batch at each call)
+        text = torch.randint(0, 10, (int(lens.sum()),), generator=g)
+        dense, feats = torch.randn(8, 2, generator=g), torch.randn(len(text), 3, generator=g)
+        return F.mse_loss(model(dense, text, offsets, feats), torch.randn(8, generator=g))
+
+    with pytest.raises((UnsupportedModuleError, noisescale.NoiseScaleInputError)) as err:
+        if mode == "one-shot":
+            with noisescale.per_example_sqnorms(model):
+                loss().backward()
+        else:
+            kw = {"per_example_fraction": 1.0} if mode == "exact" else {}
+            with noisescale.GradientNoiseTracker(model, **kw) as tracker:
+                for _ in range(2):
+                    loss().backward()
+                    tracker.step()
+                    model.zero_grad()
+    # (F.embedding_bag with learned weights is refused as an operation with no rule)
+    assert ("embedding_bag" if form == "functional" else "per_sample_weights") in str(err.value)
+    assert "per_example=False" in str(err.value)
+    model.zero_grad()
+    with noisescale.GradientNoiseTracker(model, per_example=False) as tracker:
+        for _ in range(2):
+            for _ in range(2):
+                loss().backward()
+            tracker.step()
+            model.zero_grad()
+        assert len(tracker.history) == 2

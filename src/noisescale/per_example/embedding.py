@@ -56,6 +56,16 @@ def _bag_check(module: nn.EmbeddingBag, name: str) -> None:
         )
 
 
+#: Why an embedding bag's per_sample_weights that require grad are refused.
+PER_SAMPLE_WEIGHTS = (
+    "an embedding bag (nn.EmbeddingBag or F.embedding_bag) was given per_sample_weights that "
+    "require grad (computed from parameters, e.g. w[text].sigmoid(), or a gate's output): their "
+    "gradient comes one per looked-up index, not one per bag, and noisescale does not attribute "
+    "it to the examples. Detach them if they are not trained, or use per_example=False "
+    "(micro-batch norms, which any layer gives)"
+)
+
+
 def _bag_batch_size(module: nn.EmbeddingBag, args: tuple, kwargs: dict[str, Any]) -> int:
     offsets = args[1] if len(args) > 1 else kwargs.get("offsets")
     return bag_count(args[0], offsets, module.include_last_offset)
@@ -66,6 +76,11 @@ def _bag_save(module: nn.EmbeddingBag, args: tuple, kwargs: dict[str, Any], outp
     idx = args[0]
     offsets = args[1] if len(args) > 1 else kwargs.get("offsets")
     psw = args[2] if len(args) > 2 else kwargs.get("per_sample_weights")
+    if isinstance(psw, Tensor) and psw.requires_grad and torch.is_grad_enabled():
+        # (until 2026-12-06 their gradient, one per looked-up index, was taken for rows of
+        # examples: the sub-batch norms up to 14% off without a word, the other modes crashed,
+        # a hunt)
+        raise UnsupportedModuleError(PER_SAMPLE_WEIGHTS)
     return bag_rows(idx, offsets, psw, module.mode, module.padding_idx, module.include_last_offset)
 
 

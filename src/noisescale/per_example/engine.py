@@ -75,6 +75,7 @@ from noisescale.module_hooks import foreign_thread
 from noisescale.per_example import audit as audit_mod
 from noisescale.per_example import compiled, norms, scaler_watch
 from noisescale.per_example import subbatch as subbatch_mod
+from noisescale.per_example.embedding import PER_SAMPLE_WEIGHTS
 from noisescale.per_example.example_check import ExampleCheck
 from noisescale.per_example.factors import (
     DenseFactor,
@@ -1592,6 +1593,33 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 watch.mark_layer(watch.forward_pass, outputs, example_dims(module, outputs))
             else:
                 watch.note_layer_dims(example_dims(module, outputs))
+        elif (
+            watch.following()
+            and self._active()
+            and not self._replaying
+            and self.passes[-1] in watch.passes
+        ):
+            # a layer of the model called in the loss code, after the forward returned (a
+            # two-tower model's item tower on the batch's items or on K sampled negatives):
+            # the engine reads its rows as the examples where dim 0 has the batch's size, so
+            # the watch does too — in-batch negatives u @ v.T, or K = N shared negatives, are
+            # then rows of different examples combined (until 2026-12-06 such outputs were
+            # constants to the watch and both were measured without a word, a hunt); on the
+            # outputs reordered (m.head(m(x).flip(0))) its rows would be the wrong examples'
+            # (refused)
+            pass_ = self.passes[-1]
+            outputs = _tensors(output if replaced is None else replaced)
+            inputs = [v for v in _flat_values(args, kwargs) if isinstance(v, Tensor)]
+            reason = watch.unfollowed_rows(pass_, inputs)
+            if reason is not None:
+                label = self._calls[module][1] if module in self._calls else type(module).__name__
+                reason = (
+                    f"layer '{label}' of the model was called in the loss code on {reason}, "
+                    "which noisescale would read as example i's row i. Call the layer on the "
+                    "outputs in the examples' order and reorder after it, or call it inside "
+                    "the model's forward (rows there are checked by the audit)"
+                )
+            watch.mark_called(pass_, outputs, self.pairs, reason)
         return replaced
 
     def _on_layer_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -2226,6 +2254,10 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         if any(isinstance(v, Tensor) and v.is_nested for v in _flat_values(args, kwargs)):
             # (a jagged tensor's dim 1 is a symbolic size: reading it crashed until 2026-12-06)
             raise UnsupportedModuleError(nested_message(f"the input of layer '{label}'"))
+        if isinstance(module, nn.EmbeddingBag):
+            psw = args[2] if len(args) > 2 else kwargs.get("per_sample_weights")
+            if isinstance(psw, Tensor) and psw.requires_grad:  # (a gate's output, say)
+                raise UnsupportedModuleError(PER_SAMPLE_WEIGHTS)
         if rule.native_layout or not isinstance(output, Tensor):
             raise UnsupportedModuleError(
                 f"layer '{label}' ({type(module).__name__}) was called on input that is not "

@@ -433,6 +433,55 @@ class LossWatch:
             else:
                 self.layouts[t] = layout
 
+    def following(self) -> bool:
+        """Whether the watch follows a loss now (after an audited forward returned)."""
+        return self._pushed and not self.done and self.forward_pass is None
+
+    def unfollowed_rows(self, pass_: Any, inputs: list[Tensor]) -> str | None:
+        """What is wrong with a hooked layer's ``inputs`` in the loss code, whose dim 0 the
+        engine reads as ``pass_``'s examples where it has the batch's size: an input computed
+        from the model's outputs in another order than the examples' (its rows would be given
+        to the wrong examples); None where every such input is the outputs' rows in order, or
+        not computed from them."""
+        n = pass_.batch_size
+        for t in inputs:
+            if t.dim() == 0 or t.shape[0] != n:
+                continue
+            layout = self.layouts.get(t)
+            if layout is None:
+                # (other input — the batch's items, per-example negatives — is read as rows
+                # of the examples, as the engine reads it: mark_called; whether row i is
+                # example i's cannot be known — K = N ids shared by all are taken for one
+                # each, docs/per_example.md)
+                continue
+            if not (
+                isinstance(layout, Rows)
+                and layout.dim == 0
+                and layout.block is not None
+                and layout.key == id(pass_)
+            ):
+                return (
+                    "input computed from the model's outputs whose rows are not the examples "
+                    "in their order (reordered, picked or combined)"
+                )
+        return None
+
+    def mark_called(
+        self, pass_: Any, outputs: list[Tensor], pairs: str | int | None, reason: str | None
+    ) -> None:
+        """A hooked layer called in the loss code: with ``reason``, its outputs are refused
+        if the loss uses them; else each output the watch did not follow whose dim 0 has the
+        batch's size is rows of ``pass_``'s examples, as the engine measures it."""
+        n = pass_.batch_size
+        units, block = _units(n, pairs)
+        for t in outputs:
+            if t.grad_fn is None or t.dim() == 0:
+                continue
+            if reason is not None:
+                self.layouts[t] = Mixed(reason)
+            elif t not in self.layouts and t.shape[0] == n:
+                self.layouts[t] = Rows(0, block, id(pass_), units, id(pass_))
+
     def pause(self) -> None:
         """Stop following (a forward of the model starts: its operations are the engine's).
         Both modes are looked for whatever ``_pushed`` says: a pause inside the function
