@@ -1483,3 +1483,76 @@ def test_a_jagged_nested_tensor_is_refused_by_name_and_measured_without_per_exam
         assert len(tracker.history) == 3 and torch.isfinite(
             torch.tensor(tracker.history[-1]["trace_sigma"])
         )
+
+
+class _SacBlocks(nn.Module):
+    """Two MLP blocks under activation checkpointing, selective (a policy saving the matrix
+    products, as torchtitan's) or not."""
+
+    def __init__(self, selective: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(6), nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 6))
+            for _ in range(2)
+        )
+        self.head = nn.Linear(6, 3)
+        self.selective = selective
+        self.checkpointing = True
+
+    def forward(self, x):
+        import functools
+
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        ops = [torch.ops.aten.mm.default, torch.ops.aten.addmm.default]
+        for block in self.blocks:
+            if not self.checkpointing:
+                x = x + block(x)
+                continue
+            kw = (
+                {"context_fn": functools.partial(create_selective_checkpoint_contexts, ops)}
+                if self.selective
+                else {}
+            )
+            x = x + checkpoint(block, x, use_reentrant=False, **kw)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("selective", [True, False], ids=["selective", "plain"])
+def test_selective_activation_checkpointing_is_measured_and_said_unchecked(selective):
+    """Selective activation checkpointing allows one backward through its region: the audit's
+    replay made the user's own backward fail on every audited step until 2026-12-06 (a hunt).
+    The audit does not replay it — the attribution unchecked, said once — and the norms equal
+    brute force; plain checkpointing stays checked, without the warning."""
+    model = _SacBlocks(selective)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g)
+    loss = nn.functional.cross_entropy
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+            loss(model(x), y, reduction="sum").backward()
+    said = [w for w in caught if "selective activation" in str(w.message)]
+    assert len(said) == (1 if selective else 0), [str(w.message) for w in caught]
+    model.zero_grad()
+    model.checkpointing = False
+    params = list(model.parameters())
+    want = torch.stack(
+        [
+            sum(
+                gr.pow(2).sum()
+                for gr in torch.autograd.grad(loss(model(x[i : i + 1]), y[i : i + 1]), params)
+            )
+            for i in range(5)
+        ]
+    )
+    assert torch.allclose(pe.sqnorms, want, rtol=1e-9)
+    model.checkpointing = True
+    with noisescale.GradientNoiseTracker(model) as tracker:  # the default, over audited steps
+        for _ in range(4):
+            xs = torch.randn(8, 6, generator=g)
+            loss(model(xs), torch.randint(0, 3, (8,), generator=g)).backward()
+            tracker.step()
+            model.zero_grad()
+        assert len(tracker.history) == 4

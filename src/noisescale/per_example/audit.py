@@ -917,6 +917,14 @@ def _checkpoint_frame(code: Any, tensors: Any) -> Any:
 
 _FRAMES = 6
 
+#: Why an audit of a pass under selective activation checkpointing does not replay (the
+#: settle step warns with it once: its prefix is the unreplayed one).
+SELECTIVE = (
+    "the attribution check could not replay the backward (selective activation "
+    "checkpointing, checkpoint(..., context_fn=create_selective_checkpoint_contexts(...)), "
+    "allows one backward through its region)"
+)
+
 
 #: Functions told of every backward's roots before it runs (``torch.autograd.backward``, which
 #: ``Tensor.backward`` calls), while an engine holds :func:`install_reentrant_support`:

@@ -1423,6 +1423,12 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                     replay=self._replay_allowed,
                     float16=_float16_in_use(self._param.values()),
                 )
+                if pass_.selective:
+                    # selective activation checkpointing allows one backward through its
+                    # region: the replay would make the user's own backward fail (it did
+                    # until 2026-12-06, a hunt) — unverified, warned, as a reentrant one was
+                    pass_.audit.replay = False
+                    pass_.audit.unverified = audit_mod.SELECTIVE
                 pass_.audit.nodes = pass_.nodes
                 pass_.audit.params = list(self._param.values())
                 self._note_16_bit_embeddings(pass_.audit)
@@ -1471,6 +1477,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         forward ends (an in-place operation leaves the view's own node out of the graph)."""
         if not self.auditing_enabled:
             return
+        if torch._C._len_torch_dispatch_stack() and _selective_checkpointing():
+            pass_.selective = True
         edge = torch.autograd.graph.get_gradient_edge(tensor)
         if pass_.audit is not None:  # a recomputed forward of an audited pass
             pass_.audit.add_target(edge, dim, owner, label)
@@ -3497,3 +3505,15 @@ def _has_fsdp2(model: nn.Module) -> bool:
     except ImportError:
         return False
     return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _selective_checkpointing() -> bool:
+    """Whether a forward runs inside torch's selective activation checkpointing
+    (``checkpoint(..., context_fn=create_selective_checkpoint_contexts(...))``): its caching
+    mode is on the dispatch stack."""
+    caching = getattr(torch.utils.checkpoint, "_CachingTorchDispatchMode", None)
+    if caching is None:
+        return False
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return any(isinstance(mode, caching) for mode in _get_current_dispatch_mode_stack())

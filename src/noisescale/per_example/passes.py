@@ -185,6 +185,9 @@ class PassNorms:
     # the same, for a mean computed inside the model's forward (SimMIM's masked mean): refused
     # by the one-shot norms where no Hugging Face labels= count decides (noisescale.tokens)
     counted_inside: Any = None
+    # a layer ran under selective activation checkpointing (one backward through its region:
+    # the audit does not replay it)
+    selective: bool = False
     # "sum" or "mean": the backward started from a plain sum or mean over the examples of
     # per-example terms (loss_watch.py, audited steps), which loss_reduction must match
     loss_kind: str | None = None

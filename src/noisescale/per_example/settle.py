@@ -742,12 +742,16 @@ _UNREPLAYED = "the attribution check could not replay the backward"
 
 
 def _unreplayed_warning(why: str) -> str:
+    fix = (
+        "plain checkpointing, without context_fn, while measuring lets the audit check it"
+        if "selective activation" in why
+        else "torch.utils.checkpoint(..., use_reentrant=False) (in transformers: "
+        "gradient_checkpointing_kwargs={'use_reentrant': False}) lets the audit check it"
+    )
     return (
         f"noisescale: {why}, so which example each row of the model's activations belongs to "
         "was not checked on this structure, anywhere in its pass (examples mixed by the model "
-        "would be measured without a further word). Where it is activation checkpointing, "
-        "torch.utils.checkpoint(..., use_reentrant=False) (in transformers: "
-        "gradient_checkpointing_kwargs={'use_reentrant': False}) lets the audit check it"
+        f"would be measured without a further word). Where it is activation checkpointing, {fix}"
     )
 
 
