@@ -43,7 +43,7 @@ import math
 import sys
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -374,6 +374,13 @@ class GradientNoiseTracker:
             off with a tight interval. Each block is then kept in one sub-batch, the loss may
             combine a block's rows (nothing across blocks), and B_simple and the batch are
             counted in rows, G a block. Batches must hold whole blocks.
+        examples: With ``per_example=False``, a function of the model's call ``(args,
+            kwargs)`` giving the number of examples in it, where they are not dim 0 of its
+            first tensor argument (the default count): a batch of graphs, whose node features
+            come first — ``examples=lambda args, kwargs: args[0].num_graphs`` for a PyG
+            ``Batch`` passed whole, or ``int(args[2].max()) + 1`` from the ``batch`` vector of
+            ``model(x, edge_index, batch)`` (a host read per forward). Counted in nodes, B_simple
+            and tr Σ would be read in nodes, 5× too large with graphs of 5 nodes.
     """
 
     def __init__(
@@ -400,6 +407,7 @@ class GradientNoiseTracker:
         measure_every: int = 1,
         paired_rows: str | None = None,
         grouped_rows: int | None = None,
+        examples: Callable[[tuple, dict], Any] | None = None,
     ) -> None:
         if loss_reduction not in LOSS_REDUCTIONS:
             raise NoiseScaleInputError(
@@ -465,6 +473,16 @@ class GradientNoiseTracker:
                 "source; drop per_example_fraction (per-example norms would pair rows that "
                 "share data) — or, with per_example=False, drop paired_rows: each accumulation "
                 "micro-batch mixed within itself is already an independent group"
+            )
+        if examples is not None and (per_example or not callable(examples)):
+            raise NoiseScaleInputError(
+                "examples= counts the examples of a model whose examples are not dim 0 of its "
+                "first tensor argument (the graphs of a batch of graphs), which the per-example "
+                "hooks cannot measure — they read every layer's examples in dim 0 —, so it goes "
+                "with per_example=False (micro-batch norms from gradient accumulation); and it "
+                "is a function (args, kwargs) -> the number of examples of the model's call"
+                if callable(examples)
+                else f"examples must be a function (args, kwargs) -> int, got {examples!r}"
             )
         if not per_example and not microbatch:
             raise NoiseScaleInputError(
@@ -539,6 +557,7 @@ class GradientNoiseTracker:
             per_example_fraction=per_example_fraction or 1.0,
             subbatches=subbatches if self.mode == "subbatch" else 0,
             pairs=paired_rows if grouped_rows is None else grouped_rows,
+            examples=examples,
         )
         # What puts hooks on the model (the engine, the token watcher, the data-parallel
         # watches), removed when the tracker is collected: a tracker dropped without remove()
@@ -1140,7 +1159,9 @@ class GradientNoiseTracker:
                 f"of micro-batches ({k}); if your loss instead divides the step's sum by its "
                 f"total of examples ({sum(sizes)}), every example weighing the same, declare "
                 "loss_reduction='sum' (a constant factor changes no B_simple): with the wrong "
-                "declaration the estimate is wrong",
+                "declaration the estimate is wrong. The examples are counted along dim 0 of "
+                "the model's first tensor argument; if that is not them (the nodes of a batch "
+                "of graphs), say how many a call holds with examples= (per_example=False)",
             )
         coef = [
             m / p.batch_size if self.loss_reduction == "mean" and p.batch_size else m

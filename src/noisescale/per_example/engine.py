@@ -415,6 +415,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         subbatches: int = 0,
         audit: bool = True,
         pairs: str | int | None = None,
+        examples: Callable[[tuple, dict], Any] | None = None,
     ):
         if not 0.0 < per_example_fraction <= 1.0:
             raise NoiseScaleInputError(
@@ -436,6 +437,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # strata): each pair shares a sub-batch (Subbatches.split); an integer G: blocks of G
         # consecutive rows (grouped_rows)
         self.pairs = pairs
+        # the number of examples of a model call, where they are not dim 0 of its first tensor
+        # (GradientNoiseTracker's examples=, per_example=False)
+        self.examples_of = examples
         # Sub-batch mode: whether the last split pass had a weight whose gradient came from
         # sub-batch products (None: not known yet); passes count since sub-batches last ran
         self._subbatches_pay: bool | None = None
@@ -1281,6 +1285,16 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         return False
 
     def _batch_size_of_model(self, args: tuple, kwargs: dict) -> int:
+        if self.examples_of is not None:
+            n = self.examples_of(args, kwargs)
+            if isinstance(n, Tensor) and n.numel() == 1:
+                n = int(n)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise NoiseScaleInputError(
+                    f"examples= returned {n!r} for a call of the model; it must return the "
+                    "number of examples in the call, an integer ≥ 0"
+                )
+            return n
         call = self._calls.get(self.model)
         if call is not None and call[0].batch_size is not None:
             return call[0].batch_size(self.model, args, kwargs)
@@ -1290,7 +1304,10 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 return size
         raise NoiseScaleInputError(
             "the model was called without a tensor argument, so the number of examples is "
-            "unknown; pass the batch as a tensor (dim 0 = examples)"
+            "unknown; pass the batch as a tensor (dim 0 = examples), or — for an object such as "
+            "a batch of graphs — measure with per_example=False and tell the tracker how many "
+            "examples a call holds: GradientNoiseTracker(model, per_example=False, "
+            "examples=lambda args, kwargs: args[0].num_graphs)"
         )
 
     def _install_spine_hooks(self) -> None:
