@@ -17,7 +17,8 @@ def check(module: nn.Embedding | nn.EmbeddingBag, name: str) -> None:
     if module.sparse:
         raise UnsupportedModuleError(
             f"module '{name}' ({type(module).__name__}) has sparse=True; its sparse gradients are "
-            "not supported: construct it with sparse=False"
+            "not supported, in any mode (per_example=False reads dense gradients too): "
+            "construct it with sparse=False"
         )
     if module.scale_grad_by_freq:
         raise UnsupportedModuleError(

@@ -683,7 +683,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             ):
                 raise UnsupportedModuleError(
                     f"module '{mname}' ({type(module).__name__}) has sparse=True; its sparse "
-                    "gradients are not supported: construct it with sparse=False"
+                    "gradients are not supported, in any mode (per_example=False reads dense "
+                    "gradients too): construct it with sparse=False"
                 )
         if isinstance(model, nn.DataParallel):
             raise UnsupportedModuleError(
