@@ -627,6 +627,11 @@ def test_an_output_with_no_dimension_of_the_batch_s_size_is_not_trusted(shape):
     assert tracker.history == []
 
 
+def _soft(y: torch.Tensor) -> torch.Tensor:
+    """A detached target distribution per example (a teacher's, DINO's centred targets)."""
+    return (F.one_hot(y, C).double() + 0.3).softmax(-1)
+
+
 SUMS_AND_MEANS = {
     # (the loss, what it is: "sum" or "mean" over the examples, or None: scaled — taken as given)
     "sum": (lambda o, y: F.cross_entropy(o, y, reduction="none").sum(), "sum"),
@@ -636,15 +641,47 @@ SUMS_AND_MEANS = {
     "sum of sums": (lambda o, y: (o - 1).pow(2).sum(1).sum(), "sum"),
     "mean": (lambda o, y: F.cross_entropy(o, y), "mean"),
     "mean of means": (lambda o, y: (o - 1).pow(2).mean(1).mean(), "mean"),
-    "sum / N": (lambda o, y: F.cross_entropy(o, y, reduction="sum") / o.shape[0], None),
+    # a factor given as a number keeps the kind (a hunt, 2026-12-06); Σ/N is a mean, Σ divided
+    # by another number (what the user counts) is taken as given
+    "sum / N": (lambda o, y: F.cross_entropy(o, y, reduction="sum") / o.shape[0], "mean"),
     "sum / 20": (lambda o, y: F.cross_entropy(o, y, reduction="sum") / 20, None),
-    "3 * mean": (lambda o, y: 3 * F.cross_entropy(o, y), None),
+    "sum / 7": (lambda o, y: F.cross_entropy(o, y, reduction="sum") / 7, None),
+    "mean / 4": (lambda o, y: F.cross_entropy(o, y) / 4, "mean"),
+    "3 * mean": (lambda o, y: 3 * F.cross_entropy(o, y), "mean"),
+    "mean * N": (lambda o, y: F.cross_entropy(o, y) * o.shape[0], "mean"),  # (as written)
+    "sum + 0.5 * sum": (
+        lambda o, y: F.cross_entropy(o, y, reduction="sum") + 0.5 * o.pow(2).sum(),
+        "sum",
+    ),
+    "mean + 0.1 * sum": (lambda o, y: F.cross_entropy(o, y) + 0.1 * o.pow(2).sum(), None),
+    "label smoothing, sum": (
+        lambda o, y: F.cross_entropy(o, y, label_smoothing=0.1, reduction="sum"),
+        "sum",
+    ),
+    "kl_div batchmean": (
+        lambda o, y: F.kl_div(o.log_softmax(-1), _soft(y), reduction="batchmean"),
+        "mean",
+    ),
+    "T^2 * kl_div sum": (
+        lambda o, y: 4.0 * F.kl_div(o.log_softmax(-1), _soft(y), reduction="sum"),
+        "sum",
+    ),
+    # a constant of several values weighs each element: new terms, summed plainly (a hunt)
+    "-(q * log_softmax).sum()": (lambda o, y: -(_soft(y) * o.log_softmax(-1)).sum(), "sum"),
+    "-cosine_similarity(o, z).sum()": (
+        lambda o, y: -F.cosine_similarity(o, _soft(y)).sum(),
+        "sum",
+    ),
+    "cosine_embedding_loss, sum": (
+        lambda o, y: F.cosine_embedding_loss(o, _soft(y), torch.ones(N), reduction="sum"),
+        "sum",
+    ),
     "mean of sums": (lambda o, y: (o - 1).pow(2).sum(1).mean(), "mean"),
     # scaled before the sum (a review): the mean written as a sum of scaled terms
     "(l / N).sum()": (lambda o, y: (F.cross_entropy(o, y, reduction="none") / N).sum(), None),
     "(w * l).sum()": (
         lambda o, y: (torch.full((N,), 1.0 / N) * F.cross_entropy(o, y, reduction="none")).sum(),
-        None,
+        "sum",  # (each example's loss weighted 1/N, summed: declared "sum")
     ),
     # a hunt (2026-12-06): a leading minus cleared the kind, a constant inside a non-linear
     # function (DPO's β, a temperature) marked the terms scaled — plain sums went unchecked

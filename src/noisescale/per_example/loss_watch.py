@@ -664,7 +664,7 @@ class LossWatch:
             layouts = [layouts] * len(outs)
         name = _name(func).rstrip("_")
         scaled = (any(t in self.scaled for t, _ in known) and name not in _UNSCALING) or (
-            name in _SCALINGS and len(known) == 1 and len(flat) > 1
+            name in _SCALINGS and len(known) == 1 and len(flat) > 1 and _by_numbers(flat, known)
         )
         inside = self.forward_pass is not None
         flags = [self.weighted[t] for t, _ in known if t in self.weighted]
@@ -683,6 +683,10 @@ class LossWatch:
             if layout is not None:
                 if scaled and isinstance(layout, _Sum) and layout.plain is not None:
                     layout = _Sum(layout.owners, None, layout.count)
+                if isinstance(layout, _Sum) and scaled:
+                    kind = self._kept_kind(name, args, kwargs, known)
+                    if kind is not None:
+                        layout = _Sum(layout.owners, kind, layout.count)
                 self.layouts[t] = layout
                 if scaled:
                     self.scaled[t] = True
@@ -727,6 +731,44 @@ class LossWatch:
             for other in list(self.layouts.keys()):
                 if other is not target and _storage(other) == storage:
                     self.layouts[other] = mixed
+
+    def _kept_kind(self, name: str, args: tuple, kwargs: dict, known: list) -> str | None:
+        """The kind a plain sum or mean keeps through a constant factor given as a Python
+        number, or through adding another of its kind: c·Σ ℓ_i is still a sum over the
+        examples and c·mean a mean, whatever c; Σ/N is a mean, Σ divided by another number
+        (the step's examples, tokens counted on the host) is left unknown, as given.
+        Until 2026-12-06 every factor cleared the kind, and a label-smoothed
+        ``cross_entropy(..., reduction='sum')`` — (1 − ε)·Σ nll + ε/C·Σ smooth — or KD's
+        ``T² · kl_div(..., reduction='sum')`` under the default ``"mean"`` were measured N² off
+        (a hunt). A factor held in a tensor is not read (a host sync): unknown, as before."""
+        if name in ("add", "sub"):
+            kinds = {x.plain for _, x in known if isinstance(x, _Sum)}
+            if len(known) == 2 and len(kinds) == 1 and None not in kinds:
+                return kinds.pop()
+            return None
+        if name not in _SCALINGS or len(known) != 1 or not isinstance(known[0][1], _Sum):
+            return None
+        t, layout = known[0]
+        kept = layout.plain  # (the input's own kind, kept through its own factors)
+        if kept is None or kwargs.get("rounding_mode") is not None or len(args) != 2:
+            return None
+        other = args[1] if args[0] is t else args[0]
+        if isinstance(other, bool) or not isinstance(other, int | float) or other == 0:
+            return None
+        if name not in ("div", "true_divide"):
+            return kept  # (a factor: label smoothing's 1 − ε and ε/C, KD's T²)
+        if args[0] is not t:
+            return None
+        sizes = {p.batch_size for p in self.passes if id(p) in layout.owners}
+        if len(sizes) != 1:
+            return None
+        if kept == "sum" and abs(abs(other) / sizes.pop() - 1.0) < 1e-9:
+            # Σ/N is a mean (F.kl_div's 'batchmean'; Σ/k with k = N micro-batches by
+            # coincidence is both: either declaration holds)
+            return "mean"
+        # (another divisor normalizes by what the user counts — the step's examples, a
+        # model's num_items_in_batch given as a number — or by micro-batches: taken as given)
+        return None if kept == "sum" else kept
 
     def _note_counted_mean(
         self, func: Any, args: tuple, kwargs: dict, known: list, inside: bool = False
@@ -850,6 +892,19 @@ def _units(n: int, pairs: str | int | None) -> tuple[int, int]:
     if isinstance(pairs, int) and not isinstance(pairs, bool) and n % pairs == 0:
         return n // pairs, pairs
     return n, 1
+
+
+def _by_numbers(flat: list, known: list) -> bool:
+    """Whether the operands besides the followed one are single numbers (a loss scaled, ``ℓ /
+    N``, ``T² · kl``, a GradScaler's scale). A constant tensor of several values multiplies
+    each term by its own — a target distribution, ``q · log p``; a detached target, ``p · z``;
+    weights per example, ``w[y] · ℓ`` —: the products are new per-example terms, whose plain
+    sum is still one (``(w[y] · ℓ).sum()`` is then declared ``"sum"``, each example's loss
+    weighted; ``.mean()`` of them ``"mean"``). Until 2026-12-06 any constant cleared the kind,
+    and ``-(q * o.log_softmax(-1)).sum()`` or KD's ``kl_div(..., reduction='sum')`` under the
+    default ``"mean"`` went unrefused, N² off (a hunt)."""
+    followed = {id(t) for t, _ in known}
+    return all(not isinstance(v, Tensor) or id(v) in followed or v.numel() == 1 for v in flat)
 
 
 def _storage(t: Tensor) -> int:
