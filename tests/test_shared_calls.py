@@ -209,3 +209,35 @@ def test_a_shared_operand_broadcast_over_the_examples_in_a_product(side, in_plac
     model = SharedKeysInAProduct(side, in_place)
     x = torch.randn(N, 7, 6, generator=torch.Generator().manual_seed(3))
     assert_exact_both_modes(model, lambda: model(x) ** 2, N)
+
+
+class _MaskTokens(nn.Module):
+    """MAE's decoder input: kept patches, then a learned mask token for each hidden one, in the
+    reference code's form ``mask_token.repeat(N, k, 1)`` or as ``expand``."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.dec = nn.Linear(3, 5), nn.Linear(5, 3)
+        self.mask_token = nn.Parameter(torch.randn(1, 1, 5))
+        self.form = form
+
+    def forward(self, x):
+        h = self.embed(x[:, :2])
+        k = x.shape[1] - 2
+        if self.form == "repeat":
+            tokens = self.mask_token.repeat(x.shape[0], k, 1)
+        else:
+            tokens = self.mask_token.expand(x.shape[0], k, 5)
+        return self.dec(torch.cat([h, tokens], dim=1))
+
+
+@pytest.mark.parametrize("hidden", [3, N], ids=["k != N", "k = N"])
+@pytest.mark.parametrize("form", ["repeat", "expand"])
+def test_a_mask_token_repeated_over_examples_and_positions_is_exact(form, hidden):
+    """``s.repeat(N, k, 1)`` of a [1, 1, D] token repeats only dimensions of size 1 — an
+    expansion —: exact in both modes; refused until 2026-12-06 (blaming the cat, a hunt)."""
+    model = _MaskTokens(form)
+    x = torch.randn(N, 2 + hidden, 3, generator=torch.Generator().manual_seed(1))
+    assert_exact_both_modes(model, lambda: (model(x) - x).pow(2).mean((1, 2)), N)
+    train_tracked(model, lambda: (model(x) - x).pow(2).mean())

@@ -394,6 +394,20 @@ def _meet(
             engine.add_meeting(pass_, meeting)
             _note_row_meeting(pass_, result, origin, dim)
             return result
+        if _repeat_broadcasts(args, kwargs):
+            # s.repeat(N, k, 1) of s [1, 1, D] (MAE's mask token, as its reference code writes
+            # it) repeats only dimensions of size 1: s expanded, met as an expansion is (until
+            # 2026-12-06 refused, blaming the cat after it, a hunt)
+            with torch._C.DisableTorchFunctionSubclass():
+                result = func(*_unwrap(args), **_unwrap(kwargs))
+            if (
+                result.dim() > dim
+                and result.shape[dim] == n
+                and _broadcast_along(tuple(src.shape), tuple(result.shape), dim)
+            ):
+                engine.add_meeting(pass_, Meeting("expand", src, origin, hooked=result))
+                _note_row_meeting(pass_, result, origin, dim)
+                return result
     if name in _ELEMENTWISE_NAMES or name in _EXPAND_NAMES:
         shapes = [tuple(t.shape) for t in flat if isinstance(t, Tensor)]
         try:
