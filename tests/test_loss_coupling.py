@@ -1698,3 +1698,65 @@ def test_a_layer_called_in_the_loss_code_on_reordered_outputs_is_refused():
         noisescale.per_example_sqnorms(model),
     ):
         F.cross_entropy(head(model(x).flip(0)), y.flip(0)).backward()
+
+
+_TWO_VIEWS = {
+    # name: (loss of the two forwards' per-row terms, the same with each forward reduced
+    # apart — None: not linear, refused —, the declared reduction)
+    "(l1 + l2).mean()": (lambda a, b: (a + b).mean(), lambda a, b: a.mean() + b.mean(), "mean"),
+    "(l1 - 0.5 * l2).sum() / 3": (
+        lambda a, b: (a - 0.5 * b).sum() / 3,
+        lambda a, b: a.sum() / 3 - 0.5 * b.sum() / 3,
+        "sum",
+    ),
+    "(2 * (l1 + l2)).mean()": (
+        lambda a, b: (2 * (a + b)).mean(),
+        lambda a, b: 2 * a.mean() + 2 * b.mean(),
+        "mean",
+    ),
+    "(l1 + l2).pow(2).mean()": (lambda a, b: (a + b).pow(2).mean(), None, "mean"),
+    "(l1 * l2).mean()": (lambda a, b: (a * b).mean(), None, "mean"),
+    "(l1 + l2).exp().mean()": (lambda a, b: (a + b).exp().mean(), None, "mean"),
+}
+
+
+@pytest.mark.parametrize("name", list(_TWO_VIEWS))
+def test_two_forwards_losses_added_row_by_row(name):
+    """BYOL's reference loss, ``(loss_one + loss_two).mean()`` over two views' forwards, is the
+    sum of each forward's mean: measured as ``loss_one.mean() + loss_two.mean()`` is (each
+    forward's rows examples of the step), exact against brute force — refused until 2026-12-06
+    as combining two forwards (a hunt). A non-linear function of the added rows couples them:
+    refused."""
+    combine, apart, declared = _TWO_VIEWS[name]
+    model = mlp()
+    g = torch.Generator().manual_seed(7)
+    x1, x2 = torch.randn(N, D, generator=g), torch.randn(N, D, generator=g)
+
+    def terms(o):
+        return o.pow(2).sum(1).sin()
+
+    def run(loss_of):
+        with noisescale.per_example_sqnorms(model, loss_reduction=declared) as pe:
+            loss_of(terms(model(x1)), terms(model(x2))).backward()
+        model.zero_grad()
+        return pe.sqnorms
+
+    if apart is None:
+        with pytest.raises(UnsupportedModuleError, match="two forwards"):
+            run(combine)
+        return
+    got = run(combine)
+    assert torch.allclose(got, run(apart), rtol=1e-9)
+    # brute force: each row's share of the loss's gradient, times (2N)² under "mean" (the two
+    # forwards' 2N rows one micro-batch)
+    params = list(model.parameters())
+    with torch.no_grad():
+        t1, t2 = terms(model(x1)), terms(model(x2))
+    want = []
+    for first in (True, False):
+        for i in range(N):
+            x, rest = (x1, t1) if first else (x2, t2)
+            ours = torch.cat([rest[:i], terms(model(x[i : i + 1])), rest[i + 1 :]])
+            loss = combine(ours, t2) if first else combine(t1, ours)
+            want.append(grad_sqnorm(loss, params) * ((2 * N) ** 2 if declared == "mean" else 1))
+    assert torch.allclose(got, torch.stack(want), rtol=1e-9)

@@ -105,12 +105,23 @@ class _Sum:
 
 
 @dataclass(frozen=True)
+class Across:
+    """Rows of several forwards added row by row along ``dim`` — two views' losses of each
+    example, ``loss_one + loss_two`` (BYOL) —: only linear operations keep it, and a sum or
+    mean over ``dim`` is the sum of each forward's own sum (``_Sum`` over their owners); any
+    other function of it combines two forwards' rows."""
+
+    dim: int
+    owners: frozenset
+
+
+@dataclass(frozen=True)
 class Mixed:
     reason: str
     inside: bool = False  # found inside the model's forward (begin_forward), not after it
 
 
-Layout = Rows | One | _Sum | Mixed
+Layout = Rows | One | _Sum | Across | Mixed
 
 
 def _moved(layout: Rows, dim: int) -> Rows:
@@ -1066,7 +1077,7 @@ def _sum(known: list) -> _Sum:
     """A sum over the examples of the passes the operands come from."""
     owners: set = set()
     for _, layout in known:
-        owners |= set(layout.owners) if isinstance(layout, _Sum) else {layout.owner}
+        owners |= set(layout.owners) if isinstance(layout, _Sum | Across) else {layout.owner}
     return _Sum(frozenset(owners))
 
 
@@ -1126,6 +1137,8 @@ def _rule(func: Any, args: tuple, kwargs: dict, known: list, outs: list[Tensor])
     if not outs:
         return None
     out = outs[0]
+    if any(isinstance(layout, Across) for _, layout in known):
+        return _across(func, name, args, kwargs, known, out)
     ones = [layout for _, layout in known if isinstance(layout, One)]
     if ones:
         if len(ones) == len(known) and all(o == ones[0] for o in ones):
@@ -1174,6 +1187,33 @@ def _rule(func: Any, args: tuple, kwargs: dict, known: list, outs: list[Tensor])
     if name in _BATCH_NORMS:
         return _batch_norm(func, name, args, kwargs, known, outs)
     return _views(func, name, args, kwargs, known, outs)
+
+
+def _across(func: Any, name: str, args: tuple, kwargs: dict, known: list, out: Tensor) -> Any:
+    """Rows of several forwards added row by row: a sum or mean over their dimension is a sum
+    over every forward's examples; linear operations keep them (another forward's rows added,
+    a constant factor); anything else combines two forwards' rows."""
+    dims = {x.dim for _, x in known if isinstance(x, Across | Rows)}
+    owners: set = set()
+    for _, x in known:
+        owners |= set(x.owners) if isinstance(x, Across | _Sum) else {getattr(x, "owner", None)}
+    if len(dims) != 1 or any(isinstance(x, One | _Sum | Mixed) for _, x in known):
+        return _mixed(func, _ACROSS)
+    (d,) = dims
+    if name in _SUMS and len(known) == 1 and known[0][0] is args[0]:
+        named = _named(func, args, kwargs)
+        t = known[0][0]
+        reduced = _dims(named.get("dim"), t.dim()) if "dim" in named else set(range(t.dim()))
+        if d in reduced:
+            return _Sum(frozenset(owners), "mean" if name == "mean" else "sum")
+        keep = bool(named.get("keepdim", False))
+        return Across(d if keep else d - sum(1 for r in reduced if r < d), frozenset(owners))
+    linear = name in ("add", "sub", "neg", "positive", "clone", "alias", "_to_copy") or (
+        name in _SCALINGS and len(known) == 1 and (name in _LINEAR_ONE or known[0][0] is args[0])
+    )
+    if linear and all(t.dim() == out.dim() for t, _ in known):
+        return Across(d, frozenset(owners))
+    return _mixed(func, _ACROSS)
 
 
 # BatchNorm's kernels: in evaluation mode (running statistics) a constant affine map per
@@ -1250,6 +1290,10 @@ def _pointwise(
         else:
             sums += 1
     if rows and any(r.owner != rows[0].owner for r in rows):
+        if name in ("add", "sub") and not sums and all(r.dim == rows[0].dim for r in rows):
+            # two forwards' rows added row by row (BYOL's loss_one + loss_two, then a mean):
+            # linear, so far (until 2026-12-06 refused, a hunt)
+            return Across(rows[0].dim, frozenset(r.owner for r in rows))
         return _mixed(func, _ACROSS)
     if rows and any(r != rows[0] for r in rows):
         return _mixed(
