@@ -1556,3 +1556,77 @@ def test_selective_activation_checkpointing_is_measured_and_said_unchecked(selec
             tracker.step()
             model.zero_grad()
         assert len(tracker.history) == 4
+
+
+def _crops_vit():
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+
+    class Student(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vit, self.head = ViTModel(cfg, add_pooling_layer=False), nn.Linear(8, 4)
+
+        def forward(self, x):
+            out = self.vit(pixel_values=x, interpolate_pos_encoding=True)
+            return self.head(out.last_hidden_state[:, 0])
+
+    return Student()
+
+
+@pytest.mark.parametrize("schedule", ["both sizes from step 1", "local crops from step 3"])
+def test_forwards_of_two_shapes_in_one_backward_are_audited_together(schedule):
+    """DINO's multi-crop: global crops at the ViT's size and local ones at another, two
+    forwards, one backward. The second forward's structure was recorded as audited only
+    through the first's, so it was audited alone on every step against the gradient of both:
+    step 3 withheld naming every parameter, every other step after refused (a hunt, until
+    2026-12-06). Now every forward's structure is recorded; a structure new after an unaudited
+    forward withholds that step and audits the next whole. Every recorded step is exact."""
+    pytest.importorskip("transformers")
+    model = _crops_vit()
+    twin = _crops_vit()
+    params = list(twin.parameters())
+    tracker = noisescale.GradientNoiseTracker(model, beta=1.0, per_example_fraction=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    wants = {}
+    try:
+        for step in range(1, 7):
+            g = torch.Generator().manual_seed(step)
+            local = 4 if schedule == "both sizes from step 1" or step >= 3 else 8
+            crops = [
+                torch.randn(3, 3, 8, 8, generator=g),
+                torch.randn(3, 3, local, local, generator=g),
+            ]
+            twin.load_state_dict(model.state_dict())
+            rows = []
+            for x in crops:
+                for i in range(3):
+                    grads = torch.autograd.grad(twin(x[i : i + 1]).pow(2).mean() / 3, params)
+                    rows.append(torch.cat([gr.reshape(-1) for gr in grads]))
+            wants[step] = float((torch.stack(rows) * 6).pow(2).sum(1).mean())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sum(model(x).pow(2).mean() for x in crops).backward()
+                tracker.step()
+            opt.step()
+            opt.zero_grad()
+        measured = [r for r in tracker.history if "per_example" in r["sources"]]
+        withheld = 0 if schedule == "both sizes from step 1" else 1  # (step 3's)
+        assert len(tracker.history) == 6 and len(measured) == 6 - withheld
+        for r in measured:
+            got = r["sources"]["per_example"]["sqnorm_small"]
+            assert got == pytest.approx(wants[r["step"]], rel=1e-9)
+    finally:
+        tracker.remove()

@@ -64,6 +64,10 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
             (p.compiled_unsupported for p in group if p.compiled_unsupported), None
         )
         merged.audit = next((p.audit for p in group if p.audit is not None), None)
+        merged.audits = [p.audit for p in group if p.audit is not None]
+        merged.partly_audited = bool(merged.audits) and any(
+            p.audit is None and not p.skipped for p in group
+        )
         merged.unsupported = [u for p in group for u in p.unsupported]
         merged.ambiguous = [u for p in group for u in p.ambiguous]
         merged.coupled = next((p.coupled for p in group if p.coupled), None)

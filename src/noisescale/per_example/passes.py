@@ -188,6 +188,10 @@ class PassNorms:
     # a layer ran under selective activation checkpointing (one backward through its region:
     # the audit does not replay it)
     selective: bool = False
+    # merged passes (one backward through several forwards): every audit among them — each
+    # forward's structure is recorded as audited — and whether some were audited, others not
+    audits: list = field(default_factory=list)
+    partly_audited: bool = False
     # "sum" or "mean": the backward started from a plain sum or mean over the examples of
     # per-example terms (loss_watch.py, audited steps), which loss_reduction must match
     loss_kind: str | None = None

@@ -100,6 +100,18 @@ class Settle:
                 raise UnsupportedModuleError(pass_.loss_unfollowed)
             self._withhold(pass_, f"{pass_.loss_unfollowed}; the next audited step checks again")
             return
+        if pass_.partly_audited:
+            # (one forward's structure new after another's ran unaudited: the audit of some
+            # forwards cannot account for the gradient of all; a second forward of another
+            # shape — DINO's local crops — was refused so, a hunt)
+            self._audit_due = True
+            self._withhold(
+                pass_,
+                "one backward ran through several forwards of the model, of which only some "
+                "were audited (a structure new after the step's first forward); the next step "
+                "audits them all",
+            )
+            return
         findings = (
             pass_.audit.finish(pass_.received, self._param_name)
             if pass_.audit is not None
@@ -159,14 +171,17 @@ class Settle:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-            if pass_.audit is not None:
-                self._audited_signatures.add(pass_.audit.signature)
+            for audit in pass_.audits or ([pass_.audit] if pass_.audit is not None else []):
+                # (every forward's structure of a merged pass: until 2026-12-06 the first's
+                # alone, and a second forward of another shape was audited alone at every
+                # step, against the gradient of both — refused, a hunt)
+                self._audited_signatures.add(audit.signature)
                 self._hooks_audited = self._hook_state()
-                if pass_.audit.nodes is not None:
-                    self._audited_nodes.add((pass_.audit.signature, pass_.audit.nodes))
-                if pass_.audit.unverified:
-                    self.audit_log.append(pass_.audit.unverified)
-                    self._warn_unreplayed(pass_.audit.unverified)
+                if audit.nodes is not None:
+                    self._audited_nodes.add((audit.signature, audit.nodes))
+                if audit.unverified:
+                    self.audit_log.append(audit.unverified)
+                    self._warn_unreplayed(audit.unverified)
             return
         if findings.unverified_flat:
             self._on_unverified_flat(pass_, findings, learn)
