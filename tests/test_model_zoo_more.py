@@ -538,7 +538,8 @@ def test_a_rule_less_module_returning_a_model_output_is_measured_by_the_fallback
     refused as "added after the tracker was created" — the decoder's exit having left the
     engine's alias in its ``_parameters``, where it stayed after ``remove()`` (a new
     optimizer then failed: "can't optimize a non-leaf Tensor"). Exact from step 2, the model
-    unaltered."""
+    unaltered; since 2026-12-06 from step 1 (the token's repeat over examples and positions is
+    met as an expansion, the fallback not needed)."""
     model = _vitmae()
     x = torch.randn(N, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     noise = torch.rand(N, 16, generator=torch.Generator().manual_seed(5))
@@ -551,8 +552,7 @@ def test_a_rule_less_module_returning_a_model_output_is_measured_by_the_fallback
         return model(pixel_values=x[i : i + 1], noise=noise[i : i + 1]).loss
 
     errors = _steps_against_brute_force(model, batch, one, N, steps=5)
-    assert errors[0] == [None]  # step 1: the decoder goes to the fallback
-    assert all(e[0] is not None and e[0] < RTOL for e in errors[1:]), errors
+    assert all(e[0] is not None and e[0] < RTOL for e in errors), errors
     assert model.decoder._parameters["mask_token"] is token
     torch.optim.SGD(model.parameters(), lr=0.1)  # (every parameter a leaf again)
 

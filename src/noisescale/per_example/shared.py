@@ -394,7 +394,9 @@ def _meet(
             engine.add_meeting(pass_, meeting)
             _note_row_meeting(pass_, result, origin, dim)
             return result
-        if _repeat_broadcasts(args, kwargs):
+        if _repeat_broadcasts(args, kwargs) and not engine.recurrent:
+            # (in a model with a recurrent layer such a repeat may be its initial state, whose
+            # examples are along dim 1 — h0.repeat(L·D, N, 1) —: marked for the layer, below)
             # s.repeat(N, k, 1) of s [1, 1, D] (MAE's mask token, as its reference code writes
             # it) repeats only dimensions of size 1: s expanded, met as an expansion is (until
             # 2026-12-06 refused, blaming the cat after it, a hunt)
