@@ -241,3 +241,32 @@ def test_a_mask_token_repeated_over_examples_and_positions_is_exact(form, hidden
     x = torch.randn(N, 2 + hidden, 3, generator=torch.Generator().manual_seed(1))
     assert_exact_both_modes(model, lambda: (model(x) - x).pow(2).mean((1, 2)), N)
     train_tracked(model, lambda: (model(x) - x).pow(2).mean())
+
+
+class _SampledSoftmax(nn.Module):
+    """A two-tower recommender scoring each user's item against K negatives shared by the
+    batch, whose ids are a buffer embedded by the item tower inside the forward."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        torch.manual_seed(1)
+        self.u, self.i, self.ip = nn.Embedding(11, 4), nn.Embedding(13, 4), nn.Linear(4, 4)
+        self.register_buffer("neg_ids", torch.randint(0, 13, (k,)))
+
+    def forward(self, users, items):
+        u, v = self.u(users), self.ip(self.i(items))
+        neg = self.ip(self.i(self.neg_ids))
+        return torch.cat([(u * v).sum(-1, keepdim=True), u @ neg.T], 1)
+
+
+@pytest.mark.parametrize("k", [3, N], ids=["K != N", "K = N"])
+def test_negative_ids_in_a_buffer_are_shared_whatever_their_count(k):
+    """An integer buffer's rows hold no example: the item tower's call on it is shared, also
+    when K equals the batch (refused until 2026-12-06, a hunt)."""
+    model = _SampledSoftmax(k)
+    g = torch.Generator().manual_seed(2)
+    users, items = torch.randint(0, 11, (N,), generator=g), torch.randint(0, 13, (N,), generator=g)
+    zero = torch.zeros(N, dtype=torch.long)
+    assert_exact_both_modes(
+        model, lambda: F.cross_entropy(model(users, items), zero, reduction="none"), N
+    )

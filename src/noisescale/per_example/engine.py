@@ -2094,7 +2094,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         if (
             x.grad_fn is not None
             or x.requires_grad
-            or not x.is_floating_point()  # (indices: BERT's token types, a buffer expanded)
+            # (indices too since 2026-12-06: K = N negative ids in a buffer, embedded by the
+            # layers that embed the batch's items, were refused, a hunt; BERT's token types,
+            # a buffer expanded over the examples, are theirs: the stride below)
             or (x.dim() > 0 and x.stride(0) == 0)  # (one row for every example: theirs)
             or torch.compiler.is_compiling()
         ):
