@@ -627,6 +627,9 @@ def test_an_output_with_no_dimension_of_the_batch_s_size_is_not_trusted(shape):
     assert tracker.history == []
 
 
+_W = torch.tensor([0.5, 2.0, 1.0, 3.0, 0.25], dtype=torch.float64)  # (importance weights)
+
+
 def _soft(y: torch.Tensor) -> torch.Tensor:
     """A detached target distribution per example (a teacher's, DINO's centred targets)."""
     return (F.one_hot(y, C).double() + 0.3).softmax(-1)
@@ -648,7 +651,11 @@ SUMS_AND_MEANS = {
     "sum / 7": (lambda o, y: F.cross_entropy(o, y, reduction="sum") / 7, None),
     "mean / 4": (lambda o, y: F.cross_entropy(o, y) / 4, "mean"),
     "3 * mean": (lambda o, y: 3 * F.cross_entropy(o, y), "mean"),
-    "mean * N": (lambda o, y: F.cross_entropy(o, y) * o.shape[0], "mean"),  # (as written)
+    "mean * N": (lambda o, y: F.cross_entropy(o, y) * o.shape[0], "sum"),
+    "sum * (1 / N)": (
+        lambda o, y: F.cross_entropy(o, y, reduction="sum") * (1 / o.shape[0]),
+        "mean",
+    ),
     "sum + 0.5 * sum": (
         lambda o, y: F.cross_entropy(o, y, reduction="sum") + 0.5 * o.pow(2).sum(),
         "sum",
@@ -666,14 +673,40 @@ SUMS_AND_MEANS = {
         lambda o, y: 4.0 * F.kl_div(o.log_softmax(-1), _soft(y), reduction="sum"),
         "sum",
     ),
+    # numbers on the rows before the reduction make new terms (a sweep of torch's losses)
+    "gaussian_nll, sum": (
+        lambda o, y: F.gaussian_nll_loss(o, _soft(y), torch.ones(N, C), reduction="sum"),
+        "sum",
+    ),
+    "gaussian_nll, mean": (
+        lambda o, y: F.gaussian_nll_loss(o, _soft(y), torch.ones(N, C)),
+        "mean",
+    ),
+    "multilabel_soft_margin, sum": (
+        lambda o, y: F.multilabel_soft_margin_loss(o, F.one_hot(y, C).double(), reduction="sum"),
+        "sum",
+    ),
+    "multilabel_soft_margin, mean": (
+        lambda o, y: F.multilabel_soft_margin_loss(o, F.one_hot(y, C).double()),
+        "mean",
+    ),
+    "label smoothing, none, .sum()": (
+        lambda o, y: F.cross_entropy(o, y, label_smoothing=0.1, reduction="none").sum(),
+        "sum",
+    ),
+    # a second reduction after the one over the examples keeps the kind
+    "mse none .sum(0).mean()": (
+        lambda o, y: F.mse_loss(o, _soft(y), reduction="none").sum(0).mean(),
+        "sum",
+    ),
+    "stack([mean, mean]).sum()": (
+        lambda o, y: torch.stack([F.cross_entropy(o, y), o.pow(2).mean()]).sum(),
+        "mean",
+    ),
     # a constant of several values weighs each element: new terms, summed plainly (a hunt)
     "-(q * log_softmax).sum()": (lambda o, y: -(_soft(y) * o.log_softmax(-1)).sum(), "sum"),
     "-cosine_similarity(o, z).sum()": (
         lambda o, y: -F.cosine_similarity(o, _soft(y)).sum(),
-        "sum",
-    ),
-    "cosine_embedding_loss, sum": (
-        lambda o, y: F.cosine_embedding_loss(o, _soft(y), torch.ones(N), reduction="sum"),
         "sum",
     ),
     "mean of sums": (lambda o, y: (o - 1).pow(2).sum(1).mean(), "mean"),
@@ -681,7 +714,11 @@ SUMS_AND_MEANS = {
     "(l / N).sum()": (lambda o, y: (F.cross_entropy(o, y, reduction="none") / N).sum(), None),
     "(w * l).sum()": (
         lambda o, y: (torch.full((N,), 1.0 / N) * F.cross_entropy(o, y, reduction="none")).sum(),
-        "sum",  # (each example's loss weighted 1/N, summed: declared "sum")
+        None,  # (weights per example: whether their sum is a mean is the user's)
+    ),
+    "(w / w.sum() * l).sum()": (
+        lambda o, y: (_W / _W.sum() * F.cross_entropy(o, y, reduction="none")).sum(),
+        None,
     ),
     # a hunt (2026-12-06): a leading minus cleared the kind, a constant inside a non-linear
     # function (DPO's β, a temperature) marked the terms scaled — plain sums went unchecked
@@ -1462,6 +1499,8 @@ def _masks() -> dict[str, torch.Tensor]:
 _PICKS = {
     # name: (loss of the outputs o [N, T, C], every example holds as many of the rows averaged)
     "mse over o[mask]": (lambda o, m, y: F.mse_loss(o[m], torch.ones_like(o[m]))),
+    # (the target first: a review found the check read only the first argument)
+    "mse, target first": (lambda o, m, y: F.mse_loss(torch.ones_like(o[m]), o[m])),
     "l1 over o[mask]": (lambda o, m, y: F.l1_loss(o[m], torch.zeros_like(o[m]))),
     "bce over o[mask]": (
         lambda o, m, y: F.binary_cross_entropy_with_logits(o[m], torch.ones_like(o[m]))
@@ -1760,3 +1799,105 @@ def test_two_forwards_losses_added_row_by_row(name):
             loss = combine(ours, t2) if first else combine(t1, ours)
             want.append(grad_sqnorm(loss, params) * ((2 * N) ** 2 if declared == "mean" else 1))
     assert torch.allclose(got, torch.stack(want), rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "form", ["sum / k, k = N", "mean * n / total", "sum * (1 / k), k = N"], ids=str
+)
+def test_an_accumulation_factor_does_not_turn_a_declared_sum_into_a_refusal(form):
+    """(A review of the kinds kept through numeric factors.) Under accumulation a factor is
+    often the loop's arithmetic: Lightning divides a summed loss by its k micro-batches, and
+    k may equal the batch size; a mean times n / total is a sum over the step. Declared "sum",
+    such steps are recorded (the kind is not held against the declaration on steps of
+    several micro-batches); a single-backward step still is checked."""
+    model = mlp()
+    g = torch.Generator().manual_seed(9)
+    sizes = [N, N, N, N, N] if form != "mean * n / total" else [N, 3, N]
+    k, total = len(sizes), sum(sizes)
+    with noisescale.GradientNoiseTracker(model, loss_reduction="sum") as tracker:
+        for _ in range(3):
+            for n in sizes:
+                x, y = torch.randn(n, D, generator=g), torch.randint(0, C, (n,), generator=g)
+                if form == "sum / k, k = N":
+                    loss = F.cross_entropy(model(x), y, reduction="sum") / k
+                elif form == "sum * (1 / k), k = N":
+                    loss = F.cross_entropy(model(x), y, reduction="sum") * (1 / k)
+                else:
+                    loss = F.cross_entropy(model(x), y) * n / total
+                loss.backward()
+            tracker.step()
+            model.zero_grad()
+        assert len(tracker.history) == 3
+    model.zero_grad()
+    with noisescale.GradientNoiseTracker(model, loss_reduction="sum") as tracker:
+        x, y = torch.randn(N, D, generator=g), torch.randint(0, C, (N,), generator=g)
+        with pytest.raises(noisescale.NoiseScaleInputError, match="plain mean"):
+            (F.cross_entropy(model(x), y, reduction="sum") / N).backward()
+            tracker.step()
+
+
+def test_a_mean_over_two_forwards_outputs_joined_is_exact_one_shot():
+    """Two batches through one model, one loss over their rows joined by torch.cat: a mean over
+    the 2N examples — exact (a review found the picked-rows check refusing it: the second
+    forward's rows left the map unknown)."""
+    model = mlp()
+    g = torch.Generator().manual_seed(3)
+    x1, x2 = torch.randn(N, D, generator=g), torch.randn(N, D, generator=g)
+    y = torch.randint(0, C, (2 * N,), generator=g)
+    with noisescale.per_example_sqnorms(model) as pe:
+        F.cross_entropy(torch.cat([model(x1), model(x2)]), y).backward()
+    model.zero_grad()
+    params = list(model.parameters())
+    x = torch.cat([x1, x2])
+    want = torch.stack(
+        [
+            grad_sqnorm(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params)
+            for i in range(2 * N)
+        ]
+    )
+    assert torch.allclose(pe.sqnorms, want, rtol=1e-9)
+
+
+class _WithHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head = nn.Linear(D, 8), nn.Linear(8, C)
+
+    def forward(self, x):
+        return torch.tanh(self.body(x))
+
+
+def test_a_head_in_the_loss_code_on_a_detached_reordered_copy_is_exact():
+    """A detached input is a constant, read row by row: exact (a review found it refused)."""
+    model = _WithHead()
+    x, y = data()
+
+    def loss_of(z):
+        return F.cross_entropy(model.head(z.flip(0).detach()), y, reduction="sum") + z.pow(2).sum()
+
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        loss_of(model(x)).backward()
+    model.zero_grad()
+    params = list(model.parameters())
+    with torch.no_grad():
+        flipped = model(x).flip(0)
+    want = []
+    for i in range(N):
+        own = F.cross_entropy(model.head(flipped[i : i + 1]), y[i : i + 1], reduction="sum")
+        want.append(grad_sqnorm(own + model(x[i : i + 1]).pow(2).sum(), params))
+    assert torch.allclose(pe.sqnorms, torch.stack(want), rtol=1e-9)
+
+
+def test_a_head_in_the_loss_code_on_an_earlier_forward_names_the_cause():
+    """``head(z1)`` after ``z2 = model(x2)``: its rows were read as the second forward's (140%
+    off until 2026-12-06); refused, naming the earlier forward and the fix."""
+    model = _WithHead()
+    x, y = data()
+    with (
+        pytest.raises(UnsupportedModuleError, match=r"earlier forward .* before the next forward"),
+        noisescale.per_example_sqnorms(model),
+    ):
+        z1 = model(x)
+        z2 = model(x + 1)
+        (F.cross_entropy(model.head(z1), y) + F.cross_entropy(model.head(z2), y)).backward()

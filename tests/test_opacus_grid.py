@@ -741,13 +741,6 @@ def _dp_attention_time_major():
 
 
 REFUSED = [
-    _refusal(
-        "SequenceBias",
-        _sequence_bias(True),
-        lambda: torch.randn(N, T, E),
-        UnsupportedModuleError,
-        r"\['0.bias'\] meet the batch inside module '0' in the operation 'cat', " + _NO_RULE,
-    ),
     *(
         _refusal(
             "MultiheadAttention-add_bias_kv" + ("" if bf else "-time_major"),
@@ -862,7 +855,6 @@ def fallback_case(name, make_model, make_input, *marks):
 @pytest.mark.parametrize(
     "build",
     [
-        fallback_case("SequenceBias", _sequence_bias(True), lambda: torch.randn(N, T, E)),
         fallback_case(
             "MultiheadAttention-add_bias_kv",
             lambda: Attention(nn.MultiheadAttention(E, HEADS, add_bias_kv=True, batch_first=True)),
@@ -934,6 +926,16 @@ def test_time_major_fallback_with_t_equal_n_is_refused(build):
             engine.collect()
     finally:
         engine.remove()
+
+
+def test_sequence_bias_batch_first_is_exact():
+    """Opacus's ``SequenceBias(batch_first=True)`` appends ``bias.repeat(N, 1, 1)``: a repeat
+    of size-1 dimensions, an expansion of the bias over the examples — exact in both modes
+    since 2026-12-06 (before, refused one-shot and measured by the fallback from the second
+    step)."""
+    check(
+        fallback_case("SequenceBias", _sequence_bias(True), lambda: torch.randn(N, T, E)).values[0]
+    )
 
 
 def _causes() -> list:

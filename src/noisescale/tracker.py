@@ -1039,9 +1039,9 @@ class GradientNoiseTracker:
         """The step's normalisation: each pass's weight per unit, the units (examples or
         tokens) and the tokens counted (see :mod:`noisescale.tokens`)."""
         declared = self.loss_reduction in ("token_mean", "num_items_in_batch")
-        wrong_kind = loss_kind_message(self.loss_reduction, passes) or class_weighted_message(
-            passes
-        )
+        wrong_kind = loss_kind_message(
+            self.loss_reduction, passes, accumulated=len(passes) > 1
+        ) or class_weighted_message(passes)
         if wrong_kind is not None:
             raise NoiseScaleInputError(wrong_kind)
         for p in passes:

@@ -1194,7 +1194,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # (two forwards, one loss) are merged, when the step collects them.
         self._check_shapes()
         if self.per_example and any(
-            isinstance(v, Tensor) and v.is_nested for v in (*args, *kwargs.values())
+            isinstance(v, Tensor) and v.is_nested for v in _flat_values(args, kwargs)
         ):
             # (crashed in the audit's replay or the norms until 2026-12-06, a hunt)
             raise UnsupportedModuleError(nested_message("the model's input"))
@@ -1639,12 +1639,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             reason = watch.unfollowed_rows(pass_, inputs)
             if reason is not None:
                 label = self._calls[module][1] if module in self._calls else type(module).__name__
-                reason = (
-                    f"layer '{label}' of the model was called in the loss code on {reason}, "
-                    "which noisescale would read as example i's row i. Call the layer on the "
-                    "outputs in the examples' order and reorder after it, or call it inside "
-                    "the model's forward (rows there are checked by the audit)"
-                )
+                reason = f"layer '{label}' of the model was called in the loss code on {reason}"
             watch.mark_called(pass_, outputs, self.pairs, reason)
         return replaced
 

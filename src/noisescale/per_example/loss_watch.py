@@ -102,6 +102,10 @@ class _Sum:
     # layout: N·T rows of a flattened batch): a division by this count is a mean over each
     # example's equal share, which is a mean over the examples (_note_divided_sum); else None
     count: int | None = None
+    # the kind came through a numeric factor (T² · kl, Σ / k): under accumulation such a factor
+    # is often the loop's arithmetic (a framework's 1/k, n/total), and the tracker does not hold
+    # the kind against the declaration on steps of several micro-batches (LossWatch._kept_kind)
+    factored: bool = False
 
 
 @dataclass(frozen=True)
@@ -458,6 +462,8 @@ class LossWatch:
         for t in inputs:
             if t.dim() == 0 or t.shape[0] != n:
                 continue
+            if torch.is_grad_enabled() and not t.requires_grad:
+                continue  # (detached: a constant, read row by row as the batch's items are)
             layout = self.layouts.get(t)
             if layout is None:
                 # (other input — the batch's items, per-example negatives — is read as rows
@@ -465,6 +471,12 @@ class LossWatch:
                 # example i's cannot be known — K = N ids shared by all are taken for one
                 # each, docs/per_example.md)
                 continue
+            if isinstance(layout, Rows) and layout.owner != id(pass_):
+                return (
+                    "input computed from the outputs of an earlier forward of the model, whose "
+                    "rows noisescale would read as the last forward's examples. Call the layer "
+                    "on each forward's outputs before the next forward runs"
+                )
             if not (
                 isinstance(layout, Rows)
                 and layout.dim == 0
@@ -473,7 +485,10 @@ class LossWatch:
             ):
                 return (
                     "input computed from the model's outputs whose rows are not the examples "
-                    "in their order (reordered, picked or combined)"
+                    "in their order (reordered, picked or combined), which noisescale would "
+                    "read as example i's row i. Call the layer on the outputs in the examples' "
+                    "order and reorder after it, or call it inside the model's forward (rows "
+                    "there are checked by the audit)"
                 )
         return None
 
@@ -609,6 +624,7 @@ class LossWatch:
                 for pass_ in self.passes:
                     if id(pass_) in layout.owners:
                         pass_.loss_kind = layout.plain
+                        pass_.loss_kind_factored = layout.factored
 
     def _layout(self, t: Tensor) -> Layout | None:
         layout = self.layouts.get(t)
@@ -675,8 +691,19 @@ class LossWatch:
             layouts = [layouts] * len(outs)
         name = _name(func).rstrip("_")
         scaled = (any(t in self.scaled for t, _ in known) and name not in _UNSCALING) or (
-            name in _SCALINGS and len(known) == 1 and len(flat) > 1 and _by_numbers(flat, known)
+            name in _SCALINGS
+            and len(known) == 1
+            and len(flat) > 1
+            and _weights_only(flat, known, outs[0].dim() if outs else 0)
         )
+        if scaled and name in _SHIFTS and _shifted(flat, known):
+            scaled = False  # (1 − cos: an affine shift of the terms is no scaling of the loss)
+        if (
+            scaled
+            and not any(t in self.scaled for t, _ in known)
+            and self._new_terms(name, args, known)
+        ):
+            scaled = False
         inside = self.forward_pass is not None
         flags = [self.weighted[t] for t, _ in known if t in self.weighted]
         if flags:
@@ -697,7 +724,7 @@ class LossWatch:
                 if isinstance(layout, _Sum) and scaled:
                     kind = self._kept_kind(name, args, kwargs, known)
                     if kind is not None:
-                        layout = _Sum(layout.owners, kind, layout.count)
+                        layout = _Sum(layout.owners, kind, layout.count, True)
                 self.layouts[t] = layout
                 if scaled:
                     self.scaled[t] = True
@@ -743,15 +770,39 @@ class LossWatch:
                 if other is not target and _storage(other) == storage:
                     self.layouts[other] = mixed
 
+    def _new_terms(self, name: str, args: tuple, known: list) -> bool:
+        """Whether a numeric factor on per-example rows makes new per-example terms rather than
+        scaling the loss: any number but 1/N (``ℓ / N`` summed is a mean; ``0.5 ·`` in
+        ``gaussian_nll_loss``, ``1 / C`` in ``multilabel_soft_margin_loss``, label smoothing's
+        ``1 − ε`` and ``ε / C`` on ``reduction='none'`` rows make terms whose sum is a plain
+        sum: until 2026-12-06 they cleared the kind, and such losses under the wrong
+        declaration were measured N² apart, a hunt)."""
+        t, layout = known[0]
+        if not isinstance(layout, Rows) or len(args) != 2:
+            return False
+        other = args[1] if args[0] is t else args[0]
+        if isinstance(other, bool) or not isinstance(other, int | float) or other == 0:
+            return False
+        divided = name in ("div", "true_divide")
+        if divided and args[0] is not t:
+            return False
+        sizes = {p.batch_size for p in self.passes if id(p) == layout.owner}
+        if len(sizes) != 1:
+            return False
+        factor = 1.0 / abs(other) if divided else abs(other)
+        return abs(factor * sizes.pop() - 1.0) > 1e-9
+
     def _kept_kind(self, name: str, args: tuple, kwargs: dict, known: list) -> str | None:
         """The kind a plain sum or mean keeps through a constant factor given as a Python
         number, or through adding another of its kind: c·Σ ℓ_i is still a sum over the
-        examples and c·mean a mean, whatever c; Σ/N is a mean, Σ divided by another number
-        (the step's examples, tokens counted on the host) is left unknown, as given.
-        Until 2026-12-06 every factor cleared the kind, and a label-smoothed
-        ``cross_entropy(..., reduction='sum')`` — (1 − ε)·Σ nll + ε/C·Σ smooth — or KD's
-        ``T² · kl_div(..., reduction='sum')`` under the default ``"mean"`` were measured N² off
-        (a hunt). A factor held in a tensor is not read (a host sync): unknown, as before."""
+        examples and c·mean a mean, whatever c — but a factor of 1/N makes a sum a mean
+        (Σ/N: ``kl_div``'s 'batchmean'), one of N a mean a sum; a sum divided by another
+        number (the step's examples, tokens counted on the host) is left unknown, as given.
+        The kind is then marked ``factored`` (:attr:`_Sum.factored`). Until 2026-12-06 every
+        factor cleared the kind, and a label-smoothed ``cross_entropy(..., reduction='sum')``
+        — (1 − ε)·Σ nll + ε/C·Σ smooth — or KD's ``T² · kl_div(..., reduction='sum')`` under
+        the default ``"mean"`` were measured N² off (a hunt). A factor held in a tensor is not
+        read (a host sync): unknown, as before."""
         if name in ("add", "sub"):
             kinds = {x.plain for _, x in known if isinstance(x, _Sum)}
             if len(known) == 2 and len(kinds) == 1 and None not in kinds:
@@ -766,20 +817,23 @@ class LossWatch:
         other = args[1] if args[0] is t else args[0]
         if isinstance(other, bool) or not isinstance(other, int | float) or other == 0:
             return None
-        if name not in ("div", "true_divide"):
-            return kept  # (a factor: label smoothing's 1 − ε and ε/C, KD's T²)
-        if args[0] is not t:
+        divided = name in ("div", "true_divide")
+        if divided and args[0] is not t:
             return None
         sizes = {p.batch_size for p in self.passes if id(p) in layout.owners}
         if len(sizes) != 1:
             return None
-        if kept == "sum" and abs(abs(other) / sizes.pop() - 1.0) < 1e-9:
-            # Σ/N is a mean (F.kl_div's 'batchmean'; Σ/k with k = N micro-batches by
-            # coincidence is both: either declaration holds)
-            return "mean"
-        # (another divisor normalizes by what the user counts — the step's examples, a
-        # model's num_items_in_batch given as a number — or by micro-batches: taken as given)
-        return None if kept == "sum" else kept
+        n = float(sizes.pop())
+        factor = 1.0 / abs(other) if divided else abs(other)
+        if kept == "sum" and abs(factor * n - 1.0) < 1e-9:
+            return "mean"  # (Σ/N, Σ·(1/N))
+        if kept == "mean" and abs(factor / n - 1.0) < 1e-9:
+            return "sum"  # (mean·N)
+        if kept == "sum" and divided:
+            # (another divisor normalizes by what the user counts — the step's examples, a
+            # model's num_items_in_batch given as a number: taken as given)
+            return None
+        return kept  # (a factor: label smoothing's 1 − ε and ε/C, KD's T², accumulation's 1/k)
 
     def _note_counted_mean(
         self, func: Any, args: tuple, kwargs: dict, known: list, inside: bool = False
@@ -814,10 +868,14 @@ class LossWatch:
         cross-entropy's ignored targets and class weights were flagged, and the one-shot norms
         of an MSE, an L1 or a BCE over an uneven ``o[mask]`` came out (N/M)² × each
         example's, a review."""
-        t, layout = known[0]
-        if t is not args[0] or not isinstance(layout, Rows) or layout.block is not None:
+        picked = [(t, x) for t, x in known if isinstance(x, Rows) and x.block is None and x.n > 0]
+        if name == "mean":
+            picked = [(t, x) for t, x in picked if t is args[0]]
+        # (a loss's target may be the followed one: F.mse_loss(t[mask], o[mask]), a review)
+        if not picked:
             return
-        if layout.n == 0 or (isinstance(layout.key, tuple) and layout.key[0] in _IRREGULAR):
+        t, layout = picked[0]
+        if isinstance(layout.key, tuple) and layout.key[0] in _IRREGULAR:
             return
         named = _named(func, args, kwargs)
         if name == "mean":
@@ -905,17 +963,43 @@ def _units(n: int, pairs: str | int | None) -> tuple[int, int]:
     return n, 1
 
 
-def _by_numbers(flat: list, known: list) -> bool:
-    """Whether the operands besides the followed one are single numbers (a loss scaled, ``ℓ /
-    N``, ``T² · kl``, a GradScaler's scale). A constant tensor of several values multiplies
-    each term by its own — a target distribution, ``q · log p``; a detached target, ``p · z``;
-    weights per example, ``w[y] · ℓ`` —: the products are new per-example terms, whose plain
-    sum is still one (``(w[y] · ℓ).sum()`` is then declared ``"sum"``, each example's loss
-    weighted; ``.mean()`` of them ``"mean"``). Until 2026-12-06 any constant cleared the kind,
-    and ``-(q * o.log_softmax(-1)).sum()`` or KD's ``kl_div(..., reduction='sum')`` under the
-    default ``"mean"`` went unrefused, N² off (a hunt)."""
+def _weights_only(flat: list, known: list, ndim: int) -> bool:
+    """Whether the operands besides the followed one weigh the loss or whole examples: single
+    numbers (``ℓ / N``, ``T² · kl``, a GradScaler's scale) or constants that vary along the
+    examples' dimension only (``w[y] · ℓ``, importance weights normalized or not: whether
+    their sum is a sum or a mean over the examples is the user's, taken as given). A constant
+    that varies within an example — a target distribution, ``q · log p``; a detached target,
+    ``p · z``; a mask over tokens — multiplies each element by its own: the products are new
+    per-example terms, whose plain sum is still one. Until 2026-12-06 any constant cleared the
+    kind, and ``-(q * o.log_softmax(-1)).sum()`` or KD's ``kl_div(..., reduction='sum')`` under
+    the default ``"mean"`` went unrefused, N² off (a hunt)."""
     followed = {id(t) for t, _ in known}
-    return all(not isinstance(v, Tensor) or id(v) in followed or v.numel() == 1 for v in flat)
+    layout = known[0][1]
+    at = layout.dim if isinstance(layout, Rows) else None
+    for v in flat:
+        if not isinstance(v, Tensor) or id(v) in followed or v.numel() == 1:
+            continue
+        pad = ndim - v.dim()
+        if at is None or any(size != 1 for j, size in enumerate(v.shape) if j + pad != at):
+            return False
+    return True
+
+
+# an affine shift of per-example terms by a constant (1 − cos): no scaling of the loss
+_SHIFTS = {"add", "sub", "rsub"}
+
+
+def _shifted(flat: list, known: list) -> bool:
+    """Whether an add or sub shifts the followed rows by a constant (a number other than 0, or
+    a tensor that is not followed)."""
+    if not isinstance(known[0][1], Rows):
+        return False
+    followed = {id(t) for t, _ in known}
+    return any(
+        (isinstance(v, Tensor) and id(v) not in followed)
+        or (isinstance(v, int | float) and not isinstance(v, bool) and v != 0)
+        for v in flat
+    )
 
 
 def _storage(t: Tensor) -> int:
@@ -1346,8 +1430,11 @@ def _reduction(func: Any, name: str, args: tuple, kwargs: dict, known: list, out
         return _moved(layout, layout.dim - shift)
     if name in _SUMS:
         kind = "mean" if name == "mean" else "sum"
-        if isinstance(layout, _Sum):  # (a sum of a plain sum is one; a mean of a mean, one)
-            kind = layout.plain if layout.plain == kind else None
+        if isinstance(layout, _Sum):
+            # (reduced over the examples already: a sum or mean over what is left keeps the
+            # kind — Σ_c mean_i ℓ_ic is a mean over the examples, mean_c Σ_i one of sums; until
+            # 2026-12-06 a mean of a sum lost it, a hunt)
+            kind = layout.plain
         count = None
         if isinstance(layout, Rows) and layout.block is not None and dims == set(range(t.dim())):
             count = t.numel()  # (every element: each example's rows alike, a regular layout)
@@ -1788,24 +1875,32 @@ def _gathered(ex: Tensor | None, index: Tensor, d: int, name: str) -> Tensor | N
     return torch.where(same, ex[rows[:, 0]], torch.full_like(rows[:, 0], -1))
 
 
-def _joined(named: dict, known: list, dim: int, layout: Rows) -> Tensor | None:
+def _joined(named: dict, known: list, dim: int) -> tuple[Tensor | None, int | None]:
     """The example of each index of ``torch.cat``'s result along the examples' ``dim`` (-1
-    for a constant's rows), or None where a part's map is not known."""
+    for a constant's rows), with each forward's examples numbered after the earlier ones', and
+    their count: None where a part's map is not known. (Two forwards' outputs joined, a mean
+    over their rows — two batches through one model, one loss — is a mean over all their
+    examples: until a review of 2026-12-06 a part of another forward left the map unknown and
+    the one-shot norms refused it.)"""
     by_id = {id(t): x for t, x in known}
-    parts = []
+    parts, offsets, total = [], {}, 0
     for t in named.get("tensors", ()):
         x = by_id.get(id(t))
         if x is None:
             if t.dim() > dim:
                 parts.append(torch.full((t.shape[dim],), -1, dtype=torch.long, device=t.device))
             continue
-        if not isinstance(x, Rows) or x.dim != dim or (x.owner, x.n) != (layout.owner, layout.n):
-            return None
+        if not isinstance(x, Rows) or x.dim != dim:
+            return None, None
+        if x.owner not in offsets:
+            offsets[x.owner], total = (total, x.n), total + x.n
+        if offsets[x.owner][1] != x.n:
+            return None, None
         ex = _ids(x, t.shape[dim], t.device)
         if ex is None:
-            return None
-        parts.append(ex)
-    return torch.cat(parts) if parts else None
+            return None, None
+        parts.append(torch.where(ex >= 0, ex + offsets[x.owner][0], ex))
+    return (torch.cat(parts), total) if parts else (None, None)
 
 
 def _joined_span(named: dict, known: list, dim: int, layout: Rows) -> Rows | None:
@@ -1833,7 +1928,11 @@ def _join(func: Any, name: str, named: dict, known: list, out: Tensor) -> Layout
     lays = []
     s = named.get("dim", 0)
     if any(isinstance(layout, _Sum) for _, layout in known):
-        return _sum(known)  # (joining is linear; one example's values are a sum over examples too)
+        # (joining is linear; one example's values are a sum over examples too; sums or means
+        # of one kind joined keep it: torch.stack([ce_mean, aux_mean]).sum())
+        kinds = {x.plain if isinstance(x, _Sum) else None for _, x in known}
+        plain = kinds.pop() if len(kinds) == 1 else None
+        return _Sum(_sum(known).owners, plain)
     for t, layout in known:
         s_ = s % (t.dim() + (name == "stack"))
         d = layout.dim + (name == "stack" and s_ <= layout.dim)
@@ -1841,7 +1940,9 @@ def _join(func: Any, name: str, named: dict, known: list, out: Tensor) -> Layout
             whole = _joined_span(named, known, s_, layout)
             if whole is not None:
                 return whole
-            return _picked(layout, d, _joined(named, known, s_, layout), "cat")
+            ids, units = _joined(named, known, s_)
+            key = ("cat", next(_fresh))
+            return Rows(d, None, key, units or layout.n, layout.owner, ids if units else None)
         lays.append(_moved(layout, d))
     if any(x != lays[0] for x in lays):
         return _mixed(func, "joined the values of different examples")

@@ -26,12 +26,19 @@ def new_parameters_message(names: Sequence[str]) -> str:
     )
 
 
-def loss_kind_message(declared: str, passes: Sequence[PassNorms]) -> str | None:
+def loss_kind_message(
+    declared: str, passes: Sequence[PassNorms], accumulated: bool = False
+) -> str | None:
     """A backward from a plain sum over the examples under ``loss_reduction="mean"``, or from a
     plain mean under ``"sum"`` (loss_watch.py, audited steps), with more than one example: the
-    refusal's text; else ``None``."""
+    refusal's text; else ``None``. ``accumulated``: a step of several micro-batches, where a
+    kind that came through a numeric factor is not held against the declaration (the factor
+    may be the loop's: Lightning's 1/k with k equal to the batch size by coincidence, n/total
+    — a review, 2026-12-06)."""
     for p in passes:
         if p.batch_size < 2 or p.loss_kind is None or p.loss_kind == declared:
+            continue
+        if accumulated and p.loss_kind_factored:
             continue
         if declared == "mean" and p.loss_kind == "sum":
             return (

@@ -195,6 +195,7 @@ class PassNorms:
     # "sum" or "mean": the backward started from a plain sum or mean over the examples of
     # per-example terms (loss_watch.py, audited steps), which loss_reduction must match
     loss_kind: str | None = None
+    loss_kind_factored: bool = False  # (through a numeric factor: loss_watch's _Sum.factored)
     # the torch.amp.GradScaler whose scale() multiplied the loss a backward through this pass
     # started from (scaler_watch.py, every step), which the tracker must have been given
     # (scaler=)

@@ -92,13 +92,15 @@ class per_example_sqnorms:
                 "tokens, then the mean over the examples), or give every example as many "
                 "counted tokens"
             )
-        wrong_kind = loss_kind_message(self.loss_reduction, [p])
-        if wrong_kind is not None:
-            raise NoiseScaleInputError(wrong_kind)
         counted = p.counted_mean is not None and bool(p.counted_mean)
         if p.counted_inside is not None and p.label_counts is None and p.units is None:
             counted = counted or bool(p.counted_inside)
-        if self.loss_reduction == "mean" and counted:
+        # (a counted mean declared "sum" was refused as a plain mean, and the fix it named,
+        # "mean", then for the real cause: the real cause first, a hunt of 2026-12-06)
+        wrong_kind = loss_kind_message(self.loss_reduction, [p])
+        if wrong_kind is not None and not (counted and p.loss_kind == "mean"):
+            raise NoiseScaleInputError(wrong_kind)
+        if counted and (self.loss_reduction == "mean" or p.loss_kind == "mean"):
             raise NoiseScaleInputError(
                 "the loss is averaged over what it counts, not over the examples — a "
                 "cross_entropy / nll_loss with targets equal to ignore_index (-100: examples or "
