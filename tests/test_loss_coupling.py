@@ -1901,3 +1901,49 @@ def test_a_head_in_the_loss_code_on_an_earlier_forward_names_the_cause():
         z1 = model(x)
         z2 = model(x + 1)
         (F.cross_entropy(model.head(z1), y) + F.cross_entropy(model.head(z2), y)).backward()
+
+
+def test_a_plain_sum_under_mean_is_refused_through_a_grad_scaler():
+    """``scaler.scale(loss)`` multiplies by a one-element tensor, which left the loss's kind
+    unknown: a plain sum under the default "mean" was recorded, N² off, whenever a GradScaler
+    ran (a review, 2026-12-06). The scale is a factor: the kind is kept."""
+    model = mlp()
+    x, y = data()
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    with noisescale.GradientNoiseTracker(model, scaler=scaler) as tracker:
+        with pytest.raises(noisescale.NoiseScaleInputError, match="plain sum over the"):
+            scaler.scale(F.cross_entropy(model(x), y, reduction="sum")).backward()
+            tracker.step()
+
+
+def _accumulated_head_step(model, tracker, g, zero_between: bool) -> None:
+    for j in range(2):
+        if zero_between and j == 1:
+            model.zero_grad()
+        x, y = torch.randn(N, D, generator=g), torch.randint(0, C, (N,), generator=g)
+        (F.cross_entropy(model.head(model(x)), y) / 2).backward()
+    tracker.step()
+    model.zero_grad()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"per_example_fraction": 1.0}, {"per_example": False}],
+    ids=["default", "exact", "micro"],
+)
+@pytest.mark.parametrize("zero_between", [False, True])
+def test_a_head_in_the_loss_code_under_accumulation_is_not_taken_for_a_zero_grad(kw, zero_between):
+    """The head's parameters are reached before the model's outputs in the backward: their
+    accumulation into .grad was taken for a zero_grad() between micro-batches, and every step
+    refused (a review; old too). The check runs before the backward's first accumulation now;
+    a real zero_grad between micro-batches is still refused."""
+    model = _WithHead()
+    g = torch.Generator().manual_seed(4)
+    with noisescale.GradientNoiseTracker(model, **kw) as tracker:
+        if zero_between:
+            with pytest.raises(noisescale.NoiseScaleInputError, match="zero_grad"):
+                _accumulated_head_step(model, tracker, g, True)
+        else:
+            for _ in range(3):
+                _accumulated_head_step(model, tracker, g, False)
+            assert len(tracker.history) == 3

@@ -469,6 +469,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._post_sentinels: dict[int, tuple[RemovableHandle, RemovableHandle]] = {}
         self._hook_in: dict[tuple[int, bool], tuple[Tensor | None, int]] = {}
         self._hook_changed: list[tuple[int, bool]] = []  # (parameter, after accumulation)
+        # the step's backwards (graph tasks) whose .grad was checked against the last one's
+        # marks (GradWatch._check_between): at the first of its root hooks or parameter hooks
+        self._between_checked: set[int] = set()
         self._between: str | None = None  # _check_between
         # each parameter's .grad (weakref, version) when the last step's last backward ended:
         # a step's first gradient of a parameter finding .grad still that tensor at that
@@ -2936,6 +2939,14 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             current = self._task_pass.get(task) or (self.passes[-1] if self.passes else None)
             if current is None:
                 return
+            if task not in self._between_checked and self._marking[0] is None:
+                # (before this parameter's gradient is accumulated: a layer the loss code
+                # calls — model.head(model(x)) — has its parameters reached before the model's
+                # outputs, and its accumulation was taken for a zero_grad between micro-batches
+                # until 2026-12-06, a review; not in a backward nested in a marked one — a
+                # reentrant checkpoint's, whose outer backward accumulated already)
+                self._between_checked.add(task)
+                self._check_between()
             current.tasks.add(task)
             current.param_tasks.add(task)
             self._task_pass.setdefault(task, current)
@@ -3134,6 +3145,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._task_pass.clear()
         self._fallback_versions.clear()
         self._hook_changed, self._between = [], None
+        self._between_checked.clear()
         self._unzeroed = []
         self._hook_in.clear()
         self._unopened = None

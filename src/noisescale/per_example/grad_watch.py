@@ -28,7 +28,9 @@ class GradWatch:
         if task == self._marking[0]:
             self._marking[1].append(pass_)
             return
-        self._check_between()
+        if task not in self._between_checked:
+            self._between_checked.add(task)
+            self._check_between()
         marked: list[PassNorms] = [pass_]
         self._marking = (task, marked)
         queue = torch.autograd.Variable._execution_engine.queue_callback

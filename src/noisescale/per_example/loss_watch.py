@@ -57,6 +57,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from noisescale.per_example import scaler_watch
 from noisescale.per_example.graph import reaches_pass
 from noisescale.per_example.shared import flatten
 from noisescale.per_example.values import _time_major
@@ -815,6 +816,8 @@ class LossWatch:
         if kept is None or kwargs.get("rounding_mode") is not None or len(args) != 2:
             return None
         other = args[1] if args[0] is t else args[0]
+        if isinstance(other, Tensor) and other.numel() == 1 and scaler_watch.SCALING[0]:
+            return kept  # (a GradScaler's scale: a factor, whatever its value)
         if isinstance(other, bool) or not isinstance(other, int | float) or other == 0:
             return None
         divided = name in ("div", "true_divide")

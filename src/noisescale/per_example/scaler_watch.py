@@ -29,6 +29,9 @@ from noisescale.per_example.values import _tensors
 
 # graph task id -> the scaler whose scaled tensor started that backward (the last few only)
 _TASKS: dict[int, Any] = {}
+# scale() calls running now: the loss watch keeps a loss's kind through the product with the
+# scale tensor there (the kind check held under a GradScaler too, a review of 2026-12-06)
+SCALING = [0]
 _KEEP = 64
 
 
@@ -75,7 +78,11 @@ def _wrap_all() -> None:
 
         @functools.wraps(original)
         def scale(self: Any, outputs: Any, _original: Any = original) -> Any:
-            scaled = _original(self, outputs)
+            SCALING[0] += 1
+            try:
+                scaled = _original(self, outputs)
+            finally:
+                SCALING[0] -= 1
             if scaled is outputs:  # disabled: nothing scaled
                 return scaled
             if isinstance(scaled, Iterator):  # (an iterable's scaled values come lazily)
