@@ -779,18 +779,10 @@ class LossWatch:
         sum: until 2026-12-06 they cleared the kind, and such losses under the wrong
         declaration were measured N² apart, a hunt)."""
         t, layout = known[0]
-        if not isinstance(layout, Rows) or len(args) != 2:
+        factor = _number_factor(name, args, t) if isinstance(layout, Rows) else None
+        sizes = {p.batch_size for p in self.passes if id(p) == getattr(layout, "owner", None)}
+        if factor is None or len(sizes) != 1:
             return False
-        other = args[1] if args[0] is t else args[0]
-        if isinstance(other, bool) or not isinstance(other, int | float) or other == 0:
-            return False
-        divided = name in ("div", "true_divide")
-        if divided and args[0] is not t:
-            return False
-        sizes = {p.batch_size for p in self.passes if id(p) == layout.owner}
-        if len(sizes) != 1:
-            return False
-        factor = 1.0 / abs(other) if divided else abs(other)
         return abs(factor * sizes.pop() - 1.0) > 1e-9
 
     def _kept_kind(self, name: str, args: tuple, kwargs: dict, known: list) -> str | None:
@@ -818,16 +810,12 @@ class LossWatch:
         other = args[1] if args[0] is t else args[0]
         if isinstance(other, Tensor) and other.numel() == 1 and scaler_watch.SCALING[0]:
             return kept  # (a GradScaler's scale: a factor, whatever its value)
-        if isinstance(other, bool) or not isinstance(other, int | float) or other == 0:
-            return None
-        divided = name in ("div", "true_divide")
-        if divided and args[0] is not t:
-            return None
+        factor = _number_factor(name, args, t)
         sizes = {p.batch_size for p in self.passes if id(p) in layout.owners}
-        if len(sizes) != 1:
+        if factor is None or len(sizes) != 1:
             return None
         n = float(sizes.pop())
-        factor = 1.0 / abs(other) if divided else abs(other)
+        divided = name in ("div", "true_divide")
         if kept == "sum" and abs(factor * n - 1.0) < 1e-9:
             return "mean"  # (Σ/N, Σ·(1/N))
         if kept == "mean" and abs(factor / n - 1.0) < 1e-9:
@@ -964,6 +952,19 @@ def _units(n: int, pairs: str | int | None) -> tuple[int, int]:
     if isinstance(pairs, int) and not isinstance(pairs, bool) and n % pairs == 0:
         return n // pairs, pairs
     return n, 1
+
+
+def _number_factor(name: str, args: tuple, t: Tensor) -> float | None:
+    """The factor a ``mul`` or ``div`` of the followed ``t`` by a Python number applies (its
+    absolute value; 1/c for ``t / c``), or None (another operand, ``c / t``, zero)."""
+    if len(args) != 2:
+        return None
+    other = args[1] if args[0] is t else args[0]
+    if isinstance(other, bool) or not isinstance(other, int | float) or other == 0:
+        return None
+    if name in ("div", "true_divide"):
+        return 1.0 / abs(other) if args[0] is t else None
+    return abs(other)
 
 
 def _weights_only(flat: list, known: list, ndim: int) -> bool:
