@@ -651,10 +651,15 @@ SUMS_AND_MEANS = {
     "sum / 7": (lambda o, y: F.cross_entropy(o, y, reduction="sum") / 7, None),
     "mean / 4": (lambda o, y: F.cross_entropy(o, y) / 4, "mean"),
     "3 * mean": (lambda o, y: 3 * F.cross_entropy(o, y), "mean"),
-    "mean * N": (lambda o, y: F.cross_entropy(o, y) * o.shape[0], "sum"),
+    # (a factor of N or 1/N may be a coincidence — T² = N, world_size = N —: as given)
+    "mean * N": (lambda o, y: F.cross_entropy(o, y) * o.shape[0], None),
     "sum * (1 / N)": (
         lambda o, y: F.cross_entropy(o, y, reduction="sum") * (1 / o.shape[0]),
-        "mean",
+        None,
+    ),
+    "(tok / (N * T)).sum()": (
+        lambda o, y: (F.mse_loss(o, _soft(y), reduction="none") / (o.shape[0] * C)).sum(),
+        None,
     ),
     "sum + 0.5 * sum": (
         lambda o, y: F.cross_entropy(o, y, reduction="sum") + 0.5 * o.pow(2).sum(),
@@ -1947,3 +1952,66 @@ def test_a_head_in_the_loss_code_under_accumulation_is_not_taken_for_a_zero_grad
             for _ in range(3):
                 _accumulated_head_step(model, tracker, g, False)
             assert len(tracker.history) == 3
+
+
+def test_a_head_on_an_earlier_forward_of_another_size_is_refused():
+    """The second forward of another batch size: the earlier forward's rows were skipped by
+    the size check and measured as the last forward's, 31% off (a second review)."""
+    model = _WithHead()
+    g = torch.Generator().manual_seed(5)
+    x1, x2 = torch.randn(3, D, generator=g), torch.randn(5, D, generator=g)
+    with (
+        pytest.raises(UnsupportedModuleError, match="earlier forward"),
+        noisescale.per_example_sqnorms(model, loss_reduction="sum"),
+    ):
+        z1, z2 = model(x1), model(x2)
+        (model.head(z1).pow(2).sum() + model.head(z2).pow(2).sum()).backward()
+
+
+@pytest.mark.parametrize(
+    ("form", "refused"),
+    [
+        ("sum / 1", True),  # (Lightning's loss / accumulate_grad_batches, at 1)
+        ("sum * 0.5, accumulated", True),
+        ("GradScaler, sum, accumulated", True),
+        ("T^2 * batchmean, T^2 = N", False),
+        ("sum / k, k = N, accumulated", False),
+    ],
+)
+def test_which_numeric_factors_keep_a_plain_sum_refused_under_mean(form, refused):
+    """(A second review.) A factor that flips the kind only by a coincidence with N (Σ/k with
+    k = N micro-batches) is not held against the declaration under accumulation; every other
+    factor keeps a plain sum refused under "mean" there too, a division by 1 included; a
+    factor equal to N (T² = N) leaves the kind unknown rather than flipping a mean to a sum."""
+    model = mlp()
+    g = torch.Generator().manual_seed(6)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0) if "GradScaler" in form else None
+    micro = N if "accumulated" in form else 1
+
+    def loss_of(x, y):
+        o = model(x)
+        if form == "sum / 1":
+            return F.cross_entropy(o, y, reduction="sum") / 1
+        if form.startswith("sum * 0.5"):
+            return F.cross_entropy(o, y, reduction="sum") * 0.5
+        if form.startswith("GradScaler"):
+            return scaler.scale(F.cross_entropy(o, y, reduction="sum"))
+        if form.startswith("T^2"):
+            return float(N) * F.kl_div(o.log_softmax(-1), _soft(y), reduction="batchmean")
+        return F.cross_entropy(o, y, reduction="sum") / micro  # (micro = N)
+
+    def run():
+        with noisescale.GradientNoiseTracker(model, scaler=scaler) as tracker:
+            for _ in range(2):
+                for _ in range(micro):
+                    x, y = torch.randn(N, D, generator=g), torch.randint(0, C, (N,), generator=g)
+                    loss_of(x, y).backward()
+                tracker.step()
+                model.zero_grad()
+            return tracker.history
+
+    if refused:
+        with pytest.raises(noisescale.NoiseScaleInputError, match="plain sum over the"):
+            run()
+    else:
+        assert len(run()) == 2

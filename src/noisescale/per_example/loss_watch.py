@@ -461,23 +461,23 @@ class LossWatch:
         not computed from them."""
         n = pass_.batch_size
         for t in inputs:
-            if t.dim() == 0 or t.shape[0] != n:
-                continue
-            if torch.is_grad_enabled() and not t.requires_grad:
+            if t.dim() == 0 or (torch.is_grad_enabled() and not t.requires_grad):
                 continue  # (detached: a constant, read row by row as the batch's items are)
             layout = self.layouts.get(t)
-            if layout is None:
-                # (other input — the batch's items, per-example negatives — is read as rows
-                # of the examples, as the engine reads it: mark_called; whether row i is
-                # example i's cannot be known — K = N ids shared by all are taken for one
-                # each, docs/per_example.md)
-                continue
-            if isinstance(layout, Rows) and layout.owner != id(pass_):
+            if isinstance(layout, Rows) and layout.block is not None and layout.owner != id(pass_):
+                # (an earlier forward's own rows, whatever their count — a second forward of
+                # another size read them as its own, 31% off, a review)
                 return (
                     "input computed from the outputs of an earlier forward of the model, whose "
                     "rows noisescale would read as the last forward's examples. Call the layer "
                     "on each forward's outputs before the next forward runs"
                 )
+            if t.shape[0] != n or layout is None:
+                # (other input — the batch's items, per-example negatives — is read as rows
+                # of the examples, as the engine reads it: mark_called; whether row i is
+                # example i's cannot be known — K = N ids shared by all are taken for one
+                # each, docs/per_example.md)
+                continue
             if not (
                 isinstance(layout, Rows)
                 and layout.dim == 0
@@ -501,6 +501,12 @@ class LossWatch:
         batch's size is rows of ``pass_``'s examples, as the engine measures it."""
         n = pass_.batch_size
         units, block = _units(n, pairs)
+        if reason is not None:
+            # (the output may be the engine's shared tensor, whose operations the watch sees
+            # unwrapped: the passes are marked here, not through the output's layout alone)
+            for watched in self.passes:
+                if watched.coupled is None:
+                    watched.coupled = "after the model's forward returned, " + reason
         for t in outputs:
             if t.grad_fn is None or t.dim() == 0:
                 continue
@@ -723,9 +729,9 @@ class LossWatch:
                 if scaled and isinstance(layout, _Sum) and layout.plain is not None:
                     layout = _Sum(layout.owners, None, layout.count)
                 if isinstance(layout, _Sum) and scaled:
-                    kind = self._kept_kind(name, args, kwargs, known)
+                    kind, flipped = self._kept_kind(name, args, kwargs, known)
                     if kind is not None:
-                        layout = _Sum(layout.owners, kind, layout.count, True)
+                        layout = _Sum(layout.owners, kind, layout.count, flipped)
                 self.layouts[t] = layout
                 if scaled:
                     self.scaled[t] = True
@@ -783,48 +789,57 @@ class LossWatch:
         sizes = {p.batch_size for p in self.passes if id(p) == getattr(layout, "owner", None)}
         if factor is None or len(sizes) != 1:
             return False
-        return abs(factor * sizes.pop() - 1.0) > 1e-9
+        # (1/N or 1/numel: ℓ / N summed, tok / (N·T) summed — a mean written as a sum: as
+        # given)
+        return all(abs(factor * m - 1.0) > 1e-9 for m in (sizes.pop(), t.numel()))
 
-    def _kept_kind(self, name: str, args: tuple, kwargs: dict, known: list) -> str | None:
+    def _kept_kind(
+        self, name: str, args: tuple, kwargs: dict, known: list
+    ) -> tuple[str | None, bool]:
         """The kind a plain sum or mean keeps through a constant factor given as a Python
-        number, or through adding another of its kind: c·Σ ℓ_i is still a sum over the
-        examples and c·mean a mean, whatever c — but a factor of 1/N makes a sum a mean
-        (Σ/N: ``kl_div``'s 'batchmean'), one of N a mean a sum; a sum divided by another
-        number (the step's examples, tokens counted on the host) is left unknown, as given.
-        The kind is then marked ``factored`` (:attr:`_Sum.factored`). Until 2026-12-06 every
-        factor cleared the kind, and a label-smoothed ``cross_entropy(..., reduction='sum')``
-        — (1 − ε)·Σ nll + ε/C·Σ smooth — or KD's ``T² · kl_div(..., reduction='sum')`` under
-        the default ``"mean"`` were measured N² off (a hunt). A factor held in a tensor is not
-        read (a host sync): unknown, as before."""
+        number, or through adding another of its kind, and whether a factor flipped it: c·Σ ℓ_i
+        is still a sum over the examples and c·mean a mean — but Σ divided by N is a mean
+        (``kl_div``'s 'batchmean'; flipped: with k = N micro-batches, Lightning's Σ/k, it may
+        be the loop's arithmetic, which the tracker does not hold against the declaration under
+        accumulation); a factor that is N·m or 1/(N·m) (``mean · N`` or ``T² · mean`` with
+        T² = N, ``Σ · 1/(N·T)``) and a sum divided by another number (the step's examples,
+        tokens counted on the host) are left unknown, as given. Until 2026-12-06 every factor
+        cleared the kind, and a label-smoothed ``cross_entropy(..., reduction='sum')`` — (1 −
+        ε)·Σ nll + ε/C·Σ smooth — or KD's ``T² · kl_div(..., reduction='sum')`` under the
+        default ``"mean"`` were measured N² off (a hunt). A factor held in a tensor is not read
+        (a host sync): unknown, as before — but a GradScaler's scale."""
         if name in ("add", "sub"):
-            kinds = {x.plain for _, x in known if isinstance(x, _Sum)}
+            sums = [x for _, x in known if isinstance(x, _Sum)]
+            kinds = {x.plain for x in sums}
             if len(known) == 2 and len(kinds) == 1 and None not in kinds:
-                return kinds.pop()
-            return None
+                return kinds.pop(), any(x.factored for x in sums)
+            return None, False
         if name not in _SCALINGS or len(known) != 1 or not isinstance(known[0][1], _Sum):
-            return None
+            return None, False
         t, layout = known[0]
         kept = layout.plain  # (the input's own kind, kept through its own factors)
         if kept is None or kwargs.get("rounding_mode") is not None or len(args) != 2:
-            return None
+            return None, False
         other = args[1] if args[0] is t else args[0]
         if isinstance(other, Tensor) and other.numel() == 1 and scaler_watch.SCALING[0]:
-            return kept  # (a GradScaler's scale: a factor, whatever its value)
+            return kept, layout.factored  # (a GradScaler's scale: a factor, whatever its value)
         factor = _number_factor(name, args, t)
         sizes = {p.batch_size for p in self.passes if id(p) in layout.owners}
         if factor is None or len(sizes) != 1:
-            return None
+            return None, False
         n = float(sizes.pop())
-        divided = name in ("div", "true_divide")
-        if kept == "sum" and abs(factor * n - 1.0) < 1e-9:
-            return "mean"  # (Σ/N, Σ·(1/N))
-        if kept == "mean" and abs(factor / n - 1.0) < 1e-9:
-            return "sum"  # (mean·N)
-        if kept == "sum" and divided:
-            # (another divisor normalizes by what the user counts — the step's examples, a
-            # model's num_items_in_batch given as a number: taken as given)
-            return None
-        return kept  # (a factor: label smoothing's 1 − ε and ε/C, KD's T², accumulation's 1/k)
+        if abs(factor - 1.0) < 1e-12:
+            return kept, layout.factored  # (Lightning's loss / 1, accelerate's)
+        if name in ("div", "true_divide"):
+            if kept == "sum" and abs(factor * n - 1.0) < 1e-9:
+                return "mean", True  # (Σ/N)
+            if kept == "sum":
+                # (another divisor normalizes by what the user counts — the step's examples, a
+                # model's num_items_in_batch given as a number: taken as given)
+                return None, False
+        elif any(abs(factor * m - 1.0) < 1e-9 for m in (n, 1.0 / n, layout.count or 0)):
+            return None, False  # (mean · N, T² · mean with T² = N, Σ · 1/(N·T): either kind)
+        return kept, layout.factored  # (label smoothing's 1 − ε and ε/C, KD's T², 1/k)
 
     def _note_counted_mean(
         self, func: Any, args: tuple, kwargs: dict, known: list, inside: bool = False
