@@ -67,6 +67,15 @@ PER_SAMPLE_WEIGHTS = (
 )
 
 
+def refuse_learned_weights(args: tuple, kwargs: dict[str, Any]) -> None:
+    """Refuse an embedding bag's call whose ``per_sample_weights`` require grad (until
+    2026-12-06 their gradient, one per looked-up index, was taken for rows of examples: the
+    sub-batch norms up to 14% off without a word, the other modes crashed, a hunt)."""
+    psw = args[2] if len(args) > 2 else kwargs.get("per_sample_weights")
+    if isinstance(psw, Tensor) and psw.requires_grad and torch.is_grad_enabled():
+        raise UnsupportedModuleError(PER_SAMPLE_WEIGHTS)
+
+
 def _bag_batch_size(module: nn.EmbeddingBag, args: tuple, kwargs: dict[str, Any]) -> int:
     offsets = args[1] if len(args) > 1 else kwargs.get("offsets")
     return bag_count(args[0], offsets, module.include_last_offset)
@@ -77,11 +86,7 @@ def _bag_save(module: nn.EmbeddingBag, args: tuple, kwargs: dict[str, Any], outp
     idx = args[0]
     offsets = args[1] if len(args) > 1 else kwargs.get("offsets")
     psw = args[2] if len(args) > 2 else kwargs.get("per_sample_weights")
-    if isinstance(psw, Tensor) and psw.requires_grad and torch.is_grad_enabled():
-        # (until 2026-12-06 their gradient, one per looked-up index, was taken for rows of
-        # examples: the sub-batch norms up to 14% off without a word, the other modes crashed,
-        # a hunt)
-        raise UnsupportedModuleError(PER_SAMPLE_WEIGHTS)
+    refuse_learned_weights(args, kwargs)
     return bag_rows(idx, offsets, psw, module.mode, module.padding_idx, module.include_last_offset)
 
 

@@ -75,7 +75,7 @@ from noisescale.module_hooks import foreign_thread
 from noisescale.per_example import audit as audit_mod
 from noisescale.per_example import compiled, norms, scaler_watch
 from noisescale.per_example import subbatch as subbatch_mod
-from noisescale.per_example.embedding import PER_SAMPLE_WEIGHTS
+from noisescale.per_example.embedding import refuse_learned_weights
 from noisescale.per_example.example_check import ExampleCheck
 from noisescale.per_example.factors import (
     DenseFactor,
@@ -2281,9 +2281,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             # (a jagged tensor's dim 1 is a symbolic size: reading it crashed until 2026-12-06)
             raise UnsupportedModuleError(nested_message(f"the input of layer '{label}'"))
         if isinstance(module, nn.EmbeddingBag):
-            psw = args[2] if len(args) > 2 else kwargs.get("per_sample_weights")
-            if isinstance(psw, Tensor) and psw.requires_grad:  # (a gate's output, say)
-                raise UnsupportedModuleError(PER_SAMPLE_WEIGHTS)
+            refuse_learned_weights(args, kwargs)  # (before they are unshared: a gate's output)
         if rule.native_layout or not isinstance(output, Tensor):
             raise UnsupportedModuleError(
                 f"layer '{label}' ({type(module).__name__}) was called on input that is not "
@@ -2939,14 +2937,13 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             current = self._task_pass.get(task) or (self.passes[-1] if self.passes else None)
             if current is None:
                 return
-            if task not in self._between_checked and self._marking[0] is None:
+            if self._marking[0] is None and task not in self._between_checked:
                 # (before this parameter's gradient is accumulated: a layer the loss code
                 # calls — model.head(model(x)) — has its parameters reached before the model's
                 # outputs, and its accumulation was taken for a zero_grad between micro-batches
                 # until 2026-12-06, a review; not in a backward nested in a marked one — a
                 # reentrant checkpoint's, whose outer backward accumulated already)
-                self._between_checked.add(task)
-                self._check_between()
+                self._check_between(task)
             current.tasks.add(task)
             current.param_tasks.add(task)
             self._task_pass.setdefault(task, current)

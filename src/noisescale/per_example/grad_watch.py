@@ -28,19 +28,20 @@ class GradWatch:
         if task == self._marking[0]:
             self._marking[1].append(pass_)
             return
-        if task not in self._between_checked:
-            self._between_checked.add(task)
-            self._check_between()
+        self._check_between(task)
         marked: list[PassNorms] = [pass_]
         self._marking = (task, marked)
         queue = torch.autograd.Variable._execution_engine.queue_callback
         queue(lambda: queue(lambda: self._mark_grads(marked)))
 
-    def _check_between(self) -> None:
+    def _check_between(self, task: int) -> None:
         """At the start of a backward, whether ``.grad`` is still what the step's previous
         backward left (:meth:`_mark_grads`): gradients zeroed between the micro-batches of one
         step leave ``.grad`` holding only the last ones' gradient, which the step's norms
         would be paired with as if it were the whole step's (:meth:`collect` refuses)."""
+        if task in self._between_checked:
+            return  # (once per backward: at its first root or parameter hook)
+        self._between_checked.add(task)
         if self._between is None:
             found = self._compare_marks(0, 1.0, emptied=True)
             self._between = None if found is None else found[0]

@@ -129,8 +129,8 @@ class Mixed:
 Layout = Rows | One | _Sum | Across | Mixed
 
 
-def _moved(layout: Rows, dim: int) -> Rows:
-    """The same map along another dimension."""
+def _moved(layout: Any, dim: int) -> Any:
+    """The same map (``Rows``, ``Across``) along another dimension."""
     return dataclasses.replace(layout, dim=dim)
 
 
@@ -777,6 +777,11 @@ class LossWatch:
                 if other is not target and _storage(other) == storage:
                     self.layouts[other] = mixed
 
+    def _batch_size(self, owners: Any) -> int | None:
+        """The one batch size of the watched passes among ``owners`` (ids), or None."""
+        sizes = {p.batch_size for p in self.passes if id(p) in owners}
+        return sizes.pop() if len(sizes) == 1 else None
+
     def _new_terms(self, name: str, args: tuple, known: list) -> bool:
         """Whether a numeric factor on per-example rows makes new per-example terms rather than
         scaling the loss: any number but 1/N (``ℓ / N`` summed is a mean; ``0.5 ·`` in
@@ -786,12 +791,12 @@ class LossWatch:
         declaration were measured N² apart, a hunt)."""
         t, layout = known[0]
         factor = _number_factor(name, args, t) if isinstance(layout, Rows) else None
-        sizes = {p.batch_size for p in self.passes if id(p) == getattr(layout, "owner", None)}
-        if factor is None or len(sizes) != 1:
+        n = self._batch_size({getattr(layout, "owner", None)})
+        if factor is None or n is None:
             return False
         # (1/N or 1/numel: ℓ / N summed, tok / (N·T) summed — a mean written as a sum: as
         # given)
-        return all(abs(factor * m - 1.0) > 1e-9 for m in (sizes.pop(), t.numel()))
+        return all(abs(factor * m - 1.0) > 1e-9 for m in (n, t.numel()))
 
     def _kept_kind(
         self, name: str, args: tuple, kwargs: dict, known: list
@@ -824,10 +829,9 @@ class LossWatch:
         if isinstance(other, Tensor) and other.numel() == 1 and scaler_watch.SCALING[0]:
             return kept, layout.factored  # (a GradScaler's scale: a factor, whatever its value)
         factor = _number_factor(name, args, t)
-        sizes = {p.batch_size for p in self.passes if id(p) in layout.owners}
-        if factor is None or len(sizes) != 1:
+        n = self._batch_size(layout.owners)
+        if factor is None or n is None:
             return None, False
-        n = float(sizes.pop())
         if abs(factor - 1.0) < 1e-12:
             return kept, layout.factored  # (Lightning's loss / 1, accelerate's)
         if name in ("div", "true_divide"):
@@ -885,7 +889,7 @@ class LossWatch:
             return
         named = _named(func, args, kwargs)
         if name == "mean":
-            if "dim" in named and layout.dim not in _dims(named.get("dim"), t.dim()):
+            if layout.dim not in _dims(named.get("dim"), t.dim()):
                 return
         elif named.get("reduction", 1) != 1:
             return
@@ -1297,25 +1301,17 @@ def _across(func: Any, name: str, args: tuple, kwargs: dict, known: list, out: T
     over every forward's examples; linear operations keep them (another forward's rows added,
     a constant factor); anything else combines two forwards' rows."""
     dims = {x.dim for _, x in known if isinstance(x, Across | Rows)}
-    owners: set = set()
-    for _, x in known:
-        owners |= set(x.owners) if isinstance(x, Across | _Sum) else {getattr(x, "owner", None)}
     if len(dims) != 1 or any(isinstance(x, One | _Sum | Mixed) for _, x in known):
         return _mixed(func, _ACROSS)
     (d,) = dims
+    owners = _sum(known).owners
     if name in _SUMS and len(known) == 1 and known[0][0] is args[0]:
-        named = _named(func, args, kwargs)
-        t = known[0][0]
-        reduced = _dims(named.get("dim"), t.dim()) if "dim" in named else set(range(t.dim()))
-        if d in reduced:
-            return _Sum(frozenset(owners), "mean" if name == "mean" else "sum")
-        keep = bool(named.get("keepdim", False))
-        return Across(d if keep else d - sum(1 for r in reduced if r < d), frozenset(owners))
+        return _reduction(func, name, args, kwargs, known, out)  # (a sum over both, or Across)
     linear = name in ("add", "sub", "neg", "positive", "clone", "alias", "_to_copy") or (
         name in _SCALINGS and len(known) == 1 and (name in _LINEAR_ONE or known[0][0] is args[0])
     )
     if linear and all(t.dim() == out.dim() for t, _ in known):
-        return Across(d, frozenset(owners))
+        return Across(d, owners)
     return _mixed(func, _ACROSS)
 
 
@@ -1442,9 +1438,9 @@ def _reduction(func: Any, name: str, args: tuple, kwargs: dict, known: list, out
     if len(known) > 1 or t is not args[0]:
         return _mixed(func, "reduced with weights computed from the model's outputs")
     named = _named(func, args, kwargs)
-    dims = _dims(named.get("dim"), t.dim()) if "dim" in named else set(range(t.dim()))
+    dims = _dims(named.get("dim"), t.dim())
     keep = bool(named.get("keepdim", False))
-    if isinstance(layout, Rows) and layout.dim not in dims:
+    if isinstance(layout, Rows | Across) and layout.dim not in dims:
         shift = 0 if keep else sum(1 for d in dims if d < layout.dim)
         return _moved(layout, layout.dim - shift)
     if name in _SUMS:

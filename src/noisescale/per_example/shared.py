@@ -402,13 +402,7 @@ def _meet(
             # 2026-12-06 refused, blaming the cat after it, a hunt)
             with torch._C.DisableTorchFunctionSubclass():
                 result = func(*_unwrap(args), **_unwrap(kwargs))
-            if (
-                result.dim() > dim
-                and result.shape[dim] == n
-                and _broadcast_along(tuple(src.shape), tuple(result.shape), dim)
-            ):
-                engine.add_meeting(pass_, Meeting("expand", src, origin, hooked=result))
-                _note_row_meeting(pass_, result, origin, dim)
+            if _met_expanded(src, result, origin, pass_, n, dim):
                 return result
     if name in _ELEMENTWISE_NAMES or name in _EXPAND_NAMES:
         shapes = [tuple(t.shape) for t in flat if isinstance(t, Tensor)]
@@ -425,14 +419,7 @@ def _meet(
             with torch._C.DisableTorchFunctionSubclass():
                 result = func(*_unwrap(args), **_unwrap(kwargs))
             src = args[0]
-            if (
-                isinstance(src, SharedTensor)
-                and result.dim() > dim
-                and result.shape[dim] == n
-                and _broadcast_along(tuple(src.shape), tuple(result.shape), dim)
-            ):
-                engine.add_meeting(pass_, Meeting("expand", src, origin, hooked=result))
-                _note_row_meeting(pass_, result, origin, dim)
+            if isinstance(src, SharedTensor) and _met_expanded(src, result, origin, pass_, n, dim):
                 return result
             return _broadcast_of(_rewrap(result, origin), src)
         if out_shape is not None and batched and len(out_shape) > dim and out_shape[dim] == n:
@@ -567,6 +554,23 @@ def _linear_input(x: Any, n: int, dim: int) -> bool:
 
 
 _CHECKS = ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic")
+
+
+def _met_expanded(
+    src: SharedTensor, result: Tensor, origin: Origin, pass_: PassNorms, n: int, dim: int
+) -> bool:
+    """``result``, the shared ``src`` broadcast to it (``expand``, or ``repeat`` of dimensions
+    of size 1), meets the batch along ``dim`` when it has the batch's size there: noted as an
+    expansion meeting (each example's gradient of ``src`` its share of ``result``'s)."""
+    if not (
+        result.dim() > dim
+        and result.shape[dim] == n
+        and _broadcast_along(tuple(src.shape), tuple(result.shape), dim)
+    ):
+        return False
+    origin.engine.add_meeting(pass_, Meeting("expand", src, origin, hooked=result))
+    _note_row_meeting(pass_, result, origin, dim)
+    return True
 
 
 def _broadcast_along(src: tuple[int, ...], out: tuple[int, ...], dim: int) -> bool:
