@@ -1263,9 +1263,9 @@ class _RelativeBiasByPositions(nn.Module):
     reshaped to [heads, T, T] and added to every example's attention scores; with T² equal to
     the number of examples the lookup looks per-example."""
 
-    def __init__(self, t: int):
+    def __init__(self, t: int, buffer: bool = True):
         super().__init__()
-        self.t = t
+        self.t, self.buffer = t, buffer
         self.table = nn.Parameter(torch.randn(2 * t - 1, 2))
         i = torch.arange(t)
         self.register_buffer("index", i[:, None] - i[None, :] + t - 1)
@@ -1273,7 +1273,12 @@ class _RelativeBiasByPositions(nn.Module):
         self.head = nn.Linear(4, 3)
 
     def bias(self):
-        rows = self.table[self.index.view(-1)]
+        if self.buffer:
+            index = self.index
+        else:  # (computed at each forward, as many models do)
+            i = torch.arange(self.t)
+            index = i[:, None] - i[None, :] + self.t - 1
+        rows = self.table[index.view(-1)]
         return rows.view(self.t, self.t, 2).permute(2, 0, 1).unsqueeze(0)
 
     def forward(self, x):
@@ -1284,15 +1289,24 @@ class _RelativeBiasByPositions(nn.Module):
 
 
 def test_a_position_pair_lookup_with_t_squared_equal_to_the_batch_is_learned(products):
-    """A one-shot measurement refuses, naming the lookup; the tracker's engine learns at its
-    first (audited) step that the lookup is by positions and is exact from the next (it
-    refused the model at that batch size before)."""
+    """Positions computed in the forward: a one-shot measurement refuses, naming the lookup;
+    the tracker's engine learns at its first (audited) step that the lookup is by positions
+    and is exact from the next (it refused the model at that batch size before)."""
     x = torch.randn(N, 2, 4, generator=torch.Generator().manual_seed(8))  # T² = 4 = N
     torch.manual_seed(0)
     with pytest.raises(UnsupportedModuleError, match="'embedding of table'"):
-        one_shot(_RelativeBiasByPositions(2), x, _sq)
+        one_shot(_RelativeBiasByPositions(2, buffer=False), x, _sq)
     torch.manual_seed(0)
-    assert_learns_then_exact(_RelativeBiasByPositions(2), x, _sq)
+    assert_learns_then_exact(_RelativeBiasByPositions(2, buffer=False), x, _sq)
+
+
+def test_a_position_pair_lookup_by_a_buffer_is_exact_at_once(products):
+    """Positions held in one of the model's buffers (torchvision MaxViT's): a buffer holds no
+    example, so the lookup is shared whatever its size — exact at once, also in a one-shot
+    measurement (refused there until 2026-12-06)."""
+    x = torch.randn(N, 2, 4, generator=torch.Generator().manual_seed(8))  # T² = 4 = N
+    torch.manual_seed(0)
+    assert_exact_both_ways(_RelativeBiasByPositions(2), x, _sq)
 
 
 def test_a_position_pair_lookup_of_another_size_is_exact_at_once(products):

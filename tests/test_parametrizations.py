@@ -14,10 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrizations, parametrize
+from torch.nn.utils import parametrizations, parametrize, prune
 
 import noisescale
 from noisescale.errors import UnsupportedModuleError
+from noisescale.per_example.shared import SharedTensor
 from test_subbatch import assert_exact_both_modes, assert_preconditioned_exact, train_tracked
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -71,6 +72,48 @@ CASES = {
 }
 
 
+def _pruned(layer: nn.Module, *prunes) -> nn.Module:
+    for prune_, name, kw in prunes:
+        prune_(layer, name, **kw)
+    return layer
+
+
+# The old reparametrizations compute the weight in a forward pre-hook from parameters of their
+# own (weight_orig; weight_g and weight_v): refused until 2026-12-06 as parameters the layer's
+# rule does not cover, a pruned model's with a message about weight_norm
+OLD = {
+    "prune.l1_unstructured Linear": lambda: (
+        _head(_pruned(nn.Linear(5, 5), (prune.l1_unstructured, "weight", {"amount": 0.4})), 5),
+        (N, 5),
+    ),
+    "prune.ln_structured Conv1d, then its bias (a PruningContainer)": lambda: (
+        _head(
+            _pruned(
+                nn.Conv1d(4, 4, 3, padding=1),
+                (prune.ln_structured, "weight", {"amount": 0.5, "n": 2, "dim": 0}),
+                (prune.random_unstructured, "weight", {"amount": 0.3}),
+                (prune.l1_unstructured, "bias", {"amount": 0.5}),
+            ),
+            24,
+        ),
+        (N, 4, 6),
+    ),
+    "old weight_norm Linear": lambda: (_head(nn.utils.weight_norm(nn.Linear(5, 5)), 5), (N, 5)),
+    "old weight_norm Conv1d dim=2": lambda: (
+        _head(nn.utils.weight_norm(nn.Conv1d(4, 4, 3, padding=1), dim=2), 24),
+        (N, 4, 6),
+    ),
+    "old spectral_norm Linear, eval": lambda: (
+        _head(nn.utils.spectral_norm(nn.Linear(5, 5)), 5).eval(),
+        (N, 5),
+    ),
+    "old spectral_norm Conv2d, training (power iteration in the pre-hook)": lambda: (
+        _head(nn.utils.spectral_norm(nn.Conv2d(3, 4, 3, padding=1)), 4 * 9),
+        (N, 3, 3, 3),
+    ),
+}
+
+
 def _transposed(layer: nn.Module, shape: tuple, dim: int = 0):
     width = layer(torch.zeros(shape)).numel() // shape[0]
     return _head(parametrizations.weight_norm(layer, dim=dim), width), shape
@@ -110,12 +153,43 @@ def test_a_parametrized_weight_is_exact(case):
     _assert_exact(model, _losses(model, shape))
 
 
-def test_spectral_norm_in_training_mode_is_exact():
+@pytest.mark.parametrize("rows", [5, N])
+def test_spectral_norm_in_training_mode_is_exact(rows):
     """Its power iteration runs in the forward (buffers updated in place, without a gradient);
-    the gradient of the originals goes through σ's dependence on the weight."""
+    the gradient of the originals goes through σ's dependence on the weight. With as many
+    output rows as examples (a discriminator of 64 channels on batches of 64) its vectors u and
+    v — computed without gradient, so without history — were taken for the batch's rows and
+    the layer refused ('vdot' without a rule) until 2026-12-06: nothing in a parametrization's
+    forward is an example's."""
     torch.manual_seed(0)
-    model = _head(parametrizations.spectral_norm(nn.Linear(5, 5)), 5)
-    _assert_exact(model, _losses(model, (N, 5)), preconditioned=False)
+    model = _head(parametrizations.spectral_norm(nn.Conv2d(3, rows, 3, padding=1)), rows * 9)
+    _assert_exact(model, _losses(model, (N, 3, 3, 3)), preconditioned=False)
+
+
+def test_a_weight_masked_by_a_buffer_of_the_batch_s_size_is_exact():
+    """A sparse layer written by hand, ``F.linear(x, self.weight * self.mask)``, with as many
+    output rows as examples: the mask is one of the model's buffers, no example's rows (refused
+    as rows that might be the examples' until 2026-12-06)."""
+
+    class Masked(nn.Linear):
+        def __init__(self) -> None:
+            super().__init__(5, N)
+            self.register_buffer("mask", (torch.rand(N, 5) > 0.4).double())
+
+        def forward(self, x):
+            return F.linear(x, self.weight * self.mask, self.bias)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.masked, self.head = Masked(), nn.Linear(N, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.masked(x)))
+
+    torch.manual_seed(0)
+    model = Net()
+    _assert_exact(model, _losses(model, (N, 5)))
 
 
 def test_a_scalar_parameter_used_directly_is_exact():
@@ -149,12 +223,51 @@ def test_the_tracker_trains_a_weight_normed_model():
     assert len(tracker.history) == 6 and not any(r["skipped"] for r in tracker.history)
 
 
-def test_the_old_weight_norm_hook_is_still_refused():
-    """nn.utils.weight_norm (deprecated) computes .weight in a forward pre-hook from weight_g and
-    weight_v, which the Linear's rule does not cover: refused, pointing at parametrizations."""
-    old = nn.utils.weight_norm(nn.Linear(3, 3))
-    with pytest.raises(UnsupportedModuleError, match=r"weight_g.*parametrizations"):
-        noisescale.GradientNoiseTracker(nn.Sequential(old))
+@pytest.mark.parametrize("case", list(OLD))
+def test_an_old_reparametrization_is_exact(case):
+    """torch.nn.utils.prune, the deprecated nn.utils.weight_norm and nn.utils.spectral_norm: the
+    weight computed in their pre-hook from the aliases of their parameters, followed to where it
+    meets the batch — each example's gradient of weight_orig is the mask times the weight's."""
+    torch.manual_seed(0)
+    model, shape = OLD[case]()
+    _assert_exact(model, _losses(model, shape), preconditioned="training" not in case)
+    # what the pre-hook left on the module after the forward is a plain tensor, not one of the
+    # engine's aliases (which would keep its pass)
+    for module in model.modules():
+        for value in vars(module).values():
+            assert not isinstance(value, SharedTensor)
+
+
+def test_the_tracker_trains_a_pruned_model_and_its_mask_holds():
+    """Six steps of the default tracker on a pruned and an old weight-normed layer: no warning,
+    every step measured, the pruned weights still zero, the originals updated."""
+    torch.manual_seed(0)
+    pruned = prune.l1_unstructured(nn.Linear(6, 6), "weight", amount=0.5)
+    model = nn.Sequential(
+        nn.utils.weight_norm(nn.Linear(5, 6)), nn.Tanh(), pruned, nn.Tanh(), nn.Linear(6, 3)
+    )
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)
+    before = pruned.weight_orig.detach().clone()
+    tracker = train_tracked(model, lambda: F.cross_entropy(model(x), y), lr=0.1)
+    assert not torch.equal(before, pruned.weight_orig)
+    model(x)
+    assert bool((pruned.weight[pruned.weight_mask == 0] == 0).all())
+    assert len(tracker.history) == 6 and not any(r["skipped"] for r in tracker.history)
+
+
+def test_a_pruned_weight_used_outside_its_layer_is_refused():
+    """A penalty on the pruned weight in the loss (the weight the pre-hook left on the module):
+    a use of weight_orig no per-example rule sees — refused by the audit, as any such use."""
+    torch.manual_seed(0)
+    layer = prune.l1_unstructured(nn.Linear(5, 5), "weight", amount=0.4)
+    model = _head(layer, 5)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, 5, generator=g), torch.randint(0, 3, (N,), generator=g)
+    with pytest.raises(UnsupportedModuleError, match="weight_orig"):
+        with noisescale.per_example_sqnorms(model):
+            out = model(x)
+            (F.cross_entropy(out, y) + 0.1 * layer.weight.pow(2).sum()).backward()
 
 
 transformers = pytest.importorskip("transformers")

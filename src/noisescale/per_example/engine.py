@@ -146,6 +146,7 @@ from noisescale.per_example.shared import (
     Origin,
     SharedTensor,
     Source,
+    _plain,
     per_example_reduce,
     per_example_state,
     view_relation,
@@ -349,6 +350,21 @@ def _square_expansion_in(
     return None
 
 
+def _old_reparametrized(module: nn.Module) -> bool:
+    """Whether an old reparametrization computes one of ``module``'s tensors from its
+    parameters in a forward pre-hook: ``torch.nn.utils.prune`` (``weight`` from ``weight_orig``
+    and the mask), the deprecated ``nn.utils.weight_norm`` (from ``weight_g`` and
+    ``weight_v``) or ``nn.utils.spectral_norm`` (from ``weight_orig``)."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return any(
+        isinstance(hook, BasePruningMethod | WeightNorm | SpectralNorm)
+        for hook in module._forward_pre_hooks.values()
+    )
+
+
 def _alias_of(held: Any, p: nn.Parameter) -> bool:
     """Whether ``held`` is one of the engine's aliases of parameter ``p`` (a scope hands them
     out for parameters used directly; a compiled forward's are opaque to this check)."""
@@ -503,6 +519,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # (scope module, holder module, name, pid): the holder's parameter is replaced by a
         # shared alias while the scope module's forward runs
         self._scopes: dict[nn.Module, list[tuple[nn.Module, str, int]]] = {}
+        # modules whose weight an old reparametrization's pre-hook computes (_build_plan)
+        self._old_reparametrized: set[nn.Module] = set()
+        self._weights_only: list[nn.Module] = []  # (_install_weights_only)
         self._mirrored: list[nn.Module] = []  # layers whose checkpoint function is wrapped
         # each scope's modules that may checkpoint their forward (_mirror_in_recompute)
         self._checkpointing_layers: dict[nn.Module, list[nn.Module]] = {}
@@ -706,7 +725,15 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             # originals, on module.parametrizations.<name> — are followed through the
             # parametrization's forward to where they meet the batch (wav2vec2's positional
             # convolution under weight_norm)
-            rule = None if parametrize.is_parametrized(module) else rule_for(module)
+            # The old reparametrizations — torch.nn.utils.prune, and the deprecated
+            # nn.utils.weight_norm and nn.utils.spectral_norm — compute .weight from their own
+            # parameters (weight_orig; weight_g and weight_v) in a forward pre-hook: followed
+            # the same way, the scope's aliases handed out before that hook runs (refused
+            # until 2026-12-06 as parameters the layer's rule does not cover)
+            old = _old_reparametrized(module)
+            if old:
+                self._old_reparametrized.add(module)
+            rule = None if parametrize.is_parametrized(module) or old else rule_for(module)
             own = {
                 n: p
                 for n, p in module._parameters.items()
@@ -735,10 +762,11 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             if extra:
                 raise UnsupportedModuleError(
                     f"module '{label}' ({type(module).__name__}) has parameters {extra} that its "
-                    f"layer rule does not cover (e.g. the old nn.utils.weight_norm's weight_g and "
-                    "weight_v, computed into .weight before each call); use "
-                    "torch.nn.utils.parametrizations, register a rule for the module "
-                    "(noisescale.register_layer), or per_example=False"
+                    "layer rule does not cover (a subclass of the layer that adds parameters, "
+                    "or a forward pre-hook that computes the layer's weight from them: "
+                    "torch.nn.utils.parametrize, prune and the old weight_norm and spectral_norm "
+                    "hooks are followed); register a rule for the module "
+                    "(noisescale.register_layer), or use per_example=False"
                 )
             if rule.check is not None:
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -886,10 +914,51 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 )
         for module in self._scopes:
             self._install_scope(module)
+        for module in self.model.modules():
+            if isinstance(module, parametrize.ParametrizationList):
+                self._install_weights_only(module, module)
+            elif module in self._old_reparametrized:
+                self._install_weights_only(module, None)
         self._prepare_compile()
         for pid, p in self._param.items():
             self._param_hook[pid] = p.register_hook(self._make_param_hook(pid))
             self._handles.append(self._param_hook[pid])
+
+    def _install_weights_only(self, module: nn.Module, body: nn.Module | None) -> None:
+        """Mark the computation of a weight from parameters alone — a parametrization's
+        forward (``body`` the ParametrizationList), or an old reparametrization's pre-hook
+        (``body`` None: from before the module's pre-hooks to after them) —: no tensor there
+        holds an example, whatever its leading size (:meth:`weights_only`). Spectral norm's
+        vectors u and v, computed without gradient and so without history, were taken for rows
+        of the batch when the weight had N output rows, and the layer refused (a discriminator
+        of 64 channels on batches of 64; 2026-12-06)."""
+
+        def enter(m: nn.Module, args: tuple) -> None:
+            self._weights_only.append(m)
+
+        def leave(m: nn.Module, *rest: Any) -> None:
+            # (also after a forward or a pre-hook that raised: always_call)
+            if m in self._weights_only:
+                self._weights_only.remove(m)
+
+        nothing = lambda *a: None  # noqa: E731 (compiled: not followed this way)
+        self._handles.append(
+            module.register_forward_pre_hook(self._hook(enter, nothing, owner=module), prepend=True)
+        )
+        if body is None:
+            self._handles.append(
+                module.register_forward_pre_hook(self._hook(leave, nothing, owner=module))
+            )
+        self._handles.append(
+            module.register_forward_hook(
+                self._hook(leave, nothing, owner=module, post=True), always_call=True
+            )
+        )
+
+    def weights_only(self) -> bool:
+        """Inside a parametrization's or an old reparametrization's computation of a weight
+        (:meth:`_install_weights_only`)."""
+        return bool(self._weights_only)
 
     def _push_context(self, dim: int) -> None:
         self._context.append(dim)
@@ -903,6 +972,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             module.register_forward_pre_hook(
                 self._hook(self._on_scope_enter, self._traced_scope_enter, owner=module),
                 with_kwargs=True,
+                # (before an old reparametrization's pre-hook, which computes the weight from
+                # the parameters it reads: from their aliases then)
+                prepend=module in self._old_reparametrized,
             )
         )
         self._handles.append(
@@ -1608,6 +1680,12 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             stack = self._swapped.get((id(holder), name))
             if stack:
                 holder._parameters[name] = stack.pop()  # type: ignore[assignment]
+        if module in self._old_reparametrized:
+            # the weight the old pre-hook computed from the aliases stays on the module as a
+            # plain attribute: the same values and history, without the pass it came from
+            for name, value in list(vars(module).items()):
+                if isinstance(value, SharedTensor):
+                    setattr(module, name, _plain(value))
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         replaced = self._on_layer_output(module, args, kwargs, output)
@@ -2081,6 +2159,12 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             return True
         pass_.unread_picks += [(label, how, flag) for how, flag in unread]
         return False
+
+    def is_model_buffer(self, pass_: PassNorms, x: Tensor) -> bool:
+        """Whether ``x`` is one of the model's buffers or a view of one, not expanded over
+        the examples (:meth:`_is_buffer`): it holds no example (a shared operation's operand,
+        :func:`~noisescale.per_example.shared._dispatch`)."""
+        return self._is_buffer(pass_, x)
 
     def _is_buffer(self, pass_: PassNorms, x: Tensor) -> bool:
         """Is ``x`` (a layer's input) one of the model's buffers, or a view of one? Its leading

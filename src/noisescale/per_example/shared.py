@@ -242,7 +242,12 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
         with torch._C.DisableTorchFunctionSubclass():
             return _rewrap(func(*args, **kwargs), origin)
     n, dim = pass_.batch_size, engine.batch_dim()
-    batched = [t for t in flat if _batched(t, n, dim)]
+    batched = [] if engine.weights_only() else [t for t in flat if _batched(t, n, dim)]
+    if batched and any(t.grad_fn is None and not t.requires_grad for t in batched):
+        # one of the model's buffers holds no example, whatever its leading size: prune's mask
+        # on a weight of N output rows (weight_orig * weight_mask) was refused as rows that
+        # might be the examples' (2026-12-06)
+        batched = [t for t in batched if not engine.is_model_buffer(pass_, t)]
     if batched and _name(func) in _GROUPED_NAMES:
         # a grouped product's offsets have one entry per group (an expert): with as many
         # experts as examples they are not the examples' (OLMoE at N = 8 experts was refused
