@@ -2015,3 +2015,57 @@ def test_which_numeric_factors_keep_a_plain_sum_refused_under_mean(form, refused
             run()
     else:
         assert len(run()) == 2
+
+
+@pytest.mark.parametrize("logged", ["with grad", "no_grad", "item", "whitened advantages"])
+def test_a_counted_mean_only_logged_beside_the_loss_does_not_refuse_it(logged):
+    """(A hunt, 2026-12-06.) A PPO step's loss, a per-sequence masked mean then the mean over
+    the sequences (a mean over the examples, declared so), beside a statistic computed from the
+    same outputs as a masked mean over all tokens — the approximate KL TRL and verl log every
+    step, with gradients on or not, or advantages whitened over the mask without gradient — was
+    refused as "averaged over what it counts": the pass was flagged where the statistic was
+    computed. The flag now rides on what is computed from it, read at the backward's root:
+    exact. A backward from the counted mean itself is still refused."""
+    n, t = N, 6
+    model = mlp()
+    x, _ = data()
+    g = torch.Generator().manual_seed(3)
+    mask = (torch.rand(n, t, generator=g) > 0.3).double()
+    mask[:, 0] = 1
+    adv = torch.randn(n, t, generator=g)
+
+    def masked_mean(v, m, dim=None):
+        return (v * m).sum() / m.sum() if dim is None else (v * m).sum(dim) / m.sum(dim)
+
+    def step(out):
+        lp = out.log_softmax(-1)[:, :1].expand(n, t) * torch.linspace(1, 2, t)
+        if logged == "whitened advantages":
+            with torch.no_grad():
+                a = (adv - masked_mean(adv * lp, mask)) / 2.0
+        else:
+            a = adv
+        loss = masked_mean(-a * lp, mask, 1).mean()
+        kl = masked_mean(0.5 * lp**2, mask)
+        if logged == "no_grad":
+            with torch.no_grad():
+                kl = masked_mean(0.5 * lp**2, mask)
+        elif logged == "item":
+            kl = kl.item()
+        return loss, kl
+
+    with noisescale.per_example_sqnorms(model) as pe:
+        step(model(x))[0].backward()
+    params = list(model.parameters())
+    full = step(model(x))[0]
+    want = []
+    for i in range(n):
+        with torch.no_grad():
+            rest = model(x)
+        rows = torch.cat([rest[:i], model(x[i : i + 1]), rest[i + 1 :]])
+        want.append(grad_sqnorm(step(rows)[0] - full.detach(), params) * n**2)
+    torch.testing.assert_close(pe.sqnorms, torch.stack(want), rtol=1e-9, atol=0)
+    model.zero_grad()
+    with pytest.raises(noisescale.NoiseScaleInputError, match="averaged over what it counts"):
+        with noisescale.per_example_sqnorms(model):
+            out = model(x)
+            masked_mean(-adv * out.log_softmax(-1)[:, :1].expand(n, t), mask).backward()

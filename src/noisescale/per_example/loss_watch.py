@@ -567,6 +567,9 @@ class LossWatch:
         # tensors computed from a cross-entropy / NLL with differing class weights averaged over
         # them (a device bool each): a backward from one is refused by the tracker
         self.weighted = WeakTensorKeyDictionary()
+        # tensors computed from a mean over what it counts (_mark_counted_mean): {(id of a
+        # pass, inside the forward): a device bool}, read at the backward from them
+        self.counted = WeakTensorKeyDictionary()
         # 0-dim tensors requiring grad that a module of the model returned (a loss computed
         # inside it, not followed), and what is computed from them: the module's class
         self.child_losses = WeakTensorKeyDictionary()
@@ -620,6 +623,8 @@ class LossWatch:
             if final and isinstance(root, Tensor) and root in self.child_losses:
                 for pass_ in self.passes:
                     pass_.child_loss = self.child_losses[root]
+            if isinstance(root, Tensor):
+                self._apply_marks(root)
             if final and isinstance(root, Tensor) and root in self.weighted:
                 flag = self.weighted[root]
                 for pass_ in self.passes:
@@ -712,6 +717,11 @@ class LossWatch:
         ):
             scaled = False
         inside = self.forward_pass is not None
+        marks = [self.counted[t] for t, _ in known if t in self.counted]
+        if marks:
+            for t in outs:
+                for mark in marks:
+                    self._add_marks(t, mark)
         flags = [self.weighted[t] for t, _ in known if t in self.weighted]
         if flags:
             weighted = flags[0]
@@ -743,11 +753,11 @@ class LossWatch:
         # loss_function; until 2026-12-06 not flagged there, and returned N² × each share,
         # up to 12× off, a hunt. The tracker does not read the flag.)
         if _name(func) in ("nll_loss_forward", "nll_loss2d_forward"):
-            self._note_counted_mean(func, args, kwargs, known, inside)
+            self._note_counted_mean(func, args, kwargs, known, outs, inside)
         elif _name(func) in ("div", "true_divide"):
-            self._note_divided_sum(args, known, inside)
+            self._note_divided_sum(args, known, outs, inside)
         if name in _MEANS:
-            self._note_uneven_mean(func, name, args, kwargs, known, inside)
+            self._note_uneven_mean(func, name, args, kwargs, known, outs, inside)
         target = args[0] if args and isinstance(args[0], Tensor) else None
         if (
             target is not None
@@ -846,7 +856,7 @@ class LossWatch:
         return kept, layout.factored  # (label smoothing's 1 − ε and ε/C, KD's T², 1/k)
 
     def _note_counted_mean(
-        self, func: Any, args: tuple, kwargs: dict, known: list, inside: bool = False
+        self, func: Any, args: tuple, kwargs: dict, known: list, outs: list, inside: bool = False
     ) -> None:
         """A negative log-likelihood averaged over its targets (``reduction='mean'``) divides
         by the weight of the targets it counts — those not ``ignore_index``, each times its
@@ -864,10 +874,17 @@ class LossWatch:
         flag = (target == named.get("ignore_index", -100)).any()
         if isinstance(weight, Tensor):
             flag = flag | (weight != 1).any()
-        self._mark_counted_mean({layout.owner}, lambda pass_: flag, inside)
+        self._mark_counted_mean({layout.owner}, lambda pass_: flag, outs, inside)
 
     def _note_uneven_mean(
-        self, func: Any, name: str, args: tuple, kwargs: dict, known: list, inside: bool
+        self,
+        func: Any,
+        name: str,
+        args: tuple,
+        kwargs: dict,
+        known: list,
+        outs: list,
+        inside: bool,
     ) -> None:
         """A mean (``.mean()``, a loss's ``reduction='mean'``) over rows picked from the
         examples' — ``o[mask]``, a masked image model's ``pred[mask]``, ``o[:k]``,
@@ -900,7 +917,7 @@ class LossWatch:
             counts = torch.zeros(layout.n, dtype=torch.long, device=ids.device)
             counts.index_add_(0, ids.clamp(0, layout.n - 1), torch.ones_like(ids))
             flag = (counts != counts[0]).any() | (ids < 0).any()
-        self._mark_counted_mean({layout.owner}, lambda pass_: flag, inside)
+        self._mark_counted_mean({layout.owner}, lambda pass_: flag, outs, inside)
 
     def _note_class_weights(self, func: Any, args: tuple, kwargs: dict, outs: list) -> None:
         """A cross-entropy / NLL averaged over class weights that differ (uniform ones, 1/C,
@@ -914,7 +931,7 @@ class LossWatch:
         for out in outs:
             self.weighted[out] = weight.amin() != weight.amax()
 
-    def _note_divided_sum(self, args: tuple, known: list, inside: bool = False) -> None:
+    def _note_divided_sum(self, args: tuple, known: list, outs: list, inside: bool = False) -> None:
         """A sum (or mean) over the examples divided by a tensor computed from the data — a
         mask's sum, ``(ℓ·m).sum() / m.sum()`` — is a mean over what it counts unless that is
         the number of examples: flagged as :meth:`_note_counted_mean` does."""
@@ -934,17 +951,48 @@ class LossWatch:
                 counted = counted & (divisor != count)
             return counted.reshape(())
 
-        self._mark_counted_mean(known[0][1].owners, flag, inside)
+        self._mark_counted_mean(known[0][1].owners, flag, outs, inside)
 
-    def _mark_counted_mean(self, owners: Any, flag_of: Any, inside: bool = False) -> None:
-        """OR ``flag_of(pass)`` (a device bool) into :attr:`PassNorms.counted_mean` of the
-        watched passes among ``owners`` (their ids) — :attr:`PassNorms.counted_inside` for one
-        inside the model's forward (a Hugging Face model's labels= loss: the token watcher's
-        counts decide there)."""
-        name = "counted_inside" if inside else "counted_mean"
+    def _mark_counted_mean(
+        self, owners: Any, flag_of: Any, outs: list, inside: bool = False
+    ) -> None:
+        """Mark ``outs`` with ``flag_of(pass)`` (a device bool) for the watched passes among
+        ``owners`` (their ids): a backward from a tensor computed from them ORs it into
+        :attr:`PassNorms.counted_mean` — :attr:`PassNorms.counted_inside` for one inside the
+        model's forward (a Hugging Face model's labels= loss: the token watcher's counts decide
+        there) — at :meth:`backward`. Until 2026-12-06 the pass was flagged where the mean was
+        computed, and a statistic only logged beside the loss (PPO's approximate KL as a masked
+        mean, advantages whitened over a mask without gradient) refused a loss that was a mean
+        over the examples, naming the statistic's divisor (a hunt)."""
+        marks = {}
         for pass_ in self.passes:
             if id(pass_) in owners:
-                flag = flag_of(pass_)
+                marks[(id(pass_), inside)] = flag_of(pass_)
+        if marks:
+            for t in outs:
+                self._add_marks(t, marks)
+
+    def _add_marks(self, t: Tensor, marks: dict) -> None:
+        held = self.counted.get(t)
+        if held is None:
+            self.counted[t] = dict(marks)
+            return
+        for key, flag in marks.items():
+            previous = held.get(key)
+            held[key] = flag if previous is None or previous is flag else previous | flag
+
+    def _apply_marks(self, root: Tensor) -> None:
+        """OR the counted-mean marks ``root`` carries into its passes
+        (:meth:`_mark_counted_mean`)."""
+        marks = self.counted.get(root)
+        if not marks:
+            return
+        for pass_ in self.passes:
+            for inside in (False, True):
+                flag = marks.get((id(pass_), inside))
+                if flag is None:
+                    continue
+                name = "counted_inside" if inside else "counted_mean"
                 previous = getattr(pass_, name)
                 setattr(pass_, name, flag if previous is None else previous | flag)
 
