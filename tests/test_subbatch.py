@@ -820,6 +820,142 @@ def test_a_hook_registered_before_the_tracker_that_changes_a_layer_s_output(laye
         engine.remove()
 
 
+class _Alpha:
+    """A factor the loop changes between steps (a fade-in, a scheduled branch scale)."""
+
+    value = 1.0
+
+
+def _scale_before(layer, alpha):
+    layer.register_forward_hook(lambda m, a, out: out * alpha.value)  # (before the tracker)
+
+
+def _scale_in_place_before(layer, alpha):
+    layer.register_forward_hook(lambda m, a, out: out.mul_(alpha.value))
+
+
+def _scale_prepended(layer, alpha):
+    return lambda: layer.register_forward_hook(lambda m, a, out: out * alpha.value, prepend=True)
+
+
+def _scale_patched(layer, alpha):
+    forward = layer.forward
+
+    def patch():
+        layer.forward = lambda x: forward(x) * alpha.value
+
+    return patch
+
+
+def _scale_global(layer, alpha):
+    def install():
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, a, out: out * alpha.value if m is layer else None
+        )
+        _GLOBAL_HANDLES.append(handle)
+
+    return install
+
+
+_GLOBAL_HANDLES: list = []
+_CHANGING = {
+    "a hook registered before the tracker": _scale_before,
+    "the same, in place": _scale_in_place_before,
+    "a hook prepended after the tracker": _scale_prepended,
+    "a patched forward": _scale_patched,
+    "a global forward hook": _scale_global,
+}
+
+
+@pytest.mark.parametrize("k", [None, 2])
+@pytest.mark.parametrize("form", list(_CHANGING))
+def test_a_layer_s_output_scaled_on_its_way_by_a_factor_that_changes_later_is_refused(form, k):
+    """(A hunt, 2026-12-06.) A hook or a patched forward between a layer and the engine's hooks
+    whose factor is 1 while the audit checks (steps 1, 2, 4) and changes on a step it does not
+    — a fade-in, a scheduled scale — made the layer's rule read the scaled output's gradient:
+    every example's norm off by the factor's square (11–24% for 1.5, |G|² up to 2×) from that
+    step until the next audit, without a word. A pass in which such a layer's output changed
+    on its way is audited now: the step where the factor changes is refused, naming it; the
+    steps before are exact."""
+    torch.manual_seed(0)
+    n = 6
+    x = torch.randn(n, 3, 5, generator=torch.Generator().manual_seed(1))
+    model = nn.Sequential(
+        nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 4), nn.Flatten(), nn.Linear(12, 2)
+    )
+    alpha = _Alpha()
+    later = _CHANGING[form](model[2], alpha)
+    engine = PerExampleNorms(model, **({} if k is None else {"subbatches": k}))
+    engine.RECHECK_SUBBATCHES = 1
+    if later is not None:
+        later()
+
+    def losses():
+        return model(x).pow(2).sum(1)
+
+    try:
+        for step in range(1, 7):
+            alpha.value = 1.0 if step < 6 else 1.5
+            model.zero_grad()
+            losses().mean().backward()
+            if step == 6:
+                with pytest.raises(
+                    UnsupportedModuleError, match="reached noisescale's hooks changed"
+                ):
+                    engine.collect()
+                return
+            (p,) = engine.collect()
+            assert p.audited  # (every step: step 3 and 5 are not on the schedule)
+            if p.raw_sqnorms is None:
+                continue  # (withheld)
+            with engine.paused():
+                if k is None:
+                    want = example_sqnorms(model, lambda i: losses()[i].mean() / n, n)
+                else:
+                    want = subbatch_truth(model, lambda i: losses()[i], n, p.subbatches)
+            torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
+    finally:
+        engine.remove()
+        while _GLOBAL_HANDLES:
+            _GLOBAL_HANDLES.pop().remove()
+        model[2].forward = types.MethodType(nn.Linear.forward, model[2])
+
+
+@pytest.mark.parametrize("hook", ["reads", "adds"])
+def test_a_hook_before_the_tracker_that_only_reads_costs_no_audit(hook):
+    """A forward hook registered before the tracker that only reads the output (capturing
+    features for a log) leaves the audit on its schedule: step 3 is not audited. One that adds
+    a constant (a steering vector) changes the output: audited at every step, and exact."""
+    torch.manual_seed(0)
+    n = 6
+    x = torch.randn(n, 3, 5, generator=torch.Generator().manual_seed(1))
+    model = nn.Sequential(
+        nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 4), nn.Flatten(), nn.Linear(12, 2)
+    )
+    seen = []
+    if hook == "reads":
+        model[2].register_forward_hook(lambda m, a, out: seen.append(out.detach().sum()))
+    else:
+        model[2].register_forward_hook(lambda m, a, out: out + 0.3)
+    engine = PerExampleNorms(model, subbatches=2)
+    engine.RECHECK_SUBBATCHES = 1
+
+    def losses():
+        return model(x).pow(2).sum(1)
+
+    try:
+        for step in range(1, 4):
+            model.zero_grad()
+            losses().mean().backward()
+            (p,) = engine.collect()
+            assert p.audited == (hook == "adds" or step != 3)
+            with engine.paused():
+                want = subbatch_truth(model, lambda i: losses()[i], n, p.subbatches)
+            torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
+    finally:
+        engine.remove()
+
+
 def _between_prepended(model):
     model[2].register_forward_hook(lambda module, args, out: out * 2, prepend=True)
     return lambda: None
@@ -896,7 +1032,12 @@ def test_nothing_runs_between_a_product_layer_and_the_engine_s_hooks(change):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (step 1 may learn a direct use)
             loss_of(model).backward()
-            tracker.step()
+            try:
+                tracker.step()
+            except UnsupportedModuleError as err:
+                # (the output changed on its way: refused by the audit of the step since
+                # 2026-12-06 — every such step is audited)
+                assert "reached noisescale's hooks changed" in str(err)
     finally:
         undo()
         tracker.remove()

@@ -365,6 +365,15 @@ def _old_reparametrized(module: nn.Module) -> bool:
     )
 
 
+def _device_hook_only(module: nn.Module) -> bool:
+    """Whether the instance's own ``forward`` is accelerate's wrapper for an
+    ``AlignDevicesHook`` alone (``device_map`` dispatch): it moves inputs and outputs between
+    devices, which changes no gradient."""
+    hooks = sys.modules.get("accelerate.hooks")
+    hook = getattr(module, "_hf_hook", None)
+    return hooks is not None and type(hook) is getattr(hooks, "AlignDevicesHook", None)
+
+
 def _alias_of(held: Any, p: nn.Parameter) -> bool:
     """Whether ``held`` is one of the engine's aliases of parameter ``p`` (a scope hands them
     out for parameters used directly; a compiled forward's are opaque to this check)."""
@@ -522,6 +531,12 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # modules whose weight an old reparametrization's pre-hook computes (_build_plan)
         self._old_reparametrized: set[nn.Module] = set()
         self._weights_only: list[nn.Module] = []  # (_install_weights_only)
+        # each rule layer's forward hook, the hooks that keep a layer's own output where a
+        # user's forward hook runs before that one, and that output (_changed_on_the_way)
+        self._forward_ids: dict[nn.Module, int] = {}
+        self._capture_ids: dict[nn.Module, int] = {}
+        self._captured: dict[nn.Module, list] = {}
+        self._own_hook_ids: frozenset = frozenset()
         self._mirrored: list[nn.Module] = []  # layers whose checkpoint function is wrapped
         # each scope's modules that may checkpoint their forward (_mirror_in_recompute)
         self._checkpointing_layers: dict[nn.Module, list[nn.Module]] = {}
@@ -883,6 +898,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 with_kwargs=True,
             )
             self._handles.append(forward)
+            self._forward_ids[module] = forward.id
             if self.subbatches and _by_products(module, self._calls[module][0]):
                 enter = module.register_forward_pre_hook(
                     self._hook(self._on_weight_enter, self._traced_weight_enter, owner=module)
@@ -914,6 +930,20 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 )
         for module in self._scopes:
             self._install_scope(module)
+        own = {h.id for h in self._handles}
+        for module, forward_id in self._forward_ids.items():
+            # a forward hook the user registered before the tracker runs before the engine's:
+            # the layer's own output is kept for the engine's hook to compare (_changed_on_the_way)
+            if next(k for k in module._forward_hooks if k == forward_id or k not in own) != (
+                forward_id
+            ):
+                capture = module.register_forward_hook(
+                    self._hook(self._capture_output, lambda m, a, o: None, owner=module, post=True),
+                    prepend=True,
+                )
+                self._handles.append(capture)
+                self._capture_ids[module] = capture.id
+        self._own_hook_ids = frozenset(h.id for h in self._handles)
         for module in self.model.modules():
             if isinstance(module, parametrize.ParametrizationList):
                 self._install_weights_only(module, module)
@@ -1741,6 +1771,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         rule, label, params = self._calls[module]
         pass_ = self._hook_pass()
         self._check_held(module, pass_)
+        between = self._changed_on_the_way(module, output)
+        if between is not None and not (self._recomputing or self._replaying):
+            pass_.between.setdefault(label, between)
         if not pass_.amp:
             # autocast entered inside the model's forward (accelerate wraps ``model.forward``,
             # so the model's own hooks run outside it) still loosens the audit
@@ -2100,6 +2133,44 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             "h0.expand(-1, N, -1)), or make it with one repeat over layers and examples "
             "together (h0.repeat(num_layers·directions, N, 1)): both are measured exactly"
         )
+
+    def _capture_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """The layer's own output, before the user's forward hooks run
+        (:meth:`_changed_on_the_way`)."""
+        if self._active():
+            self._captured[module] = [(t, t.grad_fn) for t in _tensors(output)]
+
+    def _changed_on_the_way(self, module: nn.Module, output: Any) -> str | None:
+        """What may have changed a rule layer's output before the engine's forward hook got it
+        — whose rule then reads the gradient of the changed output as the layer's (``out *
+        alpha``: every example's gradient off by alpha) —, or ``None``: a patched
+        ``forward`` of the instance (but accelerate's device hooks), a global forward hook, a
+        forward hook the user registered before the tracker (or prepended after it) that
+        replaced the output or changed it in place. Such a pass is audited (:meth:`_audit_wanted`:
+        on the audit's schedule alone, a factor that was 1 when audited and changed later —
+        a fade-in, a scheduled branch scale — was measured 11–24% off without a word until
+        2026-12-06, a hunt); a hook that only reads costs nothing."""
+        captured = self._captured.pop(module, None)
+        if "forward" in module.__dict__ and not _device_hook_only(module):
+            return "its forward replaced on the instance (module.forward = ...)"
+        if _global_forward_hooks:
+            return "a global forward hook (register_module_forward_hook)"
+        forward_id = self._forward_ids.get(module)
+        for key in module._forward_hooks:
+            if key == forward_id:
+                return None
+            if key == self._capture_ids.get(module):
+                now = [(t, t.grad_fn) for t in _tensors(output)]
+                if (
+                    captured is not None
+                    and len(now) == len(captured)
+                    and all(a is c and g is h for (a, g), (c, h) in zip(now, captured, strict=True))
+                ):
+                    return None
+                return "a forward hook registered before the tracker that changed its output"
+            if key not in self._own_hook_ids:
+                return "a forward hook that runs before noisescale's (prepend=True)"
+        return None
 
     def _nothing_between(self, module: nn.Module) -> bool:
         """Whether the layer's own product reaches the engine's forward hook as it computed it,

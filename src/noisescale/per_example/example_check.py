@@ -33,6 +33,8 @@ class ExampleCheck:
             self._audit_due
             or signature not in self._audited_signatures
             or (pass_.nodes is not None and (signature, pass_.nodes) not in self._audited_nodes)
+            # (a layer's output changed on its way to the engine's hook: engine._changed_on_the_way)
+            or bool(pass_.between)
         )
         if pass_.compiled and (
             due

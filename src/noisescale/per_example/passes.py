@@ -188,6 +188,10 @@ class PassNorms:
     # a layer ran under selective activation checkpointing (one backward through its region:
     # the audit does not replay it)
     selective: bool = False
+    # layers whose output reached the engine's forward hook through something that may have
+    # changed it (a forward hook registered before the tracker, a patched forward, a global
+    # hook): their label and what came between. Such a pass is audited (engine._changed_on_the_way)
+    between: dict = field(default_factory=dict)
     # merged passes (one backward through several forwards): every audit among them — each
     # forward's structure is recorded as audited — and whether some were audited, others not
     audits: list = field(default_factory=list)

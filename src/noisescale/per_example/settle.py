@@ -149,6 +149,10 @@ class Settle:
                 "step is audited",
             )
             return
+        if (not findings.ok or missing) and pass_.between:
+            raise UnsupportedModuleError(
+                _between_message(pass_.between, self._audit_message(findings))
+            )
         if findings.wrong_rules:
             raise UnsupportedModuleError(self._audit_message(findings))
         if findings.unpermuted:
@@ -791,4 +795,19 @@ def _custom_function_message(through: dict[str, str], missing: list[str]) -> str
         "its gradient to w is the identity's); otherwise register a rule for the module that "
         "applies the Function (noisescale.register_layer), or use per_example=False"
         + (f". Also not followed: {others}" if others else "")
+    )
+
+
+def _between_message(between: dict, found: str) -> str:
+    """The refusal of a pass whose audit failed while a layer's output reached the engine's
+    forward hook through something that may have changed it (engine._changed_on_the_way)."""
+    layers = "; ".join(f"'{label}' ({what})" for label, what in list(between.items())[:4])
+    return (
+        f"the output of layer(s) {layers} reached noisescale's hooks changed, and this step's "
+        "audit found that the per-example gradients do not add up: noisescale reads such a "
+        "layer's output gradient after what changed it, so a hook that scales the output "
+        "(out * alpha) is measured wrong. Register forward hooks that change a layer's output "
+        "after creating the tracker (they then run after noisescale's, and are measured "
+        "exactly), put the change in the model's own forward, or use per_example=False. What "
+        f"noisescale found: {found}"
     )
