@@ -193,3 +193,81 @@ def test_hooks_after_accumulation_that_only_read_change_nothing(kw):
         return [(r["g2"], r["trace_sigma"]) for r in tracker.history]
 
     assert run(True) == run(False)
+
+
+class _Seq(nn.Module):
+    """Linear layers on sequences: the default measures them by sub-batch products."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))).mean(1))
+
+
+@pytest.mark.parametrize("kw", MODES)
+@pytest.mark.parametrize("step_in", ["optimizer, grad set to None", "p.data updated in place"])
+def test_an_optimizer_stepped_inside_the_backward_never_changes_the_gradients(kw, step_in):
+    """torch's "optimizer in backward" recipe: a post-accumulate hook per parameter steps its
+    optimizer. In the default mode the sub-batch products hand a weight its gradient from above
+    the layer, so the hook ran — and changed the weight — before the layer's input gradient was
+    computed from it: torch's in-place error inside loss.backward(), or, with ``p.data``
+    updated, the lower layers' ``.grad`` 1% off a plain model's and a refusal naming rows of
+    the wrong examples (a hunt, 2026-12-06). Such a layer is measured by its rule now: the
+    first form is refused naming the hook, in every mode; the second, which leaves ``.grad``,
+    gives a plain model's gradients and exact per-example norms."""
+    x = torch.randn(8, 32, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.arange(8) % 3
+
+    def build(hooked: bool) -> nn.Module:
+        model = _Seq().double()
+        if hooked:
+            opts = {p: torch.optim.SGD([p], lr=0.05) for p in model.parameters()}
+
+            def hook(p: nn.Parameter) -> None:
+                if step_in.startswith("optimizer"):
+                    opts[p].step()
+                    opts[p].zero_grad()
+                else:
+                    p.data.add_(p.grad, alpha=-0.5)
+
+            for p in model.parameters():
+                p.register_post_accumulate_grad_hook(hook)
+        return model
+
+    plain = build(False)
+    F.cross_entropy(plain(x), y).backward()
+    model = build(True)
+    if step_in.startswith("optimizer"):
+        tracker = noisescale.GradientNoiseTracker(model, **kw)
+        with pytest.raises(UnsupportedModuleError, match=r"^a hook run after the accumulation of"):
+            F.cross_entropy(model(x), y).backward()
+            tracker.step()
+        return
+    with noisescale.per_example_sqnorms(model) as pe:
+        F.cross_entropy(model(x), y).backward()
+    for a, b in zip(plain.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-15)
+    reference = build(False)
+    params = list(reference.parameters())
+    want = torch.stack(
+        [
+            sum(
+                g.pow(2).sum()
+                for g in torch.autograd.grad(
+                    F.cross_entropy(reference(x[i : i + 1]), y[i : i + 1]), params
+                )
+            )
+            for i in range(8)
+        ]
+    )
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+    model = build(True)
+    tracker = noisescale.GradientNoiseTracker(model, **kw)
+    for _ in range(3):
+        F.cross_entropy(model(x), y).backward()
+        tracker.step()
+        model.zero_grad()
+    assert not any(r["skipped"] for r in tracker.history)

@@ -365,6 +365,16 @@ def _old_reparametrized(module: nn.Module) -> bool:
     )
 
 
+def _accumulation_hooked(module: nn.Module) -> bool:
+    """Whether the module's weight or bias has hooks run after its gradient's accumulation
+    (``register_post_accumulate_grad_hook``)."""
+    for name in ("weight", "bias"):
+        p = module._parameters.get(name)
+        if p is not None and getattr(p, "_post_accumulate_grad_hooks", None):
+            return True
+    return False
+
+
 def _device_hook_only(module: nn.Module) -> bool:
     """Whether the instance's own ``forward`` is accelerate's wrapper for an
     ``AlignDevicesHook`` alone (``device_map`` dispatch): it moves inputs and outputs between
@@ -1976,6 +1986,12 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             pass_.subbatches is not None
             and weight is not None
             and self._nothing_between(module)
+            # (a hook after the weight's or bias's accumulation — an optimizer stepped inside
+            # the backward — would run before the layer's input gradient is computed from the
+            # weight, which the products hand autograd from above the layer: torch's in-place
+            # error, or with p.data updated the lower layers' .grad 1% off a plain model's,
+            # until 2026-12-06, a hunt)
+            and not _accumulation_hooked(module)
             and weight.requires_grad
             and not isinstance(weight, SharedTensor)
             and (
