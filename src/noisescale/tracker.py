@@ -1732,7 +1732,8 @@ class GradientNoiseTracker:
         examples' norms were measured inside that backward, so a clipped or rescaled ``.grad``
         no longer matches them and the estimate would be wrong without a word
         (:meth:`~noisescale.per_example.PerExampleNorms.changed_grads`: every step by version
-        counters; on audited steps by value too, which sees ``.grad.data`` and an ``unscale_``
+        counters; on audited steps — every step on the CPU — by value too, which sees
+        ``.grad.data`` and an ``unscale_``
         the tracker was not told of). ``unscaled_by``: the loss scale a GradScaler's
         ``unscale_`` divided ``.grad`` by, else ``None``; ``scale``: the loss scale in the
         backward's gradients. With ``process_group=`` on a plain model its user averages
