@@ -242,9 +242,14 @@ def test_an_optimizer_stepped_inside_the_backward_never_changes_the_gradients(kw
     model = build(True)
     if step_in.startswith("optimizer"):
         tracker = noisescale.GradientNoiseTracker(model, **kw)
-        with pytest.raises(UnsupportedModuleError, match=r"^a hook run after the accumulation of"):
-            F.cross_entropy(model(x), y).backward()
-            tracker.step()
+        try:
+            with pytest.raises(
+                UnsupportedModuleError, match=r"^a hook run after the accumulation of"
+            ):
+                F.cross_entropy(model(x), y).backward()
+                tracker.step()
+        finally:
+            tracker.remove()
         return
     with noisescale.per_example_sqnorms(model) as pe:
         F.cross_entropy(model(x), y).backward()
@@ -266,8 +271,11 @@ def test_an_optimizer_stepped_inside_the_backward_never_changes_the_gradients(kw
     torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
     model = build(True)
     tracker = noisescale.GradientNoiseTracker(model, **kw)
-    for _ in range(3):
-        F.cross_entropy(model(x), y).backward()
-        tracker.step()
-        model.zero_grad()
+    try:
+        for _ in range(3):
+            F.cross_entropy(model(x), y).backward()
+            tracker.step()
+            model.zero_grad()
+    finally:
+        tracker.remove()
     assert not any(r["skipped"] for r in tracker.history)

@@ -26,8 +26,10 @@ SYNCING = {
 }  # fmt: skip
 
 
-# Host-side by design: the subset's pass position comes from a CPU generator, whatever the device.
-HOST_ONLY = {"_draw_subset_position"}
+# Host-side by design: the subset's pass position comes from a CPU generator, whatever the
+# device; gradients held in host memory are compared by value at every step (on an accelerator
+# only on the audited steps, which read back anyway: GradWatch._mark_grads).
+HOST_ONLY = {"_draw_subset_position", "_differs_on_host"}
 
 
 class CountSyncs(TorchFunctionMode):

@@ -2185,7 +2185,11 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                     return None
                 return "a forward hook registered before the tracker that changed its output"
             if key not in self._own_hook_ids:
-                return "a forward hook that runs before noisescale's (prepend=True)"
+                # (the engine's hooks added since — a layer learned for the fallback —: known
+                # once the set is read again)
+                self._own_hook_ids = frozenset(h.id for h in self._handles)
+                if key not in self._own_hook_ids:
+                    return "a forward hook that runs before noisescale's (prepend=True)"
         return None
 
     def _nothing_between(self, module: nn.Module) -> bool:

@@ -180,9 +180,12 @@ class GradWatch:
         noted = torch.stack([a.to(pairs[0][1].device) for _, a, _ in pairs])
         after = torch.stack([b.to(noted.device) for _, _, b in pairs])
 
+        on_host = self._grads_on_host()
+
         def differs(before: Tensor) -> list[bool]:
             # (nan and inf — a step a GradScaler will skip — compare as unchanged)
-            return ((after - before).abs() > 1e-5 * torch.maximum(after, before)).tolist()
+            over = (after - before).abs() > 1e-5 * torch.maximum(after, before)
+            return _differs_on_host(over) if on_host else over.tolist()
 
         changed = differs(noted / unscaled_by**2)
         kept = differs(noted) if unscaled_by != 1.0 and any(changed) else None
@@ -267,3 +270,9 @@ class GradWatch:
             seen[0] is not grad or seen[1] != (-1 if grad is None else grad._version)
         ):
             self._hook_changed.append((pid, post))
+
+
+def _differs_on_host(over: Tensor) -> list[bool]:
+    """Read the comparison of gradients held in host memory, where it waits for no device
+    (every step there: :meth:`GradWatch._mark_grads`)."""
+    return over.tolist()
