@@ -1213,6 +1213,54 @@ def test_a_models_token_loss_as_one_term_is_measured_over_the_examples(lm, alpha
         run(False, loss_reduction="token_mean")
 
 
+@pytest.mark.parametrize("counts", ["equal", "unequal", "some without labels"])
+def test_a_models_token_loss_as_one_term_in_a_one_shot_measurement(lm, counts):
+    """The same ``term(out.logits) + α·out.loss`` measured by ``per_example_sqnorms``: its
+    norms were divided by the square of each example's weight in the model's loss alone — 1/α²
+    off (×4 at α = 0.5), up to ×13 with padding, 0 for an example without labels, without a
+    word (a hunt, 2026-12-06). With every example counting as many tokens the model's loss is a
+    mean over the examples of each one's token mean: each example's own loss, exact; with
+    different counts each weighs by its count in that term, refused naming it."""
+    model, ids = lm["model"], lm["ids"][:4, :10]
+    alpha, n = 0.5, 4
+    labels = ids.clone()
+    labels[:, :3] = -100
+    if counts == "unequal":
+        labels[1, 6:] = -100
+    elif counts == "some without labels":
+        labels[2] = -100
+    adv = torch.randn(n, 9, generator=torch.Generator().manual_seed(3))
+
+    def loss(rows=None):
+        out = model(ids, labels=labels)
+        logits, nll = out.logits, out.loss
+        if rows is not None:  # only example `rows` keeps its gradient
+            keep = (torch.arange(n) == rows)[:, None, None]
+            logits = torch.where(keep, logits, logits.detach())
+            ce = F.cross_entropy(
+                logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), reduction="sum"
+            )
+            nll = ce / (labels[:, 1:] != -100).sum()
+        lp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+        return (-adv * lp).mean(1).mean() + alpha * nll
+
+    if counts != "equal":
+        with pytest.raises(NoiseScaleInputError, match="one term of the loss backpropagated"):
+            with noisescale.per_example_sqnorms(model):
+                loss().backward()
+        model.zero_grad()
+        return
+    with noisescale.per_example_sqnorms(model) as pe:
+        loss().backward()
+    model.zero_grad()
+    params = list(model.parameters())
+    want = torch.stack(
+        [sum(g.pow(2).sum() for g in torch.autograd.grad(loss(i), params)) * n**2 for i in range(n)]
+    )
+    # (transformers' loss_function computes in float32: its rounding, not noisescale's)
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-6, atol=0)
+
+
 def test_a_backward_from_a_generator_of_roots_still_computes_the_gradients(lm):
     """``torch.autograd.backward`` given a generator: the hook that asks whether the model's
     own loss is all of what is backpropagated read it first, and torch then got nothing to

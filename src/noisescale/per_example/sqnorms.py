@@ -67,6 +67,27 @@ class per_example_sqnorms:
         raw = p.raw_sqnorms
         assert raw is not None
         units = p.units
+        if units is not None and units.measured and units.one_term:
+            # The model's own loss (labels=) is one term of what was backpropagated — an RPO
+            # or SFT term beside a policy loss, term + β·out.loss —: its token weights describe
+            # that term alone, and dividing the whole gradient by them read every norm 1/β²
+            # off (×4 at β = 0.5, up to ×13 with padding, 0 for an example without labels)
+            # until 2026-12-06, a hunt. Read by loss_reduction, as the tracker does — exact
+            # where every example counts as many tokens; refused where they do not (each then
+            # weighs by its count in that term).
+            counts = units.counts
+            if counts.numel() and bool((counts != counts[0]).any()):
+                raise NoiseScaleInputError(
+                    "the model's own loss (labels=) is one term of the loss backpropagated "
+                    "here (another term beside out.loss), and the examples count different "
+                    f"numbers of tokens in it ({counts.tolist()[:8]}…): each example weighs "
+                    "by its token count in that term, not 1/N, so the norms of each example's "
+                    "own loss cannot be read from it. Compute that term yourself from the "
+                    "logits, per example (each sequence's token mean, then the mean over the "
+                    "examples), give every example as many counted tokens, or measure with "
+                    "GradientNoiseTracker, which takes such a step over the examples"
+                )
+            units = None
         if units is not None and units.measured and units.grad is not None:
             if units.own is not None:  # a classifier's mean over its examples not labelled -100
                 own_weight = units.grad.detach().to(torch.float64) * units.own
@@ -93,6 +114,7 @@ class per_example_sqnorms:
                 "counted tokens"
             )
         counted = p.counted_mean is not None and bool(p.counted_mean)
+        # (the model's own loss measured, as one term or all of it: its counts decide)
         if p.counted_inside is not None and p.label_counts is None and p.units is None:
             counted = counted or bool(p.counted_inside)
         # (a counted mean declared "sum" was refused as a plain mean, and the fix it named,
