@@ -1523,8 +1523,7 @@ def _keep(counts: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "how",
-    ["mask", "index", "index_select", "masked_select", "2-D mask", "mask, then GELU and dropout"],
+    "how", ["mask", "index", "index_select", "masked_select", "mask, then GELU and dropout"]
 )
 def test_rows_picked_by_a_mask_whose_count_equals_the_batch_are_refused(how):
     """As many picked rows as examples, by coincidence: one each (rows = examples) on the
@@ -1574,13 +1573,17 @@ def test_one_row_per_example_picked_along_the_examples_is_exact():
     torch.testing.assert_close(pe.sqnorms, want, rtol=1e-10, atol=0)
 
 
-def test_rows_picked_by_an_index_pair_are_measured_when_they_are_the_examples():
-    """``h[b, t]`` with ``b, t = keep.nonzero(as_tuple=True)``: on the CPU the indices are read
-    — one row per example in order (b = arange(N)) is the examples, exact; [2, 1, 1, 0] is
-    refused (the review of 2026-12-04 found this form, an activation after the pick and a
-    2-D mask measured wrong on the unaudited step)."""
+@pytest.mark.parametrize("how", ["index pair", "2-D mask"])
+def test_rows_picked_by_an_index_pair_are_measured_when_they_are_the_examples(how):
+    """``h[b, t]`` with ``b, t = keep.nonzero(as_tuple=True)``, or ``h[keep]`` with a mask over
+    the examples and their positions (a reward head on the last token's state, ``h[eos_mask]``):
+    on the CPU the indices are read — one row per example, in order, is the examples, exact;
+    [2, 1, 1, 0] is refused (the review of 2026-12-04 found the index pair, an activation after
+    the pick and a 2-D mask measured wrong on the unaudited step; the 2-D mask with one row in
+    each example was refused until 2026-12-06, naming a head computed from its weights alone,
+    a hunt)."""
     torch.manual_seed(0)
-    model = _PickedRows("index pair")
+    model = _PickedRows(how)
     x = torch.randn(N, 6, 5)
     engine = PerExampleNorms(model)
     keep = _keep([1, 1, 1, 1])
@@ -1593,7 +1596,9 @@ def test_rows_picked_by_an_index_pair_are_measured_when_they_are_the_examples():
         torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-10, atol=0)
     model.zero_grad()
     model(x, _keep([2, 1, 1, 0])).sum().backward()
-    with pytest.raises(UnsupportedModuleError, match="none of them the examples in order"):
+    with pytest.raises(
+        UnsupportedModuleError, match=r"none of them the examples in order|a boolean mask over"
+    ):
         engine.collect()
     engine.remove()
 
@@ -1605,14 +1610,16 @@ def _as_on_an_accelerator(monkeypatch) -> None:
     monkeypatch.setattr(graph_mod, "_host_reads_indices", lambda index: False)
 
 
-def test_an_index_pair_on_an_accelerator_is_flagged_on_the_device(monkeypatch):
+@pytest.mark.parametrize("how", ["index pair", "2-D mask"])
+def test_an_index_pair_on_an_accelerator_is_flagged_on_the_device(monkeypatch, how):
     """On an accelerator ``h[b, t]``'s indices are not read when the layer runs (it would wait
     for the device): they are compared with arange(N) there — one row per example in order is
     the examples, exact, its flag false; [2, 1, 1, 0] is measured as examples but flagged, for
-    the tracker to refuse when it reads the step (until 2026-12-04 nothing was: a known gap)."""
+    the tracker to refuse when it reads the step (until 2026-12-04 nothing was: a known gap).
+    A 2-D mask's picks are counted per example there the same way."""
     _as_on_an_accelerator(monkeypatch)
     torch.manual_seed(0)
-    model = _PickedRows("index pair")
+    model = _PickedRows(how)
     x = torch.randn(N, 6, 5)
     engine = PerExampleNorms(model)
     keep = _keep([1, 1, 1, 1])
@@ -1620,8 +1627,11 @@ def test_an_index_pair_on_an_accelerator_is_flagged_on_the_device(monkeypatch):
         model.zero_grad()
         model(x, keep).sum().backward()
         (p,) = engine.collect()
-        ((label, how, flag),) = engine.unread_picks
-        assert label == "head" and "none of them the examples in order" in how
+        ((label, said, flag),) = engine.unread_picks
+        assert label == "head"
+        assert ("none of them the examples in order" if how == "index pair" else "one row in") in (
+            said
+        )
         assert not bool(flag) and flag.dtype == torch.bool
         with engine.paused():
             want = truth(model, x, lambda m, xi: m(xi, keep[:1]))

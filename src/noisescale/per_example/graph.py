@@ -405,7 +405,23 @@ def _selected_rows(
             one_dim0 = len(indices) == 1 and node._saved_indices[0] is not None
             if one_dim0 and masks[0].dim() == 1 and sizes[0] == n:
                 return None  # the examples kept, in order (all of them, when n are)
-            return f"a boolean mask over a {list(sizes)} tensor"
+            how = f"a boolean mask over a {list(sizes)} tensor"
+            mask = masks[0]
+            if one_dim0 and mask.dim() >= 2 and sizes[0] == n and mask.shape[0] == n:
+                # one row picked in each example — a reward head on the last token's state,
+                # h[eos_mask] —: the picks run example by example, so the rows are the
+                # examples in order (refused as rows the data orders until 2026-12-06, naming a
+                # head computed from its own weights alone, a hunt)
+                each = mask.reshape(n, -1).sum(1) == 1
+                if not _host_reads_indices(mask):
+                    if unread is not None:
+                        unread.append(
+                            (f"{how}, not one row in each example", each.all().logical_not())
+                        )
+                    return None
+                if bool(each.all()):
+                    return None
+            return how
         if len(indices) == 1:
             index = node._saved_indices[0]
             if index is None or sizes[0] == n or index.dim() == 0 or index.shape[0] != n:
