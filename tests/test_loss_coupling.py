@@ -2069,3 +2069,28 @@ def test_a_counted_mean_only_logged_beside_the_loss_does_not_refuse_it(logged):
         with noisescale.per_example_sqnorms(model):
             out = model(x)
             masked_mean(-adv * out.log_softmax(-1)[:, :1].expand(n, t), mask).backward()
+
+
+@pytest.mark.parametrize("across", [False, True])
+def test_a_fused_attention_in_the_loss_keeps_each_example_s_rows(across):
+    """``F.scaled_dot_product_attention`` attends within each index of dim 0: over the model's
+    outputs in the loss code (a critic or a pooling run on them) each example's rows stay its
+    own — exact; with the keys and values of other examples (the batch flipped) it combines
+    them — refused. (Until 2026-12-06 torch's fused kernels had no rule here and any such loss
+    was refused as combining the examples, a hunt.)"""
+    model = mlp()
+    x, _ = data()
+
+    def loss_of(out):
+        q = out.view(-1, 1, 2, 2)
+        kv = q.flip(0) if across else q
+        return F.scaled_dot_product_attention(q, kv, kv).pow(2).sum()
+
+    if across:
+        with pytest.raises(UnsupportedModuleError, match=r"combines the examples|attended across"):
+            with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
+                loss_of(model(x)).backward()
+        return
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        loss_of(model(x)).backward()
+    torch.testing.assert_close(pe.sqnorms, share_truth(model, x, loss_of), rtol=1e-9, atol=0)

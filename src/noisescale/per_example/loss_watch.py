@@ -1341,7 +1341,32 @@ def _rule(func: Any, args: tuple, kwargs: dict, known: list, outs: list[Tensor])
         return _product(func, name, args, known, out)
     if name in _BATCH_NORMS:
         return _batch_norm(func, name, args, kwargs, known, outs)
+    if name in _ATTENTION:
+        return _attention(func, known, args, outs)
     return _views(func, name, args, kwargs, known, outs)
+
+
+# torch's fused attention kernels (F.scaled_dot_product_attention): q, k, v [N, H, T, d]
+_ATTENTION = {
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_fused_attention_overrideable",
+}
+
+
+def _attention(func: Any, known: list, args: tuple, outs: list) -> Any:
+    """A fused attention attends within each index of dim 0, q, k, v and its mask alike: the
+    rows of one map of examples there stay those rows (a critic run on the model's backbone in
+    the loss code, ``v_head(model.backbone(ids))``, was refused as combining the examples
+    until 2026-12-06, a hunt); anything else combines them."""
+    layouts = {layout for _, layout in known}
+    layout = layouts.pop() if len(layouts) == 1 else None
+    if not isinstance(layout, Rows) or layout.dim != 0:
+        return _mixed(func, "attended across the examples")
+    n = args[0].shape[0]
+    return [layout if o.dim() > 0 and o.shape[0] == n else None for o in outs]
 
 
 def _across(func: Any, name: str, args: tuple, kwargs: dict, known: list, out: Tensor) -> Any:
