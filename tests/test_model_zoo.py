@@ -1272,6 +1272,76 @@ def test_a_vision_language_model_llava():
     assert_exact(model, lambda: losses().mean(), lambda i: losses(i))
 
 
+def test_llava_images_as_many_as_examples_but_not_one_each_are_refused():
+    """LLaVA with its projector trained: one image per example on steps 1–3, then a batch with
+    as many images as examples but a text-only example beside a two-image one, [0, 2, 1, 1],
+    on step 5, which no audit falls on. The projector's rows have the batch's leading size and
+    were taken for the examples': its per-example norms went to the wrong examples, 14–19% off,
+    tr Σ 27%, |G|² 65%, without a word (a hunt, 2026-12-06). The image tokens in input_ids
+    show it (an example without any), compared on the device and read with the step's
+    statistics: the step is refused, the steps before recorded exact."""
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        image_size=24, patch_size=8, projection_dim=16,
+    )  # fmt: skip
+    text = transformers.LlamaConfig(
+        vocab_size=V + 1, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+    )  # fmt: skip
+    cfg = transformers.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=V, vision_feature_layer=-1,
+        vision_feature_select_strategy="default", image_seq_length=9,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(cfg)
+    model.model.vision_tower.requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+
+    def batch(images: list[int]):
+        ids = torch.randint(3, V, (4, 25), generator=g)
+        for i, k in enumerate(images):
+            for j in range(k):
+                ids[i, 1 + 9 * j : 10 + 9 * j] = V
+        return ids, torch.randn(sum(images), 3, 24, 24, generator=g)
+
+    def losses(ids, pixels):
+        logits = model(input_ids=ids, pixel_values=pixels).logits[:, :-1]
+        per = F.cross_entropy(logits.reshape(-1, V + 1), ids[:, 1:].reshape(-1), reduction="none")
+        return per.view(4, -1).mean(1)
+
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0, sync_every=8)
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for step in range(1, 5):
+            ids, pixels = batch([1, 1, 1, 1])
+            model.zero_grad()
+            losses(ids, pixels).mean().backward()
+            tracker.step()
+            if step == 4:
+                with tracker.paused():
+                    want = torch.stack(
+                        [
+                            sum(
+                                q.pow(2).sum()
+                                for q in torch.autograd.grad(losses(ids, pixels)[i], params)
+                            )
+                            for i in range(4)
+                        ]
+                    ).mean()
+        ids, pixels = batch([0, 2, 1, 1])
+        model.zero_grad()
+        losses(ids, pixels).mean().backward()
+        with pytest.raises(noisescale.UnsupportedModuleError, match="pixel_values holds 4 images"):
+            tracker.step()  # (step 5: no audit falls on it)
+            tracker.sync()
+        history = tracker.history
+        assert [r["step"] for r in history] == [1, 2, 3, 4]
+        got = history[-1]["sources"]["per_example"]["sqnorm_small"]
+        assert got == pytest.approx(float(want), rel=1e-6)
+    finally:
+        tracker.remove()
+
+
 def test_qwen2_vl_with_its_vision_tower_frozen_and_trainable():
     """Qwen2-VL's vision tower runs on every image's patches packed together (no example
     dimension): while it trains, the step is refused naming its merger; frozen — the usual

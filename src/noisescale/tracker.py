@@ -1341,7 +1341,14 @@ class GradientNoiseTracker:
         """Why step ``p`` is refused: in ``count`` processes, a layer's input rows were picked
         by index tensors none of which is the examples in order."""
         where = "" if p.reduced is None else f" (on {count} of the processes)"
-        layers = sorted({f"'{label}' ({how})" for label, how, _ in p.picks})
+        whole = [how for label, how, _ in p.picks if not label]
+        if whole:  # (a whole cause: a multimodal model's items not one in each example)
+            return (
+                f"step {p.step}{where}: {whole[0]}. Read on the device with the step's "
+                "statistics: this step and the unread ones after it were not recorded (the "
+                "steps before it were)"
+            )
+        layers = sorted({f"'{label}' ({how})" for label, how, _ in p.picks if label})
         named = ", ".join(layers) if layers else "a layer on another process"
         if p.reduced is not None and len(layers) > 1:
             named = "one or more of " + named  # (this process's flags are read summed)
