@@ -1602,6 +1602,42 @@ def test_the_tracker_measures_a_mean_over_uneven_picks_as_backpropagated():
         assert torch.allclose(p.raw_sqnorms, want, rtol=1e-9)
 
 
+@pytest.mark.parametrize("form", ["x[mask].mean()", "(x * m).sum() / m.sum()"])
+def test_a_token_mean_over_picked_rows_declared_a_sum_is_taken_as_given(form):
+    """DAPO's token-level mean written ``x[mask].mean()`` is the same number as ``(x * m).sum()
+    / m.sum()``: a sum divided by a count, each example's term its share, which
+    ``loss_reduction="sum"`` takes as given — exact in the one-shot norms and the tracker. The
+    first form was refused until 2026-12-06, by the tracker as "a plain mean over the examples"
+    (a hunt); under "mean" both are refused as averaged over what they count."""
+    model = _seq_model()
+    x = torch.randn(N, T, D, generator=torch.Generator().manual_seed(4))
+    m = _masks()["uneven"]
+
+    def loss_of(o):
+        z = o.pow(2).sum(-1)
+        return z[m].mean() if form.startswith("x[") else (z * m).sum() / m.sum()
+
+    want = share_truth(model, x, loss_of)
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        loss_of(model(x)).backward()
+    model.zero_grad()
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+    tracker = noisescale.GradientNoiseTracker(model, loss_reduction="sum", per_example_fraction=1.0)
+    try:
+        for _ in range(2):  # (audited steps: the kind is checked there)
+            loss_of(model(x)).backward()
+            tracker.step()
+            model.zero_grad()
+        got = tracker.history[-1]["sources"]["per_example"]["sqnorm_small"]
+        assert got == pytest.approx(float(want.mean()), rel=1e-9)
+    finally:
+        tracker.remove()
+    with pytest.raises(noisescale.NoiseScaleInputError, match="averaged over what it counts"):
+        with noisescale.per_example_sqnorms(model):
+            loss_of(model(x)).backward()
+    model.zero_grad()
+
+
 def _chunked(chunks: str):
     V = C
 

@@ -117,12 +117,13 @@ class per_example_sqnorms:
         # (the model's own loss measured, as one term or all of it: its counts decide)
         if p.counted_inside is not None and p.label_counts is None and p.units is None:
             counted = counted or bool(p.counted_inside)
-        # (a counted mean declared "sum" was refused as a plain mean, and the fix it named,
-        # "mean", then for the real cause: the real cause first, a hunt of 2026-12-06)
+        # (a counted mean is no plain mean over the examples: loss_kind_message passes it, and
+        # "sum" takes it as given, as (x * m).sum() / m.sum() — until 2026-12-06 refused under
+        # "sum" as well, x[mask].mean() with the wrong cause, a hunt)
         wrong_kind = loss_kind_message(self.loss_reduction, [p])
-        if wrong_kind is not None and not (counted and p.loss_kind == "mean"):
+        if wrong_kind is not None:
             raise NoiseScaleInputError(wrong_kind)
-        if counted and (self.loss_reduction == "mean" or p.loss_kind == "mean"):
+        if counted and self.loss_reduction == "mean":
             raise NoiseScaleInputError(
                 "the loss is averaged over what it counts, not over the examples — a "
                 "cross_entropy / nll_loss with targets equal to ignore_index (-100: examples or "
