@@ -2130,3 +2130,52 @@ def test_a_fused_attention_in_the_loss_keeps_each_example_s_rows(across):
     with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
         loss_of(model(x)).backward()
     torch.testing.assert_close(pe.sqnorms, share_truth(model, x, loss_of), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("returned", [True, False])
+def test_a_penalty_on_an_activation_a_forward_hook_captured_is_refused_naming_it(returned):
+    """An activation penalty (a FitNets-style feature loss) on a layer's output: returned by the
+    forward it is measured exactly; captured by a forward hook and used in the loss, the
+    audit's replay — which starts at the model's outputs — cannot weigh it by example, and the
+    refusal now names that and the fix (until 2026-12-06 it blamed examples mixed in the
+    forward — BatchNorm, Mixup — and advised per_example=False; a hunt)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(D, 8), nn.Linear(8, C)
+            self.kept: dict = {}
+            self.a.register_forward_hook(lambda m, i, o: self.kept.__setitem__("a", o))
+
+        def forward(self, x):
+            a = self.a(x)
+            out = self.b(torch.tanh(a))
+            return (out, a) if returned else out
+
+    model = Net()
+    x, y = data()
+
+    def loss_of(out_a):
+        out, a = out_a if returned else (out_a, model.kept["a"])
+        return F.cross_entropy(out, y) + 0.1 * a.pow(2).mean()
+
+    if not returned:
+        with pytest.raises(UnsupportedModuleError, match="computed but did not return"):
+            with noisescale.per_example_sqnorms(model):
+                loss_of(model(x)).backward()
+        return
+    with noisescale.per_example_sqnorms(model) as pe:
+        loss_of(model(x)).backward()
+    params = list(model.parameters())
+    want = torch.stack(
+        [
+            grad_sqnorm(
+                F.cross_entropy(model(x[i : i + 1])[0], y[i : i + 1])
+                + 0.1 * model(x[i : i + 1])[1].pow(2).mean(),
+                params,
+            )
+            for i in range(N)
+        ]
+    )
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)

@@ -293,6 +293,8 @@ class LossWatch:
         n = pass_.batch_size
         units, block = _units(n, pairs)
         added = False
+        for t in [*outputs, *packed]:
+            self.inner.pop(t, None)  # (returned: an output of the model, whose replay starts here)
         for t in outputs:
             if t.grad_fn is None or t.dim() == 0:
                 continue  # (a parameter returned as it is, a leaf, is no example's: shared)
@@ -448,6 +450,12 @@ class LossWatch:
                 self.layouts.pop(t, None)
             else:
                 self.layouts[t] = layout
+                # an activation the forward may keep without returning it (a forward hook's
+                # capture for an activation penalty or a feature loss): the audit's replay,
+                # which starts at the model's outputs, cannot weigh a loss term on it by
+                # example, and a failed audit names it (PassNorms.inner_used; until 2026-12-06
+                # the refusal blamed examples mixed in the forward, a hunt)
+                self.inner[t] = pass_
 
     def following(self) -> bool:
         """Whether the watch follows a loss now (after an audited forward returned)."""
@@ -567,6 +575,8 @@ class LossWatch:
         # tensors computed from a cross-entropy / NLL with differing class weights averaged over
         # them (a device bool each): a backward from one is refused by the tracker
         self.weighted = WeakTensorKeyDictionary()
+        # layers' outputs inside an audited forward: their pass, until it returns them (mark_layer)
+        self.inner = WeakTensorKeyDictionary()
         # tensors computed from a mean over what it counts (_mark_counted_mean): {(id of a
         # pass, inside the forward): a device bool}, read at the backward from them
         self.counted = WeakTensorKeyDictionary()
@@ -677,6 +687,11 @@ class LossWatch:
                     known.append((t, layout))
         if not known:
             return
+        if self.inner and self.forward_pass is None:
+            for t, _ in known:
+                pass_ = self.inner.get(t)
+                if pass_ is not None and pass_.inner_used is None:
+                    pass_.inner_used = tuple(t.shape)
         self.followed += 1
         if self.followed > _MAX_OPS:
             self.done = True

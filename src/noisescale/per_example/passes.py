@@ -192,6 +192,9 @@ class PassNorms:
     # changed it (a forward hook registered before the tracker, a patched forward, a global
     # hook): their label and what came between. Such a pass is audited (engine._changed_on_the_way)
     between: dict = field(default_factory=dict)
+    # the shape of an activation of the model's forward, not among its outputs, that the loss
+    # used (captured by a forward hook, kept on a module): loss_watch.py, audited steps
+    inner_used: tuple | None = None
     # merged passes (one backward through several forwards): every audit among them — each
     # forward's structure is recorded as audited — and whether some were audited, others not
     audits: list = field(default_factory=list)

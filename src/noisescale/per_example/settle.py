@@ -149,6 +149,10 @@ class Settle:
                 "step is audited",
             )
             return
+        if (not findings.ok or missing) and pass_.inner_used is not None:
+            raise UnsupportedModuleError(
+                _inner_message(pass_.inner_used, self._audit_message(findings))
+            )
         if (not findings.ok or missing) and pass_.between:
             raise UnsupportedModuleError(
                 _between_message(pass_.between, self._audit_message(findings))
@@ -810,4 +814,18 @@ def _between_message(between: dict, found: str) -> str:
         "after creating the tracker (they then run after noisescale's, and are measured "
         "exactly), put the change in the model's own forward, or use per_example=False. What "
         f"noisescale found: {found}"
+    )
+
+
+def _inner_message(shape: tuple, found: str) -> str:
+    """The refusal of a pass whose audit failed while its loss used an activation of the
+    model's forward that the forward did not return (loss_watch: PassNorms.inner_used)."""
+    return (
+        f"the loss used an activation of shape {list(shape)} that the model's forward computed "
+        "but did not return (one a forward hook captured, or a module keeps, for an activation "
+        "penalty or a feature loss), and this step's audit found that the per-example gradients "
+        "do not add up: the audit starts at the model's outputs and cannot weigh such a term by "
+        "example. Return the activation from the forward (the same term on it is measured "
+        "exactly), compute the term inside the forward and return it per example, or use "
+        f"per_example=False. What noisescale found: {found}"
     )
