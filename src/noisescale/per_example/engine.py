@@ -1643,7 +1643,10 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                             "keeps the examples apart"
                         )
                         self._audit_due = True
-                    batched = [t for t in _tensors(output) if not isinstance(t, SharedTensor)]
+                    returned = _tensors(output)
+                    for t in returned:  # (an output of the model: not an inner activation)
+                        self._loss_watch.inner.pop(t, None)
+                    batched = [t for t in returned if not isinstance(t, SharedTensor)]
                     packed = _tensors(output, packed=True)
                     self._loss_watch.watch(pass_, batched, self._model_dim, packed, self.pairs)
         finally:
