@@ -211,7 +211,7 @@ class PassNorms:
     grad_marks: list[tuple[Any, int] | None] | None = None
     # on the steps audits fall on: each parameter's |.grad|² then too (changed_grads: what no
     # version counter sees)
-    grad_prints: list[Tensor | None] | None = None
+    grad_prints: Any = None  # (grad_watch: per parameter, or one vector on the CPU)
     # the outputs' autograd nodes as (id, sequence number), not the nodes: a pass holding them
     # would keep alive the graph of a forward no backward reaches (an evaluation loop with
     # gradients on) until the step ends
