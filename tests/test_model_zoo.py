@@ -1334,6 +1334,16 @@ def test_llava_images_as_many_as_examples_but_not_one_each_are_refused():
         with pytest.raises(noisescale.UnsupportedModuleError, match="pixel_values holds 4 images"):
             tracker.step()  # (step 5: no audit falls on it)
             tracker.sync()
+        # three images for four examples: refused by the audit, the count named first (until
+        # 2026-12-06 the refusal named parameters used directly, a hunt)
+        ids, pixels = batch([0, 1, 1, 1])
+        model.zero_grad()
+        with pytest.raises(
+            noisescale.UnsupportedModuleError,
+            match=r"pixel_values holds 3 images for the batch's 4 examples.*Freeze those layers",
+        ):
+            with noisescale.per_example_sqnorms(model):
+                losses(ids, pixels).mean().backward()
         history = tracker.history
         assert [r["step"] for r in history] == [1, 2, 3, 4]
         got = history[-1]["sources"]["per_example"]["sqnorm_small"]

@@ -418,6 +418,36 @@ def _items_not_one_each(
     return found
 
 
+def _items_cause(model: nn.Module, n: int, kwargs: dict) -> str | None:
+    """Why a multimodal model's vision (audio) tower and projector may run on rows that are not
+    the examples': their items not one per example — a count other than the batch's (a
+    text-only example), or several per example flattened inside the model (Idefics3's image
+    splitting). Said first where such a layer is refused (settle.py); until 2026-12-06 the
+    refusal named parameters used directly (a hunt)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    for key, names, what in _ITEMS:
+        items = kwargs.get(key)
+        if not isinstance(items, Tensor) or items.dim() < 2:
+            continue
+        if not any(isinstance(getattr(config, a, None), int) for a in names):
+            continue
+        if items.shape[0] != n:
+            held = f"{items.shape[0]} {what} for the batch's {n} examples"
+        elif items.dim() >= 5 and items.shape[1] > 1:
+            held = f"{items.shape[1]} {what} in each example, which the model flattens"
+        else:
+            continue
+        return (
+            f"{key} holds {held}: the layers that run on them (the {what[:-1]} tower, the "
+            "projector) see rows that are not the examples', which noisescale cannot attribute "
+            "to them. Freeze those layers (the language model is then measured exactly), feed "
+            f"one {what[:-1]} in each example, or use per_example=False."
+        )
+    return None
+
+
 def _accumulation_hooked(module: nn.Module) -> bool:
     """Whether the module's weight or bias has hooks run after its gradient's accumulation
     (``register_post_accumulate_grad_hook``)."""
@@ -1401,6 +1431,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         pass_.inputs = (args, kwargs)
         if self.per_example and n >= 2 and not pass_.skipped and kwargs:
             pass_.unread_picks += _items_not_one_each(self.model, n, args, kwargs)
+            pass_.items_cause = _items_cause(self.model, n, kwargs)
         if self.subbatches and self.per_example and n >= 2 and not pass_.skipped:
             unit = self.pairs if isinstance(self.pairs, int) else 2
             if self.pairs is not None and n < 2 * unit:

@@ -195,6 +195,9 @@ class PassNorms:
     # the shape of an activation of the model's forward, not among its outputs, that the loss
     # used (captured by a forward hook, kept on a module): loss_watch.py, audited steps
     inner_used: tuple | None = None
+    # a multimodal model's items not one per example (engine._items_cause): said first where
+    # a layer that runs on them is refused
+    items_cause: str | None = None
     # merged passes (one backward through several forwards): every audit among them — each
     # forward's structure is recorded as audited — and whether some were audited, others not
     audits: list = field(default_factory=list)

@@ -536,7 +536,8 @@ class Settle:
             if calls:
                 call = calls[0]
                 raise UnsupportedModuleError(
-                    f"layer '{call.label}' was called on input that is not per-example "
+                    (f"{pass_.items_cause} What noisescale found: " if pass_.items_cause else "")
+                    + f"layer '{call.label}' was called on input that is not per-example "
                     f"({call.why}), and its output then met the batch in the operation '{op}', "
                     "which noisescale cannot attribute to examples (e.g. the cells of a "
                     "hand-written recurrent layer run on the active rows of a packed sequence, "
