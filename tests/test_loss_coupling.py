@@ -2179,3 +2179,33 @@ def test_a_penalty_on_an_activation_a_forward_hook_captured_is_refused_naming_it
         ]
     )
     torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("tracked", [False, True])
+def test_a_plain_mean_with_a_counted_term_beside_it_is_still_held_to_the_declaration(tracked):
+    """(A review, 2026-12-06.) The exemption of a counted mean from the kind check read any
+    counted flag of the step: ``cross_entropy(o, y) + 0.1 · cross_entropy(o, t)`` with one
+    target of ``t`` ignored, declared ``"sum"``, was measured — every norm N² too small — where
+    the plain mean alone is refused. Only a root whose kind is the counted mean's own (scaled,
+    or two such added) is exempt now: this one is refused as the plain mean it is."""
+    model = mlp()
+    x, y = data()
+    t = y.clone()
+    t[0] = -100
+
+    def loss_of(out):
+        return F.cross_entropy(out, y) + 0.1 * F.cross_entropy(out, t)
+
+    match = "plain mean over the examples"
+    if tracked:
+        tracker = noisescale.GradientNoiseTracker(model, loss_reduction="sum")
+        try:
+            with pytest.raises(noisescale.NoiseScaleInputError, match=match):
+                loss_of(model(x)).backward()
+                tracker.step()
+        finally:
+            tracker.remove()
+        return
+    with pytest.raises(noisescale.NoiseScaleInputError, match=match):
+        with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
+            loss_of(model(x)).backward()

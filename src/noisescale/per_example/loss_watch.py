@@ -580,6 +580,10 @@ class LossWatch:
         # tensors computed from a mean over what it counts (_mark_counted_mean): {(id of a
         # pass, inside the forward): a device bool}, read at the backward from them
         self.counted = WeakTensorKeyDictionary()
+        # of those, the tensors whose kind "mean" is that counted mean's own — its output,
+        # scaled, or added to another such — (a device bool: uneven, or targets ignored):
+        # the kind check passes them (PassNorms.loss_kind_counted)
+        self.counted_kind = WeakTensorKeyDictionary()
         # 0-dim tensors requiring grad that a module of the model returned (a loss computed
         # inside it, not followed), and what is computed from them: the module's class
         self.child_losses = WeakTensorKeyDictionary()
@@ -647,6 +651,7 @@ class LossWatch:
                     if id(pass_) in layout.owners:
                         pass_.loss_kind = layout.plain
                         pass_.loss_kind_factored = layout.factored
+                        pass_.loss_kind_counted = self.counted_kind.get(root)
 
     def _layout(self, t: Tensor) -> Layout | None:
         layout = self.layouts.get(t)
@@ -737,6 +742,11 @@ class LossWatch:
             for t in outs:
                 for mark in marks:
                     self._add_marks(t, mark)
+        sums = [t for t, x in known if isinstance(x, _Sum)]
+        if sums and all(t in self.counted_kind for t in sums):
+            flag = functools.reduce(lambda a, b: a & b, [self.counted_kind[t] for t in sums])
+            for t in outs:
+                self.counted_kind[t] = flag
         flags = [self.weighted[t] for t, _ in known if t in self.weighted]
         if flags:
             weighted = flags[0]
@@ -890,6 +900,8 @@ class LossWatch:
         if isinstance(weight, Tensor):
             flag = flag | (weight != 1).any()
         self._mark_counted_mean({layout.owner}, lambda pass_: flag, outs, inside)
+        for t in outs:
+            self.counted_kind[t] = flag
 
     def _note_uneven_mean(
         self,
@@ -933,6 +945,8 @@ class LossWatch:
             counts.index_add_(0, ids.clamp(0, layout.n - 1), torch.ones_like(ids))
             flag = (counts != counts[0]).any() | (ids < 0).any()
         self._mark_counted_mean({layout.owner}, lambda pass_: flag, outs, inside)
+        for t in outs:
+            self.counted_kind[t] = flag
 
     def _note_class_weights(self, func: Any, args: tuple, kwargs: dict, outs: list) -> None:
         """A cross-entropy / NLL averaged over class weights that differ (uniform ones, 1/C,

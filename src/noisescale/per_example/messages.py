@@ -40,12 +40,13 @@ def loss_kind_message(
             continue
         if accumulated and p.loss_kind_factored:
             continue
-        if p.loss_kind == "mean" and p.counted_mean is not None and bool(p.counted_mean):
-            # a mean over what it counts — x[mask].mean() over unevenly picked rows, a
-            # cross-entropy's ignored targets —, not over the examples: a sum divided by a
-            # count, as (x * m).sum() / m.sum() is, which "sum" takes as given (until
-            # 2026-12-06 refused as a plain mean over the examples, a hunt; the audited steps
-            # this runs on read back anyway)
+        if p.loss_kind == "mean" and p.loss_kind_counted is not None and bool(p.loss_kind_counted):
+            # the root is a mean over what it counts — x[mask].mean() over unevenly picked
+            # rows, a cross-entropy's ignored targets — (scaled, or two such added), not over
+            # the examples: a sum divided by a count, as (x * m).sum() / m.sum() is, which
+            # "sum" takes as given (until 2026-12-06 refused as a plain mean over the
+            # examples, a hunt; a plain mean with a counted term beside it is still held to
+            # the declaration, a review; the audited steps this runs on read back anyway)
             continue
         if declared == "mean" and p.loss_kind == "sum":
             return (

@@ -80,6 +80,12 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
         kinds = {p.loss_kind for p in group}
         merged.loss_kind = kinds.pop() if len(kinds) == 1 else None
         merged.loss_kind_factored = any(p.loss_kind_factored for p in group)
+        counted = [p.loss_kind_counted for p in group]
+        merged.loss_kind_counted = (
+            functools.reduce(operator.and_, counted)
+            if counted and all(c is not None for c in counted)
+            else None
+        )
         merged.grad_scaler = next((p.grad_scaler for p in group if p.grad_scaler), None)
         merged.loss_unfollowed = next((p.loss_unfollowed for p in group if p.loss_unfollowed), None)
         # how the losses weigh the examples: one loss's weights per backward are measured (or

@@ -206,6 +206,10 @@ class PassNorms:
     # per-example terms (loss_watch.py, audited steps), which loss_reduction must match
     loss_kind: str | None = None
     loss_kind_factored: bool = False  # (through a numeric factor: loss_watch's _Sum.factored)
+    # a device bool: the root's kind "mean" is that of a mean over what it counts (x[mask].mean()
+    # over uneven picks, a cross-entropy's ignored targets), not a plain mean over the examples
+    # (loss_watch.counted_kind): loss_kind_message passes it
+    loss_kind_counted: Any = None
     # the torch.amp.GradScaler whose scale() multiplied the loss a backward through this pass
     # started from (scaler_watch.py, every step), which the tracker must have been given
     # (scaler=)
