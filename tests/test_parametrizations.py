@@ -317,3 +317,35 @@ def test_a_transposed_convolution_with_output_padding_not_below_its_stride_is_re
             engine.collect()
         finally:
             engine.remove()
+
+
+@pytest.mark.parametrize("keep", ["assigned", "copied"])
+def test_the_batch_written_into_a_buffer_is_still_the_batch(keep):
+    """(A review, 2026-12-06.) The forward keeps its input in a registered buffer — assigned
+    to the buffer's name, or copied into a preallocated one and read back — then meets a
+    parameter used directly, ``x @ self.W``. The first version of the buffer rule took any
+    buffer for no example's: the first form was refused, the second made the user's own
+    backward fail (the audit's re-run of the forward wrote the buffer again). A buffer that
+    holds the model's input is the batch: exact, in both modes, on audited and unaudited
+    steps."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(4, 6) * 0.5)
+            self.head = nn.Linear(6, 3)
+            self.register_buffer("last_x", torch.zeros(N, 4), persistent=False)
+
+        def forward(self, x):
+            if keep == "assigned":
+                self.last_x = x
+            else:
+                self.last_x.copy_(x)
+                x = self.last_x
+            return self.head(torch.tanh(x @ self.W))
+
+    torch.manual_seed(0)
+    model = Net()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, 4, generator=g), torch.randint(0, 3, (N,), generator=g)
+    _assert_exact(model, lambda: F.cross_entropy(model(x), y, reduction="none"))

@@ -147,6 +147,7 @@ from noisescale.per_example.shared import (
     SharedTensor,
     Source,
     _plain,
+    flatten,
     per_example_reduce,
     per_example_state,
     view_relation,
@@ -458,6 +459,25 @@ def _accumulation_hooked(module: nn.Module) -> bool:
     return False
 
 
+def _holds_inputs(x: Tensor, inputs: Any, storage: int) -> bool:
+    """Whether buffer ``x`` (on ``storage``) holds the model's input: one of the forward's
+    tensor arguments on the same memory, or of the same shape with equal values (a copy)."""
+    found: list[Any] = []
+    flatten(inputs, found)
+    for t in found:
+        if not isinstance(t, Tensor):
+            continue
+        try:
+            if t.untyped_storage().data_ptr() == storage:
+                return True
+        except (RuntimeError, NotImplementedError, TypeError):
+            continue
+        same = t.shape == x.shape and t.dtype == x.dtype and t.device == x.device
+        if same and bool(torch.equal(t, x)):
+            return True
+    return False
+
+
 def _device_hook_only(module: nn.Module) -> bool:
     """Whether the instance's own ``forward`` is accelerate's wrapper for an
     ``AlignDevicesHook`` alone (``device_map`` dispatch): it moves inputs and outputs between
@@ -623,6 +643,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._scopes: dict[nn.Module, list[tuple[nn.Module, str, int]]] = {}
         # modules whose weight an old reparametrization's pre-hook computes (_build_plan)
         self._old_reparametrized: set[nn.Module] = set()
+        # whether a buffer holds no example, by storage: (its version, the verdict) —
+        # is_model_buffer
+        self._buffer_verdicts: dict[int, tuple[int, bool]] = {}
         self._weights_only: list[nn.Module] = []  # (_install_weights_only)
         # each rule layer's forward hook, the hooks that keep a layer's own output where a
         # user's forward hook runs before that one, and that output (_changed_on_the_way)
@@ -2344,9 +2367,25 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
 
     def is_model_buffer(self, pass_: PassNorms, x: Tensor) -> bool:
         """Whether ``x`` is one of the model's buffers or a view of one, not expanded over
-        the examples (:meth:`_is_buffer`): it holds no example (a shared operation's operand,
-        :func:`~noisescale.per_example.shared._dispatch`)."""
-        return self._is_buffer(pass_, x)
+        the examples (:meth:`_is_buffer`), that holds no example: not the batch written into a
+        buffer by the forward (``self.buf.copy_(x)``, or the input assigned to a buffer's
+        name), which a first version took for no example's — such a model was refused, or its
+        backward failed when the audit re-ran the forward (a review of 2026-12-06). Decided
+        once per version of the buffer (the values compared with the model's inputs of the
+        same shape). A shared operation's operand (:func:`~noisescale.per_example.shared.
+        _dispatch`)."""
+        if not self._is_buffer(pass_, x):
+            return False
+        try:
+            key = x.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError, TypeError):
+            return False
+        known = self._buffer_verdicts.get(key)
+        if known is not None and known[0] == x._version:
+            return known[1]
+        verdict = not _holds_inputs(x, pass_.inputs, key)
+        self._buffer_verdicts[key] = (x._version, verdict)
+        return verdict
 
     def _is_buffer(self, pass_: PassNorms, x: Tensor) -> bool:
         """Is ``x`` (a layer's input) one of the model's buffers, or a view of one? Its leading
