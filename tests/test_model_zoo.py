@@ -1272,14 +1272,7 @@ def test_a_vision_language_model_llava():
     assert_exact(model, lambda: losses().mean(), lambda i: losses(i))
 
 
-def test_llava_images_as_many_as_examples_but_not_one_each_are_refused():
-    """LLaVA with its projector trained: one image per example on steps 1–3, then a batch with
-    as many images as examples but a text-only example beside a two-image one, [0, 2, 1, 1],
-    on step 5, which no audit falls on. The projector's rows have the batch's leading size and
-    were taken for the examples': its per-example norms went to the wrong examples, 14–19% off,
-    tr Σ 27%, |G|² 65%, without a word (a hunt, 2026-12-06). The image tokens in input_ids
-    show it (an example without any), compared on the device and read with the step's
-    statistics: the step is refused, the steps before recorded exact."""
+def _llava(frozen_items: bool = False) -> nn.Module:
     vision = transformers.CLIPVisionConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         image_size=24, patch_size=8, projection_dim=16,
@@ -1295,17 +1288,71 @@ def test_llava_images_as_many_as_examples_but_not_one_each_are_refused():
     torch.manual_seed(0)
     model = transformers.LlavaForConditionalGeneration(cfg)
     model.model.vision_tower.requires_grad_(False)
+    if frozen_items:
+        model.model.multi_modal_projector.requires_grad_(False)
+    return model
+
+
+def _llava_batch(images: list[int], g: torch.Generator):
+    ids = torch.randint(3, V, (4, 25), generator=g)
+    for i, k in enumerate(images):
+        for j in range(k):
+            ids[i, 1 + 9 * j : 10 + 9 * j] = V
+    return ids, torch.randn(sum(images), 3, 24, 24, generator=g)
+
+
+def test_llava_with_its_image_side_frozen_takes_any_arrangement_of_images():
+    """The language model fine-tuned alone (tower and projector frozen): no measured layer
+    reads the images' rows, so a batch with a text-only example beside a two-image one is
+    exact (a review found the first version of the check below refusing it)."""
+    model = _llava(frozen_items=True)
+    ids, pixels = _llava_batch([0, 2, 1, 1], torch.Generator().manual_seed(1))
+
+    def losses(rows=slice(None)):
+        logits = model(input_ids=ids, pixel_values=pixels).logits[:, :-1]
+        per = F.cross_entropy(logits.reshape(-1, V + 1), ids[:, 1:].reshape(-1), reduction="none")
+        return per.view(4, -1).mean(1)[rows]
+
+    assert_exact(model, lambda: losses().mean(), lambda i: losses(i))
+
+
+class _AroundLlava(nn.Module):
+    """A user's module around the Hugging Face model (a Lightning-style wrapper)."""
+
+    def __init__(self, vlm: nn.Module) -> None:
+        super().__init__()
+        self.vlm = vlm
+
+    def forward(self, ids, pixels):
+        return self.vlm(ids, pixels).logits
+
+
+@pytest.mark.parametrize("call", ["keywords", "positional", "a module around it"])
+def test_llava_images_as_many_as_examples_but_not_one_each_are_refused(call):
+    """LLaVA with its projector trained: one image per example on steps 1–3, then a batch with
+    as many images as examples but a text-only example beside a two-image one, [0, 2, 1, 1],
+    on step 5, which no audit falls on. The projector's rows have the batch's leading size and
+    were taken for the examples': its per-example norms went to the wrong examples, 14–19% off,
+    tr Σ 27%, |G|² 65%, without a word (a hunt, 2026-12-06). The image tokens in input_ids
+    show it (an example without any), compared on the device and read with the step's
+    statistics: the step is refused, the steps before recorded exact — the model called with
+    keywords, positionally, or inside a module of the user's (the first version of the check
+    saw keywords on the tracked model only, a review)."""
+    vlm = _llava()
+    model = vlm if call != "a module around it" else _AroundLlava(vlm)
     g = torch.Generator().manual_seed(1)
 
     def batch(images: list[int]):
-        ids = torch.randint(3, V, (4, 25), generator=g)
-        for i, k in enumerate(images):
-            for j in range(k):
-                ids[i, 1 + 9 * j : 10 + 9 * j] = V
-        return ids, torch.randn(sum(images), 3, 24, 24, generator=g)
+        return _llava_batch(images, g)
 
     def losses(ids, pixels):
-        logits = model(input_ids=ids, pixel_values=pixels).logits[:, :-1]
+        if call == "keywords":
+            logits = model(input_ids=ids, pixel_values=pixels).logits
+        elif call == "positional":
+            logits = model(ids, pixels).logits
+        else:
+            logits = model(ids, pixels)
+        logits = logits[:, :-1]
         per = F.cross_entropy(logits.reshape(-1, V + 1), ids[:, 1:].reshape(-1), reduction="none")
         return per.view(4, -1).mean(1)
 

@@ -349,3 +349,27 @@ def test_the_batch_written_into_a_buffer_is_still_the_batch(keep):
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(N, 4, generator=g), torch.randint(0, 3, (N,), generator=g)
     _assert_exact(model, lambda: F.cross_entropy(model(x), y, reduction="none"))
+
+
+def test_a_user_pre_hook_beside_a_pruned_layer_meets_the_batch():
+    """A forward pre-hook on a pruned layer, registered before the tracker, that scales the
+    input by a parameter of the model (a learned input gain): it runs outside the window where
+    the pruned weight is computed from parameters alone — exact (inside it, the first version
+    lost the batch's rows there and refused the layer after it, a review of 2026-12-06)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gain = nn.Parameter(torch.tensor(1.3))
+            self.lin = prune.l1_unstructured(nn.Linear(5, 5), "weight", amount=0.4)
+            self.head = nn.Linear(5, 3)
+            self.lin.register_forward_pre_hook(lambda m, a: (a[0] * self.gain,))
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.lin(x)))
+
+    torch.manual_seed(0)
+    model = Net()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, 5, generator=g), torch.randint(0, 3, (N,), generator=g)
+    _assert_exact(model, lambda: F.cross_entropy(model(x), y, reduction="none"))

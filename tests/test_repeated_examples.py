@@ -81,6 +81,11 @@ def _same_input_twice(form: str, model: _TwoHeads, x: torch.Tensor, y: torch.Ten
         return F.cross_entropy(model(x[torch.arange(16)], head=0), y) + F.cross_entropy(
             model(x[torch.arange(16)], head=1), y
         )
+    if form == "a copy, the second call without the mask":  # (a review)
+        mask = torch.ones(x.shape[0])
+        return F.cross_entropy(model(x, mask=mask), y) + F.cross_entropy(
+            model(x.clone(), head=1), y
+        )
     if form == "a copy beside the same mask":  # model(ids, att), model(ids.clone(), att)
         mask = torch.ones(x.shape[0])
         return F.cross_entropy(model(x, mask=mask), y) + F.cross_entropy(
@@ -95,7 +100,14 @@ FORMS = ["multi-sample dropout", "two heads in turn", "a view of the batch"]
 
 @pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}], ids=["default", "exact"])
 @pytest.mark.parametrize(
-    "form", [*FORMS, "a copy", "the batch indexed again", "a copy beside the same mask"]
+    "form",
+    [
+        *FORMS,
+        "a copy",
+        "the batch indexed again",
+        "a copy beside the same mask",
+        "a copy, the second call without the mask",
+    ],
 )
 def test_one_backward_through_the_same_input_twice_is_refused(form, kw):
     """The same input tensor through two forwards that one backward runs through: each

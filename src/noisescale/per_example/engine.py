@@ -47,6 +47,7 @@ under ``torch.compile`` (:mod:`~.traced`), the audit's re-runs on permuted examp
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import sys
@@ -139,7 +140,7 @@ from noisescale.per_example.passes import (
     _Slot,
     _WeightJob,
 )
-from noisescale.per_example.registry import LayerRule, rule_for, users_rule
+from noisescale.per_example.registry import LayerRule, registered_forward, rule_for, users_rule
 from noisescale.per_example.settle import Settle
 from noisescale.per_example.shared import (
     Meeting,
@@ -351,6 +352,15 @@ def _square_expansion_in(
     return None
 
 
+def _reparametrizing(hook: Any) -> bool:
+    """Whether a forward pre-hook is an old reparametrization's (:func:`_old_reparametrized`)."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return isinstance(hook, BasePruningMethod | WeightNorm | SpectralNorm)
+
+
 def _old_reparametrized(module: nn.Module) -> bool:
     """Whether an old reparametrization computes one of ``module``'s tensors from its
     parameters in a forward pre-hook: ``torch.nn.utils.prune`` (``weight`` from ``weight_orig``
@@ -373,6 +383,40 @@ _ITEMS = (
     ("pixel_values_videos", ("video_token_id", "video_token_index"), "videos"),
     ("input_features", ("audio_token_id", "audio_token_index"), "audio clips"),
 )
+# the dims of one item per row (an image [C, H, W], an audio clip's features [mel, frames]);
+# more (Idefics3's [N, images, C, H, W], a video's frames) are grouped by example or unknown
+_ONE_PER_ROW = {"pixel_values": 4, "input_features": 3}
+# the language side of a multimodal model, whose parameters read no item's rows
+_LANGUAGE = ("language_model", "text_model", "lm_head", "embed_tokens")
+
+
+def _item_models(model: nn.Module) -> list[nn.Module]:
+    """The outermost modules of ``model`` (itself included) with a Hugging Face config that
+    names an item token (images, videos, audio clips), whose item side — the parameters outside
+    the language model — has something trainable: where a batch's items decide which example
+    the tower's and projector's rows belong to (:func:`_items_not_one_each`). A model whose
+    item side is frozen (the language model fine-tuned alone) gives no rows of items to any
+    measured layer (a review of 2026-12-06 found such models refused)."""
+    found: list[nn.Module] = []
+    inside: set[int] = set()
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside if prefix):
+            continue
+        config = getattr(module, "config", None)
+        if config is None or not any(
+            isinstance(getattr(config, a, None), int) for _, names, _ in _ITEMS for a in names
+        ):
+            continue
+        items_side = any(
+            p.requires_grad and not any(part in n for part in _LANGUAGE)
+            for n, p in module.named_parameters()
+        )
+        if items_side:
+            found.append(module)
+        inside.add(name + "." if name else "")
+        if not name:
+            break  # (the model itself: nothing outside it)
+    return found
 
 
 def _items_not_one_each(
@@ -401,8 +445,8 @@ def _items_not_one_each(
         )
         if token is None or not isinstance(items, Tensor) or items.dim() < 2:
             continue
-        if items.shape[0] != n:
-            continue  # (other counts: the audit proves or refuses the rows)
+        if items.shape[0] != n or items.dim() != _ONE_PER_ROW.get(key):
+            continue  # (other counts, or grouped by example: the audit proves or refuses)
         without = ((ids == token).sum(1) == 0).any()
         found.append(
             (
@@ -484,7 +528,13 @@ def _device_hook_only(module: nn.Module) -> bool:
     devices, which changes no gradient."""
     hooks = sys.modules.get("accelerate.hooks")
     hook = getattr(module, "_hf_hook", None)
-    return hooks is not None and type(hook) is getattr(hooks, "AlignDevicesHook", None)
+    if hooks is None or hook is None:
+        return False
+    align = getattr(hooks, "AlignDevicesHook", None)
+    chained = (
+        getattr(hook, "hooks", None) if type(hook) is getattr(hooks, "SequentialHook", 0) else None
+    )
+    return type(hook) is align or (chained is not None and all(type(h) is align for h in chained))
 
 
 def _alias_of(held: Any, p: nn.Parameter) -> bool:
@@ -650,6 +700,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # each rule layer's forward hook, the hooks that keep a layer's own output where a
         # user's forward hook runs before that one, and that output (_changed_on_the_way)
         self._forward_ids: dict[nn.Module, int] = {}
+        self._class_forwards: dict[type, Any] = {}  # (each rule layer class's, when made)
         self._capture_ids: dict[nn.Module, int] = {}
         self._captured: dict[nn.Module, list] = {}
         self._own_hook_ids: frozenset = frozenset()
@@ -1015,6 +1066,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             )
             self._handles.append(forward)
             self._forward_ids[module] = forward.id
+            self._class_forwards.setdefault(
+                type(module), registered_forward(module) or type(module).forward
+            )
             if self.subbatches and _by_products(module, self._calls[module][0]):
                 enter = module.register_forward_pre_hook(
                     self._hook(self._on_weight_enter, self._traced_weight_enter, owner=module)
@@ -1046,6 +1100,14 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 )
         for module in self._scopes:
             self._install_scope(module)
+        if self.per_example:
+            for module in _item_models(self.model):
+                self._handles.append(
+                    module.register_forward_pre_hook(
+                        self._hook(self._on_items, lambda *a: None, owner=module),
+                        with_kwargs=True,
+                    )
+                )
         own = {h.id for h in self._handles}
         for module, forward_id in self._forward_ids.items():
             # a forward hook the user registered before the tracker runs before the engine's:
@@ -1070,6 +1132,24 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             self._param_hook[pid] = p.register_hook(self._make_param_hook(pid))
             self._handles.append(self._param_hook[pid])
 
+    def _on_items(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """A multimodal model's forward (:func:`_item_models`): its items against the
+        examples, its arguments bound by name (positional ones too, and a module around it)."""
+        if not self._active() or self._recomputing or self._replaying:
+            return
+        pass_ = self._hook_pass()
+        n = pass_.batch_size
+        if pass_.skipped or n < 2:
+            return
+        try:
+            named = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+        except (TypeError, ValueError):
+            named = dict(kwargs)
+        if "kwargs" in named and isinstance(named["kwargs"], dict):
+            named = {**named, **named["kwargs"]}
+        pass_.unread_picks += _items_not_one_each(module, n, (), named)
+        pass_.items_cause = pass_.items_cause or _items_cause(module, n, named)
+
     def _install_weights_only(self, module: nn.Module, body: nn.Module | None) -> None:
         """Mark the computation of a weight from parameters alone — a parametrization's
         forward (``body`` the ParametrizationList), or an old reparametrization's pre-hook
@@ -1088,13 +1168,29 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 self._weights_only.remove(m)
 
         nothing = lambda *a: None  # noqa: E731 (compiled: not followed this way)
-        self._handles.append(
-            module.register_forward_pre_hook(self._hook(enter, nothing, owner=module), prepend=True)
+        opened = module.register_forward_pre_hook(
+            self._hook(enter, nothing, owner=module), prepend=True
         )
+        self._handles.append(opened)
         if body is None:
-            self._handles.append(
-                module.register_forward_pre_hook(self._hook(leave, nothing, owner=module))
-            )
+            closed = module.register_forward_pre_hook(self._hook(leave, nothing, owner=module))
+            self._handles.append(closed)
+            # around the reparametrization's own hooks only: a user's pre-hook before or after
+            # them (an input gain, x * model.gain) meets the batch as usual (inside the window
+            # it did not, and the layer after it was refused, a review of 2026-12-06)
+            hooks = module._forward_pre_hooks
+            ours = {opened.id, closed.id}
+            order = [k for k in hooks if k not in ours]
+            marked = [i for i, k in enumerate(order) if _reparametrizing(hooks[k])]
+            if marked:
+                order.insert(marked[-1] + 1, closed.id)
+                order.insert(marked[0], opened.id)
+                items = {k: hooks[k] for k in [*order]}
+                for k in list(hooks):
+                    if k not in items:
+                        items[k] = hooks[k]
+                hooks.clear()
+                hooks.update(items)
         self._handles.append(
             module.register_forward_hook(
                 self._hook(leave, nothing, owner=module, post=True), always_call=True
@@ -1452,9 +1548,6 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             pass_.examples = examples
             pass_.examples_version = None if examples.is_inference() else examples._version
         pass_.inputs = (args, kwargs)
-        if self.per_example and n >= 2 and not pass_.skipped and kwargs:
-            pass_.unread_picks += _items_not_one_each(self.model, n, args, kwargs)
-            pass_.items_cause = _items_cause(self.model, n, kwargs)
         if self.subbatches and self.per_example and n >= 2 and not pass_.skipped:
             unit = self.pairs if isinstance(self.pairs, int) else 2
             if self.pairs is not None and n < 2 * unit:
@@ -2281,10 +2374,14 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         captured = self._captured.pop(module, None)
         if "forward" in module.__dict__ and not _device_hook_only(module):
             return "its forward replaced on the instance (module.forward = ...)"
-        if _global_forward_hooks:
-            return "a global forward hook (register_module_forward_hook)"
+        if type(module).forward is not self._class_forwards.get(type(module), type(module).forward):
+            return "its class's forward replaced (a monkeypatch of the layer's class)"
+        # (a global forward hook — torch's ModuleTracker and FlopCounterMode register read-only
+        # ones — is not taken for a change: auditing every step under them doubled the step and
+        # the FLOPs they count, a review; one that changes outputs is checked on the audits'
+        # schedule only, as before 2026-12-06)
         forward_id = self._forward_ids.get(module)
-        for key in module._forward_hooks:
+        for key, hook in module._forward_hooks.items():
             if key == forward_id:
                 return None
             if key == self._capture_ids.get(module):
@@ -2296,6 +2393,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 ):
                     return None
                 return "a forward hook registered before the tracker that changed its output"
+            if isinstance(hook, _ModuleHook):
+                continue  # (another engine's on the same model: a second tracker's, a probe's)
             if key not in self._own_hook_ids:
                 # (the engine's hooks added since — a layer learned for the fallback —: known
                 # once the set is read again)

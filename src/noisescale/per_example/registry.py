@@ -158,6 +158,8 @@ def register_layer(
         if isinstance(fn, LayerRule) and options:
             raise TypeError("give either a LayerRule or a factors function with options")
         _RULES[key] = made
+        if isinstance(key, type):
+            _FORWARDS[key] = key.__dict__.get("forward", getattr(key, "forward", None))
         return made
 
     if rule is None:
@@ -173,6 +175,25 @@ def register_layer(
 def unregister_layer(module_type: type[nn.Module] | str) -> None:
     """Remove the rule registered for ``module_type`` (no error if there is none)."""
     _RULES.pop(_key(module_type), None)
+
+
+# each rule's class's forward when the rule was registered (for classes given as types):
+# a forward patched on the class since — a monkeypatch of nn.Linear.forward — is not the one
+# the rule was written for (registered_forward)
+_FORWARDS: dict[type, Any] = {}
+
+
+def registered_forward(module: nn.Module) -> Any:
+    """The forward that ``module``'s rule was written for — its rule class's own when the rule
+    was registered — or ``None`` when not known (a rule registered by name)."""
+    for cls in type(module).__mro__:
+        if cls is nn.Module:
+            return None
+        if cls in _FORWARDS:
+            return _FORWARDS[cls]
+        if _RULES.get(cls) is not None or _RULES.get(_qualname(cls)) is not None:
+            return None
+    return None
 
 
 def _qualname(cls: type) -> str:
