@@ -1240,11 +1240,9 @@ def test_bf16_autocast_in_the_default_subbatch_mode(name):
     assert float(((got - want).abs() / want).max()) < 0.05
 
 
-def test_a_vision_language_model_llava():
-    """LLaVA as it is fine-tuned: a CLIP vision tower, a two-layer projector, image features
-    scattered into each example's image-token positions of a Llama, a next-token loss per
-    sequence. Exact per example and by sub-batch (9 patches per image; when the patch count
-    equals the batch size, the audit refuses the projector's rows, never a number)."""
+def _llava(frozen: str = "tower") -> nn.Module:
+    """A tiny LLaVA; ``frozen``: "none", "tower" (the vision tower), "items" (tower and
+    projector: the language model fine-tuned alone)."""
     vision = transformers.CLIPVisionConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         image_size=24, patch_size=8, projection_dim=16,
@@ -1259,6 +1257,19 @@ def test_a_vision_language_model_llava():
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.LlavaForConditionalGeneration(cfg)
+    if frozen != "none":
+        model.model.vision_tower.requires_grad_(False)
+    if frozen == "items":
+        model.model.multi_modal_projector.requires_grad_(False)
+    return model
+
+
+def test_a_vision_language_model_llava():
+    """LLaVA as it is fine-tuned: a CLIP vision tower, a two-layer projector, image features
+    scattered into each example's image-token positions of a Llama, a next-token loss per
+    sequence. Exact per example and by sub-batch (9 patches per image; when the patch count
+    equals the batch size, the audit refuses the projector's rows, never a number)."""
+    model = _llava(frozen="none")
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, V, (N, 14), generator=g)
     ids[:, 1:10] = V  # the image's 9 tokens
@@ -1270,27 +1281,6 @@ def test_a_vision_language_model_llava():
         return per.view(N, -1).mean(1)[rows]
 
     assert_exact(model, lambda: losses().mean(), lambda i: losses(i))
-
-
-def _llava(frozen_items: bool = False) -> nn.Module:
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        image_size=24, patch_size=8, projection_dim=16,
-    )  # fmt: skip
-    text = transformers.LlamaConfig(
-        vocab_size=V + 1, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
-    )  # fmt: skip
-    cfg = transformers.LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=V, vision_feature_layer=-1,
-        vision_feature_select_strategy="default", image_seq_length=9,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.LlavaForConditionalGeneration(cfg)
-    model.model.vision_tower.requires_grad_(False)
-    if frozen_items:
-        model.model.multi_modal_projector.requires_grad_(False)
-    return model
 
 
 def _llava_batch(images: list[int], g: torch.Generator):
@@ -1305,7 +1295,7 @@ def test_llava_with_its_image_side_frozen_takes_any_arrangement_of_images():
     """The language model fine-tuned alone (tower and projector frozen): no measured layer
     reads the images' rows, so a batch with a text-only example beside a two-image one is
     exact (a review found the first version of the check below refusing it)."""
-    model = _llava(frozen_items=True)
+    model = _llava(frozen="items")
     ids, pixels = _llava_batch([0, 2, 1, 1], torch.Generator().manual_seed(1))
 
     def losses(rows=slice(None)):
