@@ -366,14 +366,7 @@ def _old_reparametrized(module: nn.Module) -> bool:
     parameters in a forward pre-hook: ``torch.nn.utils.prune`` (``weight`` from ``weight_orig``
     and the mask), the deprecated ``nn.utils.weight_norm`` (from ``weight_g`` and
     ``weight_v``) or ``nn.utils.spectral_norm`` (from ``weight_orig``)."""
-    from torch.nn.utils.prune import BasePruningMethod
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    return any(
-        isinstance(hook, BasePruningMethod | WeightNorm | SpectralNorm)
-        for hook in module._forward_pre_hooks.values()
-    )
+    return any(_reparametrizing(hook) for hook in module._forward_pre_hooks.values())
 
 
 # a Hugging Face multimodal model's items and the config attribute naming their token in
@@ -398,7 +391,7 @@ def _item_models(model: nn.Module) -> list[nn.Module]:
     item side is frozen (the language model fine-tuned alone) gives no rows of items to any
     measured layer (a review of 2026-12-06 found such models refused)."""
     found: list[nn.Module] = []
-    inside: set[int] = set()
+    inside: set[str] = set()
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in inside if prefix):
             continue
@@ -524,8 +517,8 @@ def _holds_inputs(x: Tensor, inputs: Any, storage: int) -> bool:
 
 def _device_hook_only(module: nn.Module) -> bool:
     """Whether the instance's own ``forward`` is accelerate's wrapper for an
-    ``AlignDevicesHook`` alone (``device_map`` dispatch): it moves inputs and outputs between
-    devices, which changes no gradient."""
+    ``AlignDevicesHook`` alone, or a chain of them (``device_map`` dispatch): they move inputs
+    and outputs between devices, which changes no gradient."""
     hooks = sys.modules.get("accelerate.hooks")
     hook = getattr(module, "_hf_hook", None)
     if hooks is None or hook is None:
@@ -1152,8 +1145,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
 
     def _install_weights_only(self, module: nn.Module, body: nn.Module | None) -> None:
         """Mark the computation of a weight from parameters alone — a parametrization's
-        forward (``body`` the ParametrizationList), or an old reparametrization's pre-hook
-        (``body`` None: from before the module's pre-hooks to after them) —: no tensor there
+        forward (``body`` the ParametrizationList), or an old reparametrization's pre-hooks
+        (``body`` None: from just before them to just after them) —: no tensor there
         holds an example, whatever its leading size (:meth:`weights_only`). Spectral norm's
         vectors u and v, computed without gradient and so without history, were taken for rows
         of the batch when the weight had N output rows, and the layer refused (a discriminator
@@ -2364,10 +2357,10 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
     def _changed_on_the_way(self, module: nn.Module, output: Any) -> str | None:
         """What may have changed a rule layer's output before the engine's forward hook got it
         — whose rule then reads the gradient of the changed output as the layer's (``out *
-        alpha``: every example's gradient off by alpha) —, or ``None``: a patched
-        ``forward`` of the instance (but accelerate's device hooks), a global forward hook, a
-        forward hook the user registered before the tracker (or prepended after it) that
-        replaced the output or changed it in place. Such a pass is audited (:meth:`_audit_wanted`:
+        alpha``: every example's gradient off by alpha) —, or ``None``: a ``forward`` patched
+        on the instance (but accelerate's device hooks) or on the layer's class, a forward hook
+        the user registered before the tracker (or prepended after it) that replaced the output
+        or changed it in place. Such a pass is audited (:meth:`_audit_wanted`:
         on the audit's schedule alone, a factor that was 1 when audited and changed later —
         a fade-in, a scheduled branch scale — was measured 11–24% off without a word until
         2026-12-06, a hunt); a hook that only reads costs nothing."""

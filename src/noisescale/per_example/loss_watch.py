@@ -1387,9 +1387,9 @@ _ATTENTION = {
 
 def _attention(func: Any, known: list, args: tuple, outs: list) -> Any:
     """A fused attention attends within each index of dim 0, q, k, v and its mask alike: the
-    rows of one map of examples there stay those rows (a critic run on the model's backbone in
-    the loss code, ``v_head(model.backbone(ids))``, was refused as combining the examples
-    until 2026-12-06, a hunt); anything else combines them."""
+    rows of one map of examples there stay those rows (an attention or pooling over the
+    model's outputs in the loss code was refused as combining the examples until 2026-12-06,
+    found by a hunt); anything else combines them."""
     layouts = {layout for _, layout in known}
     layout = layouts.pop() if len(layouts) == 1 else None
     if not isinstance(layout, Rows) or layout.dim != 0:
