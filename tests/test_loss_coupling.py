@@ -666,6 +666,14 @@ SUMS_AND_MEANS = {
         "sum",
     ),
     "mean + 0.1 * sum": (lambda o, y: F.cross_entropy(o, y) + 0.1 * o.pow(2).sum(), None),
+    # two plain reductions added as they are keep their kind (a review: only the weighted
+    # forms did, and CE + CE_aux under "sum" was measured N² off)
+    "mean + mean": (lambda o, y: F.cross_entropy(o, y) + o.pow(2).mean(), "mean"),
+    "sum + sum": (
+        lambda o, y: F.cross_entropy(o, y, reduction="sum") + o.pow(2).sum(),
+        "sum",
+    ),
+    "mean - mean": (lambda o, y: F.cross_entropy(o, y) - o.tanh().mean(), "mean"),
     "label smoothing, sum": (
         lambda o, y: F.cross_entropy(o, y, label_smoothing=0.1, reduction="sum"),
         "sum",

@@ -1307,17 +1307,22 @@ def test_llava_with_its_image_side_frozen_takes_any_arrangement_of_images():
 
 
 class _AroundLlava(nn.Module):
-    """A user's module around the Hugging Face model (a Lightning-style wrapper)."""
+    """A user's module around the Hugging Face model (a Lightning-style wrapper), calling it
+    or its inner model (a scorer on the last hidden state: ``vlm.model(...)``)."""
 
-    def __init__(self, vlm: nn.Module) -> None:
+    def __init__(self, vlm: nn.Module, inner: bool = False) -> None:
         super().__init__()
-        self.vlm = vlm
+        self.vlm, self.inner = vlm, inner
 
     def forward(self, ids, pixels):
+        if self.inner:
+            return self.vlm.lm_head(self.vlm.model(ids, pixels).last_hidden_state)
         return self.vlm(ids, pixels).logits
 
 
-@pytest.mark.parametrize("call", ["keywords", "positional", "a module around it"])
+@pytest.mark.parametrize(
+    "call", ["keywords", "positional", "a module around it", "its inner model in a module"]
+)
 def test_llava_images_as_many_as_examples_but_not_one_each_are_refused(call):
     """LLaVA with its projector trained: one image per example on steps 1–3, then a batch with
     as many images as examples but a text-only example beside a two-image one, [0, 2, 1, 1],
@@ -1329,7 +1334,7 @@ def test_llava_images_as_many_as_examples_but_not_one_each_are_refused(call):
     keywords, positionally, or inside a module of the user's (the first version of the check
     saw keywords on the tracked model only, a review)."""
     vlm = _llava()
-    model = vlm if call != "a module around it" else _AroundLlava(vlm)
+    model = vlm if call in ("keywords", "positional") else _AroundLlava(vlm, "inner" in call)
     g = torch.Generator().manual_seed(1)
 
     def batch(images: list[int]):

@@ -134,7 +134,8 @@ def _losses(model, shape):
         # vectors in place in training mode)
         with torch.no_grad():
             for k, v in model.named_buffers():
-                v.copy_(state[k])
+                if not torch.equal(v, state[k]):  # (a buffer written in place is no constant)
+                    v.copy_(state[k])
         return F.cross_entropy(model(x), y, reduction="none")
 
     return losses
@@ -319,15 +320,17 @@ def test_a_transposed_convolution_with_output_padding_not_below_its_stride_is_re
             engine.remove()
 
 
-@pytest.mark.parametrize("keep", ["assigned", "copied"])
+@pytest.mark.parametrize("keep", ["assigned", "copied", "copied halved", "inference buffer"])
 def test_the_batch_written_into_a_buffer_is_still_the_batch(keep):
-    """(A review, 2026-12-06.) The forward keeps its input in a registered buffer — assigned
-    to the buffer's name, or copied into a preallocated one and read back — then meets a
+    """(Two reviews, 2026-12-06.) The forward keeps its input in a registered buffer —
+    assigned to the buffer's name, or copied (or a transform of it) into a preallocated one and
+    read back — then meets a
     parameter used directly, ``x @ self.W``. The first version of the buffer rule took any
     buffer for no example's: the first form was refused, the second made the user's own
     backward fail (the audit's re-run of the forward wrote the buffer again). A buffer that
-    holds the model's input is the batch: exact, in both modes, on audited and unaudited
-    steps."""
+    was written since the engine was made (or sits on an input's memory) is the batch: exact,
+    in both modes, on audited and unaudited steps. A table made under inference_mode (which has
+    no version counter) crashed the first version of this rule."""
 
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -339,13 +342,17 @@ def test_the_batch_written_into_a_buffer_is_still_the_batch(keep):
         def forward(self, x):
             if keep == "assigned":
                 self.last_x = x
+            elif keep == "inference buffer":  # (a table refreshed under inference_mode)
+                return self.head(torch.tanh(x @ (self.W + self.table)))
             else:
-                self.last_x.copy_(x)
+                self.last_x.copy_(x / 2 if keep == "copied halved" else x)
                 x = self.last_x
             return self.head(torch.tanh(x @ self.W))
 
     torch.manual_seed(0)
     model = Net()
+    with torch.inference_mode():
+        model.register_buffer("table", torch.randn(4, 6))
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(N, 4, generator=g), torch.randint(0, 3, (N,), generator=g)
     _assert_exact(model, lambda: F.cross_entropy(model(x), y, reduction="none"))

@@ -81,11 +81,6 @@ def _same_input_twice(form: str, model: _TwoHeads, x: torch.Tensor, y: torch.Ten
         return F.cross_entropy(model(x[torch.arange(16)], head=0), y) + F.cross_entropy(
             model(x[torch.arange(16)], head=1), y
         )
-    if form == "a copy, the second call without the mask":  # (a review)
-        mask = torch.ones(x.shape[0])
-        return F.cross_entropy(model(x, mask=mask), y) + F.cross_entropy(
-            model(x.clone(), head=1), y
-        )
     if form == "a copy beside the same mask":  # model(ids, att), model(ids.clone(), att)
         mask = torch.ones(x.shape[0])
         return F.cross_entropy(model(x, mask=mask), y) + F.cross_entropy(
@@ -106,7 +101,6 @@ FORMS = ["multi-sample dropout", "two heads in turn", "a view of the batch"]
         "a copy",
         "the batch indexed again",
         "a copy beside the same mask",
-        "a copy, the second call without the mask",
     ],
 )
 def test_one_backward_through_the_same_input_twice_is_refused(form, kw):

@@ -55,7 +55,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import torch
@@ -384,17 +384,16 @@ _LANGUAGE = ("language_model", "text_model", "lm_head", "embed_tokens")
 
 
 def _item_models(model: nn.Module) -> list[nn.Module]:
-    """The outermost modules of ``model`` (itself included) with a Hugging Face config that
-    names an item token (images, videos, audio clips), whose item side — the parameters outside
-    the language model — has something trainable: where a batch's items decide which example
-    the tower's and projector's rows belong to (:func:`_items_not_one_each`). A model whose
-    item side is frozen (the language model fine-tuned alone) gives no rows of items to any
-    measured layer (a review of 2026-12-06 found such models refused)."""
+    """The modules of ``model`` (itself included) with a Hugging Face config that names an item
+    token (images, videos, audio clips) — the outer model and the inner one that merges the
+    items: a wrapper may call either (``vlm.model(...)`` skipped a check on the outer one only,
+    a review) —, whose item side (the parameters outside the language model) has something
+    trainable: where a batch's items decide which example the tower's and projector's rows
+    belong to (:func:`_items_not_one_each`). A model whose item side is frozen (the language
+    model fine-tuned alone) gives no rows of items to any measured layer (a review of
+    2026-12-06 found such models refused)."""
     found: list[nn.Module] = []
-    inside: set[str] = set()
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in inside if prefix):
-            continue
+    for _, module in model.named_modules():
         config = getattr(module, "config", None)
         if config is None or not any(
             isinstance(getattr(config, a, None), int) for _, names, _ in _ITEMS for a in names
@@ -406,9 +405,6 @@ def _item_models(model: nn.Module) -> list[nn.Module]:
         )
         if items_side:
             found.append(module)
-        inside.add(name + "." if name else "")
-        if not name:
-            break  # (the model itself: nothing outside it)
     return found
 
 
@@ -467,13 +463,16 @@ def _items_cause(model: nn.Module, n: int, kwargs: dict) -> str | None:
         return None
     for key, names, what in _ITEMS:
         items = kwargs.get(key)
-        if not isinstance(items, Tensor) or items.dim() < 2:
+        one = _ONE_PER_ROW.get(key)
+        # (one item per row, or grouped by example: Qwen2-VL's patches packed in 2-D are not
+        # a count of images, a review)
+        if not isinstance(items, Tensor) or one is None or items.dim() not in (one, one + 1):
             continue
         if not any(isinstance(getattr(config, a, None), int) for a in names):
             continue
         if items.shape[0] != n:
             held = f"{items.shape[0]} {what} for the batch's {n} examples"
-        elif items.dim() >= 5 and items.shape[1] > 1:
+        elif items.dim() == one + 1 and items.shape[1] > 1:
             held = f"{items.shape[1]} {what} in each example, which the model flattens"
         else:
             continue
@@ -496,23 +495,22 @@ def _accumulation_hooked(module: nn.Module) -> bool:
     return False
 
 
-def _holds_inputs(x: Tensor, inputs: Any, storage: int) -> bool:
-    """Whether buffer ``x`` (on ``storage``) holds the model's input: one of the forward's
-    tensor arguments on the same memory, or of the same shape with equal values (a copy)."""
+def _on_inputs(inputs: Any, storage: int) -> bool:
+    """Whether one of the forward's tensor arguments lives on ``storage`` (the input assigned
+    to a buffer's name)."""
     found: list[Any] = []
     flatten(inputs, found)
     for t in found:
-        if not isinstance(t, Tensor):
-            continue
-        try:
-            if t.untyped_storage().data_ptr() == storage:
-                return True
-        except (RuntimeError, NotImplementedError, TypeError):
-            continue
-        same = t.shape == x.shape and t.dtype == x.dtype and t.device == x.device
-        if same and bool(torch.equal(t, x)):
-            return True
+        if isinstance(t, Tensor):
+            with suppress(RuntimeError, NotImplementedError, TypeError):
+                if t.untyped_storage().data_ptr() == storage:
+                    return True
     return False
+
+
+def _version_of(t: Tensor) -> int:
+    """A tensor's version counter (-1 for an inference tensor, which has none)."""
+    return -1 if t.is_inference() else t._version
 
 
 def _device_hook_only(module: nn.Module) -> bool:
@@ -686,9 +684,16 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._scopes: dict[nn.Module, list[tuple[nn.Module, str, int]]] = {}
         # modules whose weight an old reparametrization's pre-hook computes (_build_plan)
         self._old_reparametrized: set[nn.Module] = set()
-        # whether a buffer holds no example, by storage: (its version, the verdict) —
-        # is_model_buffer
-        self._buffer_verdicts: dict[int, tuple[int, bool]] = {}
+        # the model's buffers when the engine was made, by storage: (a weak reference, their
+        # version then; an inference tensor's -1, it cannot be written outside inference mode)
+        # — is_model_buffer
+        self._buffers_made: dict[int, tuple[Any, int]] = {}
+        for b in model.buffers():
+            with suppress(RuntimeError, NotImplementedError, TypeError):
+                self._buffers_made[b.untyped_storage().data_ptr()] = (
+                    weakref.ref(b),
+                    _version_of(b),
+                )
         self._weights_only: list[nn.Module] = []  # (_install_weights_only)
         # each rule layer's forward hook, the hooks that keep a layer's own output where a
         # user's forward hook runs before that one, and that output (_changed_on_the_way)
@@ -696,6 +701,10 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._class_forwards: dict[type, Any] = {}  # (each rule layer class's, when made)
         self._capture_ids: dict[nn.Module, int] = {}
         self._captured: dict[nn.Module, list] = {}
+        # the layers' outputs before any global forward hook, by a global hook of the engine's
+        # put first when others exist (_raw_capture_first)
+        self._captured_raw: dict[nn.Module, list] = {}
+        self._raw_capture_id: int | None = None
         self._own_hook_ids: frozenset = frozenset()
         self._mirrored: list[nn.Module] = []  # layers whose checkpoint function is wrapped
         # each scope's modules that may checkpoint their forward (_mirror_in_recompute)
@@ -1132,16 +1141,19 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             return
         pass_ = self._hook_pass()
         n = pass_.batch_size
-        if pass_.skipped or n < 2:
-            return
+        if pass_.skipped or n < 2 or pass_.items_checked:
+            return  # (once a pass: the outer model's call, or the inner one's)
         try:
             named = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
         except (TypeError, ValueError):
             named = dict(kwargs)
         if "kwargs" in named and isinstance(named["kwargs"], dict):
             named = {**named, **named["kwargs"]}
-        pass_.unread_picks += _items_not_one_each(module, n, (), named)
-        pass_.items_cause = pass_.items_cause or _items_cause(module, n, named)
+        flags = _items_not_one_each(module, n, (), named)
+        cause = _items_cause(module, n, named)
+        pass_.unread_picks += flags
+        pass_.items_cause = pass_.items_cause or cause
+        pass_.items_checked = bool(flags) or cause is not None
 
     def _install_weights_only(self, module: nn.Module, body: nn.Module | None) -> None:
         """Mark the computation of a weight from parameters alone — a parametrization's
@@ -2354,6 +2366,27 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         if self._active():
             self._captured[module] = [(t, t.grad_fn) for t in _tensors(output)]
 
+    def _raw_capture_first(self) -> bool:
+        """Whether the engine's global forward hook that keeps rule layers' own outputs is in
+        place, first among the global hooks; put it there if not (a layer's call then, not yet
+        compared, is audited)."""
+        hooks = _global_forward_hooks
+        key = self._raw_capture_id
+        if key is not None and key in hooks and next(iter(hooks)) == key:
+            return True
+        if key is None or key not in hooks:
+            handle = torch.nn.modules.module.register_module_forward_hook(self._capture_raw)
+            self._handles.append(handle)
+            self._raw_capture_id = key = handle.id
+        hooks.move_to_end(key, last=False)
+        return False
+
+    def _capture_raw(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """A rule layer's own output, before the global forward hooks
+        (:meth:`_raw_capture_first`)."""
+        if module in self._forward_ids and self._active() and not foreign_thread(self.thread):
+            self._captured_raw[module] = [(t, t.grad_fn) for t in _tensors(output)]
+
     def _changed_on_the_way(self, module: nn.Module, output: Any) -> str | None:
         """What may have changed a rule layer's output before the engine's forward hook got it
         — whose rule then reads the gradient of the changed output as the layer's (``out *
@@ -2365,14 +2398,29 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         a fade-in, a scheduled branch scale — was measured 11–24% off without a word until
         2026-12-06, a hunt); a hook that only reads costs nothing."""
         captured = self._captured.pop(module, None)
+        raw = self._captured_raw.pop(module, None)
         if "forward" in module.__dict__ and not _device_hook_only(module):
             return "its forward replaced on the instance (module.forward = ...)"
         if type(module).forward is not self._class_forwards.get(type(module), type(module).forward):
             return "its class's forward replaced (a monkeypatch of the layer's class)"
-        # (a global forward hook — torch's ModuleTracker and FlopCounterMode register read-only
-        # ones — is not taken for a change: auditing every step under them doubled the step and
-        # the FLOPs they count, a review; one that changes outputs is checked on the audits'
-        # schedule only, as before 2026-12-06)
+        if any(k != self._raw_capture_id for k in _global_forward_hooks):
+            # a global forward hook runs before the layer's own: the layer's output is kept by
+            # one of the engine's, put first among them, and compared — a read-only one (torch's
+            # ModuleTracker and FlopCounterMode register such) costs nothing (auditing every
+            # step under them doubled the step and the FLOPs they count, a review); one that
+            # changes the output is audited at every step (taken for read-only at first, it was
+            # measured 120% off between audits, a second review)
+            after = captured
+            if after is None:
+                after = [(t, t.grad_fn) for t in _tensors(output)]
+            if not self._raw_capture_first():
+                return "a global forward hook (register_module_forward_hook)"
+            if (
+                raw is None
+                or len(raw) != len(after)
+                or not all(a is c and g is h for (a, g), (c, h) in zip(raw, after, strict=True))
+            ):
+                return "a global forward hook that changed its output"
         forward_id = self._forward_ids.get(module)
         for key, hook in module._forward_hooks.items():
             if key == forward_id:
@@ -2459,25 +2507,26 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
 
     def is_model_buffer(self, pass_: PassNorms, x: Tensor) -> bool:
         """Whether ``x`` is one of the model's buffers or a view of one, not expanded over
-        the examples (:meth:`_is_buffer`), that holds no example: not the batch written into a
-        buffer by the forward (``self.buf.copy_(x)``, or the input assigned to a buffer's
-        name), which a first version took for no example's — such a model was refused, or its
-        backward failed when the audit re-ran the forward (a review of 2026-12-06). Decided
-        once per version of the buffer (the values compared with the model's inputs of the
-        same shape). A shared operation's operand (:func:`~noisescale.per_example.shared.
-        _dispatch`)."""
+        the examples (:meth:`_is_buffer`), that holds no example: one the model had when the
+        engine was made, not written since (a mask, a position index, a frozen quantizer's
+        scale). Not the batch written into a buffer by the forward — ``self.buf.copy_(x)``,
+        a transformed copy, or the input assigned to a buffer's name —, which a first version
+        took for no example's: such a model was refused, or its backward failed when the
+        audit re-ran the forward (two reviews of 2026-12-06). A shared operation's operand
+        (:func:`~noisescale.per_example.shared._dispatch`); no value is read."""
         if not self._is_buffer(pass_, x):
             return False
         try:
-            key = x.untyped_storage().data_ptr()
+            storage = x.untyped_storage().data_ptr()
         except (RuntimeError, NotImplementedError, TypeError):
             return False
-        known = self._buffer_verdicts.get(key)
-        if known is not None and known[0] == x._version:
-            return known[1]
-        verdict = not _holds_inputs(x, pass_.inputs, key)
-        self._buffer_verdicts[key] = (x._version, verdict)
-        return verdict
+        made = self._buffers_made.get(storage)
+        if made is None or _on_inputs(pass_.inputs, storage):
+            return False
+        # (the buffer itself still alive — one replaced and freed leaves its memory to others
+        # — and unwritten since)
+        held = made[0]()
+        return held is not None and made[1] == _version_of(x) == _version_of(held)
 
     def _is_buffer(self, pass_: PassNorms, x: Tensor) -> bool:
         """Is ``x`` (a layer's input) one of the model's buffers, or a view of one? Its leading

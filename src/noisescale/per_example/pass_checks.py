@@ -180,17 +180,6 @@ def _same_input(a: PassNorms, b: PassNorms, by_value: bool = False) -> bool:
     # twice (a review found the first version refusing both).
     if not by_value or not a.tasks & b.tasks or a.inputs is None or b.inputs is None:
         return False
-    if (
-        x.data_ptr() != y.data_ptr()
-        and x.device == y.device
-        and x.dtype == y.dtype
-        and x.shape == y.shape
-        and bool(torch.equal(x, y))
-    ):
-        # the examples' own tensor copied, whatever else each call is given (an actor called
-        # with its attention mask or labels=, a critic on ids.clone() with fewer arguments:
-        # counted as 2N examples until 2026-12-06, a review)
-        return True
     left, right = _rows_of(a), _rows_of(b)
     return (
         bool(left)

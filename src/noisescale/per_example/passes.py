@@ -198,6 +198,7 @@ class PassNorms:
     # a multimodal model's items not one per example (engine._items_cause): said first where
     # a layer that runs on them is refused
     items_cause: str | None = None
+    items_checked: bool = False  # (once a pass: engine._on_items)
     # merged passes (one backward through several forwards): every audit among them — each
     # forward's structure is recorded as audited — and whether some were audited, others not
     audits: list = field(default_factory=list)
