@@ -72,7 +72,7 @@ from torch.utils._pytree import tree_leaves as _tree_leaves
 from torch.utils.hooks import RemovableHandle
 
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
-from noisescale.module_hooks import foreign_thread
+from noisescale.module_hooks import InertWhenCopied, foreign_thread
 from noisescale.per_example import audit as audit_mod
 from noisescale.per_example import compiled, norms, scaler_watch
 from noisescale.per_example import subbatch as subbatch_mod
@@ -408,9 +408,7 @@ def _item_models(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def _items_not_one_each(
-    model: nn.Module, n: int, args: tuple, kwargs: dict
-) -> list[tuple[str, str, Tensor]]:
+def _items_not_one_each(model: nn.Module, n: int, kwargs: dict) -> list[tuple[str, str, Tensor]]:
     """Device flags for a multimodal model's items (images, videos, audio clips) given one row
     each, as many as the batch's examples, but not one in each example — an example without
     their tokens in ``input_ids`` beside one with two. The engine takes such rows for the
@@ -421,9 +419,7 @@ def _items_not_one_each(
     word, until 2026-12-06 (a hunt). Read with the step's statistics (``unread_picks``, label
     ``""``: ``how`` is the whole cause)."""
     config = getattr(model, "config", None)
-    ids = kwargs.get("input_ids")
-    if ids is None and args and isinstance(args[0], Tensor) and not args[0].is_floating_point():
-        ids = args[0]
+    ids = kwargs.get("input_ids")  # (arguments bound by name: _on_items)
     if config is None or not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[0] != n:
         return []
     found = []
@@ -506,6 +502,26 @@ def _on_inputs(inputs: Any, storage: int) -> bool:
                 if t.untyped_storage().data_ptr() == storage:
                     return True
     return False
+
+
+def _ours(hook: Any) -> bool:
+    """Whether a module hook is noisescale's own (any engine's or watcher's)."""
+    return isinstance(hook, InertWhenCopied)
+
+
+def _outputs_kept(output: Any) -> list[tuple[Tensor, Any]]:
+    """A layer's output tensors with their autograd nodes, to tell later whether a hook
+    replaced one or changed it in place (:meth:`PerExampleNorms._changed_on_the_way`)."""
+    return [(t, t.grad_fn) for t in _tensors(output)]
+
+
+def _same_outputs(kept: list | None, now: list) -> bool:
+    """Whether ``now`` holds the very tensors ``kept`` did, each at the same autograd node."""
+    return (
+        kept is not None
+        and len(kept) == len(now)
+        and all(a is c and g is h for (a, g), (c, h) in zip(kept, now, strict=True))
+    )
 
 
 def _version_of(t: Tensor) -> int:
@@ -705,7 +721,6 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # put first when others exist (_raw_capture_first)
         self._captured_raw: dict[nn.Module, list] = {}
         self._raw_capture_id: int | None = None
-        self._own_hook_ids: frozenset = frozenset()
         self._mirrored: list[nn.Module] = []  # layers whose checkpoint function is wrapped
         # each scope's modules that may checkpoint their forward (_mirror_in_recompute)
         self._checkpointing_layers: dict[nn.Module, list[nn.Module]] = {}
@@ -1110,20 +1125,17 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                         with_kwargs=True,
                     )
                 )
-        own = {h.id for h in self._handles}
         for module, forward_id in self._forward_ids.items():
             # a forward hook the user registered before the tracker runs before the engine's:
             # the layer's own output is kept for the engine's hook to compare (_changed_on_the_way)
-            if next(k for k in module._forward_hooks if k == forward_id or k not in own) != (
-                forward_id
-            ):
+            hooks = module._forward_hooks
+            if next(k for k in hooks if k == forward_id or not _ours(hooks[k])) != forward_id:
                 capture = module.register_forward_hook(
                     self._hook(self._capture_output, lambda m, a, o: None, owner=module, post=True),
                     prepend=True,
                 )
                 self._handles.append(capture)
                 self._capture_ids[module] = capture.id
-        self._own_hook_ids = frozenset(h.id for h in self._handles)
         for module in self.model.modules():
             if isinstance(module, parametrize.ParametrizationList):
                 self._install_weights_only(module, module)
@@ -1149,7 +1161,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             named = dict(kwargs)
         if "kwargs" in named and isinstance(named["kwargs"], dict):
             named = {**named, **named["kwargs"]}
-        flags = _items_not_one_each(module, n, (), named)
+        flags = _items_not_one_each(module, n, named)
         cause = _items_cause(module, n, named)
         pass_.unread_picks += flags
         pass_.items_cause = pass_.items_cause or cause
@@ -2364,7 +2376,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         """The layer's own output, before the user's forward hooks run
         (:meth:`_changed_on_the_way`)."""
         if self._active():
-            self._captured[module] = [(t, t.grad_fn) for t in _tensors(output)]
+            self._captured[module] = _outputs_kept(output)
 
     def _raw_capture_first(self) -> bool:
         """Whether the engine's global forward hook that keeps rule layers' own outputs is in
@@ -2385,7 +2397,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         """A rule layer's own output, before the global forward hooks
         (:meth:`_raw_capture_first`)."""
         if module in self._forward_ids and self._active() and not foreign_thread(self.thread):
-            self._captured_raw[module] = [(t, t.grad_fn) for t in _tensors(output)]
+            self._captured_raw[module] = _outputs_kept(output)
 
     def _changed_on_the_way(self, module: nn.Module, output: Any) -> str | None:
         """What may have changed a rule layer's output before the engine's forward hook got it
@@ -2410,38 +2422,23 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             # step under them doubled the step and the FLOPs they count, a review); one that
             # changes the output is audited at every step (taken for read-only at first, it was
             # measured 120% off between audits, a second review)
-            after = captured
-            if after is None:
-                after = [(t, t.grad_fn) for t in _tensors(output)]
             if not self._raw_capture_first():
                 return "a global forward hook (register_module_forward_hook)"
-            if (
-                raw is None
-                or len(raw) != len(after)
-                or not all(a is c and g is h for (a, g), (c, h) in zip(raw, after, strict=True))
-            ):
+            after = captured if captured is not None else _outputs_kept(output)
+            if not _same_outputs(raw, after):
                 return "a global forward hook that changed its output"
         forward_id = self._forward_ids.get(module)
         for key, hook in module._forward_hooks.items():
             if key == forward_id:
                 return None
             if key == self._capture_ids.get(module):
-                now = [(t, t.grad_fn) for t in _tensors(output)]
-                if (
-                    captured is not None
-                    and len(now) == len(captured)
-                    and all(a is c and g is h for (a, g), (c, h) in zip(now, captured, strict=True))
-                ):
+                if _same_outputs(captured, _outputs_kept(output)):
                     return None
                 return "a forward hook registered before the tracker that changed its output"
-            if isinstance(hook, _ModuleHook):
-                continue  # (another engine's on the same model: a second tracker's, a probe's)
-            if key not in self._own_hook_ids:
-                # (the engine's hooks added since — a layer learned for the fallback —: known
-                # once the set is read again)
-                self._own_hook_ids = frozenset(h.id for h in self._handles)
-                if key not in self._own_hook_ids:
-                    return "a forward hook that runs before noisescale's (prepend=True)"
+            if not _ours(hook):
+                # (noisescale's own — this engine's, added since for the fallback, or another
+                # engine's on the same model — are not)
+                return "a forward hook that runs before noisescale's (prepend=True)"
         return None
 
     def _nothing_between(self, module: nn.Module) -> bool:

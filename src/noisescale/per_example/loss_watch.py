@@ -763,20 +763,15 @@ class LossWatch:
             if layout is not None:
                 if scaled and isinstance(layout, _Sum) and layout.plain is not None:
                     layout = _Sum(layout.owners, None, layout.count)
-                if isinstance(layout, _Sum) and scaled:
-                    kind, flipped = self._kept_kind(name, args, kwargs, known)
-                    if kind is not None:
-                        layout = _Sum(layout.owners, kind, layout.count, flipped)
-                elif (
-                    isinstance(layout, _Sum)
-                    and name in ("add", "sub")
-                    and layout.plain is None
+                # (two plain sums, or means, added as they are keep their kind too: CE +
+                # CE_aux under "sum" was measured N² off while CE + 0.1 · CE_aux was refused,
+                # a review of 2026-12-06)
+                added = (
+                    name in ("add", "sub")
                     and len(known) == 2
                     and all(isinstance(x, _Sum) for _, x in known)
-                ):
-                    # two plain sums (or means) added as they are keep their kind: CE + CE_aux
-                    # under "sum" was measured N² off while CE + 0.1 · CE_aux was refused (a
-                    # review of 2026-12-06; the weighted form kept it through _kept_kind)
+                )
+                if isinstance(layout, _Sum) and (scaled or (added and layout.plain is None)):
                     kind, flipped = self._kept_kind(name, args, kwargs, known)
                     if kind is not None:
                         layout = _Sum(layout.owners, kind, layout.count, flipped)
