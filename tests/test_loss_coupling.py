@@ -793,6 +793,90 @@ def test_a_plain_sum_declared_a_mean_or_the_reverse_is_refused(name, declared):
     assert torch.allclose(pe.sqnorms, torch.stack(want), rtol=1e-9)
 
 
+NON_SCALAR = {
+    # (the backward, the kind it is: a hunt of 2026-12-06 found the plain sum written as a
+    # non-scalar backward measured N² too large under "mean" without a word)
+    "ls.backward(ones)": (lambda ls: ls.backward(torch.ones_like(ls)), "sum"),
+    "autograd.backward(ls, ones)": (
+        lambda ls: torch.autograd.backward(ls, torch.ones_like(ls)),
+        "sum",
+    ),
+    "autograd.backward([ls], grad_tensors=[ones])": (
+        lambda ls: torch.autograd.backward([ls], grad_tensors=[torch.ones_like(ls)]),
+        "sum",
+    ),
+    "ls.backward(gradient=1/N)": (
+        lambda ls: ls.backward(gradient=torch.full_like(ls, 1 / N)),
+        "mean",
+    ),
+    "tokens.backward(ones)": (
+        lambda ls: ls[:, None].expand(N, 3).backward(torch.ones(N, 3)),
+        "sum",
+    ),
+    "tokens.backward(1/numel)": (
+        lambda ls: (ls[:, None] * torch.ones(3)).backward(torch.full((N, 3), 1 / (3 * N))),
+        "mean",
+    ),
+    # weights per example, or a constant other than 1 and 1/numel: the user's definition
+    "ls.backward(w)": (lambda ls: ls.backward(torch.linspace(0.5, 1.5, N)), None),
+    "ls.backward(2)": (lambda ls: ls.backward(torch.full_like(ls, 2.0)), None),
+}
+
+
+@pytest.mark.parametrize("name", NON_SCALAR)
+@pytest.mark.parametrize("declared", ["mean", "sum"])
+@pytest.mark.parametrize("tracked", [False, True])
+def test_a_non_scalar_backward_from_the_examples_terms_has_its_kind_read(name, declared, tracked):
+    """``losses.backward(torch.ones_like(losses))`` is the plain sum of the examples' terms,
+    a gradient of 1/N each their mean: a declaration that contradicts it is refused as for
+    ``losses.sum()``; other gradients weigh the terms (taken as given) and are exact."""
+    run, kind = NON_SCALAR[name]
+    model = mlp()
+    x, y = data()
+    tracker = (
+        noisescale.GradientNoiseTracker(model, loss_reduction=declared, per_example_fraction=1.0)
+        if tracked
+        else None
+    )
+    measuring = (
+        contextlib.nullcontext()
+        if tracked
+        else noisescale.per_example_sqnorms(model, loss_reduction=declared)
+    )
+    try:
+        if kind is not None and kind != declared:
+            with pytest.raises(noisescale.NoiseScaleInputError, match=f"plain {kind} over the"):
+                with measuring:
+                    run(F.cross_entropy(model(x), y, reduction="none"))
+                    if tracked:
+                        tracker.step()
+            return
+        with measuring as pe:
+            run(F.cross_entropy(model(x), y, reduction="none"))
+        if tracked:
+            tracker.step()
+            # (the exact mode's small-batch norm: the mean of the examples' norms)
+            got = torch.tensor(tracker.history[-1]["sources"]["per_example"]["sqnorm_small"])
+        else:
+            got = pe.sqnorms
+    finally:
+        if tracked:
+            tracker.remove()
+    # truth: each example's own share of the backward, N² times for a declared mean
+    params = list(model.parameters())
+    want = []
+    for i in range(N):
+        model.zero_grad()
+        ls = F.cross_entropy(model(x), y, reduction="none")
+        keep = torch.zeros(N)
+        keep[i] = 1.0
+        run(ls * keep)
+        share = sum((p.grad**2).sum() for p in params)
+        want.append(share * (N**2 if declared == "mean" else 1))
+    want = torch.stack(want)
+    assert torch.allclose(got, want.mean() if tracked else want, rtol=1e-9)
+
+
 def test_a_probe_s_sum_before_the_loss_is_not_taken_for_the_loss():
     """(A review.) ``torch.autograd.grad`` of a plain sum of the outputs (a saliency probe)
     before the step's loss, a scaled mean: the probe's sum was taken for the loss's kind and

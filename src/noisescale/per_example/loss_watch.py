@@ -602,10 +602,11 @@ class LossWatch:
 
     # -- the verdict ---------------------------------------------------------------------------
 
-    def backward(self, roots: list[Tensor], *, final: bool) -> None:
+    def backward(self, roots: list[Tensor], *, final: bool, grads: list | None = None) -> None:
         """A backward starts from ``roots``: a root that mixes examples marks the passes.
         ``final``: the step's backward (``backward``), which ends the watch; not for
-        ``torch.autograd.grad`` (a gradient penalty's inner gradient comes before the loss)."""
+        ``torch.autograd.grad`` (a gradient penalty's inner gradient comes before the loss).
+        ``grads``: the gradients given with the roots (``losses.backward(gradient)``), or None."""
         if self.done or self.paused():
             return
         if not any(isinstance(r, Tensor) and self._layout(r) is not None for r in roots) and (
@@ -644,6 +645,14 @@ class LossWatch:
                 for pass_ in self.passes:
                     previous = pass_.class_weighted
                     pass_.class_weighted = flag if previous is None else previous | flag
+            if final and isinstance(layout, Rows | Across) and grads:
+                # a backward from the examples' terms themselves, weighted by the gradient
+                # given: losses.backward(torch.ones_like(losses)) is their plain sum (until
+                # 2026-12-06 its kind was not read, and under "mean" every norm came out N²
+                # too large without a word, a hunt), a gradient of 1/numel their mean
+                kind = _given_kind(root, layout, grads[roots.index(root)])
+                if kind is not None:
+                    layout = _Sum(_sum([(root, layout)]).owners, kind)
             if final and isinstance(layout, _Sum) and layout.plain is not None:
                 # (the step's loss only: not an earlier torch.autograd.grad's output, a
                 # saliency probe's or a gradient penalty's inner sum)
@@ -1187,7 +1196,14 @@ class _Function(torch.overrides.TorchFunctionMode):
                 first = args[0] if args else kwargs.get("tensors", kwargs.get("outputs"))
                 roots = [first] if isinstance(first, Tensor) else list(first or [])
             final = torch_func is not _GRAD
-            self.watch.backward(roots, final=final)
+            if torch_func is Tensor.backward:
+                given = args[1] if len(args) > 1 else kwargs.get("gradient")
+            else:
+                given = args[1] if len(args) > 1 else kwargs.get("grad_tensors")
+            if given is None or isinstance(given, Tensor):
+                given = [given] * len(roots) if len(roots) == 1 else None
+            given = list(given) if given is not None and len(given) == len(roots) else None
+            self.watch.backward(roots, final=final, grads=given)
             # the backward runs without the dispatch mode (the function mode is off inside
             # this call; it comes off its stack when the step collects)
             if final and self.watch._pushed:
@@ -1263,6 +1279,25 @@ def _insert_bottom(mode: Any, *, dispatch: bool) -> None:
 
 
 # -- the rules ---------------------------------------------------------------------------------
+
+
+def _given_kind(root: Tensor, layout: Rows | Across, grad: Any) -> str | None:
+    """The kind of reduction a backward from per-example terms ``root`` with the gradient
+    ``grad`` is: "sum" where every element's weight is 1, "mean" where it is 1/numel over a
+    regular layout (each example as many elements), else None (weights: taken as given). One
+    host read, on the steps the watch follows."""
+    if not isinstance(grad, Tensor) or grad.shape != root.shape or root.numel() == 0:
+        return None
+    first = grad.reshape(-1)[0]
+    if not bool((grad == first).all()):
+        return None
+    value = float(first)
+    if value == 1.0:
+        return "sum"
+    regular = isinstance(layout, Across) or (layout.block is not None and layout.ids is None)
+    if regular and math.isclose(value * root.numel(), 1.0, rel_tol=1e-6):
+        return "mean"
+    return None
 
 
 def _sum(known: list) -> _Sum:

@@ -50,7 +50,8 @@ def loss_kind_message(
             continue
         if declared == "mean" and p.loss_kind == "sum":
             return (
-                "the loss is a plain sum over the examples (loss.sum(), reduction='sum'), but "
+                "the loss is a plain sum over the examples (loss.sum(), reduction='sum', "
+                "losses.backward(torch.ones_like(losses))), but "
                 "loss_reduction='mean' (the default) says it is their mean: every per-example "
                 f"norm (and a tracker's |G|² and tr Σ) would come out N² = {p.batch_size**2} "
                 "times too large (B_simple too, when the batch size changes). Pass "
@@ -59,7 +60,8 @@ def loss_kind_message(
             )
         if declared == "sum" and p.loss_kind == "mean":
             return (
-                "the loss is a plain mean over the examples (loss.mean(), reduction='mean'), "
+                "the loss is a plain mean over the examples (loss.mean(), reduction='mean', "
+                "a backward with a gradient of 1/N per example), "
                 "but loss_reduction='sum' says it is their sum: every per-example norm (and a "
                 f"tracker's |G|² and tr Σ) would come out N² = {p.batch_size**2} times too "
                 "small. Pass loss_reduction='mean' (the default), or sum the loss over the "
