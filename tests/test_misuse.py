@@ -908,6 +908,159 @@ def test_a_pass_whose_gradients_only_autograd_grad_took_is_not_part_of_the_step(
             assert (a["g2"], a["trace_sigma"]) == pytest.approx((b["g2"], b["trace_sigma"]))
 
 
+HAND_WRITTEN = {
+    # (how the step writes .grad from torch.autograd.grad's gradients, whether .grad then is
+    # the gradient of the loss noisescale measured)
+    "p.grad = g": True,
+    "p.grad = 2 * g": False,  # (a task weight applied to the gradient)
+    "p.grad = g, clipped": False,
+    "two batches, p.grad = (g1 + g2) / 2": False,  # (each pass's gradient cannot be checked)
+    "p.grad = g, then backward() of a second batch": False,
+}
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"per_example_fraction": 1.0}, {"per_example": False}],
+    ids=["default", "exact", "micro"],
+)  # fmt: skip
+@pytest.mark.parametrize("how", HAND_WRITTEN)
+def test_gradients_written_to_grad_by_hand_are_checked(kw, how):
+    """A hunt (2026-12-06): a loop that takes ``torch.autograd.grad`` and writes ``.grad``
+    itself (gradient surgery, a task weight, clipping after the assignment, two batches'
+    gradients averaged by hand, or one micro-batch so and the next by ``backward()``) was
+    measured as if ``.grad`` were the gradient of the loss that went into autograd.grad — the
+    examples' norms 4× too small or too large, without a word. ``.grad`` is now checked to be
+    the one pass's gradient as taken (exact then: the records equal those of ``backward()``);
+    anything else is refused, on every step (the first one is normal, then the loop changes)."""
+    x2, y2 = _batch(50)
+
+    def assigned(model, x, y):
+        params = list(model.parameters())
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+        if how.startswith("two batches"):
+            more = torch.autograd.grad(F.cross_entropy(model(x2), y2), params)
+            grads = [(a + b) / 2 for a, b in zip(grads, more, strict=True)]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = 2 * g if how == "p.grad = 2 * g" else g
+        if how == "p.grad = g, clipped":
+            total = torch.cat([g.reshape(-1) for g in grads]).norm()
+            torch.nn.utils.clip_grad_norm_(params, 0.5 * float(total))
+        if how.endswith("second batch"):
+            F.cross_entropy(model(x2), y2).backward()
+
+    def run(by_hand: bool) -> list:
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+        try:
+            for seed in range(4):
+                x, y = _batch(seed)
+                if by_hand and seed > 0:
+                    assigned(model, x, y)
+                else:
+                    micro = 2 if kw.get("per_example") is False and not HAND_WRITTEN[how] else 1
+                    _accumulate(model, x, y, micro)
+                tracker.step()
+                opt.step()
+                opt.zero_grad()
+        finally:
+            tracker.remove()
+        return tracker.history
+
+    if not HAND_WRITTEN[how]:
+        with pytest.raises(NoiseScaleInputError, match=r"^call (tracker\.step|loss\.backward)"):
+            run(by_hand=True)
+        return
+    with warnings.catch_warnings():
+        # (per_example=False: one backward a step has no small batch, warned and skipped)
+        warnings.simplefilter("ignore")
+        got, want = run(by_hand=True), run(by_hand=False)
+    assert len(got) == len(want) == 4
+    for a, b in zip(got, want, strict=True):
+        assert a["sqnorm_big"] == pytest.approx(b["sqnorm_big"], rel=1e-9)
+        assert (a["g2"], a["trace_sigma"]) == pytest.approx(
+            (b["g2"], b["trace_sigma"]), rel=1e-9, nan_ok=True
+        )
+
+
+@pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}], ids=["default", "exact"])
+@pytest.mark.parametrize("read", ["cosine", "create_graph"])
+def test_a_gradient_only_read_on_the_step_s_forward_is_refused_naming_paused(kw, read):
+    """A hunt (2026-12-06): the cosine between two tasks' gradients logged with
+    ``torch.autograd.grad(..., retain_graph=True)`` on the step's own forward, or a
+    ``create_graph`` gradient norm that trains only weights outside the model (GradNorm), was
+    refused as two backwards summed or as a second-order loss, sending the user to
+    ``per_example=False``; the message now leads with ``tracker.paused()``, under which the
+    loop's records are those of the loop without the reading."""
+    shared = lambda model: list(model[0].parameters())  # noqa: E731
+
+    def reading(model, l1, l2):
+        if read == "cosine":
+            g1 = torch.autograd.grad(l1, shared(model), retain_graph=True)
+            g2 = torch.autograd.grad(l2, shared(model), retain_graph=True)
+            a, b = (torch.cat([g.reshape(-1) for g in gs]) for gs in (g1, g2))
+            return F.cosine_similarity(a, b, dim=0).item()
+        w = torch.ones(2, requires_grad=True)
+        g1 = torch.autograd.grad(w[0] * l1, shared(model), retain_graph=True, create_graph=True)
+        g2 = torch.autograd.grad(w[1] * l2, shared(model), retain_graph=True, create_graph=True)
+        n1, n2 = (torch.cat([g.reshape(-1) for g in gs]).norm() for gs in (g1, g2))
+        (grad_w,) = torch.autograd.grad((n1 - n2).abs(), w)  # (GradNorm's weights' update)
+        return grad_w.sum().item()
+
+    def run(mode: str) -> list:
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+        try:
+            for seed in range(3):
+                x, y = _batch(seed)
+                out = model(x)
+                l1 = F.cross_entropy(out, y)
+                l2 = out.pow(2).mean()
+                if mode == "bare":
+                    reading(model, l1, l2)
+                elif mode == "paused":
+                    with tracker.paused():
+                        reading(model, l1, l2)
+                (l1 + l2).backward()
+                tracker.step()
+                opt.step()
+                opt.zero_grad()
+        finally:
+            tracker.remove()
+        return tracker.history
+
+    lead = "put a gradient that is only read" if read == "cosine" else "a backward with create"
+    with pytest.raises(NoiseScaleInputError, match=lead) as err:
+        run("bare")
+    assert "tracker.paused()" in str(err.value)
+    got, want = run("paused"), run("none")
+    for a, b in zip(got, want, strict=True):
+        assert (a["sqnorm_big"], a["g2"], a["trace_sigma"]) == pytest.approx(
+            (b["sqnorm_big"], b["g2"], b["trace_sigma"]), rel=1e-9
+        )
+
+
+def test_gradients_from_torch_func_are_refused_naming_the_transform():
+    """(A hunt, 2026-12-06.) ``torch.func.grad`` over ``functional_call(model, ...)`` with its
+    gradients written to ``.grad`` was refused as a submodule called by itself; the model was
+    called, under a transform whose wrapped tensors the hooks cannot read per example."""
+    from torch.func import functional_call, grad
+
+    model = _model()
+    tracker = noisescale.GradientNoiseTracker(model)
+    x, y = _batch(0)
+    params = dict(model.named_parameters())
+    try:
+        grads = grad(lambda p: F.cross_entropy(functional_call(model, p, (x,)), y))(params)
+        for name, p in model.named_parameters():
+            p.grad = grads[name]
+        with pytest.raises(NoiseScaleInputError, match=r"torch\.func transform"):
+            tracker.step()
+    finally:
+        tracker.remove()
+
+
 def test_lazy_modules_not_yet_initialised_are_named_with_the_fix():
     """A model with nn.LazyLinear before its first forward crashed tracker creation with
     torch's error about an uninitialized parameter; now the parameters are named and the fix

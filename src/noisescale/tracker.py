@@ -690,17 +690,29 @@ class GradientNoiseTracker:
                 "step's big batch (or a pass under tracker.paused() left its gradients there: "
                 "zero them before the measured passes). Nothing of this step was recorded"
             )
+        if self.engine.handset is not None:
+            # every step, where .grad is not the tensor the last step left
+            raise NoiseScaleInputError(
+                "call loss.backward() for every micro-batch, or set .grad to None before the "
+                f"step's first backward: the gradient of {self.engine.handset!r} held values "
+                "that no backward of this step put there when a backward accumulated into it "
+                "(torch.autograd.grad's result assigned to .grad for one micro-batch, "
+                "backward() for the next), so .grad sums gradients noisescale did not measure "
+                "with those it did. Nothing of this step was recorded"
+            )
         if unmeasured:
             self._unmeasured_step(passes, scale)
             return
-        stale = passes[0].stale_sqnorm
+        stale = next((p.stale_sqnorm for p in passes if p.stale_sqnorm is not None), None)
         if stale is not None and float(stale) > 0:  # an audited step: it reads back anyway
             raise NoiseScaleInputError(
                 "call optimizer.zero_grad() (or model.zero_grad()) after each optimizer step, "
                 "and create the tracker before the first backward pass: the parameters' .grad "
                 "already held gradients when this step's first backward began, so .grad sums "
                 "several steps (or a pass under tracker.paused() left its gradients there: "
-                "zero them before the measured passes) and its norm is not this step's big batch"
+                "zero them before the measured passes; or torch.autograd.grad's result was "
+                "assigned to .grad before a backward accumulated into it: call loss.backward() "
+                "for every micro-batch) and its norm is not this step's big batch"
             )
         self.steps += 1
         self._remember_grads()
@@ -874,6 +886,20 @@ class GradientNoiseTracker:
                 "forward and backward pass of the model since the last call"
             )
         unopened = self.engine.unopened
+        if (
+            unopened is not None
+            and self.engine.unopened_transform
+            and any(p.grad is not None for p in self._params)
+        ):
+            raise NoiseScaleInputError(
+                "compute the step's gradients with loss.backward() on an ordinary forward: "
+                "layer "
+                f"'{unopened}' ran under a torch.func transform (torch.func.grad, vjp or vmap "
+                "around functional_call(model, ...)), whose gradients written to .grad "
+                "noisescale cannot measure per example — its hooks see the transform's "
+                "wrapped tensors, not the batch. functional_call with the model's own "
+                "parameters and .backward() is measured. Nothing of this step was recorded"
+            )
         if unopened is not None and any(p.grad is not None for p in self._params):
             raise NoiseScaleInputError(
                 submodule_called_message(

@@ -481,6 +481,14 @@ def _items_cause(model: nn.Module, n: int, kwargs: dict) -> str | None:
     return None
 
 
+def _first_held(flags: list[tuple[str, Tensor]]) -> str | None:
+    """The first name whose device flag is set (one host read for them all), or None."""
+    if not flags:
+        return None
+    held = torch.stack([flag.to(flags[0][1].device) for _, flag in flags])
+    return next((name for (name, _), h in zip(flags, held.tolist(), strict=True) if h), None)
+
+
 def _accumulation_hooked(module: nn.Module) -> bool:
     """Whether the module's weight or bias has hooks run after its gradient's accumulation
     (``register_post_accumulate_grad_hook``)."""
@@ -674,12 +682,21 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._step_marks: dict[int, tuple[Any, int]] = {}
         self._unzeroed: list[tuple[str, Tensor]] = []  # (name, .grad not all zeros)
         self.unzeroed: str | None = None  # the last collected step's (collect)
+        # a .grad that is not the tensor the last step left, found holding values at the
+        # step's first accumulation into it (assigned by hand: _check_zeroed), and the result
+        self._handset: list[tuple[str, Tensor]] = []
+        self.handset: str | None = None
+        self._zero_checked: set[int] = set()  # the parameters _check_zeroed saw this step
+        self._writer: PassNorms | None = None  # the step's first pass that wrote .grad
         # the last collected step's PassNorms.unread_picks, every pass's (collect)
         self.unread_picks: list[tuple[str, str, Tensor]] = []
         # a layer that ran with gradients enabled while no pass of the model was open (a
         # submodule called by itself, model.model(...)): the step's first, and the last
         # collected step's (collect), for the tracker to name when it finds no pass
         self._unopened: str | None = None
+        self._unopened_transform = False
+        # (whether the last collected step's unopened layer ran under a torch.func transform)
+        self.unopened_transform = False
         self.unopened: str | None = None
         self._unopened_params: list[str] = []  # (the names of its parameters)
         self._outside_params: set[str] = set()  # the collected step's _unopened_params
@@ -1999,6 +2016,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             ):
                 _, self._unopened, params = self._calls[module]
                 self._unopened_params = [self._param_name[id(p)] for p in params.values()]
+                # (under a torch.func transform — grad, vjp, vmap over functional_call — the
+                # model's own call opens no pass either: named so, a hunt of 2026-12-06)
+                self._unopened_transform = torch._C._functorch.maybe_current_level() is not None
             return None
         rule, label, params = self._calls[module]
         pass_ = self._hook_pass()
@@ -3402,6 +3422,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             current.received.add(pid)
             if not current.wrote and self._accumulates(task, pid):
                 current.wrote = True
+                if self._writer is None:
+                    self._writer = current
             elif task in self._grad_only_tasks:
                 current.grad_only = True
             if self._step_marks and not repeated and self._accumulates(task, pid):
@@ -3410,7 +3432,10 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 return
             if current.audit is not None:
                 current.audit.record_grad(pid, grad)
-                if current is self.passes[0] and not repeated:
+                # (the step's first pass that writes .grad: one before it whose gradients
+                # only torch.autograd.grad took — a .grad assigned by hand from them — is no
+                # excuse, a hunt of 2026-12-06)
+                if current is self._writer and not repeated:
                     self._check_stale(current, task, pid)
             if self._first_pass is None and self.lazy_first_pass:
                 self._first_pass = current
@@ -3434,10 +3459,22 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         (:meth:`_check_stale`): a ``zero_grad`` skipped once on another step (``if bad: continue``
         after the backward) was measured without a word. A ``DTensor`` gradient (FSDP2), whose
         in-place changes bump no version of its own, is left to the audited steps."""
+        if pid in self._zero_checked:
+            return
+        self._zero_checked.add(pid)
         mark = self._step_marks.pop(pid, None)
+        g = self._param[pid].grad
+        if g is not None and (mark is None or g is not mark[0]()) and type(g).__name__ != "DTensor":
+            # a .grad neither the last step's nor emptied since: assigned by hand before this
+            # backward accumulates into it (torch.autograd.grad's result written to .grad for
+            # one micro-batch, backward() for the next: .grad held both, the examples measured
+            # the backward's alone — 4× off without a word until 2026-12-06, a hunt). Zeros
+            # are fine (p.grad = torch.zeros_like(p)); read once in collect, as _unzeroed
+            with torch.no_grad():
+                self._handset.append((self._param_name[pid], g.detach().ne(0).any()))
+            return
         if mark is None:
             return
-        g = self._param[pid].grad
         if (
             g is not None
             and g is mark[0]()
@@ -3587,9 +3624,13 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._hook_changed, self._between = [], None
         self._between_checked.clear()
         self._unzeroed = []
+        self._handset = []
+        self._zero_checked.clear()
+        self._writer = None
         self._hook_in.clear()
         self._unopened = None
         self._unopened_params = []
+        self._unopened_transform = False
 
     def _learned_state(self) -> tuple[int, ...]:
         """How much the engine has learned about the model (layers for the fallback, direct
@@ -3659,25 +3700,22 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         #: a parameter whose .grad the step found not zeroed since the last one
         #: (:meth:`_check_zeroed`); the tracker refuses the step, a one-shot measurement — whose
         #: norms do not read .grad — does not care
-        self.unzeroed = None
         self.unread_picks = []  # (set below, from the passes of the step's training backwards)
         self.unopened = self._unopened
+        self.unopened_transform = self._unopened_transform
         # the parameters of that layer: not learned as direct uses of the forward (a use
         # outside it, inputs_embeds built by the caller, would never be seen)
         self._outside_params = set(self._unopened_params)
-        if self._unzeroed:
-            held = torch.stack([flag.to(self._unzeroed[0][1].device) for _, flag in self._unzeroed])
-            self.unzeroed = next(
-                (name for (name, _), h in zip(self._unzeroed, held.tolist(), strict=True) if h),
-                None,
-            )
+        self.unzeroed = _first_held(self._unzeroed)
+        self.handset = _first_held(self._handset)
         self._reset_step()  # the step's state reset, whatever is refused below
         if any(p.wrote for p in done):
             # A pass whose gradients only torch.autograd.grad took (the ascent of
             # sharpness-aware minimization, a gradient logged for a held-out batch, the inner
             # step of first-order MAML) is not part of .grad: not a micro-batch of the step (a
             # review found each counted as one, b_big 2x and tr Σ 2.7x off). (Where no pass
-            # wrote .grad, they stay: a .grad assigned by hand is refused by the tracker.)
+            # wrote .grad, they stay: a .grad assigned by hand from them is checked to be that
+            # one pass's gradient, GradWatch._assigned_by_hand, or refused by the tracker.)
             for p in done:
                 if p.received and p.grad_only and not p.wrote:
                     p.received = set()
@@ -3817,6 +3855,17 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 )
             if takes_second_order(pass_, wrote):
                 raise NoiseScaleInputError(SECOND_ORDER)
+            if pass_.repeated_backward and pass_.grad_only and pass_.wrote:
+                # (a hunt, 2026-12-06: a gradient only read — the cosine between two tasks'
+                # gradients — was refused as a sum of two backwards, paused() unmentioned)
+                raise NoiseScaleInputError(
+                    "put a gradient that is only read or logged under `with tracker.paused():` "
+                    "(torch.autograd.grad(..., retain_graph=True) ran through the step's forward "
+                    "beside its backward — a gradient norm, the cosine between two tasks' "
+                    "gradients —, and noisescale cannot tell its part of the examples' norms "
+                    "from the backward's); where it is part of the update, add the losses and "
+                    "call backward once per forward"
+                )
             if pass_.repeated_backward:
                 raise NoiseScaleInputError(
                     "two backward passes ran through one forward (retain_graph=True), so the "

@@ -1705,7 +1705,12 @@ def _reshape(layout: Layout, shape: tuple, new: tuple, func: Any) -> Layout:
         if tail == 0 or chunk % tail or (new[d2] * tail) % (n * chunk):
             continue
         return Rows(d2, chunk // tail, layout.key, n, layout.owner)
-    return _mixed(func, "reshaped the examples' values so that one index holds several examples")
+    return _mixed(
+        func,
+        "reshaped the examples' values so that one index holds several examples (where it only "
+        "reorders the rows — FixMatch's interleave/de_interleave, x.reshape(-1, k, ...)"
+        ".transpose(0, 1) —, index with the permutation instead, out[perm], which is followed)",
+    )
 
 
 def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: list) -> Any:
