@@ -49,6 +49,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -587,7 +588,9 @@ class LossWatch:
         # 0-dim tensors requiring grad that a module of the model returned (a loss computed
         # inside it, not followed), and what is computed from them: the module's class
         self.child_losses = WeakTensorKeyDictionary()
-        self.written: dict[int, Mixed] = {}  # storages written in place with followed values
+        # storages written in place with followed values: address -> (the storage, weakly —
+        # None where it has no storage object —, the layout its other views get)
+        self.written: dict[int, tuple[Any, Mixed]] = {}
         self.targets = WeakTensorKeyDictionary()  # the tensors written so (their layouts hold)
         self.passes: list[Any] = []
         self.forward_pass: Any = None  # the pass whose forward is followed (begin_forward)
@@ -666,8 +669,11 @@ class LossWatch:
         layout = self.layouts.get(t)
         if self.written and (layout is None or t._base is not None):
             hit = self.written.get(_storage(t))
-            if hit is not None and t not in self.targets:
-                return hit
+            # (the storage itself, not only its address: one freed since — an LSTM kernel's
+            # buffer written inside the forward — gives its address to a tensor of the loss,
+            # and a packed BiLSTM model was refused at random until 2026-12-06, a hunt)
+            if hit is not None and t not in self.targets and _same_storage(hit[0], t):
+                return hit[1]
         return layout
 
     # -- following one operation ---------------------------------------------------------------
@@ -820,7 +826,7 @@ class LossWatch:
                 f"'aten.{_name(func)}' wrote values computed from the model's outputs into a "
                 "tensor whose memory another tensor of the loss shares"
             )
-            self.written[storage] = mixed
+            self.written[storage] = (_storage_ref(target), mixed)
             # the views followed already (the base a slice was written into: tmp after
             # tmp[:, :2] += o.flip(0)[:, 2:]) kept their own layouts until 2026-12-06, and a
             # loss over the base read the examples apart (measured without a word; found
@@ -1117,6 +1123,22 @@ def _shifted(flat: list, known: list) -> bool:
         or (isinstance(v, int | float) and not isinstance(v, bool) and v != 0)
         for v in flat
     )
+
+
+def _storage_ref(t: Tensor) -> Any:
+    """A weak reference to ``t``'s storage object (torch keeps one Python object per storage
+    while it lives), or None where it has none to refer to."""
+    try:
+        return weakref.ref(t.untyped_storage())
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def _same_storage(ref: Any, t: Tensor) -> bool:
+    """Whether the storage written (``ref``, :func:`_storage_ref`) still lives: then a tensor
+    at its address shares its memory (the same storage, or another over the same memory);
+    freed, the address is another tensor's now. True where there was nothing to refer to."""
+    return ref is None or ref() is not None
 
 
 def _storage(t: Tensor) -> int:
