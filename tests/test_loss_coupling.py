@@ -729,6 +729,10 @@ SUMS_AND_MEANS = {
         lambda o, y: (torch.full((N,), 1.0 / N) * F.cross_entropy(o, y, reduction="none")).sum(),
         None,  # (weights per example: whether their sum is a mean is the user's)
     ),
+    # a mean over the examples of weighted terms is a plain mean of them (CTC's own
+    # reduction="mean" divides each term by its target length: a hunt of 2026-12-06)
+    "(l / w).mean()": (lambda o, y: (F.cross_entropy(o, y, reduction="none") / _W).mean(), "mean"),
+    "(w * l).mean()": (lambda o, y: (_W * F.cross_entropy(o, y, reduction="none")).mean(), "mean"),
     "(w / w.sum() * l).sum()": (
         lambda o, y: (_W / _W.sum() * F.cross_entropy(o, y, reduction="none")).sum(),
         None,

@@ -776,7 +776,17 @@ class LossWatch:
                 # torch.cdist's logits without a word, a review)
                 layout = Mixed(layout.reason, True)
             if layout is not None:
-                if scaled and isinstance(layout, _Sum) and layout.plain is not None:
+                if (
+                    scaled
+                    and isinstance(layout, _Sum)
+                    and layout.plain is not None
+                    and not (name == "mean" and all(isinstance(x, Rows | Across) for _, x in known))
+                ):
+                    # (a mean over the examples of weighted terms is a plain mean of them: the
+                    # weights make the terms, not the reduction — CTC's own reduction='mean',
+                    # mean(ℓ_i / target_length_i), under "sum" read every norm N² too small
+                    # without a word until 2026-12-06, a hunt; a sum of weighted terms stays
+                    # the user's, its weights may hold the 1/N)
                     layout = _Sum(layout.owners, None, layout.count)
                 # (two plain sums, or means, added as they are keep their kind too: CE +
                 # CE_aux under "sum" was measured N² off while CE + 0.1 · CE_aux was refused,
