@@ -1061,6 +1061,37 @@ def test_gradients_from_torch_func_are_refused_naming_the_transform():
         tracker.remove()
 
 
+def test_step_arguments_are_checked_before_the_step_is_touched(tmp_path):
+    """(A hunt, 2026-12-06.) ``tracker.step(loss=per_example_losses)`` was accepted and crashed
+    the next sync with torch's own error, the pending steps lost; ``lr=scheduler.get_last_lr()``
+    (a list) crashed in the history and a tensor rate broke ``write_history``. A loss that is
+    not one number is refused before anything of the step is touched — the same step then
+    records with a right call —; a list of equal rates, or a one-element tensor, is a rate."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1)
+    try:
+        for step in range(3):
+            x, y = _batch(step)
+            losses = F.cross_entropy(model(x), y, reduction="none")
+            losses.mean().backward()
+            with pytest.raises(NoiseScaleInputError, match=r"^pass tracker\.step\(loss=\.\.\.\)"):
+                tracker.step(loss=losses.detach())
+            lr = sched.get_last_lr() if step < 2 else torch.tensor(sched.get_last_lr()[0])
+            tracker.step(loss=losses.mean().detach(), lr=lr)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        assert [r["lr"] for r in tracker.history] == pytest.approx([0.1, 0.05, 0.025])
+        assert [r["step"] for r in tracker.history] == [1, 2, 3]
+        tracker.write_history(tmp_path / "h.jsonl")
+        with pytest.raises(NoiseScaleInputError, match="they differ"):
+            tracker.step(lr=[0.1, 0.2])
+    finally:
+        tracker.remove()
+
+
 def test_lazy_modules_not_yet_initialised_are_named_with_the_fix():
     """A model with nn.LazyLinear before its first forward crashed tracker creation with
     torch's error about an uninitialized parameter; now the parameters are named and the fix

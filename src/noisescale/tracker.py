@@ -660,8 +660,10 @@ class GradientNoiseTracker:
 
         Args:
             loss: The step's training loss (kept for the history and reports; no host sync).
-            lr: The learning rate, if no ``optimizer`` was given.
+            lr: The learning rate, if no ``optimizer`` was given (a number; a scheduler's
+                ``get_last_lr()`` list is read where its groups share one rate).
         """
+        loss, lr = _checked_step_args(loss, lr)
         scale, grads_unscaled = self._loss_scale()
         step = self.steps + 1
         registrations = _registrations()
@@ -2328,3 +2330,51 @@ def _json_safe(x: Any) -> Any:
     if isinstance(x, np.ndarray):
         return _json_safe(x.tolist())
     return x
+
+
+def _checked_step_args(loss: Any, lr: Any) -> tuple[Any, float | None]:
+    """``step``'s arguments, checked before anything of the step is touched (a hunt of
+    2026-12-06: a per-example loss vector crashed the next sync with torch's error, the
+    pending steps lost; a scheduler's ``get_last_lr()`` list crashed in the history)."""
+    if isinstance(loss, Tensor) and loss.numel() != 1:
+        raise NoiseScaleInputError(
+            "pass tracker.step(loss=...) the step's loss as one number — the scalar you "
+            f"backpropagated —, not a tensor of shape {list(loss.shape)} (a per-example loss "
+            "vector: pass its mean or sum). Nothing of this step was recorded; call "
+            "tracker.step() again"
+        )
+    if loss is not None and not isinstance(loss, Tensor):
+        try:
+            loss = float(loss)
+        except (TypeError, ValueError):
+            raise NoiseScaleInputError(
+                f"pass tracker.step(loss=...) a number or a one-element tensor, not a "
+                f"{type(loss).__name__}. Nothing of this step was recorded; call "
+                "tracker.step() again"
+            ) from None
+    if isinstance(lr, list | tuple):
+        rates = {float(r) for r in lr}
+        if len(rates) != 1:
+            raise NoiseScaleInputError(
+                f"pass tracker.step(lr=...) one learning rate: got {list(lr)}, one per parameter "
+                "group (a scheduler's get_last_lr()), and they differ — pass the one your "
+                "decisions use, e.g. lr=scheduler.get_last_lr()[0]. Nothing of this step was "
+                "recorded; call tracker.step() again"
+            )
+        lr = rates.pop()
+    elif isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise NoiseScaleInputError(
+                f"pass tracker.step(lr=...) one learning rate, not a tensor of shape "
+                f"{list(lr.shape)}. Nothing of this step was recorded; call tracker.step() again"
+            )
+        lr = float(lr)
+    elif lr is not None:
+        try:
+            lr = float(lr)
+        except (TypeError, ValueError):
+            raise NoiseScaleInputError(
+                f"pass tracker.step(lr=...) a number, not a {type(lr).__name__}. Nothing of this "
+                "step was recorded; call tracker.step() again"
+            ) from None
+    return loss, lr
