@@ -1527,3 +1527,41 @@ def test_one_16_bit_layer_leaves_the_others_audited_at_their_own_precision():
     with pytest.raises(UnsupportedModuleError, match=r"'b\.weight'"):
         with noisescale.per_example_sqnorms(model):
             model(x.to(torch.bfloat16)).float().pow(2).sum(1).mean().backward()
+
+
+@pytest.mark.usefixtures("float64_default")
+@pytest.mark.parametrize("sizes", [(1,) * 8, (1, 1, 2, 4), (2, 1, 3, 1, 1)])
+def test_a_loss_summed_over_one_example_forwards_is_measured_by_the_default(sizes):
+    """Inputs of different sizes are often trained one forward each, their losses summed into
+    one backward. A hunt (2026-12-06): the default mode skipped every such step ("this step has
+    one example") while the exact mode measured it — a one-example forward could not be split
+    into sub-batches and was left out of the step's groups. It is its own group now: the
+    default's records equal the exact mode's (every example measured either way here)."""
+
+    def run(**kw) -> list:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+        g = torch.Generator().manual_seed(1)
+        try:
+            for _ in range(5):
+                x, y = torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)
+                start, loss = 0, 0.0
+                for size in sizes:
+                    part = slice(start, start + size)
+                    loss = loss + F.cross_entropy(model(x[part]), y[part], reduction="sum")
+                    start += size
+                (loss / 8).backward()
+                tracker.step()
+                opt.step()
+                opt.zero_grad()
+        finally:
+            tracker.remove()
+        return tracker.history
+
+    got, want = run(), run(per_example_fraction=1.0)
+    assert not any(r["skipped"] for r in got)
+    for a, b in zip(got, want, strict=True):
+        assert a["b_big"] == b["b_big"] == 8
+        assert (a["g2"], a["trace_sigma"]) == pytest.approx((b["g2"], b["trace_sigma"]), rel=1e-9)

@@ -104,11 +104,15 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
         # in sub-batch mode each pass was split (or measured per example): their groups
         # together partition the merged pass (before 2026-12-04 the merged pass had no
         # sub-batches, and the default measured nothing where the exact mode measured it)
-        if any(p.subbatches is not None or p.unsplit for p in group) and all(
-            p.raw_sqnorms is not None and not p.skipped and (p.subbatches is not None or p.unsplit)
+        # (a pass of one example is its own: a loss summed over a loop of one-example
+        # forwards was skipped at every step of the default mode until 2026-12-06, a hunt)
+        if any(p.subbatches is not None or p.unsplit or p.batch_size == 1 for p in group) and all(
+            p.raw_sqnorms is not None
+            and not p.skipped
+            and (p.subbatches is not None or p.unsplit or p.batch_size == 1)
             for p in group
         ):
-            if all(p.unsplit for p in group):
+            if all(p.unsplit or p.batch_size == 1 for p in group):
                 merged.unsplit = True
             else:
                 merged.subbatches = MergedSubbatches(
