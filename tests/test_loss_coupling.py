@@ -729,6 +729,26 @@ SUMS_AND_MEANS = {
         lambda o, y: (torch.full((N,), 1.0 / N) * F.cross_entropy(o, y, reduction="none")).sum(),
         None,  # (weights per example: whether their sum is a mean is the user's)
     ),
+    # the plain sum written otherwise (a hunt of 2026-12-06): Python's sum over the rows, a
+    # constant added, the sum viewed
+    "sum(l)": (lambda o, y: sum(F.cross_entropy(o, y, reduction="none")), "sum"),
+    "sum(l) / N": (lambda o, y: sum(F.cross_entropy(o, y, reduction="none")) / N, "mean"),
+    "sum(l.unbind())": (lambda o, y: sum(F.cross_entropy(o, y, reduction="none").unbind()), "sum"),
+    "sum(l[:-1]) + 2 * l[-1]": (
+        lambda o, y: (
+            sum(F.cross_entropy(o, y, reduction="none")[:-1])
+            + 2 * F.cross_entropy(o, y, reduction="none")[-1]
+        ),
+        None,
+    ),
+    "l.sum().add(0)": (lambda o, y: F.cross_entropy(o, y, reduction="none").sum().add(0), "sum"),
+    "3 - l.mean()": (lambda o, y: 3 - F.cross_entropy(o, y), "mean"),
+    "l.sum()[None].squeeze()": (
+        lambda o, y: F.cross_entropy(o, y, reduction="none").sum()[None].squeeze(),
+        "sum",
+    ),
+    "l.mean().expand(1)[0]": (lambda o, y: F.cross_entropy(o, y).expand(1)[0], "mean"),
+    "l.mean().expand(3).sum()": (lambda o, y: F.cross_entropy(o, y).expand(3).sum(), None),
     # a mean over the examples of weighted terms is a plain mean of them (CTC's own
     # reduction="mean" divides each term by its target length: a hunt of 2026-12-06)
     "(l / w).mean()": (lambda o, y: (F.cross_entropy(o, y, reduction="none") / _W).mean(), "mean"),

@@ -108,6 +108,10 @@ class _Sum:
     # is often the loop's arithmetic (a framework's 1/k, n/total), and the tracker does not hold
     # the kind against the declaration on steps of several micro-batches (LossWatch._kept_kind)
     factored: bool = False
+    # a sum of one-example values added one by one, each weight 1 (Python's sum(losses),
+    # total += losses[i]): the (owner, example) pairs added so far — every example of the pass
+    # once is a plain sum (LossWatch.follow) —, else None
+    added: Any = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -167,7 +171,17 @@ def _sliced(layout: Rows, size: int, start: int, stop: int) -> tuple | None:
 _fresh = itertools.count()
 
 # Pointwise operations linear in their tainted operands (with the other operands constant).
-_LINEAR_ANY = {"add", "sub", "neg", "clone", "_to_copy", "alias", "positive", "lift_fresh_copy"}
+_LINEAR_ANY = {
+    "add",
+    "sub",
+    "rsub",  # (c − Σ ℓ_i, 1 − dice.mean(): refused as non-linear until 2026-12-06, a hunt)
+    "neg",
+    "clone",
+    "_to_copy",
+    "alias",
+    "positive",
+    "lift_fresh_copy",
+}
 _LINEAR_FIRST = {"div", "masked_fill", "true_divide"}  # linear in the first operand only
 _LINEAR_ONE = {"mul", "multiply"}  # linear when one operand is tainted
 _SUMS = {"sum", "mean", "nansum"}
@@ -770,6 +784,14 @@ class LossWatch:
             for t in outs:
                 self.weighted[t] = weighted
         for t, layout in zip(outs, layouts, strict=False):
+            if isinstance(layout, _Sum) and layout.added is not None and layout.plain is None:
+                owners = {owner for owner, _ in layout.added}
+                n = self._batch_size(frozenset(owners)) if len(owners) == 1 else None
+                if n is not None and len(layout.added) == n:
+                    # every example of the pass once, weight 1: Python's sum(losses) is
+                    # losses.sum() (until 2026-12-06 its kind was never set, and under
+                    # "mean" every norm came out N² too large without a word, a hunt)
+                    layout = _Sum(layout.owners, "sum", None, added=layout.added)
             if inside and isinstance(layout, Mixed) and not layout.inside:
                 # (an operation without a rule in the model's own code is refused, as after the
                 # forward: dropping the thread there, tried first, measured a loss over
@@ -1332,6 +1354,25 @@ def _given_kind(root: Tensor, layout: Rows | Across, grad: Any) -> str | None:
     return None
 
 
+def _added_ones(func: Any, args: tuple, kwargs: dict, known: list) -> frozenset | None:
+    """The examples a sum of one-example values added one by one holds (``One + One``,
+    ``_Sum(added) + One``, each with weight 1 and each example once), or None."""
+    if _named(func, args, kwargs).get("alpha", 1) != 1:
+        return None
+    pairs: list = []
+    for _, layout in known:
+        if isinstance(layout, One):
+            if isinstance(layout.example, tuple):  # (an irregular map's token: not an index)
+                return None
+            pairs.append(frozenset({(layout.owner, layout.example)}))
+        elif isinstance(layout, _Sum) and layout.added is not None:
+            pairs.append(layout.added)
+        else:
+            return None
+    a, b = pairs
+    return None if a & b else a | b
+
+
 def _sum(known: list) -> _Sum:
     """A sum over the examples of the passes the operands come from."""
     owners: set = set()
@@ -1409,6 +1450,10 @@ def _rule(func: Any, args: tuple, kwargs: dict, known: list, outs: list[Tensor])
         linear = name in ("cat", "stack") or (
             name in ("add", "sub") and not any(isinstance(x, Rows) for _, x in known)
         )
+        if linear and name == "add" and len(known) == 2:
+            added = _added_ones(func, args, kwargs, known)
+            if added is not None:
+                return dataclasses.replace(_sum(known), added=added)
         if linear:
             return _sum(known)
         return _mixed(func, "combined one example's values with other examples'")
@@ -1597,6 +1642,20 @@ def _pointwise(
         # minus, -F.logsigmoid(m).sum(), cleared it and a plain sum under "mean" went
         # unchecked, a hunt)
         return known[0][1]
+    if (
+        linear
+        and name in ("add", "sub", "rsub")
+        and len(known) == 1
+        and isinstance(known[0][1], _Sum)
+        # (alpha scales add's and sub's second operand, rsub's first: c − α·x)
+        and (
+            (known[0][0] is args[0]) != (name == "rsub")
+            or _named(func, args, kwargs).get("alpha", 1) in (1, -1)
+        )
+    ):
+        # Σ ℓ_i + c (or c − Σ ℓ_i): a constant shift, the plain sum of the terms (until
+        # 2026-12-06 losses.sum().add(0) cleared the kind, a hunt)
+        return known[0][1]
     if linear:
         if rows and any(
             rows[0].owner != o for _, x in known if isinstance(x, _Sum) for o in x.owners
@@ -1761,6 +1820,13 @@ def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: l
             return _mixed(func, "picked values by indices computed from the model's outputs")
         return _unknown(func)
     if isinstance(layout, _Sum):
+        # (values moved or picked, none repeated: a plain sum's kind stays — losses.sum()[None]
+        # .squeeze() cleared it until 2026-12-06, a hunt; an expand or repeat that copies the
+        # sum would multiply a later sum of it)
+        if name in ("unsqueeze", "squeeze", "permute", "transpose", "t", "select", "slice") or (
+            name in ("expand", "repeat") and outs[0].numel() == t.numel()
+        ):
+            return layout
         if name in ("expand", "unsqueeze", "squeeze", "permute", "transpose", "t", "select"):
             return _sum(known)
         if name in ("slice", "index", "gather", "index_select", "split", "unbind", "chunk"):
