@@ -560,3 +560,76 @@ def test_a_packed_bilstm_under_ctc_is_exact_every_time():
         with noisescale.per_example_sqnorms(model) as pe:
             losses().mean().backward()
         torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+
+
+class _SortedByLength(nn.Module):
+    """The idiom from before enforce_sorted=False: the batch sorted by length inside the
+    forward, packed, run through a recurrent layer, unsorted (``sort=False``: packed in its
+    own order with enforce_sorted=False, which torch sorts and restores itself)."""
+
+    def __init__(self, cell: type, sort: bool, mid: bool) -> None:
+        super().__init__()
+        self.sort, self.mid = sort, mid
+        self.conv = nn.Conv1d(5, 8, 3, padding=1)
+        self.rnn = cell(8, 6, batch_first=True)
+        self.between = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x, lengths):
+        h = torch.tanh(self.conv(x.transpose(1, 2))).transpose(1, 2)
+        order = lengths.argsort(descending=True) if self.sort else torch.arange(len(lengths))
+        packed = nn.utils.rnn.pack_padded_sequence(
+            h[order], lengths[order], batch_first=True, enforce_sorted=self.sort
+        )
+        out, _ = self.rnn(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        if self.mid:
+            out = torch.tanh(self.between(out))
+        return self.head(out[order.argsort()])
+
+
+@pytest.mark.usefixtures("float64_default")
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("mid", [False, True])
+@pytest.mark.parametrize("sort", [True, False])
+def test_a_batch_reordered_before_a_packed_recurrent_layer_is_refused(cell, mid, sort):
+    """A hunt (2026-12-06): the batch sorted by length inside the forward before
+    pack_padded_sequence had the recurrent layer's rows given to the wrong examples — 15–44%
+    off per example, the default's |G|² up to 23% — without a word: the audit did not check a
+    packed output (no example dimension), and a layer on the sorted rows was taken for one on
+    a table shared by every example (the sorted batch does not change when the examples are
+    permuted). Both are checked now, and the step is refused naming the fix; packed in its
+    own order (enforce_sorted=False) the same model is exact."""
+    torch.manual_seed(0)
+    model = _SortedByLength(cell, sort, mid)
+    g = torch.Generator().manual_seed(1)
+    n = 8
+    x = torch.randn(n, 9, 5, generator=g)
+    lengths = torch.randperm(n, generator=g) + 2
+    y = torch.randint(0, 3, (n,), generator=g)
+
+    def losses():
+        return F.cross_entropy(model(x, lengths)[torch.arange(n), lengths - 1], y, reduction="none")
+
+    if sort:
+        with pytest.raises(UnsupportedModuleError, match="enforce_sorted=False"):
+            with noisescale.per_example_sqnorms(model):
+                losses().mean().backward()
+        tracker = noisescale.GradientNoiseTracker(model)
+        try:
+            with pytest.raises(UnsupportedModuleError, match="enforce_sorted=False"):
+                for _ in range(3):
+                    model.zero_grad()
+                    losses().mean().backward()
+                    tracker.step()
+        finally:
+            tracker.remove()
+        return
+    params = [p for name, p in model.named_parameters() if mid or "between" not in name]
+    want = torch.stack(
+        [sum(g.pow(2).sum() for g in torch.autograd.grad(losses()[i], params)) for i in range(n)]
+    )
+    model.zero_grad()
+    with noisescale.per_example_sqnorms(model) as pe:
+        losses().mean().backward()
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)

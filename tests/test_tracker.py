@@ -364,6 +364,52 @@ def test_an_optimizer_without_a_learning_rate_is_recorded_without_one():
         tracker.remove()
 
 
+RATIOS = {
+    # (the loss, whether it is a mean over the batch's summed real weights)
+    "(w[y] * ce).sum() / w[y].sum()": (lambda ce, w, m: (w * ce).sum() / w.sum(), True),
+    "(w * ce).sum() / w.sum(), no gradient to w": (
+        lambda ce, w, m: (w * ce).sum() / w.detach().sum(),
+        True,
+    ),
+    "(m * ce).sum() / m.sum(), a mask": (lambda ce, w, m: (m * ce).sum() / m.sum(), False),
+    "(m * ce).sum() / (m.sum() + 1e-8)": (
+        lambda ce, w, m: (m * ce).sum() / (m.sum() + 1e-8),
+        False,
+    ),
+    "(w * ce).mean()": (lambda ce, w, m: (w * ce).mean(), False),
+}
+
+
+@pytest.mark.parametrize("form", RATIOS)
+def test_a_weighted_sum_over_the_weights_sum_is_refused_as_class_weights_are(form):
+    """A hunt (2026-12-06): ``(w·ℓ).sum() / w.sum()`` with real weights per example (min-SNR
+    weights normalised over the batch, class weights written by hand) is the ratio the
+    built-in class-weighted mean is refused for — B_simple read 2–3× high, its interval
+    excluding the truth, without a word. Refused now, with the same fix; a mask's count (whole
+    numbers, or plus an ε) is a mean over what it counts, as before, and a mean of weighted
+    terms is measured."""
+    import torch.nn.functional as F
+
+    loss_of, refused = RATIOS[form]
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    w = torch.tensor([1.0, 8.0, 0.1])[y]
+    m = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+    tracker = noisescale.GradientNoiseTracker(model)
+    try:
+        loss = loss_of(F.cross_entropy(model(x), y, reduction="none"), w, m)
+        loss.backward()
+        if refused:
+            with pytest.raises(NoiseScaleInputError, match=r"summed weights.*w\.sum\(\)"):
+                tracker.step(loss=loss)
+        else:
+            tracker.step(loss=loss)
+            assert tracker.history[-1]["sources"]
+    finally:
+        tracker.remove()
+
+
 def test_class_weights_averaged_over_their_batch_sum_are_refused_with_the_fix():
     """``F.cross_entropy(out, y, weight=w)`` divides by the batch's summed class weights, a
     divisor that depends on the examples drawn: on a frozen model with weights (1, 8, 0.1) at 8

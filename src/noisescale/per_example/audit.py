@@ -67,6 +67,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from noisescale.per_example.factors import (
     EmbeddingFactor,
@@ -92,6 +93,26 @@ ATTRIBUTION_TOL_AMP = 2e-2
 # a target's ``dim`` for a tensor whose dim 0 holds each example's rows in turn, [N·k, ...]
 # (examples flattened together with positions: LayerRule.flattened)
 FLAT = -1
+
+
+@dataclass(frozen=True, eq=False)
+class Packed:
+    """A target's layout when it is a recurrent layer's packed output (``PackedSequence``
+    data, [Σ lengths, H]): the packing's metadata, by which each row is one example's — the
+    example at its batch position in the sorted order, the packed tensor's rows in their
+    own order. Until 2026-12-06 such targets had no example dimension and were left
+    unchecked: a batch reordered inside the forward before it was packed (the sort-by-length
+    idiom) had the layer's rows given to the wrong examples, 15–44% off, a hunt."""
+
+    batch_sizes: Tensor
+    sorted_indices: Tensor | None
+    unsorted_indices: Tensor | None
+
+    def examples(self, device: torch.device) -> Tensor:
+        """The example of each packed row (the packed tensor's row it came from)."""
+        sizes = self.batch_sizes.tolist()
+        at = torch.cat([torch.arange(b) for b in sizes]).to(device)
+        return at if self.sorted_indices is None else self.sorted_indices.to(device)[at]
 
 
 @dataclass
@@ -195,7 +216,10 @@ class Findings:
                 "its example dimension is not the batch's (a table indexed by positions whose "
                 "count equals the batch size, a time-major activation — keep dim 0 the "
                 "examples — or an operation that mixes examples, such as BatchNorm in training "
-                "mode or a loss computed inside the model from an inner activation)"
+                "mode or a loss computed inside the model from an inner activation — or a batch "
+                "reordered inside the forward, as sorted by length for pack_padded_sequence: "
+                "pass it in its own order with enforce_sorted=False, which torch sorts and "
+                "restores itself)"
                 + (
                     f". A dimension that has the batch's size {self.batch_size} by coincidence "
                     "(positions, image tokens, a pooled length) is told apart by a batch of "
@@ -316,6 +340,11 @@ class PassAudit:
 
     def _by_example(self, g: Tensor, dim: int) -> Tensor | None:
         """``g`` as [N, ...] (a view), or ``None`` when it has no example dimension of size N."""
+        if isinstance(dim, Packed):
+            if g.dim() == 0 or int(dim.batch_sizes[0]) != self.n:
+                return None
+            packed = PackedSequence(g, dim.batch_sizes, dim.sorted_indices, dim.unsorted_indices)
+            return pad_packed_sequence(packed, batch_first=True)[0]
         if dim == FLAT:
             if g.dim() == 0 or g.shape[0] % self.n:
                 return None
@@ -338,6 +367,9 @@ class PassAudit:
             # three, then 10–18% off without a word, a hunt of 2026-12-05)
             if self.float16 or g.dtype == torch.float16:
                 self.signs = self._signs16
+        if isinstance(dim, Packed):
+            signs = self.signs.to(g.device, g.dtype)[dim.examples(g.device)]
+            return g * signs.reshape(-1, *([1] * (g.dim() - 1)))
         rows = self._by_example(g, dim)
         assert rows is not None
         signed = rows * self.signs.to(g.dtype).reshape(-1, *([1] * (rows.dim() - 1)))

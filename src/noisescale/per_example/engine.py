@@ -481,6 +481,13 @@ def _items_cause(model: nn.Module, n: int, kwargs: dict) -> str | None:
     return None
 
 
+def _packed_output(output: Any) -> PackedSequence | None:
+    """A recurrent layer's packed output sequence, or None."""
+    if isinstance(output, tuple) and output and isinstance(output[0], PackedSequence):
+        return output[0]
+    return None
+
+
 def _first_held(flags: list[tuple[str, Tensor]]) -> str | None:
     """The first name whose device flag is set (one host read for them all), or None."""
     if not flags:
@@ -2181,9 +2188,15 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 mode="all",
             )
             pass_.handles.append(handle)
+        packed = _packed_output(output)
         for o, d in zip(outs, out_dims, strict=False):
             if isinstance(o, Tensor) and o.requires_grad:
                 rebased = base if o is outs[0] else None
+                if packed is not None and o is packed.data:
+                    # (a recurrent layer's packed output: its rows by the packing's metadata)
+                    d = audit_mod.Packed(
+                        packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices
+                    )
                 self._add_target(pass_, o, audit_mod.FLAT if flat else d, module, label, rebased)
         return replaced
 

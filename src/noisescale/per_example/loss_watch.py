@@ -1036,6 +1036,16 @@ class LossWatch:
             return counted.reshape(())
 
         self._mark_counted_mean(known[0][1].owners, flag, outs, inside)
+        if known[0][0] in self.scaled and divisor.is_floating_point():
+            # weights per example summed and divided by their sum, (w·ℓ).sum() / w.sum() —
+            # not a count (a mask's, which adds whole numbers, or one plus an ε): each
+            # example's weight depends on the others drawn, the ratio the class-weighted mean
+            # is refused for (until 2026-12-06 measured, B_simple 2–3× high with an interval
+            # excluding the truth, a hunt)
+            real = ((divisor - divisor.round()).abs() > 1e-3).reshape(())
+            for t in outs:
+                held = self.weighted.get(t)
+                self.weighted[t] = real if held is None else held | real
 
     def _mark_counted_mean(
         self, owners: Any, flag_of: Any, outs: list, inside: bool = False

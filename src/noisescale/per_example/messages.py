@@ -77,8 +77,9 @@ def class_weighted_message(passes: Sequence[PassNorms]) -> str | None:
     for p in passes:
         if p.class_weighted is not None and bool(p.class_weighted):
             return (
-                "the loss is a cross-entropy (or NLL) with class weights (weight=) averaged "
-                "over the batch's summed weights (reduction='mean'): that divisor depends on the "
+                "the loss is averaged over the batch's summed weights — a cross-entropy (or "
+                "NLL) with class weights (weight=, reduction='mean'), or a weighted sum divided "
+                "by the weights' sum, (w * losses).sum() / w.sum() —: that divisor depends on the "
                 "examples drawn, so the step's gradient is a ratio whose noise the examples' "
                 "norms do not give without bias (on a frozen model with weights 1, 8, 0.1 and "
                 "8 examples a step, B_simple read 54% high, its interval excluding the truth). "

@@ -734,7 +734,10 @@ class Settle:
                     "context, minibatch features, BatchNorm in training mode) or one example's "
                     "activations mixed into another's (Manifold Mixup) —, and such a model has "
                     "no per-example gradient: measure it with per_example=False and two or more "
-                    "gradient-accumulation micro-batches a step"
+                    "gradient-accumulation micro-batches a step; or the batch was reordered "
+                    "inside the forward (sorted by length for pack_padded_sequence: pass the "
+                    "batch in its own order with enforce_sorted=False, which torch sorts and "
+                    "restores itself and noisescale follows)"
                 )
             self._learned_shared.update(learnable_calls)
             self.learned_shared_lookups.update(lookups)
