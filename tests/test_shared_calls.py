@@ -270,3 +270,40 @@ def test_negative_ids_in_a_buffer_are_shared_whatever_their_count(k):
     assert_exact_both_modes(
         model, lambda: F.cross_entropy(model(users, items), zero, reduction="none"), N
     )
+
+
+class _NullEmbedding(nn.Module):
+    """Classifier-free guidance's training: the conditioning of the rows it drops replaced by
+    a learned null embedding, written in one of the ways users write it."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.how = how
+        self.null = nn.Parameter(torch.randn(1, 3, 4) * 0.5)
+        self.attend = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x, emb, drop):
+        if self.how == "where":
+            emb = torch.where(drop[:, None, None], self.null, emb)
+        elif self.how == "expanded":
+            emb = emb.clone()
+            emb[drop] = self.null.expand(int(drop.sum()), -1, -1)
+        else:
+            emb = emb.clone()
+            emb[drop] = self.null  # (one row, broadcast)
+        return self.head(torch.tanh(self.attend(emb).mean(1) + x))
+
+
+@pytest.mark.parametrize("how", ["where", "expanded", "one row"])
+def test_a_learned_null_embedding_written_into_the_dropped_rows_is_exact(how):
+    """A hunt (2026-12-06): ``emb[drop] = null.expand(k, -1, -1)`` was refused ('__setitem__'
+    has no per-example rule) where ``torch.where(drop, null, emb)`` — the same computation —
+    was exact. A value whose rows are one row repeated is written as that row."""
+    g = torch.Generator().manual_seed(1)
+    n = 5
+    x, emb = torch.randn(n, 4, generator=g), torch.randn(n, 3, 4, generator=g)
+    drop = torch.tensor([True, False, True, True, False])
+    model = _NullEmbedding(how)
+    assert_exact_both_modes(model, lambda: model(x, emb, drop).pow(2).sum(1), n)

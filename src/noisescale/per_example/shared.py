@@ -445,6 +445,8 @@ def _meet(
         # x) written back into x, s expanded over the examples and met there like any
         # elementwise operand (each example's gradient of s: its masked positions' rows)
         target, mask, value = args
+        if _repeated_rows(value, tuple(target.shape[mask.dim() :])):
+            value = value[0]  # (the row every written position gets)
         mask = mask.reshape(*mask.shape, *(1,) * (target.dim() - mask.dim()))
         result = _elementwise(
             torch.where, (mask, value, target), {}, origin, pass_, tuple(target.shape)
@@ -489,10 +491,24 @@ def _masked_assignment(args: tuple, n: int) -> bool:
     ):
         return False
     trailing = tuple(target.shape[mask.dim() :])
+    if _repeated_rows(value, trailing):
+        return True
     try:
         return torch.broadcast_shapes(tuple(value.shape), trailing) == trailing
     except RuntimeError:
         return False
+
+
+def _repeated_rows(value: Tensor, trailing: tuple) -> bool:
+    """``value`` one row repeated for each position written: [k, *trailing] with k = 1 or a
+    dim 0 of stride 0 (``null.expand(k, …)``: a learned null embedding written into the rows
+    that classifier-free guidance drops, emb[drop] = null.expand(k, -1, -1) — refused until
+    2026-12-06 where torch.where(drop, null, emb) was exact, a hunt)."""
+    return (
+        value.dim() == len(trailing) + 1
+        and tuple(value.shape[1:]) == trailing
+        and (value.shape[0] == 1 or value.stride(0) == 0)
+    )
 
 
 def _note_row_meeting(pass_: PassNorms, result: Tensor, origin: Origin, dim: int) -> None:
