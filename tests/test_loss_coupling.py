@@ -2325,3 +2325,33 @@ def test_a_plain_mean_with_a_counted_term_beside_it_is_still_held_to_the_declara
     with pytest.raises(noisescale.NoiseScaleInputError, match=match):
         with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
             loss_of(model(x)).backward()
+
+
+@pytest.mark.parametrize("copies", ["same", "scaled", "flipped"])
+def test_a_teacher_run_on_two_copies_of_the_batch_in_the_loss(copies):
+    """Classifier-free guidance's teacher in a distillation loss: run on
+    ``torch.cat([x, x])`` (a conditional and an unconditional copy of the same examples), its
+    output chunked in two and combined, ``u + w·(c − u)``. A hunt (2026-12-06): the joined
+    copies were an irregular map and ``c − u`` was refused as combining examples; whole copies
+    of the examples are the examples' map still — exact — and a copy in another order still
+    combines them."""
+    torch.manual_seed(1)
+    teacher = nn.Linear(C, C)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    model = mlp()
+    x, _ = data()
+
+    def loss_of(out):
+        second = {"same": out, "scaled": 0.5 * out, "flipped": out.flip(0)}[copies]
+        c, u = teacher(torch.cat([out, second])).chunk(2)
+        return (u + 3.0 * (c - u)).pow(2).sum()
+
+    if copies == "flipped":
+        with pytest.raises(UnsupportedModuleError, match="combines the examples"):
+            with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
+                loss_of(model(x)).backward()
+        return
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        loss_of(model(x)).backward()
+    torch.testing.assert_close(pe.sqnorms, share_truth(model, x, loss_of), rtol=1e-9, atol=0)

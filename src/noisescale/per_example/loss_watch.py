@@ -2176,6 +2176,30 @@ def _joined(named: dict, known: list, dim: int) -> tuple[Tensor | None, int | No
     return (torch.cat(parts), total) if parts else (None, None)
 
 
+def _joined_cycles(named: dict, known: list, dim: int) -> Rows | None:
+    """``torch.cat`` of whole cycles of one regular map — the same examples twice,
+    ``torch.cat([x, x])`` or ``[x, 0.5 * x]``, as classifier-free guidance runs a teacher on a
+    conditional and an unconditional copy — is that map still (index j is example j mod N):
+    its ``.chunk(2)`` gives the examples' rows back (until 2026-12-06 the result was an
+    irregular map, and ``c − u`` of its halves was refused as combining examples, a hunt)."""
+    by_id = {id(t): x for t, x in known}
+    tensors = list(named.get("tensors", ()))
+    parts = [by_id.get(id(t)) for t in tensors]
+    first = parts[0] if parts else None
+    if not isinstance(first, Rows) or first.block is None or first.dim != dim:
+        return None
+    cycle = first.n * first.block
+    for t, x in zip(tensors, parts, strict=True):
+        if (
+            not isinstance(x, Rows)
+            or (x.key, x.block, x.n, x.dim, x.owner)
+            != (first.key, first.block, first.n, dim, first.owner)
+            or t.shape[dim] % cycle
+        ):
+            return None
+    return Rows(dim, first.block, first.key, first.n, first.owner)
+
+
 def _joined_span(named: dict, known: list, dim: int, layout: Rows) -> Rows | None:
     """``torch.cat`` of consecutive pieces of one regular map, together all of it — a
     cross-entropy computed in chunks of the flattened tokens and joined again — is that map
@@ -2210,6 +2234,9 @@ def _join(func: Any, name: str, named: dict, known: list, out: Tensor) -> Layout
         s_ = s % (t.dim() + (name == "stack"))
         d = layout.dim + (name == "stack" and s_ <= layout.dim)
         if name == "cat" and s_ == layout.dim:
+            repeated = _joined_cycles(named, known, s_)
+            if repeated is not None:
+                return repeated
             whole = _joined_span(named, known, s_, layout)
             if whole is not None:
                 return whole
