@@ -285,7 +285,9 @@ def _ambiguous_message(pass_: PassNorms) -> str:
         "keep the table's rows apart from the examples' dimension. If its rows are the "
         "examples' — they reached it in a layout noisescale did not follow, moved out of "
         "dim 0 for a batched product and back (RecurrentGemma's gates, a baddbmm over "
-        "[heads, N·T, width]), and another batch size is refused alike — register a rule for "
+        "[heads, N·T, width]), or a codebook looked up by indices the examples chose, which "
+        "carry no history (a vector quantizer's argmin: VQ-VAE, VQGAN, diffusers' VQModel), "
+        "and another batch size is refused alike — register a rule for "
         "the module that computes it (noisescale.register_layer), or use per_example=False"
     )
 
