@@ -3,10 +3,12 @@
     python examples/register_layer.py
 
 ``HeadwiseLinear`` applies one weight matrix per attention head with an ``einsum`` — an operation
-noisescale has no closed form for, so without a rule its module would go through the torch.func
-fallback (a per-example re-run). The rule below gives the engine each example's gradient of the
-weight in closed form: for y[n, h] = x[n, h] @ W[h] it is x[n, h] ⊗ δ[n, h], summed over any
-positions in between. The script checks the norms against one backward pass per example.
+noisescale has no closed form for: without a rule it meets the weight as expanded over the
+examples, each example's whole gradient of it materialised (N copies of the weight; an einsum
+it cannot read so goes through the torch.func fallback, a per-example re-run). The rule below
+gives the engine each example's gradient of the weight in closed form: for y[n, h] = x[n, h] @
+W[h] it is x[n, h] ⊗ δ[n, h], summed over any positions in between, and the squared norm is
+taken from those factors. The script checks the norms against one backward pass per example.
 """
 
 from __future__ import annotations

@@ -1129,8 +1129,9 @@ def test_dropout_inside_attention_is_exact():
 
 
 def test_fallback_module_with_dropout_replays_its_masks():
-    """A module whose parameter meets the batch in einsum (no rule: torch.func fallback from the
-    second step) and which draws a dropout mask: the fallback recomputes it with the same mask."""
+    """A module whose parameter meets the batch in an einsum whose output does not lead with the
+    examples (no rule: torch.func fallback from the second step) and which draws a dropout
+    mask: the fallback recomputes it with the same mask."""
 
     class Headwise(nn.Module):
         def __init__(self):
@@ -1138,7 +1139,8 @@ def test_fallback_module_with_dropout_replays_its_masks():
             self.weight = nn.Parameter(torch.randn(2, 3, 4))
 
         def forward(self, x):
-            return F.dropout(torch.einsum("nhd,hde->nhe", x, self.weight), 0.5, self.training)
+            out = torch.einsum("nhd,hde->hne", x, self.weight).transpose(0, 1)
+            return F.dropout(out, 0.5, self.training)
 
     torch.manual_seed(0)
     model = nn.Sequential(Headwise(), nn.Tanh())

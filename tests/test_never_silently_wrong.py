@@ -1167,7 +1167,7 @@ class NestedMasks(nn.Module):
 
     def forward(self, x, masks):  # x: [N, 2, 3]; masks: ([N, 2, 1], [N, 1, 4])
         keep, scale = masks
-        return torch.einsum("nhd,hde->nhe", x * keep, self.weight) * scale
+        return torch.einsum("nhd,hde->hne", x * keep, self.weight).transpose(0, 1) * scale
 
 
 class WithNestedMasks(nn.Module):
@@ -2240,12 +2240,12 @@ class EinsumOutputs(nn.Module):
         self.weight = nn.Parameter(torch.randn(3, 4))
 
     def forward(self, x: torch.Tensor):
-        y = torch.einsum("nd,de->ne", x, self.weight)
+        y = torch.einsum("nd,de->en", x, self.weight).t()
         if self.kind == "mask":
             return {"mask": (x > 0).sum(1), "out": y}
         if self.kind == "none":
             return (None, y)
-        return (y, (torch.einsum("nd,de->ne", x.tanh(), self.weight),))
+        return (y, (torch.einsum("nd,de->en", x.tanh(), self.weight).t(),))
 
 
 class UsesOutputs(nn.Module):
@@ -2378,11 +2378,11 @@ class EinOut(nn.Module):
         self.temp = nn.Parameter(torch.ones(()))
 
     def forward(self, h: torch.Tensor):
-        y = torch.einsum("nd,de->ne", h, self.weight)
+        y = torch.einsum("nd,de->en", h, self.weight).t()
         if self.kind == "maps":
             out = {"maps": list(h.detach().unbind(0))} if self.maps else {}
             out["y"] = y
-            out["z"] = torch.einsum("nd,de->ne", h.tanh(), self.weight)
+            out["z"] = torch.einsum("nd,de->en", h.tanh(), self.weight).t()
             return out
         if self.kind == "dup":
             return {"last_hidden_state": y, "hidden_states": (h, y)}
@@ -2528,11 +2528,11 @@ class EinRows(nn.Module):
         if self.kind == "inplace":
             torch.rand(1)
             h.add_(self.b)
-        y = torch.einsum("nd,de->ne", h, self.weight)
+        y = torch.einsum("nd,de->en", h, self.weight).t()
         if self.kind == "view":
             return (y, h[:, :2])
         rows = tuple(h.detach().unbind(0)) if self.rows else ()
-        return (*rows, y, torch.einsum("nd,de->ne", h.tanh(), self.weight))
+        return (*rows, y, torch.einsum("nd,de->en", h.tanh(), self.weight).t())
 
 
 class AroundRows(nn.Module):
@@ -2632,7 +2632,7 @@ class EinKinds(nn.Module):
     def forward(self, h: torch.Tensor, table: torch.Tensor | None = None):
         if table is not None:
             h = h + table
-        y = torch.einsum("nd,de->ne", h, self.weight)
+        y = torch.einsum("nd,de->en", h, self.weight).t()
         if self.kind == "after":
             return (y, *h.detach().unbind(0))
         if self.kind == "function":

@@ -224,7 +224,7 @@ class _Headwise(nn.Module):
         self.weight = nn.Parameter(torch.randn(2, 3, 4))
 
     def forward(self, x):
-        return torch.einsum("nhd,hde->nhe", x, self.weight)
+        return torch.einsum("nhd,hde->hne", x, self.weight).transpose(0, 1)
 
 
 def test_operation_without_a_rule_is_named_in_a_one_shot_measurement():
@@ -409,7 +409,7 @@ class _HeadwiseFlat(_Headwise):
     """Its output a reshaped view of the einsum's ([N, H·E]): the engine hooks the view's base."""
 
     def forward(self, x):
-        return torch.einsum("nhd,hde->nhe", x, self.weight).flatten(1)
+        return torch.einsum("nhd,hde->hne", x, self.weight).transpose(0, 1).flatten(1)
 
 
 @pytest.mark.parametrize("twice", [False, True], ids=["once", "called twice"])

@@ -307,3 +307,69 @@ def test_a_learned_null_embedding_written_into_the_dropped_rows_is_exact(how):
     drop = torch.tensor([True, False, True, True, False])
     model = _NullEmbedding(how)
     assert_exact_both_modes(model, lambda: model(x, emb, drop).pow(2).sum(1), n)
+
+
+class _RelativeKeys(nn.Module):
+    """Attention scores with learned relative-position keys, as Wav2Vec2-BERT computes them:
+    a table looked up by the [T, T] distances, met by the queries in an einsum."""
+
+    def __init__(self, equation: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.equation = equation
+        self.q = nn.Linear(4, 2 * 3)
+        self.distance = nn.Embedding(9, 3)
+        self.head = nn.Linear(5 * 5 * 2, 2)
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        q = self.q(x).view(n, t, 2, 3).transpose(1, 2)  # [N, H, T, d]
+        pos = torch.arange(t)
+        table = self.distance((pos[None, :] - pos[:, None]).clamp(-4, 4) + 4)  # [T, T, d]
+        if self.equation == "bhld,lrd->bhlr":
+            scores = torch.einsum(self.equation, q, table)
+        else:  # (the operands the other way round)
+            scores = torch.einsum(self.equation, table, q)
+        return self.head(torch.tanh(scores).reshape(n, -1))
+
+
+@pytest.mark.parametrize("equation", ["bhld,lrd->bhlr", "lrd,bhld->bhlr"])
+def test_relative_keys_met_by_the_queries_in_an_einsum_are_exact(equation):
+    """A hunt (2026-12-06): Wav2Vec2-BERT's default relative_key attention was refused at
+    every step — a shared table (the distance embedding's lookup) met the per-example queries
+    in torch.einsum, which had no rule. Expanded over the examples first, it is met as an
+    expansion is."""
+    n = 4
+    x = torch.randn(n, 5, 4, generator=torch.Generator().manual_seed(1))
+    model = _RelativeKeys(equation)
+    assert_exact_both_modes(model, lambda: model(x).pow(2).sum(1), n)
+
+
+def test_wav2vec2_bert_with_relative_keys_is_exact():
+    """The model the hunt found refused: Wav2Vec2BertForCTC with its default
+    position_embeddings_type="relative_key", a CTC loss per example."""
+    transformers = pytest.importorskip("transformers")
+    n, vocab, steps = 3, 12, 13
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2BertForCTC(
+        transformers.Wav2Vec2BertConfig(
+            vocab_size=vocab, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32, feature_projection_input_dim=16, hidden_dropout=0.0,
+            activation_dropout=0.0, attention_dropout=0.0, feat_proj_dropout=0.0,
+            final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0, pad_token_id=0,
+            conv_depthwise_kernel_size=3, conformer_conv_dropout=0.0,
+            position_embeddings_type="relative_key",
+        )
+    ).train()  # fmt: skip
+    g = torch.Generator().manual_seed(4)
+    feats = torch.randn(n, steps, 16, generator=g)
+    mask = torch.ones(n, steps, dtype=torch.long)
+    mask[1, -4:] = 0
+    targets = torch.randint(1, vocab, (n, 3), generator=g)
+
+    def losses():
+        logits = model(input_features=feats, attention_mask=mask).logits
+        logp = F.log_softmax(logits, -1).transpose(0, 1)
+        return F.ctc_loss(logp, targets, mask.sum(-1), torch.full((n,), 3), reduction="none")
+
+    assert_exact_both_modes(model, losses, n, rtol=1e-7)

@@ -352,6 +352,10 @@ def _meet(
             return _linear(func, args, kwargs, origin, pass_, n, dim)
     if name in _MATMUL_NAMES and batched:
         return _matmul(func, args, kwargs, origin, pass_, n, dim)
+    if name == "einsum" and batched and dim == 0:
+        met = _einsum(func, args, kwargs, origin, pass_, n)
+        if met is not None:
+            return met
     if batched and (func is F.embedding or (name == "__getitem__" and _is_lookup(args))):
         key = _lookup_key(origin, name)
         if key in engine.learned_shared_lookups:
@@ -854,6 +858,57 @@ def _matmul(
     m.extra.update(weight=w, bias=None, dim=dim, transposed=True)
     origin.engine.add_meeting(pass_, m)
     return y
+
+
+def _einsum(func: Any, args: tuple, kwargs: dict, origin: Origin, pass_: PassNorms, n: int) -> Any:
+    """``torch.einsum`` of a per-example operand whose first index is the examples' (and the
+    output's first) with a shared operand that has no such index — Wav2Vec2-BERT's relative
+    keys, einsum("bhld,lrd->bhlr", q, table(distance)) —: the shared operand expanded over the
+    examples first and given their index, a meeting like an expansion's (each example's
+    gradient of it: its row of the expansion's). Refused until 2026-12-06 (a hunt). None
+    where the call is not of that form."""
+    if kwargs or len(args) < 2 or not isinstance(args[0], str):
+        return None
+    operands = (
+        list(args[1]) if len(args) == 2 and isinstance(args[1], list | tuple) else list(args[1:])
+    )
+    equation = args[0].replace(" ", "")
+    if len(operands) != 2 or "->" not in equation or "." in equation:
+        return None
+    inputs, output = equation.split("->")
+    subscripts = inputs.split(",")
+    if len(subscripts) != 2 or not output:
+        return None
+    shared = [i for i, t in enumerate(operands) if isinstance(t, SharedTensor)]
+    if len(shared) != 1:
+        return None
+    s, b = shared[0], 1 - shared[0]
+    batch, other = operands[b], operands[s]
+    letter = subscripts[b][:1]
+    if (
+        not isinstance(batch, Tensor)
+        or batch.dim() != len(subscripts[b])
+        or other.dim() != len(subscripts[s])
+        or batch.shape[0] != n
+        or not letter
+        or letter in subscripts[s]
+        or output[0] != letter
+        or subscripts[b].count(letter) != 1
+        # (an operand with a history — computed from the examples — or the model's input: a
+        # constant whose dim 0 has the batch's size by coincidence, positions of T = N, is
+        # left to the fallback and its checks)
+        or not (batch.grad_fn is not None or batch is pass_.n_source or batch is pass_.examples)
+    ):
+        return None
+    with torch._C.DisableTorchFunctionSubclass():
+        e = other.expand(n, *other.shape)
+        pieces = [None, None]
+        pieces[s], pieces[b] = e, _plain(batch)
+        subs = list(subscripts)
+        subs[s] = letter + subs[s]
+        result = func(f"{','.join(subs)}->{output}", *pieces)
+    origin.engine.add_meeting(pass_, Meeting("expand", other, origin, hooked=e))
+    return result
 
 
 def _is_lookup(args: tuple) -> bool:
