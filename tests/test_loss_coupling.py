@@ -2355,3 +2355,39 @@ def test_a_teacher_run_on_two_copies_of_the_batch_in_the_loss(copies):
     with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
         loss_of(model(x)).backward()
     torch.testing.assert_close(pe.sqnorms, share_truth(model, x, loss_of), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("form", ["stft", "unfold + rfft", "frames across examples"])
+def test_a_spectral_loss_on_each_example_s_signal(form):
+    """A vocoder's multi-resolution STFT loss: each example's spectrum is its own signal's.
+    A hunt (2026-12-06): torch.stft's frames (an as_strided view) and a hand framing with
+    unfold had no rule in the loss watch and were refused as combining the examples; a view
+    that keeps each example's frames in its own memory is followed now, and one whose windows
+    span two examples still combines them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 24), nn.Tanh(), nn.Linear(24, 32))
+    x, _ = data()
+    target = torch.randn(N, 32, generator=torch.Generator().manual_seed(5))
+    window = torch.hann_window(8, dtype=torch.float64)
+
+    def spectrum(signal):
+        if form == "stft":
+            return torch.stft(signal, 8, hop_length=2, window=window, return_complex=True).abs()
+        if form == "unfold + rfft":
+            frames = signal.unfold(-1, 8, 2)
+        else:  # (each row's frames reaching 3 elements into the next row's)
+            padded = torch.cat([signal, signal.new_zeros(1, 32)])[:N]
+            frames = padded.as_strided((N, 13, 8), (32, 2, 1), padded.storage_offset() + 4)
+        return torch.fft.rfft(frames * window, dim=-1).abs()
+
+    def loss_of(out):
+        return (spectrum(out) - spectrum(target)).abs().sum()
+
+    if form == "frames across examples":
+        with pytest.raises(UnsupportedModuleError, match="combines the examples"):
+            with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
+                loss_of(model(x)).backward()
+        return
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        loss_of(model(x)).backward()
+    torch.testing.assert_close(pe.sqnorms, share_truth(model, x, loss_of), rtol=1e-9, atol=0)

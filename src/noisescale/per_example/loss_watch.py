@@ -1860,6 +1860,17 @@ def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: l
         if t.shape[d] != out.shape[new]:
             return _mixed(func, "broadcast one example's values over others")
         return keep(new)
+    if name == "unfold":
+        # windows along another dimension (framing a signal: torch.stft, x.unfold(-1, n, hop)):
+        # each example's windows are its own (refused until 2026-12-06, a hunt)
+        if named["dimension"] % max(t.dim(), 1) == d:
+            return _mixed(func, "took windows across the examples")
+        return keep(d)
+    if name == "as_strided":
+        kept = _strided_rows(t, d, out, named)
+        if kept is None:
+            return _mixed(func, "viewed the examples' memory in a layout noisescale cannot read")
+        return keep(kept)
     if name == "unsqueeze":
         u = named["dim"] % out.dim()
         return keep(d + (u <= d))
@@ -2086,6 +2097,32 @@ def _batched(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs:
     if d != 0:
         return _mixed(func, "took another dimension for the batch")
     return [layout for _ in outs]
+
+
+def _strided_rows(t: Tensor, d: int, out: Tensor, named: dict) -> int | None:
+    """The dimension of ``as_strided``'s view ``out`` of ``t`` that holds ``t``'s examples
+    (dim ``d``), when every element of the view's index i along it lies in example i's own
+    span of memory — the frames torch.stft takes of each example's signal —; else None."""
+    size, stride = list(named["size"]), list(named["stride"])
+    offset = named.get("storage_offset")
+    offset = t.storage_offset() if offset is None else offset
+    step, n = t.stride(d), t.shape[d]
+    if step <= 0 or any(s < 0 for s in stride) or any(s < 0 for s in t.stride()):
+        return None
+    own = sum(
+        (k - 1) * s for i, (k, s) in enumerate(zip(t.shape, t.stride(), strict=True)) if i != d
+    )
+    if own >= step:  # (an example's own elements reach into the next one's span)
+        return None
+    at = [i for i, (k, s) in enumerate(zip(size, stride, strict=True)) if k == n and s == step]
+    if len(at) != 1 or offset < t.storage_offset():
+        return None
+    j = at[0]
+    start = offset - t.storage_offset()
+    reach = start + sum(
+        (k - 1) * s for i, (k, s) in enumerate(zip(size, stride, strict=True)) if i != j
+    )
+    return j if reach < step else None
 
 
 def _squeezed(named: dict, t: Tensor) -> set[int]:
