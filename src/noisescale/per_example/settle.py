@@ -376,7 +376,11 @@ class Settle:
             raise UnsupportedModuleError(
                 f"parameters {aliased} received gradients that no use noisescale followed "
                 "gave: read outside the model's forward (in the loss: model.temperature — "
-                "return it from the forward instead, where it is followed), or used directly in "
+                "return it from the forward instead, where it is followed), or combined with "
+                "a loss already reduced over the examples (Kendall's uncertainty weighting, "
+                "exp(-s)·L + s on the batch's mean L: a scalar with no per-example split — write "
+                "it per example, (exp(-s)·losses + s).mean() with s returned by the forward), or "
+                "used directly in "
                 "their module's forward but never combined with a tensor whose dim 0 has the "
                 f"batch's {pass_.batch_size} examples (time-major activations; examples "
                 "flattened together with positions or routed to experts: x.reshape(-1, D), a "
