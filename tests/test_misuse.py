@@ -908,15 +908,16 @@ def test_a_pass_whose_gradients_only_autograd_grad_took_is_not_part_of_the_step(
             assert (a["g2"], a["trace_sigma"]) == pytest.approx((b["g2"], b["trace_sigma"]))
 
 
-HAND_WRITTEN = {
-    # (how the step writes .grad from torch.autograd.grad's gradients, whether .grad then is
-    # the gradient of the loss noisescale measured)
-    "p.grad = g": True,
-    "p.grad = 2 * g": False,  # (a task weight applied to the gradient)
-    "p.grad = g, clipped": False,
-    "two batches, p.grad = (g1 + g2) / 2": False,  # (each pass's gradient cannot be checked)
-    "p.grad = g, then backward() of a second batch": False,
-}
+HAND_WRITTEN = [
+    # (how the step writes .grad from torch.autograd.grad's gradients: every way refused —
+    # even p.grad = g, since the loss's kind and class weights are read at the step's own
+    # backward only, and a review found a reduction='sum' loss declared a mean 16× off)
+    "p.grad = g",
+    "p.grad = 2 * g",  # (a task weight applied to the gradient)
+    "p.grad = g, clipped",
+    "two batches, p.grad = (g1 + g2) / 2",
+    "p.grad = g, then backward() of a second batch",
+]
 
 
 @pytest.mark.parametrize(
@@ -929,9 +930,8 @@ def test_gradients_written_to_grad_by_hand_are_checked(kw, how):
     itself (gradient surgery, a task weight, clipping after the assignment, two batches'
     gradients averaged by hand, or one micro-batch so and the next by ``backward()``) was
     measured as if ``.grad`` were the gradient of the loss that went into autograd.grad — the
-    examples' norms 4× too small or too large, without a word. ``.grad`` is now checked to be
-    the one pass's gradient as taken (exact then: the records equal those of ``backward()``);
-    anything else is refused, on every step (the first one is normal, then the loop changes)."""
+    examples' norms 4× too small or too large, without a word. It is refused now, on every
+    step (the first one is normal, then the loop changes), naming loss.backward()."""
     x2, y2 = _batch(50)
 
     def assigned(model, x, y):
@@ -958,7 +958,7 @@ def test_gradients_written_to_grad_by_hand_are_checked(kw, how):
                 if by_hand and seed > 0:
                     assigned(model, x, y)
                 else:
-                    micro = 2 if kw.get("per_example") is False and not HAND_WRITTEN[how] else 1
+                    micro = 2 if kw.get("per_example") is False else 1
                     _accumulate(model, x, y, micro)
                 tracker.step()
                 opt.step()
@@ -967,20 +967,8 @@ def test_gradients_written_to_grad_by_hand_are_checked(kw, how):
             tracker.remove()
         return tracker.history
 
-    if not HAND_WRITTEN[how]:
-        with pytest.raises(NoiseScaleInputError, match=r"^call (tracker\.step|loss\.backward)"):
-            run(by_hand=True)
-        return
-    with warnings.catch_warnings():
-        # (per_example=False: one backward a step has no small batch, warned and skipped)
-        warnings.simplefilter("ignore")
-        got, want = run(by_hand=True), run(by_hand=False)
-    assert len(got) == len(want) == 4
-    for a, b in zip(got, want, strict=True):
-        assert a["sqnorm_big"] == pytest.approx(b["sqnorm_big"], rel=1e-9)
-        assert (a["g2"], a["trace_sigma"]) == pytest.approx(
-            (b["g2"], b["trace_sigma"]), rel=1e-9, nan_ok=True
-        )
+    with pytest.raises(NoiseScaleInputError, match=r"^call loss\.backward\(\)"):
+        run(by_hand=True)
 
 
 @pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}], ids=["default", "exact"])

@@ -633,3 +633,49 @@ def test_a_batch_reordered_before_a_packed_recurrent_layer_is_refused(cell, mid,
     with noisescale.per_example_sqnorms(model) as pe:
         losses().mean().backward()
     torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+
+
+class _TrimmedTable(nn.Module):
+    """A learned call on a position table shared by every example, trimmed inside the forward
+    to the batch's longest example (dynamic padding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = nn.Parameter(torch.randn(6, 3), requires_grad=False)
+        self.pos = nn.Linear(3, 3)
+        self.inp = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x, mask):
+        length = int(mask.sum(1).max())
+        x, mask = x[:, :length], mask[:, :length]
+        h = torch.tanh(self.inp(x) + self.pos(self.table[:length])[None])
+        return self.head((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
+
+
+@pytest.mark.usefixtures("float64_default")
+@pytest.mark.parametrize("longest", range(4))
+def test_a_shared_table_trimmed_to_the_longest_example_stays_shared(longest):
+    """(A review, 2026-12-06.) The check that a layer's input does not carry the examples now
+    re-runs the model with one example in two rows, another left out — which shortens a table
+    trimmed to the longest example when that one is left out (here its length 4 = N): the
+    layer was refused as fed a reordered batch. A change of shape whose common part is
+    unchanged is left to the permutation alone: learned as shared, measured exactly."""
+    model = _TrimmedTable()
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    g = torch.Generator().manual_seed(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (step 1 withheld while the table is learned)
+            for _ in range(3):
+                x, y = torch.randn(4, 6, 3, generator=g), torch.randint(0, 2, (4,), generator=g)
+                lengths = torch.full((4,), 3)
+                lengths[longest] = 4
+                mask = (torch.arange(6)[None] < lengths[:, None]).double()
+                model.zero_grad()
+                F.cross_entropy(model(x, mask), y).backward()
+                tracker.step()
+    finally:
+        tracker.remove()
+    assert sum(not r["skipped"] for r in tracker.history) >= 2

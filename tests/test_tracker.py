@@ -377,6 +377,22 @@ RATIOS = {
         False,
     ),
     "(w * ce).mean()": (lambda ce, w, m: (w * ce).mean(), False),
+    # (a review): whole-number weights, the same weight for every example, a float mask
+    "(k[y] * ce).sum() / k[y].sum(), k = 1, 8, 2": (
+        lambda ce, w, m: (
+            ((w > 1) * 7.0 + (w < 1) * 1.0 + 1.0).mul(ce).sum()
+            / ((w > 1) * 7.0 + (w < 1) * 1.0 + 1.0).sum()
+        ),
+        True,
+    ),
+    "(0.5 * ones * ce).sum() / (0.5 * ones).sum()": (
+        lambda ce, w, m: (torch.full_like(ce, 0.5) * ce).sum() / torch.full_like(ce, 0.5).sum(),
+        False,
+    ),
+    "(w[:, None] * tokens).sum() / w.sum()": (
+        lambda ce, w, m: (w[:, None] * ce[:, None].expand(-1, 3)).sum() / w.sum(),
+        True,
+    ),
 }
 
 

@@ -1794,6 +1794,15 @@ class GradientNoiseTracker:
         if second_order:
             raise NoiseScaleInputError(SECOND_ORDER)
         changed, how = found
+        if how == "assigned":
+            raise NoiseScaleInputError(
+                "call loss.backward() for the step's gradients: only torch.autograd.grad ran "
+                f"through the model this step, and the gradient of {changed!r} was written to "
+                ".grad by hand (gradient surgery, a task weight, gradients of several batches "
+                "combined), so noisescale cannot tell that .grad is the gradient of the loss "
+                "whose examples it measured. A gradient only read or logged goes under `with "
+                "tracker.paused():`. Nothing of this step was recorded"
+            )
         if how == "not unscaled":
             raise NoiseScaleInputError(
                 "call tracker.step() before GradScaler.unscale_, or unscale_ every optimizer "
@@ -2354,6 +2363,11 @@ def _checked_step_args(loss: Any, lr: Any) -> tuple[Any, float | None]:
             ) from None
     if isinstance(lr, list | tuple):
         rates = {float(r) for r in lr}
+        if not rates:
+            raise NoiseScaleInputError(
+                "pass tracker.step(lr=...) one learning rate, not an empty list. Nothing of "
+                "this step was recorded; call tracker.step() again"
+            )
         if len(rates) != 1:
             raise NoiseScaleInputError(
                 f"pass tracker.step(lr=...) one learning rate: got {list(lr)}, one per parameter "

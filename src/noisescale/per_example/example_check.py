@@ -110,16 +110,49 @@ class ExampleCheck:
         try:
             # (an input with the batch's size along two dimensions, labels [N, T] with T = N
             # beside input_ids, is permuted along the example dimension all inputs share)
-            # permuted, and one example in two rows (another left out): an input that
+            # Permuted, and one example in two rows (another left out): an input that
             # depends on the examples only through their order-free content — the batch
             # sorted by length inside the forward, before pack_padded_sequence — is the same
             # for every permutation, and was taken for one shared by every example until
             # 2026-12-06 (its layer then refused with another cause, a hunt)
-            index = self._example_cycle(n)
+            cycle = self._example_cycle(n)
+            index = cycle.clone()
             index[1] = index[0]
             p_inputs = _permute_examples(pass_.inputs, index, n, dim, source, strict=False)
+            c_inputs = _permute_examples(pass_.inputs, cycle, n, dim, source, strict=False)
         except _SkipCheck:
             return None
+        runs = self._layer_inputs(pass_, layers, p_inputs)
+        if runs is None:
+            return None
+        followed, shaped = [], []
+        for m in layers:
+            a, b = runs[m]
+            if not a:
+                followed.append(m)
+            elif not _same_shapes(a, b):
+                # (the input's shape changed with the example left out: a table trimmed to the
+                # longest example inside the forward — which a review found refused —, its
+                # common part unchanged, the permutation alone tells whether it carries the
+                # examples; a batch packed by length changes in its common part too)
+                if _same_prefix(a, b):
+                    shaped.append(m)
+                else:
+                    followed.append(m)
+            elif not _same(a, b):
+                followed.append(m)
+        if shaped:
+            runs = self._layer_inputs(pass_, shaped, c_inputs)
+            if runs is None:
+                return None
+            followed += [m for m in shaped if not runs[m][0] or not _same(*runs[m])]
+        return [m for m in layers if m in followed]
+
+    def _layer_inputs(
+        self, pass_: PassNorms, layers: list[nn.Module], changed: tuple
+    ) -> dict[nn.Module, list[list[Tensor]]] | None:
+        """Each layer's inputs in a re-run on the pass's inputs and in one on ``changed``;
+        None where the model cannot be re-run."""
         seen: dict[nn.Module, list[list[Tensor]]] = {m: [[], []] for m in layers}
         run = [0]
 
@@ -133,25 +166,13 @@ class ExampleCheck:
 
         handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in layers]
         try:
-            self._run_twice(pass_.inputs, p_inputs, between=second)
+            self._run_twice(pass_.inputs, changed, between=second)
         except Exception:  # a forward that cannot be re-run: say so, do not guess
             return None
         finally:
             for h in handles:
                 h.remove()
-
-        def same(a: list[Tensor], b: list[Tensor]) -> bool:
-            return len(a) == len(b) and all(
-                x.shape == y.shape
-                and (
-                    torch.allclose(x.double(), y.double(), rtol=1e-6, atol=0.0)
-                    if x.is_floating_point()
-                    else torch.equal(x, y)
-                )
-                for x, y in zip(a, b, strict=True)
-            )
-
-        return [m for m in layers if not seen[m][0] or not same(*seen[m])]
+        return seen
 
     def _check_permutation(self, pass_: PassNorms, output: Any) -> None:
         """Do the model's outputs follow its inputs' examples? Run the model twice more,
@@ -331,3 +352,30 @@ def _buffers_kept(model: nn.Module) -> Iterator[None]:
             for b, saved in buffers:
                 if not torch.equal(b, saved):
                     b.copy_(saved)
+
+
+def _same_shapes(a: list[Tensor], b: list[Tensor]) -> bool:
+    return len(a) == len(b) and all(x.shape == y.shape for x, y in zip(a, b, strict=True))
+
+
+def _same(a: list[Tensor], b: list[Tensor]) -> bool:
+    """Two runs' inputs of a layer, equal (floating values to 1e-6)."""
+    return _same_shapes(a, b) and all(
+        torch.allclose(x.double(), y.double(), rtol=1e-6, atol=0.0)
+        if x.is_floating_point()
+        else torch.equal(x, y)
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def _same_prefix(a: list[Tensor], b: list[Tensor]) -> bool:
+    """Two runs' inputs of a layer of different shapes, equal where they overlap."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if x.dim() != y.dim():
+            return False
+        common = tuple(slice(0, min(i, j)) for i, j in zip(x.shape, y.shape, strict=True))
+        if not _same([x[common]], [y[common]]):
+            return False
+    return True

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from noisescale.per_example.factors import _acc, sqnorm
 from noisescale.per_example.graph import _order
 from noisescale.per_example.pass_checks import _audit_scheduled
 from noisescale.per_example.passes import PassNorms
@@ -127,38 +126,18 @@ class GradWatch:
     def _assigned_by_hand(self) -> tuple[str, str] | None:
         """A step whose every backward was ``torch.autograd.grad``'s (no pass wrote ``.grad``)
         while ``.grad`` is set: the loop wrote ``.grad`` itself (PCGrad-style gradient surgery,
-        a task weight applied to the gradient, two batches' gradients averaged by hand). It
-        stands only where it is that one pass's gradient as taken — its |.grad|² the pass's
-        own, compared by value (one host read, in such loops only) —; else the first
-        parameter with a gradient, ``(name, "changed")``. Until 2026-12-06 nothing was
-        compared there: ``p.grad = 2 * g`` read the examples' norms 4× too small, two batches'
-        gradients averaged by hand 4× too large, without a word (a hunt)."""
+        a task weight applied to the gradient, two batches' gradients averaged by hand) —
+        ``(name, "assigned")``, the first parameter with a gradient. Until 2026-12-06 nothing
+        was compared there: ``p.grad = 2 * g`` read the examples' norms 4× too small, two
+        batches' gradients averaged by hand 4× too large, without a word (a hunt). Even
+        ``p.grad = g`` exactly is refused: the loss watch reads the kind of a loss (a plain
+        sum declared a mean) and its class weights at the step's own backward only, and an
+        autograd.grad taken for something else is no such backward (a review)."""
         taken = [p for p in self.passes if p.received and p.grad_only and not p.wrote]
         if not taken or any(p.idle for p in taken):
             return None
-        present = [(q, q.grad) for q in self._params if q.grad is not None]
-        if not present:
-            return None
-        first = self._param_name[id(present[0][0])]
-        if len(taken) > 1:
-            return first, "changed"
-        pass_ = taken[0]
-        for q, g in present:
-            if id(q) not in pass_.received or hasattr(g, "to_local"):
-                return self._param_name[id(q)], "changed"
-        if pass_.grad_sqnorm is None:
-            return first, "changed"
-        weights = pass_.weights or {}
-        with torch.no_grad():
-            total = sum(
-                sqnorm(g.detach())
-                if (w2 := weights.get(id(q))) is None
-                else (_acc(g.detach()).pow(2) * w2).sum()
-                for q, g in present
-            )
-            noted = pass_.grad_sqnorm.to(total.device)
-            off = bool((total - noted).abs() > 1e-5 * torch.maximum(total, noted))
-        return (first, "changed") if off else None
+        first = next((q for q in self._params if q.grad is not None), None)
+        return None if first is None else (self._param_name[id(first)], "assigned")
 
     def _grads_on_host(self) -> bool:
         """Whether every parameter lives in host memory (the CPU), as a plain tensor (not a

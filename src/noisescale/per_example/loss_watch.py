@@ -599,6 +599,10 @@ class LossWatch:
         # scaled, or added to another such — (a device bool: uneven, or targets ignored):
         # the kind check passes them (PassNorms.loss_kind_counted)
         self.counted_kind = WeakTensorKeyDictionary()
+        # terms weighed by a constant tensor (w · ℓ): whether the weights vary other than as a
+        # 0/1 mask, and their sum (device tensors), for a sum later divided by it
+        # (_note_divided_sum: (w·ℓ).sum() / w.sum(), the class-weighted mean's ratio)
+        self.weight_sums = WeakTensorKeyDictionary()
         # 0-dim tensors requiring grad that a module of the model returned (a loss computed
         # inside it, not followed), and what is computed from them: the module's class
         self.child_losses = WeakTensorKeyDictionary()
@@ -640,7 +644,7 @@ class LossWatch:
         self.checked = True
         if not _on_stack(self._dispatch, dispatch=True):
             self.lost = True
-        for root in roots:
+        for at, root in enumerate(roots):
             layout = self._layout(root) if isinstance(root, Tensor) else None
             if isinstance(layout, Mixed):
                 for pass_ in self.passes:
@@ -662,12 +666,14 @@ class LossWatch:
                 for pass_ in self.passes:
                     previous = pass_.class_weighted
                     pass_.class_weighted = flag if previous is None else previous | flag
-            if final and isinstance(layout, Rows | Across) and grads:
+            if final and isinstance(layout, Rows | Across) and grads and root not in self.scaled:
                 # a backward from the examples' terms themselves, weighted by the gradient
                 # given: losses.backward(torch.ones_like(losses)) is their plain sum (until
                 # 2026-12-06 its kind was not read, and under "mean" every norm came out N²
                 # too large without a word, a hunt), a gradient of 1/numel their mean
-                kind = _given_kind(root, layout, grads[roots.index(root)])
+                # (a root scaled already — (l / N).backward(ones) is l.mean() — is the user's:
+                # the gradient given weighs terms that may hold the 1/N, a review)
+                kind = _given_kind(root, layout, grads[at])
                 if kind is not None:
                     layout = _Sum(_sum([(root, layout)]).owners, kind)
             if final and isinstance(layout, _Sum) and layout.plain is not None:
@@ -776,6 +782,7 @@ class LossWatch:
             flag = functools.reduce(lambda a, b: a & b, [self.counted_kind[t] for t in sums])
             for t in outs:
                 self.counted_kind[t] = flag
+        self._note_weights(name, args, known, outs)
         flags = [self.weighted[t] for t, _ in known if t in self.weighted]
         if flags:
             weighted = flags[0]
@@ -1036,16 +1043,54 @@ class LossWatch:
             return counted.reshape(())
 
         self._mark_counted_mean(known[0][1].owners, flag, outs, inside)
-        if known[0][0] in self.scaled and divisor.is_floating_point():
-            # weights per example summed and divided by their sum, (w·ℓ).sum() / w.sum() —
-            # not a count (a mask's, which adds whole numbers, or one plus an ε): each
+        weights = self.weight_sums.get(known[0][0])
+        if weights is not None:
+            # weights per example summed and divided by their sum, (w·ℓ).sum() / w.sum(), the
+            # weights varying other than as a 0/1 mask (a mask's count is a counted mean): each
             # example's weight depends on the others drawn, the ratio the class-weighted mean
             # is refused for (until 2026-12-06 measured, B_simple 2–3× high with an interval
             # excluding the truth, a hunt)
-            real = ((divisor - divisor.round()).abs() > 1e-3).reshape(())
+            vary, totals = weights
+            d = divisor.detach().to(totals.dtype).reshape(())
+            close = ((d - totals).abs() <= 1e-2 * totals.abs() + 1e-12).any()
+            real = (vary & close).reshape(())
             for t in outs:
                 held = self.weighted.get(t)
                 self.weighted[t] = real if held is None else held | real
+
+    def _note_weights(self, name: str, args: tuple, known: list, outs: list) -> None:
+        """Per-example terms weighed by a constant tensor (``w · ℓ``, ``ℓ / c``): note whether
+        the weights vary other than as a 0/1 mask, and their sum, on the outputs; carried on
+        through any operation on one weighed operand (:meth:`_note_divided_sum` reads it)."""
+        held = [self.weight_sums[t] for t, _ in known if t in self.weight_sums]
+        if held:
+            if len(held) == 1 and len(known) == 1:
+                for t in outs:
+                    self.weight_sums[t] = held[0]
+            return
+        if (
+            name not in _SCALINGS
+            or len(known) != 1
+            or len(args) != 2
+            or not isinstance(known[0][1], Rows | Across)
+        ):
+            return
+        t = known[0][0]
+        other = args[1] if args[0] is t else args[0]
+        if not isinstance(other, Tensor) or other.dim() == 0 or other.numel() <= 1:
+            return
+        with torch.no_grad():
+            c = other.detach().double()
+            w = 1.0 / c if name in ("div", "true_divide") and other is args[1] else c
+            mask = ((w == 0) | (w == 1)).all()
+            vary = (w.amin() != w.amax()) & ~mask
+            # (the weights' own sum, and their sum over every term they weigh: w [N, 1] over
+            # tokens [N, T], divided by w.sum() or by w.expand_as(ℓ).sum())
+            totals = torch.stack(
+                [w.sum(), w.expand(torch.broadcast_shapes(w.shape, t.shape)).sum()]
+            )
+        for out in outs:
+            self.weight_sums[out] = (vary, totals)
 
     def _mark_counted_mean(
         self, owners: Any, flag_of: Any, outs: list, inside: bool = False
@@ -1449,6 +1494,15 @@ def _rule(func: Any, args: tuple, kwargs: dict, known: list, outs: list[Tensor])
     out = outs[0]
     if any(isinstance(layout, Across) for _, layout in known):
         return _across(func, name, args, kwargs, known, out)
+    if (
+        name == "add"
+        and len(known) == 2
+        and all(isinstance(x, _Sum) and x.added is not None for _, x in known)
+    ):
+        # ((l0 + l1) + (l2 + l3): partial sums of one-example values, each example once)
+        added = _added_ones(func, args, kwargs, known)
+        if added is not None:
+            return dataclasses.replace(_sum(known), added=added)
     ones = [layout for _, layout in known if isinstance(layout, One)]
     if ones:
         if len(ones) == len(known) and all(o == ones[0] for o in ones):
@@ -1657,6 +1711,8 @@ def _pointwise(
         and name in ("add", "sub", "rsub")
         and len(known) == 1
         and isinstance(known[0][1], _Sum)
+        # (not broadcast: l.mean() + zeros(N) is N copies of the mean, a review)
+        and tuple(out.shape) == tuple(known[0][0].shape)
         # (alpha scales add's and sub's second operand, rsub's first: c − α·x)
         and (
             (known[0][0] is args[0]) != (name == "rsub")
