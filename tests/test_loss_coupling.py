@@ -742,6 +742,17 @@ SUMS_AND_MEANS = {
         None,
     ),
     "l.sum().add(0)": (lambda o, y: F.cross_entropy(o, y, reduction="none").sum().add(0), "sum"),
+    # (a review): partial sums of single terms, each example once; a constant broadcast
+    "(l0 + l1) + (l2 + l3 + l4)": (
+        lambda o, y: (lambda t: (t[0] + t[1]) + (t[2] + t[3] + t[4]))(
+            F.cross_entropy(o, y, reduction="none")
+        ),
+        "sum",
+    ),
+    "(l.mean() + zeros(N)).sum()": (
+        lambda o, y: (F.cross_entropy(o, y) + torch.zeros(N)).sum(),
+        None,  # (N copies of the mean: a sum, scaled)
+    ),
     "3 - l.mean()": (lambda o, y: 3 - F.cross_entropy(o, y), "mean"),
     "l.sum()[None].squeeze()": (
         lambda o, y: F.cross_entropy(o, y, reduction="none").sum()[None].squeeze(),
@@ -841,6 +852,12 @@ NON_SCALAR = {
         lambda ls: (ls[:, None] * torch.ones(3)).backward(torch.full((N, 3), 1 / (3 * N))),
         "mean",
     ),
+    # (a review): several roots with their gradients (crashed), a root scaled already
+    "autograd.backward([ls, 2 * ls], [ones, ones])": (
+        lambda ls: torch.autograd.backward([ls, 2 * ls], [torch.ones_like(ls)] * 2),
+        "sum",
+    ),
+    "(ls / N).backward(ones)": (lambda ls: (ls / N).backward(torch.ones_like(ls)), None),
     # weights per example, or a constant other than 1 and 1/numel: the user's definition
     "ls.backward(w)": (lambda ls: ls.backward(torch.linspace(0.5, 1.5, N)), None),
     "ls.backward(2)": (lambda ls: ls.backward(torch.full_like(ls, 2.0)), None),
