@@ -52,6 +52,19 @@ def share_truth(model: nn.Module, x: torch.Tensor, loss_of) -> torch.Tensor:
     return torch.stack(out)
 
 
+def exact_or_combining(model: nn.Module, x: torch.Tensor, loss_of, combining: bool) -> None:
+    """A summed loss on the model's outputs: refused as combining the examples, or its one-shot
+    norms equal to each example's share (:func:`share_truth`)."""
+    if combining:
+        with pytest.raises(UnsupportedModuleError, match="combines the examples"):
+            with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
+                loss_of(model(x)).backward()
+        return
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        loss_of(model(x)).backward()
+    torch.testing.assert_close(pe.sqnorms, share_truth(model, x, loss_of), rtol=1e-9, atol=0)
+
+
 def grad_sqnorm(loss: torch.Tensor, params: list) -> torch.Tensor:
     return sum(g.pow(2).sum() for g in torch.autograd.grad(loss, params))
 
@@ -2364,14 +2377,7 @@ def test_a_teacher_run_on_two_copies_of_the_batch_in_the_loss(copies):
         c, u = teacher(torch.cat([out, second])).chunk(2)
         return (u + 3.0 * (c - u)).pow(2).sum()
 
-    if copies == "flipped":
-        with pytest.raises(UnsupportedModuleError, match="combines the examples"):
-            with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
-                loss_of(model(x)).backward()
-        return
-    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
-        loss_of(model(x)).backward()
-    torch.testing.assert_close(pe.sqnorms, share_truth(model, x, loss_of), rtol=1e-9, atol=0)
+    exact_or_combining(model, x, loss_of, combining=copies == "flipped")
 
 
 @pytest.mark.parametrize("form", ["stft", "unfold + rfft", "frames across examples"])
@@ -2400,11 +2406,4 @@ def test_a_spectral_loss_on_each_example_s_signal(form):
     def loss_of(out):
         return (spectrum(out) - spectrum(target)).abs().sum()
 
-    if form == "frames across examples":
-        with pytest.raises(UnsupportedModuleError, match="combines the examples"):
-            with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
-                loss_of(model(x)).backward()
-        return
-    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
-        loss_of(model(x)).backward()
-    torch.testing.assert_close(pe.sqnorms, share_truth(model, x, loss_of), rtol=1e-9, atol=0)
+    exact_or_combining(model, x, loss_of, combining=form == "frames across examples")
