@@ -2407,3 +2407,19 @@ def test_a_spectral_loss_on_each_example_s_signal(form):
         return (spectrum(out) - spectrum(target)).abs().sum()
 
     exact_or_combining(model, x, loss_of, combining=form == "frames across examples")
+
+
+def test_an_as_strided_view_into_the_rows_a_slice_skipped_combines_examples():
+    """(A review, 2026-12-06.) ``out[::2]`` keeps every other example, its row stride two
+    examples' rows: a window as long as that stride stays inside it yet reads the skipped
+    example's values. The view is followed only where the examples' rows are dense (no gap
+    holding other rows' memory); this one is refused."""
+    model = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, 8))
+    x, _ = data()
+
+    def loss_of(out):
+        t = out[:4][::2]
+        v = t.as_strided((2, 16), (16, 1), t.storage_offset())
+        return v.pow(2).sum(1).pow(2).sum() + out.pow(2).sum()
+
+    exact_or_combining(model, x, loss_of, combining=True)

@@ -304,9 +304,12 @@ def test_a_learned_null_embedding_written_into_the_dropped_rows_is_exact(how):
     g = torch.Generator().manual_seed(1)
     n = 5
     x, emb = torch.randn(n, 4, generator=g), torch.randn(n, 3, 4, generator=g)
-    drop = torch.tensor([True, False, True, True, False])
     model = _NullEmbedding(how)
-    assert_exact_both_modes(model, lambda: model(x, emb, drop).pow(2).sum(1), n)
+    for drop in (
+        torch.tensor([True, False, True, True, False]),
+        torch.zeros(n, dtype=torch.bool),  # (none dropped: crashed at first, a review)
+    ):
+        assert_exact_both_modes(model, lambda d=drop: model(x, emb, d).pow(2).sum(1), n)
 
 
 class _RelativeKeys(nn.Module):

@@ -393,6 +393,16 @@ RATIOS = {
         lambda ce, w, m: (w[:, None] * ce[:, None].expand(-1, 3)).sum() / w.sum(),
         True,
     ),
+    # (a second review): the ratio over the weights' mean; soft targets over a count (each
+    # row sums to one: no weight per example, not refused)
+    "(w * ce).mean() / w.mean()": (lambda ce, w, m: (w * ce).mean() / w.mean(), True),
+    "-(q * log q').sum() / q.sum()": (
+        lambda ce, w, m: (
+            (torch.softmax(torch.arange(24.0).view(8, 3) % 5, -1) * ce[:, None].expand(-1, 3)).sum()
+            / torch.softmax(torch.arange(24.0).view(8, 3) % 5, -1).sum()
+        ),
+        False,
+    ),
 }
 
 

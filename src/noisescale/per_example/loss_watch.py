@@ -1052,7 +1052,9 @@ class LossWatch:
             # excluding the truth, a hunt)
             vary, totals = weights
             d = divisor.detach().to(totals.dtype).reshape(())
-            close = ((d - totals).abs() <= 1e-2 * totals.abs() + 1e-12).any()
+            # (16-bit divisors are rounded: a bf16 sum of a few hundred weights to 1%)
+            tol = 1e-2 if divisor.dtype in (torch.float16, torch.bfloat16) else 1e-6
+            close = ((d - totals).abs() <= tol * totals.abs() + 1e-12).any()
             real = (vary & close).reshape(())
             for t in outs:
                 held = self.weighted.get(t)
@@ -1075,20 +1077,28 @@ class LossWatch:
             or not isinstance(known[0][1], Rows | Across)
         ):
             return
-        t = known[0][0]
+        t, layout = known[0]
         other = args[1] if args[0] is t else args[0]
         if not isinstance(other, Tensor) or other.dim() == 0 or other.numel() <= 1:
             return
+        d = layout.dim + other.dim() - t.dim()
+        if not 0 <= d < other.dim() or other.shape[d] != t.shape[layout.dim]:
+            return  # (not one weight per example: a distribution over classes, soft targets)
         with torch.no_grad():
             c = other.detach().double()
             w = 1.0 / c if name in ("div", "true_divide") and other is args[1] else c
             mask = ((w == 0) | (w == 1)).all()
-            vary = (w.amin() != w.amax()) & ~mask
+            # one weight per example, repeated along its other dimensions (a mask's rows, soft
+            # targets whose rows sum to one — a review found them refused — are no such
+            # weights); read as a device flag
+            rows = w.movedim(d, 0).reshape(w.shape[d], -1)
+            each = (rows == rows[:, :1]).all()
+            vary = (w.amin() != w.amax()) & ~mask & each
             # (the weights' own sum, and their sum over every term they weigh: w [N, 1] over
             # tokens [N, T], divided by w.sum() or by w.expand_as(ℓ).sum())
-            totals = torch.stack(
-                [w.sum(), w.expand(torch.broadcast_shapes(w.shape, t.shape)).sum()]
-            )
+            full = w.expand(torch.broadcast_shapes(w.shape, t.shape))
+            # (divided by their sum or their mean: (w·ℓ).mean() / w.mean() is the same ratio)
+            totals = torch.stack([w.sum(), full.sum(), w.mean(), full.mean()])
         for out in outs:
             self.weight_sums[out] = (vary, totals)
 
@@ -2168,7 +2178,10 @@ def _strided_rows(t: Tensor, d: int, out: Tensor, named: dict) -> int | None:
     own = sum(
         (k - 1) * s for i, (k, s) in enumerate(zip(t.shape, t.stride(), strict=True)) if i != d
     )
-    if own >= step:  # (an example's own elements reach into the next one's span)
+    if own + 1 != step:
+        # (an example's own elements reaching into the next one's span, or leaving a gap that
+        # holds other rows' memory — out[::2] skips every other example's, which a view
+        # could read: a review of 2026-12-06)
         return None
     at = [i for i, (k, s) in enumerate(zip(size, stride, strict=True)) if k == n and s == step]
     if len(at) != 1 or offset < t.storage_offset():

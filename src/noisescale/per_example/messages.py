@@ -362,9 +362,10 @@ SECOND_ORDER = (
     "a backward with create_graph=True (a gradient penalty or double backward) "
     "ran through the model before the parameters' gradients were computed; "
     "per-example norms do not include its second-order terms. Use "
-    "per_example=False (micro-batch norms are exact there; so is loss.backward("
-    "create_graph=True) for a Hessian-based optimizer — AdaHessian, Sophia-H —, whose "
-    "per-example norms noisescale does not take). A create_graph computation whose "
+    "per_example=False with two or more gradient-accumulation micro-batches a step "
+    "(micro-batch norms are exact there; so is loss.backward(create_graph=True) for a "
+    "Hessian-based optimizer — AdaHessian, Sophia-H —, whose per-example norms noisescale "
+    "does not take). A create_graph computation whose "
     "gradients do not go into the parameters' .grad (GradNorm's task weights, a logged "
     "gradient norm) goes under `with tracker.paused():`"
 )

@@ -450,6 +450,10 @@ def _meet(
         # elementwise operand (each example's gradient of s: its masked positions' rows)
         target, mask, value = args
         if _repeated_rows(value, tuple(target.shape[mask.dim() :])):
+            if value.shape[0] == 0:
+                # (no row picked — no dropped conditioning this step —: nothing written; an
+                # IndexError inside the user's forward until a review of 2026-12-06)
+                return None
             value = value[0]  # (the row every written position gets)
         mask = mask.reshape(*mask.shape, *(1,) * (target.dim() - mask.dim()))
         result = _elementwise(
@@ -511,7 +515,7 @@ def _repeated_rows(value: Tensor, trailing: tuple) -> bool:
     return (
         value.dim() == len(trailing) + 1
         and tuple(value.shape[1:]) == trailing
-        and (value.shape[0] == 1 or value.stride(0) == 0)
+        and (value.shape[0] <= 1 or value.stride(0) == 0)
     )
 
 
