@@ -204,3 +204,19 @@ def test_index_pairs_are_compared_on_the_device_and_refused_when_read():
         tracker.sync()
     assert [r["step"] for r in tracker.history] == list(range(1, 9))
     tracker.remove()
+
+
+def test_the_example_check_re_runs_draw_the_same_dropout_masks_on_the_device():
+    """(A review, 2026-12-06.) The re-runs that tell whether a layer's input carries the
+    examples run the model twice in its training mode, both from one random state: only the
+    CPU's was kept, and a dropout on the device drew other masks the second time — every layer
+    after it seemed to follow the examples. The device's generators are kept too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.5), nn.Linear(16, 3)).to(CUDA).train()
+    engine = PerExampleNorms(model)
+    try:
+        x = torch.randn(8, 6, device=CUDA)
+        first, second = engine._run_twice(((x,), {}), ((x,), {}))
+        assert torch.equal(first, second)
+    finally:
+        engine.remove()

@@ -70,17 +70,24 @@ class ExampleCheck:
         model = self.model
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
+        # (the accelerator's generators too: a model's dropout on a GPU drew other masks in
+        # the second run, and every layer after it seemed to follow the examples — a review
+        # of 2026-12-06; the audit's replays keep them alike, audit._state_kept)
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         with (
             torch.no_grad(),
             self.paused(),
-            torch.random.fork_rng(devices=[]),
+            torch.random.fork_rng(devices=devices),
             _buffers_kept(model),
         ):
             state = torch.get_rng_state()
+            cuda = torch.cuda.get_rng_state_all() if devices else None
             first = model(*inputs[0], **inputs[1])
             if between is not None:
                 between()
             torch.set_rng_state(state)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
             return first, model(*permuted[0], **permuted[1])
 
     def _inputs_follow_examples(
