@@ -1565,3 +1565,43 @@ def test_a_loss_summed_over_one_example_forwards_is_measured_by_the_default(size
     for a, b in zip(got, want, strict=True):
         assert a["b_big"] == b["b_big"] == 8
         assert (a["g2"], a["trace_sigma"]) == pytest.approx((b["g2"], b["trace_sigma"]), rel=1e-9)
+
+
+@pytest.mark.usefixtures("float64_default")
+@pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}], ids=["default", "exact"])
+@pytest.mark.parametrize("loss", ["sum of means, declared mean", "in-batch negatives"])
+def test_a_loop_of_one_example_forwards_is_followed_by_the_loss_watch(kw, loss):
+    """(A review, 2026-12-06.) A pass of one example was not followed by the loss watch: one
+    backward joining several — a loss over a loop of one-example forwards — could combine them
+    (a contrastive loss over their outputs: measured without a word) or be a plain sum
+    declared a mean (N² off, unread: a mean over one example is its sum). Both are refused
+    now; a group of one example alone is never refused for combining."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    tracker = noisescale.GradientNoiseTracker(model, **kw)
+    x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 0])
+    outs = [model(x[i : i + 1]) for i in range(4)]
+    try:
+        if loss == "in-batch negatives":
+            z = torch.cat(outs)
+            with pytest.raises(UnsupportedModuleError, match="combines the examples"):
+                F.cross_entropy(z @ z.t(), torch.arange(4)).backward()
+                tracker.step()
+        else:
+            with pytest.raises(noisescale.NoiseScaleInputError, match="plain sum"):
+                sum(F.cross_entropy(o, y[i : i + 1]) for i, o in enumerate(outs)).backward()
+                tracker.step()
+    finally:
+        tracker.remove()
+    # one forward of one example, alone: measured (nothing to combine with)
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    try:
+        z = model(x[:1])
+        F.cross_entropy(z @ z.t(), torch.arange(1)).backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (one example: no small batch)
+            tracker.step()
+        assert len(tracker.history) == 1
+    finally:
+        tracker.remove()

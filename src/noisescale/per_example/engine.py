@@ -1818,9 +1818,15 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                         edge, dim = rebased[2], audit_mod.FLAT
                     pass_.audit.add_target(edge, dim, owner, label)
                 self._check_permutation(pass_, output)
-                if pass_.batch_size > 1 and not (pass_.compiled or pass_.compiled_call):
-                    if not pass_.forward_watched and any(
-                        t.dim() == 0 and t.requires_grad for t in _tensors(output)
+                if not (pass_.compiled or pass_.compiled_call):
+                    # (a pass of one example too: one backward may join several — a loss over
+                    # a loop of one-example forwards — whose losses can combine them, an
+                    # in-batch contrastive loss measured without a word until 2026-12-06, a
+                    # review; a group of one example is never refused for it, settle.py)
+                    if (
+                        pass_.batch_size > 1
+                        and not pass_.forward_watched
+                        and any(t.dim() == 0 and t.requires_grad for t in _tensors(output))
                     ):
                         # audited for a structure not seen before, decided once the forward
                         # had run: a loss computed inside it was not followed (begin_forward)

@@ -912,9 +912,20 @@ class LossWatch:
         (a host sync): unknown, as before — but a GradScaler's scale."""
         if name in ("add", "sub"):
             sums = [x for _, x in known if isinstance(x, _Sum)]
-            kinds = {x.plain for x in sums}
+
+            def single(x: _Sum) -> bool:  # (over one-example forwards only)
+                return all(self._batch_size(frozenset({o})) == 1 for o in x.owners)
+
+            # (a mean over one example is its sum: a loss over a loop of one-example forwards,
+            # Python's sum of their means, is a plain sum over them all — a review, 2026-12-06)
+            kinds = {"sum" if x.plain == "mean" and single(x) else x.plain for x in sums}
             if len(known) == 2 and len(kinds) == 1 and None not in kinds:
-                return kinds.pop(), any(x.factored for x in sums)
+                kind = kinds.pop()
+                if kind == "mean" and len(sums) == 2 and not sums[0].owners & sums[1].owners:
+                    # means of two forwards' examples added: a mean over neither's union but
+                    # weights 1/n per forward, the user's
+                    return None, False
+                return kind, any(x.factored for x in sums)
             return None, False
         if name not in _SCALINGS or len(known) != 1 or not isinstance(known[0][1], _Sum):
             return None, False

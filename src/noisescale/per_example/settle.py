@@ -93,7 +93,9 @@ class Settle:
             return
         if pass_.compiled and self._settle_compiled(pass_):
             return
-        if pass_.coupled is not None:
+        if pass_.coupled is not None and pass_.batch_size > 1:
+            # (one example alone — a group of one forward of one example — has nothing to
+            # combine with: the watch follows such passes for the groups they join)
             raise UnsupportedModuleError(_coupled_message(pass_))
         if pass_.loss_unfollowed is not None:
             if not learn:
