@@ -3914,6 +3914,14 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         _refuse_fed_by_its_own_output([p for p in done if p.tasks & trained])
         self._take_unread_picks([p for p in done if p.tasks & trained and not p.idle])
         opened = len(done)
+        for p in done:
+            if p.batch_size == 1:
+                # (the loss watch follows a one-example pass for the groups it joins — their
+                # coupling and their plain sum —; how its own loss weighs its one example, a
+                # mean over its tokens or its class weight, is its own and weighs nothing
+                # against another's: as before 2026-12-06, when such passes went unwatched)
+                p.counted_mean = p.counted_inside = p.class_weighted = None
+                p.loss_kind_counted = None
         done = _merge_shared_backward(done)
         # several forwards in one backward: their positions (counted in forwards) and the
         # step's backwards (counted in passes that received gradients) are not the same count
