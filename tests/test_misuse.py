@@ -687,6 +687,24 @@ def _accumulate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro: int) 
         (F.cross_entropy(model(xs), ys) / micro).backward()
 
 
+def _tracked_history(kw: dict, steps: int, backward) -> list:
+    """``steps`` SGD steps of :func:`_model` under a tracker (``kw``: its options), each step's
+    backward passes run by ``backward(model, tracker, seed)``; the tracker removed, its
+    history."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+    try:
+        for seed in range(steps):
+            backward(model, tracker, seed)
+            tracker.step()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        tracker.remove()
+    return tracker.history
+
+
 def _sam_descent(model, opt, tracker, x, y, eps, micro: int = 1) -> None:
     """SAM's second pass: the gradient at the perturbed weights (in ``micro`` accumulation
     micro-batches), measured and stepped."""
@@ -948,27 +966,15 @@ def test_gradients_written_to_grad_by_hand_are_checked(kw, how):
         if how.endswith("second batch"):
             F.cross_entropy(model(x2), y2).backward()
 
-    def run(by_hand: bool) -> list:
-        model = _model()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
-        try:
-            for seed in range(4):
-                x, y = _batch(seed)
-                if by_hand and seed > 0:
-                    assigned(model, x, y)
-                else:
-                    micro = 2 if kw.get("per_example") is False else 1
-                    _accumulate(model, x, y, micro)
-                tracker.step()
-                opt.step()
-                opt.zero_grad()
-        finally:
-            tracker.remove()
-        return tracker.history
+    def step(model, tracker, seed: int) -> None:
+        x, y = _batch(seed)
+        if seed > 0:
+            assigned(model, x, y)
+        else:
+            _accumulate(model, x, y, 2 if kw.get("per_example") is False else 1)
 
     with pytest.raises(NoiseScaleInputError, match=r"^call loss\.backward\(\)"):
-        run(by_hand=True)
+        _tracked_history(kw, 4, step)
 
 
 @pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}], ids=["default", "exact"])
@@ -996,27 +1002,19 @@ def test_a_gradient_only_read_on_the_step_s_forward_is_refused_naming_paused(kw,
         return grad_w.sum().item()
 
     def run(mode: str) -> list:
-        model = _model()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
-        try:
-            for seed in range(3):
-                x, y = _batch(seed)
-                out = model(x)
-                l1 = F.cross_entropy(out, y)
-                l2 = out.pow(2).mean()
-                if mode == "bare":
+        def step(model, tracker, seed: int) -> None:
+            x, y = _batch(seed)
+            out = model(x)
+            l1 = F.cross_entropy(out, y)
+            l2 = out.pow(2).mean()
+            if mode == "bare":
+                reading(model, l1, l2)
+            elif mode == "paused":
+                with tracker.paused():
                     reading(model, l1, l2)
-                elif mode == "paused":
-                    with tracker.paused():
-                        reading(model, l1, l2)
-                (l1 + l2).backward()
-                tracker.step()
-                opt.step()
-                opt.zero_grad()
-        finally:
-            tracker.remove()
-        return tracker.history
+            (l1 + l2).backward()
+
+        return _tracked_history(kw, 3, step)
 
     lead = "put a gradient that is only read" if read == "cosine" else "a backward with create"
     with pytest.raises(NoiseScaleInputError, match=lead) as err:

@@ -1541,24 +1541,18 @@ def test_a_loss_summed_over_one_example_forwards_is_measured_by_the_default(size
     def run(**kw) -> list:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
         g = torch.Generator().manual_seed(1)
-        try:
-            for _ in range(5):
-                x, y = torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)
-                start, loss = 0, 0.0
-                for size in sizes:
-                    part = slice(start, start + size)
-                    loss = loss + F.cross_entropy(model(x[part]), y[part], reduction="sum")
-                    start += size
-                (loss / 8).backward()
-                tracker.step()
-                opt.step()
-                opt.zero_grad()
-        finally:
-            tracker.remove()
-        return tracker.history
+
+        def batch_loss():
+            x, y = torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)
+            start, loss = 0, 0.0
+            for size in sizes:
+                part = slice(start, start + size)
+                loss = loss + F.cross_entropy(model(x[part]), y[part], reduction="sum")
+                start += size
+            return loss / 8
+
+        return train_tracked(model, batch_loss, steps=5, lr=0.05, sync_every=1, **kw).history
 
     got, want = run(), run(per_example_fraction=1.0)
     assert not any(r["skipped"] for r in got)
