@@ -75,9 +75,7 @@ def class_weighted_message(passes: Sequence[PassNorms]) -> str | None:
     summed weights (``reduction="mean"``, loss_watch.py, audited steps): the refusal's text;
     else ``None``."""
     for p in passes:
-        # (one example: its weight divides itself out — watched since 2026-12-06 for the
-        # groups one-example passes join, never refused alone)
-        if p.batch_size > 1 and p.class_weighted is not None and bool(p.class_weighted):
+        if p.class_weighted is not None and bool(p.class_weighted):
             return (
                 "the loss is averaged over the batch's summed weights — a cross-entropy (or "
                 "NLL) with class weights (weight=, reduction='mean'), or a weighted sum divided "
