@@ -359,6 +359,103 @@ def test_learning_positions_as_shared_re_runs_the_model_without_a_trace():
     assert [r["skipped"] for r in tracker.history] == [True, False, False]
 
 
+class KeepsState(nn.Module):
+    """Logits with as many classes as examples (so the audit's permutation check re-runs the
+    model between its forward and the loss), and a forward that stores on itself what training
+    loops read after it: a call counter, routing statistics for logging, the last hidden
+    state, and an auxiliary loss (a mixture of experts' load-balancing term, DeepSpeed's
+    ``l_aux``) that the loop adds to the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(8, N)
+        self.calls, self.routing, self.seen = 0, [], {}
+
+    def forward(self, x):
+        self.calls += 1
+        h = torch.tanh(self.a(x))
+        self.routing.append(float(h.detach().mean()))
+        self.seen["h"] = self.hidden = h.detach()
+        self.aux_loss = h.pow(2).mean()
+        return self.b(h)
+
+
+def _keeps_state_batch():
+    g = torch.Generator().manual_seed(11)
+    return torch.randn(N, 5, generator=g), torch.randint(0, N, (N,), generator=g)
+
+
+def test_the_re_runs_leave_what_the_forward_stores_on_the_model_alone():
+    """The permutation check's re-runs (on audited steps, between the user's forward and loss)
+    left their own results in what the forward stores on the model until 2026-12-06 (a hunt):
+    the counter read 3 per forward, the statistics held three entries, the hidden state was the
+    permuted batch's in evaluation mode. Now each is the training forward's, and the norms of
+    the loss are exact."""
+    torch.manual_seed(0)
+    model = KeepsState()
+    x, y = _keeps_state_batch()
+    with noisescale.per_example_sqnorms(model, loss_reduction="mean") as pe:
+        out = model(x)
+        hidden = torch.tanh(model.a(x)).detach()
+        assert (model.calls, len(model.routing)) == (1, 1)
+        assert set(model.seen) == {"h"} and model.seen["h"] is model.hidden
+        assert torch.equal(model.hidden, hidden) and model.aux_loss.requires_grad
+        F.cross_entropy(out, y).backward()
+    idx = torch.arange(N)
+    want = torch.stack(
+        [
+            sum(
+                g.pow(2).sum()
+                for g in torch.autograd.grad(
+                    F.cross_entropy(model(x[i : i + 1]), y[idx == i]), list(model.parameters())
+                )
+            )
+            for i in range(N)
+        ]
+    )
+    assert (model.calls, len(model.routing)) == (1 + N, 1 + N)  # (the brute force's own)
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+
+
+def test_an_auxiliary_loss_kept_on_the_model_trains_and_is_not_measured_wrong():
+    """The same model's auxiliary loss added to the loss after the forward: the re-runs replaced
+    it by a detached tensor from the permuted batch, so the step trained without it and its
+    norms were 10% off (3–61% on a mixture of experts), without a word. Now ``.grad`` is
+    autograd's and the loss, a scalar computed inside the forward, is refused as it is with
+    another number of classes."""
+    torch.manual_seed(0)
+    model = KeepsState()
+    x, y = _keeps_state_batch()
+    (F.cross_entropy(model(x), y) + 0.5 * model.aux_loss).backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with pytest.raises(UnsupportedModuleError, match="a loss computed inside the model"):
+        with noisescale.per_example_sqnorms(model, loss_reduction="mean"):
+            out = model(x)
+            (F.cross_entropy(out, y) + 0.5 * model.aux_loss).backward()
+    for p, g in zip(model.parameters(), plain, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=0)
+
+
+class TrainsOnly(KeepsState):
+    def forward(self, x):
+        if not self.training:
+            raise RuntimeError("this model is evaluated by another method")
+        return super().forward(x)
+
+
+def test_a_model_the_permutation_check_cannot_re_run_is_warned_about():
+    """When the check cannot re-run the model (here its forward raises in evaluation mode),
+    examples mixed inside it could go unchecked: until 2026-12-06 the audit's log recorded it
+    alone. Now a warning says so, once, with what to do."""
+    torch.manual_seed(0)
+    model = TrainsOnly()
+    x, y = _keeps_state_batch()
+    with pytest.warns(RuntimeWarning, match=r"could not re-run the model \(RuntimeError: this "):
+        with noisescale.per_example_sqnorms(model, loss_reduction="mean"):
+            F.cross_entropy(model(x), y).backward()
+
+
 @pytest.mark.parametrize("t", [N, 6], ids=["T=N", "T!=N"])
 def test_positions_shaped_1_t_are_exact_at_once(t, products):
     torch.manual_seed(0)

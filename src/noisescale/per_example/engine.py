@@ -799,7 +799,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # (signature, learned state) of structures whose audit found rows of the wrong
         # examples -> the refusal, repeated at every later pass of them (Settle._settle)
         self._refused_structures: dict[tuple, str] = {}
-        self._unreplayed_warned = False  # (Settle._warn_unreplayed: once per engine)
+        self._unreplayed_warned: set[str] = set()  # (Settle._warn_unreplayed: once each)
         self._child_loss_warned = False  # (a loss computed inside a child: once per engine)
         self.recurrent = False  # a recurrent layer among the hooked ones (_install)
         # the layers' hooks as the last passed audit saw them (_hook_state): a compiled pass

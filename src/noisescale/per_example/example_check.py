@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from noisescale.per_example.messages import UNRERUN
 from noisescale.per_example.passes import PassNorms
 from noisescale.per_example.shared import Origin, SharedTensor
 from noisescale.per_example.values import _first_tensor, _permute_examples, _SkipCheck, _tensors
@@ -79,6 +80,7 @@ class ExampleCheck:
             self.paused(),
             torch.random.fork_rng(devices=devices),
             _buffers_kept(model),
+            _attributes_kept(model),
         ):
             state = torch.get_rng_state()
             cuda = torch.cuda.get_rng_state_all() if devices else None
@@ -242,9 +244,7 @@ class ExampleCheck:
             return
         except Exception as err:  # a forward that cannot be re-run: say so, do not guess
             assert pass_.audit is not None
-            pass_.audit.unverified = (
-                f"the output permutation check could not re-run the model ({err})"
-            )
+            pass_.audit.unverified = f"{UNRERUN} ({type(err).__name__}: {err})"
             return
         finally:
             for m, training in modes.items():
@@ -359,6 +359,53 @@ def _buffers_kept(model: nn.Module) -> Iterator[None]:
             for b, saved in buffers:
                 if not torch.equal(b, saved):
                     b.copy_(saved)
+
+
+# an nn.Module's own bookkeeping, which a forward does not set (its parameters and buffers are
+# kept by _buffers_kept, the training flags by the callers)
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"training"}
+
+
+@contextmanager
+def _attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Re-runs of the user's model that leave no trace in what its forward stores on its
+    modules: an attribute set (``self.aux_loss = …``, a mixture of experts' load-balancing loss
+    that the loop adds to the loss after the forward; a call counter) is put back to the object
+    it held before, one added is removed, and a list, dict or set the forward appended to
+    (routing statistics kept for logging) gets its contents back. Until 2026-12-06 the check's
+    re-runs, between the user's forward and loss, left an auxiliary loss kept on the module
+    detached and computed from the permuted batch: the step trained without it, and its norms
+    were 3–61% off, without a word (a hunt). What a forward writes elsewhere (a global, an
+    object outside the model) is not seen."""
+    saved = []
+    for m in model.modules():
+        attrs = {k: v for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS}
+        contents = {
+            k: (v.copy() if isinstance(v, list | dict | set) else None)
+            for k, v in attrs.items()
+            if isinstance(v, list | dict | set)
+        }
+        saved.append((m, attrs, contents))
+    try:
+        yield
+    finally:
+        for m, attrs, contents in saved:
+            now = m.__dict__
+            for k in [k for k in now if k not in _MODULE_INTERNALS and k not in attrs]:
+                del now[k]
+            for k, v in attrs.items():
+                if now.get(k, _MISSING) is not v:
+                    now[k] = v
+                copy = contents.get(k)
+                # (put back whole, not compared: the values may be tensors, whose == is no bool)
+                if isinstance(v, list):
+                    v[:] = copy
+                elif copy is not None:
+                    v.clear()
+                    v.update(copy)
+
+
+_MISSING = object()
 
 
 def _same_shapes(a: list[Tensor], b: list[Tensor]) -> bool:

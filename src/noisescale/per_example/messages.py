@@ -380,3 +380,19 @@ def nested_message(where: str) -> str:
         "along a dense dim 0 and do not follow nested tensors. Pad the examples to one length "
         "with a mask, or use per_example=False (micro-batch norms, which any layer gives)"
     )
+
+
+UNRERUN = "the output permutation check could not re-run the model"
+
+
+def unrerun_warning(why: str) -> str:
+    """The warning of an audit whose permutation check could not run (said once per engine)."""
+    return (
+        f"noisescale: {why}. A model output has the batch's size along two dimensions, so the "
+        "audit runs the model again without gradients and in evaluation mode, on its inputs and "
+        "on them with the examples permuted, to see that the output's rows follow the examples; "
+        "without that check, examples mixed inside the model (a loss or a statistic over the "
+        "batch computed in the forward, a time-major output) would be measured without a "
+        "further word. Let the model's forward run under torch.no_grad() in evaluation mode, "
+        "use a batch size no other dimension of its outputs has, or use per_example=False"
+    )
