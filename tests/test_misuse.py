@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import noisescale
-from noisescale.errors import NoiseScaleInputError
+from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 
 
 def _model() -> nn.Module:
@@ -1045,6 +1045,84 @@ def test_gradients_from_torch_func_are_refused_naming_the_transform():
             tracker.step()
     finally:
         tracker.remove()
+
+
+def _tangent_loss(model: nn.Module, x: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """A physics-informed loss: a data term and one on the directional derivative of the
+    model's output along a direction v, from forward-mode AD."""
+    import torch.autograd.forward_ad as fwad
+
+    v = torch.ones_like(x)
+    with fwad.dual_level():
+        u, du = fwad.unpack_dual(model(fwad.make_dual(x, v)))
+    return u.pow(2).mean() + weight * (du - 1).pow(2).mean()
+
+
+@pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}], ids=["default", "exact"])
+def test_a_loss_on_forward_mode_tangents_is_refused_at_its_forward(kw):
+    """(A hunt, 2026-12-06.) The tangent path gives the weights gradient terms that no layer
+    rule follows. With the tangent's term on from step 1 the audit refused it naming a penalty
+    or a tied decoder; weighted 0 for two steps (a warm-up), the unaudited step 3 read |G|² 17%
+    and tr Σ 36% off without a word; in the default mode any product layer crashed the forward
+    (noisescale's Function has no jvp). Every forward on dual numbers is refused now, whatever
+    the loss's weights, naming forward-mode AD and what to do; the one-shot too."""
+    model = _model()
+    tracker = noisescale.GradientNoiseTracker(model, **kw)
+    try:
+        x, _ = _batch(0)
+        with pytest.raises(UnsupportedModuleError, match=r"layer '0' ran on forward-mode AD"):
+            _tangent_loss(model, x, weight=0.0).backward()
+    finally:
+        tracker.remove()
+    with pytest.raises(UnsupportedModuleError, match=r"per_example=False with two or more"):
+        with noisescale.per_example_sqnorms(model):
+            _tangent_loss(model, x).backward()
+
+
+def test_a_loss_on_forward_mode_tangents_is_measured_by_micro_batches():
+    """The fix the refusal names: ``per_example=False`` with two micro-batches a step measures
+    the same loop (its micro-batch norms are those of the micro-batches' own gradients)."""
+    model, twin = _model(), _model()  # (the twin: the brute force, beside the tracked loop)
+    tracker = noisescale.GradientNoiseTracker(model, per_example=False, sync_every=1)
+    try:
+        for step in range(2):
+            x, _ = _batch(step)
+            halves = []
+            for part in x.chunk(2):
+                twin.zero_grad()
+                _tangent_loss(twin, part).backward()
+                halves.append(torch.cat([p.grad.flatten() for p in twin.parameters()]))
+            model.zero_grad()
+            for part in x.chunk(2):
+                (_tangent_loss(model, part) / 2).backward()
+            tracker.step()
+            got = tracker.history[-1]
+            big = (halves[0] + halves[1]) / 2
+            # (float32: the tracker sums in float64, the brute force here in float32)
+            assert got["sqnorm_big"] == pytest.approx(float(big.pow(2).sum()), rel=1e-6)
+            small = float(halves[0].pow(2).sum() + halves[1].pow(2).sum()) / 2
+            b, n = 8, 16  # eq. A.2 with the micro-batches as the small batches
+            g2 = (n * float(big.pow(2).sum()) - b * small) / (n - b)
+            trace = (small - float(big.pow(2).sum())) / (1 / b - 1 / n)
+            # (a float32 model: tr Σ is a difference of close norms, 1e-5 apart here)
+            assert (got["g2"], got["trace_sigma"]) == pytest.approx((g2, trace), rel=1e-4)
+    finally:
+        tracker.remove()
+
+
+def test_the_one_shot_names_a_torch_func_jvp_around_the_model():
+    """(A hunt, 2026-12-06.) ``torch.func.jvp(model, ...)`` under ``per_example_sqnorms`` was
+    blamed on a submodule called by itself (the model was called, under the transform); the
+    tracker named the transform already. Both name it now, with the fix for a jvp whose tangent
+    is only a target."""
+    from torch.func import jvp
+
+    model = _model()
+    x, _ = _batch(0)
+    with pytest.raises(NoiseScaleInputError, match=r"torch\.func transform .*torch\.no_grad\(\)"):
+        with noisescale.per_example_sqnorms(model):
+            u, _ = jvp(model, (x,), (torch.ones_like(x),))
+            u.pow(2).mean().backward()
 
 
 def test_step_arguments_are_checked_before_the_step_is_touched(tmp_path):

@@ -65,6 +65,7 @@ from noisescale.per_example.messages import (
     loss_kind_message,
     new_parameters_message,
     submodule_called_message,
+    transform_message,
 )
 from noisescale.per_example.pass_checks import takes_second_order, written_tasks
 from noisescale.preconditioning import (
@@ -894,13 +895,7 @@ class GradientNoiseTracker:
             and any(p.grad is not None for p in self._params)
         ):
             raise NoiseScaleInputError(
-                "compute the step's gradients with loss.backward() on an ordinary forward: "
-                "layer "
-                f"'{unopened}' ran under a torch.func transform (torch.func.grad, vjp or vmap "
-                "around functional_call(model, ...)), whose gradients written to .grad "
-                "noisescale cannot measure per example — its hooks see the transform's "
-                "wrapped tensors, not the batch. functional_call with the model's own "
-                "parameters and .backward() is measured. Nothing of this step was recorded"
+                transform_message(unopened) + ". Nothing of this step was recorded"
             )
         if unopened is not None and any(p.grad is not None for p in self._params):
             raise NoiseScaleInputError(

@@ -60,6 +60,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad as _fwad
 from torch.nn.modules.module import (
     _global_backward_hooks,
     _global_backward_pre_hooks,
@@ -117,6 +118,7 @@ from noisescale.per_example.messages import (
     SECOND_ORDER,
     _flattened_hint,
     _reentrant_checkpointing,
+    forward_ad_message,
     nested_message,
     new_parameters_message,
 )
@@ -2034,6 +2036,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 self._unopened_transform = torch._C._functorch.maybe_current_level() is not None
             return None
         rule, label, params = self._calls[module]
+        if _fwad._current_level >= 0 and _has_tangent(_flat_values((*args, output), kwargs)):
+            raise UnsupportedModuleError(forward_ad_message(f"layer '{label}'"))
         pass_ = self._hook_pass()
         self._check_held(module, pass_)
         between = self._changed_on_the_way(module, output)
@@ -4060,3 +4064,9 @@ def _selective_checkpointing() -> bool:
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
     return any(isinstance(mode, caching) for mode in _get_current_dispatch_mode_stack())
+
+
+def _has_tangent(values: list[Any]) -> bool:
+    """Whether one of ``values`` is a forward-mode AD dual tensor (a tangent at the current
+    level: checked only while a dual level is open, ``_fwad._current_level >= 0``)."""
+    return any(isinstance(v, Tensor) and _fwad.unpack_dual(v).tangent is not None for v in values)

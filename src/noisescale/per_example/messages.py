@@ -371,6 +371,35 @@ SECOND_ORDER = (
 )
 
 
+def transform_message(layer: str) -> str:
+    """Why gradients computed under a torch.func transform are refused (``layer``: the first
+    layer met running under it)."""
+    return (
+        "compute the step's gradients with loss.backward() on an ordinary forward: layer "
+        f"'{layer}' ran under a torch.func transform (torch.func.grad, vjp, jvp or vmap around "
+        "functional_call(model, ...) or the model), whose gradients noisescale cannot measure "
+        "per example — its hooks see the transform's wrapped tensors, not the batch. "
+        "functional_call with the model's own parameters and .backward() is measured; a "
+        "torch.func.jvp whose tangent is only a target (a stop-gradient, as in MeanFlow or "
+        "consistency models) is measured when it runs under torch.no_grad() and the loss's "
+        "output comes from a plain forward"
+    )
+
+
+def forward_ad_message(where: str) -> str:
+    """Why forward-mode AD through the model is refused; ``where`` names the layer."""
+    return (
+        f"{where} ran on forward-mode AD dual numbers (torch.autograd.forward_ad, a "
+        "directional derivative in a physics-informed loss, a JVP target): a loss on their "
+        "tangents reaches the weights through a path noisescale's per-example rules do not "
+        "follow (a tangent-weighted term was measured 17% off without a word on steps between "
+        "audits until 2026-12-06). If the loss uses the tangent only as a target (a "
+        "stop-gradient, MeanFlow's or a consistency model's), compute it under torch.no_grad() "
+        "and the primal by a plain forward; otherwise use per_example=False with two or more "
+        "gradient-accumulation micro-batches a step (micro-batch norms are exact there)"
+    )
+
+
 def nested_message(where: str) -> str:
     """Why a nested tensor (``torch.nested``) met by the engine is refused; ``where`` says
     where (the model's input, a layer's)."""

@@ -7,7 +7,11 @@ from torch import nn
 
 from noisescale.errors import NoiseScaleInputError
 from noisescale.per_example.engine import LOSS_REDUCTIONS, PerExampleNorms
-from noisescale.per_example.messages import loss_kind_message, submodule_called_message
+from noisescale.per_example.messages import (
+    loss_kind_message,
+    submodule_called_message,
+    transform_message,
+)
 from noisescale.per_example.passes import PassNorms
 from noisescale.tokens import TokenWatcher
 
@@ -152,6 +156,8 @@ class per_example_sqnorms:
                     self.sqnorms = torch.zeros(0)  # an empty batch (e.g. Poisson sampling)
                     return
                 if not passes and not collected and self.engine.unopened is not None:
+                    if self.engine.unopened_transform:  # (named otherwise until 2026-12-06)
+                        raise NoiseScaleInputError(transform_message(self.engine.unopened))
                     raise NoiseScaleInputError(
                         submodule_called_message(
                             "call the model given to per_example_sqnorms",
