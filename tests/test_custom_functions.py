@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import noisescale
-from noisescale.errors import UnsupportedModuleError
+from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from test_subbatch import assert_exact_both_modes
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -164,3 +164,60 @@ def test_a_parameter_read_in_the_loss_keeps_the_generic_message():
     text = str(err.value)
     assert text.startswith("parameters ['temperature'] received gradients that no use"), text
     assert "read outside the model's forward (in the loss" in text, text
+
+
+class _Adjoint(torch.autograd.Function):
+    """A neural ODE's adjoint method as torchdiffeq's ``odeint_adjoint`` writes it: Euler steps
+    under ``no_grad`` in the forward; in the backward, the adjoint integrated backwards with
+    ``torch.autograd.grad`` through the ODE function's layer."""
+
+    @staticmethod
+    def forward(ctx, h0, func, *params):
+        with torch.no_grad():
+            h = h0
+            for _ in range(3):
+                h = h + func(h) / 3
+        ctx.func = func
+        ctx.save_for_backward(h, *params)
+        return h
+
+    @staticmethod
+    def backward(ctx, a):
+        h, *params = ctx.saved_tensors
+        gp = [torch.zeros_like(p) for p in params]
+        for _ in range(3):
+            with torch.enable_grad():
+                hh = h.detach().requires_grad_()
+                f = ctx.func(hh)
+                vjp = torch.autograd.grad(f, [hh, *params], a)
+            h = (h - f / 3).detach()
+            a = a + vjp[0] / 3
+            gp = [g + v / 3 for g, v in zip(gp, vjp[1:], strict=True)]
+        return (a, None, *gp)
+
+
+class _ODENet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.head = nn.Linear(2, 3), nn.Linear(3, 1)
+        self.func = nn.Sequential(nn.Linear(3, 3), nn.Tanh())
+
+    def forward(self, x):
+        h = _Adjoint.apply(self.inp(x), self.func, *self.func.parameters())
+        return self.head(h)
+
+
+def test_a_neural_ode_s_adjoint_backward_is_named_in_the_refusal():
+    """(A hunt, 2026-12-06.) The adjoint's ``torch.autograd.grad`` inside the backward was
+    refused as a gradient only read or logged, with ``paused()`` as the fix — which then failed
+    twice with other causes. The refusal names the adjoint method and the fix that works."""
+    torch.manual_seed(0)
+    model = _ODENet()
+    tracker = noisescale.GradientNoiseTracker(model)
+    try:
+        x = torch.randn(N, 2, generator=torch.Generator().manual_seed(1))
+        model(x).pow(2).mean().backward()
+        with pytest.raises(NoiseScaleInputError, match=r"adjoint method.*odeint\)"):
+            tracker.step()
+    finally:
+        tracker.remove()

@@ -3887,7 +3887,11 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                     "beside its backward — a gradient norm, the cosine between two tasks' "
                     "gradients —, and noisescale cannot tell its part of the examples' norms "
                     "from the backward's); where it is part of the update, add the losses and "
-                    "call backward once per forward"
+                    "call backward once per forward. A custom autograd.Function whose backward "
+                    "calls torch.autograd.grad through the model's layers (a neural ODE's "
+                    "adjoint method, torchdiffeq's odeint_adjoint) cannot be measured, "
+                    "per_example=False included: backpropagate through the solver's steps "
+                    "(torchdiffeq's odeint) instead"
                 )
             if pass_.repeated_backward:
                 raise NoiseScaleInputError(
