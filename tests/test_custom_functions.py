@@ -221,3 +221,48 @@ def test_a_neural_ode_s_adjoint_backward_is_named_in_the_refusal():
             tracker.step()
     finally:
         tracker.remove()
+
+
+class _Hyper(nn.Module):
+    """A hypernetwork loading each example's generated weights into a target network with
+    ``torch.func.functional_call``, the target built of ``nn.Linear`` layers whose own weights
+    are never used."""
+
+    def __init__(self):
+        super().__init__()
+        self.target = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        self.shapes = {k: v.shape for k, v in self.target.named_parameters()}
+        size = sum(v.numel() for v in self.target.parameters())
+        self.hyper = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, size))
+
+    def forward(self, x, c):
+        flat, outs = self.hyper(c) * 0.3, []
+        for i in range(x.shape[0]):
+            w, o = {}, 0
+            for k, shape in self.shapes.items():
+                w[k] = flat[i, o : o + shape.numel()].view(shape)
+                o += shape.numel()
+            outs.append(torch.func.functional_call(self.target, w, (x[i : i + 1],)))
+        return torch.cat(outs)
+
+
+def test_a_hypernetwork_s_functional_call_target_is_named_with_the_fix():
+    """(A hunt, 2026-12-06.) The target's own trainable weights, replaced for every call, are
+    refused naming ``functional_call`` and the fix, which measures the model exactly."""
+    g = torch.Generator().manual_seed(0)
+    x, c, y = torch.randn(N, 3, generator=g), torch.randn(N, 2, generator=g), torch.randn(N, 2)
+    torch.manual_seed(1)
+    model = _Hyper()
+    with pytest.raises(UnsupportedModuleError, match=r"functional_call.*requires_grad_\(False\)"):
+        with noisescale.per_example_sqnorms(model):
+            (model(x, c) - y).pow(2).sum(1).mean().backward()
+    model.target.requires_grad_(False)
+    model.zero_grad()
+    with noisescale.per_example_sqnorms(model) as pe:
+        (model(x, c) - y).pow(2).sum(1).mean().backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = []
+    for i in range(N):
+        loss = (model(x[i : i + 1], c[i : i + 1]) - y[i : i + 1]).pow(2).sum()
+        want.append(sum(g.pow(2).sum() for g in torch.autograd.grad(loss, params)))
+    torch.testing.assert_close(pe.sqnorms, torch.stack(want), rtol=1e-9, atol=0)

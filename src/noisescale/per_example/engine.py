@@ -585,10 +585,14 @@ def _replaced_message(label: str, name: str, held: Any) -> str:
     return (
         f"module '{label}' ran with its parameter '{name}' replaced by another tensor for this "
         f"call (a forward pre-hook or a patched forward that sets module.{name}: a weight "
-        "swapped for an EMA copy, or tied by a hook); noisescale attributes a layer's "
+        "swapped for an EMA copy, or tied by a hook; torch.func.functional_call with weights "
+        "of your own, a hypernetwork's); noisescale attributes a layer's "
         "per-example gradients to the parameters it held when the tracker was created. Tie "
         f"weights by sharing the Parameter itself (b.{name} = a.{name}) before creating the "
-        "tracker, or use per_example=False"
+        "tracker; a module that only ever runs on weights given to functional_call needs its "
+        f"own frozen (requires_grad_(False) before creating the tracker: '{name}' gets no "
+        "gradient, and the weights given are followed to where they were computed); or use "
+        "per_example=False"
     )
 
 
