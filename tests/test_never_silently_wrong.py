@@ -366,9 +366,12 @@ class KeepsState(nn.Module):
     state, and an auxiliary loss (a mixture of experts' load-balancing term, DeepSpeed's
     ``l_aux``) that the loop adds to the loss."""
 
-    def __init__(self):
+    def __init__(self, temperature: bool = False):
         super().__init__()
-        self.a, self.b = nn.Linear(5, 8), nn.Linear(8, N)
+        # (or, with ``temperature``, 3 classes and a learned temperature returned beside the
+        # logits: an output computed from parameters alone, which the check re-runs for too)
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 3 if temperature else N)
+        self.t = nn.Parameter(torch.zeros(())) if temperature else None
         self.calls, self.routing, self.seen = 0, [], {}
 
     def forward(self, x):
@@ -377,7 +380,7 @@ class KeepsState(nn.Module):
         self.routing.append(float(h.detach().mean()))
         self.seen["h"] = self.hidden = h.detach()
         self.aux_loss = h.pow(2).mean()
-        return self.b(h)
+        return self.b(h) if self.t is None else (self.b(h), self.t.exp())
 
 
 def _keeps_state_batch():
@@ -385,29 +388,38 @@ def _keeps_state_batch():
     return torch.randn(N, 5, generator=g), torch.randint(0, N, (N,), generator=g)
 
 
-def test_the_re_runs_leave_what_the_forward_stores_on_the_model_alone():
+@pytest.mark.parametrize("temperature", [False, True], ids=["classes=N", "temperature"])
+def test_the_re_runs_leave_what_the_forward_stores_on_the_model_alone(temperature):
     """The permutation check's re-runs (on audited steps, between the user's forward and loss)
     left their own results in what the forward stores on the model until 2026-12-06 (a hunt):
     the counter read 3 per forward, the statistics held three entries, the hidden state was the
     permuted batch's in evaluation mode. Now each is the training forward's, and the norms of
     the loss are exact."""
     torch.manual_seed(0)
-    model = KeepsState()
+    model = KeepsState(temperature)
     x, y = _keeps_state_batch()
+    y = y % 3 if temperature else y
     with noisescale.per_example_sqnorms(model, loss_reduction="mean") as pe:
         out = model(x)
+        out = out[0] * out[1] if temperature else out
         hidden = torch.tanh(model.a(x)).detach()
         assert (model.calls, len(model.routing)) == (1, 1)
         assert set(model.seen) == {"h"} and model.seen["h"] is model.hidden
         assert torch.equal(model.hidden, hidden) and model.aux_loss.requires_grad
         F.cross_entropy(out, y).backward()
     idx = torch.arange(N)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def logits(m, xs):
+        out = m(xs)
+        return out[0] * out[1] if temperature else out
+
     want = torch.stack(
         [
             sum(
                 g.pow(2).sum()
                 for g in torch.autograd.grad(
-                    F.cross_entropy(model(x[i : i + 1]), y[idx == i]), list(model.parameters())
+                    F.cross_entropy(logits(model, x[i : i + 1]), y[idx == i]), params
                 )
             )
             for i in range(N)
