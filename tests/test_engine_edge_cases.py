@@ -1630,3 +1630,72 @@ def test_forwards_of_two_shapes_in_one_backward_are_audited_together(schedule):
             assert got == pytest.approx(wants[r["step"]], rel=1e-9)
     finally:
         tracker.remove()
+
+
+class _SortedExperts(nn.Module):
+    """A hand-written mixture of experts: tokens sorted by their top-1 expert, split by counts,
+    each expert an ``nn.Linear`` on its segment — expert 1 kept empty when ``empty``."""
+
+    def __init__(self, empty: bool):
+        super().__init__()
+        self.empty = empty
+        self.inp, self.gate = nn.Linear(4, 4), nn.Linear(4, 3, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        flat = h.reshape(-1, 4)
+        logits = self.gate(flat)
+        if self.empty:
+            logits = logits.index_fill(1, torch.tensor([1]), -1e9)
+        gate, idx = logits.softmax(-1).max(-1)
+        order = idx.argsort(stable=True)
+        counts = torch.bincount(idx, minlength=3).tolist()
+        ys = torch.cat([e(c) for e, c in zip(self.experts, flat[order].split(counts), strict=True)])
+        y = torch.empty_like(ys).index_copy(0, order, ys) * gate[:, None]
+        return self.head((h + y.view(x.shape[0], -1, 4)).mean(1))
+
+
+@pytest.mark.parametrize(
+    "kw", [None, {}, {"per_example_fraction": 1.0}], ids=["one-shot", "default", "exact"]
+)
+def test_an_expert_no_token_reached_is_measured_not_crashed(kw):
+    """(A hunt, 2026-12-06.) An expert whose segment is empty on a batch (its Linear run on
+    [0, D]) crashed the audit inside loss.backward() with a reshape error; plain torch runs it.
+    Exact now, one-shot and in the tracker."""
+    torch.manual_seed(1)
+    model = _SortedExperts(empty=True)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(5, 3, 4, generator=g), torch.randint(0, 2, (5,), generator=g)
+
+    def loss(xs, ys):
+        return torch.nn.functional.cross_entropy(model(xs), ys)
+
+    params = [p for p in model.parameters()]
+    want = []
+    for i in range(5):
+        grads = torch.autograd.grad(loss(x[i : i + 1], y[i : i + 1]), params, allow_unused=True)
+        want.append(sum(gr.pow(2).sum() for gr in grads if gr is not None))
+    want = torch.stack(want)
+    if kw is None:
+        with noisescale.per_example_sqnorms(model) as pe:
+            loss(x, y).backward()
+        torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+        return
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+    try:
+        for _ in range(3):
+            model.zero_grad()
+            loss(x, y).backward()
+            tracker.step()
+        rec = tracker.history[-1]
+        assert not rec["skipped"]
+        big = sum(p.grad.pow(2).sum() for p in params)
+        n = 5
+        if kw:  # the exact mode: eq. A.2 with every example
+            small = float(want.mean())
+            g2 = (n * float(big) - small) / (n - 1)
+            assert rec["g2"] == pytest.approx(g2, rel=1e-9)
+    finally:
+        tracker.remove()

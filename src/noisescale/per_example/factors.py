@@ -194,8 +194,9 @@ class LinearFactor:
     def summed(self, shape: torch.Size) -> Tensor:
         a, d = _acc(self.a), _acc(self.d)
         g = self.groups
-        a4 = a.reshape(-1, g, *a.shape[1:])  # [N, G, T, I']
-        d4 = d.reshape(-1, g, *d.shape[1:])  # [N, G, T, O/G]
+        # (explicit N: an expert no token reached, T = 0, crashed a -1 here, a hunt)
+        a4 = a.reshape(a.shape[0] // g, g, *a.shape[1:])  # [N, G, T, I']
+        d4 = d.reshape(d.shape[0] // g, g, *d.shape[1:])  # [N, G, T, O/G]
         total = torch.einsum("ngto,ngti->goi", d4, a4).reshape(-1, a.shape[2])
         return (total.t() if self.transposed else total).reshape(shape)
 
@@ -573,12 +574,13 @@ def group_factor(f: Any, sb: Subbatches) -> Any:
         return SliceFactor(group_factor(f.inner, sb), f.start, f.stop)
     if isinstance(f, LinearFactor):
         g = f.groups
-        a = f.a.reshape(-1, g, *f.a.shape[1:])  # [N, G, T, I']
-        d = f.d.reshape(-1, g, *f.d.shape[1:])
+        # (sizes spelled out, no -1: an expert no token reached, T = 0, crashed, a hunt)
+        a = f.a.reshape(f.a.shape[0] // g, g, *f.a.shape[1:])  # [N, G, T, I']
+        d = f.d.reshape(f.d.shape[0] // g, g, *f.d.shape[1:])
 
         def fold(x: Tensor) -> Tensor:
             x = sb.take(x).transpose(1, 2)  # [k, G, n, T, ·]
-            return x.reshape(sb.k * g, -1, x.shape[-1])
+            return x.reshape(sb.k * g, x.shape[2] * x.shape[3], x.shape[-1])
 
         return LinearFactor(fold(a), fold(d), g, f.transposed)
     if isinstance(f, EmbeddingFactor):
