@@ -1654,7 +1654,7 @@ class _SortedExperts(nn.Module):
         counts = torch.bincount(idx, minlength=3).tolist()
         ys = torch.cat([e(c) for e, c in zip(self.experts, flat[order].split(counts), strict=True)])
         y = torch.empty_like(ys).index_copy(0, order, ys) * gate[:, None]
-        return self.head((h + y.view(x.shape[0], -1, 4)).mean(1))
+        return self.head((h + y.view_as(h)).mean(1))
 
 
 @pytest.mark.parametrize(
@@ -1663,7 +1663,9 @@ class _SortedExperts(nn.Module):
 def test_an_expert_no_token_reached_is_measured_not_crashed(kw):
     """(A hunt, 2026-12-06.) An expert whose segment is empty on a batch (its Linear run on
     [0, D]) crashed the audit inside loss.backward() with a reshape error; plain torch runs it.
-    Exact now, one-shot and in the tracker."""
+    Exact now, one-shot and in the tracker. (The experts' output is put back with
+    ``y.view_as(h)``, which was refused as a meeting with the batch, where ``y.view(h.shape)``
+    was followed.)"""
     torch.manual_seed(1)
     model = _SortedExperts(empty=True)
     g = torch.Generator().manual_seed(3)
