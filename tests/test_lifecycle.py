@@ -545,3 +545,119 @@ def test_an_audited_forward_no_backward_reaches_lets_go_of_its_graph(kw):
         assert not tracker.history[-1]["skipped"]
         assert tracker.history[-1]["examples"] == X.shape[0] * steps
     tracker.remove()
+
+
+class _Classifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+_MODES = [{}, {"per_example_fraction": 1.0}, {"per_example": False}]
+_MODE_IDS = ["default", "exact", "micro-batches"]
+
+
+def _tracked_step(model: nn.Module, tracker, x: torch.Tensor, kw: dict) -> None:
+    model.zero_grad()
+    parts = x.chunk(2) if kw.get("per_example") is False else (x,)
+    for part in parts:
+        (model(part).pow(2).sum(1).mean() / len(parts)).backward()
+    tracker.step()
+
+
+def _remove_head(model: _Classifier) -> None:
+    model.head = nn.Identity()  # (timm's reset_classifier(0): a feature loss from here)
+
+
+def _drop_bias(model: _Classifier) -> None:
+    model.head.bias = None
+
+
+def _frozen_head(model: _Classifier) -> None:
+    model.head = nn.Linear(6, 3).requires_grad_(False)
+
+
+@pytest.mark.parametrize("change", [_remove_head, _drop_bias, _frozen_head])
+@pytest.mark.parametrize("kw", _MODES, ids=_MODE_IDS)
+def test_a_parameter_removed_from_the_model_is_refused_not_counted(change, kw):
+    """(A hunt, 2026-12-06.) A measured parameter no longer in the model kept the ``.grad`` it
+    last had (nothing zeroes it: model.zero_grad() and a new optimizer do not reach it), and
+    the tracker counted it in every later step's |G_big|²: +8% … +111%, tr Σ up to 43% off,
+    in every mode, without a word. Refused now, naming the parameters and the fix."""
+    torch.manual_seed(0)
+    model = _Classifier()
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+    try:
+        x = torch.randn(8, 5, generator=torch.Generator().manual_seed(1))
+        _tracked_step(model, tracker, x, kw)
+        change(model)
+        with pytest.raises(NoiseScaleInputError, match=r"'head\.bias'.* no longer in the model"):
+            _tracked_step(model, tracker, x, kw)
+    finally:
+        tracker.remove()
+
+
+@pytest.mark.parametrize("kw", _MODES, ids=_MODE_IDS)
+def test_new_parameters_loaded_frozen_then_unfrozen_are_refused_at_once(kw):
+    """(A hunt, 2026-12-06.) A frozen backbone loaded with ``load_state_dict(..., assign=True)``
+    (new Parameter objects, still frozen) and unfrozen two steps later: no module registration
+    shows the unfreezing, and with micro-batches its gradient was left out of |G_big|² (6-7%)
+    until the walk of the next power-of-two step. Refused at the step it is unfrozen now."""
+    torch.manual_seed(0)
+    model = _Classifier()
+    model.backbone.requires_grad_(False)
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+    try:
+        x = torch.randn(8, 5, generator=torch.Generator().manual_seed(1))
+        _tracked_step(model, tracker, x, kw)
+        _tracked_step(model, tracker, x, kw)
+        state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+        model.backbone.load_state_dict(state, assign=True)
+        model.backbone.requires_grad_(False)
+        _tracked_step(model, tracker, x, kw)  # step 3: a walk, the new parameters frozen
+        _tracked_step(model, tracker, x, kw)
+        model.backbone.requires_grad_(True)
+        with pytest.raises(NoiseScaleInputError, match=r"'backbone\.0\.weight'.*were added"):
+            _tracked_step(model, tracker, x, kw)  # step 5: no walk due
+    finally:
+        tracker.remove()
+
+
+def test_per_group_norms_of_a_float64_model_are_taken_in_float64():
+    """(A hunt, 2026-12-06.) ``groups=True`` took each group's |G_big|² from ``.grad`` cast to
+    float32: near the optimum of a least squares (|G|² ≪ tr Σ/N), the group's |G|² was 1e-5
+    off brute force while the ungrouped total was exact. Both exact to float64 now."""
+    torch.manual_seed(0)
+    x_all = torch.randn(512, 6)
+    y_all = x_all @ torch.randn(6) + 5.0 * torch.randn(512)
+    model = nn.Linear(6, 1)
+    with torch.no_grad():
+        a = torch.cat([x_all, torch.ones(512, 1)], 1)
+        sol = torch.linalg.lstsq(a, y_all[:, None]).solution
+        model.weight.copy_(sol[:6].T)
+        model.bias.copy_(sol[6])
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0, groups=True)
+    n = 32
+    try:
+        for step in range(6):
+            idx = torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(step))
+            x, y = x_all[idx], y_all[idx]
+            per = []
+            for i in range(n):
+                loss = (model(x[i : i + 1]).squeeze(1) - y[i : i + 1]).pow(2).sum()
+                grads = torch.autograd.grad(loss, list(model.parameters()))
+                per.append(torch.cat([g.flatten() for g in grads]))
+            g = torch.stack(per)
+            big, small = float(g.mean(0).pow(2).sum()), float(g.pow(2).sum(1).mean())
+            g2 = (n * big - small) / (n - 1)
+            model.zero_grad()
+            (model(x).squeeze(1) - y).pow(2).mean().backward()
+            tracker.step()
+            rec = tracker.history[-1]
+            assert rec["groups"]["(top)"]["g2"] == pytest.approx(g2, rel=1e-11, abs=0)
+    finally:
+        tracker.remove()

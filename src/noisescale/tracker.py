@@ -64,6 +64,7 @@ from noisescale.per_example.messages import (
     class_weighted_message,
     loss_kind_message,
     new_parameters_message,
+    removed_parameters_message,
     submodule_called_message,
     transform_message,
 )
@@ -585,6 +586,7 @@ class GradientNoiseTracker:
         self._params = [p for p in model.parameters() if p.requires_grad]
         # every parameter at construction, frozen ones too (unfreezing has its own message)
         self._known_params = {id(p) for p in model.parameters()}
+        self._frozen_new: list[nn.Parameter] = []  # (see _check_new_parameters)
         self._registrations_seen = _registrations()
         # DDP, FSDP2 or process_group=: local gradients against the averaged one (App. A.1)
         self._dist = DataParallelSource.detect(
@@ -676,6 +678,8 @@ class GradientNoiseTracker:
             # a walk over the model: when a module or parameter was registered anywhere since
             # the last check, and on the audits' steps (what no registration shows)
             self._registrations_seen = registrations
+            self._check_new_parameters()
+        elif self._frozen_new and any(p.requires_grad for p in self._frozen_new):
             self._check_new_parameters()
         self._check_grads_untouched(scale if grads_unscaled else None, scale)
         unmeasured = self.engine.idle
@@ -874,11 +878,18 @@ class GradientNoiseTracker:
         """Refuse trainable parameters the tracker was not built on (every mode; in the
         per-example modes the engine's audit checks too)."""
         known = self._known_params
-        new = [
-            n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in known
-        ]
+        params = list(self.model.named_parameters())
+        new = [n for n, p in params if p.requires_grad and id(p) not in known]
         if new:
             raise NoiseScaleInputError(new_parameters_message(new))
+        present = {id(p) for _, p in params}
+        gone = [self.engine.param_name(p) for p in self._params if id(p) not in present]
+        if gone:
+            raise NoiseScaleInputError(removed_parameters_message(gone))
+        # new parameters registered while frozen: unfrozen later (progressive unfreezing after
+        # load_state_dict(..., assign=True)), no registration shows it — watched at every step
+        # (until 2026-12-06 left out of per_example=False's norms until the next walk, a hunt)
+        self._frozen_new = [p for _, p in params if id(p) not in known]
 
     def _no_passes(self) -> None:
         """Refuse a step that found no pass of the model, naming the likely misuse."""
@@ -1863,7 +1874,7 @@ class GradientNoiseTracker:
         if weights is not None:
             return torch.stack(
                 [
-                    (p.grad.detach().float().pow(2) * weights[id(p)]).sum()
+                    (_at_least_float32(p.grad).pow(2) * weights[id(p)]).sum()
                     for p in self._params
                     if p.grad is not None
                 ]
@@ -1874,7 +1885,7 @@ class GradientNoiseTracker:
         sq, index = [], []
         for p, g in zip(self._params, self._group_index, strict=True):
             if p.grad is not None:
-                grad = p.grad.detach().float().pow(2)
+                grad = _at_least_float32(p.grad).pow(2)
                 sq.append(grad.sum() if weights is None else (grad * weights[id(p)]).sum())
                 index.append(g)
         values = torch.stack(sq)
@@ -2387,3 +2398,11 @@ def _checked_step_args(loss: Any, lr: Any) -> tuple[Any, float | None]:
                 "step was recorded; call tracker.step() again"
             ) from None
     return loss, lr
+
+
+def _at_least_float32(grad: Tensor) -> Tensor:
+    """A gradient detached, in float32 if it is 16-bit, else in its own dtype: the per-group and
+    preconditioned norms of a float64 model were taken in float32 until 2026-12-06 (1.6e-5
+    relative off, where |G|² ≪ tr Σ/N, a hunt)."""
+    grad = grad.detach()
+    return grad if grad.dtype in (torch.float32, torch.float64) else grad.float()

@@ -2549,6 +2549,10 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         pass_.unread_picks += [(label, how, flag) for how, flag in unread]
         return False
 
+    def param_name(self, p: nn.Parameter) -> str:
+        """A measured parameter's name in the model when the engine was built."""
+        return self._param_name.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
+
     def is_model_buffer(self, pass_: PassNorms, x: Tensor) -> bool:
         """Whether ``x`` is one of the model's buffers or a view of one, not expanded over
         the examples (:meth:`_is_buffer`), that holds no example: one the model had when the
