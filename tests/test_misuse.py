@@ -1387,3 +1387,30 @@ def test_grad_scaler_not_given_is_refused_on_every_compiled_step(per_example, sy
             p.grad = None
     for got, want in zip(records[True], tracker.history, strict=True):
         assert got["sqnorm_big"] == pytest.approx(want["sqnorm_big"], rel=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}, {"per_example": False}])
+def test_a_loss_scale_grown_past_float32_s_range_is_left_out_and_said(kw):
+    """(A hunt, 2026-12-06.) A GradScaler's scale doubles every growth_interval steps while no
+    gradient overflows — with bfloat16 or float32 gradients, for ever. From 2^64, S² is inf
+    in float32: |G_big|² read exactly 0 and the step was recorded (g2 negative, tr Σ 25% off).
+    Scales past 2^48 leave the step out now, with a warning naming the cause and the fix;
+    2^40 is measured."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for log2, measured in ((40, True), (50, False)):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**log2)
+        tracker = noisescale.GradientNoiseTracker(model, scaler=scaler, sync_every=1, **kw)
+        try:
+            x, y = _batch(0)
+            opt.zero_grad()
+            parts = 2 if kw.get("per_example") is False else 1
+            for xs, ys in zip(x.chunk(parts), y.chunk(parts), strict=True):
+                scaler.scale(F.cross_entropy(model(xs), ys) / parts).backward()
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                tracker.step()
+            said = [w for w in seen if "loss scale has grown" in str(w.message)]
+            assert (len(tracker.history), len(said)) == ((1, 0) if measured else (0, 1))
+        finally:
+            tracker.remove()

@@ -726,6 +726,19 @@ class GradientNoiseTracker:
         norms, definition, tokens = self._weights_of(passes, scale)
         self._check_definition(definition)
         self._schedule_next()
+        if scale > _LARGEST_LOSS_SCALE and any(p.dtype != torch.float64 for p in self._params):
+            # (until 2026-12-06 |G_big|² read 0 from 2^64 on — S² is inf in float32 — and the
+            # step was recorded, tr Σ 25% off; a hunt)
+            self._warn_once(
+                "loss-scale",
+                f"noisescale: the GradScaler's loss scale has grown to {scale:g} (it doubles "
+                "every growth_interval steps while no gradient overflows: with bfloat16 or "
+                "float32 gradients, for ever), where squared norms of the scaled gradients "
+                "overflow float32; steps are left out from here. bfloat16 needs no GradScaler "
+                "(torch.autocast alone); otherwise keep the scale bounded (a growth_interval "
+                "long enough, or a scaler of your own)",
+            )
+            return
         if self._divisor_unknown:
             self._leave_out_short_window(len(passes))
             return
@@ -2398,6 +2411,11 @@ def _checked_step_args(loss: Any, lr: Any) -> tuple[Any, float | None]:
                 "step was recorded; call tracker.step() again"
             ) from None
     return loss, lr
+
+
+#: Loss scales above this are not measured: |S·g_i|² overflows float32 (3.4e38 = 2¹²⁸) once
+#: S·|g_i| passes 2⁶⁴, and per-example gradients of norm 2¹⁶ are not rare.
+_LARGEST_LOSS_SCALE = 2.0**48
 
 
 def _at_least_float32(grad: Tensor) -> Tensor:
