@@ -1341,3 +1341,37 @@ def test_the_ignore_index_a_segmentation_loss_leaves_out():
     uper = type("C", (), {"loss_ignore_index": 255, "num_labels": 4})()
     assert _ignore_index(type("M", (), {"config": uper})()) == 255
     assert _ignore_index(torch.nn.Linear(2, 2)) == -100
+
+
+@pytest.mark.parametrize("first", ["all ignored", "length 1"])
+def test_a_first_batch_with_no_counted_token_loses_no_step(first):
+    """(A hunt, 2026-12-06.) A Hugging Face causal LM whose first batch counts no label (all
+    -100: an SFT batch whose completions were truncated away; or sequences of length 1) made the
+    first sync divide by zero tokens per example: a bare ZeroDivisionError, and the steps of
+    that window lost. The first step's loss is 0/0 (nan, transformers' own): left out, said;
+    every later step is recorded, per token."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=20, n_positions=16, n_embd=8, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg).double()
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=4)
+    gen = torch.Generator().manual_seed(1)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for step in range(1, 7):
+                length = 1 if first == "length 1" and step == 1 else 6
+                ids = torch.randint(0, 20, (4, length), generator=gen)
+                labels = ids.clone()
+                if first == "all ignored" and step == 1:
+                    labels[:] = -100
+                model.zero_grad()
+                model(input_ids=ids, labels=labels).loss.backward()
+                tracker.step()
+            history = tracker.history
+        assert [r["step"] for r in history] == [1, 2, 3, 4, 5, 6]
+        assert history[0]["skipped"] and not any(r["skipped"] for r in history[1:])
+        assert any("step 1 has non-finite gradients" in str(w.message) for w in seen)
+        assert tracker.estimate().unit == "tokens"
+    finally:
+        tracker.remove()

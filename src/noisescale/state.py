@@ -197,7 +197,10 @@ def update(
         # were attached after it and stayed per example in a per-token history, a hunt found)
         record["groups"] = record_groups
     if stats.definition == "token":
-        _per_token(record, tokens / counted if counted else math.nan)
+        # (no token counted yet — a first batch all −100, or of length-1 sequences —: per
+        # token unknown, nan; a ZeroDivisionError at the first sync lost its window until
+        # 2026-12-06, a hunt)
+        _per_token(record, tokens / counted if counted and tokens > 0 else math.nan)
     if e.reason:
         record["unavailable"] = e.reason
     if plain_after:
