@@ -651,3 +651,22 @@ def test_a_resume_with_a_larger_precondition_from_names_it():
     messages = [str(w.message) for w in caught]
     assert any("taken 5 steps, fewer than precondition_from=100" in m for m in messages)
     assert not any("holds no second-moment state" in m for m in messages), messages
+
+
+def test_an_optimizer_recreated_after_preconditioning_started_leaves_its_steps_out():
+    """(A hunt, 2026-12-06.) Adam recreated mid-run (a new learning rate, a fresh state): the
+    tracker kept weighing the norms by the old optimizer's frozen second moments, preconditioned
+    g2 −7.6 against 1,876 by the training optimizer's, without a word. A step at which the
+    precondition optimizer has not stepped since the last one is left out now, said once."""
+    model, g = _mlp_and_data()
+    opt, tracker = _resumable(model)
+    try:
+        _train(model, tracker, opt, 5, g)
+        assert [r["skipped"] for r in tracker.history][2:] == [False] * 3
+        new = torch.optim.Adam(model.parameters(), lr=5e-3)
+        _run(model, tracker, opt, 1, g, stepped=new)  # step 6: the old one stepped at step 5
+        with pytest.warns(RuntimeWarning, match="precondition= has not stepped in the last 1"):
+            _run(model, tracker, opt, 3, g, stepped=new)
+        assert [r["step"] for r in tracker.history][-1] == 6
+    finally:
+        tracker.remove()

@@ -726,6 +726,8 @@ class GradientNoiseTracker:
         norms, definition, tokens = self._weights_of(passes, scale)
         self._check_definition(definition)
         self._schedule_next()
+        if self._precondition_stale():
+            return
         if scale > _LARGEST_LOSS_SCALE and any(p.dtype != torch.float64 for p in self._params):
             # (until 2026-12-06 |G_big|² read 0 from 2^64 on — S² is inf in float32 — and the
             # step was recorded, tr Σ 25% off; a hunt)
@@ -1749,6 +1751,29 @@ class GradientNoiseTracker:
         the one training the model (a loop that calls ``tracker.step()`` before
         ``optimizer.step()`` sees one such step every step)."""
         return max(2 * self.precondition_from, 10)
+
+    def _precondition_stale(self) -> bool:
+        """Whether this step is left out because the precondition optimizer stopped stepping
+        after preconditioning started: a tracker step without a step of it (two with a
+        ``scaler=``, which skips a step on overflow) — a new optimizer created mid-run trains the
+        model, and this
+        one's second moments are stale. Until 2026-12-06 its frozen state went on weighing the
+        norms without a word (g2 −7.6 against 1,876, a hunt); said once."""
+        if self.precondition is None or self._state.preconditioned_from is None:
+            return False
+        self._watch_optimizer()
+        stalled = self._optimizer_stalled()
+        if stalled < (1 if self.scaler is None else 2):
+            return False
+        self._warn_once(
+            "precondition-stale",
+            f"noisescale: the optimizer given as precondition= has not stepped in the last "
+            f"{stalled} steps, so its second moments are not those of the optimizer training "
+            "the model (one created anew since?); steps are left out while it stays still. "
+            "Create a new tracker with the new optimizer (precondition=new_optimizer, and "
+            "optimizer= for the recorded learning rate)",
+        )
+        return True
 
     def _optimizer_stalled(self) -> int:
         """Tracker steps counted since the precondition optimizer's step count last moved (or
