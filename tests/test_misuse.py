@@ -1414,3 +1414,61 @@ def test_a_loss_scale_grown_past_float32_s_range_is_left_out_and_said(kw):
             assert (len(tracker.history), len(said)) == ((1, 0) if measured else (0, 1))
         finally:
             tracker.remove()
+
+
+class _TimeMajorLSTM(nn.Module):
+    def __init__(self, transpose: bool = False) -> None:
+        super().__init__()
+        self.transpose = transpose
+        self.lstm, self.head = nn.LSTM(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x.transpose(0, 1) if self.transpose else x)
+        return self.head(out[-1])
+
+
+def test_a_time_major_input_under_micro_batch_norms_is_refused_with_examples():
+    """(A hunt, 2026-12-06.) ``per_example=False`` counts a micro-batch's examples along dim 0
+    of the model's first tensor argument: a model fed [T, N, D] into ``nn.LSTM()`` had T taken
+    for its examples, tr Σ and B_simple T/(N/k) = 1.75× the truth, without a word. Its LSTM
+    sees the batch along dim 1: refused now, naming ``examples=``, which measures it exactly;
+    a batch-first input transposed inside the model is counted right and not refused."""
+    t, n = 7, 8
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(t, n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+    def run(model, x, **kw):
+        tracker = noisescale.GradientNoiseTracker(model, per_example=False, sync_every=1, **kw)
+        try:
+            model.zero_grad()
+            for h in range(2):
+                part = x[:, 4 * h : 4 * h + 4] if x.shape[0] == t else x[4 * h : 4 * h + 4]
+                (F.cross_entropy(model(part), y[4 * h : 4 * h + 4]) / 2).backward()
+            tracker.step()
+            return tracker.history[-1]
+        finally:
+            tracker.remove()
+
+    torch.manual_seed(0)
+    model = _TimeMajorLSTM()
+    with pytest.raises(NoiseScaleInputError, match=r"examples=lambda args, kwargs: args\[0\]"):
+        run(model, x)
+    got = run(model, x, examples=lambda args, kwargs: args[0].shape[1])
+    params = list(model.parameters())
+    halves = [
+        torch.cat(
+            [
+                gr.flatten()
+                for gr in torch.autograd.grad(
+                    F.cross_entropy(model(x[:, 4 * h : 4 * h + 4]), y[4 * h : 4 * h + 4]), params
+                )
+            ]
+        )
+        for h in range(2)
+    ]
+    big = float(((halves[0] + halves[1]) / 2).pow(2).sum())
+    small = sum(float(v.pow(2).sum()) for v in halves) / 2
+    assert got["trace_sigma"] == pytest.approx((small - big) / (1 / 4 - 1 / 8), rel=1e-4)
+    torch.manual_seed(0)
+    got = run(_TimeMajorLSTM(transpose=True), x.transpose(0, 1).contiguous())
+    assert got["trace_sigma"] == pytest.approx((small - big) / (1 / 4 - 1 / 8), rel=1e-4)

@@ -1081,6 +1081,16 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                         always_call=True,
                     )
                 )
+            elif not self.per_example and self.examples_of is None and _time_major(module):
+                self._handles.append(
+                    module.register_forward_pre_hook(
+                        self._hook(
+                            lambda m, a: self._check_time_major_count(m, a),
+                            lambda m, a: None,
+                            owner=module,
+                        )
+                    )
+                )
         if self.per_example:
             self._install_spine_hooks()
         for module, check, label in self._mode_checks:
@@ -2548,6 +2558,28 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             return True
         pass_.unread_picks += [(label, how, flag) for how, flag in unread]
         return False
+
+    def _check_time_major_count(self, module: nn.Module, args: tuple) -> None:
+        """``per_example=False``: a time-major layer (``batch_first=False``) whose time steps
+        have the size the pass counted its examples by, and whose batch dimension does not —
+        a model fed time-major input [T, N, ...], its T counted as the examples along dim 0
+        (until 2026-12-06 without a word: tr Σ and B_simple T/n times the truth, a hunt)."""
+        pass_ = None if self._paused or not self._active() else self.open_pass()
+        x = args[0] if args else None
+        if pass_ is None or not isinstance(x, Tensor) or x.dim() < 2:
+            return
+        n = pass_.batch_size
+        if x.shape[0] == n and x.shape[1] != n:
+            raise NoiseScaleInputError(
+                f"layer '{self._labels.get(module, type(module).__name__)}' "
+                f"({type(module).__name__}, batch_first=False) ran on input of shape "
+                f"{list(x.shape)}: its batch of {x.shape[1]} along dim 1, while "
+                f"per_example=False counted {n} examples in the model's call along dim 0 of "
+                "its first tensor argument — a time-major input [T, N, ...], whose T would be "
+                "taken for the examples (tr Σ and B_simple wrong by T/N). Tell the tracker "
+                "how many examples a call holds: GradientNoiseTracker(model, "
+                "per_example=False, examples=lambda args, kwargs: args[0].shape[1])"
+            )
 
     def param_name(self, p: nn.Parameter) -> str:
         """A measured parameter's name in the model when the engine was built."""
