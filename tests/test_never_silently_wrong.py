@@ -3078,3 +3078,27 @@ def test_a_gradient_hook_on_a_middle_layer_s_output_is_exact(where, subbatches):
         measured += 1
     engine.remove()
     assert measured == 4
+
+
+class QueryPool(nn.Module):
+    """Attention pooling with a learned query vector: ``key(h) @ q``, q of shape [D]."""
+
+    def __init__(self, column: bool):
+        super().__init__()
+        self.key, self.head = nn.Linear(3, 4), nn.Linear(3, 2)
+        self.q = nn.Parameter(torch.randn(4, 1) if column else torch.randn(4))
+
+    def forward(self, x):
+        scores = self.key(x) @ self.q  # [N, T] (or [N, T, 1])
+        weights = scores.reshape(x.shape[0], -1).softmax(-1)
+        return self.head((weights[..., None] * x).sum(1))
+
+
+@pytest.mark.parametrize("column", [False, True], ids=["q [D]", "q [D, 1]"])
+def test_a_learned_query_vector_in_a_matmul_is_exact(column, products):
+    """(A hunt, 2026-12-06.) ``h @ q`` with a 1-D parameter q was refused as a matmul without a
+    per-example rule, where q of shape [D, 1] was followed: both exact now."""
+    torch.manual_seed(0)
+    model = QueryPool(column)
+    x = torch.randn(N, 5, 3, generator=torch.Generator().manual_seed(2))
+    assert_exact_both_ways(model, x, _sq)

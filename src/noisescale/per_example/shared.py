@@ -857,6 +857,19 @@ def _matmul(
         m.extra.update(weight=x, bias=None, dim=dim, transposed=False)
         origin.engine.add_meeting(pass_, m)
         return yt.transpose(-1, -2)
+    if (
+        isinstance(w, SharedTensor)
+        and w.dim() == 1
+        and isinstance(x, Tensor)
+        and not isinstance(x, SharedTensor)
+        and x.dim() >= 2
+        and not kwargs
+        and len(args) == 2
+    ):
+        # x @ q with a shared vector q (a learned query of attention pooling): x @ q[:, None]
+        # without its last dimension (refused until 2026-12-06, where [D, 1] was followed; a
+        # hunt)
+        return torch.matmul(x, w.unsqueeze(-1)).squeeze(-1)
     # x @ W with a shared 2-D W on the right: a linear layer whose weight is stored [in, out]
     if isinstance(x, SharedTensor) or not isinstance(w, SharedTensor) or w.dim() != 2:
         return _unsupported(func, args, kwargs, origin, pass_)
