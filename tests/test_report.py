@@ -635,3 +635,23 @@ def test_a_run_that_asked_for_preconditioning_but_has_only_plain_records_says_so
     assert any("these records are plain" in w for w in history.warnings)
     assert main(["calc", "--history", str(path), "--batch-size", "16"]) == 0
     assert "these records are plain" in capsys.readouterr().err
+
+
+def test_a_trajectory_whose_e_min_sums_past_its_examples_is_reported(tmp_path: Path) -> None:
+    """(A hunt, 2026-12-06.) B_simple jumping between records (here 1 and 1,000 in turn, batch
+    8) makes the trapezoid sums of s and of E_min disagree: E_min read above the examples the run
+    used, and the adaptive comparison at equal examples raised — refusing the whole report
+    (exit 2) for one panel. That panel says it was not computed now; the rest is reported."""
+    records = synthetic_records(n_steps=40, batch_size=8, a=1.0, tau=None, warmup=2)
+    for r in records[2:]:
+        if r["step"] % 2:
+            r["b_simple"], r["b_simple_low"], r["b_simple_high"] = 1000.0, 800.0, 1250.0
+    path = write_synthetic_history(tmp_path / "h.jsonl", records)
+    data = report_data(load_history(path))
+    assert data.run.e_min > data.run.examples  # (the disagreement itself)
+    assert math.isnan(data.adaptive.same_examples_steps)
+    out = tmp_path / "r.html"
+    assert main(["report", str(path), "-o", str(out)]) == 0
+    assert "not computed" in out.read_text(encoding="utf-8")
+    summary = summary_dict(data)
+    json.dumps(summary, allow_nan=False)

@@ -389,8 +389,7 @@ def cost_table(traj: Trajectory, batch_sizes: Iterable[float]) -> list[CostRow]:
     rows = []
     for b in batch_sizes:
         steps, examples = theory.fixed_batch_cost(traj.s, traj.b_noise, b)
-        r_same_examples = theory.exchange_rate_for_examples(traj.s, traj.b_noise, examples)
-        adaptive_steps = theory.adaptive_batch_cost(traj.s, traj.b_noise, r_same_examples).steps
+        adaptive_steps = _adaptive_steps_for(traj, float(examples))
         rows.append(
             CostRow(
                 batch_size=float(b),
@@ -403,6 +402,18 @@ def cost_table(traj: Trajectory, batch_sizes: Iterable[float]) -> list[CostRow]:
             )
         )
     return rows
+
+
+def _adaptive_steps_for(traj: Trajectory, examples: float) -> float:
+    """The adaptive schedule's steps with ``examples`` examples, or nan where the trajectory's
+    E_min (its trapezoid sums) is not below them: B_simple jumping between sparse records
+    makes the two sums disagree (a run of 40 steps of 8 read E_min 441 against its 312
+    examples), which refused the whole report until 2026-12-06 (a hunt)."""
+    _, e_min = theory.min_cost(traj.s, traj.b_noise)
+    if not examples > e_min:
+        return math.nan
+    r = theory.exchange_rate_for_examples(traj.s, traj.b_noise, examples)
+    return float(theory.adaptive_batch_cost(traj.s, traj.b_noise, r).steps)
 
 
 class AdaptiveSummary(NamedTuple):
@@ -425,15 +436,18 @@ def adaptive_summary(traj: Trajectory) -> AdaptiveSummary:
     r_natural = theory.natural_exchange_rate(traj.s, traj.b_noise)
     natural = theory.adaptive_batch_cost(traj.s, traj.b_noise, r_natural)
     run = run_cost(traj)
-    r_same = theory.exchange_rate_for_examples(traj.s, traj.b_noise, run.examples)
-    same = theory.adaptive_batch_cost(traj.s, traj.b_noise, r_same)
+    if run.examples > run.e_min:
+        r_same = theory.exchange_rate_for_examples(traj.s, traj.b_noise, run.examples)
+        same_steps = float(theory.adaptive_batch_cost(traj.s, traj.b_noise, r_same).steps)
+    else:  # (see _adaptive_steps_for)
+        r_same = same_steps = math.nan
     return AdaptiveSummary(
         gamma=gamma,
         r_natural=r_natural,
         natural_steps=float(natural.steps),
         natural_examples=float(natural.examples),
         r_same_examples=r_same,
-        same_examples_steps=float(same.steps),
+        same_examples_steps=same_steps,
         schedule_step=traj.step,
         schedule_natural=np.asarray(theory.adaptive_batch_size(traj.b_noise, r_natural)),
     )
@@ -613,10 +627,12 @@ def summary_dict(data: ReportData) -> dict[str, Any]:
             "r_natural": adaptive.r_natural,
             "natural_steps": adaptive.natural_steps,
             "natural_examples": adaptive.natural_examples,
-            "r_same_examples": adaptive.r_same_examples,
-            "same_examples_steps": adaptive.same_examples_steps,
+            "r_same_examples": _finite_or_none(adaptive.r_same_examples),
+            "same_examples_steps": _finite_or_none(adaptive.same_examples_steps),
         },
-        "fixed_batch_costs": [row._asdict() for row in data.costs],
+        "fixed_batch_costs": [
+            {k: _finite_or_none(v) for k, v in row._asdict().items()} for row in data.costs
+        ],
         "b_simple_trend": {k: _finite_or_none(v) for k, v in data.trend._asdict().items()},
         "groups": [
             {

@@ -110,6 +110,15 @@ def report_html(data: ReportData, figures: dict[str, bytes], figures_dir: str | 
         else ""
     )
     saved = 1.0 - adaptive.same_examples_steps / run.steps
+    same_examples = (
+        f"<b>{format_count(adaptive.same_examples_steps)}</b> steps instead of "
+        f"{format_count(run.steps)} ({100 * saved:.1f}% fewer; r = "
+        f"{format_number(adaptive.r_same_examples)})"
+        if _finite(adaptive.same_examples_steps)
+        else "— not computed: the trajectory's E<sub>min</sub>, summed between records where "
+        "B<sub>simple</sub> jumps, exceeds the examples the run used (record every step, or "
+        "a longer run)"
+    )
     summary = (
         f"<p>{data.history.step.size:,} steps recorded; B<sub>simple</sub> is available at "
         f"{bs.x.size:,} of them, from step {run.first_step:,} to {run.last_step:,}. "
@@ -126,9 +135,7 @@ def report_html(data: ReportData, figures: dict[str, bytes], figures_dir: str | 
         f"<p>An adaptive batch size B = √(r·B<sub>simple</sub>) (eq. D.6) has γ = "
         f"<b>{adaptive.gamma:.3f}</b> on this trajectory (eq. D.5; 1 means no gain). With as many "
         f"{unit} as this run used ({format_count(run.examples)}), it would have needed "
-        f"<b>{format_count(adaptive.same_examples_steps)}</b> steps instead of "
-        f"{format_count(run.steps)} ({100 * saved:.1f}% fewer; r = "
-        f"{format_number(adaptive.r_same_examples)}). At the natural exchange rate r = "
+        f"{same_examples}. At the natural exchange rate r = "
         f"E<sub>min</sub>/S<sub>min</sub> it takes {format_count(adaptive.natural_steps)} steps "
         f"and {format_count(adaptive.natural_examples)} {unit}, both 1 + √γ = "
         f"{format_number(1 + adaptive.gamma**0.5)} times their minimum.</p>"
@@ -142,9 +149,13 @@ def report_html(data: ReportData, figures: dict[str, bytes], figures_dir: str | 
         f"<td>{format_count(row.steps)}</td><td>{format_count(row.examples)}</td>"
         f"<td>{format_number(row.steps_over_min)}</td>"
         f"<td>{format_number(row.examples_over_min)}</td>"
-        f"<td>{format_count(row.adaptive_steps_same_examples)} "
-        f"({_percent_less(row.adaptive_steps_same_examples, row.steps)})</td>"
-        f"<td>{format_count(row.adaptive_examples_same_steps)} "
+        + (
+            f"<td>{format_count(row.adaptive_steps_same_examples)} "
+            f"({_percent_less(row.adaptive_steps_same_examples, row.steps)})</td>"
+            if _finite(row.adaptive_steps_same_examples)
+            else "<td>—</td>"
+        )
+        + f"<td>{format_count(row.adaptive_examples_same_steps)} "
         f"({_percent_less(row.adaptive_examples_same_steps, row.examples)})</td></tr>"
         for row in data.costs
     )
