@@ -661,3 +661,29 @@ def test_per_group_norms_of_a_float64_model_are_taken_in_float64():
             assert rec["groups"]["(top)"]["g2"] == pytest.approx(g2, rel=1e-11, abs=0)
     finally:
         tracker.remove()
+
+
+def test_a_backward_under_paused_after_a_table_was_resized_runs():
+    """(A hunt, 2026-12-06.) ``resize_token_embeddings()`` gives the old Parameter a table of
+    another shape (``.data`` assigned); the measured step is refused for it, but a backward
+    under ``paused()`` crashed inside autograd (the AccumulateGrad node the engine held expected
+    the old shape). It runs now; the measured step is still refused, naming the resize."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(30, 8), nn.Flatten(), nn.Linear(5 * 8, 3))
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1)
+    ids = torch.randint(0, 30, (6, 5), generator=torch.Generator().manual_seed(1))
+    try:
+        model(ids).pow(2).mean().backward()
+        tracker.step()
+        model.zero_grad()
+        with torch.no_grad():
+            grown = torch.cat([model[0].weight, torch.randn(10, 8)])
+        model[0].weight.data = grown  # (as transformers' resize_token_embeddings does)
+        with tracker.paused():
+            model(ids + 10).pow(2).mean().backward()
+        assert model[0].weight.grad.shape == (40, 8)
+        model.zero_grad()
+        with pytest.raises(NoiseScaleInputError, match="changed shape after the tracker"):
+            model(ids).pow(2).mean().backward()
+    finally:
+        tracker.remove()

@@ -1356,6 +1356,12 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         products of :mod:`noisescale.hessian`; call it between steps (no pass open).
         """
         was, self._paused = self._paused, True
+        for pid, shape in self._shapes.items():
+            if self._param[pid].shape != shape:
+                # (resized since: the held AccumulateGrad node expects the old shape, and a
+                # backward in the block crashed inside autograd until 2026-12-06, a hunt; a
+                # measured pass is refused by _check_shapes)
+                self._acc_node.pop(pid, None)
         try:
             yield
         finally:
