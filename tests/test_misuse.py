@@ -1472,3 +1472,21 @@ def test_a_time_major_input_under_micro_batch_norms_is_refused_with_examples():
     torch.manual_seed(0)
     got = run(_TimeMajorLSTM(transpose=True), x.transpose(0, 1).contiguous())
     assert got["trace_sigma"] == pytest.approx((small - big) / (1 / 4 - 1 / 8), rel=1e-4)
+
+
+@pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}], ids=["default", "exact"])
+def test_steps_of_one_example_are_skipped_with_a_word_in_every_mode(kw):
+    """(A hunt, 2026-12-06.) A step of one example cannot separate the noise from the gradient;
+    the default said so, the exact mode skipped every such step without a word."""
+    model = _model()
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+    try:
+        with pytest.warns(RuntimeWarning, match="this step has one example"):
+            for step in range(2):
+                x, y = _batch(step)
+                model.zero_grad()
+                F.cross_entropy(model(x[:1]), y[:1]).backward()
+                tracker.step()
+        assert [r["skipped"] for r in tracker.history] == [True, True]
+    finally:
+        tracker.remove()

@@ -1619,7 +1619,17 @@ class GradientNoiseTracker:
                     f"step {self.steps}: {p.withheld}; this step's per-example norms are left out"
                     + (" (its micro-batch norms still count)" if observations else "")
                 )
-        if observations or any(p.withheld for p in passes):
+        if observations and sum(p.batch_size for p in passes) == 1:
+            # (every example measured, one in the step: the exact mode skipped such steps
+            # without the word the default gives until 2026-12-06, a hunt)
+            self._warn_once(
+                "small-equals-big",
+                "this step has one example and no other small-batch source, so the noise cannot "
+                "be separated from the gradient (small batch = big batch); the step is skipped. "
+                "Use more than one example per step or accumulate several micro-batches. "
+                + _PACKED,
+            )
+        elif observations or any(p.withheld for p in passes):
             pass
         elif self.mode == "microbatch" and len(passes) == 1:
             self._warn_once(
