@@ -3102,3 +3102,48 @@ def test_a_learned_query_vector_in_a_matmul_is_exact(column, products):
     model = QueryPool(column)
     x = torch.randn(N, 5, 3, generator=torch.Generator().manual_seed(2))
     assert_exact_both_ways(model, x, _sq)
+
+
+class GShardExperts(nn.Module):
+    """GShard's mixture of experts: tokens dispatched by a one-hot einsum into each expert's
+    capacity slots [E, C, D], experts stacked [E, D, H] applied by einsum, combined back — at
+    N = E the experts' dimension has the batch's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.gate, self.head = (
+            nn.Linear(3, 3),
+            nn.Linear(3, 4, bias=False),
+            nn.Linear(3, 2),
+        )
+        self.w = nn.Parameter(torch.randn(4, 3, 3) * 0.5)
+
+    def forward(self, x):  # x [N, T, 3]
+        h = self.inp(x)
+        flat = h.reshape(-1, 3)
+        s = flat.shape[0]
+        gate, idx = self.gate(flat).softmax(-1).max(-1)
+        onehot = F.one_hot(idx, 4).to(flat.dtype)  # [S, E]
+        slot = ((onehot.cumsum(0) - 1) * onehot).long()  # each token's slot in its expert
+        disp = F.one_hot(slot, s).to(flat.dtype) * onehot[..., None]  # [S, E, C]
+        xe = torch.einsum("sec,sm->ecm", disp, flat)
+        ye = torch.einsum("ecm,emh->ech", xe, self.w)
+        y = torch.einsum("sec,ech->sh", disp * gate[:, None, None], ye)
+        return self.head((h + y.view_as(h)).mean(1))
+
+
+def test_experts_numbering_as_many_as_the_batch_are_named_as_the_likely_cause():
+    """(A hunt, 2026-12-06.) GShard's experts, measured exactly at every other batch size, were
+    refused at N = E as an einsum without a per-example rule, which no rule could fix: the
+    refusal now names a dimension numbering as many as the batch by coincidence."""
+    torch.manual_seed(0)
+    model = GShardExperts()
+    x = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(3))
+    want, params = [], list(model.parameters())
+    for i in range(5):
+        grads = torch.autograd.grad(_sq(model, x[i : i + 1]).sum(), params, allow_unused=True)
+        want.append(sum(g.pow(2).sum() for g in grads if g is not None))
+    torch.testing.assert_close(one_shot(model, x, _sq), torch.stack(want), rtol=1e-9, atol=0)
+    model.zero_grad()
+    with pytest.raises(UnsupportedModuleError, match=r"happen to number 4, as many as the batch"):
+        one_shot(model, x[:4], _sq)

@@ -572,7 +572,10 @@ class Settle:
                 # with a cause that does not name the setting that works)
                 or "grouped_mm" in op
             ):
-                raise UnsupportedModuleError(self._unsupported_message(origin, op, labels, scope))
+                raise UnsupportedModuleError(
+                    self._unsupported_message(origin, op, labels, scope)
+                    + _coincidence_hint(pass_.batch_size)
+                )
             owners[scope] = op
         for scope in owners:
             if scope in self._fallback:
@@ -598,6 +601,7 @@ class Settle:
                     "per example along dim 0, cannot take it either. Keep dim 0 the examples, "
                     "register a rule for the module (noisescale.register_layer), or use "
                     f"per_example=False{_experts_hint(owners[scope], scope, self.model)}"
+                    + _coincidence_hint(pass_.batch_size)
                 )
             self._fallback.add(scope)
             self._calls_fallback(scope)
@@ -775,6 +779,17 @@ class Settle:
                 if p is not None and id(p) == pid:
                     out.append((module, name))
         return out
+
+
+def _coincidence_hint(n: int) -> str:
+    """What to try when an operation met the batch only through a dimension that has the
+    batch's size by coincidence (experts stacked [E, ...] with E = N, GShard's einsum over the
+    experts: measured at every other batch size, a hunt of 2026-12-06)."""
+    return (
+        f". If the dimension of size {n} that met them is not the examples' (experts, heads or "
+        f"positions that happen to number {n}, as many as the batch), a batch of another "
+        "size tells: if it is measured, that was the cause"
+    )
 
 
 _UNREPLAYED = "the attribution check could not replay the backward"
