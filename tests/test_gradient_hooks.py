@@ -279,3 +279,27 @@ def test_an_optimizer_stepped_inside_the_backward_never_changes_the_gradients(kw
     finally:
         tracker.remove()
     assert not any(r["skipped"] for r in tracker.history)
+
+
+class _ClampedActivation(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.lin(x))
+        if h.requires_grad:
+            h.register_hook(lambda g: g.clamp(-0.01, 0.01))
+        return self.head(h)
+
+
+def test_a_nonlinear_gradient_hook_on_an_activation_is_named_in_the_refusal():
+    """(A hunt, 2026-12-06.) ``h.register_hook(lambda g: g.clamp(-c, c))`` on an activation
+    makes the rows below it no example's own gradient: refused, fairly, but the message listed
+    positions, time-major layers and operations mixing examples, not the hook. It names it."""
+    torch.manual_seed(0)
+    model = _ClampedActivation()
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(UnsupportedModuleError, match=r"gradient hook on an activation"):
+        with noisescale.per_example_sqnorms(model):
+            model(x).pow(2).sum(1).mean().backward()

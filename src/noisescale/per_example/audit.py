@@ -219,7 +219,9 @@ class Findings:
                 "mode or a loss computed inside the model from an inner activation — or a batch "
                 "reordered inside the forward, as sorted by length for pack_padded_sequence: "
                 "pass it in its own order with enforce_sorted=False, which torch sorts and "
-                "restores itself)"
+                "restores itself — or a gradient hook on an activation that changes its "
+                "gradient other than by a fixed factor, h.register_hook(lambda g: g.clamp(...)), "
+                "whose rows are then no example's own gradient)"
                 + (
                     f". A dimension that has the batch's size {self.batch_size} by coincidence "
                     "(positions, image tokens, a pooled length) is told apart by a batch of "
