@@ -1701,3 +1701,51 @@ def test_an_expert_no_token_reached_is_measured_not_crashed(kw):
             assert rec["g2"] == pytest.approx(g2, rel=1e-9)
     finally:
         tracker.remove()
+
+
+class _IndexAddExperts(nn.Module):
+    """A hand-written mixture of experts: the token rows routed to each expert (``route``,
+    given) picked out of the flattened tokens and added back with ``index_add``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.head = nn.Linear(3, 3), nn.Linear(3, 2)
+        self.experts = nn.ModuleList(nn.Linear(3, 3) for _ in range(2))
+
+    def forward(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        flat, r = h.reshape(-1, 3), route.reshape(-1)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            rows = torch.nonzero(r == e).squeeze(1)
+            out = out.index_add(0, rows, expert(flat.index_select(0, rows)))
+        return self.head((h + out.view_as(h)).mean(1))
+
+
+def test_an_expert_given_as_many_rows_as_the_batch_has_examples_is_named():
+    """(A hunt, 2026-12-06.) Measured exactly on batches where no expert gets as many token rows
+    as the batch has examples; on one where an expert does, its rows are taken for the examples
+    and the step refused, blamed on parameters used directly. The refusal names the expert's
+    rows now, and per_example=False."""
+    torch.manual_seed(0)
+    model = _IndexAddExperts()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(4, 2, 3, generator=g), torch.randint(0, 2, (4,), generator=g)
+
+    def loss(xs, route, ys=y):
+        return torch.nn.functional.cross_entropy(model(xs, route), ys)
+
+    uneven = torch.tensor([[0, 0], [0, 1], [0, 1], [1, 0]])  # 5 rows and 3: measured
+    want = []
+    for i in range(4):
+        one = loss(x[i : i + 1], uneven[i : i + 1], y[i : i + 1])
+        grads = torch.autograd.grad(one, list(model.parameters()))
+        want.append(sum(gr.pow(2).sum() for gr in grads))
+    with noisescale.per_example_sqnorms(model) as pe:
+        loss(x, uneven).backward()
+    torch.testing.assert_close(pe.sqnorms, torch.stack(want), rtol=1e-9, atol=0)
+    model.zero_grad()
+    even = torch.tensor([[0, 1], [0, 1], [1, 0], [1, 0]])  # 4 rows each, as many as examples
+    with pytest.raises(UnsupportedModuleError, match=r"got 4 of them on this batch"):
+        with noisescale.per_example_sqnorms(model):
+            loss(x, even).backward()

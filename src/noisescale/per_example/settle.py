@@ -556,6 +556,7 @@ class Settle:
                     "a subset of the batch). Call layers on whole, batch-first activations "
                     "(nn.LSTM/GRU/RNN handle packed sequences exactly), or use per_example=False"
                     + _experts_hint(op, scope, self.model)
+                    + _routed_rows_hint(op, pass_.batch_size)
                 )
             labels = sorted({s.label for s in origin.sources})
             if scope is not None:
@@ -779,6 +780,21 @@ class Settle:
                 if p is not None and id(p) == pid:
                     out.append((module, name))
         return out
+
+
+def _routed_rows_hint(op: str, n: int) -> str:
+    """Where rows picked out of flattened tokens were added back (a hand-written mixture of
+    experts: ``index_add``, ``scatter_add``, ``index_copy``): an expert that got exactly as many
+    rows as the batch has examples looked called on them, on that batch alone (measured on
+    every other, refused at random; a hunt of 2026-12-06)."""
+    if op.rstrip("_") not in ("index_add", "scatter_add", "index_copy", "index_put", "scatter"):
+        return ""
+    return (
+        f". If this layer is an expert given the token rows routed to it, and got {n} of them "
+        f"on this batch — as many as the batch has examples —, those rows were taken for the "
+        "examples: such batches cannot be measured per example (others can); per_example=False "
+        "measures every batch"
+    )
 
 
 def _coincidence_hint(n: int) -> str:
