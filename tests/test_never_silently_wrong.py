@@ -449,6 +449,45 @@ def test_an_auxiliary_loss_kept_on_the_model_trains_and_is_not_measured_wrong():
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=0)
 
 
+class Info(dict):
+    """A dict subclass holding the forward's outputs (a ModelOutput's kind)."""
+
+
+class KeepsInfoAndRescales(nn.Module):
+    """Logits [N, N]; the forward stores its hidden state in a dict subclass, and in evaluation
+    mode rescales its weight in place once, noting it in a flag (RWKV's way)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(8, N)
+        self.info, self.rescaled = Info(), False
+
+    def forward(self, x):
+        if not self.training and not self.rescaled:
+            with torch.no_grad():
+                self.b.weight.div_(2)
+            self.rescaled = True
+        h = torch.tanh(self.a(x))
+        self.info["h"] = h
+        return self.b(h)
+
+
+def test_the_re_runs_leave_a_dict_subclass_and_a_rescaling_flag_as_they_must():
+    """(A review, 2026-12-06.) The first restore emptied and refilled every list and dict
+    attribute — a ModelOutput held by a module came back empty — and put RWKV's rescaling flag
+    back while its weights stayed rescaled (×0.125 for good). Containers other than a plain list
+    or dict are left alone, and nothing is put back where a re-run changed a parameter."""
+    torch.manual_seed(0)
+    model = KeepsInfoAndRescales()
+    x, _ = _keeps_state_batch()
+    w = model.b.weight.detach().clone()
+    with pytest.raises(NoiseScaleInputError):  # (no backward: nothing to report)
+        with noisescale.per_example_sqnorms(model, loss_reduction="mean"):
+            model(x)
+            assert type(model.info) is Info and set(model.info) == {"h"}
+            assert model.rescaled and torch.equal(model.b.weight, w / 2)
+
+
 class TrainsOnly(KeepsState):
     def forward(self, x):
         if not self.training:

@@ -371,38 +371,51 @@ def _attributes_kept(model: nn.Module) -> Iterator[None]:
     """Re-runs of the user's model that leave no trace in what its forward stores on its
     modules: an attribute set (``self.aux_loss = …``, a mixture of experts' load-balancing loss
     that the loop adds to the loss after the forward; a call counter) is put back to the object
-    it held before, one added is removed, and a list, dict or set the forward appended to
-    (routing statistics kept for logging) gets its contents back. Until 2026-12-06 the check's
+    it held before, one added is removed, and a plain list or dict the forward appended to
+    (routing statistics kept for logging) gets its items back — only where they changed, by
+    identity (a subclass — a ``ModelOutput``, fx's immutable containers — is left as it is: a
+    review found one emptied and another refusing the restore). Until 2026-12-06 the check's
     re-runs, between the user's forward and loss, left an auxiliary loss kept on the module
     detached and computed from the permuted batch: the step trained without it, and its norms
-    were 3–61% off, without a word (a hunt). What a forward writes elsewhere (a global, an
-    object outside the model) is not seen."""
+    were 3–61% off, without a word (a hunt). Where the re-runs changed a parameter in place
+    (RWKV rescales its weights in evaluation mode and notes it in a flag), nothing is put back:
+    the flag must keep describing the weights (a review). Not followed: what a forward writes
+    deeper (a list inside a dict, a field of a plain object) or elsewhere (a global)."""
     saved = []
     for m in model.modules():
         attrs = {k: v for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS}
-        contents = {
-            k: (v.copy() if isinstance(v, list | dict | set) else None)
+        items = {
+            k: (list(v) if type(v) is list else dict(v))
             for k, v in attrs.items()
-            if isinstance(v, list | dict | set)
+            if type(v) in (list, dict)
         }
-        saved.append((m, attrs, contents))
+        saved.append((m, attrs, items))
+    versions = [(p, p._version) for p in model.parameters()]
     try:
         yield
     finally:
-        for m, attrs, contents in saved:
-            now = m.__dict__
-            for k in [k for k in now if k not in _MODULE_INTERNALS and k not in attrs]:
-                del now[k]
-            for k, v in attrs.items():
-                if now.get(k, _MISSING) is not v:
-                    now[k] = v
-                copy = contents.get(k)
-                # (put back whole, not compared: the values may be tensors, whose == is no bool)
-                if isinstance(v, list):
-                    v[:] = copy
-                elif copy is not None:
-                    v.clear()
-                    v.update(copy)
+        if all(p._version == v for p, v in versions):
+            for m, attrs, items in saved:
+                _put_back(m.__dict__, attrs, items)
+
+
+def _put_back(now: dict, attrs: dict, items: dict) -> None:
+    """One module's attributes as :func:`_attributes_kept` saved them."""
+    for k in [k for k in now if k not in _MODULE_INTERNALS and k not in attrs]:
+        del now[k]
+    for k, v in attrs.items():
+        if now.get(k, _MISSING) is not v:
+            now[k] = v
+        before = items.get(k)
+        if type(v) is list and (
+            len(v) != len(before) or any(a is not b for a, b in zip(v, before, strict=True))
+        ):
+            v[:] = before
+        elif type(v) is dict and (
+            v.keys() != before.keys() or any(v[key] is not before[key] for key in before)
+        ):
+            v.clear()
+            v.update(before)
 
 
 _MISSING = object()
