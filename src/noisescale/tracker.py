@@ -64,7 +64,6 @@ from noisescale.per_example.messages import (
     class_weighted_message,
     loss_kind_message,
     new_parameters_message,
-    removed_parameters_message,
     submodule_called_message,
     transform_message,
 )
@@ -587,6 +586,7 @@ class GradientNoiseTracker:
         # every parameter at construction, frozen ones too (unfreezing has its own message)
         self._known_params = {id(p) for p in model.parameters()}
         self._frozen_new: list[nn.Parameter] = []  # (see _check_new_parameters)
+        self._stale: set[int] = set()  # (see _stale_grads)
         self._registrations_seen = _registrations()
         # DDP, FSDP2 or process_group=: local gradients against the averaged one (App. A.1)
         self._dist = DataParallelSource.detect(
@@ -722,6 +722,7 @@ class GradientNoiseTracker:
                 "for every micro-batch) and its norm is not this step's big batch"
             )
         self.steps += 1
+        self._stale = self._stale_grads()
         self._remember_grads()
         norms, definition, tokens = self._weights_of(passes, scale)
         self._check_definition(definition)
@@ -897,10 +898,6 @@ class GradientNoiseTracker:
         new = [n for n, p in params if p.requires_grad and id(p) not in known]
         if new:
             raise NoiseScaleInputError(new_parameters_message(new))
-        present = {id(p) for _, p in params}
-        gone = [self.engine.param_name(p) for p in self._params if id(p) not in present]
-        if gone:
-            raise NoiseScaleInputError(removed_parameters_message(gone))
         # new parameters registered while frozen: unfrozen later (progressive unfreezing after
         # load_state_dict(..., assign=True)), no registration shows it — watched at every step
         # (until 2026-12-06 left out of per_example=False's norms until the next walk, a hunt)
@@ -1912,8 +1909,34 @@ class GradientNoiseTracker:
                 return False
         return True
 
+    def _stale_grads(self) -> set[int]:
+        """The parameters whose ``.grad`` is the very tensor the last step read, at the same
+        version: no backward of this step wrote it and nothing zeroed it — a parameter removed
+        from the model (a head reset or replaced, a block deleted, ``merge_and_unload()``),
+        which no zero_grad reaches. Its gradient is not this step's: left out of |G_big|²,
+        where until 2026-12-06 it was summed at every later step (+8% … +111%, a hunt; a walk
+        refusing removed parameters missed a `del` between its steps, a review)."""
+        last = getattr(self, "_last_grads", None)
+        if not last:
+            return set()
+        return {
+            id(p)
+            for p, seen in zip(self._params, last, strict=True)
+            if seen is not None
+            and (g := p.grad) is not None
+            and seen[0]() is g
+            and g._version == seen[1]
+        }
+
+    def _measured_params(self) -> list[nn.Parameter]:
+        """The parameters whose ``.grad`` this step wrote (:meth:`_stale_grads`)."""
+        stale = getattr(self, "_stale", None)
+        if not stale:
+            return [p for p in self._params if p.grad is not None]
+        return [p for p in self._params if p.grad is not None and id(p) not in stale]
+
     def _grad_sqnorm(self, weights: dict[int, Tensor] | None = None) -> Tensor:
-        grads = [p.grad for p in self._params if p.grad is not None]
+        grads = [p.grad for p in self._measured_params()]
         if not grads:
             raise NoiseScaleInputError(
                 "no parameter has a gradient: call tracker.step() after loss.backward() and "
@@ -1923,16 +1946,16 @@ class GradientNoiseTracker:
             return torch.stack(
                 [
                     (_at_least_float32(p.grad).pow(2) * weights[id(p)]).sum()
-                    for p in self._params
-                    if p.grad is not None
+                    for p in self._measured_params()
                 ]
             ).sum()
         return sqnorm_total([g.detach() for g in grads])
 
     def _group_grad_sqnorms(self, weights: dict[int, Tensor] | None) -> Tensor:
         sq, index = [], []
+        stale = getattr(self, "_stale", None) or ()
         for p, g in zip(self._params, self._group_index, strict=True):
-            if p.grad is not None:
+            if p.grad is not None and id(p) not in stale:
                 grad = _at_least_float32(p.grad).pow(2)
                 sq.append(grad.sum() if weights is None else (grad * weights[id(p)]).sum())
                 index.append(g)

@@ -577,10 +577,10 @@ def _replaced_message(label: str, name: str, held: Any) -> str:
     if held is None:
         return (
             f"module '{label}' no longer holds its parameter '{name}', which it held when the "
-            "tracker was created: it was re-parametrized since (torch.nn.utils.prune, "
+            "tracker was created: it was re-parametrized or removed since (torch.nn.utils.prune, "
             "spectral_norm, weight_norm or parametrize applied after the tracker was created, "
-            f"which move '{name}' elsewhere). Apply them before creating the tracker, or "
-            "create a new tracker after changing the model"
+            f"which move '{name}' elsewhere; module.{name} = None). Apply them before creating "
+            "the tracker, or create a new tracker after changing the model"
         )
     return (
         f"module '{label}' ran with its parameter '{name}' replaced by another tensor for this "

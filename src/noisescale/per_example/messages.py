@@ -26,20 +26,6 @@ def new_parameters_message(names: Sequence[str]) -> str:
     )
 
 
-def removed_parameters_message(names: Sequence[str]) -> str:
-    """The refusal of measured parameters no longer in the model."""
-    return (
-        f"parameters {list(names[:6])}{'…' if len(names) > 6 else ''} that the tracker measures "
-        "are no longer in the model (a module replaced or removed after the tracker was "
-        "created: a head reset or replaced, a block swapped for nn.Identity(), peft's "
-        "merge_and_unload(), load_state_dict(..., assign=True)): a .grad they still hold would "
-        "be counted in every step's gradient (until 2026-12-06 it was, without a word: |G|² up "
-        "to 2× and tr Σ 40% off, a hunt). Create a new tracker for the changed model "
-        "(tracker.remove(), then GradientNoiseTracker(model, ...)); the steps measured so far "
-        "stay in the old one's history"
-    )
-
-
 def loss_kind_message(
     declared: str, passes: Sequence[PassNorms], accumulated: bool = False
 ) -> str | None:
