@@ -806,6 +806,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # examples -> the refusal, repeated at every later pass of them (Settle._settle)
         self._refused_structures: dict[tuple, str] = {}
         self._unreplayed_warned: set[str] = set()  # (Settle._warn_unreplayed: once each)
+        self._time_major_warned = False  # (_check_time_major_count: once)
         self._child_loss_warned = False  # (a loss computed inside a child: once per engine)
         self.recurrent = False  # a recurrent layer among the hooked ones (_install)
         # the layers' hooks as the last passed audit saw them (_hook_state): a compiled pass
@@ -2566,25 +2567,32 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         return False
 
     def _check_time_major_count(self, module: nn.Module, args: tuple) -> None:
-        """``per_example=False``: a time-major layer (``batch_first=False``) whose time steps
-        have the size the pass counted its examples by, and whose batch dimension does not —
-        a model fed time-major input [T, N, ...], its T counted as the examples along dim 0
-        (until 2026-12-06 without a word: tr Σ and B_simple T/n times the truth, a hunt)."""
+        """``per_example=False``: a time-major layer (``batch_first=False``) run on a batched
+        input whose time steps have the size the pass counted its examples by, and whose batch
+        dimension does not — a model fed time-major input [T, N, ...] has its T counted as the
+        examples along dim 0 (until 2026-12-06 without a word: tr Σ and B_simple T/n times the
+        truth, a hunt). Warned, once, not refused: batch-first data given to such a layer, or a
+        layer run over another batch (words of length N), look the same (a review found them
+        refused, and the fix then offered gave wrong numbers there)."""
         pass_ = None if self._paused or not self._active() else self.open_pass()
         x = args[0] if args else None
-        if pass_ is None or not isinstance(x, Tensor) or x.dim() < 2:
+        if pass_ is None or not isinstance(x, Tensor) or x.dim() < 3 or self._time_major_warned:
             return
         n = pass_.batch_size
         if x.shape[0] == n and x.shape[1] != n:
-            raise NoiseScaleInputError(
-                f"layer '{self._labels.get(module, type(module).__name__)}' "
+            self._time_major_warned = True
+            warnings.warn(
+                f"noisescale: layer '{self._labels.get(module, type(module).__name__)}' "
                 f"({type(module).__name__}, batch_first=False) ran on input of shape "
-                f"{list(x.shape)}: its batch of {x.shape[1]} along dim 1, while "
-                f"per_example=False counted {n} examples in the model's call along dim 0 of "
-                "its first tensor argument — a time-major input [T, N, ...], whose T would be "
-                "taken for the examples (tr Σ and B_simple wrong by T/N). Tell the tracker "
-                "how many examples a call holds: GradientNoiseTracker(model, "
-                "per_example=False, examples=lambda args, kwargs: args[0].shape[1])"
+                f"{list(x.shape)}, its batch along dim 1, while per_example=False counted {n} "
+                "examples in the model's call along dim 0 of its first tensor argument. If the "
+                "model's input is time-major [T, N, ...], its T is being counted as the "
+                "examples (tr Σ and B_simple wrong by T/N): tell the tracker how many examples a "
+                "call holds, GradientNoiseTracker(model, per_example=False, examples=lambda "
+                "args, kwargs: args[0].shape[1]). If dim 0 of the model's input is the examples, "
+                "the count is right",
+                RuntimeWarning,
+                stacklevel=2,
             )
 
     def param_name(self, p: nn.Parameter) -> str:
