@@ -1761,24 +1761,26 @@ class GradientNoiseTracker:
 
     def _precondition_stale(self) -> bool:
         """Whether this step is left out because the precondition optimizer stopped stepping
-        after preconditioning started: a tracker step without a step of it (two with a
-        ``scaler=``, which skips a step on overflow) — a new optimizer created mid-run trains the
-        model, and this
+        after preconditioning started: two tracker steps in a row without a step of it (three
+        with a ``scaler=``, which skips a step on overflow; one alone is a skipped step, a
+        review found it left out) — a new optimizer created mid-run trains the model, and this
         one's second moments are stale. Until 2026-12-06 its frozen state went on weighing the
         norms without a word (g2 −7.6 against 1,876, a hunt); said once."""
         if self.precondition is None or self._state.preconditioned_from is None:
             return False
         self._watch_optimizer()
         stalled = self._optimizer_stalled()
-        if stalled < (1 if self.scaler is None else 2):
+        if stalled < (2 if self.scaler is None else 3):
             return False
         self._warn_once(
             "precondition-stale",
             f"noisescale: the optimizer given as precondition= has not stepped in the last "
-            f"{stalled} steps, so its second moments are not those of the optimizer training "
-            "the model (one created anew since?); steps are left out while it stays still. "
-            "Create a new tracker with the new optimizer (precondition=new_optimizer, and "
-            "optimizer= for the recorded learning rate)",
+            f"{stalled} steps, so its second moments may not be those of the optimizer training "
+            "the model (one created anew since?); steps are left out while it stays still. If "
+            "a new optimizer trains the model, create a new tracker with it "
+            "(precondition=new_optimizer, and optimizer= for the recorded learning rate); if "
+            "steps are being skipped on purpose (a loss-spike guard), the steps after them are "
+            "measured again once it steps",
         )
         return True
 
@@ -2471,9 +2473,10 @@ def _checked_step_args(loss: Any, lr: Any) -> tuple[Any, float | None]:
     return loss, lr
 
 
-#: Loss scales above this are not measured: |S·g_i|² overflows float32 (3.4e38 = 2¹²⁸) once
-#: S·|g_i| passes 2⁶⁴, and per-example gradients of norm 2¹⁶ are not rare.
-_LARGEST_LOSS_SCALE = 2.0**48
+#: Loss scales above this are not measured: S² is inf in float32 from 2⁶⁴ (= 2¹²⁸ > 3.4e38),
+#: where |S·g|² overflows for any |g| ≥ 1 (2⁶³ and below were measured exactly; a first
+#: threshold of 2⁴⁸ left such steps out, a review).
+_LARGEST_LOSS_SCALE = 2.0**63
 
 
 def _at_least_float32(grad: Tensor) -> Tensor:
