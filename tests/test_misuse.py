@@ -1070,7 +1070,7 @@ def test_a_loss_on_forward_mode_tangents_is_refused_at_its_forward(kw):
     tracker = noisescale.GradientNoiseTracker(model, **kw)
     try:
         x, _ = _batch(0)
-        with pytest.raises(UnsupportedModuleError, match=r"layer '0' ran on forward-mode AD"):
+        with pytest.raises(UnsupportedModuleError, match=r"^the model ran on forward-mode AD"):
             _tangent_loss(model, x, weight=0.0).backward()
     finally:
         tracker.remove()
@@ -1491,5 +1491,29 @@ def test_steps_of_one_example_are_skipped_with_a_word_in_every_mode(kw):
                 F.cross_entropy(model(x[:1]), y[:1]).backward()
                 tracker.step()
         assert [r["skipped"] for r in tracker.history] == [True, True]
+    finally:
+        tracker.remove()
+
+
+class _DirectWeights(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 1) * 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ self.w)
+
+
+def test_forward_mode_tangents_through_weights_used_directly_are_refused_too():
+    """(A review, 2026-12-06.) A model using its weight directly, ``x @ self.w``, runs no layer
+    whose hook would see the dual numbers: tr Σ 42% off on an unaudited step. The model's own
+    input on dual numbers is refused at its forward."""
+    torch.manual_seed(0)
+    model = _DirectWeights()
+    tracker = noisescale.GradientNoiseTracker(model)
+    try:
+        x, _ = _batch(0)
+        with pytest.raises(UnsupportedModuleError, match=r"^the model ran on forward-mode AD"):
+            _tangent_loss(model, x).backward()
     finally:
         tracker.remove()

@@ -1579,6 +1579,15 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         ):
             # (crashed in the audit's replay or the norms until 2026-12-06, a hunt)
             raise UnsupportedModuleError(nested_message("the model's input"))
+        if (
+            self.per_example
+            and _fwad._current_level >= 0
+            and torch.is_grad_enabled()
+            and _has_tangent(_flat_values(args, kwargs))
+        ):
+            # (a model using its weights directly, x @ self.W, runs no layer whose hook would
+            # see the dual numbers: tr Σ 42% off between audits, a review)
+            raise UnsupportedModuleError(forward_ad_message("the model"))
         n = self._batch_size_of_model(args, kwargs)
         self._check_tied_rows(n)
         self._watch_unreached()
