@@ -488,6 +488,51 @@ def test_the_re_runs_leave_a_dict_subclass_and_a_rescaling_flag_as_they_must():
             assert model.rescaled and torch.equal(model.b.weight, w / 2)
 
 
+class MergingLoRA(nn.Module):
+    """loralib's way: ``train(False)`` merges the low-rank update B·A into the weight,
+    ``train(True)`` takes it out again; logits [N, N] (the permutation check runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.base = nn.Linear(5, N)
+        self.a = nn.Parameter(torch.randn(2, 5) * 0.3)
+        self.b = nn.Parameter(torch.randn(N, 2) * 0.3)
+        self.merged = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode == self.merged:  # (merged in evaluation, unmerged in training)
+            with torch.no_grad():
+                self.base.weight.add_((-1 if self.merged else 1) * (self.b @ self.a))
+            self.merged = not mode
+        return self
+
+    def forward(self, x):
+        out = self.base(x)
+        return out if self.merged else out + x @ self.a.t() @ self.b.t()
+
+
+def test_the_permutation_check_leaves_a_merging_lora_layer_unmerged():
+    """(A review, 2026-12-06.) The check runs the model in evaluation mode and set the flags
+    back alone: a layer whose train() merges its low-rank update stayed merged, its factors
+    given no gradient from the next step on. Its train() undoes the merge now."""
+    torch.manual_seed(0)
+    model = MergingLoRA()
+    x, y = _keeps_state_batch()
+    w = model.base.weight.detach().clone()
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    try:
+        for _ in range(2):
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            tracker.step()
+            assert not model.merged and model.training
+            assert model.a.grad is not None and float(model.a.grad.abs().sum()) > 0
+        torch.testing.assert_close(model.base.weight.detach(), w, rtol=1e-12, atol=1e-12)
+    finally:
+        tracker.remove()
+
+
 class TrainsOnly(KeepsState):
     def forward(self, x):
         if not self.training:

@@ -247,6 +247,14 @@ class ExampleCheck:
             pass_.audit.unverified = f"{UNRERUN} ({type(err).__name__}: {err})"
             return
         finally:
+            # a module whose train() does more than set the flag (loralib's LoRA layers merge
+            # their low-rank update into the weight in evaluation mode and unmerge it in
+            # training) has it called to undo that work; the flags then set as they were (set
+            # alone until 2026-12-06: a LoRA layer stayed merged, its factors given no gradient
+            # from the next step on; a review)
+            for m, training in modes.items():
+                if type(m).train is not nn.Module.train and m.training != training:
+                    m.train(training)
             for m, training in modes.items():
                 m.training = training
         tol = 5e-2 if pass_.amp else 1e-3
