@@ -15,8 +15,10 @@ attributed at all is refused.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import types
 import warnings
 
 import pytest
@@ -373,6 +375,7 @@ class KeepsState(nn.Module):
         self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 3 if temperature else N)
         self.t = nn.Parameter(torch.zeros(())) if temperature else None
         self.calls, self.routing, self.seen = 0, [], {}
+        self.stats, self.state = collections.defaultdict(list), types.SimpleNamespace(aux=None)
 
     def forward(self, x):
         self.calls += 1
@@ -380,6 +383,9 @@ class KeepsState(nn.Module):
         self.routing.append(float(h.detach().mean()))
         self.seen["h"] = self.hidden = h.detach()
         self.aux_loss = h.pow(2).mean()
+        # (one level down: a dict of lists, a namespace's field — a review)
+        self.stats["aux"].append(self.aux_loss)
+        self.state.aux = self.aux_loss
         return self.b(h) if self.t is None else (self.b(h), self.t.exp())
 
 
@@ -406,6 +412,8 @@ def test_the_re_runs_leave_what_the_forward_stores_on_the_model_alone(temperatur
         assert (model.calls, len(model.routing)) == (1, 1)
         assert set(model.seen) == {"h"} and model.seen["h"] is model.hidden
         assert torch.equal(model.hidden, hidden) and model.aux_loss.requires_grad
+        assert len(model.stats["aux"]) == 1 and model.stats["aux"][0] is model.aux_loss
+        assert model.state.aux is model.aux_loss
         F.cross_entropy(out, y).backward()
     idx = torch.arange(N)
     params = [p for p in model.parameters() if p.requires_grad]

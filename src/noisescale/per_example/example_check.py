@@ -8,6 +8,7 @@ which passes are audited (:meth:`_audit_wanted`). A mixin of :class:`~.engine.Pe
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -379,51 +380,98 @@ def _attributes_kept(model: nn.Module) -> Iterator[None]:
     """Re-runs of the user's model that leave no trace in what its forward stores on its
     modules: an attribute set (``self.aux_loss = …``, a mixture of experts' load-balancing loss
     that the loop adds to the loss after the forward; a call counter) is put back to the object
-    it held before, one added is removed, and a plain list or dict the forward appended to
-    (routing statistics kept for logging) gets its items back — only where they changed, by
-    identity (a subclass — a ``ModelOutput``, fx's immutable containers — is left as it is: a
-    review found one emptied and another refusing the restore). Until 2026-12-06 the check's
+    it held before, one added is removed, and the lists, dicts and plain objects held there —
+    down to :data:`_DEPTH` levels: a dict of lists of routing statistics, a namespace's fields —
+    get their items back where they changed (by identity). Until 2026-12-06 the check's
     re-runs, between the user's forward and loss, left an auxiliary loss kept on the module
     detached and computed from the permuted batch: the step trained without it, and its norms
-    were 3–61% off, without a word (a hunt). Where the re-runs changed a parameter in place
+    were 3–61% off, without a word (a hunt; a review found the first restore one level deep,
+    emptying a ModelOutput it refilled and failing on fx's immutable containers). A container
+    that refuses to be restored is said so, once. Where the re-runs changed a parameter in place
     (RWKV rescales its weights in evaluation mode and notes it in a flag), nothing is put back:
-    the flag must keep describing the weights (a review). Not followed: what a forward writes
-    deeper (a list inside a dict, a field of a plain object) or elsewhere (a global)."""
-    saved = []
+    the flag must keep describing the weights (a review). What a forward writes elsewhere (a
+    global, an object outside the model) is not seen."""
+    saved: list[tuple[Any, Any]] = []
+    seen: set[int] = set()
     for m in model.modules():
-        attrs = {k: v for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS}
-        items = {
-            k: (list(v) if type(v) is list else dict(v))
-            for k, v in attrs.items()
-            if type(v) in (list, dict)
-        }
-        saved.append((m, attrs, items))
+        state = {k: v for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS}
+        saved.append((m.__dict__, state))
+        for v in state.values():
+            _save_items(v, saved, seen, _DEPTH)
     versions = [(p, p._version) for p in model.parameters()]
     try:
         yield
     finally:
         if all(p._version == v for p, v in versions):
-            for m, attrs, items in saved:
-                _put_back(m.__dict__, attrs, items)
+            failed = []
+            for holder, before in saved:
+                try:
+                    _put_back(holder, before)
+                except Exception:  # (a container that forbids it: an immutable dict)
+                    failed.append(type(holder).__name__)
+            if failed:
+                warnings.warn(
+                    "noisescale: the audit re-ran the model (its permutation check, between the "
+                    "forward and the loss) and could not put back what the re-runs changed in "
+                    f"{', '.join(sorted(set(failed)))} the model's forward stores its results "
+                    "in: read them before the next forward of an audited step, or keep them "
+                    "in a plain list, dict or attribute",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
 
-def _put_back(now: dict, attrs: dict, items: dict) -> None:
-    """One module's attributes as :func:`_attributes_kept` saved them."""
-    for k in [k for k in now if k not in _MODULE_INTERNALS and k not in attrs]:
+#: How deep :func:`_attributes_kept` follows containers held on a module.
+_DEPTH = 3
+
+
+def _save_items(v: Any, saved: list, seen: set[int], depth: int) -> None:
+    """Record a list's, a dict's or a plain object's items (and theirs, ``depth`` deep)."""
+    if depth <= 0 or id(v) in seen or isinstance(v, Tensor | nn.Module | type):
+        return
+    if isinstance(v, list):
+        seen.add(id(v))
+        saved.append((v, list(v)))
+        items = list(v)
+    elif isinstance(v, dict):
+        seen.add(id(v))
+        saved.append((v, dict(v)))
+        items = list(v.values())
+    elif type(v).__module__ in ("types", "__main__") or _is_dataclass_instance(v):
+        # (a namespace or a dataclass of the user's: SimpleNamespace, @dataclass state)
+        fields = getattr(v, "__dict__", None)
+        if fields is None:
+            return
+        seen.add(id(v))
+        saved.append((fields, dict(fields)))
+        items = list(fields.values())
+    else:
+        return
+    for item in items:
+        _save_items(item, saved, seen, depth - 1)
+
+
+def _is_dataclass_instance(v: Any) -> bool:
+    return hasattr(type(v), "__dataclass_fields__")
+
+
+def _put_back(now: Any, before: Any) -> None:
+    """A list's, dict's or ``__dict__``'s items as :func:`_save_items` saved them, where they
+    changed (by identity); a module's ``__dict__`` keeps its own bookkeeping."""
+    if isinstance(now, list):
+        if len(now) != len(before) or any(a is not b for a, b in zip(now, before, strict=True)):
+            now[:] = before
+        return
+    module_dict = "_parameters" in now and "_modules" in now
+    extra = [k for k in now if k not in before and not (module_dict and k in _MODULE_INTERNALS)]
+    changed = extra or any(now.get(k, _MISSING) is not v for k, v in before.items())
+    if not changed:
+        return
+    for k in extra:
         del now[k]
-    for k, v in attrs.items():
+    for k, v in before.items():
         if now.get(k, _MISSING) is not v:
             now[k] = v
-        before = items.get(k)
-        if type(v) is list and (
-            len(v) != len(before) or any(a is not b for a, b in zip(v, before, strict=True))
-        ):
-            v[:] = before
-        elif type(v) is dict and (
-            v.keys() != before.keys() or any(v[key] is not before[key] for key in before)
-        ):
-            v.clear()
-            v.update(before)
 
 
 _MISSING = object()
