@@ -109,6 +109,13 @@ _PACKED = (
     "accumulation micro-batches"
 )
 
+#: Why a step of one example is skipped (said once, in every mode).
+_ONE_EXAMPLE = (
+    "this step has one example and no other small-batch source, so the noise cannot be "
+    "separated from the gradient (small batch = big batch); the step is skipped. Use more than "
+    "one example per step or accumulate several micro-batches. " + _PACKED
+)
+
 HISTORY_KIND = "noisescale.history"
 # the header's keys a continued history must share with the tracker continuing it
 _HISTORY_MEANING = (
@@ -1621,10 +1628,7 @@ class GradientNoiseTracker:
             # without the word the default gives until 2026-12-06, a hunt)
             self._warn_once(
                 "small-equals-big",
-                "this step has one example and no other small-batch source, so the noise cannot "
-                "be separated from the gradient (small batch = big batch); the step is skipped. "
-                "Use more than one example per step or accumulate several micro-batches. "
-                + _PACKED,
+                _ONE_EXAMPLE,
             )
         elif observations or any(p.withheld for p in passes):
             pass
@@ -1647,10 +1651,7 @@ class GradientNoiseTracker:
         else:
             self._warn_once(
                 "small-equals-big",
-                "this step has one example and no other small-batch source, so the noise cannot "
-                "be separated from the gradient (small batch = big batch); the step is skipped. "
-                "Use more than one example per step or accumulate several micro-batches. "
-                + _PACKED,
+                _ONE_EXAMPLE,
             )
         if self.precondition is None or passes[0].weights is not None:
             return
