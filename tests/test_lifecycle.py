@@ -701,3 +701,27 @@ def test_a_backward_under_paused_after_a_table_was_resized_runs():
             model(ids).pow(2).mean().backward()
     finally:
         tracker.remove()
+
+
+@pytest.mark.parametrize("kw", _MODES, ids=_MODE_IDS)
+def test_a_removed_parameter_clipped_after_each_step_is_not_counted(kw):
+    """(A review, 2026-12-06.) A clip after ``tracker.step()`` over the parameter list taken at
+    the start rescales the removed parameters' ``.grad`` too (``clip_grad_norm_`` multiplies
+    every listed gradient, even by 1): a first exclusion, by the tensor and its version,
+    counted them again (48–76% off). A ``.grad`` whose gradient hooks no backward of the step
+    ran is left out instead."""
+    torch.manual_seed(0)
+    model = _Classifier()
+    params = list(model.parameters())
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+    try:
+        x = torch.randn(8, 5, generator=torch.Generator().manual_seed(1))
+        for step in range(5):
+            if step == 2:
+                _delete_block(model)
+            _tracked_step(model, tracker, x, kw)
+            want = sum(float(p.grad.pow(2).sum()) for p in model.parameters() if p.grad is not None)
+            assert tracker.history[-1]["sqnorm_big"] == pytest.approx(want, rel=1e-12)
+            torch.nn.utils.clip_grad_norm_(params, 1e6)
+    finally:
+        tracker.remove()

@@ -729,7 +729,9 @@ class GradientNoiseTracker:
                 "for every micro-batch) and its norm is not this step's big batch"
             )
         self.steps += 1
-        self._stale = self._stale_grads()
+        self._stale = self._stale_grads(passes)
+        if self._dist is not None:
+            self._dist.stale = self._stale
         self._remember_grads()
         norms, definition, tokens = self._weights_of(passes, scale)
         self._check_definition(definition)
@@ -1912,24 +1914,18 @@ class GradientNoiseTracker:
                 return False
         return True
 
-    def _stale_grads(self) -> set[int]:
-        """The parameters whose ``.grad`` is the very tensor the last step read, at the same
-        version: no backward of this step wrote it and nothing zeroed it — a parameter removed
-        from the model (a head reset or replaced, a block deleted, ``merge_and_unload()``),
-        which no zero_grad reaches. Its gradient is not this step's: left out of |G_big|²,
-        where until 2026-12-06 it was summed at every later step (+8% … +111%, a hunt; a walk
-        refusing removed parameters missed a `del` between its steps, a review)."""
-        last = getattr(self, "_last_grads", None)
-        if not last:
+    def _stale_grads(self, passes: list[Any]) -> set[int]:
+        """The parameters holding a ``.grad`` that no backward of this step's passes reached
+        (their gradient hooks never ran): a parameter removed from the model (a head reset or
+        replaced, a block deleted, ``merge_and_unload()``) keeps its last gradient, which no
+        zero_grad reaches. It is not this step's: left out of |G_big|², where until 2026-12-06
+        it was summed at every later step (+8% … +111%, a hunt; a walk refusing removed
+        parameters missed a ``del`` between its steps, and an identity-and-version test was
+        defeated by a clip over the optimizer's list after the step; reviews)."""
+        received: set[int] = set().union(*(p.received for p in passes))
+        if not received:  # (nothing reached by hooks: nothing to tell)
             return set()
-        return {
-            id(p)
-            for p, seen in zip(self._params, last, strict=True)
-            if seen is not None
-            and (g := p.grad) is not None
-            and seen[0]() is g
-            and g._version == seen[1]
-        }
+        return {id(p) for p in self._params if p.grad is not None and id(p) not in received}
 
     def _measured_params(self) -> list[nn.Parameter]:
         """The parameters whose ``.grad`` this step wrote (:meth:`_stale_grads`)."""

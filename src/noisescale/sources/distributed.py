@@ -266,6 +266,7 @@ class DataParallelSource:
         self.model = model
         self.engine = engine
         self.params = list(params)
+        self.stale: set[int] = set()  # (set by the tracker at each step: _stale_grads)
         self.group = group
         self.kind = kind
         self.microbatch = microbatch
@@ -756,7 +757,10 @@ class DataParallelSource:
 
     def _big_part(self) -> Tensor | None:
         """This process's share of |.grad|²: shards on every rank, replicated grads on rank 0."""
-        grads = [p.grad for p in self.params if p.grad is not None]
+        # (a .grad no backward of the step reached — a parameter removed from the model — is
+        # not the step's: the tracker's _stale_grads, a review)
+        params = [p for p in self.params if p.grad is not None and id(p) not in self.stale]
+        grads = [p.grad for p in params]
         if not grads:
             raise NoiseScaleInputError(
                 "no parameter has a gradient: call tracker.step() after loss.backward() and "
@@ -771,10 +775,8 @@ class DataParallelSource:
         # grouped by the number of processes holding the same shard, so that each group's sum
         # is divided by a Python number: no weight vector copied to the device per step
         shards: dict[int, list[Tensor]] = {}
-        for p in self.params:
+        for p in params:
             g = p.grad
-            if g is None:
-                continue
             if isinstance(g, DTensor):
                 shards.setdefault(self._replicas_of(p, g), []).append(g.to_local().detach())
             elif self.rank == 0:  # a replicated gradient counts once
