@@ -1417,23 +1417,26 @@ def test_a_loss_scale_grown_past_float32_s_range_is_left_out_and_said(kw):
 
 
 class _TimeMajorLSTM(nn.Module):
-    def __init__(self, transpose: bool = False) -> None:
+    def __init__(self, transpose: bool = False, project: bool = False) -> None:
         super().__init__()
-        self.transpose = transpose
-        self.lstm, self.head = nn.LSTM(4, 5), nn.Linear(5, 3)
+        self.transpose, self.project = transpose, project
+        self.proj, self.lstm, self.head = nn.Linear(4, 4), nn.LSTM(4, 5), nn.Linear(5, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.lstm(x.transpose(0, 1) if self.transpose else x)
+        x = x.transpose(0, 1) if self.transpose else x
+        out, _ = self.lstm(self.proj(x) if self.project else x)
         return self.head(out[-1])
 
 
-def test_a_time_major_input_under_micro_batch_norms_is_warned_about_with_examples():
+def test_a_time_major_input_under_micro_batch_norms_names_examples():
     """(A hunt, 2026-12-06.) ``per_example=False`` counts a micro-batch's examples along dim 0
     of the model's first tensor argument: a model fed [T, N, D] into ``nn.LSTM()`` had T taken
-    for its examples, tr Σ and B_simple T/(N/k) = 1.75× the truth, without a word. Its LSTM
-    sees the batch along dim 1: a warning names ``examples=``, which measures it exactly (a
-    refusal, first, also refused batch-first data given to such a layer; a review); a
-    batch-first input transposed inside the model is counted right and not warned about."""
+    for its examples, tr Σ and B_simple T/(N/k) = 1.75× the truth, without a word. A layer
+    reading the counted tensor itself with its batch along dim 1 is refused, naming
+    ``examples=`` (which measures it exactly) and ``batch_first=True``; one reading it after
+    other layers is warned about (a first refusal there also refused unbatched attention and
+    windowed LSTMs; reviews); a batch-first input transposed inside the model is counted right
+    and not warned about."""
     t, n = 7, 8
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(t, n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
@@ -1452,10 +1455,13 @@ def test_a_time_major_input_under_micro_batch_norms_is_warned_about_with_example
 
     torch.manual_seed(0)
     model = _TimeMajorLSTM()
+    with pytest.raises(NoiseScaleInputError, match=r"examples=lambda args, kwargs: args\[0\]"):
+        run(model, x)  # (the layer reads the very tensor counted: refused)
+    torch.manual_seed(0)
     with pytest.warns(RuntimeWarning, match=r"examples=lambda args, kwargs: args\[0\]"):
-        run(model, x)
+        run(_TimeMajorLSTM(project=True), x)  # (a projection first: warned)
     got = run(model, x, examples=lambda args, kwargs: args[0].shape[1])
-    params = list(model.parameters())
+    params = [p for name, p in model.named_parameters() if not name.startswith("proj")]
     halves = [
         torch.cat(
             [

@@ -2585,10 +2585,31 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         refused, and the fix then offered gave wrong numbers there)."""
         pass_ = None if self._paused or not self._active() else self.open_pass()
         x = args[0] if args else None
-        if pass_ is None or not isinstance(x, Tensor) or x.dim() < 3 or self._time_major_warned:
+        if pass_ is None or not isinstance(x, Tensor) or x.dim() < 3:
             return
         n = pass_.batch_size
-        if x.shape[0] == n and x.shape[1] != n:
+        source = pass_.n_source
+        if (
+            x.shape[0] == n
+            and x.shape[1] != n
+            and isinstance(source, Tensor)
+            and source.shape == x.shape
+            and source.data_ptr() == x.data_ptr()
+        ):
+            # the very tensor the examples were counted in, read by the layer with its batch
+            # along dim 1: either the count or the layer's reading is wrong (a review found the
+            # warning alone left every step recorded T/N off)
+            raise NoiseScaleInputError(
+                f"layer '{self._labels.get(module, type(module).__name__)}' "
+                f"({type(module).__name__}, batch_first=False) reads the model's input "
+                f"{list(x.shape)} with its batch along dim 1 ({x.shape[1]}), while "
+                f"per_example=False counted its {n} rows along dim 0 as the examples. If the "
+                "input is time-major [T, N, ...], tell the tracker how many examples a call "
+                "holds: GradientNoiseTracker(model, per_example=False, examples=lambda args, "
+                "kwargs: args[0].shape[1]); if it is batch-first, the layer takes dim 0 for "
+                "time: construct it with batch_first=True"
+            )
+        if x.shape[0] == n and x.shape[1] != n and not self._time_major_warned:
             self._time_major_warned = True
             warnings.warn(
                 f"noisescale: layer '{self._labels.get(module, type(module).__name__)}' "
