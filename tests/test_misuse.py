@@ -1523,3 +1523,35 @@ def test_forward_mode_tangents_through_weights_used_directly_are_refused_too():
             _tangent_loss(model, x).backward()
     finally:
         tracker.remove()
+
+
+class _DualsInside(nn.Module):
+    """A PINN that makes its dual numbers inside its forward, with its weight used directly:
+    returns u and the directional derivative of u along v."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 1) * 0.5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch.autograd.forward_ad as fwad
+
+        with fwad.dual_level():
+            u, du = fwad.unpack_dual(torch.tanh(fwad.make_dual(x, torch.ones_like(x)) @ self.w))
+        return u, du
+
+
+def test_forward_mode_tangents_made_inside_the_forward_are_refused_too():
+    """(A review, 2026-12-06.) Dual numbers made inside the model's forward and met by a weight
+    used directly pass no layer hook and no model input: tr Σ 42% off between audits. Refused
+    where the parameter meets them."""
+    torch.manual_seed(0)
+    model = _DualsInside()
+    tracker = noisescale.GradientNoiseTracker(model)
+    try:
+        x, _ = _batch(0)
+        with pytest.raises(UnsupportedModuleError, match=r"\['w'\], used directly, ran on"):
+            u, du = model(x)
+            (u.pow(2).mean() + (du - 1).pow(2).mean()).backward()
+    finally:
+        tracker.remove()

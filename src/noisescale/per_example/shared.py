@@ -54,7 +54,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad as _fwad
 
+from noisescale.errors import UnsupportedModuleError
 from noisescale.per_example.audit import FLAT
 
 if TYPE_CHECKING:
@@ -236,6 +238,17 @@ def _batched(t: Any, n: int, dim: int) -> bool:
 def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Origin) -> Any:
     engine = origin.engine
     pass_ = engine.open_pass()
+    if (
+        pass_ is not None
+        and _fwad._current_level >= 0
+        and any(isinstance(t, Tensor) and _fwad.unpack_dual(t).tangent is not None for t in flat)
+    ):
+        # dual numbers made inside the forward meeting a parameter used directly (x @ self.W):
+        # no layer hook sees them (tr Σ 42% off between audits, a review)
+        from noisescale.per_example.messages import forward_ad_message  # (import cycle)
+
+        labels = sorted({s.label for s in origin.sources})
+        raise UnsupportedModuleError(forward_ad_message(f"parameters {labels}, used directly,"))
     if pass_ is None:  # after the step's passes closed (e.g. a loss term read after forward)
         if engine.passes and not torch.is_grad_enabled():
             _note_custom_function(engine.passes[-1], origin)
