@@ -541,6 +541,42 @@ def test_the_permutation_check_leaves_a_merging_lora_layer_unmerged():
         tracker.remove()
 
 
+class MaxNormKeepsAux(nn.Module):
+    """An embedding with ``max_norm`` (renormalised in place at every forward, its version
+    moving with no value changed) and an activation penalty kept on the module; logits [N, N]."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.b = nn.Embedding(20, 8, max_norm=1.0), nn.Linear(8, N)
+
+    def forward(self, ids):
+        h = torch.tanh(self.emb(ids).mean(1))
+        self.aux = h.pow(2).mean()
+        return self.b(h)
+
+
+def test_an_in_place_constraint_in_the_forward_does_not_keep_the_re_runs_attributes():
+    """(A review, 2026-12-06.) The restore was skipped whenever a parameter's version moved in
+    the re-runs, for RWKV's rescaling; an embedding's ``max_norm`` moves it at every forward with
+    no value changed, and the loop's penalty read the re-run's detached one (``.grad`` 4e-2
+    off plain torch, recorded). Decided by value now: ``.grad`` is autograd's, the penalty
+    refused as a term computed in the forward."""
+    torch.manual_seed(0)
+    model = MaxNormKeepsAux()
+    ids = torch.randint(0, 20, (N, 3), generator=torch.Generator().manual_seed(5))
+    y = torch.randint(0, N, (N,), generator=torch.Generator().manual_seed(6))
+    (F.cross_entropy(model(ids), y) + model.aux).backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with pytest.raises(UnsupportedModuleError):
+        with noisescale.per_example_sqnorms(model, loss_reduction="mean"):
+            out = model(ids)
+            assert model.aux.requires_grad
+            (F.cross_entropy(out, y) + model.aux).backward()
+    for p, g in zip(model.parameters(), plain, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=0)
+
+
 class TrainsOnly(KeepsState):
     def forward(self, x):
         if not self.training:
