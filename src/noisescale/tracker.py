@@ -738,9 +738,14 @@ class GradientNoiseTracker:
         self._schedule_next()
         if self._precondition_stale():
             return
-        if scale > _LARGEST_LOSS_SCALE and any(p.dtype != torch.float64 for p in self._params):
+        if (
+            scale > _SCALE_CHECKED
+            and any(p.dtype != torch.float64 for p in self._params)
+            and (scale > _LARGEST_LOSS_SCALE or not _norms_finite(passes))
+        ):
             # (until 2026-12-06 |G_big|² read 0 from 2^64 on — S² is inf in float32 — and the
-            # step was recorded, tr Σ 25% off; a hunt)
+            # step was recorded, tr Σ 25% off, a hunt; below, the squares S²·|g_i|² overflowed
+            # for gradients of norm > 2^64/S and the step was recorded nan, no word, a review)
             self._warn_once(
                 "loss-scale",
                 f"noisescale: the GradScaler's loss scale has grown to {scale:g} (it doubles "
@@ -2474,6 +2479,20 @@ def _checked_step_args(loss: Any, lr: Any) -> tuple[Any, float | None]:
 #: where |S·g|² overflows for any |g| ≥ 1 (2⁶³ and below were measured exactly; a first
 #: threshold of 2⁴⁸ left such steps out, a review).
 _LARGEST_LOSS_SCALE = 2.0**63
+
+#: From this loss scale on (2³², far above an fp16 run's), a step whose per-example or
+#: micro-batch squared norms came out non-finite is left out naming the scale (S·|g_i| past 2⁶⁴
+#: overflows their float32 squares): read back, on these steps only.
+_SCALE_CHECKED = 2.0**32
+
+
+def _norms_finite(passes: list[Any]) -> bool:
+    """Whether the passes' per-example and micro-batch squared norms are all finite."""
+    for p in passes:
+        for t in (p.raw_sqnorms, p.grad_sqnorm, p.group_sqnorms):
+            if isinstance(t, Tensor) and not bool(torch.isfinite(t).all()):
+                return False
+    return True
 
 
 def _at_least_float32(grad: Tensor) -> Tensor:
