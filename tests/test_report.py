@@ -650,6 +650,7 @@ def test_a_trajectory_whose_e_min_sums_past_its_examples_is_reported(tmp_path: P
     data = report_data(load_history(path))
     assert data.run.e_min > data.run.examples  # (the disagreement itself)
     assert math.isnan(data.adaptive.same_examples_steps)
+    assert "comes out above the" in data.warnings[0]  # (the whole cost section said, a review)
     out = tmp_path / "r.html"
     assert main(["report", str(path), "-o", str(out)]) == 0
     assert "not computed" in out.read_text(encoding="utf-8")

@@ -584,6 +584,17 @@ def report_data(history: History, batch_sizes: Iterable[float] | None = None) ->
     traj = trajectory(history)
     candidates = candidate_batch_sizes(traj) if batch_sizes is None else list(batch_sizes)
     series = b_simple_vs_step(history)
+    run = run_cost(traj)
+    sums: tuple[str, ...] = ()
+    if not run.e_min < run.examples:
+        # (the trapezoid sums of s and E_min disagree where B_simple jumps between sparse
+        # records: a review found E_min 28× the examples the run used, stated as a bound)
+        sums = (
+            f"E_min ({run.e_min:,.0f}) comes out above the {run.examples:,.0f} {history.unit} "
+            "the run itself used, which no schedule can go below: B_simple jumps between its "
+            "sparse records, and the costs, B_crit and the schedules below rest on sums that "
+            "do not hold here — record every step (or a longer run) before reading them",
+        )
     return ReportData(
         history=history,
         b_simple_step=series,
@@ -591,12 +602,12 @@ def report_data(history: History, batch_sizes: Iterable[float] | None = None) ->
         emas=ema_series(history),
         temperature=temperature_series(history),
         trajectory=traj,
-        run=run_cost(traj),
+        run=run,
         costs=cost_table(traj, candidates),
         adaptive=adaptive_summary(traj),
         pareto=pareto_curves(traj),
         trend=b_simple_trend(series, history),
-        warnings=(*history.warnings, *run_warnings(history, series)),
+        warnings=(*sums, *history.warnings, *run_warnings(history, series)),
     )
 
 
