@@ -594,6 +594,7 @@ class GradientNoiseTracker:
         self._known_params = {id(p) for p in model.parameters()}
         self._frozen_new: list[nn.Parameter] = []  # (see _check_new_parameters)
         self._stale: set[int] = set()  # (see _stale_grads)
+        self._param_versions = -1  # (see _precondition_stale)
         self._registrations_seen = _registrations()
         # DDP, FSDP2 or process_group=: local gradients against the averaged one (App. A.1)
         self._dist = DataParallelSource.detect(
@@ -1769,8 +1770,9 @@ class GradientNoiseTracker:
 
     def _precondition_stale(self) -> bool:
         """Whether this step is left out because the precondition optimizer stopped stepping
-        after preconditioning started: two tracker steps in a row without a step of it (three
-        with a ``scaler=``, which skips a step on overflow; one alone is a skipped step, a
+        after preconditioning started: a tracker step without a step of it while the parameters
+        moved (another optimizer updates them), or two in a row (three with a ``scaler=``,
+        which skips a step on overflow; one alone, the parameters unmoved, is a skipped step, a
         review found it left out) — a new optimizer created mid-run trains the model, and this
         one's second moments are stale. Until 2026-12-06 its frozen state went on weighing the
         norms without a word (g2 −7.6 against 1,876, a hunt); said once."""
@@ -1778,7 +1780,12 @@ class GradientNoiseTracker:
             return False
         self._watch_optimizer()
         stalled = self._optimizer_stalled()
-        if stalled < (2 if self.scaler is None else 3):
+        # the parameters moved since the last step while this optimizer did not step: another
+        # one updates them — decided at once (a skipped step leaves them where they were; a
+        # review's suggestion)
+        versions = sum(p._version for p in self._params)
+        moved, self._param_versions = versions != self._param_versions, versions
+        if stalled < (2 if self.scaler is None else 3) and not (stalled and moved):
             return False
         self._warn_once(
             "precondition-stale",
