@@ -1432,11 +1432,11 @@ def test_a_time_major_input_under_micro_batch_norms_names_examples():
     """(A hunt, 2026-12-06.) ``per_example=False`` counts a micro-batch's examples along dim 0
     of the model's first tensor argument: a model fed [T, N, D] into ``nn.LSTM()`` had T taken
     for its examples, tr Σ and B_simple T/(N/k) = 1.75× the truth, without a word. A layer
-    reading the counted tensor itself with its batch along dim 1 is refused, naming
-    ``examples=`` (which measures it exactly) and ``batch_first=True``; one reading it after
-    other layers is warned about (a first refusal there also refused unbatched attention and
-    windowed LSTMs; reviews); a batch-first input transposed inside the model is counted right
-    and not warned about."""
+    reading a tensor with the counted input's two leading dimensions (the input itself, or it
+    projected or embedded first) with its batch along dim 1 is refused, naming ``examples=``
+    (which measures it exactly) and ``batch_first=True`` (a first refusal on dim 0 alone also
+    refused unbatched attention and windowed LSTMs; reviews); a batch-first input transposed
+    inside the model is counted right and not warned about."""
     t, n = 7, 8
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(t, n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
@@ -1458,8 +1458,8 @@ def test_a_time_major_input_under_micro_batch_norms_names_examples():
     with pytest.raises(NoiseScaleInputError, match=r"examples=lambda args, kwargs: args\[0\]"):
         run(model, x)  # (the layer reads the very tensor counted: refused)
     torch.manual_seed(0)
-    with pytest.warns(RuntimeWarning, match=r"examples=lambda args, kwargs: args\[0\]"):
-        run(_TimeMajorLSTM(project=True), x)  # (a projection first: warned)
+    with pytest.raises(NoiseScaleInputError, match=r"batch_first=True"):
+        run(_TimeMajorLSTM(project=True), x)  # (a projection first, as an embedding: refused)
     got = run(model, x, examples=lambda args, kwargs: args[0].shape[1])
     params = [p for name, p in model.named_parameters() if not name.startswith("proj")]
     halves = [
@@ -1578,5 +1578,26 @@ def test_squares_overflowed_by_a_large_loss_scale_are_left_out_and_said(kw):
                     scaler.scale(loss).backward()
                 tracker.step()
         assert tracker.history == []
+    finally:
+        tracker.remove()
+
+
+def test_a_dual_level_open_without_tangents_leaves_weights_used_directly_measured():
+    """(A review, 2026-12-06.) The check for dual numbers met by a parameter used directly read
+    the alias's tangent through the alias's own dispatch and recursed for ever whenever a dual
+    level was open (no tangent anywhere). Read with that dispatch off: measured as before."""
+    import torch.autograd.forward_ad as fwad
+
+    torch.manual_seed(0)
+    model = _DirectWeights()
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0, sync_every=1)
+    try:
+        for step in range(3):
+            x, _ = _batch(step)
+            model.zero_grad()
+            with fwad.dual_level():
+                model(x).pow(2).mean().backward()
+            tracker.step()
+        assert not any(r["skipped"] for r in tracker.history)
     finally:
         tracker.remove()

@@ -2593,16 +2593,18 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             x.shape[0] == n
             and x.shape[1] != n
             and isinstance(source, Tensor)
-            and source.shape == x.shape
-            and source.data_ptr() == x.data_ptr()
+            and source.dim() >= 2
+            and tuple(source.shape[:2]) == tuple(x.shape[:2])
         ):
-            # the very tensor the examples were counted in, read by the layer with its batch
-            # along dim 1: either the count or the layer's reading is wrong (a review found the
-            # warning alone left every step recorded T/N off)
+            # the tensor the examples were counted in (or one with its two leading dimensions:
+            # token ids [T, N] embedded first, PyTorch's word_language_model), read by the layer
+            # with its batch along dim 1: either the count or the layer's reading is wrong (a
+            # review found the warning alone left every step recorded T/N off)
             raise NoiseScaleInputError(
                 f"layer '{self._labels.get(module, type(module).__name__)}' "
-                f"({type(module).__name__}, batch_first=False) reads the model's input "
-                f"{list(x.shape)} with its batch along dim 1 ({x.shape[1]}), while "
+                f"({type(module).__name__}, batch_first=False) reads {list(x.shape)}, the "
+                f"model's input's leading dimensions, with its batch along dim 1 ({x.shape[1]}), "
+                "while "
                 f"per_example=False counted its {n} rows along dim 0 as the examples. If the "
                 "input is time-major [T, N, ...], tell the tracker how many examples a call "
                 "holds: GradientNoiseTracker(model, per_example=False, examples=lambda args, "

@@ -238,11 +238,7 @@ def _batched(t: Any, n: int, dim: int) -> bool:
 def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Origin) -> Any:
     engine = origin.engine
     pass_ = engine.open_pass()
-    if (
-        pass_ is not None
-        and _fwad._current_level >= 0
-        and any(isinstance(t, Tensor) and _fwad.unpack_dual(t).tangent is not None for t in flat)
-    ):
+    if pass_ is not None and _fwad._current_level >= 0 and _has_dual(flat):
         # dual numbers made inside the forward meeting a parameter used directly (x @ self.W):
         # no layer hook sees them (tr Σ 42% off between audits, a review)
         from noisescale.per_example.messages import forward_ad_message  # (import cycle)
@@ -287,6 +283,14 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
             )
         return result
     return _meet(func, args, kwargs, flat, origin, pass_, n, dim, batched)
+
+
+def _has_dual(flat: list[Any]) -> bool:
+    """Whether one of the operation's tensors carries a forward-mode AD tangent (read with the
+    subclass's dispatch off: ``unpack_dual`` on an alias re-entered this dispatch for ever, a
+    review)."""
+    with torch._C.DisableTorchFunctionSubclass():
+        return any(isinstance(t, Tensor) and _fwad.unpack_dual(t).tangent is not None for t in flat)
 
 
 _FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__  # type: ignore[attr-defined]

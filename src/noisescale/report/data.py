@@ -590,7 +590,7 @@ def report_data(history: History, batch_sizes: Iterable[float] | None = None) ->
         # (the trapezoid sums of s and E_min disagree where B_simple jumps between sparse
         # records: a review found E_min 28× the examples the run used, stated as a bound)
         sums = (
-            f"E_min ({run.e_min:,.0f}) comes out above the {run.examples:,.0f} {history.unit} "
+            f"E_min ({run.e_min:,.4g}) comes out above the {run.examples:,.4g} {history.unit} "
             "the run itself used, which no schedule can go below: B_simple jumps between its "
             "sparse records, and the costs, B_crit and the schedules below rest on sums that "
             "do not hold here — record every step (or a longer run) before reading them",
