@@ -1915,10 +1915,9 @@ class GradientNoiseTracker:
         if not last or all(x is None for x in last):
             return False
         for p, seen in zip(self._params, last, strict=True):
-            g = p.grad
-            if (seen is None) != (g is None):
+            if (seen is None) != (p.grad is None):
                 return False
-            if seen is not None and (seen[0]() is not g or g._version != seen[1]):
+            if seen is not None and not _same_grad(p, seen):
                 return False
         return True
 
@@ -1940,20 +1939,16 @@ class GradientNoiseTracker:
             # expert, a task head unused here: 16–39% low, a review): stale only where .grad is
             # still the tensor the last step read, at its version
             last = getattr(self, "_last_grads", None) or [None] * len(self._params)
-            kept = {
+            stale &= {
                 id(p)
                 for p, seen in zip(self._params, last, strict=True)
-                if seen is not None and seen[0]() is p.grad and p.grad._version == seen[1]
+                if seen is not None and _same_grad(p, seen)
             }
-            stale &= kept
         return stale
 
     def _measured_params(self) -> list[nn.Parameter]:
         """The parameters whose ``.grad`` this step wrote (:meth:`_stale_grads`)."""
-        stale = getattr(self, "_stale", None)
-        if not stale:
-            return [p for p in self._params if p.grad is not None]
-        return [p for p in self._params if p.grad is not None and id(p) not in stale]
+        return [p for p in self._params if p.grad is not None and id(p) not in self._stale]
 
     def _grad_sqnorm(self, weights: dict[int, Tensor] | None = None) -> Tensor:
         grads = [p.grad for p in self._measured_params()]
@@ -1973,9 +1968,8 @@ class GradientNoiseTracker:
 
     def _group_grad_sqnorms(self, weights: dict[int, Tensor] | None) -> Tensor:
         sq, index = [], []
-        stale = getattr(self, "_stale", None) or ()
         for p, g in zip(self._params, self._group_index, strict=True):
-            if p.grad is not None and id(p) not in stale:
+            if p.grad is not None and id(p) not in self._stale:
                 grad = _at_least_float32(p.grad).pow(2)
                 sq.append(grad.sum() if weights is None else (grad * weights[id(p)]).sum())
                 index.append(g)
@@ -2509,6 +2503,13 @@ def _norms_finite(passes: list[Any]) -> bool:
             if isinstance(t, Tensor) and not bool(torch.isfinite(t).all()):
                 return False
     return True
+
+
+def _same_grad(p: nn.Parameter, seen: tuple[Any, int]) -> bool:
+    """Whether ``p.grad`` is the tensor :meth:`GradientNoiseTracker._remember_grads` noted in
+    ``seen`` (a weak reference and a version), untouched since."""
+    g = p.grad
+    return g is not None and seen[0]() is g and g._version == seen[1]
 
 
 def _at_least_float32(grad: Tensor) -> Tensor:

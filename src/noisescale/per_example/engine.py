@@ -149,6 +149,7 @@ from noisescale.per_example.shared import (
     Origin,
     SharedTensor,
     Source,
+    _has_dual,
     _plain,
     flatten,
     per_example_reduce,
@@ -1583,7 +1584,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             self.per_example
             and _fwad._current_level >= 0
             and torch.is_grad_enabled()
-            and _has_tangent(_flat_values(args, kwargs))
+            and _has_dual(_flat_values(args, kwargs))
         ):
             # (a model using its weights directly, x @ self.W, runs no layer whose hook would
             # see the dual numbers: tr Σ 42% off between audits, a review)
@@ -2066,7 +2067,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 self._unopened_transform = torch._C._functorch.maybe_current_level() is not None
             return None
         rule, label, params = self._calls[module]
-        if _fwad._current_level >= 0 and _has_tangent(_flat_values((*args, output), kwargs)):
+        if _fwad._current_level >= 0 and _has_dual(_flat_values((*args, output), kwargs)):
             raise UnsupportedModuleError(forward_ad_message(f"layer '{label}'"))
         pass_ = self._hook_pass()
         self._check_held(module, pass_)
@@ -2626,10 +2627,6 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 RuntimeWarning,
                 stacklevel=2,
             )
-
-    def param_name(self, p: nn.Parameter) -> str:
-        """A measured parameter's name in the model when the engine was built."""
-        return self._param_name.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
 
     def is_model_buffer(self, pass_: PassNorms, x: Tensor) -> bool:
         """Whether ``x`` is one of the model's buffers or a view of one, not expanded over
@@ -4154,9 +4151,3 @@ def _selective_checkpointing() -> bool:
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
     return any(isinstance(mode, caching) for mode in _get_current_dispatch_mode_stack())
-
-
-def _has_tangent(values: list[Any]) -> bool:
-    """Whether one of ``values`` is a forward-mode AD dual tensor (a tangent at the current
-    level: checked only while a dual level is open, ``_fwad._current_level >= 0``)."""
-    return any(isinstance(v, Tensor) and _fwad.unpack_dual(v).tangent is not None for v in values)
