@@ -595,8 +595,16 @@ def test_a_parameter_removed_from_the_model_is_not_counted(change, kw):
     |G_big|² is the model's as it is (a first fix refused removals found by a walk, which a
     ``del`` between walks escaped and which refused a removed parameter with no gradient left;
     a review)."""
+    _assert_removal_not_counted(change, kw)
+
+
+def _assert_removal_not_counted(change, kw: dict, clip: bool = False) -> None:
+    """Five tracked steps, ``change`` applied to the model before the third: each step's
+    |G_big|² is that of the gradients the model now holds (``clip``: every step followed by
+    ``clip_grad_norm_`` over the parameter list taken at the start)."""
     torch.manual_seed(0)
     model = _Classifier()
+    params = list(model.parameters())
     tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
     try:
         x = torch.randn(8, 5, generator=torch.Generator().manual_seed(1))
@@ -611,6 +619,8 @@ def test_a_parameter_removed_from_the_model_is_not_counted(change, kw):
             _tracked_step(model, tracker, x, kw)
             want = sum(float(p.grad.pow(2).sum()) for p in model.parameters() if p.grad is not None)
             assert tracker.history[-1]["sqnorm_big"] == pytest.approx(want, rel=1e-12)
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, 1e6)
     finally:
         tracker.remove()
 
@@ -710,18 +720,4 @@ def test_a_removed_parameter_clipped_after_each_step_is_not_counted(kw):
     every listed gradient, even by 1): a first exclusion, by the tensor and its version,
     counted them again (48–76% off). A ``.grad`` whose gradient hooks no backward of the step
     ran is left out instead."""
-    torch.manual_seed(0)
-    model = _Classifier()
-    params = list(model.parameters())
-    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
-    try:
-        x = torch.randn(8, 5, generator=torch.Generator().manual_seed(1))
-        for step in range(5):
-            if step == 2:
-                _delete_block(model)
-            _tracked_step(model, tracker, x, kw)
-            want = sum(float(p.grad.pow(2).sum()) for p in model.parameters() if p.grad is not None)
-            assert tracker.history[-1]["sqnorm_big"] == pytest.approx(want, rel=1e-12)
-            torch.nn.utils.clip_grad_norm_(params, 1e6)
-    finally:
-        tracker.remove()
+    _assert_removal_not_counted(_delete_block, kw, clip=True)

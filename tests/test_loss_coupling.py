@@ -52,11 +52,18 @@ def share_truth(model: nn.Module, x: torch.Tensor, loss_of) -> torch.Tensor:
     return torch.stack(out)
 
 
-def exact_or_combining(model: nn.Module, x: torch.Tensor, loss_of, combining: bool) -> None:
-    """A summed loss on the model's outputs: refused as combining the examples, or its one-shot
-    norms equal to each example's share (:func:`share_truth`)."""
+def exact_or_combining(
+    model: nn.Module,
+    x: torch.Tensor,
+    loss_of,
+    combining: bool,
+    match: str = "combines the examples",
+) -> None:
+    """A summed loss on the model's outputs: refused as combining the examples (the message
+    matching ``match``), or its one-shot norms equal to each example's share
+    (:func:`share_truth`)."""
     if combining:
-        with pytest.raises(UnsupportedModuleError, match="combines the examples"):
+        with pytest.raises(UnsupportedModuleError, match=match):
             with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
                 loss_of(model(x)).backward()
         return
@@ -2268,14 +2275,7 @@ def test_a_fused_attention_in_the_loss_keeps_each_example_s_rows(across):
         kv = q.flip(0) if across else q
         return F.scaled_dot_product_attention(q, kv, kv).pow(2).sum()
 
-    if across:
-        with pytest.raises(UnsupportedModuleError, match=r"combines the examples|attended across"):
-            with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
-                loss_of(model(x)).backward()
-        return
-    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
-        loss_of(model(x)).backward()
-    torch.testing.assert_close(pe.sqnorms, share_truth(model, x, loss_of), rtol=1e-9, atol=0)
+    exact_or_combining(model, x, loss_of, across, match=r"combines the examples|attended across")
 
 
 @pytest.mark.parametrize("returned", [True, False])

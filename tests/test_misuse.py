@@ -1510,21 +1510,6 @@ class _DirectWeights(nn.Module):
         return torch.tanh(x @ self.w)
 
 
-def test_forward_mode_tangents_through_weights_used_directly_are_refused_too():
-    """(A review, 2026-12-06.) A model using its weight directly, ``x @ self.w``, runs no layer
-    whose hook would see the dual numbers: tr Σ 42% off on an unaudited step. The model's own
-    input on dual numbers is refused at its forward."""
-    torch.manual_seed(0)
-    model = _DirectWeights()
-    tracker = noisescale.GradientNoiseTracker(model)
-    try:
-        x, _ = _batch(0)
-        with pytest.raises(UnsupportedModuleError, match=r"^the model ran on forward-mode AD"):
-            _tangent_loss(model, x).backward()
-    finally:
-        tracker.remove()
-
-
 class _DualsInside(nn.Module):
     """A PINN that makes its dual numbers inside its forward, with its weight used directly:
     returns u and the directional derivative of u along v."""
@@ -1541,18 +1526,31 @@ class _DualsInside(nn.Module):
         return u, du
 
 
-def test_forward_mode_tangents_made_inside_the_forward_are_refused_too():
-    """(A review, 2026-12-06.) Dual numbers made inside the model's forward and met by a weight
-    used directly pass no layer hook and no model input: tr Σ 42% off between audits. Refused
-    where the parameter meets them."""
+def _inside_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    u, du = model(x)
+    return u.pow(2).mean() + (du - 1).pow(2).mean()
+
+
+@pytest.mark.parametrize(
+    "make,loss,match",
+    [
+        (_DirectWeights, _tangent_loss, r"^the model ran on forward-mode AD"),
+        (_DualsInside, _inside_loss, r"\['w'\], used directly, ran on"),
+    ],
+    ids=["dual input", "duals made inside"],
+)
+def test_forward_mode_tangents_met_by_weights_used_directly_are_refused_too(make, loss, match):
+    """(A review, 2026-12-06.) A model using its weight directly, ``x @ self.w``, runs no layer
+    whose hook would see the dual numbers: tr Σ 42% off on an unaudited step. Dual numbers fed
+    as the model's input are refused at its forward; made inside the forward, where the
+    parameter meets them."""
     torch.manual_seed(0)
-    model = _DualsInside()
+    model = make()
     tracker = noisescale.GradientNoiseTracker(model)
     try:
         x, _ = _batch(0)
-        with pytest.raises(UnsupportedModuleError, match=r"\['w'\], used directly, ran on"):
-            u, du = model(x)
-            (u.pow(2).mean() + (du - 1).pow(2).mean()).backward()
+        with pytest.raises(UnsupportedModuleError, match=match):
+            loss(model, x).backward()
     finally:
         tracker.remove()
 
