@@ -2581,49 +2581,44 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         input whose time steps have the size the pass counted its examples by, and whose batch
         dimension does not — a model fed time-major input [T, N, ...] has its T counted as the
         examples along dim 0 (until 2026-12-06 without a word: tr Σ and B_simple T/n times the
-        truth, a hunt). Warned, once, not refused: batch-first data given to such a layer, or a
-        layer run over another batch (words of length N), look the same (a review found them
-        refused, and the fix then offered gave wrong numbers there)."""
+        truth, a hunt). Refused where the layer reads a tensor with the counted input's two
+        leading dimensions (the input, or it embedded or projected: either the count or the
+        layer's reading is wrong); warned about once otherwise, where batch-first data or a
+        layer run over another batch (words of length N) look the same (reviews found those
+        refused at first, and the warning alone leaving the clear case T/n off)."""
         pass_ = None if self._paused or not self._active() else self.open_pass()
         x = args[0] if args else None
         if pass_ is None or not isinstance(x, Tensor) or x.dim() < 3:
             return
-        n = pass_.batch_size
-        source = pass_.n_source
+        n, source = pass_.batch_size, pass_.n_source
+        if x.shape[0] != n or x.shape[1] == n:
+            return
+        label = f"layer '{self._labels.get(module, type(module).__name__)}' "
         if (
-            x.shape[0] == n
-            and x.shape[1] != n
-            and isinstance(source, Tensor)
+            isinstance(source, Tensor)
             and source.dim() >= 2
             and tuple(source.shape[:2]) == tuple(x.shape[:2])
         ):
-            # the tensor the examples were counted in (or one with its two leading dimensions:
-            # token ids [T, N] embedded first, PyTorch's word_language_model), read by the layer
-            # with its batch along dim 1: either the count or the layer's reading is wrong (a
-            # review found the warning alone left every step recorded T/N off)
             raise NoiseScaleInputError(
-                f"layer '{self._labels.get(module, type(module).__name__)}' "
-                f"({type(module).__name__}, batch_first=False) reads {list(x.shape)}, the "
-                f"model's input's leading dimensions, with its batch along dim 1 ({x.shape[1]}), "
-                "while "
-                f"per_example=False counted its {n} rows along dim 0 as the examples. If the "
-                "input is time-major [T, N, ...], tell the tracker how many examples a call "
-                "holds: GradientNoiseTracker(model, per_example=False, examples=lambda args, "
-                "kwargs: args[0].shape[1]); if it is batch-first, the layer takes dim 0 for "
-                "time: construct it with batch_first=True"
+                f"{label}({type(module).__name__}, batch_first=False) reads {list(x.shape)}, "
+                "the model's input's leading dimensions, with its batch along dim 1 "
+                f"({x.shape[1]}), while per_example=False counted its {n} rows along dim 0 as "
+                "the examples. If the input is time-major [T, N, ...], tell the tracker how "
+                "many examples a call holds: GradientNoiseTracker(model, per_example=False, "
+                "examples=lambda args, kwargs: args[0].shape[1]); if it is batch-first, the "
+                "layer takes dim 0 for time: construct it with batch_first=True"
             )
-        if x.shape[0] == n and x.shape[1] != n and not self._time_major_warned:
+        if not self._time_major_warned:
             self._time_major_warned = True
             warnings.warn(
-                f"noisescale: layer '{self._labels.get(module, type(module).__name__)}' "
-                f"({type(module).__name__}, batch_first=False) ran on input of shape "
-                f"{list(x.shape)}, its batch along dim 1, while per_example=False counted {n} "
-                "examples in the model's call along dim 0 of its first tensor argument. If the "
-                "model's input is time-major [T, N, ...], its T is being counted as the "
-                "examples (tr Σ and B_simple wrong by T/N): tell the tracker how many examples a "
-                "call holds, GradientNoiseTracker(model, per_example=False, examples=lambda "
-                "args, kwargs: args[0].shape[1]). If dim 0 of the model's input is the examples, "
-                "the count is right",
+                f"noisescale: {label}({type(module).__name__}, batch_first=False) ran on input "
+                f"of shape {list(x.shape)}, its batch along dim 1, while per_example=False "
+                f"counted {n} examples in the model's call along dim 0 of its first tensor "
+                "argument. If the model's input is time-major [T, N, ...], its T is being "
+                "counted as the examples (tr Σ and B_simple wrong by T/N): tell the tracker how "
+                "many examples a call holds, GradientNoiseTracker(model, per_example=False, "
+                "examples=lambda args, kwargs: args[0].shape[1]). If dim 0 of the model's input "
+                "is the examples, the count is right",
                 RuntimeWarning,
                 stacklevel=2,
             )
