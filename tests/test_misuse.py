@@ -1483,6 +1483,118 @@ def test_a_time_major_input_under_micro_batch_norms_names_examples():
     assert got["trace_sigma"] == pytest.approx((small - big) / (1 / 4 - 1 / 8), rel=1e-4)
 
 
+class _CellPolicy(nn.Module):
+    """A recurrent policy over a rollout as RL code writes it: an ``nn.GRUCell`` stepped over
+    the time steps of a time-major input [T, N, D] (Dreamer's RSSM is stepped the same way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.cell, self.head = nn.Linear(4, 5), nn.GRUCell(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e, h, outs = torch.tanh(self.enc(x)), x.new_zeros(x.shape[1], 5), []
+        for step in e.unbind(0):
+            h = self.cell(step, h)
+            outs.append(h)
+        return self.head(torch.stack(outs))
+
+
+def test_a_cell_stepped_over_a_time_major_input_under_micro_batch_norms_names_examples():
+    """(A hunt, 2026-12-06.) The same count as above through a cell: ``nn.GRUCell`` over
+    ``x[t]`` of a [T, N, D] rollout sees [N, D], and ``per_example=False`` counted T as the
+    examples — tr Σ and B_simple T/(N/k) times the truth (1.67× in the hunt), without a word,
+    while ``nn.GRU(batch_first=False)`` was refused. Refused now, naming ``examples=``, which
+    measures it exactly (eq. A.2 over the two halves' environments, by brute force)."""
+    t, n = 5, 6
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(t, n, 4, generator=g), torch.randint(0, 3, (t, n), generator=g)
+    torch.manual_seed(0)
+    model = _CellPolicy()
+
+    def loss(part, labels):
+        return F.cross_entropy(model(part).flatten(0, 1), labels.flatten())
+
+    def run(**kw):
+        tracker = noisescale.GradientNoiseTracker(model, per_example=False, sync_every=1, **kw)
+        try:
+            model.zero_grad()
+            for h in range(2):
+                (loss(x[:, 3 * h : 3 * h + 3], y[:, 3 * h : 3 * h + 3]) / 2).backward()
+            tracker.step()
+            return tracker.history[-1]
+        finally:
+            tracker.remove()
+
+    with pytest.raises(NoiseScaleInputError, match=r"GRUCell.*examples=lambda args, kwargs"):
+        run()
+    got = run(examples=lambda args, kwargs: args[0].shape[1])
+    halves = [
+        torch.cat(
+            [
+                gr.flatten()
+                for gr in torch.autograd.grad(
+                    loss(x[:, 3 * h : 3 * h + 3], y[:, 3 * h : 3 * h + 3]),
+                    list(model.parameters()),
+                )
+            ]
+        )
+        for h in range(2)
+    ]
+    big = float(((halves[0] + halves[1]) / 2).pow(2).sum())
+    small = sum(float(v.pow(2).sum()) for v in halves) / 2
+    assert got["b_big"] == n
+    assert got["trace_sigma"] == pytest.approx((small - big) / (1 / 3 - 1 / 6), rel=1e-4)
+    # batch-first data stepped over its positions, x[:, t]: counted right, not refused
+    model.forward = lambda xs: _CellPolicy.forward(model, xs.transpose(0, 1))
+    assert run()["b_big"] == 2 * t
+
+
+def _dqn_loss(net: nn.Module, obs, act, rew, nobs, together: bool) -> torch.Tensor:
+    """A DQN's TD loss; ``together``: one forward over ``torch.cat([obs, nobs])``, the next
+    states' half only in the detached target."""
+    n = obs.shape[0]
+    if together:
+        q_all = net(torch.cat([obs, nobs]))
+        q, q_next = q_all[:n], q_all[n:].detach()
+    else:
+        q = net(obs)
+        with torch.no_grad():
+            q_next = net(nobs)
+    q = q.gather(1, act.unsqueeze(1)).squeeze(1)
+    return F.mse_loss(q, rew + 0.99 * q_next.max(1).values)
+
+
+@pytest.mark.parametrize("how", ["together", "apart", "paired"])
+def test_a_loss_on_a_slice_of_the_rows_the_model_ran_on_is_warned_about(how):
+    """(A hunt, 2026-12-06.) A DQN's one forward over ``torch.cat([obs, next_obs])``, its loss
+    on the first half: the tracker counts every row the model ran on as an example, the next
+    states' with no gradient, so |G|² came out low by 1/(2N − 1) and tr Σ about 2× a
+    transition's, without a word. Warned about, naming the fixes; the next states in a
+    forward of their own under ``no_grad`` (the fix) or declared as pairs are not."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(0)
+    obs, nobs = torch.randn(4, 4, generator=g), torch.randn(4, 4, generator=g)
+    act, rew = torch.randint(0, 3, (4,), generator=g), torch.randn(4, generator=g)
+    kw = {"paired_rows": "halves"} if how == "paired" else {}
+    tracker = noisescale.GradientNoiseTracker(net, **kw)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                net.zero_grad()
+                _dqn_loss(net, obs, act, rew, nobs, how != "apart").backward()
+                tracker.step()
+        said = [str(w.message) for w in caught if "rows the model ran on" in str(w.message)]
+        if how == "together":
+            assert len(said) == 1 and "rows [0, 4) of the 8 rows" in said[0]
+            assert "torch.no_grad()" in said[0] and "paired_rows='halves'" in said[0]
+        else:
+            assert said == []
+    finally:
+        tracker.remove()
+
+
 @pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}], ids=["default", "exact"])
 def test_steps_of_one_example_are_skipped_with_a_word_in_every_mode(kw):
     """(A hunt, 2026-12-06.) A step of one example cannot separate the noise from the gradient;

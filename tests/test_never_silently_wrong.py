@@ -1881,6 +1881,110 @@ def test_an_index_pair_on_an_accelerator_is_flagged_on_the_device(monkeypatch, h
     engine.remove()
 
 
+class _Regions(nn.Module):
+    """A head on rows taken from the batch's feature maps by image, as detection and instance
+    heads written by hand take them: ``owner[r]`` is the image row r comes from (a region's
+    image, an instance's), so the rows are the examples only where ``owner`` is arange(N)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.how, self.bb, self.head = how, nn.Conv2d(2, 3, 3, padding=1), nn.Linear(3, 2)
+
+    def rows(self, f: torch.Tensor, owner: list[int]) -> torch.Tensor:
+        if self.how == "index":
+            return f.mean((2, 3))[torch.tensor(owner)]
+        if self.how == "crops":
+            return torch.stack([f[b, :, 1:4, 1:4].mean((1, 2)) for b in owner])
+        if self.how == "cat":
+            return torch.cat([f[b : b + 1].amax((2, 3)) for b in owner])
+        n, c, h, w = f.shape
+        ids = torch.full((n, h * w), n)  # (pixels of no instance: row n, dropped)
+        for image in range(n):
+            mine = [k for k, b in enumerate(owner) if b == image]
+            for j, k in enumerate(mine):  # an image's pixels split among its instances
+                ids[image, j * h * w // len(mine) : (j + 1) * h * w // len(mine)] = k
+        pixels, ids = f.permute(0, 2, 3, 1).reshape(-1, c), ids.view(-1)
+        return torch.zeros(n + 1, c).index_add(0, ids, pixels)[:n]
+
+    def forward(self, x: torch.Tensor, owner: list[int] | None = None) -> torch.Tensor:
+        f = torch.tanh(self.bb(x))
+        return f if owner is None else self.head(self.rows(f, owner))
+
+
+_REGION_LABELS = torch.tensor([0, 1, 1, 0])
+
+
+@pytest.mark.parametrize("how", ["index", "crops", "cat", "index_add"])
+def test_rows_put_together_by_image_are_audited_every_step(how):
+    """Rows of a head taken from the batch's images by the data — ``h[idx]``, crops stacked or
+    concatenated by image, instances pooled with ``index_add`` — as many
+    as the examples: the examples in order on the audited steps (exact against brute force),
+    then rows of other images on a step that the audit schedule left unaudited, where until
+    2026-12-06 they were split as the examples, 14–40% off without a word (a hunt). Every such
+    step is checked now (by the audit; ``h[idx]``'s index by value) and refused, naming the
+    rows."""
+    model = _Regions(how)
+    x = torch.randn(N, 2, 5, 5, generator=torch.Generator().manual_seed(1))
+
+    def loss(m, xs, owner):
+        return F.cross_entropy(m(xs, owner), _REGION_LABELS[: len(owner)], reduction="none")
+
+    engine = PerExampleNorms(model)
+    try:
+        for step in range(2):
+            model.zero_grad()
+            loss(model, x, list(range(N))).mean().backward()
+            (p,) = engine.collect()
+            if p.raw_sqnorms is None:
+                assert step == 0 and p.withheld
+                continue
+            with engine.paused():
+                want = torch.stack(
+                    [
+                        sum(
+                            g.pow(2).sum()
+                            for g in torch.autograd.grad(
+                                F.cross_entropy(
+                                    model(x[i : i + 1], [0]), _REGION_LABELS[i : i + 1]
+                                ),
+                                list(model.parameters()),
+                            )
+                        )
+                        for i in range(N)
+                    ]
+                )
+            torch.testing.assert_close(p.raw_sqnorms * N**2, want, rtol=1e-9, atol=0)
+        model.zero_grad()
+        loss(model, x, [0, 0, 1, 2]).mean().backward()
+        with pytest.raises(
+            UnsupportedModuleError,
+            match="not them in order" if how == "index" else "rows put together from the batch",
+        ):
+            engine.collect()
+    finally:
+        engine.remove()
+
+
+def test_a_head_run_in_the_loss_on_crops_stacked_by_image_is_refused():
+    """The same head run in the loss code on crops of the model's output: the forward has
+    returned, its audit was decided, so the rows cannot be checked on an unaudited step —
+    refused as shared, naming the stack (measured as the examples until 2026-12-06, 30% off,
+    a hunt)."""
+    model = _Regions("crops")
+    x = torch.randn(N, 2, 5, 5, generator=torch.Generator().manual_seed(1))
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    try:
+        with pytest.raises(UnsupportedModuleError, match=r"put together by torch\.stack after"):
+            for owner in ([0, 1, 2, 3],) * 2 + ([0, 0, 1, 2],):
+                model.zero_grad()
+                f = model(x)
+                F.cross_entropy(model.head(model.rows(f, owner)), _REGION_LABELS).backward()
+                tracker.step()
+    finally:
+        tracker.remove()
+
+
 @pytest.mark.parametrize("sync_every", [1, 8])
 def test_the_tracker_refuses_a_flagged_pick_when_it_reads_the_step(monkeypatch, sync_every):
     """The flag is read with the step's statistics, in the same transfer: the first step whose

@@ -98,6 +98,7 @@ from noisescale.per_example.factors import (
 from noisescale.per_example.grad_watch import GradWatch
 from noisescale.per_example.graph import (
     _accumulator,
+    _assembled_rows,
     _autocast_enabled,
     _batched_grad,
     _cast_source,
@@ -718,6 +719,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._paused = False
         # follows the loss of audited passes from the model's outputs to the backward
         self._loss_watch = LossWatch(paused=lambda: self._paused)
+        self._loss_watch.rows_left_warned = self.pairs is not None
         #: The passes opened while set are counted (examples, tokens), not measured: no layer
         #: hook works on them and the step's collect() leaves the measured steps' schedules
         #: (audits, subsets) as they were. Set by the tracker for its unmeasured steps.
@@ -1083,7 +1085,11 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                         always_call=True,
                     )
                 )
-            elif not self.per_example and self.examples_of is None and _time_major(module):
+            elif (
+                not self.per_example
+                and self.examples_of is None
+                and (_time_major(module) or isinstance(module, nn.RNNCellBase))
+            ):
                 self._handles.append(
                     module.register_forward_pre_hook(
                         self._hook(
@@ -2574,6 +2580,13 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         if _selected_rows(x, n, unread) is not None:
             return True
         pass_.unread_picks += [(label, how, flag) for how, flag in unread]
+        how = _assembled_rows(x)
+        if how is not None:
+            if pass_.output_nodes and not pass_.audited:
+                # (a layer run in the loss on such rows, after the forward returned: its
+                # pass's audit, which would check them, was not due — taken as shared)
+                return True
+            pass_.assembled.setdefault(label, how)
         return False
 
     def _check_time_major_count(self, module: nn.Module, args: tuple) -> None:
@@ -2588,6 +2601,10 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         refused at first, and the warning alone leaving the clear case T/n off)."""
         pass_ = None if self._paused or not self._active() else self.open_pass()
         x = args[0] if args else None
+        if isinstance(module, nn.RNNCellBase):
+            if pass_ is not None and isinstance(x, Tensor):
+                self._check_cell_count(pass_, module, x)
+            return
         if pass_ is None or not isinstance(x, Tensor) or x.dim() < 3:
             return
         n, source = pass_.batch_size, pass_.n_source
@@ -2622,6 +2639,34 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 RuntimeWarning,
                 stacklevel=2,
             )
+
+    def _check_cell_count(self, pass_: PassNorms, module: nn.Module, x: Tensor) -> None:
+        """``per_example=False``: an RNN cell (``nn.GRUCell``, ``nn.LSTMCell``, ``nn.RNNCell``)
+        stepped over a time-major input [T, N, ...] — a recurrent policy over a rollout,
+        Dreamer's RSSM — reads one time step's N rows, dim 1 of the input, while the pass
+        counted the input's T rows along dim 0 as the examples (until 2026-12-06 without a
+        word: tr Σ and B_simple T/N times the truth, a hunt; the same model on nn.GRU with
+        batch_first=False was refused). Refused where the cell's rows are the counted input's
+        dim 1 and not its dim 0."""
+        n, source = pass_.batch_size, pass_.n_source
+        if (
+            x.dim() != 2
+            or x.shape[0] == n
+            or not isinstance(source, Tensor)
+            or source.dim() < 3
+            or source.shape[0] != n
+            or source.shape[1] != x.shape[0]
+        ):
+            return
+        label = f"layer '{self._labels.get(module, type(module).__name__)}' "
+        raise NoiseScaleInputError(
+            f"{label}({type(module).__name__}) runs on {x.shape[0]} rows, dim 1 of the model's "
+            f"input {list(source.shape)}, while per_example=False counted its {n} rows along "
+            "dim 0 as the examples: a cell stepped over a time-major input [T, N, ...] (a "
+            "rollout) would have its T counted as the examples. Tell the tracker how many "
+            "examples a call holds: GradientNoiseTracker(model, per_example=False, "
+            "examples=lambda args, kwargs: args[0].shape[1])"
+        )
 
     def is_model_buffer(self, pass_: PassNorms, x: Tensor) -> bool:
         """Whether ``x`` is one of the model's buffers or a view of one, not expanded over
@@ -2894,6 +2939,16 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 "belongs to changes with the data (a loss on the masked tokens alone, "
                 "h.view(-1, D)[labels.view(-1) != -100], as ModernBERT's "
                 "sparse_prediction=True does: turn it off, or use per_example=False)"
+            )
+        elif size == pass_.batch_size and (
+            assembled := _assembled_rows(_first_tensor(args, kwargs))
+        ):
+            why = (
+                f"the {size} input rows of layer '{label}' were put together by {assembled} "
+                "after the model's forward returned, as many as the examples: which example "
+                "each row holds changes with the data (a detection head's regions stacked by "
+                "image), and the audit that checks it runs on the forward. Run the layer "
+                "inside the model's forward, or use per_example=False"
             )
         elif size == pass_.batch_size:
             why = (

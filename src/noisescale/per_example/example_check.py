@@ -37,6 +37,8 @@ class ExampleCheck:
             or (pass_.nodes is not None and (signature, pass_.nodes) not in self._audited_nodes)
             # (a layer's output changed on its way to the engine's hook: engine._changed_on_the_way)
             or bool(pass_.between)
+            # (rows put together by the data: graph._assembled_rows)
+            or bool(pass_.assembled)
         )
         if pass_.compiled and (
             due

@@ -49,6 +49,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -280,6 +281,9 @@ class LossWatch:
         # whether the engine ignores the passes run now (its paused() block): a backward there
         # is not the step's (the engine that owns the watch sets it)
         self.paused: Any = paused or (lambda: False)
+        # a mean over a slice of the rows the model ran on was warned about (or rows come in
+        # declared pairs: the engine sets it): _warn_rows_left_out
+        self.rows_left_warned = False
         self.reset()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -1010,6 +1014,7 @@ class LossWatch:
                 return
         elif named.get("reduction", 1) != 1:
             return
+        self._warn_rows_left_out(layout)
         ids = layout.ids
         if ids is None:
             flag = torch.ones((), dtype=torch.bool, device=t.device)
@@ -1020,6 +1025,33 @@ class LossWatch:
         self._mark_counted_mean({layout.owner}, lambda pass_: flag, outs, inside)
         for t in outs:
             self.counted_kind[t] = flag
+
+    def _warn_rows_left_out(self, layout: Rows) -> None:
+        """A mean over a slice of the rows the model ran on, ``o[:k]`` of its n — a DQN's one
+        forward over ``torch.cat([obs, next_obs])``, its loss on the first half and the next
+        states only in a detached target: the tracker counts all n rows as examples, the left
+        out ones with no gradient, and treats them as independent draws (|G|² low by
+        1/(2N − 1), tr Σ about 2× a transition's; a hunt, 2026-12-06). Warned about once, with
+        the fixes: the slice's bounds are Python integers (no device read); another term of
+        the loss may reach the other rows, which the watch cannot tell here."""
+        span = layout.span
+        if self.rows_left_warned or span is None or span[4] != layout.n:
+            return
+        start, stop, size = span[2], span[3], span[4]
+        if stop - start >= size:
+            return
+        self.rows_left_warned = True
+        warnings.warn(
+            f"noisescale: the loss averages rows [{start}, {stop}) of the {size} rows the "
+            f"model ran on, and the tracker counts all {size} as examples: if no other term "
+            "of the loss reaches the other rows — a DQN's torch.cat([obs, next_obs]) in one "
+            "forward, the next states only in a detached target — they are counted as "
+            "examples without gradient, and |G|² and tr Σ come out wrong (|G|² low by "
+            f"1/({size} − 1)). Compute those rows in a separate forward under torch.no_grad(), "
+            "or, for pairs of halves, pass paired_rows='halves'",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def _note_class_weights(self, func: Any, args: tuple, kwargs: dict, outs: list) -> None:
         """A cross-entropy / NLL averaged over class weights that differ (uniform ones, 1/C,

@@ -192,6 +192,10 @@ class PassNorms:
     # changed it (a forward hook registered before the tracker, a patched forward, a global
     # hook): their label and what came between. Such a pass is audited (engine._changed_on_the_way)
     between: dict = field(default_factory=dict)
+    # layers whose input rows, of the batch's size, were put together by a stack, a cat, an
+    # index_add or a pooling product (graph._assembled_rows): label -> how. Such a pass is
+    # audited, every step
+    assembled: dict = field(default_factory=dict)
     # the shape of an activation of the model's forward, not among its outputs, that the loss
     # used (captured by a forward hook, kept on a module): loss_watch.py, audited steps
     inner_used: tuple | None = None

@@ -161,6 +161,10 @@ class Settle:
             raise UnsupportedModuleError(
                 _between_message(pass_.between, self._audit_message(findings))
             )
+        if (not findings.ok or missing) and pass_.assembled:
+            raise UnsupportedModuleError(
+                _assembled_message(pass_.assembled, self._audit_message(findings))
+            )
         if findings.wrong_rules:
             raise UnsupportedModuleError(self._audit_message(findings))
         if findings.unpermuted:
@@ -861,6 +865,22 @@ def _between_message(between: dict, found: str) -> str:
         "after creating the tracker (they then run after noisescale's, and are measured "
         "exactly), put the change in the model's own forward, or use per_example=False. What "
         f"noisescale found: {found}"
+    )
+
+
+def _assembled_message(assembled: dict, found: str) -> str:
+    """The refusal of a pass whose audit failed while a layer ran on rows of the batch's size
+    put together by a stack, a cat, an index_add or a pooling product (engine: PassNorms.
+    assembled, graph._assembled_rows)."""
+    layers = "; ".join(f"'{label}' ({how})" for label, how in list(assembled.items())[:4])
+    return (
+        f"layer(s) {layers} ran on rows put together from the batch's (crops or regions "
+        "stacked by image, instances pooled with index_add), as many as the examples, and this "
+        "step's audit found that they are not the examples in order: which example each row "
+        "holds changes with the data (a detection head's regions, an image's instances), so "
+        "a layer on them cannot be split by example. Such steps are audited every step and "
+        "refused where the rows are not one per example in order; measure this model with "
+        f"per_example=False. What noisescale found: {found}"
     )
 
 
