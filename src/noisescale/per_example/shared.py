@@ -981,6 +981,11 @@ def _embedding(
     with torch._C.DisableTorchFunctionSubclass():
         if flatten:  # table[idx] on a table of any shape: rows of the flattened table
             table = _plain(w)
+            # indexing counts a negative index from the end, as Python does (table[ids - 1],
+            # id 0 the last row); F.embedding does not: until 2026-12-06 such a lookup raised
+            # torch's IndexError in the forward, a hunt. One elementwise pass over the indices,
+            # no host read; an index out of range either way still raises torch's IndexError
+            idx = torch.where(idx < 0, idx + table.shape[0], idx)
             y = F.embedding(idx, table.reshape(table.shape[0], -1)).reshape(
                 *idx.shape, *table.shape[1:]
             )
@@ -990,7 +995,10 @@ def _embedding(
             )
     m = Meeting("embedding", None, origin, hooked=y)
     m.box.append(idx)
-    m.extra.update(weight=w, padding_idx=bound.get("padding_idx"), dim=dim, flatten=flatten)
+    from noisescale.per_example.embedding import padding_row
+
+    pad = padding_row(bound.get("padding_idx"), w.shape[0])  # (-1: the last row, as torch's)
+    m.extra.update(weight=w, padding_idx=pad, dim=dim, flatten=flatten)
     m.extra["learn"] = key  # what the audit may learn to be shared
     origin.engine.add_meeting(pass_, m)
     return y
@@ -1042,16 +1050,14 @@ def _embedding_bag(bound: dict[str, Any], origin: Origin, pass_: PassNorms, key:
     Σ_t weight[i, t] · table[index[i, t]], so example i's gradient of the table is
     EmbeddingFactor(index, weight ⊗ δ) — as nn.EmbeddingBag's rule (padding and 'mean''s count
     in the weights, with or without ``include_last_offset``)."""
-    from noisescale.per_example.embedding import bag_rows
+    from noisescale.per_example.embedding import bag_rows, padding_row
 
     idx, w = bound["input"], bound["weight"]
     with torch._C.DisableTorchFunctionSubclass():
         y = F.embedding_bag(
             **{k: _plain(v) if isinstance(v, Tensor) else v for k, v in bound.items()}
         )
-    pad = bound.get("padding_idx")
-    if pad is not None and pad < 0:
-        pad += w.shape[0]
+    pad = padding_row(bound.get("padding_idx"), w.shape[0])
     last = bool(bound.get("include_last_offset", False)) and idx.dim() == 1
     bag, weight = bag_rows(
         idx, bound.get("offsets"), bound.get("per_sample_weights"), bound.get("mode", "mean"),
