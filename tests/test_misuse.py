@@ -1338,6 +1338,15 @@ def test_complex_parameters_are_refused_and_frozen_ones_measured():
     assert tracker.history[0]["g2"] == pytest.approx(want, rel=1e-9)
 
 
+def test_complex_parameters_are_refused_by_the_one_shot_function_too():
+    """per_example_sqnorms had no such check: its backward crashed with torch's own RuntimeError
+    in the .grad watch until 2026-12-06 (a hunt, a Fourier neural operator). The tracker's
+    refusal is shared, with the one-shot function's fixes."""
+    model = nn.Linear(3, 2, dtype=torch.complex128)
+    with pytest.raises(NoiseScaleInputError, match=r"\['weight', 'bias'\] are complex.*freeze"):
+        noisescale.per_example_sqnorms(model)
+
+
 @pytest.mark.parametrize("sync_every", [1, 32])
 @pytest.mark.parametrize("per_example", [True, False])
 def test_grad_scaler_not_given_is_refused_on_every_compiled_step(per_example, sync_every):

@@ -58,6 +58,7 @@ from noisescale import state as state_mod
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.param_groups import parameter_groups
 from noisescale.per_example import PerExampleNorms
+from noisescale.per_example.engine import refuse_complex_parameters
 from noisescale.per_example.factors import sqnorm_total
 from noisescale.per_example.messages import (
     SECOND_ORDER,
@@ -505,17 +506,7 @@ class GradientNoiseTracker:
         self.sync_every = sync_every
         self.history_path = Path(history_path) if history_path is not None else None
         trainable = [p for p in model.parameters() if p.requires_grad]
-        complex_ = [n for n, p in model.named_parameters() if p.requires_grad and p.is_complex()]
-        if complex_:
-            # (until 2026-12-05 they crashed in the first step with torch's own RuntimeError)
-            raise NoiseScaleInputError(
-                f"parameters {complex_} are complex, and noisescale measures real parameters "
-                "only (its per-example and batch norms are written for real gradients); freeze "
-                "them (requires_grad=False) to measure the noise scale of the real parameters, "
-                "or hold each as a real tensor of its real and imaginary parts, made complex "
-                "in the forward by torch.view_as_complex, and measure with per_example=False "
-                "(the per-example rules do not follow view_as_complex)"
-            )
+        refuse_complex_parameters(model)
         compiled_inside = _compiled_submodules(model) if per_example else []
         if compiled_inside:
             # (until 2026-12-05 the first compiled step crashed inside Dynamo: "... is already

@@ -598,6 +598,36 @@ def _replaced_message(label: str, name: str, held: Any) -> str:
     )
 
 
+def refuse_complex_parameters(model: nn.Module, one_shot: bool = False) -> None:
+    """Refuse a model with trainable complex parameters (a Fourier neural operator's spectral
+    weights): noisescale's per-example and batch norms are written for real gradients. The
+    tracker's check, and :class:`~.sqnorms.per_example_sqnorms`' (``one_shot``): until
+    2026-12-05 the tracker, until 2026-12-06 the one-shot function crashed inside the first
+    backward with torch's own RuntimeError (hunts)."""
+    complex_ = [n for n, p in model.named_parameters() if p.requires_grad and p.is_complex()]
+    if not complex_:
+        return
+    if one_shot:
+        fix = (
+            "freeze them (requires_grad=False) to measure the per-example norms of the real "
+            "parameters, or measure the noise scale with GradientNoiseTracker(model, "
+            "per_example=False), each held as a real tensor of its real and imaginary parts, "
+            "made complex in the forward by torch.view_as_complex (the per-example rules do "
+            "not follow view_as_complex)"
+        )
+    else:
+        fix = (
+            "freeze them (requires_grad=False) to measure the noise scale of the real "
+            "parameters, or hold each as a real tensor of its real and imaginary parts, made "
+            "complex in the forward by torch.view_as_complex, and measure with "
+            "per_example=False (the per-example rules do not follow view_as_complex)"
+        )
+    raise NoiseScaleInputError(
+        f"parameters {complex_} are complex, and noisescale measures real parameters only (its "
+        f"per-example and batch norms are written for real gradients); {fix}"
+    )
+
+
 class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
     """The hook engine: per-example squared norms and micro-batch gradient norms per pass.
 

@@ -6,7 +6,11 @@ import torch
 from torch import nn
 
 from noisescale.errors import NoiseScaleInputError
-from noisescale.per_example.engine import LOSS_REDUCTIONS, PerExampleNorms
+from noisescale.per_example.engine import (
+    LOSS_REDUCTIONS,
+    PerExampleNorms,
+    refuse_complex_parameters,
+)
 from noisescale.per_example.messages import (
     loss_kind_message,
     submodule_called_message,
@@ -50,6 +54,7 @@ class per_example_sqnorms:
                 f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}"
             )
         self.loss_reduction = loss_reduction
+        refuse_complex_parameters(model, one_shot=True)
         self.engine = PerExampleNorms(model)
         # (for the audit: the logits a Hugging Face loss was computed from, a root of its replay
         # when the model returns only its loss; the token counts are not used here)
