@@ -8,6 +8,7 @@ import weakref
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -265,6 +266,40 @@ def test_sparse_embedding_refused_and_the_old_weight_norm_accepted():
         noisescale.GradientNoiseTracker(nn.Embedding(5, 3, sparse=True))
     old = nn.utils.weight_norm(nn.Linear(3, 3))
     noisescale.GradientNoiseTracker(nn.Sequential(old)).remove()
+
+
+class FunctionalSparseLookup(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(9, 3))
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, ids):
+        return self.out(F.embedding(ids, self.table, None, None, 2.0, False, True).mean(1))
+
+
+@pytest.mark.parametrize("how", ["one-shot", "tracker", "per_example=False"])
+def test_a_functional_sparse_lookup_is_refused_by_name(how):
+    """``F.embedding(..., sparse=True)`` on a parameter (given by position here, as AWD-LSTM's
+    embedded_dropout passes it) gives it a sparse gradient, which no module's sparse=True shows
+    at construction: until 2026-12-06 the backward crashed in the .grad watch with torch's
+    NotImplementedError, in every mode (a hunt). Refused, naming the parameter and the fix."""
+    model = FunctionalSparseLookup()
+    ids = torch.randint(0, 9, (4, 3), generator=torch.Generator().manual_seed(0))
+    match = r"parameter 'table' received a sparse gradient.*sparse=False"
+    if how == "one-shot":
+        with pytest.raises(UnsupportedModuleError, match=match):
+            with noisescale.per_example_sqnorms(model):
+                model(ids).pow(2).sum(1).mean().backward()
+        return
+    tracker = noisescale.GradientNoiseTracker(model, per_example=how == "tracker")
+    try:
+        with pytest.raises(UnsupportedModuleError, match=match):
+            for h in (slice(0, 2), slice(2, 4)):
+                model(ids[h]).pow(2).sum(1).mean().backward()
+            tracker.step()
+    finally:
+        tracker.remove()
 
 
 def test_attention_with_key_padding_mask_matches_brute_force():

@@ -122,6 +122,7 @@ from noisescale.per_example.messages import (
     forward_ad_message,
     nested_message,
     new_parameters_message,
+    sparse_grad_message,
 )
 from noisescale.per_example.pass_checks import (
     _audit_scheduled,
@@ -3582,6 +3583,11 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 # 2026-12-05 this crashed the backward, or withheld a step blaming a graph
                 # break, a hunt)
                 return
+            if grad.layout is not torch.strided:
+                # a sparse gradient (F.embedding(ids, table, sparse=True), which no module's
+                # sparse=True shows at construction): until 2026-12-06 the backward crashed in
+                # the .grad watch's norm with torch's NotImplementedError, in every mode (a hunt)
+                raise UnsupportedModuleError(sparse_grad_message(self._param_name.get(pid, "?")))
             task = torch._C._current_graph_task_id()
             current = self._task_pass.get(task) or (self.passes[-1] if self.passes else None)
             if current is None:

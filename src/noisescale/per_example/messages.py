@@ -425,3 +425,14 @@ def unrerun_warning(why: str) -> str:
         "further word. Let the model's forward run under torch.no_grad() in evaluation mode, "
         "use a batch size no other dimension of its outputs has, or use per_example=False"
     )
+
+
+def sparse_grad_message(param: str) -> str:
+    """Why a parameter given a sparse gradient is refused (``param``: its name)."""
+    return (
+        f"parameter '{param}' received a sparse gradient (F.embedding(..., sparse=True) or "
+        "F.embedding_bag(..., sparse=True) on it, or another operation with sparse gradients); "
+        "sparse gradients are not supported, in any mode (per_example=False reads dense "
+        "gradients too): look it up with sparse=False (nn.Embedding(..., sparse=True) is "
+        "refused by name when the tracker is made)"
+    )

@@ -972,7 +972,11 @@ def _embedding(
     flatten: bool = False,
     key: tuple | None = None,
 ) -> Any:
-    names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq")
+    # (sparse too: given by position, as AWD-LSTM's embedded_dropout does, it was dropped
+    # until 2026-12-06 — the lookup replayed dense, the parameter's .grad dense)
+    names = (
+        "input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse",
+    )  # fmt: skip
     bound = dict(zip(names, args, strict=False))
     bound.update(kwargs)
     idx, w = bound["input"], bound["weight"]
