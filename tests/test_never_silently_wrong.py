@@ -577,6 +577,38 @@ def test_an_in_place_constraint_in_the_forward_does_not_keep_the_re_runs_attribu
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=0)
 
 
+class TiedMaxNorm(nn.Module):
+    """An output layer tied to an embedding with ``max_norm``: the head saves the table for
+    its backward, and every forward renormalises the table in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(9, 3, max_norm=0.8)
+        self.mix = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 9, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.emb(ids))))
+
+
+def test_a_head_tied_to_a_max_norm_embedding_with_t_equal_to_the_batch_is_exact():
+    """Logits [N, T, V] with T = N: the permutation check re-runs the model, and each re-run's
+    renormalisation bumped the table's version after the tied head saved it — the user's
+    backward raised torch's "modified by an inplace operation" until 2026-12-06 (a hunt). The
+    re-runs leave max_norm off (the rows they read are renormalised already); exact."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 9, (N, N), generator=torch.Generator().manual_seed(3))
+
+    def loss(m, x):
+        logits = m(x)[:, :-1]
+        return F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").mean(1)
+
+    model = TiedMaxNorm()
+    assert_exact_both_ways(model, ids, loss)
+    assert model.emb.max_norm == 0.8
+
+
 class TrainsOnly(KeepsState):
     def forward(self, x):
         if not self.training:

@@ -84,6 +84,7 @@ class ExampleCheck:
             torch.random.fork_rng(devices=devices),
             _buffers_kept(model),
             _attributes_kept(model),
+            _no_renorm(model),
         ):
             state = torch.get_rng_state()
             cuda = torch.cuda.get_rng_state_all() if devices else None
@@ -375,6 +376,30 @@ def _buffers_kept(model: nn.Module) -> Iterator[None]:
 # an nn.Module's own bookkeeping, which a forward does not set (its parameters and buffers are
 # kept by _buffers_kept, the training flags by the callers)
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"training"}
+
+
+@contextmanager
+def _no_renorm(model: nn.Module) -> Iterator[None]:
+    """Re-runs in which nn.Embedding and nn.EmbeddingBag do not renormalise their tables in
+    place (``max_norm``), put back after. Each re-run's renormalisation bumped the table's
+    version without changing a value (the rows it reads — the batch's, permuted or with one
+    example twice — are those the user's forward renormalised already), and a head tied to
+    the table (``head.weight = emb.weight``), which saved it for its backward, failed that
+    backward with torch's "modified by an inplace operation" until 2026-12-06 (a hunt; where
+    an output has the batch's size twice, T = N). The re-runs read the same values without
+    it. (A functional ``F.embedding(..., max_norm=...)`` is not reached here.)"""
+    renormed = [
+        (m, m.max_norm)
+        for m in model.modules()
+        if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.max_norm is not None
+    ]
+    for m, _ in renormed:
+        m.max_norm = None
+    try:
+        yield
+    finally:
+        for m, max_norm in renormed:
+            m.max_norm = max_norm
 
 
 @contextmanager
