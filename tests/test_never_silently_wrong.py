@@ -3012,6 +3012,48 @@ def test_a_fallback_module_that_changes_its_input_in_place_is_refused_not_crashe
     engine.remove()
 
 
+class ReducedCRF(nn.Module):
+    """A CRF-like head that returns its loss already averaged over the examples, a 0-d tensor
+    (pytorch-crf's ``reduction='mean'``); its pair lookup has no per-example rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.trans = nn.Parameter(torch.randn(3, 3))
+
+    def forward(self, h, tags):
+        score = self.trans[tags[:, 0], tags[:, 1]] + h.gather(1, tags[:, :1]).squeeze(1)
+        return (torch.logsumexp(h + self.trans[tags[:, 0]], 1) - score).mean()
+
+
+class ReducedInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj, self.crf = nn.Linear(3, 3), ReducedCRF()
+
+    def forward(self, x, tags):
+        return self.crf(self.proj(x), tags)
+
+
+def test_a_fallback_module_returning_a_loss_reduced_over_the_examples_is_refused():
+    """The fallback re-runs a module per example along dim 0 of its output; a 0-d output has
+    none, and the next step's backward crashed with an IndexError until 2026-12-06, in every
+    mode (a hunt). Refused by name at the module's forward."""
+    torch.manual_seed(0)
+    model = ReducedInside()
+    x = torch.randn(N, 3, generator=torch.Generator().manual_seed(1))
+    tags = torch.randint(0, 3, (N, 2), generator=torch.Generator().manual_seed(2))
+    engine = PerExampleNorms(model)
+    try:
+        model(x, tags).backward()
+        engine.collect()  # (step 1: the module goes to the fallback)
+        model.zero_grad()
+        with pytest.raises(UnsupportedModuleError, match=r"returns a 0-d tensor.*reduction='none'"):
+            model(x, tags).backward()
+            engine.collect()
+    finally:
+        engine.remove()
+
+
 def test_a_view_of_the_fallback_module_s_input_among_its_outputs_is_not_refused():
     """``(y, h[:, :2])``: the view passes its gradient to the module's input only, which the
     fallback's parameters do not see. Exact; it was refused as an output with a gradient."""

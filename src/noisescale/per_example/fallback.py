@@ -229,6 +229,10 @@ def rule(engine: PerExampleNorms) -> LayerRule:
         leaves = output_leaves(output)
         main = main_leaf(leaves)
         main_tensor = None if main is None else leaves[main][2]
+        if isinstance(main_tensor, Tensor) and main_tensor.dim() == 0 and main_tensor.requires_grad:
+            # (until 2026-12-06 the next backward crashed with an IndexError on the 0-d
+            # output's gradient, in every mode, a hunt)
+            raise UnsupportedModuleError(scalar_output_message(engine._labels[module]))
         inputs = {id(a) for a in tree_flatten((args, kwargs))[0] if isinstance(a, Tensor)}
         # (a view of an input passes its gradient to the input only: h[:, :2])
         for path, _, extra in leaves:
@@ -379,6 +383,19 @@ def _recompute_batch(module: nn.Module, saved: Saved, d: Tensor, name: str) -> d
         nm: (g if g is not None else torch.zeros(k, *params[nm].shape, device=d.device)).detach()
         for nm, g in zip(names, got, strict=True)
     }
+
+
+def scalar_output_message(label: str) -> str:
+    """Why a fallback module whose output is a 0-d tensor is refused."""
+    return (
+        f"module '{label}' returns a 0-d tensor (a loss reduced over the examples inside the "
+        "module: a CRF's NLL with reduction='mean' or 'sum'), and uses its parameters in "
+        "operations without a per-example rule; the torch.func fallback that measures such a "
+        "module re-runs it per example and needs an output with the examples along dim 0 — "
+        "one already summed over them says nothing of each example's gradient. Return each "
+        "example's loss from the module (reduction='none'; take the mean outside it), register "
+        "a rule for it (noisescale.register_layer), or use per_example=False"
+    )
 
 
 def _refuse_extra_output(label: str, path: str) -> Callable[[Tensor], None]:
