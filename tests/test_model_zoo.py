@@ -1656,3 +1656,44 @@ def test_switch_transformers_is_refused_with_its_cause_in_every_mode():
             engine.collect()
     finally:
         engine.remove()
+
+
+class _GaussianPolicy(nn.Module):
+    """A Gaussian policy with a state-independent ``log_std`` parameter used as it is."""
+
+    def __init__(self, act: int, returns: str) -> None:
+        super().__init__()
+        self.returns = returns
+        self.mu = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, act))
+        self.log_std = nn.Parameter(torch.linspace(-0.5, 0.2, act))
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor | None = None) -> object:
+        mu = self.mu(obs)
+        if self.returns == "mean-and-log-std":  # (the loss builds the Normal)
+            return mu, self.log_std
+        pi = torch.distributions.Normal(mu, self.log_std.exp())
+        return pi if self.returns == "distribution" else pi.log_prob(act).sum(-1)
+
+
+@pytest.mark.parametrize("act", [3, N], ids=["3-actions", "as-many-actions-as-examples"])
+@pytest.mark.parametrize("returns", ["mean-and-log-std", "distribution", "log-prob"])
+def test_a_gaussian_policy_with_a_state_independent_log_std(returns, act):
+    """``Normal(mu, log_std.exp())`` broadcasts its parameters with ``torch.broadcast_tensors``
+    (torch.distributions' broadcast_all), which the shared-parameter proxy had no rule for:
+    refused until 2026-12-06 (a hunt), in the loss, in the forward and with the log-prob
+    computed there, where ``log_std.expand_as(mu)`` was measured. Each output is an expansion
+    of its input: exact against brute force, by example and by sub-batch."""
+    torch.manual_seed(0)
+    model = _GaussianPolicy(act, returns)
+    g = torch.Generator().manual_seed(3)
+    obs, a = torch.randn(N, 5, generator=g), torch.randn(N, act, generator=g)
+
+    def nll(rows: slice) -> torch.Tensor:
+        if returns == "log-prob":
+            return -model(obs[rows], a[rows])
+        out = model(obs[rows])
+        pi = out if returns == "distribution" else torch.distributions.Normal(out[0], out[1].exp())
+        return -pi.log_prob(a[rows]).sum(-1)
+
+    assert_exact(model, lambda: nll(slice(None)).mean(), lambda i: nll(slice(i, i + 1)).sum())
+

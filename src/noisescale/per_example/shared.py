@@ -17,8 +17,9 @@ per-example (a *shared call*: its input has no example dimension of the batch's 
 on shared tensors alone give shared tensors (same sources). An operation that meets the batch is
 rewritten into an equivalent one whose gradient is per example:
 
-* elementwise broadcasting (``+ − * /``, ``where``, ``addcmul``, …) and ``expand``/``broadcast_to``:
-  the shared operand is expanded to the batch's shape first (a view; the values are the same), and
+* elementwise broadcasting (``+ − * /``, ``where``, ``addcmul``, …), ``broadcast_tensors`` and
+  ``expand``/``broadcast_to``: the shared operand is expanded to the batch's shape first (a
+  view; the values are the same), and
   a hook on the expanded tensor receives each example's gradient, [N, *shape];
 * ``repeat(N, 1, …)`` (a copy of the shared rows for each example, [N·k, …], as DeBERTa repeats
   its position projections over examples × heads): example i's gradient is its own block of k
@@ -208,6 +209,12 @@ _ELEMENTWISE_NAMES = {
     "__mul__", "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__", "__div__",
     "__rdiv__", "__idiv__", "multiply", "subtract", "divide", "fmax", "fmin",
 }  # fmt: skip
+# torch.broadcast_tensors: each output an expansion of its input to the common shape, as an
+# elementwise operation expands its operands. torch.distributions broadcasts every
+# distribution's parameters so (broadcast_all): a Gaussian policy's Normal(mu, log_std.exp())
+# with a state-independent log_std was refused until 2026-12-06 (a hunt), where
+# log_std.expand_as(mu) was measured
+_ELEMENTWISE_NAMES.add("broadcast_tensors")
 _EXPAND_NAMES = {"expand", "expand_as", "broadcast_to"}
 _LINEAR = {F.linear, torch._C._nn.linear}
 _MATMUL_NAMES = {"matmul", "__matmul__", "mm", "bmm"}
