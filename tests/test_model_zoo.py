@@ -1697,3 +1697,50 @@ def test_a_gaussian_policy_with_a_state_independent_log_std(returns, act):
 
     assert_exact(model, lambda: nll(slice(None)).mean(), lambda i: nll(slice(i, i + 1)).sum())
 
+
+class _RecurrentPolicy(nn.Module):
+    """Recurrent PPO's policy: a batch-first layer over each sequence of observations, from the
+    initial state the rollout stored for it (h0 [1, N, H], (h0, c0) for an LSTM)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.enc = nn.Linear(3, 6)
+        self.rnn = (nn.LSTM if kind == "lstm" else nn.GRU)(6, 6, batch_first=True)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x, h0, c0, starts):
+        z = torch.tanh(self.enc(x))
+        if self.kind == "lstm":
+            out, _ = self.rnn(z, (h0, c0))
+        elif self.kind == "gru":
+            out, _ = self.rnn(z, hx=h0)
+        else:  # (the state masked by episode starts inside the forward)
+            out, _ = self.rnn(z, h0 * (1 - starts)[None, :, None])
+        return self.head(out)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm", "gru-state-masked-inside"])
+def test_a_recurrent_policy_given_its_initial_state_with_as_many_steps_as_sequences(kind):
+    """``model(x [N, T, obs], h0 [1, N, H])`` with T = N: the output [N, T, A] has the batch's
+    size twice, and the permutation check re-runs the model on the examples permuted — h0's
+    along dim 1, where the layer holds them. Until 2026-12-06 (a hunt) h0 was left as it was,
+    and the model refused as mixing examples. A state the model computes on before the layer
+    is not known to hold the examples in dim 1: refused, naming it."""
+    torch.manual_seed(0)
+    model = _RecurrentPolicy(kind)
+    g = torch.Generator().manual_seed(3)
+    x, h0, c0 = (torch.randn(*s, generator=g) for s in ((N, N, 3), (1, N, 6), (1, N, 6)))
+    a, starts = torch.randint(0, 2, (N, N), generator=g), torch.tensor([0.0, 1.0, 0.0, 1.0])
+
+    def nll(rows: slice) -> torch.Tensor:
+        out = model(x[rows], h0[:, rows], c0[:, rows], starts[rows])
+        return F.cross_entropy(out.transpose(1, 2), a[rows], reduction="none").mean(1)
+
+    if kind.endswith("masked-inside"):
+        with pytest.raises(noisescale.UnsupportedModuleError) as err:
+            measured(model, lambda: nll(slice(None)).mean())
+        assert re.search(r"input \[1, 4, 6\] has the batch's size in dim 1 only", str(err.value))
+        assert "pass the state to the layer unchanged" in str(err.value)
+        return
+    assert_exact(model, lambda: nll(slice(None)).mean(), lambda i: nll(slice(i, i + 1)).sum())

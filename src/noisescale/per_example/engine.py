@@ -168,6 +168,7 @@ from noisescale.per_example.values import (
     _first,
     _first_size,
     _first_tensor,
+    _flat_tensors,
     _flat_values,
     _move,
     _owned,
@@ -2422,6 +2423,15 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         in_args = len(args) > 1
         hx = args[1] if in_args else kwargs.get("hx")
         states = hx if isinstance(hx, tuple) else (hx,)
+        if pass_.inputs is not None and hx is not None:
+            # a state the model was given (recurrent PPO's h0 [1, N, H] from the rollout): its
+            # examples are along dim 1, where the permutation checks must permute them (until
+            # 2026-12-06 they permuted dim 0 only, and refused such a model whenever its
+            # sequences were as long as they were many, T = N, as mixing examples; a hunt)
+            given = _flat_tensors(pass_.inputs, [])
+            for h in states:
+                if any(h is t for t in given) and not any(h is t for t in pass_.state_inputs):
+                    pass_.state_inputs.append(h)
         if pass_.skipped:
             return None
         if pass_.square_expansions and pass_.batch_size > 1:  # (one example: all its own)

@@ -19,7 +19,13 @@ from torch import Tensor, nn
 from noisescale.per_example.messages import UNRERUN
 from noisescale.per_example.passes import PassNorms
 from noisescale.per_example.shared import Origin, SharedTensor
-from noisescale.per_example.values import _first_tensor, _permute_examples, _SkipCheck, _tensors
+from noisescale.per_example.values import (
+    _first_tensor,
+    _flat_tensors,
+    _permute_examples,
+    _SkipCheck,
+    _tensors,
+)
 
 
 class ExampleCheck:
@@ -131,8 +137,12 @@ class ExampleCheck:
             cycle = self._example_cycle(n)
             index = cycle.clone()
             index[1] = index[0]
-            p_inputs = _permute_examples(pass_.inputs, index, n, dim, source, strict=False)
-            c_inputs = _permute_examples(pass_.inputs, cycle, n, dim, source, strict=False)
+            p_inputs = _permute_examples(
+                pass_.inputs, index, n, dim, source, False, pass_.state_inputs
+            )
+            c_inputs = _permute_examples(
+                pass_.inputs, cycle, n, dim, source, False, pass_.state_inputs
+            )
         except _SkipCheck:
             return None
         runs = self._layer_inputs(pass_, layers, p_inputs)
@@ -235,7 +245,9 @@ class ExampleCheck:
         perm = self._example_cycle(n)
         modes = {m: m.training for m in self.model.modules()}
         try:
-            p_inputs = _permute_examples((args, kwargs), perm, n, dim, source)
+            p_inputs = _permute_examples(
+                (args, kwargs), perm, n, dim, source, True, pass_.state_inputs
+            )
             self.model.train(False)
             plain_out, permuted_out = self._run_twice((args, kwargs), p_inputs)
             plain, permuted = _tensors(plain_out), _tensors(permuted_out)
@@ -324,7 +336,10 @@ class ExampleCheck:
                     f"the model's output{name} [{', '.join(map(str, a.shape))}] does not "
                     f"follow its input's examples: with the input's examples (dim {dim}) "
                     f"permuted, the output's dim {dim} did not come out permuted the same way "
-                    f"(max. difference {rel:.2g} of its largest value). Its example dimension "
+                    f"(max. difference {rel:.2g} of its largest value). "
+                    + (state := _state_left(self, pass_, args, kwargs, n))
+                    + ("Otherwise its" if state else "Its")
+                    + " example dimension "
                     "is another one (a time-major output: keep dim 0 the examples), or an "
                     "operation in the model mixes examples — a loss over pairs of examples, "
                     "such as CLIP's or SigLIP's contrastive loss (return_loss=True), has no "
@@ -341,6 +356,37 @@ class ExampleCheck:
                     )
                 )
                 return
+
+
+def _state_left(check: Any, pass_: PassNorms, args: tuple, kwargs: dict, n: int) -> str:
+    """The first cause to name where a model with a recurrent layer was given an input with the
+    batch's size in dim 1 only (an initial state h0 [L·D, N, H]) that no recurrent layer took
+    as it is: the check permuted it nowhere (only a state passed unchanged as a layer's hx is
+    known to hold the examples in dim 1, :attr:`PassNorms.state_inputs`), so an output computed
+    from it (h0 masked by episode starts, then the layer's hx) cannot follow. ``""`` where
+    there is none."""
+    if not getattr(check, "recurrent", False):
+        return ""
+    left = [
+        t
+        for t in _flat_tensors((args, kwargs), [])
+        if t.dim() > 1
+        and t.shape[0] != n
+        and t.shape[1] == n
+        and not any(t is s for s in pass_.state_inputs)
+    ]
+    if not left:
+        return ""
+    shape = ", ".join(map(str, left[0].shape))
+    return (
+        f"The model's input [{shape}] has the batch's size in dim 1 only, and was not "
+        "permuted: noisescale knows a recurrent layer's initial state to hold the examples in "
+        "dim 1 only when the model passes it to the layer as it received it (hx=h0), and this "
+        "one is not (computed on before the layer: masked by episode starts?) — pass the state "
+        "to the layer unchanged (compute it before calling the model), or use sequences whose "
+        "length is not their number (T ≠ N: this check runs only where an output has the "
+        "batch's size in two dimensions). "
+    )
 
 
 def _output_name(output: Any, tensor: Tensor) -> str:

@@ -236,6 +236,10 @@ class PassNorms:
     # with L·D = N (h0 [1, 1, H].expand(L, N, H).tanh()), whose examples are along dim 1
     # (PerExampleNorms._refuse_square_expansion)
     square_expansions: dict[tuple[int, int], str] = field(default_factory=dict)
+    # the model's inputs a recurrent layer was given as its initial state (hx [L·D, N, H]: the
+    # examples along dim 1), which the permutation checks permute along dim 1
+    # (example_check.py)
+    state_inputs: list[Tensor] = field(default_factory=list)
     # outputs of the layers measured in this pass after such an expansion was noted: the
     # output's autograd node (id, sequence number, output number) and its examples' dimension,
     # where that search stops (the layer keeps its examples apart along it)

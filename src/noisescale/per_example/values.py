@@ -32,13 +32,25 @@ def _time_major(module: nn.Module) -> bool:
 
 
 def _permute_examples(
-    v: Any, perm: Tensor, n: int, dim: int, source: Tensor | None, strict: bool = True
+    v: Any,
+    perm: Tensor,
+    n: int,
+    dim: int,
+    source: Tensor | None,
+    strict: bool = True,
+    states: Sequence[Tensor] = (),
 ) -> Any:
     """The model's inputs with their examples (dim ``dim`` of size ``n``) permuted by
     ``perm``; raises _SkipCheck for an input that cannot be (a packed sequence, or — when
     ``strict`` — an input other than ``source`` with the batch's size along two dimensions;
-    not strict, such an input is taken at its word, the examples in dim ``dim``)."""
+    not strict, such an input is taken at its word, the examples in dim ``dim``). ``states``:
+    inputs a recurrent layer was given as its initial state (:attr:`PassNorms.state_inputs`),
+    whose examples are along dim 1 whatever their other sizes."""
     if isinstance(v, Tensor):
+        if any(v is s for s in states):
+            if v.dim() != 3 or v.shape[1] != n:
+                raise _SkipCheck
+            return v.index_select(1, perm.to(v.device))
         if v.dim() <= dim or v.shape[dim] != n:
             return v
         if strict and v is not source and sum(s == n for s in v.shape) > 1:
@@ -47,9 +59,9 @@ def _permute_examples(
     if isinstance(v, PackedSequence):
         raise _SkipCheck
     if isinstance(v, dict):
-        return {k: _permute_examples(x, perm, n, dim, source, strict) for k, x in v.items()}
+        return {k: _permute_examples(x, perm, n, dim, source, strict, states) for k, x in v.items()}
     if type(v) in (list, tuple):
-        return type(v)(_permute_examples(x, perm, n, dim, source, strict) for x in v)
+        return type(v)(_permute_examples(x, perm, n, dim, source, strict, states) for x in v)
     return v
 
 
