@@ -2423,3 +2423,48 @@ def test_an_as_strided_view_into_the_rows_a_slice_skipped_combines_examples():
         return v.pow(2).sum(1).pow(2).sum() + out.pow(2).sum()
 
     exact_or_combining(model, x, loss_of, combining=True)
+
+
+class _MemberFirstEnsemble(nn.Module):
+    """A dynamics ensemble as PETS/MBPO code writes it: members in an ``nn.ModuleList``, their
+    outputs stacked member-first, [E, N, d]."""
+
+    def __init__(self, members: int, d: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.members = nn.ModuleList(
+            nn.Sequential(nn.Linear(d, 6), nn.ReLU(), nn.Linear(6, d)) for _ in range(members)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members], dim=0)
+
+
+@pytest.mark.parametrize("n", [3, 4], ids=["n-equal-to-d", "another-n"])
+def test_a_member_first_ensemble_whose_sizes_coincide_is_refused_naming_the_coincidence(n):
+    """Each transition's loss is its mean over the members: separable, followed exactly where
+    N ≠ d. With N = d the output [E, N, N] has the batch's size twice, neither in dim 0, and
+    which one is the examples' nothing tells: refused — until 2026-12-06 (a hunt) as a loss
+    that combines the examples; now naming the sizes that coincide and the batch of another
+    size that tells (the same model is measured exactly at N = 4)."""
+    model = _MemberFirstEnsemble(5, 3)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(n, 3, generator=g), torch.randn(n, 3, generator=g)
+
+    def loss_of(out: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        return (out - y[rows]).pow(2).mean(-1).mean(0).sum()
+
+    if n == 3:
+        message = refused(model, lambda: loss_of(model(x)).backward(), "cannot tell which")
+        assert "[5, 3, 3] has the batch's size (3) in more than one dimension" in message
+        assert "equal the batch's by coincidence" in message
+        assert "A batch of another size tells" in message
+        assert "the loss combines the examples, so" not in message
+        return
+    params = list(model.parameters())
+    want = torch.stack(
+        [grad_sqnorm(loss_of(model(x[i : i + 1]), slice(i, i + 1)), params) for i in range(n)]
+    )
+    for p in measured(model, x, loss_of):
+        assert p.raw_sqnorms is not None, p.withheld
+        torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)

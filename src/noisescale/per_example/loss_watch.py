@@ -61,6 +61,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from noisescale.per_example import scaler_watch
 from noisescale.per_example.graph import reaches_pass
+from noisescale.per_example.messages import SIZES_COINCIDE
 from noisescale.per_example.shared import flatten
 from noisescale.per_example.values import _time_major
 
@@ -329,8 +330,7 @@ class LossWatch:
                 elif sizes:
                     layout = Mixed(
                         f"an output of shape {list(t.shape)} has the batch's size ({n}) in "
-                        "more than one dimension, none of them the examples' known one, and "
-                        "was used"
+                        f"{SIZES_COINCIDE}, and was used"
                     )
                 elif t.dim() > dim and t.shape[dim] % n == 0:
                     # examples flattened with positions, in an order the watch does not know:

@@ -292,7 +292,24 @@ def _ambiguous_message(pass_: PassNorms) -> str:
     )
 
 
+# (the loss watch's reason for an output whose example dimension two of its sizes leave
+# ambiguous: _coupled_message leads with that, not with a loss that combines the examples)
+SIZES_COINCIDE = "more than one dimension, none of them the examples' known one"
+
+
 def _coupled_message(pass_: PassNorms) -> str:
+    if SIZES_COINCIDE in (pass_.coupled or ""):
+        # (until 2026-12-06 led as a loss combining the examples: an ensemble's outputs
+        # stacked member-first, [E, N, d] with N = d, whose loss combines nothing; a hunt)
+        return (
+            "noisescale cannot tell which dimension holds the examples: "
+            f"{pass_.coupled}, and the backward started from the result. Two of its sizes "
+            "equal the batch's by coincidence (an ensemble's outputs stacked member-first, "
+            "[E, N, d] with N = d), or the loss combines the "
+            "examples. A batch of another size tells: if it is measured, that was the cause — "
+            "keep dim 0 of the model's outputs the examples (torch.stack(..., dim=1)) to "
+            "measure any batch size; otherwise use per_example=False"
+        )
     return (
         "the loss combines the examples, so they have no per-example gradients for noisescale "
         f"to measure: {pass_.coupled}, and the backward "
