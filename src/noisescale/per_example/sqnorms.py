@@ -56,6 +56,8 @@ class per_example_sqnorms:
         self.loss_reduction = loss_reduction
         refuse_complex_parameters(model, one_shot=True)
         self.engine = PerExampleNorms(model)
+        # (a mean over a slice of the rows is refused here, as uneven: no warning first)
+        self.engine._loss_watch.rows_left_warned = True
         # (for the audit: the logits a Hugging Face loss was computed from, a root of its replay
         # when the model returns only its loss; the token counts are not used here)
         self._tokens = TokenWatcher(model, self.engine.current_pass)
