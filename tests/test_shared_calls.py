@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import noisescale
 from test_subbatch import assert_exact_both_modes, train_tracked
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -376,3 +377,101 @@ def test_wav2vec2_bert_with_relative_keys_is_exact():
         return F.ctc_loss(logp, targets, mask.sum(-1), torch.full((n,), 3), reduction="none")
 
     assert_exact_both_modes(model, losses, n, rtol=1e-7)
+
+
+class _PatchMixer(nn.Module):
+    """A parameter mixed into per-example tensors directly: ``einsum`` with the raw input's
+    patches (``F.unfold``: no autograd history) or a view of it, ``tensordot`` with a
+    convolution's output or with the raw input."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.form = form
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.w = nn.Parameter(torch.randn(12, 12) * 0.3)
+        self.v = nn.Parameter(torch.randn(3, 4, 2) * 0.5)
+
+    def forward(self, x):  # x [N, 3, 4, 4]
+        if self.form == "einsum unfold(x)":
+            return torch.einsum("oc,ncl->nol", self.w, F.unfold(x, 2, padding=1))
+        if self.form == "einsum x.flatten(2)":
+            return torch.einsum("oc,ncl->nol", self.w[:, :3], x.flatten(2))
+        if self.form == "tensordot(conv(x), w)":
+            return torch.tensordot(self.conv(x), self.w[:3, :5], dims=([1], [0]))
+        if self.form == "tensordot(x, v), two dims":
+            return torch.tensordot(x, self.v, dims=([1, 3], [0, 1]))
+        return torch.tensordot(self.conv(x).movedim(1, -1), self.w[:3], dims=1)  # "dims=1"
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "einsum unfold(x)",
+        "einsum x.flatten(2)",
+        "tensordot(conv(x), w)",
+        "tensordot(x, v), two dims",
+        "dims=1",
+    ],
+)
+def test_a_parameter_mixed_in_by_einsum_on_the_raw_input_or_by_tensordot_is_exact(form):
+    """A hunt (2026-12-06): einsum("oc,ncl->nol", w, F.unfold(x)) on the model's raw input (or
+    on x.flatten(2)) was refused as an einsum without a rule — only an operand with a history,
+    or the input itself, was taken as the examples' — where w @ F.unfold(x) was exact; and
+    torch.tensordot with a parameter had no rule at all. Both are exact now: the einsum's
+    operand is the examples' where its dim 0 has the batch's size (as the matmul path decides;
+    the audit checks it), and tensordot is a matmul after reshapes."""
+    x = torch.randn(N, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    model = _PatchMixer(form)
+    assert_exact_both_modes(model, lambda: model(x).pow(2).flatten(1).sum(1), N)
+
+
+class _ConstantPositions(nn.Module):
+    """A parameter contracted in an einsum with a constant of T rows — features of the
+    positions, the same for every example — then added to the examples' activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(3, 5)
+        self.w = nn.Parameter(torch.randn(5, 3) * 0.5)
+
+    def forward(self, x):  # x [N, T, 3]
+        t = x.shape[1]
+        freqs = torch.arange(t, dtype=x.dtype)[:, None, None] * torch.arange(1.0, 4.0)[:, None]
+        pos = torch.sin(freqs).expand(t, 3, 2)  # [T, 3, 2], no example in it
+        return self.inp(x) + torch.einsum("oc,tcl->tol", self.w, pos).sum(-1)
+
+
+def test_an_einsum_with_a_constant_whose_rows_number_as_many_as_the_batch_is_refused():
+    """The einsum's operand is taken for the examples by its size alone: a constant of T = N
+    rows (positions) is not the examples', and the audit refuses it, naming the expansion —
+    never measured as if row t were example t's."""
+    from noisescale.errors import UnsupportedModuleError
+
+    x = torch.randn(N, N, 3, generator=torch.Generator().manual_seed(2))
+    model = _ConstantPositions()
+    with pytest.raises(UnsupportedModuleError, match=r"rows of 'expand of w' do not belong"):
+        with noisescale.per_example_sqnorms(model) as _:
+            model(x).pow(2).sum((1, 2)).mean().backward()
+
+
+def test_tensordot_in_a_form_without_a_rule_names_the_form_that_works():
+    """tensordot with the shared operand first (its output not led by the examples) is
+    refused, and the message names the form that is followed."""
+    from noisescale.errors import UnsupportedModuleError
+
+    class SharedFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.w = nn.Parameter(torch.randn(3, 5))
+
+        def forward(self, x):
+            return torch.tensordot(self.w, self.conv(x), dims=([0], [1]))
+
+    model = SharedFirst()
+    x = torch.randn(N, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(UnsupportedModuleError, match=r"tensordot is followed with the per-example"):
+        with noisescale.per_example_sqnorms(model) as _:
+            model(x).pow(2).sum().backward()

@@ -334,6 +334,19 @@ def _follows_experts_setting(module: object) -> bool:
     return hasattr(module, "is_concatenated") and hasattr(module, "has_gate")
 
 
+def _tensordot_hint(op: str) -> str:
+    """``torch.tensordot`` is followed in one form (shared.py ``_tensordot``); any other is
+    refused as an operation without a rule, with the form that works named."""
+    if op != "tensordot":
+        return ""
+    return (
+        ". torch.tensordot is followed with the per-example tensor first, its dim 0 (the "
+        "examples) not contracted, and the shared one second (tensordot(h, w, dims=([1], [0]))); "
+        "write it so, or as an einsum led by the examples' index "
+        "(torch.einsum('nchw,co->nhwo', h, w)) or a matmul"
+    )
+
+
 def _experts_hint(op: str, scope: nn.Module | None = None, model: nn.Module | None = None) -> str:
     """transformers' mixture-of-experts kernels: ``experts_implementation="grouped_mm"`` (its
     default where torch has ``_grouped_mm``) runs every expert in one grouped product over the

@@ -24,6 +24,7 @@ from noisescale.per_example.messages import (
     _input_sizes_clause,
     _penalty_cause,
     _qualified,
+    _tensordot_hint,
     unrerun_warning,
 )
 from noisescale.per_example.passes import PassNorms
@@ -626,7 +627,7 @@ class Settle:
                 f"parameters {labels} meet the batch {where}in the operation '{op}', which has "
                 "no per-example rule. Register a rule for the module that owns them "
                 "(noisescale.register_layer), move them into a layer with a rule, or use "
-                f"per_example=False{_experts_hint(op, scope, self.model)}"
+                f"per_example=False{_experts_hint(op, scope, self.model)}{_tensordot_hint(op)}"
             )
         # Followed through the model's whole forward (read from a parameter container, not
         # as a layer's own weights: peft's GraLoRA and BOFT): name the modules that hold them,
@@ -651,7 +652,7 @@ class Settle:
             "parameter container, or by another module's forward), so it followed them "
             "through the whole model's forward, and the top-level model cannot be re-run per "
             f"example. Register a rule for {rule_for} (noisescale.register_layer), move them "
-            "into a layer with a rule, or use per_example=False"
+            "into a layer with a rule, or use per_example=False" + _tensordot_hint(op)
         )
 
     def _owning_layer(self, holder: nn.Module) -> tuple[str, nn.Module]:

@@ -385,6 +385,10 @@ def _meet(
         met = _einsum(func, args, kwargs, origin, pass_, n)
         if met is not None:
             return met
+    if name == "tensordot" and batched and dim == 0:
+        met = _tensordot(args, kwargs, n)
+        if met is not None:
+            return met
     if batched and (func is F.embedding or (name == "__getitem__" and _is_lookup(args))):
         key = _lookup_key(origin, name)
         if key in engine.learned_shared_lookups:
@@ -931,6 +935,7 @@ def _einsum(func: Any, args: tuple, kwargs: dict, origin: Origin, pass_: PassNor
     s, b = shared[0], 1 - shared[0]
     batch, other = operands[b], operands[s]
     letter = subscripts[b][:1]
+    key = _lookup_key(origin, "einsum")
     if (
         not isinstance(batch, Tensor)
         or batch.dim() != len(subscripts[b])
@@ -940,10 +945,9 @@ def _einsum(func: Any, args: tuple, kwargs: dict, origin: Origin, pass_: PassNor
         or letter in subscripts[s]
         or output[0] != letter
         or subscripts[b].count(letter) != 1
-        # (an operand with a history — computed from the examples — or the model's input: a
-        # constant whose dim 0 has the batch's size by coincidence, positions of T = N, is
-        # left to the fallback and its checks)
-        or not (batch.grad_fn is not None or batch is pass_.n_source or batch is pass_.examples)
+        # (the audit found its dim 0 is not the examples': a constant whose dim 0 has the
+        # batch's size by coincidence, positions of T = N; left to the fallback and its checks)
+        or key in origin.engine.learned_shared_lookups
     ):
         return None
     with torch._C.DisableTorchFunctionSubclass():
@@ -953,8 +957,65 @@ def _einsum(func: Any, args: tuple, kwargs: dict, origin: Origin, pass_: PassNor
         subs = list(subscripts)
         subs[s] = letter + subs[s]
         result = func(f"{','.join(subs)}->{output}", *pieces)
-    origin.engine.add_meeting(pass_, Meeting("expand", other, origin, hooked=e))
+    meeting = Meeting("expand", other, origin, hooked=e)
+    meeting.extra["learn"] = key  # (what the audit may learn is not the examples')
+    origin.engine.add_meeting(pass_, meeting)
     return result
+
+
+def _tensordot(args: tuple, kwargs: dict, n: int) -> Any:
+    """``torch.tensordot(a, b, dims)`` of a per-example ``a`` whose dim 0, the examples', is not
+    contracted with a shared ``b``: a matrix product after reshapes — ``a``'s free dimensions
+    (the examples' first) times ``b`` as a [contracted, free] matrix, ``x @ W`` with a shared
+    2-D ``W`` (a linear layer's meeting) —, reshaped back to ``tensordot``'s result. Refused
+    as an operation without a rule until 2026-12-06 (a hunt). None where the call is not of
+    that form (the shared operand first, dim 0 contracted, ``dims`` a tensor, ``out=``)."""
+    bound = dict(zip(("a", "b", "dims"), args, strict=False))
+    bound.update(kwargs)
+    a, b, dims = bound.get("a"), bound.get("b"), bound.get("dims", 2)
+    if (
+        set(bound) - {"a", "b", "dims", "out"}
+        or bound.get("out") is not None
+        or not isinstance(b, SharedTensor)
+        or not isinstance(a, Tensor)
+        or isinstance(a, SharedTensor)
+        or a.dim() == 0
+        or a.shape[0] != n
+    ):
+        return None
+    if type(dims) is int:
+        if not 0 <= dims <= min(a.dim(), b.dim()):
+            return None
+        da, db = list(range(a.dim() - dims, a.dim())), list(range(dims))
+    elif isinstance(dims, list | tuple) and len(dims) == 2:
+        if not all(isinstance(d, list | tuple) for d in dims):
+            return None
+        da, db = (list(d) for d in dims)
+        if not all(type(d) is int for d in (*da, *db)) or len(da) != len(db):
+            return None
+        if not all(-a.dim() <= d < a.dim() for d in da) or not all(
+            -b.dim() <= d < b.dim() for d in db
+        ):
+            return None
+        da, db = [d % a.dim() for d in da], [d % b.dim() for d in db]
+    else:
+        return None
+    if (
+        0 in da
+        or len(set(da)) != len(da)
+        or len(set(db)) != len(db)
+        or any(a.shape[i] != b.shape[j] for i, j in zip(da, db, strict=True))
+    ):
+        return None  # (torch's own errors for a malformed call)
+    free_a = [i for i in range(a.dim()) if i not in da]
+    free_b = [i for i in range(b.dim()) if i not in db]
+    k = 1
+    for d in da:
+        k *= a.shape[d]
+    x = a.permute(*free_a, *da).reshape(*(a.shape[i] for i in free_a), k)
+    w = b.permute(*db, *free_b).reshape(k, -1)  # (shared: followed as any view of it)
+    y = torch.matmul(x, w)  # (dispatched: x @ W with a shared 2-D W, a linear meeting)
+    return y.reshape(*(a.shape[i] for i in free_a), *(b.shape[i] for i in free_b))
 
 
 def _is_lookup(args: tuple) -> bool:
