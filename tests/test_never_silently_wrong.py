@@ -1434,6 +1434,42 @@ def test_a_table_repeated_over_a_time_major_flattening_is_refused():
     engine.remove()
 
 
+class KernelOverChannels(nn.Module):
+    """A learned kernel shared by the channels, expanded over them and used as a depthwise
+    convolution's weight: a learned up-sampler, ``F.conv_transpose2d(h, k.expand(C, 1, 4, 4),
+    groups=C)``, or a learned blur, ``F.conv2d(h, b[None, None].repeat(C, 1, 1, 1),
+    groups=C)`` — with C = N, the expansion has the batch's size along dim 0."""
+
+    def __init__(self, form: str, c: int = N):
+        super().__init__()
+        self.form, self.c = form, c
+        self.inp = nn.Conv2d(3, c, 1)
+        self.k = nn.Parameter(torch.rand(1, 1, 4, 4) if form == "expand" else torch.rand(3, 3))
+
+    def forward(self, x):  # x: [N, 3, 4, 4]
+        h = self.inp(x)
+        if self.form == "expand":
+            k = self.k.expand(self.c, 1, 4, 4)
+            return F.conv_transpose2d(h, k, stride=2, padding=1, groups=self.c)
+        k = self.k[None, None].repeat(self.c, 1, 1, 1)
+        return F.conv2d(h, k, padding=1, groups=self.c)
+
+
+@pytest.mark.parametrize("form", ["expand", "repeat"])
+def test_a_kernel_expanded_over_as_many_channels_as_the_batch_is_learned_then_exact(form):
+    """A hunt (2026-12-06): exact at N ≠ C, refused at N = C at every step in every mode — the
+    expansion over the channels was taken for a meeting with the examples, and the audit then
+    found its rows not the examples'. The expansion carries a key the audit learns: the first
+    step is withheld, every later one exact (brute force); the one-shot measurement, which
+    cannot learn, refuses naming the expansion over channels."""
+    x = torch.randn(N, 3, 4, 4, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(0)
+    with pytest.raises(UnsupportedModuleError, match=r"kernel expanded over C = N channels"):
+        one_shot(KernelOverChannels(form), x, _sq)
+    torch.manual_seed(0)
+    assert_learns_then_exact(KernelOverChannels(form), x, _sq)
+
+
 def test_a_mixture_of_experts_eager_loop_is_refused_with_the_cause():
     """A mixture of experts with the eager expert loop (tokens routed from [N·T, D], each
     expert's rows a data-dependent selection): refused, naming the implementation that is

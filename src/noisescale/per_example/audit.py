@@ -229,6 +229,16 @@ class Findings:
                     if self.batch_size
                     else ""
                 )
+                + (
+                    ". An expansion of a parameter to as many rows as the batch has examples "
+                    "('expand of …') is taken for a meeting with them; where it is not one — a "
+                    "kernel expanded over C = N channels as a convolution's weight, "
+                    "k.expand(C, 1, kh, kw) —, GradientNoiseTracker learns so on its first "
+                    "step and measures it from the next (a one-shot measurement cannot: use a "
+                    "batch size other than C there)"
+                    if any(t.label.startswith("expand of") for t in self.misattributed)
+                    else ""
+                )
             )
         return (
             "noisescale's audit of this step failed, so it refuses to report per-example norms "

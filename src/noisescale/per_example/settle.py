@@ -772,8 +772,9 @@ class Settle:
                 f"the audit found that the input of layer(s) or lookup(s) {names} is the same "
                 "for every example although its leading dimension has the batch's size (e.g. "
                 "positions arange(T), or a relative-position index of T² entries, with that "
-                "count equal to the batch size); they are treated as shared from the next step "
-                "on",
+                "count equal to the batch size, or a parameter expanded over as many rows — a "
+                "kernel over C = N channels, a convolution's weight); they are treated as shared "
+                "from the next step on",
             )
             return
         raise UnsupportedModuleError(self._audit_message(findings))

@@ -425,14 +425,22 @@ def _meet(
     if name == "repeat" and dim == 0 and n > 1 and isinstance(args[0], SharedTensor):
         reps = _repeats(args, kwargs)
         src = args[0]
-        if reps is not None and len(reps) == src.dim() and reps[0] == n and set(reps[1:]) <= {1}:
+        # (one row repeated is an expansion: learnable as one, _met_expanded)
+        key = _expansion_key(origin) if src.dim() and src.shape[0] == 1 else None
+        if (
+            reps is not None
+            and len(reps) == src.dim()
+            and reps[0] == n
+            and set(reps[1:]) <= {1}
+            and key not in engine.learned_shared_lookups
+        ):
             # s.repeat(N, 1, …): each example given its own copy of the shared tensor's rows,
             # [N·k, …] (DeBERTa's position projections repeated over examples × heads) — a
             # meeting like an expansion, the examples' rows in turn (the audit proves it)
             with torch._C.DisableTorchFunctionSubclass():
                 result = func(*_unwrap(args), **_unwrap(kwargs))
             meeting = Meeting("expand", src, origin, hooked=result)
-            meeting.extra.update(dim=FLAT, repeat=True)
+            meeting.extra.update(dim=FLAT, repeat=True, learn=key)
             engine.add_meeting(pass_, meeting)
             _note_row_meeting(pass_, result, origin, dim)
             return result
@@ -623,16 +631,36 @@ def _met_expanded(
 ) -> bool:
     """``result``, the shared ``src`` broadcast to it (``expand``, or ``repeat`` of dimensions
     of size 1), meets the batch along ``dim`` when it has the batch's size there: noted as an
-    expansion meeting (each example's gradient of ``src`` its share of ``result``'s)."""
+    expansion meeting (each example's gradient of ``src`` its share of ``result``'s).
+
+    Not every such expansion is a meeting: a learned kernel expanded over C channels and used
+    as a convolution's weight, ``F.conv_transpose2d(h, k.expand(C, 1, 4, 4), groups=C)``, has
+    the batch's size along dim 0 when N = C, and nothing at the expansion tells it from a
+    class token expanded over the examples. The meeting carries a key the audit may learn
+    (as a lookup's): where its rows are found not to be the examples', that step is withheld
+    and the expansion stays shared from the next step on, meeting the batch where it is used
+    (the convolution, as at any N ≠ C). Until 2026-12-06 it was refused at N = C at every
+    step, in every mode (a hunt)."""
     if not (
         result.dim() > dim
         and result.shape[dim] == n
         and _broadcast_along(tuple(src.shape), tuple(result.shape), dim)
     ):
         return False
-    origin.engine.add_meeting(pass_, Meeting("expand", src, origin, hooked=result))
+    key = _expansion_key(origin)
+    if key in origin.engine.learned_shared_lookups:
+        return False
+    meeting = Meeting("expand", src, origin, hooked=result)
+    meeting.extra["learn"] = key
+    origin.engine.add_meeting(pass_, meeting)
     _note_row_meeting(pass_, result, origin, dim)
     return True
+
+
+def _expansion_key(origin: Origin) -> tuple:
+    """What identifies an expansion of a shared tensor for learning that it is not a meeting
+    with the examples (:func:`_met_expanded`): a lookup's key with the operation ``expand``."""
+    return _lookup_key(origin, "expand")
 
 
 def _broadcast_along(src: tuple[int, ...], out: tuple[int, ...], dim: int) -> bool:
