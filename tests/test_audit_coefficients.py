@@ -68,6 +68,16 @@ class _TimeMajorQuery(nn.Module):
         return self.lin(torch.tanh(xt * self.q.expand(xt.shape[0], xt.shape[1], D)).transpose(0, 1))
 
 
+class _TimeMajorQueryBroadcast(_TimeMajorQuery):
+    """:class:`_TimeMajorQuery` with the query broadcast by the product itself (``xt * q``),
+    not expanded first: the meeting is the product's, which the audit cannot learn to be no
+    meeting (an explicit ``expand``'s it can, since 2026-12-06: that step is withheld)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xt = x.transpose(0, 1)
+        return self.lin(torch.tanh(xt * self.q).transpose(0, 1))
+
+
 class _StackedLayers(nn.Module):
     """One learned vector [1, 1, D] expanded to [L, N, D] for L layers; layer l adds row l
     (the examples along dim 1). With L = N the expansion looks like one over the examples."""
@@ -164,7 +174,7 @@ def test_a_structure_whose_audit_failed_stays_refused_whatever_a_later_draw(monk
     import noisescale.per_example.audit as audit_mod
 
     torch.manual_seed(0)
-    model = _TimeMajorQuery()
+    model = _TimeMajorQueryBroadcast()
     engine = PerExampleNorms(model, subbatches=0)
     gen = torch.Generator().manual_seed(1)
     try:
