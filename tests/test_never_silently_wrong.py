@@ -789,6 +789,54 @@ def test_custom_time_major_layer_in_the_default_source(products):
         engine.collect()
 
 
+class SequenceFirstDETR(nn.Module):
+    """A hand-written DETR in facebookresearch/detr's layout: memory [HW, N, d] from a conv
+    backbone, learned queries ``query_embed.weight.unsqueeze(1).repeat(1, bs, 1)`` ([Q, N, d]),
+    ``nn.TransformerDecoderLayer(batch_first=False)``; ``batch_first``: its batch-first twin,
+    the same function (queries ``unsqueeze(0).repeat(bs, 1, 1)``)."""
+
+    def __init__(self, batch_first: bool, d: int = 8, q: int = 3):
+        super().__init__()
+        self.batch_first = batch_first
+        self.backbone = nn.Conv2d(3, d, 3, stride=2, padding=1)
+        self.query_embed = nn.Embedding(q, d)
+        self.dec = nn.TransformerDecoderLayer(d, 2, 16, dropout=0.0, batch_first=batch_first)
+        self.cls = nn.Linear(d, 3)
+
+    def forward(self, x):
+        src = self.backbone(x)
+        bs = src.shape[0]
+        if self.batch_first:
+            q = self.query_embed.weight.unsqueeze(0).repeat(bs, 1, 1)
+            return self.cls(self.dec(q, src.flatten(2).transpose(1, 2)))
+        q = self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)  # [Q, N, d]
+        return self.cls(self.dec(q, src.flatten(2).permute(2, 0, 1)).transpose(0, 1))
+
+
+def test_sequence_first_learned_queries_are_refused_naming_the_layout_and_the_fix():
+    """A hunt (2026-12-06): DETR's sequence-first queries, expanded along dim 1, are not taken
+    as a meeting with the examples (only dim 0 is): the decoder's output stays shared and the
+    head is refused — the message named a symptom (its input "not per-example"); it names the
+    expansion along dim 1 and the fix now, and the fix it names is measured exactly."""
+    x = torch.randn(N, 3, 6, 6, generator=torch.Generator().manual_seed(9))
+    torch.manual_seed(0)
+    model = SequenceFirstDETR(batch_first=False)
+    engine = PerExampleNorms(model)
+    try:
+        with pytest.raises(
+            UnsupportedModuleError,
+            match=r"query_embed.weight\], expanded along dim 1 .* batch_first=True",
+        ):
+            for _ in range(3):  # (the first step learns the direct use, and is withheld)
+                model.zero_grad()
+                _sq(model, x).mean().backward()
+                engine.collect()
+    finally:
+        engine.remove()
+    torch.manual_seed(0)
+    assert_learns_then_exact(SequenceFirstDETR(batch_first=True), x, _sq)
+
+
 # -- found on models we did not write (transformers families beyond the zoo) ------------------
 
 

@@ -2951,6 +2951,27 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         picked = next((s.call.picked for s in upstream if s.call is not None and s.call.picked), "")
         if picked:
             why = picked  # (the cause, named at the first call on the picked rows)
+        elif shared and (
+            expanded := next(
+                (pass_.dim1_expansions[id(s)] for s in upstream if id(s) in pass_.dim1_expansions),
+                None,
+            )
+        ):
+            labels, shape = expanded
+            why = (
+                "its input came from parameters used directly, combined only with tensors "
+                "whose dim 0 does not have the batch's size (constants, time-major "
+                "activations, or the examples flattened together with another dimension); "
+                f"among them [{labels}], expanded along dim 1 to the batch's size "
+                f"({list(shape)}): if that dimension holds the examples — a sequence-first "
+                "layout, as facebookresearch/detr's learned queries "
+                "query_embed.weight.unsqueeze(1).repeat(1, bs, 1) for layers with "
+                "batch_first=False —, noisescale takes an expansion over the examples along "
+                "dim 0 only (and a recurrent layer's initial state along dim 1): build the "
+                "layers with batch_first=True and expand along dim 0 "
+                "(query_embed.weight.unsqueeze(0).repeat(bs, 1, 1)) — the same function, "
+                "measured exactly"
+            )
         elif shared:
             why = (
                 "its input came from parameters used directly, combined only with tensors "

@@ -240,6 +240,10 @@ class PassNorms:
     # examples along dim 1), which the permutation checks permute along dim 1
     # (example_check.py)
     state_inputs: list[Tensor] = field(default_factory=list)
+    # expansions of a shared tensor along dim 1 to the batch's size, not meetings (a
+    # sequence-first [Q, N, d] of learned queries, facebookresearch/detr's): id of each of its
+    # sources -> (labels, shape), for the refusal of a shared call downstream to name
+    dim1_expansions: dict[int, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
     # outputs of the layers measured in this pass after such an expansion was noted: the
     # output's autograd node (id, sequence number, output number) and its examples' dimension,
     # where that search stops (the layer keeps its examples apart along it)

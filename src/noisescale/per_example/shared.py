@@ -454,6 +454,7 @@ def _meet(
                 result = func(*_unwrap(args), **_unwrap(kwargs))
             if _met_expanded(src, result, origin, pass_, n, dim):
                 return result
+            _note_dim1_expansion(src, result, origin, pass_, n)
     if name in _ELEMENTWISE_NAMES or name in _EXPAND_NAMES:
         shapes = [tuple(t.shape) for t in flat if isinstance(t, Tensor)]
         try:
@@ -471,6 +472,8 @@ def _meet(
             src = args[0]
             if isinstance(src, SharedTensor) and _met_expanded(src, result, origin, pass_, n, dim):
                 return result
+            if isinstance(src, SharedTensor) and dim == 0 and not engine.recurrent:
+                _note_dim1_expansion(src, result, origin, pass_, n)
             return _broadcast_of(_rewrap(result, origin), src)
         if out_shape is not None and batched and len(out_shape) > dim and out_shape[dim] == n:
             # (in the loss, _dispatch refuses any meeting through tensors without history)
@@ -655,6 +658,25 @@ def _met_expanded(
     origin.engine.add_meeting(pass_, meeting)
     _note_row_meeting(pass_, result, origin, dim)
     return True
+
+
+def _note_dim1_expansion(
+    src: SharedTensor, result: Tensor, origin: Origin, pass_: PassNorms, n: int
+) -> None:
+    """Remember an expansion of ``src`` along dim 1 to the batch's size that is not a meeting
+    (the examples are along dim 0): learned queries in a sequence-first layout, [Q, N, d]
+    (facebookresearch/detr's ``query_embed.weight.unsqueeze(1).repeat(1, bs, 1)``). The
+    result stays shared, so a layer downstream is a shared call that a refusal names; until
+    2026-12-06 it named only a symptom (its input "not per-example", a hunt)."""
+    if (
+        result.dim() > 1
+        and result.shape[1] == n
+        and n > 1
+        and _broadcast_along(tuple(src.shape), tuple(result.shape), 1)
+    ):
+        labels = ", ".join(sorted(s.label for s in origin.sources))
+        for source in origin.sources:
+            pass_.dim1_expansions[id(source)] = (labels, tuple(result.shape))
 
 
 def _expansion_key(origin: Origin) -> tuple:
