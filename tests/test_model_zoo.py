@@ -603,20 +603,16 @@ def test_adalora_without_its_penalty_is_exact():
         assert len(withheld) == 1 and len(audited) == 2, (withheld, audited)
 
 
-@pytest.mark.parametrize("adapter", ["gralora", "boft"])
-def test_peft_adapters_without_a_rule_are_refused_naming_the_layer_that_holds_them(adapter):
-    """peft's GraLoRA (an einsum of its blocks) and BOFT (a butterfly of rotations) read their
-    parameters from parameter dicts inside each adapted layer: the engine follows them through
-    the model's whole forward and then meets an operation without a per-example rule. The
-    refusal named '<top-level model>' as the place to register a rule (a helper's hunt,
-    2026-12-04); it names the adapted layer that holds them, and its class, now."""
+def test_peft_adapters_without_a_rule_are_refused_naming_the_layer_that_holds_them():
+    """peft's BOFT (a butterfly of rotations) reads its parameters from parameter dicts inside
+    each adapted layer: the engine follows them through the model's whole forward and then
+    meets an operation without a per-example rule. The refusal named '<top-level model>' as
+    the place to register a rule (a helper's hunt, 2026-12-04); it names the adapted layer that
+    holds them, and its class, now. (GraLoRA was refused here too: it is exact since
+    2026-12-06, test_gralora_is_learned_then_exact.)"""
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    config = (
-        peft.GraloraConfig(r=4, gralora_k=2, target_modules=["q_proj", "v_proj"])
-        if adapter == "gralora"
-        else peft.BOFTConfig(boft_block_size=4, target_modules=["q_proj", "v_proj"])
-    )
+    config = peft.BOFTConfig(boft_block_size=4, target_modules=["q_proj", "v_proj"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = peft.get_peft_model(ZOO["llama"][0](), config).train()
@@ -624,10 +620,28 @@ def test_peft_adapters_without_a_rule_are_refused_naming_the_layer_that_holds_th
     text = _refusal_by_engine(model, ids)
     layer = "base_model.model.model.layers.0.self_attn.q_proj"
     held = type(model.get_submodule(layer))
-    cls = f"{held.__module__}.{held.__qualname__}"  # (peft.tuners.gralora.layer.Linear)
+    cls = f"{held.__module__}.{held.__qualname__}"  # (peft.tuners.boft.layer.Linear)
     assert f"(held by '{layer}' ({cls}))" in text, text
     assert f"Register a rule for {cls} (noisescale.register_layer)" in text, text
     assert "<top-level model>" not in text
+
+
+def test_gralora_is_learned_then_exact():
+    """peft's GraLoRA mixes its blocks into each layer's input with einsum("blni, nir ->
+    blnr", x, A). In the first layer that input is the frozen embedding's output, which has no
+    autograd history, and an einsum's operand was taken as the examples' only with one: refused
+    as an einsum without a rule until 2026-12-06 (a hunt's einsum on F.unfold of the raw
+    input). Its dim 0 having the batch's size decides now: its parameters, read from parameter
+    dicts, are learned at the first pass, then exact."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = peft.GraloraConfig(r=4, gralora_k=2, target_modules=["q_proj", "v_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(ZOO["llama"][0](), config).train()
+    losses = _token_means(model, _ids())
+    for withheld, audited in _learns_then_exact(model, losses, 3, RTOL, lambda why: bool(why)):
+        assert len(withheld) == 1 and len(audited) == 2, (withheld, audited)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
