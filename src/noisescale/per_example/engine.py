@@ -2630,6 +2630,29 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             pass_.assembled.setdefault(label, how)
         return False
 
+    def check_meeting_rows(self, pass_: PassNorms, origin: Any, x: Tensor, n: int, op: str) -> None:
+        """Parameters used directly meeting ``x`` in ``op`` inside the forward, ``x`` with the
+        batch's leading size: rows picked by the data that are not the examples in order
+        (:func:`_selected_rows`) are refused at once, naming the pick; rows put together by
+        a stack, a cat or an index_add make the pass audited every step
+        (:func:`_assembled_rows`), as a layer's input does (:meth:`_rows_not_examples`)."""
+        labels = sorted({s.label for s in origin.sources})
+        unread: list[tuple[str, Tensor]] = []
+        picked = _selected_rows(x, n, unread)
+        if picked is not None:
+            raise UnsupportedModuleError(
+                f"parameters {labels}, used directly, meet in '{op}' {n} rows picked by "
+                f"{picked}: their count equals the batch's by coincidence, and which example "
+                "each row belongs to changes with the data. Pick one row per example in "
+                "order (h[torch.arange(N), t]), or use per_example=False. Nothing of this step "
+                "was recorded"
+            )
+        label = f"{op} of {', '.join(labels)}"
+        pass_.unread_picks += [(label, how, flag) for how, flag in unread]
+        how = _assembled_rows(x)
+        if how is not None:
+            pass_.assembled.setdefault(label, how)
+
     def _check_time_major_count(self, module: nn.Module, args: tuple) -> None:
         """``per_example=False``: a time-major layer (``batch_first=False``) run on a batched
         input whose time steps have the size the pass counted its examples by, and whose batch

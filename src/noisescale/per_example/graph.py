@@ -367,6 +367,39 @@ def _host_reads_indices(index: Tensor) -> bool:
     return index.device.type == "cpu"
 
 
+def _along_examples(
+    index: Tensor,
+    n: int,
+    unread: list[tuple[str, Tensor]] | None,
+    spelled: str,
+    reorders: bool = True,
+) -> str | None:
+    """Rows picked along the examples' own dimension by ``index`` (its dim 0 the result's
+    rows): the examples when every row r is picked from example r (arange(N)); else a pick
+    (:func:`_selected_rows`), named — a reordering as the batch sorted inside the forward.
+    ``reorders=False``: a 1-D index that only reorders the examples is left to the audit (a
+    reordering that restores an order, as pad_packed_sequence's). On an accelerator the
+    comparison stays on the device (``unread``)."""
+    how = f"an index into the examples' rows that is not them in order ({spelled})"
+    order = torch.arange(n, device=index.device).view((n,) + (1,) * (index.dim() - 1))
+    in_order = (index == order).all()
+    if not reorders and index.dim() == 1:
+        in_order = in_order | (index.sort().values == order).all()
+    if not _host_reads_indices(index):
+        if unread is not None:
+            unread.append((how, in_order.logical_not()))
+        return None
+    if bool(in_order):
+        return None
+    if index.dim() == 1 and bool((index.sort().values == order).all()):
+        return (
+            f"an index that reorders the examples ({spelled}: a batch sorted inside the "
+            "forward — before pack_padded_sequence, pass enforce_sorted=False, which keeps "
+            "the examples' order)"
+        )
+    return how
+
+
 def _selected_rows(
     x: Tensor | None, n: int, unread: list[tuple[str, Tensor]] | None = None
 ) -> str | None:
@@ -433,22 +466,7 @@ def _selected_rows(
             # along the examples' own dimension: the examples only in order, h[arange(N)] —
             # h[idx] with idx from the data ([0, 0, 1, 2]: a detection head's boxes by image)
             # took row r for example r on unaudited steps until 2026-12-06, 40% off (a hunt)
-            how = "an index into the examples' rows that is not them in order (h[idx])"
-            order = torch.arange(n, device=index.device).view((n,) + (1,) * (index.dim() - 1))
-            in_order = (torch.where(index < 0, index + n, index) == order).all()
-            if not _host_reads_indices(index):
-                if unread is not None:
-                    unread.append((how, in_order.logical_not()))
-                return None
-            if bool(in_order):
-                return None
-            if index.dim() == 1 and bool((index.sort().values == order).all()):
-                return (
-                    "an index that reorders the examples, h[order] (a batch sorted inside the "
-                    "forward: before pack_padded_sequence, pass enforce_sorted=False, which "
-                    "keeps the examples' order)"
-                )
-            return how
+            return _along_examples(torch.where(index < 0, index + n, index), n, unread, "h[idx]")
         # several index tensors: one along a dimension of the batch's size that is the
         # examples in order (arange) says the rows are the examples
         how = f"index tensors over a {list(sizes)} tensor, none of them the examples in order"
@@ -484,11 +502,33 @@ def _selected_rows(
         if sizes is None:
             sizes = node._saved_self.shape
         index = node._saved_index
-        if not sizes or sizes[0] == n or index.dim() == 0 or index.shape[0] != n:
+        if not sizes or index.dim() == 0 or index.shape[0] != n:
             return None
+        if sizes[0] == n:
+            # (along the examples' own dimension, as h[idx] above: index_select, gather,
+            # take_along_dim — a review of 2026-12-06 found them 78% off on unaudited steps —
+            # but a reordering is left to the audit: pad_packed_sequence puts a batch packed
+            # with enforce_sorted=False back in its order by index_select, and the rows are
+            # the examples again)
+            spelled = "index_select" if kind.startswith("IndexSelect") else "gather"
+            return _along_examples(index, n, unread, spelled, reorders=False)
         return f"an index over the {sizes[0]} rows of a {list(sizes)} tensor"
     if kind in ("MaskedSelectBackward0", "TakeBackward0"):
         return "a masked_select or take, whose result is flat"
+    if kind == "EmbeddingBackward0":
+        # F.embedding(idx, h) with h the examples' rows, not a table of parameters (a review
+        # of 2026-12-06: 78% off on unaudited steps)
+        table = node.next_functions[0][0]
+        index = node._saved_indices
+        if (
+            table is None
+            or type(table).__name__ == "AccumulateGrad"
+            or node._saved_weight_sym_argsize_0 != n
+            or index.dim() == 0
+            or index.shape[0] != n
+        ):
+            return None
+        return _along_examples(index, n, unread, "F.embedding(idx, h)")
     return None
 
 
@@ -497,14 +537,18 @@ def _selected_rows(
 _ASSEMBLING = frozenset(
     {"StackBackward0", "CatBackward0", "IndexAddBackward0", "IndexCopyBackward0",
      "ScatterAddBackward0", "ScatterBackward0", "ScatterBackward1", "ScatterReduceBackward0",
-     "IndexPutBackward0", "MaskedScatterBackward0"}
+     "IndexPutBackward0"}
 )  # fmt: skip
+# (not masked_scatter: LLaVA and Qwen2-VL scatter image features into the token embeddings
+# with it, whose rows stay the examples; their items are checked on their own, and a pass
+# audited every step there cost a re-run each step, a review of 2026-12-06)
 
 
 _ASSEMBLING_NAMES = {
     "StackBackward0": "torch.stack", "CatBackward0": "torch.cat", "IndexAddBackward0": "index_add",
     "IndexCopyBackward0": "index_copy", "ScatterAddBackward0": "scatter_add",
     "ScatterReduceBackward0": "scatter_reduce", "IndexPutBackward0": "index_put",
+    "ScatterBackward0": "scatter", "ScatterBackward1": "scatter",
 }  # fmt: skip
 
 
@@ -532,8 +576,15 @@ def _assembled_rows(x: Tensor | None) -> str | None:
         node = nxt[0][0]
     kind = type(node).__name__
     if kind in _ASSEMBLING:
+        if kind == "IndexPutBackward0":
+            # (integer rows along dim 0; not a boolean mask over the examples' positions,
+            # inputs_embeds[image_mask] = features, as masked_scatter below)
+            first = node._saved_indices[0] if node._saved_indices else None
+            if first is None or first.dtype == torch.bool:
+                return None
+            return "index_put"
         dim = getattr(node, "_saved_dim", 0)
-        if kind == "IndexPutBackward0" or (isinstance(dim, int) and dim == 0):
+        if isinstance(dim, int) and dim == 0:
             return _ASSEMBLING_NAMES.get(kind, "an index")
         return None
     return None

@@ -871,12 +871,13 @@ def _between_message(between: dict, found: str) -> str:
 
 
 def _assembled_message(assembled: dict, found: str) -> str:
-    """The refusal of a pass whose audit failed while a layer ran on rows of the batch's size
-    put together by a stack, a cat, an index_add or a pooling product (engine: PassNorms.
-    assembled, graph._assembled_rows)."""
+    """The refusal of a pass whose audit failed while a layer (or a parameter used directly)
+    ran on rows of the batch's size put together by a stack, a cat or an index_add (engine:
+    PassNorms.assembled, graph._assembled_rows)."""
     layers = "; ".join(f"'{label}' ({how})" for label, how in list(assembled.items())[:4])
     return (
-        f"layer(s) {layers} ran on rows put together from the batch's (crops or regions "
+        f"layer(s) or parameter use(s) {layers} ran on rows put together from the batch's "
+        "(crops or regions "
         "stacked by image, instances pooled with index_add), as many as the examples, and this "
         "step's audit found that they are not the examples in order: which example each row "
         "holds changes with the data (a detection head's regions, an image's instances), so "

@@ -269,6 +269,12 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
         # experts as examples they are not the examples' (OLMoE at N = 8 experts was refused
         # as '_grouped_mm' with no rule, measured at every other N; a hunt, 2026-12-05)
         batched = [t for t in batched if t.is_floating_point() or t.is_complex()]
+    if batched and dim == 0 and not pass_.returned:
+        # rows picked or put together by the data, as many as the examples (h[idx] @ W): as
+        # for a layer's input (engine._rows_not_examples); a review of 2026-12-06 found them
+        # 39% off on unaudited steps
+        for t in batched:
+            engine.check_meeting_rows(pass_, origin, t, n, _name(func))
     if pass_.returned and n > 1 and not any(_from_outputs(t, pass_) for t in batched):
         # In the loss (the model's forward has returned), meeting the batch only through
         # tensors not computed from the model's outputs — targets, labels, constants (no
