@@ -1604,6 +1604,61 @@ def test_a_loss_on_a_slice_of_the_rows_the_model_ran_on_is_warned_about(how):
         tracker.remove()
 
 
+@pytest.mark.parametrize("how", ["chunks", "labeled and unlabeled"])
+def test_means_over_slices_that_cover_the_rows_are_not_warned_about(how):
+    """(A review, 2026-12-06.) A chunked cross-entropy's mean of chunk means, and a labeled
+    half's loss beside an unlabeled half's: the slices together cover every row, exact — not
+    the DQN's case, and not warned about (the first version warned at each slice's mean)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+    tracker = noisescale.GradientNoiseTracker(net)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(2):
+                net.zero_grad()
+                o = net(x)
+                if how == "chunks":
+                    loss = (F.cross_entropy(o[:4], y[:4]) + F.cross_entropy(o[4:], y[4:])) / 2
+                else:
+                    loss = F.cross_entropy(o[:4], y[:4]) + 0.5 * o[4:].pow(2).mean()
+                loss.backward()
+                tracker.step()
+    finally:
+        tracker.remove()
+
+
+def test_a_cell_on_one_sequence_s_flattened_states_is_not_taken_for_time_major():
+    """(A review, 2026-12-06.) Dreamer's imagination from every posterior state of a
+    batch-first micro-batch of one sequence, ``cell(post.reshape(-1, H))``: the cell's rows,
+    1·T, equal the input's dim 1 — the first version of the check refused it, and its fix
+    (``examples=... shape[1]``) would have counted T sequences."""
+    torch.manual_seed(0)
+
+    class Imagine(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc, self.cell, self.head = nn.Linear(3, 4), nn.GRUCell(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, 3], batch-first
+            post = torch.tanh(self.enc(x))
+            return self.head(self.cell(post.reshape(-1, 4)))
+
+    model = Imagine()
+    g = torch.Generator().manual_seed(1)
+    tracker = noisescale.GradientNoiseTracker(model, per_example=False, sync_every=1)
+    try:
+        model.zero_grad()
+        for _ in range(2):
+            (model(torch.randn(1, 5, 3, generator=g)).pow(2).mean() / 2).backward()
+        tracker.step()
+        assert tracker.history[-1]["b_big"] == 2
+    finally:
+        tracker.remove()
+
+
 @pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}], ids=["default", "exact"])
 def test_steps_of_one_example_are_skipped_with_a_word_in_every_mode(kw):
     """(A hunt, 2026-12-06.) A step of one example cannot separate the noise from the gradient;

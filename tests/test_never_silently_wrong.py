@@ -1500,10 +1500,16 @@ class KernelOverChannels(nn.Module):
             k = self.k.expand(self.c, 1, 4, 4)
             return F.conv_transpose2d(h, k, stride=2, padding=1, groups=self.c)
         k = self.k[None, None].repeat(self.c, 1, 1, 1)
-        return F.conv2d(h, k, padding=1, groups=self.c)
+        h = F.conv2d(h, k, padding=1, groups=self.c)
+        if self.form == "repeat, and over the examples":
+            # the same parameter also expanded over the examples, as a token (learned apart:
+            # keyed by scope and parameter alone, the kernel's key made the token's expansion
+            # shared, refused at every later step, a review of 2026-12-06)
+            return torch.cat([h.flatten(1), self.k.view(1, 9).expand(x.shape[0], 9)], 1)
+        return h
 
 
-@pytest.mark.parametrize("form", ["expand", "repeat"])
+@pytest.mark.parametrize("form", ["expand", "repeat", "repeat, and over the examples"])
 def test_a_kernel_expanded_over_as_many_channels_as_the_batch_is_learned_then_exact(form):
     """A hunt (2026-12-06): exact at N ≠ C, refused at N = C at every step in every mode — the
     expansion over the channels was taken for a meeting with the examples, and the audit then
@@ -2154,6 +2160,49 @@ def test_rows_put_together_by_image_are_audited_every_step(how, direct):
             engine.collect()
     finally:
         engine.remove()
+
+
+class _TokenWrites(nn.Module):
+    """Writes that move no row between examples, before a layer: padded positions zeroed in
+    place (``h[~mask] = 0``), tokens sent to an expert and added back over the N·T token rows
+    (``zeros_like(flat).index_add(0, rows, expert(flat[rows])).view(N, T, D) + h``), and the
+    output's rows cut and put back in order (``torch.cat([h[:2], h[2:]])``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.how, self.inp, self.head = how, nn.Linear(3, 4), nn.Linear(4, 2)
+        if how == "experts":
+            self.expert = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, T, 3]
+        h = torch.tanh(self.inp(x))
+        if self.how == "zero padded":
+            h = h.clone()
+            h[x[..., 0] > 1.0] = 0.0
+        elif self.how == "experts":
+            flat = h.reshape(-1, 4)
+            rows = (flat[:, 0] > 0).nonzero().squeeze(1)
+            moved = torch.zeros_like(flat).index_add(0, rows, self.expert(flat[rows]))
+            h = moved.view(h.shape) + h
+        else:
+            h = torch.cat([h[:2], h[2:]])
+        return self.head(h).pow(2).flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("how", ["zero padded", "experts", "cat in order"])
+def test_writes_that_move_no_row_between_examples_keep_the_audit_schedule(how):
+    """The first mend of 2026-12-06 took any such write for rows put together by the data and
+    audited every step (1.65× a step on a padded model) — a review: they are not (positions
+    inside each example, rows of the N·T tokens, slices put back in order): audited on the
+    schedule, exact on the step between (brute force)."""
+    model = _TokenWrites(how)
+    x = torch.randn(N, 5, 3, generator=torch.Generator().manual_seed(2))
+    passes = engine_steps(model, x, lambda m, xs: m(xs))
+    assert [p.audited for p in passes] == [True, True, False]
+    want = truth(model, x, lambda m, xs: m(xs))
+    for p in passes:
+        torch.testing.assert_close(p.raw_sqnorms * N**2, want, rtol=1e-9, atol=0)
 
 
 def test_a_head_run_in_the_loss_on_crops_stacked_by_image_is_refused():

@@ -1405,7 +1405,9 @@ class GradientNoiseTracker:
             named = "one or more of " + named  # (this process's flags are read summed)
         return (
             f"step {p.step}{where}: the input rows of {named} were picked by index tensors, "
-            "none of them the examples in order — h[b, t] with b, t from mask.nonzero() — so "
+            "none of them the examples in order — h[idx], or h[b, t] with b, t from "
+            "mask.nonzero(); a batch sorted inside the forward: pack it with "
+            "enforce_sorted=False — so "
             "their count equals the batch's by coincidence and which example each row belongs "
             "to changes with the data. On an accelerator these indices are compared on the "
             "device when the layer runs and read here, with the step's statistics: this step "

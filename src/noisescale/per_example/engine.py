@@ -2602,11 +2602,13 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 if not label:  # (a whole cause: _items_not_one_each)
                     raise UnsupportedModuleError(f"{how}. Nothing of this step was recorded")
                 raise UnsupportedModuleError(
-                    f"the input rows of layer '{label}' were picked by {how} (h[b, t] with b, t "
-                    "from mask.nonzero()): their count equals the batch's by coincidence and "
-                    "which example each belongs to changes with the data. Nothing of this "
-                    "step was recorded. Pick one row per example with an index along the "
-                    "examples, h[torch.arange(N), t], or measure with per_example=False"
+                    f"the input rows of layer '{label}' were picked by {how} (h[idx], or "
+                    "h[b, t] with b, t from mask.nonzero()): their count equals the batch's by "
+                    "coincidence and which example each belongs to changes with the data. "
+                    "Nothing of this step was recorded. Pick one row per example with an "
+                    "index along the examples in order, h[torch.arange(N), t] (a batch sorted "
+                    "inside the forward: pack it with enforce_sorted=False), or measure with "
+                    "per_example=False"
                 )
         self.unread_picks = picks
 
@@ -2720,6 +2722,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             or source.dim() < 3
             or source.shape[0] != n
             or source.shape[1] != x.shape[0]
+            # (one sequence a micro-batch, its states flattened, [1·T, H]: batch-first — a
+            # review of 2026-12-06 found Dreamer's imagination refused so)
+            or x.shape[0] == n * source.shape[1]
         ):
             return
         label = f"layer '{self._labels.get(module, type(module).__name__)}' "
@@ -2727,9 +2732,11 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             f"{label}({type(module).__name__}) runs on {x.shape[0]} rows, dim 1 of the model's "
             f"input {list(source.shape)}, while per_example=False counted its {n} rows along "
             "dim 0 as the examples: a cell stepped over a time-major input [T, N, ...] (a "
-            "rollout) would have its T counted as the examples. Tell the tracker how many "
-            "examples a call holds: GradientNoiseTracker(model, per_example=False, "
-            "examples=lambda args, kwargs: args[0].shape[1])"
+            "rollout) would have its T counted as the examples. If the input is time-major, "
+            "tell the tracker how many examples a call holds: GradientNoiseTracker(model, "
+            "per_example=False, examples=lambda args, kwargs: args[0].shape[1]); if its dim 0 "
+            "is the examples (the cell run on one example's positions at a time), say so — "
+            "examples=lambda args, kwargs: args[0].shape[0] —, which also skips this check"
         )
 
     def is_model_buffer(self, pass_: PassNorms, x: Tensor) -> bool:

@@ -565,29 +565,76 @@ def _assembled_rows(x: Tensor | None) -> str | None:
     its node is a layer's written by hand, ``x @ W``.)"""
     if x is None or x.grad_fn is None or torch.compiler.is_compiling():
         return None
-    node = x.grad_fn
+    node, shape = x.grad_fn, tuple(x.shape)
     for _ in range(8):
         kind = type(node).__name__
-        if kind not in _ROW_PRESERVING and not (kind == "SliceBackward0" and node._saved_dim == 0):
+        if kind not in _ROW_PRESERVING and not (
+            kind == "SliceBackward0" and _dim_of(node._saved_dim, len(shape)) == 0
+        ):
             break
+        if kind in _VIEWS:
+            # (the shape before it: a view of the N·T token rows as [N, T, D] puts together
+            # no example's row, an index_add over the tokens is not one over the examples; a
+            # slice keeps rows of what it slices: zeros(K + 1, C).index_add(...)[:K])
+            shape = tuple(node._saved_self_sym_sizes)
         nxt = node.next_functions
         if not nxt or nxt[0][0] is None:
             return None
         node = nxt[0][0]
+    if not shape or shape[0] != x.shape[0]:
+        return None
     kind = type(node).__name__
     if kind in _ASSEMBLING:
         if kind == "IndexPutBackward0":
             # (integer rows along dim 0; not a boolean mask over the examples' positions,
-            # inputs_embeds[image_mask] = features, as masked_scatter below)
+            # h[~mask] = 0 or inputs_embeds[image_mask] = features)
             first = node._saved_indices[0] if node._saved_indices else None
             if first is None or first.dtype == torch.bool:
                 return None
             return "index_put"
-        dim = getattr(node, "_saved_dim", 0)
-        if isinstance(dim, int) and dim == 0:
+        if _dim_of(getattr(node, "_saved_dim", 0), len(shape)) == 0 and not _in_order(node):
             return _ASSEMBLING_NAMES.get(kind, "an index")
         return None
     return None
+
+
+_VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
+
+
+def _dim_of(dim: int, ndim: int) -> int:
+    """A dimension autograd saved (a negative one as an unsigned 64-bit integer: cat(...,
+    dim=-2) reads 2**64 - 2), counted from 0 in a tensor of ``ndim`` dimensions."""
+    if dim >= 2**63:
+        dim -= 2**64
+    return dim + ndim if dim < 0 else dim
+
+
+def _in_order(node: Any) -> bool:
+    """Whether a ``torch.cat`` of slices of one tensor along dim 0 takes them in order from its
+    first row (``torch.cat([f[:2], f[2:]])``: the tensor itself), or a ``torch.stack`` of its
+    rows ``f[0], f[1], …``: no row changes example (a review, 2026-12-06)."""
+    kind = type(node).__name__
+    at, source = 0, None
+    for edge, _ in node.next_functions:
+        piece = type(edge).__name__ if edge is not None else ""
+        if kind == "CatBackward0" and piece == "SliceBackward0":
+            rows = edge._saved_self_sym_sizes[0]
+            start = min(rows, _dim_of(edge._saved_start or 0, rows))
+            end = edge._saved_end
+            end = rows if end is None else min(rows, _dim_of(end, rows))
+            ok = _dim_of(edge._saved_dim, len(edge._saved_self_sym_sizes)) == 0
+            ok = ok and edge._saved_step == 1 and start == at
+            at = end
+        elif kind == "StackBackward0" and piece == "SelectBackward0":
+            ok = edge._saved_dim == 0 and edge._saved_index == at
+            at += 1
+        else:
+            return False
+        parent = edge.next_functions[0][0]
+        if not ok or parent is None or (source is not None and parent is not source):
+            return False
+        source = parent
+    return source is not None
 
 
 # the most autograd nodes one walk of :func:`reaches_pass` visits; past it the roots are taken

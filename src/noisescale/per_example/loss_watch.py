@@ -588,6 +588,9 @@ class LossWatch:
         """End the watch (the step collects): nothing followed any more."""
         self.pause()
         self.layouts: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+        # means over slices of the rows a forward ran on: (its pass, its rows) -> the slices
+        # [start, stop), read at the step's backward (_warn_rows_left_out)
+        self.slices: dict[tuple[int, int], list[tuple[int, int]]] = {}
         # tensors scaled by a constant since the model's outputs (ℓ / N, w · ℓ): a sum of them
         # is not a plain sum over the examples (_Sum.plain)
         self.scaled = WeakTensorKeyDictionary()
@@ -646,6 +649,8 @@ class LossWatch:
             return
         self.done = final
         self.checked = True
+        if final:
+            self._rows_left_out()
         if not _on_stack(self._dispatch, dispatch=True):
             self.lost = True
         for at, root in enumerate(roots):
@@ -1027,31 +1032,47 @@ class LossWatch:
             self.counted_kind[t] = flag
 
     def _warn_rows_left_out(self, layout: Rows) -> None:
-        """A mean over a slice of the rows the model ran on, ``o[:k]`` of its n — a DQN's one
-        forward over ``torch.cat([obs, next_obs])``, its loss on the first half and the next
-        states only in a detached target: the tracker counts all n rows as examples, the left
-        out ones with no gradient, and treats them as independent draws (|G|² low by
-        1/(2N − 1), tr Σ about 2× a transition's; a hunt, 2026-12-06). Warned about once, with
-        the fixes: the slice's bounds are Python integers (no device read); another term of
-        the loss may reach the other rows, which the watch cannot tell here."""
+        """Note a mean over a slice of the rows the model ran on, ``o[:k]`` of its n (Python
+        integers: no device read); :meth:`_rows_left_out` warns at the step's backward where
+        the slices averaged leave rows out."""
         span = layout.span
         if self.rows_left_warned or span is None or span[4] != layout.n:
             return
         start, stop, size = span[2], span[3], span[4]
-        if stop - start >= size:
-            return
-        self.rows_left_warned = True
-        warnings.warn(
-            f"noisescale: the loss averages rows [{start}, {stop}) of the {size} rows the "
-            f"model ran on, and the tracker counts all {size} as examples: if no other term "
-            "of the loss reaches the other rows — a DQN's torch.cat([obs, next_obs]) in one "
-            "forward, the next states only in a detached target — they are counted as "
-            "examples without gradient, and |G|² and tr Σ come out wrong (|G|² low by "
-            f"1/({size} − 1)). Compute those rows in a separate forward under torch.no_grad(), "
-            "or, for pairs of halves, pass paired_rows='halves'",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        if stop - start < size:
+            self.slices.setdefault((layout.owner, size), []).append((start, stop))
+
+    def _rows_left_out(self) -> None:
+        """A loss of means over slices of the rows a forward ran on that leave rows out — a
+        DQN's one forward over ``torch.cat([obs, next_obs])``, its loss on the first half and
+        the next states only in a detached target: the tracker counts all n rows as examples,
+        the left out ones with no gradient, and treats them as independent draws (|G|² low by
+        1/(2N − 1), tr Σ about 2× a transition's; a hunt, 2026-12-06). Warned about once,
+        with the fixes; slices that together cover the rows (a chunked cross-entropy's means,
+        a labeled and an unlabeled half) are not (a review). A term over all the rows that is
+        not a slice's mean is not seen here (the warning says so)."""
+        slices, self.slices = self.slices, {}
+        for (_, size), spans in slices.items():
+            at = 0
+            for start, stop in sorted(spans):
+                if start > at:
+                    break
+                at = max(at, stop)
+            if at >= size or self.rows_left_warned:
+                continue
+            self.rows_left_warned = True
+            kept = ", ".join(f"[{a}, {b})" for a, b in sorted(set(spans)))
+            warnings.warn(
+                f"noisescale: the loss averages rows {kept} of the {size} rows the model ran "
+                f"on, and the tracker counts all {size} as examples: if no other term of the "
+                "loss reaches the other rows — a DQN's torch.cat([obs, next_obs]) in one "
+                "forward, the next states only in a detached target — they are counted as "
+                "examples without gradient, and |G|² and tr Σ come out wrong (|G|² low by "
+                f"1/({size} − 1)). Compute those rows in a separate forward under "
+                "torch.no_grad(), or, for pairs of halves, pass paired_rows='halves'",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _note_class_weights(self, func: Any, args: tuple, kwargs: dict, outs: list) -> None:
         """A cross-entropy / NLL averaged over class weights that differ (uniform ones, 1/C,

@@ -873,17 +873,18 @@ def _between_message(between: dict, found: str) -> str:
 def _assembled_message(assembled: dict, found: str) -> str:
     """The refusal of a pass whose audit failed while a layer (or a parameter used directly)
     ran on rows of the batch's size put together by a stack, a cat or an index_add (engine:
-    PassNorms.assembled, graph._assembled_rows)."""
+    PassNorms.assembled, graph._assembled_rows): the likely cause, named as such beside what
+    the audit found (another may have failed it: a batch statistic, a review of 2026-12-06)."""
     layers = "; ".join(f"'{label}' ({how})" for label, how in list(assembled.items())[:4])
     return (
-        f"layer(s) or parameter use(s) {layers} ran on rows put together from the batch's "
-        "(crops or regions "
-        "stacked by image, instances pooled with index_add), as many as the examples, and this "
-        "step's audit found that they are not the examples in order: which example each row "
-        "holds changes with the data (a detection head's regions, an image's instances), so "
-        "a layer on them cannot be split by example. Such steps are audited every step and "
-        "refused where the rows are not one per example in order; measure this model with "
-        f"per_example=False. What noisescale found: {found}"
+        f"this step's audit failed, and layer(s) or parameter use(s) {layers} ran on rows put "
+        "together from the batch's (crops or regions stacked by image, instances pooled with "
+        "index_add), as many as the examples: if they are not one per example in order, that "
+        "is the cause — which example each row holds changes with the data (a detection "
+        "head's regions, an image's instances), so a layer on them cannot be split by "
+        "example; such passes are audited every step, and refused where the rows are not the "
+        "examples: measure this model with per_example=False. Otherwise the cause is what "
+        f"noisescale found: {found}"
     )
 
 

@@ -432,7 +432,7 @@ def _meet(
         reps = _repeats(args, kwargs)
         src = args[0]
         # (one row repeated is an expansion: learnable as one, _met_expanded)
-        key = _expansion_key(origin) if src.dim() and src.shape[0] == 1 else None
+        key = _expansion_key(origin, src.shape[1:]) if src.dim() and src.shape[0] == 1 else None
         if (
             reps is not None
             and len(reps) == src.dim()
@@ -656,7 +656,7 @@ def _met_expanded(
         and _broadcast_along(tuple(src.shape), tuple(result.shape), dim)
     ):
         return False
-    key = _expansion_key(origin)
+    key = _expansion_key(origin, result.shape[dim + 1 :])
     if key in origin.engine.learned_shared_lookups:
         return False
     meeting = Meeting("expand", src, origin, hooked=result)
@@ -685,10 +685,14 @@ def _note_dim1_expansion(
             pass_.dim1_expansions[id(source)] = (labels, tuple(result.shape))
 
 
-def _expansion_key(origin: Origin) -> tuple:
+def _expansion_key(origin: Origin, rest: tuple) -> tuple:
     """What identifies an expansion of a shared tensor for learning that it is not a meeting
-    with the examples (:func:`_met_expanded`): a lookup's key with the operation ``expand``."""
-    return _lookup_key(origin, "expand")
+    with the examples (:func:`_met_expanded`): a lookup's key with the operation ``expand``
+    and the shape of each expanded row, ``rest`` — a kernel over C = N channels,
+    ``k.expand(C, 1, 3, 3)``, is learned apart from the same parameter expanded over the
+    examples, ``k.view(1, 9).expand(N, 9)`` (keyed by scope and parameters alone, the one
+    learned made the other shared, refused at every later step, a review of 2026-12-06)."""
+    return _lookup_key(origin, ("expand", tuple(rest)))
 
 
 def _broadcast_along(src: tuple[int, ...], out: tuple[int, ...], dim: int) -> bool:
@@ -991,7 +995,10 @@ def _einsum(func: Any, args: tuple, kwargs: dict, origin: Origin, pass_: PassNor
     s, b = shared[0], 1 - shared[0]
     batch, other = operands[b], operands[s]
     letter = subscripts[b][:1]
-    key = _lookup_key(origin, "einsum")
+    # (by its subscripts: w contracted with positions, "oc,tc->to", learned as shared at
+    # T = N, made the same w's "ntc,oc->nto" on the activations refused at every later step
+    # when keyed by the operation alone, a review of 2026-12-06)
+    key = _lookup_key(origin, ("einsum", equation))
     if (
         not isinstance(batch, Tensor)
         or batch.dim() != len(subscripts[b])
