@@ -855,10 +855,15 @@ def _custom_function_message(through: dict[str, str], missing: list[str]) -> str
     )
 
 
+def _first_named(found: dict) -> str:
+    """The first four ``label: what`` of ``found`` as ``'label' (what); …``."""
+    return "; ".join(f"'{label}' ({what})" for label, what in list(found.items())[:4])
+
+
 def _between_message(between: dict, found: str) -> str:
     """The refusal of a pass whose audit failed while a layer's output reached the engine's
     forward hook through something that may have changed it (engine._changed_on_the_way)."""
-    layers = "; ".join(f"'{label}' ({what})" for label, what in list(between.items())[:4])
+    layers = _first_named(between)
     return (
         f"the output of layer(s) {layers} reached noisescale's hooks changed, and this step's "
         "audit found that the per-example gradients do not add up: noisescale reads such a "
@@ -875,7 +880,7 @@ def _assembled_message(assembled: dict, found: str) -> str:
     ran on rows of the batch's size put together by a stack, a cat or an index_add (engine:
     PassNorms.assembled, graph._assembled_rows): the likely cause, named as such beside what
     the audit found (another may have failed it: a batch statistic, a review of 2026-12-06)."""
-    layers = "; ".join(f"'{label}' ({how})" for label, how in list(assembled.items())[:4])
+    layers = _first_named(assembled)
     return (
         f"this step's audit failed, and layer(s) or parameter use(s) {layers} ran on rows put "
         "together from the batch's (crops or regions stacked by image, instances pooled with "
