@@ -482,3 +482,35 @@ def test_a_short_batch_does_not_stop_a_compiled_model_s_subbatch_graph():
         assert torch._dynamo.eval_frame._stance.stance == "default"
     finally:
         tracker.remove()
+
+
+@pytest.mark.parametrize("how", ["index", "index_add"])
+def test_rows_routed_by_the_data_run_eagerly_under_compile(how: str) -> None:
+    """A head on rows the data picks along the examples (``h[idx]``) or puts together
+    (``index_add``): an eager step reads the index or audits the rows, a compiled step cannot —
+    such steps were measured as the examples under torch.compile, 78% off (a review,
+    2026-12-06). The first compiled step of such a structure is withheld, naming the rows, and
+    compiled code runs eagerly from then on, where a step whose rows are not the examples is
+    refused."""
+    from noisescale.errors import UnsupportedModuleError
+    from test_never_silently_wrong import _REGION_LABELS, _Regions
+
+    model = _Regions(how)
+    x = torch.randn(4, 2, 5, 5, generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(model, backend="aot_eager")
+    engine = PerExampleNorms(model)
+    seen = []
+    try:
+        for owner in ([0, 1, 2, 3],) * 3 + ([0, 0, 1, 2],):
+            model.zero_grad()
+            try:
+                F.cross_entropy(compiled(x, owner), _REGION_LABELS).backward()
+                (p,) = engine.collect()
+                seen.append(p.withheld if p.raw_sqnorms is None else "measured")
+            except UnsupportedModuleError:
+                seen.append("refused")
+    finally:
+        engine.remove()
+    assert seen[:2] == ["measured", "measured"]
+    assert "runs on rows the data picks or puts together" in seen[2]
+    assert seen[3] == "refused"

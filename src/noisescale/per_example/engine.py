@@ -110,6 +110,7 @@ from noisescale.per_example.graph import (
     _MirroredCheckpoint,
     _rebasable_base,
     _reshaped_base,
+    _routed_by_index,
     _selected_rows,
     _sequence_nr,
 )
@@ -848,6 +849,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # with other hooks ran a graph traced since, which no audit has seen
         self._hooks_audited: int | None = None
         self._audited_nodes: set[tuple] = set()  # (signature, autograd nodes) audited
+        # structures whose eager passes ran a layer on rows routed by the data: signature ->
+        # the layer (ExampleCheck._audit_wanted: their compiled passes run eagerly)
+        self._routed_signatures: dict[tuple, str] = {}
         self.audit_log: list[str] = []  # what audits found and taught (for messages and tests)
         # torch.compile (noisescale.per_example.compiled): the key that names this engine in a
         # compiled graph, the modules by position (a graph names a layer by its index), what the
@@ -2623,6 +2627,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         if _selected_rows(x, n, unread) is not None:
             return True
         pass_.unread_picks += [(label, how, flag) for how, flag in unread]
+        if pass_.routed is None and _routed_by_index(x, n):
+            pass_.routed = label
         how = _assembled_rows(x)
         if how is not None:
             if pass_.output_nodes and not pass_.audited:
@@ -2651,6 +2657,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             )
         label = f"{op} of {', '.join(labels)}"
         pass_.unread_picks += [(label, how, flag) for how, flag in unread]
+        if pass_.routed is None and _routed_by_index(x, n):
+            pass_.routed = label
         how = _assembled_rows(x)
         if how is not None:
             pass_.assembled.setdefault(label, how)

@@ -37,6 +37,11 @@ class ExampleCheck:
         that ran inside a compiled graph cannot be (no eager graph to replay): it is marked, its
         per-example norms are withheld and the next step runs eagerly (:meth:`collect`)."""
         signature = tuple(pass_.signature)
+        if not pass_.compiled and (pass_.routed or pass_.assembled):
+            self._routed_signatures.setdefault(
+                signature, pass_.routed or next(iter(pass_.assembled))
+            )
+        routed = self._routed_signatures.get(signature) if pass_.compiled else None
         due = self.auditing_enabled and (
             self._audit_due
             or signature not in self._audited_signatures
@@ -48,6 +53,7 @@ class ExampleCheck:
         )
         if pass_.compiled and (
             due
+            or routed is not None
             or (
                 self.auditing_enabled
                 and self._hooks_audited is not None
@@ -58,6 +64,7 @@ class ExampleCheck:
             # pre-hook reading a weight — keeps the audited signature: 28-31% off, recorded
             # before 2026-12-05, a review found)
             pass_.unaudited = True
+            pass_.routed_compiled = routed
             return False
         return due
 

@@ -552,6 +552,55 @@ _ASSEMBLING_NAMES = {
 }  # fmt: skip
 
 
+def _routed_by_index(x: Tensor | None, n: int) -> bool:
+    """Whether ``x``'s rows were taken along the examples by an index (``h[idx]``,
+    ``index_select``, ``gather``, ``F.embedding(idx, h)``), in order or not, through views and
+    elementwise functions: an eager step reads the index (:func:`_selected_rows`), a compiled
+    one cannot, so such a model's compiled steps run eagerly (``ExampleCheck._audit_wanted``;
+    a review of 2026-12-06 found them 78% off under torch.compile)."""
+    if x is None or x.grad_fn is None or torch.compiler.is_compiling():
+        return False
+    node = x.grad_fn
+    for _ in range(8):
+        if type(node).__name__ not in _ROW_PRESERVING:
+            break
+        nxt = node.next_functions
+        if not nxt or nxt[0][0] is None:
+            return False
+        node = nxt[0][0]
+    kind = type(node).__name__
+    if kind == "IndexBackward0":
+        # (one index tensor: h[arange(N), t], a classifier's last token, has the examples in
+        # order by construction and its compiled steps stay compiled)
+        sizes = tuple(node._saved_self_sym_sizes)
+        indices = [t for t in node._saved_indices if t is not None]
+        first = node._saved_indices[0] if node._saved_indices else None
+        return (
+            len(indices) == 1
+            and first is not None
+            and first.dtype != torch.bool
+            and bool(sizes)
+            and sizes[0] == n
+            and first.dim() > 0
+            and first.shape[0] == n
+        )
+    if kind in ("IndexSelectBackward0", "GatherBackward0"):
+        sizes = getattr(node, "_saved_self_sym_sizes", None)
+        sizes = node._saved_self.shape if sizes is None else sizes
+        index = node._saved_index
+        return (
+            node._saved_dim == 0
+            and bool(sizes)
+            and sizes[0] == n
+            and index.dim() > 0
+            and index.shape[0] == n
+        )
+    if kind == "EmbeddingBackward0":
+        table = node.next_functions[0][0]
+        return table is not None and type(table).__name__ != "AccumulateGrad"
+    return False
+
+
 def _assembled_rows(x: Tensor | None) -> str | None:
     """How ``x``'s rows were put together along dim 0, when its autograd history shows it
     (through views, elementwise functions and slices of dim 0): ``torch.stack`` or

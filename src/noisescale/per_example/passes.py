@@ -253,6 +253,12 @@ class PassNorms:
     # not read when the layer runs: (layer, how, a device flag "none of them is the examples in
     # order"), read by the tracker with the step's statistics (_selected_rows)
     unread_picks: list[tuple[str, str, Tensor]] = field(default_factory=list)
+    # a layer (or a parameter used directly) ran on rows taken along the examples by an index
+    # (graph._routed_by_index), or put together (``assembled``): its label. A compiled pass
+    # of the same structure runs eagerly from then on (ExampleCheck._audit_wanted)
+    routed: str | None = None
+    # a compiled pass of such a structure: the label (settle: compiled code then runs eagerly)
+    routed_compiled: str | None = None
     shared_calls: list[_Call] = field(default_factory=list)
     # layers called on the examples flattened together with positions (LayerRule.flattened)
     flat_calls: set[nn.Module] = field(default_factory=set)

@@ -461,6 +461,14 @@ class Settle:
                 f"the compiled graph did not report the per-example gradients of parameters "
                 f"{names} (a graph break inside their layer's forward?)"
             )
+        elif pass_.unaudited and pass_.routed_compiled is not None:
+            # (rows routed by the data: a compiled step's index values are not read, and such
+            # steps were 78% off under torch.compile until 2026-12-06, a review)
+            learned = (
+                f"'{pass_.routed_compiled}' runs on rows the data picks or puts together "
+                "(h[idx], index_select, a stack of crops, index_add), whose order must be "
+                "checked on every step, which the traced hooks cannot"
+            )
         elif pass_.unaudited and self._reentrant_seen:
             # (the recomputation of a checkpoint(use_reentrant=True) in the backward, traced
             # or not, gives compiled passes a structure no eager audit sees: without this,
