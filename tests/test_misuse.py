@@ -1630,11 +1630,13 @@ def test_means_over_slices_that_cover_the_rows_are_not_warned_about(how):
         tracker.remove()
 
 
-def test_a_cell_on_one_sequence_s_flattened_states_is_not_taken_for_time_major():
-    """(A review, 2026-12-06.) Dreamer's imagination from every posterior state of a
-    batch-first micro-batch of one sequence, ``cell(post.reshape(-1, H))``: the cell's rows,
-    1·T, equal the input's dim 1 — the first version of the check refused it, and its fix
-    (``examples=... shape[1]``) would have counted T sequences."""
+def test_a_cell_on_one_sequence_s_flattened_states_is_refused_naming_both_readings():
+    """(Two reviews, 2026-12-06.) Dreamer's imagination from every posterior state of a
+    batch-first micro-batch of one sequence, ``cell(post.reshape(-1, H))`` on [1, T, D], and a
+    time-major rollout of one step, [1, N, D], look the same: the cell's rows equal the input's
+    dim 1. The first version refused the former naming only the time-major fix (which would
+    have counted T sequences); skipping it instead counted the latter's N environments as one.
+    Refused, naming both ``examples=`` readings; with the batch-first one it is measured."""
     torch.manual_seed(0)
 
     class Imagine(nn.Module):
@@ -1648,15 +1650,21 @@ def test_a_cell_on_one_sequence_s_flattened_states_is_not_taken_for_time_major()
 
     model = Imagine()
     g = torch.Generator().manual_seed(1)
-    tracker = noisescale.GradientNoiseTracker(model, per_example=False, sync_every=1)
-    try:
-        model.zero_grad()
-        for _ in range(2):
-            (model(torch.randn(1, 5, 3, generator=g)).pow(2).mean() / 2).backward()
-        tracker.step()
-        assert tracker.history[-1]["b_big"] == 2
-    finally:
-        tracker.remove()
+
+    def run(**kw):
+        tracker = noisescale.GradientNoiseTracker(model, per_example=False, sync_every=1, **kw)
+        try:
+            model.zero_grad()
+            for _ in range(2):
+                (model(torch.randn(1, 5, 3, generator=g)).pow(2).mean() / 2).backward()
+            tracker.step()
+            return tracker.history[-1]
+        finally:
+            tracker.remove()
+
+    with pytest.raises(NoiseScaleInputError, match=r"shape\[1\]\).*shape\[0\]"):
+        run()
+    assert run(examples=lambda args, kwargs: args[0].shape[0])["b_big"] == 2
 
 
 @pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}], ids=["default", "exact"])

@@ -2074,6 +2074,11 @@ class _Regions(nn.Module):
             return f.mean((2, 3))[picks]
         if self.how == "index_select":
             return f.mean((2, 3)).index_select(0, picks)
+        if self.how == "index_select(-2, …)":
+            return f.mean((2, 3)).index_select(-2, picks)
+        if self.how == "picked, cut and joined":
+            rows = f.mean((2, 3))[picks]
+            return torch.cat([rows[:2], rows[2:]])
         if self.how == "gather":
             return f.mean((2, 3)).gather(0, picks[:, None].expand(-1, f.shape[1]))
         if self.how == "embedding":
@@ -2103,7 +2108,9 @@ class _Regions(nn.Module):
 _REGION_LABELS = torch.tensor([0, 1, 1, 0])
 
 
-_PICKS = ("index", "index_select", "gather", "embedding")
+_PICKS = (
+    "index", "index_select", "gather", "embedding", "index_select(-2, …)", "picked, cut and joined",
+)  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -2730,9 +2730,6 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             or source.dim() < 3
             or source.shape[0] != n
             or source.shape[1] != x.shape[0]
-            # (one sequence a micro-batch, its states flattened, [1·T, H]: batch-first — a
-            # review of 2026-12-06 found Dreamer's imagination refused so)
-            or x.shape[0] == n * source.shape[1]
         ):
             return
         label = f"layer '{self._labels.get(module, type(module).__name__)}' "

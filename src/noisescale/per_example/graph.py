@@ -422,7 +422,11 @@ def _selected_rows(
     node = x.grad_fn
     for _ in range(8):
         if type(node).__name__ not in _ROW_PRESERVING:
-            break
+            source = _in_order(node)
+            if source is None:
+                break
+            node = source  # (a cat of its slices in order: the tensor itself, looked through)
+            continue
         nxt = node.next_functions
         if not nxt or nxt[0][0] is None:
             return None
@@ -496,11 +500,11 @@ def _selected_rows(
         # the result's dim 0 runs along the index's: picked rows when it has the batch's size
         # and the source's dim 0 another (a gather along dim 0 whose result has one row, a
         # time-major RNN's last step, keeps the examples of dim 1 in order)
-        if node._saved_dim != 0:
-            return None
         sizes = getattr(node, "_saved_self_sym_sizes", None)
         if sizes is None:
             sizes = node._saved_self.shape
+        if _dim_of(node._saved_dim, len(sizes)) != 0:
+            return None
         index = node._saved_index
         if not sizes or index.dim() == 0 or index.shape[0] != n:
             return None
@@ -515,20 +519,6 @@ def _selected_rows(
         return f"an index over the {sizes[0]} rows of a {list(sizes)} tensor"
     if kind in ("MaskedSelectBackward0", "TakeBackward0"):
         return "a masked_select or take, whose result is flat"
-    if kind == "EmbeddingBackward0":
-        # F.embedding(idx, h) with h the examples' rows, not a table of parameters (a review
-        # of 2026-12-06: 78% off on unaudited steps)
-        table = node.next_functions[0][0]
-        index = node._saved_indices
-        if (
-            table is None
-            or type(table).__name__ == "AccumulateGrad"
-            or node._saved_weight_sym_argsize_0 != n
-            or index.dim() == 0
-            or index.shape[0] != n
-        ):
-            return None
-        return _along_examples(index, n, unread, "F.embedding(idx, h)")
     return None
 
 
@@ -554,7 +544,7 @@ _ASSEMBLING_NAMES = {
 
 def _routed_by_index(x: Tensor | None, n: int) -> bool:
     """Whether ``x``'s rows were taken along the examples by an index (``h[idx]``,
-    ``index_select``, ``gather``, ``F.embedding(idx, h)``), in order or not, through views and
+    ``index_select``, ``gather``), in order or not, through views and
     elementwise functions: an eager step reads the index (:func:`_selected_rows`), a compiled
     one cannot, so such a model's compiled steps run eagerly (``ExampleCheck._audit_wanted``;
     a review of 2026-12-06 found them 78% off under torch.compile)."""
@@ -563,7 +553,11 @@ def _routed_by_index(x: Tensor | None, n: int) -> bool:
     node = x.grad_fn
     for _ in range(8):
         if type(node).__name__ not in _ROW_PRESERVING:
-            break
+            source = _in_order(node)
+            if source is None:
+                break
+            node = source
+            continue
         nxt = node.next_functions
         if not nxt or nxt[0][0] is None:
             return False
@@ -589,15 +583,12 @@ def _routed_by_index(x: Tensor | None, n: int) -> bool:
         sizes = node._saved_self.shape if sizes is None else sizes
         index = node._saved_index
         return (
-            node._saved_dim == 0
+            _dim_of(node._saved_dim, len(sizes)) == 0
             and bool(sizes)
             and sizes[0] == n
             and index.dim() > 0
             and index.shape[0] == n
         )
-    if kind == "EmbeddingBackward0":
-        table = node.next_functions[0][0]
-        return table is not None and type(table).__name__ != "AccumulateGrad"
     return False
 
 
@@ -620,7 +611,11 @@ def _assembled_rows(x: Tensor | None) -> str | None:
         if kind not in _ROW_PRESERVING and not (
             kind == "SliceBackward0" and _dim_of(node._saved_dim, len(shape)) == 0
         ):
-            break
+            source = _in_order(node)
+            if source is None:
+                break
+            node = source  # (a cat of its slices in order: the tensor itself, looked through)
+            continue
         if kind in _VIEWS:
             # (the shape before it: a view of the N·T token rows as [N, T, D] puts together
             # no example's row, an index_add over the tokens is not one over the examples; a
@@ -630,9 +625,11 @@ def _assembled_rows(x: Tensor | None) -> str | None:
         if not nxt or nxt[0][0] is None:
             return None
         node = nxt[0][0]
-    if not shape or shape[0] != x.shape[0]:
-        return None
     kind = type(node).__name__
+    if not shape or (shape[0] != x.shape[0] and kind not in ("StackBackward0", "CatBackward0")):
+        # (rows of the N·T tokens viewed back to [N, T, …]: an expert's index_add puts each
+        # token back in its place; a cat or stack of blocks may move whole examples)
+        return None
     if kind in _ASSEMBLING:
         if kind == "IndexPutBackward0":
             # (integer rows along dim 0; not a boolean mask over the examples' positions,
@@ -641,7 +638,7 @@ def _assembled_rows(x: Tensor | None) -> str | None:
             if first is None or first.dtype == torch.bool:
                 return None
             return "index_put"
-        if _dim_of(getattr(node, "_saved_dim", 0), len(shape)) == 0 and not _in_order(node):
+        if _dim_of(getattr(node, "_saved_dim", 0), len(shape)) == 0:
             return _ASSEMBLING_NAMES.get(kind, "an index")
         return None
     return None
@@ -658,11 +655,14 @@ def _dim_of(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
 
 
-def _in_order(node: Any) -> bool:
-    """Whether a ``torch.cat`` of slices of one tensor along dim 0 takes them in order from its
+def _in_order(node: Any) -> Any:
+    """The node of the tensor a ``torch.cat`` along dim 0 of its slices in order from its
     first row (``torch.cat([f[:2], f[2:]])``: the tensor itself), or a ``torch.stack`` of its
-    rows ``f[0], f[1], …``: no row changes example (a review, 2026-12-06)."""
+    rows ``f[0], f[1], …``, rebuilds — no row changes example (a review, 2026-12-06), and the
+    walks look through it to how that tensor's rows were made —; None otherwise."""
     kind = type(node).__name__
+    if kind not in ("CatBackward0", "StackBackward0"):
+        return None
     at, source = 0, None
     for edge, _ in node.next_functions:
         piece = type(edge).__name__ if edge is not None else ""
@@ -678,12 +678,12 @@ def _in_order(node: Any) -> bool:
             ok = edge._saved_dim == 0 and edge._saved_index == at
             at += 1
         else:
-            return False
+            return None
         parent = edge.next_functions[0][0]
         if not ok or parent is None or (source is not None and parent is not source):
-            return False
+            return None
         source = parent
-    return source is not None
+    return source
 
 
 # the most autograd nodes one walk of :func:`reaches_pass` visits; past it the roots are taken
