@@ -2212,6 +2212,40 @@ def test_writes_that_move_no_row_between_examples_keep_the_audit_schedule(how):
         torch.testing.assert_close(p.raw_sqnorms * N**2, want, rtol=1e-9, atol=0)
 
 
+class _ClassTable(nn.Module):
+    """A class-conditional scale from a table of N classes' rows, looked up by the labels
+    (``table[y]``, or a ``weight_norm``'d ``nn.Embedding``): a lookup into parameters, not a
+    pick of the examples' rows, whatever the count of classes."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.how, self.inp, self.head = how, nn.Linear(3, 4), nn.Linear(4, 2)
+        if how == "table[y]":
+            self.table = nn.Parameter(torch.randn(N, 4))
+        else:
+            self.emb = nn.utils.parametrizations.weight_norm(nn.Embedding(N, 4))
+
+    def forward(self, xy: torch.Tensor) -> torch.Tensor:
+        x, y = xy[:, :3], xy[:, 3].long()
+        scale = self.table[y] if self.how == "table[y]" else self.emb(y)
+        return self.head(scale * torch.tanh(self.inp(x))).pow(2).sum(1)
+
+
+@pytest.mark.parametrize("how", ["table[y]", "weight_norm embedding"])
+def test_a_table_of_as_many_classes_as_examples_looked_up_by_labels_is_exact(how):
+    """The second mend of 2026-12-06 read ``F.embedding(idx, h)`` as a pick of the examples'
+    rows when the table had the batch's size, and refused these lookups into parameters
+    (a review): exact, on the unaudited step too (brute force)."""
+    model = _ClassTable(how)
+    g = torch.Generator().manual_seed(3)
+    xy = torch.cat([torch.randn(N, 3, generator=g), torch.tensor([[2.0], [0.0], [2.0], [1.0]])], 1)
+    passes = engine_steps(model, xy, lambda m, xs: m(xs))
+    want = truth(model, xy, lambda m, xs: m(xs))
+    for p in passes:
+        torch.testing.assert_close(p.raw_sqnorms * N**2, want, rtol=1e-9, atol=0)
+
+
 def test_a_head_run_in_the_loss_on_crops_stacked_by_image_is_refused():
     """The same head run in the loss code on crops of the model's output: the forward has
     returned, its audit was decided, so the rows cannot be checked on an unaudited step —
