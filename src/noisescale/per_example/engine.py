@@ -2626,10 +2626,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         unread: list[tuple[str, Tensor]] = []
         if _selected_rows(x, n, unread) is not None:
             return True
-        pass_.unread_picks += [(label, how, flag) for how, flag in unread]
-        if pass_.routed is None and _routed_by_index(x, n):
-            pass_.routed = label
-        how = _assembled_rows(x)
+        how = self._note_rows(pass_, x, n, label, unread)
         if how is not None:
             if pass_.output_nodes and not pass_.audited:
                 # (a layer run in the loss on such rows, after the forward returned: its
@@ -2637,6 +2634,23 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 return True
             pass_.assembled.setdefault(label, how)
         return False
+
+    def _note_rows(
+        self,
+        pass_: PassNorms,
+        x: Tensor,
+        n: int,
+        label: str,
+        unread: list[tuple[str, Tensor]],
+    ) -> str | None:
+        """For rows that are not a pick (:func:`_selected_rows` found none), shared by a
+        layer's input and a parameter's meeting: note the index comparisons left on the device
+        (``unread``) and an index along the examples (``pass_.routed``, for compiled passes);
+        return how the rows were put together (:func:`_assembled_rows`), or None."""
+        pass_.unread_picks += [(label, how, flag) for how, flag in unread]
+        if pass_.routed is None and _routed_by_index(x, n):
+            pass_.routed = label
+        return _assembled_rows(x)
 
     def check_meeting_rows(self, pass_: PassNorms, origin: Any, x: Tensor, n: int, op: str) -> None:
         """Parameters used directly meeting ``x`` in ``op`` inside the forward, ``x`` with the
@@ -2656,10 +2670,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 "was recorded"
             )
         label = f"{op} of {', '.join(labels)}"
-        pass_.unread_picks += [(label, how, flag) for how, flag in unread]
-        if pass_.routed is None and _routed_by_index(x, n):
-            pass_.routed = label
-        how = _assembled_rows(x)
+        how = self._note_rows(pass_, x, n, label, unread)
         if how is not None:
             pass_.assembled.setdefault(label, how)
 

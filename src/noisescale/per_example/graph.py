@@ -367,6 +367,28 @@ def _host_reads_indices(index: Tensor) -> bool:
     return index.device.type == "cpu"
 
 
+def _row_origin(x: Tensor | None) -> Any:
+    """The autograd node that made ``x``'s rows: its history walked back through views,
+    elementwise functions (:data:`_ROW_PRESERVING`, along their first input) and a cat of a
+    tensor's slices in order (:func:`_in_order`), at most 8 nodes. None where ``x`` has no
+    history, a walk ends at a leaf, or under compilation (no autograd graph to read)."""
+    if x is None or x.grad_fn is None or torch.compiler.is_compiling():
+        return None
+    node = x.grad_fn
+    for _ in range(8):
+        if type(node).__name__ not in _ROW_PRESERVING:
+            source = _in_order(node)
+            if source is None:
+                break
+            node = source  # (a cat of its slices in order: the tensor itself, looked through)
+            continue
+        nxt = node.next_functions
+        if not nxt or nxt[0][0] is None:
+            return None
+        node = nxt[0][0]
+    return node
+
+
 def _along_examples(
     index: Tensor,
     n: int,
@@ -417,20 +439,9 @@ def _selected_rows(
     ``None`` then, and ``(how, flag)`` is appended to ``unread``, ``flag`` a device boolean,
     true when none of them is the examples in order — the tracker refuses the step when it
     reads the step's statistics, before they are folded into the estimate."""
-    if x is None or x.grad_fn is None or torch.compiler.is_compiling():
+    node = _row_origin(x)
+    if node is None:
         return None
-    node = x.grad_fn
-    for _ in range(8):
-        if type(node).__name__ not in _ROW_PRESERVING:
-            source = _in_order(node)
-            if source is None:
-                break
-            node = source  # (a cat of its slices in order: the tensor itself, looked through)
-            continue
-        nxt = node.next_functions
-        if not nxt or nxt[0][0] is None:
-            return None
-        node = nxt[0][0]
     kind = type(node).__name__
     if kind == "IndexBackward0":
         sizes = tuple(node._saved_self_sym_sizes)
@@ -548,20 +559,9 @@ def _routed_by_index(x: Tensor | None, n: int) -> bool:
     elementwise functions: an eager step reads the index (:func:`_selected_rows`), a compiled
     one cannot, so such a model's compiled steps run eagerly (``ExampleCheck._audit_wanted``;
     a review of 2026-12-06 found them 78% off under torch.compile)."""
-    if x is None or x.grad_fn is None or torch.compiler.is_compiling():
+    node = _row_origin(x)
+    if node is None:
         return False
-    node = x.grad_fn
-    for _ in range(8):
-        if type(node).__name__ not in _ROW_PRESERVING:
-            source = _in_order(node)
-            if source is None:
-                break
-            node = source
-            continue
-        nxt = node.next_functions
-        if not nxt or nxt[0][0] is None:
-            return False
-        node = nxt[0][0]
     kind = type(node).__name__
     if kind == "IndexBackward0":
         # (one index tensor: h[arange(N), t], a classifier's last token, has the examples in
