@@ -484,7 +484,7 @@ def test_a_short_batch_does_not_stop_a_compiled_model_s_subbatch_graph():
         tracker.remove()
 
 
-@pytest.mark.parametrize("how", ["index", "index_add"])
+@pytest.mark.parametrize("how", ["index", "index_add", "where"])
 def test_rows_routed_by_the_data_run_eagerly_under_compile(how: str) -> None:
     """A head on rows the data picks along the examples (``h[idx]``) or puts together
     (``index_add``): an eager step reads the index or audits the rows, a compiled step cannot —

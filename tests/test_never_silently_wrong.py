@@ -2081,6 +2081,14 @@ class _Regions(nn.Module):
             return torch.cat([rows[:2], rows[2:]])
         if self.how == "gather":
             return f.mean((2, 3)).gather(0, picks[:, None].expand(-1, f.shape[1]))
+        if self.how in ("where", "masked_scatter"):
+            # (row r kept where owner[r] = r, else the row before it: owner [0, 0, 1, 2]
+            # is rows [0, 0, 1, 2])
+            rows, keep = f.mean((2, 3)), picks == torch.arange(len(owner))
+            if self.how == "where":
+                return torch.where(keep[:, None], rows, rows.roll(1, 0))
+            moved = ~keep[:, None].expand_as(rows)
+            return rows.masked_scatter(moved, rows[picks][moved])
         if self.how == "crops":
             return torch.stack([f[b, :, 1:4, 1:4].mean((1, 2)) for b in owner])
         if self.how == "cat":
@@ -2113,7 +2121,7 @@ _PICKS = ("index", "index_select", "gather", "index_select(-2, …)", "picked, c
 
 @pytest.mark.parametrize(
     ("how", "direct"),
-    [(how, False) for how in (*_PICKS, "crops", "cat", "index_add")]
+    [(how, False) for how in (*_PICKS, "crops", "cat", "index_add", "where", "masked_scatter")]
     + [("index", True), ("crops", True)],
 )
 def test_rows_put_together_by_image_are_audited_every_step(how, direct):
@@ -2122,8 +2130,9 @@ def test_rows_put_together_by_image_are_audited_every_step(how, direct):
     as the examples: the examples in order on the audited steps (exact against brute force),
     then rows of other images on a step that the audit schedule left unaudited, where until
     2026-12-06 they were split as the examples, 14–40% off without a word (a hunt; a review
-    found ``index_select``, ``gather`` on the rows and a head's parameters
-    used directly on them 39–78% off). Every such step is checked now (by the audit; an index
+    found ``index_select``, ``gather`` on the rows, a head's parameters used directly on them,
+    and rows chosen by a mask between the rows in place and rows moved — ``torch.where``,
+    ``masked_scatter`` — 39–78% off). Every such step is checked now (by the audit; an index
     along the examples by value) and refused, naming the rows."""
     model = _Regions(how, direct)
     x = torch.randn(N, 2, 5, 5, generator=torch.Generator().manual_seed(1))
@@ -2190,12 +2199,18 @@ class _TokenWrites(nn.Module):
             rows = (flat[:, 0] > 0).nonzero().squeeze(1)
             moved = torch.zeros_like(flat).index_add(0, rows, self.expert(flat[rows]))
             h = moved.view(h.shape) + h
+        elif self.how == "where, zeros":
+            h = torch.where(x[..., :1] > 1.0, 0.0, h)
+        elif self.how == "where, flipped in time":
+            h = torch.where(x[..., :1] > 0.0, h, h.flip(1))
         else:
             h = torch.cat([h[:2], h[2:]])
         return self.head(h).pow(2).flatten(1).sum(1)
 
 
-@pytest.mark.parametrize("how", ["zero padded", "experts", "cat in order"])
+@pytest.mark.parametrize(
+    "how", ["zero padded", "experts", "cat in order", "where, zeros", "where, flipped in time"]
+)
 def test_writes_that_move_no_row_between_examples_keep_the_audit_schedule(how):
     """The first mend of 2026-12-06 took any such write for rows put together by the data and
     audited every step (1.65× a step on a padded model) — a review: they are not (positions
