@@ -162,7 +162,9 @@ def _flat_size(rule: LayerRule, module: nn.Module, size: Any, n: int) -> bool:
     )
 
 
-def _example_major(x: Tensor, n: int, size: int) -> bool:
+def _example_major(
+    x: Tensor, n: int, size: int, unread: list[tuple[str, Tensor]] | None = None
+) -> bool:
     """Whether ``x`` ([size, …], size = k·N) provably holds each example's k rows in turn.
 
     With a history: every path back through it passes only through operations that keep rows
@@ -173,13 +175,35 @@ def _example_major(x: Tensor, n: int, size: int) -> bool:
     experts' routing), a transpose or anything else not listed — such rows could be ordered by
     the data, differently at every step. This is necessary, not sufficient: whether each
     output row's gradient comes from its example alone depends on what consumes it, which the
-    audit's replay compares (a flattened call no replay compared is not measured)."""
+    audit's replay compares (a flattened call no replay compared is not measured).
+
+    A view whose input's leading size is another multiple of ``size`` keeps each row's
+    elements together (a view keeps the row-major order): nn.Linear on ``[B·F, P, D]``
+    returns ``addmm(...).view(B·F, P, O)`` of ``[B·F·P, O]``, the ``(b t) n d`` layout of
+    video transformers written by hand — an MLP block there was taken for a shared call and
+    refused until 2026-12-06 (a hunt). A table repeated from parameters alone
+    (``frame.repeat(B, 1)``) holds no example, as a bias (refused until 2026-12-06, while the
+    same table expanded and reshaped was measured; a hunt). The tensor a flattening view
+    flattened is checked, as a layer's input of the batch's size is, for rows picked along
+    the examples by the data (:func:`_picked_rows`: a batch sorted inside the forward,
+    ``h[order].reshape(B*T, D)``, gave the MLP's rows to the wrong examples on unaudited
+    steps until 2026-12-06, tr Σ up to 53% off without a word, a hunt); on an accelerator
+    the comparison is appended to ``unread``."""
     fn = x.grad_fn
     if fn is None:
         return False  # no history to read (input data, a frozen activation): shared
-    stack, seen, budget = [fn], set(), 64
+    return _example_major_from(fn, n, size, unread)
+
+
+def _example_major_from(
+    fn: Any, n: int, size: int, unread: list[tuple[str, Tensor]] | None
+) -> bool:
+    """:func:`_example_major` from an autograd node whose tensor has ``size`` leading rows."""
+    # (each node with the leading size of its tensor, a multiple of ``size``: the rows of
+    # ``x``'s row r are that tensor's rows r·m … r·m + m - 1)
+    stack, seen, budget = [(fn, size)], set(), 64
     while stack:
-        node = stack.pop()
+        node, rows = stack.pop()
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
@@ -191,15 +215,18 @@ def _example_major(x: Tensor, n: int, size: int) -> bool:
             continue  # a parameter, broadcast over the rows (a bias)
         if name in _VIEW_NODES:
             sizes = [int(s) for s in getattr(node, "_saved_self_sym_sizes", ())]
-            if sizes and sizes[0] == size:
-                stack.extend(f for f, _ in node.next_functions)  # the rows kept
+            if len(sizes) >= 2 and sizes[0] == n and rows % n == 0:
+                # the flattening of [N, a, …] into rows·…: each example's rows in turn (a view
+                # keeps the row-major order: [N, F·P, D] → [N·F, P, D] too) — of the examples
+                # in order, unless the data picked them (h[order], sorted inside the forward)
+                beneath = node.next_functions[0][0] if node.next_functions else None
+                if beneath is not None and _picked_rows(beneath, n, unread) is not None:
+                    return False
                 continue
-            if (
-                len(sizes) >= 2
-                and sizes[0] == n
-                and size in itertools.accumulate(sizes[:-1], operator.mul)
-            ):
-                continue  # the flattening of [N, a, …]: each example's rows in turn
+            if sizes and sizes[0] % size == 0:
+                # (the same rows, or each split into whole rows or merged with its own)
+                stack.extend((f, sizes[0]) for f, _ in node.next_functions)
+                continue
             return False
         if name in _PRODUCT_NODES:
             edges = node.next_functions
@@ -209,10 +236,31 @@ def _example_major(x: Tensor, n: int, size: int) -> bool:
                 weight = weight.next_functions[0][0]  # transposed, cast (autocast)
             if weight is not None and type(weight).__name__ != "AccumulateGrad":
                 return False  # a product with an activation: rows mixed
-            stack.extend(f for i, (f, _) in enumerate(edges) if i != at + 1)
+            stack.extend((f, rows) for i, (f, _) in enumerate(edges) if i != at + 1)
             continue
+        if name == "RepeatBackward0" and _parameters_only(node.next_functions[0][0]):
+            continue  # a table repeated, made from parameters alone: no example's rows
         if name not in _ROWWISE_NODES:
             return False
+        stack.extend((f, rows) for f, _ in node.next_functions)
+    return True
+
+
+def _parameters_only(node: Any, budget: int = 16) -> bool:
+    """Whether the tensor of autograd ``node`` was computed from parameters alone: every
+    path back through its history ends at a parameter's accumulation. Not where one ends at
+    a tensor without a history (input data, a constant: it may hold the batch) or at a leaf
+    that is not a parameter (an input that requires grad)."""
+    stack = [node]
+    while stack:
+        node = stack.pop()
+        budget -= 1
+        if node is None or budget < 0:
+            return False
+        if type(node).__name__ == "AccumulateGrad":
+            if not isinstance(node.variable, nn.Parameter):
+                return False
+            continue
         stack.extend(f for f, _ in node.next_functions)
     return True
 
@@ -443,7 +491,15 @@ def _selected_rows(
     ``None`` then, and ``(how, flag)`` is appended to ``unread``, ``flag`` a device boolean,
     true when none of them is the examples in order — the tracker refuses the step when it
     reads the step's statistics, before they are folded into the estimate."""
-    node = _row_origin(x)
+    if x is None or x.grad_fn is None or torch.compiler.is_compiling():
+        return None
+    return _picked_rows(x.grad_fn, n, unread)
+
+
+def _picked_rows(node: Any, n: int, unread: list[tuple[str, Tensor]] | None = None) -> str | None:
+    """:func:`_selected_rows` from the autograd node of a tensor with ``n`` leading rows (also
+    the tensor a flattening view flattened: :func:`_example_major`)."""
+    node = _origin_of(node)
     if node is None:
         return None
     kind = type(node).__name__
