@@ -532,9 +532,10 @@ def _picked_rows(node: Any, n: int, unread: list[tuple[str, Tensor]] | None = No
             return how
         if len(indices) == 1:
             index = node._saved_indices[0]
-            if index is None or index.dim() == 0 or index.shape[0] != n:
-                # (along another dimension; or rows that a view takes from another
-                # dimension, aligned with the source's)
+            if index is not None and index.dim() > 0 and index.shape[0] != n:
+                return _in_blocks(node, index, sizes, n, unread, "h.reshape(N*T, D)[idx]")
+            if index is None or index.dim() == 0:
+                # (along another dimension)
                 return None
             if sizes[0] != n:
                 return f"an index over the {sizes[0]} rows of a {list(sizes)} tensor"
@@ -577,20 +578,88 @@ def _picked_rows(node: Any, n: int, unread: list[tuple[str, Tensor]] | None = No
         if _dim_of(node._saved_dim, len(sizes)) != 0:
             return None
         index = node._saved_index
-        if not sizes or index.dim() == 0 or index.shape[0] != n:
+        if not sizes or index.dim() == 0:
             return None
+        spelled = "index_select" if kind.startswith("IndexSelect") else "gather"
+        if index.shape[0] != n:
+            return _in_blocks(node, index, tuple(sizes), n, unread, spelled)
         if sizes[0] == n:
             # (along the examples' own dimension, as h[idx] above: index_select, gather,
             # take_along_dim — a review of 2026-12-06 found them 78% off on unaudited steps —
             # but a reordering is left to the audit: pad_packed_sequence puts a batch packed
             # with enforce_sorted=False back in its order by index_select, and the rows are
             # the examples again)
-            spelled = "index_select" if kind.startswith("IndexSelect") else "gather"
             return _along_examples(index, n, unread, spelled, reorders=False)
         return f"an index over the {sizes[0]} rows of a {list(sizes)} tensor"
     if kind in ("MaskedSelectBackward0", "TakeBackward0"):
         return "a masked_select or take, whose result is flat"
     return None
+
+
+def _in_blocks(
+    node: Any,
+    index: Tensor,
+    sizes: tuple,
+    n: int,
+    unread: list[tuple[str, Tensor]] | None,
+    spelled: str,
+) -> str | None:
+    """Rows picked along dim 0 by ``index`` (``node``'s, of another length than ``n``) from
+    a tensor of ``sizes``, which a view then shows with the batch's ``n`` leading rows. Where
+    that tensor is the examples flattened with their positions, [N·T, …] (its history shows
+    it: :func:`_example_major`), N·k picked rows viewed back to [N, k, …] are the examples'
+    only when each block of k holds rows of its own example — ``idx // T`` is b in block b,
+    as DynamicViT's ``x.reshape(B*N, C)[idx + offset]`` keeps them —, read on every step as
+    :func:`_along_examples` reads an index: until 2026-12-06 the rows were taken for the
+    examples' on every step, and a step whose picks crossed examples (a batch-level token
+    budget) was measured, tr Σ 6–7% and |G|² 12–21% off without a word (a hunt). Otherwise
+    ``None``: along another dimension, or rows that a view takes from another dimension,
+    aligned with the source's (a table's rows looked up by the examples' indices)."""
+    rows = _block_rows(node, index, sizes, n, unread)
+    if not rows:
+        return None
+    picked = int(index.shape[0])
+    how = (
+        f"an index into the examples flattened with their positions ({spelled}, {picked} of "
+        f"{rows} rows, viewed back as the examples' {picked // n} each) that gives an example "
+        "rows of another"
+    )
+    index = torch.where(index < 0, index + rows, index)
+    owner = torch.arange(n, device=index.device).view(n, 1)
+    own = (index.reshape(n, -1) // (rows // n) == owner).all()
+    if not _host_reads_indices(index):
+        if unread is not None:
+            unread.append((how, own.logical_not()))
+        return None
+    return None if bool(own) else how
+
+
+def _block_rows(
+    node: Any,
+    index: Tensor,
+    sizes: Sequence,
+    n: int,
+    unread: list[tuple[str, Tensor]] | None = None,
+) -> int:
+    """The N·T rows of the examples flattened with their positions that ``node`` picks N·k
+    of along dim 0 by ``index`` (:func:`_in_blocks`), when its history shows them so; 0
+    otherwise."""
+    rows = int(sizes[0]) if sizes else 0
+    picked = int(index.shape[0]) if index.dim() > 0 else 0
+    if rows <= n or rows % n or picked <= n or picked % n:
+        return 0
+    source = node.next_functions[0][0] if node.next_functions else None
+    if type(source).__name__ == "ExpandBackward0" and tuple(source._saved_self_sym_sizes[:1]) == (
+        rows,
+    ):
+        source = source.next_functions[0][0]  # (take_along_dim broadcasts its source)
+    if (
+        source is None
+        or _parameters_only(source)  # (a table's rows, looked up by the examples' indices)
+        or not _example_major_from(source, n, rows, unread)
+    ):
+        return 0
+    return rows
 
 
 # autograd nodes that put together rows along dim 0 from pieces or by an index: which example
@@ -615,7 +684,8 @@ _ASSEMBLING_NAMES = {
 
 def _routed_by_index(x: Tensor | None, n: int) -> bool:
     """Whether ``x``'s rows were taken along the examples by an index (``h[idx]``,
-    ``index_select``, ``gather``), in order or not, through views and
+    ``index_select``, ``gather``), in order or not, or N·k of them from the examples
+    flattened with their positions and viewed back (:func:`_in_blocks`), through views and
     elementwise functions: an eager step reads the index (:func:`_selected_rows`), a compiled
     one cannot, so such a model's compiled steps run eagerly (``ExampleCheck._audit_wanted``;
     a review of 2026-12-06 found them 78% off under torch.compile)."""
@@ -634,9 +704,11 @@ def _routed_by_index(x: Tensor | None, n: int) -> bool:
             and first is not None
             and first.dtype != torch.bool
             and bool(sizes)
-            and sizes[0] == n
             and first.dim() > 0
-            and first.shape[0] == n
+            and (
+                (sizes[0] == n and first.shape[0] == n)
+                or (first.shape[0] != n and _block_rows(node, first, sizes, n) > 0)
+            )
         )
     if kind in ("IndexSelectBackward0", "GatherBackward0"):
         sizes = getattr(node, "_saved_self_sym_sizes", None)
@@ -645,9 +717,11 @@ def _routed_by_index(x: Tensor | None, n: int) -> bool:
         return (
             _dim_of(node._saved_dim, len(sizes)) == 0
             and bool(sizes)
-            and sizes[0] == n
             and index.dim() > 0
-            and index.shape[0] == n
+            and (
+                (sizes[0] == n and index.shape[0] == n)
+                or (index.shape[0] != n and _block_rows(node, index, sizes, n) > 0)
+            )
         )
     return False
 
