@@ -3790,3 +3790,40 @@ def test_rows_picked_from_flattened_tokens_on_an_accelerator_are_flagged(monkeyp
             assert bool(flag) is flagged
     finally:
         engine.remove()
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_tokens_kept_by_an_index_broadcast_from_arange_are_exact(monkeypatch, on_device):
+    """``x[torch.arange(B)[:, None], idx]`` — per-example token pruning, the batch index
+    broadcast along the kept tokens — runs along the examples in order, as ``torch.gather``
+    does: exact (refused until 2026-12-06 as rows picked by the data, a hunt). On an
+    accelerator the comparison with arange(N) stays on the device, its flag false."""
+    if on_device:
+        _as_on_an_accelerator(monkeypatch)
+    torch.manual_seed(0)
+
+    class Keep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc, self.lin, self.head = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.enc(x))
+            idx = x[..., 0].topk(3, dim=1).indices  # (data-dependent, [N, 3])
+            h = h[torch.arange(x.shape[0])[:, None], idx]
+            return self.head(torch.tanh(self.lin(h)).mean(1)).pow(2).sum(-1)
+
+    model = Keep()
+    x = torch.randn(N, 8, 4)
+    engine = PerExampleNorms(model)
+    try:
+        for _ in range(3):  # (step 3 not audited)
+            model.zero_grad()
+            model(x).sum().backward()
+            (p,) = engine.collect()
+            assert all(not bool(flag) for _, _, flag in engine.unread_picks)
+            with engine.paused():
+                want = truth(model, x, lambda m, xi: m(xi))
+            torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-10, atol=0)
+    finally:
+        engine.remove()

@@ -544,13 +544,21 @@ def _picked_rows(node: Any, n: int, unread: list[tuple[str, Tensor]] | None = No
             # took row r for example r on unaudited steps until 2026-12-06, 40% off (a hunt)
             return _along_examples(torch.where(index < 0, index + n, index), n, unread, "h[idx]")
         # several index tensors: one along a dimension of the batch's size that is the
-        # examples in order (arange) says the rows are the examples
+        # examples in order (arange) says the rows are the examples — also broadcast along
+        # the others' dimensions, x[arange(N)[:, None], idx] (per-example token pruning: its
+        # rows were refused as picked by the data until 2026-12-06, a hunt), its dim 0 the
+        # result's (not arange(N) broadcast along a dimension after another index's)
         how = f"index tensors over a {list(sizes)} tensor, none of them the examples in order"
         full = list(node._saved_indices) + [None] * (len(sizes) - len(node._saved_indices))
+        ndim = len(torch.broadcast_shapes(*(index.shape for index in indices)))
         along = [
-            index
+            index.reshape(n)
             for dim, index in enumerate(full)
-            if index is not None and sizes[dim] == n and index.shape == (n,)
+            if index is not None
+            and sizes[dim] == n
+            and index.dim() == ndim
+            and index.shape[0] == n
+            and index.numel() == n
         ]
         if not along:
             return how
