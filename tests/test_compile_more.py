@@ -514,3 +514,35 @@ def test_rows_routed_by_the_data_run_eagerly_under_compile(how: str) -> None:
     assert seen[:2] == ["measured", "measured"]
     assert "runs on rows the data picks or puts together" in seen[2]
     assert seen[3] == "refused"
+
+
+def test_rows_picked_from_flattened_tokens_run_eagerly_under_compile() -> None:
+    """N·k rows picked from the examples' tokens flattened [N·T, D] and viewed back to
+    [N, k, D] (DynamicViT's ``batch_index_select``): an eager step reads whether each block
+    holds its own example's rows, a compiled one cannot — the first compiled step of that
+    structure is withheld, naming the rows, and compiled code runs eagerly from then on, where a
+    step whose picks give an example another's rows is refused (until 2026-12-06 such rows were
+    taken for the examples' on every step, a hunt)."""
+    from noisescale.errors import UnsupportedModuleError
+    from test_never_silently_wrong import _BlockPicks
+
+    model = _BlockPicks("index")
+    x = torch.randn(4, 6, 4, generator=torch.Generator().manual_seed(1))
+    in_blocks = (torch.tensor([[0, 3]] * 4) + torch.arange(4)[:, None] * 6).reshape(-1)
+    compiled = torch.compile(model, backend="aot_eager")
+    engine = PerExampleNorms(model)
+    seen = []
+    try:
+        for idx in (in_blocks,) * 3 + (torch.arange(8),):
+            model.zero_grad()
+            try:
+                compiled(x, idx).pow(2).sum().backward()
+                (p,) = engine.collect()
+                seen.append(p.withheld if p.raw_sqnorms is None else "measured")
+            except UnsupportedModuleError:
+                seen.append("refused")
+    finally:
+        engine.remove()
+    assert seen[:2] == ["measured", "measured"]
+    assert "runs on rows the data picks or puts together" in seen[2]
+    assert seen[3] == "refused"

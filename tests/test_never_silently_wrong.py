@@ -3714,3 +3714,116 @@ def test_experts_numbering_as_many_as_the_batch_are_named_as_the_likely_cause():
     model.zero_grad()
     with pytest.raises(UnsupportedModuleError, match=r"happen to number 4, as many as the batch"):
         one_shot(model, x[:4], _sq)
+
+
+class _BlockPicks(nn.Module):
+    """N·k rows picked from the batch's tokens flattened [N·T, D] by an index, viewed back to
+    [N, k, D] (DynamicViT's ``batch_index_select``, ``x.reshape(B*T, D)[idx + offset]``; a
+    batch-level token budget), then a Linear and a head."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.how = how
+        self.enc, self.lin, self.head = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        flat = torch.tanh(self.enc(x)).reshape(b * t, 5)
+        if self.how == "index":
+            rows = flat[idx]
+        elif self.how == "index_select":
+            rows = flat.index_select(0, idx)
+        elif self.how == "gather":
+            rows = flat.gather(0, idx[:, None].expand(-1, 5))
+        else:
+            rows = torch.take_along_dim(flat, idx[:, None], 0)
+        return self.head(torch.tanh(self.lin(rows.view(b, -1, 5))).mean(1))
+
+
+@pytest.mark.parametrize("how", ["index", "index_select", "gather", "take_along_dim"])
+def test_rows_picked_from_flattened_tokens_and_viewed_back_are_checked_every_step(how):
+    """Each example's 2 of 6 tokens, picked from the [N·6, 5] token rows and viewed back to
+    [N, 2, 5]: exact against brute force on every step where each block holds its own
+    example's rows (DynamicViT's offsets; step 3 not audited). A step whose picks give an
+    example another's rows couples the examples: until 2026-12-06 it was measured on
+    unaudited steps (tr Σ 6–7%, |G|² 12–21% off without a word, a hunt); it is refused now,
+    naming the pick."""
+    model = _BlockPicks(how)
+    x = torch.randn(N, 6, 4, generator=torch.Generator().manual_seed(1))
+    offset = torch.arange(N)[:, None] * 6
+    steps = [torch.tensor([[0, 3]] * N), torch.tensor([[1, 2]] * N), torch.tensor([[2, 5]] * N)]
+    engine = PerExampleNorms(model)
+    try:
+        for within in steps + steps[:1]:  # (steps 1, 2 and 4 audited)
+            idx = (within + offset).reshape(-1)
+            model.zero_grad()
+            model(x, idx).pow(2).sum().backward()
+            (p,) = engine.collect()
+            with engine.paused():
+                want = example_sqnorms(model, lambda i, idx=idx: model(x, idx).pow(2).sum(1)[i], N)
+            torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-10, atol=0)
+        model.zero_grad()
+        model(x, torch.arange(2 * N)).pow(2).sum().backward()  # (all of the first examples')
+        with pytest.raises(UnsupportedModuleError, match="flattened with their positions"):
+            engine.collect()  # (step 5, not audited)
+    finally:
+        engine.remove()
+
+
+def test_rows_picked_from_flattened_tokens_on_an_accelerator_are_flagged(monkeypatch):
+    """On an accelerator the blocks are compared on the device: false in blocks, true where
+    an example is given another's rows (for the tracker to refuse when it reads the step)."""
+    _as_on_an_accelerator(monkeypatch)
+    model = _BlockPicks("index")
+    x = torch.randn(N, 6, 4)
+    engine = PerExampleNorms(model)
+    try:
+        in_blocks = (torch.tensor([[0, 3]] * N) + torch.arange(N)[:, None] * 6).reshape(-1)
+        # (steps 1 and 2 audited; step 3 not: its flag left for the tracker)
+        for idx, flagged in ((in_blocks, False),) * 2 + ((torch.arange(2 * N), True),):
+            model.zero_grad()
+            model(x, idx).pow(2).sum().backward()
+            engine.collect()
+            ((label, said, flag),) = engine.unread_picks
+            assert label == "lin" and "flattened with their positions" in said
+            assert bool(flag) is flagged
+    finally:
+        engine.remove()
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_tokens_kept_by_an_index_broadcast_from_arange_are_exact(monkeypatch, on_device):
+    """``x[torch.arange(B)[:, None], idx]`` — per-example token pruning, the batch index
+    broadcast along the kept tokens — runs along the examples in order, as ``torch.gather``
+    does: exact (refused until 2026-12-06 as rows picked by the data, a hunt). On an
+    accelerator the comparison with arange(N) stays on the device, its flag false."""
+    if on_device:
+        _as_on_an_accelerator(monkeypatch)
+    torch.manual_seed(0)
+
+    class Keep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc, self.lin, self.head = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.enc(x))
+            idx = x[..., 0].topk(3, dim=1).indices  # (data-dependent, [N, 3])
+            h = h[torch.arange(x.shape[0])[:, None], idx]
+            return self.head(torch.tanh(self.lin(h)).mean(1)).pow(2).sum(-1)
+
+    model = Keep()
+    x = torch.randn(N, 8, 4)
+    engine = PerExampleNorms(model)
+    try:
+        for _ in range(3):  # (step 3 not audited)
+            model.zero_grad()
+            model(x).sum().backward()
+            (p,) = engine.collect()
+            assert all(not bool(flag) for _, _, flag in engine.unread_picks)
+            with engine.paused():
+                want = truth(model, x, lambda m, xi: m(xi))
+            torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-10, atol=0)
+    finally:
+        engine.remove()

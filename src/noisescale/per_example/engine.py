@@ -2193,7 +2193,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                     else None
                 )
         flat = (
-            self._flat_rows(pass_, rule, module, args, size, n, in_dim)
+            self._flat_rows(pass_, rule, module, label, args, size, n, in_dim)
             if single
             and size != n
             and isinstance(output, Tensor)
@@ -2288,6 +2288,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         pass_: PassNorms,
         rule: LayerRule,
         module: nn.Module,
+        label: str,
         args: tuple,
         size: Any,
         n: int,
@@ -2302,11 +2303,19 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         its memory showing it: a view flattening one of the model's inputs, [N, a, …] →
         [N·a, …] (:func:`_flattened_input`). 0 otherwise: the call is shared. The
         audit checks the rows' attribution on the first pass of each structure; a layer whose
-        rows are not each example's in turn is learned as shared."""
+        rows are not each example's in turn is learned as shared. The examples beneath the
+        flattening are checked on every step, as a layer's input of the batch's size is
+        (:meth:`_rows_not_examples`): a batch the data reordered (``h[order]``) makes the call
+        shared; on an accelerator the comparison is left on the device
+        (``pass_.unread_picks``)."""
         if in_dim != 0 or self.batch_dim() != 0 or not _flat_size(rule, module, size, n):
             return 0
         x = args[0]
-        if _example_major(x, n, size) or _flattened_input(x, pass_.inputs, n, size):
+        unread: list[tuple[str, Tensor]] = []
+        if _example_major(x, n, size, unread):
+            pass_.unread_picks += [(label, how, flag) for how, flag in unread]
+            return size // n
+        if _flattened_input(x, pass_.inputs, n, size):
             return size // n
         return 0
 

@@ -162,7 +162,9 @@ def _flat_size(rule: LayerRule, module: nn.Module, size: Any, n: int) -> bool:
     )
 
 
-def _example_major(x: Tensor, n: int, size: int) -> bool:
+def _example_major(
+    x: Tensor, n: int, size: int, unread: list[tuple[str, Tensor]] | None = None
+) -> bool:
     """Whether ``x`` ([size, …], size = k·N) provably holds each example's k rows in turn.
 
     With a history: every path back through it passes only through operations that keep rows
@@ -173,13 +175,35 @@ def _example_major(x: Tensor, n: int, size: int) -> bool:
     experts' routing), a transpose or anything else not listed — such rows could be ordered by
     the data, differently at every step. This is necessary, not sufficient: whether each
     output row's gradient comes from its example alone depends on what consumes it, which the
-    audit's replay compares (a flattened call no replay compared is not measured)."""
+    audit's replay compares (a flattened call no replay compared is not measured).
+
+    A view whose input's leading size is another multiple of ``size`` keeps each row's
+    elements together (a view keeps the row-major order): nn.Linear on ``[B·F, P, D]``
+    returns ``addmm(...).view(B·F, P, O)`` of ``[B·F·P, O]``, the ``(b t) n d`` layout of
+    video transformers written by hand — an MLP block there was taken for a shared call and
+    refused until 2026-12-06 (a hunt). A table repeated from parameters alone
+    (``frame.repeat(B, 1)``) holds no example, as a bias (refused until 2026-12-06, while the
+    same table expanded and reshaped was measured; a hunt). The tensor a flattening view
+    flattened is checked, as a layer's input of the batch's size is, for rows picked along
+    the examples by the data (:func:`_picked_rows`: a batch sorted inside the forward,
+    ``h[order].reshape(B*T, D)``, gave the MLP's rows to the wrong examples on unaudited
+    steps until 2026-12-06, tr Σ up to 53% off without a word, a hunt); on an accelerator
+    the comparison is appended to ``unread``."""
     fn = x.grad_fn
     if fn is None:
         return False  # no history to read (input data, a frozen activation): shared
-    stack, seen, budget = [fn], set(), 64
+    return _example_major_from(fn, n, size, unread)
+
+
+def _example_major_from(
+    fn: Any, n: int, size: int, unread: list[tuple[str, Tensor]] | None
+) -> bool:
+    """:func:`_example_major` from an autograd node whose tensor has ``size`` leading rows."""
+    # (each node with the leading size of its tensor, a multiple of ``size``: the rows of
+    # ``x``'s row r are that tensor's rows r·m … r·m + m - 1)
+    stack, seen, budget = [(fn, size)], set(), 64
     while stack:
-        node = stack.pop()
+        node, rows = stack.pop()
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
@@ -191,15 +215,18 @@ def _example_major(x: Tensor, n: int, size: int) -> bool:
             continue  # a parameter, broadcast over the rows (a bias)
         if name in _VIEW_NODES:
             sizes = [int(s) for s in getattr(node, "_saved_self_sym_sizes", ())]
-            if sizes and sizes[0] == size:
-                stack.extend(f for f, _ in node.next_functions)  # the rows kept
+            if len(sizes) >= 2 and sizes[0] == n and rows % n == 0:
+                # the flattening of [N, a, …] into rows·…: each example's rows in turn (a view
+                # keeps the row-major order: [N, F·P, D] → [N·F, P, D] too) — of the examples
+                # in order, unless the data picked them (h[order], sorted inside the forward)
+                beneath = node.next_functions[0][0] if node.next_functions else None
+                if beneath is not None and _picked_rows(beneath, n, unread) is not None:
+                    return False
                 continue
-            if (
-                len(sizes) >= 2
-                and sizes[0] == n
-                and size in itertools.accumulate(sizes[:-1], operator.mul)
-            ):
-                continue  # the flattening of [N, a, …]: each example's rows in turn
+            if sizes and sizes[0] % size == 0:
+                # (the same rows, or each split into whole rows or merged with its own)
+                stack.extend((f, sizes[0]) for f, _ in node.next_functions)
+                continue
             return False
         if name in _PRODUCT_NODES:
             edges = node.next_functions
@@ -209,10 +236,31 @@ def _example_major(x: Tensor, n: int, size: int) -> bool:
                 weight = weight.next_functions[0][0]  # transposed, cast (autocast)
             if weight is not None and type(weight).__name__ != "AccumulateGrad":
                 return False  # a product with an activation: rows mixed
-            stack.extend(f for i, (f, _) in enumerate(edges) if i != at + 1)
+            stack.extend((f, rows) for i, (f, _) in enumerate(edges) if i != at + 1)
             continue
+        if name == "RepeatBackward0" and _parameters_only(node.next_functions[0][0]):
+            continue  # a table repeated, made from parameters alone: no example's rows
         if name not in _ROWWISE_NODES:
             return False
+        stack.extend((f, rows) for f, _ in node.next_functions)
+    return True
+
+
+def _parameters_only(node: Any, budget: int = 16) -> bool:
+    """Whether the tensor of autograd ``node`` was computed from parameters alone: every
+    path back through its history ends at a parameter's accumulation. Not where one ends at
+    a tensor without a history (input data, a constant: it may hold the batch) or at a leaf
+    that is not a parameter (an input that requires grad)."""
+    stack = [node]
+    while stack:
+        node = stack.pop()
+        budget -= 1
+        if node is None or budget < 0:
+            return False
+        if type(node).__name__ == "AccumulateGrad":
+            if not isinstance(node.variable, nn.Parameter):
+                return False
+            continue
         stack.extend(f for f, _ in node.next_functions)
     return True
 
@@ -443,7 +491,15 @@ def _selected_rows(
     ``None`` then, and ``(how, flag)`` is appended to ``unread``, ``flag`` a device boolean,
     true when none of them is the examples in order — the tracker refuses the step when it
     reads the step's statistics, before they are folded into the estimate."""
-    node = _row_origin(x)
+    if x is None or x.grad_fn is None or torch.compiler.is_compiling():
+        return None
+    return _picked_rows(x.grad_fn, n, unread)
+
+
+def _picked_rows(node: Any, n: int, unread: list[tuple[str, Tensor]] | None = None) -> str | None:
+    """:func:`_selected_rows` from the autograd node of a tensor with ``n`` leading rows (also
+    the tensor a flattening view flattened: :func:`_example_major`)."""
+    node = _origin_of(node)
     if node is None:
         return None
     kind = type(node).__name__
@@ -476,9 +532,10 @@ def _selected_rows(
             return how
         if len(indices) == 1:
             index = node._saved_indices[0]
-            if index is None or index.dim() == 0 or index.shape[0] != n:
-                # (along another dimension; or rows that a view takes from another
-                # dimension, aligned with the source's)
+            if index is not None and index.dim() > 0 and index.shape[0] != n:
+                return _in_blocks(node, index, sizes, n, unread, "h.reshape(N*T, D)[idx]")
+            if index is None or index.dim() == 0:
+                # (along another dimension)
                 return None
             if sizes[0] != n:
                 return f"an index over the {sizes[0]} rows of a {list(sizes)} tensor"
@@ -487,13 +544,21 @@ def _selected_rows(
             # took row r for example r on unaudited steps until 2026-12-06, 40% off (a hunt)
             return _along_examples(torch.where(index < 0, index + n, index), n, unread, "h[idx]")
         # several index tensors: one along a dimension of the batch's size that is the
-        # examples in order (arange) says the rows are the examples
+        # examples in order (arange) says the rows are the examples — also broadcast along
+        # the others' dimensions, x[arange(N)[:, None], idx] (per-example token pruning: its
+        # rows were refused as picked by the data until 2026-12-06, a hunt), its dim 0 the
+        # result's (not arange(N) broadcast along a dimension after another index's)
         how = f"index tensors over a {list(sizes)} tensor, none of them the examples in order"
         full = list(node._saved_indices) + [None] * (len(sizes) - len(node._saved_indices))
+        ndim = len(torch.broadcast_shapes(*(index.shape for index in indices)))
         along = [
-            index
+            index.reshape(n)
             for dim, index in enumerate(full)
-            if index is not None and sizes[dim] == n and index.shape == (n,)
+            if index is not None
+            and sizes[dim] == n
+            and index.dim() == ndim
+            and index.shape[0] == n
+            and index.numel() == n
         ]
         if not along:
             return how
@@ -521,20 +586,88 @@ def _selected_rows(
         if _dim_of(node._saved_dim, len(sizes)) != 0:
             return None
         index = node._saved_index
-        if not sizes or index.dim() == 0 or index.shape[0] != n:
+        if not sizes or index.dim() == 0:
             return None
+        spelled = "index_select" if kind.startswith("IndexSelect") else "gather"
+        if index.shape[0] != n:
+            return _in_blocks(node, index, tuple(sizes), n, unread, spelled)
         if sizes[0] == n:
             # (along the examples' own dimension, as h[idx] above: index_select, gather,
             # take_along_dim — a review of 2026-12-06 found them 78% off on unaudited steps —
             # but a reordering is left to the audit: pad_packed_sequence puts a batch packed
             # with enforce_sorted=False back in its order by index_select, and the rows are
             # the examples again)
-            spelled = "index_select" if kind.startswith("IndexSelect") else "gather"
             return _along_examples(index, n, unread, spelled, reorders=False)
         return f"an index over the {sizes[0]} rows of a {list(sizes)} tensor"
     if kind in ("MaskedSelectBackward0", "TakeBackward0"):
         return "a masked_select or take, whose result is flat"
     return None
+
+
+def _in_blocks(
+    node: Any,
+    index: Tensor,
+    sizes: tuple,
+    n: int,
+    unread: list[tuple[str, Tensor]] | None,
+    spelled: str,
+) -> str | None:
+    """Rows picked along dim 0 by ``index`` (``node``'s, of another length than ``n``) from
+    a tensor of ``sizes``, which a view then shows with the batch's ``n`` leading rows. Where
+    that tensor is the examples flattened with their positions, [N·T, …] (its history shows
+    it: :func:`_example_major`), N·k picked rows viewed back to [N, k, …] are the examples'
+    only when each block of k holds rows of its own example — ``idx // T`` is b in block b,
+    as DynamicViT's ``x.reshape(B*N, C)[idx + offset]`` keeps them —, read on every step as
+    :func:`_along_examples` reads an index: until 2026-12-06 the rows were taken for the
+    examples' on every step, and a step whose picks crossed examples (a batch-level token
+    budget) was measured, tr Σ 6–7% and |G|² 12–21% off without a word (a hunt). Otherwise
+    ``None``: along another dimension, or rows that a view takes from another dimension,
+    aligned with the source's (a table's rows looked up by the examples' indices)."""
+    rows = _block_rows(node, index, sizes, n, unread)
+    if not rows:
+        return None
+    picked = int(index.shape[0])
+    how = (
+        f"an index into the examples flattened with their positions ({spelled}, {picked} of "
+        f"{rows} rows, viewed back as the examples' {picked // n} each) that gives an example "
+        "rows of another"
+    )
+    index = torch.where(index < 0, index + rows, index)
+    owner = torch.arange(n, device=index.device).view(n, 1)
+    own = (index.reshape(n, -1) // (rows // n) == owner).all()
+    if not _host_reads_indices(index):
+        if unread is not None:
+            unread.append((how, own.logical_not()))
+        return None
+    return None if bool(own) else how
+
+
+def _block_rows(
+    node: Any,
+    index: Tensor,
+    sizes: Sequence,
+    n: int,
+    unread: list[tuple[str, Tensor]] | None = None,
+) -> int:
+    """The N·T rows of the examples flattened with their positions that ``node`` picks N·k
+    of along dim 0 by ``index`` (:func:`_in_blocks`), when its history shows them so; 0
+    otherwise."""
+    rows = int(sizes[0]) if sizes else 0
+    picked = int(index.shape[0]) if index.dim() > 0 else 0
+    if rows <= n or rows % n or picked <= n or picked % n:
+        return 0
+    source = node.next_functions[0][0] if node.next_functions else None
+    if type(source).__name__ == "ExpandBackward0" and tuple(source._saved_self_sym_sizes[:1]) == (
+        rows,
+    ):
+        source = source.next_functions[0][0]  # (take_along_dim broadcasts its source)
+    if (
+        source is None
+        or _parameters_only(source)  # (a table's rows, looked up by the examples' indices)
+        or not _example_major_from(source, n, rows, unread)
+    ):
+        return 0
+    return rows
 
 
 # autograd nodes that put together rows along dim 0 from pieces or by an index: which example
@@ -559,7 +692,8 @@ _ASSEMBLING_NAMES = {
 
 def _routed_by_index(x: Tensor | None, n: int) -> bool:
     """Whether ``x``'s rows were taken along the examples by an index (``h[idx]``,
-    ``index_select``, ``gather``), in order or not, through views and
+    ``index_select``, ``gather``), in order or not, or N·k of them from the examples
+    flattened with their positions and viewed back (:func:`_in_blocks`), through views and
     elementwise functions: an eager step reads the index (:func:`_selected_rows`), a compiled
     one cannot, so such a model's compiled steps run eagerly (``ExampleCheck._audit_wanted``;
     a review of 2026-12-06 found them 78% off under torch.compile)."""
@@ -578,9 +712,11 @@ def _routed_by_index(x: Tensor | None, n: int) -> bool:
             and first is not None
             and first.dtype != torch.bool
             and bool(sizes)
-            and sizes[0] == n
             and first.dim() > 0
-            and first.shape[0] == n
+            and (
+                (sizes[0] == n and first.shape[0] == n)
+                or (first.shape[0] != n and _block_rows(node, first, sizes, n) > 0)
+            )
         )
     if kind in ("IndexSelectBackward0", "GatherBackward0"):
         sizes = getattr(node, "_saved_self_sym_sizes", None)
@@ -589,9 +725,11 @@ def _routed_by_index(x: Tensor | None, n: int) -> bool:
         return (
             _dim_of(node._saved_dim, len(sizes)) == 0
             and bool(sizes)
-            and sizes[0] == n
             and index.dim() > 0
-            and index.shape[0] == n
+            and (
+                (sizes[0] == n and index.shape[0] == n)
+                or (index.shape[0] != n and _block_rows(node, index, sizes, n) > 0)
+            )
         )
     return False
 
