@@ -18,7 +18,7 @@ from torch import nn
 
 import noisescale
 from noisescale.errors import UnsupportedModuleError
-from test_subbatch import assert_exact_both_modes, train_tracked
+from test_subbatch import assert_exact_both_modes, example_sqnorms, train_tracked
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -82,3 +82,146 @@ def test_a_copy_of_the_input_flattened_is_still_refused():
     with pytest.raises(UnsupportedModuleError, match="never met the batch"):
         with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
             model(x).pow(2).sum().backward()
+
+
+# -- a CNN over a video's frames folded into the batch -----------------------------------------
+#
+# cnn(x.flatten(0, 1)).unflatten(0, (B, T)) (TSN, CNN-LSTM): each example's T frames in turn along
+# dim 0. An example's gradient of a convolution is the sum of its frames', that of one
+# convolution whose positions are its T frames' together. Until 2026-12-06 such a call was
+# taken for one shared by every example and the model refused in every mode (a hunt).
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_FRAME = {1: (8,), 2: (6, 6), 3: (4, 4, 4)}
+
+
+class FrameCNN(nn.Module):
+    """``variant``: "plain" (padding, stride, groups: one weight-gradient convolution per
+    sub-batch); "wide" (a patchify stem, then reflect, replicate and circular padding,
+    dilation, groups of 8 channels: the sub-batches' grouped convolution); "gram" (1×1 feature
+    maps: the patches' Gram form, with groups). ``temporal``: pooled over the frames by a mean
+    or a GRU."""
+
+    def __init__(self, dims: int, variant: str = "plain", temporal: str = "mean"):
+        super().__init__()
+        conv, self.temporal = _CONV[dims], temporal
+        if variant == "plain":
+            layers = [conv(3, 4, 3, padding=1), nn.GELU(), conv(4, 6, 3, stride=2, groups=2)]
+        elif variant == "wide":
+            layers = [
+                conv(3, 8, 2, stride=2),
+                nn.GELU(),
+                conv(8, 16, 3, padding=1, padding_mode="reflect"),
+                nn.Tanh(),
+                conv(16, 16, 3, padding="same", dilation=2, padding_mode="replicate", groups=2),
+                nn.GELU(),
+                # (circular padding copies slices: the walk cannot prove a convolution's rows
+                # kept across it, so a frame convolution after it would be refused)
+                conv(16, 6, 3, padding=1, padding_mode="circular", groups=2),
+            ]
+        else:  # "gram": 3×3 frames to 1×1
+            layers = [conv(3, 16, 3), nn.GELU(), conv(16, 6, 1, groups=2)]
+        self.cnn = nn.Sequential(*layers)
+        self.gru = nn.GRU(6, 6, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):  # [B, T, 3, *frame]
+        b, t = x.shape[:2]
+        f = self.cnn(x.flatten(0, 1)).flatten(2).mean(2).unflatten(0, (b, t))
+        return self.head(f.mean(1) if self.temporal == "mean" else self.gru(f)[0][:, -1])
+
+
+def _frames(dims: int, variant: str, frames: int, seed: int = 1):
+    size = (3,) * dims if variant == "gram" else _FRAME[dims]
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, frames, 3, *size, generator=g), torch.randint(0, 3, (N,), generator=g)
+
+
+@pytest.mark.parametrize("frames", [N, 2])
+@pytest.mark.parametrize(
+    "dims, variant, temporal",
+    [
+        (2, "plain", "mean"),
+        (2, "plain", "gru"),
+        (2, "wide", "mean"),
+        (2, "gram", "mean"),
+        (1, "plain", "mean"),
+        (1, "wide", "gru"),
+        (3, "plain", "mean"),
+    ],
+)
+def test_a_cnn_over_frames_folded_into_the_batch_is_exact(dims, variant, temporal, frames):
+    """The one-shot norms and the default source's sub-batches (an unaudited pass too) against
+    brute force, at T = N and T ≠ N."""
+    torch.manual_seed(0)
+    model = FrameCNN(dims, variant, temporal)
+    x, y = _frames(dims, variant, frames)
+    assert_exact_both_modes(
+        model, lambda: nn.functional.cross_entropy(model(x), y, reduction="none"), N
+    )
+
+
+@pytest.mark.parametrize("temporal", ["mean", "gru"])
+def test_the_tracker_s_exact_mode_measures_a_cnn_over_folded_frames(temporal):
+    """Every step of the exact mode (steps 1–2 audited, 3 not), new frames each step: the mean
+    of the examples' squared norms against brute force."""
+    torch.manual_seed(0)
+    model = FrameCNN(2, "wide", temporal)
+    tracker = noisescale.GradientNoiseTracker(model, loss_reduction="sum", per_example_fraction=1.0)
+    try:
+        for step in range(3):
+            x, y = _frames(2, "wide", 2, seed=step)
+
+            def losses(x=x, y=y):
+                return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+            model.zero_grad()
+            losses().sum().backward()
+            tracker.step()
+            model.zero_grad()
+            with tracker.paused():
+                want = example_sqnorms(model, lambda i, f=losses: f()[i], N)
+            got = tracker.history[-1]["sources"]["per_example"]["sqnorm_small"]
+            assert got == pytest.approx(float(want.mean()), rel=1e-9), step
+    finally:
+        tracker.remove()
+
+
+def test_frames_folded_time_major_are_still_refused():
+    """``x.transpose(0, 1).flatten(0, 1)``: a copy, its rows the frames' in turn, not the
+    examples' — not proven, refused."""
+
+    class TimeMajor(FrameCNN):
+        def forward(self, x):
+            b, t = x.shape[:2]
+            f = self.cnn(x.transpose(0, 1).flatten(0, 1)).flatten(2).mean(2)
+            return self.head(f.unflatten(0, (t, b)).mean(0))
+
+    torch.manual_seed(0)
+    model = TimeMajor(2)
+    x, y = _frames(2, "plain", 2)
+    with pytest.raises(UnsupportedModuleError, match="called on input that is not per-example"):
+        with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
+            nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+
+
+def test_an_unbatched_convolution_on_flattened_examples_is_refused_naming_it():
+    """Conv2d(N·a, N·a) called unbatched on [N·a, H, W], a view of the input [N, a, H, W]: its
+    channels are the examples' rows, mixed — refused naming the unbatched call (the flattened
+    path would have handed it over as [N, a, H, W] and read a as its channels)."""
+    n, a = 3, 2
+
+    class Unbatched(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(n * a, n * a, 3, padding=1), nn.Linear(4, 1)
+
+        def forward(self, x):
+            h = self.conv(x.reshape(n * a, 4, 4)).mean(-1)
+            return self.head(h).sum() * x.sum((1, 2, 3))
+
+    torch.manual_seed(0)
+    model = Unbatched()
+    with pytest.raises(UnsupportedModuleError, match="called unbatched"):
+        with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
+            model(torch.randn(n, a, 4, 4)).sum().backward()

@@ -2197,6 +2197,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             if single
             and size != n
             and isinstance(output, Tensor)
+            # (rows kept: not an unbatched convolution's channels, 2026-12-06)
+            and output.shape[:1] == args[0].shape[:1]
             and module not in self._learned_shared
             else 0
         )

@@ -140,6 +140,9 @@ _ROWWISE_NODES = frozenset(
         "LeakyReluBackward0", "HardswishBackward0", "HardsigmoidBackward0", "SoftplusBackward0",
         "ThresholdBackward0", "NativeDropoutBackward0", "CloneBackward0", "ToCopyBackward0",
         "NativeLayerNormBackward0",
+        # a convolution's reflect and replicate padding (its spatial dims only; 2026-12-06)
+        "ReflectionPad1DBackward0", "ReflectionPad2DBackward0", "ReflectionPad3DBackward0",
+        "ReplicationPad1DBackward0", "ReplicationPad2DBackward0", "ReplicationPad3DBackward0",
     }
 )  # fmt: skip
 
@@ -147,7 +150,9 @@ _ROWWISE_NODES = frozenset(
 _VIEW_NODES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
 
 
-_PRODUCT_NODES = {"AddmmBackward0": 1, "MmBackward0": 0}  # the input's position (x @ Wᵀ)
+# the input's position (x @ Wᵀ; a batched convolution's image r is its input image r's alone:
+# the frames of a CNN folded into the batch, until 2026-12-06 refused, a hunt)
+_PRODUCT_NODES = {"AddmmBackward0": 1, "MmBackward0": 0, "ConvolutionBackward0": 0}
 
 
 def _flat_size(rule: LayerRule, module: nn.Module, size: Any, n: int) -> bool:
