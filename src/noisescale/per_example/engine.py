@@ -3193,9 +3193,16 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         pass_.unsupported.append((origin, op))
 
     def record_ambiguous(
-        self, pass_: PassNorms, origin: Origin, op: str, shapes: tuple[tuple, tuple], kind: str
+        self,
+        pass_: PassNorms,
+        origin: Origin,
+        op: str,
+        shapes: tuple[tuple, tuple],
+        kind: str,
+        lookup: int = 0,
     ) -> None:
-        pass_.ambiguous.append((origin, op, *shapes, kind))
+        """``lookup``: the size k·N of the index that looked the shared rows up (0: none)."""
+        pass_.ambiguous.append((origin, op, *shapes, kind, lookup))
 
     # -- backward hooks -----------------------------------------------------------------------
 
