@@ -18,6 +18,7 @@ from torch import nn
 
 import noisescale
 from noisescale.errors import UnsupportedModuleError
+from noisescale.per_example import PerExampleNorms
 from test_subbatch import assert_exact_both_modes, example_sqnorms, train_tracked
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -225,3 +226,121 @@ def test_an_unbatched_convolution_on_flattened_examples_is_refused_naming_it():
     with pytest.raises(UnsupportedModuleError, match="called unbatched"):
         with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
             model(torch.randn(n, a, 4, 4)).sum().backward()
+
+
+# -- an RNN cell on the examples flattened together with their slots ---------------------------
+#
+# Slot Attention: self.gru(updates.reshape(-1, D), slots.reshape(-1, D)) on [N·S, D] rows. A
+# cell treats its rows alike, as a Linear does: an example's gradient is the sum of its S rows'.
+# Until 2026-12-06 refused in every mode, advising a per-example input a cell cannot take (a
+# hunt). Brute force: each example's own loss, one backward each.
+
+
+class SlotAttention(nn.Module):
+    """Slots initialised from per-example noise given with the input (noise drawn inside the
+    forward is tied to batch positions, not examples, which the audit's example check
+    refuses); the LSTMCell carries its (h, c) from one iteration to the next unreshaped (the
+    first call with no state)."""
+
+    def __init__(self, cell: str, slots: int, d: int = 4, iters: int = 2):
+        super().__init__()
+        self.kind, self.s, self.d, self.iters = cell, slots, d, iters
+        self.inp, self.ni, self.ns = nn.Linear(4, d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.mu, self.logsig = (
+            nn.Parameter(torch.randn(1, 1, d)),
+            nn.Parameter(torch.zeros(1, 1, d)),
+        )
+        self.q, self.k, self.v = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.cell = {"gru": nn.GRUCell, "lstm": nn.LSTMCell, "rnn": nn.RNNCell}[cell](d, d)
+        self.mlp, self.head = (
+            nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d)),
+            nn.Linear(d, 3),
+        )
+
+    def forward(self, xn):  # [B, T + S, 4]: T inputs, then the S slots' noise
+        b, d = xn.shape[0], self.d
+        x, noise = xn[:, : -self.s], xn[:, -self.s :]
+        x = self.ni(self.inp(x))
+        k, v = self.k(x), self.v(x)
+        slots, state = self.mu + self.logsig.exp() * noise, None
+        for _ in range(self.iters):
+            attn = torch.einsum("bid,bjd->bij", k, self.q(self.ns(slots))).div(d**0.5).softmax(-1)
+            attn = attn / attn.sum(1, keepdim=True)
+            upd = torch.einsum("bij,bid->bjd", attn, v).reshape(-1, d)
+            if self.kind == "lstm":
+                state = self.cell(upd) if state is None else self.cell(upd, state)
+                h = state[0]
+            else:
+                h = self.cell(upd, slots.reshape(-1, d))
+            slots = h.reshape(b, -1, d)
+            slots = slots + self.mlp(slots)
+        return self.head(slots.mean(1))
+
+
+def _slot_case(cell: str, slots: int, seed: int = 1):
+    torch.manual_seed(0)
+    model = SlotAttention(cell, slots)
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(N, 5 + slots, 4, generator=g), torch.randint(0, 3, (N,), generator=g)
+    return model, x, y
+
+
+@pytest.mark.parametrize("slots", [N, 3])
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+def test_an_rnn_cell_on_examples_flattened_with_their_slots_is_exact(cell, slots):
+    """The one-shot norms and the default source's sub-batches (an unaudited pass too) against
+    brute force, at S = N and S ≠ N."""
+    model, x, y = _slot_case(cell, slots)
+    assert_exact_both_modes(
+        model, lambda: nn.functional.cross_entropy(model(x), y, reduction="none"), N
+    )
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_an_rnn_cell_on_flattened_slots_measured_for_a_subset_of_the_examples(cell):
+    """``per_example_fraction=0.5``: each drawn example's S rows are the cell's rows measured,
+    exact against brute force (the importance weights undone)."""
+    model, x, y = _slot_case(cell, 3)
+
+    def losses():
+        return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+    engine = PerExampleNorms(model, per_example_fraction=0.5)
+    try:
+        subsets = 0
+        for _ in range(3):  # (the first pass is audited: every example)
+            model.zero_grad()
+            losses().sum().backward()
+            (p,) = engine.collect()
+            with engine.paused():
+                want = example_sqnorms(model, lambda i: losses()[i], N)
+            if p.rows is None:
+                torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
+                continue
+            subsets += 1
+            got = p.raw_sqnorms / p.row_weights
+            torch.testing.assert_close(got, want[p.rows], rtol=1e-9, atol=0)
+        assert subsets
+    finally:
+        engine.remove()
+
+
+def test_a_cell_on_flattened_rows_that_are_not_proven_is_still_refused():
+    """The slots flattened time-major (``transpose(0, 1).reshape(-1, D)``: a copy whose rows
+    are the slots' in turn) prove nothing: refused as before."""
+
+    class TimeMajor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell, self.head = nn.GRUCell(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):  # [B, S, 4]
+            b, s, d = x.shape
+            h = self.cell(x.transpose(0, 1).reshape(-1, d)).reshape(s, b, d)
+            return self.head(h.mean(0))
+
+    torch.manual_seed(0)
+    model = TimeMajor()
+    with pytest.raises(UnsupportedModuleError, match="called on input that is not per-example"):
+        with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
+            model(torch.randn(N, 3, 4)).pow(2).sum().backward()
