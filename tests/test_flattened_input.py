@@ -18,7 +18,13 @@ from torch import nn
 
 import noisescale
 from noisescale.errors import UnsupportedModuleError
-from test_subbatch import assert_exact_both_modes, assert_subbatches_exact, train_tracked
+from noisescale.per_example import PerExampleNorms
+from test_subbatch import (
+    assert_exact_both_modes,
+    assert_subbatches_exact,
+    example_sqnorms,
+    train_tracked,
+)
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -235,3 +241,264 @@ def test_a_sorted_batch_flattened_on_an_accelerator_is_flagged_on_the_device(mon
             engine.collect()  # (step 4, audited)
     finally:
         engine.remove()
+
+
+# -- a CNN over a video's frames folded into the batch -----------------------------------------
+#
+# cnn(x.flatten(0, 1)).unflatten(0, (B, T)) (TSN, CNN-LSTM): each example's T frames in turn along
+# dim 0. An example's gradient of a convolution is the sum of its frames', that of one
+# convolution whose positions are its T frames' together. Until 2026-12-06 such a call was
+# taken for one shared by every example and the model refused in every mode (a hunt).
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_FRAME = {1: (8,), 2: (6, 6), 3: (4, 4, 4)}
+
+
+class FrameCNN(nn.Module):
+    """``variant``: "plain" (padding, stride, groups: one weight-gradient convolution per
+    sub-batch); "wide" (a patchify stem, then reflect, replicate and circular padding,
+    dilation, groups of 8 channels: the sub-batches' grouped convolution); "gram" (1×1 feature
+    maps: the patches' Gram form, with groups). ``temporal``: pooled over the frames by a mean
+    or a GRU."""
+
+    def __init__(self, dims: int, variant: str = "plain", temporal: str = "mean"):
+        super().__init__()
+        conv, self.temporal = _CONV[dims], temporal
+        if variant == "plain":
+            layers = [conv(3, 4, 3, padding=1), nn.GELU(), conv(4, 6, 3, stride=2, groups=2)]
+        elif variant == "wide":
+            layers = [
+                conv(3, 8, 2, stride=2),
+                nn.GELU(),
+                conv(8, 16, 3, padding=1, padding_mode="reflect"),
+                nn.Tanh(),
+                conv(16, 16, 3, padding="same", dilation=2, padding_mode="replicate", groups=2),
+                nn.GELU(),
+                # (circular padding copies slices: the walk cannot prove a convolution's rows
+                # kept across it, so a frame convolution after it would be refused)
+                conv(16, 6, 3, padding=1, padding_mode="circular", groups=2),
+            ]
+        else:  # "gram": 3×3 frames to 1×1
+            layers = [conv(3, 16, 3), nn.GELU(), conv(16, 6, 1, groups=2)]
+        self.cnn = nn.Sequential(*layers)
+        self.gru = nn.GRU(6, 6, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):  # [B, T, 3, *frame]
+        b, t = x.shape[:2]
+        f = self.cnn(x.flatten(0, 1)).flatten(2).mean(2).unflatten(0, (b, t))
+        return self.head(f.mean(1) if self.temporal == "mean" else self.gru(f)[0][:, -1])
+
+
+def _frames(dims: int, variant: str, frames: int, seed: int = 1):
+    size = (3,) * dims if variant == "gram" else _FRAME[dims]
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, frames, 3, *size, generator=g), torch.randint(0, 3, (N,), generator=g)
+
+
+@pytest.mark.parametrize("frames", [N, 2])
+@pytest.mark.parametrize(
+    "dims, variant, temporal",
+    [
+        (2, "plain", "mean"),
+        (2, "plain", "gru"),
+        (2, "wide", "mean"),
+        (2, "gram", "mean"),
+        (1, "plain", "mean"),
+        (1, "wide", "gru"),
+        (3, "plain", "mean"),
+    ],
+)
+def test_a_cnn_over_frames_folded_into_the_batch_is_exact(dims, variant, temporal, frames):
+    """The one-shot norms and the default source's sub-batches (an unaudited pass too) against
+    brute force, at T = N and T ≠ N."""
+    torch.manual_seed(0)
+    model = FrameCNN(dims, variant, temporal)
+    x, y = _frames(dims, variant, frames)
+    assert_exact_both_modes(
+        model, lambda: nn.functional.cross_entropy(model(x), y, reduction="none"), N
+    )
+
+
+@pytest.mark.parametrize("temporal", ["mean", "gru"])
+def test_the_tracker_s_exact_mode_measures_a_cnn_over_folded_frames(temporal):
+    """Every step of the exact mode (steps 1–2 audited, 3 not), new frames each step: the mean
+    of the examples' squared norms against brute force."""
+    torch.manual_seed(0)
+    model = FrameCNN(2, "wide", temporal)
+    tracker = noisescale.GradientNoiseTracker(model, loss_reduction="sum", per_example_fraction=1.0)
+    try:
+        for step in range(3):
+            x, y = _frames(2, "wide", 2, seed=step)
+
+            def losses(x=x, y=y):
+                return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+            model.zero_grad()
+            losses().sum().backward()
+            tracker.step()
+            model.zero_grad()
+            with tracker.paused():
+                want = example_sqnorms(model, lambda i, f=losses: f()[i], N)
+            got = tracker.history[-1]["sources"]["per_example"]["sqnorm_small"]
+            assert got == pytest.approx(float(want.mean()), rel=1e-9), step
+    finally:
+        tracker.remove()
+
+
+def test_frames_folded_time_major_are_still_refused():
+    """``x.transpose(0, 1).flatten(0, 1)``: a copy, its rows the frames' in turn, not the
+    examples' — not proven, refused."""
+
+    class TimeMajor(FrameCNN):
+        def forward(self, x):
+            b, t = x.shape[:2]
+            f = self.cnn(x.transpose(0, 1).flatten(0, 1)).flatten(2).mean(2)
+            return self.head(f.unflatten(0, (t, b)).mean(0))
+
+    torch.manual_seed(0)
+    model = TimeMajor(2)
+    x, y = _frames(2, "plain", 2)
+    with pytest.raises(UnsupportedModuleError, match="called on input that is not per-example"):
+        with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
+            nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+
+
+def test_an_unbatched_convolution_on_flattened_examples_is_refused_naming_it():
+    """Conv2d(N·a, N·a) called unbatched on [N·a, H, W], a view of the input [N, a, H, W]: its
+    channels are the examples' rows, mixed — refused naming the unbatched call (the flattened
+    path would have handed it over as [N, a, H, W] and read a as its channels)."""
+    n, a = 3, 2
+
+    class Unbatched(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(n * a, n * a, 3, padding=1), nn.Linear(4, 1)
+
+        def forward(self, x):
+            h = self.conv(x.reshape(n * a, 4, 4)).mean(-1)
+            return self.head(h).sum() * x.sum((1, 2, 3))
+
+    torch.manual_seed(0)
+    model = Unbatched()
+    with pytest.raises(UnsupportedModuleError, match="called unbatched"):
+        with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
+            model(torch.randn(n, a, 4, 4)).sum().backward()
+
+
+# -- an RNN cell on the examples flattened together with their slots ---------------------------
+#
+# Slot Attention: self.gru(updates.reshape(-1, D), slots.reshape(-1, D)) on [N·S, D] rows. A
+# cell treats its rows alike, as a Linear does: an example's gradient is the sum of its S rows'.
+# Until 2026-12-06 refused in every mode, advising a per-example input a cell cannot take (a
+# hunt). Brute force: each example's own loss, one backward each.
+
+
+class SlotAttention(nn.Module):
+    """Slots initialised from per-example noise given with the input (noise drawn inside the
+    forward is tied to batch positions, not examples, which the audit's example check
+    refuses); the LSTMCell carries its (h, c) from one iteration to the next unreshaped (the
+    first call with no state)."""
+
+    def __init__(self, cell: str, slots: int, d: int = 4, iters: int = 2):
+        super().__init__()
+        self.kind, self.s, self.d, self.iters = cell, slots, d, iters
+        self.inp, self.ni, self.ns = nn.Linear(4, d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.mu, self.logsig = (
+            nn.Parameter(torch.randn(1, 1, d)),
+            nn.Parameter(torch.zeros(1, 1, d)),
+        )
+        self.q, self.k, self.v = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.cell = {"gru": nn.GRUCell, "lstm": nn.LSTMCell, "rnn": nn.RNNCell}[cell](d, d)
+        self.mlp, self.head = (
+            nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d)),
+            nn.Linear(d, 3),
+        )
+
+    def forward(self, xn):  # [B, T + S, 4]: T inputs, then the S slots' noise
+        b, d = xn.shape[0], self.d
+        x, noise = xn[:, : -self.s], xn[:, -self.s :]
+        x = self.ni(self.inp(x))
+        k, v = self.k(x), self.v(x)
+        slots, state = self.mu + self.logsig.exp() * noise, None
+        for _ in range(self.iters):
+            attn = torch.einsum("bid,bjd->bij", k, self.q(self.ns(slots))).div(d**0.5).softmax(-1)
+            attn = attn / attn.sum(1, keepdim=True)
+            upd = torch.einsum("bij,bid->bjd", attn, v).reshape(-1, d)
+            if self.kind == "lstm":
+                state = self.cell(upd) if state is None else self.cell(upd, state)
+                h = state[0]
+            else:
+                h = self.cell(upd, slots.reshape(-1, d))
+            slots = h.reshape(b, -1, d)
+            slots = slots + self.mlp(slots)
+        return self.head(slots.mean(1))
+
+
+def _slot_case(cell: str, slots: int, seed: int = 1):
+    torch.manual_seed(0)
+    model = SlotAttention(cell, slots)
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(N, 5 + slots, 4, generator=g), torch.randint(0, 3, (N,), generator=g)
+    return model, x, y
+
+
+@pytest.mark.parametrize("slots", [N, 3])
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+def test_an_rnn_cell_on_examples_flattened_with_their_slots_is_exact(cell, slots):
+    """The one-shot norms and the default source's sub-batches (an unaudited pass too) against
+    brute force, at S = N and S ≠ N."""
+    model, x, y = _slot_case(cell, slots)
+    assert_exact_both_modes(
+        model, lambda: nn.functional.cross_entropy(model(x), y, reduction="none"), N
+    )
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_an_rnn_cell_on_flattened_slots_measured_for_a_subset_of_the_examples(cell):
+    """``per_example_fraction=0.5``: each drawn example's S rows are the cell's rows measured,
+    exact against brute force (the importance weights undone)."""
+    model, x, y = _slot_case(cell, 3)
+
+    def losses():
+        return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+    engine = PerExampleNorms(model, per_example_fraction=0.5)
+    try:
+        subsets = 0
+        for _ in range(3):  # (the first pass is audited: every example)
+            model.zero_grad()
+            losses().sum().backward()
+            (p,) = engine.collect()
+            with engine.paused():
+                want = example_sqnorms(model, lambda i: losses()[i], N)
+            if p.rows is None:
+                torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
+                continue
+            subsets += 1
+            got = p.raw_sqnorms / p.row_weights
+            torch.testing.assert_close(got, want[p.rows], rtol=1e-9, atol=0)
+        assert subsets
+    finally:
+        engine.remove()
+
+
+def test_a_cell_on_flattened_rows_that_are_not_proven_is_still_refused():
+    """The slots flattened time-major (``transpose(0, 1).reshape(-1, D)``: a copy whose rows
+    are the slots' in turn) prove nothing: refused as before."""
+
+    class TimeMajor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell, self.head = nn.GRUCell(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):  # [B, S, 4]
+            b, s, d = x.shape
+            h = self.cell(x.transpose(0, 1).reshape(-1, d)).reshape(s, b, d)
+            return self.head(h.mean(0))
+
+    torch.manual_seed(0)
+    model = TimeMajor()
+    with pytest.raises(UnsupportedModuleError, match="called on input that is not per-example"):
+        with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
+            model(torch.randn(N, 3, 4)).pow(2).sum().backward()

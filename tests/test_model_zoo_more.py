@@ -28,7 +28,7 @@ import noisescale
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.per_example import PerExampleNorms
 from test_model_zoo import RTOL, N, V, _ids, _losses, _mask, _train, assert_exact
-from test_subbatch import assert_subbatches_exact
+from test_subbatch import assert_subbatches_exact, example_sqnorms
 
 transformers = pytest.importorskip("transformers")
 
@@ -903,3 +903,67 @@ def test_an_audio_frame_classifier_s_own_loss_from_one_hot_labels_is_exact():
         return model(input_values=x[i : i + 1], labels=labels[i : i + 1]).loss
 
     assert_exact(model, batch, one, subbatches=False)
+
+
+class _VQ(nn.Module):
+    """A VQ-VAE's quantizer with the codebook and commitment losses and the straight-through
+    estimator; the codebook looked up by the latents' nearest code, as VQ-VAE code writes it."""
+
+    def __init__(self, how: str, codes: int = 5, d: int = 6):
+        super().__init__()
+        self.how, self.d = how, d
+        self.enc, self.dec = nn.Linear(4, d), nn.Linear(d, 4)
+        self.codebook = nn.Parameter(torch.randn(codes, d))
+        self.emb = nn.Embedding(codes, d)
+
+    def forward(self, x):
+        z = self.enc(x)  # [N, T, D]
+        table = self.emb.weight if "module" in self.how else self.codebook
+        idx = torch.cdist(z.reshape(-1, self.d), table).argmin(-1)  # [N·T]
+        if self.how.endswith("kept"):  # the fix the refusal names
+            idx = idx.view(z.shape[:-1])
+        if self.how.startswith("index"):
+            q = self.codebook[idx]
+        elif self.how.startswith("F.embedding"):
+            q = F.embedding(idx, self.codebook)
+        else:
+            q = self.emb(idx)
+        q = q.view_as(z)
+        commit = 0.25 * (q.detach() - z).pow(2).mean((1, 2)) + (q - z.detach()).pow(2).mean((1, 2))
+        return self.dec(z + (q - z).detach()), commit
+
+
+@pytest.mark.parametrize("how", ["index", "F.embedding", "module"])
+def test_a_codebook_looked_up_by_flattened_indices_is_refused_naming_the_lookup_and_the_fix(how):
+    """codebook[cdist(z.reshape(-1, D), codebook).argmin(-1)].view_as(z): the indices carry no
+    history, so which example each looked-up row belongs to is not known — refused (with M = 5
+    codes ≠ N), the message leading with that lookup and the fix (until 2026-12-06 it led with
+    a table whose size equals the batch's by coincidence, a hunt); the fix, the indices viewed
+    [N, T] before the lookup, is exact against brute force (one-shot and sub-batches)."""
+    n = 3
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(n, 4, 4, generator=g), torch.randn(n, 4, 4, generator=g)
+
+    def losses(model):
+        out, commit = model(x)
+        return (out - y).pow(2).mean((1, 2)) + commit
+
+    torch.manual_seed(0)
+    model = _VQ(how)
+    with pytest.raises(UnsupportedModuleError) as refused:
+        with noisescale.per_example_sqnorms(model, loss_reduction="mean"):
+            losses(model).mean().backward()
+    message = str(refused.value)
+    assert message.startswith("rows of ['"), message
+    assert "looked up by integer indices of 12 = 3 × 4 rows" in message, message
+    assert "a codebook looked up by flattened indices" in message, message
+    assert "idx.view(z.shape[:-1])" in message, message
+    torch.manual_seed(0)
+    model = _VQ(how + " kept")
+    model.zero_grad()
+    with noisescale.per_example_sqnorms(model, loss_reduction="mean") as pe:
+        losses(model).mean().backward()
+    model.zero_grad()
+    want = example_sqnorms(model, lambda i: losses(model)[i], n)
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+    assert_subbatches_exact(model, lambda: losses(model).mean(), lambda i: losses(model)[i], n, k=2)

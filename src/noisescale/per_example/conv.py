@@ -88,14 +88,21 @@ def per_example_weight_grads(module: ConvNd, x: Tensor, d: Tensor) -> Tensor:
     """
     n, w = x.shape[0], module.weight
     x, d = _acc(x), _acc(d)
+    if x.dim() > w.dim():
+        # [N, T, C, …]: each example's T frames (LayerRule.flattened) become the batch of that
+        # convolution, whose weight gradient sums over it: [T, N·C, …]
+        x, d = x.transpose(0, 1).flatten(1, 2), d.transpose(0, 1).flatten(1, 2)
+    else:
+        x = x.reshape(1, n * x.shape[1], *x.shape[2:])
+        d = d.reshape(1, n * d.shape[1], *d.shape[2:])
     if module.padding_mode == "zeros" and not isinstance(module.padding, str):
         padding = module.padding
     else:
         x, padding = _pad(module, x), 0
     grads = _WEIGHT_GRAD[x.dim() - 2](
-        x.reshape(1, n * x.shape[1], *x.shape[2:]),
+        x,
         (n * w.shape[0], *w.shape[1:]),
-        d.reshape(1, n * d.shape[1], *d.shape[2:]),
+        d,
         stride=module.stride,
         padding=padding,
         dilation=module.dilation,
@@ -130,6 +137,10 @@ def subbatch_weight_grads(
     residual block's first convolution and its projection shortcut) gather it once.
     """
     w = module.weight
+    # [N, T, C, …]: each example's T frames (LayerRule.flattened), padded as [N·T, C, …]
+    frames = x.shape[1] if x.dim() > w.dim() else 0
+    if frames:
+        x, d = x.flatten(0, 1), d.flatten(0, 1)
     if dtype is None:
         x, d = _acc(x), _acc(d)
     else:
@@ -138,6 +149,8 @@ def subbatch_weight_grads(
         padding = module.padding
     else:  # (padded here, as this module pads: not shared with another layer)
         x, padding, readers = _pad(module, x), 0, None
+    if frames:
+        x, d = x.unflatten(0, (-1, frames)), d.unflatten(0, (-1, frames))
     k, n = sb.k, sb.n
     grouped = module.in_channels // module.groups >= _GROUPED_MIN_CHANNELS
     if not grouped and _patchify(module):
@@ -150,6 +163,14 @@ def subbatch_weight_grads(
         if scratch is not None:
             scratch.hold(role, readers, sb, key, xs)
     ds = sb.take(d, interleaved=grouped)
+    if frames:
+        # the frames of a sub-batch's examples join its convolution's batch:
+        # [n, k, T, C, …] -> [n·T, k, C, …] grouped, [k, n, T, C, …] -> [k, n·T, C, …] not
+        if grouped:
+            xs, ds = xs.transpose(1, 2).flatten(0, 1), ds.transpose(1, 2).flatten(0, 1)
+        else:
+            xs, ds = xs.flatten(1, 2), ds.flatten(1, 2)
+        x, d, n = x[:, 0], d[:, 0], n * frames  # (their shapes, one frame's)
     conv = functools.partial(
         _WEIGHT_GRAD[x.dim() - 2],
         stride=module.stride,
@@ -191,6 +212,9 @@ def _patchify_subbatch_grads(module: ConvNd, x: Tensor, d: Tensor, sb: Any) -> T
     k, n = sb.k, sb.n
     xs = sb.take_rows(x)  # [k·n, C, S1..Sd]
     ds = sb.take_rows(d)  # [k·n, O, L1..Ld]
+    if xs.dim() > dims + 2:  # [k·n, T, C, …]: each example's T frames (LayerRule.flattened)
+        n *= xs.shape[1]
+        xs, ds = xs.flatten(0, 1), ds.flatten(0, 1)
     c, o = xs.shape[1], ds.shape[1]
     grid = ds.shape[2:]
     crop = tuple(slice(0, g * kk) for g, kk in zip(grid, kernel, strict=True))
@@ -244,6 +268,8 @@ class ConvWeightFactor(DenseFactor):
         """The weight gradient of the whole batch (one ungrouped weight-gradient convolution)."""
         m = self.module
         x, d = _acc(self.x), _acc(self.d)
+        if x.dim() > m.weight.dim():  # [N, T, C, …]: the frames flattened back
+            x, d = x.flatten(0, 1), d.flatten(0, 1)
         if m.padding_mode == "zeros" and not isinstance(m.padding, str):
             padding = m.padding
         else:
@@ -260,6 +286,9 @@ class ConvWeightFactor(DenseFactor):
 
 
 def factors(module: ConvNd, x: Tensor, d: Tensor) -> dict[str, Factor]:
+    _check_channels(module, x)
+    if x.dim() > len(module.kernel_size) + 2:
+        return _frame_factors(module, x, d)
     n, g = x.shape[0], module.groups
     out: dict[str, Factor] = {}
     d3 = d.reshape(n, d.shape[1], -1)  # [N, O, L]
@@ -281,13 +310,62 @@ def factors(module: ConvNd, x: Tensor, d: Tensor) -> dict[str, Factor]:
     return out
 
 
+def _frame_factors(module: ConvNd, x: Tensor, d: Tensor) -> dict[str, Factor]:
+    """:func:`factors` of a call on [N·T, C, …] rows, each example's T frames in turn — a 2-D
+    CNN over a video's frames folded into the batch, ``cnn(x.flatten(0, 1))`` (TSN, CNN-LSTM) —
+    given as x [N, T, C, …], d [N, T, O, …] (``LayerRule.flattened``). An example's gradient is
+    the sum of its frames', that of one convolution whose output positions are its T frames'
+    together (refused as a shared call until 2026-12-06, a hunt)."""
+    n, t, g = x.shape[0], x.shape[1], module.groups
+    d4 = d.reshape(n, t, d.shape[2], -1)  # [N, T, O, L]
+    out: dict[str, Factor] = {}
+    if module.weight.requires_grad:
+        length, ck, o = t * d4.shape[3], module.weight[0].numel(), module.out_channels // g
+        if length * (ck + o) >= ck * o:
+            out["weight"] = ConvWeightFactor(module, x, d)
+        else:
+            # the patches of an example's frames side by side: [N·G, T·L, C·K/G]
+            u = unfold(module, x.flatten(0, 1))  # [N·T, C·K, L]
+            pos = u.shape[2]
+            a = u.reshape(n, t, g, ck, pos).permute(0, 2, 1, 4, 3).reshape(n * g, t * pos, ck)
+            dd = d4.reshape(n, t, g, o, pos).permute(0, 2, 1, 4, 3).reshape(n * g, t * pos, o)
+            out["weight"] = LinearFactor(a, dd, groups=g)
+    if module.bias is not None and module.bias.requires_grad:
+        out["bias"] = DenseFactor(acc_sum(acc_sum(d4, 3), 1))
+    return out
+
+
+def _check_channels(module: ConvNd, x: Tensor) -> None:
+    """Refuse a call whose examples' rows are not a batch's: an unbatched convolution ([C, …],
+    its channels in dim 0) on the examples flattened together with another dimension, which
+    the engine hands over as [N, C/N, …] — its channels mixed across the examples."""
+    dims = len(module.kernel_size)
+    if x.dim() >= dims + 2 and x.shape[-dims - 1] != module.in_channels:
+        raise UnsupportedModuleError(
+            f"a {type(module).__name__} was called unbatched ([C, …] input, dim 0 its "
+            f"{module.in_channels} channels) on rows that hold the examples flattened together "
+            "with another dimension: it mixes the examples' rows as channels, and a per-example "
+            "gradient is not defined. Call it with a batch ([N·T, C, …]: each example's rows in "
+            "turn), or use per_example=False"
+        )
+
+
+def frames(module: nn.Module) -> bool:
+    """A convolution treats the images of a batch alike: the examples may come flattened
+    together with another dimension, [N·T, C, …] — a video's frames folded into the batch —
+    each example's T images in turn (``LayerRule.flattened``)."""
+    return True
+
+
 def batched(module: nn.Module, x: Any) -> bool:
     """Whether ``x`` has a batch dimension (a convolution also takes one unbatched input)."""
     return isinstance(x, Tensor) and x.dim() == len(module.kernel_size) + 2
 
 
 CONV_RULES = tuple(
-    register_layer(_type, LayerRule(factors, shared_rows=batched, name=_type.__name__))
+    register_layer(
+        _type, LayerRule(factors, shared_rows=batched, flattened=frames, name=_type.__name__)
+    )
     for _type in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 )
 

@@ -90,6 +90,7 @@ from noisescale.per_example.factors import (
     _acc,
     _flat_rows,
     acc_sum,
+    fold_rows,
     group_factor,
     sqnorm,
     sqnorm_of_sum,
@@ -2197,13 +2198,20 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             if single
             and size != n
             and isinstance(output, Tensor)
+            # (rows kept: not an unbatched convolution's channels, 2026-12-06)
+            and output.shape[:1] == args[0].shape[:1]
             and module not in self._learned_shared
             else 0
         )
+        if rule.native_layout and size != n and module not in self._learned_shared:
+            flat = self._flat_native_rows(pass_, rule, module, args, kwargs, outs, size, n, in_dim)
         if flat:
             # the examples flattened together with positions, [N·k, …] (LayerRule.flattened):
-            # measured as [N, k, …]; the audit checks that the rows are each example's in turn
-            args = (args[0].unflatten(0, (n, flat)),)
+            # measured as [N, k, …] (a rule of its own layout takes the rows as they are, and
+            # its factors are summed over each example's k rows); the audit checks that the
+            # rows are each example's in turn
+            if not rule.native_layout:
+                args = (args[0].unflatten(0, (n, flat)),)
             pass_.flat_calls.add(module)
         elif (
             shared_input
@@ -2218,7 +2226,12 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             base = _rebasable_base(outs[0], out_dims[0], n)
             self._add_target(pass_, outs[0], out_dims[0], module, label, base)
             return replaced
-        saved = rule.save(module, args, kwargs, output.unflatten(0, (n, flat)) if flat else output)
+        saved = rule.save(
+            module,
+            args,
+            kwargs,
+            output.unflatten(0, (n, flat)) if flat and not rule.native_layout else output,
+        )
         call = _Call(module, rule, label, params, in_dim, [saved], out_dims, n, flat=flat)
         if pass_.square_expansions and not flat:
             # (where _square_expansion_in stops: an encoder's final state made a decoder's)
@@ -2316,6 +2329,39 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             pass_.unread_picks += [(label, how, flag) for how, flag in unread]
             return size // n
         if _flattened_input(x, pass_.inputs, n, size):
+            return size // n
+        return 0
+
+    def _flat_native_rows(
+        self,
+        pass_: PassNorms,
+        rule: LayerRule,
+        module: nn.Module,
+        args: tuple,
+        kwargs: dict,
+        outs: list,
+        size: Any,
+        n: int,
+        in_dim: int,
+    ) -> int:
+        """:meth:`_flat_rows` for a rule of its own layout that takes several tensors — an RNN
+        cell's input and state, ``gru(upd.reshape(-1, D), slots.reshape(-1, D))`` on the
+        examples flattened together with their slots (Slot Attention; refused until 2026-12-06,
+        the fix it named impossible for a cell, which takes 2-D input only — a hunt): k when
+        every tensor it takes and returns has the leading size k·N and every input is proven
+        each example's k rows in turn, as :meth:`_flat_rows` proves one; 0 otherwise."""
+        if in_dim != 0 or self.batch_dim() != 0 or not _flat_size(rule, module, size, n):
+            return 0
+        inputs = [v for v in _flat_values(args, kwargs) if isinstance(v, Tensor)]
+        if not inputs or any(
+            isinstance(v, SharedTensor) or v.dim() == 0 or v.shape[0] != size
+            for v in (*inputs, *outs)
+            if isinstance(v, Tensor)
+        ):
+            return 0
+        if all(
+            _example_major(v, n, size) or _flattened_input(v, pass_.inputs, n, size) for v in inputs
+        ):
             return size // n
         return 0
 
@@ -3200,9 +3246,16 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         pass_.unsupported.append((origin, op))
 
     def record_ambiguous(
-        self, pass_: PassNorms, origin: Origin, op: str, shapes: tuple[tuple, tuple], kind: str
+        self,
+        pass_: PassNorms,
+        origin: Origin,
+        op: str,
+        shapes: tuple[tuple, tuple],
+        kind: str,
+        lookup: int = 0,
     ) -> None:
-        pass_.ambiguous.append((origin, op, *shapes, kind))
+        """``lookup``: the size k·N of the index that looked the shared rows up (0: none)."""
+        pass_.ambiguous.append((origin, op, *shapes, kind, lookup))
 
     # -- backward hooks -----------------------------------------------------------------------
 
@@ -3253,8 +3306,13 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         if rule.native_layout:
             rows = self._rows(pass_, None, first.device)
             if rows is not None:
+                if call.flat:  # (each drawn example's k rows)
+                    ks = torch.arange(call.flat, device=rows.device)
+                    rows = (rows[:, None] * call.flat + ks).reshape(-1)
                 saved = rule.select(call.module, saved, rows)  # type: ignore[misc]
             facs = rule.factors(call.module, saved, grads)
+            if call.flat:
+                facs = {name: fold_rows(f, call.flat) for name, f in facs.items()}
         else:
             g = grads[0]
             if call.flat:

@@ -566,6 +566,24 @@ class NormFactor:
         return self.grads.reshape(self.grads.shape[0], *shape)
 
 
+def fold_rows(f: Any, k: int) -> Any:
+    """The factor of each example's k rows summed, from a factor of their N·k rows, each
+    example's k in turn: a rule of its own layout (an RNN cell) called on the examples
+    flattened together with positions (``LayerRule.flattened``)."""
+    if isinstance(f, LinearFactor) and f.groups == 1:
+        a, d = f.a, f.d  # [N·k, T, ·] -> [N, k·T, ·]
+        return LinearFactor(
+            a.reshape(a.shape[0] // k, k * a.shape[1], a.shape[2]),
+            d.reshape(d.shape[0] // k, k * d.shape[1], d.shape[2]),
+            1,
+            f.transposed,
+        )
+    if type(f) is DenseFactor:
+        g = f.grads
+        return DenseFactor(acc_sum(g.reshape(g.shape[0] // k, k, *g.shape[1:]), 1))
+    raise TypeError(f"no sum over an example's rows for a {type(f).__name__}")
+
+
 def group_factor(f: Any, sb: Subbatches) -> Any:
     """The factor of sub-batch gradients Σ_{i ∈ sub-batch j} g_i from per-example factors."""
     if isinstance(f, NormFactor):

@@ -140,6 +140,11 @@ _ROWWISE_NODES = frozenset(
         "LeakyReluBackward0", "HardswishBackward0", "HardsigmoidBackward0", "SoftplusBackward0",
         "ThresholdBackward0", "NativeDropoutBackward0", "CloneBackward0", "ToCopyBackward0",
         "NativeLayerNormBackward0",
+        # CUDA's fused RNN cells (rows in, rows out; 2026-12-06)
+        "ThnnFusedLstmCellBackward0", "ThnnFusedGruCellBackward0",
+        # a convolution's reflect and replicate padding (its spatial dims only; 2026-12-06)
+        "ReflectionPad1DBackward0", "ReflectionPad2DBackward0", "ReflectionPad3DBackward0",
+        "ReplicationPad1DBackward0", "ReplicationPad2DBackward0", "ReplicationPad3DBackward0",
     }
 )  # fmt: skip
 
@@ -147,7 +152,12 @@ _ROWWISE_NODES = frozenset(
 _VIEW_NODES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
 
 
-_PRODUCT_NODES = {"AddmmBackward0": 1, "MmBackward0": 0}  # the input's position (x @ Wᵀ)
+_SPLIT_NODES = frozenset({"SplitBackward0", "SplitWithSizesBackward0", "UnsafeSplitBackward0"})
+
+
+# the input's position (x @ Wᵀ; a batched convolution's image r is its input image r's alone:
+# the frames of a CNN folded into the batch, until 2026-12-06 refused, a hunt)
+_PRODUCT_NODES = {"AddmmBackward0": 1, "MmBackward0": 0, "ConvolutionBackward0": 0}
 
 
 def _flat_size(rule: LayerRule, module: nn.Module, size: Any, n: int) -> bool:
@@ -228,6 +238,14 @@ def _example_major_from(
                 stack.extend((f, sizes[0]) for f, _ in node.next_functions)
                 continue
             return False
+        if name in _SPLIT_NODES:
+            # a split along the features keeps rows (an RNN cell's gates, a GLU's halves;
+            # 2026-12-06): not one along dim 0
+            sizes, dim = getattr(node, "_saved_self_sym_sizes", ()), node._saved_dim
+            if not sizes or (dim - (1 << 64) if dim >= 1 << 63 else dim) % len(sizes) == 0:
+                return False
+            stack.extend((f, rows) for f, _ in node.next_functions)
+            continue
         if name in _PRODUCT_NODES:
             edges = node.next_functions
             at = _PRODUCT_NODES[name]

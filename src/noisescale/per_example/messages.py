@@ -258,9 +258,27 @@ def _penalty_cause(model: nn.Module) -> str | None:
 
 
 def _ambiguous_message(pass_: PassNorms) -> str:
-    origin, op, shared, other, kind = pass_.ambiguous[0]
+    origin, op, shared, other, kind, lookup = pass_.ambiguous[0]
     labels = sorted({s.label for s in origin.sources})
     n = pass_.batch_size
+    if lookup:
+        # (until 2026-12-06 the message below, led by a coincidence that is not the cause, a
+        # hunt: a VQ-VAE's codebook looked up by its flattened latents' argmin)
+        return (
+            f"rows of {labels} looked up by integer indices of {lookup} = {n} × {lookup // n} "
+            f"rows, then viewed to shape {list(shared)}, meet the batch row by row in the "
+            f"operation '{op}' only through a tensor without autograd history of shape "
+            f"{list(other)}: a codebook looked up by flattened indices (a vector quantizer's "
+            "codebook[cdist(z.reshape(-1, D), codebook).argmin(-1)].view_as(z), or "
+            "F.embedding / an nn.Embedding on those indices: VQ-VAE, VQGAN). Indices carry no "
+            "autograd history, so noisescale cannot tell which example each looked-up row "
+            "belongs to. View the indices to the examples' layout before the lookup — "
+            "codebook[idx.view(z.shape[:-1])], F.embedding(idx.view(z.shape[:-1]), codebook), "
+            "or the nn.Embedding called on idx.view(z.shape[:-1]): each example's own rows, "
+            f"measured exactly — or use per_example=False. (If the table's {n} rows are not the "
+            "examples' but a size that equals the batch's by coincidence, use another batch "
+            "size.)"
+        )
     if kind == "loss":
         return (
             f"a tensor computed from {labels} alone, of shape {list(shared)}, met the batch "

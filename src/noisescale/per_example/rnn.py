@@ -363,6 +363,14 @@ def _cell_select(module: nn.RNNCellBase, saved: _CellSaved, rows: Tensor) -> _Ce
     return _CellSaved(take(saved.x), take(saved.h), take(saved.c), saved.c_feeds_h, rows)  # type: ignore[arg-type]
 
 
+def _cell_rows(module: nn.Module) -> bool:
+    """A cell treats its rows alike, as a Linear does: the examples may come flattened together
+    with another dimension, [N·S, I] — Slot Attention's ``gru(upd.reshape(-1, D),
+    slots.reshape(-1, D))`` — each example's S rows in turn (``LayerRule.flattened``; the
+    engine sums the factors of an example's rows)."""
+    return True
+
+
 def _cell_outputs(module: nn.RNNCellBase, output: Any) -> list[Tensor]:
     return list(output) if isinstance(output, tuple) else [output]
 
@@ -423,6 +431,7 @@ _CELL_RULE = LayerRule(
     batch_size=_cell_batch_size,
     native_layout=True,  # (several outputs: (h, c) of an LSTMCell, each with its gradient)
     select=_cell_select,
+    flattened=_cell_rows,
     name="RNN cell",
 )
 for _type in (nn.LSTMCell, nn.GRUCell, nn.RNNCell):

@@ -485,7 +485,9 @@ def _meet(
             # (in the loss, _dispatch refuses any meeting through tensors without history)
             rows = None if pass_.returned else _rows_unproven(flat, batched, len(out_shape), n, dim)
             if rows is not None:
-                engine.record_ambiguous(pass_, origin, name, rows, "rows")
+                engine.record_ambiguous(
+                    pass_, origin, name, rows, "rows", _flat_lookup(flat, n, dim)
+                )
             # (a shared operand broadcast against constants only — h0 * torch.ones(L, N, H) —
             # is a meeting along dim 0 that nothing ties to the examples: noted like s.expand)
             constants = dim == 0 and not any(t.requires_grad for t in batched)
@@ -605,6 +607,44 @@ def _rows_unproven(
     if shared is None or any(t.grad_fn is not None for t in batched):
         return None
     return tuple(shared.shape), tuple(batched[0].shape)
+
+
+_LOOKUP_NODES = {"EmbeddingBackward0", "IndexBackward0"}
+
+
+def _flat_lookup(flat: list[Any], n: int, dim: int) -> int:
+    """The leading size k·N (k > 1) of the integer index that looked up the rows of the shared
+    operand :func:`_rows_unproven` found, viewed since to the batch's size along ``dim`` — a
+    vector quantizer's codebook looked up by the flattened latents' argmin,
+    ``codebook[cdist(z.reshape(-1, D), codebook).argmin(-1)].view_as(z)`` (or F.embedding, an
+    nn.Embedding) —; 0 for any other. Only the refusal's message reads it: until 2026-12-06 it
+    led with a table whose size equals the batch's by coincidence, which such a lookup is not
+    (a hunt). Read once, where that refusal is recorded."""
+    for t in flat:
+        if not (isinstance(t, SharedTensor) and t.dim() > dim and t.shape[dim] == n):
+            continue
+        node = _plain(t).grad_fn
+        for _ in range(8):
+            name = type(node).__name__
+            if name not in _VIEWS:
+                break
+            node = node.next_functions[0][0]
+        if type(node).__name__ not in _LOOKUP_NODES:
+            continue
+        saved = getattr(node, "_saved_indices", None)
+        if isinstance(saved, list | tuple):  # (table[idx]: one index per indexed dimension)
+            saved = next((i for i in saved if i is not None), None)
+        index = saved
+        size = index.shape[0] if isinstance(index, Tensor) and index.dim() else 0
+        if size > n and size % n == 0:
+            return size
+    return 0
+
+
+_VIEWS = {
+    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "UnsqueezeBackward0",
+    "AliasBackward0",
+}  # fmt: skip
 
 
 def _repeats(args: tuple, kwargs: dict) -> tuple[int, ...] | None:
