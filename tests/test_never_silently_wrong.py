@@ -221,8 +221,10 @@ def test_a_weight_on_the_left_of_per_example_columns(t, products):
 
 def test_a_weight_on_the_left_of_time_major_columns_is_refused_by_the_audit(products):
     """T = N: dim 0 of the columns has the batch's size but holds positions. The first step
-    learns the direct use; the next is audited, which finds that the rows of the product are not
-    the examples they would be attributed to, and refuses with that cause — never a number."""
+    learns the direct use; in the next, audited, the watch over the model's own code knows the
+    columns hold the examples along dim 2, and the meeting is refused in the forward, naming
+    that (until 2026-12-06 the audit refused it after the backward, finding that the rows of
+    the product are not the examples they would be attributed to — never a number)."""
     x = torch.randn(N, N, 3, generator=torch.Generator().manual_seed(1)).double()
     torch.manual_seed(0)
     model = WeightLeftOfTimeMajorColumns().double()
@@ -233,9 +235,10 @@ def test_a_weight_on_the_left_of_time_major_columns_is_refused_by_the_audit(prod
         (p,) = engine.collect()
         assert p.raw_sqnorms is None and "proj.weight" in p.withheld, p.withheld
         model.zero_grad()
-        _sq(model, x).mean().backward()
-        with pytest.raises(UnsupportedModuleError, match=r"'linear of proj.weight' do not belong"):
-            engine.collect()
+        with pytest.raises(
+            UnsupportedModuleError, match=r"proj.weight.*holds the examples along dim 2"
+        ):
+            _sq(model, x).mean().backward()
     finally:
         engine.remove()
 
@@ -1186,11 +1189,15 @@ def test_a_shared_output_that_changes_with_the_examples_is_refused():
     permuted: the audit re-runs the model on its input with the examples permuted and
     compares each shared model output. Here it meets the (time-major) features with T = N,
     split along time as if it held the examples — wrong without a word before; refused now,
-    in both modes, naming the layer."""
+    in both modes, naming the layer. (Since 2026-12-06 the loss watch refuses the meeting
+    itself first, on audited steps, naming the dimension that holds the examples; the
+    permutation check named the shared output before.)"""
     x = torch.randn(N, N, 3, generator=torch.Generator().manual_seed(26))
     for seed in range(3):
         torch.manual_seed(seed)
-        with pytest.raises(UnsupportedModuleError, match="output computed from 'fc' and"):
+        with pytest.raises(
+            UnsupportedModuleError, match=r"\['fc'\] alone met.*holds the examples along dim 1"
+        ):
             one_shot(TimeMajorWithFeatures(), x, _features_loss)
         assert_exact_or_refused(TimeMajorWithFeatures(), x, _features_loss)
 

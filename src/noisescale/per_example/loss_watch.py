@@ -520,6 +520,67 @@ class LossWatch:
                 )
         return None
 
+    def rows_not_met(self, pass_: Any, tensors: list[Tensor], dim: int) -> str | None:
+        """What is wrong with ``tensors`` — those a shared tensor meets along ``dim``, where
+        each has the batch's size — when the watch knows them to hold ``pass_``'s values in
+        another layout than its examples in order along ``dim``: the meeting would split
+        the shared tensor's gradient along ``dim`` as the examples' (:func:`~.shared.
+        _dispatch`). Read where the watch follows: in the loss, and in the model's own code
+        on audited steps (a loss the forward computes itself, which no audit reaches when it
+        returns a scalar). Until 2026-12-06 (a hunt) Kendall's uncertainty weighting with the
+        task losses stacked task-major, ``(exp(-s)[:, None] * stack(losses) + s[:, None])``
+        on [T, N] with T = N, gave task t's share of ``s`` to example t: norms 28–136% off,
+        tr Σ 1–12% on every step, without a word; and the outputs reordered in the loss,
+        ``o.flip(0) * s``, 138% off. None where every tensor the watch knows is the examples in
+        order (or not ``pass_``'s)."""
+        if self.done or not (
+            self.following() or (self.forward_pass is pass_ and not self._running)
+        ):
+            return None
+        for t in tensors:
+            layout = self._layout(t)
+            if isinstance(layout, Rows | Across):
+                mine = (
+                    layout.owner == id(pass_)
+                    if isinstance(layout, Rows)
+                    else id(pass_) in layout.owners
+                )
+                if not mine:
+                    continue
+                if layout.dim != dim:
+                    return (
+                        f"of shape {list(t.shape)}, computed from the model's outputs, whose "
+                        f"dim {dim} has the batch's size by coincidence: it holds the examples "
+                        f"along dim {layout.dim} (per-task losses stacked task-major, "
+                        "torch.stack(losses) → [T, N] with T = N; activations moved "
+                        "position-first, [T, …, N])"
+                    )
+                if (
+                    isinstance(layout, Rows)
+                    and (layout.block is None or layout.key != id(pass_))
+                    and self.following()
+                ):
+                    # (in the loss only: inside the forward, rows picked or put together by
+                    # the data are the engine's to check — engine.check_meeting_rows, proven
+                    # by the audit where they are the examples in order)
+                    return (
+                        f"of shape {list(t.shape)}, computed from the model's outputs, whose "
+                        f"rows along dim {dim} are not the examples in their order (picked, "
+                        "reordered or put together from them)"
+                    )
+            elif isinstance(layout, One) and layout.owner == id(pass_):
+                return (
+                    f"of shape {list(t.shape)}, computed from one example's outputs only, "
+                    f"whose dim {dim} has the batch's size by coincidence"
+                )
+            elif isinstance(layout, _Sum) and id(pass_) in layout.owners:
+                return (
+                    f"of shape {list(t.shape)}, already summed or averaged over the examples "
+                    f"(it holds none of them), whose dim {dim} has the batch's size by "
+                    "coincidence"
+                )
+        return None
+
     def mark_called(
         self, pass_: Any, outputs: list[Tensor], pairs: str | int | None, reason: str | None
     ) -> None:
