@@ -2565,3 +2565,49 @@ def test_kendall_weighting_inside_the_forward_with_as_many_tasks_as_examples_is_
     with pytest.raises(UnsupportedModuleError, match=match):
         with noisescale.per_example_sqnorms(model, loss_reduction="mean"):
             model(x, ys).backward()
+
+
+class _TinyTokens(nn.Module):
+    """Per-token logits [N, T, V] of a tiny language model (a distillation student)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(7, 4), nn.Linear(4, 5)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+def _distiller_loss(o: torch.Tensor, mask: torch.Tensor, copied: bool = False) -> torch.Tensor:
+    """DistilBERT's distiller: the tokens of the attention mask picked with masked_select and
+    viewed back as rows, then KL (batchmean) to a constant teacher and a cosine loss."""
+    picks = mask.unsqueeze(-1).repeat(1, 1, 5) if copied else mask.unsqueeze(-1).expand_as(o)
+    rows = torch.masked_select(o, picks).view(-1, o.size(-1))
+    teacher = torch.linspace(-1.0, 1.0, rows.numel()).view(rows.shape).sin()
+    kd = F.kl_div(rows.log_softmax(-1), teacher.softmax(-1), reduction="batchmean")
+    return kd + F.cosine_embedding_loss(rows, teacher, torch.ones(rows.shape[0]))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_distilbert_s_masked_select_viewed_as_rows_is_exact(padded):
+    """``masked_select(t, mask.unsqueeze(-1).expand_as(t)).view(-1, t.size(-1))``: every row
+    a whole token of one example (the mask is expanded over the last dimension). Until
+    2026-12-06 (a hunt) any view merging masked_select's values into rows was refused as
+    combining the examples; the mask's strides prove the rows whole, and it is exact (with
+    padding that leaves each example as many tokens too). A mask copied over the last
+    dimension (``repeat``) proves nothing: refused naming that."""
+    g = torch.Generator().manual_seed(4)
+    n, t = 3, 4
+    ids = torch.randint(0, 7, (n, t), generator=g)
+    mask = torch.ones(n, t, dtype=torch.bool)
+    if padded:
+        mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 0, 1]], dtype=torch.bool)
+    model = _TinyTokens()
+    want = share_truth(model, ids, lambda o: _distiller_loss(o, mask) * n)
+    with noisescale.per_example_sqnorms(model) as pe:
+        _distiller_loss(model(ids), mask).backward()
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+    with pytest.raises(UnsupportedModuleError, match=r"masked_select.*not seen to pick whole"):
+        with noisescale.per_example_sqnorms(model):
+            _distiller_loss(model(ids), mask, copied=True).backward()
