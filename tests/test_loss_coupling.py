@@ -2611,3 +2611,62 @@ def test_distilbert_s_masked_select_viewed_as_rows_is_exact(padded):
     with pytest.raises(UnsupportedModuleError, match=r"masked_select.*not seen to pick whole"):
         with noisescale.per_example_sqnorms(model):
             _distiller_loss(model(ids), mask, copied=True).backward()
+
+
+class _Distiller(nn.Module):
+    """A student and a frozen teacher (``requires_grad_(False)``) with BatchNorm, both in
+    training mode, tracked as one model; ``student_bn``: a frozen BatchNorm inside the student
+    too, whose input comes from trainable layers."""
+
+    def __init__(self, student_bn: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.student = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, C))
+        if student_bn:
+            self.student.insert(2, nn.BatchNorm1d(8).requires_grad_(False))
+        self.teacher = nn.Sequential(
+            nn.Linear(D, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Linear(10, C)
+        ).requires_grad_(False)
+
+    def forward(self, x):
+        return self.student(x), self.teacher(x)  # (gradients on: the teacher's carry none)
+
+
+def _kd(s, t, y):
+    return F.cross_entropy(s, y) + F.kl_div(s.log_softmax(-1), t.softmax(-1), reduction="batchmean")
+
+
+def test_a_frozen_teacher_with_batchnorm_in_training_mode_is_a_constant():
+    """The teacher's BatchNorm normalises with the batch's statistics, but no gradient passes
+    through it (frozen, its input the data): its output is a constant target, as under
+    torch.no_grad(). Until 2026-12-06 (a hunt) it was refused as a per-example gradient "not
+    defined"; exact now, in the one-shot measurement and on every step of the tracker's engine.
+    A frozen BatchNorm in the student (its input carries gradients) is still refused."""
+    x, y = data()
+    model = _Distiller().train()
+    with torch.no_grad():
+        t = model.teacher(x)  # (the batch's statistics: each example's target, as trained)
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = torch.stack(
+        [
+            grad_sqnorm(_kd(model.student(x[i : i + 1]), t[i : i + 1], y[i : i + 1]), params)
+            for i in range(N)
+        ]
+    )
+    with noisescale.per_example_sqnorms(model) as pe:
+        _kd(*model(x), y).backward()
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+    engine = PerExampleNorms(model)
+    try:
+        for _ in range(3):
+            model.zero_grad()
+            _kd(*model(x), y).backward()
+            (p,) = engine.collect()
+            assert p.raw_sqnorms is not None, p.withheld
+            torch.testing.assert_close(p.raw_sqnorms * N**2, want, rtol=1e-9, atol=0)
+    finally:
+        engine.remove()
+    student_bn = _Distiller(student_bn=True).train()
+    with pytest.raises(UnsupportedModuleError, match=r"'student.2' \(BatchNorm1d\).*training"):
+        with noisescale.per_example_sqnorms(student_bn):
+            _kd(*student_bn(x), y).backward()

@@ -1061,6 +1061,15 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         if not allow_fallback:
             return
 
+    @staticmethod
+    def _mode_check(module: nn.Module, args: tuple, check: Callable, label: str) -> None:
+        """A frozen layer's check at its call (:attr:`_mode_checks`): a norm layer's through
+        :func:`norms.check_call`, which passes a call no gradient goes through."""
+        if check is norms.check:
+            norms.check_call(module, label, args)
+        else:
+            check(module, label)
+
     def _hook(
         self,
         eager: Callable,
@@ -1143,8 +1152,10 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             self._handles.append(
                 module.register_forward_pre_hook(
                     self._hook(
-                        lambda m, a, c=check, lb=label: c(m, lb) if self._active() else None,
-                        lambda m, a, c=check, lb=label: c(m, lb),
+                        lambda m, a, c=check, lb=label: (
+                            self._mode_check(m, a, c, lb) if self._active() else None
+                        ),
+                        lambda m, a, c=check, lb=label: self._mode_check(m, a, c, lb),
                         owner=module,
                     )
                 )
