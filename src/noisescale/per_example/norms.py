@@ -72,7 +72,12 @@ def check_call(module: nn.Module, name: str, args: tuple) -> None:
     refused as coupling the examples, where the same teacher under no_grad was exact; a
     hunt). A call whose input carries a gradient (a student's frozen BatchNorm, its input
     computed from trainable layers) is checked as before."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+    if (
+        isinstance(module, nn.modules.batchnorm._BatchNorm)
+        # (read only where check would refuse: an evaluation-mode BatchNorm, the common frozen
+        # one, pays nothing more)
+        and (module.training or not module.track_running_stats)
+    ) and (
         not torch.is_grad_enabled()
         or not (
             any(p.requires_grad for p in module.parameters(recurse=False))
