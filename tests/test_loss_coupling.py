@@ -2468,3 +2468,205 @@ def test_a_member_first_ensemble_whose_sizes_coincide_is_refused_naming_the_coin
     for p in measured(model, x, loss_of):
         assert p.raw_sqnorms is not None, p.withheld
         torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-9, atol=0)
+
+
+class _KendallTasks(nn.Module):
+    """T task heads on a trunk, with Kendall's learned log-variances ``s`` [T] (uncertainty
+    weighting). ``inside=None``: the forward returns the heads' outputs and ``s`` (as the
+    refusal of the batch-mean form asks); else it computes the weighted loss itself from the
+    targets — ``"task_major"`` over the task losses stacked [T, N], ``"batch_mean"`` on each
+    task's mean — and returns the scalar."""
+
+    def __init__(self, tasks: int, inside: str | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Linear(D, 8)
+        self.heads = nn.ModuleList(nn.Linear(8, C) for _ in range(tasks))
+        self.log_var = nn.Parameter(torch.linspace(-0.3, 0.4, tasks))
+        self.inside = inside
+
+    def forward(self, x, ys=None):
+        h = torch.tanh(self.trunk(x))
+        outs = [head(h) for head in self.heads]
+        if self.inside is None:
+            return outs, self.log_var
+        s = self.log_var
+        losses = torch.stack(
+            [F.cross_entropy(o, y, reduction="none") for o, y in zip(outs, ys, strict=True)]
+        )
+        if self.inside == "task_major":
+            return (torch.exp(-s)[:, None] * losses + s[:, None]).sum(0).mean()
+        return (torch.exp(-s) * losses.mean(1) + s).sum()
+
+
+def _kendall_loss(outs, s, ys, layout: str) -> torch.Tensor:
+    """The mean over the examples of Σ_t exp(-s_t)·ce_t,i + s_t, the task losses stacked
+    task-major ([T, N]) or example-major ([N, T])."""
+    ces = [F.cross_entropy(o, y, reduction="none") for o, y in zip(outs, ys, strict=True)]
+    if layout == "task_major":
+        return (torch.exp(-s)[:, None] * torch.stack(ces) + s[:, None]).sum(0).mean()
+    return (torch.exp(-s)[None, :] * torch.stack(ces, dim=1) + s[None, :]).sum(1).mean()
+
+
+@pytest.mark.parametrize("layout", ["task_major", "example_major"])
+def test_kendall_weighting_meets_the_examples_only_where_they_are(layout):
+    """Kendall's uncertainty weighting with ``s`` returned by the forward and as many tasks as
+    examples (T = N = 4). Stacked example-major, [N, T], each example's terms are weighted:
+    exact. Stacked task-major, [T, N], dim 0 of the losses has the batch's size but holds the
+    tasks: until 2026-12-06 (a hunt) the meeting with ``s`` split its gradient along the
+    tasks as the examples' — norms 28–136% off, tr Σ 1–12% on every step, no word —; the
+    loss watch knows the examples are along dim 1, and the meeting is refused naming that,
+    in the one-shot measurement and at the tracker's first step."""
+    n = tasks = 4
+    g = torch.Generator().manual_seed(3)
+    x, ys = torch.randn(n, D, generator=g), torch.randint(0, C, (tasks, n), generator=g)
+    model = _KendallTasks(tasks)
+    if layout == "task_major":
+        with pytest.raises(UnsupportedModuleError, match=r"log_var.*along dim 1.*stack"):
+            with noisescale.per_example_sqnorms(model, loss_reduction="mean"):
+                _kendall_loss(*model(x), ys, layout).backward()
+        tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+        try:
+            with pytest.raises(UnsupportedModuleError, match=r"log_var.*along dim 1"):
+                _kendall_loss(*model(x), ys, layout).backward()
+        finally:
+            tracker.remove()
+        return
+    params = list(model.parameters())
+    want = torch.stack(
+        [
+            grad_sqnorm(_kendall_loss(*model(x[i : i + 1]), ys[:, i : i + 1], layout), params)
+            for i in range(n)
+        ]
+    )
+    with noisescale.per_example_sqnorms(model, loss_reduction="mean") as pe:
+        _kendall_loss(*model(x), ys, layout).backward()
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("inside", "match"),
+    [
+        ("task_major", r"log_var.*holds the examples along dim 1"),
+        ("batch_mean", r"log_var.*already summed or averaged over the examples"),
+    ],
+)
+def test_kendall_weighting_inside_the_forward_with_as_many_tasks_as_examples_is_refused(
+    inside, match
+):
+    """The same weighting computed inside the model's forward, the scalar returned, T = N:
+    the meeting of ``s`` with the task losses [T, N] (or their means over the examples, [T])
+    was split along the tasks as the examples' (28–136% off, a hunt of 2026-12-06), and no
+    audit checks a scalar output. The watch over the model's own code refuses the meeting."""
+    n = tasks = 4
+    g = torch.Generator().manual_seed(3)
+    x, ys = torch.randn(n, D, generator=g), torch.randint(0, C, (tasks, n), generator=g)
+    model = _KendallTasks(tasks, inside)
+    with pytest.raises(UnsupportedModuleError, match=match):
+        with noisescale.per_example_sqnorms(model, loss_reduction="mean"):
+            model(x, ys).backward()
+
+
+class _TinyTokens(nn.Module):
+    """Per-token logits [N, T, V] of a tiny language model (a distillation student)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(7, 4), nn.Linear(4, 5)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+def _distiller_loss(o: torch.Tensor, mask: torch.Tensor, copied: bool = False) -> torch.Tensor:
+    """DistilBERT's distiller: the tokens of the attention mask picked with masked_select and
+    viewed back as rows, then KL (batchmean) to a constant teacher and a cosine loss."""
+    picks = mask.unsqueeze(-1).repeat(1, 1, 5) if copied else mask.unsqueeze(-1).expand_as(o)
+    rows = torch.masked_select(o, picks).view(-1, o.size(-1))
+    teacher = torch.linspace(-1.0, 1.0, rows.numel()).view(rows.shape).sin()
+    kd = F.kl_div(rows.log_softmax(-1), teacher.softmax(-1), reduction="batchmean")
+    return kd + F.cosine_embedding_loss(rows, teacher, torch.ones(rows.shape[0]))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_distilbert_s_masked_select_viewed_as_rows_is_exact(padded):
+    """``masked_select(t, mask.unsqueeze(-1).expand_as(t)).view(-1, t.size(-1))``: every row
+    a whole token of one example (the mask is expanded over the last dimension). Until
+    2026-12-06 (a hunt) any view merging masked_select's values into rows was refused as
+    combining the examples; the mask's strides prove the rows whole, and it is exact (with
+    padding that leaves each example as many tokens too). A mask copied over the last
+    dimension (``repeat``) proves nothing: refused naming that."""
+    g = torch.Generator().manual_seed(4)
+    n, t = 3, 4
+    ids = torch.randint(0, 7, (n, t), generator=g)
+    mask = torch.ones(n, t, dtype=torch.bool)
+    if padded:
+        mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 0, 1]], dtype=torch.bool)
+    model = _TinyTokens()
+    want = share_truth(model, ids, lambda o: _distiller_loss(o, mask) * n)
+    with noisescale.per_example_sqnorms(model) as pe:
+        _distiller_loss(model(ids), mask).backward()
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+    with pytest.raises(UnsupportedModuleError, match=r"masked_select.*not seen to pick whole"):
+        with noisescale.per_example_sqnorms(model):
+            _distiller_loss(model(ids), mask, copied=True).backward()
+
+
+class _Distiller(nn.Module):
+    """A student and a frozen teacher (``requires_grad_(False)``) with BatchNorm, both in
+    training mode, tracked as one model; ``student_bn``: a frozen BatchNorm inside the student
+    too, whose input comes from trainable layers."""
+
+    def __init__(self, student_bn: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.student = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, C))
+        if student_bn:
+            self.student.insert(2, nn.BatchNorm1d(8).requires_grad_(False))
+        self.teacher = nn.Sequential(
+            nn.Linear(D, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Linear(10, C)
+        ).requires_grad_(False)
+
+    def forward(self, x):
+        return self.student(x), self.teacher(x)  # (gradients on: the teacher's carry none)
+
+
+def _kd(s, t, y):
+    return F.cross_entropy(s, y) + F.kl_div(s.log_softmax(-1), t.softmax(-1), reduction="batchmean")
+
+
+def test_a_frozen_teacher_with_batchnorm_in_training_mode_is_a_constant():
+    """The teacher's BatchNorm normalises with the batch's statistics, but no gradient passes
+    through it (frozen, its input the data): its output is a constant target, as under
+    torch.no_grad(). Until 2026-12-06 (a hunt) it was refused as a per-example gradient "not
+    defined"; exact now, in the one-shot measurement and on every step of the tracker's engine.
+    A frozen BatchNorm in the student (its input carries gradients) is still refused."""
+    x, y = data()
+    model = _Distiller().train()
+    with torch.no_grad():
+        t = model.teacher(x)  # (the batch's statistics: each example's target, as trained)
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = torch.stack(
+        [
+            grad_sqnorm(_kd(model.student(x[i : i + 1]), t[i : i + 1], y[i : i + 1]), params)
+            for i in range(N)
+        ]
+    )
+    with noisescale.per_example_sqnorms(model) as pe:
+        _kd(*model(x), y).backward()
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+    engine = PerExampleNorms(model)
+    try:
+        for _ in range(3):
+            model.zero_grad()
+            _kd(*model(x), y).backward()
+            (p,) = engine.collect()
+            assert p.raw_sqnorms is not None, p.withheld
+            torch.testing.assert_close(p.raw_sqnorms * N**2, want, rtol=1e-9, atol=0)
+    finally:
+        engine.remove()
+    student_bn = _Distiller(student_bn=True).train()
+    with pytest.raises(UnsupportedModuleError, match=r"'student.2' \(BatchNorm1d\).*training"):
+        with noisescale.per_example_sqnorms(student_bn):
+            _kd(*student_bn(x), y).backward()

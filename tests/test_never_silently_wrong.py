@@ -221,8 +221,10 @@ def test_a_weight_on_the_left_of_per_example_columns(t, products):
 
 def test_a_weight_on_the_left_of_time_major_columns_is_refused_by_the_audit(products):
     """T = N: dim 0 of the columns has the batch's size but holds positions. The first step
-    learns the direct use; the next is audited, which finds that the rows of the product are not
-    the examples they would be attributed to, and refuses with that cause — never a number."""
+    learns the direct use; in the next, audited, the watch over the model's own code knows the
+    columns hold the examples along dim 2, and the meeting is refused in the forward, naming
+    that (until 2026-12-06 the audit refused it after the backward, finding that the rows of
+    the product are not the examples they would be attributed to — never a number)."""
     x = torch.randn(N, N, 3, generator=torch.Generator().manual_seed(1)).double()
     torch.manual_seed(0)
     model = WeightLeftOfTimeMajorColumns().double()
@@ -233,9 +235,10 @@ def test_a_weight_on_the_left_of_time_major_columns_is_refused_by_the_audit(prod
         (p,) = engine.collect()
         assert p.raw_sqnorms is None and "proj.weight" in p.withheld, p.withheld
         model.zero_grad()
-        _sq(model, x).mean().backward()
-        with pytest.raises(UnsupportedModuleError, match=r"'linear of proj.weight' do not belong"):
-            engine.collect()
+        with pytest.raises(
+            UnsupportedModuleError, match=r"proj.weight.*holds the examples along dim 2"
+        ):
+            _sq(model, x).mean().backward()
     finally:
         engine.remove()
 
@@ -1186,11 +1189,15 @@ def test_a_shared_output_that_changes_with_the_examples_is_refused():
     permuted: the audit re-runs the model on its input with the examples permuted and
     compares each shared model output. Here it meets the (time-major) features with T = N,
     split along time as if it held the examples — wrong without a word before; refused now,
-    in both modes, naming the layer."""
+    in both modes, naming the layer. (Since 2026-12-06 the loss watch refuses the meeting
+    itself first, on audited steps, naming the dimension that holds the examples; the
+    permutation check named the shared output before.)"""
     x = torch.randn(N, N, 3, generator=torch.Generator().manual_seed(26))
     for seed in range(3):
         torch.manual_seed(seed)
-        with pytest.raises(UnsupportedModuleError, match="output computed from 'fc' and"):
+        with pytest.raises(
+            UnsupportedModuleError, match=r"\['fc'\] alone met.*holds the examples along dim 1"
+        ):
             one_shot(TimeMajorWithFeatures(), x, _features_loss)
         assert_exact_or_refused(TimeMajorWithFeatures(), x, _features_loss)
 
@@ -1711,6 +1718,75 @@ def test_a_position_pair_lookup_with_t_squared_equal_to_the_batch_is_learned(pro
         one_shot(_RelativeBiasByPositions(2, buffer=False), x, _sq)
     torch.manual_seed(0)
     assert_learns_then_exact(_RelativeBiasByPositions(2, buffer=False), x, _sq)
+
+
+class _DataParameters(nn.Module):
+    """Learned per-example weights (data parameters): a row of a parameter looked up by each
+    example's id, normalised over the batch inside the forward — example i's weight depends on
+    every other example's row, a coupled model with no per-example gradient."""
+
+    def __init__(self, lookup: str, norm: str):
+        super().__init__()
+        self.lookup, self.norm = lookup, norm
+        self.net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+        self.dp = nn.Parameter(torch.linspace(-1.0, 1.0, 9))
+
+    def forward(self, x, idx):
+        a = self.dp[idx] if self.lookup == "index" else F.embedding(idx, self.dp[:, None])[:, 0]
+        w = torch.sigmoid(a - a.mean()) if self.norm == "centred" else torch.softmax(a, 0)
+        return self.net(x), w
+
+
+@pytest.mark.parametrize("norm", ["centred", "softmax"])
+@pytest.mark.parametrize("lookup", ["index", "F.embedding"])
+def test_learned_weights_looked_up_and_normalised_over_the_batch_are_refused(lookup, norm):
+    """The audit finds the lookup's rows misattributed; before taking it for a table looked up
+    by positions (shared), the engine re-runs the model with the examples permuted and sees
+    the lookup's indices move with them: refused, naming the mixing. Until 2026-12-06 (a hunt)
+    only layers' inputs were checked so — ``nn.Embedding`` was refused — and a lookup into a
+    parameter used directly was learned as shared, every later step measured."""
+    torch.manual_seed(0)
+    model = _DataParameters(lookup, norm)
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    try:
+        with pytest.raises(
+            UnsupportedModuleError, match=r"embedding of dp.*permuted.*normalised over the batch"
+        ):
+            for k in range(3):
+                g = torch.Generator().manual_seed(k)
+                x, y = torch.randn(N, 3, generator=g), torch.randint(0, 2, (N,), generator=g)
+                out, w = model(x, torch.randperm(9, generator=g)[:N])
+                (w * F.cross_entropy(out, y, reduction="none")).mean().backward()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    tracker.step()
+                model.zero_grad()
+    finally:
+        tracker.remove()
+
+
+class _ScaledPositions(nn.Module):
+    """A position table computed from a parameter first (scaled, as a mixed-precision model
+    casts it), then looked up by positions arange(T): the lookup's table is no view of the
+    parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(8, 3))
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):  # x [N, T, 3]
+        return self.head(x + (self.pos * 2.0)[torch.arange(x.shape[1])]).sum(1)
+
+
+def test_a_lookup_into_a_table_computed_from_a_parameter_is_learned_by_positions():
+    """T = N: the audit finds the lookup's rows misattributed, and the re-runs that tell
+    positions from examples follow the table from the parameter through its computation
+    (their record of lookup indices, added 2026-12-06, must not take an unrecorded lookup for
+    one that follows the examples): learned as shared, exact from the next step."""
+    x = torch.randn(N, N, 3, generator=torch.Generator().manual_seed(9)).double()
+    torch.manual_seed(0)
+    assert_learns_then_exact(_ScaledPositions().double(), x, _sq)
 
 
 def test_a_position_pair_lookup_by_a_buffer_is_exact_at_once(products):

@@ -1062,6 +1062,15 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         if not allow_fallback:
             return
 
+    @staticmethod
+    def _mode_check(module: nn.Module, args: tuple, check: Callable, label: str) -> None:
+        """A frozen layer's check at its call (:attr:`_mode_checks`): a norm layer's through
+        :func:`norms.check_call`, which passes a call no gradient goes through."""
+        if check is norms.check:
+            norms.check_call(module, label, args)
+        else:
+            check(module, label)
+
     def _hook(
         self,
         eager: Callable,
@@ -1144,8 +1153,10 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             self._handles.append(
                 module.register_forward_pre_hook(
                     self._hook(
-                        lambda m, a, c=check, lb=label: c(m, lb) if self._active() else None,
-                        lambda m, a, c=check, lb=label: c(m, lb),
+                        lambda m, a, c=check, lb=label: (
+                            self._mode_check(m, a, c, lb) if self._active() else None
+                        ),
+                        lambda m, a, c=check, lb=label: self._mode_check(m, a, c, lb),
                         owner=module,
                     )
                 )
@@ -2706,6 +2717,30 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         if pass_.routed is None and _routed_by_index(x, n):
             pass_.routed = label
         return _assembled_rows(x)
+
+    def check_met_layout(
+        self, pass_: PassNorms, origin: Any, batched: list[Tensor], dim: int, op: str
+    ) -> None:
+        """Parameters meeting ``batched`` along ``dim`` in ``op`` where the loss watch follows
+        (the loss; the model's own code on audited steps): refused at once where the watch
+        knows one of them holds the examples elsewhere (:meth:`LossWatch.rows_not_met`) —
+        the meeting would give each index's share to the example of that index."""
+        reason = self._loss_watch.rows_not_met(pass_, batched, dim)
+        if reason is None:
+            return
+        labels = sorted({s.label for s in origin.sources})
+        raise UnsupportedModuleError(
+            f"a tensor computed from {labels} alone met, in the operation '{op}', a tensor "
+            f"{reason}. noisescale would split the gradient of {labels} along dim {dim} as "
+            f"if each index there were one example (tasks, experts, heads or positions that "
+            f"happen to number {pass_.batch_size}, as many as the batch, taken for the "
+            f"examples). Keep the examples in dim {dim} where a shared tensor meets them — "
+            "stack per-task losses along dim 1 (torch.stack(losses, dim=1) → [N, T]) and "
+            "weigh them with s[None, :]: Kendall's uncertainty weighting is "
+            "(torch.exp(-s) * L + s).sum(1).mean() on L [N, T], with s returned by the "
+            "forward —, combine a shared tensor with each example's terms before reducing over "
+            "the examples, or use per_example=False. Nothing of this step was recorded"
+        )
 
     def check_meeting_rows(self, pass_: PassNorms, origin: Any, x: Tensor, n: int, op: str) -> None:
         """Parameters used directly meeting ``x`` in ``op`` inside the forward, ``x`` with the

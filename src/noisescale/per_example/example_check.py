@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from noisescale.per_example.messages import UNRERUN
 from noisescale.per_example.passes import PassNorms
@@ -109,11 +110,15 @@ class ExampleCheck:
                 torch.cuda.set_rng_state_all(cuda)
             return first, model(*permuted[0], **permuted[1])
 
-    def _inputs_follow_examples(
-        self, pass_: PassNorms, layers: list[nn.Module]
-    ) -> list[nn.Module] | None:
+    def _inputs_follow_examples(self, pass_: PassNorms, layers: list[Any]) -> list[Any] | None:
         """The layers among ``layers`` whose input changes when the examples of the model's
-        input are permuted; ``None`` when that cannot be told (no re-run possible).
+        input are permuted; ``None`` when that cannot be told (no re-run possible). Lookups
+        into parameters used directly (their keys, ``("lookup", id(scope), pids, name)``:
+        ``self.dp[idx]``, ``F.embedding(idx, self.dp)``) among ``layers`` are checked by their
+        indices (:func:`_lookup_indices`): until 2026-12-06 they were not checked at all, and
+        data-parameter weights looked up by the examples' ids and centred over the batch in
+        the forward, ``sigmoid(a - a.mean())`` with ``a = self.dp[idx]`` — a coupled model —
+        were learned as a shared table and measured from step 2 (a hunt).
 
         Before the audit takes a layer whose rows it found misattributed for one called on a
         table shared by every example (positions arange(T) with T = N), it checks that the
@@ -179,11 +184,11 @@ class ExampleCheck:
         return [m for m in layers if m in followed]
 
     def _layer_inputs(
-        self, pass_: PassNorms, layers: list[nn.Module], changed: tuple
-    ) -> dict[nn.Module, list[list[Tensor]]] | None:
-        """Each layer's inputs in a re-run on the pass's inputs and in one on ``changed``;
-        None where the model cannot be re-run."""
-        seen: dict[nn.Module, list[list[Tensor]]] = {m: [[], []] for m in layers}
+        self, pass_: PassNorms, layers: list[Any], changed: tuple
+    ) -> dict[Any, list[list[Tensor]]] | None:
+        """Each layer's inputs (a lookup's indices) in a re-run on the pass's inputs and in one
+        on ``changed``; None where the model cannot be re-run."""
+        seen: dict[Any, list[list[Tensor]]] = {m: [[], []] for m in layers}
         run = [0]
 
         def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -194,9 +199,12 @@ class ExampleCheck:
         def second() -> None:
             run[0] = 1
 
-        handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in layers]
+        modules = [m for m in layers if isinstance(m, nn.Module)]
+        lookups = [key for key in layers if isinstance(key, tuple)]
+        handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in modules]
         try:
-            self._run_twice(pass_.inputs, changed, between=second)
+            with _lookup_indices(self.model, lookups, seen, run, pass_.batch_size):
+                self._run_twice(pass_.inputs, changed, between=second)
         except Exception:  # a forward that cannot be re-run: say so, do not guess
             return None
         finally:
@@ -569,6 +577,83 @@ def _put_back(now: Any, before: Any) -> None:
 
 
 _MISSING = object()
+
+
+@contextmanager
+def _lookup_indices(
+    model: nn.Module,
+    lookups: list[tuple],
+    seen: dict[Any, list[list[Tensor]]],
+    run: list[int],
+    n: int,
+) -> Iterator[None]:
+    """While the model re-runs (its hooks paused: plain parameters), record in
+    ``seen[key][run[0]]`` the indices of each lookup in ``lookups`` — ``table[idx]`` or
+    ``F.embedding(idx, table)`` run inside the key's scope module, on a table computed from
+    the key's parameters alone (the parameter, a view of it — ``self.dp[:, None]`` —, or
+    values computed from it and tensors without the batch's ``n`` rows, ``self.pos.to(dtype)``:
+    followed op by op, as the engine's shared tensors are)."""
+    if not lookups:
+        yield
+        return
+    params = {id(p): p for p in model.parameters()}
+    scopes = {id(m): m for m in model.modules()}
+    # the tensors computed from the keys' parameters alone: the keys whose tables they are
+    tables = WeakTensorKeyDictionary()
+    where: dict[tuple, nn.Module] = {}
+    for key in lookups:
+        _, scope_id, pids, _ = key
+        scope = scopes.get(scope_id)
+        if scope is None:
+            # (nothing to watch it by: never recorded, so taken as following the examples)
+            continue
+        where[key] = scope
+        for pid in pids:
+            if pid in params:
+                tables[params[pid]] = tables.get(params[pid], frozenset()) | {key}
+    depth: dict[int, int] = {}
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        depth[id(module)] = depth.get(id(module), 0) + 1
+
+    def leave(module: nn.Module, args: tuple, output: Any) -> None:
+        depth[id(module)] = depth.get(id(module), 1) - 1
+
+    class Recorder(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            kwargs = kwargs or {}
+            operands = _flat_tensors((args, kwargs), [])
+            keys = frozenset().union(*(tables.get(a, frozenset()) for a in operands))
+            if keys:
+                table, index = None, None
+                if func is torch.nn.functional.embedding:
+                    index = args[0] if args else kwargs.get("input")
+                    table = args[1] if len(args) > 1 else kwargs.get("weight")
+                elif getattr(func, "__name__", "") == "__getitem__" and len(args) == 2:
+                    table, index = args
+                if isinstance(table, Tensor) and index is not None:
+                    for key in tables.get(table, frozenset()):
+                        if depth.get(id(where[key]), 0) > 0:
+                            flat = index if isinstance(index, tuple) else (index,)
+                            seen[key][run[0]].extend(
+                                i.detach().clone() for i in flat if isinstance(i, Tensor)
+                            )
+            out = func(*args, **kwargs)
+            if keys and all(a in tables or a.dim() == 0 or a.shape[0] != n for a in operands):
+                for t in _flat_tensors(out, []):
+                    tables[t] = tables.get(t, frozenset()) | keys
+            return out
+
+    handles = []
+    for scope in set(where.values()):
+        handles.append(scope.register_forward_pre_hook(enter))
+        handles.append(scope.register_forward_hook(leave, always_call=True))
+    try:
+        with Recorder():
+            yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _same_shapes(a: list[Tensor], b: list[Tensor]) -> bool:

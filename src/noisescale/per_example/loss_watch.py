@@ -61,7 +61,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from noisescale.per_example import scaler_watch
 from noisescale.per_example.graph import reaches_pass
-from noisescale.per_example.messages import SIZES_COINCIDE
+from noisescale.per_example.messages import ROWS_UNPROVEN, SIZES_COINCIDE
 from noisescale.per_example.shared import flatten
 from noisescale.per_example.values import _time_major
 
@@ -84,6 +84,11 @@ class Rows:
     # split piece, a chunk of a chunked cross-entropy —, which torch.cat of the consecutive
     # pieces makes that map again (:func:`_joined_span`)
     span: Any = field(default=None, compare=False, repr=False)
+    # an irregular map along the last dimension whose values come in runs of ``whole``
+    # consecutive ones of a single example each (torch.masked_select by a mask expanded over
+    # the trailing dimensions: DistilBERT's distiller), which a view may merge into one index
+    # (:func:`_reshape`); 1 where nothing is known
+    whole: int = field(default=1, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -517,6 +522,67 @@ class LossWatch:
                     "read as example i's row i. Call the layer on the outputs in the examples' "
                     "order and reorder after it, or call it inside the model's forward (rows "
                     "there are checked by the audit)"
+                )
+        return None
+
+    def rows_not_met(self, pass_: Any, tensors: list[Tensor], dim: int) -> str | None:
+        """What is wrong with ``tensors`` — those a shared tensor meets along ``dim``, where
+        each has the batch's size — when the watch knows them to hold ``pass_``'s values in
+        another layout than its examples in order along ``dim``: the meeting would split
+        the shared tensor's gradient along ``dim`` as the examples' (:func:`~.shared.
+        _dispatch`). Read where the watch follows: in the loss, and in the model's own code
+        on audited steps (a loss the forward computes itself, which no audit reaches when it
+        returns a scalar). Until 2026-12-06 (a hunt) Kendall's uncertainty weighting with the
+        task losses stacked task-major, ``(exp(-s)[:, None] * stack(losses) + s[:, None])``
+        on [T, N] with T = N, gave task t's share of ``s`` to example t: norms 28–136% off,
+        tr Σ 1–12% on every step, without a word; and the outputs reordered in the loss,
+        ``o.flip(0) * s``, 138% off. None where every tensor the watch knows is the examples in
+        order (or not ``pass_``'s)."""
+        if self.done or not (
+            self.following() or (self.forward_pass is pass_ and not self._running)
+        ):
+            return None
+        for t in tensors:
+            layout = self._layout(t)
+            if isinstance(layout, Rows | Across):
+                mine = (
+                    layout.owner == id(pass_)
+                    if isinstance(layout, Rows)
+                    else id(pass_) in layout.owners
+                )
+                if not mine:
+                    continue
+                if layout.dim != dim:
+                    return (
+                        f"of shape {list(t.shape)}, computed from the model's outputs, whose "
+                        f"dim {dim} has the batch's size by coincidence: it holds the examples "
+                        f"along dim {layout.dim} (per-task losses stacked task-major, "
+                        "torch.stack(losses) → [T, N] with T = N; activations moved "
+                        "position-first, [T, …, N])"
+                    )
+                if (
+                    isinstance(layout, Rows)
+                    and (layout.block is None or layout.key != id(pass_))
+                    and self.following()
+                ):
+                    # (in the loss only: inside the forward, rows picked or put together by
+                    # the data are the engine's to check — engine.check_meeting_rows, proven
+                    # by the audit where they are the examples in order)
+                    return (
+                        f"of shape {list(t.shape)}, computed from the model's outputs, whose "
+                        f"rows along dim {dim} are not the examples in their order (picked, "
+                        "reordered or put together from them)"
+                    )
+            elif isinstance(layout, One) and layout.owner == id(pass_):
+                return (
+                    f"of shape {list(t.shape)}, computed from one example's outputs only, "
+                    f"whose dim {dim} has the batch's size by coincidence"
+                )
+            elif isinstance(layout, _Sum) and id(pass_) in layout.owners:
+                return (
+                    f"of shape {list(t.shape)}, already summed or averaged over the examples "
+                    f"(it holds none of them), whose dim {dim} has the batch's size by "
+                    "coincidence"
                 )
         return None
 
@@ -1927,6 +1993,22 @@ def _reshape(layout: Layout, shape: tuple, new: tuple, func: Any) -> Layout:
                 if span is not None:  # (each row now `factor` rows: a regular map's too)
                     span = (span[0], span[1] * factor, *(x * factor for x in span[2:]))
             return Rows(d2, None, key, layout.n, layout.owner, ids, span)
+        if inner == 1:
+            # values picked one by one along the last dimension (masked_select's flat result)
+            # merged into rows, .view(-1, dim): each row is one example's where the pick took
+            # whole runs of at least its length (Rows.whole). Until 2026-12-06 (a hunt) every
+            # such merge was refused as combining the examples — DistilBERT's distiller,
+            # masked_select(t, mask.unsqueeze(-1).expand_as(t)).view(-1, t.size(-1)), without
+            # a padded token
+            for d2 in range(len(new)):
+                m = math.prod(new[d2 + 1 :])
+                if math.prod(new[:d2]) != math.prod(shape[:d]) or m <= 1 or new[d2] * m != shape[d]:
+                    continue
+                if layout.whole % m:
+                    return _mixed(func, ROWS_UNPROVEN)
+                ids = None if layout.ids is None else layout.ids[::m]
+                key = ("merged", layout.key, m)
+                return Rows(d2, None, key, layout.n, layout.owner, ids, None, layout.whole // m)
         return _mixed(func, "reshaped the examples' values so that one index holds several")
     n, d = layout.n, layout.dim
     if shape[d] % (n * layout.block):
@@ -1944,6 +2026,29 @@ def _reshape(layout: Layout, shape: tuple, new: tuple, func: Any) -> Layout:
         "reorders the rows — FixMatch's interleave/de_interleave, x.reshape(-1, k, ...)"
         ".transpose(0, 1) —, index with the permutation instead, out[perm], which is followed)",
     )
+
+
+def _whole_runs(t: Tensor, mask: Any, d: int) -> int:
+    """How many consecutive values of ``masked_select(t, mask)`` are known to be one
+    example's (``t``'s examples along ``d``): the product of ``t``'s trailing dimensions
+    after ``d`` along which ``mask`` is constant — of size 1 there, broadcast, or expanded
+    (stride 0) — read from its shape and strides (no device read). DistilBERT's distiller's
+    ``attention_mask.unsqueeze(-1).expand_as(t)`` picks whole rows of ``t.size(-1)``."""
+    if not isinstance(mask, Tensor) or mask.dim() > t.dim():
+        return 1
+    try:
+        if torch.broadcast_shapes(tuple(mask.shape), tuple(t.shape)) != tuple(t.shape):
+            return 1
+    except RuntimeError:
+        return 1
+    lead = t.dim() - mask.dim()
+    whole = 1
+    for i in range(t.dim() - 1, d, -1):
+        j = i - lead
+        if j >= 0 and mask.shape[j] != 1 and mask.stride(j) != 0:
+            break
+        whole *= t.shape[i]
+    return whole
 
 
 def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: list) -> Any:
@@ -2077,7 +2182,7 @@ def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: l
         if ex is not None:
             along = ex.reshape([-1 if i == d else 1 for i in range(t.dim())]).expand(t.shape)
             ids = torch.masked_select(along, named["mask"].to(ex.device))
-        return fresh(0, ids)
+        return dataclasses.replace(fresh(0, ids), whole=_whole_runs(t, named["mask"], d))
     if name in ("diagonal", "diagonal_copy"):
         d1, d2 = named.get("dim1", 0) % t.dim(), named.get("dim2", 1) % t.dim()
         if d in (d1, d2):

@@ -315,7 +315,25 @@ def _ambiguous_message(pass_: PassNorms) -> str:
 SIZES_COINCIDE = "more than one dimension, none of them the examples' known one"
 
 
+# (a view that merges values picked one by one — masked_select's flat result — into rows the
+# pick was not seen to keep whole: _coupled_message leads with that)
+ROWS_UNPROVEN = (
+    "merged values picked one by one (torch.masked_select's flat result) into rows, with a "
+    "mask not seen to pick whole rows, so whether each row holds one example's values is not "
+    "known"
+)
+
+
 def _coupled_message(pass_: PassNorms) -> str:
+    if ROWS_UNPROVEN in (pass_.coupled or ""):
+        return (
+            "noisescale cannot tell whether the loss keeps the examples apart: "
+            f"{pass_.coupled}, and the backward started from the result. Pick whole rows: "
+            "a boolean index, t[attention_mask], or torch.masked_select(t, "
+            "attention_mask.unsqueeze(-1).expand_as(t)).view(-1, t.size(-1)) with the mask "
+            "expanded (not copied) over the last dimension — both followed —, or use "
+            "per_example=False"
+        )
     if SIZES_COINCIDE in (pass_.coupled or ""):
         # (until 2026-12-06 led as a loss combining the examples: an ensemble's outputs
         # stacked member-first, [E, N, d] with N = d, whose loss combines nothing; a hunt)

@@ -62,6 +62,32 @@ def check(module: nn.Module, name: str) -> None:
         )
 
 
+def check_call(module: nn.Module, name: str, args: tuple) -> None:
+    """:func:`check` at a call of a norm layer without a hook of its own (frozen: none of its
+    parameters measured), through which no gradient may pass: with gradients off, or none of
+    its parameters and none of its inputs requiring one — a frozen teacher (``requires_grad_(
+    False)``) with BatchNorm in training mode run on the data with gradients on, inside a
+    distillation wrapper —, its batch statistics weigh nothing any measured parameter's
+    gradient goes through: constants, like any detached batch statistic (until 2026-12-06
+    refused as coupling the examples, where the same teacher under no_grad was exact; a
+    hunt). A call whose input carries a gradient (a student's frozen BatchNorm, its input
+    computed from trainable layers) is checked as before."""
+    if (
+        isinstance(module, nn.modules.batchnorm._BatchNorm)
+        # (read only where check would refuse: an evaluation-mode BatchNorm, the common frozen
+        # one, pays nothing more)
+        and (module.training or not module.track_running_stats)
+    ) and (
+        not torch.is_grad_enabled()
+        or not (
+            any(p.requires_grad for p in module.parameters(recurse=False))
+            or any(isinstance(a, Tensor) and a.requires_grad for a in args)
+        )
+    ):
+        return
+    check(module, name)
+
+
 @functools.lru_cache(maxsize=64)
 def _ones(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """A CPU tensor of ones (never written: read as a LayerNorm weight; a normal tensor even

@@ -744,9 +744,19 @@ class Settle:
             and not any(m in self._learned_shared for m in learnable_calls)
             and not any(key in self.learned_shared_lookups for key in lookups)
         ):
-            following = self._inputs_follow_examples(pass_, learnable_calls)
+            # (lookups by indices: an expansion's key — a kernel expanded over C = N channels
+            # — has no input to follow, nor an embedding_bag's offsets here)
+            indexed = [key for key in lookups if key[3] in _INDEXED_LOOKUPS]
+            following = self._inputs_follow_examples(pass_, [*learnable_calls, *indexed])
             if following is None or following:
-                names = ", ".join(f"'{self._labels[m]}'" for m in following or learnable_calls)
+                names = ", ".join(
+                    f"'{self._labels[m]}'"
+                    if isinstance(m, nn.Module)
+                    else "'{}'".format(
+                        next((t.label for t in findings.misattributed if t.module == m), "lookup")
+                    )
+                    for m in following or [*learnable_calls, *indexed]
+                )
                 raise UnsupportedModuleError(
                     "noisescale's audit of this step failed, so it refuses to report per-example "
                     f"norms that could be wrong: the rows of {names} do not belong to the "
@@ -761,7 +771,9 @@ class Settle:
                     + ": its dim 0 is not the examples' (a time-major activation, [T, N, …] "
                     "with T = N — keep dim 0 the examples), or an operation in the forward "
                     "mixes examples — a statistic of the batch (a batch mean added back as "
-                    "context, minibatch features, BatchNorm in training mode) or one example's "
+                    "context, minibatch features, BatchNorm in training mode, per-example "
+                    "weights looked up from a parameter and normalised over the batch: "
+                    "sigmoid(a - a.mean()), softmax(a, 0)) or one example's "
                     "activations mixed into another's (Manifold Mixup) —, and such a model has "
                     "no per-example gradient: measure it with per_example=False and two or more "
                     "gradient-accumulation micro-batches a step; or the batch was reordered "
@@ -794,6 +806,11 @@ class Settle:
                 if p is not None and id(p) == pid:
                     out.append((module, name))
         return out
+
+
+# the lookups whose indices the re-run of the permutation check records (example_check.
+# _lookup_indices): table[idx] and F.embedding(idx, table)
+_INDEXED_LOOKUPS = ("__getitem__", "embedding")
 
 
 def _routed_rows_hint(op: str, n: int) -> str:

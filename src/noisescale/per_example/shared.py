@@ -269,6 +269,10 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
         # experts as examples they are not the examples' (OLMoE at N = 8 experts was refused
         # as '_grouped_mm' with no rule, measured at every other N; a hunt, 2026-12-05)
         batched = [t for t in batched if t.is_floating_point() or t.is_complex()]
+    if batched:
+        # a tensor the loss watch knows to hold the examples elsewhere — along another
+        # dimension, summed over, picked — though its dim has the batch's size
+        engine.check_met_layout(pass_, origin, batched, dim, _name(func))
     if batched and dim == 0 and not pass_.returned:
         # rows picked or put together by the data, as many as the examples (h[idx] @ W): as
         # for a layer's input (engine._rows_not_examples); a review of 2026-12-06 found them
