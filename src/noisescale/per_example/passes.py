@@ -249,6 +249,8 @@ class PassNorms:
     # where that search stops (the layer keeps its examples apart along it)
     call_outputs: dict[tuple[int, int, int], int] = field(default_factory=dict)
     buffer_storages: set[int] | None = None  # the model's buffers' storages (_is_buffer)
+    # the storages of the model's parameters that do not train (shared._frozen_group_weight)
+    frozen_storages: set[int] | None = None
     # layer inputs picked by several index tensors on an accelerator, where the indices are
     # not read when the layer runs: (layer, how, a device flag "none of them is the examples in
     # order"), read by the tracker with the step's statistics (_selected_rows)

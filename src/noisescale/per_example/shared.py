@@ -267,8 +267,16 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
     if batched and _name(func) in _GROUPED_NAMES:
         # a grouped product's offsets have one entry per group (an expert): with as many
         # experts as examples they are not the examples' (OLMoE at N = 8 experts was refused
-        # as '_grouped_mm' with no rule, measured at every other N; a hunt, 2026-12-05)
-        batched = [t for t in batched if t.is_floating_point() or t.is_complex()]
+        # as '_grouped_mm' with no rule, measured at every other N; a hunt, 2026-12-05). Nor
+        # is a frozen grouped weight [E, d, o] of the tokens' product [S, d] (Qwen3-MoE's
+        # down_proj beside a LoRA on gate_up_proj, E = N = 4: refused until 2026-12-06, exact
+        # at every other N, a hunt)
+        batched = [
+            t
+            for t in batched
+            if (t.is_floating_point() or t.is_complex())
+            and not _frozen_group_weight(engine, pass_, args, t)
+        ]
     if batched and dim == 0 and not pass_.returned:
         # rows picked or put together by the data, as many as the examples (h[idx] @ W): as
         # for a layer's input (engine._rows_not_examples); a review of 2026-12-06 found them
@@ -527,6 +535,33 @@ def _meet(
     elif name == "repeat" and args and _repeat_broadcasts(args, kwargs):
         result = _broadcast_of(result, args[0])
     return result
+
+
+def _frozen_group_weight(engine: Any, pass_: PassNorms, args: tuple, t: Tensor) -> bool:
+    """``t`` is the grouped weight [G, d, o] of a grouped product on token rows [S, d]
+    (``_grouped_mm(x, w, offs)``), and a model parameter that does not train or a view of
+    one: one matrix per group, no example's. (The weight is looked for only when it has the
+    batch's size, E = N.)"""
+    if (
+        len(args) < 2
+        or args[1] is not t
+        or t.dim() != 3
+        or not isinstance(args[0], Tensor)
+        or args[0].dim() != 2
+        or t.grad_fn is not None
+        or t.requires_grad
+    ):
+        return False
+    try:
+        if pass_.frozen_storages is None:
+            pass_.frozen_storages = {
+                p.untyped_storage().data_ptr()
+                for p in engine.model.parameters()
+                if not p.requires_grad
+            } - {0}
+        return t.untyped_storage().data_ptr() in pass_.frozen_storages
+    except (RuntimeError, NotImplementedError, TypeError):  # (tensors without storage)
+        return False
 
 
 def _masked_assignment(args: tuple, n: int) -> bool:
