@@ -698,6 +698,19 @@ def test_vblora_of_rank_equal_to_the_batch_size_is_learned_then_exact():
         assert len(withheld) == 1 and len(audited) == 2, (withheld, audited)
 
 
+def test_shira_is_refused_naming_its_sparse_weight():
+    """peft's SHiRA adds a ``torch.sparse_coo_tensor`` of its trained values to a copy of the
+    frozen weight; noisescale does not follow a parameter through a sparse tensor. The refusal
+    listed causes that were not this one — a loss term read outside the forward, a time-major
+    layout, a custom Function (a hunt, 2026-12-06) —; it names the sparse tensor and
+    per_example=False now."""
+    model = _peft_llama(lambda peft: peft.ShiraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    text = _refusal_by_engine(model, _ids())
+    assert "build a sparse tensor (torch.sparse" in text, text
+    assert "shira_weight" in text and "per_example=False" in text, text
+    assert "model.temperature" not in text and "time-major" not in text, text
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_inputs_embeds_built_by_the_caller_are_refused_naming_the_embedding(name):
     """``model(inputs_embeds=model.get_input_embeddings()(ids))``: the embedding runs before

@@ -277,6 +277,9 @@ class PassNorms:
     # parameters read inside a custom torch.autograd.Function's forward -> its class's name
     # (autograd runs the user's backward for them, which no use of noisescale's follows)
     custom_functions: dict[int, str] = field(default_factory=dict)
+    # parameters that built a sparse tensor (torch.sparse: peft's SHiRA adds a sparse_coo_tensor
+    # of its values to the frozen weight) -> the operation, which no use noisescale follows
+    sparse_built: dict[int, str] = field(default_factory=dict)
     # (key, refusal) of a structure whose audit found rows of the wrong examples, kept by the
     # engine where the pass is refused (Settle._settle)
     sticky: tuple[tuple, str] | None = None

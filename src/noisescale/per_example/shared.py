@@ -540,6 +540,8 @@ def _meet(
         return _unsupported(func, args, kwargs, origin, pass_)
     with torch._C.DisableTorchFunctionSubclass():
         result = func(*args, **kwargs)
+    if isinstance(result, Tensor) and result.layout != torch.strided:
+        _note_sparse(pass_, origin, name)
     result = _rewrap(result, origin)
     if _built_from_weights(func, args, kwargs, flat):
         _map(result, _mark_weight_only)
@@ -652,6 +654,19 @@ def _frozen_group_weight(engine: Any, pass_: PassNorms, args: tuple, t: Tensor) 
         return t.untyped_storage().data_ptr() in pass_.frozen_storages
     except (RuntimeError, NotImplementedError, TypeError):  # (tensors without storage)
         return False
+
+
+def _note_sparse(pass_: PassNorms, origin: Origin, name: str) -> None:
+    """Remember that the parameters behind ``origin`` built a sparse tensor (peft's SHiRA: a
+    ``sparse_coo_tensor`` of its values added to a copy of the frozen weight): operations on
+    it are not followed, and where their gradients arrive with no use to explain them the
+    refusal names it (:meth:`~noisescale.per_example.settle.Settle._refuse_unmet_shared`)."""
+    for source in origin.sources:
+        pids = [source.pid] if source.pid is not None else source.call.params.values()
+        for pid in pids:
+            # (the constructor arrives as aten's '_sparse_coo_tensor_with_dims_and_tensors.default')
+            op = name.split(".")[0]
+            pass_.sparse_built.setdefault(pid if isinstance(pid, int) else id(pid), op)
 
 
 def _masked_assignment(args: tuple, n: int) -> bool:
