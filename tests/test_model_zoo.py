@@ -644,6 +644,73 @@ def test_gralora_is_learned_then_exact():
         assert len(withheld) == 1 and len(audited) == 2, (withheld, audited)
 
 
+def _peft_llama(config) -> nn.Module:
+    """The zoo's Llama with peft's adapters of ``config``, in training mode."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.get_peft_model(ZOO["llama"][0](), config(peft)).train()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        lambda peft: peft.LoraConfig(
+            r=2, target_modules=["q_proj"], trainable_token_indices=[1, 3, 5, 7]
+        ),
+        lambda peft: peft.TrainableTokensConfig(
+            target_modules=["embed_tokens"], token_indices=[1, 3, 5, 7]
+        ),
+    ],
+    ids=["lora_trainable_token_indices", "trainable_tokens"],
+)
+def test_as_many_trainable_tokens_as_examples_are_learned_then_exact(config):
+    """peft's trainable tokens (the embeddings of new special tokens, beside LoRA or alone)
+    write their rows into the frozen embedding with ``index_copy`` and the batch looks that
+    table up. With as many trainable tokens as examples (4 = N) the index was taken for the
+    examples' and every step refused as 'index_copy' with no per-example rule (a hunt,
+    2026-12-06; measured at any other N): the rows of parameters written into a table that
+    holds no example build a weight. Learned at the first pass (read from a parameter dict),
+    then exact."""
+    model = _peft_llama(config)
+    ids = _ids()
+    ids[:, 1] = 3  # (a trainable token in every sequence)
+    losses = _token_means(model, ids)
+    for withheld, audited in _learns_then_exact(model, losses, 3, RTOL, lambda why: bool(why)):
+        assert len(withheld) == 1 and len(audited) == 2, (withheld, audited)
+
+
+def test_vblora_of_rank_equal_to_the_batch_size_is_learned_then_exact():
+    """peft's VB-LoRA builds each adapter matrix from a top-k over its logits [r, tiles,
+    vectors] looked up in a vector bank shared by all layers: ``bank[indices]``, indices [r, …]
+    computed from the parameters alone. At r = N (4 = 4) that lookup was taken for the examples'
+    — withheld, then refused at every later step, the audit finding the rows misattributed (a
+    hunt, 2026-12-06; measured at any other N). Tensors computed from parameters alone hold no
+    example: learned at the first pass (read from parameter dicts), then exact."""
+    model = _peft_llama(
+        lambda peft: peft.VBLoRAConfig(
+            r=N, target_modules=["q_proj", "v_proj"], num_vectors=8, vector_length=8
+        )
+    )
+    losses = _token_means(model, _ids())
+    for withheld, audited in _learns_then_exact(model, losses, 3, RTOL, lambda why: bool(why)):
+        assert len(withheld) == 1 and len(audited) == 2, (withheld, audited)
+
+
+def test_shira_is_refused_naming_its_sparse_weight():
+    """peft's SHiRA adds a ``torch.sparse_coo_tensor`` of its trained values to a copy of the
+    frozen weight; noisescale does not follow a parameter through a sparse tensor. The refusal
+    listed causes that were not this one — a loss term read outside the forward, a time-major
+    layout, a custom Function (a hunt, 2026-12-06) —; it names the sparse tensor and
+    per_example=False now."""
+    model = _peft_llama(lambda peft: peft.ShiraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    text = _refusal_by_engine(model, _ids())
+    assert "build a sparse tensor (torch.sparse" in text, text
+    assert "shira_weight" in text and "per_example=False" in text, text
+    assert "model.temperature" not in text and "time-major" not in text, text
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_inputs_embeds_built_by_the_caller_are_refused_naming_the_embedding(name):
     """``model(inputs_embeds=model.get_input_embeddings()(ids))``: the embedding runs before

@@ -782,6 +782,69 @@ def test_transformers_default_grouped_experts_are_exact_with_as_many_experts_as_
         tracker.remove()
 
 
+def test_grouped_experts_with_a_lora_and_as_many_experts_as_examples_are_exact():
+    """Qwen3-MoE on transformers' default ``grouped_mm`` experts (float32) with peft's LoRA on
+    q_proj and on the stacked experts' gate_up_proj: the down_proj product then runs on token
+    rows built from the adapters (shared) with the frozen grouped weight [E, d, o], whose dim 0
+    has the batch's size at N = E = 4 — taken for the examples' and every step refused as
+    '_grouped_mm' with no per-example rule until 2026-12-06 (a hunt; exact at N = 3 and 8). A
+    frozen grouped weight holds no example: its adapters learned at the first pass (read from
+    the experts' parametrization), the engine's passes then equal brute force, per example and
+    by 2 sub-batches."""
+    peft = pytest.importorskip("peft")
+    from test_subbatch import subbatch_truth
+
+    torch.manual_seed(0)
+    base = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        vocab_size=V, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+        max_position_embeddings=16, num_experts=N, num_experts_per_tok=2,
+        experts_implementation="grouped_mm",
+    )).float()  # fmt: skip
+    config = peft.LoraConfig(
+        r=2, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"]
+    )
+    model = peft.get_peft_model(base, config).train()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))  # (LoRA's B starts at 0)
+    ids = _ids()
+
+    def losses() -> torch.Tensor:
+        logits = model(input_ids=ids).logits[:, :-1]
+        per_token = F.cross_entropy(logits.reshape(-1, V), ids[:, 1:].reshape(-1), reduction="none")
+        return per_token.view(N, -1).mean(1)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    truth = torch.stack([
+        sum(g.pow(2).sum() for g in torch.autograd.grad(losses()[i], params) if g is not None)
+        for i in range(N)
+    ])  # fmt: skip
+    for subbatches in (0, 2):
+        engine = PerExampleNorms(model, subbatches=subbatches)
+        engine.RECHECK_SUBBATCHES = 1
+        measured = 0
+        try:
+            for step in range(3):
+                model.zero_grad()
+                losses().mean().backward()
+                (p,) = engine.collect()
+                if p.raw_sqnorms is None:
+                    assert step == 0, p.withheld
+                    continue
+                if subbatches:
+                    with engine.paused():
+                        want = subbatch_truth(model, lambda i: losses()[i], N, p.subbatches)
+                else:
+                    want = truth / N**2
+                torch.testing.assert_close(p.raw_sqnorms, want, rtol=1e-5, atol=0)
+                measured += 1
+        finally:
+            engine.remove()
+        assert measured == 2
+
+
 @pytest.mark.parametrize("problem", ["multi_label_classification", "regression"])
 def test_a_model_s_own_loss_from_floating_point_labels_is_a_mean_over_examples(problem):
     """BERT classifying with several labels at once (BCEWithLogitsLoss over [N, C] float

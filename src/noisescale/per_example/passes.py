@@ -249,6 +249,8 @@ class PassNorms:
     # where that search stops (the layer keeps its examples apart along it)
     call_outputs: dict[tuple[int, int, int], int] = field(default_factory=dict)
     buffer_storages: set[int] | None = None  # the model's buffers' storages (_is_buffer)
+    # the storages of the model's parameters that do not train (shared._frozen_group_weight)
+    frozen_storages: set[int] | None = None
     # layer inputs picked by several index tensors on an accelerator, where the indices are
     # not read when the layer runs: (layer, how, a device flag "none of them is the examples in
     # order"), read by the tracker with the step's statistics (_selected_rows)
@@ -275,6 +277,9 @@ class PassNorms:
     # parameters read inside a custom torch.autograd.Function's forward -> its class's name
     # (autograd runs the user's backward for them, which no use of noisescale's follows)
     custom_functions: dict[int, str] = field(default_factory=dict)
+    # parameters that built a sparse tensor (torch.sparse: peft's SHiRA adds a sparse_coo_tensor
+    # of its values to the frozen weight) -> the operation, which no use noisescale follows
+    sparse_built: dict[int, str] = field(default_factory=dict)
     # (key, refusal) of a structure whose audit found rows of the wrong examples, kept by the
     # engine where the pass is refused (Settle._settle)
     sticky: tuple[tuple, str] | None = None

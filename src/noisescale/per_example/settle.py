@@ -385,6 +385,23 @@ class Settle:
         }
         if through:
             raise UnsupportedModuleError(_custom_function_message(through, aliased))
+        sparse = sorted(self._param_name[pid] for pid in aliased_ids if pid in pass_.sparse_built)
+        if sparse:
+            # (until 2026-12-06 refused naming causes that were not this one — a loss term, a
+            # time-major layout, a custom Function —, a hunt)
+            ops = sorted(
+                {pass_.sparse_built[pid] for pid in aliased_ids if pid in pass_.sparse_built}
+            )
+            others = sorted(set(aliased) - set(sparse))
+            raise UnsupportedModuleError(
+                _sparse_message(sparse, ops)
+                + (
+                    f". (Parameters {others} also received gradients that no use noisescale "
+                    "followed gave)"
+                    if others
+                    else ""
+                )
+            )
         if aliased:
             raise UnsupportedModuleError(
                 f"parameters {aliased} received gradients that no use noisescale followed "
@@ -853,6 +870,19 @@ def _unreplayed_warning(why: str) -> str:
         f"noisescale: {why}, so which example each row of the model's activations belongs to "
         "was not checked on this structure, anywhere in its pass (examples mixed by the model "
         f"would be measured without a further word). Where it is activation checkpointing, {fix}"
+    )
+
+
+def _sparse_message(names: list[str], ops: list[str]) -> str:
+    """The refusal of parameters that built a sparse tensor on their way to the batch."""
+    plural = len(names) > 1
+    return (
+        f"parameter{'s' if plural else ''} {names} {'build' if plural else 'builds'} a "
+        f"sparse tensor (torch.sparse: '{', '.join(ops)}') on {'their' if plural else 'its'} "
+        "way to the batch — peft's SHiRA adds a sparse_coo_tensor of its values to a copy of "
+        "the frozen weight —, and noisescale does not follow a parameter through sparse "
+        "tensors, so it cannot attribute their gradients to examples. Use per_example=False "
+        "(micro-batch norms need no per-example attribution)"
     )
 
 

@@ -267,8 +267,28 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
     if batched and _name(func) in _GROUPED_NAMES:
         # a grouped product's offsets have one entry per group (an expert): with as many
         # experts as examples they are not the examples' (OLMoE at N = 8 experts was refused
-        # as '_grouped_mm' with no rule, measured at every other N; a hunt, 2026-12-05)
-        batched = [t for t in batched if t.is_floating_point() or t.is_complex()]
+        # as '_grouped_mm' with no rule, measured at every other N; a hunt, 2026-12-05). Nor
+        # is a frozen grouped weight [E, d, o] of the tokens' product [S, d] (Qwen3-MoE's
+        # down_proj beside a LoRA on gate_up_proj, E = N = 4: refused until 2026-12-06, exact
+        # at every other N, a hunt)
+        batched = [
+            t
+            for t in batched
+            if (t.is_floating_point() or t.is_complex())
+            and not _frozen_group_weight(engine, pass_, args, t)
+        ]
+    if batched and any(getattr(t, "_ns_weight_only", False) for t in batched):
+        # computed from parameters alone (VB-LoRA's top-k indices into its vector bank, [r, …]
+        # from its logits): no example's, whatever its leading size (at r = N the lookup was
+        # taken for the examples' and every step refused until 2026-12-06, a hunt)
+        batched = [t for t in batched if not getattr(t, "_ns_weight_only", False)]
+    if batched and _name(func) in _INDEX_WRITES and _writes_weights(func, args, kwargs):
+        # rows of parameters written into a table that holds no example (peft's trainable
+        # tokens: their rows index_copy'd into the frozen embedding, then looked up by the
+        # batch): the index is the rows' places in the table — with as many trainable tokens as
+        # examples it was taken for the examples' and every step refused until 2026-12-06 (a
+        # hunt); the table meets the batch where it is used, as at any other batch size
+        batched = []
     if batched:
         # a tensor the loss watch knows to hold the examples elsewhere — along another
         # dimension, summed over, picked — though its dim has the batch's size
@@ -526,13 +546,133 @@ def _meet(
         return _unsupported(func, args, kwargs, origin, pass_)
     with torch._C.DisableTorchFunctionSubclass():
         result = func(*args, **kwargs)
+    if isinstance(result, Tensor) and result.layout != torch.strided:
+        _note_sparse(pass_, origin, name)
     result = _rewrap(result, origin)
+    if _built_from_weights(func, args, kwargs, flat):
+        _map(result, _mark_weight_only)
     if name in _COPY_NAMES and args and hasattr(args[0], "_ns_broadcast"):
         # (a copy of an expansion is still that expansion's values: .contiguous() of h0.expand)
         result = _broadcast_of(result, args[0])
     elif name == "repeat" and args and _repeat_broadcasts(args, kwargs):
         result = _broadcast_of(result, args[0])
     return result
+
+
+# writes of rows into a table at an index: (input, dim, index, source) — index_put's
+# (input, indices, values) —, the written rows' places in the table
+_INDEX_WRITES = {"index_copy", "index_add", "index_put", "scatter", "scatter_add"}
+_WRITE_ARGS = {
+    "index_put": ("input", "indices", "values"),
+    "scatter": ("input", "dim", "index", "src"),
+    "scatter_add": ("input", "dim", "index", "src"),
+}
+
+
+def _weight_only(t: Any) -> bool:
+    """``t`` holds no example: a parameter (a frozen one the engine hands no alias for), a
+    parameter's alias, or a tensor computed from such tensors alone (marked
+    ``_ns_weight_only`` by :func:`_meet`). (A marked tensor written in place afterwards by
+    operations on plain tensors alone keeps its mark: no dispatch sees that write.)"""
+    if isinstance(t, nn.Parameter) or getattr(t, "_ns_weight_only", False):
+        return True
+    origin = _origin(t)
+    return origin is not None and any(t is s.tensor and s.pid is not None for s in origin.sources)
+
+
+def _mark_weight_only(v: Any) -> Any:
+    if isinstance(v, Tensor):
+        v._ns_weight_only = True  # type: ignore[attr-defined]
+    return v
+
+
+def _write_operands(func: Any, args: tuple, kwargs: dict) -> tuple[Any, Any, Any] | None:
+    """(table, index, rows) of an index write (:data:`_INDEX_WRITES`), positional or named;
+    ``index`` is index_put's tuple of index tensors. ``None``: another form (a scalar value)."""
+    names = _WRITE_ARGS.get(_name(func), ("input", "dim", "index", "source"))
+    bound = dict(zip(names, args, strict=False))
+    bound.update(kwargs)
+    table = bound.get("input", bound.get("self"))
+    index = bound.get("indices" if names[1] == "indices" else "index")
+    rows = bound.get(names[-1])
+    if not isinstance(table, Tensor) or not isinstance(rows, Tensor) or index is None:
+        return None
+    return table, index, rows
+
+
+def _writes_weights(func: Any, args: tuple, kwargs: dict) -> bool:
+    """An index write of rows that hold no example into a table that holds none
+    (:func:`_weight_only`), one written row for each index entry: the index numbers the
+    rows written (k of them, fixed by the parameters), not the examples, so the result is a
+    weight built from parameters — met by the batch where it is used. (Rows broadcast over
+    the index, ``table.index_put((idx,), row)``, are not: an index read from the data would
+    then write the batch into the table.)"""
+    found = _write_operands(func, args, kwargs)
+    if found is None:
+        return False
+    table, index, rows = found
+    if not (_weight_only(table) and _weight_only(rows)):
+        return False
+    indices = list(index) if isinstance(index, list | tuple) else [index]
+    if not indices or not all(isinstance(i, Tensor) for i in indices) or rows.dim() == 0:
+        return False
+    if _name(func) == "index_put":
+        return all(i.dim() == 1 and i.shape[0] == rows.shape[0] for i in indices)
+    if _name(func) in ("scatter", "scatter_add"):
+        return tuple(indices[0].shape) == tuple(rows.shape)
+    return indices[0].dim() <= 1  # (index_copy/index_add: torch checks its count)
+
+
+def _built_from_weights(func: Any, args: tuple, kwargs: dict, flat: list[Any]) -> bool:
+    """Every tensor the operation read holds no example (:func:`_weight_only`) — the index
+    of an index write of such rows into such a table too (:func:`_writes_weights`) — so its
+    results hold none."""
+    tensors = [t for t in flat if isinstance(t, Tensor)]
+    if not tensors:
+        return False
+    if all(_weight_only(t) for t in tensors):
+        return True
+    return _name(func) in _INDEX_WRITES and _writes_weights(func, args, kwargs)
+
+
+def _frozen_group_weight(engine: Any, pass_: PassNorms, args: tuple, t: Tensor) -> bool:
+    """``t`` is the grouped weight [G, d, o] of a grouped product on token rows [S, d]
+    (``_grouped_mm(x, w, offs)``), and a model parameter that does not train or a view of
+    one: one matrix per group, no example's. (The weight is looked for only when it has the
+    batch's size, E = N.)"""
+    if (
+        len(args) < 2
+        or args[1] is not t
+        or t.dim() != 3
+        or not isinstance(args[0], Tensor)
+        or args[0].dim() != 2
+        or t.grad_fn is not None
+        or t.requires_grad
+    ):
+        return False
+    try:
+        if pass_.frozen_storages is None:
+            pass_.frozen_storages = {
+                p.untyped_storage().data_ptr()
+                for p in engine.model.parameters()
+                if not p.requires_grad
+            } - {0}
+        return t.untyped_storage().data_ptr() in pass_.frozen_storages
+    except (RuntimeError, NotImplementedError, TypeError):  # (tensors without storage)
+        return False
+
+
+def _note_sparse(pass_: PassNorms, origin: Origin, name: str) -> None:
+    """Remember that the parameters behind ``origin`` built a sparse tensor (peft's SHiRA: a
+    ``sparse_coo_tensor`` of its values added to a copy of the frozen weight): operations on
+    it are not followed, and where their gradients arrive with no use to explain them the
+    refusal names it (:meth:`~noisescale.per_example.settle.Settle._refuse_unmet_shared`)."""
+    for source in origin.sources:
+        pids = [source.pid] if source.pid is not None else source.call.params.values()
+        for pid in pids:
+            # (the constructor arrives as aten's '_sparse_coo_tensor_with_dims_and_tensors.default')
+            op = name.split(".")[0]
+            pass_.sparse_built.setdefault(pid if isinstance(pid, int) else id(pid), op)
 
 
 def _masked_assignment(args: tuple, n: int) -> bool:
