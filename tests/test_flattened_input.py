@@ -180,19 +180,21 @@ class SortedFlat(nn.Module):
     tokens folded into rows for an MLP, ``fc2(gelu(fc1(h[order].reshape(B*T, D))))``, and
     sorted back: each example's output depends on that example alone."""
 
-    def __init__(self):
+    def __init__(self, by_index_select: bool = False):
         super().__init__()
         self.inp, self.fc1, self.fc2 = nn.Linear(D, D), nn.Linear(D, 2 * D), nn.Linear(2 * D, D)
         self.head = nn.Linear(D, 2)
         self.order = torch.arange(N)
+        self.by_index_select = by_index_select
 
     def forward(self, x):
         b, t, d = x.shape
         h = torch.tanh(self.inp(x))
         order = self.order
-        h = h[order]
+        h = h.index_select(0, order) if self.by_index_select else h[order]
         f = self.fc2(torch.nn.functional.gelu(self.fc1(h.reshape(b * t, d)))).view(b, t, d)
-        return self.head(f[order.argsort()].mean(1))
+        back = order.argsort()
+        return self.head((f.index_select(0, back) if self.by_index_select else f[back]).mean(1))
 
 
 def test_a_batch_sorted_inside_the_forward_then_flattened_is_exact_on_every_step():
@@ -211,6 +213,33 @@ def test_a_batch_sorted_inside_the_forward_then_flattened_is_exact_on_every_step
         return model(x).pow(2).sum(1).mean()
 
     assert_subbatches_exact(model, batch_loss, lambda i: model(x).pow(2).sum(1)[i], N, k=2, steps=5)
+
+
+def test_a_batch_sorted_by_index_select_inside_the_forward_is_refused_when_sorted():
+    """The same sort spelled ``index_select`` (not pad_packed_sequence's own, which stays left
+    to the audit): until 2026-12-06 a reordering by ``index_select`` was left to the audit and
+    the MLP's rows went to the wrong examples on unaudited steps (4× off, a hunt). Exact on
+    the steps in order; the first sorted step is refused, naming the way that is measured."""
+    torch.manual_seed(0)
+    model = SortedFlat(by_index_select=True)
+    x = torch.randn(N, T, D, generator=torch.Generator().manual_seed(1))
+    steps = iter([torch.arange(N)] * 2)
+
+    def batch_loss():
+        model.order = next(steps)
+        return model(x).pow(2).sum(1).mean()
+
+    assert_subbatches_exact(model, batch_loss, lambda i: model(x).pow(2).sum(1)[i], N, k=2, steps=2)
+    model.order = torch.tensor([2, 0, 4, 1, 3])
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    try:
+        with pytest.raises(UnsupportedModuleError, match=r"h\[order\] and h\[inv\]"):
+            for _ in range(3):  # (step 1 learns; the sorted rows are refused by step 3)
+                model.zero_grad()
+                model(x).pow(2).sum(1).mean().backward()
+                tracker.step()
+    finally:
+        tracker.remove()
 
 
 def test_a_sorted_batch_flattened_on_an_accelerator_is_flagged_on_the_device(monkeypatch):

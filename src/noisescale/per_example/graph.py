@@ -612,10 +612,13 @@ def _picked_rows(node: Any, n: int, unread: list[tuple[str, Tensor]] | None = No
         if sizes[0] == n:
             # (along the examples' own dimension, as h[idx] above: index_select, gather,
             # take_along_dim — a review of 2026-12-06 found them 78% off on unaudited steps —
-            # but a reordering is left to the audit: pad_packed_sequence puts a batch packed
-            # with enforce_sorted=False back in its order by index_select, and the rows are
-            # the examples again)
-            return _along_examples(index, n, unread, spelled, reorders=False)
+            # but pad_packed_sequence's reordering is left to the audit: it puts a batch packed
+            # with enforce_sorted=False back in its order by index_select of the padded
+            # output, and the rows are the examples again; any other index_select that
+            # reorders the examples is read as h[order] is — a batch sorted inside the forward
+            # was measured on unaudited steps until 2026-12-06, tr Σ 53% off, a hunt)
+            unpacked = kind.startswith("IndexSelect") and _unpacking(node)
+            return _along_examples(index, n, unread, spelled, reorders=not unpacked)
         return f"an index over the {sizes[0]} rows of a {list(sizes)} tensor"
     if kind in ("MaskedSelectBackward0", "TakeBackward0"):
         return "a masked_select or take, whose result is flat"
@@ -706,6 +709,16 @@ _ASSEMBLING_NAMES = {
     "ScatterReduceBackward0": "scatter_reduce", "IndexPutBackward0": "index_put",
     "ScatterBackward0": "scatter", "ScatterBackward1": "scatter",
 }  # fmt: skip
+
+
+def _unpacking(node: Any) -> bool:
+    """Whether an ``index_select`` node is ``pad_packed_sequence``'s own, batch-first: it
+    reorders the padded output — a transpose of the rows copied into place (``CopySlices``)
+    — back to the order the batch had before ``pack_padded_sequence(enforce_sorted=False)``."""
+    source = node.next_functions[0][0] if node.next_functions else None
+    if source is not None and type(source).__name__ == "TransposeBackward0":
+        source = source.next_functions[0][0]
+    return source is not None and type(source).__name__ == "CopySlices"
 
 
 def _routed_by_index(x: Tensor | None, n: int) -> bool:

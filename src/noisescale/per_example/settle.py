@@ -587,6 +587,7 @@ class Settle:
                     "(nn.LSTM/GRU/RNN handle packed sequences exactly), or use per_example=False"
                     + _experts_hint(op, scope, self.model)
                     + _routed_rows_hint(op, pass_.batch_size)
+                    + _reorder_hint(op)
                 )
             labels = sorted({s.label for s in origin.sources})
             if scope is not None:
@@ -842,6 +843,21 @@ def _routed_rows_hint(op: str, n: int) -> str:
         f"on this batch — as many as the batch has examples —, those rows were taken for the "
         "examples: such batches cannot be measured per example (others can); per_example=False "
         "measures every batch"
+    )
+
+
+def _reorder_hint(op: str) -> str:
+    """Where a shared call's output was put back in the batch's order by ``index_select``: a
+    batch sorted inside the forward (``h.index_select(0, order)``) whose rows a layer took
+    after a flattening (``h.reshape(B*T, D)``) on a step whose order was not the examples'
+    — measured wrong on unaudited steps until 2026-12-06, 4× off, a hunt."""
+    if op not in ("index_select", "gather", "take_along_dim"):
+        return ""
+    return (
+        ". If the batch was sorted inside the forward (h.index_select(0, order), for packing) "
+        "and put back by this operation, the layers between ran on rows not in the examples' "
+        "order: sort and put back with h[order] and h[inv] (measured on every step), or sort "
+        "outside the model"
     )
 
 
