@@ -1724,6 +1724,43 @@ def test_the_one_shot_norms_of_a_mean_over_picked_rows(name, mask):
     assert torch.allclose(_one_shot(model, x, loss_of), want, rtol=1e-9)
 
 
+_EMA = torch.tensor(1.3)  # a detached running average of the loss
+
+
+@pytest.mark.parametrize(
+    "form", ["ce / ema", "ce / ce.detach()", "ce * (1 / ema)", "ce / ema.item()"]
+)
+def test_a_mean_divided_by_a_constant_tensor_is_exact(form):
+    """A plain mean over the examples divided by a 0-d tensor that holds no count — a detached
+    running average of the loss, the batch's own loss value — is that mean times a constant,
+    as ``ce * (1 / ema)`` and ``ce / ema.item()`` are: exact. Until 2026-12-06 the one-shot
+    norms refused the first two as averaged over what they count (a hunt). Masked terms
+    averaged and divided by the mask's mean, a count, are refused as before."""
+    model, (x, y) = mlp(), data()
+
+    def loss_of(o):
+        ce = F.cross_entropy(o, y)
+        return {
+            "ce / ema": lambda: ce / _EMA,
+            "ce / ce.detach()": lambda: ce / ce.detach(),
+            "ce * (1 / ema)": lambda: ce * (1 / _EMA),
+            "ce / ema.item()": lambda: ce / _EMA.item(),
+        }[form]()
+
+    want = N**2 * share_truth(model, x, loss_of)
+    got = _one_shot(model, x, loss_of)
+    assert torch.allclose(got, want, rtol=1e-9), (got, want)
+    with pytest.raises(noisescale.NoiseScaleInputError, match="averaged over what it counts"):
+        _one_shot(
+            model,
+            x,
+            lambda o: (
+                torch.where(MASK > 0, F.cross_entropy(o, y, reduction="none"), 0.0).mean()
+                / MASK.mean()
+            ),
+        )
+
+
 @pytest.mark.parametrize("name", list(_REORDERED))
 def test_the_one_shot_norms_of_a_mean_over_reordered_or_repeated_rows(name):
     """Rows reordered, or each repeated as often, keep a mean over the examples (exact); rows

@@ -1091,13 +1091,28 @@ class LossWatch:
     def _note_divided_sum(self, args: tuple, known: list, outs: list, inside: bool = False) -> None:
         """A sum (or mean) over the examples divided by a tensor computed from the data — a
         mask's sum, ``(ℓ·m).sum() / m.sum()`` — is a mean over what it counts unless that is
-        the number of examples: flagged as :meth:`_note_counted_mean` does."""
+        the number of examples: flagged as :meth:`_note_counted_mean` does.
+
+        A plain mean of unweighted terms divided by a 0-d tensor whose value is no count — a
+        detached running average of the loss, ``ce / ema``, or the batch's own loss value,
+        ``ce / ce.detach()`` — is that mean times a constant, as ``ce * (1 / ema)`` and
+        ``ce / ema.item()`` are (until 2026-12-06 refused by the one-shot norms as averaged
+        over what it counts, a hunt). Its terms may still be masked (``torch.where(m, ℓ,
+        0).mean() / m.float().mean()``), so a divisor whose value is a count — a whole number,
+        or one over the examples or over the elements averaged, a mask's mean — is flagged
+        as before (a device test, no host read)."""
         if len(known) != 1 or known[0][0] is not args[0] or not isinstance(known[0][1], _Sum):
             return
         divisor = args[1] if len(args) > 1 else None
         if not isinstance(divisor, Tensor) or divisor.numel() != 1:
             return
         count = known[0][1].count
+        scaled_mean = (
+            known[0][1].plain == "mean"
+            and known[0][0] not in self.weight_sums
+            and divisor.dim() == 0
+            and divisor.is_floating_point()
+        )
 
         def flag(pass_: Any) -> Any:
             counted = divisor != pass_.batch_size
@@ -1106,6 +1121,8 @@ class LossWatch:
                 # smoothing divides its smoothing term by its mask's sum, N·T with no target
                 # ignored): a mean over the examples of each one's mean
                 counted = counted & (divisor != count)
+            if scaled_mean:
+                counted = counted & _count_like(divisor, (1, pass_.batch_size, count or 1))
             return counted.reshape(())
 
         self._mark_counted_mean(known[0][1].owners, flag, outs, inside)
@@ -1210,6 +1227,20 @@ class LossWatch:
                 name = "counted_inside" if inside else "counted_mean"
                 previous = getattr(pass_, name)
                 setattr(pass_, name, flag if previous is None else previous | flag)
+
+
+def _count_like(divisor: Tensor, sizes: tuple[int, ...]) -> Tensor:
+    """Whether a 0-d divisor's value is a count — a whole number times 1/m for some m of
+    ``sizes`` (a mask's sum, its mean over the examples or over the elements averaged), ε
+    added or not —: a device bool. 16-bit values are rounded (to 1%)."""
+    with torch.no_grad():
+        d = divisor.detach().to(torch.float64)
+        tol = 1e-2 if divisor.dtype in (torch.float16, torch.bfloat16) else 1e-6
+        like = []
+        for m in sizes:
+            v = d * m
+            like.append((v - v.round()).abs() <= tol * v.abs().clamp(min=1.0))
+        return functools.reduce(lambda a, b: a | b, like)
 
 
 def example_dims(module: Any, outputs: list[Tensor]) -> list[int | None] | None:
