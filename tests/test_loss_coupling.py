@@ -1665,6 +1665,14 @@ _PICKS = {
     ),
     "cross_entropy over o[mask]": (lambda o, m, y: F.cross_entropy(o[m], y[m])),
     "mean over o[mask]": (lambda o, m, y: o[m].pow(2).sum(-1).mean()),
+    # token-level KD: a sum over the picked rows divided by their count in Python (kl_div's
+    # 'batchmean', a soft-target cross-entropy's mean): until 2026-12-06 taken as the user's
+    # own definition, and over uneven picks the one-shot norms read (N·c_i/M)² × each
+    # example's own, up to 125% off (a hunt)
+    "kl_div batchmean over o[mask]": (
+        lambda o, m, y: F.kl_div(o[m].log_softmax(-1), _soft(y)[m], reduction="batchmean")
+    ),
+    "soft cross_entropy over o[mask]": (lambda o, m, y: F.cross_entropy(o[m], _soft(y)[m])),
     "masked_select": (lambda o, m, y: torch.masked_select(o, m[..., None]).pow(2).mean()),
     "cat of two picks": (lambda o, m, y: torch.cat([o[m], o[m].flip(0)]).tanh().mean()),
     "rows and their complement": (lambda o, m, y: torch.cat([o[m], o[~m]]).tanh().mean()),
@@ -1722,6 +1730,31 @@ def test_the_one_shot_norms_of_a_mean_over_picked_rows(name, mask):
         return
     want = N**2 * share_truth(model, x, loss_of)  # (L = mean of each example's own loss)
     assert torch.allclose(_one_shot(model, x, loss_of), want, rtol=1e-9)
+
+
+def test_a_sum_over_uneven_picks_divided_by_the_examples_is_exact():
+    """The same KD sums over unevenly picked rows divided by the number of examples — the fix
+    the refusal names (reduction='sum' divided by N) — are a mean over the examples of each
+    one's own sum: exact. A KD term over some examples only, ``kl_div(o[m], …,
+    'batchmean')`` with m picking whole examples, is a mean over what it counts: refused (it
+    was measured, each example's norm (N/M)² × its own, a hunt)."""
+    model = _seq_model()
+    x = torch.randn(N, T, D, generator=torch.Generator().manual_seed(4))
+    y = torch.randint(0, C, (N, T), generator=torch.Generator().manual_seed(5))
+    m = _masks()["uneven"]
+    for loss_of in (
+        lambda o: F.kl_div(o[m].log_softmax(-1), _soft(y)[m], reduction="sum") / N,
+        lambda o: F.cross_entropy(o[m], _soft(y)[m], reduction="sum") / N,
+    ):
+        want = N**2 * share_truth(model, x, loss_of)
+        assert torch.allclose(_one_shot(model, x, loss_of), want, rtol=1e-9)
+    some = torch.tensor([True, False, True, True, False])
+    with pytest.raises(noisescale.NoiseScaleInputError, match="picked from the examples'"):
+        _one_shot(
+            model,
+            x,
+            lambda o: F.kl_div(o[some].log_softmax(-1), _soft(y)[some], reduction="batchmean"),
+        )
 
 
 _EMA = torch.tensor(1.3)  # a detached running average of the loss

@@ -610,6 +610,10 @@ class LossWatch:
         # 0/1 mask, and their sum (device tensors), for a sum later divided by it
         # (_note_divided_sum: (w·ℓ).sum() / w.sum(), the class-weighted mean's ratio)
         self.weight_sums = WeakTensorKeyDictionary()
+        # sums over rows picked from the examples' (kl_div(s[mask], t[mask], 'sum')): their
+        # pass, the number of rows picked and whether the picks are uneven (a device bool), for
+        # a division by that number (_note_picked_sum)
+        self.picked_sums = WeakTensorKeyDictionary()
         # 0-dim tensors requiring grad that a module of the model returned (a loss computed
         # inside it, not followed), and what is computed from them: the module's class
         self.child_losses = WeakTensorKeyDictionary()
@@ -854,6 +858,7 @@ class LossWatch:
             self._note_divided_sum(args, known, outs, inside)
         if name in _MEANS:
             self._note_uneven_mean(func, name, args, kwargs, known, outs, inside)
+        self._note_picked_sum(name, args, known, outs, layouts, inside)
         target = args[0] if args and isinstance(args[0], Tensor) else None
         if (
             target is not None
@@ -1020,16 +1025,68 @@ class LossWatch:
         elif named.get("reduction", 1) != 1:
             return
         self._warn_rows_left_out(layout)
-        ids = layout.ids
-        if ids is None:
-            flag = torch.ones((), dtype=torch.bool, device=t.device)
-        else:  # (no host sync: the flag stays on the device until the norms are read)
-            counts = torch.zeros(layout.n, dtype=torch.long, device=ids.device)
-            counts.index_add_(0, ids.clamp(0, layout.n - 1), torch.ones_like(ids))
-            flag = (counts != counts[0]).any() | (ids < 0).any()
+        flag = self._uneven(layout, t)
         self._mark_counted_mean({layout.owner}, lambda pass_: flag, outs, inside)
         for t in outs:
             self.counted_kind[t] = flag
+
+    def _note_picked_sum(
+        self, name: str, args: tuple, known: list, outs: list, layouts: list, inside: bool
+    ) -> None:
+        """A sum over rows picked from the examples' (``kl_div(s[mask], t[mask])``'s sum,
+        a soft-target ``cross_entropy``'s), divided by a Python number that is the count of
+        the rows picked — ``reduction='batchmean'`` over ``s[mask]``, a soft-target
+        cross-entropy's mean — is a mean over those rows: where some examples have more rows
+        there than others it averages over what it counts, flagged as
+        :meth:`_note_uneven_mean` flags ``.mean()`` (until 2026-12-06 such a sum divided by a
+        number was taken as the user's own definition, and the one-shot norms of token-level
+        KD over unevenly padded tokens came out (N·c_i/M)² × each example's own, up to 125%
+        off, a hunt). Divided by any other number (the examples', N) it is taken as given."""
+        if not outs or not isinstance(layouts[0], _Sum):
+            return
+        if name in _SIGN_ONLY and len(known) == 1 and known[0][0] in self.picked_sums:
+            self.picked_sums[outs[0]] = self.picked_sums[known[0][0]]
+            return
+        if name in ("div", "true_divide", "mul", "multiply") and len(known) == 1:
+            t = known[0][0]
+            held = self.picked_sums.get(t)
+            factor = _number_factor(name, args, t)
+            if held is None or factor is None:
+                return
+            owner, rows, flag = held
+            if any(abs(factor * m - 1.0) < 1e-9 for m in rows):
+                self._mark_counted_mean({owner}, lambda pass_: flag, outs, inside)
+                for out in outs:
+                    self.counted_kind[out] = flag
+            return
+        picked = [(t, x) for t, x in known if isinstance(x, Rows) and x.block is None and x.n > 0]
+        if len(picked) != 1 or len(known) != 1:
+            return
+        t, layout = picked[0]
+        flag = self._uneven(layout, t)
+        if flag is None:
+            return
+        # the rows picked, and their elements over the last dim (a soft-target cross-entropy
+        # over [M, T, C] divides by M·T)
+        rows = {t.shape[layout.dim]}
+        if t.dim() > 1 and t.shape[-1]:
+            rows.add(t.numel() // t.shape[-1])
+        self.picked_sums[outs[0]] = (layout.owner, tuple(rows), flag)
+
+    @staticmethod
+    def _uneven(layout: Rows, t: Tensor) -> Tensor | None:
+        """Whether the examples have different numbers of rows among ``layout``'s picks (a
+        device bool; true where the picks' map is not known), or ``None`` where the rows are
+        no picks this can count (a flattened or packed map)."""
+        if isinstance(layout.key, tuple) and layout.key[0] in _IRREGULAR:
+            return None
+        ids = layout.ids
+        if ids is None:
+            return torch.ones((), dtype=torch.bool, device=t.device)
+        # (no host sync: the flag stays on the device until the norms are read)
+        counts = torch.zeros(layout.n, dtype=torch.long, device=ids.device)
+        counts.index_add_(0, ids.clamp(0, layout.n - 1), torch.ones_like(ids))
+        return (counts != counts[0]).any() | (ids < 0).any()
 
     def _warn_rows_left_out(self, layout: Rows) -> None:
         """Note a mean over a slice of the rows the model ran on, ``o[:k]`` of its n (Python
