@@ -851,7 +851,7 @@ class LossWatch:
         # SimMIM's (l1·mask).sum() / mask.sum() — which the one-shot norms of each example's
         # own loss refuse unless the token watcher measured its weights, as for transformers'
         # loss_function; until 2026-12-06 not flagged there, and returned N² × each share,
-        # up to 12× off, a hunt. The tracker does not read the flag.)
+        # up to 12× off, a hunt. The tracker refuses it under "mean" too: counted_mean_message.)
         if _name(func) in ("nll_loss_forward", "nll_loss2d_forward"):
             self._note_counted_mean(func, args, kwargs, known, outs, inside)
         elif _name(func) in ("div", "true_divide"):
@@ -974,8 +974,9 @@ class LossWatch:
         by the weight of the targets it counts — those not ``ignore_index``, each times its
         class weight — not by the examples: a device flag on the pass that it did
         (:attr:`PassNorms.counted_mean`), which the one-shot norms of each example's own loss
-        refuse (the tracker takes the pass as it is backpropagated: each example fed as
-        weighing 1/N, its norm rescaled by the pass's N/(counted); ``docs/per_example.md``)."""
+        refuse, and the tracker under ``loss_reduction="mean"`` (until 2026-12-06 it took the
+        pass as it was backpropagated, each example fed weighing 1/N, its norm rescaled by the
+        pass's N/(counted) — biased, a hunt; ``docs/per_example.md``)."""
         named = _named(func, args, kwargs)
         t, layout = known[0]
         if t is not args[0] or not isinstance(layout, Rows) or named.get("reduction", 1) != 1:
@@ -985,7 +986,9 @@ class LossWatch:
             return
         flag = (target == named.get("ignore_index", -100)).any()
         if isinstance(weight, Tensor):
-            flag = flag | (weight != 1).any()
+            # (class weights alike, 1/C each, divide the mean by their common value: a plain
+            # mean — flagged until 2026-12-06, when only the one-shot norms read the flag)
+            flag = flag | (weight.amin() != weight.amax())
         self._mark_counted_mean({layout.owner}, lambda pass_: flag, outs, inside)
         for t in outs:
             self.counted_kind[t] = flag
@@ -1005,7 +1008,7 @@ class LossWatch:
         ``torch.cat`` of such — is a mean over the examples only where every example has as
         many rows there; else it averages over what it counts, flagged as
         :meth:`_note_counted_mean` does (where the picks' map is not known, flagged: the
-        one-shot norms refuse, the tracker does not read the flag). Until 2026-12-06 only a
+        one-shot norms refuse, and the tracker under "mean"). Until 2026-12-06 only a
         cross-entropy's ignored targets and class weights were flagged, and the one-shot norms
         of an MSE, an L1 or a BCE over an uneven ``o[mask]`` came out (N/M)² × each
         example's, a review."""
@@ -1170,6 +1173,14 @@ class LossWatch:
             and divisor.dim() == 0
             and divisor.is_floating_point()
         )
+        weights = self.weight_sums.get(known[0][0])
+        close = alike = None
+        if weights is not None:
+            _, totals, alike = weights
+            d = divisor.detach().to(totals.dtype).reshape(())
+            # (16-bit divisors are rounded: a bf16 sum of a few hundred weights to 1%)
+            tol = 1e-2 if divisor.dtype in (torch.float16, torch.bfloat16) else 1e-6
+            close = ((d - totals).abs() <= tol * totals.abs() + 1e-12).any()
 
         def flag(pass_: Any) -> Any:
             counted = divisor != pass_.batch_size
@@ -1180,22 +1191,21 @@ class LossWatch:
                 counted = counted & (divisor != count)
             if scaled_mean:
                 counted = counted & _count_like(divisor, (1, pass_.batch_size, count or 1))
+            if close is not None:
+                # terms weighed alike divided by their weights' total: a plain mean (a mask
+                # with nothing left out, 0.5 · ones / their sum), which the tracker, reading
+                # these flags since 2026-12-06, measures
+                counted = counted & ~(alike & close)
             return counted.reshape(())
 
         self._mark_counted_mean(known[0][1].owners, flag, outs, inside)
-        weights = self.weight_sums.get(known[0][0])
         if weights is not None:
             # weights per example summed and divided by their sum, (w·ℓ).sum() / w.sum(), the
             # weights varying other than as a 0/1 mask (a mask's count is a counted mean): each
             # example's weight depends on the others drawn, the ratio the class-weighted mean
             # is refused for (until 2026-12-06 measured, B_simple 2–3× high with an interval
             # excluding the truth, a hunt)
-            vary, totals = weights
-            d = divisor.detach().to(totals.dtype).reshape(())
-            # (16-bit divisors are rounded: a bf16 sum of a few hundred weights to 1%)
-            tol = 1e-2 if divisor.dtype in (torch.float16, torch.bfloat16) else 1e-6
-            close = ((d - totals).abs() <= tol * totals.abs() + 1e-12).any()
-            real = (vary & close).reshape(())
+            real = (weights[0] & close).reshape(())
             for t in outs:
                 held = self.weighted.get(t)
                 self.weighted[t] = real if held is None else held | real
@@ -1234,13 +1244,16 @@ class LossWatch:
             rows = w.movedim(d, 0).reshape(w.shape[d], -1)
             each = (rows == rows[:, :1]).all()
             vary = (w.amin() != w.amax()) & ~mask & each
+            # every term weighed alike (a mask with nothing left out, 0.5 · ones): divided by
+            # the weights' total, a plain mean over the examples (_note_divided_sum)
+            alike = (w.amin() == w.amax()) & (w.amin() != 0)
             # (the weights' own sum, and their sum over every term they weigh: w [N, 1] over
             # tokens [N, T], divided by w.sum() or by w.expand_as(ℓ).sum())
             full = w.expand(torch.broadcast_shapes(w.shape, t.shape))
             # (divided by their sum or their mean: (w·ℓ).mean() / w.mean() is the same ratio)
             totals = torch.stack([w.sum(), full.sum(), w.mean(), full.mean()])
         for out in outs:
-            self.weight_sums[out] = (vary, totals)
+            self.weight_sums[out] = (vary, totals, alike)
 
     def _mark_counted_mean(
         self, owners: Any, flag_of: Any, outs: list, inside: bool = False
