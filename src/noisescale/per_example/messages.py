@@ -183,10 +183,11 @@ def counted_mean_message(declared: str, passes: Sequence[PassNorms]) -> str | No
                 "noise scale per token, declare it: loss_reduction='token_mean' and "
                 "tracker.count_tokens(labels) after each forward (the labels the loss counts, "
                 "shifted as the loss shifts them; a Hugging Face model called with labels= "
-                "has its loss measured); for one per example, average each example's own "
-                "terms (reduction='none', then each example's mean) and then the examples, "
-                "or use reduction='sum' divided by the number of examples. Nothing of this "
-                "step was recorded"
+                "has its loss measured, and tracker.wrap_label_smoother(LabelSmoother(...)) "
+                "measures transformers' label smoother); for one per example, average each "
+                "example's own terms (reduction='none', then each example's mean) and then the "
+                "examples, or use reduction='sum' divided by the number of examples. Nothing "
+                "of this step was recorded"
             )
     return None
 
