@@ -193,6 +193,85 @@ def test_one_step_is_eq_a2_with_the_losss_own_token_weights(lm, style):
     model.zero_grad()
 
 
+_HAND_TOKEN_MEANS = {
+    # name: a token mean written by hand over the shifted labels (-100 on the padding)
+    "cross_entropy": lambda logits, target: F.cross_entropy(
+        logits[:, :-1].flatten(0, 1), target.flatten()
+    ),
+    "label_smoothing": lambda logits, target: F.cross_entropy(
+        logits[:, :-1].flatten(0, 1), target.flatten(), label_smoothing=0.1
+    ),
+    "LabelSmoother": lambda logits, target: _label_smoother()({"logits": logits[:, :-1]}, target),
+}
+
+
+def _label_smoother():
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    return LabelSmoother(epsilon=0.1)
+
+
+@pytest.mark.parametrize("name", list(_HAND_TOKEN_MEANS))
+def test_a_token_mean_written_by_hand_is_refused_unless_declared(lm, name):
+    """A token mean over -100 padding written by hand (the loss flattened, with label
+    smoothing or not, transformers' LabelSmoother in a loop of one's own) under the default
+    loss_reduction="mean": its divisor, the micro-batch's counted tokens, depends on the
+    examples drawn. Until 2026-12-06 the tracker measured it as a mean over the examples
+    without a word — B_simple +30% / −20% with one / two micro-batches of 4 on the pool of
+    ``test_a_token_mean_per_micro_batch_is_unbiased`` (a hunt) — while the one-shot norms
+    refused it; now refused on the first step, naming the cause and the fixes. Declared
+    ``token_mean`` with ``count_tokens`` the same loss is measured per token (eq. A.2 from
+    brute force, exactly, for the plain cross-entropy); with no target ignored it is a plain
+    mean over the examples' equal shares, measured."""
+    model, loss_of = lm["model"], _HAND_TOKEN_MEANS[name]
+    mbs = [torch.tensor([0, 5, 7, 11, 20])]
+    labels = lm["labels"]
+
+    def step(tracker, m, target=None):
+        logits = model(lm["ids"][m], attention_mask=lm["mask"][m].long()).logits
+        target = labels[m, 1:] if target is None else target
+        loss_of(logits, target).backward()
+        if tracker.loss_reduction == "token_mean":
+            tracker.count_tokens(target)
+        tracker.step()
+        model.zero_grad()
+
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0, microbatch=False)
+    try:
+        with pytest.raises(NoiseScaleInputError) as err:
+            step(tracker, mbs[0])
+    finally:
+        tracker.remove()
+        model.zero_grad()
+    said = str(err.value)
+    assert "averaged over what it counts" in said and "ignore_index" in said, said
+    assert "loss_reduction='token_mean'" in said and "count_tokens" in said, said
+    assert "reduction='sum' divided by the number of examples" in said, said
+    tracker = noisescale.GradientNoiseTracker(
+        model, per_example_fraction=1.0, microbatch=False, beta=1.0, loss_reduction="token_mean"
+    )
+    try:
+        step(tracker, mbs[0])
+        assert len(tracker.history) == 1 and tracker.definition == "token"
+        if name == "cross_entropy":  # (the pool's x_i are its plain token sums' gradients)
+            g2, tr = _hand_a2(lm, mbs, [1.0])
+            assert tracker.history[-1]["g2"] == pytest.approx(g2, rel=1e-9)
+            assert tracker.history[-1]["trace_sigma"] == pytest.approx(tr, rel=1e-9)
+    finally:
+        tracker.remove()
+    if name == "LabelSmoother":
+        return  # (its smoothing term divides by a tensor, num_active · V: refused even so)
+    # nothing ignored (every sequence's tokens counted): a plain mean, measured
+    full = lm["ids"][mbs[0], 1:]
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0, microbatch=False)
+    try:
+        step(tracker, mbs[0], target=full)
+        assert len(tracker.history) == 1
+    finally:
+        tracker.remove()
+        model.zero_grad()
+
+
 def _within_three_sigma(e, truth):
     """The truth within 1.5× the 95% interval's half-widths of the estimate (≈ 3σ, fails 0.3%
     of the time for an unbiased estimate; the interval's own 95% coverage is tested in
@@ -626,12 +705,18 @@ def test_a_counted_mean_in_either_of_two_forwards_in_one_backward_is_refused():
 
 
 def test_a_classifiers_unlabelled_examples_in_the_tracker():
-    """The tracker takes a pass whose loss averages its labelled examples as it is
-    backpropagated: each example fed weighs 1/N, its gradient T_i·g_i rescaled by the pass's
-    N/(counted) — the micro-batch gradient is exactly their mean, so B_simple is the noise
-    scale of the loop per example fed, ≈ B_labelled/p with p the labelled fraction. The loss
-    through ``loss_function`` (measured) and the same loss by hand give the same records, and
-    over 200 steps of 16 the estimate holds B_labelled/p (a quarter left out: 62.4)."""
+    """A classifier's labels of -100: its loss averages the labelled examples of each
+    micro-batch, a count that depends on the examples drawn. Until 2026-12-06 the tracker read
+    such a pass per example fed — each example's gradient rescaled by the micro-batch's
+    N/(labelled) — and B_simple came out biased (a hunt, on this pool: +58% at 4 examples a
+    micro-batch, +23% at 2 × 4, +10.5% at 16 over 1,000 steps, intervals excluding the truth;
+    this test held it to the truth over 200 steps of 16 only). Under the default "mean" it is
+    refused now, through ``loss_function`` and by hand alike, naming the fix; declared
+    ``token_mean`` it is measured as a token mean over labels of one token each — per
+    labelled example, the estimate's 'tokens' the labelled examples —, the loss through
+    ``loss_function`` (measured) giving the same records as the same loss by hand with
+    ``count_tokens``, and over 200 steps of 16 the estimate, per example fed, holds
+    B_labelled/p (a quarter left out: 62.4)."""
     model, ids, y, grads = _unlabelled_pool()
     lab = y != -100
     g = grads[lab]
@@ -639,29 +724,45 @@ def test_a_classifiers_unlabelled_examples_in_the_tracker():
     b_labelled = float((g - mean).pow(2).sum(1).mean() / mean.pow(2).sum())
     truth = b_labelled / float(lab.double().mean())
 
-    def run(how: str, steps: int, mb: int, k: int) -> noisescale.GradientNoiseTracker:
-        tracker = noisescale.GradientNoiseTracker(model, beta=1.0, per_example_fraction=1.0)
+    def run(how: str, steps: int, mb: int, k: int, **kwargs) -> noisescale.GradientNoiseTracker:
+        tracker = noisescale.GradientNoiseTracker(
+            model, beta=1.0, per_example_fraction=1.0, **kwargs
+        )
         gen = torch.Generator().manual_seed(5)
-        for _ in range(steps):
-            idx = torch.randint(0, len(y), (mb * k,), generator=gen)
-            for j in range(k):
-                part = idx[j * mb : (j + 1) * mb]
-                if how == "labels":
-                    loss = model(ids[part], labels=y[part]).loss
-                else:
-                    loss = F.cross_entropy(model(ids[part]).logits, y[part])
-                (loss / k).backward()
-            tracker.step()
+        try:
+            for _ in range(steps):
+                idx = torch.randint(0, len(y), (mb * k,), generator=gen)
+                for j in range(k):
+                    part = idx[j * mb : (j + 1) * mb]
+                    if how == "labels":
+                        loss = model(ids[part], labels=y[part]).loss
+                    else:
+                        loss = F.cross_entropy(model(ids[part]).logits, y[part])
+                        if tracker.loss_reduction == "token_mean":
+                            tracker.count_tokens(y[part])
+                    (loss / k).backward()
+                tracker.step()
+                model.zero_grad()
+        finally:
+            tracker.remove()
             model.zero_grad()
-        tracker.remove()
         return tracker
 
-    a, b = run("labels", 6, 4, 2).history, run("hand", 6, 4, 2).history
-    for ra, rb in zip(a, b, strict=True):
-        for key in ("b_big", "sqnorm_big", "g2", "trace_sigma"):
+    for how, cause in (("labels", "whose label is not -100"), ("hand", "ignore_index")):
+        with pytest.raises(NoiseScaleInputError) as err:
+            run(how, 4, 4, 2)  # (a -100 among the first step's examples: refused there)
+        said = str(err.value)
+        assert cause in said and "loss_reduction='token_mean'" in said, said
+    a = run("labels", 6, 4, 2, loss_reduction="token_mean")
+    b = run("hand", 6, 4, 2, loss_reduction="token_mean")
+    assert a.definition == b.definition == "token" and len(a.history) == 6
+    for ra, rb in zip(a.history, b.history, strict=True):
+        for key in ("b_big", "sqnorm_big", "g2", "trace_sigma", "tokens"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-9), key
-    e = run("labels", 200, 16, 1).estimate()
-    assert _within_three_sigma(e, truth), (e, truth)
+    e = run("labels", 200, 16, 1, loss_reduction="token_mean").estimate()
+    assert e.unit == "tokens"
+    assert _within_three_sigma(e, b_labelled), (e, b_labelled)
+    assert _within_three_sigma(e.to("examples"), truth), (e, truth)
 
 
 def _windows_model_and_data() -> tuple[torch.nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -1172,9 +1273,13 @@ def test_a_models_token_loss_as_one_term_is_measured_over_the_examples(lm, alpha
     one term. Its tokens and its factor α describe that term alone; until 2026-12-06 the tracker
     took them for the whole loss's — the step's gradient divided by α (|G|², tr Σ 1/α² too
     large) in a unit of tokens the objective does not have (a hunt). Measured over the examples
-    now, every record equal to the same loss written by hand (which no labels= ever counted);
-    declared a loss over tokens, refused."""
-    model, ids, mask, labels = lm["model"], lm["ids"][:8], lm["mask"][:8], lm["labels"][:8]
+    now, every record equal to the same loss written by hand (which no labels= ever counted),
+    where every sequence counts as many tokens; declared a loss over tokens, refused. With -100
+    on the padding both are refused under "mean" since 2026-12-06: that term is then a mean
+    over the micro-batch's counted tokens, each sequence's weight depending on the others
+    drawn (the bias of a token mean written by hand, a hunt)."""
+    model, ids, mask, padded = lm["model"], lm["ids"][:8], lm["mask"][:8], lm["labels"][:8]
+    labels = ids  # (every sequence's tokens counted)
     attn = mask.long()
 
     def pair_term(logits):
@@ -1211,6 +1316,11 @@ def test_a_models_token_loss_as_one_term_is_measured_over_the_examples(lm, alpha
             assert a[key] == pytest.approx(b[key], rel=1e-6, nan_ok=True), key
     with pytest.raises(NoiseScaleInputError, match="one term of the loss backpropagated"):
         run(False, loss_reduction="token_mean")
+    labels = padded
+    with pytest.raises(NoiseScaleInputError, match=r"one term of the loss.*different numbers"):
+        run(False)
+    with pytest.raises(NoiseScaleInputError, match="averaged over what it counts"):
+        run(True)
 
 
 @pytest.mark.parametrize("counts", ["equal", "unequal", "some without labels"])

@@ -365,15 +365,20 @@ def test_an_optimizer_without_a_learning_rate_is_recorded_without_one():
 
 
 RATIOS = {
-    # (the loss, whether it is a mean over the batch's summed real weights)
+    # (the loss, whether it is a mean over the batch's summed real weights — True —, over a
+    # mask's count — "counted" —, or neither)
     "(w[y] * ce).sum() / w[y].sum()": (lambda ce, w, m: (w * ce).sum() / w.sum(), True),
     "(w * ce).sum() / w.sum(), no gradient to w": (
         lambda ce, w, m: (w * ce).sum() / w.detach().sum(),
         True,
     ),
-    "(m * ce).sum() / m.sum(), a mask": (lambda ce, w, m: (m * ce).sum() / m.sum(), False),
+    "(m * ce).sum() / m.sum(), a mask": (lambda ce, w, m: (m * ce).sum() / m.sum(), "counted"),
     "(m * ce).sum() / (m.sum() + 1e-8)": (
         lambda ce, w, m: (m * ce).sum() / (m.sum() + 1e-8),
+        "counted",
+    ),
+    "(1 * ce).sum() / ones.sum(), a full mask": (
+        lambda ce, w, m: (torch.ones_like(ce) * ce).sum() / torch.ones_like(ce).sum(),
         False,
     ),
     "(w * ce).mean()": (lambda ce, w, m: (w * ce).mean(), False),
@@ -412,8 +417,10 @@ def test_a_weighted_sum_over_the_weights_sum_is_refused_as_class_weights_are(for
     weights normalised over the batch, class weights written by hand) is the ratio the
     built-in class-weighted mean is refused for — B_simple read 2–3× high, its interval
     excluding the truth, without a word. Refused now, with the same fix; a mask's count (whole
-    numbers, or plus an ε) is a mean over what it counts, as before, and a mean of weighted
-    terms is measured."""
+    numbers, or plus an ε) is a mean over what it counts, refused too since 2026-12-06 with
+    its own fix (measured before, a hunt: a multi-task loss with a task labelled on 30% of
+    the examples read B_simple 28–41% high), and a mean of weighted terms, or of terms weighed
+    alike over their weights' total, is measured."""
     import torch.nn.functional as F
 
     loss_of, refused = RATIOS[form]
@@ -426,7 +433,10 @@ def test_a_weighted_sum_over_the_weights_sum_is_refused_as_class_weights_are(for
     try:
         loss = loss_of(F.cross_entropy(model(x), y, reduction="none"), w, m)
         loss.backward()
-        if refused:
+        if refused == "counted":
+            with pytest.raises(NoiseScaleInputError, match=r"averaged over what it counts"):
+                tracker.step(loss=loss)
+        elif refused:
             with pytest.raises(NoiseScaleInputError, match=r"summed weights.*w\.sum\(\)"):
                 tracker.step(loss=loss)
         else:

@@ -71,9 +71,9 @@ class PassUnits:
             ``loss_reduction``).
         own: Where it differs from ``counts / denominator``: each example's weight in the
             model's loss per unit of ``grad`` — a classifier's mean over the examples whose
-            label is not -100 gives 1/(their number) to those and 0 to the others, where the
-            tracker takes each example fed as weighing 1/N, its norm rescaled by the
-            micro-batch's N/(counted) (what the step's gradient is made of:
+            label is not -100 gives 1/(their number) to those and 0 to the others (the
+            tracker refuses it under ``loss_reduction="mean"`` where a label is -100, and
+            measures it per labelled example under ``"token_mean"``:
             ``docs/per_example.md``). The one-shot norms of each example's own loss
             (:class:`~noisescale.per_example.sqnorms.per_example_sqnorms`) divide by these.
     """
@@ -88,6 +88,10 @@ class PassUnits:
     # the model's own loss is one term of what was backpropagated (dpo + α·out.loss): its
     # token weights describe that term alone (_on_backward)
     one_term: bool = False
+    # a classifier's mean over its labelled examples (not divided by num_items_in_batch): a
+    # device bool, whether some label was -100 — the tracker refuses such a pass under
+    # loss_reduction="mean" on audited steps (messages.counted_mean_message)
+    ignored: Tensor | None = None
 
     def coefficient(self, scale: float) -> Tensor:
         """The weight of one unit in the backpropagated loss, loss scale divided out."""
@@ -286,9 +290,12 @@ class TokenWatcher:
             and labels.dim() == 1
             and not labels.is_floating_point()
             and labels.shape[0] == pass_.batch_size
+            and pass_.forward_watched
         ):
             # a classifier's loss computed in its forward (BERT's CrossEntropyLoss): a mean
-            # over the examples whose label is not -100 (per_example_sqnorms refuses it)
+            # over the examples whose label is not -100 (per_example_sqnorms refuses it, and
+            # the tracker under "mean"). Flagged where the step is audited (its forward
+            # followed: a one-shot pass always is), the flag being read on the host there only
             pass_.counted_mean = (labels == IGNORE_INDEX).any()
         if not isinstance(labels, Tensor) or labels.dim() < 2:
             return
@@ -472,7 +479,7 @@ class TokenWatcher:
                 # (its gradient edge and shape: holding the logits would keep them alive)
                 edge = torch.autograd.graph.get_gradient_edge(logits)
                 pass_.loss_inputs.append((edge, tuple(logits.shape)))
-            units = self._units(kind, args, kwargs, original)
+            units = self._units(kind, args, kwargs, original, self.count_labels)
             if units is not None:
                 _attach_measured(pass_, units, out, "the model's loss_function ran twice")
                 if pass_.units is units:
@@ -482,7 +489,14 @@ class TokenWatcher:
         return WrappedLoss(original, loss_function)
 
     @staticmethod
-    def _units(kind: str, args: tuple, kwargs: dict, original: Callable) -> PassUnits | None:
+    def _units(
+        kind: str, args: tuple, kwargs: dict, original: Callable, tokens: bool = False
+    ) -> PassUnits | None:
+        """The units a wrapped ``loss_function`` weighs. ``tokens``: the loss is declared a
+        mean over what it counts (``"token_mean"``, ``"num_items_in_batch"``), and a
+        classifier's mean over its examples whose label is not -100 is measured as one: each
+        labelled example a unit, each micro-batch divided by its own count (or by
+        ``num_items_in_batch``), as a declared token mean over labels of one token each."""
         origin = getattr(original, "__name__", kind)
         if kind == "sequence":
             labels = _arg(args, kwargs, 0, "labels")
@@ -501,7 +515,15 @@ class TokenWatcher:
                 # leave out), or a sum over them divided by num_items_in_batch
                 ignore = kwargs.get("ignore_index", IGNORE_INDEX)
                 counted = count_units(labels.reshape(n), ignore).to(logits.device)
-                units.own = counted / (nib if nib is not None else counted.sum())
+                divisor = nib if nib is not None else counted.sum()
+                if tokens:
+                    # (until 2026-12-06 read per example fed, as under "mean": each example's
+                    # gradient rescaled by N/(labelled), biased — a hunt)
+                    return PassUnits(counted, "token", origin, divisor, measured=True)
+                units.own = counted / divisor
+                if nib is None:
+                    # (a device bool: read on audited steps only, counted_mean_message)
+                    units.ignored = (counted == 0).any()
             return units
         labels = _arg(args, kwargs, 1, "labels")
         if not isinstance(labels, Tensor) or labels.dim() < 2:

@@ -63,6 +63,7 @@ from noisescale.per_example.factors import sqnorm_total
 from noisescale.per_example.messages import (
     SECOND_ORDER,
     class_weighted_message,
+    counted_mean_message,
     loss_kind_message,
     new_parameters_message,
     submodule_called_message,
@@ -1090,9 +1091,11 @@ class GradientNoiseTracker:
         """The step's normalisation: each pass's weight per unit, the units (examples or
         tokens) and the tokens counted (see :mod:`noisescale.tokens`)."""
         declared = self.loss_reduction in ("token_mean", "num_items_in_batch")
-        wrong_kind = loss_kind_message(
-            self.loss_reduction, passes, accumulated=len(passes) > 1
-        ) or class_weighted_message(passes)
+        wrong_kind = (
+            loss_kind_message(self.loss_reduction, passes, accumulated=len(passes) > 1)
+            or class_weighted_message(passes)
+            or counted_mean_message(self.loss_reduction, passes)
+        )
         if wrong_kind is not None:
             raise NoiseScaleInputError(wrong_kind)
         for p in passes:

@@ -676,6 +676,10 @@ class LossWatch:
         # 0/1 mask, and their sum (device tensors), for a sum later divided by it
         # (_note_divided_sum: (w·ℓ).sum() / w.sum(), the class-weighted mean's ratio)
         self.weight_sums = WeakTensorKeyDictionary()
+        # sums over rows picked from the examples' (kl_div(s[mask], t[mask], 'sum')): their
+        # pass, the number of rows picked and whether the picks are uneven (a device bool), for
+        # a division by that number (_note_picked_sum)
+        self.picked_sums = WeakTensorKeyDictionary()
         # 0-dim tensors requiring grad that a module of the model returned (a loss computed
         # inside it, not followed), and what is computed from them: the module's class
         self.child_losses = WeakTensorKeyDictionary()
@@ -913,13 +917,14 @@ class LossWatch:
         # SimMIM's (l1·mask).sum() / mask.sum() — which the one-shot norms of each example's
         # own loss refuse unless the token watcher measured its weights, as for transformers'
         # loss_function; until 2026-12-06 not flagged there, and returned N² × each share,
-        # up to 12× off, a hunt. The tracker does not read the flag.)
+        # up to 12× off, a hunt. The tracker refuses it under "mean" too: counted_mean_message.)
         if _name(func) in ("nll_loss_forward", "nll_loss2d_forward"):
             self._note_counted_mean(func, args, kwargs, known, outs, inside)
         elif _name(func) in ("div", "true_divide"):
             self._note_divided_sum(args, known, outs, inside)
         if name in _MEANS:
             self._note_uneven_mean(func, name, args, kwargs, known, outs, inside)
+        self._note_picked_sum(name, args, known, outs, layouts, inside)
         target = args[0] if args and isinstance(args[0], Tensor) else None
         if (
             target is not None
@@ -1035,8 +1040,9 @@ class LossWatch:
         by the weight of the targets it counts — those not ``ignore_index``, each times its
         class weight — not by the examples: a device flag on the pass that it did
         (:attr:`PassNorms.counted_mean`), which the one-shot norms of each example's own loss
-        refuse (the tracker takes the pass as it is backpropagated: each example fed as
-        weighing 1/N, its norm rescaled by the pass's N/(counted); ``docs/per_example.md``)."""
+        refuse, and the tracker under ``loss_reduction="mean"`` (until 2026-12-06 it took the
+        pass as it was backpropagated, each example fed weighing 1/N, its norm rescaled by the
+        pass's N/(counted) — biased, a hunt; ``docs/per_example.md``)."""
         named = _named(func, args, kwargs)
         t, layout = known[0]
         if t is not args[0] or not isinstance(layout, Rows) or named.get("reduction", 1) != 1:
@@ -1046,7 +1052,9 @@ class LossWatch:
             return
         flag = (target == named.get("ignore_index", -100)).any()
         if isinstance(weight, Tensor):
-            flag = flag | (weight != 1).any()
+            # (class weights alike, 1/C each, divide the mean by their common value: a plain
+            # mean — flagged until 2026-12-06, when only the one-shot norms read the flag)
+            flag = flag | (weight.amin() != weight.amax())
         self._mark_counted_mean({layout.owner}, lambda pass_: flag, outs, inside)
         for t in outs:
             self.counted_kind[t] = flag
@@ -1066,7 +1074,7 @@ class LossWatch:
         ``torch.cat`` of such — is a mean over the examples only where every example has as
         many rows there; else it averages over what it counts, flagged as
         :meth:`_note_counted_mean` does (where the picks' map is not known, flagged: the
-        one-shot norms refuse, the tracker does not read the flag). Until 2026-12-06 only a
+        one-shot norms refuse, and the tracker under "mean"). Until 2026-12-06 only a
         cross-entropy's ignored targets and class weights were flagged, and the one-shot norms
         of an MSE, an L1 or a BCE over an uneven ``o[mask]`` came out (N/M)² × each
         example's, a review."""
@@ -1086,16 +1094,68 @@ class LossWatch:
         elif named.get("reduction", 1) != 1:
             return
         self._warn_rows_left_out(layout)
-        ids = layout.ids
-        if ids is None:
-            flag = torch.ones((), dtype=torch.bool, device=t.device)
-        else:  # (no host sync: the flag stays on the device until the norms are read)
-            counts = torch.zeros(layout.n, dtype=torch.long, device=ids.device)
-            counts.index_add_(0, ids.clamp(0, layout.n - 1), torch.ones_like(ids))
-            flag = (counts != counts[0]).any() | (ids < 0).any()
+        flag = self._uneven(layout, t)
         self._mark_counted_mean({layout.owner}, lambda pass_: flag, outs, inside)
         for t in outs:
             self.counted_kind[t] = flag
+
+    def _note_picked_sum(
+        self, name: str, args: tuple, known: list, outs: list, layouts: list, inside: bool
+    ) -> None:
+        """A sum over rows picked from the examples' (``kl_div(s[mask], t[mask])``'s sum,
+        a soft-target ``cross_entropy``'s), divided by a Python number that is the count of
+        the rows picked — ``reduction='batchmean'`` over ``s[mask]``, a soft-target
+        cross-entropy's mean — is a mean over those rows: where some examples have more rows
+        there than others it averages over what it counts, flagged as
+        :meth:`_note_uneven_mean` flags ``.mean()`` (until 2026-12-06 such a sum divided by a
+        number was taken as the user's own definition, and the one-shot norms of token-level
+        KD over unevenly padded tokens came out (N·c_i/M)² × each example's own, up to 125%
+        off, a hunt). Divided by any other number (the examples', N) it is taken as given."""
+        if not outs or not isinstance(layouts[0], _Sum):
+            return
+        if name in _SIGN_ONLY and len(known) == 1 and known[0][0] in self.picked_sums:
+            self.picked_sums[outs[0]] = self.picked_sums[known[0][0]]
+            return
+        if name in ("div", "true_divide", "mul", "multiply") and len(known) == 1:
+            t = known[0][0]
+            held = self.picked_sums.get(t)
+            factor = _number_factor(name, args, t)
+            if held is None or factor is None:
+                return
+            owner, rows, flag = held
+            if any(abs(factor * m - 1.0) < 1e-9 for m in rows):
+                self._mark_counted_mean({owner}, lambda pass_: flag, outs, inside)
+                for out in outs:
+                    self.counted_kind[out] = flag
+            return
+        picked = [(t, x) for t, x in known if isinstance(x, Rows) and x.block is None and x.n > 0]
+        if len(picked) != 1 or len(known) != 1:
+            return
+        t, layout = picked[0]
+        flag = self._uneven(layout, t)
+        if flag is None:
+            return
+        # the rows picked, and their elements over the last dim (a soft-target cross-entropy
+        # over [M, T, C] divides by M·T)
+        rows = {t.shape[layout.dim]}
+        if t.dim() > 1 and t.shape[-1]:
+            rows.add(t.numel() // t.shape[-1])
+        self.picked_sums[outs[0]] = (layout.owner, tuple(rows), flag)
+
+    @staticmethod
+    def _uneven(layout: Rows, t: Tensor) -> Tensor | None:
+        """Whether the examples have different numbers of rows among ``layout``'s picks (a
+        device bool; true where the picks' map is not known), or ``None`` where the rows are
+        no picks this can count (a flattened or packed map)."""
+        if isinstance(layout.key, tuple) and layout.key[0] in _IRREGULAR:
+            return None
+        ids = layout.ids
+        if ids is None:
+            return torch.ones((), dtype=torch.bool, device=t.device)
+        # (no host sync: the flag stays on the device until the norms are read)
+        counts = torch.zeros(layout.n, dtype=torch.long, device=ids.device)
+        counts.index_add_(0, ids.clamp(0, layout.n - 1), torch.ones_like(ids))
+        return (counts != counts[0]).any() | (ids < 0).any()
 
     def _warn_rows_left_out(self, layout: Rows) -> None:
         """Note a mean over a slice of the rows the model ran on, ``o[:k]`` of its n (Python
@@ -1157,13 +1217,36 @@ class LossWatch:
     def _note_divided_sum(self, args: tuple, known: list, outs: list, inside: bool = False) -> None:
         """A sum (or mean) over the examples divided by a tensor computed from the data — a
         mask's sum, ``(ℓ·m).sum() / m.sum()`` — is a mean over what it counts unless that is
-        the number of examples: flagged as :meth:`_note_counted_mean` does."""
+        the number of examples: flagged as :meth:`_note_counted_mean` does.
+
+        A plain mean of unweighted terms divided by a 0-d tensor whose value is no count — a
+        detached running average of the loss, ``ce / ema``, or the batch's own loss value,
+        ``ce / ce.detach()`` — is that mean times a constant, as ``ce * (1 / ema)`` and
+        ``ce / ema.item()`` are (until 2026-12-06 refused by the one-shot norms as averaged
+        over what it counts, a hunt). Its terms may still be masked (``torch.where(m, ℓ,
+        0).mean() / m.float().mean()``), so a divisor whose value is a count — a whole number,
+        or one over the examples or over the elements averaged, a mask's mean — is flagged
+        as before (a device test, no host read)."""
         if len(known) != 1 or known[0][0] is not args[0] or not isinstance(known[0][1], _Sum):
             return
         divisor = args[1] if len(args) > 1 else None
         if not isinstance(divisor, Tensor) or divisor.numel() != 1:
             return
         count = known[0][1].count
+        scaled_mean = (
+            known[0][1].plain == "mean"
+            and known[0][0] not in self.weight_sums
+            and divisor.dim() == 0
+            and divisor.is_floating_point()
+        )
+        weights = self.weight_sums.get(known[0][0])
+        close = alike = None
+        if weights is not None:
+            _, totals, alike = weights
+            d = divisor.detach().to(totals.dtype).reshape(())
+            # (16-bit divisors are rounded: a bf16 sum of a few hundred weights to 1%)
+            tol = 1e-2 if divisor.dtype in (torch.float16, torch.bfloat16) else 1e-6
+            close = ((d - totals).abs() <= tol * totals.abs() + 1e-12).any()
 
         def flag(pass_: Any) -> Any:
             counted = divisor != pass_.batch_size
@@ -1172,22 +1255,23 @@ class LossWatch:
                 # smoothing divides its smoothing term by its mask's sum, N·T with no target
                 # ignored): a mean over the examples of each one's mean
                 counted = counted & (divisor != count)
+            if scaled_mean:
+                counted = counted & _count_like(divisor, (1, pass_.batch_size, count or 1))
+            if close is not None:
+                # terms weighed alike divided by their weights' total: a plain mean (a mask
+                # with nothing left out, 0.5 · ones / their sum), which the tracker, reading
+                # these flags since 2026-12-06, measures
+                counted = counted & ~(alike & close)
             return counted.reshape(())
 
         self._mark_counted_mean(known[0][1].owners, flag, outs, inside)
-        weights = self.weight_sums.get(known[0][0])
         if weights is not None:
             # weights per example summed and divided by their sum, (w·ℓ).sum() / w.sum(), the
             # weights varying other than as a 0/1 mask (a mask's count is a counted mean): each
             # example's weight depends on the others drawn, the ratio the class-weighted mean
             # is refused for (until 2026-12-06 measured, B_simple 2–3× high with an interval
             # excluding the truth, a hunt)
-            vary, totals = weights
-            d = divisor.detach().to(totals.dtype).reshape(())
-            # (16-bit divisors are rounded: a bf16 sum of a few hundred weights to 1%)
-            tol = 1e-2 if divisor.dtype in (torch.float16, torch.bfloat16) else 1e-6
-            close = ((d - totals).abs() <= tol * totals.abs() + 1e-12).any()
-            real = (vary & close).reshape(())
+            real = (weights[0] & close).reshape(())
             for t in outs:
                 held = self.weighted.get(t)
                 self.weighted[t] = real if held is None else held | real
@@ -1226,13 +1310,16 @@ class LossWatch:
             rows = w.movedim(d, 0).reshape(w.shape[d], -1)
             each = (rows == rows[:, :1]).all()
             vary = (w.amin() != w.amax()) & ~mask & each
+            # every term weighed alike (a mask with nothing left out, 0.5 · ones): divided by
+            # the weights' total, a plain mean over the examples (_note_divided_sum)
+            alike = (w.amin() == w.amax()) & (w.amin() != 0)
             # (the weights' own sum, and their sum over every term they weigh: w [N, 1] over
             # tokens [N, T], divided by w.sum() or by w.expand_as(ℓ).sum())
             full = w.expand(torch.broadcast_shapes(w.shape, t.shape))
             # (divided by their sum or their mean: (w·ℓ).mean() / w.mean() is the same ratio)
             totals = torch.stack([w.sum(), full.sum(), w.mean(), full.mean()])
         for out in outs:
-            self.weight_sums[out] = (vary, totals)
+            self.weight_sums[out] = (vary, totals, alike)
 
     def _mark_counted_mean(
         self, owners: Any, flag_of: Any, outs: list, inside: bool = False
@@ -1276,6 +1363,20 @@ class LossWatch:
                 name = "counted_inside" if inside else "counted_mean"
                 previous = getattr(pass_, name)
                 setattr(pass_, name, flag if previous is None else previous | flag)
+
+
+def _count_like(divisor: Tensor, sizes: tuple[int, ...]) -> Tensor:
+    """Whether a 0-d divisor's value is a count — a whole number times 1/m for some m of
+    ``sizes`` (a mask's sum, its mean over the examples or over the elements averaged), ε
+    added or not —: a device bool. 16-bit values are rounded (to 1%)."""
+    with torch.no_grad():
+        d = divisor.detach().to(torch.float64)
+        tol = 1e-2 if divisor.dtype in (torch.float16, torch.bfloat16) else 1e-6
+        like = []
+        for m in sizes:
+            v = d * m
+            like.append((v - v.round()).abs() <= tol * v.abs().clamp(min=1.0))
+        return functools.reduce(lambda a, b: a | b, like)
 
 
 def example_dims(module: Any, outputs: list[Tensor]) -> list[int | None] | None:

@@ -90,6 +90,108 @@ def class_weighted_message(passes: Sequence[PassNorms]) -> str | None:
     return None
 
 
+def counted_mean_message(declared: str, passes: Sequence[PassNorms]) -> str | None:
+    """A step whose loss, under ``loss_reduction="mean"``, is averaged over what it counts —
+    not over the examples (loss_watch.py flags it on audited steps: a cross-entropy's ignored
+    targets, a sum divided by a mask's sum, a mean over rows picked unevenly; a Hugging Face
+    classifier's own ``labels=`` loss with labels of -100, noisescale.tokens): the refusal's
+    text; else ``None``.
+
+    Its divisor depends on the examples drawn, so the tracker's reading of each pass as a
+    mean over its examples — each example's gradient rescaled by N/(counted) — is a
+    per-example "loss" whose weight depends on the others drawn, and the micro-batches that
+    each divide by their own count are no big batch for eq. A.2. Until 2026-12-06 it was
+    measured so without a word (a hunt: a hand-written token mean over -100 padding read
+    B_simple +30% / −20% with one or two micro-batches of 4, +7% / −8% at 16; a classifier's
+    own loss with a quarter of its labels -100, +58% at 4 and +10.5% at 16 over 1,000 steps,
+    intervals excluding the truth), while the one-shot norms refused it. The same for a
+    Hugging Face model's own token loss that is one term of the loss backpropagated (read
+    over the examples, :mod:`noisescale.tokens`) where its sequences count different numbers
+    of tokens. Not refused: a Hugging Face model's own loss over tokens, whose weights are
+    measured, and a cross-entropy over ``ignore_index`` targets none of which is ignored (a
+    plain mean)."""
+    if declared != "mean":
+        return None
+    for p in passes:
+        if p.batch_size < 2 or p.units_error:
+            continue  # (a pass whose units are refused: its own message says why, _weights_of)
+        units = p.units
+        if (
+            units is not None
+            and units.measured
+            and units.one_term
+            and p.forward_watched
+            and bool((units.counts != units.counts.reshape(-1)[:1]).any())
+        ):
+            return (
+                "the model's own loss (labels=) is one term of the loss backpropagated "
+                "(another term beside out.loss computed from the outputs: a z-loss, DPO with "
+                "an NLL term α·out.loss), so the step is read over the examples — but that "
+                "term is a mean over the micro-batch's counted tokens and its sequences count "
+                "different numbers of them (-100 on padding): each sequence's weight depends "
+                "on the others drawn, and B_simple would come out biased as for a token mean "
+                "written by hand (a hunt: +30% and −20% with one and two micro-batches of 4 "
+                "sequences). Compute that term yourself from the logits, per example (each "
+                "sequence's token mean, then the mean over the examples), or compute the whole "
+                "loss over tokens yourself with loss_reduction='token_mean' and "
+                "tracker.count_tokens(labels). Nothing of this step was recorded"
+            )
+        if units is not None and units.measured:
+            if (
+                p.forward_watched
+                and units.ignored is not None
+                and bool(units.ignored)
+                and units.unit == "example"
+            ):
+                return (
+                    "the model's own loss (labels=, through its loss_function) averages the "
+                    "examples whose label is not -100, not the examples fed: that count "
+                    "depends on the examples drawn, so loss_reduction='mean' (the default) "
+                    "reads each example's gradient rescaled by N/(labelled) and the step's "
+                    "gradient as a big batch of examples, and B_simple comes out biased (a "
+                    "hunt: +58% at 4 examples a micro-batch, +10.5% at 16, a quarter of the "
+                    "labels -100, intervals excluding the truth). Declare the mean over the "
+                    "labelled examples: loss_reduction='token_mean' — the labels= loss is then "
+                    "measured per labelled example (the estimate's unit 'tokens' counts the "
+                    "labelled examples; .to('examples') gives it per example fed) —, or "
+                    "compute the loss yourself as a mean over the examples fed, "
+                    "F.cross_entropy(logits, labels, reduction='sum') / len(labels) (the "
+                    "unlabelled ones weigh 0). Nothing of this step was recorded"
+                )
+            if not units.one_term:
+                continue
+        counted = p.counted_mean is not None and bool(p.counted_mean)
+        if p.counted_inside is not None and p.label_counts is None and units is None:
+            # (inside the forward: a loss the model computes itself — SimMIM's masked mean, a
+            # BERT classifier's CrossEntropyLoss over labels of -100 —; where labels= counts
+            # decide, the token watcher refuses or measures it)
+            counted = counted or bool(p.counted_inside)
+        if counted:
+            return (
+                "the loss is averaged over what it counts, not over the examples — a "
+                "cross-entropy / NLL whose targets include ignore_index (-100: padding tokens, "
+                "unlabelled examples), a token mean written by hand "
+                "(F.cross_entropy(logits.flatten(0, 1), labels.flatten()), with label_smoothing "
+                "or not, transformers' LabelSmoother in a loop of your own), a sum divided by "
+                "a mask's sum, (losses * m).sum() / m.sum(), or a mean over rows picked from "
+                "the examples so that some have more rows than others (o[mask] with masks of "
+                "different sizes) —, while loss_reduction='mean' (the default) takes it for a "
+                "mean over the examples. Its divisor depends on the examples drawn, so each "
+                "example's share is no gradient of its own and the micro-batches' gradients "
+                "no big batch: B_simple comes out biased (a hunt: +30% and −20% with one and "
+                "two micro-batches of 4 sequences, intervals excluding the truth). For a "
+                "noise scale per token, declare it: loss_reduction='token_mean' and "
+                "tracker.count_tokens(labels) after each forward (the labels the loss counts, "
+                "shifted as the loss shifts them; a Hugging Face model called with labels= "
+                "has its loss measured, and tracker.wrap_label_smoother(LabelSmoother(...)) "
+                "measures transformers' label smoother); for one per example, average each "
+                "example's own terms (reduction='none', then each example's mean) and then the "
+                "examples, or use reduction='sum' divided by the number of examples. Nothing "
+                "of this step was recorded"
+            )
+    return None
+
+
 def submodule_called_message(lead: str, model: nn.Module, label: str) -> str:
     """The refusal of a step in which a layer ran with gradients enabled outside a forward of
     the measured ``model`` (:attr:`PerExampleNorms.unopened`); ``lead`` names the fix."""

@@ -180,7 +180,8 @@ class PassNorms:
     loss_unfollowed: str | None = None  # why its loss could not be followed (withheld)
     # a device bool: the loss averaged over what it counts, not over the examples — a negative
     # log-likelihood with ignore_index targets or class weights, or a sum divided by a tensor
-    # other than their number (loss_watch.py); per_example_sqnorms refuses it under "mean"
+    # other than their number (loss_watch.py); per_example_sqnorms and the tracker refuse it
+    # under "mean" (messages.counted_mean_message)
     counted_mean: Any = None
     # the same, for a mean computed inside the model's forward (SimMIM's masked mean): refused
     # by the one-shot norms where no Hugging Face labels= count decides (noisescale.tokens)
