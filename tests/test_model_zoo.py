@@ -576,14 +576,14 @@ def _adalora_llama(orth_reg_weight: float) -> nn.Module:
     return model.train()
 
 
-@pytest.mark.parametrize(("n", "weight"), [(4, 0.5), (5, 0.5), (4, 0.0)])
+@pytest.mark.parametrize(("n", "weight"), [(4, 0.5), (5, 0.5)])
 def test_adalora_penalty_in_the_loss_is_refused_naming_it(n, weight):
     """peft's AdaLoRA adds orth_reg_weight × |P Pᵀ − I| of its lora_A and lora_B to every loss
     the model returns (labels=): a term of those parameters alone, of no example. The audit
     refused it, naming a generic cause (N = 5) — and at N equal to the adapters' rank (4) as a
     table whose size happens to equal the batch's, advising another batch size (a helper's
     hunt, 2026-12-04). The refusal now leads with AdaLoRA's penalty and the two ways to measure
-    (at weight 0 the penalty still runs, with a zero gradient: refused at N = 4 alike)."""
+    (at weight 0: the next test)."""
     model = _adalora_llama(weight)
     ids = _ids(n=n)
     text = _refusal_by_engine(model, ids)
@@ -591,6 +591,41 @@ def test_adalora_penalty_in_the_loss_is_refused_naming_it(n, weight):
                            f"orth_reg_weight={weight:g})"), text  # fmt: skip
     assert "without labels=" in text and "per_example=False" in text
     assert "What noisescale found: " in text
+
+
+def test_adalora_with_a_penalty_of_weight_zero_is_learned_then_exact():
+    """At orth_reg_weight=0 the penalty still runs, with a zero gradient: refused at N = 4
+    (the rank) until 2026-12-06, as a table of the batch's size. Since then a tensor computed
+    from parameters alone (P Pᵀ − I) holds no example: the first pass learns the adapters'
+    direct uses, the next ones are exact against brute force."""
+    from noisescale.per_example import PerExampleNorms
+
+    model = _adalora_llama(0.0)
+    ids = _ids(n=4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = torch.stack(
+        [
+            sum(
+                g.pow(2).sum()
+                for g in torch.autograd.grad(
+                    model(input_ids=ids[i : i + 1], labels=ids[i : i + 1]).loss, params
+                )
+            )
+            for i in range(4)
+        ]
+    )
+    engine = PerExampleNorms(model, subbatches=2)
+    try:
+        for step in range(3):
+            model.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            (p,) = engine.collect()
+            if step == 0:
+                assert p.raw_sqnorms is None and "used outside the layers" in p.withheld
+                continue
+            torch.testing.assert_close(p.raw_sqnorms * 16, want, rtol=1e-6, atol=0)
+    finally:
+        engine.remove()
 
 
 def test_adalora_without_its_penalty_is_exact():
