@@ -531,3 +531,144 @@ def test_a_cell_on_flattened_rows_that_are_not_proven_is_still_refused():
     with pytest.raises(UnsupportedModuleError, match="called on input that is not per-example"):
         with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
             model(torch.randn(N, 3, 4)).pow(2).sum().backward()
+
+
+class _HiddenPick(nn.Module):
+    """A second review's (2026-12-06) spellings of a batch sorted inside the forward that the
+    first mends missed: a buffer added on the left, ``pe + h[order]``, flattened or not; the
+    pick beneath a slice along a later dimension, ``h[order][:, 1:]``."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.how = how
+        self.inp, self.fc1, self.fc2 = nn.Linear(D, D), nn.Linear(D, 2 * D), nn.Linear(2 * D, D)
+        self.head = nn.Linear(D, 2)
+        self.register_buffer("pe", torch.randn(T, D) * 0.1)
+        self.order = torch.arange(N)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        h = torch.tanh(self.inp(x))
+        if self.how == "slice after the pick":
+            f = self.fc2(torch.nn.functional.gelu(self.fc1(h[self.order][:, 1:])))
+            return self.head(f[self.order.argsort()].mean(1))
+        hs = self.pe + h[self.order]
+        if self.how == "buffer on the left, flattened":
+            f = self.fc2(torch.nn.functional.gelu(self.fc1(hs.reshape(b * t, d)))).view(b, t, d)
+        else:
+            f = self.fc2(torch.nn.functional.gelu(self.fc1(hs)))
+        return self.head(f[self.order.argsort()].mean(1))
+
+
+@pytest.mark.parametrize(
+    "how", ["buffer on the left, flattened", "buffer on the left", "slice after the pick"]
+)
+def test_a_sort_behind_a_buffer_or_a_slice_is_read_every_step(how):
+    """In order on the audited steps 1 and 2, sorted on steps 3 to 5 (5 not audited): the pick
+    is found behind the buffer (both sides of a sum are followed) and beneath the slice; the
+    calls on sorted rows are shared, exact (brute force). Until this review the sorted rows
+    went to the wrong examples on unaudited steps, 0.3–4% off without a word."""
+    model = _HiddenPick(how)
+    x = torch.randn(N, T, D, generator=torch.Generator().manual_seed(1))
+    steps = iter([torch.arange(N)] * 2 + [torch.tensor([2, 0, 4, 1, 3])] * 3)
+
+    def batch_loss():
+        model.order = next(steps)
+        return model(x).pow(2).sum(1).mean()
+
+    assert_subbatches_exact(model, batch_loss, lambda i: model(x).pow(2).sum(1)[i], N, k=2, steps=5)
+
+
+class _TokenPicks(nn.Module):
+    """Token rows picked from an ``nn.Embedding``'s output flattened, viewed back [N, K, D],
+    or by an index pair broadcast with T = N (``h[b[:, None], arange(N)[:, None]]``)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.how = how
+        self.emb, self.fc, self.head = nn.Embedding(11, D), nn.Linear(D, D), nn.Linear(D, 2)
+        self.idx = torch.tensor([0, 2, 4, 5, 6, 8, 10, 11, 12, 14])
+
+    def forward(self, tok):
+        h = self.emb(tok)  # [N, N, D]: T = N
+        if self.how == "embedding's tokens":
+            picked = h.reshape(N * N, D)[self.idx].view(N, 2, D)
+        else:
+            picked = h[self.idx[:, None], torch.arange(N)[:, None]]
+        return self.head(torch.tanh(self.fc(picked)).mean(1))
+
+
+@pytest.mark.parametrize("how", ["embedding's tokens", "index pair"])
+def test_picks_that_cross_examples_are_refused_after_steps_in_order(how):
+    """The picks in order on the first steps (exact), then crossing examples: refused on the
+    first such step. A review of 2026-12-06 found an ``nn.Embedding``'s output taken for a
+    table of parameters alone (its ids have no edge) and an index pair accepted for the
+    arange on its time dimension at T = N — both measured 0.3–3% off on unaudited steps."""
+    model = _TokenPicks(how)
+    tok = torch.randint(0, 11, (N, N), generator=torch.Generator().manual_seed(1))
+    if how == "embedding's tokens":
+        good = torch.tensor([0, 2, 5, 6, 10, 11, 15, 17, 20, 23])
+        bad = torch.tensor([0, 2, 5, 6, 10, 11, 15, 17, 20, 3])
+    else:
+        good, bad = torch.arange(N), torch.tensor([0, 0, 1, 2, 3])
+    steps = iter([good] * 2)
+
+    def batch_loss():
+        model.idx = next(steps)
+        return model(tok).pow(2).sum(1).mean()
+
+    assert_subbatches_exact(
+        model, batch_loss, lambda i: model(tok).pow(2).sum(1)[i], N, k=2, steps=2
+    )
+    model.idx = bad
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    try:
+        with pytest.raises(UnsupportedModuleError, match="picked"):
+            for _ in range(3):
+                model.zero_grad()
+                model(tok).pow(2).sum(1).mean().backward()
+                tracker.step()
+    finally:
+        tracker.remove()
+
+
+class _SortedCell(nn.Module):
+    """A GRU cell on a batch sorted inside the forward and flattened with its slots."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.cell, self.head = nn.Linear(D, D), nn.GRUCell(D, D), nn.Linear(D, 2)
+        self.order = torch.arange(N)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))[self.order]
+        flat = h.reshape(N * T, D)
+        o = self.cell(flat, flat * 0.5).view(N, T, D)[self.order.argsort()]
+        return self.head(o.mean(1))
+
+
+def test_a_cell_on_a_sorted_batch_flattened_is_flagged_on_an_accelerator(monkeypatch):
+    """On an accelerator the pick beneath a cell's flattened rows is compared on the device,
+    as a Linear's is (a review of 2026-12-06: the cell's flattened path dropped the flag and
+    a sorted step was measured 0.8% off)."""
+    import noisescale.per_example.graph as graph_mod
+
+    monkeypatch.setattr(graph_mod, "_host_reads_indices", lambda index: False)
+    model = _SortedCell()
+    x = torch.randn(N, T, D, generator=torch.Generator().manual_seed(1))
+    engine = PerExampleNorms(model)
+    try:
+        for order, flagged in ((torch.arange(N), False),) * 2 + (
+            (torch.tensor([2, 0, 4, 1, 3]), True),
+        ):
+            model.order = order
+            model.zero_grad()
+            model(x).pow(2).sum().backward()
+            engine.collect()
+            flags = [bool(flag) for label, _, flag in engine.unread_picks if label == "cell"]
+            assert flags and all(f is flagged for f in flags), engine.unread_picks
+    finally:
+        engine.remove()

@@ -2370,9 +2370,16 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             if isinstance(v, Tensor)
         ):
             return 0
+        # (each input's picks beneath its flattening compared on the device on an
+        # accelerator, as a Linear's are: a review of 2026-12-06 found a cell on a sorted batch
+        # flattened measured without the flag)
+        unread: list[tuple[str, Tensor]] = []
         if all(
-            _example_major(v, n, size) or _flattened_input(v, pass_.inputs, n, size) for v in inputs
+            _example_major(v, n, size, unread) or _flattened_input(v, pass_.inputs, n, size)
+            for v in inputs
         ):
+            label = self._labels.get(module, type(module).__name__)
+            pass_.unread_picks += [(label, how, flag) for how, flag in unread]
             return size // n
         return 0
 
