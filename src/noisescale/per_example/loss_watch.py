@@ -1095,7 +1095,13 @@ class LossWatch:
             return
         self._warn_rows_left_out(layout)
         flag = self._uneven(layout, t)
-        self._mark_counted_mean({layout.owner}, lambda pass_: flag, outs, inside)
+        # (a slice of the examples' rows: a divisor of the data's? no — the tracker measures
+        # it as backpropagated, as before 2026-12-06's refusal of counted means, which a
+        # review found refusing a chunked cross-entropy's and a DQN's slices)
+        sliced = layout.span is not None and layout.span[4] == layout.n
+        self._mark_counted_mean(
+            {layout.owner}, lambda pass_: flag, outs, "slice" if sliced else inside
+        )
         for t in outs:
             self.counted_kind[t] = flag
 
@@ -1356,11 +1362,13 @@ class LossWatch:
         if not marks:
             return
         for pass_ in self.passes:
-            for inside in (False, True):
+            for inside in (False, True, "slice"):
                 flag = marks.get((id(pass_), inside))
                 if flag is None:
                     continue
-                name = "counted_inside" if inside else "counted_mean"
+                name = {False: "counted_mean", True: "counted_inside", "slice": "counted_slice"}[
+                    inside
+                ]
                 previous = getattr(pass_, name)
                 setattr(pass_, name, flag if previous is None else previous | flag)
 

@@ -186,6 +186,11 @@ class PassNorms:
     # the same, for a mean computed inside the model's forward (SimMIM's masked mean): refused
     # by the one-shot norms where no Hugging Face labels= count decides (noisescale.tokens)
     counted_inside: Any = None
+    # a mean over a slice of the examples' rows (o[:k], a DQN's first half; a chunked
+    # cross-entropy's chunks): its divisor k does not depend on the data — the one-shot norms
+    # refuse it under "mean" (each example's own loss is not its share × N), the tracker
+    # measures it as backpropagated (rows left out are warned about: LossWatch._rows_left_out)
+    counted_slice: Any = None
     # a layer ran under selective activation checkpointing (one backward through its region:
     # the audit does not replay it)
     selective: bool = False

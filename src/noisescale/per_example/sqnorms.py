@@ -125,6 +125,7 @@ class per_example_sqnorms:
                 "counted tokens"
             )
         counted = p.counted_mean is not None and bool(p.counted_mean)
+        counted = counted or (p.counted_slice is not None and bool(p.counted_slice))
         # (the model's own loss measured, as one term or all of it: its counts decide)
         if p.counted_inside is not None and p.label_counts is None and p.units is None:
             counted = counted or bool(p.counted_inside)
