@@ -482,7 +482,14 @@ def _origin_of(node: Any, branches: list | None = None) -> Any:
             node = source  # (a cat of its slices in order: the tensor itself, looked through)
             continue
         nxt = node.next_functions
-        if branches is not None and kind in _TWO_SIDED:
+        if (
+            branches is not None
+            and kind in _TWO_SIDED
+            and (nxt[0][0] is None or type(nxt[0][0]).__name__ == "AccumulateGrad")
+        ):
+            # (the other side, where the first holds no rows of the batch — a buffer, a
+            # constant, a parameter: pe + h[order]; not where both do, h·λ + h[perm]·(1 − λ),
+            # a mixup, which the audit refuses naming the mixing)
             branches.extend(f for f, _ in nxt[1:] if f is not None)
         if not nxt or nxt[0][0] is None:
             return None
@@ -562,9 +569,9 @@ _TWO_SIDED = frozenset({"AddBackward0", "SubBackward0", "MulBackward0", "DivBack
 
 def _origins(node: Any, budget: int = 16) -> list[Any]:
     """The nodes that made the rows of ``node``'s tensor: :func:`_origin_of` along the first
-    input, and along the others of a sum, difference, product or quotient of two tensors
-    (``pe + h[order]``: a pick on the right hid behind a buffer on the left until a review of
-    2026-12-06, 4% off on unaudited steps); at most ``budget`` nodes walked."""
+    input, and along the others of a sum, difference, product or quotient of two tensors whose
+    first holds no rows (``pe + h[order]``: a pick on the right hid behind a buffer on the left
+    until a review of 2026-12-06, 4% off on unaudited steps); at most ``budget`` nodes walked."""
     found: list[Any] = []
     stack = [node]
     while stack and budget > 0:
