@@ -2760,3 +2760,58 @@ def test_a_frozen_teacher_with_batchnorm_in_training_mode_is_a_constant():
     with pytest.raises(UnsupportedModuleError, match=r"'student.2' \(BatchNorm1d\).*training"):
         with noisescale.per_example_sqnorms(student_bn):
             _kd(*student_bn(x), y).backward()
+
+
+class _LastTokenBias(nn.Module):
+    """Token logits and a learned per-class bias returned by the forward, met in the loss by
+    each example's last token's row (a review of 2026-12-06)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(3, 5)
+        self.cb = nn.Parameter(torch.randn(5) * 0.3)
+
+    def forward(self, x):
+        return self.lin(x), self.cb
+
+
+@pytest.mark.parametrize("how", ["mask", "arange", "gather", "sorted back"])
+def test_a_returned_parameter_meeting_each_examples_last_token_in_the_loss_is_exact(how):
+    """The meeting's rows are each example's in order — ``o[eos_mask]``, ``o[arange(N),
+    last]``, a gather, a sort undone — read from the picks' map on the CPU: exact against
+    brute force (the first version of the layout check refused every pick there, a review)."""
+    model = _LastTokenBias()
+    n = 4
+    x = torch.randn(n, 3, 3, generator=torch.Generator().manual_seed(1))
+    y, last = torch.tensor([0, 3, 1, 4]), torch.tensor([2, 0, 1, 2])
+
+    def per(xs, ys, lasts):
+        o, cb = model(xs)
+        k = len(ys)
+        if how == "mask":
+            picked = o[F.one_hot(lasts, 3).bool()]
+        elif how == "arange":
+            picked = o[torch.arange(k), lasts]
+        elif how == "gather":
+            picked = o.gather(1, lasts[:, None, None].expand(k, 1, 5))[:, 0]
+        else:
+            order = torch.arange(k).flip(0)
+            picked = o[:, -1][order][order.argsort()]
+        return F.cross_entropy(picked + cb, ys, reduction="none")
+
+    params = list(model.parameters())
+    want = torch.stack(
+        [
+            sum(
+                g.pow(2).sum()
+                for g in torch.autograd.grad(
+                    per(x[i : i + 1], y[i : i + 1], last[i : i + 1]).sum(), params
+                )
+            )
+            for i in range(n)
+        ]
+    )
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as result:
+        per(x, y, last).sum().backward()
+    torch.testing.assert_close(result.sqnorms, want, rtol=1e-9, atol=0)

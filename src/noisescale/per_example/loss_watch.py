@@ -564,6 +564,7 @@ class LossWatch:
                     isinstance(layout, Rows)
                     and (layout.block is None or layout.key != id(pass_))
                     and self.following()
+                    and not _rows_in_order(layout, t, dim)
                 ):
                     # (in the loss only: inside the forward, rows picked or put together by
                     # the data are the engine's to check — engine.check_meeting_rows, proven
@@ -1371,6 +1372,20 @@ class LossWatch:
                 ]
                 previous = getattr(pass_, name)
                 setattr(pass_, name, flag if previous is None else previous | flag)
+
+
+def _rows_in_order(layout: Rows, t: Tensor, dim: int) -> bool:
+    """Whether ``t``'s rows along ``dim``, picked from the examples', are each example's in
+    order (``o[arange(N), last]``, a reward head's last token): read from the picks' map on
+    the CPU, where reading it costs no wait (a review of 2026-12-06 found a parameter returned
+    by the forward refused where it met such rows in the loss, exact before); on an
+    accelerator not read, and the meeting refused."""
+    ids = layout.ids
+    if ids is None or ids.device.type != "cpu" or ids.dim() != 1:
+        return False
+    if ids.numel() != t.shape[dim]:
+        return False
+    return bool((ids == torch.arange(ids.numel(), device=ids.device)).all())
 
 
 def _count_like(divisor: Tensor, sizes: tuple[int, ...]) -> Tensor:
