@@ -672,3 +672,28 @@ def test_a_cell_on_a_sorted_batch_flattened_is_flagged_on_an_accelerator(monkeyp
             assert flags and all(f is flagged for f in flags), engine.unread_picks
     finally:
         engine.remove()
+
+
+class _CellZeroState(nn.Module):
+    """A cell on flattened slots given the usual constant initial state, zeros."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind, self.inp, self.head = kind, nn.Linear(D, D), nn.Linear(D, 2)
+        self.cell = nn.GRUCell(D, D) if kind == "gru" else nn.LSTMCell(D, D)
+
+    def forward(self, x):
+        u = torch.tanh(self.inp(x)).reshape(N * T, D)
+        z = torch.zeros(N * T, D)
+        h = self.cell(u, z) if self.kind == "gru" else self.cell(u, (z, z))[0]
+        return self.head(h.view(N, T, D).mean(1))
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_a_cell_on_flattened_slots_from_a_zero_state_is_exact(kind):
+    """``torch.zeros(N*S, D)`` as a cell's state beside flattened slots: rows all alike, no
+    example's (read on the CPU) — refused with a wrong cause until a review of 2026-12-06."""
+    model = _CellZeroState(kind)
+    x = torch.randn(N, T, D, generator=torch.Generator().manual_seed(1))
+    assert_exact_both_modes(model, lambda: model(x).pow(2).sum(1), N)

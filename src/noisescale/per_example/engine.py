@@ -632,6 +632,17 @@ def refuse_complex_parameters(model: nn.Module, one_shot: bool = False) -> None:
     )
 
 
+def _zero_state(v: Tensor) -> bool:
+    """Whether ``v``, a state a cell is given beside its input (``hx``, an LSTM's ``c``), is
+    zeros without a history — ``torch.zeros(N*S, D)``, the usual initial state: every row
+    alike, so no example's, whatever the order. Read on the CPU only (on an accelerator it
+    would wait for the device: not taken, and the call is refused as before). Until a review
+    of 2026-12-06 such a state refused a cell on flattened slots, naming the wrong cause."""
+    return (
+        v.grad_fn is None and not v.requires_grad and v.device.type == "cpu" and not bool(v.any())
+    )
+
+
 class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
     """The hook engine: per-example squared norms and micro-batch gradient norms per pass.
 
@@ -2375,8 +2386,10 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # flattened measured without the flag)
         unread: list[tuple[str, Tensor]] = []
         if all(
-            _example_major(v, n, size, unread) or _flattened_input(v, pass_.inputs, n, size)
-            for v in inputs
+            _example_major(v, n, size, unread)
+            or _flattened_input(v, pass_.inputs, n, size)
+            or (i > 0 and _zero_state(v))
+            for i, v in enumerate(inputs)
         ):
             label = self._labels.get(module, type(module).__name__)
             pass_.unread_picks += [(label, how, flag) for how, flag in unread]
