@@ -2815,3 +2815,26 @@ def test_a_returned_parameter_meeting_each_examples_last_token_in_the_loss_is_ex
     with noisescale.per_example_sqnorms(model, loss_reduction="sum") as result:
         per(x, y, last).sum().backward()
     torch.testing.assert_close(result.sqnorms, want, rtol=1e-9, atol=0)
+
+
+def test_a_frozen_batchnorm_in_training_mode_called_by_keyword_is_refused_naming_it():
+    """``bn(input=h)`` on a trainable layer's output: the input is not among the pre-hook's
+    positional arguments, and the first version of the no-gradient pass let it through (the
+    audit then refused it, blaming the Linear's rows; a review of 2026-12-06). Refused at
+    the call, naming the BatchNorm."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.bn, self.head = nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)
+            self.bn.requires_grad_(False)
+
+        def forward(self, x):
+            return self.head(self.bn(input=torch.tanh(self.lin(x))))
+
+    torch.manual_seed(0)
+    model = Model().train()
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(UnsupportedModuleError, match="'bn' \\(BatchNorm1d\\) normalises"):
+        with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
+            model(x).pow(2).sum().backward()
