@@ -3808,6 +3808,8 @@ class _BlockPicks(nn.Module):
         flat = torch.tanh(self.enc(x)).reshape(b * t, 5)
         if self.how == "index":
             rows = flat[idx]
+        elif self.how == "2-D index":  # ([N, k] unflattened: a review of 2026-12-06)
+            rows = flat[idx.view(b, -1)]
         elif self.how == "index_select":
             rows = flat.index_select(0, idx)
         elif self.how == "gather":
@@ -3817,7 +3819,7 @@ class _BlockPicks(nn.Module):
         return self.head(torch.tanh(self.lin(rows.view(b, -1, 5))).mean(1))
 
 
-@pytest.mark.parametrize("how", ["index", "index_select", "gather", "take_along_dim"])
+@pytest.mark.parametrize("how", ["index", "2-D index", "index_select", "gather", "take_along_dim"])
 def test_rows_picked_from_flattened_tokens_and_viewed_back_are_checked_every_step(how):
     """Each example's 2 of 6 tokens, picked from the [N·6, 5] token rows and viewed back to
     [N, 2, 5]: exact against brute force on every step where each block holds its own

@@ -620,6 +620,11 @@ def _picked_at(node: Any, n: int, unread: list[tuple[str, Tensor]] | None) -> st
                 # (along another dimension)
                 return None
             if sizes[0] != n:
+                if index.dim() > 1 and _block_rows(node, index.reshape(-1), sizes, n):
+                    # (DynamicViT's keep with its [N, k] index unflattened,
+                    # x.reshape(B*T, C)[idx + offset]: the same blocks, checked alike — refused
+                    # as a pick until a review of 2026-12-06)
+                    return _in_blocks(node, index.reshape(-1), sizes, n, unread, "flat[idx]")
                 return f"an index over the {sizes[0]} rows of a {list(sizes)} tensor"
             # along the examples' own dimension: the examples only in order, h[arange(N)] —
             # h[idx] with idx from the data ([0, 0, 1, 2]: a detection head's boxes by image)
@@ -817,6 +822,7 @@ def _routed_by_index(x: Tensor | None, n: int) -> bool:
             and (
                 (sizes[0] == n and first.shape[0] == n)
                 or (first.shape[0] != n and _block_rows(node, first, sizes, n) > 0)
+                or (first.dim() > 1 and _block_rows(node, first.reshape(-1), sizes, n) > 0)
             )
         )
     if kind in ("IndexSelectBackward0", "GatherBackward0"):
