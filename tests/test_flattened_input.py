@@ -307,6 +307,9 @@ class FrameCNN(nn.Module):
                 # kept across it, so a frame convolution after it would be refused)
                 conv(16, 6, 3, padding=1, padding_mode="circular", groups=2),
             ]
+        elif variant == "transposed":  # (a decoder's up-sampling: a review of 2026-12-06)
+            up = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
+            layers = [conv(3, 4, 3, padding=1), nn.GELU(), up(4, 6, 3, stride=2, groups=2)]
         else:  # "gram": 3×3 frames to 1×1
             layers = [conv(3, 16, 3), nn.GELU(), conv(16, 6, 1, groups=2)]
         self.cnn = nn.Sequential(*layers)
@@ -333,6 +336,8 @@ def _frames(dims: int, variant: str, frames: int, seed: int = 1):
         (2, "plain", "gru"),
         (2, "wide", "mean"),
         (2, "gram", "mean"),
+        (2, "transposed", "mean"),
+        (1, "transposed", "gru"),
         (1, "plain", "mean"),
         (1, "wide", "gru"),
         (3, "plain", "mean"),

@@ -431,6 +431,10 @@ def check_output_padding(stride: Any, output_padding: Any, what: str) -> None:
 def transposed_factors(module: ConvTransposeNd, x: Tensor, d: Tensor) -> dict[str, Factor]:
     out = factors(_AsConv(module), d, x)  # type: ignore[arg-type]
     if module.bias is not None and module.bias.requires_grad:
+        if d.dim() > len(module.kernel_size) + 2:
+            # [N, T, O, …]: each example's T frames (LayerRule.flattened) summed with its
+            # positions (refused on frames folded into the batch until a review of 2026-12-06)
+            d = d.transpose(1, 2)
         out["bias"] = DenseFactor(acc_sum(d.reshape(d.shape[0], d.shape[1], -1), 2))
     return out
 
@@ -439,7 +443,11 @@ TRANSPOSED_CONV_RULES = tuple(
     register_layer(
         _type,
         LayerRule(
-            transposed_factors, check=check_transposed, shared_rows=batched, name=_type.__name__
+            transposed_factors,
+            check=check_transposed,
+            shared_rows=batched,
+            flattened=frames,
+            name=_type.__name__,
         ),
     )
     for _type in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
