@@ -686,3 +686,38 @@ def test_a_shared_table_trimmed_to_the_longest_example_stays_shared(longest):
     finally:
         tracker.remove()
     assert sum(not r["skipped"] for r in tracker.history) >= 2
+
+
+class _TimeMajorLast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.gru, self.head = nn.GRU(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x, lengths):  # x [T, N, D]
+        out, _ = self.gru(x)
+        return self.head(out[lengths - 1, torch.arange(x.shape[1])])
+
+
+def test_a_time_major_rnns_last_step_at_as_many_steps_as_examples_is_exact():
+    """``out[lengths - 1, arange(N)]`` on a time-major [T, N, H] output with T = N: the index
+    along dim 1 is the examples in order. A review of 2026-12-06 found a mend of that day
+    reading only dim 0's index there, and this model refused whenever T = N (exact before)."""
+    model = _TimeMajorLast()
+    x = torch.randn(4, 4, 3, generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([4, 2, 3, 1])
+    params = list(model.parameters())
+    want = torch.stack(
+        [
+            sum(
+                g.pow(2).sum()
+                for g in torch.autograd.grad(
+                    model(x[:, i : i + 1], lengths[i : i + 1]).pow(2).sum(), params
+                )
+            )
+            for i in range(4)
+        ]
+    )
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as result:
+        model(x, lengths).pow(2).sum().backward()
+    torch.testing.assert_close(result.sqnorms, want, rtol=1e-9, atol=0)

@@ -638,16 +638,18 @@ def _picked_at(node: Any, n: int, unread: list[tuple[str, Tensor]] | None) -> st
         how = f"index tensors over a {list(sizes)} tensor, none of them the examples in order"
         full = list(node._saved_indices) + [None] * (len(sizes) - len(node._saved_indices))
         ndim = len(torch.broadcast_shapes(*(index.shape for index in indices)))
-        # (where dim 0 has the batch's size, only its index can be the examples': at T = N,
-        # h[b[:, None], arange(N)[:, None]] has a time index in order and rows of the data's
-        # examples, taken for the examples' on unaudited steps until a review of 2026-12-06;
-        # a time-major [T, N, …] with T ≠ N reads its examples along dim 1)
+        # (an index broadcast along the others' dimensions counts only on dim 0 where dim 0
+        # has the batch's size: at T = N, h[b[:, None], arange(N)[:, None]] has a time index in
+        # order and rows of the data's examples, taken for the examples' on unaudited steps
+        # until a review of 2026-12-06; a 1-D index along dim 1 still does — a time-major
+        # RNN's last step, out[lengths - 1, arange(N)], at T = N as at any T — so h[b, t] at
+        # T = N with t = arange(N) stays taken for the examples: a limit in the docs)
         along = [
             index.reshape(n)
             for dim, index in enumerate(full)
             if index is not None
             and sizes[dim] == n
-            and (dim == 0 or sizes[0] != n)
+            and (dim == 0 or sizes[0] != n or index.dim() == 1)
             and index.dim() == ndim
             and index.shape[0] == n
             and index.numel() == n

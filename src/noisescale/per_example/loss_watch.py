@@ -1398,8 +1398,14 @@ def _count_like(divisor: Tensor, sizes: tuple[int, ...]) -> Tensor:
         like = []
         for m in sizes:
             v = d * m
-            like.append((v - v.round()).abs() <= tol * v.abs().clamp(min=1.0))
-        return functools.reduce(lambda a, b: a | b, like)
+            # (16-bit: relative; else absolute — a relative tolerance took any value times the
+            # elements of a large image batch, 5·10⁵, for a whole number: an EMA divisor refused
+            # as a count, a review of 2026-12-06)
+            slack = tol * v.abs().clamp(min=1.0) if tol > 1e-3 else torch.full_like(v, 1e-3)
+            like.append((v - v.round()).abs() <= slack)
+        # (a divisor of 1 changes nothing: an EMA's first value, ce / ema with ema = 1.0,
+        # refused as a count at step 1 until a review of 2026-12-06)
+        return functools.reduce(lambda a, b: a | b, like) & (d != 1.0)
 
 
 def example_dims(module: Any, outputs: list[Tensor]) -> list[int | None] | None:
