@@ -245,7 +245,7 @@ def _example_major_from(
             # a split along the features keeps rows (an RNN cell's gates, a GLU's halves;
             # 2026-12-06): not one along dim 0
             sizes, dim = getattr(node, "_saved_self_sym_sizes", ()), node._saved_dim
-            if not sizes or (dim - (1 << 64) if dim >= 1 << 63 else dim) % len(sizes) == 0:
+            if not sizes or _dim_of(dim, len(sizes)) == 0:
                 return False
             stack.extend((f, rows) for f, _ in node.next_functions)
             continue
@@ -674,9 +674,7 @@ def _picked_at(node: Any, n: int, unread: list[tuple[str, Tensor]] | None) -> st
         # the result's dim 0 runs along the index's: picked rows when it has the batch's size
         # and the source's dim 0 another (a gather along dim 0 whose result has one row, a
         # time-major RNN's last step, keeps the examples of dim 1 in order)
-        sizes = getattr(node, "_saved_self_sym_sizes", None)
-        if sizes is None:
-            sizes = node._saved_self.shape
+        sizes = _source_sizes(node)
         if _dim_of(node._saved_dim, len(sizes)) != 0:
             return None
         index = node._saved_index
@@ -828,8 +826,7 @@ def _routed_by_index(x: Tensor | None, n: int) -> bool:
             )
         )
     if kind in ("IndexSelectBackward0", "GatherBackward0"):
-        sizes = getattr(node, "_saved_self_sym_sizes", None)
-        sizes = node._saved_self.shape if sizes is None else sizes
+        sizes = _source_sizes(node)
         index = node._saved_index
         return (
             _dim_of(node._saved_dim, len(sizes)) == 0
@@ -867,7 +864,7 @@ def _assembled_rows(x: Tensor | None) -> str | None:
                 break
             node = source  # (a cat of its slices in order: the tensor itself, looked through)
             continue
-        if kind in _VIEWS:
+        if kind in _VIEW_NODES:
             # (the shape before it: a view of the N·T token rows as [N, T, D] puts together
             # no example's row, an index_add over the tokens is not one over the examples; a
             # slice keeps rows of what it slices: zeros(K + 1, C).index_add(...)[:K])
@@ -964,15 +961,18 @@ def _moves_rows(node: Any, shape: tuple) -> bool:
         dims = [_dim_of(d, ndim) for d in node._saved_dims]
         return not dims or 0 in dims
     if kind in ("IndexSelectBackward0", "GatherBackward0"):
-        sizes = getattr(node, "_saved_self_sym_sizes", None)
-        sizes = node._saved_self.shape if sizes is None else sizes
+        sizes = _source_sizes(node)
         return _dim_of(node._saved_dim, len(sizes)) == 0 and bool(sizes) and sizes[0] == shape[0]
     if kind in _ASSEMBLING and kind not in ("CatBackward0", "StackBackward0"):
         return _dim_of(getattr(node, "_saved_dim", 0), ndim) == 0
     return False
 
 
-_VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
+def _source_sizes(node: Any) -> Sequence:
+    """The sizes of the tensor an ``index_select`` or ``gather`` node read (index_select
+    saves them; gather saves the tensor itself)."""
+    sizes = getattr(node, "_saved_self_sym_sizes", None)
+    return node._saved_self.shape if sizes is None else sizes
 
 
 def _dim_of(dim: int, ndim: int) -> int:
