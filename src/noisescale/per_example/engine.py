@@ -2215,18 +2215,21 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                     if n >= 2 and self.pairs is None
                     else None
                 )
-        flat = (
-            self._flat_rows(pass_, rule, module, label, args, size, n, in_dim)
-            if single
-            and size != n
-            and isinstance(output, Tensor)
-            # (rows kept: not an unbatched convolution's channels, 2026-12-06)
-            and output.shape[:1] == args[0].shape[:1]
-            and module not in self._learned_shared
-            else 0
-        )
-        if rule.native_layout and size != n and module not in self._learned_shared:
-            flat = self._flat_native_rows(pass_, rule, module, args, kwargs, outs, size, n, in_dim)
+        if size == n or module in self._learned_shared:
+            flat = 0
+        elif rule.native_layout:
+            flat = self._flat_native_rows(
+                pass_, rule, module, label, args, kwargs, outs, size, n, in_dim
+            )
+        else:
+            flat = (
+                self._flat_rows(pass_, rule, module, label, args, size, n, in_dim)
+                if single
+                and isinstance(output, Tensor)
+                # (rows kept: not an unbatched convolution's channels, 2026-12-06)
+                and output.shape[:1] == args[0].shape[:1]
+                else 0
+            )
         if flat:
             # the examples flattened together with positions, [N·k, …] (LayerRule.flattened):
             # measured as [N, k, …] (a rule of its own layout takes the rows as they are, and
@@ -2345,20 +2348,27 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         (``pass_.unread_picks``)."""
         if in_dim != 0 or self.batch_dim() != 0 or not _flat_size(rule, module, size, n):
             return 0
-        x = args[0]
         unread: list[tuple[str, Tensor]] = []
-        if _example_major(x, n, size, unread):
+        if self._rows_proven(pass_, args[0], n, size, unread):
             pass_.unread_picks += [(label, how, flag) for how, flag in unread]
             return size // n
-        if _flattened_input(x, pass_.inputs, n, size):
-            return size // n
         return 0
+
+    @staticmethod
+    def _rows_proven(
+        pass_: PassNorms, v: Tensor, n: int, size: int, unread: list[tuple[str, Tensor]]
+    ) -> bool:
+        """Whether ``v`` ([size, …]) is proven to hold each example's k rows in turn: by its
+        history (:func:`_example_major`, its device comparisons appended to ``unread``) or,
+        input data without one, by its memory (:func:`_flattened_input`)."""
+        return _example_major(v, n, size, unread) or _flattened_input(v, pass_.inputs, n, size)
 
     def _flat_native_rows(
         self,
         pass_: PassNorms,
         rule: LayerRule,
         module: nn.Module,
+        label: str,
         args: tuple,
         kwargs: dict,
         outs: list,
@@ -2386,12 +2396,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # flattened measured without the flag)
         unread: list[tuple[str, Tensor]] = []
         if all(
-            _example_major(v, n, size, unread)
-            or _flattened_input(v, pass_.inputs, n, size)
-            or (i > 0 and _zero_state(v))
+            self._rows_proven(pass_, v, n, size, unread) or (i > 0 and _zero_state(v))
             for i, v in enumerate(inputs)
         ):
-            label = self._labels.get(module, type(module).__name__)
             pass_.unread_picks += [(label, how, flag) for how, flag in unread]
             return size // n
         return 0
