@@ -1394,14 +1394,14 @@ def _count_like(divisor: Tensor, sizes: tuple[int, ...]) -> Tensor:
     added or not —: a device bool. 16-bit values are rounded (to 1%)."""
     with torch.no_grad():
         d = divisor.detach().to(torch.float64)
-        tol = 1e-2 if divisor.dtype in (torch.float16, torch.bfloat16) else 1e-6
+        sixteen = divisor.dtype in (torch.float16, torch.bfloat16)
         like = []
         for m in sizes:
             v = d * m
-            # (16-bit: relative; else absolute — a relative tolerance took any value times the
-            # elements of a large image batch, 5·10⁵, for a whole number: an EMA divisor refused
-            # as a count, a review of 2026-12-06)
-            slack = tol * v.abs().clamp(min=1.0) if tol > 1e-3 else torch.full_like(v, 1e-3)
+            # (16-bit: 1% of the value; else 10⁻³ absolute — a relative tolerance took any
+            # value times the elements of a large image batch, 5·10⁵, for a whole number: an
+            # EMA divisor refused as a count, a review of 2026-12-06)
+            slack = 1e-2 * v.abs().clamp(min=1.0) if sixteen else 1e-3
             like.append((v - v.round()).abs() <= slack)
         # (a divisor of 1 changes nothing: an EMA's first value, ce / ema with ema = 1.0,
         # refused as a count at step 1 until a review of 2026-12-06)
