@@ -484,6 +484,27 @@ def test_a_short_batch_does_not_stop_a_compiled_model_s_subbatch_graph():
         tracker.remove()
 
 
+def _outcomes(model: nn.Module, losses: list) -> list[str]:
+    """Each step's outcome under one engine, a step a loss to backpropagate: "measured", the
+    reason it was withheld, or "refused"."""
+    from noisescale.errors import UnsupportedModuleError
+
+    engine = PerExampleNorms(model)
+    seen = []
+    try:
+        for loss in losses:
+            model.zero_grad()
+            try:
+                loss().backward()
+                (p,) = engine.collect()
+                seen.append(p.withheld if p.raw_sqnorms is None else "measured")
+            except UnsupportedModuleError:
+                seen.append("refused")
+    finally:
+        engine.remove()
+    return seen
+
+
 @pytest.mark.parametrize("how", ["index", "index_add", "where"])
 def test_rows_routed_by_the_data_run_eagerly_under_compile(how: str) -> None:
     """A head on rows the data picks along the examples (``h[idx]``) or puts together
@@ -492,25 +513,18 @@ def test_rows_routed_by_the_data_run_eagerly_under_compile(how: str) -> None:
     2026-12-06). The first compiled step of such a structure is withheld, naming the rows, and
     compiled code runs eagerly from then on, where a step whose rows are not the examples is
     refused."""
-    from noisescale.errors import UnsupportedModuleError
     from test_never_silently_wrong import _REGION_LABELS, _Regions
 
     model = _Regions(how)
     x = torch.randn(4, 2, 5, 5, generator=torch.Generator().manual_seed(1))
     compiled = torch.compile(model, backend="aot_eager")
-    engine = PerExampleNorms(model)
-    seen = []
-    try:
-        for owner in ([0, 1, 2, 3],) * 3 + ([0, 0, 1, 2],):
-            model.zero_grad()
-            try:
-                F.cross_entropy(compiled(x, owner), _REGION_LABELS).backward()
-                (p,) = engine.collect()
-                seen.append(p.withheld if p.raw_sqnorms is None else "measured")
-            except UnsupportedModuleError:
-                seen.append("refused")
-    finally:
-        engine.remove()
+    seen = _outcomes(
+        model,
+        [
+            lambda owner=owner: F.cross_entropy(compiled(x, owner), _REGION_LABELS)
+            for owner in ([0, 1, 2, 3],) * 3 + ([0, 0, 1, 2],)
+        ],
+    )
     assert seen[:2] == ["measured", "measured"]
     assert "runs on rows the data picks or puts together" in seen[2]
     assert seen[3] == "refused"
@@ -523,26 +537,19 @@ def test_rows_picked_from_flattened_tokens_run_eagerly_under_compile() -> None:
     structure is withheld, naming the rows, and compiled code runs eagerly from then on, where a
     step whose picks give an example another's rows is refused (until 2026-12-06 such rows were
     taken for the examples' on every step, a hunt)."""
-    from noisescale.errors import UnsupportedModuleError
     from test_never_silently_wrong import _BlockPicks
 
     model = _BlockPicks("index")
     x = torch.randn(4, 6, 4, generator=torch.Generator().manual_seed(1))
     in_blocks = (torch.tensor([[0, 3]] * 4) + torch.arange(4)[:, None] * 6).reshape(-1)
     compiled = torch.compile(model, backend="aot_eager")
-    engine = PerExampleNorms(model)
-    seen = []
-    try:
-        for idx in (in_blocks,) * 3 + (torch.arange(8),):
-            model.zero_grad()
-            try:
-                compiled(x, idx).pow(2).sum().backward()
-                (p,) = engine.collect()
-                seen.append(p.withheld if p.raw_sqnorms is None else "measured")
-            except UnsupportedModuleError:
-                seen.append("refused")
-    finally:
-        engine.remove()
+    seen = _outcomes(
+        model,
+        [
+            lambda idx=idx: compiled(x, idx).pow(2).sum()
+            for idx in (in_blocks,) * 3 + (torch.arange(8),)
+        ],
+    )
     assert seen[:2] == ["measured", "measured"]
     assert "runs on rows the data picks or puts together" in seen[2]
     assert seen[3] == "refused"

@@ -197,6 +197,18 @@ class SortedFlat(nn.Module):
         return self.head((f.index_select(0, back) if self.by_index_select else f[back]).mean(1))
 
 
+def _assert_exact_in_order_then_sorted(model: nn.Module, x: torch.Tensor) -> None:
+    """``model.order`` in order on the audited steps 1 and 2, a sort on steps 3 to 5 (5 not
+    audited): the sub-batch norms exact against brute force on every step."""
+    steps = iter([torch.arange(N)] * 2 + [torch.tensor([2, 0, 4, 1, 3])] * 3)
+
+    def batch_loss():
+        model.order = next(steps)
+        return model(x).pow(2).sum(1).mean()
+
+    assert_subbatches_exact(model, batch_loss, lambda i: model(x).pow(2).sum(1)[i], N, k=2, steps=5)
+
+
 def test_a_batch_sorted_inside_the_forward_then_flattened_is_exact_on_every_step():
     """In order on the audited steps 1 and 2, sorted on steps 3 to 5 (5 not audited): the
     flattening's tensor is checked for rows the data picked on every step, as a layer's input
@@ -206,13 +218,7 @@ def test_a_batch_sorted_inside_the_forward_then_flattened_is_exact_on_every_step
     torch.manual_seed(0)
     model = SortedFlat()
     x = torch.randn(N, T, D, generator=torch.Generator().manual_seed(1))
-    steps = iter([torch.arange(N)] * 2 + [torch.tensor([2, 0, 4, 1, 3])] * 3)
-
-    def batch_loss():
-        model.order = next(steps)
-        return model(x).pow(2).sum(1).mean()
-
-    assert_subbatches_exact(model, batch_loss, lambda i: model(x).pow(2).sum(1)[i], N, k=2, steps=5)
+    _assert_exact_in_order_then_sorted(model, x)
 
 
 def test_a_batch_sorted_by_index_select_inside_the_forward_is_refused_when_sorted():
@@ -576,13 +582,7 @@ def test_a_sort_behind_a_buffer_or_a_slice_is_read_every_step(how):
     went to the wrong examples on unaudited steps, 0.3–4% off without a word."""
     model = _HiddenPick(how)
     x = torch.randn(N, T, D, generator=torch.Generator().manual_seed(1))
-    steps = iter([torch.arange(N)] * 2 + [torch.tensor([2, 0, 4, 1, 3])] * 3)
-
-    def batch_loss():
-        model.order = next(steps)
-        return model(x).pow(2).sum(1).mean()
-
-    assert_subbatches_exact(model, batch_loss, lambda i: model(x).pow(2).sum(1)[i], N, k=2, steps=5)
+    _assert_exact_in_order_then_sorted(model, x)
 
 
 class _TokenPicks(nn.Module):
