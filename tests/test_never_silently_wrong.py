@@ -21,6 +21,7 @@ import dataclasses
 import types
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -3293,6 +3294,128 @@ def test_a_fallback_module_that_changes_its_input_in_place_is_refused_not_crashe
     with pytest.raises(UnsupportedModuleError, match="changes its input in place"):
         model(x).pow(2).sum().backward()
     engine.remove()
+
+
+class _PowNoise(nn.Module):
+    """A module without a per-example rule (a learned exponent: pow), whose forward from
+    ``on`` on is not a function of its input and parameters: noise drawn with numpy's global
+    generator, or a Python counter of its calls."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((3,), 1.5))
+        self.w = nn.Parameter(torch.linspace(-1.0, 1.0, 3))
+        self.kind, self.on, self.calls = kind, False, 0
+
+    def forward(self, h):
+        if self.kind == "numpy":
+            noise = torch.from_numpy(np.random.standard_normal(tuple(h.shape)))
+        else:
+            self.calls += 1
+            noise = torch.full_like(h, float(self.calls))
+        return (h.abs() + 0.1) ** self.alpha * (self.w + (3.0 if self.on else 0.0) * noise)
+
+
+class _Impure(nn.Module):
+    """``_PowNoise`` after a linear layer; ``kind='euler'``: a pure one in an Euler loop that,
+    from ``on`` on, updates its state in place after the call (``h += 0.1 * f(h)``)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.l1, self.f, self.kind = nn.Linear(2, 3), _PowNoise(kind), kind
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        for _ in range(2):
+            if self.kind == "euler" and self.f.on:
+                h = h.clone()
+                h += 0.1 * self.f(h)
+            else:
+                h = h + 0.1 * self.f(h)
+        return h
+
+
+def _numpy_position() -> tuple:
+    state = np.random.get_state()
+    return state[1].tolist(), state[2]
+
+
+@pytest.mark.parametrize("kind", ["numpy", "counter", "euler"])
+@pytest.mark.parametrize("start,fraction", [(3, 1.0), (5, None), (6, 1.0)])
+def test_a_fallback_module_whose_forward_is_not_a_function_of_its_inputs_is_refused(
+    kind, start, fraction
+):
+    """The fallback re-runs a module in the backward, taking its forward for a function of its
+    inputs and parameters. Noise drawn with numpy (not replayed: the re-run drew other noise),
+    a counter, an input changed in place after the call (the re-run read the changed values)
+    made it measure another forward: on an unaudited step 36% off without a word, then the
+    audits blamed a use outside the layers (a hunt, 2026-12-06). The re-run's output is now
+    compared with the forward's, and its inputs' versions checked: refused by the cause. The
+    steps before, where the module is pure, stay exact, and the re-run leaves numpy's global
+    state where the forward left it (measuring does not change training)."""
+    np.random.seed(0)
+    torch.manual_seed(0)
+    model = _Impure(kind)
+    twin = _Impure(kind)
+    twin.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, 2, generator=g), torch.randn(N, 3, generator=g)
+    kw = {} if fraction is None else {"per_example_fraction": fraction}
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+    params = list(twin.parameters())
+    try:
+        for step in range(1, start + 1):
+            model.f.on = twin.f.on = step >= start
+            model.zero_grad()
+            if step == start:
+                with pytest.raises(
+                    UnsupportedModuleError,
+                    match=r"module 'f' uses its parameters .* not a function of its inputs",
+                ):
+                    ((model(x) - y) ** 2).sum(1).mean().backward()
+                    tracker.step()
+                break
+            twin.load_state_dict(model.state_dict())
+            want = torch.stack([
+                sum(g.pow(2).sum() for g in torch.autograd.grad(
+                    ((twin(x)[i] - y[i]) ** 2).sum(), params))
+                for i in range(N)
+            ]).mean()  # fmt: skip
+            out = model(x)
+            forward_left = _numpy_position()
+            ((out - y) ** 2).sum(1).mean().backward()
+            assert _numpy_position() == forward_left
+            tracker.step()
+            record = tracker.history[-1]
+            if step > 1:
+                got = record["sources"]["per_example"]["sqnorm_small"]
+                assert abs(got - float(want)) <= 1e-9 * float(want)
+    finally:
+        tracker.remove()
+
+
+def test_a_fallback_module_not_a_function_of_its_inputs_is_flagged_on_the_device(monkeypatch):
+    """On an accelerator the re-run's output is compared with the forward's on the device and
+    read with the step's statistics (no wait in the backward): step 3 refused there."""
+    _as_on_an_accelerator(monkeypatch)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    model = _Impure("numpy")
+    x, y = torch.randn(N, 2), torch.randn(N, 3)
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+    try:
+        for step in range(1, 4):
+            model.f.on = step == 3
+            model.zero_grad()
+            ((model(x) - y) ** 2).sum(1).mean().backward()
+            if step < 3:
+                tracker.step()
+        with pytest.raises(
+            UnsupportedModuleError, match=r"step 3: module 'f' .* not a function of its inputs"
+        ):
+            tracker.step()
+    finally:
+        tracker.remove()
 
 
 class ReducedCRF(nn.Module):
