@@ -875,14 +875,19 @@ def test_one_shot_norms_name_a_submodule_called_by_itself():
     "kw", [{}, {"per_example_fraction": 1.0}, {"per_example": False}],
     ids=["default", "exact", "micro"],
 )  # fmt: skip
-@pytest.mark.parametrize("extra", ["sam-clone", "sam-subbatch", "held-out-log"])
+@pytest.mark.parametrize(
+    "extra", ["sam-clone", "sam-same", "sam-subbatch", "held-out-log", "two-grads"]
+)
 def test_a_pass_whose_gradients_only_autograd_grad_took_is_not_part_of_the_step(kw, extra):
     """A forward and ``torch.autograd.grad`` on the tracked model that never writes .grad —
     SAM's ascent on ``x.clone()`` or on a sub-batch (m-sharpness), a held-out batch's gradient
     logged between the backward and the step, the inner step of first-order MAML — is not a
     micro-batch of the step: a review found each counted as one (b_big 2x, tr Σ 2.7x off,
     silently). The records equal those of the same loop with the extra pass run on an untracked
-    copy of the model. (per_example=False: two micro-batches a step, and the extra pass.)"""
+    copy of the model. (per_example=False: two micro-batches a step, and the extra pass.) On the
+    batch tensor itself (SAM's ascent as usually written; two loss terms' gradients taken apart
+    by two calls with retain_graph=True, PINNs' learning-rate annealing) it was refused as the
+    same examples twice, or as two backwards through one forward, until 2026-12-06 (a hunt)."""
     micro = 2 if kw.get("per_example") is False else 1
 
     def extra_pass(model, x, y) -> list[torch.Tensor]:
@@ -890,7 +895,14 @@ def test_a_pass_whose_gradients_only_autograd_grad_took_is_not_part_of_the_step(
             xh, yh = _batch(100)
             grads = torch.autograd.grad(F.cross_entropy(model(xh), yh), list(model.parameters()))
             return [torch.zeros_like(g) for g in grads]  # (only logged)
-        xs, ys = (x.clone(), y) if extra == "sam-clone" else (x[:8], y[:8])
+        if extra == "two-grads":  # (two terms' gradients of one forward, taken apart)
+            out = model(x)
+            params = list(model.parameters())
+            first = torch.autograd.grad(F.cross_entropy(out, y), params, retain_graph=True)
+            second = torch.autograd.grad(out.pow(2).mean(), params)
+            pairs = zip(first, second, strict=True)
+            return [0.05 * (a + b) / (a.norm() + b.norm()) for a, b in pairs]
+        xs, ys = {"sam-clone": (x.clone(), y), "sam-same": (x, y)}.get(extra, (x[:8], y[:8]))
         grads = torch.autograd.grad(F.cross_entropy(model(xs), ys), list(model.parameters()))
         return [0.05 * g / (g.norm() + 1e-12) for g in grads]
 
@@ -924,6 +936,36 @@ def test_a_pass_whose_gradients_only_autograd_grad_took_is_not_part_of_the_step(
         assert a["b_big"] == b["b_big"] == 16 and a["sqnorm_big"] == pytest.approx(b["sqnorm_big"])
         if kw:  # every example, or the micro-batches: the same numbers
             assert (a["g2"], a["trace_sigma"]) == pytest.approx((b["g2"], b["trace_sigma"]))
+
+
+@pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}], ids=["default", "exact"])
+@pytest.mark.parametrize("twice", [False, True])
+def test_an_ascent_that_writes_grad_on_the_same_batch_stays_refused(kw, twice):
+    """The neighbour of the pass only torch.autograd.grad took: SAM's ascent by backward() on
+    the batch tensor itself, .grad not zeroed before the descent (or its two terms' backwards
+    through one forward, retain_graph=True) — .grad sums both passes: the same examples twice
+    (or two backwards through one forward), refused on an unaudited step (3) as on the
+    others."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+    for seed in range(3):
+        x, y = _batch(seed)
+        if seed == 2:
+            out = model(x)
+            F.cross_entropy(out, y).backward(retain_graph=twice)
+            if twice:
+                out.pow(2).mean().backward()
+        F.cross_entropy(model(x), y).backward()
+        if seed < 2:
+            tracker.step()
+            opt.step()
+            opt.zero_grad()
+    with pytest.raises(
+        NoiseScaleInputError, match=r"on the same input tensor|two backward passes ran"
+    ):
+        tracker.step()
+    assert len(tracker.history) == 2
 
 
 HAND_WRITTEN = [

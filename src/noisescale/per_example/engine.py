@@ -4253,6 +4253,12 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 )
             if takes_second_order(pass_, wrote):
                 raise NoiseScaleInputError(SECOND_ORDER)
+            if pass_.repeated_backward and pass_.grad_only and not pass_.wrote and wrote:
+                # (torch.autograd.grad alone ran through it, twice — two loss terms' gradients
+                # taken apart to weigh them, PINNs' learning-rate annealing —, beside a backward
+                # that wrote .grad: no part of the step, as above; refused as two backwards
+                # until 2026-12-06, a hunt)
+                continue
             if pass_.repeated_backward and pass_.grad_only and pass_.wrote:
                 # (a hunt, 2026-12-06: a gradient only read — the cosine between two tasks'
                 # gradients — was refused as a sum of two backwards, paused() unmentioned)
@@ -4288,10 +4294,13 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         compiled_step = any(p.compiled or p.compiled_call for p in done)
         self._seen_compiled = self._seen_compiled or compiled_step
         # (by value on the audits' steps, in every mode — they read values back anyway —, the
-        # passes a backward that wrote .grad ran through)
+        # passes a backward that wrote .grad ran through; the same tensor, those of the step's
+        # training backwards: where one wrote .grad, not a forward whose gradients only
+        # torch.autograd.grad took — SAM's ascent on the batch itself, refused as the same
+        # examples twice until 2026-12-06, a hunt)
         audited = self._audit_due or any(p.audit is not None for p in done)
         _refuse_same_input_twice(
-            [p for p in done if p.tasks & trained and not p.idle],
+            [p for p in done if p.tasks & (wrote or trained) and not p.idle],
             by_value=[p for p in done if p.tasks & wrote and not p.idle] if audited else (),
         )
         _refuse_fed_by_its_own_output([p for p in done if p.tasks & trained])
