@@ -682,8 +682,10 @@ def _sam_ascent(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torc
 
 
 def _accumulate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro: int) -> None:
-    """The backward passes of one step: ``micro`` micro-batches, each loss its mean / micro."""
-    for xs, ys in zip(x.chunk(micro), y.chunk(micro), strict=True):
+    """The backward passes of one step: ``micro`` micro-batches, each loss its mean / micro
+    (one: the batch tensor itself, not a view of it)."""
+    parts = zip(x.chunk(micro), y.chunk(micro), strict=True) if micro > 1 else [(x, y)]
+    for xs, ys in parts:
         (F.cross_entropy(model(xs), ys) / micro).backward()
 
 
