@@ -1985,7 +1985,13 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 return
             self._mark_backward(pass_)
             self._enter(pass_)
-            if batched and pass_.audit is not None and not torch.is_grad_enabled():
+            if torch.is_grad_enabled():
+                # create_graph=True through the model's output: seen here also where no layer's
+                # hook sees it (weights read directly before the engine follows them: a PINN's
+                # x @ l1.weight.T, blamed on clipping until 2026-12-06, a hunt); micro-batch
+                # norms (per_example=False) take it exactly
+                pass_.second_order = pass_.second_order or self.per_example
+            elif batched and pass_.audit is not None:
                 try:
                     pass_.audit.on_root(output_nr, grad)
                 except RuntimeError as err:
