@@ -1301,6 +1301,82 @@ def test_a_shared_output_met_in_the_loss_only_by_constants_of_the_batch_size_is_
         assert_refused_unaudited(TableOut(N, raw), x, loss, "no audit reaches the loss", subbatches)
 
 
+class _Particles(nn.Module):
+    """A learned particle simulator: each example's P particles flattened with the others',
+    messages along edges within each example gathered and put back by index_add."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.edge, self.dec = nn.Linear(2, 4), nn.Linear(8, 4), nn.Linear(4, 2)
+
+    def forward(self, x):  # x: [N, P, 2]
+        n, p = x.shape[:2]
+        src = torch.arange(n * p)
+        dst = (src // p) * p + (src + 1) % p  # (a ring within each example)
+        h = torch.tanh(self.enc(x.reshape(n * p, 2)))
+        m = torch.tanh(self.edge(torch.cat([h[src], h[dst]], -1)))
+        return self.dec(h + torch.zeros_like(h).index_add(0, dst, m)).view(n, p, 2)
+
+
+class _LoopCat(nn.Module):
+    """A layer applied one example at a time in a Python loop, joined by torch.cat."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(2, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(torch.cat([self.lin(x[i : i + 1]) for i in range(len(x))])))
+
+
+class _ImplicitEuler(nn.Module):
+    """(I - dt A) z' = z solved with the examples as the right-hand side's columns."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.Linear(2, 3), nn.Linear(3, 2)
+        self.A = nn.Parameter(torch.randn(3, 3, generator=torch.Generator().manual_seed(5)))
+
+    def forward(self, x):
+        z, m, outs = self.enc(x), torch.eye(3) - 0.1 * self.A, []
+        for _ in range(3):
+            z = torch.linalg.solve(m, z.T).T
+            outs.append(z)
+        return self.dec(torch.stack(outs, 1))
+
+
+@pytest.mark.parametrize("form", ["one-shot", "default", "exact"])
+@pytest.mark.parametrize("model", [_Particles, _LoopCat, _ImplicitEuler])
+def test_outputs_in_a_layout_not_followed_are_not_said_to_come_from_parameters_alone(model, form):
+    """Outputs computed from the examples in a layout noisescale does not follow — particles
+    flattened and put back by index_add, a loop over the examples joined by cat, a solve on
+    the batch's transpose — met the targets in the loss and were refused as "a tensor computed
+    from [...] alone", the layers the examples went through left out, with "compute this inside
+    the model's forward" as the fix, which only met the in-forward refusal (a hunt,
+    2026-12-06). The message now says the rows reached the output in a layout not followed."""
+    torch.manual_seed(0)
+    m = model()
+    g = torch.Generator().manual_seed(1)
+    shape = (N, 5, 2) if model is _Particles else (N, 2)
+    x = torch.randn(*shape, generator=g)
+    y = torch.randn(*m(x).shape, generator=g)
+    with pytest.raises(UnsupportedModuleError) as err:
+        if form == "one-shot":
+            with noisescale.per_example_sqnorms(m):
+                ((m(x) - y) ** 2).mean().backward()
+        else:
+            kw = {"per_example_fraction": 1.0} if form == "exact" else {}
+            tracker = noisescale.GradientNoiseTracker(m, **kw)
+            try:
+                ((m(x) - y) ** 2).mean().backward()
+                tracker.step()
+            finally:
+                tracker.remove()
+    said = str(err.value)
+    assert "in a layout noisescale did not follow" in said
+    assert "alone" not in said and "inside the model's forward" not in said
+
+
 class ScaleOut(nn.Module):
     """Returns its per-example outputs and a learned scale, which the loss applies."""
 

@@ -381,6 +381,25 @@ def _ambiguous_message(pass_: PassNorms) -> str:
             "examples' but a size that equals the batch's by coincidence, use another batch "
             "size.)"
         )
+    if kind == "output":
+        return (
+            f"the model's output of shape {list(shared)}, computed through {labels}, whose "
+            "rows noisescale did not take for the examples', met the batch after the forward "
+            f"returned (in the loss), in the operation '{op}', only through tensors not "
+            f"computed from the model's outputs with the batch's size ({n}) in dim 0, such as "
+            f"{list(other)}: targets, labels, or constants. The examples reached it in a "
+            "layout noisescale did not follow — their rows flattened together and put back by "
+            "an index (a batch of graphs' or particle systems' nodes: h[src], index_add), "
+            "one example at a time in a Python loop joined by torch.cat (cat([f(x[i:i+1]) "
+            "for i in range(N)])), the batch transposed into columns for a product or a solve "
+            "(torch.linalg.solve(M, z.T).T) —, or it is a table the model returns, computed "
+            "from parameters, whose size equals the batch's by coincidence; noisescale cannot "
+            "tell which row is which example's (a loss computed inside the forward is refused "
+            "alike). Keep the examples along dim 0 through the model (a batched torch.bmm in "
+            "place of a loop over the examples), register a rule for the module that computes "
+            "it (noisescale.register_layer), or use per_example=False (a table: combine it "
+            "with the model's per-example outputs first)"
+        )
     if kind == "loss":
         return (
             f"a tensor computed from {labels} alone, of shape {list(shared)}, met the batch "
