@@ -1391,6 +1391,61 @@ def test_complex_parameters_are_refused_by_the_one_shot_function_too():
         noisescale.per_example_sqnorms(model)
 
 
+class _Spectral(nn.Module):
+    """A Fourier neural operator's spectral layer, its complex weight held as a real tensor of
+    real and imaginary parts and made complex in the forward (the fix the refusal names)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        w = torch.randn(2, 2, 3, dtype=torch.complex128, generator=torch.Generator().manual_seed(4))
+        self.w = nn.Parameter(torch.view_as_real(0.3 * w).clone())
+        self.proj = nn.Linear(2, 1, dtype=torch.float64)
+
+    def forward(self, x):  # x: [N, 2, 8]
+        xf = torch.fft.rfft(x)
+        out = torch.zeros(x.shape[0], 2, 5, dtype=xf.dtype)
+        out[:, :, :3] = torch.einsum("bix,iox->box", xf[:, :, :3], torch.view_as_complex(self.w))
+        return self.proj(torch.fft.irfft(out, n=8).transpose(1, 2)).squeeze(-1)
+
+
+@pytest.mark.parametrize("one_shot", [False, True])
+def test_complex_parameters_refusal_names_view_as_complex_which_is_measured(one_shot):
+    """The refusal said the per-example rules "do not follow view_as_complex" and sent the
+    user to per_example=False; they do, exactly (a hunt, 2026-12-06: a Fourier neural
+    operator). Its fix is now the real parameter made complex in the forward, measured per
+    example against brute force on audited and unaudited steps (1–5) — without torch's
+    "Casting complex values to real" warning, which every audit raised casting the complex
+    gradients it projects (their imaginary parts now projected too)."""
+    model = _Spectral()
+    model.w = nn.Parameter(torch.view_as_complex(model.w.detach()).clone())
+    with pytest.raises(NoiseScaleInputError, match=r"view_as_complex — measured exactly") as err:
+        if one_shot:
+            noisescale.per_example_sqnorms(model)
+        else:
+            noisescale.GradientNoiseTracker(model)
+    assert "per_example=False" not in str(err.value)
+    torch.manual_seed(0)
+    model = _Spectral()
+    params = list(model.parameters())
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0, sync_every=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for seed in range(5):
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randn(4, 2, 8, generator=g, dtype=torch.float64)
+            y = torch.randn(4, 8, generator=g, dtype=torch.float64)
+            want = sum(
+                float(sum(g.pow(2).sum() for g in torch.autograd.grad(
+                    ((model(x[i : i + 1]) - y[i : i + 1]) ** 2).mean(), params)))
+                for i in range(4)
+            ) / 4  # fmt: skip
+            model.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            tracker.step()
+            got = tracker.history[-1]["sources"]["per_example"]["sqnorm_small"]
+            assert got == pytest.approx(want, rel=1e-9)
+
+
 @pytest.mark.parametrize("sync_every", [1, 32])
 @pytest.mark.parametrize("per_example", [True, False])
 def test_grad_scaler_not_given_is_refused_on_every_compiled_step(per_example, sync_every):

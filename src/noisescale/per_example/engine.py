@@ -611,24 +611,17 @@ def refuse_complex_parameters(model: nn.Module, one_shot: bool = False) -> None:
     complex_ = [n for n, p in model.named_parameters() if p.requires_grad and p.is_complex()]
     if not complex_:
         return
-    if one_shot:
-        fix = (
-            "freeze them (requires_grad=False) to measure the per-example norms of the real "
-            "parameters, or measure the noise scale with GradientNoiseTracker(model, "
-            "per_example=False), each held as a real tensor of its real and imaginary parts, "
-            "made complex in the forward by torch.view_as_complex (the per-example rules do "
-            "not follow view_as_complex)"
-        )
-    else:
-        fix = (
-            "freeze them (requires_grad=False) to measure the noise scale of the real "
-            "parameters, or hold each as a real tensor of its real and imaginary parts, made "
-            "complex in the forward by torch.view_as_complex, and measure with "
-            "per_example=False (the per-example rules do not follow view_as_complex)"
-        )
+    # (until 2026-12-06 the fix added per_example=False, "the per-example rules do not follow
+    # view_as_complex": they do, exactly per example and by sub-batches — a Fourier neural
+    # operator's spectral weight, a hunt)
+    what = "per-example norms" if one_shot else "noise scale"
     raise NoiseScaleInputError(
         f"parameters {complex_} are complex, and noisescale measures real parameters only (its "
-        f"per-example and batch norms are written for real gradients); {fix}"
+        "per-example and batch norms are written for real gradients); hold each as a real "
+        "tensor of its real and imaginary parts (nn.Parameter(torch.view_as_real(w))) and make "
+        "it complex in the forward with torch.view_as_complex — measured exactly, per "
+        f"example too —, or freeze them (requires_grad=False) to measure the {what} of the "
+        "real parameters"
     )
 
 
