@@ -445,6 +445,11 @@ ROWS_UNPROVEN = (
 )
 
 
+# (an operation that ordered the examples by value — topk, sort — or accumulated along them:
+# _coupled_message names the detached-index form of a selection by the losses)
+RAN_ALONG = "ran along the examples"
+
+
 def _coupled_message(pass_: PassNorms) -> str:
     if ROWS_UNPROVEN in (pass_.coupled or ""):
         return (
@@ -466,6 +471,19 @@ def _coupled_message(pass_: PassNorms) -> str:
             "examples. A batch of another size tells: if it is measured, that was the cause — "
             "keep dim 0 of the model's outputs the examples (torch.stack(..., dim=1)) to "
             "measure any batch size; otherwise use per_example=False"
+        )
+    if any(f"'aten.{op}' {RAN_ALONG}" in (pass_.coupled or "") for op in ("topk", "sort")):
+        # (until 2026-12-06 led as a loss combining the examples, the detached-index form of
+        # the same gradient unnamed: hard-example mining, a hunt)
+        return (
+            f"noisescale does not follow the loss through values ordered along the examples: "
+            f"{pass_.coupled}, and the backward started from the result. A selection of the "
+            "examples by their losses — hard-example mining, pe.topk(K).values.sum() / N, "
+            "pe.sort(descending=True)[0][:K] — has the gradient of the selected examples' "
+            "terms: pick them with a detached index, pe[pe.detach().topk(K).indices].sum() / N "
+            "(the same gradient, measured exactly). A loss that combines the examples by their "
+            "order (a ranking loss over the batch) has no per-example gradients: use "
+            "per_example=False"
         )
     return (
         "the loss combines the examples, so they have no per-example gradients for noisescale "
