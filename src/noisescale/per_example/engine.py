@@ -839,6 +839,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._product_hooks: dict[nn.Module, tuple[int, int, int]] = {}
         # per fallback module, its tensor arguments' versions when its forward began
         self._fallback_versions: dict[nn.Module, list[tuple[Tensor, int]]] = {}
+        # device flags of the fallback's re-runs (fallback.rule), moved to their pass's
+        # unread_picks by _on_call_grad
+        self._fallback_unread: list[tuple[str, str, Tensor]] = []
         self.steps_collected = 0
         self._audit_due = True
         self._marking: tuple[int | None, list[PassNorms]] = (None, [])  # _mark_backward
@@ -3372,6 +3375,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                     rows = (rows[:, None] * call.flat + ks).reshape(-1)
                 saved = rule.select(call.module, saved, rows)  # type: ignore[misc]
             facs = rule.factors(call.module, saved, grads)
+            pass_.unread_picks += self._fallback_unread
+            self._fallback_unread = []
             if call.flat:
                 facs = {name: fold_rows(f, call.flat) for name, f in facs.items()}
         else:
@@ -4018,6 +4023,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._grad_only_tasks.clear()
         self._task_pass.clear()
         self._fallback_versions.clear()
+        self._fallback_unread = []
         self._hook_changed, self._between = [], None
         self._between_checked.clear()
         self._unzeroed = []
