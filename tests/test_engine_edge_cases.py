@@ -165,6 +165,47 @@ def test_a_gradient_penalty_beside_another_forward_is_refused_as_one(loop, fract
     record(make(), loop, per_example=False)  # micro-batch norms: no error
 
 
+class _DirectWeights(nn.Module):
+    """A PINN/SIREN written with its layers' weights read directly in the forward."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.l2 = nn.Linear(3, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = torch.sin(3 * (x @ self.l1.weight.T + self.l1.bias))
+        return h @ self.l2.weight.T + self.l2.bias
+
+
+def _pinn(model):
+    """A loss on the input derivative alone (create_graph=True): u_x + u_y + u_z = 1."""
+    x = X.clone().requires_grad_(True)
+    (du,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    ((du.sum(1) - 1) ** 2).mean().backward()
+
+
+@pytest.mark.parametrize("start", [1, 3])
+@pytest.mark.parametrize("fraction", [1.0, None])
+def test_a_pinn_with_weights_read_directly_is_refused_naming_create_graph(start, fraction):
+    """On step 1 no layer's hook saw the create_graph backward (the weights are read directly,
+    not yet followed), and the step was refused as gradient clipping, which the loop never
+    did (a hunt, 2026-12-06). The hook on the model's output sees it: create_graph named, on
+    the first step and on an unaudited one (3)."""
+    kw = {} if fraction is None else {"per_example_fraction": fraction}
+    model = _DirectWeights()
+    tracker = noisescale.GradientNoiseTracker(model, **kw)
+    for _ in range(1, start):
+        model.zero_grad()
+        model(X).pow(2).mean().backward()
+        tracker.step()
+    model.zero_grad()
+    with pytest.raises(NoiseScaleInputError, match="create_graph=True"):
+        _pinn(model)
+        tracker.step()
+    tracker.remove()
+
+
 def test_two_backwards_through_one_forward_refused():
     def twice(model):
         out = model(X)

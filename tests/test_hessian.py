@@ -9,6 +9,7 @@ Unbiasedness is checked as |mean − truth| ≤ 4 standard errors of the mean ov
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 
@@ -234,31 +235,35 @@ def test_gradient_tracker_is_paused_during_measurements():
         assert list(r["sources"]) == (["subbatch"] if r["step"] == 1 else ["per_example"])
 
 
-def test_a_one_off_measurement_beside_a_tracker_goes_under_paused():
-    """measure_b_noise's Hessian-vector products run several backward passes through one
-    forward: outside tracker.paused() the next step is refused, and the message names paused()
-    (the docs' example called it outside, a docs check found); under paused() the tracker's
-    records are those of the training passes alone."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1))
-    tracker = noisescale.GradientNoiseTracker(model, sync_every=1)
+@pytest.mark.parametrize("paused", [True, False])
+def test_a_one_off_measurement_beside_a_tracker_is_not_part_of_the_step(paused):
+    """measure_b_noise's Hessian-vector products run several torch.autograd.grad passes through
+    forwards of their own, which write no .grad: under tracker.paused() (the docs' way) the
+    tracker's records are those of the training passes alone — and outside it too since
+    2026-12-06 (refused before as two backwards through one forward, naming paused(); a
+    forward only torch.autograd.grad takes is no part of the step, a hunt): the same records,
+    exact mode, audited and unaudited steps."""
 
-    def loss_fn(m, x):
-        return m(x).pow(2).mean()
+    def run(paused: bool) -> list:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1))
+        tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
 
-    def train_step() -> None:
-        loss_fn(model, torch.randn(8, 4)).backward()
-        tracker.step()
-        model.zero_grad()
+        def loss_fn(m, x):
+            return m(x).pow(2).mean()
 
-    train_step()
-    with tracker.paused():
-        measure_b_noise(model, loss_fn, torch.randn(12, 4))
-    train_step()
-    assert [r["b_big"] for r in tracker.history] == [8, 8]
-    measure_b_noise(model, loss_fn, torch.randn(12, 4))
-    with pytest.raises(NoiseScaleInputError, match=r"tracker\.paused\(\)"):
-        train_step()
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            x, probe = torch.randn(8, 4, generator=g), torch.randn(12, 4, generator=g)
+            with tracker.paused() if paused else contextlib.nullcontext():
+                measure_b_noise(model, loss_fn, probe)
+            loss_fn(model, x).backward()
+            tracker.step()
+            model.zero_grad()
+        return [(r["b_big"], r["sqnorm_big"], r["g2"], r["trace_sigma"]) for r in tracker.history]
+
+    got, want = run(paused), run(True)
+    assert len(got) == 5 and got == want
 
 
 def test_the_loss_check_takes_a_loss_fn_that_takes_a_gradient_itself():

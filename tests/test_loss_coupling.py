@@ -197,6 +197,39 @@ def test_a_loss_that_combines_examples_is_refused_with_the_operation(name):
     assert "per_example=False" in message
 
 
+def _per_example_ce(o: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(o, Y, reduction="none")
+
+
+HARD_EXAMPLES = {
+    "topk values": lambda o: _per_example_ce(o).topk(2).values.sum() / N,
+    "sort slice": lambda o: _per_example_ce(o).sort(descending=True)[0][:2].sum() / N,
+}
+
+
+@pytest.mark.parametrize("name", sorted(HARD_EXAMPLES))
+def test_hard_example_mining_by_value_names_the_detached_index_form(name):
+    """pe.topk(K).values and pe.sort()[0][:K] (hard-example mining) were refused as a loss
+    that combines the examples, with per_example=False the only fix; their gradient is the
+    selected examples' terms', which a detached index gives exactly — unnamed until
+    2026-12-06 (a hunt). Still refused (in the loss watch), now naming that form, which is
+    measured exactly on two steps (the first audited)."""
+    model, (x, _) = mlp(), data()
+    message = refused(
+        model, lambda: HARD_EXAMPLES[name](model(x)).backward(), "ordered along the examples"
+    )
+    assert "pe[pe.detach().topk(K).indices]" in message
+    with pytest.raises(UnsupportedModuleError, match=r"pe\[pe\.detach\(\)\.topk"):
+        with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
+            HARD_EXAMPLES[name](model(x)).backward()
+
+    def detached(o: torch.Tensor) -> torch.Tensor:
+        pe = _per_example_ce(o)
+        return pe[pe.detach().topk(2).indices].sum() / N
+
+    assert_exact(model, x, detached)
+
+
 def test_the_tracker_refuses_a_contrastive_loss_at_its_first_step():
     model, (x, _) = mlp(), data()
     tracker = noisescale.GradientNoiseTracker(model)

@@ -682,8 +682,10 @@ def _sam_ascent(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torc
 
 
 def _accumulate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro: int) -> None:
-    """The backward passes of one step: ``micro`` micro-batches, each loss its mean / micro."""
-    for xs, ys in zip(x.chunk(micro), y.chunk(micro), strict=True):
+    """The backward passes of one step: ``micro`` micro-batches, each loss its mean / micro
+    (one: the batch tensor itself, not a view of it)."""
+    parts = zip(x.chunk(micro), y.chunk(micro), strict=True) if micro > 1 else [(x, y)]
+    for xs, ys in parts:
         (F.cross_entropy(model(xs), ys) / micro).backward()
 
 
@@ -875,14 +877,19 @@ def test_one_shot_norms_name_a_submodule_called_by_itself():
     "kw", [{}, {"per_example_fraction": 1.0}, {"per_example": False}],
     ids=["default", "exact", "micro"],
 )  # fmt: skip
-@pytest.mark.parametrize("extra", ["sam-clone", "sam-subbatch", "held-out-log"])
+@pytest.mark.parametrize(
+    "extra", ["sam-clone", "sam-same", "sam-subbatch", "held-out-log", "two-grads"]
+)
 def test_a_pass_whose_gradients_only_autograd_grad_took_is_not_part_of_the_step(kw, extra):
     """A forward and ``torch.autograd.grad`` on the tracked model that never writes .grad —
     SAM's ascent on ``x.clone()`` or on a sub-batch (m-sharpness), a held-out batch's gradient
     logged between the backward and the step, the inner step of first-order MAML — is not a
     micro-batch of the step: a review found each counted as one (b_big 2x, tr Σ 2.7x off,
     silently). The records equal those of the same loop with the extra pass run on an untracked
-    copy of the model. (per_example=False: two micro-batches a step, and the extra pass.)"""
+    copy of the model. (per_example=False: two micro-batches a step, and the extra pass.) On the
+    batch tensor itself (SAM's ascent as usually written; two loss terms' gradients taken apart
+    by two calls with retain_graph=True, PINNs' learning-rate annealing) it was refused as the
+    same examples twice, or as two backwards through one forward, until 2026-12-06 (a hunt)."""
     micro = 2 if kw.get("per_example") is False else 1
 
     def extra_pass(model, x, y) -> list[torch.Tensor]:
@@ -890,7 +897,14 @@ def test_a_pass_whose_gradients_only_autograd_grad_took_is_not_part_of_the_step(
             xh, yh = _batch(100)
             grads = torch.autograd.grad(F.cross_entropy(model(xh), yh), list(model.parameters()))
             return [torch.zeros_like(g) for g in grads]  # (only logged)
-        xs, ys = (x.clone(), y) if extra == "sam-clone" else (x[:8], y[:8])
+        if extra == "two-grads":  # (two terms' gradients of one forward, taken apart)
+            out = model(x)
+            params = list(model.parameters())
+            first = torch.autograd.grad(F.cross_entropy(out, y), params, retain_graph=True)
+            second = torch.autograd.grad(out.pow(2).mean(), params)
+            pairs = zip(first, second, strict=True)
+            return [0.05 * (a + b) / (a.norm() + b.norm()) for a, b in pairs]
+        xs, ys = {"sam-clone": (x.clone(), y), "sam-same": (x, y)}.get(extra, (x[:8], y[:8]))
         grads = torch.autograd.grad(F.cross_entropy(model(xs), ys), list(model.parameters()))
         return [0.05 * g / (g.norm() + 1e-12) for g in grads]
 
@@ -924,6 +938,36 @@ def test_a_pass_whose_gradients_only_autograd_grad_took_is_not_part_of_the_step(
         assert a["b_big"] == b["b_big"] == 16 and a["sqnorm_big"] == pytest.approx(b["sqnorm_big"])
         if kw:  # every example, or the micro-batches: the same numbers
             assert (a["g2"], a["trace_sigma"]) == pytest.approx((b["g2"], b["trace_sigma"]))
+
+
+@pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}], ids=["default", "exact"])
+@pytest.mark.parametrize("twice", [False, True])
+def test_an_ascent_that_writes_grad_on_the_same_batch_stays_refused(kw, twice):
+    """The neighbour of the pass only torch.autograd.grad took: SAM's ascent by backward() on
+    the batch tensor itself, .grad not zeroed before the descent (or its two terms' backwards
+    through one forward, retain_graph=True) — .grad sums both passes: the same examples twice
+    (or two backwards through one forward), refused on an unaudited step (3) as on the
+    others."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+    for seed in range(3):
+        x, y = _batch(seed)
+        if seed == 2:
+            out = model(x)
+            F.cross_entropy(out, y).backward(retain_graph=twice)
+            if twice:
+                out.pow(2).mean().backward()
+        F.cross_entropy(model(x), y).backward()
+        if seed < 2:
+            tracker.step()
+            opt.step()
+            opt.zero_grad()
+    with pytest.raises(
+        NoiseScaleInputError, match=r"on the same input tensor|two backward passes ran"
+    ):
+        tracker.step()
+    assert len(tracker.history) == 2
 
 
 HAND_WRITTEN = [
@@ -1345,6 +1389,61 @@ def test_complex_parameters_are_refused_by_the_one_shot_function_too():
     model = nn.Linear(3, 2, dtype=torch.complex128)
     with pytest.raises(NoiseScaleInputError, match=r"\['weight', 'bias'\] are complex.*freeze"):
         noisescale.per_example_sqnorms(model)
+
+
+class _Spectral(nn.Module):
+    """A Fourier neural operator's spectral layer, its complex weight held as a real tensor of
+    real and imaginary parts and made complex in the forward (the fix the refusal names)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        w = torch.randn(2, 2, 3, dtype=torch.complex128, generator=torch.Generator().manual_seed(4))
+        self.w = nn.Parameter(torch.view_as_real(0.3 * w).clone())
+        self.proj = nn.Linear(2, 1, dtype=torch.float64)
+
+    def forward(self, x):  # x: [N, 2, 8]
+        xf = torch.fft.rfft(x)
+        out = torch.zeros(x.shape[0], 2, 5, dtype=xf.dtype)
+        out[:, :, :3] = torch.einsum("bix,iox->box", xf[:, :, :3], torch.view_as_complex(self.w))
+        return self.proj(torch.fft.irfft(out, n=8).transpose(1, 2)).squeeze(-1)
+
+
+@pytest.mark.parametrize("one_shot", [False, True])
+def test_complex_parameters_refusal_names_view_as_complex_which_is_measured(one_shot):
+    """The refusal said the per-example rules "do not follow view_as_complex" and sent the
+    user to per_example=False; they do, exactly (a hunt, 2026-12-06: a Fourier neural
+    operator). Its fix is now the real parameter made complex in the forward, measured per
+    example against brute force on audited and unaudited steps (1–5) — without torch's
+    "Casting complex values to real" warning, which every audit raised casting the complex
+    gradients it projects (their imaginary parts now projected too)."""
+    model = _Spectral()
+    model.w = nn.Parameter(torch.view_as_complex(model.w.detach()).clone())
+    with pytest.raises(NoiseScaleInputError, match=r"view_as_complex — measured exactly") as err:
+        if one_shot:
+            noisescale.per_example_sqnorms(model)
+        else:
+            noisescale.GradientNoiseTracker(model)
+    assert "per_example=False" not in str(err.value)
+    torch.manual_seed(0)
+    model = _Spectral()
+    params = list(model.parameters())
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0, sync_every=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for seed in range(5):
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randn(4, 2, 8, generator=g, dtype=torch.float64)
+            y = torch.randn(4, 8, generator=g, dtype=torch.float64)
+            want = sum(
+                float(sum(g.pow(2).sum() for g in torch.autograd.grad(
+                    ((model(x[i : i + 1]) - y[i : i + 1]) ** 2).mean(), params)))
+                for i in range(4)
+            ) / 4  # fmt: skip
+            model.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            tracker.step()
+            got = tracker.history[-1]["sources"]["per_example"]["sqnorm_small"]
+            assert got == pytest.approx(want, rel=1e-9)
 
 
 @pytest.mark.parametrize("sync_every", [1, 32])

@@ -21,6 +21,7 @@ import dataclasses
 import types
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -1298,6 +1299,82 @@ def test_a_shared_output_met_in_the_loss_only_by_constants_of_the_batch_size_is_
         one_shot(TableOut(N, raw), x, loss)
     for subbatches in (0, 2):
         assert_refused_unaudited(TableOut(N, raw), x, loss, "no audit reaches the loss", subbatches)
+
+
+class _Particles(nn.Module):
+    """A learned particle simulator: each example's P particles flattened with the others',
+    messages along edges within each example gathered and put back by index_add."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.edge, self.dec = nn.Linear(2, 4), nn.Linear(8, 4), nn.Linear(4, 2)
+
+    def forward(self, x):  # x: [N, P, 2]
+        n, p = x.shape[:2]
+        src = torch.arange(n * p)
+        dst = (src // p) * p + (src + 1) % p  # (a ring within each example)
+        h = torch.tanh(self.enc(x.reshape(n * p, 2)))
+        m = torch.tanh(self.edge(torch.cat([h[src], h[dst]], -1)))
+        return self.dec(h + torch.zeros_like(h).index_add(0, dst, m)).view(n, p, 2)
+
+
+class _LoopCat(nn.Module):
+    """A layer applied one example at a time in a Python loop, joined by torch.cat."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(2, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(torch.cat([self.lin(x[i : i + 1]) for i in range(len(x))])))
+
+
+class _ImplicitEuler(nn.Module):
+    """(I - dt A) z' = z solved with the examples as the right-hand side's columns."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.Linear(2, 3), nn.Linear(3, 2)
+        self.A = nn.Parameter(torch.randn(3, 3, generator=torch.Generator().manual_seed(5)))
+
+    def forward(self, x):
+        z, m, outs = self.enc(x), torch.eye(3) - 0.1 * self.A, []
+        for _ in range(3):
+            z = torch.linalg.solve(m, z.T).T
+            outs.append(z)
+        return self.dec(torch.stack(outs, 1))
+
+
+@pytest.mark.parametrize("form", ["one-shot", "default", "exact"])
+@pytest.mark.parametrize("model", [_Particles, _LoopCat, _ImplicitEuler])
+def test_outputs_in_a_layout_not_followed_are_not_said_to_come_from_parameters_alone(model, form):
+    """Outputs computed from the examples in a layout noisescale does not follow — particles
+    flattened and put back by index_add, a loop over the examples joined by cat, a solve on
+    the batch's transpose — met the targets in the loss and were refused as "a tensor computed
+    from [...] alone", the layers the examples went through left out, with "compute this inside
+    the model's forward" as the fix, which only met the in-forward refusal (a hunt,
+    2026-12-06). The message now says the rows reached the output in a layout not followed."""
+    torch.manual_seed(0)
+    m = model()
+    g = torch.Generator().manual_seed(1)
+    shape = (N, 5, 2) if model is _Particles else (N, 2)
+    x = torch.randn(*shape, generator=g)
+    y = torch.randn(*m(x).shape, generator=g)
+    with pytest.raises(UnsupportedModuleError) as err:
+        if form == "one-shot":
+            with noisescale.per_example_sqnorms(m):
+                ((m(x) - y) ** 2).mean().backward()
+        else:
+            kw = {"per_example_fraction": 1.0} if form == "exact" else {}
+            tracker = noisescale.GradientNoiseTracker(m, **kw)
+            try:
+                ((m(x) - y) ** 2).mean().backward()
+                tracker.step()
+            finally:
+                tracker.remove()
+    said = str(err.value)
+    assert "in a layout noisescale did not follow" in said
+    assert "alone" not in said and "inside the model's forward" not in said
 
 
 class ScaleOut(nn.Module):
@@ -3293,6 +3370,128 @@ def test_a_fallback_module_that_changes_its_input_in_place_is_refused_not_crashe
     with pytest.raises(UnsupportedModuleError, match="changes its input in place"):
         model(x).pow(2).sum().backward()
     engine.remove()
+
+
+class _PowNoise(nn.Module):
+    """A module without a per-example rule (a learned exponent: pow), whose forward from
+    ``on`` on is not a function of its input and parameters: noise drawn with numpy's global
+    generator, or a Python counter of its calls."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((3,), 1.5))
+        self.w = nn.Parameter(torch.linspace(-1.0, 1.0, 3))
+        self.kind, self.on, self.calls = kind, False, 0
+
+    def forward(self, h):
+        if self.kind == "numpy":
+            noise = torch.from_numpy(np.random.standard_normal(tuple(h.shape)))
+        else:
+            self.calls += 1
+            noise = torch.full_like(h, float(self.calls))
+        return (h.abs() + 0.1) ** self.alpha * (self.w + (3.0 if self.on else 0.0) * noise)
+
+
+class _Impure(nn.Module):
+    """``_PowNoise`` after a linear layer; ``kind='euler'``: a pure one in an Euler loop that,
+    from ``on`` on, updates its state in place after the call (``h += 0.1 * f(h)``)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.l1, self.f, self.kind = nn.Linear(2, 3), _PowNoise(kind), kind
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        for _ in range(2):
+            if self.kind == "euler" and self.f.on:
+                h = h.clone()
+                h += 0.1 * self.f(h)
+            else:
+                h = h + 0.1 * self.f(h)
+        return h
+
+
+def _numpy_position() -> tuple:
+    state = np.random.get_state()
+    return state[1].tolist(), state[2]
+
+
+@pytest.mark.parametrize("kind", ["numpy", "counter", "euler"])
+@pytest.mark.parametrize("start,fraction", [(3, 1.0), (5, None), (6, 1.0)])
+def test_a_fallback_module_whose_forward_is_not_a_function_of_its_inputs_is_refused(
+    kind, start, fraction
+):
+    """The fallback re-runs a module in the backward, taking its forward for a function of its
+    inputs and parameters. Noise drawn with numpy (not replayed: the re-run drew other noise),
+    a counter, an input changed in place after the call (the re-run read the changed values)
+    made it measure another forward: on an unaudited step 36% off without a word, then the
+    audits blamed a use outside the layers (a hunt, 2026-12-06). The re-run's output is now
+    compared with the forward's, and its inputs' versions checked: refused by the cause. The
+    steps before, where the module is pure, stay exact, and the re-run leaves numpy's global
+    state where the forward left it (measuring does not change training)."""
+    np.random.seed(0)
+    torch.manual_seed(0)
+    model = _Impure(kind)
+    twin = _Impure(kind)
+    twin.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, 2, generator=g), torch.randn(N, 3, generator=g)
+    kw = {} if fraction is None else {"per_example_fraction": fraction}
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+    params = list(twin.parameters())
+    try:
+        for step in range(1, start + 1):
+            model.f.on = twin.f.on = step >= start
+            model.zero_grad()
+            if step == start:
+                with pytest.raises(
+                    UnsupportedModuleError,
+                    match=r"module 'f' uses its parameters .* not a function of its inputs",
+                ):
+                    ((model(x) - y) ** 2).sum(1).mean().backward()
+                    tracker.step()
+                break
+            twin.load_state_dict(model.state_dict())
+            want = torch.stack([
+                sum(g.pow(2).sum() for g in torch.autograd.grad(
+                    ((twin(x)[i] - y[i]) ** 2).sum(), params))
+                for i in range(N)
+            ]).mean()  # fmt: skip
+            out = model(x)
+            forward_left = _numpy_position()
+            ((out - y) ** 2).sum(1).mean().backward()
+            assert _numpy_position() == forward_left
+            tracker.step()
+            record = tracker.history[-1]
+            if step > 1:
+                got = record["sources"]["per_example"]["sqnorm_small"]
+                assert abs(got - float(want)) <= 1e-9 * float(want)
+    finally:
+        tracker.remove()
+
+
+def test_a_fallback_module_not_a_function_of_its_inputs_is_flagged_on_the_device(monkeypatch):
+    """On an accelerator the re-run's output is compared with the forward's on the device and
+    read with the step's statistics (no wait in the backward): step 3 refused there."""
+    _as_on_an_accelerator(monkeypatch)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    model = _Impure("numpy")
+    x, y = torch.randn(N, 2), torch.randn(N, 3)
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+    try:
+        for step in range(1, 4):
+            model.f.on = step == 3
+            model.zero_grad()
+            ((model(x) - y) ** 2).sum(1).mean().backward()
+            if step < 3:
+                tracker.step()
+        with pytest.raises(
+            UnsupportedModuleError, match=r"step 3: module 'f' .* not a function of its inputs"
+        ):
+            tracker.step()
+    finally:
+        tracker.remove()
 
 
 class ReducedCRF(nn.Module):

@@ -392,10 +392,14 @@ class PassAudit:
         return signed.movedim(0, dim)
 
     def _projection(self, target: _Target, g: Tensor) -> Tensor:
-        """One number per example: ⟨row_i, w⟩ with a random w fixed per target."""
-        view = self._by_example(_acc(g), target.dim)
+        """One number per example: ⟨row_i, w⟩ with a random w fixed per target (a complex
+        gradient's real and imaginary parts both: a Fourier layer's spectra — cast to real until
+        2026-12-06, which checked the real parts alone and warned at every audit, a hunt)."""
+        view = self._by_example(g, target.dim)
         assert view is not None
-        rows = view.reshape(self.n, -1)
+        if view.is_complex():
+            view = torch.view_as_real(view.resolve_conj())
+        rows = _acc(view).reshape(self.n, -1)
         gen = torch.Generator(device=rows.device)
         gen.manual_seed(self._base_seed + target.seed)
         w = torch.randn(rows.shape[1], generator=gen, device=rows.device, dtype=rows.dtype)

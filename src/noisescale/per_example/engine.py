@@ -611,24 +611,17 @@ def refuse_complex_parameters(model: nn.Module, one_shot: bool = False) -> None:
     complex_ = [n for n, p in model.named_parameters() if p.requires_grad and p.is_complex()]
     if not complex_:
         return
-    if one_shot:
-        fix = (
-            "freeze them (requires_grad=False) to measure the per-example norms of the real "
-            "parameters, or measure the noise scale with GradientNoiseTracker(model, "
-            "per_example=False), each held as a real tensor of its real and imaginary parts, "
-            "made complex in the forward by torch.view_as_complex (the per-example rules do "
-            "not follow view_as_complex)"
-        )
-    else:
-        fix = (
-            "freeze them (requires_grad=False) to measure the noise scale of the real "
-            "parameters, or hold each as a real tensor of its real and imaginary parts, made "
-            "complex in the forward by torch.view_as_complex, and measure with "
-            "per_example=False (the per-example rules do not follow view_as_complex)"
-        )
+    # (until 2026-12-06 the fix added per_example=False, "the per-example rules do not follow
+    # view_as_complex": they do, exactly per example and by sub-batches — a Fourier neural
+    # operator's spectral weight, a hunt)
+    what = "per-example norms" if one_shot else "noise scale"
     raise NoiseScaleInputError(
         f"parameters {complex_} are complex, and noisescale measures real parameters only (its "
-        f"per-example and batch norms are written for real gradients); {fix}"
+        "per-example and batch norms are written for real gradients); hold each as a real "
+        "tensor of its real and imaginary parts (nn.Parameter(torch.view_as_real(w))) and make "
+        "it complex in the forward with torch.view_as_complex — measured exactly, per "
+        f"example too —, or freeze them (requires_grad=False) to measure the {what} of the "
+        "real parameters"
     )
 
 
@@ -846,6 +839,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._product_hooks: dict[nn.Module, tuple[int, int, int]] = {}
         # per fallback module, its tensor arguments' versions when its forward began
         self._fallback_versions: dict[nn.Module, list[tuple[Tensor, int]]] = {}
+        # device flags of the fallback's re-runs (fallback.rule), moved to their pass's
+        # unread_picks by _on_call_grad
+        self._fallback_unread: list[tuple[str, str, Tensor]] = []
         self.steps_collected = 0
         self._audit_due = True
         self._marking: tuple[int | None, list[PassNorms]] = (None, [])  # _mark_backward
@@ -1985,7 +1981,13 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 return
             self._mark_backward(pass_)
             self._enter(pass_)
-            if batched and pass_.audit is not None and not torch.is_grad_enabled():
+            if torch.is_grad_enabled():
+                # create_graph=True through the model's output: seen here also where no layer's
+                # hook sees it (weights read directly before the engine follows them: a PINN's
+                # x @ l1.weight.T, blamed on clipping until 2026-12-06, a hunt); micro-batch
+                # norms (per_example=False) take it exactly
+                pass_.second_order = pass_.second_order or self.per_example
+            elif batched and pass_.audit is not None:
                 try:
                     pass_.audit.on_root(output_nr, grad)
                 except RuntimeError as err:
@@ -3373,6 +3375,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                     rows = (rows[:, None] * call.flat + ks).reshape(-1)
                 saved = rule.select(call.module, saved, rows)  # type: ignore[misc]
             facs = rule.factors(call.module, saved, grads)
+            pass_.unread_picks += self._fallback_unread
+            self._fallback_unread = []
             if call.flat:
                 facs = {name: fold_rows(f, call.flat) for name, f in facs.items()}
         else:
@@ -4019,6 +4023,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._grad_only_tasks.clear()
         self._task_pass.clear()
         self._fallback_versions.clear()
+        self._fallback_unread = []
         self._hook_changed, self._between = [], None
         self._between_checked.clear()
         self._unzeroed = []
@@ -4253,6 +4258,12 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 )
             if takes_second_order(pass_, wrote):
                 raise NoiseScaleInputError(SECOND_ORDER)
+            if pass_.repeated_backward and pass_.grad_only and not pass_.wrote and wrote:
+                # (torch.autograd.grad alone ran through it, twice — two loss terms' gradients
+                # taken apart to weigh them, PINNs' learning-rate annealing —, beside a backward
+                # that wrote .grad: no part of the step, as above; refused as two backwards
+                # until 2026-12-06, a hunt)
+                continue
             if pass_.repeated_backward and pass_.grad_only and pass_.wrote:
                 # (a hunt, 2026-12-06: a gradient only read — the cosine between two tasks'
                 # gradients — was refused as a sum of two backwards, paused() unmentioned)
@@ -4288,10 +4299,13 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         compiled_step = any(p.compiled or p.compiled_call for p in done)
         self._seen_compiled = self._seen_compiled or compiled_step
         # (by value on the audits' steps, in every mode — they read values back anyway —, the
-        # passes a backward that wrote .grad ran through)
+        # passes a backward that wrote .grad ran through; the same tensor, those of the step's
+        # training backwards: where one wrote .grad, not a forward whose gradients only
+        # torch.autograd.grad took — SAM's ascent on the batch itself, refused as the same
+        # examples twice until 2026-12-06, a hunt)
         audited = self._audit_due or any(p.audit is not None for p in done)
         _refuse_same_input_twice(
-            [p for p in done if p.tasks & trained and not p.idle],
+            [p for p in done if p.tasks & (wrote or trained) and not p.idle],
             by_value=[p for p in done if p.tasks & wrote and not p.idle] if audited else (),
         )
         _refuse_fed_by_its_own_output([p for p in done if p.tasks & trained])

@@ -13,7 +13,13 @@ the engine measures that module with this fallback from the next step on:
   each example's gradient is a vector–Jacobian product with the output gradient restricted to that
   example (batched over the examples, ``is_grads_batched``).
 
-The forward's autocast state (bfloat16/float16) is replayed in both cases. Assumptions: dim 0 of
+The forward's autocast state (bfloat16/float16) is replayed in both cases. Either way the re-run
+must be the forward again: its output is compared with the forward's (kept), and the inputs it
+reads must not have changed since the call (their versions); otherwise the module is refused
+(:func:`impure_message`) — randomness drawn outside torch (numpy, Python's ``random``), state
+that changes between calls, an input changed in place after the call gave the per-example norms
+of another forward without a word until 2026-12-06 (a hunt). The re-run leaves numpy's and
+Python's global random states as it found them. Assumptions: dim 0 of
 every tensor argument and of the output is the example dimension, and only the module's main
 output carries the gradient — its first floating-point tensor with one (:func:`main_leaf`; nested
 outputs included: a tuple's first element, a ``transformers`` ``ModelOutput``'s ``logits``) —
@@ -23,17 +29,20 @@ other outputs that pass a gradient on are refused, by their path.
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from noisescale.errors import UnsupportedModuleError
+from noisescale.per_example import graph
 from noisescale.per_example.factors import DenseFactor, Factor
 from noisescale.per_example.registry import LayerRule
 
@@ -71,6 +80,8 @@ class Saved:
     rows: Tensor | None = None
     main: str | None = None  # the spine of the output leaf differentiated (main_leaf)
     main_path: str = ""  # (its path, for messages)
+    out: Tensor | None = None  # the forward's main output (a copy), which the re-run must give
+    versions: list[tuple[Tensor, int]] = field(default_factory=list)  # the inputs' at its end
 
     def map(self, fn: Callable[[Any], Any]) -> Saved:
         """``fn`` applied to every leaf of the arguments, nested ones included (a tuple of
@@ -187,12 +198,7 @@ def pre_hook(engine: PerExampleNorms) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if engine._active():
             engine._fallback_rng[module] = _rng_states()
-            # (an inference-mode tensor has no version: it cannot be changed in place here)
-            engine._fallback_versions[module] = [
-                (leaf, leaf._version)
-                for leaf in tree_flatten((args, kwargs))[0]
-                if isinstance(leaf, Tensor) and not leaf.is_inference()
-            ]
+            engine._fallback_versions[module] = _versions((args, kwargs))
 
     return hook
 
@@ -256,6 +262,9 @@ def rule(engine: PerExampleNorms) -> LayerRule:
             before if drew else None,
             main=None if main is None else leaves[main][1],
             main_path="" if main is None else leaves[main][0],
+            # (a copy: the caller may change the output in place, which autograd allows)
+            out=main_tensor.detach().clone() if isinstance(main_tensor, Tensor) else None,
+            versions=_versions((detached, kwargs)),
         )
 
     def select(module: nn.Module, saved: Saved, rows: Tensor) -> Saved:
@@ -273,14 +282,29 @@ def rule(engine: PerExampleNorms) -> LayerRule:
             if saved.rng is not None
             else [tuple(leaf.shape) for leaf in leaves if _is_batched(leaf, d.shape[0])]
         )
+        if any(t._version != v for t, v in saved.versions):
+            raise UnsupportedModuleError(impure_message(label, _INPUT_CHANGED))
         engine._recomputing = True
+        states = _outside_rng_states()
         try:
             if saved.rng is not None:
-                grads_pe = _recompute_batch(module, saved, d, label)
+                grads_pe, out = _recompute_batch(module, saved, d, label)
             else:
-                grads_pe = _per_example_vmap(module, saved, d, label)
+                grads_pe, out = _per_example_vmap(module, saved, d, label)
         finally:
             engine._recomputing = False
+            _restore_outside_rng_states(states)
+        if (
+            saved.out is not None
+            and out is not None
+            and (out.is_floating_point() or out.is_complex())
+        ):
+            differs = _differs(out, saved.out, saved.rows)
+            if graph._host_reads_indices(differs):  # (tests patch it: the device path)
+                if bool(differs):
+                    raise UnsupportedModuleError(impure_message(label, _RERUN_DIFFERS))
+            else:  # (on an accelerator: read with the step's statistics, no wait here)
+                engine._fallback_unread.append(("", impure_message(label, _RERUN_DIFFERS), differs))
         return {k: DenseFactor(v) for k, v in grads_pe.items()}
 
     return LayerRule(
@@ -305,10 +329,71 @@ def _autocast(saved: Saved) -> ExitStack:
     return stack
 
 
-def _per_example_vmap(module: nn.Module, saved: Saved, d: Tensor, name: str) -> dict[str, Tensor]:
+def _versions(tree: Any) -> list[tuple[Tensor, int]]:
+    """The version of every tensor in ``tree`` (an inference-mode tensor has none: it cannot
+    be changed in place)."""
+    return [
+        (leaf, leaf._version)
+        for leaf in tree_flatten(tree)[0]
+        if isinstance(leaf, Tensor) and not leaf.is_inference()
+    ]
+
+
+def _outside_rng_states() -> tuple[Any, Any]:
+    """numpy's and Python's global random states, which a re-run that draws from them would
+    move on: the training loop's draws would change with measuring."""
+    return np.random.get_state(), random.getstate()
+
+
+def _restore_outside_rng_states(states: tuple[Any, Any]) -> None:
+    np.random.set_state(states[0])
+    random.setstate(states[1])
+
+
+def _differs(out: Tensor, forward: Tensor, rows: Tensor | None) -> Tensor:
+    """A device bool: whether the re-run's output ``out`` (one row per example, ``rows`` of the
+    forward's) is not the forward's, beyond rounding: per example, each element within
+    1024 ulps of the example's largest (a quarter of it in 16 bits, where the per-example and
+    batched kernels round differently)."""
+    if rows is not None:
+        forward = forward.index_select(0, rows)
+    if out.numel() != forward.numel():
+        return torch.ones((), dtype=torch.bool, device=out.device)
+    dtype = torch.promote_types(forward.dtype, torch.float32)
+    a = out.detach().reshape(forward.shape).to(dtype).flatten(1)
+    b = forward.to(dtype).flatten(1)
+    tol = min(1024 * torch.finfo(forward.dtype).eps, 0.25)
+    scale = b.abs().amax(1, keepdim=True) if b.shape[1] else b.new_zeros(b.shape[0], 1)
+    return ((a - b).abs() > tol * scale).any() | (a.isnan() != b.isnan()).any()
+
+
+def impure_message(label: str, seen: str) -> str:
+    """Why a fallback module whose re-run is not its forward is refused (``seen``: what showed
+    it)."""
+    return (
+        f"module '{label}' uses its parameters in operations without a per-example rule; the "
+        "torch.func fallback that measures such a module re-runs its forward in the backward, "
+        f"and {seen}: the module's forward is not a function of its inputs and parameters "
+        "(random numbers drawn with numpy or Python's random, state changed between calls — "
+        "a counter, a running statistic —, an input changed in place after the call, "
+        "h += f(h)), so the per-example gradients would be another forward's. Draw random "
+        "numbers with torch (torch.randn, dropout: the fallback replays torch's generators), "
+        "keep the state fixed during a step, write h = h + f(h), register a rule for the "
+        "module (noisescale.register_layer), or use per_example=False"
+    )
+
+
+#: what :func:`impure_message` names as seen
+_RERUN_DIFFERS = "the re-run gave another output than the forward"
+_INPUT_CHANGED = "an input of the call was changed in place after it, which the re-run would read"
+
+
+def _per_example_vmap(
+    module: nn.Module, saved: Saved, d: Tensor, name: str
+) -> tuple[dict[str, Tensor], Tensor | None]:
     params = {n: p.detach() for n, p in fallback_params(module).items()}
     if not params:
-        return {}
+        return {}, None
     n = d.shape[0]
     if saved.rows is not None:
         saved = saved.map(lambda a: a.index_select(0, saved.rows) if _is_batched(a, n) else a)
@@ -320,7 +405,7 @@ def _per_example_vmap(module: nn.Module, saved: Saved, d: Tensor, name: str) -> 
     batched = [_is_batched(leaf, n) for leaf in leaves]
     split = tuple(leaf for leaf, b in zip(leaves, batched, strict=True) if b)
 
-    def one_example(rows: tuple[Tensor, ...], grad: Tensor) -> dict[str, Tensor]:
+    def one_example(rows: tuple[Tensor, ...], grad: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         it = iter(rows)
         full = [
             next(it).unsqueeze(0) if b else leaf for leaf, b in zip(leaves, batched, strict=True)
@@ -331,11 +416,11 @@ def _per_example_vmap(module: nn.Module, saved: Saved, d: Tensor, name: str) -> 
             return main_output(functional_call(module, p, args, kw), saved, name)
 
         out, pullback = vjp(f, params)
-        return pullback(grad.unsqueeze(0).to(out.dtype))[0]
+        return pullback(grad.unsqueeze(0).to(out.dtype))[0], out
 
     try:
         with _autocast(saved):
-            grads = vmap(one_example, in_dims=(0, 0))(split, d)
+            grads, outs = vmap(one_example, in_dims=(0, 0))(split, d)
     except UnsupportedModuleError:
         raise  # (the output's structure, above: its own message)
     except Exception as err:  # torch raises many types here; name the module in one clear error
@@ -345,15 +430,18 @@ def _per_example_vmap(module: nn.Module, saved: Saved, d: Tensor, name: str) -> 
             f"({type(err).__name__}: {err}). Register a rule for it "
             "(noisescale.register_layer) or use per_example=False"
         ) from err
-    return {k: v.detach() for k, v in grads.items()}
+    return {k: v.detach() for k, v in grads.items()}, outs
 
 
-def _recompute_batch(module: nn.Module, saved: Saved, d: Tensor, name: str) -> dict[str, Tensor]:
+def _recompute_batch(
+    module: nn.Module, saved: Saved, d: Tensor, name: str
+) -> tuple[dict[str, Tensor], Tensor | None]:
     """Per-example gradients of a module that draws random numbers: one batch recompute with the
-    generators restored, then a batched vector–Jacobian product per example."""
+    generators restored, then a batched vector–Jacobian product per example (and the
+    recomputed output's rows)."""
     params = {n: p.detach().requires_grad_(True) for n, p in fallback_params(module).items()}
     if not params:
-        return {}
+        return {}, None
     n = d.shape[0]
     rows = saved.rows if saved.rows is not None else torch.arange(n, device=d.device)
     assert saved.rng is not None
@@ -379,10 +467,11 @@ def _recompute_batch(module: nn.Module, saved: Saved, d: Tensor, name: str) -> d
             f"module '{name}' ({type(module).__name__}): the torch.func fallback could not "
             f"recompute its random forward ({type(err).__name__}: {err}); use per_example=False"
         ) from err
-    return {
+    grads = {
         nm: (g if g is not None else torch.zeros(k, *params[nm].shape, device=d.device)).detach()
         for nm, g in zip(names, got, strict=True)
     }
+    return grads, out.detach().index_select(0, rows)
 
 
 def scalar_output_message(label: str) -> str:

@@ -61,7 +61,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from noisescale.per_example import scaler_watch
 from noisescale.per_example.graph import reaches_pass
-from noisescale.per_example.messages import ROWS_UNPROVEN, SIZES_COINCIDE
+from noisescale.per_example.messages import RAN_ALONG, ROWS_UNPROVEN, SIZES_COINCIDE
 from noisescale.per_example.shared import flatten
 from noisescale.per_example.values import _time_major
 
@@ -2347,7 +2347,7 @@ def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: l
     if name in ("topk", "sort", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"):
         s = named["dim"] % t.dim() if named.get("dim") is not None else t.dim() - 1
         if s == d:
-            return _mixed(func, "ran along the examples")
+            return _mixed(func, RAN_ALONG)
         return [keep(d) for _ in outs] if len(outs) > 1 else keep(d)
     if name in ("native_layer_norm", "native_group_norm", "native_dropout"):
         if name == "native_layer_norm" and d >= t.dim() - len(named["normalized_shape"]):

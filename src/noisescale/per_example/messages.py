@@ -381,6 +381,25 @@ def _ambiguous_message(pass_: PassNorms) -> str:
             "examples' but a size that equals the batch's by coincidence, use another batch "
             "size.)"
         )
+    if kind == "output":
+        return (
+            f"the model's output of shape {list(shared)}, computed through {labels}, whose "
+            "rows noisescale did not take for the examples', met the batch after the forward "
+            f"returned (in the loss), in the operation '{op}', only through tensors not "
+            f"computed from the model's outputs with the batch's size ({n}) in dim 0, such as "
+            f"{list(other)}: targets, labels, or constants. The examples reached it in a "
+            "layout noisescale did not follow — their rows flattened together and put back by "
+            "an index (a batch of graphs' or particle systems' nodes: h[src], index_add), "
+            "one example at a time in a Python loop joined by torch.cat (cat([f(x[i:i+1]) "
+            "for i in range(N)])), the batch transposed into columns for a product or a solve "
+            "(torch.linalg.solve(M, z.T).T) —, or it is a table the model returns, computed "
+            "from parameters, whose size equals the batch's by coincidence; noisescale cannot "
+            "tell which row is which example's (a loss computed inside the forward is refused "
+            "alike). Keep the examples along dim 0 through the model (a batched torch.bmm in "
+            "place of a loop over the examples), register a rule for the module that computes "
+            "it (noisescale.register_layer), or use per_example=False (a table: combine it "
+            "with the model's per-example outputs first)"
+        )
     if kind == "loss":
         return (
             f"a tensor computed from {labels} alone, of shape {list(shared)}, met the batch "
@@ -426,6 +445,11 @@ ROWS_UNPROVEN = (
 )
 
 
+# (an operation that ordered the examples by value — topk, sort — or accumulated along them:
+# _coupled_message names the detached-index form of a selection by the losses)
+RAN_ALONG = "ran along the examples"
+
+
 def _coupled_message(pass_: PassNorms) -> str:
     if ROWS_UNPROVEN in (pass_.coupled or ""):
         return (
@@ -447,6 +471,19 @@ def _coupled_message(pass_: PassNorms) -> str:
             "examples. A batch of another size tells: if it is measured, that was the cause — "
             "keep dim 0 of the model's outputs the examples (torch.stack(..., dim=1)) to "
             "measure any batch size; otherwise use per_example=False"
+        )
+    if any(f"'aten.{op}' {RAN_ALONG}" in (pass_.coupled or "") for op in ("topk", "sort")):
+        # (until 2026-12-06 led as a loss combining the examples, the detached-index form of
+        # the same gradient unnamed: hard-example mining, a hunt)
+        return (
+            f"noisescale does not follow the loss through values ordered along the examples: "
+            f"{pass_.coupled}, and the backward started from the result. A selection of the "
+            "examples by their losses — hard-example mining, pe.topk(K).values.sum() / N, "
+            "pe.sort(descending=True)[0][:K] — has the gradient of the selected examples' "
+            "terms: pick them with a detached index, pe[pe.detach().topk(K).indices].sum() / N "
+            "(the same gradient, measured exactly). A loss that combines the examples by their "
+            "order (a ranking loss over the batch) has no per-example gradients: use "
+            "per_example=False"
         )
     return (
         "the loss combines the examples, so they have no per-example gradients for noisescale "

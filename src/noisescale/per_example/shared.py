@@ -315,9 +315,14 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
             shared = next(t for t in flat if isinstance(t, SharedTensor))
             other = batched[0] if batched else result
             shape = tuple(other.shape) if isinstance(other, Tensor) else ()
-            engine.record_ambiguous(
-                pass_, origin, _name(func), (tuple(shared.shape), shape), "loss"
-            )
+            # (the model's output, or computed from it, through a layer called on something:
+            # its rows came from the batch in a layout the engine did not follow, most likely
+            # — a particle simulator's flattened nodes, a loop over the examples joined by
+            # cat, a solve on the batch's transpose —, not from parameters alone, as the
+            # message said until 2026-12-06, sending the loss inside the forward, a hunt)
+            through_layers = any(s.call is not None for s in origin.sources)
+            kind = "output" if through_layers and _from_outputs(shared, pass_) else "loss"
+            engine.record_ambiguous(pass_, origin, _name(func), (tuple(shared.shape), shape), kind)
         return result
     return _meet(func, args, kwargs, flat, origin, pass_, n, dim, batched)
 
