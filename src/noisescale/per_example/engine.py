@@ -109,6 +109,7 @@ from noisescale.per_example.graph import (
     _flattened_input,
     _float16_in_use,
     _MirroredCheckpoint,
+    _mixed_pick,
     _rebasable_base,
     _reshaped_base,
     _routed_by_index,
@@ -122,6 +123,7 @@ from noisescale.per_example.messages import (
     _flattened_hint,
     _reentrant_checkpointing,
     forward_ad_message,
+    mixed_pick_message,
     nested_message,
     new_parameters_message,
     sparse_grad_message,
@@ -1847,6 +1849,13 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             # pass is audited as a structure never seen (eager forwards: a compiled one
             # makes its graph's nodes, which Dynamo's guards tie to its structure)
             pass_.nodes = _sequence_nr() - pass_.nodes_at
+        if self.per_example and not (pass_.skipped or pass_.compiled or pass_.compiled_call):
+            # (rows picked along the examples that meet no layer after: (u - v[idx]).pow(2))
+            for out in _tensors(output):
+                if self._model_dim == 0 and out.dim() > 0 and out.shape[0] == pass_.batch_size:
+                    self._refuse_mixed_pick(
+                        pass_, out, pass_.batch_size, "the model's output", alone=True
+                    )
         pass_.returned = True
         # The replay's roots, by gradient edge: the model's outputs; the tensor an output was
         # cast from (accelerate's convert_outputs_to_fp32 for the Trainer's bf16=True casts the
@@ -2716,6 +2725,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         tensors on an accelerator are checked on the device: ``pass_.unread_picks``.)"""
         if self._is_buffer(pass_, x):
             return True
+        self._refuse_mixed_pick(pass_, x, n, f"the input of layer '{label}'")
         unread: list[tuple[str, Tensor]] = []
         if _selected_rows(x, n, unread) is not None:
             return True
@@ -2727,6 +2737,22 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 return True
             pass_.assembled.setdefault(label, how)
         return False
+
+    def _refuse_mixed_pick(
+        self, pass_: PassNorms, x: Tensor, n: int, where: str, alone: bool = False
+    ) -> None:
+        """Refuse ``x`` (``where``) where rows picked along the examples by an index not them
+        in order meet other rows of the batch (:func:`_mixed_pick`; ``alone``: or meet none,
+        an example's row taken twice) — on every step: the audit proves an index for its own
+        step's data only. On an accelerator the comparison is read with the step's
+        statistics (``pass_.unread_picks``, a whole cause)."""
+        unread: list[tuple[str, Tensor]] = []
+        how = _mixed_pick(x, n, unread, alone)
+        if how is not None:
+            raise UnsupportedModuleError(
+                f"{mixed_pick_message(where, how)}. Nothing of this step was recorded"
+            )
+        pass_.unread_picks += [("", mixed_pick_message(where, h), f) for h, f in unread]
 
     def _note_rows(
         self,
@@ -2776,6 +2802,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         a stack, a cat or an index_add make the pass audited every step
         (:func:`_assembled_rows`), as a layer's input does (:meth:`_rows_not_examples`)."""
         labels = sorted({s.label for s in origin.sources})
+        self._refuse_mixed_pick(pass_, x, n, f"'{op}' of parameters {labels}, used directly,")
         unread: list[tuple[str, Tensor]] = []
         picked = _selected_rows(x, n, unread)
         if picked is not None:

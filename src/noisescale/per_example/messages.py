@@ -604,3 +604,15 @@ def sparse_grad_message(param: str) -> str:
         "gradients too): look it up with sparse=False (nn.Embedding(..., sparse=True) is "
         "refused by name when the tracker is made)"
     )
+
+
+def mixed_pick_message(where: str, how: str) -> str:
+    """Why a step whose ``where`` (a layer's input, the model's output) holds ``how``, rows
+    picked along the examples by an index not them in order (graph._mixed_pick), is refused."""
+    return (
+        f"{where} holds {how} (u - v[idx], cat([u, v[idx]], 1), torch.where(c, v, v[idx]), "
+        "a mixup h·λ + h[perm]·(1 − λ)): the forward mixes examples — an example's result "
+        "reads another example's row, so its gradient is not its own, and which example's "
+        "changes with the data. Compute each example's result from its own rows (a positive "
+        "or a context taken from the examples in order), or measure with per_example=False"
+    )
