@@ -806,6 +806,10 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._checkpointing_layers: dict[nn.Module, list[nn.Module]] = {}
         self._fallback: set[nn.Module] = set()  # owner modules measured by torch.func
         self._learned_shared: set[nn.Module] = set()  # layers whose input proved to be shared
+        # layers' calls in the loss code (by their order in the pass) on rows of another count
+        # than the batch's, not computed from the model (sampled negatives):
+        # _check_loss_code_rows
+        self._loss_code_shared: set[tuple[nn.Module, int]] = set()
         #: lookups into parameters used directly that the audit found to be by positions
         #: (keys from :func:`~noisescale.per_example.shared._lookup_key`)
         self.learned_shared_lookups: set[tuple] = set()
@@ -2224,6 +2228,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                     if n >= 2 and self.pairs is None
                     else None
                 )
+        if single and pass_.returned and self._loss_watch.forward_pass is None:
+            self._check_loss_code_rows(pass_, module, label, args[0], size)
         if size == n or module in self._learned_shared:
             flat = 0
         elif rule.native_layout:
@@ -2737,6 +2743,39 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 return True
             pass_.assembled.setdefault(label, how)
         return False
+
+    def _check_loss_code_rows(
+        self, pass_: PassNorms, module: nn.Module, label: str, x: Tensor, size: Any
+    ) -> None:
+        """A layer of the model called in the loss code, after the forward returned, on rows
+        not computed from anything (no history: sampled negatives, ids) and not the model's
+        own input: once seen with a count other than the batch's (rows shared by every
+        example, measured as a shared call), a later call with the batch's count is refused
+        on every step — its rows would be taken for the examples. The loss watch, which
+        follows what the loss does with them, runs after audited forwards only: until
+        2026-12-06 a two-tower model's negatives scored by ``u @ tower(negs).T`` with K = N
+        on an unaudited step were measured as the examples' own rows, +2–19% without a word
+        (a hunt)."""
+        if x.grad_fn is not None or x.dim() == 0:
+            return
+        calls = pass_.loss_code_calls
+        call = (module, calls.get(module, 0))  # (the items' call and the negatives' apart)
+        calls[module] = call[1] + 1
+        if size != pass_.batch_size:
+            self._loss_code_shared.add(call)
+            return
+        inputs = [] if pass_.inputs is None else _flat_values(*pass_.inputs)
+        if call not in self._loss_code_shared or any(x is t for t in inputs):
+            return
+        raise UnsupportedModuleError(
+            f"layer '{label}' of the model was called in the loss code, after the forward "
+            f"returned, on {size} rows not passed to the model's forward — as many as the "
+            "batch's examples, while other steps called it on another count (rows shared by "
+            "every example, as sampled negatives): noisescale would take each row for one "
+            "example's. Call the layer inside the model's forward (pass the negatives to it), "
+            "or draw a count of negatives other than the batch size, or measure with "
+            "per_example=False. Nothing of this step was recorded"
+        )
 
     def _refuse_mixed_pick(
         self, pass_: PassNorms, x: Tensor, n: int, where: str, alone: bool = False
