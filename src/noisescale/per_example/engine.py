@@ -2733,7 +2733,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             return True
         self._refuse_mixed_pick(pass_, x, n, f"the input of layer '{label}'")
         unread: list[tuple[str, Tensor]] = []
-        if _selected_rows(x, n, unread) is not None:
+        picked = _selected_rows(x, n, unread)
+        if picked is not None:
+            pass_.picked_input = pass_.picked_input or (label, picked)
             return True
         how = self._note_rows(pass_, x, n, label, unread)
         if how is not None:

@@ -381,6 +381,20 @@ def _ambiguous_message(pass_: PassNorms) -> str:
             "examples' but a size that equals the batch's by coincidence, use another batch "
             "size.)"
         )
+    picked = pass_.picked_input
+    if kind == "loss" and picked is not None and picked[0] in labels:
+        # (a batch reordered inside the forward and put back, a(x[order]) … c(h[inv]): until
+        # 2026-12-06 refused naming targets and constants, a hunt)
+        return (
+            f"the input rows of layer '{picked[0]}' ({picked[1]}) were picked inside "
+            "the model's forward, so noisescale took that layer for one shared by every "
+            f"example, and its output ({labels}, of shape {list(shared)}) met the batch in the "
+            f"loss in the operation '{op}'. If the forward reorders its input (x[order], "
+            "sorted by a key) and puts the rows back (h[order.argsort()]), sort the batch "
+            "outside the model — pass it, and its targets, in the sorted order — so that each "
+            "layer's rows are the examples in order; otherwise pick one row per example in "
+            "order (h[torch.arange(N), t]), or use per_example=False"
+        )
     if kind == "loss":
         return (
             f"a tensor computed from {labels} alone, of shape {list(shared)}, met the batch "
