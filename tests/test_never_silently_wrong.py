@@ -2816,6 +2816,55 @@ def test_rows_picked_by_the_data_and_met_on_an_accelerator_are_refused_when_read
     assert [r["step"] for r in tracker.history] == [1, 2, 3, 4]
 
 
+class _Dedup(nn.Module):
+    """Item ids deduplicated before the lookup: ``emb(uniq)[inv]``, met with the user's rows
+    or alone before a head."""
+
+    def __init__(self, alone: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.u, self.emb, self.top = nn.Linear(4, 4), nn.Embedding(9, 4), nn.Linear(4, 1)
+        self.alone = alone
+
+    def forward(self, x, item):
+        uniq, inv = torch.unique(item, return_inverse=True)
+        v = self.emb(uniq)[inv]
+        if self.alone:
+            return self.top(v).squeeze(1) ** 2 + self.u(x).pow(2).sum(1)
+        return ((self.u(x) - v) ** 2).sum(1)
+
+
+@pytest.mark.usefixtures("float64_default")
+@pytest.mark.parametrize("alone", [False], ids=["met"])
+def test_ids_deduplicated_before_a_lookup_are_named_where_refused(alone):
+    """A hunt (2026-12-06): with fewer unique ids than examples the lookup is a shared call,
+    exact; with as many (U = N) its rows are taken for the examples' and the step is refused —
+    the message named a batch sorted inside the forward (enforce_sorted=False) or examples
+    mixed. It names the deduplication and the fix, emb(ids), now. (Alone before a head,
+    ``top(emb(uniq)[inv])``, the audit's refusal still names the rows of 'emb' generically.)"""
+    model = _Dedup(alone)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 4, generator=g)
+    repeated = torch.tensor([3, 1, 3, 5, 1, 1])
+    params = list(model.parameters())
+    want = torch.stack(
+        [
+            sum(
+                q.pow(2).sum()
+                for q in torch.autograd.grad(model(x, repeated)[i], params, allow_unused=True)
+                if q is not None
+            )
+            for i in range(6)
+        ]
+    )
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        model(x, repeated).sum().backward()
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+    with pytest.raises(UnsupportedModuleError, match=r"ids\.unique\(return_inverse=True\)"):
+        with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
+            model(x, torch.tensor([8, 2, 0, 5, 1, 4])).sum().backward()
+
+
 class Rollout(nn.Module):
     """A rollout as one module: the model applied to its own output ``k`` times, the states
     stacked batch-first, [N, k, D]."""

@@ -623,6 +623,21 @@ def _rows_met(node: Any, ndim: int, n: int, budget: int = 16) -> list[Any]:
     return found
 
 
+def _dedup_hint(node: Any) -> str:
+    """For a pick ``node`` of an embedding's lookup (``emb(uniq)[inv]``): the deduplicated ids
+    named, and the fix — until 2026-12-06 such a step, U = N unique ids, was refused saying only
+    that the batch was sorted or its examples mixed (a hunt); else ""."""
+    source = node.next_functions[0][0] if node.next_functions else None
+    if type(source).__name__ not in ("EmbeddingBackward0", "EmbeddingBagBackward0"):
+        return ""
+    return (
+        "; of an embedding's rows looked up for ids deduplicated first — uniq, inv = "
+        "ids.unique(return_inverse=True), emb(uniq)[inv]: with as many unique ids as "
+        "examples the lookup's rows are taken for the examples, not the ids'. Look the rows up "
+        "per example, emb(ids)"
+    )
+
+
 def _mixed_pick(
     x: Tensor | None, n: int, unread: list[tuple[str, Tensor]] | None, alone: bool = False
 ) -> str | None:
@@ -665,7 +680,8 @@ def _mixed_pick(
             continue
         if not sizes or sizes[0] != n or index.shape[0] != n:
             continue
-        how = f"rows picked along the examples by an index that is not them in order ({spelled})"
+        how = f"rows picked along the examples by an index that is not them in order ({spelled}"
+        how += f"{_dedup_hint(node)})"
         how += (
             ", met row by row with other rows of the batch"
             if len(met) > 1
@@ -725,7 +741,8 @@ def _picked_at(node: Any, n: int, unread: list[tuple[str, Tensor]] | None) -> st
             # along the examples' own dimension: the examples only in order, h[arange(N)] —
             # h[idx] with idx from the data ([0, 0, 1, 2]: a detection head's boxes by image)
             # took row r for example r on unaudited steps until 2026-12-06, 40% off (a hunt)
-            return _along_examples(torch.where(index < 0, index + n, index), n, unread, "h[idx]")
+            spelled = "h[idx]" + _dedup_hint(node)
+            return _along_examples(torch.where(index < 0, index + n, index), n, unread, spelled)
         # several index tensors: one along a dimension of the batch's size that is the
         # examples in order (arange) says the rows are the examples — also broadcast along
         # the others' dimensions, x[arange(N)[:, None], idx] (per-example token pruning: its
