@@ -244,9 +244,17 @@ def _input_sizes_clause(pass_: PassNorms) -> str:
     if len({size for _, size in sizes if size > 1}) < 2:  # (a [1, T] input is broadcast)
         return ""
     listed = ", ".join(f"{name} {size}" for name, size in sizes)
+    # (where the count came from: the first input, or another whose size an embedding bag's
+    # offsets gave it — until 2026-12-06 always said "from the first", a hunt: a TorchRec
+    # layout's flat ids [18] beside its offsets [10])
+    source = next((name for name, size in sizes if size == pass_.batch_size), None)
+    if source is None:
+        source = "the bags of an embedding-bag call"
+    elif source == sizes[0][0]:
+        source = f"the first, {source}"
     return (
         f" The model's inputs disagree on their leading size ({listed}); noisescale took "
-        f"{pass_.batch_size}, from the first, for the number of examples. A model whose "
+        f"{pass_.batch_size}, from {source}, for the number of examples. A model whose "
         "examples have several rows in one input and one in another (several text queries "
         "per image) is not measured per example: use per_example=False."
     )
