@@ -660,7 +660,6 @@ def _mixed_pick(
     met = _rows_met(x.grad_fn, x.dim(), n)
     if len(met) < 2 and not alone:
         return None
-    found: list[tuple[str, Tensor]] = []
     for node in met:
         kind = type(node).__name__
         if kind == "IndexBackward0":
@@ -687,6 +686,7 @@ def _mixed_pick(
             if len(met) > 1
             else ", some example's row taken twice"
         )
+        found: list[tuple[str, Tensor]] = []  # (this pick's device flag, spelled as how)
         if _along_examples(index, n, found, spelled, reorders=len(met) > 1) is not None:
             return how
         if unread is not None:
