@@ -702,3 +702,60 @@ def test_a_cell_on_flattened_slots_from_a_zero_state_is_exact(kind):
     model = _CellZeroState(kind)
     x = torch.randn(N, T, D, generator=torch.Generator().manual_seed(1))
     assert_exact_both_modes(model, lambda: model(x).pow(2).sum(1), N)
+
+
+class _SortedInput(nn.Module):
+    """The model's input sorted by a key inside the forward, a layer run on it, the rows put
+    back before the head: ``c(a(x[order]).tanh()[inv])``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Linear(D, 8), nn.Linear(8, 1)
+
+    def forward(self, x, key):
+        order = key.argsort()
+        return self.c(torch.tanh(self.a(x[order]))[order.argsort()]).squeeze(1)
+
+
+@pytest.mark.usefixtures("float64_default")
+def test_an_input_sorted_inside_the_forward_and_put_back_names_the_sort():
+    """A hunt (2026-12-06): refused on its first sorted step — rightly, the first layer's
+    rows are the sorted examples — naming targets, labels or constants met in the loss. The
+    message names the reordered layer input and the fix (sort the batch outside the model);
+    in order (key = arange) it is exact."""
+    torch.manual_seed(0)
+    model = _SortedInput()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, D, generator=g), torch.randn(N, generator=g)
+    params = list(model.parameters())
+
+    def loss(key, i=None):
+        out = model(x, key) if i is None else model(x[i : i + 1], key[i : i + 1])
+        target = y if i is None else y[i : i + 1]
+        return ((out - target) ** 2).mean()
+
+    in_order = torch.arange(N).double()
+    with noisescale.per_example_sqnorms(model, loss_reduction="mean") as pe:
+        loss(in_order).backward()
+    want = torch.stack(
+        [
+            sum(q.pow(2).sum() for q in torch.autograd.grad(loss(in_order, i), params))
+            for i in range(N)
+        ]
+    )
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+    key = torch.randn(N, generator=g)
+    with pytest.raises(UnsupportedModuleError, match=r"layer 'c' .*sort the batch outside"):
+        with noisescale.per_example_sqnorms(model, loss_reduction="mean"):
+            loss(key).backward()
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+    try:
+        with pytest.raises(UnsupportedModuleError, match=r"layer 'c' .*sort the batch outside"):
+            for k in (in_order, in_order, key):
+                model.zero_grad()
+                step_loss = loss(k)
+                step_loss.backward()
+                tracker.step(loss=step_loss)
+    finally:
+        tracker.remove()
+    assert len(tracker.history) == 2

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import noisescale
+from noisescale.errors import UnsupportedModuleError
 from test_subbatch import assert_exact_both_modes, train_tracked
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -243,3 +245,64 @@ def test_learned_per_sample_weights_are_refused_by_name(form, mode):
             tracker.step()
             model.zero_grad()
         assert len(tracker.history) == 2
+
+
+class _BagNegatives(nn.Module):
+    """An item table of bags: the examples' positives (N bags) and K = 3 negatives' bags
+    shared by every example, scored u @ vnᵀ (2-D bags, or flat indices with offsets)."""
+
+    def __init__(self, mode: str, offsets: bool):
+        super().__init__()
+        self.user, self.items = nn.Linear(3, 4), nn.EmbeddingBag(ROWS, 4, mode=mode)
+        self.offsets = offsets
+
+    def forward(self, x, pos, neg):
+        def bags(ids):
+            if not self.offsets:
+                return self.items(ids)
+            return self.items(ids.flatten(), torch.arange(0, ids.numel(), ids.shape[1]))
+
+        u, vp, vn = self.user(x), bags(pos), bags(neg)
+        return -F.logsigmoid((u * vp).sum(1)) - F.logsigmoid(-(u @ vn.T)).sum(1)
+
+
+@pytest.mark.parametrize("offsets", [False, True], ids=["2-D bags", "offsets"])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_an_embedding_bag_called_on_negatives_shared_by_every_example_is_exact(mode, offsets):
+    """A hunt (2026-12-06): nn.EmbeddingBag called on K ≠ N bags shared by every example (the
+    negatives' feature bags) crashed in its rule's backward (a size mismatch: the shared call's
+    saved bags are [N, K, L], each example's K bags) where nn.Embedding in the same role is
+    exact. Exact now, one-shot, in the sub-batch norms and under the tracker."""
+    torch.manual_seed(0)
+    model = _BagNegatives(mode, offsets)
+    g = torch.Generator().manual_seed(1)
+    x, pos = torch.randn(N, 3, generator=g), torch.randint(0, ROWS, (N, 2), generator=g)
+    neg = torch.randint(0, ROWS, (3, 2), generator=g)
+    assert_exact_both_modes(model, lambda: model(x, pos, neg), N)
+    tracker = train_tracked(model, lambda: model(x, pos, neg).mean(), per_example_fraction=1.0)
+    assert len(tracker.history) == 6
+
+
+class _FieldMajorBags(nn.Module):
+    """One EmbeddingBag over N·F bags flattened field-major (TorchRec's layout), no dense
+    input: its count of bags, N·F, is what noisescale takes for the examples."""
+
+    def __init__(self):
+        super().__init__()
+        self.eb, self.top = nn.EmbeddingBag(ROWS, 3), nn.Linear(2 * 3, 1)
+
+    def forward(self, ids, offsets, n):
+        return self.top(self.eb(ids, offsets).view(2, n, 3).transpose(0, 1).reshape(n, 6))
+
+
+def test_the_count_taken_from_an_embedding_bag_s_offsets_is_named_where_it_came_from():
+    """A hunt (2026-12-06): the refusal said noisescale took the count of examples "from the
+    first" input while that input (the flat ids) had another size: the count came from the
+    offsets, argument 1. The message names the argument it came from."""
+    torch.manual_seed(0)
+    model = _FieldMajorBags()
+    ids = torch.randint(0, ROWS, (18,), generator=torch.Generator().manual_seed(1))
+    offsets = torch.tensor([0, 2, 3, 5, 7, 9, 11, 12, 14, 16])
+    with pytest.raises(UnsupportedModuleError, match=r"took 10, from argument 1, for the number"):
+        with noisescale.per_example_sqnorms(model):
+            model(ids, offsets, 5).pow(2).mean().backward()

@@ -2045,6 +2045,69 @@ def test_a_tower_of_the_model_called_in_the_loss_code(name):
     assert torch.allclose(got, torch.stack(want), rtol=1e-9)
 
 
+def _tower_negatives_loss(m, users, items, negs):
+    u = m(users)
+    logits = torch.cat([(u * m.item(items)).sum(-1, keepdim=True), u @ m.item(negs).T], 1)
+    return F.cross_entropy(logits, torch.zeros(len(items), dtype=torch.long), reduction="none")
+
+
+@pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}], ids=["default", "exact"])
+@pytest.mark.parametrize("k_last", [6, 4], ids=["K = N on step 5", "K = 4 throughout"])
+def test_shared_negatives_through_a_tower_in_the_loss_code_with_k_n_on_an_unaudited_step(
+    kw, k_last
+):
+    """A hunt (2026-12-06): negatives shared by every example, run through the item tower in
+    the loss code, K varying with the data — K = N on the unaudited step 5 was measured as if
+    the negatives' rows were the examples' own, +2–19% without a word (the loss watch follows
+    audited steps only). The tower's call on them, seen with K ≠ N before, is refused on every
+    step with K = N; its call on the batch's own items (N rows every step) stays measured, and
+    K = 4 throughout is exact on every step."""
+    model = _TwoTower()
+    params = list(model.parameters())
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+    g = torch.Generator().manual_seed(3)
+
+    def step(k):
+        users, items = (
+            torch.randint(0, 9, (6,), generator=g),
+            torch.randint(0, 11, (6,), generator=g),
+        )
+        negs = torch.randint(0, 11, (k,), generator=g)
+        model.zero_grad()
+        loss = _tower_negatives_loss(model, users, items, negs).mean()
+        loss.backward()
+        tracker.step(loss=loss)
+        with tracker.paused():
+            want = torch.stack(
+                [
+                    sum(
+                        g.pow(2).sum()
+                        for g in torch.autograd.grad(
+                            _tower_negatives_loss(model, users, items, negs)[i], params
+                        )
+                    )
+                    for i in range(6)
+                ]
+            ).mean()
+        got = tracker.history[-1]["sources"].get("per_example")
+        if got is not None:
+            assert got["sqnorm_small"] == pytest.approx(float(want), rel=1e-9)
+
+    try:
+        for _ in range(4):
+            step(4)
+        if k_last == 6:
+            with pytest.raises(UnsupportedModuleError, match=r"'item.0' of the model was called"):
+                step(6)
+            assert len(tracker.history) == 4
+        else:
+            step(4)
+            step(4)
+            assert len(tracker.history) == 6
+    finally:
+        tracker.remove()
+
+
 def test_a_layer_called_in_the_loss_code_on_reordered_outputs_is_refused():
     """Its rows would be read as the examples in their order: refused, naming the fix."""
     torch.manual_seed(0)

@@ -2738,15 +2738,208 @@ def test_examples_mixed_inside_the_forward_are_refused_at_the_first_step(how, kw
     warning and reported numbers from step 2 on (the reverse, ``h.flip(0)``, was refused from
     step 2 naming a wrong cause). Before learning a layer as shared the audit now re-runs the
     model with the examples permuted: the layer's input follows them, so the step is refused,
-    naming the mixing and per_example=False."""
+    naming the mixing and per_example=False. (Mixup by an index, ``h[perm]``, is refused in
+    the forward itself since 2026-12-06, naming the pick and the mixing: graph._mixed_pick.)"""
     model = BatchCoupled(how)
     x = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
     y = torch.arange(6) % 3
     tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
-    F.cross_entropy(model(x), y).backward()
-    with pytest.raises(UnsupportedModuleError, match=r"rows of 'l0' .*mixes examples"):
+    where = r"input of layer 'l1' holds rows picked" if how == "mixup" else r"rows of 'l0' "
+    with pytest.raises(UnsupportedModuleError, match=where + r".*mixes examples"):
+        F.cross_entropy(model(x), y).backward()
         tracker.step()
     assert tracker.history == []
+
+
+class TwoTowers(nn.Module):
+    """A user and an item tower whose rows meet in the forward, each example's positive the
+    item of the first example with the same label (``idx`` = arange(N) where the labels are
+    distinct)."""
+
+    def __init__(self, sink: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.u, self.v, self.emb = nn.Linear(4, 4), nn.Linear(4, 4), nn.Embedding(10, 4)
+        self.top, self.top8 = nn.Linear(4, 1), nn.Linear(8, 1)
+        self.sink = sink
+
+    def forward(self, x, items, y, ids):
+        u, v = self.u(x), self.v(items)
+        idx = (y[:, None] == y[None, :]).double().argmax(1)
+        if self.sink == "sub":
+            return ((u - v[idx]) ** 2).sum(1)
+        if self.sink == "alone":
+            return (v[idx] ** 2).sum(1)
+        if self.sink == "top(u + v[idx])":
+            return self.top(u + v[idx]).squeeze(1) ** 2
+        if self.sink == "cat":
+            return self.top8(torch.cat([u, v[idx]], 1)).squeeze(1) ** 2
+        if self.sink == "mul":
+            return F.softplus(-(u * v.index_select(0, idx)).sum(1))
+        if self.sink == "where":
+            keep = (idx == torch.arange(len(idx)))[:, None]
+            return ((u - torch.where(keep, v, v[idx])) ** 2).sum(1)
+        if self.sink == "emb(ids)[idx]":
+            return ((u - self.emb(ids)[idx]) ** 2).sum(1)
+        if self.sink == "u + u[idx]":
+            return ((u + u[idx] - v) ** 2).sum(1)
+        return self.top(torch.stack([u, v[idx]], 1)).sum((1, 2)) ** 2  # stack
+
+
+def _two_tower_batch(step: int, repeated: bool) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(step)
+    y = torch.tensor([0, 1, 0, 2, 1, 3]) if repeated else torch.randperm(6, generator=g)
+    x, items = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    return x, items, y, torch.randint(0, 10, (6,), generator=g)
+
+
+def _two_tower_truth(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """|g_i|² of each example's loss, one autograd.grad each (the towers' unused layers
+    left out)."""
+    params = list(model.parameters())
+    return torch.stack(
+        [
+            sum(
+                g.pow(2).sum()
+                for g in torch.autograd.grad(model(*batch)[i], params, allow_unused=True)
+                if g is not None
+            )
+            for i in range(6)
+        ]
+    )
+
+
+_SINKS = [
+    "sub",
+    "alone",
+    "top(u + v[idx])",
+    "cat",
+    "mul",
+    "where",
+    "emb(ids)[idx]",
+    "u + u[idx]",
+    "stack",
+]
+
+
+@pytest.mark.usefixtures("float64_default")
+@pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}], ids=["default", "exact"])
+@pytest.mark.parametrize("sink", _SINKS)
+def test_rows_picked_by_the_data_and_met_with_the_batch_are_refused_on_every_step(sink, kw):
+    """A hunt (2026-12-06): a tower's rows picked along the examples by an index from the
+    data, v[idx], met row by row with other rows of the batch (u - v[idx], top(u + v[idx]),
+    cat, a product, torch.where, an embedding's rows, a tower's own rows) were left to the
+    audit: the audited steps 1, 2, 4 had distinct labels (idx = arange), and the unaudited
+    step 5, with labels repeated, was measured 2–71% off without a word. Every step's rows are
+    checked now: steps 1–4 stay exact, step 5 is refused in its forward naming the pick."""
+    model = TwoTowers(sink)
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+    try:
+        for step in range(4):
+            batch = _two_tower_batch(step, repeated=False)
+            model.zero_grad()
+            loss = model(*batch).mean()
+            loss.backward()
+            tracker.step(loss=loss)
+            with tracker.paused():
+                want = _two_tower_truth(model, batch).mean()
+            got = tracker.history[-1]["sources"].get("per_example")
+            if got is not None:
+                assert got["sqnorm_small"] == pytest.approx(float(want), rel=1e-9)
+        with pytest.raises(UnsupportedModuleError, match=r"picked along the examples.*mixes"):
+            model(*_two_tower_batch(4, repeated=True)).mean().backward()
+            tracker.step()
+    finally:
+        tracker.remove()
+    assert len(tracker.history) == 4
+    assert sum("per_example" in r["sources"] for r in tracker.history) >= 3
+
+
+@pytest.mark.usefixtures("float64_default")
+@pytest.mark.parametrize("sink", _SINKS)
+def test_rows_picked_by_the_data_and_met_with_the_batch_one_shot(sink):
+    """The same, one-shot: exact where the labels are distinct, refused where they repeat."""
+    model = TwoTowers(sink)
+    batch = _two_tower_batch(0, repeated=False)
+    want = _two_tower_truth(model, batch)
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        model(*batch).sum().backward()
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+    with pytest.raises(UnsupportedModuleError, match=r"picked along the examples.*mixes"):
+        with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
+            model(*_two_tower_batch(0, repeated=True)).sum().backward()
+
+
+@pytest.mark.usefixtures("float64_default")
+@pytest.mark.parametrize("sink", ["sub", "top(u + v[idx])"])
+def test_rows_picked_by_the_data_and_met_on_an_accelerator_are_refused_when_read(sink, monkeypatch):
+    """On an accelerator the index is compared with arange(N) on the device and the flag read
+    with the step's statistics: steps 1–4 recorded, step 5 (labels repeated, not audited)
+    refused when the tracker reads it, naming the pick and the mixing."""
+    import noisescale.per_example.graph as graph_mod
+
+    monkeypatch.setattr(graph_mod, "_host_reads_indices", lambda index: False)
+    model = TwoTowers(sink)
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+    try:
+        with pytest.raises(UnsupportedModuleError, match=r"picked along the examples.*mixes"):
+            for step in range(6):
+                model.zero_grad()
+                loss = model(*_two_tower_batch(step, repeated=step == 4)).mean()
+                loss.backward()
+                tracker.step(loss=loss)
+    finally:
+        tracker.remove()
+    assert [r["step"] for r in tracker.history] == [1, 2, 3, 4]
+
+
+class _Dedup(nn.Module):
+    """Item ids deduplicated before the lookup: ``emb(uniq)[inv]``, met with the user's rows
+    or alone before a head."""
+
+    def __init__(self, alone: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.u, self.emb, self.top = nn.Linear(4, 4), nn.Embedding(9, 4), nn.Linear(4, 1)
+        self.alone = alone
+
+    def forward(self, x, item):
+        uniq, inv = torch.unique(item, return_inverse=True)
+        v = self.emb(uniq)[inv]
+        if self.alone:
+            return self.top(v).squeeze(1) ** 2 + self.u(x).pow(2).sum(1)
+        return ((self.u(x) - v) ** 2).sum(1)
+
+
+@pytest.mark.usefixtures("float64_default")
+@pytest.mark.parametrize("alone", [False], ids=["met"])
+def test_ids_deduplicated_before_a_lookup_are_named_where_refused(alone):
+    """A hunt (2026-12-06): with fewer unique ids than examples the lookup is a shared call,
+    exact; with as many (U = N) its rows are taken for the examples' and the step is refused —
+    the message named a batch sorted inside the forward (enforce_sorted=False) or examples
+    mixed. It names the deduplication and the fix, emb(ids), now. (Alone before a head,
+    ``top(emb(uniq)[inv])``, the audit's refusal still names the rows of 'emb' generically.)"""
+    model = _Dedup(alone)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 4, generator=g)
+    repeated = torch.tensor([3, 1, 3, 5, 1, 1])
+    params = list(model.parameters())
+    want = torch.stack(
+        [
+            sum(
+                q.pow(2).sum()
+                for q in torch.autograd.grad(model(x, repeated)[i], params, allow_unused=True)
+                if q is not None
+            )
+            for i in range(6)
+        ]
+    )
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        model(x, repeated).sum().backward()
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+    with pytest.raises(UnsupportedModuleError, match=r"ids\.unique\(return_inverse=True\)"):
+        with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
+            model(x, torch.tensor([8, 2, 0, 5, 1, 4])).sum().backward()
 
 
 class Rollout(nn.Module):

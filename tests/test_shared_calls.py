@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import noisescale
+from noisescale.errors import UnsupportedModuleError
 from test_subbatch import assert_exact_both_modes, train_tracked
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -475,3 +476,57 @@ def test_tensordot_in_a_form_without_a_rule_names_the_form_that_works():
     with pytest.raises(UnsupportedModuleError, match=r"tensordot is followed with the per-example"):
         with noisescale.per_example_sqnorms(model) as _:
             model(x).pow(2).sum().backward()
+
+
+class _CrossLayers(nn.Module):
+    """DCN's cross layers, x0 · (xl @ w) + xl, their weights used directly: read as attributes,
+    or through a plain Python list that holds them (``self.wl = [self.w0, self.w1]``)."""
+
+    def __init__(self, listed: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w0, self.w1 = nn.Parameter(torch.randn(4) * 0.3), nn.Parameter(torch.randn(4) * 0.3)
+        self.head = nn.Linear(4, 1)
+        if listed:
+            self.wl = [self.w0, self.w1]
+        self.listed = listed
+
+    def forward(self, x):
+        xl = x
+        for w in self.wl if self.listed else (self.w0, self.w1):
+            xl = x * (xl @ w)[:, None] + xl
+        return self.head(xl).squeeze(1)
+
+
+@pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}], ids=["default", "exact"])
+def test_parameters_reached_through_a_plain_list_are_refused_naming_it(kw):
+    """A hunt (2026-12-06): weights held in a plain Python list and iterated in the forward
+    were refused naming a loss term, a reduced loss or a layout — the cause is that they are
+    reached without attribute access. The refusal names the list and the fix; read as
+    attributes the same model is exact."""
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    model = _CrossLayers(listed=False)
+    params = list(model.parameters())
+    want = torch.stack(
+        [
+            sum(
+                g.pow(2).sum()
+                for g in torch.autograd.grad(model(x[i : i + 1]).pow(2).sum(), params)
+            )
+            for i in range(5)
+        ]
+    )
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        model(x).pow(2).sum().backward()
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+    model = _CrossLayers(listed=True)
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+    try:
+        with pytest.raises(UnsupportedModuleError, match=r"plain Python container \('wl' of"):
+            for _ in range(2):
+                model.zero_grad()
+                loss = model(x).pow(2).mean()
+                loss.backward()
+                tracker.step(loss=loss)
+    finally:
+        tracker.remove()

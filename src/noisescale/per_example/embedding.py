@@ -162,9 +162,17 @@ def bag_factors(
     if not module.weight.requires_grad:
         return {}
     bag, weight = saved
-    # index t of bag n receives weight[n, t] · δ_n
+    # index t of bag n receives weight[n, t] · δ_n; a call shared by every example (K bags of
+    # negatives, saved [N, K, L] as each example's) is each example's K bags read as one
+    # (until 2026-12-06 a size mismatch here, a hunt)
     dd = weight.unsqueeze(-1).to(d.dtype if d.dtype.is_floating_point else torch.float32)
-    return {"weight": EmbeddingFactor(bag, dd * d.unsqueeze(1), module.num_embeddings)}
+    dd = dd * d.unsqueeze(-2)
+    n = dd.shape[0]
+    return {
+        "weight": EmbeddingFactor(
+            bag.reshape(n, -1), dd.reshape(n, -1, dd.shape[-1]), module.num_embeddings
+        )
+    }
 
 
 register_layer(

@@ -109,6 +109,7 @@ from noisescale.per_example.graph import (
     _flattened_input,
     _float16_in_use,
     _MirroredCheckpoint,
+    _mixed_pick,
     _rebasable_base,
     _reshaped_base,
     _routed_by_index,
@@ -122,6 +123,7 @@ from noisescale.per_example.messages import (
     _flattened_hint,
     _reentrant_checkpointing,
     forward_ad_message,
+    mixed_pick_message,
     nested_message,
     new_parameters_message,
     sparse_grad_message,
@@ -797,6 +799,10 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._checkpointing_layers: dict[nn.Module, list[nn.Module]] = {}
         self._fallback: set[nn.Module] = set()  # owner modules measured by torch.func
         self._learned_shared: set[nn.Module] = set()  # layers whose input proved to be shared
+        # layers' calls in the loss code (by their order in the pass) on rows of another count
+        # than the batch's, not computed from the model (sampled negatives):
+        # _check_loss_code_rows
+        self._loss_code_shared: set[tuple[nn.Module, int]] = set()
         #: lookups into parameters used directly that the audit found to be by positions
         #: (keys from :func:`~noisescale.per_example.shared._lookup_key`)
         self.learned_shared_lookups: set[tuple] = set()
@@ -1843,6 +1849,13 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             # pass is audited as a structure never seen (eager forwards: a compiled one
             # makes its graph's nodes, which Dynamo's guards tie to its structure)
             pass_.nodes = _sequence_nr() - pass_.nodes_at
+        if self.per_example and not (pass_.skipped or pass_.compiled or pass_.compiled_call):
+            # (rows picked along the examples that meet no layer after: (u - v[idx]).pow(2))
+            for out in _tensors(output):
+                if self._model_dim == 0 and out.dim() > 0 and out.shape[0] == pass_.batch_size:
+                    self._refuse_mixed_pick(
+                        pass_, out, pass_.batch_size, "the model's output", alone=True
+                    )
         pass_.returned = True
         # The replay's roots, by gradient edge: the model's outputs; the tensor an output was
         # cast from (accelerate's convert_outputs_to_fp32 for the Trainer's bf16=True casts the
@@ -2217,6 +2230,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                     if n >= 2 and self.pairs is None
                     else None
                 )
+        if single and pass_.returned and self._loss_watch.forward_pass is None:
+            self._check_loss_code_rows(pass_, module, label, args[0], size)
         if size == n or module in self._learned_shared:
             flat = 0
         elif rule.native_layout:
@@ -2718,8 +2733,11 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         tensors on an accelerator are checked on the device: ``pass_.unread_picks``.)"""
         if self._is_buffer(pass_, x):
             return True
+        self._refuse_mixed_pick(pass_, x, n, f"the input of layer '{label}'")
         unread: list[tuple[str, Tensor]] = []
-        if _selected_rows(x, n, unread) is not None:
+        picked = _selected_rows(x, n, unread)
+        if picked is not None:
+            pass_.picked_input = pass_.picked_input or (label, picked)
             return True
         how = self._note_rows(pass_, x, n, label, unread)
         if how is not None:
@@ -2729,6 +2747,55 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 return True
             pass_.assembled.setdefault(label, how)
         return False
+
+    def _check_loss_code_rows(
+        self, pass_: PassNorms, module: nn.Module, label: str, x: Tensor, size: Any
+    ) -> None:
+        """A layer of the model called in the loss code, after the forward returned, on rows
+        not computed from anything (no history: sampled negatives, ids) and not the model's
+        own input: once seen with a count other than the batch's (rows shared by every
+        example, measured as a shared call), a later call with the batch's count is refused
+        on every step — its rows would be taken for the examples. The loss watch, which
+        follows what the loss does with them, runs after audited forwards only: until
+        2026-12-06 a two-tower model's negatives scored by ``u @ tower(negs).T`` with K = N
+        on an unaudited step were measured as the examples' own rows, +2–19% without a word
+        (a hunt)."""
+        if x.grad_fn is not None or x.dim() == 0:
+            return
+        calls = pass_.loss_code_calls
+        call = (module, calls.get(module, 0))  # (the items' call and the negatives' apart)
+        calls[module] = call[1] + 1
+        if size != pass_.batch_size:
+            self._loss_code_shared.add(call)
+            return
+        inputs = [] if pass_.inputs is None else _flat_values(*pass_.inputs)
+        if call not in self._loss_code_shared or any(x is t for t in inputs):
+            return
+        raise UnsupportedModuleError(
+            f"layer '{label}' of the model was called in the loss code, after the forward "
+            f"returned, on {size} rows not passed to the model's forward — as many as the "
+            "batch's examples, while other steps called it on another count (rows shared by "
+            "every example, as sampled negatives): noisescale would take each row for one "
+            "example's. Call the layer inside the model's forward (pass the negatives to it), "
+            "or draw a count of negatives other than the batch size, or measure with "
+            "per_example=False. Nothing of this step was recorded"
+        )
+
+    def _refuse_mixed_pick(
+        self, pass_: PassNorms, x: Tensor, n: int, where: str, alone: bool = False
+    ) -> None:
+        """Refuse ``x`` (``where``) where rows picked along the examples by an index not them
+        in order meet other rows of the batch (:func:`_mixed_pick`; ``alone``: or meet none,
+        an example's row taken twice) — on every step: the audit proves an index for its own
+        step's data only. On an accelerator the comparison is read with the step's
+        statistics (``pass_.unread_picks``, a whole cause)."""
+        unread: list[tuple[str, Tensor]] = []
+        how = _mixed_pick(x, n, unread, alone)
+        if how is not None:
+            raise UnsupportedModuleError(
+                f"{mixed_pick_message(where, how)}. Nothing of this step was recorded"
+            )
+        pass_.unread_picks += [("", mixed_pick_message(where, h), f) for h, f in unread]
 
     def _note_rows(
         self,
@@ -2778,6 +2845,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         a stack, a cat or an index_add make the pass audited every step
         (:func:`_assembled_rows`), as a layer's input does (:meth:`_rows_not_examples`)."""
         labels = sorted({s.label for s in origin.sources})
+        self._refuse_mixed_pick(pass_, x, n, f"'{op}' of parameters {labels}, used directly,")
         unread: list[tuple[str, Tensor]] = []
         picked = _selected_rows(x, n, unread)
         if picked is not None:

@@ -582,6 +582,118 @@ def _origins(node: Any, budget: int = 16) -> list[Any]:
     return found
 
 
+# sums and means over later dimensions (a dot product's (u * v).sum(1)): rows kept
+_REDUCED = frozenset({"SumBackward1", "MeanBackward1"})
+
+
+def _rows_met(node: Any, ndim: int, n: int, budget: int = 16) -> list[Any]:
+    """The nodes whose rows met, row by row, in ``node``'s tensor (``ndim`` dimensions, ``n``
+    leading rows): its history walked back through views that keep the leading size,
+    elementwise functions (every input of one of several tensors, and of ``torch.where``),
+    a cat or stack, a slice or select, a sum or mean along later dimensions; parameters and
+    constants left out; at most ``budget`` nodes."""
+    found: list[Any] = []
+    stack = [(node, ndim)]
+    while stack and budget > 0:
+        budget -= 1
+        node, ndim = stack.pop()
+        kind = type(node).__name__
+        if kind == "AccumulateGrad":
+            continue
+        edges = [f for f, _ in node.next_functions if f is not None]
+        sizes = getattr(node, "_saved_self_sym_sizes", None)
+        if kind in _VIEW_NODES:
+            if sizes and sizes[0] == n:
+                stack.extend((f, len(sizes)) for f in edges)
+                continue
+        elif kind in _ROW_PRESERVING or kind == "WhereBackward0":
+            stack.extend((f, ndim) for f in edges)
+            continue
+        elif kind in ("CatBackward0", "StackBackward0"):
+            if _dim_of(node._saved_dim, ndim) != 0:
+                stack.extend((f, ndim - (kind == "StackBackward0")) for f in edges)
+                continue
+        elif kind in _REDUCED or kind in ("SliceBackward0", "SelectBackward0"):
+            dims = node._saved_dim if isinstance(node._saved_dim, tuple) else (node._saved_dim,)
+            if sizes and dims and all(_dim_of(d, len(sizes)) != 0 for d in dims):
+                stack.extend((f, len(sizes)) for f in edges)
+                continue
+        if not any(node is f for f in found):
+            found.append(node)
+    return found
+
+
+def _dedup_hint(node: Any) -> str:
+    """For a pick ``node`` of an embedding's lookup (``emb(uniq)[inv]``): the deduplicated ids
+    named, and the fix — until 2026-12-06 such a step, U = N unique ids, was refused saying only
+    that the batch was sorted or its examples mixed (a hunt); else ""."""
+    source = node.next_functions[0][0] if node.next_functions else None
+    if type(source).__name__ not in ("EmbeddingBackward0", "EmbeddingBagBackward0"):
+        return ""
+    return (
+        "; of an embedding's rows looked up for ids deduplicated first — uniq, inv = "
+        "ids.unique(return_inverse=True), emb(uniq)[inv]: with as many unique ids as "
+        "examples the lookup's rows are taken for the examples, not the ids'. Look the rows up "
+        "per example, emb(ids)"
+    )
+
+
+def _mixed_pick(
+    x: Tensor | None, n: int, unread: list[tuple[str, Tensor]] | None, alone: bool = False
+) -> str | None:
+    """Rows of ``x`` ([n, …]) picked along the examples' own dimension by an index that is
+    not them in order, met row by row with other rows of the batch (:func:`_rows_met`):
+    ``u - v[idx]``, ``top(u + v[idx])``, ``cat([u, v[idx]], 1)``, ``torch.where(c, v,
+    v[idx])``, a mixup ``h·λ + h[perm]·(1 − λ)`` — each example's result then reads another
+    example's row, and the examples are coupled. ``alone``: a pick met with no other rows
+    too, where its index repeats an example (a model's output ``v[idx].sum(1)``; a reordering
+    alone is left to the audit). :func:`_selected_rows` followed one side of such an
+    operation (the other where the first held no rows of the batch): until 2026-12-06 the
+    pick was left to the audit, which proved it for its own step's data only — steps whose
+    index happened not to be the examples in order were measured 2–71% off without a word
+    (a hunt). A pick along another dimension or over a tensor of another size is
+    :func:`_selected_rows`'s; pad_packed_sequence's own reordering is left to the audit. On
+    an accelerator the comparison is appended to ``unread``; otherwise the pick is returned,
+    spelled, None where there is none."""
+    if x is None or x.grad_fn is None or x.dim() == 0 or torch.compiler.is_compiling():
+        return None
+    met = _rows_met(x.grad_fn, x.dim(), n)
+    if len(met) < 2 and not alone:
+        return None
+    for node in met:
+        kind = type(node).__name__
+        if kind == "IndexBackward0":
+            sizes, indices = node._saved_self_sym_sizes, node._saved_indices
+            index = indices[0] if len(indices) == 1 else None
+            if index is None or index.dtype == torch.bool or index.dim() != 1:
+                continue
+            index, spelled = torch.where(index < 0, index + n, index), "h[idx]"
+        elif kind in ("IndexSelectBackward0", "GatherBackward0"):
+            sizes, index = _source_sizes(node), node._saved_index
+            if not sizes or _dim_of(node._saved_dim, len(sizes)) != 0 or index.dim() == 0:
+                continue
+            if kind.startswith("IndexSelect") and _unpacking(node):
+                continue
+            spelled = "index_select" if kind.startswith("IndexSelect") else "gather"
+        else:
+            continue
+        if not sizes or sizes[0] != n or index.shape[0] != n:
+            continue
+        how = f"rows picked along the examples by an index that is not them in order ({spelled}"
+        how += f"{_dedup_hint(node)})"
+        how += (
+            ", met row by row with other rows of the batch"
+            if len(met) > 1
+            else ", some example's row taken twice"
+        )
+        found: list[tuple[str, Tensor]] = []  # (this pick's device flag, spelled as how)
+        if _along_examples(index, n, found, spelled, reorders=len(met) > 1) is not None:
+            return how
+        if unread is not None:
+            unread += [(how, flag) for _, flag in found]
+    return None
+
+
 def _picked_at(node: Any, n: int, unread: list[tuple[str, Tensor]] | None) -> str | None:
     """:func:`_picked_rows` at one origin."""
     kind = type(node).__name__
@@ -629,7 +741,8 @@ def _picked_at(node: Any, n: int, unread: list[tuple[str, Tensor]] | None) -> st
             # along the examples' own dimension: the examples only in order, h[arange(N)] —
             # h[idx] with idx from the data ([0, 0, 1, 2]: a detection head's boxes by image)
             # took row r for example r on unaudited steps until 2026-12-06, 40% off (a hunt)
-            return _along_examples(torch.where(index < 0, index + n, index), n, unread, "h[idx]")
+            spelled = "h[idx]" + _dedup_hint(node)
+            return _along_examples(torch.where(index < 0, index + n, index), n, unread, spelled)
         # several index tensors: one along a dimension of the batch's size that is the
         # examples in order (arange) says the rows are the examples — also broadcast along
         # the others' dimensions, x[arange(N)[:, None], idx] (per-example token pruning: its

@@ -244,9 +244,17 @@ def _input_sizes_clause(pass_: PassNorms) -> str:
     if len({size for _, size in sizes if size > 1}) < 2:  # (a [1, T] input is broadcast)
         return ""
     listed = ", ".join(f"{name} {size}" for name, size in sizes)
+    # (where the count came from: the first input, or another whose size an embedding bag's
+    # offsets gave it — until 2026-12-06 always said "from the first", a hunt: a TorchRec
+    # layout's flat ids [18] beside its offsets [10])
+    source = next((name for name, size in sizes if size == pass_.batch_size), None)
+    if source is None:
+        source = "the bags of an embedding-bag call"
+    elif source == sizes[0][0]:
+        source = f"the first, {source}"
     return (
         f" The model's inputs disagree on their leading size ({listed}); noisescale took "
-        f"{pass_.batch_size}, from the first, for the number of examples. A model whose "
+        f"{pass_.batch_size}, from {source}, for the number of examples. A model whose "
         "examples have several rows in one input and one in another (several text queries "
         "per image) is not measured per example: use per_example=False."
     )
@@ -399,6 +407,20 @@ def _ambiguous_message(pass_: PassNorms) -> str:
             "place of a loop over the examples), register a rule for the module that computes "
             "it (noisescale.register_layer), or use per_example=False (a table: combine it "
             "with the model's per-example outputs first)"
+        )
+    picked = pass_.picked_input
+    if kind == "loss" and picked is not None and picked[0] in labels:
+        # (a batch reordered inside the forward and put back, a(x[order]) … c(h[inv]): until
+        # 2026-12-06 refused naming targets and constants, a hunt)
+        return (
+            f"the input rows of layer '{picked[0]}' ({picked[1]}) were picked inside "
+            "the model's forward, so noisescale took that layer for one shared by every "
+            f"example, and its output ({labels}, of shape {list(shared)}) met the batch in the "
+            f"loss in the operation '{op}'. If the forward reorders its input (x[order], "
+            "sorted by a key) and puts the rows back (h[order.argsort()]), sort the batch "
+            "outside the model — pass it, and its targets, in the sorted order — so that each "
+            "layer's rows are the examples in order; otherwise pick one row per example in "
+            "order (h[torch.arange(N), t]), or use per_example=False"
         )
     if kind == "loss":
         return (
@@ -640,4 +662,16 @@ def sparse_grad_message(param: str) -> str:
         "sparse gradients are not supported, in any mode (per_example=False reads dense "
         "gradients too): look it up with sparse=False (nn.Embedding(..., sparse=True) is "
         "refused by name when the tracker is made)"
+    )
+
+
+def mixed_pick_message(where: str, how: str) -> str:
+    """Why a step whose ``where`` (a layer's input, the model's output) holds ``how``, rows
+    picked along the examples by an index not them in order (graph._mixed_pick), is refused."""
+    return (
+        f"{where} holds {how} (u - v[idx], cat([u, v[idx]], 1), torch.where(c, v, v[idx]), "
+        "a mixup h·λ + h[perm]·(1 − λ)): the forward mixes examples — an example's result "
+        "reads another example's row, so its gradient is not its own, and which example's "
+        "changes with the data. Compute each example's result from its own rows (a positive "
+        "or a context taken from the examples in order), or measure with per_example=False"
     )

@@ -319,6 +319,12 @@ class PassNorms:
     loss_inputs: list = field(default_factory=list)
     # the hooks the pass put on its graph (removed with release())
     handles: list = field(default_factory=list)
+    # a layer whose input rows the data picked (h[inv]), its call taken for a shared one:
+    # (label, how), named where that call is refused (messages._ambiguous_message)
+    picked_input: tuple[str, str] | None = None
+    # each layer's calls in the loss code on rows without a history so far (engine's
+    # _check_loss_code_rows)
+    loss_code_calls: dict = field(default_factory=dict)
     compiled: bool = False  # its forward ran inside a compiled graph (torch.compile)
     unaudited: bool = False  # compiled, and due for an audit it could not have there
     compiled_unsupported: str | None = None  # an operation the traced hooks do not follow

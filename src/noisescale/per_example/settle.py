@@ -29,6 +29,9 @@ from noisescale.per_example.messages import (
 )
 from noisescale.per_example.passes import PassNorms
 
+# an nn.Module's own state (_parameters, _modules, hooks' dicts): not a container of the user's
+_MODULE_STATE = frozenset(vars(nn.Module()))
+
 
 class Settle:
     """:class:`~noisescale.per_example.engine.PerExampleNorms`' decisions after a backward: what
@@ -402,6 +405,18 @@ class Settle:
                     else ""
                 )
             )
+        held = self._plain_holders(aliased_ids)
+        if held:
+            # (until 2026-12-06 refused naming a loss term, a reduced loss or a layout, a hunt:
+            # DCN's self.wl = [self.w0, self.w1], iterated in the forward)
+            raise UnsupportedModuleError(
+                f"parameters {aliased} received gradients that no use noisescale followed "
+                f"gave: they are held in a plain Python container ({', '.join(held)}) and the "
+                "forward reaches them through it, not by attribute access — noisescale follows "
+                "a parameter used directly where its module's forward reads it as an attribute. "
+                "Read them as attributes in the forward (for w in (self.w0, self.w1), or "
+                "getattr(self, f'w{i}')) instead of keeping the list, or use per_example=False"
+            )
         if aliased:
             raise UnsupportedModuleError(
                 f"parameters {aliased} received gradients that no use noisescale followed "
@@ -419,6 +434,21 @@ class Settle:
                 "torch.autograd.Function, whose outputs noisescale cannot follow a parameter "
                 "through), or use per_example=False"
             )
+
+    def _plain_holders(self, pids: set[int]) -> list[str]:
+        """The plain lists, tuples and dicts among the model's modules' attributes that hold
+        one of the parameters ``pids``, named "'attribute' of 'module'"."""
+        found = []
+        for name, module in self.model.named_modules():
+            for attr, value in vars(module).items():
+                if attr in _MODULE_STATE:
+                    continue
+                items = value.values() if isinstance(value, dict) else value
+                if isinstance(value, list | tuple | dict) and any(
+                    isinstance(v, nn.Parameter) and id(v) in pids for v in items
+                ):
+                    found.append(f"'{attr}' of {f'module {name!r}' if name else 'the model'}")
+        return found
 
     def _experts_clause(self, pids: set[int]) -> str:
         """What to say of transformers' experts kernels where parameters were not followed:
