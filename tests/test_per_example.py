@@ -405,6 +405,48 @@ def test_a_registered_embedding_rule_is_checked_without_its_dense_form(wrong, mo
     _assert_rule_checked(_MyEmbedding, model, torch.randint(0, 11, (N, 7)), "0", wrong)
 
 
+class _Gated(nn.Module):
+    """A layer of one's own whose forward reads its weight through a method."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 2))
+
+    def gated(self):
+        return self.weight
+
+    def forward(self, x):
+        return x @ self.gated()
+
+
+class _TanhGated(_Gated):
+    def gated(self):
+        return self.weight.tanh()
+
+
+@pytest.mark.parametrize("layer", [_Gated, _TanhGated])
+def test_a_subclass_that_overrides_a_method_of_a_registered_layer_has_not_its_rule(layer):
+    """A rule is written for what its class computes; a subclass that overrides a method its
+    forward calls (``gated``, here tanh(W) for W) computes something else: it does not take
+    the rule (it was given it until 2026-12-06: only an overridden ``forward`` was looked for)
+    and its weight is followed to the product it meets the batch in, exact — as the
+    registered class itself is, by its rule."""
+
+    @noisescale.register_layer(_Gated)
+    def rule(module, x, grad_output):
+        return {"weight": DenseFactor(torch.einsum("ni,no->nio", x, grad_output))}
+
+    try:
+        model = nn.Sequential(nn.Linear(3, 3), layer())
+        assert (noisescale.per_example.rule_for(model[1]) is not None) == (layer is _Gated)
+        x = torch.randn(N, 3)
+        want = brute_force(model, x, lambda out, i: out.sin().sum())
+        got = measured(model, x, lambda out, r: getattr(out.sin().sum(1), r)())
+        assert torch.allclose(got, want, rtol=1e-9)
+    finally:
+        noisescale.unregister_layer(_Gated)
+
+
 class _HeadwiseFlat(_Headwise):
     """Its output a reshaped view of the einsum's ([N, H·E]): the engine hooks the view's base."""
 
