@@ -1191,8 +1191,8 @@ def _assert_tracked_like_brute_force(build, x, losses_of, steps: int = 7, **trac
         tracker.remove()
 
 
-@pytest.mark.parametrize("case", list(_OVERRIDES))
-def test_a_convolution_that_overrides_its_conv_forward_is_exact(case):
+@pytest.mark.parametrize("case", [*_OVERRIDES, "_conv_forward replaced on the class"])
+def test_a_convolution_that_overrides_its_conv_forward_is_exact(case, monkeypatch):
     """A convolution that inherits ``forward`` and overrides ``_conv_forward`` — a weight
     standardisation, a straight-through quantiser, a causal padding, or ``_conv_forward`` set
     on the instance — computes something else than the convolution its rule was written for.
@@ -1201,7 +1201,15 @@ def test_a_convolution_that_overrides_its_conv_forward_is_exact(case):
     so ``.grad`` itself was 0.93 off on every step, the tracker's |G|² 6–20× low, without a
     word; the exact mode refused, blaming a missed use; the causal one crashed in the rule. A
     module that overrides a method of its rule's class now goes the way of a layer without a
-    rule: its weight followed to the convolution it meets the batch in, exact."""
+    rule: its weight followed to the convolution it meets the batch in, exact. So is one
+    patched on the layer's class itself (``nn.Conv2d._conv_forward = …``) after noisescale's
+    rules were registered."""
+    if case not in _OVERRIDES:
+        own = nn.Conv2d._conv_forward
+        monkeypatch.setattr(
+            nn.Conv2d, "_conv_forward", lambda self, x, w, b: own(self, x, w * 2 + w**2, b)
+        )
+        monkeypatch.setitem(_OVERRIDES, case, (lambda: nn.Conv2d(2, 4, 3, padding=1), (5, 5)))
     n, model = 6, _over_conv(case)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(n, 2, *_OVERRIDES[case][1], generator=g), torch.randn(n, 3, generator=g)

@@ -162,6 +162,7 @@ def register_layer(
         _RULES[key] = made
         if isinstance(key, type):
             _FORWARDS[key] = key.__dict__.get("forward", getattr(key, "forward", None))
+            _METHODS[key] = {name: inspect.getattr_static(key, name) for name in _methods(key)}
         return made
 
     if rule is None:
@@ -183,6 +184,9 @@ def unregister_layer(module_type: type[nn.Module] | str) -> None:
 # a forward patched on the class since — a monkeypatch of nn.Linear.forward — is not the one
 # the rule was written for (registered_forward)
 _FORWARDS: dict[type, Any] = {}
+# the same for each of its other methods (_methods): one patched on the class since — a
+# monkeypatch of nn.Conv2d._conv_forward — may change what the forward computes
+_METHODS: dict[type, dict[str, Any]] = {}
 
 
 def registered_forward(module: nn.Module) -> Any:
@@ -251,8 +255,9 @@ def overridden_method(module: nn.Module) -> str | None:
     """What in ``module`` overrides a method of its rule's class, or ``None``: a method the
     rule's forward may rely on (a convolution's ``_conv_forward``, which a weight
     standardisation or a causal padding overrides; its ``forward``), redefined by a class
-    between the module's and the rule's, or set on the instance (``forward`` set on the
-    instance is not: accelerate's device hooks do, and the engine checks what such a forward
+    between the module's and the rule's, set on the instance, or replaced on the rule's class
+    since the rule was registered (``forward`` set on the instance or replaced on the class is
+    not: accelerate's device hooks set it, and the engine checks what such a forward
     changed). The rule was written for what the rule's class computes; any method but a
     harmless few (:data:`_HARMLESS`) may change that."""
     found = rule_class(module)
@@ -267,7 +272,15 @@ def overridden_method(module: nn.Module) -> str | None:
         if names:
             return f"{sub.__name__}.{names[0]}"
     names = sorted(methods.intersection(vars(module)) - {"forward"})
-    return f"{names[0]} set on the instance" if names else None
+    if names:
+        return f"{names[0]} set on the instance"
+    registered = _METHODS.get(cls, {})
+    names = sorted(
+        name
+        for name in methods - {"forward"}
+        if name in registered and inspect.getattr_static(cls, name, None) is not registered[name]
+    )
+    return f"{cls.__name__}.{names[0]} replaced on the class" if names else None
 
 
 def users_rule(rule: LayerRule) -> bool:
