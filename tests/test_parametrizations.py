@@ -380,3 +380,77 @@ def test_a_user_pre_hook_beside_a_pruned_layer_meets_the_batch():
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(N, 5, generator=g), torch.randint(0, 3, (N,), generator=g)
     _assert_exact(model, lambda: F.cross_entropy(model(x), y, reduction="none"))
+
+
+class _Pair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Bilinear(5, 5, 3)
+
+    def forward(self, x):
+        return self.layer(x[:, 0], x[:, 1])
+
+
+class _Cell(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.head = nn.GRUCell(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], 5)
+        for t in range(x.shape[1]):
+            h = self.layer(x[:, t], h)
+        return self.head(h)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.head = nn.LSTM(5, 5, batch_first=True), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(x)[0][:, -1])
+
+
+_NO_OP_RULE = {
+    "Bilinear": (_Pair, lambda m: parametrizations.weight_norm(m.layer)),
+    "GRUCell": (_Cell, lambda m: parametrizations.weight_norm(m.layer, "weight_hh")),
+    "LSTM": (_Recurrent, lambda m: parametrizations.weight_norm(m.layer, "weight_hh_l0")),
+    "LSTM, two": (
+        _Recurrent,
+        lambda m: (
+            parametrizations.weight_norm(m.layer, "weight_hh_l0"),
+            parametrizations.orthogonal(m.layer, "weight_ih_l0"),
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_NO_OP_RULE))
+def test_a_parametrized_layer_whose_operation_has_no_rule_is_refused_naming_it(case):
+    """A Bilinear, GRUCell or LSTM meets the batch in an operation of its own (bilinear,
+    gru_cell, lstm): its rule measures it, exactly, and does not apply once a weight is
+    parametrized (its originals are followed to that operation, which has no rule). Until
+    2026-12-06 the refusal named the ParametrizationList ('layer.parametrizations.weight') as
+    the module, and in the tracker said it was called with no input holding the batch's
+    examples; never the parametrization. It names the layer, the parametrized weight and the
+    fix now, in every mode; the plain layer is exact."""
+    build, parametrize_ = _NO_OP_RULE[case]
+    torch.manual_seed(0)
+    model = build()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, 4, 5, generator=g), torch.randint(0, 3, (N,), generator=g)
+    _assert_exact(model, lambda: F.cross_entropy(model(x), y, reduction="none"), False)
+    parametrize_(model)
+    refused = (
+        r"layer 'layer' \(Parametrized\w+\) has its weight\w*.* computed by a parametrization"
+        r".*'(bilinear|gru_cell|lstm)'.*does not apply to a parametrized one.*Remove the "
+        r"parametrization .*per_example=False"
+    )
+    with pytest.raises(UnsupportedModuleError, match=refused):
+        with noisescale.per_example_sqnorms(model, loss_reduction="mean"):
+            F.cross_entropy(model(x), y).backward()
+    for kw in ({}, {"per_example_fraction": 1.0}):
+        model.zero_grad()
+        with pytest.raises(UnsupportedModuleError, match=refused):
+            train_tracked(model, lambda: F.cross_entropy(model(x), y), steps=3, **kw)

@@ -447,6 +447,41 @@ def test_a_subclass_that_overrides_a_method_of_a_registered_layer_has_not_its_ru
         noisescale.unregister_layer(_Gated)
 
 
+class _PermutedLSTM(nn.LSTM):
+    def permute_hidden(self, hx, permutation):
+        return super().permute_hidden(hx, permutation)
+
+
+def test_a_layer_that_overrides_a_method_of_its_rule_s_class_is_refused_naming_it():
+    """An LSTM subclass overriding ``permute_hidden`` does not take LSTM's rule (it may compute
+    something else): its parameters meet the batch in 'lstm', which has no rule of its own,
+    and the refusal names the override and how to give it LSTM's rule back — with which it
+    is exact."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = _PermutedLSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    model, x = Net(), torch.randn(N, 6, 3)
+    loss = lambda out, r: getattr(out.sin().sum(1), r)()  # noqa: E731
+    refused = (
+        r"_PermutedLSTM does not take the per-example rule of LSTM: _PermutedLSTM.permute_hidden "
+        r"overrides.*register_layer\(_PermutedLSTM, noisescale.per_example.rule_for"
+    )
+    with pytest.raises(UnsupportedModuleError, match=refused):
+        measured(model, x, loss)
+    noisescale.register_layer(_PermutedLSTM, noisescale.per_example.rule_for(nn.LSTM(1, 1)))
+    try:
+        want = brute_force(model, x, lambda out, i: out.sin().sum())
+        assert torch.allclose(measured(model, x, loss), want, rtol=1e-9)
+    finally:
+        noisescale.unregister_layer(_PermutedLSTM)
+
+
 class _HeadwiseFlat(_Headwise):
     """Its output a reshaped view of the einsum's ([N, H·E]): the engine hooks the view's base."""
 

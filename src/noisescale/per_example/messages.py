@@ -9,9 +9,11 @@ import functools
 from collections.abc import Sequence
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from noisescale.per_example.graph import _MirroredCheckpoint
 from noisescale.per_example.passes import PassNorms
+from noisescale.per_example.registry import overridden_method, rule_class
 
 
 def new_parameters_message(names: Sequence[str]) -> str:
@@ -603,4 +605,61 @@ def sparse_grad_message(param: str) -> str:
         "sparse gradients are not supported, in any mode (per_example=False reads dense "
         "gradients too): look it up with sparse=False (nn.Embedding(..., sparse=True) is "
         "refused by name when the tracker is made)"
+    )
+
+
+def overridden_hint(module: nn.Module | None) -> str:
+    """Why ``module``, of a type with a per-example rule, was not measured by it because it
+    overrides a method of the rule's class (:func:`~noisescale.per_example.registry.
+    overridden_method`): a clause for a refusal that names the module, or ``""``."""
+    override = None if module is None else overridden_method(module)
+    if override is None:
+        return ""
+    base, name = rule_class(module)[0].__name__, type(module).__name__
+    return (
+        f". {name} does not take the per-example rule of {base}: {override} overrides a "
+        f"method of {base}, with which its forward may compute something else than what the "
+        f"rule was written for; if it computes what {base} does, register {base}'s rule for "
+        f"it: noisescale.register_layer({name}, noisescale.per_example.rule_for(layer)), layer "
+        f"a plain {base}"
+    )
+
+
+def parametrized_layer(scope: nn.Module | None, model: nn.Module) -> nn.Module | None:
+    """The layer whose parametrized weight was followed to ``scope`` — a parametrization's
+    ParametrizationList (where the weight is computed), or the parametrized layer itself —,
+    or ``None``."""
+    if isinstance(scope, parametrize.ParametrizationList):
+        return next(
+            (
+                m
+                for m in model.modules()
+                if parametrize.is_parametrized(m)
+                and any(lst is scope for lst in m.parametrizations.values())
+            ),
+            None,
+        )
+    return scope if scope is not None and parametrize.is_parametrized(scope) else None
+
+
+def parametrized_message(label: str, layer: nn.Module, params: list[str], op: str) -> str:
+    """The refusal of a parametrized layer whose parameters meet the batch in an operation
+    without a per-example rule (a weight-normed Bilinear, GRUCell or LSTM)."""
+    names = list(layer.parametrizations)
+    found = rule_class(layer)
+    kind = type(layer).__name__
+    rule = (
+        f"{found[0].__name__}'s per-example rule takes its weights as parameters of its own and "
+        "does not apply to a parametrized one"
+        if found is not None
+        else "no layer rule applies to a parametrized module"
+    )
+    return (
+        f"layer '{label}' ({kind}) has {'its ' + ', '.join(names)} computed by a "
+        "parametrization (torch.nn.utils.parametrize: weight_norm, orthogonal, spectral_norm or "
+        f"one of your own), and its parameters {params} meet the batch in the operation "
+        f"'{op}', which has no per-example rule: {rule}, nor does the torch.func fallback take "
+        "a parametrization's parameters. Remove the parametrization "
+        f"(torch.nn.utils.parametrize.remove_parametrizations(layer, '{names[0]}')), or use "
+        "per_example=False (micro-batch norms need no per-example attribution)"
     )

@@ -25,6 +25,9 @@ from noisescale.per_example.messages import (
     _penalty_cause,
     _qualified,
     _tensordot_hint,
+    overridden_hint,
+    parametrized_layer,
+    parametrized_message,
     unrerun_warning,
 )
 from noisescale.per_example.passes import PassNorms
@@ -590,6 +593,13 @@ class Settle:
                     + _reorder_hint(op)
                 )
             labels = sorted({s.label for s in origin.sources})
+            layer = parametrized_layer(scope, self.model)
+            if layer is not None:
+                # (followed through its parametrization: the fallback, which runs the layer on
+                # its own parameters, would miss the originals — and crashed on an LSTM)
+                raise UnsupportedModuleError(
+                    parametrized_message(self._labels.get(layer, "?"), layer, labels, op)
+                )
             if scope is not None:
                 for name, sub in scope.named_modules():  # (switched to train() since)
                     if isinstance(sub, nn.modules.batchnorm._BatchNorm):
@@ -633,6 +643,7 @@ class Settle:
                     "per example along dim 0, cannot take it either. Keep dim 0 the examples, "
                     "register a rule for the module (noisescale.register_layer), or use "
                     f"per_example=False{_experts_hint(owners[scope], scope, self.model)}"
+                    + overridden_hint(scope)
                     + _coincidence_hint(pass_.batch_size)
                 )
             self._fallback.add(scope)
@@ -654,6 +665,7 @@ class Settle:
                 "no per-example rule. Register a rule for the module that owns them "
                 "(noisescale.register_layer), move them into a layer with a rule, or use "
                 f"per_example=False{_experts_hint(op, scope, self.model)}{_tensordot_hint(op)}"
+                + overridden_hint(scope)
             )
         # Followed through the model's whole forward (read from a parameter container, not
         # as a layer's own weights: peft's GraLoRA and BOFT): name the modules that hold them,
