@@ -358,19 +358,48 @@ def test_the_batch_written_into_a_buffer_is_still_the_batch(keep):
     _assert_exact(model, lambda: F.cross_entropy(model(x), y, reduction="none"))
 
 
-def test_a_user_pre_hook_beside_a_pruned_layer_meets_the_batch():
+def _prune_weight(lin):
+    prune.l1_unstructured(lin, "weight", amount=0.4)
+
+
+def _prune_bias(lin):
+    prune.l1_unstructured(lin, "bias", amount=0.4)
+
+
+def _old_weight_norm(lin):
+    with pytest.warns(FutureWarning):
+        nn.utils.weight_norm(lin)
+
+
+_AROUND_HOOK = {
+    "after a pruned weight": ([_prune_weight], []),
+    "before a pruned weight and bias": ([], [_prune_weight, _prune_bias]),
+    "between a pruned weight and a pruned bias": ([_prune_weight], [_prune_bias]),
+    "between the old weight_norm and a pruned bias": ([_old_weight_norm], [_prune_bias]),
+}
+
+
+@pytest.mark.parametrize("order", list(_AROUND_HOOK))
+def test_a_user_pre_hook_beside_a_pruned_layer_meets_the_batch(order):
     """A forward pre-hook on a pruned layer, registered before the tracker, that scales the
-    input by a parameter of the model (a learned input gain): it runs outside the window where
-    the pruned weight is computed from parameters alone — exact (inside it, the first version
-    lost the batch's rows there and refused the layer after it, a review of 2026-12-06)."""
+    input by a parameter of the model (a learned input gain): it runs outside the windows where
+    the pruned weight (or bias) is computed from parameters alone — exact (inside one, the
+    first version lost the batch's rows there and refused the layer after it, a review of
+    2026-12-06; registered between two reparametrizations' hooks, it fell inside the one
+    window that spanned them both until a hunt the same day, refused with a false cause)."""
+    before, after = _AROUND_HOOK[order]
 
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.gain = nn.Parameter(torch.tensor(1.3))
-            self.lin = prune.l1_unstructured(nn.Linear(5, 5), "weight", amount=0.4)
+            self.lin = nn.Linear(5, 5)
             self.head = nn.Linear(5, 3)
+            for reparametrize in before:
+                reparametrize(self.lin)
             self.lin.register_forward_pre_hook(lambda m, a: (a[0] * self.gain,))
+            for reparametrize in after:
+                reparametrize(self.lin)
 
         def forward(self, x):
             return self.head(torch.tanh(self.lin(x)))
