@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrizations, parametrize, prune
 
 import noisescale
-from noisescale.errors import UnsupportedModuleError
+from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.per_example.shared import SharedTensor
 from test_subbatch import assert_exact_both_modes, assert_preconditioned_exact, train_tracked
 
@@ -483,3 +483,34 @@ def test_a_parametrized_layer_whose_operation_has_no_rule_is_refused_naming_it(c
         model.zero_grad()
         with pytest.raises(UnsupportedModuleError, match=refused):
             train_tracked(model, lambda: F.cross_entropy(model(x), y), steps=3, **kw)
+
+
+@pytest.mark.parametrize("remove", ["remove_parametrizations", "remove_weight_norm"])
+def test_a_parametrization_removed_mid_run_is_named_among_the_causes(remove):
+    """Removing a parametrization (or the old weight_norm hook) after the tracker was made
+    leaves a new parameter in the originals' place: refused as parameters added or replaced,
+    the message now naming the removal among the causes (it did not, 2026-12-06)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 5)
+    if remove == "remove_parametrizations":
+        parametrizations.weight_norm(layer)
+    else:
+        with pytest.warns(FutureWarning):
+            nn.utils.weight_norm(layer)
+    model = _head(layer, 5)
+    x = torch.randn(N, 5)
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    try:
+        model(x).pow(2).sum(1).mean().backward()
+        tracker.step()
+        if remove == "remove_parametrizations":
+            parametrize.remove_parametrizations(layer, "weight")
+        else:
+            nn.utils.remove_weight_norm(layer)
+        model.zero_grad()
+        model(x).pow(2).sum(1).mean().backward()
+        causes = r"added to the model or replaced.*reparametrization removed.*remove_weight_norm"
+        with pytest.raises(NoiseScaleInputError, match=causes):
+            tracker.step()
+    finally:
+        tracker.remove()

@@ -77,7 +77,7 @@ from noisescale.module_hooks import InertWhenCopied, foreign_thread
 from noisescale.per_example import audit as audit_mod
 from noisescale.per_example import compiled, norms, scaler_watch
 from noisescale.per_example import subbatch as subbatch_mod
-from noisescale.per_example.embedding import refuse_learned_weights
+from noisescale.per_example.embedding import refuse_learned_weights, sparse_message
 from noisescale.per_example.example_check import ExampleCheck
 from noisescale.per_example.factors import (
     DenseFactor,
@@ -984,11 +984,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             if getattr(module, "sparse", False) and isinstance(
                 module, nn.Embedding | nn.EmbeddingBag
             ):
-                raise UnsupportedModuleError(
-                    f"module '{mname}' ({type(module).__name__}) has sparse=True; its sparse "
-                    "gradients are not supported, in any mode (per_example=False reads dense "
-                    "gradients too): construct it with sparse=False"
-                )
+                raise UnsupportedModuleError(sparse_message(mname, module))
         if isinstance(model, nn.DataParallel):
             raise UnsupportedModuleError(
                 "nn.DataParallel replicates the model into threads that the hooks cannot follow; "

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from noisescale.per_example.embedding import SPARSE_ADAM
 from noisescale.per_example.graph import _MirroredCheckpoint
 from noisescale.per_example.passes import PassNorms
 from noisescale.per_example.registry import overridden_method, rule_class
@@ -23,8 +24,11 @@ def new_parameters_message(names: Sequence[str]) -> str:
         "replaced by new Parameter objects after the tracker was created (a layer re-created or "
         "added, resize_token_embeddings(), peft adapters, load_state_dict(..., assign=True), "
         "model.to() with torch.__future__.set_overwrite_module_params_on_conversion(True), "
-        "FSDP2's fully_shard()): the tracker would leave them out of every norm. Create the "
-        "tracker after the model is built, moved, loaded and wrapped"
+        "FSDP2's fully_shard(), a parametrization or reparametrization removed — "
+        "torch.nn.utils.parametrize.remove_parametrizations, remove_weight_norm, "
+        "remove_spectral_norm, prune.remove —, which leaves a new parameter in the originals' "
+        "place): the tracker would leave them out of every norm. Create the tracker after the "
+        "model is built, moved, loaded, wrapped and reparametrized as it will be trained"
     )
 
 
@@ -604,7 +608,7 @@ def sparse_grad_message(param: str) -> str:
         "F.embedding_bag(..., sparse=True) on it, or another operation with sparse gradients); "
         "sparse gradients are not supported, in any mode (per_example=False reads dense "
         "gradients too): look it up with sparse=False (nn.Embedding(..., sparse=True) is "
-        "refused by name when the tracker is made)"
+        "refused by name when the tracker is made)" + SPARSE_ADAM
     )
 
 

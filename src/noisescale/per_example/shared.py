@@ -432,9 +432,11 @@ def _meet(
         return _embedding((args[1], args[0]), {}, origin, pass_, n, dim, flatten=True, key=key)
     if func is F.embedding_bag and dim == 0 and (bags := _bag_call(args, kwargs, n)) is not None:
         key = _lookup_key(origin, name)
-        if bags.get("mode", "mean") not in ("sum", "mean") or bags.get("scale_grad_by_freq"):
-            # mode='max' (each dimension's gradient to the row that won it), frequencies
-            # counted over the whole batch: named as the operation noisescale cannot follow
+        if bags.get("scale_grad_by_freq"):
+            _refuse_by_frequency("F.embedding_bag", origin)
+        if bags.get("mode", "mean") not in ("sum", "mean"):
+            # mode='max' (each dimension's gradient to the row that won it): named as the
+            # operation noisescale cannot follow
             return _unsupported(func, args, kwargs, origin, pass_)
         if key not in engine.learned_shared_lookups:
             return _embedding_bag(bags, origin, pass_, key)
@@ -1295,7 +1297,9 @@ def _embedding(
     bound = dict(zip(names, args, strict=False))
     bound.update(kwargs)
     idx, w = bound["input"], bound["weight"]
-    if bound.get("scale_grad_by_freq") or bound.get("sparse") or isinstance(idx, SharedTensor):
+    if bound.get("scale_grad_by_freq") and not isinstance(idx, SharedTensor):
+        _refuse_by_frequency("F.embedding", origin)
+    if bound.get("sparse") or isinstance(idx, SharedTensor):
         return _unsupported(F.embedding, args, kwargs, origin, pass_)
     with torch._C.DisableTorchFunctionSubclass():
         if flatten:  # table[idx] on a table of any shape: rows of the flattened table
@@ -1496,6 +1500,20 @@ def _norm(func: Any, args: tuple, kwargs: dict, origin: Origin, pass_: PassNorms
     if b is not None:
         y = y + (b if shape is None else b.reshape(shape))
     return _plain(y) if isinstance(y, SharedTensor) else y
+
+
+def _refuse_by_frequency(call: str, origin: Origin) -> None:
+    """A functional lookup of the batch with ``scale_grad_by_freq=True`` on parameters: named
+    as the module form is (it was refused as an operation without a rule until 2026-12-06)."""
+    from noisescale.per_example.embedding import by_frequency_message
+
+    labels = sorted({s.label for s in origin.sources})
+    raise UnsupportedModuleError(
+        by_frequency_message(
+            f"{call}(..., scale_grad_by_freq=True) on parameters {labels}",
+            "call it with scale_grad_by_freq=False",
+        )
+    )
 
 
 def _unsupported(func: Any, args: tuple, kwargs: dict, origin: Origin, pass_: PassNorms) -> Any:
