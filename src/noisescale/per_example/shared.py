@@ -319,7 +319,44 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
                 pass_, origin, _name(func), (tuple(shared.shape), shape), "loss"
             )
         return result
+    if not batched and dim == 0 and not engine.weights_only():
+        met = _flat_product(func, args, kwargs, origin, pass_, n)
+        if met is not None:
+            return met
     return _meet(func, args, kwargs, flat, origin, pass_, n, dim, batched)
+
+
+def _flat_product(
+    func: Any, args: tuple, kwargs: dict, origin: Origin, pass_: PassNorms, n: int
+) -> Any:
+    """A parameter used directly in a product with the examples' rows flattened together with
+    positions — ``h.reshape(-1, D) @ W``, ``F.linear(flat, W)``, ``W`` computed from
+    parameters (a factorised, tied or weight-normed head) —: met as the same product on the
+    rows unflattened, ``[N, k, D]``, flattened back — as exact as ``h @ W`` on the 3-D ``h``
+    — where the rows are proven each example's k in turn, as a Linear's flattened input is
+    (``engine._flat_rows``: by the flattening in their history, rows picked by the data
+    refused or flagged on the device); ``None`` otherwise (refused with a false cause until
+    2026-12-06, a hunt)."""
+    name = _name(func)
+    if not (func in _LINEAR or name in ("matmul", "__matmul__", "mm")) or len(args) < 2:
+        return None
+    x = args[0]
+    if (
+        not isinstance(x, Tensor)
+        or isinstance(x, SharedTensor | nn.Parameter)
+        or x.dim() != 2
+        or x.shape[0] <= n
+        or x.shape[0] % n
+        or not all(isinstance(a, SharedTensor) for a in args[1:] if isinstance(a, Tensor))
+    ):
+        return None
+    unread: list[tuple[str, Tensor]] = []
+    if not origin.engine._rows_proven(pass_, x, n, x.shape[0], unread):
+        return None
+    label = f"{name} of {', '.join(sorted({s.label for s in origin.sources}))}"
+    pass_.unread_picks += [(label, how, flag) for how, flag in unread]
+    product = torch.matmul if name == "mm" else func
+    return product(x.unflatten(0, (n, -1)), *args[1:], **kwargs).flatten(0, 1)
 
 
 def _has_dual(flat: list[Any]) -> bool:
