@@ -482,6 +482,28 @@ def test_a_layer_that_overrides_a_method_of_its_rule_s_class_is_refused_naming_i
         noisescale.unregister_layer(_PermutedLSTM)
 
 
+def test_harmless_overrides_keep_a_layer_s_rule():
+    """A subclass that overrides only what no forward relies on — reset_parameters,
+    extra_repr, _apply (FSDP2's fully_shard mixes FSDPModule, which has one, into the
+    layer's class) — keeps its base's rule; one that overrides _conv_forward does not."""
+    from torch.distributed.fsdp import FSDPModule
+
+    class Initialised(nn.Linear):
+        def reset_parameters(self):
+            nn.init.zeros_(self.weight)
+
+        def extra_repr(self):
+            return "initialised"
+
+    sharded = nn.LSTM(2, 2)
+    sharded.__class__ = type("FSDPLSTM", (FSDPModule, nn.LSTM), {})
+    padded = type("Padded", (nn.Conv1d,), {"_conv_forward": nn.Conv1d._conv_forward})(1, 1, 1)
+    rule_for = noisescale.per_example.rule_for
+    assert rule_for(Initialised(2, 2)) is rule_for(nn.Linear(2, 2))
+    assert rule_for(sharded) is rule_for(nn.LSTM(2, 2))
+    assert rule_for(padded) is None
+
+
 class _HeadwiseFlat(_Headwise):
     """Its output a reshaped view of the einsum's ([N, H·E]): the engine hooks the view's base."""
 

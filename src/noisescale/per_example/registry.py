@@ -226,9 +226,10 @@ def rule_class(module: nn.Module) -> tuple[type, LayerRule] | None:
     return None
 
 
-# methods of a rule's class that no forward relies on: a subclass may override them
+# methods of a rule's class that no forward relies on: a subclass may override them (_apply,
+# run by .to() and .cuda(), is FSDP2's too: fully_shard mixes FSDPModule into a layer's class)
 _HARMLESS = frozenset(
-    {"reset_parameters", "reset_running_stats", "extra_repr", "_load_from_state_dict"}
+    {"reset_parameters", "reset_running_stats", "extra_repr", "_load_from_state_dict", "_apply"}
 )
 
 
