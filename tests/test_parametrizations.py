@@ -514,3 +514,30 @@ def test_a_parametrization_removed_mid_run_is_named_among_the_causes(remove):
             tracker.step()
     finally:
         tracker.remove()
+
+
+def test_a_pruned_layer_whose_operation_has_no_rule_names_the_pruning():
+    """A pruned LSTM's weight is computed in prune's pre-hook: LSTM's rule does not apply, and
+    the torch.func fallback fails on the layer. The refusals (one-shot, and the tracker's at
+    the fallback) name the pruning and its fix — they named only the operation, or torch's
+    shape error, until 2026-12-06."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, 4, 5, generator=g), torch.randint(0, 3, (N,), generator=g)
+    named = r"computed in a forward pre-hook \(torch.nn.utils.prune.*prune.remove"
+    torch.manual_seed(0)
+    model = _Recurrent()
+    prune.l1_unstructured(model.layer, "weight_hh_l0", amount=0.3)
+    with pytest.raises(UnsupportedModuleError, match=named):
+        with noisescale.per_example_sqnorms(model, loss_reduction="mean"):
+            F.cross_entropy(model(x), y).backward()
+    for kw in ({}, {"per_example_fraction": 1.0}):
+        tracker = noisescale.GradientNoiseTracker(model, **kw)
+        try:
+            with pytest.raises(UnsupportedModuleError, match=r"fallback failed on it.*" + named):
+                with pytest.warns(RuntimeWarning, match="torch.func fallback"):
+                    for _ in range(3):  # (step 1 sends the layer to the fallback)
+                        model.zero_grad()
+                        F.cross_entropy(model(x), y).backward()
+                        tracker.step()
+        finally:
+            tracker.remove()

@@ -612,21 +612,36 @@ def sparse_grad_message(param: str) -> str:
     )
 
 
-def overridden_hint(module: nn.Module | None) -> str:
-    """Why ``module``, of a type with a per-example rule, was not measured by it because it
-    overrides a method of the rule's class (:func:`~noisescale.per_example.registry.
-    overridden_method`): a clause for a refusal that names the module, or ``""``."""
-    override = None if module is None else overridden_method(module)
-    if override is None:
+def ruleless_hint(module: nn.Module | None) -> str:
+    """Why ``module``, of a type with a per-example rule, was not measured by it: it overrides
+    a method of the rule's class (:func:`~noisescale.per_example.registry.overridden_method`),
+    or an old reparametrization's pre-hook (``prune``, the deprecated ``weight_norm`` and
+    ``spectral_norm``) computes a weight of it — a clause for a refusal that names the module,
+    or ``""``."""
+    from noisescale.per_example.engine import _old_reparametrized  # (import cycle)
+
+    found = None if module is None else rule_class(module)
+    if found is None:
         return ""
-    base, name = rule_class(module)[0].__name__, type(module).__name__
-    return (
-        f". {name} does not take the per-example rule of {base}: {override} overrides a "
-        f"method of {base}, with which its forward may compute something else than what the "
-        f"rule was written for; if it computes what {base} does, register {base}'s rule for "
-        f"it: noisescale.register_layer({name}, noisescale.per_example.rule_for(layer)), layer "
-        f"a plain {base}"
-    )
+    base, name = found[0].__name__, type(module).__name__
+    override = overridden_method(module)
+    if override is not None:
+        return (
+            f". {name} does not take the per-example rule of {base}: {override} overrides a "
+            f"method of {base}, with which its forward may compute something else than what "
+            f"the rule was written for; if it computes what {base} does, register {base}'s "
+            f"rule for it: noisescale.register_layer({name}, "
+            f"noisescale.per_example.rule_for(layer)), layer a plain {base}"
+        )
+    if _old_reparametrized(module):
+        return (
+            f". A weight of this {name} is computed in a forward pre-hook (torch.nn.utils.prune, "
+            f"the deprecated nn.utils.weight_norm or spectral_norm), and {base}'s per-example "
+            "rule takes its weights as parameters of its own: it does not apply to a "
+            "reparametrized one. Remove the reparametrization (prune.remove, "
+            "remove_weight_norm, remove_spectral_norm), or use per_example=False"
+        )
+    return ""
 
 
 def parametrized_layer(scope: nn.Module | None, model: nn.Module) -> nn.Module | None:

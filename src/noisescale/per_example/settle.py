@@ -25,9 +25,9 @@ from noisescale.per_example.messages import (
     _penalty_cause,
     _qualified,
     _tensordot_hint,
-    overridden_hint,
     parametrized_layer,
     parametrized_message,
+    ruleless_hint,
     unrerun_warning,
 )
 from noisescale.per_example.passes import PassNorms
@@ -643,7 +643,7 @@ class Settle:
                     "per example along dim 0, cannot take it either. Keep dim 0 the examples, "
                     "register a rule for the module (noisescale.register_layer), or use "
                     f"per_example=False{_experts_hint(owners[scope], scope, self.model)}"
-                    + overridden_hint(scope)
+                    + ruleless_hint(scope)
                     + _coincidence_hint(pass_.batch_size)
                 )
             self._fallback.add(scope)
@@ -665,7 +665,7 @@ class Settle:
                 "no per-example rule. Register a rule for the module that owns them "
                 "(noisescale.register_layer), move them into a layer with a rule, or use "
                 f"per_example=False{_experts_hint(op, scope, self.model)}{_tensordot_hint(op)}"
-                + overridden_hint(scope)
+                + ruleless_hint(scope)
             )
         # Followed through the model's whole forward (read from a parameter container, not
         # as a layer's own weights: peft's GraLoRA and BOFT): name the modules that hold them,
