@@ -781,9 +781,19 @@ def test_a_parameter_used_directly_on_flattened_rows_is_exact(how):
 
 def test_a_parameter_used_directly_on_rows_flattened_position_first_is_still_refused():
     """The rows flattened position-first (``h.transpose(0, 1).reshape(-1, D)``) are not each
-    example's in turn: not measured as the 3-D product — refused."""
+    example's in turn: not measured as the 3-D product — refused, in every mode, naming the
+    rows (it named an operation of the loss without a rule, or a loss term read outside the
+    forward, until 2026-12-06)."""
     torch.manual_seed(0)
     model = _FlatHead("time-major")
     ids = torch.randint(0, 7, (N, T), generator=torch.Generator().manual_seed(1))
-    with pytest.raises(UnsupportedModuleError):
-        train_tracked(model, lambda: _flat_head_losses(model, ids).mean(), steps=3)
+    named = (
+        rf"parameters \['A', 'B'\], used directly, meet in 'matmul' {N * T} rows, {T} per "
+        r"example.*history does not show each example's rows in turn.*h.reshape\(-1, D\)"
+    )
+    with pytest.raises(UnsupportedModuleError, match=named):
+        with noisescale.per_example_sqnorms(model):
+            _flat_head_losses(model, ids).mean().backward()
+    for kw in ({}, {"per_example_fraction": 1.0}):
+        with pytest.raises(UnsupportedModuleError, match=named):
+            train_tracked(model, lambda: _flat_head_losses(model, ids).mean(), steps=3, **kw)

@@ -405,6 +405,9 @@ class Settle:
                     else ""
                 )
             )
+        flat = self._flat_unproven_cause(pass_, aliased_ids)
+        if flat:
+            raise UnsupportedModuleError(flat)
         if aliased:
             raise UnsupportedModuleError(
                 f"parameters {aliased} received gradients that no use noisescale followed "
@@ -422,6 +425,26 @@ class Settle:
                 "torch.autograd.Function, whose outputs noisescale cannot follow a parameter "
                 "through), or use per_example=False"
             )
+
+    def _flat_unproven_cause(self, pass_: PassNorms, pids: set[int] | list[int]) -> str:
+        """Parameters of ``pids`` used directly in a product with rows flattened from the
+        examples that could not be proven each example's in turn (shared._flat_product): the
+        cause, where the refusal would otherwise name others (a loss term read outside the
+        forward, an operation without a rule; a hunt, 2026-12-06); or ``""``."""
+        found = {pid: pass_.flat_unproven[pid] for pid in pids if pid in pass_.flat_unproven}
+        if not found:
+            return ""
+        names = sorted(self._param_name.get(pid, "?") for pid in found)
+        op, rows = next(iter(found.values()))
+        n = pass_.batch_size
+        return (
+            f"parameters {names}, used directly, meet in '{op}' {rows} rows, {rows // n} per "
+            f"example of the batch's {n}, whose history does not show each example's rows in "
+            "turn (flattened position-first, h.transpose(0, 1).reshape(-1, D), or rows the "
+            "data reordered or picked), so the product's rows cannot be given to their "
+            "examples. Flatten the batch-first activation in order, h.reshape(-1, D) of "
+            "[N, T, D] (measured), apply the product to the 3-D h, or use per_example=False"
+        )
 
     def _experts_clause(self, pids: set[int]) -> str:
         """What to say of transformers' experts kernels where parameters were not followed:
@@ -614,8 +637,11 @@ class Settle:
                 # with a cause that does not name the setting that works)
                 or "grouped_mm" in op
             ):
+                pids = [s.pid if isinstance(s.pid, int) else id(s.pid) for s in origin.sources]
+                flat = self._flat_unproven_cause(pass_, pids)
                 raise UnsupportedModuleError(
-                    self._unsupported_message(origin, op, labels, scope)
+                    flat
+                    or self._unsupported_message(origin, op, labels, scope)
                     + _coincidence_hint(pass_.batch_size)
                 )
             owners[scope] = op

@@ -352,6 +352,11 @@ def _flat_product(
         return None
     unread: list[tuple[str, Tensor]] = []
     if not origin.engine._rows_proven(pass_, x, n, x.shape[0], unread):
+        for source in origin.sources:
+            pids = [source.pid] if source.pid is not None else source.call.params.values()
+            for pid in pids:
+                key = pid if isinstance(pid, int) else id(pid)
+                pass_.flat_unproven.setdefault(key, (name, x.shape[0]))
         return None
     label = f"{name} of {', '.join(sorted({s.label for s in origin.sources}))}"
     pass_.unread_picks += [(label, how, flag) for how, flag in unread]
