@@ -309,6 +309,52 @@ def test_sparse_embedding_refused_and_the_old_weight_norm_accepted():
     noisescale.GradientNoiseTracker(nn.Sequential(old)).remove()
 
 
+def test_a_sparse_embedding_s_refusal_says_sparse_adam_must_go_too():
+    """sparse=True is refused by name; its fix, sparse=False, gives a dense gradient that
+    torch.optim.SparseAdam refuses: the message says to replace it (it did not, 2026-12-06)."""
+    with pytest.raises(UnsupportedModuleError, match=r"sparse=False.*replace SparseAdam"):
+        noisescale.GradientNoiseTracker(nn.Sequential(nn.EmbeddingBag(5, 3, sparse=True)))
+
+
+class _FrequencyScaled(nn.Module):
+    def __init__(self, bag: bool):
+        super().__init__()
+        self.bag, self.table, self.out = bag, nn.Parameter(torch.randn(9, 3)), nn.Linear(3, 2)
+
+    def forward(self, ids):
+        if self.bag:
+            return self.out(F.embedding_bag(ids, self.table, scale_grad_by_freq=True))
+        return self.out(F.embedding(ids, self.table, scale_grad_by_freq=True).mean(1))
+
+
+@pytest.mark.parametrize("how", ["one-shot", "tracker", "exact tracker"])
+@pytest.mark.parametrize("bag", [False, True], ids=["embedding", "embedding_bag"])
+def test_a_functional_lookup_scaled_by_frequency_is_refused_naming_the_scaling(bag, how):
+    """``F.embedding``/``F.embedding_bag(..., scale_grad_by_freq=True)`` on a parameter: its
+    gradient divided by frequencies counted over the batch, no example's own — refused naming
+    that, as the module form is (named an operation without a rule until 2026-12-06)."""
+    model = _FrequencyScaled(bag)
+    ids = torch.randint(0, 9, (4, 3), generator=torch.Generator().manual_seed(0))
+    call = "F.embedding_bag" if bag else "F.embedding"
+    match = (
+        rf"{call}\(\.\.\., scale_grad_by_freq=True\) on parameters \['table'\]: its gradient "
+        r"is divided by token frequencies counted over the whole batch.*scale_grad_by_freq=False"
+    )
+    if how == "one-shot":
+        with pytest.raises(UnsupportedModuleError, match=match):
+            with noisescale.per_example_sqnorms(model):
+                model(ids).pow(2).sum(1).mean().backward()
+        return
+    kw = {"per_example_fraction": 1.0} if how == "exact tracker" else {}
+    tracker = noisescale.GradientNoiseTracker(model, **kw)
+    try:
+        with pytest.raises(UnsupportedModuleError, match=match):
+            model(ids).pow(2).sum(1).mean().backward()
+            tracker.step()
+    finally:
+        tracker.remove()
+
+
 class FunctionalSparseLookup(nn.Module):
     def __init__(self):
         super().__init__()

@@ -22,6 +22,7 @@ from noisescale.per_example import PerExampleNorms
 from test_subbatch import (
     assert_exact_both_modes,
     assert_subbatches_exact,
+    assert_tracked_like_brute_force,
     example_sqnorms,
     train_tracked,
 )
@@ -759,3 +760,97 @@ def test_an_input_sorted_inside_the_forward_and_put_back_names_the_sort():
     finally:
         tracker.remove()
     assert len(tracker.history) == 2
+
+
+# -- a parameter used directly on rows flattened with positions ---------------------------------
+
+
+class _FlatHead(nn.Module):
+    """A language model's head written by hand on its rows flattened with positions,
+    ``h.reshape(-1, D) @ W``: W factorised (A @ B), tied to the embedding, or weight-normed by
+    hand; ``time-major``: the rows flattened position-first (not each example's in turn)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.e, self.l = nn.Embedding(7, D), nn.Linear(D, D)
+        self.A, self.B = nn.Parameter(torch.randn(D, 2) / 2), nn.Parameter(torch.randn(2, 7))
+        self.g = nn.Parameter(torch.rand(7) + 0.5)
+
+    def normed(self, w):
+        return w / w.norm(dim=1, keepdim=True) * self.g[:, None]
+
+    def forward(self, ids):
+        h = torch.tanh(self.l(self.e(ids)))
+        flat, w = h.reshape(-1, D), self.e.weight
+        if self.how == "time-major":
+            flat = h.transpose(0, 1).reshape(-1, D)
+        out = {
+            "flat @ A @ B": lambda: flat @ self.A @ self.B,
+            "flat @ (A @ B)": lambda: flat @ (self.A @ self.B),
+            "torch.mm(flat, A @ B)": lambda: torch.mm(flat, self.A @ self.B),
+            "time-major": lambda: flat @ (self.A @ self.B),
+            "tied, flat @ e.weight.T": lambda: flat @ w.T,
+            "tied, F.linear(flat, e.weight)": lambda: torch.nn.functional.linear(flat, w),
+            "weight-normed by hand": lambda: flat @ self.normed(w).T,
+        }[self.how]()  # fmt: skip
+        if self.how == "time-major":
+            return out.view(ids.shape[1], ids.shape[0], 7).transpose(0, 1)
+        return out.view(*ids.shape, 7)
+
+
+def _flat_head_losses(model, ids):
+    logits = model(ids)
+    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none").mean(1)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "flat @ A @ B",
+        "flat @ (A @ B)",
+        "torch.mm(flat, A @ B)",
+        "tied, flat @ e.weight.T",
+        "tied, F.linear(flat, e.weight)",
+        "weight-normed by hand",
+    ],
+)
+def test_a_parameter_used_directly_on_flattened_rows_is_exact(how):
+    """``h.reshape(-1, D) @ W`` with W computed from parameters, on rows proven each example's
+    in turn (the flattening in their history): measured as the same product on the 3-D rows,
+    exact on every step of the tracker, both ways, and in the one-shot measurement where W is
+    not also its layer's weight (a tied head is learned on the tracker's first step). Until
+    2026-12-06 refused at step 1, naming a loss term read outside the forward or a remainder
+    of 120% (a hunt); the same product on the 3-D h, and nn.Linear on the flattened rows, were
+    exact."""
+    ids = torch.randint(0, 7, (N, T), generator=torch.Generator().manual_seed(1))
+
+    def build():
+        torch.manual_seed(0)
+        return _FlatHead(how)
+
+    if not how.startswith("tied") and how != "weight-normed by hand":
+        model = build()
+        assert_exact_both_modes(model, lambda: _flat_head_losses(model, ids), N)
+    for kw in ({}, {"per_example_fraction": 1.0}):
+        assert_tracked_like_brute_force(build, ids, _flat_head_losses, **kw)
+
+
+def test_a_parameter_used_directly_on_rows_flattened_position_first_is_still_refused():
+    """The rows flattened position-first (``h.transpose(0, 1).reshape(-1, D)``) are not each
+    example's in turn: not measured as the 3-D product — refused, in every mode, naming the
+    rows (it named an operation of the loss without a rule, or a loss term read outside the
+    forward, until 2026-12-06)."""
+    torch.manual_seed(0)
+    model = _FlatHead("time-major")
+    ids = torch.randint(0, 7, (N, T), generator=torch.Generator().manual_seed(1))
+    named = (
+        rf"parameters \['A', 'B'\], used directly, meet in 'matmul' {N * T} rows, {T} per "
+        r"example.*history does not show each example's rows in turn.*h.reshape\(-1, D\)"
+    )
+    with pytest.raises(UnsupportedModuleError, match=named):
+        with noisescale.per_example_sqnorms(model):
+            _flat_head_losses(model, ids).mean().backward()
+    for kw in ({}, {"per_example_fraction": 1.0}):
+        with pytest.raises(UnsupportedModuleError, match=named):
+            train_tracked(model, lambda: _flat_head_losses(model, ids).mean(), steps=3, **kw)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrizations, parametrize, prune
 
 import noisescale
-from noisescale.errors import UnsupportedModuleError
+from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.per_example.shared import SharedTensor
 from test_subbatch import assert_exact_both_modes, assert_preconditioned_exact, train_tracked
 
@@ -358,19 +358,48 @@ def test_the_batch_written_into_a_buffer_is_still_the_batch(keep):
     _assert_exact(model, lambda: F.cross_entropy(model(x), y, reduction="none"))
 
 
-def test_a_user_pre_hook_beside_a_pruned_layer_meets_the_batch():
+def _prune_weight(lin):
+    prune.l1_unstructured(lin, "weight", amount=0.4)
+
+
+def _prune_bias(lin):
+    prune.l1_unstructured(lin, "bias", amount=0.4)
+
+
+def _old_weight_norm(lin):
+    with pytest.warns(FutureWarning):
+        nn.utils.weight_norm(lin)
+
+
+_AROUND_HOOK = {
+    "after a pruned weight": ([_prune_weight], []),
+    "before a pruned weight and bias": ([], [_prune_weight, _prune_bias]),
+    "between a pruned weight and a pruned bias": ([_prune_weight], [_prune_bias]),
+    "between the old weight_norm and a pruned bias": ([_old_weight_norm], [_prune_bias]),
+}
+
+
+@pytest.mark.parametrize("order", list(_AROUND_HOOK))
+def test_a_user_pre_hook_beside_a_pruned_layer_meets_the_batch(order):
     """A forward pre-hook on a pruned layer, registered before the tracker, that scales the
-    input by a parameter of the model (a learned input gain): it runs outside the window where
-    the pruned weight is computed from parameters alone — exact (inside it, the first version
-    lost the batch's rows there and refused the layer after it, a review of 2026-12-06)."""
+    input by a parameter of the model (a learned input gain): it runs outside the windows where
+    the pruned weight (or bias) is computed from parameters alone — exact (inside one, the
+    first version lost the batch's rows there and refused the layer after it, a review of
+    2026-12-06; registered between two reparametrizations' hooks, it fell inside the one
+    window that spanned them both until a hunt the same day, refused with a false cause)."""
+    before, after = _AROUND_HOOK[order]
 
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.gain = nn.Parameter(torch.tensor(1.3))
-            self.lin = prune.l1_unstructured(nn.Linear(5, 5), "weight", amount=0.4)
+            self.lin = nn.Linear(5, 5)
             self.head = nn.Linear(5, 3)
+            for reparametrize in before:
+                reparametrize(self.lin)
             self.lin.register_forward_pre_hook(lambda m, a: (a[0] * self.gain,))
+            for reparametrize in after:
+                reparametrize(self.lin)
 
         def forward(self, x):
             return self.head(torch.tanh(self.lin(x)))
@@ -380,3 +409,135 @@ def test_a_user_pre_hook_beside_a_pruned_layer_meets_the_batch():
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(N, 5, generator=g), torch.randint(0, 3, (N,), generator=g)
     _assert_exact(model, lambda: F.cross_entropy(model(x), y, reduction="none"))
+
+
+class _Pair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Bilinear(5, 5, 3)
+
+    def forward(self, x):
+        return self.layer(x[:, 0], x[:, 1])
+
+
+class _Cell(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.head = nn.GRUCell(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], 5)
+        for t in range(x.shape[1]):
+            h = self.layer(x[:, t], h)
+        return self.head(h)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.head = nn.LSTM(5, 5, batch_first=True), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(x)[0][:, -1])
+
+
+_NO_OP_RULE = {
+    "Bilinear": (_Pair, lambda m: parametrizations.weight_norm(m.layer)),
+    "GRUCell": (_Cell, lambda m: parametrizations.weight_norm(m.layer, "weight_hh")),
+    "LSTM": (_Recurrent, lambda m: parametrizations.weight_norm(m.layer, "weight_hh_l0")),
+    "LSTM, two": (
+        _Recurrent,
+        lambda m: (
+            parametrizations.weight_norm(m.layer, "weight_hh_l0"),
+            parametrizations.orthogonal(m.layer, "weight_ih_l0"),
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_NO_OP_RULE))
+def test_a_parametrized_layer_whose_operation_has_no_rule_is_refused_naming_it(case):
+    """A Bilinear, GRUCell or LSTM meets the batch in an operation of its own (bilinear,
+    gru_cell, lstm): its rule measures it, exactly, and does not apply once a weight is
+    parametrized (its originals are followed to that operation, which has no rule). Until
+    2026-12-06 the refusal named the ParametrizationList ('layer.parametrizations.weight') as
+    the module, and in the tracker said it was called with no input holding the batch's
+    examples; never the parametrization. It names the layer, the parametrized weight and the
+    fix now, in every mode; the plain layer is exact."""
+    build, parametrize_ = _NO_OP_RULE[case]
+    torch.manual_seed(0)
+    model = build()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, 4, 5, generator=g), torch.randint(0, 3, (N,), generator=g)
+    _assert_exact(model, lambda: F.cross_entropy(model(x), y, reduction="none"), False)
+    parametrize_(model)
+    refused = (
+        r"layer 'layer' \(Parametrized\w+\) has its weight\w*.* computed by a parametrization"
+        r".*'(bilinear|gru_cell|lstm)'.*does not apply to a parametrized one.*Remove the "
+        r"parametrization .*per_example=False"
+    )
+    with pytest.raises(UnsupportedModuleError, match=refused):
+        with noisescale.per_example_sqnorms(model, loss_reduction="mean"):
+            F.cross_entropy(model(x), y).backward()
+    for kw in ({}, {"per_example_fraction": 1.0}):
+        model.zero_grad()
+        with pytest.raises(UnsupportedModuleError, match=refused):
+            train_tracked(model, lambda: F.cross_entropy(model(x), y), steps=3, **kw)
+
+
+@pytest.mark.parametrize("remove", ["remove_parametrizations", "remove_weight_norm"])
+def test_a_parametrization_removed_mid_run_is_named_among_the_causes(remove):
+    """Removing a parametrization (or the old weight_norm hook) after the tracker was made
+    leaves a new parameter in the originals' place: refused as parameters added or replaced,
+    the message now naming the removal among the causes (it did not, 2026-12-06)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 5)
+    if remove == "remove_parametrizations":
+        parametrizations.weight_norm(layer)
+    else:
+        with pytest.warns(FutureWarning):
+            nn.utils.weight_norm(layer)
+    model = _head(layer, 5)
+    x = torch.randn(N, 5)
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    try:
+        model(x).pow(2).sum(1).mean().backward()
+        tracker.step()
+        if remove == "remove_parametrizations":
+            parametrize.remove_parametrizations(layer, "weight")
+        else:
+            nn.utils.remove_weight_norm(layer)
+        model.zero_grad()
+        model(x).pow(2).sum(1).mean().backward()
+        causes = r"added to the model or replaced.*reparametrization removed.*remove_weight_norm"
+        with pytest.raises(NoiseScaleInputError, match=causes):
+            tracker.step()
+    finally:
+        tracker.remove()
+
+
+def test_a_pruned_layer_whose_operation_has_no_rule_names_the_pruning():
+    """A pruned LSTM's weight is computed in prune's pre-hook: LSTM's rule does not apply, and
+    the torch.func fallback fails on the layer. The refusals (one-shot, and the tracker's at
+    the fallback) name the pruning and its fix — they named only the operation, or torch's
+    shape error, until 2026-12-06."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, 4, 5, generator=g), torch.randint(0, 3, (N,), generator=g)
+    named = r"computed in a forward pre-hook \(torch.nn.utils.prune.*prune.remove"
+    torch.manual_seed(0)
+    model = _Recurrent()
+    prune.l1_unstructured(model.layer, "weight_hh_l0", amount=0.3)
+    with pytest.raises(UnsupportedModuleError, match=named):
+        with noisescale.per_example_sqnorms(model, loss_reduction="mean"):
+            F.cross_entropy(model(x), y).backward()
+    for kw in ({}, {"per_example_fraction": 1.0}):
+        tracker = noisescale.GradientNoiseTracker(model, **kw)
+        try:
+            with pytest.raises(UnsupportedModuleError, match=r"fallback failed on it.*" + named):
+                with pytest.warns(RuntimeWarning, match="torch.func fallback"):
+                    for _ in range(3):  # (step 1 sends the layer to the fallback)
+                        model.zero_grad()
+                        F.cross_entropy(model(x), y).backward()
+                        tracker.step()
+        finally:
+            tracker.remove()

@@ -405,6 +405,105 @@ def test_a_registered_embedding_rule_is_checked_without_its_dense_form(wrong, mo
     _assert_rule_checked(_MyEmbedding, model, torch.randint(0, 11, (N, 7)), "0", wrong)
 
 
+class _Gated(nn.Module):
+    """A layer of one's own whose forward reads its weight through a method."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 2))
+
+    def gated(self):
+        return self.weight
+
+    def forward(self, x):
+        return x @ self.gated()
+
+
+class _TanhGated(_Gated):
+    def gated(self):
+        return self.weight.tanh()
+
+
+@pytest.mark.parametrize("layer", [_Gated, _TanhGated])
+def test_a_subclass_that_overrides_a_method_of_a_registered_layer_has_not_its_rule(layer):
+    """A rule is written for what its class computes; a subclass that overrides a method its
+    forward calls (``gated``, here tanh(W) for W) computes something else: it does not take
+    the rule (it was given it until 2026-12-06: only an overridden ``forward`` was looked for)
+    and its weight is followed to the product it meets the batch in, exact — as the
+    registered class itself is, by its rule."""
+
+    @noisescale.register_layer(_Gated)
+    def rule(module, x, grad_output):
+        return {"weight": DenseFactor(torch.einsum("ni,no->nio", x, grad_output))}
+
+    try:
+        model = nn.Sequential(nn.Linear(3, 3), layer())
+        assert (noisescale.per_example.rule_for(model[1]) is not None) == (layer is _Gated)
+        x = torch.randn(N, 3)
+        want = brute_force(model, x, lambda out, i: out.sin().sum())
+        got = measured(model, x, lambda out, r: getattr(out.sin().sum(1), r)())
+        assert torch.allclose(got, want, rtol=1e-9)
+    finally:
+        noisescale.unregister_layer(_Gated)
+
+
+class _PermutedLSTM(nn.LSTM):
+    def permute_hidden(self, hx, permutation):
+        return super().permute_hidden(hx, permutation)
+
+
+def test_a_layer_that_overrides_a_method_of_its_rule_s_class_is_refused_naming_it():
+    """An LSTM subclass overriding ``permute_hidden`` does not take LSTM's rule (it may compute
+    something else): its parameters meet the batch in 'lstm', which has no rule of its own,
+    and the refusal names the override and how to give it LSTM's rule back — with which it
+    is exact."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = _PermutedLSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    model, x = Net(), torch.randn(N, 6, 3)
+    loss = lambda out, r: getattr(out.sin().sum(1), r)()  # noqa: E731
+    refused = (
+        r"_PermutedLSTM does not take the per-example rule of LSTM: _PermutedLSTM.permute_hidden "
+        r"overrides.*register_layer\(_PermutedLSTM, noisescale.per_example.rule_for"
+    )
+    with pytest.raises(UnsupportedModuleError, match=refused):
+        measured(model, x, loss)
+    noisescale.register_layer(_PermutedLSTM, noisescale.per_example.rule_for(nn.LSTM(1, 1)))
+    try:
+        want = brute_force(model, x, lambda out, i: out.sin().sum())
+        assert torch.allclose(measured(model, x, loss), want, rtol=1e-9)
+    finally:
+        noisescale.unregister_layer(_PermutedLSTM)
+
+
+def test_harmless_overrides_keep_a_layer_s_rule():
+    """A subclass that overrides only what no forward relies on — reset_parameters,
+    extra_repr, _apply (FSDP2's fully_shard mixes FSDPModule, which has one, into the
+    layer's class) — keeps its base's rule; one that overrides _conv_forward does not."""
+    from torch.distributed.fsdp import FSDPModule
+
+    class Initialised(nn.Linear):
+        def reset_parameters(self):
+            nn.init.zeros_(self.weight)
+
+        def extra_repr(self):
+            return "initialised"
+
+    sharded = nn.LSTM(2, 2)
+    sharded.__class__ = type("FSDPLSTM", (FSDPModule, nn.LSTM), {})
+    padded = type("Padded", (nn.Conv1d,), {"_conv_forward": nn.Conv1d._conv_forward})(1, 1, 1)
+    rule_for = noisescale.per_example.rule_for
+    assert rule_for(Initialised(2, 2)) is rule_for(nn.Linear(2, 2))
+    assert rule_for(sharded) is rule_for(nn.LSTM(2, 2))
+    assert rule_for(padded) is None
+
+
 class _HeadwiseFlat(_Headwise):
     """Its output a reshaped view of the einsum's ([N, H·E]): the engine hooks the view's base."""
 

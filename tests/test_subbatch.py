@@ -1098,6 +1098,129 @@ def test_nothing_runs_between_a_product_layer_and_the_engine_s_hooks(change):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-15)
 
 
+class _StandardisedConv(nn.Conv2d):
+    """Weight standardisation in ``_conv_forward``, ``forward`` inherited."""
+
+    def _conv_forward(self, input, weight, bias):
+        mean = weight.mean((1, 2, 3), keepdim=True)
+        var = weight.var((1, 2, 3), keepdim=True, unbiased=False)
+        return super()._conv_forward(input, (weight - mean) / torch.sqrt(var + 1e-5), bias)
+
+
+class _QuantisedConv(nn.Conv2d):
+    """A straight-through quantiser in ``_conv_forward``."""
+
+    def _conv_forward(self, input, weight, bias):
+        quantised = weight + (torch.round(weight * 8) / 8 - weight).detach()
+        return F.conv2d(input, quantised * 1.5, bias, self.stride, self.padding)
+
+
+class _CausalConv(nn.Conv1d):
+    """A causal convolution: its left padding done in ``_conv_forward``, with padding 0."""
+
+    def _conv_forward(self, input, weight, bias):
+        left = F.pad(input, [self.kernel_size[0] - 1, 0])
+        return F.conv1d(left, weight, bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _patched_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    own = conv._conv_forward
+    conv._conv_forward = lambda input, weight, bias: own(input, weight * 2 + weight**2, bias)
+    return conv
+
+
+_OVERRIDES = {
+    "weight standardisation": (lambda: _StandardisedConv(2, 4, 3, padding=1), (5, 5)),
+    "a straight-through quantiser": (lambda: _QuantisedConv(2, 4, 3, padding=1), (5, 5)),
+    "a causal padding": (lambda: _CausalConv(2, 4, 3), (7,)),
+    "_conv_forward set on the instance": (
+        lambda: _patched_conv(nn.Conv2d(2, 4, 3, padding=1)),
+        (5, 5),
+    ),
+}
+
+
+class _OverConvNet(nn.Module):
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.conv, self.head = conv, nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).flatten(2).mean(2))
+
+
+def _over_conv(case: str) -> nn.Module:
+    torch.manual_seed(0)
+    return _OverConvNet(_OVERRIDES[case][0]())
+
+
+def assert_tracked_like_brute_force(build, x, losses_of, steps: int = 7, **tracker_kw):
+    """``steps`` SGD steps of the tracker (``sync_every=1``, ``tracker_kw``) on ``build()``
+    beside an untracked copy kept at its weights, on the batch ``x``: every step's ``.grad``
+    is the copy's, and |G|² (and, when measured per example, the mean |g_i|²) equal brute
+    force — on the audited steps 1, 2 and 4 and on the others."""
+    model, plain = build(), build()
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **tracker_kw)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    try:
+        for step in range(1, steps + 1):
+            plain.zero_grad()
+            losses_of(plain, x).mean().backward()
+            grads = per_example_grads(plain, lambda i: losses_of(plain, x)[i], len(x))
+            model.zero_grad()
+            losses_of(model, x).mean().backward()
+            for a, b in zip(plain.parameters(), model.parameters(), strict=True):
+                torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-15)
+            tracker.step()
+            record = tracker.history[-1]
+            each = [sum(g.pow(2).sum() for g in example) for example in grads]
+            big = sum(
+                sum(example[t] for example in grads).pow(2).sum() for t in range(len(grads[0]))
+            )
+            assert record["sqnorm_big"] == pytest.approx(float(big) / len(x) ** 2, rel=1e-9), step
+            measured = record["sources"].get("per_example")
+            if measured is not None:
+                small = float(sum(each)) / len(x)
+                assert measured["sqnorm_small"] == pytest.approx(small, rel=1e-9), step
+            opt.step()
+            with torch.no_grad():
+                for a, b in zip(plain.parameters(), model.parameters(), strict=True):
+                    a.copy_(b)
+    finally:
+        tracker.remove()
+
+
+@pytest.mark.parametrize("case", [*_OVERRIDES, "_conv_forward replaced on the class"])
+def test_a_convolution_that_overrides_its_conv_forward_is_exact(case, monkeypatch):
+    """A convolution that inherits ``forward`` and overrides ``_conv_forward`` — a weight
+    standardisation, a straight-through quantiser, a causal padding, or ``_conv_forward`` set
+    on the instance — computes something else than the convolution its rule was written for.
+    Until 2026-12-06 it got that rule (only an overridden ``forward`` was looked for): the
+    sub-batch products, run on the weight as used, handed its gradient to the raw parameter,
+    so ``.grad`` itself was 0.93 off on every step, the tracker's |G|² 6–20× low, without a
+    word; the exact mode refused, blaming a missed use; the causal one crashed in the rule. A
+    module that overrides a method of its rule's class now goes the way of a layer without a
+    rule: its weight followed to the convolution it meets the batch in, exact. So is one
+    patched on the layer's class itself (``nn.Conv2d._conv_forward = …``) after noisescale's
+    rules were registered."""
+    if case not in _OVERRIDES:
+        own = nn.Conv2d._conv_forward
+        monkeypatch.setattr(
+            nn.Conv2d, "_conv_forward", lambda self, x, w, b: own(self, x, w * 2 + w**2, b)
+        )
+        monkeypatch.setitem(_OVERRIDES, case, (lambda: nn.Conv2d(2, 4, 3, padding=1), (5, 5)))
+    n, model = 6, _over_conv(case)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(n, 2, *_OVERRIDES[case][1], generator=g), torch.randn(n, 3, generator=g)
+
+    def losses_of(m, inputs):
+        return (m(inputs) - y).pow(2).sum(1)
+
+    assert_exact_both_modes(model, lambda: losses_of(model, x), n)
+    for kw in ({}, {"per_example_fraction": 1.0}):
+        assert_tracked_like_brute_force(lambda: _over_conv(case), x, losses_of, **kw)
+
+
 def test_a_layer_run_with_another_parameter_is_refused_naming_the_swap():
     """A forward pre-hook that swaps a layer's weight for another parameter of the model for
     the call (an EMA copy, a tie by hook), restored after: the layer's per-example gradients

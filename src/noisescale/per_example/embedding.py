@@ -12,20 +12,40 @@ from noisescale.errors import UnsupportedModuleError
 from noisescale.per_example.factors import EmbeddingFactor, Factor
 from noisescale.per_example.registry import LayerRule, register_layer
 
+# (torch.optim.SparseAdam refuses the dense gradient a lookup with sparse=False gives)
+SPARSE_ADAM = (
+    " — and, where torch.optim.SparseAdam trains it, replace SparseAdam (it refuses dense "
+    "gradients) by Adam or AdamW"
+)
+
+
+def sparse_message(name: str, module: nn.Module) -> str:
+    """The refusal of an embedding module constructed with sparse=True."""
+    return (
+        f"module '{name}' ({type(module).__name__}) has sparse=True; its sparse gradients are "
+        "not supported, in any mode (per_example=False reads dense gradients too): "
+        "construct it with sparse=False" + SPARSE_ADAM
+    )
+
+
+def by_frequency_message(what: str, fix: str) -> str:
+    """The refusal of a lookup whose gradient is scaled by the batch's token frequencies
+    (``what``: the module or the functional call; ``fix``: how to switch it off)."""
+    return (
+        f"{what}: its gradient is divided by token frequencies counted over the whole batch, so "
+        f"an example's own gradient is not defined; {fix} or use per_example=False"
+    )
+
 
 def check(module: nn.Embedding | nn.EmbeddingBag, name: str) -> None:
     if module.sparse:
-        raise UnsupportedModuleError(
-            f"module '{name}' ({type(module).__name__}) has sparse=True; its sparse gradients are "
-            "not supported, in any mode (per_example=False reads dense gradients too): "
-            "construct it with sparse=False"
-        )
+        raise UnsupportedModuleError(sparse_message(name, module))
     if module.scale_grad_by_freq:
         raise UnsupportedModuleError(
-            f"module '{name}' ({type(module).__name__} with scale_grad_by_freq=True): its gradient "
-            "is divided by token frequencies counted over the whole batch, so an example's own "
-            "gradient is not defined; construct it with scale_grad_by_freq=False or use "
-            "per_example=False"
+            by_frequency_message(
+                f"module '{name}' ({type(module).__name__} with scale_grad_by_freq=True)",
+                "construct it with scale_grad_by_freq=False",
+            )
         )
 
 

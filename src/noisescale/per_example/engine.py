@@ -77,7 +77,7 @@ from noisescale.module_hooks import InertWhenCopied, foreign_thread
 from noisescale.per_example import audit as audit_mod
 from noisescale.per_example import compiled, norms, scaler_watch
 from noisescale.per_example import subbatch as subbatch_mod
-from noisescale.per_example.embedding import refuse_learned_weights
+from noisescale.per_example.embedding import refuse_learned_weights, sparse_message
 from noisescale.per_example.example_check import ExampleCheck
 from noisescale.per_example.factors import (
     DenseFactor,
@@ -986,11 +986,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             if getattr(module, "sparse", False) and isinstance(
                 module, nn.Embedding | nn.EmbeddingBag
             ):
-                raise UnsupportedModuleError(
-                    f"module '{mname}' ({type(module).__name__}) has sparse=True; its sparse "
-                    "gradients are not supported, in any mode (per_example=False reads dense "
-                    "gradients too): construct it with sparse=False"
-                )
+                raise UnsupportedModuleError(sparse_message(mname, module))
         if isinstance(model, nn.DataParallel):
             raise UnsupportedModuleError(
                 "nn.DataParallel replicates the model into threads that the hooks cannot follow; "
@@ -1299,24 +1295,36 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         )
         self._handles.append(opened)
         if body is None:
-            closed = module.register_forward_pre_hook(self._hook(leave, nothing, owner=module))
-            self._handles.append(closed)
-            # around the reparametrization's own hooks only: a user's pre-hook before or after
-            # them (an input gain, x * model.gain) meets the batch as usual (inside the window
-            # it did not, and the layer after it was refused, a review of 2026-12-06)
+            # around the reparametrization's own hooks only, a window for each run of them: a
+            # user's pre-hook before, after or between them (an input gain, x * model.gain)
+            # meets the batch as usual (inside the window it did not, and the layer after it
+            # was refused: before or after them, a review of 2026-12-06; between a pruned
+            # weight's hook and a pruned bias's, a hunt the same day)
             hooks = module._forward_pre_hooks
-            ours = {opened.id, closed.id}
-            order = [k for k in hooks if k not in ours]
-            marked = [i for i, k in enumerate(order) if _reparametrizing(hooks[k])]
-            if marked:
-                order.insert(marked[-1] + 1, closed.id)
-                order.insert(marked[0], opened.id)
-                items = {k: hooks[k] for k in [*order]}
-                for k in list(hooks):
-                    if k not in items:
-                        items[k] = hooks[k]
-                hooks.clear()
-                hooks.update(items)
+            items: dict[int, Any] = {}
+            inside = False
+            for k in [k for k in hooks if k != opened.id]:
+                if _reparametrizing(hooks[k]) != inside:
+                    edge = (
+                        opened
+                        if not inside and opened.id not in items
+                        else module.register_forward_pre_hook(
+                            self._hook(leave if inside else enter, nothing, owner=module)
+                        )
+                    )
+                    if edge is not opened:
+                        self._handles.append(edge)
+                    items[edge.id] = hooks[edge.id]
+                    inside = not inside
+                items[k] = hooks[k]
+            if inside or opened.id not in items:
+                closed = module.register_forward_pre_hook(self._hook(leave, nothing, owner=module))
+                self._handles.append(closed)
+                items[closed.id] = hooks[closed.id]
+            if opened.id not in items:  # (none marked: around them all, as made)
+                items = {opened.id: hooks[opened.id], **items}
+            hooks.clear()
+            hooks.update(items)
         self._handles.append(
             module.register_forward_hook(
                 self._hook(leave, nothing, owner=module, post=True), always_call=True

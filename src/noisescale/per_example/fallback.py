@@ -44,6 +44,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from noisescale.errors import UnsupportedModuleError
 from noisescale.per_example import graph
 from noisescale.per_example.factors import DenseFactor, Factor
+from noisescale.per_example.messages import ruleless_hint
 from noisescale.per_example.registry import LayerRule
 
 if TYPE_CHECKING:
@@ -428,7 +429,7 @@ def _per_example_vmap(
             f"module '{name}' ({type(module).__name__}) uses its parameters in an operation "
             f"without a per-example rule, and the torch.func fallback failed on it "
             f"({type(err).__name__}: {err}). Register a rule for it "
-            "(noisescale.register_layer) or use per_example=False"
+            "(noisescale.register_layer) or use per_example=False" + ruleless_hint(module)
         ) from err
     return {k: v.detach() for k, v in grads.items()}, outs
 

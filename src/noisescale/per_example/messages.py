@@ -9,9 +9,12 @@ import functools
 from collections.abc import Sequence
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
+from noisescale.per_example.embedding import SPARSE_ADAM
 from noisescale.per_example.graph import _MirroredCheckpoint
 from noisescale.per_example.passes import PassNorms
+from noisescale.per_example.registry import overridden_method, rule_class
 
 
 def new_parameters_message(names: Sequence[str]) -> str:
@@ -21,8 +24,11 @@ def new_parameters_message(names: Sequence[str]) -> str:
         "replaced by new Parameter objects after the tracker was created (a layer re-created or "
         "added, resize_token_embeddings(), peft adapters, load_state_dict(..., assign=True), "
         "model.to() with torch.__future__.set_overwrite_module_params_on_conversion(True), "
-        "FSDP2's fully_shard()): the tracker would leave them out of every norm. Create the "
-        "tracker after the model is built, moved, loaded and wrapped"
+        "FSDP2's fully_shard(), a parametrization or reparametrization removed — "
+        "torch.nn.utils.parametrize.remove_parametrizations, remove_weight_norm, "
+        "remove_spectral_norm, prune.remove —, which leaves a new parameter in the originals' "
+        "place): the tracker would leave them out of every norm. Create the tracker after the "
+        "model is built, moved, loaded, wrapped and reparametrized as it will be trained"
     )
 
 
@@ -389,6 +395,20 @@ def _ambiguous_message(pass_: PassNorms) -> str:
             "examples' but a size that equals the batch's by coincidence, use another batch "
             "size.)"
         )
+    picked = pass_.picked_input
+    if kind in ("loss", "output") and picked is not None and picked[0] in labels:
+        # (a batch reordered inside the forward and put back, a(x[order]) … c(h[inv]): until
+        # 2026-12-06 refused naming targets and constants, a hunt)
+        return (
+            f"the input rows of layer '{picked[0]}' ({picked[1]}) were picked inside "
+            "the model's forward, so noisescale took that layer for one shared by every "
+            f"example, and its output ({labels}, of shape {list(shared)}) met the batch in the "
+            f"loss in the operation '{op}'. If the forward reorders its input (x[order], "
+            "sorted by a key) and puts the rows back (h[order.argsort()]), sort the batch "
+            "outside the model — pass it, and its targets, in the sorted order — so that each "
+            "layer's rows are the examples in order; otherwise pick one row per example in "
+            "order (h[torch.arange(N), t]), or use per_example=False"
+        )
     if kind == "output":
         return (
             f"the model's output of shape {list(shared)}, computed through {labels}, whose "
@@ -407,20 +427,6 @@ def _ambiguous_message(pass_: PassNorms) -> str:
             "place of a loop over the examples), register a rule for the module that computes "
             "it (noisescale.register_layer), or use per_example=False (a table: combine it "
             "with the model's per-example outputs first)"
-        )
-    picked = pass_.picked_input
-    if kind == "loss" and picked is not None and picked[0] in labels:
-        # (a batch reordered inside the forward and put back, a(x[order]) … c(h[inv]): until
-        # 2026-12-06 refused naming targets and constants, a hunt)
-        return (
-            f"the input rows of layer '{picked[0]}' ({picked[1]}) were picked inside "
-            "the model's forward, so noisescale took that layer for one shared by every "
-            f"example, and its output ({labels}, of shape {list(shared)}) met the batch in the "
-            f"loss in the operation '{op}'. If the forward reorders its input (x[order], "
-            "sorted by a key) and puts the rows back (h[order.argsort()]), sort the batch "
-            "outside the model — pass it, and its targets, in the sorted order — so that each "
-            "layer's rows are the examples in order; otherwise pick one row per example in "
-            "order (h[torch.arange(N), t]), or use per_example=False"
         )
     if kind == "loss":
         return (
@@ -661,7 +667,79 @@ def sparse_grad_message(param: str) -> str:
         "F.embedding_bag(..., sparse=True) on it, or another operation with sparse gradients); "
         "sparse gradients are not supported, in any mode (per_example=False reads dense "
         "gradients too): look it up with sparse=False (nn.Embedding(..., sparse=True) is "
-        "refused by name when the tracker is made)"
+        "refused by name when the tracker is made)" + SPARSE_ADAM
+    )
+
+
+def ruleless_hint(module: nn.Module | None) -> str:
+    """Why ``module``, of a type with a per-example rule, was not measured by it: it overrides
+    a method of the rule's class (:func:`~noisescale.per_example.registry.overridden_method`),
+    or an old reparametrization's pre-hook (``prune``, the deprecated ``weight_norm`` and
+    ``spectral_norm``) computes a weight of it — a clause for a refusal that names the module,
+    or ``""``."""
+    from noisescale.per_example.engine import _old_reparametrized  # (import cycle)
+
+    found = None if module is None else rule_class(module)
+    if found is None:
+        return ""
+    base, name = found[0].__name__, type(module).__name__
+    override = overridden_method(module)
+    if override is not None:
+        return (
+            f". {name} does not take the per-example rule of {base}: {override} overrides a "
+            f"method of {base}, with which its forward may compute something else than what "
+            f"the rule was written for; if it computes what {base} does, register {base}'s "
+            f"rule for it: noisescale.register_layer({name}, "
+            f"noisescale.per_example.rule_for(layer)), layer a plain {base}"
+        )
+    if _old_reparametrized(module):
+        return (
+            f". A weight of this {name} is computed in a forward pre-hook (torch.nn.utils.prune, "
+            f"the deprecated nn.utils.weight_norm or spectral_norm), and {base}'s per-example "
+            "rule takes its weights as parameters of its own: it does not apply to a "
+            "reparametrized one. Remove the reparametrization (prune.remove, "
+            "remove_weight_norm, remove_spectral_norm), or use per_example=False"
+        )
+    return ""
+
+
+def parametrized_layer(scope: nn.Module | None, model: nn.Module) -> nn.Module | None:
+    """The layer whose parametrized weight was followed to ``scope`` — a parametrization's
+    ParametrizationList (where the weight is computed), or the parametrized layer itself —,
+    or ``None``."""
+    if isinstance(scope, parametrize.ParametrizationList):
+        return next(
+            (
+                m
+                for m in model.modules()
+                if parametrize.is_parametrized(m)
+                and any(lst is scope for lst in m.parametrizations.values())
+            ),
+            None,
+        )
+    return scope if scope is not None and parametrize.is_parametrized(scope) else None
+
+
+def parametrized_message(label: str, layer: nn.Module, params: list[str], op: str) -> str:
+    """The refusal of a parametrized layer whose parameters meet the batch in an operation
+    without a per-example rule (a weight-normed Bilinear, GRUCell or LSTM)."""
+    names = list(layer.parametrizations)
+    found = rule_class(layer)
+    kind = type(layer).__name__
+    rule = (
+        f"{found[0].__name__}'s per-example rule takes its weights as parameters of its own and "
+        "does not apply to a parametrized one"
+        if found is not None
+        else "no layer rule applies to a parametrized module"
+    )
+    return (
+        f"layer '{label}' ({kind}) has {'its ' + ', '.join(names)} computed by a "
+        "parametrization (torch.nn.utils.parametrize: weight_norm, orthogonal, spectral_norm or "
+        f"one of your own), and its parameters {params} meet the batch in the operation "
+        f"'{op}', which has no per-example rule: {rule}, nor does the torch.func fallback take "
+        "a parametrization's parameters. Remove the parametrization "
+        f"(torch.nn.utils.parametrize.remove_parametrizations(layer, '{names[0]}')), or use "
+        "per_example=False (micro-batch norms need no per-example attribution)"
     )
 
 

@@ -286,6 +286,9 @@ class PassNorms:
     # parameters that built a sparse tensor (torch.sparse: peft's SHiRA adds a sparse_coo_tensor
     # of its values to the frozen weight) -> the operation, which no use noisescale follows
     sparse_built: dict[int, str] = field(default_factory=dict)
+    # parameters used directly in a product with k·N rows not proven each example's k in turn
+    # (shared._flat_product) -> (the operation, the rows' leading size), for the refusal
+    flat_unproven: dict[int, tuple[str, int]] = field(default_factory=dict)
     # (key, refusal) of a structure whose audit found rows of the wrong examples, kept by the
     # engine where the pass is refused (Settle._settle)
     sticky: tuple[tuple, str] | None = None

@@ -25,14 +25,16 @@ factors add up to the gradient autograd computed and — for a rule registered o
 that they split it among the examples as autograd does (the layer's backward re-run with the
 examples weighted), and refuses the step with a message otherwise.
 
-Rules are looked up along the module's class hierarchy; a subclass that overrides ``forward``
-does not inherit its base's rule (it may compute something else). A rule can also be registered
+Rules are looked up along the module's class hierarchy; a subclass that overrides ``forward``,
+or another method of its base (a convolution's ``_conv_forward``), does not inherit its base's
+rule (it may compute something else: :func:`overridden_method`). A rule can also be registered
 under a class's qualified name (``"transformers.pytorch_utils.Conv1D"``), so that an optional
 library is not imported just to register it.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,6 +162,7 @@ def register_layer(
         _RULES[key] = made
         if isinstance(key, type):
             _FORWARDS[key] = key.__dict__.get("forward", getattr(key, "forward", None))
+            _METHODS[key] = {name: inspect.getattr_static(key, name) for name in _methods(key)}
         return made
 
     if rule is None:
@@ -181,6 +184,9 @@ def unregister_layer(module_type: type[nn.Module] | str) -> None:
 # a forward patched on the class since — a monkeypatch of nn.Linear.forward — is not the one
 # the rule was written for (registered_forward)
 _FORWARDS: dict[type, Any] = {}
+# the same for each of its other methods (_methods): one patched on the class since — a
+# monkeypatch of nn.Conv2d._conv_forward — may change what the forward computes
+_METHODS: dict[type, dict[str, Any]] = {}
 
 
 def registered_forward(module: nn.Module) -> Any:
@@ -201,17 +207,81 @@ def _qualname(cls: type) -> str:
 
 
 def rule_for(module: nn.Module) -> LayerRule | None:
-    """The rule for this module, or ``None`` when its type (or a base it inherits ``forward``
-    from) has none."""
-    forward = type(module).forward
+    """The rule for this module, or ``None`` when its type has none, or when it overrides a
+    method of the rule's class (:func:`overridden_method`)."""
+    found = rule_class(module)
+    if found is None or overridden_method(module) is not None:
+        return None
+    return found[1]
+
+
+def rule_class(module: nn.Module) -> tuple[type, LayerRule] | None:
+    """The nearest class of ``module``'s hierarchy with a registered rule, and that rule."""
     for cls in type(module).__mro__:
         if cls is nn.Module:
-            break
+            return None
         rule = _RULES.get(cls) or _RULES.get(_qualname(cls))
         if rule is not None:
-            # a subclass that overrides forward may compute something else
-            return rule if getattr(cls, "forward", None) is forward else None
+            return cls, rule
     return None
+
+
+# methods of a rule's class that no forward relies on: a subclass may override them (_apply,
+# run by .to() and .cuda(), is FSDP2's too: fully_shard mixes FSDPModule into a layer's class)
+_HARMLESS = frozenset(
+    {"reset_parameters", "reset_running_stats", "extra_repr", "_load_from_state_dict", "_apply"}
+)
+
+
+def _methods(cls: type) -> set[str]:
+    """The non-dunder methods (and properties) ``cls`` and its bases below ``nn.Module``
+    define, less :data:`_HARMLESS`."""
+    names = set()
+    for base in cls.__mro__:
+        if base is nn.Module:
+            break
+        names.update(
+            name
+            for name, value in vars(base).items()
+            if not name.startswith("__")
+            and (
+                inspect.isfunction(value)
+                or isinstance(value, property | classmethod | staticmethod)
+            )
+        )
+    return names - _HARMLESS
+
+
+def overridden_method(module: nn.Module) -> str | None:
+    """What in ``module`` overrides a method of its rule's class, or ``None``: a method the
+    rule's forward may rely on (a convolution's ``_conv_forward``, which a weight
+    standardisation or a causal padding overrides; its ``forward``), redefined by a class
+    between the module's and the rule's, set on the instance, or replaced on the rule's class
+    since the rule was registered (``forward`` set on the instance or replaced on the class is
+    not: accelerate's device hooks set it, and the engine checks what such a forward
+    changed). The rule was written for what the rule's class computes; any method but a
+    harmless few (:data:`_HARMLESS`) may change that."""
+    found = rule_class(module)
+    if found is None:
+        return None
+    cls = found[0]
+    methods = _methods(cls)
+    for sub in type(module).__mro__:
+        if sub is cls:
+            break
+        names = sorted(methods.intersection(vars(sub)))
+        if names:
+            return f"{sub.__name__}.{names[0]}"
+    names = sorted(methods.intersection(vars(module)) - {"forward"})
+    if names:
+        return f"{names[0]} set on the instance"
+    registered = _METHODS.get(cls, {})
+    names = sorted(
+        name
+        for name in methods - {"forward"}
+        if name in registered and inspect.getattr_static(cls, name, None) is not registered[name]
+    )
+    return f"{cls.__name__}.{names[0]} replaced on the class" if names else None
 
 
 def users_rule(rule: LayerRule) -> bool:

@@ -25,6 +25,9 @@ from noisescale.per_example.messages import (
     _penalty_cause,
     _qualified,
     _tensordot_hint,
+    parametrized_layer,
+    parametrized_message,
+    ruleless_hint,
     unrerun_warning,
 )
 from noisescale.per_example.passes import PassNorms
@@ -417,6 +420,9 @@ class Settle:
                 "Read them as attributes in the forward (for w in (self.w0, self.w1), or "
                 "getattr(self, f'w{i}')) instead of keeping the list, or use per_example=False"
             )
+        flat = self._flat_unproven_cause(pass_, aliased_ids)
+        if flat:
+            raise UnsupportedModuleError(flat)
         if aliased:
             raise UnsupportedModuleError(
                 f"parameters {aliased} received gradients that no use noisescale followed "
@@ -449,6 +455,26 @@ class Settle:
                 ):
                     found.append(f"'{attr}' of {f'module {name!r}' if name else 'the model'}")
         return found
+
+    def _flat_unproven_cause(self, pass_: PassNorms, pids: set[int] | list[int]) -> str:
+        """Parameters of ``pids`` used directly in a product with rows flattened from the
+        examples that could not be proven each example's in turn (shared._flat_product): the
+        cause, where the refusal would otherwise name others (a loss term read outside the
+        forward, an operation without a rule; a hunt, 2026-12-06); or ``""``."""
+        found = {pid: pass_.flat_unproven[pid] for pid in pids if pid in pass_.flat_unproven}
+        if not found:
+            return ""
+        names = sorted(self._param_name.get(pid, "?") for pid in found)
+        op, rows = next(iter(found.values()))
+        n = pass_.batch_size
+        return (
+            f"parameters {names}, used directly, meet in '{op}' {rows} rows, {rows // n} per "
+            f"example of the batch's {n}, whose history does not show each example's rows in "
+            "turn (flattened position-first, h.transpose(0, 1).reshape(-1, D), or rows the "
+            "data reordered or picked), so the product's rows cannot be given to their "
+            "examples. Flatten the batch-first activation in order, h.reshape(-1, D) of "
+            "[N, T, D] (measured), apply the product to the 3-D h, or use per_example=False"
+        )
 
     def _experts_clause(self, pids: set[int]) -> str:
         """What to say of transformers' experts kernels where parameters were not followed:
@@ -620,6 +646,13 @@ class Settle:
                     + _reorder_hint(op)
                 )
             labels = sorted({s.label for s in origin.sources})
+            layer = parametrized_layer(scope, self.model)
+            if layer is not None:
+                # (followed through its parametrization: the fallback, which runs the layer on
+                # its own parameters, would miss the originals — and crashed on an LSTM)
+                raise UnsupportedModuleError(
+                    parametrized_message(self._labels.get(layer, "?"), layer, labels, op)
+                )
             if scope is not None:
                 for name, sub in scope.named_modules():  # (switched to train() since)
                     if isinstance(sub, nn.modules.batchnorm._BatchNorm):
@@ -634,8 +667,11 @@ class Settle:
                 # with a cause that does not name the setting that works)
                 or "grouped_mm" in op
             ):
+                pids = [s.pid if isinstance(s.pid, int) else id(s.pid) for s in origin.sources]
+                flat = self._flat_unproven_cause(pass_, pids)
                 raise UnsupportedModuleError(
-                    self._unsupported_message(origin, op, labels, scope)
+                    flat
+                    or self._unsupported_message(origin, op, labels, scope)
                     + _coincidence_hint(pass_.batch_size)
                 )
             owners[scope] = op
@@ -663,6 +699,7 @@ class Settle:
                     "per example along dim 0, cannot take it either. Keep dim 0 the examples, "
                     "register a rule for the module (noisescale.register_layer), or use "
                     f"per_example=False{_experts_hint(owners[scope], scope, self.model)}"
+                    + ruleless_hint(scope)
                     + _coincidence_hint(pass_.batch_size)
                 )
             self._fallback.add(scope)
@@ -684,6 +721,7 @@ class Settle:
                 "no per-example rule. Register a rule for the module that owns them "
                 "(noisescale.register_layer), move them into a layer with a rule, or use "
                 f"per_example=False{_experts_hint(op, scope, self.model)}{_tensordot_hint(op)}"
+                + ruleless_hint(scope)
             )
         # Followed through the model's whole forward (read from a parameter container, not
         # as a layer's own weights: peft's GraLoRA and BOFT): name the modules that hold them,

@@ -324,7 +324,49 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
             kind = "output" if through_layers and _from_outputs(shared, pass_) else "loss"
             engine.record_ambiguous(pass_, origin, _name(func), (tuple(shared.shape), shape), kind)
         return result
+    if not batched and dim == 0 and not engine.weights_only():
+        met = _flat_product(func, args, kwargs, origin, pass_, n)
+        if met is not None:
+            return met
     return _meet(func, args, kwargs, flat, origin, pass_, n, dim, batched)
+
+
+def _flat_product(
+    func: Any, args: tuple, kwargs: dict, origin: Origin, pass_: PassNorms, n: int
+) -> Any:
+    """A parameter used directly in a product with the examples' rows flattened together with
+    positions — ``h.reshape(-1, D) @ W``, ``F.linear(flat, W)``, ``W`` computed from
+    parameters (a factorised, tied or weight-normed head) —: met as the same product on the
+    rows unflattened, ``[N, k, D]``, flattened back — as exact as ``h @ W`` on the 3-D ``h``
+    — where the rows are proven each example's k in turn, as a Linear's flattened input is
+    (``engine._flat_rows``: by the flattening in their history, rows picked by the data
+    refused or flagged on the device); ``None`` otherwise (refused with a false cause until
+    2026-12-06, a hunt)."""
+    name = _name(func)
+    if not (func in _LINEAR or name in ("matmul", "__matmul__", "mm")) or len(args) < 2:
+        return None
+    x = args[0]
+    if (
+        not isinstance(x, Tensor)
+        or isinstance(x, SharedTensor | nn.Parameter)
+        or x.dim() != 2
+        or x.shape[0] <= n
+        or x.shape[0] % n
+        or not all(isinstance(a, SharedTensor) for a in args[1:] if isinstance(a, Tensor))
+    ):
+        return None
+    unread: list[tuple[str, Tensor]] = []
+    if not origin.engine._rows_proven(pass_, x, n, x.shape[0], unread):
+        for source in origin.sources:
+            pids = [source.pid] if source.pid is not None else source.call.params.values()
+            for pid in pids:
+                key = pid if isinstance(pid, int) else id(pid)
+                pass_.flat_unproven.setdefault(key, (name, x.shape[0]))
+        return None
+    label = f"{name} of {', '.join(sorted({s.label for s in origin.sources}))}"
+    pass_.unread_picks += [(label, how, flag) for how, flag in unread]
+    product = torch.matmul if name == "mm" else func
+    return product(x.unflatten(0, (n, -1)), *args[1:], **kwargs).flatten(0, 1)
 
 
 def _has_dual(flat: list[Any]) -> bool:
@@ -437,9 +479,11 @@ def _meet(
         return _embedding((args[1], args[0]), {}, origin, pass_, n, dim, flatten=True, key=key)
     if func is F.embedding_bag and dim == 0 and (bags := _bag_call(args, kwargs, n)) is not None:
         key = _lookup_key(origin, name)
-        if bags.get("mode", "mean") not in ("sum", "mean") or bags.get("scale_grad_by_freq"):
-            # mode='max' (each dimension's gradient to the row that won it), frequencies
-            # counted over the whole batch: named as the operation noisescale cannot follow
+        if bags.get("scale_grad_by_freq"):
+            _refuse_by_frequency("F.embedding_bag", origin)
+        if bags.get("mode", "mean") not in ("sum", "mean"):
+            # mode='max' (each dimension's gradient to the row that won it): named as the
+            # operation noisescale cannot follow
             return _unsupported(func, args, kwargs, origin, pass_)
         if key not in engine.learned_shared_lookups:
             return _embedding_bag(bags, origin, pass_, key)
@@ -1300,7 +1344,9 @@ def _embedding(
     bound = dict(zip(names, args, strict=False))
     bound.update(kwargs)
     idx, w = bound["input"], bound["weight"]
-    if bound.get("scale_grad_by_freq") or bound.get("sparse") or isinstance(idx, SharedTensor):
+    if bound.get("scale_grad_by_freq") and not isinstance(idx, SharedTensor):
+        _refuse_by_frequency("F.embedding", origin)
+    if bound.get("sparse") or isinstance(idx, SharedTensor):
         return _unsupported(F.embedding, args, kwargs, origin, pass_)
     with torch._C.DisableTorchFunctionSubclass():
         if flatten:  # table[idx] on a table of any shape: rows of the flattened table
@@ -1501,6 +1547,20 @@ def _norm(func: Any, args: tuple, kwargs: dict, origin: Origin, pass_: PassNorms
     if b is not None:
         y = y + (b if shape is None else b.reshape(shape))
     return _plain(y) if isinstance(y, SharedTensor) else y
+
+
+def _refuse_by_frequency(call: str, origin: Origin) -> None:
+    """A functional lookup of the batch with ``scale_grad_by_freq=True`` on parameters: named
+    as the module form is (it was refused as an operation without a rule until 2026-12-06)."""
+    from noisescale.per_example.embedding import by_frequency_message
+
+    labels = sorted({s.label for s in origin.sources})
+    raise UnsupportedModuleError(
+        by_frequency_message(
+            f"{call}(..., scale_grad_by_freq=True) on parameters {labels}",
+            "call it with scale_grad_by_freq=False",
+        )
+    )
 
 
 def _unsupported(func: Any, args: tuple, kwargs: dict, origin: Origin, pass_: PassNorms) -> Any:
