@@ -122,6 +122,7 @@ from noisescale.per_example.messages import (
     _flattened_hint,
     _reentrant_checkpointing,
     forward_ad_message,
+    forward_transform_message,
     nested_message,
     new_parameters_message,
     sparse_grad_message,
@@ -1467,6 +1468,22 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # forward put in the model: there it is the parameter's value, nothing is followed)
         return not (self._paused or replaying or self._recomputing or foreign_thread(self.thread))
 
+    def check_forward_transform(self, where: str) -> None:
+        """Refuse ``where`` met under a torch.func transform entered inside the model's forward
+        (``torch.vmap(scan)(h)``): the hooks see its wrapped tensors, not the batch — a bare
+        "cannot register a hook" RuntimeError, or parameters said to be read in the loss,
+        until 2026-12-06 (a hunt). The user's own transforms around the model
+        (``vmap(grad(functional_call(model, ...)))``) open no pass: not refused here."""
+        if (
+            self.passes
+            and not self.passes[-1].returned
+            and torch.is_grad_enabled()
+            and torch._C._current_graph_task_id() == -1
+            and not (self._paused or self._recomputing or self._replaying)
+            and _inside_functorch()
+        ):
+            raise UnsupportedModuleError(forward_transform_message(where))
+
     def open_pass(self) -> PassNorms | None:
         if not self.passes or not torch.is_grad_enabled():
             return None
@@ -2119,6 +2136,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         taken = stack.pop() if stack else None
         product_weight, product_bias = (None, None) if taken is None else taken
         if product_weight is None and not self._active():
+            self.check_forward_transform(f"layer '{self._calls[module][1]}'")
             if (
                 not self.passes
                 and self._unopened is None

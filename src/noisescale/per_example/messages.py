@@ -554,6 +554,20 @@ def transform_message(layer: str) -> str:
     )
 
 
+def forward_transform_message(where: str) -> str:
+    """Why a torch.func transform entered inside the model's forward is refused; ``where``
+    names what the engine met under it (a layer, parameters used directly)."""
+    return (
+        f"{where} ran under torch.vmap (or another torch.func transform: grad, vjp, jvp) "
+        "entered inside the model's forward — a per-sequence scan vmapped over the examples, "
+        "a position-wise map vmapped over time (in_dims=1). noisescale does not follow "
+        "functorch transforms inside the forward: its hooks would see the transform's wrapped "
+        "tensors, not the batch's examples. Write the batched form without torch.vmap (a "
+        "loop-free batched operation: x @ W on [N, T, D], x * a broadcast over the examples, "
+        "a loop over time on the whole batch), or use per_example=False"
+    )
+
+
 def forward_ad_message(where: str) -> str:
     """Why forward-mode AD through the model is refused; ``where`` names the layer."""
     return (

@@ -252,6 +252,9 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
 
         labels = sorted({s.label for s in origin.sources})
         raise UnsupportedModuleError(forward_ad_message(f"parameters {labels}, used directly,"))
+    if pass_ is not None and torch._C._functorch.maybe_current_level() is not None:
+        labels = sorted({s.label for s in origin.sources})
+        engine.check_forward_transform(f"parameters {labels}, used directly,")
     if pass_ is None:  # after the step's passes closed (e.g. a loss term read after forward)
         if engine.passes and not torch.is_grad_enabled():
             _note_custom_function(engine.passes[-1], origin)
