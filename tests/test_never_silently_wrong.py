@@ -840,6 +840,92 @@ def test_sequence_first_learned_queries_are_refused_naming_the_layout_and_the_fi
     assert_learns_then_exact(SequenceFirstDETR(batch_first=True), x, _sq)
 
 
+class TimeMajorMixer(nn.Module):
+    """Hand-written sequence mixers with an activation whose examples lie along dim 1 (T, H ≠
+    N) reaching a layer or a parameter: a scan stacked time-major, nn.GRU(batch_first=False)'s
+    output scaled or normalised before it is transposed back, attention with its heads first
+    [H, N, T, d] and a per-head temperature. ``fixed``: the same function, batch-first."""
+
+    def __init__(self, how: str, fixed: bool = False, d: int = 6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.how, self.fixed = how, fixed
+        self.enc, self.dec = nn.Linear(3, d), nn.Linear(d, 1)
+        if how in ("scan", "heads"):
+            self.lin = nn.Linear(d, d)
+        if how in ("scan", "scale"):
+            self.a = nn.Parameter(torch.rand(d))
+        if how in ("scale", "norm"):
+            self.gru = nn.GRU(d, d, batch_first=False)
+        if how == "norm":
+            self.norm = nn.LayerNorm(d)
+        if how == "heads":
+            self.temp = nn.Parameter(torch.ones(2, 1, 1, 1))
+
+    def forward(self, x):  # x [N, T, 3]
+        h = self.enc(x)
+        if self.how == "scan":
+            st, hs = torch.zeros_like(h[:, 0]), []
+            for t in range(h.shape[1]):
+                st = torch.sigmoid(self.a) * st + h[:, t]
+                hs.append(st)
+            h = self.lin(torch.stack(hs, 1)) if self.fixed else self.lin(torch.stack(hs, 0))
+            h = h if self.fixed else h.transpose(0, 1)
+        elif self.how in ("scale", "norm"):
+            y = self.gru(h.transpose(0, 1))[0]  # [T, N, D]
+            if self.fixed:
+                y = y.transpose(0, 1)
+            y = y * self.a if self.how == "scale" else self.norm(y)
+            h = y if self.fixed else y.transpose(0, 1)
+        else:  # heads first
+            n, t, d = h.shape
+            q = self.lin(h).view(n, t, 2, d // 2)
+            q = q.transpose(1, 2) if self.fixed else q.permute(2, 0, 1, 3)
+            temp = self.temp.transpose(0, 1) if self.fixed else self.temp
+            y = ((q * temp) @ q.transpose(-1, -2)).softmax(-1) @ q
+            y = y.transpose(1, 2) if self.fixed else y.permute(1, 2, 0, 3)
+            h = y.reshape(n, t, d)
+        return self.dec(h).mean(1)
+
+
+def _tm_loss(model, x):
+    """Against a target of the batch's size (part of the raw input): where the refusal was."""
+    return (model(x) - x[:, 0, :1]).pow(2).sum(-1)
+
+
+@pytest.mark.parametrize("how", ["scan", "scale", "norm", "heads"])
+@pytest.mark.parametrize("form", ["one-shot", "default", "exact"])
+def test_a_time_major_activation_reaching_a_parameter_is_named_as_such(how, form):
+    """(A hunt, 2026-12-06.) With T (or H) ≠ N the engine takes the activation for a tensor
+    shared by every example, and the refusal blamed the loss ("met the batch after the model's
+    forward returned … pass the targets to it"): not the cause, a fix that does not help. It
+    names the tensor whose examples lie along dim 1 and the fix now, in every mode."""
+    model = TimeMajorMixer(how)
+    x = torch.randn(N, 5, 3, generator=torch.Generator().manual_seed(2))
+    match = r"examples lie along dim 1 \(4\) and not dim 0 .*Keep dim 0 the examples"
+    with pytest.raises(UnsupportedModuleError, match=match) as err:
+        if form == "one-shot":
+            one_shot(model, x, _tm_loss)
+        else:
+            kw = {} if form == "default" else {"per_example_fraction": 1.0}
+            tracker = noisescale.GradientNoiseTracker(model, **kw)
+            try:
+                for _ in range(3):
+                    model.zero_grad()
+                    _tm_loss(model, x).mean().backward()
+                    tracker.step()
+            finally:
+                tracker.remove()
+    assert "pass the targets" not in str(err.value)
+
+
+@pytest.mark.parametrize("how", ["scan", "scale", "norm", "heads"])
+def test_the_batch_first_form_of_a_time_major_mixer_is_exact(how):
+    """The fix the refusal names, the same function batch-first: exact."""
+    x = torch.randn(N, 5, 3, generator=torch.Generator().manual_seed(2))
+    assert_exact_both_ways(TimeMajorMixer(how, fixed=True), x, _tm_loss)
+
+
 # -- found on models we did not write (transformers families beyond the zoo) ------------------
 
 

@@ -157,6 +157,7 @@ from noisescale.per_example.shared import (
     _has_dual,
     _plain,
     flatten,
+    note_dim1_input,
     per_example_reduce,
     per_example_state,
     view_relation,
@@ -3226,6 +3227,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             # call's output is computed once, not per example: small) keeps the edge below
             output = output.clone()
         source = Source(tensor=output, call=call, label=label)
+        if not shared:
+            note_dim1_input(pass_, (source,), _flat_values(args, kwargs), pass_.batch_size)
         if output.requires_grad:
             # the edge of the tensor the output's memory belongs to: on input that is itself
             # shared the output is an alias (a shared tensor) of its copy, and an in-place

@@ -381,6 +381,27 @@ def _ambiguous_message(pass_: PassNorms) -> str:
             "examples' but a size that equals the batch's by coincidence, use another batch "
             "size.)"
         )
+    found = next(
+        ((s.label, pass_.dim1_inputs[id(s)]) for s in origin.sources if id(s) in pass_.dim1_inputs),
+        None,
+    )
+    if found is not None:
+        used, dim1 = found
+        # (until 2026-12-06 a time-major activation upstream was refused as a meeting in the
+        # loss, whose fix — pass the targets to the forward — does not help, a hunt)
+        return (
+            f"a tensor computed from {labels}, of shape {list(shared)}, met the batch in the "
+            f"operation '{op}' only after '{used}' was used on a tensor of shape "
+            f"{list(dim1)}, whose examples lie along dim 1 ({n}) and not dim 0 — a time-major "
+            "or heads-first activation: a scan stacked with torch.stack(hs, 0) as [T, N, D], "
+            "the output of nn.LSTM/GRU/RNN(batch_first=False) scaled or normalised before it "
+            "is transposed back, attention's heads moved first as [H, N, T, d]. noisescale "
+            "reads the examples along dim 0, so it took that tensor for one shared by every "
+            "example, and a parameter used on it has no per-example split it can follow. "
+            "Keep dim 0 the examples (torch.stack(hs, 1), transpose back before the layer "
+            "or the parameter, heads as [N, H, T, d]: the same function, measured exactly), "
+            "or use per_example=False"
+        )
     if kind == "loss":
         return (
             f"a tensor computed from {labels} alone, of shape {list(shared)}, met the batch "

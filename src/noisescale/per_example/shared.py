@@ -547,6 +547,8 @@ def _meet(
         return _composite(func, args, kwargs)
     if batched:
         return _unsupported(func, args, kwargs, origin, pass_)
+    if dim == 0:
+        note_dim1_input(pass_, origin.sources, flat, n)
     with torch._C.DisableTorchFunctionSubclass():
         result = func(*args, **kwargs)
     if isinstance(result, Tensor) and result.layout != torch.strided:
@@ -851,6 +853,30 @@ def _met_expanded(
     origin.engine.add_meeting(pass_, meeting)
     _note_row_meeting(pass_, result, origin, dim)
     return True
+
+
+def note_dim1_input(pass_: PassNorms, sources: Any, values: list[Any], n: int) -> None:
+    """Remember, for ``sources``, a tensor among ``values`` with autograd history whose dim 1
+    has the batch's size ``n`` and dim 0 another — a time-major [T, N, D] (a scan stacked with
+    torch.stack(hs, 0), nn.LSTM(batch_first=False)'s output), a heads-first [H, N, T, d] —
+    that they met with no meeting (:attr:`PassNorms.dim1_inputs`): a refusal of the shared
+    tensor downstream names that layout (until 2026-12-06 it blamed the loss, a hunt)."""
+    shape = next(
+        (
+            tuple(t.shape)
+            for t in values
+            if isinstance(t, Tensor)
+            and not isinstance(t, SharedTensor)
+            and t.grad_fn is not None
+            and t.dim() > 2
+            and t.shape[1] == n
+            and t.shape[0] != n
+        ),
+        None,
+    )
+    if shape is not None and n > 1:
+        for source in sources:
+            pass_.dim1_inputs.setdefault(id(source), shape)
 
 
 def _note_dim1_expansion(
