@@ -926,6 +926,68 @@ def test_the_batch_first_form_of_a_time_major_mixer_is_exact(how):
     assert_exact_both_ways(TimeMajorMixer(how, fixed=True), x, _tm_loss)
 
 
+class CarriedState(nn.Module):
+    """Truncated BPTT: a recurrent state [N, D] carried (detached) from the previous batch —
+    stream i continues in row i — with a parameter applied elementwise to it; kept in a
+    registered buffer, or as a plain attribute."""
+
+    def __init__(self, buffer: bool, d: int = 6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc, self.dec = nn.Linear(3, d), nn.Linear(d, 1)
+        self.a = nn.Parameter(torch.rand(d))
+        state = torch.randn(N, d, generator=torch.Generator().manual_seed(5)) * 0.5
+        if buffer:
+            self.register_buffer("state", state)
+        else:
+            self.state = state
+
+    def forward(self, x):  # x [N, T, 3]
+        h, xs, ys = self.state, self.enc(x), []
+        for t in range(x.shape[1]):
+            h = torch.sigmoid(self.a) * h + 0.1 * torch.tanh(h) + xs[:, t]
+            ys.append(h)
+        return self.dec(torch.stack(ys, 1)).mean(1)
+
+
+@pytest.mark.parametrize("form", ["one-shot", "default", "exact"])
+def test_a_state_carried_in_a_buffer_is_refused_naming_the_buffer_and_the_fix(form):
+    """(A hunt, 2026-12-06.) The buffer is taken for no example's, so a state computed from it
+    and the parameter meets only history-less rows and is refused at step 1 — naming only
+    ['a'], not the buffer 'state' nor the fix. It names both now."""
+    model = CarriedState(buffer=True)
+    x = torch.randn(N, 5, 3, generator=torch.Generator().manual_seed(2))
+    match = r"\['a'\] and the model's buffer 'state' .*self\.state = h\.detach\(\)"
+    with pytest.raises(UnsupportedModuleError, match=match):
+        if form == "one-shot":
+            one_shot(model, x, _tm_loss)
+        else:
+            kw = {} if form == "default" else {"per_example_fraction": 1.0}
+            tracker = noisescale.GradientNoiseTracker(model, **kw)
+            try:
+                for _ in range(3):
+                    model.zero_grad()
+                    _tm_loss(model, x).mean().backward()
+                    tracker.step()
+            finally:
+                tracker.remove()
+
+
+def test_a_state_carried_as_a_plain_attribute_is_exact():
+    """The fix the refusal names: the same state as a plain attribute, exact against brute
+    force (example i run with its own row of the state)."""
+    x = torch.randn(N, 5, 3, generator=torch.Generator().manual_seed(2))
+    model = CarriedState(buffer=False)
+    got = one_shot(model, x, _tm_loss)
+    state, want = model.state, []
+    for i in range(N):
+        model.state = state[i : i + 1]
+        grads = torch.autograd.grad(_tm_loss(model, x[i : i + 1]).sum(), list(model.parameters()))
+        want.append(sum(g.pow(2).sum() for g in grads))
+    model.state = state
+    assert torch.allclose(got, torch.stack(want), rtol=1e-9)
+
+
 # -- found on models we did not write (transformers families beyond the zoo) ------------------
 
 

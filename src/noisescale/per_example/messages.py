@@ -402,6 +402,23 @@ def _ambiguous_message(pass_: PassNorms) -> str:
             "or the parameter, heads as [N, H, T, d]: the same function, measured exactly), "
             "or use per_example=False"
         )
+    buffer = next(
+        (pass_.buffer_rows[id(s)] for s in origin.sources if id(s) in pass_.buffer_rows), None
+    )
+    if buffer is not None and kind != "loss":
+        name, shape = buffer
+        return (
+            f"a tensor computed from {labels} and the model's buffer '{name}' (shape "
+            f"{list(shape)}), of shape {list(shared)}, has the batch's size ({n}) in dim 0 and "
+            f"meets, row by row in the operation '{op}', only a tensor without autograd "
+            f"history of shape {list(other)}. noisescale takes the model's buffers for tensors "
+            "that hold no example, whatever their leading size (a mask, a position table), so "
+            "it cannot tell whether these rows are the examples'. If the buffer carries a "
+            "state from the previous batch (truncated BPTT: stream i continues in row i), keep "
+            f"it out of the buffers — a plain attribute, self.{name} = h.detach(), or an "
+            "argument of forward, out, h = model(x, h): measured exactly — or use "
+            "per_example=False"
+        )
     if kind == "loss":
         return (
             f"a tensor computed from {labels} alone, of shape {list(shared)}, met the batch "

@@ -266,7 +266,10 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
         # one of the model's buffers holds no example, whatever its leading size: prune's mask
         # on a weight of N output rows (weight_orig * weight_mask) was refused as rows that
         # might be the examples' (2026-12-06)
-        batched = [t for t in batched if not engine.is_model_buffer(pass_, t)]
+        buffers = [t for t in batched if engine.is_model_buffer(pass_, t)]
+        if buffers and not pass_.returned:
+            _note_buffer(engine, pass_, origin, buffers[0])
+        batched = [t for t in batched if not any(t is b for b in buffers)]
     if batched and _name(func) in _GROUPED_NAMES:
         # a grouped product's offsets have one entry per group (an expert): with as many
         # experts as examples they are not the examples' (OLMoE at N = 8 experts was refused
@@ -323,6 +326,25 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
             )
         return result
     return _meet(func, args, kwargs, flat, origin, pass_, n, dim, batched)
+
+
+def _note_buffer(engine: Any, pass_: PassNorms, origin: Origin, buffer: Tensor) -> None:
+    """Remember, for ``origin``'s sources, the model's buffer with the batch's leading size
+    they were combined with (taken for no example's: :attr:`PassNorms.buffer_rows`) — a
+    truncated-BPTT state carried between batches in a registered buffer, whose rows are the
+    examples'. A refusal of their rows downstream names it and the fix (until 2026-12-06 it
+    named only the parameters, a hunt)."""
+    storage = buffer.untyped_storage().data_ptr()
+    name = next(
+        (
+            name
+            for name, b in engine.model.named_buffers()
+            if b.untyped_storage().data_ptr() == storage
+        ),
+        "?",
+    )
+    for source in origin.sources:
+        pass_.buffer_rows.setdefault(id(source), (name, tuple(buffer.shape)))
 
 
 def _has_dual(flat: list[Any]) -> bool:
