@@ -691,6 +691,66 @@ def test_t5_relative_bias_learned_with_labels_of_their_own():
     assert [r["skipped"] for r in tracker.history] == [True, False, False]
 
 
+class RelativeBias(nn.Module):
+    """A hand-written relative-position bias: a table [H, K] of the top-level model indexed by
+    columns, ``rel[:, bucket]`` with bucket [T, T] computed from the positions, added to the
+    attention scores. ``by_ids``: indexed instead by ids the input chose, ``rel[:, ids]`` with
+    ids [N, T] — rows of the batch's own, each example's, without autograd history."""
+
+    def __init__(self, by_ids: bool = False, d: int = 8, heads: int = 2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.by_ids, self.heads = by_ids, heads
+        self.enc, self.dec = nn.Linear(3, d), nn.Linear(d, 1)
+        if not by_ids:
+            self.qk = nn.Linear(d, 2 * d)
+        self.rel = nn.Parameter(torch.randn(heads, 15) * 0.2)
+
+    def forward(self, x):  # x [N, T, 3]
+        h = self.enc(x)
+        n, t, d = h.shape
+        if self.by_ids:
+            ids = (x[..., 0] * 3).long().clamp(-7, 7) + 7  # [N, T]
+            bias = self.rel[:, ids].permute(1, 2, 0)  # [N, T, H]
+            return self.dec(h + bias.repeat(1, 1, d // self.heads)).mean(1)
+        q, k = (u.view(n, t, self.heads, -1).transpose(1, 2) for u in self.qk(h).chunk(2, -1))
+        pos = torch.arange(t)
+        bucket = (pos[None, :] - pos[:, None]).clamp(-7, 7) + 7  # [T, T]
+        y = (q @ k.transpose(-1, -2) + self.rel[:, bucket]).softmax(-1) @ k
+        return self.dec(h + y.transpose(1, 2).reshape(n, t, d)).mean(1)
+
+
+def test_a_relative_bias_indexed_by_columns_with_t_equal_to_the_batch_is_learned(products):
+    """(A hunt, 2026-12-06.) ``rel[:, bucket]`` with T = N was refused at step 1 in the tracker
+    as '__getitem__' without a rule (the top-level model has no fallback), where
+    ``rel.t()[bucket]`` was learned as a lookup by positions. It is followed as that lookup
+    now: the one-shot refuses naming the table, the tracker's engine learns it is shared on its
+    first step and is exact from the next (unaudited steps included)."""
+    x = torch.randn(N, N, 3, generator=torch.Generator().manual_seed(4))
+    with pytest.raises(UnsupportedModuleError, match="embedding of rel"):
+        one_shot(RelativeBias(), x, _tm_loss)
+    assert_learns_then_exact(RelativeBias(), x, _tm_loss)
+    for kw in ({}, {"per_example_fraction": 1.0}):
+        model = RelativeBias()
+        tracker = noisescale.GradientNoiseTracker(model, sync_every=1, **kw)
+        try:
+            with pytest.warns(RuntimeWarning, match="embedding of rel"):
+                for _ in range(7):
+                    model.zero_grad()
+                    _tm_loss(model, x).mean().backward()
+                    tracker.step()
+        finally:
+            tracker.remove()
+        assert [r["skipped"] for r in tracker.history] == [True] + [False] * 6, kw
+
+
+def test_a_table_indexed_by_columns_with_ids_of_the_examples_is_exact(products):
+    """The neighbour that must not be taken for positions: ``rel[:, ids]`` with ids of the
+    batch's own rows (from the input, no history) at T = N — each example's lookup, exact."""
+    x = torch.randn(N, N, 3, generator=torch.Generator().manual_seed(4))
+    assert_exact_both_ways(RelativeBias(by_ids=True), x, _tm_loss)
+
+
 class NegativePadding(nn.Module):
     """A table looked up with a negative padding_idx, which torch takes for the last row:
     ``F.embedding(ids, table, padding_idx=-1)`` (AWD-LSTM's embedded_dropout), or an

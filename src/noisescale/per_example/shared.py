@@ -444,6 +444,14 @@ def _meet(
         met = _tensordot(args, kwargs, n)
         if met is not None:
             return met
+    if batched and name == "__getitem__" and _is_column_lookup(args):
+        # table[:, idx] (a hand-written relative-position bias, rel[:, bucket] with rel [H, K]
+        # and bucket [T, T]): the same values as the lookup of the transposed table's rows,
+        # its looked-up dims moved back in front — followed (and learned) as that lookup is.
+        # Until 2026-12-06 it was refused at T = N as '__getitem__' without a rule, where
+        # rel.t()[bucket] was exact (a hunt)
+        table, idx = args[0], args[1][1]
+        return table.transpose(0, 1)[idx].movedim(idx.dim(), 0)
     if batched and (func is F.embedding or (name == "__getitem__" and _is_lookup(args))):
         key = _lookup_key(origin, name)
         if key in engine.learned_shared_lookups:
@@ -1314,6 +1322,21 @@ def _tensordot(args: tuple, kwargs: dict, n: int) -> Any:
     w = b.permute(*db, *free_b).reshape(k, -1)  # (shared: followed as any view of it)
     y = torch.matmul(x, w)  # (dispatched: x @ W with a shared 2-D W, a linear meeting)
     return y.reshape(*(a.shape[i] for i in free_a), *(b.shape[i] for i in free_b))
+
+
+def _is_column_lookup(args: tuple) -> bool:
+    """``table[:, idx]``: a shared table of two or more dims, its dim 1 indexed by one integer
+    tensor, its dim 0 taken whole."""
+    key = args[1] if len(args) == 2 else None
+    return (
+        isinstance(key, tuple)
+        and len(key) == 2
+        and isinstance(key[0], slice)
+        and key[0] == slice(None)
+        and isinstance(args[0], SharedTensor)
+        and args[0].dim() >= 2
+        and _is_lookup((args[0], key[1]))
+    )
 
 
 def _is_lookup(args: tuple) -> bool:
