@@ -962,7 +962,7 @@ def test_a_time_major_activation_reaching_a_parameter_is_named_as_such(how, form
     names the tensor whose examples lie along dim 1 and the fix now, in every mode."""
     model = TimeMajorMixer(how)
     x = torch.randn(N, 5, 3, generator=torch.Generator().manual_seed(2))
-    match = r"examples lie along dim 1 \(4\) and not dim 0 .*Keep dim 0 the examples"
+    match = r"dim 1 has the batch's size \(4\) and dim 0 does not.*Keep dim 0 the examples"
     with pytest.raises(UnsupportedModuleError, match=match) as err:
         if form == "one-shot":
             one_shot(model, x, _tm_loss)
@@ -977,6 +977,18 @@ def test_a_time_major_activation_reaching_a_parameter_is_named_as_such(how, form
             finally:
                 tracker.remove()
     assert "pass the targets" not in str(err.value)
+
+
+def test_a_scan_stacked_time_major_with_t_equal_to_the_batch_names_the_layout():
+    """(A hunt, 2026-12-06.) At T = N the stacked scan's rows were named only as rows put
+    together from the batch's (crops, regions); the time-major stack and its fix are named
+    too."""
+    model = TimeMajorMixer("scan")
+    x = torch.randn(N, N, 3, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(
+        UnsupportedModuleError, match=r"torch\.stack\(hs, 0\).*torch\.stack\(hs, 1\)"
+    ):
+        one_shot(model, x, _tm_loss)
 
 
 @pytest.mark.parametrize("how", ["scan", "scale", "norm", "heads"])

@@ -392,15 +392,16 @@ def _ambiguous_message(pass_: PassNorms) -> str:
         return (
             f"a tensor computed from {labels}, of shape {list(shared)}, met the batch in the "
             f"operation '{op}' only after '{used}' was used on a tensor of shape "
-            f"{list(dim1)}, whose examples lie along dim 1 ({n}) and not dim 0 — a time-major "
-            "or heads-first activation: a scan stacked with torch.stack(hs, 0) as [T, N, D], "
-            "the output of nn.LSTM/GRU/RNN(batch_first=False) scaled or normalised before it "
-            "is transposed back, attention's heads moved first as [H, N, T, d]. noisescale "
-            "reads the examples along dim 0, so it took that tensor for one shared by every "
-            "example, and a parameter used on it has no per-example split it can follow. "
-            "Keep dim 0 the examples (torch.stack(hs, 1), transpose back before the layer "
-            "or the parameter, heads as [N, H, T, d]: the same function, measured exactly), "
-            "or use per_example=False"
+            f"{list(dim1)}, whose dim 1 has the batch's size ({n}) and dim 0 does not. If its "
+            "examples lie along dim 1 and not dim 0 — a time-major or heads-first activation: "
+            "a scan stacked with torch.stack(hs, 0) as [T, N, D], the output of "
+            "nn.LSTM/GRU/RNN(batch_first=False) scaled or normalised before it is transposed "
+            "back, attention's heads moved first as [H, N, T, d] —, that is the cause: "
+            "noisescale reads the examples along dim 0, so it took that tensor for one shared "
+            "by every example, and a parameter used on it has no per-example split it can "
+            "follow. Keep dim 0 the examples (torch.stack(hs, 1), transpose back before the "
+            "layer or the parameter, heads as [N, H, T, d]: the same function, measured "
+            "exactly), or use per_example=False"
         )
     buffer = next(
         (pass_.buffer_rows[id(s)] for s in origin.sources if id(s) in pass_.buffer_rows), None
