@@ -334,6 +334,8 @@ def _note_buffer(engine: Any, pass_: PassNorms, origin: Origin, buffer: Tensor) 
     truncated-BPTT state carried between batches in a registered buffer, whose rows are the
     examples'. A refusal of their rows downstream names it and the fix (until 2026-12-06 it
     named only the parameters, a hunt)."""
+    if all(id(source) in pass_.buffer_rows for source in origin.sources):
+        return  # (noted already: the buffers are searched once a pass per source)
     storage = buffer.untyped_storage().data_ptr()
     name = next(
         (
