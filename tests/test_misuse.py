@@ -1091,6 +1091,81 @@ def test_gradients_from_torch_func_are_refused_naming_the_transform():
         tracker.remove()
 
 
+class _VmapMixer(nn.Module):
+    """A sequence mixer written with torch.vmap inside its forward (a hunt, 2026-12-06)."""
+
+    def __init__(self, d: int, how: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc, self.lin, self.dec = nn.Linear(3, d), nn.Linear(d, d), nn.Linear(d, 1)
+        self.w = nn.Parameter(torch.randn(d, d) * 0.3)
+        self.a = nn.Parameter(torch.rand(d))
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "input":  # (no parameter inside the vmap: nothing to follow there)
+            x = torch.vmap(torch.sin)(x)
+        h = self.enc(x)
+        if self.how == "input":
+            h = self.lin(h) * self.a + h @ self.w
+        elif self.how == "time":  # a position-wise map vmapped over time
+            h = torch.vmap(lambda ht: ht * self.a + ht @ self.w, in_dims=1, out_dims=1)(h)
+        elif self.how == "linear":
+            h = torch.vmap(lambda hi: self.lin(hi).cumsum(0))(h)
+        elif self.how == "scan":  # a per-sequence recurrence vmapped over the examples
+
+            def one(hi: torch.Tensor) -> torch.Tensor:
+                st, ys = torch.zeros(hi.shape[1]), []
+                for t in range(hi.shape[0]):
+                    st = torch.sigmoid(self.a) * st + hi[t] @ self.w
+                    ys.append(st)
+                return torch.stack(ys)
+
+            h = torch.vmap(one)(h)
+        return self.dec(h).mean(1)
+
+
+def _vmap_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x).pow(2).sum(-1)
+
+
+@pytest.mark.parametrize(
+    ("how", "d"), [("scan", 4), ("scan", 6), ("time", 6), ("linear", 4), ("linear", 6)]
+)
+@pytest.mark.parametrize("form", ["one-shot", "default", "exact"])
+def test_torch_vmap_inside_the_forward_is_refused_naming_it(how, d, form):
+    """(A hunt, 2026-12-06.) A per-sequence scan vmapped over the examples with D = N, or a map
+    vmapped over time, crashed with a bare "cannot register a hook on a tensor that doesn't
+    require gradient"; with D ≠ N its parameters were said to be read in the loss, a Linear
+    inside the vmap was withheld, then the same. The engine meets the transform's wrapped
+    tensors, not the batch: refused at the first forward, naming torch.vmap and the fix."""
+    model = _VmapMixer(d, how).double()
+    x = torch.randn(4, 5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    match = r"ran under torch\.vmap .* inside the model's forward.*per_example=False"
+    if form == "one-shot":
+        with pytest.raises(UnsupportedModuleError, match=match):
+            with noisescale.per_example_sqnorms(model) as _:
+                _vmap_loss(model, x).mean().backward()
+        return
+    kw = {} if form == "default" else {"per_example_fraction": 1.0}
+    tracker = noisescale.GradientNoiseTracker(model, **kw)
+    try:
+        with pytest.raises(UnsupportedModuleError, match=match):
+            _vmap_loss(model, x).mean().backward()
+    finally:
+        tracker.remove()
+
+
+def test_torch_vmap_on_the_input_alone_inside_the_forward_is_exact():
+    """The refusal's neighbour: a vmap that no parameter enters (a map of the raw input) gives
+    an ordinary tensor to the layers after it — measured exactly, as before."""
+    from test_never_silently_wrong import assert_exact_both_ways
+
+    model = _VmapMixer(4, "input").double()
+    x = torch.randn(4, 5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert_exact_both_ways(model, x, _vmap_loss)
+
+
 def _tangent_loss(model: nn.Module, x: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
     """A physics-informed loss: a data term and one on the directional derivative of the
     model's output along a direction v, from forward-mode AD."""

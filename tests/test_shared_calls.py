@@ -530,3 +530,64 @@ def test_parameters_reached_through_a_plain_list_are_refused_naming_it(kw):
                 tracker.step(loss=loss)
     finally:
         tracker.remove()
+
+
+class _PositionTable(nn.Module):
+    """A parameter times a fixed table of the T positions (no autograd history), added to or
+    multiplied into the batch-first activations [N, T, D]: a learned scale of a sinusoid, RoPE
+    with learned frequencies, Hyena's decay window. ``lead``: the table built [1, T, D]."""
+
+    def __init__(self, kind: str, lead: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc, self.dec = nn.Linear(3, 6), nn.Linear(6, 1)
+        self.p = nn.Parameter(torch.rand(6))
+        self.kind, self.lead = kind, lead
+
+    def forward(self, x):
+        h = self.enc(x)
+        t = torch.arange(h.shape[1], dtype=h.dtype)[:, None]  # [T, 1]
+        if self.lead:
+            t = t[None]  # [1, T, 1]
+        if self.kind == "scale":
+            h = h + self.p * torch.sin(t / (1.0 + torch.arange(6, dtype=h.dtype)))
+        elif self.kind == "rope":
+            ang = t * self.p
+            h = h * ang.cos() + h.roll(1, -1) * ang.sin()
+        else:
+            h = h * torch.exp(-(t * self.p).abs())
+        return self.dec(h).mean(1)
+
+
+@pytest.mark.parametrize("kind", ["scale", "rope", "decay"])
+@pytest.mark.parametrize("form", ["one-shot", "default", "exact"])
+def test_a_parameter_times_a_position_table_of_t_equal_to_the_batch_names_the_fix(kind, form):
+    """(A hunt, 2026-12-06.) With T = N the history-less table is taken for the examples' rows
+    (as the raw input would be: nothing tells them apart), refused at step 1 in every mode —
+    while the message promised that GradientNoiseTracker learns it on its first step. The
+    message now says it is refused at every step and names the fix, a table with a leading
+    dim of 1 (exact below) or a batch size other than T."""
+    from noisescale.errors import UnsupportedModuleError
+
+    model = _PositionTable(kind, lead=False)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, N, 3, generator=g), torch.randn(N, 1, generator=g)
+    match = r"fixed table of T = N positions.*every step.*pos\[None\].*other than T"
+    with pytest.raises(UnsupportedModuleError, match=match) as err:
+        if form == "one-shot":
+            with noisescale.per_example_sqnorms(model) as _:
+                (model(x) - y).pow(2).sum(-1).mean().backward()
+        else:
+            kw = {} if form == "default" else {"per_example_fraction": 1.0}
+            train_tracked(model, lambda: (model(x) - y).pow(2).sum(-1).mean(), **kw)
+    assert "learns so on its first step" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["scale", "rope", "decay"])
+@pytest.mark.parametrize(("t", "lead"), [(N, True), (5, False)])
+def test_a_parameter_times_a_position_table_led_by_one_or_of_t_other_than_n_is_exact(kind, t, lead):
+    """The fix the refusal names (the table [1, T, D], T = N), and T ≠ N: exact."""
+    model = _PositionTable(kind, lead)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, t, 3, generator=g), torch.randn(N, 1, generator=g)
+    assert_exact_both_modes(model, lambda: (model(x) - y).pow(2).sum(-1), N)

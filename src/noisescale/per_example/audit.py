@@ -236,7 +236,29 @@ class Findings:
                     "k.expand(C, 1, kh, kw) —, GradientNoiseTracker learns so on its first "
                     "step and measures it from the next (a one-shot measurement cannot: use a "
                     "batch size other than C there)"
-                    if any(t.label.startswith("expand of") for t in self.misattributed)
+                    if any(
+                        t.label.startswith("expand of") and t.module is not None
+                        for t in self.misattributed
+                    )
+                    else ""
+                )
+                + (
+                    # (an elementwise meeting has no key to learn: a fixed position table of
+                    # T = N rows was refused at every step while this said the tracker
+                    # learns it, a hunt of 2026-12-06)
+                    ". A tensor computed from parameters broadcast against one whose dim 0 "
+                    "has the batch's size but that has no autograd history is taken for a "
+                    "meeting with the examples' rows, as the raw input would be, and nothing "
+                    "tells the two apart — a fixed table of T = N positions built from "
+                    "arange/sin (h + p * sin(pos), RoPE's arange(T)[:, None] * inv_freq, a "
+                    "decay window exp(-t * |a|)) is refused so at every step, by "
+                    "GradientNoiseTracker too: build the table with a leading dim of 1 "
+                    "(pos[None], arange(T)[None, :, None]) so that it broadcasts over the "
+                    "examples, or use a batch size other than T"
+                    if any(
+                        t.label.startswith("expand of") and t.module is None
+                        for t in self.misattributed
+                    )
                     else ""
                 )
             )

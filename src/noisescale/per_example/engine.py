@@ -123,6 +123,7 @@ from noisescale.per_example.messages import (
     _flattened_hint,
     _reentrant_checkpointing,
     forward_ad_message,
+    forward_transform_message,
     mixed_pick_message,
     nested_message,
     new_parameters_message,
@@ -158,6 +159,7 @@ from noisescale.per_example.shared import (
     _has_dual,
     _plain,
     flatten,
+    note_dim1_input,
     per_example_reduce,
     per_example_state,
     view_relation,
@@ -1477,6 +1479,22 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # forward put in the model: there it is the parameter's value, nothing is followed)
         return not (self._paused or replaying or self._recomputing or foreign_thread(self.thread))
 
+    def check_forward_transform(self, where: str) -> None:
+        """Refuse ``where`` met under a torch.func transform entered inside the model's forward
+        (``torch.vmap(scan)(h)``): the hooks see its wrapped tensors, not the batch — a bare
+        "cannot register a hook" RuntimeError, or parameters said to be read in the loss,
+        until 2026-12-06 (a hunt). The user's own transforms around the model
+        (``vmap(grad(functional_call(model, ...)))``) open no pass: not refused here."""
+        if (
+            self.passes
+            and not self.passes[-1].returned
+            and torch.is_grad_enabled()
+            and torch._C._current_graph_task_id() == -1
+            and not (self._paused or self._recomputing or self._replaying)
+            and _inside_functorch()
+        ):
+            raise UnsupportedModuleError(forward_transform_message(where))
+
     def open_pass(self) -> PassNorms | None:
         if not self.passes or not torch.is_grad_enabled():
             return None
@@ -2142,6 +2160,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         taken = stack.pop() if stack else None
         product_weight, product_bias = (None, None) if taken is None else taken
         if product_weight is None and not self._active():
+            self.check_forward_transform(f"layer '{self._calls[module][1]}'")
             if (
                 not self.passes
                 and self._unopened is None
@@ -3286,6 +3305,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             # call's output is computed once, not per example: small) keeps the edge below
             output = output.clone()
         source = Source(tensor=output, call=call, label=label)
+        if not shared:
+            note_dim1_input(pass_, (source,), _flat_values(args, kwargs), pass_.batch_size)
         if output.requires_grad:
             # the edge of the tensor the output's memory belongs to: on input that is itself
             # shared the output is an alias (a shared tensor) of its copy, and an in-place

@@ -409,6 +409,45 @@ def _ambiguous_message(pass_: PassNorms) -> str:
             "layer's rows are the examples in order; otherwise pick one row per example in "
             "order (h[torch.arange(N), t]), or use per_example=False"
         )
+    found = next(
+        ((s.label, pass_.dim1_inputs[id(s)]) for s in origin.sources if id(s) in pass_.dim1_inputs),
+        None,
+    )
+    if found is not None:
+        used, dim1 = found
+        # (until 2026-12-06 a time-major activation upstream was refused as a meeting in the
+        # loss, whose fix — pass the targets to the forward — does not help, a hunt)
+        return (
+            f"a tensor computed from {labels}, of shape {list(shared)}, met the batch in the "
+            f"operation '{op}' only after '{used}' was used on a tensor of shape "
+            f"{list(dim1)}, whose dim 1 has the batch's size ({n}) and dim 0 does not. If its "
+            "examples lie along dim 1 and not dim 0 — a time-major or heads-first activation: "
+            "a scan stacked with torch.stack(hs, 0) as [T, N, D], the output of "
+            "nn.LSTM/GRU/RNN(batch_first=False) scaled or normalised before it is transposed "
+            "back, attention's heads moved first as [H, N, T, d] —, that is the cause: "
+            "noisescale reads the examples along dim 0, so it took that tensor for one shared "
+            "by every example, and a parameter used on it has no per-example split it can "
+            "follow. Keep dim 0 the examples (torch.stack(hs, 1), transpose back before the "
+            "layer or the parameter, heads as [N, H, T, d]: the same function, measured "
+            "exactly), or use per_example=False"
+        )
+    buffer = next(
+        (pass_.buffer_rows[id(s)] for s in origin.sources if id(s) in pass_.buffer_rows), None
+    )
+    if buffer is not None and kind != "loss":
+        name, shape = buffer
+        return (
+            f"a tensor computed from {labels} and the model's buffer '{name}' (shape "
+            f"{list(shape)}), of shape {list(shared)}, has the batch's size ({n}) in dim 0 and "
+            f"meets, row by row in the operation '{op}', only a tensor without autograd "
+            f"history of shape {list(other)}. noisescale takes the model's buffers for tensors "
+            "that hold no example, whatever their leading size (a mask, a position table), so "
+            "it cannot tell whether these rows are the examples'. If the buffer carries a "
+            "state from the previous batch (truncated BPTT: stream i continues in row i), keep "
+            f"it out of the buffers — a plain attribute, self.{name} = h.detach(), or an "
+            "argument of forward, out, h = model(x, h): measured exactly — or use "
+            "per_example=False"
+        )
     if kind == "output":
         return (
             f"the model's output of shape {list(shared)}, computed through {labels}, whose "
@@ -616,6 +655,20 @@ def transform_message(layer: str) -> str:
         "torch.func.jvp whose tangent is only a target (a stop-gradient, as in MeanFlow or "
         "consistency models) is measured when it runs under torch.no_grad() and the loss's "
         "output comes from a plain forward"
+    )
+
+
+def forward_transform_message(where: str) -> str:
+    """Why a torch.func transform entered inside the model's forward is refused; ``where``
+    names what the engine met under it (a layer, parameters used directly)."""
+    return (
+        f"{where} ran under torch.vmap (or another torch.func transform: grad, vjp, jvp) "
+        "entered inside the model's forward — a per-sequence scan vmapped over the examples, "
+        "a position-wise map vmapped over time (in_dims=1). noisescale does not follow "
+        "functorch transforms inside the forward: its hooks would see the transform's wrapped "
+        "tensors, not the batch's examples. Write the batched form without torch.vmap (a "
+        "loop-free batched operation: x @ W on [N, T, D], x * a broadcast over the examples, "
+        "a loop over time on the whole batch), or use per_example=False"
     )
 
 

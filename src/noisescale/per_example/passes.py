@@ -250,6 +250,13 @@ class PassNorms:
     # sequence-first [Q, N, d] of learned queries, facebookresearch/detr's): id of each of its
     # sources -> (labels, shape), for the refusal of a shared call downstream to name
     dim1_expansions: dict[int, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+    # tensors with history whose dim 1 has the batch's size and dim 0 another (time-major
+    # [T, N, D], heads-first [H, N, T, d]) that a shared tensor met without a meeting: id of
+    # each of its sources -> the tensor's shape, for a refusal downstream to name the layout
+    dim1_inputs: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    # the model's buffers of the batch's leading size a shared tensor was combined with (no
+    # example's, by rule): id of each of its sources -> (the buffer's name, its shape)
+    buffer_rows: dict[int, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
     # outputs of the layers measured in this pass after such an expansion was noted: the
     # output's autograd node (id, sequence number, output number) and its examples' dimension,
     # where that search stops (the layer keeps its examples apart along it)

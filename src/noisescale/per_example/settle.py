@@ -1023,7 +1023,9 @@ def _assembled_message(assembled: dict, found: str) -> str:
     return (
         f"this step's audit failed, and layer(s) or parameter use(s) {layers} ran on rows put "
         "together from the batch's (crops or regions stacked by image, instances pooled with "
-        "index_add), as many as the examples: if they are not one per example in order, that "
+        "index_add; or a time-major activation, a scan's steps stacked with torch.stack(hs, "
+        "0) as [T, N, D] with T = N — keep dim 0 the examples, torch.stack(hs, 1)), as many "
+        "as the examples: if they are not one per example in order, that "
         "is the cause — which example each row holds changes with the data (a detection "
         "head's regions, an image's instances), so a layer on them cannot be split by "
         "example; such passes are audited every step, and refused where the rows are not the "

@@ -252,6 +252,9 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
 
         labels = sorted({s.label for s in origin.sources})
         raise UnsupportedModuleError(forward_ad_message(f"parameters {labels}, used directly,"))
+    if pass_ is not None and torch._C._functorch.maybe_current_level() is not None:
+        labels = sorted({s.label for s in origin.sources})
+        engine.check_forward_transform(f"parameters {labels}, used directly,")
     if pass_ is None:  # after the step's passes closed (e.g. a loss term read after forward)
         if engine.passes and not torch.is_grad_enabled():
             _note_custom_function(engine.passes[-1], origin)
@@ -263,7 +266,10 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
         # one of the model's buffers holds no example, whatever its leading size: prune's mask
         # on a weight of N output rows (weight_orig * weight_mask) was refused as rows that
         # might be the examples' (2026-12-06)
-        batched = [t for t in batched if not engine.is_model_buffer(pass_, t)]
+        buffers = [t for t in batched if engine.is_model_buffer(pass_, t)]
+        if buffers and not pass_.returned:
+            _note_buffer(engine, pass_, origin, buffers[0])
+        batched = [t for t in batched if not any(t is b for b in buffers)]
     if batched and _name(func) in _GROUPED_NAMES:
         # a grouped product's offsets have one entry per group (an expert): with as many
         # experts as examples they are not the examples' (OLMoE at N = 8 experts was refused
@@ -369,6 +375,27 @@ def _flat_product(
     return product(x.unflatten(0, (n, -1)), *args[1:], **kwargs).flatten(0, 1)
 
 
+def _note_buffer(engine: Any, pass_: PassNorms, origin: Origin, buffer: Tensor) -> None:
+    """Remember, for ``origin``'s sources, the model's buffer with the batch's leading size
+    they were combined with (taken for no example's: :attr:`PassNorms.buffer_rows`) — a
+    truncated-BPTT state carried between batches in a registered buffer, whose rows are the
+    examples'. A refusal of their rows downstream names it and the fix (until 2026-12-06 it
+    named only the parameters, a hunt)."""
+    if all(id(source) in pass_.buffer_rows for source in origin.sources):
+        return  # (noted already: the buffers are searched once a pass per source)
+    storage = buffer.untyped_storage().data_ptr()
+    name = next(
+        (
+            name
+            for name, b in engine.model.named_buffers()
+            if b.untyped_storage().data_ptr() == storage
+        ),
+        "?",
+    )
+    for source in origin.sources:
+        pass_.buffer_rows.setdefault(id(source), (name, tuple(buffer.shape)))
+
+
 def _has_dual(flat: list[Any]) -> bool:
     """Whether one of the operation's tensors carries a forward-mode AD tangent (read with the
     subclass's dispatch off: ``unpack_dual`` on an alias re-entered this dispatch for ever, a
@@ -466,6 +493,14 @@ def _meet(
         met = _tensordot(args, kwargs, n)
         if met is not None:
             return met
+    if batched and name == "__getitem__" and _is_column_lookup(args):
+        # table[:, idx] (a hand-written relative-position bias, rel[:, bucket] with rel [H, K]
+        # and bucket [T, T]): the same values as the lookup of the transposed table's rows,
+        # its looked-up dims moved back in front — followed (and learned) as that lookup is.
+        # Until 2026-12-06 it was refused at T = N as '__getitem__' without a rule, where
+        # rel.t()[bucket] was exact (a hunt)
+        table, idx = args[0], args[1][1]
+        return table.transpose(0, 1)[idx].movedim(idx.dim(), 0)
     if batched and (func is F.embedding or (name == "__getitem__" and _is_lookup(args))):
         key = _lookup_key(origin, name)
         if key in engine.learned_shared_lookups:
@@ -593,6 +628,8 @@ def _meet(
         return _composite(func, args, kwargs)
     if batched:
         return _unsupported(func, args, kwargs, origin, pass_)
+    if dim == 0:
+        note_dim1_input(pass_, origin.sources, flat, n)
     with torch._C.DisableTorchFunctionSubclass():
         result = func(*args, **kwargs)
     if isinstance(result, Tensor) and result.layout != torch.strided:
@@ -897,6 +934,30 @@ def _met_expanded(
     origin.engine.add_meeting(pass_, meeting)
     _note_row_meeting(pass_, result, origin, dim)
     return True
+
+
+def note_dim1_input(pass_: PassNorms, sources: Any, values: list[Any], n: int) -> None:
+    """Remember, for ``sources``, a tensor among ``values`` with autograd history whose dim 1
+    has the batch's size ``n`` and dim 0 another — a time-major [T, N, D] (a scan stacked with
+    torch.stack(hs, 0), nn.LSTM(batch_first=False)'s output), a heads-first [H, N, T, d] —
+    that they met with no meeting (:attr:`PassNorms.dim1_inputs`): a refusal of the shared
+    tensor downstream names that layout (until 2026-12-06 it blamed the loss, a hunt)."""
+    shape = next(
+        (
+            tuple(t.shape)
+            for t in values
+            if isinstance(t, Tensor)
+            and not isinstance(t, SharedTensor)
+            and t.grad_fn is not None
+            and t.dim() > 2
+            and t.shape[1] == n
+            and t.shape[0] != n
+        ),
+        None,
+    )
+    if shape is not None and n > 1:
+        for source in sources:
+            pass_.dim1_inputs.setdefault(id(source), shape)
 
 
 def _note_dim1_expansion(
@@ -1312,6 +1373,21 @@ def _tensordot(args: tuple, kwargs: dict, n: int) -> Any:
     w = b.permute(*db, *free_b).reshape(k, -1)  # (shared: followed as any view of it)
     y = torch.matmul(x, w)  # (dispatched: x @ W with a shared 2-D W, a linear meeting)
     return y.reshape(*(a.shape[i] for i in free_a), *(b.shape[i] for i in free_b))
+
+
+def _is_column_lookup(args: tuple) -> bool:
+    """``table[:, idx]``: a shared table of two or more dims, its dim 1 indexed by one integer
+    tensor, its dim 0 taken whole."""
+    key = args[1] if len(args) == 2 else None
+    return (
+        isinstance(key, tuple)
+        and len(key) == 2
+        and isinstance(key[0], slice)
+        and key[0] == slice(None)
+        and isinstance(args[0], SharedTensor)
+        and args[0].dim() >= 2
+        and _is_lookup((args[0], key[1]))
+    )
 
 
 def _is_lookup(args: tuple) -> bool:
