@@ -1945,6 +1945,125 @@ def test_chunks_joined_with_one_left_out_are_a_counted_mean():
         _one_shot(model, x, loss_of)
 
 
+_LENS = [4, 2, 1, 3, 2]  # (each sequence's real tokens, in the examples' order)
+
+
+def _per_sequence(form: str):
+    """Per-sequence losses cut from the packed stream of real tokens (cu_seqlens style), a mean
+    (or sum) over the examples of each sequence's own term."""
+
+    def loss_of(o):
+        mask = torch.arange(T)[None] < torch.tensor(_LENS)[:, None]
+        y = torch.arange(N * T).view(N, T) % C
+        tok = F.cross_entropy(o[mask], y[mask], reduction="none")
+        pieces = tok.split(_LENS)
+        if form == "stack of means, mean":
+            return torch.stack([c.mean() for c in pieces]).mean()
+        if form == "Python sum of means / N":
+            return sum(c.mean() for c in pieces) / N
+        if form == "stack of sums, mean":
+            return torch.stack([c.sum() for c in pieces]).mean()
+        if form == "tensor_split":
+            cuts = torch.tensor(_LENS).cumsum(0)[:-1].tolist()
+            return torch.stack([c.mean() for c in torch.tensor_split(tok, cuts)]).mean()
+        if form == "reversed":
+            return torch.stack([c.mean() for c in pieces][::-1]).mean()
+        if form == "logits split":
+            return torch.stack(
+                [
+                    F.cross_entropy(a, b)
+                    for a, b in zip(o[mask].split(_LENS), y[mask].split(_LENS), strict=True)
+                ]
+            ).mean()
+        # the same terms on the padded grid [N, T]: the reference
+        grid = F.cross_entropy(o.reshape(-1, C), y.reshape(-1), reduction="none").view(N, T)
+        sums = (grid * mask).sum(1)
+        return (sums if form == "grid of sums" else sums / torch.tensor(_LENS)).mean()
+
+    return loss_of
+
+
+_SEQUENCE_FORMS = [
+    "stack of means, mean",
+    "Python sum of means / N",
+    "stack of sums, mean",
+    "tensor_split",
+    "reversed",
+    "logits split",
+]
+
+
+@pytest.mark.parametrize("form", _SEQUENCE_FORMS)
+def test_per_sequence_losses_cut_from_a_packed_stream_are_a_mean_over_the_examples(form):
+    """``tok = F.cross_entropy(lo[mask], y[mask], reduction="none")`` cut into its sequences,
+    ``tok.split(lens)``, each sequence's term stacked and averaged: a mean over the examples of
+    each one's own term. Until 2026-12-06 (a hunt) each piece's mean was read as a mean over
+    the examples' rows: refused under "mean" as averaged over what it counts (or as a plain
+    sum), and measured without a word under "sum", every norm N² too small — one-shot and
+    tracker. Exact under "mean" now, its records step by step those of the same terms on the
+    padded grid (default and per_example_fraction=1.0, audited steps and 3, 5–7); refused
+    under "sum"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(C, D), nn.Linear(D, C))
+    x = torch.randint(0, C, (N, T), generator=torch.Generator().manual_seed(6))
+    loss_of = _per_sequence(form)
+    with pytest.raises(noisescale.NoiseScaleInputError, match="plain mean over the examples"):
+        with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
+            loss_of(model(x)).backward()
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(model, loss_reduction="sum", per_example_fraction=1.0)
+    try:
+        loss_of(model(x)).backward()
+        with pytest.raises(noisescale.NoiseScaleInputError, match="plain mean over the examples"):
+            tracker.step()
+    finally:
+        tracker.remove()
+        model.zero_grad()
+    grid = "grid of sums" if "sums" in form else "grid"
+    want = N**2 * share_truth(model, x, loss_of)  # (L = mean of each example's own loss)
+    assert torch.allclose(want, N**2 * share_truth(model, x, _per_sequence(grid)), rtol=1e-9)
+    assert torch.allclose(_one_shot(model, x, loss_of), want, rtol=1e-9)
+    for kw in ({}, {"per_example_fraction": 1.0}):
+        records = {}
+        for how in (form, grid):
+            tracker = noisescale.GradientNoiseTracker(model, **kw)
+            try:
+                for _ in range(7):  # (steps 1, 2, 4 audited; 3, 5–7 not)
+                    loss = _per_sequence(how)(model(x))
+                    loss.backward()
+                    tracker.step(loss=loss)
+                    model.zero_grad()
+                records[how] = [r["sources"] for r in tracker.history]
+            finally:
+                tracker.remove()
+        for got, ref in zip(records[form], records[grid], strict=True):
+            assert got.keys() == ref.keys() and got
+            for source in ref:
+                for key, value in ref[source].items():
+                    if isinstance(value, float):
+                        assert got[source][key] == pytest.approx(value, rel=1e-9), (source, key)
+        if kw:
+            small = [r["per_example"]["sqnorm_small"] for r in records[form]]
+            assert small == pytest.approx([float(want.mean())] * 7, rel=1e-9)
+
+
+def test_per_sequence_pieces_that_cut_across_the_sequences_are_not_one_example_s():
+    """Pieces whose sizes do not follow the sequences (a piece holding two examples' tokens)
+    are no example's own term: their means stacked and averaged stay a mean over what they
+    count, refused under "mean"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(C, D), nn.Linear(D, C))
+    x = torch.randint(0, C, (N, T), generator=torch.Generator().manual_seed(6))
+
+    def loss_of(o):
+        mask = torch.arange(T)[None] < torch.tensor(_LENS)[:, None]
+        tok = F.cross_entropy(o[mask], (torch.arange(N * T).view(N, T) % C)[mask], reduction="none")
+        return torch.stack([c.mean() for c in tok.split([3, 3, 1, 3, 2])]).mean()
+
+    with pytest.raises(noisescale.NoiseScaleInputError, match="averaged over what it counts"):
+        _one_shot(model, x, loss_of)
+
+
 class _TwoTower(nn.Module):
     """forward(users) returns the user embeddings; the item tower is called in the loss code."""
 
