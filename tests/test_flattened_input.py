@@ -702,3 +702,70 @@ def test_a_cell_on_flattened_slots_from_a_zero_state_is_exact(kind):
     model = _CellZeroState(kind)
     x = torch.randn(N, T, D, generator=torch.Generator().manual_seed(1))
     assert_exact_both_modes(model, lambda: model(x).pow(2).sum(1), N)
+
+
+class _BeamRows(nn.Module):
+    """HF-style flattened beams: an encoder's state repeated per beam, ``repeat_interleave(B,
+    0)``, beside the beams' own rows in a ``torch.cat`` along the features, a cell on the
+    [N·B, 2D] rows, the output viewed back [N, B, V]."""
+
+    def __init__(self, side: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.side = side
+        self.enc, self.emb = nn.Linear(D, D), nn.Embedding(7, D)
+        self.cell, self.out = nn.Linear(2 * D, D), nn.Linear(D, 3)
+
+    def forward(self, x, tok):
+        n, b = tok.shape
+        h = torch.tanh(self.enc(x)).repeat_interleave(b, 0)
+        if self.side == "zeros":
+            side = torch.zeros(n * b, D)
+        elif self.side == "embedded tokens":  # (the tokens embedded batch-first, [N, B])
+            side = self.emb(tok).reshape(n * b, D)
+        elif self.side == "rows of other examples":
+            side = h.roll(1, 0)
+        else:  # "cat along dim 0", viewed back into rows of two halves
+            rows = torch.cat([h, h]).view(n * b, 2 * D)
+            return self.out(torch.tanh(self.cell(rows))).view(n, b, 3)
+        return self.out(torch.tanh(self.cell(torch.cat([side, h], -1)))).view(n, b, 3)
+
+
+@pytest.mark.parametrize("side", ["zeros", "embedded tokens"])
+def test_beams_flattened_beside_a_cat_along_the_features_are_exact(side):
+    """The rows of a cat along the features are each part's rows: until 2026-12-06 (a hunt) the
+    walk that proves flattened rows each example's stopped at the cat, and the cell was taken
+    for a layer shared by all examples and refused. Exact — one-shot, sub-batches on steps 1–3,
+    and the tracker's per-example norms on every step of 7 (3, 5–7 not audited)."""
+    model = _BeamRows(side)
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(1))
+    tok = torch.randint(0, 7, (N, 2), generator=torch.Generator().manual_seed(2))
+
+    def losses():
+        return model(x, tok).pow(2).sum((1, 2))
+
+    assert_exact_both_modes(model, losses, N)
+    want = float(example_sqnorms(model, lambda i: losses()[i], N).mean())
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    try:
+        for _ in range(7):
+            losses().mean().backward()
+            tracker.step()
+            model.zero_grad()
+        small = [r["sources"]["per_example"]["sqnorm_small"] for r in tracker.history]
+    finally:
+        tracker.remove()
+    assert small == pytest.approx([want] * 7, rel=1e-9)
+
+
+@pytest.mark.parametrize("side", ["rows of other examples", "cat along dim 0"])
+def test_a_cat_of_rows_in_another_order_beside_flattened_beams_is_still_refused(side):
+    """A part whose rows are other examples' (rolled along the rows), or a cat along dim 0,
+    proves no row each example's: the cell stays refused."""
+    model = _BeamRows(side)
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(1))
+    tok = torch.randint(0, 7, (N, 2), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(UnsupportedModuleError, match="layer 'cell' was treated as shared"):
+        with noisescale.per_example_sqnorms(model):
+            model(x, tok).pow(2).sum((1, 2)).mean().backward()
