@@ -588,6 +588,61 @@ def test_a_ctc_loss_on_time_major_log_probs_is_exact():
         assert torch.allclose(p.raw_sqnorms, torch.stack(want), rtol=1e-9)
 
 
+class _AcousticModel(nn.Module):
+    """A time-major LSTM and its output Linear applied time-major, [T, N, C] log-probabilities
+    (``batch_first`` True: the same model batch-first, its output [N, T, C])."""
+
+    def __init__(self, batch_first: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn, self.out = nn.LSTM(D, D, batch_first=batch_first), nn.Linear(D, C)
+
+    def forward(self, x):
+        return F.log_softmax(self.out(self.rnn(x)[0]), -1)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_a_ctc_loss_at_as_many_frames_as_examples_names_the_time_major_layer(batch_first):
+    """At T = N the output Linear applied to a time-major LSTM's [T, N, D] is measured as if
+    batch-first, and the CTC then takes dim 1 for the examples: until 2026-12-06 (a hunt) led
+    as a loss combining the examples, offering per_example=False only, while at T ≠ N the same
+    model is refused naming 'out'. The message names the time-major layer and the batch-first
+    fix, one-shot and tracker; a batch-first output given to the CTC as it is (time-major to
+    it: combining the examples) is refused as well."""
+    model = _AcousticModel(batch_first)
+    n, s = 4, 2
+    x = torch.randn(n, n, D, generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(1, C, (n, s), generator=torch.Generator().manual_seed(2))
+
+    def loss():
+        lengths = torch.full((n,), n)
+        return F.ctc_loss(model(x), targets, lengths, torch.full((n,), s), reduction="none").mean()
+
+    with pytest.raises(UnsupportedModuleError) as err:
+        with noisescale.per_example_sqnorms(model):
+            loss().backward()
+    model.zero_grad()
+    said = str(err.value)
+    assert "the loss combines the examples" not in said, said
+    assert "T = N" in said and "batch_first=True" in said, said
+    assert ("time-major layers ('rnn')" in said) is not batch_first, said
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    try:
+        loss().backward()
+        with pytest.raises(UnsupportedModuleError, match="T = N"):
+            tracker.step()
+    finally:
+        tracker.remove()
+        model.zero_grad()
+    if not batch_first:  # (T ≠ N: refused naming the time-major call, as before)
+        x = torch.randn(n + 1, n, D, generator=torch.Generator().manual_seed(1))
+        with pytest.raises(UnsupportedModuleError, match="layer 'out' was called on input"):
+            with noisescale.per_example_sqnorms(model):
+                lengths = torch.full((n,), n + 1)
+                F.ctc_loss(model(x), targets, lengths, torch.full((n,), s)).backward()
+        model.zero_grad()
+
+
 def test_a_step_collected_inside_the_backward_leaves_no_mode_behind():
     """The Trainer's callback collects the step from inside the backward (a queued autograd
     callback), where the watch's function mode is off its stack while its handler runs: the

@@ -61,7 +61,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from noisescale.per_example import scaler_watch
 from noisescale.per_example.graph import reaches_pass
-from noisescale.per_example.messages import ROWS_UNPROVEN, SIZES_COINCIDE
+from noisescale.per_example.messages import CTC_AT_T_EQUAL_N, ROWS_UNPROVEN, SIZES_COINCIDE
 from noisescale.per_example.shared import flatten
 from noisescale.per_example.values import _time_major
 
@@ -2477,6 +2477,8 @@ def _batched(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs:
     named = _named(func, args, kwargs)
     d = layout.dim
     if name == "_ctc_loss":  # log_probs [T, N, C]: one loss per example
+        if t.dim() == 3 and d == 0 and t.shape[0] == t.shape[1]:
+            return Mixed(CTC_AT_T_EQUAL_N)
         if t.dim() != 3 or d != 1:
             return _mixed(func, "took the examples for another dimension")
         return [_moved(layout, 0) for _ in outs]

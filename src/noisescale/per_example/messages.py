@@ -426,7 +426,34 @@ ROWS_UNPROVEN = (
 )
 
 
-def _coupled_message(pass_: PassNorms) -> str:
+# (a CTC given an output whose examples the watch holds in dim 0, at T = N: a time-major
+# model's layer applied to its [T, N, …] activations, measured as if batch-first —
+# _coupled_message leads with that, not with a loss that combines the examples)
+CTC_AT_T_EQUAL_N = (
+    "'aten._ctc_loss' took dim 1 of its log-probabilities [T, N, C] for the examples, where "
+    "noisescale read them in dim 0 (T equals the batch's N)"
+)
+
+
+def _coupled_message(pass_: PassNorms, time_major: list[str] | None = None) -> str:
+    """``time_major``: the labels of the model's time-major layers (``batch_first=False``)."""
+    if CTC_AT_T_EQUAL_N in (pass_.coupled or ""):
+        # (until 2026-12-06 led as a loss combining the examples, offering per_example=False
+        # only, while at T ≠ N the same model is refused naming the time-major layer, a hunt)
+        layers = ", ".join(f"'{label}'" for label in time_major or [])
+        return (
+            "noisescale cannot tell which dimension holds the examples: "
+            f"{pass_.coupled}, and the backward started from the result. At T = N a "
+            "time-major activation [T, N, …] cannot be told from a batch-first one"
+            + (f": the model's time-major layers ({layers}) return one, and" if layers else ";")
+            + " a layer applied to it as it is — an output Linear on nn.LSTM(batch_first=False)'s "
+            "output — is measured as if dim 0 held the examples (with T ≠ N it is refused, "
+            "naming it). Keep dim 0 the examples: build the recurrent layers with "
+            "batch_first=True (or transpose their output to [N, T, …] before the next layer), "
+            "and transpose the log-probabilities for the CTC only, log_probs.transpose(0, 1); "
+            "a batch-first output [N, T, C] given to F.ctc_loss as it is is read time-major "
+            "and combines the examples. Or use per_example=False"
+        )
     if ROWS_UNPROVEN in (pass_.coupled or ""):
         return (
             "noisescale cannot tell whether the loss keeps the examples apart: "

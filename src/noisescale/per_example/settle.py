@@ -28,6 +28,7 @@ from noisescale.per_example.messages import (
     unrerun_warning,
 )
 from noisescale.per_example.passes import PassNorms
+from noisescale.per_example.values import _time_major
 
 
 class Settle:
@@ -99,7 +100,9 @@ class Settle:
         if pass_.coupled is not None and pass_.batch_size > 1:
             # (one example alone — a group of one forward of one example — has nothing to
             # combine with: the watch follows such passes for the groups they join)
-            raise UnsupportedModuleError(_coupled_message(pass_))
+            modules = self.model.modules() if self.model is not None else ()
+            time_major = [self._labels.get(m, "") for m in modules if _time_major(m)]
+            raise UnsupportedModuleError(_coupled_message(pass_, time_major))
         if pass_.loss_unfollowed is not None:
             if not learn:
                 raise UnsupportedModuleError(pass_.loss_unfollowed)
