@@ -2811,6 +2811,31 @@ def test_kendall_weighting_meets_the_examples_only_where_they_are(layout):
     torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
 
 
+def test_a_returned_weight_applied_time_major_is_refused_naming_that():
+    """The same task-major weighting with T ≠ N (3 tasks, 4 examples): dim 0 of the losses
+    does not have the batch's size, no meeting is made, and ``s``'s gradient is refused as
+    unfollowed — until 2026-12-06 (a hunt) naming a parameter read outside the forward though
+    it was returned; now naming the meeting with the examples along dim 1 and the batch-first
+    form, one-shot and tracker."""
+    n, tasks = 4, 3
+    g = torch.Generator().manual_seed(3)
+    x, ys = torch.randn(n, D, generator=g), torch.randint(0, C, (tasks, n), generator=g)
+    model = _KendallTasks(tasks)
+    match = r"\['log_var'\] met, in the operation 'mul'.*along dim 1.*w\[None, :\]"
+    with pytest.raises(UnsupportedModuleError, match=match):
+        with noisescale.per_example_sqnorms(model, loss_reduction="mean"):
+            _kendall_loss(*model(x), ys, "task_major").backward()
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    try:
+        _kendall_loss(*model(x), ys, "task_major").backward()
+        with pytest.raises(UnsupportedModuleError, match=match):
+            tracker.step()
+    finally:
+        tracker.remove()
+        model.zero_grad()
+
+
 @pytest.mark.parametrize(
     ("inside", "match"),
     [

@@ -587,6 +587,21 @@ class LossWatch:
                 )
         return None
 
+    def examples_elsewhere(self, pass_: Any, flat: list[Any], dim: int) -> str | None:
+        """Of ``flat``, a tensor the watch follows in the loss holding ``pass_``'s examples
+        along another dimension than ``dim``: what it is (:meth:`PerExampleNorms.
+        note_met_elsewhere`); else None."""
+        if self.done or not self.following():
+            return None
+        for t in flat:
+            layout = self._layout(t) if isinstance(t, Tensor) else None
+            if isinstance(layout, Rows) and layout.owner == id(pass_) and layout.dim != dim:
+                return (
+                    f"a tensor of shape {list(t.shape)} computed from the model's outputs with "
+                    f"the examples along dim {layout.dim}, not {dim}"
+                )
+        return None
+
     def mark_called(
         self, pass_: Any, outputs: list[Tensor], pairs: str | int | None, reason: str | None
     ) -> None:

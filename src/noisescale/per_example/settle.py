@@ -405,6 +405,14 @@ class Settle:
                     else ""
                 )
             )
+        if aliased and pass_.met_elsewhere is not None:
+            raise UnsupportedModuleError(
+                f"parameters {aliased} received gradients that no use noisescale followed "
+                f"gave: {pass_.met_elsewhere} — a weight returned from the forward applied "
+                "time-major (tok.t() * w[:, None] on [T, N]); noisescale follows such a "
+                "tensor where it meets the examples in dim 0. Apply it batch-first, "
+                "tok * w[None, :] on [N, T] (the same loss, measured), or use per_example=False"
+            )
         if aliased:
             raise UnsupportedModuleError(
                 f"parameters {aliased} received gradients that no use noisescale followed "
