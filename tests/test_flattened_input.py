@@ -769,3 +769,75 @@ def test_a_cat_of_rows_in_another_order_beside_flattened_beams_is_still_refused(
     with pytest.raises(UnsupportedModuleError, match="layer 'cell' was treated as shared"):
         with noisescale.per_example_sqnorms(model):
             model(x, tok).pow(2).sum((1, 2)).mean().backward()
+
+
+class _FlatBeam(nn.Module):
+    """HF-style flattened beam search in the forward: the encoder's state repeated per beam,
+    each step's token ids (from a ``topk``: no autograd history) embedded beside it, the beams'
+    rows reordered by their parents within each example; returns the beams' scores [N, B]."""
+
+    def __init__(self, ids_batch_first: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.ids_batch_first = ids_batch_first
+        self.emb, self.enc = nn.Embedding(7, D), nn.Linear(D, D)
+        self.cell, self.out = nn.Linear(2 * D, D), nn.Linear(D, 7)
+
+    def forward(self, x, beams: int = 2, steps: int = 3):
+        n = x.shape[0]
+        h = torch.tanh(self.enc(x)).repeat_interleave(beams, 0)
+        tok = torch.zeros(n * beams, dtype=torch.long)
+        score = torch.zeros(n, beams)
+        score[:, 1:] = -1e9
+        for _ in range(steps):
+            e = (
+                self.emb(tok.view(n, beams)).flatten(0, 1)
+                if self.ids_batch_first
+                else self.emb(tok)
+            )
+            h = torch.tanh(self.cell(torch.cat([e, h], -1)))
+            lp = torch.log_softmax(self.out(h), -1).view(n, beams, 7)
+            score, idx = (score[:, :, None] + lp).reshape(n, beams * 7).topk(beams, dim=1)
+            parent, tok = idx // 7, (idx % 7).reshape(-1)
+            h = h.index_select(0, (parent + torch.arange(n)[:, None] * beams).reshape(-1))
+        return score
+
+
+@pytest.mark.parametrize("ids_batch_first", [True, False])
+def test_a_flattened_beam_search_is_exact_with_its_ids_embedded_batch_first(ids_batch_first):
+    """The beam search of the hunt (2026-12-06): refused, its message naming a tensor computed
+    from parameters alone, a table's. With the ids embedded batch-first, ``emb(tok.view(N,
+    B)).flatten(0, 1)``, exact (one-shot; the tracker's per-example norms on 7 steps of new
+    data, 3 and 5–7 not audited); embedded as they are, on N·B rows without a history, refused
+    naming the embedding and that fix."""
+    model = _FlatBeam(ids_batch_first)
+
+    def losses(x):
+        sc = model(x)
+        return torch.nn.functional.softplus(sc[:, 1] - sc[:, 0] + 1.0) - 0.1 * sc[:, 0]
+
+    xs = [torch.randn(N, D, generator=torch.Generator().manual_seed(s)) for s in range(7)]
+    if not ids_batch_first:
+        with pytest.raises(
+            UnsupportedModuleError,
+            match=r"'emb' was called on 10 = 5 × 2.*emb\(tok\.view\(5, -1\)\)",
+        ):
+            with noisescale.per_example_sqnorms(model):
+                losses(xs[0]).mean().backward()
+        return
+    with noisescale.per_example_sqnorms(model) as pe:
+        losses(xs[0]).mean().backward()
+    model.zero_grad()
+    want = [example_sqnorms(model, lambda i, x=x: losses(x)[i], N) for x in xs]
+    torch.testing.assert_close(pe.sqnorms, want[0], rtol=1e-9, atol=0)
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    try:
+        for x in xs:
+            losses(x).mean().backward()
+            tracker.step()
+            model.zero_grad()
+        small = [r["sources"]["per_example"]["sqnorm_small"] for r in tracker.history]
+    finally:
+        tracker.remove()
+    assert small == pytest.approx([float(w.mean()) for w in want], rel=1e-9)

@@ -381,6 +381,29 @@ def _ambiguous_message(pass_: PassNorms) -> str:
             "examples' but a size that equals the batch's by coincidence, use another batch "
             "size.)"
         )
+    flat = [
+        s.call
+        for s in origin.sources
+        if s.call is not None and s.call.size > n > 0 and s.call.size % n == 0
+    ]
+    if flat and kind != "loss":
+        # (until 2026-12-06 the message below, its tensor said to be computed from parameters
+        # alone, a table's: HF-style flattened beams whose token ids of N·B rows, made in the
+        # forward by a beam search's topk, were embedded as they are — a hunt)
+        # (the first of them: the call on rows of its own, not on an earlier one's output)
+        first = next((c for c in flat if "used directly" not in c.why), flat[-1])
+        return (
+            f"layer '{first.label}' was called on {first.size} = {n} × {first.size // n} rows "
+            f"that noisescale cannot tell to be each example's in turn ({first.why}), and was "
+            f"treated as shared by all examples; what it computed, through {labels}, met the "
+            f"batch row by row in the operation '{op}' only through a tensor without autograd "
+            f"history of shape {list(other)}. Call it on the examples' layout, [{n}, "
+            f"{first.size // n}, …], and flatten its output: token ids of flattened beams "
+            f"embedded as emb(tok.view({n}, -1)).flatten(0, 1), not emb(tok) on their "
+            f"{first.size} rows (ids carry no autograd history to prove their order) — the "
+            "rows of a Linear, a cell or a cat along the features after it are then followed "
+            "— or use per_example=False"
+        )
     if kind == "loss":
         return (
             f"a tensor computed from {labels} alone, of shape {list(shared)}, met the batch "
