@@ -2105,7 +2105,7 @@ def test_per_sequence_losses_cut_from_a_packed_stream_are_a_mean_over_the_exampl
 def test_per_sequence_pieces_that_cut_across_the_sequences_are_not_one_example_s():
     """Pieces whose sizes do not follow the sequences (a piece holding two examples' tokens)
     are no example's own term: their means stacked and averaged stay a mean over what they
-    count, refused under "mean"."""
+    count, refused under "mean" — the message naming the split and the padded grid."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(C, D), nn.Linear(D, C))
     x = torch.randint(0, C, (N, T), generator=torch.Generator().manual_seed(6))
@@ -2115,8 +2115,18 @@ def test_per_sequence_pieces_that_cut_across_the_sequences_are_not_one_example_s
         tok = F.cross_entropy(o[mask], (torch.arange(N * T).view(N, T) % C)[mask], reduction="none")
         return torch.stack([c.mean() for c in tok.split([3, 3, 1, 3, 2])]).mean()
 
-    with pytest.raises(noisescale.NoiseScaleInputError, match="averaged over what it counts"):
+    match = r"averaged over what it counts.*tok\.split\(lens\).*padded \[N, T\] grid"
+    with pytest.raises(noisescale.NoiseScaleInputError, match=match):
         _one_shot(model, x, loss_of)
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    try:
+        loss_of(model(x)).backward()
+        with pytest.raises(noisescale.NoiseScaleInputError, match=match):
+            tracker.step()
+    finally:
+        tracker.remove()
+        model.zero_grad()
 
 
 class _TwoTower(nn.Module):
