@@ -634,6 +634,14 @@ def test_a_ctc_loss_at_as_many_frames_as_examples_names_the_time_major_layer(bat
     finally:
         tracker.remove()
         model.zero_grad()
+    if not batch_first:
+        # (a CTC written by hand over each example's time steps, here a logsumexp over two:
+        # read as one over several examples, the message adds the time-major layers)
+        with pytest.raises(UnsupportedModuleError, match=r"time-major layers \('rnn'\)"):
+            with noisescale.per_example_sqnorms(model):
+                lb = model(x).transpose(0, 1)
+                torch.logsumexp(torch.stack([lb[:, 0], lb[:, 1]]), 0).sum().backward()
+        model.zero_grad()
     if not batch_first:  # (T ≠ N: refused naming the time-major call, as before)
         x = torch.randn(n + 1, n, D, generator=torch.Generator().manual_seed(1))
         with pytest.raises(UnsupportedModuleError, match="layer 'out' was called on input"):

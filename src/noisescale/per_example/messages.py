@@ -463,10 +463,10 @@ CTC_AT_T_EQUAL_N = (
 
 def _coupled_message(pass_: PassNorms, time_major: list[str] | None = None) -> str:
     """``time_major``: the labels of the model's time-major layers (``batch_first=False``)."""
+    layers = ", ".join(f"'{label}'" for label in time_major or [])
     if CTC_AT_T_EQUAL_N in (pass_.coupled or ""):
         # (until 2026-12-06 led as a loss combining the examples, offering per_example=False
         # only, while at T ≠ N the same model is refused naming the time-major layer, a hunt)
-        layers = ", ".join(f"'{label}'" for label in time_major or [])
         return (
             "noisescale cannot tell which dimension holds the examples: "
             f"{pass_.coupled}, and the backward started from the result. At T = N a "
@@ -510,6 +510,15 @@ def _coupled_message(pass_: PassNorms, time_major: list[str] | None = None) -> s
         "batch's statistics is not one (the gradient reaching example i's output depends on "
         "the others'). Use per_example=False (the noise scale from micro-batch or replica "
         "gradients), or detach the batch-level quantity if it is meant as a constant weight"
+        + (
+            f". (The model has time-major layers ({layers}): if its output is time-major, "
+            "[T, N, …] with T = N, noisescale read its dim 0 as the examples — a layer applied "
+            "to their output as it is was measured so —, and a loss over each example's time "
+            "steps (a CTC written by hand) then reads as one over several examples. Keep dim "
+            "0 the examples, batch_first=True; with T ≠ N the layer is refused by name.)"
+            if layers
+            else ""
+        )
     )
 
 
