@@ -400,12 +400,13 @@ def _ambiguous_message(pass_: PassNorms) -> str:
             f"that noisescale cannot tell to be each example's in turn ({first.why}), and was "
             f"treated as shared by all examples; what it computed, through {labels}, met the "
             f"batch row by row in the operation '{op}' only through a tensor without autograd "
-            f"history of shape {list(other)}. Call it on the examples' layout, [{n}, "
-            f"{first.size // n}, …], and flatten its output: token ids of flattened beams "
-            f"embedded as emb(tok.view({n}, -1)).flatten(0, 1), not emb(tok) on their "
-            f"{first.size} rows (ids carry no autograd history to prove their order) — the "
-            "rows of a Linear, a cell or a cat along the features after it are then followed "
-            "— or use per_example=False"
+            f"history of shape {list(other)}. Call it on rows that show the examples' layout, "
+            f"[{n}, {first.size // n}, …] flattened: a view of a batch-first tensor, "
+            "x.reshape(-1, D), not a copy of a time-major one; token ids of flattened beams "
+            f"embedded batch-first, emb(tok.view({n}, -1)).flatten(0, 1), not emb(tok) on "
+            f"their {first.size} rows (ids carry no autograd history to prove their order) — "
+            "the rows of a Linear, a cell or a cat along the features after it are then "
+            "followed —, or use per_example=False"
         )
     if kind == "loss":
         return (

@@ -296,7 +296,8 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
     elif pass_.returned and pass_.met_elsewhere is None:
         # (no meeting: one with the examples along another dimension is named if the
         # parameters' gradients are then refused as unfollowed)
-        engine.note_met_elsewhere(pass_, origin, flat, dim, _name(func))
+        plain = [t for t in flat if isinstance(t, Tensor) and not isinstance(t, SharedTensor)]
+        engine.note_met_elsewhere(pass_, origin, plain, dim, _name(func))
     if batched and dim == 0 and not pass_.returned:
         # rows picked or put together by the data, as many as the examples (h[idx] @ W): as
         # for a layer's input (engine._rows_not_examples); a review of 2026-12-06 found them
