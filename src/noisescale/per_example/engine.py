@@ -2756,7 +2756,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         where = self._loss_watch.examples_elsewhere(pass_, flat, dim)
         if where is not None:
             labels = sorted({s.label for s in origin.sources})
-            pass_.met_elsewhere = f"{labels} met, in the operation '{op}', {where}"
+            pass_.met_elsewhere = (labels, f"{labels} met, in the operation '{op}', {where}")
 
     def check_met_layout(
         self, pass_: PassNorms, origin: Any, batched: list[Tensor], dim: int, op: str

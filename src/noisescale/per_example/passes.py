@@ -270,8 +270,8 @@ class PassNorms:
     # parameters used directly (returned from the forward) met, in the loss, a tensor holding
     # the examples along another dimension than theirs — a per-position weight applied
     # time-major, ``tok.t() * w[:, None]`` —, which gives no meeting: what, for the refusal
-    # of their unfollowed gradients (settle._refuse_unmet_shared)
-    met_elsewhere: str | None = None
+    # of their unfollowed gradients (settle._refuse_unmet_shared): their labels, and what
+    met_elsewhere: tuple[list[str], str] | None = None
     shared_calls: list[_Call] = field(default_factory=list)
     # layers called on the examples flattened together with positions (LayerRule.flattened)
     flat_calls: set[nn.Module] = field(default_factory=set)

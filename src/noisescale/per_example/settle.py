@@ -405,10 +405,11 @@ class Settle:
                     else ""
                 )
             )
-        if aliased and pass_.met_elsewhere is not None:
+        met = pass_.met_elsewhere
+        if aliased and met is not None and set(met[0]) & set(aliased):
             raise UnsupportedModuleError(
                 f"parameters {aliased} received gradients that no use noisescale followed "
-                f"gave: {pass_.met_elsewhere} — a weight returned from the forward applied "
+                f"gave: {met[1]} — a weight returned from the forward applied "
                 "time-major (tok.t() * w[:, None] on [T, N]); noisescale follows such a "
                 "tensor where it meets the examples in dim 0. Apply it batch-first, "
                 "tok * w[None, :] on [N, T] (the same loss, measured), or use per_example=False"
