@@ -854,3 +854,142 @@ def test_a_parameter_used_directly_on_rows_flattened_position_first_is_still_ref
     for kw in ({}, {"per_example_fraction": 1.0}):
         with pytest.raises(UnsupportedModuleError, match=named):
             train_tracked(model, lambda: _flat_head_losses(model, ids).mean(), steps=3, **kw)
+
+
+class _BeamRows(nn.Module):
+    """HF-style flattened beams: an encoder's state repeated per beam, ``repeat_interleave(B,
+    0)``, beside the beams' own rows in a ``torch.cat`` along the features, a cell on the
+    [N·B, 2D] rows, the output viewed back [N, B, V]."""
+
+    def __init__(self, side: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.side = side
+        self.enc, self.emb = nn.Linear(D, D), nn.Embedding(7, D)
+        self.cell, self.out = nn.Linear(2 * D, D), nn.Linear(D, 3)
+
+    def forward(self, x, tok):
+        n, b = tok.shape
+        h = torch.tanh(self.enc(x)).repeat_interleave(b, 0)
+        if self.side == "zeros":
+            side = torch.zeros(n * b, D)
+        elif self.side == "embedded tokens":  # (the tokens embedded batch-first, [N, B])
+            side = self.emb(tok).reshape(n * b, D)
+        elif self.side == "rows of other examples":
+            side = h.roll(1, 0)
+        else:  # "cat along dim 0", viewed back into rows of two halves
+            rows = torch.cat([h, h]).view(n * b, 2 * D)
+            return self.out(torch.tanh(self.cell(rows))).view(n, b, 3)
+        return self.out(torch.tanh(self.cell(torch.cat([side, h], -1)))).view(n, b, 3)
+
+
+@pytest.mark.parametrize("side", ["zeros", "embedded tokens"])
+def test_beams_flattened_beside_a_cat_along_the_features_are_exact(side):
+    """The rows of a cat along the features are each part's rows: until 2026-12-06 (a hunt) the
+    walk that proves flattened rows each example's stopped at the cat, and the cell was taken
+    for a layer shared by all examples and refused. Exact — one-shot, sub-batches on steps 1–3,
+    and the tracker's per-example norms on every step of 7 (3, 5–7 not audited)."""
+    model = _BeamRows(side)
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(1))
+    tok = torch.randint(0, 7, (N, 2), generator=torch.Generator().manual_seed(2))
+
+    def losses():
+        return model(x, tok).pow(2).sum((1, 2))
+
+    assert_exact_both_modes(model, losses, N)
+    want = float(example_sqnorms(model, lambda i: losses()[i], N).mean())
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    try:
+        for _ in range(7):
+            losses().mean().backward()
+            tracker.step()
+            model.zero_grad()
+        small = [r["sources"]["per_example"]["sqnorm_small"] for r in tracker.history]
+    finally:
+        tracker.remove()
+    assert small == pytest.approx([want] * 7, rel=1e-9)
+
+
+@pytest.mark.parametrize("side", ["rows of other examples", "cat along dim 0"])
+def test_a_cat_of_rows_in_another_order_beside_flattened_beams_is_still_refused(side):
+    """A part whose rows are other examples' (rolled along the rows), or a cat along dim 0,
+    proves no row each example's: the cell stays refused."""
+    model = _BeamRows(side)
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(1))
+    tok = torch.randint(0, 7, (N, 2), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(UnsupportedModuleError, match="layer 'cell' was treated as shared"):
+        with noisescale.per_example_sqnorms(model):
+            model(x, tok).pow(2).sum((1, 2)).mean().backward()
+
+
+class _FlatBeam(nn.Module):
+    """HF-style flattened beam search in the forward: the encoder's state repeated per beam,
+    each step's token ids (from a ``topk``: no autograd history) embedded beside it, the beams'
+    rows reordered by their parents within each example; returns the beams' scores [N, B]."""
+
+    def __init__(self, ids_batch_first: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.ids_batch_first = ids_batch_first
+        self.emb, self.enc = nn.Embedding(7, D), nn.Linear(D, D)
+        self.cell, self.out = nn.Linear(2 * D, D), nn.Linear(D, 7)
+
+    def forward(self, x, beams: int = 2, steps: int = 3):
+        n = x.shape[0]
+        h = torch.tanh(self.enc(x)).repeat_interleave(beams, 0)
+        tok = torch.zeros(n * beams, dtype=torch.long)
+        score = torch.zeros(n, beams)
+        score[:, 1:] = -1e9
+        for _ in range(steps):
+            e = (
+                self.emb(tok.view(n, beams)).flatten(0, 1)
+                if self.ids_batch_first
+                else self.emb(tok)
+            )
+            h = torch.tanh(self.cell(torch.cat([e, h], -1)))
+            lp = torch.log_softmax(self.out(h), -1).view(n, beams, 7)
+            score, idx = (score[:, :, None] + lp).reshape(n, beams * 7).topk(beams, dim=1)
+            parent, tok = idx // 7, (idx % 7).reshape(-1)
+            h = h.index_select(0, (parent + torch.arange(n)[:, None] * beams).reshape(-1))
+        return score
+
+
+@pytest.mark.parametrize("ids_batch_first", [True, False])
+def test_a_flattened_beam_search_is_exact_with_its_ids_embedded_batch_first(ids_batch_first):
+    """The beam search of the hunt (2026-12-06): refused, its message naming a tensor computed
+    from parameters alone, a table's. With the ids embedded batch-first, ``emb(tok.view(N,
+    B)).flatten(0, 1)``, exact (one-shot; the tracker's per-example norms on 7 steps of new
+    data, 3 and 5–7 not audited); embedded as they are, on N·B rows without a history, refused
+    naming the embedding and that fix."""
+    model = _FlatBeam(ids_batch_first)
+
+    def losses(x):
+        sc = model(x)
+        return torch.nn.functional.softplus(sc[:, 1] - sc[:, 0] + 1.0) - 0.1 * sc[:, 0]
+
+    xs = [torch.randn(N, D, generator=torch.Generator().manual_seed(s)) for s in range(7)]
+    if not ids_batch_first:
+        with pytest.raises(
+            UnsupportedModuleError,
+            match=r"'emb' was called on 10 = 5 × 2.*emb\(tok\.view\(5, -1\)\)",
+        ):
+            with noisescale.per_example_sqnorms(model):
+                losses(xs[0]).mean().backward()
+        return
+    with noisescale.per_example_sqnorms(model) as pe:
+        losses(xs[0]).mean().backward()
+    model.zero_grad()
+    want = [example_sqnorms(model, lambda i, x=x: losses(x)[i], N) for x in xs]
+    torch.testing.assert_close(pe.sqnorms, want[0], rtol=1e-9, atol=0)
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    try:
+        for x in xs:
+            losses(x).mean().backward()
+            tracker.step()
+            model.zero_grad()
+        small = [r["sources"]["per_example"]["sqnorm_small"] for r in tracker.history]
+    finally:
+        tracker.remove()
+    assert small == pytest.approx([float(w.mean()) for w in want], rel=1e-9)

@@ -621,6 +621,69 @@ def test_a_ctc_loss_on_time_major_log_probs_is_exact():
         assert torch.allclose(p.raw_sqnorms, torch.stack(want), rtol=1e-9)
 
 
+class _AcousticModel(nn.Module):
+    """A time-major LSTM and its output Linear applied time-major, [T, N, C] log-probabilities
+    (``batch_first`` True: the same model batch-first, its output [N, T, C])."""
+
+    def __init__(self, batch_first: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn, self.out = nn.LSTM(D, D, batch_first=batch_first), nn.Linear(D, C)
+
+    def forward(self, x):
+        return F.log_softmax(self.out(self.rnn(x)[0]), -1)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_a_ctc_loss_at_as_many_frames_as_examples_names_the_time_major_layer(batch_first):
+    """At T = N the output Linear applied to a time-major LSTM's [T, N, D] is measured as if
+    batch-first, and the CTC then takes dim 1 for the examples: until 2026-12-06 (a hunt) led
+    as a loss combining the examples, offering per_example=False only, while at T ≠ N the same
+    model is refused naming 'out'. The message names the time-major layer and the batch-first
+    fix, one-shot and tracker; a batch-first output given to the CTC as it is (time-major to
+    it: combining the examples) is refused as well."""
+    model = _AcousticModel(batch_first)
+    n, s = 4, 2
+    x = torch.randn(n, n, D, generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(1, C, (n, s), generator=torch.Generator().manual_seed(2))
+
+    def loss():
+        lengths = torch.full((n,), n)
+        return F.ctc_loss(model(x), targets, lengths, torch.full((n,), s), reduction="none").mean()
+
+    with pytest.raises(UnsupportedModuleError) as err:
+        with noisescale.per_example_sqnorms(model):
+            loss().backward()
+    model.zero_grad()
+    said = str(err.value)
+    assert "the loss combines the examples" not in said, said
+    assert "T = N" in said and "batch_first=True" in said, said
+    assert ("time-major layers ('rnn')" in said) is not batch_first, said
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    try:
+        loss().backward()
+        with pytest.raises(UnsupportedModuleError, match="T = N"):
+            tracker.step()
+    finally:
+        tracker.remove()
+        model.zero_grad()
+    if not batch_first:
+        # (a CTC written by hand over each example's time steps, here a logsumexp over two:
+        # read as one over several examples, the message adds the time-major layers)
+        with pytest.raises(UnsupportedModuleError, match=r"time-major layers \('rnn'\)"):
+            with noisescale.per_example_sqnorms(model):
+                lb = model(x).transpose(0, 1)
+                torch.logsumexp(torch.stack([lb[:, 0], lb[:, 1]]), 0).sum().backward()
+        model.zero_grad()
+    if not batch_first:  # (T ≠ N: refused naming the time-major call, as before)
+        x = torch.randn(n + 1, n, D, generator=torch.Generator().manual_seed(1))
+        with pytest.raises(UnsupportedModuleError, match="layer 'out' was called on input"):
+            with noisescale.per_example_sqnorms(model):
+                lengths = torch.full((n,), n + 1)
+                F.ctc_loss(model(x), targets, lengths, torch.full((n,), s)).backward()
+        model.zero_grad()
+
+
 def test_a_step_collected_inside_the_backward_leaves_no_mode_behind():
     """The Trainer's callback collects the step from inside the backward (a queued autograd
     callback), where the watch's function mode is off its stack while its handler runs: the
@@ -1978,6 +2041,135 @@ def test_chunks_joined_with_one_left_out_are_a_counted_mean():
         _one_shot(model, x, loss_of)
 
 
+_LENS = [4, 2, 1, 3, 2]  # (each sequence's real tokens, in the examples' order)
+
+
+def _per_sequence(form: str):
+    """Per-sequence losses cut from the packed stream of real tokens (cu_seqlens style), a mean
+    (or sum) over the examples of each sequence's own term."""
+
+    def loss_of(o):
+        mask = torch.arange(T)[None] < torch.tensor(_LENS)[:, None]
+        y = torch.arange(N * T).view(N, T) % C
+        tok = F.cross_entropy(o[mask], y[mask], reduction="none")
+        pieces = tok.split(_LENS)
+        if form == "stack of means, mean":
+            return torch.stack([c.mean() for c in pieces]).mean()
+        if form == "Python sum of means / N":
+            return sum(c.mean() for c in pieces) / N
+        if form == "stack of sums, mean":
+            return torch.stack([c.sum() for c in pieces]).mean()
+        if form == "tensor_split":
+            cuts = torch.tensor(_LENS).cumsum(0)[:-1].tolist()
+            return torch.stack([c.mean() for c in torch.tensor_split(tok, cuts)]).mean()
+        if form == "reversed":
+            return torch.stack([c.mean() for c in pieces][::-1]).mean()
+        if form == "logits split":
+            return torch.stack(
+                [
+                    F.cross_entropy(a, b)
+                    for a, b in zip(o[mask].split(_LENS), y[mask].split(_LENS), strict=True)
+                ]
+            ).mean()
+        # the same terms on the padded grid [N, T]: the reference
+        grid = F.cross_entropy(o.reshape(-1, C), y.reshape(-1), reduction="none").view(N, T)
+        sums = (grid * mask).sum(1)
+        return (sums if form == "grid of sums" else sums / torch.tensor(_LENS)).mean()
+
+    return loss_of
+
+
+_SEQUENCE_FORMS = [
+    "stack of means, mean",
+    "Python sum of means / N",
+    "stack of sums, mean",
+    "tensor_split",
+    "reversed",
+    "logits split",
+]
+
+
+@pytest.mark.parametrize("form", _SEQUENCE_FORMS)
+def test_per_sequence_losses_cut_from_a_packed_stream_are_a_mean_over_the_examples(form):
+    """``tok = F.cross_entropy(lo[mask], y[mask], reduction="none")`` cut into its sequences,
+    ``tok.split(lens)``, each sequence's term stacked and averaged: a mean over the examples of
+    each one's own term. Until 2026-12-06 (a hunt) each piece's mean was read as a mean over
+    the examples' rows: refused under "mean" as averaged over what it counts (or as a plain
+    sum), and measured without a word under "sum", every norm N² too small — one-shot and
+    tracker. Exact under "mean" now, its records step by step those of the same terms on the
+    padded grid (default and per_example_fraction=1.0, audited steps and 3, 5–7); refused
+    under "sum"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(C, D), nn.Linear(D, C))
+    x = torch.randint(0, C, (N, T), generator=torch.Generator().manual_seed(6))
+    loss_of = _per_sequence(form)
+    with pytest.raises(noisescale.NoiseScaleInputError, match="plain mean over the examples"):
+        with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
+            loss_of(model(x)).backward()
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(model, loss_reduction="sum", per_example_fraction=1.0)
+    try:
+        loss_of(model(x)).backward()
+        with pytest.raises(noisescale.NoiseScaleInputError, match="plain mean over the examples"):
+            tracker.step()
+    finally:
+        tracker.remove()
+        model.zero_grad()
+    grid = "grid of sums" if "sums" in form else "grid"
+    want = N**2 * share_truth(model, x, loss_of)  # (L = mean of each example's own loss)
+    assert torch.allclose(want, N**2 * share_truth(model, x, _per_sequence(grid)), rtol=1e-9)
+    assert torch.allclose(_one_shot(model, x, loss_of), want, rtol=1e-9)
+    for kw in ({}, {"per_example_fraction": 1.0}):
+        records = {}
+        for how in (form, grid):
+            tracker = noisescale.GradientNoiseTracker(model, **kw)
+            try:
+                for _ in range(7):  # (steps 1, 2, 4 audited; 3, 5–7 not)
+                    loss = _per_sequence(how)(model(x))
+                    loss.backward()
+                    tracker.step(loss=loss)
+                    model.zero_grad()
+                records[how] = [r["sources"] for r in tracker.history]
+            finally:
+                tracker.remove()
+        for got, ref in zip(records[form], records[grid], strict=True):
+            assert got.keys() == ref.keys() and got
+            for source in ref:
+                for key, value in ref[source].items():
+                    if isinstance(value, float):
+                        assert got[source][key] == pytest.approx(value, rel=1e-9), (source, key)
+        if kw:
+            small = [r["per_example"]["sqnorm_small"] for r in records[form]]
+            assert small == pytest.approx([float(want.mean())] * 7, rel=1e-9)
+
+
+def test_per_sequence_pieces_that_cut_across_the_sequences_are_not_one_example_s():
+    """Pieces whose sizes do not follow the sequences (a piece holding two examples' tokens)
+    are no example's own term: their means stacked and averaged stay a mean over what they
+    count, refused under "mean" — the message naming the split and the padded grid."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(C, D), nn.Linear(D, C))
+    x = torch.randint(0, C, (N, T), generator=torch.Generator().manual_seed(6))
+
+    def loss_of(o):
+        mask = torch.arange(T)[None] < torch.tensor(_LENS)[:, None]
+        tok = F.cross_entropy(o[mask], (torch.arange(N * T).view(N, T) % C)[mask], reduction="none")
+        return torch.stack([c.mean() for c in tok.split([3, 3, 1, 3, 2])]).mean()
+
+    match = r"averaged over what it counts.*tok\.split\(lens\).*padded \[N, T\] grid"
+    with pytest.raises(noisescale.NoiseScaleInputError, match=match):
+        _one_shot(model, x, loss_of)
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    try:
+        loss_of(model(x)).backward()
+        with pytest.raises(noisescale.NoiseScaleInputError, match=match):
+            tracker.step()
+    finally:
+        tracker.remove()
+        model.zero_grad()
+
+
 class _TwoTower(nn.Module):
     """forward(users) returns the user embeddings; the item tower is called in the loss code."""
 
@@ -2731,6 +2923,31 @@ def test_kendall_weighting_meets_the_examples_only_where_they_are(layout):
     with noisescale.per_example_sqnorms(model, loss_reduction="mean") as pe:
         _kendall_loss(*model(x), ys, layout).backward()
     torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+
+
+def test_a_returned_weight_applied_time_major_is_refused_naming_that():
+    """The same task-major weighting with T ≠ N (3 tasks, 4 examples): dim 0 of the losses
+    does not have the batch's size, no meeting is made, and ``s``'s gradient is refused as
+    unfollowed — until 2026-12-06 (a hunt) naming a parameter read outside the forward though
+    it was returned; now naming the meeting with the examples along dim 1 and the batch-first
+    form, one-shot and tracker."""
+    n, tasks = 4, 3
+    g = torch.Generator().manual_seed(3)
+    x, ys = torch.randn(n, D, generator=g), torch.randint(0, C, (tasks, n), generator=g)
+    model = _KendallTasks(tasks)
+    match = r"\['log_var'\] met, in the operation 'mul'.*along dim 1.*w\[None, :\]"
+    with pytest.raises(UnsupportedModuleError, match=match):
+        with noisescale.per_example_sqnorms(model, loss_reduction="mean"):
+            _kendall_loss(*model(x), ys, "task_major").backward()
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    try:
+        _kendall_loss(*model(x), ys, "task_major").backward()
+        with pytest.raises(UnsupportedModuleError, match=match):
+            tracker.step()
+    finally:
+        tracker.remove()
+        model.zero_grad()
 
 
 @pytest.mark.parametrize(

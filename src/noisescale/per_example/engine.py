@@ -2841,6 +2841,19 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             pass_.routed = label
         return _assembled_rows(x)
 
+    def note_met_elsewhere(
+        self, pass_: PassNorms, origin: Any, flat: list[Any], dim: int, op: str
+    ) -> None:
+        """Parameters used directly meeting in ``op``, in the loss, a tensor the loss watch
+        knows to hold the examples along another dimension than ``dim`` (without the batch's
+        size there: no meeting): noted for the refusal of their gradients, which no meeting
+        gave (a per-position weight returned from the forward and applied time-major was
+        refused as read outside the forward until 2026-12-06, a hunt)."""
+        where = self._loss_watch.examples_elsewhere(pass_, flat, dim)
+        if where is not None:
+            labels = sorted({s.label for s in origin.sources})
+            pass_.met_elsewhere = (labels, f"{labels} met, in the operation '{op}', {where}")
+
     def check_met_layout(
         self, pass_: PassNorms, origin: Any, batched: list[Tensor], dim: int, op: str
     ) -> None:

@@ -261,6 +261,16 @@ def _example_major_from(
             continue
         if name == "RepeatBackward0" and _parameters_only(node.next_functions[0][0]):
             continue  # a table repeated, made from parameters alone: no example's rows
+        if name == "CatBackward0":
+            # a cat along the features keeps the rows — a decoder's token embedding beside
+            # its state repeated per beam, cat([emb(tok), h.repeat_interleave(B, 0)], -1)
+            # (refused as a table's or a shared call's until 2026-12-06, a hunt) —: each part
+            # proven in turn, or a table of parameters alone; not a cat along dim 0
+            shape = node._input_metadata[0].shape
+            if not shape or _dim_of(node._saved_dim, len(shape)) == 0:
+                return False
+            stack.extend((f, rows) for f, _ in node.next_functions if not _parameters_only(f))
+            continue
         if name not in _ROWWISE_NODES:
             return False
         stack.extend((f, rows) for f, _ in node.next_functions)

@@ -61,7 +61,12 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from noisescale.per_example import scaler_watch
 from noisescale.per_example.graph import reaches_pass
-from noisescale.per_example.messages import RAN_ALONG, ROWS_UNPROVEN, SIZES_COINCIDE
+from noisescale.per_example.messages import (
+    CTC_AT_T_EQUAL_N,
+    RAN_ALONG,
+    ROWS_UNPROVEN,
+    SIZES_COINCIDE,
+)
 from noisescale.per_example.shared import flatten
 from noisescale.per_example.values import _time_major
 
@@ -584,6 +589,21 @@ class LossWatch:
                     f"of shape {list(t.shape)}, already summed or averaged over the examples "
                     f"(it holds none of them), whose dim {dim} has the batch's size by "
                     "coincidence"
+                )
+        return None
+
+    def examples_elsewhere(self, pass_: Any, flat: list[Any], dim: int) -> str | None:
+        """Of ``flat``, a tensor the watch follows in the loss holding ``pass_``'s examples
+        along another dimension than ``dim``: what it is (:meth:`PerExampleNorms.
+        note_met_elsewhere`); else None."""
+        if self.done or not self.following():
+            return None
+        for t in flat:
+            layout = self._layout(t) if isinstance(t, Tensor) else None
+            if isinstance(layout, Rows) and layout.owner == id(pass_) and layout.dim != dim:
+                return (
+                    f"a tensor of shape {list(t.shape)} computed from the model's outputs with "
+                    f"the examples along dim {layout.dim}, not {dim}"
                 )
         return None
 
@@ -2278,7 +2298,8 @@ def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: l
             return Rows(d, 1, layout.key, layout.n, layout.owner)
         ex = examples()
         span = _sliced(layout, size, start, stop) if step == 1 else None
-        return fresh(d, None if ex is None else ex[start:stop:step], span)
+        ids = None if ex is None else ex[start:stop:step]
+        return _single(layout, [ids])[0] or fresh(d, ids, span)
     if name in ("split", "split_with_sizes", "unbind", "chunk", "unsafe_split"):
         s = named["dim"] % t.dim()
         if name == "unbind":
@@ -2293,9 +2314,10 @@ def _views(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs: l
         pieces, at, ex = [], 0, examples()
         for o in outs:
             span = _sliced(layout, t.shape[d], at, at + o.shape[d])
-            pieces.append(fresh(d, None if ex is None else ex[at : at + o.shape[d]], span))
+            pieces.append((None if ex is None else ex[at : at + o.shape[d]], span))
             at += o.shape[d]
-        return pieces
+        ones = _single(layout, [ids for ids, _ in pieces])
+        return [one or fresh(d, ids, span) for one, (ids, span) in zip(ones, pieces, strict=True)]
     if name in ("gather", "index_select"):
         s = named["dim"] % t.dim()
         if s != d:
@@ -2389,7 +2411,33 @@ def _restacked(args: tuple, kwargs: dict, known: list, out: Tensor) -> Rows | No
     for block in {1, max(1, m // n)}:
         if all(e == (j // block) % n for j, e in enumerate(examples)):
             return Rows(dim % out.dim(), block, owner, n, owner)
+    if sorted(examples) == list(range(m)):
+        # every example once in another order (a packed stream's sequences stacked in
+        # reverse): rows by the example of each (until 2026-12-06 a sum over the examples
+        # of no kind, and its mean measured N² too small under "sum" without a word)
+        ids = torch.tensor(examples, device=out.device)
+        return Rows(dim % out.dim(), None, ("stack", next(_fresh)), m, owner, ids)
     return None
+
+
+def _single(layout: Rows, pieces: list[Tensor | None]) -> list[One | None]:
+    """Of pieces of rows picked from the examples' (``ids`` each), those whose rows are all one
+    example's: that example's values (``One``), any function of them its own — a packed stream
+    of real tokens, ``tok = F.cross_entropy(lo[mask], y[mask], reduction="none")``, cut into
+    its sequences, ``tok.split(lens)`` or ``torch.tensor_split``, each sequence's mean stacked
+    in order and averaged: a mean over the examples (until 2026-12-06 each piece's mean was
+    read as a mean over the examples' rows, refused under "mean" as averaged over what it
+    counts and measured N² too small under "sum" without a word, a hunt). One host read of
+    the pieces' ids (audited passes only); a regular map's pieces are left as they were."""
+    found: list[One | None] = [None] * len(pieces)
+    at = [j for j, ids in enumerate(pieces) if ids is not None and ids.numel()]
+    if layout.block is not None or not at:
+        return found
+    ends = torch.stack([torch.stack([pieces[j].amin(), pieces[j].amax()]) for j in at])  # type: ignore[union-attr]
+    for j, (low, high) in zip(at, ends.tolist(), strict=True):
+        if low == high >= 0:
+            found[j] = One(layout.owner, int(low))
+    return found
 
 
 def _one(layout: Rows, index: int) -> One:
@@ -2449,6 +2497,8 @@ def _batched(func: Any, name: str, args: tuple, kwargs: dict, known: list, outs:
     named = _named(func, args, kwargs)
     d = layout.dim
     if name == "_ctc_loss":  # log_probs [T, N, C]: one loss per example
+        if t.dim() == 3 and d == 0 and t.shape[0] == t.shape[1]:
+            return Mixed(CTC_AT_T_EQUAL_N)
         if t.dim() != 3 or d != 1:
             return _mixed(func, "took the examples for another dimension")
         return [_moved(layout, 0) for _ in outs]

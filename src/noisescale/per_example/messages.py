@@ -181,7 +181,10 @@ def counted_mean_message(declared: str, passes: Sequence[PassNorms]) -> str | No
                 "or not, transformers' LabelSmoother in a loop of your own), a sum divided by "
                 "a mask's sum, (losses * m).sum() / m.sum(), or a mean over rows picked from "
                 "the examples so that some have more rows than others (o[mask] with masks of "
-                "different sizes) —, while loss_reduction='mean' (the default) takes it for a "
+                "different sizes; per-sequence pieces of a packed stream of tokens, "
+                "tok.split(lens), whose sizes are not each example's rows in order: compute "
+                "each sequence's term on the padded [N, T] grid, (tok * mask).sum(1) / "
+                "mask.sum(1)) —, while loss_reduction='mean' (the default) takes it for a "
                 "mean over the examples. Its divisor depends on the examples drawn, so each "
                 "example's share is no gradient of its own and the micro-batches' gradients "
                 "no big batch: B_simple comes out biased (a hunt: +30% and −20% with one and "
@@ -448,6 +451,30 @@ def _ambiguous_message(pass_: PassNorms) -> str:
             "argument of forward, out, h = model(x, h): measured exactly — or use "
             "per_example=False"
         )
+    flat = [
+        s.call
+        for s in origin.sources
+        if s.call is not None and s.call.size > n > 0 and s.call.size % n == 0
+    ]
+    if flat and kind != "loss":
+        # (until 2026-12-06 the message below, its tensor said to be computed from parameters
+        # alone, a table's: HF-style flattened beams whose token ids of N·B rows, made in the
+        # forward by a beam search's topk, were embedded as they are — a hunt)
+        # (the first of them: the call on rows of its own, not on an earlier one's output)
+        first = next((c for c in flat if "used directly" not in c.why), flat[-1])
+        return (
+            f"layer '{first.label}' was called on {first.size} = {n} × {first.size // n} rows "
+            f"that noisescale cannot tell to be each example's in turn ({first.why}), and was "
+            f"treated as shared by all examples; what it computed, through {labels}, met the "
+            f"batch row by row in the operation '{op}' only through a tensor without autograd "
+            f"history of shape {list(other)}. Call it on rows that show the examples' layout, "
+            f"[{n}, {first.size // n}, …] flattened: a view of a batch-first tensor, "
+            "x.reshape(-1, D), not a copy of a time-major one; token ids of flattened beams "
+            f"embedded batch-first, emb(tok.view({n}, -1)).flatten(0, 1), not emb(tok) on "
+            f"their {first.size} rows (ids carry no autograd history to prove their order) — "
+            "the rows of a Linear, a cell or a cat along the features after it are then "
+            "followed —, or use per_example=False"
+        )
     if kind == "output":
         return (
             f"the model's output of shape {list(shared)}, computed through {labels}, whose "
@@ -517,7 +544,34 @@ ROWS_UNPROVEN = (
 RAN_ALONG = "ran along the examples"
 
 
-def _coupled_message(pass_: PassNorms) -> str:
+# (a CTC given an output whose examples the watch holds in dim 0, at T = N: a time-major
+# model's layer applied to its [T, N, …] activations, measured as if batch-first —
+# _coupled_message leads with that, not with a loss that combines the examples)
+CTC_AT_T_EQUAL_N = (
+    "'aten._ctc_loss' took dim 1 of its log-probabilities [T, N, C] for the examples, where "
+    "noisescale read them in dim 0 (T equals the batch's N)"
+)
+
+
+def _coupled_message(pass_: PassNorms, time_major: list[str] | None = None) -> str:
+    """``time_major``: the labels of the model's time-major layers (``batch_first=False``)."""
+    layers = ", ".join(f"'{label}'" for label in time_major or [])
+    if CTC_AT_T_EQUAL_N in (pass_.coupled or ""):
+        # (until 2026-12-06 led as a loss combining the examples, offering per_example=False
+        # only, while at T ≠ N the same model is refused naming the time-major layer, a hunt)
+        return (
+            "noisescale cannot tell which dimension holds the examples: "
+            f"{pass_.coupled}, and the backward started from the result. At T = N a "
+            "time-major activation [T, N, …] cannot be told from a batch-first one"
+            + (f": the model's time-major layers ({layers}) return one, and" if layers else ";")
+            + " a layer applied to it as it is — an output Linear on nn.LSTM(batch_first=False)'s "
+            "output — is measured as if dim 0 held the examples (with T ≠ N it is refused, "
+            "naming it). Keep dim 0 the examples: build the recurrent layers with "
+            "batch_first=True (or transpose their output to [N, T, …] before the next layer), "
+            "and transpose the log-probabilities for the CTC only, log_probs.transpose(0, 1); "
+            "a batch-first output [N, T, C] given to F.ctc_loss as it is is read time-major "
+            "and combines the examples. Or use per_example=False"
+        )
     if ROWS_UNPROVEN in (pass_.coupled or ""):
         return (
             "noisescale cannot tell whether the loss keeps the examples apart: "
@@ -561,6 +615,15 @@ def _coupled_message(pass_: PassNorms) -> str:
         "batch's statistics is not one (the gradient reaching example i's output depends on "
         "the others'). Use per_example=False (the noise scale from micro-batch or replica "
         "gradients), or detach the batch-level quantity if it is meant as a constant weight"
+        + (
+            f". (The model has time-major layers ({layers}): if its output is time-major, "
+            "[T, N, …] with T = N, noisescale read its dim 0 as the examples — a layer applied "
+            "to their output as it is was measured so —, and a loss over each example's time "
+            "steps (a CTC written by hand) then reads as one over several examples. Keep dim "
+            "0 the examples, batch_first=True; with T ≠ N the layer is refused by name.)"
+            if layers
+            else ""
+        )
     )
 
 

@@ -274,6 +274,11 @@ class PassNorms:
     routed: str | None = None
     # a compiled pass of such a structure: the label (settle: compiled code then runs eagerly)
     routed_compiled: str | None = None
+    # parameters used directly (returned from the forward) met, in the loss, a tensor holding
+    # the examples along another dimension than theirs — a per-position weight applied
+    # time-major, ``tok.t() * w[:, None]`` —, which gives no meeting: what, for the refusal
+    # of their unfollowed gradients (settle._refuse_unmet_shared): their labels, and what
+    met_elsewhere: tuple[list[str], str] | None = None
     shared_calls: list[_Call] = field(default_factory=list)
     # layers called on the examples flattened together with positions (LayerRule.flattened)
     flat_calls: set[nn.Module] = field(default_factory=set)

@@ -31,6 +31,7 @@ from noisescale.per_example.messages import (
     unrerun_warning,
 )
 from noisescale.per_example.passes import PassNorms
+from noisescale.per_example.values import _time_major
 
 # an nn.Module's own state (_parameters, _modules, hooks' dicts): not a container of the user's
 _MODULE_STATE = frozenset(vars(nn.Module()))
@@ -105,7 +106,9 @@ class Settle:
         if pass_.coupled is not None and pass_.batch_size > 1:
             # (one example alone — a group of one forward of one example — has nothing to
             # combine with: the watch follows such passes for the groups they join)
-            raise UnsupportedModuleError(_coupled_message(pass_))
+            modules = self.model.modules() if self.model is not None else ()
+            time_major = [self._labels.get(m, "") for m in modules if _time_major(m)]
+            raise UnsupportedModuleError(_coupled_message(pass_, time_major))
         if pass_.loss_unfollowed is not None:
             if not learn:
                 raise UnsupportedModuleError(pass_.loss_unfollowed)
@@ -423,6 +426,15 @@ class Settle:
         flat = self._flat_unproven_cause(pass_, aliased_ids)
         if flat:
             raise UnsupportedModuleError(flat)
+        met = pass_.met_elsewhere
+        if aliased and met is not None and set(met[0]) & set(aliased):
+            raise UnsupportedModuleError(
+                f"parameters {aliased} received gradients that no use noisescale followed "
+                f"gave: {met[1]} — a weight returned from the forward applied "
+                "time-major (tok.t() * w[:, None] on [T, N]); noisescale follows such a "
+                "tensor where it meets the examples in dim 0. Apply it batch-first, "
+                "tok * w[None, :] on [N, T] (the same loss, measured), or use per_example=False"
+            )
         if aliased:
             raise UnsupportedModuleError(
                 f"parameters {aliased} received gradients that no use noisescale followed "

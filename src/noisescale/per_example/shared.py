@@ -299,6 +299,11 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
         # a tensor the loss watch knows to hold the examples elsewhere — along another
         # dimension, summed over, picked — though its dim has the batch's size
         engine.check_met_layout(pass_, origin, batched, dim, _name(func))
+    elif pass_.returned and pass_.met_elsewhere is None:
+        # (no meeting: one with the examples along another dimension is named if the
+        # parameters' gradients are then refused as unfollowed)
+        plain = [t for t in flat if isinstance(t, Tensor) and not isinstance(t, SharedTensor)]
+        engine.note_met_elsewhere(pass_, origin, plain, dim, _name(func))
     if batched and dim == 0 and not pass_.returned:
         # rows picked or put together by the data, as many as the examples (h[idx] @ W): as
         # for a layer's input (engine._rows_not_examples); a review of 2026-12-06 found them
