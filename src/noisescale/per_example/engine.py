@@ -3159,7 +3159,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         ):
             why = picked = (
                 f"the {size} input rows of layer '{label}', on which it is computed, were "
-                f"picked by a mask or an index ({selected}), so "
+                f"picked by a mask or an index, or moved along the examples ({selected}), so "
                 "their count equals the batch's by coincidence, and which example each row "
                 "belongs to changes with the data (a loss on the masked tokens alone, "
                 "h.view(-1, D)[labels.view(-1) != -100], as ModernBERT's "
