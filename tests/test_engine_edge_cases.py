@@ -1472,6 +1472,68 @@ def test_a_higher_order_operator_on_an_audited_step_names_itself_and_the_fix():
     assert "per_example=False" in run.stdout
 
 
+_WITH_LAYERS_INSIDE = """
+import torch, noisescale, torch.nn.functional as F
+from torch import nn
+from torch._higher_order_ops import while_loop
+
+class Branches(nn.Module):  # hooked layers before and inside the operator's branches
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.l1, self.l2, self.l3 = op, nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        if self.op == "cond":
+            h = torch.cond(h.sum() > 0, lambda t: self.l2(t), lambda t: self.l3(t), (h,))
+        else:
+            _, h = while_loop(
+                lambda i, t: i < 3, lambda i, t: (i + 1, self.l2(t).tanh()), (torch.tensor(0), h)
+            )
+        return self.head(h)
+
+torch.manual_seed(0)
+x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+for op in ("cond", "while_loop"):
+    model = Branches(op)
+    try:
+        with noisescale.per_example_sqnorms(model):
+            F.cross_entropy(model(x), y).backward()
+    except Exception as err:
+        print("one-shot", op, type(err).__name__, str(err))
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(model)
+    try:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        tracker.step(loss=loss)
+    except Exception as err:
+        print("tracker", op, type(err).__name__, str(err))
+    tracker.remove()
+"""
+
+
+def test_a_higher_order_operator_after_a_hooked_layer_names_itself_and_the_fix():
+    """torch.cond or torch.while_loop after a hooked layer, with hooked layers in its branches:
+    torch traces the branches under autograd before any dispatch mode's rule runs, and met
+    torch's own FakeTensor AssertionError on the layer's parameter (one-shot and tracker, a hunt
+    of 2026-12-06). It is refused as without a layer before it, naming the operator and
+    per_example=False. (In a fresh process, as above.)"""
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-c", _WITH_LAYERS_INSIDE], capture_output=True, text=True, timeout=300
+    )
+    lines = run.stdout.splitlines()
+    for form in ("one-shot", "tracker"):
+        for op in ("cond", "while_loop"):
+            (line,) = [s for s in lines if s.startswith(f"{form} {op} ")] or [run.stderr]
+            assert f"UnsupportedModuleError torch's higher-order operator '{op}'" in line, line
+            assert "per_example=False" in line
+
+
 class _Jagged(nn.Module):
     """A jagged nested tensor through nn.Linear, pooled per example (valid torch on the CPU)."""
 
