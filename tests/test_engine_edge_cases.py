@@ -959,12 +959,16 @@ class _MixedInsideReentrant(nn.Module):
         self.inp, self.mid, self.head = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 3)
 
     def forward(self, x):
-        h = checkpoint(lambda t: self.mid(t.flip(0) * 0.3 + t), self.inp(x), use_reentrant=True)
+        # (not a flip: inside a reentrant checkpoint, whose input is a leaf, a flip on either
+        # side is read at mid's input since 2026-12-06 and refused before the audit)
+        h = checkpoint(lambda t: self.mid(t + t.mean(0) * 0.3), self.inp(x), use_reentrant=True)
         return self.head(torch.tanh(h))
 
 
 def _mixed(h):
-    return h.flip(0) * 0.3 + h
+    # (the flip on the right: on the left it is read at the next layer's input since
+    # 2026-12-06, graph._moved_at, and refused before the audit these tests are about)
+    return h + h.flip(0) * 0.3
 
 
 class _Reversible(torch.autograd.Function):
@@ -1532,6 +1536,86 @@ def test_a_higher_order_operator_after_a_hooked_layer_names_itself_and_the_fix()
             (line,) = [s for s in lines if s.startswith(f"{form} {op} ")] or [run.stderr]
             assert f"UnsupportedModuleError torch's higher-order operator '{op}'" in line, line
             assert "per_example=False" in line
+
+
+class _ScaledBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.gamma = nn.Linear(8, 8), nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, t):
+        return self.gamma * torch.tanh(self.lin(t))
+
+
+class _ModelParamCheckpointed(nn.Module):
+    """A parameter of the model itself (a layer scale) used inside a function the forward
+    checkpoints with use_reentrant=False: multiplied in (``mul``), added (``add``), or held by
+    a submodule passed to checkpoint (``submodule``, timm's way)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.l1, self.l2, self.head = (
+            how,
+            nn.Linear(8, 8),
+            nn.Linear(8, 8),
+            nn.Linear(8, 3),
+        )
+        self.gamma = nn.Parameter(torch.rand(8) + 0.5)
+        self.block = _ScaledBlock()
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        if self.how == "mul":
+            f = lambda t: self.gamma * torch.tanh(self.l2(t))  # noqa: E731
+        elif self.how == "add":
+            f = lambda t: torch.tanh(self.l2(t)) + self.gamma  # noqa: E731
+        else:
+            f = self.block
+        return self.head(h + checkpoint(f, h, use_reentrant=False))
+
+
+@pytest.mark.parametrize("form", ["one-shot", "tracker", "tracker, fraction 1"])
+def test_a_model_parameter_multiplied_inside_a_non_reentrant_checkpoint_is_refused(form):
+    """The parameter's shared alias is handed out while its owner — the model — runs; the
+    checkpoint's recomputation, outside the model's forward, got the parameter itself and
+    saved other tensors: torch's CheckpointError at step 1, one-shot and tracker (a hunt,
+    2026-12-06). Refused naming the cause and the fix (a submodule the function calls)."""
+    torch.manual_seed(0)
+    model = _ModelParamCheckpointed("mul").double()
+    x, y = torch.randn(4, 3, 8, dtype=torch.float64), torch.randint(0, 3, (4, 3))
+    match = r"torch.utils.checkpoint\(use_reentrant=False\).*Move the parameter into a submodule"
+    if form == "one-shot":
+        with pytest.raises(UnsupportedModuleError, match=match):
+            with noisescale.per_example_sqnorms(model):
+                F.cross_entropy(model(x).transpose(1, 2), y).backward()
+        return
+    extra = {"per_example_fraction": 1.0} if form.endswith("1") else {}
+    tracker = noisescale.GradientNoiseTracker(model, **extra)
+    try:
+        with pytest.raises(UnsupportedModuleError, match=match):
+            loss = F.cross_entropy(model(x).transpose(1, 2), y)
+            loss.backward()
+            tracker.step(loss=loss)
+    finally:
+        tracker.remove()
+
+
+@pytest.mark.parametrize("how", ["add", "submodule"])
+def test_a_parameter_added_or_held_by_a_checkpointed_submodule_is_exact(how):
+    """The neighbours left measured: a model parameter added inside the checkpoint (the add
+    saves neither operand), and one held by a submodule the checkpointed function calls."""
+    torch.manual_seed(0)
+    model = _ModelParamCheckpointed(how).double()
+    x, y = torch.randn(4, 3, 8, dtype=torch.float64), torch.randint(0, 3, (4, 3))
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        F.cross_entropy(model(x).transpose(1, 2), y, reduction="sum").backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = []
+    for i in range(4):
+        loss = F.cross_entropy(model(x[i : i + 1]).transpose(1, 2), y[i : i + 1], reduction="sum")
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        want.append(sum(g.pow(2).sum() for g in grads if g is not None))
+    torch.testing.assert_close(pe.sqnorms, torch.stack(want), rtol=1e-9, atol=0)
 
 
 class _Jagged(nn.Module):

@@ -73,7 +73,11 @@ class _MirroredCheckpoint:
 
         def run(*a: Any, **k: Any) -> Any:
             if not _checkpoint_recompute():
-                return fn(*a, **k)
+                engine._mirrored_under.append(_saved_hooks_top())
+                try:
+                    return fn(*a, **k)
+                finally:
+                    engine._mirrored_under.pop()
             entered = []
             try:
                 for scope in list(scopes):
@@ -116,6 +120,13 @@ def _batched_grad(output: Tensor, edges: list, rows: Tensor) -> Sequence[Tensor 
         None if per_row[0][j] is None else torch.stack([g[j] for g in per_row])
         for j in range(len(edges))
     ]
+
+
+def _saved_hooks_top() -> Any:
+    """The pack hook of the saved-tensor hooks on top now (a non-reentrant checkpoint's while
+    its function runs), or None."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return None if top is None else top[0]
 
 
 def _checkpoint_recompute() -> bool:

@@ -98,6 +98,8 @@ class Origin:
     pass_: PassNorms
     sources: tuple[Source, ...]
     scope: Any = None  # the owner-module call it was created in (for the fallback on failure)
+    # the saved-tensor pack hook on top when that call began (a checkpoint's: _CHECKPOINTED)
+    under: Any = None
 
 
 def _origin(t: Any) -> Origin | None:
@@ -151,7 +153,7 @@ def _merge(origins: list[Origin]) -> Origin:
     for o in origins:
         for s in o.sources:
             seen.setdefault(id(s), s)
-    return Origin(first.engine, first.pass_, tuple(seen.values()), first.scope)
+    return Origin(first.engine, first.pass_, tuple(seen.values()), first.scope, first.under)
 
 
 class SharedTensor(Tensor):
@@ -319,7 +321,17 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
                 pass_, origin, _name(func), (tuple(shared.shape), shape), "loss"
             )
         return result
+    if batched and _name(func) not in _SAVES_NO_OPERAND:
+        engine.check_checkpointed_alias(origin, _name(func))
     return _meet(func, args, kwargs, flat, origin, pass_, n, dim, batched)
+
+
+# meetings whose autograd node saves neither operand: a checkpoint's recomputation that gets
+# the parameter itself instead of its expanded alias saves the same tensors
+_SAVES_NO_OPERAND = {
+    "add", "add_", "sub", "sub_", "rsub", "__add__", "__radd__", "__iadd__", "__sub__",
+    "__rsub__", "__isub__", "subtract", "broadcast_tensors",
+} | _EXPAND_NAMES  # fmt: skip
 
 
 def _has_dual(flat: list[Any]) -> bool:
