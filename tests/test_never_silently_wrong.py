@@ -2965,6 +2965,118 @@ def test_rows_moved_along_the_examples_are_refused_by_a_one_shot_measurement(how
     torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
 
 
+class _EarlyExit(nn.Module):
+    """Early exit: a second stage run on the continuing examples' rows h[idx] (in order) and
+    written back into the batch by ``how``; ``keep`` the continuing examples."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.keep = how, torch.ones(N, dtype=torch.bool)
+        self.l1, self.h1, self.l2, self.h2 = (
+            nn.Linear(4, 4), nn.Linear(4, 3), nn.Linear(4, 4), nn.Linear(4, 3)
+        )  # fmt: skip
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        o1, keep = self.h1(h), self.keep
+        idx = keep.nonzero().squeeze(1)
+        o2 = self.h2(torch.tanh(self.l2(h[idx])))
+        if self.how == "setitem":
+            out = o1.clone()
+            out[keep] = o2
+        elif self.how == "index_copy":
+            out = o1.index_copy(0, idx, o2)
+        elif self.how == "index_add":
+            out = o1.index_add(0, idx, o2 - o1[idx])
+        elif self.how == "masked_scatter":
+            out = o1.masked_scatter(keep[:, None].expand_as(o1), o2)
+        else:  # "cat, argsort": the rows put back in order
+            rest = (~keep).nonzero().squeeze(1)
+            out = torch.cat([o2, o1[rest]])[torch.cat([idx, rest]).argsort()]
+        return out
+
+
+@pytest.mark.parametrize(
+    "how", ["setitem", "index_copy", "index_add", "masked_scatter", "cat, argsort"]
+)
+def test_a_subset_of_the_examples_written_back_is_refused_naming_the_subset(how):
+    # A hunt (2026-12-06): refused at the first step with K < N blaming "parameters used
+    # directly"; the cause is named now, with the form that is measured (cat + argsort: exact).
+    torch.manual_seed(0)
+    model = _EarlyExit(how).double()
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    try:
+        for step, keep in enumerate([[1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 1, 1]], 1):
+            model.keep = torch.tensor(keep, dtype=torch.bool)
+            x, y = torch.randn(N, 4, dtype=torch.float64), torch.randint(0, 3, (N,))
+            model.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            if step == 3 and how != "cat, argsort":
+                with pytest.raises(
+                    UnsupportedModuleError,
+                    match=r"rows of layer 'l2' were picked by an index from the batch's 4 "
+                    r"examples: a subset .*argsort",
+                ):
+                    tracker.step(loss=loss)
+                break
+            tracker.step(loss=loss)
+            with tracker.paused():
+                want = float(_moved_truth(model, x, y).mean())
+            got = tracker.history[-1]["sources"]["per_example"]["sqnorm_small"]
+            assert got == pytest.approx(want, rel=1e-9), step
+    finally:
+        tracker.remove()
+
+
+class _DepthMixture(nn.Module):
+    """Mixture of depths with a capacity over the batch's tokens: K of the N·T flattened
+    tokens through ``blk``, index_add'ed back, the residual added where ``residual`` says."""
+
+    def __init__(self, residual: str) -> None:
+        super().__init__()
+        self.residual = residual
+        self.inp, self.router = nn.Linear(4, 4), nn.Linear(4, 1)
+        self.blk, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        flat = h.reshape(-1, 4)
+        w, idx = self.router(flat).squeeze(-1).topk(7)
+        routed = self.blk(flat[idx]) * torch.sigmoid(w)[:, None]
+        out = torch.zeros_like(flat).index_add(0, idx, routed)
+        if self.residual == "flat":
+            h = (flat + out).view_as(h)
+        elif self.residual == "index_add into the flat rows":
+            h = flat.index_add(0, idx, routed).view_as(h)
+        else:  # "after the view"
+            h = h + out.view_as(h)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("residual", ["flat", "index_add into the flat rows", "after the view"])
+def test_a_mixture_of_depths_added_back_on_the_flat_tokens_is_refused_naming_it(residual):
+    # A hunt (2026-12-06): refused blaming the head's "parameters used directly"; the routed
+    # tokens are named now, with the form that is measured (the residual after the view).
+    torch.manual_seed(0)
+    model = _DepthMixture(residual).double()
+    x, y = torch.randn(N, 5, 4, dtype=torch.float64), torch.randint(0, 3, (N,))
+    if residual != "after the view":
+        with pytest.raises(
+            UnsupportedModuleError,
+            match=r"rows of layer 'blk' were picked by an index from the 20 rows of the batch's "
+            r"4 examples flattened .*h \+ out.view_as\(h\)",
+        ):
+            with noisescale.per_example_sqnorms(model):
+                F.cross_entropy(model(x), y).backward()
+        return
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+    with torch.enable_grad():
+        want = _moved_truth(model, x, y)
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+
+
 def _frozen_bn() -> nn.Module:
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 1, 3))
     model[1].eval().requires_grad_(False)  # frozen, as the refusal of a BatchNorm suggests

@@ -115,6 +115,7 @@ from noisescale.per_example.graph import (
     _saved_hooks_top,
     _selected_rows,
     _sequence_nr,
+    _subset_rows,
 )
 from noisescale.per_example.loss_watch import LossWatch, example_dims
 from noisescale.per_example.messages import (
@@ -3216,6 +3217,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 f"its input is one of the model's buffers, whose leading size {size} equals the "
                 "batch's by coincidence"
             )
+        elif subset := _subset_rows(_first_tensor(args, kwargs), pass_.batch_size, label):
+            why = picked = f"{subset}, or use per_example=False"
         else:
             first = _first_tensor(args, kwargs)
             n = pass_.batch_size

@@ -678,6 +678,44 @@ def _moved_at(node: Any, n: int, unread: list[tuple[str, Tensor]] | None) -> str
     return None
 
 
+def _subset_rows(x: Tensor | None, n: int, label: str) -> str | None:
+    """How the rows of ``x``, fewer or more than the ``n`` examples, were picked along dim 0 by
+    an index or a mask (``h[idx]``, ``index_select``) from the examples' rows or from the
+    examples flattened with another dimension ([N·T, …]): named for the refusal of a layer
+    run on them (early exit on a subset of the examples written back by ``index_copy``; a
+    mixture of depths over the batch's tokens added back before the view). Until 2026-12-06
+    those were refused blaming parameters used directly (a hunt). None otherwise."""
+    node = _row_origin(x)
+    kind = type(node).__name__
+    if kind == "IndexBackward0":
+        first = node._saved_indices[0] if node._saved_indices else None
+        rows = tuple(node._saved_self_sym_sizes)[:1]
+        how = "a boolean mask" if first is not None and first.dtype == torch.bool else "an index"
+    elif kind == "IndexSelectBackward0" and _dim_of(node._saved_dim, len(_source_sizes(node))) == 0:
+        first, rows, how = node._saved_index, tuple(_source_sizes(node))[:1], "index_select"
+    else:
+        return None
+    if first is None or not rows or x is None or rows[0] % n != 0:
+        return None
+    k = x.shape[0]
+    if rows[0] == n:
+        return (
+            f"the {k} input rows of layer '{label}' were picked by {how} from the batch's {n} "
+            "examples: a "
+            "subset of them (early exit, stochastic depth), which noisescale follows only where "
+            "its rows go back among the batch's by a cat in order, "
+            "torch.cat([o, o_rest])[torch.cat([idx, rest]).argsort()] — not written into it "
+            "by index_copy, index_put (out[keep] = o), index_add or masked_scatter"
+        )
+    return (
+        f"the {k} input rows of layer '{label}' were picked by {how} from the {rows[0]} rows of "
+        f"the batch's {n} examples flattened with another dimension (tokens routed with a "
+        "capacity over the batch, a mixture of depths), which noisescale follows only where "
+        "they meet the examples along dim 0: add the routed tokens' output to the batch after "
+        "viewing it back, h + out.view_as(h), not to the flattened rows before the view"
+    )
+
+
 def _split_from_rows(node: Any, shape: tuple, dim: int, n: int) -> bool:
     """Whether dim ``dim`` of the tensor ``node`` read (``shape``) holds rows of the examples:
     dim 0, or a later one that a view beneath it split from the ``n`` examples' dim 0 ([N, D]
