@@ -321,8 +321,12 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
                 pass_, origin, _name(func), (tuple(shared.shape), shape), "loss"
             )
         return result
-    if batched and _name(func) not in _SAVES_NO_OPERAND:
-        engine.check_checkpointed_alias(origin, _name(func))
+    if batched and origin.scope is not None and _name(func) not in _SAVES_NO_OPERAND:
+        # (a parameter's alias itself, read in the function: not a tensor computed before the
+        # checkpoint and passed in, which its recomputation gets again — T5's position bias)
+        aliases = [s.tensor for s in origin.sources if s.pid is not None]
+        if any(any(t is a for a in aliases) for t in flat):
+            engine.check_checkpointed_alias(origin, _name(func))
     return _meet(func, args, kwargs, flat, origin, pass_, n, dim, batched)
 
 
