@@ -212,7 +212,9 @@ class _MixedBf16(nn.Module):
     def forward(self, x):
         h = self.inp(x)
         if self.mixed:
-            h = h.flip(0) * 0.3 + h  # examples mixed
+            # examples mixed (the flip on the right: on the left it is read where l1 and l2
+            # meet the rows since 2026-12-06, graph._moved_at, before the audit tested here)
+            h = h + h.flip(0) * 0.3
         return self.out(h + self.l2(torch.tanh(self.l1(h))))
 
 

@@ -113,8 +113,10 @@ from noisescale.per_example.graph import (
     _rebasable_base,
     _reshaped_base,
     _routed_by_index,
+    _saved_hooks_top,
     _selected_rows,
     _sequence_nr,
+    _subset_rows,
 )
 from noisescale.per_example.loss_watch import LossWatch, example_dims
 from noisescale.per_example.messages import (
@@ -814,6 +816,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         # which its exit puts back — and only those (a scope that swapped nothing, a rule-less
         # module run by the fallback, must not pop the aliases an enclosing scope handed out)
         self._scope_frames: dict[nn.Module, list[list[tuple[nn.Module, str]]]] = {}
+        # the pack hooks of the transformers checkpoints running now whose recomputation
+        # enters their scopes again (_MirroredCheckpoint): aliases met there are followed
+        self._mirrored_under: list[Any] = []
         self._guarded: set[nn.Module] = set()
         self._unswapped: dict[int, list[tuple[str, Tensor]]] = {}
         self._task_pass: dict[int, PassNorms] = {}
@@ -2070,7 +2075,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 continue
             pass_.aliased.add(pid)
             source = Source(tensor=real, pid=pid, label=self._param_name.get(pid, name))
-            origin = Origin(self, pass_, (source,), scope=module)
+            origin = Origin(self, pass_, (source,), scope=module, under=_saved_hooks_top())
             alias = wrap(real, origin)
             source.tensor = alias
             self._swapped.setdefault((id(holder), name), []).append(real)
@@ -2878,6 +2883,38 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             "the examples, or use per_example=False. Nothing of this step was recorded"
         )
 
+    def check_checkpointed_alias(self, origin: Any, op: str) -> None:
+        """Parameters used directly meeting the batch in ``op`` (one whose node saves its
+        operands) inside a function that ``torch.utils.checkpoint(use_reentrant=False)`` runs,
+        their owner's call begun outside it (``gamma`` of the model itself in
+        ``checkpoint(lambda t: self.gamma * f(t), h)``): refused. The forward holds the
+        owner's shared alias, expanded to the batch where it meets it; the recomputation in
+        the backward, outside the owner's call, gets the parameter itself and saves other
+        tensors — torch's CheckpointError at step 1, one-shot and tracker (a hunt,
+        2026-12-06). A submodule the function calls, or a transformers layer's checkpoint
+        (mirrored: :class:`_MirroredCheckpoint`), enters the owner again when it recomputes."""
+        top = _saved_hooks_top()
+        if (
+            top is None
+            or top is origin.under
+            or torch._C._current_graph_task_id() != -1
+            or "_checkpoint_hook" not in getattr(top, "__qualname__", "")
+            or any(top is t for t in self._mirrored_under)
+        ):
+            return
+        labels = sorted({s.label for s in origin.sources})
+        raise UnsupportedModuleError(
+            f"parameters {labels}, used directly, meet the batch in '{op}' inside a function "
+            "that torch.utils.checkpoint(use_reentrant=False) recomputes in the backward, but "
+            "the module that owns them runs outside that function: noisescale follows such "
+            "a parameter through an alias it hands out while its owner's forward runs, and the "
+            "recomputation, outside that forward, would get the parameter itself and save "
+            "other tensors (torch's CheckpointError). Move the parameter into a submodule "
+            "that the checkpointed function calls (a LayerScale module inside the block "
+            "passed to checkpoint), or use per_example=False. Nothing of this step was "
+            "recorded"
+        )
+
     def check_meeting_rows(self, pass_: PassNorms, origin: Any, x: Tensor, n: int, op: str) -> None:
         """Parameters used directly meeting ``x`` in ``op`` inside the forward, ``x`` with the
         batch's leading size: rows picked by the data that are not the examples in order
@@ -3269,7 +3306,7 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         ):
             why = picked = (
                 f"the {size} input rows of layer '{label}', on which it is computed, were "
-                f"picked by a mask or an index ({selected}), so "
+                f"picked by a mask or an index, or moved along the examples ({selected}), so "
                 "their count equals the batch's by coincidence, and which example each row "
                 "belongs to changes with the data (a loss on the masked tokens alone, "
                 "h.view(-1, D)[labels.view(-1) != -100], as ModernBERT's "
@@ -3290,6 +3327,8 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
                 f"its input is one of the model's buffers, whose leading size {size} equals the "
                 "batch's by coincidence"
             )
+        elif subset := _subset_rows(_first_tensor(args, kwargs), pass_.batch_size, label):
+            why = picked = f"{subset}, or use per_example=False"
         else:
             first = _first_tensor(args, kwargs)
             n = pass_.batch_size

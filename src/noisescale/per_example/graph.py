@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -72,7 +73,11 @@ class _MirroredCheckpoint:
 
         def run(*a: Any, **k: Any) -> Any:
             if not _checkpoint_recompute():
-                return fn(*a, **k)
+                engine._mirrored_under.append(_saved_hooks_top())
+                try:
+                    return fn(*a, **k)
+                finally:
+                    engine._mirrored_under.pop()
             entered = []
             try:
                 for scope in list(scopes):
@@ -115,6 +120,13 @@ def _batched_grad(output: Tensor, edges: list, rows: Tensor) -> Sequence[Tensor 
         None if per_row[0][j] is None else torch.stack([g[j] for g in per_row])
         for j in range(len(edges))
     ]
+
+
+def _saved_hooks_top() -> Any:
+    """The pack hook of the saved-tensor hooks on top now (a non-reentrant checkpoint's while
+    its function runs), or None."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return None if top is None else top[0]
 
 
 def _checkpoint_recompute() -> bool:
@@ -567,7 +579,7 @@ def _picked_rows(node: Any, n: int, unread: list[tuple[str, Tensor]] | None = No
     the tensor a flattening view flattened: :func:`_example_major`): the first pick among the
     origins of its rows (:func:`_origins`)."""
     for origin in _origins(node):
-        how = _picked_at(origin, n, unread)
+        how = _picked_at(origin, n, unread) or _moved_at(origin, n, unread)
         if how is not None:
             return how
     return None
@@ -702,6 +714,145 @@ def _mixed_pick(
         if unread is not None:
             unread += [(how, flag) for _, flag in found]
     return None
+
+
+# row-copying operations whose window a slice along dim 0 may take out of order
+_WINDOWED = frozenset(
+    {"RepeatBackward0", "CatBackward0", "ConstantPadNdBackward0", "RollBackward0", "FlipBackward0"}
+)
+
+
+def _moved_at(node: Any, n: int, unread: list[tuple[str, Tensor]] | None) -> str | None:
+    """:func:`_picked_rows`'s other reading at one origin: rows moved along the examples'
+    dimension by an operation whose arguments change while its kind does not — a roll or a
+    flip along dim 0 (or along a dimension a view split from it), a window along dim 0 out of
+    a repeat, cat, padding, roll or flip that does not start at its row 0, a padding before
+    row 0, an index along a dimension a view split from dim 0 (``h.view(N // 2, 2, D)[:,
+    order]``) that is not arange —, named. The structure count that decides an audit sees
+    the same nodes whatever the shift, dims, start or order: with the identity on the audited
+    steps and a move after, the rows went to the wrong examples on unaudited steps until
+    2026-12-06 (3–14.5% off, sub-batch norms up to 60%, a hunt). The identity (shift 0, a
+    window from row 0, an index in order) is not a move. On an accelerator an index's
+    comparison stays on the device (``unread``)."""
+    for _ in range(8):
+        kind = type(node).__name__
+        if kind in ("RollBackward0", "FlipBackward0"):
+            shape = tuple(node._input_metadata[0].shape)
+            dims = [_dim_of(d, len(shape)) for d in node._saved_dims]
+            if kind == "FlipBackward0":
+                moved = any(shape[d] > 1 and _split_from_rows(node, shape, d, n) for d in dims)
+                how = f"torch.flip along dims {dims} of a {list(shape)} tensor"
+            else:
+                shifts = list(node._saved_shifts)
+                moved = (
+                    any(
+                        s % shape[d] != 0 and _split_from_rows(node, shape, d, n)
+                        for s, d in zip(shifts, dims, strict=False)
+                    )
+                    if dims
+                    else shifts[0] % max(1, math.prod(shape)) != 0  # (flattened, rolled)
+                )
+                how = f"torch.roll by {shifts} along dims {dims} of a {list(shape)} tensor"
+            return f"{how}, which moves rows to other examples" if moved else None
+        if kind == "ConstantPadNdBackward0":
+            pad, ndim = list(node._saved_pad), len(node._input_metadata[0].shape)
+            front = pad[2 * ndim - 2] if len(pad) >= 2 * ndim else 0
+            if front:
+                return f"F.pad by {front} rows before the examples', which moves them"
+            return None
+        if kind == "SliceBackward0":
+            sizes = tuple(node._saved_self_sym_sizes)
+            if _dim_of(node._saved_dim, len(sizes)) != 0:
+                return None
+            source = node.next_functions[0][0] if node.next_functions else None
+            source = None if source is None else _origin_of(source) or source
+            if source is None or type(source).__name__ not in _WINDOWED:
+                return None  # (rows of a layer's output: a batch of two views, z[N:])
+            start = min(sizes[0], _dim_of(node._saved_start or 0, sizes[0]))
+            if start != 0 or node._saved_step != 1:
+                made = type(source).__name__.removesuffix("Backward0")
+                return (
+                    f"a slice along the examples' dimension from row {start} (step "
+                    f"{node._saved_step}) of the {sizes[0]} rows of a {made}, which moves "
+                    "rows to other examples"
+                )
+            node = source  # (a window from row 0: the rows beneath it, read on)
+            continue
+        if kind == "IndexBackward0" and node._saved_indices:
+            sizes = tuple(node._saved_self_sym_sizes)
+            at = [d for d, i in enumerate(node._saved_indices) if i is not None]
+            if not at or at[0] == 0 or not _split_from_rows(node, sizes, at[0], n):
+                return None
+            index = node._saved_indices[at[0]]
+            how = (
+                f"an index along dim {at[0]} of {list(sizes)}, a view that split the examples' "
+                "dimension, which moves rows between examples unless it is arange"
+            )
+            if len(at) > 1 or index.dtype == torch.bool or index.shape != (sizes[at[0]],):
+                return how
+            in_order = (index == torch.arange(sizes[at[0]], device=index.device)).all()
+            if not _host_reads_indices(index):
+                if unread is not None:
+                    unread.append((how, in_order.logical_not()))
+                return None
+            return None if bool(in_order) else how
+        return None
+    return None
+
+
+def _subset_rows(x: Tensor | None, n: int, label: str) -> str | None:
+    """How the rows of ``x``, fewer or more than the ``n`` examples, were picked along dim 0 by
+    an index or a mask (``h[idx]``, ``index_select``) from the examples' rows or from the
+    examples flattened with another dimension ([N·T, …]): named for the refusal of a layer
+    run on them (early exit on a subset of the examples written back by ``index_copy``; a
+    mixture of depths over the batch's tokens added back before the view). Until 2026-12-06
+    those were refused blaming parameters used directly (a hunt). None otherwise."""
+    node = _row_origin(x)
+    kind = type(node).__name__
+    if kind == "IndexBackward0":
+        first = node._saved_indices[0] if node._saved_indices else None
+        rows = tuple(node._saved_self_sym_sizes)[:1]
+        how = "a boolean mask" if first is not None and first.dtype == torch.bool else "an index"
+    elif kind == "IndexSelectBackward0" and _dim_of(node._saved_dim, len(_source_sizes(node))) == 0:
+        first, rows, how = node._saved_index, tuple(_source_sizes(node))[:1], "index_select"
+    else:
+        return None
+    if first is None or not rows or x is None or rows[0] % n != 0:
+        return None
+    k = x.shape[0]
+    if rows[0] == n:
+        return (
+            f"the {k} input rows of layer '{label}' were picked by {how} from the batch's {n} "
+            "examples: a "
+            "subset of them (early exit, stochastic depth), which noisescale follows only where "
+            "its rows go back among the batch's by a cat in order, "
+            "torch.cat([o, o_rest])[torch.cat([idx, rest]).argsort()] — not written into it "
+            "by index_copy, index_put (out[keep] = o), index_add or masked_scatter"
+        )
+    return (
+        f"the {k} input rows of layer '{label}' were picked by {how} from the {rows[0]} rows of "
+        f"the batch's {n} examples flattened with another dimension (tokens routed with a "
+        "capacity over the batch, a mixture of depths), which noisescale follows only where "
+        "they meet the examples along dim 0: add the routed tokens' output to the batch after "
+        "viewing it back, h + out.view_as(h), not to the flattened rows before the view"
+    )
+
+
+def _split_from_rows(node: Any, shape: tuple, dim: int, n: int) -> bool:
+    """Whether dim ``dim`` of the tensor ``node`` read (``shape``) holds rows of the examples:
+    dim 0, or a later one that a view beneath it split from the ``n`` examples' dim 0 ([N, D]
+    viewed as [N // 2, 2, D]: its dims 0 and 1; not [N·T, D] viewed as [N, T, D], whose dim 1
+    is each example's tokens)."""
+    if dim == 0:
+        return True
+    source = node.next_functions[0][0] if node.next_functions else None
+    while source is not None and type(source).__name__ in _ROW_PRESERVING - _VIEW_NODES:
+        source = source.next_functions[0][0] if source.next_functions else None
+    if source is None or type(source).__name__ not in _VIEW_NODES:
+        return False
+    before = getattr(source, "_saved_self_sym_sizes", ())
+    rows = math.prod(shape[: dim + 1])
+    return bool(before) and before[0] == n and shape[0] < n and n % rows == 0
 
 
 def _picked_at(node: Any, n: int, unread: list[tuple[str, Tensor]] | None) -> str | None:

@@ -1590,6 +1590,14 @@ class _Function(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if not self.watch._pushed:  # stale (see LossWatch.pause): inert
             return func(*args, **kwargs)
+        if isinstance(func, torch._ops.HigherOrderOperator) and _on_stack(
+            self.watch._dispatch, dispatch=True
+        ):
+            # (refused here as its dispatch rule would: torch.cond and torch.while_loop
+            # trace their branches under autograd before any mode's rule runs, and on a
+            # hooked layer's parameter met torch's own FakeTensor AssertionError, a hunt of
+            # 2026-12-06)
+            _refuse_operator(func.name(), self)
         if (torch_func := _backward_of(func)) is not None and not self.watch.done:
             if torch_func is Tensor.backward:
                 roots = [args[0]]

@@ -98,6 +98,8 @@ class Origin:
     pass_: PassNorms
     sources: tuple[Source, ...]
     scope: Any = None  # the owner-module call it was created in (for the fallback on failure)
+    # the saved-tensor pack hook on top when that call began (a checkpoint's: _CHECKPOINTED)
+    under: Any = None
 
 
 def _origin(t: Any) -> Origin | None:
@@ -151,7 +153,7 @@ def _merge(origins: list[Origin]) -> Origin:
     for o in origins:
         for s in o.sources:
             seen.setdefault(id(s), s)
-    return Origin(first.engine, first.pass_, tuple(seen.values()), first.scope)
+    return Origin(first.engine, first.pass_, tuple(seen.values()), first.scope, first.under)
 
 
 class SharedTensor(Tensor):
@@ -335,6 +337,12 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, flat: list[Any], origin: Ori
             kind = "output" if through_layers and _from_outputs(shared, pass_) else "loss"
             engine.record_ambiguous(pass_, origin, _name(func), (tuple(shared.shape), shape), kind)
         return result
+    if batched and origin.scope is not None and _name(func) not in _SAVES_NO_OPERAND:
+        # (a parameter's alias itself, read in the function: not a tensor computed before the
+        # checkpoint and passed in, which its recomputation gets again — T5's position bias)
+        aliases = [s.tensor for s in origin.sources if s.pid is not None]
+        if any(any(t is a for a in aliases) for t in flat):
+            engine.check_checkpointed_alias(origin, _name(func))
     if not batched and dim == 0 and not engine.weights_only():
         met = _flat_product(func, args, kwargs, origin, pass_, n)
         if met is not None:
@@ -399,6 +407,14 @@ def _note_buffer(engine: Any, pass_: PassNorms, origin: Origin, buffer: Tensor) 
     )
     for source in origin.sources:
         pass_.buffer_rows.setdefault(id(source), (name, tuple(buffer.shape)))
+
+
+# meetings whose autograd node saves neither operand: a checkpoint's recomputation that gets
+# the parameter itself instead of its expanded alias saves the same tensors
+_SAVES_NO_OPERAND = {
+    "add", "add_", "sub", "sub_", "rsub", "__add__", "__radd__", "__iadd__", "__sub__",
+    "__rsub__", "__isub__", "subtract", "broadcast_tensors",
+} | _EXPAND_NAMES  # fmt: skip
 
 
 def _has_dual(flat: list[Any]) -> bool:
