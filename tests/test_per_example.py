@@ -498,8 +498,15 @@ def test_harmless_overrides_keep_a_layer_s_rule():
     sharded = nn.LSTM(2, 2)
     sharded.__class__ = type("FSDPLSTM", (FSDPModule, nn.LSTM), {})
     padded = type("Padded", (nn.Conv1d,), {"_conv_forward": nn.Conv1d._conv_forward})(1, 1, 1)
+
+    class Loadable(nn.Embedding):
+        @classmethod
+        def from_pretrained(cls, embeddings, **kwargs):  # (a review of 2026-12-06)
+            return super().from_pretrained(embeddings.double(), **kwargs)
+
     rule_for = noisescale.per_example.rule_for
     assert rule_for(Initialised(2, 2)) is rule_for(nn.Linear(2, 2))
+    assert rule_for(Loadable(3, 2)) is rule_for(nn.Embedding(3, 2))
     assert rule_for(sharded) is rule_for(nn.LSTM(2, 2))
     assert rule_for(padded) is None
 

@@ -229,8 +229,9 @@ def rule_class(module: nn.Module) -> tuple[type, LayerRule] | None:
 # methods of a rule's class that no forward relies on: a subclass may override them (_apply,
 # run by .to() and .cuda(), is FSDP2's too: fully_shard mixes FSDPModule into a layer's class)
 _HARMLESS = frozenset(
-    {"reset_parameters", "reset_running_stats", "extra_repr", "_load_from_state_dict", "_apply"}
-)
+    {"reset_parameters", "reset_running_stats", "extra_repr", "_load_from_state_dict", "_apply",
+     "from_pretrained"}  # (nn.Embedding's classmethod constructor: a review of 2026-12-06)
+)  # fmt: skip
 
 
 def _methods(cls: type) -> set[str]:
