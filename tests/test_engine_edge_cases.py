@@ -1634,6 +1634,21 @@ class _ScaledBlock(nn.Module):
         return self.gamma * torch.tanh(self.lin(t))
 
 
+class _LinearCheckpointedInside(nn.Module):
+    """A block whose own forward checkpoints a function of its raw parameters:
+    ``F.linear(t, self.W, self.b)`` inside ``checkpoint(self._f, t, use_reentrant=False)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.W, self.b = nn.Parameter(torch.randn(8, 8) / 3), nn.Parameter(torch.randn(8))
+
+    def _f(self, t):
+        return t + torch.tanh(F.linear(t, self.W, self.b))
+
+    def forward(self, t):
+        return checkpoint(self._f, t, use_reentrant=False)
+
+
 class _ModelParamCheckpointed(nn.Module):
     """A parameter of the model itself (a layer scale) used inside a function the forward
     checkpoints with use_reentrant=False: multiplied in (``mul``), added (``add``), or held by
@@ -1648,7 +1663,9 @@ class _ModelParamCheckpointed(nn.Module):
             nn.Linear(8, 3),
         )
         self.gamma = nn.Parameter(torch.rand(8) + 0.5)
+        self.w = nn.Parameter(torch.randn(8, 8) / 3)
         self.block = _ScaledBlock()
+        self.own = _LinearCheckpointedInside()
 
     def forward(self, x):
         h = torch.tanh(self.l1(x))
@@ -1656,6 +1673,12 @@ class _ModelParamCheckpointed(nn.Module):
             f = lambda t: self.gamma * torch.tanh(self.l2(t))  # noqa: E731
         elif self.how == "add":
             f = lambda t: torch.tanh(self.l2(t)) + self.gamma  # noqa: E731
+        elif self.how == "linear":  # (a review: refused for a while on 2026-12-06)
+            f = lambda t: torch.tanh(F.linear(t, self.w))  # noqa: E731
+        elif self.how == "matmul":
+            f = lambda t: torch.tanh(t @ self.w)  # noqa: E731
+        elif self.how == "block":
+            f = self.own
         else:
             f = self.block
         return self.head(h + checkpoint(f, h, use_reentrant=False))
@@ -1687,10 +1710,13 @@ def test_a_model_parameter_multiplied_inside_a_non_reentrant_checkpoint_is_refus
         tracker.remove()
 
 
-@pytest.mark.parametrize("how", ["add", "submodule"])
+@pytest.mark.parametrize("how", ["add", "submodule", "linear", "matmul", "block"])
 def test_a_parameter_added_or_held_by_a_checkpointed_submodule_is_exact(how):
     """The neighbours left measured: a model parameter added inside the checkpoint (the add
-    saves neither operand), and one held by a submodule the checkpointed function calls."""
+    saves neither operand), one held by a submodule the checkpointed function calls, and —
+    refused for a while on 2026-12-06, a review — one taken unexpanded by a product,
+    ``F.linear(t, W)`` or ``t @ W``, of the model or of a block whose own forward
+    checkpoints a function of its raw parameters."""
     torch.manual_seed(0)
     model = _ModelParamCheckpointed(how).double()
     x, y = torch.randn(4, 3, 8, dtype=torch.float64), torch.randint(0, 3, (4, 3))

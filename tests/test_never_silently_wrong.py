@@ -3472,6 +3472,42 @@ def test_rows_moved_along_the_examples_are_refused_by_a_one_shot_measurement(how
     torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
 
 
+class _WholePart(nn.Module):
+    """A window along the examples that is one whole part of a cat (two views, SimCLR's
+    cat([z1, z2])[N:]) or one whole copy of a repeat: the examples in order."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.l1, self.head = how, nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h, n = torch.tanh(self.l1(x)), x.shape[0]
+        h = torch.cat([h, torch.tanh(h)])[n:] if self.how == "cat" else h.repeat(2, 1)[n : 2 * n]
+        return self.head(torch.tanh(self.l1(h)))
+
+
+@pytest.mark.parametrize("how", ["cat", "repeat"])
+def test_a_window_that_is_one_whole_part_of_a_cat_or_repeat_is_exact(how):
+    # A review (2026-12-06): the check of rows moved along the examples refused these, exact
+    # before — a window from row N that is one whole part, in order, is not a move.
+    torch.manual_seed(0)
+    model = _WholePart(how).double()
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    try:
+        for step in range(1, 6):
+            x, y = torch.randn(N, 4, dtype=torch.float64), torch.randint(0, 3, (N,))
+            model.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            tracker.step(loss=loss)
+            with tracker.paused():
+                want = float(_moved_truth(model, x, y).mean())
+            got = tracker.history[-1]["sources"]["per_example"]["sqnorm_small"]
+            assert got == pytest.approx(want, rel=1e-9), step
+    finally:
+        tracker.remove()
+
+
 class _EarlyExit(nn.Module):
     """Early exit: a second stage run on the continuing examples' rows h[idx] (in order) and
     written back into the batch by ``how``; ``keep`` the continuing examples."""

@@ -2905,8 +2905,9 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         labels = sorted({s.label for s in origin.sources})
         raise UnsupportedModuleError(
             f"parameters {labels}, used directly, meet the batch in '{op}' inside a function "
-            "that torch.utils.checkpoint(use_reentrant=False) recomputes in the backward, but "
-            "the module that owns them runs outside that function: noisescale follows such "
+            "that torch.utils.checkpoint(use_reentrant=False) recomputes in the backward, "
+            "a function their owner's forward started (checkpoint(self._f, x) in the owner's "
+            "own forward, or a closure over the owner's parameter): noisescale follows such "
             "a parameter through an alias it hands out while its owner's forward runs, and the "
             "recomputation, outside that forward, would get the parameter itself and save "
             "other tensors (torch's CheckpointError). Move the parameter into a submodule "

@@ -869,6 +869,10 @@ def _moved_at(node: Any, n: int, unread: list[tuple[str, Tensor]] | None) -> str
             if source is None or type(source).__name__ not in _WINDOWED:
                 return None  # (rows of a layer's output: a batch of two views, z[N:])
             start = min(sizes[0], _dim_of(node._saved_start or 0, sizes[0]))
+            part = _window_part(source, start, node, sizes[0]) if start else None
+            if part is not None:
+                node = part  # (a window that is one part of a cat or one copy of a repeat,
+                continue  # whole: cat([z1, z2])[N:] — refused as a move until a review)
             if start != 0 or node._saved_step != 1:
                 made = type(source).__name__.removesuffix("Backward0")
                 return (
@@ -897,6 +901,37 @@ def _moved_at(node: Any, n: int, unread: list[tuple[str, Tensor]] | None) -> str
                 return None
             return None if bool(in_order) else how
         return None
+    return None
+
+
+def _window_part(source: Any, start: int, node: Any, rows: int) -> Any:
+    """For a slice ``node`` along dim 0 from row ``start`` of a ``rows``-row cat or repeat
+    along dim 0 (``source``): the node of the part it takes whole — a cat's input, a repeat's
+    tensor (one copy of it) — where it takes exactly one, in order; else None."""
+    if node._saved_step != 1:
+        return None
+    end = min(rows, _dim_of(node._saved_end, rows)) if node._saved_end is not None else rows
+    kind = type(source).__name__
+    if kind == "CatBackward0" and _dim_of(source._saved_dim, 1) == 0:
+        at = 0
+        for f, nr in source.next_functions:
+            meta = getattr(f, "_input_metadata", None) if f is not None else None
+            if not meta or len(meta) <= nr or not meta[nr].shape:
+                return None
+            size = meta[nr].shape[0]
+            if at == start and at + size == end:
+                return f
+            at += size
+        return None
+    if kind == "RepeatBackward0":
+        repeats, sizes = tuple(source._saved_repeats), tuple(source._saved_self_sym_sizes)
+        lead = len(repeats) - len(sizes)  # (repeat may add leading dimensions)
+        if lead != 0 or not sizes or repeats[0] < 2:
+            return None
+        m = sizes[0]
+        if start % m == 0 and end - start == m:
+            nxt = source.next_functions
+            return nxt[0][0] if nxt and nxt[0][0] is not None else None
     return None
 
 

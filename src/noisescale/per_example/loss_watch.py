@@ -102,6 +102,7 @@ class One:
 
     owner: int
     example: Any  # its index, or a token when the map is irregular
+    n: int = field(default=0, compare=False)  # the pass's examples (0: not known)
 
 
 @dataclass(frozen=True)
@@ -2414,18 +2415,24 @@ def _restacked(args: tuple, kwargs: dict, known: list, out: Tensor) -> Rows | No
         isinstance(e, int) for e in examples
     ):
         return None
-    m, n = len(examples), max(examples) + 1
+    # (the pass's examples, each as often: until a review of 2026-12-06 the count was the
+    # largest example's + 1, and a stack of some examples' values — L[:3] of 4, or
+    # L + [L[0]] — was read as rows of all, measured under "mean" without a word)
+    sizes = {x.n for x in layouts}  # type: ignore[union-attr]
+    m, n = len(examples), sizes.pop() if len(sizes) == 1 else 0
+    if not n or not all(0 <= e < n for e in examples):
+        return None
     dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-    for block in {1, max(1, m // n)}:
-        if all(e == (j // block) % n for j, e in enumerate(examples)):
-            return Rows(dim % out.dim(), block, owner, n, owner)
-    if sorted(examples) == list(range(m)):
-        # every example once in another order (a packed stream's sequences stacked in
-        # reverse): rows by the example of each (until 2026-12-06 a sum over the examples
-        # of no kind, and its mean measured N² too small under "sum" without a word)
-        ids = torch.tensor(examples, device=out.device)
-        return Rows(dim % out.dim(), None, ("stack", next(_fresh)), m, owner, ids)
-    return None
+    if m % n == 0:
+        for block in {1, m // n}:
+            if all(e == (j // block) % n for j, e in enumerate(examples)):
+                return Rows(dim % out.dim(), block, owner, n, owner)
+    # every example once in another order (a packed stream's sequences stacked in reverse):
+    # rows by the example of each (until 2026-12-06 a sum over the examples of no kind, and
+    # its mean measured N² too small under "sum" without a word); some left out or taken
+    # twice: rows too, whose mean is flagged as over what it counts (_note_uneven_mean)
+    ids = torch.tensor(examples, device=out.device)
+    return Rows(dim % out.dim(), None, ("stack", next(_fresh)), n, owner, ids)
 
 
 def _single(layout: Rows, pieces: list[Tensor | None]) -> list[One | None]:
@@ -2444,14 +2451,14 @@ def _single(layout: Rows, pieces: list[Tensor | None]) -> list[One | None]:
     ends = torch.stack([torch.stack([pieces[j].amin(), pieces[j].amax()]) for j in at])  # type: ignore[union-attr]
     for j, (low, high) in zip(at, ends.tolist(), strict=True):
         if low == high >= 0:
-            found[j] = One(layout.owner, int(low))
+            found[j] = One(layout.owner, int(low), layout.n)
     return found
 
 
 def _one(layout: Rows, index: int) -> One:
     if layout.block is None:
-        return One(layout.owner, ("irregular", next(_fresh)))
-    return One(layout.owner, (index // layout.block) % layout.n)
+        return One(layout.owner, ("irregular", next(_fresh)), layout.n)
+    return One(layout.owner, (index // layout.block) % layout.n, layout.n)
 
 
 # Operations that work on each index of dim 0 apart (a batch of images, sequences, signals):

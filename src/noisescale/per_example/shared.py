@@ -409,12 +409,14 @@ def _note_buffer(engine: Any, pass_: PassNorms, origin: Origin, buffer: Tensor) 
         pass_.buffer_rows.setdefault(id(source), (name, tuple(buffer.shape)))
 
 
-# meetings whose autograd node saves neither operand: a checkpoint's recomputation that gets
-# the parameter itself instead of its expanded alias saves the same tensors
+# meetings whose autograd node saves neither operand, and products that take the alias
+# unexpanded: a checkpoint's recomputation that gets the parameter itself instead of its
+# alias saves the same tensors (F.linear(x, self.W) in a checkpointed function of a block's
+# own forward was exact, and was refused for a while on 2026-12-06, a review)
 _SAVES_NO_OPERAND = {
     "add", "add_", "sub", "sub_", "rsub", "__add__", "__radd__", "__iadd__", "__sub__",
-    "__rsub__", "__isub__", "subtract", "broadcast_tensors",
-} | _EXPAND_NAMES  # fmt: skip
+    "__rsub__", "__isub__", "subtract", "broadcast_tensors", "linear", "addmm",
+} | _EXPAND_NAMES | _MATMUL_NAMES | {"__rmatmul__"}  # fmt: skip
 
 
 def _has_dual(flat: list[Any]) -> bool:
