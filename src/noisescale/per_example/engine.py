@@ -98,6 +98,7 @@ from noisescale.per_example.factors import (
 )
 from noisescale.per_example.grad_watch import GradWatch
 from noisescale.per_example.graph import (
+    _MOVED,
     _accumulator,
     _assembled_rows,
     _autocast_enabled,
@@ -2926,6 +2927,14 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
         self._refuse_mixed_pick(pass_, x, n, f"'{op}' of parameters {labels}, used directly,")
         unread: list[tuple[str, Tensor]] = []
         picked = _selected_rows(x, n, unread)
+        if picked is not None and _MOVED in picked:
+            # (a review of 2026-12-06: a move's refusal gave a pick's cause and fix)
+            raise UnsupportedModuleError(
+                f"parameters {labels}, used directly, meet in '{op}' {n} rows moved along the "
+                f"examples ({picked}): each row is another example's. Keep every example's "
+                "rows in place along dim 0 (move along the positions or features instead), or "
+                "use per_example=False. Nothing of this step was recorded"
+            )
         if picked is not None:
             raise UnsupportedModuleError(
                 f"parameters {labels}, used directly, meet in '{op}' {n} rows picked by "
@@ -3306,12 +3315,21 @@ class PerExampleNorms(ExampleCheck, GradWatch, Traced, Settle):
             selected := _selected_rows(_first_tensor(args, kwargs), size)
         ):
             why = picked = (
-                f"the {size} input rows of layer '{label}', on which it is computed, were "
-                f"picked by a mask or an index, or moved along the examples ({selected}), so "
-                "their count equals the batch's by coincidence, and which example each row "
-                "belongs to changes with the data (a loss on the masked tokens alone, "
-                "h.view(-1, D)[labels.view(-1) != -100], as ModernBERT's "
-                "sparse_prediction=True does: turn it off, or use per_example=False)"
+                (
+                    f"the {size} input rows of layer '{label}', on which it is computed, were "
+                    f"moved along the examples ({selected}): each row is another example's "
+                    "(keep every example's rows in place along dim 0 — move along the "
+                    "positions or features instead —, or use per_example=False)"
+                )
+                if _MOVED in selected
+                else (
+                    f"the {size} input rows of layer '{label}', on which it is computed, were "
+                    f"picked by a mask or an index ({selected}), so their count equals the "
+                    "batch's by coincidence, and which example each row belongs to changes "
+                    "with the data (a loss on the masked tokens alone, "
+                    "h.view(-1, D)[labels.view(-1) != -100], as ModernBERT's "
+                    "sparse_prediction=True does: turn it off, or use per_example=False)"
+                )
             )
         elif size == pass_.batch_size and (
             assembled := _assembled_rows(_first_tensor(args, kwargs))

@@ -816,6 +816,9 @@ def _restores(node: Any, index: Tensor, n: int) -> Tensor | None:
     return None
 
 
+# what every reason :func:`_moved_at` gives says (the refusals tell a move from a pick by it)
+_MOVED = "which moves"
+
 # row-copying operations whose window a slice along dim 0 may take out of order
 _WINDOWED = frozenset(
     {"RepeatBackward0", "CatBackward0", "ConstantPadNdBackward0", "RollBackward0", "FlipBackward0"}
