@@ -456,7 +456,7 @@ def _ambiguous_message(pass_: PassNorms) -> str:
         for s in origin.sources
         if s.call is not None and s.call.size > n > 0 and s.call.size % n == 0
     ]
-    if flat and kind != "loss":
+    if flat and kind not in ("loss", "output"):
         # (until 2026-12-06 the message below, its tensor said to be computed from parameters
         # alone, a table's: HF-style flattened beams whose token ids of N·B rows, made in the
         # forward by a beam search's topk, were embedded as they are — a hunt)
