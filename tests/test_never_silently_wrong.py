@@ -3016,6 +3016,7 @@ class TwoTowers(nn.Module):
             "exp": lambda: (u * w).exp().sum(1),
             "softmax": lambda: (u + w).softmax(1).pow(2).sum(1),
             "abs": lambda: (u - 2 * w).abs().sum(1),
+            "diagonal": lambda: F.softplus(-(u @ w.T).diagonal()),
         }
         if self.sink in more:
             return more[self.sink]()
@@ -3056,6 +3057,7 @@ _SINKS = [
     "u + u[idx]",
     "stack",
     *("einsum", "bmm", "lerp", "addcmul", "maximum", "logsigmoid", "exp", "softmax", "abs"),
+    "diagonal",
 ]
 
 

@@ -627,6 +627,24 @@ _MEETS_ROWS = frozenset(
 )  # fmt: skip
 
 
+_TRANSPOSES = frozenset({"PermuteBackward0", "TransposeBackward0", "TBackward0"})
+
+
+def _diagonal_of_rows(node: Any, n: int) -> bool:
+    """Whether a diagonal ``node`` takes the main diagonal of an [n, n] product of two
+    2-D tensors, ``u @ w.T``, whose right side is a transpose: its entry i meets row i of each."""
+    sizes = tuple(getattr(node, "_saved_self_sym_sizes", ()) or ())
+    if sizes != (n, n) or node._saved_offset != 0:
+        return False
+    if {_dim_of(node._saved_dim1, 2), _dim_of(node._saved_dim2, 2)} != {0, 1}:
+        return False
+    product = node.next_functions[0][0] if node.next_functions else None
+    if type(product).__name__ != "MmBackward0" or len(product.next_functions) != 2:
+        return False
+    second = product.next_functions[1][0]
+    return second is None or type(second).__name__ in _TRANSPOSES | {"AccumulateGrad"}
+
+
 def _input_sizes(node: Any) -> tuple[int, ...] | None:
     """The sizes of a node's (first) input, where the node saved them or the input."""
     sizes = getattr(node, "_saved_self_sym_sizes", None)
@@ -669,6 +687,15 @@ def _rows_met(node: Any, ndim: int, n: int, budget: int = 16) -> list[Any]:
             if _dim_of(node._saved_dims[0], ndim) == 0:  # (an einsum's permutes: rows first)
                 stack.extend((f, ndim) for f in edges)
                 continue
+        elif kind.startswith("DiagonalBackward0") and _diagonal_of_rows(node, n):
+            # ((u @ w.T).diagonal(): row i of u met with row i of w — a review of 2026-12-06
+            # found a pick behind it missed)
+            product = node.next_functions[0][0]
+            first, second = (f for f, _ in product.next_functions)
+            stack.append((first, 2))
+            if second is not None and type(second).__name__ in _TRANSPOSES:
+                stack.extend((f, 2) for f, _ in second.next_functions if f is not None)
+            continue
         elif kind == "UnsqueezeBackward0":
             if _dim_of(node._saved_dim, ndim) != 0:
                 stack.extend((f, ndim - 1) for f in edges)
