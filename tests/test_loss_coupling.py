@@ -2143,20 +2143,31 @@ def test_per_sequence_losses_cut_from_a_packed_stream_are_a_mean_over_the_exampl
             assert small == pytest.approx([float(want.mean())] * 7, rel=1e-9)
 
 
+def _packed_model() -> tuple[nn.Module, torch.Tensor]:
+    """A token model and a batch of N sequences of T tokens (seeded)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(C, D), nn.Linear(D, C))
+    return model, torch.randint(0, C, (N, T), generator=torch.Generator().manual_seed(6))
+
+
+def _piece_means(o: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """The packed stream of real tokens' losses (the sequences' lengths :data:`_LENS`) cut into
+    pieces of ``sizes``, each piece's mean."""
+    mask = torch.arange(T)[None] < torch.tensor(_LENS)[:, None]
+    tok = F.cross_entropy(o[mask], (torch.arange(N * T).view(N, T) % C)[mask], reduction="none")
+    return [c.mean() for c in tok.split(sizes)]
+
+
 @pytest.mark.parametrize("which", ["three of four", "one twice"])
 def test_some_examples_per_sequence_terms_stacked_are_a_mean_over_what_they_count(which):
     """A review (2026-12-06): each sequence's term cut from the packed stream, then only some
     stacked (L[:3] of 4) or one twice (L + [L[0]]): read as rows of all the examples, the mean
     was measured without a word (×16/9, an example given 0); refused as a mean over what it
     counts, as a row-wise stack of the same selection."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Embedding(C, D), nn.Linear(D, C))
-    x = torch.randint(0, C, (N, T), generator=torch.Generator().manual_seed(6))
+    model, x = _packed_model()
 
     def loss_of(o):
-        mask = torch.arange(T)[None] < torch.tensor(_LENS)[:, None]
-        tok = F.cross_entropy(o[mask], (torch.arange(N * T).view(N, T) % C)[mask], reduction="none")
-        terms = [c.mean() for c in tok.split(_LENS)]
+        terms = _piece_means(o, _LENS)
         return torch.stack(terms[:3] if which == "three of four" else terms + terms[:1]).mean()
 
     with pytest.raises(noisescale.NoiseScaleInputError, match=r"averaged over what it counts"):
@@ -2168,14 +2179,10 @@ def test_per_sequence_pieces_that_cut_across_the_sequences_are_not_one_example_s
     """Pieces whose sizes do not follow the sequences (a piece holding two examples' tokens)
     are no example's own term: their means stacked and averaged stay a mean over what they
     count, refused under "mean" — the message naming the split and the padded grid."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Embedding(C, D), nn.Linear(D, C))
-    x = torch.randint(0, C, (N, T), generator=torch.Generator().manual_seed(6))
+    model, x = _packed_model()
 
     def loss_of(o):
-        mask = torch.arange(T)[None] < torch.tensor(_LENS)[:, None]
-        tok = F.cross_entropy(o[mask], (torch.arange(N * T).view(N, T) % C)[mask], reduction="none")
-        return torch.stack([c.mean() for c in tok.split([3, 3, 1, 3, 2])]).mean()
+        return torch.stack(_piece_means(o, [3, 3, 1, 3, 2])).mean()
 
     match = r"averaged over what it counts.*tok\.split\(lens\).*padded \[N, T\] grid"
     with pytest.raises(noisescale.NoiseScaleInputError, match=match):

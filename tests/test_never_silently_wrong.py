@@ -118,6 +118,23 @@ def one_shot(model, x, per_example_loss):
     return pe.sqnorms
 
 
+def _measured_in(form: str, model, x, per_example_loss, steps: int = 3) -> None:
+    """The mean loss measured one-shot (``form`` "one-shot") or by the tracker over ``steps``
+    steps, by sub-batches ("default") or every example ("exact")."""
+    if form == "one-shot":
+        one_shot(model, x, per_example_loss)
+        return
+    kw = {} if form == "default" else {"per_example_fraction": 1.0}
+    tracker = noisescale.GradientNoiseTracker(model, **kw)
+    try:
+        for _ in range(steps):
+            model.zero_grad()
+            per_example_loss(model, x).mean().backward()
+            tracker.step()
+    finally:
+        tracker.remove()
+
+
 def assert_refused_unaudited(model, x, per_example_loss, match: str, subbatches: int = 2):
     """The engine with its audit switched off refuses the first step, matching ``match``: the
     refusal does not wait for an audit."""
@@ -965,18 +982,7 @@ def test_a_time_major_activation_reaching_a_parameter_is_named_as_such(how, form
     x = torch.randn(N, 5, 3, generator=torch.Generator().manual_seed(2))
     match = r"dim 1 has the batch's size \(4\) and dim 0 does not.*Keep dim 0 the examples"
     with pytest.raises(UnsupportedModuleError, match=match) as err:
-        if form == "one-shot":
-            one_shot(model, x, _tm_loss)
-        else:
-            kw = {} if form == "default" else {"per_example_fraction": 1.0}
-            tracker = noisescale.GradientNoiseTracker(model, **kw)
-            try:
-                for _ in range(3):
-                    model.zero_grad()
-                    _tm_loss(model, x).mean().backward()
-                    tracker.step()
-            finally:
-                tracker.remove()
+        _measured_in(form, model, x, _tm_loss)
     assert "pass the targets" not in str(err.value)
 
 
@@ -1032,18 +1038,7 @@ def test_a_state_carried_in_a_buffer_is_refused_naming_the_buffer_and_the_fix(fo
     x = torch.randn(N, 5, 3, generator=torch.Generator().manual_seed(2))
     match = r"\['a'\] and the model's buffer 'state' .*self\.state = h\.detach\(\)"
     with pytest.raises(UnsupportedModuleError, match=match):
-        if form == "one-shot":
-            one_shot(model, x, _tm_loss)
-        else:
-            kw = {} if form == "default" else {"per_example_fraction": 1.0}
-            tracker = noisescale.GradientNoiseTracker(model, **kw)
-            try:
-                for _ in range(3):
-                    model.zero_grad()
-                    _tm_loss(model, x).mean().backward()
-                    tracker.step()
-            finally:
-                tracker.remove()
+        _measured_in(form, model, x, _tm_loss)
 
 
 def test_a_state_carried_as_a_plain_attribute_is_exact():

@@ -15,7 +15,7 @@ from torch import nn
 
 import noisescale
 from noisescale.errors import UnsupportedModuleError
-from test_subbatch import assert_exact_both_modes, train_tracked
+from test_subbatch import assert_exact_both_modes, example_sqnorms, train_tracked
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -506,16 +506,7 @@ def test_parameters_reached_through_a_plain_list_are_refused_naming_it(kw):
     attributes the same model is exact."""
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
     model = _CrossLayers(listed=False)
-    params = list(model.parameters())
-    want = torch.stack(
-        [
-            sum(
-                g.pow(2).sum()
-                for g in torch.autograd.grad(model(x[i : i + 1]).pow(2).sum(), params)
-            )
-            for i in range(5)
-        ]
-    )
+    want = example_sqnorms(model, lambda i: model(x[i : i + 1]).pow(2).sum(), 5)
     with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
         model(x).pow(2).sum().backward()
     torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
