@@ -734,3 +734,20 @@ def test_e_min_above_the_examples_names_the_batch_size_between_sparse_records(
     assert main(["report", str(path), "-o", str(out)]) == 0
     assert "not computed" in out.read_text(encoding="utf-8")
     json.dumps(summary_dict(data), allow_nan=False)
+
+
+def test_a_report_says_when_the_run_lost_its_estimate_after_the_headline(tmp_path: Path) -> None:
+    """(A hunt, 2026-12-06.) The headline B_simple is the last estimate; a run whose last
+    records carry none (here the averaged tr Σ fell to ≤ 0 from step 380) said nothing of it.
+    The warning names the last estimate's step, the run's last step and why it has none."""
+    records = synthetic_records(n_steps=400)
+    for r in records[380:]:
+        r["trace_sigma_ema"] = -0.5
+        r["b_simple"] = r["b_simple_low"] = r["b_simple_high"] = None
+    data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl", records)))
+    assert summary_dict(data)["b_simple_last"] == pytest.approx(40 * (1 + 379 / 80))
+    stale = [w for w in data.warnings if "last estimate is from step 379" in w]
+    assert len(stale) == 1
+    assert "went on to step 399 and its 20 later record(s) carry none" in stale[0]
+    assert "the averaged tr Σ is -0.5, not positive" in stale[0]
+    assert "step 379's B_simple may no longer hold" in stale[0]

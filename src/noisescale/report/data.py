@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from noisescale import theory
+from noisescale import estimators, theory
 from noisescale.errors import NoiseScaleInputError
 
 HISTORY_KIND = "noisescale.history"
@@ -518,7 +518,8 @@ def run_warnings(history: History, series: BSimpleSeries) -> list[str]:
 
     The tracker's estimate is a ratio of EMAs with time constant 1/(1 − beta) steps; until a run
     spans several time constants, the first steps, where the gradient changes fastest, weigh on
-    it. An interval open above means |G|² is not yet distinguishable from zero.
+    it. An interval open above means |G|² is not yet distinguishable from zero. A run whose
+    later records lost the estimate acts on a stale one (:func:`_lost_estimate`).
     """
     out: list[str] = []
     n = int(series.b_simple.size)
@@ -539,6 +540,7 @@ def run_warnings(history: History, series: BSimpleSeries) -> list[str]:
             f"{MIN_STEPS_PLAIN_AVERAGE}); train longer before trusting the headline numbers"
         )
     if n:
+        out.extend(_lost_estimate(history, int(series.step[-1])))
         low, high = float(series.low[-1]), float(series.high[-1])
         if not math.isfinite(high):
             out.append(
@@ -551,6 +553,36 @@ def run_warnings(history: History, series: BSimpleSeries) -> list[str]:
                 f"{WIDE_INTERVAL_RATIO:g}: treat the headline numbers as rough"
             )
     return out
+
+
+def _lost_estimate(history: History, last_estimate: int) -> list[str]:
+    """A warning when the run went on past its last estimate with records that carry none: the
+    report's headline and calc's decision then rest on a stale B_simple (a hunt, 2026-12-06:
+    calc acted on step 40's of a run that lost it for its last 20 steps, without a word)."""
+    later = ~history.skipped & (history.step > last_estimate)
+    if not later.any():
+        return []
+    i = int(np.flatnonzero(later)[-1])
+    g2, trace = float(history.g2_ema[i]), float(history.trace_sigma_ema[i])
+    reason = (
+        estimators.unavailable_reason(g2, trace)
+        if math.isfinite(g2) and math.isfinite(trace)
+        else "it records no averages"
+    )
+    meaning = (
+        "the noise scale has outgrown what these steps measure, likely far above step "
+        f"{last_estimate:,}'s B_simple: a batch size chosen from that estimate is likely too "
+        "small, and its regime and ratios point the wrong way"
+        if not g2 > 0
+        else f"step {last_estimate:,}'s B_simple may no longer hold"
+    )
+    last = int(history.step[i])
+    return [
+        f"B_simple's last estimate is from step {last_estimate:,}, but the run went on to step "
+        f"{last:,} and its {int(later.sum()):,} later record(s) carry none — at step {last:,} "
+        f"{reason}; {meaning}. The numbers here are step {last_estimate:,}'s, not the end of "
+        "the run's"
+    ]
 
 
 @dataclass(frozen=True)
