@@ -289,6 +289,38 @@ def test_history_regime_is_settled_only_over_the_whole_interval(
     assert rows["noise_scale"] == 50.0 and rows["noise_scale_interval"] == [40.0, 62.5]
 
 
+def test_history_that_lost_its_estimate_says_the_decision_is_stale(
+    tmp_path, capsys: pytest.CaptureFixture
+) -> None:
+    """(A hunt, 2026-12-06.) The last 20 of 60 steps carry no B_simple because the averaged |G|²
+    fell to ≤ 0: calc acted on step 40's estimate without a word that the run went on and lost
+    it. It still answers from step 40 (exit 0), and warns that the noise scale has outgrown the
+    measurement, which makes a batch size chosen from step 40 likely too small."""
+    header = {"kind": "noisescale.history", "version": 1, "beta": 0.5, "confidence": 0.9}
+    measured = {"b_simple": 24.0, "b_simple_low": 20.0, "b_simple_high": 29.0}
+    records = [
+        {"step": s, "b_big": 32, "examples": 32 * s, "g2_ema": 1.0, "trace_sigma_ema": 24.0,
+         **measured}
+        if s <= 40
+        else {"step": s, "b_big": 32, "examples": 32 * s, "g2_ema": -0.13, "trace_sigma_ema": 24.0}
+        for s in range(1, 61)
+    ]  # fmt: skip
+    path = tmp_path / "h.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in [header, *records]) + "\n")
+    assert main(["calc", "--history", str(path), "--batch-size", "64"]) == 0
+    out, err = capsys.readouterr()
+    assert "(step 40)" in out
+    assert (
+        "B_simple's last estimate is from step 40, but the run went on to step 60 and its 20 "
+        "later record(s) carry none — at step 60 the averaged |G|² is -0.13, not positive"
+    ) in err
+    assert "likely too small, and its regime and ratios point the wrong way" in err
+    # the steps up to the estimate alone: nothing stale to say
+    path.write_text("\n".join(json.dumps(x) for x in [header, *records[:40]]) + "\n")
+    assert main(["calc", "--history", str(path), "--batch-size", "64"]) == 0
+    assert "last estimate is from" not in capsys.readouterr().err
+
+
 def test_history_says_when_its_noise_scale_is_preconditioned(
     tmp_path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -122,6 +122,10 @@ REPORT = [
     (["profile.json", "-o", "r.html"], "is not a noisescale history"),
     (["h.jsonl"], "h.html already exists; pass --force"),
     (["h.jsonl", "-o", "h.jsonl"], "is also an input of this command"),
+    # a history named .html, no -o: the default page is the history (it said "-o run.html", an
+    # option never passed, until 2026-12-06, a hunt)
+    (["run.html"], "which is the history run.html itself; writing it would overwrite the run's"),
+    (["run.html"], "name the page with -o (e.g. -o run_report.html)"),
     (["h.jsonl", "-o", "x.png"], "must end in .html or .htm"),
     (["h.jsonl", "-o", "missing/r.html"], "does not exist; create it first"),
     (["h.jsonl", "-o", "r.html", "--batch-sizes", "1e300"], "--batch-size must be at most"),
@@ -414,6 +418,7 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with a real history, profile, runs file and sweep study, and earlier outputs."""
     root = tmp_path_factory.mktemp("sandbox")
     write_synthetic_history(root / "h.jsonl", synthetic_records())
+    write_synthetic_history(root / "run.html", synthetic_records())
     (root / "h.html").write_text("an earlier report")
     from noisescale.hardware import ThroughputPoint, ThroughputProfile
 

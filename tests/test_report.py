@@ -637,22 +637,117 @@ def test_a_run_that_asked_for_preconditioning_but_has_only_plain_records_says_so
     assert "these records are plain" in capsys.readouterr().err
 
 
-def test_a_trajectory_whose_e_min_sums_past_its_examples_is_reported(tmp_path: Path) -> None:
-    """(A hunt, 2026-12-06.) B_simple jumping between records (here 1 and 1,000 in turn, batch
-    8) makes the trapezoid sums of s and of E_min disagree: E_min read above the examples the run
-    used, and the adaptive comparison at equal examples raised — refusing the whole report
-    (exit 2) for one panel. That panel says it was not computed now; the rest is reported."""
+def test_a_noise_scale_jumping_between_records_keeps_e_min_below_the_examples(
+    tmp_path: Path,
+) -> None:
+    """(Hunts, 2026-12-06.) B_simple jumping between records (here 1 and 1,000 in turn, batch
+    8, every step recorded) read E_min 441 above the 296 examples the run used, with a warning
+    that blamed sparse records: the trapezoid rule in s multiplied an average of B/(B + B_noise)
+    by an average of B_noise. Eq. D.1 step by step (each step ds = B/(B + B_noise), E_min gains
+    B_noise·ds) keeps E_min below E; the per-step sums are the truth, up to half a step's term
+    at each end (the trapezoid over the steps)."""
     records = synthetic_records(n_steps=40, batch_size=8, a=1.0, tau=None, warmup=2)
     for r in records[2:]:
         if r["step"] % 2:
             r["b_simple"], r["b_simple_low"], r["b_simple_high"] = 1000.0, 800.0, 1250.0
     path = write_synthetic_history(tmp_path / "h.jsonl", records)
     data = report_data(load_history(path))
-    assert data.run.e_min > data.run.examples  # (the disagreement itself)
+    noise = np.array([1000.0 if t % 2 else 1.0 for t in range(3, 40)])  # the steps after the first
+    ds = 8 / (8 + noise)
+    # each end's correction is at most half a term: half of ds < 1, half of B_noise·ds < B = 8
+    assert data.run.s_min == pytest.approx(ds.sum(), abs=0.5)
+    assert data.run.e_min == pytest.approx((noise * ds).sum(), abs=4.0)
+    assert data.run.e_min < data.run.examples == 37 * 8
+    assert data.run.predicted_steps == pytest.approx(data.run.steps, rel=1e-12)
+    assert math.isfinite(data.adaptive.same_examples_steps)
+    assert not any("E_min" in w for w in data.warnings)
+
+
+def test_alternating_noise_scale_costs_are_eq_d1_summed_per_step(tmp_path: Path) -> None:
+    """(A hunt, 2026-12-06.) B = 32, B_simple 10, 120, 10, … at every step: the report read
+    E_min 1.26·10⁴ and B_crit 65, and predicted 588 steps for the run's own 399, without a
+    word. Truth, eq. D.1 summed step by step: S_min = Σ B/(B + B_noise), E_min = Σ B_noise·B/(B
+    + B_noise), ∫√B_noise ds = Σ √B_noise·B/(B + B_noise) (the trapezoid over the steps: half
+    of the first and of the last term)."""
+    from noisescale.sweep import b_simple_average
+
+    n, batch = 400, 32.0
+    records = synthetic_records(n_steps=n, batch_size=32, a=1.0, tau=None, warmup=0)
+    noise = np.where(np.arange(n) % 2, 120.0, 10.0)
+    for r, b in zip(records, noise, strict=True):
+        r["b_simple"], r["b_simple_low"], r["b_simple_high"] = b, 0.9 * b, 1.1 * b
+    data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl", records)))
+    ds = batch / (batch + noise)
+    s_min, e_min, root = (
+        float(np.sum(w * ds) - (w[0] * ds[0] + w[-1] * ds[-1]) / 2)
+        for w in (np.ones(n), noise, np.sqrt(noise))
+    )
+    assert data.run.s_min == pytest.approx(s_min, rel=1e-12)
+    assert data.run.e_min == pytest.approx(e_min, rel=1e-12)
+    assert data.run.b_crit == pytest.approx(e_min / s_min, rel=1e-12)  # 33.9, not 65
+    assert data.adaptive.gamma == pytest.approx(root**2 / (s_min * e_min), rel=1e-12)
+    # the package's other App. D.1 average of the same series (its weights are per record)
+    assert data.run.b_crit == pytest.approx(b_simple_average(np.arange(n), noise, batch), rel=0.01)
+    assert data.run.predicted_steps == pytest.approx(n - 1, rel=1e-12)  # 399, not 588
+    for row in data.costs:
+        assert row.steps == pytest.approx(s_min + e_min / row.batch_size, rel=1e-12)
+
+
+def test_sparse_records_are_integrated_step_by_step_in_between(tmp_path: Path) -> None:
+    """Between sparse records B_noise is interpolated linearly and eq. D.1 evaluated at every
+    step: records every 25 steps of B_noise = a(1 + t/τ) give the closed forms of the linear
+    growth (the trapezoid over unit steps, O(h²·f''/f) ≈ 1e-6 relative, as every step does)."""
+    batch, a, tau, warmup, n = 64, 40.0, 80.0, 0, 401
+    records = synthetic_records(n_steps=n, batch_size=batch, a=a, tau=tau, warmup=warmup)
+    path = write_synthetic_history(tmp_path / "h.jsonl", records[::25])
+    data = report_data(load_history(path))
+    truth = _linear_growth_truth(batch, a, tau, 0, 400)
+    assert data.run.s_min == pytest.approx(truth["s_min"], rel=1e-5)
+    assert data.run.e_min == pytest.approx(truth["e_min"], rel=1e-5)
+    assert data.adaptive.gamma == pytest.approx(truth["gamma"], rel=1e-5)
+
+
+def test_e_min_above_the_examples_names_the_batch_size_between_sparse_records(
+    tmp_path: Path,
+) -> None:
+    """Eq. D.1 step by step keeps E_min below the batch sizes integrated between records, so
+    only those can put it above the examples the run recorded: records at steps 0 and 40 only,
+    batch 8 until a switch to 1,000 at step 39 (2,304 examples, 20,160 interpolated). The
+    warning names that cause and its fix (until 2026-12-06 it blamed B_simple jumping between
+    sparse records, also on runs recorded every step); the adaptive panel at equal examples says
+    it was not computed, and the rest is reported."""
+    records = synthetic_records(n_steps=41, batch_size=8, a=1e6, tau=None, warmup=0)
+    examples = 0
+    for r in records:
+        r["b_big"] = 8 if r["step"] < 39 else 1000
+        examples += r["b_big"]
+        r["examples"] = examples
+    path = write_synthetic_history(tmp_path / "h.jsonl", [records[0], records[40]])
+    data = report_data(load_history(path))
+    assert data.run.e_min > data.run.examples == 38 * 8 + 2 * 1000
     assert math.isnan(data.adaptive.same_examples_steps)
-    assert "comes out above the" in data.warnings[0]  # (the whole cost section said, a review)
+    warning = data.warnings[0]
+    assert "the batch size changes between sparse records (8 to 1,000)" in warning
+    assert "record every step around the batch-size changes" in warning
+    assert "B_simple jumps" not in warning
     out = tmp_path / "r.html"
     assert main(["report", str(path), "-o", str(out)]) == 0
     assert "not computed" in out.read_text(encoding="utf-8")
-    summary = summary_dict(data)
-    json.dumps(summary, allow_nan=False)
+    json.dumps(summary_dict(data), allow_nan=False)
+
+
+def test_a_report_says_when_the_run_lost_its_estimate_after_the_headline(tmp_path: Path) -> None:
+    """(A hunt, 2026-12-06.) The headline B_simple is the last estimate; a run whose last
+    records carry none (here the averaged tr Σ fell to ≤ 0 from step 380) said nothing of it.
+    The warning names the last estimate's step, the run's last step and why it has none."""
+    records = synthetic_records(n_steps=400)
+    for r in records[380:]:
+        r["trace_sigma_ema"] = -0.5
+        r["b_simple"] = r["b_simple_low"] = r["b_simple_high"] = None
+    data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl", records)))
+    assert summary_dict(data)["b_simple_last"] == pytest.approx(40 * (1 + 379 / 80))
+    stale = [w for w in data.warnings if "last estimate is from step 379" in w]
+    assert len(stale) == 1
+    assert "went on to step 399 and its 20 later record(s) carry none" in stale[0]
+    assert "the averaged tr Σ is -0.5, not positive" in stale[0]
+    assert "step 379's B_simple may no longer hold" in stale[0]

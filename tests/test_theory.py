@@ -279,6 +279,27 @@ def test_fixed_cost_at_the_run_batch_reproduces_the_run() -> None:
     assert theory.fixed_batch_cost(s, b_noise, 64.0).steps == pytest.approx(2000, rel=1e-6)
 
 
+def test_run_integrals_are_eq_d1_step_by_step() -> None:
+    """(A hunt, 2026-12-06.) B = 32 and B_noise 10, 120, 10, … at every step: the trapezoid in
+    the s of :func:`full_batch_steps` read E_min 1.26·10⁴; eq. D.1 per step (ds = B/(B + B_noise),
+    E_min = Σ B_noise·ds, the trapezoid over steps: half of each end's term) gives 6.55·10³,
+    and the run's own B predicts its 399 steps exactly."""
+    steps = np.arange(1, 401)
+    noise = np.where(steps % 2, 10.0, 120.0)
+    integrals = theory.run_integrals(steps, np.full(400, 32.0), noise)
+    ds = 32 / (32 + noise)
+    s_min, e_min, root = (
+        float(np.sum(w * ds) - (w[0] * ds[0] + w[-1] * ds[-1]) / 2)
+        for w in (np.ones(400), noise, np.sqrt(noise))
+    )
+    assert integrals == pytest.approx((s_min, e_min, root), rel=1e-12)
+    assert theory.min_cost(integrals) == pytest.approx((s_min, e_min), rel=1e-12)
+    assert theory.fixed_batch_cost(integrals, None, 32.0).steps == pytest.approx(399, rel=1e-12)
+    assert theory.adaptive_gamma(integrals) == pytest.approx(root**2 / (s_min * e_min))
+    with pytest.raises(NoiseScaleInputError, match="not both"):
+        theory.min_cost(integrals, noise)
+
+
 @pytest.mark.parametrize(
     ("s", "b_noise", "message"),
     [

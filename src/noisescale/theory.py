@@ -3,7 +3,7 @@
 McCandlish et al. 2018, "An Empirical Model of Large-Batch Training". The single-point functions
 (eq. 2.6, 2.7, 2.11, A.3, C.2, D.6) accept floats or NumPy arrays and return the same shape; the
 trajectory functions (App. D) take arrays sampled along a training run and integrate them with the
-trapezoid rule.
+trapezoid rule, or the integrals :func:`run_integrals` takes per step from a recorded run.
 
 Two parameterisations of a run appear here. The paper's App. D parameterises a run by ``s``, the
 number of *full-batch* optimiser steps it would have taken (so S_min = ∫ds and E_min = ∫B_noise ds).
@@ -31,6 +31,7 @@ __all__ = [
     "LR_RULES",
     "REGIME_FACTOR",
     "Cost",
+    "TrajectoryIntegrals",
     "adaptive_batch_cost",
     "adaptive_batch_size",
     "adaptive_gamma",
@@ -47,6 +48,7 @@ __all__ = [
     "natural_exchange_rate",
     "pareto_steps_over_min",
     "regime",
+    "run_integrals",
     "scaled_lr",
     "steps_over_min",
     "temperature",
@@ -252,12 +254,31 @@ class Cost(NamedTuple):
     examples: np.ndarray | float
 
 
+class TrajectoryIntegrals(NamedTuple):
+    """S_min = ∫ds, E_min = ∫B_noise ds and ∫√B_noise ds along a trajectory (paper App. D): every
+    cost, γ and exchange rate of the trajectory functions below is built from these three."""
+
+    s_min: float
+    e_min: float
+    root: float
+
+
+#: :func:`run_integrals` evaluates eq. D.1 at every step of a run up to this many steps, and on
+#: this many evenly spaced points (plus the records) beyond.
+MAX_INTEGRAND_POINTS = 2**20
+
+
 def full_batch_steps(steps: ArrayLike, batch_size: ArrayLike, b_noise: ArrayLike) -> np.ndarray:
     """Full-batch-equivalent steps s reached at each recorded step of a run (eq. D.1 inverted).
 
     A step at batch size B makes the progress of B/(B + B_noise) full-batch steps (δS = (1 +
     B_noise/B)·δs), so s is the integral of that fraction over the run's steps (trapezoid rule,
     which also bridges gaps where steps were skipped or not recorded).
+
+    For the costs of a recorded run use :func:`run_integrals`, not this s with the trapezoid
+    rule in s: where B_noise changes between records, the trapezoid in s multiplies an average
+    of B/(B + B_noise) by an average of B_noise, which moves the other way, and overestimates
+    E_min (B_simple alternating 10 and 120 at B = 32 read E_min 1.9× its value).
 
     Args:
         steps: The run's step numbers, strictly increasing.
@@ -274,20 +295,57 @@ def full_batch_steps(steps: ArrayLike, batch_size: ArrayLike, b_noise: ArrayLike
     return np.concatenate([[0.0], np.cumsum(np.diff(t) * (fraction[1:] + fraction[:-1]) / 2.0)])
 
 
-def min_cost(s: ArrayLike, b_noise: ArrayLike) -> Cost:
-    """S_min = ∫ds and E_min = ∫B_noise ds along a trajectory (paper App. D, below eq. D.4)."""
-    s_arr, noise = _trajectory_arrays(s, b_noise)
-    return Cost(float(s_arr[-1] - s_arr[0]), _trapezoid(noise, s_arr))
+def run_integrals(
+    steps: ArrayLike, batch_size: ArrayLike, b_noise: ArrayLike
+) -> TrajectoryIntegrals:
+    """S_min, E_min and ∫√B_noise ds of a recorded run, eq. D.1 step by step.
+
+    A step at batch size B makes ds = B/(B + B_noise) full-batch steps, so over the run S_min =
+    ∫B/(B + B_noise) dt, E_min = ∫B_noise·B/(B + B_noise) dt and ∫√B_noise ds = ∫√B_noise·B/(B +
+    B_noise) dt, each integrand evaluated at every step (trapezoid rule over the steps). Between
+    sparse records B_noise and B are interpolated linearly and the integrands evaluated at every
+    step in between (on :data:`MAX_INTEGRAND_POINTS` points for longer runs). Since B_noise·B/(B +
+    B_noise) < B, E_min stays below the examples ∫B dt, and a fixed B = the run's own predicts
+    S_min + E_min/B = the steps it took, exactly.
+
+    Args:
+        steps: The run's step numbers, strictly increasing.
+        batch_size: B at each of those steps, positive.
+        b_noise: B_noise (or B_simple) at each of those steps, not negative.
+    """
+    t, b, noise = _trajectory_arrays(steps, batch_size, b_noise)
+    if not np.all(b > 0):
+        raise NoiseScaleInputError("batch sizes along a run must be positive")
+    points = int(min(math.floor(t[-1] - t[0]), MAX_INTEGRAND_POINTS)) + 1
+    grid = np.union1d(t, np.linspace(t[0], t[-1], max(points, 2)))
+    b, noise = np.interp(grid, t, b), np.interp(grid, t, noise)
+    ds = b / (b + noise)
+    return TrajectoryIntegrals(
+        _trapezoid(ds, grid), _trapezoid(noise * ds, grid), _trapezoid(np.sqrt(noise) * ds, grid)
+    )
 
 
-def fixed_batch_cost(s: ArrayLike, b_noise: ArrayLike, batch_size: ArrayLike) -> Cost:
+def min_cost(s: ArrayLike | TrajectoryIntegrals, b_noise: ArrayLike | None = None) -> Cost:
+    """S_min = ∫ds and E_min = ∫B_noise ds along a trajectory (paper App. D, below eq. D.4).
+
+    Here and below, ``s`` and ``b_noise`` are a trajectory B_noise(s), or ``s`` is the
+    :class:`TrajectoryIntegrals` of :func:`run_integrals` and ``b_noise`` is left out.
+    """
+    integrals = _integrals(s, b_noise)
+    return Cost(integrals.s_min, integrals.e_min)
+
+
+def fixed_batch_cost(
+    s: ArrayLike | TrajectoryIntegrals, b_noise: ArrayLike | None, batch_size: ArrayLike
+) -> Cost:
     """Steps and examples a fixed batch size B needs along a trajectory (paper eq. D.1).
 
     S = ∫(1 + B_noise(s)/B) ds = S_min + E_min/B and E = B·S. Along any trajectory these satisfy
     eq. 2.11 exactly, with B_crit = E_min/S_min.
 
     Args:
-        s: Full-batch steps (see :func:`full_batch_steps`), strictly increasing.
+        s: Full-batch steps (see :func:`full_batch_steps`), strictly increasing, or the
+            :class:`TrajectoryIntegrals` of a run (then ``b_noise`` is ``None``).
         b_noise: The noise scale at each s.
         batch_size: One batch size or an array of candidates.
 
@@ -300,54 +358,59 @@ def fixed_batch_cost(s: ArrayLike, b_noise: ArrayLike, batch_size: ArrayLike) ->
     return Cost(_scalar(steps), _scalar(b * steps))
 
 
-def adaptive_batch_cost(s: ArrayLike, b_noise: ArrayLike, r: float) -> Cost:
+def adaptive_batch_cost(
+    s: ArrayLike | TrajectoryIntegrals, b_noise: ArrayLike | None, r: float
+) -> Cost:
     """Steps and examples of the adaptive schedule B(s) = √(r·B_noise(s)) (paper eq. D.1, D.3).
 
     S = ∫(1 + √(B_noise/r)) ds and E = ∫(√(r·B_noise) + B_noise) ds; these satisfy eq. D.4 with
     the γ of :func:`adaptive_gamma` for every r.
     """
-    s_arr, noise = _trajectory_arrays(s, b_noise)
+    integrals = _integrals(s, b_noise)
     if not r > 0:
         raise NoiseScaleInputError(f"the exchange rate r must be positive, got {r!r}")
-    root = _trapezoid(np.sqrt(noise), s_arr)
-    s_min, e_min = min_cost(s_arr, noise)
-    return Cost(s_min + root / math.sqrt(r), e_min + math.sqrt(r) * root)
+    root = integrals.root
+    return Cost(integrals.s_min + root / math.sqrt(r), integrals.e_min + math.sqrt(r) * root)
 
 
-def adaptive_gamma(s: ArrayLike, b_noise: ArrayLike) -> float:
+def adaptive_gamma(s: ArrayLike | TrajectoryIntegrals, b_noise: ArrayLike | None = None) -> float:
     """γ = (∫√B_noise ds)² / (S_min·E_min), the benefit of an adaptive batch size (paper eq. D.5).
 
     γ = 1 for a constant noise scale (no benefit) and falls towards 0 the more √B_noise varies;
     for B_noise(s) ∝ √s it is 24/25 (eq. D.7).
 
     Args:
-        s: Full-batch steps, strictly increasing (at least two points).
+        s: Full-batch steps, strictly increasing (at least two points), or the
+            :class:`TrajectoryIntegrals` of a run.
         b_noise: The noise scale at each s, not negative (and not zero throughout).
     """
-    s_arr, noise = _trajectory_arrays(s, b_noise)
-    s_min, e_min = _min_cost_with_noise(s_arr, noise)
-    return _trapezoid(np.sqrt(noise), s_arr) ** 2 / (s_min * e_min)
+    integrals = _with_noise(_integrals(s, b_noise))
+    return integrals.root**2 / (integrals.s_min * integrals.e_min)
 
 
-def natural_exchange_rate(s: ArrayLike, b_noise: ArrayLike) -> float:
+def natural_exchange_rate(
+    s: ArrayLike | TrajectoryIntegrals, b_noise: ArrayLike | None = None
+) -> float:
     """r = E_min/S_min, where time and compute are both 1 + √γ of their minima (paper fn. 17)."""
-    s_min, e_min = _min_cost_with_noise(*_trajectory_arrays(s, b_noise))
-    return e_min / s_min
+    integrals = _with_noise(_integrals(s, b_noise))
+    return integrals.e_min / integrals.s_min
 
 
-def exchange_rate_for_examples(s: ArrayLike, b_noise: ArrayLike, examples: float) -> float:
+def exchange_rate_for_examples(
+    s: ArrayLike | TrajectoryIntegrals, b_noise: ArrayLike | None, examples: float
+) -> float:
     """The r whose adaptive schedule processes ``examples`` examples (inverts eq. D.1's E).
 
     Used to compare an adaptive schedule with a fixed batch size at equal compute. ``examples``
     must exceed E_min, which no schedule can go below.
     """
-    s_arr, noise = _trajectory_arrays(s, b_noise)
-    _, e_min = _min_cost_with_noise(s_arr, noise)
-    if not examples > e_min:
+    integrals = _with_noise(_integrals(s, b_noise))
+    if not examples > integrals.e_min:
         raise NoiseScaleInputError(
-            f"no schedule reaches the goal with {examples!r} examples; E_min is {e_min:.6g}"
+            f"no schedule reaches the goal with {examples!r} examples; E_min is "
+            f"{integrals.e_min:.6g}"
         )
-    return ((examples - e_min) / _trapezoid(np.sqrt(noise), s_arr)) ** 2
+    return ((examples - integrals.e_min) / integrals.root) ** 2
 
 
 def _trajectory_arrays(*arrays: ArrayLike) -> tuple[np.ndarray, ...]:
@@ -367,12 +430,29 @@ def _trajectory_arrays(*arrays: ArrayLike) -> tuple[np.ndarray, ...]:
     return out
 
 
-def _min_cost_with_noise(s: np.ndarray, b_noise: np.ndarray) -> Cost:
-    """:func:`min_cost`, refusing a trajectory without noise, where γ and r are undefined."""
-    cost = min_cost(s, b_noise)
-    if not cost.examples > 0:
+def _integrals(
+    s: ArrayLike | TrajectoryIntegrals, b_noise: ArrayLike | None
+) -> TrajectoryIntegrals:
+    """The integrals of a trajectory B_noise(s) (trapezoid rule in s), or ``s`` if it holds them."""
+    if isinstance(s, TrajectoryIntegrals):
+        if b_noise is not None:
+            raise NoiseScaleInputError(
+                "give either a trajectory (s, b_noise) or its TrajectoryIntegrals, not both"
+            )
+        return s
+    if b_noise is None:
+        raise NoiseScaleInputError("a trajectory s needs its b_noise")
+    s_arr, noise = _trajectory_arrays(s, b_noise)
+    return TrajectoryIntegrals(
+        float(s_arr[-1] - s_arr[0]), _trapezoid(noise, s_arr), _trapezoid(np.sqrt(noise), s_arr)
+    )
+
+
+def _with_noise(integrals: TrajectoryIntegrals) -> TrajectoryIntegrals:
+    """``integrals``, refusing a trajectory without noise, where γ and r are undefined."""
+    if not integrals.e_min > 0:
         raise NoiseScaleInputError("the noise scale is zero all along the trajectory")
-    return cost
+    return integrals
 
 
 def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:

@@ -12,7 +12,9 @@ With ``--history`` the noise scale is the run's last B_simple, in the unit the r
 (tokens when its loss averaged tokens; ``--unit`` converts with the run's tokens per example),
 printed with its interval; a regime is stated as settled only where it holds over the whole
 interval (else the range of regimes is shown), and the report's warnings (an interval open above,
-a short run, a switch to preconditioned norms) are printed too;
+a short run, a switch to preconditioned norms, later records that lost the estimate: then the
+numbers are that step's, and an averaged |G|² ≤ 0 means the noise scale outgrew them) are printed
+too;
 for a language model measured in tokens, Kaplan et al.'s B_crit at the run's last loss is printed
 beside it for comparison (their law was fitted on WebText2 with GPT-2-like models).
 

@@ -60,9 +60,18 @@ def run(args: argparse.Namespace) -> int:
     from noisescale.report.html import report_html
 
     history_path = Path(args.history)
+    default = history_path.with_suffix(".html")
+    if args.output is None and default.exists() and default.resolve() == history_path.resolve():
+        # (until 2026-12-06 this named "-o run.html", an option the user never passed, a hunt)
+        example = history_path.with_name(history_path.stem + "_report.html")
+        raise NoiseScaleInputError(
+            f"the page goes by default to the history's path with suffix .html, which is the "
+            f"history {history_path} itself; writing it would overwrite the run's records: "
+            f"name the page with -o (e.g. -o {example})"
+        )
     output = check_output_file(
-        args.output or history_path.with_suffix(".html"),
-        flag="-o",
+        args.output or default,
+        flag="-o" if args.output else "the default page",
         force=args.force,
         suffixes=(".html", ".htm"),
         inputs=[history_path],

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from noisescale import theory
+from noisescale import estimators, theory
 from noisescale.errors import NoiseScaleInputError
 
 HISTORY_KIND = "noisescale.history"
@@ -282,12 +282,13 @@ class Trajectory(NamedTuple):
     step: np.ndarray
     batch_size: np.ndarray
     b_noise: np.ndarray
-    s: np.ndarray
+    #: S_min, E_min and ∫√B_noise ds, eq. D.1 step by step (:func:`theory.run_integrals`)
+    integrals: theory.TrajectoryIntegrals
     examples: np.ndarray
 
 
 def trajectory(history: History) -> Trajectory:
-    """Steps, batch sizes, B_simple (as B_noise) and full-batch steps s (eq. D.1 inverted).
+    """Steps, batch sizes, B_simple (as B_noise) and the integrals of App. D over the steps.
 
     Raises:
         NoiseScaleInputError: Fewer than two steps carry a B_simple estimate.
@@ -307,7 +308,7 @@ def trajectory(history: History) -> Trajectory:
     if not np.all(np.isfinite(examples)):
         # Older or partial records without the running total: integrate the batch sizes instead.
         examples = np.concatenate([[0.0], np.cumsum(np.diff(step) * (batch[1:] + batch[:-1]) / 2)])
-    return Trajectory(step, batch, b_noise, theory.full_batch_steps(step, batch, b_noise), examples)
+    return Trajectory(step, batch, b_noise, theory.run_integrals(step, batch, b_noise), examples)
 
 
 def candidate_batch_sizes(traj: Trajectory) -> np.ndarray:
@@ -344,13 +345,13 @@ def run_cost(traj: Trajectory) -> RunCost:
     """The run's steps and examples between its first and last estimate, and S_min, E_min.
 
     When the run used one batch size throughout, ``predicted_steps`` is eq. D.1 at that size,
-    which reproduces ``steps`` up to the quadrature error (a check on the conversion to s).
+    S_min + E_min/B, which reproduces ``steps`` exactly (:func:`theory.run_integrals`).
     """
-    s_min, e_min = theory.min_cost(traj.s, traj.b_noise)
+    s_min, e_min = theory.min_cost(traj.integrals)
     constant = bool(np.all(traj.batch_size == traj.batch_size[0]))
     batch = float(traj.batch_size[0]) if constant else None
     predicted = (
-        float(theory.fixed_batch_cost(traj.s, traj.b_noise, batch).steps) if constant else None
+        float(theory.fixed_batch_cost(traj.integrals, None, batch).steps) if constant else None
     )
     return RunCost(
         first_step=int(traj.step[0]),
@@ -384,11 +385,11 @@ def cost_table(traj: Trajectory, batch_sizes: Iterable[float]) -> list[CostRow]:
     schedule B = √(r·B_simple) (eq. D.6) with r chosen to match either E (then it needs
     S_min + γ·E_min/B steps) or S (then it needs E_min + γ·B·S_min examples), eq. D.4.
     """
-    s_min, e_min = theory.min_cost(traj.s, traj.b_noise)
-    gamma = theory.adaptive_gamma(traj.s, traj.b_noise)
+    s_min, e_min = theory.min_cost(traj.integrals)
+    gamma = theory.adaptive_gamma(traj.integrals)
     rows = []
     for b in batch_sizes:
-        steps, examples = theory.fixed_batch_cost(traj.s, traj.b_noise, b)
+        steps, examples = theory.fixed_batch_cost(traj.integrals, None, b)
         adaptive_steps = _adaptive_steps_for(traj, float(examples))
         rows.append(
             CostRow(
@@ -406,14 +407,13 @@ def cost_table(traj: Trajectory, batch_sizes: Iterable[float]) -> list[CostRow]:
 
 def _adaptive_steps_for(traj: Trajectory, examples: float) -> float:
     """The adaptive schedule's steps with ``examples`` examples, or nan where the trajectory's
-    E_min (its trapezoid sums) is not below them: B_simple jumping between sparse records
-    makes the two sums disagree (a run of 40 steps of 8 read E_min 441 against its 312
-    examples), which refused the whole report until 2026-12-06 (a hunt)."""
-    _, e_min = theory.min_cost(traj.s, traj.b_noise)
+    E_min is not below them (a batch size that changes between sparse records, see
+    :func:`report_data`), which refused the whole report until 2026-12-06 (a hunt)."""
+    _, e_min = theory.min_cost(traj.integrals)
     if not examples > e_min:
         return math.nan
-    r = theory.exchange_rate_for_examples(traj.s, traj.b_noise, examples)
-    return float(theory.adaptive_batch_cost(traj.s, traj.b_noise, r).steps)
+    r = theory.exchange_rate_for_examples(traj.integrals, None, examples)
+    return float(theory.adaptive_batch_cost(traj.integrals, None, r).steps)
 
 
 class AdaptiveSummary(NamedTuple):
@@ -432,13 +432,13 @@ class AdaptiveSummary(NamedTuple):
 def adaptive_summary(traj: Trajectory) -> AdaptiveSummary:
     """γ (eq. D.5), the schedule at the natural r = E_min/S_min (footnote 17, where both costs are
     1 + √γ of their minima) and the schedule that uses as many examples as the run did."""
-    gamma = theory.adaptive_gamma(traj.s, traj.b_noise)
-    r_natural = theory.natural_exchange_rate(traj.s, traj.b_noise)
-    natural = theory.adaptive_batch_cost(traj.s, traj.b_noise, r_natural)
+    gamma = theory.adaptive_gamma(traj.integrals)
+    r_natural = theory.natural_exchange_rate(traj.integrals)
+    natural = theory.adaptive_batch_cost(traj.integrals, None, r_natural)
     run = run_cost(traj)
     if run.examples > run.e_min:
-        r_same = theory.exchange_rate_for_examples(traj.s, traj.b_noise, run.examples)
-        same_steps = float(theory.adaptive_batch_cost(traj.s, traj.b_noise, r_same).steps)
+        r_same = theory.exchange_rate_for_examples(traj.integrals, None, run.examples)
+        same_steps = float(theory.adaptive_batch_cost(traj.integrals, None, r_same).steps)
     else:  # (see _adaptive_steps_for)
         r_same = same_steps = math.nan
     return AdaptiveSummary(
@@ -464,7 +464,7 @@ class ParetoCurves(NamedTuple):
 
 def pareto_curves(traj: Trajectory, points: int = 200) -> ParetoCurves:
     """Eq. 2.11 and eq. D.4 on a log grid of E/E_min from 1.01 to 1000."""
-    gamma = theory.adaptive_gamma(traj.s, traj.b_noise)
+    gamma = theory.adaptive_gamma(traj.integrals)
     e = 1.0 + np.logspace(-2, 3, points)
     return ParetoCurves(
         e,
@@ -518,7 +518,8 @@ def run_warnings(history: History, series: BSimpleSeries) -> list[str]:
 
     The tracker's estimate is a ratio of EMAs with time constant 1/(1 − beta) steps; until a run
     spans several time constants, the first steps, where the gradient changes fastest, weigh on
-    it. An interval open above means |G|² is not yet distinguishable from zero.
+    it. An interval open above means |G|² is not yet distinguishable from zero. A run whose
+    later records lost the estimate acts on a stale one (:func:`_lost_estimate`).
     """
     out: list[str] = []
     n = int(series.b_simple.size)
@@ -539,6 +540,7 @@ def run_warnings(history: History, series: BSimpleSeries) -> list[str]:
             f"{MIN_STEPS_PLAIN_AVERAGE}); train longer before trusting the headline numbers"
         )
     if n:
+        out.extend(_lost_estimate(history, int(series.step[-1])))
         low, high = float(series.low[-1]), float(series.high[-1])
         if not math.isfinite(high):
             out.append(
@@ -551,6 +553,36 @@ def run_warnings(history: History, series: BSimpleSeries) -> list[str]:
                 f"{WIDE_INTERVAL_RATIO:g}: treat the headline numbers as rough"
             )
     return out
+
+
+def _lost_estimate(history: History, last_estimate: int) -> list[str]:
+    """A warning when the run went on past its last estimate with records that carry none: the
+    report's headline and calc's decision then rest on a stale B_simple (a hunt, 2026-12-06:
+    calc acted on step 40's of a run that lost it for its last 20 steps, without a word)."""
+    later = ~history.skipped & (history.step > last_estimate)
+    if not later.any():
+        return []
+    i = int(np.flatnonzero(later)[-1])
+    g2, trace = float(history.g2_ema[i]), float(history.trace_sigma_ema[i])
+    reason = (
+        estimators.unavailable_reason(g2, trace)
+        if math.isfinite(g2) and math.isfinite(trace)
+        else "it records no averages"
+    )
+    meaning = (
+        "the noise scale has outgrown what these steps measure, likely far above step "
+        f"{last_estimate:,}'s B_simple: a batch size chosen from that estimate is likely too "
+        "small, and its regime and ratios point the wrong way"
+        if not g2 > 0
+        else f"step {last_estimate:,}'s B_simple may no longer hold"
+    )
+    last = int(history.step[i])
+    return [
+        f"B_simple's last estimate is from step {last_estimate:,}, but the run went on to step "
+        f"{last:,} and its {int(later.sum()):,} later record(s) carry none — at step {last:,} "
+        f"{reason}; {meaning}. The numbers here are step {last_estimate:,}'s, not the end of "
+        "the run's"
+    ]
 
 
 @dataclass(frozen=True)
@@ -587,13 +619,23 @@ def report_data(history: History, batch_sizes: Iterable[float] | None = None) ->
     run = run_cost(traj)
     sums: tuple[str, ...] = ()
     if not run.e_min < run.examples:
-        # (the trapezoid sums of s and E_min disagree where B_simple jumps between sparse
-        # records: a review found E_min 28× the examples the run used, stated as a bound)
+        # (until 2026-12-06 the trapezoid rule in s put E_min above E wherever B_simple jumped
+        # between records, every step recorded or not, and blamed sparse records; eq. D.1 step
+        # by step keeps E_min below the interpolated ∫B dt, so only that can disagree with E)
+        low, high = float(traj.batch_size.min()), float(traj.batch_size.max())
+        cause = (
+            f"the batch size changes between sparse records ({low:,.4g} to {high:,.4g}) and is "
+            f"interpolated linearly between them, which counts more {history.unit} than the run "
+            "recorded: record every step around the batch-size changes"
+            if high > low
+            else f"the history's running count of {history.unit} disagrees with its batch size "
+            f"({low:,.4g}) times the {run.steps:,.0f} steps: the history is inconsistent; "
+            "record it again"
+        )
         sums = (
             f"E_min ({run.e_min:,.4g}) comes out above the {run.examples:,.4g} {history.unit} "
-            "the run itself used, which no schedule can go below: B_simple jumps between its "
-            "sparse records, and the costs, B_crit and the schedules below rest on sums that "
-            "do not hold here — record every step (or a longer run) before reading them",
+            f"the run itself used, which no schedule can go below, because {cause}; until then "
+            "the costs, B_crit and the schedules below, which rest on these integrals, do not hold",
         )
     return ReportData(
         history=history,
