@@ -320,6 +320,32 @@ def test_variable_batch_size_uses_recorded_examples() -> None:
     np.testing.assert_allclose(run.step_batch_sizes()[[0, 49, 50, 99]], [16, 16, 32, 32])
 
 
+def test_batch_size_outside_the_examples_per_step_is_refused() -> None:
+    # A warm-up from 16 to 32 a step: a nominal batch size of 16 or 32 (or 5% beyond) is fine;
+    # 64, or 15 less 5%, is in another unit than the examples column.
+    step = np.arange(1.0, 101.0)
+    examples = np.where(step <= 50, 16 * step, 800 + 32 * (step - 50))
+    for b in (15.5, 16, 24, 32, 33.5):
+        grid = [
+            Run.from_arrays(f"r{k}", b * k, 0.1, step, 1 / step, examples=examples * k)
+            for k in (1, 2, 4)
+        ]
+        assert critical_batch_sizes(grid, [0.05], decay=0.0)[0].points
+    for b in (15, 34, 64):
+        grid = [
+            Run.from_arrays(f"r{k}", b * k, 0.1, step, 1 / step, examples=examples * k)
+            for k in (1, 2, 4)
+        ]
+        with pytest.raises(
+            NoiseScaleInputError,
+            match=rf"run 'r1': batch_size {b:g} but its examples column grows by 16–32 per "
+            r"step \(never within 5% of it\)",
+        ):
+            critical_batch_sizes(grid, [0.05], decay=0.0)
+        with pytest.raises(NoiseScaleInputError, match="different units"):
+            default_goals(grid, decay=0.0)
+
+
 def test_default_goals_are_reached_by_three_batch_sizes() -> None:
     runs = MODEL.runs([8, 64, 512, 4096], steps=400)
     goals = default_goals(runs, decay=0.0, count=6)

@@ -36,6 +36,10 @@ MIN_BATCH_SIZES = 3
 #: geometrically spaced records it is a fixed fraction of each S, which scales S_min and E_min
 #: alike and cancels in B_crit. Refitting measures which case a grid is in.
 MAX_LAG_SHIFT = 0.05
+#: A run's batch_size must lie within its recorded examples per step (the range over its points,
+#: widened by this fraction): B_crit comes out in the unit of ``examples``, and is printed beside
+#: ``batch_size``. The margin allows for partial batches at epoch ends.
+UNIT_TOLERANCE = 0.05
 
 
 def ema_smoothed(values: ArrayLike, decay: float) -> np.ndarray:
@@ -433,8 +437,10 @@ def critical_batch_sizes(
         decay: the EMA decay used to smooth each curve before looking for a goal.
 
     Raises:
-        NoiseScaleInputError: a goal no run reaches, or one fewer than three batch sizes reach.
+        NoiseScaleInputError: a goal no run reaches, or one fewer than three batch sizes reach;
+            a run whose batch_size disagrees with its examples per step (:func:`_check_units`).
     """
+    _check_units(runs)
     smoothed = [_SmoothedRun(r, decay) for r in runs]
     results = []
     for goal in goals:
@@ -470,6 +476,41 @@ def critical_batch_sizes(
     return results
 
 
+def _check_units(runs: Sequence[Run]) -> None:
+    """Refuse runs whose ``batch_size`` is not in the unit of their ``examples``.
+
+    The fit's batch sizes are E/S, in the unit of ``examples``; the table shows ``batch_size``
+    beside them. A run at a fixed batch size processes batch_size examples per step, and one
+    whose batch size changes (warm-up, adaptive) has its nominal batch_size among the sizes it
+    runs at; so ``batch_size`` must lie within the run's examples per step (the range over its
+    recorded points, :meth:`Run.step_batch_sizes`, widened by :data:`UNIT_TOLERANCE`). A
+    tokens_seen counter beside a batch size in sequences is off by the sequence length at every
+    point (a hunt, 2026-12-06: B_crit 1.6e4 printed beside batch sizes 16–1024, truth 128).
+
+    Raises:
+        NoiseScaleInputError: naming the first such run, the ratio and the fix.
+    """
+    for run in runs:
+        sizes = run.step_batch_sizes()
+        if not sizes.size:
+            continue
+        low, high = float(sizes.min()), float(sizes.max())
+        if low * (1.0 - UNIT_TOLERANCE) <= run.batch_size <= high * (1.0 + UNIT_TOLERANCE):
+            continue
+        if math.isclose(low, high, rel_tol=1e-6):
+            per_step = f"{low:.6g} per step ({low / run.batch_size:.4g}× batch_size at every point)"
+        else:
+            per_step = f"{low:.6g}–{high:.6g} per step (never within {UNIT_TOLERANCE:.0%} of it)"
+        raise NoiseScaleInputError(
+            f"run {run.name!r}: batch_size {run.batch_size:g} but its examples column grows by "
+            f"{per_step}: the two are in "
+            "different units (e.g. examples counted in tokens, batch_size in sequences), and "
+            "B_crit would come out in the unit of examples; give both in one unit (batch_size × "
+            "sequence length for tokens), or leave the examples column out for runs at a fixed "
+            "batch size"
+        )
+
+
 def lag_corrected_b_crit(points: Sequence[ParetoPoint]) -> float | None:
     """B_crit refitted after moving each Pareto point back by its EMA lag.
 
@@ -500,8 +541,10 @@ def default_goals(runs: Sequence[Run], *, decay: float, count: int = 6) -> list[
     three batch sizes reach are dropped.
 
     Raises:
-        NoiseScaleInputError: fewer than three batch sizes, or no goal that three reach.
+        NoiseScaleInputError: fewer than three batch sizes, no goal that three reach, or
+            runs whose batch_size disagrees with their examples (:func:`_check_units`).
     """
+    _check_units(runs)
     smoothed = [_SmoothedRun(r, decay) for r in runs if r.metric.size]
     finals: dict[float, float] = {}
     for r in smoothed:
