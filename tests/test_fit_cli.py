@@ -126,14 +126,36 @@ def test_error_metric_and_no_b_simple(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_examples_column_is_used_for_e(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # Same curves, but every run reports twice the examples: E_min doubles, S_min does not.
+    # Same curves, but every run reports 4% more examples (within the unit check's 5%): E_min
+    # grows 4%, S_min does not. (Twice the examples was the test until 2026-12-06: now refused
+    # as a unit mismatch, below.)
     rows = _rows(b_simple=False)
     for row in rows:
-        row["examples"] = 2 * int(row["batch_size"]) * int(row["step"])  # type: ignore[call-overload]
+        row["examples"] = 1.04 * int(row["batch_size"]) * int(row["step"])  # type: ignore[call-overload]
     path = _write_csv(tmp_path / "ex.csv", rows)
     out = _fit_json(capsys, str(path), "--goal", "0.2", "--ema", "0")
     assert out["goals"][0]["s_min"] == pytest.approx(MODEL.s_min(0.2), rel=5e-3)
-    assert out["goals"][0]["e_min"] == pytest.approx(2 * MODEL.e_min(0.2), rel=5e-3)
+    assert out["goals"][0]["e_min"] == pytest.approx(1.04 * MODEL.e_min(0.2), rel=5e-3)
+
+
+@pytest.mark.parametrize("factor", [128, 2, 0.5])
+def test_examples_in_another_unit_than_batch_size_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], factor: float
+) -> None:
+    """A tokens_seen counter (128 tokens a sequence) beside batch sizes in sequences gave B_crit
+    128× too large beside the batch_size column, warned about only as "an extrapolation" (a hunt,
+    2026-12-06); so do examples counted twice or half (gradient accumulation, per device)."""
+    rows = _rows(b_simple=False)
+    for row in rows:
+        row["examples"] = factor * int(row["batch_size"]) * int(row["step"])  # type: ignore[call-overload]
+    path = _write_csv(tmp_path / "tokens.csv", rows)
+    _fails(
+        capsys,
+        [str(path), "--goal", "0.2", "--ema", "0"],
+        f"batch_size 8 but its examples column grows by {factor * 8:g} per step "
+        f"({factor:g}× batch_size at every point): the two are in different units",
+    )
+    _fails(capsys, [str(path), "--ema", "0"], "give both in one unit")
 
 
 def test_html_and_png_outputs(

@@ -169,6 +169,26 @@ def test_search_out_of_trials_reports_lower_bound() -> None:
     assert result.max_batch_size == 16 and not result.converged and not result.capped
 
 
+def test_out_of_trials_before_anything_fits_names_the_budget_not_the_model() -> None:
+    # 64 runs out of memory, 40 fits: with one trial the search never got below 64. Until
+    # 2026-12-06 the error said the step fits at no batch size and to shrink the model (a hunt).
+    with pytest.raises(NoiseScaleInputError) as err:
+        find_max_batch_size(_fake_step(40, []), release=_no_release, start=64, max_trials=1)
+    message = str(err.value)
+    assert "every batch size tried (64) and max_trials=1 ran out" in message
+    assert "a batch smaller than 64 may fit: raise max_trials or lower start" in message
+    assert "reduce the model" not in message
+    # Two trials (64, 32) give a lower bound, flagged as not converged; enough give 40.
+    short = find_max_batch_size(_fake_step(40, []), release=_no_release, start=64, max_trials=2)
+    assert (
+        short.max_batch_size == 32
+        and not short.converged
+        and short.trials == ((64, False), (32, True))
+    )
+    full = find_max_batch_size(_fake_step(40, []), release=_no_release, start=64)
+    assert full.max_batch_size == 40 and full.converged
+
+
 def test_nothing_fits_is_input_error() -> None:
     with pytest.raises(NoiseScaleInputError, match="batch size 1"):
         find_max_batch_size(_fake_step(0, []), release=_no_release, start=8, steps_per_trial=1)

@@ -259,6 +259,49 @@ def test_goal_reached_by_two_batch_sizes_is_an_error() -> None:
         critical_batch_sizes(runs, [goal], decay=0.0)
 
 
+def _stopped_short_grid(stop: float, stopped_lr: float) -> list[Run]:
+    """Exact eq. 2.11 runs (S_min 500, E_min 64,000: B_crit 128), loss exp(−t/(slowdown·S)),
+    learning rates 0.2 (slowdown 1), 0.1 (2) and 0.05 (4); at B = 1024 the run at
+    ``stopped_lr`` stops after ``stop``·S steps, the others run on past the goal e⁻¹."""
+    runs = []
+    for b in (16, 32, 64, 128, 256, 512, 1024):
+        s = 500.0 + 64000.0 / b
+        for lr, slowdown in ((0.2, 1.0), (0.1, 2.0), (0.05, 4.0)):
+            length = stop * s if (b, lr) == (1024, stopped_lr) else 5.0 * slowdown * s
+            step = np.arange(1.0, int(length) + 1.0)
+            runs.append(
+                Run.from_arrays(f"b{b}_lr{lr}", b, lr, step, np.exp(-step / (slowdown * s)))
+            )
+    return runs
+
+
+def test_run_stopped_short_of_the_goal_while_ahead_leaves_its_batch_size_out() -> None:
+    # The fastest run at B = 1024 stops at 98% of its way to the goal, ahead of the slower rate
+    # at every step: S there is unknown, not the slower rate's 2·S (which gave B_crit 81).
+    (result,) = critical_batch_sizes(_stopped_short_grid(0.98, 0.2), [math.exp(-1)], decay=0.0)
+    assert [p.batch_size for p in result.points] == [16, 32, 64, 128, 256, 512]
+    assert all(p.learning_rate == 0.2 for p in result.points)
+    assert result.fit.b_crit == pytest.approx(128.0, rel=1e-3)
+    (warning,) = result.warnings
+    assert (
+        "batch size 1024 is left out" in warning and "'b1024_lr0.2' stopped at step 551" in warning
+    )
+    assert "run it longer, or choose a goal it reaches" in warning
+    assert 1024 not in [
+        p.batch_size for p in pareto_points(_stopped_short_grid(0.98, 0.2), math.exp(-1), decay=0.0)
+    ]
+
+
+@pytest.mark.parametrize("stop", [0.6, 1.5])
+def test_run_stopped_short_of_the_goal_while_behind_is_slower(stop: float) -> None:
+    # The slowest rate stops early: at 0.6·S it is behind the fastest (which has not reached the
+    # goal yet), at 1.5·S the fastest reached it before: either way B = 1024's point is known.
+    (result,) = critical_batch_sizes(_stopped_short_grid(stop, 0.05), [math.exp(-1)], decay=0.0)
+    assert [p.batch_size for p in result.points] == [16, 32, 64, 128, 256, 512, 1024]
+    assert result.points[-1].steps == pytest.approx(562.5, rel=1e-3) and not result.warnings
+    assert result.fit.b_crit == pytest.approx(128.0, rel=1e-3)
+
+
 def test_diverged_run_stops_at_the_first_non_finite_value() -> None:
     step = np.arange(1.0, 6.0)
     run = Run.from_arrays("r", 8, 0.1, step, [1.0, 0.9, np.nan, 0.1, 0.05])
@@ -275,6 +318,32 @@ def test_variable_batch_size_uses_recorded_examples() -> None:
     crossing = goal_crossing(run.step, run.examples, run.metric, 1.0 / 80)
     assert crossing is not None and crossing.examples == pytest.approx(800 + 32 * 30)
     np.testing.assert_allclose(run.step_batch_sizes()[[0, 49, 50, 99]], [16, 16, 32, 32])
+
+
+def test_batch_size_outside_the_examples_per_step_is_refused() -> None:
+    # A warm-up from 16 to 32 a step: a nominal batch size of 16 or 32 (or 5% beyond) is fine;
+    # 64, or 15 less 5%, is in another unit than the examples column.
+    step = np.arange(1.0, 101.0)
+    examples = np.where(step <= 50, 16 * step, 800 + 32 * (step - 50))
+    for b in (15.5, 16, 24, 32, 33.5):
+        grid = [
+            Run.from_arrays(f"r{k}", b * k, 0.1, step, 1 / step, examples=examples * k)
+            for k in (1, 2, 4)
+        ]
+        assert critical_batch_sizes(grid, [0.05], decay=0.0)[0].points
+    for b in (15, 34, 64):
+        grid = [
+            Run.from_arrays(f"r{k}", b * k, 0.1, step, 1 / step, examples=examples * k)
+            for k in (1, 2, 4)
+        ]
+        with pytest.raises(
+            NoiseScaleInputError,
+            match=rf"run 'r1': batch_size {b:g} but its examples column grows by 16–32 per "
+            r"step \(never within 5% of it\)",
+        ):
+            critical_batch_sizes(grid, [0.05], decay=0.0)
+        with pytest.raises(NoiseScaleInputError, match="different units"):
+            default_goals(grid, decay=0.0)
 
 
 def test_default_goals_are_reached_by_three_batch_sizes() -> None:

@@ -83,6 +83,46 @@ def test_regime_rejects_non_positive_input(batch: float, b_noise: float) -> None
         theory.regime(batch, b_noise)
 
 
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: theory.lr_over_max(64, -100), r"b_noise must be in \[0, ∞\], got -100"),
+        (lambda: theory.loss_improvement_over_max(64, -32), r"b_noise must be in \[0, ∞\]"),
+        (lambda: theory.steps_over_min(64, -100), r"b_noise must be in \[0, ∞\]"),
+        (lambda: theory.steps_over_min(64, math.nan), r"b_noise must be in \[0, ∞\], got nan"),
+        (lambda: theory.examples_over_min(64, -100), r"b_noise must be in \[0, ∞\]"),
+        (lambda: theory.examples_over_min(-64, 100), r"batch_size must be in \(0, ∞\], got -64"),
+        (lambda: theory.lr_over_max([64, 0], 100), r"batch_size must be in \(0, ∞\]"),
+        (lambda: theory.lr_central(64, 0.1, -100), r"b_star must be in \[0, ∞\], got -100"),
+        (lambda: theory.lr_central(64, -0.1, 100), r"lr_star must be in \(0, ∞\]"),
+        (lambda: theory.lr_central(64, 0.1, 100, -1), r"alpha must be in \(0, 1\], got -1"),
+        (lambda: theory.b_noise_at_temperature(100, 1, -2), r"new_temperature must be in \(0, ∞\)"),
+        (lambda: theory.b_noise_at_temperature(-100, 1, 2), r"b_noise must be in \[0, ∞\]"),
+        (lambda: theory.pareto_steps_over_min(0.5), r"\(E/E_min\) must be in \(1, ∞\], got 0\.5"),
+        (lambda: theory.pareto_steps_over_min(2, -1), r"gamma must be in \(0, ∞\), got -1"),
+        (lambda: theory.adaptive_batch_size(-100, 4), r"b_simple must be in \[0, ∞\]"),
+        (lambda: theory.adaptive_batch_size(100, -4), r"r must be in \(0, ∞\), got -4"),
+        (lambda: theory.temperature(0.1, -64), r"batch_size must be in \(0, ∞\], got -64"),
+    ],
+)
+def test_single_point_functions_refuse_values_out_of_range(call, message: str) -> None:
+    """Until 2026-12-06 these returned numbers outside the quantity's range (lr_over_max(64,
+    -100) = −1.78, steps_over_min(64, −100) = −0.56, pareto_steps_over_min(0.5) = −1, a hunt),
+    where regime() already refused a negative noise scale."""
+    with pytest.raises(NoiseScaleInputError, match=message):
+        call()
+
+
+def test_single_point_functions_take_their_limits() -> None:
+    # A noiseless problem (B_noise = 0): ε_opt = ε_max, S = S_min; B_noise = ∞: ε_opt → 0.
+    assert theory.lr_over_max(64, 0) == 1.0 and theory.steps_over_min(64, 0) == 1.0
+    assert (
+        theory.lr_over_max(64, math.inf) == 0.0 and theory.steps_over_min(64, math.inf) == math.inf
+    )
+    assert theory.examples_over_min(64, math.inf) == 1.0 and theory.lr_central(64, 0.3, 0) == 0.3
+    assert theory.pareto_steps_over_min(math.inf) == 1.0
+
+
 # --- learning rates (App. A.2, scaling rules) -----------------------------------------------------
 
 
@@ -114,6 +154,11 @@ def test_scaled_lr_rules_by_hand(rule: str, expected: float) -> None:
 def test_scaled_lr_noise_rule_limits_and_alpha() -> None:
     # Far below B_noise the noise rule is the linear rule; far above it, no scaling.
     assert theory.scaled_lr(8, 16, 0.01, "noise", b_noise=1e9) == pytest.approx(0.02, rel=1e-6)
+    # B_noise = ∞ is that limit, (B'/B)^α (a ZeroDivisionError until 2026-12-06, a hunt).
+    assert theory.scaled_lr(64, 128, 0.1, "noise", b_noise=math.inf) == pytest.approx(0.2)
+    assert theory.scaled_lr(64, 256, 0.1, "noise", b_noise=math.inf, alpha=0.5) == pytest.approx(
+        0.2
+    )
     assert theory.scaled_lr(1e9, 2e9, 0.01, "noise", b_noise=8) == pytest.approx(0.01, rel=1e-6)
     assert theory.scaled_lr(256, 1024, 0.1, "noise", b_noise=256, alpha=0.5) == pytest.approx(
         0.1 * math.sqrt(1.6)
@@ -126,11 +171,15 @@ def test_scaled_lr_noise_rule_limits_and_alpha() -> None:
         ({"rule": "cubic"}, "unknown learning-rate rule"),
         ({"rule": "noise"}, "needs a positive noise scale"),
         ({"rule": "noise", "b_noise": -5.0}, "needs a positive noise scale"),
+        # α outside (0, 1] returned 0.0695 until 2026-12-06 (lr_factor refused it; a hunt)
+        ({"rule": "noise", "b_noise": 100.0, "alpha": -1.0}, r"alpha must be in \(0, 1\], got -1"),
+        ({"rule": "noise", "b_noise": 100.0, "alpha": 1.5}, r"alpha must be in \(0, 1\]"),
+        ({"lr": -0.1}, "the learning rate must be positive and finite, got -0.1"),
     ],
 )
 def test_scaled_lr_rejects_bad_rules(kwargs: dict, message: str) -> None:
     with pytest.raises(NoiseScaleInputError, match=message):
-        theory.scaled_lr(64, 128, 0.1, **kwargs)
+        theory.scaled_lr(64, 128, **{"lr": 0.1, **kwargs})
 
 
 def test_scaled_lr_rejects_non_positive_batch() -> None:

@@ -74,30 +74,42 @@ LrRule = Literal["linear", "sqrt", "none", "noise"]
 def lr_over_max(batch_size: ArrayLike, b_noise: ArrayLike) -> np.ndarray | float:
     """Optimal step size relative to the noiseless one, ε_opt(B)/ε_max = 1/(1 + B_noise/B).
 
-    Paper eq. 2.6.
+    Paper eq. 2.6. ``batch_size`` must be positive and ``b_noise`` not negative; B_noise = ∞
+    gives the limit 0.
+
+    Raises:
+        NoiseScaleInputError: a batch size ≤ 0, a negative noise scale, or NaN.
     """
-    b = np.asarray(batch_size, dtype=float)
-    return _scalar(1.0 / (1.0 + np.asarray(b_noise, dtype=float) / b))
+    b = _checked("batch_size", batch_size)
+    return _scalar(1.0 / (1.0 + _checked("b_noise", b_noise, zero=True) / b))
 
 
 def loss_improvement_over_max(batch_size: ArrayLike, b_noise: ArrayLike) -> np.ndarray | float:
     """Optimal one-step loss improvement relative to the noiseless one, ΔL_opt(B)/ΔL_max.
 
-    Paper eq. 2.7; it has the same form as eq. 2.6.
+    Paper eq. 2.7; it has the same form as eq. 2.6 (and the same checks).
     """
     return lr_over_max(batch_size, b_noise)
 
 
 def steps_over_min(batch_size: ArrayLike, b_noise: ArrayLike) -> np.ndarray | float:
-    """Optimisation steps relative to the minimum, S/S_min = 1 + B_noise/B (paper eq. 2.11)."""
-    b = np.asarray(batch_size, dtype=float)
-    return _scalar(1.0 + np.asarray(b_noise, dtype=float) / b)
+    """Optimisation steps relative to the minimum, S/S_min = 1 + B_noise/B (paper eq. 2.11).
+
+    Raises:
+        NoiseScaleInputError: a batch size ≤ 0, a negative noise scale, or NaN.
+    """
+    b = _checked("batch_size", batch_size)
+    return _scalar(1.0 + _checked("b_noise", b_noise, zero=True) / b)
 
 
 def examples_over_min(batch_size: ArrayLike, b_noise: ArrayLike) -> np.ndarray | float:
-    """Training examples relative to the minimum, E/E_min = 1 + B/B_noise (paper eq. 2.11)."""
-    b = np.asarray(batch_size, dtype=float)
-    return _scalar(1.0 + b / np.asarray(b_noise, dtype=float))
+    """Training examples relative to the minimum, E/E_min = 1 + B/B_noise (paper eq. 2.11).
+
+    Raises:
+        NoiseScaleInputError: a batch size ≤ 0, a negative noise scale, or NaN.
+    """
+    b = _checked("batch_size", batch_size)
+    return _scalar(1.0 + b / _checked("b_noise", b_noise, zero=True))
 
 
 def regime(batch_size: float, b_noise: float, factor: float = REGIME_FACTOR) -> Regime:
@@ -136,9 +148,13 @@ def lr_central(
         b_star: B*, the batch size where the learning rate stops growing (of order B_noise; with
             α = 1 and B* = B_noise this is eq. 2.6 scaled by ε_max).
         alpha: 1 for SGD or momentum; the paper finds 0.5 < α < 1 for Adam and RMSProp.
+
+    Raises:
+        NoiseScaleInputError: a batch size or ε* ≤ 0, a negative B*, α outside (0, 1], or NaN.
     """
-    b = np.asarray(batch_size, dtype=float)
-    return _scalar(lr_star / (1.0 + b_star / b) ** alpha)
+    b = _checked("batch_size", batch_size)
+    lr = float(_checked("lr_star", lr_star))
+    return _scalar(lr / (1.0 + _checked("b_star", b_star, zero=True) / b) ** _alpha(alpha))
 
 
 def scaled_lr(
@@ -170,12 +186,15 @@ def scaled_lr(
         alpha: The exponent of eq. A.3 for ``rule="noise"`` (1 for SGD, 0.5–1 for Adam).
 
     Raises:
-        NoiseScaleInputError: Unknown rule, non-positive sizes, or ``"noise"`` without ``b_noise``.
+        NoiseScaleInputError: Unknown rule, non-positive sizes or learning rate, ``"noise"``
+            without a positive ``b_noise`` (∞ gives the limit, ε·k^α) or with α outside (0, 1].
     """
     if not (batch_size > 0 and new_batch_size > 0):
         raise NoiseScaleInputError(
             f"batch sizes must be positive, got {batch_size!r} and {new_batch_size!r}"
         )
+    if not (math.isfinite(lr) and lr > 0):
+        raise NoiseScaleInputError(f"the learning rate must be positive and finite, got {lr!r}")
     k = new_batch_size / batch_size
     if rule == "linear":
         return lr * k
@@ -188,6 +207,9 @@ def scaled_lr(
             raise NoiseScaleInputError(
                 f"the 'noise' learning-rate rule needs a positive noise scale, got {b_noise!r}"
             )
+        alpha = _alpha(alpha)
+        if math.isinf(b_noise):
+            return lr * k**alpha  # far below the noise scale: (B'/B)^α
         ratio = float(lr_over_max(new_batch_size, b_noise)) / float(
             lr_over_max(batch_size, b_noise)
         )
@@ -196,8 +218,12 @@ def scaled_lr(
 
 
 def temperature(lr: ArrayLike, batch_size: ArrayLike) -> np.ndarray | float:
-    """The training temperature T = ε/B (paper eq. C.1, pure SGD in the small-batch regime)."""
-    return _scalar(np.asarray(lr, dtype=float) / np.asarray(batch_size, dtype=float))
+    """The training temperature T = ε/B (paper eq. C.1, pure SGD in the small-batch regime).
+
+    Raises:
+        NoiseScaleInputError: a negative learning rate, a batch size ≤ 0, or NaN.
+    """
+    return _scalar(_checked("lr", lr, zero=True) / _checked("batch_size", batch_size))
 
 
 def b_noise_at_temperature(
@@ -207,17 +233,26 @@ def b_noise_at_temperature(
 
     In equilibrium B_noise ∝ B_simple ∝ 1/T, so B_noise(T') = B_noise(T)·T/T'. Lowering the learning
     rate tenfold at a fixed batch size therefore raises the noise scale tenfold.
+
+    Raises:
+        NoiseScaleInputError: a negative noise scale, a temperature that is not positive and
+            finite, or NaN.
     """
     return _scalar(
-        np.asarray(b_noise, dtype=float)
-        * np.asarray(temperature, dtype=float)
-        / np.asarray(new_temperature, dtype=float)
+        _checked("b_noise", b_noise, zero=True)
+        * _checked("temperature", temperature, finite=True)
+        / _checked("new_temperature", new_temperature, finite=True)
     )
 
 
 def adaptive_batch_size(b_simple: ArrayLike, r: float) -> np.ndarray | float:
-    """The adaptive batch size B = √(r·B_simple) for exchange rate r (paper eq. D.3, D.6)."""
-    return _scalar(np.sqrt(r * np.asarray(b_simple, dtype=float)))
+    """The adaptive batch size B = √(r·B_simple) for exchange rate r (paper eq. D.3, D.6).
+
+    Raises:
+        NoiseScaleInputError: a negative B_simple, r not positive and finite, or NaN.
+    """
+    r = float(_checked("r", r, finite=True))
+    return _scalar(np.sqrt(r * _checked("b_simple", b_simple, zero=True)))
 
 
 def pareto_steps_over_min(examples_over_min: ArrayLike, gamma: float = 1.0) -> np.ndarray | float:
@@ -227,9 +262,17 @@ def pareto_steps_over_min(examples_over_min: ArrayLike, gamma: float = 1.0) -> n
         examples_over_min: E/E_min, which must exceed 1.
         gamma: γ of eq. D.5: 1 for a fixed batch size (or a constant noise scale), less than 1 for
             an adaptive batch size along a trajectory whose noise scale varies.
+
+    Raises:
+        NoiseScaleInputError: E/E_min ≤ 1 (no run uses fewer than E_min examples), γ not
+            positive and finite, or NaN.
     """
     e = np.asarray(examples_over_min, dtype=float)
-    return _scalar(1.0 + gamma / (e - 1.0))
+    if not np.all(e > 1.0):
+        raise NoiseScaleInputError(
+            f"examples_over_min (E/E_min) must be in (1, ∞], got {examples_over_min!r}"
+        )
+    return _scalar(1.0 + float(_checked("gamma", gamma, finite=True)) / (e - 1.0))
 
 
 def b_crit_kaplan(loss: ArrayLike) -> np.ndarray | float:
@@ -458,6 +501,27 @@ def _with_noise(integrals: TrajectoryIntegrals) -> TrajectoryIntegrals:
 def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
     # np.trapezoid needs NumPy ≥ 2; this is the same rule and works on the 1.x we support.
     return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))
+
+
+def _checked(
+    name: str, value: ArrayLike, *, zero: bool = False, finite: bool = False
+) -> np.ndarray:
+    """``value`` as an array, refusing NaN and values below 0 (or at 0, unless ``zero``) and,
+    with ``finite``, ∞; the single-point functions take ∞ as their limit otherwise. (Negative
+    noise scales were accepted until 2026-12-06: lr_over_max(64, -100) was −1.78, a hunt.)"""
+    a = np.asarray(value, dtype=float)
+    ok = (a >= 0.0 if zero else a > 0.0) & (np.isfinite(a) if finite else True)
+    if not np.all(ok):
+        low, high = "[0" if zero else "(0", "∞)" if finite else "∞]"
+        raise NoiseScaleInputError(f"{name} must be in {low}, {high}, got {value!r}")
+    return a
+
+
+def _alpha(alpha: float) -> float:
+    """α of eq. A.3, refused outside (0, 1] as :func:`noisescale.schedule.lr_factor` does."""
+    if not 0.0 < alpha <= 1.0:
+        raise NoiseScaleInputError(f"alpha must be in (0, 1], got {alpha!r}")
+    return float(alpha)
 
 
 def _scalar(x: np.ndarray) -> np.ndarray | float:

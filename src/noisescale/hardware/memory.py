@@ -113,7 +113,9 @@ class MaxBatchSize:
             maximum is at least ``max_batch_size``.
         converged: The search bracketed the maximum exactly (one more example runs out of
             memory) or stopped at the limit; False when ``max_trials`` ran out first, in which
-            case ``max_batch_size`` is only a lower bound.
+            case ``max_batch_size`` is only a lower bound: the true maximum lies between it and
+            the smallest batch that ran out of memory (or above it, if none did). Raise
+            ``max_trials`` to close the gap.
         trials: Each batch size tried, in order, and whether it fitted.
     """
 
@@ -189,7 +191,9 @@ def find_max_batch_size(
         start: First batch size to try (≥ 1).
         limit: Largest batch size to try; None searches until memory runs out.
         steps_per_trial: Steps run at each batch size.
-        max_trials: Most batch sizes to try.
+        max_trials: Most batch sizes to try. When they run out before the search brackets the
+            maximum, the result has ``converged=False`` and is a lower bound (for example
+            ``start=64, max_trials=2`` with a maximum of 40 returns 32).
         model: Model that ``step_fn`` trains, to restore and clear after the search.
         optimizer: Optimizer that ``step_fn`` steps, to restore after the search.
         release: Frees memory after a trial ran out of memory; the default collects garbage
@@ -199,7 +203,8 @@ def find_max_batch_size(
         The largest batch that fitted, and the search's trials.
 
     Raises:
-        NoiseScaleInputError: Even batch size 1 does not fit, or the arguments are invalid.
+        NoiseScaleInputError: Even batch size 1 does not fit; no batch size tried fits before
+            ``max_trials`` runs out (raise it or lower ``start``); or the arguments are invalid.
     """
     if start < 1:
         raise NoiseScaleInputError(f"start must be at least 1, got {start}")
@@ -230,9 +235,17 @@ def find_max_batch_size(
             else:
                 batch_size = (low + high) // 2
     if low == 0:
-        where = "batch size 1" if high == 1 else f"any batch size tried in {len(trials)} trials"
+        if high != 1:
+            # The bisection towards 1 was cut short: a smaller batch may fit (until 2026-12-06
+            # this said to shrink the model or buy memory, a hunt).
+            tried = ", ".join(str(b) for b, _ in trials)
+            raise NoiseScaleInputError(
+                f"the training step ran out of memory at every batch size tried ({tried}) and "
+                f"max_trials={max_trials} ran out before the search reached batch size 1, so "
+                f"a batch smaller than {high} may fit: raise max_trials or lower start"
+            )
         raise NoiseScaleInputError(
-            f"the training step does not fit in memory at {where}; reduce the model or the "
+            "the training step does not fit in memory at batch size 1; reduce the model or the "
             "example size, or use a device with more memory"
         )
     capped = high is None and limit is not None and low >= limit

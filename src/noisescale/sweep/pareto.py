@@ -36,6 +36,10 @@ MIN_BATCH_SIZES = 3
 #: geometrically spaced records it is a fixed fraction of each S, which scales S_min and E_min
 #: alike and cancels in B_crit. Refitting measures which case a grid is in.
 MAX_LAG_SHIFT = 0.05
+#: A run's batch_size must lie within its recorded examples per step (the range over its points,
+#: widened by this fraction): B_crit comes out in the unit of ``examples``, and is printed beside
+#: ``batch_size``. The margin allows for partial batches at epoch ends.
+UNIT_TOLERANCE = 0.05
 
 
 def ema_smoothed(values: ArrayLike, decay: float) -> np.ndarray:
@@ -416,8 +420,10 @@ def pareto_points(runs: Sequence[Run], goal: float, *, decay: float) -> list[Par
 
     This is App. A.3's learning-rate selection: at each batch size the best learning rate is
     chosen separately for each goal. Ties in steps go to fewer examples, then to the earlier run.
+    A batch size is left out when one of its runs stopped before the goal while not behind the
+    fastest run that reached it (:func:`critical_batch_sizes` names it in a warning).
     """
-    return _front([_SmoothedRun(r, decay) for r in runs], goal)
+    return _front([_SmoothedRun(r, decay) for r in runs], goal)[0]
 
 
 def critical_batch_sizes(
@@ -431,13 +437,15 @@ def critical_batch_sizes(
         decay: the EMA decay used to smooth each curve before looking for a goal.
 
     Raises:
-        NoiseScaleInputError: a goal no run reaches, or one fewer than three batch sizes reach.
+        NoiseScaleInputError: a goal no run reaches, or one fewer than three batch sizes reach;
+            a run whose batch_size disagrees with its examples per step (:func:`_check_units`).
     """
+    _check_units(runs)
     smoothed = [_SmoothedRun(r, decay) for r in runs]
     results = []
     for goal in goals:
-        points = _front(smoothed, goal)
-        if not points:
+        points, left_out = _front(smoothed, goal)
+        if not points and not left_out:
             best = min(
                 (float(r.smoothed.min()) for r in smoothed if r.smoothed.size), default=math.nan
             )
@@ -450,6 +458,7 @@ def critical_batch_sizes(
                 f"only {len(points)} batch size(s) reach the goal {goal:g} "
                 f"({', '.join(f'{p.batch_size:g}' for p in points)}); a fit of eq. 2.11 needs "
                 f"at least {MIN_BATCH_SIZES}: choose a higher goal or add batch sizes"
+                + "".join(f"; {m}" for m in left_out)
             )
         fit = fit_pareto([p.steps for p in points], [p.examples for p in points])
         values = [p.b_simple for p in points if p.b_simple is not None]
@@ -461,10 +470,45 @@ def critical_batch_sizes(
                 fit=fit,
                 b_simple=float(np.median(values)) if values else None,
                 b_crit_lag_corrected=corrected,
-                warnings=tuple(_warnings(points, fit, decay, corrected)),
+                warnings=(*left_out, *_warnings(points, fit, decay, corrected)),
             )
         )
     return results
+
+
+def _check_units(runs: Sequence[Run]) -> None:
+    """Refuse runs whose ``batch_size`` is not in the unit of their ``examples``.
+
+    The fit's batch sizes are E/S, in the unit of ``examples``; the table shows ``batch_size``
+    beside them. A run at a fixed batch size processes batch_size examples per step, and one
+    whose batch size changes (warm-up, adaptive) has its nominal batch_size among the sizes it
+    runs at; so ``batch_size`` must lie within the run's examples per step (the range over its
+    recorded points, :meth:`Run.step_batch_sizes`, widened by :data:`UNIT_TOLERANCE`). A
+    tokens_seen counter beside a batch size in sequences is off by the sequence length at every
+    point (a hunt, 2026-12-06: B_crit 1.6e4 printed beside batch sizes 16–1024, truth 128).
+
+    Raises:
+        NoiseScaleInputError: naming the first such run, the ratio and the fix.
+    """
+    for run in runs:
+        sizes = run.step_batch_sizes()
+        if not sizes.size:
+            continue
+        low, high = float(sizes.min()), float(sizes.max())
+        if low * (1.0 - UNIT_TOLERANCE) <= run.batch_size <= high * (1.0 + UNIT_TOLERANCE):
+            continue
+        if math.isclose(low, high, rel_tol=1e-6):
+            per_step = f"{low:.6g} per step ({low / run.batch_size:.4g}× batch_size at every point)"
+        else:
+            per_step = f"{low:.6g}–{high:.6g} per step (never within {UNIT_TOLERANCE:.0%} of it)"
+        raise NoiseScaleInputError(
+            f"run {run.name!r}: batch_size {run.batch_size:g} but its examples column grows by "
+            f"{per_step}: the two are in "
+            "different units (e.g. examples counted in tokens, batch_size in sequences), and "
+            "B_crit would come out in the unit of examples; give both in one unit (batch_size × "
+            "sequence length for tokens), or leave the examples column out for runs at a fixed "
+            "batch size"
+        )
 
 
 def lag_corrected_b_crit(points: Sequence[ParetoPoint]) -> float | None:
@@ -497,8 +541,10 @@ def default_goals(runs: Sequence[Run], *, decay: float, count: int = 6) -> list[
     three batch sizes reach are dropped.
 
     Raises:
-        NoiseScaleInputError: fewer than three batch sizes, or no goal that three reach.
+        NoiseScaleInputError: fewer than three batch sizes, no goal that three reach, or
+            runs whose batch_size disagrees with their examples (:func:`_check_units`).
     """
+    _check_units(runs)
     smoothed = [_SmoothedRun(r, decay) for r in runs if r.metric.size]
     finals: dict[float, float] = {}
     for r in smoothed:
@@ -512,7 +558,7 @@ def default_goals(runs: Sequence[Run], *, decay: float, count: int = 6) -> list[
     fractions = (np.arange(count) + 0.5) / count
     geometric = lo > 0
     candidates = hi * (lo / hi) ** fractions if geometric else hi + (lo - hi) * fractions
-    goals = [float(g) for g in candidates if len(_front(smoothed, float(g))) >= MIN_BATCH_SIZES]
+    goals = [float(g) for g in candidates if len(_front(smoothed, float(g))[0]) >= MIN_BATCH_SIZES]
     if not goals:
         raise NoiseScaleInputError(
             "no goal between the worst and best final values is reached by three batch sizes; "
@@ -552,16 +598,52 @@ class _SmoothedRun:
         )
 
 
-def _front(smoothed: Sequence[_SmoothedRun], goal: float) -> list[ParetoPoint]:
-    best: dict[float, ParetoPoint] = {}
+def _front(smoothed: Sequence[_SmoothedRun], goal: float) -> tuple[list[ParetoPoint], list[str]]:
+    """The Pareto points at ``goal``, and why batch sizes whose point is unknown were left out.
+
+    A run that ended before the goal (not by diverging) may have been about to reach it first:
+    its batch size's point is known only when that run was behind the fastest run that reached
+    the goal at its last step (or that run reached the goal by then). Otherwise the batch size
+    is left out, with a message naming the run (a hunt, 2026-12-06: a run stopped at 98% of the
+    way, ahead of the slower learning rate all along, doubled S at its batch size and moved
+    B_crit from 128 to 81 without a word).
+    """
+    best: dict[float, tuple[ParetoPoint, _SmoothedRun]] = {}
+    stopped: list[_SmoothedRun] = []
     for r in smoothed:
         p = r.point(goal)
         if p is None:
+            if r.run.diverged_at_step is None and r.final > goal:
+                stopped.append(r)
             continue
         incumbent = best.get(p.batch_size)
-        if incumbent is None or (p.steps, p.examples) < (incumbent.steps, incumbent.examples):
-            best[p.batch_size] = p
-    return [best[b] for b in sorted(best)]
+        if incumbent is None or (p.steps, p.examples) < (incumbent[0].steps, incumbent[0].examples):
+            best[p.batch_size] = (p, r)
+    left_out: dict[float, str] = {}
+    for r in stopped:
+        batch_size = r.run.batch_size
+        if batch_size not in best or batch_size in left_out:
+            continue
+        p, fastest = best[batch_size]
+        last = float(r.run.step[-1])
+        if p.steps <= last:
+            continue  # the fastest run was at the goal before this one stopped
+        if last >= fastest.run.step[0]:
+            value = float(np.interp(last, fastest.run.step, fastest.smoothed))
+            if value < r.final:
+                continue  # behind the fastest run where it stopped
+            where = f"{fastest.run.name!r} was at {value:.6g} there"
+        else:
+            where = f"{fastest.run.name!r} had no record yet"
+        left_out[batch_size] = (
+            f"batch size {batch_size:g} is left out at the goal {goal:g}: run {r.run.name!r} "
+            f"stopped at step {last:g} (smoothed {r.final:.6g}) before reaching it, not behind "
+            f"the fastest run that did ({where}; it reaches the goal at step {p.steps:.6g}), so "
+            "the steps to the goal at this batch size are unknown: run it longer, or choose a "
+            "goal it reaches"
+        )
+    points = [best[b][0] for b in sorted(best) if b not in left_out]
+    return points, [left_out[b] for b in sorted(left_out)]
 
 
 def _warnings(
