@@ -1506,6 +1506,66 @@ def test_a_compute_loss_func_in_the_trainers_form_is_measured(tmp_path):
             )  # fmt: skip
 
 
+class _PartlyLabelled(_Classified):
+    """_Classified with three of its 8 labels -100 (examples left out of the loss)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.labels = self.labels.clone()
+        self.labels[torch.tensor([1, 4, 5])] = -100
+
+
+def test_unlabelled_examples_under_label_smoothing_or_an_items_loss_are_measured(tmp_path):
+    """Labels of -100 under the Trainer's label smoother (label_smoothing_factor) or a
+    compute_loss_func in its own form (a sum over the labelled examples divided by
+    num_items_in_batch, declared): the loss is the mean over the labelled examples, measured
+    per labelled example as a declared token mean over labels of one token each — b_big and
+    'tokens' the 5 labelled, |G_big|² the labelled examples' mean gradient's, g2 and tr Σ the
+    per-token definition (language_models.md) from brute force, for k = 1, 2. Until 2026-12-06
+    the -100 examples were counted as examples of zero gradient: b_big 8, |G_big|² (5/8)² of
+    it, B_simple +108% on a hunt's batch, without a word."""
+    pytest.importorskip("transformers")
+    eps = 0.1
+
+    def items_loss(outputs, labels, num_items_in_batch=None):
+        return F.cross_entropy(outputs.logits, labels, reduction="sum") / num_items_in_batch
+
+    data = _PartlyLabelled()
+    kept = data.labels != -100
+    n = int(kept.sum())
+    for smoothing in (eps, 0.0):
+        model = _bert_classifier()
+        x = torch.zeros(_SEQ, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+        for i in torch.nonzero(kept).flatten().tolist():
+            model.zero_grad()
+            logits = model(input_ids=data.ids[i : i + 1]).logits
+            F.cross_entropy(logits, data.labels[i : i + 1], label_smoothing=smoothing).backward()
+            x[i] = torch.cat(
+                [
+                    p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
+                    for p in model.parameters()
+                ]
+            )
+        # eq. A.2 over the 8 sequences' summed gradients x_i (0 where unlabelled), in tokens
+        t = n / _SEQ
+        big, small = float(x.mean(0) @ x.mean(0)), float((x * x).sum(1).mean())
+        want = {
+            "b_big": float(n),
+            "tokens": float(n),
+            "sqnorm_big": float(x[kept].mean(0) @ x[kept].mean(0)),
+            "g2": (_SEQ * big - small) / (_SEQ - 1) / t**2,
+            "trace_sigma": (small - big) / (1 - 1 / _SEQ) / t,
+        }
+        if smoothing:
+            kw = {"args": {"label_smoothing_factor": smoothing}}
+        else:
+            kw = {"compute_loss_func": items_loss, "loss_reduction": "num_items_in_batch"}
+        for k in (1, 2):
+            got = _one_step(tmp_path, _bert_classifier(), _PartlyLabelled(), k, **kw)
+            for key, value in want.items():
+                assert got[key] == pytest.approx(value, rel=1e-6), (smoothing, k, key)
+
+
 def test_a_compute_loss_func_that_draws_is_probed_with_its_own_draws(tmp_path):
     """The probe repeats the compute_loss_func's call with the generators as that call found
     them: a loss that draws label noise (Gaussian, σ 0.3 on one-hot targets) is not refused,
