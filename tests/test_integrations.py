@@ -1515,7 +1515,10 @@ class _PartlyLabelled(_Classified):
         self.labels[torch.tensor([1, 4, 5])] = -100
 
 
-def test_unlabelled_examples_under_label_smoothing_or_an_items_loss_are_measured(tmp_path):
+@pytest.mark.parametrize("smoothing", [0.1, 0.0], ids=["label smoothing", "items loss"])
+def test_unlabelled_examples_under_label_smoothing_or_an_items_loss_are_measured(
+    tmp_path, smoothing
+):
     """Labels of -100 under the Trainer's label smoother (label_smoothing_factor) or a
     compute_loss_func in its own form (a sum over the labelled examples divided by
     num_items_in_batch, declared): the loss is the mean over the labelled examples, measured
@@ -1525,7 +1528,6 @@ def test_unlabelled_examples_under_label_smoothing_or_an_items_loss_are_measured
     the -100 examples were counted as examples of zero gradient: b_big 8, |G_big|² (5/8)² of
     it, B_simple +108% on a hunt's batch, without a word."""
     pytest.importorskip("transformers")
-    eps = 0.1
 
     def items_loss(outputs, labels, num_items_in_batch=None):
         return F.cross_entropy(outputs.logits, labels, reduction="sum") / num_items_in_batch
@@ -1533,37 +1535,36 @@ def test_unlabelled_examples_under_label_smoothing_or_an_items_loss_are_measured
     data = _PartlyLabelled()
     kept = data.labels != -100
     n = int(kept.sum())
-    for smoothing in (eps, 0.0):
-        model = _bert_classifier()
-        x = torch.zeros(_SEQ, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
-        for i in torch.nonzero(kept).flatten().tolist():
-            model.zero_grad()
-            logits = model(input_ids=data.ids[i : i + 1]).logits
-            F.cross_entropy(logits, data.labels[i : i + 1], label_smoothing=smoothing).backward()
-            x[i] = torch.cat(
-                [
-                    p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
-                    for p in model.parameters()
-                ]
-            )
-        # eq. A.2 over the 8 sequences' summed gradients x_i (0 where unlabelled), in tokens
-        t = n / _SEQ
-        big, small = float(x.mean(0) @ x.mean(0)), float((x * x).sum(1).mean())
-        want = {
-            "b_big": float(n),
-            "tokens": float(n),
-            "sqnorm_big": float(x[kept].mean(0) @ x[kept].mean(0)),
-            "g2": (_SEQ * big - small) / (_SEQ - 1) / t**2,
-            "trace_sigma": (small - big) / (1 - 1 / _SEQ) / t,
-        }
-        if smoothing:
-            kw = {"args": {"label_smoothing_factor": smoothing}}
-        else:
-            kw = {"compute_loss_func": items_loss, "loss_reduction": "num_items_in_batch"}
-        for k in (1, 2):
-            got = _one_step(tmp_path, _bert_classifier(), _PartlyLabelled(), k, **kw)
-            for key, value in want.items():
-                assert got[key] == pytest.approx(value, rel=1e-6), (smoothing, k, key)
+    model = _bert_classifier()
+    x = torch.zeros(_SEQ, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    for i in torch.nonzero(kept).flatten().tolist():
+        model.zero_grad()
+        logits = model(input_ids=data.ids[i : i + 1]).logits
+        F.cross_entropy(logits, data.labels[i : i + 1], label_smoothing=smoothing).backward()
+        x[i] = torch.cat(
+            [
+                p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
+                for p in model.parameters()
+            ]
+        )
+    # eq. A.2 over the 8 sequences' summed gradients x_i (0 where unlabelled), in tokens
+    t = n / _SEQ
+    big, small = float(x.mean(0) @ x.mean(0)), float((x * x).sum(1).mean())
+    want = {
+        "b_big": float(n),
+        "tokens": float(n),
+        "sqnorm_big": float(x[kept].mean(0) @ x[kept].mean(0)),
+        "g2": (_SEQ * big - small) / (_SEQ - 1) / t**2,
+        "trace_sigma": (small - big) / (1 - 1 / _SEQ) / t,
+    }
+    if smoothing:
+        kw = {"args": {"label_smoothing_factor": smoothing}}
+    else:
+        kw = {"compute_loss_func": items_loss, "loss_reduction": "num_items_in_batch"}
+    for k in (1, 2):
+        got = _one_step(tmp_path, _bert_classifier(), _PartlyLabelled(), k, **kw)
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-6), (smoothing, k, key)
 
 
 def test_a_compute_loss_func_that_draws_is_probed_with_its_own_draws(tmp_path):
