@@ -259,6 +259,94 @@ def test_lightning_short_last_window_is_measured():
     assert callback.tracker.steps == 3 and len(callback.tracker.history) == 3
 
 
+def _manual_model(form: str, clip: bool = False) -> nn.Module:
+    """Manual optimisation over 2 micro-batches a step, each one's mean loss handed to
+    manual_backward in ``form`` ('divided': loss / 2, Lightning's documented form; 'times':
+    loss * 0.5; 'undivided', at half the learning rate: the same updates); ``clip``:
+    self.clip_gradients before opt.step()."""
+
+    class Manual(type(_lit_model())):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            x, y = batch
+            loss = F.cross_entropy(self(x), y)
+            if form == "divided":
+                loss = loss / 2
+            elif form == "times":
+                loss = loss * 0.5
+            self.manual_backward(loss)
+            if batch_idx % 2 == 1:
+                if clip:
+                    self.clip_gradients(opt, gradient_clip_val=CLIP)
+                opt.step()
+                opt.zero_grad()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05 if form == "undivided" else 0.1)
+
+    return Manual()
+
+
+@needs_lightning
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("form", ["divided", "times", "undivided"])
+def test_lightning_manual_optimization_measures_the_losses_division(form):
+    """Manual optimisation, 2 micro-batches a step: each loss handed to manual_backward is
+    watched, the constant it was divided by last measured (as a plain loop's watch_loss before
+    the division) — divided by 2, times 0.5 or undivided, the records equal the plain loop's.
+    Until 2026-12-06 the division by 2 was assumed: a loss not divided read |G|², tr Σ and
+    |G_big|² 4× too large (B_simple right), without a word (a hunt)."""
+    model = _manual_model(form)
+    init = copy.deepcopy(model.state_dict())
+    callback = LightningCallback(sync_every=1, log_every=0, per_example_fraction=1.0)
+    _lit_trainer(callback, max_steps=3).fit(model, _loader())
+    got = callback.tracker.history
+    want = _plain_history(init, [2] * 3, clip=None, watch=True)
+    assert [h["b_big"] for h in got] == [16] * 3
+    for g, w in zip(got, want, strict=True):
+        for key in ("sqnorm_big", "g2", "trace_sigma", "b_simple"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-9), key
+
+
+@needs_lightning
+def test_lightning_manual_optimization_reads_the_last_division():
+    """What the loss handed to manual_backward was divided by last: the constant numbers at the
+    end of its graph (under 16-mixed, behind the scaler's multiplication, which the tracker
+    divides out itself); not a tensor divisor computed with gradients."""
+    from noisescale.integrations.lightning import _last_divisor
+
+    w = torch.ones(3, requires_grad=True)
+    loss = (w * 2.0).sum()
+    assert _last_divisor(loss) == 1.0
+    assert _last_divisor(loss / 4) == 4.0
+    assert _last_divisor(loss * 0.25) == 4.0
+    assert _last_divisor(0.5 * (loss / 3)) == 6.0
+    assert _last_divisor(loss / torch.tensor(4.0)) == 4.0
+    assert _last_divisor((loss / 4) * torch.tensor(65536.0), scaled=True) == 4.0
+    assert _last_divisor(loss * torch.tensor(65536.0), scaled=True) == 1.0
+    assert _last_divisor(loss / w.sum()) == 1.0
+
+
+@needs_lightning
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_manual_optimization_clip_is_refused_naming_the_callbacks_fix():
+    """self.clip_gradients before opt.step() under manual optimisation, Lightning's documented
+    way: the callback measures in on_before_optimizer_step, inside opt.step(), after the clip —
+    refused with a message for a callback user (until 2026-12-06 the tracker's own, which said
+    to call tracker.step(), which a callback user never calls)."""
+    callback = LightningCallback(sync_every=1, log_every=0, per_example_fraction=1.0)
+    with pytest.raises(NoiseScaleInputError) as err:
+        _lit_trainer(callback, max_steps=3).fit(_manual_model("divided", clip=True), _loader())
+    said = str(err.value)
+    assert "manual optimization" in said and "gradient_clip_val" in said, said
+    assert "call tracker.step()" not in said, said
+    assert callback.tracker.steps == 0
+
+
 @needs_lightning
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_lightning_applies_schedule_at_legal_step_boundaries():
@@ -1504,6 +1592,67 @@ def test_a_compute_loss_func_in_the_trainers_form_is_measured(tmp_path):
                 tmp_path, _bert_classifier(), _Classified(), 2, compute_loss_func=mixed_loss,
                 loss_reduction=declared,
             )  # fmt: skip
+
+
+class _PartlyLabelled(_Classified):
+    """_Classified with three of its 8 labels -100 (examples left out of the loss)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.labels = self.labels.clone()
+        self.labels[torch.tensor([1, 4, 5])] = -100
+
+
+@pytest.mark.parametrize("smoothing", [0.1, 0.0], ids=["label smoothing", "items loss"])
+def test_unlabelled_examples_under_label_smoothing_or_an_items_loss_are_measured(
+    tmp_path, smoothing
+):
+    """Labels of -100 under the Trainer's label smoother (label_smoothing_factor) or a
+    compute_loss_func in its own form (a sum over the labelled examples divided by
+    num_items_in_batch, declared): the loss is the mean over the labelled examples, measured
+    per labelled example as a declared token mean over labels of one token each — b_big and
+    'tokens' the 5 labelled, |G_big|² the labelled examples' mean gradient's, g2 and tr Σ the
+    per-token definition (language_models.md) from brute force, for k = 1, 2. Until 2026-12-06
+    the -100 examples were counted as examples of zero gradient: b_big 8, |G_big|² (5/8)² of
+    it, B_simple +108% on a hunt's batch, without a word."""
+    pytest.importorskip("transformers")
+
+    def items_loss(outputs, labels, num_items_in_batch=None):
+        return F.cross_entropy(outputs.logits, labels, reduction="sum") / num_items_in_batch
+
+    data = _PartlyLabelled()
+    kept = data.labels != -100
+    n = int(kept.sum())
+    model = _bert_classifier()
+    x = torch.zeros(_SEQ, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    for i in torch.nonzero(kept).flatten().tolist():
+        model.zero_grad()
+        logits = model(input_ids=data.ids[i : i + 1]).logits
+        F.cross_entropy(logits, data.labels[i : i + 1], label_smoothing=smoothing).backward()
+        x[i] = torch.cat(
+            [
+                p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
+                for p in model.parameters()
+            ]
+        )
+    # eq. A.2 over the 8 sequences' summed gradients x_i (0 where unlabelled), in tokens
+    t = n / _SEQ
+    big, small = float(x.mean(0) @ x.mean(0)), float((x * x).sum(1).mean())
+    want = {
+        "b_big": float(n),
+        "tokens": float(n),
+        "sqnorm_big": float(x[kept].mean(0) @ x[kept].mean(0)),
+        "g2": (_SEQ * big - small) / (_SEQ - 1) / t**2,
+        "trace_sigma": (small - big) / (1 - 1 / _SEQ) / t,
+    }
+    if smoothing:
+        kw = {"args": {"label_smoothing_factor": smoothing}}
+    else:
+        kw = {"compute_loss_func": items_loss, "loss_reduction": "num_items_in_batch"}
+    for k in (1, 2):
+        got = _one_step(tmp_path, _bert_classifier(), _PartlyLabelled(), k, **kw)
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-6), (smoothing, k, key)
 
 
 def test_a_compute_loss_func_that_draws_is_probed_with_its_own_draws(tmp_path):

@@ -13,3 +13,8 @@ class NoiseScaleInputError(ValueError):
 
 class UnsupportedModuleError(NoiseScaleInputError):
     """A module whose per-example gradient norms noisescale cannot compute exactly."""
+
+
+class GradientsChangedError(NoiseScaleInputError):
+    """``.grad`` was changed in place (clipped, rescaled) between the last backward pass and
+    ``tracker.step()``: the step is refused (a callback names its own fix)."""

@@ -396,7 +396,8 @@ class TokenWatcher:
         if pass_ is None or loss.dim() != 0:
             return False
         counts = (labels != IGNORE_INDEX).to(torch.float64)
-        units = PassUnits(counts, "example", "compute_loss_func", items, measured=True)
+        # each labelled example a unit, as the label smoother's (wrap_label_smoother)
+        units = PassUnits(counts, "token", "compute_loss_func", items, measured=True)
         _attach_measured(pass_, units, loss, "compute_loss_func and another measured loss ran")
         return True
 
@@ -417,10 +418,13 @@ class TokenWatcher:
             if pass_ is None or not isinstance(labels, Tensor):
                 return out
             counts = count_units(labels[..., 1:] if shift_labels else labels, ignore)
-            unit = "token" if labels.dim() >= 2 else "example"
+            # one label per example (a classifier): each labelled example a unit, as a declared
+            # token mean over labels of one token each (_units) — its loss is the mean over the
+            # labelled examples. (Until 2026-12-06 read per example fed, the -100 ones counted
+            # as examples of zero gradient: b_big the batch, B_simple +108% on a hunt's batch)
             nib = kwargs.get("num_items_in_batch")
             denominator = nib if nib is not None else counts.sum()
-            units = PassUnits(counts, unit, "LabelSmoother", denominator, measured=True)
+            units = PassUnits(counts, "token", "LabelSmoother", denominator, measured=True)
             _attach_measured(
                 pass_, units, out, "the Trainer's label smoother and another measured loss ran"
             )

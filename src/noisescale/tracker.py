@@ -55,7 +55,11 @@ from torch import Tensor, nn
 
 from noisescale import estimators as est
 from noisescale import state as state_mod
-from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
+from noisescale.errors import (
+    GradientsChangedError,
+    NoiseScaleInputError,
+    UnsupportedModuleError,
+)
 from noisescale.param_groups import parameter_groups
 from noisescale.per_example import PerExampleNorms
 from noisescale.per_example.engine import refuse_complex_parameters
@@ -1871,7 +1875,7 @@ class GradientNoiseTracker:
                 "only), so .grad mixes scaled and unscaled gradients and the estimate would be "
                 "wrong. Nothing of this step was recorded"
             )
-        raise NoiseScaleInputError(
+        raise GradientsChangedError(
             "call tracker.step() right after the last backward pass, before clipping or "
             f"changing the gradients: the gradient of {changed!r} was changed after the last "
             "backward pass and before tracker.step() (gradient clipping — clip_grad_norm_, "

@@ -14,7 +14,9 @@ Where the measurement happens. Lightning's precision plugin runs the training-st
 ``on_before_optimizer_step`` hooks, and only then gradient clipping (``Precision._after_closure``
 in ``lightning/pytorch/plugins/precision/precision.py``). So ``on_before_optimizer_step`` sees the
 accumulated gradients of all of the step's micro-batches, unscaled and unclipped: the tracker
-steps there.
+steps there. Under manual optimisation ``opt.step()`` runs those hooks, so a clip of the user's
+before it comes first: refused, naming the fix (automatic optimisation's
+``gradient_clip_val``, or a tracker of one's own stepped before the clip).
 
 What the tracker measures is the module whose ``forward`` the ``training_step`` calls: by
 default the ``LightningModule`` itself (``self(x)`` in ``training_step``); if ``training_step``
@@ -54,6 +56,7 @@ starting accumulation.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -61,7 +64,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from noisescale.errors import NoiseScaleInputError
+from noisescale.errors import GradientsChangedError, NoiseScaleInputError
 from noisescale.integrations import estimate_metrics, stepped_optimizer
 from noisescale.module_hooks import Hook
 from noisescale.preconditioning import learning_rate, unwrap_optimizer
@@ -208,10 +211,17 @@ class NoiseScaleCallback(pl.Callback):
         # Lightning has already divided each micro-batch's loss by accumulate_grad_batches, so
         # the sum over the step's micro-batches is the step's mean loss (kept on the device).
         # That division is by the full count even in an epoch's short last window: the
-        # tracker measures it rather than assume the window's own count (manual optimisation
-        # hands over the user's loss, divided or not: there it is assumed as in a plain loop)
+        # tracker measures it rather than assume the window's own count. Manual optimisation
+        # hands over the user's loss, divided by the accumulation or not: the constant factor
+        # applied to it last (loss / k) is measured as the multiplier, as a plain loop's
+        # watch_loss before it would (until 2026-12-06 a loss not divided was assumed divided
+        # by k: |G|² and tr Σ k² too large, without a word; a hunt)
         if pl_module.automatic_optimization:
-            self._require_tracker().watch_loss(loss, divided_by=trainer.accumulate_grad_batches)
+            divided_by: float = trainer.accumulate_grad_batches
+        else:
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            divided_by = _last_divisor(loss, scaled=scaler is not None)
+        self._require_tracker().watch_loss(loss, divided_by=divided_by)
         loss = loss.detach()
         self._loss = loss if self._loss is None else self._loss + loss
 
@@ -241,7 +251,25 @@ class NoiseScaleCallback(pl.Callback):
                 f"no forward call of {where} was seen in this step: training_step must call it "
                 "(e.g. self(x)), or pass module='<the submodule training_step calls>'"
             )
-        tracker.step(loss=self._loss, lr=learning_rate(optimizer))
+        try:
+            tracker.step(loss=self._loss, lr=learning_rate(optimizer))
+        except GradientsChangedError as err:
+            if pl_module.automatic_optimization:
+                raise
+            # (the user's clip ran before opt.step(), which runs this hook: until 2026-12-06
+            # the tracker's message told a callback user to call tracker.step(), a hunt)
+            raise GradientsChangedError(
+                "the gradients were changed after the last backward pass of this step and "
+                "before opt.step() (self.clip_gradients(), clip_grad_norm_, a rescale of "
+                ".grad): under manual optimization (automatic_optimization=False) Lightning runs "
+                "on_before_optimizer_step, where NoiseScaleCallback measures the step, inside "
+                "opt.step() — after your clip — and the clipped .grad no longer matches the "
+                "examples' gradients measured in the backward passes. Clip with automatic "
+                "optimization instead (Trainer(gradient_clip_val=...): the callback reads the "
+                "gradients before Lightning clips them), or drop the callback and measure with "
+                "a GradientNoiseTracker of your own, calling its step() in training_step right "
+                "before the clip. Nothing of this step was recorded"
+            ) from err
         self._loss, self._forwards = None, 0
         self._stepped = True
         self._stepped_optimizer = optimizer
@@ -446,6 +474,33 @@ class NoiseScaleCallback(pl.Callback):
                 "through Trainer.fit"
             )
         return self.tracker
+
+
+def _last_divisor(loss: Tensor, scaled: bool = False) -> float:
+    """What the loss handed to ``manual_backward`` was divided by last: the product of the
+    constant numbers it was divided by (``loss / k``) or multiplied by (``loss * (1 / k)``,
+    counted as 1/factor) at the end of its graph, 1 where none. ``scaled``: the AMP loss
+    scaler multiplied it after that (the tracker divides the scale out itself)."""
+    node, divisor = loss.grad_fn, 1.0
+    if scaled and node is not None and type(node).__name__ == "MulBackward0":
+        node = next((f for f, _ in node.next_functions if f is not None), None)
+    while node is not None and type(node).__name__ in ("DivBackward0", "MulBackward0"):
+        inputs = [f for f, _ in node.next_functions]
+        if len(inputs) != 2 or (inputs[0] is None) == (inputs[1] is None):
+            break  # (both operands computed, or neither)
+        division = type(node).__name__ == "DivBackward0"
+        if division and inputs[1] is not None:
+            break  # a constant divided by the loss
+        constant = node._saved_other if inputs[1] is None else node._saved_self
+        # a Python number (a 0-d CPU tensor, read without a device synchronisation)
+        if not isinstance(constant, Tensor) or constant.dim() != 0 or constant.is_cuda:
+            break
+        value = float(constant.tolist())  # (not .item(): the loss watch may be dispatching)
+        if value == 0 or not math.isfinite(value):
+            break
+        divisor = divisor * value if division else divisor / value
+        node = inputs[0] if inputs[0] is not None else inputs[1]
+    return divisor
 
 
 def _module_optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer:
