@@ -121,6 +121,8 @@ REPORT = [
     (["notjson.jsonl", "-o", "r.html"], "its first line must be a JSON header"),
     (["profile.json", "-o", "r.html"], "is not a noisescale history"),
     (["h.jsonl"], "h.html already exists; pass --force"),
+    # (the default page's fix names -o, which the user never passed — a review of 2026-12-06)
+    (["h.jsonl"], "or choose another name with -o"),
     (["h.jsonl", "-o", "h.jsonl"], "is also an input of this command"),
     # a history named .html, no -o: the default page is the history (it said "-o run.html", an
     # option never passed, until 2026-12-06, a hunt)

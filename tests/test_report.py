@@ -751,3 +751,21 @@ def test_a_report_says_when_the_run_lost_its_estimate_after_the_headline(tmp_pat
     assert "went on to step 399 and its 20 later record(s) carry none" in stale[0]
     assert "the averaged tr Σ is -0.5, not positive" in stale[0]
     assert "step 379's B_simple may no longer hold" in stale[0]
+
+
+def test_a_record_without_averages_is_not_read_as_a_noise_scale_outgrown(tmp_path: Path) -> None:
+    """A last record with no averages at all says nothing of the noise scale: a review of
+    2026-12-06 found it read as a |G|² ≤ 0 ("the noise scale has outgrown what these steps
+    measure … a batch size chosen from that estimate is likely too small"); only an averaged
+    |G|² ≤ 0 means that."""
+    records = synthetic_records(n_steps=60)
+    records[-1]["g2_ema"] = records[-1]["trace_sigma_ema"] = None
+    records[-1]["b_simple"] = records[-1]["b_simple_low"] = records[-1]["b_simple_high"] = None
+    data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl", records)))
+    (stale,) = [w for w in data.warnings if "last estimate is from step 58" in w]
+    assert "it records no averages" in stale and "may no longer hold" in stale
+    assert "outgrown" not in stale
+    records[-1]["g2_ema"], records[-1]["trace_sigma_ema"] = -0.01, 3.0
+    data = report_data(load_history(write_synthetic_history(tmp_path / "h2.jsonl", records)))
+    (stale,) = [w for w in data.warnings if "last estimate is from step 58" in w]
+    assert "outgrown what these steps measure" in stale

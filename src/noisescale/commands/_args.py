@@ -186,6 +186,7 @@ def check_output_file(
     if out.exists() and not force:
         raise NoiseScaleInputError(
             f"{flag} {path} already exists; pass --force to replace it, or choose another name"
+            + ("" if flag.startswith("-") else " with -o")
         )
     return out
 

@@ -573,7 +573,7 @@ def _lost_estimate(history: History, last_estimate: int) -> list[str]:
         "the noise scale has outgrown what these steps measure, likely far above step "
         f"{last_estimate:,}'s B_simple: a batch size chosen from that estimate is likely too "
         "small, and its regime and ratios point the wrong way"
-        if not g2 > 0
+        if g2 <= 0  # (not a missing average: a NaN says nothing of the noise scale, a review)
         else f"step {last_estimate:,}'s B_simple may no longer hold"
     )
     last = int(history.step[i])
