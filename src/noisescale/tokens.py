@@ -6,13 +6,18 @@ causal-LM loss divides the sum of its token losses by the number of tokens whose
 sequences of different lengths each sequence then weighs by its token count, and the noise scale of
 that objective is a noise scale *per token*. The paper's eq. A.2 still applies with tokens as the
 unit: the step's gradient is Ĝ = Σ_i x_i / Σ_i T_i over sequences i with summed token gradients x_i
-and T_i counted tokens, a small batch of sequences is a small batch of b = Σ T_i tokens, and
+and T_i counted tokens, and a small batch of sequences is a small batch of b = Σ T_i tokens. What
+the tracker measures is the noise scale of the summed token loss normalised by the *expected*
+token count, for which eq. A.2 is exactly unbiased:
 
-    E|Ĝ_b|² = |G|² + tr Σ_tok / b,    G = E[x]/E[T],    tr Σ_tok = E|x − T·G|² / E[T],
+    |G|² = |E x|²/T̄²,    tr Σ_tok = tr Cov(x)/T̄,    B_simple = T̄·tr Cov(x)/|E x|² tokens,
 
-to first order in 1/b (a ratio estimator; exact when the token gradients' distribution does not
-depend on the sequence's length, and for equal lengths). B_simple = tr Σ_tok/|G|² is then in
-tokens; divided by the mean tokens per sequence it reads in sequences.
+with T̄ = E[T], the run's mean tokens per sequence; divided by T̄ it reads in sequences. A loss
+normalised by each batch's *realised* count (Hugging Face's mean, ``num_items_in_batch``) has, to
+first order in 1/b, tr Σ_tok = E|x − T·G|²/T̄ instead (a ratio estimator's noise): the two differ
+by terms in the covariance of the gradient with the sequence length (0.1% on the tests' pool;
+for a classifier whose unlabelled examples count no token, T ∈ {0, 1}, B_simple reads 1 − p
+labelled examples higher, p the labelled fraction). ``docs/language_models.md`` has the details.
 
 A loss that averages *sequences* (each sequence's own token mean, equally weighted) has the
 per-sequence noise scale, in sequences; times the tokens per sequence it reads in tokens. The two
