@@ -410,6 +410,16 @@ def _misuse() -> dict[str, str]:
     resumed.step()
     resumed.remove()
     out["static_resumed_averaged"] = bool(torch.equal(both[0], both[1]))
+    # DDP.join() (here with equal inputs: uneven ones abort the processes, the collectives
+    # paired wrongly): warned at the first step, on every process
+    ddp = DistributedDataParallel(make_model())
+    joined = noisescale.GradientNoiseTracker(ddp)
+    with ddp.join(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        F.cross_entropy(ddp(xs), ys).backward()
+        joined.step()
+    joined.remove()
+    out["join"] = " ".join(str(w.message) for w in caught)
     # the tracker on the plain model, which a DistributedDataParallel then runs: created after
     # the tracker, or its .module given to the tracker, or around a module holding the tracked
     # one; refused at the first forward, on every process alike (no collective is left waiting)
@@ -1200,6 +1210,9 @@ def test_misuse_is_reported(runs):
     )
     assert "FSDP2's fully_shard()" in misuse["fsdp_after"]
     assert "inside model.no_sync()" in misuse["step_after_no_sync"]
+    for rank in range(WORLD):  # (uneven inputs under join() abort: no message can follow)
+        assert "DistributedDataParallel.join() is active" in runs[rank]["misuse"]["join"]
+        assert "same number of batches" in runs[rank]["misuse"]["join"]
     assert misuse["clipped_False"] == "accepted"
     assert misuse["clipped_True"].startswith("call tracker.step() right after the last backward")
     assert misuse["fsdp_clipped_False"] == "accepted"

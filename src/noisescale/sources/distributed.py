@@ -689,6 +689,20 @@ class DataParallelSource:
 
     def _start(self, host: list[float], dev: dict[int, Tensor]) -> ReducedStep:
         """The buffer of the host-side and device numbers, and its asynchronous all-reduce."""
+        join = getattr(getattr(self.model, "_orig_mod", self.model), "_join_config", None)
+        if join is not None and join.enable:
+            # (a process that has run out of batches shadows DDP's collectives, not this one:
+            # the next all-reduces are paired with the wrong ones and gloo aborts, with no word
+            # of ours — a hunt; nothing tells uneven inputs here without a collective)
+            self._warn_once(
+                "join",
+                "DistributedDataParallel.join() is active: the tracker all-reduces a buffer at "
+                "every tracker.step(), which join() does not shadow, so every process must call "
+                "step() equally often — with uneven inputs the collectives stop matching and the "
+                "processes abort (gloo: 'EnforceNotMet … vs …'). Give every process the same "
+                "number of batches (DistributedSampler(..., drop_last=True), or an even split); "
+                "with equal counts the estimate is exact",
+            )
         buffer = self._host_to_device(host)
         for i, value in dev.items():
             # an integer index and a 0-d device tensor: a device-side copy, no host sync
