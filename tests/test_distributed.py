@@ -71,6 +71,8 @@ SCENARIOS: dict[str, tuple[str, list[list[list[int]]]]] = {
     "hsdp": ("hsdp", UNEVEN),
     # measure_every=2: steps 1 and 3 measured, step 2's examples counted over the processes
     "ddp_every2": ("ddp_every2", UNEVEN),
+    # ... resumed after step 2 from process 0's checkpoint, loaded by every process
+    "ddp_every2_resumed": ("ddp_resumed_every2", UNEVEN),
     # DDP(static_graph=True): its first iteration learns which parameters it all-reduces
     "ddp_static": ("ddp_static", UNEVEN),
     # torch.compile(DDP(model)): the wrapper hides DDP from the tracker
@@ -179,8 +181,7 @@ def _run_scenario(rank: int, setup: str, steps: list) -> dict:
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if setup == "ddp_amp" else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tracker = noisescale.GradientNoiseTracker(
-            model,
+        kwargs = dict(
             beta=1.0,
             sync_every=2,
             optimizer=opt,
@@ -189,6 +190,7 @@ def _run_scenario(rank: int, setup: str, steps: list) -> dict:
             per_example_fraction=1.0,  # exact per-step comparison: every example
             measure_every=2 if setup.endswith("_every2") else 1,
         )
+        tracker = noisescale.GradientNoiseTracker(model, **kwargs)
         for t, sizes in enumerate(steps):
             k = len(sizes[rank])
             for j in range(k):
@@ -206,6 +208,8 @@ def _run_scenario(rank: int, setup: str, steps: list) -> dict:
                 _average_by_hand(model)
             tracker.step(loss=loss)
             _optimizer_step(opt, scaler)
+            if "_resumed" in setup and t == 1:
+                tracker = _resumed_from_rank_0(tracker, model, **kwargs)
         e = tracker.estimate()
         history = tracker.history
     return {
@@ -213,6 +217,19 @@ def _run_scenario(rank: int, setup: str, steps: list) -> dict:
         "estimate": [e.g2, e.trace_sigma, e.b_simple, e.low, e.high],
         "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
     }
+
+
+def _resumed_from_rank_0(
+    tracker: noisescale.GradientNoiseTracker, model: nn.Module, **kwargs
+) -> noisescale.GradientNoiseTracker:
+    """The usual checkpoint: process 0 saves the tracker's state, every process loads it into
+    a new tracker."""
+    saved = [tracker.state_dict() if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(saved, src=0)
+    tracker.remove()
+    resumed = noisescale.GradientNoiseTracker(model, **kwargs)
+    resumed.load_state_dict(saved[0])
+    return resumed
 
 
 # -- a language model whose loss weighs tokens (noisescale.tokens) --------------------------------
@@ -241,17 +258,17 @@ def _lm_batch(t: int, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return ids, mask.long(), torch.where(mask, ids, -100)
 
 
-def _lm_run(rank: int | None, measure_every: int = 1) -> list[dict]:
+def _lm_run(rank: int | None, measure_every: int = 1, resumed: bool = False) -> list[dict]:
     """DDP over the processes (rank given), or one process accumulating every process's batch
-    as a micro-batch with the same weights (the model's mean loss over its tokens, / WORLD)."""
+    as a micro-batch with the same weights (the model's mean loss over its tokens, / WORLD);
+    ``resumed``: from process 0's checkpoint after step 2."""
     from torch.nn.parallel import DistributedDataParallel
 
     model = _lm_model()
     if rank is not None:
         model = DistributedDataParallel(model)
-    tracker = noisescale.GradientNoiseTracker(
-        model, beta=1.0, per_example_fraction=1.0, measure_every=measure_every
-    )
+    kwargs = dict(beta=1.0, per_example_fraction=1.0, measure_every=measure_every)
+    tracker = noisescale.GradientNoiseTracker(model, **kwargs)
     for t in range(LM_STEPS):
         for r in [rank] if rank is not None else range(WORLD):
             ids, mask, labels = _lm_batch(t, r)
@@ -259,6 +276,8 @@ def _lm_run(rank: int | None, measure_every: int = 1) -> list[dict]:
             (loss if rank is not None else loss / WORLD).backward()
         tracker.step()
         model.zero_grad()
+        if resumed and t == 1:
+            tracker = _resumed_from_rank_0(tracker, model, **kwargs)
     history = tracker.history
     tracker.remove()
     return history
@@ -328,6 +347,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     results = {name: _run_scenario(rank, *SCENARIOS[name]) for name in SCENARIOS}
     results["tokens"] = {"history": _lm_run(rank)}
     results["tokens_every2"] = {"history": _lm_run(rank, measure_every=2)}
+    results["tokens_every2_resumed"] = {"history": _lm_run(rank, measure_every=2, resumed=True)}
+    results["short_window"] = _short_window(rank)
     results["tokens_declared"] = {
         d: _lm_declared_run(rank, d) for d in ("given", "watched", "none")
     }
@@ -389,6 +410,16 @@ def _misuse() -> dict[str, str]:
     resumed.step()
     resumed.remove()
     out["static_resumed_averaged"] = bool(torch.equal(both[0], both[1]))
+    # DDP.join() (here with equal inputs: uneven ones abort the processes, the collectives
+    # paired wrongly): warned at the first step, on every process
+    ddp = DistributedDataParallel(make_model())
+    joined = noisescale.GradientNoiseTracker(ddp)
+    with ddp.join(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        F.cross_entropy(ddp(xs), ys).backward()
+        joined.step()
+    joined.remove()
+    out["join"] = " ".join(str(w.message) for w in caught)
     # the tracker on the plain model, which a DistributedDataParallel then runs: created after
     # the tracker, or its .module given to the tracker, or around a module holding the tracked
     # one; refused at the first forward, on every process alike (no collective is left waiting)
@@ -806,6 +837,48 @@ def _parallelism(rank: int) -> dict[str, str]:
     }
 
 
+# process 1 drops from 2 micro-batches to 1 at step 2, process 0 keeps 2 (DDP accepts it)
+SHORT_WINDOW = [[[3, 3], [2, 2]], [[3, 3], [4]], [[2, 2], [2, 2]]]
+
+
+def _short_window(rank: int) -> dict:
+    """SHORT_WINDOW under DDP with no_sync(), each process dividing by its own count: the
+    parameters trained without a tracker and with one, the tracker's history and warnings."""
+    import warnings
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    out: dict = {}
+    for tracked in (False, True):
+        model = DistributedDataParallel(make_model())
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        tracker = None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if tracked:
+                tracker = noisescale.GradientNoiseTracker(
+                    model, beta=1.0, sync_every=1, optimizer=opt, per_example_fraction=1.0
+                )
+            for t, sizes in enumerate(SHORT_WINDOW):
+                k = len(sizes[rank])
+                for j in range(k):
+                    x, y = micro_batch(SHORT_WINDOW, t, rank, j)
+                    with model.no_sync() if j < k - 1 else nullcontext():
+                        (F.cross_entropy(model(x), y) / k).backward()
+                if tracker is not None:
+                    tracker.step()
+                opt.step()
+                opt.zero_grad()
+        params = float(sum(p.detach().abs().sum() for p in model.parameters()))
+        if tracker is None:
+            out["plain_params"] = params
+        else:
+            out.update(params=params, history=tracker.history)
+            out["warnings"] = [str(w.message) for w in caught]
+            tracker.remove()
+    return out
+
+
 def _crash(rank: int, out: str) -> None:
     """Rank 1 dies after its backward pass; rank 0 waits for the tracker's all-reduce."""
     from torch.nn.parallel import DistributedDataParallel
@@ -1137,6 +1210,9 @@ def test_misuse_is_reported(runs):
     )
     assert "FSDP2's fully_shard()" in misuse["fsdp_after"]
     assert "inside model.no_sync()" in misuse["step_after_no_sync"]
+    for rank in range(WORLD):  # (uneven inputs under join() abort: no message can follow)
+        assert "DistributedDataParallel.join() is active" in runs[rank]["misuse"]["join"]
+        assert "same number of batches" in runs[rank]["misuse"]["join"]
     assert misuse["clipped_False"] == "accepted"
     assert misuse["clipped_True"].startswith("call tracker.step() right after the last backward")
     assert misuse["fsdp_clipped_False"] == "accepted"
@@ -1299,7 +1375,7 @@ def test_buffer_and_work_do_not_grow_with_the_number_of_processes():
     for world in (2, 1024, 16384):
         values = _buffer(examples=8 * world, sum_c=world, sum_c2=world / 8, big=1.0,
                          local=(world, 8.0 * world, 2.0 * world, world))  # fmt: skip
-        assert values.size == dsrc.WIDTH == 36
+        assert values.size == dsrc.WIDTH == 35
         b_big, _, examples, _, sources, _ = dsrc.resolve(values, world)
         assert b_big == pytest.approx(8 * world) and examples == 8 * world
         assert sources["local"].size == pytest.approx(1 / 8)
@@ -1333,10 +1409,73 @@ def test_processes_that_reduce_different_steps_are_refused():
     values[dsrc.PROCESSES] = 2
     values[dsrc.STEP] = 3 + 4
     with pytest.raises(NoiseScaleInputError, match="same measure_every to every process"):
-        dsrc.resolve_unmeasured(values, 2, 3)
+        dsrc.step_kind(values, 3)
     values[dsrc.STEP] = 3 + 3
-    values[dsrc.UNMEASURED_EXAMPLES] = 10
-    assert dsrc.resolve_unmeasured(values, 2, 3) == (10, None)  # tokens counted by neither
+    assert dsrc.step_kind(values, 3) == "measured"
+    values[dsrc.UNMEASURED] = 1  # one process measured step 3, the other did not
+    with pytest.raises(NoiseScaleInputError, match="1 of them left it unmeasured"):
+        dsrc.step_kind(values, 3)
+    values[dsrc.UNMEASURED] = 2
+    values[dsrc.EXAMPLES] = 10
+    assert dsrc.step_kind(values, 3) == "unmeasured"
+    assert dsrc.resolve_unmeasured(values, 2) == (10, None)  # tokens counted by neither
+    values[dsrc.UNMEASURED] = 0
+    values[dsrc.LEFT_OUT] = 1  # a short window on one process
+    assert dsrc.step_kind(values, 3) == "left out"
+
+
+def test_a_short_window_on_one_process_is_left_out_on_every_process(runs):
+    """Process 1 drops to one micro-batch at step 2 while process 0 keeps two: its divisor is
+    unknown, so the step is left out. Until 2026-12-06 process 1 alone skipped the step's
+    all-reduce, and every later collective was paired with the wrong one — DDP's gradient
+    all-reduce with the tracker's buffer (training changed without a word), or gloo aborted
+    (a hunt). Now training is plain DDP's, step 2 is left out on both processes with a
+    warning, and steps 1 and 3 are one process's on the same global batches (which leaves
+    step 2 out too: 3 micro-batches after 4)."""
+    for rank in range(WORLD):
+        got = runs[rank]["short_window"]
+        assert got["params"] == got["plain_params"]  # training untouched
+        assert [r["step"] for r in got["history"]] == [1, 3]
+        assert any(
+            "on 1 of the 2 processes, step 2 had fewer accumulation micro-batches" in w
+            and "left out" in w
+            for w in got["warnings"]
+        ), got["warnings"]
+    history = runs[0]["short_window"]["history"]
+    assert json.dumps(history) == json.dumps(runs[1]["short_window"]["history"])
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    tracker = noisescale.GradientNoiseTracker(
+        model, beta=1.0, sync_every=1, optimizer=opt, per_example_fraction=1.0
+    )
+    with pytest.warns(RuntimeWarning, match="short last window"):
+        for t, sizes in enumerate(SHORT_WINDOW):
+            for r in range(WORLD):
+                for x, y in _micro(SHORT_WINDOW, t, r):
+                    (F.cross_entropy(model(x), y) / (WORLD * len(sizes[r]))).backward()
+            tracker.step()
+            opt.step()
+            opt.zero_grad()
+    want_hist = tracker.history
+    assert [r["step"] for r in want_hist] == [1, 3]
+    for got, want in zip(history, want_hist, strict=True):
+        assert_big_batch_matches(got, want)
+        b_big, s_big = want["b_big"], want["sqnorm_big"]
+        for source in ("per_example", "microbatch"):
+            assert_same_source(got["sources"][source], want["sources"][source], b_big, s_big)
+
+
+def test_a_checkpoint_saved_on_process_0_resumes_the_unmeasured_steps_of_all(runs):
+    """measure_every=2, saved after the unmeasured step 2 by process 0 and loaded by every
+    process: step 3 counts step 2's examples and tokens of both processes, as the run that
+    went on does. Until 2026-12-06 the checkpoint held process 0's own, not yet reduced, and
+    every process added them again (examples 32 for 28; a hunt)."""
+    for rank in range(WORLD):
+        resumed = runs[rank]["ddp_every2_resumed"]["history"]
+        assert json.dumps(resumed) == json.dumps(runs[rank]["ddp_every2"]["history"][1:])
+        assert resumed[0]["examples"] == 28 and resumed[0]["unmeasured_steps"] == 1
+        tokens = runs[rank]["tokens_every2_resumed"]["history"]
+        assert json.dumps(tokens) == json.dumps(runs[rank]["tokens_every2"]["history"][1:])
 
 
 def test_process_group_without_distributed_is_refused():

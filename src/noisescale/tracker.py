@@ -84,10 +84,12 @@ from noisescale.preconditioning import (
 )
 from noisescale.sources.base import Observation, Source, StepNorms
 from noisescale.sources.distributed import (
+    LEFT_OUT,
     PASS_MISSING,
     PICKED,
     DataParallelSource,
     ReducedStep,
+    step_kind,
     watch_late_wrapper,
 )
 from noisescale.sources.microbatch import MicroBatchSource
@@ -752,8 +754,13 @@ class GradientNoiseTracker:
                 "long enough, or a scaler of your own)",
             )
             return
-        if self._divisor_unknown:
-            self._leave_out_short_window(len(passes))
+        if self._divisor_unknown and self._dist is None:
+            self._warn_once(
+                "short-window",
+                _short_window_message(
+                    f"a step had {len(passes)} accumulation micro-batches, fewer"
+                ),
+            )
             return
         if passes[0].weights is not None and self._first_gradients():
             return
@@ -767,21 +774,21 @@ class GradientNoiseTracker:
             lr = learning_rate(self.optimizer)
         grad_scale = 1.0 if grads_unscaled else scale
         if self._dist is not None:
+            # (a short window on this process is left out on every process, when read: until
+            # 2026-12-06 it returned before the all-reduce, and the other processes' was paired
+            # with the next collective — DDP's gradient all-reduce: training changed, or a
+            # crash; a hunt)
             reduced = self._dist.launch(
-                norms, observations, grad_scale, loss, tokens, self._unmeasured, self.steps, picks
+                norms,
+                observations,
+                grad_scale,
+                loss,
+                tokens,
+                self.steps,
+                picks,
+                left_out=self._divisor_unknown,
             )
-            count = self._unmeasured[0]
-            self._pending.append(
-                _Pending(
-                    self.steps,
-                    lr,
-                    scale,
-                    reduced=reduced,
-                    unmeasured=(count, 0, None),
-                    picks=picks,
-                )
-            )
-            self._unmeasured = state_mod.NOTHING_UNMEASURED
+            self._pending.append(_Pending(self.steps, lr, scale, reduced=reduced, picks=picks))
         else:
             self._warn_about_sources(passes, observations)
             sum_c = norms.sum_c
@@ -878,23 +885,6 @@ class GradientNoiseTracker:
         )
         return True
 
-    def _leave_out_short_window(self, k: int) -> None:
-        """A step with fewer micro-batches than the one before and no measured multiplier:
-        whether its losses were divided by its own count or by the full one cannot be told
-        (either reads |G|² and tr Σ (k'/k)² apart), so it is left out, with a warning. Under
-        data parallelism every process leaves it out alike, before the step's all-reduce, where
-        the processes hold the same number of micro-batches (as every step's collective
-        needs)."""
-        message = (
-            f"a step had {k} accumulation micro-batches where the step before had more (an "
-            "epoch's short last window?), and noisescale cannot tell whether their losses were "
-            f"divided by {k} or by the full count, as most loops, Lightning and accelerate's "
-            "backward do; the step is left out. To have the division measured, pass each "
-            "micro-batch's loss to tracker.watch_loss(loss) before dividing it (the Trainer's "
-            "and Lightning's callbacks measure it themselves)"
-        )
-        self._warn_once("short-window", message)
-
     def _refuse(self, message: str) -> NoReturn:
         """Refuse a setting in the constructor, leaving no hook on the model."""
         _remove_hooks(self._hooked)
@@ -981,15 +971,28 @@ class GradientNoiseTracker:
     def _unmeasured_step(self, passes: list[Any], scale: float) -> None:
         """A step ``measure_every`` leaves unmeasured: its passes ran plain; count the step,
         its examples and tokens (checked as a measured step's are), for the next measured
-        step's record."""
+        step's record. Under data parallelism they are summed over the processes first (an
+        all-reduce, read with the next measured step's): until 2026-12-06 each process kept
+        its own, and a checkpoint saved on one process resumed with its count on every
+        process (``examples`` off; a hunt)."""
         self.steps += 1
         self._remember_grads()
         _, definition, tokens = self._weights_of(passes, scale)
         self._check_definition(definition)
-        count, examples, seen = self._unmeasured
-        seen = None if tokens is None or seen is None else seen + tokens.detach()
-        self._unmeasured = (count + 1, examples + sum(p.batch_size for p in passes), seen)
+        examples = sum(p.batch_size for p in passes)
+        if self._dist is not None:
+            reduced = self._dist.launch_unmeasured(examples, tokens, self.steps)
+            self._pending.append(_Pending(self.steps, None, scale, reduced=reduced))
+        else:
+            self._count_unmeasured(examples, None if tokens is None else tokens.detach())
         self._schedule_next()
+
+    def _count_unmeasured(self, examples: int, tokens: Tensor | float | None) -> None:
+        """Add an unmeasured step (its examples and tokens; ``None``: not counted) to those
+        since the last measured step."""
+        count, seen_examples, seen = self._unmeasured
+        seen = None if tokens is None or seen is None else seen + tokens
+        self._unmeasured = (count + 1, seen_examples + examples, seen)
 
     def _schedule_next(self) -> None:
         """Whether the next step is measured (steps 1, 1 + m, 1 + 2m, … of measure_every=m)."""
@@ -1385,6 +1388,8 @@ class GradientNoiseTracker:
         for p, s in zip(pending, stats, strict=True):
             if refused is not None and p.step >= refused[0]:
                 break
+            if s is None:  # (data parallel: a step unmeasured or left out on every process)
+                continue
             self._state, record = state_mod.update(self._state, s, self.confidence)
             self._after_update(p, record)
             records.append(record)
@@ -1425,16 +1430,30 @@ class GradientNoiseTracker:
 
     def _read(
         self, pending: list[_Pending]
-    ) -> tuple[list[state_mod.StepStats], tuple[int, str] | None]:
+    ) -> tuple[list[state_mod.StepStats | None], tuple[int, str] | None]:
         """Every pending step's numbers, read from the device in one transfer, and the first
-        step refused by what they show (its number and why), if any."""
+        step refused by what they show (its number and why), if any. Under data parallelism
+        a step unmeasured or left out on every process has no numbers (``None``): an
+        unmeasured one's examples and tokens are counted for the next measured step."""
         refused: tuple[int, str] | None = None
         if self._dist is not None:
             values = torch.cat([p.reduced.values() for p in pending]).cpu().numpy()
             width = values.size // len(pending)
-            out = []
+            out: list[state_mod.StepStats | None] = []
             for i, p in enumerate(pending):
                 row = values[i * width : (i + 1) * width]
+                kind = step_kind(row, p.step)
+                if kind != "measured":
+                    if refused is None and kind == "unmeasured":
+                        self._count_unmeasured(*self._dist.resolve_unmeasured(row))
+                    elif refused is None:
+                        had = (
+                            f"on {round(float(row[LEFT_OUT]))} of the {self._dist.world_size} "
+                            f"processes, step {p.step} had fewer accumulation micro-batches"
+                        )
+                        self._warn_once("short-window", _short_window_message(had))
+                    out.append(None)
+                    continue
                 if refused is None and row[PICKED] > 0:
                     refused = (p.step, self._picked_message(p, round(float(row[PICKED]))))
                 b_big, big, examples, loss, sources, tokens = self._dist.resolve(row)
@@ -1443,7 +1462,10 @@ class GradientNoiseTracker:
                     if refused is None and why is not None:
                         refused = (p.step, self._nothing_within(p.step, why))
                     self._warn_weights_vary(p.step)
-                unmeasured = (p.unmeasured[0], *self._dist.resolve_unmeasured(row, p.step))
+                # (the processes' unmeasured steps since the last measured one, summed)
+                unmeasured = self._unmeasured
+                if refused is None:
+                    self._unmeasured = state_mod.NOTHING_UNMEASURED
                 if not sources:
                     self._warn_once(
                         "small-equals-big",
@@ -2384,6 +2406,20 @@ class GradientNoiseTracker:
         count, examples, tokens = state.get("unmeasured", [0, 0, 0.0])
         self._unmeasured = (int(count), int(examples), None if tokens is None else float(tokens))
         self._schedule_next()
+
+
+def _short_window_message(had: str) -> str:
+    """Why a step with fewer micro-batches than the one before and no measured multiplier is
+    left out (``had``: which step had fewer, and where): whether its losses were divided by its
+    own count or by the full one cannot be told (either reads |G|² and tr Σ (k'/k)² apart).
+    Under data parallelism every process leaves it out alike, when it reads the step."""
+    return (
+        f"{had} than the step before (an epoch's short last window?), and noisescale cannot "
+        "tell whether their losses were divided by their own count or by the full count, as "
+        "most loops, Lightning and accelerate's backward do; the step is left out. To have the "
+        "division measured, pass each micro-batch's loss to tracker.watch_loss(loss) before "
+        "dividing it (the Trainer's and Lightning's callbacks measure it themselves)"
+    )
 
 
 def _steps(n: int) -> str:

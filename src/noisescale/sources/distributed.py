@@ -19,7 +19,7 @@ global batch size after averaging." :class:`DataParallelSource` does that inside
   audits' steps (:meth:`DataParallelSource.check_averaged`).
 
 What one step costs: **one asynchronous all-reduce of a fixed-size float64 buffer** (``WIDTH``
-numbers, 36 today — 288 bytes — whatever the number of processes W), waited for only when the
+numbers, 35 today — 280 bytes — whatever the number of processes W), waited for only when the
 tracker reads its statistics, with no host synchronisation on the way (on CUDA the host-side
 numbers go through pinned memory). Every process packs sums, not rows: the examples, Σc and Σc²
 of its examples' weights in its local gradient (c = 1/(k·N_j) for mean losses over k
@@ -75,7 +75,6 @@ from noisescale.module_hooks import Hook
 from noisescale.per_example import PassNorms, PerExampleNorms
 from noisescale.per_example.factors import sqnorm, sqnorm_total
 from noisescale.sources.base import Observation, StepNorms, weights_spread
-from noisescale.state import NOTHING_UNMEASURED
 
 __all__ = ["DataParallelSource", "ReducedStep", "resolve"]
 
@@ -92,26 +91,29 @@ TOKENS = 6  # tokens the step's loss counted (noisescale.tokens)
 HAS_TOKENS = 7  # processes that counted them
 SOURCES = ("subbatch", "per_example", "microbatch", "local")
 FIELDS = 4  # per source: small batches, Σ 1/size, Σ S, processes that had it
-# measure_every: the examples and tokens of the unmeasured steps since the last measured one
-UNMEASURED_EXAMPLES = 8
-UNMEASURED_TOKENS = 9
-HAS_UNMEASURED_TOKENS = 10  # processes that counted them
-STEP = 11  # the tracker's step number (summed: a check that the processes agree)
-PROCESSES = 12  # 1 per process (summed: the processes whose step numbers STEP sums)
+# processes that left the step unmeasured (measure_every): such a buffer holds the step's
+# examples and tokens only, counted at the next measured step (every process reduces every
+# step, so what a checkpoint saves of them is the sum over the processes)
+UNMEASURED = 8
+# processes that left the step out (a short accumulation window, its divisor unknown: the
+# tracker's _short_window_message); the step is then left out on every process
+LEFT_OUT = 9
+STEP = 10  # the tracker's step number (summed: a check that the processes agree)
+PROCESSES = 11  # 1 per process (summed: the processes whose step numbers STEP sums)
 # processes where a layer's input rows were picked by index tensors, none of them the examples
 # in order (compared on the device: PerExampleNorms.unread_picks); the step is then refused
-PICKED = 13
+PICKED = 12
 # the passes of every process, where a loss weighs them by weights measured on the device (a
 # token mean per micro-batch, each process's own mean: StepNorms.weights_vary): their count,
 # Σ c and Σ c² (the weights vary where Σc² > (Σc)²/count), Σ b_m·|X̄_m|² and Σ b_m (the big
 # batch within each pass, StepNorms.within_passes), and the processes that lacked a pass norm
-PASS_COUNT = 14
-PASS_C = 15
-PASS_C2 = 16
-PASS_BIG = 17
-PASS_EXAMPLES = 18
-PASS_MISSING = 19
-HEAD = 20
+PASS_COUNT = 13
+PASS_C = 14
+PASS_C2 = 15
+PASS_BIG = 16
+PASS_EXAMPLES = 17
+PASS_MISSING = 18
+HEAD = 19
 WIDTH = HEAD + FIELDS * len(SOURCES)
 
 
@@ -167,11 +169,12 @@ class _LocalPass:
     fresh: set[int] = field(default_factory=set)  # parameters whose .grad was None before it
 
 
-def resolve_unmeasured(
-    values: np.ndarray, world_size: int, step_number: int
-) -> tuple[int, float | None]:
-    """The examples and tokens (``None`` unless every process counted them) of the unmeasured
-    steps before this one, summed over the processes (``measure_every``).
+def step_kind(
+    values: np.ndarray, step_number: int
+) -> Literal["measured", "unmeasured", "left out"]:
+    """Whether the processes measured the step, left it unmeasured (``measure_every``) or
+    left it out (a short accumulation window on one process or more: every process leaves it
+    out).
 
     Raises:
         NoiseScaleInputError: The processes reduced different steps together (their trackers
@@ -179,16 +182,25 @@ def resolve_unmeasured(
             every process at every step), so the step's sums mix steps.
     """
     processes = round(float(values[PROCESSES]))
-    if round(float(values[STEP])) != processes * step_number:
+    unmeasured = round(float(values[UNMEASURED]))
+    if round(float(values[STEP])) != processes * step_number or 0 < unmeasured < processes:
         raise NoiseScaleInputError(
             f"the processes' trackers reduced different steps together (step {step_number} "
             f"here; the step numbers summed over the {processes} processes give "
-            f"{round(float(values[STEP]))}): pass the same measure_every to every process and "
-            "call tracker.step() on every process at every optimizer step"
+            f"{round(float(values[STEP]))}, and {unmeasured} of them left it unmeasured): pass "
+            "the same measure_every to every process and call tracker.step() on every process "
+            "at every optimizer step"
         )
-    tokens = values[UNMEASURED_TOKENS]
-    counted = round(float(values[HAS_UNMEASURED_TOKENS])) == world_size
-    return round(float(values[UNMEASURED_EXAMPLES])), float(tokens) if counted else None
+    if unmeasured:
+        return "unmeasured"
+    return "left out" if values[LEFT_OUT] > 0 else "measured"
+
+
+def resolve_unmeasured(values: np.ndarray, world_size: int) -> tuple[int, float | None]:
+    """The examples and tokens (``None`` unless every process counted them) of an unmeasured
+    step (``measure_every``: :func:`step_kind`), summed over the processes."""
+    counted = round(float(values[HAS_TOKENS])) == world_size
+    return round(float(values[EXAMPLES])), float(values[TOKENS]) if counted else None
 
 
 def weights_vary(values: np.ndarray) -> bool:
@@ -240,8 +252,9 @@ class DataParallelSource:
     """The local-versus-global gradient norms of a data-parallel step (paper App. A.1).
 
     Created by the tracker through :meth:`detect`; the tracker calls :meth:`launch` in each
-    ``step()`` (every process must call ``tracker.step()`` the same number of times: it issues
-    one collective) and :meth:`resolve` when it reads the statistics (no collective, so
+    ``step()``, :meth:`launch_unmeasured` in one ``measure_every`` leaves unmeasured (every
+    process must call ``tracker.step()`` the same number of times: it issues one collective)
+    and :meth:`resolve` when it reads the statistics (no collective, so
     ``tracker.estimate()`` may be called on one process only).
 
     Args:
@@ -580,9 +593,9 @@ class DataParallelSource:
         grad_scale: float,
         loss: Tensor | float | None,
         tokens: Tensor | None = None,
-        unmeasured: tuple[int, int, Tensor | float | None] = NOTHING_UNMEASURED,
         step_number: int = 0,
         picks: Sequence[tuple[str, str, Tensor]] = (),
+        left_out: bool = False,
     ) -> ReducedStep:
         """Pack this process's sums for the step and start the all-reduce.
 
@@ -593,13 +606,14 @@ class DataParallelSource:
             grad_scale: The loss scale still in ``.grad`` (1 once ``scaler.unscale_`` ran).
             loss: The loss passed to ``tracker.step()``.
             tokens: The tokens this process's loss counted (a device number), if known.
-            unmeasured: This process's unmeasured steps since the last measured one
-                (``measure_every``): their count, examples and tokens (``None``: not counted).
             step_number: The tracker's step number, summed over the processes as a check that
-                they reduce the same step (:func:`resolve_unmeasured`).
+                they reduce the same step (:func:`step_kind`).
             picks: This process's layer inputs picked by index tensors on the device
                 (``PerExampleNorms.unread_picks``): the processes where one is not the
                 examples in order are counted, and the tracker refuses the step.
+            left_out: This process leaves the step out (a short accumulation window): every
+                process then does, when it reads the step (:func:`step_kind`). The buffer is
+                reduced all the same, so that every process runs the same collectives.
 
         The weights c may be device tensors (measured from the model's own loss,
         :mod:`noisescale.tokens`); they then enter the buffer on the device, like the norms.
@@ -626,14 +640,11 @@ class DataParallelSource:
         if tokens is not None:
             put(TOKENS, tokens)
             host[HAS_TOKENS] = 1.0
-        host[UNMEASURED_EXAMPLES] = float(unmeasured[1])
         host[STEP] = float(step_number)
         host[PROCESSES] = 1.0
+        host[LEFT_OUT] = float(left_out)
         if picks:
             put(PICKED, torch.stack([flag for _, _, flag in picks]).any())
-        if unmeasured[2] is not None:
-            put(UNMEASURED_TOKENS, unmeasured[2])
-            host[HAS_UNMEASURED_TOKENS] = 1.0
         with torch.no_grad():
             for name, obs in observations.items():
                 put(_column(name, 0), obs.count)
@@ -657,6 +668,41 @@ class DataParallelSource:
                     dev[LOSS] = loss.detach().reshape(())
                 else:
                     host[LOSS] = float(loss)
+        return self._start(host, dev)
+
+    def launch_unmeasured(
+        self, examples: int, tokens: Tensor | None, step_number: int
+    ) -> ReducedStep:
+        """Start the all-reduce of a step ``measure_every`` leaves unmeasured: its examples and
+        tokens (``None``: not counted), summed over the processes so that the next measured
+        step — or a checkpoint saved on one process — counts every process's."""
+        host = [0.0] * WIDTH
+        host[EXAMPLES] = float(examples)
+        host[STEP] = float(step_number)
+        host[PROCESSES] = 1.0
+        host[UNMEASURED] = 1.0
+        dev: dict[int, Tensor] = {}
+        if tokens is not None:
+            dev[TOKENS] = tokens.detach()
+            host[HAS_TOKENS] = 1.0
+        return self._start(host, dev)
+
+    def _start(self, host: list[float], dev: dict[int, Tensor]) -> ReducedStep:
+        """The buffer of the host-side and device numbers, and its asynchronous all-reduce."""
+        join = getattr(getattr(self.model, "_orig_mod", self.model), "_join_config", None)
+        if join is not None and join.enable:
+            # (a process that has run out of batches shadows DDP's collectives, not this one:
+            # the next all-reduces are paired with the wrong ones and gloo aborts, with no word
+            # of ours — a hunt; nothing tells uneven inputs here without a collective)
+            self._warn_once(
+                "join",
+                "DistributedDataParallel.join() is active: the tracker all-reduces a buffer at "
+                "every tracker.step(), which join() does not shadow, so every process must call "
+                "step() equally often — with uneven inputs the collectives stop matching and the "
+                "processes abort (gloo: 'EnforceNotMet … vs …'). Give every process the same "
+                "number of batches (DistributedSampler(..., drop_last=True), or an even split); "
+                "with equal counts the estimate is exact",
+            )
         buffer = self._host_to_device(host)
         for i, value in dev.items():
             # an integer index and a 0-d device tensor: a device-side copy, no host sync
@@ -699,9 +745,9 @@ class DataParallelSource:
         self.weights_varied = self.weights_varied or weights_vary(values)
         return resolve(values, self.world_size, within=self.weights_varied)
 
-    def resolve_unmeasured(self, values: np.ndarray, step_number: int) -> tuple[int, float | None]:
-        """The unmeasured steps' examples and tokens over the processes (module function)."""
-        return resolve_unmeasured(values, self.world_size, step_number)
+    def resolve_unmeasured(self, values: np.ndarray) -> tuple[int, float | None]:
+        """An unmeasured step's examples and tokens over the processes (module function)."""
+        return resolve_unmeasured(values, self.world_size)
 
     def _local_sqnorm(
         self, passes: Sequence[PassNorms], local: dict[int, _LocalPass]
