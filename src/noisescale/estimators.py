@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from statistics import NormalDist
 from typing import NamedTuple
 
 import numpy as np
@@ -409,30 +408,17 @@ def unavailable_reason(g2: float, trace_sigma: float) -> str:
 
 
 def _t_quantile(confidence: float, dof: float) -> float:
-    """Two-sided Student-t quantile for ``dof`` degrees of freedom (may be fractional).
+    """Two-sided Student-t quantile for ``dof`` degrees of freedom (may be fractional; at
+    least 1).
 
     The variances come from the same steps as the means, so the pivot is t- rather than
-    normal-distributed; the effective number of steps sets the degrees of freedom. Exact for
-    1 and 2 degrees of freedom, a Cornish–Fisher expansion from 3 on (within 1% there, 0.3% at
-    4, 1e-4 from 10), and interpolated in 1/dof in between, which errs on the wide side.
+    normal-distributed; the effective number of steps sets the degrees of freedom. Exact at
+    every level and dof (scipy's inverse of the t distribution function, a few µs; until
+    2026-12-06 a Cornish–Fisher series that was 12% narrow at 3 dof and 99.9%).
     """
-    p = 0.5 + confidence / 2.0
-    v = max(dof, 1.0)
-    if v >= 3.0:
-        z = NormalDist().inv_cdf(p)
-        return (
-            z
-            + (z**3 + z) / (4 * v)
-            + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
-        )
-    t1 = math.tan(math.pi * (p - 0.5))  # Cauchy
-    t2 = (2 * p - 1) / math.sqrt(2 * p * (1 - p))
-    lo, hi, t_lo, t_hi = (
-        (1.0, 2.0, t1, t2) if v < 2.0 else (2.0, 3.0, t2, _t_quantile(confidence, 3.0))
-    )
-    w = (1 / v - 1 / hi) / (1 / lo - 1 / hi)
-    return t_hi + w * (t_lo - t_hi)
+    from scipy.special import stdtrit
+
+    return float(stdtrit(max(dof, 1.0), 0.5 + confidence / 2.0))
 
 
 def _fieller(
