@@ -90,6 +90,63 @@ def test_interval_coverage(beta, steps, n):
     assert 0.915 <= coverage <= 0.985, coverage
 
 
+def test_skewness_shift_against_brute_force():
+    """δ(R) of the skewness-corrected pivot from the state's sums equals its definition computed
+    from the steps themselves under EMA weights: (2q² + 1)/6 · κ₃(D)/var(D), κ₃(D) = Σw³ ·
+    Σw²(d − D̄)³/(Σw² − 3Σw³ + 3Σw⁴ − Σw²Σw³), var(D) = Σw² · Σw²(d − D̄)²/(Σw² − 2Σw³ +
+    (Σw²)²), d = tr − R·g2, w the normalised weights."""
+    rng = np.random.default_rng(11)
+    g2, tr = rng.gamma(2.0, 1.0, 30), rng.gamma(1.0, 5.0, 30) + rng.normal(0, 1, 30)
+    beta, q = 0.9, 2.3
+    state = est.update_state(
+        est.update_state(est.init_state(beta), g2[:12], tr[:12]), g2[12:], tr[12:]
+    )
+    w = beta ** np.arange(29, -1, -1.0)
+    w /= w.sum()
+    s2, s3, s4 = (w**2).sum(), (w**3).sum(), (w**4).sum()
+    mg, ms = w @ g2, w @ tr
+
+    def var_unit(x, y):
+        return (w**2 * (x - w @ x) * (y - w @ y)).sum() / (s2 - 2 * s3 + s2 * s2)
+
+    cov = (s2 * var_unit(tr, tr), s2 * var_unit(g2, g2), s2 * var_unit(g2, tr))
+    shift = est._skew_shift(state, mg, ms, cov, q)
+    for r in (0.0, 0.7, 3.0, 12.0):
+        d = tr - r * g2
+        kappa = s3 * (w**2 * (d - w @ d) ** 3).sum() / (s2 - 3 * s3 + 3 * s4 - s2 * s3)
+        want = (2 * q * q + 1) / 6 * kappa / (s2 * var_unit(d, d))
+        assert shift(r) == pytest.approx(want, rel=1e-9, abs=1e-12)
+    # a state saved before the third moments were kept (written as None) resumes uncorrected
+    old = {k: v for k, v in state._asdict().items() if k not in ("w4", "trace_cube")}
+    assert est._skew_shift(est.load_state(old | {"trace_cube": None}), mg, ms, cov, q) is None
+
+
+def test_interval_low_end_skewed_steps():
+    """Per-step estimates from a small finite data set of regression gradients (-y·[x, 1], 64
+    examples, drawn with replacement; a hunt, 2026-12-06) are skewed with heavy tails: a
+    symmetric t-pivot missed on the low side in 7.6% of runs of 10 steps of 16 (nominal 2.5%;
+    7.2% at the tracker with 40 steps of 4). The skewness-corrected interval misses there in
+    6.3%, and no more on the high side. Not 2.5%: the runs that miss are those whose steps
+    happen to show little of the skew, which no estimate from them can see (README). 20000
+    runs: binomial sd 0.0018 at 7%; the bound is ≥ 3.5 sd from both rates."""
+    rng = np.random.default_rng(123)
+    x = rng.normal(size=(64, 4)) + 0.7
+    y = x @ np.array([1.0, -2.0, 0.5, 1.5]) + rng.normal(size=64)
+    grads = -y[:, None] * np.hstack([x, np.ones((64, 1))])
+    mean = grads.mean(0)
+    truth = ((grads - mean) ** 2).sum(1).mean() / (mean @ mean)
+    reps, steps, n = 20000, 10, 16
+    g = grads[rng.integers(0, 64, size=(reps, steps, n))]
+    g2, tr = est.unbiased_g2_trace(1, (g**2).sum(-1).mean(-1), n, (g.mean(2) ** 2).sum(-1))
+    below = above = 0
+    for a, b in zip(g2, tr, strict=True):
+        e = est.b_simple_interval(est.update_state(est.init_state(1.0), a, b))
+        below += truth < e.low
+        above += truth > e.high
+    assert below / reps <= 0.070, below / reps  # 0.076 uncorrected, 0.063 corrected
+    assert above / reps <= 0.025, above / reps  # 0.005 either way
+
+
 def test_ratio_of_averages_not_average_of_ratios():
     rng = np.random.default_rng(5)
     per, big = draw_norms(rng, 2000, 4)
@@ -164,16 +221,12 @@ def test_b_simple_invariant_to_loss_scale(scale, norms):
         assert not b.available
 
 
-@pytest.mark.parametrize("dof", [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 7.0, 30.0, 200.0])
-@pytest.mark.parametrize("confidence", [0.8, 0.95])
+@pytest.mark.parametrize("dof", [1.0, 1.5, 2.0, 2.5, 2.9, 3.0, 3.5, 4.0, 7.0, 30.0, 200.0])
+@pytest.mark.parametrize("confidence", [0.8, 0.95, 0.99, 0.999])
 def test_t_quantile_against_scipy(dof, confidence):
+    """Exact at every level and dof (a hunt, 2026-12-06: the series it replaced was 12% narrow
+    at 3 dof and 99.9% — 11.41 for 12.92, a miss rate of 0.00145 for 0.001)."""
     from scipy.stats import t
 
     exact = t.ppf(0.5 + confidence / 2, dof)
-    got = est._t_quantile(confidence, dof)
-    if dof in (1.0, 2.0):
-        assert got == pytest.approx(exact, rel=1e-9)
-    elif dof >= 4:
-        assert got == pytest.approx(exact, rel=3e-3)
-    else:  # interpolated between exact points: never narrower than exact, within 20%
-        assert exact * (1 - 1e-2) <= got <= exact * 1.2
+    assert est._t_quantile(confidence, dof) == pytest.approx(exact, rel=1e-9)

@@ -730,8 +730,8 @@ class BNoiseTracker:
                 f"beta={self.beta}; construct it with beta={saved_beta} to resume (the EMAs "
                 "cannot change their decay midway)"
             )
-        self._hessian = est.NoiseScaleState(**state["hessian"])
-        self._simple = est.NoiseScaleState(**state["simple"])
+        self._hessian = est.load_state(state["hessian"])
+        self._simple = est.load_state(state["simple"])
         self.calls = int(state["calls"])
         self.seconds = float(state["seconds"])
         self.history = [dict(r) for r in state.get("history", [])]

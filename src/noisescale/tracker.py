@@ -1615,9 +1615,10 @@ class GradientNoiseTracker:
         under :data:`FEW_NOISE_STEPS` and under :data:`FEW_NOISE_SHARE` of the steps' own
         effective count. That is a noise carried by a few examples (heavy tails, late in
         training), and the interval, which takes the average as near-normal, then covers less
-        than it says, on the side that reads B_simple too low: 81% for a nominal 95% with
-        ≈ 4 steps' worth (0.5% of the examples carrying 91% of tr Σ, 50 steps of 16; a
-        helper's measurement, 2026-12-05), 91% with ≈ 11. A run that has not yet met one of
+        than it says, on the side that reads B_simple too low: 72% for a nominal 95% with
+        ≈ 4 steps' worth (0.5% of the examples carrying 91% of tr Σ, 50 steps of 16; 200 runs,
+        re-measured 2026-12-06 with the skewness-corrected interval; 81% in a helper's
+        measurement of 2026-12-05), 91% with ≈ 11. A run that has not yet met one of
         those examples cannot be told from one without them: nothing warns there."""
         if record.get("preconditioned") and self._state.preconditioned_from == p.step:
             self._tails = (0.0, 0.0, 0.0, 0.0)  # the averages restarted
@@ -1639,7 +1640,7 @@ class GradientNoiseTracker:
                 f"step {p.step}: the averaged tr Σ rests on about {n_eff:.1f} steps' worth of "
                 f"noise out of {steps:.0f} (a few examples carry most of it: heavy tails, as "
                 "late in training); B_simple's interval takes the average for near-normal and "
-                "then covers less than it says, reading B_simple too low (81% for a nominal 95% "
+                "then covers less than it says, reading B_simple too low (72% for a nominal 95% "
                 "at about 4 steps' worth in a test): let the run go on before deciding on this "
                 "interval — it recovers as more of those examples are seen",
             )
@@ -2379,9 +2380,9 @@ class GradientNoiseTracker:
             for k, v in state["combiner"].items()
         }
         self._state = state_mod.TrackerState(
-            est.NoiseScaleState(**state["state"]),
+            est.load_state(state["state"]),
             combiner,
-            {n: est.NoiseScaleState(**v) for n, v in saved_groups.items()},
+            {n: est.load_state(v) for n, v in saved_groups.items()},
             int(state.get("folded_steps", state["steps"])),
             int(state["skipped_steps"]),
             int(state["examples"]),
