@@ -436,6 +436,64 @@ def test_batch_sampler_schedule_keeps_every_measured_step():
     assert tracker.estimate().steps == steps
 
 
+def _ddp_sampler_worker(rank: int, port: int, out: str) -> None:
+    """One of 2 gloo processes: DDP with a ResizableBatchSampler over a DistributedSampler."""
+    from datetime import timedelta
+    from pathlib import Path
+
+    from torch.utils.data.distributed import DistributedSampler
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+        timeout=timedelta(seconds=60),
+    )  # fmt: skip
+    x, y = _problem()
+    ds = torch.utils.data.TensorDataset(x, y)
+    sampler = ResizableBatchSampler(DistributedSampler(ds, num_replicas=2, rank=rank, seed=0), 4)
+    torch.manual_seed(0)
+    ddp = nn.parallel.DistributedDataParallel(_model())
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    tracker = GradientNoiseTracker(ddp, sync_every=1)
+    c = AdaptiveBatchSize(micro_batch_size=4 * 2, max_batch_size=64, factor=1.0, interval=5,
+                          max_relative_width=math.inf, batch_sampler=sampler)  # fmt: skip
+    rows, it = [], iter(torch.utils.data.DataLoader(ds, batch_sampler=sampler))
+    for _ in range(30):
+        xb, yb = next(it)
+        before = tracker.examples
+        F.cross_entropy(ddp(xb), yb).backward()
+        tracker.step()
+        opt.step()
+        opt.zero_grad()
+        rows.append((c.batch_size, len(xb), tracker.examples - before))
+        c.step(tracker)
+    done = {"rows": rows, "examples": c.state.examples, "tracked": tracker.examples}
+    try:  # a global micro-batch that 2 processes cannot share equally
+        AdaptiveBatchSize(micro_batch_size=3, max_batch_size=6, factor=1.0, batch_sampler=sampler)
+    except NoiseScaleInputError as exc:
+        done["refused"] = str(exc)
+    Path(out, f"{rank}.json").write_text(json.dumps(done))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_batch_sampler_takes_each_process_share_of_the_global_batch(tmp_path):
+    """2 gloo processes: the schedule's batch counts global examples, so each process's batch
+    sampler is set to its half. Every rank's sampler was set to the whole global batch, so each
+    step trained twice the schedule's batch (8 → 16, 16 → 32) and the schedule's example count
+    was half the tracker's (a hunt)."""
+    from test_distributed import _spawn, free_port
+
+    assert _spawn(_ddp_sampler_worker, (free_port(), str(tmp_path)), timeout_s=120) == [0, 0]
+    for rank in range(2):
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert {b for b, _, _ in got["rows"]} > {8}  # the batch changed
+        for batch, local, tracked in got["rows"]:
+            assert 2 * local == batch == tracked  # the global batch is the schedule's
+        assert got["examples"] == got["tracked"] == sum(t for _, _, t in got["rows"])
+        assert "micro_batch_size=3 is not divisible by the 2 processes" in got["refused"]
+
+
 # -- fixed ramps ---------------------------------------------------------------------------------
 
 

@@ -664,7 +664,26 @@ class _Realisation:
         if self.optimizer is not None and new_factor != old_factor:
             scale_lr(self.optimizer, new_factor / old_factor, self.lr_schedulers)
         if self.batch_sampler is not None:
-            self.batch_sampler.batch_size = batch_size
+            self.batch_sampler.batch_size = self._sampler_batch(batch_size)
+
+    def _sampler_batch(self, batch_size: int) -> int:
+        """The batch sampler's share of ``batch_size``: this process's, under data parallelism.
+
+        The schedule counts global examples (every process's, as the tracker does); each
+        process's sampler was set to the whole global batch until a hunt found every step
+        training world × the schedule's batch.
+        """
+        dist = torch.distributed
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if self.micro_batch_size % world:
+            raise NoiseScaleInputError(
+                f"micro_batch_size={self.micro_batch_size} is not divisible by the {world} "
+                "processes: under data parallelism a schedule counts global examples, so its "
+                "micro-batch is the per-process micro-batch × the number of processes, and each "
+                "process's batch sampler takes an equal share of every batch; build the schedule "
+                f"with micro_batch_size = per-process micro-batch × {world}"
+            )
+        return batch_size // world
 
     def _record(self, entry: dict[str, Any]) -> None:
         self.history.append(entry)
@@ -727,7 +746,7 @@ class _Realisation:
             for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
                 group["lr"] = float(lr)
         if self.batch_sampler is not None:
-            self.batch_sampler.batch_size = self.batch_size
+            self.batch_sampler.batch_size = self._sampler_batch(self.batch_size)
 
 
 class AdaptiveBatchSize(_Realisation):
@@ -780,7 +799,8 @@ class AdaptiveBatchSize(_Realisation):
             :func:`scale_lr` supports; others are refused here unless ``lr_rule="none"``).
         batch_sampler: A :class:`ResizableBatchSampler` to resize with the batch (for loaders
             that yield whole steps rather than micro-batches: one backward per step, so the
-            tracker is not told of a change of accumulation).
+            tracker is not told of a change of accumulation). Under ``torch.distributed`` it is
+            set to this process's share of the global batch, ``batch_size / world_size``.
     """
 
     def __init__(
