@@ -508,6 +508,28 @@ def test_lightning_callback_refuses_a_schedule_with_an_optimizer():
         LightningCallback(schedule)
 
 
+def test_callbacks_refuse_a_schedule_with_a_batch_sampler():
+    """The callbacks realise the batch through accumulation: a schedule that also resizes a
+    ResizableBatchSampler made every step k × its batch (Lightning: 24 → 72 examples, a hunt)."""
+    from noisescale.schedule import ResizableBatchSampler
+
+    sampler = ResizableBatchSampler(100, 8)
+    schedule = AdaptiveBatchSize(micro_batch_size=8, max_batch_size=64, factor=1.0,
+                                 batch_sampler=sampler)  # fmt: skip
+    ramp = BatchSizeRamp.stepwise([(0, 8)], micro_batch_size=8, batch_sampler=sampler)
+    pytest.importorskip("transformers")
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    callbacks = [(NoiseScaleCallback, "TrainingArguments.gradient_accumulation_steps")]
+    if pl is not None:
+        callbacks.append((LightningCallback, "Trainer.accumulate_grad_batches"))
+    for callback, setting in callbacks:
+        for s in (schedule, ramp):
+            with pytest.raises(NoiseScaleInputError, match="no batch_sampler") as got:
+                callback(s)
+            assert setting in str(got.value) and "without batch_sampler=" in str(got.value)
+
+
 def _ramp() -> BatchSizeRamp:
     return BatchSizeRamp.stepwise(
         [(0, 8), (24, 16)], micro_batch_size=MICRO, lr_rule="linear", base_batch_size=8

@@ -65,7 +65,7 @@ import torch
 from torch import Tensor, nn
 
 from noisescale.errors import GradientsChangedError, NoiseScaleInputError
-from noisescale.integrations import estimate_metrics, stepped_optimizer
+from noisescale.integrations import estimate_metrics, refuse_batch_sampler, stepped_optimizer
 from noisescale.module_hooks import Hook
 from noisescale.preconditioning import learning_rate, unwrap_optimizer
 from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, check_lr_schedulers, scale_lr
@@ -117,6 +117,7 @@ class NoiseScaleCallback(pl.Callback):
                 "give the schedule no optimizer: the callback writes the learning rate itself, "
                 "when the trainer can take the new batch size"
             )
+        refuse_batch_sampler(schedule, "Trainer.accumulate_grad_batches")
         if log_every < 0:
             raise NoiseScaleInputError(f"log_every must be at least 0, got {log_every}")
         if "scaler" in tracker_kwargs:
