@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -187,6 +188,34 @@ def test_factor_target_and_linear_lr_written_to_the_optimizer():
     _controller(optimizer=opt2, lr_rule="sqrt", base_batch_size=64)
     assert opt2.param_groups[0]["lr"] == pytest.approx(0.05)
 
+
+def test_a_group_added_later_takes_the_factor_from_its_own_rate():
+    """Progressive unfreezing: a group added after a change (at its rate tuned at B₀) takes
+    the factor in effect at the next decision, and every group ends at its base × the rule's
+    factor; a checkpoint taken before that decision resumes it. Scaling every group by the
+    ratio new/old left the added one at 0.4 where the rule puts 1.6 (a hunt)."""
+
+    def run(resume_after_add: bool) -> list[float]:
+        p, q = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=0.1)
+        kw = dict(micro_batch_size=4, exchange_rate=None, factor=1.0, interval=1,
+                  lr_rule="linear", optimizer=opt)  # fmt: skip
+        c = _controller(**kw)
+        c.step(_estimate(16.0))  # 4 → 16: factor 4
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.4])
+        opt.add_param_group({"params": [q], "lr": 0.2})  # tuned at B₀ = 4
+        if resume_after_add:
+            saved = json.loads(json.dumps(c.state_dict()))
+            opt = torch.optim.SGD([{"params": [p], "lr": 0.1}, {"params": [q], "lr": 0.2}])
+            opt.load_state_dict(copy.deepcopy(kw["optimizer"].state_dict()))
+            c = _controller(**{**kw, "optimizer": opt})
+            c.load_state_dict(saved)
+        c.step(_estimate(64.0))  # 16 → 64: factor 16
+        assert c.lr_factor == 16.0
+        return [g["lr"] for g in opt.param_groups]
+
+    assert run(False) == pytest.approx([1.6, 3.2])
+    assert run(True) == pytest.approx([1.6, 3.2])
 
 def test_measured_rules_follow_the_estimate():
     p = nn.Parameter(torch.zeros(1))

@@ -597,6 +597,9 @@ class _Realisation:
             check_lr_schedulers(self.lr_schedulers)
         self.batch_sampler = batch_sampler
         self.history = []
+        # the optimizer's first groups that carry lr_factor; a group added later (progressive
+        # unfreezing) comes at its own tuned rate and takes the factor at the next _apply
+        self._scaled_groups = 0
 
     def _check_multiple(self, name: str, value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -661,8 +664,16 @@ class _Realisation:
         )
 
     def _apply(self, batch_size: int, old_factor: float, new_factor: float) -> None:
-        if self.optimizer is not None and new_factor != old_factor:
-            scale_lr(self.optimizer, new_factor / old_factor, self.lr_schedulers)
+        if self.optimizer is not None:
+            groups = self.optimizer.param_groups
+            for group in groups[self._scaled_groups :]:
+                # added since (add_param_group) at the rate tuned at base_batch_size: it takes
+                # the factor in effect from its own rate (scaling every group by new/old left
+                # it at new/old of the factor, 0.4 where the rule put 1.6, a hunt found)
+                group["lr"] = group["lr"] * old_factor
+            self._scaled_groups = len(groups)
+            if new_factor != old_factor:
+                scale_lr(self.optimizer, new_factor / old_factor, self.lr_schedulers)
         if self.batch_sampler is not None:
             self.batch_sampler.batch_size = self._sampler_batch(batch_size)
 
@@ -745,6 +756,7 @@ class _Realisation:
             # resume that restores only the schedule continue at the same learning rate too.
             for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
                 group["lr"] = float(lr)
+            self._scaled_groups = int(state.get("scaled_groups", len(lrs)))
         if self.batch_sampler is not None:
             self.batch_sampler.batch_size = self._sampler_batch(self.batch_size)
 
@@ -992,6 +1004,7 @@ class AdaptiveBatchSize(_Realisation):
             "config": self._config(),
             "state": self._state._asdict(),
             "lrs": self._lrs(),
+            "scaled_groups": self._scaled_groups,
             "history": [dict(h) for h in self.history],
         }
 
@@ -1154,6 +1167,7 @@ class BatchSizeRamp(_Realisation):
             "config": self._config(),
             "state": self._state._asdict(),
             "lrs": self._lrs(),
+            "scaled_groups": self._scaled_groups,
             "history": [dict(h) for h in self.history],
         }
 
