@@ -600,6 +600,7 @@ class _Realisation:
         # the optimizer's first groups that carry lr_factor; a group added later (progressive
         # unfreezing) comes at its own tuned rate and takes the factor at the next _apply
         self._scaled_groups = 0
+        self._warned_scheduler = False
 
     def _check_multiple(self, name: str, value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -673,9 +674,29 @@ class _Realisation:
                 group["lr"] = group["lr"] * old_factor
             self._scaled_groups = len(groups)
             if new_factor != old_factor:
+                self._warn_unscaled_scheduler()
                 scale_lr(self.optimizer, new_factor / old_factor, self.lr_schedulers)
         if self.batch_sampler is not None:
             self.batch_sampler.batch_size = self._sampler_batch(batch_size)
+
+    def _warn_unscaled_scheduler(self) -> None:
+        """Warn (once) where a scheduler is attached to the optimizer but not given: torch's
+        schedulers mark the groups with ``initial_lr``, and the scheduler's next ``step()``
+        writes its own rate over the factor (a hunt saw lr_factor 4 in effect as 1)."""
+        assert self.optimizer is not None
+        if self.lr_schedulers or self._warned_scheduler:
+            return
+        if any("initial_lr" in g for g in self.optimizer.param_groups):
+            self._warned_scheduler = True
+            warnings.warn(
+                "noisescale: the optimizer's parameter groups carry 'initial_lr', so a "
+                "learning-rate scheduler is attached to it, but the schedule was given none "
+                "(lr_schedulers=): the scheduler's next step() writes its own rate over the "
+                "schedule's learning-rate factor, and the run trains at another rate than "
+                "lr_factor reports; pass it as lr_schedulers=[scheduler] to scale it along",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _sampler_batch(self, batch_size: int) -> int:
         """The batch sampler's share of ``batch_size``: this process's, under data parallelism.
