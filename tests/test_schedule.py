@@ -805,6 +805,32 @@ class _OwnScheduler(torch.optim.lr_scheduler.LRScheduler):
         return [self.peak / (1 + self.last_epoch) for _ in self.optimizer.param_groups]
 
 
+def test_a_ramp_in_tokens_sets_the_sampler_in_sequences():
+    """The docs' GPT-3 ramp in tokens (micro-batch 8 sequences × 2048 = 16,384 tokens) given a
+    batch sampler, which counts sequences: set to 32,768 at the start, 2048× the 16 sequences
+    (a hunt). With tokens_per_example the sampler takes tokens / 2048 sequences along the
+    ramp; without it, a sampler built for 16 sequences set to 32,768 is warned about."""
+    import warnings
+
+    sampler = ResizableBatchSampler(10**7, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # built for the start's 16 sequences: no warning
+        ramp = BatchSizeRamp.linear(32_768, 3_145_728, 12e9, micro_batch_size=16_384,
+                                    batch_sampler=sampler, tokens_per_example=2048)  # fmt: skip
+    assert sampler.batch_size == 16
+    for _ in range(3):
+        ramp.step(examples=6e9)  # half-way, then past the end
+        assert sampler.batch_size * 2048 == ramp.batch_size
+    assert sampler.batch_size == 3_145_728 // 2048 == 1536
+    with pytest.raises(NoiseScaleInputError, match="not a whole number of sequences"):
+        BatchSizeRamp.linear(32_768, 3_145_728, 12e9, micro_batch_size=16_384,
+                             batch_sampler=sampler, tokens_per_example=3000)  # fmt: skip
+    sampler = ResizableBatchSampler(10**7, 16)
+    with pytest.warns(RuntimeWarning, match="built with batch_size=16 but the ramp") as got:
+        BatchSizeRamp.linear(32_768, 3_145_728, 12e9, micro_batch_size=16_384,
+                             batch_sampler=sampler)  # fmt: skip
+    assert "tokens_per_example=" in str(got[0].message)
+
 def test_a_scheduler_attached_but_not_given_is_warned_about():
     """A LambdaLR on the optimizer but not in lr_schedulers=: its next step() wrote 0.1 over
     the factor's 0.4, the schedule reporting lr_factor 4 with no word (a hunt). Its groups'

@@ -557,6 +557,7 @@ class _Realisation:
     optimizer: torch.optim.Optimizer | None
     lr_schedulers: list[Any]
     batch_sampler: ResizableBatchSampler | None
+    tokens_per_example: int | None = None  # a ramp in tokens: the sampler counts sequences
     history: list[dict[str, Any]]
     _state: AdaptiveBatchSizeState | BatchSizeRampState
 
@@ -665,6 +666,7 @@ class _Realisation:
         )
 
     def _apply(self, batch_size: int, old_factor: float, new_factor: float) -> None:
+        share = None if self.batch_sampler is None else self._sampler_batch(batch_size)
         if self.optimizer is not None:
             groups = self.optimizer.param_groups
             for group in groups[self._scaled_groups :]:
@@ -676,8 +678,8 @@ class _Realisation:
             if new_factor != old_factor:
                 self._warn_unscaled_scheduler()
                 scale_lr(self.optimizer, new_factor / old_factor, self.lr_schedulers)
-        if self.batch_sampler is not None:
-            self.batch_sampler.batch_size = self._sampler_batch(batch_size)
+        if self.batch_sampler is not None and share is not None:
+            self.batch_sampler.batch_size = share
 
     def _warn_unscaled_scheduler(self) -> None:
         """Warn (once) where a scheduler is attached to the optimizer but not given: torch's
@@ -707,15 +709,22 @@ class _Realisation:
         """
         dist = torch.distributed
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if self.micro_batch_size % world:
+        tokens = self.tokens_per_example or 1
+        if self.micro_batch_size % tokens:
             raise NoiseScaleInputError(
-                f"micro_batch_size={self.micro_batch_size} is not divisible by the {world} "
-                "processes: under data parallelism a schedule counts global examples, so its "
+                f"micro_batch_size={self.micro_batch_size} tokens is not a whole number of "
+                f"sequences of tokens_per_example={tokens}: the batch sampler counts sequences"
+            )
+        if self.micro_batch_size // tokens % world:
+            sequences = "" if tokens == 1 else f" ({self.micro_batch_size // tokens} sequences)"
+            raise NoiseScaleInputError(
+                f"micro_batch_size={self.micro_batch_size}{sequences} is not divisible by the "
+                f"{world} processes: under data parallelism a schedule counts global examples, so its "
                 "micro-batch is the per-process micro-batch × the number of processes, and each "
                 "process's batch sampler takes an equal share of every batch; build the schedule "
                 f"with micro_batch_size = per-process micro-batch × {world}"
             )
-        return batch_size // world
+        return batch_size // tokens // world
 
     def _record(self, entry: dict[str, Any]) -> None:
         self.history.append(entry)
@@ -1078,6 +1087,10 @@ class BatchSizeRamp(_Realisation):
             batch, so the rate is scaled down during the ramp under ``"linear"``/``"sqrt"``).
         alpha, b_star: Of eq. A.3, for ``lr_rule="paper"``.
         optimizer, lr_schedulers, batch_sampler: As for :class:`AdaptiveBatchSize`.
+        tokens_per_example: For a ramp in tokens given a ``batch_sampler`` (which counts
+            sequences): the tokens per sequence, so that the sampler takes
+            ``batch_size / tokens_per_example`` sequences; ``micro_batch_size`` must be a
+            multiple of it. ``None``: the ramp counts examples.
     """
 
     def __init__(
@@ -1093,10 +1106,20 @@ class BatchSizeRamp(_Realisation):
         optimizer: torch.optim.Optimizer | None = None,
         lr_schedulers: Iterable[Any] = (),
         batch_sampler: ResizableBatchSampler | None = None,
+        tokens_per_example: int | None = None,
     ) -> None:
         self._init_realisation(
             micro_batch_size, optimizer, lr_schedulers, batch_sampler, lr_rule, alpha, b_star
         )
+        if tokens_per_example is not None and (
+            isinstance(tokens_per_example, bool)
+            or not isinstance(tokens_per_example, int)
+            or tokens_per_example < 1
+        ):
+            raise NoiseScaleInputError(
+                f"tokens_per_example must be a positive integer, got {tokens_per_example!r}"
+            )
+        self.tokens_per_example = tokens_per_example
         if lr_rule == "adascale" or (lr_rule == "paper" and b_star is None):
             raise NoiseScaleInputError(
                 f"lr_rule={lr_rule!r} needs a measured noise scale; a fixed ramp takes 'none', "
@@ -1119,7 +1142,19 @@ class BatchSizeRamp(_Realisation):
         factor0 = self._factor(start, None)
         assert factor0 is not None
         self._state = BatchSizeRampState(0, 0, start, factor0)
+        built = None if batch_sampler is None else batch_sampler.batch_size
         self._apply(start, 1.0, factor0)
+        if built is not None and tokens_per_example is None and built != self._sampler_batch(start):
+            # a ramp in tokens set a sampler of sequences to its token count, 2048× (a hunt)
+            warnings.warn(
+                f"noisescale: the batch sampler was built with batch_size={built} but the ramp "
+                f"sets it to {self._sampler_batch(start)} (its starting batch of {start}); if the "
+                "ramp counts tokens, give tokens_per_example= (the sampler counts sequences); if "
+                "it counts examples, build the sampler with the ramp's starting batch (this "
+                "process's share under data parallelism)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     @classmethod
     def linear(
