@@ -217,6 +217,7 @@ def test_a_group_added_later_takes_the_factor_from_its_own_rate():
     assert run(False) == pytest.approx([1.6, 3.2])
     assert run(True) == pytest.approx([1.6, 3.2])
 
+
 def test_measured_rules_follow_the_estimate():
     p = nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
@@ -831,19 +832,20 @@ def test_a_ramp_in_tokens_sets_the_sampler_in_sequences():
                              batch_sampler=sampler)  # fmt: skip
     assert "tokens_per_example=" in str(got[0].message)
 
+
 def test_a_scheduler_attached_but_not_given_is_warned_about():
     """A LambdaLR on the optimizer but not in lr_schedulers=: its next step() wrote 0.1 over
     the factor's 0.4, the schedule reporting lr_factor 4 with no word (a hunt). Its groups'
     'initial_lr' shows it: warned, naming the fix; given, it keeps the factor."""
     import warnings
 
-    for given in (False, True):
+    for passed in (False, True):
         p = nn.Parameter(torch.zeros(1))
         opt = torch.optim.SGD([p], lr=0.1)
         sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
         c = _controller(micro_batch_size=4, exchange_rate=None, factor=1.0, interval=1,
                         lr_rule="linear", optimizer=opt,
-                        lr_schedulers=[sch] if given else ())  # fmt: skip
+                        lr_schedulers=[sch] if passed else ())  # fmt: skip
         with warnings.catch_warnings(record=True) as got:
             warnings.simplefilter("always")
             c.step(_estimate(16.0))  # 4 → 16: factor 4
@@ -851,11 +853,12 @@ def test_a_scheduler_attached_but_not_given_is_warned_about():
         opt.step()
         sch.step()
         words = [str(w.message) for w in got if "initial_lr" in str(w.message)]
-        if given:
+        if passed:
             assert not words and opt.param_groups[0]["lr"] == pytest.approx(1.6)
         else:
             assert len(words) == 1 and "lr_schedulers=[scheduler]" in words[0]
             assert opt.param_groups[0]["lr"] == pytest.approx(0.1)  # what it warned of
+
 
 def test_an_unsupported_scheduler_is_refused_before_anything_is_written():
     p = nn.Parameter(torch.zeros(1))

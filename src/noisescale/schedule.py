@@ -719,10 +719,10 @@ class _Realisation:
             sequences = "" if tokens == 1 else f" ({self.micro_batch_size // tokens} sequences)"
             raise NoiseScaleInputError(
                 f"micro_batch_size={self.micro_batch_size}{sequences} is not divisible by the "
-                f"{world} processes: under data parallelism a schedule counts global examples, so its "
-                "micro-batch is the per-process micro-batch × the number of processes, and each "
-                "process's batch sampler takes an equal share of every batch; build the schedule "
-                f"with micro_batch_size = per-process micro-batch × {world}"
+                f"{world} processes: under data parallelism a schedule counts global examples, "
+                "so its micro-batch is the per-process micro-batch × the number of processes, and "
+                "each process's batch sampler takes an equal share of every batch; build the "
+                f"schedule with micro_batch_size = per-process micro-batch × {world}"
             )
         return batch_size // tokens // world
 
