@@ -508,10 +508,62 @@ def test_lightning_callback_refuses_a_schedule_with_an_optimizer():
         LightningCallback(schedule)
 
 
+def test_callbacks_refuse_a_schedule_with_a_batch_sampler():
+    """The callbacks realise the batch through accumulation: a schedule that also resizes a
+    ResizableBatchSampler made every step k × its batch (Lightning: 24 → 72 examples, a hunt)."""
+    from noisescale.schedule import ResizableBatchSampler
+
+    sampler = ResizableBatchSampler(100, 8)
+    schedule = AdaptiveBatchSize(micro_batch_size=8, max_batch_size=64, factor=1.0,
+                                 batch_sampler=sampler)  # fmt: skip
+    ramp = BatchSizeRamp.stepwise([(0, 8)], micro_batch_size=8, batch_sampler=sampler)
+    pytest.importorskip("transformers")
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    callbacks = [(NoiseScaleCallback, "TrainingArguments.gradient_accumulation_steps")]
+    if pl is not None:
+        callbacks.append((LightningCallback, "Trainer.accumulate_grad_batches"))
+    for callback, setting in callbacks:
+        for s in (schedule, ramp):
+            with pytest.raises(NoiseScaleInputError, match="no batch_sampler") as got:
+                callback(s)
+            assert setting in str(got.value) and "without batch_sampler=" in str(got.value)
+
+
 def _ramp() -> BatchSizeRamp:
     return BatchSizeRamp.stepwise(
         [(0, 8), (24, 16)], micro_batch_size=MICRO, lr_rule="linear", base_batch_size=8
     )
+
+
+@needs_lightning
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_group_added_later_takes_the_schedule_s_factor():
+    """Progressive unfreezing under the callback: a group added after the ramp's change (its
+    rate 0.3, tuned at B₀ = 8) takes the factor 2 at the next step boundary, as the first
+    group did; scaling by the ratio new/old alone left it at 0.3 (a hunt's finding in the
+    schedule, the same code here)."""
+
+    class Unfreezing(type(_lit_model())):
+        def __init__(self) -> None:
+            super().__init__()
+            self.extra = nn.Parameter(torch.zeros(1), requires_grad=False)  # (its rate only)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.net.parameters(), lr=0.1)
+
+    class Unfreeze(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            opt = trainer.optimizers[0]
+            if trainer.global_step == 6 and len(opt.param_groups) == 1:
+                opt.add_param_group({"params": [module.extra], "lr": 0.3})
+
+    ramp = _ramp()
+    callback = LightningCallback(ramp, sync_every=1, log_every=0)
+    trainer = _lit_trainer(callback, Unfreeze(), max_steps=10)
+    trainer.fit(Unfreezing(), _loader())
+    assert ramp.lr_factor == 2.0
+    assert [g["lr"] for g in trainer.optimizers[0].param_groups] == pytest.approx([0.2, 0.6])
 
 
 @needs_lightning

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -186,6 +187,35 @@ def test_factor_target_and_linear_lr_written_to_the_optimizer():
     opt2 = torch.optim.SGD([p], lr=0.1)
     _controller(optimizer=opt2, lr_rule="sqrt", base_batch_size=64)
     assert opt2.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_a_group_added_later_takes_the_factor_from_its_own_rate():
+    """Progressive unfreezing: a group added after a change (at its rate tuned at B₀) takes
+    the factor in effect at the next decision, and every group ends at its base × the rule's
+    factor; a checkpoint taken before that decision resumes it. Scaling every group by the
+    ratio new/old left the added one at 0.4 where the rule puts 1.6 (a hunt)."""
+
+    def run(resume_after_add: bool) -> list[float]:
+        p, q = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=0.1)
+        kw = dict(micro_batch_size=4, exchange_rate=None, factor=1.0, interval=1,
+                  lr_rule="linear", optimizer=opt)  # fmt: skip
+        c = _controller(**kw)
+        c.step(_estimate(16.0))  # 4 → 16: factor 4
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.4])
+        opt.add_param_group({"params": [q], "lr": 0.2})  # tuned at B₀ = 4
+        if resume_after_add:
+            saved = json.loads(json.dumps(c.state_dict()))
+            opt = torch.optim.SGD([{"params": [p], "lr": 0.1}, {"params": [q], "lr": 0.2}])
+            opt.load_state_dict(copy.deepcopy(kw["optimizer"].state_dict()))
+            c = _controller(**{**kw, "optimizer": opt})
+            c.load_state_dict(saved)
+        c.step(_estimate(64.0))  # 16 → 64: factor 16
+        assert c.lr_factor == 16.0
+        return [g["lr"] for g in opt.param_groups]
+
+    assert run(False) == pytest.approx([1.6, 3.2])
+    assert run(True) == pytest.approx([1.6, 3.2])
 
 
 def test_measured_rules_follow_the_estimate():
@@ -434,6 +464,64 @@ def test_batch_sampler_schedule_keeps_every_measured_step():
                     break
     assert changes >= 1 and c.batch_size == 16  # B_simple ≈ 15
     assert tracker.estimate().steps == steps
+
+
+def _ddp_sampler_worker(rank: int, port: int, out: str) -> None:
+    """One of 2 gloo processes: DDP with a ResizableBatchSampler over a DistributedSampler."""
+    from datetime import timedelta
+    from pathlib import Path
+
+    from torch.utils.data.distributed import DistributedSampler
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+        timeout=timedelta(seconds=60),
+    )  # fmt: skip
+    x, y = _problem()
+    ds = torch.utils.data.TensorDataset(x, y)
+    sampler = ResizableBatchSampler(DistributedSampler(ds, num_replicas=2, rank=rank, seed=0), 4)
+    torch.manual_seed(0)
+    ddp = nn.parallel.DistributedDataParallel(_model())
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    tracker = GradientNoiseTracker(ddp, sync_every=1)
+    c = AdaptiveBatchSize(micro_batch_size=4 * 2, max_batch_size=64, factor=1.0, interval=5,
+                          max_relative_width=math.inf, batch_sampler=sampler)  # fmt: skip
+    rows, it = [], iter(torch.utils.data.DataLoader(ds, batch_sampler=sampler))
+    for _ in range(30):
+        xb, yb = next(it)
+        before = tracker.examples
+        F.cross_entropy(ddp(xb), yb).backward()
+        tracker.step()
+        opt.step()
+        opt.zero_grad()
+        rows.append((c.batch_size, len(xb), tracker.examples - before))
+        c.step(tracker)
+    done = {"rows": rows, "examples": c.state.examples, "tracked": tracker.examples}
+    try:  # a global micro-batch that 2 processes cannot share equally
+        AdaptiveBatchSize(micro_batch_size=3, max_batch_size=6, factor=1.0, batch_sampler=sampler)
+    except NoiseScaleInputError as exc:
+        done["refused"] = str(exc)
+    Path(out, f"{rank}.json").write_text(json.dumps(done))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_batch_sampler_takes_each_process_share_of_the_global_batch(tmp_path):
+    """2 gloo processes: the schedule's batch counts global examples, so each process's batch
+    sampler is set to its half. Every rank's sampler was set to the whole global batch, so each
+    step trained twice the schedule's batch (8 → 16, 16 → 32) and the schedule's example count
+    was half the tracker's (a hunt)."""
+    from test_distributed import _spawn, free_port
+
+    assert _spawn(_ddp_sampler_worker, (free_port(), str(tmp_path)), timeout_s=120) == [0, 0]
+    for rank in range(2):
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert {b for b, _, _ in got["rows"]} > {8}  # the batch changed
+        for batch, local, tracked in got["rows"]:
+            assert 2 * local == batch == tracked  # the global batch is the schedule's
+        assert got["examples"] == got["tracked"] == sum(t for _, _, t in got["rows"])
+        assert "micro_batch_size=3 is not divisible by the 2 processes" in got["refused"]
 
 
 # -- fixed ramps ---------------------------------------------------------------------------------
@@ -716,6 +804,60 @@ class _OwnScheduler(torch.optim.lr_scheduler.LRScheduler):
 
     def get_lr(self):
         return [self.peak / (1 + self.last_epoch) for _ in self.optimizer.param_groups]
+
+
+def test_a_ramp_in_tokens_sets_the_sampler_in_sequences():
+    """The docs' GPT-3 ramp in tokens (micro-batch 8 sequences × 2048 = 16,384 tokens) given a
+    batch sampler, which counts sequences: set to 32,768 at the start, 2048× the 16 sequences
+    (a hunt). With tokens_per_example the sampler takes tokens / 2048 sequences along the
+    ramp; without it, a sampler built for 16 sequences set to 32,768 is warned about."""
+    import warnings
+
+    sampler = ResizableBatchSampler(10**7, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # built for the start's 16 sequences: no warning
+        ramp = BatchSizeRamp.linear(32_768, 3_145_728, 12e9, micro_batch_size=16_384,
+                                    batch_sampler=sampler, tokens_per_example=2048)  # fmt: skip
+    assert sampler.batch_size == 16
+    for _ in range(3):
+        ramp.step(examples=6e9)  # half-way, then past the end
+        assert sampler.batch_size * 2048 == ramp.batch_size
+    assert sampler.batch_size == 3_145_728 // 2048 == 1536
+    with pytest.raises(NoiseScaleInputError, match="not a whole number of sequences"):
+        BatchSizeRamp.linear(32_768, 3_145_728, 12e9, micro_batch_size=16_384,
+                             batch_sampler=sampler, tokens_per_example=3000)  # fmt: skip
+    sampler = ResizableBatchSampler(10**7, 16)
+    with pytest.warns(RuntimeWarning, match="built with batch_size=16 but the ramp") as got:
+        BatchSizeRamp.linear(32_768, 3_145_728, 12e9, micro_batch_size=16_384,
+                             batch_sampler=sampler)  # fmt: skip
+    assert "tokens_per_example=" in str(got[0].message)
+
+
+def test_a_scheduler_attached_but_not_given_is_warned_about():
+    """A LambdaLR on the optimizer but not in lr_schedulers=: its next step() wrote 0.1 over
+    the factor's 0.4, the schedule reporting lr_factor 4 with no word (a hunt). Its groups'
+    'initial_lr' shows it: warned, naming the fix; given, it keeps the factor."""
+    import warnings
+
+    for passed in (False, True):
+        p = nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=0.1)
+        sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        c = _controller(micro_batch_size=4, exchange_rate=None, factor=1.0, interval=1,
+                        lr_rule="linear", optimizer=opt,
+                        lr_schedulers=[sch] if passed else ())  # fmt: skip
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            c.step(_estimate(16.0))  # 4 → 16: factor 4
+            c.step(_estimate(64.0))  # 16 → 64: factor 16 (warned once)
+        opt.step()
+        sch.step()
+        words = [str(w.message) for w in got if "initial_lr" in str(w.message)]
+        if passed:
+            assert not words and opt.param_groups[0]["lr"] == pytest.approx(1.6)
+        else:
+            assert len(words) == 1 and "lr_schedulers=[scheduler]" in words[0]
+            assert opt.param_groups[0]["lr"] == pytest.approx(0.1)  # what it warned of
 
 
 def test_an_unsupported_scheduler_is_refused_before_anything_is_written():

@@ -74,6 +74,7 @@ __all__ = [
     "BatchSizeRamp",
     "BatchSizeRampState",
     "ResizableBatchSampler",
+    "carry_lr_factor",
     "check_lr_schedulers",
     "lr_factor",
     "quantized_batch_size",
@@ -434,6 +435,34 @@ def scale_lr(
                 scheduler.default_min_lr = scheduler.default_min_lr * factor
 
 
+def carry_lr_factor(
+    optimizer: torch.optim.Optimizer,
+    old_factor: float,
+    new_factor: float,
+    lr_schedulers: Iterable[Any] = (),
+    *,
+    scaled_groups: int | None = None,
+) -> int:
+    """Move ``optimizer`` from the learning-rate factor ``old_factor`` to ``new_factor``.
+
+    Its first ``scaled_groups`` parameter groups (``None``: all) carry ``old_factor``; a group
+    after them was added since (``add_param_group``, progressive unfreezing) at its rate tuned at
+    the base batch, and takes ``old_factor`` first. Then every group and scheduler is scaled by
+    ``new_factor / old_factor`` (:func:`scale_lr`; not called where they are equal). Scaling
+    every group by the ratio alone left a group added at factor 4 at 0.4 where the rule put 1.6
+    (a hunt found).
+
+    Returns:
+        The number of groups now carrying ``new_factor``: pass it back as ``scaled_groups``.
+    """
+    groups = optimizer.param_groups
+    for group in groups[len(groups) if scaled_groups is None else scaled_groups :]:
+        group["lr"] = group["lr"] * old_factor
+    if new_factor != old_factor:
+        scale_lr(optimizer, new_factor / old_factor, lr_schedulers)
+    return len(groups)
+
+
 def _in_examples(estimate: NoiseEstimate) -> NoiseEstimate:
     """``estimate`` in examples, the unit of the schedules' batch sizes (refused if unknown)."""
     if estimate.unit == "examples":
@@ -557,6 +586,7 @@ class _Realisation:
     optimizer: torch.optim.Optimizer | None
     lr_schedulers: list[Any]
     batch_sampler: ResizableBatchSampler | None
+    tokens_per_example: int | None = None  # a ramp in tokens: the sampler counts sequences
     history: list[dict[str, Any]]
     _state: AdaptiveBatchSizeState | BatchSizeRampState
 
@@ -597,6 +627,10 @@ class _Realisation:
             check_lr_schedulers(self.lr_schedulers)
         self.batch_sampler = batch_sampler
         self.history = []
+        # the optimizer's first groups that carry lr_factor; a group added later (progressive
+        # unfreezing) comes at its own tuned rate and takes the factor at the next _apply
+        self._scaled_groups = 0
+        self._warned_scheduler = False
 
     def _check_multiple(self, name: str, value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -661,10 +695,64 @@ class _Realisation:
         )
 
     def _apply(self, batch_size: int, old_factor: float, new_factor: float) -> None:
-        if self.optimizer is not None and new_factor != old_factor:
-            scale_lr(self.optimizer, new_factor / old_factor, self.lr_schedulers)
-        if self.batch_sampler is not None:
-            self.batch_sampler.batch_size = batch_size
+        share = None if self.batch_sampler is None else self._sampler_batch(batch_size)
+        if self.optimizer is not None:
+            if new_factor != old_factor:
+                self._warn_unscaled_scheduler()
+            self._scaled_groups = carry_lr_factor(
+                self.optimizer,
+                old_factor,
+                new_factor,
+                self.lr_schedulers,
+                scaled_groups=self._scaled_groups,
+            )
+        if self.batch_sampler is not None and share is not None:
+            self.batch_sampler.batch_size = share
+
+    def _warn_unscaled_scheduler(self) -> None:
+        """Warn (once) where a scheduler is attached to the optimizer but not given: torch's
+        schedulers mark the groups with ``initial_lr``, and the scheduler's next ``step()``
+        writes its own rate over the factor (a hunt saw lr_factor 4 in effect as 1)."""
+        assert self.optimizer is not None
+        if self.lr_schedulers or self._warned_scheduler:
+            return
+        if any("initial_lr" in g for g in self.optimizer.param_groups):
+            self._warned_scheduler = True
+            warnings.warn(
+                "noisescale: the optimizer's parameter groups carry 'initial_lr', so a "
+                "learning-rate scheduler is attached to it, but the schedule was given none "
+                "(lr_schedulers=): the scheduler's next step() writes its own rate over the "
+                "schedule's learning-rate factor, and the run trains at another rate than "
+                "lr_factor reports; pass it as lr_schedulers=[scheduler] to scale it along",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _sampler_batch(self, batch_size: int) -> int:
+        """The batch sampler's share of ``batch_size``: this process's, under data parallelism.
+
+        The schedule counts global examples (every process's, as the tracker does); each
+        process's sampler was set to the whole global batch until a hunt found every step
+        training world × the schedule's batch.
+        """
+        dist = torch.distributed
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        tokens = self.tokens_per_example or 1
+        if self.micro_batch_size % tokens:
+            raise NoiseScaleInputError(
+                f"micro_batch_size={self.micro_batch_size} tokens is not a whole number of "
+                f"sequences of tokens_per_example={tokens}: the batch sampler counts sequences"
+            )
+        if self.micro_batch_size // tokens % world:
+            sequences = "" if tokens == 1 else f" ({self.micro_batch_size // tokens} sequences)"
+            raise NoiseScaleInputError(
+                f"micro_batch_size={self.micro_batch_size}{sequences} is not divisible by the "
+                f"{world} processes: under data parallelism a schedule counts global examples, "
+                "so its micro-batch is the per-process micro-batch × the number of processes, and "
+                "each process's batch sampler takes an equal share of every batch; build the "
+                f"schedule with micro_batch_size = per-process micro-batch × {world}"
+            )
+        return batch_size // tokens // world
 
     def _record(self, entry: dict[str, Any]) -> None:
         self.history.append(entry)
@@ -726,8 +814,9 @@ class _Realisation:
             # resume that restores only the schedule continue at the same learning rate too.
             for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
                 group["lr"] = float(lr)
+            self._scaled_groups = int(state.get("scaled_groups", len(lrs)))
         if self.batch_sampler is not None:
-            self.batch_sampler.batch_size = self.batch_size
+            self.batch_sampler.batch_size = self._sampler_batch(self.batch_size)
 
 
 class AdaptiveBatchSize(_Realisation):
@@ -780,7 +869,8 @@ class AdaptiveBatchSize(_Realisation):
             :func:`scale_lr` supports; others are refused here unless ``lr_rule="none"``).
         batch_sampler: A :class:`ResizableBatchSampler` to resize with the batch (for loaders
             that yield whole steps rather than micro-batches: one backward per step, so the
-            tracker is not told of a change of accumulation).
+            tracker is not told of a change of accumulation). Under ``torch.distributed`` it is
+            set to this process's share of the global batch, ``batch_size / world_size``.
     """
 
     def __init__(
@@ -972,6 +1062,7 @@ class AdaptiveBatchSize(_Realisation):
             "config": self._config(),
             "state": self._state._asdict(),
             "lrs": self._lrs(),
+            "scaled_groups": self._scaled_groups,
             "history": [dict(h) for h in self.history],
         }
 
@@ -1024,6 +1115,10 @@ class BatchSizeRamp(_Realisation):
             batch, so the rate is scaled down during the ramp under ``"linear"``/``"sqrt"``).
         alpha, b_star: Of eq. A.3, for ``lr_rule="paper"``.
         optimizer, lr_schedulers, batch_sampler: As for :class:`AdaptiveBatchSize`.
+        tokens_per_example: For a ramp in tokens given a ``batch_sampler`` (which counts
+            sequences): the tokens per sequence, so that the sampler takes
+            ``batch_size / tokens_per_example`` sequences; ``micro_batch_size`` must be a
+            multiple of it. ``None``: the ramp counts examples.
     """
 
     def __init__(
@@ -1039,10 +1134,20 @@ class BatchSizeRamp(_Realisation):
         optimizer: torch.optim.Optimizer | None = None,
         lr_schedulers: Iterable[Any] = (),
         batch_sampler: ResizableBatchSampler | None = None,
+        tokens_per_example: int | None = None,
     ) -> None:
         self._init_realisation(
             micro_batch_size, optimizer, lr_schedulers, batch_sampler, lr_rule, alpha, b_star
         )
+        if tokens_per_example is not None and (
+            isinstance(tokens_per_example, bool)
+            or not isinstance(tokens_per_example, int)
+            or tokens_per_example < 1
+        ):
+            raise NoiseScaleInputError(
+                f"tokens_per_example must be a positive integer, got {tokens_per_example!r}"
+            )
+        self.tokens_per_example = tokens_per_example
         if lr_rule == "adascale" or (lr_rule == "paper" and b_star is None):
             raise NoiseScaleInputError(
                 f"lr_rule={lr_rule!r} needs a measured noise scale; a fixed ramp takes 'none', "
@@ -1065,7 +1170,19 @@ class BatchSizeRamp(_Realisation):
         factor0 = self._factor(start, None)
         assert factor0 is not None
         self._state = BatchSizeRampState(0, 0, start, factor0)
+        built = None if batch_sampler is None else batch_sampler.batch_size
         self._apply(start, 1.0, factor0)
+        if built is not None and tokens_per_example is None and built != self._sampler_batch(start):
+            # a ramp in tokens set a sampler of sequences to its token count, 2048× (a hunt)
+            warnings.warn(
+                f"noisescale: the batch sampler was built with batch_size={built} but the ramp "
+                f"sets it to {self._sampler_batch(start)} (its starting batch of {start}); if the "
+                "ramp counts tokens, give tokens_per_example= (the sampler counts sequences); if "
+                "it counts examples, build the sampler with the ramp's starting batch (this "
+                "process's share under data parallelism)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     @classmethod
     def linear(
@@ -1134,6 +1251,7 @@ class BatchSizeRamp(_Realisation):
             "config": self._config(),
             "state": self._state._asdict(),
             "lrs": self._lrs(),
+            "scaled_groups": self._scaled_groups,
             "history": [dict(h) for h in self.history],
         }
 

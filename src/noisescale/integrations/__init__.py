@@ -41,6 +41,20 @@ def stepped_optimizer(given: Any, stepped: list[Any], which: str, listing: str, 
     )
 
 
+def refuse_batch_sampler(schedule: Any, setting: str) -> None:
+    """Refuse a schedule built with ``batch_sampler=``: a callback realises the batch through
+    the framework's gradient accumulation (``setting``), so a sampler resized as well would
+    make each step k × the schedule's batch (a hunt saw 24 → 72 examples a step)."""
+    if schedule is not None and schedule.batch_sampler is not None:
+        raise NoiseScaleInputError(
+            "give the schedule no batch_sampler: the callback realises its batch through "
+            f"{setting} over the dataloader's fixed micro-batch, so a ResizableBatchSampler "
+            "resized too would make every step the schedule's batch times the accumulation; "
+            "build the schedule without batch_sampler= and the dataloader with "
+            "batch_size=micro-batch (per process)"
+        )
+
+
 def estimate_metrics(
     estimate: Any, schedule: Any, micro_batches: int | None, lr_factor: float
 ) -> dict[str, float]:

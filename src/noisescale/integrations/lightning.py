@@ -65,10 +65,15 @@ import torch
 from torch import Tensor, nn
 
 from noisescale.errors import GradientsChangedError, NoiseScaleInputError
-from noisescale.integrations import estimate_metrics, stepped_optimizer
+from noisescale.integrations import estimate_metrics, refuse_batch_sampler, stepped_optimizer
 from noisescale.module_hooks import Hook
 from noisescale.preconditioning import learning_rate, unwrap_optimizer
-from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, check_lr_schedulers, scale_lr
+from noisescale.schedule import (
+    AdaptiveBatchSize,
+    BatchSizeRamp,
+    carry_lr_factor,
+    check_lr_schedulers,
+)
 from noisescale.tracker import GradientNoiseTracker
 
 try:
@@ -117,6 +122,7 @@ class NoiseScaleCallback(pl.Callback):
                 "give the schedule no optimizer: the callback writes the learning rate itself, "
                 "when the trainer can take the new batch size"
             )
+        refuse_batch_sampler(schedule, "Trainer.accumulate_grad_batches")
         if log_every < 0:
             raise NoiseScaleInputError(f"log_every must be at least 0, got {log_every}")
         if "scaler" in tracker_kwargs:
@@ -132,6 +138,8 @@ class NoiseScaleCallback(pl.Callback):
         self._examples_seen = 0
         self._applied_micro_batches: int | None = None  # set once the trainer has one of ours
         self._applied_lr_factor = 1.0
+        # per optimizer, the groups that carry the applied factor (None: all of them)
+        self._scaled_groups: list[int | None] = []
         self._pending_state: dict[str, Any] | None = None
         self._forward_handle: Any = None  # set while a fit is set up
         self._forwards = 0  # forward calls of the measured module with gradients, this step
@@ -171,6 +179,7 @@ class NoiseScaleCallback(pl.Callback):
         self._loss, self._stepped = None, False
         self._examples_seen = 0
         self._applied_micro_batches, self._applied_lr_factor = None, 1.0
+        self._scaled_groups = []
         if self._pending_state is not None:
             self._load(self._pending_state)
             self._pending_state = None
@@ -313,6 +322,7 @@ class NoiseScaleCallback(pl.Callback):
                 "schedule": self.schedule.state_dict() if self.schedule is not None else None,
                 "applied_micro_batches": self._applied_micro_batches,
                 "applied_lr_factor": self._applied_lr_factor,
+                "scaled_groups": self._scaled_groups,
                 "examples_seen": self._examples_seen,
             }
         )
@@ -444,6 +454,7 @@ class NoiseScaleCallback(pl.Callback):
         applied = state["applied_micro_batches"]
         self._applied_micro_batches = None if applied is None else int(applied)
         self._applied_lr_factor = float(state["applied_lr_factor"])
+        self._scaled_groups = list(state.get("scaled_groups", []))
         self._examples_seen = int(state["examples_seen"])
 
     def _apply(self, trainer: pl.Trainer) -> None:
@@ -453,11 +464,15 @@ class NoiseScaleCallback(pl.Callback):
         trainer.accumulate_grad_batches = self.schedule.num_micro_batches
         self._applied_micro_batches = self.schedule.num_micro_batches
         new_factor = self.schedule.lr_factor
-        if new_factor != self._applied_lr_factor:
-            schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
-            for optimizer in trainer.optimizers:
-                scale_lr(optimizer, new_factor / self._applied_lr_factor, schedulers)
-            self._applied_lr_factor = new_factor
+        schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
+        carried = self._scaled_groups + [None] * (
+            len(trainer.optimizers) - len(self._scaled_groups)
+        )
+        self._scaled_groups = [
+            carry_lr_factor(o, self._applied_lr_factor, new_factor, schedulers, scaled_groups=n)
+            for o, n in zip(trainer.optimizers, carried, strict=False)
+        ]
+        self._applied_lr_factor = new_factor
 
     def _metrics(self) -> dict[str, float]:
         return estimate_metrics(

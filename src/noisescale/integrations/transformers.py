@@ -100,7 +100,7 @@ import torch
 from torch import Tensor, nn
 
 from noisescale.errors import NoiseScaleInputError
-from noisescale.integrations import estimate_metrics, stepped_optimizer
+from noisescale.integrations import estimate_metrics, refuse_batch_sampler, stepped_optimizer
 from noisescale.module_hooks import Hook
 from noisescale.preconditioning import learning_rate, unwrap_optimizer
 from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, check_lr_schedulers, scale_lr
@@ -176,6 +176,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
                 "give the schedule no optimizer: the callback writes the learning rate itself, "
                 "when the Trainer can take the new batch size"
             )
+        refuse_batch_sampler(schedule, "TrainingArguments.gradient_accumulation_steps")
         self.schedule = schedule
         self.tracker_kwargs = tracker_kwargs
         self.tracker: GradientNoiseTracker | None = None
