@@ -12,6 +12,7 @@ import collections
 import contextlib
 import dataclasses
 import math
+import random
 
 import numpy as np
 import pytest
@@ -435,6 +436,56 @@ def test_line_search_and_delta_l_opt_leave_batchnorm_state_bit_identical():
     for k, v in before.items():
         assert torch.equal(after[k], v), k
     assert all(m.training for m in model.modules())
+
+
+def _dropout_run(measure):
+    """Ten SGD steps of a dropout MLP over a shuffling loader, with a B_noise measurement before
+    each step or not; the parameters, the generator's state and the next epoch's order."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3))
+    bn = BNoiseTracker(model, _ce)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 5, generator=g), torch.randint(0, 3, (40,), generator=g)
+    extra = torch.randn(24, 5, generator=g), torch.randint(0, 3, (24,), generator=g)
+    loader = torch.utils.data.DataLoader(torch.arange(40), batch_size=8, shuffle=True)
+    for _ in range(2):
+        for i in loader:
+            if measure:
+                bn.step(extra)  # at a step boundary, as documented
+            grads = torch.autograd.grad(_ce(model, (x[i], y[i])), list(model.parameters()))
+            with torch.no_grad():
+                for p, grad in zip(model.parameters(), grads, strict=True):
+                    p -= 0.1 * grad
+    order = torch.cat(list(loader))
+    return [p.detach().clone() for p in model.parameters()], torch.get_rng_state(), order
+
+
+def test_measurements_leave_a_dropout_run_bit_identical():
+    """Dropout draws its masks from the global generators: the measurement left them moved on,
+    so a run with B_noise measured differed from the run without (parameters 0.058 apart after
+    10 steps, the next epoch's shuffle another, a hunt). measure_b_noise, line_search and
+    measure_delta_l_opt leave torch's, numpy's and Python's generators as they were."""
+    (p0, rng0, order0), (p1, rng1, order1) = _dropout_run(False), _dropout_run(True)
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1, strict=True))
+    assert torch.equal(rng0, rng1) and torch.equal(order0, order1)
+
+    model = nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.5), nn.Linear(4, 3))
+
+    def drawing(m, b):  # a forward that draws from torch's, numpy's and Python's generators
+        torch.rand(1), np.random.rand(), random.random()
+        return _ce(m, b)
+
+    x, y = torch.randn(30, 5), torch.randint(0, 3, (30,))
+    sample = lambda b: (torch.randn(b, 5), torch.randint(0, 3, (b,)))  # noqa: E731
+    states = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    measure_b_noise(model, drawing, (x, y), check_loss=False)
+    model.eval()  # (the line search's trial losses need no dropout noise)
+    dirs = [[g.detach() for g in torch.autograd.grad(_ce(model, (x, y)), model.parameters())]]
+    line_search(model, drawing, dirs, (x, y))
+    measure_delta_l_opt(model, drawing, sample, (x, y), [2, 16], repeats=2)
+    assert torch.equal(states[0], torch.get_rng_state())
+    assert np.array_equal(states[1], np.random.get_state()[1])
+    assert states[2] == random.getstate()
 
 
 def test_train_mode_batchnorm_is_refused_and_state_kept():

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from noisescale import estimators as est
 from noisescale.errors import NoiseScaleInputError
+from noisescale.per_example.fallback import _outside_rng_states, _restore_outside_rng_states
 
 __all__ = [
     "BNoiseEstimate",
@@ -73,14 +74,24 @@ class _Pausable(Protocol):
     def paused(self) -> AbstractContextManager[None]: ...
 
 
+def _cuda_devices(tensors: Iterable[Tensor]) -> list[int]:
+    """The CUDA devices that hold ``tensors`` (whose random generators a forward may draw from)."""
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+
+
 @contextmanager
 def _model_state_kept(model: nn.Module) -> Iterator[None]:
     """Every buffer (BatchNorm's running statistics and ``num_batches_tracked``, persistent or
-    not) and every module's ``training`` flag exactly as they were, whatever the body did.
+    not), every module's ``training`` flag and the random-number generators exactly as they
+    were, whatever the body did.
 
     A forward in train mode updates BatchNorm's running statistics; the measurements here run
     many forwards (at perturbed parameters, for the line search) that are not training. The
-    buffer objects are put back too, in case the body replaced one.
+    buffer objects are put back too, in case the body replaced one. Dropout in train mode draws
+    its masks from torch's generators (CPU and the model's devices; a forward may draw from
+    numpy's or Python's too): left moved on, the training run's later masks and its loader's
+    shuffles would differ from those of the same run without the measurement (until
+    2026-12-06 they did, a hunt: parameters 0.058 apart after 10 steps of an MLP).
     """
     buffers = [
         (module, name, buf, buf.detach().clone())
@@ -89,9 +100,12 @@ def _model_state_kept(model: nn.Module) -> Iterator[None]:
         if buf is not None
     ]
     flags = [(module, module.training) for module in model.modules()]
+    outside = _outside_rng_states()
     try:
-        yield
+        with torch.random.fork_rng(devices=_cuda_devices([*model.parameters(), *model.buffers()])):
+            yield
     finally:
+        _restore_outside_rng_states(outside)
         with torch.no_grad():
             for module, name, buf, saved in buffers:
                 module._buffers[name] = buf
@@ -343,7 +357,10 @@ def measure_b_noise(
             BatchNorm must use its running statistics — ``model.eval()`` around the
             measurement — or the call is refused: with batch statistics each part's gradient
             depends on the part, not only on the model. Every buffer and train/eval flag is
-            left as it was.
+            left as it was, and so are the random-number generators (torch's on the CPU and
+            the model's devices, numpy's, Python's): the training run goes on as without the
+            measurement. Two measurements with nothing drawn between them therefore draw the
+            same dropout masks.
         loss_fn: ``loss_fn(model, batch)`` → the mean loss over the batch's examples. It must be
             twice differentiable (double backward through the model): a custom
             ``autograd.Function`` marked ``@once_differentiable`` in its graph is refused, and so
@@ -460,8 +477,7 @@ def _check_mean_over_examples(
     if m < 1:
         return
     s_batch = _map_examples(batch, lambda v: v[:m])
-    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=_cuda_devices(params)):
         # (with gradients on: a loss_fn may take a gradient itself — force matching, a
         # physics-informed residual, a gradient penalty — which no_grad would break)
         l_s = loss_fn(model, s_batch)
@@ -776,7 +792,8 @@ def line_search(
     maximising is what eq. 2.5–2.7 describe (the best step for the expected loss); maximising each
     direction's own curve would instead favour lucky directions. A log-spaced grid over
     ``eps_range`` brackets the maximum, golden-section search refines it to relative width
-    ``rtol``. The parameters are restored afterwards, and so is every buffer: a model in train
+    ``rtol``. The parameters are restored afterwards, and so are the random-number generators
+    (as :func:`measure_b_noise` leaves them) and every buffer: a model in train
     mode updates BatchNorm's running statistics on each of the many trial forwards (at steps
     up to ``eps_range[1]``), which would otherwise be left as those of wildly perturbed
     networks.
@@ -923,7 +940,8 @@ def measure_delta_l_opt(
     remaining small-B points upwards (B_noise downwards).
 
     Args:
-        model: The model at θ (left unchanged: parameters, buffers and train/eval flags).
+        model: The model at θ (left unchanged: parameters, buffers and train/eval flags; the
+            random-number generators too, ``sample_batch``'s draws from them included).
         loss_fn: ``loss_fn(model, batch)`` → mean loss.
         sample_batch: Draws a fresh batch of the given size (independent of ``eval_batch``).
         eval_batch: A large held-out batch standing in for the full-data loss.
