@@ -679,6 +679,31 @@ def test_splits_message_per_example_parts_and_namedtuple_batches():
     assert a == b
 
 
+def test_a_hessian_batch_of_the_gradient_batch_is_refused():
+    """hessian_batch=batch (bn.step(batch, hessian_batch=batch)) was measured without a word:
+    an example's Hessian correlates with its own gradient, and GᵀHG came out 2.2× too large,
+    B_noise 26% too small (a logistic model, per-example parts, a hunt). The same tensors in
+    another tuple, or views of their examples, are refused too; disjoint examples of one
+    dataset tensor (slices, interleaved rows) and a tensor shared beside new examples are not."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    b = (x[:8], y[:8])
+    why = r"hessian_batch holds examples of batch itself .* independent .* hessian_batch=None"
+    for same in [b, (x[:8], y[:8]), (x[4:6], y[4:6]), (x[:8].view(8, 2, 2).flatten(1), y[:8])]:
+        with pytest.raises(NoiseScaleInputError, match=why):
+            measure_b_noise(model, _ce, b, hessian_batch=same, splits=8)
+    with pytest.raises(NoiseScaleInputError, match=why):
+        BNoiseTracker(model, _ce).step(b, hessian_batch=b)
+    labels = torch.zeros(8, dtype=torch.long)  # one label tensor for every batch
+    for batch, other in [
+        (b, (x[8:16], y[8:16])),
+        ((x[0::2], y[0::2]), (x[1::2], y[1::2])),
+        ((x[:8], labels), (x[8:16], labels)),
+    ]:
+        assert math.isfinite(measure_b_noise(model, _ce, batch, hessian_batch=other).ghg)
+
+
 def test_b_noise_not_available_says_why():
     """nan B_noise came without a reason when the averaged tr(HΣ) was ≤ 0 (as for GᵀHG ≤ 0)."""
     prob = Quadratic()
