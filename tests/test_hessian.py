@@ -488,6 +488,61 @@ def test_measurements_leave_a_dropout_run_bit_identical():
     assert states[2] == random.getstate()
 
 
+def _dp_run(measure):
+    """Four DP-SGD steps (Opacus, with noise) with B_noise measured before each forward and
+    after each optimizer step, or not; the parameters, and whether a measurement between the
+    backward and the step left the per-sample gradients and Opacus's flags as they were."""
+    opacus = pytest.importorskip("opacus")
+    torch.manual_seed(0)
+    gsm = opacus.GradSampleModule(nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)))
+    opt = opacus.optimizers.DPOptimizer(
+        torch.optim.SGD(gsm.parameters(), lr=0.1),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=16,
+    )
+    bn = BNoiseTracker(gsm, _ce)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(200, 5, generator=g), torch.randint(0, 3, (200,), generator=g)
+    kept = True
+    for s in range(4):
+        if measure:
+            bn.step((x[100:160], y[100:160]))
+        _ce(gsm, (x[s * 16 : (s + 1) * 16], y[s * 16 : (s + 1) * 16])).backward()
+        if measure:
+            before = [p.grad_sample.clone() for p in gsm.parameters()]
+            bn.step((x[100:160], y[100:160]))
+            kept &= all(
+                torch.equal(p.grad_sample, b) and p._forward_counter == 0
+                for p, b in zip(gsm.parameters(), before, strict=True)
+            )
+            kept &= gsm.hooks_enabled and all(
+                not getattr(m, "activations", []) for m in gsm.modules()
+            )
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in gsm.parameters()], kept, gsm
+
+
+def test_opacus_grad_sample_module_is_measured_with_its_hooks_off():
+    """Opacus's hooks took the measurement's passes for DP-SGD's and crashed (a RuntimeError on
+    tensor sizes 16 and 20, a hunt): they are off during a measurement, which leaves the DP run
+    bit-identical (its noise drawn from the same generator state) and measures what the plain
+    model measures. ExpandedWeights, whose gradients come out zero, is refused."""
+    (p0, _, _), (p1, kept, gsm) = _dp_run(False), _dp_run(True)
+    assert kept and all(torch.equal(a, b) for a, b in zip(p0, p1, strict=True))
+    plain = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    plain.load_state_dict(gsm._module.state_dict())
+    x, y = torch.randn(60, 5), torch.randint(0, 3, (60,))
+    gsm.disable_hooks()  # (left off when the user turned them off)
+    assert measure_b_noise(gsm, _ce, (x, y)) == measure_b_noise(plain, _ce, (x, y))
+    assert not gsm.hooks_enabled
+    from opacus.grad_sample import GradSampleModuleExpandedWeights
+
+    with pytest.raises(NoiseScaleInputError, match=r"ExpandedWeights.* come out zero.*\._module"):
+        measure_b_noise(GradSampleModuleExpandedWeights(plain), _ce, (x, y))
+
+
 def test_train_mode_batchnorm_is_refused_and_state_kept():
     """Per-part batch statistics make the parts' gradients depend on the split (GᵀHG 3× the
     eval-mode value with parts of 16 in the hunt): refused with the fix named. In eval mode the

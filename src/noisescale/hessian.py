@@ -85,6 +85,8 @@ def _model_state_kept(model: nn.Module) -> Iterator[None]:
     not), every module's ``training`` flag and the random-number generators exactly as they
     were, whatever the body did.
 
+    Opacus's per-sample-gradient hooks are switched off meanwhile (see :func:`_opacus_hooks`).
+
     A forward in train mode updates BatchNorm's running statistics; the measurements here run
     many forwards (at perturbed parameters, for the line search) that are not training. The
     buffer objects are put back too, in case the body replaced one. Dropout in train mode draws
@@ -100,11 +102,16 @@ def _model_state_kept(model: nn.Module) -> Iterator[None]:
         if buf is not None
     ]
     flags = [(module, module.training) for module in model.modules()]
+    opacus = _opacus_hooks(model)
     outside = _outside_rng_states()
     try:
+        for owner in opacus:
+            owner.hooks_enabled = False
         with torch.random.fork_rng(devices=_cuda_devices([*model.parameters(), *model.buffers()])):
             yield
     finally:
+        for owner, enabled in opacus.items():
+            owner.hooks_enabled = enabled
         _restore_outside_rng_states(outside)
         with torch.no_grad():
             for module, name, buf, saved in buffers:
@@ -112,6 +119,41 @@ def _model_state_kept(model: nn.Module) -> Iterator[None]:
                 buf.copy_(saved)
         for module, training in flags:
             module.training = training
+
+
+def _opacus_hooks(model: nn.Module) -> dict[Any, bool]:
+    """The Opacus hook owners (a ``GradSampleModule`` or its hooks) on ``model``'s modules, with
+    whether each is enabled; an ``ExpandedWeights`` wrapper is refused.
+
+    Opacus's hooks take every forward and backward through the model for DP-SGD's: the
+    measurements' passes (``autograd.grad`` on parts of other sizes) crashed inside them with a
+    RuntimeError (until 2026-12-06, a hunt) and would otherwise add their per-sample gradients to
+    the step's ``grad_sample``. With ``hooks_enabled`` off (``GradSampleModule.disable_hooks``)
+    they return before touching anything, so the measurement runs on the plain model and the
+    DP-SGD state is left as it was.
+    """
+    owners: dict[Any, bool] = {}
+    for module in model.modules():
+        kind = type(module)
+        if _from_opacus(module) and kind.__name__.endswith("ExpandedWeights"):
+            raise NoiseScaleInputError(
+                f"the model is wrapped in Opacus's {kind.__name__}, whose forward computes "
+                "per-sample gradients through ExpandedWeights: the gradients that B_noise and "
+                "the line search take of the model's parameters come out zero. Measure on the "
+                "wrapped module itself (its ._module, which holds the same parameters), or "
+                "wrap the model in Opacus's hook-based GradSampleModule, whose hooks are "
+                "switched off during a measurement"
+            )
+        for hook in module._forward_hooks.values():
+            owner = getattr(hook, "__self__", None)
+            if _from_opacus(owner) and hasattr(owner, "hooks_enabled"):
+                owners.setdefault(owner, owner.hooks_enabled)
+    return owners
+
+
+def _from_opacus(obj: Any) -> bool:
+    """Whether ``obj``'s class is Opacus's or derives from one of Opacus's."""
+    return any(c.__module__.startswith("opacus.") for c in type(obj).__mro__)
 
 
 # -- batches ----------------------------------------------------------------------------------
