@@ -12,6 +12,7 @@ import collections
 import contextlib
 import dataclasses
 import math
+import random
 
 import numpy as np
 import pytest
@@ -437,6 +438,111 @@ def test_line_search_and_delta_l_opt_leave_batchnorm_state_bit_identical():
     assert all(m.training for m in model.modules())
 
 
+def _dropout_run(measure):
+    """Ten SGD steps of a dropout MLP over a shuffling loader, with a B_noise measurement before
+    each step or not; the parameters, the generator's state and the next epoch's order."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3))
+    bn = BNoiseTracker(model, _ce)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 5, generator=g), torch.randint(0, 3, (40,), generator=g)
+    extra = torch.randn(24, 5, generator=g), torch.randint(0, 3, (24,), generator=g)
+    loader = torch.utils.data.DataLoader(torch.arange(40), batch_size=8, shuffle=True)
+    for _ in range(2):
+        for i in loader:
+            if measure:
+                bn.step(extra)  # at a step boundary, as documented
+            grads = torch.autograd.grad(_ce(model, (x[i], y[i])), list(model.parameters()))
+            with torch.no_grad():
+                for p, grad in zip(model.parameters(), grads, strict=True):
+                    p -= 0.1 * grad
+    order = torch.cat(list(loader))
+    return [p.detach().clone() for p in model.parameters()], torch.get_rng_state(), order
+
+
+def test_measurements_leave_a_dropout_run_bit_identical():
+    """Dropout draws its masks from the global generators: the measurement left them moved on,
+    so a run with B_noise measured differed from the run without (parameters 0.058 apart after
+    10 steps, the next epoch's shuffle another, a hunt). measure_b_noise, line_search and
+    measure_delta_l_opt leave torch's, numpy's and Python's generators as they were."""
+    (p0, rng0, order0), (p1, rng1, order1) = _dropout_run(False), _dropout_run(True)
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1, strict=True))
+    assert torch.equal(rng0, rng1) and torch.equal(order0, order1)
+
+    model = nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.5), nn.Linear(4, 3))
+
+    def drawing(m, b):  # a forward that draws from torch's, numpy's and Python's generators
+        torch.rand(1), np.random.rand(), random.random()
+        return _ce(m, b)
+
+    x, y = torch.randn(30, 5), torch.randint(0, 3, (30,))
+    sample = lambda b: (torch.randn(b, 5), torch.randint(0, 3, (b,)))  # noqa: E731
+    states = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    measure_b_noise(model, drawing, (x, y), check_loss=False)
+    model.eval()  # (the line search's trial losses need no dropout noise)
+    dirs = [[g.detach() for g in torch.autograd.grad(_ce(model, (x, y)), model.parameters())]]
+    line_search(model, drawing, dirs, (x, y))
+    measure_delta_l_opt(model, drawing, sample, (x, y), [2, 16], repeats=2)
+    assert torch.equal(states[0], torch.get_rng_state())
+    assert np.array_equal(states[1], np.random.get_state()[1])
+    assert states[2] == random.getstate()
+
+
+def _dp_run(measure):
+    """Four DP-SGD steps (Opacus, with noise) with B_noise measured before each forward and
+    after each optimizer step, or not; the parameters, and whether a measurement between the
+    backward and the step left the per-sample gradients and Opacus's flags as they were."""
+    opacus = pytest.importorskip("opacus")
+    torch.manual_seed(0)
+    gsm = opacus.GradSampleModule(nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)))
+    opt = opacus.optimizers.DPOptimizer(
+        torch.optim.SGD(gsm.parameters(), lr=0.1),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=16,
+    )
+    bn = BNoiseTracker(gsm, _ce)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(200, 5, generator=g), torch.randint(0, 3, (200,), generator=g)
+    kept = True
+    for s in range(4):
+        if measure:
+            bn.step((x[100:160], y[100:160]))
+        _ce(gsm, (x[s * 16 : (s + 1) * 16], y[s * 16 : (s + 1) * 16])).backward()
+        if measure:
+            before = [p.grad_sample.clone() for p in gsm.parameters()]
+            bn.step((x[100:160], y[100:160]))
+            kept &= all(
+                torch.equal(p.grad_sample, b) and p._forward_counter == 0
+                for p, b in zip(gsm.parameters(), before, strict=True)
+            )
+            kept &= gsm.hooks_enabled and all(
+                not getattr(m, "activations", []) for m in gsm.modules()
+            )
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in gsm.parameters()], kept, gsm
+
+
+def test_opacus_grad_sample_module_is_measured_with_its_hooks_off():
+    """Opacus's hooks took the measurement's passes for DP-SGD's and crashed (a RuntimeError on
+    tensor sizes 16 and 20, a hunt): they are off during a measurement, which leaves the DP run
+    bit-identical (its noise drawn from the same generator state) and measures what the plain
+    model measures. ExpandedWeights, whose gradients come out zero, is refused."""
+    (p0, _, _), (p1, kept, gsm) = _dp_run(False), _dp_run(True)
+    assert kept and all(torch.equal(a, b) for a, b in zip(p0, p1, strict=True))
+    plain = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    plain.load_state_dict(gsm._module.state_dict())
+    x, y = torch.randn(60, 5), torch.randint(0, 3, (60,))
+    gsm.disable_hooks()  # (left off when the user turned them off)
+    assert measure_b_noise(gsm, _ce, (x, y)) == measure_b_noise(plain, _ce, (x, y))
+    assert not gsm.hooks_enabled
+    from opacus.grad_sample import GradSampleModuleExpandedWeights
+
+    with pytest.raises(NoiseScaleInputError, match=r"ExpandedWeights.* come out zero.*\._module"):
+        measure_b_noise(GradSampleModuleExpandedWeights(plain), _ce, (x, y))
+
+
 def test_train_mode_batchnorm_is_refused_and_state_kept():
     """Per-part batch statistics make the parts' gradients depend on the split (GᵀHG 3× the
     eval-mode value with parts of 16 in the hunt): refused with the fix named. In eval mode the
@@ -626,6 +732,31 @@ def test_splits_message_per_example_parts_and_namedtuple_batches():
     a = measure_b_noise(model, loss_fn, Pair(xs, ys))
     b = measure_b_noise(model, loss_fn, (xs, ys))
     assert a == b
+
+
+def test_a_hessian_batch_of_the_gradient_batch_is_refused():
+    """hessian_batch=batch (bn.step(batch, hessian_batch=batch)) was measured without a word:
+    an example's Hessian correlates with its own gradient, and GᵀHG came out 2.2× too large,
+    B_noise 26% too small (a logistic model, per-example parts, a hunt). The same tensors in
+    another tuple, or views of their examples, are refused too; disjoint examples of one
+    dataset tensor (slices, interleaved rows) and a tensor shared beside new examples are not."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    b = (x[:8], y[:8])
+    why = r"hessian_batch holds examples of batch itself .* independent .* hessian_batch=None"
+    for same in [b, (x[:8], y[:8]), (x[4:6], y[4:6]), (x[:8].view(8, 2, 2).flatten(1), y[:8])]:
+        with pytest.raises(NoiseScaleInputError, match=why):
+            measure_b_noise(model, _ce, b, hessian_batch=same, splits=8)
+    with pytest.raises(NoiseScaleInputError, match=why):
+        BNoiseTracker(model, _ce).step(b, hessian_batch=b)
+    labels = torch.zeros(8, dtype=torch.long)  # one label tensor for every batch
+    for batch, other in [
+        (b, (x[8:16], y[8:16])),
+        ((x[0::2], y[0::2]), (x[1::2], y[1::2])),
+        ((x[:8], labels), (x[8:16], labels)),
+    ]:
+        assert math.isfinite(measure_b_noise(model, _ce, batch, hessian_batch=other).ghg)
 
 
 def test_b_noise_not_available_says_why():

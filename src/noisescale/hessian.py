@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from noisescale import estimators as est
 from noisescale.errors import NoiseScaleInputError
+from noisescale.per_example.fallback import _outside_rng_states, _restore_outside_rng_states
 
 __all__ = [
     "BNoiseEstimate",
@@ -73,14 +74,26 @@ class _Pausable(Protocol):
     def paused(self) -> AbstractContextManager[None]: ...
 
 
+def _cuda_devices(tensors: Iterable[Tensor]) -> list[int]:
+    """The CUDA devices that hold ``tensors`` (whose random generators a forward may draw from)."""
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+
+
 @contextmanager
 def _model_state_kept(model: nn.Module) -> Iterator[None]:
     """Every buffer (BatchNorm's running statistics and ``num_batches_tracked``, persistent or
-    not) and every module's ``training`` flag exactly as they were, whatever the body did.
+    not), every module's ``training`` flag and the random-number generators exactly as they
+    were, whatever the body did.
+
+    Opacus's per-sample-gradient hooks are switched off meanwhile (see :func:`_opacus_hooks`).
 
     A forward in train mode updates BatchNorm's running statistics; the measurements here run
     many forwards (at perturbed parameters, for the line search) that are not training. The
-    buffer objects are put back too, in case the body replaced one.
+    buffer objects are put back too, in case the body replaced one. Dropout in train mode draws
+    its masks from torch's generators (CPU and the model's devices; a forward may draw from
+    numpy's or Python's too): left moved on, the training run's later masks and its loader's
+    shuffles would differ from those of the same run without the measurement (until
+    2026-12-06 they did, a hunt: parameters 0.058 apart after 10 steps of an MLP).
     """
     buffers = [
         (module, name, buf, buf.detach().clone())
@@ -89,15 +102,58 @@ def _model_state_kept(model: nn.Module) -> Iterator[None]:
         if buf is not None
     ]
     flags = [(module, module.training) for module in model.modules()]
+    opacus = _opacus_hooks(model)
+    outside = _outside_rng_states()
     try:
-        yield
+        for owner in opacus:
+            owner.hooks_enabled = False
+        with torch.random.fork_rng(devices=_cuda_devices([*model.parameters(), *model.buffers()])):
+            yield
     finally:
+        for owner, enabled in opacus.items():
+            owner.hooks_enabled = enabled
+        _restore_outside_rng_states(outside)
         with torch.no_grad():
             for module, name, buf, saved in buffers:
                 module._buffers[name] = buf
                 buf.copy_(saved)
         for module, training in flags:
             module.training = training
+
+
+def _opacus_hooks(model: nn.Module) -> dict[Any, bool]:
+    """The Opacus hook owners (a ``GradSampleModule`` or its hooks) on ``model``'s modules, with
+    whether each is enabled; an ``ExpandedWeights`` wrapper is refused.
+
+    Opacus's hooks take every forward and backward through the model for DP-SGD's: the
+    measurements' passes (``autograd.grad`` on parts of other sizes) crashed inside them with a
+    RuntimeError (until 2026-12-06, a hunt) and would otherwise add their per-sample gradients to
+    the step's ``grad_sample``. With ``hooks_enabled`` off (``GradSampleModule.disable_hooks``)
+    they return before touching anything, so the measurement runs on the plain model and the
+    DP-SGD state is left as it was.
+    """
+    owners: dict[Any, bool] = {}
+    for module in model.modules():
+        kind = type(module)
+        if _from_opacus(module) and kind.__name__.endswith("ExpandedWeights"):
+            raise NoiseScaleInputError(
+                f"the model is wrapped in Opacus's {kind.__name__}, whose forward computes "
+                "per-sample gradients through ExpandedWeights: the gradients that B_noise and "
+                "the line search take of the model's parameters come out zero. Measure on the "
+                "wrapped module itself (its ._module, which holds the same parameters), or "
+                "wrap the model in Opacus's hook-based GradSampleModule, whose hooks are "
+                "switched off during a measurement"
+            )
+        for hook in module._forward_hooks.values():
+            owner = getattr(hook, "__self__", None)
+            if _from_opacus(owner) and hasattr(owner, "hooks_enabled"):
+                owners.setdefault(owner, owner.hooks_enabled)
+    return owners
+
+
+def _from_opacus(obj: Any) -> bool:
+    """Whether ``obj``'s class is Opacus's or derives from one of Opacus's."""
+    return any(c.__module__.startswith("opacus.") for c in type(obj).__mro__)
 
 
 # -- batches ----------------------------------------------------------------------------------
@@ -162,6 +218,40 @@ def _map_examples(batch: Batch, fn: Callable[[Tensor], Tensor]) -> Batch:
     if isinstance(batch, Mapping):
         return {key: one(v) for key, v in batch.items()}
     return _rebuild(batch, [one(v) for v in batch])
+
+
+def _rows_in_memory(t: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The byte range [start, end) of each example (row along dim 0) of ``t`` in its storage."""
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:], strict=True))
+    starts = t.storage_offset() + np.arange(t.shape[0]) * t.stride(0)
+    size = t.element_size()
+    return starts * size, (starts + extent) * size
+
+
+def _shares_examples(a: Tensor, b: Tensor) -> bool:
+    """Whether an example (row) of ``b`` lies in memory that an example of ``a`` also uses: the
+    same tensor, or views of one (disjoint slices of a dataset tensor, or its even and odd rows,
+    do not share; rows whose spans interleave, as columns of a transposed tensor, count as
+    sharing)."""
+    if a.layout != torch.strided or b.layout != torch.strided:
+        return a is b
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    a_start, a_end = _rows_in_memory(a)
+    b_start, b_end = _rows_in_memory(b)
+    order = np.argsort(a_start)
+    a_start, a_end = a_start[order], np.maximum.accumulate(a_end[order])
+    before = np.searchsorted(a_start, b_end)  # rows of a that start before each row of b ends
+    return bool(np.any((before > 0) & (a_end[np.maximum(before - 1, 0)] > b_start)))
+
+
+def _example_tensors(batch: Batch) -> list[Tensor]:
+    """The tensors of a batch whose dim 0 counts its examples."""
+    found: list[Tensor] = []
+    _map_examples(batch, lambda v: found.append(v) or v)
+    return found
 
 
 # -- one measurement --------------------------------------------------------------------------
@@ -343,7 +433,10 @@ def measure_b_noise(
             BatchNorm must use its running statistics — ``model.eval()`` around the
             measurement — or the call is refused: with batch statistics each part's gradient
             depends on the part, not only on the model. Every buffer and train/eval flag is
-            left as it was.
+            left as it was, and so are the random-number generators (torch's on the CPU and
+            the model's devices, numpy's, Python's): the training run goes on as without the
+            measurement. Two measurements with nothing drawn between them therefore draw the
+            same dropout masks.
         loss_fn: ``loss_fn(model, batch)`` → the mean loss over the batch's examples. It must be
             twice differentiable (double backward through the model): a custom
             ``autograd.Function`` marked ``@once_differentiable`` in its graph is refused, and so
@@ -368,7 +461,8 @@ def measure_b_noise(
 
     Raises:
         NoiseScaleInputError: for ``splits < 2``, a batch too small to split, an empty
-            ``hessian_batch``, a BatchNorm using batch statistics, a loss that is not twice
+            ``hessian_batch`` or one of the batch's own examples (the same tensors or views of
+            them), a BatchNorm using batch statistics, a loss that is not twice
             differentiable, or a bad loss.
     """
     if splits < 2:
@@ -460,8 +554,7 @@ def _check_mean_over_examples(
     if m < 1:
         return
     s_batch = _map_examples(batch, lambda v: v[:m])
-    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=_cuda_devices(params)):
         # (with gradients on: a loss_fn may take a gradient itself — force matching, a
         # physics-informed residual, a gradient penalty — which no_grad would break)
         l_s = loss_fn(model, s_batch)
@@ -540,6 +633,19 @@ def _measure_b_noise(
                 "defined (its loss is nan and its gradient zero, which would be taken as a "
                 "measurement of GᵀHG = tr(HΣ) = 0). Pass a non-empty batch (a loader's short "
                 "last batch can be empty), or hessian_batch=None"
+            )
+        examples = _example_tensors(batch)
+        if all(
+            any(_shares_examples(a, b) for a in examples) for b in _example_tensors(hessian_batch)
+        ):
+            raise NoiseScaleInputError(
+                "hessian_batch holds examples of batch itself (the same tensors, or views of "
+                "them): the Hessian-vector products must come from examples independent of the "
+                "gradient parts, since an example's Hessian correlates with its own gradient "
+                "(GᵀHG came out 2.2× too large, tr(HΣ) 1.6×, B_noise 26% too small for a "
+                "logistic model with per-example parts). Pass examples of their own (the "
+                "loader's next batch, a held-out draw), or hessian_batch=None, which keeps a "
+                "part of the batch for the Hessian"
             )
         grad_parts = split_batch(batch, splits)
     sizes = [batch_size(p) for p in grad_parts]
@@ -776,7 +882,8 @@ def line_search(
     maximising is what eq. 2.5–2.7 describe (the best step for the expected loss); maximising each
     direction's own curve would instead favour lucky directions. A log-spaced grid over
     ``eps_range`` brackets the maximum, golden-section search refines it to relative width
-    ``rtol``. The parameters are restored afterwards, and so is every buffer: a model in train
+    ``rtol``. The parameters are restored afterwards, and so are the random-number generators
+    (as :func:`measure_b_noise` leaves them) and every buffer: a model in train
     mode updates BatchNorm's running statistics on each of the many trial forwards (at steps
     up to ``eps_range[1]``), which would otherwise be left as those of wildly perturbed
     networks.
@@ -923,7 +1030,8 @@ def measure_delta_l_opt(
     remaining small-B points upwards (B_noise downwards).
 
     Args:
-        model: The model at θ (left unchanged: parameters, buffers and train/eval flags).
+        model: The model at θ (left unchanged: parameters, buffers and train/eval flags; the
+            random-number generators too, ``sample_batch``'s draws from them included).
         loss_fn: ``loss_fn(model, batch)`` → mean loss.
         sample_batch: Draws a fresh batch of the given size (independent of ``eval_batch``).
         eval_batch: A large held-out batch standing in for the full-data loss.
