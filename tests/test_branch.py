@@ -27,6 +27,7 @@ from noisescale.branch import (
     LocalCriticalBatch,
     SyntheticBranchModel,
     b_crit_from_efficiencies,
+    b_simple_trajectory,
     fit_warmup,
     local_critical_batch_size,
     local_critical_batch_sizes,
@@ -437,6 +438,57 @@ def test_a_history_in_tokens_is_converted(tmp_path: Path) -> None:
     examples = window_b_simple(history, 640, 1280, unit="examples")
     assert examples.steps == tokens.steps == 11
     assert examples.b_simple == pytest.approx(tokens.b_simple / 8)
+
+
+def test_a_window_converts_each_record_with_its_own_tokens_per_example(tmp_path: Path) -> None:
+    # A sequence-length curriculum: 16 tokens per sequence for steps 1-50, 64 after, 8 sequences
+    # a step. The tracker writes a history in tokens with each record converted by the running
+    # mean it carries (state.per_token); the same parts in examples give the truth. The whole
+    # run's mean tokens per example gave the window in the second half 0.6× its B_simple.
+    rng = np.random.default_rng(3)
+    in_tokens, in_examples = [], []
+    examples = tokens = 0
+    t = math.nan
+    for step in range(1, 101):
+        examples, tokens = examples + 8, tokens + 8 * (16 if step <= 50 else 64)
+        t = t if step == 70 else tokens / examples  # step 70 counted no tokens: t as before
+        g2, trace = 1.0 + 0.5 * rng.standard_normal(), 40.0 * (1.0 + 0.5 * rng.standard_normal())
+        b = 40.0 * (1 + step / 100)  # the running B_simple in examples
+        common = {"step": step, "skipped": False, "loss": 1.0, "examples": examples}
+        ex = {"b_big": 8, "g2": g2, "trace_sigma": trace, "b_simple": b, "b_simple_low": b / 2}
+        in_examples.append(common | ex | {"b_simple_high": 2 * b, "tokens_seen": tokens})
+        tok = {"b_big": 8 * t, "g2": g2 / t**2, "trace_sigma": trace / t, "b_simple": b * t}
+        tok |= {"b_simple_low": b * t / 2, "b_simple_high": 2 * b * t, "tokens_seen": tokens}
+        in_tokens.append(common | tok | ({} if step == 70 else {"tokens_per_example": t}))
+        in_examples[-1] |= {} if step == 70 else {"tokens_per_example": t}
+    header = {"kind": "noisescale.history", "version": 1, "unit": "tokens"}
+    per_token = load_history(write_synthetic_history(tmp_path / "t.jsonl", in_tokens, header))
+    per_example = load_history(write_synthetic_history(tmp_path / "e.jsonl", in_examples))
+    for start, end in [(0, 400), (440, 800), (200, 700)]:
+        got = window_b_simple(per_token, start, end)
+        truth = window_b_simple(per_example, start, end)
+        inside = [r for r in in_examples if start <= r["examples"] <= end]
+        brute = np.mean([r["trace_sigma"] for r in inside]) / np.mean([r["g2"] for r in inside])
+        assert truth.b_simple == pytest.approx(brute, rel=1e-12)
+        assert (got.b_simple, got.low, got.high) == pytest.approx(
+            (truth.b_simple, truth.low, truth.high), rel=1e-9
+        )
+        assert got.steps == truth.steps == len(inside) and got.unit == "examples"
+        # And back: the examples history beside branches in tokens is the tokens history.
+        there = window_b_simple(per_example, 16 * start, 64 * end, unit="tokens")
+        assert there.b_simple == pytest.approx(
+            window_b_simple(per_token, 16 * start, 64 * end, unit="tokens").b_simple, rel=1e-9
+        )
+    trajectory = b_simple_trajectory(per_token)
+    assert trajectory.b_simple == pytest.approx([40.0 * (1 + s / 100) for s in range(1, 101)])
+    # A record in the window with no tokens per example to convert it by: refused, named.
+    in_tokens[0].pop("tokens_per_example")
+    first = load_history(write_synthetic_history(tmp_path / "f.jsonl", in_tokens, header))
+    with pytest.raises(NoiseScaleInputError, match="its step 1 .*tokens-per-example"):
+        window_b_simple(first, 0, 400)
+    assert window_b_simple(first, 440, 800).b_simple == pytest.approx(
+        window_b_simple(per_example, 440, 800).b_simple, rel=1e-9
+    )
 
 
 @pytest.fixture

@@ -16,17 +16,17 @@ checkpoint + budget], and in it:
   (B_crit ≈ B_noise, B_simple within a small factor) and Merrill et al. doubt.
 
 Units: branch positions, budgets and batch sizes count ``unit`` (examples or tokens). A history
-in the other unit is converted with its tokens per example (its own records, or
-``tokens_per_example``). B_simple is measured at the main run's batch size and learning rate,
-i.e. its temperature (App. C); branches whose learning rate keeps ε/B (the linear rule) see the
-same temperature, others do not. Pure NumPy, no plotting.
+in the other unit is converted record by record with its tokens per example (each record's
+own, or ``tokens_per_example``). B_simple is measured at the main run's batch size and
+learning rate, i.e. its temperature (App. C); branches whose learning rate keeps ε/B (the
+linear rule) see the same temperature, others do not. Pure NumPy, no plotting.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -156,20 +156,29 @@ def history_positions(
     return _fill(history, pos, batch)
 
 
-def b_simple_factor(history: History, unit: str, tokens_per_example: float | None) -> float:
-    """What B_simple of ``history`` is multiplied by to count ``unit``.
+def b_simple_factors(history: History, unit: str, tokens_per_example: float | None) -> np.ndarray:
+    """What each record's B_simple of ``history`` is multiplied by to count ``unit`` (``nan``
+    where its tokens per example are unknown: records before the run counted any).
+
+    Each record converts with ``tokens_per_example``, else its own tokens per example: the
+    running mean it carries, with which the tracker converted a history in tokens
+    (:func:`noisescale.state.per_token`), carried on over records that counted no tokens (the
+    running mean did not change there). Not the whole run's mean: with the tokens per example
+    changing along the run (16, then 64), a window's B_simple came out 0.4× and 1.6× the truth
+    (a hunt).
 
     Raises:
         NoiseScaleInputError: a change of unit without tokens per example.
     """
     _check_unit(unit)
     if history.unit == unit:
-        return 1.0
-    t = tokens_per_example
-    if t is None:
-        known = history.tokens_per_example[np.isfinite(history.tokens_per_example)]
-        t = float(known.mean()) if known.size else math.nan
-    if not (math.isfinite(t) and t > 0):
+        return np.ones(history.step.size)
+    if tokens_per_example is None:
+        t = _carried_tokens_per_example(history)
+    else:
+        t = np.full(history.step.size, float(tokens_per_example))
+    t = np.where(t > 0, t, math.nan)
+    if not np.any(np.isfinite(t)):
         raise NoiseScaleInputError(
             f"the history counts {history.unit} and the branches {unit}; give the tokens per "
             "example to convert"
@@ -180,16 +189,18 @@ def b_simple_factor(history: History, unit: str, tokens_per_example: float | Non
 def b_simple_trajectory(
     history: History, unit: str = "examples", tokens_per_example: float | None = None
 ) -> Trajectory:
-    """The tracker's running B_simple and its interval against position, in ``unit``."""
+    """The tracker's running B_simple and its interval against position, in ``unit`` (each
+    record converted with its own tokens per example, :func:`b_simple_factors`; records
+    without one are left out)."""
     pos = history_positions(history, unit, tokens_per_example)
-    f = b_simple_factor(history, unit, tokens_per_example)
+    f = b_simple_factors(history, unit, tokens_per_example)
     keep = ~history.skipped & np.isfinite(history.b_simple) & (history.b_simple > 0)
-    keep &= np.isfinite(pos)
+    keep &= np.isfinite(pos) & np.isfinite(f)
     return Trajectory(
         pos[keep],
-        history.b_simple[keep] * f,
-        history.b_simple_low[keep] * f,
-        history.b_simple_high[keep] * f,
+        history.b_simple[keep] * f[keep],
+        history.b_simple_low[keep] * f[keep],
+        history.b_simple_high[keep] * f[keep],
     )
 
 
@@ -205,32 +216,34 @@ def window_b_simple(
     """B_simple over the main run's records with position in [start, end] (module docstring).
 
     The estimate is in ``unit``; ``steps`` says how many records it uses (0: none in the
-    window, then B_simple is ``nan``).
+    window, then B_simple is ``nan``). A history in the other unit is converted record by
+    record before the means are taken (|G|² by 1/f², tr Σ by 1/f, f of
+    :func:`b_simple_factors`: the inverse of :func:`noisescale.state.per_token`).
+
+    Raises:
+        NoiseScaleInputError: a change of unit where a record in the window has no tokens
+            per example.
     """
     pos = history_positions(history, unit, tokens_per_example)
     inside = (pos >= start) & (pos <= end) & ~history.skipped
     inside &= np.isfinite(history.g2) & np.isfinite(history.trace_sigma)
-    state = estimators.update_state(
-        estimators.init_state(1.0), history.g2[inside], history.trace_sigma[inside]
-    )
-    if state.count == 0:
+    if not inside.any():
         return estimators.NoiseEstimate(
             math.nan, math.nan, math.nan, steps=0, reason="no step of the main run in the window"
         )
-    e = estimators.b_simple_interval(state, confidence)
-    f = b_simple_factor(history, unit, tokens_per_example)
-    return estimators.NoiseEstimate(
-        g2=e.g2,
-        trace_sigma=e.trace_sigma * f,
-        b_simple=e.b_simple * f,
-        low=e.low * f,
-        high=e.high * f,
-        confidence=e.confidence,
-        steps=e.steps,
-        effective_steps=e.effective_steps,
-        reason=e.reason,
-        unit=unit,
+    f = b_simple_factors(history, unit, tokens_per_example)[inside]
+    if not np.all(np.isfinite(f)):
+        raise NoiseScaleInputError(
+            f"the history counts {history.unit} and the branches {unit}, and its step "
+            f"{int(history.step[inside][~np.isfinite(f)][0])} (in the window [{start:g}, "
+            f"{end:g}]) has no tokens per example to convert it by (none counted yet); give "
+            "--tokens-per-example T (tokens_per_example=), or the branches in "
+            f"{history.unit}"
+        )
+    state = estimators.update_state(
+        estimators.init_state(1.0), history.g2[inside] / f**2, history.trace_sigma[inside] / f
     )
+    return replace(estimators.b_simple_interval(state, confidence), unit=unit)
 
 
 def side_by_side(
@@ -404,7 +417,7 @@ def _tokens_per_example(
     tokens: ``tokens_per_example``, else the history's at the record's step."""
     t = tokens_per_example
     if t is None and history is not None and index is not None:
-        t = float(history.tokens_per_example[index])
+        t = float(_carried_tokens_per_example(history)[index])
     if t is None or not (math.isfinite(t) and t > 0):
         where = f"step {rec['step']}" if _number(rec.get("step")) else "its position"
         raise NoiseScaleInputError(
@@ -414,6 +427,15 @@ def _tokens_per_example(
             "(tokens_per_example=), or the branches in examples"
         )
     return float(t)
+
+
+def _carried_tokens_per_example(history: History) -> np.ndarray:
+    """Each record's tokens per example: its own (the run's running mean), else that of the
+    last record before it that has one (a step that counted no tokens leaves the running mean
+    as it was); ``nan`` before the first."""
+    t = history.tokens_per_example
+    last = np.maximum.accumulate(np.where(np.isfinite(t), np.arange(t.size), -1))
+    return np.where(last >= 0, t[np.maximum(last, 0)], math.nan)
 
 
 def _covered(pos: np.ndarray, start: float, end: float) -> float:
