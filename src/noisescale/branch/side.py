@@ -222,8 +222,8 @@ def window_b_simple(
 
     The estimate is in ``unit``; ``steps`` says how many records it uses (0: none in the
     window, then B_simple is ``nan``). A history in the other unit is converted record by
-    record before the means are taken (|G|² by 1/f², tr Σ by 1/f, f of
-    :func:`b_simple_factors`: the inverse of :func:`noisescale.state.per_token`).
+    record before the means are taken: |G|² divided by f², tr Σ by f, f of
+    :func:`b_simple_factors` (:func:`noisescale.state.per_token`, or its inverse).
 
     Raises:
         NoiseScaleInputError: a change of unit where a record in the window has no tokens
