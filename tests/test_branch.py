@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -27,6 +28,7 @@ from noisescale.branch import (
     LocalCriticalBatch,
     SyntheticBranchModel,
     b_crit_from_efficiencies,
+    b_simple_trajectory,
     fit_warmup,
     local_critical_batch_size,
     local_critical_batch_sizes,
@@ -437,6 +439,57 @@ def test_a_history_in_tokens_is_converted(tmp_path: Path) -> None:
     examples = window_b_simple(history, 640, 1280, unit="examples")
     assert examples.steps == tokens.steps == 11
     assert examples.b_simple == pytest.approx(tokens.b_simple / 8)
+
+
+def test_a_window_converts_each_record_with_its_own_tokens_per_example(tmp_path: Path) -> None:
+    # A sequence-length curriculum: 16 tokens per sequence for steps 1-50, 64 after, 8 sequences
+    # a step. The tracker writes a history in tokens with each record converted by the running
+    # mean it carries (state.per_token); the same parts in examples give the truth. The whole
+    # run's mean tokens per example gave the window in the second half 0.6× its B_simple.
+    rng = np.random.default_rng(3)
+    in_tokens, in_examples = [], []
+    examples = tokens = 0
+    t = math.nan
+    for step in range(1, 101):
+        examples, tokens = examples + 8, tokens + 8 * (16 if step <= 50 else 64)
+        t = t if step == 70 else tokens / examples  # step 70 counted no tokens: t as before
+        g2, trace = 1.0 + 0.5 * rng.standard_normal(), 40.0 * (1.0 + 0.5 * rng.standard_normal())
+        b = 40.0 * (1 + step / 100)  # the running B_simple in examples
+        common = {"step": step, "skipped": False, "loss": 1.0, "examples": examples}
+        ex = {"b_big": 8, "g2": g2, "trace_sigma": trace, "b_simple": b, "b_simple_low": b / 2}
+        in_examples.append(common | ex | {"b_simple_high": 2 * b, "tokens_seen": tokens})
+        tok = {"b_big": 8 * t, "g2": g2 / t**2, "trace_sigma": trace / t, "b_simple": b * t}
+        tok |= {"b_simple_low": b * t / 2, "b_simple_high": 2 * b * t, "tokens_seen": tokens}
+        in_tokens.append(common | tok | ({} if step == 70 else {"tokens_per_example": t}))
+        in_examples[-1] |= {} if step == 70 else {"tokens_per_example": t}
+    header = {"kind": "noisescale.history", "version": 1, "unit": "tokens"}
+    per_token = load_history(write_synthetic_history(tmp_path / "t.jsonl", in_tokens, header))
+    per_example = load_history(write_synthetic_history(tmp_path / "e.jsonl", in_examples))
+    for start, end in [(0, 400), (440, 800), (200, 700)]:
+        got = window_b_simple(per_token, start, end)
+        truth = window_b_simple(per_example, start, end)
+        inside = [r for r in in_examples if start <= r["examples"] <= end]
+        brute = np.mean([r["trace_sigma"] for r in inside]) / np.mean([r["g2"] for r in inside])
+        assert truth.b_simple == pytest.approx(brute, rel=1e-12)
+        assert (got.b_simple, got.low, got.high) == pytest.approx(
+            (truth.b_simple, truth.low, truth.high), rel=1e-9
+        )
+        assert got.steps == truth.steps == len(inside) and got.unit == "examples"
+        # And back: the examples history beside branches in tokens is the tokens history.
+        there = window_b_simple(per_example, 16 * start, 64 * end, unit="tokens")
+        assert there.b_simple == pytest.approx(
+            window_b_simple(per_token, 16 * start, 64 * end, unit="tokens").b_simple, rel=1e-9
+        )
+    trajectory = b_simple_trajectory(per_token)
+    assert trajectory.b_simple == pytest.approx([40.0 * (1 + s / 100) for s in range(1, 101)])
+    # A record in the window with no tokens per example to convert it by: refused, named.
+    in_tokens[0].pop("tokens_per_example")
+    first = load_history(write_synthetic_history(tmp_path / "f.jsonl", in_tokens, header))
+    with pytest.raises(NoiseScaleInputError, match=r"its step 1 .*tokens-per-example"):
+        window_b_simple(first, 0, 400)
+    assert window_b_simple(first, 440, 800).b_simple == pytest.approx(
+        window_b_simple(per_example, 440, 800).b_simple, rel=1e-9
+    )
 
 
 @pytest.fixture
@@ -1122,6 +1175,77 @@ def test_b_noise_is_a_column_of_the_table(
     assert "B_noise (window)" in out and "12.5 [10, 15]" in out
     assert main(["branch"]) == 0
     assert "B_noise" not in capsys.readouterr().out  # no column without --b-noise
+
+
+def test_b_noise_summary_points_that_cannot_be_b_noise_are_refused(
+    fresh_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A negative b_noise and an interval that does not hold its value were printed as given
+    # ("-5", "5 [7, 3]") with exit 0.
+    for bad, words in [
+        ({"b_noise": -5}, "b_noise -5 is not positive"),
+        ({"b_noise": 0}, "b_noise 0 is not positive"),
+        ({"b_noise": 5, "b_noise_low": 7, "b_noise_high": 3}, "the interval [7, 3] does not hold"),
+        ({"b_noise": 5, "b_noise_low": 6}, "the interval [6, null] does not hold"),
+        ({"b_noise": 5, "b_noise_high": 4}, "the interval [null, 4] does not hold"),
+        (
+            {"b_noise": 5, "b_noise_low": -1, "b_noise_high": 9},
+            "the interval [-1, 9] does not hold",
+        ),
+        ({"b_noise": 5, "b_noise_low": "3"}, 'b_noise_low "3" is not a number'),
+    ]:
+        with pytest.raises(NoiseScaleInputError, match=re.escape(f"B_noise record 2: {words}")):
+            read_b_noise([{"examples": 1, "b_noise": 5}, {"examples": 10, **bad}])
+    fine = read_b_noise([{"examples": 1, "b_noise": 5, "b_noise_low": None, "b_noise_high": 9}])
+    assert (fine[0].b_noise, fine[0].high) == (5.0, 9.0) and math.isnan(fine[0].low)
+    # The command: exit 2 naming the file, the line and the value, before any work; the
+    # results already written stay.
+    pytest.importorskip("optuna")
+    from noisescale.cli import main
+
+    (fresh_folder / "bn.jsonl").write_text(
+        json.dumps({"examples": 100, "b_noise": 12.5})
+        + "\n\n"
+        + json.dumps({"examples": 300, "b_noise": 5, "b_noise_low": 7, "b_noise_high": 3})
+        + "\n"
+    )
+    (fresh_folder / "r.json").write_text("measured")
+    argv = _small_plan("--b-noise", "bn.jsonl", "-o", "r.json", "--force")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--b-noise bn.jsonl, line 3: the interval [7, 3] does not hold b_noise 5" in err
+    assert (fresh_folder / "r.json").read_text() == "measured"
+    assert not (fresh_folder / "sweep.db").exists()  # no branch was run
+
+
+def test_a_window_without_b_noise_says_why(
+    fresh_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GᵀHG measured 1 and -3 in turn: its mean over the window is -1, B_noise not defined there;
+    # the row showed "—" and said nothing.
+    records = [
+        {"examples": 8 * s, "ghg": 1.0 if s % 2 else -3.0, "trace_h_sigma": 40.0}
+        for s in range(1, 101)
+    ]
+    row = side_by_side([_result(400, 400, 10.0, 10.0)], b_noise=read_b_noise(records))[0]
+    mean = np.mean([r["ghg"] for r in records if 400 <= r["examples"] <= 800])  # -53/51
+    assert math.isnan(row.b_noise)
+    assert row.b_noise_reason.startswith(f"the averaged GᵀHG is {mean:.3g}, not positive")
+    assert row.as_dict()["b_noise_reason"] == row.b_noise_reason
+    measured = [dict(r, ghg=1.0) for r in records]  # no reason
+    row = side_by_side([_result(400, 400, 10.0, 10.0)], b_noise=read_b_noise(measured))[0]
+    assert row.b_noise == pytest.approx(40.0) and row.b_noise_reason == ""
+    # The command says it beside the table, in the JSON and on the page.
+    pytest.importorskip("optuna")
+    from noisescale.cli import main
+
+    (fresh_folder / "bn.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(_small_plan("--b-noise", "bn.jsonl")) == 0  # the window [0, 256]
+    captured = capsys.readouterr()
+    mean = np.mean([r["ghg"] for r in records if r["examples"] <= 256])  # -1
+    assert "checkpoint 0: B_noise over the window is not available (—): the averaged GᵀHG is " + (
+        f"{mean:.3g}, not positive"
+    ) in " ".join(captured.err.split())
 
 
 def test_ema_over_branches_with_unequal_record_counts_is_warned_about() -> None:

@@ -438,6 +438,25 @@ def unavailable_reason(g2: float, trace_sigma: float) -> str:
     return ""
 
 
+def b_noise_unavailable_reason(ghg: float, trace_h_sigma: float) -> str:
+    """Why B_noise is not available from these averages of GᵀHG and tr(HΣ) ("" when it is),
+    as :func:`unavailable_reason` for B_simple."""
+    if not ghg > 0:
+        return (
+            f"the averaged GᵀHG is {ghg:.3g}, not positive: the curvature along the gradient "
+            "is not yet distinguishable from the noise (more measurements or larger parts will "
+            "resolve it), or the loss is not convex along the gradient, where B_noise is not "
+            "defined"
+        )
+    if not trace_h_sigma > 0:
+        return (
+            f"the averaged tr(HΣ) is {trace_h_sigma:.3g}, not positive: the parts' own "
+            "quadratic forms are too noisy for the measurements so far to separate the noise "
+            "(more measurements or larger parts will resolve it)"
+        )
+    return ""
+
+
 def _t_quantile(confidence: float, dof: float) -> float:
     """Two-sided Student-t quantile for ``dof`` degrees of freedom (may be fractional; at
     least 1).

@@ -333,19 +333,8 @@ def _estimate(
     h = est.b_simple_interval(hessian, confidence)
     s = est.b_simple_interval(simple, confidence)
     reason = h.reason and "no measurement yet"
-    if h.steps and not h.g2 > 0:
-        reason = (
-            f"the averaged GᵀHG is {h.g2:.3g}, not positive: the curvature along the gradient "
-            "is not yet distinguishable from the noise (more measurements or larger parts will "
-            "resolve it), or the loss is not convex along the gradient, where B_noise is not "
-            "defined"
-        )
-    elif h.steps and not h.trace_sigma > 0:
-        reason = (
-            f"the averaged tr(HΣ) is {h.trace_sigma:.3g}, not positive: the parts' own quadratic "
-            "forms are too noisy for the measurements so far to separate the noise (more "
-            "measurements or larger parts will resolve it)"
-        )
+    if h.steps:
+        reason = est.b_noise_unavailable_reason(h.g2, h.trace_sigma)
     return BNoiseEstimate(
         b_noise=h.b_simple,
         low=h.low,

@@ -16,17 +16,18 @@ checkpoint + budget], and in it:
   (B_crit ≈ B_noise, B_simple within a small factor) and Merrill et al. doubt.
 
 Units: branch positions, budgets and batch sizes count ``unit`` (examples or tokens). A history
-in the other unit is converted with its tokens per example (its own records, or
-``tokens_per_example``). B_simple is measured at the main run's batch size and learning rate,
-i.e. its temperature (App. C); branches whose learning rate keeps ε/B (the linear rule) see the
-same temperature, others do not. Pure NumPy, no plotting.
+in the other unit is converted record by record with its tokens per example (each record's
+own, or ``tokens_per_example``). B_simple is measured at the main run's batch size and
+learning rate, i.e. its temperature (App. C); branches whose learning rate keeps ε/B (the
+linear rule) see the same temperature, others do not. Pure NumPy, no plotting.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -70,6 +71,8 @@ class SideBySideRow:
             positions (``nan`` without a history): under one half, B_simple rests on the few
             steps at one end of it.
         b_noise, b_noise_low, b_noise_high: B_noise over the window (module docstring).
+        b_noise_reason: Why B_noise is not available where its window's measurements are
+            (their averaged GᵀHG or tr(HΣ) is not positive); empty otherwise.
         ratio_b_crit: B_crit/B_simple.
         ratio_cbs: cbs/B_simple.
     """
@@ -88,6 +91,7 @@ class SideBySideRow:
     ratio_cbs: float
     window_steps: int = 0
     window_covered: float = math.nan
+    b_noise_reason: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready (non-finite numbers as ``null``)."""
@@ -103,6 +107,7 @@ class SideBySideRow:
             "b_noise",
             "b_noise_low",
             "b_noise_high",
+            "b_noise_reason",
             "ratio_b_crit",
             "ratio_cbs",
         ):
@@ -156,20 +161,29 @@ def history_positions(
     return _fill(history, pos, batch)
 
 
-def b_simple_factor(history: History, unit: str, tokens_per_example: float | None) -> float:
-    """What B_simple of ``history`` is multiplied by to count ``unit``.
+def b_simple_factors(history: History, unit: str, tokens_per_example: float | None) -> np.ndarray:
+    """What each record's B_simple of ``history`` is multiplied by to count ``unit`` (``nan``
+    where its tokens per example are unknown: records before the run counted any).
+
+    Each record converts with ``tokens_per_example``, else its own tokens per example: the
+    running mean it carries, with which the tracker converted a history in tokens
+    (:func:`noisescale.state.per_token`), carried on over records that counted no tokens (the
+    running mean did not change there). Not the whole run's mean: with the tokens per example
+    changing along the run (16, then 64), a window's B_simple came out 0.4× and 1.6× the truth
+    (a hunt).
 
     Raises:
         NoiseScaleInputError: a change of unit without tokens per example.
     """
     _check_unit(unit)
     if history.unit == unit:
-        return 1.0
-    t = tokens_per_example
-    if t is None:
-        known = history.tokens_per_example[np.isfinite(history.tokens_per_example)]
-        t = float(known.mean()) if known.size else math.nan
-    if not (math.isfinite(t) and t > 0):
+        return np.ones(history.step.size)
+    if tokens_per_example is None:
+        t = _carried_tokens_per_example(history)
+    else:
+        t = np.full(history.step.size, float(tokens_per_example))
+    t = np.where(t > 0, t, math.nan)
+    if not np.any(np.isfinite(t)):
         raise NoiseScaleInputError(
             f"the history counts {history.unit} and the branches {unit}; give the tokens per "
             "example to convert"
@@ -180,16 +194,18 @@ def b_simple_factor(history: History, unit: str, tokens_per_example: float | Non
 def b_simple_trajectory(
     history: History, unit: str = "examples", tokens_per_example: float | None = None
 ) -> Trajectory:
-    """The tracker's running B_simple and its interval against position, in ``unit``."""
+    """The tracker's running B_simple and its interval against position, in ``unit`` (each
+    record converted with its own tokens per example, :func:`b_simple_factors`; records
+    without one are left out)."""
     pos = history_positions(history, unit, tokens_per_example)
-    f = b_simple_factor(history, unit, tokens_per_example)
+    f = b_simple_factors(history, unit, tokens_per_example)
     keep = ~history.skipped & np.isfinite(history.b_simple) & (history.b_simple > 0)
-    keep &= np.isfinite(pos)
+    keep &= np.isfinite(pos) & np.isfinite(f)
     return Trajectory(
         pos[keep],
-        history.b_simple[keep] * f,
-        history.b_simple_low[keep] * f,
-        history.b_simple_high[keep] * f,
+        history.b_simple[keep] * f[keep],
+        history.b_simple_low[keep] * f[keep],
+        history.b_simple_high[keep] * f[keep],
     )
 
 
@@ -205,32 +221,34 @@ def window_b_simple(
     """B_simple over the main run's records with position in [start, end] (module docstring).
 
     The estimate is in ``unit``; ``steps`` says how many records it uses (0: none in the
-    window, then B_simple is ``nan``).
+    window, then B_simple is ``nan``). A history in the other unit is converted record by
+    record before the means are taken: |G|² divided by f², tr Σ by f, f of
+    :func:`b_simple_factors` (:func:`noisescale.state.per_token`, or its inverse).
+
+    Raises:
+        NoiseScaleInputError: a change of unit where a record in the window has no tokens
+            per example.
     """
     pos = history_positions(history, unit, tokens_per_example)
     inside = (pos >= start) & (pos <= end) & ~history.skipped
     inside &= np.isfinite(history.g2) & np.isfinite(history.trace_sigma)
-    state = estimators.update_state(
-        estimators.init_state(1.0), history.g2[inside], history.trace_sigma[inside]
-    )
-    if state.count == 0:
+    if not inside.any():
         return estimators.NoiseEstimate(
             math.nan, math.nan, math.nan, steps=0, reason="no step of the main run in the window"
         )
-    e = estimators.b_simple_interval(state, confidence)
-    f = b_simple_factor(history, unit, tokens_per_example)
-    return estimators.NoiseEstimate(
-        g2=e.g2,
-        trace_sigma=e.trace_sigma * f,
-        b_simple=e.b_simple * f,
-        low=e.low * f,
-        high=e.high * f,
-        confidence=e.confidence,
-        steps=e.steps,
-        effective_steps=e.effective_steps,
-        reason=e.reason,
-        unit=unit,
+    f = b_simple_factors(history, unit, tokens_per_example)[inside]
+    if not np.all(np.isfinite(f)):
+        raise NoiseScaleInputError(
+            f"the history counts {history.unit} and the branches {unit}, and its step "
+            f"{int(history.step[inside][~np.isfinite(f)][0])} (in the window [{start:g}, "
+            f"{end:g}]) has no tokens per example to convert it by (none counted yet); give "
+            "--tokens-per-example T (tokens_per_example=), or the branches in "
+            f"{history.unit}"
+        )
+    state = estimators.update_state(
+        estimators.init_state(1.0), history.g2[inside] / f**2, history.trace_sigma[inside] / f
     )
+    return replace(estimators.b_simple_interval(state, confidence), unit=unit)
 
 
 def side_by_side(
@@ -273,7 +291,7 @@ def side_by_side(
             if window.any():
                 loss = float(history.loss[window].mean())
         inside = [p for p in b_noise if start <= p.examples <= end]
-        bn, bn_low, bn_high = _window_b_noise(inside, confidence)
+        bn, bn_low, bn_high, bn_reason = _window_b_noise(inside, confidence)
         bs = e.b_simple if e is not None else math.nan
         rows.append(
             SideBySideRow(
@@ -291,16 +309,20 @@ def side_by_side(
                 ratio_cbs=_ratio(r.cbs, bs),
                 window_steps=_window_steps(finite, start, end),
                 window_covered=_covered(finite, start, end),
+                b_noise_reason=bn_reason,
             )
         )
     return rows
 
 
-def _window_b_noise(inside: Sequence[NoisePoint], confidence: float) -> tuple[float, ...]:
-    """B_noise over a window and its interval: from per-measurement parts when the points carry
-    them (ratio of means, Fieller interval), else the mean of the summary points."""
+def _window_b_noise(
+    inside: Sequence[NoisePoint], confidence: float
+) -> tuple[float, float, float, str]:
+    """B_noise over a window, its interval and why it is not available (else ""): from
+    per-measurement parts when the points carry them (ratio of means, Fieller interval), else
+    the mean of the summary points."""
     if not inside:
-        return math.nan, math.nan, math.nan
+        return math.nan, math.nan, math.nan, ""
     if all(math.isfinite(p.ghg) and math.isfinite(p.trace_h_sigma) for p in inside):
         state = estimators.update_state(
             estimators.init_state(1.0),
@@ -308,11 +330,12 @@ def _window_b_noise(inside: Sequence[NoisePoint], confidence: float) -> tuple[fl
             np.array([p.trace_h_sigma for p in inside]),
         )
         e = estimators.b_simple_interval(state, confidence)
-        return e.b_simple, e.low, e.high
+        return e.b_simple, e.low, e.high, estimators.b_noise_unavailable_reason(e.g2, e.trace_sigma)
     return (
         float(np.mean([p.b_noise for p in inside])),
         float(np.mean([p.low for p in inside])),
         float(np.mean([p.high for p in inside])),
+        "",
     )
 
 
@@ -321,6 +344,8 @@ def read_b_noise(
     history: History | None = None,
     unit: str = "examples",
     tokens_per_example: float | None = None,
+    *,
+    names: Sequence[str] | None = None,
 ) -> list[NoisePoint]:
     """B_noise points from records with ``examples`` (or ``step``, placed with the history) and
     either a :class:`~noisescale.hessian.BNoiseTracker`'s per-measurement ``ghg`` and
@@ -332,29 +357,34 @@ def read_b_noise(
     interval) is multiplied by the tokens per example — ``tokens_per_example``, else the
     history's at the record's step. Summary points are read as given, in ``unit``.
 
+    ``names`` says what each record is called in the messages (the command: its file and
+    line), ``B_noise record i`` without it.
+
     Raises:
         NoiseScaleInputError: a record without ``b_noise`` (or ``ghg`` and ``trace_h_sigma``)
-            or a position, records that mix the two kinds, or a ``BNoiseTracker``'s record
-            beside branches in tokens without the tokens per example to convert it.
+            or a position, records that mix the two kinds, a summary point that cannot be a
+            B_noise (``b_noise`` not positive, an interval that is not a number or does not
+            hold it), or a ``BNoiseTracker``'s record beside branches in tokens without the
+            tokens per example to convert it.
     """
     pos = history_positions(history, unit, tokens_per_example) if history is not None else None
     out = []
     kinds = set()
     for i, rec in enumerate(records, start=1):
+        name = names[i - 1] if names is not None else f"B_noise record {i}"
         parts = (
             isinstance(rec, dict) and _number(rec.get("ghg")) and _number(rec.get("trace_h_sigma"))
         )
         kinds.add(bool(parts))
         if len(kinds) > 1:
             raise NoiseScaleInputError(
-                f"B_noise record {i}: the records mix per-measurement 'ghg' and "
+                f"{name}: the records mix per-measurement 'ghg' and "
                 "'trace_h_sigma' (a BNoiseTracker's) with summary 'b_noise' values; give one "
                 "kind"
             )
         if not parts and (not isinstance(rec, dict) or not _number(rec.get("b_noise"))):
             raise NoiseScaleInputError(
-                f"B_noise record {i}: needs a number 'b_noise' (or a BNoiseTracker's 'ghg' "
-                "and 'trace_h_sigma')"
+                f"{name}: needs a number 'b_noise' (or a BNoiseTracker's 'ghg' and 'trace_h_sigma')"
             )
         index = None
         if _number(rec.get("step")) and history is not None:
@@ -364,56 +394,85 @@ def read_b_noise(
             at = float(rec[unit])
         elif _number(rec.get("step")) and history is not None and pos is not None:
             if index is None:
-                raise NoiseScaleInputError(
-                    f"B_noise record {i}: step {rec['step']} is not in the history"
-                )
+                raise NoiseScaleInputError(f"{name}: step {rec['step']} is not in the history")
             at = float(pos[index])
         else:
-            raise NoiseScaleInputError(
-                f"B_noise record {i}: needs '{unit}' (or 'step' and the run's history)"
-            )
+            raise NoiseScaleInputError(f"{name}: needs '{unit}' (or 'step' and the run's history)")
         if parts:
             ghg, trace = float(rec["ghg"]), float(rec["trace_h_sigma"])
             if unit == "tokens":
                 # Per example: B_noise in tokens is T times B_noise in examples (scaling
                 # tr(HΣ) scales the ratio of means and its Fieller interval alike).
-                trace *= _tokens_per_example(i, rec, history, index, tokens_per_example)
+                trace *= _tokens_per_example(name, rec, history, index, tokens_per_example)
             out.append(
                 NoisePoint(at, trace / ghg if ghg > 0 else math.nan, ghg=ghg, trace_h_sigma=trace)
             )
             continue
-        out.append(
-            NoisePoint(
-                at,
-                float(rec["b_noise"]),
-                float(rec["b_noise_low"]) if _number(rec.get("b_noise_low")) else math.nan,
-                float(rec["b_noise_high"]) if _number(rec.get("b_noise_high")) else math.nan,
-            )
-        )
+        out.append(_summary_point(name, at, rec))
     return out
 
 
+def _summary_point(name: str, at: float, rec: dict[str, Any]) -> NoisePoint:
+    """A summary point (``b_noise`` and optionally ``b_noise_low``/``b_noise_high``, ``null``
+    for an end not known), refused where it cannot be a B_noise: tr(HΣ)/GᵀHG of a measured
+    window is positive, and its interval holds it."""
+    value = float(rec["b_noise"])
+    if not value > 0:
+        raise NoiseScaleInputError(
+            f"{name}: b_noise {json.dumps(rec['b_noise'])} is not positive, and a B_noise, "
+            "tr(HΣ)/GᵀHG, always is: give the measured value, or leave out a window whose "
+            "B_noise was not available"
+        )
+    ends = []
+    for key in ("b_noise_low", "b_noise_high"):
+        end = rec.get(key)
+        if end is not None and not (isinstance(end, int | float) and not isinstance(end, bool)):
+            raise NoiseScaleInputError(
+                f"{name}: {key} {json.dumps(end)} is not a number (give it, or null or leave it "
+                "out where it is not known)"
+            )
+        ends.append(float(end) if end is not None and not math.isnan(end) else math.nan)
+    low, high = ends
+    if (not math.isnan(low) and not 0 <= low <= value) or value > high:
+        raise NoiseScaleInputError(
+            f"{name}: the interval [{json.dumps(rec.get('b_noise_low'))}, "
+            f"{json.dumps(rec.get('b_noise_high'))}] does not hold b_noise "
+            f"{json.dumps(rec['b_noise'])}: it must run from a lower end ≥ 0 up "
+            "to an upper end, through b_noise (or give null for an end not known)"
+        )
+    return NoisePoint(at, value, low, high)
+
+
 def _tokens_per_example(
-    i: int,
+    name: str,
     rec: dict[str, Any],
     history: History | None,
     index: int | None,
     tokens_per_example: float | None,
 ) -> float:
-    """Tokens per example to convert a ``BNoiseTracker``'s record ``i`` (per example) to
+    """Tokens per example to convert a ``BNoiseTracker``'s record ``name`` (per example) to
     tokens: ``tokens_per_example``, else the history's at the record's step."""
     t = tokens_per_example
     if t is None and history is not None and index is not None:
-        t = float(history.tokens_per_example[index])
+        t = float(_carried_tokens_per_example(history)[index])
     if t is None or not (math.isfinite(t) and t > 0):
         where = f"step {rec['step']}" if _number(rec.get("step")) else "its position"
         raise NoiseScaleInputError(
-            f"B_noise record {i}: a BNoiseTracker measures B_noise per example, and the "
+            f"{name}: a BNoiseTracker measures B_noise per example, and the "
             f"branches count tokens; the tokens per example at {where} are unknown (the "
             "history does not record them there): give --tokens-per-example T "
             "(tokens_per_example=), or the branches in examples"
         )
     return float(t)
+
+
+def _carried_tokens_per_example(history: History) -> np.ndarray:
+    """Each record's tokens per example: its own (the run's running mean), else that of the
+    last record before it that has one (a step that counted no tokens leaves the running mean
+    as it was); ``nan`` before the first."""
+    t = history.tokens_per_example
+    last = np.maximum.accumulate(np.where(np.isfinite(t), np.arange(t.size), -1))
+    return np.where(last >= 0, t[np.maximum(last, 0)], math.nan)
 
 
 def _covered(pos: np.ndarray, start: float, end: float) -> float:

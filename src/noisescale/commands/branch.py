@@ -472,6 +472,12 @@ def _analyse(
         b_noise=b_noise,
         confidence=args.confidence,
     )
+    notes += [
+        f"checkpoint {row.result.checkpoint:g}: B_noise over the window is not available (—): "
+        f"{row.b_noise_reason}"
+        for row in rows
+        if row.b_noise_reason
+    ]
     short = [row for row in rows if history is not None and row.window_covered < 0.5]
     if short:
         shown = "; ".join(
@@ -834,7 +840,7 @@ def _b_noise(args: argparse.Namespace, history: Any) -> list[Any]:
     except (OSError, UnicodeDecodeError) as err:
         reason = getattr(err, "strerror", None) or str(err)
         raise NoiseScaleInputError(f"--b-noise {args.b_noise}: cannot read it ({reason})") from None
-    records = []
+    records, names = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -844,9 +850,10 @@ def _b_noise(args: argparse.Namespace, history: Any) -> list[Any]:
             raise NoiseScaleInputError(
                 f"--b-noise {args.b_noise}, line {number}: not valid JSON ({err.msg})"
             ) from None
+        names.append(f"--b-noise {args.b_noise}, line {number}")
     if not records:
         raise NoiseScaleInputError(f"--b-noise {args.b_noise} holds no measurement")
-    return read_b_noise(records, history, args.unit, args.tokens_per_example)
+    return read_b_noise(records, history, args.unit, args.tokens_per_example, names=names)
 
 
 def _efficiency_png(path: Path) -> Path:
