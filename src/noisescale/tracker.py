@@ -660,6 +660,9 @@ class GradientNoiseTracker:
         # set by the transformers callback (noisescale.integrations.transformers): what
         # computes the loss outside the model under the Trainer, if anything (for messages)
         self._trainer_loss_outside: str | None = None
+        # set by the callbacks: the examples of the training set their loader draws from without
+        # replacement, where they can tell (integrations.drawn_without_replacement)
+        self._drawn_from: int | None = None
         # the previous step's micro-batches, and whether this step's divisor is unknown
         # (_weights_of: a short window without a measured multiplier)
         self._passes_before = 0
@@ -1615,6 +1618,7 @@ class GradientNoiseTracker:
             self._warn_once("non-finite", f"step {p.step} has non-finite gradients; it is left out")
         if not record["skipped"]:
             self._watch_tails(p, record)
+            self._watch_draws()
         unbounded = record["b_simple_high"] is None or not math.isfinite(
             record["b_simple_high"] or math.inf
         )
@@ -1630,6 +1634,28 @@ class GradientNoiseTracker:
                 "per_example_fraction) separates |G|² from the noise far more precisely late in "
                 "training, at about the same cost (bench/precision.py)",
             )
+
+    def _watch_draws(self) -> None:
+        """Warn where the callback's loader draws from a data set of N examples without
+        replacement, no ``dataset_size`` corrects for those draws, and B_simple corrected for
+        them is over 5% of N: uncorrected it reads about 1/(1 − B_simple/N) high — or nan, |G|²
+        not positive, from B_simple ≈ N on, where an interval's end could not tell."""
+        n, noise = self._drawn_from, self._state.noise
+        if self.dataset_size is not None or not n or noise.count < 8:
+            return
+        g2, tr = est.finite_population(noise.g2_sum, noise.trace_sum, n)  # (the EMAs' ratio)
+        if not (g2 > 0 and tr > 0.05 * n * g2):
+            return
+        b = float(tr / g2)
+        self._warn_once(
+            "drawn-without-replacement",
+            f"the training loader draws its batches without replacement from {n} examples (a "
+            f"shuffled epoch), and B_simple corrected for such draws is about {b:.3g} "
+            f"examples, {100 * b / n:.0f}% of them: uncorrected, the estimate reads about "
+            "1/(1 − B_simple/N) high (nan once B_simple nears N); pass dataset_size="
+            f"{n} with the callback's tracker arguments to correct each step (README: the "
+            "examples of a step must be independent draws)",
+        )
 
     def _watch_tails(self, p: _Pending, record: dict[str, Any]) -> None:
         """Warn once when the averaged tr Σ rests on a few steps: n_eff = (Σ w_t tr_t)² /
