@@ -611,6 +611,45 @@ def test_lightning_refuses_a_schedule_with_gradient_accumulation_scheduler():
 
 @needs_lightning
 @pytest.mark.filterwarnings("ignore::UserWarning")
+def test_callbacks_warn_about_draws_without_replacement_from_a_small_data_set(tmp_path):
+    """A shuffled loader draws each epoch's batches without replacement from the N = 96
+    examples: eq. A.2's |G|² then reads tr Σ/N low, and here B_simple (≈ 1.5–2·N corrected)
+    read nan where the README said such draws bias nothing. Both callbacks, which can see the
+    default sampler and the data set's length, warn and name dataset_size=96; with it given they
+    do not; an unshuffled loader is not judged so (it has its own warning)."""
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    x, y = _data()
+    shuffled = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=MICRO, shuffle=True
+    )
+
+    def messages(fit) -> list[str]:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            fit()
+        return [str(w.message) for w in seen if "without replacement" in str(w.message)]
+
+    for kwargs, loader in (({}, shuffled), ({"dataset_size": N}, shuffled), ({}, _loader())):
+        callback = LightningCallback(sync_every=1, log_every=0, **kwargs)
+        seen = messages(
+            lambda: _lit_trainer(callback, max_steps=24).fit(_lit_model(), loader)  # noqa: B023
+        )
+        if kwargs or loader is not shuffled:
+            assert not seen
+        else:
+            assert len(seen) == 1 and "pass dataset_size=96" in seen[0]
+    pytest.importorskip("transformers")
+    for kwargs in ({}, {"dataset_size": N}):
+        callback = NoiseScaleCallback(sync_every=1, **kwargs)
+        _, trainer = _hf_train(tmp_path, callback, max_steps=12, train_sampling_strategy="random")
+        seen = messages(trainer.train)
+        assert len(seen) == (0 if kwargs else 1)
+        assert callback.tracker._drawn_from == N
+
+
+@needs_lightning
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_lightning_unshuffled_loader_warned_and_overfit_batches_refused():
     """A step's examples must be random draws: an unshuffled loader is right only on data
     stored shuffled (11× low on sorted data, a hunt found), so it is warned about once; a

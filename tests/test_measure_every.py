@@ -233,6 +233,40 @@ def test_data_parallel_in_one_process(tmp_path):
         dist.destroy_process_group()
 
 
+def test_dataset_size_corrects_the_data_parallel_source_and_measured_steps(tmp_path):
+    """dataset_size= under DDP (one gloo process) with measure_every=2: each measured step's
+    |G|² and tr Σ, resolved from the all-reduced sums, are the uncorrected run's corrected for
+    draws without replacement from N — |G|² + tr Σ/N and tr Σ·(N − 1)/N — on the same batches."""
+    from noisescale.estimators import finite_population
+
+    dist = pytest.importorskip("torch.distributed")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        runs = []
+        for size in (None, 50):
+            torch.manual_seed(1)  # (the same model in both runs)
+            model = nn.parallel.DistributedDataParallel(_mlp())
+            tracker = GradientNoiseTracker(model, measure_every=2, sync_every=1, dataset_size=size)
+            g = torch.Generator().manual_seed(0)
+            for _ in range(5):
+                model.zero_grad()
+                x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+                F.cross_entropy(model(x), y).backward()
+                tracker.step()
+            runs.append([(h["step"], h["g2"], h["trace_sigma"]) for h in tracker.history])
+            tracker.remove()
+        plain, fixed = runs
+        assert [s for s, _, _ in fixed] == [1, 3, 5]
+        for (_, g2, tr), (_, g2_fixed, tr_fixed) in zip(plain, fixed, strict=True):
+            want = finite_population(g2, tr, 50)
+            assert (g2_fixed, tr_fixed) == pytest.approx(tuple(map(float, want)), rel=1e-9)
+            assert tr_fixed == pytest.approx(tr * 49 / 50, rel=1e-9) and g2_fixed > g2
+    finally:
+        dist.destroy_process_group()
+
+
 def test_the_readme_example_runs():
     """The README's two lines for a long run."""
     model = _mlp()

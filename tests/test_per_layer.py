@@ -90,12 +90,19 @@ def rounding(record: dict) -> tuple[float, float]:
 @pytest.mark.filterwarnings("ignore:the optimizer has taken fewer")  # step 1 is plain
 @pytest.mark.parametrize("precondition", [False, True], ids=["plain", "adam"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_groups_add_up_to_the_total_every_step(precondition, tied):
+@pytest.mark.parametrize("dataset_size", [None, 20])
+def test_groups_add_up_to_the_total_every_step(precondition, tied, dataset_size):
+    """Also with dataset_size: each group's g2 and tr Σ corrected for draws without
+    replacement as the total's are (a linear correction), so they still add up."""
     torch.manual_seed(0)
     model = Net(tied=tied)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     kw = {"precondition": opt, "precondition_from": 1} if precondition else {}
-    tracker = noisescale.GradientNoiseTracker(model, groups=True, sync_every=4, **kw)
+    tracker = noisescale.GradientNoiseTracker(
+        model, groups=True, sync_every=4, dataset_size=dataset_size, **kw
+    )
+    # (the correction adds tr Σ/N to g2: its rounding too)
+    fpc = 1.0 / dataset_size if dataset_size else 0.0
     # 12 steps: past the 8 after which per-example and micro-batch sources get unequal weights
     train(tracker, model, 12, opt=opt, width=11 if tied else 3)
     assert [r.get("preconditioned", False) for r in tracker.history][1:] == [precondition] * 11
@@ -103,6 +110,7 @@ def test_groups_add_up_to_the_total_every_step(precondition, tied):
         groups = r["groups"]
         assert list(groups) == ["emb", "body", "head"]  # a tied weight belongs to its first user
         tol_g2, tol_tr = rounding(r)
+        tol_g2 += fpc * tol_tr
         assert sum(g["sqnorm_big"] for g in groups.values()) == pytest.approx(
             r["sqnorm_big"], rel=F32
         )
@@ -112,6 +120,7 @@ def test_groups_add_up_to_the_total_every_step(precondition, tied):
         )
     # the EMAs are linear in the steps: their rounding is at most the largest step's
     tol_g2, tol_tr = (max(t) for t in zip(*(rounding(r) for r in tracker.history), strict=True))
+    tol_g2 += fpc * tol_tr
     total = tracker.estimate()
     per_group = tracker.estimate_groups()
     assert sum(e.g2 for e in per_group.values()) == pytest.approx(total.g2, abs=tol_g2)

@@ -207,6 +207,68 @@ def test_resume_gives_same_subsequent_estimates(tmp_path):
     assert resumed.steps == 40 and resumed.history[-1]["step"] == 40
 
 
+def without_replacement(steps, n, dataset_size, seed=0):
+    """A fixed data set of ``dataset_size`` rows (per-example gradient x_i under the linear
+    model) and ``steps`` batches of ``n`` distinct rows each (one batch of a shuffled epoch)."""
+    g = torch.Generator().manual_seed(seed)
+    data = MU + torch.randn(dataset_size, D, generator=g) * SD
+    return data, [data[torch.randperm(dataset_size, generator=g)[:n]] for _ in range(steps)]
+
+
+def test_batches_drawn_without_replacement_are_unbiased_with_dataset_size():
+    """Batches of 16 distinct examples of a data set of N = 24: every pair has E g_i·g_j =
+    |G|² − s²/N (s² the trace of the (N − 1)-normalised covariance), so eq. A.2's |G|² read
+    |G|² − s²/N and B_simple 1.3× high (the README said such draws bias nothing). With
+    dataset_size=N the per-step |G|² and tr Σ are unbiased for the data set's |G|² and its
+    N-normalised tr Σ (that of i.i.d. draws from it), each within 4 standard errors of the
+    mean over independent steps (CLT)."""
+    n_data = 24
+    data, draws = without_replacement(800, 16, n_data)
+    g = data.double().mean(0)
+    s2 = float(((data.double() - g) ** 2).sum() / (n_data - 1))
+    g2_true, tr_true = float(g @ g), s2 * (n_data - 1) / n_data
+
+    def means(tracker):
+        a = torch.tensor(records(tracker), dtype=torch.float64)
+        return a.mean(0), a.std(0) / math.sqrt(len(a))
+
+    plain = run(linear_model(), draws, beta=1.0)
+    (g2, tr), (se_g2, se_tr) = means(plain)
+    assert abs(g2 - g2_true) > 6 * se_g2  # the bias is real and as derived:
+    assert abs(g2 - (g2_true - s2 / n_data)) < 4 * se_g2
+    assert abs(tr - s2) < 4 * se_tr
+    fixed = run(linear_model(), draws, beta=1.0, dataset_size=n_data)
+    (g2, tr), (se_g2, se_tr) = means(fixed)
+    assert abs(g2 - g2_true) < 4 * se_g2
+    assert abs(tr - tr_true) < 4 * se_tr
+    e = fixed.estimate()
+    assert e.low <= tr_true / g2_true <= e.high
+    assert plain.estimate().b_simple > 1.2 * tr_true / g2_true
+
+
+def test_dataset_size_is_checkpointed_and_checked(tmp_path):
+    _, draws = without_replacement(20, 8, 40, seed=1)
+    full = run(linear_model(), draws, beta=0.9, dataset_size=40)
+    model = linear_model()
+    first = run(model, draws[:12], beta=0.9, dataset_size=40)
+    state = first.state_dict()
+    first.remove()
+    for other in (None, 41):
+        with pytest.raises(NoiseScaleInputError, match=r"dataset_size=40 but this tracker"):
+            noisescale.GradientNoiseTracker(model, beta=0.9, dataset_size=other).load_state_dict(
+                state
+            )
+    resumed = noisescale.GradientNoiseTracker(model, beta=0.9, dataset_size=40)
+    resumed.load_state_dict(state)
+    _train(resumed, model, draws[12:])
+    assert resumed.estimate().b_simple == pytest.approx(full.estimate().b_simple, rel=1e-9)
+    for bad in (1, 2.5, True, "24"):
+        with pytest.raises(NoiseScaleInputError, match="dataset_size must be"):
+            noisescale.GradientNoiseTracker(model, dataset_size=bad)
+    with pytest.warns(RuntimeWarning, match=r"larger than dataset_size=6: it cannot have been"):
+        run(linear_model(), draws[:2], dataset_size=6).sync()
+
+
 def test_history_jsonl(tmp_path):
     path = tmp_path / "history.jsonl"
     model = linear_model()

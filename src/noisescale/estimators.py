@@ -22,10 +22,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+from noisescale.errors import NoiseScaleInputError
 
 __all__ = [
     "CombinerState",
@@ -35,6 +37,7 @@ __all__ = [
     "combine_weights",
     "combiner_weights",
     "estimate_from_norms",
+    "finite_population",
     "init_combiner",
     "init_state",
     "microbatch_norm_estimates",
@@ -125,6 +128,44 @@ def g2_trace_from_sums(
     g2 = (bh * big - small) / denom
     trace = float(b_big) * (small - count * big) / denom
     return g2, trace
+
+
+def finite_population(
+    g2: ArrayLike, trace_sigma: ArrayLike, dataset_size: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One step's (g2, trace_sigma) corrected for batches drawn without replacement from a data
+    set of N = ``dataset_size`` examples (unchanged for ``None``).
+
+    With the N examples' mean gradient G and s² the trace of their (N − 1)-normalised covariance,
+    a batch of b distinct examples has E|G_b|² = |G|² + s²(1/b − 1/N): every pair i ≠ j has
+    E g_i·g_j = |G|² − s²/N. Eq. A.2 on such batches therefore gives tr Σ unbiased for s² and
+    |G|² unbiased for |G|² − s²/N, and B_simple reads ≈ 1/(1 − B_simple/N) high. Returned:
+    g2 + trace_sigma/N (unbiased for |G|²) and trace_sigma·(N − 1)/N (the noise of i.i.d. draws
+    from the data set, the paper's Σ: the N-normalised covariance, what sampling with replacement
+    from the data set has). Linear, so sources, groups and averages compose. The same holds for
+    any quadratic form: (GᵀHG, tr HΣ) of :func:`noisescale.hessian.measure_b_noise` likewise.
+    """
+    g = np.asarray(g2, dtype=float)
+    t = np.asarray(trace_sigma, dtype=float)
+    if dataset_size is None:
+        return g, t
+    n = float(dataset_size)
+    return g + t / n, t * (n - 1.0) / n
+
+
+def check_dataset_size(dataset_size: Any) -> int | None:
+    """``dataset_size`` as given to a tracker: ``None`` or an integer ≥ 2, else refused."""
+    if dataset_size is None:
+        return None
+    if isinstance(dataset_size, bool) or not (
+        isinstance(dataset_size, (int, np.integer)) and dataset_size >= 2
+    ):
+        raise NoiseScaleInputError(
+            "dataset_size must be None or the number of examples of the data set the batches are "
+            "drawn from without replacement (an integer ≥ 2, counted as batch sizes are), got "
+            f"{dataset_size!r}"
+        )
+    return int(dataset_size)
 
 
 def per_example_norm_estimates(

@@ -38,9 +38,10 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -712,6 +713,17 @@ class BNoiseTracker:
         confidence: Coverage of the intervals.
         tracker: A :class:`~noisescale.GradientNoiseTracker` on the same model, whose hooks are
             paused during the measurement so that its extra passes are not counted as training.
+        dataset_size: The number of examples N of the data set when each measured batch is
+            drawn from it without replacement (a batch of a shuffled epoch): the parts of such a
+            batch are negatively correlated, which biases GᵀHG low by tr(HΣ)/N and |G|² by
+            tr Σ/N. Given N, each measurement is corrected as it is folded in (:meth:`update`;
+            :func:`noisescale.estimators.finite_population`), tr(HΣ) and tr Σ then being those of
+            i.i.d. draws from the data set. Exact for GᵀHG and tr(HΣ) only with a
+            ``hessian_batch`` drawn independently of ``batch`` (its own random draw from the data
+            set, not another batch of the same epoch): a Hessian part of the same draw is
+            correlated with the gradient parts through each example's Hessian and gradient, a
+            bias of order 1/N that no correction from these numbers removes, and :meth:`step`
+            warns. ``None``: no correction (sampling with replacement).
     """
 
     def __init__(
@@ -724,6 +736,7 @@ class BNoiseTracker:
         beta: float = 0.9,
         confidence: float = 0.95,
         tracker: _Pausable | None = None,
+        dataset_size: int | None = None,
     ) -> None:
         if every < 1:
             raise NoiseScaleInputError(f"every must be at least 1, got {every}")
@@ -739,6 +752,8 @@ class BNoiseTracker:
         self.splits = splits
         self.confidence = confidence
         self.tracker = tracker
+        self.dataset_size = est.check_dataset_size(dataset_size)
+        self._warned_same_draw = False
         self.calls = 0
         self._measured = 0  # measurements taken by step() since construction or resume
         self.seconds = 0.0
@@ -755,6 +770,19 @@ class BNoiseTracker:
         self.calls += 1
         if (self.calls - 1) % self.every:
             return None
+        if self.dataset_size is not None and hessian_batch is None and not self._warned_same_draw:
+            self._warned_same_draw = True
+            warnings.warn(
+                f"noisescale: BNoiseTracker(dataset_size={self.dataset_size}) takes the Hessian "
+                "from a part of the measured batch, drawn with its gradient parts without "
+                "replacement: through each example's Hessian and gradient the parts are "
+                "correlated, which leaves GᵀHG and tr(HΣ) a bias of order 1/N that the "
+                "correction for dataset_size does not remove (|G|² and tr Σ are exact); pass "
+                "hessian_batch= drawn independently of the batch (its own random draw from the "
+                "data set)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         pause = self.tracker.paused() if self.tracker is not None else nullcontext()
         start = time.perf_counter()
         self._measured += 1
@@ -776,7 +804,21 @@ class BNoiseTracker:
     def update(
         self, measurement: BNoiseEstimate, *, step: int | None = None, seconds: float = math.nan
     ) -> None:
-        """Fold in a measurement taken elsewhere (e.g. by :func:`measure_b_noise` directly)."""
+        """Fold in a measurement taken elsewhere (e.g. by :func:`measure_b_noise` directly), as
+        measured: corrected here for ``dataset_size`` (the history records it corrected)."""
+        ghg, trace_h_sigma = est.finite_population(
+            measurement.ghg, measurement.trace_h_sigma, self.dataset_size
+        )
+        g2, trace_sigma = est.finite_population(
+            measurement.g2, measurement.trace_sigma, self.dataset_size
+        )
+        measurement = replace(
+            measurement,
+            ghg=float(ghg),
+            trace_h_sigma=float(trace_h_sigma),
+            g2=float(g2),
+            trace_sigma=float(trace_sigma),
+        )
         self._hessian = est.update_state(self._hessian, measurement.ghg, measurement.trace_h_sigma)
         self._simple = est.update_state(self._simple, measurement.g2, measurement.trace_sigma)
         e = self.estimate()
@@ -808,15 +850,16 @@ class BNoiseTracker:
             "simple": self._simple._asdict(),
             "calls": self.calls,
             "seconds": self.seconds,
+            "dataset_size": self.dataset_size,
             "history": [dict(r) for r in self.history],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`: estimates, ``calls`` and ``history`` continue exactly.
 
-        The state's EMAs were built with its ``beta``; a tracker constructed with another one is
-        refused rather than silently switched to the state's. A state saved before the history
-        was kept resumes with an empty history.
+        The state's EMAs were built with its ``beta`` and ``dataset_size``; a tracker
+        constructed with another is refused rather than silently switched to the state's. A
+        state saved before the history was kept resumes with an empty history.
         """
         saved_beta = float(state["hessian"]["beta"])
         if saved_beta != self.beta:
@@ -824,6 +867,14 @@ class BNoiseTracker:
                 f"the state was averaged with beta={saved_beta} but this tracker was built with "
                 f"beta={self.beta}; construct it with beta={saved_beta} to resume (the EMAs "
                 "cannot change their decay midway)"
+            )
+        saved_size = state.get("dataset_size")
+        if saved_size != self.dataset_size:
+            raise NoiseScaleInputError(
+                f"the state was averaged with dataset_size={saved_size} but this tracker was "
+                f"built with dataset_size={self.dataset_size}: its measurements were corrected "
+                "(or not) for draws without replacement from that many examples; construct it "
+                f"with dataset_size={saved_size} to resume, or start a new estimate"
             )
         self._hessian = est.load_state(state["hessian"])
         self._simple = est.load_state(state["simple"])

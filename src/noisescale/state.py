@@ -99,13 +99,16 @@ def init(beta: float = 0.99, group_names: tuple[str, ...] = ()) -> TrackerState:
     )
 
 
-def _per_source(stats: StepStats) -> dict[str, tuple[float, float]]:
+def _per_source(stats: StepStats, dataset_size: int | None) -> dict[str, tuple[float, float]]:
     out = {}
     for name, sb in stats.sources.items():
         if sb.count <= 0 or not stats.b_big * sb.inv_size_sum > sb.count:
             continue  # no small batch smaller than the big one
-        g2, tr = est.g2_trace_from_sums(
-            stats.b_big, stats.sqnorm_big, sb.count, sb.inv_size_sum, sb.sqnorm_sum
+        g2, tr = est.finite_population(
+            *est.g2_trace_from_sums(
+                stats.b_big, stats.sqnorm_big, sb.count, sb.inv_size_sum, sb.sqnorm_sum
+            ),
+            dataset_size,
         )
         out[name] = (float(g2), float(tr))
     return out
@@ -123,9 +126,16 @@ def _weights(
 
 
 def update(
-    state: TrackerState, stats: StepStats, confidence: float = 0.95
+    state: TrackerState,
+    stats: StepStats,
+    confidence: float = 0.95,
+    dataset_size: int | None = None,
 ) -> tuple[TrackerState, dict[str, Any]]:
-    """Fold one step into the state; return the new state and the step's history record."""
+    """Fold one step into the state; return the new state and the step's history record.
+
+    ``dataset_size``: the batches are drawn without replacement from a data set of that many
+    examples; each source's g2 and tr Σ are corrected for it before they are combined and
+    averaged (:func:`~noisescale.estimators.finite_population`)."""
     beta = state.noise.beta
     preconditioned_from = state.preconditioned_from
     noise, combiner, groups = state.noise, dict(state.combiner), dict(state.groups)
@@ -134,7 +144,7 @@ def update(
         preconditioned_from = stats.step
         noise, combiner = est.init_state(beta), {}
         groups = {n: est.init_state(beta) for n in groups}
-    per_source = _per_source(stats)
+    per_source = _per_source(stats, dataset_size)
     finite = math.isfinite(stats.sqnorm_big) and all(
         math.isfinite(g) and math.isfinite(t) for g, t in per_source.values()
     )
@@ -152,9 +162,11 @@ def update(
         if comb is not None:
             combiner[",".join(names)] = est.update_combiner(comb, pairs[:, 0], pairs[:, 1])
         noise = est.update_state(noise, g2, tr)
-        record_groups = _update_groups(groups, stats, names, w_g2, w_tr, confidence)
+        record_groups = _update_groups(groups, stats, names, w_g2, w_tr, confidence, dataset_size)
     elif groups:
-        record_groups = _update_groups(groups, stats, [], np.ones(0), np.ones(0), confidence)
+        record_groups = _update_groups(
+            groups, stats, [], np.ones(0), np.ones(0), confidence, dataset_size
+        )
     e = est.b_simple_interval(noise, confidence)
     examples = state.examples + stats.examples + stats.unmeasured[1]
     record: dict[str, Any] = {
@@ -277,6 +289,7 @@ def _update_groups(
     w_g2: np.ndarray,
     w_tr: np.ndarray,
     confidence: float,
+    dataset_size: int | None,
 ) -> dict[str, dict[str, Any]]:
     """Per parameter group: eq. A.2 on the group's norms with the total's source weights (read
     before the total updates them), so the groups' g2 and tr Σ add up to the total's."""
@@ -293,8 +306,11 @@ def _update_groups(
         g2, tr = np.zeros(len(order)), np.zeros(len(order))
         for wg, wt, name in zip(w_g2, w_tr, names, strict=True):
             sb = stats.sources[name]
-            g, t = est.g2_trace_from_sums(
-                stats.b_big, big, sb.count, sb.inv_size_sum, sb.group_sqnorm_sum
+            g, t = est.finite_population(
+                *est.g2_trace_from_sums(
+                    stats.b_big, big, sb.count, sb.inv_size_sum, sb.group_sqnorm_sum
+                ),
+                dataset_size,
             )
             g2 += wg * g
             tr += wt * t

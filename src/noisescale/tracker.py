@@ -128,7 +128,7 @@ HISTORY_KIND = "noisescale.history"
 # the header's keys a continued history must share with the tracker continuing it
 _HISTORY_MEANING = (
     "version", "loss_reduction", "beta", "confidence", "definition", "unit", "paired_rows",
-    "grouped_rows",
+    "grouped_rows", "dataset_size",
 )  # fmt: skip
 HISTORY_VERSION = 1
 STATE_VERSION = 3
@@ -397,6 +397,15 @@ class GradientNoiseTracker:
             ``Batch`` passed whole, or ``int(args[2].max()) + 1`` from the ``batch`` vector of
             ``model(x, edge_index, batch)`` (a host read per forward). Counted in nodes, B_simple
             and tr Σ would be read in nodes, 5× too large with graphs of 5 nodes.
+        dataset_size: The number of examples N of the data set when each step's batch is drawn
+            from it without replacement (a shuffled epoch: ``DataLoader(shuffle=True)``,
+            ``DistributedSampler``: the global batch), counted as batch sizes are (rows).
+            Distinct examples of a finite set are negatively correlated, which biases eq. A.2's
+            |G|² low by tr Σ/N and reads B_simple ≈ 1/(1 − B_simple/N) high; given N, each
+            step's |G|² and tr Σ are corrected before they are averaged
+            (:func:`noisescale.estimators.finite_population`) and tr Σ is that of i.i.d. draws
+            from the data set (the paper's). Negligible when N ≫ B_simple; ``None`` (default):
+            no correction (right for sampling with replacement or an endless stream).
     """
 
     def __init__(
@@ -424,6 +433,7 @@ class GradientNoiseTracker:
         paired_rows: str | None = None,
         grouped_rows: int | None = None,
         examples: Callable[[tuple, dict], Any] | None = None,
+        dataset_size: int | None = None,
     ) -> None:
         if loss_reduction not in LOSS_REDUCTIONS:
             raise NoiseScaleInputError(
@@ -440,6 +450,7 @@ class GradientNoiseTracker:
             raise NoiseScaleInputError(f"beta must be in (0, 1], got {beta}")
         if not 0.0 < confidence < 1.0:
             raise NoiseScaleInputError(f"confidence must be in (0, 1), got {confidence}")
+        self.dataset_size = est.check_dataset_size(dataset_size)
         if sync_every < 1:
             raise NoiseScaleInputError(f"sync_every must be at least 1, got {sync_every}")
         if per_example_fraction is not None and not 0.0 < per_example_fraction <= 1.0:
@@ -649,6 +660,9 @@ class GradientNoiseTracker:
         # set by the transformers callback (noisescale.integrations.transformers): what
         # computes the loss outside the model under the Trainer, if anything (for messages)
         self._trainer_loss_outside: str | None = None
+        # set by the callbacks: the examples of the training set their loader draws from without
+        # replacement, where they can tell (integrations.drawn_without_replacement)
+        self._drawn_from: int | None = None
         # the previous step's micro-batches, and whether this step's divisor is unknown
         # (_weights_of: a short window without a measured multiplier)
         self._passes_before = 0
@@ -1390,7 +1404,18 @@ class GradientNoiseTracker:
                 break
             if s is None:  # (data parallel: a step unmeasured or left out on every process)
                 continue
-            self._state, record = state_mod.update(self._state, s, self.confidence)
+            if self.dataset_size is not None and s.b_big > self.dataset_size:
+                self._warn_once(
+                    "dataset-size",
+                    f"step {s.step}'s batch of {s.b_big:g} examples is larger than "
+                    f"dataset_size={self.dataset_size}: it cannot have been drawn without "
+                    "replacement from that data set, and the correction for such draws is then "
+                    "wrong; give the number of examples the batches are drawn from, or no "
+                    "dataset_size (sampling with replacement needs none)",
+                )
+            self._state, record = state_mod.update(
+                self._state, s, self.confidence, self.dataset_size
+            )
             self._after_update(p, record)
             records.append(record)
         self._history.extend(records)
@@ -1593,6 +1618,7 @@ class GradientNoiseTracker:
             self._warn_once("non-finite", f"step {p.step} has non-finite gradients; it is left out")
         if not record["skipped"]:
             self._watch_tails(p, record)
+            self._watch_draws()
         unbounded = record["b_simple_high"] is None or not math.isfinite(
             record["b_simple_high"] or math.inf
         )
@@ -1608,6 +1634,28 @@ class GradientNoiseTracker:
                 "per_example_fraction) separates |G|² from the noise far more precisely late in "
                 "training, at about the same cost (bench/precision.py)",
             )
+
+    def _watch_draws(self) -> None:
+        """Warn where the callback's loader draws from a data set of N examples without
+        replacement, no ``dataset_size`` corrects for those draws, and B_simple corrected for
+        them is over 5% of N: uncorrected it reads about 1/(1 − B_simple/N) high — or nan, |G|²
+        not positive, from B_simple ≈ N on, where an interval's end could not tell."""
+        n, noise = self._drawn_from, self._state.noise
+        if self.dataset_size is not None or not n or noise.count < 8:
+            return
+        g2, tr = est.finite_population(noise.g2_sum, noise.trace_sum, n)  # (the EMAs' ratio)
+        if not (g2 > 0 and tr > 0.05 * n * g2):
+            return
+        b = float(tr / g2)
+        self._warn_once(
+            "drawn-without-replacement",
+            f"the training loader draws its batches without replacement from {n} examples (a "
+            f"shuffled epoch), and B_simple corrected for such draws is about {b:.3g} "
+            f"examples, {100 * b / n:.0f}% of them: uncorrected, the estimate reads about "
+            "1/(1 − B_simple/N) high (nan once B_simple nears N); pass dataset_size="
+            f"{n} with the callback's tracker arguments to correct each step (README: the "
+            "examples of a step must be independent draws)",
+        )
 
     def _watch_tails(self, p: _Pending, record: dict[str, Any]) -> None:
         """Warn once when the averaged tr Σ rests on a few steps: n_eff = (Σ w_t tr_t)² /
@@ -2121,6 +2169,7 @@ class GradientNoiseTracker:
             "beta": self._state.noise.beta,
             "confidence": self.confidence,
             "source": self.mode,
+            **({"dataset_size": self.dataset_size} if self.dataset_size is not None else {}),
             "definition": self.definition or "example",
             "unit": UNITS[self.definition or "example"],
             **({"subbatches": self.subbatches} if self.mode == "subbatch" else {}),
@@ -2277,6 +2326,8 @@ class GradientNoiseTracker:
             "engine_steps": self.engine.steps_collected,
             "subbatches_pay": self.engine.subbatches_pay,
             "measure_every": self.measure_every,
+            # the averages are corrected for batches drawn without replacement from this many
+            "dataset_size": self.dataset_size,
             # what the estimate was measured on: a checkpoint of another model is refused
             "model": self._model_signature(),
             # the unmeasured steps since the last measured one (count, examples, tokens)
@@ -2351,6 +2402,16 @@ class GradientNoiseTracker:
                 f"was built with beta={beta}: the averages' weights belong to their beta. "
                 f"Construct the tracker with beta={saved_beta} to resume them, or start a new "
                 "estimate (no load_state_dict)"
+            )
+        saved_size = state.get("dataset_size")
+        if saved_size != self.dataset_size:
+            raise NoiseScaleInputError(
+                f"the checkpoint's averages were taken with dataset_size={saved_size} but this "
+                f"tracker was built with dataset_size={self.dataset_size}: each step's |G|² and "
+                "tr Σ were corrected (or not) for draws without replacement from that many "
+                "examples before averaging, and mixed with steps corrected otherwise they would "
+                f"be neither. Construct the tracker with dataset_size={saved_size} to resume "
+                "them, or start a new estimate (no load_state_dict)"
             )
         saved_every = int(state.get("measure_every", self.measure_every))
         if saved_every != self.measure_every:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from noisescale.errors import NoiseScaleInputError
 from noisescale.preconditioning import unwrap_optimizer
 
@@ -72,3 +74,24 @@ def estimate_metrics(
         values["noisescale/batch_size"] = float(k * schedule.micro_batch_size)
         values["noisescale/lr_factor"] = lr_factor
     return values
+
+
+def drawn_without_replacement(loader: Any) -> int | None:
+    """The number of examples of the data set a training loader draws from without replacement
+    — its sampler a shuffled ``RandomSampler`` (``shuffle=True``, accelerate's seedable one) or
+    ``DistributedSampler``, under accelerate's batch-sampler shard too — or ``None`` where it
+    cannot tell (another sampler, a dataset without a length). The tracker then warns when
+    B_simple is a sizable part of it without ``dataset_size=`` (:class:`GradientNoiseTracker`).
+    """
+    batches = getattr(loader, "batch_sampler", None)
+    while hasattr(batches, "batch_sampler"):  # (accelerate's BatchSamplerShard)
+        batches = batches.batch_sampler
+    sampler = getattr(batches, "sampler", None)
+    data = torch.utils.data
+    shuffled = (isinstance(sampler, data.RandomSampler) and not sampler.replacement) or (
+        isinstance(sampler, data.DistributedSampler) and sampler.shuffle
+    )
+    try:
+        return len(loader.dataset) if shuffled else None
+    except TypeError:  # (no __len__)
+        return None

@@ -65,7 +65,12 @@ import torch
 from torch import Tensor, nn
 
 from noisescale.errors import GradientsChangedError, NoiseScaleInputError
-from noisescale.integrations import estimate_metrics, refuse_batch_sampler, stepped_optimizer
+from noisescale.integrations import (
+    drawn_without_replacement,
+    estimate_metrics,
+    refuse_batch_sampler,
+    stepped_optimizer,
+)
 from noisescale.module_hooks import Hook
 from noisescale.preconditioning import learning_rate, unwrap_optimizer
 from noisescale.schedule import (
@@ -400,7 +405,10 @@ class NoiseScaleCallback(pl.Callback):
                 "would measure the spread of those batches, not the data's gradient noise; "
                 "remove the NoiseScaleCallback from an overfitting run, or set overfit_batches=0"
             )
-        for loader in _dataloaders(trainer.train_dataloader):
+        loaders = _dataloaders(trainer.train_dataloader)
+        if self.tracker is not None and len(loaders) == 1:
+            self.tracker._drawn_from = drawn_without_replacement(loaders[0])
+        for loader in loaders:
             batches = loader.batch_sampler
             if type(batches) is not torch.utils.data.BatchSampler:
                 continue  # no automatic batching, or a batch sampler of the user's own

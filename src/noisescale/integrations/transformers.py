@@ -100,7 +100,12 @@ import torch
 from torch import Tensor, nn
 
 from noisescale.errors import NoiseScaleInputError
-from noisescale.integrations import estimate_metrics, refuse_batch_sampler, stepped_optimizer
+from noisescale.integrations import (
+    drawn_without_replacement,
+    estimate_metrics,
+    refuse_batch_sampler,
+    stepped_optimizer,
+)
 from noisescale.module_hooks import Hook
 from noisescale.preconditioning import learning_rate, unwrap_optimizer
 from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, check_lr_schedulers, scale_lr
@@ -231,6 +236,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         self._lr_scheduler = kwargs.get("lr_scheduler")
         self._train_batches = _length(kwargs.get("train_dataloader"))
         self.tracker = GradientNoiseTracker(model, **self._tracker_kwargs(args))
+        self.tracker._drawn_from = drawn_without_replacement(kwargs.get("train_dataloader"))
         self._watch_trainer_loss(args)
         for p in model.parameters():
             if p.requires_grad:
