@@ -365,10 +365,11 @@ class TokenWatcher:
 
         loss.register_hook(hook)
 
-    def watch_loss(self, loss: Any, divided_by: float = 1.0) -> None:
+    def watch_loss(self, loss: Any, divided_by: Any = 1.0) -> None:
         """Measure the multiplier the step puts on ``loss``, a micro-batch's loss about to be
         scaled and backpropagated (:meth:`~noisescale.GradientNoiseTracker.watch_loss`);
-        ``divided_by``: what it was already divided by."""
+        ``divided_by``: what it was already divided by (or a callable that says so at the
+        step)."""
         if not isinstance(loss, Tensor) or loss.dim() != 0 or not loss.requires_grad:
             return
         pass_ = self._current_pass()
@@ -440,7 +441,7 @@ class TokenWatcher:
 
     @staticmethod
     def _measure_multiplier(
-        pass_: Any, loss: Tensor, divided_by: float = 1.0, explicit: bool = False
+        pass_: Any, loss: Tensor, divided_by: Any = 1.0, explicit: bool = False
     ) -> None:
         """Hook a loss the model computed itself (not through its ``loss_function``): the
         gradient that reaches it in the backward is the multiplier the step put on it — 1/k
@@ -457,10 +458,9 @@ class TokenWatcher:
         if pass_.loss_grad_hook is not None:
             pass_.loss_grad_hook.remove()
         pass_.loss_grad, pass_.loss_grad_explicit = None, explicit
+        pass_.loss_divided_by = divided_by  # (divided out where the step reads loss_grad)
 
         def hook(grad: Tensor) -> None:
-            if divided_by != 1.0:
-                grad = grad / divided_by
             pass_.loss_grad = grad if pass_.loss_grad is None else pass_.loss_grad + grad
 
         pass_.loss_grad_hook = loss.register_hook(hook)
