@@ -31,8 +31,8 @@ Conventions:
     * Norms are read before clipping; with ``torch.amp.GradScaler`` (pass ``scaler=``) they are
       unscaled (whether or not ``scaler.unscale_`` already ran) and steps with non-finite
       gradients are skipped.
-    * Statistics stay on the device; the host reads them once every ``sync_every`` steps, or when
-      an estimate, the history or a state_dict is asked for.
+    * Statistics stay on the device; the host reads them once every ``sync_every`` measured
+      steps, or when an estimate, the history or a state_dict is asked for.
 """
 
 from __future__ import annotations
@@ -158,6 +158,9 @@ class _Pending:
     tokens: Tensor | None = None  # tokens the step's loss counted
     # measure_every: the unmeasured steps since the last measured one (count, examples, tokens)
     unmeasured: tuple[int, int, Tensor | float | None] = state_mod.NOTHING_UNMEASURED
+    # False: a step measure_every left unmeasured (data parallel: its counts' all-reduce),
+    # which does not count toward sync_every
+    measured: bool = True
     # layer inputs picked by index tensors not read on the accelerator when the layer ran:
     # (layer, how, device flag "not the examples"), read with the rest (engine.unread_picks)
     picks: tuple[tuple[str, str, Tensor], ...] = ()
@@ -324,7 +327,8 @@ class GradientNoiseTracker:
             continued only by a tracker resumed with :meth:`load_state_dict` whose header (loss
             reduction, unit, beta, source) is the file's; otherwise the first write is refused
             (the file is left as it was).
-        sync_every: Steps between host reads of the device statistics.
+        sync_every: Measured steps between host reads of the device statistics
+            (``measure_every``'s unmeasured steps do not count).
         fallback: Allow the torch.func fallback for modules whose parameters meet the batch in
             an operation without a per-example rule.
         precondition: An Adam, AdamW or RMSprop optimizer: measure the noise scale of the
@@ -843,7 +847,9 @@ class GradientNoiseTracker:
                 )
             )
             self._unmeasured = state_mod.NOTHING_UNMEASURED
-        if len(self._pending) >= self.sync_every:
+        # (measured steps only: until 2026-12-06 a data-parallel tracker's unmeasured steps
+        # counted too, and measure_every=m read the host m times as often; a review)
+        if sum(p.measured for p in self._pending) >= self.sync_every:
             self.sync()
 
     def discard(self) -> None:
@@ -982,7 +988,7 @@ class GradientNoiseTracker:
         examples = sum(p.batch_size for p in passes)
         if self._dist is not None:
             reduced = self._dist.launch_unmeasured(examples, tokens, self.steps)
-            self._pending.append(_Pending(self.steps, None, scale, reduced=reduced))
+            self._pending.append(_Pending(self.steps, None, scale, reduced=reduced, measured=False))
         else:
             self._count_unmeasured(examples, None if tokens is None else tokens.detach())
         self._schedule_next()
