@@ -85,6 +85,7 @@ from noisescale.preconditioning import (
 from noisescale.sources.base import Observation, Source, StepNorms
 from noisescale.sources.distributed import (
     LEFT_OUT,
+    OVERFLOWED,
     PASS_MISSING,
     PICKED,
     DataParallelSource,
@@ -738,25 +739,23 @@ class GradientNoiseTracker:
         norms, definition, tokens = self._weights_of(passes, scale)
         self._check_definition(definition)
         self._schedule_next()
+        # (here and at _first_gradients: precondition= is refused under data parallelism, so
+        # neither returns before the all-reduce below on one process alone)
         if self._precondition_stale():
             return
-        if (
+        # (until 2026-12-06 |G_big|² read 0 from 2^64 on — S² is inf in float32 — and the
+        # step was recorded, tr Σ 25% off, a hunt; below, the squares S²·|g_i|² overflowed
+        # for gradients of norm > 2^64/S and the step was recorded nan, no word, a review).
+        # The norms are this process's own: under data parallelism the step is left out on
+        # every process, when read (until 2026-12-06 the process returned before its all-reduce
+        # alone, and the collectives were paired wrongly from there; a review)
+        overflowed = (
             scale > _SCALE_CHECKED
             and any(p.dtype != torch.float64 for p in self._params)
             and (scale > _LARGEST_LOSS_SCALE or not _norms_finite(passes))
-        ):
-            # (until 2026-12-06 |G_big|² read 0 from 2^64 on — S² is inf in float32 — and the
-            # step was recorded, tr Σ 25% off, a hunt; below, the squares S²·|g_i|² overflowed
-            # for gradients of norm > 2^64/S and the step was recorded nan, no word, a review)
-            self._warn_once(
-                "loss-scale",
-                f"noisescale: the GradScaler's loss scale has grown to {scale:g} (it doubles "
-                "every growth_interval steps while no gradient overflows: with bfloat16 or "
-                "float32 gradients, for ever), where squared norms of the scaled gradients "
-                "overflow float32; steps are left out from here. bfloat16 needs no GradScaler "
-                "(torch.autocast alone); otherwise keep the scale bounded (a growth_interval "
-                "long enough, or a scaler of your own)",
-            )
+        )
+        if overflowed and self._dist is None:
+            self._warn_once("loss-scale", _loss_scale_message(scale))
             return
         if self._divisor_unknown and self._dist is None:
             self._warn_once(
@@ -791,6 +790,7 @@ class GradientNoiseTracker:
                 self.steps,
                 picks,
                 left_out=self._divisor_unknown,
+                overflowed=overflowed,
             )
             self._pending.append(_Pending(self.steps, lr, scale, reduced=reduced, picks=picks))
         else:
@@ -1454,6 +1454,12 @@ class GradientNoiseTracker:
                 if kind != "measured":
                     if refused is None and kind == "unmeasured":
                         self._count_unmeasured(*self._dist.resolve_unmeasured(row))
+                    elif refused is None and row[OVERFLOWED] > 0:
+                        where = (
+                            f"on {round(float(row[OVERFLOWED]))} of the "
+                            f"{self._dist.world_size} processes at step {p.step}, "
+                        )
+                        self._warn_once("loss-scale", _loss_scale_message(p.scale, where))
                     elif refused is None:
                         had = (
                             f"on {round(float(row[LEFT_OUT]))} of the {self._dist.world_size} "
@@ -2408,13 +2414,32 @@ class GradientNoiseTracker:
         self.engine.last_step_passes = int(state.get("subset_step_passes", 0))
         self.engine.steps_collected = int(state.get("engine_steps", self.steps))
         self.engine.subbatches_pay = state.get("subbatches_pay")
-        self._passes_before = int(state.get("passes_before", 0))
+        # under data parallelism the checkpoint is usually one process's (rank 0's), whose
+        # accumulation window need not be this process's: unknown, the first step after the
+        # resume not judged short (until 2026-12-06 rank 0's was carried to every process, and a
+        # process accumulating fewer micro-batches had a measurable step left out everywhere
+        # with a false warning; a review)
+        many = self._dist is not None and self._dist.world_size > 1
+        self._passes_before = 0 if many else int(state.get("passes_before", 0))
         self._weights_varied, self._varied_before = None, bool(state.get("weights_varied"))
         if self._dist is not None:
             self._dist.weights_varied = bool(state.get("weights_varied"))
         count, examples, tokens = state.get("unmeasured", [0, 0, 0.0])
         self._unmeasured = (int(count), int(examples), None if tokens is None else float(tokens))
         self._schedule_next()
+
+
+def _loss_scale_message(scale: float, where: str = "") -> str:
+    """Why steps are left out once the GradScaler's scale overflows float32's squared norms
+    (``where``: on which processes, at which step, under data parallelism)."""
+    return (
+        f"noisescale: {where}the GradScaler's loss scale has grown to {scale:g} (it doubles "
+        "every growth_interval steps while no gradient overflows: with bfloat16 or float32 "
+        "gradients, for ever), where squared norms of the scaled gradients overflow float32; "
+        "steps are left out from here. bfloat16 needs no GradScaler (torch.autocast alone); "
+        "otherwise keep the scale bounded (a growth_interval long enough, or a scaler of your "
+        "own)"
+    )
 
 
 def _short_window_message(had: str) -> str:
