@@ -1651,11 +1651,11 @@ def test_unlabelled_examples_under_label_smoothing_or_an_items_loss_are_measured
     """Labels of -100 under the Trainer's label smoother (label_smoothing_factor) or a
     compute_loss_func in its own form (a sum over the labelled examples divided by
     num_items_in_batch, declared): the loss is the mean over the labelled examples, measured
-    per labelled example as a declared token mean over labels of one token each — b_big and
-    'tokens' the 5 labelled, |G_big|² the labelled examples' mean gradient's, g2 and tr Σ the
-    per-token definition (language_models.md) from brute force, for k = 1, 2. Until 2026-12-06
-    the -100 examples were counted as examples of zero gradient: b_big 8, |G_big|² (5/8)² of
-    it, B_simple +108% on a hunt's batch, without a word."""
+    per labelled example as a declared token mean over labels of one token each — b_big the 5
+    labelled, |G_big|² the labelled examples' mean gradient's, g2 and tr Σ the per-token
+    definition (language_models.md) from brute force, for k = 1, 2, given in examples (no
+    'tokens'). Until 2026-12-06 the -100 examples were counted as examples of zero gradient:
+    b_big 8, |G_big|² (5/8)² of it, B_simple +108% on a hunt's batch, without a word."""
     pytest.importorskip("transformers")
 
     def items_loss(outputs, labels, num_items_in_batch=None):
@@ -1681,7 +1681,6 @@ def test_unlabelled_examples_under_label_smoothing_or_an_items_loss_are_measured
     big, small = float(x.mean(0) @ x.mean(0)), float((x * x).sum(1).mean())
     want = {
         "b_big": float(n),
-        "tokens": float(n),
         "sqnorm_big": float(x[kept].mean(0) @ x[kept].mean(0)),
         "g2": (_SEQ * big - small) / (_SEQ - 1) / t**2,
         "trace_sigma": (small - big) / (1 - 1 / _SEQ) / t,
@@ -1694,6 +1693,44 @@ def test_unlabelled_examples_under_label_smoothing_or_an_items_loss_are_measured
         got = _one_step(tmp_path, _bert_classifier(), _PartlyLabelled(), k, **kw)
         for key, value in want.items():
             assert got[key] == pytest.approx(value, rel=1e-6), (smoothing, k, key)
+        assert "tokens" not in got and "tokens_per_example" not in got
+
+
+def test_a_classifiers_unit_stays_examples_under_label_smoothing(tmp_path, capsys):
+    """A fully labelled classifier under the Trainer's label_smoothing_factor: the history,
+    the estimate and `noisescale calc --history` are in examples, as without smoothing (the
+    labelled examples: all 4 of each step). For a few hours on 2026-12-06 the smoother's
+    labelled examples were given as "tokens" — the history's unit, B_simple "57.16 tokens …
+    (1 tokens per example)" in calc — so a classifier's unit depended on a hyperparameter (a
+    review)."""
+    pytest.importorskip("transformers")
+    import transformers
+
+    from noisescale.cli import main
+    from noisescale.integrations.transformers import NoiseScaleCallback
+    from noisescale.report.data import load_history
+
+    history = tmp_path / "h.jsonl"
+    units = []
+    for smoothing in (0.1, 0.0):
+        history.unlink(missing_ok=True)
+        args = _hf_args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                        learning_rate=1e-3, label_smoothing_factor=smoothing)  # fmt: skip
+        callback = NoiseScaleCallback(
+            per_example_fraction=1.0, microbatch=False, beta=1.0, history_path=str(history)
+        )
+        transformers.Trainer(
+            model=_bert_classifier(), args=args, train_dataset=_Classified(), callbacks=[callback]
+        ).train()
+        records = callback.tracker.history
+        assert [r["b_big"] for r in records] == [4.0] * 6
+        assert not [r for r in records if "tokens" in r or "tokens_per_example" in r]
+        capsys.readouterr()
+        assert main(["calc", "--history", str(history), "--batch-size", "4"]) == 0
+        said = capsys.readouterr().out
+        units.append((load_history(str(history)).unit, callback.tracker.estimate().unit))
+        assert "tokens" not in said and "Batch size B = 4 examples" in said, said
+    assert units == [("examples", "examples")] * 2
 
 
 def test_a_compute_loss_func_that_draws_is_probed_with_its_own_draws(tmp_path):

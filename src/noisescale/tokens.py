@@ -66,7 +66,9 @@ class PassUnits:
     Attributes:
         counts: Units per example, shape [N] (float64, on the labels' device): counted tokens,
             or ones when the loss averages examples.
-        unit: ``"token"`` or ``"example"``.
+        unit: ``"token"``, ``"example"``, or ``"labelled"``: a classifier's labels, one per
+            example, counted as tokens of one each (its loss the mean over the labelled
+            examples), the estimate given per labelled example, in examples.
         origin: What counted them (``"ForCausalLMLoss"``, ``"count_tokens"``, …).
         denominator: What the model's loss divided its sum over units by (measured losses only).
         grad: The gradient that reached the model's loss in the backward (0-d), so each unit of
@@ -403,7 +405,7 @@ class TokenWatcher:
             return False
         counts = (labels != IGNORE_INDEX).to(torch.float64)
         # each labelled example a unit, as the label smoother's (wrap_label_smoother)
-        units = PassUnits(counts, "token", "compute_loss_func", items, measured=True)
+        units = PassUnits(counts, "labelled", "compute_loss_func", items, measured=True)
         _attach_measured(pass_, units, loss, "compute_loss_func and another measured loss ran")
         return True
 
@@ -426,11 +428,14 @@ class TokenWatcher:
             counts = count_units(labels[..., 1:] if shift_labels else labels, ignore)
             # one label per example (a classifier): each labelled example a unit, as a declared
             # token mean over labels of one token each (_units) — its loss is the mean over the
-            # labelled examples. (Until 2026-12-06 read per example fed, the -100 ones counted
-            # as examples of zero gradient: b_big the batch, B_simple +108% on a hunt's batch)
+            # labelled examples —, given in examples ("labelled"). (Until 2026-12-06 read per
+            # example fed, the -100 ones counted as examples of zero gradient: b_big the batch,
+            # B_simple +108% on a hunt's batch; then, for a few hours, in "tokens": a
+            # classifier's unit switched with label_smoothing_factor, a review)
             nib = kwargs.get("num_items_in_batch")
             denominator = nib if nib is not None else counts.sum()
-            units = PassUnits(counts, "token", "LabelSmoother", denominator, measured=True)
+            unit = "token" if labels.dim() >= 2 else "labelled"
+            units = PassUnits(counts, unit, "LabelSmoother", denominator, measured=True)
             _attach_measured(
                 pass_, units, out, "the Trainer's label smoother and another measured loss ran"
             )

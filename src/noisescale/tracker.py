@@ -109,7 +109,10 @@ __all__ = ["GradientNoiseTracker"]
 
 # how the backpropagated loss combines the examples' (or tokens') own losses
 LOSS_REDUCTIONS = ("mean", "sum", "token_mean", "num_items_in_batch")
-UNITS = {"example": "examples", "token": "tokens"}
+UNITS = {"example": "examples", "token": "tokens", "labelled": "examples"}
+# the definitions measured per counted unit (noisescale.tokens): tokens, or a classifier's
+# labelled examples (labels of -100 not counted), each one unit, the estimate given in examples
+_COUNTED = ("token", "labelled")
 # What a step of one example may be in language-model training (the warning that skips it)
 _PACKED = (
     "A batch packed into one row (padding-free packing: position_ids restarting inside the "
@@ -632,7 +635,7 @@ class GradientNoiseTracker:
         # (None once a step's tokens were not counted), added to the next measured step
         self._unmeasured: tuple[int, int, Tensor | float | None] = state_mod.NOTHING_UNMEASURED
         self.tokens_per_example = tokens_per_example
-        self.definition: str | None = None  # "example" or "token", fixed by the first step
+        self.definition: str | None = None  # "example", "token" or "labelled": the first step's
         self._tokens = TokenWatcher(
             model,
             self.engine.current_pass,
@@ -1151,7 +1154,7 @@ class GradientNoiseTracker:
                 for u, p in zip(units, passes, strict=True)
             ]
         measured = [u is not None and u.measured and u.grad is not None for u in units]
-        counted = all(u is not None and u.unit == "token" for u in units)
+        counted = all(u is not None and u.unit in _COUNTED for u in units)
         tokens = torch.stack([u.counts.sum() for u in units]).sum() if counted else None  # type: ignore[union-attr]
         if any(measured):
             if not all(measured):
@@ -1171,7 +1174,7 @@ class GradientNoiseTracker:
             # a loss over tokens divides each pass's sum by a count of its own (or by the
             # step's, num_items_in_batch: then the weights do not differ); over examples, the
             # weights are fixed by the passes' sizes
-            data = definition == "token"
+            data = definition in _COUNTED
             return StepNorms(passes, coef, scale, data_weights=data), definition, tokens
         # the multiplier on each pass's loss: measured where a Hugging Face model computed the
         # loss itself and it was backpropagated, or the Trainer's compute_loss returned it (the
@@ -1307,10 +1310,10 @@ class GradientNoiseTracker:
 
     def _in_units(self, e: est.NoiseEstimate) -> est.NoiseEstimate:
         t = self._state.tokens_per_example
+        if self.definition == "labelled":  # (per labelled example: no tokens to convert to)
+            return replace(state_mod.per_token(e, t), unit="examples", tokens_per_example=math.nan)
         if self.definition == "token":
             return state_mod.per_token(e, t)
-        from dataclasses import replace
-
         return replace(e, tokens_per_example=t)
 
     def estimate_groups(self) -> dict[str, est.NoiseEstimate]:
