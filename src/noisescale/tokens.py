@@ -463,9 +463,12 @@ class TokenWatcher:
         if pass_.loss_grad_hook is not None:
             pass_.loss_grad_hook.remove()
         pass_.loss_grad, pass_.loss_grad_explicit = None, explicit
-        pass_.loss_divided_by = divided_by  # (divided out where the step reads loss_grad)
+        # (a number is divided out here; a callable where the step reads loss_grad)
+        pass_.loss_divided_by = divided_by if callable(divided_by) else 1.0
 
         def hook(grad: Tensor) -> None:
+            if not callable(divided_by) and divided_by != 1.0:
+                grad = grad / divided_by
             pass_.loss_grad = grad if pass_.loss_grad is None else pass_.loss_grad + grad
 
         pass_.loss_grad_hook = loss.register_hook(hook)

@@ -1187,9 +1187,9 @@ class GradientNoiseTracker:
         if all(p.loss_grad is not None for p in passes) and not any(one_term):
             outer, trusted = [], True
             for p in passes:
-                divided_by = p.loss_divided_by
                 m = p.loss_grad.detach().double() / scale
-                m = m / (divided_by() if callable(divided_by) else divided_by)
+                if callable(p.loss_divided_by):  # (decided at the step: Lightning's manual)
+                    m = m / p.loss_divided_by()
                 if not p.loss_grad_explicit:
                     # a model's own loss, seen returned: it may be one term of the loss
                     # backpropagated (α·loss + (1 − α)·distillation), whose multiplier is not
