@@ -879,6 +879,95 @@ def _short_window(rank: int) -> dict:
     return out
 
 
+def _unequal_windows_resumed(rank: int) -> dict:
+    """DDP with no_sync(), process 0 accumulating 2 micro-batches a step and process 1 one, each
+    dividing by its own count (constant windows, supported); process 0's checkpoint of the
+    tracker loaded on both after step 2: its history and warnings."""
+    import warnings
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    steps = [[[3, 3], [3]]] * 4
+    model = DistributedDataParallel(make_model())
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    kwargs = dict(beta=1.0, sync_every=1, optimizer=opt, per_example_fraction=1.0)
+    tracker = noisescale.GradientNoiseTracker(model, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t, sizes in enumerate(steps):
+            k = len(sizes[rank])
+            for j in range(k):
+                x, y = micro_batch(steps, t, rank, j)
+                with model.no_sync() if j < k - 1 else nullcontext():
+                    (F.cross_entropy(model(x), y) / k).backward()
+            tracker.step()
+            opt.step()
+            opt.zero_grad()
+            if t == 1:
+                tracker = _resumed_from_rank_0(tracker, model, **kwargs)
+        history = tracker.history
+    tracker.remove()
+    return {"history": history, "warnings": [str(w.message) for w in caught]}
+
+
+def _overflow_on_one_process(rank: int) -> dict:
+    """DDP in float32 under a GradScaler grown to 2^62: at step 2 process 1's loss is 100 times
+    larger, so its per-example squared norms of the scaled gradients overflow float32 (its
+    .grad, and the other process's norms, stay finite). The parameters trained without a
+    tracker and with one, the tracker's history and warnings."""
+    import warnings
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    out: dict = {}
+    for tracked in (False, True):
+        model = DistributedDataParallel(make_model().float())
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**62)
+        tracker = None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if tracked:
+                tracker = noisescale.GradientNoiseTracker(
+                    model, beta=1.0, sync_every=1, scaler=scaler, per_example_fraction=1.0
+                )
+            for t in range(3):
+                x, y = micro_batch(EVEN, t, rank, 0)
+                loss = F.cross_entropy(model(x.float()), y)
+                scaler.scale(loss * (100.0 if t == 1 and rank == 1 else 1.0)).backward()
+                if tracker is not None:
+                    tracker.step()
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad()
+        params = [p.detach().double().sum().item() for p in model.parameters()]
+        if tracker is None:
+            out["plain_params"] = params
+        else:
+            out.update(params=params, history=tracker.history)
+            out["warnings"] = [str(w.message) for w in caught]
+            tracker.remove()
+    return out
+
+
+def _per_process_worker(rank: int, port: int, out: str) -> None:
+    """Per-process decisions that must not desync the processes' collectives (each case's
+    results written as soon as it ends: a desynchronised one aborts the rest)."""
+    _init(rank, port, timeout_s=CRASH_TIMEOUT_S)
+    results: dict = {}
+    for name, case in (
+        ("resumed", _unequal_windows_resumed),
+        ("overflow", _overflow_on_one_process),
+    ):
+        try:
+            results[name] = case(rank)
+        except Exception:
+            results[name] = {"error": traceback.format_exc()}
+        Path(out, f"{rank}.json").write_text(json.dumps(results))
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def _crash(rank: int, out: str) -> None:
     """Rank 1 dies after its backward pass; rank 0 waits for the tracker's all-reduce."""
     from torch.nn.parallel import DistributedDataParallel
@@ -929,6 +1018,17 @@ def runs(tmp_path_factory) -> dict:
     results = {r: json.loads(Path(out, f"{r}.json").read_text()) for r in range(WORLD)}
     results["survivor"] = json.loads(Path(out, "survivor.json").read_text())
     return results
+
+
+@pytest.fixture(scope="module")
+def per_process(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("ddp_per_process")
+    _spawn(_per_process_worker, (free_port(), str(out)), timeout_s=90)
+    return {
+        r: json.loads(Path(out, f"{r}.json").read_text())
+        for r in range(WORLD)
+        if Path(out, f"{r}.json").exists()
+    }
 
 
 # -- the single-process reference ----------------------------------------------------------------
@@ -1375,7 +1475,7 @@ def test_buffer_and_work_do_not_grow_with_the_number_of_processes():
     for world in (2, 1024, 16384):
         values = _buffer(examples=8 * world, sum_c=world, sum_c2=world / 8, big=1.0,
                          local=(world, 8.0 * world, 2.0 * world, world))  # fmt: skip
-        assert values.size == dsrc.WIDTH == 35
+        assert values.size == dsrc.WIDTH == 36
         b_big, _, examples, _, sources, _ = dsrc.resolve(values, world)
         assert b_big == pytest.approx(8 * world) and examples == 8 * world
         assert sources["local"].size == pytest.approx(1 / 8)
@@ -1463,6 +1563,38 @@ def test_a_short_window_on_one_process_is_left_out_on_every_process(runs):
         b_big, s_big = want["b_big"], want["sqnorm_big"]
         for source in ("per_example", "microbatch"):
             assert_same_source(got["sources"][source], want["sources"][source], b_big, s_big)
+
+
+def test_a_rank_0_checkpoint_does_not_judge_another_processs_window(per_process):
+    """Constant but unequal windows (process 0: 2 micro-batches a step, process 1: 1), process
+    0's checkpoint loaded on both after step 2: no step is short on its own process, so both
+    steps after the resume are recorded. Until 2026-12-06 process 0's micro-batch count was
+    carried to process 1, whose step 3 (1 after "2") was left out everywhere with a false
+    short-window warning (a review)."""
+    for rank in range(WORLD):
+        got = per_process[rank]["resumed"]
+        assert "error" not in got, got["error"]
+        assert [r["step"] for r in got["history"]] == [3, 4]
+        assert not [w for w in got["warnings"] if "accumulation micro-batches" in w]
+    assert json.dumps(per_process[0]["resumed"]) == json.dumps(per_process[1]["resumed"])
+
+
+def test_a_loss_scale_overflow_on_one_process_is_left_out_on_every_process(per_process):
+    """Squared norms overflowing float32 under a loss scale of 2^62 on process 1 alone (step
+    2): the step is left out on both processes, with a warning naming where and the scale, and
+    training is plain DDP's. Until 2026-12-06 process 1 returned before its all-reduce alone:
+    the next collectives were paired wrongly (DDP's gradient all-reduce with the tracker's
+    buffer) and gloo aborted (a review)."""
+    assert sorted(per_process) == list(range(WORLD))
+    for rank in range(WORLD):
+        got = per_process[rank]["overflow"]
+        assert "error" not in got, got["error"]
+        assert got["params"] == got["plain_params"]  # training untouched
+        assert [r["step"] for r in got["history"]] == [1, 3]
+        assert any(
+            "on 1 of the 2 processes at step 2" in w and "loss scale has grown to 4.61169e+18" in w
+            for w in got["warnings"]
+        ), got["warnings"]
 
 
 def test_a_checkpoint_saved_on_process_0_resumes_the_unmeasured_steps_of_all(runs):

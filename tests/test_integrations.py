@@ -259,11 +259,13 @@ def test_lightning_short_last_window_is_measured():
     assert callback.tracker.steps == 3 and len(callback.tracker.history) == 3
 
 
-def _manual_model(form: str, clip: bool = False) -> nn.Module:
-    """Manual optimisation over 2 micro-batches a step, each one's mean loss handed to
-    manual_backward in ``form`` ('divided': loss / 2, Lightning's documented form; 'times':
-    loss * 0.5; 'undivided', at half the learning rate: the same updates); ``clip``:
-    self.clip_gradients before opt.step()."""
+def _manual_model(form: str, clip: bool = False, k: int = 2, mean: str = "mean") -> nn.Module:
+    """Manual optimisation over ``k`` micro-batches a step, each one's mean loss handed to
+    manual_backward in ``form`` ('divided': loss / k, Lightning's documented form; 'times':
+    loss * (1 / k); 'undivided', at 1/k the learning rate: the same updates; 'within': the
+    mean's count times k, one division, sum / (len(x) · k)); ``clip``:
+    self.clip_gradients before opt.step(); ``mean``: the mean written as F.cross_entropy's
+    ('mean'), as a sum divided by len(x) ('sum/len') or by a count of labels ('sum/count')."""
 
     class Manual(type(_lit_model())):
         def __init__(self) -> None:
@@ -273,20 +275,25 @@ def _manual_model(form: str, clip: bool = False) -> nn.Module:
         def training_step(self, batch, batch_idx):
             opt = self.optimizers()
             x, y = batch
-            loss = F.cross_entropy(self(x), y)
+            if mean == "mean":
+                loss = F.cross_entropy(self(x), y)
+            else:
+                count = len(x) if mean == "sum/len" else (y >= 0).sum()
+                loss = F.cross_entropy(self(x), y, reduction="sum")
+                loss = loss / (count * k if form == "within" else count)
             if form == "divided":
-                loss = loss / 2
+                loss = loss / k
             elif form == "times":
-                loss = loss * 0.5
+                loss = loss * (1 / k)
             self.manual_backward(loss)
-            if batch_idx % 2 == 1:
+            if batch_idx % k == k - 1:
                 if clip:
                     self.clip_gradients(opt, gradient_clip_val=CLIP)
                 opt.step()
                 opt.zero_grad()
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.05 if form == "undivided" else 0.1)
+            return torch.optim.SGD(self.parameters(), lr=0.1 / k if form == "undivided" else 0.1)
 
     return Manual()
 
@@ -313,22 +320,56 @@ def test_lightning_manual_optimization_measures_the_losses_division(form):
 
 
 @needs_lightning
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("mean", ["sum/len", "sum/count"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_lightning_manual_optimization_does_not_read_a_means_count_as_the_division(k, mean):
+    """A mean written by hand, a sum divided by len(x) or by a 0-d count of the labels, then
+    divided by the k micro-batches (k = 1: not at all): the mean's own count is not the
+    accumulation's division — the records equal the plain loop's. Until 2026-12-06 the count
+    divided by last was read as the accumulation divisor: |G|², tr Σ and |G_big|² 64× too large
+    at k = 1, without a word (a review). A count divided by last with k > 1 and no division by k
+    cannot be told from a division: the plain loop's assumption (here right), warned about."""
+    model = _manual_model("divided", k=k, mean=mean)
+    init = copy.deepcopy(model.state_dict())
+    callback = LightningCallback(sync_every=1, log_every=0, per_example_fraction=1.0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _lit_trainer(callback, max_steps=3).fit(model, _loader())
+    assert not [w for w in seen if "assumed divided" in str(w.message)]
+    got = callback.tracker.history
+    want = _plain_history(init, [k] * 3, clip=None, watch=True)
+    assert [h["b_big"] for h in got] == [MICRO * k] * 3
+    for g, w in zip(got, want, strict=True):
+        for key in ("sqnorm_big", "g2", "trace_sigma", "b_simple"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-9, nan_ok=True), key
+    if k == 1 or mean != "sum/len":
+        return
+    callback = LightningCallback(sync_every=1, log_every=0, per_example_fraction=1.0)
+    with pytest.warns(RuntimeWarning, match=r"assumed divided by 2.*tracker\.watch_loss\(loss\)"):
+        _lit_trainer(callback, max_steps=3).fit(_manual_model("within", k=k, mean=mean), _loader())
+    for g, w in zip(callback.tracker.history, want, strict=True):
+        assert g["sqnorm_big"] == pytest.approx(w["sqnorm_big"], rel=1e-5), "assumed k"
+
+
+@needs_lightning
 def test_lightning_manual_optimization_reads_the_last_division():
     """What the loss handed to manual_backward was divided by last: the constant numbers at the
-    end of its graph (under 16-mixed, behind the scaler's multiplication, which the tracker
-    divides out itself); not a tensor divisor computed with gradients."""
-    from noisescale.integrations.lightning import _last_divisor
+    end of its graph, as running products from the last (under 16-mixed, behind the scaler's
+    multiplication, which the tracker divides out itself); not a tensor divisor computed with
+    gradients."""
+    from noisescale.integrations.lightning import _trailing_divisors
 
     w = torch.ones(3, requires_grad=True)
     loss = (w * 2.0).sum()
-    assert _last_divisor(loss) == 1.0
-    assert _last_divisor(loss / 4) == 4.0
-    assert _last_divisor(loss * 0.25) == 4.0
-    assert _last_divisor(0.5 * (loss / 3)) == 6.0
-    assert _last_divisor(loss / torch.tensor(4.0)) == 4.0
-    assert _last_divisor((loss / 4) * torch.tensor(65536.0), scaled=True) == 4.0
-    assert _last_divisor(loss * torch.tensor(65536.0), scaled=True) == 1.0
-    assert _last_divisor(loss / w.sum()) == 1.0
+    assert _trailing_divisors(loss) == []
+    assert _trailing_divisors(loss / 4) == [4.0]
+    assert _trailing_divisors(loss * 0.25) == [4.0]
+    assert _trailing_divisors(0.5 * (loss / 3)) == [2.0, 6.0]
+    assert _trailing_divisors(loss / torch.tensor(4.0)) == [4.0]
+    assert _trailing_divisors((loss / 4) * torch.tensor(65536.0), scaled=True) == [4.0]
+    assert _trailing_divisors(loss * torch.tensor(65536.0), scaled=True) == []
+    assert _trailing_divisors(loss / w.sum()) == []
 
 
 @needs_lightning
@@ -1701,11 +1742,11 @@ def test_unlabelled_examples_under_label_smoothing_or_an_items_loss_are_measured
     """Labels of -100 under the Trainer's label smoother (label_smoothing_factor) or a
     compute_loss_func in its own form (a sum over the labelled examples divided by
     num_items_in_batch, declared): the loss is the mean over the labelled examples, measured
-    per labelled example as a declared token mean over labels of one token each — b_big and
-    'tokens' the 5 labelled, |G_big|² the labelled examples' mean gradient's, g2 and tr Σ the
-    per-token definition (language_models.md) from brute force, for k = 1, 2. Until 2026-12-06
-    the -100 examples were counted as examples of zero gradient: b_big 8, |G_big|² (5/8)² of
-    it, B_simple +108% on a hunt's batch, without a word."""
+    per labelled example as a declared token mean over labels of one token each — b_big the 5
+    labelled, |G_big|² the labelled examples' mean gradient's, g2 and tr Σ the per-token
+    definition (language_models.md) from brute force, for k = 1, 2, given in examples (no
+    'tokens'). Until 2026-12-06 the -100 examples were counted as examples of zero gradient:
+    b_big 8, |G_big|² (5/8)² of it, B_simple +108% on a hunt's batch, without a word."""
     pytest.importorskip("transformers")
 
     def items_loss(outputs, labels, num_items_in_batch=None):
@@ -1731,7 +1772,6 @@ def test_unlabelled_examples_under_label_smoothing_or_an_items_loss_are_measured
     big, small = float(x.mean(0) @ x.mean(0)), float((x * x).sum(1).mean())
     want = {
         "b_big": float(n),
-        "tokens": float(n),
         "sqnorm_big": float(x[kept].mean(0) @ x[kept].mean(0)),
         "g2": (_SEQ * big - small) / (_SEQ - 1) / t**2,
         "trace_sigma": (small - big) / (1 - 1 / _SEQ) / t,
@@ -1744,6 +1784,44 @@ def test_unlabelled_examples_under_label_smoothing_or_an_items_loss_are_measured
         got = _one_step(tmp_path, _bert_classifier(), _PartlyLabelled(), k, **kw)
         for key, value in want.items():
             assert got[key] == pytest.approx(value, rel=1e-6), (smoothing, k, key)
+        assert "tokens" not in got and "tokens_per_example" not in got
+
+
+def test_a_classifiers_unit_stays_examples_under_label_smoothing(tmp_path, capsys):
+    """A fully labelled classifier under the Trainer's label_smoothing_factor: the history,
+    the estimate and `noisescale calc --history` are in examples, as without smoothing (the
+    labelled examples: all 4 of each step). For a few hours on 2026-12-06 the smoother's
+    labelled examples were given as "tokens" — the history's unit, B_simple "57.16 tokens …
+    (1 tokens per example)" in calc — so a classifier's unit depended on a hyperparameter (a
+    review)."""
+    pytest.importorskip("transformers")
+    import transformers
+
+    from noisescale.cli import main
+    from noisescale.integrations.transformers import NoiseScaleCallback
+    from noisescale.report.data import load_history
+
+    history = tmp_path / "h.jsonl"
+    units = []
+    for smoothing in (0.1, 0.0):
+        history.unlink(missing_ok=True)
+        args = _hf_args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                        learning_rate=1e-3, label_smoothing_factor=smoothing)  # fmt: skip
+        callback = NoiseScaleCallback(
+            per_example_fraction=1.0, microbatch=False, beta=1.0, history_path=str(history)
+        )
+        transformers.Trainer(
+            model=_bert_classifier(), args=args, train_dataset=_Classified(), callbacks=[callback]
+        ).train()
+        records = callback.tracker.history
+        assert [r["b_big"] for r in records] == [4.0] * 6
+        assert not [r for r in records if "tokens" in r or "tokens_per_example" in r]
+        capsys.readouterr()
+        assert main(["calc", "--history", str(history), "--batch-size", "4"]) == 0
+        said = capsys.readouterr().out
+        units.append((load_history(str(history)).unit, callback.tracker.estimate().unit))
+        assert "tokens" not in said and "Batch size B = 4 examples" in said, said
+    assert units == [("examples", "examples")] * 2
 
 
 def test_a_compute_loss_func_that_draws_is_probed_with_its_own_draws(tmp_path):

@@ -297,3 +297,37 @@ def test_a_report_counts_the_unmeasured_steps(tmp_path):
     run = data.run_cost(data.trajectory(data.load_history(path)))
     assert run.last_step == 40 and (run.last_step - run.first_step) % 3 == 0
     assert run.examples == 32 * (run.last_step - run.first_step)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_unmeasured_steps_do_not_count_toward_sync_every(world, monkeypatch):
+    """measure_every=4, sync_every=4, 12 steps (3 measured): the host reads nothing during the
+    steps, in one process and under data parallelism alike (torch's fake process group of 2,
+    the hand-averaged source). Until 2026-12-06 a data-parallel tracker's unmeasured steps
+    counted toward sync_every: m times as many host reads (2 blocking syncs here, 0 in one
+    process; a review)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    reads = []
+    sync = GradientNoiseTracker.sync
+    monkeypatch.setattr(GradientNoiseTracker, "sync", lambda t: reads.append(1) or sync(t))
+    if world > 1:
+        assert not dist.is_initialized()
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = _mlp()
+        group = dist.group.WORLD if world > 1 else None
+        tracker = GradientNoiseTracker(model, measure_every=4, sync_every=4, process_group=group)
+        for _ in range(12):
+            x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+            F.cross_entropy(model(x), y).backward()
+            tracker.step()
+            model.zero_grad()
+        assert reads == []
+        assert [h["step"] for h in tracker.history] == [1, 5, 9]
+        assert len(reads) == 1
+    finally:
+        if world > 1:
+            dist.destroy_process_group()

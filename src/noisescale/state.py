@@ -201,6 +201,9 @@ def update(
         tokens, counted = tokens + stats.tokens, counted + stats.examples
         if stats.unmeasured[2] is not None:
             tokens, counted = tokens + stats.unmeasured[2], counted + stats.unmeasured[1]
+    if stats.tokens is not None and stats.definition != "labelled":
+        # (a classifier's labelled examples are counted as tokens, given in examples: no
+        # tokens to record)
         record["tokens"] = stats.tokens
         record["tokens_seen"] = tokens
         record["tokens_per_example"] = tokens / counted if counted else math.nan
@@ -208,7 +211,7 @@ def update(
         # (before the conversion to tokens, which converts the groups too: until 2026-12-05 they
         # were attached after it and stayed per example in a per-token history, a hunt found)
         record["groups"] = record_groups
-    if stats.definition == "token":
+    if stats.definition in ("token", "labelled"):
         # (no token counted yet — a first batch all −100, or of length-1 sequences —: per
         # token unknown, nan; a ZeroDivisionError at the first sync lost its window until
         # 2026-12-06, a hunt)

@@ -66,7 +66,9 @@ class PassUnits:
     Attributes:
         counts: Units per example, shape [N] (float64, on the labels' device): counted tokens,
             or ones when the loss averages examples.
-        unit: ``"token"`` or ``"example"``.
+        unit: ``"token"``, ``"example"``, or ``"labelled"``: a classifier's labels, one per
+            example, counted as tokens of one each (its loss the mean over the labelled
+            examples), the estimate given per labelled example, in examples.
         origin: What counted them (``"ForCausalLMLoss"``, ``"count_tokens"``, …).
         denominator: What the model's loss divided its sum over units by (measured losses only).
         grad: The gradient that reached the model's loss in the backward (0-d), so each unit of
@@ -365,10 +367,11 @@ class TokenWatcher:
 
         loss.register_hook(hook)
 
-    def watch_loss(self, loss: Any, divided_by: float = 1.0) -> None:
+    def watch_loss(self, loss: Any, divided_by: Any = 1.0) -> None:
         """Measure the multiplier the step puts on ``loss``, a micro-batch's loss about to be
         scaled and backpropagated (:meth:`~noisescale.GradientNoiseTracker.watch_loss`);
-        ``divided_by``: what it was already divided by."""
+        ``divided_by``: what it was already divided by (or a callable that says so at the
+        step)."""
         if not isinstance(loss, Tensor) or loss.dim() != 0 or not loss.requires_grad:
             return
         pass_ = self._current_pass()
@@ -402,7 +405,7 @@ class TokenWatcher:
             return False
         counts = (labels != IGNORE_INDEX).to(torch.float64)
         # each labelled example a unit, as the label smoother's (wrap_label_smoother)
-        units = PassUnits(counts, "token", "compute_loss_func", items, measured=True)
+        units = PassUnits(counts, "labelled", "compute_loss_func", items, measured=True)
         _attach_measured(pass_, units, loss, "compute_loss_func and another measured loss ran")
         return True
 
@@ -425,11 +428,14 @@ class TokenWatcher:
             counts = count_units(labels[..., 1:] if shift_labels else labels, ignore)
             # one label per example (a classifier): each labelled example a unit, as a declared
             # token mean over labels of one token each (_units) — its loss is the mean over the
-            # labelled examples. (Until 2026-12-06 read per example fed, the -100 ones counted
-            # as examples of zero gradient: b_big the batch, B_simple +108% on a hunt's batch)
+            # labelled examples —, given in examples ("labelled"). (Until 2026-12-06 read per
+            # example fed, the -100 ones counted as examples of zero gradient: b_big the batch,
+            # B_simple +108% on a hunt's batch; then, for a few hours, in "tokens": a
+            # classifier's unit switched with label_smoothing_factor, a review)
             nib = kwargs.get("num_items_in_batch")
             denominator = nib if nib is not None else counts.sum()
-            units = PassUnits(counts, "token", "LabelSmoother", denominator, measured=True)
+            unit = "token" if labels.dim() >= 2 else "labelled"
+            units = PassUnits(counts, unit, "LabelSmoother", denominator, measured=True)
             _attach_measured(
                 pass_, units, out, "the Trainer's label smoother and another measured loss ran"
             )
@@ -440,7 +446,7 @@ class TokenWatcher:
 
     @staticmethod
     def _measure_multiplier(
-        pass_: Any, loss: Tensor, divided_by: float = 1.0, explicit: bool = False
+        pass_: Any, loss: Tensor, divided_by: Any = 1.0, explicit: bool = False
     ) -> None:
         """Hook a loss the model computed itself (not through its ``loss_function``): the
         gradient that reaches it in the backward is the multiplier the step put on it — 1/k
@@ -457,9 +463,11 @@ class TokenWatcher:
         if pass_.loss_grad_hook is not None:
             pass_.loss_grad_hook.remove()
         pass_.loss_grad, pass_.loss_grad_explicit = None, explicit
+        # (a number is divided out here; a callable where the step reads loss_grad)
+        pass_.loss_divided_by = divided_by if callable(divided_by) else 1.0
 
         def hook(grad: Tensor) -> None:
-            if divided_by != 1.0:
+            if not callable(divided_by) and divided_by != 1.0:
                 grad = grad / divided_by
             pass_.loss_grad = grad if pass_.loss_grad is None else pass_.loss_grad + grad
 

@@ -31,8 +31,8 @@ Conventions:
     * Norms are read before clipping; with ``torch.amp.GradScaler`` (pass ``scaler=``) they are
       unscaled (whether or not ``scaler.unscale_`` already ran) and steps with non-finite
       gradients are skipped.
-    * Statistics stay on the device; the host reads them once every ``sync_every`` steps, or when
-      an estimate, the history or a state_dict is asked for.
+    * Statistics stay on the device; the host reads them once every ``sync_every`` measured
+      steps, or when an estimate, the history or a state_dict is asked for.
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ from noisescale.preconditioning import (
 from noisescale.sources.base import Observation, Source, StepNorms
 from noisescale.sources.distributed import (
     LEFT_OUT,
+    OVERFLOWED,
     PASS_MISSING,
     PICKED,
     DataParallelSource,
@@ -108,7 +109,10 @@ __all__ = ["GradientNoiseTracker"]
 
 # how the backpropagated loss combines the examples' (or tokens') own losses
 LOSS_REDUCTIONS = ("mean", "sum", "token_mean", "num_items_in_batch")
-UNITS = {"example": "examples", "token": "tokens"}
+UNITS = {"example": "examples", "token": "tokens", "labelled": "examples"}
+# the definitions measured per counted unit (noisescale.tokens): tokens, or a classifier's
+# labelled examples (labels of -100 not counted), each one unit, the estimate given in examples
+_COUNTED = ("token", "labelled")
 # What a step of one example may be in language-model training (the warning that skips it)
 _PACKED = (
     "A batch packed into one row (padding-free packing: position_ids restarting inside the "
@@ -158,6 +162,9 @@ class _Pending:
     tokens: Tensor | None = None  # tokens the step's loss counted
     # measure_every: the unmeasured steps since the last measured one (count, examples, tokens)
     unmeasured: tuple[int, int, Tensor | float | None] = state_mod.NOTHING_UNMEASURED
+    # False: a step measure_every left unmeasured (data parallel: its counts' all-reduce),
+    # which does not count toward sync_every
+    measured: bool = True
     # layer inputs picked by index tensors not read on the accelerator when the layer ran:
     # (layer, how, device flag "not the examples"), read with the rest (engine.unread_picks)
     picks: tuple[tuple[str, str, Tensor], ...] = ()
@@ -324,7 +331,8 @@ class GradientNoiseTracker:
             continued only by a tracker resumed with :meth:`load_state_dict` whose header (loss
             reduction, unit, beta, source) is the file's; otherwise the first write is refused
             (the file is left as it was).
-        sync_every: Steps between host reads of the device statistics.
+        sync_every: Measured steps between host reads of the device statistics
+            (``measure_every``'s unmeasured steps do not count).
         fallback: Allow the torch.func fallback for modules whose parameters meet the batch in
             an operation without a per-example rule.
         precondition: An Adam, AdamW or RMSprop optimizer: measure the noise scale of the
@@ -638,7 +646,7 @@ class GradientNoiseTracker:
         # (None once a step's tokens were not counted), added to the next measured step
         self._unmeasured: tuple[int, int, Tensor | float | None] = state_mod.NOTHING_UNMEASURED
         self.tokens_per_example = tokens_per_example
-        self.definition: str | None = None  # "example" or "token", fixed by the first step
+        self.definition: str | None = None  # "example", "token" or "labelled": the first step's
         self._tokens = TokenWatcher(
             model,
             self.engine.current_pass,
@@ -748,25 +756,23 @@ class GradientNoiseTracker:
         norms, definition, tokens = self._weights_of(passes, scale)
         self._check_definition(definition)
         self._schedule_next()
+        # (here and at _first_gradients: precondition= is refused under data parallelism, so
+        # neither returns before the all-reduce below on one process alone)
         if self._precondition_stale():
             return
-        if (
+        # (until 2026-12-06 |G_big|² read 0 from 2^64 on — S² is inf in float32 — and the
+        # step was recorded, tr Σ 25% off, a hunt; below, the squares S²·|g_i|² overflowed
+        # for gradients of norm > 2^64/S and the step was recorded nan, no word, a review).
+        # The norms are this process's own: under data parallelism the step is left out on
+        # every process, when read (until 2026-12-06 the process returned before its all-reduce
+        # alone, and the collectives were paired wrongly from there; a review)
+        overflowed = (
             scale > _SCALE_CHECKED
             and any(p.dtype != torch.float64 for p in self._params)
             and (scale > _LARGEST_LOSS_SCALE or not _norms_finite(passes))
-        ):
-            # (until 2026-12-06 |G_big|² read 0 from 2^64 on — S² is inf in float32 — and the
-            # step was recorded, tr Σ 25% off, a hunt; below, the squares S²·|g_i|² overflowed
-            # for gradients of norm > 2^64/S and the step was recorded nan, no word, a review)
-            self._warn_once(
-                "loss-scale",
-                f"noisescale: the GradScaler's loss scale has grown to {scale:g} (it doubles "
-                "every growth_interval steps while no gradient overflows: with bfloat16 or "
-                "float32 gradients, for ever), where squared norms of the scaled gradients "
-                "overflow float32; steps are left out from here. bfloat16 needs no GradScaler "
-                "(torch.autocast alone); otherwise keep the scale bounded (a growth_interval "
-                "long enough, or a scaler of your own)",
-            )
+        )
+        if overflowed and self._dist is None:
+            self._warn_once("loss-scale", _loss_scale_message(scale))
             return
         if self._divisor_unknown and self._dist is None:
             self._warn_once(
@@ -801,6 +807,7 @@ class GradientNoiseTracker:
                 self.steps,
                 picks,
                 left_out=self._divisor_unknown,
+                overflowed=overflowed,
             )
             self._pending.append(_Pending(self.steps, lr, scale, reduced=reduced, picks=picks))
         else:
@@ -857,7 +864,9 @@ class GradientNoiseTracker:
                 )
             )
             self._unmeasured = state_mod.NOTHING_UNMEASURED
-        if len(self._pending) >= self.sync_every:
+        # (measured steps only: until 2026-12-06 a data-parallel tracker's unmeasured steps
+        # counted too, and measure_every=m read the host m times as often; a review)
+        if sum(p.measured for p in self._pending) >= self.sync_every:
             self.sync()
 
     def discard(self) -> None:
@@ -996,7 +1005,7 @@ class GradientNoiseTracker:
         examples = sum(p.batch_size for p in passes)
         if self._dist is not None:
             reduced = self._dist.launch_unmeasured(examples, tokens, self.steps)
-            self._pending.append(_Pending(self.steps, None, scale, reduced=reduced))
+            self._pending.append(_Pending(self.steps, None, scale, reduced=reduced, measured=False))
         else:
             self._count_unmeasured(examples, None if tokens is None else tokens.detach())
         self._schedule_next()
@@ -1159,7 +1168,7 @@ class GradientNoiseTracker:
                 for u, p in zip(units, passes, strict=True)
             ]
         measured = [u is not None and u.measured and u.grad is not None for u in units]
-        counted = all(u is not None and u.unit == "token" for u in units)
+        counted = all(u is not None and u.unit in _COUNTED for u in units)
         tokens = torch.stack([u.counts.sum() for u in units]).sum() if counted else None  # type: ignore[union-attr]
         if any(measured):
             if not all(measured):
@@ -1179,7 +1188,7 @@ class GradientNoiseTracker:
             # a loss over tokens divides each pass's sum by a count of its own (or by the
             # step's, num_items_in_batch: then the weights do not differ); over examples, the
             # weights are fixed by the passes' sizes
-            data = definition == "token"
+            data = definition in _COUNTED
             return StepNorms(passes, coef, scale, data_weights=data), definition, tokens
         # the multiplier on each pass's loss: measured where a Hugging Face model computed the
         # loss itself and it was backpropagated, or the Trainer's compute_loss returned it (the
@@ -1193,6 +1202,8 @@ class GradientNoiseTracker:
             outer, trusted = [], True
             for p in passes:
                 m = p.loss_grad.detach().double() / scale
+                if callable(p.loss_divided_by):  # (decided at the step: Lightning's manual)
+                    m = m / p.loss_divided_by()
                 if not p.loss_grad_explicit:
                     # a model's own loss, seen returned: it may be one term of the loss
                     # backpropagated (α·loss + (1 − α)·distillation), whose multiplier is not
@@ -1313,10 +1324,10 @@ class GradientNoiseTracker:
 
     def _in_units(self, e: est.NoiseEstimate) -> est.NoiseEstimate:
         t = self._state.tokens_per_example
+        if self.definition == "labelled":  # (per labelled example: no tokens to convert to)
+            return replace(state_mod.per_token(e, t), unit="examples", tokens_per_example=math.nan)
         if self.definition == "token":
             return state_mod.per_token(e, t)
-        from dataclasses import replace
-
         return replace(e, tokens_per_example=t)
 
     def estimate_groups(self) -> dict[str, est.NoiseEstimate]:
@@ -1471,6 +1482,12 @@ class GradientNoiseTracker:
                 if kind != "measured":
                     if refused is None and kind == "unmeasured":
                         self._count_unmeasured(*self._dist.resolve_unmeasured(row))
+                    elif refused is None and row[OVERFLOWED] > 0:
+                        where = (
+                            f"on {round(float(row[OVERFLOWED]))} of the "
+                            f"{self._dist.world_size} processes at step {p.step}, "
+                        )
+                        self._warn_once("loss-scale", _loss_scale_message(p.scale, where))
                     elif refused is None:
                         had = (
                             f"on {round(float(row[LEFT_OUT]))} of the {self._dist.world_size} "
@@ -2461,13 +2478,32 @@ class GradientNoiseTracker:
         self.engine.last_step_passes = int(state.get("subset_step_passes", 0))
         self.engine.steps_collected = int(state.get("engine_steps", self.steps))
         self.engine.subbatches_pay = state.get("subbatches_pay")
-        self._passes_before = int(state.get("passes_before", 0))
+        # under data parallelism the checkpoint is usually one process's (rank 0's), whose
+        # accumulation window need not be this process's: unknown, the first step after the
+        # resume not judged short (until 2026-12-06 rank 0's was carried to every process, and a
+        # process accumulating fewer micro-batches had a measurable step left out everywhere
+        # with a false warning; a review)
+        many = self._dist is not None and self._dist.world_size > 1
+        self._passes_before = 0 if many else int(state.get("passes_before", 0))
         self._weights_varied, self._varied_before = None, bool(state.get("weights_varied"))
         if self._dist is not None:
             self._dist.weights_varied = bool(state.get("weights_varied"))
         count, examples, tokens = state.get("unmeasured", [0, 0, 0.0])
         self._unmeasured = (int(count), int(examples), None if tokens is None else float(tokens))
         self._schedule_next()
+
+
+def _loss_scale_message(scale: float, where: str = "") -> str:
+    """Why steps are left out once the GradScaler's scale overflows float32's squared norms
+    (``where``: on which processes, at which step, under data parallelism)."""
+    return (
+        f"noisescale: {where}the GradScaler's loss scale has grown to {scale:g} (it doubles "
+        "every growth_interval steps while no gradient overflows: with bfloat16 or float32 "
+        "gradients, for ever), where squared norms of the scaled gradients overflow float32; "
+        "steps are left out from here. bfloat16 needs no GradScaler (torch.autocast alone); "
+        "otherwise keep the scale bounded (a growth_interval long enough, or a scaler of your "
+        "own)"
+    )
 
 
 def _short_window_message(had: str) -> str:

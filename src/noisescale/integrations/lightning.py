@@ -148,6 +148,10 @@ class NoiseScaleCallback(pl.Callback):
         self._pending_state: dict[str, Any] | None = None
         self._forward_handle: Any = None  # set while a fit is set up
         self._forwards = 0  # forward calls of the measured module with gradients, this step
+        # manual optimisation: each of the step's losses' trailing divisors, and the step's
+        # divisor decided from them (_decide_divisor)
+        self._divisors: list[list[float]] = []
+        self._divisor = 1.0
         self._warned: set[str] = set()
 
     # -- set-up --------------------------------------------------------------------------------
@@ -180,7 +184,7 @@ class NoiseScaleCallback(pl.Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.tracker = GradientNoiseTracker(target, scaler=scaler, **self._tracker_kwargs(trainer))
         self._forward_handle = target.register_forward_pre_hook(Hook(self._on_forward))
-        self._forwards = 0
+        self._forwards, self._divisors = 0, []
         self._loss, self._stepped = None, False
         self._examples_seen = 0
         self._applied_micro_batches, self._applied_lr_factor = None, 1.0
@@ -226,15 +230,16 @@ class NoiseScaleCallback(pl.Callback):
         # the sum over the step's micro-batches is the step's mean loss (kept on the device).
         # That division is by the full count even in an epoch's short last window: the
         # tracker measures it rather than assume the window's own count. Manual optimisation
-        # hands over the user's loss, divided by the accumulation or not: the constant factor
-        # applied to it last (loss / k) is measured as the multiplier, as a plain loop's
-        # watch_loss before it would (until 2026-12-06 a loss not divided was assumed divided
-        # by k: |G|² and tr Σ k² too large, without a word; a hunt)
-        if pl_module.automatic_optimization:
-            divided_by: float = trainer.accumulate_grad_batches
-        else:
+        # hands over the user's loss, divided by the accumulation or not: what it was divided
+        # by is decided at the step, when its number of losses k is known (_decide_divisor;
+        # until 2026-12-06 a loss not divided was assumed divided by k: |G|² and tr Σ k² too
+        # large, and then a mean's own count, sum / len(x), was read as the accumulation's:
+        # N² too large; two hunts)
+        divided_by: Any = trainer.accumulate_grad_batches
+        if not pl_module.automatic_optimization:
             scaler = getattr(trainer.precision_plugin, "scaler", None)
-            divided_by = _last_divisor(loss, scaled=scaler is not None)
+            self._divisors.append(_trailing_divisors(loss, scaled=scaler is not None))
+            divided_by = self._step_divisor
         self._require_tracker().watch_loss(loss, divided_by=divided_by)
         loss = loss.detach()
         self._loss = loss if self._loss is None else self._loss + loss
@@ -265,6 +270,8 @@ class NoiseScaleCallback(pl.Callback):
                 f"no forward call of {where} was seen in this step: training_step must call it "
                 "(e.g. self(x)), or pass module='<the submodule training_step calls>'"
             )
+        if not pl_module.automatic_optimization:
+            self._divisor = self._decide_divisor()
         try:
             tracker.step(loss=self._loss, lr=learning_rate(optimizer))
         except GradientsChangedError as err:
@@ -287,6 +294,35 @@ class NoiseScaleCallback(pl.Callback):
         self._loss, self._forwards = None, 0
         self._stepped = True
         self._stepped_optimizer = optimizer
+
+    def _step_divisor(self) -> float:
+        return self._divisor
+
+    def _decide_divisor(self) -> float:
+        """Manual optimisation: what each of the step's k losses handed to ``manual_backward``
+        was divided by, from the constants they were divided by last. One loss: nothing to
+        decide (1, either reading). A trailing k on every loss: k; none on any: 1 (not
+        divided). Any other constant (a mean's own count, sum / len(x), or a weight) may be the
+        loss's own normalisation, not the accumulation's: k is assumed, as in a plain loop, with
+        a warning."""
+        divisors, self._divisors = self._divisors, []
+        k = len(divisors)
+        if k <= 1 or not any(divisors):
+            return 1.0
+        if all(any(math.isclose(c, k) for c in d) for d in divisors):
+            return float(k)
+        self._warn_once(
+            "manual_divisor",
+            f"manual optimisation: a step backpropagated {k} losses, divided last by constants "
+            "that are not their number (a mean written by hand, sum / len(x), or a weight): "
+            "whether they were divided by the accumulation cannot be told, so each is assumed "
+            f"divided by {k}, as in a plain loop (|G|² and tr Σ are off by the square of the "
+            "factor if not; B_simple is not). To have it measured, divide each loss by the "
+            "number of micro-batches last (loss / k right before manual_backward), or measure "
+            "with a GradientNoiseTracker of your own and call tracker.watch_loss(loss) before "
+            "that division",
+        )
+        return float(k)
 
     def _on_forward(self, module: nn.Module, args: Any) -> None:
         if torch.is_grad_enabled():
@@ -499,12 +535,13 @@ class NoiseScaleCallback(pl.Callback):
         return self.tracker
 
 
-def _last_divisor(loss: Tensor, scaled: bool = False) -> float:
-    """What the loss handed to ``manual_backward`` was divided by last: the product of the
-    constant numbers it was divided by (``loss / k``) or multiplied by (``loss * (1 / k)``,
-    counted as 1/factor) at the end of its graph, 1 where none. ``scaled``: the AMP loss
-    scaler multiplied it after that (the tracker divides the scale out itself)."""
-    node, divisor = loss.grad_fn, 1.0
+def _trailing_divisors(loss: Tensor, scaled: bool = False) -> list[float]:
+    """What the loss handed to ``manual_backward`` was divided by last: the constant numbers
+    it was divided by (``loss / k``) or multiplied by (``loss * (1 / k)``, counted as
+    1/factor) at the end of its graph, as the running products from the last one inwards
+    (``sum / len(x) / k``: [k, k·len(x)]), empty where none. ``scaled``: the AMP loss scaler
+    multiplied it after that (the tracker divides the scale out itself)."""
+    node, divisor, divisors = loss.grad_fn, 1.0, []
     if scaled and node is not None and type(node).__name__ == "MulBackward0":
         node = next((f for f, _ in node.next_functions if f is not None), None)
     while node is not None and type(node).__name__ in ("DivBackward0", "MulBackward0"):
@@ -522,8 +559,9 @@ def _last_divisor(loss: Tensor, scaled: bool = False) -> float:
         if value == 0 or not math.isfinite(value):
             break
         divisor = divisor * value if division else divisor / value
+        divisors.append(divisor)
         node = inputs[0] if inputs[0] is not None else inputs[1]
-    return divisor
+    return divisors
 
 
 def _module_optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer:

@@ -322,6 +322,10 @@ class PassNorms:
     # accumulation divisor or none, a loss scale, the Trainer's own scaling); and its hook
     loss_grad: Tensor | None = None
     loss_grad_hook: Any = None
+    # what that loss was already divided by where watch_loss was given a callable that says so
+    # at the step (Lightning's manual optimisation decides it there; a number is divided out
+    # in the hook)
+    loss_divided_by: Any = 1.0
     # the loss was passed to watch_loss (it is the whole micro-batch loss), not only seen
     # returned by a model (it may be one term of a larger loss)
     loss_grad_explicit: bool = False

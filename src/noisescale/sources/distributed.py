@@ -19,7 +19,7 @@ global batch size after averaging." :class:`DataParallelSource` does that inside
   audits' steps (:meth:`DataParallelSource.check_averaged`).
 
 What one step costs: **one asynchronous all-reduce of a fixed-size float64 buffer** (``WIDTH``
-numbers, 35 today — 280 bytes — whatever the number of processes W), waited for only when the
+numbers, 36 today — 288 bytes — whatever the number of processes W), waited for only when the
 tracker reads its statistics, with no host synchronisation on the way (on CUDA the host-side
 numbers go through pinned memory). Every process packs sums, not rows: the examples, Σc and Σc²
 of its examples' weights in its local gradient (c = 1/(k·N_j) for mean losses over k
@@ -113,7 +113,10 @@ PASS_C2 = 15
 PASS_BIG = 16
 PASS_EXAMPLES = 17
 PASS_MISSING = 18
-HEAD = 19
+# processes whose squared norms overflowed float32 under a grown loss scale (the tracker's
+# _loss_scale_message): the step is then left out on every process, as LEFT_OUT's
+OVERFLOWED = 19
+HEAD = 20
 WIDTH = HEAD + FIELDS * len(SOURCES)
 
 
@@ -173,8 +176,8 @@ def step_kind(
     values: np.ndarray, step_number: int
 ) -> Literal["measured", "unmeasured", "left out"]:
     """Whether the processes measured the step, left it unmeasured (``measure_every``) or
-    left it out (a short accumulation window on one process or more: every process leaves it
-    out).
+    left it out (a short accumulation window, or squared norms overflowed under the loss
+    scale, on one process or more: every process leaves it out).
 
     Raises:
         NoiseScaleInputError: The processes reduced different steps together (their trackers
@@ -193,7 +196,7 @@ def step_kind(
         )
     if unmeasured:
         return "unmeasured"
-    return "left out" if values[LEFT_OUT] > 0 else "measured"
+    return "left out" if values[LEFT_OUT] > 0 or values[OVERFLOWED] > 0 else "measured"
 
 
 def resolve_unmeasured(values: np.ndarray, world_size: int) -> tuple[int, float | None]:
@@ -596,6 +599,7 @@ class DataParallelSource:
         step_number: int = 0,
         picks: Sequence[tuple[str, str, Tensor]] = (),
         left_out: bool = False,
+        overflowed: bool = False,
     ) -> ReducedStep:
         """Pack this process's sums for the step and start the all-reduce.
 
@@ -614,6 +618,8 @@ class DataParallelSource:
             left_out: This process leaves the step out (a short accumulation window): every
                 process then does, when it reads the step (:func:`step_kind`). The buffer is
                 reduced all the same, so that every process runs the same collectives.
+            overflowed: This process's squared norms overflowed float32 under the loss scale:
+                left out on every process likewise.
 
         The weights c may be device tensors (measured from the model's own loss,
         :mod:`noisescale.tokens`); they then enter the buffer on the device, like the norms.
@@ -643,6 +649,7 @@ class DataParallelSource:
         host[STEP] = float(step_number)
         host[PROCESSES] = 1.0
         host[LEFT_OUT] = float(left_out)
+        host[OVERFLOWED] = float(overflowed)
         if picks:
             put(PICKED, torch.stack([flag for _, _, flag in picks]).any())
         with torch.no_grad():
