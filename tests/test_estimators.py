@@ -230,3 +230,20 @@ def test_t_quantile_against_scipy(dof, confidence):
 
     exact = t.ppf(0.5 + confidence / 2, dof)
     assert est._t_quantile(confidence, dof) == pytest.approx(exact, rel=1e-9)
+
+
+def test_skew_correction_that_does_not_settle_gives_an_unbounded_end():
+    """A review of 2026-12-06: in this 9-step state (β = 0.99) the skew shift's slope comes within
+    q·sd(|G|²) of |G|², so the corrected set is unbounded above; the fixed-point rounds ran away
+    (×71 a round) and returned 8.4e17 — a finite high end, which the tracker's "unbounded"
+    warning (an isfinite test) did not see. The plain Fieller interval is [0, 1317]."""
+    g2 = [0.7448460821690339, 0.7265395912722903, -1.359866465003041, 1.8064122932024205,
+          2.1098039816433105, -0.2044249122328381, 1.0944346074402462, 1.4281435032359915,
+          0.8588375216194324]  # fmt: skip
+    trace = [24.489282696500364, 1.4086082526085082, 2.377111513225218, 1.5325916984964065,
+             -3.7397252553331177, 0.10690113114281996, 0.8191219074684993, -1.9098452265993613,
+             5.761260051304063]  # fmt: skip
+    state = est.update_state(est.init_state(0.99), np.array(g2), np.array(trace))
+    e = est.b_simple_interval(state)
+    assert e.available and e.b_simple == pytest.approx(4.1272, rel=1e-4)
+    assert e.low == 0.0 and e.high == math.inf

@@ -580,15 +580,25 @@ def _shifted_end(
 ) -> float:
     """One end (``side`` 0 low, 1 high) of {R ≥ 0 : |s − R·g + δ(R)| ≤ q·sd(s − R·g)}, found from
     the plain Fieller end as the fixed point of R ↦ Fieller end with tr shifted by δ(R) (δ
-    varies slowly with R: a few rounds settle it)."""
-    for _ in range(8):
+    varies slowly with R: a few rounds settle it).
+
+    δ(R) grows linearly in R (a cubic κ₃ over a quadratic variance): where its slope comes
+    within q·sd(|G|²) of |G|², the corrected set is unbounded above and the rounds run away
+    (×71 a round in a review's 9-step state: a bounded [0, 1317] came back as [0, 8.4e17], a
+    finite number that no "unbounded" check saw). An end the rounds do not settle is the
+    outward limit: ∞ above, 0 below."""
+    change = math.inf
+    for _ in range(16):
         if not math.isfinite(end):
             return end
         new = _fieller(s + shift(end), g, cov[0], cov[1], cov[2], q)[side]
-        if abs(new - end) <= 1e-12 * abs(end):
+        change = abs(new - end)
+        if change <= 1e-12 * abs(end):
             return new
         end = new
-    return end
+    if math.isfinite(end) and change <= 1e-6 * abs(end):
+        return end
+    return math.inf if side == 1 else 0.0
 
 
 def _fieller(
