@@ -580,23 +580,36 @@ def _shifted_end(
 ) -> float:
     """One end (``side`` 0 low, 1 high) of {R ≥ 0 : |s − R·g + δ(R)| ≤ q·sd(s − R·g)}, found from
     the plain Fieller end as the fixed point of R ↦ Fieller end with tr shifted by δ(R) (δ
-    varies slowly with R: a few rounds settle it).
+    varies slowly with R: a few rounds settle it; rounds that alternate around the fixed point
+    are damped).
 
-    δ(R) grows linearly in R (a cubic κ₃ over a quadratic variance): where its slope comes
-    within q·sd(|G|²) of |G|², the corrected set is unbounded above and the rounds run away
-    (×71 a round in a review's 9-step state: a bounded [0, 1317] came back as [0, 8.4e17], a
-    finite number that no "unbounded" check saw). An end the rounds do not settle is the
-    outward limit: ∞ above, 0 below."""
-    change = math.inf
-    for _ in range(16):
+    δ(R) grows linearly in R (a cubic κ₃ over a quadratic variance), with slope c: where
+    |c − |G|²| ≤ q·sd(|G|²) the corrected set is unbounded above (its pivot grows no faster
+    than its sd), and the rounds run away — ×71 a round in a review's 9-step state, where a
+    bounded [0, 1317] came back as [0, 8.4e17], a finite number no "unbounded" check saw. That
+    high end is ∞. An end the rounds still do not settle is the outward limit: ∞ above, 0
+    below."""
+    v_gg = cov[1]
+    if side == 1:
+        far = 1e8 * (abs(end) + 1.0) if math.isfinite(end) else 1e8
+        slope = (shift(2.0 * far) - shift(far)) / far
+        if abs(slope - g) <= q * math.sqrt(max(v_gg, 0.0)):
+            return math.inf
+    change = last = math.inf
+    for _ in range(40):
         if not math.isfinite(end):
             return end
         new = _fieller(s + shift(end), g, cov[0], cov[1], cov[2], q)[side]
-        change = abs(new - end)
+        if not math.isfinite(new):
+            return new
+        step = new - end
+        if step * last < 0:  # (alternating: damp)
+            new = end + 0.5 * step
+        change, last = abs(new - end), step
         if change <= 1e-12 * abs(end):
             return new
         end = new
-    if math.isfinite(end) and change <= 1e-6 * abs(end):
+    if change <= 1e-6 * abs(end):
         return end
     return math.inf if side == 1 else 0.0
 
