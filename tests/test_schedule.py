@@ -833,6 +833,25 @@ def test_a_ramp_in_tokens_sets_the_sampler_in_sequences():
     assert "tokens_per_example=" in str(got[0].message)
 
 
+def test_a_ramp_in_examples_resizes_a_sampler_built_at_another_batch_without_a_word():
+    """A ramp in examples (start 16) given a sampler built at the micro-batch of 8, or at a
+    resumed run's 64: the sampler was set to 16 right, but a warning said to give
+    tokens_per_example= (a hunt). Only a start more than 32× the sampler's batch, a token count
+    set on a sampler of sequences, is warned about."""
+    import warnings
+
+    for built, micro in [(8, 8), (64, 8), (4, 4)]:
+        sampler = ResizableBatchSampler(10**4, built)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            BatchSizeRamp.linear(16, 64, 500, micro_batch_size=micro, batch_sampler=sampler)
+        assert sampler.batch_size == 16
+    sampler = ResizableBatchSampler(10**4, 2)
+    with pytest.warns(RuntimeWarning, match="built with batch_size=2 but .* more than 32×"):
+        BatchSizeRamp.linear(128, 256, 500, micro_batch_size=2, batch_sampler=sampler)
+    assert sampler.batch_size == 128
+
+
 def test_a_scheduler_attached_but_not_given_is_warned_about():
     """A LambdaLR on the optimizer but not in lr_schedulers=: its next step() wrote 0.1 over
     the factor's 0.4, the schedule reporting lr_factor 4 with no word (a hunt). Its groups'

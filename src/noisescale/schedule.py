@@ -1172,14 +1172,16 @@ class BatchSizeRamp(_Realisation):
         self._state = BatchSizeRampState(0, 0, start, factor0)
         built = None if batch_sampler is None else batch_sampler.batch_size
         self._apply(start, 1.0, factor0)
-        if built is not None and tokens_per_example is None and built != self._sampler_batch(start):
-            # a ramp in tokens set a sampler of sequences to its token count, 2048× (a hunt)
+        share = None if built is None else self._sampler_batch(start)
+        if share is not None and tokens_per_example is None and share > 32 * built:
+            # a ramp in tokens set a sampler of sequences to its token count, 2048× (a hunt); a
+            # sampler built at the micro-batch or a resumed run's batch is a few times off
             warnings.warn(
                 f"noisescale: the batch sampler was built with batch_size={built} but the ramp "
-                f"sets it to {self._sampler_batch(start)} (its starting batch of {start}); if the "
-                "ramp counts tokens, give tokens_per_example= (the sampler counts sequences); if "
-                "it counts examples, build the sampler with the ramp's starting batch (this "
-                "process's share under data parallelism)",
+                f"sets it to {share} (its starting batch of {start}), more than 32× as many: "
+                "if the ramp counts tokens, give tokens_per_example= (the sampler counts "
+                "sequences, and would take a token count of them); if it counts examples, "
+                "ignore this, or build the sampler with the ramp's starting batch",
                 RuntimeWarning,
                 stacklevel=2,
             )
