@@ -566,6 +566,48 @@ def test_lightning_group_added_later_takes_the_schedule_s_factor():
     assert [g["lr"] for g in trainer.optimizers[0].param_groups] == pytest.approx([0.2, 0.6])
 
 
+def test_transformers_group_added_later_takes_the_schedule_s_factor():
+    """The Hugging Face callback scaled every group by the ratio new/old: a group added at 0.3
+    (tuned at B₀ = 8) after the factor 2 ended at 0.6 once the factor was 4, where the rule
+    gives 1.2 (a hunt). It takes the factor in effect at the next step boundary, and the
+    callback's checkpoint records which groups carry it, so a group added after a resume takes
+    it too."""
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    def ramp() -> BatchSizeRamp:
+        return BatchSizeRamp.stepwise([(0, 8), (16, 16), (200, 32)], micro_batch_size=8,
+                                      lr_rule="linear", base_batch_size=8)  # fmt: skip
+
+    def group(lr: float) -> dict:
+        return {"params": [nn.Parameter(torch.zeros(1))], "lr": lr}
+
+    args = SimpleNamespace(gradient_accumulation_steps=1)
+    callback, opt = NoiseScaleCallback(ramp()), torch.optim.SGD(**group(0.1))
+    callback._optimizer = opt
+    callback._apply(args)
+    for _ in range(3):
+        callback.schedule.step()
+    callback._apply(args)  # factor 2
+    opt.add_param_group(group(0.3))
+    callback._apply(args)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.2, 0.6])
+    callback.tracker = GradientNoiseTracker(nn.Linear(2, 1))
+    saved = callback._snapshot()
+    resumed = NoiseScaleCallback(ramp())
+    resumed.tracker = GradientNoiseTracker(nn.Linear(2, 1))
+    resumed._load(saved)
+    resumed._optimizer = opt
+    opt.add_param_group(group(0.5))  # after the resume
+    for _ in range(20):
+        resumed.schedule.step()
+    resumed._apply(args)
+    assert resumed.schedule.lr_factor == 4.0
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.4, 1.2, 2.0])
+
+
 @needs_lightning
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_lightning_refuses_a_schedule_under_manual_optimization():
