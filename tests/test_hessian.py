@@ -759,6 +759,29 @@ def test_a_hessian_batch_of_the_gradient_batch_is_refused():
         assert math.isfinite(measure_b_noise(model, _ce, batch, hessian_batch=other).ghg)
 
 
+def test_other_rows_of_one_dataset_tensor_are_other_examples_however_they_lie():
+    """Rows whose memory ranges interleave or touch were refused as the batch's own examples: a
+    column-major data set (pandas' DataFrame.to_numpy(), data.T), whose rows 0:8 and 16:24
+    share no element, and sliding windows of a token stream sharing one boundary token. They
+    are other examples: GᵀHG is exactly that of the same rows copied into a fresh tensor."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(4, 64).T, torch.randint(0, 3, (64,))  # column-major rows
+    windows = torch.randint(0, 4, (200,)).to(x.dtype).unfold(0, 5, 4)  # 5 tokens, step 4
+
+    def last(m, w):
+        return nn.functional.cross_entropy(m(w[:, :4]), w[:, 4].long() % 3)
+
+    for loss, batch, other in [
+        (_ce, (x[:8], y[:8]), (x[16:24], y[16:24])),
+        (last, windows[:8], windows[8:16]),
+    ]:
+        copied = tuple(t.clone() for t in other) if isinstance(other, tuple) else other.clone()
+        want = measure_b_noise(model, loss, batch, hessian_batch=copied, splits=8).ghg
+        got = measure_b_noise(model, loss, batch, hessian_batch=other, splits=8).ghg
+        assert got == pytest.approx(want, rel=1e-6) and math.isfinite(got)
+
+
 def test_b_noise_not_available_says_why():
     """nan B_noise came without a reason when the averaged tr(HΣ) was ≤ 0 (as for GᵀHG ≤ 0)."""
     prob = Quadratic()

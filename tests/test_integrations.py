@@ -608,6 +608,76 @@ def test_lightning_group_added_later_takes_the_schedule_s_factor():
 
 
 @needs_lightning
+def test_lightning_scales_each_optimizer_s_own_schedulers_once():
+    """A GAN: two optimizers, each with its LambdaLR. Every scheduler was scaled along with
+    every optimizer, its base rates by the factor squared (1.6 for 0.4 at factor 4), and the
+    next step() set 1.6 (a hunt). Each scheduler keeps its optimizer's rate × 4 through a step."""
+    from types import SimpleNamespace
+
+    ramp = BatchSizeRamp.stepwise([(0, 8), (16, 32)], micro_batch_size=8, lr_rule="linear",
+                                  base_batch_size=8)  # fmt: skip
+    callback = LightningCallback(ramp, log_every=0)
+    opts = [torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr) for lr in (0.1, 0.2)]
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0) for o in opts]
+    configs = [SimpleNamespace(scheduler=s) for s in scheds]
+    trainer = SimpleNamespace(
+        accumulate_grad_batches=1, optimizers=opts, lr_scheduler_configs=configs
+    )
+    callback._apply(trainer)
+    for _ in range(3):
+        ramp.step()
+    callback._apply(trainer)
+    assert ramp.lr_factor == 4.0
+    assert [s.base_lrs for s in scheds] == [pytest.approx([0.4]), pytest.approx([0.8])]
+    for o, s in zip(opts, scheds, strict=True):
+        o.step()
+        s.step()
+    assert [o.param_groups[0]["lr"] for o in opts] == pytest.approx([0.4, 0.8])
+
+
+def test_transformers_group_added_later_takes_the_schedule_s_factor():
+    """The Hugging Face callback scaled every group by the ratio new/old: a group added at 0.3
+    (tuned at B₀ = 8) after the factor 2 ended at 0.6 once the factor was 4, where the rule
+    gives 1.2 (a hunt). It takes the factor in effect at the next step boundary, and the
+    callback's checkpoint records which groups carry it, so a group added after a resume takes
+    it too."""
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    def ramp() -> BatchSizeRamp:
+        return BatchSizeRamp.stepwise([(0, 8), (16, 16), (200, 32)], micro_batch_size=8,
+                                      lr_rule="linear", base_batch_size=8)  # fmt: skip
+
+    def group(lr: float) -> dict:
+        return {"params": [nn.Parameter(torch.zeros(1))], "lr": lr}
+
+    args = SimpleNamespace(gradient_accumulation_steps=1)
+    callback, opt = NoiseScaleCallback(ramp()), torch.optim.SGD(**group(0.1))
+    callback._optimizer = opt
+    callback._apply(args)
+    for _ in range(3):
+        callback.schedule.step()
+    callback._apply(args)  # factor 2
+    opt.add_param_group(group(0.3))
+    callback._apply(args)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.2, 0.6])
+    callback.tracker = GradientNoiseTracker(nn.Linear(2, 1))
+    saved = callback._snapshot()
+    resumed = NoiseScaleCallback(ramp())
+    resumed.tracker = GradientNoiseTracker(nn.Linear(2, 1))
+    resumed._load(saved)
+    resumed._optimizer = opt
+    opt.add_param_group(group(0.5))  # after the resume
+    for _ in range(20):
+        resumed.schedule.step()
+    resumed._apply(args)
+    assert resumed.schedule.lr_factor == 4.0
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.4, 1.2, 2.0])
+
+
+@needs_lightning
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_lightning_refuses_a_schedule_under_manual_optimization():
     """Lightning ignores accumulate_grad_batches under manual optimisation: the schedule's

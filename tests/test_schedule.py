@@ -833,6 +833,25 @@ def test_a_ramp_in_tokens_sets_the_sampler_in_sequences():
     assert "tokens_per_example=" in str(got[0].message)
 
 
+def test_a_ramp_in_examples_resizes_a_sampler_built_at_another_batch_without_a_word():
+    """A ramp in examples (start 16) given a sampler built at the micro-batch of 8, or at a
+    resumed run's 64: the sampler was set to 16 right, but a warning said to give
+    tokens_per_example= (a hunt). Only a start more than 32× the sampler's batch, a token count
+    set on a sampler of sequences, is warned about."""
+    import warnings
+
+    for built, micro in [(8, 8), (64, 8), (4, 4)]:
+        sampler = ResizableBatchSampler(10**4, built)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            BatchSizeRamp.linear(16, 64, 500, micro_batch_size=micro, batch_sampler=sampler)
+        assert sampler.batch_size == 16
+    sampler = ResizableBatchSampler(10**4, 2)
+    with pytest.warns(RuntimeWarning, match="built with batch_size=2 but .* more than 32×"):
+        BatchSizeRamp.linear(128, 256, 500, micro_batch_size=2, batch_sampler=sampler)
+    assert sampler.batch_size == 128
+
+
 def test_a_scheduler_attached_but_not_given_is_warned_about():
     """A LambdaLR on the optimizer but not in lr_schedulers=: its next step() wrote 0.1 over
     the factor's 0.4, the schedule reporting lr_factor 4 with no word (a hunt). Its groups'
@@ -858,6 +877,31 @@ def test_a_scheduler_attached_but_not_given_is_warned_about():
         else:
             assert len(words) == 1 and "lr_schedulers=[scheduler]" in words[0]
             assert opt.param_groups[0]["lr"] == pytest.approx(0.1)  # what it warned of
+
+
+def test_a_finished_warm_up_is_warned_about_conditionally():
+    """A LinearLR warm-up that has finished and been dropped leaves 'initial_lr' on the groups
+    (as a loaded optimizer state does): the factor is applied (0.1 × 4), but the warning said
+    the scheduler's next step() writes over it, though nothing steps it (a hunt). It cannot be
+    told from a live one: the words are conditional and say a finished warm-up can be ignored."""
+    import warnings
+
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.2, total_iters=5)
+    for _ in range(5):
+        opt.step()
+        warm.step()
+    del warm
+    c = _controller(micro_batch_size=4, exchange_rate=None, factor=1.0, interval=1,
+                    lr_rule="linear", optimizer=opt)  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="initial_lr") as got:
+        warnings.simplefilter("always")
+        c.step(_estimate(16.0))  # 4 → 16: factor 4
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.4)
+    words = str(got[0].message)
+    assert "was attached" in words and "If it still steps" in words
+    assert "a finished warm-up" in words and "can be ignored" in words
 
 
 def test_an_unsupported_scheduler_is_refused_before_anything_is_written():

@@ -221,38 +221,27 @@ def _map_examples(batch: Batch, fn: Callable[[Tensor], Tensor]) -> Batch:
     return _rebuild(batch, [one(v) for v in batch])
 
 
-def _rows_in_memory(t: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """The byte range [start, end) of each example (row along dim 0) of ``t`` in its storage."""
-    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:], strict=True))
-    starts = t.storage_offset() + np.arange(t.shape[0]) * t.stride(0)
-    size = t.element_size()
-    return starts * size, (starts + extent) * size
-
-
-def _shares_examples(a: Tensor, b: Tensor) -> bool:
-    """Whether an example (row) of ``b`` lies in memory that an example of ``a`` also uses: the
-    same tensor, or views of one (disjoint slices of a dataset tensor, or its even and odd rows,
-    do not share; rows whose spans interleave, as columns of a transposed tensor, count as
-    sharing)."""
-    if a.layout != torch.strided or b.layout != torch.strided:
-        return a is b
-    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
-        return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-    a_start, a_end = _rows_in_memory(a)
-    b_start, b_end = _rows_in_memory(b)
-    order = np.argsort(a_start)
-    a_start, a_end = a_start[order], np.maximum.accumulate(a_end[order])
-    before = np.searchsorted(a_start, b_end)  # rows of a that start before each row of b ends
-    return bool(np.any((before > 0) & (a_end[np.maximum(before - 1, 0)] > b_start)))
-
-
 def _example_tensors(batch: Batch) -> list[Tensor]:
     """The tensors of a batch whose dim 0 counts its examples."""
     found: list[Tensor] = []
     _map_examples(batch, lambda v: found.append(v) or v)
     return found
+
+
+def _example_keys(batch: Batch) -> list[tuple[Any, ...]]:
+    """Where each example of a batch lies: for each tensor whose dim 0 counts the examples, its
+    storage, dtype, shape and strides and the row's offset. Equal keys are the same elements;
+    rows of one dataset tensor that are different examples (disjoint slices, a column-major
+    tensor's rows, sliding windows sharing a boundary token) have different keys."""
+    columns = []
+    for t in _example_tensors(batch):
+        if t.layout != torch.strided or t.numel() == 0:
+            columns.append([(id(t), i) for i in range(t.shape[0])])
+            continue
+        where = (t.device, t.dtype, t.untyped_storage().data_ptr(), t.shape[1:], t.stride()[1:])
+        start, step = t.storage_offset(), t.stride(0)
+        columns.append([(where, start + i * step) for i in range(t.shape[0])])
+    return list(zip(*columns, strict=True))
 
 
 # -- one measurement --------------------------------------------------------------------------
@@ -451,8 +440,8 @@ def measure_b_noise(
 
     Raises:
         NoiseScaleInputError: for ``splits < 2``, a batch too small to split, an empty
-            ``hessian_batch`` or one of the batch's own examples (the same tensors or views of
-            them), a BatchNorm using batch statistics, a loss that is not twice
+            ``hessian_batch`` or one holding the batch's own examples (the same rows of the
+            same tensors), a BatchNorm using batch statistics, a loss that is not twice
             differentiable, or a bad loss.
     """
     if splits < 2:
@@ -624,13 +613,11 @@ def _measure_b_noise(
                 "measurement of GᵀHG = tr(HΣ) = 0). Pass a non-empty batch (a loader's short "
                 "last batch can be empty), or hessian_batch=None"
             )
-        examples = _example_tensors(batch)
-        if all(
-            any(_shares_examples(a, b) for a in examples) for b in _example_tensors(hessian_batch)
-        ):
+        if not set(_example_keys(batch)).isdisjoint(_example_keys(hessian_batch)):
             raise NoiseScaleInputError(
-                "hessian_batch holds examples of batch itself (the same tensors, or views of "
-                "them): the Hessian-vector products must come from examples independent of the "
+                "hessian_batch holds examples of batch itself (the same rows of the same "
+                "tensors: the batch, its tensors in a new tuple, or a slice of its rows): "
+                "the Hessian-vector products must come from examples independent of the "
                 "gradient parts, since an example's Hessian correlates with its own gradient "
                 "(GᵀHG came out 2.2× too large, tr(HΣ) 1.6×, B_noise 26% too small for a "
                 "logistic model with per-example parts). Pass examples of their own (the "

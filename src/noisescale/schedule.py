@@ -710,20 +710,24 @@ class _Realisation:
             self.batch_sampler.batch_size = share
 
     def _warn_unscaled_scheduler(self) -> None:
-        """Warn (once) where a scheduler is attached to the optimizer but not given: torch's
-        schedulers mark the groups with ``initial_lr``, and the scheduler's next ``step()``
-        writes its own rate over the factor (a hunt saw lr_factor 4 in effect as 1)."""
+        """Warn (once) where a scheduler was attached to the optimizer but not given: torch's
+        schedulers mark the groups with ``initial_lr``, and a scheduler that still steps writes
+        its own rate over the factor (a hunt saw lr_factor 4 in effect as 1). The mark stays
+        after a warm-up has finished and been dropped, or in a loaded optimizer state, so the
+        words are conditional."""
         assert self.optimizer is not None
         if self.lr_schedulers or self._warned_scheduler:
             return
         if any("initial_lr" in g for g in self.optimizer.param_groups):
             self._warned_scheduler = True
             warnings.warn(
-                "noisescale: the optimizer's parameter groups carry 'initial_lr', so a "
-                "learning-rate scheduler is attached to it, but the schedule was given none "
-                "(lr_schedulers=): the scheduler's next step() writes its own rate over the "
-                "schedule's learning-rate factor, and the run trains at another rate than "
-                "lr_factor reports; pass it as lr_schedulers=[scheduler] to scale it along",
+                "noisescale: a learning-rate scheduler was attached to this optimizer (its "
+                "parameter groups carry 'initial_lr'), but the schedule was given none "
+                "(lr_schedulers=). If it still steps, its next step() writes its own rate over "
+                "the schedule's learning-rate factor, and the run trains at another rate than "
+                "lr_factor reports: pass it as lr_schedulers=[scheduler] to scale it along. A "
+                "scheduler that no longer steps (a finished warm-up, one of a run whose "
+                "optimizer state was loaded) can be ignored",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -1172,14 +1176,16 @@ class BatchSizeRamp(_Realisation):
         self._state = BatchSizeRampState(0, 0, start, factor0)
         built = None if batch_sampler is None else batch_sampler.batch_size
         self._apply(start, 1.0, factor0)
-        if built is not None and tokens_per_example is None and built != self._sampler_batch(start):
-            # a ramp in tokens set a sampler of sequences to its token count, 2048× (a hunt)
+        share = None if built is None else self._sampler_batch(start)
+        if share is not None and tokens_per_example is None and share > 32 * built:
+            # a ramp in tokens set a sampler of sequences to its token count, 2048× (a hunt); a
+            # sampler built at the micro-batch or a resumed run's batch is a few times off
             warnings.warn(
                 f"noisescale: the batch sampler was built with batch_size={built} but the ramp "
-                f"sets it to {self._sampler_batch(start)} (its starting batch of {start}); if the "
-                "ramp counts tokens, give tokens_per_example= (the sampler counts sequences); if "
-                "it counts examples, build the sampler with the ramp's starting batch (this "
-                "process's share under data parallelism)",
+                f"sets it to {share} (its starting batch of {start}), more than 32× as many: "
+                "if the ramp counts tokens, give tokens_per_example= (the sampler counts "
+                "sequences, and would take a token count of them); if it counts examples, "
+                "ignore this, or build the sampler with the ramp's starting batch",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -509,12 +509,20 @@ class NoiseScaleCallback(pl.Callback):
         self._applied_micro_batches = self.schedule.num_micro_batches
         new_factor = self.schedule.lr_factor
         schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
-        carried = self._scaled_groups + [None] * (
-            len(trainer.optimizers) - len(self._scaled_groups)
-        )
+        optimizers = trainer.optimizers
+
+        def own(o: Any) -> list[Any]:
+            # each optimizer's schedulers only: a GAN's two schedulers, each given along with
+            # both optimizers, had their base rates scaled by the factor twice (a hunt)
+            if len(optimizers) == 1:
+                return schedulers
+            mine = unwrap_optimizer(o)
+            return [s for s in schedulers if unwrap_optimizer(s.optimizer) is mine]
+
+        carried = self._scaled_groups + [None] * (len(optimizers) - len(self._scaled_groups))
         self._scaled_groups = [
-            carry_lr_factor(o, self._applied_lr_factor, new_factor, schedulers, scaled_groups=n)
-            for o, n in zip(trainer.optimizers, carried, strict=False)
+            carry_lr_factor(o, self._applied_lr_factor, new_factor, own(o), scaled_groups=n)
+            for o, n in zip(optimizers, carried, strict=False)
         ]
         self._applied_lr_factor = new_factor
 

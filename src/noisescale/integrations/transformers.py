@@ -108,7 +108,12 @@ from noisescale.integrations import (
 )
 from noisescale.module_hooks import Hook
 from noisescale.preconditioning import learning_rate, unwrap_optimizer
-from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, check_lr_schedulers, scale_lr
+from noisescale.schedule import (
+    AdaptiveBatchSize,
+    BatchSizeRamp,
+    carry_lr_factor,
+    check_lr_schedulers,
+)
 from noisescale.tracker import GradientNoiseTracker
 
 try:
@@ -204,6 +209,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         # the schedule's realisation in the Trainer, saved in checkpoints
         self._applied_micro_batches: int | None = None
         self._applied_lr_factor = 1.0
+        self._scaled_groups: int | None = None  # the groups that carry it (None: all of them)
         self._examples_seen = 0
         self._epoch = 0
         self._position = 0  # micro-batches of the current epoch consumed so far
@@ -247,6 +253,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         self._items_scale = world if world > 1 and average else 1
         self._queued, self._loss, self._losses = False, None, 0
         self._applied_micro_batches, self._applied_lr_factor = None, 1.0
+        self._scaled_groups = None
         self._examples_seen, self._epoch, self._position = 0, 0, 0
         self._resume_position = None
         if state.global_step > 0:
@@ -352,6 +359,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
                 "schedule": self.schedule.state_dict() if self.schedule is not None else None,
                 "applied_micro_batches": self._applied_micro_batches,
                 "applied_lr_factor": self._applied_lr_factor,
+                "scaled_groups": self._scaled_groups,
                 "examples_seen": self._examples_seen,
                 "epoch": self._epoch,
                 "position": self._position,
@@ -393,6 +401,8 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         applied = saved["applied_micro_batches"]
         self._applied_micro_batches = None if applied is None else int(applied)
         self._applied_lr_factor = float(saved["applied_lr_factor"])
+        scaled = saved.get("scaled_groups")
+        self._scaled_groups = None if scaled is None else int(scaled)
         self._examples_seen = int(saved["examples_seen"])
         self._epoch, self._resume_position = int(saved["epoch"]), int(saved["position"])
         if self._train_batches is not None and self._resume_position >= self._train_batches:
@@ -452,10 +462,16 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         args.gradient_accumulation_steps = k
         self._applied_micro_batches = k
         new_factor = self.schedule.lr_factor
-        if new_factor != self._applied_lr_factor:
-            schedulers = [self._lr_scheduler] if self._lr_scheduler is not None else []
-            scale_lr(self._optimizer, new_factor / self._applied_lr_factor, schedulers)
-            self._applied_lr_factor = new_factor
+        schedulers = [self._lr_scheduler] if self._lr_scheduler is not None else []
+        # a group added since (progressive unfreezing) takes the factor from its own rate
+        self._scaled_groups = carry_lr_factor(
+            self._optimizer,
+            self._applied_lr_factor,
+            new_factor,
+            schedulers,
+            scaled_groups=self._scaled_groups,
+        )
+        self._applied_lr_factor = new_factor
 
     # -- hooks inside backward ------------------------------------------------------------------
 
