@@ -537,6 +537,9 @@ def _skew_shift(
     raw3 = (state.g2_cube, state.g2_sq_trace, state.g2_trace_sq, state.trace_cube)
     if state.count < 3 or not correction > 0 or not all(map(math.isfinite, raw3)):
         return None
+    if cov[0] <= 1e-10 * s * s and cov[1] <= 1e-10 * g * g:
+        # (steps alike to rounding: their third moment is rounding noise over rounding noise)
+        return None
     mean = {"g": g, "s": s}
     first = {"g": state.g2_w2 * inv, "s": state.trace_w2 * inv}  # Σ w_t² x_t
     second = {"gg": state.g2_sq * inv, "gs": state.cross * inv, "ss": state.trace_sq * inv}
@@ -595,7 +598,7 @@ def _shifted_end(
         slope = (shift(2.0 * far) - shift(far)) / far
         if abs(slope - g) <= q * math.sqrt(max(v_gg, 0.0)):
             return math.inf
-    change = last = math.inf
+    change, last = math.inf, 0.0
     for _ in range(40):
         if not math.isfinite(end):
             return end
