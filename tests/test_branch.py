@@ -42,6 +42,7 @@ from noisescale.branch import (
 )
 from noisescale.branch.compare import t_quantile
 from noisescale.branch.page import plot_data
+from noisescale.branch.side import history_positions
 from noisescale.branch.warmup import PROGRESS_STEPS
 from noisescale.errors import NoiseScaleInputError
 from noisescale.report.data import load_history
@@ -489,6 +490,34 @@ def test_a_window_converts_each_record_with_its_own_tokens_per_example(tmp_path:
         window_b_simple(first, 0, 400)
     assert window_b_simple(first, 440, 800).b_simple == pytest.approx(
         window_b_simple(per_example, 440, 800).b_simple, rel=1e-9
+    )
+
+
+def test_an_examples_history_counting_tokens_on_some_records_is_placed_in_tokens(
+    tmp_path: Path,
+) -> None:
+    # 8 sequences of 16 tokens a step; tokens_seen recorded on every other record only. The
+    # records were placed by integrating b_big — 8 examples a step — as if it counted tokens:
+    # every position 16× too small (a review, 2026-12-07).
+    records = []
+    for step in range(1, 41):
+        b = 40.0 * (1 + step / 40)
+        record = {"step": step, "skipped": False, "loss": 1.0, "examples": 8 * step, "b_big": 8}
+        record |= {"g2": 1.0, "trace_sigma": b, "b_simple": b, "b_simple_low": b / 2}
+        record |= {"b_simple_high": 2 * b, "tokens_per_example": 16.0}
+        if step % 2 == 0:
+            record["tokens_seen"] = 128 * step
+        records.append(record)
+    history = load_history(write_synthetic_history(tmp_path / "h.jsonl", records))
+    assert history_positions(history, "tokens") == pytest.approx([128.0 * s for s in range(1, 41)])
+    assert history_positions(history, "examples") == pytest.approx([8.0 * s for s in range(1, 41)])
+    # a record with no tokens per example to place it by: refused, named
+    records[0].pop("tokens_per_example")
+    first = load_history(write_synthetic_history(tmp_path / "f.jsonl", records))
+    with pytest.raises(NoiseScaleInputError, match=r"its step 1 carries no tokens per example"):
+        history_positions(first, "tokens")
+    assert history_positions(first, "tokens", 16.0) == pytest.approx(
+        [128.0 * s for s in range(1, 41)]
     )
 
 

@@ -153,7 +153,21 @@ def history_positions(
                 f"{history.path!r} did not count tokens; give the tokens per example "
                 "(--tokens-per-example) or the branches in examples"
             )
-        return _fill(history, pos, history.b_big)
+        batch = history.b_big
+        if history.unit == "examples" and not np.all(np.isfinite(pos)):
+            # its batch sizes count examples: in tokens each record's is times its tokens per
+            # example (until 2026-12-07 integrated as tokens where some records counted none:
+            # every position tokens-per-example× too small, a review)
+            f = b_simple_factors(history, "tokens", tokens_per_example)
+            if not np.all(np.isfinite(f)):
+                first = int(history.step[~np.isfinite(f)][0])
+                raise NoiseScaleInputError(
+                    f"{history.path!r} counted tokens on some records only, and its step {first} "
+                    "carries no tokens per example to place it in tokens; give the tokens per "
+                    "example (--tokens-per-example) or the branches in examples"
+                )
+            batch = batch * f
+        return _fill(history, pos, batch)
     pos = history.examples.copy()
     batch = history.b_big
     if history.unit == "tokens":
