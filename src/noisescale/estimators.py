@@ -168,6 +168,21 @@ def check_dataset_size(dataset_size: Any) -> int | None:
     return int(dataset_size)
 
 
+def check_resumed_dataset_size(saved: int | None, current: int | None) -> None:
+    """Refuse to resume averages whose steps were corrected for ``dataset_size=saved`` (``None``:
+    not corrected) into a tracker built with ``current``: each step's |G|² and tr Σ are
+    corrected (:func:`finite_population`) before averaging, and mixed with steps corrected
+    otherwise they would be neither."""
+    if saved != current:
+        raise NoiseScaleInputError(
+            f"the saved averages were taken with dataset_size={saved} but this tracker was built "
+            f"with dataset_size={current}: each step's |G|² and tr Σ were corrected (or not) for "
+            "draws without replacement from that many examples before averaging, and mixed "
+            "with steps corrected otherwise they would be neither. Construct the tracker with "
+            f"dataset_size={saved} to resume them, or start a new estimate (no load_state_dict)"
+        )
+
+
 def per_example_norm_estimates(
     sqnorms: ArrayLike, sqnorm_big: float, b_big: float | None = None
 ) -> tuple[float, float]:

@@ -855,14 +855,7 @@ class BNoiseTracker:
                 f"beta={self.beta}; construct it with beta={saved_beta} to resume (the EMAs "
                 "cannot change their decay midway)"
             )
-        saved_size = state.get("dataset_size")
-        if saved_size != self.dataset_size:
-            raise NoiseScaleInputError(
-                f"the state was averaged with dataset_size={saved_size} but this tracker was "
-                f"built with dataset_size={self.dataset_size}: its measurements were corrected "
-                "(or not) for draws without replacement from that many examples; construct it "
-                f"with dataset_size={saved_size} to resume, or start a new estimate"
-            )
+        est.check_resumed_dataset_size(state.get("dataset_size"), self.dataset_size)
         self._hessian = est.load_state(state["hessian"])
         self._simple = est.load_state(state["simple"])
         self.calls = int(state["calls"])

@@ -331,9 +331,7 @@ def full_batch_steps(steps: ArrayLike, batch_size: ArrayLike, b_noise: ArrayLike
     Returns:
         s at each step, starting from 0 at the first one.
     """
-    t, b, noise = _trajectory_arrays(steps, batch_size, b_noise)
-    if not np.all(b > 0):
-        raise NoiseScaleInputError("batch sizes along a run must be positive")
+    t, b, noise = _run_arrays(steps, batch_size, b_noise)
     fraction = b / (b + noise)
     return np.concatenate([[0.0], np.cumsum(np.diff(t) * (fraction[1:] + fraction[:-1]) / 2.0)])
 
@@ -356,9 +354,7 @@ def run_integrals(
         batch_size: B at each of those steps, positive.
         b_noise: B_noise (or B_simple) at each of those steps, not negative.
     """
-    t, b, noise = _trajectory_arrays(steps, batch_size, b_noise)
-    if not np.all(b > 0):
-        raise NoiseScaleInputError("batch sizes along a run must be positive")
+    t, b, noise = _run_arrays(steps, batch_size, b_noise)
     points = int(min(math.floor(t[-1] - t[0]), MAX_INTEGRAND_POINTS)) + 1
     grid = np.union1d(t, np.linspace(t[0], t[-1], max(points, 2)))
     b, noise = np.interp(grid, t, b), np.interp(grid, t, noise)
@@ -471,6 +467,17 @@ def _trajectory_arrays(*arrays: ArrayLike) -> tuple[np.ndarray, ...]:
     if not np.all(out[-1] >= 0):
         raise NoiseScaleInputError("the noise scale along a trajectory must not be negative")
     return out
+
+
+def _run_arrays(
+    steps: ArrayLike, batch_size: ArrayLike, b_noise: ArrayLike
+) -> tuple[np.ndarray, ...]:
+    """A recorded run's steps, batch sizes and noise scales (:func:`_trajectory_arrays`), its
+    batch sizes positive."""
+    t, b, noise = _trajectory_arrays(steps, batch_size, b_noise)
+    if not np.all(b > 0):
+        raise NoiseScaleInputError("batch sizes along a run must be positive")
+    return t, b, noise
 
 
 def _integrals(

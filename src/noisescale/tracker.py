@@ -2420,16 +2420,7 @@ class GradientNoiseTracker:
                 f"Construct the tracker with beta={saved_beta} to resume them, or start a new "
                 "estimate (no load_state_dict)"
             )
-        saved_size = state.get("dataset_size")
-        if saved_size != self.dataset_size:
-            raise NoiseScaleInputError(
-                f"the checkpoint's averages were taken with dataset_size={saved_size} but this "
-                f"tracker was built with dataset_size={self.dataset_size}: each step's |G|² and "
-                "tr Σ were corrected (or not) for draws without replacement from that many "
-                "examples before averaging, and mixed with steps corrected otherwise they would "
-                f"be neither. Construct the tracker with dataset_size={saved_size} to resume "
-                "them, or start a new estimate (no load_state_dict)"
-            )
+        est.check_resumed_dataset_size(state.get("dataset_size"), self.dataset_size)
         saved_every = int(state.get("measure_every", self.measure_every))
         if saved_every != self.measure_every:
             self._warn(
