@@ -837,6 +837,16 @@ def _parallelism(rank: int) -> dict[str, str]:
     }
 
 
+def _accumulate_under_no_sync(model: nn.Module, steps: list, t: int, rank: int) -> None:
+    """Step ``t`` of ``steps`` on this process: its micro-batches' mean losses, each divided by
+    their count, backpropagated under DDP's no_sync() but the last."""
+    k = len(steps[t][rank])
+    for j in range(k):
+        x, y = micro_batch(steps, t, rank, j)
+        with model.no_sync() if j < k - 1 else nullcontext():
+            (F.cross_entropy(model(x), y) / k).backward()
+
+
 # process 1 drops from 2 micro-batches to 1 at step 2, process 0 keeps 2 (DDP accepts it)
 SHORT_WINDOW = [[[3, 3], [2, 2]], [[3, 3], [4]], [[2, 2], [2, 2]]]
 
@@ -859,12 +869,8 @@ def _short_window(rank: int) -> dict:
                 tracker = noisescale.GradientNoiseTracker(
                     model, beta=1.0, sync_every=1, optimizer=opt, per_example_fraction=1.0
                 )
-            for t, sizes in enumerate(SHORT_WINDOW):
-                k = len(sizes[rank])
-                for j in range(k):
-                    x, y = micro_batch(SHORT_WINDOW, t, rank, j)
-                    with model.no_sync() if j < k - 1 else nullcontext():
-                        (F.cross_entropy(model(x), y) / k).backward()
+            for t in range(len(SHORT_WINDOW)):
+                _accumulate_under_no_sync(model, SHORT_WINDOW, t, rank)
                 if tracker is not None:
                     tracker.step()
                 opt.step()
@@ -894,12 +900,8 @@ def _unequal_windows_resumed(rank: int) -> dict:
     tracker = noisescale.GradientNoiseTracker(model, **kwargs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for t, sizes in enumerate(steps):
-            k = len(sizes[rank])
-            for j in range(k):
-                x, y = micro_batch(steps, t, rank, j)
-                with model.no_sync() if j < k - 1 else nullcontext():
-                    (F.cross_entropy(model(x), y) / k).backward()
+        for t in range(len(steps)):
+            _accumulate_under_no_sync(model, steps, t, rank)
             tracker.step()
             opt.step()
             opt.zero_grad()

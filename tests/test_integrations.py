@@ -683,26 +683,13 @@ def test_lightning_refuses_a_schedule_under_manual_optimization():
     """Lightning ignores accumulate_grad_batches under manual optimisation: the schedule's
     batch would never run while its learning rate did (batch 8 at twice the rate, until
     2026-12-05, a hunt found). Refused before the first step."""
-
-    class Manual(type(_lit_model())):
-        def __init__(self) -> None:
-            super().__init__()
-            self.automatic_optimization = False
-
-        def training_step(self, batch, batch_idx):
-            opt = self.optimizers()
-            x, y = batch
-            self.manual_backward(F.cross_entropy(self(x), y))
-            opt.step()
-            opt.zero_grad()
-
     callback = LightningCallback(_ramp(), sync_every=1, log_every=0)
     with pytest.raises(NoiseScaleInputError, match=r"manual optimisation.*accumulate_grad_batches"):
-        _lit_trainer(callback, max_steps=10).fit(Manual(), _loader())
+        _lit_trainer(callback, max_steps=10).fit(_manual_model("undivided", k=1), _loader())
     assert callback.tracker.steps == 0
     # measuring only is still fine under manual optimisation
     callback = LightningCallback(sync_every=1, log_every=0)
-    _lit_trainer(callback, max_steps=3).fit(Manual(), _loader())
+    _lit_trainer(callback, max_steps=3).fit(_manual_model("undivided", k=1), _loader())
     assert callback.tracker.steps == 3
 
 

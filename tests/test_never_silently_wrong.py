@@ -3417,6 +3417,14 @@ def _moved_truth(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Te
     )
 
 
+def _assert_step_exact(tracker, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int):
+    """The tracker's last step (every example measured) against :func:`_moved_truth`."""
+    with tracker.paused():
+        want = float(_moved_truth(model, x, y).mean())
+    got = tracker.history[-1]["sources"]["per_example"]["sqnorm_small"]
+    assert got == pytest.approx(want, rel=1e-9), step
+
+
 _MOVES = ["roll", "pairs", "pad", "window", "flipdim", "rollsplit"]
 
 
@@ -3443,10 +3451,7 @@ def test_rows_moved_along_the_examples_by_a_changed_argument_are_refused(how, fr
                 break
             tracker.step(loss=loss)
             if fraction is not None:
-                with tracker.paused():
-                    want = float(_moved_truth(model, x, y).mean())
-                got = tracker.history[-1]["sources"]["per_example"]["sqnorm_small"]
-                assert got == pytest.approx(want, rel=1e-9), step
+                _assert_step_exact(tracker, model, x, y, step)
     finally:
         tracker.remove()
 
@@ -3497,10 +3502,7 @@ def test_a_window_that_is_one_whole_part_of_a_cat_or_repeat_is_exact(how):
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             tracker.step(loss=loss)
-            with tracker.paused():
-                want = float(_moved_truth(model, x, y).mean())
-            got = tracker.history[-1]["sources"]["per_example"]["sqnorm_small"]
-            assert got == pytest.approx(want, rel=1e-9), step
+            _assert_step_exact(tracker, model, x, y, step)
     finally:
         tracker.remove()
 
@@ -3561,10 +3563,7 @@ def test_a_subset_of_the_examples_written_back_is_refused_naming_the_subset(how)
                     tracker.step(loss=loss)
                 break
             tracker.step(loss=loss)
-            with tracker.paused():
-                want = float(_moved_truth(model, x, y).mean())
-            got = tracker.history[-1]["sources"]["per_example"]["sqnorm_small"]
-            assert got == pytest.approx(want, rel=1e-9), step
+            _assert_step_exact(tracker, model, x, y, step)
     finally:
         tracker.remove()
 
