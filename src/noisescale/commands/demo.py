@@ -78,7 +78,8 @@ def register(subparsers: Any) -> None:
         type=_args.positive_int,
         default=DEFAULT_THREADS,
         help=f"torch CPU threads (default {DEFAULT_THREADS}: with the seed, the same numbers on "
-        "every machine, however busy)",
+        "every run on one machine, however busy; another CPU's kernels round differently and "
+        "print slightly different numbers)",
     )
     p.add_argument(
         "-o", "--out", type=Path, default=Path("runs/demo"), help="output folder (runs/demo)"
