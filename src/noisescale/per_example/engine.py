@@ -39,10 +39,15 @@ N examples of dim 0 of the model's input (dim 1 for a time-major built-in model)
 ``nn.TransformerEncoder``/``Decoder``/``Transformer`` and their layers with ``batch_first=False``
 the examples are along dim 1, and recurrent layers declare their own layout.
 
-Layout: this module holds :class:`PerExampleNorms`' construction, its forward and backward hooks
-and collection; its mixins hold what it decides after a backward (:mod:`~.settle`), its hooks
-under ``torch.compile`` (:mod:`~.traced`), the audit's re-runs on permuted examples
-(:mod:`~.example_check`) and its watch on ``.grad`` (:mod:`~.grad_watch`).
+Layout: this module holds :class:`PerExampleNorms`' construction (its plan, the hooks installed,
+pause and removal) and its small accessors; its mixins hold the rest, one side of a step each:
+the pass opened by the model's forward and its output (:mod:`~.opening`), the hooks on each
+measured layer (:mod:`~.layer_hooks`), the checks that the rows a forward meets are the examples
+(:mod:`~.row_checks`), the backward's products, shared calls and meetings (:mod:`~.backward`),
+the parameter hooks and :meth:`~PerExampleNorms.collect` (:mod:`~.collect`), what it decides
+after a backward (:mod:`~.settle`), its hooks under ``torch.compile`` (:mod:`~.traced`), the
+audit's re-runs on permuted examples (:mod:`~.example_check`) and its watch on ``.grad``
+(:mod:`~.grad_watch`).
 """
 
 from __future__ import annotations
