@@ -2,9 +2,14 @@
 
 The package, layer by layer:
 
-* :mod:`~.engine` — construction, the forward and backward hooks, every use of every
-  parameter, collection; four mixins of :class:`PerExampleNorms` hold the rest:
-  :mod:`~.settle` (each pass's norms kept, withheld or refused after the backward),
+* :mod:`~.engine` — construction (the plan, the hooks installed, pause and removal) and small
+  accessors; nine mixins of :class:`PerExampleNorms` hold the rest: :mod:`~.opening` (a pass
+  opened by the model's forward, its output taken as the targets), :mod:`~.layer_hooks` (the
+  hooks on each measured layer), :mod:`~.row_checks` (are the rows a forward meets the
+  examples?), :mod:`~.backward` (sub-batch products, shared calls and meetings: each use's
+  gradient routed to its parameters), :mod:`~.collect` (the parameter hooks, every use of every
+  parameter summed, collection), :mod:`~.settle` (each pass's norms kept, withheld or refused
+  after the backward),
   :mod:`~.traced` (the hooks under ``torch.compile``), :mod:`~.example_check` (the audit's
   re-runs: do the model's rows follow its examples?) and :mod:`~.grad_watch` (``.grad``
   changed outside the engine); and modules of their own: :mod:`~.passes` (what one pass
