@@ -507,6 +507,41 @@ def test_a_layer_called_twice_in_several_forwards(make, x, several, products):
         assert_rows_withheld_then_exact(make(), x, several(_sq), subbatches, withheld=False)
 
 
+def test_the_audit_of_several_forwards_checks_their_sums_together_never_vacuously():
+    """PassAudit itself: the backward's gradient recorded into one forward's audit, each
+    forward's per-example sums into its own. Joined (absorb), the gradient is checked against
+    the sum of both — equal passes, a use missed (a penalty's 0.1) fails; the first alone,
+    holding sums and no gradient, fails as unchecked instead of passing vacuously (it passed
+    until 2026-12-07)."""
+    from noisescale.per_example.audit import PassAudit
+    from noisescale.per_example.factors import NormFactor
+
+    w = nn.Parameter(torch.zeros(3, 3))
+    pid, names = id(w), {id(w): "w"}
+    g = torch.Generator().manual_seed(0)
+    s1, s2 = torch.randn(3, 3, generator=g), torch.randn(3, 3, generator=g)
+
+    def audits(extra: float):
+        first, second = (PassAudit((), torch.Generator(), N, replay=False) for _ in range(2))
+        second.share_projections(first)
+        first.add_sum(pid, NormFactor(torch.ones(N), total=s1), w.shape)
+        second.add_sum(pid, NormFactor(torch.ones(N), total=s2), w.shape)
+        second.record_grad(pid, s1 + s2 + extra)
+        return first, second
+
+    first, second = audits(0.0)
+    first.absorb(second)
+    assert first.finish({pid}, names).ok
+    first, second = audits(0.1)
+    first.absorb(second)
+    found = first.finish({pid}, names)
+    assert not found.ok and pid in found.unexplained
+    first, _ = audits(0.0)
+    found = first.finish({pid}, names)
+    assert not found.ok and found.unrecorded == [pid]
+    assert "received no gradient of parameters 'w'" in found.message({}, None, names)
+
+
 def test_the_tracker_on_a_tied_head_in_two_forwards_equals_the_unbiased_estimates():
     """The tracker's B_simple and tr Σ for a batch run in two forwards under one backward, the
     head tied to the embedding, equal eq. A.1–A.2's unbiased estimates (B_big = N, B_small = 1)
