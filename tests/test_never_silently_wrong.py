@@ -322,6 +322,258 @@ def test_parameter_registered_on_two_modules_counts_once_per_use(make, products)
     assert_exact_both_ways(model, x, _sq)
 
 
+# -- 1 and 2 again, the batch in several forwards of the model under one backward ---------------
+
+
+class CalledTwice(nn.Module):
+    """One layer called twice in a forward (weights shared across depth): the default source's
+    sub-batch products of its weight miss the cross terms between the calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.fc(x)))
+
+
+class ConvCalledTwice(nn.Module):
+    """The same with a Conv1d on [N, C, T], whose weight the default source measures by
+    sub-batch products at these sizes without being told to."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(6, 6, 3, padding=1)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(self.conv(torch.tanh(self.conv(x))).mean(2))
+
+
+class TwoModulesOneWeight(nn.Module):
+    """One Parameter registered on two Linears, both called."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.a(x) + torch.tanh(self.b(x))
+
+
+class Penalised(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _with_penalty(m, xs):
+    return _sq(m, xs) + 0.3 * m.net[2].weight.pow(2).sum()
+
+
+def _chunked(loss):
+    """The batch in two forwards, their losses concatenated: one backward runs through both."""
+    return lambda m, xs: torch.cat([loss(m, xs[:2]), loss(m, xs[2:])])
+
+
+def _two_views(loss):
+    """Two views of each example, loss(model(x)) + loss(model(x flipped)) as rows of one
+    backward: the engine measures each view's rows as examples of their own."""
+    return lambda m, xs: torch.cat([loss(m, xs), 0.5 * loss(m, xs.flip(-1))])
+
+
+SEVERAL = [_chunked, _two_views]
+X3 = torch.randn(N, 3, generator=torch.Generator().manual_seed(1)).double()
+X_CONV = torch.randn(N, 6, 5, generator=torch.Generator().manual_seed(4)).double()
+
+
+def _merged_groups(subbatches) -> list[list[int]]:
+    """The rows of each group of a merged pass's sub-batches (MergedSubbatches), in order."""
+    out, at = [], 0
+    for part in subbatches.parts:
+        if isinstance(part, int):
+            out += [[at + i] for i in range(part)]
+            at += part
+            continue
+        index = part.index.view(part.k, part.n).tolist()
+        out += [[at + i for i in index[j][:size]] for j, size in enumerate(part.sizes)]
+        at += sum(part.sizes)
+    return out
+
+
+def assert_rows_withheld_then_exact(model, x, rows, subbatches: int, withheld: bool):
+    """The engine over three mean-loss steps of ``rows`` (per-row losses of several forwards,
+    one backward): the first step withheld where ``withheld`` (the audit found a use to learn),
+    no other; every norm reported equals brute force — one backward per row, the groups'
+    gradients summed (exact mode: one row a group)."""
+    engine = PerExampleNorms(model, subbatches=subbatches)
+    engine.RECHECK_SUBBATCHES = 1
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for step in range(3):
+            model.zero_grad()
+            rows(model, x).mean().backward()
+            (p,) = engine.collect()
+            if p.raw_sqnorms is None:
+                assert step == 0 and p.withheld and (withheld or subbatches), (step, p.withheld)
+                continue
+            assert not (step == 0 and withheld), "the audited step must be withheld"
+            with engine.paused():
+                out = rows(model, x)
+                grads = [torch.autograd.grad(r, params, retain_graph=True) for r in out]
+            groups = (
+                [[r] for r in range(len(out))]
+                if p.subbatches is None
+                else _merged_groups(p.subbatches)
+            )
+            want = torch.stack(
+                [
+                    sum(
+                        (sum(grads[r][t] for r in g) / len(out)).pow(2).sum()
+                        for t in range(len(params))
+                    )
+                    for g in groups
+                ]
+            )
+            assert torch.allclose(p.raw_sqnorms, want, rtol=1e-9), (step, p.raw_sqnorms, want)
+    finally:
+        engine.remove()
+
+
+@pytest.mark.parametrize("several", SEVERAL, ids=["chunked", "two-views"])
+@pytest.mark.parametrize(
+    "make,x",
+    [(ReusedWeight, X3), (TiedThroughFLinear, IDS)],
+    ids=["x @ fc.weight.T", "F.linear(h, emb.weight)"],
+)
+def test_a_weight_reused_outside_its_module_in_several_forwards(make, x, several, products):
+    """As with one forward: refused one-shot, withheld then exact under the engine. Until
+    2026-12-07 the backward's gradients were recorded into the last forward's audit and only
+    the first's, holding none, was finished: its check passed vacuously and every step was
+    measured 13% off without a word (a hunt)."""
+    rows = several(_sq)
+    torch.manual_seed(0)
+    with pytest.raises(UnsupportedModuleError, match=r"do not add up|no use of them"):
+        one_shot(make(), x, rows)
+    for subbatches in (0, 2):
+        torch.manual_seed(0)
+        assert_rows_withheld_then_exact(make(), x, rows, subbatches, withheld=True)
+
+
+@pytest.mark.parametrize("several", SEVERAL, ids=["chunked", "two-views"])
+@pytest.mark.parametrize(
+    "make", [TiedAutoencoder, TwoModulesOneWeight], ids=["tied-autoencoder", "two-linears"]
+)
+def test_parameter_registered_on_two_modules_in_several_forwards(make, several, products):
+    """Exact at once, as with one forward (the default source may withhold its first step to
+    learn a weight its products measured that is used twice, see the next test)."""
+    torch.manual_seed(0)
+    rows = several(_sq)
+    model = make()
+    got = one_shot(model, X3, rows)
+    params = list(model.parameters())
+    grads = [torch.autograd.grad(r, params, retain_graph=True) for r in rows(model, X3)]
+    want = torch.stack([sum(g.pow(2).sum() for g in gs) for gs in grads])
+    assert torch.allclose(got, want, rtol=1e-9)
+    for subbatches in (0, 2):
+        assert_rows_withheld_then_exact(model, X3, rows, subbatches, withheld=False)
+
+
+@pytest.mark.parametrize("several", SEVERAL, ids=["chunked", "two-views"])
+@pytest.mark.parametrize("form", ["one-shot", "default", "exact"])
+def test_a_penalty_in_the_loss_of_several_forwards_is_refused(several, form):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(UnsupportedModuleError, match="weight_decay"):
+            _measured_in(form, Penalised(), X3, several(_with_penalty))
+
+
+@pytest.mark.parametrize("several", SEVERAL, ids=["chunked", "two-views"])
+@pytest.mark.parametrize(
+    "make,x", [(CalledTwice, X3), (ConvCalledTwice, X_CONV)], ids=["linear", "conv1d"]
+)
+def test_a_layer_called_twice_in_several_forwards(make, x, several, products):
+    """Sub-batch products of a weight that a forward uses twice miss its cross terms: the
+    pass is withheld and the weight measured from factors from the next step on — merged
+    passes too (until 2026-12-07 the merged pass dropped the flag and reported the first step
+    of sub-batch mode up to 44% off, a hunt)."""
+    for subbatches in (0, 2):
+        torch.manual_seed(0)
+        assert_rows_withheld_then_exact(make(), x, several(_sq), subbatches, withheld=False)
+
+
+def test_the_audit_of_several_forwards_checks_their_sums_together_never_vacuously():
+    """PassAudit itself: the backward's gradient recorded into one forward's audit, each
+    forward's per-example sums into its own. Joined (absorb), the gradient is checked against
+    the sum of both — equal passes, a use missed (a penalty's 0.1) fails; the first alone,
+    holding sums and no gradient, fails as unchecked instead of passing vacuously (it passed
+    until 2026-12-07)."""
+    from noisescale.per_example.audit import PassAudit
+    from noisescale.per_example.factors import NormFactor
+
+    w = nn.Parameter(torch.zeros(3, 3))
+    pid, names = id(w), {id(w): "w"}
+    g = torch.Generator().manual_seed(0)
+    s1, s2 = torch.randn(3, 3, generator=g), torch.randn(3, 3, generator=g)
+
+    def audits(extra: float):
+        first, second = (PassAudit((), torch.Generator(), N, replay=False) for _ in range(2))
+        second.share_projections(first)
+        first.add_sum(pid, NormFactor(torch.ones(N), total=s1), w.shape)
+        second.add_sum(pid, NormFactor(torch.ones(N), total=s2), w.shape)
+        second.record_grad(pid, s1 + s2 + extra)
+        return first, second
+
+    first, second = audits(0.0)
+    first.absorb(second)
+    assert first.finish({pid}, names).ok
+    first, second = audits(0.1)
+    first.absorb(second)
+    found = first.finish({pid}, names)
+    assert not found.ok and pid in found.unexplained
+    first, _ = audits(0.0)
+    found = first.finish({pid}, names)
+    assert not found.ok and found.unrecorded == [pid]
+    assert "received no gradient of parameters 'w'" in found.message({}, None, names)
+
+
+def test_the_tracker_on_a_tied_head_in_two_forwards_equals_the_unbiased_estimates():
+    """The tracker's B_simple and tr Σ for a batch run in two forwards under one backward, the
+    head tied to the embedding, equal eq. A.1–A.2's unbiased estimates (B_big = N, B_small = 1)
+    from brute-force per-example gradients (the batch and weights fixed: every step the same).
+    Until 2026-12-07 they came without a warning and off (B_simple 5.06 for a true 9.46 in
+    the hunt's tied language model)."""
+    torch.manual_seed(0)
+    model = TiedThroughFLinear()
+    rows = _chunked(_sq)
+    params = list(model.parameters())
+    out = rows(model, IDS)
+    grads = [torch.autograd.grad(r, params, retain_graph=True) for r in out]
+    each = torch.stack([sum(g.pow(2).sum() for g in gs) for gs in grads])
+    whole = sum((sum(gs[t] for gs in grads) / N).pow(2).sum() for t in range(len(params)))
+    g2 = (N * whole - each.mean()) / (N - 1)
+    s = (each.mean() - whole) / (1 - 1 / N)
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                model.zero_grad()
+                rows(model, IDS).mean().backward()
+                tracker.step()
+        assert any("emb.weight" in str(w.message) for w in caught)
+        est = tracker.estimate()
+        assert float(est.trace_sigma) == pytest.approx(float(s), rel=1e-9)
+        assert float(est.b_simple) == pytest.approx(float(s / g2), rel=1e-9)
+    finally:
+        tracker.remove()
+
+
 # -- 3. a shared table whose index has the batch's leading size -------------------------------
 
 

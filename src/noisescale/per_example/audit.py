@@ -149,11 +149,15 @@ class Findings:
     # a registered rule of the user's whose factors do not split the gradient among the
     # examples as autograd does (PassAudit.check_rule): one message each
     wrong_rules: list[str] = field(default_factory=list)
+    # parameters with per-example gradients whose own gradient the audit never received: their
+    # sums were checked against nothing (PassAudit.finish)
+    unrecorded: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return (
             not self.unexplained
+            and not self.unrecorded
             and not self.misattributed
             and self.unpermuted is None
             and not self.unverified_flat
@@ -208,6 +212,15 @@ class Findings:
                     if self.sixteen_bit_sums
                     else ""
                 )
+            )
+        if self.unrecorded:
+            items = ", ".join(f"'{(names or {}).get(pid, '?')}'" for pid in self.unrecorded)
+            parts.append(
+                f"the audit received no gradient of parameters {items} to check their "
+                "per-example gradients against: the step's backward ran through forwards of the "
+                "model whose audits it could not join (several forwards in one backward). Call "
+                "backward() on each forward's loss in turn (gradient accumulation), or run the "
+                "examples in one forward"
             )
         if self.misattributed:
             where = ", ".join(f"'{t.label}'" for t in self.misattributed)
@@ -777,6 +790,47 @@ class PassAudit:
             self._pids: dict[int, int] = {}
         return self._pids.setdefault(pid, len(self._pids))
 
+    def share_projections(self, other: PassAudit) -> None:
+        """Project gradients and sums on ``other``'s random directions (its seed, its
+        parameters' indices): the audits of one step's forwards, which one backward may run
+        through, so that :meth:`absorb` can add up what they recorded."""
+        self._base_seed = other._base_seed
+        if not hasattr(other, "_pids"):
+            other._pids = {}
+        self._pids = other._pids  # (one dict, which both fill from here on)
+
+    def absorb(self, other: PassAudit) -> None:
+        """Take in the audit of another forward that the same backward ran through (a batch
+        in two forwards, two views of it): the backward's gradients were recorded into one of
+        the forwards' audits and each forward's factors' sums into its own, so only all of them
+        together compare the gradient with the sum of every forward's per-example gradients.
+        Both audits must project on the same directions (:meth:`share_projections`)."""
+        assert other._base_seed == self._base_seed and other._pids is self._pids
+        _AWAITING.discard(other)
+        for pid, (sq, proj) in other._grad.items():
+            if pid in self._grad:
+                old_sq, old_proj = self._grad[pid]
+                sq, proj = old_sq + sq, old_proj + proj
+            self._grad[pid] = (sq, proj)
+        for pid, proj in other._sums.items():
+            self._sums[pid] = proj if pid not in self._sums else self._sums[pid] + proj
+        self.skip_sums |= other.skip_sums
+        self.sixteen_bit_tables |= other.sixteen_bit_tables
+        self._sixteen |= other._sixteen
+        if other._dtype != torch.float64:
+            self._dtype = other._dtype
+        self.amp = self.amp or other.amp
+        self.targets += other.targets
+        self.roots += other.roots
+        self._handles += other._handles
+        other._handles = []
+        found, theirs = self.findings, other.findings
+        found.unexplained.update(theirs.unexplained)
+        found.sixteen_bit_sums |= theirs.sixteen_bit_sums
+        found.misattributed += theirs.misattributed
+        found.unpermuted = found.unpermuted or theirs.unpermuted
+        found.wrong_rules += theirs.wrong_rules
+
     def finish(self, received: set[int], names: dict[int, str]) -> Findings:
         """Compare what was recorded; remove the audit's hooks."""
         _AWAITING.discard(self)
@@ -793,7 +847,15 @@ class PassAudit:
         total = sum(float(sq) for sq, _ in self._grad.values())
         floor = (64 * _eps(self._dtype)) ** 2 * total
         for pid in received:
-            if pid in self.skip_sums or pid not in self._grad:
+            if pid in self.skip_sums:
+                continue
+            if pid not in self._grad:
+                # per-example gradients with nothing to compare them with: a check that would
+                # pass vacuously (several forwards in one backward recorded the gradients into
+                # another forward's audit until 2026-12-07, whose sums were never compared —
+                # a tied head or a penalty was measured 13% off without a word, a hunt)
+                if pid in self._sums:
+                    self.findings.unrecorded.append(pid)
                 continue
             sq, proj = self._grad[pid]
             mine = self._sums.get(pid)

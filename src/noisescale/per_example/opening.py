@@ -469,6 +469,11 @@ class PassOpening:
                     # until 2026-12-06, a hunt) — unverified, warned, as a reentrant one was
                     pass_.audit.replay = False
                     pass_.audit.unverified = audit_mod.SELECTIVE
+                # (one random basis for the step's audits: one backward may run through
+                # several of its forwards, whose audits are then joined, pass_checks.py)
+                shared = next((p.audit for p in self.passes if p.audit is not None), None)
+                if shared is not None and shared is not pass_.audit:
+                    pass_.audit.share_projections(shared)
                 pass_.audit.nodes = pass_.nodes
                 pass_.audit.params = list(self._param.values())
                 self._note_16_bit_embeddings(pass_.audit)

@@ -63,11 +63,22 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
         merged.compiled_unsupported = next(
             (p.compiled_unsupported for p in group if p.compiled_unsupported), None
         )
-        merged.audit = next((p.audit for p in group if p.audit is not None), None)
         merged.audits = [p.audit for p in group if p.audit is not None]
+        merged.audit = merged.audits[0] if merged.audits else None
+        for audit in merged.audits[1:]:
+            # the backward's gradients were recorded into one forward's audit, each forward's
+            # per-example sums into its own: checked together (until 2026-12-07 the first's
+            # alone, with no gradient to compare its sums with, was finished — a tied head, a
+            # penalty, a layer called twice passed it without a word, a hunt)
+            merged.audit.absorb(audit)
         merged.partly_audited = bool(merged.audits) and any(
             p.audit is None and not p.skipped for p in group
         )
+        # a weight measured by sub-batch products that a forward used twice: the merged
+        # pass misses its cross terms too (until 2026-12-07 it was measured without them at
+        # the first step of sub-batch mode, 44% off, a hunt)
+        merged.broken = next((p.broken for p in group if p.broken is not None), None)
+        merged.flat_calls = set().union(*(p.flat_calls for p in group))
         merged.unsupported = [u for p in group for u in p.unsupported]
         merged.ambiguous = [u for p in group for u in p.ambiguous]
         merged.coupled = next((p.coupled for p in group if p.coupled), None)
