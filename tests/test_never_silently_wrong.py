@@ -574,6 +574,46 @@ def test_the_tracker_on_a_tied_head_in_two_forwards_equals_the_unbiased_estimate
         tracker.remove()
 
 
+@pytest.mark.parametrize("several", SEVERAL, ids=["chunked", "two-views"])
+def test_a_subset_of_several_forwards_carries_its_rows_importance_weights(several):
+    """A per-example subset of a pass merged from several forwards: the merged pass's
+    ``row_weights`` are the weights already in its norms (they were dropped by the merge until
+    2026-12-07, a fuzzer: the norms read as unweighted, up to 20% off the rows' norms)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    rows, x = several(_sq), torch.randn(8, 3, generator=torch.Generator().manual_seed(2))
+    # (⌈0.25·8⌉ = 2 rows a forward: the chunked batch's first forward of 2 whole, the rest drawn)
+    engine = PerExampleNorms(model, per_example_fraction=0.25)
+    params = list(model.parameters())
+    checked = 0
+    try:
+        for _ in range(7):  # (the audited steps 1, 2 and 4 measure every row)
+            model.zero_grad()
+            rows(model, x).mean().backward()
+            (p,) = engine.collect()
+            if p.raw_sqnorms is None or p.rows is None:
+                continue
+            assert p.row_weights is not None
+            assert p.row_weights.shape == p.rows.shape
+            with engine.paused():
+                out = rows(model, x)
+                want = torch.stack(
+                    [
+                        sum(
+                            (g / len(out)).pow(2).sum()
+                            for g in torch.autograd.grad(out[r], params, retain_graph=True)
+                        )
+                        for r in p.rows.tolist()
+                    ]
+                )
+            got = p.raw_sqnorms / p.row_weights.to(p.raw_sqnorms)
+            assert torch.allclose(got, want, rtol=1e-9), (got, want)
+            checked += 1
+    finally:
+        engine.remove()
+    assert checked >= 2
+
+
 # -- 3. a shared table whose index has the batch's leading size -------------------------------
 
 

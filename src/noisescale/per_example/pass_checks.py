@@ -130,13 +130,18 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
                     [p.batch_size if p.subbatches is None else p.subbatches for p in group]
                 )
         if any(p.rows is not None or p.skipped for p in group) and not merged.skipped:
-            offset, taken = 0, []
+            offset, taken, weights = 0, [], []
             for p in group:
                 if not p.skipped:
                     r = p.rows if p.rows is not None else torch.arange(p.batch_size)
                     taken.append(r.cpu() + offset)
+                    # (the weights already in each part's norms, ones where it measured every
+                    # row: a merged subset's norms read as unweighted until 2026-12-07, a fuzzer)
+                    w = p.row_weights if p.rows is not None else None
+                    weights.append(torch.ones(len(r)) if w is None else w.detach().cpu().double())
                 offset += p.batch_size
             merged.rows = torch.cat(taken)
+            merged.row_weights = torch.cat(weights)
         for p in group:
             merged.received |= p.received
             merged.covered |= p.covered
