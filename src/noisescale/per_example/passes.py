@@ -261,7 +261,7 @@ class PassNorms:
     # output's autograd node (id, sequence number, output number) and its examples' dimension,
     # where that search stops (the layer keeps its examples apart along it)
     call_outputs: dict[tuple[int, int, int], int] = field(default_factory=dict)
-    buffer_storages: set[int] | None = None  # the model's buffers' storages (_is_buffer)
+    buffer_storages: set[int] | None = None  # its buffers' and frozen parameters' (_is_buffer)
     # the storages of the model's parameters that do not train (shared._frozen_group_weight)
     frozen_storages: set[int] | None = None
     # layer inputs picked by several index tensors on an accelerator, where the indices are
