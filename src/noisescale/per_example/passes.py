@@ -126,6 +126,9 @@ class PassNorms:
     received: set[int] = field(default_factory=set)
     tasks: set[int] = field(default_factory=set)  # autograd graph tasks that ran through the pass
     param_tasks: set[int] = field(default_factory=set)  # tasks that computed parameter gradients
+    # tasks that went through the forward's graph (its outputs' or layers' hooks): not a
+    # penalty's own backward, which reaches the parameters only
+    forward_tasks: set[int] = field(default_factory=set)
     # factors from torch.autograd.grad() calls, kept until it is known whether they reached the
     # parameters (autograd cannot tell a hook that during autograd.grad)
     deferred: dict[int, list[tuple[nn.Parameter, Factor]]] = field(default_factory=dict)
