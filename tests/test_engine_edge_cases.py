@@ -216,6 +216,55 @@ def test_two_backwards_through_one_forward_refused():
         record(make(), twice)
 
 
+def _loss_and_penalty(model, loss_first: bool) -> None:
+    """One forward, the loss's backward and a penalty's own (computed from the parameters
+    alone), in either order."""
+    out = model(X)
+    penalty = 0.01 * sum(p.pow(2).sum() for p in model.parameters())
+    if loss_first:
+        per_loss(out).mean().backward()
+        penalty.backward()
+    else:
+        penalty.backward()
+        per_loss(out).mean().backward()
+
+
+def _assert_names_the_penalty(text: str) -> None:
+    assert "without passing through the model's forward" in text
+    assert "a penalty (loss.backward(); penalty.backward())" in text
+    assert "retain_graph" not in text
+    assert "tracker.step()" in text and "before the term's" in text
+    assert "add the term to the loss and call backward once" in text
+
+
+@pytest.mark.parametrize("loss_first", [True, False], ids=["loss first", "penalty first"])
+def test_a_penalty_s_own_backward_beside_the_loss_s_is_refused_naming_it(loss_first):
+    """``loss.backward(); penalty.backward()``: a second backward reaches the parameters
+    without going through the forward. It was refused as "two backward passes ran through one
+    forward (retain_graph=True)", which the user never passed (a hunt, 2026-12-07): the
+    message names the penalty's backward and the fixes now; retain_graph keeps its own
+    (above)."""
+    model = make()
+    engine = PerExampleNorms(model)
+    try:
+        _loss_and_penalty(model, loss_first)
+        with pytest.raises(NoiseScaleInputError) as info:
+            engine.collect()
+    finally:
+        engine.remove()
+    _assert_names_the_penalty(str(info.value))
+
+
+@pytest.mark.parametrize("kw", [{}, {"per_example_fraction": 1.0}], ids=["default", "exact"])
+def test_the_tracker_names_a_penalty_s_own_backward_before_the_loss_s(kw):
+    """The same through the tracker, the penalty's backward first (the loss's first, the
+    tracker sees .grad changed after the step's backward: GradientsChangedError, "a term
+    added to it")."""
+    with pytest.raises(NoiseScaleInputError) as info:
+        record(make(), lambda model: _loss_and_penalty(model, False), **kw)
+    _assert_names_the_penalty(str(info.value))
+
+
 def test_batchnorm_switched_to_train_after_construction_refused():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval()
     tracker = noisescale.GradientNoiseTracker(model)

@@ -1322,6 +1322,60 @@ def test_a_loss_over_a_sequence_first_layer_s_state_in_the_forward(contrastive):
         engine.remove()
 
 
+class _AttentionBlocks(nn.Module):
+    """A Linear stem and an ``nn.MultiheadAttention`` block kept in a container (a ModuleList
+    iterated, a ModuleDict, a Sequential iterated): MHA runs its out_proj time-major, by
+    ``F.linear`` on [T·N, E], here with E = N."""
+
+    def __init__(self, container: str, n: int) -> None:
+        super().__init__()
+
+        class Block(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.m = nn.MultiheadAttention(n, 1, batch_first=True)
+
+            def forward(self, h: torch.Tensor) -> torch.Tensor:
+                return self.m(h, h, h, need_weights=False)[0]
+
+        self.container = container
+        self.stem, self.head = nn.Linear(3, n), nn.Linear(n, 2)
+        blocks = [Block()]
+        self.blocks = (
+            nn.ModuleDict({"attn": blocks[0]})
+            if container == "ModuleDict"
+            else nn.ModuleList(blocks)
+            if container == "ModuleList"
+            else nn.Sequential(*blocks)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for block in self.blocks.values() if self.container == "ModuleDict" else self.blocks:
+            h = block(h)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("container", ["ModuleList", "ModuleDict", "Sequential"])
+def test_attention_in_a_container_with_embed_dim_equal_to_the_batch_is_exact(container):
+    """The forward's watch follows the model's own code, not its children's: a block of a
+    container (never called itself) was followed as the model's code, and MHA's out_proj on
+    [T·N, E] with E = N refused as a parameter meeting the examples along dim 1 "by
+    coincidence" (a fuzz hunt, 2026-12-07). Equal to brute force now."""
+    from test_subbatch import assert_exact_both_modes
+
+    n = 6
+    torch.manual_seed(0)
+    model = _AttentionBlocks(container, n)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(n, 2, 3, generator=g), torch.randn(n, 2, generator=g)
+
+    def losses():
+        return (model(x) - y).pow(2).mean(1)
+
+    assert_exact_both_modes(model, losses, n)
+
+
 def test_a_forward_that_raises_leaves_no_mode_behind():
     """An exception in an audited forward left the watch's modes on the stacks until the next
     forward (every operation the user ran meanwhile went through Python; a second review)."""

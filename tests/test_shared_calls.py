@@ -111,6 +111,82 @@ def test_a_convolution_on_a_shared_unbatched_input_is_exact():
     assert_exact_both_modes(model, losses, N)
 
 
+UNBATCHED = {
+    "linear": (lambda: nn.Linear(N, 3), (N,)),
+    "bilinear": (lambda: nn.Bilinear(N, N, 3), (N,)),
+    "layer_norm": (lambda: nn.LayerNorm(N), (N,)),
+    "rms_norm": (lambda: nn.RMSNorm(N), (N,)),
+    "conv1d": (lambda: nn.Conv1d(N, 3, 2), (N, 3)),
+    "instance_norm": (lambda: nn.InstanceNorm1d(N, affine=True), (N, 3)),
+}
+
+
+class OnOneItem(nn.Module):
+    """``layer`` on one item without a batch dimension, of leading size N: a frozen
+    Parameter, a buffer or a constant made in the forward; its output added to every
+    example's features."""
+
+    def __init__(self, name: str, source: str):
+        super().__init__()
+        build, self.shape = UNBATCHED[name]
+        self.layer, self.name, self.source = build(), name, source
+        item = torch.randn(self.shape, generator=torch.Generator().manual_seed(2))
+        if source == "frozen parameter":
+            self.item = nn.Parameter(item, requires_grad=False)
+        else:
+            self.register_buffer("item", item)
+        with torch.no_grad():
+            size = self._item_out().numel()
+        self.stem = nn.Linear(5, size)
+        self.head = nn.Linear(size, 3)
+
+    def _item_out(self):
+        item = self.item if self.source != "constant" else torch.linspace(-1, 1, N * 3)
+        item = item.flatten()[: self.item.numel()].view(self.shape)
+        return self.layer(item, item) if self.name == "bilinear" else self.layer(item)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.stem(x) + self._item_out().flatten()))
+
+
+def _on_one_item(name: str, source: str):
+    torch.manual_seed(0)
+    model = OnOneItem(name, source)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, 5, generator=g), torch.randint(0, 3, (N,), generator=g)
+
+    def losses():
+        return F.cross_entropy(model(x), y, reduction="none")
+
+    return model, losses
+
+
+@pytest.mark.parametrize("source", ["frozen parameter", "buffer"])
+@pytest.mark.parametrize("name", list(UNBATCHED))
+def test_a_layer_on_one_unbatched_item_of_the_batchs_size_is_exact(name, source):
+    """A layer run on one item with no batch dimension (a Linear's [D], a Conv1d's [C, L])
+    whose leading size equals the batch's by coincidence: measured as a shared call. A frozen
+    Parameter was taken for the examples, and the rule crashed with a raw torch error
+    ("shape '[4, -1, 4]' is invalid", a fuzz hunt, seed 61042)."""
+    model, losses = _on_one_item(name, source)
+    assert_exact_both_modes(model, losses, N)
+
+
+@pytest.mark.parametrize("name", ["linear", "conv1d"])
+def test_a_layer_on_one_unbatched_constant_of_the_batchs_size_is_refused(name):
+    """The same item made in the forward: as the examples' data mixed as features would be,
+    it has no history and is no buffer — refused naming the cause and the fixes (it crashed
+    before, as above)."""
+    model, losses = _on_one_item(name, "constant")
+    with pytest.raises(UnsupportedModuleError) as info:
+        with noisescale.per_example_sqnorms(model):
+            losses().mean().backward()
+    text = str(info.value)
+    assert f"layer 'layer' was called on an input of shape {list(UNBATCHED[name][1])}" in text
+    assert "without a batch dimension" in text and f"the batch's ({N})" in text
+    assert "register_buffer" in text and "requires_grad=False" in text
+
+
 @pytest.mark.parametrize("name", ["conv2d 1x1", "group_norm(2)"])
 def test_the_tracker_trains_through_a_shared_call(name):
     """Six steps of the default tracker (audited steps 1, 2 and 4 among them): no error, no

@@ -530,6 +530,7 @@ class Backward:
         if not box:
             # a second backward through this output (retain_graph=True): the parameter
             # hooks see the repeated gradient and collect() refuses the step
+            pass_.forward_tasks.add(torch._C._current_graph_task_id())
             return None
         self._enter(pass_)
         if not self._measures(pass_, reaches):
@@ -846,6 +847,7 @@ class Backward:
         """Record that the running backward goes through ``pass_``."""
         task = torch._C._current_graph_task_id()
         pass_.tasks.add(task)
+        pass_.forward_tasks.add(task)
         self._task_pass.setdefault(task, pass_)
 
     def _reaches_parameters(self, pids: Sequence[int]) -> bool:

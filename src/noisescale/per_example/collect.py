@@ -587,6 +587,20 @@ class Collect:
                     "per_example=False included: backpropagate through the solver's steps "
                     "(torchdiffeq's odeint) instead"
                 )
+            if pass_.repeated_backward and pass_.param_tasks - pass_.forward_tasks:
+                # (a hunt, 2026-12-07: `loss.backward(); penalty.backward()` was told of
+                # retain_graph=True, which the user never passed)
+                raise NoiseScaleInputError(
+                    "a second backward reached the parameters in this step without passing "
+                    "through the model's forward — the backward of a term computed from the "
+                    "parameters alone, such as a penalty (loss.backward(); penalty.backward()) "
+                    "—, so the examples' share of the step's gradient is unknown. Call "
+                    "tracker.step() (PerExampleNorms.collect()) after the loss's backward and "
+                    "before the term's, so that the term is no part of the step measured; or "
+                    "add the term to the loss and call backward once — though a term computed "
+                    "from the parameters in the loss is no example's, and noisescale refuses it "
+                    "there (an L2 penalty belongs in the optimizer's weight_decay)"
+                )
             if pass_.repeated_backward:
                 raise NoiseScaleInputError(
                     "two backward passes ran through one forward (retain_graph=True), so the "

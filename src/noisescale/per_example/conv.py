@@ -362,9 +362,21 @@ def batched(module: nn.Module, x: Any) -> bool:
     return isinstance(x, Tensor) and x.dim() == len(module.kernel_size) + 2
 
 
+def unbatched(module: nn.Module, x: Tensor) -> bool:
+    """``LayerRule.unbatched``: one image, [C, …], no batch."""
+    return not batched(module, x)
+
+
 CONV_RULES = tuple(
     register_layer(
-        _type, LayerRule(factors, shared_rows=batched, flattened=frames, name=_type.__name__)
+        _type,
+        LayerRule(
+            factors,
+            shared_rows=batched,
+            flattened=frames,
+            unbatched=unbatched,
+            name=_type.__name__,
+        ),
     )
     for _type in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 )
@@ -447,6 +459,7 @@ TRANSPOSED_CONV_RULES = tuple(
             check=check_transposed,
             shared_rows=batched,
             flattened=frames,
+            unbatched=unbatched,
             name=_type.__name__,
         ),
     )

@@ -221,6 +221,12 @@ def _square_expansion_in(
     return None
 
 
+def _unbatched(rule: LayerRule, module: nn.Module, x: Any) -> bool:
+    """Whether ``x``, the first input of a call of ``module``, has no batch dimension at all
+    (``LayerRule.unbatched``): whatever its leading size, it holds no example."""
+    return rule.unbatched is not None and isinstance(x, Tensor) and rule.unbatched(module, x)
+
+
 def _packed_output(output: Any) -> PackedSequence | None:
     """A recurrent layer's packed output sequence, or None."""
     if isinstance(output, tuple) and output and isinstance(output[0], PackedSequence):
@@ -421,11 +427,18 @@ class LayerHooks:
         else:
             size = _first_size(args, kwargs, in_dim)
         n = pass_.batch_size
+        first = _first_tensor(args, kwargs)
+        if size == n and _unbatched(rule, module, first):
+            # (no example dim at all: a Linear on a frozen 1-D parameter whose length is the
+            # batch's crashed in its rule, a fuzz hunt of 2026-12-07): shared, as with any
+            # other length
+            self._check_unbatched(pass_, first, n, label)
+            size = None
         if (
             size != n
             and not shared_input
             and pass_.n_source is not None
-            and _first_tensor(args, kwargs) is pass_.n_source
+            and first is pass_.n_source
         ):
             # the model's example count came from this layer's input (e.g. EmbeddingBag offsets)
             pass_.batch_size = n = size
@@ -665,6 +678,7 @@ class LayerHooks:
             and self.batch_dim() == 0
             and args[0].dim() > 0
             and args[0].shape[0] == pass_.batch_size
+            and not _unbatched(self._calls[module][0], module, args[0])
             and self._replay_allowed
             and not self._rows_not_examples(
                 pass_, args[0], pass_.batch_size, self._calls[module][1]

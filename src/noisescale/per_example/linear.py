@@ -39,17 +39,24 @@ def conv1d_hf_factors(module: nn.Module, a: Tensor, d: Tensor) -> dict[str, Fact
     return out
 
 
+def _vector(module: nn.Module, x: Tensor) -> bool:
+    """A 1-D input is one vector of features, no batch (``LayerRule.unbatched``)."""
+    return x.dim() == 1
+
+
 def _rows(module: nn.Module) -> bool:
     """Every dim between the examples and the features is a position: the examples may come
     flattened together with positions (``LayerRule.flattened``)."""
     return True
 
 
-LINEAR_RULE = register_layer(nn.Linear, LayerRule(linear_factors, flattened=_rows, name="Linear"))
+LINEAR_RULE = register_layer(
+    nn.Linear, LayerRule(linear_factors, flattened=_rows, unbatched=_vector, name="Linear")
+)
 # registered by name: importing transformers costs seconds and is optional
 CONV1D_RULE = register_layer(
     "transformers.pytorch_utils.Conv1D",
-    LayerRule(conv1d_hf_factors, flattened=_rows, name="Conv1D"),
+    LayerRule(conv1d_hf_factors, flattened=_rows, unbatched=_vector, name="Conv1D"),
 )
 
 
@@ -70,5 +77,5 @@ def bilinear_factors(module: nn.Module, both: Tensor, d: Tensor) -> dict[str, Fa
 
 
 BILINEAR_RULE = register_layer(
-    nn.Bilinear, LayerRule(bilinear_factors, save=_save_both, name="Bilinear")
+    nn.Bilinear, LayerRule(bilinear_factors, save=_save_both, unbatched=_vector, name="Bilinear")
 )

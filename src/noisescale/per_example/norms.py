@@ -172,7 +172,22 @@ def flattened(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm | nn.RMSNorm)
 
 
-_RULE = LayerRule(factors, check=check, shared_rows=shared_rows, flattened=flattened, name="norm")
+def unbatched(module: nn.Module, x: Tensor) -> bool:
+    """An input that is one item's features and nothing else (a LayerNorm's [D], an
+    InstanceNorm's [C, L]) has no batch (``LayerRule.unbatched``)."""
+    if isinstance(module, nn.LayerNorm | nn.RMSNorm):
+        return x.dim() == len(module.normalized_shape)
+    return isinstance(module, _InstanceNorm) and not shared_rows(module, x)
+
+
+_RULE = LayerRule(
+    factors,
+    check=check,
+    shared_rows=shared_rows,
+    flattened=flattened,
+    unbatched=unbatched,
+    name="norm",
+)
 for _type in (
     nn.LayerNorm,
     nn.RMSNorm,

@@ -55,6 +55,23 @@ from noisescale.per_example.values import (
 )
 
 
+def _called_children(module: nn.Module, spine: frozenset[int]) -> list[nn.Module]:
+    """The modules ``module``'s own code may call: its children, and the blocks of its
+    containers (an ``nn.ModuleList`` or ``nn.ModuleDict`` is never called, an
+    ``nn.Sequential`` may be iterated instead): those blocks' code is theirs, not the model's.
+    Until 2026-12-07 the loss watch followed it as the model's own, and read
+    ``nn.MultiheadAttention``'s time-major out_proj on [T·N, D] with D = N in a block of a
+    ModuleList as a parameter meeting examples along the wrong dimension (a fuzz hunt)."""
+    out = []
+    for child in module.children():
+        out.append(child)
+        if id(child) not in spine and isinstance(
+            child, nn.ModuleList | nn.ModuleDict | nn.Sequential
+        ):
+            out += _called_children(child, spine)
+    return out
+
+
 def _inside_functorch() -> bool:
     """Inside a torch.func transform (``vmap(grad(f))`` over the model, the user's per-sample
     gradients): its forwards are no pass of the step — their gradients never reach .grad — and
@@ -336,7 +353,7 @@ class PassOpening:
         for module in self.model.modules():
             if id(module) not in self._spine:
                 continue
-            for child in module.children():
+            for child in _called_children(module, self._spine):
                 if (
                     id(child) in self._spine
                     or child in self._calls

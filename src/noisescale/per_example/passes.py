@@ -126,6 +126,9 @@ class PassNorms:
     received: set[int] = field(default_factory=set)
     tasks: set[int] = field(default_factory=set)  # autograd graph tasks that ran through the pass
     param_tasks: set[int] = field(default_factory=set)  # tasks that computed parameter gradients
+    # tasks that went through the forward's graph (its outputs' or layers' hooks): not a
+    # penalty's own backward, which reaches the parameters only
+    forward_tasks: set[int] = field(default_factory=set)
     # factors from torch.autograd.grad() calls, kept until it is known whether they reached the
     # parameters (autograd cannot tell a hook that during autograd.grad)
     deferred: dict[int, list[tuple[nn.Parameter, Factor]]] = field(default_factory=dict)
@@ -261,7 +264,7 @@ class PassNorms:
     # output's autograd node (id, sequence number, output number) and its examples' dimension,
     # where that search stops (the layer keeps its examples apart along it)
     call_outputs: dict[tuple[int, int, int], int] = field(default_factory=dict)
-    buffer_storages: set[int] | None = None  # the model's buffers' storages (_is_buffer)
+    buffer_storages: set[int] | None = None  # its buffers' and frozen parameters' (_is_buffer)
     # the storages of the model's parameters that do not train (shared._frozen_group_weight)
     frozen_storages: set[int] | None = None
     # layer inputs picked by several index tensors on an accelerator, where the indices are

@@ -98,6 +98,11 @@ class LayerRule:
             by the data (a router's); the audit checks the order, and a layer whose rows are
             not each example's in turn is treated as shared from the next step on. ``None``
             (default): such a call is treated as shared.
+        unbatched: ``unbatched(module, x) -> bool``: whether ``x``, the module's first input,
+            is one the module takes without a batch dimension (a Linear's 1-D input, a
+            convolution's [C, L]): it holds no example whatever its leading size, and the call
+            is measured as shared. ``None`` (default): an input with the example dimension's
+            index is taken as batched.
         name: A label for messages.
     """
 
@@ -112,6 +117,7 @@ class LayerRule:
     select: Callable[[nn.Module, Any, Tensor], Any] | None = None
     shared_rows: Callable[[nn.Module, Any], bool] | None = None
     flattened: Callable[[nn.Module], bool] | None = None
+    unbatched: Callable[[nn.Module, Tensor], bool] | None = None
     name: str = field(default="", compare=False)
 
 

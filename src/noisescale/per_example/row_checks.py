@@ -72,6 +72,26 @@ class RowChecks:
             pass_.assembled.setdefault(label, how)
         return False
 
+    def _check_unbatched(self, pass_: PassNorms, x: Tensor, n: int, label: str) -> None:
+        """Refuse ``x``, the input of layer ``label`` without a batch dimension (a Linear's
+        1-D input, ``LayerRule.unbatched``) whose leading size is the batch's, where it may
+        hold the examples: neither computed from parameters (the audit proves what those
+        hold) nor one of the model's buffers or frozen parameters (:meth:`_is_buffer`) — a
+        constant made in the forward cannot be told from the examples' data mixed as
+        features, which have no per-example gradient."""
+        if x.grad_fn is not None or x.requires_grad or self._is_buffer(pass_, x):
+            return
+        raise UnsupportedModuleError(
+            f"layer '{label}' was called on an input of shape {list(x.shape)} without a "
+            f"batch dimension (one item's features or channels) whose leading size is the "
+            f"batch's ({n}), computed from no parameter and not one of the model's buffers: "
+            "noisescale cannot tell a constant shared by every example (measured as a shared "
+            "call) from the examples' data mixed together as features (no per-example "
+            "gradient). If it is a constant, register it on the model (register_buffer, or a "
+            "Parameter with requires_grad=False); if it holds the examples, give the layer a "
+            "batch dimension; or use per_example=False. Nothing of this step was recorded"
+        )
+
     def _check_loss_code_rows(
         self, pass_: PassNorms, module: nn.Module, label: str, x: Tensor, size: Any
     ) -> None:
@@ -344,12 +364,13 @@ class RowChecks:
         return held is not None and made[1] == _version_of(x) == _version_of(held)
 
     def _is_buffer(self, pass_: PassNorms, x: Tensor) -> bool:
-        """Is ``x`` (a layer's input) one of the model's buffers, or a view of one? Its leading
-        size may equal the batch's by coincidence — class embeddings [C, D] with C = N, turned
-        into prototypes by a Linear and returned: measured as a per-example call, their rows
-        were split as the examples' (35-124% off, found by a review) — but a buffer holds no
-        example: the call is shared. (Computed from a buffer by operations, the input is not
-        recognised: a known gap.)"""
+        """Is ``x`` (a layer's input) one of the model's buffers or frozen parameters, or a
+        view of one? Its leading size may equal the batch's by coincidence — class embeddings
+        [C, D] with C = N, turned into prototypes by a Linear and returned: measured as a
+        per-example call, their rows were split as the examples' (35-124% off, found by a
+        review) — but a buffer holds no example: the call is shared. Nor does a frozen
+        parameter (:meth:`_check_unbatched`). (Computed from a buffer by operations, the
+        input is not recognised: a known gap.)"""
         if (
             x.grad_fn is not None
             or x.requires_grad
@@ -362,8 +383,9 @@ class RowChecks:
             return False
         try:
             if pass_.buffer_storages is None:
+                frozen = [p for p in self.model.parameters() if not p.requires_grad]
                 pass_.buffer_storages = {
-                    b.untyped_storage().data_ptr() for b in self.model.buffers()
+                    b.untyped_storage().data_ptr() for b in (*self.model.buffers(), *frozen)
                 } - {0}
             return x.untyped_storage().data_ptr() in pass_.buffer_storages
         except (RuntimeError, NotImplementedError, TypeError):  # (tensors without storage)
