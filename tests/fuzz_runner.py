@@ -525,11 +525,13 @@ def main(argv=None):
         if out:
             out.close()
     seconds = time.time() - start
+    # one row per class, one column per mode: the seeds of each
     classes = sorted({c for row in table.values() for c in row})
-    print(f"\n{'mode':16s}" + "".join(f"{c[:20]:>21s}" for c in classes))
-    for mode in MODES:
-        if mode in table:
-            print(f"{mode:16s}" + "".join(f"{table[mode].get(c, 0):21d}" for c in classes))
+    ran = [mode for mode in MODES if mode in table]
+    width = max([len("class"), *map(len, classes)])
+    print(f"\n{'class':{width}s}" + "".join(f"{mode:>16s}" for mode in ran))
+    for c in classes:
+        print(f"{c:{width}s}" + "".join(f"{table[mode].get(c, 0):16d}" for mode in ran))
     count = len(_seeds(args.seeds))
     print(f"\n{count} seeds in {seconds:.0f} s; {invalid} cases the grammar made invalid")
     if not found:
