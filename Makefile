@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 # The CPU build of torch that this machine installs quickly; pyproject.toml declares the range.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test install lint format clean
+.PHONY: demo test fuzz install lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,15 @@ test: install
 	@start=$$(date +%s); status=0; \
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile || status=$$?; \
 	echo "make test: $$(( $$(date +%s) - start )) s"; exit $$status
+
+# The differential fuzzer's long run (tests/fuzz_runner.py): random models against brute force
+# in every mode; lists every WRONG-SILENT or crashing seed and fails if there is any. Not part
+# of `make test` (tests/test_fuzz_models.py runs a fixed list of its seeds there). About 0.3-1 s
+# a seed on one thread; JSONL=file keeps each seed's full record.
+SEEDS ?= 0:300
+JSONL ?=
+fuzz: install
+	$(PY) tests/fuzz_runner.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench examples
