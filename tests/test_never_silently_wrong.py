@@ -283,6 +283,77 @@ def test_penalty_on_weights_added_to_the_loss_is_refused():
                 tracker.step()
 
 
+class _BareLinear(nn.Module):
+    """A hidden layer of bare Parameters used through ``F.linear``, then a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3) / 2)
+        self.b = nn.Parameter(torch.randn(4) / 2)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(F.linear(x, self.w, self.b)))
+
+
+_PENALIZED = {  # the model, and the parameter its loss reads outside the forward
+    "weight": (lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), "2.weight"),
+    "bias": (lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), "0.bias"),
+    "bare": (_BareLinear, "b"),
+}
+
+
+@pytest.mark.parametrize("form", ["default", "exact"])
+@pytest.mark.parametrize("on", sorted(_PENALIZED))
+@pytest.mark.parametrize("when", ["from_step_3", "coefficient_0_first", "hinge", "small"])
+def test_penalty_in_the_loss_is_refused_at_the_step_it_is_in_the_graph(form, on, when):
+    """A term of the loss that reads a parameter outside the model's forward is refused at the
+    first step it is in the graph, whatever its value: switched on at step 3 (unaudited: the
+    audit's schedule is steps 1, 2, 4, ...; 52% off without a word until 2026-12-07, a hunt),
+    with a coefficient of 0 at first (82% off at step 3), a hinge not yet active (its gradient
+    0: 94% off when it became so), and λ = 1e-4, a gradient 2e-4 of the weight's, under the
+    audit's tolerance of 1e-3 (1.7e-5 off at every step)."""
+    torch.manual_seed(0)
+    make, name = _PENALIZED[on]
+    model = make().double()
+    x = torch.randn(N, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    p = dict(model.named_parameters())[name]
+    threshold = float(p.detach().pow(2).sum()) + 1.0
+    steps = []
+
+    def with_penalty(m, xs):
+        steps.append(len(steps) + 1)
+        step = steps[-1]
+        loss = _sq(m, xs)
+        if when == "from_step_3":
+            return loss + 0.5 * p.pow(2).sum() if step >= 3 else loss
+        if when == "coefficient_0_first":
+            return loss + (1.0 if step >= 3 else 0.0) * p.pow(2).sum()
+        if when == "hinge":
+            return loss + 5.0 * F.relu(p.pow(2).sum() - threshold)
+        return loss + 1e-4 * p.pow(2).sum()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(UnsupportedModuleError, match=rf"parameters \['{name}'\] read outside"):
+            _measured_in(form, model, x, with_penalty, steps=4)
+    assert len(steps) == (3 if when == "from_step_3" else 1), steps
+
+
+def test_small_penalty_in_the_loss_is_refused_one_shot():
+    """λ = 1e-4 on a weight (its gradient 2.3e-4 of the weight's): under the audit's tolerance
+    of 1e-3, the one-shot norms came out 1.7e-5 off without a word until 2026-12-07 (a hunt)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(N, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def with_penalty(m, xs):
+        return _sq(m, xs) + 1e-4 * m[2].weight.pow(2).sum()
+
+    with pytest.raises(UnsupportedModuleError, match=r"\['2.weight'\] read outside.*weight_decay"):
+        one_shot(model, x, with_penalty)
+
+
 # -- 2. one parameter registered on two modules ---------------------------------------------
 
 

@@ -38,6 +38,7 @@ from noisescale.per_example.graph import (
     _batched_grad,
     _selected_rows,
     _subset_rows,
+    loss_side_params,
 )
 from noisescale.per_example.messages import (
     _flattened_hint,
@@ -594,6 +595,26 @@ class Backward:
             ):
                 self._check_rule(pass_, call, grads, facs)
         self._deliver(pass_, call.params, facs, reaches)
+
+    def _loss_side(self, roots: Any) -> None:
+        """A backward starts from ``roots`` (audit.BACKWARD_STARTS): the parameters it reaches
+        from outside the model's forwards (:func:`~.graph.loss_side_params`: a walk of the loss
+        alone, on every measured step) are noted on the step's passes, which are refused
+        (settle.py). The audit's value check runs on its scheduled steps only, and a penalty
+        switched on between them — or whose coefficient or hinge was 0 there — was measured
+        without a word until 2026-12-07 (52-94% off, a hunt)."""
+        if not self.per_example or self._paused or self._replaying or self._recomputing:
+            return
+        measured = [p for p in self.passes if p.returned and not p.skipped]
+        if not measured or torch._C._current_graph_task_id() != -1:
+            return
+        tensors = [roots] if isinstance(roots, Tensor) else list(roots or ())
+        # (the step's skipped micro-batches' forwards too: the walk stops at every forward)
+        found = loss_side_params(tensors, self.passes, self._param)
+        if found:
+            names = [self._param_name[pid] for pid in found]
+            for p in measured:
+                p.loss_side = p.loss_side or names
 
     def _note_16_bit_embeddings(self, audit: audit_mod.PassAudit) -> None:
         """An embedding table stored in 16 bits on the CPU: torch's backward adds a row read

@@ -101,6 +101,20 @@ __all__ = ["PassNorms", "PerExampleNorms"]
 LOSS_REDUCTIONS = ("mean", "sum")
 
 
+def _backward_start(method: weakref.WeakMethod) -> Callable[[Any], None]:
+    """A callback for audit.BACKWARD_STARTS that holds its engine weakly (an engine collected
+    without remove() leaves a callback that does nothing, and drops it)."""
+
+    def started(roots: Any) -> None:
+        bound = method()
+        if bound is not None:
+            bound(roots)
+        elif started in audit_mod.BACKWARD_STARTS:
+            audit_mod.BACKWARD_STARTS.remove(started)
+
+    return started
+
+
 def _no_traced_check(module: nn.Module, args: tuple) -> None:
     """The traced form of :meth:`PerExampleNorms._on_call_enter`: nothing (see there)."""
 
@@ -539,6 +553,9 @@ class PerExampleNorms(
         self._replay_allowed = not _has_fsdp2(model)
         # (the audit's replays through checkpoint(use_reentrant=True): audit.py's notes)
         self._reentrant_hold = audit_mod.ReentrantHold()
+        # (each backward's start: a term of the loss reading a parameter, Backward._loss_side)
+        self._backward_start = _backward_start(weakref.WeakMethod(self._loss_side))
+        audit_mod.BACKWARD_STARTS.append(self._backward_start)
         for mname, module in model.named_modules():
             self._labels[module] = mname or "<top-level model>"
             for pname, p in module.named_parameters(recurse=False):
@@ -1035,6 +1052,8 @@ class PerExampleNorms(
         self._scratch.release()
         self._eager_steps.want(False)
         self._reentrant_hold.release()
+        if self._backward_start in audit_mod.BACKWARD_STARTS:
+            audit_mod.BACKWARD_STARTS.remove(self._backward_start)
         # an alias still in the model (a forward that never returned to its scope's exit) is
         # replaced by the parameter itself: the model is left as it was given (only this
         # engine's: a tracker collected while another one's forward runs leaves its aliases)

@@ -8,7 +8,7 @@ import copy
 import itertools
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -1456,9 +1456,56 @@ def _in_order(node: Any) -> Any:
 # the most autograd nodes one walk of :func:`reaches_pass` visits; past it the roots are taken
 # to reach the passes (the cautious answer for both callers)
 _MAX_WALK = 200_000
+_MAX_LOSS_WALK = 4096  # nodes of a loss (loss_side_params)
 # autograd Functions that return their tensor inputs as they are, output i for input i:
 # DDP's sink over the model's outputs, the identity of a module's full backward hook
 _PASS_THROUGH = {"_DDPSinkBackward", "BackwardHookFunctionBackward"}
+
+
+def _output_keys(passes: Sequence[Any]) -> set[tuple[int, int]]:
+    """The (node id, sequence number) keys of ``passes``' outputs (their gradient edges)."""
+    return {key for pass_ in passes for key in getattr(pass_, "output_nodes", ())}
+
+
+def loss_side_params(
+    roots: Sequence[Any], passes: Sequence[Any], params: Mapping[int, Any]
+) -> list[int]:
+    """The parameters among ``params`` (by id) whose gradient a backward from ``roots`` reaches
+    from outside ``passes``' forwards: a term of the loss that reads them directly (a weight
+    penalty, a regulariser switched on at some step), whose gradient is no example's. The walk
+    stops at the nodes the forwards made and at their outputs — a parameter the forward
+    returned (Kendall's weighting ``s``) is an output —, so it covers the loss alone: a few
+    nodes a step (bounded at :data:`_MAX_LOSS_WALK`). Every pass needs its span of sequence
+    numbers (``nodes_at`` to ``nodes_end``): ``[]`` where one lacks it (the walk could not
+    stop)."""
+    spans = [(p.nodes_at, p.nodes_end) for p in passes]
+    if any(a is None or b is None for a, b in spans):
+        return []
+    outputs = _output_keys(passes)
+    for pass_ in passes:  # (and the layers called in the loss code: measured there)
+        outputs |= getattr(pass_, "called_after", set())
+    stack = [(r.grad_fn, r.output_nr) for r in roots if isinstance(r, Tensor)]
+    seen: dict[tuple[int, int], Any] = {}  # (the nodes held: their ids stay theirs)
+    found: list[int] = []
+    while stack and len(seen) < _MAX_LOSS_WALK:
+        node, nr = stack.pop()
+        if node is None or (id(node), nr) in seen:
+            continue
+        seen[id(node), nr] = node
+        seq = node._sequence_nr()
+        if (id(node), seq) in outputs or any(a <= seq < b for a, b in spans):
+            continue
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            if id(variable) in params and id(variable) not in found:
+                found.append(id(variable))
+            continue
+        edges = node.next_functions
+        if node.name() in _PASS_THROUGH and nr < len(edges):
+            stack.append(edges[nr])
+            continue
+        stack.extend(edges)
+    return found
 
 
 def reaches_pass(
@@ -1470,10 +1517,9 @@ def reaches_pass(
     (noisescale.tokens); None where it does not reach them at all (another graph's backward).
     Output i of an identity over several tensors is followed to its input i only (DDP's sink
     joins the loss with the logits)."""
-    outputs: set[int] = set()
+    outputs = {seq for _, seq in _output_keys(passes)}
     spans = []
     for pass_ in passes:
-        outputs |= {seq for _, seq in getattr(pass_, "output_nodes", ())}
         first, made = getattr(pass_, "nodes_at", None), getattr(pass_, "nodes", None)
         if first is not None and made is not None:
             spans.append((first, first + made))

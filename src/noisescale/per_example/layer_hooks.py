@@ -307,6 +307,19 @@ class LayerHooks:
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         replaced = self._on_layer_output(module, args, kwargs, output)
+        if (
+            self.passes
+            and self.passes[-1].returned
+            and self._active()
+            and not (self._recomputing or self._replaying)
+        ):
+            # a layer of the model called in the loss code (a two-tower model's item tower):
+            # its parameters are measured there, not read by the loss (Backward._loss_side)
+            self.passes[-1].called_after |= {
+                _node_key(t.grad_fn)
+                for t in _tensors(output if replaced is None else replaced)
+                if t.grad_fn is not None
+            }
         watch = self._loss_watch
         if watch.forward_pass is not None and not (
             self._recomputing or self._replaying or self._paused

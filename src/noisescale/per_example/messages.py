@@ -776,6 +776,21 @@ def unrerun_warning(why: str) -> str:
     )
 
 
+def loss_side_message(names: Sequence[str]) -> str:
+    """A backward that reached parameters ``names`` from outside the model's forward
+    (graph.loss_side_params)."""
+    return (
+        f"the backward reached parameters {list(names)} read outside the model's forward, in a "
+        "term of the loss (a weight penalty such as λ·|w|², a regulariser switched on at some "
+        "step — whatever its value, a coefficient of 0 or a hinge not yet active included): "
+        "such a term's gradient is no example's, and the per-example norms would leave it out "
+        "without a word. Use the optimizer's weight_decay instead of a penalty in the loss; "
+        "return a parameter that weighs the examples' losses (a temperature, Kendall's "
+        "uncertainty weights) from the model's forward, where it is followed; or use "
+        "per_example=False"
+    )
+
+
 def sparse_grad_message(param: str) -> str:
     """Why a parameter given a sparse gradient is refused (``param``: its name)."""
     return (

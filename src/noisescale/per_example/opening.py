@@ -408,6 +408,9 @@ class PassOpening:
             self.passes[-1].fed_marks = {
                 _node_key(t.grad_fn) for t in _tensors(output) if t.grad_fn is not None
             }
+            # (every forward's span of sequence numbers, skipped ones' too: the walk of the
+            # loss stops there, Backward._loss_side)
+            self.passes[-1].nodes_end = _sequence_nr()
         if not self._active() or torch._C._current_graph_task_id() != -1:
             return
         pass_ = self.passes[-1]

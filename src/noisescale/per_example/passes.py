@@ -159,6 +159,7 @@ class PassNorms:
     signature: list[tuple] = field(default_factory=list)  # structure, for the audit
     nodes_at: int | None = None  # the thread's autograd sequence number at the forward
     nodes: int | None = None  # autograd nodes its (eager) forward made
+    nodes_end: int | None = None  # the sequence number when its forward returned (any pass)
     audit: audit_mod.PassAudit | None = None
     unsupported: list[tuple[Any, str]] = field(default_factory=list)  # (scope, op)
     # modules handing out aliases whose call had no tensor argument with the batch's size in
@@ -181,6 +182,11 @@ class PassNorms:
     # itself is checked too; loss_watch.begin_forward)
     forward_watched: bool = False
     loss_unfollowed: str | None = None  # why its loss could not be followed (withheld)
+    # parameters its backward reached from outside the model's forward (a penalty in the loss:
+    # Backward._loss_side; refused)
+    loss_side: list[str] | None = None
+    # the output nodes of its layers called in the loss code, after its forward returned
+    called_after: set[tuple[int, int]] = field(default_factory=set)
     # a device bool: the loss averaged over what it counts, not over the examples — a negative
     # log-likelihood with ignore_index targets or class weights, or a sum divided by a tensor
     # other than their number (loss_watch.py); per_example_sqnorms and the tracker refuse it

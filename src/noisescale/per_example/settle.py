@@ -25,6 +25,7 @@ from noisescale.per_example.messages import (
     _penalty_cause,
     _qualified,
     _tensordot_hint,
+    loss_side_message,
     parametrized_layer,
     parametrized_message,
     ruleless_hint,
@@ -109,6 +110,11 @@ class Settle:
             modules = self.model.modules() if self.model is not None else ()
             time_major = [self._labels.get(m, "") for m in modules if _time_major(m)]
             raise UnsupportedModuleError(_coupled_message(pass_, time_major))
+        if pass_.loss_side is not None:
+            # (on every step, audited or not: the audit's value check alone, on its scheduled
+            # steps, let a penalty switched on between them through — 52-94% off — and one under
+            # its tolerance through on every step, a hunt of 2026-12-07)
+            raise UnsupportedModuleError(loss_side_message(pass_.loss_side))
         if pass_.loss_unfollowed is not None:
             if not learn:
                 raise UnsupportedModuleError(pass_.loss_unfollowed)
