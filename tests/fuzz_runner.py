@@ -70,7 +70,9 @@ MODES = (
 TRACKER_MODES = ("tracker_exact", "tracker_default")
 # Modes that need one loss row per example: not run on two-view losses (2N rows).
 PER_EXAMPLE_ONLY = ("sgd_sub", "sgd_exact", "subset", "accum")
-FINDINGS = ("WRONG-SILENT", "crash")
+# a wrong number, warned of or not (the warning words are matched loosely: any warning of the
+# run), a result of the wrong length, a raw error from inside noisescale
+FINDINGS = ("WRONG-SILENT", "wrong-warned", "crash", "SHAPE")
 
 
 @contextlib.contextmanager
@@ -456,11 +458,12 @@ def check_seed(seed, modes=MODES, override=None):
 
 
 def findings(record):
-    """``[(mode, class, relative error)]`` for each WRONG-SILENT or crashing mode of a record."""
+    """``[(mode, class, relative error)]`` for each mode of a record that returned a wrong number
+    (warned of or not), a result of the wrong length, or crashed."""
     return [
         (mode, res["cls"], res.get("re"))
         for mode, res in record.get("modes", {}).items()
-        if res["cls"] in FINDINGS
+        if res["cls"] in FINDINGS or (res["cls"].startswith("other:") and "SHAPE" in res["cls"])
     ]
 
 
