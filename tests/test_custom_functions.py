@@ -144,7 +144,8 @@ def test_the_detach_form_and_a_no_grad_read_are_exact(how):
 
 def test_a_parameter_read_in_the_loss_keeps_the_generic_message():
     """No custom Function there (one applied to another parameter in the same forward): the
-    refusal says what it said before."""
+    refusal names the loss's read of the parameter, as it did before (since 2026-12-07 found
+    by the walk of the loss's graph, in its words)."""
 
     class Scaled(nn.Module):
         def __init__(self):
@@ -162,8 +163,8 @@ def test_a_parameter_read_in_the_loss_keeps_the_generic_message():
         with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
             (model(x).pow(2).sum() * model.temperature).backward()
     text = str(err.value)
-    assert text.startswith("parameters ['temperature'] received gradients that no use"), text
-    assert "read outside the model's forward (in the loss" in text, text
+    assert text.startswith("the backward reached parameters ['temperature'] read outside"), text
+    assert "the model's forward, in a term of the loss" in text, text
 
 
 class _Adjoint(torch.autograd.Function):
