@@ -354,6 +354,69 @@ def test_small_penalty_in_the_loss_is_refused_one_shot():
         one_shot(model, x, with_penalty)
 
 
+class _TowerInTheLoss(nn.Module):
+    """A two-tower model whose item tower, called in the loss code, scales by its own bare
+    Parameter (``x * g``, no layer): the walk finds ``g`` read outside the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.user, self.item = nn.Linear(3, 5), nn.Linear(3, 5)
+        self.g = nn.Parameter(torch.ones(5))
+
+    def forward(self, u):
+        return self.user(u)
+
+
+def test_a_tower_called_in_the_loss_code_is_refused_naming_the_forward_as_the_fix():
+    """(A review of 2026-12-07.) The refusal offered weight_decay and per_example=False alone;
+    such a parameter's gradient is per example once the tower runs inside the forward."""
+    model = _TowerInTheLoss().double()
+    g = torch.Generator().manual_seed(3)
+    u, it = torch.randn(N, 3, generator=g).double(), torch.randn(N, 3, generator=g).double()
+    match = r"\['g'\] read outside.*call that part inside"
+    with pytest.raises(UnsupportedModuleError, match=match):
+        one_shot(model, u, lambda m, xs: (m(xs) * (m.item(it) * m.g)).sum(1))
+
+
+def _long_loss(rows, on):
+    """A loss whose graph outside the model's forward is longer than the walk's bound
+    (graph._MAX_LOSS_WALK): a penalty switched on at ``on`` behind 4,200 multiplications."""
+
+    def loss(m, xs, step):
+        z = _sq(m, xs) + (0.5 * m[2].weight.pow(2).sum() if step >= on else 0.0)
+        for _ in range(rows):
+            z = z * 1.0
+        return z
+
+    return loss
+
+
+def test_a_loss_too_long_to_walk_is_withheld_not_passed():
+    """Past the walk's bound the loss was taken as clean until a review of 2026-12-07: a
+    penalty behind 4,200 nodes went through one-shot and at an unaudited step. Now the one-shot
+    measurement refuses and the engine withholds the step, naming the cause."""
+    from noisescale.per_example.graph import _MAX_LOSS_WALK
+
+    assert _MAX_LOSS_WALK < 4200
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(N, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    loss = _long_loss(4200, on=3)
+    with pytest.raises(UnsupportedModuleError, match="more than 4,096 nodes"):
+        one_shot(model, x, lambda m, xs: loss(m, xs, 3))
+    engine = PerExampleNorms(model)
+    try:
+        for step in range(1, 5):
+            model.zero_grad()
+            loss(model, x, step).mean().backward()
+            (p,) = engine.collect()
+            assert p.raw_sqnorms is None and "more than 4,096 nodes" in p.withheld, step
+    finally:
+        engine.remove()
+    # (a short loss is walked whole: exact without the penalty)
+    assert_exact_both_ways(model, x, lambda m, xs: _long_loss(10, on=9)(m, xs, 1))
+
+
 # -- 2. one parameter registered on two modules ---------------------------------------------
 
 

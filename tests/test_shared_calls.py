@@ -658,3 +658,26 @@ def test_a_parameter_times_a_position_table_led_by_one_or_of_t_other_than_n_is_e
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(N, t, 3, generator=g), torch.randn(N, 1, generator=g)
     assert_exact_both_modes(model, lambda: (model(x) - y).pow(2).sum(-1), N)
+
+
+class _ExamplesAsFeatures(nn.Module):
+    """``mix(fc(x).squeeze(1))``: the N examples' scalars read by a Linear(N, N) as one item's
+    features — mixed, refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.mix, self.out = nn.Linear(3, 1), nn.Linear(N, N), nn.Linear(1, 2)
+
+    def forward(self, x):
+        return self.out(self.mix(self.fc(x).squeeze(1)).unsqueeze(1))
+
+
+def test_examples_read_as_one_item_s_features_are_refused_naming_that():
+    """(A review of 2026-12-07.) The refusal said the layer's input was one of the model's
+    buffers; it is an activation of the examples read without a batch dimension."""
+    model = _ExamplesAsFeatures()
+    x = torch.randn(N, 3, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(UnsupportedModuleError, match="without a batch dimension") as err:
+        with noisescale.per_example_sqnorms(model) as _:
+            model(x).pow(2).sum(1).mean().backward()
+    assert "buffers" not in str(err.value)

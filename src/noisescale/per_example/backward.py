@@ -356,9 +356,18 @@ class Backward:
                 "inside the model's forward, or use per_example=False"
             )
         elif size == pass_.batch_size:
+            first = _first_tensor(args, kwargs)
             why = (
-                f"its input is one of the model's buffers, whose leading size {size} equals the "
-                "batch's by coincidence"
+                # (an activation read without a batch dimension — a Linear's 1-D input, a
+                # Conv1d's [C, L] — was named a buffer until a review of 2026-12-07)
+                f"its input, of leading size {size} like the batch's, is computed from the "
+                "examples but read by the layer as one item without a batch dimension (a 1-D "
+                "input to a Linear or a norm, a [C, L] input to a Conv1d): the examples become "
+                "its features or channels and are mixed. Give the layer a batch dimension "
+                "(x.unsqueeze(-1), x.unsqueeze(1)), or use per_example=False"
+                if isinstance(first, Tensor) and first.grad_fn is not None
+                else f"its input is one of the model's buffers, whose leading size {size} "
+                "equals the batch's by coincidence"
             )
         elif subset := _subset_rows(_first_tensor(args, kwargs), pass_.batch_size, label):
             why = picked = f"{subset}, or use per_example=False"
@@ -610,11 +619,14 @@ class Backward:
             return
         tensors = [roots] if isinstance(roots, Tensor) else list(roots or ())
         # (the step's skipped micro-batches' forwards too: the walk stops at every forward)
-        found = loss_side_params(tensors, self.passes, self._param)
+        found, whole = loss_side_params(tensors, self.passes, self._param)
         if found:
             names = [self._param_name[pid] for pid in found]
             for p in measured:
                 p.loss_side = p.loss_side or names
+        elif not whole:
+            for p in measured:
+                p.loss_side_unchecked = True
 
     def _note_16_bit_embeddings(self, audit: audit_mod.PassAudit) -> None:
         """An embedding table stored in 16 bits on the CPU: torch's backward adds a row read

@@ -786,8 +786,25 @@ def loss_side_message(names: Sequence[str]) -> str:
         "such a term's gradient is no example's, and the per-example norms would leave it out "
         "without a word. Use the optimizer's weight_decay instead of a penalty in the loss; "
         "return a parameter that weighs the examples' losses (a temperature, Kendall's "
-        "uncertainty weights) from the model's forward, where it is followed; or use "
-        "per_example=False"
+        "uncertainty weights) from the model's forward, where it is followed; where a part of "
+        "the model is called in the loss code (a second tower, a head) and uses a parameter "
+        "directly (x * self.scale, not through a layer), call that part inside the model's "
+        "forward, where its uses are followed per example; or use per_example=False"
+    )
+
+
+def loss_side_unchecked_message() -> str:
+    """Why a step whose loss, outside the model's forward, was too large to walk is withheld
+    (graph.loss_side_params)."""
+    from noisescale.per_example.graph import _MAX_LOSS_WALK
+
+    return (
+        f"the loss's autograd graph outside the model's forward has more than {_MAX_LOSS_WALK:,} "
+        "nodes (a loss built in a long Python loop), too many to check for a term that reads "
+        "the parameters directly (a weight penalty, whose gradient is no example's): this "
+        "step's per-example norms are withheld. Compute the loss inside the model's forward "
+        "(its nodes are not walked), or with fewer operations (vectorised over the loop), or "
+        "use per_example=False"
     )
 
 

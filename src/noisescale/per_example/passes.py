@@ -185,6 +185,8 @@ class PassNorms:
     # parameters its backward reached from outside the model's forward (a penalty in the loss:
     # Backward._loss_side; refused)
     loss_side: list[str] | None = None
+    # the loss outside the forwards too large to walk (graph._MAX_LOSS_WALK nodes): withheld
+    loss_side_unchecked: bool = False
     # the output nodes of its layers called in the loss code, after its forward returned
     called_after: set[tuple[int, int]] = field(default_factory=set)
     # a device bool: the loss averaged over what it counts, not over the examples — a negative

@@ -26,6 +26,7 @@ from noisescale.per_example.messages import (
     _qualified,
     _tensordot_hint,
     loss_side_message,
+    loss_side_unchecked_message,
     parametrized_layer,
     parametrized_message,
     ruleless_hint,
@@ -115,6 +116,11 @@ class Settle:
             # steps, let a penalty switched on between them through — 52-94% off — and one under
             # its tolerance through on every step, a hunt of 2026-12-07)
             raise UnsupportedModuleError(loss_side_message(pass_.loss_side))
+        if pass_.loss_side_unchecked:
+            if not learn:  # (one-shot: nothing to withhold for)
+                raise UnsupportedModuleError(loss_side_unchecked_message())
+            self._withhold(pass_, loss_side_unchecked_message())
+            return
         if pass_.loss_unfollowed is not None:
             if not learn:
                 raise UnsupportedModuleError(pass_.loss_unfollowed)
