@@ -40,7 +40,8 @@ test: install
 	echo "make test: $$(( $$(date +%s) - start )) s"; exit $$status
 
 # The differential fuzzer's long run (tests/fuzz_runner.py): random models against brute force
-# in every mode; lists every WRONG-SILENT or crashing seed and fails if there is any. Not part
+# in every mode; lists every seed with a wrong number (warned of or not), a result of the wrong
+# length or a crash, and fails if there is any. Not part
 # of `make test` (tests/test_fuzz_models.py runs a fixed list of its seeds there). About 0.3-1 s
 # a seed on one thread; JSONL=file keeps each seed's full record.
 SEEDS ?= 0:300

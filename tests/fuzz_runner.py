@@ -19,18 +19,20 @@ the same case in each mode and compares at a relative tolerance of 1e-7:
 Each mode ends in one class: ``exact``; ``withheld-then-exact`` (the first step withheld with a
 reason, the rest exact); ``refused`` (``UnsupportedModuleError`` or ``NoiseScaleInputError``, the
 library's first rule working); ``WRONG-SILENT`` (a number off by more than 1e-7 and no warning
-about it); ``wrong-warned`` (off, but a warning said so); ``crash`` (any other exception from
+about it); ``wrong-warned`` (off, and some warning of the run matched words such as
+"withheld" or "mix" — loosely: not necessarily about that number); ``SHAPE`` (a result of the
+wrong length); ``crash`` (any other exception from
 inside noisescale: a raw torch error, an AssertionError, a KeyError); and a few neutral ones
 (``withheld-all``, ``exact-then-refused``, ``exact-rows`` for the two-view one-shot API's
-2N rows, each exact as a row of a mean over 2N, ``ok`` for a tracker that ran). WRONG-SILENT
-and crash are the findings.
+2N rows, each exact as a row of a mean over 2N, ``ok`` for a tracker that ran). WRONG-SILENT,
+wrong-warned, SHAPE and crash are the findings.
 
 Run it long from the repository root (``make fuzz`` does this)::
 
     python tests/fuzz_runner.py --seeds 0:500 --jsonl fuzz.jsonl
 
-It prints a table of the classes per mode and every WRONG-SILENT or crash seed with its mode
-and relative error, and exits 1 if there is any. ``--seeds 61042 -v`` replays one seed and
+It prints a table of the classes per mode and every seed with a finding, with its mode and
+relative error, and exits 1 if there is any. ``--seeds 61042 -v`` replays one seed and
 prints each mode's result; ``--override '{"lossform": "plain"}'`` replays with the spec changed.
 The trackers run on every 5th seed (``--tracker-every``). One torch thread; about 0.3-1 s a seed.
 tests/test_fuzz_models.py runs a fixed list of seeds through :func:`check_seed` in the suite.
@@ -538,9 +540,9 @@ def main(argv=None):
     count = len(_seeds(args.seeds))
     print(f"\n{count} seeds in {seconds:.0f} s; {invalid} cases the grammar made invalid")
     if not found:
-        print("no WRONG-SILENT or crash")
+        print("no finding (a wrong number, a result of the wrong length, a crash)")
         return 0
-    print(f"\n{len(found)} WRONG-SILENT or crash:")
+    print(f"\n{len(found)} findings:")
     for record, mode, cls, re in found:
         error = f"relative error {re:.3g}" if re is not None else record["modes"][mode]["exc"]
         print(f"  {cls} in {mode}: {error}\n    {describe(record)}")
