@@ -708,6 +708,42 @@ def test_the_tracker_on_a_tied_head_in_two_forwards_equals_the_unbiased_estimate
         tracker.remove()
 
 
+class CheckpointedBlock(nn.Module):
+    """A block under non-reentrant activation checkpointing, wide enough at 16 positions for the
+    default source's sub-batch products."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.m, self.ln, self.out = (
+            nn.Linear(3, 32),
+            nn.Linear(32, 32),
+            nn.LayerNorm(32),
+            nn.Linear(32, 2),
+        )
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = checkpoint(lambda z: self.ln(torch.tanh(self.m(z))), self.inp(x), use_reentrant=False)
+        return self.out(h.mean(1))
+
+
+@pytest.mark.parametrize("subbatches", [0, 2, 8])
+def test_forwards_of_unequal_sizes_through_a_checkpointed_block(subbatches):
+    """The recomputation of a checkpointed block takes the settings of the pass whose forward
+    it recomputes (the node running in the backward tells which): it took the last pass's, and
+    two forwards of 4 and 8 examples raised torch's CheckpointError in the default source until
+    2026-12-07 (a fuzzer). Exact in every mode."""
+    torch.manual_seed(0)
+    model = CheckpointedBlock().double()
+    x = torch.randn(12, 16, 3, generator=torch.Generator().manual_seed(5)).double()
+
+    def rows(m, xs):
+        return torch.cat([_sq(m, xs[:4]), _sq(m, xs[4:])])
+
+    assert_rows_withheld_then_exact(model, x, rows, subbatches=subbatches, withheld=False)
+
+
 @pytest.mark.parametrize("several", SEVERAL, ids=["chunked", "two-views"])
 def test_a_subset_of_several_forwards_carries_its_rows_importance_weights(several):
     """A per-example subset of a pass merged from several forwards: the merged pass's

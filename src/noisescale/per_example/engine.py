@@ -1173,6 +1173,18 @@ class PerExampleNorms(
             if torch.is_grad_enabled() and not self._recomputing and not self._replaying:
                 pass_.reentrant = self._reentrant_seen = True
             return pass_
+        # the pass whose forward is recomputed: the one that made the node running now (its
+        # span of sequence numbers) — not the last pass, whose size may differ (two forwards of
+        # unequal sizes through a checkpointed block took the last one's settings, and torch
+        # raised CheckpointError, until 2026-12-07, a fuzzer)
+        node = torch._C._current_autograd_node()
+        if node is not None:
+            seq = node._sequence_nr()
+            for candidate in reversed(self.passes):
+                at, end = candidate.nodes_at, candidate.nodes_end
+                if at is not None and end is not None and at <= seq < end:
+                    pass_ = candidate
+                    break
         shadow = self._shadows.get(id(pass_))
         if shadow is None:
             shadow = self._shadows[id(pass_)] = PassNorms(
