@@ -415,6 +415,17 @@ def test_a_loss_too_long_to_walk_is_withheld_not_passed():
         engine.remove()
     # (a short loss is walked whole: exact without the penalty)
     assert_exact_both_ways(model, x, lambda m, xs: _long_loss(10, on=9)(m, xs, 1))
+    # (the batch in two forwards under that backward: the merged pass withheld too — it passed
+    # as clean until a reread of 2026-12-07, the merge dropping the flag)
+    engine = PerExampleNorms(model)
+    try:
+        for step in range(1, 5):
+            model.zero_grad()
+            _chunked(lambda m, xs, s=step: loss(m, xs, s))(model, x).mean().backward()
+            (p,) = engine.collect()
+            assert p.raw_sqnorms is None and "more than 4,096 nodes" in p.withheld, step
+    finally:
+        engine.remove()
 
 
 # -- 2. one parameter registered on two modules ---------------------------------------------
