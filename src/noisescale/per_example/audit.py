@@ -1070,7 +1070,9 @@ def _wrapped_backward(original: Callable, code: Any) -> Callable:
         if BACKWARD_STARTS:
             if not isinstance(tensors, Tensor | list | tuple) and tensors is not None:
                 tensors = tuple(tensors)  # (a generator: read once, for them and for torch)
-            for started in BACKWARD_STARTS:
+            # (a copy: a collected engine's callback drops itself from the list, which
+            # skipped the next one — a live engine's walk of the loss — until 2026-12-07)
+            for started in list(BACKWARD_STARTS):
                 started(tensors)
         if (
             args
