@@ -635,3 +635,45 @@ def test_a_graph_compiled_before_the_tracker_is_recompiled() -> None:
     torch._dynamo.reset()
     assert [r["step"] for r in history if "per_example" not in r["sources"]] == [3]
     assert ran_compiled == [False, False, False, False, True, True]
+
+
+@pytest.mark.parametrize("mode", ["subbatch", "per_example"])
+@pytest.mark.parametrize("called", ["torch.compile(model)", "a compiled function"])
+def test_a_penalty_switched_on_at_a_compiled_step_is_refused_there(mode: str, called: str) -> None:
+    """The tracker given the model, the user calling ``torch.compile(model)`` (or a compiled
+    function that calls it): the model-level hooks run inside the graph, and its passes had no
+    span of autograd sequence numbers, so the walk of the loss (which refuses a parameter read
+    outside the forward) did not run: a penalty switched on at step 6, a compiled step between
+    the audits of 4 and 8, read 33% off at steps 6 and 7 without a word until 2026-12-07 (the
+    audit of step 8 refused it)."""
+    from noisescale.errors import UnsupportedModuleError
+
+    torch.manual_seed(0)
+    model, loss_fn, batch = mlp()
+    call = (
+        torch.compile(model, backend=BACKEND)
+        if called == "torch.compile(model)"
+        else torch.compile(lambda x: model(x), backend=BACKEND)
+    )
+    gen = torch.Generator().manual_seed(1)
+    compiled, steps = [], 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tracker = GradientNoiseTracker(model, **MODES[mode])
+        try:
+            with pytest.raises(UnsupportedModuleError, match=r"\['2.weight'\] read outside"):
+                for step in range(1, 9):
+                    steps = step
+                    x, y = batch(gen)
+                    loss = loss_fn(call(x), y)
+                    if step >= 6:
+                        loss = loss + 0.5 * model[2].weight.pow(2).sum()
+                    loss.backward()
+                    compiled.append(tracker.engine.current_pass().compiled)
+                    tracker.step()
+                    model.zero_grad()
+        finally:
+            tracker.remove()
+            torch._dynamo.reset()
+    assert steps == 6
+    assert compiled[2] and compiled[4]  # (steps 3 and 5 ran the compiled graph)

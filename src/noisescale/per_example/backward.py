@@ -614,7 +614,13 @@ class Backward:
         without a word until 2026-12-07 (52-94% off, a hunt)."""
         if not self.per_example or self._paused or self._replaying or self._recomputing:
             return
-        measured = [p for p in self.passes if p.returned and not p.skipped]
+        # (a compiled pass whose model-level hooks ran in the graph: ended by its "output"
+        # event, traced.py — it never "returned" to an eager hook)
+        measured = [
+            p
+            for p in self.passes
+            if (p.returned or (p.compiled and p.nodes_end is not None)) and not p.skipped
+        ]
         if not measured or torch._C._current_graph_task_id() != -1:
             return
         tensors = [roots] if isinstance(roots, Tensor) else list(roots or ())

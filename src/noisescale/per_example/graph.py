@@ -1479,8 +1479,8 @@ def loss_side_params(
     gives up past :data:`_MAX_LOSS_WALK` nodes (a loss built in a long Python loop) and says so
     (``False``: the caller withholds the step — until a review of 2026-12-07 a penalty beside
     such a loss went through). Every pass needs its span of sequence numbers (``nodes_at`` to
-    ``nodes_end``): ``([], True)`` where one lacks it (a compiled forward's: the walk could not
-    stop; left to the audit, as before)."""
+    ``nodes_end``; a compiled forward's from its compiled function's node, traced.py):
+    ``([], True)`` where one lacks it (a forward still running; left to the audit)."""
     spans = [(p.nodes_at, p.nodes_end) for p in passes]
     if any(a is None or b is None for a, b in spans):
         return [], True

@@ -16,7 +16,7 @@ from noisescale.errors import UnsupportedModuleError
 from noisescale.module_hooks import InertWhenCopied, foreign_thread, refuse_foreign_forward
 from noisescale.per_example import compiled
 from noisescale.per_example import subbatch as subbatch_mod
-from noisescale.per_example.graph import _autocast_enabled, _flat_size
+from noisescale.per_example.graph import _autocast_enabled, _flat_size, _sequence_nr
 from noisescale.per_example.passes import (
     PassNorms,
     _by_products,
@@ -390,7 +390,15 @@ class Traced:
         if kind == "open":
             if bool(site) != self.idle:
                 self._refuse_graph(traced_idle=bool(site))
+            opened = len(self.passes)
             self._open_pass(tuple(tensors), {})
+            if len(self.passes) > opened and not torch.is_grad_enabled():
+                # inside a compiled function's forward: its backward node, which stands for
+                # the graph's operations, was made just before it ran (the span of sequence
+                # numbers the walk of the loss stops at, Backward._loss_side)
+                pass_ = self.passes[-1]
+                if pass_.nodes_at is not None:
+                    pass_.nodes_at -= 1
             return 0
         # (not _active(): a compiled forward runs with gradients off; the trace checked them)
         if self._recomputing or self._paused or self._replaying or not self.passes:
@@ -405,6 +413,10 @@ class Traced:
         if pass_.idle:  # (a block compiled by itself: the model's own hook opened the pass)
             self._refuse_graph(traced_idle=False)
         if kind == "output":
+            # (the span's end: the walk of the loss stops inside it; until 2026-12-07 a pass
+            # whose model-level hooks ran in the graph had none, and a penalty switched on
+            # between audits read 33% off without a word until the next audit)
+            pass_.nodes_end = _sequence_nr()
             if self.per_example and not pass_.skipped:
                 self._audit_wanted(pass_)
             return self._new_record(_Record("root", pass_))
