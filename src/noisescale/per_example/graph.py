@@ -1479,11 +1479,15 @@ def loss_side_params(
     gives up past :data:`_MAX_LOSS_WALK` nodes (a loss built in a long Python loop) and says so
     (``False``: the caller withholds the step — until a review of 2026-12-07 a penalty beside
     such a loss went through). Every pass needs its span of sequence numbers (``nodes_at`` to
-    ``nodes_end``; a compiled forward's from its compiled function's node, traced.py):
+    ``nodes_end``; a compiled forward's from its compiled function's node):
     ``([], True)`` where one lacks it (a forward still running; left to the audit)."""
     spans = [(p.nodes_at, p.nodes_end) for p in passes]
     if any(a is None or b is None for a, b in spans):
         return [], True
+    # a compiled forward opened inside its graph: the compiled function's backward node, which
+    # stands for the graph's operations, was made just before the forward ran (not any node
+    # made then: a no-grad compiled forward runs no such function)
+    heads = {p.nodes_at - 1 for p in passes if getattr(p, "compiled", False)}
     outputs = _output_keys(passes)
     for pass_ in passes:  # (and the layers called in the loss code: measured there)
         outputs |= getattr(pass_, "called_after", set())
@@ -1504,6 +1508,8 @@ def loss_side_params(
         seen[key] = node
         seq = node._sequence_nr()
         if (id(node), seq) in outputs:
+            continue
+        if seq in heads and name == "CompiledFunctionBackward":
             continue
         inside = False
         for a, b in spans:

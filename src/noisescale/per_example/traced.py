@@ -390,15 +390,7 @@ class Traced:
         if kind == "open":
             if bool(site) != self.idle:
                 self._refuse_graph(traced_idle=bool(site))
-            opened = len(self.passes)
             self._open_pass(tuple(tensors), {})
-            if len(self.passes) > opened and not torch.is_grad_enabled():
-                # inside a compiled function's forward: its backward node, which stands for
-                # the graph's operations, was made just before it ran (the span of sequence
-                # numbers the walk of the loss stops at, Backward._loss_side)
-                pass_ = self.passes[-1]
-                if pass_.nodes_at is not None:
-                    pass_.nodes_at -= 1
             return 0
         # (not _active(): a compiled forward runs with gradients off; the trace checked them)
         if self._recomputing or self._paused or self._replaying or not self.passes:
