@@ -169,9 +169,9 @@ def draw_spec(seed):
         "lossform": r.choice(["model", "hand"]),
         "reduction": r.choice(["mean", "mean", "sum"]),
         "classes": r.choice([2, 3]),
-        # the model's own loss backpropagated as it is, or as a one-element sum (a list of
-        # task losses stacked and summed: torch.stack([out.loss]).sum())
-        "wrap": r.choice(["none", "none", "stack_sum"]),
+        # the loss backpropagated as it is, or as a one-element sum (a list of task losses
+        # stacked and summed: torch.stack([out.loss]).sum()), times a task weight of 0.5 or not
+        "wrap": r.choice(["none", "none", "stack_sum", "scaled", "stack_scaled"]),
     }
 
 
@@ -313,6 +313,8 @@ def make_case(seed, override=None):
     if spec["lossform"] == "model" and counts.sum() == 0:
         raise ValueError("nothing counted: the model's own loss is nan")
 
+    factor = 0.5 if "scaled" in spec["wrap"] else 1.0  # (a task's weight)
+
     def hand_losses(model, idx):
         out = call(model, idx, False)
         y = labels[idx]
@@ -332,14 +334,13 @@ def make_case(seed, override=None):
         """Example i's own loss: the model called on it alone with its labels."""
         if counts[i] == 0:
             return None
-        return call(model, slice(i, i + 1), True).loss
+        return call(model, slice(i, i + 1), True).loss * factor
 
     def per_example_loss(model, idx):
         if spec["lossform"] == "hand":
-            return hand_losses(model, idx)
+            return hand_losses(model, idx) * factor
         if idx == slice(0, n):  # the batch: the model's own loss, as the loss
-            loss = call(model, idx, True).loss
-            return torch.stack([loss]).sum() if spec["wrap"] == "stack_sum" else loss
+            return call(model, idx, True).loss * factor
         (i,) = range(n)[idx]  # one example: its part of the batch's loss
         own = own_loss(model, i)
         if own is None:
@@ -397,10 +398,10 @@ def _backward_grads(loss, params):
 
 def _loss_of(spec, per_example_loss, model, n):
     """The runner's training loss; the model's own loss (0-d) is backpropagated as it is."""
-    losses = per_example_loss(model, slice(0, n))
-    if losses.dim() == 0:
-        return losses
-    return losses.mean() if spec["reduction"] == "mean" else losses.sum()
+    loss = per_example_loss(model, slice(0, n))
+    if loss.dim() > 0:
+        loss = loss.mean() if spec["reduction"] == "mean" else loss.sum()
+    return torch.stack([loss]).sum() if spec.get("wrap", "").startswith("stack") else loss
 
 
 @contextlib.contextmanager
