@@ -28,8 +28,12 @@ The cases run through tests/fuzz_runner.py's modes (:func:`check_seed`):
   README's "Lower level" says of a loss through ``loss_function``, whatever ``loss_reduction``
   says (drawn); ``engine``, ``sub_chosen``, ``sub_products``, ``sgd_exact``, ``subset`` against
   each example's part of the backpropagated loss, its summed counted terms over the batch's
-  count (``raw_sqnorms``: the gradient of the backpropagated loss restricted to the example); the
-  trackers for crashes. A refusal is the first rule at work; a number off is the finding.
+  count (``raw_sqnorms``: the gradient of the backpropagated loss restricted to the example);
+  ``accum`` (two micro-batches, each its own token mean divided by 2, or divided by the whole
+  batch's count given as ``num_items_in_batch``, drawn, where the model passes it on) against
+  each example's part of its micro-batch's loss; the trackers for crashes.
+
+A refusal is the first rule at work; a number off is the finding.
 
 Run it long::
 
@@ -55,6 +59,7 @@ import torch.nn.functional as F
 
 import fuzz_runner
 import noisescale
+from noisescale.per_example import PerExampleNorms
 
 RTOL_MODEL_LOSS = 1e-4  # Hugging Face's token losses run in float32
 V, H = 13, 8  # vocabulary (id 0 is the padding), hidden size
@@ -172,6 +177,9 @@ def draw_spec(seed):
         # the loss backpropagated as it is, or as a one-element sum (a list of task losses
         # stacked and summed: torch.stack([out.loss]).sum()), times a task weight of 0.5 or not
         "wrap": r.choice(["none", "none", "stack_sum", "scaled", "stack_scaled"]),
+        # the model's own loss given the Trainer's num_items_in_batch (the whole batch's count:
+        # each micro-batch of accumulation divided by it, not by its own count)
+        "nib": r.random() < 0.3,
     }
 
 
@@ -290,8 +298,10 @@ def make_case(seed, override=None):
         inputs["decoder_input_ids"] = torch.randint(3, V, (n, t), generator=g)
     inputs["labels"] = labels
 
-    def call(model, idx, with_labels):
+    def call(model, idx, with_labels, nib=None):
         kw = {k: v[idx] for k, v in inputs.items() if k != "labels"}
+        if nib is not None:
+            kw["num_items_in_batch"] = torch.tensor(nib)
         if spec["embeds"] == "table":
             ids_ = kw.pop("input_ids")
             kw["inputs_embeds"] = model.get_input_embeddings()(ids_)
@@ -312,6 +322,18 @@ def make_case(seed, override=None):
     spec["counts"] = counts.tolist()
     if spec["lossform"] == "model" and counts.sum() == 0:
         raise ValueError("nothing counted: the model's own loss is nan")
+    total = float(counts.sum())
+    if spec["nib"] and (spec["lossform"] != "model" or "kwargs" not in _forward_kwargs(model)):
+        spec["nib"] = False
+    if spec["nib"]:  # does the model divide by it? (a micro-batch's loss tells)
+        with torch.no_grad():
+            first = slice(0, max(1, n // 2))
+            if float(counts[first].sum()) > 0:
+                a, b = call(model, first, True, total).loss, call(model, first, True).loss
+                spec["nib"] = "honoured" if abs(float(a - b)) > 1e-6 * abs(float(b)) else "ignored"
+            else:
+                spec["nib"] = "ignored"
+    nib = total if spec["nib"] else None
 
     factor = 0.5 if "scaled" in spec["wrap"] else 1.0  # (a task's weight)
 
@@ -340,7 +362,7 @@ def make_case(seed, override=None):
         if spec["lossform"] == "hand":
             return hand_losses(model, idx) * factor
         if idx == slice(0, n):  # the batch: the model's own loss, as the loss
-            return call(model, idx, True).loss * factor
+            return call(model, idx, True, nib).loss * factor
         (i,) = range(n)[idx]  # one example: its part of the batch's loss
         own = own_loss(model, i)
         if own is None:
@@ -348,6 +370,8 @@ def make_case(seed, override=None):
         return (own * (counts[i] / counts.sum())).reshape(1)
 
     per_example_loss.own = own_loss
+    per_example_loss.micro_batch = lambda model, idx: call(model, idx, True, nib).loss * factor
+    per_example_loss.counts = counts
     return spec, model, inputs, per_example_loss
 
 
@@ -470,9 +494,56 @@ def _tolerance(rtol):
 
 
 MODEL_LOSS_MODES = (
-    "one_shot", "engine", "sub_chosen", "sub_products", "sgd_exact", "subset", "tracker_exact",
-    "tracker_default",
+    "one_shot", "engine", "sub_chosen", "sub_products", "sgd_exact", "subset", "accum",
+    "tracker_exact", "tracker_default",
 )  # fmt: skip
+
+
+def run_accum_model(spec, model, per_example_loss, n, steps=2):
+    """The model's own loss over two micro-batches, each divided by 2 (a plain loop): each
+    pass's ``raw_sqnorms`` against its examples' parts of its own loss, a token mean over the
+    micro-batch's counted tokens (each example's own loss × c_i / C_mb / 2); given the whole
+    batch's count as ``num_items_in_batch`` (the Trainer), not divided, × c_i / C."""
+    own = fuzz_runner.truth_sq(_grads(model, lambda i: per_example_loss.own(model, i), n))
+    counts = per_example_loss.counts
+    halves = [(0, n // 2), (n // 2, n)]
+    if any(float(counts[a:b].sum()) == 0 for a, b in halves):
+        return {"cls": "skipped"}  # (a micro-batch counting nothing: its loss is nan)
+    divide = 1.0 if spec["nib"] == "honoured" else 2.0
+    whole = [counts.sum() if spec["nib"] == "honoured" else counts[a:b].sum() for a, b in halves]
+    parts = zip(halves, whole, strict=True)
+    want = torch.cat([own[a:b] * (counts[a:b] / c / divide) ** 2 for (a, b), c in parts])
+    res = {"steps": []}
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine = PerExampleNorms(model)
+            try:
+                for _ in range(steps):
+                    model.zero_grad()
+                    for a, b in halves:
+                        (per_example_loss.micro_batch(model, slice(a, b)) / divide).backward()
+                    got = [p.raw_sqnorms for p in engine.collect()]
+                    if any(g is None for g in got) or len(got) != 2:
+                        res["steps"].append({"cls": "withheld"})
+                        continue
+                    re = fuzz_runner.relerr(torch.cat(got), want)
+                    step = {"cls": "exact" if re < RTOL_MODEL_LOSS else "WRONG", "re": re}
+                    if step["cls"] == "WRONG":
+                        step["got"], step["want"] = torch.cat(got).tolist(), want.tolist()
+                    res["steps"].append(step)
+            finally:
+                engine.remove()
+        warned, messages = fuzz_runner._warned(caught)
+        res["warn"] = messages[:3]
+    except Exception as err:
+        exc = fuzz_runner._exception(err)
+        res["exc"], res["exc_cls"] = exc["exc"], exc["cls"]
+        if "tb" in exc:
+            res["tb"] = exc["tb"]
+        warned = False
+    res["cls"] = fuzz_runner._classify_steps(res, warned)
+    return res
 
 
 def check_seed(seed, modes=fuzz_runner.MODES, override=None):
@@ -522,6 +593,7 @@ def check_seed(seed, modes=fuzz_runner.MODES, override=None):
         }
         if model_loss:
             runs["one_shot"] = lambda: run_one_shot_own(spec, model, pel, n, spec["reduction"])
+            runs["accum"] = lambda: run_accum_model(spec, model, pel, n)
         record["modes"] = {}
         with _tolerance(RTOL_MODEL_LOSS if model_loss else fuzz_runner.RTOL):
             for mode in fuzz_runner.MODES:
