@@ -73,9 +73,20 @@ def draw_options(seed, spec):
         "tokens": r.random() < 0.3,
         "beta": r.choice([1.0, 0.9]),
         "steps": 4,
+        # drawn after the first version's options, which keep their seeds' values
+        "measure_every": r.choice([1, 1, 1, 2]),
+        "sync_every": r.choice([1, 1, 3]),
+        "dataset_size": r.choice([None, None, 40]),
+        "amsgrad": r.random() < 0.3,
+        "rmsprop": r.random() < 0.25,
+        "param_groups": r.random() < 0.3,
     }
-    if opts["optimizer"] != "adam":
+    if opts["optimizer"] == "adam" and opts["rmsprop"]:
+        opts["optimizer"] = "rmsprop"
+    if opts["optimizer"] == "sgd":
         opts["precondition"] = False
+    if opts["measure_every"] > 1:
+        opts["steps"] = 5  # (steps 1, 3, 5 measured)
     opts["accum"] = min(opts["accum"], spec["n"])
     return opts
 
@@ -120,7 +131,11 @@ def _preconditioner(optimizer, params):
             out.append(torch.zeros_like(p))
             continue
         group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
-        v = st["exp_avg_sq"] / (1.0 - group["betas"][1] ** float(st["step"]))
+        if isinstance(optimizer, torch.optim.RMSprop):
+            v = st["square_avg"]
+        else:
+            v = st["max_exp_avg_sq"] if group["amsgrad"] else st["exp_avg_sq"]
+            v = v / (1.0 - group["betas"][1] ** float(st["step"]))
         out.append(1.0 / (v.sqrt() + group["eps"]))
     return out
 
@@ -236,7 +251,7 @@ def compare_records(got, want, run_scale=0.0):
         if not _close(g, w, sc, rtol):
             bad.append((key, g, w))
 
-    for key in ("b_big", "sqnorm_big"):
+    for key in ("b_big", "sqnorm_big", "loss", "lr"):
         check(key, got.get(key), want[key], 0.0)
     for key in ("g2", "trace_sigma"):
         check(key, got.get(key), want[key], scale)
@@ -249,7 +264,8 @@ def compare_records(got, want, run_scale=0.0):
             check(key, got.get(key), want[key], 0.0, RATIO_RTOL)
     if got.get("skipped") != want["skipped"]:
         bad.append(("skipped", got.get("skipped"), want["skipped"]))
-    for key in ("examples", "tokens", "tokens_per_example", "preconditioned"):
+    keys = ("examples", "tokens", "tokens_seen", "tokens_per_example", "preconditioned")
+    for key in (*keys, "unmeasured_steps"):
         if key in want or key in got:
             g, w = got.get(key), want.get(key)
             if isinstance(w, bool) or isinstance(g, bool) or w is None or g is None:
@@ -317,6 +333,11 @@ def run_tracker_numbers(spec, model, per_example_loss, n, seed, in_batch=False, 
     import fuzz_runner
 
     opts = opts or draw_options(seed, spec)
+    # a block that mixes the examples: the truth is each example's loss differentiated within the
+    # batch (what a measured model must match: statistics of the batch that no gradient goes
+    # through are constants, docs/per_example.md), where a forward alone runs another model
+    # (seed 1089: lengths of a packed GRU taken from features after a batch mean)
+    in_batch = in_batch or bool(spec.get("mixing"))
     if in_batch:
         opts["accum"] = 1  # (micro-batches of another size run another model)
     res = {"opts": dict(opts), "cls": "exact"}
@@ -324,15 +345,24 @@ def run_tracker_numbers(spec, model, per_example_loss, n, seed, in_batch=False, 
     original = model
     model = copy.deepcopy(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    groups = [params]
+    if opts.get("param_groups") and len(params) > 1:
+        groups = [params[: len(params) // 2], params[len(params) // 2 :]]
+    groups = [{"params": g, "name": f"half{i}"} for i, g in enumerate(groups)]
     if opts["optimizer"] == "adam":
-        optimizer = torch.optim.Adam(params, lr=0.01)
+        optimizer = torch.optim.Adam(groups, lr=0.01, amsgrad=opts.get("amsgrad", False))
+    elif opts["optimizer"] == "rmsprop":
+        optimizer = torch.optim.RMSprop(groups, lr=0.01)
     else:
-        optimizer = torch.optim.SGD(params, lr=0.02)
+        optimizer = torch.optim.SGD(groups, lr=0.02)
     kwargs = {
         "loss_reduction": spec["reduction"],
         "microbatch": opts["microbatch"],
         "beta": opts["beta"],
         "optimizer": optimizer,
+        "measure_every": opts.get("measure_every", 1),
+        "sync_every": opts.get("sync_every", 1),
+        "dataset_size": opts.get("dataset_size"),
     }
     if opts["source"] == "subbatch":
         kwargs["subbatches"] = opts["subbatches"]
@@ -342,22 +372,25 @@ def run_tracker_numbers(spec, model, per_example_loss, n, seed, in_batch=False, 
         kwargs["precondition"] = optimizer
         kwargs["precondition_from"] = 1
     if opts["groups"]:
-        kwargs["groups"] = "children"
+        kwargs["groups"] = "param_groups" if opts.get("param_groups") else "children"
     tokens_per = spec.get("t_after_stem") or 3
     if opts["tokens"]:
         kwargs["tokens_per_example"] = tokens_per
     if opts["source"] != "subbatch" and opts["accum"] > 1 and not opts["microbatch"]:
         opts["microbatch"] = kwargs["microbatch"] = True  # (else nothing may compare)
-    group_names, group_index = (
-        _children_groups(model, params) if opts["groups"] else ([], [0] * len(params))
-    )
+    group_names, group_index = [], [0] * len(params)
+    if opts["groups"] and kwargs["groups"] == "children":
+        group_names, group_index = _children_groups(model, params)
+    elif opts["groups"]:
+        group_names = [g["name"] for g in optimizer.param_groups]
+        group_index = [i for i, g in enumerate(optimizer.param_groups) for _ in g["params"]]
     parts = _parts(n, opts["accum"])
     k = len(parts)
     if spec["reduction"] == "mean":
         coefs = [1.0 / (k * (b - a)) for a, b in parts for _ in range(a, b)]
     else:
         coefs = [1.0] * n
-    truths, seen = {}, []
+    truths, seen, losses_of = {}, [], {}
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -381,16 +414,21 @@ def run_tracker_numbers(spec, model, per_example_loss, n, seed, in_batch=False, 
                         grads = fuzz_runner.per_example_grads(model, per_example_loss, n, in_batch)
                     norms = _Norms(grads, pre, group_index, len(group_names))
                     optimizer.zero_grad()
+                    step_loss = 0.0
                     for a, b in parts:
                         losses = per_example_loss(model, slice(a, b))
                         loss = losses.mean() / k if spec["reduction"] == "mean" else losses.sum()
                         loss.backward()
+                        step_loss = step_loss + loss.detach()
+                    losses_of[step] = float(step_loss)
                     before = len(seen)
-                    tracker.step()
+                    tracker.step(loss=step_loss)
                     passes = seen[-1] if len(seen) > before else None
                     optimizer.step()
                     if passes is None:
                         continue
+                    if (step - 1) % opts.get("measure_every", 1):
+                        continue  # (an unmeasured step: its examples are checked at the next)
                     truth = step_truth(norms, passes, parts, opts, coefs)
                     if isinstance(truth, str):
                         res["cls"], res["why"] = "STRUCTURE", f"step {step}: {truth}"
@@ -413,6 +451,7 @@ def run_tracker_numbers(spec, model, per_example_loss, n, seed, in_batch=False, 
     # the brute-force history through the estimator, in the tracker's order
     st = state_mod.init(opts["beta"], tuple(group_names))
     wanted, bad, run_scale = [], [], 0.0
+    m = opts.get("measure_every", 1)
     for rec in history:
         step = rec["step"]
         if step not in truths:
@@ -431,16 +470,23 @@ def run_tracker_numbers(spec, model, per_example_loss, n, seed, in_batch=False, 
             group_big,
             preconditioned if opts["precondition"] else None,
             tokens=float(n * tokens_per) if opts["tokens"] else None,
+            unmeasured=(
+                (m - 1, (m - 1) * n, float((m - 1) * n * tokens_per) if opts["tokens"] else None)
+                if step > 1 and m > 1
+                else state_mod.NOTHING_UNMEASURED
+            ),
         )
+        stats = stats._replace(loss=losses_of[step])
         if preconditioned and not any(w.get("preconditioned") for w in wanted):
             run_scale = 0.0  # (the averages start again at the first preconditioned step)
-        st, want = state_mod.update(st, stats, tracker.confidence)
+        st, want = state_mod.update(st, stats, tracker.confidence, opts.get("dataset_size"))
         wanted.append(want)
         for key, g, w in compare_records(rec, want, run_scale):
             bad.append((f"step {step} {key}", g, w))
         if not want["skipped"]:
             run_scale = max(run_scale, record_scale(want))
-    bad += hand_checks(wanted, opts["beta"])
+    if opts.get("dataset_size") is None:  # (the hand's eq. A.2 has no finite population)
+        bad += hand_checks(wanted, opts["beta"])
     if not history:
         res["cls"] = "withheld-all"
     want_est = est.b_simple_interval(st.noise, tracker.confidence)
