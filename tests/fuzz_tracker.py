@@ -80,7 +80,13 @@ def draw_options(seed, spec):
         "amsgrad": r.random() < 0.3,
         "rmsprop": r.random() < 0.25,
         "param_groups": r.random() < 0.3,
+        # a loss over tokens (count_tokens): each example's loss taken as the sum over its T
+        # tokens of equal losses, divided by the micro-batch's tokens (token_mean, then by the
+        # micro-batches) or by the step's (num_items_in_batch)
+        "token_loss": r.choice([None, None, "token_mean", "num_items_in_batch"]),
     }
+    if opts["token_loss"] == "token_mean" and spec["n"] % opts["accum"]:
+        opts["token_loss"] = "num_items_in_batch"  # (unequal counts: weights that vary)
     if opts["optimizer"] == "adam" and opts["rmsprop"]:
         opts["optimizer"] = "rmsprop"
     if opts["optimizer"] == "sgd":
@@ -355,8 +361,9 @@ def run_tracker_numbers(spec, model, per_example_loss, n, seed, in_batch=False, 
         optimizer = torch.optim.RMSprop(groups, lr=0.01)
     else:
         optimizer = torch.optim.SGD(groups, lr=0.02)
+    token_loss = opts.get("token_loss")
     kwargs = {
-        "loss_reduction": spec["reduction"],
+        "loss_reduction": token_loss or spec["reduction"],
         "microbatch": opts["microbatch"],
         "beta": opts["beta"],
         "optimizer": optimizer,
@@ -374,7 +381,7 @@ def run_tracker_numbers(spec, model, per_example_loss, n, seed, in_batch=False, 
     if opts["groups"]:
         kwargs["groups"] = "param_groups" if opts.get("param_groups") else "children"
     tokens_per = spec.get("t_after_stem") or 3
-    if opts["tokens"]:
+    if opts["tokens"] and not token_loss:
         kwargs["tokens_per_example"] = tokens_per
     if opts["source"] != "subbatch" and opts["accum"] > 1 and not opts["microbatch"]:
         opts["microbatch"] = kwargs["microbatch"] = True  # (else nothing may compare)
@@ -386,7 +393,11 @@ def run_tracker_numbers(spec, model, per_example_loss, n, seed, in_batch=False, 
         group_index = [i for i, g in enumerate(optimizer.param_groups) for _ in g["params"]]
     parts = _parts(n, opts["accum"])
     k = len(parts)
-    if spec["reduction"] == "mean":
+    if token_loss == "token_mean":
+        coefs = [1.0 / (k * (b - a) * tokens_per) for a, b in parts for _ in range(a, b)]
+    elif token_loss:
+        coefs = [1.0 / (n * tokens_per)] * n
+    elif spec["reduction"] == "mean":
         coefs = [1.0 / (k * (b - a)) for a, b in parts for _ in range(a, b)]
     else:
         coefs = [1.0] * n
@@ -412,12 +423,25 @@ def run_tracker_numbers(spec, model, per_example_loss, n, seed, in_batch=False, 
                     pre = _preconditioner(optimizer, params) if opts["precondition"] else None
                     with tracker.paused():
                         grads = fuzz_runner.per_example_grads(model, per_example_loss, n, in_batch)
+                    if token_loss:  # (the gradient of each example's summed token losses)
+                        grads = [[g * tokens_per for g in gs] for gs in grads]
                     norms = _Norms(grads, pre, group_index, len(group_names))
                     optimizer.zero_grad()
                     step_loss = 0.0
                     for a, b in parts:
                         losses = per_example_loss(model, slice(a, b))
-                        loss = losses.mean() / k if spec["reduction"] == "mean" else losses.sum()
+                        if token_loss:
+                            labels = torch.zeros(b - a, tokens_per, dtype=torch.long)
+                            tracker.count_tokens(labels)
+                            losses = losses * tokens_per  # (each example's T tokens summed)
+                        if token_loss == "token_mean":
+                            loss = losses.sum() / ((b - a) * tokens_per) / k
+                        elif token_loss:
+                            loss = losses.sum() / (n * tokens_per)
+                        elif spec["reduction"] == "mean":
+                            loss = losses.mean() / k
+                        else:
+                            loss = losses.sum()
                         loss.backward()
                         step_loss = step_loss + loss.detach()
                     losses_of[step] = float(step_loss)
@@ -435,7 +459,10 @@ def run_tracker_numbers(spec, model, per_example_loss, n, seed, in_batch=False, 
                         return res
                     truths[step] = (truth, pre is not None)
                     if step == 1 and opts["source"] == "exact" and k == 1:
-                        res["one_shot"] = _one_shot(spec, original, per_example_loss, n, passes)
+                        weight = coefs[0] * (tokens_per if token_loss else 1)
+                        res["one_shot"] = _one_shot(
+                            spec, original, per_example_loss, n, passes, weight
+                        )
                 history = tracker.history
                 estimate = tracker.estimate()
                 estimate_groups = tracker.estimate_groups() if group_names else {}
@@ -469,9 +496,14 @@ def run_tracker_numbers(spec, model, per_example_loss, n, seed, in_batch=False, 
             1.0,
             group_big,
             preconditioned if opts["precondition"] else None,
-            tokens=float(n * tokens_per) if opts["tokens"] else None,
+            tokens=float(n * tokens_per) if opts["tokens"] or token_loss else None,
+            definition="token" if token_loss else "example",
             unmeasured=(
-                (m - 1, (m - 1) * n, float((m - 1) * n * tokens_per) if opts["tokens"] else None)
+                (
+                    m - 1,
+                    (m - 1) * n,
+                    float((m - 1) * n * tokens_per) if opts["tokens"] or token_loss else None,
+                )
                 if step > 1 and m > 1
                 else state_mod.NOTHING_UNMEASURED
             ),
@@ -490,6 +522,8 @@ def run_tracker_numbers(spec, model, per_example_loss, n, seed, in_batch=False, 
     if not history:
         res["cls"] = "withheld-all"
     want_est = est.b_simple_interval(st.noise, tracker.confidence)
+    if token_loss:
+        want_est = state_mod.per_token(want_est, st.tokens_per_example)
     if history and (opts["precondition"] or any(r["sources"] for r in history)):
         for key in ("g2", "trace_sigma", "b_simple", "low", "high"):
             g, w = getattr(estimate, key), getattr(want_est, key)
@@ -502,6 +536,8 @@ def run_tracker_numbers(spec, model, per_example_loss, n, seed, in_batch=False, 
                 bad.append((f"estimate().{key}", g, w))
         for name, e in estimate_groups.items():
             w = est.b_simple_interval(st.groups[name], tracker.confidence)
+            if token_loss:
+                w = state_mod.per_token(w, st.tokens_per_example)
             for key in ("g2", "trace_sigma"):
                 if not _close(getattr(e, key), getattr(w, key), run_scale):
                     bad.append(
@@ -533,10 +569,11 @@ def _rel(g, w):
     return abs(g - w) / max(abs(w), 1e-300)
 
 
-def _one_shot(spec, model, per_example_loss, n, passes):
+def _one_shot(spec, model, per_example_loss, n, passes, weight):
     """``noisescale.per_example_sqnorms`` on the same parameters and batch as the tracker's step
     1 (the original model: the tracker's copy before its first update), against the tracker's
-    per-example norms of that step; [(key, got, want)] where they differ."""
+    per-example norms of that step (raw: each example's gradient times `weight`, its weight in
+    the tracker's loss); [(key, got, want)] where they differ."""
     import fuzz_runner
 
     model.zero_grad()
@@ -551,7 +588,7 @@ def _one_shot(spec, model, per_example_loss, n, passes):
     if pe.sqnorms is None or p.raw_sqnorms is None or p.weights is not None:
         return []
     raw = p.raw_sqnorms.detach().double()
-    mine = raw * n * n if spec["reduction"] == "mean" else raw
+    mine = raw / weight**2
     got = pe.sqnorms.detach().double()
     if got.shape != mine.shape:
         return [("one-shot vs tracker: shapes", list(got.shape), list(mine.shape))]
