@@ -85,6 +85,10 @@ def draw_options(seed, spec):
         # micro-batches) or by the step's (num_items_in_batch)
         "token_loss": r.choice([None, None, "token_mean", "num_items_in_batch"]),
     }
+    if spec.get("lossform") == "split_forward":
+        # (count_tokens counts the last forward's examples: a micro-batch of two forwards is
+        # refused so, rightly — its labels are for both)
+        opts["token_loss"] = None
     if opts["token_loss"] == "token_mean" and spec["n"] % opts["accum"]:
         opts["token_loss"] = "num_items_in_batch"  # (unequal counts: weights that vary)
     if opts["optimizer"] == "adam" and opts["rmsprop"]:
