@@ -84,7 +84,14 @@ def draw_options(seed, spec):
         # tokens of equal losses, divided by the micro-batch's tokens (token_mean, then by the
         # micro-batches) or by the step's (num_items_in_batch)
         "token_loss": r.choice([None, None, "token_mean", "num_items_in_batch"]),
+        # per_example=False: the accumulation micro-batches alone (where there are several)
+        "no_hooks": r.random() < 0.15,
     }
+    if opts["no_hooks"] and opts["accum"] > 1 and spec.get("stem") != "emb_freq":
+        # (an Embedding with scale_grad_by_freq: a micro-batch's gradient is not the sum of its
+        # examples' — the brute force's —, its frequencies counted over the micro-batch; seed
+        # 4150 read 0.4% "off")
+        opts["source"] = "microbatch"
     if spec.get("lossform") == "split_forward":
         # (count_tokens counts the last forward's examples: a micro-batch of two forwards is
         # refused so, rightly — its labels are for both)
@@ -387,6 +394,9 @@ def run_tracker_numbers(spec, model, per_example_loss, n, seed, in_batch=False, 
     }
     if opts["source"] == "subbatch":
         kwargs["subbatches"] = opts["subbatches"]
+    elif opts["source"] == "microbatch":
+        kwargs["per_example"] = False
+        kwargs["microbatch"] = opts["microbatch"] = True
     else:
         kwargs["per_example_fraction"] = 1.0 if opts["source"] == "exact" else opts["fraction"]
     if opts["precondition"]:
