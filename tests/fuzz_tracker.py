@@ -273,8 +273,11 @@ def compare_records(got, want, run_scale=0.0):
         if not _close(g, w, sc, rtol):
             bad.append((key, g, w))
 
-    for key in ("b_big", "sqnorm_big", "loss", "lr"):
+    for key in ("b_big", "loss", "lr"):
         check(key, got.get(key), want[key], 0.0)
+    # (|G_big|² cancels the examples' gradients: its rounding is the small batches' scale's, seed
+    # 3314 read 1.7e-29 for 4.5e-29 where the examples' norms were ~1)
+    check("sqnorm_big", got.get("sqnorm_big"), want["sqnorm_big"], scale)
     for key in ("g2", "trace_sigma"):
         check(key, got.get(key), want[key], scale)
     for key in ("g2_ema", "trace_sigma_ema"):
@@ -304,14 +307,16 @@ def compare_records(got, want, run_scale=0.0):
     if sorted(gs) != sorted(ws):
         bad.append(("sources", sorted(gs), sorted(ws)))
     for name in set(gs) & set(ws):
-        for key in ("count", "b_small", "sqnorm_small"):
+        for key in ("count", "b_small"):
             check(f"sources.{name}.{key}", gs[name].get(key), ws[name][key], 0.0)
+        key = "sqnorm_small"
+        check(f"sources.{name}.{key}", gs[name].get(key), ws[name][key], scale)
     gg, wg = got.get("groups") or {}, want.get("groups") or {}
     if sorted(gg) != sorted(wg):
         bad.append(("groups", sorted(gg), sorted(wg)))
     for name in set(gg) & set(wg):
         for key in ("sqnorm_big",):
-            check(f"groups.{name}.{key}", gg[name].get(key), wg[name][key], 0.0)
+            check(f"groups.{name}.{key}", gg[name].get(key), wg[name][key], scale)
         for key in ("g2", "trace_sigma"):
             check(f"groups.{name}.{key}", gg[name].get(key), wg[name][key], scale)
         for key in ("g2_ema", "trace_sigma_ema"):
