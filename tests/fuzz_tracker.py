@@ -39,6 +39,7 @@ that do not partition their pass).
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import warnings
@@ -86,6 +87,8 @@ def draw_options(seed, spec):
         "token_loss": r.choice([None, None, "token_mean", "num_items_in_batch"]),
         # per_example=False: the accumulation micro-batches alone (where there are several)
         "no_hooks": r.random() < 0.15,
+        # state_dict() before step 3, through JSON, into a new tracker (load_state_dict)
+        "resume": r.random() < 0.3,
     }
     if opts["no_hooks"] and opts["accum"] > 1 and spec.get("stem") != "emb_freq":
         # (an Embedding with scale_grad_by_freq: a micro-batch's gradient is not the sum of its
@@ -371,6 +374,8 @@ def run_tracker_numbers(spec, model, per_example_loss, n, seed, in_batch=False, 
     # (seed 1089: lengths of a packed GRU taken from features after a batch mean)
     in_batch = in_batch or bool(spec.get("mixing"))
     if in_batch:
+        if opts["source"] == "microbatch":
+            opts["source"] = "exact"  # (one micro-batch: nothing to compare)
         opts["accum"] = 1  # (micro-batches of another size run another model)
     res = {"opts": dict(opts), "cls": "exact"}
     model.__dict__.pop("_aux", None)  # the auxiliary head's last output: not deep-copyable
@@ -434,21 +439,21 @@ def run_tracker_numbers(spec, model, per_example_loss, n, seed, in_batch=False, 
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            tracker = noisescale.GradientNoiseTracker(model, **kwargs)
-            collect = tracker.engine.collect
-
-            def spy(*args, **kw):
-                out = collect(*args, **kw)
-                seen.append(list(out))
-                return out
-
-            tracker.engine.collect = spy
+            tracker = _spied(noisescale.GradientNoiseTracker(model, **kwargs), seen)
+            before_resume = []
             try:
                 if tracker._group_names != group_names:
                     res["cls"] = "STRUCTURE"
                     res["why"] = f"groups {tracker._group_names}, computed {group_names}"
                     return res
                 for step in range(1, opts["steps"] + 1):
+                    if opts.get("resume") and step == 3:
+                        # a checkpoint (through JSON) and a new tracker that resumes from it
+                        before_resume = list(tracker.history)
+                        saved = json.loads(json.dumps(tracker.state_dict()))
+                        tracker.remove()
+                        tracker = _spied(noisescale.GradientNoiseTracker(model, **kwargs), seen)
+                        tracker.load_state_dict(saved)
                     pre = _preconditioner(optimizer, params) if opts["precondition"] else None
                     with tracker.paused():
                         grads = fuzz_runner.per_example_grads(model, per_example_loss, n, in_batch)
@@ -492,7 +497,11 @@ def run_tracker_numbers(spec, model, per_example_loss, n, seed, in_batch=False, 
                         res["one_shot"] = _one_shot(
                             spec, original, per_example_loss, n, passes, weight
                         )
-                history = tracker.history
+                history = before_resume + [
+                    r
+                    for r in tracker.history
+                    if r["step"] not in {b["step"] for b in before_resume}
+                ]
                 estimate = tracker.estimate()
                 estimate_groups = tracker.estimate_groups() if group_names else {}
             finally:
@@ -582,6 +591,19 @@ def run_tracker_numbers(spec, model, per_example_loss, n, seed, in_batch=False, 
     elif res["cls"] == "exact" and all(r.get("skipped") for r in history):
         res["cls"] = "skipped-all"
     return res
+
+
+def _spied(tracker, seen):
+    """`tracker`, its engine's ``collect()`` wrapped to append each step's passes to `seen`."""
+    collect = tracker.engine.collect
+
+    def spy(*args, **kw):
+        out = collect(*args, **kw)
+        seen.append(list(out))
+        return out
+
+    tracker.engine.collect = spy
+    return tracker
 
 
 def _num(x):
