@@ -89,6 +89,8 @@ def draw_options(seed, spec):
         "no_hooks": r.random() < 0.15,
         # state_dict() before step 3, through JSON, into a new tracker (load_state_dict)
         "resume": r.random() < 0.3,
+        # a step abandoned after its backward (tracker.discard()) before step 2
+        "discard": r.random() < 0.25,
     }
     if opts["no_hooks"] and opts["accum"] > 1 and spec.get("stem") != "emb_freq":
         # (an Embedding with scale_grad_by_freq: a micro-batch's gradient is not the sum of its
@@ -460,6 +462,10 @@ def run_tracker_numbers(spec, model, per_example_loss, n, seed, in_batch=False, 
                     if token_loss:  # (the gradient of each example's summed token losses)
                         grads = [[g * tokens_per for g in gs] for gs in grads]
                     norms = _Norms(grads, pre, group_index, len(group_names))
+                    if opts.get("discard") and step == 2:
+                        optimizer.zero_grad()
+                        fuzz_runner.loss_of(spec, per_example_loss, model, n).backward()
+                        tracker.discard()
                     optimizer.zero_grad()
                     step_loss = 0.0
                     for a, b in parts:
