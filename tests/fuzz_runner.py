@@ -14,7 +14,11 @@ the same case in each mode and compares at a relative tolerance of 1e-7:
   brute force recomputed at every step (catches what holds at step 1 and not after);
 * ``subset``: ``per_example_fraction=0.5``; ``accum``: two micro-batches, two backwards;
 * ``tracker_exact``, ``tracker_default``: ``GradientNoiseTracker`` with
-  ``per_example_fraction=1.0`` and with its defaults, 3 steps: a crash-or-refusal check only.
+  ``per_example_fraction=1.0`` and with its defaults, 3 steps: a crash-or-refusal check only;
+* ``tracker_numbers`` (run only when named, ``--modes tracker_numbers``; tests/fuzz_tracker.py):
+  the tracker's numbers — every history record, ``estimate()`` and ``estimate_groups()`` —
+  against the estimator on a brute-force history, over 4-5 optimizer steps with options drawn
+  from the seed (source, accumulation, groups, precondition, tokens, measure_every, a resume, ...).
 
 Each mode ends in one class: ``exact``; ``withheld-then-exact`` (the first step withheld with a
 reason, the rest exact); ``refused`` (``UnsupportedModuleError`` or ``NoiseScaleInputError``, the

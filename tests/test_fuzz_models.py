@@ -3,10 +3,11 @@
 Each seed is a random model, data and loss from tests/fuzz_grammar.py, measured one-shot, by the
 exact engine, in sub-batch mode (as chosen and with the products way forced), over SGD steps,
 with a subset and with accumulation, against one backward per example (the tracker runs too,
-checked for crashes only). A mode may refuse (the first rule at work) or withhold a step; it
-must never return a number off by more than 1e-7 (WRONG-SILENT, or wrong-warned: the runner's
-test for a warning is loose, any warning of the run), nor one of the wrong length (SHAPE), nor
-raise a raw error from inside noisescale (crash). The long run is `make fuzz`.
+checked for crashes only; its numbers by the ``tracker_numbers`` mode's seeds at the end). A
+mode may refuse (the first rule at work) or withhold a step; it must never return a number off
+by more than 1e-7 (WRONG-SILENT, or wrong-warned: the runner's test for a warning is loose, any
+warning of the run), nor one of the wrong length (SHAPE), nor raise a raw error from inside
+noisescale (crash). The long run is `make fuzz`.
 """
 
 import pytest
