@@ -91,7 +91,13 @@ def draw_options(seed, spec):
         "resume": r.random() < 0.3,
         # a step abandoned after its backward (tracker.discard()) before step 2
         "discard": r.random() < 0.25,
+        # rows tied together (the default source keeps each pair or block in one sub-batch)
+        "pairs": r.choice([None, None, None, "flip", "halves", 2, 3]),
     }
+    size = opts["pairs"] if isinstance(opts["pairs"], int) else 2
+    sizes = [b - a for a, b in _parts(spec["n"], opts["accum"])]
+    if opts["source"] != "subbatch" or any(m % size for m in sizes):
+        opts["pairs"] = None
     if opts["no_hooks"] and opts["accum"] > 1 and spec.get("stem") != "emb_freq":
         # (an Embedding with scale_grad_by_freq: a micro-batch's gradient is not the sum of its
         # examples' — the brute force's —, its frequencies counted over the micro-batch; seed
@@ -210,6 +216,8 @@ def step_truth(norms, passes, parts, opts, coefs):
             flat = sorted(i for g in groups for i in g)
             if flat != list(range(b - a)):
                 return f"sub-batches {groups} do not partition a pass of {b - a}"
+            if _tied_apart(groups, opts.get("pairs"), b - a):
+                return f"sub-batches {groups} split rows tied by {opts['pairs']!r}"
             for members in groups:
                 t, g = norms.mean([a + i for i in members])
                 _add(acc, "subbatch", 1, 1.0 / len(members), t, g)
@@ -229,6 +237,21 @@ def step_truth(norms, passes, parts, opts, coefs):
         name: state_mod.SmallBatches(c, i, t, g) for name, (c, i, t, g) in acc.items() if c > 0
     }
     return b_big, big, group_big, sources
+
+
+def _tied_apart(groups, pairs, n):
+    """Whether sub-batches `groups` of a pass of `n` rows split rows that `pairs` ties together
+    (paired_rows 'flip': i and n-1-i; 'halves': i and i+n/2; grouped_rows G: blocks of G)."""
+    if pairs is None:
+        return False
+    where = {i: j for j, g in enumerate(groups) for i in g}
+    if pairs == "flip":
+        tied = [(i, n - 1 - i) for i in range(n // 2)]
+    elif pairs == "halves":
+        tied = [(i, i + n // 2) for i in range(n // 2)]
+    else:
+        tied = [(i, i + 1) for i in range(n) if (i + 1) % pairs]
+    return any(where[a] != where[b] for a, b in tied)
 
 
 def fuzz_groups(subbatches):
@@ -406,6 +429,10 @@ def run_tracker_numbers(spec, model, per_example_loss, n, seed, in_batch=False, 
     }
     if opts["source"] == "subbatch":
         kwargs["subbatches"] = opts["subbatches"]
+        if isinstance(opts.get("pairs"), int):
+            kwargs["grouped_rows"] = opts["pairs"]
+        elif opts.get("pairs"):
+            kwargs["paired_rows"] = opts["pairs"]
     elif opts["source"] == "microbatch":
         kwargs["per_example"] = False
         kwargs["microbatch"] = opts["microbatch"] = True
