@@ -94,15 +94,15 @@ def draw_options(seed, spec):
         # rows tied together (the default source keeps each pair or block in one sub-batch)
         "pairs": r.choice([None, None, None, "flip", "halves", 2, 3]),
     }
-    size = opts["pairs"] if isinstance(opts["pairs"], int) else 2
-    sizes = [b - a for a, b in _parts(spec["n"], opts["accum"])]
-    if opts["source"] != "subbatch" or any(m % size for m in sizes):
-        opts["pairs"] = None
     if opts["no_hooks"] and opts["accum"] > 1 and spec.get("stem") != "emb_freq":
         # (an Embedding with scale_grad_by_freq: a micro-batch's gradient is not the sum of its
         # examples' — the brute force's —, its frequencies counted over the micro-batch; seed
         # 4150 read 0.4% "off")
         opts["source"] = "microbatch"
+    size = opts["pairs"] if isinstance(opts["pairs"], int) else 2
+    sizes = [b - a for a, b in _parts(spec["n"], opts["accum"])]
+    if opts["source"] != "subbatch" or any(m % size for m in sizes):
+        opts["pairs"] = None
     if spec.get("lossform") == "split_forward":
         # (count_tokens counts the last forward's examples: a micro-batch of two forwards is
         # refused so, rightly — its labels are for both)

@@ -69,15 +69,18 @@ FOUND_BY_THE_FUZZER = [
 # The tracker's numbers against brute force (tests/fuzz_tracker.py, mode ``tracker_numbers``):
 # GradientNoiseTracker over 4-5 SGD, Adam or RMSprop steps with options drawn from the seed, each
 # history record, estimate() and estimate_groups() against the estimator on the brute-force
-# history. Together these seeds draw every source (sub-batches, every example, a fraction),
-# accumulation, microbatch on and off, precondition= (Adam, AMSGrad, RMSprop), groups= (children,
-# param_groups), tokens_per_example, count_tokens with token_mean and num_items_in_batch,
-# measure_every=2, dataset_size, sync_every=3, both reductions and the split-forward and
-# uncertainty loss forms (a greedy cover of seeds 1500-2299, exact on 2026-12-07); and three that
-# taught the oracle: 56 (a preconditioned step of scale 1e14 whose rounding the EMAs carry), 1089
-# (a batch mean upstream of a packed GRU's lengths: the truth within the batch), 1797 (an interval
-# on the edge between bounded and not).
-TRACKER_SAMPLE = [1821, 1698, 2207, 1678, 1941, 56, 1089, 1797]
+# history, as (seed, spec override). Together these seeds draw every source (sub-batches, every
+# example, a fraction, per_example=False), accumulation, microbatch on and off, precondition=
+# (Adam, AMSGrad, RMSprop), groups= (children, param_groups), tokens_per_example, count_tokens
+# with token_mean and num_items_in_batch, measure_every=2, dataset_size, sync_every=3, a resume
+# from state_dict, discard(), paired_rows and grouped_rows, both reductions and the split-forward
+# and uncertainty loss forms (greedy covers of seeds 1500-2299 and, plain, 8000-8999: exact on
+# 2026-12-07); and three that taught the oracle: 56 (a preconditioned step of scale 1e14 whose
+# rounding the EMAs carry), 1089 (a batch mean upstream of a packed GRU's lengths: the truth
+# within the batch), 1797 (an interval on the edge between bounded and not).
+PLAIN = {"lossform": "plain", "penalty": False, "aux": False}
+TRACKER_SAMPLE = [(s, None) for s in (1821, 1698, 2207, 1678, 1941, 56, 1089, 1797)]
+TRACKER_SAMPLE += [(s, PLAIN) for s in (8980, 8039, 8940, 8551, 8153, 8537, 8715, 8480)]
 
 # What the tracker_numbers mode found (notes: the report of the s48 tracker fuzzer). These fail
 # until the fix lands (not xfail, as FOUND_BY_THE_FUZZER's).
@@ -128,8 +131,8 @@ def test_what_the_fuzzer_found_is_exact_or_refused(seed, override):
     _check(seed, override)
 
 
-def _check_tracker(seed):
-    record = fuzz_runner.check_seed(seed, modes=("tracker_numbers",))
+def _check_tracker(seed, override=None):
+    record = fuzz_runner.check_seed(seed, modes=("tracker_numbers",), override=override)
     assert "gen_error" not in record, f"seed {seed}: the grammar made an invalid case"
     res = record["modes"]["tracker_numbers"]
     assert res["cls"] not in (*fuzz_runner.FINDINGS, "STRUCTURE"), (
@@ -139,9 +142,11 @@ def _check_tracker(seed):
     )
 
 
-@pytest.mark.parametrize("seed", TRACKER_SAMPLE)
-def test_the_trackers_numbers_are_brute_forces(seed):
-    _check_tracker(seed)
+@pytest.mark.parametrize(
+    ("seed", "override"), TRACKER_SAMPLE, ids=[str(s) for s, _ in TRACKER_SAMPLE]
+)
+def test_the_trackers_numbers_are_brute_forces(seed, override):
+    _check_tracker(seed, override)
 
 
 @pytest.mark.parametrize("seed", FOUND_IN_THE_TRACKER)
