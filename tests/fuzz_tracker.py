@@ -107,8 +107,6 @@ def draw_options(seed, spec):
         # (count_tokens counts the last forward's examples: a micro-batch of two forwards is
         # refused so, rightly — its labels are for both)
         opts["token_loss"] = None
-    if opts["token_loss"] == "token_mean" and spec["n"] % opts["accum"]:
-        opts["token_loss"] = "num_items_in_batch"  # (unequal counts: weights that vary)
     if opts["optimizer"] == "adam" and opts["rmsprop"]:
         opts["optimizer"] = "rmsprop"
     if opts["optimizer"] == "sgd":
@@ -199,14 +197,28 @@ def _add(acc, name, count, inv, total, group):
     acc[name] = (c + count, i + inv, t + total, g)
 
 
-def step_truth(norms, passes, parts, opts, coefs):
+def step_truth(norms, passes, parts, opts, coefs, within=False):
     """The step's :class:`~noisescale.state.StepStats` parts from brute force, on the structure
-    of `passes` (the tracker's); (b_big, |G_big|², groups' big, sources) or a STRUCTURE string."""
+    of `passes` (the tracker's); (b_big, |G_big|², groups' big, sources) or a STRUCTURE string.
+
+    `within`: the passes' weights vary with the data (a token mean over micro-batches of unequal
+    counts), and the big batch is taken within each pass (``StepNorms.within_passes``): |G_big|²
+    = Σ_m (n_m/B)·|X̄_m|², X̄_m pass m's mean gradient, of b_big = B/k examples, and the
+    micro-batch source left out."""
     if [p.batch_size for p in passes] != [b - a for a, b in parts]:
         return f"pass sizes {[p.batch_size for p in passes]}, micro-batches {parts}"
     total_c = sum(coefs)
     big, group_big = norms.sq({i: c / total_c for i, c in enumerate(coefs)})
     b_big = total_c**2 / sum(c * c for c in coefs)
+    if within:
+        n = parts[-1][1]
+        big, group_big = 0.0, None
+        for a, b in parts:
+            t, g = norms.mean(list(range(a, b)))
+            big += t * (b - a) / n
+            if g is not None:
+                group_big = g * (b - a) / n + (0.0 if group_big is None else group_big)
+        b_big = n / len(parts)
     acc = {}
     for p, (a, b) in zip(passes, parts, strict=True):
         if p.raw_sqnorms is None:
@@ -229,7 +241,7 @@ def step_truth(norms, passes, parts, opts, coefs):
         for i, w in zip(rows, weights, strict=True):
             t, g = norms.mean([a + i])
             _add(acc, "per_example", 1, 1.0, t * w, None if g is None else g * w)
-    if opts["microbatch"] and len(passes) >= 2:
+    if opts["microbatch"] and len(passes) >= 2 and not within:
         for a, b in parts:
             t, g = norms.mean(list(range(a, b)))
             _add(acc, "microbatch", 1, 1.0 / (b - a), t, g)
@@ -520,7 +532,8 @@ def run_tracker_numbers(spec, model, per_example_loss, n, seed, in_batch=False, 
                         continue
                     if (step - 1) % opts.get("measure_every", 1):
                         continue  # (an unmeasured step: its examples are checked at the next)
-                    truth = step_truth(norms, passes, parts, opts, coefs)
+                    within = token_loss == "token_mean" and len({b - a for a, b in parts}) > 1
+                    truth = step_truth(norms, passes, parts, opts, coefs, within)
                     if isinstance(truth, str):
                         res["cls"], res["why"] = "STRUCTURE", f"step {step}: {truth}"
                         return res
