@@ -14,7 +14,11 @@ the same case in each mode and compares at a relative tolerance of 1e-7:
   brute force recomputed at every step (catches what holds at step 1 and not after);
 * ``subset``: ``per_example_fraction=0.5``; ``accum``: two micro-batches, two backwards;
 * ``tracker_exact``, ``tracker_default``: ``GradientNoiseTracker`` with
-  ``per_example_fraction=1.0`` and with its defaults, 3 steps: a crash-or-refusal check only.
+  ``per_example_fraction=1.0`` and with its defaults, 3 steps: a crash-or-refusal check only;
+* ``tracker_numbers`` (run only when named, ``--modes tracker_numbers``; tests/fuzz_tracker.py):
+  the tracker's numbers — every history record, ``estimate()`` and ``estimate_groups()`` —
+  against the estimator on a brute-force history, over 4-5 optimizer steps with options drawn
+  from the seed (source, accumulation, groups, precondition, tokens, measure_every, a resume, ...).
 
 Each mode ends in one class: ``exact``; ``withheld-then-exact`` (the first step withheld with a
 reason, the rest exact); ``refused`` (``UnsupportedModuleError`` or ``NoiseScaleInputError``, the
@@ -52,6 +56,7 @@ import warnings
 import torch
 
 import fuzz_grammar  # the sibling module: tests/ is on the path as the script's folder
+import fuzz_tracker
 import noisescale
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.per_example import PerExampleNorms
@@ -70,8 +75,12 @@ MODES = (
     "accum", "tracker_exact", "tracker_default",
 )  # fmt: skip
 TRACKER_MODES = ("tracker_exact", "tracker_default")
+# The tracker's numbers against brute force (tests/fuzz_tracker.py): run only when asked
+# (``--modes tracker_numbers``), every seed
+NUMBER_MODES = ("tracker_numbers",)
+ALL_MODES = MODES + NUMBER_MODES
 # Modes that need one loss row per example: not run on two-view losses (2N rows).
-PER_EXAMPLE_ONLY = ("sgd_sub", "sgd_exact", "subset", "accum")
+PER_EXAMPLE_ONLY = ("sgd_sub", "sgd_exact", "subset", "accum", "tracker_numbers")
 # a wrong number, warned of or not (the warning words are matched loosely: any warning of the
 # run), a result of the wrong length, a raw error from inside noisescale
 FINDINGS = ("WRONG-SILENT", "wrong-warned", "crash", "SHAPE")
@@ -477,9 +486,12 @@ def check_seed(seed, modes=MODES, override=None):
             "accum": lambda: run_extra(spec, model, per_example_loss, grads, n, "accum"),
             "tracker_exact": lambda: run_tracker(spec, model, per_example_loss, n, 1.0),
             "tracker_default": lambda: run_tracker(spec, model, per_example_loss, n, None),
+            "tracker_numbers": lambda: fuzz_tracker.run_tracker_numbers(
+                spec, model, per_example_loss, n, seed, in_batch_truth(spec)
+            ),
         }
         record["modes"] = {}
-        for mode in MODES:  # in this order whatever the caller's order
+        for mode in ALL_MODES:  # in this order whatever the caller's order
             if mode in modes and not (two_views and mode in PER_EXAMPLE_ONLY):
                 if mode == "accum" and in_batch_truth(spec):
                     continue  # (micro-batches of another size run another model)
@@ -494,7 +506,8 @@ def findings(record):
     return [
         (mode, res["cls"], res.get("re"))
         for mode, res in record.get("modes", {}).items()
-        if res["cls"] in FINDINGS or (res["cls"].startswith("other:") and "SHAPE" in res["cls"])
+        if res["cls"] in (*FINDINGS, "STRUCTURE")
+        or (res["cls"].startswith("other:") and "SHAPE" in res["cls"])
     ]
 
 
@@ -527,9 +540,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     modes = tuple(args.modes.split(","))
-    unknown = set(modes) - set(MODES)
+    unknown = set(modes) - set(ALL_MODES)
     if unknown:
-        parser.error(f"unknown modes {sorted(unknown)}; the modes are {', '.join(MODES)}")
+        parser.error(f"unknown modes {sorted(unknown)}; the modes are {', '.join(ALL_MODES)}")
     override = json.loads(args.override) if args.override else None
     out = open(args.jsonl, "a") if args.jsonl else None  # noqa: SIM115
     table: dict[str, dict[str, int]] = {}
@@ -561,7 +574,7 @@ def main(argv=None):
     seconds = time.time() - start
     # one row per class, one column per mode: the seeds of each
     classes = sorted({c for row in table.values() for c in row})
-    ran = [mode for mode in MODES if mode in table]
+    ran = [mode for mode in ALL_MODES if mode in table]
     width = max([len("class"), *map(len, classes)])
     print(f"\n{'class':{width}s}" + "".join(f"{mode:>16s}" for mode in ran))
     for c in classes:
