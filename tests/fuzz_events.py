@@ -5,16 +5,21 @@ fixed model, loss and batch size. Real runs change things between steps, and the
 its hooks' coverage only at some steps (the first, 2, 4, 8, ... and when a pass's structure
 changes) and trusts what it learned in between. This mode draws a small model (a stem, two to
 four blocks, a token head) and a run of 6-10 steps from a seed; before each step it applies 0-2
-random *events* (:data:`EVENTS`), and draws a fresh batch. The events are what users do mid-run:
-freeze or unfreeze a parameter; switch an L2 penalty on or off or change its coefficient (to and
-from 0); ``model.train()``/``eval()`` (dropout, BatchNorm); change the batch size (to 1, to T, to
-D), the number of accumulation micro-batches, the sequence length; switch gradient checkpointing
-of a block on or off (reentrant or not); replace a parameter object; add a head; resize the
-embedding table; swap the loss's reduction (sum and mean), label smoothing, ignored tokens, a
-token mean over the step's tokens; ``zero_grad(set_to_none=False)``; an optimizer step with
-weight decay; ``torch.no_grad()`` edits of a parameter (``mul_``, ``copy_``, ``zero_``); a forward
-hook or pre-hook that rescales an activation; a second forward on the same step (the batch in two
-chunks, or two views).
+random *events* (:data:`EVENTS`, 30 kinds), and draws a fresh batch. The events are what users
+do mid-run: freeze or unfreeze a parameter; switch an L2 penalty on or off or change its
+coefficient (to and from 0); ``model.train()``/``eval()`` (dropout, BatchNorm) and a Dropout's p;
+change the batch size (to 1, to T, to D), the number of accumulation micro-batches and how
+their losses are divided (each micro-batch's mean over their count, or the step's sum over N),
+the sequence length; switch gradient checkpointing of a block on or off (reentrant or not);
+replace a parameter object; add a head, or a bare Parameter used directly (a logit scale);
+resize the embedding table; swap the loss's reduction (sum and mean), label smoothing, ignored
+tokens, a token mean over the step's tokens; ``zero_grad(set_to_none=False)``, or no
+``zero_grad`` on a step; an optimizer step with weight decay; ``torch.no_grad()`` edits of a
+parameter (``mul_``, ``copy_``, ``zero_``); a forward hook or pre-hook that rescales an
+activation, on a block or on a leaf layer (``prepend`` or not); a second forward on the same
+step (the batch in two chunks, or two views); and, as the README documents them as measured
+until the next audit, a forward (Manifold Mixup) or a loss term that starts coupling the
+examples: a number there is ``doc-coupled``, not a finding.
 
 Each step is compared with brute force recomputed at that step on the model as it now is: the
 step's forward is run again with the same dropout seeds (the engine paused), and each example's
@@ -28,13 +33,16 @@ for a token mean) is differentiated alone. Three variants replay the same run fr
   (``sqnorm_big`` and the per-example source's ``sqnorm_small``) against the truth, where the
   step's loss is the example mean or sum the tracker was told (else only crashes count).
 
-A step is ``exact``, ``withheld`` (with the engine's reason), ``skipped`` (a tracker step), or
-``WRONG``; a refusal ends the run (``refused`` at that step, the first rule at work), and so
-does a raw error from inside noisescale (``crash``). A number returned while an active penalty
-reads a trainable parameter, or while BatchNorm in train mode mixes the examples, is ``WRONG``
-too (both are documented as refused: there is no per-example truth to match). A variant's class
-is its worst step's: ``WRONG-SILENT`` (no warning of the run so far with the runner's words),
-``wrong-warned``, ``SHAPE``, ``crash``, then ``refused``/``exact``/``withheld``.
+A step is ``exact``, ``withheld`` (with the engine's reason), ``skipped`` or ``unchecked`` (a
+tracker step), ``none`` (sub-batch mode with nothing to split), ``refused`` (the first rule at
+work: the run goes on with a new engine, as the messages advise), or ``WRONG``; a raw error from
+inside noisescale ends the run (``crash``; one from torch's own checks in the world's forward,
+a BatchNorm in training on one value a channel, is ``invalid``). A number returned by the pass
+whose backward holds an active penalty on a trainable parameter, or while BatchNorm in train
+mode mixes the examples, is ``WRONG`` too (both are documented as refused: there is no
+per-example truth to match). A variant's class is ``WRONG-SILENT`` (a wrong step, no warning of
+the run before it with the runner's words), ``wrong-warned``, ``crash``, ``SHAPE``, else its
+steps' classes joined (``exact+refused``).
 
 Run it from the repository root::
 
@@ -49,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import random
 import sys
@@ -130,9 +139,13 @@ class EventModel(nn.Module):
                 h = torch.utils.checkpoint.checkpoint(b, h, use_reentrant=self.ckpt[i])
             else:
                 h = b(h)
+            if i == 0 and getattr(self, "mixup", 0.0):  # Manifold Mixup with the next example
+                h = (1 - self.mixup) * h + self.mixup * h.roll(1, 0)
         out = self.head(h)
         for e in self.extra:
             out = out + e(h)
+        if hasattr(self, "scale"):  # a learnable logit scale added mid-run, used directly
+            out = out * self.scale
         return out
 
 
@@ -163,12 +176,15 @@ class World:
         self.smoothing = 0.0
         self.ignore = 0.0
         self.penalty = None  # (parameter index, coefficient)
+        self.mix_loss = 0.0  # a term that couples the examples: λ·|the batch's mean output|²
+        self.skip_zero = False  # (one step: its backward accumulates on the last step's .grad)
         self.set_to_none = True
         self.chunked = False
         self.views = False
         self.hooks = []
         self.optimizer = None
         self.data = torch.Generator().manual_seed(seed + 1)
+        self.last_out = None
 
     def params(self):
         return list(self.model.parameters())
@@ -200,7 +216,7 @@ class World:
     def micro_slices(self):
         k = min(self.micro, self.n)
         bounds = [round(j * self.n / k) for j in range(k + 1)]
-        return [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+        return [slice(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
     def _token_losses(self, x, y):
         """[n, T] token losses, a second forward where the events asked for one."""
@@ -209,6 +225,7 @@ class World:
             o = torch.cat([self.model(x[:h]), self.model(x[h:])])
         else:
             o = self.model(x)
+        self.last_out = o
         return F.cross_entropy(
             o.transpose(1, 2), y, reduction="none", label_smoothing=self.smoothing
         )
@@ -248,6 +265,7 @@ class World:
             o = torch.cat([self.model(xs[:h]), self.model(xs[h:])])
         else:
             o = self.model(xs)
+        self.last_out = o
         whole = len(xs) == self.n
         loss = F.cross_entropy(
             o.flatten(0, 1),
@@ -276,6 +294,12 @@ class World:
 
     def mixing(self):
         return self.model.training and any(b.kind == "batchnorm" for b in self.model.blocks)
+
+    def coupled(self):
+        """Whether the forward or the loss couples the examples in a way the README documents
+        as measured until the next audit (Manifold Mixup through a warm-up, a loss that changes
+        form between audits): a number there is ``doc-coupled``, not a finding."""
+        return bool(self.mix_loss) or bool(getattr(self.model, "mixup", 0.0))
 
 
 # --- the events -------------------------------------------------------------------------------
@@ -341,6 +365,55 @@ def ev_micro(w, r):
 def ev_accum(w, r):
     w.accum = "sum_n" if w.accum == "mean_k" else "mean_k"
     return f"accumulation as {w.accum}"
+
+
+def ev_leaf_hook(w, r):
+    leaves = [
+        m
+        for m in w.model.modules()
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Embedding, nn.LayerNorm))
+        and m is not w.model.stem
+    ]
+    m = r.choice(leaves)
+    prepend = r.random() < 0.5
+    if r.random() < 0.5:
+        w.hooks.append(m.register_forward_hook(lambda m, a, out: out * 1.5, prepend=prepend))
+        return f"forward hook on {type(m).__name__} prepend={prepend}"
+    w.hooks.append(m.register_forward_pre_hook(lambda m, a: (a[0] * 0.7,), prepend=prepend))
+    return f"pre-hook on {type(m).__name__} prepend={prepend}"
+
+
+def ev_bare_param(w, r):
+    if hasattr(w.model, "scale"):
+        del w.model.scale
+        return "logit scale removed"
+    w.model.scale = nn.Parameter(torch.tensor(r.choice([2.0, 0.5])))
+    return "logit scale added (a bare Parameter)"
+
+
+def ev_mixup(w, r):
+    w.model.mixup = r.choice([0.0, 0.2]) if getattr(w.model, "mixup", 0.0) == 0 else 0.0
+    return f"mixup={w.model.mixup}"
+
+
+def ev_mix_loss(w, r):
+    w.mix_loss = r.choice([0.0, 0.5]) if w.mix_loss == 0 else 0.0
+    return f"mix_loss={w.mix_loss}"
+
+
+def ev_skip_zero(w, r):
+    w.skip_zero = True
+    return "no zero_grad this step"
+
+
+def ev_dropout_p(w, r):
+    drops = [m for m in w.model.modules() if isinstance(m, nn.Dropout)]
+    if not drops:
+        return None
+    p = r.choice([0.0, 0.3, 0.6])
+    for m in drops:
+        m.p = p
+    return f"dropout p={p}"
 
 
 def ev_seq(w, r):
@@ -464,6 +537,12 @@ EVENTS = {
     "micro": ev_micro,
     "seq": ev_seq,
     "accum": ev_accum,
+    "leaf_hook": ev_leaf_hook,
+    "bare_param": ev_bare_param,
+    "mixup": ev_mixup,
+    "mix_loss": ev_mix_loss,
+    "skip_zero": ev_skip_zero,
+    "dropout_p": ev_dropout_p,
     "ckpt": ev_ckpt,
     "replace": ev_replace,
     "add_head": ev_add_head,
@@ -507,7 +586,9 @@ def _example_grads(terms, params):
     out = []
     for i in range(len(terms)):
         grads = torch.autograd.grad(terms[i], params, retain_graph=True, allow_unused=True)
-        out.append([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
+        out.append(
+            [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
+        )
     return out
 
 
@@ -538,6 +619,8 @@ def _compare_pass(pass_, grads, sub, step_w, first=True):
             "why": (pass_.withheld or "")[:160],
         }
     penalised = first and step_w.penalised()  # (the penalty is in the first micro-batch's loss)
+    if step_w.coupled():
+        return {"cls": "doc-coupled"}
     if penalised or step_w.mixing():
         why = "penalty" if penalised else "batchnorm-train"
         return {"cls": "WRONG", "re": float("inf"), "why": f"a number under {why}"}
@@ -622,7 +705,7 @@ def _engine_step(w, engine, grads, rows, whole, sub):
         if k in kinds:
             return dict(results[kinds.index(k)])
     gsq = collected[0].grad_sqnorm if len(collected) == 1 else None
-    if gsq is not None:
+    if gsq is not None and whole is not None:  # (None: .grad not zeroed before the step)
         gre = relerr(gsq.reshape(1), _sq(whole).reshape(1))
         if gre > RTOL:
             return {"cls": "WRONG", "re": gre, "why": "grad_sqnorm"}
@@ -670,6 +753,7 @@ def run_variant(seed, variant, steps=None, events=None):
                     grads, whole = truth(w, x, y, seeds)
                     rows = truth(w, x, y, seeds, rows=True)[0] if w.views else None
                 clean = not (w.token_mean or w.views or w.penalised() or w.mixing())
+                clean = clean and not (w.coupled() or w.skip_zero)
                 sizes = {i.stop - i.start for i in w.micro_slices()}
                 if w.accum == "sum_n" and len(sizes) > 1 and w.reduction == "mean":
                     clean = False  # (documented: warned of, taken as each micro-batch's mean)
@@ -684,18 +768,23 @@ def run_variant(seed, variant, steps=None, events=None):
                     else None
                 )
                 try:
-                    w.model.zero_grad(set_to_none=w.set_to_none)
+                    stale = w.skip_zero
+                    if not stale:
+                        w.model.zero_grad(set_to_none=w.set_to_none)
+                    w.skip_zero = False
                     for idx, sd in zip(w.micro_slices(), seeds, strict=True):
                         loss = w.step_loss(x, y, idx, sd)
                         pen = w.penalty_term()
                         if pen is not None and idx.start == 0:
                             loss = loss + pen
+                        if w.mix_loss:  # the batch's mean output: couples the examples
+                            loss = loss + w.mix_loss * w.last_out.mean((0, 1)).pow(2).sum()
                         loss.backward()
                     if variant == "ev_tracker":
                         engine.step()
                         step = {"cls": "stepped"}
                     else:
-                        step = _engine_step(w, engine, grads, rows, whole, sub)
+                        step = _engine_step(w, engine, grads, rows, None if stale else whole, sub)
                 except REFUSALS as err:
                     step = {"cls": "refused", "exc": f"{type(err).__name__}: {str(err)[:300]}"}
                     tracked += _close(engine, variant, truths, start)
