@@ -6,12 +6,14 @@ with a subset and with accumulation, against one backward per example (the track
 checked for crashes only). A mode may refuse (the first rule at work) or withhold a step; it
 must never return a number off by more than 1e-7 (WRONG-SILENT, or wrong-warned: the runner's
 test for a warning is loose, any warning of the run), nor one of the wrong length (SHAPE), nor
-raise a raw error from inside noisescale (crash). The long run is `make fuzz`.
+raise a raw error from inside noisescale (crash). The long run is `make fuzz`. The events fuzzer
+(tests/fuzz_events.py: a run whose training changes between steps) runs on seeds of its own.
 """
 
 import pytest
 import torch
 
+import fuzz_events
 import fuzz_runner
 
 # Spread over the grammar: together these seeds draw every stem, every one of the 75 block kinds,
@@ -97,3 +99,49 @@ def test_a_random_model_is_exact_or_refused(seed):
 )
 def test_what_the_fuzzer_found_is_exact_or_refused(seed, override):
     _check(seed, override)
+
+
+# --- the events fuzzer (tests/fuzz_events.py): a run whose training changes between steps ----
+
+# Seeds whose runs change much between steps (freezing, accumulation as a sum over N, a
+# checkpointed block, a second forward, hooks, a coupling loss and Manifold Mixup, a resized
+# embedding, .grad not zeroed, a penalty switched on and off, ...): each step exact, withheld or
+# refused in the exact engine, sub-batch mode and the tracker (run of 2026-12-07, seeds 0-300).
+EVENTS_SAMPLE = [27, 53, 76, 81, 133, 196, 225, 264, 283]
+
+# What the events fuzzer found (2026-12-07): these fail until the fixes land (not xfail).
+EVENTS_FOUND = [
+    # a bare Parameter used directly in the forward (a logit scale, `out * self.scale`)
+    # replaced by a new nn.Parameter at an unaudited step: its per-example gradients left out,
+    # 0.8% under brute force without a word (hunt/ev_replace_bare_param.py: up to 6.5%)
+    188,
+    # such a scale added after a Dropout stopped drawing (p = 0 or eval()): silent until the
+    # next audit, 0.9-1.1% (hunt/ev_bare_param_after_dropout0.py: 1.6-3.7%)
+    49,
+    # a parameter used directly in the forward (`h * self.g`) frozen mid-run: torch's
+    # "cannot register a hook on a tensor that doesn't require gradient" from
+    # per_example/backward.py add_meeting, in every variant (the tracker too)
+    14,
+    134,
+]
+
+
+def _check_events(seed):
+    record = fuzz_events.check_events_seed(seed)
+    problems = [
+        f"{variant}: {cls}"
+        + (f", relative error {re:.3g}" if re is not None else "")
+        + (f" ({record['variants'][variant].get('exc')})" if cls == "crash" else "")
+        for variant, cls, re in fuzz_events.findings(record)
+    ]
+    assert not problems, fuzz_events.describe(record) + "\n  " + "\n  ".join(problems)
+
+
+@pytest.mark.parametrize("seed", EVENTS_SAMPLE)
+def test_a_run_that_changes_between_steps_is_exact_or_refused(seed):
+    _check_events(seed)
+
+
+@pytest.mark.parametrize("seed", EVENTS_FOUND)
+def test_what_the_events_fuzzer_found_is_exact_or_refused(seed):
+    _check_events(seed)
