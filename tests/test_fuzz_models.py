@@ -118,6 +118,8 @@ EVENTS_FOUND = [
     # Parameter used twice: 7.9% off in the engine, the tracker's per-example sqnorm_small 5.4%
     # off, without a word (hunt/ev_tie_scales.py)
     (537, [[], ["opt_step"], [], ["ignore"], [], ["eval"], [], [], [], ["tie"]]),
+    # the same drawn by this list, with two views and a chunked forward: 4.8%
+    (437, None),
     # a bare Parameter (a logit scale) replaced by a new nn.Parameter at an unaudited step: its
     # per-example gradients left out, 0.8% under brute force (hunt/ev_replace_bare_param.py)
     (188, [[], ["smoothing"], ["seq", "ignore"], ["bare_param"], [], [], ["bare_param"] * 2]),
