@@ -113,9 +113,45 @@ def _grads_of(loss, params):
 _SIZE_DEPENDENT = ("regroup",)
 
 
-def in_batch_truth(spec):
-    """Whether ``spec``'s truth is taken within the batch (:data:`_SIZE_DEPENDENT`)."""
-    return not spec.get("mixing") and any(b in _SIZE_DEPENDENT for b in spec.get("blocks", ()))
+def in_batch_truth(spec, model=None, per_example_loss=None, n=None):
+    """Whether ``spec``'s truth is taken within the batch: a block of :data:`_SIZE_DEPENDENT`,
+    or one that mixes the examples (``fuzz_grammar.MIXING_KINDS``) where no example's loss sends
+    a gradient through it in the batch's forward (given ``model``; :func:`_mixing_couples`).
+    That mix is then a statistic of the batch that no gradient goes through — a constant, which
+    weighs the examples' terms and couples none of their gradients (docs/per_example.md) —,
+    while a forward alone runs another model: seed 1089, a batch mean upstream of a packed GRU
+    whose lengths come from detached features, every example's last position padding in the
+    batch, read 0.63 "off" against the one-example forwards and exact against this (2026-12-07).
+    A mix a gradient goes through keeps the one-example truth: per-example gradients are not
+    defined there, and a number measured as if the examples were apart must read wrong."""
+    if spec.get("mixing"):
+        return model is not None and not _mixing_couples(model, per_example_loss, n)
+    return any(b in _SIZE_DEPENDENT for b in spec.get("blocks", ()))
+
+
+def _mixing_couples(model, per_example_loss, n):
+    """Whether some example's loss, in the batch's forward, has a gradient other than zero at the
+    output of a block that mixes the examples (each example's loss checked alone: their sum's
+    gradient could cancel)."""
+    outputs = []
+    handles = [
+        block.register_forward_hook(lambda module, args, out: outputs.append(out))
+        for block in getattr(model, "blocks", ())
+        if block.kind in fuzz_grammar.MIXING_KINDS
+    ]
+    try:
+        losses = per_example_loss(model, slice(0, n))
+    finally:
+        for handle in handles:
+            handle.remove()
+    outputs = [out for out in outputs if out.requires_grad]
+    if not outputs or not losses.requires_grad:
+        return False
+    for i in range(n):
+        grads = torch.autograd.grad(losses[i], outputs, retain_graph=True, allow_unused=True)
+        if any(g is not None and bool(g.ne(0).any()) for g in grads):
+            return True
+    return False
 
 
 def per_example_grads(model, per_example_loss, n, in_batch=False):
@@ -330,9 +366,8 @@ def _run_engine(spec, model, per_example_loss, grads, n, subbatches, steps, prod
                     if sgd and step > 0:
                         _sgd_step(model)
                         with engine.paused():
-                            grads = per_example_grads(
-                                model, per_example_loss, n, in_batch_truth(spec)
-                            )
+                            in_batch = in_batch_truth(spec, model, per_example_loss, n)
+                            grads = per_example_grads(model, per_example_loss, n, in_batch)
                     model.zero_grad()
                     loss_of(spec, per_example_loss, model, n).backward()
                     passes = engine.collect()
@@ -466,9 +501,10 @@ def check_seed(seed, modes=MODES, override=None):
         two_views = hasattr(per_example_loss, "rows")
         try:
             if two_views:
-                grads = row_grads(model, per_example_loss)
+                grads, in_batch = row_grads(model, per_example_loss), False
             else:
-                grads = per_example_grads(model, per_example_loss, n, in_batch_truth(spec))
+                in_batch = in_batch_truth(spec, model, per_example_loss, n)
+                grads = per_example_grads(model, per_example_loss, n, in_batch)
         except Exception as err:
             record["gen_error"] = f"truth: {type(err).__name__}: {err}"[:300]
             return record
@@ -487,13 +523,13 @@ def check_seed(seed, modes=MODES, override=None):
             "tracker_exact": lambda: run_tracker(spec, model, per_example_loss, n, 1.0),
             "tracker_default": lambda: run_tracker(spec, model, per_example_loss, n, None),
             "tracker_numbers": lambda: fuzz_tracker.run_tracker_numbers(
-                spec, model, per_example_loss, n, seed, in_batch_truth(spec)
+                spec, model, per_example_loss, n, seed, in_batch
             ),
         }
         record["modes"] = {}
         for mode in ALL_MODES:  # in this order whatever the caller's order
             if mode in modes and not (two_views and mode in PER_EXAMPLE_ONLY):
-                if mode == "accum" and in_batch_truth(spec):
+                if mode == "accum" and in_batch:
                     continue  # (micro-batches of another size run another model)
                 record["modes"][mode] = runs[mode]()
     record["t"] = round(time.time() - start, 2)

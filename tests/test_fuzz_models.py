@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import fuzz_events
+import fuzz_grammar
 import fuzz_hf
 import fuzz_runner
 
@@ -27,6 +28,11 @@ import fuzz_runner
 # none is wrong and none crashes.
 SAMPLE = [1, 3, 11, 27, 37, 70, 75, 80, 97, 130, 132, 179, 222, 251, 294, 336, 433, 444, 551]
 SAMPLE += [641, 839, 928, 1083, 1101]
+# a batch mean upstream of a packed GRU whose lengths come from detached features, every
+# example's last position padding in the batch: no gradient goes through the mean, and the
+# truth is taken within the batch (fuzz_runner.in_batch_truth; 0.63 "off" against the
+# one-example forwards until 2026-12-07)
+SAMPLE += [1089]
 
 # What the fuzzer found (notes/s47/fuzz_report.md, F-numbers), as (seed, spec override). These
 # fail until the fixes land; they are not marked xfail, so that a fix shows as a pass and a
@@ -134,6 +140,19 @@ def test_a_random_model_is_exact_or_refused(seed):
 )
 def test_what_the_fuzzer_found_is_exact_or_refused(seed, override):
     _check(seed, override)
+
+
+def test_a_mix_keeps_the_one_example_truth_where_a_gradient_goes_through_it():
+    """The runner's truth for the blocks that mix the examples: within the batch only where no
+    example's loss sends a gradient through the mix (1089: a constant there), else each example
+    alone, so that a mix measured as if the examples were apart reads wrong — the sample's
+    mixing seeds: in-batch attention (3), a sort along the batch (130), a batch mean (132, 216,
+    258), a BatchNorm in training mode (839)."""
+    with fuzz_runner.float64_default():
+        for seed in (1089, 3, 130, 132, 216, 258, 839):
+            spec, model, _, loss = fuzz_grammar.make_case(seed)
+            assert spec["mixing"]
+            assert fuzz_runner.in_batch_truth(spec, model, loss, spec["n"]) is (seed == 1089)
 
 
 # The second grammar (tests/fuzz_hf.py): transformers models with random options. These seeds

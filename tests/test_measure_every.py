@@ -172,6 +172,37 @@ def test_tokens_of_unmeasured_steps_are_counted():
     assert history[-1]["tokens_per_example"] == pytest.approx(seen[4] / 20, rel=1e-12)
 
 
+@pytest.mark.parametrize("micro", [1, 2])
+def test_unmeasured_steps_count_every_forward_of_a_backward(micro):
+    """A batch of 6 sent through the model in two forwards under one backward
+    (``torch.cat([model(x[:2]), model(x[2:])])``), in ``micro`` accumulation micro-batches,
+    each beside an evaluation forward of 5 with gradients on that no backward reaches: an
+    unmeasured step counts the 6 examples of both forwards, and none of the evaluation's.
+    Until 2026-12-07 the parameters' gradients went to the step's last forward alone there:
+    examples [6, 16, 26] for [6, 18, 30] (and the evaluation's 5 taken for the 4 where it ran
+    last), tokens_seen short by as much, without a word (a hunt)."""
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = GradientNoiseTracker(
+        model, measure_every=2, sync_every=1, per_example_fraction=1.0, tokens_per_example=10
+    )
+    for _ in range(5):
+        opt.zero_grad()
+        for _ in range(micro):
+            x, y = torch.randn(6, 6), torch.randint(0, 3, (6,))
+            out = torch.cat([model(x[:2]), model(x[2:])])
+            model(torch.randn(5, 6))  # an evaluation forward with gradients on
+            (F.cross_entropy(out, y) / micro).backward()
+        tracker.step()
+        opt.step()
+    history = tracker.history
+    assert [h["step"] for h in history] == [1, 3, 5]
+    assert [h["examples"] for h in history] == [6 * micro * s for s in (1, 3, 5)]
+    assert [h["tokens_seen"] for h in history] == [60 * micro * s for s in (1, 3, 5)]
+    assert tracker.examples == 30 * micro  # what the integrations hand a batch-size schedule
+
+
 def test_a_checkpoint_inside_a_cycle_resumes_exactly():
     kwargs, micro = MODES["subbatches"]
     whole, _, _ = _run(Sequence, kwargs, micro, "every", steps=STEPS)

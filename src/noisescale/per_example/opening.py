@@ -91,6 +91,21 @@ def _selective_checkpointing() -> bool:
     return any(isinstance(mode, caching) for mode in _get_current_dispatch_mode_stack())
 
 
+def _output_edges(output: Any) -> list[tuple[Any, torch.Size]]:
+    """The gradient edges a backward through the model's outputs enters by, with the outputs'
+    shapes: each output's, and the tensor an output was cast from (accelerate's
+    convert_outputs_to_fp32 for the Trainer's bf16=True casts the logits after the loss was
+    computed from them: the loss's gradient never reaches the output)."""
+    edges = []
+    for out in _tensors(output):
+        if out.requires_grad:
+            edges.append((torch.autograd.graph.get_gradient_edge(out), out.shape))
+            source = _cast_source(out)
+            if source is not None:
+                edges.append((source, out.shape))
+    return edges
+
+
 class PassOpening:
     """:class:`~noisescale.per_example.engine.PerExampleNorms`' forward on the model's side: a
     pass opened by the model's forward, its output's gradients awaited, scopes entered and left."""
@@ -399,12 +414,13 @@ class PassOpening:
         self._returned_router_logits_only = (
             not self._returned_loss and getattr(output, "router_logits", None) is not None
         )
-        if (
+        step_forward = (
             self.passes
             and not (self._recomputing or self._paused or self._replaying)
             and torch.is_grad_enabled()
             and torch._C._current_graph_task_id() == -1
-        ):
+        )
+        if step_forward:
             self.passes[-1].fed_marks = {
                 _node_key(t.grad_fn) for t in _tensors(output) if t.grad_fn is not None
             }
@@ -412,6 +428,8 @@ class PassOpening:
             # loss stops there, Backward._loss_side)
             self.passes[-1].nodes_end = _sequence_nr()
         if not self._active() or torch._C._current_graph_task_id() != -1:
+            if step_forward and self.passes[-1].idle and not _inside_functorch():
+                self._hook_idle_outputs(self.passes[-1], output)
             return
         pass_ = self.passes[-1]
         if (
@@ -434,19 +452,10 @@ class PassOpening:
                         pass_, out, pass_.batch_size, "the model's output", alone=True
                     )
         pass_.returned = True
-        # The replay's roots, by gradient edge: the model's outputs; the tensor an output was
-        # cast from (accelerate's convert_outputs_to_fp32 for the Trainer's bf16=True casts the
-        # logits after the loss was computed from them: the loss's gradient never reaches the
-        # output); and the logits a Hugging Face loss was computed from (a wrapper that returns
-        # only the loss, noisescale.tokens)
-        candidates = []
-        for out in _tensors(output):
-            if out.requires_grad:
-                candidates.append((torch.autograd.graph.get_gradient_edge(out), out.shape))
-                source = _cast_source(out)
-                if source is not None:
-                    candidates.append((source, out.shape))
-        candidates += pass_.loss_inputs
+        # The replay's roots, by gradient edge: the model's outputs (_output_edges); and the
+        # logits a Hugging Face loss was computed from (a wrapper that returns only the loss,
+        # noisescale.tokens)
+        candidates = _output_edges(output) + pass_.loss_inputs
         pass_.loss_inputs = []
         # (what the loss computes from: shared.py asks whether a tensor there derives from them)
         pass_.output_nodes = {_node_key(edge.node) for edge, _ in candidates}
@@ -535,6 +544,25 @@ class PassOpening:
         finally:
             if hasattr(pass_, "_pending_targets"):
                 del pass_._pending_targets  # type: ignore[attr-defined]
+
+    def _hook_idle_outputs(self, pass_: PassNorms, output: Any) -> None:
+        """A forward of a step ``measure_every`` leaves unmeasured: its outputs' nodes note the
+        backwards that run through it, as a measured step's do (:meth:`_make_root_hook`), so
+        that the step counts the examples of every forward a backward reached — one backward
+        through several (``torch.cat([model(a), model(b)])``) all of them, an evaluation
+        forward with gradients on none. Until 2026-12-07 nothing noted them there, and the
+        parameters' gradients went to the last forward alone: the others' examples were not
+        counted (``examples`` and ``tokens_seen`` short, a batch-size schedule behind; a hunt)."""
+        for edge, _ in _output_edges(output):
+            pass_.handles.append(
+                edge.node.register_prehook(
+                    lambda grads, nr=edge.output_nr: (
+                        None
+                        if grads[nr] is None or self._replaying or self._paused
+                        else self._enter(pass_)
+                    )
+                )
+            )
 
     def _add_target(
         self,

@@ -55,6 +55,7 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
             parts = [getattr(p, name) for p in group if getattr(p, name) is not None]
             setattr(merged, name, sum(parts[1:], parts[0]) if parts else None)
         merged.skipped = all(p.skipped for p in group)
+        merged.idle = all(p.idle for p in group)  # (an unmeasured step's: counted, not measured)
         merged.audited = any(p.audited for p in group)
         merged.compiled = any(p.compiled for p in group)
         merged.unaudited = any(p.unaudited for p in group)
