@@ -830,6 +830,60 @@ def test_a_parameter_assigned_between_audits_is_refused_at_once(how):
     engine.remove()
 
 
+def test_layer_scales_tied_between_audits_are_audited_at_once():
+    """``g2 = g1`` at the unaudited step 3: one Parameter used twice, whose per-example
+    gradient is the sum of both uses'. Until 2026-12-07 step 3 was measured with the second
+    use under the old ``g2``'s name, each use's norm alone — the cross term missing, 8.3% off
+    (a hunt) — until the audit at step 4. The forward now sees another Parameter where the
+    engine learned ``g2``: it follows ``g1`` there, as if tied before the engine was built, and
+    audits the pass as a structure never seen; every step is exact (brute force, float64)."""
+    torch.manual_seed(0)
+    model = _Scaled()
+    engine = PerExampleNorms(model)
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 9):
+        if step == 3:
+            model.g2 = model.g1
+        x, y = torch.randn(5, 3, generator=g), torch.randint(0, 2, (5,), generator=g)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        (measured,) = engine.collect()
+        assert measured.audited == (step in (1, 2, 3, 4, 8)), step
+        with engine.paused():
+            own = _own_sqnorms(model, x, y)
+        torch.testing.assert_close(measured.raw_sqnorms, own, rtol=1e-9, atol=0)
+    engine.remove()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [None, {"per_example_fraction": 1.0}, {}],
+    ids=["engine", "tracker-exact", "tracker-subbatches"],
+)
+def test_a_parameter_used_directly_frozen_mid_run_is_refused(options):
+    """``g1.requires_grad_(False)`` after step 1, ``g1`` used as ``h * self.g1``: the next
+    forward raised torch's "cannot register a hook on a tensor that doesn't require gradient"
+    from the engine's meeting (a hunt, 2026-12-07); now the step is refused as a layer's frozen
+    weight is."""
+    torch.manual_seed(0)
+    model = _Scaled()
+    engine = PerExampleNorms(model) if options is None else None
+    tracker = None if options is None else noisescale.GradientNoiseTracker(model, **options)
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    for step in range(1, 3):
+        if step == 2:
+            model.g1.requires_grad_(False)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        collect = engine.collect if tracker is None else tracker.step
+        if step == 2:
+            with pytest.raises(NoiseScaleInputError, match="trainable parameters changed"):
+                collect()
+        else:
+            collect()
+    (engine or tracker).remove()
+
+
 @pytest.mark.parametrize("products", [False, True], ids=["factors", "products"])
 def test_several_forwards_one_backward_give_sub_batch_norms_of_their_parts(products):
     """Losses of several forwards summed and backpropagated once (a list of chunk losses, a
