@@ -759,6 +759,131 @@ def test_a_layer_re_created_between_audits_is_refused_at_once(options):
     tracker.remove()
 
 
+class _Scaled(nn.Module):
+    """A model using Parameters directly, beside its layers: a layer scale ``h * self.g`` in
+    each of two blocks, and a logit scale ``out * self.scale`` (a buffer of 1 until one is
+    set: the forward records as many autograd nodes with it as without)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.g1 = nn.Parameter(torch.tensor([1.2, 0.7, 1.1, 0.9]))
+        self.g2 = nn.Parameter(torch.tensor([0.8, 1.3, 1.0, 1.4]))
+        self.b = nn.Linear(4, 2)
+        self.register_buffer("one", torch.tensor(1.0))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x) * self.g1) * self.g2
+        return self.b(h) * getattr(self, "scale", self.one)
+
+
+def _own_sqnorms(model, x, y):
+    """Each example's |∇ loss_i / N|², by brute force."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    own = []
+    for i in range(len(x)):
+        li = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]) / len(x)
+        own.append(sum(g.pow(2).sum() for g in torch.autograd.grad(li, params)))
+    return torch.stack(own)
+
+
+@pytest.mark.parametrize("how", ["bare-replaced", "bare-added", "layer-weight-replaced"])
+def test_a_parameter_assigned_between_audits_is_refused_at_once(how):
+    """Step 3 is not audited (1, 2, 4, 8): a bare Parameter used directly (a logit scale
+    ``out * self.scale``) replaced by a new one, or added where the forward records as many
+    nodes (as after a Dropout stopped drawing), was measured without its gradient — 0.9–6.5%
+    off until the next audit, a hunt, 2026-12-07 — and a layer's weight replaced was refused
+    as "replaced by another tensor for this call (a forward pre-hook …)". The engine alone
+    (no tracker) now walks the model whenever a Parameter was registered, at once."""
+    torch.manual_seed(0)
+    model = _Scaled()
+    if how == "bare-replaced":
+        model.scale = nn.Parameter(torch.tensor(1.5))
+    engine = PerExampleNorms(model)
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 4):
+        x, y = torch.randn(5, 3, generator=g), torch.randint(0, 2, (5,), generator=g)
+        if step == 3:
+            if how == "bare-replaced":
+                model.scale = nn.Parameter(model.scale.detach().clone())
+                names = r"\['scale'\]"
+            elif how == "bare-added":
+                model.scale = nn.Parameter(torch.tensor(2.0))
+                names = r"\['scale'\]"
+            else:
+                model.a.weight = nn.Parameter(model.a.weight.detach().clone())
+                names = r"\['a.weight'\]"
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if step == 3:
+            with pytest.raises(
+                NoiseScaleInputError,
+                match=names + r" were added to the model or replaced by new Parameter objects "
+                r"after the tracker \(or PerExampleNorms\) was created",
+            ):
+                engine.collect()
+            break
+        (measured,) = engine.collect()
+        with engine.paused():
+            own = _own_sqnorms(model, x, y)
+        torch.testing.assert_close(measured.raw_sqnorms, own, rtol=1e-9, atol=0)
+    engine.remove()
+
+
+def test_layer_scales_tied_between_audits_are_audited_at_once():
+    """``g2 = g1`` at the unaudited step 3: one Parameter used twice, whose per-example
+    gradient is the sum of both uses'. Until 2026-12-07 step 3 was measured with the second
+    use under the old ``g2``'s name, each use's norm alone — the cross term missing, 8.3% off
+    (a hunt) — until the audit at step 4. The forward now sees another Parameter where the
+    engine learned ``g2``: it follows ``g1`` there, as if tied before the engine was built, and
+    audits the pass as a structure never seen; every step is exact (brute force, float64)."""
+    torch.manual_seed(0)
+    model = _Scaled()
+    engine = PerExampleNorms(model)
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 9):
+        if step == 3:
+            model.g2 = model.g1
+        x, y = torch.randn(5, 3, generator=g), torch.randint(0, 2, (5,), generator=g)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        (measured,) = engine.collect()
+        with engine.paused():
+            own = _own_sqnorms(model, x, y)
+        torch.testing.assert_close(measured.raw_sqnorms, own, rtol=1e-9, atol=0)
+        assert measured.audited == (step in (1, 2, 3, 4, 8)), step
+    engine.remove()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [None, {"per_example_fraction": 1.0}, {}],
+    ids=["engine", "tracker-exact", "tracker-subbatches"],
+)
+def test_a_parameter_used_directly_frozen_mid_run_is_refused(options):
+    """``g1.requires_grad_(False)`` after step 1, ``g1`` used as ``h * self.g1``: the next
+    forward raised torch's "cannot register a hook on a tensor that doesn't require gradient"
+    from the engine's meeting (a hunt, 2026-12-07); now the step is refused as a layer's frozen
+    weight is."""
+    torch.manual_seed(0)
+    model = _Scaled()
+    engine = PerExampleNorms(model) if options is None else None
+    tracker = None if options is None else noisescale.GradientNoiseTracker(model, **options)
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    for step in range(1, 3):
+        if step == 2:
+            model.g1.requires_grad_(False)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        collect = engine.collect if tracker is None else tracker.step
+        if step == 2:
+            with pytest.raises(NoiseScaleInputError, match="trainable parameters changed"):
+                collect()
+        else:
+            collect()
+    (engine or tracker).remove()
+
+
 @pytest.mark.parametrize("products", [False, True], ids=["factors", "products"])
 def test_several_forwards_one_backward_give_sub_batch_norms_of_their_parts(products):
     """Losses of several forwards summed and backpropagated once (a list of chunk losses, a

@@ -42,6 +42,7 @@ __all__ = [
     "WrappedLoss",
     "foreign_thread",
     "refuse_foreign_forward",
+    "registrations",
 ]
 
 
@@ -67,6 +68,33 @@ def refuse_foreign_forward(owner: int) -> None:
         "(an evaluation, a sampler) under torch.no_grad() or torch.inference_mode(), which "
         "the tracker lets through untouched, or create the tracker on the thread that trains"
     )
+
+
+_REGISTERED = [0]  # modules and parameters registered on any module in the process
+_REGISTRATION_HOOKS: list[Any] = []
+
+
+def _count_registration(*args: Any) -> None:
+    _REGISTERED[0] += 1
+
+
+def registrations() -> int:
+    """How many modules and parameters have been registered on modules in this process since
+    the first tracker or engine was created (torch's global registration hooks: one addition
+    each). A layer re-created or added, a Parameter assigned to a module's attribute (a bare
+    logit scale replaced or tied), peft adapters, ``resize_token_embeddings()`` and
+    ``load_state_dict(assign=True)`` register; the tracker and the engine walk the model for
+    parameters they were not built on when the count moved."""
+    if not _REGISTRATION_HOOKS:
+        from torch.nn.modules import module as module_mod
+
+        _REGISTRATION_HOOKS.append(
+            module_mod.register_module_module_registration_hook(_count_registration)
+        )
+        _REGISTRATION_HOOKS.append(
+            module_mod.register_module_parameter_registration_hook(_count_registration)
+        )
+    return _REGISTERED[0]
 
 
 class Inert:

@@ -60,6 +60,7 @@ from noisescale.errors import (
     NoiseScaleInputError,
     UnsupportedModuleError,
 )
+from noisescale.module_hooks import registrations as _registrations
 from noisescale.param_groups import parameter_groups
 from noisescale.per_example import PerExampleNorms
 from noisescale.per_example.engine import refuse_complex_parameters
@@ -218,31 +219,6 @@ _STEP_DIVISOR = (
     "passes it to the models that accept it), or your own loss declared "
     "loss_reduction='num_items_in_batch'"
 )
-
-_REGISTERED = [0]  # modules and parameters registered on any module in the process
-_REGISTRATION_HOOKS: list[Any] = []
-
-
-def _count_registration(*args: Any) -> None:
-    _REGISTERED[0] += 1
-
-
-def _registrations() -> int:
-    """How many modules and parameters have been registered on modules in this process since
-    the first tracker (torch's global registration hooks: one addition each). A layer re-created
-    or added, peft adapters, ``resize_token_embeddings()`` and ``load_state_dict(assign=True)``
-    register; the tracker walks the model for parameters it was not built on when the count
-    moved."""
-    if not _REGISTRATION_HOOKS:
-        from torch.nn.modules import module as module_mod
-
-        _REGISTRATION_HOOKS.append(
-            module_mod.register_module_module_registration_hook(_count_registration)
-        )
-        _REGISTRATION_HOOKS.append(
-            module_mod.register_module_parameter_registration_hook(_count_registration)
-        )
-    return _REGISTERED[0]
 
 
 def _compiled_submodules(model: nn.Module) -> list[str]:

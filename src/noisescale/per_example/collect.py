@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
+from noisescale.module_hooks import registrations
 from noisescale.per_example import scaler_watch
 from noisescale.per_example.factors import (
     Factor,
@@ -493,14 +494,19 @@ class Collect:
             )
         if any(p.requires_grad != (id(p) in self._param) for p in self._all_params):
             raise NoiseScaleInputError(
-                "the model's trainable parameters changed since the tracker was created "
-                "(a layer was frozen or unfrozen); create a new tracker after changing "
-                "requires_grad"
+                "the model's trainable parameters changed since the tracker (or PerExampleNorms) "
+                "was created (a layer or a parameter used directly was frozen or unfrozen); "
+                "create a new tracker after changing requires_grad"
             )
-        if any(p.audit is not None for p in done):
-            # on audited steps (1, 2, 4, …): a parameter the engine was not built on — a layer
-            # re-created or added, resize_token_embeddings(), peft adapters, assign=True loads —
-            # would be left out of every norm without a word
+        seen = registrations()
+        if seen != self._registrations_seen or any(p.audit is not None for p in done):
+            # on audited steps (1, 2, 4, …) and whenever a module or parameter was registered
+            # anywhere since the last look: a parameter the engine was not built on — a layer
+            # re-created or added, a bare Parameter (a logit scale used as `out * self.scale`)
+            # added or replaced, resize_token_embeddings(), peft adapters, assign=True loads —
+            # would be left out of every norm without a word (until 2026-12-07 looked for on
+            # audited steps only: a bare scale replaced at step 5 read 0.9–6.5% off on steps
+            # 5–7, a hunt; before a layer's own replaced weight, whose refusal named a hook)
             known = {id(p) for p in self._all_params}  # (unfreezing: the message above)
             new = [
                 name
@@ -509,6 +515,7 @@ class Collect:
             ]
             if new:
                 raise NoiseScaleInputError(new_parameters_message(new))
+            self._registrations_seen = seen
         for pass_ in done:
             for label, name, held in pass_.replaced if pass_.received else ():
                 raise UnsupportedModuleError(_replaced_message(label, name, held))

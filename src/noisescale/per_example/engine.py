@@ -66,7 +66,7 @@ from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
-from noisescale.module_hooks import foreign_thread
+from noisescale.module_hooks import foreign_thread, registrations
 from noisescale.per_example import audit as audit_mod
 from noisescale.per_example import compiled, norms, scaler_watch
 from noisescale.per_example import subbatch as subbatch_mod
@@ -566,6 +566,8 @@ class PerExampleNorms(
         self._param_index = {id(p): i for i, p in enumerate(self._params)}
         # every parameter at construction, frozen ones too: collect() checks their flags
         self._all_params = list({id(p): p for p in model.parameters()}.values())
+        # parameters registered anywhere since: collect() then looks for new ones
+        self._registrations_seen = registrations()
         self._group_of: dict[int, int] | None = None
         self.num_groups = 0
         if groups is not None:

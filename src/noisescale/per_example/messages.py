@@ -21,14 +21,17 @@ def new_parameters_message(names: Sequence[str]) -> str:
     """The refusal of trainable parameters the tracker was not built on."""
     return (
         f"parameters {list(names[:6])}{'…' if len(names) > 6 else ''} were added to the model or "
-        "replaced by new Parameter objects after the tracker was created (a layer re-created or "
-        "added, resize_token_embeddings(), peft adapters, load_state_dict(..., assign=True), "
+        "replaced by new Parameter objects after the tracker (or PerExampleNorms) was created (a "
+        "layer re-created or added, a Parameter assigned to a module's attribute — a bare "
+        "scale used as `out * self.scale` —, resize_token_embeddings(), peft adapters, "
+        "load_state_dict(..., assign=True), "
         "model.to() with torch.__future__.set_overwrite_module_params_on_conversion(True), "
         "FSDP2's fully_shard(), a parametrization or reparametrization removed — "
         "torch.nn.utils.parametrize.remove_parametrizations, remove_weight_norm, "
         "remove_spectral_norm, prune.remove —, which leaves a new parameter in the originals' "
-        "place): the tracker would leave them out of every norm. Create the tracker after the "
-        "model is built, moved, loaded, wrapped and reparametrized as it will be trained"
+        "place): the tracker would leave them out of every norm. Create the tracker (or "
+        "PerExampleNorms) after the model is built, moved, loaded, wrapped and reparametrized "
+        "as it will be trained"
     )
 
 
