@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 # The CPU build of torch that this machine installs quickly; pyproject.toml declares the range.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test fuzz install lint format clean
+.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker install lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,19 @@ SEEDS ?= 0:300
 JSONL ?=
 fuzz: install
 	$(PY) tests/fuzz_runner.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
+
+# Its three siblings, on seeds of their own: transformers models with random options
+# (tests/fuzz_hf.py, ≈ 3 s a seed on a busy host), runs whose training changes between steps
+# (tests/fuzz_events.py, ≈ 2 s), and the tracker's numbers against brute force
+# (tests/fuzz_tracker.py through the runner's tracker_numbers mode, ≈ 1 s).
+fuzz-hf: install
+	$(PY) tests/fuzz_hf.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
+
+fuzz-events: install
+	$(PY) tests/fuzz_events.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
+
+fuzz-tracker: install
+	$(PY) tests/fuzz_runner.py --modes tracker_numbers --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench examples
