@@ -769,6 +769,9 @@ SUMS_AND_MEANS = {
     "3 * mean": (lambda o, y: 3 * F.cross_entropy(o, y), "mean"),
     # (a factor of N or 1/N may be a coincidence — T² = N, world_size = N —: as given)
     "mean * N": (lambda o, y: F.cross_entropy(o, y) * o.shape[0], None),
+    # (a mean times 1/N is a mean, as mean / N is: 0.5 · out.loss at N = 2 under "sum" was
+    # taken as given, N² off, a hunt of 2026-12-07)
+    "mean * (1 / N)": (lambda o, y: F.cross_entropy(o, y) * (1 / o.shape[0]), "mean"),
     "sum * (1 / N)": (
         lambda o, y: F.cross_entropy(o, y, reduction="sum") * (1 / o.shape[0]),
         None,

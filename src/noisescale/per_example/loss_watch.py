@@ -1055,7 +1055,12 @@ class LossWatch:
                 # (another divisor normalizes by what the user counts — the step's examples, a
                 # model's num_items_in_batch given as a number: taken as given)
                 return None, False
-        elif any(abs(factor * m - 1.0) < 1e-9 for m in (n, 1.0 / n, layout.count or 0)):
+        # (a mean times 1/N is a mean, as mean / N is: 0.5 · out.loss at N = 2 under "sum" was
+        # taken as given, N² off without a word, until 2026-12-07, a hunt)
+        elif any(
+            abs(factor * m - 1.0) < 1e-9
+            for m in (n if kept == "sum" else 0, 1.0 / n, layout.count or 0)
+        ):
             return None, False  # (mean · N, T² · mean with T² = N, Σ · 1/(N·T): either kind)
         return kept, layout.factored  # (label smoothing's 1 − ε and ε/C, KD's T², 1/k)
 
