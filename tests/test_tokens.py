@@ -1371,6 +1371,37 @@ def test_a_models_token_loss_as_one_term_in_a_one_shot_measurement(lm, counts):
     torch.testing.assert_close(pe.sqnorms, want, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("c", [0.5, 0.25])
+def test_a_models_own_loss_times_a_constant_keeps_it_in_the_one_shot_norms(lm, c):
+    """``c · out.loss`` (a task's weight, ``out.loss / k`` for accumulation): each example's
+    own loss is c times the model's loss on it alone, as ``c · cross_entropy`` by hand and the
+    engine's ``raw_sqnorms`` read it. Until 2026-12-07 the one-shot norms divided the gradient
+    that reached the model's loss — c with it — out of each example's weight, and returned the
+    norms of ``out.loss`` alone (1/c² off: 4× at 0.5, a hunt). A causal LM's token mean over
+    sequences of different lengths, and a classifier's mean over its labelled examples."""
+    model, ids, mask, labels = lm["model"], lm["ids"][:4], lm["mask"][:4], lm["labels"][:4]
+    assert len(set((labels[:, 1:] != -100).sum(1).tolist())) > 1  # (unequal counts: weighed)
+    params = list(model.parameters())
+
+    def own(i):
+        out = model(ids[i : i + 1], attention_mask=mask[i : i + 1].long(), labels=labels[i : i + 1])
+        return sum(g.pow(2).sum() for g in torch.autograd.grad(c * out.loss, params))
+
+    with noisescale.per_example_sqnorms(model) as pe:
+        (c * model(ids, attention_mask=mask.long(), labels=labels).loss).backward()
+    model.zero_grad()
+    want = torch.stack([own(i) for i in range(4)])
+    # (transformers' loss_function computes in float32: its rounding, not noisescale's)
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-6, atol=0)
+    clf, cids, y, grads = _unlabelled_pool(12)
+    idx = torch.tensor([0, 1, 2, 3, 4, 5])
+    assert 0 < int((y[idx] == -100).sum()) < len(idx)
+    with noisescale.per_example_sqnorms(clf, loss_reduction="sum") as pe:
+        (c * clf(cids[idx], labels=y[idx]).loss).backward()
+    clf.zero_grad()
+    torch.testing.assert_close(pe.sqnorms, c**2 * grads[idx].pow(2).sum(1), rtol=1e-6, atol=0)
+
+
 def test_a_backward_from_a_generator_of_roots_still_computes_the_gradients(lm):
     """``torch.autograd.backward`` given a generator: the hook that asks whether the model's
     own loss is all of what is backpropagated read it first, and torch then got nothing to

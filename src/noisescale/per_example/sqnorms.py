@@ -100,12 +100,18 @@ class per_example_sqnorms:
                 )
             units = None
         if units is not None and units.measured and units.grad is not None:
+            # Example i's weight in the model's loss, not in what was backpropagated: a
+            # constant the user put on it (0.5 · out.loss, out.loss / k) is part of each
+            # example's loss, as for any loss (and as in raw_sqnorms) — until 2026-12-07 the
+            # gradient that reached the model's loss was divided out with it, and the norms
+            # were those of out.loss alone (c² off, a hunt). A GradScaler's scale is not the
+            # user's: divided out.
             if units.own is not None:  # a classifier's mean over its examples not labelled -100
-                own_weight = units.grad.detach().to(torch.float64) * units.own
-                weight = own_weight.to(device=raw.device, dtype=raw.dtype)
+                own_weight = units.own
             else:
-                per_unit = units.coefficient(1.0).to(raw.device)  # one token's weight
-                weight = (per_unit * units.counts.to(raw.device)).to(raw.dtype)  # example i's
+                own_weight = units.counts / units.denominator  # type: ignore[operator]
+            scale = p.grad_scaler.get_scale() if p.grad_scaler is not None else 1.0
+            weight = (own_weight * scale).to(device=raw.device, dtype=raw.dtype)
             own = raw / weight.square()
             # an example with no counted token has no loss of its own and no gradient: 0
             return torch.where(weight != 0, own, torch.zeros_like(own))
