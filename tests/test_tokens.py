@@ -396,6 +396,41 @@ def test_a_loss_the_model_computes_itself_is_refused_with_the_fix():
     tracker.remove()
 
 
+@pytest.mark.parametrize("declared", ["mean", "sum"])
+def test_a_token_mean_the_model_computes_itself_over_equal_counts_one_shot(declared):
+    """T5's own token mean with labels of -100 where every sequence counts as many tokens (3 of
+    5): a plain mean over the examples of each one's own token mean, as with no -100. Under
+    "mean" each example's own loss, exact; under "sum" refused as a plain mean, as the same
+    loss without -100 is — until 2026-12-07 taken as given, N² = 9 below each example's own
+    loss without a word (a hunt)."""
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.T5Config(
+        vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg).double()
+    ids = torch.randint(1, 32, (3, 7))
+    labels = torch.randint(1, 32, (3, 5))
+    labels[0, 3:], labels[1, :2], labels[2, 1:4:2] = -100, -100, -100  # (3 counted in each)
+    if declared == "sum":
+        with pytest.raises(NoiseScaleInputError, match="plain mean over the examples"):
+            with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
+                model(input_ids=ids, labels=labels).loss.backward()
+        return
+    with noisescale.per_example_sqnorms(model, loss_reduction=declared) as pe:
+        model(input_ids=ids, labels=labels).loss.backward()
+    model.zero_grad()
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = []
+    for i in range(3):
+        own = model(input_ids=ids[i : i + 1], labels=labels[i : i + 1]).loss
+        grads = torch.autograd.grad(own, params, allow_unused=True)
+        want.append(sum(g.pow(2).sum() for g in grads if g is not None))
+    # (T5's layer norm computes its variance in float32: 5e-8 its rounding, not noisescale's)
+    torch.testing.assert_close(pe.sqnorms, torch.stack(want), rtol=1e-6, atol=0)
+
+
 def test_a_declared_token_loss_is_counted_from_labels():
     """With the token mean declared, a model that computes its loss itself from labels= has its
     tokens counted from those labels (not -100) — what the Trainer needs, where nothing can call
