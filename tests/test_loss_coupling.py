@@ -769,6 +769,9 @@ SUMS_AND_MEANS = {
     "3 * mean": (lambda o, y: 3 * F.cross_entropy(o, y), "mean"),
     # (a factor of N or 1/N may be a coincidence — T² = N, world_size = N —: as given)
     "mean * N": (lambda o, y: F.cross_entropy(o, y) * o.shape[0], None),
+    # (a mean times 1/N is a mean, as mean / N is: 0.5 · out.loss at N = 2 under "sum" was
+    # taken as given, N² off, a hunt of 2026-12-07)
+    "mean * (1 / N)": (lambda o, y: F.cross_entropy(o, y) * (1 / o.shape[0]), "mean"),
     "sum * (1 / N)": (
         lambda o, y: F.cross_entropy(o, y, reduction="sum") * (1 / o.shape[0]),
         None,
@@ -831,6 +834,32 @@ SUMS_AND_MEANS = {
     "stack([mean, mean]).sum()": (
         lambda o, y: torch.stack([F.cross_entropy(o, y), o.pow(2).mean()]).sum(),
         "mean",
+    ),
+    # a kind read through a factor survives a stack, a cat, a view, a sign or a sum of sums (a
+    # hunt of 2026-12-07: weighted task losses, torch.stack([0.5 * ce, 0.3 * mse]).sum(), under
+    # "sum" were measured N² off without a word)
+    "stack([0.5 * mean, 0.3 * mean]).sum()": (
+        lambda o, y: torch.stack([0.5 * F.cross_entropy(o, y), 0.3 * o.pow(2).mean()]).sum(),
+        "mean",
+    ),
+    "stack([0.5 * sum]).sum(0)": (
+        lambda o, y: torch.stack([0.5 * F.cross_entropy(o, y, reduction="sum")]).sum(0),
+        "sum",
+    ),
+    "cat([(0.5 * mean).view(1), mean.view(1)]).mean()": (
+        lambda o, y: torch.cat(
+            [(0.5 * F.cross_entropy(o, y)).view(1), o.pow(2).mean().view(1)]
+        ).mean(),
+        "mean",
+    ),
+    "-(-0.5 * mean)": (lambda o, y: -(-0.5 * F.cross_entropy(o, y)), "mean"),
+    "sum([0.5 * mean, 0.3 * mean])": (
+        lambda o, y: sum([0.5 * F.cross_entropy(o, y), 0.3 * o.pow(2).mean()]),
+        "mean",
+    ),
+    "stack([sum / 7]).sum()": (
+        lambda o, y: torch.stack([F.cross_entropy(o, y, reduction="sum") / 7]).sum(),
+        None,
     ),
     # a constant of several values weighs each element: new terms, summed plainly (a hunt)
     "-(q * log_softmax).sum()": (lambda o, y: -(_soft(y) * o.log_softmax(-1)).sum(), "sum"),

@@ -276,9 +276,11 @@ def test_a_token_mean_loss_with_ignored_labels_gives_each_example_s_own_loss(
 ):
     """A Hugging Face model's loss with labels=-100 is a mean over the batch's counted tokens:
     example i weighs c_i/D in it, not 1/N. The one-shot norms are those of each example's own
-    loss (the model's loss on it alone), whatever ``loss_reduction`` says and however the loss
-    is scaled: the weights are measured. An example with no counted token: 0. Before, these
-    came out (N·c_i/D)² times too large or too small (0.56 relative error) without a word."""
+    loss (the model's loss on it alone), whatever ``loss_reduction`` says: the weights are
+    measured. A constant the user scaled it by is part of each example's loss, as for any loss
+    (``out.loss / 4``: 1/16 × — until 2026-12-07 dropped, while the engine and a loss by hand
+    kept it). An example with no counted token: 0. Before, these came out (N·c_i/D)² times too
+    large or too small (0.56 relative error) without a word."""
     build, _ = ZOO[name]
     torch.manual_seed(0)
     model = build()
@@ -288,7 +290,7 @@ def test_a_token_mean_loss_with_ignored_labels_gives_each_example_s_own_loss(
     with noisescale.per_example_sqnorms(model, loss_reduction=reduction) as pe:
         (model(input_ids=ids, labels=labels).loss / divide).backward()
     model.zero_grad()
-    want = _own_losses(model, ids, labels)
+    want = _own_losses(model, ids, labels) / divide**2
     got = pe.sqnorms
     assert got[N - 1] == 0
     assert ((got[: N - 1] - want).abs() / want).max() < RTOL, (got, want)

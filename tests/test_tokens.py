@@ -396,6 +396,41 @@ def test_a_loss_the_model_computes_itself_is_refused_with_the_fix():
     tracker.remove()
 
 
+@pytest.mark.parametrize("declared", ["mean", "sum"])
+def test_a_token_mean_the_model_computes_itself_over_equal_counts_one_shot(declared):
+    """T5's own token mean with labels of -100 where every sequence counts as many tokens (3 of
+    5): a plain mean over the examples of each one's own token mean, as with no -100. Under
+    "mean" each example's own loss, exact; under "sum" refused as a plain mean, as the same
+    loss without -100 is — until 2026-12-07 taken as given, N² = 9 below each example's own
+    loss without a word (a hunt)."""
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.T5Config(
+        vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg).double()
+    ids = torch.randint(1, 32, (3, 7))
+    labels = torch.randint(1, 32, (3, 5))
+    labels[0, 3:], labels[1, :2], labels[2, 1:4:2] = -100, -100, -100  # (3 counted in each)
+    if declared == "sum":
+        with pytest.raises(NoiseScaleInputError, match="plain mean over the examples"):
+            with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
+                model(input_ids=ids, labels=labels).loss.backward()
+        return
+    with noisescale.per_example_sqnorms(model, loss_reduction=declared) as pe:
+        model(input_ids=ids, labels=labels).loss.backward()
+    model.zero_grad()
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = []
+    for i in range(3):
+        own = model(input_ids=ids[i : i + 1], labels=labels[i : i + 1]).loss
+        grads = torch.autograd.grad(own, params, allow_unused=True)
+        want.append(sum(g.pow(2).sum() for g in grads if g is not None))
+    # (T5's layer norm computes its variance in float32: 5e-8 its rounding, not noisescale's)
+    torch.testing.assert_close(pe.sqnorms, torch.stack(want), rtol=1e-6, atol=0)
+
+
 def test_a_declared_token_loss_is_counted_from_labels():
     """With the token mean declared, a model that computes its loss itself from labels= has its
     tokens counted from those labels (not -100) — what the Trainer needs, where nothing can call
@@ -1369,6 +1404,37 @@ def test_a_models_token_loss_as_one_term_in_a_one_shot_measurement(lm, counts):
     )
     # (transformers' loss_function computes in float32: its rounding, not noisescale's)
     torch.testing.assert_close(pe.sqnorms, want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("c", [0.5, 0.25])
+def test_a_models_own_loss_times_a_constant_keeps_it_in_the_one_shot_norms(lm, c):
+    """``c · out.loss`` (a task's weight, ``out.loss / k`` for accumulation): each example's
+    own loss is c times the model's loss on it alone, as ``c · cross_entropy`` by hand and the
+    engine's ``raw_sqnorms`` read it. Until 2026-12-07 the one-shot norms divided the gradient
+    that reached the model's loss — c with it — out of each example's weight, and returned the
+    norms of ``out.loss`` alone (1/c² off: 4× at 0.5, a hunt). A causal LM's token mean over
+    sequences of different lengths, and a classifier's mean over its labelled examples."""
+    model, ids, mask, labels = lm["model"], lm["ids"][:4], lm["mask"][:4], lm["labels"][:4]
+    assert len(set((labels[:, 1:] != -100).sum(1).tolist())) > 1  # (unequal counts: weighed)
+    params = list(model.parameters())
+
+    def own(i):
+        out = model(ids[i : i + 1], attention_mask=mask[i : i + 1].long(), labels=labels[i : i + 1])
+        return sum(g.pow(2).sum() for g in torch.autograd.grad(c * out.loss, params))
+
+    with noisescale.per_example_sqnorms(model) as pe:
+        (c * model(ids, attention_mask=mask.long(), labels=labels).loss).backward()
+    model.zero_grad()
+    want = torch.stack([own(i) for i in range(4)])
+    # (transformers' loss_function computes in float32: its rounding, not noisescale's)
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-6, atol=0)
+    clf, cids, y, grads = _unlabelled_pool(12)
+    idx = torch.tensor([0, 1, 2, 3, 4, 5])
+    assert 0 < int((y[idx] == -100).sum()) < len(idx)
+    with noisescale.per_example_sqnorms(clf, loss_reduction="sum") as pe:
+        (c * clf(cids[idx], labels=y[idx]).loss).backward()
+    clf.zero_grad()
+    torch.testing.assert_close(pe.sqnorms, c**2 * grads[idx].pow(2).sum(1), rtol=1e-6, atol=0)
 
 
 def test_a_backward_from_a_generator_of_roots_still_computes_the_gradients(lm):

@@ -911,6 +911,10 @@ class LossWatch:
                     and isinstance(layout, _Sum)
                     and layout.plain is not None
                     and not (name == "mean" and all(isinstance(x, Rows | Across) for _, x in known))
+                    # (a kind read already through the factor, c·mean_i ℓ_i, that a move, a
+                    # join or a sum of sums keeps: torch.stack([0.5 * ce, 0.3 * mse]).sum()
+                    # under "sum" was measured N² off without a word until 2026-12-07, a hunt)
+                    and not all(isinstance(x, _Sum) for _, x in known)
                 ):
                     # (a mean over the examples of weighted terms is a plain mean of them: the
                     # weights make the terms, not the reduction — CTC's own reduction='mean',
@@ -1051,7 +1055,12 @@ class LossWatch:
                 # (another divisor normalizes by what the user counts — the step's examples, a
                 # model's num_items_in_batch given as a number: taken as given)
                 return None, False
-        elif any(abs(factor * m - 1.0) < 1e-9 for m in (n, 1.0 / n, layout.count or 0)):
+        # (a mean times 1/N is a mean, as mean / N is: 0.5 · out.loss at N = 2 under "sum" was
+        # taken as given, N² off without a word, until 2026-12-07, a hunt)
+        elif any(
+            abs(factor * m - 1.0) < 1e-9
+            for m in (n if kept == "sum" else 0, 1.0 / n, layout.count or 0)
+        ):
             return None, False  # (mean · N, T² · mean with T² = N, Σ · 1/(N·T): either kind)
         return kept, layout.factored  # (label smoothing's 1 − ε and ε/C, KD's T², 1/k)
 
@@ -2047,16 +2056,16 @@ def _reduction(func: Any, name: str, args: tuple, kwargs: dict, known: list, out
         shift = 0 if keep else sum(1 for d in dims if d < layout.dim)
         return _moved(layout, layout.dim - shift)
     if name in _SUMS:
-        kind = "mean" if name == "mean" else "sum"
+        kind, factored = ("mean" if name == "mean" else "sum"), False
         if isinstance(layout, _Sum):
             # (reduced over the examples already: a sum or mean over what is left keeps the
             # kind — Σ_c mean_i ℓ_ic is a mean over the examples, mean_c Σ_i one of sums; until
             # 2026-12-06 a mean of a sum lost it, a hunt)
-            kind = layout.plain
+            kind, factored = layout.plain, layout.factored
         count = None
         if isinstance(layout, Rows) and layout.block is not None and dims == set(range(t.dim())):
             count = t.numel()  # (every element: each example's rows alike, a regular layout)
-        return _Sum(_sum(known).owners, kind, count)
+        return _Sum(_sum(known).owners, kind, count, factored)
     return _mixed(func, "reduced over the examples non-linearly (a maximum, a norm, a variance)")
 
 
@@ -2701,7 +2710,8 @@ def _join(func: Any, name: str, named: dict, known: list, out: Tensor) -> Layout
         # of one kind joined keep it: torch.stack([ce_mean, aux_mean]).sum())
         kinds = {x.plain if isinstance(x, _Sum) else None for _, x in known}
         plain = kinds.pop() if len(kinds) == 1 else None
-        return _Sum(_sum(known).owners, plain)
+        factored = any(isinstance(x, _Sum) and x.factored for _, x in known)
+        return _Sum(_sum(known).owners, plain, factored=factored)
     for t, layout in known:
         s_ = s % (t.dim() + (name == "stack"))
         d = layout.dim + (name == "stack" and s_ <= layout.dim)

@@ -36,20 +36,23 @@ def new_parameters_message(names: Sequence[str]) -> str:
 
 
 def loss_kind_message(
-    declared: str, passes: Sequence[PassNorms], accumulated: bool = False
+    declared: str, passes: Sequence[PassNorms], accumulated: bool = False, evenly: bool = False
 ) -> str | None:
     """A backward from a plain sum over the examples under ``loss_reduction="mean"``, or from a
     plain mean under ``"sum"`` (loss_watch.py, audited steps), with more than one example: the
     refusal's text; else ``None``. ``accumulated``: a step of several micro-batches, where a
     kind that came through a numeric factor is not held against the declaration (the factor
     may be the loop's: Lightning's 1/k with k equal to the batch size by coincidence, n/total
-    — a review, 2026-12-06)."""
+    — a review, 2026-12-06). ``evenly``: what the mean counted, every example has as many of
+    (a model's own token mean over sequences that count as many tokens each): a plain mean over
+    the examples of each one's own mean, held to the declaration."""
     for p in passes:
         if p.batch_size < 2 or p.loss_kind is None or p.loss_kind == declared:
             continue
         if accumulated and p.loss_kind_factored:
             continue
-        if p.loss_kind == "mean" and p.loss_kind_counted is not None and bool(p.loss_kind_counted):
+        counted = p.loss_kind_counted is not None and bool(p.loss_kind_counted)
+        if p.loss_kind == "mean" and counted and not evenly:
             # the root is a mean over what it counts — x[mask].mean() over unevenly picked
             # rows, a cross-entropy's ignored targets — (scaled, or two such added), not over
             # the examples: a sum divided by a count, as (x * m).sum() / m.sum() is, which

@@ -41,9 +41,10 @@ class per_example_sqnorms:
             A Hugging Face model called with ``labels=`` weighs its tokens itself (a mean over
             the batch's counted tokens, or over ``num_items_in_batch``): its weights are
             measured, whatever ``loss_reduction`` says, and each example's own loss is the
-            model's loss on that example alone (the mean over its own counted tokens; an example
-            with none has norm 0). T5 and BART compute that loss themselves: refused when the
-            examples count different numbers of tokens.
+            model's loss on that example alone (the mean over its own counted tokens, times any
+            constant the loss was multiplied by; an example with none has norm 0). T5 and BART
+            compute that loss themselves: refused when the examples count different numbers of
+            tokens, a plain mean over the examples (held to ``loss_reduction``) when as many.
 
     After the block, ``sqnorms`` is a tensor [N] (examples of several passes are concatenated).
     """
@@ -100,12 +101,18 @@ class per_example_sqnorms:
                 )
             units = None
         if units is not None and units.measured and units.grad is not None:
-            if units.own is not None:  # a classifier's mean over its examples not labelled -100
-                own_weight = units.grad.detach().to(torch.float64) * units.own
-                weight = own_weight.to(device=raw.device, dtype=raw.dtype)
-            else:
-                per_unit = units.coefficient(1.0).to(raw.device)  # one token's weight
-                weight = (per_unit * units.counts.to(raw.device)).to(raw.dtype)  # example i's
+            # Example i's weight in the model's loss, not in what was backpropagated: a
+            # constant the user put on it (0.5 · out.loss, out.loss / k) is part of each
+            # example's loss, as for any loss (and as in raw_sqnorms) — until 2026-12-07 the
+            # gradient that reached the model's loss was divided out with it, and the norms
+            # were those of out.loss alone (c² off, a hunt). A GradScaler's scale is not the
+            # user's: divided out.
+            # (a classifier's mean over its examples not labelled -100 has weights of its own)
+            shares = units.own
+            if shares is None:
+                shares = units.counts / units.denominator  # type: ignore[operator]
+            scale = p.grad_scaler.get_scale() if p.grad_scaler is not None else 1.0
+            weight = (shares * scale).to(device=raw.device, dtype=raw.dtype)
             own = raw / weight.square()
             # an example with no counted token has no loss of its own and no gradient: 0
             return torch.where(weight != 0, own, torch.zeros_like(own))
@@ -132,7 +139,12 @@ class per_example_sqnorms:
         # (a counted mean is no plain mean over the examples: loss_kind_message passes it, and
         # "sum" takes it as given, as (x * m).sum() / m.sum() — until 2026-12-06 refused under
         # "sum" as well, x[mask].mean() with the wrong cause, a hunt)
-        wrong_kind = loss_kind_message(self.loss_reduction, [p])
+        # (the model's own token mean, every example counting as many tokens: a plain mean over
+        # the examples of each one's own loss, as with no label -100 — held to the declaration;
+        # until 2026-12-07 taken as given under "sum", N² below each example's own loss without
+        # a word, a hunt)
+        evenly = p.units_error is not None and counts is not None
+        wrong_kind = loss_kind_message(self.loss_reduction, [p], evenly=evenly)
         if wrong_kind is not None:
             raise NoiseScaleInputError(wrong_kind)
         if counted and self.loss_reduction == "mean":
