@@ -423,6 +423,31 @@ def test_grad_scaler_not_given_to_the_tracker_is_refused(mode):
         assert a["sqnorm_big"] == pytest.approx(b["sqnorm_big"], rel=1e-6)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_grad_scaler_is_divided_out_of_the_one_shot_norms(reduction):
+    """``per_example_sqnorms`` around ``scaler.scale(loss).backward()`` with a loss written by
+    hand: the scale S is not the user's. Until 2026-12-07 it stayed in, the norms S² too large
+    without a word (×64 at S = 8; a review — a model's own loss had it divided out already)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    with noisescale.per_example_sqnorms(model, loss_reduction=reduction) as pe:
+        per = model(x).pow(2).sum(1)
+        scaler.scale(per.mean() if reduction == "mean" else per.sum()).backward()
+    params = list(model.parameters())
+    want = torch.stack(
+        [
+            sum(
+                g.pow(2).sum()
+                for g in torch.autograd.grad(model(x[i : i + 1]).pow(2).sum(), params)
+            )
+            for i in range(5)
+        ]
+    )
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-12, atol=0)
+
+
 class _LossInside(nn.Module):
     """A model that computes its loss in its forward (the Hugging Face ``.loss`` pattern)."""
 

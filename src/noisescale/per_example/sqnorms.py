@@ -46,6 +46,10 @@ class per_example_sqnorms:
             compute that loss themselves: refused when the examples count different numbers of
             tokens, a plain mean over the examples (held to ``loss_reduction``) when as many.
 
+    A loss scaled by a ``torch.amp.GradScaler`` (``scaler.scale(loss).backward()``) has the
+    scale divided out (read with ``get_scale()`` when the block ends: call ``scaler.update()``
+    after it).
+
     After the block, ``sqnorms`` is a tensor [N] (examples of several passes are concatenated).
     """
 
@@ -168,6 +172,11 @@ class per_example_sqnorms:
                 "itself: compute it from the logits as above"
             )
         scale = float(p.batch_size) ** 2 if self.loss_reduction == "mean" else 1.0
+        if p.grad_scaler is not None:
+            # a GradScaler scaled the loss: its scale is not the user's (until 2026-12-07 a
+            # loss written by hand kept it, the norms S² too large without a word, ×64 at a
+            # scale of 8 — a review; the model's own loss above divided it out already)
+            scale /= float(p.grad_scaler.get_scale()) ** 2
         return raw * scale
 
     def __exit__(self, *exc: object) -> None:
