@@ -2144,3 +2144,25 @@ def test_a_layer_called_between_micro_batches_outside_any_forward_is_refused(fir
         tracker.step()
     assert tracker.history == []
     tracker.remove()
+
+
+def test_an_audit_of_an_all_zero_gradient_proves_nothing():
+    """A pass whose loss counts nothing (0 · terms) has an all-zero gradient: its audit
+    compares zeros with zeros. It counted as proof of the pass's structure, so the next
+    steps of that structure went unaudited off the schedule (steps 1, 2, 4, …); now such an
+    audit proves nothing and the next step is audited: two steps of zero loss, then step 3
+    is audited and exact — each loss o_i², its gradient 2·o_i·(x_i, 1), its squared norm
+    4·o_i²·(|x_i|² + 1)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    engine = PerExampleNorms(model)
+    for zero in (True, True, False):
+        model.zero_grad()
+        out = model(X).squeeze(-1)
+        ((0.0 if zero else 1.0) * out.pow(2)).sum().backward()
+        (done,) = engine.collect()
+    engine.remove()
+    assert done.audited
+    o = out.detach()
+    want = 4 * o**2 * (X.pow(2).sum(1) + 1)
+    torch.testing.assert_close(done.raw_sqnorms, want, rtol=1e-10, atol=0)
