@@ -634,6 +634,13 @@ class PassOpening:
         frame: list[tuple[nn.Module, str]] = []
         self._scope_frames.setdefault(module, []).append(frame)
         if not self._active() or module in self._fallback:
+            scoped = self._scopes.get(module)
+            if module is not self.model and scoped:
+                # (a module of no rule using its parameters directly, outside any forward:
+                # Gemma's and BART's scaled embeddings, inputs_embeds built by the caller —
+                # refused by the audit's remainder, the cause unnamed, until 2026-12-07)
+                label = self._labels.get(module, type(module).__name__)
+                self._note_unopened(label, [pid for _, _, pid in scoped])
             return
         pass_ = self._hook_pass()
         if self._inside_compiled_call:
