@@ -2217,3 +2217,77 @@ def test_an_expert_given_as_many_rows_as_the_batch_has_examples_is_named():
     with pytest.raises(UnsupportedModuleError, match=r"got 4 of them on this batch"):
         with noisescale.per_example_sqnorms(model):
             loss(x, even).backward()
+
+
+class _EmbedAndHead(nn.Module):
+    """An embedding and a linear head: the model looks ids up itself, or takes vectors
+    looked up by the caller (``inputs_embeds``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(6, 3)
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.head(self.emb(x) if x.dtype == torch.long else x).squeeze(-1)
+
+
+@pytest.mark.parametrize("first", ["model", "zero", "counted"])
+def test_a_layer_called_between_micro_batches_outside_any_forward_is_refused(first):
+    """inputs_embeds built by the caller, model.emb(ids), for the second of two micro-batches:
+    the lookup runs after the first pass's backward, before the second forward — in no forward
+    of the model. It was taken for the first pass's loss code: with a first micro-batch whose
+    loss counts nothing (weights 0) the norms came out [|v|², |v|², |v|², …] (0.24, not 0:
+    the second pass's embedding rows measured into the first pass's examples) without a word
+    (a hunt, 2026-12-07). Refused now whatever the first micro-batch was, naming the layer;
+    called the usual way the norms are the closed form w_i²(|e_i|² + 1 + |v|²)."""
+    model = _EmbedAndHead()
+    ids = torch.arange(6)
+    w = torch.tensor([0.0, 0, 0, 1, 1, 1]) if first == "zero" else torch.ones(6)
+    lead = "layer 'emb' ran with gradients enabled outside a forward of the measured model"
+    engine = PerExampleNorms(model)
+    model.zero_grad()
+    head = ids[:3] if first == "model" else model.emb(ids[:3])
+    (w[:3] * model(head)).sum().backward()
+    (w[3:] * model(model.emb(ids[3:]))).sum().backward()
+    with pytest.raises(UnsupportedModuleError, match=f"^{lead}"):
+        engine.collect()
+    model.zero_grad()
+    (w[:3] * model(ids[:3])).sum().backward()
+    (w[3:] * model(ids[3:])).sum().backward()
+    got = torch.cat([p.raw_sqnorms for p in engine.collect()])
+    engine.remove()
+    e, v = model.emb.weight.detach(), model.head.weight.detach()
+    want = w**2 * (e.pow(2).sum(1) + 1 + v.pow(2).sum())
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    tracker = noisescale.GradientNoiseTracker(model, loss_reduction="sum")
+    model.zero_grad()
+    (w[:3] * model(model.emb(ids[:3]))).sum().backward()
+    (w[3:] * model(model.emb(ids[3:]))).sum().backward()
+    with pytest.raises(UnsupportedModuleError, match=f"^{lead}"):
+        tracker.step()
+    assert tracker.history == []
+    tracker.remove()
+
+
+def test_an_audit_of_an_all_zero_gradient_proves_nothing():
+    """A pass whose loss counts nothing (0 · terms) has an all-zero gradient: its audit
+    compares zeros with zeros. It counted as proof of the pass's structure, so the next
+    steps of that structure went unaudited off the schedule (steps 1, 2, 4, …); now such an
+    audit proves nothing and the next step is audited: two steps of zero loss, then step 3
+    is audited and exact — each loss o_i², its gradient 2·o_i·(x_i, 1), its squared norm
+    4·o_i²·(|x_i|² + 1)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    engine = PerExampleNorms(model)
+    for zero in (True, True, False):
+        model.zero_grad()
+        out = model(X).squeeze(-1)
+        ((0.0 if zero else 1.0) * out.pow(2)).sum().backward()
+        (done,) = engine.collect()
+    engine.remove()
+    assert done.audited
+    o = out.detach()
+    want = 4 * o**2 * (X.pow(2).sum(1) + 1)
+    torch.testing.assert_close(done.raw_sqnorms, want, rtol=1e-10, atol=0)

@@ -152,6 +152,9 @@ class Findings:
     # parameters with per-example gradients whose own gradient the audit never received: their
     # sums were checked against nothing (PassAudit.finish)
     unrecorded: list[int] = field(default_factory=list)
+    # the pass's gradient was all zero (a micro-batch whose loss counts nothing, 0 · terms):
+    # its replays and sums compared zeros with zeros and proved nothing (PassAudit.finish)
+    vacuous: bool = False
 
     @property
     def ok(self) -> bool:
@@ -846,6 +849,7 @@ class PassAudit:
         # ignores) does not fail on its rounding noise
         total = sum(float(sq) for sq, _ in self._grad.values())
         floor = (64 * _eps(self._dtype)) ** 2 * total
+        self.findings.vacuous = bool(self._grad) and total == 0
         for pid in received:
             if pid in self.skip_sums:
                 continue

@@ -361,17 +361,8 @@ class LayerHooks:
         product_weight, product_bias = (None, None) if taken is None else taken
         if product_weight is None and not self._active():
             self.check_forward_transform(f"layer '{self._calls[module][1]}'")
-            if (
-                not self.passes
-                and self._unopened is None
-                and torch.is_grad_enabled()
-                and not (self._paused or self._recomputing or self._replaying)
-            ):
-                _, self._unopened, params = self._calls[module]
-                self._unopened_params = [self._param_name[id(p)] for p in params.values()]
-                # (under a torch.func transform — grad, vjp, vmap over functional_call — the
-                # model's own call opens no pass either: named so, a hunt of 2026-12-06)
-                self._unopened_transform = torch._C._functorch.maybe_current_level() is not None
+            _, label, params = self._calls[module]
+            self._note_unopened(label, [id(p) for p in params.values()])
             return None
         rule, label, params = self._calls[module]
         if _fwad._current_level >= 0 and _has_dual(_flat_values((*args, output), kwargs)):

@@ -124,6 +124,41 @@ class PassOpening:
             and torch.is_grad_enabled()
             and bool(self.passes)
             and not self.passes[-1].idle
+            and not self._closed()
+        )
+
+    def _note_unopened(self, label: str, pids: list[int]) -> None:
+        """Note the step's first layer (or module using parameters ``pids`` directly) that
+        ran with gradients enabled outside any forward of the model: before the first, or
+        between a pass's backward and the next forward (:meth:`_closed`) — inputs_embeds built
+        by the caller, a submodule called by itself —, for the refusal to name
+        (:meth:`collect`)."""
+        if (
+            (not self.passes or self._closed())
+            and self._unopened is None
+            and torch.is_grad_enabled()
+            and not (self._paused or self._recomputing or self._replaying)
+        ):
+            self._unopened = label
+            self._unopened_params = [self._param_name[pid] for pid in pids]
+            # (under a torch.func transform — grad, vjp, vmap over functional_call — the
+            # model's own call opens no pass either: named so, a hunt of 2026-12-06)
+            self._unopened_transform = torch._C._functorch.maybe_current_level() is not None
+
+    def _closed(self) -> bool:
+        """Whether the last pass is over: its forward returned and a backward wrote .grad
+        through it, and no backward runs now. A layer of the model called then belongs to no
+        forward — the next micro-batch's inputs_embeds built by the caller (a pass's own loss
+        code runs before its backward). Until 2026-12-07 such a call was taken as the last
+        pass's loss code: the next micro-batch's rows measured into that pass's examples, and
+        with a first micro-batch whose loss was 0 the audit passed (norms nonzero for examples
+        whose loss was 0, 9-36% off, without a word, a hunt)."""
+        last = self.passes[-1] if self.passes else None
+        return (
+            last is not None
+            and last.returned
+            and last.wrote
+            and torch._C._current_graph_task_id() == -1
         )
 
     def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -627,6 +662,13 @@ class PassOpening:
         frame: list[tuple[nn.Module, str]] = []
         self._scope_frames.setdefault(module, []).append(frame)
         if not self._active() or module in self._fallback:
+            scoped = self._scopes.get(module)
+            if module is not self.model and scoped:
+                # (a module of no rule using its parameters directly, outside any forward:
+                # Gemma's and BART's scaled embeddings, inputs_embeds built by the caller —
+                # refused by the audit's remainder, the cause unnamed, until 2026-12-07)
+                label = self._labels.get(module, type(module).__name__)
+                self._note_unopened(label, [pid for _, _, pid in scoped])
             return
         pass_ = self._hook_pass()
         if self._inside_compiled_call:

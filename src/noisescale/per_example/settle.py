@@ -209,6 +209,11 @@ class Settle:
                     RuntimeWarning,
                     stacklevel=2,
                 )
+            if findings.vacuous:
+                # an audit of zeros proves no structure (until 2026-12-07 it did: a first
+                # micro-batch that counted no token passed, a hunt): the next step audits
+                self._audit_due = True
+                return
             for audit in pass_.audits or ([pass_.audit] if pass_.audit is not None else []):
                 # (every forward's structure of a merged pass: until 2026-12-06 the first's
                 # alone, and a second forward of another shape was audited alone at every
