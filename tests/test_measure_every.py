@@ -203,6 +203,41 @@ def test_unmeasured_steps_count_every_forward_of_a_backward(micro):
     assert tracker.examples == 30 * micro  # what the integrations hand a batch-size schedule
 
 
+class _ReturnsItsTemperature(nn.Module):
+    """A model that returns a Parameter of its own beside its logits, ``(logits, self.T)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _mlp()
+        self.t = nn.Parameter(torch.tensor(1.3))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net(x), self.t
+
+
+def test_unmeasured_steps_count_a_model_returning_a_parameter_once():
+    """The model returns its temperature Parameter, the loss reads logits / T, beside an
+    evaluation forward of 5 with gradients on: the Parameter's node is every forward's, and
+    the hooks an unmeasured step put on its outputs noted every pass at each backward — history
+    examples [12, 46, 80] for [12, 36, 60] (a review of 2026-12-07's fix above, before it
+    landed)."""
+    torch.manual_seed(0)
+    model = _ReturnsItsTemperature()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    tracker = GradientNoiseTracker(model, measure_every=2, sync_every=1, per_example_fraction=1.0)
+    for _ in range(5):
+        opt.zero_grad()
+        for _ in range(2):
+            x, y = torch.randn(6, 6), torch.randint(0, 3, (6,))
+            model(torch.randn(5, 6))  # an evaluation forward with gradients on
+            logits, t = model(x)
+            (F.cross_entropy(logits / t, y) / 2).backward()
+        tracker.step()
+        opt.step()
+    assert [h["examples"] for h in tracker.history] == [12, 36, 60]
+    assert tracker.examples == 60
+
+
 def test_a_checkpoint_inside_a_cycle_resumes_exactly():
     kwargs, micro = MODES["subbatches"]
     whole, _, _ = _run(Sequence, kwargs, micro, "every", steps=STEPS)

@@ -448,6 +448,33 @@ def test_grad_scaler_is_divided_out_of_the_one_shot_norms(reduction):
     torch.testing.assert_close(pe.sqnorms, want, rtol=1e-12, atol=0)
 
 
+def test_grad_scaler_updated_inside_the_one_shot_block_keeps_the_backward_s_scale():
+    """``scaler.step(opt); scaler.update()`` inside the block, the scale doubling (8 → 16,
+    growth_interval=1): the norms are divided by the scale the backward ran with. Read at the
+    block's end they were 4× too small without a word (a review, 2026-12-07)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    params = list(model.parameters())
+    want = torch.stack(
+        [
+            sum(
+                g.pow(2).sum()
+                for g in torch.autograd.grad(model(x[i : i + 1]).pow(2).sum(), params)
+            )
+            for i in range(5)
+        ]
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=1)
+    with noisescale.per_example_sqnorms(model) as pe:
+        scaler.scale(model(x).pow(2).sum(1).mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert scaler.get_scale() == 16.0
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-12, atol=0)
+
+
 class _LossInside(nn.Module):
     """A model that computes its loss in its forward (the Hugging Face ``.loss`` pattern)."""
 

@@ -87,6 +87,15 @@ def _without_cross_terms(uses: list[Factor]) -> bool:
     return any(isinstance(f, NormFactor) and f.grads is None for f in uses)
 
 
+def _scale_now(scaler: Any) -> Any:
+    """A GradScaler's scale as its backward runs, copied on its device (no host sync):
+    ``update()`` inside a one-shot block changes it before the norms are read (a review,
+    2026-12-07: 4× off when it doubled). ``None`` where the scaler has no such tensor."""
+    get = getattr(scaler, "_get_scale_async", None)
+    scale = get() if get is not None else None
+    return scale.detach().clone() if isinstance(scale, Tensor) else None
+
+
 class Collect:
     """:class:`~noisescale.per_example.engine.PerExampleNorms`' parameter hooks, accumulation
     and collection of a step's passes."""
@@ -127,6 +136,7 @@ class Collect:
                 # after its eager audited ones and per_example=False, where no hook on the
                 # outputs runs (until 2026-12-05 those recorded the scale² without a word)
                 current.grad_scaler = scaler
+                current.grad_scale = _scale_now(scaler)
             repeated = pid in current.received
             if repeated:
                 current.repeated_backward = True

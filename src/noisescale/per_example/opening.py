@@ -589,6 +589,10 @@ class PassOpening:
         parameters' gradients went to the last forward alone: the others' examples were not
         counted (``examples`` and ``tokens_seen`` short, a batch-size schedule behind; a hunt)."""
         for edge, _ in _output_edges(output):
+            if edge.node.name().endswith("AccumulateGrad"):
+                # (a Parameter the model returns, (logits, self.T): its node is every forward's,
+                # and each backward would note them all — counted twice, a review)
+                continue
             pass_.handles.append(
                 edge.node.register_prehook(
                     lambda grads, nr=edge.output_nr: (

@@ -99,6 +99,7 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
             else None
         )
         merged.grad_scaler = next((p.grad_scaler for p in group if p.grad_scaler), None)
+        merged.grad_scale = next((p.grad_scale for p in group if p.grad_scaler), None)
         merged.loss_unfollowed = next((p.loss_unfollowed for p in group if p.loss_unfollowed), None)
         merged.loss_side = next((p.loss_side for p in group if p.loss_side), None)
         merged.loss_side_unchecked = any(p.loss_side_unchecked for p in group)

@@ -236,6 +236,8 @@ class PassNorms:
     # started from (scaler_watch.py, every step), which the tracker must have been given
     # (scaler=)
     grad_scaler: Any = None
+    # its scale when the backward ran (a tensor copied there, no sync): update() may change it
+    grad_scale: Any = None
     # each parameter's (.grad, version) when the pass's backward had finished (changed_grads)
     grad_marks: list[tuple[Any, int] | None] | None = None
     # on the steps audits fall on: each parameter's |.grad|² then too (changed_grads: what no

@@ -20,6 +20,16 @@ from noisescale.per_example.passes import PassNorms
 from noisescale.tokens import TokenWatcher
 
 
+def _loss_scale(p: PassNorms) -> float:
+    """The GradScaler's scale the pass's backward ran with (read then: an ``update()`` inside
+    the block may have changed the scaler's since), 1.0 without one."""
+    if p.grad_scaler is None:
+        return 1.0
+    if p.grad_scale is not None:
+        return float(p.grad_scale)
+    return float(p.grad_scaler.get_scale())
+
+
 class per_example_sqnorms:
     """Context manager giving |∇θ ℓ_i|² for each example i of a forward/backward pass.
 
@@ -47,8 +57,7 @@ class per_example_sqnorms:
             tokens, a plain mean over the examples (held to ``loss_reduction``) when as many.
 
     A loss scaled by a ``torch.amp.GradScaler`` (``scaler.scale(loss).backward()``) has the
-    scale divided out (read with ``get_scale()`` when the block ends: call ``scaler.update()``
-    after it).
+    scale divided out (the scale its backward ran with).
 
     After the block, ``sqnorms`` is a tensor [N] (examples of several passes are concatenated).
     """
@@ -115,7 +124,7 @@ class per_example_sqnorms:
             shares = units.own
             if shares is None:
                 shares = units.counts / units.denominator  # type: ignore[operator]
-            scale = p.grad_scaler.get_scale() if p.grad_scaler is not None else 1.0
+            scale = _loss_scale(p)
             weight = (shares * scale).to(device=raw.device, dtype=raw.dtype)
             own = raw / weight.square()
             # an example with no counted token has no loss of its own and no gradient: 0
@@ -176,7 +185,7 @@ class per_example_sqnorms:
             # a GradScaler scaled the loss: its scale is not the user's (until 2026-12-07 a
             # loss written by hand kept it, the norms S² too large without a word, ×64 at a
             # scale of 8 — a review; the model's own loss above divided it out already)
-            scale /= float(p.grad_scaler.get_scale()) ** 2
+            scale /= _loss_scale(p) ** 2
         return raw * scale
 
     def __exit__(self, *exc: object) -> None:
