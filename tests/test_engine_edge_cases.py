@@ -2233,6 +2233,68 @@ class _EmbedAndHead(nn.Module):
         return self.head(self.emb(x) if x.dtype == torch.long else x).squeeze(-1)
 
 
+class _TiedDirect(nn.Module):
+    """An embedding, a Linear, and a head tied to the embedding used directly (h @ emb.weight.T:
+    a direct use the engine learns at its first audit)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.mid = nn.Linear(4, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.mid(self.emb(ids))) @ self.emb.weight.T
+
+
+@pytest.mark.parametrize("where", ["between the micro-batches", "after the last backward"])
+def test_a_logging_call_no_backward_reaches_after_a_backward_is_not_refused(where):
+    """``model.emb(ids).norm()`` with gradients on, after a micro-batch's backward, its result
+    never backpropagated: no forward's, and no backward's either — not refused (for a while on
+    2026-12-07 it was, at every step, a review: only a call whose output a backward reaches is
+    outside any forward). Step 1 is withheld (the tied head's direct use learned), then
+    exact."""
+    torch.manual_seed(0)
+    model = _TiedDirect().double()
+    engine = PerExampleNorms(model)
+    gen = torch.Generator().manual_seed(1)
+    params = list(model.parameters())
+    try:
+        for step in range(1, 5):
+            ids = torch.randint(0, 7, (6,), generator=gen)
+            y = torch.randint(0, 7, (6,), generator=gen)
+            model.zero_grad()
+            for k in range(2):
+                part = slice(3 * k, 3 * k + 3)
+                if k == 1 and where == "between the micro-batches":
+                    model.emb(ids).norm()
+                F.cross_entropy(model(ids[part]), y[part], reduction="sum").backward()
+            if where == "after the last backward":
+                model.emb(ids).norm()
+            done = engine.collect()
+            if step == 1:
+                assert all(p.withheld for p in done)
+                continue
+            got = torch.cat([p.raw_sqnorms for p in done])
+            with engine.paused():
+                want = torch.stack(
+                    [
+                        sum(
+                            g.pow(2).sum()
+                            for g in torch.autograd.grad(
+                                F.cross_entropy(
+                                    model(ids[i : i + 1]), y[i : i + 1], reduction="sum"
+                                ),
+                                params,
+                            )
+                        )
+                        for i in range(6)
+                    ]
+                )
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    finally:
+        engine.remove()
+
+
 @pytest.mark.parametrize("first", ["model", "zero", "counted"])
 def test_a_layer_called_between_micro_batches_outside_any_forward_is_refused(first):
     """inputs_embeds built by the caller, model.emb(ids), for the second of two micro-batches:

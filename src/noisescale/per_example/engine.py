@@ -394,6 +394,9 @@ class PerExampleNorms(
         self.unopened_transform = False
         self.unopened: str | None = None
         self._unopened_params: list[str] = []  # (the names of its parameters)
+        # modules of no rule called after a pass's backward, noted at their exit if a backward
+        # reaches their output (PassOpening._note_unopened)
+        self._unopened_scopes: dict[nn.Module, tuple[str, list[str], bool]] = {}
         self._outside_params: set[str] = set()  # the collected step's _unopened_params
         self._recomputing = False
         self._paused = False

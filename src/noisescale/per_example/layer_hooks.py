@@ -362,7 +362,7 @@ class LayerHooks:
         if product_weight is None and not self._active():
             self.check_forward_transform(f"layer '{self._calls[module][1]}'")
             _, label, params = self._calls[module]
-            self._note_unopened(label, [id(p) for p in params.values()])
+            self._note_unopened(label, [id(p) for p in params.values()], output)
             return None
         rule, label, params = self._calls[module]
         if _fwad._current_level >= 0 and _has_dual(_flat_values((*args, output), kwargs)):

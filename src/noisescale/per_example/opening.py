@@ -127,23 +127,51 @@ class PassOpening:
             and not self._closed()
         )
 
-    def _note_unopened(self, label: str, pids: list[int]) -> None:
+    def _note_unopened(
+        self, label: str, pids: list[int], output: Any = None, scope: nn.Module | None = None
+    ) -> None:
         """Note the step's first layer (or module using parameters ``pids`` directly) that
         ran with gradients enabled outside any forward of the model: before the first, or
         between a pass's backward and the next forward (:meth:`_closed`) — inputs_embeds built
         by the caller, a submodule called by itself —, for the refusal to name
-        (:meth:`collect`)."""
+        (:meth:`collect`). After a pass's backward only a call whose ``output`` a backward
+        reaches is noted, when its gradient arrives (a ``scope`` module's output, at its
+        exit): a logging call, ``model.emb(ids).norm()``, was refused at every step for a while
+        on 2026-12-07 (a review)."""
         if (
-            (not self.passes or self._closed())
-            and self._unopened is None
-            and torch.is_grad_enabled()
-            and not (self._paused or self._recomputing or self._replaying)
+            self._unopened is not None
+            or not torch.is_grad_enabled()
+            or self._paused
+            or self._recomputing
+            or self._replaying
         ):
+            return
+        names = [self._param_name[pid] for pid in pids]
+        # (under a torch.func transform — grad, vjp, vmap over functional_call — the model's
+        # own call opens no pass either: named so, a hunt of 2026-12-06)
+        transform = torch._C._functorch.maybe_current_level() is not None
+        if not self.passes:
+            self._set_unopened(label, names, transform)
+        elif self._closed():
+            if scope is not None:
+                self._unopened_scopes[scope] = (label, names, transform)
+            else:
+                self._note_when_reached(output, label, names, transform)
+
+    def _set_unopened(self, label: str, names: list[str], transform: bool) -> None:
+        if self._unopened is None:
             self._unopened = label
-            self._unopened_params = [self._param_name[pid] for pid in pids]
-            # (under a torch.func transform — grad, vjp, vmap over functional_call — the
-            # model's own call opens no pass either: named so, a hunt of 2026-12-06)
-            self._unopened_transform = torch._C._functorch.maybe_current_level() is not None
+            self._unopened_params = names
+            self._unopened_transform = transform
+
+    def _note_when_reached(
+        self, output: Any, label: str, names: list[str], transform: bool
+    ) -> None:
+        for t in _tensors(output):
+            if t.requires_grad:
+                t.register_hook(
+                    lambda grad: self._set_unopened(label, names, transform)  # type: ignore[func-returns-value]
+                )
 
     def _closed(self) -> bool:
         """Whether the last pass is over: its forward returned and a backward wrote .grad
@@ -672,7 +700,7 @@ class PassOpening:
                 # Gemma's and BART's scaled embeddings, inputs_embeds built by the caller —
                 # refused by the audit's remainder, the cause unnamed, until 2026-12-07)
                 label = self._labels.get(module, type(module).__name__)
-                self._note_unopened(label, [pid for _, _, pid in scoped])
+                self._note_unopened(label, [pid for _, _, pid in scoped], scope=module)
             return
         pass_ = self._hook_pass()
         if self._inside_compiled_call:
@@ -748,6 +776,9 @@ class PassOpening:
             self._mirrored.append(layer)
 
     def _on_scope_exit(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        unopened = self._unopened_scopes.pop(module, None)
+        if unopened is not None:
+            self._note_when_reached(output, *unopened)
         frames = self._scope_frames.get(module)
         if not frames:
             return
