@@ -351,6 +351,7 @@ class Collect:
         self._writer = None
         self._hook_in.clear()
         self._unopened = None
+        self._unopened_scopes.clear()  # (a call that raised before its exit: not carried on)
         self._unopened_params = []
         self._unopened_transform = False
 
