@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 import noisescale
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.per_example import PerExampleNorms
+from test_subbatch import example_sqnorms
 
 # brute-force references in float64 (the fixture lives in conftest.py)
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -2257,7 +2258,6 @@ def test_a_logging_call_no_backward_reaches_after_a_backward_is_not_refused(wher
     model = _TiedDirect().double()
     engine = PerExampleNorms(model)
     gen = torch.Generator().manual_seed(1)
-    params = list(model.parameters())
     try:
         for step in range(1, 5):
             ids = torch.randint(0, 7, (6,), generator=gen)
@@ -2276,19 +2276,12 @@ def test_a_logging_call_no_backward_reaches_after_a_backward_is_not_refused(wher
                 continue
             got = torch.cat([p.raw_sqnorms for p in done])
             with engine.paused():
-                want = torch.stack(
-                    [
-                        sum(
-                            g.pow(2).sum()
-                            for g in torch.autograd.grad(
-                                F.cross_entropy(
-                                    model(ids[i : i + 1]), y[i : i + 1], reduction="sum"
-                                ),
-                                params,
-                            )
-                        )
-                        for i in range(6)
-                    ]
+                want = example_sqnorms(
+                    model,
+                    lambda i, ids=ids, y=y: F.cross_entropy(
+                        model(ids[i : i + 1]), y[i : i + 1], reduction="sum"
+                    ),
+                    6,
                 )
             torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
     finally:

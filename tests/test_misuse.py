@@ -17,6 +17,7 @@ from torch import nn
 
 import noisescale
 from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
+from test_subbatch import example_sqnorms
 
 
 def _model() -> nn.Module:
@@ -435,16 +436,7 @@ def test_grad_scaler_is_divided_out_of_the_one_shot_norms(reduction):
     with noisescale.per_example_sqnorms(model, loss_reduction=reduction) as pe:
         per = model(x).pow(2).sum(1)
         scaler.scale(per.mean() if reduction == "mean" else per.sum()).backward()
-    params = list(model.parameters())
-    want = torch.stack(
-        [
-            sum(
-                g.pow(2).sum()
-                for g in torch.autograd.grad(model(x[i : i + 1]).pow(2).sum(), params)
-            )
-            for i in range(5)
-        ]
-    )
+    want = example_sqnorms(model, lambda i: model(x[i : i + 1]).pow(2).sum(), 5)
     torch.testing.assert_close(pe.sqnorms, want, rtol=1e-12, atol=0)
 
 
@@ -455,16 +447,7 @@ def test_grad_scaler_updated_inside_the_one_shot_block_keeps_the_backward_s_scal
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     x = torch.randn(5, 3, dtype=torch.float64)
-    params = list(model.parameters())
-    want = torch.stack(
-        [
-            sum(
-                g.pow(2).sum()
-                for g in torch.autograd.grad(model(x[i : i + 1]).pow(2).sum(), params)
-            )
-            for i in range(5)
-        ]
-    )
+    want = example_sqnorms(model, lambda i: model(x[i : i + 1]).pow(2).sum(), 5)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=1)
     with noisescale.per_example_sqnorms(model) as pe:
