@@ -340,9 +340,8 @@ def test_penalty_in_the_loss_is_refused_at_the_step_it_is_in_the_graph(form, on,
     assert len(steps) == (3 if when == "from_step_3" else 1), steps
 
 
-def test_small_penalty_in_the_loss_is_refused_one_shot():
-    """λ = 1e-4 on a weight (its gradient 2.3e-4 of the weight's): under the audit's tolerance
-    of 1e-3, the one-shot norms came out 1.7e-5 off without a word until 2026-12-07 (a hunt)."""
+def _small_penalty_refused_one_shot(match: str) -> None:
+    """λ = 1e-4 · |w|² on the head's weight of a small MLP, measured one-shot: refused."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     x = torch.randn(N, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -350,8 +349,14 @@ def test_small_penalty_in_the_loss_is_refused_one_shot():
     def with_penalty(m, xs):
         return _sq(m, xs) + 1e-4 * m[2].weight.pow(2).sum()
 
-    with pytest.raises(UnsupportedModuleError, match=r"\['2.weight'\] read outside.*weight_decay"):
+    with pytest.raises(UnsupportedModuleError, match=match):
         one_shot(model, x, with_penalty)
+
+
+def test_small_penalty_in_the_loss_is_refused_one_shot():
+    """λ = 1e-4 on a weight (its gradient 2.3e-4 of the weight's): under the audit's tolerance
+    of 1e-3, the one-shot norms came out 1.7e-5 off without a word until 2026-12-07 (a hunt)."""
+    _small_penalty_refused_one_shot(r"\['2.weight'\] read outside.*weight_decay")
 
 
 def test_small_penalty_is_refused_after_an_engine_collected_without_remove():
@@ -373,15 +378,7 @@ def test_small_penalty_is_refused_after_an_engine_collected_without_remove():
     audit.BACKWARD_STARTS.append(_backward_start(weakref.WeakMethod(gone.started)))
     del gone  # (collected at once: no cycle)
     before = len(audit.BACKWARD_STARTS)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-    x = torch.randn(N, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-
-    def with_penalty(m, xs):
-        return _sq(m, xs) + 1e-4 * m[2].weight.pow(2).sum()
-
-    with pytest.raises(UnsupportedModuleError, match=r"\['2.weight'\] read outside"):
-        one_shot(model, x, with_penalty)
+    _small_penalty_refused_one_shot(r"\['2.weight'\] read outside")
     assert len(audit.BACKWARD_STARTS) == before - 1  # (the dead one dropped itself; ours removed)
 
 
