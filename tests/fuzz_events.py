@@ -73,7 +73,14 @@ import torch.utils.checkpoint
 from torch import nn
 
 import noisescale
-from fuzz_runner import REFUSALS, WITHHOLD_WORDS, _groups, float64_default, relerr
+from fuzz_runner import (
+    REFUSALS,
+    WITHHOLD_WORDS,
+    _groups,
+    float64_default,
+    print_class_table,
+    relerr,
+)
 from noisescale.per_example import PerExampleNorms
 
 RTOL = 1e-7
@@ -983,11 +990,7 @@ def main(argv=None):
     finally:
         if out:
             out.close()
-    classes = sorted({c for row in table.values() for c in row})
-    width = max([len("class"), *map(len, classes)])
-    print(f"\n{'class':{width}s}" + "".join(f"{v:>12s}" for v in table))
-    for c in classes:
-        print(f"{c:{width}s}" + "".join(f"{table[v].get(c, 0):12d}" for v in table))
+    print_class_table(table, list(table), column_width=12)
     print(f"\n{len(_seeds(args.seeds))} seeds in {time.time() - start:.0f} s")
     if not found:
         print("no finding")

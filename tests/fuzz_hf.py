@@ -659,12 +659,7 @@ def main(argv=None):
     finally:
         if out:
             out.close()
-    classes = sorted({c for row in table.values() for c in row})
-    ran = [mode for mode in fuzz_runner.MODES if mode in table]
-    width = max([len("class"), *map(len, classes)])
-    print(f"\n{'class':{width}s}" + "".join(f"{mode:>16s}" for mode in ran))
-    for c in classes:
-        print(f"{c:{width}s}" + "".join(f"{table[mode].get(c, 0):16d}" for mode in ran))
+    fuzz_runner.print_class_table(table, [mode for mode in fuzz_runner.MODES if mode in table])
     count = len(fuzz_runner._seeds(args.seeds))
     print(f"\n{count} seeds in {time.time() - start:.0f} s; {len(invalid)} invalid")
     for seed, why in invalid[:10]:

@@ -565,6 +565,17 @@ def _seeds(text):
     return [int(s) for s in text.split(",")]
 
 
+def print_class_table(table, columns, column_width=16):
+    """One row per class, one column per mode (or variant): how many seeds ended in each
+    (the fuzzers' summary: this one's, tests/fuzz_hf.py's and tests/fuzz_events.py's)."""
+    classes = sorted({c for row in table.values() for c in row})
+    width = max([len("class"), *map(len, classes)])
+    print(f"\n{'class':{width}s}" + "".join(f"{col:>{column_width}s}" for col in columns))
+    for c in classes:
+        counts = "".join(f"{table[col].get(c, 0):{column_width}d}" for col in columns)
+        print(f"{c:{width}s}" + counts)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0:300", help="A:B (a range), or seeds A,B,C")
@@ -608,13 +619,7 @@ def main(argv=None):
         if out:
             out.close()
     seconds = time.time() - start
-    # one row per class, one column per mode: the seeds of each
-    classes = sorted({c for row in table.values() for c in row})
-    ran = [mode for mode in ALL_MODES if mode in table]
-    width = max([len("class"), *map(len, classes)])
-    print(f"\n{'class':{width}s}" + "".join(f"{mode:>16s}" for mode in ran))
-    for c in classes:
-        print(f"{c:{width}s}" + "".join(f"{table[mode].get(c, 0):16d}" for mode in ran))
+    print_class_table(table, [mode for mode in ALL_MODES if mode in table])
     count = len(_seeds(args.seeds))
     print(f"\n{count} seeds in {seconds:.0f} s; {invalid} cases the grammar made invalid")
     if not found:
