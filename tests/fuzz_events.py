@@ -20,8 +20,10 @@ activation, on a block or on a leaf layer (``prepend`` or not); a second forward
 step (the batch in two chunks, or two views); an embedding's ``padding_idx`` or
 ``scale_grad_by_freq`` set, a convolution's padding mode or dilation changed, ``p.data``
 assigned a copy, two layer scales or two Linear weights tied, a bias set to None; and, as the
-README documents them as measured until the next audit, a forward (Manifold Mixup) or a loss
-term that starts coupling the examples: a number there is ``doc-coupled``, not a finding.
+README documents it as measured until the next audit, a forward that starts coupling the
+examples (Manifold Mixup): a number there is ``doc-coupled``, not a finding. A loss term that
+starts coupling them (``mix_loss``) is withheld at once since 2026-12-07: a number there is
+``WRONG``.
 
 Each step is compared with brute force recomputed at that step on the model as it now is: the
 step's forward is run again with the same dropout seeds (the engine paused), and each example's
@@ -309,10 +311,12 @@ class World:
         return self.model.training and any(b.kind == "batchnorm" for b in self.model.blocks)
 
     def coupled(self):
-        """Whether the forward or the loss couples the examples in a way the README documents
-        as measured until the next audit (Manifold Mixup through a warm-up, a loss that changes
-        form between audits): a number there is ``doc-coupled``, not a finding."""
-        return bool(self.mix_loss) or bool(getattr(self.model, "mixup", 0.0))
+        """Whether the forward couples the examples in a way the README documents as measured
+        until the next audit (Manifold Mixup through a warm-up): a number there is
+        ``doc-coupled``, not a finding. (A loss that changes form between audits, ``mix_loss``,
+        was documented so too until 2026-12-07; it is withheld at once since: a number under it
+        is ``WRONG``.)"""
+        return bool(getattr(self.model, "mixup", 0.0))
 
 
 # --- the events -------------------------------------------------------------------------------
@@ -708,8 +712,14 @@ def _compare_pass(pass_, grads, sub, step_w, first=True):
     penalised = first and step_w.penalised()  # (the penalty is in the first micro-batch's loss)
     if step_w.coupled():
         return {"cls": "doc-coupled"}
-    if penalised or step_w.mixing():
-        why = "penalty" if penalised else "BatchNorm in training or scale_grad_by_freq"
+    if penalised or step_w.mixing() or step_w.mix_loss:
+        why = (
+            "penalty"
+            if penalised
+            else "a loss term coupling the examples"
+            if step_w.mix_loss
+            else "BatchNorm in training or scale_grad_by_freq"
+        )
         return {"cls": "WRONG", "re": float("inf"), "why": f"a number under {why}"}
     if sub and pass_.subbatches is not None:
         members = _groups(pass_.subbatches)

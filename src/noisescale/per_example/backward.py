@@ -625,7 +625,10 @@ class Backward:
             return
         tensors = [roots] if isinstance(roots, Tensor) else list(roots or ())
         # (the step's skipped micro-batches' forwards too: the walk stops at every forward)
-        found, whole = loss_side_params(tensors, self.passes, self._param)
+        found, whole, shape = loss_side_params(tensors, self.passes, self._param)
+        if shape is not None:
+            for p in measured:
+                p.loss_shapes.add(shape)
         if found:
             names = [self._param_name[pid] for pid in found]
             for p in measured:

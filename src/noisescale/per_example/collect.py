@@ -417,6 +417,17 @@ class Collect:
             for pass_ in (*opened, *done):
                 pass_.release()
 
+    def _audit_pending_losses(self) -> None:
+        """The next step is audited while a loss shape met on an unaudited step has not passed
+        an audit and its window of audits lasts (Settle._new_loss_shape)."""
+        for shape in [s for s in self._pending_losses if s in self._audited_losses]:
+            del self._pending_losses[shape]
+        if not self._pending_losses:
+            self._loss_audits_left = 0
+        elif self._loss_audits_left > 0:
+            self._loss_audits_left -= 1
+            self._audit_due = True
+
     def _collect(self, grad_rescale: float, learn: bool) -> list[PassNorms]:
         done, first = self.passes, self._first_pass
         changed, between = self._hook_changed, self._between
@@ -734,6 +745,7 @@ class Collect:
                     and self._learned_state() != known
                 ):
                     taught = pass_.withheld
+        self._audit_pending_losses()
         # an audited step runs eagerly, in compiled models too
         self._eager_steps.want(
             self._compiled_eagerly

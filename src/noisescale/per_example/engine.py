@@ -498,6 +498,12 @@ class PerExampleNorms(
         self._audit_due = True
         self._marking: tuple[int | None, list[PassNorms]] = (None, [])  # _mark_backward
         self._audited_signatures: set[tuple] = set()
+        # the shapes of the losses audited steps backpropagated (Settle._new_loss_shape)
+        self._audited_losses: set[int] = set()
+        # shapes met unaudited -> the windows of audits started for them, and the audits left
+        self._pending_losses: dict[int, int] = {}
+        self._loss_audits_left = 0
+        self._loss_shapes_warned = False
         # (signature, learned state) of structures whose audit found rows of the wrong
         # examples -> the refusal, repeated at every later pass of them (Settle._settle)
         self._refused_structures: dict[tuple, str] = {}

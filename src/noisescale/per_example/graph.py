@@ -1469,7 +1469,7 @@ def _output_keys(passes: Sequence[Any]) -> set[tuple[int, int]]:
 
 def loss_side_params(
     roots: Sequence[Any], passes: Sequence[Any], params: Mapping[int, Any]
-) -> tuple[list[int], bool]:
+) -> tuple[list[int], bool, int | None]:
     """The parameters among ``params`` (by id) whose gradient a backward from ``roots`` reaches
     from outside ``passes``' forwards: a term of the loss that reads them directly (a weight
     penalty, a regulariser switched on at some step), whose gradient is no example's; and
@@ -1480,10 +1480,19 @@ def loss_side_params(
     (``False``: the caller withholds the step — until a review of 2026-12-07 a penalty beside
     such a loss went through). Every pass needs its span of sequence numbers (``nodes_at`` to
     ``nodes_end``; a compiled forward's from its compiled function's node):
-    ``([], True)`` where one lacks it (a forward still running; left to the audit)."""
+    ``([], True)`` where one lacks it (a forward still running; left to the audit).
+
+    Third, the loss's shape: a hash of the operations the walk met, in its order — each node's
+    name and reduced or normalised dimension (``_saved_dim``; a loss's reduction), and where it
+    stopped (an output of a forward, a node inside one, a leaf) —, or None where the walk did
+    not see the whole loss or met a compiled function's node (its operations are not seen: a
+    compiled step's loss is left to the audit). The values and sizes are not in it: the same
+    loss over another batch has the same shape, and a term added, removed or reduced otherwise
+    gives another
+    (:meth:`~.settle.Settle._new_loss_shape`)."""
     spans = [(p.nodes_at, p.nodes_end) for p in passes]
     if any(a is None or b is None for a, b in spans):
-        return [], True
+        return [], True, None
     # a compiled forward opened inside its graph: the compiled function's backward node, which
     # stands for the graph's operations, was made just before the forward ran (not any node
     # made then: a no-grad compiled forward runs no such function)
@@ -1494,22 +1503,28 @@ def loss_side_params(
     stack = [(r.grad_fn, r.output_nr) for r in roots if isinstance(r, Tensor)]
     seen: dict[tuple[int, int], Any] = {}  # (the nodes held: their ids stay theirs)
     found: list[int] = []
+    shape: list[Any] = []
+    compiled = False
     while stack:
         node, nr = stack.pop()
         if node is None:
+            shape.append(None)
             continue
         name = node.name()
         # (a node once, whichever output reached it; a pass-through's outputs each its own)
         key = (id(node), nr if name in _PASS_THROUGH else -1)
         if key in seen:
+            shape.append(0)
             continue
         if len(seen) >= _MAX_LOSS_WALK:
-            return found, False
+            return found, False, None
         seen[key] = node
         seq = node._sequence_nr()
         if (id(node), seq) in outputs:
+            shape.append((nr, 1))  # (not its name: eager or compiled, the same output)
             continue
         if seq in heads and name == "CompiledFunctionBackward":
+            compiled = True
             continue
         inside = False
         for a, b in spans:
@@ -1517,18 +1532,24 @@ def loss_side_params(
                 inside = True
                 break
         if inside:
+            shape.append((nr, 2))
             continue
         variable = getattr(node, "variable", None)
         if variable is not None:
+            shape.append((name, id(variable) in params))
             if id(variable) in params and id(variable) not in found:
                 found.append(id(variable))
             continue
+        dim = getattr(node, "_saved_dim", None)
+        if "Loss" in name:  # (a loss's own reduction: nll_loss's "sum" or "mean")
+            dim = (dim, getattr(node, "_saved_reduction", None))
+        shape.append((name, dim if isinstance(dim, int) else str(dim)))
         edges = node.next_functions
         if name in _PASS_THROUGH and nr < len(edges):
             stack.append(edges[nr])
             continue
         stack.extend(edges)
-    return found, True
+    return found, True, None if compiled else hash(tuple(shape))
 
 
 def reaches_pass(

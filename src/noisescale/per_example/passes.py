@@ -187,6 +187,9 @@ class PassNorms:
     loss_side: list[str] | None = None
     # the loss outside the forwards too large to walk (graph._MAX_LOSS_WALK nodes): withheld
     loss_side_unchecked: bool = False
+    # the shapes of the losses its backwards started from (graph.loss_side_params): one no
+    # audited step has had is withheld and audited (Settle._new_loss_shape)
+    loss_shapes: set[int] = field(default_factory=set)
     # the output nodes of its layers called in the loss code, after its forward returned
     called_after: set[tuple[int, int]] = field(default_factory=set)
     # a device bool: the loss averaged over what it counts, not over the examples — a negative

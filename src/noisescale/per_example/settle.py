@@ -121,6 +121,8 @@ class Settle:
                 raise UnsupportedModuleError(loss_side_unchecked_message())
             self._withhold(pass_, loss_side_unchecked_message())
             return
+        if learn and self._new_loss_shape(pass_):
+            return
         if pass_.loss_unfollowed is not None:
             if not learn:
                 raise UnsupportedModuleError(pass_.loss_unfollowed)
@@ -214,6 +216,8 @@ class Settle:
                 # micro-batch that counted no token passed, a hunt): the next step audits
                 self._audit_due = True
                 return
+            if pass_.audit is not None:
+                self._audited_losses |= pass_.loss_shapes
             for audit in pass_.audits or ([pass_.audit] if pass_.audit is not None else []):
                 # (every forward's structure of a merged pass: until 2026-12-06 the first's
                 # alone, and a second forward of another shape was audited alone at every
@@ -649,6 +653,65 @@ class Settle:
                 return True
         return False
 
+    def _new_loss_shape(self, pass_: PassNorms) -> bool:
+        """Whether an unaudited pass's loss, after the forward, has a shape no audited step's
+        had (graph.loss_side_params: its operations and the dimensions they reduce): a term
+        added — one that combines the examples, an in-batch negative, a batch mean —, removed,
+        or reduced otherwise since the audit. The loss watch, which refuses a loss that
+        combines the examples or whose reduction contradicts the declaration, follows the loss
+        on audited steps only; such a change between them was measured without a word until
+        the next audit (a term coupling the examples added at step 3: measured there, refused
+        at step 4) until 2026-12-07. The pass is withheld and the steps after it audited until
+        one has that shape (up to :data:`_LOSS_AUDITS` steps, three times a shape:
+        Collect._audit_pending_losses); the shapes that passed an audit are kept, up to :data:`_MAX_LOSS_SHAPES` (a loss whose operations
+        vary with the data, e.g. chunks of a varying length, past that is checked on the
+        audits' steps alone, as before, said once). Not in compiled models (below)."""
+        if (
+            pass_.audit is not None
+            or not self.auditing_enabled
+            or not pass_.loss_shapes
+            # (a compiled model's steps: the audited ones run eagerly, the others through its
+            # compiled function, whose outputs reach the loss through nodes of their own —
+            # left to the audit, as a penalty inside the compiled function is)
+            or self._seen_compiled
+            or pass_.compiled
+            or pass_.compiled_call
+        ):
+            return False
+        new = pass_.loss_shapes - self._audited_losses
+        if not new:
+            return False
+        if len(self._audited_losses) >= _MAX_LOSS_SHAPES:
+            if not self._loss_shapes_warned:
+                self._loss_shapes_warned = True
+                warnings.warn(
+                    f"noisescale: the loss's operations after the model's forward took "
+                    f"{_MAX_LOSS_SHAPES} different forms on audited steps; from now on a new "
+                    "form is checked at the next scheduled audit only (steps 1, 2, 4, …, then "
+                    "one in 1,024) — a term that combines the examples added between audits "
+                    "would be measured until then (said once)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return False
+        self._audit_due = True
+        for shape in new:
+            # (the steps after audit until one has this shape — a term every k-th step lands
+            # on none of them otherwise —, for up to _LOSS_AUDITS steps, three times a shape)
+            tries = self._pending_losses.get(shape, 0)
+            if tries < 3:
+                self._pending_losses[shape] = tries + 1
+                self._loss_audits_left = _LOSS_AUDITS
+        self._withhold(
+            pass_,
+            "the loss's operations after the model's forward changed since the last audited "
+            "step (a term added or removed, a reduction over other dimensions), and the checks "
+            "that the loss keeps the examples apart and matches loss_reduction run on audited "
+            "steps; this step's norms are left out and the next step, audited, checks the new "
+            "loss",
+        )
+        return True
+
     def _withhold(self, pass_: PassNorms, reason: str) -> None:
         pass_.withheld = reason
         pass_.raw_sqnorms = None
@@ -926,6 +989,10 @@ class Settle:
 # the lookups whose indices the re-run of the permutation check records (example_check.
 # _lookup_indices): table[idx] and F.embedding(idx, table)
 _INDEXED_LOOKUPS = ("__getitem__", "embedding")
+# the most loss shapes kept as audited, and the steps audited after one is met unaudited
+# (Settle._new_loss_shape)
+_MAX_LOSS_SHAPES = 64
+_LOSS_AUDITS = 16
 
 
 def _routed_rows_hint(op: str, n: int) -> str:
