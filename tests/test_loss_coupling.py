@@ -14,6 +14,7 @@ masks, z-loss, detached weights) is measured and equals brute force.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -378,10 +379,12 @@ def _steps(model: nn.Module, x: torch.Tensor, loss_at, steps: int) -> list:
 CHANGED_LOSSES = {
     # (the loss from step 3 on — steps 1 and 2 audited, 3 not: a term that combines the
     # examples, or a reduction that contradicts loss_reduction="sum")
-    "+ a batch mean's square": lambda o: F.cross_entropy(o, Y, reduction="sum")
-    + 0.5 * o.mean(0).pow(2).sum(),
-    "+ in-batch similarities": lambda o: F.cross_entropy(o, Y, reduction="sum")
-    + 0.1 * (o @ o.T).logsumexp(1).sum(),
+    "+ a batch mean's square": lambda o: (
+        F.cross_entropy(o, Y, reduction="sum") + 0.5 * o.mean(0).pow(2).sum()
+    ),
+    "+ in-batch similarities": lambda o: (
+        F.cross_entropy(o, Y, reduction="sum") + 0.1 * (o @ o.T).logsumexp(1).sum()
+    ),
     "softmax over the batch": lambda o: -(o.log_softmax(0) * F.one_hot(Y, C)).sum(),
 }
 
@@ -412,16 +415,13 @@ def test_a_reduction_that_changes_between_audits_is_withheld_then_refused_by_the
     model, (x, _) = mlp(), data()
     later = {
         "cross_entropy(mean)": lambda o: F.cross_entropy(o, Y),
-        "(l.sum(0)).mean()": lambda o: F.cross_entropy(o, Y, reduction="none")[:, None]
-        .expand(N, 3)
-        .sum(1)
-        .mean(0),
+        "(l.sum(0)).mean()": lambda o: (
+            F.cross_entropy(o, Y, reduction="none")[:, None].expand(N, 3).sum(1).mean(0)
+        ),
     }[then]
-    tracker = noisescale.GradientNoiseTracker(
-        model, loss_reduction="sum", per_example_fraction=1.0
-    )
+    tracker = noisescale.GradientNoiseTracker(model, loss_reduction="sum", per_example_fraction=1.0)
     try:
-        for s in (1, 2):
+        for _ in (1, 2):
             model.zero_grad()
             F.cross_entropy(model(x), Y, reduction="sum").backward()
             tracker.step()
@@ -452,9 +452,8 @@ def test_a_loss_of_two_forms_is_exact_on_every_step_once_each_is_audited():
     withheld = [s for s, p in enumerate(got, 1) if p.raw_sqnorms is None]
     assert withheld == [3], [p.withheld for p in got]
     for s in (5, 6, 7, 9):  # (unaudited steps of both forms)
-        assert torch.allclose(
-            got[s - 1].raw_sqnorms, share_truth(model, x, lambda o: loss_at(o, s)), rtol=1e-9
-        )
+        want = share_truth(model, x, functools.partial(loss_at, s=s))
+        assert torch.allclose(got[s - 1].raw_sqnorms, want, rtol=1e-9)
 
 
 def test_a_loss_of_the_same_form_over_other_values_is_not_withheld():

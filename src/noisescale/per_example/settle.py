@@ -663,9 +663,10 @@ class Settle:
         the next audit (a term coupling the examples added at step 3: measured there, refused
         at step 4) until 2026-12-07. The pass is withheld and the steps after it audited until
         one has that shape (up to :data:`_LOSS_AUDITS` steps, three times a shape:
-        Collect._audit_pending_losses); the shapes that passed an audit are kept, up to :data:`_MAX_LOSS_SHAPES` (a loss whose operations
-        vary with the data, e.g. chunks of a varying length, past that is checked on the
-        audits' steps alone, as before, said once). Not in compiled models (below)."""
+        Collect._audit_pending_losses); the shapes that passed an audit are kept, up to
+        :data:`_MAX_LOSS_SHAPES` (a loss whose operations vary with the data, e.g. chunks of a
+        varying length, past that is checked on the audits' steps alone, as before, said
+        once). Not in compiled models (below)."""
         if (
             pass_.audit is not None
             or not self.auditing_enabled
