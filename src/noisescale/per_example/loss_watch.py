@@ -1078,9 +1078,16 @@ class LossWatch:
                 return None, False
         # (a mean times 1/N is a mean, as mean / N is: 0.5 · out.loss at N = 2 under "sum" was
         # taken as given, N² off without a word, until 2026-12-07, a hunt)
+        # (and a mean times 1/count is a mean: ℓ.mean() · (1/N) over a vector of the
+        # examples' losses, whose count is N, was left unknown — under "sum" measured N² off
+        # without a word until 2026-12-07, a hunt — while cross_entropy(…) · (1/N) was refused)
         elif any(
             abs(factor * m - 1.0) < 1e-9
-            for m in (n if kept == "sum" else 0, 1.0 / n, layout.count or 0)
+            for m in (
+                n if kept == "sum" else 0,
+                1.0 / n,
+                (layout.count or 0) if kept == "sum" else 0,
+            )
         ):
             return None, False  # (mean · N, T² · mean with T² = N, Σ · 1/(N·T): either kind)
         return kept, layout.factored  # (label smoothing's 1 − ε and ε/C, KD's T², 1/k)
