@@ -62,6 +62,7 @@ import time
 import traceback
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -98,20 +99,31 @@ KNOWN_FORMS = ("tensor", "ls_mean")
 DETACHED_FORMS = ("detached", "selfnorm")
 AUX = ("infonce", "center", "center_detached", "bnorm", "param_pen", "act_pen", "zloss_aux")
 COMBINE = ("plus", "stack_sum", "py_sum")
+# grammar v2 (seeds from 10000 on): cross-entropy with ignore_index (some labels -100), NLL;
+# reductions written as `Σ / numel`, `(V / N).sum()`, `torch.mean`, `mean(dim=(0, 1))`,
+# `nansum`; factors as a negation, `.mul(a)`, `.div(a)`, `torch.mul`, an int, a NumPy float32
+BASES_V2 = ("ce_ign", "nll")
+REDUCTIONS_V2 = ("sum_div_numel", "rows_div_n_sum", "torch_mean", "dims_mean", "nansum")
+FACTORS_V2 = ("neg", "mul_method", "div_method", "torch_mul", "int", "np32")
 
 
 # --- the loss grammar -------------------------------------------------------------------------
 
 
-def draw_loss(r, n_terms=None):
-    """The loss's description: terms, each {base, red, factor, a, on}, and how they combine."""
+def draw_loss(r, n_terms=None, v2=False):
+    """The loss's description: terms, each {base, red, factor, a, on}, and how they combine;
+    `v2` (seeds from 10000 on) draws from the longer lists (:data:`BASES_V2`, ...), so that the
+    seeds below keep their meaning."""
+    bases = BASES + BASES_V2 if v2 else BASES
+    reductions = REDUCTIONS + REDUCTIONS_V2 if v2 else REDUCTIONS
+    factors = FACTORS + FACTORS_V2 if v2 else FACTORS
     terms = []
     for _ in range(n_terms or r.choice([1, 1, 2, 2, 3])):
         terms.append(
             {
-                "base": r.choice(BASES),
-                "red": r.choice(REDUCTIONS),
-                "factor": r.choice(FACTORS),
+                "base": r.choice(bases),
+                "red": r.choice(reductions),
+                "factor": r.choice(factors),
                 "a": round(r.uniform(0.2, 2.0), 3),
                 # the steps (1-4) the term is in the loss
                 "on": sorted(r.sample(range(1, STEPS + 1), r.choice([4, 4, 4, 3, 2]))),
@@ -148,6 +160,20 @@ def _base(term, o, data, n):
     C = o.shape[-1]
     logits = o.reshape(-1, C)
     labels = y.reshape(-1)
+    if base in ("ce_ign", "nll"):
+        labels = data["y_ign"].reshape(-1) if base == "ce_ign" else labels
+        if base == "nll":
+            lp = F.log_softmax(logits, -1)
+            return (
+                _rows(F.nll_loss(lp, labels, reduction="none"), n),
+                (lambda red: F.nll_loss(lp, labels, reduction=red)),
+                (lambda red: nn.NLLLoss(reduction=red)(lp, labels)),
+            )
+        return (
+            _rows(F.cross_entropy(logits, labels, reduction="none"), n),
+            (lambda red: F.cross_entropy(logits, labels, reduction=red)),
+            (lambda red: nn.CrossEntropyLoss(reduction=red)(logits, labels)),
+        )
     if base in ("ce", "ce_ls", "ce_cw"):
         kw = {}
         if base == "ce_ls":
@@ -209,6 +235,21 @@ def _reduce(term, o, data, n):
         W = w.sum()
         value = f_call("mean") if red == "F_mean" else m_call("mean")
         return value, V.sum(1) / W, "counted"
+    if term["base"] == "ce_ign" and red in ("F_mean", "module_mean"):
+        # a mean over the targets not ignored: a counted mean
+        count = (data["y_ign"] != -100).sum()
+        value = f_call("mean") if red == "F_mean" else m_call("mean")
+        return value, V.sum(1) / count, "counted"
+    if red == "sum_div_numel":
+        return V.sum() / V.numel(), V.sum(1) / V.numel(), "mean"
+    if red == "rows_div_n_sum":  # documented as the user's own scaling: taken as given
+        return (V / n).sum(), V.sum(1) / n, "given"
+    if red == "torch_mean":
+        return torch.mean(V), V.sum(1) / V.numel(), "mean"
+    if red == "dims_mean":
+        return V.mean(dim=(0, 1)), V.sum(1) / V.numel(), "mean"
+    if red == "nansum":
+        return V.nansum(), V.sum(1), "sum"
     if red in ("F_mean", "module_mean", "F_sum", "module_sum", "batchmean") and f_call is None:
         red = "mean" if red.endswith("mean") else "sum"
     if red == "batchmean" and term["base"] != "kl":
@@ -308,6 +349,24 @@ def _factor(term, value, c, kind, n, step):
     if f == "sched":
         s = a * (1 + 0.5 * step)
         return s * value, None if c is None else c * s, kind
+    if f in ("neg", "mul_method", "div_method", "torch_mul", "int", "np32"):
+        s = {"neg": -a, "div_method": 1 / a, "int": 3}.get(f, a)
+        if f == "neg":
+            value = -a * value
+        elif f == "mul_method":
+            value = value.mul(a)
+        elif f == "div_method":
+            value = value.div(a)
+        elif f == "torch_mul":
+            value = torch.mul(value, a)
+        elif f == "int":
+            value = value * 3
+        else:
+            s = float(np.float32(a))
+            value = value * np.float32(a)
+        if f == "div_method" and kind == "sum":
+            kind = "given"  # (`ℓ.sum().div(a)` is `ℓ.sum() / a`: the user's own, as given)
+        return value, None if c is None else c * s, kind
     if f == "timesN":
         return value * n, None if c is None else c * n, "given" if kind in ("mean", "sum") else kind
     # divN and mulinvN: a sum becomes a mean; a mean divided again stays one (documented)
@@ -367,7 +426,7 @@ def make_data(seed, o, n):
     mask = (torch.rand(n, max(K, o[0].numel()), generator=g) < 0.7).double()
     mask[0, 0] = 0.0
     mask[:, -1] = 1.0
-    return {
+    data = {
         "y": torch.randint(0, C, o.shape[:-1], generator=g),
         "t": torch.randn(o.shape, generator=g),
         "teacher": torch.randn(o.shape, generator=g),
@@ -375,6 +434,13 @@ def make_data(seed, o, n):
         "ex_w": torch.rand(n, generator=g) + 0.5,
         "mask": mask,
     }
+    # grammar v2's labels with -100 (drawn after the others: the old seeds keep their data)
+    y_ign = torch.randint(0, C, o.shape[:-1], generator=g)
+    y_ign.view(n, -1)[0, 0] = -100  # (the first example's first target ignored)
+    if y_ign[0].numel() > 1:
+        y_ign.view(n, -1)[1:, -1][torch.rand(n - 1, generator=g) < 0.5] = -100
+    data["y_ign"] = y_ign
+    return data
 
 
 def make_case(seed):
@@ -388,7 +454,7 @@ def make_case(seed):
     with torch.no_grad():
         o = model(x)
     data = make_data(seed, o, n)
-    desc = draw_loss(random.Random(seed * 7 + 3))
+    desc = draw_loss(random.Random(seed * 7 + 3), v2=seed >= 10000)
     desc["n"] = n
     desc["model"] = {k: spec[k] for k in ("stem", "blocks", "pool", "head")}
     return desc, model, x, data
