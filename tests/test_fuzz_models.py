@@ -286,13 +286,13 @@ def test_what_the_events_fuzzer_found_is_exact_or_refused(seed, events):
 # outputs (reductions, factors written every way, task weights, class and example weights, masks,
 # coupled terms and penalties, terms switched between steps) and a random loss_reduction=, right
 # or wrong, in one-shot, engine, tracker (every example and default) and accumulation modes over
-# 4 steps. A greedy cover of seeds 0-819's reductions, factors, bases, combinations, switched
+# 4 steps. From a greedy cover of seeds 0-819's reductions, factors, bases, combinations, switched
 # terms and classes among the seeds with no finding (2026-12-07).
-LOSS_SAMPLE = [391, 436, 444, 79, 154, 425, 776, 539, 43, 678, 147, 339, 348, 193]
+LOSS_SAMPLE = [391, 436, 444, 79, 154, 425, 776, 539, 43, 678, 147, 193]
 # grammar v2 (seeds from 10000 on: ignore_index, NLL, Σ / numel, (V / N).sum(), torch.mean,
 # nansum, a negation, .mul/.div, torch.mul, an int, a NumPy float32): a cover of 10000-10649,
 # and 10363 and 10286, whose `ℓ.sum().div(a)` and `(ℓ / N).sum()` taught the oracle "as given"
-LOSS_SAMPLE += [10373, 10586, 10309, 10298, 10317, 10411, 10049, 10438, 10363, 10286]
+LOSS_SAMPLE += [10373, 10586, 10309, 10317, 10049, 10438, 10363, 10286]
 
 # What the loss fuzzer found (fail until fixed; not xfail, as FOUND_BY_THE_FUZZER's).
 FOUND_IN_THE_LOSS = [
