@@ -95,7 +95,7 @@ FACTORS = (
 KNOWN_FORMS = ("tensor", "ls_mean")
 # a 0-d tensor factor computed from a detached statistic (`ce.mean() / ce.mean().detach()`,
 # `/ (ce.detach().mean() + 1)`): read no more than a constant held in a tensor — a mean under
-# "sum" is measured N² too small without a word (this fuzzer, 2026-12-07; hunt/detached_factor.py)
+# "sum" is measured N² too small without a word (this fuzzer, 2026-12-07)
 DETACHED_FORMS = ("detached", "selfnorm")
 AUX = ("infonce", "center", "center_detached", "bnorm", "param_pen", "act_pen", "zloss_aux")
 COMBINE = ("plus", "stack_sum", "py_sum")
@@ -240,8 +240,8 @@ def _reduce(term, o, data, n):
         count = (data["y_ign"] != -100).sum()
         value = f_call("mean") if red == "F_mean" else m_call("mean")
         return value, V.sum(1) / count, "counted"
-    if red == "sum_div_numel":
-        return V.sum() / V.numel(), V.sum(1) / V.numel(), "mean"
+    if red == "sum_div_numel":  # Σ / N is a mean; a sum divided by another number is as given
+        return V.sum() / V.numel(), V.sum(1) / V.numel(), "mean" if K == 1 else "given"
     if red == "rows_div_n_sum":  # documented as the user's own scaling: taken as given
         return (V / n).sum(), V.sum(1) / n, "given"
     if red == "torch_mean":
@@ -703,7 +703,9 @@ def run_tracker(desc, model, x, data, fraction, accum=False):
                 want = [want_big]
                 got = [record["sqnorm_big"]]
                 src = record.get("sources", {}).get("per_example")
-                if fraction == 1.0 and src is not None:
+                # (a pass whose per-example norms were left out, with its micro-batch norms
+                # still counted, leaves the source fewer examples: compared by |G|² alone)
+                if fraction == 1.0 and src is not None and src["count"] == len(gs):
                     want.append(_sq(gs, 1.0).mean())
                     got.append(src["sqnorm_small"])
                 got_t = torch.tensor([float(v) for v in got])
