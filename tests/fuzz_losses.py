@@ -46,7 +46,18 @@ plus ``withheld-all``/``partly-withheld`` where steps had no record and ``MEASUR
 could see it (findings too); a number wrong only on the unaudited step 3 after the loss's form
 changed there is ``known-unaudited`` (documented: a form that changes between audits is checked
 at the next audit), and a wrong number whose only cause is a 0-d tensor constant factor under a
-wrong declaration is ``known-tensor-factor`` (documented as not read).
+wrong declaration is ``known-tensor-factor`` (documented as not read). Two classes name what this
+fuzzer found (2026-12-07), so that a long run shows anything else apart: ``WRONG-detached-factor``
+(a mean times a 0-d tensor computed from a detached statistic, ``ℓ.mean() / ℓ.mean().detach()``,
+under ``"sum"``: N² too small) and ``WRONG-inv-n-factor`` (``ℓ.mean() * (1 / N)`` over a vector
+of the examples' terms under ``"sum"``: N² too small, where ``ℓ.mean() / N`` is refused).
+
+Seeds from 10000 on draw grammar v2 (cross-entropy with ``ignore_index``, NLL, ``Σ / numel``,
+``(V / N).sum()``, ``torch.mean``, ``mean(dim=(0, 1))``, ``nansum``; factors as ``-a``,
+``.mul(a)``, ``.div(a)``, ``torch.mul``, an int, a NumPy float32), from 20000 on v3 (per-example
+means over a mask's counts, ``torch.where``-masked means, a backward from the vector of the
+examples' terms with a gradient of ones, of 1/N or of per-example weights); the seeds below keep
+their meaning.
 
     python tests/fuzz_losses.py --seeds 0:200 [-v] [--jsonl out.jsonl]
 """
@@ -78,7 +89,7 @@ AUDITED = (1, 2, 4)
 MODES = ("one_shot", "engine", "tracker_exact", "tracker_default", "accum")
 FINDINGS = (
     "WRONG-SILENT", "wrong-warned", "crash", "MEASURED-COUPLED", "MEASURED-PENALTY",
-    "WRONG-detached-factor",
+    "WRONG-detached-factor", "WRONG-inv-n-factor",
 )  # fmt: skip
 BASES = ("ce", "ce_ls", "ce_cw", "mse", "l1", "huber", "bce", "kl", "zloss")
 REDUCTIONS = (
@@ -105,6 +116,27 @@ COMBINE = ("plus", "stack_sum", "py_sum")
 BASES_V2 = ("ce_ign", "nll")
 REDUCTIONS_V2 = ("sum_div_numel", "rows_div_n_sum", "torch_mean", "dims_mean", "nansum")
 FACTORS_V2 = ("neg", "mul_method", "div_method", "torch_mul", "int", "np32")
+# grammar v3 (seeds from 20000 on): per-example means over a mask's counts then averaged,
+# torch.where-masked means, and a backward from the vector of the examples' terms
+# (`per.backward(torch.ones_like(per))`, `/ N`, or per-example weights), a single term only
+REDUCTIONS_V3 = ("tok_rowmean", "where_mean", "vec_ones", "vec_inv_n", "vec_w")
+VEC_REDUCTIONS = ("vec_ones", "vec_inv_n", "vec_w")
+
+
+class VecLoss:
+    """A backward from a vector: ``vec.backward(grad)``; ``/ k`` scales the gradient."""
+
+    def __init__(self, vec, grad):
+        self.vec, self.grad = vec, grad
+
+    def __truediv__(self, k):
+        return VecLoss(self.vec, self.grad / k)
+
+    def value(self):
+        return (self.vec * self.grad).sum()
+
+    def backward(self):
+        self.vec.backward(self.grad)
 
 
 # --- the loss grammar -------------------------------------------------------------------------
@@ -116,6 +148,8 @@ def draw_loss(r, n_terms=None, v2=False):
     seeds below keep their meaning."""
     bases = BASES + BASES_V2 if v2 else BASES
     reductions = REDUCTIONS + REDUCTIONS_V2 if v2 else REDUCTIONS
+    if v2 == 3:
+        reductions = reductions + REDUCTIONS_V3
     factors = FACTORS + FACTORS_V2 if v2 else FACTORS
     terms = []
     for _ in range(n_terms or r.choice([1, 1, 2, 2, 3])):
@@ -240,6 +274,22 @@ def _reduce(term, o, data, n):
         count = (data["y_ign"] != -100).sum()
         value = f_call("mean") if red == "F_mean" else m_call("mean")
         return value, V.sum(1) / count, "counted"
+    if red in ("tok_rowmean", "where_mean"):
+        m = data["mask"][:, :K].clone()
+        m[:, -1] = 1.0
+        if red == "where_mean":  # the masked terms zero, a mean over every element
+            return torch.where(m > 0, V, 0.0).mean(), (V * m).sum(1) / V.numel(), "mean"
+        per = (V * m).sum(1) / m.sum(1)  # each example's mean over its own count
+        return per.mean(), per / n, "mean"
+    if red == "vec_ones":
+        per = V.sum(1)
+        return VecLoss(per, torch.ones_like(per)), per, "sum"
+    if red == "vec_inv_n":
+        per = V.mean(1)
+        return VecLoss(per, torch.ones_like(per) / n), per / n, "mean"
+    if red == "vec_w":
+        per = V.mean(1)
+        return VecLoss(per, data["ex_w"]), per * data["ex_w"], "given"
     if red == "sum_div_numel":  # Σ / N is a mean; a sum divided by another number is as given
         return V.sum() / V.numel(), V.sum(1) / V.numel(), "mean" if K == 1 else "given"
     if red == "rows_div_n_sum":  # documented as the user's own scaling: taken as given
@@ -398,7 +448,9 @@ def loss_at(desc, model, o, data, n, step):
         if term["base"] == "ce_ls" and term["red"] in ("F_mean", "module_mean", "batchmean"):
             forms.append("ls_mean")
     comb = desc["combine"]
-    if comb == "stack_sum" and len(values) > 1:
+    if isinstance(values[0], VecLoss):
+        loss = values[0]
+    elif comb == "stack_sum" and len(values) > 1:
         loss = torch.stack(values).sum()
     elif comb == "py_sum":
         loss = sum(values)
@@ -454,7 +506,13 @@ def make_case(seed):
     with torch.no_grad():
         o = model(x)
     data = make_data(seed, o, n)
-    desc = draw_loss(random.Random(seed * 7 + 3), v2=seed >= 10000)
+    desc = draw_loss(random.Random(seed * 7 + 3), v2=3 if seed >= 20000 else seed >= 10000)
+    if len(desc["terms"]) > 1:  # (a vector's backward is the whole loss: one term only)
+        for term in desc["terms"]:
+            if term["red"] in VEC_REDUCTIONS:
+                term["red"] = "mean"
+    elif desc["terms"][0]["red"] in VEC_REDUCTIONS:
+        desc["terms"][0]["factor"] = "none"
     desc["n"] = n
     desc["model"] = {k: spec[k] for k in ("stem", "blocks", "pool", "head")}
     return desc, model, x, data
@@ -477,6 +535,8 @@ def truth(desc, model, x, data, step, lo=0, hi=None):
     loss, c, kind, forms = loss_at(desc, model, o, _slice_data(data, slice(lo, hi)), n, step)
     if c is None:
         return None, kind, forms
+    if isinstance(loss, VecLoss):
+        loss = loss.value()
     if not torch.allclose(c.sum(), loss, rtol=1e-9, atol=1e-12):
         raise AssertionError(f"oracle: shares sum {float(c.sum())} != loss {float(loss)}")
     grads = []
@@ -546,6 +606,8 @@ def _classify(res, desc, warned):
                 s["why"] = "tensor"
             elif s.get("detached_factor"):
                 s["why"] = "detached"
+            elif s.get("inv_n_factor"):
+                s["why"] = "inv_n"
         whys = {s.get("why") for s in wrong}
         if whys <= {"unaudited"}:
             return "known-unaudited"
@@ -554,6 +616,10 @@ def _classify(res, desc, warned):
         if whys <= {"unaudited", "tensor", "detached"}:
             # found by this fuzzer (2026-12-07): a factor computed from a detached statistic
             return "WRONG-detached-factor"
+        if whys <= {"unaudited", "tensor", "detached", "inv_n"}:
+            # found by this fuzzer (2026-12-07): a mean over a vector of the examples' terms
+            # times 1/N (`ℓ.mean() * (1 / N)`) read as of no kind
+            return "WRONG-inv-n-factor"
         res["re"] = max(s.get("re", 0) for s in wrong)
         bad = [s["cls"] for s in wrong if s["cls"] != "WRONG"]
         if bad:
@@ -581,6 +647,7 @@ def _judge(got, want_fn, kind, declared, forms, step, grads):
         )
         out["tensor_factor"] = wrong_decl and any(f in KNOWN_FORMS for f in forms)
         out["detached_factor"] = wrong_decl and any(f in DETACHED_FORMS for f in forms)
+        out["inv_n_factor"] = wrong_decl and kind == "mean" and "mulinvN" in forms
         out["kind"] = kind
     return out
 
