@@ -52,6 +52,12 @@ fuzzer found (2026-12-07), so that a long run shows anything else apart: ``WRONG
 under ``"sum"``: N² too small) and ``WRONG-inv-n-factor`` (``ℓ.mean() * (1 / N)`` over a vector
 of the examples' terms under ``"sum"``: N² too small, where ``ℓ.mean() / N`` is refused).
 
+``refused-separable`` (one-shot only; not counted as a finding) is a refusal of the loss's kind —
+a plain mean or sum against the declaration, a mean over what it counts — on a step whose loss is
+of the declared kind: a false refusal or a message naming the wrong cause to look at (seen: a
+mean of weighted terms — per-example weights, label smoothing's, KL's target — divided by its
+own detached value, refused as a counted mean, where ``* (1 / L.item())`` is measured).
+
 Seeds from 10000 on draw grammar v2 (cross-entropy with ``ignore_index``, NLL, ``Σ / numel``,
 ``(V / N).sum()``, ``torch.mean``, ``mean(dim=(0, 1))``, ``nansum``; factors as ``-a``,
 ``.mul(a)``, ``.div(a)``, ``torch.mul``, an int, a NumPy float32), from 20000 on v3 (per-example
@@ -590,6 +596,20 @@ def _changed_before(desc, step):
     ]
 
 
+# the loss-kind refusals: a plain mean or sum against the declaration, a counted mean
+KIND_REFUSALS = ("the loss is a plain mean", "the loss is a plain sum", "averaged over what it")
+
+
+def _separable_refused(res, desc):
+    """A one-shot refusal of the loss's kind (:data:`KIND_REFUSALS`) on a step whose loss is of
+    the declared kind (or as given) and separable: a false refusal, or a message naming the
+    wrong cause (``kl.mean() / kl.mean().detach()`` under "mean", refused as a counted mean)."""
+    kind = res.get("kind")
+    if kind not in ("mean", "sum", "given") or kind not in (desc["declared"], "given"):
+        return False
+    return any(words in res.get("exc", "") for words in KIND_REFUSALS)
+
+
 def _classify(res, desc, warned):
     steps = res["steps"]
     kinds = [s["cls"] for s in steps]
@@ -625,6 +645,8 @@ def _classify(res, desc, warned):
         if bad:
             return bad[0]
         return "wrong-warned" if warned else "WRONG-SILENT"
+    if res.get("exc_cls") == "refused" and _separable_refused(res, desc):
+        return "refused-separable"
     if res.get("exc_cls") == "refused":
         return "refused" if not any(k == "exact" for k in kinds) else "exact-then-refused"
     if kinds and all(k == "exact" for k in kinds):
@@ -675,6 +697,7 @@ def run_one_shot(desc, model, x, data):
     def body(res):
         for step in range(1, STEPS + 1):
             grads, kind, forms = truth(desc, model, x, data, step)
+            res["kind"] = kind  # (the step's: read where it is refused)
             model.zero_grad()
             with noisescale.per_example_sqnorms(model, loss_reduction=declared) as pe:
                 loss_at(desc, model, model(x), data, n, step)[0].backward()
