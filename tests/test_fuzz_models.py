@@ -294,6 +294,9 @@ LOSS_SAMPLE = [391, 436, 444, 79, 154, 425, 776, 539, 43, 678, 147, 193]
 # 10363, 10286 and 10667, whose `ℓ.sum().div(a)`, `(ℓ / N).sum()` and `Σ / numel` taught the oracle
 # "as given" (documented), and 10682 (a pass left out of the per-example source)
 LOSS_SAMPLE += [10373, 10586, 10309, 10317, 10049, 10438, 10363, 10286, 10682, 10667]
+# grammar v3 (from 20000: a backward from the vector of the examples' terms with a gradient of 1/N,
+# exact; of ones under "mean" and of 1/N under "sum", refused; a torch.where-masked mean)
+LOSS_SAMPLE += [20311, 20215, 20080, 20219]
 
 # What the loss fuzzer found (fail until fixed; not xfail, as FOUND_BY_THE_FUZZER's).
 FOUND_IN_THE_LOSS = [
