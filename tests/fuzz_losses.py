@@ -269,6 +269,8 @@ def _reduce(term, o, data, n):
     red = term["red"]
     V, f_call, m_call = _base(term, o, data, n)
     K = V.shape[1]
+    if red == "batchmean" and term["base"] != "kl":
+        red = "F_mean"  # (kl_div's alone; the others' reduction="mean" in its place)
     if term["base"] == "ce_cw" and red in ("F_mean", "module_mean"):
         # class weights averaged over the batch's summed weights: a counted mean
         w = data["class_w"][data["y"].reshape(-1)].reshape(n, -1)
@@ -308,8 +310,6 @@ def _reduce(term, o, data, n):
         return V.nansum(), V.sum(1), "sum"
     if red in ("F_mean", "module_mean", "F_sum", "module_sum", "batchmean") and f_call is None:
         red = "mean" if red.endswith("mean") else "sum"
-    if red == "batchmean" and term["base"] != "kl":
-        red = "F_mean"
     if red == "mean":
         return V.mean(), V.sum(1) / (n * K), "mean"
     if red == "sum":
