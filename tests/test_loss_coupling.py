@@ -894,6 +894,16 @@ SUMS_AND_MEANS = {
     # (a mean times 1/N is a mean, as mean / N is: 0.5 · out.loss at N = 2 under "sum" was
     # taken as given, N² off, a hunt of 2026-12-07)
     "mean * (1 / N)": (lambda o, y: F.cross_entropy(o, y) * (1 / o.shape[0]), "mean"),
+    # (and over the vector of the examples' losses, whose count is N: left unknown, N² off
+    # under "sum", until 2026-12-07 — the loss fuzzer)
+    "l.mean() * (1 / N)": (
+        lambda o, y: F.cross_entropy(o, y, reduction="none").mean() * (1 / o.shape[0]),
+        "mean",
+    ),
+    "tok.mean() * (1 / numel)": (
+        lambda o, y: F.mse_loss(o, _soft(y), reduction="none").mean() * (1 / o.numel()),
+        "mean",
+    ),
     "sum * (1 / N)": (
         lambda o, y: F.cross_entropy(o, y, reduction="sum") * (1 / o.shape[0]),
         None,
