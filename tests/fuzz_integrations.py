@@ -1,5 +1,6 @@
-"""The integrations fuzzer: the Hugging Face Trainer callback with random options, against brute
-force on the batches the Trainer drew.
+"""The integrations fuzzer: the Hugging Face Trainer callback, the Lightning callback and
+accelerate in a loop of one's own, with random options, against brute force on the batches they
+drew.
 
 `draw_options(seed)` draws a tiny model — a token tagger of our own whose forward takes
 ``**kwargs`` (it divides its summed token loss by ``num_items_in_batch``) or not (each
@@ -37,6 +38,17 @@ micro-batch's mean divided by the window's micro-batches). Against the callback'
   ``b_simple`` = ``trace_sigma_ema`` / ``g2_ema`` (per token: × T̄);
 * a resumed run: its records against brute force on its own batches, and against the
   uninterrupted run's records of the same steps (the estimate continues as if uninterrupted).
+
+Lightning (:func:`draw_lightning`): a classifier trained by ``Trainer.fit`` with
+``accumulate_grad_batches`` (an epoch's short last window included), ``gradient_clip_val`` (by
+norm or value), manual optimisation (each loss divided by the accumulation or not, stepped every
+k batches of the epoch), SGD, Adam or RMSprop with or without a per-step scheduler, a shuffled
+loader or not, and precision ``bf16-mixed`` (crash or refusal only); its batches recorded in
+``training_step``, grouped by the optimizer steps taken before them. accelerate
+(:func:`draw_accelerate`): the loop of docs/integrations.md (``accelerator.accumulate``,
+``tracker.watch_loss`` or not, ``accelerator.backward``, ``tracker.step()`` when
+``sync_gradients``, ``accelerator.clip_grad_norm_``) over one or two epochs. Both are checked
+as the Trainer's b_big, |G_big|² and sources, each micro-batch's mean weighed 1/k.
 
 Per token (a token loss), the record's norms are |x|²/T̄² and its b's are in tokens (× T̄), T̄
 the record's ``tokens_per_example``, itself checked against the run's counted tokens per
@@ -903,14 +915,125 @@ def check_seed(seed, override=None):
     record["lightning_opts"] = lit
     torch.manual_seed(seed)
     record["lightning"] = run_lightning(lit)
+    acc = draw_accelerate(seed, (override or {}).get("accelerate"))
+    record["accelerate_opts"] = acc
+    torch.manual_seed(seed)
+    record["accelerate"] = run_accelerate(acc)
     record["t"] = round(time.time() - start, 2)
     return record
 
 
-PARTS = ("trainer", "lightning")
+# --- accelerate in a loop of one's own ------------------------------------------------------------
+
+
+def draw_accelerate(seed, override=None):
+    r = random.Random(f"integ-accelerate-{seed}")
+    opts = {
+        "model": "classifier",
+        "n_data": r.randint(9, 20),
+        "batch": r.choice([1, 2, 3, 4]),
+        "accum": r.choice([1, 2, 2, 3]),
+        "epochs": r.choice([1, 2]),
+        "clip": r.choice([None, 1e-3, 1.0]),
+        "optim": r.choice(["sgd", "adam", "rmsprop"]),
+        # each micro-batch's loss watched before accelerator.backward divides it (the docs'
+        # recipe); without it a short last window is left out with a warning
+        "watch": r.random() < 0.75,
+        "fraction": r.choice([1.0, 1.0, 0.5, None]),
+        "microbatch": r.random() < 0.7,
+        "measure_every": r.choice([1, 1, 1, 2]),
+        "beta": r.choice([0.99, 0.9, 1.0]),
+        "smoothing": 0.0,
+        "min_len": r.choice([1, 2]),
+        "max_len": r.choice([3, 5]),
+        "unlabelled": False,
+        "data_seed": r.randint(0, 10**6),
+    }
+    opts.update(override or {})
+    return opts
+
+
+def run_accelerate(opts):
+    """The loop of docs/integrations.md: ``accelerator.accumulate``, ``watch_loss``,
+    ``accelerator.backward``, ``tracker.step()`` when ``sync_gradients``, then the clip."""
+    from accelerate import Accelerator
+
+    import noisescale
+
+    torch.manual_seed(opts["data_seed"] % 1000)
+    net = Classifier().double()
+    init = copy.deepcopy(net)
+    kind = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop}
+    optimizer = kind[opts["optim"]](net.parameters(), lr=0.05)
+    loader = torch.utils.data.DataLoader(
+        Dataset(opts), batch_size=opts["batch"], shuffle=True, collate_fn=collate,
+        generator=torch.Generator().manual_seed(opts["data_seed"]),
+    )  # fmt: skip
+    accelerator = Accelerator(gradient_accumulation_steps=opts["accum"], cpu=True)
+    model, optimizer, loader = accelerator.prepare(net, optimizer, loader)
+    kw = {"microbatch": opts["microbatch"], "beta": opts["beta"], "sync_every": 1}
+    if opts["fraction"] is not None:
+        kw["per_example_fraction"] = opts["fraction"]
+    if opts["measure_every"] > 1:
+        kw["measure_every"] = opts["measure_every"]
+    steps, current, params = [], [], None
+    res = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            tracker = noisescale.GradientNoiseTracker(model, **kw)
+            for _ in range(opts["epochs"]):
+                for batch in loader:
+                    with accelerator.accumulate(model):
+                        if not current:
+                            params = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                        current.append({k: v.detach().clone() for k, v in batch.items()})
+                        out = model(batch["input_ids"], batch["attention_mask"])
+                        loss = F.cross_entropy(out["logits"], batch["labels"])
+                        if opts["watch"]:
+                            tracker.watch_loss(loss)
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            tracker.step(loss=loss)
+                            steps.append((params, current))
+                            current = []
+                            if opts["clip"] is not None:
+                                accelerator.clip_grad_norm_(model.parameters(), opts["clip"])
+                        optimizer.step()
+                        optimizer.zero_grad()
+            history = list(tracker.history)
+            tracker.remove()
+        except Exception as err:
+            res.update(fuzz_runner._exception(err))
+            return res
+        bad = []
+        k = opts["accum"]
+        for index, (params, micro) in enumerate(steps):
+            rec = next((r for r in history if r["step"] == index + 1), None)
+            if rec is None or rec.get("skipped"):
+                continue
+            examples = step_truth(opts, init, params, micro)
+            counts = {}
+            for _, _, j, _ in examples:
+                counts[j] = counts.get(j, 0) + 1
+            coefs = {j: 1.0 / (k * c) for j, c in counts.items()}
+            bad += _compare(opts, rec, expected(opts, examples, coefs, False), index + 1, RTOL)
+    res.update(_classify(bad, caught))
+    if not history:
+        return {"cls": "withheld-all"}
+    res["steps"] = len(history)
+    return res
+
+
+PARTS = ("trainer", "lightning", "accelerate")
 
 
 def describe(record, part="trainer"):
+    if part == "accelerate":
+        o = record["accelerate_opts"]
+        keys = ("batch", "accum", "n_data", "epochs", "clip", "watch", "fraction", "microbatch",
+                "measure_every", "optim")  # fmt: skip
+        return f"seed {record['seed']} (accelerate): " + ", ".join(f"{k}={o[k]}" for k in keys)
     if part == "lightning":
         o = record["lightning_opts"]
         keys = ("batch", "accum", "n_data", "clip", "manual", "manual_divide", "precision",
