@@ -4,8 +4,10 @@ drew.
 
 `draw_options(seed)` draws a tiny model — a token tagger of our own whose forward takes
 ``**kwargs`` (it divides its summed token loss by ``num_items_in_batch``) or not (each
-micro-batch's token mean), a classifier of our own (a mean over examples), Hugging Face's GPT-2
-(causal LM, its own loss) or BERT's sequence classifier — with random weights in float64, a
+micro-batch's token mean), a classifier of our own (a mean over examples) or one in the
+Trainer's form (its summed loss over ``num_items_in_batch``, ``loss_reduction`` undeclared,
+``"sum"`` or ``"num_items_in_batch"``), Hugging Face's GPT-2 (causal LM, its own loss) or BERT's
+sequence classifier — with random weights in float64, a
 few dozen synthetic examples of random lengths padded by a collator (labels of -100 on the
 padding, some examples' tokens partly unlabelled), and the Trainer's options:
 ``per_device_train_batch_size``, ``gradient_accumulation_steps`` (an epoch's short last window
@@ -14,7 +16,8 @@ reading after clipping shows, or 1), ``gradient_checkpointing`` (GPT-2), ``optim
 Adafactor, RMSprop), the learning-rate scheduler, ``logging_steps``, evaluation every few
 steps, ``dataloader_drop_last``, ``average_tokens_across_devices``,
 ``include_num_input_tokens_seen``, a ``compute_loss`` override (returning the model's loss), a
-resume from a checkpoint in the middle of the run, and the callback's own options
+resume from a checkpoint in the middle of the run, a ``BatchSizeRamp`` through
+``gradient_accumulation_steps`` (1 to 2 or 3, two epochs), and the callback's own options
 (``per_example_fraction``, ``microbatch``, ``measure_every``, ``beta``).
 
 The truth. A forward pre-hook on the model records every training forward's inputs (with
@@ -905,20 +908,27 @@ def _compare(opts, rec, want, step, rtol):
     return bad
 
 
-def check_seed(seed, override=None):
-    opts = draw_options(seed, override)
+def check_seed(seed, override=None, parts=None):
+    """`seed`'s runs in `parts` (default all: ``PARTS``); ``{"seed", "<part>", "<part>_opts"}``
+    (the Trainer's options under ``"opts"``), each part's result with its class under "cls"."""
+    parts = PARTS if parts is None else parts
     start = time.time()
-    record = {"seed": seed, "opts": opts}
-    torch.manual_seed(seed)
-    record["trainer"] = run_trainer(opts)
-    lit = draw_lightning(seed, (override or {}).get("lightning"))
-    record["lightning_opts"] = lit
-    torch.manual_seed(seed)
-    record["lightning"] = run_lightning(lit)
-    acc = draw_accelerate(seed, (override or {}).get("accelerate"))
-    record["accelerate_opts"] = acc
-    torch.manual_seed(seed)
-    record["accelerate"] = run_accelerate(acc)
+    record = {"seed": seed, "opts": draw_options(seed, override)}
+    runs = {
+        "trainer": (lambda o: o, run_trainer),
+        "lightning": (lambda o: draw_lightning(seed, (o or {}).get("lightning")), run_lightning),
+        "accelerate": (
+            lambda o: draw_accelerate(seed, (o or {}).get("accelerate")),
+            run_accelerate,
+        ),
+    }
+    for part in parts:
+        draw, run = runs[part]
+        opts = record["opts"] if part == "trainer" else draw(override)
+        if part != "trainer":
+            record[f"{part}_opts"] = opts
+        torch.manual_seed(seed)
+        record[part] = run(opts)
     record["t"] = round(time.time() - start, 2)
     return record
 
@@ -1050,6 +1060,7 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0:50")
     parser.add_argument("--jsonl")
     parser.add_argument("--override")
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -1058,19 +1069,21 @@ def main(argv=None):
     table, found, start = {}, [], time.time()
     try:
         for seed in fuzz_runner._seeds(args.seeds):
-            record = check_seed(seed, override)
+            record = check_seed(seed, override, tuple(args.parts.split(",")))
             if out:
                 out.write(json.dumps(record, default=str) + "\n")
                 out.flush()
             for part in PARTS:
-                res = record[part]
+                res = record.get(part)
+                if res is None:
+                    continue
                 row = table.setdefault(part, {})
                 row[res["cls"]] = row.get(res["cls"], 0) + 1
                 if res["cls"] in fuzz_runner.FINDINGS:
                     found.append((record, part))
             if args.verbose:
                 print(describe(record), f"({record['t']} s)")
-            for part in PARTS if args.verbose else ():
+            for part in [p for p in PARTS if p in record] if args.verbose else ():
                 res = record[part]
                 print(f"  {part}: {res['cls']} {res.get('exc', '')}")
                 for b in res.get("bad", []):
