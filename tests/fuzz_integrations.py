@@ -46,7 +46,8 @@ Lightning (:func:`draw_lightning`): a classifier trained by ``Trainer.fit`` with
 ``accumulate_grad_batches`` (an epoch's short last window included), ``gradient_clip_val`` (by
 norm or value), manual optimisation (each loss divided by the accumulation or not, stepped every
 k batches of the epoch), SGD, Adam or RMSprop with or without a per-step scheduler, a shuffled
-loader or not, and precision ``bf16-mixed`` (crash or refusal only); its batches recorded in
+loader or not, a second fit resumed from the checkpoint of step 2 (``ckpt_path=``, mid-epoch
+or not), and precision ``bf16-mixed`` (crash or refusal only); its batches recorded in
 ``training_step``, grouped by the optimizer steps taken before them. accelerate
 (:func:`draw_accelerate`): the loop of docs/integrations.md (``accelerator.accumulate``,
 ``tracker.watch_loss`` or not, ``accelerator.backward``, ``tracker.step()`` when
@@ -75,6 +76,7 @@ import io
 import itertools
 import json
 import math
+import os
 import random
 import sys
 import tempfile
@@ -755,6 +757,9 @@ def draw_lightning(seed, override=None):
         "unlabelled": False,
         "data_seed": r.randint(0, 10**6),
         "lr_scheduler": r.random() < 0.3,
+        # a second fit resumed from the checkpoint of step 2 (ckpt_path=; mid-epoch or not),
+        # its records against brute force on its own batches
+        "resume": r.random() < 0.3,
     }
     opts.update(override or {})
     return opts
@@ -812,12 +817,10 @@ class _StepRecorder:
         self.by_step[global_step][1].append({k: v.detach().clone() for k, v in batch.items()})
 
 
-def run_lightning(opts):
-    import logging
-
+def _fit_lightning(opts, out_dir=None, ckpt_path=None):
+    """One ``Trainer.fit``; (callback, recorder, the net's initial copy)."""
     import lightning.pytorch as pl
 
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     from noisescale.integrations.lightning import NoiseScaleCallback
 
     torch.manual_seed(opts["data_seed"] % 1000)
@@ -837,8 +840,15 @@ def run_lightning(opts):
     if opts["measure_every"] > 1:
         kw["measure_every"] = opts["measure_every"]
     callback = NoiseScaleCallback(log_every=0, **kw)
+    callbacks = [callback]
+    if out_dir is not None:
+        callbacks.append(
+            pl.callbacks.ModelCheckpoint(
+                dirpath=out_dir, filename="{step}", every_n_train_steps=2, save_top_k=-1
+            )
+        )
     trainer_kw = dict(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=out_dir is not None,
         enable_progress_bar=False, enable_model_summary=False, max_steps=opts["max_steps"],
         precision=opts["precision"],
     )  # fmt: skip
@@ -847,36 +857,53 @@ def run_lightning(opts):
         if opts["clip"] is not None:
             trainer_kw["gradient_clip_val"] = opts["clip"]
             trainer_kw["gradient_clip_algorithm"] = opts["clip_algorithm"]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        pl.Trainer(callbacks=callbacks, **trainer_kw).fit(module, loader, ckpt_path=ckpt_path)
+    return callback, recorder, init
+
+
+def _check_lightning(opts, history, recorder, init, prefix=""):
+    bad = []
+    for before in sorted(recorder.by_step):
+        params, micro = recorder.by_step[before]
+        step = before + 1  # (the optimizer steps before this one, and this one)
+        rec = next((r for r in history if r["step"] == step), None)
+        if rec is None or rec.get("skipped"):
+            continue
+        examples = step_truth(opts, init, params, micro)
+        k = opts["accum"]
+        counts = {}
+        for _, _, j, _ in examples:
+            counts[j] = counts.get(j, 0) + 1
+        coefs = {j: 1.0 / (k * c) for j, c in counts.items()}
+        want = expected(opts, examples, coefs, False)
+        bad += [(prefix + w, g, e) for w, g, e in _compare(opts, rec, want, step, RTOL)]
+    return bad
+
+
+def run_lightning(opts):
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     res = {}
-    with warnings.catch_warnings(record=True) as caught:
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         warnings.simplefilter("always")
         try:
-            with (
-                contextlib.redirect_stdout(io.StringIO()),
-                contextlib.redirect_stderr(io.StringIO()),
-            ):
-                pl.Trainer(callbacks=[callback], **trainer_kw).fit(module, loader)
+            resume = opts.get("resume") and opts["precision"] == "64"
+            callback, recorder, init = _fit_lightning(opts, tmp if resume else None)
             history = list(callback.tracker.history)
+            if opts["precision"] != "64":
+                return {"cls": "ok", "steps": len(history)}  # (crash or refusal only)
+            bad = _check_lightning(opts, history, recorder, init)
+            if resume and os.path.exists(f"{tmp}/step=2.ckpt"):
+                again, rec2, init2 = _fit_lightning(opts, None, f"{tmp}/step=2.ckpt")
+                bad += _check_lightning(opts, list(again.tracker.history), rec2, init2, "resumed ")
         except Exception as err:
             res.update(fuzz_runner._exception(err))
             return res
-        if opts["precision"] != "64":
-            return {"cls": "ok", "steps": len(history)}  # (crash or refusal only)
-        bad = []
-        token_opts = dict(opts)
-        for index, step in enumerate(sorted(recorder.by_step)):
-            params, micro = recorder.by_step[step]
-            rec = next((r for r in history if r["step"] == index + 1), None)
-            if rec is None or rec.get("skipped"):
-                continue
-            examples = step_truth(opts, init, params, micro)
-            k = opts["accum"]
-            counts = {}
-            for _, _, j, _ in examples:
-                counts[j] = counts.get(j, 0) + 1
-            coefs = {j: 1.0 / (k * c) for j, c in counts.items()}
-            want = expected(token_opts, examples, coefs, False)
-            bad += _compare(opts, rec, want, index + 1, RTOL)
     res.update(_classify(bad, caught))
     if not history:
         return {"cls": "withheld-all"}
