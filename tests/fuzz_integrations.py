@@ -89,6 +89,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fuzz_runner
+import fuzz_tracker
 
 V, H = 11, 6  # vocabulary (0 pads), hidden size
 RTOL = 1e-9  # float64 throughout
@@ -137,6 +138,8 @@ def draw_options(seed, override=None):
         "ramp_to": r.choice([2, 3]),
         # the loss_reduction declared for the classifier in the Trainer's form
         "items_reduction": r.choice([None, "sum", "num_items_in_batch"]),
+        # precondition=True (the Trainer's AdamW or RMSprop, from its first step)
+        "precondition": r.random() < 0.3,
     }
     opts.update(override or {})
     if opts["model"] != "gpt2":
@@ -345,8 +348,9 @@ def _grad(model, loss):
     ])  # fmt: skip
 
 
-def step_truth(opts, model, params, micro_batches):
-    """Per example of the step: (x_i, T_i, micro-batch index, s_i)."""
+def step_truth(opts, model, params, micro_batches, pre=None):
+    """Per example of the step: (x_i, T_i, micro-batch index, s_i); x_i times the
+    preconditioner `pre` (flattened) where given."""
     twin = copy.deepcopy(model)
     twin.load_state_dict(params)
     twin.train()
@@ -360,6 +364,8 @@ def step_truth(opts, model, params, micro_batches):
             row = {k: batch[k][i] for k in ("input_ids", "attention_mask", "labels")}
             s, t = unit_losses(opts, twin, row)
             x = _grad(twin, s) if t > 0 else None
+            if x is not None and pre is not None:
+                x = x * pre
             out.append((x, t, j, float(s.detach())))
     dim = next(x.numel() for x, *_ in out if x is not None) if any(
         x is not None for x, *_ in out) else 1  # fmt: skip
@@ -444,7 +450,8 @@ class _Recorder:
     """Records each training forward's inputs and the parameters at each step's first."""
 
     def __init__(self, model):
-        self.steps, self.current, self.params = [], [], None
+        self.steps, self.current, self.params, self.pre = [], [], None, None
+        self.trainer = None  # (set once built: its optimizer's preconditioner is read)
         self.handle = model.register_forward_pre_hook(self._pre, with_kwargs=True)
 
     def _pre(self, module, args, kwargs):
@@ -452,13 +459,25 @@ class _Recorder:
             return
         if not self.current:
             self.params = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            self.pre = self._preconditioner(module)
         batch = {k: kwargs[k].detach().clone() for k in ("input_ids", "attention_mask")}
         batch["labels"] = LABELS[kwargs["input_ids"].data_ptr()]
         self.current.append(batch)
 
+    def _preconditioner(self, module):
+        """P = 1/(√v̂ + ε) of the Trainer's Adam or RMSprop as the step starts, flattened in
+        the order of the trainable parameters (None before its first step)."""
+        optimizer = getattr(self.trainer, "optimizer", None)
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # (accelerate's wrapper)
+        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)):
+            return None
+        params = [p for p in module.parameters() if p.requires_grad]
+        pre = fuzz_tracker._preconditioner(optimizer, params)
+        return None if pre is None else torch.cat([q.detach().flatten() for q in pre])
+
     def close_step(self):
         if self.current:
-            self.steps.append((self.params, self.current))
+            self.steps.append((self.params, self.current, self.pre))
         self.current = []
 
 
@@ -525,6 +544,8 @@ def _callback(opts):
         kw["per_example_fraction"] = opts["fraction"]
     if opts["measure_every"] > 1:
         kw["measure_every"] = opts["measure_every"]
+    if opts.get("precondition") and opts["optim"] in ("adamw_torch", "rmsprop"):
+        kw.update(precondition=True, precondition_from=1)
     if opts["model"] == "classifier_items" and opts["items_reduction"]:
         kw["loss_reduction"] = opts["items_reduction"]
     if opts["declare"] and opts["model"] in ("tagger_items", "tagger_mean"):
@@ -555,6 +576,7 @@ def train(opts, out_dir, resume_from=None, save_steps=None, init=None):
         model=model, args=args, train_dataset=Dataset(opts), eval_dataset=eval_ds,
         data_collator=collate, callbacks=[callback, Closer()],
     )  # fmt: skip
+    recorder.trainer = trainer
     trainer.train(resume_from_checkpoint=resume_from)
     recorder.handle.remove()
     return callback, recorder, trainer, model
@@ -577,10 +599,15 @@ def check_history(opts, history, recorder, model, trainer, rtol, resumed=False):
     records = {r["step"]: r for r in history}
     first = trainer.state.global_step - len(recorder.steps) + 1
     within, seen_t, seen_n = False, 0.0, 0
-    for index, (params, micro) in enumerate(recorder.steps):
+    for index, (params, micro, pre) in enumerate(recorder.steps):
         step = first + index
         token = token_loss
-        examples = step_truth(opts, model, params, micro)
+        rec = records.get(step)
+        if rec is not None and not rec.get("preconditioned"):
+            pre = None
+        elif rec is not None and pre is None:
+            bad.append((f"step {step} preconditioned", True, "no optimizer state"))
+        examples = step_truth(opts, model, params, micro, pre)
         coefs, items_path = coefficients(opts, trainer, examples, micro)
         counts = [sum(t for _, t, j, _ in examples if j == m) for m in range(len(micro))]
         if token and not items_path and len(set(counts)) > 1:
