@@ -666,7 +666,10 @@ def check_history(opts, history, recorder, model, trainer, rtol, resumed=False):
             check("loss", rec["loss"], want["loss"], 0.0, max(rtol, 1e-6))
         elif not (opts["smoothing"] > 0):
             bad.append((f"step {step} loss", None, want["loss"]))
-        if len(want["sources"]) == 1 and opts["fraction"] == 1.0 and rec["b_big"] > 0:
+        # (eq. A.2 by hand: not where the big batch is taken within the micro-batches, whose
+        # examples are paired within each)
+        hand = not (token and within)
+        if hand and len(want["sources"]) == 1 and opts["fraction"] == 1.0 and rec["b_big"] > 0:
             (src,) = want["sources"].values()
             bb, bs = rec["b_big"], src["b_small"] * tbar
             gb, gs = want["sqnorm_big"] / tbar**2, src["sqnorm_small"] / tbar**2
