@@ -313,6 +313,18 @@ INTEGRATIONS_FOUND = [
     # compute_loss_func path probes and refuses this contradiction; a model's forward is not
     # probed)
     (8, ("trainer",)),
+    # wrong-warned: a classifier (its micro-batch means divided by the accumulation) with
+    # label_smoothing_factor, micro-batches of 3 and 2 after a ramp: the LabelSmoother's counts
+    # are taken for token counts that differ, and the step is measured within its micro-batches
+    # (b_big 2.5 for the step's 4.8) for the rest of the run, the warning naming token means —
+    # docs/language_models.md keeps the step's gradient for a mean over examples whose
+    # micro-batches differ in size (hunt/smoothed_classifier_within.py)
+    (374, ("trainer",)),
+    # wrong-warned: Lightning's manual accumulation, loss / 2 and opt.step() at
+    # (batch_idx + 1) % 2 == 0, 5 batches an epoch: the step across the epoch boundary has 3
+    # losses, each assumed divided by 3 (|G_big|² 2.25×), the warning naming a mean written by
+    # hand or a weight and asking for the form used (hunt/lit_manual_epoch_boundary.py)
+    (25, ("lightning",)),
 ]
 
 
