@@ -57,14 +57,18 @@ as the Trainer's b_big, |G_big|² and sources, each micro-batch's mean weighed 1
 Per token (a token loss), the record's norms are |x|²/T̄² and its b's are in tokens (× T̄), T̄
 the record's ``tokens_per_example``, itself checked against the run's counted tokens per
 example. Classes as tests/fuzz_runner.py's: ``exact``, ``refused``, ``crash``, ``WRONG-SILENT``,
-``wrong-warned``, ``withheld-all``.
+``wrong-warned``, ``withheld-all``; ``exact-part-left-out`` where a step's per-example norms
+were partly left out with a warning (an audit that could not follow the forward) and the rest
+are exact; ``ok`` for a bf16 Lightning run (crash or refusal only). A wrong number under a
+warning of Lightning's assumed divisor is ``wrong-warned``.
 
 Run it long::
 
     python tests/fuzz_integrations.py --seeds 0:100 --jsonl integ.jsonl
 
-``--seeds 17 -v`` replays one seed, ``--override '{"accum": 2}'`` with options changed
-(``'{"lightning": {"manual": true}}'`` those of its Lightning run).
+``--parts trainer`` runs one part. ``--seeds 17 -v`` replays one seed,
+``--override '{"accum": 2}'`` with options changed (``'{"lightning": {"manual": true}}'``
+those of its Lightning run).
 """
 
 from __future__ import annotations
