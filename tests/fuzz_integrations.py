@@ -595,14 +595,18 @@ def _close(got, want, scale, rtol):
     return abs(got - want) <= rtol * max(abs(want), scale, 1e-300)
 
 
-def check_history(opts, history, recorder, model, trainer, rtol, resumed=False):
+def check_history(opts, history, recorder, model, trainer, rtol, resumed=False, within=None):
     """[(what, got, want)] for each number off. `resumed`: the run's first steps were another
-    run's (T̄ is then compared with the uninterrupted run's, not here)."""
+    run's (T̄ is then compared with the uninterrupted run's, not here). `within`: a list whose
+    first element says whether the big batch is taken within the micro-batches (the run's
+    choice, made at its first measured step whose micro-batches count different numbers of
+    tokens, none of them 0, and kept in its checkpoints); updated as the run makes it."""
+    within_state = [False] if within is None else within
     bad, partial = [], []
     token_loss = _token_model(opts)
     records = {r["step"]: r for r in history}
     first = trainer.state.global_step - len(recorder.steps) + 1
-    within, seen_t, seen_n = False, 0.0, 0
+    seen_t, seen_n = 0.0, 0
     for index, (params, micro, pre) in enumerate(recorder.steps):
         step = first + index
         token = token_loss
@@ -614,8 +618,10 @@ def check_history(opts, history, recorder, model, trainer, rtol, resumed=False):
         examples = step_truth(opts, model, params, micro, pre)
         coefs, items_path = coefficients(opts, trainer, examples, micro)
         counts = [sum(t for _, t, j, _ in examples if j == m) for m in range(len(micro))]
-        if token and not items_path and len(set(counts)) > 1:
-            within = True  # (for the rest of the run)
+        differ = token and not items_path and len(set(counts)) > 1 and min(counts) > 0
+        if differ and rec is not None and not within_state[0]:  # (measured: for the rest)
+            within_state[:] = [True, step]
+        within = within_state[0]
         want = expected(opts, examples, coefs, within)
         rec = records.get(step)
         if token and rec is not None and rec.get("tokens") is None:
@@ -728,7 +734,8 @@ def run_trainer(opts):
                     opts, tmp, save_steps=2 if opts["resume"] else None
                 )
             history = list(callback.tracker.history)
-            bad = check_history(opts, history, recorder, model, trainer, rtol)
+            within = [False]
+            bad = check_history(opts, history, recorder, model, trainer, rtol, within=within)
             if opts["resume"] and trainer.state.global_step > 2:
                 init = build_model(opts).state_dict()
                 with contextlib.redirect_stdout(io.StringIO()):
@@ -736,8 +743,9 @@ def run_trainer(opts):
                         opts, tmp, resume_from=f"{tmp}/checkpoint-2", init=init
                     )
                 resumed = list(again.tracker.history)
+                first_within = within[0] and within[1] <= 2  # (as of the checkpoint)
                 bad += [(f"resumed {w}", g, e) for w, g, e in check_history(
-                    opts, resumed, rec2, model2, trainer2, rtol, True)]  # fmt: skip
+                    opts, resumed, rec2, model2, trainer2, rtol, True, [first_within])]  # fmt: skip
                 by_step = {r["step"]: r for r in history}
                 # (a run that left a pass out, warned, has other averages than one that did not)
                 left_out = any(b[0].endswith("partial") for b in bad) or any(

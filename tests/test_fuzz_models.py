@@ -325,6 +325,12 @@ INTEGRATIONS_FOUND = [
     # losses, each assumed divided by 3 (|G_big|² 2.25×), the warning naming a mean written by
     # hand or a weight and asking for the form used (hunt/lit_manual_epoch_boundary.py)
     (25, ("lightning",)),
+    # crash: a declared token mean (a tagger, one sequence a micro-batch, partly unlabelled)
+    # whose first step counts no token (its loss nan, the step left out with a warning): the
+    # callback's on_log calls tracker.estimate(), which raises ZeroDivisionError from
+    # state.per_token (tokens_per_example 0) and ends the Trainer's run
+    # (hunt/estimate_zero_tokens_crash.py, without the Trainer)
+    (508, ("trainer",)),
 ]
 
 
