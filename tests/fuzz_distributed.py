@@ -62,7 +62,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from datetime import timedelta
 from pathlib import Path
 
@@ -142,9 +142,8 @@ def draw_options(seed, n, override=None):
     start = 0
     if opts["resume"]:
         r = opts["resume"]
-        phases.append(
-            {"first": 1, "world": r["world"], "layouts": _layouts(lay, n, r["world"], r["ks"], r["after"])}
-        )
+        layouts = _layouts(lay, n, r["world"], r["ks"], r["after"])
+        phases.append({"first": 1, "world": r["world"], "layouts": layouts})
         start = r["after"]
     phases.append(
         {
@@ -215,6 +214,33 @@ def _wrap(model, opts, world):
     return model, model, model
 
 
+class _Untracked:
+    """The training loop's tracker calls without a tracker (the set-up's own baseline)."""
+
+    @property
+    def history(self):
+        return []
+
+    def step(self, loss=None):
+        pass
+
+    def estimate(self):
+        return _NAN
+
+    def state_dict(self):
+        return None
+
+    def remove(self):
+        pass
+
+
+class _Nan:
+    g2 = trace_sigma = b_simple = low = high = math.nan
+
+
+_NAN = _Nan()
+
+
 def _full(p):
     return p.full_tensor() if hasattr(p, "full_tensor") else p
 
@@ -245,8 +271,10 @@ def run_phase(rank, phase, job):
             }
             if opts["wrap"] == "manual" and world > 1:
                 kwargs["process_group"] = torch.distributed.group.WORLD
-            tracker = noisescale.GradientNoiseTracker(tracked, **kwargs)
-            if job.get("tracker") is not None:
+            tracker = _Untracked()
+            if not job.get("untracked"):
+                tracker = noisescale.GradientNoiseTracker(tracked, **kwargs)
+            if job.get("tracker") is not None and not job.get("untracked"):
                 tracker.load_state_dict(job["tracker"])
             ddp = opts["wrap"] == "ddp" and world > 1
             fsdp = opts["wrap"].startswith("fsdp") and world > 1
@@ -302,10 +330,8 @@ def _worker(rank, world, port, job_path, out_dir):
     )
     out = run_phase(rank, job["phase"], job)
     Path(out_dir, f"{rank}.json").write_text(json.dumps(out, default=str))
-    try:
+    with suppress(Exception):
         torch.distributed.destroy_process_group()
-    except Exception:
-        pass
 
 
 def _free_port():
@@ -356,7 +382,7 @@ def truth(seed, spec_n, opts):
     st = state_mod.init(BETA)
     wanted = {}
     m = opts["measure_every"]
-    carry = [0, 0]
+    carry, nothing = [0, 0], state_mod.NOTHING_UNMEASURED
     for phase in opts["phases"]:
         world = phase["world"]
         static = opts["wrap"] == "ddp" and opts["static_graph"] and world > 1
@@ -415,7 +441,7 @@ def truth(seed, spec_n, opts):
                     loss if opts["pass_loss"] else None,
                     LR,
                     1.0,
-                    unmeasured=(carry[0], carry[1], None) if carry[0] else state_mod.NOTHING_UNMEASURED,
+                    unmeasured=(carry[0], carry[1], None) if carry[0] else nothing,
                 )
                 st, want = state_mod.update(st, stats, 0.95, None)
                 wanted[step] = want
@@ -442,7 +468,9 @@ def _compare(history, estimate, wanted, st, opts):
             found = fuzz_tracker.compare_records(rec, want, run_scale)
         else:
             sub = {k: v for k, v in rec.items() if k != "sources"}
-            sub["sources"] = {k: v for k, v in rec["sources"].items() if k != "subbatch"}
+            sub["sources"] = {
+                k: v for k, v in rec["sources"].items() if k not in ("subbatch", "per_example")
+            }
             found = [
                 b
                 for b in fuzz_tracker.compare_records(sub, want, run_scale)
@@ -497,7 +525,14 @@ def check_seed(seed, override=None):
         if failed:
             order = ("hang", "crash", "died", "refused", "torch-error")
             worst = min(failed, key=lambda res: order.index(res["cls"]))
+            if worst["cls"] in ("hang", "crash", "died"):
+                # the same processes without a tracker: an error of theirs is the set-up's
+                baseline = launch({**job, "untracked": True})
+                broken = [res for res in baseline if "cls" in res]
+                if broken:
+                    worst = {**worst, "cls": "torch-error", "baseline": broken[0].get("exc")}
             record.update(cls=worst["cls"], exc=worst.get("exc"), tb=worst.get("tb"))
+            record["baseline"] = worst.get("baseline")
             record["warnings"] = worst.get("warnings")
             record["t"] = round(time.time() - start, 1)
             return record
