@@ -77,8 +77,8 @@ from noisescale import state as state_mod
 
 LR = 0.05
 BETA = 0.9
-TIMEOUT_S = 90  # a launch's processes, all together
-COLLECTIVE_TIMEOUT_S = 40
+TIMEOUT_S = 75  # a launch's processes, all together
+COLLECTIVE_TIMEOUT_S = 30
 FINDINGS = ("crash", "WRONG-SILENT", "wrong-warned", "RANKS-DIFFER", "RECORDS", "hang")
 WRAPS = ("ddp", "ddp", "fsdp_blocks", "fsdp_root", "manual")
 
@@ -137,6 +137,15 @@ def draw_options(seed, n, override=None):
         opts["resume"] = {"after": rng.choice([1, 2]), "world": first, "ks": k1}
     if override:
         opts.update(override)
+    if opts["wrap"].startswith("fsdp"):
+        # FSDP2 gathers the parameters at every forward: the processes run as many passes
+        # (unequal windows pair its collectives wrongly and gloo times out, without a tracker too)
+        opts["ks"] = [opts["ks"][0]] * opts["world"]
+        if opts["resume"] and opts["resume"]["world"] > 1:
+            opts["resume"]["ks"] = [opts["resume"]["ks"][0]] * opts["resume"]["world"]
+    if opts["wrap"] == "ddp" and opts["static_graph"]:
+        # no_sync() in a static graph's first iteration: torch's INTERNAL ASSERT, untracked too
+        opts["ks"] = [1] * opts["world"]
     lay = random.Random(seed * 31 + 1)
     phases = []
     start = 0
