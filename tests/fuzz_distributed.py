@@ -5,9 +5,10 @@ block that mixes the examples, no two-view loss) and random data-parallel option
 (:func:`draw_options`): 2 or 3 CPU processes over gloo; DDP (``find_unused_parameters``,
 ``static_graph``, ``gradient_as_bucket_view``, ``broadcast_buffers``, a tiny or the default
 bucket, sometimes ``torch.compile(DDP(model))``), FSDP2 (``fully_shard`` per block or on the root
-alone, ``reshard_after_forward``) or a plain model averaged by hand (``process_group=``);
-uneven local batches, each process accumulating its own number of micro-batches (DDP's
-``no_sync()``, FSDP2's ``set_requires_gradient_sync(False)``), the grammar's frozen parameters,
+alone, ``reshard_after_forward``; HSDP on a (W, 1) mesh) or a plain model averaged by hand
+(``process_group=``); uneven local batches, each process accumulating its own number of
+micro-batches (DDP's ``no_sync()``; FSDP2's ``set_requires_gradient_sync(False)``, as many on
+every process), the grammar's frozen parameters,
 tied head and penalty, its loss reduction (mean or sum), ``per_example_fraction`` 1.0 or the
 default, ``measure_every``, ``sync_every``, the loss passed to ``step()`` or not, and a resume:
 the first steps run on another number of processes (one plain process, or 2-3 processes), and
@@ -80,7 +81,7 @@ BETA = 0.9
 TIMEOUT_S = 75  # a launch's processes, all together
 COLLECTIVE_TIMEOUT_S = 30
 FINDINGS = ("crash", "WRONG-SILENT", "wrong-warned", "RANKS-DIFFER", "RECORDS", "hang")
-WRAPS = ("ddp", "ddp", "fsdp_blocks", "fsdp_root", "manual")
+WRAPS = ("ddp", "ddp", "fsdp_blocks", "fsdp_root", "fsdp_hsdp", "manual")
 
 
 # --- the options ------------------------------------------------------------------------------
@@ -215,11 +216,16 @@ def _wrap(model, opts, world):
     if wrap.startswith("fsdp"):
         from torch.distributed.fsdp import fully_shard
 
-        if wrap == "fsdp_blocks":
+        mesh = None
+        if wrap == "fsdp_hsdp":  # (replicate, shard) = (W, 1): every shard held W times
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
+        if wrap in ("fsdp_blocks", "fsdp_hsdp"):
             for block in model.blocks:
                 if any(p.requires_grad for p in block.parameters()):
-                    fully_shard(block, reshard_after_forward=opts["reshard"])
-        fully_shard(model, reshard_after_forward=opts["reshard"])
+                    fully_shard(block, mesh=mesh, reshard_after_forward=opts["reshard"])
+        fully_shard(model, mesh=mesh, reshard_after_forward=opts["reshard"])
     return model, model, model
 
 
