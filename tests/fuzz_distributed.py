@@ -145,6 +145,8 @@ def draw_options(seed, n, override=None):
         opts["ks"] = [opts["ks"][0]] * opts["world"]
         if opts["resume"] and opts["resume"]["world"] > 1:
             opts["resume"]["ks"] = [opts["resume"]["ks"][0]] * opts["resume"]["world"]
+    if opts["compile"]:
+        opts["bucket_cap_mb"] = 25.0  # (Dynamo's DDPOptimizer asserts on a tiny first bucket)
     if opts["wrap"] == "ddp" and opts["static_graph"]:
         # no_sync() in a static graph's first iteration: torch's INTERNAL ASSERT, untracked too
         opts["ks"] = [1] * opts["world"]
