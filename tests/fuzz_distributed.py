@@ -151,20 +151,20 @@ def draw_options(seed, n, override=None):
         # no_sync() in a static graph's first iteration: torch's INTERNAL ASSERT, untracked too
         opts["ks"] = [1] * opts["world"]
     lay = random.Random(seed * 31 + 1)
-    phases = []
-    start = 0
+    # the resume's processes run the first steps, or (reversed) the last ones: a checkpoint of
+    # the seed's processes resumed on one plain process or on another number of processes
+    worlds = [(opts["world"], opts["ks"])]
+    after = opts["steps"]
     if opts["resume"]:
         r = opts["resume"]
-        layouts = _layouts(lay, n, r["world"], r["ks"], r["after"])
-        phases.append({"first": 1, "world": r["world"], "layouts": layouts})
-        start = r["after"]
-    phases.append(
-        {
-            "first": start + 1,
-            "world": opts["world"],
-            "layouts": _layouts(lay, n, opts["world"], opts["ks"], opts["steps"] - start),
-        }
-    )
+        r.setdefault("reverse", random.Random(seed * 13 + 5).random() < 0.35)
+        worlds.insert(1 if r["reverse"] else 0, (r["world"], r["ks"]))
+        after = r["after"]
+    phases, start = [], 0
+    for (world, ks), stop in zip(worlds, [after, opts["steps"]][-len(worlds) :], strict=True):
+        layouts = _layouts(lay, n, world, ks, stop - start)
+        phases.append({"first": start + 1, "world": world, "layouts": layouts})
+        start = stop
     opts["phases"] = phases
     return opts
 
