@@ -11,8 +11,9 @@ micro-batches (DDP's ``no_sync()``; FSDP2's ``set_requires_gradient_sync(False)`
 every process), the grammar's frozen parameters,
 tied head and penalty, its loss reduction (mean or sum), ``per_example_fraction`` 1.0 or the
 default, ``measure_every``, ``sync_every``, the loss passed to ``step()`` or not, and a resume:
-the first steps run on another number of processes (one plain process, or 2-3 processes), and
-the processes of the second phase load its tracker's ``state_dict()`` and its parameters.
+the first or the last steps run on another number of processes (one plain process, or 2-3
+processes), and the processes of the second phase load the first's tracker ``state_dict()``
+(rank 0's, through JSON) and its parameters.
 
 The truth is brute force in this process: each example's gradient by its own backward, float64,
 at the parameters an SGD step on the brute-force averaged gradient reaches (the processes'
