@@ -34,9 +34,12 @@ and the ``local`` and ``microbatch`` sources are compared. Steps left unmeasured
 from the options (``measure_every``; the first step of a ``static_graph`` DDP). Every process
 must also return the same history and estimate, bit for bit.
 
-Classes: ``exact``; ``refused`` (a NoiseScaleInputError or UnsupportedModuleError on some
-process); ``torch-error`` (an error raised by torch outside noisescale: a set-up DDP or FSDP2
-rejects, neutral); ``crash`` (an exception with a noisescale frame in its traceback);
+Classes: ``exact``; ``exact-withheld`` (exact, the per-example source absent at some step: its
+norms withheld there on every process, the other sources kept); ``invalid`` (a two-view loss or
+a size-dependent block: not drawn); ``refused`` (a NoiseScaleInputError or
+UnsupportedModuleError on some process); ``torch-error`` (an error raised by torch outside
+noisescale, or by the same processes without a tracker: a set-up DDP or FSDP2 rejects,
+neutral); ``crash`` (an exception with a noisescale frame in its traceback);
 ``WRONG-SILENT`` / ``wrong-warned`` (a number off, without / with a warning of the run that
 says the numbers are not to be trusted); ``RANKS-DIFFER``; ``RECORDS`` (a step recorded that
 should not be, or missing); ``hang`` (the processes did not end within the timeout). The
@@ -421,12 +424,13 @@ def _holders(by_rank, world, got):
     )
 
 
-def truth(seed, spec_n, opts, observed=None):
+def truth(seed, spec_n, opts, observed=None, withheld=None):
     """The brute-force records of every measured step, by step, and the estimator's state
     (`observed`: the tracker's records by step, read only for which processes lacked a
-    source)."""
+    source and the steps whose per-example norms were withheld, appended to `withheld`)."""
     spec, model, per_example_loss = grammar_case(seed)
     n = spec_n
+    withheld = [] if withheld is None else withheld
     params = [p for p in model.parameters() if p.requires_grad]
     st = state_mod.init(BETA)
     wanted = {}
@@ -476,6 +480,11 @@ def truth(seed, spec_n, opts, observed=None):
                     if len(layout[r]) > 1
                 }
             got = (observed or {}).get(step, {}).get("sources", {})
+            if step in (observed or {}) and "per_example" in parts and "per_example" not in got:
+                # the per-example norms withheld on every process (an audit's finding, the
+                # runner's withheld-then-exact): the step's other sources stand
+                del parts["per_example"]
+                withheld.append(step)
             sources = {
                 name: _holders(by_rank, world, got.get(name)) for name, by_rank in parts.items()
             }
@@ -599,8 +608,10 @@ def check_seed(seed, override=None, baseline=True):
         job["params"] = results[0]["params"]
         job["tracker"] = results[0]["state"]
     with fuzz_runner.float64_default():
-        wanted, st = truth(seed, spec["n"], opts, {r["step"]: r for r in history})
+        withheld = []
+        wanted, st = truth(seed, spec["n"], opts, {r["step"]: r for r in history}, withheld)
     bad, records = _compare(history, results[0]["estimate"], wanted, st, opts)
+    record["history"] = history
     messages = results[0]["warnings"]
     record["warnings"] = messages
     warned = any(w in m.lower() for m in messages for w in fuzz_runner.WITHHOLD_WORDS)
@@ -609,7 +620,8 @@ def check_seed(seed, override=None, baseline=True):
     elif bad:
         record["cls"] = "wrong-warned" if warned else "WRONG-SILENT"
     else:
-        record["cls"] = "exact"
+        record["cls"] = "exact-withheld" if withheld else "exact"
+    record["withheld"] = withheld
     if bad:
         record["bad"] = [(k, _num(g), _num(w)) for k, g, w in bad[:8]]
         record["re"] = max((_rel(g, w) for _, g, w in bad), default=math.inf)
