@@ -533,7 +533,9 @@ def _compare(history, estimate, wanted, st, opts):
             found = [
                 b
                 for b in fuzz_tracker.compare_records(sub, want, run_scale)
-                if not b[0].startswith(("g2", "trace_sigma", "b_simple"))
+                # (eq. A.2's numbers, and whether the step had any source to give them, are
+                # the sub-batch source's too)
+                if not b[0].startswith(("g2", "trace_sigma", "b_simple", "skipped"))
             ]
         for name, s in want["sources"].items():
             lacking = s.get("lacking", 0) if isinstance(s, dict) else 0
@@ -565,8 +567,14 @@ def check_seed(seed, override=None, baseline=True):
     seeds skip it: their set-ups were checked when found)."""
     start = time.time()
     record = {"seed": seed}
-    with fuzz_runner.float64_default():
-        case = grammar_case(seed)
+    try:
+        with fuzz_runner.float64_default():
+            case = grammar_case(seed)
+            if case is not None:  # (the brute force must run on one example: GroupNorm, ...)
+                fuzz_runner.per_example_grads(case[1], case[2], case[0]["n"])
+    except Exception as err:
+        case = None
+        record["why"] = f"{type(err).__name__}: {err}"[:300]
     if case is None:
         record["cls"] = "invalid"
         return record
