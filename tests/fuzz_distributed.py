@@ -593,7 +593,15 @@ def check_seed(seed, override=None, baseline=True):
         failed = [res for res in results if "cls" in res]
         if failed:
             order = ("hang", "crash", "died", "refused", "torch-error")
-            worst = min(failed, key=lambda res: order.index(res["cls"]))
+            # (a process that lost its peer reports the peer's failure: the peer's own first)
+            peer = ("Connection closed by peer", "Timed out waiting")
+            worst = min(
+                failed,
+                key=lambda res: (
+                    any(p in (res.get("exc") or "") for p in peer),
+                    order.index(res["cls"]),
+                ),
+            )
             if baseline and worst["cls"] in ("hang", "crash", "died"):
                 # the same processes without a tracker: an error of theirs is the set-up's
                 baseline = launch({**job, "untracked": True})
