@@ -317,6 +317,22 @@ DIST_FOUND = [
         {**_FSDP_ROOT, "wrap": "fsdp_hsdp", "reshard": False, "fraction": 1.0, "measure_every": 1},
         DIST_OK,
     ),
+    # a step left out, naming the wrong cause: 2 processes (FSDP2 or DDP) accumulating 2
+    # micro-batches each, rank 0's checkpoint resumed on one plain process with one pass: step 2
+    # left out as "an epoch's short last window" (rank 0's window carried to another world
+    # size; docs/distributed.md: a rank-0 checkpoint resumes exactly on any number of
+    # processes) (hunt/resume_one_process_short_window.py)
+    (
+        314,
+        {
+            **_FSDP_ROOT,
+            "ks": [2, 2],
+            "fraction": 1.0,
+            "measure_every": 1,
+            "resume": {"after": 1, "world": 1, "ks": [1], "reverse": True},
+        },
+        ("exact",),
+    ),
 ]
 
 
