@@ -317,6 +317,11 @@ DIST_FOUND = [
         {**_FSDP_ROOT, "wrap": "fsdp_hsdp", "reshard": False, "fraction": 1.0, "measure_every": 1},
         DIST_OK,
     ),
+    # crash: HSDP ((2, 1) mesh, per block and root) on grammar seed 336's model (LayerNorm,
+    # RMSNorm, where, a batch-first GRU): a raw RuntimeError "aten.mm.default got mixed
+    # torch.Tensor and DTensor" from per_example/rnn.py _factors in the backward; FSDP2 on the
+    # root alone and DDP are exact (hunt/hsdp_gru_dtensor_crash.py)
+    (336, {**_FSDP_ROOT, "wrap": "fsdp_hsdp", "fraction": None, "microbatch": False}, DIST_OK),
     # false refusal, naming a cause the loop does not have: a Linear on the rows flattened
     # [N*T, D] and a head per token under FSDP2 (on the root) is refused as an output "whose rows
     # noisescale did not take for the examples" meeting the batch in the loss; DDP and hand
