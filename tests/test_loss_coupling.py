@@ -407,7 +407,35 @@ def test_a_loss_that_changes_between_audits_is_withheld_then_audited(name):
     assert isinstance(got[3], UnsupportedModuleError), got[3]
 
 
-@pytest.mark.parametrize("then", ["cross_entropy(mean)", "(l.sum(0)).mean()"])
+SAME_OPERATIONS = {
+    # (a term over the outputs, within each example (False) or across the examples (True),
+    # written with the same operations — only which dimension they work on differs: a review
+    # of 2026-12-07 found these measured from step 3 until the next audit without a word)
+    "transpose": lambda o, a: o.transpose(0 if a else 1, 1).log_softmax(1).logsumexp(1).sum(),
+    "permute": lambda o, a: o.permute((1, 0) if a else (0, 1)).log_softmax(1).logsumexp(1).sum(),
+    "roll": lambda o, a: (o * o.roll(1, dims=0 if a else 1)).pow(2).sum(),
+    "flip": lambda o, a: (o * o.flip(0 if a else 1)).pow(2).sum(),
+    "reshape": lambda o, a: o.reshape((C, N) if a else (N, C)).logsumexp(1).sum(),
+}
+
+
+@pytest.mark.parametrize("name", SAME_OPERATIONS)
+def test_a_term_that_moves_to_the_examples_dimension_between_audits_is_withheld(name):
+    """Steps 1 and 2 (audited) with the term within each example, step 3 across the batch:
+    step 3 withheld, step 4 refused."""
+    model, (x, _) = mlp(), data()
+    term = SAME_OPERATIONS[name]
+
+    def loss_at(o, s):
+        return F.cross_entropy(o, Y, reduction="sum") + 0.5 * term(o, s >= 3)
+
+    got = _steps(model, x, loss_at, 4)
+    assert [p.raw_sqnorms is not None for p in got[:2]] == [True, True]
+    assert got[2].raw_sqnorms is None and "loss's operations after" in got[2].withheld
+    assert isinstance(got[3], UnsupportedModuleError), got[3]
+
+
+@pytest.mark.parametrize("then", ["cross_entropy(mean)", "(l.sum(0)).mean()", "bce(mean)"])
 def test_a_reduction_that_changes_between_audits_is_withheld_then_refused_by_the_tracker(then):
     """The tracker under loss_reduction="sum": a mean over the examples from step 3 on (an
     unaudited step) was measured there N² off without a word until 2026-12-07; now step 3 is
@@ -418,12 +446,20 @@ def test_a_reduction_that_changes_between_audits_is_withheld_then_refused_by_the
         "(l.sum(0)).mean()": lambda o: (
             F.cross_entropy(o, Y, reduction="none")[:, None].expand(N, 3).sum(1).mean(0)
         ),
+        # (BCE's node names no loss: its reduction was not held, a review of 2026-12-07)
+        "bce(mean)": lambda o: F.binary_cross_entropy_with_logits(o, _soft(Y)),
     }[then]
+
+    def before(o):
+        if then == "bce(mean)":
+            return F.binary_cross_entropy_with_logits(o, _soft(Y), reduction="sum")
+        return F.cross_entropy(o, Y, reduction="sum")
+
     tracker = noisescale.GradientNoiseTracker(model, loss_reduction="sum", per_example_fraction=1.0)
     try:
         for _ in (1, 2):
             model.zero_grad()
-            F.cross_entropy(model(x), Y, reduction="sum").backward()
+            before(model(x)).backward()
             tracker.step()
         model.zero_grad()
         later(model(x)).backward()
@@ -438,7 +474,55 @@ def test_a_reduction_that_changes_between_audits_is_withheld_then_refused_by_the
         tracker.remove()
 
 
-def test_a_loss_of_two_forms_is_exact_on_every_step_once_each_is_audited():
+class _OwnLoss(nn.Module):
+    """A model that computes its loss in its own forward (nanoGPT's ``(logits, loss)``), with
+    an auxiliary term from step ``it`` ≥ 5 on (new operations inside the forward)."""
+
+    def __init__(self, coupled: bool) -> None:
+        super().__init__()
+        self.net, self.it, self.coupled = mlp(), 0, coupled
+
+    def forward(self, x, y):
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y)
+        if self.it >= 5:
+            term = (logits @ logits.T).logsumexp(1) if self.coupled else logits.pow(2).sum(1)
+            loss = loss + 0.1 * term.mean()
+        return logits, loss
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+def test_a_term_new_inside_the_forward_is_checked_on_the_next_step(coupled):
+    """A loss the model computes itself, a term added at step 5 (unaudited, a structure new
+    to the audit): its forward was not followed, so step 5 is withheld, and step 6 is audited
+    with the forward followed — measured if the term keeps the examples apart, refused if not.
+    Until a review of 2026-12-07 the flag for that audit was reset before the next step and
+    steps 5–7 were all withheld, up to the scheduled audit at 8."""
+    model, (x, _) = _OwnLoss(coupled), data()
+    engine = PerExampleNorms(model)
+    got: list = []
+    try:
+        for s in range(1, 8):
+            model.it = s
+            model.zero_grad()
+            model(x, Y)[1].backward()
+            try:
+                (p,) = engine.collect()
+            except UnsupportedModuleError as err:
+                got.append(err)
+                break
+            got.append(p.withheld is None)
+    finally:
+        engine.remove()
+    assert got[:5] == [True, True, True, True, False], got
+    if coupled:
+        assert isinstance(got[5], UnsupportedModuleError), got
+    else:
+        assert got[5:] == [True, True], got
+
+
+@pytest.mark.parametrize("every", [3, 20])
+def test_a_loss_of_two_forms_is_exact_on_every_step_once_each_is_audited(every):
     """A separable auxiliary term every third step (a penalty on the outputs): its first
     unaudited step is withheld and audited on the next; once both forms passed an audit, every
     step of either is measured, equal to brute force — the shapes audited are kept."""
@@ -446,12 +530,14 @@ def test_a_loss_of_two_forms_is_exact_on_every_step_once_each_is_audited():
 
     def loss_at(o, s):
         ce = F.cross_entropy(o, Y, reduction="sum")
-        return ce + 0.3 * o.pow(2).sum() if s % 3 == 0 else ce
+        return ce + 0.3 * o.pow(2).sum() if s % every == 0 else ce
 
-    got = _steps(model, x, loss_at, 9)
+    # (every 20th: the audits after the first withheld step must reach the next one — until a
+    # review of 2026-12-07 they stopped after 16, and every such step was withheld)
+    got = _steps(model, x, loss_at, 3 * every)
     withheld = [s for s, p in enumerate(got, 1) if p.raw_sqnorms is None]
-    assert withheld == [3], [p.withheld for p in got]
-    for s in (5, 6, 7, 9):  # (unaudited steps of both forms)
+    assert withheld == [every], [p.withheld for p in got]
+    for s in (3 * every - 1, 3 * every):  # (unaudited steps of both forms)
         want = share_truth(model, x, functools.partial(loss_at, s=s))
         assert torch.allclose(got[s - 1].raw_sqnorms, want, rtol=1e-9)
 
@@ -1014,6 +1100,16 @@ SUMS_AND_MEANS = {
             torch.stack([F.cross_entropy(o, y, reduction="sum"), o.pow(2).sum()]) * _TASK_WEIGHTS
         ).sum(),
         "sum",
+    ),
+    "tensor(True) * mean": (lambda o, y: torch.tensor(True) * F.cross_entropy(o, y), "mean"),
+    # (broadcast onto N copies, N · mean, and a token mean times its count: as given — a review)
+    "(mean * ones(N)).sum()": (
+        lambda o, y: (F.cross_entropy(o, y) * torch.ones(N, dtype=torch.float64)).sum(),
+        None,
+    ),
+    "tok.mean() * tensor(N * C)": (
+        lambda o, y: F.mse_loss(o, _soft(y)) * torch.tensor(float(o.numel())),
+        None,
     ),
     "stack([mean, mean]) @ [N, N]": (
         lambda o, y: (

@@ -1467,6 +1467,65 @@ def _output_keys(passes: Sequence[Any]) -> set[tuple[int, int]]:
     return {key for pass_ in passes for key in getattr(pass_, "output_nodes", ())}
 
 
+# what of an autograd node the loss's shape holds (loss_side_params): its saved attributes that
+# say which dimensions it works on and how it reduces — not values (a coefficient, a target)
+# nor sizes (another batch, another length) —, by node type
+_SHAPE_WORDS = ("dim", "reduction", "shifts", "repeats", "weight", "ignore_index", "transpose")
+_SHAPE_ATTRS: dict[str, tuple[str, ...]] = {}
+# views whose output's layout (which dimension holds the examples) their attributes do not say
+_RESHAPES = {
+    "ViewBackward0",
+    "UnsafeViewBackward0",
+    "ReshapeAliasBackward0",
+    "ExpandBackward0",
+    "AsStridedBackward0",
+}
+
+
+def _node_shape(node: Any, name: str, sizes: set) -> tuple:
+    """One node's part of the loss's shape: its name, the structural saved attributes of its
+    type (:data:`_SHAPE_WORDS`: ``_saved_dim``, ``_dims``, ``_dim0``/``_dim1``,
+    ``_dimension``, ``_keepdim``, ``_shifts``, ``_repeats``, a loss's ``_reduction`` and
+    ``_ignore_index``, whether a ``_weight`` is given), and for a reshape its output's
+    dimensions marked where they have the batch's size. Until a review of 2026-12-07 only
+    ``_saved_dim`` was held, and a term that moved the examples by ``transpose``, ``permute``,
+    ``roll``, ``flip``, ``unfold`` or a reshape from step 9 on — or BCE's reduction changed —
+    was measured until the next audit (step 16) without a word."""
+    attrs = _SHAPE_ATTRS.get(name)
+    if attrs is None:
+        attrs = tuple(
+            a
+            for a in dir(node)
+            if a.startswith("_saved_")
+            and not a.endswith(("sizes", "strides", "_size", "_stride", "offset"))
+            and any(w in a for w in _SHAPE_WORDS)
+        )
+        _SHAPE_ATTRS[name] = attrs
+    parts: list[Any] = [name]
+    for a in attrs:
+        try:
+            v = getattr(node, a)
+        except Exception:  # (a saved tensor freed, an attribute torch cannot give)
+            v = "?"
+        if isinstance(v, Tensor):
+            v = "T"  # (given: class weights, a mask — not their values)
+        elif isinstance(v, float):
+            continue
+        elif isinstance(v, list | tuple):
+            v = tuple(x if isinstance(x, int | bool | str | None) else "?" for x in v)
+        elif not isinstance(v, int | bool | str | None):
+            v = "?"
+        parts.append(v)
+    if name in _RESHAPES:
+        try:
+            out = node._input_metadata[0].shape
+        except Exception:
+            out = None
+        if out is not None:
+            parts.append(tuple("N" if size in sizes else "*" for size in out))
+    return tuple(parts)
+
+
 def loss_side_params(
     roots: Sequence[Any], passes: Sequence[Any], params: Mapping[int, Any]
 ) -> tuple[list[int], bool, int | None]:
@@ -1483,7 +1542,7 @@ def loss_side_params(
     ``([], True)`` where one lacks it (a forward still running; left to the audit).
 
     Third, the loss's shape: a hash of the operations the walk met, in its order — each node's
-    name and reduced or normalised dimension (``_saved_dim``; a loss's reduction), and where it
+    name and the dimensions it works on (:func:`_node_shape`), and where it
     stopped (an output of a forward, a node inside one, a leaf) —, or None where the walk did
     not see the whole loss or met a compiled function's node (its operations are not seen: a
     compiled step's loss is left to the audit). The values and sizes are not in it: the same
@@ -1505,6 +1564,7 @@ def loss_side_params(
     found: list[int] = []
     shape: list[Any] = []
     compiled = False
+    sizes = {getattr(p, "batch_size", None) for p in passes}
     while stack:
         node, nr = stack.pop()
         if node is None:
@@ -1540,10 +1600,7 @@ def loss_side_params(
             if id(variable) in params and id(variable) not in found:
                 found.append(id(variable))
             continue
-        dim = getattr(node, "_saved_dim", None)
-        if "Loss" in name:  # (a loss's own reduction: nll_loss's "sum" or "mean")
-            dim = (dim, getattr(node, "_saved_reduction", None))
-        shape.append((name, dim if isinstance(dim, int) else str(dim)))
+        shape.append(_node_shape(node, name, sizes))
         edges = node.next_functions
         if name in _PASS_THROUGH and nr < len(edges):
             stack.append(edges[nr])

@@ -944,7 +944,7 @@ class LossWatch:
                     and name in _WEIGHINGS
                     and kwargs.get("rounding_mode") is None
                 ):
-                    kind, flipped = self._weighted_kind(name, args, known)
+                    kind, flipped = self._weighted_kind(name, args, known, outs)
                     if kind is not None:
                         layout = _Sum(layout.owners, kind, layout.count, flipped)
                 self.layouts[t] = layout
@@ -1087,12 +1087,21 @@ class LossWatch:
                 n if kept == "sum" else 0,
                 1.0 / n,
                 (layout.count or 0) if kept == "sum" else 0,
+                # (a token mean times its count, held in a tensor — (y != -100).sum() with no
+                # token ignored — is the sum over the tokens: as given, as mean · N is; refused
+                # as a mean under "sum" for a review of 2026-12-07)
+                1.0 / layout.count if kept == "mean" and layout.count else 0,
             )
-        ):
-            return None, False  # (mean · N, T² · mean with T² = N, Σ · 1/(N·T): either kind)
+        ) or (kept == "mean" and _whole_multiple(factor, n)):
+            # (mean · N, T² · mean with T² = N, Σ · 1/(N·T): either kind; a mean times N·m —
+            # a token mean times its N·T tokens, the sum over them — too, as given: refused
+            # under "sum" until a review of 2026-12-07)
+            return None, False
         return kept, layout.factored  # (label smoothing's 1 − ε and ε/C, KD's T², 1/k)
 
-    def _weighted_kind(self, name: str, args: tuple, known: list) -> tuple[str | None, bool]:
+    def _weighted_kind(
+        self, name: str, args: tuple, known: list, outs: list
+    ) -> tuple[str | None, bool]:
         """The kind a stack of sums or means of one kind keeps through task weights held in a
         tensor: ``torch.stack(losses) @ w``, ``(torch.stack(losses) * w).sum()`` — a weighted
         sum of means is a mean, of sums a sum — where every nonzero weight would keep it alone
@@ -1107,8 +1116,10 @@ class LossWatch:
             layout.plain is None
             or not isinstance(other, Tensor)
             or other.numel() > _MAX_WEIGHTS
-            or other.dtype == torch.bool
             or other.is_complex()
+            # (no broadcast onto more copies: (ce.mean() * torch.ones(N)).sum() is N · mean,
+            # as given — a review of 2026-12-07)
+            or (name not in ("dot", "vdot") and tuple(outs[0].shape) != tuple(t.shape))
             or (name in ("div", "true_divide") and other is args[0])
         ):
             return None, False
@@ -1544,10 +1555,17 @@ def _number_factor(name: str, args: tuple, t: Tensor) -> float | None:
     return abs(other)
 
 
+def _whole_multiple(factor: float, n: int) -> bool:
+    """Whether ``factor`` is N·m for a whole m ≥ 1."""
+    m = factor / n
+    return m >= 1 - 1e-9 and abs(m - round(m)) < 1e-9
+
+
 def _tensor_number(v: Tensor) -> float | None:
-    """The value of a one-element floating or integer tensor, or None (more elements, a
-    boolean, complex, or a value that cannot be read: a fake tensor under tracing)."""
-    if v.numel() != 1 or v.dtype == torch.bool or v.is_complex():
+    """The value of a one-element tensor (a boolean gate, ``torch.tensor(True) * ce``, as 1 or
+    0), or None (more elements, complex, or a value that cannot be read: a fake tensor under
+    tracing)."""
+    if v.numel() != 1 or v.is_complex():
         return None
     try:
         value = float(v.detach().reshape(()).item())

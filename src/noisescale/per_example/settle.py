@@ -126,7 +126,11 @@ class Settle:
         if pass_.loss_unfollowed is not None:
             if not learn:
                 raise UnsupportedModuleError(pass_.loss_unfollowed)
-            self._withhold(pass_, f"{pass_.loss_unfollowed}; the next audited step checks again")
+            # (the next step: the flag the forward set was reset by collect before settling,
+            # and the steps until the next scheduled audit were all withheld — a review of
+            # 2026-12-07)
+            self._audit_due = True
+            self._withhold(pass_, f"{pass_.loss_unfollowed}; the next step is audited to check")
             return
         if pass_.partly_audited:
             # (one forward's structure new after another's ran unaudited: the audit of some
@@ -698,7 +702,9 @@ class Settle:
         self._audit_due = True
         for shape in new:
             # (the steps after audit until one has this shape — a term every k-th step lands
-            # on none of them otherwise —, for up to _LOSS_AUDITS steps, three times a shape)
+            # on none of them otherwise —, for up to _LOSS_AUDITS steps, three times a shape;
+            # until a review of 2026-12-07 16 steps, and a term every 17th step or rarer was
+            # withheld at every step it ran)
             tries = self._pending_losses.get(shape, 0)
             if tries < 3:
                 self._pending_losses[shape] = tries + 1
@@ -993,7 +999,7 @@ _INDEXED_LOOKUPS = ("__getitem__", "embedding")
 # the most loss shapes kept as audited, and the steps audited after one is met unaudited
 # (Settle._new_loss_shape)
 _MAX_LOSS_SHAPES = 64
-_LOSS_AUDITS = 16
+_LOSS_AUDITS = 64
 
 
 def _routed_rows_hint(op: str, n: int) -> str:
