@@ -1801,6 +1801,44 @@ def test_a_model_of_ones_own_in_the_trainers_form_is_measured_after_a_ramp(tmp_p
     assert 6 in sizes and at == 20
 
 
+class _NormedItemsModel(_ItemsModel):
+    """_ItemsModel with BatchNorm and dropout before its head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.net = nn.Sequential(
+            nn.Linear(D, 16), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, C)
+        ).double()
+
+
+def test_the_probe_of_a_models_own_loss_leaves_the_run_as_it_was(tmp_path):
+    """The forward the callback runs again on the first step (twice num_items_in_batch) draws
+    what the forward drew (dropout: its loss exactly halves, measured, not refused) and leaves
+    the model's buffers (BatchNorm's statistics, written through .data: the backward still
+    runs) and torch's generator as they were: the trained model and the next draw equal a run
+    without the callback (per_example=False: BatchNorm couples the examples)."""
+    pytest.importorskip("transformers")
+    import transformers
+
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    def train(callbacks):
+        model = _NormedItemsModel()
+        args = _hf_args(tmp_path, per_device_train_batch_size=4, max_steps=2, seed=3)
+        transformers.Trainer(
+            model=model, args=args, train_dataset=_Doubles(), callbacks=callbacks
+        ).train()
+        return model.state_dict(), torch.rand(())
+
+    want, want_draw = train([])
+    callback = NoiseScaleCallback(per_example=False, beta=1.0)
+    got, got_draw = train([callback])
+    assert callback.tracker.steps == 2
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert got_draw == want_draw
+
+
 class _TokenItemsModel(nn.Module):
     """A token model of one's own in the Trainer's form: its summed token loss over the
     num_items_in_batch the Trainer passes."""

@@ -566,18 +566,18 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         assert self.tracker is not None
         tracker = self.tracker
         before, self._rng_before = self._rng_before, None
-        buffers = [(b, b._version, b.detach().clone()) for b in module.buffers()]
+        buffers = [(b, b.detach().clone()) for b in module.buffers()]
 
         def again() -> Any:
             try:
                 with tracker.paused():
                     out = module(*args, **{**kwargs, "num_items_in_batch": items * 2})
             finally:
-                for b, version, saved in buffers:
-                    if b._version != version:
-                        # (only those it wrote: a buffer the graph saved — BERT's
-                        # token_type_ids — must keep its version for the backward)
-                        b.copy_(saved)
+                for b, saved in buffers:
+                    # (through .data: a buffer the graph saved — BERT's token_type_ids,
+                    # BatchNorm's statistics — keeps its version for the backward, which a
+                    # copy_ into it broke; BatchNorm's own update does not count there either)
+                    b.data.copy_(saved)
             return out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
 
         ratio = _ratio_again(again, loss, before)
