@@ -1702,6 +1702,223 @@ def test_a_model_of_ones_own_under_the_trainer_is_measured(tmp_path):
     _assert_same_record(got, want)
 
 
+class _ItemsModel(_KwargsModel):
+    """The Trainer's form in a model of one's own: its summed loss over the num_items_in_batch
+    the Trainer passes its forward (it then divides nothing by the accumulation); 'mixed': half
+    of that and half each micro-batch's mean."""
+
+    def __init__(self, form: str = "items") -> None:
+        super().__init__()
+        self.form = form
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> dict:
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, labels, reduction="sum") / kwargs["num_items_in_batch"]
+        if self.form == "mixed":
+            loss = (loss + F.cross_entropy(logits, labels)) / 2
+        return {"loss": loss, "logits": logits}
+
+
+class _Rows(_Doubles):
+    """The first n of the data, as doubles."""
+
+    def __init__(self, n: int) -> None:
+        x, y = _data()
+        self.x, self.y = x[:n].double(), y[:n]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def _brute_force_step(x: torch.Tensor, y: torch.Tensor) -> dict:
+    """|G_big|², the mean per-example |x_i|², g2 and tr Σ (eq. A.2) of _ItemsModel's loss over
+    these examples, from each example's own gradient."""
+    model = _ItemsModel()
+    grads = []
+    for i in range(len(y)):
+        model.zero_grad()
+        F.cross_entropy(model.net(x[i : i + 1]), y[i : i + 1]).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    g, n = torch.stack(grads), len(y)
+    big, small = float(g.mean(0) @ g.mean(0)), float((g * g).sum(1).mean())
+    return {
+        "sqnorm_big": big,
+        "per_example": small,
+        "g2": (n * big - small) / (n - 1),
+        "trace_sigma": (small - big) / (1 - 1 / n),
+    }
+
+
+def _assert_brute_force(record: dict, want: dict, examples: int) -> None:
+    assert record["b_big"] == examples
+    assert record["sources"]["per_example"]["sqnorm_small"] == pytest.approx(
+        want["per_example"], rel=1e-9
+    )
+    for key in ("sqnorm_big", "g2", "trace_sigma"):
+        assert record[key] == pytest.approx(want[key], rel=1e-9), key
+
+
+@pytest.mark.parametrize("declared", [None, "num_items_in_batch"])
+def test_a_model_of_ones_own_in_the_trainers_form_is_measured(tmp_path, declared):
+    """A model of one's own in the Trainer's form (its forward takes **kwargs and returns its
+    summed loss over num_items_in_batch): 1 × 8, 2 × 4 and 8 × 1 micro-batches equal brute
+    force, undeclared and declared 'num_items_in_batch'. Until 2026-12-07 8 × 1 read |G_big|²,
+    g2, tr Σ and every per-example norm 1/64 of the truth without a word (each micro-batch
+    read as an undivided mean over its one example), 2 × 4 was refused as a loss averaged over
+    what it counts, and 'num_items_in_batch' was refused asking for count_tokens(labels)."""
+    pytest.importorskip("transformers")
+    data = _Doubles()
+    want = _brute_force_step(data.x, data.y)
+    kw = {} if declared is None else {"loss_reduction": declared}
+    for k in (1, 2, 8):
+        _assert_brute_force(_one_step(tmp_path, _ItemsModel(), data, k, **kw), want, _SEQ)
+
+
+def test_a_model_of_ones_own_in_the_trainers_form_is_measured_after_a_ramp(tmp_path):
+    """The same model, 2 examples a micro-batch, a BatchSizeRamp raising the accumulation from
+    1 to 3 after the audited steps: every step equals brute force over its examples (until
+    2026-12-07 the 6-example step read |G_big|² 1/9 of the truth, 0.0477 for 0.430)."""
+    pytest.importorskip("transformers")
+    import transformers
+
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    data = _Rows(20)
+    ramp = BatchSizeRamp.stepwise([(0, 2), (8, 6)], micro_batch_size=2, lr_rule="none")
+    callback = NoiseScaleCallback(ramp, per_example_fraction=1.0, microbatch=False, beta=1.0)
+    args = _hf_args(
+        tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=1, max_steps=-1,
+        num_train_epochs=1, learning_rate=0.0, max_grad_norm=0.0,
+    )  # fmt: skip
+    transformers.Trainer(
+        model=_ItemsModel(), args=args, train_dataset=data, callbacks=[callback]
+    ).train()
+    at, sizes = 0, []
+    for record in callback.tracker.history:
+        n = int(record["b_big"])
+        _assert_brute_force(record, _brute_force_step(data.x[at : at + n], data.y[at : at + n]), n)
+        at, sizes = at + n, [*sizes, n]
+    assert 6 in sizes and at == 20
+
+
+class _NormedItemsModel(_ItemsModel):
+    """_ItemsModel with BatchNorm and dropout before its head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.net = nn.Sequential(
+            nn.Linear(D, 16), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, C)
+        ).double()
+
+
+def test_the_probe_of_a_models_own_loss_leaves_the_run_as_it_was(tmp_path):
+    """The forward the callback runs again on the first step (twice num_items_in_batch) draws
+    what the forward drew (dropout: its loss exactly halves, measured, not refused) and leaves
+    the model's buffers (BatchNorm's statistics, written through .data: the backward still
+    runs) and torch's generator as they were: the trained model and the next draw equal a run
+    without the callback (per_example=False: BatchNorm couples the examples)."""
+    pytest.importorskip("transformers")
+    import transformers
+
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    def train(callbacks):
+        model = _NormedItemsModel()
+        args = _hf_args(tmp_path, per_device_train_batch_size=4, max_steps=2, seed=3)
+        transformers.Trainer(
+            model=model, args=args, train_dataset=_Doubles(), callbacks=callbacks
+        ).train()
+        return model.state_dict(), torch.rand(())
+
+    want, want_draw = train([])
+    callback = NoiseScaleCallback(per_example=False, beta=1.0)
+    got, got_draw = train([callback])
+    assert callback.tracker.steps == 2
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert got_draw == want_draw
+
+
+class _TokenItemsModel(nn.Module):
+    """A token model of one's own in the Trainer's form: its summed token loss over the
+    num_items_in_batch the Trainer passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.emb, self.head = nn.Embedding(11, 6).double(), nn.Linear(6, 11).double()
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs) -> dict:
+        logits = self.head(torch.tanh(self.emb(input_ids)))
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+        return {"loss": loss / kwargs["num_items_in_batch"], "logits": logits}
+
+
+class _Sequences(torch.utils.data.Dataset):
+    """8 sequences of 2 to 6 tokens (one a micro-batch: no padding)."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        lengths = torch.randint(2, 7, (_SEQ,), generator=g).tolist()
+        self.ids = [torch.randint(1, 11, (t,), generator=g) for t in lengths]
+        self.labels = [torch.randint(0, 11, (t,), generator=g) for t in lengths]
+
+    def __len__(self) -> int:
+        return _SEQ
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def test_a_token_model_of_ones_own_in_the_trainers_form_is_measured(tmp_path):
+    """Over tokens, one sequence a micro-batch, k = 2 and 4: the step's |G_big|² is |∇L|², L
+    the step's summed token loss over its tokens, b_big and tokens the step's tokens (until
+    2026-12-07 |G_big|² read 1/k² of it, in examples)."""
+    pytest.importorskip("transformers")
+    import transformers
+
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    data = _Sequences()
+    for k in (2, 4):
+        model = _TokenItemsModel()
+        tokens = sum(len(data.labels[i]) for i in range(k))
+        loss = sum(
+            F.cross_entropy(model.head(torch.tanh(model.emb(data.ids[i]))), data.labels[i],
+                            reduction="sum")
+            for i in range(k)
+        ) / tokens  # fmt: skip
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        callback = NoiseScaleCallback(per_example_fraction=1.0, microbatch=False, beta=1.0)
+        args = _hf_args(
+            tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=k, max_steps=1,
+            learning_rate=0.0, max_grad_norm=0.0,
+        )  # fmt: skip
+        transformers.Trainer(
+            model=_TokenItemsModel(), args=args, train_dataset=data, callbacks=[callback]
+        ).train()
+        (record,) = callback.tracker.history
+        assert record["tokens"] == record["b_big"] == tokens
+        assert record["sqnorm_big"] == pytest.approx(sum(float(g.pow(2).sum()) for g in grads))
+
+
+def test_a_model_of_ones_own_that_contradicts_its_declaration_is_refused(tmp_path):
+    """The model's own loss is probed on the first step as a compute_loss_func is (doubling
+    num_items_in_batch): the Trainer's form declared 'sum' or 'token_mean' (until 2026-12-07
+    'sum' read |G|² and tr Σ 1/num_items_in_batch² off without a word), a mean that ignores it
+    declared 'num_items_in_batch', and half of each form under any declaration are refused,
+    naming the form."""
+    pytest.importorskip("transformers")
+    for declared in ("sum", "token_mean"):
+        with pytest.raises(NoiseScaleInputError, match="the model divides its loss by the num"):
+            _one_step(tmp_path, _ItemsModel(), _Doubles(), 2, loss_reduction=declared)
+    with pytest.raises(NoiseScaleInputError, match="does not change with it"):
+        _one_step(tmp_path, _KwargsModel(), _Doubles(), 2, loss_reduction="num_items_in_batch")
+    for kw in ({}, {"loss_reduction": "num_items_in_batch"}):
+        with pytest.raises(NoiseScaleInputError, match="but not as its divisor"):
+            _one_step(tmp_path, _ItemsModel("mixed"), _Doubles(), 2, **kw)
+
+
 def test_a_compute_loss_func_needs_its_reduction_said(tmp_path):
     """The Trainer expects a compute_loss_func to normalise over the step by
     num_items_in_batch; noisescale cannot see how: refused unless loss_reduction says. Said

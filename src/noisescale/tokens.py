@@ -391,22 +391,39 @@ class TokenWatcher:
             return None
         return self._current_pass()
 
-    def measure_items_loss(self, loss: Any, labels: Any, items: Any) -> bool:
+    def measure_items_loss(
+        self, loss: Any, labels: Any, items: Any, model: nn.Module | None = None
+    ) -> bool:
         """A ``transformers`` ``compute_loss_func`` declared ``"num_items_in_batch"`` with one
         label per example: the Trainer's form, a sum over the examples whose label is not -100
         divided by the step's ``num_items_in_batch`` (which then counts examples), measured as
         the label smoother is: each counted example weighs grad / ``num_items_in_batch``.
-        ``False`` where that does not apply (token labels, which the function may shift:
+        ``model``: the loss is that model's own, computed in its forward from ``labels=`` and
+        divided by the ``num_items_in_batch`` it was given (the Trainer's callback checks it
+        does): token labels [examples, tokens…] are counted too, those not the ignore index,
+        unshifted — as the Trainer counts ``num_items_in_batch`` for a model with no loss of
+        its own kind. ``False`` where that does not apply (labels that are no class labels
+        or token ids; a ``compute_loss_func``'s token labels, which the function may shift:
         their tokens are not counted, and the step is refused as uncounted)."""
-        if not isinstance(labels, Tensor) or labels.dim() != 1 or items is None:
+        if not isinstance(labels, Tensor) or labels.is_floating_point() or items is None:
+            return False
+        if labels.dim() != 1 and (model is None or labels.dim() < 2):
             return False
         pass_ = self._measured_pass(loss)
-        if pass_ is None or loss.dim() != 0:
+        if pass_ is None or loss.dim() != 0 or labels.shape[0] != pass_.batch_size:
             return False
-        counts = (labels != IGNORE_INDEX).to(torch.float64)
-        # each labelled example a unit, as the label smoother's (wrap_label_smoother)
-        units = PassUnits(counts, "labelled", "compute_loss_func", items, measured=True)
-        _attach_measured(pass_, units, loss, "compute_loss_func and another measured loss ran")
+        if labels.dim() == 1:
+            # each labelled example a unit, as the label smoother's (wrap_label_smoother)
+            counts, unit = (labels != IGNORE_INDEX).to(torch.float64), "labelled"
+        else:
+            counts, unit = count_units(labels, _ignore_index(model)), "token"  # type: ignore[arg-type]
+        origin = "compute_loss_func" if model is None else "num_items_in_batch"
+        if getattr(pass_.units, "origin", None) == LABELS_ORIGIN:
+            pass_.units = None  # (counted from labels= under a declared token loss: replaced)
+        units = PassUnits(counts, unit, origin, items, measured=True)
+        _attach_measured(pass_, units, loss, f"{origin} and another measured loss ran")
+        if model is not None and pass_.units is units:
+            _watch_terms(pass_, units, loss)  # (the model's loss may be one term of the loss)
         return True
 
     def wrap_label_smoother(self, smoother: Callable) -> Callable:

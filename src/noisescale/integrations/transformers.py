@@ -31,7 +31,9 @@ returns (with the Trainer's own ``compute_loss``), what an override or a ``compu
 returns, is watched (:meth:`GradientNoiseTracker.watch_loss`), so the multiplier it put on each
 micro-batch's loss is measured, not assumed. Its ``LabelSmoother`` is measured as a model's own
 ``loss_function`` is; a ``compute_loss_func`` needs ``loss_reduction`` (see
-:meth:`NoiseScaleCallback._watch_trainer_loss`).
+:meth:`NoiseScaleCallback._watch_trainer_loss`). A loss a model computes itself in a forward
+given ``num_items_in_batch`` is probed once for its division by it and, where it divides, measured
+in the Trainer's form (:meth:`NoiseScaleCallback._measure_model_items`).
 
 Logging. Every training log (the ``logs`` with a ``loss`` that ``on_log`` receives) gets
 ``noisescale/b_simple`` (with ``_low``/``_high``), ``noisescale/g2`` and
@@ -205,6 +207,10 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         self._losses = 0
         self._loss_over_items = False
         self._items_scale = 1
+        # whether the model's own loss divides by the num_items_in_batch given to its forward:
+        # "divides", "ignores", None until seen (_measure_model_items)
+        self._model_items: str | None = None
+        self._rng_before: Any = None  # torch's generators before the forward it checks
         self._warned: set[str] = set()
         # the schedule's realisation in the Trainer, saved in checkpoints
         self._applied_micro_batches: int | None = None
@@ -248,6 +254,10 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
             if p.requires_grad:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
         self._handles.append(model.register_forward_hook(Hook(self._on_forward), with_kwargs=True))
+        self._handles.append(
+            model.register_forward_pre_hook(Hook(self._before_forward), with_kwargs=True)
+        )
+        self._model_items, self._rng_before = None, None
         world = int(getattr(args, "world_size", 1))
         average = getattr(args, "average_tokens_across_devices", False)
         self._items_scale = world if world > 1 and average else 1
@@ -475,11 +485,22 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
 
     # -- hooks inside backward ------------------------------------------------------------------
 
+    def _before_forward(self, module: nn.Module, args: Any, kwargs: dict) -> None:
+        if (
+            self._model_items is None
+            and torch.is_grad_enabled()
+            and kwargs.get("num_items_in_batch") is not None
+        ):
+            self._rng_before = _rng_states()  # (for _check_model_items, until it has run)
+
     def _on_forward(self, module: nn.Module, args: Any, kwargs: dict, output: Any) -> None:
         if not torch.is_grad_enabled():
             return
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if isinstance(loss, Tensor) and loss.dim() == 0:
+            items = kwargs.get("num_items_in_batch")
+            if items is not None and loss.requires_grad and self.tracker is not None:
+                self._measure_model_items(module, args, kwargs, loss, items)
             if self._watch_returned and self.tracker is not None:
                 self.tracker.watch_loss(loss)
             loss = loss.detach()
@@ -487,6 +508,118 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
             self._losses += 1
             if kwargs.get("num_items_in_batch") is not None:
                 self._loss_over_items = True
+
+    def _measure_model_items(
+        self, module: nn.Module, args: Any, kwargs: dict, loss: Tensor, items: Any
+    ) -> None:
+        """A loss the model computes itself (not through a Hugging Face ``loss_function``,
+        whose divisor is read) in a forward given ``num_items_in_batch``: the Trainer then
+        divides nothing by the accumulation, taking the model to divide its summed loss by
+        that number (its form). Whether it does is seen once (:meth:`_check_model_items`);
+        where it does, each micro-batch is measured as a ``compute_loss_func`` in that form
+        is: each unit its labels= count (a labelled example, or a token not -100, unshifted,
+        as the Trainer counts them) weighs the gradient that reaches the loss over
+        ``num_items_in_batch``. Until 2026-12-07 such a loss was read as each micro-batch's
+        mean over its examples, undivided: with one example a micro-batch |G|², tr Σ and every
+        norm k² too small under k accumulation steps without a word (and on steps after the
+        audited ones, with more), under ``loss_reduction='sum'`` num_items_in_batch² too small,
+        and refused as a mean over what it counts with a fix the model already applied."""
+        assert self.tracker is not None
+        pass_ = self.tracker.engine.current_pass()
+        units = getattr(pass_, "units", None)
+        if pass_ is None or (units is not None and units.measured):
+            return  # (a Hugging Face loss_function's: measured with its own divisor)
+        if self._model_items is None:
+            self._model_items = self._check_model_items(module, args, kwargs, loss, items)
+        if self._model_items != "divides":
+            return
+        labels = kwargs.get("labels")
+        if not self.tracker._tokens.measure_items_loss(loss, labels, items, module):
+            shown = (
+                f"a {labels.dtype} tensor of shape {tuple(labels.shape)}"
+                if isinstance(labels, Tensor)
+                else type(labels).__name__
+            )
+            self._release()  # (no tracker left on the model, the Trainer's functions restored)
+            raise NoiseScaleInputError(
+                "the model divides its loss by the num_items_in_batch the Trainer passes its "
+                "forward (the Trainer's form: the step's summed loss over its count), which "
+                "noisescale measures from the labels= it counts — class labels, one per "
+                "example, or token labels [examples, tokens…] (those not -100) — but this "
+                f"forward's labels= is {shown}. Compute the loss in a Trainer.compute_loss "
+                "override that calls callback.tracker.count_tokens(labels) after the model's "
+                "forward, with NoiseScaleCallback(loss_reduction='num_items_in_batch'), or "
+                "return each micro-batch's mean over its examples (ignore num_items_in_batch)"
+            )
+
+    def _check_model_items(
+        self, module: nn.Module, args: Any, kwargs: dict, loss: Tensor, items: Any
+    ) -> str | None:
+        """Whether the model's own loss divides by the ``num_items_in_batch`` its forward was
+        given (``"divides"``) or ignores it (``"ignores"``: a model that takes ``**kwargs`` and
+        returns each micro-batch's mean, as BERT, T5 and BART do — the multiplier the Trainer
+        put on it is measured), seen as the ``compute_loss_func``'s is: the forward is run
+        again without gradients, with twice that number and the same draws, the tracker
+        paused and the model's buffers (BatchNorm's statistics) put back. A declaration the
+        loss contradicts is refused, as is a loss that depends on that number otherwise.
+        ``None``: nothing to tell yet (a loss of exactly 0)."""
+        assert self.tracker is not None
+        tracker = self.tracker
+        before, self._rng_before = self._rng_before, None
+        buffers = [(b, b.detach().clone()) for b in module.buffers()]
+
+        def again() -> Any:
+            try:
+                with tracker.paused():
+                    out = module(*args, **{**kwargs, "num_items_in_batch": items * 2})
+            finally:
+                for b, saved in buffers:
+                    # (through .data: a buffer the graph saved — BERT's token_type_ids,
+                    # BatchNorm's statistics — keeps its version for the backward, which a
+                    # copy_ into it broke; BatchNorm's own update does not count there either)
+                    b.data.copy_(saved)
+            return out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
+
+        ratio = _ratio_again(again, loss, before)
+        if ratio is None:
+            return None
+        declared = tracker.loss_reduction
+        message = None
+        if math.isclose(ratio, 0.5, rel_tol=1e-4):
+            if declared in ("mean", "num_items_in_batch"):
+                return "divides"
+            message = (
+                "the model divides its loss by the num_items_in_batch the Trainer passes its "
+                "forward (the Trainer's form: the step's summed loss over its count; doubling "
+                f"num_items_in_batch halved it), but loss_reduction={declared!r} says it does "
+                "not: |G|² and tr Σ would be measured wrong ('sum': by num_items_in_batch "
+                "squared). Leave loss_reduction out, or declare 'num_items_in_batch': this "
+                "form is measured exactly, its units counted from labels= (each labelled "
+                "example, or each token not -100, unshifted, as the Trainer counts them)"
+            )
+        elif math.isclose(ratio, 1.0, rel_tol=1e-4):
+            if declared != "num_items_in_batch":
+                return "ignores"
+            message = (
+                "loss_reduction='num_items_in_batch' says the model divides its loss by the "
+                "num_items_in_batch the Trainer passes its forward, but its loss does not "
+                "change with it (a model that takes **kwargs and computes each micro-batch's "
+                "mean itself, as BERT, T5 and BART do); declare loss_reduction='token_mean' "
+                "for a mean over its tokens, or leave it out ('mean') for a mean over its "
+                "examples"
+            )
+        else:
+            message = (
+                "the model's loss changes with the num_items_in_batch the Trainer passes its "
+                f"forward, but not as its divisor (doubling it multiplied the loss by "
+                f"{ratio:.4g}, neither 1/2 nor 1: a sum divided by it plus a term that is not, "
+                "an auxiliary loss, or a divisor of its own beside it), so noisescale cannot "
+                "tell how it weighs the examples; divide the whole loss by num_items_in_batch "
+                "(the Trainer's form, measured exactly), or ignore it and return each "
+                "micro-batch's mean over its examples"
+            )
+        self._release()  # (no tracker left on the model, the Trainer's functions restored)
+        raise NoiseScaleInputError(message)
 
     def _on_grad(self, param: Tensor) -> None:
         if not self._queued:
@@ -793,21 +926,9 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
             again_a, again_kw = a, {**kw, "num_items_in_batch": items * 2}
         else:
             again_a, again_kw = (*a[:2], items * 2, *a[3:]), kw
-        # (torch's generators as they were after: a loss that draws — label noise, sampled
-        # softmax — leaves the run's later draws what they would be without the callback)
-        devices = [out.device.index or 0] if out.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            if before is not None:
-                # the same draws as the call it repeats (label noise drawn anew moved the
-                # ratio by its own amount, and a loss that ignores num_items_in_batch was
-                # refused; a review found it)
-                _set_rng_states(before, devices)
-            again = loss_func(*again_a, **again_kw)
-        if not isinstance(again, Tensor) or again.dim() != 0:
+        ratio = _ratio_again(lambda: loss_func(*again_a, **again_kw), out, before)
+        if ratio is None:
             return
-        ratio = float(again.detach().double() / out.detach().double())
-        if not math.isfinite(ratio):
-            return  # (a loss of exactly 0: nothing to tell)
         divides = math.isclose(ratio, 0.5, rel_tol=1e-4)
         ignores = math.isclose(ratio, 1.0, rel_tol=1e-4)
         declared = self.tracker_kwargs.get("loss_reduction")
@@ -916,6 +1037,28 @@ def _give_items_divisor(tracker: GradientNoiseTracker, items: Any, processes: in
     if units is None or units.measured or units.denominator is not None:
         return  # not counted (refused at the step), measured, or given by count_tokens()
     units.denominator = items / processes if processes != 1 else items
+
+
+def _ratio_again(call: Any, out: Tensor, before: Any) -> float | None:
+    """What ``call()`` — the call that returned the 0-d loss ``out``, repeated without gradients
+    with twice its ``num_items_in_batch`` — returns over ``out``: ½ for a loss divided by it, 1
+    for one that ignores it. ``before``: torch's generators as that call found them (the
+    repeat draws what it drew). ``None`` where there is nothing to tell (not a 0-d tensor, a
+    loss of exactly 0)."""
+    # (torch's generators as they were after: a loss that draws — label noise, sampled
+    # softmax — leaves the run's later draws what they would be without the callback)
+    devices = [out.device.index or 0] if out.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        if before is not None:
+            # the same draws as the call it repeats (label noise drawn anew moved the ratio
+            # by its own amount, and a loss that ignores num_items_in_batch was refused; a
+            # review found it)
+            _set_rng_states(before, devices)
+        again = call()
+    if not isinstance(again, Tensor) or again.dim() != 0:
+        return None
+    ratio = float(again.detach().double() / out.detach().double())
+    return ratio if math.isfinite(ratio) else None
 
 
 def _caller_of_type(kind: type, depth: int) -> Any | None:
