@@ -2196,17 +2196,39 @@ def test_a_sum_over_uneven_picks_divided_by_the_examples_is_exact():
 _EMA = torch.tensor(1.3)  # a detached running average of the loss
 
 
+def _self_normed(mean):
+    return mean / (mean.detach() + 1)
+
+
+def _kl_none(o, y):
+    return F.kl_div(o.log_softmax(-1), _soft(y), reduction="none")
+
+
 @pytest.mark.parametrize(
     "form",
-    ["ce / ema", "ce / ce.detach()", "ce * (1 / ema)", "ce / ema.item()", "ce / ema at 1.0"],
+    [
+        "ce / ema",
+        "ce / ce.detach()",
+        "ce * (1 / ema)",
+        "ce / ema.item()",
+        "ce / ema at 1.0",
+        "kl.mean() / kl.mean().detach()",
+        "(q * (q.log() - lp)).mean() / (L.detach() + 1)",
+        "(w * l).mean() / (L.detach() + 1)",
+        "ce(label_smoothing=0.1) / (L.detach() + 1)",
+    ],
 )
 def test_a_mean_divided_by_a_constant_tensor_is_exact(form):
     """A plain mean over the examples divided by a 0-d tensor that holds no count — a detached
     running average of the loss, the batch's own loss value — is that mean times a constant,
     as ``ce * (1 / ema)`` and ``ce / ema.item()`` are: exact. Until 2026-12-06 the one-shot
-    norms refused the first two as averaged over what they count (a hunt). Masked terms
-    averaged and divided by the mask's mean, a count, are refused as before."""
+    norms refused the first two as averaged over what they count (a hunt); until 2026-12-07
+    a mean of weighted terms — a KL's target distribution, per-example weights, label
+    smoothing's term — divided so (a hunt, the loss fuzzer's seed 504). Masked terms averaged
+    and divided by the mask's mean, a count, and weighted terms divided by their weights'
+    mean, a ratio, are refused as before."""
     model, (x, y) = mlp(), data()
+    q = _soft(y)
 
     def loss_of(o):
         ce = F.cross_entropy(o, y)
@@ -2217,6 +2239,18 @@ def test_a_mean_divided_by_a_constant_tensor_is_exact(form):
             "ce / ema.item()": lambda: ce / _EMA.item(),
             # (an EMA's first value: refused as a count by the first version, a review)
             "ce / ema at 1.0": lambda: ce / torch.tensor(1.0),
+            "kl.mean() / kl.mean().detach()": lambda: (lambda m: m / m.detach())(
+                _kl_none(o, y).mean()
+            ),
+            "(q * (q.log() - lp)).mean() / (L.detach() + 1)": lambda: _self_normed(
+                (q * (q.log() - o.log_softmax(-1))).mean()
+            ),
+            "(w * l).mean() / (L.detach() + 1)": lambda: _self_normed(
+                (_W * F.cross_entropy(o, y, reduction="none")).mean()
+            ),
+            "ce(label_smoothing=0.1) / (L.detach() + 1)": lambda: _self_normed(
+                F.cross_entropy(o, y, label_smoothing=0.1)
+            ),
         }[form]()
 
     want = N**2 * share_truth(model, x, loss_of)
@@ -2230,6 +2264,10 @@ def test_a_mean_divided_by_a_constant_tensor_is_exact(form):
                 torch.where(MASK > 0, F.cross_entropy(o, y, reduction="none"), 0.0).mean()
                 / MASK.mean()
             ),
+        )
+    with pytest.raises(noisescale.NoiseScaleInputError, match="averaged over what it counts"):
+        _one_shot(
+            model, x, lambda o: (_W * F.cross_entropy(o, y, reduction="none")).mean() / _W.mean()
         )
 
 

@@ -2302,8 +2302,12 @@ class GradientNoiseTracker:
             "grouped_rows": self.grouped_rows,
             "preconditioned_from": s.preconditioned_from,
             "precondition": self.precondition is not None,
-            # the last step's micro-batch count: a shorter window next is left out (its divisor)
-            "passes_before": self._passes_before,
+            # the last step's micro-batch count: a shorter window next is left out (its divisor).
+            # Under data parallelism it is only this process's: not saved (0, unknown), since the
+            # checkpoint may resume on one process or another number, whose window is its own
+            "passes_before": (
+                0 if self._dist is not None and self._dist.world_size > 1 else self._passes_before
+            ),
             # the passes' weights have varied with the data: later steps are measured within
             # their passes (StepNorms.within_passes)
             "weights_varied": self._varied_before
@@ -2449,7 +2453,9 @@ class GradientNoiseTracker:
         # accumulation window need not be this process's: unknown, the first step after the
         # resume not judged short (until 2026-12-06 rank 0's was carried to every process, and a
         # process accumulating fewer micro-batches had a measurable step left out everywhere
-        # with a false warning; a review)
+        # with a false warning; a review). A checkpoint saved under data parallelism holds none
+        # (state_dict: until 2026-12-07 rank 0's, loaded by one plain process, left its first
+        # step of fewer micro-batches out alike; a hunt)
         many = self._dist is not None and self._dist.world_size > 1
         self._passes_before = 0 if many else int(state.get("passes_before", 0))
         self._weights_varied, self._varied_before = None, bool(state.get("weights_varied"))

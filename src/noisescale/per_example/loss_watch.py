@@ -1344,10 +1344,7 @@ class LossWatch:
             return
         count = known[0][1].count
         scaled_mean = (
-            known[0][1].plain == "mean"
-            and known[0][0] not in self.weight_sums
-            and divisor.dim() == 0
-            and divisor.is_floating_point()
+            known[0][1].plain == "mean" and divisor.dim() == 0 and divisor.is_floating_point()
         )
         weights = self.weight_sums.get(known[0][0])
         close = alike = None
@@ -1366,7 +1363,12 @@ class LossWatch:
                 # ignored): a mean over the examples of each one's mean
                 counted = counted & (divisor != count)
             if scaled_mean:
-                counted = counted & _count_like(divisor, (1, pass_.batch_size, count or 1))
+                # (a weighted mean too — a KL's target distribution, per-example weights, label
+                # smoothing's term — divided by its own detached value; refused as averaged
+                # over what it counts until 2026-12-07, a hunt. Divided by its weights' total
+                # or mean, a ratio, it stays counted)
+                like = _count_like(divisor, (1, pass_.batch_size, count or 1))
+                counted = counted & (like if close is None else like | close)
             if close is not None:
                 # terms weighed alike divided by their weights' total: a plain mean (a mask
                 # with nothing left out, 0.5 · ones / their sum), which the tracker, reading
