@@ -1501,7 +1501,10 @@ def _node_shape(node: Any, name: str, sizes: set) -> tuple:
             and any(w in a for w in _SHAPE_WORDS)
         )
         _SHAPE_ATTRS[name] = attrs
-    parts: list[Any] = [name]
+    # (without the overload's number: the same loss calls another overload under the audit's
+    # watch — ctc_loss's tensor lengths, CtcLossBackward1 watched, 0 not —, and each such step
+    # after an audit was withheld; its attributes tell the overloads that differ apart)
+    parts: list[Any] = [name.rstrip("0123456789")]
     for a in attrs:
         try:
             v = getattr(node, a)
