@@ -1881,6 +1881,84 @@ def test_a_classifiers_unit_stays_examples_under_label_smoothing(tmp_path, capsy
     assert units == [("examples", "examples")] * 2
 
 
+class _FiveClassified(_Classified):
+    """The first 5 of _Classified's examples: micro-batches of 3 and 2 at 3 a micro-batch."""
+
+    def __len__(self) -> int:
+        return 5
+
+
+class _NoKwargsClassifier(nn.Module):
+    """_bert_classifier's pooled logits behind a forward without **kwargs: the Trainer passes
+    it no num_items_in_batch and divides each micro-batch's loss by the accumulation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bert = _bert_classifier()
+        self.config = self.bert.config
+
+    def forward(self, input_ids, labels=None):
+        logits = self.bert(input_ids=input_ids).logits
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return {"loss": loss, "logits": logits}
+
+
+@pytest.mark.parametrize("unlabelled", [None, 4], ids=["all labelled", "one -100"])
+def test_label_smoothing_over_micro_batches_of_different_sizes_keeps_the_step(tmp_path, unlabelled):
+    """(The integrations fuzzer, seeds 374 and 535, 2026-12-07.) A classifier without
+    **kwargs under label_smoothing_factor, 5 examples in micro-batches of 3 and 2: each
+    micro-batch's loss is the mean over its labelled examples, which — every label counted —
+    is a mean over examples whose weights the loop fixes by the sizes, as without smoothing:
+    the step's own gradient is the big batch, b_big (Σc)²/Σc² = 2²/(3/9 + 2/4) = 4.8 and
+    |G_big|² the brute force's. Until then the smoother's counts (3 and 2) were taken for token
+    counts that differ: a warning naming token means, and the step measured within its
+    micro-batches (b_big 2.5) for the rest of the run. A -100 in the second micro-batch (counts
+    3 and 1 of sizes 3 and 2) weighs by the data: still measured within (b_big 2), with the
+    warning."""
+    pytest.importorskip("transformers")
+    import transformers
+
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    data = _FiveClassified()
+    if unlabelled is not None:
+        data.labels = data.labels.clone()
+        data.labels[unlabelled] = -100
+    model = _NoKwargsClassifier()
+    grads = []
+    for i in range(5):
+        model.zero_grad()
+        logits = model(data.ids[i : i + 1])["logits"]
+        F.cross_entropy(logits, data.labels[i : i + 1], label_smoothing=0.1).backward()
+        grads.append(
+            torch.cat(
+                [
+                    p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
+                    for p in model.parameters()
+                ]
+            )
+        )
+    c = torch.tensor([1 / 3] * 3 + [1 / 2] * 2, dtype=torch.float64)  # each micro-batch's mean
+    big = (c[:, None] * torch.stack(grads)).sum(0) / c.sum()
+    args = _hf_args(tmp_path, per_device_train_batch_size=3, gradient_accumulation_steps=2,
+                    max_steps=1, learning_rate=0.0, max_grad_norm=0.0,
+                    label_smoothing_factor=0.1)  # fmt: skip
+    callback = NoiseScaleCallback(per_example_fraction=1.0, microbatch=False, beta=1.0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        transformers.Trainer(
+            model=_NoKwargsClassifier(), args=args, train_dataset=data, callbacks=[callback]
+        ).train()
+    (record,) = callback.tracker.history
+    within = [str(w.message) for w in seen if "divide their sum by their own count" in str(w)]
+    if unlabelled is None:
+        assert not within, within
+        assert record["b_big"] == pytest.approx(4.8, rel=1e-12)
+        assert record["sqnorm_big"] == pytest.approx(float(big @ big), rel=1e-9)
+    else:
+        assert within and record["b_big"] == pytest.approx(2.0, rel=1e-12)
+
+
 def test_a_compute_loss_func_that_draws_is_probed_with_its_own_draws(tmp_path):
     """The probe repeats the compute_loss_func's call with the generators as that call found
     them: a loss that draws label noise (Gaussian, σ 0.3 on one-hot targets) is not refused,
