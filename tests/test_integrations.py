@@ -353,6 +353,32 @@ def test_lightning_manual_optimization_does_not_read_a_means_count_as_the_divisi
 
 
 @needs_lightning
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_manual_accumulation_across_an_epochs_end_is_measured():
+    """(The integrations fuzzer, Lightning seed 25, 2026-12-07.) Lightning's documented manual
+    accumulation, loss / 5 and opt.step() at batch_idx % 5 == 4, over 12 batches an epoch:
+    batch_idx restarts, so the third step backpropagates 7 losses (2 of the first epoch, 5 of
+    the next), each divided by 5. The 5 read exactly from the first steps is that step's
+    divisor: its record equals the plain loop's, which measures its own division. Until then
+    each was assumed divided by 7 — |G_big|², g2 and tr Σ (7/5)² = 1.96× too large — with a
+    warning blaming a mean written by hand and asking for the form used."""
+    model = _manual_model("divided", k=5)
+    init = copy.deepcopy(model.state_dict())
+    callback = LightningCallback(sync_every=1, log_every=0, per_example_fraction=1.0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _lit_trainer(callback, max_steps=3).fit(model, _loader())
+    assert not [w for w in seen if "assumed divided" in str(w.message)]
+    got = callback.tracker.history
+    want = _plain_history(init, [5, 5, 7], clip=None, watch=True)
+    assert [h["b_big"] for h in got] == pytest.approx([MICRO * 5] * 2 + [MICRO * 7], rel=1e-12)
+    for g, w in zip(got, want, strict=True):
+        for key in ("sqnorm_big", "g2", "trace_sigma", "b_simple"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-9, nan_ok=True), key
+    assert callback.state_dict()["manual_accumulation"] == 5.0  # (kept over a resume)
+
+
+@needs_lightning
 def test_lightning_manual_optimization_reads_the_last_division():
     """What the loss handed to manual_backward was divided by last: the constant numbers at the
     end of its graph, as running products from the last (under 16-mixed, behind the scaler's
