@@ -353,6 +353,32 @@ def test_lightning_manual_optimization_does_not_read_a_means_count_as_the_divisi
 
 
 @needs_lightning
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_manual_accumulation_across_an_epochs_end_is_measured():
+    """(The integrations fuzzer, Lightning seed 25, 2026-12-07.) Lightning's documented manual
+    accumulation, loss / 5 and opt.step() at batch_idx % 5 == 4, over 12 batches an epoch:
+    batch_idx restarts, so the third step backpropagates 7 losses (2 of the first epoch, 5 of
+    the next), each divided by 5. The 5 read exactly from the first steps is that step's
+    divisor: its record equals the plain loop's, which measures its own division. Until then
+    each was assumed divided by 7 — |G_big|², g2 and tr Σ (7/5)² = 1.96× too large — with a
+    warning blaming a mean written by hand and asking for the form used."""
+    model = _manual_model("divided", k=5)
+    init = copy.deepcopy(model.state_dict())
+    callback = LightningCallback(sync_every=1, log_every=0, per_example_fraction=1.0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _lit_trainer(callback, max_steps=3).fit(model, _loader())
+    assert not [w for w in seen if "assumed divided" in str(w.message)]
+    got = callback.tracker.history
+    want = _plain_history(init, [5, 5, 7], clip=None, watch=True)
+    assert [h["b_big"] for h in got] == pytest.approx([MICRO * 5] * 2 + [MICRO * 7], rel=1e-12)
+    for g, w in zip(got, want, strict=True):
+        for key in ("sqnorm_big", "g2", "trace_sigma", "b_simple"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-9, nan_ok=True), key
+    assert callback.state_dict()["manual_accumulation"] == 5.0  # (kept over a resume)
+
+
+@needs_lightning
 def test_lightning_manual_optimization_reads_the_last_division():
     """What the loss handed to manual_backward was divided by last: the constant numbers at the
     end of its graph, as running products from the last (under 16-mixed, behind the scaler's
@@ -2096,6 +2122,84 @@ def test_a_classifiers_unit_stays_examples_under_label_smoothing(tmp_path, capsy
         units.append((load_history(str(history)).unit, callback.tracker.estimate().unit))
         assert "tokens" not in said and "Batch size B = 4 examples" in said, said
     assert units == [("examples", "examples")] * 2
+
+
+class _FiveClassified(_Classified):
+    """The first 5 of _Classified's examples: micro-batches of 3 and 2 at 3 a micro-batch."""
+
+    def __len__(self) -> int:
+        return 5
+
+
+class _NoKwargsClassifier(nn.Module):
+    """_bert_classifier's pooled logits behind a forward without **kwargs: the Trainer passes
+    it no num_items_in_batch and divides each micro-batch's loss by the accumulation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bert = _bert_classifier()
+        self.config = self.bert.config
+
+    def forward(self, input_ids, labels=None):
+        logits = self.bert(input_ids=input_ids).logits
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return {"loss": loss, "logits": logits}
+
+
+@pytest.mark.parametrize("unlabelled", [None, 4], ids=["all labelled", "one -100"])
+def test_label_smoothing_over_micro_batches_of_different_sizes_keeps_the_step(tmp_path, unlabelled):
+    """(The integrations fuzzer, seeds 374 and 535, 2026-12-07.) A classifier without
+    **kwargs under label_smoothing_factor, 5 examples in micro-batches of 3 and 2: each
+    micro-batch's loss is the mean over its labelled examples, which — every label counted —
+    is a mean over examples whose weights the loop fixes by the sizes, as without smoothing:
+    the step's own gradient is the big batch, b_big (Σc)²/Σc² = 2²/(3/9 + 2/4) = 4.8 and
+    |G_big|² the brute force's. Until then the smoother's counts (3 and 2) were taken for token
+    counts that differ: a warning naming token means, and the step measured within its
+    micro-batches (b_big 2.5) for the rest of the run. A -100 in the second micro-batch (counts
+    3 and 1 of sizes 3 and 2) weighs by the data: still measured within (b_big 2), with the
+    warning."""
+    pytest.importorskip("transformers")
+    import transformers
+
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    data = _FiveClassified()
+    if unlabelled is not None:
+        data.labels = data.labels.clone()
+        data.labels[unlabelled] = -100
+    model = _NoKwargsClassifier()
+    grads = []
+    for i in range(5):
+        model.zero_grad()
+        logits = model(data.ids[i : i + 1])["logits"]
+        F.cross_entropy(logits, data.labels[i : i + 1], label_smoothing=0.1).backward()
+        grads.append(
+            torch.cat(
+                [
+                    p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
+                    for p in model.parameters()
+                ]
+            )
+        )
+    c = torch.tensor([1 / 3] * 3 + [1 / 2] * 2, dtype=torch.float64)  # each micro-batch's mean
+    big = (c[:, None] * torch.stack(grads)).sum(0) / c.sum()
+    args = _hf_args(tmp_path, per_device_train_batch_size=3, gradient_accumulation_steps=2,
+                    max_steps=1, learning_rate=0.0, max_grad_norm=0.0,
+                    label_smoothing_factor=0.1)  # fmt: skip
+    callback = NoiseScaleCallback(per_example_fraction=1.0, microbatch=False, beta=1.0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        transformers.Trainer(
+            model=_NoKwargsClassifier(), args=args, train_dataset=data, callbacks=[callback]
+        ).train()
+    (record,) = callback.tracker.history
+    within = [str(w.message) for w in seen if "divide their sum by their own count" in str(w)]
+    if unlabelled is None:
+        assert not within, within
+        assert record["b_big"] == pytest.approx(4.8, rel=1e-12)
+        assert record["sqnorm_big"] == pytest.approx(float(big @ big), rel=1e-9)
+    else:
+        assert within and record["b_big"] == pytest.approx(2.0, rel=1e-12)
 
 
 def test_a_compute_loss_func_that_draws_is_probed_with_its_own_draws(tmp_path):

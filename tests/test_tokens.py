@@ -1504,6 +1504,49 @@ def test_a_segmentation_models_ignored_pixels_are_not_counted():
             assert a[key] == pytest.approx(b[key], rel=1e-9), key
 
 
+@pytest.mark.parametrize("precondition", [False, True])
+def test_an_estimate_before_any_counted_token_says_so(precondition):
+    """(The integrations fuzzer, seed 508, 2026-12-07.) A declared token mean whose first step
+    counts no token (every label -100: its loss nan, the step left out, said): estimate() —
+    the Trainer's callback calls it at every log — raised ZeroDivisionError (0 tokens per
+    example) and ended the run. It is nan with its reason; an estimate over steps that counted
+    no token is not given per token either (nan, saying so), and the next counted step gives
+    the step's own per-token numbers."""
+    from noisescale import estimators as est
+    from noisescale.state import per_token
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(11, 6), torch.nn.Linear(6, 11)).double()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    kw = {"precondition": opt, "precondition_from": 1} if precondition else {}
+    tracker = noisescale.GradientNoiseTracker(
+        model, loss_reduction="token_mean", per_example_fraction=1.0, sync_every=1, **kw
+    )
+    ids = torch.randint(1, 11, (2, 4))
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            loss = F.cross_entropy(model(ids).flatten(0, 1), torch.full((8,), -100))
+            tracker.count_tokens(torch.full((2, 4), -100))
+            loss.backward()
+            tracker.step(loss=loss)
+        assert any("step 1 has non-finite gradients" in str(w.message) for w in seen)
+        e = tracker.estimate()
+        assert math.isnan(e.b_simple) and e.steps == 0 and e.unit == "tokens"
+        assert math.isnan(e.tokens_per_example)
+        assert e.reason.startswith("preconditioning has not started" if precondition else "no step")
+        assert tracker.estimate_groups() == {}
+    finally:
+        tracker.remove()
+    measured = est.NoiseEstimate(2.0, 6.0, 3.0, 1.0, 9.0, 0.95, 4, 4.0)
+    for t in (0.0, math.nan):
+        e = per_token(measured, t)
+        assert math.isnan(e.b_simple) and math.isnan(e.g2) and not e.available
+        assert e.reason.startswith("no label counted yet"), e.reason
+    e = per_token(measured, 4.0)
+    assert (e.g2, e.trace_sigma, e.b_simple, e.reason) == (2.0 / 16, 6.0 / 4, 12.0, "")
+
+
 def test_the_ignore_index_a_segmentation_loss_leaves_out():
     """Which label a model's own per-pixel loss leaves out: Segformer's and BEiT's
     semantic_loss_ignore_index, UperNet's loss_ignore_index — but with one label Segformer's

@@ -245,11 +245,19 @@ def per_token(e: est.NoiseEstimate, tokens_per_example: float) -> est.NoiseEstim
     token-mean gradient, tr Σ per token and B_simple in tokens (:mod:`noisescale.tokens`)."""
     from dataclasses import replace
 
-    t = tokens_per_example
+    # (no token counted yet — every label so far −100 —: per token unknown, nan, as in a
+    # history record; a ZeroDivisionError in estimate() ended a Trainer's run until 2026-12-07,
+    # a hunt)
+    t = tokens_per_example if tokens_per_example > 0 else math.nan
     g2, trace_sigma = e.g2 / t**2, e.trace_sigma / t
     # (the reason quotes the averages: in the unit given, as e.g2 and e.trace_sigma are)
     quoted = est.unavailable_reason(e.g2, e.trace_sigma)
     reason = est.unavailable_reason(g2, trace_sigma) if quoted and e.reason == quoted else e.reason
+    if math.isnan(t) and (not e.reason or e.reason == quoted):
+        reason = (
+            "no label counted yet (every label so far is ignored, -100): the loss averages the "
+            "counted labels, so the estimate waits for a step that counts some"
+        )
     return replace(
         e,
         g2=g2,

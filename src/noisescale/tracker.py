@@ -1165,7 +1165,9 @@ class GradientNoiseTracker:
             # step's, num_items_in_batch: then the weights do not differ); over examples, the
             # weights are fixed by the passes' sizes
             data = definition in _COUNTED
-            return StepNorms(passes, coef, scale, data_weights=data), definition, tokens
+            own_mean = all(u.own_mean for u in units)  # type: ignore[union-attr]
+            norms = StepNorms(passes, coef, scale, data_weights=data, size_weighted=own_mean)
+            return norms, definition, tokens
         # the multiplier on each pass's loss: measured where a Hugging Face model computed the
         # loss itself and it was backpropagated, or the Trainer's compute_loss returned it (the
         # gradient that reached it), else what loss_reduction says: 1/k for the means, 1 for

@@ -152,6 +152,9 @@ class NoiseScaleCallback(pl.Callback):
         # divisor decided from them (_decide_divisor)
         self._divisors: list[list[float]] = []
         self._divisor = 1.0
+        # the divisor read exactly from a step of k ≥ 2 losses each divided last by k (the
+        # loop's accumulation), for a later step over more or fewer losses (_decide_divisor)
+        self._accumulation: float | None = None
         self._warned: set[str] = set()
 
     # -- set-up --------------------------------------------------------------------------------
@@ -184,7 +187,7 @@ class NoiseScaleCallback(pl.Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.tracker = GradientNoiseTracker(target, scaler=scaler, **self._tracker_kwargs(trainer))
         self._forward_handle = target.register_forward_pre_hook(Hook(self._on_forward))
-        self._forwards, self._divisors = 0, []
+        self._forwards, self._divisors, self._accumulation = 0, [], None
         self._loss, self._stepped = None, False
         self._examples_seen = 0
         self._applied_micro_batches, self._applied_lr_factor = None, 1.0
@@ -301,26 +304,39 @@ class NoiseScaleCallback(pl.Callback):
     def _decide_divisor(self) -> float:
         """Manual optimisation: what each of the step's k losses handed to ``manual_backward``
         was divided by, from the constants they were divided by last. One loss: nothing to
-        decide (1, either reading). A trailing k on every loss: k; none on any: 1 (not
-        divided). Any other constant (a mean's own count, sum / len(x), or a weight) may be the
-        loss's own normalisation, not the accumulation's: k is assumed, as in a plain loop, with
-        a warning."""
+        decide (1, either reading). A trailing k on every loss: k, the loop's accumulation;
+        none on any: 1 (not divided). A trailing accumulation read so on an earlier step, on
+        every loss of a step of another number: that accumulation (``batch_idx`` restarts each
+        epoch, so ``opt.step()`` at ``(batch_idx + 1) % k == 0`` steps across an epoch's end over
+        more or fewer losses, each divided by k: until 2026-12-07 assumed divided by their
+        number, |G|² 2.25× off with 3 losses / 2, the integrations fuzzer). Any other constant
+        (a mean's own count, sum / len(x), or a weight) may be the loss's own normalisation,
+        not the accumulation's: k is assumed, as in a plain loop, with a warning."""
         divisors, self._divisors = self._divisors, []
         k = len(divisors)
         if k <= 1 or not any(divisors):
             return 1.0
-        if all(any(math.isclose(c, k) for c in d) for d in divisors):
+
+        def every_loss_by(divisor: float) -> bool:
+            return all(any(math.isclose(c, divisor) for c in d) for d in divisors)
+
+        if every_loss_by(k):
+            self._accumulation = float(k)
             return float(k)
+        if self._accumulation is not None and every_loss_by(self._accumulation):
+            return self._accumulation
         self._warn_once(
             "manual_divisor",
             f"manual optimisation: a step backpropagated {k} losses, divided last by constants "
-            "that are not their number (a mean written by hand, sum / len(x), or a weight): "
-            "whether they were divided by the accumulation cannot be told, so each is assumed "
-            f"divided by {k}, as in a plain loop (|G|² and tr Σ are off by the square of the "
-            "factor if not; B_simple is not). To have it measured, divide each loss by the "
-            "number of micro-batches last (loss / k right before manual_backward), or measure "
-            "with a GradientNoiseTracker of your own and call tracker.watch_loss(loss) before "
-            "that division",
+            "that are not their number (a mean written by hand, sum / len(x), or a weight; or "
+            "a step across an epoch's end before any step whose losses were each divided by "
+            "their number: batch_idx restarts each epoch, so opt.step() at (batch_idx + 1) % "
+            "n == 0 steps over more or fewer losses): whether they were divided by the "
+            f"accumulation cannot be told, so each is assumed divided by {k}, as in a plain "
+            "loop (|G|² and tr Σ are off by the square of the factor if not; B_simple is not). "
+            "To have it measured, divide each loss by the number of micro-batches last (loss / "
+            "k right before manual_backward), or measure with a GradientNoiseTracker of your "
+            "own and call tracker.watch_loss(loss) before that division",
         )
         return float(k)
 
@@ -365,6 +381,7 @@ class NoiseScaleCallback(pl.Callback):
                 "applied_lr_factor": self._applied_lr_factor,
                 "scaled_groups": self._scaled_groups,
                 "examples_seen": self._examples_seen,
+                "manual_accumulation": self._accumulation,
             }
         )
 
@@ -500,6 +517,8 @@ class NoiseScaleCallback(pl.Callback):
         self._applied_lr_factor = float(state["applied_lr_factor"])
         self._scaled_groups = list(state.get("scaled_groups", []))
         self._examples_seen = int(state["examples_seen"])
+        accumulation = state.get("manual_accumulation")  # (not in checkpoints before 2026-12-07)
+        self._accumulation = None if accumulation is None else float(accumulation)
 
     def _apply(self, trainer: pl.Trainer) -> None:
         """Give the trainer the schedule's accumulation and learning-rate factor."""

@@ -44,6 +44,11 @@ class StepNorms:
     #: may differ by the data drawn (:meth:`weights_vary`); not where they are fixed by the
     #: passes' sizes (a mean over examples, its multiplier measured)
     data_weights: bool = False
+    #: each pass's weights are its own mean over its labelled examples (a classifier's, one
+    #: label each): where every label counts, a mean over the pass's examples, whose weight the
+    #: loop fixes by the pass's size — so they vary with the data only where a label was left
+    #: out, and :meth:`pass_weights` gives each pass's whole weight, c·n
+    size_weighted: bool = False
 
     @property
     def sizes(self) -> list[int]:
@@ -93,9 +98,14 @@ class StepNorms:
         return self.data_weights and any(isinstance(c, Tensor) for c in self.coef)
 
     def pass_weights(self) -> Tensor:
-        """The weights of the passes that hold examples, stacked on the device (float64)."""
+        """The weights of the passes that hold examples, stacked on the device (float64): an
+        example's, or with :attr:`size_weighted` the whole pass's."""
         device = next(c for c in self.coef if isinstance(c, Tensor)).device
-        kept = [c for c, p in zip(self.coef, self.passes, strict=True) if p.batch_size > 0]
+        kept = [
+            c * p.batch_size if self.size_weighted else c
+            for c, p in zip(self.coef, self.passes, strict=True)
+            if p.batch_size > 0
+        ]
         return torch.stack(
             [torch.as_tensor(c, dtype=torch.float64, device=device).reshape(()) for c in kept]
         )
