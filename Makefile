@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 # The CPU build of torch that this machine installs quickly; pyproject.toml declares the range.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses install lint format clean
+.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed install lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,12 @@ fuzz-tracker: install
 
 fuzz-losses: install
 	$(PY) tests/fuzz_losses.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
+
+fuzz-integrations: install
+	$(PY) tests/fuzz_integrations.py --seeds $(SEEDS)
+
+fuzz-distributed: install
+	$(PY) tests/fuzz_distributed.py --seeds $(SEEDS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench examples
