@@ -78,6 +78,10 @@ SCENARIOS: dict[str, tuple[str, list[list[list[int]]]]] = {
     # torch.compile(DDP(model)): the wrapper hides DDP from the tracker
     "ddp_compiled": ("ddp_compiled", UNEVEN),
     "fsdp2_every2": ("fsdp_every2", UNEVEN),
+    # nn.MultiheadAttention sharded as a block: it reads out_proj.weight without calling
+    # out_proj, whose gradient the hooks must still see (refused as a swapped weight until
+    # 2026-12-07, the data-parallel fuzzer's seed 26)
+    "fsdp2_attention": ("fsdp_attention", UNEVEN),
 }
 
 
@@ -92,10 +96,24 @@ class Scaled(nn.Sequential):
         return super().forward(x * self.scale)
 
 
+class Attention(nn.Module):
+    """Self-attention over two tokens made from each example's hidden vector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.m = nn.MultiheadAttention(D_HID, 1, batch_first=True)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        tokens = torch.stack([h, h.tanh()], 1)
+        return self.m(tokens, tokens, tokens, need_weights=False)[0].mean(1)
+
+
 def make_model(setup: str = "") -> nn.Module:
     torch.manual_seed(0)
     # 5 output rows of the first layer and 3 of the second: uneven shards over 2 processes
     layers = (nn.Linear(D_IN, D_HID), nn.Tanh(), nn.Linear(D_HID, D_OUT))
+    if setup.endswith("_attention"):  # (model[2], sharded by itself: the attention)
+        layers = (nn.Linear(D_IN, D_HID), nn.Tanh(), Attention(), nn.Linear(D_HID, D_OUT))
     return (Scaled if setup.endswith("_direct") else nn.Sequential)(*layers).double()
 
 
@@ -1159,7 +1177,9 @@ def test_a_static_graph_ddp_keeps_averaging_and_is_measured_from_its_second_step
             assert got[key] == pytest.approx(want[key], rel=1e-9), key
 
 
-@pytest.mark.parametrize("name", ["ddp_even", "ddp_uneven", "ddp_amp", "manual", "fsdp2", "hsdp"])
+@pytest.mark.parametrize(
+    "name", ["ddp_even", "ddp_uneven", "ddp_amp", "manual", "fsdp2", "hsdp", "fsdp2_attention"]
+)
 def test_one_pass_per_process_equals_single_process(runs, name):
     """The local source is the reference's micro-batch source; the combination matches too."""
     want_hist, _ = reference(name)
