@@ -82,6 +82,10 @@ SCENARIOS: dict[str, tuple[str, list[list[list[int]]]]] = {
     # out_proj, whose gradient the hooks must still see (refused as a swapped weight until
     # 2026-12-07, the data-parallel fuzzer's seed 26)
     "fsdp2_attention": ("fsdp_attention", UNEVEN),
+    # a block that reads its Linear's weight outside the Linear too, sharded by itself: its
+    # direct use is followed from the block's forward, where FSDP2 has unsharded it (the
+    # model's pre-hook met the sharded DTensor until 2026-12-07, the fuzzer's seed 502)
+    "fsdp2_reuse": ("fsdp_reuse", UNEVEN),
 }
 
 
@@ -108,12 +112,25 @@ class Attention(nn.Module):
         return self.m(tokens, tokens, tokens, need_weights=False)[0].mean(1)
 
 
+class Reuse(nn.Module):
+    """A Linear, and its weight used once more outside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.m = nn.Linear(D_HID, D_HID)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.m(h) + torch.tanh(h @ self.m.weight.T)
+
+
 def make_model(setup: str = "") -> nn.Module:
     torch.manual_seed(0)
     # 5 output rows of the first layer and 3 of the second: uneven shards over 2 processes
     layers = (nn.Linear(D_IN, D_HID), nn.Tanh(), nn.Linear(D_HID, D_OUT))
     if setup.endswith("_attention"):  # (model[2], sharded by itself: the attention)
         layers = (nn.Linear(D_IN, D_HID), nn.Tanh(), Attention(), nn.Linear(D_HID, D_OUT))
+    if setup.endswith("_reuse"):
+        layers = (nn.Linear(D_IN, D_HID), nn.Tanh(), Reuse(), nn.Linear(D_HID, D_OUT))
     return (Scaled if setup.endswith("_direct") else nn.Sequential)(*layers).double()
 
 
@@ -1200,6 +1217,24 @@ def test_one_pass_per_process_equals_single_process(runs, name):
         assert got["g2"] == pytest.approx(want["g2"], abs=sum(t[0] for t in tols))
         assert got["trace_sigma"] == pytest.approx(want["trace_sigma"], abs=sum(t[1] for t in tols))
     assert got_hist[-1]["b_simple"] == pytest.approx(want_hist[-1]["b_simple"], rel=1e-4)
+
+
+def test_a_direct_use_in_a_sharded_block_equals_single_process(runs):
+    """The weight a block reads outside its Linear: learned at step 1 (its per-example norms
+    withheld there, as on one process), then followed inside the block's forward, where FSDP2
+    has unsharded it."""
+    want_hist, _ = reference("fsdp2_reuse")
+    got_hist = runs[0]["fsdp2_reuse"]["history"]
+    assert len(got_hist) == len(want_hist) == 3
+    assert "per_example" not in got_hist[0]["sources"]
+    assert "per_example" not in want_hist[0]["sources"]
+    for got, want in zip(got_hist, want_hist, strict=True):
+        assert_big_batch_matches(got, want)
+    for got, want in zip(got_hist[1:], want_hist[1:], strict=True):
+        b_big, s_big = want["b_big"], want["sqnorm_big"]
+        assert_same_source(
+            got["sources"]["per_example"], want["sources"]["per_example"], b_big, s_big
+        )
 
 
 def test_a_loss_over_tokens_equals_single_process(runs):
