@@ -585,7 +585,36 @@ def _misuse() -> dict[str, str]:
         out["fsdp_compiled"] = "accepted"
     except NoiseScaleInputError as e:
         out["fsdp_compiled"] = str(e)
+    # a GRU whose output is its fully_shard block's output: its output's gradient arrives before
+    # FSDP2 gathers the block's weights again (reshard_after_forward=True), and the GRU's
+    # per-example gradients recompute the recurrence from them (a raw DTensor RuntimeError
+    # until 2026-12-07, the fuzzer's seed 336); with the weights kept unsharded, measured
+    for reshard in (False, True):
+        model = nn.Sequential(
+            nn.Linear(D_IN, D_HID), _Recurrent(), nn.Flatten(), nn.Linear(2 * D_HID, D_OUT)
+        ).double()
+        fully_shard(model[1], reshard_after_forward=reshard)
+        fully_shard(model)
+        tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+        try:
+            F.cross_entropy(model(x), y).backward()
+            tracker.step()
+            out[f"fsdp_gru_block_{reshard}"] = str(sorted(tracker.history[0]["sources"]))
+        except UnsupportedModuleError as e:
+            out[f"fsdp_gru_block_{reshard}"] = str(e)
+        tracker.remove()
     return out
+
+
+class _Recurrent(nn.Module):
+    """A GRU over two steps made from each example's hidden vector, its output the block's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(D_HID, D_HID, batch_first=True)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.gru(torch.stack([h, h.tanh()], 1))[0]
 
 
 def _manual_averaging(rank: int) -> dict[str, dict]:
@@ -1374,6 +1403,15 @@ def test_misuse_is_reported(runs):
     assert misuse["clipped_True"].startswith("call tracker.step() right after the last backward")
     assert misuse["fsdp_clipped_False"] == "accepted"
     assert misuse["fsdp_clipped_True"].startswith("call tracker.step() right after the last")
+    assert misuse["fsdp_gru_block_False"] == "['local', 'per_example']"
+    assert misuse["fsdp_gru_block_True"].startswith(
+        "GRU's parameter 'weight_ih_l0' is still sharded by FSDP2 (a DTensor) when the gradient "
+        "of the layer's output arrives"
+    ), misuse["fsdp_gru_block_True"]
+    assert (
+        "Pass reshard_after_forward=False to that fully_shard call"
+        in (misuse["fsdp_gru_block_True"])
+    )
     for rank in (0, 1):  # both refuse step 6, keeping 1-5
         picked = runs[rank]["misuse"]["picked_rows"]
         assert picked.startswith(
