@@ -603,7 +603,36 @@ def _misuse() -> dict[str, str]:
         except UnsupportedModuleError as e:
             out[f"fsdp_gru_block_{reshard}"] = str(e)
         tracker.remove()
+    # a tensor of the parameters alone that meets the batch in the loss: its per-example
+    # gradients go back to the parameters by a second backward through the model's graph,
+    # whose unsharded parameters FSDP2 freed after the forward (reshard_after_forward=True)
+    # and gathers again only when the model's outputs get their gradient (a raw "storage of
+    # size 0" RuntimeError until 2026-12-07, the fuzzer's seeds 7 and 300)
+    model = _SharedOutput()
+    fully_shard(model, reshard_after_forward=True)
+    tracker = noisescale.GradientNoiseTracker(model)
+    try:
+        out_x, shared = model(x)
+        F.cross_entropy(out_x + shared.expand(len(x), -1), y).backward()
+        tracker.step()
+        out["fsdp_freed"] = "accepted"
+    except UnsupportedModuleError as e:
+        out["fsdp_freed"] = str(e)
+    tracker.remove()
     return out
+
+
+class _SharedOutput(nn.Module):
+    """The logits, and a bias computed from parameters alone, returned apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(D_IN, D_OUT).double()
+        self.code = nn.Parameter(torch.ones(1, D_HID, dtype=torch.float64))
+        self.bias = nn.Linear(D_HID, D_OUT).double()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lin(x), self.bias(self.code)
 
 
 class _Recurrent(nn.Module):
@@ -1403,6 +1432,11 @@ def test_misuse_is_reported(runs):
     assert misuse["clipped_True"].startswith("call tracker.step() right after the last backward")
     assert misuse["fsdp_clipped_False"] == "accepted"
     assert misuse["fsdp_clipped_True"].startswith("call tracker.step() right after the last")
+    assert misuse["fsdp_freed"].startswith(
+        "noisescale carries the per-example gradients of a tensor computed from parameters alone"
+    ), misuse["fsdp_freed"]
+    assert "FSDP2 has already freed" in misuse["fsdp_freed"]
+    assert "Use per_example=False" in misuse["fsdp_freed"]
     assert misuse["fsdp_gru_block_False"] == "['local', 'per_example']"
     assert misuse["fsdp_gru_block_True"].startswith(
         "GRU's parameter 'weight_ih_l0' is still sharded by FSDP2 (a DTensor) when the gradient "
