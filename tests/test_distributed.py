@@ -619,7 +619,36 @@ def _misuse() -> dict[str, str]:
     except UnsupportedModuleError as e:
         out["fsdp_freed"] = str(e)
     tracker.remove()
+    # a Linear on the examples' rows flattened [N·T, D]: their attribution is checked by a
+    # replay of the backward, which FSDP2 rules out; refused at once naming that (until
+    # 2026-12-07 learned as shared, then refused as an output whose rows were not followed —
+    # the wrong cause; the data-parallel fuzzer's seed 238)
+    model = _FlatRows()
+    fully_shard(model, reshard_after_forward=False)
+    tracker = noisescale.GradientNoiseTracker(model)
+    try:
+        for _ in range(2):
+            F.cross_entropy(model(x), y).backward()
+            tracker.step()
+        out["fsdp_flat_rows"] = "accepted"
+    except UnsupportedModuleError as e:
+        out["fsdp_flat_rows"] = f"step {len(tracker.history) + 1}: {e}"
+    tracker.remove()
     return out
+
+
+class _FlatRows(nn.Module):
+    """Two tokens per example, a Linear on their rows flattened, the logits from both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(D_IN, 2 * D_HID).double()
+        self.m = nn.Linear(D_HID, D_HID).double()
+        self.head = nn.Linear(2 * D_HID, D_OUT).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x).view(len(x), 2, D_HID)
+        return self.head(torch.tanh(self.m(h.reshape(-1, D_HID))).view(len(x), -1))
 
 
 class _SharedOutput(nn.Module):
@@ -1437,6 +1466,10 @@ def test_misuse_is_reported(runs):
     ), misuse["fsdp_freed"]
     assert "FSDP2 has already freed" in misuse["fsdp_freed"]
     assert "Use per_example=False" in misuse["fsdp_freed"]
+    assert misuse["fsdp_flat_rows"].startswith(
+        "step 1: layer(s) 'm' are called on the examples' rows flattened together"
+    ), misuse["fsdp_flat_rows"]
+    assert "under FSDP2 it replays none" in misuse["fsdp_flat_rows"]
     assert misuse["fsdp_gru_block_False"] == "['local', 'per_example']"
     assert misuse["fsdp_gru_block_True"].startswith(
         "GRU's parameter 'weight_ih_l0' is still sharded by FSDP2 (a DTensor) when the gradient "

@@ -902,6 +902,19 @@ class Settle:
         names = ", ".join(sorted({f"'{t.label}'" for t in targets}))
         calls = {t.module for t in targets if t.module in pass_.flat_calls}
         learnable = all(t.module in pass_.flat_calls for t in targets)  # (no repeated table)
+        if not self._replay_allowed:
+            # (learned as shared, such a layer's output met the batch at the next step and was
+            # refused naming an unfollowed layout: the wrong cause, until 2026-12-07, the
+            # data-parallel fuzzer's seed 238)
+            raise UnsupportedModuleError(
+                f"layer(s) {names} are called on the examples' rows flattened together with "
+                "another dimension (x.reshape(-1, D) of a batch-first [N, T, D]), whose "
+                "attribution to the examples noisescale checks by replaying the backward, and "
+                "under FSDP2 it replays none (FSDP2 reshards the parameters in hooks of the "
+                "backward), so it refuses to report per-example norms that could be wrong. "
+                "Call the layer on the batch-first activation itself (nn.Linear takes [N, T, D] "
+                "as it is), or use per_example=False"
+            )
         if learn and learnable:
             self._learned_shared.update(calls)  # type: ignore[arg-type]
             self._withhold(
