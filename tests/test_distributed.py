@@ -78,6 +78,14 @@ SCENARIOS: dict[str, tuple[str, list[list[list[int]]]]] = {
     # torch.compile(DDP(model)): the wrapper hides DDP from the tracker
     "ddp_compiled": ("ddp_compiled", UNEVEN),
     "fsdp2_every2": ("fsdp_every2", UNEVEN),
+    # nn.MultiheadAttention sharded as a block: it reads out_proj.weight without calling
+    # out_proj, whose gradient the hooks must still see (refused as a swapped weight until
+    # 2026-12-07, the data-parallel fuzzer's seed 26)
+    "fsdp2_attention": ("fsdp_attention", UNEVEN),
+    # a block that reads its Linear's weight outside the Linear too, sharded by itself: its
+    # direct use is followed from the block's forward, where FSDP2 has unsharded it (the
+    # model's pre-hook met the sharded DTensor until 2026-12-07, the fuzzer's seed 502)
+    "fsdp2_reuse": ("fsdp_reuse", UNEVEN),
 }
 
 
@@ -92,10 +100,37 @@ class Scaled(nn.Sequential):
         return super().forward(x * self.scale)
 
 
+class Attention(nn.Module):
+    """Self-attention over two tokens made from each example's hidden vector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.m = nn.MultiheadAttention(D_HID, 1, batch_first=True)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        tokens = torch.stack([h, h.tanh()], 1)
+        return self.m(tokens, tokens, tokens, need_weights=False)[0].mean(1)
+
+
+class Reuse(nn.Module):
+    """A Linear, and its weight used once more outside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.m = nn.Linear(D_HID, D_HID)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.m(h) + torch.tanh(h @ self.m.weight.T)
+
+
 def make_model(setup: str = "") -> nn.Module:
     torch.manual_seed(0)
     # 5 output rows of the first layer and 3 of the second: uneven shards over 2 processes
     layers = (nn.Linear(D_IN, D_HID), nn.Tanh(), nn.Linear(D_HID, D_OUT))
+    if setup.endswith("_attention"):  # (model[2], sharded by itself: the attention)
+        layers = (nn.Linear(D_IN, D_HID), nn.Tanh(), Attention(), nn.Linear(D_HID, D_OUT))
+    if setup.endswith("_reuse"):
+        layers = (nn.Linear(D_IN, D_HID), nn.Tanh(), Reuse(), nn.Linear(D_HID, D_OUT))
     return (Scaled if setup.endswith("_direct") else nn.Sequential)(*layers).double()
 
 
@@ -550,7 +585,94 @@ def _misuse() -> dict[str, str]:
         out["fsdp_compiled"] = "accepted"
     except NoiseScaleInputError as e:
         out["fsdp_compiled"] = str(e)
+    # a GRU whose output is its fully_shard block's output: its output's gradient arrives before
+    # FSDP2 gathers the block's weights again (reshard_after_forward=True), and the GRU's
+    # per-example gradients recompute the recurrence from them (a raw DTensor RuntimeError
+    # until 2026-12-07, the fuzzer's seed 336); with the weights kept unsharded, measured
+    for reshard in (False, True):
+        model = nn.Sequential(
+            nn.Linear(D_IN, D_HID), _Recurrent(), nn.Flatten(), nn.Linear(2 * D_HID, D_OUT)
+        ).double()
+        fully_shard(model[1], reshard_after_forward=reshard)
+        fully_shard(model)
+        tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+        try:
+            F.cross_entropy(model(x), y).backward()
+            tracker.step()
+            out[f"fsdp_gru_block_{reshard}"] = str(sorted(tracker.history[0]["sources"]))
+        except UnsupportedModuleError as e:
+            out[f"fsdp_gru_block_{reshard}"] = str(e)
+        tracker.remove()
+    # a tensor of the parameters alone that meets the batch in the loss: its per-example
+    # gradients go back to the parameters by a second backward through the model's graph,
+    # whose unsharded parameters FSDP2 freed after the forward (reshard_after_forward=True)
+    # and gathers again only when the model's outputs get their gradient (a raw "storage of
+    # size 0" RuntimeError until 2026-12-07, the fuzzer's seeds 7 and 300)
+    model = _SharedOutput()
+    fully_shard(model, reshard_after_forward=True)
+    tracker = noisescale.GradientNoiseTracker(model)
+    try:
+        out_x, shared = model(x)
+        F.cross_entropy(out_x + shared.expand(len(x), -1), y).backward()
+        tracker.step()
+        out["fsdp_freed"] = "accepted"
+    except UnsupportedModuleError as e:
+        out["fsdp_freed"] = str(e)
+    tracker.remove()
+    # a Linear on the examples' rows flattened [N·T, D]: their attribution is checked by a
+    # replay of the backward, which FSDP2 rules out; refused at once naming that (until
+    # 2026-12-07 learned as shared, then refused as an output whose rows were not followed —
+    # the wrong cause; the data-parallel fuzzer's seed 238)
+    model = _FlatRows()
+    fully_shard(model, reshard_after_forward=False)
+    tracker = noisescale.GradientNoiseTracker(model)
+    try:
+        for _ in range(2):
+            F.cross_entropy(model(x), y).backward()
+            tracker.step()
+        out["fsdp_flat_rows"] = "accepted"
+    except UnsupportedModuleError as e:
+        out["fsdp_flat_rows"] = f"step {len(tracker.history) + 1}: {e}"
+    tracker.remove()
     return out
+
+
+class _FlatRows(nn.Module):
+    """Two tokens per example, a Linear on their rows flattened, the logits from both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(D_IN, 2 * D_HID).double()
+        self.m = nn.Linear(D_HID, D_HID).double()
+        self.head = nn.Linear(2 * D_HID, D_OUT).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x).view(len(x), 2, D_HID)
+        return self.head(torch.tanh(self.m(h.reshape(-1, D_HID))).view(len(x), -1))
+
+
+class _SharedOutput(nn.Module):
+    """The logits, and a bias computed from parameters alone, returned apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(D_IN, D_OUT).double()
+        self.code = nn.Parameter(torch.ones(1, D_HID, dtype=torch.float64))
+        self.bias = nn.Linear(D_HID, D_OUT).double()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lin(x), self.bias(self.code)
+
+
+class _Recurrent(nn.Module):
+    """A GRU over two steps made from each example's hidden vector, its output the block's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(D_HID, D_HID, batch_first=True)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.gru(torch.stack([h, h.tanh()], 1))[0]
 
 
 def _manual_averaging(rank: int) -> dict[str, dict]:
@@ -1164,7 +1286,9 @@ def test_a_static_graph_ddp_keeps_averaging_and_is_measured_from_its_second_step
             assert got[key] == pytest.approx(want[key], rel=1e-9), key
 
 
-@pytest.mark.parametrize("name", ["ddp_even", "ddp_uneven", "ddp_amp", "manual", "fsdp2", "hsdp"])
+@pytest.mark.parametrize(
+    "name", ["ddp_even", "ddp_uneven", "ddp_amp", "manual", "fsdp2", "hsdp", "fsdp2_attention"]
+)
 def test_one_pass_per_process_equals_single_process(runs, name):
     """The local source is the reference's micro-batch source; the combination matches too."""
     want_hist, _ = reference(name)
@@ -1185,6 +1309,24 @@ def test_one_pass_per_process_equals_single_process(runs, name):
         assert got["g2"] == pytest.approx(want["g2"], abs=sum(t[0] for t in tols))
         assert got["trace_sigma"] == pytest.approx(want["trace_sigma"], abs=sum(t[1] for t in tols))
     assert got_hist[-1]["b_simple"] == pytest.approx(want_hist[-1]["b_simple"], rel=1e-4)
+
+
+def test_a_direct_use_in_a_sharded_block_equals_single_process(runs):
+    """The weight a block reads outside its Linear: learned at step 1 (its per-example norms
+    withheld there, as on one process), then followed inside the block's forward, where FSDP2
+    has unsharded it."""
+    want_hist, _ = reference("fsdp2_reuse")
+    got_hist = runs[0]["fsdp2_reuse"]["history"]
+    assert len(got_hist) == len(want_hist) == 3
+    assert "per_example" not in got_hist[0]["sources"]
+    assert "per_example" not in want_hist[0]["sources"]
+    for got, want in zip(got_hist, want_hist, strict=True):
+        assert_big_batch_matches(got, want)
+    for got, want in zip(got_hist[1:], want_hist[1:], strict=True):
+        b_big, s_big = want["b_big"], want["sqnorm_big"]
+        assert_same_source(
+            got["sources"]["per_example"], want["sources"]["per_example"], b_big, s_big
+        )
 
 
 def test_a_loss_over_tokens_equals_single_process(runs):
@@ -1324,6 +1466,24 @@ def test_misuse_is_reported(runs):
     assert misuse["clipped_True"].startswith("call tracker.step() right after the last backward")
     assert misuse["fsdp_clipped_False"] == "accepted"
     assert misuse["fsdp_clipped_True"].startswith("call tracker.step() right after the last")
+    assert misuse["fsdp_freed"].startswith(
+        "noisescale carries the per-example gradients of a tensor computed from parameters alone"
+    ), misuse["fsdp_freed"]
+    assert "FSDP2 has already freed" in misuse["fsdp_freed"]
+    assert "Use per_example=False" in misuse["fsdp_freed"]
+    assert misuse["fsdp_flat_rows"].startswith(
+        "step 1: layer(s) 'm' are called on the examples' rows flattened together"
+    ), misuse["fsdp_flat_rows"]
+    assert "under FSDP2 it replays none" in misuse["fsdp_flat_rows"]
+    assert misuse["fsdp_gru_block_False"] == "['local', 'per_example']"
+    assert misuse["fsdp_gru_block_True"].startswith(
+        "GRU's parameter 'weight_ih_l0' is still sharded by FSDP2 (a DTensor) when the gradient "
+        "of the layer's output arrives"
+    ), misuse["fsdp_gru_block_True"]
+    assert (
+        "Pass reshard_after_forward=False to that fully_shard call"
+        in (misuse["fsdp_gru_block_True"])
+    )
     for rank in (0, 1):  # both refuse step 6, keeping 1-5
         picked = runs[rank]["misuse"]["picked_rows"]
         assert picked.startswith(

@@ -42,6 +42,7 @@ from noisescale.per_example.graph import (
 )
 from noisescale.per_example.messages import (
     _flattened_hint,
+    freed_by_fsdp_message,
     nested_message,
 )
 from noisescale.per_example.passes import (
@@ -696,27 +697,36 @@ class Backward:
             return
         inputs = meeting.box[1:]
         meeting.box.clear()
-        dim = meeting.extra["dim"]
-        n = pass_.batch_size
-        with torch.no_grad():
-            kind = meeting.kind
-            if kind == "expand":
-                # s.repeat(N, 1, …): example i's gradient of s is its own block of k rows
-                repeat = meeting.extra.get("repeat", False)
-                g = grad.unflatten(0, (n, -1)) if repeat else grad.movedim(dim, 0)
-                rows = self._rows(pass_, g, g.device)
-                for _, _, (origin, operand) in meeting.extra["routes"]:
-                    per = (
-                        g.reshape(n, *operand.shape)
-                        if repeat
-                        else per_example_reduce(grad, tuple(operand.shape), dim, n)
-                    )
-                    if rows is not None:
-                        per = per.index_select(0, rows)
-                    self._to_sources(pass_, origin, operand, per, reaches)
-            else:
-                x = inputs[0] if inputs else None
-                self._meeting_factors(pass_, meeting, x, grad, dim, n, reaches)
+        try:
+            dim = meeting.extra["dim"]
+            n = pass_.batch_size
+            with torch.no_grad():
+                kind = meeting.kind
+                if kind == "expand":
+                    # s.repeat(N, 1, …): example i's gradient of s is its own block of k rows
+                    repeat = meeting.extra.get("repeat", False)
+                    g = grad.unflatten(0, (n, -1)) if repeat else grad.movedim(dim, 0)
+                    rows = self._rows(pass_, g, g.device)
+                    for _, _, (origin, operand) in meeting.extra["routes"]:
+                        per = (
+                            g.reshape(n, *operand.shape)
+                            if repeat
+                            else per_example_reduce(grad, tuple(operand.shape), dim, n)
+                        )
+                        if rows is not None:
+                            per = per.index_select(0, rows)
+                        self._to_sources(pass_, origin, operand, per, reaches)
+                else:
+                    x = inputs[0] if inputs else None
+                    self._meeting_factors(pass_, meeting, x, grad, dim, n, reaches)
+        except RuntimeError as error:
+            # the graph of a tensor computed from parameters alone, read before FSDP2 gathers
+            # the parameters it saved (FSDP2 resizes an unsharded parameter's storage to 0 when
+            # it reshards): a raw "setStorage ... storage of size 0" until 2026-12-07, the
+            # data-parallel fuzzer's seeds 7 and 300
+            if self._replay_allowed or "storage of size 0" not in str(error):
+                raise
+            raise UnsupportedModuleError(freed_by_fsdp_message()) from error
 
     def _meeting_factors(
         self,

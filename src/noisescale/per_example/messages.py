@@ -766,6 +766,20 @@ def nested_message(where: str) -> str:
     )
 
 
+def freed_by_fsdp_message() -> str:
+    """Why a tensor computed from parameters alone is refused where FSDP2 freed what its
+    graph saved."""
+    return (
+        "noisescale carries the per-example gradients of a tensor computed from parameters "
+        "alone (shared by the examples until it meets the batch: a repeat, an expand, a "
+        "broadcast) back to those parameters through what the forward saved (its layers' "
+        "inputs, its part of the graph), and FSDP2 has already freed the unsharded parameters "
+        "saved there (resharded after the forward, or after their own module's backward, "
+        "before this gradient arrived); such a model is not measured per example under FSDP2. "
+        "Use per_example=False (the micro-batch and local sources, which any model gives)"
+    )
+
+
 UNRERUN = "the output permutation check could not re-run the model"
 
 

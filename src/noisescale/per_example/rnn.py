@@ -131,6 +131,29 @@ def _step(
     return (torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)), None
 
 
+def _weight(module: nn.Module, name: str) -> Tensor:
+    """``module``'s parameter ``name`` (``None`` where it has none), as its forward used it.
+
+    Under FSDP2 (``reshard_after_forward=True``) a layer whose output is the output of the
+    module ``fully_shard`` wraps gets its output's gradient before FSDP2 gathers that module's
+    parameters for the backward (FSDP2's hook on the output comes after the engine's): the
+    parameter is still the sharded ``DTensor``, and the recurrence cannot be recomputed from
+    it (until 2026-12-07 a raw "mixed torch.Tensor and DTensor" RuntimeError from the matrix
+    product, the data-parallel fuzzer's seed 336)."""
+    p = getattr(module, name, None)
+    if p is not None and hasattr(p, "placements"):
+        raise UnsupportedModuleError(
+            f"{type(module).__name__}'s parameter '{name}' is still sharded by FSDP2 (a "
+            "DTensor) when the gradient of the layer's output arrives, and its per-example "
+            "gradients recompute the recurrence from its weights: the layer's output is the "
+            "output of the module fully_shard wraps, whose parameters FSDP2 gathers for the "
+            "backward only after noisescale's hook on that output has run. Pass "
+            "reshard_after_forward=False to that fully_shard call, or apply fully_shard to "
+            "the model's root only"
+        )
+    return p  # type: ignore[return-value]
+
+
 def _factors(
     module: nn.RNNBase, saved: _Saved, grads: tuple[Tensor | None, ...]
 ) -> dict[str, Factor]:
@@ -165,10 +188,10 @@ def _factors(
             outs = []
             for direction in range(directions):
                 sfx = f"_l{layer}" + ("_reverse" if direction else "")
-                w_ih = getattr(module, "weight_ih" + sfx).detach().to(dtype)
-                w_hh = getattr(module, "weight_hh" + sfx).detach().to(dtype)
-                b_ih = getattr(module, "bias_ih" + sfx, None)
-                b_hh = getattr(module, "bias_hh" + sfx, None)
+                w_ih = _weight(module, "weight_ih" + sfx).detach().to(dtype)
+                w_hh = _weight(module, "weight_hh" + sfx).detach().to(dtype)
+                b_ih = _weight(module, "bias_ih" + sfx)
+                b_hh = _weight(module, "bias_hh" + sfx)
                 ih = layer_in @ w_ih.t()
                 if b_ih is not None:
                     ih = ih + b_ih.detach().to(dtype)
@@ -176,7 +199,7 @@ def _factors(
                     ih.requires_grad_(True)
                 w_hr = None
                 if proj:
-                    w_hr = getattr(module, "weight_hr" + sfx).detach().to(dtype)
+                    w_hr = _weight(module, "weight_hr" + sfx).detach().to(dtype)
                 k = layer * directions + direction
                 h = _acc(saved.hx[0][k]) if saved.hx is not None else layer_in.new_zeros(n, state)
                 c = None
@@ -388,8 +411,8 @@ def _cell_factors(module: nn.RNNCellBase, saved: _CellSaved, grads: tuple) -> di
         c = x.new_zeros(n, hidden) if c is None else c.to(dtype)
 
     def pre(inp: Tensor, name: str) -> Tensor:
-        w = getattr(module, "weight_" + name).detach().to(dtype)
-        b = getattr(module, "bias_" + name, None)
+        w = _weight(module, "weight_" + name).detach().to(dtype)
+        b = _weight(module, "bias_" + name)
         out = inp @ w.t()
         if b is not None:
             out = out + b.detach().to(dtype)

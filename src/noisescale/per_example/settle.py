@@ -607,6 +607,23 @@ class Settle:
         self._run_compiled_code_eagerly()
         return True
 
+    def _scope_of(self, holder: nn.Module) -> nn.Module:
+        """Where a direct use of ``holder``'s parameters is followed: the model's forward, or
+        under FSDP2 that of the innermost ``fully_shard`` module around ``holder``, whose
+        parameters stay sharded (``DTensor``) until its own forward begins (until 2026-12-07
+        the model's pre-hook met a block's sharded parameter: a raw RuntimeError from
+        ``shared.wrap``, the data-parallel fuzzer's seed 502)."""
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:
+            return self.model
+        assert self.model is not None
+        scope = self.model
+        for m in self.model.modules():
+            if isinstance(m, FSDPModule) and any(c is holder for c in m.modules()):
+                scope = m  # (modules() goes outside in: the last one found is the innermost)
+        return scope
+
     def _learn_direct_uses(self, pass_: PassNorms, pids: list[int]) -> bool:
         """Follow parameters through the whole forward from the next step on: rule-owned ones
         used outside their layer too, and those of a module without a rule whose forward never
@@ -620,21 +637,21 @@ class Settle:
             if not holders:
                 return False
             for holder, name in holders:
-                known = any(
-                    h is holder and n == name for h, n, _ in self._scopes.get(self.model, [])
-                )
+                scope = self._scope_of(holder)
+                known = any(h is holder and n == name for h, n, _ in self._scopes.get(scope, []))
                 if known:
                     return False  # already followed: the use is outside the forward
-                new_scopes.append((holder, name, pid))
-        first_time = self.model not in self._scopes
-        self._scopes.setdefault(self.model, []).extend(new_scopes)
+                new_scopes.append((scope, (holder, name, pid)))
         # used in their layer and outside it: sub-batch products keep what cross terms need
         # (or leave them to the factors) from the next step on, not a step later
         self._multi_use.update(pids)
         self._update_compile_blocker()
-        if first_time:
-            self._install_scope(self.model)
-        for holder, _, _ in new_scopes:
+        for scope, use in new_scopes:
+            if scope not in self._scopes:
+                self._scopes[scope] = []
+                self._install_scope(scope)
+            self._scopes[scope].append(use)
+        for _, (holder, _, _) in new_scopes:
             if holder in self._calls:  # (a rule-less holder's own forward hands out aliases)
                 self._guard_holder(holder)
         names = sorted(self._param_name[pid] for pid in pids)
@@ -891,6 +908,19 @@ class Settle:
         names = ", ".join(sorted({f"'{t.label}'" for t in targets}))
         calls = {t.module for t in targets if t.module in pass_.flat_calls}
         learnable = all(t.module in pass_.flat_calls for t in targets)  # (no repeated table)
+        if not self._replay_allowed:
+            # (learned as shared, such a layer's output met the batch at the next step and was
+            # refused naming an unfollowed layout: the wrong cause, until 2026-12-07, the
+            # data-parallel fuzzer's seed 238)
+            raise UnsupportedModuleError(
+                f"layer(s) {names} are called on the examples' rows flattened together with "
+                "another dimension (x.reshape(-1, D) of a batch-first [N, T, D]), whose "
+                "attribution to the examples noisescale checks by replaying the backward, and "
+                "under FSDP2 it replays none (FSDP2 reshards the parameters in hooks of the "
+                "backward), so it refuses to report per-example norms that could be wrong. "
+                "Call the layer on the batch-first activation itself (nn.Linear takes [N, T, D] "
+                "as it is), or use per_example=False"
+            )
         if learn and learnable:
             self._learned_shared.update(calls)  # type: ignore[arg-type]
             self._withhold(

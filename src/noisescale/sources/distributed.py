@@ -390,11 +390,21 @@ class DataParallelSource:
         from torch.distributed.tensor import DTensor
 
         for module in self.model.modules():
+            # its own parameters, and its children's: a module may read a child's parameter
+            # without calling the child (nn.MultiheadAttention passes out_proj.weight to
+            # F.multi_head_attention_forward), whose pre-hook then never runs (until 2026-12-07
+            # such a parameter was refused as a weight swapped for the call, a hunt)
             sharded = {
                 n: p
                 for n, p in module.named_parameters(recurse=False)
                 if p.requires_grad and isinstance(p, DTensor)
             }
+            for c, child in module.named_children():
+                sharded.update(
+                    (f"{c}.{n}", p)
+                    for n, p in child.named_parameters(recurse=False)
+                    if p.requires_grad and isinstance(p, DTensor)
+                )
             if sharded:
                 self._handles.append(
                     module.register_forward_pre_hook(
@@ -411,7 +421,10 @@ class DataParallelSource:
             if not torch.is_grad_enabled():
                 return
             for name, p in sharded.items():
-                full = _parameter_behind(getattr(module, name))
+                owner, _, attr = name.rpartition(".")
+                full = _parameter_behind(getattr(module.get_submodule(owner), attr))
+                if isinstance(full, DTensor) and "." in name:
+                    continue  # a child's, not unsharded yet: hooked at its own pre-hook
                 if isinstance(full, DTensor):
                     # FSDP2 unshards over its own mesh dimensions only: what is left is split
                     # over another one (tensor parallelism, which construction normally refuses)
