@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 
 import pytest
 import torch
@@ -470,6 +471,34 @@ def test_a_reduction_that_changes_between_audits_is_withheld_then_refused_by_the
         later(model(x)).backward()
         with pytest.raises(noisescale.NoiseScaleInputError, match="plain mean over the"):
             tracker.step()
+    finally:
+        tracker.remove()
+
+
+def test_a_micro_batch_withheld_leaves_the_step_s_per_example_norms_out_whole():
+    """Two micro-batches a step; at step 3 the first one's loss gains a term (a shape new to
+    the audit: that micro-batch withheld). The step's per-example source is left out whole, as
+    the warning says, and its micro-batch source still counts; until 2026-12-07 the second
+    micro-batch's norms stood for the step's, 9% off its own mean in the events fuzzer."""
+    model = mlp()
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(6, D, generator=g), torch.randint(0, C, (6,), generator=g)
+    tracker = noisescale.GradientNoiseTracker(model, loss_reduction="sum", per_example_fraction=1.0)
+    try:
+        for s in range(1, 5):
+            model.zero_grad()
+            for j, rows in enumerate((slice(0, 3), slice(3, 6))):
+                o = model(x[rows])
+                loss = F.cross_entropy(o, y[rows], reduction="sum")
+                if s >= 3 and j == 0:
+                    loss = loss + 0.1 * o.pow(2).sum()
+                loss.backward()
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                tracker.step()
+            sources = set(tracker.history[-1]["sources"])
+            assert sources == ({"microbatch"} if s == 3 else {"per_example", "microbatch"}), s
+            assert ("loss's operations after" in " ".join(str(w.message) for w in said)) == (s == 3)
     finally:
         tracker.remove()
 
