@@ -297,6 +297,7 @@ class DataParallelSource:
         self._armed: _LocalPass | None = None
         self._handles: list[RemovableHandle] = []
         self._hooked: dict[int, Tensor] = {}  # unsharded FSDP2 parameters already hooked
+        self._hooked_sharded: set[int] = set()  # the sharded parameters they stand for
         self._replicas: dict[int, int] = {}
         self._warned: set[str] = set()
         self._checked_caller = False
@@ -394,17 +395,14 @@ class DataParallelSource:
             # without calling the child (nn.MultiheadAttention passes out_proj.weight to
             # F.multi_head_attention_forward), whose pre-hook then never runs (until 2026-12-07
             # such a parameter was refused as a weight swapped for the call, a hunt)
+            # (any descendant's: a review of 2026-12-07 found a block reading a grandchild's
+            # weight, self.deep["inner"].weight, measured tr Σ 10% low without a word — only
+            # the children's were hooked)
             sharded = {
                 n: p
-                for n, p in module.named_parameters(recurse=False)
+                for n, p in module.named_parameters()
                 if p.requires_grad and isinstance(p, DTensor)
             }
-            for c, child in module.named_children():
-                sharded.update(
-                    (f"{c}.{n}", p)
-                    for n, p in child.named_parameters(recurse=False)
-                    if p.requires_grad and isinstance(p, DTensor)
-                )
             if sharded:
                 self._handles.append(
                     module.register_forward_pre_hook(
@@ -421,6 +419,8 @@ class DataParallelSource:
             if not torch.is_grad_enabled():
                 return
             for name, p in sharded.items():
+                if id(p) in self._hooked_sharded:
+                    continue  # (hooked already, from this module's or another's pre-hook)
                 owner, _, attr = name.rpartition(".")
                 full = _parameter_behind(getattr(module.get_submodule(owner), attr))
                 if isinstance(full, DTensor) and "." in name:
@@ -436,6 +436,7 @@ class DataParallelSource:
                 # FSDP2 keeps one unsharded parameter per sharded one for the whole run; it
                 # stands in for the sharded parameter in the engine's per-pass bookkeeping
                 self._hooked[id(full)] = full
+                self._hooked_sharded.add(id(p))
                 self._handles.append(self.engine.add_parameter_hook(full, p))
                 self._handles.append(full.register_hook(self._make_local_hook(full, id(p))))
 
