@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import os
+import random
 import warnings
 
 import pytest
@@ -1863,6 +1864,88 @@ def test_the_probe_of_a_models_own_loss_leaves_the_run_as_it_was(tmp_path):
     assert callback.tracker.steps == 2
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert got_draw == want_draw
+
+
+class _SideEffectsModel(_ItemsModel):
+    """_ItemsModel whose forward reassigns an EMA buffer its loss reads and drops a layer by
+    Python's ``random`` (a review of 2026-12-07: the probe kept the buffer's second update and
+    drew anew from ``random`` — its loss moved, and the step was refused)."""
+
+    def __init__(self, form: str = "items") -> None:
+        super().__init__(form)
+        self.register_buffer("ema", torch.zeros(C, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> dict:
+        logits = self.net(x)
+        if random.random() < 0.5:  # (a layer drop)
+            logits = torch.tanh(logits)
+        self.ema = 0.9 * self.ema + 0.1 * logits.detach().mean(0)
+        logits = logits + self.ema
+        if self.form == "mean":
+            return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+        loss = F.cross_entropy(logits, labels, reduction="sum") / kwargs["num_items_in_batch"]
+        return {"loss": loss, "logits": logits}
+
+
+@pytest.mark.parametrize("form", ["items", "mean"])
+def test_the_probe_repeats_python_draws_and_puts_reassigned_buffers_back(tmp_path, form):
+    """Measured (not refused), and the trained model, its buffer and Python's next draw equal
+    a run without the callback."""
+    pytest.importorskip("transformers")
+    import transformers
+
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    def train(callbacks):
+        random.seed(5)
+        model = _SideEffectsModel(form)
+        args = _hf_args(tmp_path, per_device_train_batch_size=4, max_steps=2, seed=3)
+        transformers.Trainer(
+            model=model, args=args, train_dataset=_Doubles(), callbacks=callbacks
+        ).train()
+        return model.state_dict(), random.random()
+
+    want, want_draw = train([])
+    callback = NoiseScaleCallback(beta=1.0)
+    got, got_draw = train([callback])
+    assert callback.tracker.steps == 2
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert got_draw == want_draw
+
+
+class _Unlabelled(_Rows):
+    """The first six examples, the first three labelled -100 (a prompt-only micro-batch)."""
+
+    def __init__(self) -> None:
+        super().__init__(6)
+        self.y = self.y.clone()
+        self.y[:3] = -100
+
+
+def test_a_first_micro_batch_with_no_label_does_not_stop_the_probe(tmp_path):
+    """A model of one's own in the Trainer's form whose first micro-batch holds no label: its
+    loss is exactly 0 and tells the probe nothing; the pass is counted in the Trainer's form
+    (no unit) and the next micro-batch is probed. Until a review of 2026-12-07 the step was
+    refused as the model's own loss backpropagated in some micro-batches and not others. The
+    step's |G_big|² and b_big are the three labelled examples' (lr 0)."""
+    pytest.importorskip("transformers")
+    import transformers
+
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    data = _Unlabelled()
+    callback = NoiseScaleCallback(per_example_fraction=1.0, microbatch=False, beta=1.0)
+    args = _hf_args(
+        tmp_path, per_device_train_batch_size=3, gradient_accumulation_steps=2, max_steps=1,
+        learning_rate=0.0, max_grad_norm=0.0,
+    )  # fmt: skip
+    transformers.Trainer(
+        model=_ItemsModel(), args=args, train_dataset=data, callbacks=[callback]
+    ).train()
+    (record,) = callback.tracker.history
+    want = _brute_force_step(data.x[3:], data.y[3:])
+    assert record["b_big"] == 3
+    assert record["sqnorm_big"] == pytest.approx(want["sqnorm_big"], rel=1e-9)
 
 
 class _TokenItemsModel(nn.Module):

@@ -140,20 +140,33 @@ def _sync_gradients() -> bool:
     return bool(GradientState().sync_gradients)
 
 
-def _rng_states() -> tuple[Tensor, list[Tensor]]:
-    """torch's CPU generator's state and the CUDA devices' (for a call repeated as it ran)."""
+def _rng_states() -> tuple[Any, ...]:
+    """torch's CPU generator's state and the CUDA devices', Python's ``random`` and NumPy's
+    global generator (for a call repeated as it ran: a layer drop drawn with ``random`` made the
+    probe's loss differ, and a model that ignores ``num_items_in_batch`` was refused, a review
+    of 2026-12-07)."""
+    import random
+
+    import numpy as np
+
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-    return torch.random.get_rng_state(), cuda
+    return torch.random.get_rng_state(), cuda, random.getstate(), np.random.get_state()
 
 
-def _set_rng_states(states: tuple[Tensor, list[Tensor]], devices: list[int]) -> None:
-    """Restore :func:`_rng_states`' CPU state and those of ``devices`` (the ones
-    ``fork_rng`` puts back afterwards)."""
-    cpu, cuda = states
+def _set_rng_states(states: tuple[Any, ...], devices: list[int]) -> None:
+    """Restore :func:`_rng_states`' states, on the CUDA ``devices`` (the ones ``fork_rng``
+    puts back afterwards)."""
+    import random
+
+    import numpy as np
+
+    cpu, cuda, py, npy = states
     torch.random.set_rng_state(cpu)
     for d in devices:
         if d < len(cuda):
             torch.cuda.set_rng_state(cuda[d], d)
+    random.setstate(py)
+    np.random.set_state(npy)
 
 
 class NoiseScaleCallback(TrainerCallback, ExportableState):
@@ -211,6 +224,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         # "divides", "ignores", None until seen (_measure_model_items)
         self._model_items: str | None = None
         self._rng_before: Any = None  # torch's generators before the forward it checks
+        self._buffers_before: list[Tensor] | None = None  # the model's buffers then
         self._warned: set[str] = set()
         # the schedule's realisation in the Trainer, saved in checkpoints
         self._applied_micro_batches: int | None = None
@@ -257,7 +271,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         self._handles.append(
             model.register_forward_pre_hook(Hook(self._before_forward), with_kwargs=True)
         )
-        self._model_items, self._rng_before = None, None
+        self._model_items, self._rng_before, self._buffers_before = None, None, None
         world = int(getattr(args, "world_size", 1))
         average = getattr(args, "average_tokens_across_devices", False)
         self._items_scale = world if world > 1 and average else 1
@@ -492,6 +506,10 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
             and kwargs.get("num_items_in_batch") is not None
         ):
             self._rng_before = _rng_states()  # (for _check_model_items, until it has run)
+            # (and the buffers as this forward finds them: the probe repeats it from there — an
+            # EMA buffer the forward updates and its loss reads made the probe's loss differ,
+            # refused as depending on num_items_in_batch otherwise, a review of 2026-12-07)
+            self._buffers_before = [b.detach().clone() for b in module.buffers()]
 
     def _on_forward(self, module: nn.Module, args: Any, kwargs: dict, output: Any) -> None:
         if not torch.is_grad_enabled():
@@ -529,9 +547,18 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         units = getattr(pass_, "units", None)
         if pass_ is None or (units is not None and units.measured):
             return  # (a Hugging Face loss_function's: measured with its own divisor)
-        if self._model_items is None:
-            self._model_items = self._check_model_items(module, args, kwargs, loss, items)
-        if self._model_items != "divides":
+        decided = self._model_items
+        if decided is None:
+            decided = self._model_items = self._check_model_items(module, args, kwargs, loss, items)
+            if decided is None and loss.dim() == 0 and not bool(loss.detach() != 0):
+                # a loss of exactly 0 tells nothing (a first micro-batch whose labels are all
+                # -100): its pass is counted as the Trainer's form provisionally — it holds no
+                # unit — and the next forward is checked (until a review of 2026-12-07 it was
+                # left uncounted, and its step refused as the model's own loss backpropagated
+                # in some micro-batches and not in others); a next check that finds the loss
+                # ignoring num_items_in_batch refuses that step so, as before
+                decided = "divides"
+        if decided != "divides":
             return
         labels = kwargs.get("labels")
         if not self.tracker._tokens.measure_items_loss(loss, labels, items, module):
@@ -566,18 +593,47 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         assert self.tracker is not None
         tracker = self.tracker
         before, self._rng_before = self._rng_before, None
-        buffers = [(b, b.detach().clone()) for b in module.buffers()]
+        found, self._buffers_before = self._buffers_before, None
+        # every buffer, by its module and name (a forward that assigns a new tensor, an EMA
+        # written self.ema = 0.9 * self.ema + …, kept the probe's update until a review of
+        # 2026-12-07), and the parameters' versions (one written in place in the forward, a
+        # VQ-VAE's codebook, cannot be put back without a copy of every parameter: said)
+        buffers = [
+            (m, name, b, b.detach().clone())
+            for m in module.modules()
+            for name, b in m._buffers.items()
+            if isinstance(b, Tensor)
+        ]
+        versions = [(name, p, p._version) for name, p in module.named_parameters()]
 
         def again() -> Any:
             try:
+                if found is not None and len(found) == len(buffers):
+                    for (_, _, b, _), value in zip(buffers, found, strict=True):
+                        if b.shape == value.shape:
+                            b.data.copy_(value)
                 with tracker.paused():
                     out = module(*args, **{**kwargs, "num_items_in_batch": items * 2})
             finally:
-                for b, saved in buffers:
+                for m, name, b, saved in buffers:
                     # (through .data: a buffer the graph saved — BERT's token_type_ids,
                     # BatchNorm's statistics — keeps its version for the backward, which a
                     # copy_ into it broke; BatchNorm's own update does not count there either)
+                    m._buffers[name] = b
                     b.data.copy_(saved)
+                written = [name for name, p, v in versions if p._version != v]
+                if written:
+                    warnings.warn(
+                        "noisescale: to tell whether the model's own loss divides by the "
+                        "num_items_in_batch the Trainer passes it, NoiseScaleCallback ran the "
+                        "model's forward once more, without gradients; that forward wrote "
+                        f"into its parameters {written[:4]} in place, which keep that second "
+                        "update (its buffers and random draws were put back). A forward with "
+                        "side effects beyond buffers (parameters updated in place, counters, "
+                        "caches) is run twice on the first step this way",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
             return out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
 
         ratio = _ratio_again(again, loss, before)
@@ -613,7 +669,9 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
                 "the model's loss changes with the num_items_in_batch the Trainer passes its "
                 f"forward, but not as its divisor (doubling it multiplied the loss by "
                 f"{ratio:.4g}, neither 1/2 nor 1: a sum divided by it plus a term that is not, "
-                "an auxiliary loss, or a divisor of its own beside it), so noisescale cannot "
+                "an auxiliary loss, or a divisor of its own beside it — or the forward draws "
+                "from a torch.Generator of its own, which the check cannot repeat), so "
+                "noisescale cannot "
                 "tell how it weighs the examples; divide the whole loss by num_items_in_batch "
                 "(the Trainer's form, measured exactly), or ignore it and return each "
                 "micro-batch's mean over its examples"
@@ -1048,13 +1106,17 @@ def _ratio_again(call: Any, out: Tensor, before: Any) -> float | None:
     # (torch's generators as they were after: a loss that draws — label noise, sampled
     # softmax — leaves the run's later draws what they would be without the callback)
     devices = [out.device.index or 0] if out.device.type == "cuda" else []
+    after = _rng_states()  # (Python's and NumPy's, which fork_rng leaves alone)
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         if before is not None:
             # the same draws as the call it repeats (label noise drawn anew moved the ratio
             # by its own amount, and a loss that ignores num_items_in_batch was refused; a
             # review found it)
             _set_rng_states(before, devices)
-        again = call()
+        try:
+            again = call()
+        finally:
+            _set_rng_states(after, devices)
     if not isinstance(again, Tensor) or again.dim() != 0:
         return None
     ratio = float(again.detach().double() / out.detach().double())
