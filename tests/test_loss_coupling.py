@@ -503,6 +503,41 @@ def test_a_micro_batch_withheld_leaves_the_step_s_per_example_norms_out_whole():
         tracker.remove()
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_a_coupling_term_in_a_micro_batch_sub_batch_mode_skips_is_refused(seed):
+    """Sub-batch mode measures one micro-batch a step (at a random position) and follows no
+    other's loss. A term over the batch's mean output in every micro-batch from step 2 (an
+    audited step) on, micro-batches of 2 and 1 examples: refused at step 2 or 3, never a
+    number for the 2-example micro-batch. Until 2026-12-07 (the events fuzzer's seed 455),
+    when step 2 measured the 1-example micro-batch, its audit certified the loss's shape (a
+    one-example term couples nothing), the 2-example micro-batch's loss went unfollowed, and
+    on a later step that measured it, its coupled loss was measured without a word."""
+    torch.manual_seed(seed)
+    model, (x, _) = mlp(), data()
+    engine = PerExampleNorms(model, subbatches=2)
+    refused_at = None
+    try:
+        for s in range(1, 11):
+            model.zero_grad()
+            for rows in (slice(0, 2), slice(2, 3)):
+                o = model(x[rows])
+                loss = F.cross_entropy(o, Y[rows], reduction="sum")
+                if s >= 2:
+                    loss = loss + 0.5 * o.mean(0).pow(2).sum()
+                loss.backward()
+            try:
+                passes = engine.collect()
+            except UnsupportedModuleError as err:
+                assert "combines the examples" in str(err)
+                refused_at = s
+                break
+            if s >= 2:
+                assert not [p for p in passes if p.batch_size == 2 and p.raw_sqnorms is not None]
+    finally:
+        engine.remove()
+    assert refused_at in (2, 3), refused_at
+
+
 class _OwnLoss(nn.Module):
     """A model that computes its loss in its own forward (nanoGPT's ``(logits, loss)``), with
     an auxiliary term from step ``it`` ≥ 5 on (new operations inside the forward)."""

@@ -617,10 +617,13 @@ class Backward:
             return
         # (a compiled pass whose model-level hooks ran in the graph: ended by its "output"
         # event, traced.py — it never "returned" to an eager hook)
+        # (the step's skipped micro-batches too — sub-batch and subset modes measure one a
+        # step, and their losses are not followed —: what the walk finds there is carried to
+        # the step's measured pass, collect._carry_skipped_loss_side; until a review of
+        # 2026-12-07 a term coupling the examples, or a penalty, switched on in a skipped
+        # micro-batch went unseen)
         measured = [
-            p
-            for p in self.passes
-            if (p.returned or (p.compiled and p.nodes_end is not None)) and not p.skipped
+            p for p in self.passes if p.returned or (p.compiled and p.nodes_end is not None)
         ]
         if not measured or torch._C._current_graph_task_id() != -1:
             return

@@ -670,6 +670,7 @@ class Collect:
                 # against another's: as before 2026-12-06, when such passes went unwatched)
                 p.counted_mean = p.counted_inside = p.class_weighted = None
                 p.loss_kind_counted = None
+        _carry_skipped_loss_side(done)
         done = _merge_shared_backward(done)
         # several forwards in one backward: their positions (counted in forwards) and the
         # step's backwards (counted in passes that received gradients) are not the same count
@@ -753,3 +754,20 @@ class Collect:
         )
         self._prepare_compile()
         return done
+
+
+def _carry_skipped_loss_side(done: list[PassNorms]) -> None:
+    """What the walks of the loss found on a step's skipped micro-batches — a penalty on a
+    parameter, the shapes of their losses, which no watch followed — is the step's: carried to
+    its measured passes (a skipped pass is not settled), which settle refuses for the penalty
+    and withholds for a carried shape no audit has followed (Settle._new_loss_shape)."""
+    skipped = [p for p in done if p.skipped and not p.idle and p.batch_size > 1]
+    if not skipped:
+        return
+    shapes = set().union(*(p.loss_shapes for p in skipped))
+    side = next((p.loss_side for p in skipped if p.loss_side), None)
+    for p in done:
+        if not p.skipped:
+            p.carried_shapes |= shapes
+            if side and not p.loss_side:
+                p.loss_side = side

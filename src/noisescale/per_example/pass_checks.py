@@ -104,6 +104,7 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
         merged.loss_side = next((p.loss_side for p in group if p.loss_side), None)
         merged.loss_side_unchecked = any(p.loss_side_unchecked for p in group)
         merged.loss_shapes = set().union(*(p.loss_shapes for p in group))
+        merged.carried_shapes = set().union(*(p.carried_shapes for p in group))
         # how the losses weigh the examples: one loss's weights per backward are measured (or
         # counted); several forwards' in one backward cannot be combined into one pass's
         if any(p.units is not None for p in group):

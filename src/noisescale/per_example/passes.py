@@ -190,6 +190,9 @@ class PassNorms:
     # the shapes of the losses its backwards started from (graph.loss_side_params): one no
     # audited step has had is withheld and audited (Settle._new_loss_shape)
     loss_shapes: set[int] = field(default_factory=set)
+    # those of the step's skipped micro-batches, whose losses no watch followed
+    # (collect._carry_skipped_loss_side)
+    carried_shapes: set[int] = field(default_factory=set)
     # the output nodes of its layers called in the loss code, after its forward returned
     called_after: set[tuple[int, int]] = field(default_factory=set)
     # a device bool: the loss averaged over what it counts, not over the examples — a negative

@@ -220,7 +220,10 @@ class Settle:
                 # micro-batch that counted no token passed, a hunt): the next step audits
                 self._audit_due = True
                 return
-            if pass_.audit is not None:
+            if pass_.audit is not None and pass_.batch_size > 1:
+                # (a one-example pass's audit shows nothing of a term that combines examples:
+                # its shape certified a 2-example micro-batch's coupled loss of the same
+                # operations, found by the events fuzzer's seed 455, a review of 2026-12-07)
                 self._audited_losses |= pass_.loss_shapes
             for audit in pass_.audits or ([pass_.audit] if pass_.audit is not None else []):
                 # (every forward's structure of a merged pass: until 2026-12-06 the first's
@@ -688,8 +691,26 @@ class Settle:
         :data:`_MAX_LOSS_SHAPES` (a loss whose operations vary with the data, e.g. chunks of a
         varying length, past that is checked on the audits' steps alone, as before, said
         once). Not in compiled models (below)."""
+        carried = pass_.carried_shapes - self._audited_losses
+        if pass_.audit is not None and pass_.batch_size > 1:
+            carried -= pass_.loss_shapes  # (its own watch follows these operations now)
+        if carried and self.auditing_enabled and not (self._seen_compiled or pass_.compiled):
+            # a skipped micro-batch's loss of a shape no audit followed (its watch never ran,
+            # audited step or not): withheld, and the next step measures every micro-batch
+            # (sub-batch mode), whose audit follows each one's loss
+            self._audit_due = True
+            self.last_step_passes, self.subset_position = 0, 0
+            self._withhold(
+                pass_,
+                "the loss of another micro-batch of this step, which was not measured, ran "
+                "operations after the model's forward that no audited step has checked (a term "
+                "added or removed, a reduction over other dimensions); this step's norms are "
+                "left out and the next step, audited, checks every micro-batch's loss",
+            )
+            return True
         if (
             pass_.audit is not None
+            or pass_.batch_size == 1  # (one example's loss combines nothing)
             or not self.auditing_enabled
             or not pass_.loss_shapes
             # (a compiled model's steps: the audited ones run eagerly, the others through its
