@@ -257,6 +257,10 @@ EVENTS_FOUND = [
     # such a scale added after a Dropout stopped drawing (p = 0 or eval()): silent until the
     # next audit, 1.1% (hunt/ev_bare_param_after_dropout0.py)
     (49, [[], [], [], [], ["dropout_p"], ["bare_param"]]),
+    # sub-batch mode, micro-batches of 2 and 1 examples, a term over the batch's mean output
+    # switched on: the 1-example micro-batch's audit certified its shape and the unmeasured
+    # 2-example one was measured with it a step later, without a word (2026-12-07, last)
+    (455, None),
     # a parameter used directly in the forward (`h * self.g`) frozen mid-run: torch's "cannot
     # register a hook on a tensor that doesn't require gradient" from per_example/backward.py
     # add_meeting, in every variant (the tracker too; hunt/ev_freeze_scale_crash.py)
