@@ -258,8 +258,9 @@ EVENTS_FOUND = [
     # next audit, 1.1% (hunt/ev_bare_param_after_dropout0.py)
     (49, [[], [], [], [], ["dropout_p"], ["bare_param"]]),
     # sub-batch mode, micro-batches of 2 and 1 examples, a term over the batch's mean output
-    # switched on: the 1-example micro-batch's audit certified its shape and the unmeasured
-    # 2-example one was measured with it a step later, without a word (2026-12-07, last)
+    # switched on: the 1-example micro-batch's audit certified its shape, and the unmeasured
+    # 2-example one's coupled loss went into the steps' gradients unseen until the next
+    # scheduled audit (2026-12-07, last; the oracle checks the passes it measures)
     (455, None),
     # a parameter used directly in the forward (`h * self.g`) frozen mid-run: torch's "cannot
     # register a hook on a tensor that doesn't require gradient" from per_example/backward.py

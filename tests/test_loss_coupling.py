@@ -510,8 +510,8 @@ def test_a_coupling_term_in_a_micro_batch_sub_batch_mode_skips_is_refused(seed):
     audited step) on, micro-batches of 2 and 1 examples: refused at step 2 or 3, never a
     number for the 2-example micro-batch. Until 2026-12-07 (the events fuzzer's seed 455),
     when step 2 measured the 1-example micro-batch, its audit certified the loss's shape (a
-    one-example term couples nothing), the 2-example micro-batch's loss went unfollowed, and
-    on a later step that measured it, its coupled loss was measured without a word."""
+    one-example term couples nothing) and the 2-example micro-batch's coupled loss, never
+    followed, went into the steps' gradients unseen until the next scheduled audit (step 4)."""
     torch.manual_seed(seed)
     model, (x, _) = mlp(), data()
     engine = PerExampleNorms(model, subbatches=2)
