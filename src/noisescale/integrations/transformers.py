@@ -109,6 +109,7 @@ from noisescale.integrations import (
     stepped_optimizer,
 )
 from noisescale.module_hooks import Hook
+from noisescale.per_example.fallback import _outside_rng_states, _restore_outside_rng_states
 from noisescale.preconditioning import learning_rate, unwrap_optimizer
 from noisescale.schedule import (
     AdaptiveBatchSize,
@@ -141,32 +142,23 @@ def _sync_gradients() -> bool:
 
 
 def _rng_states() -> tuple[Any, ...]:
-    """torch's CPU generator's state and the CUDA devices', Python's ``random`` and NumPy's
+    """torch's CPU generator's state and the CUDA devices', with Python's ``random`` and NumPy's
     global generator (for a call repeated as it ran: a layer drop drawn with ``random`` made the
     probe's loss differ, and a model that ignores ``num_items_in_batch`` was refused, a review
     of 2026-12-07)."""
-    import random
-
-    import numpy as np
-
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-    return torch.random.get_rng_state(), cuda, random.getstate(), np.random.get_state()
+    return torch.random.get_rng_state(), cuda, _outside_rng_states()
 
 
 def _set_rng_states(states: tuple[Any, ...], devices: list[int]) -> None:
     """Restore :func:`_rng_states`' states, on the CUDA ``devices`` (the ones ``fork_rng``
     puts back afterwards)."""
-    import random
-
-    import numpy as np
-
-    cpu, cuda, py, npy = states
+    cpu, cuda, outside = states
     torch.random.set_rng_state(cpu)
     for d in devices:
         if d < len(cuda):
             torch.cuda.set_rng_state(cuda[d], d)
-    random.setstate(py)
-    np.random.set_state(npy)
+    _restore_outside_rng_states(outside)
 
 
 class NoiseScaleCallback(TrainerCallback, ExportableState):
