@@ -79,6 +79,7 @@ from fuzz_runner import (
     REFUSALS,
     WITHHOLD_WORDS,
     _groups,
+    count_classes,
     float64_default,
     print_class_table,
     relerr,
@@ -992,9 +993,7 @@ def main(argv=None):
             if out:
                 out.write(json.dumps(record, default=str) + "\n")
                 out.flush()
-            for v, res in record["variants"].items():
-                row = table.setdefault(v, {})
-                row[res["cls"]] = row.get(res["cls"], 0) + 1
+            count_classes(table, record["variants"])
             found += [(record, v, cls, re) for v, cls, re in findings(record)]
             if args.verbose:
                 print(describe(record), f"({record['t']} s)")

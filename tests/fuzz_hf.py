@@ -647,15 +647,12 @@ def main(argv=None):
                 if args.verbose:
                     print(f"seed {seed}: invalid: {record['gen_error']}")
                 continue
-            for mode, res in record["modes"].items():
-                row = table.setdefault(mode, {})
-                row[res["cls"]] = row.get(res["cls"], 0) + 1
+            fuzz_runner.count_classes(table, record["modes"])
             for mode, cls, re in fuzz_runner.findings(record):
                 found.append((record, mode, cls, re))
             if args.verbose:
                 print(describe(record), record.get("t"))
-                for mode, res in record["modes"].items():
-                    print(f"  {mode:16s} {res['cls']:20s} {res.get('re', '')} {res.get('exc', '')}")
+                fuzz_runner.print_mode_lines(record["modes"])
     finally:
         if out:
             out.close()

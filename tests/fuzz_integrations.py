@@ -1150,14 +1150,11 @@ def main(argv=None):
             if out:
                 out.write(json.dumps(record, default=str) + "\n")
                 out.flush()
-            for part in PARTS:
-                res = record.get(part)
-                if res is None:
-                    continue
-                row = table.setdefault(part, {})
-                row[res["cls"]] = row.get(res["cls"], 0) + 1
-                if res["cls"] in fuzz_runner.FINDINGS:
-                    found.append((record, part))
+            results = {part: record[part] for part in PARTS if record.get(part) is not None}
+            fuzz_runner.count_classes(table, results)
+            found += [
+                (record, p) for p, res in results.items() if res["cls"] in fuzz_runner.FINDINGS
+            ]
             if args.verbose:
                 print(describe(record), f"({record['t']} s)")
             for part in [p for p in PARTS if p in record] if args.verbose else ():

@@ -565,6 +565,20 @@ def _seeds(text):
     return [int(s) for s in text.split(",")]
 
 
+def count_classes(table, results):
+    """Add each result's class to ``table`` (mode -> class -> count): ``results`` maps a mode,
+    variant or part to its result dict."""
+    for mode, res in results.items():
+        row = table.setdefault(mode, {})
+        row[res["cls"]] = row.get(res["cls"], 0) + 1
+
+
+def print_mode_lines(results):
+    """Each mode's class, relative error and exception, one line a mode (``-v``)."""
+    for mode, res in results.items():
+        print(f"  {mode:16s} {res['cls']:20s} {res.get('re', '')} {res.get('exc', '')}")
+
+
 def print_class_table(table, columns, column_width=16):
     """One row per class, one column per mode (or variant): how many seeds ended in each
     (the fuzzers' summary: this one's, tests/fuzz_hf.py's and tests/fuzz_events.py's)."""
@@ -606,15 +620,12 @@ def main(argv=None):
             if "gen_error" in record:
                 invalid += 1
                 continue
-            for mode, res in record["modes"].items():
-                row = table.setdefault(mode, {})
-                row[res["cls"]] = row.get(res["cls"], 0) + 1
+            count_classes(table, record["modes"])
             for mode, cls, re in findings(record):
                 found.append((record, mode, cls, re))
             if args.verbose:
                 print(describe(record))
-                for mode, res in record["modes"].items():
-                    print(f"  {mode:16s} {res['cls']:20s} {res.get('re', '')} {res.get('exc', '')}")
+                print_mode_lines(record["modes"])
     finally:
         if out:
             out.close()
