@@ -788,6 +788,41 @@ def test_inputs_embeds_built_by_the_caller_are_refused_naming_the_embedding(name
     torch.testing.assert_close(got, brute_force(model, lambda i: losses()[i]), rtol=RTOL, atol=0)
 
 
+def test_inputs_embeds_built_by_the_caller_on_a_step_no_audit_falls_on_are_refused():
+    """The same use, first met on step 3, which no scheduled audit falls on (1, 2, 4, …):
+    GPT-2's table, tied to its head, looked up by the caller. Until 2026-12-07 only an audit's
+    remainder refused such a use (here the step's new structure had one audited), and a share
+    under the audit's tolerance of 10⁻³ passed without a word (BART's tied table, the HF
+    fuzzer's seed 9213, in test_fuzz_models.py). A call outside the forward that a backward
+    reaches is refused by itself now, on any step; a lookup no backward reaches is none."""
+    build, _ = ZOO["gpt2"]
+    torch.manual_seed(0)
+    model = build()
+    ids = _ids()
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0)
+    for step in range(3):
+        model.zero_grad()
+        if step < 2:
+            logits = model(input_ids=ids).logits[:, :-1]
+        else:
+            logits = model(inputs_embeds=model.get_input_embeddings()(ids)).logits[:, :-1]
+        F.cross_entropy(logits.transpose(1, 2), ids[:, 1:]).backward()
+        if step < 2:
+            tracker.step()
+            continue
+        with pytest.raises(noisescale.UnsupportedModuleError, match=r"^layer 'transformer\.wte'"):
+            tracker.step()
+    assert len(tracker.history) == 2
+    # a lookup for logging, which no backward reaches, is no use: measured
+    model.zero_grad()
+    with torch.enable_grad():
+        model.get_input_embeddings()(ids).norm()
+    F.cross_entropy(model(input_ids=ids).logits[:, :-1].transpose(1, 2), ids[:, 1:]).backward()
+    tracker.step()
+    assert len(tracker.history) == 3 and tracker.history[-1]["sources"].get("per_example")
+    tracker.remove()
+
+
 @pytest.mark.parametrize("name", ["gpt2", "vit"])
 def test_reentrant_checkpointing_the_audit_replays_through_is_exact(name):
     """checkpoint(use_reentrant=True) backpropagates its recomputed forward in a backward of

@@ -394,6 +394,8 @@ class PerExampleNorms(
         self.unopened_transform = False
         self.unopened: str | None = None
         self._unopened_params: list[str] = []  # (the names of its parameters)
+        self._unopened_order = 0  # (when it ran: the calls' count below)
+        self._unopened_calls = 0  # calls outside a forward so far
         # modules of no rule called after a pass's backward, noted at their exit if a backward
         # reaches their output (PassOpening._note_unopened)
         self._unopened_scopes: dict[nn.Module, tuple[str, list[str], bool]] = {}

@@ -134,10 +134,10 @@ class PassOpening:
         ran with gradients enabled outside any forward of the model: before the first, or
         between a pass's backward and the next forward (:meth:`_closed`) — inputs_embeds built
         by the caller, a submodule called by itself —, for the refusal to name
-        (:meth:`collect`). After a pass's backward only a call whose ``output`` a backward
-        reaches is noted, when its gradient arrives (a ``scope`` module's output, at its
-        exit): a logging call, ``model.emb(ids).norm()``, was refused at every step for a while
-        on 2026-12-07 (a review)."""
+        (:meth:`collect`). Only a call whose ``output`` a backward reaches is noted, when its
+        gradient arrives (a ``scope`` module's output, at its exit): a logging call,
+        ``model.emb(ids).norm()``, was refused at every step for a while on 2026-12-07 (a
+        review); collect() refuses every call noted, under a torch.func transform too."""
         if (
             self._unopened is not None
             or not torch.is_grad_enabled()
@@ -150,27 +150,35 @@ class PassOpening:
         # (under a torch.func transform — grad, vjp, vmap over functional_call — the model's
         # own call opens no pass either: named so, a hunt of 2026-12-06)
         transform = torch._C._functorch.maybe_current_level() is not None
-        if not self.passes:
-            self._set_unopened(label, names, transform)
-        elif self._closed():
+        if transform and not self.passes:
+            self._set_unopened(label, names, transform)  # (no tensor hook reaches it there)
+        elif not self.passes or self._closed():
+            # (before the first forward too, since 2026-12-07: collect() now refuses any such
+            # use a backward reached, where only the audit's remainder did, and a call for
+            # logging before the forward is no use)
             if scope is not None:
                 self._unopened_scopes[scope] = (label, names, transform)
             else:
                 self._note_when_reached(output, label, names, transform)
 
-    def _set_unopened(self, label: str, names: list[str], transform: bool) -> None:
-        if self._unopened is None:
+    def _set_unopened(self, label: str, names: list[str], transform: bool, order: int = -1) -> None:
+        """Note the call; of those a backward reached (in reverse order), the first to run is
+        the one named (``order``: when it ran)."""
+        if self._unopened is None or order < self._unopened_order:
             self._unopened = label
             self._unopened_params = names
             self._unopened_transform = transform
+            self._unopened_order = order
 
     def _note_when_reached(
         self, output: Any, label: str, names: list[str], transform: bool
     ) -> None:
+        self._unopened_calls += 1
+        order = self._unopened_calls
         for t in _tensors(output):
             if t.requires_grad:
                 t.register_hook(
-                    lambda grad: self._set_unopened(label, names, transform)  # type: ignore[func-returns-value]
+                    lambda grad: self._set_unopened(label, names, transform, order)  # type: ignore[func-returns-value]
                 )
 
     def _closed(self) -> bool:
