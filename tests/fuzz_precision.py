@@ -110,6 +110,17 @@ def draw_setup(seed):
         "accum": r.choice([1, 1, 2]),
         "source": r.choice(["exact", "subbatch"]),
         "optimizer": r.choice(["sgd", "adam"]),
+        # drawn after the first version's draws, which keep their seeds' values
+        # tracker.step() before scaler.step (the docs' order) or after scaler.update()
+        "order": r.choice(["before", "before", "after_update"]),
+        "measure_every": r.choice([1, 1, 2]),
+        # a step on one example fewer (a compiled model recompiles, or runs dynamic shapes)
+        "shrink_step": r.choice([None, None, 3, 4]),
+        "scaler_disabled": r.random() < 0.1,  # GradScaler(enabled=False) told to the tracker
+        "channels_last": r.random() < 0.5,  # (a Conv2d stem's weights and input)
+        # precondition= the Adam optimizer (from its first step): P read from its state, which
+        # a step the scaler skips leaves as it was
+        "precondition": r.random() < 0.5,
     }
     return setup
 
@@ -135,11 +146,12 @@ class Cast(nn.Module):
     float32 where asked (``logits.float()``); the grammar's loss reads ``_aux`` and
     ``log_var`` from the model it is given."""
 
-    def __init__(self, inner, dtype, out_float):
+    def __init__(self, inner, dtype, out_float, channels_last=False):
         super().__init__()
         self.inner = inner
         self.in_dtype = dtype
         self.out_float = out_float
+        self.channels_last = channels_last
 
     @property
     def _aux(self):
@@ -153,6 +165,8 @@ class Cast(nn.Module):
     def forward(self, x):
         if self.in_dtype is not None and x.is_floating_point():
             x = x.to(self.in_dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         out = self.inner(x)
         return out.float() if self.out_float else out
 
@@ -184,7 +198,10 @@ def make_case(seed, override=None):
         if not hasattr(inner, "head"):
             raise ValueError("no head of its own (tied)")
         inner.head.float()
-    model = Cast(inner, in_dtype, setup["logits_float"])
+    channels_last = setup["channels_last"] and spec["stem"] == "conv2d"
+    if channels_last:
+        inner.stem.to(memory_format=torch.channels_last)
+    model = Cast(inner, in_dtype, setup["logits_float"], channels_last)
 
     def per_example_loss(model, idx):
         with numeric_context(setup):
@@ -340,12 +357,15 @@ def run_tracker(spec, setup, model, per_example_loss, n):
     scaler = None
     if setup["scaler"] in ("told", "untold"):
         scaler = torch.amp.GradScaler(
-            "cpu", init_scale=setup["init_scale"], growth_interval=setup["growth_interval"]
+            "cpu",
+            init_scale=setup["init_scale"],
+            growth_interval=setup["growth_interval"],
+            enabled=not setup.get("scaler_disabled"),
         )
     hand = 1024.0 if setup["scaler"] == "hand" else 1.0
-    accum = setup["accum"] if n % 2 == 0 else 1
-    parts = fuzz_tracker._parts(n, accum)
+    every = setup.get("measure_every", 1)
     kwargs = {"loss_reduction": spec["reduction"], "beta": 1.0, "sync_every": 1}
+    kwargs["measure_every"] = every
     kwargs["microbatch"] = False
     if setup["source"] == "subbatch":
         kwargs["subbatches"] = 2
@@ -353,11 +373,11 @@ def run_tracker(spec, setup, model, per_example_loss, n):
         kwargs["per_example_fraction"] = 1.0
     if setup["scaler"] == "told":
         kwargs["scaler"] = scaler
+    precondition = setup.get("precondition") and setup["optimizer"] == "adam"
+    if precondition:
+        kwargs["precondition"] = optimizer
+        kwargs["precondition_from"] = 1
     opts = {"source": setup["source"], "pairs": None, "microbatch": False}
-    if spec["reduction"] == "mean":
-        coefs = [1.0 / (accum * (b - a)) for a, b in parts for _ in range(a, b)]
-    else:
-        coefs = [1.0] * n
     res = {"cls": "exact", "setup": dict(setup)}
     seen, truths, skipped, bad = [], {}, {}, []
     try:
@@ -366,6 +386,13 @@ def run_tracker(spec, setup, model, per_example_loss, n):
             tracker = fuzz_tracker._spied(noisescale.GradientNoiseTracker(measured, **kwargs), seen)
             try:
                 for step in range(1, 6):
+                    size = n - 1 if step == setup.get("shrink_step") else n
+                    accum = setup["accum"] if size % 2 == 0 else 1
+                    parts = fuzz_tracker._parts(size, accum)
+                    if spec["reduction"] == "mean":
+                        coefs = [1.0 / (accum * (b - a)) for a, b in parts for _ in range(a, b)]
+                    else:
+                        coefs = [1.0] * size
                     saved_scale, x, saved_x = None, per_example_loss.x, None
                     if scaler is not None and step == setup["inf_step"]:
                         if x.is_floating_point():  # a batch with a NaN: the graph unchanged
@@ -375,9 +402,10 @@ def run_tracker(spec, setup, model, per_example_loss, n):
                             saved_scale = scaler.get_scale()
                             scaler.update(new_scale=2.0**127)
                     loss_scale = (scaler.get_scale() if scaler is not None else 1.0) * hand
+                    pre = fuzz_tracker._preconditioner(optimizer, params) if precondition else None
                     with tracker.paused():
-                        grads = truth_grads(model, per_example_loss, n, loss_scale)
-                        grads_in = truth_grads(model, per_example_loss, n, loss_scale, True)
+                        grads = truth_grads(model, per_example_loss, size, loss_scale)
+                        grads_in = truth_grads(model, per_example_loss, size, loss_scale, True)
                     optimizer.zero_grad()
                     for a, b in parts:
                         losses = per_example_loss(measured, slice(a, b))
@@ -398,7 +426,8 @@ def run_tracker(spec, setup, model, per_example_loss, n):
                     if scaler is not None and setup["unscale"]:
                         scaler.unscale_(optimizer)
                     before = len(seen)
-                    tracker.step()
+                    if setup.get("order") != "after_update":
+                        tracker.step()
                     if setup["clip"]:
                         torch.nn.utils.clip_grad_norm_(params, 1e30)
                     if scaler is not None:
@@ -406,14 +435,18 @@ def run_tracker(spec, setup, model, per_example_loss, n):
                         scaler.update()
                     elif finite:
                         optimizer.step()
+                    if setup.get("order") == "after_update":
+                        tracker.step()
                     if saved_scale is not None:
                         scaler.update(new_scale=saved_scale)
                     if saved_x is not None:
                         x.copy_(saved_x)
+                    if (step - 1) % every:
+                        continue  # (an unmeasured step)
                     if len(seen) > before and finite and _finite(grads) and _finite(grads_in):
                         truths[step] = [
                             fuzz_tracker.step_truth(
-                                fuzz_tracker._Norms(g, None, [0] * len(params), 0),
+                                fuzz_tracker._Norms(g, pre, [0] * len(params), 0),
                                 seen[-1],
                                 parts,
                                 opts,
@@ -439,7 +472,8 @@ def run_tracker(spec, setup, model, per_example_loss, n):
             continue
         if record.get("skipped"):
             continue  # (withheld, or skipped: with a warning)
-        measured_steps += 1
+        # (a preconditioned estimate averages the preconditioned steps alone)
+        measured_steps += 1 if record.get("preconditioned", True) else 0
         both = truths.get(step)
         if both is None:
             continue
@@ -451,6 +485,7 @@ def run_tracker(spec, setup, model, per_example_loss, n):
     if estimate.steps != measured_steps and not bad:
         bad.append(("estimate", "steps", estimate.steps, measured_steps))
     res["steps"] = measured_steps
+    res["scaler_skipped"] = [step for step, skip in skipped.items() if skip]
     if bad:
         res["bad"] = [tuple(map(fuzz_runner_json, b)) for b in bad][:6]
         kinds = {b[1] for b in bad}
