@@ -121,7 +121,13 @@ def draw_setup(seed):
         # precondition= the Adam optimizer (from its first step): P read from its state, which
         # a step the scaler skips leaves as it was
         "precondition": r.random() < 0.5,
+        # a scale a long run reached (it doubles for ever where nothing overflows: bf16, float32),
+        # below the tracker's 2^64 guard
+        "huge_scale": r.random() < 0.15,
     }
+    if setup["huge_scale"]:
+        setup["init_scale"] = 2.0 ** r.choice([56, 58, 60, 62])
+        setup["growth_interval"] = 1000
     return setup
 
 
@@ -323,6 +329,13 @@ def run_engine(spec, setup, model, per_example_loss, n, subbatches, steps=3):
                         other = fuzz_runner._engine_step(passes[0], grads_in, scale, subbatches)
                         if other.get("re", 0.0) < one["re"]:
                             one = other
+                    if one.get("re", 0.0) > tol and "got" in one:
+                        # a sum of examples' gradients that cancel: rounding is relative to the
+                        # examples' own norms (seed 557, bf16 sub-batch norms 1e-4 of them)
+                        ref = float(fuzz_runner.truth_sq(grads).max()) * scale**2
+                        ref = max(ref, max(abs(w) for w in one["want"]))
+                        diff = max(abs(g - w) for g, w in zip(one["got"], one["want"], strict=True))
+                        one["re"] = diff / ref
                     if one["cls"] == "WRONG" and one["re"] < tol:
                         one["cls"] = "exact"
                     elif one["cls"] == "exact" and one.get("re", 0.0) > tol:
@@ -540,6 +553,12 @@ def check_seed(seed, modes=MODES, override=None):
         grads = truth_grads(model, per_example_loss, n)
         if not _finite(grads):
             raise ValueError("a non-finite gradient in the brute force")
+        # torch's own gradient must repeat: a bfloat16 Conv1d on a transposed length-1 input
+        # gave a weight gradient of 1e42 one call in three (seed 710, torch 2.13 on this CPU;
+        # hunt/torch_bf16_conv_garbage.py)
+        again = fuzz_runner.truth_sq(truth_grads(model, per_example_loss, n))
+        if fuzz_runner.relerr(again, fuzz_runner.truth_sq(grads)) > 1e-6:
+            raise ValueError("torch's gradient differs from one call to the next")
     except Exception as err:
         record["gen_error"] = f"{type(err).__name__}: {err}"[:300]
         return record
