@@ -522,7 +522,7 @@ def test_what_the_data_parallel_fuzzer_found_is_exact_or_refused(seed, override,
 # a GradScaler told to the tracker (its scale growing, a step with a NaN input or a scale past
 # float32's range that the scaler skips), unscale_ before step(), micro-batches under the scaler,
 # torch.compile (eager, aot_eager), against brute force of the same numeric set-up
-PRECISION_SAMPLE = [66, 53, 15, 51, 169, 172, 22, 460, 485, 367, 188, 92]
+PRECISION_SAMPLE = [66, 53, 15, 51, 169, 172, 22, 485, 188]
 _HUGE = {"numeric": "fp32", "scaler": "told", "growth_interval": 1000, "order": "before"}
 _HUGE.update({"compile": None, "inf_step": None})
 PRECISION_FOUND = [
