@@ -559,6 +559,10 @@ def check_seed(seed, modes=MODES, override=None):
         again = fuzz_runner.truth_sq(truth_grads(model, per_example_loss, n))
         if fuzz_runner.relerr(again, fuzz_runner.truth_sq(grads)) > 1e-6:
             raise ValueError("torch's gradient differs from one call to the next")
+        # a gradient that is rounding alone (a sum over an instance norm's output: every
+        # example's gradient ~1e-7 in float16, seed 3456) has no relative precision to compare
+        if float(again.max()) < 1e-10:
+            raise ValueError("every example's gradient is rounding (|g|² < 1e-10)")
     except Exception as err:
         record["gen_error"] = f"{type(err).__name__}: {err}"[:300]
         return record
