@@ -23,6 +23,7 @@ import fuzz_grammar
 import fuzz_hf
 import fuzz_integrations
 import fuzz_losses
+import fuzz_precision
 import fuzz_runner
 
 # Spread over the grammar: together these seeds draw every stem, every one of the 75 block kinds,
@@ -521,3 +522,47 @@ def test_data_parallel_training_is_exact_or_refused(seed):
 )
 def test_what_the_data_parallel_fuzzer_found_is_exact_or_refused(seed, override, allowed):
     _check_distributed(seed, override, allowed)
+
+
+# The precision fuzzer (tests/fuzz_precision.py): bf16/float16 autocast, models cast to 16 bits,
+# a GradScaler told to the tracker (its scale growing, a step with a NaN input or a scale past
+# float32's range that the scaler skips), unscale_ before step(), micro-batches under the scaler,
+# torch.compile (eager, aot_eager), against brute force of the same numeric set-up
+PRECISION_SAMPLE = [66, 53, 15, 51, 169, 172, 22, 485, 188]
+_HUGE = {"numeric": "fp32", "scaler": "told", "growth_interval": 1000, "order": "before"}
+_HUGE.update({"compile": None, "inf_step": None})
+PRECISION_FOUND = [
+    # SILENT: a GradScaler told to the tracker at a scale S of 2^62 (under the 2^64 guard), a
+    # "sum" loss over N = 4: StepNorms.mean_grad_sq divides by (S·c·N)² = inf in float32, and
+    # |G_big|² reads 0 on every step, g2 negative, no warning (hunt/scaler_sum_overflow.py)
+    (2038, {**_HUGE, "init_scale": 2.0**62}),
+    # a checkpointed block (use_reentrant=False) fed the data itself (no gradient), compiled
+    # with aot_eager: the engine and the tracker crash at the first compiled step inside AOT
+    # autograd ("expected all tensors_saved_with_vc_check to be Tensors"); plain compile trains
+    (163, None),
+    # a head tied to the embedding as F.linear(h, emb.weight), compiled (eager backend too):
+    # RecursionError inside Dynamo at the first compiled step, in every numeric set-up
+    (16, None),
+    # a weight reused as x @ lin.weight.T beside its Linear, compiled: the same RecursionError
+    (428, None),
+    # that reuse beside a block's own parameter used directly (F.linear(h, self.W[:D])),
+    # compiled: "already tracked for mutation" from traced.py's _traced_scope_enter
+    (664, None),
+]
+
+
+def _check_precision(seed, override=None):
+    record = fuzz_precision.check_seed(seed, override=override)
+    assert "gen_error" not in record, record["gen_error"]
+    bad = fuzz_precision.findings(record)
+    assert not bad, (fuzz_precision.describe(record), bad)
+
+
+@pytest.mark.parametrize("seed", PRECISION_SAMPLE)
+def test_a_random_numeric_set_up_is_exact_or_refused(seed):
+    _check_precision(seed)
+
+
+@pytest.mark.parametrize(("seed", "override"), PRECISION_FOUND)
+def test_what_the_precision_fuzzer_found_is_exact_or_refused(seed, override):
+    _check_precision(seed, override)
