@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import noisescale
-from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
+from noisescale.errors import GradientsChangedError, NoiseScaleInputError, UnsupportedModuleError
 from test_subbatch import example_sqnorms
 
 
@@ -1632,6 +1632,81 @@ def test_a_loss_scale_grown_past_float32_s_range_is_left_out_and_said(kw):
             assert (len(tracker.history), len(said)) == ((1, 0) if measured else (0, 1))
         finally:
             tracker.remove()
+
+
+@pytest.mark.parametrize(
+    ("log2", "kw"),
+    [
+        (58, {"per_example_fraction": 1.0}),
+        (58, {"subbatches": 2}),
+        (58, {}),
+        (60, {"per_example_fraction": 1.0}),  # (sub-batch squares overflow there: said, above)
+    ],
+)
+def test_a_large_loss_scale_on_a_summed_loss_is_measured_exactly(log2, kw):
+    """(The precision fuzzer, 2026-12-07.) Under the guard of 2^64, a scale S on a summed loss
+    of N examples divided the norms by (S·N)², inf in float32 from S·N = 2^64 (2^58 · 64):
+    |G_big|² read 0 and the step was recorded, no word; and the square of .grad, |S·Σ g_i|²,
+    overflowed from S·|Σ g_i| ≈ 2^64 (2^60 here) and the step was left out as skipped, no word.
+    Divided twice, and unscaled before the square past 2^32: every record equals the same run
+    at a scale of 2^10 (the scale divides out exactly: a power of two)."""
+
+    def run(k):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**k, growth_interval=10**6)
+        tracker = noisescale.GradientNoiseTracker(
+            model, scaler=scaler, loss_reduction="sum", sync_every=1, **kw
+        )
+        g = torch.Generator().manual_seed(1)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # (no warning either)
+                for _ in range(3):
+                    x, y = (
+                        3 * torch.randn(64, 10, generator=g),
+                        torch.randint(0, 4, (64,), generator=g),
+                    )
+                    opt.zero_grad()
+                    scaler.scale(F.cross_entropy(model(x), y, reduction="sum")).backward()
+                    tracker.step()
+                    scaler.step(opt)
+                    scaler.update()
+            return [(r["sqnorm_big"], r["skipped"]) for r in tracker.history]
+        finally:
+            tracker.remove()
+
+    want = run(10)
+    got = run(log2)
+    assert len(got) == 3 and not any(skipped for _, skipped in got)
+    assert all(b > 0 for b, _ in want)
+    for (b, _), (w, _) in zip(got, want, strict=True):
+        assert b == pytest.approx(w, rel=1e-5)
+
+
+def test_a_step_after_the_scaler_s_update_names_the_order():
+    """(The precision fuzzer, 2026-12-07.) The scaler given, unscale_, scaler.step and
+    scaler.update(), then tracker.step(): update() doubled the scale .grad is read with, and the
+    refusal said to pass the scaler — which was passed. It names the order now."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    tracker = noisescale.GradientNoiseTracker(model, scaler=scaler, per_example_fraction=1.0)
+    try:
+        x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        with pytest.raises(GradientsChangedError) as err:
+            tracker.step()
+        text = str(err.value)
+        assert "call tracker.step() before scaler.step(optimizer) and scaler.update()" in text
+        assert "(pass it: GradientNoiseTracker(..., scaler=scaler))" not in text
+    finally:
+        tracker.remove()
 
 
 class _TimeMajorLSTM(nn.Module):

@@ -794,11 +794,17 @@ class GradientNoiseTracker:
                 return
             weights = passes[0].weights
             with torch.no_grad():
-                big = self._grad_sqnorm(weights) / (grad_scale * norms.sum_c) ** 2
+                # (divided twice: the square overflows float32 at a large loss scale on a
+                # summed loss, StepNorms.mean_grad_sq)
+                # (and past 2³² the gradients are unscaled before they are squared: |S·Σ g_i|²
+                # overflowed float32 from S·|Σ g_i| ≈ 2⁶⁴ on — a scale of 2⁶⁰ on a summed loss
+                # of 16 examples — and the step was left out as skipped without a word until
+                # 2026-12-07, a fuzzer)
+                pre = grad_scale if grad_scale > _SCALE_CHECKED else 1.0
+                d = grad_scale / pre * norms.sum_c
+                big = self._grad_sqnorm(weights, pre) / d / d
                 group_big = (
-                    self._group_grad_sqnorms(weights) / (grad_scale * norms.sum_c) ** 2
-                    if self._group_names
-                    else None
+                    self._group_grad_sqnorms(weights, pre) / d / d if self._group_names else None
                 )
                 b_big, vary = norms.b_big, norms.weights_vary()
                 if vary is not None:
@@ -1950,9 +1956,18 @@ class GradientNoiseTracker:
             "the backward gave none — torch.autograd.grad's result assigned to .grad: call "
             "loss.backward() instead). noisescale measured the examples' "
             "gradients inside the backward pass and .grad no longer matches them, so the "
-            "estimate would be wrong. A GradScaler's unscale_ before tracker.step() is fine "
-            "(pass it: GradientNoiseTracker(..., scaler=scaler)). Nothing of this step was "
-            "recorded"
+            "estimate would be wrong. "
+            + (
+                # (the scaler given: a step() after scaler.update() reads .grad with the new
+                # scale — until 2026-12-07 this said to pass the scaler, which was passed)
+                "With the GradScaler given, call tracker.step() before scaler.step(optimizer) "
+                "and scaler.update(): update() changes the scale .grad is read with (unscale_ "
+                "before tracker.step() is fine)"
+                if self.scaler is not None
+                else "A GradScaler's unscale_ before tracker.step() is fine (pass it: "
+                "GradientNoiseTracker(..., scaler=scaler))"
+            )
+            + ". Nothing of this step was recorded"
         )
 
     def _unscale_versions(self) -> int:
@@ -2016,8 +2031,9 @@ class GradientNoiseTracker:
         """The parameters whose ``.grad`` this step wrote (:meth:`_stale_grads`)."""
         return [p for p in self._params if p.grad is not None and id(p) not in self._stale]
 
-    def _grad_sqnorm(self, weights: dict[int, Tensor] | None = None) -> Tensor:
-        grads = [p.grad for p in self._measured_params()]
+    def _grad_sqnorm(self, weights: dict[int, Tensor] | None = None, pre: float = 1.0) -> Tensor:
+        """|.grad|² (weighted by ``weights``), each gradient divided by ``pre`` first."""
+        grads = [p.grad if pre == 1.0 else p.grad / pre for p in self._measured_params()]
         if not grads:
             raise NoiseScaleInputError(
                 "no parameter has a gradient: call tracker.step() after loss.backward() and "
@@ -2026,17 +2042,17 @@ class GradientNoiseTracker:
         if weights is not None:
             return torch.stack(
                 [
-                    (_at_least_float32(p.grad).pow(2) * weights[id(p)]).sum()
-                    for p in self._measured_params()
+                    (_at_least_float32(g).pow(2) * weights[id(p)]).sum()
+                    for p, g in zip(self._measured_params(), grads, strict=True)
                 ]
             ).sum()
         return sqnorm_total([g.detach() for g in grads])
 
-    def _group_grad_sqnorms(self, weights: dict[int, Tensor] | None) -> Tensor:
+    def _group_grad_sqnorms(self, weights: dict[int, Tensor] | None, pre: float = 1.0) -> Tensor:
         sq, index = [], []
         for p, g in zip(self._params, self._group_index, strict=True):
             if p.grad is not None and id(p) not in self._stale:
-                grad = _at_least_float32(p.grad).pow(2)
+                grad = _at_least_float32(p.grad if pre == 1.0 else p.grad / pre).pow(2)
                 sq.append(grad.sum() if weights is None else (grad * weights[id(p)]).sum())
                 index.append(g)
         values = torch.stack(sq)

@@ -185,7 +185,10 @@ class per_example_sqnorms:
             # a GradScaler scaled the loss: its scale is not the user's (until 2026-12-07 a
             # loss written by hand kept it, the norms S² too large without a word, ×64 at a
             # scale of 8 — a review; the model's own loss above divided it out already)
-            scale /= _loss_scale(p) ** 2
+            # (divided twice: S² at a scale of 2⁶³ is near float32's limit and 1/S² under its
+            # normal range, StepNorms.mean_grad_sq)
+            s = _loss_scale(p)
+            return raw / s / s * scale
         return raw * scale
 
     def __exit__(self, *exc: object) -> None:

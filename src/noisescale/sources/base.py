@@ -72,8 +72,14 @@ class StepNorms:
         return self.sum_c**2 / c2 if c2 > 0 else 0.0
 
     def mean_grad_sq(self, raw: Tensor, j: int, n: Number) -> Tensor:
-        """|mean gradient of n examples of pass j|² from a raw squared norm of their sum."""
-        return raw / (self.scale * self.coef[j] * n) ** 2
+        """|mean gradient of n examples of pass j|² from a raw squared norm of their sum.
+
+        Divided twice, not by the square: (S·c·n)² overflows float32 once S·c·n reaches 2⁶⁴
+        (a loss scale of 2⁵⁸ on a summed loss of 64 examples, under the tracker's guard of
+        2⁶³), and a float32 norm divided by inf read |G_big|² = 0 without a word until
+        2026-12-07 (the precision fuzzer)."""
+        d = self.scale * self.coef[j] * n
+        return raw / d / d
 
     def weights_vary(self) -> Tensor | None:
         """Whether the passes weigh their examples differently by weights that depend on the

@@ -677,10 +677,14 @@ class DataParallelSource:
                 host[_column("local", 0)] = 1.0
                 put(_column("local", 1), sum_c2 / (sum_c * sum_c))  # 1/b_local
                 host[_column("local", 3)] = 1.0
-                dev[_column("local", 2)] = local_sq / (step.scale * sum_c) ** 2
-            big = self._big_part()
+                d = step.scale * sum_c  # (divided twice: StepNorms.mean_grad_sq)
+                dev[_column("local", 2)] = local_sq / d / d
+            # (past 2³² the gradients are unscaled before they are squared: the tracker's
+            # step, where |S·Σ g_i|² overflowed float32)
+            pre = grad_scale if grad_scale > 2.0**32 else 1.0
+            big = self._big_part(pre)
             if big is not None:
-                dev[BIG] = big / grad_scale**2
+                dev[BIG] = big * (pre / grad_scale) ** 2
             if step.data_weighted:
                 self._put_passes(step, put, host)
             if loss is not None:
@@ -822,8 +826,9 @@ class DataParallelSource:
             return None
         return last.local_sqnorm
 
-    def _big_part(self) -> Tensor | None:
-        """This process's share of |.grad|²: shards on every rank, replicated grads on rank 0."""
+    def _big_part(self, pre: float = 1.0) -> Tensor | None:
+        """This process's share of |.grad|²: shards on every rank, replicated grads on rank 0;
+        each gradient divided by ``pre`` first."""
         # (a .grad no backward of the step reached — a parameter removed from the model — is
         # not the step's: the tracker's _stale_grads, a review)
         params = [p for p in self.params if p.grad is not None and id(p) not in self.stale]
@@ -836,7 +841,7 @@ class DataParallelSource:
         if self.kind != "fsdp":
             if self.rank != 0:
                 return None
-            return sqnorm_total([g.detach() for g in grads])
+            return sqnorm_total([g.detach() / pre if pre != 1.0 else g.detach() for g in grads])
         from torch.distributed.tensor import DTensor
 
         # grouped by the number of processes holding the same shard, so that each group's sum
@@ -845,9 +850,12 @@ class DataParallelSource:
         for p in params:
             g = p.grad
             if isinstance(g, DTensor):
-                shards.setdefault(self._replicas_of(p, g), []).append(g.to_local().detach())
+                local = g.to_local().detach()
+                shards.setdefault(self._replicas_of(p, g), []).append(
+                    local / pre if pre != 1.0 else local
+                )
             elif self.rank == 0:  # a replicated gradient counts once
-                shards.setdefault(1, []).append(g.detach())
+                shards.setdefault(1, []).append(g.detach() / pre if pre != 1.0 else g.detach())
         total: Tensor | None = None
         for replicas, group in shards.items():
             part = sqnorm_total(group)
