@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 # The CPU build of torch that this machine installs quickly; pyproject.toml declares the range.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed install lint format clean
+.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision install lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,10 @@ fuzz-integrations: install
 
 fuzz-distributed: install
 	$(PY) tests/fuzz_distributed.py --seeds $(SEEDS)
+
+# Mixed precision, GradScaler and torch.compile at random (tests/fuzz_precision.py, ≈ 1-3 s).
+fuzz-precision: install
+	$(PY) tests/fuzz_precision.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench examples
