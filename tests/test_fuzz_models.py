@@ -131,7 +131,8 @@ def _check(seed, override=None, check_seed=fuzz_runner.check_seed, modes=fuzz_ru
         + (f" ({record['modes'][mode]['exc']})" if cls == "crash" else "")
         for mode, cls, re in fuzz_runner.findings(record)
     ]
-    describe = fuzz_hf.describe if check_seed is fuzz_hf.check_seed else fuzz_runner.describe
+    hf = check_seed in (fuzz_hf.check_seed, fuzz_hf.check_seed_more)
+    describe = fuzz_hf.describe if hf else fuzz_runner.describe
     assert not problems, describe(record) + "\n  " + "\n  ".join(problems)
 
 
