@@ -20,7 +20,8 @@ reads them as given (BART's) is found from its loss.
 set's seeds keep their cases): GPT-J, GPTBigCode, GPT-Neo (a global and a local layer), CodeGen,
 Phi-3, StableLM, OLMo, OLMo2, Cohere, Gemma 2 and 3 (soft-capping, a sliding window of 3),
 Granite (its multipliers), Qwen3; the mixtures of experts Mixtral, Qwen2-MoE, OLMoE and
-GraniteMoE (experts by ``batched_mm``, or transformers' eager loop, documented as refused; the
+GraniteMoE (2-4 experts, each token routed to 1 or 2 of them, by ``batched_mm``, or by
+transformers' eager loop, documented as refused; the
 routers' load-balancing loss added to the model's own loss, ``output_router_logits=True``, in
 30%: it couples the examples, a refusal); Mamba, Mamba2, FalconMamba, RWKV; XLM-RoBERTa,
 MobileBERT (an embedding size of 6, or 8 as the hidden size: its LM head's dense weight is then
@@ -408,6 +409,9 @@ def draw_spec(seed, more=False):
         spec["router_logits"] = family in _MOE_FAMILIES and r.random() < 0.3
         # MobileBERT's embedding size: as the hidden size, its LM head's dense weight is [0, V]
         spec["emb_size"] = r.choice([6, 6, H])
+        # a mixture's experts and the experts each token is routed to (as many experts as
+        # examples, one token routed to one expert: the routed rows may number N)
+        spec["n_experts"], spec["top_k"] = r.choice([2, 3, 4]), r.choice([1, 2])
         spec["more"] = True
     return spec
 
@@ -434,6 +438,8 @@ def build_model(spec):
         kwargs["embedding_size"] = spec["emb_size"]
     if spec["family"] in _MOE_FAMILIES:
         kwargs["output_router_logits"] = spec["router_logits"]
+        many = "num_local_experts" if "num_local_experts" in kwargs else "num_experts"
+        kwargs[many], kwargs["num_experts_per_tok"] = spec["n_experts"], spec["top_k"]
     kwargs["num_labels"] = 2 if spec["head"] == "ForQuestionAnswering" else spec["classes"]
     kwargs["tie_word_embeddings"] = spec["tie"]
     config = getattr(transformers, cfg_name)(**kwargs)
@@ -652,6 +658,8 @@ def _shifts(spec, call, model, labels, n):
             means[name] = F.cross_entropy(lg[keep], y[keep]) if keep.any() else None
     close = [k for k, v in means.items() if v is not None and abs(float(v - out.loss)) < 1e-4]
     spec["shift"] = close[0] if len(close) == 1 else "causal"
+    if spec["family"] == "prophetnet":  # (its loss, over its n-gram streams, matches neither)
+        spec["shift"] = "tokens"  # (each stream's targets the labels as given)
     return spec["shift"]
 
 
@@ -890,7 +898,8 @@ def describe(record):
     spec = record.get("spec", {})
     keys = (
         "family", "head", "lossform", "reduction", "n", "t", "tie", "attn", "padding", "ignore",
-        "position_ids", "embeds", "grad_ckpt", "frozen", "experts", "router_logits",
+        "position_ids", "embeds", "grad_ckpt", "frozen", "experts", "router_logits", "n_experts",
+        "top_k",
     )  # fmt: skip
     return f"seed {record['seed']}: " + ", ".join(f"{k}={spec.get(k)}" for k in keys if k in spec)
 
