@@ -327,6 +327,7 @@ _MORE_LORA_TARGETS = {
     "cohere": ["q_proj", "v_proj"], "olmo2": ["q_proj", "v_proj"], "granite": ["q_proj", "v_proj"],
     "olmoe": ["q_proj", "v_proj"], "granitemoe": ["q_proj", "v_proj"],
     "mixtral": ["q_proj", "v_proj"], "pegasus": ["q_proj", "v_proj"],
+    "qwen2_moe": ["q_proj", "v_proj"],
     "mobilebert": ["query", "value"], "funnel": ["q_head", "v_head"], "mpnet": ["q", "v"],
     "longformer": ["query", "value"], "big_bird": ["query", "value"],
     "prophetnet": ["query_proj", "value_proj"], "led": ["q_proj", "v_proj"],
