@@ -346,6 +346,7 @@ _DROPOUTS = (
     "embedding_dropout", "mlp_dropout", "classifier_dropout_prob", "emb_pdrop",
     "summary_first_dropout", "layerdrop", "encoder_layerdrop", "decoder_layerdrop",
     "embed_dropout", "resid_dropout", "router_jitter_noise", "activation_dropout",
+    "drop_path_rate",  # (stochastic depth in training: Swin, BEiT, SegFormer)
 )  # fmt: skip
 _TOKEN_HEADS = ("LMHeadModel", "ForCausalLM", "ForMaskedLM", "ForTokenClassification")
 _CAUSAL = ("LMHeadModel", "ForCausalLM")
