@@ -476,7 +476,9 @@ def build_model(spec):
     if spec["frozen"] == "emb" and spec["family"] in _SOUNDS:
         model.freeze_feature_encoder()
     elif spec["frozen"] == "emb" and spec["family"] in _IMAGES:
-        model.get_input_embeddings().requires_grad_(False)  # (the patch embedding)
+        base = model.base_model  # (the patch embedding; SegFormer's first stage's)
+        emb = getattr(base, "embeddings", None) or base.encoder.patch_embeddings[0]
+        emb.requires_grad_(False)
     elif spec["frozen"] == "emb":
         model.get_input_embeddings().weight.requires_grad_(False)
     elif spec["frozen"] == "head_only":
