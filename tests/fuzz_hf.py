@@ -477,7 +477,7 @@ def build_model(spec):
         model.freeze_feature_encoder()
     elif spec["frozen"] == "emb" and spec["family"] in _IMAGES:
         base = model.base_model  # (the patch embedding; SegFormer's first stage's)
-        emb = getattr(base, "embeddings", None) or base.encoder.patch_embeddings[0]
+        emb = getattr(base, "embeddings", None) or base.stages[0].patch_embeddings
         emb.requires_grad_(False)
     elif spec["frozen"] == "emb":
         model.get_input_embeddings().weight.requires_grad_(False)
