@@ -850,8 +850,15 @@ def check_seed(seed, modes=fuzz_runner.MODES, override=None, more=False):
         if not all(bool(g.isfinite().all()) for gs in grads for g in gs):
             record["gen_error"] = "truth: not finite (a row attending to nothing)"
             return record
-        if not _loss_of(spec, pel, model, n).requires_grad:  # (reentrant checkpoints, frozen)
+        loss = _loss_of(spec, pel, model, n)
+        if not loss.requires_grad:  # (reentrant checkpoints, frozen)
             record["gen_error"] = "the loss does not require grad"
+            return record
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not all(bool(g.isfinite().all()) for g in _backward_grads(loss, params)):
+            # (the batch's own gradient NaN where each example's alone is not: Gemma 3 with an
+            # example of one token and nothing to predict, seed 816 of --more)
+            record["gen_error"] = "truth: the batch's gradient is not finite"
             return record
         model.zero_grad()
         runs = {
