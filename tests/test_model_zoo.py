@@ -1900,3 +1900,55 @@ def test_a_recurrent_policy_given_its_initial_state_with_as_many_steps_as_sequen
         assert "pass the state to the layer unchanged" in str(err.value)
         return
     assert_exact(model, lambda: nll(slice(None)).mean(), lambda i: nll(slice(i, i + 1)).sum())
+
+
+class _NanAtPadding(nn.Module):
+    """An embedding with a padding row whose padded positions' output gradient is NaN — the
+    forward takes them through ``torch.where`` beside ``sqrt(h - h)``, whose backward is
+    0 · inf there — as Longformer's padding to its attention window gives them: autograd's
+    table gradient drops the padding row, NaN and all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(10, 4, padding_idx=0)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        keep = (ids != 0).unsqueeze(-1)
+        nan_there = torch.sqrt(torch.where(keep, torch.ones_like(h), h - h))  # (only there)
+        h = torch.where(keep, h, nan_there)
+        return self.head(h).mean(1)
+
+
+@pytest.mark.parametrize("tracker", [False, True])
+def test_a_nan_output_gradient_on_padding_positions_leaves_the_norms_exact(tracker):
+    """(The HF fuzzer, 2026-12-07: Longformer's masked LM, its tied table trained.) The engine
+    masked the padding row's gradient by multiplying by 0, which keeps a NaN: every norm NaN
+    without a word, where autograd's gradient is finite. Selected away now: exact."""
+    model = _NanAtPadding()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 10, (N, 6), generator=g)
+    ids[:, :2] = 0  # (left padding)
+    y = torch.randint(0, 3, (N,), generator=g)
+
+    def loss_of(i):
+        return F.cross_entropy(model(ids[i : i + 1]), y[i : i + 1])
+
+    want = brute_force(model, loss_of)
+    assert bool(want.isfinite().all())
+    if not tracker:
+        got = measured(model, lambda: F.cross_entropy(model(ids), y))
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=0)
+        return
+    tr = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0, sync_every=1)
+    try:
+        for _ in range(2):
+            model.zero_grad()
+            F.cross_entropy(model(ids), y).backward()
+            tr.step()
+        small = tr.history[-1]["sources"]["per_example"]["sqnorm_small"]
+        assert small == pytest.approx(float(want.mean()), rel=RTOL)
+    finally:
+        tr.remove()

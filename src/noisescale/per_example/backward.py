@@ -774,7 +774,8 @@ class Backward:
                 d3 = g.reshape(k, idx2.shape[1], -1)
             pad = meeting.extra.get("padding_idx")
             if pad is not None:
-                d3 = d3 * (idx2 != pad).unsqueeze(-1).to(d3.dtype)
+                # (selected away, not multiplied by 0: a NaN there stayed, embedding_factors)
+                d3 = torch.where((idx2 != pad).unsqueeze(-1), d3, 0)
             for route, _, data in meeting.extra["routes"]:
                 table = data[2] if route == "direct" else data[1]
                 factor = EmbeddingFactor(idx2, d3, table.shape[0])

@@ -69,8 +69,11 @@ def embedding_factors(module: nn.Embedding, idx: Tensor, d: Tensor) -> dict[str,
     d3 = d.reshape(n, idx2.shape[1], -1)
     pad = padding_row(module.padding_idx, module.weight.shape[0])
     if pad is not None:
-        # the padding row never receives a gradient
-        d3 = d3 * (idx2 != pad).unsqueeze(-1).to(d3.dtype)
+        # the padding row never receives a gradient — whatever its positions' output gradient
+        # holds: selected away, not multiplied by 0, which kept a NaN there (Longformer pads a
+        # sequence to its window inside and gives those positions NaN gradients; autograd's
+        # table gradient drops them: every norm NaN without a word until 2026-12-07, a fuzzer)
+        d3 = torch.where((idx2 != pad).unsqueeze(-1), d3, 0)
     return {"weight": EmbeddingFactor(idx2, d3, module.num_embeddings)}
 
 
