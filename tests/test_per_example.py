@@ -307,6 +307,26 @@ def test_a_registered_rule_that_splits_the_gradient_wrongly_is_refused(split, mo
         noisescale.unregister_layer(_Headwise)
 
 
+def test_a_registered_rule_off_by_a_little_in_float64_is_refused():
+    """The coverage check's tolerance was 10⁻³ of each parameter's gradient whatever the dtype:
+    a rule off by 10⁻⁵ (here every factor 1 + 10⁻⁵ too large) passed a float64 pass without a
+    word — and so did BART's tied table looked up by the caller, 1.5–2.3·10⁻⁴ of every norm (the
+    HF fuzzer, 2026-12-07). A pass all in float64 sums to 10⁻¹⁶: its tolerance is 10⁻⁷."""
+
+    @noisescale.register_layer(_Headwise)
+    def off(module, x, grad_output):
+        return {"weight": DenseFactor((1 + 1e-5) * _headwise_grads(x, grad_output))}
+
+    try:
+        model = nn.Sequential(nn.Linear(3, 3), _Headwise())
+        x = torch.randn(N, 2, 3)
+        assert x.dtype == torch.float64
+        with pytest.raises(UnsupportedModuleError, match="do not add up to the gradient"):
+            measured(model, x, lambda out, r: getattr(out.sin().flatten(1).sum(1), r)())
+    finally:
+        noisescale.unregister_layer(_Headwise)
+
+
 def _assert_rule_checked(layer: type, model: nn.Module, x, label: str, wrong: bool) -> None:
     """With ``layer``'s rule registered (unregistered here, whatever happens): a ``wrong`` rule
     is refused naming the layer ``label``, a right one equals brute force."""
