@@ -102,6 +102,14 @@ def draw_config(seed):
     if r.random() < 0.12:
         cfg["n"] = r.choice([1, 2, 3])
         cfg["accum"] = max(cfg["accum"], 2 if cfg["n"] == 1 else 1)
+    # a squared error ½(θ·x − y)² at a fixed θ (no update): g_i = (θ·x_i − y_i)·x_i, each
+    # example's output gradient θ·x_i − y_i its own (the subset's importance weights at work),
+    # |G|² and tr Σ in closed form
+    cfg["square"] = r.random() < 0.25
+    if cfg["square"]:
+        cfg.update(positions=1, tokens=False, dataset=None, drift=False)
+        if cfg["reduction"] == "token_mean":
+            cfg["reduction"] = "mean"
     if cfg["source"] == "microbatch" and cfg["accum"] == 1:
         cfg["accum"] = 2
     if cfg["reduction"] == "mean" or cfg["accum"] == 1:
@@ -144,6 +152,11 @@ class Truth:
         self.a = a
         self.velocity = rng.normal(size=d) * (1.0 / cfg["steps"]) if cfg["drift"] else None
         self.data = None
+        if cfg.get("square"):
+            # θ* a unit away from θ = μ; the label noise sets B_simple's order
+            t = rng.normal(size=d)
+            self.target = self.mu0 - t / np.linalg.norm(t)
+            self.noise = math.sqrt(cfg["b_simple"] / d)
         if cfg["dataset"]:
             big = sum(micro_sizes(cfg, 0))
             self.data = self._draw(cfg["dataset"] * big, self.mu0)
@@ -161,6 +174,20 @@ class Truth:
             nu = float(self.cfg["dist"][1:])
             z = self.rng.standard_t(nu, size=(m, d)) * math.sqrt((nu - 2.0) / nu)
         return mu + z @ self.a.T
+
+    def square(self, m, rng):
+        """x and y of ``m`` examples of the squared error, and their gradients at θ = μ."""
+        d = self.cfg["d"]
+        x = rng.normal(size=(m, d))
+        y = x @ self.target + rng.normal(size=m) * self.noise
+        return x, y, (x @ self.mu0 - y)[:, None] * x
+
+    def square_truth(self):
+        """|G|² and tr Σ of the squared error's gradients: for x ~ N(0, I), e = θ − θ* and
+        y = θ*·x + σε, g = (e·x − σε)·x has mean e and E|g|² = |e|²(d + 2) + σ²d."""
+        e = self.mu0 - self.target
+        ee, d = float(e @ e), self.cfg["d"]
+        return ee, ee * (d + 1) + self.noise**2 * d
 
     def batch(self, step, sizes):
         """The step's micro-batches of per-example gradients."""
@@ -222,10 +249,15 @@ def run_replicate(cfg, rep, seed, history_path=None):
     """One run: its records, truths, final estimate and warnings."""
     rng = np.random.default_rng([seed, rep])
     truth = Truth(cfg, rng)
+    if cfg.get("square"):
+        square_g2, square_trace = truth.square_truth()
     torch.manual_seed(seed * 1000 + rep)
     d = cfg["d"]
     model = torch.nn.Linear(d, 1, bias=False).double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    if cfg.get("square"):
+        with torch.no_grad():
+            model.weight.copy_(torch.tensor(truth.mu0)[None])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0 if cfg.get("square") else 0.01)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tracker = noisescale.GradientNoiseTracker(
@@ -237,8 +269,13 @@ def run_replicate(cfg, rep, seed, history_path=None):
             if schedule is not None:
                 sizes = [cfg["n"]] * schedule.num_micro_batches
             for g in truth.batch(step, sizes):
-                out = model(inputs(g, cfg["positions"], rng))
-                per_example = out.reshape(g.shape[0], -1).sum(1)
+                if cfg.get("square"):
+                    x, y, _ = truth.square(g.shape[0], rng)
+                    out = model(torch.tensor(x))
+                    per_example = 0.5 * (out[:, 0] - torch.tensor(y)).square()
+                else:
+                    out = model(inputs(g, cfg["positions"], rng))
+                    per_example = out.reshape(g.shape[0], -1).sum(1)
                 if cfg["reduction"] == "mean":
                     loss = per_example.mean() / len(sizes)
                 elif cfg["reduction"] == "token_mean":
@@ -257,11 +294,17 @@ def run_replicate(cfg, rep, seed, history_path=None):
     history = tracker.history
     steps = [r["step"] for r in history]
     t = cfg["positions"] if cfg.get("tokens") else 1  # per token: the loss's mean over T
+    g2_true = [truth.g2(s - 1) / t**2 for s in steps]
+    trace_true = truth.trace() / t
+    b_true = truth.trace() / truth.g2(cfg["steps"] - 1) * t
+    if cfg.get("square"):
+        g2_true, trace_true = [square_g2] * len(steps), square_trace
+        b_true = square_trace / square_g2
     return {
         "records": history,
-        "g2_true": [truth.g2(s - 1) / t**2 for s in steps],
-        "trace_true": truth.trace() / t,
-        "b_true": truth.trace() / truth.g2(cfg["steps"] - 1) * t,
+        "g2_true": g2_true,
+        "trace_true": trace_true,
+        "b_true": b_true,
         "estimate": estimate,
         "warned": sorted({str(w.message)[:160] for w in caught}),
         "decisions": list(schedule.history) if schedule is not None else None,
@@ -517,7 +560,8 @@ def findings(record):
 def describe(record):
     cfg = record["cfg"]
     keys = ("source", "reduction", "n", "accum", "beta", "measure_every", "steps", "dist")
-    extra = [k for k in ("uneven", "ramp", "drift", "dataset", "adaptive", "tokens") if cfg.get(k)]
+    extra = ("uneven", "ramp", "drift", "dataset", "adaptive", "tokens", "square")
+    extra = [k for k in extra if cfg.get(k)]
     return (
         f"seed {record['seed']}: "
         + " ".join(f"{k}={cfg[k]}" for k in keys)
