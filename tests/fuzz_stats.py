@@ -512,12 +512,14 @@ def _exception(err):
     return f"{type(err).__name__}: {err}"[:300]
 
 
-def check_seed(seed, override=None):
+def check_seed(seed, override=None, reps=None):
+    """All checks of ``seed``'s configuration over its replicates (``reps`` of them where
+    given: a quick sample, whose coverage check needs at least 20)."""
     cfg = draw_config(seed)
     if override:
         cfg.update(override)
     record = {"seed": seed, "cfg": cfg, "checks": {}}
-    runs, reps = [], replicates(cfg)
+    runs, reps = [], reps or replicates(cfg)
     warned: set[str] = set()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "history.jsonl")
@@ -584,6 +586,7 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0:40", help="A:B (a range), or seeds A,B,C")
     parser.add_argument("--jsonl", help="append each seed's full record to this file")
     parser.add_argument("--override", help="JSON dict replacing entries of each seed's config")
+    parser.add_argument("--replicates", type=int, help="replicates per seed (default: by size)")
     parser.add_argument("-v", "--verbose", action="store_true", help="each check's result")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -593,7 +596,7 @@ def main(argv=None):
     found, start, cover = [], time.time(), [0, 0]
     try:
         for seed in _seeds(args.seeds):
-            record = check_seed(seed, override)
+            record = check_seed(seed, override, args.replicates)
             if out:
                 out.write(json.dumps(record, default=str) + "\n")
                 out.flush()
