@@ -54,10 +54,21 @@ from scipy import stats as sps
 import noisescale
 from noisescale import theory
 from noisescale.errors import NoiseScaleInputError as NoiseScaleError
+from noisescale.hessian import BNoiseTracker
 
 Z_BIAS = 4.5  # |z| of a mean's bias that is a finding (many configurations × two checks)
 P_COVER = 1e-3  # a binomial tail this improbable for the misses is a finding
-CHECKS = ("g2", "trace", "coverage", "ema", "decision", "adaptive")
+CHECKS = (
+    "g2",
+    "trace",
+    "coverage",
+    "ema",
+    "decision",
+    "adaptive",
+    "bn_ghg",
+    "bn_trace",
+    "bn_cover",
+)
 
 
 # --- the configuration ---------------------------------------------------------------------------
@@ -264,6 +275,13 @@ def run_replicate(cfg, rep, seed, history_path=None):
             model, cfg["reduction"], history_path=history_path, **tracker_options(cfg)
         )
         schedule = adaptive_schedule(cfg) if cfg.get("adaptive") else None
+        bn, bn_records = None, []
+        if cfg.get("square"):
+            # B_noise (eq. 2.8) on batches of its own: H = E xxᵀ = I, so GᵀHG = |G|² and
+            # tr(HΣ) = tr Σ
+            bn = BNoiseTracker(
+                model, _square_loss, beta=cfg["beta"], confidence=cfg["confidence"], tracker=tracker
+            )
         for step in range(cfg["steps"]):
             sizes = micro_sizes(cfg, step)
             if schedule is not None:
@@ -289,6 +307,16 @@ def run_replicate(cfg, rep, seed, history_path=None):
             opt.zero_grad()
             if schedule is not None:
                 schedule.step(tracker)
+            if bn is not None:
+                m = max(6, cfg["n"])
+                x, y, _ = truth.square(m, rng)
+                xh, yh, _ = truth.square(m, rng)
+                got = bn.step(
+                    (torch.tensor(x), torch.tensor(y)), (torch.tensor(xh), torch.tensor(yh))
+                )
+                bn_records.append(
+                    {"skipped": False, "g2": got.ghg, "trace_sigma": got.trace_h_sigma}
+                )
         estimate = tracker.estimate()
         tracker.remove()
     history = tracker.history
@@ -308,7 +336,21 @@ def run_replicate(cfg, rep, seed, history_path=None):
         "estimate": estimate,
         "warned": sorted({str(w.message)[:160] for w in caught}),
         "decisions": list(schedule.history) if schedule is not None else None,
+        "b_noise": None
+        if bn is None
+        else {
+            "records": bn_records,
+            "g2_true": [square_g2] * len(bn_records),
+            "trace_true": square_trace,
+            "b_true": square_trace / square_g2,
+            "estimate": bn.estimate(),
+        },
     }
+
+
+def _square_loss(model, batch):
+    x, y = batch
+    return 0.5 * (model(x)[:, 0] - y).square().mean()
 
 
 def adaptive_schedule(cfg):
@@ -542,6 +584,13 @@ def check_seed(seed, override=None, reps=None):
             "decision": check_decision(cfg, path, runs[0]["estimate"], warned),
             "adaptive": check_adaptive(cfg, runs),
         }
+        if cfg.get("square"):
+            bn_runs = [run["b_noise"] for run in runs]
+            checks["bn_ghg"] = check_bias(bn_runs, "g2")
+            checks["bn_trace"] = check_bias(bn_runs, "trace_sigma")
+            checks["bn_cover"] = check_coverage(cfg, bn_runs)
+        else:
+            checks.update({k: {"cls": "skip"} for k in ("bn_ghg", "bn_trace", "bn_cover")})
     for res in checks.values():
         if res["cls"] == "WRONG-SILENT" and warned:
             res["cls"] = "wrong-warned"
