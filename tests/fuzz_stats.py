@@ -64,6 +64,7 @@ CHECKS = (
     "coverage",
     "ema",
     "decision",
+    "report",
     "adaptive",
     "bn_ghg",
     "bn_trace",
@@ -504,10 +505,66 @@ def check_decision(cfg, history_path, estimate, warned):
             return {"cls": "crash", "exc": f"no {key} in {row}"}
         worst = max(worst, abs(got - value) / value)
     regime = _find(row, "regime")
-    ends = {theory.regime(batch, x) for x in (estimate.low, b, estimate.high) if x == x}
+    ends = {theory.regime(batch, x) for x in (estimate.low, b, estimate.high) if x > 0}
     ok_regime = regime in ends or (isinstance(regime, str) and "–" in regime)
     cls = "ok" if worst < 1e-6 and ok_regime else "WRONG-SILENT"
     return {"cls": cls, "re": worst, "regime": regime}
+
+
+def check_report(cfg, history_path, estimate):
+    """``noisescale report --json``: its last B_simple and interval the tracker's, S_min and
+    E_min eq. D.1 over the records (theory.run_integrals), B_crit = E_min/S_min, and each fixed
+    batch size's cost S_min + E_min/B (eq. D.1), E = B·S, S/S_min and E/E_min (eq. 2.11)."""
+    from noisescale.cli import main as cli_main
+
+    if not math.isfinite(estimate.b_simple):
+        return {"cls": "skip"}
+    buf = io.StringIO()
+    page = history_path + ".html"
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+            rc = cli_main(["report", history_path, "-o", page, "--json", "--force"])
+    except SystemExit as err:
+        rc = err.code
+    except NoiseScaleError as err:
+        return {"cls": "refused", "exc": str(err)[:200]}
+    except Exception as err:
+        return {"cls": "crash", "exc": f"{type(err).__name__}: {err}"[:300]}
+    if rc not in (0, None):
+        return {"cls": "refused", "exc": f"rc {rc}"}
+    text = buf.getvalue()
+    out = json.loads(text[text.index("{") :])
+    worst = abs(out["b_simple_last"] - estimate.b_simple) / estimate.b_simple
+    low, high = out["b_simple_last_interval"]
+    high = math.inf if high is None else high
+    if not (
+        math.isclose(low, estimate.low, rel_tol=1e-9, abs_tol=1e-12)
+        and (high == estimate.high or math.isclose(high, estimate.high, rel_tol=1e-9))
+    ):
+        worst = math.inf
+    with open(history_path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    records = [r for r in records if "b_simple" in r and r["b_simple"] is not None]
+    records = [r for r in records if math.isfinite(r["b_simple"])]
+    run = out["run"]
+    if len(records) >= 2:
+        steps = [r["step"] for r in records]
+        want = theory.run_integrals(
+            steps, [r["b_big"] for r in records], [r["b_simple"] for r in records]
+        )
+        worst = max(worst, abs(run["s_min"] - want.s_min) / want.s_min)
+        worst = max(worst, abs(run["e_min"] - want.e_min) / want.e_min)
+    worst = max(worst, abs(run["b_crit"] - run["e_min"] / run["s_min"]) / run["b_crit"])
+    for row in out["fixed_batch_costs"]:
+        b, s_ = row["batch_size"], run["s_min"] + run["e_min"] / row["batch_size"]
+        worst = max(worst, abs(row["steps"] - s_) / s_, abs(row["examples"] - b * s_) / (b * s_))
+        worst = max(worst, abs(row["steps_over_min"] - s_ / run["s_min"]) / (s_ / run["s_min"]))
+        e_ = b * s_ / run["e_min"]
+        worst = max(worst, abs(row["examples_over_min"] - e_) / e_)
+    if run.get("predicted_steps") is not None:
+        worst = max(worst, abs(run["predicted_steps"] - run["steps"]) / max(run["steps"], 1))
+    cls = "ok" if worst < 1e-6 else "WRONG-SILENT"
+    return {"cls": cls, "re": worst, "b_crit": run["b_crit"]}
 
 
 def check_adaptive(cfg, runs):
@@ -583,6 +640,7 @@ def check_seed(seed, override=None, reps=None):
             "ema": check_ema(cfg, runs),
             "decision": check_decision(cfg, path, runs[0]["estimate"], warned),
             "adaptive": check_adaptive(cfg, runs),
+            "report": check_report(cfg, path, runs[0]["estimate"]),
         }
         if cfg.get("square"):
             bn_runs = [run["b_noise"] for run in runs]
