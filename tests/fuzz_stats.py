@@ -26,7 +26,15 @@ ramps over the run — and runs R independent replicates (trackers on fresh draw
 * ``decision``: ``noisescale calc --history`` on the first replicate's history gives the regime,
   S/S_min and E/E_min of eq. 2.11 at the run's batch size from the history's last B_simple
   and its interval (theory's functions on the tracker's own numbers);
-* the final estimate's |G|² and tr Σ against the per-step records (the EMA by hand).
+* ``report``: ``noisescale report --json`` on that history: its last B_simple and interval the
+  tracker's, S_min and E_min eq. D.1 over the records (``theory.run_integrals``), B_crit =
+  E_min/S_min and each fixed batch size's steps and examples (eq. D.1, 2.11);
+* ``adaptive``: an ``AdaptiveBatchSize`` driven by the tracker (``adaptive``): each decision
+  read the tracker's B_simple of that step and aimed at √(r·B_simple) (eq. D.6);
+* ``ema``: the final estimate's |G|² and tr Σ against the per-step records (the EMA by hand);
+* ``bn_ghg``, ``bn_trace``, ``bn_cover``: with the squared error, a ``BNoiseTracker`` (paused
+  tracker, Hessian batches of their own) whose H = E xxᵀ = I, so GᵀHG = |G|² and tr(HΣ) = tr Σ
+  are known: the same bias and coverage checks for B_noise (eq. 2.8).
 
 Classes per check: ``ok``; ``refused`` (a NoiseScaleError naming a cause); ``crash`` (any other
 exception); ``WRONG-SILENT`` (a bias, an interval that covers too little, a decision off — no
