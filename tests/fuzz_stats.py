@@ -77,6 +77,10 @@ CHECKS = (
     "bn_ghg",
     "bn_trace",
     "bn_cover",
+    "group_a_g2",
+    "group_a_trace",
+    "group_b_g2",
+    "group_b_trace",
 )
 
 
@@ -130,6 +134,13 @@ def draw_config(seed):
         cfg.update(positions=1, tokens=False, dataset=None, drift=False)
         if cfg["reduction"] == "token_mean":
             cfg["reduction"] = "mean"
+    # per-group estimates (groups="children"): two Linear children on the halves of x, each
+    # group's truth the halves' |μ|² and the diagonal blocks' traces
+    cfg["groups"] = r.random() < 0.25
+    if cfg["groups"] and (cfg["square"] or cfg["tokens"] or cfg["positions"] > 1 or cfg["d"] < 4):
+        cfg["groups"] = False
+    if cfg["groups"]:
+        cfg.update(dataset=None, drift=False)
     if cfg["source"] == "microbatch" and cfg["accum"] == 1:
         cfg["accum"] = 2
     if cfg["reduction"] == "mean" or cfg["accum"] == 1:
@@ -273,15 +284,16 @@ def run_replicate(cfg, rep, seed, history_path=None):
         square_g2, square_trace = truth.square_truth()
     torch.manual_seed(seed * 1000 + rep)
     d = cfg["d"]
-    model = torch.nn.Linear(d, 1, bias=False).double()
+    model = Halves(d) if cfg.get("groups") else torch.nn.Linear(d, 1, bias=False).double()
     if cfg.get("square"):
         with torch.no_grad():
             model.weight.copy_(torch.tensor(truth.mu0)[None])
     opt = torch.optim.SGD(model.parameters(), lr=0.0 if cfg.get("square") else 0.01)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        groups = {"groups": "children"} if cfg.get("groups") else {}
         tracker = noisescale.GradientNoiseTracker(
-            model, cfg["reduction"], history_path=history_path, **tracker_options(cfg)
+            model, cfg["reduction"], history_path=history_path, **tracker_options(cfg), **groups
         )
         schedule = adaptive_schedule(cfg) if cfg.get("adaptive") else None
         bn, bn_records = None, []
@@ -345,6 +357,8 @@ def run_replicate(cfg, rep, seed, history_path=None):
         "estimate": estimate,
         "warned": sorted({str(w.message)[:160] for w in caught}),
         "decisions": list(schedule.history) if schedule is not None else None,
+        "mus": [truth.mu(s - 1) for s in steps],
+        "a": truth.a,
         "b_noise": None
         if bn is None
         else {
@@ -355,6 +369,38 @@ def run_replicate(cfg, rep, seed, history_path=None):
             "estimate": bn.estimate(),
         },
     }
+
+
+class Halves(torch.nn.Module):
+    """⟨θ, x⟩ as two children, each on one half of x: the groups "a" and "b"."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.half = d // 2
+        self.a = torch.nn.Linear(self.half, 1, bias=False).double()
+        self.b = torch.nn.Linear(d - self.half, 1, bias=False).double()
+
+    def forward(self, x):
+        return self.a(x[..., : self.half]) + self.b(x[..., self.half :])
+
+
+def group_runs(cfg, runs):
+    """Each group's records and truth, as :func:`check_bias` takes a run's."""
+    h = cfg["d"] // 2
+    out = {}
+    for name, part in (("a", slice(0, h)), ("b", slice(h, cfg["d"]))):
+        out[name] = [
+            {
+                "records": [
+                    {"skipped": r["skipped"], **r.get("groups", {}).get(name, {})}
+                    for r in run["records"]
+                ],
+                "g2_true": [float(m[part] @ m[part]) for m in run["mus"]],
+                "trace_true": float(np.sum(run["a"][part] ** 2)),
+            }
+            for run in runs
+        ]
+    return out
 
 
 def _square_loss(model, batch):
@@ -650,6 +696,9 @@ def check_seed(seed, override=None, reps=None):
             "adaptive": check_adaptive(cfg, runs),
             "report": check_report(cfg, path, runs[0]["estimate"]),
         }
+        for name, part_runs in (group_runs(cfg, runs) if cfg.get("groups") else {}).items():
+            checks[f"group_{name}_g2"] = check_bias(part_runs, "g2")
+            checks[f"group_{name}_trace"] = check_bias(part_runs, "trace_sigma")
         if cfg.get("square"):
             bn_runs = [run["b_noise"] for run in runs]
             checks["bn_ghg"] = check_bias(bn_runs, "g2")
@@ -677,7 +726,7 @@ def findings(record):
 def describe(record):
     cfg = record["cfg"]
     keys = ("source", "reduction", "n", "accum", "beta", "measure_every", "steps", "dist")
-    extra = ("uneven", "ramp", "drift", "dataset", "adaptive", "tokens", "square")
+    extra = ("uneven", "ramp", "drift", "dataset", "adaptive", "tokens", "square", "groups")
     extra = [k for k in extra if cfg.get(k)]
     return (
         f"seed {record['seed']}: "
