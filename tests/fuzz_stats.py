@@ -122,6 +122,9 @@ def draw_config(seed):
     if cfg["tokens"]:
         cfg["reduction"] = "token_mean"
         cfg["adaptive"] = False  # (its decisions convert to examples)
+        # (unequal micro-batches, each its own token mean, are refused in the micro-batch
+        # source and measured within each micro-batch otherwise: not drawn)
+        cfg["uneven"] = False
     # micro-batches of 1-3 examples
     if r.random() < 0.12:
         cfg["n"] = r.choice([1, 2, 3])
