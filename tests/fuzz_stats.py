@@ -358,7 +358,7 @@ def run_replicate(cfg, rep, seed, history_path=None):
         "trace_true": trace_true,
         "b_true": b_true,
         "estimate": estimate,
-        "warned": sorted({str(w.message)[:160] for w in caught}),
+        "warned": sorted({str(w.message)[:600] for w in caught}),
         "decisions": list(schedule.history) if schedule is not None else None,
         "mus": [truth.mu(s - 1) for s in steps],
         "a": truth.a,
