@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -250,3 +251,22 @@ def test_skew_correction_that_does_not_settle_gives_an_unbounded_end():
     e = est.b_simple_interval(state)
     assert e.available and e.b_simple == pytest.approx(4.1272, rel=1e-4)
     assert e.low == 0.0 and e.high == math.inf
+
+
+def test_an_interval_end_running_past_float_range_is_the_outward_limit_without_warnings():
+    """(The statistics fuzzer, 2026-12-07.) Three steps at 99%: the skewness-corrected high
+    end's rounds run away (×2460 a round) past what the slope test sees, until r³ overflows:
+    numpy's overflow warnings reached the user and the nan went on into the Fieller end, read as
+    0 — the plain Fieller end came back by accident. Rounds that do not settle give the outward
+    limit, as documented (∞ above), and no warning. The corrected set, on a grid, is
+    [23.3, 59.4]: inside."""
+    steps = [
+        (0.8721952809591925, 12.357615914095089),
+        (0.6293914247894123, 13.701597959550922),
+        (0.8618875164044619, 2.796053690522544),
+    ]
+    state = est.update_state(est.init_state(1.0), [g for g, _ in steps], [t for _, t in steps])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = est.b_simple_interval(state, 0.99)
+    assert got.low <= 23.3 and got.high == math.inf

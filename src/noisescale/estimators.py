@@ -610,14 +610,22 @@ def _shifted_end(
     v_gg = cov[1]
     if side == 1:
         far = 1e8 * (abs(end) + 1.0) if math.isfinite(end) else 1e8
-        slope = (shift(2.0 * far) - shift(far)) / far
+        with np.errstate(all="ignore"):
+            slope = float(shift(2.0 * far) - shift(far)) / far
         if abs(slope - g) <= q * math.sqrt(max(v_gg, 0.0)):
             return math.inf
     change, last = math.inf, 0.0
     for _ in range(40):
         if not math.isfinite(end):
             return end
-        new = _fieller(s + shift(end), g, cov[0], cov[1], cov[2], q)[side]
+        with np.errstate(all="ignore"):
+            delta = float(shift(end))
+        if not math.isfinite(delta):
+            # rounds running away past float range (r³ overflowed): not settling — the outward
+            # limit. Until 2026-12-07 the nan went on into _fieller, which read it as (0, 0),
+            # and numpy's overflow warnings reached the user (a fuzzer of the statistics)
+            break
+        new = _fieller(s + delta, g, cov[0], cov[1], cov[2], q)[side]
         if not math.isfinite(new):
             return new
         step = new - end
