@@ -309,13 +309,13 @@ def test_a_registered_rule_that_splits_the_gradient_wrongly_is_refused(split, mo
 
 def test_a_registered_rule_off_by_a_little_in_float64_is_refused():
     """The coverage check's tolerance was 10⁻³ of each parameter's gradient whatever the dtype:
-    a rule off by 10⁻⁵ (here every factor 1 + 10⁻⁵ too large) passed a float64 pass without a
+    a rule off by 10⁻⁴ (here every factor 1 + 10⁻⁴ too large) passed a float64 pass without a
     word — and so did BART's tied table looked up by the caller, 1.5–2.3·10⁻⁴ of every norm (the
-    HF fuzzer, 2026-12-07). A pass all in float64 sums to 10⁻¹⁶: its tolerance is 10⁻⁷."""
+    HF fuzzer, 2026-12-07). A pass all in float64: 10⁻⁵ (parts of it may round in float32)."""
 
     @noisescale.register_layer(_Headwise)
     def off(module, x, grad_output):
-        return {"weight": DenseFactor((1 + 1e-5) * _headwise_grads(x, grad_output))}
+        return {"weight": DenseFactor((1 + 1e-4) * _headwise_grads(x, grad_output))}
 
     try:
         model = nn.Sequential(nn.Linear(3, 3), _Headwise())
