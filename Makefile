@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 # The CPU build of torch that this machine installs quickly; pyproject.toml declares the range.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision install lint format clean
+.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats install lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -71,9 +71,17 @@ fuzz-integrations: install
 fuzz-distributed: install
 	$(PY) tests/fuzz_distributed.py --seeds $(SEEDS)
 
-# Mixed precision, GradScaler and torch.compile at random (tests/fuzz_precision.py, ≈ 1-3 s).
+# Mixed precision, GradScaler and torch.compile at random (tests/fuzz_precision.py, ≈ 1-3 s);
+# a second set of 44 transformers families (tests/fuzz_hf.py --more, ≈ 3 s); the tracker's
+# statistics over many replicates against known truth (tests/fuzz_stats.py, ≈ 10-60 s a seed).
 fuzz-precision: install
 	$(PY) tests/fuzz_precision.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
+
+fuzz-hf-more: install
+	$(PY) tests/fuzz_hf.py --more --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
+
+fuzz-stats: install
+	$(PY) tests/fuzz_stats.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench examples
