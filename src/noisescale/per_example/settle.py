@@ -648,12 +648,12 @@ class Settle:
         # used in their layer and outside it: sub-batch products keep what cross terms need
         # (or leave them to the factors) from the next step on, not a step later
         self._multi_use.update(pids)
-        self._update_compile_blocker()
         for scope, use in new_scopes:
             if scope not in self._scopes:
                 self._scopes[scope] = []
                 self._install_scope(scope)
             self._scopes[scope].append(use)
+        self._update_compile_blocker()
         for _, (holder, _, _) in new_scopes:
             if holder in self._calls:  # (a rule-less holder's own forward hands out aliases)
                 self._guard_holder(holder)
