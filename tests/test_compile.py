@@ -488,6 +488,58 @@ def test_activation_checkpointing_inside_a_compiled_model(style: str, reentrant:
             assert_same_norms(got, want)
 
 
+class CheckpointFirst(nn.Module):
+    """A checkpointed block fed the data itself: the compiled graph's first layer runs inside
+    ``checkpoint(use_reentrant=False)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.LayerNorm(6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        return self.head(checkpoint(self.block, x, use_reentrant=False).mean(1))
+
+
+def test_a_checkpoint_holding_the_graph_s_first_layer_runs_eagerly_and_is_exact() -> None:
+    """AOT autograd recomputes a checkpointed region's events in the backward, which needs the
+    graph's input effect token — None at run time: with no event before the region, step 3 (the
+    first compiled one) raised "expected all tensors_saved_with_vc_check to be Tensors" from
+    inside the compiled forward until 2026-12-07 (a precision fuzzer's seed 163). Now that step
+    is withheld, with one warning naming the checkpoint and the fixes, and compiled code runs
+    eagerly: every other step's per-example norms equal brute force's."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = CheckpointFirst()
+    call = torch.compile(model, backend=BACKEND)
+    gen = torch.Generator().manual_seed(1)
+    n = 6
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = PerExampleNorms(call)
+        withheld = []
+        for step in range(1, 6):
+            x = torch.randn(n, 3, 4, generator=gen)
+            y = torch.randint(0, 3, (n,), generator=gen)
+            model.zero_grad()
+            F.cross_entropy(call(x), y, reduction="sum").backward()
+            (pass_,) = engine.collect()
+            if pass_.raw_sqnorms is None:
+                withheld.append(step)
+                continue
+            with engine.paused():
+                want = brute_force_sqnorms(model, x, y)
+            assert torch.allclose(pass_.raw_sqnorms, want, rtol=RTOL), (pass_.raw_sqnorms, want)
+        engine.remove()
+    torch._dynamo.reset()
+    assert withheld == [3], withheld
+    warned = [str(w.message) for w in caught if "force_eager" in str(w.message)]
+    assert len(warned) == 1 and "inside checkpoint(use_reentrant=False)" in warned[0], warned
+    assert "a measured layer before the first checkpoint" in warned[0]
+
+
 class BilinearMix(nn.Module):
     def __init__(self) -> None:
         super().__init__()
