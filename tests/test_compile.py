@@ -378,6 +378,70 @@ def test_a_model_the_traced_hooks_do_not_follow_runs_eagerly_and_says_so(style: 
             assert_same_norms(got, want)
 
 
+class OutsideUse(nn.Module):
+    """A weight used outside its own layer: a head tied to the embedding,
+    ``F.linear(h, emb.weight)``, or a Linear's weight reused, ``h @ lin.weight.T``."""
+
+    def __init__(self, use: str) -> None:
+        super().__init__()
+        self.use = use
+        self.emb, self.lin = nn.Embedding(7, 6), nn.Linear(6, 6)
+        self.head = nn.Linear(6, 7) if use == "reuse" else None
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.lin(self.emb(idx))).mean(1)
+        if self.use == "tied":
+            return F.linear(h, self.emb.weight)
+        assert self.head is not None
+        return self.head(h + torch.tanh(h @ self.lin.weight.T))
+
+
+def brute_force_sqnorms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each example's squared gradient norm of its own loss, one backward per example."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for i in range(x.shape[0]):
+        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        out.append(sum(g.pow(2).sum() for g in torch.autograd.grad(loss, params)))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("use", ["tied", "reuse"])
+def test_a_weight_used_outside_its_layer_runs_eagerly_and_is_exact(use: str) -> None:
+    """Step 1 (eager, audited) learns the direct use, and compiled code runs eagerly from then
+    on, with one warning naming the weight: every later step's per-example norms equal brute
+    force's. Until 2026-12-07 the engine decided whether the traced hooks follow the model
+    before it recorded the use it had just learned: the model stayed compiled, the eager hooks'
+    shared aliases entered the graph, and step 3 raised a RecursionError from inside Dynamo."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = OutsideUse(use)
+    call = torch.compile(model, backend=BACKEND)
+    gen = torch.Generator().manual_seed(1)
+    n = 5
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = PerExampleNorms(call)
+        measured = []
+        for _ in range(5):
+            x = torch.randint(0, 7, (n, 4), generator=gen)
+            y = torch.randint(0, 7, (n,), generator=gen)
+            model.zero_grad()
+            F.cross_entropy(call(x), y, reduction="sum").backward()
+            (pass_,) = engine.collect()
+            if pass_.raw_sqnorms is not None:
+                with engine.paused():
+                    want = brute_force_sqnorms(model, x, y)
+                assert torch.allclose(pass_.raw_sqnorms, want, rtol=RTOL), (pass_.raw_sqnorms, want)
+                measured.append(pass_)
+        engine.remove()
+    torch._dynamo.reset()
+    weight = "emb.weight" if use == "tied" else "lin.weight"
+    warned = [str(w.message) for w in caught if "force_eager" in str(w.message)]
+    assert len(warned) == 1 and f"'_orig_mod.{weight}'" in warned[0], warned
+    assert len(measured) == 4  # every step but the first, which learned the use
+
+
 class Checkpointed(nn.Module):
     """A residual block under ``torch.utils.checkpoint``, between two layers."""
 
@@ -422,6 +486,58 @@ def test_activation_checkpointing_inside_a_compiled_model(style: str, reentrant:
     for got, want in zip(history, eager, strict=True):
         if got["step"] not in withheld:
             assert_same_norms(got, want)
+
+
+class CheckpointFirst(nn.Module):
+    """A checkpointed block fed the data itself: the compiled graph's first layer runs inside
+    ``checkpoint(use_reentrant=False)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.LayerNorm(6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        return self.head(checkpoint(self.block, x, use_reentrant=False).mean(1))
+
+
+def test_a_checkpoint_holding_the_graph_s_first_layer_runs_eagerly_and_is_exact() -> None:
+    """AOT autograd recomputes a checkpointed region's events in the backward, which needs the
+    graph's input effect token — None at run time: with no event before the region, step 3 (the
+    first compiled one) raised "expected all tensors_saved_with_vc_check to be Tensors" from
+    inside the compiled forward until 2026-12-07 (a precision fuzzer's seed 163). Now that step
+    is withheld, with one warning naming the checkpoint and the fixes, and compiled code runs
+    eagerly: every other step's per-example norms equal brute force's."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = CheckpointFirst()
+    call = torch.compile(model, backend=BACKEND)
+    gen = torch.Generator().manual_seed(1)
+    n = 6
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = PerExampleNorms(call)
+        withheld = []
+        for step in range(1, 6):
+            x = torch.randn(n, 3, 4, generator=gen)
+            y = torch.randint(0, 3, (n,), generator=gen)
+            model.zero_grad()
+            F.cross_entropy(call(x), y, reduction="sum").backward()
+            (pass_,) = engine.collect()
+            if pass_.raw_sqnorms is None:
+                withheld.append(step)
+                continue
+            with engine.paused():
+                want = brute_force_sqnorms(model, x, y)
+            assert torch.allclose(pass_.raw_sqnorms, want, rtol=RTOL), (pass_.raw_sqnorms, want)
+        engine.remove()
+    torch._dynamo.reset()
+    assert withheld == [3], withheld
+    warned = [str(w.message) for w in caught if "force_eager" in str(w.message)]
+    assert len(warned) == 1 and "inside checkpoint(use_reentrant=False)" in warned[0], warned
+    assert "a measured layer before the first checkpoint" in warned[0]
 
 
 class BilinearMix(nn.Module):

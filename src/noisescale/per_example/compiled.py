@@ -184,9 +184,51 @@ SUPPORTED = _register_effects()
 def emit_forward(
     engine: int, kind: str, site: int, tensors: Sequence[Tensor], sizes: Sequence[Any]
 ) -> Tensor:
-    """Call ``noisescale::forward_event`` from traced code; returns its token."""
+    """Call ``noisescale::forward_event`` from traced code; returns its token. Not inside an
+    activation checkpoint that would hold the graph's first event (:func:`_checkpoint_first`):
+    there the token is 0, which the engine ignores."""
+    if _checkpoint_first(engine):
+        return torch.zeros((), dtype=torch.int64)
     with torch._C.DisableTorchFunctionSubclass():
         return _forward_event(engine, kind, site, list(tensors), list(sizes))
+
+
+def _checkpoint_first(engine: int) -> bool:
+    """While Dynamo traces (run then, its answer a constant of the graph): whether an event
+    emitted now lies inside ``checkpoint(use_reentrant=False)`` with no event before it in the
+    graph. AOT autograd recomputes such a region's ordered effects in the backward, which then
+    needs the graph's input effect token — ``None`` at run time: "expected all
+    tensors_saved_with_vc_check to be Tensors", raised from the compiled forward (torch 2.13,
+    ``aot_eager`` and inductor; a precision fuzzer's seed 163). The graph is traced without the
+    region's events, and the engine told (``checkpoint_first``): it withholds the pass and runs
+    compiled code eagerly from the next step on. ``False`` without the private API."""
+    if not torch.compiler.is_compiling():
+        return False
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tracer = InstructionTranslator.current_tx().output.current_tracer
+    except (ImportError, AttributeError, AssertionError):
+        return False
+    inside = False
+    while getattr(tracer, "parent", None) is not None:
+        inside = inside or "checkpoint" in str(getattr(tracer, "source_target", ""))
+        tracer = tracer.parent
+    if not inside or any(_is_event(node.target) for node in tracer.graph.nodes):
+        # (an event before the region: its token, an intermediate, is saved for the backward)
+        return False
+    found = _engine(engine)
+    if found is not None:
+        found.checkpoint_first = True
+    return True
+
+
+# (torch.compiler.assume_constant_result, which would import Dynamo with noisescale)
+_checkpoint_first._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def _is_event(target: Any) -> bool:
+    return str(target).startswith("noisescale.")  # (torch.ops.noisescale.*: our operators)
 
 
 # -- the identity functions whose backward reports ------------------------------------------------

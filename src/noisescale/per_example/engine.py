@@ -552,6 +552,9 @@ class PerExampleNorms(
         self._compile_learned: str | None = None
         # a backward recomputed a forward (checkpoint(use_reentrant=True)): _settle_compiled
         self._reentrant_seen = False
+        # a graph traced with its first event inside checkpoint(use_reentrant=False), whose
+        # events it left out (compiled._checkpoint_first): _settle_compiled
+        self.checkpoint_first = False
         self._compiled_eagerly = False
         # A step of the model ran compiled: from then on the eager hooks take the traced hooks'
         # decisions where they differ (a tied weight's products), so that an audited eager step

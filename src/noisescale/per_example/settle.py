@@ -90,6 +90,8 @@ class Settle:
             self._on_unsupported(pass_, learn)
             if pass_.withheld is not None:
                 return
+        if self.checkpoint_first and self._settle_compiled(pass_):
+            return
         if pass_.compiled_call and not (pass_.compiled or pass_.covered) and pass_.received:
             # none of the layer hooks ran in a compiled forward: Dynamo ran a graph it had
             # compiled before they existed (it does not guard on hooks by default, so it does
@@ -562,7 +564,17 @@ class Settle:
             )
             self._run_compiled_code_eagerly()
             return True
-        if pass_.compiled_unsupported is not None:
+        if self.checkpoint_first:
+            self.checkpoint_first = False
+            learned = (
+                "the compiled graph's first measured layer runs inside "
+                "checkpoint(use_reentrant=False), whose recomputation in the backward AOT "
+                "autograd cannot replay with noisescale's operators (torch raises 'expected all "
+                "tensors_saved_with_vc_check to be Tensors'); a measured layer before the first "
+                "checkpoint, or a module around the model compiled as a whole (the tracker "
+                "given the model), keeps it compiled"
+            )
+        elif pass_.compiled_unsupported is not None:
             learned = (
                 "a tensor shared by every example (a layer's output on input without the "
                 f"batch's examples) meets the batch in '{pass_.compiled_unsupported}', which "
@@ -648,12 +660,12 @@ class Settle:
         # used in their layer and outside it: sub-batch products keep what cross terms need
         # (or leave them to the factors) from the next step on, not a step later
         self._multi_use.update(pids)
-        self._update_compile_blocker()
         for scope, use in new_scopes:
             if scope not in self._scopes:
                 self._scopes[scope] = []
                 self._install_scope(scope)
             self._scopes[scope].append(use)
+        self._update_compile_blocker()
         for _, (holder, _, _) in new_scopes:
             if holder in self._calls:  # (a rule-less holder's own forward hands out aliases)
                 self._guard_holder(holder)
