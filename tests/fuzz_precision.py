@@ -392,7 +392,7 @@ def run_tracker(spec, setup, model, per_example_loss, n):
         kwargs["precondition_from"] = 1
     opts = {"source": setup["source"], "pairs": None, "microbatch": False}
     res = {"cls": "exact", "setup": dict(setup)}
-    seen, truths, skipped, bad = [], {}, {}, []
+    seen, truths, skipped, bad, slack = [], {}, {}, [], {}
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -467,6 +467,10 @@ def run_tracker(spec, setup, model, per_example_loss, n):
                             )
                             for g in (grads, grads_in)
                         ]
+                        if pre is not None:  # (what rounding amplified by P can move)
+                            slack[step] = fuzz_tracker.step_truth(
+                                _Rounding(grads, grads_in, pre), seen[-1], parts, opts, coefs
+                            )
                 estimate = tracker.estimate()
                 history = list(tracker.history)
             finally:
@@ -493,7 +497,7 @@ def run_tracker(spec, setup, model, per_example_loss, n):
         if isinstance(both[0], str):
             res["cls"], res["why"] = "STRUCTURE", f"step {step}: {both[0]}"
             return res
-        offs = [_record_off(step, record, truth, tol) for truth in both]
+        offs = [_record_off(step, record, truth, tol, slack.get(step)) for truth in both]
         bad += min(offs, key=len)
     if estimate.steps != measured_steps and not bad:
         bad.append(("estimate", "steps", estimate.steps, measured_steps))
@@ -518,21 +522,54 @@ def run_tracker(spec, setup, model, per_example_loss, n):
     return res
 
 
-def _record_off(step, record, truth, tol):
-    """[(step, key, got, want)] for the record's numbers off the truth's beyond `tol`."""
+def _record_off(step, record, truth, tol, slack=None):
+    """[(step, key, got, want)] for the record's numbers off the truth's beyond `tol`, and
+    beyond twice `slack`'s bound where the step is preconditioned (:class:`_Rounding`)."""
     _, big, _, sources = truth
+    _, big_slack, _, slacks = slack if slack is not None else (None, 0.0, None, {})
     out = []
     worst = max(abs(record["sqnorm_big"]), 1e-30)
     for sb in sources.values():
         worst = max(worst, sb.sqnorm_sum / sb.count)
-    if abs(record["sqnorm_big"] - big) > tol * max(worst, abs(big)):
+    if abs(record["sqnorm_big"] - big) > tol * max(worst, abs(big)) + 2 * big_slack:
         out.append((step, "sqnorm_big", record["sqnorm_big"], big))
     for name, sb in sources.items():
         got = record["sources"].get(name, {}).get("sqnorm_small")
         want = sb.sqnorm_sum / sb.count
-        if got is None or abs(got - want) > tol * max(abs(want), 1e-30):
+        allowed = 2 * slacks[name].sqnorm_sum / slacks[name].count if name in slacks else 0.0
+        if got is None or abs(got - want) > tol * max(abs(want), 1e-30) + allowed:
             out.append((step, f"{name}.sqnorm_small", got, want))
     return out
+
+
+class _Rounding(fuzz_tracker._Norms):
+    """The most the gradients' rounding can move each preconditioned norm: Σ P²((|h| + d)² − h²)
+    for a combination h = Σ c_i g_i (the c_i positive, summing to 1), d = P · max_i |g_i − g'_i|
+    the rounding of each coordinate as far as two float32 computations of the same gradient
+    (one-example forwards, g; rows of the batch's forward, g') show it.
+
+    A coordinate whose gradient is zero in exact arithmetic (a bias before an instance norm, a
+    weight behind a zero-initialised one: seed 4097) is rounding alone, ~1e-8 in float32; Adam's
+    v̂ is then its square and P = 1/(√v̂ + ε) ~ 1e8, so P ⊙ g is O(1) there and its sign and size
+    are the rounding's: any two float32 computations of |P ⊙ g|² (the tracker's, this oracle's
+    two) differ by far more than the dtype's 1e-4 (1e-3 to 1e-1 on seed 4097, the tracker within
+    0.25 of this bound; exact to 1e-16 on the float64 model, hunt/pre_scaler_repro.py). Until
+    2026-12-07 the oracle compared at 1e-4 alone and called that WRONG-SILENT."""
+
+    def __init__(self, grads, other, pre):
+        super().__init__(grads, pre, [0] * len(pre), 0)
+        self.d = [
+            torch.stack([(a[t] - b[t]).abs() for a, b in zip(grads, other, strict=True)]).amax(0)
+            * pre[t]
+            for t in range(len(pre))
+        ]
+
+    def sq(self, coefs):
+        total = 0.0
+        for t, d in enumerate(self.d):
+            v = sum(c * self.h[i][t] for i, c in coefs.items()).abs()
+            total += float(((v + d).pow(2) - v.pow(2)).sum())
+        return total, None
 
 
 def fuzz_runner_json(x):
