@@ -691,3 +691,76 @@ def test_an_optimizer_recreated_after_preconditioning_started_leaves_its_steps_o
             tracker2.remove()
     finally:
         tracker.remove()
+
+
+class _Cancelled(nn.Module):
+    """The precision fuzzer's seed 4097: a stem bias before an instance norm, and an einsum and a
+    linear head behind the norm's zero-initialised bias — gradients zero in exact arithmetic but
+    for the norm's bias and the head's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(3, 6)
+        self.norm = nn.InstanceNorm1d(6, affine=True)
+        self.w = nn.Parameter(0.3 * torch.randn(6, 6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.norm(self.stem(x).transpose(1, 2)).transpose(1, 2)
+        return self.head(torch.einsum("ntd,ed->nte", h, self.w).mean(1))
+
+
+def test_a_loss_scale_doubling_every_step_leaves_the_preconditioned_norms_exact():
+    """A GradScaler whose scale doubles every step (growth_interval 1), clipping, Adam's default
+    ε = 1e-8 with P up to ~1e8 on the coordinates whose gradient is zero in exact arithmetic:
+    every record's |P⊙G|² and per-example mean |P⊙g_i|² equal brute force with Adam's state
+    before the step, to float64's rounding. (The precision fuzzer called this WRONG-SILENT in
+    float32, 0.4-2.5% off: there those coordinates' gradients are float32 rounding, ~1e-8, and P
+    makes them O(1), so any two float32 computations differ that much — the oracle's, fixed in
+    tests/fuzz_precision.py's _Rounding, hunt/pre_scaler_repro.py.)"""
+    torch.manual_seed(0)
+    model = _Cancelled()
+    params = list(model.parameters())
+    opt = torch.optim.Adam(params, lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0, growth_interval=1)
+    tracker = noisescale.GradientNoiseTracker(
+        model, precondition=opt, precondition_from=1, per_example_fraction=1.0, scaler=scaler
+    )
+    x, y = torch.randn(4, 3, 3), torch.tensor([0, 1, 2, 1])
+    expected = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (step 1 is plain: the optimizer has no state yet)
+        for step in range(5):
+            if step:
+                p2 = [manual_p2(opt, p) for p in params]
+                with tracker.paused():
+                    grads = [
+                        torch.autograd.grad(
+                            nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]),
+                            params,
+                        )
+                        for i in range(4)
+                    ]
+                big = [torch.stack(col).mean(0) for col in zip(*grads, strict=True)]
+                per_ex = np.mean(
+                    [
+                        sum(float((w * g**2).sum()) for w, g in zip(p2, gi, strict=True))
+                        for gi in grads
+                    ]
+                )
+                expected.append(
+                    (sum(float((w * g**2).sum()) for w, g in zip(p2, big, strict=True)), per_ex)
+                )
+            scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+            tracker.step()
+            torch.nn.utils.clip_grad_norm_(params, 1e30)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+    assert scaler.get_scale() == 16.0 * 2**5
+    records = tracker.history[1:]
+    assert [r["preconditioned"] for r in records] == [True] * 4
+    f64 = 64 * torch.finfo(torch.float64).eps
+    for record, (big, per_ex) in zip(records, expected, strict=True):
+        assert record["sqnorm_big"] == pytest.approx(big, rel=f64)
+        assert record["sources"]["per_example"]["sqnorm_small"] == pytest.approx(per_ex, rel=f64)
