@@ -176,9 +176,13 @@ class PassOpening:
         self._unopened_calls += 1
         order = self._unopened_calls
         for t in _tensors(output):
-            if t.requires_grad:
-                t.register_hook(
-                    lambda grad: self._set_unopened(label, names, transform, order)  # type: ignore[func-returns-value]
+            if t.requires_grad and t.grad_fn is not None:
+                # a pre-hook on the node that made the output, not a hook on the tensor: a
+                # backward that stops at the output — torch.autograd.grad(…, inputs=e), an input
+                # saliency for a log — does not run the node and is no use of the parameters
+                # (refused every step for a while on 2026-12-07, a review)
+                t.grad_fn.register_prehook(
+                    lambda grads: self._set_unopened(label, names, transform, order)  # type: ignore[func-returns-value]
                 )
 
     def _closed(self) -> bool:
