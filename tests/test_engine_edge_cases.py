@@ -2027,6 +2027,36 @@ def test_selective_activation_checkpointing_is_measured_and_said_unchecked(selec
         assert len(tracker.history) == 4
 
 
+def test_another_models_selective_checkpointing_backward_is_left_to_run_once():
+    """An engine whose forward waits for its backward walks every backward's loss from its
+    start (a penalty's parameters, Backward._loss_side) — another model's too: the walk read
+    a LayerNorm's saved weight inside that model's selective checkpointing, whose recompute
+    allows one backward, and the user's backward failed "Trying to backward an extra time"
+    (a Lightning fit a refusal ended left such an engine; found by test order, 2026-12-07).
+    A hooked saved tensor is now read without unpacking it."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g)
+    loss = nn.functional.cross_entropy
+    other, model = nn.Linear(6, 3), _SacBlocks(True)
+    with noisescale.per_example_sqnorms(other, loss_reduction="sum") as pe:
+        pending = loss(other(x), y, reduction="sum")
+        loss(model(x), y).backward()  # (another model's step, inside this one's)
+        pending.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    want = torch.stack(
+        [
+            sum(
+                gr.pow(2).sum()
+                for gr in torch.autograd.grad(
+                    loss(other(x[i : i + 1]), y[i : i + 1]), list(other.parameters())
+                )
+            )
+            for i in range(5)
+        ]
+    )
+    assert torch.allclose(pe.sqnorms, want, rtol=1e-9)
+
+
 def _crops_vit():
     from transformers import ViTConfig, ViTModel
 

@@ -227,8 +227,14 @@ def test_lightning_two_optimizers_stepped_in_one_batch_are_refused(second_forwar
     )
     callback = LightningCallback(sync_every=1, log_every=0)
     trainer = _lit_trainer(callback, max_epochs=1, limit_train_batches=2)
+    two = Two()
     with pytest.raises(NoiseScaleInputError, match="a second optimizer step in one training batch"):
-        trainer.fit(Two(), torch.utils.data.DataLoader(data, batch_size=4))
+        trainer.fit(two, torch.utils.data.DataLoader(data, batch_size=4))
+    # released, though Lightning calls no teardown after an error: the model's hooks and the
+    # engine's watch of every torch call stayed, and its walk of each later backward made
+    # another model's under selective checkpointing fail (test order, until 2026-12-07)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in two.modules())
+    assert not torch._C._len_torch_function_stack()
 
 
 @needs_lightning

@@ -224,6 +224,19 @@ class NoiseScaleCallback(pl.Callback):
         if stage == "fit":
             self._release()
 
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning calls no teardown when a fit raises (a refusal, an interrupt): the model
+        # kept the tracker's hooks and its engine lived on, walking every later backward of
+        # any model in the process (until 2026-12-07). Released as the tracker's own with
+        # block releases it on an error: what was pending stays pending, the error is the fit's.
+        if self._forward_handle is not None:
+            self._forward_handle.remove()
+            self._forward_handle = None
+        if self.tracker is not None:
+            self.tracker.__exit__(type(exception), exception, exception.__traceback__)
+
     # -- measurement ---------------------------------------------------------------------------
 
     def on_before_backward(

@@ -1482,6 +1482,26 @@ _RESHAPES = {
 }
 
 
+def _hooked_saved(node: Any, attr: str) -> Any:
+    """What :func:`_node_shape` holds of a saved tensor (or list of them) packed by a
+    saved-tensor hook, read without unpacking it: ``"T"`` (``("?", …)`` for a list), or None
+    where none of it is hooked (reading it runs no hook). Unpacking runs the hook: activation
+    checkpointing's recomputes the region, and selective checkpointing's allows one — an
+    engine's walk of another model's backward (its own forward waiting for its backward, or
+    an engine never removed: a Lightning fit a refusal ended) read a LayerNorm's weight in it
+    and the user's backward failed, "Trying to backward an extra time" (until 2026-12-07)."""
+    raw = getattr(node, "_raw" + attr, None)
+    saved = raw if isinstance(raw, list | tuple) else [raw]
+    if not any(getattr(s, "unpack_hook", None) is not None for s in saved):
+        return None
+    if isinstance(raw, list | tuple):  # (a hooked tensor is given: never None)
+        return tuple(
+            "?" if getattr(s, "unpack_hook", None) is not None or s.unpack() is not None else None
+            for s in raw
+        )
+    return "T"
+
+
 def _node_shape(node: Any, name: str, sizes: set) -> tuple:
     """One node's part of the loss's shape: its name, the structural saved attributes of its
     type (:data:`_SHAPE_WORDS`: ``_saved_dim``, ``_dims``, ``_dim0``/``_dim1``,
@@ -1507,7 +1527,9 @@ def _node_shape(node: Any, name: str, sizes: set) -> tuple:
     parts: list[Any] = [name.rstrip("0123456789")]
     for a in attrs:
         try:
-            v = getattr(node, a)
+            v = _hooked_saved(node, a)
+            if v is None:
+                v = getattr(node, a)
         except Exception:  # (a saved tensor freed, an attribute torch cannot give)
             v = "?"
         if isinstance(v, Tensor):
