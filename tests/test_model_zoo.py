@@ -1952,3 +1952,49 @@ def test_a_nan_output_gradient_on_padding_positions_leaves_the_norms_exact(track
         assert small == pytest.approx(float(want.mean()), rel=RTOL)
     finally:
         tr.remove()
+
+
+class _EmbedsOrIds(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.mid, self.head = nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, ids=None, inputs_embeds=None):
+        h = self.emb(ids) if inputs_embeds is None else inputs_embeds
+        return self.head(torch.tanh(self.mid(h))).sum(1)
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_an_input_saliency_through_a_caller_lookup_is_no_use_of_the_table(where):
+    """(A review, 2026-12-07.) An input saliency for a log — the table looked up by the caller,
+    torch.autograd.grad(model(inputs_embeds=e).sum(), e) — stops at the lookup's output and
+    writes no .grad: no use of the table. The first version of the refusal of calls outside the
+    forward (noted by a hook on the output tensor, which any backward reaching it fires) refused
+    every step; noted by a pre-hook on the lookup's node, measured as before (exact)."""
+    model = _EmbedsOrIds()
+    g = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(0, 10, (N, 3), generator=g), torch.randint(0, 3, (N,), generator=g)
+
+    def loss_of(i):
+        return F.cross_entropy(model(ids[i : i + 1]), y[i : i + 1], reduction="sum")
+
+    want = brute_force(model, loss_of)
+    tracker = noisescale.GradientNoiseTracker(
+        model, loss_reduction="sum", per_example_fraction=1.0, sync_every=1
+    )
+    try:
+        for _ in range(3):
+            model.zero_grad()
+            if where == "before":
+                e = model.emb(ids)
+                torch.autograd.grad(model(inputs_embeds=e).sum(), e)
+            F.cross_entropy(model(ids), y, reduction="sum").backward()
+            if where == "after":
+                e = model.emb(ids)
+                torch.autograd.grad(model(inputs_embeds=e).sum(), e)
+            tracker.step()
+        small = [r["sources"]["per_example"]["sqnorm_small"] for r in tracker.history]
+        assert small == pytest.approx([float(want.mean())] * 3, rel=RTOL)
+    finally:
+        tracker.remove()
