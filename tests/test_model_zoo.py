@@ -1998,3 +1998,56 @@ def test_an_input_saliency_through_a_caller_lookup_is_no_use_of_the_table(where)
         assert small == pytest.approx([float(want.mean())] * 3, rel=RTOL)
     finally:
         tracker.remove()
+
+
+class _NanAtPaddingBag(nn.Module):
+    """An EmbeddingBag with a padding row, one bag of padding alone, whose output gradient is
+    NaN there (``torch.where`` beside ``sqrt(h - h)``): autograd's table gradient never reads
+    it; functional (``F.embedding_bag`` on the module's own weight) or the module."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bag = nn.EmbeddingBag(10, 4, mode="mean", padding_idx=0)
+        self.head = nn.Linear(4, 3)
+        self.functional = functional
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.functional:
+            h = F.embedding_bag(ids, self.bag.weight, mode="mean", padding_idx=0)
+        else:
+            h = self.bag(ids)
+        keep = (ids != 0).any(1, keepdim=True)
+        nan_there = torch.sqrt(torch.where(keep, torch.ones_like(h), h - h))
+        return self.head(torch.where(keep, h, nan_there))
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+def test_a_nan_output_gradient_on_a_bag_of_padding_leaves_the_norms_exact(functional):
+    """(A review, 2026-12-07.) The fix above left EmbeddingBag's rule multiplying the bags'
+    weights (0 on padding) by the output gradient: every norm NaN without a word. Selected
+    away: exact."""
+    model = _NanAtPaddingBag(functional)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 10, (N, 5), generator=g)
+    ids[1] = 0  # (a bag of padding alone)
+    y = torch.randint(0, 3, (N,), generator=g)
+    want = brute_force(model, lambda i: F.cross_entropy(model(ids[i : i + 1]), y[i : i + 1]))
+    assert bool(want.isfinite().all())
+    if not functional:
+        got = measured(model, lambda: F.cross_entropy(model(ids), y))
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=0)
+        return
+    # (the module's weight used directly: the tracker learns it on step 1, measures from step 2)
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0, sync_every=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(3):
+                model.zero_grad()
+                F.cross_entropy(model(ids), y).backward()
+                tracker.step()
+        small = [r["sources"].get("per_example", {}).get("sqnorm_small") for r in tracker.history]
+        assert small[1:] == pytest.approx([float(want.mean())] * 2, rel=RTOL)
+    finally:
+        tracker.remove()

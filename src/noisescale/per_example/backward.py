@@ -769,7 +769,9 @@ class Backward:
             k = idx.shape[0]
             idx2 = idx.reshape(k, -1)
             if bag is not None:
-                d3 = bag.unsqueeze(-1).to(g.dtype) * g.reshape(k, 1, -1)
+                w3 = bag.unsqueeze(-1).to(g.dtype)
+                # (weight 0 selected away, not multiplied: a NaN there, bag_factors)
+                d3 = torch.where(w3 != 0, w3 * g.reshape(k, 1, -1), 0)
             else:
                 d3 = g.reshape(k, idx2.shape[1], -1)
             pad = meeting.extra.get("padding_idx")

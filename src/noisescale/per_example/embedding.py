@@ -189,7 +189,10 @@ def bag_factors(
     # negatives, saved [N, K, L] as each example's) is each example's K bags read as one
     # (until 2026-12-06 a size mismatch here, a hunt)
     dd = weight.unsqueeze(-1).to(d.dtype if d.dtype.is_floating_point else torch.float32)
-    dd = dd * d.unsqueeze(-2)
+    # (where the weight is 0 — padding, an empty bag's slots — selected away, not multiplied: a
+    # NaN output gradient of a bag of padding alone, which autograd's table gradient never
+    # reads, read every norm NaN without a word until 2026-12-07, a review; embedding_factors)
+    dd = torch.where(dd != 0, dd * d.unsqueeze(-2), 0)
     n = dd.shape[0]
     return {
         "weight": EmbeddingFactor(
