@@ -1961,8 +1961,8 @@ class GradientNoiseTracker:
                 # (the scaler given: a step() after scaler.update() reads .grad with the new
                 # scale — until 2026-12-07 this said to pass the scaler, which was passed)
                 "With the GradScaler given, call tracker.step() before scaler.step(optimizer) "
-                "and scaler.update(): update() changes the scale .grad is read with (unscale_ "
-                "before tracker.step() is fine)"
+                "and scaler.update(): update() may change the scale .grad is read with "
+                "(unscale_ before tracker.step() is fine)"
                 if self.scaler is not None
                 else "A GradScaler's unscale_ before tracker.step() is fine (pass it: "
                 "GradientNoiseTracker(..., scaler=scaler))"
