@@ -207,6 +207,39 @@ def counted_mean_message(declared: str, passes: Sequence[PassNorms]) -> str | No
     return None
 
 
+def own_labels_message(declared: str, passes: Sequence[PassNorms]) -> str | None:
+    """A step under ``loss_reduction="sum"`` whose loss is a Hugging Face classifier's own
+    ``labels=`` loss computed in its forward (BERT's ``CrossEntropyLoss``, not through its
+    ``loss_function``) with labels of -100 (:attr:`PassNorms.counted_labels`): the refusal's
+    text; else ``None`` (under ``"mean"`` :func:`counted_mean_message` refuses it).
+
+    That loss is a mean over the labelled examples, each weighing 1/(labelled), a count that
+    depends on the others drawn: no sum over the examples, and not a definition of the user's
+    to take as given (a hand-written ``(ℓ·m).sum() / m.sum()`` is). Until 2026-12-07 it was
+    taken as given under ``"sum"``: the one-shot norms C² below each example's own loss (C the
+    examples labelled; 0.75 off at C = 2) without a word, the tracker's estimate as biased as
+    under ``"mean"`` (a fuzz hunt)."""
+    if declared != "sum":
+        return None
+    if not any(p.counted_labels is not None and bool(p.counted_labels) for p in passes):
+        return None
+    return (
+        "the model computed its loss itself from labels= of one class per example (BERT's "
+        "classifier: a CrossEntropyLoss in its forward, not through its loss_function), and "
+        "some labels are -100: that loss is a mean over the examples whose label is not -100, "
+        "each weighing 1/(their count), which depends on the examples drawn — not a sum over "
+        "the examples, as loss_reduction='sum' says, and not a mean over the examples fed, so "
+        "neither the norms of each example's own loss nor an unbiased B_simple can be read "
+        "from it (GradientNoiseTracker records nothing of such a step). Compute the loss "
+        "yourself from the logits without passing labels= to the model: "
+        "F.cross_entropy(out.logits, labels, reduction='sum') / len(labels) with "
+        "loss_reduction='mean' (each example's own cross-entropy, 0 for one labelled -100), "
+        "or reduction='sum' with loss_reduction='sum'; with GradientNoiseTracker, "
+        "loss_reduction='token_mean' and tracker.count_tokens(labels) for a noise scale per "
+        "labelled example"
+    )
+
+
 def submodule_called_message(lead: str, model: nn.Module, label: str) -> str:
     """The refusal of a step in which a layer ran with gradients enabled outside a forward of
     the measured ``model`` (:attr:`PerExampleNorms.unopened`); ``lead`` names the fix."""

@@ -13,6 +13,7 @@ from noisescale.per_example.engine import (
 )
 from noisescale.per_example.messages import (
     loss_kind_message,
+    own_labels_message,
     submodule_called_message,
     transform_message,
 )
@@ -157,7 +158,9 @@ class per_example_sqnorms:
         # until 2026-12-07 taken as given under "sum", N² below each example's own loss without
         # a word, a hunt)
         evenly = p.units_error is not None and counts is not None
-        wrong_kind = loss_kind_message(self.loss_reduction, [p], evenly=evenly)
+        wrong_kind = own_labels_message(self.loss_reduction, [p]) or loss_kind_message(
+            self.loss_reduction, [p], evenly=evenly
+        )
         if wrong_kind is not None:
             raise NoiseScaleInputError(wrong_kind)
         if counted and self.loss_reduction == "mean":
