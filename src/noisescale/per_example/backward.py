@@ -822,7 +822,9 @@ class Backward:
             self._deliver(pass_, {"p": self._param[source.pid]}, {"p": factor}, reaches)
             return
         origin, operand = data
-        per = dense().reshape(-1, *operand.shape)
+        per = dense()
+        # (k given, not -1: an operand of no element, a [0, V] weight, has no -1 to infer)
+        per = per.reshape(per.shape[0], *operand.shape)
         self._to_sources(pass_, origin, operand, per, reaches)
 
     def _to_sources(
@@ -868,9 +870,11 @@ class Backward:
             if slot.total is None:
                 return
             p = self._param[source.pid]
-            self._deliver(
-                pass_, {"p": p}, {"p": DenseFactor(slot.total.reshape(-1, *p.shape))}, reaches
-            )
+            # (k given, not -1: a parameter of no element — MobileBERT's LM head's dense
+            # weight, [0, V] where its embedding size is its hidden size — made the reshape
+            # crash until 2026-12-07, a fuzz hunt; its norm is 0)
+            per = slot.total.reshape(slot.total.shape[0], *p.shape)
+            self._deliver(pass_, {"p": p}, {"p": DenseFactor(per)}, reaches)
             return
         call: _Call = source.call
         saved = call.box[0]
