@@ -583,6 +583,12 @@ ROWS_UNPROVEN = (
 RAN_ALONG = "ran along the examples"
 
 
+# (an exception inside one of the loss watch's own rules: noisescale's fault, which
+# _coupled_message names as such — until 2026-12-07 it was led as a loss that combines the
+# examples, a ZeroDivisionError on an empty view among them, a fuzz hunt)
+RULE_FAILED = "in noisescale's rule"
+
+
 # (a CTC given an output whose examples the watch holds in dim 0, at T = N: a time-major
 # model's layer applied to its [T, N, …] activations, measured as if batch-first —
 # _coupled_message leads with that, not with a loss that combines the examples)
@@ -610,6 +616,14 @@ def _coupled_message(pass_: PassNorms, time_major: list[str] | None = None) -> s
             "and transpose the log-probabilities for the CTC only, log_probs.transpose(0, 1); "
             "a batch-first output [N, T, C] given to F.ctc_loss as it is is read time-major "
             "and combines the examples. Or use per_example=False"
+        )
+    if f"{RULE_FAILED})" in (pass_.coupled or ""):
+        return (
+            f"noisescale failed to follow the loss: {pass_.coupled}, and the backward started "
+            "from the result. That is an error of noisescale's own, not a sign that the loss "
+            "combines the examples: please report it with the loss's code. Meanwhile "
+            "per_example=False measures the step (the noise scale from micro-batch or replica "
+            "gradients)"
         )
     if ROWS_UNPROVEN in (pass_.coupled or ""):
         return (
