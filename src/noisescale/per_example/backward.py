@@ -36,6 +36,7 @@ from noisescale.per_example.graph import (
     _MOVED,
     _assembled_rows,
     _batched_grad,
+    _flat_size,
     _selected_rows,
     _subset_rows,
     loss_side_params,
@@ -391,7 +392,13 @@ class Backward:
                 "nn.LSTM/GRU/RNN, MultiheadAttention and TransformerEncoder with "
                 "batch_first=False, are handled)"
                 if time_major
-                else _flattened_hint(size, n)
+                else _flattened_hint(
+                    size,
+                    n,
+                    no_history=isinstance(first, Tensor)
+                    and first.grad_fn is None
+                    and _flat_size(rule, module, size, n),
+                )
             )
         call = _Call(module, rule, label, params, 0, [saved], size=size, why=why, picked=picked)
         if output.requires_grad and output._base is not None:

@@ -308,10 +308,29 @@ def _input_sizes_clause(pass_: PassNorms) -> str:
     )
 
 
-def _flattened_hint(size: int, n: int) -> str:
-    """What a leading size that is a multiple of the batch's most likely means."""
+# (a flattened call whose input has no autograd history: _flattened_hint names it, and the
+# refusal then leads with its fix, not with how to lay the rows out)
+NO_HISTORY = "carries no autograd history"
+
+
+def _flattened_hint(size: int, n: int, no_history: bool = False) -> str:
+    """What a leading size that is a multiple of the batch's most likely means. ``no_history``:
+    the layer treats positions alike, and its input has no autograd history from which the
+    flattening could be read (the layers before it frozen: LoRA on a frozen Swin's windows,
+    refused until 2026-12-07 as if the rows' layout were the cause, a fuzz hunt)."""
     if n < 1 or size <= n or size % n:
         return ""
+    if no_history:
+        return (
+            f" — {size} = {n} × {size // n}, and that input {NO_HISTORY} (the layers before "
+            "it are frozen, or it was computed without gradients), so whether its rows are "
+            f"each example's {size // n} in turn — a frozen Swin's windows, x.reshape(-1, D) "
+            "of a batch-first [N, T, D] — cannot be read from how it was computed. Make the "
+            "model's input require gradients (pixel_values.requires_grad_(); a transformers "
+            "text model's token ids: model.enable_input_require_grads()): the frozen layers' "
+            "outputs then carry that history, and the layer is measured exactly; or train a "
+            "layer before it, or use per_example=False"
+        )
     return (
         f" — {size} = {n} × {size // n}: if the examples were flattened together with another "
         "dimension, noisescale can tell which example a row belongs to only for a layer that "
@@ -501,12 +520,17 @@ def _ambiguous_message(pass_: PassNorms) -> str:
         # forward by a beam search's topk, were embedded as they are — a hunt)
         # (the first of them: the call on rows of its own, not on an earlier one's output)
         first = next((c for c in flat if "used directly" not in c.why), flat[-1])
-        return (
+        lead = (
             f"layer '{first.label}' was called on {first.size} = {n} × {first.size // n} rows "
             f"that noisescale cannot tell to be each example's in turn ({first.why}), and was "
             f"treated as shared by all examples; what it computed, through {labels}, met the "
             f"batch row by row in the operation '{op}' only through a tensor without autograd "
-            f"history of shape {list(other)}. Call it on rows that show the examples' layout, "
+            f"history of shape {list(other)}"
+        )
+        if NO_HISTORY in first.why:
+            return lead  # (its fix named in the cause)
+        return (
+            f"{lead}. Call it on rows that show the examples' layout, "
             f"[{n}, {first.size // n}, …] flattened: a view of a batch-first tensor, "
             "x.reshape(-1, D), not a copy of a time-major one; token ids of flattened beams "
             f"embedded batch-first, emb(tok.view({n}, -1)).flatten(0, 1), not emb(tok) on "
