@@ -55,7 +55,8 @@ class per_example_sqnorms:
             model's loss on that example alone (the mean over its own counted tokens, times any
             constant the loss was multiplied by; an example with none has norm 0). T5 and BART
             compute that loss themselves: refused when the examples count different numbers of
-            tokens, a plain mean over the examples (held to ``loss_reduction``) when as many.
+            tokens, a plain mean over the examples (held to ``loss_reduction``) when as many;
+            so is BERT's classifier over labels of which some are -100 (under either).
 
     A loss scaled by a ``torch.amp.GradScaler`` (``scaler.scale(loss).backward()``) has the
     scale divided out (the scale its backward ran with).
