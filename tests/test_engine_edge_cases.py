@@ -2376,3 +2376,63 @@ def test_an_audit_of_an_all_zero_gradient_proves_nothing():
     o = out.detach()
     want = 4 * o**2 * (X.pow(2).sum(1) + 1)
     torch.testing.assert_close(done.raw_sqnorms, want, rtol=1e-10, atol=0)
+
+
+class _NoElement(nn.Module):
+    """Parameters of no element beside ordinary ones: MobileBERT's LM head (a [0, V] weight
+    read directly, in a product with the tied decoder's weight concatenated to it), a layer of
+    no output feature, one of no input feature (its bias counts), an embedding of width 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(3, 4)
+        self.dec = nn.Parameter(torch.randn(5, 4))
+        self.dense = nn.Parameter(torch.zeros(0, 5))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (torch: initialising zero-element tensors)
+            self.no_out, self.no_in = nn.Linear(4, 0), nn.Linear(0, 5)
+        self.table = nn.Embedding(7, 0)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        logits = h.matmul(torch.cat([self.dec.t(), self.dense], 0)) + self.no_in(x[:, :0])
+        ids = torch.arange(len(x)) % 7
+        return torch.cat([logits, self.no_out(h), self.table(ids)], 1)
+
+
+@pytest.mark.parametrize("subbatches", [0, 6])
+def test_parameters_of_no_element_count_zero(subbatches):
+    """A parameter with no element adds 0 to every norm. MobileBERT with its embedding size
+    equal to its hidden size has one ([0, V]) and crashed the engine's backward hook until
+    2026-12-07 ("cannot reshape tensor of 0 elements into shape [-1, 0, 13]", a fuzz hunt), as
+    did a Linear of no output feature and an Embedding of width 0: the norms now equal one
+    backward per example, in the one-shot measurement and the engine (per example, or one
+    sub-batch product per example)."""
+    torch.manual_seed(0)
+    model = _NoElement()
+
+    def losses():
+        return per_loss(model(X))
+
+    want = example_sqnorms(model, lambda i: losses()[i], 6)
+    assert bool((want > 0).all())
+    with noisescale.per_example_sqnorms(model) as pe:
+        losses().mean().backward()
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+    engine = PerExampleNorms(model, subbatches=subbatches)
+    measured = 0
+    try:
+        for _ in range(2):
+            model.zero_grad()
+            losses().mean().backward()
+            (p,) = engine.collect()
+            if p.raw_sqnorms is None:  # (the direct use learned on the first step)
+                continue
+            got = p.raw_sqnorms * 36
+            if p.subbatches is not None:  # (6 sub-batches of one example each, shuffled)
+                got = got[torch.argsort(p.subbatches.index)]
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+            measured += 1
+    finally:
+        engine.remove()
+    assert measured >= 1

@@ -455,6 +455,43 @@ def test_lora_adapters_from_peft(name, path, monkeypatch):
     assert_subbatches_exact(model, batch, one, 10, k=4, steps=3, rtol=RTOL)
 
 
+def test_lora_on_a_frozen_swin_names_the_missing_history_and_its_fix():
+    """LoRA on a frozen Swin's attention: the adapters are called on the windows flattened with
+    the examples, [N·k, w², C], computed by frozen layers — no autograd history from which
+    noisescale can read that the rows are each example's k in turn (its proof for Swin trained
+    whole). Refused at every step until 2026-12-07 with the rows' layout named as the cause
+    and fixes that did not apply (a fuzz hunt); the refusal names the missing history and its
+    fix, and with the input requiring gradients the same model is exact against brute force."""
+    from noisescale.errors import UnsupportedModuleError
+
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(ZOO["swin"][0](), config).train()
+    for pname, p in model.named_parameters():
+        if "lora_B" in pname:
+            nn.init.normal_(p, std=0.1)
+    x = torch.randn(N, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    y = torch.arange(N) % 3
+
+    def batch() -> torch.Tensor:
+        return model(pixel_values=x, labels=y).loss
+
+    def one(i: int) -> torch.Tensor:
+        return model(pixel_values=x[i : i + 1], labels=y[i : i + 1]).loss
+
+    with pytest.raises(UnsupportedModuleError) as err:
+        measured(model, batch)
+    model.zero_grad()
+    said = str(err.value)
+    assert "lora_A" in said and "carries no autograd history" in said, said
+    assert "pixel_values.requires_grad_()" in said and "Call it on rows" not in said, said
+    x.requires_grad_(True)
+    assert_exact(model, batch, one)
+
+
 # (ALBERT and ConvNeXt do not support gradient checkpointing in transformers)
 CHECKPOINTING = [name for name in ZOO if name not in ("albert", "convnext")]
 

@@ -677,6 +677,31 @@ def test_router_logits_returned_without_labels_name_the_setting_not_an_auxiliary
     assert float(((pe.sqnorms - want).abs() / want).max()) < 1e-6
 
 
+@pytest.mark.parametrize("n", [2, 3])
+def test_the_routers_loss_added_by_hand_is_named_at_as_many_experts_as_examples(n):
+    """Mixtral's routers' load-balancing loss added to a loss written by hand, ``ce +
+    0.5 * out.aux_loss``: it combines the examples, refused. With as many experts as examples
+    (E = N = 3) the router logits [N·T, E] have the batch's size outside dim 0, and until
+    2026-12-07 the refusal named only that shape (a hunt) — at N = 2 the routers' loss; it
+    leads with the routers' loss at every N now."""
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=V, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+        num_local_experts=3, num_experts_per_tok=2, output_router_logits=True,
+        router_aux_loss_coef=0.5, experts_implementation="batched_mm",
+    )).eval()  # fmt: skip
+    ids = _ids(n=n)
+    with pytest.raises(UnsupportedModuleError) as err:
+        with noisescale.per_example_sqnorms(model):
+            out = model(input_ids=ids)
+            ce = F.cross_entropy(out.logits[:, :-1].transpose(1, 2), ids[:, 1:])
+            (ce + 0.5 * out.aux_loss).backward()
+    said = str(err.value)
+    assert said.startswith("This model returns its routers' logits"), said
+    assert "output_router_logits=True, router_aux_loss_coef=0.5" in said, said
+
+
 @pytest.mark.parametrize("n", [3, 4])
 def test_recurrent_gemma_s_gates_are_refused_with_both_possible_causes(n):
     """RecurrentGemma's RG-LRU computes its gates from activations moved to [heads, N·T,

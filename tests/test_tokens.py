@@ -613,6 +613,47 @@ def test_the_multiplier_on_the_loss_is_measured_not_assumed():
             assert a["b_simple"] == pytest.approx(b["b_simple"], rel=1e-9, nan_ok=True)
 
 
+def test_a_classifiers_own_loss_with_labels_of_minus_100_is_refused_under_sum():
+    """BERT's classifier computes its cross-entropy itself (not through its loss_function): with
+    labels of -100 it is a mean over the C labelled examples. Until 2026-12-07 it was taken as
+    given under loss_reduction="sum": the one-shot norms C² = 4 below each example's own loss
+    (0.75 off) without a word, the tracker recording it — the same loss is refused under
+    "mean" (a fuzz hunt, seed 10038). Refused under "sum" too, naming the cause and the fix;
+    the fix — the loss by hand, its sum over the examples divided by N, under "mean" — gives
+    each example's own cross-entropy (brute force: one example alone), 0 for the unlabelled."""
+    model, batches = _classifier_and_batches(1)
+    model.eval()
+    ids, _ = batches[0]
+    ids, labels = ids[:3], torch.tensor([-100, 1, 0])
+    with pytest.raises(NoiseScaleInputError) as err:
+        with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
+            model(ids, labels=labels).loss.backward()
+    model.zero_grad()
+    said = str(err.value)
+    assert "some labels are -100" in said and "not a sum over the examples" in said, said
+    assert "F.cross_entropy(out.logits, labels, reduction='sum') / len(labels)" in said, said
+    tracker = noisescale.GradientNoiseTracker(model, loss_reduction="sum")
+    try:
+        with pytest.raises(NoiseScaleInputError, match="some labels are -100"):
+            model(ids, labels=labels).loss.backward()
+            tracker.step()
+        assert tracker.history == []
+    finally:
+        tracker.remove()
+        model.zero_grad()
+    with noisescale.per_example_sqnorms(model, loss_reduction="mean") as pe:
+        F.cross_entropy(model(ids).logits, labels, reduction="sum").div(3).backward()
+    model.zero_grad()
+    want = [0.0]
+    for i in (1, 2):
+        grads = torch.autograd.grad(
+            model(ids[i : i + 1], labels=labels[i : i + 1]).loss, list(model.parameters())
+        )
+        want.append(sum(float(g.pow(2).sum()) for g in grads))
+    assert want[1] > 0 and want[2] > 0
+    assert pe.sqnorms.tolist() == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
 def _unlabelled_pool(pool: int = 64):
     """A tiny Llama sequence classifier (its loss through ``loss_function``, float64) and a pool
     of sequences a quarter of which are labelled -100 (left out of the loss's mean), with each

@@ -304,10 +304,11 @@ class TokenWatcher:
             and pass_.forward_watched
         ):
             # a classifier's loss computed in its forward (BERT's CrossEntropyLoss): a mean
-            # over the examples whose label is not -100 (per_example_sqnorms refuses it, and
-            # the tracker under "mean"). Flagged where the step is audited (its forward
-            # followed: a one-shot pass always is), the flag being read on the host there only
-            pass_.counted_mean = (labels == IGNORE_INDEX).any()
+            # over the examples whose label is not -100 (refused under "mean" as any counted
+            # mean, and under "sum" as the model's own: messages.own_labels_message). Flagged
+            # where the step is audited (its forward followed: a one-shot pass always is), the
+            # flag being read on the host there only
+            pass_.counted_mean = pass_.counted_labels = (labels == IGNORE_INDEX).any()
         if not isinstance(labels, Tensor) or labels.dim() < 2:
             return
         name = type(module).__name__

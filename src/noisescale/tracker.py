@@ -71,6 +71,7 @@ from noisescale.per_example.messages import (
     counted_mean_message,
     loss_kind_message,
     new_parameters_message,
+    own_labels_message,
     submodule_called_message,
     transform_message,
 )
@@ -1107,6 +1108,7 @@ class GradientNoiseTracker:
             loss_kind_message(self.loss_reduction, passes, accumulated=len(passes) > 1)
             or class_weighted_message(passes)
             or counted_mean_message(self.loss_reduction, passes)
+            or own_labels_message(self.loss_reduction, passes)
         )
         if wrong_kind is not None:
             raise NoiseScaleInputError(wrong_kind)

@@ -36,6 +36,7 @@ from noisescale.per_example.graph import (
     _MOVED,
     _assembled_rows,
     _batched_grad,
+    _flat_size,
     _selected_rows,
     _subset_rows,
     loss_side_params,
@@ -391,7 +392,13 @@ class Backward:
                 "nn.LSTM/GRU/RNN, MultiheadAttention and TransformerEncoder with "
                 "batch_first=False, are handled)"
                 if time_major
-                else _flattened_hint(size, n)
+                else _flattened_hint(
+                    size,
+                    n,
+                    no_history=isinstance(first, Tensor)
+                    and first.grad_fn is None
+                    and _flat_size(rule, module, size, n),
+                )
             )
         call = _Call(module, rule, label, params, 0, [saved], size=size, why=why, picked=picked)
         if output.requires_grad and output._base is not None:
@@ -825,7 +832,9 @@ class Backward:
             self._deliver(pass_, {"p": self._param[source.pid]}, {"p": factor}, reaches)
             return
         origin, operand = data
-        per = dense().reshape(-1, *operand.shape)
+        per = dense()
+        # (k given, not -1: an operand of no element, a [0, V] weight, has no -1 to infer)
+        per = per.reshape(per.shape[0], *operand.shape)
         self._to_sources(pass_, origin, operand, per, reaches)
 
     def _to_sources(
@@ -871,9 +880,11 @@ class Backward:
             if slot.total is None:
                 return
             p = self._param[source.pid]
-            self._deliver(
-                pass_, {"p": p}, {"p": DenseFactor(slot.total.reshape(-1, *p.shape))}, reaches
-            )
+            # (k given, not -1: a parameter of no element — MobileBERT's LM head's dense
+            # weight, [0, V] where its embedding size is its hidden size — made the reshape
+            # crash until 2026-12-07, a fuzz hunt; its norm is 0)
+            per = slot.total.reshape(slot.total.shape[0], *p.shape)
+            self._deliver(pass_, {"p": p}, {"p": DenseFactor(per)}, reaches)
             return
         call: _Call = source.call
         saved = call.box[0]

@@ -272,6 +272,11 @@ class Collect:
     def _add(self, pass_: PassNorms, p: nn.Parameter, factor: Factor) -> None:
         pid = id(p)
         pass_.covered.add(pid)
+        if p.numel() == 0:
+            # a parameter of no element (nn.Embedding(V, 0); MobileBERT's LM head's dense
+            # weight, [0, V] where its embedding size is its hidden size): 0 in every norm, and
+            # its factors, of no element, not reshaped (crashed until 2026-12-07, a fuzz hunt)
+            return
         if pass_.audit is not None:
             pass_.audit.add_sum(pid, factor, p.shape)
         if pass_.subbatches is not None:

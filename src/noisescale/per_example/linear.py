@@ -4,6 +4,7 @@ with a_t = x1_t ⊗ x2_t."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -14,8 +15,9 @@ from noisescale.per_example.registry import LayerRule, register_layer
 
 
 def _positions(a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-    n = a.shape[0]
-    return a.reshape(n, -1, a.shape[-1]), d.reshape(n, -1, d.shape[-1])
+    # (the positions given, not -1: a layer of no input or output feature has none to infer)
+    n, t = a.shape[0], math.prod(a.shape[1:-1])
+    return a.reshape(n, t, a.shape[-1]), d.reshape(n, t, d.shape[-1])
 
 
 def linear_factors(module: nn.Module, a: Tensor, d: Tensor) -> dict[str, Factor]:

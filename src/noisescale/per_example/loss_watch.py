@@ -65,6 +65,7 @@ from noisescale.per_example.messages import (
     CTC_AT_T_EQUAL_N,
     RAN_ALONG,
     ROWS_UNPROVEN,
+    RULE_FAILED,
     SIZES_COINCIDE,
 )
 from noisescale.per_example.shared import flatten
@@ -858,7 +859,7 @@ class LossWatch:
         try:
             layouts = _rule(func, args, kwargs, known, outs)
         except Exception as err:  # a rule that cannot read the operation: not followed
-            layouts = Mixed(f"'aten.{_name(func)}' ({type(err).__name__} in noisescale's rule)")
+            layouts = Mixed(f"'aten.{_name(func)}' ({type(err).__name__} {RULE_FAILED})")
         if not isinstance(layouts, list):
             layouts = [layouts] * len(outs)
         name = _name(func).rstrip("_")
@@ -2243,6 +2244,12 @@ def _product(func: Any, name: str, args: tuple, known: list, out: Tensor) -> Lay
 def _reshape(layout: Layout, shape: tuple, new: tuple, func: Any) -> Layout:
     if not isinstance(layout, Rows):
         return layout
+    if 0 in shape and new[: layout.dim + 1] == shape[: layout.dim + 1]:
+        # no element, the examples' dim and those before it kept: no value moves between
+        # examples — F.cross_entropy's view of a causal loss's logits on one-token sequences,
+        # [N, V, 0] to [N, V, 0, 0] (until 2026-12-07 this rule divided by the empty size, and
+        # the loss was refused as combining the examples; its norms are 0, a fuzz hunt)
+        return layout
     if layout.block is None:
         # an irregular map (known by its key): kept where each new index along some dim lies
         # within one old index along the examples' dim, the dims before it unchanged
@@ -2286,7 +2293,7 @@ def _reshape(layout: Layout, shape: tuple, new: tuple, func: Any) -> Layout:
     chunk = layout.block * math.prod(shape[d + 1 :])
     for d2 in range(len(new)):
         tail = math.prod(new[d2 + 1 :])
-        if tail == 0 or chunk % tail or (new[d2] * tail) % (n * chunk):
+        if tail == 0 or chunk == 0 or chunk % tail or (new[d2] * tail) % (n * chunk):
             continue
         return Rows(d2, chunk // tail, layout.key, n, layout.owner)
     return _mixed(

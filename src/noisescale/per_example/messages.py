@@ -207,6 +207,39 @@ def counted_mean_message(declared: str, passes: Sequence[PassNorms]) -> str | No
     return None
 
 
+def own_labels_message(declared: str, passes: Sequence[PassNorms]) -> str | None:
+    """A step under ``loss_reduction="sum"`` whose loss is a Hugging Face classifier's own
+    ``labels=`` loss computed in its forward (BERT's ``CrossEntropyLoss``, not through its
+    ``loss_function``) with labels of -100 (:attr:`PassNorms.counted_labels`): the refusal's
+    text; else ``None`` (under ``"mean"`` :func:`counted_mean_message` refuses it).
+
+    That loss is a mean over the labelled examples, each weighing 1/(labelled), a count that
+    depends on the others drawn: no sum over the examples, and not a definition of the user's
+    to take as given (a hand-written ``(ℓ·m).sum() / m.sum()`` is). Until 2026-12-07 it was
+    taken as given under ``"sum"``: the one-shot norms C² below each example's own loss (C the
+    examples labelled; 0.75 off at C = 2) without a word, the tracker's estimate as biased as
+    under ``"mean"`` (a fuzz hunt)."""
+    if declared != "sum":
+        return None
+    if not any(p.counted_labels is not None and bool(p.counted_labels) for p in passes):
+        return None
+    return (
+        "the model computed its loss itself from labels= of one class per example (BERT's "
+        "classifier: a CrossEntropyLoss in its forward, not through its loss_function), and "
+        "some labels are -100: that loss is a mean over the examples whose label is not -100, "
+        "each weighing 1/(their count), which depends on the examples drawn — not a sum over "
+        "the examples, as loss_reduction='sum' says, and not a mean over the examples fed, so "
+        "neither the norms of each example's own loss nor an unbiased B_simple can be read "
+        "from it (GradientNoiseTracker records nothing of such a step). Compute the loss "
+        "yourself from the logits without passing labels= to the model: "
+        "F.cross_entropy(out.logits, labels, reduction='sum') / len(labels) with "
+        "loss_reduction='mean' (each example's own cross-entropy, 0 for one labelled -100), "
+        "or reduction='sum' with loss_reduction='sum'; with GradientNoiseTracker, "
+        "loss_reduction='token_mean' and tracker.count_tokens(labels) for a noise scale per "
+        "labelled example"
+    )
+
+
 def submodule_called_message(lead: str, model: nn.Module, label: str) -> str:
     """The refusal of a step in which a layer ran with gradients enabled outside a forward of
     the measured ``model`` (:attr:`PerExampleNorms.unopened`); ``lead`` names the fix."""
@@ -275,10 +308,29 @@ def _input_sizes_clause(pass_: PassNorms) -> str:
     )
 
 
-def _flattened_hint(size: int, n: int) -> str:
-    """What a leading size that is a multiple of the batch's most likely means."""
+# (a flattened call whose input has no autograd history: _flattened_hint names it, and the
+# refusal then leads with its fix, not with how to lay the rows out)
+NO_HISTORY = "carries no autograd history"
+
+
+def _flattened_hint(size: int, n: int, no_history: bool = False) -> str:
+    """What a leading size that is a multiple of the batch's most likely means. ``no_history``:
+    the layer treats positions alike, and its input has no autograd history from which the
+    flattening could be read (the layers before it frozen: LoRA on a frozen Swin's windows,
+    refused until 2026-12-07 as if the rows' layout were the cause, a fuzz hunt)."""
     if n < 1 or size <= n or size % n:
         return ""
+    if no_history:
+        return (
+            f" — {size} = {n} × {size // n}, and that input {NO_HISTORY} (the layers before "
+            "it are frozen, or it was computed without gradients), so whether its rows are "
+            f"each example's {size // n} in turn — a frozen Swin's windows, x.reshape(-1, D) "
+            "of a batch-first [N, T, D] — cannot be read from how it was computed. Make the "
+            "model's input require gradients (pixel_values.requires_grad_(); a transformers "
+            "text model's token ids: model.enable_input_require_grads()): the frozen layers' "
+            "outputs then carry that history, and the layer is measured exactly; or train a "
+            "layer before it, or use per_example=False"
+        )
     return (
         f" — {size} = {n} × {size // n}: if the examples were flattened together with another "
         "dimension, noisescale can tell which example a row belongs to only for a layer that "
@@ -468,12 +520,17 @@ def _ambiguous_message(pass_: PassNorms) -> str:
         # forward by a beam search's topk, were embedded as they are — a hunt)
         # (the first of them: the call on rows of its own, not on an earlier one's output)
         first = next((c for c in flat if "used directly" not in c.why), flat[-1])
-        return (
+        lead = (
             f"layer '{first.label}' was called on {first.size} = {n} × {first.size // n} rows "
             f"that noisescale cannot tell to be each example's in turn ({first.why}), and was "
             f"treated as shared by all examples; what it computed, through {labels}, met the "
             f"batch row by row in the operation '{op}' only through a tensor without autograd "
-            f"history of shape {list(other)}. Call it on rows that show the examples' layout, "
+            f"history of shape {list(other)}"
+        )
+        if NO_HISTORY in first.why:
+            return lead  # (its fix named in the cause)
+        return (
+            f"{lead}. Call it on rows that show the examples' layout, "
             f"[{n}, {first.size // n}, …] flattened: a view of a batch-first tensor, "
             "x.reshape(-1, D), not a copy of a time-major one; token ids of flattened beams "
             f"embedded batch-first, emb(tok.view({n}, -1)).flatten(0, 1), not emb(tok) on "
@@ -550,6 +607,12 @@ ROWS_UNPROVEN = (
 RAN_ALONG = "ran along the examples"
 
 
+# (an exception inside one of the loss watch's own rules: noisescale's fault, which
+# _coupled_message names as such — until 2026-12-07 it was led as a loss that combines the
+# examples, a ZeroDivisionError on an empty view among them, a fuzz hunt)
+RULE_FAILED = "in noisescale's rule"
+
+
 # (a CTC given an output whose examples the watch holds in dim 0, at T = N: a time-major
 # model's layer applied to its [T, N, …] activations, measured as if batch-first —
 # _coupled_message leads with that, not with a loss that combines the examples)
@@ -577,6 +640,14 @@ def _coupled_message(pass_: PassNorms, time_major: list[str] | None = None) -> s
             "and transpose the log-probabilities for the CTC only, log_probs.transpose(0, 1); "
             "a batch-first output [N, T, C] given to F.ctc_loss as it is is read time-major "
             "and combines the examples. Or use per_example=False"
+        )
+    if f"{RULE_FAILED})" in (pass_.coupled or ""):
+        return (
+            f"noisescale failed to follow the loss: {pass_.coupled}, and the backward started "
+            "from the result. That is an error of noisescale's own, not a sign that the loss "
+            "combines the examples: please report it with the loss's code. Meanwhile "
+            "per_example=False measures the step (the noise scale from micro-batch or replica "
+            "gradients)"
         )
     if ROWS_UNPROVEN in (pass_.coupled or ""):
         return (

@@ -83,10 +83,9 @@ def _merge_shared_backward(passes: list[PassNorms]) -> list[PassNorms]:
         merged.unsupported = [u for p in group for u in p.unsupported]
         merged.ambiguous = [u for p in group for u in p.ambiguous]
         merged.coupled = next((p.coupled for p in group if p.coupled), None)
-        flags = [p.counted_mean for p in group if p.counted_mean is not None]
-        merged.counted_mean = functools.reduce(operator.or_, flags) if flags else None
-        flags = [p.counted_inside for p in group if p.counted_inside is not None]
-        merged.counted_inside = functools.reduce(operator.or_, flags) if flags else None
+        for name in ("counted_mean", "counted_inside", "counted_labels"):
+            flags = [getattr(p, name) for p in group if getattr(p, name) is not None]
+            setattr(merged, name, functools.reduce(operator.or_, flags) if flags else None)
         weighted = [p.class_weighted for p in group if p.class_weighted is not None]
         merged.class_weighted = functools.reduce(operator.or_, weighted) if weighted else None
         kinds = {p.loss_kind for p in group}

@@ -203,6 +203,10 @@ class PassNorms:
     # the same, for a mean computed inside the model's forward (SimMIM's masked mean): refused
     # by the one-shot norms where no Hugging Face labels= count decides (noisescale.tokens)
     counted_inside: Any = None
+    # the same, for a Hugging Face classifier's own labels= loss computed in its forward (BERT's
+    # CrossEntropyLoss) with labels of -100 (noisescale.tokens): the model's loss, not a
+    # definition of the user's, so refused under "sum" too (messages.own_labels_message)
+    counted_labels: Any = None
     # a mean over a slice of the examples' rows (o[:k], a DQN's first half; a chunked
     # cross-entropy's chunks): its divisor k does not depend on the data — the one-shot norms
     # refuse it under "mean" (each example's own loss is not its share × N), the tracker

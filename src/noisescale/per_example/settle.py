@@ -112,7 +112,12 @@ class Settle:
             # combine with: the watch follows such passes for the groups they join)
             modules = self.model.modules() if self.model is not None else ()
             time_major = [self._labels.get(m, "") for m in modules if _time_major(m)]
-            raise UnsupportedModuleError(_coupled_message(pass_, time_major))
+            text = _coupled_message(pass_, time_major)
+            # (led by the routers' loss where the model adds one, as the audit's refusals are:
+            # a mixture of experts' router logits [tokens, E] with E = N, read as rows with the
+            # batch's size outside dim 0, were named as such alone until 2026-12-07 — and the
+            # routers' loss at any other N —, a hunt)
+            raise UnsupportedModuleError(self._with_cause(text, penalty=False))
         if pass_.loss_side is not None:
             # (on every step, audited or not: the audit's value check alone, on its scheduled
             # steps, let a penalty switched on between them through — 52-94% off — and one under
@@ -355,21 +360,21 @@ class Settle:
             "either case."
         )
 
-    def _with_cause(self, text: str, auxiliary: bool = True) -> str:
+    def _with_cause(self, text: str, auxiliary: bool = True, penalty: bool = True) -> str:
         """A refusal led by the likely cause where the model names one (a term its forward adds
         to its loss: a mixture of experts' auxiliary loss unless ``auxiliary`` is false,
-        AdaLoRA's orthogonality penalty when the model returned a loss)."""
-        cause = self._model_cause(auxiliary)
+        AdaLoRA's orthogonality penalty when the model returned a loss unless ``penalty`` is)."""
+        cause = self._model_cause(auxiliary, penalty)
         return text if cause is None else f"{cause} What noisescale found: {text}"
 
-    def _model_cause(self, auxiliary: bool = True) -> str | None:
+    def _model_cause(self, auxiliary: bool = True, penalty: bool = True) -> str | None:
         """A term the model's forward adds to its loss, which combines examples (see
         :meth:`_with_cause`), or ``None``."""
         return (
             _auxiliary_loss_cause(self.model, self._returned_router_logits_only)
             if auxiliary
             else None
-        ) or (_penalty_cause(self.model) if self._returned_loss else None)
+        ) or (_penalty_cause(self.model) if penalty and self._returned_loss else None)
 
     def _warn_unreplayed(self, unverified: str) -> None:
         """Say once per tracker that an audit passed a structure whose backward it could not

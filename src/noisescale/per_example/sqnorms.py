@@ -13,6 +13,7 @@ from noisescale.per_example.engine import (
 )
 from noisescale.per_example.messages import (
     loss_kind_message,
+    own_labels_message,
     submodule_called_message,
     transform_message,
 )
@@ -54,7 +55,8 @@ class per_example_sqnorms:
             model's loss on that example alone (the mean over its own counted tokens, times any
             constant the loss was multiplied by; an example with none has norm 0). T5 and BART
             compute that loss themselves: refused when the examples count different numbers of
-            tokens, a plain mean over the examples (held to ``loss_reduction``) when as many.
+            tokens, a plain mean over the examples (held to ``loss_reduction``) when as many;
+            so is BERT's classifier over labels of which some are -100 (under either).
 
     A loss scaled by a ``torch.amp.GradScaler`` (``scaler.scale(loss).backward()``) has the
     scale divided out (the scale its backward ran with).
@@ -157,7 +159,9 @@ class per_example_sqnorms:
         # until 2026-12-07 taken as given under "sum", N² below each example's own loss without
         # a word, a hunt)
         evenly = p.units_error is not None and counts is not None
-        wrong_kind = loss_kind_message(self.loss_reduction, [p], evenly=evenly)
+        wrong_kind = own_labels_message(self.loss_reduction, [p]) or loss_kind_message(
+            self.loss_reduction, [p], evenly=evenly
+        )
         if wrong_kind is not None:
             raise NoiseScaleInputError(wrong_kind)
         if counted and self.loss_reduction == "mean":
