@@ -2088,3 +2088,49 @@ def test_a_nan_output_gradient_on_a_bag_of_padding_leaves_the_norms_exact(functi
         assert small[1:] == pytest.approx([float(want.mean())] * 2, rel=RTOL)
     finally:
         tracker.remove()
+
+
+def test_a_second_forward_on_the_table_looked_up_again_is_the_same_examples():
+    """(A review, 2026-12-07.) R-Drop's second pass on the embeddings plus noise: l1 from
+    model(ids), then e = model.emb(ids) + noise looked up after the first forward returned (in
+    its loss code), l2 from model(inputs_embeds=e), (l1 + l2).backward(). The second forward's
+    rows are the same examples again (each example's gradient the sum of both), but they were
+    taken for N new examples: the tracker read every step 4× low (13.4 for 53.3), without a
+    word, and the one-shot norms crashed on a size mismatch. A call on the forward's own input
+    marks its output as that forward's (pass_checks._fed_by): refused, as a rollout is. The same
+    lookup in the loss with no forward after it (a term on each example's embeddings) stays
+    measured, exactly."""
+    model = _EmbedsOrIds()
+    g = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(0, 10, (N, 3), generator=g), torch.randint(0, 3, (N,), generator=g)
+    noise = 0.1 * torch.randn(N, 3, 4, generator=g)
+
+    def rdrop(idx):
+        l1 = F.cross_entropy(model(ids[idx]), y[idx], reduction="sum")
+        e = model.emb(ids[idx]) + noise[idx]
+        return l1 + F.cross_entropy(model(inputs_embeds=e), y[idx], reduction="sum")
+
+    words = "what a layer of the model computed after it from that forward's own input"
+    with pytest.raises(noisescale.NoiseScaleInputError, match=re.escape(words)):
+        with noisescale.per_example_sqnorms(model, loss_reduction="sum"):
+            rdrop(slice(0, N)).backward()
+    tracker = noisescale.GradientNoiseTracker(model, loss_reduction="sum", per_example_fraction=1.0)
+    try:
+        for _ in range(3):  # (every step: 1 and 2 audited, 3 not)
+            model.zero_grad()
+            rdrop(slice(0, N)).backward()
+            with pytest.raises(noisescale.NoiseScaleInputError, match=re.escape(words)):
+                tracker.step()
+        assert tracker.history == []
+    finally:
+        tracker.remove()
+
+    def term(idx):
+        out = F.cross_entropy(model(ids[idx]), y[idx], reduction="sum")
+        return out + 0.1 * model.emb(ids[idx]).pow(2).sum()
+
+    model.zero_grad()
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        term(slice(0, N)).backward()
+    want = brute_force(model, lambda i: term(slice(i, i + 1)))
+    torch.testing.assert_close(pe.sqnorms, want, rtol=RTOL, atol=0)

@@ -38,7 +38,7 @@ from noisescale.per_example.graph import (
 )
 from noisescale.per_example.loss_watch import example_dims
 from noisescale.per_example.messages import forward_ad_message
-from noisescale.per_example.pass_checks import _node_key
+from noisescale.per_example.pass_checks import _node_key, _rows_of
 from noisescale.per_example.passes import (
     PassNorms,
     _Call,
@@ -301,6 +301,27 @@ def _zero_state(v: Tensor) -> bool:
     )
 
 
+def _on_own_examples(pass_: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether a call's tensor arguments include the pass's own examples' tensor (one the
+    model's forward took with a row per example): the very tensor, the same view of its memory
+    (``ids[idx]`` taken again), or on the CPU equal values (no wait for a device)."""
+    rows = _rows_of(pass_) if pass_.inputs is not None else []
+    return any(
+        isinstance(v, Tensor) and any(_same_rows(v, r) for r in rows)
+        for v in _flat_values(args, kwargs)
+    )
+
+
+def _same_rows(v: Tensor, r: Tensor) -> bool:
+    if v is r:
+        return True
+    if v.shape != r.shape or v.dtype != r.dtype or v.device != r.device or not v.numel():
+        return False
+    if v.data_ptr() == r.data_ptr() and v.stride() == r.stride():
+        return True
+    return v.device.type == "cpu" and bool(torch.equal(v, r))
+
+
 class LayerHooks:
     """:class:`~noisescale.per_example.engine.PerExampleNorms`' hooks on the layers with a rule:
     what each call keeps for the backward, and the refusals a layer's forward can show."""
@@ -315,11 +336,21 @@ class LayerHooks:
         ):
             # a layer of the model called in the loss code (a two-tower model's item tower):
             # its parameters are measured there, not read by the loss (Backward._loss_side)
-            self.passes[-1].called_after |= {
+            pass_ = self.passes[-1]
+            made = {
                 _node_key(t.grad_fn)
                 for t in _tensors(output if replaced is None else replaced)
                 if t.grad_fn is not None
             }
+            pass_.called_after |= made
+            if pass_.fed_marks is not None and _on_own_examples(pass_, args, kwargs):
+                # called on the forward's own examples (its very input tensor: the table
+                # looked up again, model.get_input_embeddings()(ids)), what it computes is
+                # those examples' rows: a later forward fed from it (R-Drop's second pass on
+                # the embeddings plus noise) is theirs again (pass_checks._fed_by), not N new
+                # examples — until 2026-12-07 taken as such, every norm 4× off on a toy, up to
+                # 55% on GPT-2, without a word (a review)
+                pass_.fed_marks |= made
         watch = self._loss_watch
         if watch.forward_pass is not None and not (
             self._recomputing or self._replaying or self._paused

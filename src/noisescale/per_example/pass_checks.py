@@ -314,7 +314,9 @@ def _refuse_fed_by_its_own_output(passes: list[PassNorms]) -> None:
             raise NoiseScaleInputError(
                 "a forward of the model ran on what an earlier forward of this step returned "
                 "(a rollout m(m(x)), an unrolled recurrence, self-conditioning with gradient, "
-                "m(x + m(x))), and both were trained: row i of "
+                "m(x + m(x))) or on what a layer of the model computed after it from that "
+                "forward's own input (its table looked up again for inputs_embeds, R-Drop's "
+                "second pass on the embeddings plus noise), and both were trained: row i of "
                 "each call is example i, whose gradient is the sum over the calls, so no row's "
                 "norm is an example's and the calls' rows are not independent draws. Wrap the "
                 "rollout in one module whose forward calls the model each time and give that "
