@@ -654,6 +654,56 @@ def test_a_classifiers_own_loss_with_labels_of_minus_100_is_refused_under_sum():
     assert pe.sqnorms.tolist() == pytest.approx(want, rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_a_classifiers_own_loss_over_minus_100_is_refused_on_every_step_and_only_when_used(
+    reduction,
+):
+    """(A review, 2026-12-07.) The flag behind the refusal above was set on audited steps only
+    (1, 2, 4, 8, …): steps 3, 5, 6 and 7 with labels of -100 were recorded (N/C)² off without a
+    word, under "sum" and "mean". And it was set whenever labels= was passed, used or not: a
+    loss written by hand from the logits beside labels= (a Trainer's compute_loss) was refused
+    although exact. Set on every step now, once a backward runs through the model's loss."""
+    model, batches = _classifier_and_batches(1)
+    model.eval()
+    ids, _ = batches[0]
+    n = ids.shape[0]
+    g = torch.Generator().manual_seed(5)
+    tracker = noisescale.GradientNoiseTracker(
+        model, loss_reduction=reduction, per_example_fraction=1.0, sync_every=1
+    )
+    try:
+        for step in range(1, 8):
+            labels = torch.randint(0, 2, (n,), generator=g)
+            if step in (3, 5):
+                labels[:2] = -100
+            model.zero_grad()
+            out = model(ids, labels=labels)
+            (out.loss * (n if reduction == "sum" else 1)).backward()
+            if step in (3, 5):
+                with pytest.raises(NoiseScaleInputError, match="-100"):
+                    tracker.step()
+            else:
+                tracker.step()
+        assert [r["step"] for r in tracker.history] == [1, 2, 4, 6, 7]
+    finally:
+        tracker.remove()
+        model.zero_grad()
+    # labels= passed, the loss by hand from the logits: exact, whatever the labels
+    labels = torch.tensor([-100, 1, 0])
+    three = ids[:3]
+    with noisescale.per_example_sqnorms(model, loss_reduction="sum") as pe:
+        out = model(three, labels=labels)
+        F.cross_entropy(out.logits, labels, reduction="sum").backward()
+    model.zero_grad()
+    want = [0.0]
+    for i in (1, 2):
+        grads = torch.autograd.grad(
+            model(three[i : i + 1], labels=labels[i : i + 1]).loss, list(model.parameters())
+        )
+        want.append(sum(float(g.pow(2).sum()) for g in grads))
+    assert pe.sqnorms.tolist() == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
 def _unlabelled_pool(pool: int = 64):
     """A tiny Llama sequence classifier (its loss through ``loss_function``, float64) and a pool
     of sequences a quarter of which are labelled -100 (left out of the loss's mean), with each

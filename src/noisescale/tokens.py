@@ -301,14 +301,21 @@ class TokenWatcher:
             and labels.dim() == 1
             and not labels.is_floating_point()
             and labels.shape[0] == pass_.batch_size
-            and pass_.forward_watched
+            and loss.grad_fn is not None
         ):
             # a classifier's loss computed in its forward (BERT's CrossEntropyLoss): a mean
             # over the examples whose label is not -100 (refused under "mean" as any counted
-            # mean, and under "sum" as the model's own: messages.own_labels_message). Flagged
-            # where the step is audited (its forward followed: a one-shot pass always is), the
-            # flag being read on the host there only
-            pass_.counted_mean = pass_.counted_labels = (labels == IGNORE_INDEX).any()
+            # mean, and under "sum" as the model's own: messages.own_labels_message). Flagged on
+            # every step (until a review of 2026-12-07 on audited steps only: the others were
+            # recorded (N/C)² off without a word), and only once a backward runs through the
+            # model's loss — a loss written by hand from the logits beside labels= (a Trainer's
+            # compute_loss) is no counted mean (it was refused for a while that day)
+            flag = (labels == IGNORE_INDEX).any()
+
+            def counted(_grads: Any, pass_: Any = pass_, flag: Tensor = flag) -> None:
+                pass_.counted_mean = pass_.counted_labels = flag
+
+            loss.grad_fn.register_prehook(counted)
         if not isinstance(labels, Tensor) or labels.dim() < 2:
             return
         name = type(module).__name__
