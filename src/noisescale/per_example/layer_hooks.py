@@ -319,7 +319,13 @@ def _same_rows(v: Tensor, r: Tensor) -> bool:
         return False
     if v.data_ptr() == r.data_ptr() and v.stride() == r.stride():
         return True
-    return v.device.type == "cpu" and bool(torch.equal(v, r))
+    # (values compared outside any dispatch mode only: selective checkpointing's caches every
+    # operation it sees)
+    return (
+        v.device.type == "cpu"
+        and not torch._C._len_torch_dispatch_stack()
+        and bool(torch.equal(v, r))
+    )
 
 
 class LayerHooks:
@@ -343,7 +349,11 @@ class LayerHooks:
                 if t.grad_fn is not None
             }
             pass_.called_after |= made
-            if pass_.fed_marks is not None and _on_own_examples(pass_, args, kwargs):
+            if (
+                pass_.fed_marks is not None
+                and torch._C._current_graph_task_id() == -1  # (not a recompute in a backward)
+                and _on_own_examples(pass_, args, kwargs)
+            ):
                 # called on the forward's own examples (its very input tensor: the table
                 # looked up again, model.get_input_embeddings()(ids)), what it computes is
                 # those examples' rows: a later forward fed from it (R-Drop's second pass on
