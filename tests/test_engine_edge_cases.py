@@ -2436,3 +2436,47 @@ def test_parameters_of_no_element_count_zero(subbatches):
     finally:
         engine.remove()
     assert measured >= 1
+
+
+def test_the_model_and_its_loss_in_one_checkpoint_are_measured():
+    """(A review, 2026-12-07.) checkpoint(lambda x, y: F.cross_entropy(m(x), y), x, y,
+    use_reentrant=False): the recompute of the model's forward inside the backward began the
+    loss watch again after the backward's start, and the pass was withheld as unchecked ("did
+    not see this pass's backward start"), every step, once the walk of the loss stopped running
+    checkpoint's recompute (4551245). A forward inside a backward begins no watch: exact."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+    def loss():
+        return checkpoint(lambda a, b: F.cross_entropy(model(a), b), x, y, use_reentrant=False)
+
+    params = list(model.parameters())
+    want = torch.stack(
+        [
+            sum(
+                g.pow(2).sum()
+                for g in torch.autograd.grad(
+                    F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params
+                )
+            )
+            for i in range(8)
+        ]
+    )
+    with noisescale.per_example_sqnorms(model) as pe:
+        loss().backward()
+    torch.testing.assert_close(pe.sqnorms, want, rtol=1e-9, atol=0)
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0, sync_every=1)
+    try:
+        for _ in range(3):
+            model.zero_grad()
+            loss().backward()
+            tracker.step()
+        small = [r["sources"].get("per_example", {}).get("sqnorm_small") for r in tracker.history]
+        assert small == pytest.approx([float(want.mean())] * 3, rel=1e-9)
+    finally:
+        tracker.remove()

@@ -223,6 +223,11 @@ class PassOpening:
             and self._active()
             and not self.passes[-1].skipped
             and self.passes[-1].batch_size > 1
+            # (not a recompute inside the backward — the model and its loss in one checkpoint:
+            # it began the watch again after the backward's start and the pass was withheld as
+            # unchecked, every step, since 2026-12-07's walk reads hooked saved tensors
+            # without running the recompute; a review)
+            and torch._C._current_graph_task_id() == -1
         ):
             # an audited step's forward is followed in the model's own code: a loss the model
             # computes itself must keep the examples apart too (loss_watch.begin_forward)
