@@ -930,32 +930,21 @@ def main(argv=None):
     warnings.filterwarnings("ignore", module="transformers")
     modes = tuple(args.modes.split(","))
     override = json.loads(args.override) if args.override else None
-    out = open(args.jsonl, "a") if args.jsonl else None  # noqa: SIM115
-    table: dict[str, dict[str, int]] = {}
-    found, invalid, start = [], [], time.time()
-    try:
-        for seed in fuzz_runner._seeds(args.seeds):
-            seed_modes = modes
-            if seed % args.tracker_every:
-                seed_modes = tuple(m for m in modes if m not in fuzz_runner.TRACKER_MODES)
-            record = check_seed(seed, seed_modes, override, args.more)
-            if out:
-                out.write(json.dumps(record, default=str) + "\n")
-                out.flush()
-            if "gen_error" in record:
-                invalid.append((seed, record["gen_error"]))
-                if args.verbose:
-                    print(f"seed {seed}: invalid: {record['gen_error']}")
-                continue
-            fuzz_runner.count_classes(table, record["modes"])
-            for mode, cls, re in fuzz_runner.findings(record):
-                found.append((record, mode, cls, re))
-            if args.verbose:
-                print(describe(record), record.get("t"))
-                fuzz_runner.print_mode_lines(record["modes"])
-    finally:
-        if out:
-            out.close()
+    start = time.time()
+
+    def check(seed):
+        seed_modes = modes
+        if seed % args.tracker_every:
+            seed_modes = tuple(m for m in modes if m not in fuzz_runner.TRACKER_MODES)
+        return check_seed(seed, seed_modes, override, args.more)
+
+    table, found, invalid = fuzz_runner.run_seeds(
+        fuzz_runner._seeds(args.seeds),
+        check,
+        args.jsonl,
+        args.verbose,
+        line=lambda record: f"{describe(record)} {record.get('t')}",
+    )
     fuzz_runner.print_class_table(table, [mode for mode in fuzz_runner.MODES if mode in table])
     count = len(fuzz_runner._seeds(args.seeds))
     print(f"\n{count} seeds in {time.time() - start:.0f} s; {len(invalid)} invalid")

@@ -648,32 +648,18 @@ def main(argv=None):
     torch.set_num_threads(1)
     modes = tuple(args.modes.split(","))
     override = json.loads(args.override) if args.override else None
-    out = open(args.jsonl, "a") if args.jsonl else None  # noqa: SIM115
-    table: dict[str, dict[str, int]] = {}
-    found, invalid, start = [], 0, time.time()
-    try:
-        for seed in fuzz_runner._seeds(args.seeds):
-            record = check_seed(seed, modes, override)
-            if out:
-                out.write(json.dumps(record, default=str) + "\n")
-                out.flush()
-            if "gen_error" in record:
-                invalid += 1
-                if args.verbose:
-                    print(f"seed {seed}: invalid: {record['gen_error']}")
-                continue
-            fuzz_runner.count_classes(table, record["modes"])
-            for mode, cls, re in findings(record):
-                found.append((record, mode, cls, re))
-            if args.verbose:
-                print(describe(record))
-                fuzz_runner.print_mode_lines(record["modes"])
-    finally:
-        if out:
-            out.close()
+    start = time.time()
+    table, found, invalid = fuzz_runner.run_seeds(
+        fuzz_runner._seeds(args.seeds),
+        lambda seed: check_seed(seed, modes, override),
+        args.jsonl,
+        args.verbose,
+        line=describe,
+        find=findings,
+    )
     fuzz_runner.print_class_table(table, [mode for mode in MODES if mode in table])
     count = len(fuzz_runner._seeds(args.seeds))
-    print(f"\n{count} seeds in {time.time() - start:.0f} s; {invalid} cases left out")
+    print(f"\n{count} seeds in {time.time() - start:.0f} s; {len(invalid)} cases left out")
     if not found:
         print("no finding")
         return 0

@@ -565,6 +565,38 @@ def _seeds(text):
     return [int(s) for s in text.split(",")]
 
 
+def run_seeds(seeds, check, jsonl=None, verbose=False, line=None, find=None, say_invalid=True):
+    """The fuzzers' loop: ``check(seed)`` for each seed, each record appended to ``jsonl``;
+    returns the class table (:func:`count_classes`), the findings ``(record, mode, cls, re)``
+    (``find``, :func:`findings` by default) and the invalid cases ``(seed, why)``. ``verbose``
+    prints each record's ``line`` (:func:`describe` by default) and its modes, and (with
+    ``say_invalid``) each invalid case."""
+    line, find = line or describe, find or findings
+    out = open(jsonl, "a") if jsonl else None  # noqa: SIM115
+    table: dict[str, dict[str, int]] = {}
+    found, invalid = [], []
+    try:
+        for seed in seeds:
+            record = check(seed)
+            if out:
+                out.write(json.dumps(record, default=str) + "\n")
+                out.flush()
+            if "gen_error" in record:
+                invalid.append((seed, record["gen_error"]))
+                if verbose and say_invalid:
+                    print(f"seed {seed}: invalid: {record['gen_error']}")
+                continue
+            count_classes(table, record["modes"])
+            found.extend((record, mode, cls, re) for mode, cls, re in find(record))
+            if verbose:
+                print(line(record))
+                print_mode_lines(record["modes"])
+    finally:
+        if out:
+            out.close()
+    return table, found, invalid
+
+
 def count_classes(table, results):
     """Add each result's class to ``table`` (mode -> class -> count): ``results`` maps a mode,
     variant or part to its result dict."""
@@ -605,34 +637,21 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown modes {sorted(unknown)}; the modes are {', '.join(ALL_MODES)}")
     override = json.loads(args.override) if args.override else None
-    out = open(args.jsonl, "a") if args.jsonl else None  # noqa: SIM115
-    table: dict[str, dict[str, int]] = {}
-    found, invalid, start = [], 0, time.time()
-    try:
-        for seed in _seeds(args.seeds):
-            seed_modes = modes
-            if seed % args.tracker_every:
-                seed_modes = tuple(m for m in modes if m not in TRACKER_MODES)
-            record = check_seed(seed, seed_modes, override)
-            if out:
-                out.write(json.dumps(record, default=str) + "\n")
-                out.flush()
-            if "gen_error" in record:
-                invalid += 1
-                continue
-            count_classes(table, record["modes"])
-            for mode, cls, re in findings(record):
-                found.append((record, mode, cls, re))
-            if args.verbose:
-                print(describe(record))
-                print_mode_lines(record["modes"])
-    finally:
-        if out:
-            out.close()
+    start = time.time()
+
+    def check(seed):
+        seed_modes = modes
+        if seed % args.tracker_every:
+            seed_modes = tuple(m for m in modes if m not in TRACKER_MODES)
+        return check_seed(seed, seed_modes, override)
+
+    table, found, invalid = run_seeds(
+        _seeds(args.seeds), check, args.jsonl, args.verbose, say_invalid=False
+    )
     seconds = time.time() - start
     print_class_table(table, [mode for mode in ALL_MODES if mode in table])
     count = len(_seeds(args.seeds))
-    print(f"\n{count} seeds in {seconds:.0f} s; {invalid} cases the grammar made invalid")
+    print(f"\n{count} seeds in {seconds:.0f} s; {len(invalid)} cases the grammar made invalid")
     if not found:
         print("no finding (a wrong number, a result of the wrong length, a crash)")
         return 0
