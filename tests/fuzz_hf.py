@@ -814,10 +814,7 @@ def run_accum_model(spec, model, per_example_loss, n, steps=2):
         warned, messages = fuzz_runner._warned(caught)
         res["warn"] = messages[:3]
     except Exception as err:
-        exc = fuzz_runner._exception(err)
-        res["exc"], res["exc_cls"] = exc["exc"], exc["cls"]
-        if "tb" in exc:
-            res["tb"] = exc["tb"]
+        fuzz_runner._note_exception(res, err)
         warned = False
     res["cls"] = fuzz_runner._classify_steps(res, warned)
     return res

@@ -681,10 +681,7 @@ def _catch(fn, desc):
         try:
             fn(res)
         except Exception as err:
-            exc = fuzz_runner._exception(err)
-            res["exc"], res["exc_cls"] = exc["exc"], exc["cls"]
-            if "tb" in exc:
-                res["tb"] = exc["tb"]
+            fuzz_runner._note_exception(res, err)
     warned, messages = fuzz_runner._warned(caught)
     res["warn"] = messages[:3]
     res["cls"] = _classify(res, desc, warned)

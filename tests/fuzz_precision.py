@@ -346,10 +346,7 @@ def run_engine(spec, setup, model, per_example_loss, n, subbatches, steps=3):
         warned, messages = fuzz_runner._warned(caught)
         res["warn"] = messages[:4]
     except Exception as err:
-        exc = fuzz_runner._exception(err)
-        res["exc"], res["exc_cls"] = exc["exc"], exc["cls"]
-        if "tb" in exc:
-            res["tb"] = exc["tb"]
+        fuzz_runner._note_exception(res, err)
         warned = False
     res["cls"] = fuzz_runner._classify_steps(res, warned)
     res.setdefault("re", max([s.get("re", 0.0) for s in res["steps"]], default=None))

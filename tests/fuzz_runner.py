@@ -238,6 +238,15 @@ def _exception(err):
     return out
 
 
+def _note_exception(res, err):
+    """A step loop's result given the error that ended it (:func:`_exception`): its text, its
+    class as ``exc_cls`` and a crash's traceback."""
+    exc = _exception(err)
+    res["exc"], res["exc_cls"] = exc["exc"], exc["cls"]
+    if "tb" in exc:
+        res["tb"] = exc["tb"]
+
+
 def _warned(caught):
     messages = [str(w.message) for w in caught]
     return any(word in m.lower() for m in messages for word in WITHHOLD_WORDS), messages
@@ -380,10 +389,7 @@ def _run_engine(spec, model, per_example_loss, grads, n, subbatches, steps, prod
         warned, messages = _warned(caught)
         res["warn"] = messages[:4]
     except Exception as err:
-        exc = _exception(err)
-        res["exc"], res["exc_cls"] = exc["exc"], exc["cls"]
-        if "tb" in exc:
-            res["tb"] = exc["tb"]
+        _note_exception(res, err)
     finally:
         subbatch_mod.uses_products = original
     res["cls"] = _classify_steps(res, warned)
@@ -437,10 +443,7 @@ def run_extra(spec, model, per_example_loss, grads, n, mode, steps=3):
                 engine.remove()
         res["warn"] = [str(w.message)[:150] for w in caught][:3]
     except Exception as err:
-        exc = _exception(err)
-        res["exc"], res["exc_cls"] = exc["exc"], exc["cls"]
-        if "tb" in exc:
-            res["tb"] = exc["tb"]
+        _note_exception(res, err)
     kinds = [s["cls"] for s in res["steps"]]
     if "WRONG" in kinds:
         res["cls"] = "WRONG-SILENT"
