@@ -513,28 +513,38 @@ def check_ema(cfg, runs):
     return {"cls": "ok" if worst < 1e-8 else "WRONG-SILENT", "re": worst}
 
 
-def check_decision(cfg, history_path, estimate, warned):
-    """``noisescale calc --history`` against eq. 2.11 from the tracker's own B_simple."""
+def _cli(argv):
+    """noisescale's CLI on ``argv``: ``(exit code, its output, None)``, or ``(None, None,
+    result)`` where it raised (the check's result: a refusal or a crash)."""
     from noisescale.cli import main as cli_main
 
-    batch = sum(micro_sizes(cfg, cfg["steps"] - 1))
-    if cfg.get("tokens"):
-        batch *= cfg["positions"]  # (calc --history takes batch sizes in the run's unit)
     buf = io.StringIO()
     try:
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
-            rc = cli_main(["calc", "--history", history_path, "--batch-size", str(batch), "--json"])
+            rc = cli_main(argv)
     except SystemExit as err:
         rc = err.code
     except NoiseScaleError as err:
-        return {"cls": "refused", "exc": str(err)[:200]}
+        return None, None, {"cls": "refused", "exc": str(err)[:200]}
     except Exception as err:
-        return {"cls": "crash", "exc": f"{type(err).__name__}: {err}"[:300]}
+        return None, None, {"cls": "crash", "exc": f"{type(err).__name__}: {err}"[:300]}
+    return rc, buf.getvalue(), None
+
+
+def check_decision(cfg, history_path, estimate, warned):
+    """``noisescale calc --history`` against eq. 2.11 from the tracker's own B_simple."""
+    batch = sum(micro_sizes(cfg, cfg["steps"] - 1))
+    if cfg.get("tokens"):
+        batch *= cfg["positions"]  # (calc --history takes batch sizes in the run's unit)
+    rc, text, raised = _cli(
+        ["calc", "--history", history_path, "--batch-size", str(batch), "--json"]
+    )
+    if raised is not None:
+        return raised
     if rc not in (0, None):
         if math.isnan(estimate.b_simple):
             return {"cls": "refused", "exc": f"rc {rc}"}
         return {"cls": "refused", "exc": f"rc {rc} with B_simple {estimate.b_simple:g}"}
-    text = buf.getvalue()
     try:
         rows = json.loads(text)
     except json.JSONDecodeError:
@@ -572,24 +582,14 @@ def check_report(cfg, history_path, estimate):
     """``noisescale report --json``: its last B_simple and interval the tracker's, S_min and
     E_min eq. D.1 over the records (theory.run_integrals), B_crit = E_min/S_min, and each fixed
     batch size's cost S_min + E_min/B (eq. D.1), E = B·S, S/S_min and E/E_min (eq. 2.11)."""
-    from noisescale.cli import main as cli_main
-
     if not math.isfinite(estimate.b_simple):
         return {"cls": "skip"}
-    buf = io.StringIO()
     page = history_path + ".html"
-    try:
-        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
-            rc = cli_main(["report", history_path, "-o", page, "--json", "--force"])
-    except SystemExit as err:
-        rc = err.code
-    except NoiseScaleError as err:
-        return {"cls": "refused", "exc": str(err)[:200]}
-    except Exception as err:
-        return {"cls": "crash", "exc": f"{type(err).__name__}: {err}"[:300]}
+    rc, text, raised = _cli(["report", history_path, "-o", page, "--json", "--force"])
+    if raised is not None:
+        return raised
     if rc not in (0, None):
         return {"cls": "refused", "exc": f"rc {rc}"}
-    text = buf.getvalue()
     out = json.loads(text[text.index("{") :])
     worst = abs(out["b_simple_last"] - estimate.b_simple) / estimate.b_simple
     low, high = out["b_simple_last_interval"]
