@@ -305,6 +305,13 @@ def _manual_model(form: str, clip: bool = False, k: int = 2, mean: str = "mean")
     return Manual()
 
 
+def _assert_records_equal(got, want, nan_ok=True):
+    """Each record's |G_big|², g2, tr Σ and B_simple equal the plain loop's (rel 1e-5)."""
+    for g, w in zip(got, want, strict=True):
+        for key in ("sqnorm_big", "g2", "trace_sigma", "b_simple"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-9, nan_ok=nan_ok), key
+
+
 @needs_lightning
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("form", ["divided", "times", "undivided"])
@@ -321,9 +328,7 @@ def test_lightning_manual_optimization_measures_the_losses_division(form):
     got = callback.tracker.history
     want = _plain_history(init, [2] * 3, clip=None, watch=True)
     assert [h["b_big"] for h in got] == [16] * 3
-    for g, w in zip(got, want, strict=True):
-        for key in ("sqnorm_big", "g2", "trace_sigma", "b_simple"):
-            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-9), key
+    _assert_records_equal(got, want, nan_ok=False)
 
 
 @needs_lightning
@@ -347,9 +352,7 @@ def test_lightning_manual_optimization_does_not_read_a_means_count_as_the_divisi
     got = callback.tracker.history
     want = _plain_history(init, [k] * 3, clip=None, watch=True)
     assert [h["b_big"] for h in got] == [MICRO * k] * 3
-    for g, w in zip(got, want, strict=True):
-        for key in ("sqnorm_big", "g2", "trace_sigma", "b_simple"):
-            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-9, nan_ok=True), key
+    _assert_records_equal(got, want)
     if k == 1 or mean != "sum/len":
         return
     callback = LightningCallback(sync_every=1, log_every=0, per_example_fraction=1.0)
@@ -379,9 +382,7 @@ def test_lightning_manual_accumulation_across_an_epochs_end_is_measured():
     got = callback.tracker.history
     want = _plain_history(init, [5, 5, 7], clip=None, watch=True)
     assert [h["b_big"] for h in got] == pytest.approx([MICRO * 5] * 2 + [MICRO * 7], rel=1e-12)
-    for g, w in zip(got, want, strict=True):
-        for key in ("sqnorm_big", "g2", "trace_sigma", "b_simple"):
-            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-9, nan_ok=True), key
+    _assert_records_equal(got, want)
     assert callback.state_dict()["manual_accumulation"] == 5.0  # (kept over a resume)
 
 
