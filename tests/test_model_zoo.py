@@ -1939,6 +1939,13 @@ def test_a_recurrent_policy_given_its_initial_state_with_as_many_steps_as_sequen
     assert_exact(model, lambda: nll(slice(None)).mean(), lambda i: nll(slice(i, i + 1)).sum())
 
 
+def _nan_gradient_unless(keep: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``h`` where ``keep``, 0 elsewhere, with a NaN gradient there only: ``sqrt(h - h)``,
+    whose backward is 0 · inf, selected by ``torch.where``."""
+    nan_there = torch.sqrt(torch.where(keep, torch.ones_like(h), h - h))
+    return torch.where(keep, h, nan_there)
+
+
 class _NanAtPadding(nn.Module):
     """An embedding with a padding row whose padded positions' output gradient is NaN — the
     forward takes them through ``torch.where`` beside ``sqrt(h - h)``, whose backward is
@@ -1954,8 +1961,7 @@ class _NanAtPadding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.emb(ids)
         keep = (ids != 0).unsqueeze(-1)
-        nan_there = torch.sqrt(torch.where(keep, torch.ones_like(h), h - h))  # (only there)
-        h = torch.where(keep, h, nan_there)
+        h = _nan_gradient_unless(keep, h)
         return self.head(h).mean(1)
 
 
@@ -2055,8 +2061,7 @@ class _NanAtPaddingBag(nn.Module):
         else:
             h = self.bag(ids)
         keep = (ids != 0).any(1, keepdim=True)
-        nan_there = torch.sqrt(torch.where(keep, torch.ones_like(h), h - h))
-        return self.head(torch.where(keep, h, nan_there))
+        return self.head(_nan_gradient_unless(keep, h))
 
 
 @pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
