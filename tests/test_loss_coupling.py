@@ -625,6 +625,31 @@ def test_a_loss_of_the_same_form_over_other_values_is_not_withheld():
         engine.remove()
 
 
+def test_a_reshape_whose_other_dimension_equals_the_batch_is_not_a_new_shape():
+    """Each example's three positions summed by ``out.reshape(n, -1).sum(1)``, the batch
+    size ramping 2 → 5: at n = 3 the reshape's output [3, 3] has the batch's size twice, and
+    until 2026-12-07 (the statistics fuzzer's seed 75) both were marked as the batch's — a
+    shape no audit had seen, the step withheld with a warning. The batch is marked at the
+    first dimension of its size only (a reshape to [n, n] is one operation whichever reading
+    the caller meant); every step is measured, equal to brute force."""
+    torch.manual_seed(0)
+    model = nn.Linear(D, 1, bias=False).double()
+    engine = PerExampleNorms(model)
+    try:
+        for s, n in enumerate([2, 4, 2, 5, 4, 2, 3, 4, 3, 5], 1):
+            x = torch.randn(n, 3, D, dtype=torch.float64)
+            model.zero_grad()
+            out = model(x)
+            out.reshape(n, -1).pow(2).sum(1).sum().backward()
+            (p,) = engine.collect()
+            assert p.raw_sqnorms is not None, (s, n, p.withheld)
+            w = model.weight.detach()
+            want = [(2 * ((x[i] @ w.T)[:, 0, None] * x[i]).sum(0)).pow(2).sum() for i in range(n)]
+            assert torch.allclose(p.raw_sqnorms, torch.stack(want), rtol=1e-9), s
+    finally:
+        engine.remove()
+
+
 # -- models users train ------------------------------------------------------------------------
 
 
