@@ -1101,6 +1101,46 @@ def test_transformers_callback_follows_the_model_across_train_calls(tmp_path):
         assert not any(p._backward_hooks for p in old.parameters())
 
 
+def test_transformers_run_that_raises_leaves_no_tracker_on_the_user_s_own_loop(tmp_path):
+    """TrainerCallback has no hook for an exception: a run that raised (here a callback of the
+    user's, at step 2) left the tracker attached until 2026-12-07, and the user's own loop on
+    the same model afterwards was recorded into the failed run's history — every backward a
+    step (history 2 → 5 over three manual steps). The first forward with gradients outside the
+    Trainer's loop now says so, its backward releases the hooks, nothing more is recorded; a
+    new train() measures a new run exactly as before."""
+    transformers = pytest.importorskip("transformers")
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    class Boom(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise RuntimeError("the user's callback failed")
+
+    callback = NoiseScaleCallback(sync_every=1, per_example_fraction=1.0)
+    model, trainer = _hf_train(tmp_path, callback)
+    trainer.add_callback(Boom())
+    with pytest.raises(RuntimeError, match="user's callback"):
+        trainer.train()
+    failed = callback.tracker
+    assert failed.steps == 2
+    x, y = _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(RuntimeWarning, match="ended without on_train_end"):
+        for _ in range(3):
+            opt.zero_grad()
+            model(x[:MICRO], labels=y[:MICRO])["loss"].backward()
+            opt.step()
+    assert failed.steps == 2 and len(failed.history) == 2
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
+    # a new run on a fresh model, the same callback: measured as if nothing had happened
+    model, trainer = _hf_train(tmp_path, callback)
+    want = _plain_history(_hf_init(model), [2] * 6)
+    trainer.train()
+    assert callback.tracker is not failed
+    _assert_same_history(callback.tracker.history, want)
+
+
 @pytest.mark.parametrize("rebuild", [False, True])
 def test_transformers_resume_continues_as_if_uninterrupted(tmp_path, rebuild):
     """A run resumed from its step-3 checkpoint gives the uninterrupted run's steps 4–6.

@@ -94,6 +94,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,9 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         self._epoch = 0
         self._position = 0  # micro-batches of the current epoch consumed so far
         self._resume_position: int | None = None
+        # the Trainer's training loop that ran on_train_begin, and its thread (_check_alive)
+        self._loop: tuple[Any, int] | None = None
+        self._ended = False
 
     # -- run lifecycle ---------------------------------------------------------------------------
 
@@ -256,6 +260,11 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         self.tracker = GradientNoiseTracker(model, **self._tracker_kwargs(args))
         self.tracker._drawn_from = drawn_without_replacement(kwargs.get("train_dataloader"))
         self._watch_trainer_loss(args)
+        loop = _trainer_frame()
+        self._loop = None if loop is None else (loop.f_code, threading.get_ident())
+        self._ended = False
+        del loop
+        self._handles.append(model.register_forward_pre_hook(Hook(self._check_alive), prepend=True))
         for p in model.parameters():
             if p.requires_grad:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
@@ -491,6 +500,41 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
 
     # -- hooks inside backward ------------------------------------------------------------------
 
+    def _check_alive(self, module: nn.Module, args: Any) -> None:
+        """Release the hooks when the model runs a forward with gradients after its Trainer run
+        ended without ``on_train_end`` — it raised (an error in the data, a callback, a
+        ``KeyboardInterrupt``): ``TrainerCallback`` has no hook for an exception. Until
+        2026-12-07 the tracker stayed attached, and the user's own loop on the same model
+        afterwards was measured into the failed run's history (and its file) as steps of it,
+        every backward a step. The run is alive while the frame of the Trainer's loop that
+        called ``on_train_begin`` is on this thread's stack (a forward the loop runs — a
+        training step, an evaluation inside it, a callback — is under it); forwards in other
+        threads are not judged (``nn.DataParallel``'s replicas). The hooks go at the end of the
+        forward's backward (:meth:`_step`; removed inside a forward, the module's hooks already
+        gathered are called without their keyword arguments) — that step not recorded —, or at
+        the next ``train()``."""
+        if self._loop is None or self._ended or not torch.is_grad_enabled():
+            return
+        if torch.compiler.is_compiling():
+            return  # (a compiled model's trace: asking would break its graph; eager calls ask)
+        code, thread = self._loop
+        if threading.get_ident() != thread:
+            return
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code is code:
+                return
+            frame = frame.f_back  # type: ignore[assignment]
+        self._ended = True
+        self._warn_once(
+            "ended",
+            "noisescale: the Trainer's run ended without on_train_end (it raised); the "
+            "NoiseScaleCallback releases its hooks at the end of this forward's backward, and "
+            "neither it nor any step after it is recorded (callback.tracker keeps the run's "
+            f"{len(self.tracker.history) if self.tracker is not None else 0} records); "
+            "trainer.train() again measures a new run",
+        )
+
     def _before_forward(self, module: nn.Module, args: Any, kwargs: dict) -> None:
         if (
             self._model_items is None
@@ -504,7 +548,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
             self._buffers_before = [b.detach().clone() for b in module.buffers()]
 
     def _on_forward(self, module: nn.Module, args: Any, kwargs: dict, output: Any) -> None:
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or self._ended:
             return
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if isinstance(loss, Tensor) and loss.dim() == 0:
@@ -683,6 +727,10 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
 
     def _step(self) -> None:
         self._queued = False
+        if self._ended:  # (a forward after the Trainer's run raised: _check_alive)
+            self._loop = None
+            self._release()
+            return
         if not _sync_gradients():
             return
         assert self.tracker is not None
@@ -1113,6 +1161,22 @@ def _ratio_again(call: Any, out: Tensor, before: Any) -> float | None:
         return None
     ratio = float(again.detach().double() / out.detach().double())
     return ratio if math.isfinite(ratio) else None
+
+
+def _trainer_frame() -> Any | None:
+    """The frame of the ``transformers.Trainer`` method that called the callback handler
+    running this hook (its training loop), if any: the nearest of 12 frames above the hook's
+    caller whose ``self`` is a Trainer."""
+    from transformers import Trainer
+
+    frame = sys._getframe(2)
+    for _ in range(12):
+        frame = frame.f_back  # type: ignore[assignment]
+        if frame is None:
+            return None
+        if isinstance(frame.f_locals.get("self"), Trainer):
+            return frame
+    return None
 
 
 def _caller_of_type(kind: type, depth: int) -> Any | None:
