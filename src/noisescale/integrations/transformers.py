@@ -96,6 +96,7 @@ import math
 import sys
 import threading
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -228,7 +229,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         self._position = 0  # micro-batches of the current epoch consumed so far
         self._resume_position: int | None = None
         # the Trainer's training loop that ran on_train_begin, and its thread (_check_alive)
-        self._loop: tuple[Any, int] | None = None
+        self._loop: tuple[Any, Any, int] | None = None
         self._ended = False
 
     # -- run lifecycle ---------------------------------------------------------------------------
@@ -261,7 +262,11 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         self.tracker._drawn_from = drawn_without_replacement(kwargs.get("train_dataloader"))
         self._watch_trainer_loss(args)
         loop = _trainer_frame()
-        self._loop = None if loop is None else (loop.f_code, threading.get_ident())
+        if loop is not None:
+            trainer = weakref.ref(loop.f_locals["self"])
+            self._loop = (loop.f_code, trainer, threading.get_ident())
+        else:
+            self._loop = None
         self._ended = False
         del loop
         self._handles.append(model.register_forward_pre_hook(Hook(self._check_alive), prepend=True))
@@ -517,12 +522,19 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
             return
         if torch.compiler.is_compiling():
             return  # (a compiled model's trace: asking would break its graph; eager calls ask)
-        code, thread = self._loop
+        code, trainer, thread = self._loop
         if threading.get_ident() != thread:
             return
         frame = sys._getframe(1)
         while frame is not None:
             if frame.f_code is code:
+                return
+            frame = frame.f_back  # type: ignore[assignment]
+        # (not under that loop: any method of the same Trainer still running — a subclass that
+        # trains from another method than the one that began the run — keeps it alive)
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_locals.get("self") is trainer() is not None:
                 return
             frame = frame.f_back  # type: ignore[assignment]
         self._ended = True
