@@ -1,0 +1,596 @@
+"""The critical batch size of ``noisescale fit`` against fronts whose truth is known in closed form.
+
+The other fuzzers check per-example norms and the tracker's statistics; this one checks the
+Pareto fit of eq. 2.11–2.12 (``noisescale.sweep.critical_batch_sizes``, ``noisescale fit``). Its
+generator is its own (not ``noisescale.sweep.synthetic``): a run at batch size B whose clock runs
+f ≥ 1 times slow (f = 1 for the best learning rate, ``lr_slow`` for the others, times exp(σ·z)
+with ``noise`` σ) has made progress s after t = f·(s + E(s)/B) steps, with
+E(s) = c·s + k·s²/2 — so the steps to progress s are exactly S_min + E_min/B with S_min = s and
+E_min = E(s) (eq. 2.11), and B_crit = E(s)/s = c + k·s/2 at every goal. Its loss is
+L0/(1 + s/s_scale) (or L0·exp(−s/s_scale)); each goal g is the loss at a drawn progress s_g, and
+every run records a point exactly at the step where it reaches each goal (its loss there is g
+itself), so linear interpolation between records is exact: with no EMA and no noise the fit has
+nothing to approximate.
+
+Each seed draws a configuration (:func:`draw_config`) — 2-8 batch sizes spaced by 2 or 4, B_crit
+within them or all of them far above or below it (identifiability), E(s) constant or growing,
+1-4 learning rates (the best one on the front), 1-4 goals, records evenly or geometrically
+spaced, shuffled rows, ``examples`` reported or not, upward bumps (a non-monotone curve that
+stays above its goals until it reaches them), slower runs that diverge (NaN) or stop early, a
+batch size whose runs end before the last goal, a duplicated row — and runs these checks:
+
+* ``exact``: no EMA, no noise: S_min, E_min, B_crit and every point's S and E exact (1e-6), the
+  best learning rate chosen; a goal that fewer than three batch sizes reach refused, naming that;
+* ``cli``: ``noisescale fit FILE --goal ... --ema 0 --json`` on the same runs written as CSV or
+  JSON Lines: every number the API's (and so the truth's);
+* ``ema``: the same runs with ``--ema`` 0.5-0.95: B_crit off by more than ``EMA_TOL`` from the
+  truth must carry a warning (the lag warning, or another);
+* ``coverage``: with run-to-run noise σ (each run's clock exp(σ·z) slow, the fit's own model),
+  R replicates: the 95% interval of B_crit (``b_crit_low``/``b_crit_high``) holds the truth at
+  the nominal rate (binomial tail p < P_COVER a finding), fits at a bound or refused aside;
+* ``smin_cover``, ``emin_cover``: the same for S_min and E_min with t·stderr in log space (their
+  stderrs are what ``fit`` prints; informational unless far off);
+* ``bias``: the mean of ln(B̂_crit/B_crit) over the replicates against its standard error
+  (informational: the fit is not claimed unbiased; ``biased``, or ``biased-cond`` where some
+  replicates' fits were at a bound and the rest are a selection);
+* ``bound``: a fit at the edge of the search prints B_crit "< B" or "> B" with no interval; that
+  claim false for the truth in more than 5% of the replicates (binomial p < P_COVER) is
+  ``WRONG-BOUND``.
+
+Classes per check: ``ok``; ``refused`` (a NoiseScaleError, expected); ``FALSE-REFUSAL`` (refused
+where three batch sizes reach every goal); ``crash`` (any other exception); ``WRONG-SILENT`` (a
+number off, or an interval that covers too little, no warning); ``wrong-warned`` (the same with a
+warning); ``skip`` (the check does not apply).
+
+Run: ``PYTHONPATH=src python tests/fuzz_fit.py --seeds 0:200 [-v] [--jsonl out.jsonl]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import random
+import tempfile
+import time
+
+import numpy as np
+from scipy import stats as sps
+
+from noisescale.errors import NoiseScaleInputError as NoiseScaleError
+from noisescale.sweep import Run, critical_batch_sizes
+
+EXACT_TOL = 1e-6  # relative error of an exact fit's numbers
+CLI_TOL = 1e-9  # the CLI's numbers against the API's
+EMA_TOL = 0.10  # B_crit off by more than this under an EMA must be warned about
+P_COVER = 1e-3  # a binomial tail this improbable for the misses is a finding
+Z_BIAS = 4.5
+CHECKS = ("exact", "cli", "ema", "coverage", "smin_cover", "emin_cover", "bias", "bound")
+
+
+# --- the configuration ---------------------------------------------------------------------------
+
+
+def draw_config(seed):
+    """The grid and its truth's parameters for ``seed``."""
+    r = random.Random(f"fit-{seed}")
+    cfg = {
+        "n_batch": r.choice([2, 3, 3, 4, 5, 6, 8]),
+        "ratio": r.choice([2, 2, 4]),
+        "b_lo": r.choice([1, 4, 16, 64]),
+        "place": r.choice(["span", "span", "span", "above", "below"]),
+        "growth": r.random() < 0.5,  # E(s) = c·s + k·s²/2, B_crit growing with the goal
+        "loss": r.choice(["hyper", "exp"]),
+        "s_scale": r.choice([20.0, 100.0, 1000.0]),
+        "goals": r.choice([1, 2, 3, 4]),
+        "lrs": r.choice([1, 2, 3, 4]),
+        "records": r.choice(["even", "geom"]),
+        "points": r.choice([30, 100, 300]),
+        "format": r.choice(["csv", "jsonl"]),
+        "examples": r.random() < 0.5,
+        "shuffle": r.random() < 0.3,
+        "bumps": r.random() < 0.25,
+        "diverge": r.random() < 0.2,  # a slower learning rate's run diverges (NaN)
+        "stop": r.random() < 0.2,  # a slower learning rate's run stops early
+        "unreached": r.random() < 0.15,  # one batch size's runs end before the last goal
+        "duplicate": r.random() < 0.05,  # a repeated row (refused)
+        "noise": r.choice([0.02, 0.05, 0.1, 0.2, 0.3]),
+        "ema": r.choice([0.5, 0.8, 0.9, 0.95]),
+        "int_steps": r.random() < 0.3,  # records at whole steps only (crossings interpolated)
+    }
+    if cfg["int_steps"]:
+        cfg["bumps"] = False  # (the crossing's bracket would not hold the truth)
+    cfg["batch_sizes"] = [cfg["b_lo"] * cfg["ratio"] ** i for i in range(cfg["n_batch"])]
+    lo, hi = cfg["batch_sizes"][0], cfg["batch_sizes"][-1]
+    if cfg["place"] == "span":
+        cfg["b_crit"] = math.exp(r.uniform(math.log(lo), math.log(hi)))
+    elif cfg["place"] == "above":
+        cfg["b_crit"] = hi * r.choice([10.0, 30.0, 100.0])
+    else:
+        cfg["b_crit"] = lo / r.choice([10.0, 30.0, 100.0])
+    # progress at the goals (S_min at each), increasing
+    s_goals = sorted(r.uniform(5.0, 400.0) for _ in range(cfg["goals"]))
+    cfg["s_goals"] = [round(s, 6) for s in s_goals]
+    # B_crit(s) = c + k·s/2: c the drawn B_crit at the first goal when there is growth
+    cfg["c"] = cfg["b_crit"] / (2.0 if cfg["growth"] else 1.0)
+    cfg["k"] = (cfg["b_crit"] / s_goals[0]) if cfg["growth"] else 0.0
+    cfg["lr_slow"] = sorted(1.0 + r.uniform(0.2, 2.0) for _ in range(cfg["lrs"] - 1))
+    return cfg
+
+
+# --- the truth ------------------------------------------------------------------------------------
+
+
+class Truth:
+    """E(s), the loss and the goals of ``cfg``."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.c, self.k = cfg["c"], cfg["k"]
+        self.s_goals = np.array(cfg["s_goals"])
+        self.goals = [float(self.loss(s)) for s in self.s_goals]
+
+    def e_of(self, s):
+        return self.c * s + 0.5 * self.k * s * s
+
+    def loss(self, s):
+        s = np.asarray(s, dtype=float)
+        if self.cfg["loss"] == "hyper":
+            return 2.0 / (1.0 + s / self.cfg["s_scale"])
+        return 0.1 + 2.0 * np.exp(-s / self.cfg["s_scale"])
+
+    def progress(self, t, batch, slow):
+        """s after t steps at ``batch`` with a clock ``slow`` times slow: the root of
+        (k/2B)·s² + (1 + c/B)·s − t/slow = 0."""
+        tau = np.asarray(t, dtype=float) / slow
+        a = self.k / (2.0 * batch)
+        b = 1.0 + self.c / batch
+        return 2.0 * tau / (b + np.sqrt(b * b + 4.0 * a * tau))
+
+    def steps_to(self, s, batch, slow=1.0):
+        return slow * (s + self.e_of(s) / batch)
+
+    def s_min(self, i):
+        return float(self.s_goals[i])
+
+    def e_min(self, i):
+        return float(self.e_of(self.s_goals[i]))
+
+    def b_crit(self, i):
+        return self.e_min(i) / self.s_min(i)
+
+
+def make_runs(cfg, truth, rng, noise=0.0, decay_free=True):
+    """The grid's runs as rows ``{run, batch_size, learning_rate, step, loss[, examples]}`` and
+    what is expected: ``reach[goal index]`` = the batch sizes whose best run reaches it."""
+    rows, reach, grids = [], {i: set() for i in range(len(truth.goals))}, {}
+    last_goal_s = truth.s_goals[-1]
+    unreached_b = cfg["batch_sizes"][-1] if cfg["unreached"] else None
+    lrs = [0.1 * (i + 1) for i in range(cfg["lrs"])]
+    best_lr = random.Random(cfg["n_batch"]).choice(lrs)
+    others = iter(cfg["lr_slow"])
+    slows = {lr: (1.0 if lr == best_lr else next(others)) for lr in lrs}
+    if noise:
+        # the slower learning rates far behind: the best one wins in every replicate
+        slows = {lr: (1.0 if v == 1.0 else v * math.exp(6 * noise)) for lr, v in slows.items()}
+    for b in cfg["batch_sizes"]:
+        for j, lr in enumerate(lrs):
+            slow = slows[lr] * (math.exp(noise * rng.standard_normal()) if noise else 1.0)
+            crossings = truth.steps_to(truth.s_goals, b, slow)
+            end = float(truth.steps_to(last_goal_s * 1.3, b, slow))
+            if b == unreached_b:
+                end = float(0.5 * (crossings[-1] + (crossings[-2] if len(crossings) > 1 else 0)))
+            diverge_at = None
+            if slows[lr] > 1.0 and cfg["diverge"] and j % 2 == 0:
+                diverge_at = float(crossings[0] * 0.8 + 0.2 * end)
+            if slows[lr] > 1.0 and cfg["stop"] and j % 2 == 1:
+                end = float(crossings[0] * 0.9)
+            n = cfg["points"]
+            if cfg["records"] == "even":
+                grid = np.linspace(end / n, end, n)
+            else:
+                grid = np.geomspace(max(end / 3000.0, 1e-3), end, n)
+            if cfg["int_steps"]:
+                grid = np.unique(np.maximum(np.round(grid), 1.0))
+            loss = truth.loss(truth.progress(grid, b, slow))
+            if cfg["bumps"]:
+                loss = loss * (1.0 + 0.3 * np.sin(7.0 * np.log1p(grid)) ** 2)
+            if not cfg["int_steps"]:
+                # a record exactly at each goal's crossing (loss = the goal itself)
+                keep = np.ones(grid.size, bool)
+                for t in crossings:
+                    keep &= np.abs(grid - t) > 1e-6 * t
+                inside = crossings[crossings <= end]
+                goals_in = np.array(truth.goals[: inside.size])
+                grid = np.concatenate([grid[keep], inside])
+                loss = np.concatenate([loss[keep], goals_in])
+                order = np.argsort(grid)
+                grid, loss = grid[order], loss[order]
+            if diverge_at is not None:
+                loss = np.where(grid >= diverge_at, np.nan, loss)
+            name = f"b{b:g}_lr{lr:g}"
+            for t, value in zip(grid.tolist(), loss.tolist(), strict=True):
+                row = {
+                    "run": name,
+                    "batch_size": b,
+                    "learning_rate": lr,
+                    "step": t,
+                    "loss": value,
+                }
+                if cfg["examples"]:
+                    row["examples"] = b * t
+                rows.append(row)
+            if lr == best_lr:
+                grids[b] = grid
+                for i, t in enumerate(crossings):
+                    if t <= end:
+                        reach[i].add(b)
+    if cfg["shuffle"]:
+        random.Random(len(rows)).shuffle(rows)
+    if cfg["duplicate"]:
+        rows.append(dict(rows[len(rows) // 2]))
+    return rows, reach, (best_lr, grids)
+
+
+def runs_of(rows):
+    by = {}
+    for row in rows:
+        by.setdefault(row["run"], []).append(row)
+    out = []
+    for name, rs in by.items():
+        examples = [r["examples"] for r in rs] if "examples" in rs[0] else None
+        out.append(
+            Run.from_arrays(
+                name,
+                rs[0]["batch_size"],
+                rs[0]["learning_rate"],
+                [r["step"] for r in rs],
+                [r["loss"] for r in rs],
+                examples=examples,
+            )
+        )
+    return out
+
+
+# --- the checks -----------------------------------------------------------------------------------
+
+
+def _rel(a, b):
+    return abs(a - b) / max(abs(b), 1e-300)
+
+
+def _fits(runs, goals, decay):
+    """(results, None) or (None, a refusal/crash result)."""
+    try:
+        return critical_batch_sizes(runs, goals, decay=decay), None
+    except NoiseScaleError as err:
+        return None, {"cls": "refused", "exc": str(err)[:300]}
+    except Exception as err:
+        return None, {"cls": "crash", "exc": f"{type(err).__name__}: {err}"[:300]}
+
+
+def _bracket(grid, t):
+    """The records' interval around step ``t``: how far an interpolated crossing may be off."""
+    i = int(np.searchsorted(grid, t))
+    lo = grid[i - 1] if i > 0 else 0.0
+    hi = grid[i] if i < grid.size else grid[-1]
+    return hi - lo
+
+
+def check_exact(cfg, truth, rows, reach, meta):
+    """No EMA, no noise: the truth to EXACT_TOL (or a refusal where it is due); with records at
+    whole steps only, each point's S within its records' bracket (the fit not compared)."""
+    best_lr, grids = meta
+    enough = all(len(v) >= 3 for v in reach.values())
+    try:
+        runs = runs_of(rows)
+    except NoiseScaleError as err:
+        if cfg["duplicate"] and "twice" in str(err):
+            return {"cls": "refused", "exc": str(err)[:200]}, None
+        return {"cls": "FALSE-REFUSAL", "exc": str(err)[:300]}, None
+    except Exception as err:
+        return {"cls": "crash", "exc": f"{type(err).__name__}: {err}"[:300]}, None
+    if cfg["duplicate"]:
+        return {"cls": "WRONG-SILENT", "why": "a repeated step accepted"}, None
+    results, bad = _fits(runs, truth.goals, 0.0)
+    if bad is not None:
+        if bad["cls"] == "refused" and not enough:
+            return bad, None
+        if bad["cls"] == "refused" and "left out" in bad["exc"]:
+            return bad, None  # (a stopped run not behind the fastest: documented)
+        if bad["cls"] == "refused":
+            bad = {**bad, "cls": "FALSE-REFUSAL"}
+        return bad, None
+    if not enough:
+        return {"cls": "WRONG-SILENT", "why": f"fit where a goal has <3 batch sizes: {reach}"}, None
+    worst, why = 0.0, ""
+    for i, res in enumerate(results):
+        fit = res.fit
+        if cfg["int_steps"]:
+            for p in res.points:
+                want = truth.steps_to(truth.s_goals[i], p.batch_size)
+                gap = _bracket(grids[p.batch_size], want)
+                if abs(p.steps - want) > gap * (1 + 1e-9) or p.learning_rate != best_lr:
+                    return {
+                        "cls": "WRONG-SILENT",
+                        "why": f"goal {i} B={p.batch_size:g}: S {p.steps:.6g} truth {want:.6g} "
+                        f"(records {gap:.3g} apart), lr {p.learning_rate}",
+                    }, results
+            continue
+        for name, got, want in (
+            ("s_min", fit.s_min, truth.s_min(i)),
+            ("e_min", fit.e_min, truth.e_min(i)),
+            ("b_crit", fit.b_crit, truth.b_crit(i)),
+        ):
+            e = _rel(got, want)
+            if e > worst:
+                worst, why = e, f"goal {i} {name} {got:.9g} truth {want:.9g}"
+        for p in res.points:
+            if p.learning_rate != best_lr:
+                return {
+                    "cls": "WRONG-SILENT",
+                    "why": f"goal {i} B={p.batch_size:g}: lr {p.learning_rate} not {best_lr}",
+                }, results
+            want = truth.steps_to(truth.s_goals[i], p.batch_size)
+            for name, got, w in (("S", p.steps, want), ("E", p.examples, want * p.batch_size)):
+                e = _rel(got, w)
+                if e > worst:
+                    worst, why = e, f"goal {i} B={p.batch_size:g} {name} {got:.9g} truth {w:.9g}"
+    warned = any(res.warnings for res in results)
+    if worst > EXACT_TOL:
+        cls = "wrong-warned" if warned else "WRONG-SILENT"
+        return {"cls": cls, "re": worst, "why": why}, results
+    return {"cls": "ok", "re": worst}, results
+
+
+def check_cli(cfg, truth, rows, results):
+    """``noisescale fit FILE --json`` equal to the API's results."""
+    from noisescale.cli import main as cli_main
+
+    if results is None:
+        return {"cls": "skip"}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "runs." + ("csv" if cfg["format"] == "csv" else "jsonl"))
+        with open(path, "w", newline="") as f:
+            if cfg["format"] == "csv":
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                for row in rows:
+                    w.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+            else:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+        argv = ["fit", path, "--goal", ",".join(repr(g) for g in truth.goals), "--ema", "0"]
+        buf = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+                rc = cli_main([*argv, "--json"])
+        except SystemExit as err:
+            rc = err.code
+        except NoiseScaleError as err:
+            return {"cls": "FALSE-REFUSAL", "exc": str(err)[:300]}
+        except Exception as err:
+            return {"cls": "crash", "exc": f"{type(err).__name__}: {err}"[:300]}
+    if rc not in (0, None):
+        return {"cls": "FALSE-REFUSAL", "exc": f"rc {rc}"}
+    out = json.loads(buf.getvalue())
+    worst, why = 0.0, ""
+    for res, got in zip(results, out["goals"], strict=True):
+        want = res.as_dict()
+        for key in ("goal", "s_min", "e_min", "b_crit", "b_crit_low", "b_crit_high"):
+            a, b = got[key], want[key]
+            if (a is None) != (b is None) or (a is not None and _rel(a, b) > worst):
+                worst = math.inf if (a is None) != (b is None) else _rel(a, b)
+                why = f"{key}: cli {a} api {b}"
+        if len(got["points"]) != len(want["points"]):
+            return {"cls": "WRONG-SILENT", "why": "points differ"}
+        for p, q in zip(got["points"], want["points"], strict=True):
+            for key in ("steps", "examples", "batch_size", "learning_rate"):
+                e = _rel(p[key], q[key])
+                if e > worst:
+                    worst, why = e, f"point {key}: cli {p[key]} api {q[key]}"
+    if worst > CLI_TOL:
+        return {"cls": "WRONG-SILENT", "re": worst, "why": why}
+    return {"cls": "ok", "re": worst}
+
+
+def check_ema(cfg, truth, rows, reach):
+    """With an EMA: B_crit off by more than EMA_TOL carries a warning."""
+    if not all(len(v) >= 3 for v in reach.values()) or cfg["duplicate"] or cfg["bumps"]:
+        return {"cls": "skip"}  # (the EMA of a bumped curve has no closed-form crossing)
+    results, bad = _fits(runs_of(rows), truth.goals, cfg["ema"])
+    if bad is not None:
+        return bad
+    worst, why, warned = 0.0, "", True
+    for i, res in enumerate(results):
+        e = _rel(res.fit.b_crit, truth.b_crit(i))
+        if e > worst:
+            worst, why = e, f"goal {i}: b_crit {res.fit.b_crit:.6g} truth {truth.b_crit(i):.6g}"
+            warned = bool(res.warnings)
+    if worst > EMA_TOL:
+        return {"cls": "wrong-warned" if warned else "WRONG-SILENT", "re": worst, "why": why}
+    return {"cls": "ok", "re": worst}
+
+
+def check_noise(cfg, truth, reps, seed):
+    """Coverage of B_crit's 95% interval (and S_min's, E_min's) over ``reps`` noisy grids."""
+    from noisescale.branch.compare import t_quantile
+
+    skip = {"cls": "skip"}
+    if cfg["unreached"] or cfg["duplicate"] or cfg["n_batch"] < 3 or cfg["int_steps"]:
+        return dict.fromkeys(("coverage", "smin_cover", "emin_cover", "bias", "bound"), skip)
+    sigma = cfg["noise"]
+    rng = np.random.default_rng(1000 + seed)
+    hits = {"coverage": [0, 0, 0], "smin_cover": [0, 0, 0], "emin_cover": [0, 0, 0]}
+    logs, bounded, refused, crashed = [], 0, 0, None
+    false_bounds, example = 0, None
+    for _ in range(reps):
+        rows, _, _ = make_runs(cfg, truth, rng, noise=sigma)
+        results, bad = _fits(runs_of(rows), truth.goals, 0.0)
+        if bad is not None:
+            if bad["cls"] == "crash":
+                crashed = bad
+            refused += 1
+            continue
+        for i, res in enumerate(results):
+            fit = res.fit
+            if fit.at_bound is not None:
+                bounded += 1
+                # "< B" (lower) or "> B" (upper), what `fit` prints: does the truth obey it?
+                truth_b = truth.b_crit(i)
+                if (fit.at_bound == "lower") != (truth_b < fit.b_crit):
+                    false_bounds += 1
+                    example = f"{fit.at_bound}: B_crit {'<' if fit.at_bound == 'lower' else '>'} "
+                    example += f"{fit.b_crit:.4g}, truth {truth_b:.4g}"
+                continue
+            warned = bool(res.warnings)
+            try:
+                res.as_dict()  # (what `fit --json` prints: the interval, the fitted steps)
+                low, high = fit.b_crit_interval(0.95)
+            except Exception as err:
+                crashed = {"cls": "crash", "exc": f"{type(err).__name__}: {err}"[:300]}
+                crashed["at"] = f"se(ln B_crit) {fit.log_b_crit_stderr:.4g}, n {fit.n_points}"
+                continue
+            t = t_quantile(0.95, fit.n_points - 2)
+            logs.append(math.log(fit.b_crit / truth.b_crit(i)))
+            for name, ok in (
+                ("coverage", low <= truth.b_crit(i) <= high),
+                (
+                    "smin_cover",
+                    abs(math.log(fit.s_min / truth.s_min(i))) <= t * math.sqrt(fit.log_cov[0, 0]),
+                ),
+                (
+                    "emin_cover",
+                    abs(math.log(fit.e_min / truth.e_min(i))) <= t * math.sqrt(fit.log_cov[1, 1]),
+                ),
+            ):
+                h = hits[name]
+                h[1] += 1
+                if ok:
+                    h[0] += 1
+                elif warned:
+                    h[2] += 1
+    out = {}
+    n_goals = len(truth.goals)
+    for name, (hit, n, warned_misses) in hits.items():
+        if crashed:
+            out[name] = crashed
+            continue
+        if n < 20:
+            out[name] = {"cls": "skip", "n": n, "bounded": bounded, "refused": refused}
+            continue
+        misses = n - hit
+        p = float(sps.binom.sf(misses - 1, n, 0.05)) if misses else 1.0
+        res = {"hits": hit, "n": n, "rate": round(hit / n, 4), "p": p, "bounded": bounded}
+        if p < P_COVER / n_goals:
+            res["cls"] = "wrong-warned" if warned_misses > misses / 2 else "WRONG-SILENT"
+        else:
+            res["cls"] = "ok"
+        out[name] = res
+    if crashed:
+        out["bias"] = crashed
+    elif len(logs) >= 20:
+        a = np.array(logs)
+        z = float(a.mean() / (a.std(ddof=1) / math.sqrt(a.size)))
+        cls = "ok"
+        if abs(z) > Z_BIAS and abs(a.mean()) > 0.05:
+            # (conditional on a fit inside the search range a bias is expected where some are
+            # at a bound: informational there)
+            cls = "biased" if bounded == 0 else "biased-cond"
+        out["bias"] = {"cls": cls, "z": round(z, 2), "mean_log": round(float(a.mean()), 4)}
+    else:
+        out["bias"] = {"cls": "skip"}
+    if crashed:
+        out["bound"] = crashed
+    elif bounded:
+        # a printed bound is a claim with no stated confidence: false in more than 5% is a finding
+        p = float(sps.binom.sf(false_bounds - 1, bounded, 0.05)) if false_bounds else 1.0
+        cls = "WRONG-BOUND" if p < P_COVER else "ok"
+        out["bound"] = {"cls": cls, "false": false_bounds, "n": bounded, "example": example}
+    else:
+        out["bound"] = {"cls": "skip"}
+    return out
+
+
+def check_seed(seed, override=None, reps=None):
+    cfg = draw_config(seed)
+    if override:
+        cfg.update(override)
+    truth = Truth(cfg)
+    t0 = time.time()
+    rows, reach, meta = make_runs(cfg, truth, np.random.default_rng(seed))
+    checks = {}
+    checks["exact"], results = check_exact(cfg, truth, rows, reach, meta)
+    checks["cli"] = check_cli(cfg, truth, rows, results)
+    checks["ema"] = check_ema(cfg, truth, rows, reach)
+    checks.update(check_noise(cfg, truth, reps or 100, seed))
+    return {"seed": seed, "cfg": cfg, "checks": checks, "time": round(time.time() - t0, 2)}
+
+
+def findings(record):
+    return [
+        (name, res)
+        for name, res in record["checks"].items()
+        if res["cls"] in ("WRONG-SILENT", "crash", "FALSE-REFUSAL", "WRONG-BOUND")
+    ]
+
+
+def describe(record):
+    cfg = record["cfg"]
+    keys = ("batch_sizes", "place", "b_crit", "growth", "goals", "lrs", "records", "points")
+    extra = ("examples", "shuffle", "bumps", "diverge", "stop", "unreached", "duplicate")
+    extra += ("int_steps",)
+    extra = [k for k in extra if cfg.get(k)]
+    return (
+        f"seed {record['seed']}: "
+        + " ".join(
+            f"{k}={cfg[k]:.4g}" if isinstance(cfg[k], float) else f"{k}={cfg[k]}" for k in keys
+        )
+        + (" +" + ",".join(extra) if extra else "")
+        + f" σ={cfg['noise']} ema={cfg['ema']}"
+    )
+
+
+def main(argv=None):
+    from fuzz_runner import _seeds, count_classes, print_class_table
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", default="0:100", help="A:B (a range), or seeds A,B,C")
+    parser.add_argument("--jsonl", help="append each seed's full record to this file")
+    parser.add_argument("--override", help="JSON dict replacing entries of each seed's config")
+    parser.add_argument("--replicates", type=int, default=100, help="noisy replicates per seed")
+    parser.add_argument("-v", "--verbose", action="store_true", help="each check's result")
+    args = parser.parse_args(argv)
+    override = json.loads(args.override) if args.override else None
+    out = open(args.jsonl, "a") if args.jsonl else None  # noqa: SIM115
+    table: dict[str, dict[str, int]] = {}
+    found, start = [], time.time()
+    try:
+        for seed in _seeds(args.seeds):
+            record = check_seed(seed, override, args.replicates)
+            if out:
+                out.write(json.dumps(record, default=str) + "\n")
+                out.flush()
+            count_classes(table, record["checks"])
+            found += [(record, name, res) for name, res in findings(record)]
+            if args.verbose:
+                print(describe(record), f"({record['time']} s)", flush=True)
+                for name, res in record["checks"].items():
+                    rest = {k: v for k, v in res.items() if k != "cls"}
+                    print(f"  {name:10s} {res['cls']:14s} {rest}")
+    finally:
+        if out:
+            out.close()
+    print_class_table(table, CHECKS, column_width=12)
+    print(f"\n{len(found)} finding(s) in {time.time() - start:.0f} s")
+    for record, name, res in found:
+        print(f"  {describe(record)}\n    {name}: {res}")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
