@@ -70,6 +70,7 @@ EMA_TOL = 0.10  # B_crit off by more than this under an EMA must be warned about
 P_COVER = 1e-3  # a binomial tail this improbable for the misses is a finding
 Z_BIAS = 4.5
 CHECKS = ("exact", "cli", "ema", "coverage", "smin_cover", "emin_cover", "bias", "bound")
+CHECKS += ("branch_exact", "branch_cover", "warmup")
 
 
 # --- the configuration ---------------------------------------------------------------------------
@@ -516,6 +517,217 @@ def check_noise(cfg, truth, reps, seed):
     return out
 
 
+# --- noisescale branch: efficiencies, local critical batch size, warm-up --------------------------
+
+
+def draw_branch_config(seed):
+    """A branch point (or several) whose critical batch size is known by construction."""
+    r = random.Random(f"branch-{seed}")
+    cfg = {
+        "b_ref": r.choice([1, 2, 4, 8]),
+        "n_batch": r.choice([2, 3, 4, 5, 6]),
+        "ratio": r.choice([2, 2, 4]),
+        "place": r.choice(["span", "span", "span", "above", "below"]),
+        "mult": r.choice([8, 32, 64]),  # the budget in multiples of the largest batch size
+        "every": r.choice(["step", "32pts"]),
+        "seeds": r.choice([1, 3, 3, 5]),
+        "lrs": r.choice([1, 1, 2, 3]),
+        "tolerance": r.choice([0.2, 0.5, 1.0]),
+        "reference": r.choice(["smallest", "smallest", "best"]),
+        "decay": r.choice([0.0, 0.0, 0.5, 0.9]),
+        "noise": r.choice([0.05, 0.1, 0.15]),
+        "checkpoints": r.choice([1, 2, 3]),
+        "growth": r.choice([1.0, 2.0, 4.0]),  # B_crit at each later checkpoint × this
+        "base": r.choice([1, 2, 4]),  # B₀ of the main run in multiples of b_ref
+    }
+    sizes = [cfg["b_ref"] * cfg["ratio"] ** i for i in range(cfg["n_batch"])]
+    cfg["batch_sizes"] = sizes
+    if cfg["place"] == "span":
+        bn = math.exp(r.uniform(math.log(sizes[0]), math.log(sizes[-1])))
+    elif cfg["place"] == "above":
+        bn = sizes[-1] * r.choice([3.0, 10.0])
+    else:
+        bn = sizes[0] / r.choice([3.0, 10.0])
+    cfg["b_noise"] = [bn * cfg["growth"] ** i for i in range(cfg["checkpoints"])]
+    cfg["budget"] = float(sizes[-1] * cfg["mult"])
+    return cfg
+
+
+def make_branches(cfg, noise, rng, point=None):
+    """Branches from each checkpoint: loss linear in the branch's progress u = e/((B + B_n)·f),
+    so every efficiency is (B_ref + B_n)/(B + B_n) (times the clocks' ratio with noise) and
+    interpolation between records is exact."""
+    from noisescale.branch.compare import BranchRun
+
+    out = []
+    points = range(cfg["checkpoints"]) if point is None else [point]
+    for c in points:
+        bn = cfg["b_noise"][c]
+        checkpoint = 1000.0 * (c + 1)
+        for b in cfg["batch_sizes"]:
+            for j in range(cfg["lrs"]):
+                lr_slow = 1.0 if j == 0 else 1.5 + j
+                for seed in range(cfg["seeds"]):
+                    f = lr_slow * (math.exp(noise * rng.standard_normal()) if noise else 1.0)
+                    steps = round(cfg["budget"] / b)
+                    every = 1 if cfg["every"] == "step" else max(1, steps // 32)
+                    k = [t for t in range(steps + 1) if t % every == 0 or t == steps]
+                    e = np.array(k, dtype=float) * b
+                    loss = 10.0 - e / ((b + bn) * f) * (5.0 / cfg["budget"]) * bn
+                    run = Run.from_arrays(
+                        f"c{c}_b{b}_lr{j}_s{seed}", b, 0.1 * (j + 1), k, loss, examples=e
+                    )
+                    out.append(BranchRun(checkpoint, seed, cfg["budget"], run))
+    return out
+
+
+def _branch_truth(cfg, c):
+    """(B_crit, local CBS, whether the CBS is a bound) at checkpoint ``c``."""
+    bn, tau, sizes = cfg["b_noise"][c], cfg["tolerance"], cfg["batch_sizes"]
+    cbs = tau * bn + (1 + tau) * sizes[0]
+    return bn, min(cbs, sizes[-1]), cbs >= sizes[-1]
+
+
+def check_branch(seed, reps=60):
+    """``branch_exact``, ``branch_cover``, ``warmup`` (see :func:`check_seed`)."""
+    from noisescale.branch.compare import local_critical_batch_sizes
+    from noisescale.branch.warmup import fit_warmup, stage_batch_size, warmup_steps
+
+    cfg = draw_branch_config(seed)
+    out = {}
+    kw = {"tolerance": cfg["tolerance"], "reference": cfg["reference"], "decay": cfg["decay"]}
+    try:
+        results = local_critical_batch_sizes(make_branches(cfg, 0.0, None), **kw)
+    except NoiseScaleError as err:
+        res = {"cls": "FALSE-REFUSAL", "exc": str(err)[:300]}
+        return cfg, {"branch_exact": res, "branch_cover": {"cls": "skip"}, "warmup": res}
+    except Exception as err:
+        res = {"cls": "crash", "exc": f"{type(err).__name__}: {err}"[:300]}
+        return cfg, {"branch_exact": res, "branch_cover": {"cls": "skip"}, "warmup": res}
+    worst, why = 0.0, ""
+    lo, hi = cfg["batch_sizes"][0] / 1e3, cfg["batch_sizes"][-1] * 1e3
+    for c, res in enumerate(results):
+        bn, cbs, cbs_capped = _branch_truth(cfg, c)
+        checks = []
+        for be in res.batches:
+            want = (cfg["batch_sizes"][0] + bn) / (be.batch_size + bn)
+            checks.append((f"c{c} η(B={be.batch_size:g})", be.efficiency, want))
+        if res.b_crit_bound is None and lo < bn < hi and cfg["n_batch"] > 1:
+            checks.append((f"c{c} b_crit", res.b_crit, bn))
+        elif not res.b_crit_low * (1 - 1e-9) <= bn <= res.b_crit_high * (1 + 1e-9):
+            worst = math.inf
+            why = f"c{c}: bound {res.b_crit_bound} [{res.b_crit_low:g}, {res.b_crit_high:g}] "
+            why += f"excludes B_crit {bn:g}"
+        if cbs_capped:
+            if res.cbs_bound != "upper":
+                worst, why = math.inf, f"c{c}: cbs {res.cbs:.6g} not a bound (truth ≥ {cbs:g})"
+        else:
+            checks.append((f"c{c} cbs", res.cbs, cbs))
+        for name, got, want in checks:
+            e = _rel(got, want)
+            if e > worst:
+                worst, why = e, f"{name} {got:.9g} truth {want:.9g}"
+    # (the warnings that bear on these numbers: the EMA's, curves that cross)
+    warned = any("--ema" in w or "cross" in w for r in results for w in r.warnings)
+    if worst > 1e-6:
+        cls = "wrong-warned" if warned else "WRONG-SILENT"
+        out["branch_exact"] = {"cls": cls, "re": worst, "why": why}
+    else:
+        out["branch_exact"] = {"cls": "ok", "re": worst}
+    out["warmup"] = check_warmup(cfg, results, fit_warmup, stage_batch_size, warmup_steps)
+    out["branch_cover"] = check_branch_cover(cfg, kw, reps, seed)
+    return cfg, out
+
+
+def check_warmup(cfg, results, fit_warmup, stage_batch_size, warmup_steps):
+    """The warm-up's knots from the measured CBS, its steps at equal examples by brute force,
+    and (B_crit the same at every point) its steps at equal progress in closed form (eq. D.1)."""
+    base = cfg["b_ref"] * cfg["base"]
+    total = 1000.0 * (cfg["checkpoints"] + 2)
+    try:
+        plan = fit_warmup(results, base_batch_size=base, total=total)
+    except NoiseScaleError as err:
+        return {"cls": "FALSE-REFUSAL", "exc": str(err)[:300]}
+    except Exception as err:
+        return {"cls": "crash", "exc": f"{type(err).__name__}: {err}"[:300]}
+    allowed = cfg["batch_sizes"]
+    knots, batch = [(0.0, allowed[0])], allowed[0]
+    for r in results:
+        fit = [b for b in allowed if b <= r.cbs * (1 + 1e-9)]
+        nb = max(fit[-1] if fit else allowed[0], batch)
+        if nb != batch:
+            knots.append((r.checkpoint, nb))
+            batch = nb
+    if [tuple(map(float, k)) for k in plan.knots] != [tuple(map(float, k)) for k in knots]:
+        return {"cls": "WRONG-SILENT", "why": f"knots {plan.knots} expected {knots}"}
+    # brute force: one example at a time is too slow; the stages' lengths by hand
+    edges = [k[0] for k in knots] + [total]
+    steps = sum((edges[i + 1] - edges[i]) / knots[i][1] for i in range(len(knots)))
+    worst, why = _rel(plan.steps_warmup, steps), f"steps_warmup {plan.steps_warmup} truth {steps}"
+    if len(set(cfg["b_noise"])) == 1 and all(r.b_crit_bound is None for r in results):
+        bc = float(np.exp(np.mean([math.log(r.b_crit) for r in results])))
+        s_end = total / (base + bc)
+        # walk the stages: progress len/(b + bc) per stage, steps len/b
+        progress, steps_p, examples = 0.0, 0.0, 0.0
+        for i, (start, b) in enumerate(knots):
+            end = edges[i + 1] if i + 1 < len(knots) else math.inf
+            room = (end - start) / (b + bc)
+            take = min(room, s_end - progress)
+            progress += take
+            steps_p += take * (b + bc) / b
+            examples += take * (b + bc)
+            if progress >= s_end * (1 - 1e-15):
+                break
+        for name, got, want in (
+            ("steps_same_progress", plan.steps_same_progress, steps_p),
+            ("examples_same_progress", plan.examples_same_progress, examples),
+        ):
+            e = _rel(got, want)
+            if e > worst * 1e3 and e > 1e-3:
+                worst, why = e, f"{name} {got:.8g} truth {want:.8g}"
+    if worst > 1e-3:
+        return {"cls": "WRONG-SILENT", "re": worst, "why": why}
+    return {"cls": "ok", "re": worst}
+
+
+def check_branch_cover(cfg, kw, reps, seed):
+    """B_crit's interval over ``reps`` noisy experiments at the first branch point."""
+    if cfg["seeds"] < 3 or cfg["n_batch"] < 2:
+        return {"cls": "skip"}
+    from noisescale.branch.compare import local_critical_batch_size
+
+    rng = np.random.default_rng(7000 + seed)
+    bn = cfg["b_noise"][0]
+    hits = n = bounded = 0
+    for _ in range(reps):
+        try:
+            res = local_critical_batch_size(make_branches(cfg, cfg["noise"], rng, point=0), **kw)
+        except NoiseScaleError:
+            continue
+        except Exception as err:
+            return {"cls": "crash", "exc": f"{type(err).__name__}: {err}"[:300]}
+        if res.b_crit_bound is not None:
+            bounded += 1
+            # the interval is then one-sided: [low, inf) or [0, high]
+        if not (math.isfinite(res.b_crit_low) or res.b_crit_low == 0.0):
+            continue
+        n += 1
+        hits += res.b_crit_low <= bn <= res.b_crit_high
+    if n < 20:
+        return {"cls": "skip", "n": n}
+    misses = n - hits
+    p = float(sps.binom.sf(misses - 1, n, 0.05)) if misses else 1.0
+    cls = "WRONG-SILENT" if p < P_COVER else "ok"
+    return {
+        "cls": cls,
+        "hits": hits,
+        "n": n,
+        "rate": round(hits / n, 3),
+        "p": p,
+        "bounded": bounded,
+    }
+
+
 def check_seed(seed, override=None, reps=None):
     cfg = draw_config(seed)
     if override:
@@ -528,7 +740,15 @@ def check_seed(seed, override=None, reps=None):
     checks["cli"] = check_cli(cfg, truth, rows, results)
     checks["ema"] = check_ema(cfg, truth, rows, reach)
     checks.update(check_noise(cfg, truth, reps or 100, seed))
-    return {"seed": seed, "cfg": cfg, "checks": checks, "time": round(time.time() - t0, 2)}
+    branch_cfg, branch = check_branch(seed, reps=max(20, (reps or 100) // 2))
+    checks.update(branch)
+    return {
+        "seed": seed,
+        "cfg": cfg,
+        "branch_cfg": branch_cfg,
+        "checks": checks,
+        "time": round(time.time() - t0, 2),
+    }
 
 
 def findings(record):
