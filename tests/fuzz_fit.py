@@ -23,6 +23,9 @@ batch size whose runs end before the last goal, a duplicated row — and runs th
   best learning rate chosen; a goal that fewer than three batch sizes reach refused, naming that;
 * ``cli``: ``noisescale fit FILE --goal ... --ema 0 --json`` on the same runs written as CSV or
   JSON Lines: every number the API's (and so the truth's);
+* ``sweep``: (whole steps, every third seed) the runs reported by an in-process training
+  function through ``run_sweep`` into a SQLite study, read back (``read_study_runs``) and by
+  ``noisescale fit sqlite:///... --study``: the numbers of the runs given directly;
 * ``ema``: the same runs with ``--ema`` 0.5-0.95: B_crit off by more than ``EMA_TOL`` from the
   truth must carry a warning (the lag warning, or another);
 * ``coverage``: with run-to-run noise σ (each run's clock exp(σ·z) slow, the fit's own model),
@@ -69,7 +72,7 @@ CLI_TOL = 1e-9  # the CLI's numbers against the API's
 EMA_TOL = 0.10  # B_crit off by more than this under an EMA must be warned about
 P_COVER = 1e-3  # a binomial tail this improbable for the misses is a finding
 Z_BIAS = 4.5
-CHECKS = ("exact", "cli", "ema", "coverage", "smin_cover", "emin_cover", "bias", "bound")
+CHECKS = ("exact", "cli", "sweep", "ema", "coverage", "smin_cover", "emin_cover", "bias", "bound")
 CHECKS += ("branch_exact", "branch_cover", "warmup")
 
 
@@ -517,6 +520,68 @@ def check_noise(cfg, truth, reps, seed):
     return out
 
 
+def check_sweep(cfg, truth, rows, seed):
+    """``run_sweep`` with an in-process training function that reports the rows, then
+    ``read_study_runs`` and ``noisescale fit sqlite:///... --json``: the same numbers as the
+    runs given directly (whole steps only: the reporter takes integers)."""
+    from noisescale.cli import main as cli_main
+    from noisescale.sweep import read_study_runs, run_sweep
+
+    if not cfg["int_steps"] or cfg["duplicate"] or seed % 3:
+        return {"cls": "skip"}
+    direct, bad = _fits(runs_of(rows), truth.goals, 0.0)
+    by = {}
+    for row in rows:
+        by.setdefault((row["batch_size"], row["learning_rate"]), []).append(row)
+
+    def train(batch_size, learning_rate, reporter):
+        for row in sorted(by[(batch_size, learning_rate)], key=lambda r: r["step"]):
+            extra = {"examples": row["examples"]} if "examples" in row else {}
+            reporter.report(int(row["step"]), row["loss"], **extra)
+
+    sizes = sorted({b for b, _ in by})
+    lrs = sorted({lr for _, lr in by})
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"sqlite:///{tmp}/sweep.db"
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                run_sweep(train, sizes, lrs, storage=url, study_name="fz", progress=False)
+            stored, bad2 = _fits(read_study_runs(url, "fz"), truth.goals, 0.0)
+        except Exception as err:
+            return {"cls": "crash", "exc": f"{type(err).__name__}: {err}"[:300]}
+        if (bad is None) != (bad2 is None):
+            return {"cls": "WRONG-SILENT", "why": f"direct {bad} stored {bad2}"}
+        if bad is not None:
+            return {"cls": "refused", "exc": bad2["exc"]}
+        buf = io.StringIO()
+        argv = ["fit", url, "--study", "fz", "--ema", "0", "--json"]
+        argv += ["--goal", ",".join(repr(g) for g in truth.goals)]
+        try:
+            with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+                rc = cli_main(argv)
+        except SystemExit as err:
+            rc = err.code
+        except Exception as err:
+            return {"cls": "crash", "exc": f"{type(err).__name__}: {err}"[:300]}
+    if rc not in (0, None):
+        return {"cls": "FALSE-REFUSAL", "exc": f"rc {rc}"}
+    out = json.loads(buf.getvalue())
+    worst, why = 0.0, ""
+    for a, b, c in zip(direct, stored, out["goals"], strict=True):
+        for name, x, y in (
+            ("b_crit", b.fit.b_crit, a.fit.b_crit),
+            ("s_min", b.fit.s_min, a.fit.s_min),
+            ("cli b_crit", c["b_crit"], a.fit.b_crit),
+            ("cli e_min", c["e_min"], a.fit.e_min),
+        ):
+            e = _rel(x, y)
+            if e > worst:
+                worst, why = e, f"{name}: {x} against the runs given directly {y}"
+    if worst > CLI_TOL:
+        return {"cls": "WRONG-SILENT", "re": worst, "why": why}
+    return {"cls": "ok", "re": worst}
+
+
 # --- noisescale branch: efficiencies, local critical batch size, warm-up --------------------------
 
 
@@ -739,6 +804,7 @@ def check_seed(seed, override=None, reps=None):
     checks["exact"], results = check_exact(cfg, truth, rows, reach, meta)
     checks["cli"] = check_cli(cfg, truth, rows, results)
     checks["ema"] = check_ema(cfg, truth, rows, reach)
+    checks["sweep"] = check_sweep(cfg, truth, rows, seed)
     checks.update(check_noise(cfg, truth, reps or 100, seed))
     branch_cfg, branch = check_branch(seed, reps=max(20, (reps or 100) // 2))
     checks.update(branch)
