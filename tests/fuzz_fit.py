@@ -26,6 +26,9 @@ batch size whose runs end before the last goal, a duplicated row — and runs th
 * ``sweep``: (whole steps, every third seed) the runs reported by an in-process training
   function through ``run_sweep`` into a SQLite study, read back (``read_study_runs``) and by
   ``noisescale fit sqlite:///... --study``: the numbers of the runs given directly;
+* ``start``: (runs with a record at step 0) a goal above the initial loss, met at step 0 by every
+  run: refused, and not as a goal "no run reaches" with the advice to choose a higher one
+  (``WRONG-CAUSE``);
 * ``ema``: the same runs with ``--ema`` 0.5-0.95: B_crit off by more than ``EMA_TOL`` from the
   truth must carry a warning (the lag warning, or another);
 * ``coverage``: with run-to-run noise σ (each run's clock exp(σ·z) slow, the fit's own model),
@@ -40,10 +43,27 @@ batch size whose runs end before the last goal, a duplicated row — and runs th
   claim false for the truth in more than 5% of the replicates (binomial p < P_COVER) is
   ``WRONG-BOUND``.
 
+``noisescale branch`` (its own draw per seed, :func:`draw_branch_config`): branches from 1-3
+checkpoints at 2-6 batch sizes whose loss is linear in the progress u = e/((B + B_n)·f), so that
+every efficiency is η_B = (B_ref + B_n)/(B + B_n) and B_crit = B_n exactly (linear interpolation
+between records exact too), the local CBS τ·B_n + (1 + τ)·B_ref (or a bound at the largest size);
+1-3 learning rates (the others slower), 1-5 seeds, --ema 0/0.5/0.9 (its lag correction claimed
+exact on linear curves), every step recorded or ~32 points:
+
+* ``branch_exact``: η, B_crit and the local CBS at every checkpoint, no noise (1e-6), or a bound
+  whose interval holds the truth;
+* ``branch_cover``: with each data order's clock exp(σ·z) slow, B_crit's 95% interval over ~30
+  experiments at the first checkpoint holds B_n at the nominal rate;
+* ``warmup``: ``fit_warmup``'s knots from the measured CBS, its steps at equal examples by hand,
+  and (B_n the same at every checkpoint) its examples and steps at equal progress in closed form;
+* ``branch_cli``: (every third seed) ``noisescale branch FILE:train --json`` into a SQLite study:
+  every number the API's on the same curves.
+
 Classes per check: ``ok``; ``refused`` (a NoiseScaleError, expected); ``FALSE-REFUSAL`` (refused
 where three batch sizes reach every goal); ``crash`` (any other exception); ``WRONG-SILENT`` (a
 number off, or an interval that covers too little, no warning); ``wrong-warned`` (the same with a
-warning); ``skip`` (the check does not apply).
+warning); ``WRONG-CAUSE`` (a refusal whose message names the wrong cause); ``skip`` (the check
+does not apply).
 
 Run: ``PYTHONPATH=src python tests/fuzz_fit.py --seeds 0:200 [-v] [--jsonl out.jsonl]``.
 """
@@ -72,8 +92,19 @@ CLI_TOL = 1e-9  # the CLI's numbers against the API's
 EMA_TOL = 0.10  # B_crit off by more than this under an EMA must be warned about
 P_COVER = 1e-3  # a binomial tail this improbable for the misses is a finding
 Z_BIAS = 4.5
-CHECKS = ("exact", "cli", "sweep", "ema", "coverage", "smin_cover", "emin_cover", "bias", "bound")
-CHECKS += ("branch_exact", "branch_cover", "warmup")
+CHECKS = (
+    "exact",
+    "cli",
+    "sweep",
+    "start",
+    "ema",
+    "coverage",
+    "smin_cover",
+    "emin_cover",
+    "bias",
+    "bound",
+)
+CHECKS += ("branch_exact", "branch_cover", "warmup", "branch_cli")
 
 
 # --- the configuration ---------------------------------------------------------------------------
@@ -105,6 +136,7 @@ def draw_config(seed):
         "noise": r.choice([0.02, 0.05, 0.1, 0.2, 0.3]),
         "ema": r.choice([0.5, 0.8, 0.9, 0.95]),
         "int_steps": r.random() < 0.3,  # records at whole steps only (crossings interpolated)
+        "step0": r.random() < 0.3,  # a record at step 0 (the initial loss), as branches report
     }
     if cfg["int_steps"]:
         cfg["bumps"] = False  # (the crossing's bracket would not hold the truth)
@@ -216,6 +248,9 @@ def make_runs(cfg, truth, rng, noise=0.0, decay_free=True):
                 grid, loss = grid[order], loss[order]
             if diverge_at is not None:
                 loss = np.where(grid >= diverge_at, np.nan, loss)
+            if cfg.get("step0"):
+                grid = np.concatenate([[0.0], grid])
+                loss = np.concatenate([[float(truth.loss(0.0))], loss])
             name = f"b{b:g}_lr{lr:g}"
             for t, value in zip(grid.tolist(), loss.tolist(), strict=True):
                 row = {
@@ -349,6 +384,20 @@ def check_exact(cfg, truth, rows, reach, meta):
         cls = "wrong-warned" if warned else "WRONG-SILENT"
         return {"cls": cls, "re": worst, "why": why}, results
     return {"cls": "ok", "re": worst}, results
+
+
+def check_start(cfg, truth, rows):
+    """A goal above the initial loss (met at step 0 by every run): refused, but not as one no run
+    reaches with the advice to choose a higher goal."""
+    if not cfg.get("step0") or cfg["duplicate"]:
+        return {"cls": "skip"}
+    goal = float(truth.loss(0.0)) * 1.1
+    _, bad = _fits(runs_of(rows), [goal], 0.0)
+    if bad is None:
+        return {"cls": "WRONG-SILENT", "why": f"a fit at a goal {goal:g} above the initial loss"}
+    if bad["cls"] == "refused" and "higher goal" in bad["exc"]:
+        return {"cls": "WRONG-CAUSE", "exc": bad["exc"]}
+    return bad
 
 
 def check_cli(cfg, truth, rows, results):
@@ -665,10 +714,12 @@ def check_branch(seed, reps=60):
         results = local_critical_batch_sizes(make_branches(cfg, 0.0, None), **kw)
     except NoiseScaleError as err:
         res = {"cls": "FALSE-REFUSAL", "exc": str(err)[:300]}
-        return cfg, {"branch_exact": res, "branch_cover": {"cls": "skip"}, "warmup": res}
+        skip = {"cls": "skip"}
+        return cfg, {"branch_exact": res, "branch_cover": skip, "warmup": res, "branch_cli": skip}
     except Exception as err:
         res = {"cls": "crash", "exc": f"{type(err).__name__}: {err}"[:300]}
-        return cfg, {"branch_exact": res, "branch_cover": {"cls": "skip"}, "warmup": res}
+        skip = {"cls": "skip"}
+        return cfg, {"branch_exact": res, "branch_cover": skip, "warmup": res, "branch_cli": skip}
     worst, why = 0.0, ""
     lo, hi = cfg["batch_sizes"][0] / 1e3, cfg["batch_sizes"][-1] * 1e3
     for c, res in enumerate(results):
@@ -701,7 +752,94 @@ def check_branch(seed, reps=60):
         out["branch_exact"] = {"cls": "ok", "re": worst}
     out["warmup"] = check_warmup(cfg, results, fit_warmup, stage_batch_size, warmup_steps)
     out["branch_cover"] = check_branch_cover(cfg, kw, reps, seed)
+    out["branch_cli"] = check_branch_cli(seed, cfg, kw)
     return cfg, out
+
+
+_BRANCH_TRAIN = """
+import numpy as np
+CFG = {cfg!r}
+def train(batch_size, learning_rate, reporter, *, checkpoint, budget, seed):
+    c = round(checkpoint / 1000.0) - 1
+    bn = CFG["b_noise"][c]
+    j = round(learning_rate / 0.1) - 1
+    f = 1.0 if j == 0 else 1.5 + j
+    steps = round(budget / batch_size)
+    every = 1 if CFG["every"] == "step" else max(1, steps // 32)
+    for t in range(steps + 1):
+        if t % every == 0 or t == steps:
+            e = float(t * batch_size)
+            loss = 10.0 - e / ((batch_size + bn) * f) * (5.0 / CFG["budget"]) * bn
+            reporter.report(t, loss, examples=e)
+"""
+
+
+def check_branch_cli(seed, cfg, kw):
+    """``noisescale branch MODULE:FUNCTION --json`` on the noise-free branches (every third seed):
+    its local CBS, B_crit, efficiencies and warm-up the API's on the same curves."""
+    from noisescale.branch.compare import local_critical_batch_sizes
+    from noisescale.branch.warmup import fit_warmup
+    from noisescale.cli import main as cli_main
+
+    branches = cfg["n_batch"] * cfg["lrs"] * cfg["seeds"] * cfg["checkpoints"]
+    if seed % 3 != 1 or cfg["every"] == "step" or branches > 45:
+        return {"cls": "skip"}  # (a branch a SQLite trial: kept to a few seconds)
+    try:
+        api = local_critical_batch_sizes(make_branches(cfg, 0.0, None), **kw)
+        total = 1000.0 * cfg["checkpoints"] + cfg["budget"]
+        plan = fit_warmup(api, base_batch_size=cfg["batch_sizes"][0], total=total)
+    except Exception as err:
+        return {"cls": "skip", "exc": f"{type(err).__name__}: {err}"[:200]}
+    with tempfile.TemporaryDirectory() as tmp:
+        module = os.path.join(tmp, "branch_train.py")
+        with open(module, "w") as f:
+            f.write(_BRANCH_TRAIN.format(cfg=cfg))
+        argv = ["branch", f"{module}:train", "--json", "--no-progress"]
+        argv += ["--checkpoints", ",".join(str(1000 * (c + 1)) for c in range(cfg["checkpoints"]))]
+        argv += ["--batch-sizes", ",".join(str(b) for b in cfg["batch_sizes"])]
+        argv += ["--budget", repr(cfg["budget"]), "--lr", "0.1", "--lr-rule", "none"]
+        argv += ["--lr-grid", ",".join(str(m) for m in range(1, cfg["lrs"] + 1))]
+        argv += ["--repeats", str(cfg["seeds"]), "--tolerance", repr(kw["tolerance"])]
+        argv += ["--reference", kw["reference"], "--ema", repr(kw["decay"])]
+        argv += ["--storage", f"sqlite:///{tmp}/branch.db", "--study", "fz"]
+        buf = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+                rc = cli_main(argv)
+        except SystemExit as err:
+            rc = err.code
+        except Exception as err:
+            return {"cls": "crash", "exc": f"{type(err).__name__}: {err}"[:300]}
+    if rc not in (0, None):
+        return {"cls": "FALSE-REFUSAL", "exc": f"rc {rc}"}
+    out = json.loads(buf.getvalue())
+    worst, why = 0.0, ""
+    for res, point in zip(api, out["points"], strict=True):
+        got = point["branch"]
+        want = res.as_dict()
+        for key in ("cbs", "b_crit", "b_crit_low", "b_crit_high", "cbs_low", "cbs_high"):
+            a, b = got[key], want[key]
+            e = math.inf if (a is None) != (b is None) else (_rel(a, b) if a is not None else 0.0)
+            if e > worst:
+                worst, why = e, f"checkpoint {res.checkpoint:g} {key}: cli {a} api {b}"
+        for p, q in zip(got["batches"], want["batches"], strict=True):
+            e = _rel(p["efficiency"], q["efficiency"])
+            if e > worst:
+                worst, why = (
+                    e,
+                    f"η(B={q['batch_size']:g}): cli {p['efficiency']} api {q['efficiency']}",
+                )
+    warm = out["warmup"]
+    if warm is not None:
+        for key in ("steps_warmup", "steps_same_progress", "examples_same_progress"):
+            a, b = warm.get(key), getattr(plan, key)
+            if a is not None and _rel(a, b) > worst:
+                worst, why = _rel(a, b), f"warmup {key}: cli {a} api {b}"
+        if [list(k) for k in warm["knots"]] != [list(k) for k in plan.knots]:
+            worst, why = math.inf, f"knots: cli {warm['knots']} api {plan.knots}"
+    if worst > CLI_TOL:
+        return {"cls": "WRONG-SILENT", "re": worst, "why": why}
+    return {"cls": "ok", "re": worst}
 
 
 def check_warmup(cfg, results, fit_warmup, stage_batch_size, warmup_steps):
@@ -805,6 +943,7 @@ def check_seed(seed, override=None, reps=None):
     checks["cli"] = check_cli(cfg, truth, rows, results)
     checks["ema"] = check_ema(cfg, truth, rows, reach)
     checks["sweep"] = check_sweep(cfg, truth, rows, seed)
+    checks["start"] = check_start(cfg, truth, rows)
     checks.update(check_noise(cfg, truth, reps or 100, seed))
     branch_cfg, branch = check_branch(seed, reps=max(20, (reps or 100) // 2))
     checks.update(branch)
@@ -821,7 +960,7 @@ def findings(record):
     return [
         (name, res)
         for name, res in record["checks"].items()
-        if res["cls"] in ("WRONG-SILENT", "crash", "FALSE-REFUSAL", "WRONG-BOUND")
+        if res["cls"] in ("WRONG-SILENT", "crash", "FALSE-REFUSAL", "WRONG-BOUND", "WRONG-CAUSE")
     ]
 
 
@@ -871,7 +1010,7 @@ def main(argv=None):
     finally:
         if out:
             out.close()
-    print_class_table(table, CHECKS, column_width=12)
+    print_class_table(table, CHECKS, column_width=14)
     print(f"\n{len(found)} finding(s) in {time.time() - start:.0f} s")
     for record, name, res in found:
         print(f"  {describe(record)}\n    {name}: {res}")
