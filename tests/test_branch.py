@@ -155,6 +155,32 @@ def test_a_constant_noise_scale_gives_eq_2_11_exactly() -> None:
     assert any("one seed" in w for w in result.warnings)
 
 
+def test_the_ema_lag_correction_is_exact_on_curves_linear_in_the_examples() -> None:
+    # Loss linear in e/(B + B_n): η_B = (B_ref + B_n)/(B + B_n) and B_crit = B_n exactly, and
+    # the smoothed curve between two records is the raw one exactly the interpolated lag
+    # earlier. 33 even records a branch: the reference reaches the others' losses within the
+    # EMA's first records, where the lag grows from 0 (the lag at the next record gave
+    # B_crit 0.356 for 1.6 and η = 0 for a branch that did not diverge).
+    for sizes, bn, budget in (
+        ([8, 16, 32, 64, 128, 256], 1.6, 8192.0),
+        ([1, 4, 16, 256], 0.1, 16384.0),
+    ):
+        runs = []
+        for b in sizes:
+            steps = round(budget / b)
+            every = max(1, steps // 32)
+            k = [t for t in range(steps + 1) if t % every == 0 or t == steps]
+            e = np.array(k, float) * b
+            loss = 10.0 - 5.0 * e / (b + bn) / budget
+            for seed in range(3):
+                run = Run.from_arrays(f"b{b}", b, 0.1, k, loss, examples=e)
+                runs.append(BranchRun(1000.0, seed, budget, run))
+        r = local_critical_batch_size(runs, tolerance=0.2, decay=0.9)
+        truth = [(sizes[0] + bn) / (b + bn) for b in sizes]
+        assert [x.efficiency for x in r.batches] == pytest.approx(truth, rel=1e-9)
+        assert r.b_crit == pytest.approx(bn, rel=1e-6)
+
+
 def test_a_growing_noise_scale_gives_the_closed_form_efficiencies() -> None:
     # B_noise grows across the branch window; η_B still has a closed form, and B_crit, a noise
     # scale averaged over the window, lies between B_noise at the checkpoint and at the end of

@@ -249,9 +249,27 @@ def lag_at_budget(branch: BranchRun, *, decay: float = 0.0) -> float:
     (:func:`~noisescale.sweep.ema_lag`); for a curve linear in the examples it equals the curve
     this many examples earlier.
     """
-    run = branch.run
-    upto = int(np.searchsorted(run.examples, branch.budget * (1 + BUDGET_SLACK), side="right"))
-    return ema_lag(run.examples[: max(upto, 1)], decay)
+    return _lag_at(branch.run.examples, decay, branch.budget)
+
+
+def _lag_at(examples: np.ndarray, decay: float, x: float) -> float:
+    """The EMA's lag (:func:`~noisescale.sweep.ema_lag`) at ``x`` examples, interpolated between
+    the records around it as the smoothed curve is (:func:`loss_at_budget`,
+    :func:`~noisescale.sweep.goal_crossing`). On a curve linear in the examples the interpolated
+    smoothed value is then the raw curve exactly this many examples earlier; the lag at the next
+    record instead is off by up to a record's spacing in the EMA's first records, where the lag
+    grows from 0 (a hunt, 2026-12-07: B_crit 0.356 for 1.6 at ``--ema 0.9``)."""
+    i = int(np.searchsorted(examples, x, side="left"))
+    if i == 0:
+        return 0.0
+    if i >= examples.size:
+        return ema_lag(examples, decay)
+    after = ema_lag(examples[: i + 1], decay)
+    span = float(examples[i] - examples[i - 1])
+    if span <= 0:
+        return after
+    frac = (x - float(examples[i - 1])) / span
+    return (1.0 - frac) * ema_lag(examples[:i], decay) + frac * after
 
 
 def efficiency(reference: BranchRun, loss: float, *, decay: float = 0.0, lag: float = 0.0) -> float:
@@ -274,7 +292,7 @@ def efficiency(reference: BranchRun, loss: float, *, decay: float = 0.0, lag: fl
     crossing = goal_crossing(run.step, run.examples, ema_smoothed(run.metric, decay), loss)
     if crossing is None:
         return 1.0
-    own_lag = ema_lag(run.examples[: crossing.index + 1], decay)
+    own_lag = _lag_at(run.examples, decay, crossing.examples)
     reached = max(0.0, crossing.examples - own_lag)
     return float(min(1.0, reached / (reference.budget - lag)))
 
