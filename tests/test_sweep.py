@@ -252,6 +252,22 @@ def test_goal_no_run_reaches_is_an_error() -> None:
         critical_batch_sizes(runs, [0.001], decay=0.0)
 
 
+def test_a_goal_met_at_step_0_is_refused_with_the_advice_to_lower_it() -> None:
+    # Records from step 0 at loss 1: a goal at or above it is met before any training, and was
+    # refused as one "no run reaches ...; choose a higher goal", the opposite of the fix.
+    runs = []
+    for b in (8, 32, 128):
+        t = np.arange(0, 101, 5.0)
+        runs.append(Run.from_arrays(f"b{b}", b, 0.1, t, 1.0 / (1 + t * b / (b + 32) / 20)))
+    for goal in (1.5, 1.0):
+        with pytest.raises(NoiseScaleInputError) as err:
+            critical_batch_sizes(runs, [goal], decay=0.0)
+        assert "at their first record, step 0" in str(err.value)
+        assert "choose a lower goal" in str(err.value) and "higher" not in str(err.value)
+    (result,) = critical_batch_sizes(runs, [0.9], decay=0.0)
+    assert result.fit.b_crit > 0
+
+
 def test_goal_reached_by_two_batch_sizes_is_an_error() -> None:
     runs = MODEL.runs([16, 1024, 2048], steps=60)
     goal = float(MODEL.metric(MODEL.progress(60, 512)))

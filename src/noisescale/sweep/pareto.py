@@ -520,6 +520,18 @@ def critical_batch_sizes(
     results = []
     for goal in goals:
         points, left_out = _front(smoothed, goal)
+        at_start = [r for r in smoothed if r.at_start(goal)]
+        if at_start and len(points) < MIN_BATCH_SIZES:
+            # (a goal met at step 0 has no steps to it: "no run reaches ... choose a higher goal"
+            # advised the opposite of the fix, a hunt 2026-12-07)
+            start = max(float(r.smoothed[0]) for r in at_start)
+            raise NoiseScaleInputError(
+                f"{len(at_start)} run(s) (e.g. {at_start[0].run.name!r}) are already at or below "
+                f"the goal {goal:g} at their first record, step 0 (smoothed {start:.6g}), so "
+                "there are no steps to it to compare; only "
+                f"{len(points)} batch size(s) reach it after step 0: choose a lower goal, one "
+                "the runs reach by training"
+            )
         if not points and not left_out:
             best = min(
                 (float(r.smoothed.min()) for r in smoothed if r.smoothed.size), default=math.nan
@@ -665,6 +677,11 @@ class _SmoothedRun:
         self.decay = decay
         self.smoothed = ema_smoothed(run.metric, decay)
         self.final = float(self.smoothed[-1]) if self.smoothed.size else math.inf
+
+    def at_start(self, goal: float) -> bool:
+        """Whether the smoothed curve meets ``goal`` at a first record at step ≤ 0."""
+        run = self.run
+        return bool(run.step.size and run.step[0] <= 0 and self.smoothed[0] <= goal)
 
     def point(self, goal: float) -> ParetoPoint | None:
         run = self.run
