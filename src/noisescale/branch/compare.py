@@ -55,6 +55,7 @@ import numpy as np
 
 from noisescale.errors import NoiseScaleInputError
 from noisescale.sweep.pareto import ema_lag, ema_smoothed, goal_crossing, golden_min
+from noisescale.sweep.pareto import interval_text as _interval_text
 from noisescale.sweep.runs import Run
 
 #: What the other branches are compared against: the smallest batch size's branch, or the one
@@ -544,6 +545,23 @@ def local_critical_batch_size(
         crit_high = math.inf
     elif crit_bound == "lower":
         crit_low = 0.0
+    # Past the batch sizes compared the efficiencies barely move with B_crit and the per-seed
+    # estimates' log-t interval is skewed: with B_crit 10× the largest it held the truth in
+    # 72-87% (a hunt, 2026-12-07). The data bound B_crit on that side no better than the sizes.
+    if len(seeds) > 1 and crit_high > sizes[-1]:
+        crit_high = math.inf
+    if len(seeds) > 1 and crit_low < ref_b:
+        crit_low = 0.0
+    if math.isfinite(crit) and (
+        crit_high > sizes[-1] or crit_low < ref_b or not ref_b <= crit <= sizes[-1]
+    ):
+        warnings.append(
+            f"B_crit = {crit:.3g}"
+            + ("" if len(seeds) == 1 else f" {_interval_text(crit_low, crit_high)}")
+            + f" reaches beyond the batch sizes compared ({ref_b:g}–{sizes[-1]:g}): the "
+            "efficiencies pin it down only within them, so its interval is open on that side; "
+            "branch at batch sizes beyond it to measure it"
+        )
     if len(seeds) == 1:
         warnings.append("one seed: no interval; repeat the branches with other data orders")
     batches = tuple(
