@@ -313,3 +313,69 @@ def test_a_figure_written_by_another_job_meanwhile_is_not_replaced_without_force
     rescued.unlink()
     assert main([*args, "--force"]) == 0
     assert "<svg" in out.read_text()
+
+
+def _front_csv(path: Path, batch_sizes: list[float], steps: list[float]) -> Path:
+    """One run per batch size whose loss falls linearly to 0.5 at exactly ``steps`` (a record
+    there): the goal 0.5 gives that front with no interpolation error."""
+    rows = []
+    for b, s in zip(batch_sizes, steps, strict=True):
+        for t in [*np.linspace(s / 10, s * 1.5, 16).tolist(), s]:
+            rows.append(
+                {"run": f"b{b:g}", "batch_size": b, "learning_rate": 0.1, "step": t,
+                 "loss": 1.0 - 0.5 * t / s}
+            )  # fmt: skip
+    return _write_csv(path, rows)
+
+
+def test_a_fit_at_the_edge_of_the_search_prints_its_interval_not_the_edge(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Truth B_crit 76 inside 64-256, scatter σ 0.2 (hunt/bound.py's seed 59): the best fit is at
+    # the search's lower edge, 0.0064, which `fit` printed as "B_crit < 0.0064" blaming the
+    # batch sizes. The F test's interval over those three points is unbounded both ways.
+    path = _front_csv(tmp_path / "edge.csv", [64, 128, 256], [178.85, 219.58, 190.47])
+    assert main(["fit", str(path), "--goal", "0.5", "--ema", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "B_crit = not identified (95% interval (0, ∞))" in out
+    assert "< 0.0064" not in out and "far above it" not in out
+    assert "the fit reached the lower edge of its search" in out and "scatter" in out
+    (goal,) = _fit_json(capsys, str(path), "--goal", "0.5", "--ema", "0")["goals"]
+    assert goal["b_crit_at_bound"] == "lower"
+    assert (goal["b_crit_low"], goal["b_crit_high"]) == (0.0, None)
+    # Steps that do not fall at all over 16-1024, with little scatter: the interval's upper end
+    # is below every batch size, and only then is the grid named as the cause.
+    b = [16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0]
+    flat = 100.0 * np.exp(0.01 * np.random.default_rng(0).standard_normal(len(b)))
+    path = _front_csv(tmp_path / "flat.csv", b, flat.tolist())
+    (goal,) = _fit_json(capsys, str(path), "--goal", "0.5", "--ema", "0")["goals"]
+    assert goal["b_crit_at_bound"] == "lower" and goal["b_crit_low"] == 0.0
+    assert goal["b_crit_high"] < 16
+    assert any("below every batch size measured" in w for w in goal["warnings"])
+
+
+def test_a_front_that_identifies_b_crit_poorly_has_an_unbounded_end_not_a_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A noisy 3-point front fitted just inside the search range, SE(ln B_crit) ≈ 200
+    # (hunt/overflow.py's seed 229):
+    # exp(t·SE) raised OverflowError ("noisescale fit: error: OverflowError: math range error").
+    path = _front_csv(tmp_path / "noisy.csv", [64, 128, 256], [10350.063, 6169.3197, 2682.2120])
+    assert main(["fit", str(path), "--goal", "0.5", "--ema", "0", "--json"]) == 0
+    (goal,) = json.loads(capsys.readouterr().out)["goals"]
+    assert goal["b_crit_at_bound"] is None and goal["log_b_crit_stderr"] > 10
+    assert (goal["b_crit_low"], goal["b_crit_high"]) == (0.0, None)  # unbounded both ways
+    assert any("extrapolation (95% interval (0, ∞))" in w for w in goal["warnings"])
+
+
+def test_an_interval_beyond_the_batch_sizes_is_warned_about(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # B_crit 212 inside 64-512, its 95% interval [82, 582] past the largest: the front does not
+    # pin it down there (the point alone drew no warning).
+    b = [64.0, 128.0, 256.0, 512.0]
+    path = _front_csv(tmp_path / "wide.csv", b, [346.132, 235.786, 163.922, 113.499])
+    (goal,) = _fit_json(capsys, str(path), "--goal", "0.5", "--ema", "0")["goals"]
+    assert 64 < goal["b_crit_low"] < goal["b_crit"] < 512 < goal["b_crit_high"]
+    (warning,) = goal["warnings"]
+    assert "reaches beyond the batch sizes measured (64–512)" in warning

@@ -55,6 +55,7 @@ import numpy as np
 
 from noisescale.errors import NoiseScaleInputError
 from noisescale.sweep.pareto import ema_lag, ema_smoothed, goal_crossing, golden_min
+from noisescale.sweep.pareto import interval_text as _interval_text
 from noisescale.sweep.runs import Run
 
 #: What the other branches are compared against: the smallest batch size's branch, or the one
@@ -249,9 +250,27 @@ def lag_at_budget(branch: BranchRun, *, decay: float = 0.0) -> float:
     (:func:`~noisescale.sweep.ema_lag`); for a curve linear in the examples it equals the curve
     this many examples earlier.
     """
-    run = branch.run
-    upto = int(np.searchsorted(run.examples, branch.budget * (1 + BUDGET_SLACK), side="right"))
-    return ema_lag(run.examples[: max(upto, 1)], decay)
+    return _lag_at(branch.run.examples, decay, branch.budget)
+
+
+def _lag_at(examples: np.ndarray, decay: float, x: float) -> float:
+    """The EMA's lag (:func:`~noisescale.sweep.ema_lag`) at ``x`` examples, interpolated between
+    the records around it as the smoothed curve is (:func:`loss_at_budget`,
+    :func:`~noisescale.sweep.goal_crossing`). On a curve linear in the examples the interpolated
+    smoothed value is then the raw curve exactly this many examples earlier; the lag at the next
+    record instead is off by up to a record's spacing in the EMA's first records, where the lag
+    grows from 0 (a hunt, 2026-12-07: B_crit 0.356 for 1.6 at ``--ema 0.9``)."""
+    i = int(np.searchsorted(examples, x, side="left"))
+    if i == 0:
+        return 0.0
+    if i >= examples.size:
+        return ema_lag(examples, decay)
+    after = ema_lag(examples[: i + 1], decay)
+    span = float(examples[i] - examples[i - 1])
+    if span <= 0:
+        return after
+    frac = (x - float(examples[i - 1])) / span
+    return (1.0 - frac) * ema_lag(examples[:i], decay) + frac * after
 
 
 def efficiency(reference: BranchRun, loss: float, *, decay: float = 0.0, lag: float = 0.0) -> float:
@@ -274,7 +293,7 @@ def efficiency(reference: BranchRun, loss: float, *, decay: float = 0.0, lag: fl
     crossing = goal_crossing(run.step, run.examples, ema_smoothed(run.metric, decay), loss)
     if crossing is None:
         return 1.0
-    own_lag = ema_lag(run.examples[: crossing.index + 1], decay)
+    own_lag = _lag_at(run.examples, decay, crossing.examples)
     reached = max(0.0, crossing.examples - own_lag)
     return float(min(1.0, reached / (reference.budget - lag)))
 
@@ -526,6 +545,23 @@ def local_critical_batch_size(
         crit_high = math.inf
     elif crit_bound == "lower":
         crit_low = 0.0
+    # Past the batch sizes compared the efficiencies barely move with B_crit and the per-seed
+    # estimates' log-t interval is skewed: with B_crit 10× the largest it held the truth in
+    # 72-87% (a hunt, 2026-12-07). The data bound B_crit on that side no better than the sizes.
+    if len(seeds) > 1 and crit_high > sizes[-1]:
+        crit_high = math.inf
+    if len(seeds) > 1 and crit_low < ref_b:
+        crit_low = 0.0
+    if math.isfinite(crit) and (
+        crit_high > sizes[-1] or crit_low < ref_b or not ref_b <= crit <= sizes[-1]
+    ):
+        warnings.append(
+            f"B_crit = {crit:.3g}"
+            + ("" if len(seeds) == 1 else f" {_interval_text(crit_low, crit_high)}")
+            + f" reaches beyond the batch sizes compared ({ref_b:g}–{sizes[-1]:g}): the "
+            "efficiencies pin it down only within them, so its interval is open on that side; "
+            "branch at batch sizes beyond it to measure it"
+        )
     if len(seeds) == 1:
         warnings.append("one seed: no interval; repeat the branches with other data orders")
     batches = tuple(

@@ -290,17 +290,8 @@ def _text(results: list[Any], *, runs_count: int, metric: str, decay: float) -> 
     ]
     for result in results:
         fit = result.fit
-        if fit.at_bound == "lower":
-            b_crit = f"< {fit.b_crit:.3g}"
-        elif fit.at_bound == "upper":
-            b_crit = f"> {fit.b_crit:.3g}"
-        else:
-            b_crit = f"{fit.b_crit:.4g} ± {fit.b_crit_stderr:.2g}"
-            low, high = fit.b_crit_interval(0.95)
-            if math.isfinite(low):
-                b_crit += f" (95% [{low:.4g}, {high:.4g}], t on {fit.n_points - 2} d.o.f.)"
         head = (
-            f"\ngoal {metric} ≤ {result.goal:.6g}:  B_crit = {b_crit}   "
+            f"\ngoal {metric} ≤ {result.goal:.6g}:  B_crit = {fit.b_crit_text(0.95)}   "
             f"S_min = {fit.s_min:.4g} ± {fit.s_min_stderr:.2g}   "
             f"E_min = {fit.e_min:.4g} ± {fit.e_min_stderr:.2g}"
         )

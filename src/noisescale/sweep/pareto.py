@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -183,6 +183,8 @@ class ParetoFit:
     the residual variance on n − 2 degrees of freedom, and carry to B_crit = E_min/S_min by the
     delta method in log space: Var(log B_crit) = Var(log E_min) + Var(log S_min) −
     2·Cov(log S_min, log E_min). Linear standard errors are value × log standard error.
+    B_crit's interval is not B_crit·exp(±t·SE): it is the profile-likelihood interval
+    (:meth:`b_crit_interval`), which may be unbounded on a side.
 
     Attributes:
         s_min: fewest steps to the goal (the B → ∞ limit).
@@ -193,9 +195,12 @@ class ParetoFit:
         log_cov: 2×2 covariance of (log S_min, log E_min).
         residual_std: σ̂, the spread of the log-step residuals (the run-to-run noise).
         n_points: points fitted.
-        at_bound: ``"lower"`` when the data put B_crit below the search range (steps do not
-            fall with batch size), ``"upper"`` when above it (steps ∝ 1/B throughout), else
-            ``None``; then ``b_crit`` is only a bound.
+        at_bound: ``"lower"`` when the best fit is at the lower edge of the search (steps do
+            not fall with batch size enough to tell), ``"upper"`` when at its upper edge (steps
+            ∝ 1/B throughout), else ``None``. Then ``b_crit`` is the search's edge, not an
+            estimate nor a bound: the data do not identify B_crit on that side, and what they
+            say is :meth:`b_crit_interval`, unbounded there.
+        log_steps, inv_batch: the fitted data, ln S_i and 1/B_i (for :meth:`b_crit_interval`).
     """
 
     s_min: float
@@ -209,20 +214,70 @@ class ParetoFit:
     residual_std: float
     n_points: int
     at_bound: str | None = None
+    log_steps: np.ndarray | None = field(default=None, repr=False, compare=False)
+    inv_batch: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def b_crit_interval(self, confidence: float = 0.95) -> tuple[float, float]:
-        """B_crit's interval, B_crit·exp(±t·SE(ln B_crit)) with Student's t on n − 2 degrees of
-        freedom (the z-score's law, ``tests/test_sweep.py``); (nan, nan) at a bound or with no
-        degree of freedom (two points). ± 1.96 SE, what a reader makes of a bare ±, covered 71%
-        with three batch sizes and 89% with seven (a hunt, 2026-12-05)."""
+        """B_crit's profile-likelihood interval: the B_crit whose best fit leaves a residual sum
+        of squares RSS ≤ RSS_min·(1 + t²/(n − 2)), t Student's on n − 2 degrees of freedom
+        (the F test of B_crit, exact for a model linear in its parameters).
+
+        An end that reaches the edge of the search is unbounded: ``0`` below, ``inf`` above —
+        the data do not bound B_crit on that side (at a bound, always on that side). (nan, nan)
+        with no degree of freedom (two points). Until 2026-12-07 this was
+        B_crit·exp(±t·SE(ln B_crit)), the delta method: on fronts that pin B_crit down poorly
+        (B_crit below or above most batch sizes) it held the truth in 11-17% of the fits with no
+        extrapolation warning, and overflowed at SE ≈ 60-300 (a hunt).
+        """
         from noisescale.branch.compare import t_quantile  # (branch imports this module)
 
         dof = self.n_points - 2
-        se = self.log_b_crit_stderr
-        if self.at_bound is not None or dof < 1 or not math.isfinite(se):
+        if dof < 1 or self.log_steps is None or self.inv_batch is None:
             return math.nan, math.nan
         t = t_quantile(confidence, dof)
-        return self.b_crit * math.exp(-t * se), self.b_crit * math.exp(t * se)
+        y, inv_b = self.log_steps, self.inv_batch
+        rss_min = self.residual_std**2 * dof
+        threshold = rss_min * (1.0 + t * t / dof)
+        grid = _search_grid(inv_b)
+        us = np.append(grid, math.log(self.b_crit))
+        order = np.argsort(us, kind="stable")
+        us, inside = us[order], np.append(_profile_rss(y, inv_b, grid), rss_min)[order] <= threshold
+        first, last = int(np.argmax(inside)), int(inside.size - 1 - np.argmax(inside[::-1]))
+
+        def crossing(out: float, within: float) -> float:
+            for _ in range(200):
+                mid = (out + within) / 2.0
+                if abs(within - out) < 1e-12 or mid in (out, within):
+                    break
+                if float(_profile_rss(y, inv_b, np.array([mid]))[0]) <= threshold:
+                    within = mid
+                else:
+                    out = mid
+            return math.exp(within)
+
+        low = 0.0 if first == 0 else crossing(float(us[first - 1]), float(us[first]))
+        high = math.inf if last == us.size - 1 else crossing(float(us[last + 1]), float(us[last]))
+        return low, high
+
+    def b_crit_text(self, confidence: float = 0.95) -> str:
+        """B_crit as ``fit`` prints it: ``value ± SE (95% [low, high] ...)``; at the edge of the
+        search, no value (the edge is not an estimate) but the side the interval bounds, if any.
+        """
+        low, high = self.b_crit_interval(confidence)
+        level = f"{confidence:.0%}"
+        if self.at_bound is None:
+            text = f"{self.b_crit:.4g} ± {self.b_crit_stderr:.2g}"
+            if not math.isnan(low):
+                text += (
+                    f" ({level} {interval_text(low, high)}, profile likelihood, t on "
+                    f"{self.n_points - 2} d.o.f.)"
+                )
+            return text
+        if math.isnan(low) or (low == 0.0 and math.isinf(high)):
+            return f"not identified ({level} interval {interval_text(0.0, math.inf)})"
+        if self.at_bound == "lower":
+            return f"< {high:.3g} ({level}; the data do not bound it below)"
+        return f"> {low:.3g} ({level}; the data do not bound it above)"
 
     def steps(self, batch_size: ArrayLike) -> np.ndarray | float:
         """Fitted steps to the goal at batch size B: S = S_min + E_min/B (eq. 2.11)."""
@@ -264,26 +319,20 @@ def fit_pareto(steps: ArrayLike, examples: ArrayLike) -> ParetoFit:
     y = np.log(s)
     inv_b = 1.0 / batch
 
-    def profile(u: float) -> tuple[float, float]:
-        """(log S_min, residual sum of squares) at log B_crit = u."""
-        f = np.log1p(math.exp(u) * inv_b)
-        a = float(np.mean(y - f))
-        r = y - f - a
-        return a, float(r @ r)
-
-    lo = math.log(batch.min() / SEARCH_SPAN)
-    hi = math.log(batch.max() * SEARCH_SPAN)
-    grid = np.linspace(lo, hi, 801)
-    f = np.log1p(np.exp(grid)[:, None] * inv_b[None, :])
-    r = y[None, :] - f
-    r -= r.mean(axis=1, keepdims=True)
-    k = int(np.argmin(np.einsum("ij,ij->i", r, r)))
+    grid = _search_grid(inv_b)
+    k = int(np.argmin(_profile_rss(y, inv_b, grid)))
     at_bound = "lower" if k == 0 else "upper" if k == grid.size - 1 else None
     if at_bound:
         u = float(grid[k])
     else:
-        u = golden_min(lambda v: profile(v)[1], float(grid[k - 1]), float(grid[k + 1]))
-    a, rss_min = profile(u)
+        u = golden_min(
+            lambda v: float(_profile_rss(y, inv_b, np.array([v]))[0]),
+            float(grid[k - 1]),
+            float(grid[k + 1]),
+        )
+    f = np.log1p(math.exp(u) * inv_b)
+    a = float(np.mean(y - f))
+    rss_min = float(_profile_rss(y, inv_b, np.array([u]))[0])
     s_min = math.exp(a)
     b_crit = math.exp(u)
     e_min = s_min * b_crit
@@ -310,7 +359,30 @@ def fit_pareto(steps: ArrayLike, examples: ArrayLike) -> ParetoFit:
         residual_std=math.sqrt(sigma2),
         n_points=n,
         at_bound=at_bound,
+        log_steps=y,
+        inv_batch=inv_b,
     )
+
+
+def interval_text(low: float, high: float) -> str:
+    """An interval as printed: ``[a, b]``, with an unbounded end as ``(0`` or ``∞)``."""
+    left = "(0" if low == 0.0 else f"[{low:.4g}"
+    right = "∞)" if math.isinf(high) else f"{high:.4g}]"
+    return f"{left}, {right}"
+
+
+def _search_grid(inv_b: np.ndarray) -> np.ndarray:
+    """The grid of ln B_crit that the fit searches: smallest batch/SEARCH_SPAN to largest·SPAN."""
+    lo = math.log(1.0 / float(inv_b.max()) / SEARCH_SPAN)
+    hi = math.log(1.0 / float(inv_b.min()) * SEARCH_SPAN)
+    return np.linspace(lo, hi, 801)
+
+
+def _profile_rss(y: np.ndarray, inv_b: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """The residual sum of squares of the best ln S_min (a mean) at each ln B_crit in ``u``."""
+    r = y[None, :] - np.log1p(np.exp(u)[:, None] * inv_b[None, :])
+    r -= r.mean(axis=1, keepdims=True)
+    return np.einsum("ij,ij->i", r, r)
 
 
 def golden_min(f: Callable[[float], float], lo: float, hi: float, tol: float = 1e-10) -> float:
@@ -448,6 +520,18 @@ def critical_batch_sizes(
     results = []
     for goal in goals:
         points, left_out = _front(smoothed, goal)
+        at_start = [r for r in smoothed if r.at_start(goal)]
+        if at_start and len(points) < MIN_BATCH_SIZES:
+            # (a goal met at step 0 has no steps to it: "no run reaches ... choose a higher goal"
+            # advised the opposite of the fix, a hunt 2026-12-07)
+            start = max(float(r.smoothed[0]) for r in at_start)
+            raise NoiseScaleInputError(
+                f"{len(at_start)} run(s) (e.g. {at_start[0].run.name!r}) are already at or below "
+                f"the goal {goal:g} at their first record, step 0 (smoothed {start:.6g}), so "
+                "there are no steps to it to compare; only "
+                f"{len(points)} batch size(s) reach it after step 0: choose a lower goal, one "
+                "the runs reach by training"
+            )
         if not points and not left_out:
             best = min(
                 (float(r.smoothed.min()) for r in smoothed if r.smoothed.size), default=math.nan
@@ -594,6 +678,11 @@ class _SmoothedRun:
         self.smoothed = ema_smoothed(run.metric, decay)
         self.final = float(self.smoothed[-1]) if self.smoothed.size else math.inf
 
+    def at_start(self, goal: float) -> bool:
+        """Whether the smoothed curve meets ``goal`` at a first record at step ≤ 0."""
+        run = self.run
+        return bool(run.step.size and run.step[0] <= 0 and self.smoothed[0] <= goal)
+
     def point(self, goal: float) -> ParetoPoint | None:
         run = self.run
         crossing = goal_crossing(run.step, run.examples, self.smoothed, goal)
@@ -668,15 +757,38 @@ def _warnings(
     points: Sequence[ParetoPoint], fit: ParetoFit, decay: float, corrected: float | None
 ) -> list[str]:
     out = []
+    batch_sizes = [p.batch_size for p in points]
+    b_lo, b_hi = min(batch_sizes), max(batch_sizes)
+    low, high = fit.b_crit_interval(0.95)
+    interval = interval_text(low, high)
+    scatter = (
+        f"or the run-to-run scatter (residual spread of log S {fit.residual_std:.2g}) hides it: "
+        "repeat the runs (seeds) or add batch sizes"
+    )
     if fit.at_bound == "lower":
+        # (the edge is not a bound: name the grid as the cause only where the interval shows it)
+        where = (
+            f"it lies below every batch size measured (95% interval {interval}): add smaller "
+            "batch sizes to measure it"
+            if high < b_lo
+            else f"its 95% interval is {interval}: either it is below the batch sizes measured "
+            f"({b_lo:g}–{b_hi:g}) {scatter}"
+        )
         out.append(
-            "steps to this goal do not fall with batch size: B_crit is below the search range "
-            "(every batch size here is far above it)"
+            "the fit reached the lower edge of its search: the steps to this goal do not fall "
+            f"with batch size enough to bound B_crit from below; {where}"
         )
     elif fit.at_bound == "upper":
+        where = (
+            f"it lies above every batch size measured (95% interval {interval}): add larger "
+            "batch sizes to measure it"
+            if low > b_hi
+            else f"its 95% interval is {interval}: either it is above the batch sizes measured "
+            f"({b_lo:g}–{b_hi:g}) {scatter}"
+        )
         out.append(
-            "steps to this goal fall as 1/B at every batch size: B_crit is above the search "
-            "range (add larger batch sizes)"
+            "the fit reached the upper edge of its search: the steps to this goal fall as 1/B "
+            f"too closely to bound B_crit from above; {where}"
         )
     lag = float(np.mean([p.ema_lag for p in points]))
     if decay > 0 and fit.at_bound is None:
@@ -702,11 +814,18 @@ def _warnings(
             "point(s), so S there rests on the first few records: record the metric more often "
             "or choose a harder goal"
         )
-    batch_sizes = [p.batch_size for p in points]
-    if fit.at_bound is None and not min(batch_sizes) <= fit.b_crit <= max(batch_sizes):
+    if fit.at_bound is None and not b_lo <= fit.b_crit <= b_hi:
         out.append(
             f"B_crit = {fit.b_crit:.3g} is outside the batch sizes measured "
-            f"({min(batch_sizes):g}–{max(batch_sizes):g}): an extrapolation"
+            f"({b_lo:g}–{b_hi:g}): an extrapolation (95% interval {interval})"
+        )
+    elif fit.at_bound is None and (low < b_lo or high > b_hi):
+        # (the interval, not only the point: 11-17% of such fits held the truth with the delta
+        # method's interval and no warning, a hunt 2026-12-07)
+        out.append(
+            f"B_crit = {fit.b_crit:.3g}, but its 95% interval {interval} reaches beyond the batch "
+            f"sizes measured ({b_lo:g}–{b_hi:g}): the front does not pin B_crit down there; add "
+            "batch sizes beyond that end, or repeat the runs to shrink the scatter"
         )
     return out
 

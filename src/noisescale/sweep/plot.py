@@ -134,9 +134,9 @@ def pareto_html(results: Sequence[GoalResult], *, metric: str = "loss", title: s
         rows.append(
             "<tr>"
             f'<td><span style="color:{g["color"]}">●</span> {result.goal:.4g}</td>'
-            f"<td>{_value_with_error(fit.b_crit, fit.b_crit_stderr, fit.at_bound)}</td>"
-            f"<td>{_value_with_error(fit.s_min, fit.s_min_stderr, None)}</td>"
-            f"<td>{_value_with_error(fit.e_min, fit.e_min_stderr, None)}</td>"
+            f"<td>{html.escape(fit.b_crit_text(0.95))}</td>"
+            f"<td>{_value_with_error(fit.s_min, fit.s_min_stderr)}</td>"
+            f"<td>{_value_with_error(fit.e_min, fit.e_min_stderr)}</td>"
             f"<td>{'' if result.b_simple is None else f'{result.b_simple:.3g}'}</td>"
             f"<td>{len(result.points)}</td>"
             f"<td>{html.escape('; '.join(result.warnings))}</td>"
@@ -182,11 +182,7 @@ def write_pareto_html(
     Path(path).write_text(pareto_html(results, metric=metric, title=title), encoding="utf-8")
 
 
-def _value_with_error(value: float, stderr: float, at_bound: str | None) -> str:
-    if at_bound == "lower":
-        return f"&lt; {value:.3g}"
-    if at_bound == "upper":
-        return f"&gt; {value:.3g}"
+def _value_with_error(value: float, stderr: float) -> str:
     return f"{value:.3g} ± {stderr:.2g}"
 
 
