@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 # The CPU build of torch that this machine installs quickly; pyproject.toml declares the range.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats install lint format clean
+.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats fuzz-fit install lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +82,10 @@ fuzz-hf-more: install
 
 fuzz-stats: install
 	$(PY) tests/fuzz_stats.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
+
+# noisescale fit's and branch's B_crit against fronts known in closed form (tests/fuzz_fit.py).
+fuzz-fit: install
+	$(PY) tests/fuzz_fit.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench examples
