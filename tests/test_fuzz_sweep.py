@@ -1,0 +1,37 @@
+"""The sweep fuzzer (tests/fuzz_sweep.py) on a few small seeds: ``noisescale sweep`` workers
+(processes) on one SQLite study, then a resume, against each trial's known curve, every grid
+point complete once, and ``noisescale fit`` on the stored trials equal to the fit of the true
+curves (the long run, with kills, raises, NaN, locks, changed grids and PostgreSQL: ``python
+tests/fuzz_sweep.py --seeds 0:40 [--postgres]``, 20-50 s a seed)."""
+
+import pytest
+
+import fuzz_sweep
+
+# two workers on three points, no event
+SAMPLE = [(31, None)]
+
+# What it found (notes/s51; fail until the fixes land, as FOUND_BY_THE_FUZZER's): the finished
+# study opened read-only (SQLite's mode=ro URI): `noisescale sweep` exits 1 with Optuna's
+# StorageInternalError traceback from WorkQueue.__init__'s create_study ('invalid data in the
+# commit, e.g. exceeding max length'), and `noisescale fit` refuses 'no such database ... no
+# file' for a file that exists (storage.sqlite_file reads the URI's 'file:' as the path).
+FOUND_BY_THE_SWEEP_FUZZER = [(31, {"readonly": True})]
+
+
+@pytest.mark.parametrize(("seed", "override"), SAMPLE, ids=[str(s) for s, _ in SAMPLE])
+def test_sweep_workers_store_every_point_once_with_its_curve(seed, override):
+    record = fuzz_sweep.check_seed(seed, override)
+    assert not fuzz_sweep.findings(record), (fuzz_sweep.describe(record), record["checks"])
+    for name in ("exit", "grid", "curves", "once", "summary", "fit"):
+        assert record["checks"][name]["cls"] == "ok", record["checks"]
+
+
+@pytest.mark.parametrize(
+    ("seed", "override"),
+    FOUND_BY_THE_SWEEP_FUZZER,
+    ids=[str(s) for s, _ in FOUND_BY_THE_SWEEP_FUZZER],
+)
+def test_what_the_sweep_fuzzer_found_is_right_or_refused(seed, override):
+    record = fuzz_sweep.check_seed(seed, override)
+    assert not fuzz_sweep.findings(record), (fuzz_sweep.describe(record), record["checks"])
