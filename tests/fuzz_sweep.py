@@ -204,6 +204,13 @@ def draw_config(seed):
             }
             if rng.random() < 0.5:  # drop one learning rate (its runs stay in the study)
                 cfg["regrid"]["learning_rates"] = learning_rates[: max(1, len(learning_rates) - 1)]
+    # A worker dying inside the queue (its own generator: the draws above stay as they were):
+    # after its run finished and before the trial is COMPLETE (the next claimer adopts it), or
+    # after its claim and before the first heartbeat.
+    die = random.Random(seed * 7919 + 1).random()
+    cfg["die"] = "finished" if die < 0.15 else "claimed" if die < 0.2 else None
+    if cfg["die"]:
+        cfg["event_names"] = sorted([*cfg["event_names"], f"die_{cfg['die']}"])
     if cfg["events"] and cfg["sleep"] == 0.0:
         cfg["sleep"] = 0.01  # give a kill a run to interrupt
     return cfg
@@ -231,9 +238,49 @@ def _env(cfg, directory, seed):
     }
 
 
+WORKER = textwrap.dedent(
+    """
+    import os
+    import signal
+    import sys
+
+    from noisescale.sweep import queue
+
+    WHERE = os.environ.get("FUZZ_SWEEP_DIE")
+
+
+    def _once():
+        path = os.path.join(os.getcwd(), "fired_die")
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        return True
+
+
+    def _dying(method):
+        def wrapped(self, *args, **kwargs):
+            if _once():
+                os.kill(os.getpid(), signal.SIGKILL)
+            return method(self, *args, **kwargs)
+
+        return wrapped
+
+
+    if WHERE == "finished":
+        queue.Claim.complete = _dying(queue.Claim.complete)
+    elif WHERE == "claimed":
+        queue.Claim.start_heartbeat = _dying(queue.Claim.start_heartbeat)
+    from noisescale.cli import main
+
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
 def sweep_args(cfg, storage, seed, grid=None, keep_going=None):
     grid = grid or cfg
-    args = [sys.executable, "-m", "noisescale", "sweep", "train_fn.py:train"]
+    args = [sys.executable, "-c", WORKER, "sweep", "train_fn.py:train"]
     args += ["--batch-sizes", ",".join(map(str, grid["batch_sizes"]))]
     args += ["--learning-rates", ",".join(map(repr, grid["learning_rates"]))]
     args += ["--study", f"seed{seed}", "--steps", str(cfg["steps"]), "--storage", storage]
@@ -322,7 +369,7 @@ def check_exit(cfg, phase1, seed_of):
         allowed.add(1)
     if "interrupt" in names:
         allowed |= {1, 130, -2}
-    if "kill" in names:
+    if "kill" in names or cfg.get("die"):
         allowed.add(-9)
     if "lock" in names:
         allowed.add(2)
@@ -609,7 +656,8 @@ def run_phases(cfg, root, storage, db_path):
     procs = []
     for i in range(cfg["workers"] * len(seeds)):
         seed = seeds[i % len(seeds)]
-        procs.append(start(sweep_args(cfg, storage, seed), _env(cfg, root, seed), root))
+        env = {**_env(cfg, root, seed), "FUZZ_SWEEP_DIE": cfg["die"] or ""}
+        procs.append(start(sweep_args(cfg, storage, seed), env, root))
         if cfg["stagger"]:
             time.sleep(cfg["stagger"] * random.Random(i).random())
     side = []
@@ -634,11 +682,10 @@ def run_phases(cfg, root, storage, db_path):
     resume = {}
     for seed in seeds:
         for _ in range(3):
-            res = finish(
-                start(sweep_args(cfg, storage, seed, grid, True), _env(cfg, root, seed), root)
-            )
+            proc = start(sweep_args(cfg, storage, seed, grid, True), _env(cfg, root, seed), root)
+            res = finish(proc, timeout=resume_timeout(cfg, grid))
             resume.setdefault(seed, res)
-            if res["rc"] == 0:
+            if res["rc"] in (0, "timeout"):
                 break
     if cfg["regrid"]:
         # the changed grid: points complete before and still in it are skipped
@@ -647,8 +694,9 @@ def run_phases(cfg, root, storage, db_path):
     notes = [
         line for r in phase1 for line in r["err"].splitlines() if "handed to another worker" in line
     ]
+    fired = sorted(p.name.removeprefix("fired_") for p in root.glob("fired_*"))
     checks = {
-        "exit": check_exit(cfg, phase1, seeds),
+        "exit": {**check_exit(cfg, phase1, seeds), "fired": fired},
         "grid": check_grid(cfg, final, grid),
         "curves": check_curves(cfg, final),
         "once": check_once(cfg, root, after1, final, notes),
@@ -658,6 +706,12 @@ def run_phases(cfg, root, storage, db_path):
         "readonly": check_readonly(cfg, root, storage, final, grid, db_path),
     }
     return checks
+
+
+def resume_timeout(cfg, grid):
+    """Seconds a resume may take: its runs twice over, the grace period, and slack."""
+    runs = len(grid_points(cfg, grid)) * cfg["steps"] * max(cfg["sleep"], 0.005)
+    return 40 + 2 * runs + 3 * cfg["grace"]
 
 
 def _lock_later(db_path):
