@@ -6,10 +6,12 @@ function of (batch size, learning rate, seed, step) (:func:`truth_curve`), so ev
 can be checked against its truth. 1-4 workers (``python -m noisescale sweep`` processes, as on
 several machines) run the grid on SQLite (or PostgreSQL with ``--postgres``), with random events
 (:data:`EVENTS`): a worker killed by SIGKILL mid-run, a run raising (with and without
-``--keep-going``), a run interrupted (KeyboardInterrupt), a diverged run (NaN loss), ``noisescale
-fit`` read while the workers write, an SQLite write lock held for a while, the grid changed on
-resume, and the storage made read-only after the grid is done. Then the same sweep is resumed
-(``--study`` again, one worker) until the grid is done. Checked:
+``--keep-going``), a run interrupted (KeyboardInterrupt), a diverged run (NaN loss), a worker
+dying inside the queue (after its run finished and before the trial is COMPLETE: the next
+claimer adopts it; after its claim and before its first heartbeat), ``noisescale fit`` read
+again and again while the workers write, an SQLite write lock held for a while, the grid
+changed on resume, and the storage opened read-only after the grid is done. Then the same
+sweep is resumed (``--study`` again, one worker) until the grid is done. Checked:
 
 * ``exit``: each worker's exit code is the documented one (0; 1 for a run that raised or was
   counted failed; 130 or 1 interrupted; -9 killed); exit 2 comes with a ``noisescale`` message,
@@ -32,7 +34,9 @@ resume, and the storage made read-only after the grid is done. Then the same swe
 
 Classes per check: ``ok``; ``refused`` (exit 2 with a message); ``crash`` (a traceback from
 noisescale, or an exit code nobody documents); ``WRONG-SILENT`` (a lost, duplicated or wrong
-trial, a fit that differs — no warning); ``wrong-warned``; ``skip``.
+trial, a fit that differs — no warning); ``wrong-warned``; ``wrong-cause`` (a refusal naming
+the wrong cause); ``hang`` (a worker or the resume still waiting past its time: a point nobody
+will run); ``skip``.
 
 Run: ``python tests/fuzz_sweep.py --seeds 0:20 -v`` (10-60 s a seed: processes start).
 """
@@ -72,7 +76,7 @@ EVENTS = (
     "regrid",
     "readonly",
 )
-FINDINGS = ("WRONG-SILENT", "wrong-warned", "crash", "wrong-cause")
+FINDINGS = ("WRONG-SILENT", "wrong-warned", "crash", "wrong-cause", "hang")
 #: Goals most runs reach (the loss falls from 2.1 towards 0.1), beside the fit's own choice.
 GOALS = "1.5,1.0,0.6"
 #: Goals of the fits read while the workers write: reached within the first steps.
@@ -195,7 +199,7 @@ def draw_config(seed):
                 cfg["keep_going"] = True
         elif name == "nan":
             s, b, lr = rng.choice(points)
-            cfg["nan"].append([s, b, lr, rng.randint(2, cfg["steps"])])
+            cfg["nan"].append([s, b, lr, rng.randint(1, cfg["steps"])])
         elif name == "regrid":
             extra = [b for b in (2, 512, 48) if b not in batch_sizes]
             cfg["regrid"] = {
@@ -374,6 +378,9 @@ def check_exit(cfg, phase1, seed_of):
     if "lock" in names:
         allowed.add(2)
     bad = []
+    hung = [i for i, res in enumerate(phase1) if res["rc"] == "timeout"]
+    if hung:
+        return {"cls": "hang", "workers": hung, "err": phase1[hung[0]]["err"][-400:]}
     for i, res in enumerate(phase1):
         rc = res["rc"]
         if rc == 2 and "noisescale" in res["err"] and not crashed(res):
@@ -470,6 +477,9 @@ def check_once(cfg, directory, after_phase1, final, lost_notes):
 
 def check_summary(cfg, resume, before):
     problems = []
+    hung = [seed for seed, res in resume.items() if res["rc"] == "timeout"]
+    if hung:
+        return {"cls": "hang", "seeds": hung, "err": resume[hung[0]]["err"][-400:]}
     for seed, res in resume.items():
         summary = _json(res["out"])
         if summary is None:
@@ -531,7 +541,16 @@ def extra_points(cfg, grid, trials):
 
 
 def _worst(results):
-    order = ("crash", "WRONG-SILENT", "wrong-warned", "refused", "ok", "skip")
+    order = (
+        "hang",
+        "crash",
+        "WRONG-SILENT",
+        "wrong-cause",
+        "wrong-warned",
+        "refused",
+        "ok",
+        "skip",
+    )
     results = results or [{"cls": "skip"}]
     return min(results, key=lambda r: order.index(r["cls"]))
 
@@ -669,7 +688,8 @@ def run_phases(cfg, root, storage, db_path):
         side.append(threading.Thread(target=_lock_later, args=(db_path,)))
     for t in side:
         t.start()
-    phase1 = [finish(p) for p in procs]
+    limit = time.monotonic() + resume_timeout(cfg, cfg) + 20
+    phase1 = [finish(p, timeout=max(1.0, limit - time.monotonic())) for p in procs]
     for t in side:
         t.join()
     after1 = {seed: stored(storage, f"seed{seed}") for seed in seeds}
