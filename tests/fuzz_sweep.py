@@ -400,7 +400,10 @@ def stored(storage, study):
     from noisescale.sweep.study import trial_curve
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    trials = optuna.load_study(study_name=study, storage=storage).get_trials()
+    try:
+        trials = optuna.load_study(study_name=study, storage=storage).get_trials()
+    except KeyError:  # no worker got as far as creating the study
+        return []
     out = []
     for t in trials:
         curve = trial_curve(t)
@@ -699,17 +702,17 @@ def run_phases(cfg, root, storage, db_path):
     }
     # phase 2: resume each study with one worker (the changed grid, if any), until done
     grid = cfg["regrid"] or cfg
+    # (a run may raise in a resume, its event not yet fired: the next resume reruns it; the
+    # last resume's summary is checked against what was complete before it)
     resume = {}
     for seed in seeds:
         for _ in range(3):
+            trials = stored(storage, f"seed{seed}")
+            before[seed] = {(t["b"], t["lr"]) for t in trials if t["state"] == "COMPLETE"}
             proc = start(sweep_args(cfg, storage, seed, grid, True), _env(cfg, root, seed), root)
-            res = finish(proc, timeout=resume_timeout(cfg, grid))
-            resume.setdefault(seed, res)
+            resume[seed] = res = finish(proc, timeout=resume_timeout(cfg, grid))
             if res["rc"] in (0, "timeout"):
                 break
-    if cfg["regrid"]:
-        # the changed grid: points complete before and still in it are skipped
-        before = {seed: before[seed] & set(grid_points(cfg, grid)) for seed in seeds}
     final = {seed: stored(storage, f"seed{seed}") for seed in seeds}
     notes = [
         line for r in phase1 for line in r["err"].splitlines() if "handed to another worker" in line
