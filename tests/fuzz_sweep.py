@@ -434,7 +434,13 @@ def check_grid(cfg, final, grid):
         for point in grid_points(cfg, grid):
             if complete[point] != 1:
                 problems.append((seed, point, complete[point]))
-        live = [t["number"] for t in trials if t["state"] in ("RUNNING", "WAITING")]
+        # (a point the changed grid dropped may keep a WAITING trial: nobody runs that grid)
+        now = set(grid_points(cfg, grid))
+        live = [
+            t["number"]
+            for t in trials
+            if t["state"] in ("RUNNING", "WAITING") and (t["b"], t["lr"]) in now
+        ]
         if live:
             problems.append((seed, "live", live))
     return {"cls": "WRONG-SILENT", "problems": problems[:8]} if problems else {"cls": "ok"}
