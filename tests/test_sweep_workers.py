@@ -120,11 +120,12 @@ def test_four_workers_run_every_point_exactly_once(tmp_path: Path, storage: str)
     summaries = [json.loads(out) for out, _ in outputs]
     assert sum(s["ran"] for s in summaries) == len(GRID)
     assert all(s["failed"] == 0 and s["running_elsewhere"] == 0 for s in summaries)
-    # Every worker waited for the others and reports the whole grid complete.
+    # Every worker waited for the others and reports the whole grid complete: run by itself,
+    # by another worker, or skipped (complete before it started: a worker that starts late,
+    # e.g. on a loaded machine, may find any number of points done, even all of them).
     for s in summaries:
-        assert {r["state"] for r in s["runs"]} <= {"complete", "by another worker"}
-        assert s["ran"] + s["by_other_workers"] == len(GRID)
-    assert len({pid for _, _, pid in calls}) >= 2  # the work was actually shared
+        assert {r["state"] for r in s["runs"]} <= {"complete", "by another worker", "skipped"}
+        assert s["ran"] + s["by_other_workers"] + s["skipped"] == len(GRID)
 
 
 def test_a_killed_worker_s_point_is_rerun_once_by_another(tmp_path: Path, storage: str) -> None:
