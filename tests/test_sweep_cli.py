@@ -422,6 +422,22 @@ def test_fit_on_a_study_errors(
         read_study_runs(storage, "empty")
 
 
+def test_fit_reads_a_read_only_storage(
+    train_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SQLite's read-only URI form (a study on a read-only share): fit reads the file the URI
+    names (not 'file:...' taken literally as a path) and gives the writable URL's numbers."""
+    db = tmp_path / "s.db"
+    assert _sweep(train_file, f"sqlite:///{db}") == 0
+    fit = ["--study", "t", "--goal", "0.5", "--ema", "0", "--json"]
+    capsys.readouterr()
+    assert main(["fit", f"sqlite:///{db}", *fit]) == 0
+    writable = json.loads(capsys.readouterr().out)
+    assert main(["fit", f"sqlite:///file:{db}?mode=ro&uri=true", *fit]) == 0
+    fitted = json.loads(capsys.readouterr().out)
+    assert fitted["goals"] == writable["goals"] and fitted["runs"] == len(GRID)
+
+
 def test_example_training_function_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     storage = f"sqlite:///{tmp_path / 'ex.db'}"
     args = ["sweep", str(REPO / "examples" / "sweep_train.py:train"), "--batch-sizes", "4,16,64"]
