@@ -438,6 +438,22 @@ def test_fit_reads_a_read_only_storage(
     assert fitted["goals"] == writable["goals"] and fitted["runs"] == len(GRID)
 
 
+def test_sweep_refuses_a_read_only_storage(
+    train_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """sweep must write (claims, heartbeats, curves): on a read-only storage it refuses naming
+    the cause, exit 2 and no traceback, and leaves the study as it was (here the grid is done)."""
+    db = tmp_path / "s.db"
+    assert _sweep(train_file, f"sqlite:///{db}") == 0
+    read_only = f"sqlite:///file:{db}?mode=ro&uri=true"
+    before = db.read_bytes()
+    capsys.readouterr()
+    assert _sweep(train_file, read_only) == 2
+    err = capsys.readouterr().err
+    assert f"storage {read_only} is read-only" in err and "drop mode=ro" in err
+    assert "Traceback" not in err and db.read_bytes() == before
+
+
 def test_example_training_function_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     storage = f"sqlite:///{tmp_path / 'ex.db'}"
     args = ["sweep", str(REPO / "examples" / "sweep_train.py:train"), "--batch-sizes", "4,16,64"]

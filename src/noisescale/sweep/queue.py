@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from noisescale.errors import NoiseScaleInputError
-from noisescale.sweep.storage import mask_url, open_storage
+from noisescale.sweep.storage import mask_url, open_storage, scrub
 
 if TYPE_CHECKING:
     import optuna
@@ -294,6 +294,18 @@ class WorkQueue:
                 )
         except KeyError:
             raise NoiseScaleInputError(f"no study {study_name!r} in {self.storage_shown}") from None
+        except optuna.exceptions.StorageInternalError as err:
+            # create_study writes even when the study exists (its insert is what finds it).
+            cause = str(err.__cause__ or err)
+            if "readonly" not in cause.lower() and "read-only" not in cause.lower():
+                raise
+            raise NoiseScaleInputError(
+                f"storage {self.storage_shown} is read-only "
+                f"({scrub(cause.strip().splitlines()[0], storage_url)}): workers write their "
+                "claims, heartbeats and curves there. Open it writable (drop mode=ro from the "
+                "URL; check the permissions of the file and its directory), or read its finished "
+                "runs with noisescale fit, which only reads"
+            ) from None
         self.study_id = self.storage.get_study_id_from_name(study_name)
 
     # -- reading -----------------------------------------------------------------------------
