@@ -147,8 +147,8 @@ def sqlite_file(url: str) -> Path | None:
     """The database file of an ``sqlite://`` URL (``None`` for other URLs or in-memory ones),
     also of SQLite's URI form (``sqlite:///file:/path/sweep.db?mode=ro&uri=true``).
 
-    >>> sqlite_file("sqlite:///file:/data/sweep.db?mode=ro&uri=true")
-    PosixPath('/data/sweep.db')
+    >>> sqlite_file("sqlite:///file:/data/sweep.db?mode=ro&uri=true").as_posix()
+    '/data/sweep.db'
     """
     if not url.startswith("sqlite"):
         return None
