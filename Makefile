@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 # The CPU build of torch that this machine installs quickly; pyproject.toml declares the range.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats fuzz-fit install lint format clean
+.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats fuzz-fit fuzz-sweep install lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -86,6 +86,12 @@ fuzz-stats: install
 # noisescale fit's and branch's B_crit against fronts known in closed form (tests/fuzz_fit.py).
 fuzz-fit: install
 	$(PY) tests/fuzz_fit.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
+
+# `noisescale sweep` workers (processes) on one storage under kills, raises, resumes, locks,
+# changed grids, `fit` while writing and a read-only storage, against each point's known curve
+# (tests/fuzz_sweep.py, ≈ 10-60 s a seed; PG=1 on a throw-away PostgreSQL server).
+fuzz-sweep: install
+	$(PY) tests/fuzz_sweep.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL)) $(if $(PG),--postgres)
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench examples

@@ -368,6 +368,41 @@ def test_fit_names_the_grid_points_it_leaves_out(
     assert "left out" not in capsys.readouterr().err
 
 
+def test_fit_while_a_point_completes_reads_it_or_names_it(
+    train_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A point that completes while fit reads (workers writing) is either fitted or named as
+    left out, never neither: fit takes the runs and the unfinished points from one read of the
+    trials. Here the failed point is rerun to completion right after fit's first read."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    monkeypatch.setenv("SWEEP_CALLS", str(tmp_path / "calls.txt"))
+    monkeypatch.setenv("SWEEP_CRASH_AT", "2")  # the second run: batch 8, lr 0.3
+    assert _sweep(train_file, storage, "--keep-going") == 1
+    monkeypatch.delenv("SWEEP_CRASH_AT")
+    read = optuna.study.Study.get_trials
+    fired: list[bool] = []
+
+    def read_then_a_worker_completes(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        trials = read(self, *args, **kwargs)
+        if not fired:
+            fired.append(True)
+            assert _sweep(train_file, storage) == 0  # the failed point reruns and finishes
+        return trials
+
+    monkeypatch.setattr(optuna.study.Study, "get_trials", read_then_a_worker_completes)
+    capsys.readouterr()
+    assert main(["fit", storage, "--study", "t", "--goal", "0.5", "--ema", "0", "--json"]) == 0
+    assert fired
+    out, err = capsys.readouterr()
+    payload = json.loads(out[out.index('{\n  "kind": "noisescale.fit"') :])
+    assert payload["runs"] == len(GRID) - 1
+    assert payload["unfinished_points"] == ["batch_size=8, learning_rate=0.3 (failed)"]
+    assert "1 grid point(s) have no finished run and are left out" in err
+
+
 def test_fit_on_a_study_errors(
     train_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -385,6 +420,38 @@ def test_fit_on_a_study_errors(
     with pytest.raises(NoiseScaleInputError, match="no finished run"):
         optuna.create_study(storage=storage, study_name="empty")
         read_study_runs(storage, "empty")
+
+
+def test_fit_reads_a_read_only_storage(
+    train_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SQLite's read-only URI form (a study on a read-only share): fit reads the file the URI
+    names (not 'file:...' taken literally as a path) and gives the writable URL's numbers."""
+    db = tmp_path / "s.db"
+    assert _sweep(train_file, f"sqlite:///{db}") == 0
+    fit = ["--study", "t", "--goal", "0.5", "--ema", "0", "--json"]
+    capsys.readouterr()
+    assert main(["fit", f"sqlite:///{db}", *fit]) == 0
+    writable = json.loads(capsys.readouterr().out)
+    assert main(["fit", f"sqlite:///file:{db}?mode=ro&uri=true", *fit]) == 0
+    fitted = json.loads(capsys.readouterr().out)
+    assert fitted["goals"] == writable["goals"] and fitted["runs"] == len(GRID)
+
+
+def test_sweep_refuses_a_read_only_storage(
+    train_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """sweep must write (claims, heartbeats, curves): on a read-only storage it refuses naming
+    the cause, exit 2 and no traceback, and leaves the study as it was (here the grid is done)."""
+    db = tmp_path / "s.db"
+    assert _sweep(train_file, f"sqlite:///{db}") == 0
+    read_only = f"sqlite:///file:{db}?mode=ro&uri=true"
+    before = db.read_bytes()
+    capsys.readouterr()
+    assert _sweep(train_file, read_only) == 2
+    err = capsys.readouterr().err
+    assert f"storage {read_only} is read-only" in err and "drop mode=ro" in err
+    assert "Traceback" not in err and db.read_bytes() == before
 
 
 def test_example_training_function_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -120,11 +120,12 @@ def test_four_workers_run_every_point_exactly_once(tmp_path: Path, storage: str)
     summaries = [json.loads(out) for out, _ in outputs]
     assert sum(s["ran"] for s in summaries) == len(GRID)
     assert all(s["failed"] == 0 and s["running_elsewhere"] == 0 for s in summaries)
-    # Every worker waited for the others and reports the whole grid complete.
+    # Every worker waited for the others and reports the whole grid complete: run by itself,
+    # by another worker, or skipped (complete before it started: a worker that starts late,
+    # e.g. on a loaded machine, may find any number of points done, even all of them).
     for s in summaries:
-        assert {r["state"] for r in s["runs"]} <= {"complete", "by another worker"}
-        assert s["ran"] + s["by_other_workers"] == len(GRID)
-    assert len({pid for _, _, pid in calls}) >= 2  # the work was actually shared
+        assert {r["state"] for r in s["runs"]} <= {"complete", "by another worker", "skipped"}
+        assert s["ran"] + s["by_other_workers"] + s["skipped"] == len(GRID)
 
 
 def test_a_killed_worker_s_point_is_rerun_once_by_another(tmp_path: Path, storage: str) -> None:
@@ -188,6 +189,42 @@ def test_a_finished_run_survives_its_worker(storage: str) -> None:
     assert adopted.user_attrs["curve_00000"] == {"step": [1, 2], "loss": [0.5, 0.25]}
     assert adopted.user_attrs["recovered_from"] == claim.number
     assert second.trial(claim.number).state == TrialState.FAIL
+
+
+def test_a_worker_dead_before_its_first_heartbeat_is_released(
+    storage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that dies right after its claim, before its heartbeat thread starts (killed, or
+    its first heartbeat failing), must not leave its unit RUNNING for ever: Optuna's
+    fail_stale_trials skips a RUNNING trial without a heartbeat, so the claim itself writes the
+    first one and the unit is rerun after the grace period (2 s here)."""
+    from noisescale.sweep.queue import Claim
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    params = {"batch_size": 8, "learning_rate": 0.1}
+    unit = WorkUnit(unit_key(params), params)
+    first = WorkQueue(storage, "nobeat", heartbeat_interval=1, grace_period=2)
+    first.enqueue([unit])
+
+    def killed(self: Claim) -> None:
+        raise SystemExit("killed after the claim, before the heartbeat thread")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Claim, "start_heartbeat", killed)
+        with pytest.raises(SystemExit):
+            first.claim()
+    (dead,) = first.trials()
+    assert dead.state == TrialState.RUNNING
+
+    second = WorkQueue(storage, "nobeat", heartbeat_interval=1, grace_period=2)
+    deadline = time.monotonic() + 20  # ten grace periods
+    outcome = second.run_next(lambda claim: 0.5)
+    while outcome is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        outcome = second.run_next(lambda claim: 0.5)
+    assert outcome is not None and outcome.state == "complete", [t.state for t in second.trials()]
+    assert second.trial(dead.number).state == TrialState.FAIL
+    assert second.trial(outcome.trial_number).user_attrs["retry_history"] == [dead.number]
 
 
 def test_duplicate_enqueues_run_once(storage: str) -> None:

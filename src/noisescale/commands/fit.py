@@ -152,12 +152,14 @@ def run(args: argparse.Namespace) -> int:
     if source.storage is None:
         runs = read_runs(source.path, metric=args.metric)
     else:
-        from noisescale.sweep.study import read_study_runs, select_studies, unfinished_points
+        from noisescale.sweep.study import read_study_runs_and_unfinished, select_studies
 
         _quiet_optuna(args.verbose)
         studies = select_studies(source.storage.url, args.study)
-        runs = read_study_runs(source.storage.url, studies, metric=args.metric)
-        unfinished = unfinished_points(source.storage.url, studies)
+        # One read: a point that completes while workers write is a run or named unfinished.
+        runs, unfinished = read_study_runs_and_unfinished(
+            source.storage.url, studies, metric=args.metric
+        )
     if goals is None:
         goals = default_goals(runs, decay=args.ema, count=args.goals)
     results = critical_batch_sizes(runs, goals, decay=args.ema)

@@ -10,10 +10,12 @@ anything else that spreads independent runs over processes and machines sharing 
   ``Study.ask`` pops its queue: a read-check-write of the trial's state under a row lock
   (``SELECT … FOR UPDATE`` on PostgreSQL; ``BEGIN IMMEDIATE`` on SQLite, see
   :mod:`noisescale.sweep.storage`), so exactly one worker gets each trial.
-- **Heartbeats.** A claimed trial records a heartbeat every ``heartbeat_interval`` seconds from
-  a background thread. Before claiming, a worker fails the RUNNING trials whose heartbeat is
-  older than ``grace_period`` (Optuna's ``fail_stale_trials``); its ``failed_trial_callback``
-  enqueues the unit again, up to ``max_retries`` times, so a killed worker's unit is rerun.
+- **Heartbeats.** A claim records the trial's first heartbeat in the transaction that marks it
+  RUNNING (so a worker dead right after its claim is released like any other), then every
+  ``heartbeat_interval`` seconds from a background thread. Before claiming, a worker fails
+  the RUNNING trials whose heartbeat is older than ``grace_period`` (Optuna's
+  ``fail_stale_trials``); its ``failed_trial_callback`` enqueues the unit again, up to
+  ``max_retries`` times, so a killed worker's unit is rerun.
 - **Results kept.** When the work returns, its value is stored on the trial
   (:data:`FINISHED_ATTR`) before the trial is marked COMPLETE. A worker that dies between the
   two leaves a trial that the next claimer of that unit adopts (copies and completes) instead of
@@ -39,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from noisescale.errors import NoiseScaleInputError
-from noisescale.sweep.storage import mask_url, open_storage
+from noisescale.sweep.storage import mask_url, open_storage, scrub
 
 if TYPE_CHECKING:
     import optuna
@@ -292,6 +294,18 @@ class WorkQueue:
                 )
         except KeyError:
             raise NoiseScaleInputError(f"no study {study_name!r} in {self.storage_shown}") from None
+        except optuna.exceptions.StorageInternalError as err:
+            # create_study writes even when the study exists (its insert is what finds it).
+            cause = str(err.__cause__ or err)
+            if "readonly" not in cause.lower() and "read-only" not in cause.lower():
+                raise
+            raise NoiseScaleInputError(
+                f"storage {self.storage_shown} is read-only "
+                f"({scrub(cause.strip().splitlines()[0], storage_url)}): workers write their "
+                "claims, heartbeats and curves there. Open it writable (drop mode=ro from the "
+                "URL; check the permissions of the file and its directory), or read its finished "
+                "runs with noisescale fit, which only reads"
+            ) from None
         self.study_id = self.storage.get_study_id_from_name(study_name)
 
     # -- reading -----------------------------------------------------------------------------
@@ -404,7 +418,7 @@ class WorkQueue:
                 self.study_id, frozen.number
             )
             try:
-                if not self.storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                if not _claim_trial(self.storage, trial_id):
                     continue  # another worker claimed it first
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
@@ -515,6 +529,44 @@ class WorkQueue:
         except ClaimLostError as err:
             return UnitOutcome(claim.unit, claim.number, "lost", value, err, finished.number)
         return UnitOutcome(claim.unit, claim.number, "recovered", value, None, finished.number)
+
+
+def _claim_trial(storage: optuna.storages.RDBStorage, trial_id: int) -> bool:
+    """Move a WAITING trial to RUNNING and record its first heartbeat, in one transaction.
+
+    Optuna's ``set_trial_state_values`` and ``record_heartbeat`` commit separately, and its
+    ``fail_stale_trials`` skips a RUNNING trial that has no heartbeat: a worker killed between
+    the two (or whose first heartbeat failed) left its unit RUNNING for ever, every later worker
+    waiting for it. Here a claimed trial has a heartbeat from its first moment, so a worker dead
+    at any point after its claim is released after the grace period. This is Optuna's own claim
+    (``set_trial_state_values``) with the heartbeat row added to its transaction.
+
+    Returns:
+        Whether this worker claimed it (``False``: it was no longer WAITING).
+    """
+    from datetime import datetime
+
+    import sqlalchemy
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from optuna.trial import TrialState
+
+    try:
+        with _create_scoped_session(storage.scoped_session) as session:
+            trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+            storage.check_trial_is_updatable(trial_id, trial.state)
+            if trial.state != TrialState.WAITING:
+                return False
+            trial.state = TrialState.RUNNING
+            trial.datetime_start = datetime.now()
+            beat = models.TrialHeartbeatModel.where_trial_id(trial_id, session, True)
+            if beat is None:
+                session.add(models.TrialHeartbeatModel(trial_id=trial_id))
+            else:
+                beat.heartbeat = session.execute(sqlalchemy.func.now()).scalar_one()
+    except sqlalchemy.exc.IntegrityError:
+        return False
+    return True
 
 
 def _unit_key(trial: FrozenTrial) -> str | None:

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote, urlparse
 
 from noisescale.errors import NoiseScaleInputError
 
@@ -143,13 +144,24 @@ def resolve_storage_url(
 
 
 def sqlite_file(url: str) -> Path | None:
-    """The database file of an ``sqlite://`` URL (``None`` for other URLs or in-memory ones)."""
+    """The database file of an ``sqlite://`` URL (``None`` for other URLs or in-memory ones),
+    also of SQLite's URI form (``sqlite:///file:/path/sweep.db?mode=ro&uri=true``).
+
+    >>> sqlite_file("sqlite:///file:/data/sweep.db?mode=ro&uri=true").as_posix()
+    '/data/sweep.db'
+    """
     if not url.startswith("sqlite"):
         return None
     _, sep, rest = url.partition(":///")
     if not sep or not rest or rest.startswith(":memory:"):
         return None
-    return Path(rest.split("?", 1)[0])
+    database, _, query = rest.partition("?")
+    params = parse_qs(query)
+    if database.startswith("file:") and params.get("uri") == ["true"]:
+        if params.get("mode") == ["memory"]:
+            return None
+        database = unquote(urlparse(database).path)
+    return Path(database)
 
 
 def open_storage(

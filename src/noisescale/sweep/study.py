@@ -25,7 +25,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -591,16 +591,49 @@ def read_study_runs(
         NoiseScaleInputError: no such study, several studies and no name, no finished run, or
             a study of branches (``noisescale branch``).
     """
+    return read_study_runs_and_unfinished(storage, study_name, metric=metric)[0]
+
+
+def read_study_runs_and_unfinished(
+    storage: str,
+    study_name: str | Sequence[str] | None = None,
+    *,
+    metric: str = "loss",
+) -> tuple[list[Run], list[str]]:
+    """:func:`read_study_runs` and :func:`unfinished_points` from one read of the trials.
+
+    Workers may write while this reads: a point that completes between two separate reads would
+    be in neither (not yet COMPLETE for the runs, no longer unfinished for the warning), left out
+    of a fit without a word. From one read of each study's trials, every point is either a run
+    or listed as unfinished.
+    """
+    names = select_studies(storage, study_name)
+    trials = _study_trials(storage, names)
+    return _runs_of(storage, trials, metric), _unfinished_of(trials)
+
+
+def _study_trials(storage: str, names: Sequence[str]) -> dict[str, list[optuna.trial.FrozenTrial]]:
+    """Every trial of each study, one read per study."""
+    return {
+        name: open_study(storage, name, create=False).get_trials(deepcopy=False) for name in names
+    }
+
+
+def _runs_of(
+    storage: str, trials: Mapping[str, list[optuna.trial.FrozenTrial]], metric: str
+) -> list[Run]:
+    """The COMPLETE trials of each study (name → its trials) as runs."""
     from optuna.trial import TrialState
 
     from noisescale.branch.runner import KIND
 
-    names = select_studies(storage, study_name)
+    names = list(trials)
     rows: list[tuple[int, dict[str, Any]]] = []
     for name in names:
-        study = open_study(storage, name, create=False)
         prefix = f"{name}/" if len(names) > 1 else ""
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        for trial in trials[name]:
+            if trial.state != TrialState.COMPLETE:
+                continue
             if "batch_size" not in trial.params or "learning_rate" not in trial.params:
                 continue
             if trial.user_attrs.get("kind") == KIND:
@@ -634,21 +667,27 @@ def read_study_runs(
 def unfinished_points(storage: str, study_names: Sequence[str]) -> list[str]:
     """The grid points of sweep studies without a COMPLETE trial, described for a warning:
     :func:`read_study_runs` leaves them out, so their batch sizes' fastest run may come from
-    another learning rate. A point rerun to completion is not listed."""
+    another learning rate. A point rerun to completion is not listed. (With the runs, read them
+    by :func:`read_study_runs_and_unfinished`: one read, no point missing from both.)"""
+    return _unfinished_of(_study_trials(storage, study_names))
+
+
+def _unfinished_of(trials: Mapping[str, list[optuna.trial.FrozenTrial]]) -> list[str]:
+    """:func:`unfinished_points` of each study's trials (name → its trials)."""
     from optuna.trial import TrialState
 
     words = {TrialState.FAIL: "failed", TrialState.RUNNING: "running"}
     out: list[str] = []
-    for name in study_names:
+    for name, study_trials in trials.items():
         points: dict[tuple[Any, Any], list[optuna.trial.FrozenTrial]] = {}
-        for t in open_study(storage, name, create=False).get_trials(deepcopy=False):
+        for t in study_trials:
             if "batch_size" in t.params and "learning_rate" in t.params:
                 key = (t.params["batch_size"], t.params["learning_rate"])
                 points.setdefault(key, []).append(t)
-        prefix = f"{name}: " if len(study_names) > 1 else ""
-        for (b, lr), trials in sorted(points.items()):
-            if not completed(trials):
-                state = words.get(trials[-1].state, "not run yet")
+        prefix = f"{name}: " if len(trials) > 1 else ""
+        for (b, lr), point_trials in sorted(points.items()):
+            if not completed(point_trials):
+                state = words.get(point_trials[-1].state, "not run yet")
                 out.append(f"{prefix}batch_size={b:g}, learning_rate={lr:g} ({state})")
     return out
 
