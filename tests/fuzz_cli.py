@@ -339,6 +339,8 @@ def break_history(text, r, notes):
         ]
     )  # fmt: skip
     notes.append(f"history {kind}")
+    if kind in ("cut", "cut_line", "crlf", "bom", "unicode", "repeat", "swap"):
+        notes.append("valid")  # (a history the tracker, an editor or a resume can leave)
     if kind == "cut":
         return text[: r.randrange(len(lines[0]) + 1, len(text))]
     if kind == "cut_line":
@@ -615,9 +617,9 @@ def classify(cmd, args, notes, rc, out, err, escaped, before, after, tmp):
             return {"cls": "bad-exit", "exc": f"exit 2 without a message: {err[-300:]!r}"}
         if not _names_a_cause(tail, args):
             return {"cls": "refused-vague", "exc": tail}
-        if "invalid" in notes or "maybe-invalid" in notes or notes:
-            return {"cls": "refused", "exc": tail}
-        return {"cls": "refused-valid", "exc": tail}
+        if not notes or set(notes) <= {"valid", *(n for n in notes if n.startswith("history "))}:
+            return {"cls": "refused-valid", "exc": tail}
+        return {"cls": "refused", "exc": tail}
     if rc != 0:
         return {"cls": "bad-exit", "exc": f"exit {rc}: {tail}"}
     if "invalid" in notes:

@@ -663,6 +663,18 @@ CLI_FOUND = [
     # cannot convert float infinity to integer" (calc names the overflow;
     # hunt/report_tiny_batch.py)
     336,
+    # refused-vague: the last record's b_big 1e300: report exits 2 with "OverflowError: (34,
+    # 'Numerical result out of range')", naming neither the record nor the field
+    502,
+    # refused-valid: a history whose header holds a string with U+2028 written unescaped (a JSON
+    # tool with ensure_ascii=False): valid JSON Lines, but load_history splits with
+    # str.splitlines(), which breaks at U+2028/U+0085 too: "not a noisescale history"
+    # (hunt/u2028_history.py)
+    244,
+    # refused-valid: a history saved with a UTF-8 byte-order mark: "not a noisescale history:
+    # its first line must be a JSON header" although it is one (fit reads a runs file with a
+    # BOM; hunt/bom_history.py)
+    134,
     # bad-exit: that record's b_simple_low 50 above its b_simple 5.7: calc exits 0 and prints the
     # interval [50, 8.3] and no regime over it (hunt/bad_interval.py)
     1800,
