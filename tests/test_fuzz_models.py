@@ -675,6 +675,10 @@ CLI_FOUND = [
     # its first line must be a JSON header" although it is one (fit reads a runs file with a
     # BOM; hunt/bom_history.py)
     134,
+    # refused-vague: report '' (an empty history path, an unset shell variable): pathlib's
+    # "PosixPath('.') has an empty name" from history_path.with_suffix (calc --history '' says
+    # "'.' is a directory"; hunt/report_empty_path.py)
+    1276,
     # bad-exit: that record's b_simple_low 50 above its b_simple 5.7: calc exits 0 and prints the
     # interval [50, 8.3] and no regime over it (hunt/bad_interval.py)
     1800,
