@@ -339,7 +339,7 @@ def break_history(text, r, notes):
         ]
     )  # fmt: skip
     notes.append(f"history {kind}")
-    if kind in ("cut", "cut_line", "crlf", "bom", "unicode", "repeat", "swap"):
+    if kind in ("crlf", "bom", "unicode", "repeat", "swap"):  # (a cut may leave no step)
         notes.append("valid")  # (a history the tracker, an editor or a resume can leave)
     if kind == "cut":
         return text[: r.randrange(len(lines[0]) + 1, len(text))]
