@@ -824,6 +824,22 @@ def oracle_recommend(args, out, tmp):
                 return f"batch {b}: gpu_hours {c['gpu_hours']!r}"
             if price and not _close(c["cost"], c["gpu_hours"] * float(price)):
                 return f"batch {b}: cost {c['cost']!r}, hours × price {c['gpu_hours']!r}×{price}"
+    front = data["pareto_front"]
+    if front:
+        fastest = min(c["time_per_s_min_s"] for c in front)
+        hours = min(c["time_per_s_min_s"] * c["devices"] for c in front)
+        for c in front:
+            if not _close(c["time_rel"], c["time_per_s_min_s"] / fastest):
+                return f"batch {c['batch_size']}: time_rel {c['time_rel']!r}, the front's ratio"
+            if not _close(c["cost_rel"], c["time_per_s_min_s"] * c["devices"] / hours):
+                return f"batch {c['batch_size']}: cost_rel {c['cost_rel']!r}, the front's ratio"
+            if not _close(c["time_per_s_min_s"], c["steps_over_min"] * c["step_time_s"]):
+                return f"batch {c['batch_size']}: time per S_min {c['time_per_s_min_s']!r}"
+        rec = data["recommended"]
+        if rec.get("fastest") and not _close(rec["fastest"]["time_rel"], 1.0):
+            return f"the fastest choice's time_rel is {rec['fastest']['time_rel']!r}"
+        if rec.get("cheapest") and not _close(rec["cheapest"]["cost_rel"], 1.0):
+            return f"the cheapest choice's cost_rel is {rec['cheapest']['cost_rel']!r}"
     if _last(args, "--target-examples") and not data.get("relative"):
         e_min = float(_last(args, "--target-examples"))
         if not (_close(data["e_min"], e_min) and _close(data["s_min"], e_min / b_noise)):

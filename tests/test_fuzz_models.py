@@ -685,6 +685,9 @@ CLI_FOUND = [
     # bad-exit: the last record's examples -3 (the run's running count): report exits 0 with the
     # run's examples -11 (hunt/report_corrupt_values.py)
     152,
+    # bad-exit: a profile's max_batch_size 3.5 (also "64", true, 1e20) is read through int()
+    # (3, 64, 1, 1e20) and priced with exit 0 (hardware/profile.py from_dict)
+    457,
     # bad-exit: report --batch-sizes '' exits 0 and costs the default sizes (calc and recommend
     # refuse an empty list; commands/report.py `if args.batch_sizes`;
     # hunt/report_empty_batch_sizes.py)
