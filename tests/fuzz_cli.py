@@ -20,7 +20,7 @@ the directory is hashed before and after. Classes:
   or the temperature's B·T0/T1, or the history's last B_simple read here by hand) and the
   noise rule's ε/ε_max = 1/(1 + B/b)^α (eq. 2.6/A.3); ``report --json`` the history's last
   B_simple and interval, S_min and E_min of eq. D.1 over its records (``theory.run_integrals``)
-  and each fixed batch size's cost; ``recommend --json`` S/S_min, E/E_min of each candidate
+  and each fixed batch size's cost, the run's examples the batches its steps took; ``recommend --json`` S/S_min, E/E_min of each candidate
   and its steps, examples, time, device-hours and cost from the profile's fit; ``fit --json``
   B_crit of runs drawn to follow eq. 2.11 exactly; ``explore`` its page written;
 * ``refused``: exit 2 with a one-line ``error:`` message and no traceback;
@@ -82,9 +82,9 @@ def fixtures():
     hist = os.path.join(root, "history.jsonl")
     tracker = noisescale.GradientNoiseTracker(model, "mean", history_path=hist, sync_every=1000)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    for _ in range(12):
-        x = torch.randn(8, 4, dtype=torch.float64)
-        y = 3 * x[:, :1] + torch.randn(8, 1, dtype=torch.float64)
+    for n in [8] * 6 + [16] * 6:  # (a batch size that grows: the run's examples are no trapezoid)
+        x = torch.randn(n, 4, dtype=torch.float64)
+        y = 3 * x[:, :1] + torch.randn(n, 1, dtype=torch.float64)
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
         tracker.step(loss)
@@ -386,7 +386,14 @@ def break_history(text, r, notes):
         return "".join(lines)
     if kind == "header":
         obj = json.loads(lines[0])
-        what = r.choice(["kind", "version", "unit", "drop"])
+        what = r.choice(["kind", "version", "unit", "drop", "old"])
+        if what == "old":  # an older history: no running count of examples in its records
+            records = [json.loads(line) for line in lines[1:]]
+            for rec in records:
+                rec.pop("examples", None)
+            lines = lines[:1] + [json.dumps(rec) + "\n" for rec in records]
+            notes.append("header old: no examples")
+            return "".join(lines)
         if what == "drop":
             lines = lines[1:]
         elif what == "kind":
@@ -777,6 +784,16 @@ def oracle_report(args, out, tmp):
     if not _close(data["b_simple_last"], last["b_simple"]):
         return f"b_simple_last {data['b_simple_last']!r}, the history's {last['b_simple']!r}"
     run = data["run"]
+    # the run's examples: the running count's difference, from the tracker's own file where a
+    # breakage removed it (an older history without it: the batches seen, not an estimate)
+    seen = {x["step"]: x["examples"] for x in history_truth(fixtures()["history"])}
+    first, last_step = est[0]["step"], est[-1]["step"]
+    if first in seen and last_step in seen:
+        want = seen[last_step] - seen[first]
+        if all(_num(x.get("examples")) for x in est) and len(est) == len(recs):
+            want = est[-1]["examples"] - est[0]["examples"]
+        if not _close(run["examples"], want):
+            return f"run examples {run['examples']!r}, steps {first}-{last_step}'s batches {want!r}"
     steps = [x["step"] for x in est]
     if len(est) >= 2 and all(_num(x.get("b_big")) and x["b_big"] > 0 for x in est):
         want = theory.run_integrals(steps, [x["b_big"] for x in est], [x["b_simple"] for x in est])

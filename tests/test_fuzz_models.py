@@ -649,6 +649,13 @@ CLI_SAMPLE = [3, 8, 4, 83, 56, 10, 19, 12, 100, 14]
 
 # What it found (2026-12-07), as seeds: fail until the fixes land (not xfail).
 CLI_FOUND = [
+    # WRONG-SILENT: report --json on an older history, without the running 'examples' count
+    # (report/data.py trajectory() "integrates the batch sizes instead"), of a run whose batch
+    # grew 8 -> 16: the run's examples 132 for the 136 its steps took (the trapezoid of b_big
+    # over steps counts the step that changed the batch at the mean of the two), no warning; the
+    # adaptive schedule "with as many examples as the run" follows (r 88 for 99 on
+    # hunt/no_examples_ramp.py: 276 for 288)
+    2902,
     # crash: calc --kaplan-loss 1e308 (any L above ~1e67): B_crit(L) = 2e8·L^-4.76 underflows to
     # 0 and commands/calc.py batch_size_row divides by it: a raw ZeroDivisionError, exit 1 as a
     # subprocess (hunt/kaplan_crash.py)
