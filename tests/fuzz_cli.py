@@ -17,12 +17,14 @@ the directory is hashed before and after. Classes:
 
 * ``ok``: exit 0 and its numbers equal the oracle's: ``calc`` eq. 2.11 (theory's
   ``steps_over_min``/``examples_over_min``) on the noise scale given (or Kaplan's B_crit(L),
-  or the temperature's B·T0/T1, or the history's last B_simple read here by hand) and the
-  noise rule's ε/ε_max = 1/(1 + B/b)^α (eq. 2.6/A.3); ``report --json`` the history's last
-  B_simple and interval, S_min and E_min of eq. D.1 over its records (``theory.run_integrals``)
-  and each fixed batch size's cost, the run's examples the batches its steps took; ``recommend --json`` S/S_min, E/E_min of each candidate
-  and its steps, examples, time, device-hours and cost from the profile's fit; ``fit --json``
-  B_crit of runs drawn to follow eq. 2.11 exactly; ``explore`` its page written;
+  or the temperature's B·T0/T1, or the history's last B_simple read here by hand), eq. 2.6's
+  ε/ε_max = 1/(1 + B_noise/B) and --lr scaled by its rule (eq. A.3 for the noise rule);
+  ``report --json`` the history's last B_simple and interval, S_min and E_min of eq. D.1 over
+  its records (``theory.run_integrals``), each fixed batch size's cost and the run's examples
+  (the batches its steps took); ``recommend --json`` S/S_min, E/E_min of each candidate, its
+  step time from the profile's fit, its steps, examples, time, device-hours and cost, and the
+  front's time and cost ratios; ``fit --json`` B_crit of runs drawn to follow eq. 2.11
+  exactly; ``explore`` its page written;
 * ``refused``: exit 2 with a one-line ``error:`` message and no traceback;
 * ``refused-valid``: exit 2 on an input the fuzzer thinks valid (to look at: a false refusal,
   or the fuzzer's notion of valid is too wide);
