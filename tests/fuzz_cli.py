@@ -343,10 +343,14 @@ def break_history(text, r, notes):
     notes.append(f"history {kind}")
     if kind in ("crlf", "bom", "unicode", "repeat", "swap"):  # (a cut may leave no step)
         notes.append("valid")  # (a history the tracker, an editor or a resume can leave)
-    if kind == "cut":
-        return text[: r.randrange(len(lines[0]) + 1, len(text))]
-    if kind == "cut_line":
-        return "".join(lines[: r.randrange(2, len(lines) + 1)])
+    if kind in ("cut", "cut_line"):
+        if kind == "cut":
+            out = text[: r.randrange(len(lines[0]) + 1, len(text))]
+        else:
+            out = "".join(lines[: r.randrange(2, len(lines) + 1)])
+        if out.count("\n") < 3:  # the header and fewer than two whole records: nothing to report
+            notes.append("too short")
+        return out
     if kind == "corrupt":
         i = r.randrange(1, len(lines) - 1)  # a line other than the last
         j = r.randrange(len(lines[i]) - 1)
