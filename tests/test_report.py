@@ -414,11 +414,12 @@ def test_a_history_without_batch_sizes_names_the_missing_field(tmp_path: Path) -
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("examples", -3, "'examples' is -3, but a count of what the run has seen is finite"),
+        ("examples", -3, "'examples' is -3, but a count of what the run has seen is from 0"),
         ("examples", "NaN", "'examples' is nan, but a count"),
         ("examples", "-Infinity", "'examples' is -inf, but a count"),
         ("examples", 1, "'examples' is 1, below line 12's 704, but it counts what the run"),
         ("tokens_seen", -1.5, "'tokens_seen' is -1.5"),
+        ("examples", 1e300, "'examples' is 1e+300, but a count of what the run has seen is from"),
         ("b_big", 1e300, "'b_big' is 1e+300, but a step's batch size is a positive number up to"),
         ("b_big", 0, "'b_big' is 0, but a step's batch size"),
         ("skipped", [1], "'skipped' is [1], but it must be true or false"),

@@ -903,8 +903,8 @@ def _check_record(number: int, obj: dict[str, Any], path: Path) -> None:
     """Refuse values no tracker writes, naming the line and field (until 2026-12-07 they were
     read as they were, to a matplotlib or overflow error, or printed: a run's examples −11, an
     interval that does not hold its estimate, a hunt): a ``skipped`` that is not a boolean, a
-    batch size or count that is not finite, negative (a batch size not positive or above
-    :data:`MAX_COUNT`), and an interval that does not hold its B_simple."""
+    batch size or running count that is not finite, negative (a batch size not positive) or
+    above :data:`MAX_COUNT`, and an interval that does not hold its B_simple."""
 
     def refuse(field: str, value: Any, why: str) -> NoReturn:
         raise NoiseScaleInputError(
@@ -931,9 +931,9 @@ def _check_record(number: int, obj: dict[str, Any], path: Path) -> None:
             f"a step's batch size is a positive number up to {MAX_COUNT:g}",
         )
     for field in COUNTS:
-        if field in number_of and not (math.isfinite(number_of[field]) and number_of[field] >= 0):
+        if field in number_of and not 0 <= number_of[field] <= MAX_COUNT:
             refuse(
-                field, values[field], "a count of what the run has seen is finite and not negative"
+                field, values[field], f"a count of what the run has seen is from 0 to {MAX_COUNT:g}"
             )
     b = number_of.get("b_simple", math.nan)
     low = number_of.get("b_simple_low", math.nan)
