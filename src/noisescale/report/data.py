@@ -367,20 +367,21 @@ def _batches_taken(history: History, keep: np.ndarray) -> tuple[np.ndarray, tupl
     taken = np.concatenate([[0.0], np.cumsum(batch * gaps)])
     examples = taken[keep[first : last + 1]]
     unit = history.unit
+    count = "tokens_seen" if unit == "tokens" else "examples"
     if not np.all(np.isfinite(batch)):
         return np.full(examples.shape, np.nan), (
-            f"the history has no running count of {unit} ('examples') and "
+            f"the history has no running count of {unit} ('{count}') and "
             f"{int((~np.isfinite(batch)).sum())} record(s) between steps "
             f"{int(history.step[first]):,} and {int(history.step[last]):,} lack their batch size "
-            f"('b_big'): the {unit} the run took are unknown, so are the schedules with as many "
-            f"{unit} as the run; write the history with the tracker, which records them",
+            f"('b_big'): the {unit} the run took are unknown, and so is the adaptive schedule "
+            f"with as many {unit}; write the history with the tracker, which records them",
         )
     unsure = (gaps > 1) & (batch != before)
     if not unsure.any():
         return examples, ()
     i = int(np.flatnonzero(unsure)[0])
     return examples, (
-        f"the history has no running count of {unit} ('examples'), and the batch size changed "
+        f"the history has no running count of {unit} ('{count}'), and the batch size changed "
         f"from {before[i]:,.4g} to {batch[i]:,.4g} across steps that were not recorded (steps "
         f"{int(history.step[first + i]) + 1:,}–{int(history.step[first + i + 1]):,}"
         + (f", and {int(unsure.sum()) - 1} more such gap(s)" if unsure.sum() > 1 else "")
