@@ -518,6 +518,7 @@ def test_profile_load_rejects_corrupt_files(tmp_path, content: str, message: str
         ("max_batch_size", 0),
         ("out_of_memory_batch_size", 64.5),
         ("points", "3.5"),
+        ("fit", "0.1"),
     ],
 )
 def test_profile_load_refuses_a_batch_size_that_is_not_a_whole_number(
@@ -529,11 +530,14 @@ def test_profile_load_refuses_a_batch_size_that_is_not_a_whole_number(
     if field == "points":
         data["points"][1]["batch_size"] = float(value)
         field = "a point's batch_size"
+    elif field == "fit":  # (a fuzzer, seeds 1829 and 2197: float() took the string)
+        data["fit"]["beta_s"] = value
+        field = "fit.beta_s"
     else:
         data[field] = value
     path = tmp_path / "p.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(NoiseScaleInputError, match=f"{field} must be a whole number from 1 to"):
+    with pytest.raises(NoiseScaleInputError, match=f"{field} must be a (whole )?number"):
         ThroughputProfile.load(path)
 
 
