@@ -433,9 +433,26 @@ def test_fit_reads_a_read_only_storage(
     capsys.readouterr()
     assert main(["fit", f"sqlite:///{db}", *fit]) == 0
     writable = json.loads(capsys.readouterr().out)
-    assert main(["fit", f"sqlite:///file:{db}?mode=ro&uri=true", *fit]) == 0
-    fitted = json.loads(capsys.readouterr().out)
-    assert fitted["goals"] == writable["goals"] and fitted["runs"] == len(GRID)
+    # uri in every spelling SQLAlchemy takes for true (it opens the file read-only for each)
+    for uri in ("true", "True", "1", "YES"):
+        assert main(["fit", f"sqlite:///file:{db}?mode=ro&uri={uri}", *fit]) == 0, uri
+        fitted = json.loads(capsys.readouterr().out)
+        assert fitted["goals"] == writable["goals"] and fitted["runs"] == len(GRID)
+
+
+def test_fit_refuses_uri_options_without_file_prefix(
+    train_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """mode=ro&uri=true on a plain path: SQLAlchemy would hand SQLite the name 's.db?mode=ro'
+    as a file to create. fit never creates a file: it refuses naming the form to write."""
+    db = tmp_path / "s.db"
+    assert _sweep(train_file, f"sqlite:///{db}") == 0
+    capsys.readouterr()
+    url = f"sqlite:///{db}?mode=ro&uri=true"
+    assert main(["fit", url, "--study", "t", "--goal", "0.5", "--ema", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"Write sqlite:///file:{db}?mode=ro&uri=true" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.db", "train_fn.py"]
 
 
 def test_sweep_refuses_a_read_only_storage(
