@@ -387,9 +387,16 @@ class WorkQueue:
     # -- claiming and running ------------------------------------------------------------------
 
     def release_stale(self) -> None:
-        """Fail the running trials whose heartbeat stopped; their units are enqueued again."""
+        """Fail the running trials whose heartbeat stopped; their units are enqueued again.
+
+        A RUNNING trial with no heartbeat at all is an older worker's (a claim of this version
+        writes its first heartbeat with it): Optuna never takes it for dead, so it is given one
+        here, stamped by the database's clock like every heartbeat, and is released after the
+        grace period unless its worker beats.
+        """
         import optuna
 
+        _beat_silent_running(self.storage, self.study_id)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(self.study)
@@ -567,6 +574,33 @@ def _claim_trial(storage: optuna.storages.RDBStorage, trial_id: int) -> bool:
     except sqlalchemy.exc.IntegrityError:
         return False
     return True
+
+
+def _beat_silent_running(storage: optuna.storages.RDBStorage, study_id: int) -> None:
+    """Record a first heartbeat for the study's RUNNING trials that have none.
+
+    Such a trial was claimed by an older noisescale (its claim and first heartbeat were two
+    commits) whose worker died in between, or is about to beat: Optuna's ``fail_stale_trials``
+    skips a trial without a heartbeat, and every other worker waited for it for ever. The row
+    gets the database's time (the column's default), as Optuna's own heartbeats do.
+    """
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from optuna.trial import TrialState
+    from sqlalchemy import orm
+
+    # ignore_integrity_error: another worker (or the trial's own) wrote the row first
+    with _create_scoped_session(storage.scoped_session, True) as session:
+        running = (
+            session.query(models.TrialModel)
+            .options(orm.selectinload(models.TrialModel.heartbeats))
+            .filter(models.TrialModel.state == TrialState.RUNNING)
+            .filter(models.TrialModel.study_id == study_id)
+            .all()
+        )
+        for trial in running:
+            if not trial.heartbeats:
+                session.add(models.TrialHeartbeatModel(trial_id=trial.trial_id))
 
 
 def _unit_key(trial: FrozenTrial) -> str | None:
