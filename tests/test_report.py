@@ -268,6 +268,24 @@ def test_resumed_run_replaces_the_overlapping_steps(tmp_path: Path) -> None:
     assert "resumed" in history.warnings[0]
 
 
+def test_a_resume_whose_steps_do_not_repeat_replaces_what_counted_past_it(tmp_path: Path) -> None:
+    """A run at batch 64 recorded steps 0-29, was resumed from its step-20 checkpoint with
+    batch 8 and measure_every=16, and first recorded step 32: no step comes again, its
+    running count (1344 + 12·8 = 1440) falls below the abandoned records' (up to 1920). A
+    review of 2026-12-07 found the file — as the tracker writes it — refused as corrupt
+    ("line 32: 'examples' … never goes down"): the records that counted past the resumed one
+    are the abandoned run's and are replaced, said in a warning."""
+    first = synthetic_records(n_steps=30)
+    resumed = synthetic_records(n_steps=48, batch_size=8)[32::16]
+    for r in resumed:
+        r["examples"] = 21 * 64 + (r["step"] - 20) * 8
+    history = load_history(write_synthetic_history(tmp_path / "h.jsonl", first + resumed))
+    # (steps 20 and 21 counted 1344 and 1408, below 1440: kept; 22-29 replaced)
+    assert history.step.tolist() == [*range(22), 32]
+    assert history.examples.tolist()[-2:] == [22 * 64, 21 * 64 + 12 * 8]
+    assert any("falls back to" in w and "8 earlier" in w for w in history.warnings)
+
+
 def _switching_records(switch: int = 100, n: int = 400) -> list[dict[str, Any]]:
     """B_simple 10 (plain) before step ``switch``, 300 (preconditioned, P ⊙ g) from it on, as a
     tracker with ``precondition=`` writes it; per-step g2 and tr Σ exact (no noise)."""
@@ -370,6 +388,10 @@ def test_missing_examples_across_unrecorded_steps_warn_or_are_unknown(tmp_path: 
         for w in data.warnings
     )
     json.dumps(summary_dict(data), allow_nan=False)
+    # the page says so too (until a review of 2026-12-07 it was not written: math.floor(nan))
+    page = tmp_path / "n.html"
+    assert main(["report", str(tmp_path / "n.jsonl"), "-o", str(page)]) == 0
+    assert "unknown" in page.read_text(encoding="utf-8")
 
 
 def test_a_valid_history_with_a_bom_crlf_or_u2028_is_read(tmp_path: Path) -> None:

@@ -835,8 +835,38 @@ def _drop_superseded(
                 f"line {number}: step {obj['step']} comes again (a resumed run?); the "
                 f"{dropped} earlier record(s) from that step on are replaced"
             )
+        for name in COUNTS:
+            # a running count below the last record's: a run resumed from an earlier
+            # checkpoint whose recorded steps do not repeat the abandoned ones (another
+            # measure_every); the records that counted past it are the abandoned run's (until
+            # a review of 2026-12-07 the file was refused as corrupt)
+            now = _count(obj, name)
+            if now is None or not kept or _count(kept[-1][1], name, -math.inf) <= now:
+                continue
+            dropped = 0
+            while kept and _count(kept[-1][1], name, -math.inf) > now:
+                kept.pop()
+                dropped += 1
+            warnings.append(
+                f"line {number}: {name!r} falls back to {now!r} (a run resumed from an earlier "
+                f"checkpoint?); the {dropped} earlier record(s) that counted past it are "
+                "replaced"
+            )
+            break
         kept.append((number, obj))
     return kept
+
+
+def _count(obj: dict[str, Any], name: str, missing: float | None = None) -> float | None:
+    """A record's running count ``name``, where it is a finite number (else ``missing``)."""
+    value = obj.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return missing
+    try:
+        value = float(value)
+    except OverflowError:
+        return missing
+    return value if math.isfinite(value) else missing
 
 
 def _is_preconditioned(obj: dict[str, Any]) -> bool:

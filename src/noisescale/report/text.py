@@ -41,7 +41,11 @@ def format_count(x: float) -> str:
     """A count of steps or examples, rounded, with thousands separators (``1,234,567``).
 
     Rounds halves up, as JavaScript's ``Math.round`` does (``round`` would round half to even).
+    A count that is not known (nan: a history whose examples cannot be counted) is "unknown"
+    (until a review of 2026-12-07 ``math.floor`` raised, and the page was not written).
     """
+    if not math.isfinite(x):
+        return "unknown" if math.isnan(x) else "∞"
     whole = math.floor(x)
     return f"{whole + (1 if x - whole >= 0.5 else 0):,}"
 
