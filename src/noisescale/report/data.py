@@ -836,13 +836,15 @@ def _drop_superseded(
                 f"{dropped} earlier record(s) from that step on are replaced"
             )
         for name in COUNTS:
-            # a running count below the last record's: a run resumed from an earlier
-            # checkpoint whose recorded steps do not repeat the abandoned ones (another
-            # measure_every); the records that counted past it are the abandoned run's (until
-            # a review of 2026-12-07 the file was refused as corrupt)
+            # a running count below the last record's, not below every earlier one's: a run
+            # resumed from an earlier checkpoint whose recorded steps do not repeat the
+            # abandoned ones (another measure_every); the records that counted past it are the
+            # abandoned run's (until a review of 2026-12-07 the file was refused as corrupt)
             now = _count(obj, name)
             if now is None or not kept or _count(kept[-1][1], name, -math.inf) <= now:
                 continue
+            if not any(_count(o, name, math.inf) <= now for _, o in kept):
+                continue  # (below every record's: no checkpoint it resumed from — corrupt, refused)
             dropped = 0
             while kept and _count(kept[-1][1], name, -math.inf) > now:
                 kept.pop()
