@@ -268,6 +268,33 @@ def test_a_goal_met_at_step_0_is_refused_with_the_advice_to_lower_it() -> None:
     assert result.fit.b_crit > 0
 
 
+def test_a_goal_met_at_a_first_record_after_step_0_is_refused_or_its_batch_size_named() -> None:
+    # Records every 50 steps from step 50 (no step-0 record): a goal met at each run's first
+    # record gives only S <= 50, and was fitted as S = 50 everywhere: "B_crit < 0.0205 (95%)"
+    # with the advice to add smaller batch sizes, truth 128 (a review, 2026-12-07).
+    runs = []
+    for b in (64, 128, 256, 512):
+        t = np.arange(50, 5001, 50.0)
+        runs.append(Run.from_arrays(f"b{b}", b, 0.1, t, 2 / (1 + t / (1 + 128 / b) / 300)))
+    with pytest.raises(NoiseScaleInputError) as err:
+        critical_batch_sizes(runs, [1.9], decay=0.0)
+    assert "at their first record, step 50" in str(err.value)
+    assert "at most that" in str(err.value) and "choose a lower goal" in str(err.value)
+    assert "record the metric from step 0" in str(err.value)
+    # One batch size's step-0 record below the goal: that batch size was left out without a word.
+    runs = []
+    for b in (8, 16, 32, 64, 128):
+        t = np.arange(0, 2001, 10.0)
+        loss = 2.3 / (1 + t / (1 + 40 / b) / 300)
+        loss[0] = 2.25 if b == 8 else loss[0]
+        runs.append(Run.from_arrays(f"b{b}", b, 0.1, t, loss))
+    (result,) = critical_batch_sizes(runs, [2.28], decay=0.0)
+    assert [p.batch_size for p in result.points] == [16, 32, 64, 128]
+    (named,) = [w for w in result.warnings if "batch size 8 is left out" in w]
+    assert "'b8' is at or below it at its first record, step 0" in named
+    assert "choose a lower goal" in named
+
+
 def test_goal_reached_by_two_batch_sizes_is_an_error() -> None:
     runs = MODEL.runs([16, 1024, 2048], steps=60)
     goal = float(MODEL.metric(MODEL.progress(60, 512)))
@@ -362,14 +389,14 @@ def test_batch_size_outside_the_examples_per_step_is_refused() -> None:
             Run.from_arrays(f"r{k}", b * k, 0.1, step, 1 / step, examples=examples * k)
             for k in (1, 2, 4)
         ]
-        (result,) = critical_batch_sizes(grid, [0.05], decay=0.0)
+        (result,) = critical_batch_sizes(grid, [0.01], decay=0.0)  # (0.05: met at first records)
         assert result.points and not any("examples per step" in w for w in result.warnings)
     # Nominally 64 for a batch of 16–32 a step: beyond 1.5× everywhere, changing — a warning.
     grid = [
         Run.from_arrays(f"r{k}", 64 * k, 0.1, step, 1 / step, examples=examples * k)
         for k in (1, 2, 4)
     ]
-    (result,) = critical_batch_sizes(grid, [0.05], decay=0.0)
+    (result,) = critical_batch_sizes(grid, [0.01], decay=0.0)  # (0.05: met at first records)
     assert any(
         "run 'r1': its examples per step are 0.25–0.5× its batch_size 64 at every recorded point"
         in w
@@ -398,7 +425,9 @@ def test_sparse_warm_up_and_partial_epochs_are_not_taken_for_another_unit() -> N
         run(f"B{b}", b, b * (1 + np.minimum(t, 1000.0) / 1000.0), records)
         for b in (16, 64, 256, 1024)
     ]
-    (result,) = critical_batch_sizes(grid, [0.01], decay=0.0)
+    # (0.002: 0.01 is met at the first record, step 250, at 256 and 1024, whose steps to it are
+    # then unknown; it was fitted as S = 250 there until 2026-12-07)
+    (result,) = critical_batch_sizes(grid, [0.002], decay=0.0)
     assert len(result.points) == 4
     assert not any("examples per step" in w for w in result.warnings)
     grid = []
@@ -407,7 +436,7 @@ def test_sparse_warm_up_and_partial_epochs_are_not_taken_for_another_unit() -> N
         epoch = [b] * full + ([rest] if rest else [])
         sizes = np.array(epoch * 40, dtype=float)
         grid.append(run(f"B{b}", b, sizes, np.arange(1.0, 41.0) * len(epoch)))
-    (result,) = critical_batch_sizes(grid, [0.05], decay=0.0)
+    (result,) = critical_batch_sizes(grid, [0.01], decay=0.0)  # (0.05: met at first records)
     assert len(result.points) == 4
     assert not any("examples per step" in w for w in result.warnings)
 

@@ -523,14 +523,13 @@ def critical_batch_sizes(
         at_start = [r for r in smoothed if r.at_start(goal)]
         if at_start and len(points) < MIN_BATCH_SIZES:
             # (a goal met at step 0 has no steps to it: "no run reaches ... choose a higher goal"
-            # advised the opposite of the fix, a hunt 2026-12-07)
-            start = max(float(r.smoothed[0]) for r in at_start)
+            # advised the opposite of the fix, a hunt 2026-12-07; one met at a first record at
+            # step 50 was fitted as S = 50 everywhere: "B_crit < 0.0205" for a truth of 128)
             raise NoiseScaleInputError(
                 f"{len(at_start)} run(s) (e.g. {at_start[0].run.name!r}) are already at or below "
-                f"the goal {goal:g} at their first record, step 0 (smoothed {start:.6g}), so "
-                "there are no steps to it to compare; only "
-                f"{len(points)} batch size(s) reach it after step 0: choose a lower goal, one "
-                "the runs reach by training"
+                f"the goal {goal:g} at their first record, {_first_record_text(at_start, goal)}; "
+                f"only {len(points)} batch size(s) reach it after their first record: choose a "
+                "lower goal, one the runs reach by training" + _record_earlier(at_start)
             )
         if not points and not left_out:
             best = min(
@@ -679,14 +678,16 @@ class _SmoothedRun:
         self.final = float(self.smoothed[-1]) if self.smoothed.size else math.inf
 
     def at_start(self, goal: float) -> bool:
-        """Whether the smoothed curve meets ``goal`` at a first record at step ≤ 0."""
-        run = self.run
-        return bool(run.step.size and run.step[0] <= 0 and self.smoothed[0] <= goal)
+        """Whether the smoothed curve meets ``goal`` at its first record: its steps to the goal
+        are then only bounded, by that record's step (none at step 0)."""
+        return bool(self.smoothed.size and self.smoothed[0] <= goal)
 
     def point(self, goal: float) -> ParetoPoint | None:
+        """The run's steps and examples to ``goal``; ``None`` where it does not reach it or
+        meets it at its first record (:meth:`at_start`)."""
         run = self.run
         crossing = goal_crossing(run.step, run.examples, self.smoothed, goal)
-        if crossing is None or crossing.step <= 0 or crossing.examples <= 0:
+        if crossing is None or crossing.index == 0 or crossing.step <= 0 or crossing.examples <= 0:
             return None
         b_simple = None
         if run.b_simple is not None:
@@ -717,7 +718,17 @@ def _front(smoothed: Sequence[_SmoothedRun], goal: float) -> tuple[list[ParetoPo
     """
     best: dict[float, tuple[ParetoPoint, _SmoothedRun]] = {}
     stopped: list[_SmoothedRun] = []
+    left_out: dict[float, str] = {}
     for r in smoothed:
+        if r.at_start(goal) and r.run.batch_size not in left_out:
+            # (its steps to the goal are at most its first record's: a hunt, 2026-12-07, found
+            # such a batch size dropped without a word, or kept with S = that record's step)
+            left_out[r.run.batch_size] = (
+                f"batch size {r.run.batch_size:g} is left out at the goal {goal:g}: run "
+                f"{r.run.name!r} is at or below it at its first record, "
+                f"{_first_record_text([r], goal)}, and the fastest run at this batch size is "
+                "unknown: choose a lower goal" + _record_earlier([r])
+            )
         p = r.point(goal)
         if p is None:
             if r.run.diverged_at_step is None and r.final > goal:
@@ -726,7 +737,6 @@ def _front(smoothed: Sequence[_SmoothedRun], goal: float) -> tuple[list[ParetoPo
         incumbent = best.get(p.batch_size)
         if incumbent is None or (p.steps, p.examples) < (incumbent[0].steps, incumbent[0].examples):
             best[p.batch_size] = (p, r)
-    left_out: dict[float, str] = {}
     for r in stopped:
         batch_size = r.run.batch_size
         if batch_size not in best or batch_size in left_out:
@@ -751,6 +761,23 @@ def _front(smoothed: Sequence[_SmoothedRun], goal: float) -> tuple[list[ParetoPo
         )
     points = [best[b][0] for b in sorted(best) if b not in left_out]
     return points, [left_out[b] for b in sorted(left_out)]
+
+
+def _first_record_text(runs: Sequence[_SmoothedRun], goal: float) -> str:
+    """Where runs meeting ``goal`` at their first record have it, and what that leaves known."""
+    first = sorted({float(r.run.step[0]) for r in runs})
+    start = max(float(r.smoothed[0]) for r in runs)
+    text = f"step {', '.join(f'{s:g}' for s in first)} (smoothed {start:.6g}), so "
+    if first[-1] <= 0:
+        return text + "there are no steps to it to compare"
+    return text + "the steps to it are only known to be at most that"
+
+
+def _record_earlier(runs: Sequence[_SmoothedRun]) -> str:
+    """The second fix for runs meeting a goal at a first record after step 0."""
+    if all(float(r.run.step[0]) <= 0 for r in runs):
+        return ""
+    return ", or record the metric from step 0 and more often early on"
 
 
 def _warnings(
