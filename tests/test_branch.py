@@ -247,6 +247,27 @@ def test_an_interval_past_the_largest_batch_size_is_open_above_and_warned(refere
     assert covered / 200 >= 0.95 - 3 * math.sqrt(0.95 * 0.05 / 200)
 
 
+def test_an_open_interval_end_is_drawn_open_not_as_a_whisker() -> None:
+    # The side-by-side figure drew an unbounded upper end as a capped whisker at 4·y, read as a
+    # bound (a review, 2026-12-07): an open end is an arrow, with no cap.
+    from matplotlib.text import Annotation
+
+    from noisescale.branch.page import plot_side_by_side
+
+    nan = math.nan
+    point = {"checkpoint": 1, "x": 1000.0, "window": (900.0, 1100.0), "b_noise": nan}
+    point.update(cbs=nan, cbs_low=nan, cbs_high=nan, b_simple=nan)
+    point.update(b_simple_low=nan, b_simple_high=nan)
+    point.update(b_crit=100.0, b_crit_low=50.0, b_crit_high=math.inf)
+    data = {"unit": "examples", "trajectory": None, "points": [point], "warmup": None}
+    (ax,) = plot_side_by_side(data).axes
+    caps = [y for line in ax.lines if line.get_marker() == "_" for y in line.get_ydata()]
+    assert 50.0 in caps and max(caps) == 100.0  # the bounded end (the open one: none past y)
+    (arrow,) = [a for a in ax.texts if isinstance(a, Annotation)]
+    assert arrow.xy == (1000.0, 400.0) and arrow.xyann == (1000.0, 100.0)
+    assert ax.get_ylim()[1] >= 400.0
+
+
 def test_a_learning_rate_grid_picks_the_tuned_rate() -> None:
     # The clock slows by 1 + ln(ε/ε_opt)² away from ε_opt(B) = ε_max/(1 + B_noise/B) (eq. 2.6):
     # on a grid that holds ε_opt at every batch size, the comparison uses it and recovers
