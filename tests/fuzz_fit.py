@@ -227,7 +227,9 @@ def make_runs(cfg, truth, rng, noise=0.0, decay_free=True):
                 end = float(crossings[0] * 0.9)
             n = cfg["points"]
             if cfg["records"] == "even":
-                grid = np.linspace(end / n, end, n)
+                # (from before the first crossing: a goal met at a run's first record has only
+                # an upper bound on its steps, and is left out or refused since 2026-12-07)
+                grid = np.linspace(min(end, float(crossings[0])) / n, end, n)
             else:
                 grid = np.geomspace(max(end / 3000.0, 1e-3), end, n)
             if cfg["int_steps"]:
@@ -400,6 +402,10 @@ def check_start(cfg, truth, rows):
     return bad
 
 
+def _holds(interval: tuple[float, float], truth: float) -> bool:
+    return interval[0] <= truth <= interval[1]
+
+
 def check_cli(cfg, truth, rows, results):
     """``noisescale fit FILE --json`` equal to the API's results."""
     from noisescale.cli import main as cli_main
@@ -471,8 +477,6 @@ def check_ema(cfg, truth, rows, reach):
 
 def check_noise(cfg, truth, reps, seed):
     """Coverage of B_crit's 95% interval (and S_min's, E_min's) over ``reps`` noisy grids."""
-    from noisescale.branch.compare import t_quantile
-
     skip = {"cls": "skip"}
     if cfg["unreached"] or cfg["duplicate"] or cfg["n_batch"] < 3 or cfg["int_steps"]:
         return dict.fromkeys(("coverage", "smin_cover", "emin_cover", "bias", "bound"), skip)
@@ -515,18 +519,13 @@ def check_noise(cfg, truth, reps, seed):
                 crashed = {"cls": "crash", "exc": f"{type(err).__name__}: {err}"[:300]}
                 crashed["at"] = f"se(ln B_crit) {fit.log_b_crit_stderr:.4g}, n {fit.n_points}"
                 continue
-            t = t_quantile(0.95, fit.n_points - 2)
             logs.append(math.log(fit.b_crit / truth.b_crit(i)))
             for name, ok in (
                 ("coverage", low <= truth.b_crit(i) <= high),
-                (
-                    "smin_cover",
-                    abs(math.log(fit.s_min / truth.s_min(i))) <= t * math.sqrt(fit.log_cov[0, 0]),
-                ),
-                (
-                    "emin_cover",
-                    abs(math.log(fit.e_min / truth.e_min(i))) <= t * math.sqrt(fit.log_cov[1, 1]),
-                ),
+                # (their profile intervals since 2026-12-07: t·SE held S_min in 0.74 of fronts
+                # with B_crit far above the batch sizes, wrong-warned at seeds 45, 115-117, ...)
+                ("smin_cover", _holds(fit.s_min_interval(0.95), truth.s_min(i))),
+                ("emin_cover", _holds(fit.e_min_interval(0.95), truth.e_min(i))),
             ):
                 h = hits[name]
                 h[1] += 1
@@ -549,8 +548,7 @@ def check_noise(cfg, truth, reps, seed):
         p = float(sps.binom.sf(misses - 1, n, 0.05)) if misses else 1.0
         res = {"hits": hit, "n": n, "rate": round(hit / n, 4), "p": p, "bounded": bounded}
         if p < P_COVER / n_goals and name != "coverage" and hit / n > 0.85:
-            # (S_min's and E_min's "±" come with no stated interval: t·stderr is this
-            # fuzzer's reading, informational unless far off)
+            # (S_min's and E_min's intervals: informational unless far off)
             res["cls"] = "undercover"
         elif p < P_COVER / n_goals:
             res["cls"] = "wrong-warned" if warned_misses > misses / 2 else "WRONG-SILENT"

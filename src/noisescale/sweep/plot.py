@@ -152,8 +152,8 @@ def pareto_html(results: Sequence[GoalResult], *, metric: str = "loss", title: s
             "<tr>"
             f'<td><span style="color:{g["color"]}">●</span> {result.goal:.4g}</td>'
             f"<td>{html.escape(fit.b_crit_text(0.95))}</td>"
-            f"<td>{_value_with_error(fit.s_min, fit.s_min_stderr)}</td>"
-            f"<td>{_value_with_error(fit.e_min, fit.e_min_stderr)}</td>"
+            f"<td>{html.escape(fit.min_text('s_min'))}</td>"
+            f"<td>{html.escape(fit.min_text('e_min'))}</td>"
             f"<td>{'' if result.b_simple is None else f'{result.b_simple:.3g}'}</td>"
             f"<td>{len(result.points)}</td>"
             f"<td>{html.escape('; '.join(result.warnings))}</td>"
@@ -197,10 +197,6 @@ def write_pareto_html(
 ) -> None:
     """Save :func:`pareto_html` to ``path``."""
     Path(path).write_text(pareto_html(results, metric=metric, title=title), encoding="utf-8")
-
-
-def _value_with_error(value: float, stderr: float) -> str:
-    return f"{value:.3g} ± {stderr:.2g}"
 
 
 class _LogFrame:
