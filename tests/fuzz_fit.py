@@ -227,9 +227,7 @@ def make_runs(cfg, truth, rng, noise=0.0, decay_free=True):
                 end = float(crossings[0] * 0.9)
             n = cfg["points"]
             if cfg["records"] == "even":
-                # (from before the first crossing: a goal met at a run's first record has only
-                # an upper bound on its steps, and is left out or refused since 2026-12-07)
-                grid = np.linspace(min(end, float(crossings[0])) / n, end, n)
+                grid = np.linspace(end / n, end, n)
             else:
                 grid = np.geomspace(max(end / 3000.0, 1e-3), end, n)
             if cfg["int_steps"]:
@@ -343,6 +341,11 @@ def check_exact(cfg, truth, rows, reach, meta):
             return bad, None
         if bad["cls"] == "refused" and "left out" in bad["exc"]:
             return bad, None  # (a stopped run not behind the fastest: documented)
+        first = [b for b, g in grids.items() if g[0] >= truth.steps_to(truth.s_goals[0], b)]
+        if bad["cls"] == "refused" and "at their first record" in bad["exc"] and first:
+            # (the record at the first goal's crossing is the run's first: its steps to the goal
+            # are only bounded by it, refused since 2026-12-07)
+            return bad, None
         if bad["cls"] == "refused":
             bad = {**bad, "cls": "FALSE-REFUSAL"}
         return bad, None

@@ -278,7 +278,8 @@ def efficiency(reference: BranchRun, loss: float, *, decay: float = 0.0, lag: fl
 
     E_ref is where the reference's (smoothed) curve first reaches ``loss``, interpolated between
     its records. ``1`` when it does not reach it within the budget (the other branch did at
-    least as well), ``0`` for a diverged branch (``loss`` = ``inf``).
+    least as well; with smoothing, its lag-corrected curve extended to where the other's loss
+    stands for, :func:`_extended_crossing`), ``0`` for a diverged branch (``loss`` = ``inf``).
 
     With smoothing (``decay`` > 0) both ends are corrected for the EMA's lag: ``loss`` is the
     other branch's smoothed loss at the budget, which stands for its loss ``lag`` examples
