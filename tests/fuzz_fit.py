@@ -341,6 +341,11 @@ def check_exact(cfg, truth, rows, reach, meta):
             return bad, None
         if bad["cls"] == "refused" and "left out" in bad["exc"]:
             return bad, None  # (a stopped run not behind the fastest: documented)
+        first = [b for b, g in grids.items() if g[0] >= truth.steps_to(truth.s_goals[0], b)]
+        if bad["cls"] == "refused" and "at their first record" in bad["exc"] and first:
+            # (the record at the first goal's crossing is the run's first: its steps to the goal
+            # are only bounded by it, refused since 2026-12-07)
+            return bad, None
         if bad["cls"] == "refused":
             bad = {**bad, "cls": "FALSE-REFUSAL"}
         return bad, None
@@ -398,6 +403,10 @@ def check_start(cfg, truth, rows):
     if bad["cls"] == "refused" and "higher goal" in bad["exc"]:
         return {"cls": "WRONG-CAUSE", "exc": bad["exc"]}
     return bad
+
+
+def _holds(interval: tuple[float, float], truth: float) -> bool:
+    return interval[0] <= truth <= interval[1]
 
 
 def check_cli(cfg, truth, rows, results):
@@ -471,8 +480,6 @@ def check_ema(cfg, truth, rows, reach):
 
 def check_noise(cfg, truth, reps, seed):
     """Coverage of B_crit's 95% interval (and S_min's, E_min's) over ``reps`` noisy grids."""
-    from noisescale.branch.compare import t_quantile
-
     skip = {"cls": "skip"}
     if cfg["unreached"] or cfg["duplicate"] or cfg["n_batch"] < 3 or cfg["int_steps"]:
         return dict.fromkeys(("coverage", "smin_cover", "emin_cover", "bias", "bound"), skip)
@@ -515,18 +522,13 @@ def check_noise(cfg, truth, reps, seed):
                 crashed = {"cls": "crash", "exc": f"{type(err).__name__}: {err}"[:300]}
                 crashed["at"] = f"se(ln B_crit) {fit.log_b_crit_stderr:.4g}, n {fit.n_points}"
                 continue
-            t = t_quantile(0.95, fit.n_points - 2)
             logs.append(math.log(fit.b_crit / truth.b_crit(i)))
             for name, ok in (
                 ("coverage", low <= truth.b_crit(i) <= high),
-                (
-                    "smin_cover",
-                    abs(math.log(fit.s_min / truth.s_min(i))) <= t * math.sqrt(fit.log_cov[0, 0]),
-                ),
-                (
-                    "emin_cover",
-                    abs(math.log(fit.e_min / truth.e_min(i))) <= t * math.sqrt(fit.log_cov[1, 1]),
-                ),
+                # (their profile intervals since 2026-12-07: t·SE held S_min in 0.74 of fronts
+                # with B_crit far above the batch sizes, wrong-warned at seeds 45, 115-117, ...)
+                ("smin_cover", _holds(fit.s_min_interval(0.95), truth.s_min(i))),
+                ("emin_cover", _holds(fit.e_min_interval(0.95), truth.e_min(i))),
             ):
                 h = hits[name]
                 h[1] += 1
@@ -549,8 +551,7 @@ def check_noise(cfg, truth, reps, seed):
         p = float(sps.binom.sf(misses - 1, n, 0.05)) if misses else 1.0
         res = {"hits": hit, "n": n, "rate": round(hit / n, 4), "p": p, "bounded": bounded}
         if p < P_COVER / n_goals and name != "coverage" and hit / n > 0.85:
-            # (S_min's and E_min's "±" come with no stated interval: t·stderr is this
-            # fuzzer's reading, informational unless far off)
+            # (S_min's and E_min's intervals: informational unless far off)
             res["cls"] = "undercover"
         elif p < P_COVER / n_goals:
             res["cls"] = "wrong-warned" if warned_misses > misses / 2 else "WRONG-SILENT"

@@ -181,6 +181,34 @@ def test_the_ema_lag_correction_is_exact_on_curves_linear_in_the_examples() -> N
         assert r.b_crit == pytest.approx(bn, rel=1e-6)
 
 
+def test_unequal_ema_lags_give_the_true_efficiency_not_crossing_curves() -> None:
+    # Records geometric in steps (the reference's lag 4588 examples, the largest batch's 3685)
+    # or at random steps: the reference's smoothed curve ends short of where the others' smoothed
+    # losses stand for, never reaching them, and η read 1 (no crossing) for 0.985-0.90 with the
+    # warning "the loss curves cross" (a review, 2026-12-07). Its lag-corrected curve, extended
+    # linearly, gives the truth on curves linear in the examples.
+    sizes, bn, budget = [16, 32, 64, 128], 1000.0, 8192.0
+    rng = np.random.default_rng(1)
+    for spacing, decay in (("geometric", 0.9), ("random", 0.5)):
+        runs = []
+        for b in sizes:
+            steps = round(budget / b)
+            if spacing == "geometric":
+                inner = np.round(np.geomspace(1, steps, 40)).astype(int).tolist()
+            else:
+                inner = rng.integers(1, steps, size=min(steps - 1, 30)).tolist()
+            k = sorted({0, steps, *inner})
+            e = np.array(k, float) * b
+            run = Run.from_arrays(
+                f"b{b}", b, 0.1, k, 10.0 - 5.0 * e / (b + bn) / budget, examples=e
+            )
+            runs += [BranchRun(1000.0, seed, budget, run) for seed in range(3)]
+        r = local_critical_batch_size(runs, tolerance=0.2, decay=decay)
+        truth = [(sizes[0] + bn) / (b + bn) for b in sizes]
+        assert [x.efficiency for x in r.batches] == pytest.approx(truth, rel=1e-9), spacing
+        assert not r.crossing and not any("curves cross" in w for w in r.warnings)
+
+
 def test_a_growing_noise_scale_gives_the_closed_form_efficiencies() -> None:
     # B_noise grows across the branch window; η_B still has a closed form, and B_crit, a noise
     # scale averaged over the window, lies between B_noise at the checkpoint and at the end of
@@ -245,6 +273,27 @@ def test_an_interval_past_the_largest_batch_size_is_open_above_and_warned(refere
             assert math.isinf(r.b_crit_high)
             assert any("reaches beyond the batch sizes compared" in w for w in r.warnings)
     assert covered / 200 >= 0.95 - 3 * math.sqrt(0.95 * 0.05 / 200)
+
+
+def test_an_open_interval_end_is_drawn_open_not_as_a_whisker() -> None:
+    # The side-by-side figure drew an unbounded upper end as a capped whisker at 4·y, read as a
+    # bound (a review, 2026-12-07): an open end is an arrow, with no cap.
+    from matplotlib.text import Annotation
+
+    from noisescale.branch.page import plot_side_by_side
+
+    nan = math.nan
+    point = {"checkpoint": 1, "x": 1000.0, "window": (900.0, 1100.0), "b_noise": nan}
+    point.update(cbs=nan, cbs_low=nan, cbs_high=nan, b_simple=nan)
+    point.update(b_simple_low=nan, b_simple_high=nan)
+    point.update(b_crit=100.0, b_crit_low=50.0, b_crit_high=math.inf)
+    data = {"unit": "examples", "trajectory": None, "points": [point], "warmup": None}
+    (ax,) = plot_side_by_side(data).axes
+    caps = [y for line in ax.lines if line.get_marker() == "_" for y in line.get_ydata()]
+    assert 50.0 in caps and max(caps) == 100.0  # the bounded end (the open one: none past y)
+    (arrow,) = [a for a in ax.texts if isinstance(a, Annotation)]
+    assert arrow.xy == (1000.0, 400.0) and arrow.xyann == (1000.0, 100.0)
+    assert ax.get_ylim()[1] >= 400.0
 
 
 def test_a_learning_rate_grid_picks_the_tuned_rate() -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from noisescale.cli import main
-from noisescale.sweep import critical_batch_sizes
+from noisescale.sweep import critical_batch_sizes, read_runs
 from noisescale.sweep.plot import pareto_html, pareto_plot_data
 from noisescale.sweep.synthetic import SyntheticModel
 
@@ -366,6 +366,46 @@ def test_a_front_that_identifies_b_crit_poorly_has_an_unbounded_end_not_a_crash(
     assert goal["b_crit_at_bound"] is None and goal["log_b_crit_stderr"] > 10
     assert (goal["b_crit_low"], goal["b_crit_high"]) == (0.0, None)  # unbounded both ways
     assert any("extrapolation (95% interval (0, ∞))" in w for w in goal["warnings"])
+
+
+def test_figures_draw_the_profile_interval_and_no_point_at_the_search_edge(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The table said "not identified (95% interval (0, ∞))" but the SVG's hover read "B_crit =
+    # 0.0064", the dot and the × sat at the search's edge, and a poorly identified fit had a bar of
+    # ±4.4e7 on 2.15e5 (± SE, not the interval; a review, 2026-12-07).
+    edge = _front_csv(tmp_path / "edge.csv", [64, 128, 256], [178.85, 219.58, 190.47])
+    noisy = _front_csv(tmp_path / "noisy.csv", [64, 128, 256], [10350.063, 6169.3197, 2682.2120])
+    for path, at_bound in ((edge, "lower"), (noisy, None)):
+        (result,) = critical_batch_sizes(read_runs(path), [0.5], decay=0.0)
+        (g,) = pareto_plot_data([result])["goals"]
+        assert g["b_crit_at_bound"] == at_bound
+        assert g["b_crit_interval"] == (0.0, math.inf)
+        if at_bound:
+            assert g["b_crit"] is None and g["b_crit_point"] is None
+        page = tmp_path / "page.html"
+        argv = ["fit", str(path), "--goal", "0.5", "--ema", "0", "-o", str(page), "--force"]
+        assert main(argv) == 0
+        capsys.readouterr()
+        svg = page.read_text()[page.read_text().rindex("<svg") :]
+        crit = ET.fromstring(svg[: svg.index("</svg>") + 6])
+        ns = "{http://www.w3.org/2000/svg}"
+        dots = [c for c in crit.iter(f"{ns}circle") if c.get("class") == "b-crit"]
+        assert len(dots) == (0 if at_bound else 1)
+        ends = [c.get("class") for c in crit.iter(f"{ns}path")]
+        assert ends == ["open-end", "open-end"]  # (0, ∞): open both ways, no cap
+        titles = [t.text for t in crit.iter(f"{ns}title")]
+        assert titles and all("(0, ∞)" in t for t in titles if "B_crit" in t)
+        assert "0.0064" not in page.read_text()
+    # A bounded interval: its ends, not ± SE, capped.
+    wide = _front_csv(
+        tmp_path / "wide.csv", [64, 128, 256, 512], [346.132, 235.786, 163.922, 113.499]
+    )
+    (result,) = critical_batch_sizes(read_runs(wide), [0.5], decay=0.0)
+    (g,) = pareto_plot_data([result])["goals"]
+    assert g["b_crit_interval"] == result.fit.b_crit_interval(0.95)
+    crit = ET.fromstring(re.findall(r"<svg.*?</svg>", pareto_html([result]), re.S)[1])
+    assert [c.get("class") for c in crit.iter(f"{ns}path")] == ["cap", "cap"]
 
 
 def test_an_interval_beyond_the_batch_sizes_is_warned_about(

@@ -278,7 +278,8 @@ def efficiency(reference: BranchRun, loss: float, *, decay: float = 0.0, lag: fl
 
     E_ref is where the reference's (smoothed) curve first reaches ``loss``, interpolated between
     its records. ``1`` when it does not reach it within the budget (the other branch did at
-    least as well), ``0`` for a diverged branch (``loss`` = ``inf``).
+    least as well; with smoothing, its lag-corrected curve extended to where the other's loss
+    stands for, :func:`_extended_crossing`), ``0`` for a diverged branch (``loss`` = ``inf``).
 
     With smoothing (``decay`` > 0) both ends are corrected for the EMA's lag: ``loss`` is the
     other branch's smoothed loss at the budget, which stands for its loss ``lag`` examples
@@ -290,12 +291,45 @@ def efficiency(reference: BranchRun, loss: float, *, decay: float = 0.0, lag: fl
     if not math.isfinite(loss):
         return 0.0
     run = reference.run
-    crossing = goal_crossing(run.step, run.examples, ema_smoothed(run.metric, decay), loss)
+    smoothed = ema_smoothed(run.metric, decay)
+    crossing = goal_crossing(run.step, run.examples, smoothed, loss)
     if crossing is None:
-        return 1.0
+        reached = _extended_crossing(reference, smoothed, loss, decay, lag)
+        return 1.0 if reached is None else float(min(1.0, reached / (reference.budget - lag)))
     own_lag = _lag_at(run.examples, decay, crossing.examples)
     reached = max(0.0, crossing.examples - own_lag)
     return float(min(1.0, reached / (reference.budget - lag)))
+
+
+def _extended_crossing(
+    reference: BranchRun, smoothed: np.ndarray, loss: float, decay: float, lag: float
+) -> float | None:
+    """Where the reference's lag-corrected curve reaches ``loss`` past its last smoothed value.
+
+    Its smoothed loss at the budget stands for its loss ``lag_ref`` examples earlier; where that
+    lag exceeds the other branch's (``lag``: records spaced otherwise in examples), the smoothed
+    curve ends short of the point the other branch's loss stands for, and not reaching that loss
+    says nothing (a review, 2026-12-07: η = 1 for 0.90, with "the curves cross" as the cause).
+    The curve is extended linearly by its lag-corrected slope over its last EMA span (exact for
+    curves linear there). ``None`` where the lags leave no gap or the curve does not fall.
+    """
+    run = reference.run
+    lag_ref = _lag_at(run.examples, decay, reference.budget)
+    if decay == 0.0 or lag_ref <= lag:
+        return None
+    keep = run.examples < reference.budget
+    x = np.append(run.examples[keep], reference.budget)
+    y = np.append(smoothed[keep], np.interp(reference.budget, run.examples, smoothed))
+    x = x - np.array([_lag_at(run.examples, decay, float(v)) for v in x])
+    x, first = np.unique(x, return_index=True)
+    y = y[first]
+    tail = x >= x[-1] - lag_ref
+    if np.count_nonzero(tail) < 2:
+        tail[-2:] = True
+    slope = float(np.polyfit(x[tail], y[tail], 1)[0])
+    if not slope < 0:
+        return None
+    return float(x[-1] + (loss - y[-1]) / slope)
 
 
 def threshold_batch_size(
@@ -520,8 +554,12 @@ def local_critical_batch_size(
             lag = lag_at_budget(branch, decay=decay)
             eta[i, k] = efficiency(ref, losses[(b, chosen[b])][s], decay=decay, lag=lag)
     mean_eta = eta.mean(axis=1)
+    # (with --ema the smoothed losses trail by lags that differ between branches: compare where
+    # they stand for, as η does; a review, 2026-12-07, found crossing curves blamed for that)
     crossing = any(
-        sizes[i] > ref_b and mean_loss[sizes[i]] <= mean_loss[ref_b] for i in range(len(sizes))
+        sizes[i] > ref_b
+        and (mean_eta[i] >= 1.0 if decay > 0 else mean_loss[sizes[i]] <= mean_loss[ref_b])
+        for i in range(len(sizes))
     )
     if crossing:
         warnings.append(

@@ -140,8 +140,20 @@ def plot_side_by_side(data: dict[str, Any]) -> Figure:
         ok = np.isfinite(y) & (y > 0)
         if not ok.any():
             continue
-        top = np.where(np.isfinite(hi), hi, y * 4)
-        err = np.vstack([np.where(np.isfinite(lo), y - lo, 0), top - y])
+        # An end the data do not bound (0 or ∞) drawn open, an arrow off the point; until
+        # 2026-12-07 the upper one was a capped whisker at 4·y, read as a bound.
+        open_lo, open_hi = ~(np.isfinite(lo) & (lo > 0)), ~np.isfinite(hi)
+        err = np.vstack([np.where(open_lo, 0, y - lo), np.where(open_hi, 0, hi - y)])
+        for i in np.flatnonzero(ok & (open_lo | open_hi)):
+            for is_open, end in ((open_lo[i], y[i] / 4), (open_hi[i], y[i] * 4)):
+                if is_open:
+                    ax.annotate(
+                        "",
+                        xy=(x[i] + shift, end),
+                        xytext=(x[i] + shift, y[i]),
+                        arrowprops={"arrowstyle": "->", "color": color, "lw": 1},
+                    )
+                    values.append(float(end))
         ax.errorbar(
             x[ok] + shift,
             y[ok],

@@ -294,8 +294,7 @@ def _text(results: list[Any], *, runs_count: int, metric: str, decay: float) -> 
         fit = result.fit
         head = (
             f"\ngoal {metric} ≤ {result.goal:.6g}:  B_crit = {fit.b_crit_text(0.95)}   "
-            f"S_min = {fit.s_min:.4g} ± {fit.s_min_stderr:.2g}   "
-            f"E_min = {fit.e_min:.4g} ± {fit.e_min_stderr:.2g}"
+            f"S_min = {fit.min_text('s_min')}   E_min = {fit.min_text('e_min')}"
         )
         if result.b_simple is not None:
             head += f"   B_simple (D.1 average) = {result.b_simple:.4g}"

@@ -259,6 +259,73 @@ class ParetoFit:
         high = math.inf if last == us.size - 1 else crossing(float(us[last + 1]), float(us[last]))
         return low, high
 
+    def s_min_interval(self, confidence: float = 0.95) -> tuple[float, float]:
+        """S_min's profile-likelihood interval, as :meth:`b_crit_interval`'s (the same F test).
+
+        ``0`` below where B_crit's interval reaches the upper edge of the search (S_min → 0 as
+        B_crit → ∞). The delta method's S_min·exp(±t·SE) held the truth in 74% of fronts with
+        B_crit 100× above the batch sizes (a review, 2026-12-07).
+        """
+        return self._profile_interval(0.0, confidence)
+
+    def e_min_interval(self, confidence: float = 0.95) -> tuple[float, float]:
+        """E_min's profile-likelihood interval, as :meth:`b_crit_interval`'s (the same F test).
+
+        ``0`` below where B_crit's interval reaches the lower edge of the search (E_min → 0 as
+        B_crit → 0). The delta method's E_min·exp(±t·SE) held the truth in 80% of fronts with
+        B_crit 10× below the batch sizes (a review, 2026-12-07).
+        """
+        return self._profile_interval(1.0, confidence)
+
+    def _profile_interval(self, shift: float, confidence: float) -> tuple[float, float]:
+        """The profile-likelihood interval of exp(ln S_min + shift·ln B_crit).
+
+        At u = ln B_crit the residual sum of squares is quadratic in a = ln S_min,
+        RSS(a, u) = RSS(u) + n·(a − ā(u))² (ā(u) the best a, :func:`_profile_rss`), so the a
+        with min over u of RSS(a, u) ≤ the threshold are the union over u of
+        ā(u) ± √((threshold − RSS(u))/n): its ends are searched over the grid of u, refined
+        around the extremes.
+        """
+        from noisescale.branch.compare import t_quantile  # (branch imports this module)
+
+        dof = self.n_points - 2
+        if dof < 1 or self.log_steps is None or self.inv_batch is None:
+            return math.nan, math.nan
+        t = t_quantile(confidence, dof)
+        y, inv_b = self.log_steps, self.inv_batch
+        threshold = self.residual_std**2 * dof * (1.0 + t * t / dof)
+
+        def ends(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """ā(u) + shift·u ∓ the half-width; ±∞ (never an end) where RSS(u) > threshold."""
+            r = y[None, :] - np.log1p(np.exp(u)[:, None] * inv_b[None, :])
+            centre = r.mean(axis=1) + shift * u
+            r -= r.mean(axis=1, keepdims=True)
+            room = threshold - np.einsum("ij,ij->i", r, r)
+            half = np.sqrt(np.maximum(room, 0.0) / y.size)
+            inside = room >= 0
+            return np.where(inside, centre - half, np.inf), np.where(inside, -centre - half, np.inf)
+
+        us = np.sort(np.append(_search_grid(inv_b), math.log(self.b_crit)))
+        grid_ends = ends(us)
+        best = []
+        for side in (0, 1):  # the lower end, then (negated) the upper one: each a minimum
+            k = int(np.argmin(grid_ends[side]))
+            fine = np.linspace(us[max(k - 1, 0)], us[min(k + 1, us.size - 1)], 401)
+            best.append(min(float(grid_ends[side][k]), float(ends(fine)[side].min())))
+        low, high = math.exp(best[0]), math.exp(-best[1])
+        # ln S_min → −∞ as u → ∞, ln E_min → −∞ as u → −∞: open below where that edge is inside
+        if math.isfinite(grid_ends[0][-1 if shift == 0.0 else 0]):
+            low = 0.0
+        return low, high
+
+    def min_text(self, name: str, confidence: float = 0.95) -> str:
+        """S_min (``name`` "s_min") or E_min ("e_min") as ``fit`` prints it: ``value ± SE (95%
+        [low, high])``, the interval :meth:`s_min_interval` or :meth:`e_min_interval`."""
+        value, stderr = getattr(self, name), getattr(self, f"{name}_stderr")
+        low, high = getattr(self, f"{name}_interval")(confidence)
+        text = f"{value:.4g} ± {stderr:.2g}"
+        return text if math.isnan(low) else f"{text} ({confidence:.0%} {interval_text(low, high)})"
+
     def b_crit_text(self, confidence: float = 0.95) -> str:
         """B_crit as ``fit`` prints it: ``value ± SE (95% [low, high] ...)``; at the edge of the
         search, no value (the edge is not an estimate) but the side the interval bounds, if any.
@@ -456,12 +523,18 @@ class GoalResult:
         """A JSON-ready summary (infinities become ``None``)."""
         fit = self.fit
         low, high = fit.b_crit_interval(0.95)
+        s_low, s_high = fit.s_min_interval(0.95)
+        e_low, e_high = fit.e_min_interval(0.95)
         return {
             "goal": self.goal,
             "s_min": fit.s_min,
             "s_min_stderr": _finite(fit.s_min_stderr),
+            "s_min_low": _finite(s_low),
+            "s_min_high": _finite(s_high),
             "e_min": fit.e_min,
             "e_min_stderr": _finite(fit.e_min_stderr),
+            "e_min_low": _finite(e_low),
+            "e_min_high": _finite(e_high),
             "b_crit": fit.b_crit,
             "b_crit_stderr": _finite(fit.b_crit_stderr),
             # Student's t on n − 2 degrees of freedom (ParetoFit.b_crit_interval)
@@ -523,14 +596,13 @@ def critical_batch_sizes(
         at_start = [r for r in smoothed if r.at_start(goal)]
         if at_start and len(points) < MIN_BATCH_SIZES:
             # (a goal met at step 0 has no steps to it: "no run reaches ... choose a higher goal"
-            # advised the opposite of the fix, a hunt 2026-12-07)
-            start = max(float(r.smoothed[0]) for r in at_start)
+            # advised the opposite of the fix, a hunt 2026-12-07; one met at a first record at
+            # step 50 was fitted as S = 50 everywhere: "B_crit < 0.0205" for a truth of 128)
             raise NoiseScaleInputError(
                 f"{len(at_start)} run(s) (e.g. {at_start[0].run.name!r}) are already at or below "
-                f"the goal {goal:g} at their first record, step 0 (smoothed {start:.6g}), so "
-                "there are no steps to it to compare; only "
-                f"{len(points)} batch size(s) reach it after step 0: choose a lower goal, one "
-                "the runs reach by training"
+                f"the goal {goal:g} at their first record, {_first_record_text(at_start, goal)}; "
+                f"only {len(points)} batch size(s) reach it after their first record: choose a "
+                "lower goal, one the runs reach by training" + _record_earlier(at_start)
             )
         if not points and not left_out:
             best = min(
@@ -679,14 +751,16 @@ class _SmoothedRun:
         self.final = float(self.smoothed[-1]) if self.smoothed.size else math.inf
 
     def at_start(self, goal: float) -> bool:
-        """Whether the smoothed curve meets ``goal`` at a first record at step ≤ 0."""
-        run = self.run
-        return bool(run.step.size and run.step[0] <= 0 and self.smoothed[0] <= goal)
+        """Whether the smoothed curve meets ``goal`` at its first record: its steps to the goal
+        are then only bounded, by that record's step (none at step 0)."""
+        return bool(self.smoothed.size and self.smoothed[0] <= goal)
 
     def point(self, goal: float) -> ParetoPoint | None:
+        """The run's steps and examples to ``goal``; ``None`` where it does not reach it or
+        meets it at its first record (:meth:`at_start`)."""
         run = self.run
         crossing = goal_crossing(run.step, run.examples, self.smoothed, goal)
-        if crossing is None or crossing.step <= 0 or crossing.examples <= 0:
+        if crossing is None or crossing.index == 0 or crossing.step <= 0 or crossing.examples <= 0:
             return None
         b_simple = None
         if run.b_simple is not None:
@@ -717,7 +791,17 @@ def _front(smoothed: Sequence[_SmoothedRun], goal: float) -> tuple[list[ParetoPo
     """
     best: dict[float, tuple[ParetoPoint, _SmoothedRun]] = {}
     stopped: list[_SmoothedRun] = []
+    left_out: dict[float, str] = {}
     for r in smoothed:
+        if r.at_start(goal) and r.run.batch_size not in left_out:
+            # (its steps to the goal are at most its first record's: a hunt, 2026-12-07, found
+            # such a batch size dropped without a word, or kept with S = that record's step)
+            left_out[r.run.batch_size] = (
+                f"batch size {r.run.batch_size:g} is left out at the goal {goal:g}: run "
+                f"{r.run.name!r} is at or below it at its first record, "
+                f"{_first_record_text([r], goal)}, and the fastest run at this batch size is "
+                "unknown: choose a lower goal" + _record_earlier([r])
+            )
         p = r.point(goal)
         if p is None:
             if r.run.diverged_at_step is None and r.final > goal:
@@ -726,7 +810,6 @@ def _front(smoothed: Sequence[_SmoothedRun], goal: float) -> tuple[list[ParetoPo
         incumbent = best.get(p.batch_size)
         if incumbent is None or (p.steps, p.examples) < (incumbent[0].steps, incumbent[0].examples):
             best[p.batch_size] = (p, r)
-    left_out: dict[float, str] = {}
     for r in stopped:
         batch_size = r.run.batch_size
         if batch_size not in best or batch_size in left_out:
@@ -751,6 +834,23 @@ def _front(smoothed: Sequence[_SmoothedRun], goal: float) -> tuple[list[ParetoPo
         )
     points = [best[b][0] for b in sorted(best) if b not in left_out]
     return points, [left_out[b] for b in sorted(left_out)]
+
+
+def _first_record_text(runs: Sequence[_SmoothedRun], goal: float) -> str:
+    """Where runs meeting ``goal`` at their first record have it, and what that leaves known."""
+    first = sorted({float(r.run.step[0]) for r in runs})
+    start = max(float(r.smoothed[0]) for r in runs)
+    text = f"step {', '.join(f'{s:g}' for s in first)} (smoothed {start:.6g}), so "
+    if first[-1] <= 0:
+        return text + "there are no steps to it to compare"
+    return text + "the steps to it are only known to be at most that"
+
+
+def _record_earlier(runs: Sequence[_SmoothedRun]) -> str:
+    """The second fix for runs meeting a goal at a first record after step 0."""
+    if all(float(r.run.step[0]) <= 0 for r in runs):
+        return ""
+    return ", or record the metric from step 0 and more often early on"
 
 
 def _warnings(
@@ -790,6 +890,12 @@ def _warnings(
             "the fit reached the upper edge of its search: the steps to this goal fall as 1/B "
             f"too closely to bound B_crit from above; {where}"
         )
+    # (S_min's and E_min's delta-method ± held the truth in 74-80% of such fronts, a review
+    # 2026-12-07: their intervals are profile-likelihood ones too)
+    unreliable = (
+        f"; S_min's and E_min's ± are unreliable there too: their 95% intervals are "
+        f"{interval_text(*fit.s_min_interval(0.95))} and {interval_text(*fit.e_min_interval(0.95))}"
+    )
     lag = float(np.mean([p.ema_lag for p in points]))
     if decay > 0 and fit.at_bound is None:
         if corrected is None:
@@ -817,7 +923,7 @@ def _warnings(
     if fit.at_bound is None and not b_lo <= fit.b_crit <= b_hi:
         out.append(
             f"B_crit = {fit.b_crit:.3g} is outside the batch sizes measured "
-            f"({b_lo:g}–{b_hi:g}): an extrapolation (95% interval {interval})"
+            f"({b_lo:g}–{b_hi:g}): an extrapolation (95% interval {interval}){unreliable}"
         )
     elif fit.at_bound is None and (low < b_lo or high > b_hi):
         # (the interval, not only the point: 11-17% of such fits held the truth with the delta
@@ -825,7 +931,7 @@ def _warnings(
         out.append(
             f"B_crit = {fit.b_crit:.3g}, but its 95% interval {interval} reaches beyond the batch "
             f"sizes measured ({b_lo:g}–{b_hi:g}): the front does not pin B_crit down there; add "
-            "batch sizes beyond that end, or repeat the runs to shrink the scatter"
+            f"batch sizes beyond that end, or repeat the runs to shrink the scatter{unreliable}"
         )
     return out
 

@@ -2,9 +2,11 @@
 
 Both show, log–log, the fewest steps S and the examples E to each goal per batch size (points)
 with the fitted hyperbola S/S_min − 1 = (E/E_min − 1)⁻¹ (eq. 2.11, lines), and beside it
-B_crit per goal with its standard error, next to the averaged B_simple where measured — the
-paper's Fig. 7. :func:`pareto_plot_data` holds every number drawn, so tests check numbers, not
-pixels; the HTML page is inline SVG with no scripts or external resources.
+B_crit per goal with its 95% profile-likelihood interval (an end the data do not bound drawn
+open, as an arrow to the figure's edge; no point where the fit is at the edge of its search),
+next to the averaged B_simple where measured — the paper's Fig. 7. :func:`pareto_plot_data`
+holds every number drawn, so tests check numbers, not pixels; the HTML page is inline SVG with
+no scripts or external resources.
 """
 
 from __future__ import annotations
@@ -32,8 +34,12 @@ def pareto_plot_data(results: Sequence[GoalResult], *, metric: str = "loss") -> 
     Returns:
         ``{"metric", "goals": [{"goal", "label", "color", "points": [{"batch_size",
         "learning_rate", "steps", "examples"}], "curve": {"steps": [...], "examples": [...]},
-        "b_crit", "b_crit_stderr", "b_crit_point": (S, E) at B = B_crit i.e. (2·S_min,
-        2·E_min), "b_simple"}]}``.
+        "b_crit", "b_crit_stderr", "b_crit_interval": (low, high), "b_crit_point": (S, E) at
+        B = B_crit i.e. (2·S_min, 2·E_min), "b_simple"}]}``. ``b_crit_interval`` is
+        :meth:`~noisescale.sweep.ParetoFit.b_crit_interval` at 95%, ``low`` 0 or ``high``
+        ``inf`` where the data do not bound it (``None`` without a degree of freedom); at the
+        edge of the search ``b_crit`` and ``b_crit_point`` are ``None``: the edge is no estimate
+        (until 2026-12-07 it was drawn as one, with a zero-width error bar).
     """
     goals = []
     for i, result in enumerate(results):
@@ -41,6 +47,8 @@ def pareto_plot_data(results: Sequence[GoalResult], *, metric: str = "loss") -> 
         batch = np.array([p.examples / p.steps for p in result.points])
         grid = np.geomspace(batch.min() / CURVE_MARGIN, batch.max() * CURVE_MARGIN, 100)
         stderr = fit.b_crit_stderr if math.isfinite(fit.b_crit_stderr) else None
+        interval = fit.b_crit_interval(0.95)
+        estimate = fit.at_bound is None
         goals.append(
             {
                 "goal": result.goal,
@@ -59,10 +67,12 @@ def pareto_plot_data(results: Sequence[GoalResult], *, metric: str = "loss") -> 
                     "steps": [float(v) for v in fit.steps(grid)],
                     "examples": [float(v) for v in fit.examples(grid)],
                 },
-                "b_crit": fit.b_crit,
+                "fit_text": fit.b_crit_text(0.95),
+                "b_crit": fit.b_crit if estimate else None,
                 "b_crit_stderr": stderr,
+                "b_crit_interval": None if math.isnan(interval[0]) else interval,
                 "b_crit_at_bound": fit.at_bound,
-                "b_crit_point": (2.0 * fit.s_min, 2.0 * fit.e_min),
+                "b_crit_point": (2.0 * fit.s_min, 2.0 * fit.e_min) if estimate else None,
                 "b_simple": result.b_simple,
             }
         )
@@ -97,7 +107,8 @@ def pareto_png(results: Sequence[GoalResult], *, metric: str = "loss") -> bytes:
             zorder=3,
             label=g["label"],
         )
-        front.scatter(*g["b_crit_point"], marker="x", color=g["color"], s=30, zorder=3)
+        if g["b_crit_point"] is not None:
+            front.scatter(*g["b_crit_point"], marker="x", color=g["color"], s=30, zorder=3)
     front.set(
         xscale="log",
         yscale="log",
@@ -106,14 +117,20 @@ def pareto_png(results: Sequence[GoalResult], *, metric: str = "loss") -> bytes:
         title="Pareto fronts and eq. 2.11 fits (× marks B = B_crit)",
     )
     front.legend(fontsize=8)
-    goals = [g["goal"] for g in data["goals"]]
-    b_crit = [g["b_crit"] for g in data["goals"]]
-    err = [g["b_crit_stderr"] or 0.0 for g in data["goals"]]
-    crit.errorbar(goals, b_crit, yerr=err, fmt="o-", color="black", capsize=3, label="B_crit")
+    estimated = [(g["goal"], g["b_crit"]) for g in data["goals"] if g["b_crit"] is not None]
+    if estimated:
+        crit.plot(*zip(*estimated, strict=True), "o-", color="black", label="B_crit (95% interval)")
     with_simple = [(g["goal"], g["b_simple"]) for g in data["goals"] if g["b_simple"] is not None]
     if with_simple:
         crit.plot(*zip(*with_simple, strict=True), "s--", color="#D55E00", label="B_simple (D.1)")
+    y_lo, y_hi = (10.0**v for v in _log_range(_b_crit_values(data["goals"])))
+    for g in data["goals"]:
+        for low, high, open_low, open_high in _whiskers(g, y_lo, y_hi):
+            crit.plot([g["goal"]] * 2, [low, high], color="black", lw=1)
+            for end, is_open, marker in ((low, open_low, "v"), (high, open_high, "^")):
+                crit.plot(g["goal"], end, marker if is_open else "_", color="black", ms=7)
     crit.set(xscale="log", yscale="log", xlabel=f"goal ({metric})", ylabel="batch size")
+    crit.set_ylim(y_lo, y_hi)
     crit.set_title("critical batch size per goal")
     crit.invert_xaxis()
     crit.legend(fontsize=8)
@@ -135,8 +152,8 @@ def pareto_html(results: Sequence[GoalResult], *, metric: str = "loss", title: s
             "<tr>"
             f'<td><span style="color:{g["color"]}">●</span> {result.goal:.4g}</td>'
             f"<td>{html.escape(fit.b_crit_text(0.95))}</td>"
-            f"<td>{_value_with_error(fit.s_min, fit.s_min_stderr)}</td>"
-            f"<td>{_value_with_error(fit.e_min, fit.e_min_stderr)}</td>"
+            f"<td>{html.escape(fit.min_text('s_min'))}</td>"
+            f"<td>{html.escape(fit.min_text('e_min'))}</td>"
             f"<td>{'' if result.b_simple is None else f'{result.b_simple:.3g}'}</td>"
             f"<td>{len(result.points)}</td>"
             f"<td>{html.escape('; '.join(result.warnings))}</td>"
@@ -180,10 +197,6 @@ def write_pareto_html(
 ) -> None:
     """Save :func:`pareto_html` to ``path``."""
     Path(path).write_text(pareto_html(results, metric=metric, title=title), encoding="utf-8")
-
-
-def _value_with_error(value: float, stderr: float) -> str:
-    return f"{value:.3g} ± {stderr:.2g}"
 
 
 class _LogFrame:
@@ -260,7 +273,7 @@ def _front_svg(data: dict[str, Any]) -> str:
         body.append(
             f'<polyline class="fit" fill="none" stroke="{g["color"]}" stroke-width="1.5" '
             f'points="{path}"><title>{html.escape(g["label"])}: fit, B_crit = '
-            f"{g['b_crit']:.3g}</title></polyline>"
+            f"{html.escape(g['fit_text'])}</title></polyline>"
         )
         for p in g["points"]:
             body.append(
@@ -270,6 +283,8 @@ def _front_svg(data: dict[str, Any]) -> str:
                 f"lr = {p['learning_rate']:g}, S = {p['steps']:.4g}, "
                 f"E = {p['examples']:.4g}</title></circle>"
             )
+        if g["b_crit_point"] is None:
+            continue
         cx, cy = frame.x(g["b_crit_point"][0]), frame.y(g["b_crit_point"][1])
         body.append(
             f'<path d="M{cx - 5:.1f},{cy - 5:.1f}L{cx + 5:.1f},{cy + 5:.1f}'
@@ -284,35 +299,60 @@ def _front_svg(data: dict[str, Any]) -> str:
     return frame.svg(body, "Pareto fronts: examples against steps per goal")
 
 
+def _b_crit_values(goals: Sequence[dict[str, Any]]) -> list[float]:
+    """The finite values the B_crit panel shows: estimates, interval ends, B_simple."""
+    values = [g["b_crit"] for g in goals if g["b_crit"]]
+    values += [g["b_simple"] for g in goals if g["b_simple"]]
+    values += [v for g in goals if g["b_crit_interval"] for v in g["b_crit_interval"]]
+    return [v for v in values if v > 0 and math.isfinite(v)] or [1.0]
+
+
+def _whiskers(g: dict[str, Any], y_lo: float, y_hi: float) -> list[tuple[float, float, bool, bool]]:
+    """A goal's 95% interval as drawn between ``y_lo`` and ``y_hi``: ``[(low, high, open_low,
+    open_high)]``, an end the data do not bound at the figure's edge and marked open (no
+    whisker without an interval)."""
+    if g["b_crit_interval"] is None:
+        return []
+    low, high = g["b_crit_interval"]
+    open_low, open_high = low <= 0.0, math.isinf(high)
+    return [(y_lo if open_low else low, y_hi if open_high else high, open_low, open_high)]
+
+
 def _b_crit_svg(data: dict[str, Any]) -> str:
     goals = data["goals"]
-    lows = [g["b_crit"] - (g["b_crit_stderr"] or 0.0) for g in goals]
-    ys = [g["b_crit"] for g in goals] + [g["b_simple"] for g in goals if g["b_simple"]]
-    ys += [v for v in lows if v > 0]
-    ys += [g["b_crit"] + (g["b_crit_stderr"] or 0.0) for g in goals]
     xs = [g["goal"] for g in goals]
     if min(xs) <= 0:
         return "<p>(B_crit per goal is drawn against a log axis, which needs positive goals.)</p>"
-    frame = _LogFrame(xs, ys, width=420)
+    frame = _LogFrame(xs, _b_crit_values(goals), width=420)
     # Training progresses towards lower goals: draw them left to right.
     frame.x_lo, frame.x_hi = frame.x_hi, frame.x_lo
     body = frame.axes(f"goal ({data['metric']}), decreasing", "batch size")
-    line = " ".join(f"{frame.x(g['goal']):.1f},{frame.y(g['b_crit']):.1f}" for g in goals)
+    line = " ".join(
+        f"{frame.x(g['goal']):.1f},{frame.y(g['b_crit']):.1f}" for g in goals if g["b_crit"]
+    )
     body.append(f'<polyline fill="none" stroke="#222" stroke-width="1.2" points="{line}"/>')
-    for g, low in zip(goals, lows, strict=True):
+    for g in goals:
         px = frame.x(g["goal"])
-        if g["b_crit_stderr"]:
-            high = g["b_crit"] + g["b_crit_stderr"]
-            y_low = frame.y(low) if low > 0 else frame.height - frame.bottom
+        for low, high, open_low, open_high in _whiskers(g, 10.0**frame.y_lo, 10.0**frame.y_hi):
+            y_low, y_high = frame.y(low), frame.y(high)
             body.append(
-                f'<line x1="{px:.1f}" y1="{y_low:.1f}" x2="{px:.1f}" y2="{frame.y(high):.1f}" '
-                'stroke="#222"/>'
+                f'<line class="b-crit-interval" x1="{px:.1f}" y1="{y_low:.1f}" x2="{px:.1f}" '
+                f'y2="{y_high:.1f}" stroke="#222"><title>goal {g["goal"]:.4g}: B_crit = '
+                f"{html.escape(g['fit_text'])}</title></line>"
             )
-        body.append(
-            f'<circle class="b-crit" cx="{px:.2f}" cy="{frame.y(g["b_crit"]):.2f}" r="4" '
-            f'fill="{g["color"]}"><title>goal {g["goal"]:.4g}: B_crit = {g["b_crit"]:.3g}'
-            f"</title></circle>"
-        )
+            for y, is_open, tip in ((y_low, open_low, 1), (y_high, open_high, -1)):
+                # an open end: an arrow head pointing off the figure; a bounded one: a cap
+                body.append(
+                    f'<path class="{"open-end" if is_open else "cap"}" d="M{px - 4:.1f},'
+                    f"{y - (5 * tip if is_open else 0):.1f}L{px:.1f},{y:.1f}L{px + 4:.1f},"
+                    f'{y - (5 * tip if is_open else 0):.1f}" fill="none" stroke="#222"/>'
+                )
+        if g["b_crit"]:
+            body.append(
+                f'<circle class="b-crit" cx="{px:.2f}" cy="{frame.y(g["b_crit"]):.2f}" r="4" '
+                f'fill="{g["color"]}"><title>goal {g["goal"]:.4g}: B_crit = '
+                f"{html.escape(g['fit_text'])}</title></circle>"
+            )
         if g["b_simple"]:
             sy = frame.y(g["b_simple"])
             body.append(
@@ -322,7 +362,9 @@ def _b_crit_svg(data: dict[str, Any]) -> str:
             )
     lx = frame.left + 12
     body.append(f'<circle cx="{lx}" cy="{frame.top + 10}" r="4" fill="#222"/>')
-    body.append(f'<text x="{lx + 10}" y="{frame.top + 14}">B_crit ± standard error</text>')
+    body.append(
+        f'<text x="{lx + 10}" y="{frame.top + 14}">B_crit, 95% interval (arrow: unbounded)</text>'
+    )
     if any(g["b_simple"] for g in goals):
         body.append(
             f'<rect x="{lx - 4}" y="{frame.top + 22}" width="8" height="8" fill="none" '
