@@ -101,6 +101,15 @@ def draw_life(seed):
         "other": r.choice(["sum", "beta"]),
     }
     life["killed_at"] = r.randint(life["checkpoint"] + 1, steps)
+    # drawn after the first version's options, which keep their seeds' values
+    # how the records reach the file: streamed (history_path), streamed and then written whole by
+    # the last job (write_history to the same path), or the README's loop — no history_path, each
+    # job's last line write_history(path), the first job ending cleanly at killed_at
+    life["save"] = r.choice(["stream", "stream", "stream", "stream+write", "write"])
+    if r.random() < 0.15:
+        life["checkpoint"] = 0  # a checkpoint before the first step (nothing written yet)
+    if life["save"] == "write":
+        life["cut"] = None
     if life["scaler_skip"] is not None:
         life["optimizer"] = "sgd"  # (the scaler's skipped step: its optimizer must be the scaler's)
     return life
@@ -156,7 +165,9 @@ class Run:
         kw = _tracker_kwargs(life)
         if self.scaler is not None:
             kw["scaler"] = self.scaler
-        self.tracker = noisescale.GradientNoiseTracker(self.model, history_path=path, **kw)
+        self.path = path
+        streamed = path if life.get("save", "stream") != "write" else None
+        self.tracker = noisescale.GradientNoiseTracker(self.model, history_path=streamed, **kw)
         self.step_no = 0
         if resume is not None:
             self.model.load_state_dict(resume["model"])
@@ -194,6 +205,14 @@ class Run:
                 self.scaler.update()
             else:
                 self.opt.step()
+
+    def end(self, last):
+        """The job's end: ``remove()``; the last job of ``stream+write`` and every job of
+        ``write`` then writes the whole history to the path (``write_history``)."""
+        self.tracker.remove()
+        save = self.life.get("save", "stream")
+        if save == "write" or (save == "stream+write" and last):
+            self.tracker.write_history(self.path)
 
     def checkpoint(self, via, folder):
         """The checkpoint as a resumed process reads it back."""
@@ -240,13 +259,14 @@ def child(arg):
         run = Run(life, path)
         run.train(life["checkpoint"])
         run.checkpoint(life["via"], folder)
-        (folder / "size_at_checkpoint").write_text(str(os.path.getsize(path)))
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        (folder / "size_at_checkpoint").write_text(str(size))
         run.train(life["killed_at"])
     os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _killed_run(life, path, folder):
-    if life["kill"] == "sigkill":
+    if life["kill"] == "sigkill" and life.get("save") != "write":
         spec = json.dumps({"life": life, "path": str(path), "folder": str(folder)})
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
         proc = subprocess.run(
@@ -262,8 +282,11 @@ def _killed_run(life, path, folder):
     run = Run(life, path)
     run.train(life["checkpoint"])
     ck = run.checkpoint(life["via"], folder)
-    size = os.path.getsize(path)
+    size = os.path.getsize(path) if path.exists() else 0
     run.train(life["killed_at"])
+    if life.get("save") == "write":  # (the README's loop: the first job ends, writing its file)
+        run.end(last=False)
+        return ck, size
     run.tracker.engine.discard()  # (the process dies: nothing more of it runs)
     del run
     return ck, size
@@ -281,6 +304,8 @@ def _exception(err):
 def _records(path):
     """The file's records after load_history's rule (a step that comes again replaces the
     records from that step on), by step; also the raw complete lines."""
+    if not Path(path).exists():
+        return []
     lines = Path(path).read_text().splitlines()
     kept = []
     for line in lines[1:]:
@@ -418,7 +443,7 @@ def check_seed(seed, override=None):
                 warnings.simplefilter("ignore")
                 ref = Run(life, ref_path)
                 ref.train(life["steps"])
-                ref.tracker.remove()
+                ref.end(last=True)
         except REFUSALS as err:
             record["gen_error"] = _exception(err)[0]
             return record
@@ -441,10 +466,14 @@ def check_seed(seed, override=None):
                     else:
                         at = size + 1 + int(life["cut_at"] * (len(killed) - size - 1))
                     path.write_bytes(killed[:at])
-                life_res["file_at_kill"] = [size, len(killed), os.path.getsize(path)]
+                life_res["file_at_kill"] = [
+                    size,
+                    len(killed),
+                    len(path.read_bytes()) if path.exists() else 0,
+                ]
                 resumed = Run(life, path, resume=ck)
                 resumed.train(life["steps"])
-                resumed.tracker.remove()
+                resumed.end(last=True)
         except REFUSALS as err:
             life_res.update(cls="FALSE-REFUSAL", exc=_exception(err)[0])
         except Exception as err:
