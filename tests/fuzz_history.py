@@ -110,8 +110,11 @@ def draw_life(seed):
         life["checkpoint"] = 0  # a checkpoint before the first step (nothing written yet)
     if life["save"] == "write":
         life["cut"] = None
+    # the Adam-preconditioned noise scale (plain for its first precondition_from steps)
+    life["precondition"] = r.choice([None, None, 1, 3]) if life["optimizer"] == "adam" else None
     if life["scaler_skip"] is not None:
         life["optimizer"] = "sgd"  # (the scaler's skipped step: its optimizer must be the scaler's)
+        life["precondition"] = None
     return life
 
 
@@ -165,6 +168,8 @@ class Run:
         kw = _tracker_kwargs(life)
         if self.scaler is not None:
             kw["scaler"] = self.scaler
+        if life.get("precondition") is not None:
+            kw.update(precondition=self.opt, precondition_from=life["precondition"])
         self.path = path
         streamed = path if life.get("save", "stream") != "write" else None
         self.tracker = noisescale.GradientNoiseTracker(self.model, history_path=streamed, **kw)
