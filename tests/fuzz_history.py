@@ -115,7 +115,68 @@ def draw_life(seed):
     if life["scaler_skip"] is not None:
         life["optimizer"] = "sgd"  # (the scaler's skipped step: its optimizer must be the scaler's)
         life["precondition"] = None
+    # the Trainer's callback (history_path=, train(resume_from_checkpoint=...)) instead of a loop
+    life["trainer"] = r.random() < 0.2
+    if life["trainer"]:
+        life["checkpoint"] = max(life["checkpoint"], 1)  # (save_steps: every c steps)
+        life.update(save="stream", kill="drop", intruders=[], accum=min(life["accum"], 2))
     return life
+
+
+# --- the Trainer's callback ---------------------------------------------------------------------
+
+
+class _HFData(torch.utils.data.Dataset):
+    def __len__(self):
+        return 96
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return {"x": torch.randn(5, generator=g), "labels": torch.randn(2, generator=g)}
+
+
+class _HFModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _model()
+
+    def forward(self, x, labels=None):
+        out = self.net(x)
+        return {"loss": torch.nn.functional.mse_loss(out, labels), "logits": out}
+
+
+def _trainer_job(life, path, out, until, resume=None):
+    """One Trainer job on `path` (checkpoints every ``checkpoint`` steps into `out`), trained to
+    step `until` of a run of ``steps`` (the schedule of the whole run), from `resume`."""
+    import transformers
+
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    transformers.logging.set_verbosity_error()
+    kw = _tracker_kwargs(life)
+    kw.pop("loss_reduction")
+    callback = NoiseScaleCallback(history_path=str(path), **kw)
+    args = transformers.TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=6, max_steps=until,
+        gradient_accumulation_steps=life["accum"], learning_rate=0.05, weight_decay=0.0,
+        lr_scheduler_type="constant", optim="sgd", max_grad_norm=1e9, report_to=[],
+        save_strategy="steps", save_steps=life["checkpoint"], logging_steps=1000, use_cpu=True,
+        train_sampling_strategy="sequential", disable_tqdm=True, save_only_model=False,
+    )  # fmt: skip
+    trainer = transformers.Trainer(
+        model=_HFModel(), args=args, train_dataset=_HFData(), callbacks=[callback]
+    )
+    with contextlib.redirect_stdout(io.StringIO()):  # (the Trainer prints its logs)
+        trainer.train(resume_from_checkpoint=resume)
+
+
+def _trainer_life(life, path, ref_path, folder):
+    """The uninterrupted run; the run killed after ``killed_at`` (its file cut as drawn) and
+    resumed from its last checkpoint at or before ``checkpoint``... at ``checkpoint`` itself."""
+    _trainer_job(life, ref_path, folder / "ref", life["steps"])
+    _trainer_job(life, path, folder / "run", life["killed_at"])
+    ck = folder / "run" / f"checkpoint-{life['checkpoint']}"
+    return ck
 
 
 def _batch(step, micro, life):
@@ -443,6 +504,8 @@ def check_seed(seed, override=None):
         sub = folder / "missing" / "deeper" if life["missing_dir"] else folder
         path, ref_path = sub / "history.jsonl", folder / "ref.jsonl"
         checks = record["checks"]
+        if life.get("trainer"):
+            return _check_trainer(record, life, path, ref_path, folder)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -527,6 +590,62 @@ def check_seed(seed, override=None):
                 intr["cls"] = res["cls"]
         if life["intruders"]:
             checks["intruders"] = intr
+    return record
+
+
+def _cut(life, path, size):
+    """Cut the file at a random byte written after `size` (a kill while writing), as drawn."""
+    killed = path.read_bytes() if path.exists() else b""
+    if life["cut"] and len(killed) > size:
+        if life["cut"] == "line":
+            ends = [i + 1 for i in range(size, len(killed)) if killed[i] == 10]
+            at = ends[int(life["cut_at"] * len(ends))] if ends else size
+        else:
+            at = size + 1 + int(life["cut_at"] * (len(killed) - size - 1))
+        path.write_bytes(killed[:at])
+    return [size, len(killed), len(path.read_bytes()) if path.exists() else 0]
+
+
+def _compare_life(checks, life_res, path, ref_path):
+    if life_res["cls"] != "exact":
+        return
+    got, want = _records(path), _records(ref_path)
+    if [r["step"] for r in got] != [r["step"] for r in want]:
+        life_res.update(
+            cls="LOST", bad=[("steps", [r["step"] for r in got], [r["step"] for r in want])]
+        )
+    else:
+        bad = [(g["step"], *d) for g, w in zip(got, want, strict=True) for d in _same(g, w)]
+        if bad:
+            life_res.update(cls="WRONG-SILENT", bad=bad[:6])
+    checks["readers"] = _readers(path, ref_path)
+
+
+def _check_trainer(record, life, path, ref_path, folder):
+    checks = record["checks"]
+    life_res = checks["life"] = {"cls": "exact"}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ck = _trainer_life(life, path, ref_path, folder)
+            # the records the checkpoint holds: those of its step (the callback's state is saved
+            # after the step's sync, on_save)
+            size = 0
+            if path.exists():
+                lines = path.read_bytes().split(b"\n")
+                size = sum(
+                    len(line) + 1
+                    for line in lines
+                    if line
+                    and (b'"kind"' in line or json.loads(line)["step"] <= life["checkpoint"])
+                )
+            life_res["file_at_kill"] = _cut(life, path, size)
+            _trainer_job(life, path, folder / "run", life["steps"], resume=str(ck))
+    except REFUSALS as err:
+        life_res.update(cls="FALSE-REFUSAL", exc=_exception(err)[0])
+    except Exception as err:
+        life_res.update(cls="crash", exc=_exception(err)[0])
+    _compare_life(checks, life_res, path, ref_path)
     return record
 
 

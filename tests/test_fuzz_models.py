@@ -711,7 +711,8 @@ def test_what_the_fit_fuzzer_found_is_exact_or_refused(seed, check, override):
 # checkpoint, Adam-preconditioned from step 3, a second tracker refused on the path; the
 # README's write_history loop from a step-0 checkpoint with a GradScaler's skipped step, a NaN
 # batch discarded, in a directory not there yet, and a new tracker after remove() refused.
-# (Seeds 92 and 98 pass too: `python tests/fuzz_history.py --seeds 92,98`.)
+# (Seeds 92 and 98 pass too, and 11, 14, 23 through the Trainer's callback: `python
+# tests/fuzz_history.py --seeds 92,98,11`.)
 HISTORY_SAMPLE = [94, 99]
 
 # What it found (2026-12-07), as (seed, override of the seed's life). These fail until the fixes
@@ -722,6 +723,8 @@ FOUND_IN_THE_HISTORY = [
     # and calc --history then refuse the whole file as "corrupt" (hunt/partial_line_resume.py)
     (5, None),
     # (the same through a SIGKILLed process, preconditioned: seed 91, not run here — 8 s)
+    # the same through the Trainer's callback (history_path=, train(resume_from_checkpoint=))
+    (8, {"cut": "mid"}),
     # the README's loop (tracker.write_history(path) at each job's end) resumed from a
     # checkpoint: the resumed tracker's history starts at the resume, and write_history replaces
     # the file, the steps before the checkpoint gone without a word (hunt/write_history_resume.py)
