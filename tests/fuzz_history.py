@@ -14,6 +14,11 @@ not exist yet). Its life:
   byte written after the checkpoint (a kill while writing; a cut at a line's end is a clean one);
 * a new process (a new model and tracker) resumes from the checkpoint (``load_state_dict``) and
   trains steps c+1..N again on the same path;
+* or (a fifth of the seeds) the same life under the Trainer's ``NoiseScaleCallback(history_path=)``:
+  a checkpoint every c steps, the job ended at k, its file cut as drawn, and
+  ``train(resume_from_checkpoint="checkpoint-c")`` on the same path;
+* the last job may also ``write_history`` onto its own path, or the run may follow the README's
+  loop (no ``history_path``, each job ending in ``tracker.write_history(path)``);
 * intruders, each of which must be refused with the file left byte-identical (its SHA-256) and
   a message naming the cause: a second tracker on the path that was not resumed, one of another
   run (another ``loss_reduction`` or ``beta``), one created while the first was live, a new
@@ -171,8 +176,8 @@ def _trainer_job(life, path, out, until, resume=None):
 
 
 def _trainer_life(life, path, ref_path, folder):
-    """The uninterrupted run; the run killed after ``killed_at`` (its file cut as drawn) and
-    resumed from its last checkpoint at or before ``checkpoint``... at ``checkpoint`` itself."""
+    """The uninterrupted run on `ref_path`; the run on `path` to ``killed_at`` (then killed):
+    the checkpoint it resumes from, ``checkpoint-<checkpoint>``."""
     _trainer_job(life, ref_path, folder / "ref", life["steps"])
     _trainer_job(life, path, folder / "run", life["killed_at"])
     ck = folder / "run" / f"checkpoint-{life['checkpoint']}"
