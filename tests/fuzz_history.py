@@ -68,7 +68,7 @@ from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 RTOL = 1e-9
 REFUSALS = (NoiseScaleInputError, UnsupportedModuleError)
 FINDINGS = ("LOST", "WRONG-SILENT", "FALSE-REFUSAL", "NOT-REFUSED", "wrong-cause", "crash")
-CHECKS = ("life", "readers", "intruders")
+CHECKS = ("life", "readers", "intruders", "unwritable")
 # the words a refusal of an intruder must use (its cause)
 CAUSE_WORDS = {
     "fresh": ("not resumed", "already holds"),
@@ -125,6 +125,9 @@ def draw_life(seed):
     if life["trainer"]:
         life["checkpoint"] = max(life["checkpoint"], 1)  # (save_steps: every c steps)
         life.update(save="stream", kill="drop", intruders=[], accum=min(life["accum"], 2))
+    # a second history_path whose parent is a file (no file can be written there): refused, at
+    # construction or at the first write, naming the path — not a raw OSError mid-training
+    life["under_a_file"] = r.random() < 0.2
     return life
 
 
@@ -595,7 +598,29 @@ def check_seed(seed, override=None):
                 intr["cls"] = res["cls"]
         if life["intruders"]:
             checks["intruders"] = intr
+        if life.get("under_a_file"):
+            checks["unwritable"] = _under_a_file(life, folder)
     return record
+
+
+def _under_a_file(life, folder):
+    """A run whose ``history_path`` lies under a file: must be refused with the library's error
+    naming the path (a raw OSError from inside noisescale is a crash)."""
+    (folder / "a_file").write_text("x")
+    path, run = folder / "a_file" / "history.jsonl", None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run = Run({**life, "save": "stream"}, path)
+            run.train(life["steps"])
+            run.tracker.remove()
+    except REFUSALS as err:
+        ok = "a_file" in str(err)
+        return {"cls": "exact" if ok else "wrong-cause", "exc": str(err)[:300]}
+    except Exception as err:
+        at = run.step_no if run is not None else 0
+        return {"cls": "crash", "exc": _exception(err)[0], "at_step": at}
+    return {"cls": "NOT-REFUSED", "why": "the run ended without an error, nothing written"}
 
 
 def _cut(life, path, size):

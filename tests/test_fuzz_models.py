@@ -731,6 +731,10 @@ FOUND_IN_THE_HISTORY = [
     (1, None),
     # write_history at the end of a streamed, resumed run, onto its own history_path: the same
     (18, None),
+    # a history_path under a file (no file can be written there): accepted by the constructor,
+    # and the first write — here at remove(), after 8 steps (sync_every=32) — raises pathlib's
+    # raw "FileExistsError: File exists: '.../a_file'" (hunt/unwritable_path.py)
+    (33, {"intruders": [], "cut": None}),
     # killed during the first write (the header half-written), resumed from a step-0 checkpoint:
     # the resumed tracker refuses its own path as "not a noisescale history — give a new path",
     # load_history says the same (hunt/partial_header_resume.py)
