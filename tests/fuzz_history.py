@@ -22,7 +22,8 @@ not exist yet). Its life:
 * intruders, each of which must be refused with the file left byte-identical (its SHA-256) and
   a message naming the cause: a second tracker on the path that was not resumed, one of another
   run (another ``loss_reduction`` or ``beta``), one created while the first was live, a new
-  tracker after ``remove()``.
+  tracker after ``remove()``; and (a fifth of the seeds) a run whose ``history_path`` lies under
+  a file, which must be refused naming it (``unwritable``).
 
 The truth is the same run uninterrupted, on a history of its own: the final file, read by
 ``noisescale.load_history`` (a step that comes again replaces the records from that step on),
