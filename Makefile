@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 # The CPU build of torch that this machine installs quickly; pyproject.toml declares the range.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats fuzz-fit fuzz-sweep install lint format clean
+.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats fuzz-fit fuzz-sweep fuzz-cli install lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -92,6 +92,11 @@ fuzz-fit: install
 # (tests/fuzz_sweep.py, ≈ 10-60 s a seed; PG=1 on a throw-away PostgreSQL server).
 fuzz-sweep: install
 	$(PY) tests/fuzz_sweep.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL)) $(if $(PG),--postgres)
+
+# The command line under random and broken argv and input files (tests/fuzz_cli.py, a few seeds
+# a second): exit codes, messages, files left as they were, and the numbers against eq. 2.11/D.1.
+fuzz-cli: install
+	$(PY) tests/fuzz_cli.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench examples

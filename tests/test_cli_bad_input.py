@@ -60,6 +60,33 @@ CALC = [
     (["--noise-scale", "100", "--batch-size", "1:100:+0"], "STEP must be a finite positive"),
     (["--noise-scale", "100", "--batch-size", "1:1e9:+1"], "expands to more than 10000"),
     (["--kaplan-loss", "-1", "--batch-size", "8"], "--kaplan-loss must be a finite positive"),
+    # B_crit(L) underflowed to 0 past L ~1e67: a ZeroDivisionError until 2026-12-07 (a hunt)
+    (["--kaplan-loss", "1e308", "--batch-size", "8"], "--kaplan-loss must be between 0.03914 and"),
+    (["--kaplan-loss", "0.01", "--batch-size", "8"], "lies between 1 and 1e+15 tokens"),
+    # a batch size below one example: report's costs overflowed to matplotlib's words (a hunt)
+    (["--noise-scale", "100", "--batch-size", "1e-320"], "--batch-size must be at least 1"),
+    (["--noise-scale", "100", "--batch-size", "0.5:4"], "START must be at least 1"),
+    (["--history", "", "--batch-size", "8"], "the history path is empty"),
+    # --alpha checked where no rule reads it, as --lr-batch-size is (exit 0 until 2026-12-07)
+    (["--noise-scale", "100", "--batch-size", "64", "--alpha", "nan"], "--alpha must be a finite"),
+    (["--noise-scale", "100", "--batch-size", "64", "--alpha", "abc"], "--alpha must be a number"),
+    (
+        [
+            "--noise-scale",
+            "9",
+            "--batch-size",
+            "64",
+            "--lr",
+            "1",
+            "--lr-batch-size",
+            "8",
+            "--lr-rule",
+            "linear",
+            "--alpha",
+            "-5",
+        ],
+        "--alpha must be a finite positive",
+    ),
     (["--noise-scale", "1", "--kaplan-loss", "3", "--batch-size", "8"], "not allowed with"),
     (
         ["--noise-scale", "100", "--batch-size", "64", "--lr", "nan", "--lr-batch-size", "8"],
@@ -130,11 +157,17 @@ REPORT = [
     (["run.html"], "name the page with -o (e.g. -o run_report.html)"),
     (["h.jsonl", "-o", "x.png"], "must end in .html or .htm"),
     (["h.jsonl", "-o", "missing/r.html"], "does not exist; create it first"),
-    (["h.jsonl", "-o", "r.html", "--batch-sizes", "1e300"], "--batch-size must be at most"),
-    (["h.jsonl", "-o", "r.html", "--batch-sizes", "0"], "--batch-size must be a finite positive"),
-    (["h.jsonl", "-o", "r.html", "--batch-sizes", "-5"], "--batch-size must be a finite positive"),
-    (["h.jsonl", "-o", "r.html", "--batch-sizes", "x"], "--batch-size must be a number"),
-    (["h.jsonl", "-o", "r.html", "--batch-sizes", "64:"], "--batch-size range"),
+    (["h.jsonl", "-o", "r.html", "--batch-sizes", "1e300"], "--batch-sizes must be at most"),
+    # (pathlib's "PosixPath('.') has an empty name", and an empty --batch-sizes costed the
+    # default sizes with exit 0, until 2026-12-07, a hunt)
+    (["", "-o", "r.html"], "the history path is empty"),
+    ([""], "the history path is empty"),
+    (["h.jsonl", "-o", "r.html", "--batch-sizes", ""], "--batch-sizes '': empty item"),
+    (["h.jsonl", "-o", "r.html", "--batch-sizes", "1e-320"], "--batch-sizes must be at least 1"),
+    (["h.jsonl", "-o", "r.html", "--batch-sizes", "0"], "--batch-sizes must be a finite positive"),
+    (["h.jsonl", "-o", "r.html", "--batch-sizes", "-5"], "--batch-sizes must be a finite positive"),
+    (["h.jsonl", "-o", "r.html", "--batch-sizes", "x"], "--batch-sizes must be a number"),
+    (["h.jsonl", "-o", "r.html", "--batch-sizes", "64:"], "--batch-sizes range"),
     (["h.jsonl", "-o", "r.html", "--bogus"], "unrecognized arguments: --bogus"),
 ]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -504,6 +505,39 @@ def test_profile_load_rejects_corrupt_files(tmp_path, content: str, message: str
     path = tmp_path / "bad.json"
     path.write_text(content)
     with pytest.raises(NoiseScaleInputError, match=message):
+        ThroughputProfile.load(path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_batch_size", 3.5),
+        ("max_batch_size", "64"),
+        ("max_batch_size", True),
+        ("max_batch_size", 1e20),
+        ("max_batch_size", 0),
+        ("out_of_memory_batch_size", 64.5),
+        ("points", "3.5"),
+        ("fit", "0.1"),
+    ],
+)
+def test_profile_load_refuses_a_batch_size_that_is_not_a_whole_number(
+    tmp_path, field: str, value: Any
+) -> None:
+    """(A hunt, 2026-12-07.) int() read 3.5, "64", true and 1e20 as 3, 64, 1 and 1e20, and
+    recommend priced them with exit 0; each is refused naming its field."""
+    data = _line_profile(0.01, 0.001, 32, 4e6).to_dict()
+    if field == "points":
+        data["points"][1]["batch_size"] = float(value)
+        field = "a point's batch_size"
+    elif field == "fit":  # (a fuzzer, seeds 1829 and 2197: float() took the string)
+        data["fit"]["beta_s"] = value
+        field = "fit.beta_s"
+    else:
+        data[field] = value
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(NoiseScaleInputError, match=f"{field} must be a (whole )?number"):
         ThroughputProfile.load(path)
 
 

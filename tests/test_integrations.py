@@ -1101,13 +1101,16 @@ def test_transformers_callback_follows_the_model_across_train_calls(tmp_path):
         assert not any(p._backward_hooks for p in old.parameters())
 
 
-def test_transformers_run_that_raises_leaves_no_tracker_on_the_user_s_own_loop(tmp_path):
+@pytest.mark.parametrize("then", ["own loop", "new Trainer", "training_step"])
+def test_transformers_run_that_raises_leaves_no_tracker_on_what_follows(tmp_path, then):
     """TrainerCallback has no hook for an exception: a run that raised (here a callback of the
-    user's, at step 2) left the tracker attached until 2026-12-07, and the user's own loop on
-    the same model afterwards was recorded into the failed run's history — every backward a
-    step (history 2 → 5 over three manual steps). The first forward with gradients outside the
-    Trainer's loop now says so, its backward releases the hooks, nothing more is recorded; a
-    new train() measures a new run exactly as before."""
+    user's, at step 2) left the tracker attached until 2026-12-07, and what the user ran on the
+    same model afterwards was recorded into the failed run's history — every backward a step
+    (2 → 5 over three steps of their own loop, 2 → 8 under a new Trainer). The first forward
+    with gradients outside the failed run's ``train()`` call — their own loop, another
+    Trainer's (same code, another call: a review), ``trainer.training_step`` called by hand —
+    now says so, its backward releases the hooks, nothing more is recorded; a new train() with
+    the callback measures a new run exactly as before."""
     transformers = pytest.importorskip("transformers")
     from noisescale.integrations.transformers import NoiseScaleCallback
 
@@ -1126,10 +1129,18 @@ def test_transformers_run_that_raises_leaves_no_tracker_on_the_user_s_own_loop(t
     x, y = _data()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.warns(RuntimeWarning, match="ended without on_train_end"):
-        for _ in range(3):
-            opt.zero_grad()
-            model(x[:MICRO], labels=y[:MICRO])["loss"].backward()
+        if then == "new Trainer":
+            transformers.Trainer(
+                model=model, args=_hf_args(tmp_path), train_dataset=_HFDataset()
+            ).train()
+        for _ in range(3 if then != "new Trainer" else 0):
+            batch = {"x": x[:MICRO], "labels": y[:MICRO]}
+            if then == "training_step":
+                trainer.training_step(model, batch)
+            else:
+                model(**batch)["loss"].backward()
             opt.step()
+            opt.zero_grad()
     assert failed.steps == 2 and len(failed.history) == 2
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
@@ -1139,6 +1150,43 @@ def test_transformers_run_that_raises_leaves_no_tracker_on_the_user_s_own_loop(t
     trainer.train()
     assert callback.tracker is not failed
     _assert_same_history(callback.tracker.history, want)
+
+
+def test_transformers_subclass_beginning_the_run_in_one_method_training_in_another(tmp_path):
+    """A Trainer subclass whose ``fit`` calls ``begin`` (which runs on_train_begin and
+    returns) and then trains step by step: every step is the run's (the frame held is the
+    outermost of the Trainer's methods, ``fit``, not ``begin``) — no false "ended"."""
+    transformers = pytest.importorskip("transformers")
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    class Stepwise(transformers.Trainer):
+        def begin(self):
+            self.create_optimizer_and_scheduler(num_training_steps=3)
+            self.current_gradient_accumulation_steps = 1
+            self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
+
+        def fit(self):
+            self.begin()
+            x, y = _data()
+            for s in range(3):
+                batch = {
+                    "x": x[MICRO * s : MICRO * (s + 1)],
+                    "labels": y[MICRO * s : MICRO * (s + 1)],
+                }
+                self.training_step(self.model, batch)
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+            self.callback_handler.on_train_end(self.args, self.state, self.control)
+
+    callback = NoiseScaleCallback(sync_every=1, per_example_fraction=1.0)
+    args = _hf_args(tmp_path, gradient_accumulation_steps=1)
+    trainer = Stepwise(
+        model=_HFModel(), args=args, train_dataset=_HFDataset(), callbacks=[callback]
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*ended without on_train_end")
+        trainer.fit()
+    assert len(callback.tracker.history) == 3
 
 
 @pytest.mark.parametrize("rebuild", [False, True])

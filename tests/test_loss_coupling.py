@@ -436,6 +436,37 @@ def test_a_term_that_moves_to_the_examples_dimension_between_audits_is_withheld(
     assert isinstance(got[3], UnsupportedModuleError), got[3]
 
 
+def test_a_reshape_across_one_forward_s_examples_beside_another_forward_is_withheld():
+    """Two forwards under one backward, of 4 and nb examples: steps 1 and 2 (audited, nb = 5)
+    reduce each example's C = 3 outputs (``oa.reshape(4, -1)``), step 3 (nb = 3) rows of 4
+    across the examples (``oa.reshape(-1, 4)``: [3, 4]). A review of 2026-12-07 found step 3
+    measured without a word once a reshape marked the batch at its first dimension of a
+    batch's size: [3, 4] — the other forward's size first — hashed like the audited [4, 3].
+    The marks name the forward now: step 3 withheld, step 4 refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, 3))
+    within = lambda oa: oa.reshape(4, -1).logsumexp(1).sum()  # noqa: E731
+    across = lambda oa: oa.reshape(-1, 4).logsumexp(1).sum()  # noqa: E731
+    engine = PerExampleNorms(model)
+    got: list = []
+    try:
+        for nb, term in [(5, within), (5, within), (3, across), (5, across)]:
+            xa, xb = torch.randn(4, D), torch.randn(nb, D)
+            model.zero_grad()
+            oa, ob = model(xa), model(xb)
+            (oa.pow(2).sum() + ob.pow(2).sum() + term(oa)).backward()
+            try:
+                got.append(engine.collect())
+            except UnsupportedModuleError as err:
+                got.append(err)
+    finally:
+        engine.remove()
+    assert [p.raw_sqnorms is not None for (p,) in got[:2]] == [True, True]
+    (third,) = got[2]
+    assert third.raw_sqnorms is None and "loss's operations after" in third.withheld
+    assert isinstance(got[3], UnsupportedModuleError), got[3]
+
+
 @pytest.mark.parametrize("then", ["cross_entropy(mean)", "(l.sum(0)).mean()", "bce(mean)"])
 def test_a_reduction_that_changes_between_audits_is_withheld_then_refused_by_the_tracker(then):
     """The tracker under loss_reduction="sum": a mean over the examples from step 3 on (an

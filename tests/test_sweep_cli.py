@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -433,9 +434,26 @@ def test_fit_reads_a_read_only_storage(
     capsys.readouterr()
     assert main(["fit", f"sqlite:///{db}", *fit]) == 0
     writable = json.loads(capsys.readouterr().out)
-    assert main(["fit", f"sqlite:///file:{db}?mode=ro&uri=true", *fit]) == 0
-    fitted = json.loads(capsys.readouterr().out)
-    assert fitted["goals"] == writable["goals"] and fitted["runs"] == len(GRID)
+    # uri in every spelling SQLAlchemy takes for true (it opens the file read-only for each)
+    for uri in ("true", "True", "1", "YES"):
+        assert main(["fit", f"sqlite:///file:{db}?mode=ro&uri={uri}", *fit]) == 0, uri
+        fitted = json.loads(capsys.readouterr().out)
+        assert fitted["goals"] == writable["goals"] and fitted["runs"] == len(GRID)
+
+
+def test_fit_refuses_uri_options_without_file_prefix(
+    train_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """mode=ro&uri=true on a plain path: SQLAlchemy would hand SQLite the name 's.db?mode=ro'
+    as a file to create. fit never creates a file: it refuses naming the form to write."""
+    db = tmp_path / "s.db"
+    assert _sweep(train_file, f"sqlite:///{db}") == 0
+    capsys.readouterr()
+    url = f"sqlite:///{db}?mode=ro&uri=true"
+    assert main(["fit", url, "--study", "t", "--goal", "0.5", "--ema", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"Write sqlite:///file:{db}?mode=ro&uri=true" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.db", "train_fn.py"]
 
 
 def test_sweep_refuses_a_read_only_storage(
@@ -452,6 +470,79 @@ def test_sweep_refuses_a_read_only_storage(
     err = capsys.readouterr().err
     assert f"storage {read_only} is read-only" in err and "drop mode=ro" in err
     assert "Traceback" not in err and db.read_bytes() == before
+
+
+def test_sweep_refuses_a_server_it_may_not_write(
+    train_file: Path, postgres_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A PostgreSQL role with SELECT only, and one whose transactions are read-only: exit 2
+    with the server's words and a fix for a server (not SQLite's mode=ro), no traceback."""
+    import psycopg2
+
+    import postgres_server as pg
+
+    url = postgres_server.create_database()
+    assert _sweep(train_file, url, "--steps", "5") == 0
+    database = url.rsplit("/", 1)[1]
+    conn = psycopg2.connect(
+        host="127.0.0.1",
+        port=postgres_server.port,
+        user=pg.USER,
+        password=pg.PASSWORD,
+        dbname=database,
+    )
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE ROLE r_{database} LOGIN PASSWORD 'rpw'")
+        cur.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO r_{database}")
+        cur.execute(f"CREATE ROLE w_{database} LOGIN PASSWORD 'wpw'")
+        cur.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO w_{database}")
+        cur.execute(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO w_{database}")
+        cur.execute(f"ALTER ROLE w_{database} SET default_transaction_read_only = on")
+    conn.close()
+    host = f"127.0.0.1:{postgres_server.port}/{database}"
+    for role, cause in (("r", "permission denied for table"), ("w", "read-only transaction")):
+        shown = f"postgresql+psycopg2://{role}_{database}:***@{host}"
+        for steps in ("5", "6"):  # the grid done, and a grid to enqueue
+            capsys.readouterr()
+            assert _sweep(train_file, shown.replace("***", f"{role}pw"), "--steps", steps) == 2
+            err = capsys.readouterr().err
+            assert f"storage {shown} does not let this worker write" in err, err
+            assert cause in err and "not read-only" in err and "mode=ro" not in err
+            assert "Traceback" not in err and f"{role}pw" not in err
+
+
+def test_only_the_driver_s_error_marks_a_storage_read_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read-only refusal reads the driver's error, not SQLAlchemy's text that quotes the
+    statement's parameters: a locked database while creating study 'readonly-ablation' is not
+    called read-only. And SQLite that cannot open its journal (a read-only directory) while
+    enqueueing is refused like a read-only file, not a traceback."""
+    import sqlite3
+
+    import sqlalchemy.exc
+
+    from noisescale.sweep.queue import WorkQueue, WorkUnit
+
+    def failing(driver_text: str) -> Any:
+        def fail(*args: Any, **kwargs: Any) -> None:
+            statement = "INSERT INTO studies (study_name) VALUES (?)"
+            orig = sqlite3.OperationalError(driver_text)
+            wrapped = sqlalchemy.exc.OperationalError(statement, ("readonly-ablation",), orig)
+            raise optuna.exceptions.StorageInternalError("commit failed") from wrapped
+
+        return fail
+
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    with monkeypatch.context() as patch:
+        patch.setattr(optuna, "create_study", failing("database is locked"))
+        with pytest.raises(optuna.exceptions.StorageInternalError):
+            WorkQueue(storage, "readonly-ablation")
+    queue = WorkQueue(storage, "readonly-ablation")
+    monkeypatch.setattr(queue.study, "add_trial", failing("unable to open database file"))
+    with pytest.raises(NoiseScaleInputError, match="is read-only \\(unable to open database"):
+        queue.enqueue([WorkUnit("u", {"batch_size": 8})])
 
 
 def test_example_training_function_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

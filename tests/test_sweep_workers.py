@@ -227,6 +227,34 @@ def test_a_worker_dead_before_its_first_heartbeat_is_released(
     assert second.trial(outcome.trial_number).user_attrs["retry_history"] == [dead.number]
 
 
+def test_an_older_worker_s_claim_without_a_heartbeat_is_released(storage: str) -> None:
+    """A study left by an older version: a unit claimed (RUNNING) by Optuna's claim alone, its
+    worker dead before its first heartbeat. Optuna's fail_stale_trials skips a trial without a
+    heartbeat, so the waiting worker waited for ever; now the trial is given a heartbeat when a
+    worker first sees it and released once that has been silent for the grace period (2 s)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    params = {"batch_size": 8, "learning_rate": 0.1}
+    unit = WorkUnit(unit_key(params), params)
+    queue = WorkQueue(storage, "oldclaim", heartbeat_interval=1, grace_period=2)
+    queue.enqueue([unit])
+    (dead,) = queue.trials()
+    trial_id = queue.storage.get_trial_id_from_study_id_trial_number(queue.study_id, dead.number)
+    assert queue.storage.set_trial_state_values(trial_id, state=TrialState.RUNNING)
+    time.sleep(2.5)  # older than the grace period by any clock: still not released at once
+
+    started = time.monotonic()
+    assert queue.run_next(lambda claim: 0.5) is None
+    assert queue.trial(dead.number).state == TrialState.RUNNING
+    outcome = queue.run_next(lambda claim: 0.5)
+    while outcome is None and time.monotonic() < started + 20:  # ten grace periods
+        time.sleep(0.5)
+        outcome = queue.run_next(lambda claim: 0.5)
+    assert outcome is not None and outcome.state == "complete", [t.state for t in queue.trials()]
+    assert time.monotonic() - started > 1.5  # a grace period (2 s) less clock granularity
+    assert queue.trial(dead.number).state == TrialState.FAIL
+    assert queue.trial(outcome.trial_number).user_attrs["retry_history"] == [dead.number]
+
+
 def test_duplicate_enqueues_run_once(storage: str) -> None:
     """Two workers that enqueue the same unit at the same moment: the later trial is closed as
     a duplicate of the earlier one, whichever worker claims which."""

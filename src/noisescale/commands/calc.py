@@ -37,6 +37,8 @@ from noisescale.errors import NoiseScaleInputError
 
 #: A range may expand to at most this many batch sizes (protects against ``1:1e9:+1``).
 MAX_BATCH_SIZES = 10_000
+#: The smallest batch size accepted: one example or token.
+MIN_SIZE = 1.0
 #: The largest batch size or noise scale accepted (examples or tokens): beyond any real run.
 MAX_SIZE = MAX_COUNT
 #: Eq. A.3's exponent is 0.5–1 in the paper's fits; far above that the rule means nothing.
@@ -135,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         measurement = _from_history(args.history, args.unit)
         measured, unit, origin = measurement.b_simple, measurement.unit, measurement.sentence
     else:
-        measured = float(theory.b_crit_kaplan(positive_number(args.kaplan_loss, "--kaplan-loss")))
+        measured = _kaplan_b_crit(args.kaplan_loss)
         unit = "tokens"
     batch_sizes = parse_batch_sizes(args.batch_size)
     several = len(batch_sizes) > 1 or any(c in args.batch_size for c in ",:")
@@ -151,23 +153,24 @@ def run(args: argparse.Namespace) -> int:
             b_noise = float(theory.b_noise_at_temperature(measured, t_from, t_to))
         temperatures = {"temperature_from": t_from, "temperature_to": t_to}
 
+    # (checked whether a rule reads it or not, as --lr-batch-size is: until 2026-12-07 --alpha
+    # nan or abc exited 0 wherever the noise rule was not used, a hunt)
+    alpha = positive_number(args.alpha, "--alpha")
+    if alpha > MAX_ALPHA:
+        raise NoiseScaleInputError(
+            f"--alpha must be at most {MAX_ALPHA:g} (eq. A.3 fits 0.5–1), got {args.alpha}"
+        )
     lr_settings: dict[str, Any] = {}
     if args.lr is not None:
         lr_settings = {
             "lr_rule": args.lr_rule,
-            "lr_batch_size": positive_number(
-                args.lr_batch_size, "--lr-batch-size", maximum=MAX_SIZE
-            )
+            "lr_batch_size": _size(args.lr_batch_size, "--lr-batch-size")
             if args.lr_batch_size is not None
             else _default_lr_batch_size(batch_sizes, several),
             "lr_tuned": positive_number(args.lr, "--lr"),
         }
         if args.lr_rule == "noise":
-            lr_settings["alpha"] = positive_number(args.alpha, "--alpha")
-            if lr_settings["alpha"] > MAX_ALPHA:
-                raise NoiseScaleInputError(
-                    f"--alpha must be at most {MAX_ALPHA:g} (eq. A.3 fits 0.5–1), got {args.alpha}"
-                )
+            lr_settings["alpha"] = alpha
     elif args.lr_batch_size is not None:
         raise NoiseScaleInputError("--lr-batch-size needs --lr")
 
@@ -339,35 +342,39 @@ def batch_size_row(
     return row
 
 
-def parse_batch_sizes(text: str) -> list[float]:
-    """Expand the ``--batch-size`` syntax (see the module docstring) into a list of sizes."""
+def parse_batch_sizes(text: str, flag: str = "--batch-size") -> list[float]:
+    """Expand the ``--batch-size`` syntax (see the module docstring) into a list of sizes;
+    ``flag`` names the option in the messages (report's is ``--batch-sizes``)."""
     sizes: list[float] = []
     for item in text.split(","):
         item = item.strip()
         if not item:
-            raise NoiseScaleInputError(f"--batch-size {text!r}: empty item in the list")
+            raise NoiseScaleInputError(f"{flag} {text!r}: empty item in the list")
         parts = item.split(":")
         if len(parts) == 1:
-            sizes.append(positive_number(item, "--batch-size", maximum=MAX_SIZE))
+            sizes.append(_size(item, flag))
         elif len(parts) in (2, 3):
-            sizes.extend(_expand_range(item, parts))
+            sizes.extend(_expand_range(item, parts, flag))
         else:
             raise NoiseScaleInputError(
-                f"--batch-size {item!r}: a range is START:STOP[:STEP], e.g. 16:4096:x2"
+                f"{flag} {item!r}: a range is START:STOP[:STEP], e.g. 16:4096:x2"
             )
         if len(sizes) > MAX_BATCH_SIZES:
             raise NoiseScaleInputError(
-                f"--batch-size {text!r} expands to more than {MAX_BATCH_SIZES} batch sizes"
+                f"{flag} {text!r} expands to more than {MAX_BATCH_SIZES} batch sizes"
             )
     return sizes
 
 
-def positive_number(text: str | float, what: str, *, maximum: float | None = None) -> float:
+def positive_number(
+    text: str | float, what: str, *, minimum: float | None = None, maximum: float | None = None
+) -> float:
     """Parse a finite positive number from the command line, or say clearly what is wrong.
 
     Args:
         text: What the user typed.
         what: The option, for the message.
+        minimum: The smallest value accepted, if any.
         maximum: The largest value accepted, if any.
     """
     try:
@@ -376,30 +383,59 @@ def positive_number(text: str | float, what: str, *, maximum: float | None = Non
         raise NoiseScaleInputError(f"{what} must be a number, got {text!r}") from None
     if not math.isfinite(value) or value <= 0:
         raise NoiseScaleInputError(f"{what} must be a finite positive number, got {text!r}")
+    if minimum is not None and value < minimum:
+        raise NoiseScaleInputError(f"{what} must be at least {minimum:g}, got {text!r}")
     if maximum is not None and value > maximum:
         raise NoiseScaleInputError(f"{what} must be at most {maximum:g}, got {text!r}")
     return value
 
 
-def _expand_range(item: str, parts: list[str]) -> list[float]:
-    start = positive_number(parts[0], f"--batch-size range {item!r}: START", maximum=MAX_SIZE)
-    stop = positive_number(parts[1], f"--batch-size range {item!r}: STOP", maximum=MAX_SIZE)
+def _kaplan_b_crit(text: str) -> float:
+    """Kaplan's B_crit(L) at ``--kaplan-loss``, refused where it is below one token or above
+    :data:`MAX_SIZE` (until 2026-12-07 a loss above ~1e67 underflowed it to 0, a
+    ZeroDivisionError, a hunt)."""
+    from noisescale import theory
+
+    loss = positive_number(text, "--kaplan-loss")
+    low, high = (
+        (size / theory.KAPLAN_B_CRIT_SCALE) ** (1 / theory.KAPLAN_B_CRIT_EXPONENT)
+        for size in (MAX_SIZE, MIN_SIZE)
+    )
+    if not low <= loss <= high:
+        raise NoiseScaleInputError(
+            f"--kaplan-loss must be between {low:.4g} and {high:.4g} nats/token, where Kaplan's "
+            f"B_crit(L) = 2.0e8·L^-4.76 lies between {MIN_SIZE:g} and {MAX_SIZE:g} tokens, got "
+            f"{text!r}"
+        )
+    return float(theory.b_crit_kaplan(loss))
+
+
+def _size(text: str, what: str) -> float:
+    """A batch size: at least :data:`MIN_SIZE` (a subnormal one overflowed the costs to
+    matplotlib's "Axis limits cannot be NaN or Inf" in report until 2026-12-07, a hunt), at most
+    :data:`MAX_SIZE`."""
+    return positive_number(text, what, minimum=MIN_SIZE, maximum=MAX_SIZE)
+
+
+def _expand_range(item: str, parts: list[str], flag: str) -> list[float]:
+    start = _size(parts[0], f"{flag} range {item!r}: START")
+    stop = _size(parts[1], f"{flag} range {item!r}: STOP")
     step = parts[2].strip() if len(parts) == 3 else "x2"
     if stop < start:
-        raise NoiseScaleInputError(f"--batch-size range {item!r}: STOP is below START")
+        raise NoiseScaleInputError(f"{flag} range {item!r}: STOP is below START")
     if step[:1] in ("x", "*"):
-        factor = positive_number(step[1:], f"--batch-size range {item!r}: STEP")
+        factor = positive_number(step[1:], f"{flag} range {item!r}: STEP")
         if factor <= 1:
-            raise NoiseScaleInputError(f"--batch-size range {item!r}: a factor must exceed 1")
+            raise NoiseScaleInputError(f"{flag} range {item!r}: a factor must exceed 1")
         count = math.floor(math.log(stop / start) / math.log(factor) + 1e-9) + 1
         values = [start * factor**k for k in range(min(count, MAX_BATCH_SIZES + 1))]
     elif step[:1] == "+":
-        increment = positive_number(step[1:], f"--batch-size range {item!r}: STEP")
+        increment = positive_number(step[1:], f"{flag} range {item!r}: STEP")
         count = math.floor((stop - start) / increment + 1e-9) + 1
         values = [start + increment * k for k in range(min(count, MAX_BATCH_SIZES + 1))]
     else:
         raise NoiseScaleInputError(
-            f"--batch-size range {item!r}: STEP must be xK (geometric) or +K (arithmetic)"
+            f"{flag} range {item!r}: STEP must be xK (geometric) or +K (arithmetic)"
         )
     # Repeated multiplication drifts off the integers (16·1.5**k); snap back when within rounding.
     return [round(v) if abs(v - round(v)) < 1e-9 * v else v for v in values]

@@ -59,7 +59,15 @@ def run(args: argparse.Namespace) -> int:
     from noisescale.report.figures import draw_all
     from noisescale.report.html import report_html
 
+    # the history first: it names an empty path (pathlib's "PosixPath('.') has an empty name"
+    # came out of with_suffix below until 2026-12-07, a hunt) and any value it cannot hold
     history_path = Path(args.history)
+    history = load_history(args.history)
+    # (an empty --batch-sizes, an unset shell variable, is refused as calc's: until 2026-12-07
+    # it costed the default sizes without a word, a hunt)
+    batch_sizes = (
+        None if args.batch_sizes is None else parse_batch_sizes(args.batch_sizes, "--batch-sizes")
+    )
     default = history_path.with_suffix(".html")
     if args.output is None and default.exists() and default.resolve() == history_path.resolve():
         # (until 2026-12-06 this named "-o run.html", an option the user never passed, a hunt)
@@ -87,9 +95,6 @@ def run(args: argparse.Namespace) -> int:
             f"{figures_dir}/ already holds figures; pass --force to replace them, or choose "
             "another -o"
         )
-    batch_sizes = parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None
-
-    history = load_history(history_path)
     data = report_data(history, batch_sizes)
     figures = draw_all(data)
     try:

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from noisescale.commands._args import MAX_COUNT
 from noisescale.errors import NoiseScaleInputError
 
 PROFILE_KIND = "noisescale.profile"
@@ -321,20 +322,26 @@ class ThroughputProfile:
         try:
             points = tuple(
                 ThroughputPoint(
-                    batch_size=int(p["batch_size"]),
-                    times_s=tuple(float(t) for t in p["times_s"]),
+                    batch_size=_whole(p["batch_size"], "a point's batch_size"),
+                    times_s=tuple(_real(t, "a point's times_s") for t in p["times_s"]),
                     peak_memory_bytes=p.get("peak_memory_bytes"),
                 )
                 for p in data["points"]
             )
             f = data["fit"]
             fit = StepTimeFit(
-                alpha_s=float(f["alpha_s"]),
-                beta_s=float(f["beta_s"]),
-                alpha_se_s=None if f.get("alpha_se_s") is None else float(f["alpha_se_s"]),
-                beta_se_s=None if f.get("beta_se_s") is None else float(f["beta_se_s"]),
-                n_points=int(f["n_points"]),
-                max_rel_residual=float(f["max_rel_residual"]),
+                alpha_s=_real(f["alpha_s"], "fit.alpha_s"),
+                beta_s=_real(f["beta_s"], "fit.beta_s"),
+                alpha_se_s=(
+                    None
+                    if f.get("alpha_se_s") is None
+                    else _real(f["alpha_se_s"], "fit.alpha_se_s")
+                ),
+                beta_se_s=(
+                    None if f.get("beta_se_s") is None else _real(f["beta_se_s"], "fit.beta_se_s")
+                ),
+                n_points=_whole(f["n_points"], "fit.n_points"),
+                max_rel_residual=_real(f["max_rel_residual"], "fit.max_rel_residual"),
             )
             max_batch = data.get("max_batch_size")
             # Absent from profiles written before the update was timed apart: None, priced as
@@ -346,24 +353,27 @@ class ThroughputProfile:
                 model=dict(data["model"]),
                 points=tuple(sorted(points, key=lambda p: p.batch_size)),
                 fit=fit,
-                max_batch_size=None if max_batch is None else int(max_batch),
+                max_batch_size=None if max_batch is None else _whole(max_batch, "max_batch_size"),
                 max_batch_search=data.get("max_batch_search"),
                 settings=dict(data.get("settings") or {}),
                 created=str(data.get("created", "")),
-                optimizer_update_s=None if update is None else float(update),
+                optimizer_update_s=None if update is None else _real(update, "optimizer_update_s"),
                 optimizer_update_times_s=tuple(
-                    float(t) for t in data.get("optimizer_update_times_s") or ()
+                    _real(t, "optimizer_update_times_s")
+                    for t in data.get("optimizer_update_times_s") or ()
                 ),
-                out_of_memory_batch_size=None if oom is None else int(oom),
+                out_of_memory_batch_size=(
+                    None if oom is None else _whole(oom, "out_of_memory_batch_size")
+                ),
             )
+        except NoiseScaleInputError:
+            raise
         except (KeyError, TypeError, ValueError) as err:
             raise NoiseScaleInputError(
                 f"corrupt profile: missing or malformed field ({err})"
             ) from None
         if not points or any(not p.times_s for p in points):
             raise NoiseScaleInputError("corrupt profile: no timed batch sizes")
-        if any(p.batch_size < 1 for p in points):
-            raise NoiseScaleInputError("corrupt profile: a timed batch size is below 1")
         if any(not (math.isfinite(t) and t > 0) for p in points for t in p.times_s):
             raise NoiseScaleInputError("corrupt profile: a step time is not a positive number")
         if not (math.isfinite(fit.alpha_s) and math.isfinite(fit.beta_s)):
@@ -396,8 +406,6 @@ class ThroughputProfile:
             raise NoiseScaleInputError(
                 "corrupt profile: a timed batch size is at or above out_of_memory_batch_size"
             )
-        if profile.max_batch_size is not None and profile.max_batch_size < 1:
-            raise NoiseScaleInputError("corrupt profile: max_batch_size must be at least 1")
         return profile
 
     def save(self, path: str | Path) -> None:
@@ -418,3 +426,31 @@ class ThroughputProfile:
             return cls.from_dict(data)
         except NoiseScaleInputError as err:
             raise NoiseScaleInputError(f"profile {path}: {err}") from None
+
+
+def _real(value: Any, field: str) -> float:
+    """A number of a profile, as JSON writes it; a string or boolean is refused naming the field
+    (float() took "0.1" for the fit's α or β until 2026-12-07, a fuzzer). Finite and sign are
+    checked with the rest in from_dict."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise NoiseScaleInputError(
+            f"corrupt profile: {field} must be a number, got {value!r}; re-profile, or correct "
+            "the file"
+        )
+    return float(value)
+
+
+def _whole(value: Any, field: str) -> int:
+    """A batch size (or the fit's count of points) of a profile: a whole JSON number from 1 to
+    :data:`MAX_COUNT`, else refused naming the field (until 2026-12-07 int() took 3.5, "64",
+    true and 1e20 as 3, 64, 1 and 1e20, and recommend priced them without a word, a hunt)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (math.isfinite(value) and value == math.floor(value) and 1 <= value <= MAX_COUNT)
+    ):
+        raise NoiseScaleInputError(
+            f"corrupt profile: {field} must be a whole number from 1 to {MAX_COUNT:g}, got "
+            f"{value!r}; re-profile, or correct the file"
+        )
+    return int(value)

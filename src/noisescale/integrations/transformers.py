@@ -96,7 +96,6 @@ import math
 import sys
 import threading
 import warnings
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +228,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         self._position = 0  # micro-batches of the current epoch consumed so far
         self._resume_position: int | None = None
         # the Trainer's training loop that ran on_train_begin, and its thread (_check_alive)
-        self._loop: tuple[Any, Any, int] | None = None
+        self._loop: tuple[Any, int] | None = None
         self._ended = False
 
     # -- run lifecycle ---------------------------------------------------------------------------
@@ -262,12 +261,9 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         self.tracker._drawn_from = drawn_without_replacement(kwargs.get("train_dataloader"))
         self._watch_trainer_loss(args)
         loop = _trainer_frame()
-        if loop is not None:
-            trainer = weakref.ref(loop.f_locals["self"])
-            self._loop = (loop.f_code, trainer, threading.get_ident())
-        else:
-            self._loop = None
+        self._loop = None if loop is None else (loop, threading.get_ident())
         self._ended = False
+        self._warned.discard("ended")
         del loop
         self._handles.append(model.register_forward_pre_hook(Hook(self._check_alive), prepend=True))
         for p in model.parameters():
@@ -511,10 +507,13 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         ``KeyboardInterrupt``): ``TrainerCallback`` has no hook for an exception. Until
         2026-12-07 the tracker stayed attached, and the user's own loop on the same model
         afterwards was measured into the failed run's history (and its file) as steps of it,
-        every backward a step. The run is alive while the frame of the Trainer's loop that
-        called ``on_train_begin`` is on this thread's stack (a forward the loop runs — a
-        training step, an evaluation inside it, a callback — is under it); forwards in other
-        threads are not judged (``nn.DataParallel``'s replicas). The hooks go at the end of the
+        every backward a step. The run is alive while the outermost frame of its Trainer's
+        methods above ``on_train_begin`` (``train()``: that call, not the code — another
+        Trainer's loop or ``trainer.training_step`` called by the user after the failure is
+        not the run, a review of 2026-12-07) is on this thread's stack: a forward the run makes
+        — a training step, an evaluation inside it, a callback, a subclass's method called from
+        ``train()`` — is under it. Forwards in other threads are not judged
+        (``nn.DataParallel``'s replicas). The hooks go at the end of the
         forward's backward (:meth:`_step`; removed inside a forward, the module's hooks already
         gathered are called without their keyword arguments) — that step not recorded —, or at
         the next ``train()``."""
@@ -522,19 +521,12 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
             return
         if torch.compiler.is_compiling():
             return  # (a compiled model's trace: asking would break its graph; eager calls ask)
-        code, trainer, thread = self._loop
+        loop, thread = self._loop
         if threading.get_ident() != thread:
             return
         frame = sys._getframe(1)
         while frame is not None:
-            if frame.f_code is code:
-                return
-            frame = frame.f_back  # type: ignore[assignment]
-        # (not under that loop: any method of the same Trainer still running — a subclass that
-        # trains from another method than the one that began the run — keeps it alive)
-        frame = sys._getframe(1)
-        while frame is not None:
-            if frame.f_locals.get("self") is trainer() is not None:
+            if frame is loop:
                 return
             frame = frame.f_back  # type: ignore[assignment]
         self._ended = True
@@ -1090,6 +1082,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         return _caller_of_type(Trainer, 12)
 
     def _release(self) -> None:
+        self._loop = None  # (the frame of train(), held while the run lives: _check_alive)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -1176,9 +1169,9 @@ def _ratio_again(call: Any, out: Tensor, before: Any) -> float | None:
 
 
 def _trainer_frame() -> Any | None:
-    """The frame of the ``transformers.Trainer`` method that called the callback handler
-    running this hook (its training loop), if any: the nearest of 12 frames above the hook's
-    caller whose ``self`` is a Trainer."""
+    """The outermost running frame of a method of the ``transformers.Trainer`` that called the
+    callback handler running this hook (``train()``), if any: that Trainer is the ``self`` of
+    the nearest of 12 frames above the hook's caller that has a Trainer as ``self``."""
     from transformers import Trainer
 
     frame = sys._getframe(2)
@@ -1186,9 +1179,17 @@ def _trainer_frame() -> Any | None:
         frame = frame.f_back  # type: ignore[assignment]
         if frame is None:
             return None
-        if isinstance(frame.f_locals.get("self"), Trainer):
-            return frame
-    return None
+        trainer = frame.f_locals.get("self")
+        if isinstance(trainer, Trainer):
+            break
+    else:
+        return None
+    outermost = frame
+    while frame is not None:
+        if frame.f_locals.get("self") is trainer:
+            outermost = frame
+        frame = frame.f_back  # type: ignore[assignment]
+    return outermost
 
 
 def _caller_of_type(kind: type, depth: int) -> Any | None:

@@ -1502,15 +1502,16 @@ def _hooked_saved(node: Any, attr: str) -> Any:
     return "T"
 
 
-def _node_shape(node: Any, name: str, sizes: set) -> tuple:
+def _node_shape(node: Any, name: str, sizes: Mapping[int, int]) -> tuple:
     """One node's part of the loss's shape: its name, the structural saved attributes of its
     type (:data:`_SHAPE_WORDS`: ``_saved_dim``, ``_dims``, ``_dim0``/``_dim1``,
     ``_dimension``, ``_keepdim``, ``_shifts``, ``_repeats``, a loss's ``_reduction`` and
-    ``_ignore_index``, whether a ``_weight`` is given), and for a reshape the first of its
-    output's dimensions that has the batch's size. Until a review of 2026-12-07 only
-    ``_saved_dim`` was held, and a term that moved the examples by ``transpose``, ``permute``,
-    ``roll``, ``flip``, ``unfold`` or a reshape from step 9 on — or BCE's reduction changed —
-    was measured until the next audit (step 16) without a word."""
+    ``_ignore_index``, whether a ``_weight`` is given), and for a reshape its output's
+    dimensions marked by the forward whose batch size they have (``sizes``: each size → the
+    first pass of that size), each forward at its first such dimension only. Until a review
+    of 2026-12-07 only ``_saved_dim`` was held, and a term that moved the examples by
+    ``transpose``, ``permute``, ``roll``, ``flip``, ``unfold`` or a reshape from step 9 on — or
+    BCE's reduction changed — was measured until the next audit (step 16) without a word."""
     attrs = _SHAPE_ATTRS.get(name)
     if attrs is None:
         attrs = tuple(
@@ -1547,12 +1548,18 @@ def _node_shape(node: Any, name: str, sizes: set) -> tuple:
         except Exception:
             out = None
         if out is not None:
-            # (the batch at the first dimension of its size only: a reshape to [n, n] — each
-            # example's n values — is one operation whichever dimension the caller meant, and
-            # marking both made a shape no audit had seen at that batch size alone: one step
-            # withheld with a warning, the statistics fuzzer's seed 75, 2026-12-07)
-            first = next((d for d, size in enumerate(out) if size in sizes), None)
-            parts.append(tuple("N" if d == first else "*" for d in range(len(out))))
+            # (a forward's batch at the first dimension of its size only: a reshape to [n, n]
+            # — each example's n values — is one operation whichever dimension the caller
+            # meant, and marking both made a shape no audit had seen at that batch size alone:
+            # one step withheld with a warning, the statistics fuzzer's seed 75, 2026-12-07.
+            # Which forward, not just "a batch": with two forwards of 4 and 3 examples, a
+            # reshape of the first's [4, 3] outputs to [3, 4] — across its examples — marked
+            # like the audited [4, 3] without it, measured without a word (a review))
+            marks: list[Any] = []
+            for size in out:
+                k = sizes.get(size)
+                marks.append("*" if k is None or k in marks else k)
+            parts.append(tuple(marks))
     return tuple(parts)
 
 
@@ -1594,7 +1601,9 @@ def loss_side_params(
     found: list[int] = []
     shape: list[Any] = []
     compiled = False
-    sizes = {getattr(p, "batch_size", None) for p in passes}
+    sizes: dict[int, int] = {}  # (each batch size → the first pass of that size)
+    for k, p in enumerate(passes):
+        sizes.setdefault(getattr(p, "batch_size", None), k)
     while stack:
         node, nr = stack.pop()
         if node is None:

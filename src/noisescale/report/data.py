@@ -22,11 +22,12 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
 
 from noisescale import estimators, theory
+from noisescale.commands._args import MAX_COUNT
 from noisescale.errors import NoiseScaleInputError
 
 HISTORY_KIND = "noisescale.history"
@@ -50,6 +51,10 @@ FLOAT_FIELDS = (
     "tokens_per_example",
 )
 UNITS = ("examples", "tokens")
+#: A record's interval may miss its B_simple by this relative rounding before it is refused.
+INTERVAL_SLACK = 1e-9
+#: The running counts of a record: finite, not negative, never going down.
+COUNTS = ("examples", "tokens_seen")
 
 #: At most this many candidate fixed batch sizes in the cost table.
 MAX_CANDIDATES = 12
@@ -139,16 +144,26 @@ def load_history(path: str | Path) -> History:
         NoiseScaleInputError: The file is missing, empty, not a noisescale history, has an
             unsupported version, a corrupt line, or no steps.
     """
+    if str(path) == "":  # (Path("") is ".", which was refused as "a directory")
+        raise NoiseScaleInputError(
+            "the history path is empty (an unset shell variable?): give the history file the "
+            "tracker wrote"
+        )
     p = Path(path)
     if not p.exists():
         raise NoiseScaleInputError(f"history file {str(p)!r} does not exist")
     if p.is_dir():
         raise NoiseScaleInputError(f"{str(p)!r} is a directory, not a history file")
     try:
-        text = p.read_text(encoding="utf-8")
+        # (utf-8-sig: a byte-order mark, as some editors save, was refused as "not a history")
+        text = p.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         raise NoiseScaleInputError(f"cannot read history file {str(p)!r}: {err}") from None
-    lines = text.splitlines()
+    # split at line feeds only: str.splitlines() also breaks at U+2028 and U+0085, which JSON
+    # allows unescaped inside a string (a header written with ensure_ascii=False was refused)
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if lines[-1] == "":
+        lines.pop()
     if not any(line.strip() for line in lines):
         raise NoiseScaleInputError(
             f"history file {str(p)!r} is empty; the tracker writes a header line first"
@@ -180,12 +195,15 @@ def load_history(path: str | Path) -> History:
             raise NoiseScaleInputError(
                 f"{str(p)!r}, line {number}: a step record needs an integer 'step'"
             )
+        _check_record(number, obj, p)
         records.append((number, obj))
     assert header is not None  # a non-blank file either yields a header or raised above
     if not records:
         raise NoiseScaleInputError(f"history file {str(p)!r} has a header but no steps yet")
     records = _drop_superseded(records, warnings)
     records = _after_last_switch(records, warnings)
+    for name in COUNTS:
+        _check_running_count(records, name, p)
     if "precondition_from" in header and not _is_preconditioned(records[-1][1]):
         # (until 2026-12-05 such a run's plain B_simple was shown as its only one, without a
         # word, where the tracker's estimate() says preconditioning has not started)
@@ -285,6 +303,8 @@ class Trajectory(NamedTuple):
     #: S_min, E_min and ∫√B_noise ds, eq. D.1 step by step (:func:`theory.run_integrals`)
     integrals: theory.TrajectoryIntegrals
     examples: np.ndarray
+    #: why ``examples`` may not be exact (a history without the running count)
+    warnings: tuple[str, ...] = ()
 
 
 def trajectory(history: History) -> Trajectory:
@@ -293,22 +313,81 @@ def trajectory(history: History) -> Trajectory:
     Raises:
         NoiseScaleInputError: Fewer than two steps carry a B_simple estimate.
     """
-    keep = _estimated(history) & np.isfinite(history.b_big) & (history.b_big > 0)
+    estimated = _estimated(history)
+    keep = estimated & np.isfinite(history.b_big)
     if keep.sum() < 2:
+        lacking = int((estimated & ~keep).sum())
         raise NoiseScaleInputError(
             f"{history.path!r}: only {int(keep.sum())} of {history.step.size} steps carry a "
-            "B_simple estimate; a report needs at least two (train longer, or lower the EMA "
-            "decay beta)"
+            "B_simple estimate"
+            + (
+                f" and their batch size; {lacking} more carry B_simple without 'b_big' (the "
+                "step's batch size), which the costs need: write the history with the tracker, "
+                "which records it"
+                if lacking
+                else "; a report needs at least two (train longer, or lower the EMA decay beta)"
+            )
         )
     step = history.step[keep].astype(float)
     batch = history.b_big[keep]
     b_noise = history.b_simple[keep]
     # the examples (or tokens) seen so far, in the unit of the batch sizes
     examples = (history.tokens_seen if history.unit == "tokens" else history.examples)[keep]
+    warnings: tuple[str, ...] = ()
+    lacking = estimated & ~keep
+    if lacking.any():
+        # (left out without a word until 2026-12-07: the costs ended before the headline's step)
+        left_out = ", ".join(f"{s:,}" for s in history.step[lacking][:5])
+        warnings = (
+            f"{int(lacking.sum())} record(s) with a B_simple lack their batch size ('b_big'; "
+            f"step(s) {left_out}{', …' if lacking.sum() > 5 else ''}): they are left out of the "
+            f"costs and schedules, which cover steps {int(step[0]):,}–{int(step[-1]):,}",
+        )
     if not np.all(np.isfinite(examples)):
-        # Older or partial records without the running total: integrate the batch sizes instead.
-        examples = np.concatenate([[0.0], np.cumsum(np.diff(step) * (batch[1:] + batch[:-1]) / 2)])
-    return Trajectory(step, batch, b_noise, theory.run_integrals(step, batch, b_noise), examples)
+        # Older or partial records without the running total: add up the batch sizes instead
+        examples, taken = _batches_taken(history, keep)
+        warnings += taken
+    return Trajectory(
+        step, batch, b_noise, theory.run_integrals(step, batch, b_noise), examples, warnings
+    )
+
+
+def _batches_taken(history: History, keep: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The examples seen at each kept record, counted from the first, where the history lacks
+    the running count: each record's batch size times the steps it stands for (since the record
+    before it; with ``measure_every`` the unmeasured steps before it). Until 2026-12-07 this was
+    the trapezoid of b_big over the steps, which counts the step where the batch changed at the
+    mean of the two sizes (132 examples for 136, a hunt). Where steps went unrecorded across a
+    change of the batch size, or a record lacks it, their batches are unknown: a warning, or
+    NaN (the run's examples unknown)."""
+    first, last = np.flatnonzero(keep)[[0, -1]]
+    span = slice(first + 1, last + 1)
+    gaps = np.diff(history.step.astype(float))[first:last]
+    batch, before = history.b_big[span], history.b_big[first:last]
+    taken = np.concatenate([[0.0], np.cumsum(batch * gaps)])
+    examples = taken[keep[first : last + 1]]
+    unit = history.unit
+    count = "tokens_seen" if unit == "tokens" else "examples"
+    if not np.all(np.isfinite(batch)):
+        return np.full(examples.shape, np.nan), (
+            f"the history has no running count of {unit} ('{count}') and "
+            f"{int((~np.isfinite(batch)).sum())} record(s) between steps "
+            f"{int(history.step[first]):,} and {int(history.step[last]):,} lack their batch size "
+            f"('b_big'): the {unit} the run took are unknown, and so is the adaptive schedule "
+            f"with as many {unit}; write the history with the tracker, which records them",
+        )
+    unsure = (gaps > 1) & (batch != before)
+    if not unsure.any():
+        return examples, ()
+    i = int(np.flatnonzero(unsure)[0])
+    return examples, (
+        f"the history has no running count of {unit} ('{count}'), and the batch size changed "
+        f"from {before[i]:,.4g} to {batch[i]:,.4g} across steps that were not recorded (steps "
+        f"{int(history.step[first + i]) + 1:,}–{int(history.step[first + i + 1]):,}"
+        + (f", and {int(unsure.sum()) - 1} more such gap(s)" if unsure.sum() > 1 else "")
+        + f"): the run's {unit} count those steps at the batch size of the record after them, "
+        "an approximation; write the history with the tracker, which records the running count",
+    )
 
 
 def candidate_batch_sizes(traj: Trajectory) -> np.ndarray:
@@ -618,7 +697,7 @@ def report_data(history: History, batch_sizes: Iterable[float] | None = None) ->
     series = b_simple_vs_step(history)
     run = run_cost(traj)
     sums: tuple[str, ...] = ()
-    if not run.e_min < run.examples:
+    if run.e_min >= run.examples:  # (unknown examples, NaN: see trajectory's warning)
         # (until 2026-12-06 the trapezoid rule in s put E_min above E wherever B_simple jumped
         # between records, every step recorded or not, and blamed sparse records; eq. D.1 step
         # by step keeps E_min below the interpolated ∫B dt, so only that can disagree with E)
@@ -649,7 +728,7 @@ def report_data(history: History, batch_sizes: Iterable[float] | None = None) ->
         adaptive=adaptive_summary(traj),
         pareto=pareto_curves(traj),
         trend=b_simple_trend(series, history),
-        warnings=(*sums, *history.warnings, *run_warnings(history, series)),
+        warnings=(*sums, *traj.warnings, *history.warnings, *run_warnings(history, series)),
     )
 
 
@@ -819,6 +898,79 @@ def _groups(number: int, obj: dict[str, Any], path: Path) -> tuple[GroupEstimate
             values.append(math.nan if v is None else float(v))
         out.append(GroupEstimate(str(name), *values))
     return tuple(out)
+
+
+def _check_record(number: int, obj: dict[str, Any], path: Path) -> None:
+    """Refuse values no tracker writes, naming the line and field (until 2026-12-07 they were
+    read as they were, to a matplotlib or overflow error, or printed: a run's examples −11, an
+    interval that does not hold its estimate, a hunt): a ``skipped`` that is not a boolean, a
+    batch size or running count that is not finite, negative (a batch size not positive) or
+    above :data:`MAX_COUNT`, and an interval that does not hold its B_simple."""
+
+    def refuse(field: str, value: Any, why: str) -> NoReturn:
+        raise NoiseScaleInputError(
+            f"{str(path)!r}, line {number}: {field!r} is {value!r}, but {why}; the file is "
+            "corrupt: correct or remove that line"
+        )
+
+    skipped = obj.get("skipped", False)
+    if not isinstance(skipped, bool):
+        refuse("skipped", skipped, "it must be true or false")
+    values = {
+        k: obj.get(k) for k in ("b_big", *COUNTS, "b_simple", "b_simple_low", "b_simple_high")
+    }
+    number_of = {
+        k: float(v)
+        for k, v in values.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)  # (others: _float_column)
+    }
+    b_big = number_of.get("b_big")
+    if b_big is not None and not (0 < b_big <= MAX_COUNT):
+        refuse(
+            "b_big",
+            values["b_big"],
+            f"a step's batch size is a positive number up to {MAX_COUNT:g}",
+        )
+    for field in COUNTS:
+        if field in number_of and not 0 <= number_of[field] <= MAX_COUNT:
+            refuse(
+                field, values[field], f"a count of what the run has seen is from 0 to {MAX_COUNT:g}"
+            )
+    b = number_of.get("b_simple", math.nan)
+    low = number_of.get("b_simple_low", math.nan)
+    high = number_of.get("b_simple_high", math.nan)
+    if low < 0:
+        refuse("b_simple_low", values["b_simple_low"], "the interval's lower end is not negative")
+    # (a relative slack of INTERVAL_SLACK for the rounding of bounds computed apart from b)
+    slack = 1 + INTERVAL_SLACK
+    if math.isfinite(b) and b > 0 and high * slack < b:
+        field = "b_simple_high"
+    elif (math.isfinite(b) and b > 0 and low > b * slack) or low > high * slack:
+        field = "b_simple_low"
+    else:
+        return
+    refuse(
+        field,
+        values[field],
+        f"the interval [{values['b_simple_low']!r}, {values['b_simple_high']!r}] must hold "
+        f"its B_simple ({values['b_simple']!r})",
+    )
+
+
+def _check_running_count(records: list[tuple[int, dict[str, Any]]], name: str, path: Path) -> None:
+    """Refuse a running count (``examples``, ``tokens_seen``) that goes down between records."""
+    before: tuple[int, float] | None = None
+    for number, obj in records:
+        value = obj.get(name)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        if before is not None and value < before[1]:
+            raise NoiseScaleInputError(
+                f"{str(path)!r}, line {number}: {name!r} is {value!r}, below line {before[0]}'s "
+                f"{before[1]!r}, but it counts what the run has seen so far and never goes down; "
+                "the file is corrupt: correct or remove that line"
+            )
+        before = (number, value)
 
 
 def _float_column(records: list[tuple[int, dict[str, Any]]], name: str, path: Path) -> np.ndarray:

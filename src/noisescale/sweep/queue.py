@@ -36,7 +36,7 @@ import contextlib
 import json
 import threading
 import warnings
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -59,6 +59,10 @@ RETRY_ATTR = "retry_history"
 DEFAULT_HEARTBEAT_S = 10
 #: Retries of a unit whose worker died, per unit (a crash of the work itself is not retried).
 DEFAULT_MAX_RETRIES = 3
+#: SQLite's errors for a storage it may not write (a read-only file, or directory: no journal).
+_SQLITE_WRITE_REFUSED = ("attempt to write a readonly database", "unable to open database file")
+#: PostgreSQL's SQLSTATEs for it: insufficient_privilege, read_only_sql_transaction.
+_PG_WRITE_REFUSED = ("42501", "25006")
 _BOOKKEEPING = {UNIT_ATTR, UNIT_ATTRS_ATTR, FINISHED_ATTR, RETRY_ATTR, "error", "recovered_from"}
 
 
@@ -278,35 +282,54 @@ class WorkQueue:
             grace_period=self.grace_period,
             stale_trial_callback=self._requeue_stale,
         )
+        self._url = storage_url
         sampler = optuna.samplers.RandomSampler(seed=0)  # every parameter is fixed per trial
         try:
-            if create:
-                self.study = optuna.create_study(
-                    storage=self.storage,
-                    study_name=study_name,
-                    direction="minimize",
-                    load_if_exists=True,
-                    sampler=sampler,
-                )
-            else:
-                self.study = optuna.load_study(
-                    storage=self.storage, study_name=study_name, sampler=sampler
-                )
+            # create_study writes even when the study exists (its insert is what finds it)
+            with self._writing():
+                if create:
+                    self.study = optuna.create_study(
+                        storage=self.storage,
+                        study_name=study_name,
+                        direction="minimize",
+                        load_if_exists=True,
+                        sampler=sampler,
+                    )
+                else:
+                    self.study = optuna.load_study(
+                        storage=self.storage, study_name=study_name, sampler=sampler
+                    )
         except KeyError:
             raise NoiseScaleInputError(f"no study {study_name!r} in {self.storage_shown}") from None
-        except optuna.exceptions.StorageInternalError as err:
-            # create_study writes even when the study exists (its insert is what finds it).
-            cause = str(err.__cause__ or err)
-            if "readonly" not in cause.lower() and "read-only" not in cause.lower():
-                raise
-            raise NoiseScaleInputError(
-                f"storage {self.storage_shown} is read-only "
-                f"({scrub(cause.strip().splitlines()[0], storage_url)}): workers write their "
-                "claims, heartbeats and curves there. Open it writable (drop mode=ro from the "
-                "URL; check the permissions of the file and its directory), or read its finished "
-                "runs with noisescale fit, which only reads"
-            ) from None
         self.study_id = self.storage.get_study_id_from_name(study_name)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Refuse, with exit code 2 and the driver's words, a storage this worker may not write
+        (it writes claims, heartbeats and curves) instead of the driver's traceback."""
+        try:
+            yield
+        except Exception as err:
+            cause = _write_refusal(err)
+            if cause is None:
+                raise
+            cause = scrub(cause.splitlines()[0], self._url)
+            if self._url.startswith("sqlite"):
+                head = f"storage {self.storage_shown} is read-only ({cause})"
+                fix = (
+                    "Open it writable (drop mode=ro from the URL; check the permissions of the "
+                    "file and its directory)"
+                )
+            else:
+                head = f"storage {self.storage_shown} does not let this worker write ({cause})"
+                fix = (
+                    "Connect as a user that may SELECT, INSERT, UPDATE and DELETE its tables "
+                    "and use their sequences, in transactions that are not read-only"
+                )
+            raise NoiseScaleInputError(
+                f"{head}: workers write their claims, heartbeats and curves there. {fix}, or "
+                "read its finished runs with noisescale fit, which only reads"
+            ) from None
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -344,11 +367,12 @@ class WorkQueue:
         live = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
         existing = self.by_unit([u.key for u in units])
         added = 0
-        for unit in units:
-            if any(t.state in live for t in existing[unit.key]):
-                continue
-            self._add_waiting(unit.params, unit.key, dict(unit.attrs), {})
-            added += 1
+        with self._writing():
+            for unit in units:
+                if any(t.state in live for t in existing[unit.key]):
+                    continue
+                self._add_waiting(unit.params, unit.key, dict(unit.attrs), {})
+                added += 1
         return added
 
     def _add_waiting(
@@ -387,10 +411,17 @@ class WorkQueue:
     # -- claiming and running ------------------------------------------------------------------
 
     def release_stale(self) -> None:
-        """Fail the running trials whose heartbeat stopped; their units are enqueued again."""
+        """Fail the running trials whose heartbeat stopped; their units are enqueued again.
+
+        A RUNNING trial with no heartbeat at all is an older worker's (a claim of this version
+        writes its first heartbeat with it): Optuna never takes it for dead, so it is given one
+        here, stamped by the database's clock like every heartbeat, and is released after the
+        grace period unless its worker beats.
+        """
         import optuna
 
-        with warnings.catch_warnings():
+        with self._writing(), warnings.catch_warnings():
+            _beat_silent_running(self.storage, self.study_id)
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(self.study)
 
@@ -418,8 +449,9 @@ class WorkQueue:
                 self.study_id, frozen.number
             )
             try:
-                if not _claim_trial(self.storage, trial_id):
-                    continue  # another worker claimed it first
+                with self._writing():
+                    if not _claim_trial(self.storage, trial_id):
+                        continue  # another worker claimed it first
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
             unit = WorkUnit(
@@ -567,6 +599,62 @@ def _claim_trial(storage: optuna.storages.RDBStorage, trial_id: int) -> bool:
     except sqlalchemy.exc.IntegrityError:
         return False
     return True
+
+
+def _beat_silent_running(storage: optuna.storages.RDBStorage, study_id: int) -> None:
+    """Record a first heartbeat for the study's RUNNING trials that have none.
+
+    Such a trial was claimed by an older noisescale (its claim and first heartbeat were two
+    commits) whose worker died in between, or is about to beat: Optuna's ``fail_stale_trials``
+    skips a trial without a heartbeat, and every other worker waited for it for ever. The row
+    gets the database's time (the column's default), as Optuna's own heartbeats do.
+    """
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from optuna.trial import TrialState
+    from sqlalchemy import orm
+
+    # ignore_integrity_error: another worker (or the trial's own) wrote the row first
+    with _create_scoped_session(storage.scoped_session, True) as session:
+        running = (
+            session.query(models.TrialModel)
+            .options(orm.selectinload(models.TrialModel.heartbeats))
+            .filter(models.TrialModel.state == TrialState.RUNNING)
+            .filter(models.TrialModel.study_id == study_id)
+            .all()
+        )
+        for trial in running:
+            if not trial.heartbeats:
+                session.add(models.TrialHeartbeatModel(trial_id=trial.trial_id))
+
+
+def _write_refusal(err: BaseException) -> str | None:
+    """The driver's own message when ``err`` (or an error it wraps) says that the storage may
+    not be written: SQLite's read-only file or one it cannot open for writing (a read-only
+    directory), PostgreSQL's missing privilege (42501) or read-only transaction (25006).
+
+    Only the driver's error is read, never SQLAlchemy's text around it, which quotes the
+    statement and its parameters (a lock timeout on a study named ``readonly-ablation`` is no
+    read-only storage).
+    """
+    import sqlite3
+
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        orig = getattr(current, "orig", None)
+        if isinstance(orig, BaseException):
+            text = str(orig).strip()
+            code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
+            if code in _PG_WRITE_REFUSED or (
+                isinstance(orig, sqlite3.OperationalError)
+                and text.lower().startswith(_SQLITE_WRITE_REFUSED)
+            ):
+                return text
+            return None
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _unit_key(trial: FrozenTrial) -> str | None:

@@ -44,6 +44,17 @@ SQLITE_TIMEOUT_S = 60.0
 OPEN_ATTEMPTS = 8
 #: Fragments of the errors two workers get when they create the same tables or rows at once.
 _RACE_MESSAGES = ("already exists", "duplicate key", "unique constraint", "database is locked")
+#: What SQLAlchemy takes for true in ``uri=`` (its ``asbool``, any case).
+_TRUE = ("true", "yes", "on", "y", "t", "1")
+#: The query parameters SQLAlchemy gives the sqlite3 driver; the others go to SQLite's URI.
+_DRIVER_PARAMS = (
+    "uri",
+    "timeout",
+    "isolation_level",
+    "detect_types",
+    "check_same_thread",
+    "cached_statements",
+)
 _PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)@")
 
 
@@ -145,10 +156,17 @@ def resolve_storage_url(
 
 def sqlite_file(url: str) -> Path | None:
     """The database file of an ``sqlite://`` URL (``None`` for other URLs or in-memory ones),
-    also of SQLite's URI form (``sqlite:///file:/path/sweep.db?mode=ro&uri=true``).
+    also of SQLite's URI form (``sqlite:///file:/path/sweep.db?mode=ro&uri=true``; ``uri`` any
+    spelling SQLAlchemy takes for true: ``True``, ``1``, ``yes``…).
 
-    >>> sqlite_file("sqlite:///file:/data/sweep.db?mode=ro&uri=true").as_posix()
+    >>> sqlite_file("sqlite:///file:/data/sweep.db?mode=ro&uri=True").as_posix()
     '/data/sweep.db'
+    >>> sqlite_file("sqlite:///file::memory:?uri=true") is None
+    True
+
+    Raises:
+        NoiseScaleInputError: SQLite URI options (``mode=ro``) on a path without ``file:``:
+            SQLAlchemy would open (and create) a file whose name ends in ``?mode=ro``.
     """
     if not url.startswith("sqlite"):
         return None
@@ -157,11 +175,23 @@ def sqlite_file(url: str) -> Path | None:
         return None
     database, _, query = rest.partition("?")
     params = parse_qs(query)
-    if database.startswith("file:") and params.get("uri") == ["true"]:
-        if params.get("mode") == ["memory"]:
-            return None
-        database = unquote(urlparse(database).path)
-    return Path(database)
+    if params.get("uri", [""])[-1].strip().lower() not in _TRUE:
+        return Path(database)
+    if not database.startswith("file:"):
+        options = sorted(set(params) - set(_DRIVER_PARAMS))
+        if options:
+            named = "&".join(f"{k}={params[k][-1]}" for k in options)
+            path = "/" + database.lstrip("/") if database.startswith("/") else database
+            raise NoiseScaleInputError(
+                f"{mask_url(url)}: SQLite reads URI options ({named}) only from a file: URI; "
+                f"this URL would open (or create) a file named {database + '?' + named!r}. "
+                f"Write sqlite:///file:{path}?{query}"
+            )
+        return Path(database)
+    if params.get("mode") == ["memory"]:
+        return None
+    path = unquote(urlparse(database).path)
+    return Path(path) if path and path != ":memory:" else None
 
 
 def open_storage(
