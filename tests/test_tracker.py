@@ -320,6 +320,53 @@ def test_fresh_tracker_never_appends_to_another_runs_history(tmp_path):
     assert fresh.history[-1]["step"] == 1  # what was measured is kept in memory
 
 
+def test_history_path_under_a_file_is_refused_at_construction(tmp_path):
+    """(It was accepted, and the first write, steps later, raised pathlib's FileExistsError.)"""
+    (tmp_path / "a_file").write_text("x")
+    for path in (tmp_path / "a_file" / "h.jsonl", tmp_path / "a_file" / "d" / "h.jsonl"):
+        with pytest.raises(NoiseScaleInputError, match=r"a_file' is a file, not a directory"):
+            noisescale.GradientNoiseTracker(linear_model(), history_path=path)
+    assert (tmp_path / "a_file").read_text() == "x"
+
+
+def test_resume_drops_the_line_a_kill_cut(tmp_path):
+    """A run killed while writing a line, resumed from its checkpoint on the same file: the cut
+    line is dropped with a warning (appended to, it held the first new record too and every
+    reader refused the file as corrupt), and the resumed records replace the checkpoint's on."""
+    path = tmp_path / "run.jsonl"
+    data = batches(23, 8, 8)
+    model = linear_model()
+    first = noisescale.GradientNoiseTracker(model, history_path=path, sync_every=1)
+    _train(first, model, data[:3])
+    state = first.state_dict()  # (no optimizer: the model is as at the checkpoint)
+    _train(first, model, data[3:5])
+    first.remove()
+    text = path.read_text()
+    path.write_text(text[: text.rstrip("\n").rfind("\n") + 41])  # step 5's line cut
+    resumed = noisescale.GradientNoiseTracker(model, history_path=path, sync_every=1)
+    resumed.load_state_dict(state)
+    with pytest.warns(RuntimeWarning, match=r"ended in an unfinished line .* it was dropped"):
+        _train(resumed, model, data[3:])
+    resumed.remove()
+    h = noisescale.load_history(path)
+    assert h.step.tolist() == list(range(1, 9))
+    assert [r["b_simple"] for r in resumed.history[:2]] == pytest.approx(
+        [r["b_simple"] for r in first.history[3:5]], rel=1e-9
+    )
+    # a header cut while the first line was written: nothing was written, the header
+    # is written again
+    path.write_text(text[:20])
+    fresh = noisescale.GradientNoiseTracker(model, history_path=path, sync_every=1)
+    with pytest.warns(RuntimeWarning, match=r"only an unfinished header .* written again"):
+        _train(fresh, model, data[:2])
+    assert noisescale.load_history(path).step.tolist() == [1, 2]
+    # a cut first line that is not a header is not ours to drop
+    path.write_text('{"name": "not a hist')
+    with pytest.raises(NoiseScaleInputError, match="is not a noisescale history"):
+        noisescale.GradientNoiseTracker(model, history_path=path)
+    assert path.read_text() == '{"name": "not a hist'
+
+
 def test_resumed_tracker_appends_to_its_own_history(tmp_path):
     path = tmp_path / "run.jsonl"
     data = batches(22, 8, 8)

@@ -137,6 +137,8 @@ _HISTORY_MEANING = (
     "grouped_rows", "dataset_size",
 )  # fmt: skip
 HISTORY_VERSION = 1
+# how every header's line begins ("kind" is its first key): a cut line that begins so is a header
+_HEADER_START = json.dumps({"kind": HISTORY_KIND})[:-1]
 STATE_VERSION = 3
 # warn when the interval has stayed unbounded for this many steps with a cheap, less precise mode
 UNBOUNDED_WARNING_STEPS = 500
@@ -2214,6 +2216,13 @@ class GradientNoiseTracker:
         path = self.history_path
         if path.is_dir():
             raise NoiseScaleInputError(f"history_path {str(path)!r} is a directory; give a file")
+        # (a parent that is a file: the first write raised FileExistsError, steps later)
+        parent = next((q for q in path.parents if q.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise NoiseScaleInputError(
+                f"history_path {str(path)!r} cannot be created: {str(parent)!r} is a file, not "
+                "a directory; give a path in a directory"
+            )
         header = self._existing_history_header()
         if header is not None:
             # fixed at construction: load_state_dict refuses a checkpoint that differs in these
@@ -2231,6 +2240,8 @@ class GradientNoiseTracker:
             return None
         with path.open() as f:
             first = f.readline()
+        if not first.endswith("\n") and _HEADER_START.startswith(first[: len(_HEADER_START)]):
+            return None  # a header cut by a kill while writing it: nothing was written
         try:
             header = json.loads(first)
         except json.JSONDecodeError:
@@ -2261,9 +2272,14 @@ class GradientNoiseTracker:
             )
 
     def _continue_history_file(self) -> bool:
-        """At the first write: whether the file at ``history_path`` is ours to append to."""
+        """At the first write: whether the file at ``history_path`` is ours to append to.
+
+        Its unfinished last line (no line feed: a write that a kill cut) is dropped, with a
+        warning — appended to, it would have held the first new record too, and every reader
+        refused the file as corrupt."""
         header = self._existing_history_header()
         if header is None:
+            self._drop_unfinished_line()
             return False
         # what gives the records their meaning (a resume may change how precisely they are
         # measured — the source's fraction or sub-batches — as load_state_dict allows)
@@ -2277,7 +2293,30 @@ class GradientNoiseTracker:
                 "history_path, or move or delete the file (it was not changed); a resumed "
                 "tracker appends to its own history"
             )
+        self._drop_unfinished_line()
         return True
+
+    def _drop_unfinished_line(self) -> None:
+        """Truncate the history file to its last complete line, saying so if it was not."""
+        assert self.history_path is not None
+        path = self.history_path
+        if not path.exists():
+            return
+        with path.open("rb+") as f:
+            data = f.read()
+            if not data or data.endswith(b"\n"):
+                return
+            kept = data.rfind(b"\n") + 1
+            f.truncate(kept)
+        line = data[kept:].decode("utf-8", "replace")
+        self._warn(
+            f"history_path {str(path)!r} ended in an unfinished line (a run killed while writing "
+            f"it: {line[:60]!r}...); it was dropped — its step is measured again by this resumed "
+            "run, whose records replace those from the checkpoint's step on"
+            if kept
+            else f"history_path {str(path)!r} held only an unfinished header (a run killed while "
+            "writing it); it was written again"
+        )
 
     def _write_lines(self, records: Iterable[dict[str, Any]]) -> None:
         assert self.history_path is not None
