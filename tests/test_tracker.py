@@ -320,6 +320,60 @@ def test_fresh_tracker_never_appends_to_another_runs_history(tmp_path):
     assert fresh.history[-1]["step"] == 1  # what was measured is kept in memory
 
 
+def test_write_history_continues_the_history_a_resumed_run_wrote(tmp_path):
+    """The README's loop (write_history last) as two jobs, the second resumed from the first's
+    checkpoint: the file held only the second job's steps (a resumed tracker's history starts
+    at the resume), the first's replaced without a word."""
+    path = tmp_path / "history.jsonl"
+    data = batches(24, 8, 8)
+    model = linear_model()
+    first = noisescale.GradientNoiseTracker(model)
+    _train(first, model, data[:5])
+    state = first.state_dict()
+    first.write_history(path)
+    job1 = path.read_text().splitlines()
+    first.write_history(path)  # (a tracker rewrites its own file)
+    resumed = noisescale.GradientNoiseTracker(model)
+    resumed.load_state_dict(state)
+    _train(resumed, model, data[5:])
+    for _ in range(2):  # (again: the same file)
+        resumed.write_history(path)
+        lines = path.read_text().splitlines()
+        assert lines[:6] == job1 and noisescale.load_history(path).step.tolist() == [*range(1, 9)]
+    # another run's history is never replaced: a tracker not resumed is refused, the file kept
+    before = path.read_bytes()
+    fresh = noisescale.GradientNoiseTracker(model)
+    _train(fresh, model, data[:2])
+    with pytest.raises(NoiseScaleInputError, match=r"was not resumed .* another path"):
+        fresh.write_history(path)
+    resumed_other = noisescale.GradientNoiseTracker(model, loss_reduction="sum")
+    resumed_other.load_state_dict(
+        noisescale.GradientNoiseTracker(model, loss_reduction="sum").state_dict()
+    )
+    with pytest.raises(NoiseScaleInputError, match=r"another run's history.*'mean'"):
+        resumed_other.write_history(path)
+    assert path.read_bytes() == before
+
+
+def test_a_resume_with_another_confidence_is_named(tmp_path):
+    """(It was refused as "another run's history", where the fix is the constructor's
+    confidence=.)"""
+    path = tmp_path / "run.jsonl"
+    model = linear_model()
+    first = noisescale.GradientNoiseTracker(model, history_path=path, sync_every=1)
+    _train(first, model, batches(25, 2, 8))
+    state = first.state_dict()
+    first.remove()
+    before = path.read_bytes()
+    resumed = noisescale.GradientNoiseTracker(
+        model, confidence=0.9, history_path=path, sync_every=1
+    )
+    resumed.load_state_dict(state)
+    with pytest.raises(NoiseScaleInputError, match=r"with confidence=0\.95, as the run it"):
+        _train(resumed, model, batches(26, 1, 8))
+    assert path.read_bytes() == before
+
+
 def test_history_path_under_a_file_is_refused_at_construction(tmp_path):
     """(It was accepted, and the first write, steps later, raised pathlib's FileExistsError.)"""
     (tmp_path / "a_file").write_text("x")

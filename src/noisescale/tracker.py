@@ -148,6 +148,33 @@ FEW_NOISE_STEPS = 15
 FEW_NOISE_SHARE = 0.25
 
 
+def _history_lines(path: Path) -> tuple[dict[str, Any], list[tuple[int, str]]] | None:
+    """The header and the lines (step, line; the header's step 0) of the history at ``path``;
+    None where there is none (no file, or another kind of file). An unfinished last line (a
+    kill while writing it) is left out; a corrupt line elsewhere is refused."""
+    if not path.is_file():
+        return None
+    lines = path.read_text(encoding="utf-8").split("\n")
+    lines.pop()  # ("" after the last line feed)
+    try:
+        header = json.loads(lines[0]) if lines else None
+    except json.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict) or header.get("kind") != HISTORY_KIND:
+        return None
+    records = [(0, lines[0] + "\n")]
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            raise NoiseScaleInputError(
+                f"{str(path)!r}, line {number}: not a step record; the history is corrupt — "
+                "give write_history another path (the file was not changed)"
+            ) from None
+        records.append((int(step), line + "\n"))
+    return header, records
+
+
 @dataclass
 class _Pending:
     """One step's statistics, still on the device."""
@@ -658,7 +685,9 @@ class GradientNoiseTracker:
         self._weights_varied: Tensor | None = None
         self._varied_before = False  # ... in the run this tracker resumed (load_state_dict)
         self._divisor_unknown = False
-        self._resumed = False  # load_state_dict: an existing history may be continued
+        # load_state_dict's step: an existing history may be continued (its records up to it)
+        self._resumed_at: int | None = None
+        self._histories_written: set[Path] = set()  # write_history's files (rewritten freely)
         if self.history_path is not None:
             self._start_history_file()
 
@@ -2254,22 +2283,38 @@ class GradientNoiseTracker:
             )
         return header
 
-    def _check_history_header(self, header: dict[str, Any], keys: Iterable[str]) -> None:
-        """Refuse to append under ``header`` where it differs from ours in ``keys``."""
+    def _check_history_header(
+        self, header: dict[str, Any], keys: Iterable[str], path: Path | None = None
+    ) -> None:
+        """Refuse to append under ``header`` where it differs from ours in ``keys`` (to the
+        file at ``path``: write_history's; by default ``history_path``)."""
         ours = self._header()
-        differ = [
-            f"{k} {header.get(k)!r} (this tracker: {ours.get(k)!r})"
-            for k in keys
-            if header.get(k) != ours.get(k)
-        ]
-        if differ:
-            assert self.history_path is not None
+        differ = [k for k in keys if header.get(k) != ours.get(k)]
+        if not differ:
+            return
+        written = ", ".join(
+            f"{k} {header.get(k)!r} (this tracker: {ours.get(k)!r})" for k in differ
+        )
+        where, other = (
+            (f"history_path {str(self.history_path)!r}", "history_path")
+            if path is None
+            else (f"{str(path)!r}", "path for write_history")
+        )
+        settable = [k for k in differ if k in ("confidence", "dataset_size")]
+        if self._resumed_at is not None and settable:
+            # (a resumed run's own history, another setting of the constructor's: not "another
+            # run's")
+            fix = ", ".join(f"{k}={header.get(k)!r}" for k in settable)
             raise NoiseScaleInputError(
-                f"history_path {str(self.history_path)!r} holds another run's history, written "
-                f"with {', '.join(differ)}; this tracker's records under that header would be "
-                "read in its terms. Give this run another history_path, or move or delete the "
-                "file (it was not changed)"
+                f"{where} was written with {written}, and this resumed tracker's records under "
+                f"that header would be read in its terms. Construct the tracker with {fix}, as "
+                f"the run it resumes, or give it another {other} (the file was not changed)"
             )
+        raise NoiseScaleInputError(
+            f"{where} holds another run's history, written with {written}; this tracker's "
+            f"records under that header would be read in its terms. Give this run another "
+            f"{other}, or move or delete the file (it was not changed)"
+        )
 
     def _continue_history_file(self) -> bool:
         """At the first write: whether the file at ``history_path`` is ours to append to.
@@ -2284,7 +2329,7 @@ class GradientNoiseTracker:
         # what gives the records their meaning (a resume may change how precisely they are
         # measured — the source's fraction or sub-batches — as load_state_dict allows)
         self._check_history_header(header, _HISTORY_MEANING)
-        if not self._resumed:
+        if self._resumed_at is None:
             assert self.history_path is not None
             raise NoiseScaleInputError(
                 f"history_path {str(self.history_path)!r} already holds a history and this "
@@ -2330,13 +2375,41 @@ class GradientNoiseTracker:
                 f.write(json.dumps(_json_safe(r), allow_nan=False) + "\n")
 
     def write_history(self, path: str | Path) -> Path:
-        """Write the whole history (a header line, then one JSON object per step)."""
+        """Write the whole history (a header line, then one JSON object per step).
+
+        Onto a noisescale history already there, a resumed tracker (:meth:`load_state_dict`)
+        continues it as ``history_path`` does: the file's records up to the checkpoint's step
+        are kept (the run it resumes measured them; this tracker's history starts after), and
+        its own follow. Any other tracker is refused there — but on the files it wrote itself —
+        rather than replace another run's records: give another path. The file is replaced
+        whole at once (a kill while writing leaves the old one)."""
         self.sync()
         out = Path(path)
+        kept: list[str] = []
+        existing = _history_lines(out)
+        if existing is not None:
+            header, records = existing
+            if self._resumed_at is not None:
+                self._check_history_header(header, _HISTORY_MEANING, out)
+                kept = [line for step, line in records if step <= self._resumed_at]
+            elif out.resolve() not in self._histories_written and not (
+                self.history_path is not None and out.resolve() == self.history_path.resolve()
+            ):
+                raise NoiseScaleInputError(
+                    f"{str(out)!r} already holds a noisescale history and this tracker was not "
+                    "resumed (load_state_dict): its history written there would replace that "
+                    "run's records. Give write_history another path, or move or delete the "
+                    "file (it was not changed); a resumed tracker's write_history continues "
+                    "the history of the run it resumes"
+                )
         out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w") as f:
-            for r in [self._header(), *self._history]:
+        part = out.with_name(out.name + ".part")
+        with part.open("w") as f:
+            f.writelines(kept)
+            for r in [*([] if kept else [self._header()]), *self._history]:
                 f.write(json.dumps(_json_safe(r), allow_nan=False) + "\n")
+        part.replace(out)
+        self._histories_written.add(out.resolve())
         return out
 
     # -- checkpointing ------------------------------------------------------------------------
@@ -2477,7 +2550,7 @@ class GradientNoiseTracker:
                 f"has {sorted(self._state.groups)}; construct it with the same groups="
             )
         self._pending.clear()
-        self._resumed = True
+        self._resumed_at = int(state["steps"])
         combiner = {
             k: est.CombinerState(
                 **{
