@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -372,6 +373,28 @@ def test_a_resume_with_another_confidence_is_named(tmp_path):
     with pytest.raises(NoiseScaleInputError, match=r"with confidence=0\.95, as the run it"):
         _train(resumed, model, batches(26, 1, 8))
     assert path.read_bytes() == before
+
+
+def test_a_failed_history_write_is_written_again(tmp_path, monkeypatch):
+    """A write that fails (a full disk) and is caught by the loop: the next write wrote its
+    records with no header, and every reader refused the file as not a history."""
+    path = tmp_path / "run.jsonl"
+    model = linear_model()
+    tracker = noisescale.GradientNoiseTracker(model, history_path=path, sync_every=1)
+    real_open, fails = Path.open, iter([True])
+
+    def full_disk(self, mode="r", *args, **kwargs):
+        if self == path and mode.startswith("a") and next(fails, False):
+            raise OSError(28, "No space left on device")
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        _train(tracker, model, batches(27, 1, 8))
+    model.zero_grad()  # (the loop that caught it)
+    _train(tracker, model, batches(28, 2, 8))
+    tracker.remove()
+    assert noisescale.load_history(path).step.tolist() == [1, 2, 3]
 
 
 def test_history_path_under_a_file_is_refused_at_construction(tmp_path):

@@ -660,6 +660,7 @@ class GradientNoiseTracker:
         )
         self._hooked.append(self._tokens)
         self._header_written = False
+        self._unwritten: list[dict[str, Any]] = []  # records a failed write left for the next
         self._state = state_mod.init(beta, tuple(self._group_names))
         self._pending: list[_Pending] = []
         self._history: list[dict[str, Any]] = []
@@ -2364,15 +2365,26 @@ class GradientNoiseTracker:
         )
 
     def _write_lines(self, records: Iterable[dict[str, Any]]) -> None:
+        """Append ``records`` (and the header, at the first write). A write that fails (a full
+        disk) leaves the file as it was and its records for the next one: set the header as
+        written then, later records went under none and every reader refused the file."""
         assert self.history_path is not None
-        if not self._header_written:
-            if not self._continue_history_file():
-                records = [self._header(), *records]
-            self._header_written = True
+        self._unwritten = lines = [*self._unwritten, *records]
+        if not self._header_written and not self._continue_history_file():
+            lines = [self._header(), *lines]
+        data = "".join(json.dumps(_json_safe(r), allow_nan=False) + "\n" for r in lines).encode()
         self.history_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.history_path.open("a") as f:
-            for r in records:
-                f.write(json.dumps(_json_safe(r), allow_nan=False) + "\n")
+        with self.history_path.open("ab", buffering=0) as f:
+            start = f.tell()
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[f.write(view) :]
+            except OSError:
+                f.truncate(start)
+                raise
+        self._header_written = True
+        self._unwritten = []
 
     def write_history(self, path: str | Path) -> Path:
         """Write the whole history (a header line, then one JSON object per step).
