@@ -714,11 +714,12 @@ def test_what_the_fit_fuzzer_found_is_exact_or_refused(seed, check, override):
 # batch discarded, in a directory not there yet, and a new tracker after remove() refused.
 # (Seeds 92 and 98 pass too, and 11, 14, 23 through the Trainer's callback: `python
 # tests/fuzz_history.py --seeds 92,98,11`.)
-# (94 also draws a path under a file, the crash below: left out here)
+# (94 also draws a path under a file, refused at construction as in 33 below: left out here)
 HISTORY_SAMPLE = [(94, {"under_a_file": False}), (99, None)]
 
-# What it found (2026-12-07), as (seed, override of the seed's life). These fail until the fixes
-# land (not xfail, as FOUND_BY_THE_FUZZER's).
+# What it found (2026-12-07), as (seed, override of the seed's life), fixed the same day (the
+# comments say what each did before): a cut line dropped by the resumed tracker, write_history
+# continuing a resumed run's history, a path under a file refused at construction.
 FOUND_IN_THE_HISTORY = [
     # a run killed while writing a line, resumed from its checkpoint: the resumed tracker
     # appends right after the half line, which swallows its first record; load_history, report

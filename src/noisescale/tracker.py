@@ -2301,7 +2301,7 @@ class GradientNoiseTracker:
             if path is None
             else (f"{str(path)!r}", "path for write_history")
         )
-        settable = [k for k in differ if k in ("confidence", "dataset_size")]
+        settable = [k for k in differ if k == "confidence"]  # (load_state_dict checks the rest)
         if self._resumed_at is not None and settable:
             # (a resumed run's own history, another setting of the constructor's: not "another
             # run's")
