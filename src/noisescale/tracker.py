@@ -165,13 +165,13 @@ def _history_lines(path: Path) -> tuple[dict[str, Any], list[tuple[int, str]]] |
     records = [(0, lines[0] + "\n")]
     for number, line in enumerate(lines[1:], start=2):
         try:
-            step = json.loads(line)["step"]
-        except (json.JSONDecodeError, TypeError, KeyError):
+            step = int(json.loads(line)["step"])
+        except (json.JSONDecodeError, TypeError, KeyError, ValueError):
             raise NoiseScaleInputError(
                 f"{str(path)!r}, line {number}: not a step record; the history is corrupt — "
                 "give write_history another path (the file was not changed)"
             ) from None
-        records.append((int(step), line + "\n"))
+        records.append((step, line + "\n"))
     return header, records
 
 
@@ -2301,11 +2301,10 @@ class GradientNoiseTracker:
             if path is None
             else (f"{str(path)!r}", "path for write_history")
         )
-        settable = [k for k in differ if k == "confidence"]  # (load_state_dict checks the rest)
-        if self._resumed_at is not None and settable:
-            # (a resumed run's own history, another setting of the constructor's: not "another
-            # run's")
-            fix = ", ".join(f"{k}={header.get(k)!r}" for k in settable)
+        if self._resumed_at is not None and "confidence" in differ:
+            # (a resumed run's own history, the constructor's confidence another: not "another
+            # run's"; load_state_dict refuses the rest of what a resume may not change)
+            fix = f"confidence={header.get('confidence')!r}"
             raise NoiseScaleInputError(
                 f"{where} was written with {written}, and this resumed tracker's records under "
                 f"that header would be read in its terms. Construct the tracker with {fix}, as "
