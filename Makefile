@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 # The CPU build of torch that this machine installs quickly; pyproject.toml declares the range.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats fuzz-fit fuzz-sweep fuzz-cli install lint format clean
+.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats fuzz-fit fuzz-sweep fuzz-cli fuzz-history install lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -97,6 +97,11 @@ fuzz-sweep: install
 # a second): exit codes, messages, files left as they were, and the numbers against eq. 2.11/D.1.
 fuzz-cli: install
 	$(PY) tests/fuzz_cli.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
+
+# A run's history file through its life (tests/fuzz_history.py, ≈ 1-5 s a seed): checkpoints,
+# kills (mid-write too), resumes, write_history and intruders; nothing measured lost.
+fuzz-history: install
+	$(PY) tests/fuzz_history.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench examples

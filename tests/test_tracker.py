@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -318,6 +319,129 @@ def test_fresh_tracker_never_appends_to_another_runs_history(tmp_path):
         _train(fresh, model, batches(21, 1, 8))
     assert path.read_bytes() == before
     assert fresh.history[-1]["step"] == 1  # what was measured is kept in memory
+
+
+def test_write_history_continues_the_history_a_resumed_run_wrote(tmp_path):
+    """The README's loop (write_history last) as two jobs, the second resumed from the first's
+    checkpoint: the file held only the second job's steps (a resumed tracker's history starts
+    at the resume), the first's replaced without a word."""
+    path = tmp_path / "history.jsonl"
+    data = batches(24, 8, 8)
+    model = linear_model()
+    first = noisescale.GradientNoiseTracker(model)
+    _train(first, model, data[:5])
+    state = first.state_dict()
+    first.write_history(path)
+    job1 = path.read_text().splitlines()
+    first.write_history(path)  # (a tracker rewrites its own file)
+    resumed = noisescale.GradientNoiseTracker(model)
+    resumed.load_state_dict(state)
+    _train(resumed, model, data[5:])
+    for _ in range(2):  # (again: the same file)
+        resumed.write_history(path)
+        lines = path.read_text().splitlines()
+        assert lines[:6] == job1 and noisescale.load_history(path).step.tolist() == [*range(1, 9)]
+    # another run's history is never replaced: a tracker not resumed is refused, the file kept
+    before = path.read_bytes()
+    fresh = noisescale.GradientNoiseTracker(model)
+    _train(fresh, model, data[:2])
+    with pytest.raises(NoiseScaleInputError, match=r"was not resumed .* another path"):
+        fresh.write_history(path)
+    resumed_other = noisescale.GradientNoiseTracker(model, loss_reduction="sum")
+    resumed_other.load_state_dict(
+        noisescale.GradientNoiseTracker(model, loss_reduction="sum").state_dict()
+    )
+    with pytest.raises(NoiseScaleInputError, match=r"another run's history.*'mean'"):
+        resumed_other.write_history(path)
+    assert path.read_bytes() == before
+
+
+def test_a_resume_with_another_confidence_is_named(tmp_path):
+    """(It was refused as "another run's history", where the fix is the constructor's
+    confidence=.)"""
+    path = tmp_path / "run.jsonl"
+    model = linear_model()
+    first = noisescale.GradientNoiseTracker(model, history_path=path, sync_every=1)
+    _train(first, model, batches(25, 2, 8))
+    state = first.state_dict()
+    first.remove()
+    before = path.read_bytes()
+    resumed = noisescale.GradientNoiseTracker(
+        model, confidence=0.9, history_path=path, sync_every=1
+    )
+    resumed.load_state_dict(state)
+    with pytest.raises(NoiseScaleInputError, match=r"with confidence=0\.95, as the run it"):
+        _train(resumed, model, batches(26, 1, 8))
+    assert path.read_bytes() == before
+
+
+def test_a_failed_history_write_is_written_again(tmp_path, monkeypatch):
+    """A write that fails (a full disk) and is caught by the loop: the next write wrote its
+    records with no header, and every reader refused the file as not a history."""
+    path = tmp_path / "run.jsonl"
+    model = linear_model()
+    tracker = noisescale.GradientNoiseTracker(model, history_path=path, sync_every=1)
+    real_open, fails = Path.open, iter([True])
+
+    def full_disk(self, mode="r", *args, **kwargs):
+        if self == path and mode.startswith("a") and next(fails, False):
+            raise OSError(28, "No space left on device")
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        _train(tracker, model, batches(27, 1, 8))
+    model.zero_grad()  # (the loop that caught it)
+    _train(tracker, model, batches(28, 2, 8))
+    tracker.remove()
+    assert noisescale.load_history(path).step.tolist() == [1, 2, 3]
+
+
+def test_history_path_under_a_file_is_refused_at_construction(tmp_path):
+    """(It was accepted, and the first write, steps later, raised pathlib's FileExistsError.)"""
+    (tmp_path / "a_file").write_text("x")
+    for path in (tmp_path / "a_file" / "h.jsonl", tmp_path / "a_file" / "d" / "h.jsonl"):
+        with pytest.raises(NoiseScaleInputError, match=r"a_file' is a file, not a directory"):
+            noisescale.GradientNoiseTracker(linear_model(), history_path=path)
+    assert (tmp_path / "a_file").read_text() == "x"
+
+
+def test_resume_drops_the_line_a_kill_cut(tmp_path):
+    """A run killed while writing a line, resumed from its checkpoint on the same file: the cut
+    line is dropped with a warning (appended to, it held the first new record too and every
+    reader refused the file as corrupt), and the resumed records replace the checkpoint's on."""
+    path = tmp_path / "run.jsonl"
+    data = batches(23, 8, 8)
+    model = linear_model()
+    first = noisescale.GradientNoiseTracker(model, history_path=path, sync_every=1)
+    _train(first, model, data[:3])
+    state = first.state_dict()  # (no optimizer: the model is as at the checkpoint)
+    _train(first, model, data[3:5])
+    first.remove()
+    text = path.read_text()
+    path.write_text(text[: text.rstrip("\n").rfind("\n") + 41])  # step 5's line cut
+    resumed = noisescale.GradientNoiseTracker(model, history_path=path, sync_every=1)
+    resumed.load_state_dict(state)
+    with pytest.warns(RuntimeWarning, match=r"ended in an unfinished line .* it was dropped"):
+        _train(resumed, model, data[3:])
+    resumed.remove()
+    h = noisescale.load_history(path)
+    assert h.step.tolist() == list(range(1, 9))
+    assert [r["b_simple"] for r in resumed.history[:2]] == pytest.approx(
+        [r["b_simple"] for r in first.history[3:5]], rel=1e-9
+    )
+    # a header cut while the first line was written: nothing was written, the header
+    # is written again
+    path.write_text(text[:20])
+    fresh = noisescale.GradientNoiseTracker(model, history_path=path, sync_every=1)
+    with pytest.warns(RuntimeWarning, match=r"only an unfinished header .* written again"):
+        _train(fresh, model, data[:2])
+    assert noisescale.load_history(path).step.tolist() == [1, 2]
+    # a cut first line that is not a header is not ours to drop
+    path.write_text('{"name": "not a hist')
+    with pytest.raises(NoiseScaleInputError, match="is not a noisescale history"):
+        noisescale.GradientNoiseTracker(model, history_path=path)
+    assert path.read_text() == '{"name": "not a hist'
 
 
 def test_resumed_tracker_appends_to_its_own_history(tmp_path):

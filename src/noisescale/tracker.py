@@ -137,6 +137,8 @@ _HISTORY_MEANING = (
     "grouped_rows", "dataset_size",
 )  # fmt: skip
 HISTORY_VERSION = 1
+# how every header's line begins ("kind" is its first key): a cut line that begins so is a header
+_HEADER_START = json.dumps({"kind": HISTORY_KIND})[:-1]
 STATE_VERSION = 3
 # warn when the interval has stayed unbounded for this many steps with a cheap, less precise mode
 UNBOUNDED_WARNING_STEPS = 500
@@ -144,6 +146,33 @@ UNBOUNDED_WARNING_STEPS = 500
 # share of the steps averaged (a few examples carry the noise: the interval under-covers)
 FEW_NOISE_STEPS = 15
 FEW_NOISE_SHARE = 0.25
+
+
+def _history_lines(path: Path) -> tuple[dict[str, Any], list[tuple[int, str]]] | None:
+    """The header and the lines (step, line; the header's step 0) of the history at ``path``;
+    None where there is none (no file, or another kind of file). An unfinished last line (a
+    kill while writing it) is left out; a corrupt line elsewhere is refused."""
+    if not path.is_file():
+        return None
+    lines = path.read_text(encoding="utf-8").split("\n")
+    lines.pop()  # ("" after the last line feed)
+    try:
+        header = json.loads(lines[0]) if lines else None
+    except json.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict) or header.get("kind") != HISTORY_KIND:
+        return None
+    records = [(0, lines[0] + "\n")]
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            step = int(json.loads(line)["step"])
+        except (json.JSONDecodeError, TypeError, KeyError, ValueError):
+            raise NoiseScaleInputError(
+                f"{str(path)!r}, line {number}: not a step record; the history is corrupt — "
+                "give write_history another path (the file was not changed)"
+            ) from None
+        records.append((step, line + "\n"))
+    return header, records
 
 
 @dataclass
@@ -631,6 +660,7 @@ class GradientNoiseTracker:
         )
         self._hooked.append(self._tokens)
         self._header_written = False
+        self._unwritten: list[dict[str, Any]] = []  # records a failed write left for the next
         self._state = state_mod.init(beta, tuple(self._group_names))
         self._pending: list[_Pending] = []
         self._history: list[dict[str, Any]] = []
@@ -656,7 +686,9 @@ class GradientNoiseTracker:
         self._weights_varied: Tensor | None = None
         self._varied_before = False  # ... in the run this tracker resumed (load_state_dict)
         self._divisor_unknown = False
-        self._resumed = False  # load_state_dict: an existing history may be continued
+        # load_state_dict's step: an existing history may be continued (its records up to it)
+        self._resumed_at: int | None = None
+        self._histories_written: set[Path] = set()  # write_history's files (rewritten freely)
         if self.history_path is not None:
             self._start_history_file()
 
@@ -2214,6 +2246,13 @@ class GradientNoiseTracker:
         path = self.history_path
         if path.is_dir():
             raise NoiseScaleInputError(f"history_path {str(path)!r} is a directory; give a file")
+        # (a parent that is a file: the first write raised FileExistsError, steps later)
+        parent = next((q for q in path.parents if q.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise NoiseScaleInputError(
+                f"history_path {str(path)!r} cannot be created: {str(parent)!r} is a file, not "
+                "a directory; give a path in a directory"
+            )
         header = self._existing_history_header()
         if header is not None:
             # fixed at construction: load_state_dict refuses a checkpoint that differs in these
@@ -2231,6 +2270,8 @@ class GradientNoiseTracker:
             return None
         with path.open() as f:
             first = f.readline()
+        if not first.endswith("\n") and _HEADER_START.startswith(first[: len(_HEADER_START)]):
+            return None  # a header cut by a kill while writing it: nothing was written
         try:
             header = json.loads(first)
         except json.JSONDecodeError:
@@ -2243,32 +2284,52 @@ class GradientNoiseTracker:
             )
         return header
 
-    def _check_history_header(self, header: dict[str, Any], keys: Iterable[str]) -> None:
-        """Refuse to append under ``header`` where it differs from ours in ``keys``."""
+    def _check_history_header(
+        self, header: dict[str, Any], keys: Iterable[str], path: Path | None = None
+    ) -> None:
+        """Refuse to append under ``header`` where it differs from ours in ``keys`` (to the
+        file at ``path``: write_history's; by default ``history_path``)."""
         ours = self._header()
-        differ = [
-            f"{k} {header.get(k)!r} (this tracker: {ours.get(k)!r})"
-            for k in keys
-            if header.get(k) != ours.get(k)
-        ]
-        if differ:
-            assert self.history_path is not None
+        differ = [k for k in keys if header.get(k) != ours.get(k)]
+        if not differ:
+            return
+        written = ", ".join(
+            f"{k} {header.get(k)!r} (this tracker: {ours.get(k)!r})" for k in differ
+        )
+        where, other = (
+            (f"history_path {str(self.history_path)!r}", "history_path")
+            if path is None
+            else (f"{str(path)!r}", "path for write_history")
+        )
+        if self._resumed_at is not None and "confidence" in differ:
+            # (a resumed run's own history, the constructor's confidence another: not "another
+            # run's"; load_state_dict refuses the rest of what a resume may not change)
+            fix = f"confidence={header.get('confidence')!r}"
             raise NoiseScaleInputError(
-                f"history_path {str(self.history_path)!r} holds another run's history, written "
-                f"with {', '.join(differ)}; this tracker's records under that header would be "
-                "read in its terms. Give this run another history_path, or move or delete the "
-                "file (it was not changed)"
+                f"{where} was written with {written}, and this resumed tracker's records under "
+                f"that header would be read in its terms. Construct the tracker with {fix}, as "
+                f"the run it resumes, or give it another {other} (the file was not changed)"
             )
+        raise NoiseScaleInputError(
+            f"{where} holds another run's history, written with {written}; this tracker's "
+            f"records under that header would be read in its terms. Give this run another "
+            f"{other}, or move or delete the file (it was not changed)"
+        )
 
     def _continue_history_file(self) -> bool:
-        """At the first write: whether the file at ``history_path`` is ours to append to."""
+        """At the first write: whether the file at ``history_path`` is ours to append to.
+
+        Its unfinished last line (no line feed: a write that a kill cut) is dropped, with a
+        warning — appended to, it would have held the first new record too, and every reader
+        refused the file as corrupt."""
         header = self._existing_history_header()
         if header is None:
+            self._drop_unfinished_line()
             return False
         # what gives the records their meaning (a resume may change how precisely they are
         # measured — the source's fraction or sub-batches — as load_state_dict allows)
         self._check_history_header(header, _HISTORY_MEANING)
-        if not self._resumed:
+        if self._resumed_at is None:
             assert self.history_path is not None
             raise NoiseScaleInputError(
                 f"history_path {str(self.history_path)!r} already holds a history and this "
@@ -2277,27 +2338,89 @@ class GradientNoiseTracker:
                 "history_path, or move or delete the file (it was not changed); a resumed "
                 "tracker appends to its own history"
             )
+        self._drop_unfinished_line()
         return True
 
-    def _write_lines(self, records: Iterable[dict[str, Any]]) -> None:
+    def _drop_unfinished_line(self) -> None:
+        """Truncate the history file to its last complete line, saying so if it was not."""
         assert self.history_path is not None
-        if not self._header_written:
-            if not self._continue_history_file():
-                records = [self._header(), *records]
-            self._header_written = True
+        path = self.history_path
+        if not path.exists():
+            return
+        with path.open("rb+") as f:
+            data = f.read()
+            if not data or data.endswith(b"\n"):
+                return
+            kept = data.rfind(b"\n") + 1
+            f.truncate(kept)
+        line = data[kept:].decode("utf-8", "replace")
+        self._warn(
+            f"history_path {str(path)!r} ended in an unfinished line (a run killed while writing "
+            f"it: {line[:60]!r}...); it was dropped — its step is measured again by this resumed "
+            "run, whose records replace those from the checkpoint's step on"
+            if kept
+            else f"history_path {str(path)!r} held only an unfinished header (a run killed while "
+            "writing it); it was written again"
+        )
+
+    def _write_lines(self, records: Iterable[dict[str, Any]]) -> None:
+        """Append ``records`` (and the header, at the first write). A write that fails (a full
+        disk) leaves the file as it was and its records for the next one: set the header as
+        written then, later records went under none and every reader refused the file."""
+        assert self.history_path is not None
+        self._unwritten = lines = [*self._unwritten, *records]
+        if not self._header_written and not self._continue_history_file():
+            lines = [self._header(), *lines]
+        data = "".join(json.dumps(_json_safe(r), allow_nan=False) + "\n" for r in lines).encode()
         self.history_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.history_path.open("a") as f:
-            for r in records:
-                f.write(json.dumps(_json_safe(r), allow_nan=False) + "\n")
+        with self.history_path.open("ab", buffering=0) as f:
+            start = f.tell()
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[f.write(view) :]
+            except OSError:
+                f.truncate(start)
+                raise
+        self._header_written = True
+        self._unwritten = []
 
     def write_history(self, path: str | Path) -> Path:
-        """Write the whole history (a header line, then one JSON object per step)."""
+        """Write the whole history (a header line, then one JSON object per step).
+
+        Onto a noisescale history already there, a resumed tracker (:meth:`load_state_dict`)
+        continues it as ``history_path`` does: the file's records up to the checkpoint's step
+        are kept (the run it resumes measured them; this tracker's history starts after), and
+        its own follow. Any other tracker is refused there — but on the files it wrote itself —
+        rather than replace another run's records: give another path. The file is replaced
+        whole at once (a kill while writing leaves the old one)."""
         self.sync()
         out = Path(path)
+        kept: list[str] = []
+        existing = _history_lines(out)
+        if existing is not None:
+            header, records = existing
+            if self._resumed_at is not None:
+                self._check_history_header(header, _HISTORY_MEANING, out)
+                kept = [line for step, line in records if step <= self._resumed_at]
+            elif out.resolve() not in self._histories_written and not (
+                self.history_path is not None and out.resolve() == self.history_path.resolve()
+            ):
+                raise NoiseScaleInputError(
+                    f"{str(out)!r} already holds a noisescale history and this tracker was not "
+                    "resumed (load_state_dict): its history written there would replace that "
+                    "run's records. Give write_history another path, or move or delete the "
+                    "file (it was not changed); a resumed tracker's write_history continues "
+                    "the history of the run it resumes"
+                )
         out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w") as f:
-            for r in [self._header(), *self._history]:
+        part = out.with_name(out.name + ".part")
+        with part.open("w") as f:
+            f.writelines(kept)
+            for r in [*([] if kept else [self._header()]), *self._history]:
                 f.write(json.dumps(_json_safe(r), allow_nan=False) + "\n")
+        part.replace(out)
+        self._histories_written.add(out.resolve())
         return out
 
     # -- checkpointing ------------------------------------------------------------------------
@@ -2438,7 +2561,7 @@ class GradientNoiseTracker:
                 f"has {sorted(self._state.groups)}; construct it with the same groups="
             )
         self._pending.clear()
-        self._resumed = True
+        self._resumed_at = int(state["steps"])
         combiner = {
             k: est.CombinerState(
                 **{
