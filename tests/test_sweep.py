@@ -598,3 +598,22 @@ def test_b_crit_interval_holds_the_truth_95_percent_of_the_time(
     if len(held[False]) >= 20:
         edge = np.array(held[False])
         assert edge.mean() > 0.95 - 4 * math.sqrt(0.95 * 0.05 / edge.size)
+
+
+def test_s_min_and_e_min_at_the_search_edge_are_printed_as_intervals_only() -> None:
+    """A fit at the upper edge of its search (B_crit 2,000 over batch sizes 8-128, σ 0.1):
+    B_crit is printed as a one-sided interval, and S_min and E_min were printed as the edge
+    fit's values ("0.01644 ± inf" for a true S_min of 10, a review of 2026-12-07): now as
+    their intervals alone, which hold the truth."""
+    rng = np.random.default_rng(2)
+    batch = 2.0 ** np.arange(3, 8)
+    for _ in range(200):
+        steps = 10 * (1 + 2000 / batch) * np.exp(0.1 * rng.standard_normal(5))
+        fit = fit_pareto(steps, steps * batch)
+        if fit.at_bound:
+            break
+    assert fit.at_bound == "upper"
+    text = fit.min_text("s_min")
+    assert "±" not in text and "(the fit is at its edge)" in text, text
+    low, high = fit.s_min_interval(0.95)
+    assert low <= 10 <= high

@@ -323,6 +323,12 @@ class ParetoFit:
         [low, high])``, the interval :meth:`s_min_interval` or :meth:`e_min_interval`."""
         value, stderr = getattr(self, name), getattr(self, f"{name}_stderr")
         low, high = getattr(self, f"{name}_interval")(confidence)
+        if self.at_bound is not None:
+            # (at the search's edge the fitted value is the edge's, no estimate — as B_crit's;
+            # until a review of 2026-12-07 printed "0.01644 ± inf" for an S_min of 10)
+            if math.isnan(low):
+                return "not identified"
+            return f"{confidence:.0%} interval {interval_text(low, high)} (the fit is at its edge)"
         text = f"{value:.4g} ± {stderr:.2g}"
         return text if math.isnan(low) else f"{text} ({confidence:.0%} {interval_text(low, high)})"
 
