@@ -341,18 +341,21 @@ def test_write_history_continues_the_history_a_resumed_run_wrote(tmp_path):
         resumed.write_history(path)
         lines = path.read_text().splitlines()
         assert lines[:6] == job1 and noisescale.load_history(path).step.tolist() == [*range(1, 9)]
-    # another run's history is never replaced: a tracker not resumed is refused, the file kept
+    # another run's history is never replaced: a tracker not resumed, or one of another
+    # meaning, writes beside it with a warning (a refusal at a script's end would lose its
+    # run's records), the file kept
     before = path.read_bytes()
     fresh = noisescale.GradientNoiseTracker(model)
     _train(fresh, model, data[:2])
-    with pytest.raises(NoiseScaleInputError, match=r"was not resumed .* another path"):
-        fresh.write_history(path)
+    with pytest.warns(RuntimeWarning, match=r"history-2\.jsonl' instead .*was not resumed"):
+        assert fresh.write_history(path) == tmp_path / "history-2.jsonl"
+    assert len(noisescale.load_history(tmp_path / "history-2.jsonl").step) == 2
     resumed_other = noisescale.GradientNoiseTracker(model, loss_reduction="sum")
     resumed_other.load_state_dict(
         noisescale.GradientNoiseTracker(model, loss_reduction="sum").state_dict()
     )
-    with pytest.raises(NoiseScaleInputError, match=r"another run's history.*'mean'"):
-        resumed_other.write_history(path)
+    with pytest.warns(RuntimeWarning, match=r"history-3\.jsonl' instead .*'mean'"):
+        assert resumed_other.write_history(path) == tmp_path / "history-3.jsonl"
     assert path.read_bytes() == before
 
 

@@ -148,6 +148,16 @@ FEW_NOISE_STEPS = 15
 FEW_NOISE_SHARE = 0.25
 
 
+def _free_name_beside(path: Path) -> Path:
+    """The first of ``stem-2.suffix``, ``stem-3.suffix``, … beside ``path`` that does not exist."""
+    k = 2
+    while True:
+        candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
+        if not candidate.exists():
+            return candidate
+        k += 1
+
+
 def _history_lines(path: Path) -> tuple[dict[str, Any], list[tuple[int, str]]] | None:
     """The header and the lines (step, line; the header's step 0) of the history at ``path``;
     None where there is none (no file, or another kind of file). An unfinished last line (a
@@ -2386,33 +2396,47 @@ class GradientNoiseTracker:
         self._unwritten = []
 
     def write_history(self, path: str | Path) -> Path:
-        """Write the whole history (a header line, then one JSON object per step).
+        """Write the whole history (a header line, then one JSON object per step); returns the
+        path written.
 
         Onto a noisescale history already there, a resumed tracker (:meth:`load_state_dict`)
         continues it as ``history_path`` does: the file's records up to the checkpoint's step
         are kept (the run it resumes measured them; this tracker's history starts after), and
-        its own follow. Any other tracker is refused there — but on the files it wrote itself —
-        rather than replace another run's records: give another path. The file is replaced
-        whole at once (a kill while writing leaves the old one)."""
+        its own follow. Any other run's history there — a tracker not resumed, but on the files
+        it wrote itself, or a header of another meaning — is left as it was, and this run's is
+        written beside it (``history-2.jsonl``, the first free name) with a warning naming both:
+        neither run's records are lost (a refusal at the end of a script would lose this
+        run's). The file is replaced whole at once (a kill while writing leaves the old one)."""
         self.sync()
         out = Path(path)
         kept: list[str] = []
         existing = _history_lines(out)
         if existing is not None:
             header, records = existing
+            reason = None
             if self._resumed_at is not None:
-                self._check_history_header(header, _HISTORY_MEANING, out)
-                kept = [line for step, line in records if step <= self._resumed_at]
+                try:
+                    self._check_history_header(header, _HISTORY_MEANING, out)
+                except NoiseScaleInputError as err:
+                    reason = str(err)
+                else:
+                    kept = [line for step, line in records if step <= self._resumed_at]
             elif out.resolve() not in self._histories_written and not (
                 self.history_path is not None and out.resolve() == self.history_path.resolve()
             ):
-                raise NoiseScaleInputError(
-                    f"{str(out)!r} already holds a noisescale history and this tracker was not "
-                    "resumed (load_state_dict): its history written there would replace that "
-                    "run's records. Give write_history another path, or move or delete the "
-                    "file (it was not changed); a resumed tracker's write_history continues "
-                    "the history of the run it resumes"
+                reason = (
+                    "this tracker was not resumed (load_state_dict), so its history would replace "
+                    "that run's records"
                 )
+            if reason is not None:
+                beside = _free_name_beside(out)
+                warnings.warn(
+                    f"noisescale: {str(out)!r} already holds another run's history, left as it "
+                    f"was; this run's history is written to {str(beside)!r} instead ({reason})",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                out = beside
         out.parent.mkdir(parents=True, exist_ok=True)
         part = out.with_name(out.name + ".part")
         with part.open("w") as f:
