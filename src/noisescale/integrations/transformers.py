@@ -227,7 +227,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         self._epoch = 0
         self._position = 0  # micro-batches of the current epoch consumed so far
         self._resume_position: int | None = None
-        # the Trainer's training loop that ran on_train_begin, and its thread (_check_alive)
+        # the frame of the run's train() call, and its thread (_check_alive)
         self._loop: tuple[Any, int] | None = None
         self._ended = False
 
