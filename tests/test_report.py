@@ -284,6 +284,12 @@ def test_a_resume_whose_steps_do_not_repeat_replaces_what_counted_past_it(tmp_pa
     assert history.step.tolist() == [*range(22), 32]
     assert history.examples.tolist()[-2:] == [22 * 64, 21 * 64 + 12 * 8]
     assert any("falls back to" in w and "8 earlier" in w for w in history.warnings)
+    # one corrupt count (48 → 12 at step 6, batch 8) is no resume: less than a step of its
+    # batch past the record it falls back to (a review: steps 2-5 were dropped as superseded)
+    corrupt = synthetic_records(n_steps=8, batch_size=8)
+    corrupt[6]["examples"] = 12
+    with pytest.raises(NoiseScaleInputError, match="'examples' is 12, below"):
+        load_history(write_synthetic_history(tmp_path / "c.jsonl", corrupt))
 
 
 def _switching_records(switch: int = 100, n: int = 400) -> list[dict[str, Any]]:

@@ -347,16 +347,30 @@ def test_write_history_continues_the_history_a_resumed_run_wrote(tmp_path):
     before = path.read_bytes()
     fresh = noisescale.GradientNoiseTracker(model)
     _train(fresh, model, data[:2])
-    with pytest.warns(RuntimeWarning, match=r"history-2\.jsonl' instead .*was not resumed"):
+    with pytest.warns(RuntimeWarning, match=r"was not resumed.*history-2\.jsonl' instead"):
         assert fresh.write_history(path) == tmp_path / "history-2.jsonl"
     assert len(noisescale.load_history(tmp_path / "history-2.jsonl").step) == 2
     resumed_other = noisescale.GradientNoiseTracker(model, loss_reduction="sum")
     resumed_other.load_state_dict(
         noisescale.GradientNoiseTracker(model, loss_reduction="sum").state_dict()
     )
-    with pytest.warns(RuntimeWarning, match=r"history-3\.jsonl' instead .*'mean'"):
+    with pytest.warns(RuntimeWarning, match=r"'mean'.*history-3\.jsonl' instead"):
         assert resumed_other.write_history(path) == tmp_path / "history-3.jsonl"
     assert path.read_bytes() == before
+    # nor is a file that is not a history, nor a history with a byte-order mark or a corrupt
+    # line (a review: the first two replaced without a word, the third refused at the end)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + before)
+    results = tmp_path / "results.json"
+    results.write_text('{"accuracy": 0.9}\n')
+    corrupt = tmp_path / "corrupt.jsonl"
+    corrupt.write_bytes(before + b"not json\n" + before.split(b"\n", 1)[1])
+    for other in (bom, results, corrupt):
+        kept = other.read_bytes()
+        with pytest.warns(RuntimeWarning, match="left as it was"):
+            beside = fresh.write_history(other)
+        assert other.read_bytes() == kept and beside != other
+        assert len(noisescale.load_history(beside).step) == 2
 
 
 def test_a_resume_with_another_confidence_is_named(tmp_path):

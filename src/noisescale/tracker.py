@@ -158,31 +158,38 @@ def _free_name_beside(path: Path) -> Path:
         k += 1
 
 
-def _history_lines(path: Path) -> tuple[dict[str, Any], list[tuple[int, str]]] | None:
-    """The header and the lines (step, line; the header's step 0) of the history at ``path``;
-    None where there is none (no file, or another kind of file). An unfinished last line (a
-    kill while writing it) is left out; a corrupt line elsewhere is refused."""
+def _history_lines(
+    path: Path,
+) -> tuple[dict[str, Any] | None, list[tuple[int, str]], str | None] | None:
+    """The header, the lines (step, line; the header's step 0) of the history at ``path`` and
+    what keeps it from being continued (None: nothing); None where there is no file. Read as
+    ``load_history`` reads (a byte-order mark, CRLF, blank lines); an unfinished last line (a
+    kill while writing it) is left out; a file that is not a noisescale history, or a corrupt
+    line elsewhere, is named as the problem (``write_history`` then writes beside it: a review
+    of 2026-12-07 found such files replaced, or the run's records lost with a refusal)."""
     if not path.is_file():
         return None
-    lines = path.read_text(encoding="utf-8").split("\n")
-    lines.pop()  # ("" after the last line feed)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        return None, [], "it is not a text file"
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    lines.pop()  # ("" after the last line feed, or a line a kill cut)
+    lines = [line for line in lines if line.strip()]
     try:
         header = json.loads(lines[0]) if lines else None
     except json.JSONDecodeError:
         header = None
     if not isinstance(header, dict) or header.get("kind") != HISTORY_KIND:
-        return None
+        return None, [], "it is not a noisescale history"
     records = [(0, lines[0] + "\n")]
     for number, line in enumerate(lines[1:], start=2):
         try:
             step = int(json.loads(line)["step"])
         except (json.JSONDecodeError, TypeError, KeyError, ValueError):
-            raise NoiseScaleInputError(
-                f"{str(path)!r}, line {number}: not a step record; the history is corrupt — "
-                "give write_history another path (the file was not changed)"
-            ) from None
+            return header, records, f"its line {number} is not a step record"
         records.append((step, line + "\n"))
-    return header, records
+    return header, records, None
 
 
 @dataclass
@@ -2402,37 +2409,41 @@ class GradientNoiseTracker:
         Onto a noisescale history already there, a resumed tracker (:meth:`load_state_dict`)
         continues it as ``history_path`` does: the file's records up to the checkpoint's step
         are kept (the run it resumes measured them; this tracker's history starts after), and
-        its own follow. Any other run's history there — a tracker not resumed, but on the files
-        it wrote itself, or a header of another meaning — is left as it was, and this run's is
-        written beside it (``history-2.jsonl``, the first free name) with a warning naming both:
-        neither run's records are lost (a refusal at the end of a script would lose this
-        run's). The file is replaced whole at once (a kill while writing leaves the old one)."""
+        its own follow. Any other file there — another run's history (a tracker not resumed,
+        but on the files it wrote itself, or a header of another meaning), a file that is not a
+        noisescale history or is corrupt — is left as it was, and this run's history is written
+        beside it (``history-2.jsonl``, the first free name) with a warning naming both:
+        nothing is lost (a refusal at the end of a script would lose this run's records). The
+        file is replaced whole at once (a kill while writing leaves the old one)."""
         self.sync()
         out = Path(path)
         kept: list[str] = []
         existing = _history_lines(out)
         if existing is not None:
-            header, records = existing
+            header, records, problem = existing
+            own = out.resolve() in self._histories_written or (
+                self.history_path is not None and out.resolve() == self.history_path.resolve()
+            )
             reason = None
-            if self._resumed_at is not None:
+            if problem is not None:
+                reason = None if own else problem
+            elif self._resumed_at is not None:
                 try:
                     self._check_history_header(header, _HISTORY_MEANING, out)
                 except NoiseScaleInputError as err:
                     reason = str(err)
                 else:
                     kept = [line for step, line in records if step <= self._resumed_at]
-            elif out.resolve() not in self._histories_written and not (
-                self.history_path is not None and out.resolve() == self.history_path.resolve()
-            ):
+            elif not own:
                 reason = (
-                    "this tracker was not resumed (load_state_dict), so its history would replace "
-                    "that run's records"
+                    "another run's history: this tracker was not resumed (load_state_dict), so "
+                    "its history would replace that run's records"
                 )
             if reason is not None:
                 beside = _free_name_beside(out)
                 warnings.warn(
-                    f"noisescale: {str(out)!r} already holds another run's history, left as it "
-                    f"was; this run's history is written to {str(beside)!r} instead ({reason})",
+                    f"noisescale: {str(out)!r} exists and was left as it was ({reason}); this "
+                    f"run's history is written to {str(beside)!r} instead",
                     RuntimeWarning,
                     stacklevel=2,
                 )

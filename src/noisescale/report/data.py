@@ -843,12 +843,18 @@ def _drop_superseded(
             now = _count(obj, name)
             if now is None or not kept or _count(kept[-1][1], name, -math.inf) <= now:
                 continue
-            if not any(_count(o, name, math.inf) <= now for _, o in kept):
+            below = [i for i, (_, o) in enumerate(kept) if _count(o, name, math.inf) <= now]
+            if not below:
                 continue  # (below every record's: no checkpoint it resumed from — corrupt, refused)
-            dropped = 0
-            while kept and _count(kept[-1][1], name, -math.inf) > now:
-                kept.pop()
-                dropped += 1
+            # (and at least one step of its own batch past the record it falls back to: a
+            # single corrupt count, 12 among 8 … 64, read as a resume dropped four valid
+            # records, a review of 2026-12-07 — refused as corrupt instead)
+            batch = obj.get("b_big")
+            gain = now - _count(kept[below[-1]][1], name, now)
+            if name == "examples" and isinstance(batch, int | float) and gain < batch:
+                continue
+            dropped = len(kept) - 1 - below[-1]
+            del kept[below[-1] + 1 :]
             warnings.append(
                 f"line {number}: {name!r} falls back to {now!r} (a run resumed from an earlier "
                 f"checkpoint?); the {dropped} earlier record(s) that counted past it are "
