@@ -373,6 +373,39 @@ def test_write_history_continues_the_history_a_resumed_run_wrote(tmp_path):
         assert len(noisescale.load_history(beside).step) == 2
 
 
+def test_a_resumed_tracker_continues_only_its_own_run_s_history(tmp_path):
+    """Run A's history at ``history.jsonl``; run B, resumed from its own checkpoint, given the
+    same path (write_history or history_path): a header of the same meaning was all that was
+    checked, and B's records replaced A's from B's checkpoint's step on — A's step 6 on, B's
+    own steps 1-5 nowhere (a review of 2026-12-07). The header names its run, and the
+    checkpoint carries it: B writes beside (write_history) or is refused (history_path); A's
+    file is left as it was, and B's own file is continued as before."""
+    data = batches(24, 8, 8)
+    model = linear_model()
+    path = tmp_path / "history.jsonl"
+    a = noisescale.GradientNoiseTracker(model)
+    _train(a, model, data[:8])
+    a.write_history(path)
+    before = path.read_bytes()
+    b = noisescale.GradientNoiseTracker(model)
+    _train(b, model, data[:5])
+    state = json.loads(json.dumps(b.state_dict()))
+    own = b.write_history(tmp_path / "b.jsonl")
+    resumed = noisescale.GradientNoiseTracker(model)
+    resumed.load_state_dict(state)
+    _train(resumed, model, data[5:7])
+    with pytest.warns(RuntimeWarning, match="holds the history of another run"):
+        assert resumed.write_history(path) == tmp_path / "history-2.jsonl"
+    assert path.read_bytes() == before
+    assert resumed.write_history(own) == own  # (its own run's file: continued, steps 1-7)
+    assert noisescale.load_history(own).step.tolist() == [*range(1, 8)]
+    again = noisescale.GradientNoiseTracker(model, history_path=path, sync_every=1)
+    again.load_state_dict(state)
+    with pytest.raises(NoiseScaleInputError, match="holds the history of another run"):
+        _train(again, model, data[5:7])
+    assert path.read_bytes() == before
+
+
 def test_a_resume_with_another_confidence_is_named(tmp_path):
     """(It was refused as "another run's history", where the fix is the constructor's
     confidence=.)"""

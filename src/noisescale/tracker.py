@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import secrets
 import sys
 import warnings
 import weakref
@@ -706,6 +707,10 @@ class GradientNoiseTracker:
         # load_state_dict's step: an existing history may be continued (its records up to it)
         self._resumed_at: int | None = None
         self._histories_written: set[Path] = set()  # write_history's files (rewritten freely)
+        # the run's identity in its history's header, carried by state_dict: a resumed tracker
+        # continues only its own run's file (until a review of 2026-12-07 any file whose header
+        # meant the same, another run's too — its records past the checkpoint's step replaced)
+        self._run_id = secrets.token_hex(8)
         if self.history_path is not None:
             self._start_history_file()
 
@@ -2227,6 +2232,7 @@ class GradientNoiseTracker:
         return {
             "kind": HISTORY_KIND,
             "version": HISTORY_VERSION,
+            "run": self._run_id,
             "loss_reduction": self.loss_reduction,
             "beta": self._state.noise.beta,
             "confidence": self.confidence,
@@ -2308,6 +2314,16 @@ class GradientNoiseTracker:
         file at ``path``: write_history's; by default ``history_path``)."""
         ours = self._header()
         differ = [k for k in keys if header.get(k) != ours.get(k)]
+        theirs = header.get("run")
+        resumed = self._resumed_at is not None
+        if not differ and resumed and isinstance(theirs, str) and theirs != self._run_id:
+            shown = str(self.history_path) if path is None else str(path)
+            raise NoiseScaleInputError(
+                f"{shown!r} holds the history of another run (run {theirs}; the run this "
+                f"tracker resumes is {self._run_id}): continued, its records from the "
+                "checkpoint's step on would be replaced by this run's. Give this run another "
+                "path, or move or delete the file (it was not changed)"
+            )
         if not differ:
             return
         written = ", ".join(
@@ -2466,6 +2482,7 @@ class GradientNoiseTracker:
         s = self._state
         return {
             "version": STATE_VERSION,
+            "run": self._run_id,
             "state": _json_safe(s.noise._asdict()),
             "combiner": {k: _json_safe(v._asdict()) for k, v in s.combiner.items()},
             "group_states": {n: _json_safe(v._asdict()) for n, v in s.groups.items()},
@@ -2597,6 +2614,8 @@ class GradientNoiseTracker:
             )
         self._pending.clear()
         self._resumed_at = int(state["steps"])
+        if isinstance(state.get("run"), str):  # (a checkpoint from before 2026-12-07 has none)
+            self._run_id = state["run"]
         combiner = {
             k: est.CombinerState(
                 **{
