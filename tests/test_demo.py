@@ -119,7 +119,13 @@ def test_demo_is_reproducible(tmp_path):
             assert main([*args, "--no-progress"]) == 0
     finally:
         torch.set_num_threads(threads)
-    # Bounded by work and seeded on a fixed thread count: the same history, byte for byte.
-    first = (tmp_path / "a" / "history.jsonl").read_bytes()
-    assert first == (tmp_path / "b" / "history.jsonl").read_bytes()
-    assert len(first.splitlines()) == 1 + 5000 // 32 // 10
+    # Bounded by work and seeded on a fixed thread count: the same history, byte for byte —
+    # but the header's run id (each run names itself, so that a resumed tracker continues its
+    # own run's file only)
+    first, second = (
+        (tmp_path / name / "history.jsonl").read_text().split("\n", 1) for name in ("a", "b")
+    )
+    assert first[1] == second[1]
+    header_a, header_b = json.loads(first[0]), json.loads(second[0])
+    assert header_a.pop("run") != header_b.pop("run") and header_a == header_b
+    assert len(first[1].splitlines()) == 5000 // 32 // 10
