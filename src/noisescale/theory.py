@@ -54,6 +54,11 @@ __all__ = [
     "temperature",
 ]
 
+#: The largest batch size, noise scale or example count any command or file read accepts. Far
+#: beyond any training run (10¹⁵ examples), small enough that products of a few of them stay
+#: finite.
+MAX_COUNT = 1e15
+
 #: A batch size counts as small when B < B_noise/REGIME_FACTOR and as large when
 #: B > REGIME_FACTOR·B_noise. With 3, the boundaries are where one of the two costs is within 4/3 of
 #: its minimum while the other is 4× its minimum: at B = B_noise/3, E/E_min = 4/3 and S/S_min = 4;

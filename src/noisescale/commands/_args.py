@@ -21,10 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from noisescale.errors import NoiseScaleInputError
-
-#: The largest batch size, noise scale or example count any command accepts. Far beyond any
-#: training run (10¹⁵ examples), small enough that products of a few of them stay finite.
-MAX_COUNT = 1e15
+from noisescale.theory import MAX_COUNT
 
 
 def _number(text: str) -> float:

@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from noisescale.commands._args import MAX_COUNT
 from noisescale.errors import NoiseScaleInputError
+from noisescale.theory import MAX_COUNT
 
 PROFILE_KIND = "noisescale.profile"
 PROFILE_VERSION = 1

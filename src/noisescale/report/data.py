@@ -27,8 +27,8 @@ from typing import Any, NamedTuple, NoReturn
 import numpy as np
 
 from noisescale import estimators, theory
-from noisescale.commands._args import MAX_COUNT
 from noisescale.errors import NoiseScaleInputError
+from noisescale.theory import MAX_COUNT
 
 HISTORY_KIND = "noisescale.history"
 SUPPORTED_VERSIONS = (1,)
