@@ -298,6 +298,29 @@ def runs_of(rows):
 # --- the checks -----------------------------------------------------------------------------------
 
 
+def _cli_json(argv, refused_raised=False):
+    """noisescale's CLI on ``argv`` (its output read as JSON): ``(output, None)``, or ``(None,
+    result)`` — a crash, or a FALSE-REFUSAL (an exit code other than 0; with
+    ``refused_raised``, a NoiseScaleError raised out of it too, else counted a crash)."""
+    from noisescale.cli import main as cli_main
+
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+            rc = cli_main(argv)
+    except SystemExit as err:
+        rc = err.code
+    except NoiseScaleError as err:
+        if refused_raised:
+            return None, {"cls": "FALSE-REFUSAL", "exc": str(err)[:300]}
+        return None, {"cls": "crash", "exc": f"{type(err).__name__}: {err}"[:300]}
+    except Exception as err:
+        return None, {"cls": "crash", "exc": f"{type(err).__name__}: {err}"[:300]}
+    if rc not in (0, None):
+        return None, {"cls": "FALSE-REFUSAL", "exc": f"rc {rc}"}
+    return json.loads(buf.getvalue()), None
+
+
 def _rel(a, b):
     return abs(a - b) / max(abs(b), 1e-300)
 
@@ -411,8 +434,6 @@ def _holds(interval: tuple[float, float], truth: float) -> bool:
 
 def check_cli(cfg, truth, rows, results):
     """``noisescale fit FILE --json`` equal to the API's results."""
-    from noisescale.cli import main as cli_main
-
     if results is None:
         return {"cls": "skip"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -427,19 +448,9 @@ def check_cli(cfg, truth, rows, results):
                 for row in rows:
                     f.write(json.dumps(row) + "\n")
         argv = ["fit", path, "--goal", ",".join(repr(g) for g in truth.goals), "--ema", "0"]
-        buf = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
-                rc = cli_main([*argv, "--json"])
-        except SystemExit as err:
-            rc = err.code
-        except NoiseScaleError as err:
-            return {"cls": "FALSE-REFUSAL", "exc": str(err)[:300]}
-        except Exception as err:
-            return {"cls": "crash", "exc": f"{type(err).__name__}: {err}"[:300]}
-    if rc not in (0, None):
-        return {"cls": "FALSE-REFUSAL", "exc": f"rc {rc}"}
-    out = json.loads(buf.getvalue())
+        out, result = _cli_json([*argv, "--json"], refused_raised=True)
+    if result is not None:
+        return result
     worst, why = 0.0, ""
     for res, got in zip(results, out["goals"], strict=True):
         want = res.as_dict()
@@ -588,7 +599,6 @@ def check_sweep(cfg, truth, rows, seed):
     """``run_sweep`` with an in-process training function that reports the rows, then
     ``read_study_runs`` and ``noisescale fit sqlite:///... --json``: the same numbers as the
     runs given directly (whole steps only: the reporter takes integers)."""
-    from noisescale.cli import main as cli_main
     from noisescale.sweep import read_study_runs, run_sweep
 
     if not cfg["int_steps"] or cfg["duplicate"] or seed % 3:
@@ -617,19 +627,11 @@ def check_sweep(cfg, truth, rows, seed):
             return {"cls": "WRONG-SILENT", "why": f"direct {bad} stored {bad2}"}
         if bad is not None:
             return {"cls": "refused", "exc": bad2["exc"]}
-        buf = io.StringIO()
         argv = ["fit", url, "--study", "fz", "--ema", "0", "--json"]
         argv += ["--goal", ",".join(repr(g) for g in truth.goals)]
-        try:
-            with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
-                rc = cli_main(argv)
-        except SystemExit as err:
-            rc = err.code
-        except Exception as err:
-            return {"cls": "crash", "exc": f"{type(err).__name__}: {err}"[:300]}
-    if rc not in (0, None):
-        return {"cls": "FALSE-REFUSAL", "exc": f"rc {rc}"}
-    out = json.loads(buf.getvalue())
+        out, result = _cli_json(argv)
+    if result is not None:
+        return result
     worst, why = 0.0, ""
     for a, b, c in zip(direct, stored, out["goals"], strict=True):
         for name, x, y in (
@@ -796,7 +798,6 @@ def check_branch_cli(seed, cfg, kw):
     its local CBS, B_crit, efficiencies and warm-up the API's on the same curves."""
     from noisescale.branch.compare import local_critical_batch_sizes
     from noisescale.branch.warmup import fit_warmup
-    from noisescale.cli import main as cli_main
 
     branches = cfg["n_batch"] * cfg["lrs"] * cfg["seeds"] * cfg["checkpoints"]
     if seed % 3 != 1 or cfg["every"] == "step" or branches > 45:
@@ -819,17 +820,9 @@ def check_branch_cli(seed, cfg, kw):
         argv += ["--repeats", str(cfg["seeds"]), "--tolerance", repr(kw["tolerance"])]
         argv += ["--reference", kw["reference"], "--ema", repr(kw["decay"])]
         argv += ["--storage", f"sqlite:///{tmp}/branch.db", "--study", "fz"]
-        buf = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
-                rc = cli_main(argv)
-        except SystemExit as err:
-            rc = err.code
-        except Exception as err:
-            return {"cls": "crash", "exc": f"{type(err).__name__}: {err}"[:300]}
-    if rc not in (0, None):
-        return {"cls": "FALSE-REFUSAL", "exc": f"rc {rc}"}
-    out = json.loads(buf.getvalue())
+        out, result = _cli_json(argv)
+    if result is not None:
+        return result
     worst, why = 0.0, ""
     for res, point in zip(api, out["points"], strict=True):
         got = point["branch"]
