@@ -79,6 +79,7 @@ from fuzz_runner import (
     REFUSALS,
     WITHHOLD_WORDS,
     _groups,
+    _seeds,
     count_classes,
     float64_default,
     print_class_table,
@@ -966,13 +967,6 @@ def describe(record, variant=None):
     res = record["variants"][variant or next(iter(record["variants"]))]
     events = "; ".join(f"{s}:{','.join(e)}" for s, e in enumerate(res["events"]) if e)
     return f"seed {record['seed']}: events {events or 'none'}"
-
-
-def _seeds(text):
-    if ":" in text:
-        lo, hi = text.split(":")
-        return range(int(lo), int(hi))
-    return [int(s) for s in text.split(",")]
 
 
 def main(argv=None):

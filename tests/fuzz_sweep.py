@@ -764,15 +764,8 @@ def describe(record):
     )
 
 
-def _seeds(text):
-    if ":" in text:
-        a, b = text.split(":")
-        return list(range(int(a), int(b)))
-    return [int(s) for s in text.split(",")]
-
-
 def main(argv=None):
-    from fuzz_runner import count_classes, print_class_table
+    from fuzz_runner import _seeds, count_classes, print_class_table
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0:10", help="A:B (a range), or seeds A,B,C")
