@@ -71,6 +71,8 @@ CHECKS = (
     "calc",
     "calc_text",
     "theory",
+    "calc_hist",
+    "report",
     "refuse",
 )
 BANDWIDTHS = {"pcie4": 20e9, "pcie5": 40e9, "nvlink3": 230e9, "nvlink4": 400e9}
@@ -100,7 +102,7 @@ def draw_config(seed):
     cfg["device_type"] = rng.choice(["cuda", "cuda", "cpu", "mps"])
     cfg["param_bytes"] = rng.choice([0, int(_logu(rng, 1e3, 1e10))])
     # the decision
-    cfg["b_noise"] = _logu(rng, 0.3, 1e5)
+    cfg["b_noise"] = _logu(rng, 0.3, 1e5) if rng.random() < 0.85 else _logu(rng, 1e-3, 1e9)
     cfg["devices"] = sorted(rng.sample([1, 2, 3, 4, 6, 8, 16], rng.choice([1, 1, 2, 3])))
     if rng.random() < 0.5:
         cfg["batch_sizes"] = sorted(
@@ -127,7 +129,7 @@ def draw_config(seed):
     cfg["calc_noise"] = _logu(rng, 1, 1e6)
     cfg["kaplan_loss"] = rng.uniform(0.8, 8.0)
     cfg["calc_sizes"] = rng.choice(["one", "list", "geom", "arith"])
-    cfg["calc_start"] = rng.choice([1, 3, 16, 100, 1000])
+    cfg["calc_start"] = rng.choice([1, 3, 16, 100, 1000, 1.5, 2.5e6])
     cfg["calc_factor"] = rng.choice([2, 3, 10, 1.5])
     cfg["calc_count"] = rng.randint(1, 9)
     cfg["calc_over"] = rng.choice([0, 0, 1])
@@ -849,6 +851,116 @@ def check_theory(cfg):
     return {"cls": "ok"}
 
 
+def write_history(cfg, path):
+    """The trajectory as a tracker history (the records' B_simple, a ±25% interval or one open
+    above, the running count of examples); returns (steps, batch, noise, examples, low, high)."""
+    steps, batch, noise = make_trajectory(cfg)
+    noise = np.maximum(noise, 1.0)  # (a B_simple of 0 is no estimate)
+    examples = np.concatenate([[batch[0]], batch[1:] * np.diff(steps)]).cumsum()
+    open_above = cfg["traj_seed"] % 4 == 0
+    header = {"kind": "noisescale.history", "version": 1, "beta": 0.9, "confidence": 0.95}
+    lines = [json.dumps(header)]
+    for t, b, bn, ex in zip(steps, batch, noise, examples, strict=True):
+        record = {"step": int(t), "b_big": float(b), "examples": float(ex)}
+        record |= {"b_simple": float(bn), "b_simple_low": 0.8 * float(bn)}
+        record["b_simple_high"] = None if open_above else 1.25 * float(bn)
+        lines.append(json.dumps(record))
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    high = math.inf if open_above else 1.25 * noise[-1]
+    return steps, batch, noise, examples, 0.8 * noise[-1], high
+
+
+def _regime(b, bn):
+    return "small" if 3 * b < bn else "large" if b > 3 * bn else "balanced"
+
+
+def check_history(cfg, tmp, report):
+    """``calc --history`` and ``report --json`` on the trajectory's history, by hand."""
+    path = os.path.join(tmp, "history.jsonl")
+    steps, batch, noise, examples, low, high = write_history(cfg, path)
+    sizes = sorted({float(cfg["calc_list"][0]), 1.0, float(batch[-1]), float(3.0 * noise[-1])})
+    text = ",".join(repr(b) for b in sizes)
+    out = {}
+    rc, stdout, stderr, exc = _cli(["calc", "--history", path, "--batch-size", text, "--json"])
+    if exc is not None or rc != 0:
+        out["calc_hist"] = {"cls": "crash" if exc else "FALSE-REFUSAL", "exc": f"{exc} {stderr}"}
+    else:
+        out["calc_hist"] = {"cls": "ok"}
+        for r, b in zip(json.loads(stdout), sizes, strict=True):
+            bn = noise[-1]
+            order = ["small", "balanced", "large"]
+            first = _regime(b, high) if math.isfinite(high) else "small"
+            over = order[order.index(first) : order.index(_regime(b, low)) + 1]
+            want_high = None if not math.isfinite(high) else high
+            bad = (
+                not _close(r["noise_scale"], bn)
+                or not _close(r["steps_over_min"], 1 + bn / b)
+                or not _close(r["examples_over_min"], 1 + b / bn)
+                or r["regimes_over_interval"] != over
+                or not _close(r["noise_scale_interval"][0], low)
+                or not _close(r["noise_scale_interval"][1], want_high)
+            )
+            if bad:
+                out["calc_hist"] = {"cls": "WRONG-SILENT", "why": f"B={b}: {r}"[:400]}
+                break
+    if not report:
+        return out | {"report": {"cls": "skip"}}
+    page = os.path.join(tmp, "report.html")
+    argv = ["report", path, "-o", page, "--json", "--force", "--batch-sizes", text]
+    rc, stdout, stderr, exc = _cli(argv)
+    if exc is not None or rc != 0:
+        cls = "crash" if exc else "FALSE-REFUSAL"
+        return out | {"report": {"cls": cls, "exc": f"{exc} {stderr}"[-300:]}}
+    got = json.loads(stdout[stdout.index("{") :])
+    s_min, e_min, root = integrals_by_hand(steps, batch, noise)
+    gamma = root**2 / (s_min * e_min)
+    ran = examples[-1] - examples[0]
+    const = bool(np.all(batch == batch[0]))
+    want = {
+        "run.s_min": s_min,
+        "run.e_min": e_min,
+        "run.b_crit": e_min / s_min,
+        "run.steps": steps[-1] - steps[0],
+        "run.examples": ran,
+        "run.predicted_steps": s_min + e_min / batch[0] if const else None,
+        "gamma": gamma,
+        "adaptive.r_natural": e_min / s_min,
+        "adaptive.natural_steps": s_min + root / math.sqrt(e_min / s_min),
+        "adaptive.natural_examples": e_min + math.sqrt(e_min / s_min) * root,
+        "adaptive.r_same_examples": ((ran - e_min) / root) ** 2 if ran > e_min else None,
+        "adaptive.same_examples_steps": s_min + root**2 / (ran - e_min) if ran > e_min else None,
+        "b_simple_last": noise[-1],
+    }
+    for b, row in zip(sizes, got["fixed_batch_costs"], strict=True):
+        fixed = s_min + e_min / b
+        e = b * fixed
+        want |= {
+            f"B={b:g}.steps": (row["steps"], fixed),
+            f"B={b:g}.examples": (row["examples"], e),
+            f"B={b:g}.steps_over_min": (row["steps_over_min"], fixed / s_min),
+            f"B={b:g}.examples_over_min": (row["examples_over_min"], e / e_min),
+            f"B={b:g}.adaptive_steps": (
+                row["adaptive_steps_same_examples"],
+                s_min + root**2 / (e - e_min) if e > e_min else None,
+            ),
+            f"B={b:g}.adaptive_examples": (
+                row["adaptive_examples_same_steps"],
+                e_min + gamma * b * s_min,
+            ),
+        }
+    for key, w in want.items():
+        if isinstance(w, tuple):
+            g, w = w
+        else:
+            g = got
+            for part in key.split("."):
+                g = g[part]
+        if not _close(g, w, 1e-7):
+            return out | {"report": {"cls": "WRONG-SILENT", "why": f"{key}: {g} want {w}"}}
+    return out | {"report": {"cls": "ok"}}
+
+
 def check_refuse(cfg, profile, path):
     """inf/NaN inputs refused by the library and the CLI."""
     from noisescale.hardware.recommend import recommend_batch_size
@@ -922,6 +1034,7 @@ def check_seed(seed, override=None):
         checks |= check_recommend(cfg, profile, path)
         checks["calc"], checks["calc_text"] = check_calc(cfg)
         checks["theory"] = check_theory(cfg)
+        checks |= check_history(cfg, tmp, report=seed % 4 == 0)
         checks["refuse"] = check_refuse(cfg, profile, path) if seed % 5 == 0 else {"cls": "skip"}
     return {"seed": seed, "cfg": cfg, "checks": checks, "time": round(time.time() - t0, 2)}
 
