@@ -73,6 +73,7 @@ CHECKS = (
     "theory",
     "calc_hist",
     "report",
+    "profile",
     "refuse",
 )
 BANDWIDTHS = {"pcie4": 20e9, "pcie5": 40e9, "nvlink3": 230e9, "nvlink4": 400e9}
@@ -309,6 +310,8 @@ def recommendation_by_hand(cfg, profile):
             "per_device_batch_size": per,
             "micro_batch_size": micro,
             "num_micro_batches": k,
+            "equal_micro_batches": per % k == 0,
+            "extrapolated": not cfg["timed"][0] <= micro <= cfg["timed"][-1],
             "steps_over_min": s_ratio,
             "examples_over_min": e_ratio,
             "step_time_s": step,
@@ -961,6 +964,51 @@ def check_history(cfg, tmp, report):
     return out | {"report": {"cls": "ok"}}
 
 
+def check_profile_cli(cfg, tmp):
+    """``noisescale profile`` on examples/profile_model.py (an MLP 784 → w → 10): the file it
+    writes holds each point's median and throughput, a fit that is linregress's on them, the
+    model's parameter bytes by hand, the update's median; then ``recommend`` on it by hand."""
+    from noisescale.hardware import ThroughputProfile
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = os.path.join(here, "..", "examples", "profile_model.py") + ":build"
+    width = 8 + cfg["traj_seed"] % 40
+    sizes = cfg["timed"][:4]
+    path = os.path.join(tmp, "measured.json")
+    argv = ["profile", spec, "--model-option", f"width={width}", "--device", "cpu"]
+    argv += ["--batch-sizes", ",".join(map(str, sizes)), "--repeats", "3", "--warmup", "1"]
+    argv += ["--no-memory-search", "--threads", "1", "-o", path]
+    rc, _, stderr, exc = _cli(argv)
+    if exc is not None or rc != 0:
+        cls = "crash" if exc is not None or "Traceback" in stderr else "FALSE-REFUSAL"
+        return {"cls": cls, "exc": f"{exc} {stderr}"[-300:]}
+    try:
+        prof = ThroughputProfile.load(path)
+    except NoiseScaleError as err:
+        if "falls with the batch size" in str(err):
+            return {"cls": "refused", "exc": str(err)[:300]}  # timings noisier than β
+        return {"cls": "FALSE-REFUSAL", "exc": str(err)[:300]}
+    params = 784 * width + width + width * 10 + 10
+    if prof.model.get("parameters") != params or prof.model.get("param_bytes") != 4 * params:
+        return {"cls": "WRONG-SILENT", "why": f"model {prof.model} want {params} parameters"}
+    for p in prof.points:
+        med = float(np.median(p.times_s))
+        if not (_close(p.step_time_s, med) and _close(p.samples_per_s, p.batch_size / med)):
+            return {"cls": "WRONG-SILENT", "why": f"point {p}"}
+    if [p.batch_size for p in prof.points] != sorted(set(sizes)):
+        return {"cls": "WRONG-SILENT", "why": f"timed {[p.batch_size for p in prof.points]}"}
+    u, times = prof.optimizer_update_s, prof.optimizer_update_times_s
+    if u is None or not times or not _close(u, float(np.median(times))):
+        return {"cls": "WRONG-SILENT", "why": f"update {u} of {times}"}
+    fit = check_fit(prof)
+    if fit["cls"] != "ok":
+        return fit
+    mine = dict(cfg, timed=sorted(set(sizes)), beta=prof.fit.beta_s, time_noise=1.0)
+    mine |= {"max_batch": None, "oom": None, "param_bytes": 4 * params, "device_type": "cpu"}
+    res = check_recommend(mine, prof, path)
+    return res["rec_cli"] if res["recommend"]["cls"] == "ok" else res["recommend"]
+
+
 def check_refuse(cfg, profile, path):
     """inf/NaN inputs refused by the library and the CLI."""
     from noisescale.hardware.recommend import recommend_batch_size
@@ -1035,6 +1083,7 @@ def check_seed(seed, override=None):
         checks["calc"], checks["calc_text"] = check_calc(cfg)
         checks["theory"] = check_theory(cfg)
         checks |= check_history(cfg, tmp, report=seed % 4 == 0)
+        checks["profile"] = check_profile_cli(cfg, tmp) if seed % 10 == 3 else {"cls": "skip"}
         checks["refuse"] = check_refuse(cfg, profile, path) if seed % 5 == 0 else {"cls": "skip"}
     return {"seed": seed, "cfg": cfg, "checks": checks, "time": round(time.time() - t0, 2)}
 
