@@ -140,6 +140,9 @@ def draw_config(seed):
     cfg["lr_batch"] = rng.choice([None, int(_logu(rng, 1, 1e5))])
     cfg["calc_alpha"] = rng.choice([1.0, 0.5, 0.73])
     cfg["temperature"] = rng.choice([None, (_logu(rng, 1e-6, 1), _logu(rng, 1e-6, 1))])
+    if rng.random() < 0.05:  # a ratio T0/T1 far beyond any noise scale, either way
+        k = rng.choice([-1, 1]) * rng.randint(150, 300)
+        cfg["temperature"] = (10.0**-k, 10.0**k)
     # a run's trajectory
     cfg["traj_records"] = rng.randint(2, 12)
     cfg["traj_gap"] = rng.choice([1, 1, 7, 50, 300])
@@ -885,13 +888,22 @@ def check_history(cfg, tmp, report):
     sizes = sorted({float(cfg["calc_list"][0]), 1.0, float(batch[-1]), float(3.0 * noise[-1])})
     text = ",".join(repr(b) for b in sizes)
     out = {}
-    rc, stdout, stderr, exc = _cli(["calc", "--history", path, "--batch-size", text, "--json"])
+    calc_argv = ["calc", "--history", path, "--batch-size", text, "--json"]
+    scale = 1.0
+    if cfg["temperature"]:  # eq. C.2 on the history's noise scale and its interval
+        t0, t1 = cfg["temperature"]
+        calc_argv += ["--temperature-from", repr(t0), "--temperature-to", repr(t1)]
+        scale = t0 / t1
+    rc, stdout, stderr, exc = _cli(calc_argv)
+    extreme = not 1e-300 < noise[-1] * scale < 1e300
     if exc is not None or rc != 0:
-        out["calc_hist"] = {"cls": "crash" if exc else "FALSE-REFUSAL", "exc": f"{exc} {stderr}"}
+        cls = "crash" if exc else "refused" if extreme else "FALSE-REFUSAL"
+        out["calc_hist"] = {"cls": cls, "exc": f"{exc} {stderr}"[-300:]}
     else:
         out["calc_hist"] = {"cls": "ok"}
+        low_t, high_t = low * scale, high * scale
         for r, b in zip(json.loads(stdout), sizes, strict=True):
-            bn = noise[-1]
+            bn, low, high = noise[-1] * scale, low_t, high_t
             order = ["small", "balanced", "large"]
             first = _regime(b, high) if math.isfinite(high) else "small"
             over = order[order.index(first) : order.index(_regime(b, low)) + 1]
@@ -910,12 +922,29 @@ def check_history(cfg, tmp, report):
     if not report:
         return out | {"report": {"cls": "skip"}}
     page = os.path.join(tmp, "report.html")
-    argv = ["report", path, "-o", page, "--json", "--force", "--batch-sizes", text]
+    argv = ["report", path, "-o", page, "--json", "--force"]
+    default_grid = cfg["traj_seed"] % 2 == 0
+    if not default_grid:
+        argv += ["--batch-sizes", text]
     rc, stdout, stderr, exc = _cli(argv)
     if exc is not None or rc != 0:
         cls = "crash" if exc else "FALSE-REFUSAL"
         return out | {"report": {"cls": cls, "exc": f"{exc} {stderr}"[-300:]}}
     got = json.loads(stdout[stdout.index("{") :])
+    if default_grid:  # powers of two spanning B_simple and the batch sizes, ×/÷ 2 (≤ 12)
+        values = np.concatenate([noise, batch])
+        lo = max(0, math.floor(math.log2(values.min())) - 1)
+        hi = math.ceil(math.log2(values.max())) + 1
+        sizes = [row["batch_size"] for row in got["fixed_batch_costs"]]
+        ok = (
+            len(sizes) <= 12
+            and sizes[0] == 2.0**lo
+            and sizes[-1] >= 2.0**hi
+            and all(math.log2(b).is_integer() for b in sizes)
+            and len({math.log2(b) - math.log2(a) for a, b in itertools.pairwise(sizes)}) <= 1
+        )
+        if not ok:
+            return out | {"report": {"cls": "WRONG-SILENT", "why": f"default sizes {sizes}"}}
     s_min, e_min, root = integrals_by_hand(steps, batch, noise)
     gamma = root**2 / (s_min * e_min)
     ran = examples[-1] - examples[0]
