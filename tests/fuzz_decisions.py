@@ -53,6 +53,7 @@ import random
 import re
 import tempfile
 import time
+import warnings
 
 import numpy as np
 from scipy import stats as sps
@@ -75,6 +76,7 @@ CHECKS = (
     "report",
     "profile",
     "refuse",
+    "refuse_theory",
 )
 BANDWIDTHS = {"pcie4": 20e9, "pcie5": 40e9, "nvlink3": 230e9, "nvlink4": 400e9}
 FINDINGS = ("WRONG-SILENT", "crash", "FALSE-REFUSAL", "WRONG-CAUSE")
@@ -1089,6 +1091,33 @@ def check_refuse(cfg, profile, path):
     return {"cls": "ok"}
 
 
+def check_refuse_theory(cfg):
+    """theory's trajectory functions on an invalid batch size, exchange rate or example count
+    (≤ 0 or NaN): refused, as the single-point functions refuse them, not priced."""
+    steps, batch, noise = make_trajectory(cfg)
+    ints = theory.run_integrals(steps, batch, np.maximum(noise, 1.0))
+    rng = random.Random(cfg["traj_seed"])
+    bad = rng.choice([-float(batch[0]), 0.0, math.nan, -1e-3])
+    calls = {
+        "fixed_batch_cost": lambda: theory.fixed_batch_cost(ints, None, bad),
+        "adaptive_batch_cost": lambda: theory.adaptive_batch_cost(ints, None, bad),
+        "exchange_rate_for_examples": lambda: theory.exchange_rate_for_examples(ints, None, bad),
+        "steps_over_min": lambda: theory.steps_over_min(bad, 100.0),
+        "b_crit_kaplan": lambda: theory.b_crit_kaplan(bad),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, call in calls.items():
+            try:
+                got = call()
+            except NoiseScaleError:
+                continue
+            except Exception as err:
+                return {"cls": "crash", "exc": f"{name}({bad}): {type(err).__name__}: {err}"}
+            return {"cls": "WRONG-SILENT", "why": f"{name}({bad}) = {got}"}
+    return {"cls": "ok"}
+
+
 def check_seed(seed, override=None):
     cfg = draw_config(seed)
     if override:
@@ -1113,6 +1142,7 @@ def check_seed(seed, override=None):
         checks["theory"] = check_theory(cfg)
         checks |= check_history(cfg, tmp, report=seed % 4 == 0)
         checks["profile"] = check_profile_cli(cfg, tmp) if seed % 10 == 3 else {"cls": "skip"}
+        checks["refuse_theory"] = check_refuse_theory(cfg) if seed % 5 == 1 else {"cls": "skip"}
         checks["refuse"] = check_refuse(cfg, profile, path) if seed % 5 == 0 else {"cls": "skip"}
     return {"seed": seed, "cfg": cfg, "checks": checks, "time": round(time.time() - t0, 2)}
 
