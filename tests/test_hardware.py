@@ -776,6 +776,45 @@ def test_recommend_rejects_nonpositive_predicted_time() -> None:
         recommend_batch_size(8.0, profile, batch_sizes=[1])
 
 
+def test_recommend_refuses_a_profile_in_memory_whose_step_time_falls() -> None:
+    """(A fuzzer, seed 29, 2026-12-07.) A profile built in memory whose least-squares step time
+    falls with the batch size (a slow first step at b = 2 on the line 10 ms + 0.01 ms·b) was
+    priced without a word, B = 24 at 0.88 ms a step for a true 10.24 ms; the CLI refused its
+    file. The library refuses it as the file is refused, and from_points still keeps it."""
+    times = {1: 0.0131, 2: 0.0140, 4: 0.0101, 8: 0.0100}
+    points = [ThroughputPoint(b, (t,)) for b, t in times.items()]
+    profile = ThroughputProfile.from_points(points, device={"type": "cuda"}, model={})
+    assert profile.fit.beta_s == pytest.approx(
+        stats.linregress(list(times), list(times.values())).slope
+    )
+    assert profile.fit.beta_s < 0
+    with pytest.raises(NoiseScaleInputError, match="falls with the batch size.*re-profile"):
+        recommend_batch_size(20.0, profile, batch_sizes=[1, 2, 4, 8, 16, 24])
+
+
+def test_a_flat_profile_is_priced_not_refused(tmp_path) -> None:
+    """(A fuzzer, seed 142, 2026-12-07.) Equal step times at every batch size fitted β = −1e-18
+    by rounding, and the profile's file was refused as "falls with the batch size ... too noisy".
+    Its β is 0, and every step takes α; a file written before the fix with β = −1.1e-18 is read."""
+    alpha = 0.3063
+    points = [ThroughputPoint(b, (alpha,) * 3) for b in (3, 9, 27, 81)]
+    profile = ThroughputProfile.from_points(points, device={"type": "cuda"}, model={})
+    assert profile.fit.beta_s == 0.0
+    assert profile.fit.alpha_s == pytest.approx(alpha, rel=1e-14)
+    path = tmp_path / "p.json"
+    profile.save(path)
+    data = json.loads(path.read_text())
+    data["fit"]["beta_s"] = -1.1e-18
+    path.write_text(json.dumps(data))
+    rec = recommend_batch_size(443.5, ThroughputProfile.load(path), batch_sizes=[8, 32, 88])
+    assert [c.step_time_s for c in rec.candidates] == pytest.approx([alpha] * 3, rel=1e-14)
+    # beyond rounding (β·b_max = −1e-6·α) a falling line is still refused
+    data["fit"]["beta_s"] = -1e-6 * alpha / 81
+    path.write_text(json.dumps(data))
+    with pytest.raises(NoiseScaleInputError, match="falls with the batch size"):
+        ThroughputProfile.load(path)
+
+
 def test_default_batch_sizes() -> None:
     assert default_batch_sizes(100.0) == [2**i for i in range(13)]  # 32·100 = 3200 → 4096
     assert default_batch_sizes(0.01, max_devices=8) == [1, 2, 4, 8]

@@ -116,7 +116,7 @@ def fit_step_time(batch_sizes: Sequence[float], step_times_s: Sequence[float]) -
     """Fit t(b) = α + β·b by ordinary least squares, with standard errors.
 
     The standard errors are the usual OLS ones, s²·(XᵀX)⁻¹ with s² = RSS/(n−2); they need at
-    least three distinct batch sizes.
+    least three distinct batch sizes. A β within :data:`FIT_ROUNDING` of a flat line is 0.
 
     Args:
         batch_sizes: Micro-batch sizes b (examples), at least two distinct values.
@@ -135,6 +135,8 @@ def fit_step_time(batch_sizes: Sequence[float], step_times_s: Sequence[float]) -
         raise NoiseScaleInputError("step times must be finite and positive")
     x = np.column_stack([np.ones_like(b), b])
     coef, *_ = np.linalg.lstsq(x, t, rcond=None)
+    if _rounding_slope(float(coef[1]), float(coef[0]), float(b.max())):
+        coef[1] = 0.0  # a flat line (equal step times) fits β = ±1e-18 by rounding
     residuals = t - x @ coef
     n = b.size
     alpha_se: float | None = None
@@ -151,6 +153,18 @@ def fit_step_time(batch_sizes: Sequence[float], step_times_s: Sequence[float]) -
         n_points=int(n),
         max_rel_residual=float(np.max(np.abs(residuals) / t)),
     )
+
+
+FIT_ROUNDING = 1e-9
+"""A fitted β whose change over the timed range, |β|·b_max, is within this fraction of α is the
+least-squares rounding of a flat line (equal step times): it is taken as 0, not as a step time
+that falls with the batch size (such a profile was refused as too noisy until 2026-12-07, a
+fuzzer)."""
+
+
+def _rounding_slope(beta: float, alpha: float, largest_batch_size: float) -> bool:
+    """Whether β is within :data:`FIT_ROUNDING` of a flat line over batch sizes up to the largest."""
+    return abs(beta) * largest_batch_size <= FIT_ROUNDING * abs(alpha)
 
 
 @dataclass(frozen=True)
@@ -270,6 +284,22 @@ class ThroughputProfile:
         fit = fit_step_time([p.batch_size for p in ordered], [p.step_time_s for p in ordered])
         return cls(points=ordered, fit=fit, **fields)
 
+    def check_step_time_rises(self) -> None:
+        """Refuse a fit whose step time falls with the batch size (β < 0 beyond rounding): noisy
+        timings, which would price the largest batch as the fastest. Every pricing meets this
+        check: reading a profile and :func:`~noisescale.hardware.recommend.recommend_batch_size`
+        (which priced a profile built in memory without a word until 2026-12-07, a fuzzer);
+        ``noisescale profile`` prints it as a warning and keeps what it measured."""
+        fit = self.fit
+        if fit.beta_s < 0 and not _rounding_slope(
+            fit.beta_s, fit.alpha_s, self.measured_range[1]
+        ):
+            raise NoiseScaleInputError(
+                f"the profile's step time falls with the batch size (β = {fit.beta_s:.3g} s per "
+                "example < 0): its timings are too noisy to price batch sizes; re-profile with "
+                "more --repeats or wider --batch-sizes"
+            )
+
     @property
     def grad_bytes(self) -> float:
         """Bytes of gradient all-reduced per step: the trainable parameters' bytes."""
@@ -378,12 +408,7 @@ class ThroughputProfile:
             raise NoiseScaleInputError("corrupt profile: a step time is not a positive number")
         if not (math.isfinite(fit.alpha_s) and math.isfinite(fit.beta_s)):
             raise NoiseScaleInputError("corrupt profile: the step-time fit is not finite")
-        if fit.beta_s < 0:
-            raise NoiseScaleInputError(
-                f"the profile's step time falls with the batch size (β = {fit.beta_s:.3g} s per "
-                "example < 0): its timings are too noisy to price batch sizes; re-profile with "
-                "more --repeats or wider --batch-sizes"
-            )
+        profile.check_step_time_rises()
         param_bytes = profile.model.get("param_bytes", 0)
         if (
             isinstance(param_bytes, bool)

@@ -285,6 +285,7 @@ def recommend_batch_size(
     """
     if not (math.isfinite(b_noise) and b_noise > 0):
         raise NoiseScaleInputError(f"the noise scale must be positive and finite, got {b_noise}")
+    profile.check_step_time_rises()
     if s_min is not None and e_min is not None:
         raise NoiseScaleInputError("give at most one of S_min and E_min (E_min = S_min·B_noise)")
     for name, value in (("S_min", s_min), ("E_min", e_min), ("price", price_per_gpu_hour)):
