@@ -364,6 +364,45 @@ def test_trajectory_validation(s: list, b_noise: list, message: str) -> None:
         theory.adaptive_gamma(s, b_noise)
 
 
+@pytest.mark.parametrize("batch_size", [-64.0, 0.0, float("nan"), np.array([64.0, -1.0])])
+def test_fixed_batch_cost_refuses_what_is_no_batch_size(batch_size: object) -> None:
+    """(A fuzzer, seed 1, 2026-12-07.) S_min + E_min/B priced B = -64 at -64.8 steps and B = 0
+    at (inf, nan); refused as steps_over_min refuses it."""
+    integrals = theory.run_integrals([0, 100], [64, 64], [300, 300])
+    with pytest.raises(NoiseScaleInputError, match="batch_size must be in"):
+        theory.fixed_batch_cost(integrals, None, batch_size)
+
+
+@pytest.mark.parametrize(
+    ("integrals", "field"),
+    [
+        ((math.nan, -1.0, 2.0), "s_min"),
+        ((-1.0, -1.0, 1.0), "s_min"),
+        ((0.0, 1.0, 1.0), "s_min"),
+        ((1.0, -1.0, 1.0), "e_min"),
+        ((1.0, math.inf, 1.0), "e_min"),
+        ((1.0, 1.0, -1.0), "root"),
+    ],
+)
+def test_trajectory_integrals_built_by_hand_are_checked(
+    integrals: tuple[float, float, float], field: str
+) -> None:
+    """(A fuzzer, 2026-12-07.) min_cost returned (nan, -1) for TrajectoryIntegrals(nan, -1, 2)
+    and adaptive_gamma blamed E_min = -1 on a noise scale "zero all along"; each function that
+    takes them names the impossible field."""
+    ints = theory.TrajectoryIntegrals(*integrals)
+    for call in (
+        lambda: theory.min_cost(ints),
+        lambda: theory.fixed_batch_cost(ints, None, 64.0),
+        lambda: theory.adaptive_batch_cost(ints, None, 4.0),
+        lambda: theory.adaptive_gamma(ints),
+        lambda: theory.natural_exchange_rate(ints),
+        lambda: theory.exchange_rate_for_examples(ints, None, 1e9),
+    ):
+        with pytest.raises(NoiseScaleInputError, match=f"TrajectoryIntegrals.{field} must be"):
+            call()
+
+
 def test_zero_noise_trajectory_has_no_gamma() -> None:
     assert theory.fixed_batch_cost([0, 1], [0, 0], 8) == (1.0, 8.0)
     with pytest.raises(NoiseScaleInputError, match="zero all along"):

@@ -397,7 +397,8 @@ def fixed_batch_cost(
         ``Cost(steps, examples)``, each with the shape of ``batch_size``.
     """
     s_min, e_min = min_cost(s, b_noise)
-    b = np.asarray(batch_size, dtype=float)
+    # refused as steps_over_min refuses it (until 2026-12-07 B = -64 cost -64.8 steps, a fuzzer)
+    b = _checked("batch_size", batch_size)
     steps = s_min + e_min / b
     return Cost(_scalar(steps), _scalar(b * steps))
 
@@ -494,6 +495,10 @@ def _integrals(
             raise NoiseScaleInputError(
                 "give either a trajectory (s, b_noise) or its TrajectoryIntegrals, not both"
             )
+        # one built by hand is checked as run_integrals' own are made (until 2026-12-07
+        # min_cost priced S_min = NaN and adaptive_gamma blamed E_min = -1 on no noise, a fuzzer)
+        for name, zero in (("s_min", False), ("e_min", True), ("root", True)):
+            _checked(f"TrajectoryIntegrals.{name}", getattr(s, name), zero=zero, finite=True)
         return s
     if b_noise is None:
         raise NoiseScaleInputError("a trajectory s needs its b_noise")
