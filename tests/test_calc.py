@@ -189,6 +189,9 @@ def test_text_table(capsys: pytest.CaptureFixture) -> None:
 
 # --- bad input ----------------------------------------------------------------------------------
 
+# B_noise·T0/T1 = 100·1e-300/1e300 is below the smallest double
+UNDERFLOW = ["--temperature-from", "1e-300", "--temperature-to", "1e300"]
+
 
 @pytest.mark.parametrize(
     ("args", "message"),
@@ -211,6 +214,11 @@ def test_text_table(capsys: pytest.CaptureFixture) -> None:
         ),
         (["--noise-scale", "100", "--batch-size", "64", "--lr-batch-size", "8"], "needs --lr"),
         (["--noise-scale", "100", "--batch-size", "64", "--temperature-from", "1"], "go together"),
+        # (a fuzzer, seed 39: 100·1e-300/1e300 underflowed to 0, a ZeroDivisionError)
+        (
+            ["--noise-scale", "100", "--batch-size", "64", *UNDERFLOW],
+            "the numbers underflow: the noise scale at --temperature-to",
+        ),
         (
             ["--noise-scale", "100", "--batch-size", "64,128", "--lr", "1", "--alpha", "-1"],
             "--alpha",
@@ -287,6 +295,9 @@ def test_history_regime_is_settled_only_over_the_whole_interval(
     rows = calc_json(capsys, "--history", path, "--batch-size", "100", "--temperature-from",
                      "1", "--temperature-to", "2")  # fmt: skip
     assert rows["noise_scale"] == 50.0 and rows["noise_scale_interval"] == [40.0, 62.5]
+    # a noise scale below the smallest number there is refused (a fuzzer, seed 39)
+    assert main(["calc", "--history", path, "--batch-size", "100", *UNDERFLOW]) == 2
+    assert "the numbers underflow" in capsys.readouterr().err
 
 
 def test_history_that_lost_its_estimate_says_the_decision_is_stale(
