@@ -788,7 +788,7 @@ def test_recommend_refuses_a_profile_in_memory_whose_step_time_falls() -> None:
         stats.linregress(list(times), list(times.values())).slope
     )
     assert profile.fit.beta_s < 0
-    with pytest.raises(NoiseScaleInputError, match="falls with the batch size.*re-profile"):
+    with pytest.raises(NoiseScaleInputError, match=r"falls with the batch size.*re-profile"):
         recommend_batch_size(20.0, profile, batch_sizes=[1, 2, 4, 8, 16, 24])
 
 

@@ -163,7 +163,7 @@ fuzzer)."""
 
 
 def _rounding_slope(beta: float, alpha: float, largest_batch_size: float) -> bool:
-    """Whether β is within :data:`FIT_ROUNDING` of a flat line over batch sizes up to the largest."""
+    """Whether β is within :data:`FIT_ROUNDING` of a flat line up to the largest batch size."""
     return abs(beta) * largest_batch_size <= FIT_ROUNDING * abs(alpha)
 
 
@@ -291,9 +291,7 @@ class ThroughputProfile:
         (which priced a profile built in memory without a word until 2026-12-07, a fuzzer);
         ``noisescale profile`` prints it as a warning and keeps what it measured."""
         fit = self.fit
-        if fit.beta_s < 0 and not _rounding_slope(
-            fit.beta_s, fit.alpha_s, self.measured_range[1]
-        ):
+        if fit.beta_s < 0 and not _rounding_slope(fit.beta_s, fit.alpha_s, self.measured_range[1]):
             raise NoiseScaleInputError(
                 f"the profile's step time falls with the batch size (β = {fit.beta_s:.3g} s per "
                 "example < 0): its timings are too noisy to price batch sizes; re-profile with "
