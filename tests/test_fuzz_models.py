@@ -873,7 +873,7 @@ def test_what_the_command_line_fuzzer_found_is_refused_or_exact(seed):
 # The long run: python tests/fuzz_decisions.py --seeds 0:1000.
 DECISIONS_SAMPLE = [0, 2, 3, 5, 8, 10, 20, 114, 149, 190]
 
-# What it found (2026-12-07), as seeds: fail until the fixes land (not xfail).
+# What it found (2026-12-07), as seeds: fixed the same day, kept as regressions.
 FOUND_BY_THE_DECISIONS_FUZZER = [
     # WRONG-SILENT: recommend_batch_size on a profile in memory (ThroughputProfile.from_points)
     # whose fitted β < 0 (noisy timings) prices it without a word — step times that fall with
