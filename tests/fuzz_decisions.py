@@ -278,8 +278,12 @@ def recommendation_by_hand(cfg, profile):
         pairs.sort()
     without = [n for n in devs if not any(pn == n for _, pn in pairs)]
     flat = cfg["beta"] == 0 and cfg["time_noise"] == 0  # a fitted β < 0 is rounding there
+    fit = profile.fit
+    # refused where β < 0 by more than twice its standard error (or no SE: two batch sizes),
+    # else priced as flat, β = 0 (docs/hardware.md)
+    noise = fit.beta_se_s is not None and fit.beta_s + 2 * fit.beta_se_s >= 0
     causes = []
-    if profile.fit.beta_s < 0 and not flat:
+    if fit.beta_s < 0 and not (flat or noise):
         causes.append("falls")
     if cfg["max_micro"] is not None and cfg["oom"] is not None and cfg["max_micro"] >= cfg["oom"]:
         causes.append("out of memory")
@@ -288,7 +292,7 @@ def recommendation_by_hand(cfg, profile):
     if causes:
         return ("refused", causes)
     limit = cfg["max_micro"] if cfg["max_micro"] is not None else fitting_limit(cfg)
-    alpha, beta = profile.fit.alpha_s, profile.fit.beta_s
+    alpha, beta = fit.alpha_s, max(fit.beta_s, 0.0)
     u = min(profile.optimizer_update_s or 0.0, max(alpha, 0.0))
     bw = cfg["bandwidth_gb"] * 1e9 if cfg["link"] == "bw" else BANDWIDTHS[cfg["link"] or "pcie4"]
     nbytes = cfg["param_bytes"] if cfg["grad_bytes"] is None else cfg["grad_bytes"]

@@ -278,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_profile(profile))
     try:
-        profile.check_step_time_rises()
+        profile.pricing_fit()
     except NoiseScaleInputError as err:
         # kept as measured (--json too: until 2026-12-07 only the text said so, a fuzzer)
         print(f"warning: {err}; `noisescale recommend` refuses it", file=sys.stderr)

@@ -30,7 +30,7 @@ import json
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -284,19 +284,37 @@ class ThroughputProfile:
         fit = fit_step_time([p.batch_size for p in ordered], [p.step_time_s for p in ordered])
         return cls(points=ordered, fit=fit, **fields)
 
-    def check_step_time_rises(self) -> None:
-        """Refuse a fit whose step time falls with the batch size (β < 0 beyond rounding): noisy
-        timings, which would price the largest batch as the fastest. Every pricing meets this
-        check: reading a profile and :func:`~noisescale.hardware.recommend.recommend_batch_size`
-        (which priced a profile built in memory without a word until 2026-12-07, a fuzzer);
-        ``noisescale profile`` prints it as a warning and keeps what it measured."""
+    def pricing_fit(self) -> StepTimeFit:
+        """The step-time fit batch sizes are priced with: the fit, refused where it is not finite
+        or its step time falls with the batch size significantly, β + 2·SE(β) < 0 (noisy or
+        skewed timings, which would price the largest batch as the fastest; with two batch sizes,
+        no SE, any β < 0 beyond rounding); a β < 0 within its noise is a flat step time, priced
+        as β = 0 (until 2026-12-07 its sign was refused: half of the flat launch-bound profiles,
+        whatever the --repeats, a review). Every pricing meets this check: reading a profile and
+        :func:`~noisescale.hardware.recommend.recommend_batch_size`; ``noisescale profile``
+        prints it as a warning and keeps what it measured."""
         fit = self.fit
-        if fit.beta_s < 0 and not _rounding_slope(fit.beta_s, fit.alpha_s, self.measured_range[1]):
+        if not (math.isfinite(fit.alpha_s) and math.isfinite(fit.beta_s)):
+            raise NoiseScaleInputError(
+                f"the profile's step-time fit is not finite (α = {fit.alpha_s}, β = "
+                f"{fit.beta_s}); re-profile, or correct the file"
+            )
+        if fit.beta_s >= 0:
+            return fit
+        se = fit.beta_se_s
+        noise = se is not None and math.isfinite(se) and fit.beta_s + 2 * se >= 0
+        if not (noise or _rounding_slope(fit.beta_s, fit.alpha_s, self.measured_range[1])):
+            within = (
+                "with two batch sizes its noise is unknown"
+                if se is None or not math.isfinite(se)
+                else f"below 0 by more than twice its standard error {se:.3g}"
+            )
             raise NoiseScaleInputError(
                 f"the profile's step time falls with the batch size (β = {fit.beta_s:.3g} s per "
-                "example < 0): its timings are too noisy to price batch sizes; re-profile with "
-                "more --repeats or wider --batch-sizes"
+                f"example, {within}): its timings are too noisy or skewed to price batch sizes; "
+                "re-profile with more --repeats or wider --batch-sizes"
             )
+        return replace(fit, beta_s=0.0)
 
     @property
     def grad_bytes(self) -> float:
@@ -404,9 +422,12 @@ class ThroughputProfile:
             raise NoiseScaleInputError("corrupt profile: no timed batch sizes")
         if any(not (math.isfinite(t) and t > 0) for p in points for t in p.times_s):
             raise NoiseScaleInputError("corrupt profile: a step time is not a positive number")
-        if not (math.isfinite(fit.alpha_s) and math.isfinite(fit.beta_s)):
-            raise NoiseScaleInputError("corrupt profile: the step-time fit is not finite")
-        profile.check_step_time_rises()
+        if math.isfinite(fit.alpha_s) and _rounding_slope(
+            fit.beta_s, fit.alpha_s, profile.measured_range[1]
+        ):
+            # as fit_step_time takes it (a file written before kept β = -1.1e-18, a review)
+            profile = replace(profile, fit=replace(fit, beta_s=0.0))
+        profile.pricing_fit()
         param_bytes = profile.model.get("param_bytes", 0)
         if (
             isinstance(param_bytes, bool)
