@@ -147,6 +147,17 @@ def test_temperature_rescales_the_noise_scale(capsys: pytest.CaptureFixture) -> 
     assert row["steps_over_min"] == pytest.approx(2.0)
 
 
+def test_equal_tiny_temperatures_keep_the_noise_scale(capsys: pytest.CaptureFixture) -> None:
+    """(A review, 2026-12-07.) T0 = T1 = 1e-320: B_noise·T0 underflowed before dividing by T1,
+    and 1e-10 was refused as an underflow; eq. C.2 at equal temperatures is B_noise itself."""
+    for noise in ("1e-10", "100"):
+        row = calc_json(
+            capsys, "--noise-scale", noise, "--batch-size", "64",
+            "--temperature-from", "1e-320", "--temperature-to", "1e-320",
+        )  # fmt: skip
+        assert row["noise_scale"] == float(noise)
+
+
 def test_kaplan_loss_gives_a_noise_scale_in_tokens(capsys: pytest.CaptureFixture) -> None:
     row = calc_json(capsys, "--kaplan-loss", "3", "--batch-size", "1e6")
     assert row["noise_scale"] == pytest.approx(2.0e8 * 3**-4.76)
@@ -217,7 +228,7 @@ UNDERFLOW = ["--temperature-from", "1e-300", "--temperature-to", "1e300"]
         # (a fuzzer, seed 39: 100·1e-300/1e300 underflowed to 0, a ZeroDivisionError)
         (
             ["--noise-scale", "100", "--batch-size", "64", *UNDERFLOW],
-            "the numbers underflow: the noise scale at --temperature-to",
+            "the numbers underflow or overflow: the noise scale at the new temperature",
         ),
         (
             ["--noise-scale", "100", "--batch-size", "64,128", "--lr", "1", "--alpha", "-1"],
