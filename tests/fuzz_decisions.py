@@ -279,9 +279,9 @@ def recommendation_by_hand(cfg, profile):
     without = [n for n in devs if not any(pn == n for _, pn in pairs)]
     flat = cfg["beta"] == 0 and cfg["time_noise"] == 0  # a fitted β < 0 is rounding there
     fit = profile.fit
-    # refused where β < 0 by more than twice its standard error (or no SE: two batch sizes),
+    # refused where β < 0 by more than three times its standard error (or no SE: two batch sizes),
     # else priced as flat, β = 0 (docs/hardware.md)
-    noise = fit.beta_se_s is not None and fit.beta_s + 2 * fit.beta_se_s >= 0
+    noise = fit.beta_se_s is not None and fit.beta_s + 3 * fit.beta_se_s >= 0
     causes = []
     if fit.beta_s < 0 and not (flat or noise):
         causes.append("falls")

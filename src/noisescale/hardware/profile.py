@@ -286,7 +286,7 @@ class ThroughputProfile:
 
     def pricing_fit(self) -> StepTimeFit:
         """The step-time fit batch sizes are priced with: the fit, refused where it is not finite
-        or its step time falls with the batch size significantly, β + 2·SE(β) < 0 (noisy or
+        or its step time falls with the batch size significantly, β + 3·SE(β) < 0 (noisy or
         skewed timings, which would price the largest batch as the fastest; with two batch sizes,
         no SE, any β < 0 beyond rounding); a β < 0 within its noise is a flat step time, priced
         as β = 0 (until 2026-12-07 its sign was refused: half of the flat launch-bound profiles,
@@ -302,12 +302,12 @@ class ThroughputProfile:
         if fit.beta_s >= 0:
             return fit
         se = fit.beta_se_s
-        noise = se is not None and math.isfinite(se) and fit.beta_s + 2 * se >= 0
+        noise = se is not None and math.isfinite(se) and fit.beta_s + 3 * se >= 0
         if not (noise or _rounding_slope(fit.beta_s, fit.alpha_s, self.measured_range[1])):
             within = (
                 "with two batch sizes its noise is unknown"
                 if se is None or not math.isfinite(se)
-                else f"below 0 by more than twice its standard error {se:.3g}"
+                else f"below 0 by more than three times its standard error {se:.3g}"
             )
             raise NoiseScaleInputError(
                 f"the profile's step time falls with the batch size (β = {fit.beta_s:.3g} s per "

@@ -552,7 +552,7 @@ def _assumptions(
     if fit.beta_s != profile.fit.beta_s:
         lines.append(
             f"The fitted β = {profile.fit.beta_s:.3g} ± {profile.fit.beta_se_s or 0:.3g} "
-            "s/example is below 0 within its noise (twice its standard error) or rounding: "
+            "s/example is below 0 within its noise (three times its standard error) or rounding: "
             "the step time is flat over the timed batch sizes, priced with β = 0."
         )
     optimizer = profile.settings.get("optimizer")
