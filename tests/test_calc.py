@@ -147,6 +147,17 @@ def test_temperature_rescales_the_noise_scale(capsys: pytest.CaptureFixture) -> 
     assert row["steps_over_min"] == pytest.approx(2.0)
 
 
+def test_equal_tiny_temperatures_keep_the_noise_scale(capsys: pytest.CaptureFixture) -> None:
+    """(A review, 2026-12-07.) T0 = T1 = 1e-320: B_noise·T0 underflowed before dividing by T1,
+    and 1e-10 was refused as an underflow; eq. C.2 at equal temperatures is B_noise itself."""
+    for noise in ("1e-10", "100"):
+        row = calc_json(
+            capsys, "--noise-scale", noise, "--batch-size", "64",
+            "--temperature-from", "1e-320", "--temperature-to", "1e-320",
+        )  # fmt: skip
+        assert row["noise_scale"] == float(noise)
+
+
 def test_kaplan_loss_gives_a_noise_scale_in_tokens(capsys: pytest.CaptureFixture) -> None:
     row = calc_json(capsys, "--kaplan-loss", "3", "--batch-size", "1e6")
     assert row["noise_scale"] == pytest.approx(2.0e8 * 3**-4.76)
@@ -189,6 +200,9 @@ def test_text_table(capsys: pytest.CaptureFixture) -> None:
 
 # --- bad input ----------------------------------------------------------------------------------
 
+# B_noise·T0/T1 = 100·1e-300/1e300 is below the smallest double
+UNDERFLOW = ["--temperature-from", "1e-300", "--temperature-to", "1e300"]
+
 
 @pytest.mark.parametrize(
     ("args", "message"),
@@ -211,6 +225,11 @@ def test_text_table(capsys: pytest.CaptureFixture) -> None:
         ),
         (["--noise-scale", "100", "--batch-size", "64", "--lr-batch-size", "8"], "needs --lr"),
         (["--noise-scale", "100", "--batch-size", "64", "--temperature-from", "1"], "go together"),
+        # (a fuzzer, seed 39: 100·1e-300/1e300 underflowed to 0, a ZeroDivisionError)
+        (
+            ["--noise-scale", "100", "--batch-size", "64", *UNDERFLOW],
+            "the numbers underflow or overflow: the noise scale at the new temperature",
+        ),
         (
             ["--noise-scale", "100", "--batch-size", "64,128", "--lr", "1", "--alpha", "-1"],
             "--alpha",
@@ -287,6 +306,9 @@ def test_history_regime_is_settled_only_over_the_whole_interval(
     rows = calc_json(capsys, "--history", path, "--batch-size", "100", "--temperature-from",
                      "1", "--temperature-to", "2")  # fmt: skip
     assert rows["noise_scale"] == 50.0 and rows["noise_scale_interval"] == [40.0, 62.5]
+    # a noise scale below the smallest number there is refused (a fuzzer, seed 39)
+    assert main(["calc", "--history", path, "--batch-size", "100", *UNDERFLOW]) == 2
+    assert "the numbers underflow" in capsys.readouterr().err
 
 
 def test_history_that_lost_its_estimate_says_the_decision_is_stale(

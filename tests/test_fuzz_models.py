@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import fuzz_cli
+import fuzz_decisions
 import fuzz_distributed
 import fuzz_events
 import fuzz_fit
@@ -859,3 +860,54 @@ def test_the_command_line_refuses_or_is_exact_on_random_input(seed):
 @pytest.mark.parametrize("seed", CLI_FOUND)
 def test_what_the_command_line_fuzzer_found_is_refused_or_exact(seed):
     _check_cli(seed)
+
+
+# --- what a batch size costs (tests/fuzz_decisions.py): recommend, calc, report by hand -------
+
+# Seeds whose every check is exact or refused (2026-12-07): recommend's candidates, step times,
+# costs, Pareto front and picks against docs/hardware.md's cost model by hand (the library, the
+# CLI's JSON and text), calc's eq. 2.6/2.11/A.3/C.2 numbers and Kaplan's law, calc --history and
+# report --json on a written history (S_min, E_min, B_crit, γ, the adaptive schedules, the fixed
+# batch sizes' costs), the step-time fit against scipy; 0 and 20 with inf/NaN inputs refused, 8
+# with report's default batch sizes, 3 through `noisescale profile` on examples/profile_model.py.
+# The long run: python tests/fuzz_decisions.py --seeds 0:1000.
+DECISIONS_SAMPLE = [0, 2, 3, 5, 8, 10, 20, 114, 149, 190]
+
+# What it found (2026-12-07), as seeds: fixed the same day, kept as regressions.
+FOUND_BY_THE_DECISIONS_FUZZER = [
+    # WRONG-SILENT: recommend_batch_size on a profile in memory (ThroughputProfile.from_points)
+    # whose fitted β < 0 (noisy timings) prices it without a word — step times that fall with
+    # the batch, a pick at the largest batch — while `noisescale recommend` refuses the same
+    # profile's file as "too noisy to price batch sizes" (the check is in from_dict only;
+    # hunt/falling_profile.py: B = 24 priced at 0.88 ms a step for a true 10.2 ms)
+    29,
+    # FALSE-REFUSAL: a flat profile (the same step time at every timed batch: β = 0) fits
+    # β = -5e-19 by rounding, and `noisescale recommend` refuses its file as "the profile's step
+    # time falls with the batch size ... too noisy" (from_dict's β < 0; hunt/flat_profile.py)
+    142,
+    # crash: calc --temperature-from 1e-182 --temperature-to 1e182: B_noise·T0/T1 (eq. C.2)
+    # underflows to 0 and batch_size_row divides by it, a raw ZeroDivisionError (the overflow
+    # the other way is refused; hunt/calc_temperature_underflow.py)
+    39,
+    # WRONG-SILENT: theory.fixed_batch_cost prices a batch size ≤ 0 or NaN (B = -64: S = -64.8
+    # steps) where steps_over_min refuses it (hunt/fixed_batch_cost_bad_batch.py)
+    1,
+]
+
+
+def _check_decisions(seed):
+    torch.set_num_threads(1)
+    record = fuzz_decisions.check_seed(seed)
+    assert "gen_error" not in record, f"seed {seed}: {record['gen_error']}"
+    problems = [f"{name}: {res}" for name, res in fuzz_decisions.findings(record)]
+    assert not problems, fuzz_decisions.describe(record) + "\n  " + "\n  ".join(problems)
+
+
+@pytest.mark.parametrize("seed", DECISIONS_SAMPLE)
+def test_what_a_batch_size_costs_is_the_closed_forms_or_refused(seed):
+    _check_decisions(seed)
+
+
+@pytest.mark.parametrize("seed", FOUND_BY_THE_DECISIONS_FUZZER)
+def test_what_the_decisions_fuzzer_found_is_exact_or_refused(seed):
+    _check_decisions(seed)

@@ -27,6 +27,7 @@ from noisescale.hardware import (
     INTERCONNECTS,
     Interconnect,
     MaxBatchSize,
+    StepTimeFit,
     ThroughputPoint,
     ThroughputProfile,
     accumulation_split,
@@ -774,6 +775,96 @@ def test_recommend_rejects_nonpositive_predicted_time() -> None:
     profile = ThroughputProfile.from_points(points, device={"type": "cpu"}, model={})
     with pytest.raises(NoiseScaleInputError, match="non-positive"):
         recommend_batch_size(8.0, profile, batch_sizes=[1])
+
+
+def test_recommend_refuses_a_profile_in_memory_whose_step_time_falls() -> None:
+    """(A fuzzer, seed 29, 2026-12-07.) A profile built in memory whose least-squares step time
+    falls with the batch size (two batch sizes, 20% timing noise on 133 ms + 0.014 ms·b) was
+    priced without a word; the CLI refused its file. The library refuses it as the file is
+    refused (two points: no standard error to tell noise from a fall), and from_points still
+    keeps it; so is a line falling by more than three times its standard error."""
+    points = [
+        ThroughputPoint(3, (0.13495461662948327,)),
+        ThroughputPoint(9, (0.12467269367644544,)),
+    ]
+    profile = ThroughputProfile.from_points(points, device={"type": "cuda"}, model={})
+    assert profile.fit.beta_s < 0 and profile.fit.beta_se_s is None
+    with pytest.raises(NoiseScaleInputError, match=r"falls.*two batch sizes.*re-profile"):
+        recommend_batch_size(20.0, profile, batch_sizes=[1, 2, 4, 8, 16, 24])
+    times = {1: 0.0200, 2: 0.0191, 4: 0.0182, 8: 0.0170}  # β = -0.4 ms ± 0.1 ms per example
+    points = [ThroughputPoint(b, (t,)) for b, t in times.items()]
+    profile = ThroughputProfile.from_points(points, device={"type": "cuda"}, model={})
+    res = stats.linregress(list(times), list(times.values()))
+    assert profile.fit.beta_s == pytest.approx(res.slope)
+    assert res.slope + 3 * res.stderr < 0
+    with pytest.raises(NoiseScaleInputError, match=r"falls.*three times its standard error"):
+        recommend_batch_size(20.0, profile, batch_sizes=[1, 2, 4, 8, 16, 24])
+
+
+def test_a_flat_noisy_profile_is_priced_flat() -> None:
+    """(A review, 2026-12-07.) A launch-bound model, its step time flat at 10 ms over b = 1…64
+    with 1% timing noise, fits β ≈ 0 ± noise: half of such profiles were refused as "falls with
+    the batch size", whatever the --repeats. A β < 0 within three times its standard error is
+    priced as β = 0, every step α; only β + 3·SE(β) < 0 is refused (β/SE is t with 5 degrees of
+    freedom: 1.5% of such profiles; 5% at twice, the fix's first rule)."""
+    rng = np.random.default_rng(0)
+    sizes = [1, 2, 4, 8, 16, 32, 64]
+    priced = refused = 0
+    for _ in range(100):
+        points = [
+            ThroughputPoint(b, tuple(0.010 * (1 + 0.01 * rng.standard_normal(5)))) for b in sizes
+        ]
+        profile = ThroughputProfile.from_points(points, device={"type": "cuda"}, model={})
+        fit = profile.fit
+        if fit.beta_s >= 0:
+            continue
+        if fit.beta_s + 3 * fit.beta_se_s < 0:
+            refused += 1
+            with pytest.raises(NoiseScaleInputError, match="three times its standard error"):
+                recommend_batch_size(100.0, profile, batch_sizes=[8, 32, 64])
+            continue
+        priced += 1
+        rec = recommend_batch_size(100.0, profile, batch_sizes=[8, 32, 64])
+        assert [c.step_time_s for c in rec.candidates] == pytest.approx([fit.alpha_s] * 3)
+        # α within 5 of its standard errors of the true 10 ms
+        assert abs(fit.alpha_s - 0.010) < 5 * fit.alpha_se_s
+        assert any("priced with β = 0" in line for line in rec.assumptions)
+    assert priced > 30 and refused < 10
+
+
+def test_a_flat_profile_is_priced_not_refused(tmp_path) -> None:
+    """(A fuzzer, seed 142, 2026-12-07.) Equal step times at every batch size fitted β = −1e-18
+    by rounding, and the profile's file was refused as "falls with the batch size ... too noisy".
+    Its β is 0, and every step takes α; a file written before the fix with β = −1.1e-18 is read."""
+    alpha = 0.3063
+    points = [ThroughputPoint(b, (alpha,) * 3) for b in (3, 9, 27, 81)]
+    profile = ThroughputProfile.from_points(points, device={"type": "cuda"}, model={})
+    assert profile.fit.beta_s == 0.0
+    assert profile.fit.alpha_s == pytest.approx(alpha, rel=1e-14)
+    path = tmp_path / "p.json"
+    profile.save(path)
+    data = json.loads(path.read_text())
+    data["fit"]["beta_s"] = -1.1e-18
+    path.write_text(json.dumps(data))
+    assert ThroughputProfile.load(path).fit.beta_s == 0.0  # taken as 0 on read, as fitted
+    rec = recommend_batch_size(443.5, ThroughputProfile.load(path), batch_sizes=[8, 32, 88])
+    assert [c.step_time_s for c in rec.candidates] == pytest.approx([alpha] * 3, rel=1e-14)
+    # beyond rounding (β·b_max = −1e-6·α) a falling line is still refused
+    data["fit"]["beta_s"] = -1e-6 * alpha / 81
+    path.write_text(json.dumps(data))
+    with pytest.raises(NoiseScaleInputError, match="falls with the batch size"):
+        ThroughputProfile.load(path)
+
+
+@pytest.mark.parametrize(("alpha", "beta"), [(0.01, math.nan), (math.nan, 1e-4), (math.inf, 0.0)])
+def test_a_profile_in_memory_whose_fit_is_not_finite_is_refused(alpha: float, beta: float) -> None:
+    """(A review, 2026-12-07.) Refused naming "--bandwidth and --grad-bytes" (the step time's
+    check), as its file is: the fit is not finite."""
+    points = (ThroughputPoint(1, (0.01,)), ThroughputPoint(8, (0.011,)))
+    fit = StepTimeFit(alpha, beta, None, None, 2, 0.0)
+    profile = ThroughputProfile(device={"type": "cuda"}, model={}, points=points, fit=fit)
+    with pytest.raises(NoiseScaleInputError, match="step-time fit is not finite"):
+        recommend_batch_size(100.0, profile, batch_sizes=[8, 64])
 
 
 def test_default_batch_sizes() -> None:

@@ -281,6 +281,38 @@ def test_profile_output_is_checked_before_measuring(
     assert existing.read_text() == "measured earlier"
 
 
+@pytest.mark.parametrize("json_output", [False, True])
+def test_timings_that_fall_with_the_batch_size_are_kept_and_warned_about(
+    tiny_module: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    json_output: bool,
+) -> None:
+    """(A fuzzer, 2026-12-07.) Timings that fall with the batch size (20, 19, 18 ms at b = 1, 2,
+    4: β = −1 ms/example) are written as measured, with the warning that recommend refuses them;
+    --json printed no warning."""
+    import noisescale.hardware
+    from noisescale.hardware import ThroughputPoint
+
+    def falling(step: object, batch_sizes: list[int], **kwargs: object) -> list[ThroughputPoint]:
+        return [ThroughputPoint(b, (0.02 - 0.001 * i,) * 2) for i, b in enumerate(batch_sizes)]
+
+    monkeypatch.setattr(noisescale.hardware, "profile_throughput", falling, raising=False)
+    out = tmp_path / "p.json"
+    args = ["profile", f"{tiny_module}:build", "--no-memory-search", "--batch-sizes", "1,2,4"]
+    extra = ["--json"] if json_output else []
+    assert main([*args, *FAST, "-o", str(out), *extra]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the profile's step time falls with the batch size" in err
+    assert "re-profile with more --repeats" in err and "`noisescale recommend` refuses it" in err
+    assert [p["step_time_s"] for p in json.loads(out.read_text())["points"]] == pytest.approx(
+        [0.02, 0.019, 0.018], rel=1e-15
+    )
+    assert main(["recommend", "--noise-scale", "10", "--profile", str(out)]) == 2
+    assert "falls with the batch size" in capsys.readouterr().err
+
+
 def test_profile_that_cannot_be_written_is_kept_elsewhere(
     tiny_module: str,
     tmp_path: Path,

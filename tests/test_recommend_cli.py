@@ -344,3 +344,21 @@ def test_profiles_with_impossible_values_are_refused(
     profile_path.write_text(json.dumps(data))
     assert main(["recommend", "--noise-scale", "10", "--profile", str(profile_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_flat_profile_within_its_noise_is_priced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(A review, 2026-12-07.) A launch-bound profile (10 ms flat, 1% noise) whose β < 0 within
+    its standard error was refused "falls with the batch size ... more --repeats"; it is priced
+    with β = 0 (each step α, one device, no all-reduce), and the assumptions say so."""
+    times = {1: 0.01002, 2: 0.00999, 4: 0.01001, 8: 0.00998, 16: 0.01002, 32: 0.00999}
+    points = [ThroughputPoint(b, (t,)) for b, t in times.items()]
+    profile = ThroughputProfile.from_points(points, device={"type": "cuda"}, model={})
+    assert profile.fit.beta_s < 0 < profile.fit.beta_s + profile.fit.beta_se_s
+    path = tmp_path / "flat.json"
+    profile.save(path)
+    data = _run_json(capsys, "--noise-scale", "100", "--profile", str(path), "--gpus", "1")
+    steps = [c["step_time_s"] for c in data["candidates"]]
+    assert steps == pytest.approx([profile.fit.alpha_s] * len(steps), rel=1e-12)
+    assert any("priced with β = 0" in line for line in data["assumptions"])

@@ -477,6 +477,23 @@ def test_impossible_values_are_refused_naming_line_and_field(
     assert "line 13" in capsys.readouterr().err and not (tmp_path / "r.html").exists()
 
 
+def test_a_run_too_small_to_integrate_is_refused_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """(A review, 2026-12-07.) b_big = 1e-320 examples: eq. D.1's S_min = ∫B/(B + B_noise) dt
+    underflows to 0, and report was refused naming "TrajectoryIntegrals.s_min", no field of the
+    history. It names the run's batch sizes and noise scales, and writes nothing."""
+    records = synthetic_records(n_steps=12, batch_size=64, a=1e10, tau=None, warmup=0)
+    for r in records:
+        r["b_big"] = 1e-320
+    path = tmp_path / "h.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in [HEADER, *records]) + "\n")
+    assert main(["report", str(path), "-o", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert "the run's batch sizes and noise scales are too small or too large to integrate" in err
+    assert "TrajectoryIntegrals" not in err and not (tmp_path / "r.html").exists()
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 

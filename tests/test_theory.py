@@ -198,6 +198,15 @@ def test_temperature_and_rescaling_by_hand() -> None:
     # Linear scaling (ε and B doubled) keeps T and therefore the noise scale.
     t2 = theory.temperature(0.2, 256)
     assert theory.b_noise_at_temperature(1000.0, t0, t2) == pytest.approx(1000.0)
+    # (a review, 2026-12-07) equal temperatures give B_noise, however small (B·T underflowed);
+    # a result beyond the doubles is refused, not 0 or ∞ (0 and ∞ given are their limits)
+    assert theory.b_noise_at_temperature(1e-10, 1e-320, 1e-320) == 1e-10
+    assert theory.b_noise_at_temperature(1e-300, 1e200, 1e-200) == pytest.approx(1e100)
+    for args in ((100.0, 1e-300, 1e300), (1e300, 1e300, 1e-300), ([1.0, 2.0], 1.0, [2.0, 1e-310])):
+        with pytest.raises(NoiseScaleInputError, match="underflow or overflow: the noise scale"):
+            theory.b_noise_at_temperature(*args)
+    assert theory.b_noise_at_temperature(0.0, 1.0, 1e-300) == 0.0
+    assert theory.b_noise_at_temperature(math.inf, 1.0, 2.0) == math.inf
 
 
 @given(b_noise=positive, t0=positive, t1=positive)
@@ -362,6 +371,89 @@ def test_run_integrals_are_eq_d1_step_by_step() -> None:
 def test_trajectory_validation(s: list, b_noise: list, message: str) -> None:
     with pytest.raises(NoiseScaleInputError, match=message):
         theory.adaptive_gamma(s, b_noise)
+
+
+@pytest.mark.parametrize("batch_size", [-64.0, 0.0, float("nan"), np.array([64.0, -1.0])])
+def test_fixed_batch_cost_refuses_what_is_no_batch_size(batch_size: object) -> None:
+    """(A fuzzer, seed 1, 2026-12-07.) S_min + E_min/B priced B = -64 at -64.8 steps and B = 0
+    at (inf, nan); refused as steps_over_min refuses it."""
+    integrals = theory.run_integrals([0, 100], [64, 64], [300, 300])
+    with pytest.raises(NoiseScaleInputError, match="batch_size must be in"):
+        theory.fixed_batch_cost(integrals, None, batch_size)
+
+
+@pytest.mark.parametrize(
+    ("integrals", "field"),
+    [
+        ((math.nan, -1.0, 2.0), "s_min"),
+        ((-1.0, -1.0, 1.0), "s_min"),
+        ((0.0, 1.0, 1.0), "s_min"),
+        ((1.0, -1.0, 1.0), "e_min"),
+        ((1.0, math.inf, 1.0), "e_min"),
+        ((1.0, 1.0, -1.0), "root"),
+    ],
+)
+def test_trajectory_integrals_built_by_hand_are_checked(
+    integrals: tuple[float, float, float], field: str
+) -> None:
+    """(A fuzzer, 2026-12-07.) min_cost returned (nan, -1) for TrajectoryIntegrals(nan, -1, 2)
+    and adaptive_gamma blamed E_min = -1 on a noise scale "zero all along"; each function that
+    takes them names the impossible field."""
+    ints = theory.TrajectoryIntegrals(*integrals)
+    for call in (
+        lambda: theory.min_cost(ints),
+        lambda: theory.fixed_batch_cost(ints, None, 64.0),
+        lambda: theory.adaptive_batch_cost(ints, None, 4.0),
+        lambda: theory.adaptive_gamma(ints),
+        lambda: theory.natural_exchange_rate(ints),
+        lambda: theory.exchange_rate_for_examples(ints, None, 1e9),
+    ):
+        with pytest.raises(NoiseScaleInputError, match=f"TrajectoryIntegrals.{field} must be"):
+            call()
+
+
+@pytest.mark.parametrize(
+    "integrals", [(1.0, 1.0, 10.0), (1.0, 1.0, 0.0), (1.0, 0.0, 1.0), (4.0, 1.0, 2.0 * (1 + 1e-6))]
+)
+def test_trajectory_integrals_built_by_hand_are_one_trajectorys(
+    integrals: tuple[float, float, float],
+) -> None:
+    """(A review, 2026-12-07.) Checked field by field only, TrajectoryIntegrals(1, 1, 10) had
+    γ = 100 (γ ≤ 1 by Cauchy–Schwarz), (1, 1, 0) γ = 0 and a ZeroDivisionError in
+    exchange_rate_for_examples, (1, 0, 1) an adaptive cost: refused, each function naming why."""
+    ints = theory.TrajectoryIntegrals(*integrals)
+    for call in (
+        lambda: theory.min_cost(ints),
+        lambda: theory.fixed_batch_cost(ints, None, 64.0),
+        lambda: theory.adaptive_batch_cost(ints, None, 4.0),
+        lambda: theory.adaptive_gamma(ints),
+        lambda: theory.exchange_rate_for_examples(ints, None, 2.0),
+    ):
+        with pytest.raises(NoiseScaleInputError, match="are no trajectory's integrals"):
+            call()
+    # at the bound, γ = 1 (a constant noise scale), up to rounding, is one
+    assert theory.adaptive_gamma(theory.TrajectoryIntegrals(4.0, 1.0, 2.0 * (1 + 1e-12))) == (
+        pytest.approx(1.0, rel=1e-11)
+    )
+
+
+def test_trajectory_integrals_that_overflow() -> None:
+    """(A review, 2026-12-07.) γ of (1e200, 1e200, 1e200), a constant B_noise = 1, was an
+    OverflowError (root² overflows): it is 1. Integrals of (s, b_noise) beyond the doubles were
+    (inf, inf) from min_cost and an OverflowError from adaptive_gamma: refused."""
+    assert theory.adaptive_gamma(theory.TrajectoryIntegrals(1e200, 1e200, 1e200)) == 1.0
+    assert theory.adaptive_gamma(theory.TrajectoryIntegrals(1e-200, 1e-200, 1e-200)) == 1.0
+    for call in (
+        lambda: theory.min_cost([-1e308, 1e308], [1, 1]),
+        lambda: theory.adaptive_gamma([0, 1e10], [1e300, 1e300]),
+        lambda: theory.natural_exchange_rate([0, 1e10], [1e300, 1e300]),
+    ):
+        with pytest.raises(NoiseScaleInputError, match="the trajectory's integrals overflow"):
+            call()
+    ints = theory.TrajectoryIntegrals(1.0, 1.0, 1.0)
+    assert theory.exchange_rate_for_examples(ints, None, 3.0) == 4.0  # ((3 - 1)/1)²
+    with pytest.raises(NoiseScaleInputError, match="exchange rate for 1e\\+200 examples overflows"):
+        theory.exchange_rate_for_examples(ints, None, 1e200)
 
 
 def test_zero_noise_trajectory_has_no_gamma() -> None:

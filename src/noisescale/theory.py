@@ -241,13 +241,30 @@ def b_noise_at_temperature(
 
     Raises:
         NoiseScaleInputError: a negative noise scale, a temperature that is not positive and
-            finite, or NaN.
+            finite, or NaN; a positive, finite noise scale whose value at ``new_temperature``
+            is below the smallest normal double or beyond the largest.
     """
-    return _scalar(
-        _checked("b_noise", b_noise, zero=True)
-        * _checked("temperature", temperature, finite=True)
-        / _checked("new_temperature", new_temperature, finite=True)
-    )
+    b = _checked("b_noise", b_noise, zero=True)
+    t0 = _checked("temperature", temperature, finite=True)
+    t1 = _checked("new_temperature", new_temperature, finite=True)
+    with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+        # B·(T/T') first, so equal temperatures give B whatever their size (B·T underflowed for
+        # 1e-10·1e-320 until 2026-12-07, a review), else B·T/T' (a ratio beyond the doubles)
+        out = b * (t0 / t1)
+        out = np.where(_representable(b, out), out, b * t0 / t1)
+    if not np.all(_representable(b, out)):
+        raise NoiseScaleInputError(
+            "the numbers underflow or overflow: the noise scale at the new temperature, "
+            f"B_noise·T/T' = {b_noise!r}·{temperature!r}/{new_temperature!r}, is beyond the "
+            "doubles (below 2.2e-308 or above 1.8e308); use temperatures closer together"
+        )
+    return _scalar(out)
+
+
+def _representable(b: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Where ``x``, computed from the noise scale ``b``, is a normal double (neither under- nor
+    overflowed), or ``b``'s own 0 or ∞."""
+    return (b == 0) | np.isinf(b) | ((x >= np.finfo(float).tiny) & np.isfinite(x))
 
 
 def adaptive_batch_size(b_simple: ArrayLike, r: float) -> np.ndarray | float:
@@ -397,7 +414,8 @@ def fixed_batch_cost(
         ``Cost(steps, examples)``, each with the shape of ``batch_size``.
     """
     s_min, e_min = min_cost(s, b_noise)
-    b = np.asarray(batch_size, dtype=float)
+    # refused as steps_over_min refuses it (until 2026-12-07 B = -64 cost -64.8 steps, a fuzzer)
+    b = _checked("batch_size", batch_size)
     steps = s_min + e_min / b
     return Cost(_scalar(steps), _scalar(b * steps))
 
@@ -428,8 +446,7 @@ def adaptive_gamma(s: ArrayLike | TrajectoryIntegrals, b_noise: ArrayLike | None
             :class:`TrajectoryIntegrals` of a run.
         b_noise: The noise scale at each s, not negative (and not zero throughout).
     """
-    integrals = _with_noise(_integrals(s, b_noise))
-    return integrals.root**2 / (integrals.s_min * integrals.e_min)
+    return _root_ratio(_with_noise(_integrals(s, b_noise))) ** 2
 
 
 def natural_exchange_rate(
@@ -454,7 +471,13 @@ def exchange_rate_for_examples(
             f"no schedule reaches the goal with {examples!r} examples; E_min is "
             f"{integrals.e_min:.6g}"
         )
-    return ((examples - integrals.e_min) / integrals.root) ** 2
+    q = (examples - integrals.e_min) / integrals.root
+    if not q * q < math.inf:  # (an OverflowError of ** until 2026-12-07, a review)
+        raise NoiseScaleInputError(
+            f"the exchange rate for {examples:g} examples overflows (E_min = "
+            f"{integrals.e_min:g}, ∫√B_noise ds = {integrals.root:g}); give fewer examples"
+        )
+    return q * q
 
 
 def _trajectory_arrays(*arrays: ArrayLike) -> tuple[np.ndarray, ...]:
@@ -494,13 +517,41 @@ def _integrals(
             raise NoiseScaleInputError(
                 "give either a trajectory (s, b_noise) or its TrajectoryIntegrals, not both"
             )
+        # one built by hand is checked as run_integrals' own are made (until 2026-12-07
+        # min_cost priced S_min = NaN and adaptive_gamma blamed E_min = -1 on no noise, a fuzzer)
+        for name, zero in (("s_min", False), ("e_min", True), ("root", True)):
+            _checked(f"TrajectoryIntegrals.{name}", getattr(s, name), zero=zero, finite=True)
+        # and together: until 2026-12-07 γ = 100 for (1, 1, 10), a review
+        if (s.e_min > 0) != (s.root > 0) or (s.e_min > 0 and _root_ratio(s) > 1 + 1e-9):
+            raise NoiseScaleInputError(
+                f"{s} are no trajectory's integrals: (∫√B_noise ds)² ≤ S_min·E_min "
+                "(Cauchy–Schwarz) and ∫√B_noise ds > 0 exactly when E_min > 0; build them "
+                "with run_integrals"
+            )
         return s
     if b_noise is None:
         raise NoiseScaleInputError("a trajectory s needs its b_noise")
-    s_arr, noise = _trajectory_arrays(s, b_noise)
-    return TrajectoryIntegrals(
-        float(s_arr[-1] - s_arr[0]), _trapezoid(noise, s_arr), _trapezoid(np.sqrt(noise), s_arr)
-    )
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below
+        s_arr, noise = _trajectory_arrays(s, b_noise)
+        integrals = TrajectoryIntegrals(
+            float(s_arr[-1] - s_arr[0]),
+            _trapezoid(noise, s_arr),
+            _trapezoid(np.sqrt(noise), s_arr),
+        )
+    if not all(math.isfinite(v) for v in integrals):
+        # until 2026-12-07 min_cost gave (inf, inf) and adaptive_gamma an OverflowError, a review
+        raise NoiseScaleInputError(
+            f"the trajectory's integrals overflow (S_min = {integrals.s_min:g}, E_min = "
+            f"{integrals.e_min:g}, ∫√B_noise ds = {integrals.root:g}): rescale s or the noise "
+            "scale"
+        )
+    return integrals
+
+
+def _root_ratio(integrals: TrajectoryIntegrals) -> float:
+    """√γ = ∫√B_noise ds / √(S_min·E_min), ≤ 1 by Cauchy–Schwarz, without overflowing (γ =
+    root²/(S_min·E_min) was an OverflowError for (1e200, 1e200, 1e200) until 2026-12-07)."""
+    return integrals.root / math.sqrt(integrals.s_min) / math.sqrt(integrals.e_min)
 
 
 def _with_noise(integrals: TrajectoryIntegrals) -> TrajectoryIntegrals:

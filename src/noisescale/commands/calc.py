@@ -149,8 +149,9 @@ def run(args: argparse.Namespace) -> int:
     if args.temperature_from is not None:
         t_from = positive_number(args.temperature_from, "--temperature-from")
         t_to = positive_number(args.temperature_to, "--temperature-to")
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            b_noise = float(theory.b_noise_at_temperature(measured, t_from, t_to))
+        # its under- and overflow refused there (until 2026-12-07 B·T0 underflowed first for
+        # equal temperatures of 1e-320, a review)
+        b_noise = float(theory.b_noise_at_temperature(measured, t_from, t_to))
         temperatures = {"temperature_from": t_from, "temperature_to": t_to}
 
     # (checked whether a rule reads it or not, as --lr-batch-size is: until 2026-12-07 --alpha

@@ -30,7 +30,7 @@ import json
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +116,7 @@ def fit_step_time(batch_sizes: Sequence[float], step_times_s: Sequence[float]) -
     """Fit t(b) = α + β·b by ordinary least squares, with standard errors.
 
     The standard errors are the usual OLS ones, s²·(XᵀX)⁻¹ with s² = RSS/(n−2); they need at
-    least three distinct batch sizes.
+    least three distinct batch sizes. A β within :data:`FIT_ROUNDING` of a flat line is 0.
 
     Args:
         batch_sizes: Micro-batch sizes b (examples), at least two distinct values.
@@ -135,6 +135,8 @@ def fit_step_time(batch_sizes: Sequence[float], step_times_s: Sequence[float]) -
         raise NoiseScaleInputError("step times must be finite and positive")
     x = np.column_stack([np.ones_like(b), b])
     coef, *_ = np.linalg.lstsq(x, t, rcond=None)
+    if _rounding_slope(float(coef[1]), float(coef[0]), float(b.max())):
+        coef[1] = 0.0  # a flat line (equal step times) fits β = ±1e-18 by rounding
     residuals = t - x @ coef
     n = b.size
     alpha_se: float | None = None
@@ -151,6 +153,18 @@ def fit_step_time(batch_sizes: Sequence[float], step_times_s: Sequence[float]) -
         n_points=int(n),
         max_rel_residual=float(np.max(np.abs(residuals) / t)),
     )
+
+
+FIT_ROUNDING = 1e-9
+"""A fitted β whose change over the timed range, |β|·b_max, is within this fraction of α is the
+least-squares rounding of a flat line (equal step times): it is taken as 0, not as a step time
+that falls with the batch size (such a profile was refused as too noisy until 2026-12-07, a
+fuzzer)."""
+
+
+def _rounding_slope(beta: float, alpha: float, largest_batch_size: float) -> bool:
+    """Whether β is within :data:`FIT_ROUNDING` of a flat line up to the largest batch size."""
+    return abs(beta) * largest_batch_size <= FIT_ROUNDING * abs(alpha)
 
 
 @dataclass(frozen=True)
@@ -270,6 +284,38 @@ class ThroughputProfile:
         fit = fit_step_time([p.batch_size for p in ordered], [p.step_time_s for p in ordered])
         return cls(points=ordered, fit=fit, **fields)
 
+    def pricing_fit(self) -> StepTimeFit:
+        """The step-time fit batch sizes are priced with: the fit, refused where it is not finite
+        or its step time falls with the batch size significantly, β + 3·SE(β) < 0 (noisy or
+        skewed timings, which would price the largest batch as the fastest; with two batch sizes,
+        no SE, any β < 0 beyond rounding); a β < 0 within its noise is a flat step time, priced
+        as β = 0 (until 2026-12-07 its sign was refused: half of the flat launch-bound profiles,
+        whatever the --repeats, a review). Every pricing meets this check: reading a profile and
+        :func:`~noisescale.hardware.recommend.recommend_batch_size`; ``noisescale profile``
+        prints it as a warning and keeps what it measured."""
+        fit = self.fit
+        if not (math.isfinite(fit.alpha_s) and math.isfinite(fit.beta_s)):
+            raise NoiseScaleInputError(
+                f"the profile's step-time fit is not finite (α = {fit.alpha_s}, β = "
+                f"{fit.beta_s}); re-profile, or correct the file"
+            )
+        if fit.beta_s >= 0:
+            return fit
+        se = fit.beta_se_s
+        noise = se is not None and math.isfinite(se) and fit.beta_s + 3 * se >= 0
+        if not (noise or _rounding_slope(fit.beta_s, fit.alpha_s, self.measured_range[1])):
+            within = (
+                "with two batch sizes its noise is unknown"
+                if se is None or not math.isfinite(se)
+                else f"below 0 by more than three times its standard error {se:.3g}"
+            )
+            raise NoiseScaleInputError(
+                f"the profile's step time falls with the batch size (β = {fit.beta_s:.3g} s per "
+                f"example, {within}): its timings are too noisy or skewed to price batch sizes; "
+                "re-profile with more --repeats or wider --batch-sizes"
+            )
+        return replace(fit, beta_s=0.0)
+
     @property
     def grad_bytes(self) -> float:
         """Bytes of gradient all-reduced per step: the trainable parameters' bytes."""
@@ -376,14 +422,12 @@ class ThroughputProfile:
             raise NoiseScaleInputError("corrupt profile: no timed batch sizes")
         if any(not (math.isfinite(t) and t > 0) for p in points for t in p.times_s):
             raise NoiseScaleInputError("corrupt profile: a step time is not a positive number")
-        if not (math.isfinite(fit.alpha_s) and math.isfinite(fit.beta_s)):
-            raise NoiseScaleInputError("corrupt profile: the step-time fit is not finite")
-        if fit.beta_s < 0:
-            raise NoiseScaleInputError(
-                f"the profile's step time falls with the batch size (β = {fit.beta_s:.3g} s per "
-                "example < 0): its timings are too noisy to price batch sizes; re-profile with "
-                "more --repeats or wider --batch-sizes"
-            )
+        if math.isfinite(fit.alpha_s) and _rounding_slope(
+            fit.beta_s, fit.alpha_s, profile.measured_range[1]
+        ):
+            # as fit_step_time takes it (a file written before kept β = -1.1e-18, a review)
+            profile = replace(profile, fit=replace(fit, beta_s=0.0))
+        profile.pricing_fit()
         param_bytes = profile.model.get("param_bytes", 0)
         if (
             isinstance(param_bytes, bool)

@@ -285,6 +285,7 @@ def recommend_batch_size(
     """
     if not (math.isfinite(b_noise) and b_noise > 0):
         raise NoiseScaleInputError(f"the noise scale must be positive and finite, got {b_noise}")
+    fit = profile.pricing_fit()
     if s_min is not None and e_min is not None:
         raise NoiseScaleInputError("give at most one of S_min and E_min (E_min = S_min·B_noise)")
     for name, value in (("S_min", s_min), ("E_min", e_min), ("price", price_per_gpu_hour)):
@@ -334,7 +335,6 @@ def recommend_batch_size(
     )
     link = interconnect or INTERCONNECTS[DEFAULT_INTERCONNECT]
     nbytes = profile.grad_bytes if grad_bytes is None else grad_bytes
-    fit = profile.fit
     lo, hi = profile.measured_range
     # The update is part of α; a noisy fit may leave α below the update timed apart, and a pass
     # never costs less than nothing.
@@ -529,7 +529,7 @@ def _assumptions(
     *,
     from_search: bool,
 ) -> tuple[str, ...]:
-    fit = profile.fit
+    fit = profile.pricing_fit()
     unit = hours_unit(str(profile.device.get("type", "cuda")))
     search = profile.max_batch_search if isinstance(profile.max_batch_search, dict) else {}
     oom = profile.out_of_memory_batch_size
@@ -549,6 +549,12 @@ def _assumptions(
         f"(largest relative residual {fit.max_rel_residual:.1%}); extrapolated outside that "
         "range; every device is identical to the profiled one.",
     ]
+    if fit.beta_s != profile.fit.beta_s:
+        lines.append(
+            f"The fitted β = {profile.fit.beta_s:.3g} ± {profile.fit.beta_se_s or 0:.3g} "
+            "s/example is below 0 within its noise (three times its standard error) or rounding: "
+            "the step time is flat over the timed batch sizes, priced with β = 0."
+        )
     optimizer = profile.settings.get("optimizer")
     if profile.optimizer_update_s is None:
         pass_cost = "k·α + β·(its batch)"

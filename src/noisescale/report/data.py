@@ -347,9 +347,22 @@ def trajectory(history: History) -> Trajectory:
         # Older or partial records without the running total: add up the batch sizes instead
         examples, taken = _batches_taken(history, keep)
         warnings += taken
-    return Trajectory(
-        step, batch, b_noise, theory.run_integrals(step, batch, b_noise), examples, warnings
-    )
+    integrals = theory.run_integrals(step, batch, b_noise)
+    tiny = np.finfo(float).tiny
+    if not (
+        all(math.isfinite(v) for v in integrals)
+        and integrals.s_min >= tiny
+        and all(v == 0 or v >= tiny for v in integrals[1:])
+    ):
+        # (until 2026-12-07 refused naming TrajectoryIntegrals.s_min for b_big = 1e-320, a
+        # review)
+        raise NoiseScaleInputError(
+            "the run's batch sizes and noise scales are too small or too large to integrate "
+            f"(eq. D.1: S_min = {integrals.s_min:g}, E_min = {integrals.e_min:g}, ∫√B_noise ds "
+            f"= {integrals.root:g}, beyond the doubles); check the history's b_big and "
+            "b_simple, and their unit"
+        )
+    return Trajectory(step, batch, b_noise, integrals, examples, warnings)
 
 
 def _batches_taken(history: History, keep: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
