@@ -63,7 +63,7 @@ from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, ResizableBatch
 
 RTOL = 1e-9
 MODES = ("adaptive", "ramp", "sampler", "tracker")
-FINDINGS = ("WRONG-SILENT", "wrong-warned", "crash", "FALSE-REFUSAL")
+FINDINGS = ("WRONG-SILENT", "wrong-warned", "crash", "FALSE-REFUSAL", "WRONG-CAUSE")
 SCHEDULERS = (
     "step",
     "lambda",
@@ -403,6 +403,10 @@ class Mismatch(Exception):
     pass
 
 
+class WrongCause(Exception):
+    """A warning or refusal that names another cause than the schedule's."""
+
+
 def _expect(what, got, want):
     if isinstance(want, float) or isinstance(got, float):
         ok = _close(float(got), float(want))
@@ -418,6 +422,8 @@ def _classify(fn, refused_ok=False):
         warnings.simplefilter("always")
         try:
             fn()
+        except WrongCause as err:
+            return {"cls": "WRONG-CAUSE", "exc": str(err)[:400]}
         except Mismatch as err:
             warned = [str(w.message)[:120] for w in caught if "noisescale" in str(w.message)]
             return {
@@ -686,39 +692,82 @@ def run_lr_mode(cfg, seed, kind, sampler=False):
         return _classify(body)
 
 
+class ScriptedSource:
+    """A tracker's stand-in for the schedule: a scripted estimate, and the real tracker told of
+    the accumulation (as :meth:`AdaptiveBatchSize.step` tells a tracker)."""
+
+    def __init__(self, tracker, estimate):
+        self.tracker, self._estimate = tracker, estimate
+
+    def estimate(self):
+        return self._estimate
+
+    def expect_micro_batches(self, k):
+        self.tracker.expect_micro_batches(k)
+
+
 def run_tracker_mode(cfg, seed):
-    """A real tracker on a linear model under an adaptive schedule that changes the
-    accumulation: each record's b_big, examples, sqnorm_big and the micro-batch source's
-    sqnorm_small against brute force."""
-    m = cfg["micro"] if cfg["micro"] <= 8 else 4
-    hi = m * min(6, max(1, cfg["max"] // cfg["micro"]))
+    """A real tracker on a linear model while a schedule changes the batch between steps: an
+    adaptive schedule (scripted estimates through a stand-in source that forwards
+    ``expect_micro_batches`` to the tracker) or a ramp whose knots go up and down (the tracker is
+    told nothing), realised by accumulation or by one backward over the whole batch (a
+    ``ResizableBatchSampler``'s loop). Each record that is not skipped: ``b_big``,
+    ``examples``, ``sqnorm_big`` (|mean gradient over the step's examples|², brute force), the
+    micro-batch source's and (all examples kept) the per-example source's ``sqnorm_small``."""
+    r = random.Random(f"tracker-cfg-{seed}")
+    m = r.choice([1, 2, 3, 4])
+    hi = m * r.choice([2, 3, 6])
+    driver = r.choice(["adaptive", "adaptive", "ramp"])
+    whole = r.random() < 0.3  # one backward over the whole batch (a batch sampler's loop)
+    fraction = r.choice([None, 1.0, 0.5])
 
     def body():
         torch.manual_seed(seed)
         model = torch.nn.Linear(3, 1).double()
-        tracker = GradientNoiseTracker(model, sync_every=1)
-        sched = AdaptiveBatchSize(
-            micro_batch_size=m,
-            max_batch_size=hi,
-            factor=1.0,
-            interval=1,
-            hysteresis=1.0,
-            max_relative_width=math.inf,
-        )
+        kw = {} if fraction is None else {"per_example_fraction": fraction}
+        tracker = GradientNoiseTracker(model, sync_every=1, **kw)
+        bs = ResizableBatchSampler(10_000, m) if whole else None
+        if driver == "adaptive":
+            sched = AdaptiveBatchSize(
+                micro_batch_size=m,
+                max_batch_size=hi,
+                factor=1.0,
+                interval=1,
+                hysteresis=1.0,
+                max_relative_width=math.inf,
+                batch_sampler=bs,
+            )
+        else:
+            knots = [(0.0, m * r.randint(1, hi // m))]
+            for _ in range(r.randint(1, 4)):
+                knots.append((knots[-1][0] + m * r.randint(1, 20), m * r.randint(1, hi // m)))
+            sched = BatchSizeRamp(knots, micro_batch_size=m, interpolate=False, batch_sampler=bs)
         script = random.Random(f"tracker-{seed}")
-        examples = 0
+        examples, skipped = 0, 0
         for t in range(12):
-            k = sched.num_micro_batches
-            xs = torch.randn(k * m, 3, dtype=torch.float64)
-            ys = torch.randn(k * m, 1, dtype=torch.float64)
-            for j in range(k):
-                sl = slice(j * m, (j + 1) * m)
-                (F.mse_loss(model(xs[sl]), ys[sl]) / sched.loss_divisor).backward()
-            tracker.step()
+            k, b_step = sched.num_micro_batches, sched.batch_size
+            xs = torch.randn(b_step, 3, dtype=torch.float64)
+            ys = torch.randn(b_step, 1, dtype=torch.float64)
+            if whole:
+                F.mse_loss(model(xs), ys).backward()
+            else:
+                for j in range(k):
+                    sl = slice(j * m, (j + 1) * m)
+                    (F.mse_loss(model(xs[sl]), ys[sl]) / sched.loss_divisor).backward()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                tracker.step()
+            short = [w for w in caught if "short last window" in str(w.message)]
+            if short:
+                # the schedule changed the accumulation and the tracker, not told, takes the
+                # step for an epoch's short window: left out, its fix (watch_loss) not the cause
+                raise WrongCause(
+                    f"step {t}: a {driver} schedule's step of {k} micro-batches after more left "
+                    f"out as an epoch's short window: {str(short[0].message)[:100]}"
+                )
             model.zero_grad()
             rec = tracker.history[-1]
-            examples += k * m
-            # brute force: the step's mean gradient over its k·m examples, each micro-batch's
+            examples += b_step
             w = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
 
             def grad(x, y, w=w):
@@ -726,27 +775,45 @@ def run_tracker_mode(cfg, seed):
                 return torch.cat([g.flatten() for g in torch.autograd.grad(loss, w)])
 
             big = grad(xs, ys)
-            _expect(f"step {t} b_big", float(rec["b_big"]), float(k * m))
             _expect(f"step {t} examples", rec["examples"], examples)
-            if not math.isclose(rec["sqnorm_big"], float(big @ big), rel_tol=1e-7):
-                raise Mismatch(f"step {t} sqnorm_big {rec['sqnorm_big']} != {float(big @ big)}")
-            micro_src = rec.get("sources", {}).get("microbatch")
-            if micro_src is not None and k > 1:
-                smalls = [grad(xs[j * m : (j + 1) * m], ys[j * m : (j + 1) * m]) for j in range(k)]
-                want = sum(float(s @ s) for s in smalls) / k
-                if not math.isclose(micro_src["sqnorm_small"], want, rel_tol=1e-7):
-                    raise Mismatch(
-                        f"step {t} microbatch sqnorm_small {micro_src['sqnorm_small']} != {want}"
+            if rec.get("skipped"):
+                skipped += 1
+            else:
+                _expect(f"step {t} b_big", float(rec["b_big"]), float(b_step))
+                if not math.isclose(rec["sqnorm_big"], float(big @ big), rel_tol=1e-7):
+                    raise Mismatch(f"step {t} sqnorm_big {rec['sqnorm_big']} != {float(big @ big)}")
+                sources = rec.get("sources", {})
+                micro_src = sources.get("microbatch")
+                if micro_src is not None and not whole:
+                    _expect(f"step {t} microbatch count", float(micro_src["count"]), float(k))
+                    smalls = [
+                        grad(xs[j * m : (j + 1) * m], ys[j * m : (j + 1) * m]) for j in range(k)
+                    ]
+                    want = sum(float(s @ s) for s in smalls) / k
+                    if not math.isclose(micro_src["sqnorm_small"], want, rel_tol=1e-7):
+                        raise Mismatch(
+                            f"step {t} microbatch sqnorm_small "
+                            f"{micro_src['sqnorm_small']} != {want}"
+                        )
+                pe = sources.get("per_example")
+                if pe is not None and int(pe["count"]) == b_step:
+                    want = (
+                        sum(
+                            float(grad(xs[i : i + 1], ys[i : i + 1]).square().sum())
+                            for i in range(b_step)
+                        )
+                        / b_step
                     )
-            # drive the next step's accumulation with a scripted estimate
-            b = m * script.randint(1, hi // m)
+                    if not math.isclose(pe["sqnorm_small"], want, rel_tol=1e-7):
+                        raise Mismatch(
+                            f"step {t} per-example sqnorm_small {pe['sqnorm_small']} != {want}"
+                        )
             with torch.no_grad():
                 for p in model.parameters():
                     p -= 0.01 * torch.randn_like(p)
-            sched.step(
-                NoiseEstimate(g2=1.0, trace_sigma=b, b_simple=float(b), low=b * 0.9, high=b * 1.1)
-            )
-            tracker.expect_micro_batches(sched.num_micro_batches)
+            b = m * script.randint(1, hi // m)
+            est = NoiseEstimate(g2=1.0, trace_sigma=b, b_simple=float(b), low=b * 0.9, high=b * 1.1)
+            sched.step(ScriptedSource(tracker, est))
 
     return _classify(body)
 
