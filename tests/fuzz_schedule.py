@@ -62,7 +62,8 @@ from noisescale.estimators import NoiseEstimate
 from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp, ResizableBatchSampler
 
 RTOL = 1e-9
-MODES = ("adaptive", "ramp", "sampler", "tracker")
+MODES = ("adaptive", "ramp", "sampler", "tracker", "lightning")
+LIGHTNING_EVERY = 10  # the Lightning mode (a few seconds a fit) on every 10th seed
 FINDINGS = ("WRONG-SILENT", "wrong-warned", "crash", "FALSE-REFUSAL", "WRONG-CAUSE")
 SCHEDULERS = (
     "step",
@@ -818,6 +819,75 @@ def run_tracker_mode(cfg, seed):
     return _classify(body)
 
 
+def run_lightning_mode(cfg, seed):
+    """Lightning's callback realising a stepwise or linear :class:`BatchSizeRamp` in examples
+    (micro-batch 2-4, the tracker's ``measure_every`` 1-3): before every optimizer step the ramp's
+    count of examples is the examples the trainer put through the model, and the step's
+    accumulation is the ramp's batch (at the latest k − 1 steps later, where Lightning's epoch
+    position allows a change)."""
+    import lightning.pytorch as pl
+
+    from noisescale.integrations.lightning import NoiseScaleCallback
+
+    r = random.Random(f"lightning-{seed}")
+    m = r.choice([2, 4])
+    knots = [(0.0, m)]
+    for _ in range(r.randint(1, 3)):
+        knots.append((knots[-1][0] + m * r.randint(2, 12), m * r.randint(1, 4)))
+    interpolate = r.random() < 0.5
+    every = r.choice([1, 1, 2, 3])
+    n = m * r.choice([12, 17, 24])
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(3, 1)
+            self.seen, self.micro, self.rows = 0, 0, []
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, i):
+            x, y = batch
+            self.seen += len(x)
+            self.micro += 1
+            return F.mse_loss(self(x), y)
+
+        def on_before_optimizer_step(self, optimizer):
+            done = self.seen - self.micro * m
+            self.rows.append((ramp.state.examples, done, self.micro))
+            self.micro = 0
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def body():
+        torch.manual_seed(seed)
+        data = torch.utils.data.TensorDataset(torch.randn(n, 3), torch.randn(n, 1))
+        loader = torch.utils.data.DataLoader(data, batch_size=m)
+        module = Module()
+        kw = {} if every == 1 else {"measure_every": every}
+        trainer = pl.Trainer(
+            max_epochs=2,
+            callbacks=[NoiseScaleCallback(ramp, **kw)],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="lightning")
+            warnings.filterwarnings("ignore", category=UserWarning)
+            trainer.fit(module, loader)
+        for t, (counted, done, _) in enumerate(module.rows):
+            _expect(f"step {t} (measure_every={every}) the ramp's examples", counted, done)
+
+    ramp = BatchSizeRamp(knots, micro_batch_size=m, interpolate=interpolate)
+    with contextlib.redirect_stdout(None), contextlib.redirect_stderr(None):
+        return _classify(body)
+
+
 def check_seed(seed, modes=MODES, override=None):
     cfg = draw_config(seed)
     if override:
@@ -830,8 +900,12 @@ def check_seed(seed, modes=MODES, override=None):
             res = run_lr_mode(cfg, seed, "ramp")
         elif mode == "sampler":
             res = run_lr_mode(cfg, seed, "adaptive" if seed % 2 else "ramp", sampler=True)
-        else:
+        elif mode == "tracker":
             res = run_tracker_mode(cfg, seed)
+        else:
+            if seed % LIGHTNING_EVERY:
+                continue
+            res = run_lightning_mode(cfg, seed)
         record["modes"][mode] = res
     return record
 

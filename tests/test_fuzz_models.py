@@ -869,7 +869,7 @@ def test_what_the_command_line_fuzzer_found_is_refused_or_exact(seed):
 # schedule is built, OneCycle/cyclic/plateau/chained/custom schedulers, Adam's rates as tensors,
 # a changed configuration on resume, a sampler under a patched world and a real tracker under a
 # changing accumulation (2026-12-07).
-SCHEDULE_SAMPLE = [0, 3, 6, 10, 12, 13, 20, 22, 33, 48, 50, 66]
+SCHEDULE_SAMPLE = [0, 3, 6, 10, 12, 13, 20, 22, 30, 33, 48, 66]
 
 # What it found (2026-12-07), as (seed, mode, override): fail until the fixes land (not xfail).
 FOUND_BY_THE_SCHEDULE_FUZZER = [
@@ -894,6 +894,12 @@ FOUND_BY_THE_SCHEDULE_FUZZER = [
     # the step out as "an epoch's short last window?" naming watch_loss as the fix; the step's
     # examples are not counted (hunt/tracker_ramp_down.py)
     (19, "tracker", None),
+    # WRONG-SILENT: Lightning's callback driving a BatchSizeRamp with the tracker's
+    # measure_every=2-3: the ramp counts the tracker's running examples, which count unmeasured
+    # steps only once the next measured one is folded: its count lags (40 for 56) and the ramp
+    # changes the batch steps late, 160 of 192 examples counted by the end
+    # (hunt/lightning_ramp_examples.py)
+    (40, "lightning", None),
 ]
 
 
