@@ -27,13 +27,19 @@ docs/adaptive.md and not from the code:
   a resume the sampler's size restored.
 * ``tracker``: a real :class:`GradientNoiseTracker` on a linear model fed known examples while
   the schedule changes the accumulation: each record's ``b_big``, ``examples``, ``sqnorm_big``
-  (|mean gradient over the step's examples|², brute force) and the micro-batch source's
-  ``sqnorm_small``.
+  (|mean gradient over the step's examples|², brute force), the micro-batch source's and the
+  per-example source's ``sqnorm_small``; driven by an adaptive schedule (through a stand-in
+  source that forwards ``expect_micro_batches``) or a ramp whose knots go up and down, realised
+  by accumulation or by one backward over the whole batch. A step the tracker leaves out as "an
+  epoch's short last window" (the schedule's own change, the tracker not told) is WRONG-CAUSE.
+* ``lightning``: (every 10th seed) Lightning's callback driving a ramp, the tracker's
+  ``measure_every`` 1-3: before every optimizer step the ramp's count of examples is the
+  trainer's.
 
 Classes per check: ``ok``; ``refused`` (a NoiseScaleError where the configuration is one the
 docs refuse); ``FALSE-REFUSAL`` (a NoiseScaleError elsewhere); ``crash`` (any other exception);
 ``WRONG-SILENT`` (a number off, no warning); ``wrong-warned`` (the same with a warning);
-``skip``.
+``WRONG-CAUSE`` (a warning that names another cause than the schedule's).
 
 Run: ``PYTHONPATH=src python tests/fuzz_schedule.py --seeds 0:200 [-v] [--jsonl out.jsonl]``.
 """
