@@ -3,7 +3,7 @@
 ``noisescale.schedule`` (docs/adaptive.md) decides every step's batch size and writes a
 learning-rate factor into the optimizer and its schedulers. This fuzzer drives it with a random
 configuration per seed (:func:`draw_config`) and checks every step against an independent
-re-implementation of the documented rules (:func:`Oracle`, :func:`ramp_oracle`), written from
+re-implementation of the documented rules (:func:`Oracle`, :func:`ramp_batch`), written from
 docs/adaptive.md and not from the code:
 
 * ``adaptive``: an :class:`AdaptiveBatchSize` (B = √(r·B_simple) or c·B_simple, min/max bounds,
@@ -12,10 +12,15 @@ docs/adaptive.md and not from the code:
   (unavailable ones, wide intervals, estimates in tokens with their tokens per example); an
   SGD or Adam optimizer of 1-3 parameter groups at different rates, 0-2 torch schedulers
   (StepLR, LambdaLR warm-up, MultiplicativeLR, OneCycleLR, CosineAnnealingLR with a floor,
-  ExponentialLR, SequentialLR of two) stepped before or after the schedule; a checkpoint
+  ExponentialLR, SequentialLR of two, MultiStepLR, LinearLR, ConstantLR, PolynomialLR,
+  CosineAnnealingWarmRestarts, CyclicLR, ReduceLROnPlateau on a scripted metric,
+  ChainedScheduler, a warm-up + cosine of the user's own), Adam's rates as float64 tensors now
+  and then, stepped before or after the schedule; ``step(None)`` steps and ``examples=``
+  counts; a checkpoint
   (optimizer, schedulers, schedule, through JSON) at a random step, restored either after the
   schedule is built (the test's order) or before it (optimizer and schedulers loaded first); a
-  parameter group added mid-run (no scheduler). Every step: ``batch_size`` (the oracle's
+  parameter group added mid-run (no scheduler); on resume, now and then another interval,
+  hysteresis, gate, rate and bounds (which the docs allow). Every step: ``batch_size`` (the oracle's
   decision, a multiple of the micro-batch within the bounds), ``num_micro_batches``,
   ``loss_divisor``, ``lr_factor``, ``state.examples`` and every group's ``lr`` = the factor ×
   the rate a twin optimizer with the same schedulers and no schedule has (never compounding).
