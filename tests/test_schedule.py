@@ -891,6 +891,13 @@ def test_a_checkpoint_of_other_schedulers_is_refused():
     )  # fmt: skip
     with pytest.raises(NoiseScaleInputError, match="schedulers of the checkpoint's run"):
         ramp.load_state_dict(saved)
+    # under lr_rule="none" nothing is scaled: any scheduler is accepted, and none is saved
+    own = _OwnScheduler(opt)
+    ramp = BatchSizeRamp.linear(64, 512, 2_000, micro_batch_size=64, optimizer=opt,
+                                lr_schedulers=[own])  # fmt: skip
+    state = json.loads(json.dumps(ramp.state_dict()))
+    assert state["lr_scheduler_rates"] is None
+    ramp.load_state_dict(state)
 
 
 def test_adaptive_schedule_keeps_its_factor_past_a_sequential_milestone():

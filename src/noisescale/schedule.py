@@ -828,7 +828,9 @@ class _Realisation:
         (and optimizer's) states before building the schedule has them scaled once more by the
         constructor's starting factor (a hunt: ×1/8, ×4, ×32); :meth:`_load_common` sets them
         back, whatever the order."""
-        return None if self.optimizer is None else _scaled_rates(self.lr_schedulers)
+        if self.optimizer is None or self.lr_rule == "none":  # (nothing scaled; any kind given)
+            return None
+        return _scaled_rates(self.lr_schedulers)
 
     def _config(self) -> dict[str, Any]:
         """What fixes the learning-rate factor (and for a ramp, the batch): saved with the state
