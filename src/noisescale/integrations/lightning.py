@@ -140,7 +140,7 @@ class NoiseScaleCallback(pl.Callback):
         self._loss: Tensor | None = None
         self._stepped = False
         self._stepped_optimizer: Any = None
-        self._micro_batches = 0  # backward passes (micro-batches) of this step
+        self._examples_seen = 0  # tracker.examples_trained at the last step
         self._applied_micro_batches: int | None = None  # set once the trainer has one of ours
         self._applied_lr_factor = 1.0
         # per optimizer, the groups that carry the applied factor (None: all of them)
@@ -189,7 +189,7 @@ class NoiseScaleCallback(pl.Callback):
         self._forward_handle = target.register_forward_pre_hook(Hook(self._on_forward))
         self._forwards, self._divisors, self._accumulation = 0, [], None
         self._loss, self._stepped = None, False
-        self._micro_batches = 0
+        self._examples_seen = 0
         self._applied_micro_batches, self._applied_lr_factor = None, 1.0
         self._scaled_groups = []
         if self._pending_state is not None:
@@ -257,7 +257,6 @@ class NoiseScaleCallback(pl.Callback):
             self._divisors.append(_trailing_divisors(loss, scaled=scaler is not None))
             divided_by = self._step_divisor
         self._require_tracker().watch_loss(loss, divided_by=divided_by)
-        self._micro_batches += 1
         loss = loss.detach()
         self._loss = loss if self._loss is None else self._loss + loss
 
@@ -370,11 +369,12 @@ class NoiseScaleCallback(pl.Callback):
             return
         self._stepped = False
         tracker = self._require_tracker()
-        # the step's examples, counted here: the tracker's count lags on the steps its
-        # measure_every leaves unmeasured (a ramp two steps late, a hunt found)
-        examples, self._micro_batches = self._micro_batches, 0
         if self.schedule is not None:
-            examples *= self.schedule.micro_batch_size  # (global: × the processes)
+            # the step's examples, as trained (an epoch's short last batch, batches of varying
+            # size): tracker.examples lags on the steps its measure_every leaves unmeasured,
+            # and micro-batches × micro_batch_size overcounted every smaller batch (two hunts)
+            examples = tracker.examples_trained - self._examples_seen
+            self._examples_seen += examples
             self.schedule.step(tracker, examples=examples)
             ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
             # the next batch has index `ready`: a new accumulation k must divide it (see module
@@ -396,6 +396,7 @@ class NoiseScaleCallback(pl.Callback):
                 "applied_micro_batches": self._applied_micro_batches,
                 "applied_lr_factor": self._applied_lr_factor,
                 "scaled_groups": self._scaled_groups,
+                "examples_seen": self._examples_seen,
                 "manual_accumulation": self._accumulation,
             }
         )
@@ -531,6 +532,7 @@ class NoiseScaleCallback(pl.Callback):
         self._applied_micro_batches = None if applied is None else int(applied)
         self._applied_lr_factor = float(state["applied_lr_factor"])
         self._scaled_groups = list(state.get("scaled_groups", []))
+        self._examples_seen = int(state["examples_seen"])
         accumulation = state.get("manual_accumulation")  # (not in checkpoints before 2026-12-07)
         self._accumulation = None if accumulation is None else float(accumulation)
 

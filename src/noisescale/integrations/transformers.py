@@ -223,7 +223,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         self._applied_micro_batches: int | None = None
         self._applied_lr_factor = 1.0
         self._scaled_groups: int | None = None  # the groups that carry it (None: all of them)
-        self._micro_batches = 0  # of the current optimizer step
+        self._examples_seen = 0  # tracker.examples_trained at the last step
         self._epoch = 0
         self._position = 0  # micro-batches of the current epoch consumed so far
         self._resume_position: int | None = None
@@ -280,7 +280,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         self._queued, self._loss, self._losses = False, None, 0
         self._applied_micro_batches, self._applied_lr_factor = None, 1.0
         self._scaled_groups = None
-        self._micro_batches, self._epoch, self._position = 0, 0, 0
+        self._examples_seen, self._epoch, self._position = 0, 0, 0
         self._resume_position = None
         if state.global_step > 0:
             self._resume(args, state)
@@ -324,16 +324,16 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
 
     def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._position += 1
-        self._micro_batches += 1
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._position += 1
-        # the step's examples, counted here: the tracker's count lags on the steps its
-        # measure_every leaves unmeasured (a ramp two steps late, a hunt found)
-        micro_batches, self._micro_batches = self._micro_batches + 1, 0
         if self.schedule is None or self.tracker is None:
             return
-        examples = micro_batches * self.schedule.micro_batch_size  # (global: × the processes)
+        # the step's examples, as trained (an epoch's short last batch): tracker.examples lags
+        # on the steps its measure_every leaves unmeasured, and micro-batches ×
+        # micro_batch_size overcounted a smaller batch (two hunts)
+        examples = self.tracker.examples_trained - self._examples_seen
+        self._examples_seen += examples
         self.schedule.step(self.tracker, examples=examples)
         # the Trainer ends a step where (micro-batches of the epoch so far) % k == 0
         if self._position % self.schedule.num_micro_batches == 0:
@@ -389,6 +389,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
                 "applied_micro_batches": self._applied_micro_batches,
                 "applied_lr_factor": self._applied_lr_factor,
                 "scaled_groups": self._scaled_groups,
+                "examples_seen": self._examples_seen,
                 "epoch": self._epoch,
                 "position": self._position,
             }
@@ -431,6 +432,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         self._applied_lr_factor = float(saved["applied_lr_factor"])
         scaled = saved.get("scaled_groups")
         self._scaled_groups = None if scaled is None else int(scaled)
+        self._examples_seen = int(saved["examples_seen"])
         self._epoch, self._resume_position = int(saved["epoch"]), int(saved["position"])
         if self._train_batches is not None and self._resume_position >= self._train_batches:
             # saved at an epoch's last step: the run continues at the next epoch's start
