@@ -282,10 +282,21 @@ SUPPORTED_LR_SCHEDULERS = tuple(
 )
 
 
+class _Flat(list):
+    """What :func:`_flat_schedulers` returned: given to it again, taken as it is (not probed
+    again; a schedule keeps its own from construction)."""
+
+
 def _flat_schedulers(lr_schedulers: Iterable[Any]) -> list[Any]:
     """Every scheduler to scale, children of containers included, each once; unknown ones
-    are refused (before anything is written)."""
-    out: list[Any] = []
+    are refused (before anything is written). A scheduler of the user's own is probed
+    (:func:`_computes_from_base_lrs`) each time: a schedule flattens its schedulers once, at
+    construction, and hands that list on (until 2026-12-07 it probed them again at each
+    ``state_dict()``, and a warm-up + cosine to a floor the constructor accepted was refused at
+    step 999, a review)."""
+    if isinstance(lr_schedulers, _Flat):
+        return lr_schedulers
+    out = _Flat()
     seen: set[int] = set()
 
     def visit(s: Any) -> None:
@@ -438,10 +449,12 @@ def scale_lr(
 
 
 def _scaled_rates(lr_schedulers: Iterable[Any]) -> list[dict[str, Any]]:
-    """What :func:`scale_lr` scales in each scheduler, as plain data (for a checkpoint)."""
+    """What :func:`scale_lr` scales in each scheduler, as plain data (for a checkpoint), with
+    the scheduler's type name."""
     out = []
     for s in _flat_schedulers(lr_schedulers):
         rates = {k: _plain_rates(getattr(s, k)) for k in _RATE_ATTRIBUTES if hasattr(s, k)}
+        rates["type"] = type(s).__name__
         if isinstance(s, _sched.OneCycleLR):
             rates["groups"] = [
                 {k: _plain(g[k]) for k in ("initial_lr", "max_lr", "min_lr") if k in g}
@@ -452,21 +465,37 @@ def _scaled_rates(lr_schedulers: Iterable[Any]) -> list[dict[str, Any]]:
 
 
 def _set_scaled_rates(lr_schedulers: Iterable[Any], saved: list[dict[str, Any]]) -> None:
-    """Write back what :func:`_scaled_rates` saved (refused where the schedulers differ)."""
+    """Write back what :func:`_scaled_rates` saved, where the schedulers are those saved (as
+    many, of the same type at each position); where they differ (a finished warm-up dropped, a
+    decay added for a new phase), nothing is written back, with a warning: the saved rates
+    matter only to schedulers whose states were loaded before the schedule was built. Until
+    2026-12-07 such a resume was refused, and the types were not compared (two cosines given
+    in swapped order took each other's floors, a review)."""
     schedulers = _flat_schedulers(lr_schedulers)
     fits = len(saved) == len(schedulers) and all(
-        set(rates) - {"groups"} == {k for k in _RATE_ATTRIBUTES if hasattr(s, k)}
+        rates.get("type", type(s).__name__) == type(s).__name__
+        and set(rates) - {"groups", "type"} == {k for k in _RATE_ATTRIBUTES if hasattr(s, k)}
         and len(rates.get("groups", ())) in (0, len(s.optimizer.param_groups))
         for s, rates in zip(schedulers, saved, strict=False)
     )
     if not fits:
-        raise NoiseScaleInputError(
-            f"the checkpoint holds the rates of {len(saved)} learning-rate scheduler(s) of other "
-            f"kinds or sizes than the {len(schedulers)} given as lr_schedulers=: give the "
-            "schedule the schedulers of the checkpoint's run, in the same order"
+        names = [r.get("type", "?") for r in saved]
+        warnings.warn(
+            f"noisescale: the checkpoint's learning-rate schedulers ({', '.join(names) or 'none'})"
+            " are not those given as lr_schedulers= "
+            f"({', '.join(type(s).__name__ for s in schedulers) or 'none'}), as many and of the "
+            "same type in the same order: the rates the schedule scaled in them are not written "
+            "back. Load the schedulers' states after building the schedule (a scheduler whose "
+            "state was loaded before has its rates scaled twice: by the checkpoint's factor and "
+            "the constructor's)",
+            RuntimeWarning,
+            stacklevel=4,
         )
+        return
     for s, rates in zip(schedulers, saved, strict=True):
         for k, v in rates.items():
+            if k == "type":
+                continue
             if k == "groups":
                 for g, keys in zip(s.optimizer.param_groups, v, strict=True):
                     g.update(keys)
@@ -669,9 +698,11 @@ class _Realisation:
         self.b_star = b_star
         self.optimizer = optimizer
         self.lr_schedulers = list(lr_schedulers)
-        if lr_rule != "none":
-            # refused now rather than at the first change, mid-run
-            check_lr_schedulers(self.lr_schedulers)
+        # refused now rather than at the first change, mid-run; flattened (and a scheduler of
+        # the user's own probed) once: the list is handed on at each change, save and load
+        self._flat_lr_schedulers = (
+            _flat_schedulers(self.lr_schedulers) if lr_rule != "none" else self.lr_schedulers
+        )
         self.batch_sampler = batch_sampler
         self.history = []
         # the optimizer's first groups that carry lr_factor; a group added later (progressive
@@ -750,7 +781,7 @@ class _Realisation:
                 self.optimizer,
                 old_factor,
                 new_factor,
-                self.lr_schedulers,
+                self._flat_lr_schedulers,
                 scaled_groups=self._scaled_groups,
             )
         if self.batch_sampler is not None and share is not None:
@@ -830,7 +861,7 @@ class _Realisation:
         back, whatever the order."""
         if self.optimizer is None or self.lr_rule == "none":  # (nothing scaled; any kind given)
             return None
-        return _scaled_rates(self.lr_schedulers)
+        return _scaled_rates(self._flat_lr_schedulers)
 
     def _config(self) -> dict[str, Any]:
         """What fixes the learning-rate factor (and for a ramp, the batch): saved with the state
@@ -881,7 +912,7 @@ class _Realisation:
                 )
             rates = state.get("lr_scheduler_rates")
             if rates is not None:  # (None: a checkpoint from before they were saved)
-                _set_scaled_rates(self.lr_schedulers, rates)
+                _set_scaled_rates(self._flat_lr_schedulers, rates)
             # The optimizer's own state_dict holds the same values; writing them here makes a
             # resume that restores only the schedule continue at the same learning rate too.
             for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
