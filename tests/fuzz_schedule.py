@@ -33,8 +33,9 @@ docs/adaptive.md and not from the code:
 * ``tracker``: a real :class:`GradientNoiseTracker` on a linear model fed known examples while
   the schedule changes the accumulation: each record's ``b_big``, ``examples``, ``sqnorm_big``
   (|mean gradient over the step's examples|², brute force), the micro-batch source's and the
-  per-example source's ``sqnorm_small``; driven by an adaptive schedule (through a stand-in
-  source that forwards ``expect_micro_batches``) or a ramp whose knots go up and down, realised
+  per-example source's ``sqnorm_small``; driven by an adaptive schedule or a ramp whose knots go
+  up and down (each stepped through a stand-in source that forwards ``expect_micro_batches``),
+  realised
   by accumulation or by one backward over the whole batch. A step the tracker leaves out as "an
   epoch's short last window" (the schedule's own change, the tracker not told) is WRONG-CAUSE.
 * ``lightning``: (every 10th seed) Lightning's callback driving a ramp, the tracker's
@@ -720,12 +721,13 @@ class ScriptedSource:
 
 def run_tracker_mode(cfg, seed):
     """A real tracker on a linear model while a schedule changes the batch between steps: an
-    adaptive schedule (scripted estimates through a stand-in source that forwards
-    ``expect_micro_batches`` to the tracker) or a ramp whose knots go up and down (the tracker is
-    told nothing), realised by accumulation or by one backward over the whole batch (a
-    ``ResizableBatchSampler``'s loop). Each record that is not skipped: ``b_big``,
-    ``examples``, ``sqnorm_big`` (|mean gradient over the step's examples|², brute force), the
-    micro-batch source's and (all examples kept) the per-example source's ``sqnorm_small``."""
+    adaptive schedule (scripted estimates) or a ramp whose knots go up and down, each stepped
+    with a stand-in source that forwards ``expect_micro_batches`` to the tracker (a ramp tells
+    it of each new accumulation, as ``ramp.step(tracker)`` does), realised by accumulation or by
+    one backward over the whole batch (a ``ResizableBatchSampler``'s loop). Each record that is
+    not skipped: ``b_big``, ``examples``, ``sqnorm_big`` (|mean gradient over the step's
+    examples|², brute force), the micro-batch source's and (all examples kept) the per-example
+    source's ``sqnorm_small``."""
     r = random.Random(f"tracker-cfg-{seed}")
     m = r.choice([1, 2, 3, 4])
     hi = m * r.choice([2, 3, 6])

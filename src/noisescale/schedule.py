@@ -487,7 +487,8 @@ def _set_scaled_rates(lr_schedulers: Iterable[Any], saved: list[dict[str, Any]])
             "same type in the same order: the rates the schedule scaled in them are not written "
             "back. Load the schedulers' states after building the schedule (a scheduler whose "
             "state was loaded before has its rates scaled twice: by the checkpoint's factor and "
-            "the constructor's)",
+            "the constructor's). A scheduler new to this run, with no state to load, keeps its "
+            "rates scaled by the constructor's starting factor, not the checkpoint's lr_factor",
             RuntimeWarning,
             stacklevel=4,
         )
