@@ -442,6 +442,51 @@ def test_lightning_applies_schedule_at_legal_step_boundaries():
 
 @needs_lightning
 @pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("measure_every", [1, 3])
+@pytest.mark.parametrize("data", ["full", "short last batch", "varying batches"])
+def test_lightning_ramp_counts_the_trained_examples_under_measure_every(measure_every, data):
+    """Before every optimizer step the ramp has counted the examples trained in the steps
+    before it, whatever the tracker's measure_every and the batches' sizes: fed
+    tracker.examples, which lags on the unmeasured steps, it counted 160 for 192 and moved two
+    steps late; then counted as micro-batches × micro_batch_size, every smaller batch (an
+    epoch's short last one, a collate_fn that filters) was counted whole (two hunts)."""
+    x, y = _data()
+    n = N - 3 if data == "short last batch" else N  # 93 = 11 × 8 + 5
+    collate = None
+    if data == "varying batches":
+
+        def collate(rows):  # drops the examples of class 0: batches of 1 to 8
+            kept = [r for r in rows if r[1] != 0] or rows[:1]
+            return torch.stack([r[0] for r in kept]), torch.stack([r[1] for r in kept])
+
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x[:n], y[:n]), batch_size=MICRO, collate_fn=collate
+    )
+    ramp = BatchSizeRamp.stepwise([(0, 8), (16, 16), (48, 32)], micro_batch_size=MICRO)
+    model, rows = _lit_model(), []
+    seen = {"examples": 0, "step": 0}
+
+    def on_train_batch_start(batch, batch_idx):
+        seen["examples"] += len(batch[0])
+
+    def on_before_optimizer_step(optimizer):
+        rows.append((ramp.state.examples, seen["step"]))
+        seen["step"] = seen["examples"]
+
+    model.on_train_batch_start = on_train_batch_start
+    model.on_before_optimizer_step = on_before_optimizer_step
+    callback = LightningCallback(ramp, log_every=0, measure_every=measure_every)
+    _lit_trainer(callback, max_epochs=2).fit(model, loader)
+    assert [counted for counted, _ in rows] == [done for _, done in rows]
+    assert ramp.state.examples == seen["examples"]
+    if data == "varying batches":
+        assert seen["examples"] < 2 * n
+    else:
+        assert seen["examples"] == 2 * n
+
+
+@needs_lightning
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_lightning_refuses_a_schedule_it_cannot_realise_or_scale():
     """Refused when training starts, before a step: a micro-batch other than the dataloader's
     batch × processes (the schedule counts global examples), and, under a learning-rate rule, a
@@ -1643,6 +1688,40 @@ def test_transformers_callback_measures_every_mth_step(tmp_path):
     assert logged and logged[-1]["noisescale/trace_sigma"] == pytest.approx(
         got[-1]["trace_sigma_ema"]
     )
+
+
+@pytest.mark.parametrize("measure_every", [1, 3])
+@pytest.mark.parametrize("n", [N, N - 3])
+def test_transformers_ramp_counts_the_trained_examples_under_measure_every(
+    tmp_path, measure_every, n
+):
+    """The Trainer's callback feeds a ramp the examples of each step, whatever the tracker's
+    measure_every: fed tracker.examples, which lags on the unmeasured steps, it counted fewer
+    than the Trainer trained and moved late; then counted as micro-batches ×
+    micro_batch_size, an epoch's short last batch (93 = 11 × 8 + 5) was counted whole, 8 for
+    5 (two hunts)."""
+    pytest.importorskip("transformers")
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    class Data(_HFDataset):
+        def __len__(self) -> int:
+            return n
+
+    ramp = BatchSizeRamp.stepwise([(0, 8), (16, 16), (48, 32)], micro_batch_size=MICRO)
+    callback = NoiseScaleCallback(ramp, measure_every=measure_every)
+    model, trainer = _hf_train(
+        tmp_path, callback, gradient_accumulation_steps=1, max_steps=-1, num_train_epochs=2
+    )
+    trainer.train_dataset = Data()
+    seen = {"examples": 0}
+
+    def count(module, args):
+        seen["examples"] += len(args[0])
+
+    model.net.register_forward_pre_hook(count)
+    trainer.train()
+    assert ramp.state.examples == seen["examples"] == 2 * n
+    assert ramp.state.step == trainer.state.global_step
 
 
 @needs_lightning

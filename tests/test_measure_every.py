@@ -203,6 +203,33 @@ def test_unmeasured_steps_count_every_forward_of_a_backward(micro):
     assert tracker.examples == 30 * micro  # what the integrations hand a batch-size schedule
 
 
+def test_examples_trained_counts_every_step_at_once():
+    """``tracker.examples_trained`` is every step's examples so far, measured or not (batches
+    of 3 to 8 under measure_every=3), also after a checkpoint inside a cycle; ``examples``
+    counts the unmeasured ones only with the next measured step. What the integrations hand a
+    batch-size schedule: until 2026-12-07 the callbacks counted micro-batches ×
+    micro_batch_size, every smaller batch whole (a hunt)."""
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = GradientNoiseTracker(model, measure_every=3, sync_every=4)
+    done, folded, state = 0, 0, None
+    for step in range(1, 9):
+        b = 3 + step % 6
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(b, 6)), torch.randint(0, 3, (b,))).backward()
+        tracker.step()
+        opt.step()
+        done += b
+        folded = done if step % 3 == 1 else folded  # measured: 1, 4, 7
+        assert (tracker.examples_trained, tracker.examples) == (done, folded)
+        if step == 5:
+            state = tracker.state_dict()
+    resumed = GradientNoiseTracker(model, measure_every=3)
+    resumed.load_state_dict(state)
+    assert resumed.examples_trained == sum(3 + s % 6 for s in range(1, 6))
+
+
 class _ReturnsItsTemperature(nn.Module):
     """A model that returns a Parameter of its own beside its logits, ``(logits, self.T)``."""
 

@@ -61,6 +61,18 @@ def test_quantized_batch_is_a_bounded_multiple_nearest_to_the_target(b, m, lo_k,
         assert abs(q - b) <= m / 2 + 1e-9
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_an_infinite_target_is_the_largest_batch():
+    """B_simple ≈ 1e308 with factor 2, or r·B_simple overflowing: the target is infinite and
+    the batch is the maximum (math.floor(inf) raised OverflowError, a hunt)."""
+    assert quantized_batch_size(math.inf, 8, 8, 64) == 64
+    for setting in ({"factor": 2.0}, {"exchange_rate": 4000.0}):
+        c = _controller(micro_batch_size=8, max_batch_size=64, interval=1,
+                        **{"exchange_rate": None, **setting})  # fmt: skip
+        c.step(_estimate(1e308))
+        assert c.batch_size == 64
+
+
 def test_lr_factor_rules_in_closed_form():
     assert lr_factor(400, 100, "none") == 1.0
     assert lr_factor(400, 100, "linear") == 4.0
@@ -216,6 +228,26 @@ def test_a_group_added_later_takes_the_factor_from_its_own_rate():
 
     assert run(False) == pytest.approx([1.6, 3.2])
     assert run(True) == pytest.approx([1.6, 3.2])
+
+
+@pytest.mark.parametrize(
+    "estimate", [_estimate(64.0, rel_width=5.0), NoiseEstimate(-1.0, 1.0, math.nan, 0.0, math.inf)]
+)
+def test_a_group_added_takes_the_factor_while_the_gate_waits(estimate):
+    """A group added after a change takes the factor in effect at the next decision also when
+    it waits ("interval too wide", "no estimate yet"): it stayed at its own rate for as long as
+    the gate waited, 0.02 for 0.08 at factor 4 (a hunt)."""
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    c = _controller(micro_batch_size=8, max_batch_size=64, batch_size=32, base_batch_size=8,
+                    exchange_rate=None, factor=1.0, interval=1, lr_rule="linear",
+                    optimizer=opt)  # fmt: skip
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "lr": 0.02})
+    c.step(estimate)
+    assert c.history[-1]["action"].startswith("wait")
+    assert c.lr_factor == 4.0
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.4, 0.08])
+    c.step(estimate)  # and only once
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.4, 0.08])
 
 
 def test_measured_rules_follow_the_estimate():
@@ -527,6 +559,35 @@ def test_batch_sampler_takes_each_process_share_of_the_global_batch(tmp_path):
 # -- fixed ramps ---------------------------------------------------------------------------------
 
 
+def test_a_ramp_stepping_down_tells_the_tracker():
+    """A stepwise ramp 12 → 4 → 8 (micro-batch 4) realised by accumulation: the step of one
+    micro-batch after three is the ramp's, not an epoch's short last window. The ramp never
+    told the tracker, which left it out with the wrong cause and its count 4 examples short
+    (a hunt)."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    tracker = GradientNoiseTracker(model, sync_every=1, per_example_fraction=1.0)
+    ramp = BatchSizeRamp.stepwise([(0, 12), (24, 4), (40, 8)], micro_batch_size=4)
+    total = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(8):
+            x = torch.randn(ramp.batch_size, 3, dtype=torch.float64)
+            y = torch.randn(ramp.batch_size, 1, dtype=torch.float64)
+            for j in range(ramp.num_micro_batches):
+                part = slice(4 * j, 4 * j + 4)
+                (F.mse_loss(model(x[part]), y[part]) / ramp.loss_divisor).backward()
+            tracker.step()
+            model.zero_grad()
+            total += ramp.batch_size
+            ramp.step(tracker)
+    assert [h["b_big"] for h in tracker.history] == [12, 12, 4, 4, 4, 4, 8, 8]
+    assert not any(h["skipped"] for h in tracker.history)
+    assert tracker.examples == total == 56
+
+
 def test_linear_ramp_counts_examples_and_scales_lr():
     p = nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=0.8)
@@ -761,6 +822,175 @@ def test_scale_lr_factor_holds_through_every_supported_scheduler(name):
     plain, scaled_run = runs
     assert scaled_run[:3] == plain[:3]
     assert scaled_run[3:] == pytest.approx([4 * lr for lr in plain[3:]], rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", list(_SCHEDULERS))
+def test_a_resume_is_exact_whether_the_schedulers_are_loaded_before_or_after(name):
+    """A ramp under the linear rule (factor 1/8 at its start) resumed at step 7: the
+    optimizer's and the scheduler's states loaded after the schedule is built, or before it
+    (its constructor scales them by its starting factor once more: ×1/8, ×4, ×32 for a warm-up
+    LambdaLR, a OneCycleLR and a cosine subclass, a hunt), train at the uninterrupted run's rate
+    at every step."""
+    import warnings
+
+    def run(order: str | None) -> list[float]:
+        def build():
+            opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5, momentum=0.9)
+            sched = _SCHEDULERS[name](opt)
+            return opt, sched
+
+        def ramp(opt, sched):
+            return BatchSizeRamp.linear(
+                64, 512, 2_000, micro_batch_size=64, lr_rule="linear", optimizer=opt,
+                lr_schedulers=[sched],
+            )  # fmt: skip
+
+        opt, sched = build()
+        r, lrs = ramp(opt, sched), []
+        for step in range(16):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step(1.0) if isinstance(sched, _L.ReduceLROnPlateau) else sched.step()
+            r.step()
+            if order is not None and step == 6:
+                saved = json.loads(json.dumps(r.state_dict()))
+                o_sd, s_sd = copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict())
+                opt, sched = build()
+                if order == "before":
+                    opt.load_state_dict(o_sd)
+                    sched.load_state_dict(s_sd)
+                r = ramp(opt, sched)
+                if order == "after":
+                    opt.load_state_dict(o_sd)
+                    sched.load_state_dict(s_sd)
+                r.load_state_dict(saved)
+        return lrs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = run(None)
+        assert len(set(whole)) > 3  # the factor and the scheduler both move
+        for order in ("after", "before"):
+            assert run(order) == pytest.approx(whole, rel=1e-12, abs=1e-15), order
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "the same",
+        "the warm-up dropped",
+        "a cosine added",
+        "a StepLR for the LambdaLR",
+        "the cosines swapped",
+    ],
+)
+def test_a_checkpoint_of_other_schedulers_loads_without_their_rates(given):
+    """The rates a checkpoint holds for its schedulers are written back only into as many
+    schedulers of the same types in the same order; other schedulers (a finished warm-up
+    dropped, a decay added for a new phase) resume at the checkpoint's rate and factor, their
+    rates left as they are, with a warning that names the order to load them in. Until
+    2026-12-07 such a resume was refused ("holds the rates of 1 … than the 0 given"), a
+    StepLR took a LambdaLR's rates and two cosines in swapped order each other's floors without
+    a word (a review)."""
+    import warnings
+
+    def build(kinds):
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
+        make = {
+            "warm-up": lambda: _L.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5)),
+            "step": lambda: _L.StepLR(opt, 2, 0.5),
+            "cosine": lambda: _L.CosineAnnealingLR(opt, 100, eta_min=0.05),
+            "restarts": lambda: _L.CosineAnnealingWarmRestarts(opt, 50),
+        }
+        scheds = [make[k]() for k in kinds]
+        ramp = BatchSizeRamp.linear(
+            64, 512, 2_000, micro_batch_size=64, lr_rule="linear", optimizer=opt,
+            lr_schedulers=scheds,
+        )  # fmt: skip
+        return opt, scheds, ramp
+
+    opt, scheds, ramp = build(["warm-up", "cosine", "restarts"])
+    for _ in range(7):
+        opt.step()
+        for sched in scheds:
+            sched.step()
+        ramp.step()
+    saved, o_sd = json.loads(json.dumps(ramp.state_dict())), copy.deepcopy(opt.state_dict())
+    lr, factor = opt.param_groups[0]["lr"], ramp.lr_factor
+    assert factor > 1 / 8  # (moved from the starting factor)
+    kinds = {
+        "the same": ["warm-up", "cosine", "restarts"],
+        "the warm-up dropped": ["cosine", "restarts"],
+        "a cosine added": ["warm-up", "cosine", "restarts", "cosine"],
+        "a StepLR for the LambdaLR": ["step", "cosine", "restarts"],
+        "the cosines swapped": ["warm-up", "restarts", "cosine"],
+    }[given]
+    opt, scheds, ramp = build(kinds)
+    floors = [getattr(sched, "eta_min", None) for sched in scheds]
+    opt.load_state_dict(o_sd)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ramp.load_state_dict(saved)
+    words = [str(w.message) for w in caught]
+    assert (opt.param_groups[0]["lr"], ramp.lr_factor) == (lr, factor)
+    if given == "the same":
+        assert not words
+        assert [sched.base_lrs for sched in scheds] == [[0.5 * factor]] * 3
+        return
+    assert len(words) == 1
+    assert "not written back" in words[0]
+    assert "Load the schedulers' states after building the schedule" in words[0]
+    # nothing written back: each scheduler keeps the rates the constructor scaled (× 1/8)
+    assert [getattr(sched, "eta_min", None) for sched in scheds] == floors
+    assert [sched.base_lrs for sched in scheds] == [[0.5 / 8]] * len(kinds)
+
+
+def test_a_schedule_probes_a_scheduler_of_your_own_once():
+    """A warm-up + cosine of the user's own to a floor over 2,000 steps, accepted by the
+    constructor (its rates follow base_lrs now and 1,000 epochs ahead): state_dict() probed it
+    again at every save, and past step 1,000 the floor showed, refused at steps 999 and 1499
+    (a review). Flattened once at construction, it is saved and resumed there."""
+
+    class WarmCos(torch.optim.lr_scheduler.LRScheduler):
+        def get_lr(self):
+            e = self.last_epoch
+            f = min(1.0, (e + 1) / 10) * 0.5 * (1 + math.cos(math.pi * min(e, 2000) / 2000))
+            return [max(b * f, 1e-4) for b in self.base_lrs]
+
+    def build():
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+        sched = WarmCos(opt)
+        return opt, sched, BatchSizeRamp.linear(
+            4, 16, 200, micro_batch_size=4, lr_rule="linear", optimizer=opt,
+            lr_schedulers=[sched],
+        )  # fmt: skip
+
+    opt, sched, ramp = build()
+    for _ in range(1500):
+        opt.step()
+        sched.step()
+        ramp.step()
+    saved = json.loads(json.dumps(ramp.state_dict()))
+    o_sd, s_sd = copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict())
+    opt2, sched2, ramp2 = build()
+    opt2.load_state_dict(o_sd)
+    sched2.load_state_dict(s_sd)
+    ramp2.load_state_dict(saved)
+    for o, s in ((opt, sched), (opt2, sched2)):
+        o.step()
+        s.step()
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_under_no_lr_rule_any_scheduler_is_saved_as_none():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
+    # under lr_rule="none" nothing is scaled: any scheduler is accepted, and none is saved
+    own = _OwnScheduler(opt)
+    ramp = BatchSizeRamp.linear(64, 512, 2_000, micro_batch_size=64, optimizer=opt,
+                                lr_schedulers=[own])  # fmt: skip
+    state = json.loads(json.dumps(ramp.state_dict()))
+    assert state["lr_scheduler_rates"] is None
+    ramp.load_state_dict(state)
 
 
 def test_adaptive_schedule_keeps_its_factor_past_a_sequential_milestone():

@@ -143,6 +143,8 @@ def quantized_batch_size(
     Rounding is to the nearest multiple in linear scale: with micro-batches much smaller than
     the batch the relative error is at most m/(2B).
     """
+    if batch_size >= max_batch_size:  # (an infinite target overflowed math.floor, a hunt)
+        return int(max_batch_size)
     k = max(1, math.floor(batch_size / micro_batch_size + 0.5))  # halves round up, not to even
     return int(min(max(k * micro_batch_size, min_batch_size), max_batch_size))
 
@@ -280,10 +282,21 @@ SUPPORTED_LR_SCHEDULERS = tuple(
 )
 
 
+class _Flat(list):
+    """What :func:`_flat_schedulers` returned: given to it again, taken as it is (not probed
+    again; a schedule keeps its own from construction)."""
+
+
 def _flat_schedulers(lr_schedulers: Iterable[Any]) -> list[Any]:
     """Every scheduler to scale, children of containers included, each once; unknown ones
-    are refused (before anything is written)."""
-    out: list[Any] = []
+    are refused (before anything is written). A scheduler of the user's own is probed
+    (:func:`_computes_from_base_lrs`) each time: a schedule flattens its schedulers once, at
+    construction, and hands that list on (until 2026-12-07 it probed them again at each
+    ``state_dict()``, and a warm-up + cosine to a floor the constructor accepted was refused at
+    step 999, a review)."""
+    if isinstance(lr_schedulers, _Flat):
+        return lr_schedulers
+    out = _Flat()
     seen: set[int] = set()
 
     def visit(s: Any) -> None:
@@ -433,6 +446,70 @@ def scale_lr(
             scheduler.min_lrs = [m * factor for m in scheduler.min_lrs]
             if getattr(scheduler, "default_min_lr", None) is not None:
                 scheduler.default_min_lr = scheduler.default_min_lr * factor
+
+
+def _scaled_rates(lr_schedulers: Iterable[Any]) -> list[dict[str, Any]]:
+    """What :func:`scale_lr` scales in each scheduler, as plain data (for a checkpoint), with
+    the scheduler's type name."""
+    out = []
+    for s in _flat_schedulers(lr_schedulers):
+        rates = {k: _plain_rates(getattr(s, k)) for k in _RATE_ATTRIBUTES if hasattr(s, k)}
+        rates["type"] = type(s).__name__
+        if isinstance(s, _sched.OneCycleLR):
+            rates["groups"] = [
+                {k: _plain(g[k]) for k in ("initial_lr", "max_lr", "min_lr") if k in g}
+                for g in s.optimizer.param_groups
+            ]
+        out.append(rates)
+    return out
+
+
+def _set_scaled_rates(lr_schedulers: Iterable[Any], saved: list[dict[str, Any]]) -> None:
+    """Write back what :func:`_scaled_rates` saved, where the schedulers are those saved (as
+    many, of the same type at each position); where they differ (a finished warm-up dropped, a
+    decay added for a new phase), nothing is written back, with a warning: the saved rates
+    matter only to schedulers whose states were loaded before the schedule was built. Until
+    2026-12-07 such a resume was refused, and the types were not compared (two cosines given
+    in swapped order took each other's floors, a review)."""
+    schedulers = _flat_schedulers(lr_schedulers)
+    fits = len(saved) == len(schedulers) and all(
+        rates.get("type", type(s).__name__) == type(s).__name__
+        and set(rates) - {"groups", "type"} == {k for k in _RATE_ATTRIBUTES if hasattr(s, k)}
+        and len(rates.get("groups", ())) in (0, len(s.optimizer.param_groups))
+        for s, rates in zip(schedulers, saved, strict=False)
+    )
+    if not fits:
+        names = [r.get("type", "?") for r in saved]
+        warnings.warn(
+            f"noisescale: the checkpoint's learning-rate schedulers ({', '.join(names) or 'none'})"
+            " are not those given as lr_schedulers= "
+            f"({', '.join(type(s).__name__ for s in schedulers) or 'none'}), as many and of the "
+            "same type in the same order: the rates the schedule scaled in them are not written "
+            "back. Load the schedulers' states after building the schedule (a scheduler whose "
+            "state was loaded before has its rates scaled twice: by the checkpoint's factor and "
+            "the constructor's). A scheduler new to this run, with no state to load, keeps its "
+            "rates scaled by the constructor's starting factor, not the checkpoint's lr_factor",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return
+    for s, rates in zip(schedulers, saved, strict=True):
+        for k, v in rates.items():
+            if k == "type":
+                continue
+            if k == "groups":
+                for g, keys in zip(s.optimizer.param_groups, v, strict=True):
+                    g.update(keys)
+            else:
+                setattr(s, k, v)
+
+
+def _plain_rates(x: Any) -> Any:
+    return [_plain(v) for v in x] if isinstance(x, list | tuple) else _plain(x)
+
+
+#: Scheduler attributes :func:`scale_lr` scales (OneCycleLR's rates live in the groups).
+_RATE_ATTRIBUTES = ("base_lrs", "max_lrs", "eta_min", "min_lrs", "default_min_lr")
 
 
 def carry_lr_factor(
@@ -622,9 +699,11 @@ class _Realisation:
         self.b_star = b_star
         self.optimizer = optimizer
         self.lr_schedulers = list(lr_schedulers)
-        if lr_rule != "none":
-            # refused now rather than at the first change, mid-run
-            check_lr_schedulers(self.lr_schedulers)
+        # refused now rather than at the first change, mid-run; flattened (and a scheduler of
+        # the user's own probed) once: the list is handed on at each change, save and load
+        self._flat_lr_schedulers = (
+            _flat_schedulers(self.lr_schedulers) if lr_rule != "none" else self.lr_schedulers
+        )
         self.batch_sampler = batch_sampler
         self.history = []
         # the optimizer's first groups that carry lr_factor; a group added later (progressive
@@ -703,7 +782,7 @@ class _Realisation:
                 self.optimizer,
                 old_factor,
                 new_factor,
-                self.lr_schedulers,
+                self._flat_lr_schedulers,
                 scaled_groups=self._scaled_groups,
             )
         if self.batch_sampler is not None and share is not None:
@@ -758,6 +837,15 @@ class _Realisation:
             )
         return batch_size // tokens // world
 
+    def _tell_tracker(self, source: Any) -> None:
+        """Tell a tracker given as ``source`` of the accumulation of the next step."""
+        expect = getattr(source, "expect_micro_batches", None)
+        if expect is not None and self.batch_sampler is None:
+            # the loop divides by loss_divisor from the next step: fewer micro-batches there
+            # are this schedule's, not an epoch's short last window (which the tracker leaves out).
+            # A batch sampler's loop runs one backward per step whatever the batch: nothing to say
+            expect(self.num_micro_batches)
+
     def _record(self, entry: dict[str, Any]) -> None:
         self.history.append(entry)
         del self.history[:-_MAX_HISTORY]
@@ -766,6 +854,15 @@ class _Realisation:
         if self.optimizer is None:
             return None
         return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def _scheduler_rates(self) -> list[dict[str, Any]] | None:
+        """The rates the schedule scaled in its schedulers: a resume that loads the schedulers'
+        (and optimizer's) states before building the schedule has them scaled once more by the
+        constructor's starting factor (a hunt: ×1/8, ×4, ×32); :meth:`_load_common` sets them
+        back, whatever the order."""
+        if self.optimizer is None or self.lr_rule == "none":  # (nothing scaled; any kind given)
+            return None
+        return _scaled_rates(self._flat_lr_schedulers)
 
     def _config(self) -> dict[str, Any]:
         """What fixes the learning-rate factor (and for a ramp, the batch): saved with the state
@@ -814,6 +911,9 @@ class _Realisation:
                     f"the checkpoint has {len(lrs)} learning rates but the optimizer has "
                     f"{len(self.optimizer.param_groups)} parameter groups"
                 )
+            rates = state.get("lr_scheduler_rates")
+            if rates is not None:  # (None: a checkpoint from before they were saved)
+                _set_scaled_rates(self._flat_lr_schedulers, rates)
             # The optimizer's own state_dict holds the same values; writing them here makes a
             # resume that restores only the schedule continue at the same learning rate too.
             for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
@@ -980,12 +1080,8 @@ class AdaptiveBatchSize(_Realisation):
             return False
         estimate = source if isinstance(source, NoiseEstimate) else source.estimate()
         changed = self.decide(estimate)
-        expect = getattr(source, "expect_micro_batches", None)
-        if changed and expect is not None and self.batch_sampler is None:
-            # the loop divides by loss_divisor from the next step: fewer micro-batches there
-            # are this schedule's, not an epoch's short last window (which the tracker leaves out).
-            # A batch sampler's loop runs one backward per step whatever the batch: nothing to say
-            expect(self.num_micro_batches)
+        if changed:
+            self._tell_tracker(source)
         return changed
 
     def decide(self, estimate: NoiseEstimate) -> bool:
@@ -1013,13 +1109,19 @@ class AdaptiveBatchSize(_Realisation):
             "b_simple_high": estimate.high,
             "relative_width": estimate.relative_width,
         }
-        if not measured:
+        wait = (
+            "wait: no estimate yet"
+            if not measured
+            else "wait: interval too wide"
+            if not estimate.relative_width <= self.max_relative_width
+            else None
+        )
+        if wait is not None:
+            # a group added since the last decision takes the factor in effect now, as the
+            # docs say, also while the gate waits (a hunt found it left at its own rate)
+            self._apply(s.batch_size, s.lr_factor, s.lr_factor)
             self._state = s
-            self._record({**entry, "action": "wait: no estimate yet", "batch_size": s.batch_size})
-            return False
-        if not estimate.relative_width <= self.max_relative_width:
-            self._state = s
-            self._record({**entry, "action": "wait: interval too wide", "batch_size": s.batch_size})
+            self._record({**entry, "action": wait, "batch_size": s.batch_size})
             return False
         raw = target_batch_size(
             estimate.b_simple, exchange_rate=self.exchange_rate, factor=self.factor
@@ -1066,6 +1168,7 @@ class AdaptiveBatchSize(_Realisation):
             "config": self._config(),
             "state": self._state._asdict(),
             "lrs": self._lrs(),
+            "lr_scheduler_rates": self._scheduler_rates(),
             "scaled_groups": self._scaled_groups,
             "history": [dict(h) for h in self.history],
         }
@@ -1220,8 +1323,9 @@ class BatchSizeRamp(_Realisation):
         """Count one optimizer step and move along the ramp.
 
         Args:
-            source: Ignored (a fixed ramp does not read the tracker); accepted so that both
-                schedules are driven the same way.
+            source: The tracker, told of a new accumulation (``expect_micro_batches``); a
+                fixed ramp does not read its estimate. Accepted so that both schedules are
+                driven the same way.
             examples: Examples (or tokens) the step processed (default: the batch in effect).
 
         Returns:
@@ -1237,6 +1341,9 @@ class BatchSizeRamp(_Realisation):
         self._apply(new_batch, s.lr_factor, new_factor)
         self._state = BatchSizeRampState(s.step + 1, done, new_batch, new_factor)
         if new_batch != s.batch_size:
+            # (a ramp stepping down ran fewer micro-batches than the tracker expected, left out
+            # as an epoch's short last window until it was told, a hunt found)
+            self._tell_tracker(source)
             self._record(
                 {
                     "step": s.step + 1,
@@ -1257,6 +1364,7 @@ class BatchSizeRamp(_Realisation):
             "config": self._config(),
             "state": self._state._asdict(),
             "lrs": self._lrs(),
+            "lr_scheduler_rates": self._scheduler_rates(),
             "scaled_groups": self._scaled_groups,
             "history": [dict(h) for h in self.history],
         }

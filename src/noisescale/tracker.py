@@ -1408,6 +1408,16 @@ class GradientNoiseTracker:
         return self._state.examples
 
     @property
+    def examples_trained(self) -> int:
+        """Examples of every step so far, measured or not (synced on access): :attr:`examples`
+        plus those of the steps ``measure_every`` left unmeasured since the last measured step,
+        which :attr:`examples` counts only once the next measured step is folded. A step left
+        out (a short accumulation window, an overflowed loss scale, an empty batch) is not
+        counted. What a schedule driven by the tracker counts (the integrations' callbacks)."""
+        self.sync()
+        return self._state.examples + self._unmeasured[1]
+
+    @property
     def skipped_steps(self) -> int:
         """Steps left out of the estimate (non-finite gradients, no small batch)."""
         self.sync()

@@ -140,7 +140,7 @@ class NoiseScaleCallback(pl.Callback):
         self._loss: Tensor | None = None
         self._stepped = False
         self._stepped_optimizer: Any = None
-        self._examples_seen = 0
+        self._examples_seen = 0  # tracker.examples_trained at the last step
         self._applied_micro_batches: int | None = None  # set once the trainer has one of ours
         self._applied_lr_factor = 1.0
         # per optimizer, the groups that carry the applied factor (None: all of them)
@@ -370,8 +370,11 @@ class NoiseScaleCallback(pl.Callback):
         self._stepped = False
         tracker = self._require_tracker()
         if self.schedule is not None:
-            examples = tracker.examples - self._examples_seen
-            self._examples_seen = tracker.examples
+            # the step's examples, as trained (an epoch's short last batch, batches of varying
+            # size): tracker.examples lags on the steps its measure_every leaves unmeasured,
+            # and micro-batches × micro_batch_size overcounted every smaller batch (two hunts)
+            examples = tracker.examples_trained - self._examples_seen
+            self._examples_seen += examples
             self.schedule.step(tracker, examples=examples)
             ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
             # the next batch has index `ready`: a new accumulation k must divide it (see module

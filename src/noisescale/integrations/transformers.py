@@ -223,7 +223,7 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         self._applied_micro_batches: int | None = None
         self._applied_lr_factor = 1.0
         self._scaled_groups: int | None = None  # the groups that carry it (None: all of them)
-        self._examples_seen = 0
+        self._examples_seen = 0  # tracker.examples_trained at the last step
         self._epoch = 0
         self._position = 0  # micro-batches of the current epoch consumed so far
         self._resume_position: int | None = None
@@ -329,8 +329,11 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         self._position += 1
         if self.schedule is None or self.tracker is None:
             return
-        examples = self.tracker.examples - self._examples_seen
-        self._examples_seen = self.tracker.examples
+        # the step's examples, as trained (an epoch's short last batch): tracker.examples lags
+        # on the steps its measure_every leaves unmeasured, and micro-batches ×
+        # micro_batch_size overcounted a smaller batch (two hunts)
+        examples = self.tracker.examples_trained - self._examples_seen
+        self._examples_seen += examples
         self.schedule.step(self.tracker, examples=examples)
         # the Trainer ends a step where (micro-batches of the epoch so far) % k == 0
         if self._position % self.schedule.num_micro_batches == 0:
