@@ -20,6 +20,8 @@ from noisescale.schedule import (
     AdaptiveBatchSize,
     BatchSizeRamp,
     ResizableBatchSampler,
+    carry_lr_factor,
+    check_lr_schedulers,
     lr_factor,
     quantized_batch_size,
     ramp_batch_size,
@@ -980,6 +982,36 @@ def test_a_schedule_probes_a_scheduler_of_your_own_once():
         o.step()
         s.step()
     assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_a_scheduler_of_your_own_is_probed_once_wherever_it_is_met():
+    """The callbacks change the factor with their own list of schedulers (carry_lr_factor), not
+    the schedule's: the same warm-up + cosine to a floor, accepted when training started, was
+    probed again at each change and refused past step 1,000, mid-run (a review). Probed once per
+    scheduler, it is scaled there as at step 0."""
+
+    class WarmCos(torch.optim.lr_scheduler.LRScheduler):
+        def get_lr(self):
+            e = self.last_epoch
+            f = min(1.0, (e + 1) / 10) * 0.5 * (1 + math.cos(math.pi * min(e, 2000) / 2000))
+            return [max(b * f, 1e-4) for b in self.base_lrs]
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = WarmCos(opt)
+    check_lr_schedulers([sched])  # (a callback's on_train_start)
+    for _ in range(1500):
+        opt.step()
+        sched.step()
+    lr, base = opt.param_groups[0]["lr"], sched.base_lrs[0]
+    carry_lr_factor(opt, 1.0, 2.0, [sched])
+    assert opt.param_groups[0]["lr"] == 2.0 * lr and sched.base_lrs[0] == 2.0 * base
+    # a scheduler never probed before is still probed (and refused) where it is first met
+    fresh = WarmCos(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1))
+    for _ in range(1500):
+        fresh.optimizer.step()
+        fresh.step()
+    with pytest.raises(NoiseScaleInputError, match="cannot scale the learning rate of a WarmCos"):
+        check_lr_schedulers([fresh])
 
 
 def test_under_no_lr_rule_any_scheduler_is_saved_as_none():

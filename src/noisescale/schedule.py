@@ -53,6 +53,7 @@ import itertools
 import json
 import math
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -282,6 +283,14 @@ SUPPORTED_LR_SCHEDULERS = tuple(
 )
 
 
+#: Schedulers of the user's own that :func:`_computes_from_base_lrs` accepted: probed once per
+#: scheduler object, wherever it is met again (a callback's change of the factor, a schedule's
+#: ``state_dict``). The probe looks 1,000 epochs ahead of where it is asked: asked again at step
+#: 999 it refused a warm-up + cosine to a floor it had accepted at step 0 — a crash mid-run
+#: (a review, 2026-12-07).
+_FOLLOWS_BASE_LRS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
 class _Flat(list):
     """What :func:`_flat_schedulers` returned: given to it again, taken as it is (not probed
     again; a schedule keeps its own from construction)."""
@@ -290,10 +299,10 @@ class _Flat(list):
 def _flat_schedulers(lr_schedulers: Iterable[Any]) -> list[Any]:
     """Every scheduler to scale, children of containers included, each once; unknown ones
     are refused (before anything is written). A scheduler of the user's own is probed
-    (:func:`_computes_from_base_lrs`) each time: a schedule flattens its schedulers once, at
-    construction, and hands that list on (until 2026-12-07 it probed them again at each
-    ``state_dict()``, and a warm-up + cosine to a floor the constructor accepted was refused at
-    step 999, a review)."""
+    (:func:`_computes_from_base_lrs`) once (:data:`_FOLLOWS_BASE_LRS`); a schedule flattens
+    its schedulers once, at construction, and hands that list on (until 2026-12-07 it probed
+    them again at each ``state_dict()``, and a warm-up + cosine to a floor the constructor
+    accepted was refused at step 999, a review)."""
     if isinstance(lr_schedulers, _Flat):
         return lr_schedulers
     out = _Flat()
@@ -314,7 +323,8 @@ def _flat_schedulers(lr_schedulers: Iterable[Any]) -> list[Any]:
         if inner is not None and inner is not s:
             visit(inner)
             return
-        if _computes_from_base_lrs(s):
+        if s in _FOLLOWS_BASE_LRS or _computes_from_base_lrs(s):
+            _FOLLOWS_BASE_LRS.add(s)
             # a scheduler of the user's own that computes its rate from base_lrs or from
             # param_group["lr"] (a warm-up + cosine written as a subclass): scaled like torch's
             # own (a review found such a subclass refused where it had kept the factor exactly)
