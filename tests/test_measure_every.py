@@ -230,6 +230,37 @@ def test_examples_trained_counts_every_step_at_once():
     assert resumed.examples_trained == sum(3 + s % 6 for s in range(1, 6))
 
 
+@pytest.mark.parametrize("every", [1, 4])
+def test_examples_trained_reads_nothing_from_the_device(every):
+    """``examples_trained`` is read by the callbacks at every step of a schedule: on one
+    process it counts from the host (batch shapes), so the only host reads are the tracker's
+    own every ``sync_every`` measured steps. Until 2026-12-07 it synced at every access: 64
+    reads in 64 steps where there were 2, each a stall of an accelerator's queue (a review)."""
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = GradientNoiseTracker(model, measure_every=every, sync_every=8)
+    reads, read = [0], tracker._read
+
+    def counted(pending):
+        reads[0] += 1
+        return read(pending)
+
+    tracker._read = counted
+    done = 0
+    for step in range(1, 33):
+        b = 3 + step % 6
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(b, 6)), torch.randint(0, 3, (b,))).backward()
+        tracker.step()
+        opt.step()
+        done += b
+        assert tracker.examples_trained == done
+    assert reads[0] == 32 // every // 8  # the sync_every reads only
+    tracker.sync()  # the same count once everything is folded
+    assert tracker.examples_trained == done
+
+
 class _ReturnsItsTemperature(nn.Module):
     """A model that returns a Parameter of its own beside its logits, ``(logits, self.T)``."""
 

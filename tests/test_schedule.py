@@ -1005,13 +1005,55 @@ def test_a_scheduler_of_your_own_is_probed_once_wherever_it_is_met():
     lr, base = opt.param_groups[0]["lr"], sched.base_lrs[0]
     carry_lr_factor(opt, 1.0, 2.0, [sched])
     assert opt.param_groups[0]["lr"] == 2.0 * lr and sched.base_lrs[0] == 2.0 * base
-    # a scheduler never probed before is still probed (and refused) where it is first met
+    # a scheduler never probed before is still probed where it is first met: at the floor now
+    # (step 2,000), its rate is its own, and it is refused
     fresh = WarmCos(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1))
-    for _ in range(1500):
+    for _ in range(2000):
         fresh.optimizer.step()
         fresh.step()
     with pytest.raises(NoiseScaleInputError, match="cannot scale the learning rate of a WarmCos"):
         check_lr_schedulers([fresh])
+
+
+def test_a_scheduler_of_your_own_is_probed_alike_wherever_the_run_is():
+    """The probe asks the same epochs of the run wherever it is asked (now, next, and the
+    run's 1, 10, 100 and 1,000): a schedule built after the scheduler's state was loaded at step
+    1,500 (the docs allow either order) refused the warm-up + cosine to a floor (at step 2,000)
+    that one built at the start accepted — its probe looked 1,000 epochs ahead, to 2,500 (a
+    review). Accepted, it is scaled as it would have been at the start: the rate doubles with
+    the factor."""
+
+    class WarmCos(torch.optim.lr_scheduler.LRScheduler):
+        def get_lr(self):
+            e = self.last_epoch
+            f = min(1.0, (e + 1) / 10) * 0.5 * (1 + math.cos(math.pi * min(e, 2000) / 2000))
+            return [max(b * f, 1e-4) for b in self.base_lrs]
+
+    def trained(steps):
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+        sched = WarmCos(opt)
+        for _ in range(steps):
+            opt.step()
+            sched.step()
+        return opt, sched
+
+    opt, sched = trained(1500)
+    opt2, sched2 = trained(0)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    sched2.load_state_dict(copy.deepcopy(sched.state_dict()))
+    ramp = BatchSizeRamp.linear(
+        8, 16, 200, micro_batch_size=4, lr_rule="linear", base_batch_size=8, optimizer=opt2,
+        lr_schedulers=[sched2],
+    )  # fmt: skip
+    assert ramp.lr_factor == 1.0
+    for _ in range(200):
+        ramp.step()
+    assert ramp.lr_factor == 2.0
+    for o, s in ((opt, sched), (opt2, sched2)):
+        o.step()
+        s.step()
+    # (step 1,501: f = 0.5 (1 + cos(0.7505 π)), well above the floor's 1e-4 / 0.1)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(2.0 * opt.param_groups[0]["lr"], rel=1e-12)
 
 
 def test_under_no_lr_rule_any_scheduler_is_saved_as_none():

@@ -285,9 +285,9 @@ SUPPORTED_LR_SCHEDULERS = tuple(
 
 #: Schedulers of the user's own that :func:`_computes_from_base_lrs` accepted: probed once per
 #: scheduler object, wherever it is met again (a callback's change of the factor, a schedule's
-#: ``state_dict``). The probe looks 1,000 epochs ahead of where it is asked: asked again at step
-#: 999 it refused a warm-up + cosine to a floor it had accepted at step 0 — a crash mid-run
-#: (a review, 2026-12-07).
+#: ``state_dict``). Until 2026-12-07 the probe looked 1,000 epochs ahead of where it was asked:
+#: asked again at step 999 it refused a warm-up + cosine to a floor it had accepted at step 0 —
+#: a crash mid-run (a review).
 _FOLLOWS_BASE_LRS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
@@ -355,10 +355,14 @@ def _plain(x: Any) -> Any:
 def _computes_from_base_lrs(s: Any) -> bool:
     """Whether an ``LRScheduler`` noisescale does not know computes its rates in proportion to
     its ``base_lrs`` and the groups' rates: on a copy of it (the optimizer shared, its rates put
-    back), ``get_lr()`` asked with both doubled must double, now and at epochs 1, 10, 100 and
-    1,000 ahead (a floor or a peak it keeps for later shows there: a review found a warm-up +
-    cosine to its own minimum accepted by a probe of the next rate alone). An epoch at which
-    its ``get_lr`` cannot be asked is skipped; one that cannot be asked now refuses it."""
+    back), ``get_lr()`` asked with both doubled must double, now, at the next epoch and at
+    the run's epochs 1, 10, 100 and 1,000 (a floor or a peak early in the run shows there: a
+    review found a warm-up + cosine to its own minimum accepted by a probe of the next rate
+    alone). The same epochs wherever it is asked: until 2026-12-07 they were 1, 10, 100 and
+    1,000 ahead, and a schedule built after a resume at step 1,500 refused a warm-up + cosine
+    to a floor at step 2,500 that one built at the start had accepted (a review). A floor or
+    a cap reached later is its own rate there, not scaled. An epoch at which its ``get_lr``
+    cannot be asked is skipped; one that cannot be asked now refuses it."""
     if not isinstance(s, _sched.LRScheduler) or getattr(s, "base_lrs", None) is None:
         return False
     groups = s.optimizer.param_groups
@@ -380,13 +384,13 @@ def _computes_from_base_lrs(s: Any) -> bool:
             return [float(x) for x in probe.get_lr()]
 
     try:
-        for ahead in (0, 1, 10, 100, 1000):
+        for epoch in dict.fromkeys((s.last_epoch, s.last_epoch + 1, 1, 10, 100, 1000)):
             try:
-                before = rates(s.last_epoch + ahead, False)
-                after = rates(s.last_epoch + ahead, True)
+                before = rates(epoch, False)
+                after = rates(epoch, True)
             except Exception:
-                if ahead == 0:
-                    return False  # (its next rate cannot be asked)
+                if epoch == s.last_epoch:
+                    return False  # (its rate now cannot be asked)
                 continue
             if len(after) != len(before) or not all(
                 math.isclose(a, 2.0 * b, rel_tol=1e-9, abs_tol=1e-300)

@@ -1409,13 +1409,20 @@ class GradientNoiseTracker:
 
     @property
     def examples_trained(self) -> int:
-        """Examples of every step so far, measured or not (synced on access): :attr:`examples`
-        plus those of the steps ``measure_every`` left unmeasured since the last measured step,
-        which :attr:`examples` counts only once the next measured step is folded. A step left
-        out (a short accumulation window, an overflowed loss scale, an empty batch) is not
-        counted. What a schedule driven by the tracker counts (the integrations' callbacks)."""
-        self.sync()
-        return self._state.examples + self._unmeasured[1]
+        """Examples of every step so far, measured or not: :attr:`examples` plus those of the
+        steps not folded into it yet — the pending measured steps and the steps
+        ``measure_every`` left unmeasured since the last measured one. A step left out (a short
+        accumulation window, an overflowed loss scale, an empty batch) is not counted. What a
+        schedule driven by the tracker counts (the integrations' callbacks, at every step).
+
+        On one process it reads nothing from the device: the examples of a step are known on
+        the host from its batch shapes. Under data parallelism the count is global, summed
+        over the processes by each step's all-reduce, so it syncs (a host read) while steps
+        are pending."""
+        if self._dist is not None:
+            self.sync()
+        pending = sum(p.examples + p.unmeasured[1] for p in self._pending)
+        return self._state.examples + pending + self._unmeasured[1]
 
     @property
     def skipped_steps(self) -> int:

@@ -532,7 +532,10 @@ class NoiseScaleCallback(pl.Callback):
         self._applied_micro_batches = None if applied is None else int(applied)
         self._applied_lr_factor = float(state["applied_lr_factor"])
         self._scaled_groups = list(state.get("scaled_groups", []))
-        self._examples_seen = int(state["examples_seen"])
+        # (not in checkpoints before 2026-12-07: the tracker's count then, just loaded — 0
+        # would count the whole run so far as the next step's examples)
+        seen = state.get("examples_seen")
+        self._examples_seen = self.tracker.examples_trained if seen is None else int(seen)
         accumulation = state.get("manual_accumulation")  # (not in checkpoints before 2026-12-07)
         self._accumulation = None if accumulation is None else float(accumulation)
 

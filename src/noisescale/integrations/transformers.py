@@ -432,7 +432,10 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
         self._applied_lr_factor = float(saved["applied_lr_factor"])
         scaled = saved.get("scaled_groups")
         self._scaled_groups = None if scaled is None else int(scaled)
-        self._examples_seen = int(saved["examples_seen"])
+        # (not in checkpoints before 2026-12-07: the tracker's count then, just loaded — 0
+        # would count the whole run so far as the next step's examples)
+        seen = saved.get("examples_seen")
+        self._examples_seen = self.tracker.examples_trained if seen is None else int(seen)
         self._epoch, self._resume_position = int(saved["epoch"]), int(saved["position"])
         if self._train_batches is not None and self._resume_position >= self._train_batches:
             # saved at an epoch's last step: the run continues at the next epoch's start
