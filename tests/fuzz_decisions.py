@@ -249,6 +249,28 @@ def check_split(cfg, rng):
     return {"cls": "ok"}
 
 
+def flat_alpha_by_hand(profile):
+    """A fitted β < 0 (docs/hardware.md): None (refused) without 3 repeats at every size, where
+    β + 3·SE(β) < 0 (SE from the residuals with 5+ sizes, else from the medians' pure error
+    1.2533·σ/√r, σ the repeats' pooled spread), or where a median misses the flat line (the mean
+    of the medians) by more than 4 of its SEs; else that mean, the flat price."""
+    b = np.array([p.batch_size for p in profile.points], dtype=float)
+    runs = [np.array(p.times_s) for p in profile.points]
+    if min(r.size for r in runs) < 3:
+        return None
+    med = np.array([np.median(r) for r in runs])
+    pooled = sum(((r - r.mean()) ** 2).sum() for r in runs) / sum(r.size - 1 for r in runs)
+    med_se = math.sqrt(math.pi / 2 * pooled) / np.sqrt([r.size for r in runs])
+    res = sps.linregress(b, med)
+    if b.size >= 5:
+        se = res.stderr
+    else:
+        se = math.sqrt(np.sum((b - b.mean()) ** 2 * med_se**2)) / np.sum((b - b.mean()) ** 2)
+    if res.slope + 3 * se < 0 or np.any(np.abs(med - med.mean()) > 4 * med_se):
+        return None
+    return float(med.mean())
+
+
 def fitting_limit(cfg):
     """The largest micro-batch known to fit, as docs/hardware.md reads a profile."""
     oom, mbs = cfg["oom"], cfg["max_batch"]
@@ -279,12 +301,12 @@ def recommendation_by_hand(cfg, profile):
     without = [n for n in devs if not any(pn == n for _, pn in pairs)]
     flat = cfg["beta"] == 0 and cfg["time_noise"] == 0  # a fitted β < 0 is rounding there
     fit = profile.fit
-    # refused where β < 0 by more than three times its standard error (or no SE: two batch sizes),
-    # else priced as flat, β = 0 (docs/hardware.md)
-    noise = fit.beta_se_s is not None and fit.beta_s + 3 * fit.beta_se_s >= 0
+    alpha, beta = fit.alpha_s, max(fit.beta_s, 0.0)
     causes = []
-    if fit.beta_s < 0 and not (flat or noise):
-        causes.append("falls")
+    if fit.beta_s < 0 and not flat:
+        alpha = flat_alpha_by_hand(profile)
+        if alpha is None:
+            causes.append("falls")
     if cfg["max_micro"] is not None and cfg["oom"] is not None and cfg["max_micro"] >= cfg["oom"]:
         causes.append("out of memory")
     if not pairs:
@@ -292,7 +314,6 @@ def recommendation_by_hand(cfg, profile):
     if causes:
         return ("refused", causes)
     limit = cfg["max_micro"] if cfg["max_micro"] is not None else fitting_limit(cfg)
-    alpha, beta = fit.alpha_s, max(fit.beta_s, 0.0)
     u = min(profile.optimizer_update_s or 0.0, max(alpha, 0.0))
     bw = cfg["bandwidth_gb"] * 1e9 if cfg["link"] == "bw" else BANDWIDTHS[cfg["link"] or "pcie4"]
     nbytes = cfg["param_bytes"] if cfg["grad_bytes"] is None else cfg["grad_bytes"]

@@ -351,14 +351,23 @@ def test_a_flat_profile_within_its_noise_is_priced(
 ) -> None:
     """(A review, 2026-12-07.) A launch-bound profile (10 ms flat, 1% noise) whose β < 0 within
     its standard error was refused "falls with the batch size ... more --repeats"; it is priced
-    with β = 0 (each step α, one device, no all-reduce), and the assumptions say so."""
+    with β = 0 at the mean of the medians (each step, one device, no all-reduce; the sloped
+    fit's α was kept until a second review), the assumptions say so, and --json shows the fit
+    it priced with (``priced_fit``) beside the measured one."""
     times = {1: 0.01002, 2: 0.00999, 4: 0.01001, 8: 0.00998, 16: 0.01002, 32: 0.00999}
-    points = [ThroughputPoint(b, (t,)) for b, t in times.items()]
+    points = [ThroughputPoint(b, (t * 0.99, t, t * 1.01)) for b, t in times.items()]
     profile = ThroughputProfile.from_points(points, device={"type": "cuda"}, model={})
     assert profile.fit.beta_s < 0 < profile.fit.beta_s + profile.fit.beta_se_s
     path = tmp_path / "flat.json"
     profile.save(path)
     data = _run_json(capsys, "--noise-scale", "100", "--profile", str(path), "--gpus", "1")
     steps = [c["step_time_s"] for c in data["candidates"]]
-    assert steps == pytest.approx([profile.fit.alpha_s] * len(steps), rel=1e-12)
+    mean = sum(times.values()) / len(times)
+    assert steps == pytest.approx([mean] * len(steps), rel=1e-12)
     assert any("priced with β = 0" in line for line in data["assumptions"])
+    assert data["profile"]["fit"]["beta_s"] == profile.fit.beta_s
+    priced = data["profile"]["priced_fit"]
+    assert priced["beta_s"] == 0.0 and priced["alpha_s"] == pytest.approx(mean, rel=1e-12)
+    assert priced["max_rel_residual"] == pytest.approx(
+        max(abs(t - mean) / t for t in times.values())
+    )

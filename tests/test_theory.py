@@ -209,6 +209,19 @@ def test_temperature_and_rescaling_by_hand() -> None:
     assert theory.b_noise_at_temperature(math.inf, 1.0, 2.0) == math.inf
 
 
+def test_temperature_limits_beyond_the_doubles() -> None:
+    """(A review, 2026-12-07.) B = ∞ or 0 is its own limit at any temperature: a ratio T/T'
+    beyond the doubles gave ∞·0 = NaN; a noise scale itself subnormal is refused naming that,
+    not "use temperatures closer together" (equal temperatures)."""
+    assert theory.b_noise_at_temperature(math.inf, 1e-300, 1e300) == math.inf
+    assert theory.b_noise_at_temperature(0.0, 1e300, 1e-300) == 0.0
+    np.testing.assert_array_equal(
+        theory.b_noise_at_temperature([0.0, math.inf, 2.0], 1e-300, 1e-300), [0.0, math.inf, 2.0]
+    )
+    with pytest.raises(NoiseScaleInputError, match="1e-310 is itself below the smallest normal"):
+        theory.b_noise_at_temperature(1e-310, 1.0, 1.0)
+
+
 @given(b_noise=positive, t0=positive, t1=positive)
 def test_temperature_rescaling_round_trips(b_noise: float, t0: float, t1: float) -> None:
     there = theory.b_noise_at_temperature(b_noise, t0, t1)

@@ -252,7 +252,17 @@ def b_noise_at_temperature(
         # 1e-10·1e-320 until 2026-12-07, a review), else B·T/T' (a ratio beyond the doubles)
         out = b * (t0 / t1)
         out = np.where(_representable(b, out), out, b * t0 / t1)
-    if not np.all(_representable(b, out)):
+        # B = 0 or ∞ is its own limit at any temperature (∞·0 gave NaN for T/T' beyond the
+        # doubles until 2026-12-07, a review)
+        out = np.where((b == 0) | np.isinf(b), b, out)
+    bad = ~_representable(b, out)
+    if np.any(bad & (b < np.finfo(float).tiny)):
+        raise NoiseScaleInputError(
+            f"the noise scale B_noise = {b_noise!r} is itself below the smallest normal double "
+            "(2.2e-308), where its digits are lost, and so is its value at the new temperature: "
+            "give a noise scale of at least 2.2e-308 examples (or 0)"
+        )
+    if np.any(bad):
         raise NoiseScaleInputError(
             "the numbers underflow or overflow: the noise scale at the new temperature, "
             f"B_noise·T/T' = {b_noise!r}·{temperature!r}/{new_temperature!r}, is beyond the "

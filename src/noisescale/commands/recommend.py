@@ -181,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
             "device": profile.device,
             "model": profile.model,
             "fit": profile.fit.to_dict(),
+            "priced_fit": profile.pricing_fit().to_dict(),
             "max_batch_size": profile.max_batch_size,
             "optimizer_update_s": profile.optimizer_update_s,
             "out_of_memory_batch_size": profile.out_of_memory_batch_size,

@@ -162,6 +162,24 @@ that falls with the batch size (such a profile was refused as too noisy until 20
 fuzzer)."""
 
 
+MIN_PURE_ERROR_REPEATS = 3
+"""Timed steps needed at every batch size to price a fitted β < 0 as flat: their spread (the pure
+error) is the timing noise that tells noise on a flat step time from skewed timings."""
+
+FEW_RESIDUAL_DOF = 3
+"""Below this many residual degrees of freedom (batch sizes − 2) the SE of a β < 0 is taken from
+the repeats' pure error: β/SE(residual) is Student's t with that many degrees of freedom, below
+−3 in 50% (2 sizes), 10% (3), 4.8% (4) of honest flat profiles."""
+
+MEDIAN_SE_FACTOR = math.sqrt(math.pi / 2)
+"""A median of r normal timings has standard error ≈ √(π/2)·σ/√r = 1.2533·σ/√r (exact as r grows;
+it overstates it slightly for few repeats: 0.72 vs 0.67·σ at r = 3)."""
+
+LACK_OF_FIT_SES = 4.0
+"""A flat price is refused as skewed where a median misses the flat line by more than this many
+standard errors of a median."""
+
+
 def _rounding_slope(beta: float, alpha: float, largest_batch_size: float) -> bool:
     """Whether β is within :data:`FIT_ROUNDING` of a flat line up to the largest batch size."""
     return abs(beta) * largest_batch_size <= FIT_ROUNDING * abs(alpha)
@@ -285,12 +303,18 @@ class ThroughputProfile:
         return cls(points=ordered, fit=fit, **fields)
 
     def pricing_fit(self) -> StepTimeFit:
-        """The step-time fit batch sizes are priced with: the fit, refused where it is not finite
-        or its step time falls with the batch size significantly, β + 3·SE(β) < 0 (noisy or
-        skewed timings, which would price the largest batch as the fastest; with two batch sizes,
-        no SE, any β < 0 beyond rounding); a β < 0 within its noise is a flat step time, priced
-        as β = 0 (until 2026-12-07 its sign was refused: half of the flat launch-bound profiles,
-        whatever the --repeats, a review). Every pricing meets this check: reading a profile and
+        """The step-time fit batch sizes are priced with (docs/hardware.md).
+
+        The fit, refused where it is not finite. A β < 0 beyond rounding is noise on a flat step
+        time or skewed timings (a slow first batch size), and only the repeats' pure error can
+        tell them apart: it is refused without ≥ :data:`MIN_PURE_ERROR_REPEATS` timed steps at
+        every size, or where β + 3·SE(β) < 0 (SE from the repeats' pure error where the fit's
+        residuals have fewer than :data:`FEW_RESIDUAL_DOF` degrees of freedom), or where the
+        flat line's largest |residual| is beyond :data:`LACK_OF_FIT_SES` standard errors of a
+        median (skewed, naming the sizes). Otherwise it is priced flat: β = 0 and α re-fitted
+        as the mean of the medians, with that line's own residual (until 2026-12-07 the sloped
+        fit's α was kept: above every median, +37% on a skewed profile, a review). Every
+        pricing meets this check: reading a profile and
         :func:`~noisescale.hardware.recommend.recommend_batch_size`; ``noisescale profile``
         prints it as a warning and keeps what it measured."""
         fit = self.fit
@@ -301,20 +325,69 @@ class ThroughputProfile:
             )
         if fit.beta_s >= 0:
             return fit
+        if _rounding_slope(fit.beta_s, fit.alpha_s, self.measured_range[1]):
+            return replace(fit, beta_s=0.0)
+        falls = (
+            f"the profile's step time falls with the batch size (β = {fit.beta_s:.3g} s per example"
+        )
+        fix = "re-profile with more --repeats or wider --batch-sizes"
+        sizes = np.array([p.batch_size for p in self.points], dtype=float)
+        medians = np.array([p.step_time_s for p in self.points])
+        repeats = np.array([len(p.times_s) for p in self.points], dtype=float)
+        if repeats.min() < MIN_PURE_ERROR_REPEATS:
+            raise NoiseScaleInputError(
+                f"{falls}, and with fewer than {MIN_PURE_ERROR_REPEATS} timed steps at a batch "
+                "size there is no timing noise to tell a flat step time from skewed timings): "
+                f"it cannot price batch sizes; re-profile with more --repeats (at least "
+                f"{MIN_PURE_ERROR_REPEATS})"
+            )
+        # pure error: the repeats' spread about their own size's mean, pooled over the sizes
+        sq = sum(
+            float(np.sum((np.array(p.times_s) - np.mean(p.times_s)) ** 2)) for p in self.points
+        )
+        sigma = math.sqrt(sq / float(np.sum(repeats - 1)))
+        median_se = MEDIAN_SE_FACTOR * sigma / np.sqrt(repeats)
         se = fit.beta_se_s
-        noise = se is not None and math.isfinite(se) and fit.beta_s + 3 * se >= 0
-        if not (noise or _rounding_slope(fit.beta_s, fit.alpha_s, self.measured_range[1])):
-            within = (
-                "with two batch sizes its noise is unknown"
-                if se is None or not math.isfinite(se)
-                else f"below 0 by more than three times its standard error {se:.3g}"
+        if fit.n_points - 2 < FEW_RESIDUAL_DOF:
+            centred = sizes - sizes.mean()
+            se = math.sqrt(float(np.sum(centred**2 * median_se**2))) / float(np.sum(centred**2))
+            source = "the repeats' timing noise"
+        elif se is None or not math.isfinite(se):
+            raise NoiseScaleInputError(
+                f"{falls}, and the fit's standard error of β is {se}, not a number: the file "
+                f"was edited or written by another tool); {fix}"
+            )
+        else:
+            source = "the fit's residuals"
+        if fit.beta_s + 3 * se < 0:
+            raise NoiseScaleInputError(
+                f"{falls}, below 0 by more than three times its standard error {se:.3g} from "
+                f"{source}): its timings are too noisy or skewed to price batch sizes; {fix}"
+            )
+        alpha = float(np.mean(medians))
+        residuals = medians - alpha
+        skewed = np.abs(residuals) > LACK_OF_FIT_SES * median_se
+        if skewed.any():
+            named = ", ".join(
+                f"b = {int(b)}: {r * 1e3:+.3g} ms (SE {e * 1e3:.2g} ms)"
+                for b, r, e, s in zip(sizes, residuals, median_se, skewed, strict=True)
+                if s
             )
             raise NoiseScaleInputError(
-                f"the profile's step time falls with the batch size (β = {fit.beta_s:.3g} s per "
-                f"example, {within}): its timings are too noisy or skewed to price batch sizes; "
-                "re-profile with more --repeats or wider --batch-sizes"
+                f"{falls}, within its noise, but a flat step time {alpha * 1e3:.4g} ms misses "
+                f"the medians by more than {LACK_OF_FIT_SES:g} times their timing noise at "
+                f"{named}): the timings are skewed (warm-up, clocks, a slow first batch size) "
+                f"and cannot price batch sizes; {fix}"
             )
-        return replace(fit, beta_s=0.0)
+        n = medians.size
+        return replace(
+            fit,
+            alpha_s=alpha,
+            beta_s=0.0,
+            alpha_se_s=float(np.std(medians, ddof=1)) / math.sqrt(n),
+            beta_se_s=se,
+            max_rel_residual=float(np.max(np.abs(residuals) / medians)),
+        )
 
     @property
     def grad_bytes(self) -> float:

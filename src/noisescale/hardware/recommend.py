@@ -551,9 +551,10 @@ def _assumptions(
     ]
     if fit.beta_s != profile.fit.beta_s:
         lines.append(
-            f"The fitted β = {profile.fit.beta_s:.3g} ± {profile.fit.beta_se_s or 0:.3g} "
-            "s/example is below 0 within its noise (three times its standard error) or rounding: "
-            "the step time is flat over the timed batch sizes, priced with β = 0."
+            f"The fitted β = {profile.fit.beta_s:.3g} ± {fit.beta_se_s or 0:.3g} "
+            "s/example is below 0 within its noise (three times its standard error) or rounding, "
+            "and the medians lie on a flat line within their timing noise: the step time is flat "
+            "over the timed batch sizes, priced with β = 0 and α the mean of the medians."
         )
     optimizer = profile.settings.get("optimizer")
     if profile.optimizer_update_s is None:
