@@ -24,14 +24,17 @@ part (``hessian_batch=None``). Checked against brute force on the flattened para
 * ``line``: ``line_search`` against a brute-force maximisation of the mean improvement over a
   fine grid (its ΔL_opt at least the grid's best, to round-off, where the best is inside the
   range; the returned ΔL_opt the improvement at the returned ε);
-* ``delta_l``: ``measure_delta_l_opt`` on a squared error of a linear model (the loss quadratic
-  in θ, so each batch size's ΔL_opt and ε_opt are closed-form on the directions it drew,
-  recorded through ``sample_batch``), its fit the fit of its own points;
+* ``delta_l``: ``measure_delta_l_opt`` (``repeats``, ``min_examples``) on a squared error of a
+  linear model (the loss quadratic in θ, so each batch size's ΔL_opt and ε_opt are closed-form
+  on the directions it drew, recorded through ``sample_batch``), its fit the fit of its own
+  points;
 * ``fit``: ``fit_delta_l_opt`` on points that follow eq. 2.7 exactly (B_noise and ΔL_max
   recovered) and on noisy ones (its least-squares error no larger than a dense scan's best);
-* ``refuse``: what must be refused — BatchNorm in train mode, a sum over examples, a loss that
-  couples the examples, a once-differentiable op — with a message naming the cause, and an
-  Opacus GradSampleModule (hooks off, the plain numbers); the model's state left as it was.
+* ``refuse``: what must be refused — BatchNorm in train mode, a sum over examples (by
+  ``measure_b_noise`` and by ``measure_delta_l_opt``, whose ε_opt scale with it; BatchNorm in
+  train mode by both), a loss that couples the examples, a once-differentiable op — with a
+  message naming the cause, and an Opacus GradSampleModule (hooks off, the plain numbers); the
+  model's state left as it was.
   A coupled loss the check cannot tell apart (within its documented 2% tolerance) is
   ``not-refused-doc``, not a finding;
 * ``coexist``: a training run with a ``GradientNoiseTracker`` and a ``BNoiseTracker`` measuring
@@ -113,7 +116,9 @@ def draw_config(seed):
         "fit_sizes": rng.randint(2, 7),
         "fit_bn": 10 ** rng.uniform(-1, 5),
         "fit_noise": rng.choice([0.0, 0.0, 0.05, 0.3]),
-        "refuse": rng.choice(["batchnorm", "sum", "couple", "once", "opacus", "dropout"]),
+        "refuse": rng.choice(
+            ["batchnorm", "sum", "couple", "once", "opacus", "dropout", "delta_sum", "delta_bn"]
+        ),
     }
 
 
@@ -296,7 +301,14 @@ class Flat:
             size = math.prod(shape)
             parts[name] = theta[off : off + size].reshape(shape)
             off += size
-        loss = self.crit(torch.func.functional_call(self.model, parts, (x,)), y)
+        sparse = [m for m in self.model.modules() if getattr(m, "sparse", False) is True]
+        for m in sparse:  # (dense gradients for the flat vector: the same function)
+            m.sparse = False
+        try:
+            loss = self.crit(torch.func.functional_call(self.model, parts, (x,)), y)
+        finally:
+            for m in sparse:
+                m.sparse = True
         if "extra" in parts:
             loss = loss + linear_term(self.cfg, parts["extra"])
         return loss
@@ -543,7 +555,7 @@ def check_coexist(cfg, seed):
         return {"cls": "skip", "exc": _exception(err)}
     got = _train(cfg, seed, True)
     for a, b in zip(plain[0], got[0], strict=True):
-        if not torch.equal(a, b):
+        if not torch.equal(a.nan_to_num(), b.nan_to_num()) or not torch.equal(a.isnan(), b.isnan()):
             return {
                 "cls": "WRONG-SILENT",
                 "why": f"parameters {float((a - b).abs().max()):.3g} apart",
@@ -680,10 +692,12 @@ def check_line(cfg, seed):
     changed = state_changed(before, model_state(model))
     if changed:
         return {"cls": "WRONG-SILENT", "why": f"model state changed: {changed}"}
-    fine = np.geomspace(lo, hi, 2000)
+    fine = np.geomspace(lo, hi, 400)
     curve = improvement_curve(flat, theta, dirs, xe, ye, fine)
+    i = int(np.argmax(curve))  # refined between the fine grid's neighbours of its best
+    near = np.linspace(fine[max(i - 1, 0)], fine[min(i + 1, len(fine) - 1)], 41)
     at = improvement_curve(flat, theta, dirs, xe, ye, [ls.eps_opt])[0] if ls.eps_opt > 0 else 0.0
-    best = float(curve.max())
+    best = max(float(curve.max()), float(improvement_curve(flat, theta, dirs, xe, ye, near).max()))
     scale = max(abs(best), 1e-12)
     out = {"cls": "ok", "got": ls.delta_l_opt, "best": best, "eps": ls.eps_opt}
     if abs(at - ls.delta_l_opt) > 1e-9 * scale:
@@ -717,6 +731,7 @@ def check_delta_l(cfg, seed):
 
     xe, ye = data(200)
     sizes = sorted({1, 2, 8, 32, cfg["n"]})
+    min_examples = 0 if seed % 3 else 24  # ⌈min_examples/B⌉ directions at least
     try:
         curve = measure_delta_l_opt(
             model,
@@ -725,6 +740,7 @@ def check_delta_l(cfg, seed):
             (xe, ye),
             sizes,
             repeats=cfg["directions"] + 1,
+            min_examples=min_examples,
             eps_range=(1e-4, 1e3),
         )
     except NoiseScaleError as err:
@@ -736,7 +752,7 @@ def check_delta_l(cfg, seed):
     ge = h @ theta - xe1.T @ ye[:, 0] / len(xe)
     worst, it = 0.0, iter(drawn)
     for b, dl, ep in zip(curve.batch_sizes, curve.delta_l_opt, curve.eps_opt, strict=True):
-        count = cfg["directions"] + 1
+        count = max(cfg["directions"] + 1, -(-min_examples // int(b)))
         vs = []
         for _ in range(count):
             xb, yb = next(it)
@@ -831,6 +847,8 @@ class _OnceSoftplus(torch.autograd.Function):
 REFUSE_WORDS = {
     "batchnorm": ("BatchNorm", "train mode"),
     "sum": ("sum",),
+    "delta_sum": ("sum",),
+    "delta_bn": ("BatchNorm", "train mode"),
     "couple": ("mean over",),
     "once": ("once_differentiable",),
 }
@@ -850,7 +868,7 @@ def check_refuse(cfg, seed):
         return ((out - t) ** 2).sum(1).mean()
 
     layers = [nn.Linear(d, 3)]
-    if kind == "batchnorm":
+    if kind in ("batchnorm", "delta_bn"):
         layers.append(nn.BatchNorm1d(3))
     if kind == "dropout":
         layers.append(nn.Dropout(0.3))
@@ -858,6 +876,7 @@ def check_refuse(cfg, seed):
     model = nn.Sequential(*layers).double()
     loss_fn = {
         "sum": lambda m, b: ((m(b[0]) - b[1]) ** 2).sum(),
+        "delta_sum": lambda m, b: ((m(b[0]) - b[1]) ** 2).sum(),
         "couple": lambda m, b: mse(m(b[0]) - m(b[0]).mean(0), b[1]),
         "once": lambda m, b: mse(_OnceSoftplus.apply(m(b[0])), b[1]),
     }.get(kind, lambda m, b: mse(m(b[0]), b[1]))
@@ -873,7 +892,24 @@ def check_refuse(cfg, seed):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            got = measure_b_noise(target, loss_fn, (x, y), hessian_batch=(xh, yh), splits=cfg["k"])
+            if kind.startswith("delta"):  # the line-search method under the same contract
+                pool = torch.Generator().manual_seed(seed + 9)
+                got = measure_delta_l_opt(
+                    target,
+                    loss_fn,
+                    lambda b: (
+                        torch.randn(b, d, generator=pool),
+                        torch.randn(b, c, generator=pool),
+                    ),
+                    (x, y),
+                    [2, 4, 16],
+                    repeats=4,
+                    eps_range=(1e-6, 1e3),
+                )
+            else:
+                got = measure_b_noise(
+                    target, loss_fn, (x, y), hessian_batch=(xh, yh), splits=cfg["k"]
+                )
     except NoiseScaleError as err:
         changed = state_changed(before, model_state(model))
         if changed:
@@ -888,7 +924,8 @@ def check_refuse(cfg, seed):
     if kind == "couple":  # the check's documented tolerance (2% of the gradient's norm)
         return {"cls": "not-refused-doc", "why": f"{got.as_dict()}"[:200]}
     if kind in REFUSE_WORDS:
-        return {"cls": "WRONG-SILENT", "why": f"{kind} not refused: {got.as_dict()}"}
+        shown = got.as_dict() if hasattr(got, "as_dict") else (got.b_noise, got.b_noise_eps)
+        return {"cls": "WRONG-SILENT", "why": f"{kind} not refused: {shown}"[:300]}
     if kind == "opacus":
         if any(getattr(p, "grad_sample", None) is not None for p in model.parameters()):
             return {"cls": "WRONG-SILENT", "why": "the measurement left a grad_sample"}
