@@ -30,6 +30,7 @@ part (``hessian_batch=None``). Checked against brute force on the flattened para
   points;
 * ``fit``: ``fit_delta_l_opt`` on points that follow eq. 2.7 exactly (B_noise and ΔL_max
   recovered) and on noisy ones (its least-squares error no larger than a dense scan's best);
+  points all at one batch size (``fit_one``: nothing in them fixes B_noise) refused;
 * ``refuse``: what must be refused — BatchNorm in train mode, a sum over examples (by
   ``measure_b_noise`` and by ``measure_delta_l_opt``, whose ε_opt scale with it; BatchNorm in
   train mode by both), a loss that couples the examples, a once-differentiable op — with a
@@ -119,6 +120,7 @@ def draw_config(seed):
         "refuse": rng.choice(
             ["batchnorm", "sum", "couple", "once", "opacus", "dropout", "delta_sum", "delta_bn"]
         ),
+        "fit_one": rng.random() < 0.15,  # every point at one batch size: no B_noise in it
     }
 
 
@@ -790,6 +792,14 @@ def _sse(b, y, bn):
 def check_fit(cfg, seed):
     rng = np.random.default_rng(seed)
     m = cfg["fit_sizes"]
+    if cfg.get("fit_one"):
+        b = np.full(max(m, 2), float(rng.integers(1, 1000)))
+        y = 10 ** rng.uniform(-3, 0) * np.exp(0.1 * rng.standard_normal(b.size))
+        try:
+            got = fit_delta_l_opt(b, y)
+        except NoiseScaleError as err:
+            return {"cls": "ok", "exc": _exception(err)}
+        return {"cls": "WRONG-SILENT", "why": f"one batch size {b[0]:g}: fit {got}"}
     b = np.unique(np.round(np.geomspace(1, 10 ** rng.uniform(2, 6), m)))
     if b.size < 2:
         return {"cls": "skip"}

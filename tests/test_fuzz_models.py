@@ -891,6 +891,10 @@ FOUND_BY_THE_BNOISE_FUZZER = [
     # direction uses its own batch's statistics): B_noise 18.9, 28.4, 11.9, 21 for the same
     # draws' 9.4, 17.9, 8.8, 5.7 in eval mode (hunt/delta_l_batchnorm.py)
     (0, "refuse"),
+    # fit_delta_l_opt on points all at one batch size (B = 944 five times): a number — B_noise
+    # 3.4e6 here, 0 for [8, 8] and 12181 for [64, 64, 64] — where nothing fixes B_noise, not the
+    # refusal of one batch size alone (hunt/fit_one_size.py)
+    (7, "fit"),
 ]
 
 
