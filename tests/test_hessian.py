@@ -330,6 +330,10 @@ def test_fit_delta_l_opt_recovers_eq_2_7():
     assert fit_delta_l_opt(b, np.full(8, 2.0)) == (0.0, pytest.approx(2.0))  # flat
     with pytest.raises(NoiseScaleInputError):
         fit_delta_l_opt(b, -np.ones(8))
+    # repeats at one batch size fix ΔL_max at best, never B_noise (gave 12181 and 0 in a hunt)
+    for sizes, values in (([64, 64, 64], [0.3, 0.31, 0.29]), ([8, 8], [1.0, 2.0])):
+        with pytest.raises(NoiseScaleInputError, match=r"at one batch size \(\d+\).*distinct"):
+            fit_delta_l_opt(sizes, values)
 
 
 def _simulated_fits(prob: Quadratic, sizes: list[int], repeats: int, n: int) -> np.ndarray:
