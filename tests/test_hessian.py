@@ -421,8 +421,9 @@ def _ce(m, b):
 
 
 def test_line_search_and_delta_l_opt_leave_batchnorm_state_bit_identical():
-    """Every trial forward in train mode moves BatchNorm's running statistics; the calls must
-    leave the whole state_dict (running_mean/var, num_batches_tracked) and the modes as found."""
+    """Every trial forward in train mode moves BatchNorm's running statistics; the line search
+    must leave the whole state_dict (running_mean/var, num_batches_tracked) and the modes as
+    found; measure_delta_l_opt refuses train mode's batch statistics, leaving them too."""
     model, x, y = _bn_model_and_data()
     gen = torch.Generator().manual_seed(1)
 
@@ -434,7 +435,12 @@ def test_line_search_and_delta_l_opt_leave_batchnorm_state_bit_identical():
     dirs = [[g.detach() for g in torch.autograd.grad(_ce(model, sample(16)), params)]]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     line_search(model, _ce, dirs, (x, y))
-    measure_delta_l_opt(model, _ce, sample, (x, y), [4, 64], repeats=2, grid=15)
+    # each direction normalised by its own batch's statistics (B_noise 18.9 for eval mode's 9.4
+    # in a hunt): refused as by measure_b_noise, before anything is drawn
+    drawn = gen.get_state()
+    with pytest.raises(NoiseScaleInputError, match=r"'1' \(BatchNorm1d, in train mode\).*eval"):
+        measure_delta_l_opt(model, _ce, sample, (x, y), [4, 64], repeats=2, grid=15)
+    assert torch.equal(gen.get_state(), drawn)
     after = model.state_dict()
     assert list(after) == list(before)
     for k, v in before.items():
@@ -654,6 +660,19 @@ def test_a_sum_loss_is_refused():
     x = prob.sample(24)
     scaled = measure_b_noise(prob.model, summed, x, check_loss=False)
     assert scaled.ghg == pytest.approx(512 * measure_b_noise(prob.model, prob.loss_fn, x).ghg)
+
+
+def test_measure_delta_l_opt_refuses_a_sum_loss():
+    """A sum over the examples makes each ε_opt(B) 1/B of the mean's and ΔL_opt n_eval times
+    larger (eps_max 53× low, delta_l_max 400× high in a hunt): refused as by measure_b_noise."""
+    prob = Quadratic()
+
+    def summed(m, b):  # (the dict is the exact full-data loss, not examples)
+        return prob.loss_fn(m, b) * (1 if isinstance(b, dict) else b.shape[0])
+
+    with pytest.raises(NoiseScaleInputError, match="sum over the examples, not their mean"):
+        measure_delta_l_opt(prob.model, summed, prob.sample, {"mu": prob.mu}, [1, 8], repeats=2)
+    assert torch.equal(prob.model[0].theta.detach(), torch.zeros(D))
 
 
 def _token_problem():

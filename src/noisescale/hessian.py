@@ -464,9 +464,10 @@ def _refuse_batch_statistics(model: nn.Module) -> None:
             raise NoiseScaleInputError(
                 f"module '{name or type(model).__name__}' ({type(module).__name__}, {why}) "
                 "normalises each forward with the statistics of the batch it is given: each "
-                "part's gradient would use that part's own statistics, so the parts are not "
-                "independent draws of one gradient and GᵀHG and tr(HΣ) would depend on the part "
-                "size (splits), not only on the model. Measure B_noise in eval mode — "
+                "part's (each line-search direction's) gradient would use that part's own "
+                "statistics, so the parts are not independent draws of one gradient and GᵀHG "
+                "and tr(HΣ) (ΔL_opt(B)) would depend on the part size (splits, B), not only on "
+                "the model. Measure B_noise in eval mode — "
                 "model.eval() before the measurement (BatchNorm then uses its running "
                 "statistics; dropout is off), model.train() after — or use a normalisation "
                 "without batch statistics (GroupNorm, LayerNorm)"
@@ -1062,6 +1063,14 @@ def measure_delta_l_opt(
         eps_range: Step sizes searched (:func:`line_search`).
         grid: Grid points over ``eps_range``.
         rtol: Relative precision of each ε_opt.
+
+    Raises:
+        NoiseScaleInputError: as :func:`measure_b_noise` does, for a BatchNorm using batch
+            statistics (each direction would be normalised by its own batch of B: ΔL_opt(B),
+            hence B_noise, came out 2× too large) and for a ``loss_fn`` that is not a mean over
+            the examples (checked on the first batch of each size: a sum makes ε_opt(B) 1/B of
+            the mean's and ΔL_opt the eval batch's size times too large); for fewer than two
+            batch sizes, or fewer than two at which a line search improved the loss.
     """
     sizes = sorted({int(b) for b in batch_sizes})
     if len(sizes) < 2 or sizes[0] < 1:
@@ -1069,13 +1078,17 @@ def measure_delta_l_opt(
     if repeats < 1:
         raise NoiseScaleInputError(f"repeats must be at least 1, got {repeats}")
     params = _params_of(model)
+    _refuse_batch_statistics(model)  # each direction would use its own batch's statistics
     delta_l, eps = [], []
-    with _model_state_kept(model):  # the directions' forwards update BatchNorm statistics too
+    with _model_state_kept(model):
         for b in sizes:
             count = max(repeats, -(-min_examples // b))
-            directions = [
-                _mean_gradient(loss_fn, model, sample_batch(b), params) for _ in range(count)
-            ]
+            directions = []
+            for r in range(count):
+                batch = sample_batch(b)
+                if r == 0:  # a sum over examples scales ε_opt(B) by 1/B and ΔL_opt(B) by n_eval
+                    _check_mean_over_examples(model, loss_fn, batch, params)
+                directions.append(_mean_gradient(loss_fn, model, batch, params))
             ls = line_search(
                 model, loss_fn, directions, eval_batch, eps_range=eps_range, grid=grid, rtol=rtol
             )
