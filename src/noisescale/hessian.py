@@ -887,6 +887,23 @@ class LineSearch:
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
+_SUB = 4  # sub-grid steps per grid interval around a peak of the grid
+_PEAKS = 3  # local maxima of the grid refined (the best ones)
+
+
+def _golden(f: Callable[[float], float], a: float, b: float, rtol: float) -> None:
+    """Golden-section search for a maximum of ``f`` in [a, b] down to relative width ``rtol``
+    (``f`` records what it evaluates)."""
+    c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
+    while b - a > rtol * c:
+        if f(c) >= f(d):
+            b, d = d, c
+            c = b - _GOLDEN * (b - a)
+        else:
+            a, c = c, d
+            d = a + _GOLDEN * (b - a)
+
+
 def line_search(
     model: nn.Module,
     loss_fn: LossFn,
@@ -903,11 +920,16 @@ def line_search(
     maximising is what eq. 2.5–2.7 describe (the best step for the expected loss); maximising each
     direction's own curve would instead favour lucky directions. A log-spaced grid over
     ``eps_range`` brackets the maximum, golden-section search refines it to relative width
-    ``rtol``. The parameters are restored afterwards, and so are the random-number generators
-    (as :func:`measure_b_noise` leaves them) and every buffer: a model in train
-    mode updates BatchNorm's running statistics on each of the many trial forwards (at steps
-    up to ``eps_range[1]``), which would otherwise be left as those of wildly perturbed
-    networks.
+    ``rtol``. The loss along ε can have several local maxima between two grid points (seen 1.4×
+    apart in ε): around each of the best (3) local maxima of the grid a sub-grid of 4 steps per grid
+    interval finds them and golden section refines each; peaks closer than the sub-grid's spacing
+    (ε ratio ~1.13 at the default grid) can still be missed. The parameters are restored
+    afterwards, and so are the random-number generators (as :func:`measure_b_noise` leaves them)
+    and every buffer: a model in train mode updates BatchNorm's running statistics on each of
+    the many trial forwards (at steps up to ``eps_range[1]``), which would otherwise be left as
+    those of wildly perturbed networks. (BatchNorm in train mode normalises the held-out loss
+    with the held-out batch's statistics: a fixed function, maximised exactly; the directions
+    are the caller's. :func:`measure_delta_l_opt`, which takes them, refuses it.)
 
     When no step size on the grid improves the averaged loss (few, very noisy directions: the
     noise in mean_r GᵀV_r exceeds |G|²), the result is ``eps_opt = delta_l_opt = 0``.
@@ -982,15 +1004,25 @@ def _line_search(
                     f"the best step size lies at the end of eps_range={eps_range} "
                     f"(ε = {points[best]:.3g}); widen the range"
                 )
-            a, b = float(points[best - 1]), float(points[best + 1])
-            c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
-            while b - a > rtol * c:
-                if improvement(c) >= improvement(d):
-                    b, d = d, c
-                    c = b - _GOLDEN * (b - a)
-                else:
-                    a, c = c, d
-                    d = a + _GOLDEN * (b - a)
+            # the curve may have several peaks (between grid points too): refine around every
+            # local maximum of the grid among its best few, each on a sub-grid, then each of
+            # the sub-grid's local maxima by golden section
+            peaks = [
+                j
+                for j in range(1, grid - 1)
+                if values[j] > 0 and values[j] > values[j - 1] and values[j] >= values[j + 1]
+            ]
+            for j in sorted(peaks, key=lambda j: -values[j])[:_PEAKS]:
+                sub = np.concatenate(
+                    [
+                        np.geomspace(points[j - 1], points[j], _SUB + 1)[:-1],
+                        np.geomspace(points[j], points[j + 1], _SUB + 1),
+                    ]
+                )
+                fine = [improvement(float(e)) for e in sub]
+                for i in range(1, sub.size - 1):
+                    if fine[i] > fine[i - 1] and fine[i] >= fine[i + 1]:
+                        _golden(improvement, float(sub[i - 1]), float(sub[i + 1]), rtol)
             eps_opt = max(evaluated, key=evaluated.__getitem__)
     finally:
         with torch.no_grad():
