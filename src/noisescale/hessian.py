@@ -83,8 +83,9 @@ def _cuda_devices(tensors: Iterable[Tensor]) -> list[int]:
 @contextmanager
 def _model_state_kept(model: nn.Module) -> Iterator[None]:
     """Every buffer (BatchNorm's running statistics and ``num_batches_tracked``, persistent or
-    not), every module's ``training`` flag and the random-number generators exactly as they
-    were, whatever the body did.
+    not), every module's ``training`` flag, the random-number generators and the weights of
+    embeddings with ``max_norm`` (which a forward renormalises in place; a warning says so, see
+    :func:`_restore_renormed`) exactly as they were, whatever the body did.
 
     Opacus's per-sample-gradient hooks are switched off meanwhile (see :func:`_opacus_hooks`).
 
@@ -103,6 +104,11 @@ def _model_state_kept(model: nn.Module) -> Iterator[None]:
         if buf is not None
     ]
     flags = [(module, module.training) for module in model.modules()]
+    renormed = [
+        (name or type(model).__name__, module.weight, module.weight.detach().clone())
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.max_norm is not None
+    ]
     opacus = _opacus_hooks(model)
     outside = _outside_rng_states()
     try:
@@ -110,7 +116,9 @@ def _model_state_kept(model: nn.Module) -> Iterator[None]:
             owner.hooks_enabled = False
         with torch.random.fork_rng(devices=_cuda_devices([*model.parameters(), *model.buffers()])):
             yield
+        _restore_renormed(renormed, warn=True)
     finally:
+        _restore_renormed(renormed, warn=False)
         for owner, enabled in opacus.items():
             owner.hooks_enabled = enabled
         _restore_outside_rng_states(outside)
@@ -120,6 +128,40 @@ def _model_state_kept(model: nn.Module) -> Iterator[None]:
                 buf.copy_(saved)
         for module, training in flags:
             module.training = training
+
+
+def _restore_renormed(renormed: list[tuple[str, Tensor, Tensor]], *, warn: bool) -> None:
+    """Put back the weights of embeddings with ``max_norm`` that a forward renormalised in place,
+    warning (``warn``) that the measurement was not of the model as it was.
+
+    Such a forward scales each row it reads that is longer than ``max_norm`` down to it, in
+    place, and differentiates as if the rows had been stored so: the gradients and Hessian
+    measured are those of the model at the renormalised rows, without the renormalisation's own
+    derivative, not those of the loss the model computes at its parameters. Rows already within
+    ``max_norm`` are not changed and their numbers are exact. (The line search's own numbers
+    are losses, the model's at each trial θ − εV whatever it renormalises: exact, and it puts
+    θ back itself.)
+    """
+    changed = []
+    with torch.no_grad():
+        for name, weight, saved in renormed:
+            if not torch.equal(weight, saved):
+                changed.append(name)
+                weight.copy_(saved)
+    if warn and changed:
+        warnings.warn(
+            f"noisescale: the embedding(s) {changed} have max_norm set and rows longer than it: "
+            "the measurement's forwards renormalised those rows in place (put back afterwards), "
+            "and torch differentiates as if the rows were stored renormalised, so B_noise, "
+            "GᵀHG, tr(HΣ), |G|² (measure_delta_l_opt's directions) are those of the model at "
+            "the renormalised rows without the renormalisation's derivative, not exactly those "
+            "of the model as it is. For exact numbers renormalise the rows before measuring "
+            "(with torch.no_grad(): emb.weight.copy_(torch.renorm(emb.weight, p=emb.norm_type, "
+            "dim=0, maxnorm=emb.max_norm)), what a forward does to each row it reads) or use "
+            "max_norm=None",
+            RuntimeWarning,
+            stacklevel=5,
+        )
 
 
 def _opacus_hooks(model: nn.Module) -> dict[Any, bool]:
