@@ -620,21 +620,21 @@ def test_buffers_a_forward_updates_are_restored_after_a_measurement():
     assert int(model.calls) == 0
 
 
-def test_a_max_norm_embedding_is_put_back_and_warned_about():
+def test_a_max_norm_embedding_is_put_back_with_the_numbers_of_its_renormalised_rows():
     """nn.Embedding(max_norm=...) renormalises the rows a forward reads in place: a measurement
-    left them changed (by up to 5.5 in a hunt; a training run 0.0073 from the one without). Put
-    back and warned about (torch differentiates as if the rows were stored renormalised);
-    with the rows renormalised beforehand nothing changes, nothing is warned, and the numbers
-    are those of the same model without max_norm."""
+    left them changed (by up to 5.5 in a hunt; a training run 0.0073 from the one without).
+    They are put back, with no warning: the numbers are those of the function the forwards
+    compute with (the rows renormalised, torch's gradient without the renormalisation's
+    derivative, as training's own gradients), the same as without max_norm at those rows."""
 
     class Bag(nn.Module):
         def __init__(self, max_norm):
             super().__init__()
-            self.emb = nn.Embedding(10, 4, max_norm=max_norm)
-            self.out = nn.Linear(4, 3)
+            self.emb = nn.Embedding(10, 4, max_norm=max_norm, dtype=torch.float64)
+            self.out = nn.Linear(4, 3, dtype=torch.float64)
 
         def forward(self, x):
-            return self.out(self.emb(x).mean(1))
+            return self.out(torch.tanh(self.emb(x).mean(1)))
 
     torch.manual_seed(0)
     model = Bag(1.0)
@@ -644,25 +644,49 @@ def test_a_max_norm_embedding_is_put_back_and_warned_about():
     x, y = torch.randint(0, 10, (12, 2), generator=gen), torch.randint(0, 3, (12,), generator=gen)
     xh, yh = torch.randint(0, 10, (6, 2), generator=gen), torch.randint(0, 3, (6,), generator=gen)
     before = model.emb.weight.detach().clone()
-    with pytest.warns(RuntimeWarning, match=r"\['emb'\] have max_norm.*renorm"):
-        measure_b_noise(model, _ce, (x, y), hessian_batch=(xh, yh))
-    assert torch.equal(model.emb.weight.detach(), before)
-    # the line search evaluates only losses, the model's own at each θ − εV: exact, no warning
-    v = [[torch.ones_like(p) for p in model.parameters()]]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        line_search(model, _ce, v, (xh, yh), eps_range=(1e-6, 1e3))
-    assert torch.equal(model.emb.weight.detach(), before)
-
-    with torch.no_grad():  # the fix the warning names
-        model.emb.weight.copy_(torch.renorm(model.emb.weight, p=2, dim=0, maxnorm=1.0))
-    plain = Bag(None)
-    plain.load_state_dict(model.state_dict())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = measure_b_noise(model, _ce, (x, y), hessian_batch=(xh, yh))
+        v = [[torch.ones_like(p) for p in model.parameters()]]
+        line_search(model, _ce, v, (xh, yh), eps_range=(1e-6, 1e3))
+    assert torch.equal(model.emb.weight.detach(), before)
+
+    plain = Bag(None)
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():  # every row renormalised, as a forward does to each row it reads
+        plain.emb.weight.copy_(torch.renorm(before, p=2, dim=0, maxnorm=1.0))
     want = measure_b_noise(plain, _ce, (x, y), hessian_batch=(xh, yh))
-    assert got.as_dict() == want.as_dict()
+    for key in ("ghg", "trace_h_sigma", "g2", "trace_sigma"):  # float64 round-off
+        assert getattr(got, key) == pytest.approx(getattr(want, key), rel=1e-9)
+
+
+def test_a_forward_changing_a_parameter_in_place_is_refused():
+    """F.embedding(w, max_norm=...) on a module's own weight renormalises it in place where no
+    nn.Embedding says so: measure_b_noise left it moved by 5.47 with no word (a hunt). Such a
+    change cannot be put back: refused, naming the parameter and the fix."""
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(3.0 * torch.randn(10, 4, dtype=torch.float64))
+            self.out = nn.Linear(4, 3, dtype=torch.float64)
+
+        def forward(self, x):
+            return self.out(nn.functional.embedding(x, self.w, max_norm=1.0).mean(1))
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 10, (12, 2), generator=gen), torch.randint(0, 3, (12,), generator=gen)
+    xh, yh = torch.randint(0, 10, (6, 2), generator=gen), torch.randint(0, 3, (6,), generator=gen)
+    match = r"changed the parameter\(s\) \['w'\] in place.*F\.embedding.*nn\.Embedding\(max_norm"
+    with pytest.raises(NoiseScaleInputError, match=match):
+        measure_b_noise(Functional(), _ce, (x, y), hessian_batch=(xh, yh))
+
+    def sample(b):
+        return torch.randint(0, 10, (b, 2), generator=gen), torch.randint(0, 3, (b,), generator=gen)
+
+    with pytest.raises(NoiseScaleInputError, match=match):
+        measure_delta_l_opt(Functional(), _ce, sample, (xh, yh), [2, 4], repeats=2)
 
 
 class _OnceTanh(torch.autograd.Function):

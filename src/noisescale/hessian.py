@@ -81,11 +81,14 @@ def _cuda_devices(tensors: Iterable[Tensor]) -> list[int]:
 
 
 @contextmanager
-def _model_state_kept(model: nn.Module) -> Iterator[None]:
+def _model_state_kept(model: nn.Module, restored: Sequence[Tensor] = ()) -> Iterator[None]:
     """Every buffer (BatchNorm's running statistics and ``num_batches_tracked``, persistent or
     not), every module's ``training`` flag, the random-number generators and the weights of
-    embeddings with ``max_norm`` (which a forward renormalises in place; a warning says so, see
-    :func:`_restore_renormed`) exactly as they were, whatever the body did.
+    embeddings with ``max_norm`` (which a forward renormalises in place, see
+    :func:`_restore_renormed`) exactly as they were, whatever the body did. Any other parameter
+    the body changed in place (its ``_version`` moved: a forward calling
+    ``F.embedding(max_norm=)`` on its own weight) cannot be put back and is refused, except
+    those in ``restored``, which the body puts back itself (the line search's θ).
 
     Opacus's per-sample-gradient hooks are switched off meanwhile (see :func:`_opacus_hooks`).
 
@@ -105,10 +108,10 @@ def _model_state_kept(model: nn.Module) -> Iterator[None]:
     ]
     flags = [(module, module.training) for module in model.modules()]
     renormed = [
-        (name or type(model).__name__, module.weight, module.weight.detach().clone())
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.max_norm is not None
+        (name, weight, weight.detach().clone()) for name, weight in _max_norm_weights(model)
     ]
+    versions = _versions(model, [*restored, *(weight for _, weight, _ in renormed)])
+    moved: list[str] = []
     opacus = _opacus_hooks(model)
     outside = _outside_rng_states()
     try:
@@ -116,9 +119,9 @@ def _model_state_kept(model: nn.Module) -> Iterator[None]:
             owner.hooks_enabled = False
         with torch.random.fork_rng(devices=_cuda_devices([*model.parameters(), *model.buffers()])):
             yield
-        _restore_renormed(renormed, warn=True)
+        moved = _moved(versions)
     finally:
-        _restore_renormed(renormed, warn=False)
+        _restore_renormed(renormed)
         for owner, enabled in opacus.items():
             owner.hooks_enabled = enabled
         _restore_outside_rng_states(outside)
@@ -128,40 +131,55 @@ def _model_state_kept(model: nn.Module) -> Iterator[None]:
                 buf.copy_(saved)
         for module, training in flags:
             module.training = training
+    _refuse_moved(moved)
 
 
-def _restore_renormed(renormed: list[tuple[str, Tensor, Tensor]], *, warn: bool) -> None:
-    """Put back the weights of embeddings with ``max_norm`` that a forward renormalised in place,
-    warning (``warn``) that the measurement was not of the model as it was.
+def _max_norm_weights(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """The weights of ``model``'s embeddings with ``max_norm`` (a forward renormalises them)."""
+    return [
+        (name or type(model).__name__, module.weight)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.max_norm is not None
+    ]
+
+
+def _versions(model: nn.Module, skip: Iterable[Tensor]) -> list[tuple[str, Tensor, int]]:
+    """Each parameter of ``model`` not in ``skip``, with its name and in-place version count."""
+    own = {id(t) for t in skip}
+    return [(name, p, p._version) for name, p in model.named_parameters() if id(p) not in own]
+
+
+def _moved(versions: list[tuple[str, Tensor, int]]) -> list[str]:
+    """The names of the parameters of :func:`_versions` changed in place since."""
+    return [name for name, p, version in versions if p._version != version]
+
+
+def _refuse_moved(moved: list[str]) -> None:
+    """Refuse parameters a measurement's forwards changed in place (not put back: unknown)."""
+    if moved:
+        raise NoiseScaleInputError(
+            f"the model's forward changed the parameter(s) {moved} in place (e.g. "
+            "F.embedding(..., max_norm=) on its own weight renormalises the rows it reads): the "
+            "measurement's forwards moved them and they cannot be put back. Use "
+            "nn.Embedding(max_norm=...) (its weight is put back), or renormalise the rows before "
+            "measuring and pass max_norm=None"
+        )
+
+
+def _restore_renormed(renormed: list[tuple[str, Tensor, Tensor]]) -> None:
+    """Put back the weights of embeddings with ``max_norm`` that a forward renormalised in place.
 
     Such a forward scales each row it reads that is longer than ``max_norm`` down to it, in
     place, and differentiates as if the rows had been stored so: the gradients and Hessian
-    measured are those of the model at the renormalised rows, without the renormalisation's own
-    derivative, not those of the loss the model computes at its parameters. Rows already within
-    ``max_norm`` are not changed and their numbers are exact. (The line search's own numbers
-    are losses, the model's at each trial θ − εV whatever it renormalises: exact, and it puts
-    θ back itself.)
+    measured are those of the model at its renormalised rows without the renormalisation's own
+    derivative, the function the model's forwards compute with, as training's own gradients
+    are (bit-identical to a measurement after renormalising the rows beforehand). The line
+    search's numbers are losses, the model's at each trial θ − εV; it puts θ back itself.
     """
-    changed = []
     with torch.no_grad():
-        for name, weight, saved in renormed:
+        for _, weight, saved in renormed:
             if not torch.equal(weight, saved):
-                changed.append(name)
                 weight.copy_(saved)
-    if warn and changed:
-        warnings.warn(
-            f"noisescale: the embedding(s) {changed} have max_norm set and rows longer than it: "
-            "the measurement's forwards renormalised those rows in place (put back afterwards), "
-            "and torch differentiates as if the rows were stored renormalised, so B_noise, "
-            "GᵀHG, tr(HΣ), |G|² (measure_delta_l_opt's directions) are those of the model at "
-            "the renormalised rows without the renormalisation's derivative, not exactly those "
-            "of the model as it is. For exact numbers renormalise the rows before measuring "
-            "(with torch.no_grad(): emb.weight.copy_(torch.renorm(emb.weight, p=emb.norm_type, "
-            "dim=0, maxnorm=emb.max_norm)), what a forward does to each row it reads) or use "
-            "max_norm=None",
-            RuntimeWarning,
-            stacklevel=5,
-        )
 
 
 def _opacus_hooks(model: nn.Module) -> dict[Any, bool]:
@@ -1002,7 +1020,7 @@ def line_search(
         raise NoiseScaleInputError(
             f"need 0 < eps_range[0] < eps_range[1] and grid ≥ 3, got {eps_range} and {grid}"
         )
-    with _model_state_kept(model):
+    with _model_state_kept(model, restored=params):
         return _line_search(model, loss_fn, directions, eval_batch, params, lo, hi, grid, rtol)
 
 
@@ -1154,15 +1172,18 @@ def measure_delta_l_opt(
     params = _params_of(model)
     _refuse_batch_statistics(model)  # each direction would use its own batch's statistics
     delta_l, eps = [], []
-    with _model_state_kept(model):
+    renormed = [weight for _, weight in _max_norm_weights(model)]
+    with _model_state_kept(model, restored=params):  # the line search puts θ back itself
         for b in sizes:
             count = max(repeats, -(-min_examples // b))
             directions = []
+            versions = _versions(model, renormed)
             for r in range(count):
                 batch = sample_batch(b)
                 if r == 0:  # a sum over examples scales ε_opt(B) by 1/B and ΔL_opt(B) by n_eval
                     _check_mean_over_examples(model, loss_fn, batch, params)
                 directions.append(_mean_gradient(loss_fn, model, batch, params))
+            _refuse_moved(_moved(versions))
             ls = line_search(
                 model, loss_fn, directions, eval_batch, eps_range=eps_range, grid=grid, rtol=rtol
             )
