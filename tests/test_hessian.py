@@ -772,6 +772,54 @@ def test_measure_delta_l_opt_refuses_a_sum_loss():
     assert torch.equal(prob.model[0].theta.detach(), torch.zeros(D))
 
 
+class _SharedMask(nn.Module):
+    """Attention over T = 8 positions with a causal mask [T, T] and a projection [D, D], D = 6,
+    both shared by every example of the batch (not per-example)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 6, dtype=torch.float64)
+        self.out = nn.Linear(6, 3, dtype=torch.float64)
+
+    def forward(self, x, mask, proj):
+        h = torch.tanh(self.inp(x)) @ proj
+        return self.out((torch.softmax(h @ h.transpose(1, 2) + mask, -1) @ h).mean(1))
+
+
+def test_a_shared_tensor_with_as_many_rows_as_the_batch_does_not_crash_the_loss_check():
+    """A dict batch holding a shared causal mask [T, T]: at B = T the mean-loss check took the
+    mask as per-example, doubled it, and measure_delta_l_opt crashed with the model's raw
+    RuntimeError (a hunt; before the check it ran). The check is skipped at such a size (the
+    curve is the unchecked one) and refused with a clear message only where no size can be
+    checked; measure_b_noise (whose parts would cut the mask too) refuses clearly."""
+    torch.manual_seed(0)
+    mask = torch.triu(torch.full((8, 8), -1e4, dtype=torch.float64), 1)
+    proj = torch.eye(6, dtype=torch.float64)
+
+    def data(gen, b):
+        x = torch.randn(b, 8, 6, generator=gen, dtype=torch.float64)
+        return {"x": x, "y": (x.mean(1)[:, :3]).argmax(1), "mask": mask, "proj": proj}
+
+    def loss(m, b):
+        return nn.functional.cross_entropy(m(b["x"], b["mask"], b["proj"]), b["y"])
+
+    model = _SharedMask()
+    ev = data(torch.Generator().manual_seed(2), 64)
+
+    def curve(sizes, **kw):
+        gen = torch.Generator().manual_seed(1)
+        return measure_delta_l_opt(model, loss, lambda b: data(gen, b), ev, sizes, repeats=2, **kw)
+
+    got = curve([2, 8, 16])  # checked at 2 and 16, not at 8
+    want = curve([2, 8, 16], check_loss=False)
+    assert np.array_equal(got.delta_l_opt, want.delta_l_opt)
+    assert np.array_equal(got.eps_opt, want.eps_opt)
+    with pytest.raises(NoiseScaleInputError, match=r"could not check that loss_fn.*RuntimeError"):
+        curve([6, 8])  # B = 6 matches the projection's rows, B = 8 the mask's
+    with pytest.raises(NoiseScaleInputError, match=r"could not check.*check_loss=False"):
+        measure_b_noise(model, loss, data(torch.Generator().manual_seed(3), 8), splits=2)
+
+
 def _token_problem():
     """Per-token logits of sequences with 1..6 real tokens (the rest padding)."""
     torch.manual_seed(0)

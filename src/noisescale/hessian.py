@@ -571,6 +571,34 @@ _CHECK_EXAMPLES = 8  # examples of the batch that the loss-contract check uses
 
 def _check_mean_over_examples(
     model: nn.Module, loss_fn: LossFn, batch: Batch, params: list[nn.Parameter]
+) -> str | None:
+    """:func:`_refuse_non_mean_loss`, or the model's error (``None`` if none) where the check's
+    own batches (the first examples, twice, and halves) cannot be evaluated: a tensor that is
+    not per-example but has as many rows as the batch (a shared causal mask [T, T] at B = T) is
+    cut and doubled with the examples (a hunt: a raw RuntimeError out of measure_delta_l_opt).
+    """
+    try:
+        _refuse_non_mean_loss(model, loss_fn, batch, params)
+    except NoiseScaleInputError:
+        raise
+    except Exception as err:  # the model's own error: the check cannot run on this batch
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _loss_unchecked(reason: str, fix: str) -> NoiseScaleInputError:
+    """The refusal when :func:`_check_mean_over_examples` could not run (``reason``)."""
+    return NoiseScaleInputError(
+        "could not check that loss_fn is a mean over the examples: the model failed on the "
+        f"check's own batches (its first examples, the same twice, halves) with {reason}. Every "
+        "tensor of the batch whose dim 0 equals the batch size is taken as per-example (a "
+        f"shared mask [T, T] at a batch size of T is cut with the examples): {fix}, or pass "
+        "check_loss=False if loss_fn is known to be the mean over the examples"
+    )
+
+
+def _refuse_non_mean_loss(
+    model: nn.Module, loss_fn: LossFn, batch: Batch, params: list[nn.Parameter]
 ) -> None:
     """Refuse a loss that is not an equal-weight mean over the batch's examples, where a few
     small, deterministic evaluations can tell.
@@ -688,7 +716,9 @@ def _measure_b_noise(
         grad_parts = split_batch(batch, splits)
     sizes = [batch_size(p) for p in grad_parts]
     if check_loss:
-        _check_mean_over_examples(model, loss_fn, batch, params)
+        reason = _check_mean_over_examples(model, loss_fn, batch, params)
+        if reason is not None:  # the parts would be cut the same way
+            raise _loss_unchecked(reason, "use a batch size that no such tensor's rows match")
     grads = [_mean_gradient(loss_fn, model, part, params) for part in grad_parts]
 
     loss_h = loss_fn(model, hessian_batch)
@@ -1128,6 +1158,7 @@ def measure_delta_l_opt(
     eps_range: tuple[float, float] = (1e-4, 1e3),
     grid: int = 29,
     rtol: float = 1e-3,
+    check_loss: bool = True,
 ) -> DeltaLCurve:
     """The paper's line-search estimate of B_noise (sec. 2.2): fit eq. 2.7 to ΔL_opt(B).
 
@@ -1155,6 +1186,10 @@ def measure_delta_l_opt(
         eps_range: Step sizes searched (:func:`line_search`).
         grid: Grid points over ``eps_range``.
         rtol: Relative precision of each ε_opt.
+        check_loss: Check on each size's first batch that ``loss_fn`` is a mean over the
+            examples (as :func:`measure_b_noise` does); sizes where the model fails on the
+            check's own batches (a shared tensor with as many rows as the batch) are skipped,
+            and the call refused only if no size could be checked.
 
     Raises:
         NoiseScaleInputError: as :func:`measure_b_noise` does, for a BatchNorm using batch
@@ -1173,6 +1208,8 @@ def measure_delta_l_opt(
     _refuse_batch_statistics(model)  # each direction would use its own batch's statistics
     delta_l, eps = [], []
     renormed = [weight for _, weight in _max_norm_weights(model)]
+    checked: list[int] = []
+    unchecked: list[str] = []
     with _model_state_kept(model, restored=params):  # the line search puts θ back itself
         for b in sizes:
             count = max(repeats, -(-min_examples // b))
@@ -1180,8 +1217,12 @@ def measure_delta_l_opt(
             versions = _versions(model, renormed)
             for r in range(count):
                 batch = sample_batch(b)
-                if r == 0:  # a sum over examples scales ε_opt(B) by 1/B and ΔL_opt(B) by n_eval
-                    _check_mean_over_examples(model, loss_fn, batch, params)
+                if r == 0 and check_loss:  # a sum scales ε_opt(B) by 1/B, ΔL_opt(B) by n_eval
+                    reason = _check_mean_over_examples(model, loss_fn, batch, params)
+                    if reason is None:
+                        checked.append(b)
+                    else:
+                        unchecked.append(reason)
                 directions.append(_mean_gradient(loss_fn, model, batch, params))
             _refuse_moved(_moved(versions))
             ls = line_search(
@@ -1189,6 +1230,8 @@ def measure_delta_l_opt(
             )
             delta_l.append(ls.delta_l_opt)
             eps.append(ls.eps_opt)
+    if unchecked and not checked:
+        raise _loss_unchecked(unchecked[0], "include a batch size that no such tensor's rows match")
     used = [j for j, d in enumerate(delta_l) if d > 0]
     if len(used) < 2:
         raise NoiseScaleInputError(
