@@ -358,6 +358,10 @@ def test_fit_delta_l_opt_recovers_eq_2_7():
     assert fit_delta_l_opt(b, np.full(8, 2.0)) == (0.0, pytest.approx(2.0))  # flat
     with pytest.raises(NoiseScaleInputError):
         fit_delta_l_opt(b, -np.ones(8))
+    # invalid values at one batch size are refused as invalid, not as "one batch size (nan)"
+    for values in ([0.0, 0.0], [math.nan, 1.0], [-1.0, 2.0]):
+        with pytest.raises(NoiseScaleInputError, match="positive and finite"):
+            fit_delta_l_opt([8, 8], values)
     # repeats at one batch size fix ΔL_max at best, never B_noise (gave 12181 and 0 in a hunt)
     for sizes, values in (([64, 64, 64], [0.3, 0.31, 0.29]), ([8, 8], [1.0, 2.0])):
         with pytest.raises(NoiseScaleInputError, match=r"at one batch size \(\d+\).*distinct"):

@@ -1268,16 +1268,16 @@ def fit_delta_l_opt(batch_sizes: ArrayLike, delta_l_opt: ArrayLike) -> tuple[flo
     y = np.asarray(delta_l_opt, dtype=float).ravel()
     if b.size != y.size or b.size < 2:
         raise NoiseScaleInputError("need matching arrays with at least two batch sizes")
+    if np.any(b <= 0) or np.any(~np.isfinite(y)) or np.any(y <= 0):
+        raise NoiseScaleInputError(
+            "batch sizes and values must be positive and finite to fit eq. 2.7 "
+            f"(got {b.tolist()}, {y.tolist()})"
+        )
     if np.unique(b).size < 2:
         raise NoiseScaleInputError(
             f"all {b.size} points are at one batch size ({b[0]:g}): they say nothing about how "
             "ΔL_opt changes with B, hence nothing about B_noise; measure at two or more "
             "distinct batch sizes, spanning B_noise if possible"
-        )
-    if np.any(b <= 0) or np.any(~np.isfinite(y)) or np.any(y <= 0):
-        raise NoiseScaleInputError(
-            "batch sizes and values must be positive and finite to fit eq. 2.7 "
-            f"(got {b.tolist()}, {y.tolist()})"
         )
     log_y, log_b = np.log(y), np.log(b)
 
