@@ -898,6 +898,10 @@ FOUND_BY_THE_BNOISE_FUZZER = [
     # 3.4e6 here, 0 for [8, 8] and 12181 for [64, 64, 64] — where nothing fixes B_noise, not the
     # refusal of one batch size alone (hunt/fit_one_size.py)
     (7, "fit"),
+    # the fuzzer's own tolerance: a saturated one-example Hessian batch (probabilities 1 − 1e-19)
+    # leaves H_h pure round-off, |q| ~1e-13, and scale_h = max|q|·n made round-off a finding;
+    # brute_measurement's scale takes the Gauss–Newton one, ‖J_h‖²·max|G_i|²·n, too
+    (161, "single"),
 ]
 
 
