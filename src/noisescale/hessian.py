@@ -502,7 +502,9 @@ def measure_b_noise(
         NoiseScaleInputError: for ``splits < 2``, a batch too small to split, an empty
             ``hessian_batch`` or one holding the batch's own examples (the same rows of the
             same tensors), a BatchNorm using batch statistics, a loss that is not twice
-            differentiable, or a bad loss.
+            differentiable, a bad loss (or one the check cannot evaluate: a shared tensor
+            with as many rows as the batch), or a forward that changes a parameter in place
+            (other than an embedding's ``max_norm``, whose weight is put back).
     """
     if splits < 2:
         raise NoiseScaleInputError(
