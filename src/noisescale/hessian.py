@@ -81,10 +81,14 @@ def _cuda_devices(tensors: Iterable[Tensor]) -> list[int]:
 
 
 @contextmanager
-def _model_state_kept(model: nn.Module) -> Iterator[None]:
+def _model_state_kept(model: nn.Module, restored: Sequence[Tensor] = ()) -> Iterator[None]:
     """Every buffer (BatchNorm's running statistics and ``num_batches_tracked``, persistent or
-    not), every module's ``training`` flag and the random-number generators exactly as they
-    were, whatever the body did.
+    not), every module's ``training`` flag, the random-number generators and the weights of
+    embeddings with ``max_norm`` (which a forward renormalises in place, see
+    :func:`_restore_renormed`) exactly as they were, whatever the body did. Any other parameter
+    the body changed in place (its ``_version`` moved: a forward calling
+    ``F.embedding(max_norm=)`` on its own weight) cannot be put back and is refused, except
+    those in ``restored``, which the body puts back itself (the line search's θ).
 
     Opacus's per-sample-gradient hooks are switched off meanwhile (see :func:`_opacus_hooks`).
 
@@ -103,6 +107,11 @@ def _model_state_kept(model: nn.Module) -> Iterator[None]:
         if buf is not None
     ]
     flags = [(module, module.training) for module in model.modules()]
+    renormed = [
+        (name, weight, weight.detach().clone()) for name, weight in _max_norm_weights(model)
+    ]
+    versions = _versions(model, [*restored, *(weight for _, weight, _ in renormed)])
+    moved: list[str] = []
     opacus = _opacus_hooks(model)
     outside = _outside_rng_states()
     try:
@@ -110,7 +119,9 @@ def _model_state_kept(model: nn.Module) -> Iterator[None]:
             owner.hooks_enabled = False
         with torch.random.fork_rng(devices=_cuda_devices([*model.parameters(), *model.buffers()])):
             yield
+        moved = _moved(versions)
     finally:
+        _restore_renormed(renormed)
         for owner, enabled in opacus.items():
             owner.hooks_enabled = enabled
         _restore_outside_rng_states(outside)
@@ -120,6 +131,55 @@ def _model_state_kept(model: nn.Module) -> Iterator[None]:
                 buf.copy_(saved)
         for module, training in flags:
             module.training = training
+    _refuse_moved(moved)
+
+
+def _max_norm_weights(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """The weights of ``model``'s embeddings with ``max_norm`` (a forward renormalises them)."""
+    return [
+        (name or type(model).__name__, module.weight)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.max_norm is not None
+    ]
+
+
+def _versions(model: nn.Module, skip: Iterable[Tensor]) -> list[tuple[str, Tensor, int]]:
+    """Each parameter of ``model`` not in ``skip``, with its name and in-place version count."""
+    own = {id(t) for t in skip}
+    return [(name, p, p._version) for name, p in model.named_parameters() if id(p) not in own]
+
+
+def _moved(versions: list[tuple[str, Tensor, int]]) -> list[str]:
+    """The names of the parameters of :func:`_versions` changed in place since."""
+    return [name for name, p, version in versions if p._version != version]
+
+
+def _refuse_moved(moved: list[str]) -> None:
+    """Refuse parameters a measurement's forwards changed in place (not put back: unknown)."""
+    if moved:
+        raise NoiseScaleInputError(
+            f"the model's forward changed the parameter(s) {moved} in place (e.g. "
+            "F.embedding(..., max_norm=) on its own weight renormalises the rows it reads): the "
+            "measurement's forwards moved them and they cannot be put back. Use "
+            "nn.Embedding(max_norm=...) (its weight is put back), or renormalise the rows before "
+            "measuring and pass max_norm=None"
+        )
+
+
+def _restore_renormed(renormed: list[tuple[str, Tensor, Tensor]]) -> None:
+    """Put back the weights of embeddings with ``max_norm`` that a forward renormalised in place.
+
+    Such a forward scales each row it reads that is longer than ``max_norm`` down to it, in
+    place, and differentiates as if the rows had been stored so: the gradients and Hessian
+    measured are those of the model at its renormalised rows without the renormalisation's own
+    derivative, the function the model's forwards compute with, as training's own gradients
+    are (bit-identical to a measurement after renormalising the rows beforehand). The line
+    search's numbers are losses, the model's at each trial θ − εV; it puts θ back itself.
+    """
+    with torch.no_grad():
+        for _, weight, saved in renormed:
+            if not torch.equal(weight, saved):
+                weight.copy_(saved)
 
 
 def _opacus_hooks(model: nn.Module) -> dict[Any, bool]:
@@ -442,7 +502,9 @@ def measure_b_noise(
         NoiseScaleInputError: for ``splits < 2``, a batch too small to split, an empty
             ``hessian_batch`` or one holding the batch's own examples (the same rows of the
             same tensors), a BatchNorm using batch statistics, a loss that is not twice
-            differentiable, or a bad loss.
+            differentiable, a bad loss (or one the check cannot evaluate: a shared tensor
+            with as many rows as the batch), or a forward that changes a parameter in place
+            (other than an embedding's ``max_norm``, whose weight is put back).
     """
     if splits < 2:
         raise NoiseScaleInputError(
@@ -464,9 +526,10 @@ def _refuse_batch_statistics(model: nn.Module) -> None:
             raise NoiseScaleInputError(
                 f"module '{name or type(model).__name__}' ({type(module).__name__}, {why}) "
                 "normalises each forward with the statistics of the batch it is given: each "
-                "part's gradient would use that part's own statistics, so the parts are not "
-                "independent draws of one gradient and GᵀHG and tr(HΣ) would depend on the part "
-                "size (splits), not only on the model. Measure B_noise in eval mode — "
+                "part's (each line-search direction's) gradient would use that part's own "
+                "statistics, so the parts are not independent draws of one gradient and GᵀHG "
+                "and tr(HΣ) (ΔL_opt(B)) would depend on the part size (splits, B), not only on "
+                "the model. Measure B_noise in eval mode — "
                 "model.eval() before the measurement (BatchNorm then uses its running "
                 "statistics; dropout is off), model.train() after — or use a normalisation "
                 "without batch statistics (GroupNorm, LayerNorm)"
@@ -509,6 +572,34 @@ _CHECK_EXAMPLES = 8  # examples of the batch that the loss-contract check uses
 
 
 def _check_mean_over_examples(
+    model: nn.Module, loss_fn: LossFn, batch: Batch, params: list[nn.Parameter]
+) -> str | None:
+    """:func:`_refuse_non_mean_loss`, or the model's error (``None`` if none) where the check's
+    own batches (the first examples, twice, and halves) cannot be evaluated: a tensor that is
+    not per-example but has as many rows as the batch (a shared causal mask [T, T] at B = T) is
+    cut and doubled with the examples (a hunt: a raw RuntimeError out of measure_delta_l_opt).
+    """
+    try:
+        _refuse_non_mean_loss(model, loss_fn, batch, params)
+    except NoiseScaleInputError:
+        raise
+    except Exception as err:  # the model's own error: the check cannot run on this batch
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _loss_unchecked(reason: str, fix: str) -> NoiseScaleInputError:
+    """The refusal when :func:`_check_mean_over_examples` could not run (``reason``)."""
+    return NoiseScaleInputError(
+        "could not check that loss_fn is a mean over the examples: the model failed on the "
+        f"check's own batches (its first examples, the same twice, halves) with {reason}. Every "
+        "tensor of the batch whose dim 0 equals the batch size is taken as per-example (a "
+        f"shared mask [T, T] at a batch size of T is cut with the examples): {fix}, or pass "
+        "check_loss=False if loss_fn is known to be the mean over the examples"
+    )
+
+
+def _refuse_non_mean_loss(
     model: nn.Module, loss_fn: LossFn, batch: Batch, params: list[nn.Parameter]
 ) -> None:
     """Refuse a loss that is not an equal-weight mean over the batch's examples, where a few
@@ -627,7 +718,9 @@ def _measure_b_noise(
         grad_parts = split_batch(batch, splits)
     sizes = [batch_size(p) for p in grad_parts]
     if check_loss:
-        _check_mean_over_examples(model, loss_fn, batch, params)
+        reason = _check_mean_over_examples(model, loss_fn, batch, params)
+        if reason is not None:  # the parts would be cut the same way
+            raise _loss_unchecked(reason, "use a batch size that no such tensor's rows match")
     grads = [_mean_gradient(loss_fn, model, part, params) for part in grad_parts]
 
     loss_h = loss_fn(model, hessian_batch)
@@ -886,6 +979,23 @@ class LineSearch:
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
+_SUB = 4  # sub-grid steps per grid interval around a peak of the grid
+_PEAKS = 3  # local maxima of the grid refined (the best ones)
+
+
+def _golden(f: Callable[[float], float], a: float, b: float, rtol: float) -> None:
+    """Golden-section search for a maximum of ``f`` in [a, b] down to relative width ``rtol``
+    (``f`` records what it evaluates)."""
+    c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
+    while b - a > rtol * c:
+        if f(c) >= f(d):
+            b, d = d, c
+            c = b - _GOLDEN * (b - a)
+        else:
+            a, c = c, d
+            d = a + _GOLDEN * (b - a)
+
+
 def line_search(
     model: nn.Module,
     loss_fn: LossFn,
@@ -902,11 +1012,16 @@ def line_search(
     maximising is what eq. 2.5–2.7 describe (the best step for the expected loss); maximising each
     direction's own curve would instead favour lucky directions. A log-spaced grid over
     ``eps_range`` brackets the maximum, golden-section search refines it to relative width
-    ``rtol``. The parameters are restored afterwards, and so are the random-number generators
-    (as :func:`measure_b_noise` leaves them) and every buffer: a model in train
-    mode updates BatchNorm's running statistics on each of the many trial forwards (at steps
-    up to ``eps_range[1]``), which would otherwise be left as those of wildly perturbed
-    networks.
+    ``rtol``. The loss along ε can have several local maxima between two grid points (seen 1.4×
+    apart in ε): around each of the best (3) local maxima of the grid a sub-grid of 4 steps per grid
+    interval finds them and golden section refines each; peaks closer than the sub-grid's spacing
+    (ε ratio ~1.13 at the default grid) can still be missed. The parameters are restored
+    afterwards, and so are the random-number generators (as :func:`measure_b_noise` leaves them)
+    and every buffer: a model in train mode updates BatchNorm's running statistics on each of
+    the many trial forwards (at steps up to ``eps_range[1]``), which would otherwise be left as
+    those of wildly perturbed networks. (BatchNorm in train mode normalises the held-out loss
+    with the held-out batch's statistics: a fixed function, maximised exactly; the directions
+    are the caller's. :func:`measure_delta_l_opt`, which takes them, refuses it.)
 
     When no step size on the grid improves the averaged loss (few, very noisy directions: the
     noise in mean_r GᵀV_r exceeds |G|²), the result is ``eps_opt = delta_l_opt = 0``.
@@ -937,7 +1052,7 @@ def line_search(
         raise NoiseScaleInputError(
             f"need 0 < eps_range[0] < eps_range[1] and grid ≥ 3, got {eps_range} and {grid}"
         )
-    with _model_state_kept(model):
+    with _model_state_kept(model, restored=params):
         return _line_search(model, loss_fn, directions, eval_batch, params, lo, hi, grid, rtol)
 
 
@@ -981,15 +1096,25 @@ def _line_search(
                     f"the best step size lies at the end of eps_range={eps_range} "
                     f"(ε = {points[best]:.3g}); widen the range"
                 )
-            a, b = float(points[best - 1]), float(points[best + 1])
-            c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
-            while b - a > rtol * c:
-                if improvement(c) >= improvement(d):
-                    b, d = d, c
-                    c = b - _GOLDEN * (b - a)
-                else:
-                    a, c = c, d
-                    d = a + _GOLDEN * (b - a)
+            # the curve may have several peaks (between grid points too): refine around every
+            # local maximum of the grid among its best few, each on a sub-grid, then each of
+            # the sub-grid's local maxima by golden section
+            peaks = [
+                j
+                for j in range(1, grid - 1)
+                if values[j] > 0 and values[j] > values[j - 1] and values[j] >= values[j + 1]
+            ]
+            for j in sorted(peaks, key=lambda j: -values[j])[:_PEAKS]:
+                sub = np.concatenate(
+                    [
+                        np.geomspace(points[j - 1], points[j], _SUB + 1)[:-1],
+                        np.geomspace(points[j], points[j + 1], _SUB + 1),
+                    ]
+                )
+                fine = [improvement(float(e)) for e in sub]
+                for i in range(1, sub.size - 1):
+                    if fine[i] > fine[i - 1] and fine[i] >= fine[i + 1]:
+                        _golden(improvement, float(sub[i - 1]), float(sub[i + 1]), rtol)
             eps_opt = max(evaluated, key=evaluated.__getitem__)
     finally:
         with torch.no_grad():
@@ -1035,6 +1160,7 @@ def measure_delta_l_opt(
     eps_range: tuple[float, float] = (1e-4, 1e3),
     grid: int = 29,
     rtol: float = 1e-3,
+    check_loss: bool = True,
 ) -> DeltaLCurve:
     """The paper's line-search estimate of B_noise (sec. 2.2): fit eq. 2.7 to ΔL_opt(B).
 
@@ -1062,6 +1188,18 @@ def measure_delta_l_opt(
         eps_range: Step sizes searched (:func:`line_search`).
         grid: Grid points over ``eps_range``.
         rtol: Relative precision of each ε_opt.
+        check_loss: Check on each size's first batch that ``loss_fn`` is a mean over the
+            examples (as :func:`measure_b_noise` does); sizes where the model fails on the
+            check's own batches (a shared tensor with as many rows as the batch) are skipped,
+            and the call refused only if no size could be checked.
+
+    Raises:
+        NoiseScaleInputError: as :func:`measure_b_noise` does, for a BatchNorm using batch
+            statistics (each direction would be normalised by its own batch of B: ΔL_opt(B),
+            hence B_noise, came out 2× too large) and for a ``loss_fn`` that is not a mean over
+            the examples (checked on the first batch of each size: a sum makes ε_opt(B) 1/B of
+            the mean's and ΔL_opt the eval batch's size times too large); for fewer than two
+            batch sizes, or fewer than two at which a line search improved the loss.
     """
     sizes = sorted({int(b) for b in batch_sizes})
     if len(sizes) < 2 or sizes[0] < 1:
@@ -1069,18 +1207,33 @@ def measure_delta_l_opt(
     if repeats < 1:
         raise NoiseScaleInputError(f"repeats must be at least 1, got {repeats}")
     params = _params_of(model)
+    _refuse_batch_statistics(model)  # each direction would use its own batch's statistics
     delta_l, eps = [], []
-    with _model_state_kept(model):  # the directions' forwards update BatchNorm statistics too
+    renormed = [weight for _, weight in _max_norm_weights(model)]
+    checked: list[int] = []
+    unchecked: list[str] = []
+    with _model_state_kept(model, restored=params):  # the line search puts θ back itself
         for b in sizes:
             count = max(repeats, -(-min_examples // b))
-            directions = [
-                _mean_gradient(loss_fn, model, sample_batch(b), params) for _ in range(count)
-            ]
+            directions = []
+            versions = _versions(model, renormed)
+            for r in range(count):
+                batch = sample_batch(b)
+                if r == 0 and check_loss:  # a sum scales ε_opt(B) by 1/B, ΔL_opt(B) by n_eval
+                    reason = _check_mean_over_examples(model, loss_fn, batch, params)
+                    if reason is None:
+                        checked.append(b)
+                    else:
+                        unchecked.append(reason)
+                directions.append(_mean_gradient(loss_fn, model, batch, params))
+            _refuse_moved(_moved(versions))
             ls = line_search(
                 model, loss_fn, directions, eval_batch, eps_range=eps_range, grid=grid, rtol=rtol
             )
             delta_l.append(ls.delta_l_opt)
             eps.append(ls.eps_opt)
+    if unchecked and not checked:
+        raise _loss_unchecked(unchecked[0], "include a batch size that no such tensor's rows match")
     used = [j for j, d in enumerate(delta_l) if d > 0]
     if len(used) < 2:
         raise NoiseScaleInputError(
@@ -1110,7 +1263,8 @@ def fit_delta_l_opt(batch_sizes: ArrayLike, delta_l_opt: ArrayLike) -> tuple[flo
     still linear in B (B_noise beyond the largest batch by far), ``0`` that they are flat.
 
     Raises:
-        NoiseScaleInputError: with fewer than two batch sizes or a non-positive value.
+        NoiseScaleInputError: with fewer than two distinct batch sizes (repeated points at one
+            batch size do not fix B_noise) or a non-positive value.
     """
     b = np.asarray(batch_sizes, dtype=float).ravel()
     y = np.asarray(delta_l_opt, dtype=float).ravel()
@@ -1120,6 +1274,12 @@ def fit_delta_l_opt(batch_sizes: ArrayLike, delta_l_opt: ArrayLike) -> tuple[flo
         raise NoiseScaleInputError(
             "batch sizes and values must be positive and finite to fit eq. 2.7 "
             f"(got {b.tolist()}, {y.tolist()})"
+        )
+    if np.unique(b).size < 2:
+        raise NoiseScaleInputError(
+            f"all {b.size} points are at one batch size ({b[0]:g}): they say nothing about how "
+            "ΔL_opt changes with B, hence nothing about B_noise; measure at two or more "
+            "distinct batch sizes, spanning B_noise if possible"
         )
     log_y, log_b = np.log(y), np.log(b)
 
