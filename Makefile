@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 # The CPU build of torch that this machine installs quickly; pyproject.toml declares the range.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats fuzz-fit fuzz-sweep fuzz-cli fuzz-history install lint format clean
+.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats fuzz-fit fuzz-sweep fuzz-cli fuzz-history fuzz-schedule fuzz-decisions fuzz-bnoise fuzz-tokens install lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -102,6 +102,25 @@ fuzz-cli: install
 # kills (mid-write too), resumes, write_history and intruders; nothing measured lost.
 fuzz-history: install
 	$(PY) tests/fuzz_history.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
+
+# The adaptive batch size, the ramp and the resizable sampler with their learning rates against an
+# independent re-implementation of docs/adaptive.md (tests/fuzz_schedule.py, ≈ 0.2 s a seed).
+fuzz-schedule: install
+	$(PY) tests/fuzz_schedule.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
+
+# What a batch size costs (recommend, calc, report, profile, theory) against the paper's closed
+# forms and docs/hardware.md's cost model by hand (tests/fuzz_decisions.py, ≈ 0.6 s a seed).
+fuzz-decisions: install
+	$(PY) tests/fuzz_decisions.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
+
+# B_noise, the line search and the ΔL_opt fit against an exact Hessian (tests/fuzz_bnoise.py).
+fuzz-bnoise: install
+	$(PY) tests/fuzz_bnoise.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
+
+# Per-token statistics with unequal token counts against brute force and a fixed pool's exact
+# truth (tests/fuzz_tokens.py).
+fuzz-tokens: install
+	$(PY) tests/fuzz_tokens.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench examples
