@@ -102,10 +102,13 @@ def draw_config(seed):
         # seq_mean without counts: tokens_per_example= declared (estimates in tokens too)
         "declared_length": rng.random() < 0.5,
         "k_max": rng.choice([1, 2, 3, 4]),
+        "k_fixed": rng.random() < 0.3,  # every step k_max micro-batches (else 1 to k_max)
         "mb_max": rng.choice([2, 3, 5]),
         "steps": rng.randint(3, 5),
         "beta": rng.choice([1.0, 0.9, 0.99]),
-        "stat_source": rng.choice(["default", "every"]),
+        # the bias and coverage runs' source: the default sub-batches, every example, or the
+        # micro-batches alone (per_example=False: refused for a loss whose weights vary)
+        "stat_source": rng.choice(["default", "every", "micro"]),
         "replicates": 12,
         "stat_steps": rng.choice([20, 30]),
         "model_seed": rng.randrange(10**6),
@@ -230,7 +233,7 @@ def pool_truth(x, t):
 
 
 def draw_step(rng, cfg):
-    k = rng.randint(1, cfg["k_max"])
+    k = cfg["k_max"] if cfg["k_fixed"] else rng.randint(1, cfg["k_max"])
     return [
         torch.tensor([rng.randrange(cfg["pool"]) for _ in range(rng.randint(1, cfg["mb_max"]))])
         for _ in range(k)
@@ -492,8 +495,14 @@ def check_steps(cfg, model, pool, x, t):
 
 
 def _replicate(cfg, model, pool, rep, history_path=None):
+    if cfg["stat_source"] == "micro":  # (micro-batches to compare: k ≥ 2 every step)
+        cfg = {**cfg, "k_fixed": True, "k_max": max(2, cfg["k_max"])}
     reduction = reduction_of(cfg)
-    kwargs = {"per_example_fraction": 1.0} if cfg["stat_source"] == "every" else {}
+    kwargs = {
+        "default": {},
+        "every": {"per_example_fraction": 1.0},
+        "micro": {"per_example": False},
+    }[cfg["stat_source"]]
     tracker = noisescale.GradientNoiseTracker(
         model, loss_reduction=reduction, beta=1.0, sync_every=64, history_path=history_path,
         **kwargs, **tracker_options(cfg),
@@ -588,16 +597,17 @@ def check_stats(cfg, model, pool, x, t, truth):
             "tr_realised": truth["tr_realised"],
         }
         out["coverage"] = _result(flagged if min(p, p_other) < P_COVER else "ok", **info)
-    out["cli"] = check_cli(path, reps[0][1], token, counted)
+    declared = tracker_options(cfg).get("tokens_per_example")
+    out["cli"] = check_cli(path, reps[0][1], token, counted, declared)
     return out
 
 
 def _cli_json(argv):
     from noisescale.cli import main as cli_main
 
-    buf = io.StringIO()
+    buf, err_buf = io.StringIO(), io.StringIO()
     try:
-        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(err_buf):
             rc = cli_main(argv)
     except SystemExit as err:
         rc = err.code
@@ -606,11 +616,11 @@ def _cli_json(argv):
     except Exception as err:
         return None, _result("crash", exc=_exc(err))
     if rc not in (0, None):
-        return None, _result("FALSE-REFUSAL", exc=f"rc {rc}")
+        return None, _result("FALSE-REFUSAL", exc=f"rc {rc}: {err_buf.getvalue()[-300:]}")
     return json.loads(buf.getvalue()), None
 
 
-def check_cli(path, history, token, counted):
+def check_cli(path, history, token, counted, declared=None):
     """Part ``cli``: calc and report on the first replicate's history."""
     # (the CLI reads the last measured record: a skipped one's B_simple is the same EMA in
     # tokens by a later T̄)
@@ -627,19 +637,30 @@ def check_cli(path, history, token, counted):
     got = _find_number(calc, ("noise_scale", "b_simple", "B_simple"))
     if got is None or not _close(got, b, b, 1e-6):
         bad.append(("calc noise scale", got, b))
-    if counted:
-        calc2, res = _cli_json(
-            ["calc", "--history", path, "--batch-size", "64", "--json", "--unit", "examples"]
-        )
+    # the other unit: converted by the record's own T̄ (counted, or tokens_per_example=)
+    other = "examples" if token else "tokens"
+    t_last = last.get("tokens_per_example", declared or math.nan)
+    argv = ["calc", "--history", path, "--batch-size", "64", "--json", "--unit", other]
+    if math.isfinite(t_last):
+        calc2, res = _cli_json(argv)
         if res:
             return res
-        got2 = _find_number(calc2, ("noise_scale", "b_simple", "B_simple"))
-        want2 = b / last["tokens_per_example"] if token else b
+        got2 = _find_number(calc2, ("noise_scale",))
+        want2 = b / t_last if token else b * t_last
         if got2 is None or not _close(got2, want2, want2, 1e-6):
-            bad.append(("calc --unit examples", got2, want2))
+            bad.append((f"calc --unit {other}", got2, want2))
+    else:  # no tokens: refused, naming them
+        calc2, res = _cli_json(argv)
+        if res is None or res["cls"] != "FALSE-REFUSAL" or "token" not in res["exc"]:
+            bad.append((f"calc --unit {other} without tokens", calc2 or res, "refused"))
     rep, res = _cli_json(["report", path, "--json"])
-    if res:
+    measured = sum(not r["skipped"] and math.isfinite(r["b_simple"]) for r in history)
+    if res and measured < 2 and "at least two" in res["exc"]:
+        rep = None  # (a report needs two steps with B_simple: refused, as documented)
+    elif res:
         return res
+    if rep is None:
+        return _result("WRONG-SILENT", bad=bad) if bad else _result("exact", report=False)
     got3 = rep.get("b_simple_last")
     if got3 is None or not _close(got3, b, b, 1e-6):
         bad.append(("report b_simple_last", got3, b))
