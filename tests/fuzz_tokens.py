@@ -113,6 +113,9 @@ def draw_config(seed):
         "stat_steps": rng.choice([20, 30]),
         "model_seed": rng.randrange(10**6),
         "data_seed": rng.randrange(10**6),
+        # rows whose labels are all -100 (0 counted tokens): in a micro-batch of such rows
+        # alone a mean over its tokens is nan (the step left out as non-finite)
+        "empty_rows": rng.choice([0, 0, 0, 1, 2]),
     }
 
 
@@ -177,6 +180,8 @@ def build_pool(cfg):
                     lab[start] = -100
             if int((lab[1:] != -100).sum()) >= 1:
                 break
+        if i < cfg["empty_rows"]:  # a row with no counted token (a prompt-only SFT row)
+            lab[:] = -100
         mask[i], labels[i], pos[i] = m, lab, p
     ids = torch.where(mask.bool(), ids, torch.zeros_like(ids))
     return {"ids": ids, "mask": mask, "pos": pos, "labels": labels}
@@ -211,7 +216,7 @@ def pool_truth(x, t):
     mx = x.mean(0)
     tbar = float(t.mean())
     cov_x = float(((x - mx) ** 2).sum(1).mean())
-    y = x / t[:, None]
+    y = x / t.clamp(min=1)[:, None]
     my = y.mean(0)
     cov_y = float(((y - my) ** 2).sum(1).mean())
     g = mx / tbar  # the token-mean gradient
@@ -272,17 +277,17 @@ def run_step(tracker, model, pool, cfg, mbs):
         loss_name = cfg["loss"]
         if loss_name == "hf_mean":
             loss = model(**kw, labels=labels[m]).loss / k
-            w = [1.0 / (k * c)] * len(m)
+            w = [1.0 / (k * c) if c else math.nan] * len(m)
         elif loss_name == "hf_items":
             loss = model(**kw, labels=labels[m], num_items_in_batch=items[cfg["items"]]).loss
-            w = [1.0 / n] * len(m)
+            w = [1.0 / n if n else math.nan] * len(m)
         else:
             logits = model(**kw).logits
             flat = logits[:, :-1].reshape(-1, VOCAB)
             if loss_name == "hand_token_mean":
                 loss = F.cross_entropy(flat, target.reshape(-1)) / k
                 tracker.count_tokens(target)
-                w = [1.0 / (k * c)] * len(m)
+                w = [1.0 / (k * c) if c else math.nan] * len(m)
             elif loss_name == "hand_items":
                 n = sum(float((labels[m, 1:] != -100).sum()) for m in mbs)
                 loss = F.cross_entropy(flat, target.reshape(-1), reduction="sum") / n
@@ -290,11 +295,12 @@ def run_step(tracker, model, pool, cfg, mbs):
                     tracker.count_tokens(target, num_items_in_batch=n)
                 else:
                     tracker.count_tokens(target)
-                w = [1.0 / n] * len(m)
+                w = [1.0 / n if n else math.nan] * len(m)
             else:  # seq_mean
                 per_tok = F.cross_entropy(flat, target.reshape(-1), reduction="none")
                 counted = target != -100
-                per_seq = (per_tok.view(target.shape) * counted).sum(1) / counted.sum(1)
+                per_seq = (per_tok.view(target.shape) * counted).sum(1)
+                per_seq = per_seq / counted.sum(1).clamp(min=1)
                 loss = per_seq.mean() / k
                 if cfg["count_seq"]:
                     tracker.count_tokens(target)
@@ -352,7 +358,7 @@ def check_steps(cfg, model, pool, x, t):
     reduction = reduction_of(cfg)
     token = cfg["loss"] != "seq_mean"
     counted = token or cfg["count_seq"]
-    vals = x if token else x / t[:, None]
+    vals = x if token else x / t.clamp(min=1)[:, None]
     rng = random.Random(cfg["data_seed"] + 1)
     # (Hugging Face's loss casts the logits to float32, Llama's RMSNorm its input)
     rtol = HF_RTOL if cfg["loss"].startswith("hf") or cfg["family"] == "llama" else RTOL
@@ -373,6 +379,7 @@ def check_steps(cfg, model, pool, x, t):
         bad, steps_done = [], []
         varied = False
         withheld = last_k = 0
+        lost = False
         recorded = (0, 0.0)
         tokens_seen = examples = 0.0
         g2s, trs = [], []
@@ -384,6 +391,24 @@ def check_steps(cfg, model, pool, x, t):
                 step_warned = len(caught) > before
                 steps_done.append([m.tolist() for m in mbs])
                 measured = (len(steps_done) - 1) % cfg["measure_every"] == 0
+                if any(math.isfinite(v) for ws in weights for v in ws):
+                    # a micro-batch that counts no token: its mean is nan but its gradient 0
+                    # (PyTorch's), its rows' x_i 0 too — any weight, one of its own
+                    weights = [[v if math.isfinite(v) else 1e6 for v in ws] for ws in weights]
+                finite = all(math.isfinite(v) for ws in weights for v in ws)
+                if not finite:  # a step that counts no token
+                    rec = tracker.history[-1] if tracker.history else None
+                    if rec is not None and rec["step"] == len(steps_done) and not rec["skipped"]:
+                        bad.append((f"step {rec['step']} of a nan loss measured", rec["g2"], None))
+                    elif not step_warned and not withheld:
+                        bad.append((f"step {len(steps_done)} of a nan loss unwarned", None, None))
+                    withheld += 1
+                    lost = True  # (whether its examples count is not said: not checked after)
+                    last_k = len(mbs)
+                    idx = torch.cat(mbs)
+                    examples += len(idx)
+                    tokens_seen += float(t[idx].sum())
+                    continue
                 if token and measured:
                     varied = varied or _varies(weights)
                 truth = step_truth(vals, t, mbs, weights, within=varied)
@@ -413,8 +438,11 @@ def check_steps(cfg, model, pool, x, t):
                 }
                 if counted:
                     want["tokens"] = float(t[idx].sum())
-                    want["tokens_seen"] = tokens_seen
-                    want["tokens_per_example"] = tokens_seen / examples
+                    if not lost:
+                        want["tokens_seen"] = tokens_seen
+                        want["tokens_per_example"] = tokens_seen / examples
+                if lost:
+                    del want["examples"]
                 if truth["g2"] is None:
                     if not rec["skipped"]:
                         bad.append(("measured a step with b_big 1", rec["g2"], None))
@@ -470,7 +498,7 @@ def check_steps(cfg, model, pool, x, t):
         bad.append(("estimate b_simple", e.b_simple, hand.b_simple * conv))
     # (steps after the last measured one — measure_every's — are in no record yet)
     t_rec = recorded[1] / recorded[0] if recorded[0] else math.nan
-    if counted and not _close(e.tokens_per_example, t_rec, tb, 1e-12):
+    if counted and not lost and not _close(e.tokens_per_example, t_rec, tb, 1e-12):
         bad.append(("estimate tokens_per_example", e.tokens_per_example, t_rec))
     declared = tracker_options(cfg).get("tokens_per_example")
     if declared and not math.isnan(e.b_simple):  # noqa: SIM102
@@ -561,7 +589,7 @@ def check_stats(cfg, model, pool, x, t, truth):
             se = np.std(vals, ddof=1) / math.sqrt(len(vals))
             zs.append((float(np.mean(vals)) - want) / se if se > 0 else 0.0)
         info = {
-            "z": [round(z, 2) for z in zs],
+            "z": [round(float(z), 2) for z in zs],
             "g2": [float(np.mean(g_means)), want_g],
             "tr": [float(np.mean(t_means)), want_t],
         }

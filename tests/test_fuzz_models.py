@@ -868,8 +868,9 @@ def test_what_the_command_line_fuzzer_found_is_refused_or_exact(seed):
 # Face's own mean over 1-4 micro-batches (taken within them), the Trainer's num_items_in_batch, a
 # declared token_mean and num_items_in_batch by hand, each row's own mean, over right- and
 # left-padded rows, -100 spans and packed rows; and one seed's bias, coverage and CLI on its pool
-# (hf_items over -100 spans, 12 runs of 30 steps).
-TOKENS_SAMPLE = [(s, ("steps",), None) for s in (0, 3, 4, 5, 7, 10, 12, 15)]
+# (hf_items over -100 spans, 8 runs of its steps).
+# Seeds 49 and 59: a micro-batch of rows that count no token (its mean nan, its gradient 0).
+TOKENS_SAMPLE = [(s, ("steps",), None) for s in (0, 3, 4, 5, 7, 10, 12, 15, 49, 59)]
 TOKENS_SAMPLE += [(9, ("bias", "coverage", "cli"), {"replicates": 8})]
 
 # What it found: fail until fixed (not xfail, as FOUND_BY_THE_FUZZER's).
