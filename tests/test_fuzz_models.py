@@ -886,6 +886,15 @@ TOKENS_FOUND = [
     # skipped step after it), not the record's own: 31.19 for 30.21 sequences, 3% (report/data.py
     # History.last_tokens_per_example, commands/calc.py; hunt/cli_last_tokens.py)
     (37, ("cli",), {"replicates": 1}),
+    # crash: loss_reduction="num_items_in_batch" with count_tokens(labels, num_items_in_batch=n)
+    # and n = 0.0 (a Python number; a step whose rows count no token): ZeroDivisionError from
+    # tracker.py _weights_of (coef = m / d); a tensor 0 gives nan (hunt/zero_tokens_items.py)
+    (136, ("bias",), {"replicates": 1}),
+    # withheld-silent: a declared token_mean whose micro-batch of one row counts no token (its
+    # mean nan, its gradient 0) at the run's first step: recorded nan and skipped without a word;
+    # later in a run the same step is measured exactly, that micro-batch's mean gradient 0
+    # (seed 49; hunt/empty_first_step.py)
+    (108, ("steps",), None),
 ]
 
 
