@@ -520,7 +520,7 @@ def check_steps(cfg, model, pool, x, t):
         # (a warning that a step is left out says nothing of its examples and tokens)
         counts_only = all(key.split()[-1] in COUNT_KEYS for key, *_ in bad)
         cls = "wrong-warned" if caught and not counts_only else "WRONG-SILENT"
-        if all(key.endswith((" skipped", "has no record")) for key, *_ in bad):
+        if all(key.endswith((" skipped", "has no record", "unwarned")) for key, *_ in bad):
             cls = "withheld-silent"  # a step left out without a word
         return _result(
             cls, bad=bad[:6], steps=steps_done, warned=[str(w.message)[:160] for w in caught][:3]
