@@ -978,6 +978,56 @@ def test_a_tracker_resumed_just_before_a_short_window_leaves_it_out_as_before():
     assert resumed.estimate().steps == whole.estimate().steps == 2
 
 
+@pytest.mark.parametrize("why", ["short window", "loss scale"])
+def test_a_step_left_out_still_counts_its_examples_and_tokens(why):
+    """(A fuzzer, 2026-12-07.) A step left out with a warning — a short last window (1
+    micro-batch after 2: its divisor unknown), or squared norms overflowing float32 under a
+    loss scale grown past 2^63 — was trained on: the next record's ``examples`` and
+    ``tokens_seen`` (the report's E) and T̄ count its rows and tokens. Until then they were
+    lost for ever (examples 12 for 15 and 18 here)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(13, 4), torch.nn.Linear(4, 13))
+    if why == "short window":
+        model, scaler, windows, scales = model.double(), None, (2, 1, 2), (1.0,) * 3
+    else:
+        scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+        windows, scales = (2, 2, 2), (2.0**64, 1.0, 1.0)  # (each the next step's)
+    tracker = noisescale.GradientNoiseTracker(
+        model, loss_reduction="token_mean", per_example_fraction=1.0, sync_every=1, scaler=scaler
+    )
+    g = torch.Generator().manual_seed(0)
+    rows = tokens = 0
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for k, s in zip(windows, scales, strict=True):
+                for _ in range(k):
+                    ids = torch.randint(0, 13, (3, 6), generator=g)
+                    lengths = torch.randint(2, 7, (3,), generator=g)
+                    target = torch.where(torch.arange(6)[None] < lengths[:, None], ids, -100)
+                    target = target[:, 1:]
+                    flat = model(ids)[:, :-1].reshape(-1, 13)
+                    loss = F.cross_entropy(flat, target.reshape(-1)) / k
+                    (loss if scaler is None else scaler.scale(loss)).backward()
+                    tracker.count_tokens(target)
+                    rows, tokens = rows + 3, tokens + int((target != -100).sum())
+                tracker.step()
+                model.zero_grad()
+                if scaler is not None:
+                    scaler.update(s)
+        history = tracker.history
+    finally:
+        tracker.remove()
+    said = [str(w.message) for w in caught]
+    assert [r["step"] for r in history] == [1, 3]
+    assert any(("short last window" if why == "short window" else "loss scale") in w for w in said)
+    last = history[-1]
+    assert last["examples"] == rows
+    assert last["tokens_seen"] == tokens
+    assert last["tokens_per_example"] == pytest.approx(tokens / rows, rel=1e-12)
+    assert tracker.examples == rows
+
+
 def test_two_forwards_in_one_backward_over_tokens_is_refused():
     """Two forwards of a causal LM with labels=, one backward of (loss1 + loss2) / 2: each
     loss's token weights are measured per backward pass, and two cannot be combined into one.

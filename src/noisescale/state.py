@@ -221,7 +221,8 @@ def update(
     if plain_after:
         record["left_out"] = "not preconditioned, after the estimate became preconditioned"
     if stats.unmeasured[0]:
-        record["unmeasured_steps"] = stats.unmeasured[0]  # before this one (measure_every)
+        # before this one: measure_every's, and steps left out (tracker._left_out)
+        record["unmeasured_steps"] = stats.unmeasured[0]
     if stats.preconditioned is not None:
         record["preconditioned"] = stats.preconditioned
     if stats.extra:
