@@ -1202,6 +1202,51 @@ def test_calc_reads_a_history_in_either_unit(token_history, capsys):
     assert main(["calc", "--noise-scale", "10", "--unit", "tokens", "--batch-size", "4"]) == 2
 
 
+def test_the_last_b_simple_is_converted_by_its_own_tokens_per_example(lm, tmp_path, capsys):
+    """(A fuzzer, 2026-12-07.) A run whose last step holds one sequence (b_big 1: skipped, its
+    tokens still counted, T̄ moved): calc's ``--unit examples``, report's
+    ``b_simple_last_examples`` and its page convert the last measured record's B_simple by that
+    record's own T̄, as ``estimate().to("examples")`` does. Until then they took the history's
+    last record's (the skipped step's), 3-7% off without a word."""
+    from noisescale.cli import main
+    from noisescale.report.data import load_history, report_data, summary_dict
+    from noisescale.report.html import report_html
+
+    model, path = lm["model"], tmp_path / "history.jsonl"
+    tracker = noisescale.GradientNoiseTracker(model, beta=0.9, history_path=path)
+    gen = torch.Generator().manual_seed(8)
+    longest = int(lm["mask"].sum(1).argmax())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the last step's: small batch = big batch)
+        for step in range(5):
+            idx = torch.randint(0, POOL, (8,), generator=gen) if step < 4 else [longest]
+            out = model(
+                lm["ids"][idx], attention_mask=lm["mask"][idx].long(), labels=lm["labels"][idx]
+            )
+            out.loss.backward()
+            tracker.step(loss=out.loss)
+            model.zero_grad()
+    e = tracker.estimate().to("examples")
+    tracker.remove()
+    records = tracker.history
+    last = [r for r in records if not r["skipped"] and r["b_simple"] > 0][-1]
+    assert records[-1]["skipped"] and math.isfinite(last["b_simple"])
+    t = last["tokens_per_example"]
+    assert abs(records[-1]["tokens_per_example"] / t - 1) > 0.01  # (the point: T̄ moved)
+    want = last["b_simple"] / t
+    assert e.b_simple == pytest.approx(want, rel=1e-12)
+    assert main(["calc", "--history", str(path), "--unit", "examples", "--batch-size", "16",
+                 "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["noise_scale"] == pytest.approx(want, rel=1e-12)
+    data = report_data(load_history(path))
+    summary = summary_dict(data)
+    assert summary["b_simple_last_examples"] == pytest.approx(want, rel=1e-12)
+    assert summary["b_simple_last_tokens"] == pytest.approx(last["b_simple"], rel=1e-12)
+    assert summary["tokens_per_example"] == pytest.approx(t, rel=1e-12)
+    page = report_html(data, {name: b"" for name in _figure_names()})
+    assert f"sequences of {t:.3g} tokens on average" in page
+
+
 def test_an_unavailable_per_token_estimate_quotes_its_own_averages():
     """The reason of an estimate given per token quotes |G|² (or tr Σ) in that unit, as
     ``e.g2`` holds it: until 2026-12-05 it quoted the per-example sums' |G|², T̄² apart
