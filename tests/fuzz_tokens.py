@@ -407,7 +407,8 @@ def check_steps(cfg, model, pool, x, t):
                     rec = tracker.history[-1] if tracker.history else None
                     if rec is not None and rec["step"] == len(steps_done) and not rec["skipped"]:
                         bad.append((f"step {rec['step']} of a nan loss measured", rec["g2"], None))
-                    elif not step_warned and not withheld:
+                    elif measured and not step_warned and not withheld:
+                        # (measure_every's unmeasured steps are not looked at: nothing withheld)
                         bad.append((f"step {len(steps_done)} of a nan loss unwarned", None, None))
                     withheld += 1
                     lost = True  # (whether its examples count is not said: not checked after)
