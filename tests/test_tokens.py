@@ -1780,3 +1780,95 @@ def test_a_first_batch_with_no_counted_token_loses_no_step(first):
         assert tracker.estimate().unit == "tokens"
     finally:
         tracker.remove()
+
+
+def _token_lm() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(13, 4), torch.nn.Linear(4, 13)).double()
+
+
+@pytest.mark.parametrize("divisor", ["number", "tensor"])
+def test_a_step_of_no_counted_token_is_left_out_and_said(divisor):
+    """(A fuzzer, 2026-12-07.) ``count_tokens(labels, num_items_in_batch=n)`` under the declared
+    ``"num_items_in_batch"`` with n = 0 (a step whose rows count no token: all prompt): the
+    loss is 0/0 and there is nothing per token to measure. Given as a number it raised a bare
+    ZeroDivisionError from ``step()``, as a tensor the step was recorded nan without a word;
+    now either is left out with a warning naming the cause, its rows counted as examples."""
+    model = _token_lm()
+    tracker = noisescale.GradientNoiseTracker(
+        model, loss_reduction="num_items_in_batch", sync_every=1
+    )
+    g = torch.Generator().manual_seed(0)
+    rows = 0
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for empty in (False, True, False):
+                ids = torch.randint(0, 13, (4, 6), generator=g)
+                target = torch.full_like(ids, -100) if empty else ids.clone()
+                target = target[:, 1:]
+                n = (target != -100).sum()
+                flat = model(ids)[:, :-1].reshape(-1, 13)
+                summed = F.cross_entropy(flat, target.reshape(-1), reduction="sum")
+                (summed / n.clamp(min=1)).backward()
+                tracker.count_tokens(
+                    target, num_items_in_batch=float(n) if divisor == "number" else n
+                )
+                tracker.step()
+                model.zero_grad()
+                rows += 4
+        history = tracker.history
+    finally:
+        tracker.remove()
+    said = [str(w.message) for w in caught]
+    assert [r["skipped"] for r in history] == [False, True, False]
+    assert history[1]["tokens"] == 0 and history[1]["left_out"].startswith("no token counted")
+    assert any("step 2 counts no token" in w and "left out" in w for w in said), said
+    assert history[-1]["examples"] == rows and history[-1]["tokens_seen"] == 2 * 4 * 5
+
+
+def test_a_first_step_with_a_micro_batch_of_no_token_is_measured():
+    """(A fuzzer, 2026-12-07.) A declared ``"token_mean"`` over three micro-batches, the second
+    counting no token (its mean nan, its gradient 0), at the run's first step: the micro-batches'
+    weights 1/(k·c_m) differ (one is 1/0), so the step is measured within them — eq. A.2 by hand
+    on brute-force per-row summed token gradients x_i, that micro-batch's mean X̄_m = 0. Until
+    then the weights were taken as equal (their spread nan), and the step was recorded nan and
+    skipped without a word (a later such step was measured)."""
+    model = _token_lm()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 13, (6, 6), generator=g)
+    lengths = torch.tensor([6, 4, 1, 1, 5, 3])  # rows 2, 3: no counted token (shifted)
+    target = torch.where(torch.arange(6)[None] < lengths[:, None], ids, -100)[:, 1:]
+    mbs = [[0, 1], [2, 3], [4, 5]]
+    x, t = [], (target != -100).sum(1).double()
+    for i in range(6):  # brute force: each row's summed token gradient
+        model.zero_grad()
+        flat = model(ids[i : i + 1])[:, :-1].reshape(-1, 13)
+        F.cross_entropy(flat, target[i], reduction="sum").backward()
+        x.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    x = torch.stack(x)
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(
+        model, loss_reduction="token_mean", per_example_fraction=1.0, microbatch=False
+    )
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for m in mbs:
+                flat = model(ids[m])[:, :-1].reshape(-1, 13)
+                (F.cross_entropy(flat, target[m].reshape(-1)) / 3).backward()
+                tracker.count_tokens(target[m])
+            tracker.step()
+            (record,) = tracker.history
+    finally:
+        tracker.remove()
+    assert not record["skipped"]
+    assert any("each step is measured within its micro-batches" in str(w.message) for w in caught)
+    s_big = sum(2 / 6 * float(x[m].mean(0).pow(2).sum()) for m in mbs)
+    s_small, b = float(x.pow(2).sum(1).mean()), 2.0
+    g2, tr = (b * s_big - s_small) / (b - 1), (s_small - s_big) / (1 - 1 / b)
+    tbar = float(t.mean())
+    assert record["tokens_per_example"] == pytest.approx(tbar, rel=1e-12)
+    assert record["b_big"] == pytest.approx(b * tbar, rel=1e-9)
+    assert record["g2"] == pytest.approx(g2 / tbar**2, rel=1e-9)
+    assert record["trace_sigma"] == pytest.approx(tr / tbar, rel=1e-9)

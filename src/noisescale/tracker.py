@@ -1322,10 +1322,14 @@ class GradientNoiseTracker:
         shifts them: its own number is the divisor, not the tokens counted."""
         given = [u.denominator for u in units]
         if all(d is not None for d in given):
+            # (a number 0 — a step that counts no token — divides as a tensor 0 does: the step
+            # is left out with a warning when read, state.update; until 2026-12-07 a bare
+            # ZeroDivisionError from step())
+            zero = torch.zeros((), dtype=torch.float64, device=tokens.device)
             return [
                 d.detach().to(device=tokens.device, dtype=torch.float64)
                 if isinstance(d, Tensor)
-                else float(d)
+                else float(d) or zero
                 for d in given
             ]
         if any(d is not None for d in given):
@@ -1687,6 +1691,15 @@ class GradientNoiseTracker:
         return out, refused
 
     def _after_update(self, p: _Pending, record: dict[str, Any]) -> None:
+        if record.get("left_out") == state_mod.NO_TOKEN:
+            self._warn_once(
+                "no-token",
+                f"step {p.step} counts no token (every label of its examples is ignored, -100: "
+                "a batch that is all prompt, completions truncated away, sequences of one "
+                "token): its loss over tokens is 0/0 and it has no gradient per token to "
+                "measure, so it is left out (its examples counted, with no token). Such "
+                "batches train nothing: leave them out of the loader",
+            )
         if record["skipped"] and not math.isfinite(record["sqnorm_big"]) and self.scaler is None:
             self._warn_once("non-finite", f"step {p.step} has non-finite gradients; it is left out")
         if not record["skipped"]:
