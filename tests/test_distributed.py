@@ -1721,6 +1721,8 @@ def test_a_short_window_on_one_process_is_left_out_on_every_process(runs):
         got = runs[rank]["short_window"]
         assert got["params"] == got["plain_params"]  # training untouched
         assert [r["step"] for r in got["history"]] == [1, 3]
+        # step 2's examples were trained on: counted with step 3 (until 2026-12-07 lost, 18)
+        assert [r["examples"] for r in got["history"]] == [10, 28]
         assert any(
             "on 1 of the 2 processes, step 2 had fewer accumulation micro-batches" in w
             and "left out" in w
@@ -1815,6 +1817,7 @@ def test_a_loss_scale_overflow_on_one_process_is_left_out_on_every_process(per_p
         assert "error" not in got, got["error"]
         assert got["params"] == got["plain_params"]  # training untouched
         assert [r["step"] for r in got["history"]] == [1, 3]
+        assert [r["examples"] for r in got["history"]] == [12, 36]  # step 2's too
         assert any(
             "on 1 of the 2 processes at step 2" in w and "loss scale has grown to 4.61169e+18" in w
             for w in got["warnings"]

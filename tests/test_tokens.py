@@ -978,6 +978,56 @@ def test_a_tracker_resumed_just_before_a_short_window_leaves_it_out_as_before():
     assert resumed.estimate().steps == whole.estimate().steps == 2
 
 
+@pytest.mark.parametrize("why", ["short window", "loss scale"])
+def test_a_step_left_out_still_counts_its_examples_and_tokens(why):
+    """(A fuzzer, 2026-12-07.) A step left out with a warning — a short last window (1
+    micro-batch after 2: its divisor unknown), or squared norms overflowing float32 under a
+    loss scale grown past 2^63 — was trained on: the next record's ``examples`` and
+    ``tokens_seen`` (the report's E) and T̄ count its rows and tokens. Until then they were
+    lost for ever (examples 12 for 15 and 18 here)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(13, 4), torch.nn.Linear(4, 13))
+    if why == "short window":
+        model, scaler, windows, scales = model.double(), None, (2, 1, 2), (1.0,) * 3
+    else:
+        scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+        windows, scales = (2, 2, 2), (2.0**64, 1.0, 1.0)  # (each the next step's)
+    tracker = noisescale.GradientNoiseTracker(
+        model, loss_reduction="token_mean", per_example_fraction=1.0, sync_every=1, scaler=scaler
+    )
+    g = torch.Generator().manual_seed(0)
+    rows = tokens = 0
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for k, s in zip(windows, scales, strict=True):
+                for _ in range(k):
+                    ids = torch.randint(0, 13, (3, 6), generator=g)
+                    lengths = torch.randint(2, 7, (3,), generator=g)
+                    target = torch.where(torch.arange(6)[None] < lengths[:, None], ids, -100)
+                    target = target[:, 1:]
+                    flat = model(ids)[:, :-1].reshape(-1, 13)
+                    loss = F.cross_entropy(flat, target.reshape(-1)) / k
+                    (loss if scaler is None else scaler.scale(loss)).backward()
+                    tracker.count_tokens(target)
+                    rows, tokens = rows + 3, tokens + int((target != -100).sum())
+                tracker.step()
+                model.zero_grad()
+                if scaler is not None:
+                    scaler.update(s)
+        history = tracker.history
+    finally:
+        tracker.remove()
+    said = [str(w.message) for w in caught]
+    assert [r["step"] for r in history] == [1, 3]
+    assert any(("short last window" if why == "short window" else "loss scale") in w for w in said)
+    last = history[-1]
+    assert last["examples"] == rows
+    assert last["tokens_seen"] == tokens
+    assert last["tokens_per_example"] == pytest.approx(tokens / rows, rel=1e-12)
+    assert tracker.examples == rows
+
+
 def test_two_forwards_in_one_backward_over_tokens_is_refused():
     """Two forwards of a causal LM with labels=, one backward of (loss1 + loss2) / 2: each
     loss's token weights are measured per backward pass, and two cannot be combined into one.
@@ -1150,6 +1200,51 @@ def test_calc_reads_a_history_in_either_unit(token_history, capsys):
     assert row["unit"] == "examples"
     assert row["noise_scale"] == pytest.approx(e.to("examples").b_simple)
     assert main(["calc", "--noise-scale", "10", "--unit", "tokens", "--batch-size", "4"]) == 2
+
+
+def test_the_last_b_simple_is_converted_by_its_own_tokens_per_example(lm, tmp_path, capsys):
+    """(A fuzzer, 2026-12-07.) A run whose last step holds one sequence (b_big 1: skipped, its
+    tokens still counted, T̄ moved): calc's ``--unit examples``, report's
+    ``b_simple_last_examples`` and its page convert the last measured record's B_simple by that
+    record's own T̄, as ``estimate().to("examples")`` does. Until then they took the history's
+    last record's (the skipped step's), 3-7% off without a word."""
+    from noisescale.cli import main
+    from noisescale.report.data import load_history, report_data, summary_dict
+    from noisescale.report.html import report_html
+
+    model, path = lm["model"], tmp_path / "history.jsonl"
+    tracker = noisescale.GradientNoiseTracker(model, beta=0.9, history_path=path)
+    gen = torch.Generator().manual_seed(8)
+    longest = int(lm["mask"].sum(1).argmax())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the last step's: small batch = big batch)
+        for step in range(5):
+            idx = torch.randint(0, POOL, (8,), generator=gen) if step < 4 else [longest]
+            out = model(
+                lm["ids"][idx], attention_mask=lm["mask"][idx].long(), labels=lm["labels"][idx]
+            )
+            out.loss.backward()
+            tracker.step(loss=out.loss)
+            model.zero_grad()
+    e = tracker.estimate().to("examples")
+    tracker.remove()
+    records = tracker.history
+    last = [r for r in records if not r["skipped"] and r["b_simple"] > 0][-1]
+    assert records[-1]["skipped"] and math.isfinite(last["b_simple"])
+    t = last["tokens_per_example"]
+    assert abs(records[-1]["tokens_per_example"] / t - 1) > 0.01  # (the point: T̄ moved)
+    want = last["b_simple"] / t
+    assert e.b_simple == pytest.approx(want, rel=1e-12)
+    assert main(["calc", "--history", str(path), "--unit", "examples", "--batch-size", "16",
+                 "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["noise_scale"] == pytest.approx(want, rel=1e-12)
+    data = report_data(load_history(path))
+    summary = summary_dict(data)
+    assert summary["b_simple_last_examples"] == pytest.approx(want, rel=1e-12)
+    assert summary["b_simple_last_tokens"] == pytest.approx(last["b_simple"], rel=1e-12)
+    assert summary["tokens_per_example"] == pytest.approx(t, rel=1e-12)
+    page = report_html(data, {name: b"" for name in _figure_names()})
+    assert f"sequences of {t:.3g} tokens on average" in page
 
 
 def test_an_unavailable_per_token_estimate_quotes_its_own_averages():
@@ -1685,3 +1780,95 @@ def test_a_first_batch_with_no_counted_token_loses_no_step(first):
         assert tracker.estimate().unit == "tokens"
     finally:
         tracker.remove()
+
+
+def _token_lm() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(13, 4), torch.nn.Linear(4, 13)).double()
+
+
+@pytest.mark.parametrize("divisor", ["number", "tensor"])
+def test_a_step_of_no_counted_token_is_left_out_and_said(divisor):
+    """(A fuzzer, 2026-12-07.) ``count_tokens(labels, num_items_in_batch=n)`` under the declared
+    ``"num_items_in_batch"`` with n = 0 (a step whose rows count no token: all prompt): the
+    loss is 0/0 and there is nothing per token to measure. Given as a number it raised a bare
+    ZeroDivisionError from ``step()``, as a tensor the step was recorded nan without a word;
+    now either is left out with a warning naming the cause, its rows counted as examples."""
+    model = _token_lm()
+    tracker = noisescale.GradientNoiseTracker(
+        model, loss_reduction="num_items_in_batch", sync_every=1
+    )
+    g = torch.Generator().manual_seed(0)
+    rows = 0
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for empty in (False, True, False):
+                ids = torch.randint(0, 13, (4, 6), generator=g)
+                target = torch.full_like(ids, -100) if empty else ids.clone()
+                target = target[:, 1:]
+                n = (target != -100).sum()
+                flat = model(ids)[:, :-1].reshape(-1, 13)
+                summed = F.cross_entropy(flat, target.reshape(-1), reduction="sum")
+                (summed / n.clamp(min=1)).backward()
+                tracker.count_tokens(
+                    target, num_items_in_batch=float(n) if divisor == "number" else n
+                )
+                tracker.step()
+                model.zero_grad()
+                rows += 4
+        history = tracker.history
+    finally:
+        tracker.remove()
+    said = [str(w.message) for w in caught]
+    assert [r["skipped"] for r in history] == [False, True, False]
+    assert history[1]["tokens"] == 0 and history[1]["left_out"].startswith("no token counted")
+    assert any("step 2 counts no token" in w and "left out" in w for w in said), said
+    assert history[-1]["examples"] == rows and history[-1]["tokens_seen"] == 2 * 4 * 5
+
+
+def test_a_first_step_with_a_micro_batch_of_no_token_is_measured():
+    """(A fuzzer, 2026-12-07.) A declared ``"token_mean"`` over three micro-batches, the second
+    counting no token (its mean nan, its gradient 0), at the run's first step: the micro-batches'
+    weights 1/(k·c_m) differ (one is 1/0), so the step is measured within them — eq. A.2 by hand
+    on brute-force per-row summed token gradients x_i, that micro-batch's mean X̄_m = 0. Until
+    then the weights were taken as equal (their spread nan), and the step was recorded nan and
+    skipped without a word (a later such step was measured)."""
+    model = _token_lm()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 13, (6, 6), generator=g)
+    lengths = torch.tensor([6, 4, 1, 1, 5, 3])  # rows 2, 3: no counted token (shifted)
+    target = torch.where(torch.arange(6)[None] < lengths[:, None], ids, -100)[:, 1:]
+    mbs = [[0, 1], [2, 3], [4, 5]]
+    x, t = [], (target != -100).sum(1).double()
+    for i in range(6):  # brute force: each row's summed token gradient
+        model.zero_grad()
+        flat = model(ids[i : i + 1])[:, :-1].reshape(-1, 13)
+        F.cross_entropy(flat, target[i], reduction="sum").backward()
+        x.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    x = torch.stack(x)
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(
+        model, loss_reduction="token_mean", per_example_fraction=1.0, microbatch=False
+    )
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for m in mbs:
+                flat = model(ids[m])[:, :-1].reshape(-1, 13)
+                (F.cross_entropy(flat, target[m].reshape(-1)) / 3).backward()
+                tracker.count_tokens(target[m])
+            tracker.step()
+            (record,) = tracker.history
+    finally:
+        tracker.remove()
+    assert not record["skipped"]
+    assert any("each step is measured within its micro-batches" in str(w.message) for w in caught)
+    s_big = sum(2 / 6 * float(x[m].mean(0).pow(2).sum()) for m in mbs)
+    s_small, b = float(x.pow(2).sum(1).mean()), 2.0
+    g2, tr = (b * s_big - s_small) / (b - 1), (s_small - s_big) / (1 - 1 / b)
+    tbar = float(t.mean())
+    assert record["tokens_per_example"] == pytest.approx(tbar, rel=1e-12)
+    assert record["b_big"] == pytest.approx(b * tbar, rel=1e-9)
+    assert record["g2"] == pytest.approx(g2 / tbar**2, rel=1e-9)
+    assert record["trace_sigma"] == pytest.approx(tr / tbar, rel=1e-9)

@@ -46,6 +46,9 @@ class SmallBatches(NamedTuple):
         return self.count / self.inv_size_sum if self.inv_size_sum > 0 else math.nan
 
 
+#: why a step is left out whose loss over tokens counts none (a history record's ``left_out``)
+NO_TOKEN = "no token counted: its loss over tokens is 0/0"
+
 #: measure_every's carry when no step went unmeasured: (count, examples, tokens)
 NOTHING_UNMEASURED: tuple[int, int, float | None] = (0, 0, 0.0)
 
@@ -151,7 +154,11 @@ def update(
     # a plain step after the estimate became preconditioned (an optimizer without state: a
     # fresh one after a resume): the two quantities are never averaged together
     plain_after = stats.preconditioned is False and preconditioned_from is not None
-    skipped = not (finite and per_source) or plain_after
+    # a step whose loss over tokens counts none (every label ignored): 0/0, nothing per token
+    # to measure — left out, said (until 2026-12-07 recorded nan without a word, or a
+    # ZeroDivisionError with num_items_in_batch=0 given as a number; a fuzzer)
+    no_token = stats.tokens == 0 and stats.definition in ("token", "labelled")
+    skipped = not (finite and per_source) or plain_after or no_token
     g2 = tr = math.nan
     names = sorted(per_source)
     record_groups: dict[str, dict[str, Any]] | None = None
@@ -220,8 +227,11 @@ def update(
         record["unavailable"] = e.reason
     if plain_after:
         record["left_out"] = "not preconditioned, after the estimate became preconditioned"
+    elif no_token:
+        record["left_out"] = NO_TOKEN
     if stats.unmeasured[0]:
-        record["unmeasured_steps"] = stats.unmeasured[0]  # before this one (measure_every)
+        # before this one: measure_every's, and steps left out (tracker._left_out)
+        record["unmeasured_steps"] = stats.unmeasured[0]
     if stats.preconditioned is not None:
         record["preconditioned"] = stats.preconditioned
     if stats.extra:

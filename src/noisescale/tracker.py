@@ -790,6 +790,7 @@ class GradientNoiseTracker:
         # (here and at _first_gradients: precondition= is refused under data parallelism, so
         # neither returns before the all-reduce below on one process alone)
         if self._precondition_stale():
+            self._left_out(passes, tokens)
             return
         # (until 2026-12-06 |G_big|² read 0 from 2^64 on — S² is inf in float32 — and the
         # step was recorded, tr Σ 25% off, a hunt; below, the squares S²·|g_i|² overflowed
@@ -804,6 +805,7 @@ class GradientNoiseTracker:
         )
         if overflowed and self._dist is None:
             self._warn_once("loss-scale", _loss_scale_message(scale))
+            self._left_out(passes, tokens)
             return
         if self._divisor_unknown and self._dist is None:
             self._warn_once(
@@ -812,8 +814,10 @@ class GradientNoiseTracker:
                     f"a step had {len(passes)} accumulation micro-batches, fewer"
                 ),
             )
+            self._left_out(passes, tokens)
             return
         if passes[0].weights is not None and self._first_gradients():
+            self._left_out(passes, tokens)
             return
         observations = {}
         with torch.no_grad():
@@ -846,6 +850,7 @@ class GradientNoiseTracker:
             sum_c = norms.sum_c
             if not isinstance(sum_c, Tensor) and sum_c <= 0:  # an empty batch
                 self._warn_once("empty", "a step had no examples; it is left out")
+                self._left_out(passes, tokens)
                 return
             weights = passes[0].weights
             with torch.no_grad():
@@ -1046,6 +1051,15 @@ class GradientNoiseTracker:
         else:
             self._count_unmeasured(examples, None if tokens is None else tokens.detach())
         self._schedule_next()
+
+    def _left_out(self, passes: list[Any], tokens: Tensor | None) -> None:
+        """Count a step left out of the estimate with a warning (its divisor unknown, its norms
+        overflowed under the loss scale, its preconditioner stale or not yet defined): it was
+        trained on, so its examples and tokens are counted with the next recorded step, as an
+        unmeasured step's are. Until 2026-12-07 they were lost from every later record's
+        ``examples`` and ``tokens_seen`` (and T̄, the report's E), without a word (a fuzzer)."""
+        examples = sum(p.batch_size for p in passes)
+        self._count_unmeasured(examples, None if tokens is None else tokens.detach())
 
     def _count_unmeasured(self, examples: int, tokens: Tensor | float | None) -> None:
         """Add an unmeasured step (its examples and tokens; ``None``: not counted) to those
@@ -1308,10 +1322,14 @@ class GradientNoiseTracker:
         shifts them: its own number is the divisor, not the tokens counted."""
         given = [u.denominator for u in units]
         if all(d is not None for d in given):
+            # (a number 0 — a step that counts no token — divides as a tensor 0 does: the step
+            # is left out with a warning when read, state.update; until 2026-12-07 a bare
+            # ZeroDivisionError from step())
+            zero = torch.zeros((), dtype=torch.float64, device=tokens.device)
             return [
                 d.detach().to(device=tokens.device, dtype=torch.float64)
                 if isinstance(d, Tensor)
-                else float(d)
+                else float(d) or zero
                 for d in given
             ]
         if any(d is not None for d in given):
@@ -1537,15 +1555,17 @@ class GradientNoiseTracker:
                 row = values[i * width : (i + 1) * width]
                 kind = step_kind(row, p.step)
                 if kind != "measured":
-                    if refused is None and kind == "unmeasured":
+                    # (a step left out on every process was trained on too: its examples and
+                    # tokens count, as an unmeasured one's; _left_out)
+                    if refused is None:
                         self._count_unmeasured(*self._dist.resolve_unmeasured(row))
-                    elif refused is None and row[OVERFLOWED] > 0:
+                    if refused is None and kind == "left out" and row[OVERFLOWED] > 0:
                         where = (
                             f"on {round(float(row[OVERFLOWED]))} of the "
                             f"{self._dist.world_size} processes at step {p.step}, "
                         )
                         self._warn_once("loss-scale", _loss_scale_message(p.scale, where))
-                    elif refused is None:
+                    elif refused is None and kind == "left out":
                         had = (
                             f"on {round(float(row[LEFT_OUT]))} of the {self._dist.world_size} "
                             f"processes, step {p.step} had fewer accumulation micro-batches"
@@ -1688,6 +1708,15 @@ class GradientNoiseTracker:
         return out, refused
 
     def _after_update(self, p: _Pending, record: dict[str, Any]) -> None:
+        if record.get("left_out") == state_mod.NO_TOKEN:
+            self._warn_once(
+                "no-token",
+                f"step {p.step} counts no token (every label of its examples is ignored, -100: "
+                "a batch that is all prompt, completions truncated away, sequences of one "
+                "token): its loss over tokens is 0/0 and it has no gradient per token to "
+                "measure, so it is left out (its examples counted, with no token). Such "
+                "batches train nothing: leave them out of the loader",
+            )
         if record["skipped"] and not math.isfinite(record["sqnorm_big"]) and self.scaler is None:
             self._warn_once("non-finite", f"step {p.step} has non-finite gradients; it is left out")
         if not record["skipped"]:

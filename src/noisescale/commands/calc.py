@@ -262,7 +262,7 @@ def _from_history(path: str, unit: str | None) -> _Measured:
     low = low if math.isfinite(low) and low > 0 else 0.0
     high = high if math.isfinite(high) else math.inf
     own = history.unit
-    t = history.last_tokens_per_example
+    t = history.tokens_per_example_at(step)  # (the T̄ of the record whose B_simple this is)
     target = unit or own
     if target != own:
         if not (math.isfinite(t) and t > 0):

@@ -124,10 +124,13 @@ class History:
         """What B_simple and the batch sizes count: ``"examples"`` or ``"tokens"``."""
         return str(self.header.get("unit", "examples"))
 
-    @property
-    def last_tokens_per_example(self) -> float:
-        """The run's mean tokens per example at its last record that has one, else ``nan``."""
-        known = self.tokens_per_example[np.isfinite(self.tokens_per_example)]
+    def tokens_per_example_at(self, step: float) -> float:
+        """The run's mean tokens per example at the record of ``step`` (the last record up to it
+        that has one), else ``nan``: the T̄ its B_simple was converted by. Until 2026-12-07 the
+        history's last record's was taken, a later skipped step's, and calc's ``--unit`` and
+        report's B_simple in the other unit read the last estimate 3-7% off (a fuzzer)."""
+        upto = self.step <= step
+        known = self.tokens_per_example[upto & np.isfinite(self.tokens_per_example)]
         return float(known[-1]) if known.size else math.nan
 
 
@@ -749,7 +752,7 @@ def summary_dict(data: ReportData) -> dict[str, Any]:
     """The report's headline numbers as JSON-ready data (``noisescale report --json``)."""
     bs = data.b_simple_step
     adaptive = data.adaptive
-    t = data.history.last_tokens_per_example
+    t = data.history.tokens_per_example_at(bs.step[-1])  # (the last B_simple's own)
     return {
         "history": data.history.path,
         "unit": data.history.unit,

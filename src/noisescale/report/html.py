@@ -125,7 +125,9 @@ def report_html(data: ReportData, figures: dict[str, bytes], figures_dir: str | 
         f"It went from {format_number(bs.b_simple[0])} to "
         f"<b>{format_number(bs.b_simple[-1])}</b> {unit}{interval}"
         + (f" at {100 * confidence:g}% confidence" if isinstance(confidence, float) else "")
-        + f"{in_other_unit(unit, float(bs.b_simple[-1]), data.history.last_tokens_per_example)}"
+        + in_other_unit(
+            unit, float(bs.b_simple[-1]), data.history.tokens_per_example_at(bs.step[-1])
+        )
         + f". The run used {run_batch}.{final_regime}</p>"
         f"<p>Averaged over the trajectory (App. D), the critical batch size is "
         f"B<sub>crit</sub> = E<sub>min</sub>/S<sub>min</sub> = <b>{format_number(run.b_crit)}</b>: "

@@ -151,8 +151,12 @@ VARYING = 1e-10
 def weights_spread(n: Any, sum_c: Any, sum_c2: Any) -> Any:
     """Whether weights whose number, sum and sum of squares are given differ (their variance
     over their mean² above :data:`VARYING`) — one test for a single process and for the
-    all-reduced sums of every process, so that both decide alike."""
-    return n * sum_c2 - sum_c * sum_c > VARYING * sum_c * sum_c
+    all-reduced sums of every process, so that both decide alike. A pass that counts no token
+    weighs 1/0 = inf (its mean nan, its gradient 0): the spread is nan, and the weights differ
+    (until 2026-12-07 taken as equal, and a run's first such step was recorded nan, skipped
+    without a word; a later one, once the weights had varied, was measured — a fuzzer)."""
+    spread = n * sum_c2 - sum_c * sum_c
+    return (spread > VARYING * sum_c * sum_c) | (spread != spread)
 
 
 @dataclass
