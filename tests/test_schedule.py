@@ -1015,6 +1015,28 @@ def test_a_scheduler_of_your_own_is_probed_once_wherever_it_is_met():
         check_lr_schedulers([fresh])
 
 
+def test_a_scheduler_of_your_own_defining_eq_without_hash_is_scaled():
+    """A scheduler class defining ``__eq__`` without ``__hash__`` (unhashable) crashed with a raw
+    ``TypeError: unhashable type`` from the cache of probed schedulers, a WeakSet (a review).
+    Keyed by identity, it is probed, accepted and scaled, the second time from the cache."""
+
+    class Halved(torch.optim.lr_scheduler.LRScheduler):
+        def get_lr(self):
+            return [b * 0.5 for b in self.base_lrs]
+
+        def __eq__(self, other):
+            return self is other
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = Halved(opt)
+    check_lr_schedulers([sched])
+    scale_lr(opt, 3.0, [sched])
+    assert sched.base_lrs == [pytest.approx(0.3, rel=1e-15)]
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.15, rel=1e-15)
+
+
 def test_a_scheduler_of_your_own_is_probed_alike_wherever_the_run_is():
     """The probe asks the same epochs of the run wherever it is asked (now, next, and the
     run's 1, 10, 100 and 1,000): a schedule built after the scheduler's state was loaded at step

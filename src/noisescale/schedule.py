@@ -287,8 +287,11 @@ SUPPORTED_LR_SCHEDULERS = tuple(
 #: scheduler object, wherever it is met again (a callback's change of the factor, a schedule's
 #: ``state_dict``). Until 2026-12-07 the probe looked 1,000 epochs ahead of where it was asked:
 #: asked again at step 999 it refused a warm-up + cosine to a floor it had accepted at step 0 —
-#: a crash mid-run (a review).
-_FOLLOWS_BASE_LRS: weakref.WeakSet[Any] = weakref.WeakSet()
+#: a crash mid-run (a review). Keyed by ``id()``, the scheduler itself the value (an id is not
+#: reused while its object lives, and an entry goes with it): a ``WeakSet`` hashed it, and a
+#: scheduler class defining ``__eq__`` without ``__hash__`` crashed with ``TypeError:
+#: unhashable type`` (a review).
+_FOLLOWS_BASE_LRS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 
 class _Flat(list):
@@ -323,8 +326,8 @@ def _flat_schedulers(lr_schedulers: Iterable[Any]) -> list[Any]:
         if inner is not None and inner is not s:
             visit(inner)
             return
-        if s in _FOLLOWS_BASE_LRS or _computes_from_base_lrs(s):
-            _FOLLOWS_BASE_LRS.add(s)
+        if _FOLLOWS_BASE_LRS.get(id(s)) is s or _computes_from_base_lrs(s):
+            _FOLLOWS_BASE_LRS[id(s)] = s
             # a scheduler of the user's own that computes its rate from base_lrs or from
             # param_group["lr"] (a warm-up + cosine written as a subclass): scaled like torch's
             # own (a review found such a subclass refused where it had kept the factor exactly)
