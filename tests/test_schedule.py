@@ -1006,13 +1006,71 @@ def test_a_scheduler_of_your_own_is_probed_once_wherever_it_is_met():
     carry_lr_factor(opt, 1.0, 2.0, [sched])
     assert opt.param_groups[0]["lr"] == 2.0 * lr and sched.base_lrs[0] == 2.0 * base
     # a scheduler never probed before is still probed where it is first met: at the floor now
-    # (step 2,000), its rate is its own, and it is refused
+    # (step 2,000), its rate is its own, and it is accepted with a warning (until 2026-12-07
+    # refused there: a new process resuming the run crashed, a review)
     fresh = WarmCos(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1))
     for _ in range(2000):
         fresh.optimizer.step()
         fresh.step()
-    with pytest.raises(NoiseScaleInputError, match="cannot scale the learning rate of a WarmCos"):
+    with pytest.warns(RuntimeWarning, match="WarmCos scheduler's rate at its epoch 2000"):
         check_lr_schedulers([fresh])
+
+
+def test_a_scheduler_of_your_own_is_accepted_alike_in_a_new_process():
+    """A warm-up + cosine to an absolute floor (1e-4 from step 2,000), accepted by a schedule
+    built at step 0 and run to 2,500: a new process loading the scheduler's state at step 1,999,
+    2,000 or 2,500 was refused when the callbacks started training — its epoch now and next
+    meet the floor, and the cache of probed schedulers does not outlive a process (a review).
+    Decided on the run's epochs 0, 1, 10, 100 and 1,000 alone, it is accepted in every
+    process, with a warning that the factor is not kept while its rate is its own, and scaled
+    as at the start: its base_lrs double with the factor (the floor, its own, does not)."""
+    import warnings
+
+    class WarmCos(torch.optim.lr_scheduler.LRScheduler):
+        def get_lr(self):
+            e = self.last_epoch
+            f = min(1.0, (e + 1) / 10) * 0.5 * (1 + math.cos(math.pi * min(e, 2000) / 2000))
+            return [max(b * f, 1e-4) for b in self.base_lrs]
+
+    for when in (1999, 2000, 2500):
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+        sched = WarmCos(opt)
+        state = sched.state_dict()
+        state.update(last_epoch=when, _step_count=when + 1, _last_lr=[1e-4])
+        sched.load_state_dict(state)
+        opt.param_groups[0]["lr"] = 1e-4
+        with pytest.warns(RuntimeWarning, match="not kept while its rate is its own") as got:
+            warnings.simplefilter("always")
+            check_lr_schedulers([sched])
+        assert f"rate at its epoch {when}" in str(got[0].message)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # said once per scheduler: accepted from the cache
+            scale_lr(opt, 2.0, [sched])
+        assert sched.base_lrs == [0.2]
+        sched.step()
+        assert opt.param_groups[0]["lr"] == 1e-4  # the floor is its own rate: not scaled
+
+
+def test_a_scheduler_of_your_own_defining_eq_without_hash_is_scaled():
+    """A scheduler class defining ``__eq__`` without ``__hash__`` (unhashable) crashed with a raw
+    ``TypeError: unhashable type`` from the cache of probed schedulers, a WeakSet (a review).
+    Keyed by identity, it is probed, accepted and scaled, the second time from the cache."""
+
+    class Halved(torch.optim.lr_scheduler.LRScheduler):
+        def get_lr(self):
+            return [b * 0.5 for b in self.base_lrs]
+
+        def __eq__(self, other):
+            return self is other
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = Halved(opt)
+    check_lr_schedulers([sched])
+    scale_lr(opt, 3.0, [sched])
+    assert sched.base_lrs == [pytest.approx(0.3, rel=1e-15)]
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.15, rel=1e-15)
 
 
 def test_a_scheduler_of_your_own_is_probed_alike_wherever_the_run_is():

@@ -287,8 +287,11 @@ SUPPORTED_LR_SCHEDULERS = tuple(
 #: scheduler object, wherever it is met again (a callback's change of the factor, a schedule's
 #: ``state_dict``). Until 2026-12-07 the probe looked 1,000 epochs ahead of where it was asked:
 #: asked again at step 999 it refused a warm-up + cosine to a floor it had accepted at step 0 —
-#: a crash mid-run (a review).
-_FOLLOWS_BASE_LRS: weakref.WeakSet[Any] = weakref.WeakSet()
+#: a crash mid-run (a review). Keyed by ``id()``, the scheduler itself the value (an id is not
+#: reused while its object lives, and an entry goes with it): a ``WeakSet`` hashed it, and a
+#: scheduler class defining ``__eq__`` without ``__hash__`` crashed with ``TypeError:
+#: unhashable type`` (a review).
+_FOLLOWS_BASE_LRS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 
 class _Flat(list):
@@ -323,8 +326,8 @@ def _flat_schedulers(lr_schedulers: Iterable[Any]) -> list[Any]:
         if inner is not None and inner is not s:
             visit(inner)
             return
-        if s in _FOLLOWS_BASE_LRS or _computes_from_base_lrs(s):
-            _FOLLOWS_BASE_LRS.add(s)
+        if _FOLLOWS_BASE_LRS.get(id(s)) is s or _computes_from_base_lrs(s):
+            _FOLLOWS_BASE_LRS[id(s)] = s
             # a scheduler of the user's own that computes its rate from base_lrs or from
             # param_group["lr"] (a warm-up + cosine written as a subclass): scaled like torch's
             # own (a review found such a subclass refused where it had kept the factor exactly)
@@ -355,14 +358,16 @@ def _plain(x: Any) -> Any:
 def _computes_from_base_lrs(s: Any) -> bool:
     """Whether an ``LRScheduler`` noisescale does not know computes its rates in proportion to
     its ``base_lrs`` and the groups' rates: on a copy of it (the optimizer shared, its rates put
-    back), ``get_lr()`` asked with both doubled must double, now, at the next epoch and at
-    the run's epochs 1, 10, 100 and 1,000 (a floor or a peak early in the run shows there: a
-    review found a warm-up + cosine to its own minimum accepted by a probe of the next rate
-    alone). The same epochs wherever it is asked: until 2026-12-07 they were 1, 10, 100 and
-    1,000 ahead, and a schedule built after a resume at step 1,500 refused a warm-up + cosine
-    to a floor at step 2,500 that one built at the start had accepted (a review). A floor or
-    a cap reached later is its own rate there, not scaled. An epoch at which its ``get_lr``
-    cannot be asked is skipped; one that cannot be asked now refuses it."""
+    back), ``get_lr()`` asked with both doubled must double at the run's epochs 0, 1, 10, 100
+    and 1,000 (a floor or a peak early in the run shows there: a review found a warm-up +
+    cosine to its own minimum accepted by a probe of the next rate alone). Decided on those
+    epochs alone, the same in every process: until 2026-12-07 its epoch now and the next
+    decided too, and a new process resuming at step 1,999 refused a warm-up + cosine to a floor
+    (at step 2,000) that the run had accepted at step 0 (the cache of probed schedulers does
+    not outlive a process; a review). Where its rate now or next does not follow (a floor or a
+    cap reached later, its own rate there, not scaled) it is accepted with a warning that the
+    factor is not kept while its rate is its own. An epoch at which its ``get_lr`` cannot be
+    asked is skipped; one that cannot be asked now refuses it, as does no epoch answered."""
     if not isinstance(s, _sched.LRScheduler) or getattr(s, "base_lrs", None) is None:
         return False
     groups = s.optimizer.param_groups
@@ -383,21 +388,42 @@ def _computes_from_base_lrs(s: Any) -> bool:
             warnings.simplefilter("ignore")  # (get_lr outside step() warns)
             return [float(x) for x in probe.get_lr()]
 
+    def follows(epoch: int) -> bool:
+        before, after = rates(epoch, False), rates(epoch, True)
+        return len(after) == len(before) and all(
+            math.isclose(a, 2.0 * b, rel_tol=1e-9, abs_tol=1e-300)
+            for a, b in zip(after, before, strict=True)
+        )
+
     try:
-        for epoch in dict.fromkeys((s.last_epoch, s.last_epoch + 1, 1, 10, 100, 1000)):
+        answered = 0
+        for epoch in (0, 1, 10, 100, 1000):
             try:
-                before = rates(epoch, False)
-                after = rates(epoch, True)
+                if not follows(epoch):
+                    return False
+                answered += 1
+            except Exception:
+                continue
+        own_now = []
+        for epoch in (s.last_epoch, s.last_epoch + 1):
+            try:
+                if not follows(epoch):
+                    own_now.append(epoch)
             except Exception:
                 if epoch == s.last_epoch:
                     return False  # (its rate now cannot be asked)
-                continue
-            if len(after) != len(before) or not all(
-                math.isclose(a, 2.0 * b, rel_tol=1e-9, abs_tol=1e-300)
-                for a, b in zip(after, before, strict=True)
-            ):
-                return False
-        return True
+        if answered and own_now:
+            warnings.warn(
+                f"noisescale: the {type(s).__name__} scheduler's rate at its epoch "
+                f"{own_now[0]} does not follow its base_lrs (a floor or a cap of its own): "
+                "its base_lrs are scaled, but the learning-rate factor is not "
+                "kept while its rate is its own. To keep the factor there, write the floor "
+                "relative to base_lrs (max(b * f, b * floor_ratio)) or the schedule as a "
+                "LambdaLR",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+        return answered > 0
     finally:
         for g, lr in zip(groups, lrs, strict=True):
             g["lr"] = lr
@@ -426,8 +452,9 @@ def scale_lr(
     ``initial_lr``, ``max_lr`` and ``min_lr``; ``CyclicLR`` its ``base_lrs`` and ``max_lrs``;
     ``ReduceLROnPlateau`` its ``min_lrs``; ``SequentialLR`` and ``ChainedScheduler`` each child;
     the cosines' ``eta_min`` too. An ``LRScheduler`` of the user's own has its ``base_lrs`` scaled
-    when its rates follow them (asked on a copy with them doubled, now and up to 1,000 epochs
-    ahead, they double); any other scheduler is
+    when its rates follow them (asked on a copy with them doubled, at the run's epochs 0, 1, 10,
+    100 and 1,000, they double; a rate of its own now or next, a floor reached, is warned
+    about); any other scheduler is
     refused (:data:`SUPPORTED_LR_SCHEDULERS`), before anything is written.
 
     Raises:
