@@ -51,6 +51,7 @@ import math
 import os
 import random
 import re
+import statistics
 import tempfile
 import time
 import warnings
@@ -250,25 +251,11 @@ def check_split(cfg, rng):
 
 
 def flat_alpha_by_hand(profile):
-    """A fitted β < 0 (docs/hardware.md): None (refused) without 3 repeats at every size, where
-    β + 3·SE(β) < 0 (SE from the residuals with 5+ sizes, else from the medians' pure error
-    1.2533·σ/√r, σ the repeats' pooled spread), or where a median misses the flat line (the mean
-    of the medians) by more than 4 of its SEs; else that mean, the flat price."""
-    b = np.array([p.batch_size for p in profile.points], dtype=float)
-    runs = [np.array(p.times_s) for p in profile.points]
-    if min(r.size for r in runs) < 3:
-        return None
-    med = np.array([np.median(r) for r in runs])
-    pooled = sum(((r - r.mean()) ** 2).sum() for r in runs) / sum(r.size - 1 for r in runs)
-    med_se = math.sqrt(math.pi / 2 * pooled) / np.sqrt([r.size for r in runs])
-    res = sps.linregress(b, med)
-    if b.size >= 5:
-        se = res.stderr
-    else:
-        se = math.sqrt(np.sum((b - b.mean()) ** 2 * med_se**2)) / np.sum((b - b.mean()) ** 2)
-    if res.slope + 3 * se < 0 or np.any(np.abs(med - med.mean()) > 4 * med_se):
-        return None
-    return float(med.mean())
+    """A fitted β < 0 (docs/hardware.md): the flat price, the mean of the medians, where it
+    misses no median by more than 5% of it; else None (refused)."""
+    med = [statistics.median(p.times_s) for p in profile.points]
+    flat = sum(med) / len(med)
+    return flat if all(abs(flat - m) <= 0.05 * m for m in med) else None
 
 
 def fitting_limit(cfg):

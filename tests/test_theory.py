@@ -202,7 +202,7 @@ def test_temperature_and_rescaling_by_hand() -> None:
     # a result beyond the doubles is refused, not 0 or ∞ (0 and ∞ given are their limits)
     assert theory.b_noise_at_temperature(1e-10, 1e-320, 1e-320) == 1e-10
     assert theory.b_noise_at_temperature(1e-300, 1e200, 1e-200) == pytest.approx(1e100)
-    for args in ((100.0, 1e-300, 1e300), (1e300, 1e300, 1e-300), ([1.0, 2.0], 1.0, [2.0, 1e-310])):
+    for args in ((100.0, 1e-300, 1e300), (1e300, 1e300, 1e-300), ([1.0, 1e10], 1.0, [2.0, 1e-300])):
         with pytest.raises(NoiseScaleInputError, match="underflow or overflow: the noise scale"):
             theory.b_noise_at_temperature(*args)
     assert theory.b_noise_at_temperature(0.0, 1.0, 1e-300) == 0.0
@@ -220,6 +220,20 @@ def test_temperature_limits_beyond_the_doubles() -> None:
     )
     with pytest.raises(NoiseScaleInputError, match="1e-310 is itself below the smallest normal"):
         theory.b_noise_at_temperature(1e-310, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("temperatures", [(1e-320, 1e-300), (1e-300, 1e-320), (1.0, 5e-324)])
+def test_a_subnormal_temperature_is_refused(temperatures: tuple[float, float]) -> None:
+    """(A review, 2026-12-07.) T = 1e-320 is a subnormal double, its digits lost:
+    b_noise_at_temperature(2, 1e-320, 1e-300) gave 1.99998e-20, 1.1e-5 off the 2e-20 of eq. C.2,
+    while a subnormal B_noise is refused. Refused alike, naming it; equal temperatures, however
+    small, keep B_noise exactly (above)."""
+    with pytest.raises(NoiseScaleInputError, match=r"below the smallest normal double.*scale both"):
+        theory.b_noise_at_temperature(2.0, *temperatures)
+    with pytest.raises(NoiseScaleInputError, match="below the smallest normal double"):
+        theory.b_noise_at_temperature([2.0, 3.0], [1.0, temperatures[0]], temperatures[1])
+    assert theory.b_noise_at_temperature(2.0, 1e-320, 1e-320) == 2.0
+    assert theory.b_noise_at_temperature(2.0, 2.3e-308, 4.6e-308) == pytest.approx(1.0, rel=1e-15)
 
 
 @given(b_noise=positive, t0=positive, t1=positive)

@@ -241,12 +241,21 @@ def b_noise_at_temperature(
 
     Raises:
         NoiseScaleInputError: a negative noise scale, a temperature that is not positive and
-            finite, or NaN; a positive, finite noise scale whose value at ``new_temperature``
-            is below the smallest normal double or beyond the largest.
+            finite, or NaN; a temperature below the smallest normal double (unless both are
+            equal); a positive, finite noise scale whose value at ``new_temperature`` is below
+            the smallest normal double or beyond the largest.
     """
     b = _checked("b_noise", b_noise, zero=True)
     t0 = _checked("temperature", temperature, finite=True)
     t1 = _checked("new_temperature", new_temperature, finite=True)
+    if np.any(((t0 < np.finfo(float).tiny) | (t1 < np.finfo(float).tiny)) & (t0 != t1)):
+        # as a subnormal B_noise is (until 2026-12-07 T = 1e-320 gave B·T/T' 1.1e-5 off, a
+        # review); equal temperatures keep B_noise exactly, however small
+        raise NoiseScaleInputError(
+            f"a temperature ({temperature!r} or {new_temperature!r}) is below the smallest "
+            "normal double (2.2e-308), where its digits are lost, and so is the ratio T/T': "
+            "give temperatures of at least 2.2e-308 (only their ratio matters: scale both)"
+        )
     with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
         # B·(T/T') first, so equal temperatures give B whatever their size (B·T underflowed for
         # 1e-10·1e-320 until 2026-12-07, a review), else B·T/T' (a ratio beyond the doubles)

@@ -46,6 +46,7 @@ from noisescale.errors import NoiseScaleInputError
 from noisescale.hardware.accumulation import AccumulationSplit, accumulation_split
 from noisescale.hardware.profile import (
     DEFAULT_INTERCONNECT,
+    FLAT_PRICE_TOLERANCE,
     INTERCONNECTS,
     Interconnect,
     ThroughputProfile,
@@ -551,10 +552,11 @@ def _assumptions(
     ]
     if fit.beta_s != profile.fit.beta_s:
         lines.append(
-            f"The fitted β = {profile.fit.beta_s:.3g} ± {fit.beta_se_s or 0:.3g} "
-            "s/example is below 0 within its noise (three times its standard error) or rounding, "
-            "and the medians lie on a flat line within their timing noise: the step time is flat "
-            "over the timed batch sizes, priced with β = 0 and α the mean of the medians."
+            f"The fitted β = {profile.fit.beta_s:.3g} s/example is below 0 (rounding, noise "
+            "or skewed timings), and a flat step time misses no timed median by more than "
+            f"{FLAT_PRICE_TOLERANCE:.0%} (at most {fit.max_rel_residual:.1%}): the step time is "
+            "taken as flat over the timed batch sizes, priced with β = 0 and α the mean of the "
+            "medians."
         )
     optimizer = profile.settings.get("optimizer")
     if profile.optimizer_update_s is None:
