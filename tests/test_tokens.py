@@ -1824,6 +1824,11 @@ def test_a_step_of_no_counted_token_is_left_out_and_said(divisor):
     assert [r["skipped"] for r in history] == [False, True, False]
     assert history[1]["tokens"] == 0 and history[1]["left_out"].startswith("no token counted")
     assert any("step 2 counts no token" in w and "left out" in w for w in said), said
+    # (a review, 2026-12-07: the warning said the step "has no gradient per token to measure";
+    # its rows' x_i = 0 are observations, and leaving it out biases |G|² and tr Σ, not B_simple)
+    (w,) = [w for w in said if "step 2 counts no token" in w]
+    assert "|G|² and tr Σ each read 1/(1 − q) too high" in w
+    assert "B_simple, their ratio, stays unbiased" in w and "out of the loader" in w
     assert history[-1]["examples"] == rows and history[-1]["tokens_seen"] == 2 * 4 * 5
 
 
@@ -1950,3 +1955,54 @@ def test_a_step_of_no_token_does_not_make_the_weights_differ(per_example):
     assert not any("measured within its micro-batches" in str(w.message) for w in caught)
     # the last step's big batch: its six rows, 5 tokens each, in the run's T̄ = 60/18
     assert history[2]["b_big"] == pytest.approx(6 * 60 / 18, rel=1e-12)
+
+
+def test_steps_of_no_token_left_out_bias_g2_and_trace_not_b_simple():
+    """(A review, 2026-12-07.) Leaving out a step that counts no token drops observations: its
+    rows' summed token gradients x_i = 0 make both eq. A.2 estimates 0 there. Exactly, over
+    every ordered pair of a pool of three rows (one of no token) drawn as a step of two under
+    ``"num_items_in_batch"`` with every example measured: the kept steps' |G|² and tr Σ (in
+    rows, x's) average |E x|²/(1 − q) and tr Cov(x)/(1 − q), q = 1/9 the steps of no token,
+    and their ratio B_simple is exact — what the step's warning says."""
+    model = _token_lm()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 13, (3, 6), generator=g)
+    lengths = torch.tensor([6, 1, 4])  # row 1 counts no token (shifted)
+    target = torch.where(torch.arange(6)[None] < lengths[:, None], ids, -100)[:, 1:]
+    x = []
+    for i in range(3):
+        model.zero_grad()
+        flat = model(ids[i : i + 1])[:, :-1].reshape(-1, 13)
+        F.cross_entropy(flat, target[i], reduction="sum").backward()
+        x.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    x = torch.stack(x)
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(
+        model, loss_reduction="num_items_in_batch", per_example_fraction=1.0, sync_every=1
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i in range(3):
+                for j in range(3):
+                    rows = [i, j]
+                    n = (target[rows] != -100).sum()
+                    flat = model(ids[rows])[:, :-1].reshape(-1, 13)
+                    summed = F.cross_entropy(flat, target[rows].reshape(-1), reduction="sum")
+                    (summed / n.clamp(min=1)).backward()
+                    tracker.count_tokens(target[rows], num_items_in_batch=n)
+                    tracker.step()
+                    model.zero_grad()
+            history = tracker.history
+    finally:
+        tracker.remove()
+    kept = [r for r in history if not r["skipped"]]
+    assert len(kept) == 8 and history[4]["left_out"].startswith("no token counted")
+    g2 = sum(r["g2"] * r["tokens_per_example"] ** 2 for r in kept) / 8
+    tr = sum(r["trace_sigma"] * r["tokens_per_example"] for r in kept) / 8
+    mean = x.mean(0)
+    true_g2, true_tr = float(mean.pow(2).sum()), float((x - mean).pow(2).sum(1).mean())
+    q = 1 / 9
+    assert g2 == pytest.approx(true_g2 / (1 - q), rel=1e-9)
+    assert tr == pytest.approx(true_tr / (1 - q), rel=1e-9)
+    assert tr / g2 == pytest.approx(true_tr / true_g2, rel=1e-9)
