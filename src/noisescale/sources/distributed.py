@@ -213,7 +213,8 @@ def weights_vary(values: np.ndarray) -> bool:
     on any process (its weights 1/0, the spread nan) does not make them vary: it is left out
     (until 2026-12-07 the rest of the run was measured within its passes, a review)."""
     n, c, c2 = values[PASS_COUNT], values[PASS_C], values[PASS_C2]
-    return bool(n > 1 and values[TOKENS] != 0 and weights_spread(n, c, c2))
+    no_token = values[HAS_TOKENS] > 0 and values[TOKENS] == 0
+    return bool(n > 1 and not no_token and weights_spread(n, c, c2))
 
 
 def resolve(
