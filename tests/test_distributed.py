@@ -1626,6 +1626,17 @@ def test_resolve_takes_the_big_batch_within_the_passes_when_their_weights_vary()
     assert math.isnan(dsrc.resolve(missing, 2, within=True)[1])
 
 
+def test_a_step_of_no_token_does_not_make_the_weights_vary():
+    """(A review, 2026-12-07.) Each process's own token mean where a process counts no token
+    weighs its pass 1/0: the reduced spread is nan. Where some process counted tokens the
+    weights cannot be compared, and the step is measured within its passes; where none did,
+    the step is left out (no token) and must not make the rest of the run measured within
+    (until then it did: b_big a third, or a refusal with per_example=False)."""
+    empty = dict(pass_count=2, pass_c=math.inf, pass_c2=math.inf, has_tokens=2)
+    assert not dsrc.weights_vary(_buffer(tokens=0.0, **empty))
+    assert dsrc.weights_vary(_buffer(tokens=10.0, **empty))
+
+
 def test_resolve_closed_form():
     # mean losses, local batches 4 and 2 (weights 1/4 and 1/2 locally, halved in .grad)
     values = _buffer(

@@ -1824,6 +1824,11 @@ def test_a_step_of_no_counted_token_is_left_out_and_said(divisor):
     assert [r["skipped"] for r in history] == [False, True, False]
     assert history[1]["tokens"] == 0 and history[1]["left_out"].startswith("no token counted")
     assert any("step 2 counts no token" in w and "left out" in w for w in said), said
+    # (a review, 2026-12-07: the warning said the step "has no gradient per token to measure";
+    # its rows' x_i = 0 are observations, and leaving it out biases |G|² and tr Σ, not B_simple)
+    (w,) = [w for w in said if "step 2 counts no token" in w]
+    assert "|G|² and tr Σ each read 1/(1 − q) too high" in w
+    assert "B_simple, their ratio, stays unbiased" in w and "out of the loader" in w
     assert history[-1]["examples"] == rows and history[-1]["tokens_seen"] == 2 * 4 * 5
 
 
@@ -1872,3 +1877,132 @@ def test_a_first_step_with_a_micro_batch_of_no_token_is_measured():
     assert record["b_big"] == pytest.approx(b * tbar, rel=1e-9)
     assert record["g2"] == pytest.approx(g2 / tbar**2, rel=1e-9)
     assert record["trace_sigma"] == pytest.approx(tr / tbar, rel=1e-9)
+
+
+def test_a_micro_batch_of_no_token_does_not_make_equal_weights_differ():
+    """(A review, 2026-12-07.) A declared ``"token_mean"`` over three micro-batches counting 8,
+    0 and 8 tokens: the empty one's weight 1/0 does not matter (its gradient is 0 under any
+    weight), and the other two weigh alike, so the step's gradient is eq. A.2's big batch of
+    all six rows — checked by hand on brute-force per-row summed token gradients. Until then
+    the weight inf made the weights "differ": measured within the micro-batches (b_big a
+    third), and so for the rest of the run."""
+    model = _token_lm()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 13, (6, 6), generator=g)
+    lengths = torch.tensor([6, 4, 1, 1, 5, 5])  # 5 + 3, 0 + 0, 4 + 4 counted tokens
+    target = torch.where(torch.arange(6)[None] < lengths[:, None], ids, -100)[:, 1:]
+    x, t = [], (target != -100).sum(1).double()
+    for i in range(6):
+        model.zero_grad()
+        flat = model(ids[i : i + 1])[:, :-1].reshape(-1, 13)
+        F.cross_entropy(flat, target[i], reduction="sum").backward()
+        x.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    x = torch.stack(x)
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(
+        model, loss_reduction="token_mean", per_example_fraction=1.0, microbatch=False
+    )
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for m in ([0, 1], [2, 3], [4, 5]):
+                flat = model(ids[m])[:, :-1].reshape(-1, 13)
+                (F.cross_entropy(flat, target[m].reshape(-1)) / 3).backward()
+                tracker.count_tokens(target[m])
+            tracker.step()
+            (record,) = tracker.history
+    finally:
+        tracker.remove()
+    assert not any("measured within its micro-batches" in str(w.message) for w in caught)
+    b = 6.0
+    s_big, s_small = float(x.mean(0).pow(2).sum()), float(x.pow(2).sum(1).mean())
+    g2, tr = (b * s_big - s_small) / (b - 1), (s_small - s_big) / (1 - 1 / b)
+    tbar = float(t.mean())
+    assert record["b_big"] == pytest.approx(b * tbar, rel=1e-9)
+    assert record["g2"] == pytest.approx(g2 / tbar**2, rel=1e-9)
+    assert record["trace_sigma"] == pytest.approx(tr / tbar, rel=1e-9)
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+def test_a_step_of_no_token_does_not_make_the_weights_differ(per_example):
+    """(A review, 2026-12-07.) A declared ``"token_mean"`` run whose second step counts no
+    token in any of its micro-batches (all weights 1/0): the step is left out, and the
+    later steps, whose micro-batches count alike, are measured on their whole big batch.
+    Until then the nan spread made the weights "differ": with per_example=False the step
+    raised ("the counts differ"), with per-example norms the rest of the run was measured
+    within its micro-batches (b_big a third)."""
+    model = _token_lm()
+    g = torch.Generator().manual_seed(0)
+    kwargs = {"per_example_fraction": 1.0} if per_example else {"per_example": False}
+    tracker = noisescale.GradientNoiseTracker(model, loss_reduction="token_mean", **kwargs)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(3):
+                for _ in range(3):
+                    ids = torch.randint(0, 13, (2, 6), generator=g)
+                    target = (torch.full_like(ids, -100) if step == 1 else ids)[:, 1:]
+                    flat = model(ids)[:, :-1].reshape(-1, 13)
+                    (F.cross_entropy(flat, target.reshape(-1)) / 3).backward()
+                    tracker.count_tokens(target)
+                tracker.step()
+                model.zero_grad()
+            history = tracker.history
+    finally:
+        tracker.remove()
+    assert [r["skipped"] for r in history] == [False, True, False]
+    assert history[1]["left_out"].startswith("no token counted")
+    assert not any("measured within its micro-batches" in str(w.message) for w in caught)
+    # the last step's big batch: its six rows, 5 tokens each, in the run's T̄ = 60/18
+    assert history[2]["b_big"] == pytest.approx(6 * 60 / 18, rel=1e-12)
+
+
+def test_steps_of_no_token_left_out_bias_g2_and_trace_not_b_simple():
+    """(A review, 2026-12-07.) Leaving out a step that counts no token drops observations: its
+    rows' summed token gradients x_i = 0 make both eq. A.2 estimates 0 there. Exactly, over
+    every ordered pair of a pool of three rows (one of no token) drawn as a step of two under
+    ``"num_items_in_batch"`` with every example measured: the kept steps' |G|² and tr Σ (in
+    rows, x's) average |E x|²/(1 − q) and tr Cov(x)/(1 − q), q = 1/9 the steps of no token,
+    and their ratio B_simple is exact — what the step's warning says."""
+    model = _token_lm()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 13, (3, 6), generator=g)
+    lengths = torch.tensor([6, 1, 4])  # row 1 counts no token (shifted)
+    target = torch.where(torch.arange(6)[None] < lengths[:, None], ids, -100)[:, 1:]
+    x = []
+    for i in range(3):
+        model.zero_grad()
+        flat = model(ids[i : i + 1])[:, :-1].reshape(-1, 13)
+        F.cross_entropy(flat, target[i], reduction="sum").backward()
+        x.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    x = torch.stack(x)
+    model.zero_grad()
+    tracker = noisescale.GradientNoiseTracker(
+        model, loss_reduction="num_items_in_batch", per_example_fraction=1.0, sync_every=1
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i in range(3):
+                for j in range(3):
+                    rows = [i, j]
+                    n = (target[rows] != -100).sum()
+                    flat = model(ids[rows])[:, :-1].reshape(-1, 13)
+                    summed = F.cross_entropy(flat, target[rows].reshape(-1), reduction="sum")
+                    (summed / n.clamp(min=1)).backward()
+                    tracker.count_tokens(target[rows], num_items_in_batch=n)
+                    tracker.step()
+                    model.zero_grad()
+            history = tracker.history
+    finally:
+        tracker.remove()
+    kept = [r for r in history if not r["skipped"]]
+    assert len(kept) == 8 and history[4]["left_out"].startswith("no token counted")
+    g2 = sum(r["g2"] * r["tokens_per_example"] ** 2 for r in kept) / 8
+    tr = sum(r["trace_sigma"] * r["tokens_per_example"] for r in kept) / 8
+    mean = x.mean(0)
+    true_g2, true_tr = float(mean.pow(2).sum()), float((x - mean).pow(2).sum(1).mean())
+    q = 1 / 9
+    assert g2 == pytest.approx(true_g2 / (1 - q), rel=1e-9)
+    assert tr == pytest.approx(true_tr / (1 - q), rel=1e-9)
+    assert tr / g2 == pytest.approx(true_tr / true_g2, rel=1e-9)

@@ -154,9 +154,10 @@ def update(
     # a plain step after the estimate became preconditioned (an optimizer without state: a
     # fresh one after a resume): the two quantities are never averaged together
     plain_after = stats.preconditioned is False and preconditioned_from is not None
-    # a step whose loss over tokens counts none (every label ignored): 0/0, nothing per token
-    # to measure — left out, said (until 2026-12-07 recorded nan without a word, or a
-    # ZeroDivisionError with num_items_in_batch=0 given as a number; a fuzzer)
+    # a step whose loss over tokens counts none (every label ignored): 0/0 — left out, said:
+    # its rows' x_i = 0 dropped, |G|² and tr Σ read 1/(1 − q) high, B_simple unbiased (until
+    # 2026-12-07 recorded nan without a word, or a ZeroDivisionError with num_items_in_batch=0
+    # given as a number; a fuzzer)
     no_token = stats.tokens == 0 and stats.definition in ("token", "labelled")
     skipped = not (finite and per_source) or plain_after or no_token
     g2 = tr = math.nan

@@ -1713,9 +1713,11 @@ class GradientNoiseTracker:
                 "no-token",
                 f"step {p.step} counts no token (every label of its examples is ignored, -100: "
                 "a batch that is all prompt, completions truncated away, sequences of one "
-                "token): its loss over tokens is 0/0 and it has no gradient per token to "
-                "measure, so it is left out (its examples counted, with no token). Such "
-                "batches train nothing: leave them out of the loader",
+                "token): its loss over tokens is 0/0, so it is left out (its examples counted, "
+                "with no token). Its rows' summed token gradients are 0, observations that "
+                "leaving it out drops: with a fraction q of the steps counting no token, |G|² "
+                "and tr Σ each read 1/(1 − q) too high (B_simple, their ratio, stays unbiased). "
+                "Such batches train nothing: leave them out of the loader",
             )
         if record["skipped"] and not math.isfinite(record["sqnorm_big"]) and self.scaler is None:
             self._warn_once("non-finite", f"step {p.step} has non-finite gradients; it is left out")

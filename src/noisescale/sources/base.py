@@ -50,6 +50,27 @@ class StepNorms:
     #: out, and :meth:`pass_weights` gives each pass's whole weight, c·n
     size_weighted: bool = False
 
+    def __post_init__(self) -> None:
+        """A pass whose examples count no token weighs 1/0 = inf (a token mean over none): its
+        gradient is 0 under any weight, so it takes the other passes' mean weight (on the
+        device) — neither a false spread of the weights nor an infinite Σc. (Until 2026-12-07
+        its weight, inf, made the weights differ: the rest of the run measured within its
+        micro-batches, b_big halved, or refused under per_example=False; a review.) Where
+        every pass counts no token the weights are kept: the step is left out (state.update)."""
+        if len(self.passes) < 2 or not self.data_weighted:
+            return
+        w = self.pass_weights()
+        finite = torch.isfinite(w)
+        common = torch.where(finite, w, 0.0).sum() / finite.sum().clamp(min=1)
+        w = torch.where(finite | ~finite.any(), w, common)
+        kept = iter(range(len(w)))
+        coef = list(self.coef)
+        for j, p in enumerate(self.passes):
+            if p.batch_size > 0:
+                c = w[next(kept)]
+                coef[j] = c / p.batch_size if self.size_weighted else c
+        self.coef = coef
+
     @property
     def sizes(self) -> list[int]:
         return [p.batch_size for p in self.passes]
@@ -94,7 +115,9 @@ class StepNorms:
         if len(self.passes) < 2 or not self.data_weighted:
             return None
         c = self.pass_weights()
-        return weights_spread(float(len(c)), c.sum(), (c * c).sum())
+        # (every pass of no token, their weights inf, __post_init__: equal, the step left out)
+        spread = weights_spread(float(len(c)), c.sum(), (c * c).sum())
+        return spread & torch.isfinite(c).any()
 
     @property
     def data_weighted(self) -> bool:
@@ -152,9 +175,11 @@ def weights_spread(n: Any, sum_c: Any, sum_c2: Any) -> Any:
     """Whether weights whose number, sum and sum of squares are given differ (their variance
     over their mean² above :data:`VARYING`) — one test for a single process and for the
     all-reduced sums of every process, so that both decide alike. A pass that counts no token
-    weighs 1/0 = inf (its mean nan, its gradient 0): the spread is nan, and the weights differ
-    (until 2026-12-07 taken as equal, and a run's first such step was recorded nan, skipped
-    without a word; a later one, once the weights had varied, was measured — a fuzzer)."""
+    weighs 1/0 = inf (its mean nan, its gradient 0): within a process it takes the other
+    passes' weight (:class:`StepNorms`); where a whole process counts none, the spread is nan,
+    and the weights differ (until 2026-12-07 taken as equal, and a run's first such step was
+    recorded nan, skipped without a word; a later one, once the weights had varied, was
+    measured — a fuzzer) unless no process counted a token (the step left out)."""
     spread = n * sum_c2 - sum_c * sum_c
     return (spread > VARYING * sum_c * sum_c) | (spread != spread)
 

@@ -209,9 +209,12 @@ def resolve_unmeasured(values: np.ndarray, world_size: int) -> tuple[int, float 
 def weights_vary(values: np.ndarray) -> bool:
     """Whether the step's passes, over all processes, weighed their examples by weights that
     differ (measured on the device: each process's or micro-batch's own token mean), from the
-    reduced sums (:data:`PASS_COUNT`, :data:`PASS_C`, :data:`PASS_C2`)."""
+    reduced sums (:data:`PASS_COUNT`, :data:`PASS_C`, :data:`PASS_C2`). A step of no token
+    on any process (its weights 1/0, the spread nan) does not make them vary: it is left out
+    (until 2026-12-07 the rest of the run was measured within its passes, a review)."""
     n, c, c2 = values[PASS_COUNT], values[PASS_C], values[PASS_C2]
-    return bool(n > 1 and weights_spread(n, c, c2))
+    no_token = values[HAS_TOKENS] > 0 and values[TOKENS] == 0
+    return bool(n > 1 and not no_token and weights_spread(n, c, c2))
 
 
 def resolve(
