@@ -400,8 +400,12 @@ def check_steps(cfg, model, pool, x, t):
                 measured = (len(steps_done) - 1) % cfg["measure_every"] == 0
                 if any(math.isfinite(v) for ws in weights for v in ws):
                     # a micro-batch that counts no token: its mean is nan but its gradient 0
-                    # (PyTorch's), its rows' x_i 0 too — any weight, one of its own
-                    weights = [[v if math.isfinite(v) else 1e6 for v in ws] for ws in weights]
+                    # (PyTorch's), its rows' x_i 0 too — any weight: the others' mean, so it
+                    # does not make the step's weights differ (since 2026-12-07: one of its own,
+                    # 1e6, took such a step as measured within its micro-batches)
+                    real = [ws[0] for ws in weights if ws and math.isfinite(ws[0])]
+                    common = sum(real) / len(real)
+                    weights = [[v if math.isfinite(v) else common for v in ws] for ws in weights]
                 finite = all(math.isfinite(v) for ws in weights for v in ws)
                 if not finite:  # a step that counts no token
                     rec = tracker.history[-1] if tracker.history else None

@@ -1075,6 +1075,11 @@ TOKENS_FOUND = [
     # later in a run the same step is measured exactly, that micro-batch's mean gradient 0
     # (seed 49; hunt/empty_first_step.py)
     (108, ("steps",), None),
+    # (the oracle's) a micro-batch of no token beside micro-batches of equal counts: measured
+    # across them since a review made an empty pass's weight not make the weights differ (its
+    # rows' x_i are 0 under any weight); the fuzzer gave it a weight of its own, 1e6, and took the
+    # step as measured within — b_big 9.0 "for" 4.5 (2026-12-07, a late run)
+    (3014, ("steps",), None),
 ]
 
 
