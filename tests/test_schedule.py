@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -1112,6 +1113,33 @@ def test_a_scheduler_of_your_own_is_probed_alike_wherever_the_run_is():
         s.step()
     # (step 1,501: f = 0.5 (1 + cos(0.7505 π)), well above the floor's 1e-4 / 0.1)
     assert opt2.param_groups[0]["lr"] == pytest.approx(2.0 * opt.param_groups[0]["lr"], rel=1e-12)
+
+
+def test_a_scheduler_of_your_own_on_its_floor_is_warned_at_a_later_change_too():
+    """A scheduler of the user's own whose rate follows base_lrs until epoch 2,000 and is an
+    absolute floor after it, accepted at step 0 (cached), scaled again at step 2,500 (a callback's
+    change of the factor on the floor): the cached object skipped the rate-now check and the
+    factor was lost without a word (a review). It is warned once, at the change on the floor."""
+
+    class Floor(torch.optim.lr_scheduler.LRScheduler):
+        def get_lr(self):
+            return [b if self.last_epoch < 2000 else 1e-4 for b in self.base_lrs]
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = Floor(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scale_lr(opt, 2.0, [sched])  # accepted at the start: nothing to say
+    for _ in range(2500):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 1e-4  # its own rate: the factor is not kept there
+    with pytest.warns(RuntimeWarning, match="not kept while its rate is its own"):
+        scale_lr(opt, 2.0, [sched])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scale_lr(opt, 0.5, [sched])  # (warned once per scheduler)
+    assert sched.base_lrs[0] == pytest.approx(0.2)
 
 
 def test_under_no_lr_rule_any_scheduler_is_saved_as_none():

@@ -292,6 +292,8 @@ SUPPORTED_LR_SCHEDULERS = tuple(
 #: scheduler class defining ``__eq__`` without ``__hash__`` crashed with ``TypeError:
 #: unhashable type`` (a review).
 _FOLLOWS_BASE_LRS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+#: Schedulers of the user's own already warned of a rate of their own (a floor) now.
+_WARNED_OWN_RATE: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 
 class _Flat(list):
@@ -326,7 +328,7 @@ def _flat_schedulers(lr_schedulers: Iterable[Any]) -> list[Any]:
         if inner is not None and inner is not s:
             visit(inner)
             return
-        if _FOLLOWS_BASE_LRS.get(id(s)) is s or _computes_from_base_lrs(s):
+        if _computes_from_base_lrs(s, known=_FOLLOWS_BASE_LRS.get(id(s)) is s):
             _FOLLOWS_BASE_LRS[id(s)] = s
             # a scheduler of the user's own that computes its rate from base_lrs or from
             # param_group["lr"] (a warm-up + cosine written as a subclass): scaled like torch's
@@ -355,7 +357,7 @@ def _plain(x: Any) -> Any:
     return x.item() if hasattr(x, "item") else x
 
 
-def _computes_from_base_lrs(s: Any) -> bool:
+def _computes_from_base_lrs(s: Any, known: bool = False) -> bool:
     """Whether an ``LRScheduler`` noisescale does not know computes its rates in proportion to
     its ``base_lrs`` and the groups' rates: on a copy of it (the optimizer shared, its rates put
     back), ``get_lr()`` asked with both doubled must double at the run's epochs 0, 1, 10, 100
@@ -367,7 +369,11 @@ def _computes_from_base_lrs(s: Any) -> bool:
     not outlive a process; a review). Where its rate now or next does not follow (a floor or a
     cap reached later, its own rate there, not scaled) it is accepted with a warning that the
     factor is not kept while its rate is its own. An epoch at which its ``get_lr`` cannot be
-    asked is skipped; one that cannot be asked now refuses it, as does no epoch answered."""
+    asked is skipped; one that cannot be asked now refuses it, as does no epoch answered.
+    ``known``: already accepted in this process (:data:`_FOLLOWS_BASE_LRS`): only its rate now
+    and next are asked, each time it is met — a floor reached later than epoch 1,000 was
+    accepted without a word, and a cached scheduler skipped the warning (a review); warned
+    once per scheduler (:data:`_WARNED_OWN_RATE`)."""
     if not isinstance(s, _sched.LRScheduler) or getattr(s, "base_lrs", None) is None:
         return False
     groups = s.optimizer.param_groups
@@ -396,33 +402,35 @@ def _computes_from_base_lrs(s: Any) -> bool:
         )
 
     try:
-        answered = 0
-        for epoch in (0, 1, 10, 100, 1000):
+        answered = 1 if known else 0
+        for epoch in () if known else (0, 1, 10, 100, 1000):
             try:
                 if not follows(epoch):
                     return False
                 answered += 1
             except Exception:
                 continue
-        own_now = []
-        for epoch in (s.last_epoch, s.last_epoch + 1):
-            try:
-                if not follows(epoch):
-                    own_now.append(epoch)
-            except Exception:
-                if epoch == s.last_epoch:
-                    return False  # (its rate now cannot be asked)
-        if answered and own_now:
-            warnings.warn(
-                f"noisescale: the {type(s).__name__} scheduler's rate at its epoch "
-                f"{own_now[0]} does not follow its base_lrs (a floor or a cap of its own): "
-                "its base_lrs are scaled, but the learning-rate factor is not "
-                "kept while its rate is its own. To keep the factor there, write the floor "
-                "relative to base_lrs (max(b * f, b * floor_ratio)) or the schedule as a "
-                "LambdaLR",
-                RuntimeWarning,
-                stacklevel=5,
-            )
+        if answered:
+            own_now = []
+            for epoch in (s.last_epoch, s.last_epoch + 1):
+                try:
+                    if not follows(epoch):
+                        own_now.append(epoch)
+                except Exception:
+                    if epoch == s.last_epoch:
+                        return False  # (its rate now cannot be asked)
+            if own_now and _WARNED_OWN_RATE.get(id(s)) is not s:
+                _WARNED_OWN_RATE[id(s)] = s
+                warnings.warn(
+                    f"noisescale: the {type(s).__name__} scheduler's rate at its epoch "
+                    f"{own_now[0]} does not follow its base_lrs (a floor or a cap of its own): "
+                    "its base_lrs are scaled, but the learning-rate factor is not "
+                    "kept while its rate is its own. To keep the factor there, write the floor "
+                    "relative to base_lrs (max(b * f, b * floor_ratio)) or the schedule as a "
+                    "LambdaLR",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
         return answered > 0
     finally:
         for g, lr in zip(groups, lrs, strict=True):
