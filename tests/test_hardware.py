@@ -1047,3 +1047,30 @@ def test_builders_make_batches_of_the_right_shape() -> None:
         gpt_small(n_layers=3)
     with pytest.raises(NoiseScaleInputError):
         GPT(GPTConfig(d_model=30, n_head=4))
+
+
+@pytest.mark.parametrize("repeats", [4, 6])
+def test_noise_with_an_even_number_of_repeats_is_not_called_skew(repeats: int) -> None:
+    """(A review, 2026-12-07.) An honest flat profile, 100 ms ± 10 ms over b = 8…64, refused for
+    a median missing the flat price by more than 5%: the refusal must name noise (more
+    --repeats), not skew. The robust σ kept both of an even count's two middle deviations (each
+    half their gap) and read 0.72× σ at 4 repeats: the "4 standard errors" were 3.2, and 5.3% of
+    the refusals at 4 repeats (2.9% at 6) said skew and "more --repeats will not help"; now
+    0.7% and 0.2% (3,000 draws each; what remains is σ's own sampling noise)."""
+    rng = np.random.default_rng(1)
+    refused = skew = 0
+    for _ in range(1500):
+        pts = [
+            ThroughputPoint(b, tuple(float(t) for t in 0.1 + 0.01 * rng.standard_normal(repeats)))
+            for b in (8, 16, 32, 64)
+        ]
+        profile = ThroughputProfile.from_points(pts, device={}, model={})
+        if profile.fit.beta_s >= 0:
+            continue
+        try:
+            profile.pricing_fit()
+        except NoiseScaleInputError as err:
+            refused += 1
+            skew += "skewed" in str(err)
+    assert refused > 300  # (the test sees refusals at all)
+    assert skew <= 0.015 * refused
