@@ -27,6 +27,7 @@ import socket
 import sys
 import time
 import traceback
+import warnings
 from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -1096,6 +1097,57 @@ def _overflow_on_one_process(rank: int) -> dict:
     return out
 
 
+def _no_token_lm() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(13, 4), nn.Linear(4, 13)).double()
+
+
+def _no_token_run(ranks: tuple[int, ...], per_example: bool, group=None) -> dict:
+    """A token mean over 2 micro-batches of 2 sequences per process, each process's own mean;
+    at step 2 process 1's labels are all -100 (it counts no token). With ``ranks`` (0, 1) on one
+    process: the processes' micro-batches accumulated in one step, the loss halved — the
+    reference. The history, or the refusal, and the warnings."""
+    import warnings
+
+    model = _no_token_lm()
+    gens = {r: torch.Generator().manual_seed(r) for r in ranks}
+    kw = {"per_example_fraction": 1.0} if per_example else {"per_example": False}
+    tracker = noisescale.GradientNoiseTracker(
+        model, beta=1.0, loss_reduction="token_mean", process_group=group, **kw
+    )
+    out: dict = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            for t in range(3):
+                for _ in range(2):
+                    for r in ranks:
+                        ids = torch.randint(0, 13, (2, 6), generator=gens[r])
+                        target = (torch.full_like(ids, -100) if t == 1 and r == 1 else ids)[:, 1:]
+                        flat = model(ids)[:, :-1].reshape(-1, 13)
+                        loss = F.cross_entropy(flat, target.reshape(-1))
+                        (loss / (2 * len(ranks))).backward()
+                        tracker.count_tokens(target)
+                if group is not None:
+                    for p in model.parameters():
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= WORLD
+                tracker.step()
+                model.zero_grad()
+            out["history"] = tracker.history
+        except NoiseScaleInputError as e:
+            out["refused"] = str(e)
+    out["warnings"] = [str(w.message) for w in caught]
+    tracker.remove()
+    return out
+
+
+def _no_token_on_one_process(rank: int) -> dict:
+    """_no_token_run under DDP (gloo), with and without per-example norms."""
+    group = torch.distributed.group.WORLD
+    return {str(pe): _no_token_run((rank,), pe, group) for pe in (True, False)}
+
+
 def _per_process_worker(rank: int, port: int, out: str) -> None:
     """Per-process decisions that must not desync the processes' collectives (each case's
     results written as soon as it ends: a desynchronised one aborts the rest)."""
@@ -1104,6 +1156,7 @@ def _per_process_worker(rank: int, port: int, out: str) -> None:
     for name, case in (
         ("resumed", _unequal_windows_resumed),
         ("overflow", _overflow_on_one_process),
+        ("no_token", _no_token_on_one_process),
     ):
         try:
             results[name] = case(rank)
@@ -1612,7 +1665,8 @@ def test_resolve_takes_the_big_batch_within_the_passes_when_their_weights_vary()
     c = [1 / 60, 1 / 40]
     common = dict(examples=8, sum_c=4 * sum(c), sum_c2=4 * sum(x * x for x in c), big=0.5,
                   per_example=(8, 8.0, 80.0, 2), local=(2, 0.5, 12.0, 2),
-                  pass_count=2, pass_big=4 * 3.0 + 4 * 5.0, pass_examples=8)  # fmt: skip
+                  pass_count=2, pass_weighed=2, pass_big=4 * 3.0 + 4 * 5.0,
+                  pass_examples=8)  # fmt: skip
     values = _buffer(pass_c=sum(c), pass_c2=sum(x * x for x in c), **common)
     assert dsrc.weights_vary(values)
     b_big, big, _, _, sources, _ = dsrc.resolve(values, 2, within=True)
@@ -1626,15 +1680,22 @@ def test_resolve_takes_the_big_batch_within_the_passes_when_their_weights_vary()
     assert math.isnan(dsrc.resolve(missing, 2, within=True)[1])
 
 
-def test_a_step_of_no_token_does_not_make_the_weights_vary():
-    """(A review, 2026-12-07.) Each process's own token mean where a process counts no token
-    weighs its pass 1/0: the reduced spread is nan. Where some process counted tokens the
-    weights cannot be compared, and the step is measured within its passes; where none did,
-    the step is left out (no token) and must not make the rest of the run measured within
-    (until then it did: b_big a third, or a refusal with per_example=False)."""
-    empty = dict(pass_count=2, pass_c=math.inf, pass_c2=math.inf, has_tokens=2)
-    assert not dsrc.weights_vary(_buffer(tokens=0.0, **empty))
-    assert dsrc.weights_vary(_buffer(tokens=10.0, **empty))
+def test_a_process_of_no_token_does_not_make_the_weights_vary():
+    """(Reviews, 2026-12-07.) Each process's own token mean where a process counts no token
+    weighs its pass 1/0 = inf (its gradient 0): only the finite weights are summed and counted
+    (PASS_WEIGHED), so it adds no weight. Processes of 8, 0 and 8 tokens, one pass each, do not
+    vary — as one process's micro-batches of 8, 0 and 8 do not (StepNorms) —; 8, 0 and 4 do;
+    none counting a token leaves nothing to compare. Until then the inf made the spread nan,
+    read as weights that vary where any process counted a token: the rest of the run measured
+    within its passes (b_big a third), or refused with per_example=False."""
+    alike = dict(pass_count=3, pass_weighed=2, pass_c=2 / 8, pass_c2=2 / 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no bare numpy "invalid value")
+        assert not dsrc.weights_vary(_buffer(has_tokens=3, tokens=16.0, **alike))
+        differ = dict(pass_count=3, pass_weighed=2, pass_c=1 / 8 + 1 / 4, pass_c2=1 / 64 + 1 / 16)
+        assert dsrc.weights_vary(_buffer(has_tokens=3, tokens=12.0, **differ))
+        none = dict(pass_count=2, pass_weighed=0, pass_c=0.0, pass_c2=0.0)
+        assert not dsrc.weights_vary(_buffer(has_tokens=2, tokens=0.0, **none))
 
 
 def test_resolve_closed_form():
@@ -1671,7 +1732,7 @@ def test_buffer_and_work_do_not_grow_with_the_number_of_processes():
     for world in (2, 1024, 16384):
         values = _buffer(examples=8 * world, sum_c=world, sum_c2=world / 8, big=1.0,
                          local=(world, 8.0 * world, 2.0 * world, world))  # fmt: skip
-        assert values.size == dsrc.WIDTH == 36
+        assert values.size == dsrc.WIDTH == 39
         b_big, _, examples, _, sources, _ = dsrc.resolve(values, world)
         assert b_big == pytest.approx(8 * world) and examples == 8 * world
         assert sources["local"].size == pytest.approx(1 / 8)
@@ -1833,6 +1894,38 @@ def test_a_loss_scale_overflow_on_one_process_is_left_out_on_every_process(per_p
             "on 1 of the 2 processes at step 2" in w and "loss scale has grown to 4.61169e+18" in w
             for w in got["warnings"]
         ), got["warnings"]
+
+
+def test_a_process_of_no_token_leaves_the_run_measured_as_one_process(per_process):
+    """Each process's own token mean, process 1's labels all -100 at step 2 (its weights 1/0,
+    its gradient 0), every other step's counts equal: the weights never vary, so the steps
+    equal one process accumulating both processes' micro-batches (b_big 40 tokens at step 1;
+    at step 3 8 examples at the run's 100/24 tokens an example), with per_example=False too, and
+    no bare numpy warning; step 2 too, process 1's examples at the other's weight, their
+    gradients 0 (8 examples at the run's 30/8 tokens an example: b_big 30). Until 2026-12-07
+    the inf made the reduced spread nan, read as weights that vary: the rest of the run
+    measured within its passes (b_big 8.33 for 16.67 at step 3), or refused under
+    per_example=False; and step 2's b_big was inf/inf, skipped without a word (a review)."""
+    assert sorted(per_process) == list(range(WORLD))
+    for per_example in (True, False):
+        want = _no_token_run((0, 1), per_example)
+        assert "refused" not in want, want["refused"]
+        for rank in range(WORLD):
+            got = per_process[rank]["no_token"][str(per_example)]
+            assert "error" not in per_process[rank]["no_token"]
+            assert "refused" not in got, got["refused"]
+            assert not [w for w in got["warnings"] if "invalid value" in w], got["warnings"]
+            assert not [w for w in got["warnings"] if "counts differ" in w], got["warnings"]
+            for record, ref in zip(got["history"], want["history"], strict=True):
+                assert not record["skipped"] and not ref["skipped"]
+                for key in ("b_big", "sqnorm_big", "tokens"):
+                    assert record[key] == pytest.approx(ref[key], rel=1e-9), key
+                if per_example:  # (the other sources differ: processes here, passes there)
+                    g, w = record["sources"]["per_example"], ref["sources"]["per_example"]
+                    assert g["count"] == w["count"]
+                    assert g["sqnorm_small"] == pytest.approx(w["sqnorm_small"], rel=1e-9)
+            b_big = [r["b_big"] for r in got["history"]]
+            assert b_big == pytest.approx([40.0, 8 * 30 / 8, 8 * 100 / 24], rel=1e-12)
 
 
 def test_a_checkpoint_saved_on_process_0_resumes_the_unmeasured_steps_of_all(runs):

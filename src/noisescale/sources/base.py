@@ -175,11 +175,12 @@ def weights_spread(n: Any, sum_c: Any, sum_c2: Any) -> Any:
     """Whether weights whose number, sum and sum of squares are given differ (their variance
     over their mean² above :data:`VARYING`) — one test for a single process and for the
     all-reduced sums of every process, so that both decide alike. A pass that counts no token
-    weighs 1/0 = inf (its mean nan, its gradient 0): within a process it takes the other
-    passes' weight (:class:`StepNorms`); where a whole process counts none, the spread is nan,
-    and the weights differ (until 2026-12-07 taken as equal, and a run's first such step was
-    recorded nan, skipped without a word; a later one, once the weights had varied, was
-    measured — a fuzzer) unless no process counted a token (the step left out)."""
+    weighs 1/0 = inf (its mean nan, its gradient 0) and is no part of them: within a process it
+    takes the other passes' weight (:class:`StepNorms`), and across processes only the finite
+    weights are summed and counted (:func:`~noisescale.sources.distributed.weights_vary`), so
+    that a process of no token does not make them differ. (A nan spread still reads as weights
+    that differ; until 2026-12-07 a whole process of no token made it nan: the rest of the run
+    measured within its passes, or refused — a review.)"""
     spread = n * sum_c2 - sum_c * sum_c
     return (spread > VARYING * sum_c * sum_c) | (spread != spread)
 

@@ -19,7 +19,7 @@ global batch size after averaging." :class:`DataParallelSource` does that inside
   audits' steps (:meth:`DataParallelSource.check_averaged`).
 
 What one step costs: **one asynchronous all-reduce of a fixed-size float64 buffer** (``WIDTH``
-numbers, 36 today — 288 bytes — whatever the number of processes W), waited for only when the
+numbers, 39 today — 312 bytes — whatever the number of processes W), waited for only when the
 tracker reads its statistics, with no host synchronisation on the way (on CUDA the host-side
 numbers go through pinned memory). Every process packs sums, not rows: the examples, Σc and Σc²
 of its examples' weights in its local gradient (c = 1/(k·N_j) for mean losses over k
@@ -105,7 +105,8 @@ PROCESSES = 11  # 1 per process (summed: the processes whose step numbers STEP s
 PICKED = 12
 # the passes of every process, where a loss weighs them by weights measured on the device (a
 # token mean per micro-batch, each process's own mean: StepNorms.weights_vary): their count,
-# Σ c and Σ c² (the weights vary where Σc² > (Σc)²/count), Σ b_m·|X̄_m|² and Σ b_m (the big
+# Σ c and Σ c² over the finite ones, whose count is PASS_WEIGHED (a pass of no token weighs
+# 1/0 = inf: left out; the weights vary where Σc² > (Σc)²/count), Σ b_m·|X̄_m|² and Σ b_m (the big
 # batch within each pass, StepNorms.within_passes), and the processes that lacked a pass norm
 PASS_COUNT = 13
 PASS_C = 14
@@ -116,7 +117,14 @@ PASS_MISSING = 18
 # processes whose squared norms overflowed float32 under a grown loss scale (the tracker's
 # _loss_scale_message): the step is then left out on every process, as LEFT_OUT's
 OVERFLOWED = 19
-HEAD = 20
+PASS_WEIGHED = 20  # (the passes of finite weight: PASS_COUNT's comment)
+# a process whose passes count no token weighs them 1/0 = inf (its gradient 0), not in SUM_C and
+# SUM_C2: its examples take the mean finite pass weight m over every process (as one process's
+# pass of no token takes its other passes', StepNorms), added as m·EMPTY_C and m²·EMPTY_C2
+# (Σ n and Σ n over its passes; with size_weighted, the whole pass's weight m: Σ 1 and Σ 1/n)
+EMPTY_C = 21
+EMPTY_C2 = 22
+HEAD = 23
 WIDTH = HEAD + FIELDS * len(SOURCES)
 
 
@@ -209,12 +217,13 @@ def resolve_unmeasured(values: np.ndarray, world_size: int) -> tuple[int, float 
 def weights_vary(values: np.ndarray) -> bool:
     """Whether the step's passes, over all processes, weighed their examples by weights that
     differ (measured on the device: each process's or micro-batch's own token mean), from the
-    reduced sums (:data:`PASS_COUNT`, :data:`PASS_C`, :data:`PASS_C2`). A step of no token
-    on any process (its weights 1/0, the spread nan) does not make them vary: it is left out
-    (until 2026-12-07 the rest of the run was measured within its passes, a review)."""
-    n, c, c2 = values[PASS_COUNT], values[PASS_C], values[PASS_C2]
-    no_token = values[HAS_TOKENS] > 0 and values[TOKENS] == 0
-    return bool(n > 1 and not no_token and weights_spread(n, c, c2))
+    reduced sums of the finite weights (:data:`PASS_WEIGHED`, :data:`PASS_C`, :data:`PASS_C2`).
+    A pass or a process of no token (its weight 1/0, its gradient 0) is not among them, so it
+    does not make them vary: processes with tokens beside one without vary only where their
+    own weights differ (until 2026-12-07 its inf made the spread nan, read as weights that
+    vary: the rest of the run measured within its passes, or refused; a review)."""
+    n, c, c2 = values[PASS_WEIGHED], values[PASS_C], values[PASS_C2]
+    return bool(n > 1 and weights_spread(n, c, c2))
 
 
 def resolve(
@@ -232,6 +241,10 @@ def resolve(
     from noisescale.state import SmallBatches
 
     sum_c, sum_c2 = values[SUM_C], values[SUM_C2]
+    if values[EMPTY_C] > 0 and values[PASS_WEIGHED] > 0:
+        # a process of no token: its examples at the mean finite pass weight (EMPTY_C)
+        m = values[PASS_C] / values[PASS_WEIGHED]
+        sum_c, sum_c2 = sum_c + m * values[EMPTY_C], sum_c2 + m * m * values[EMPTY_C2]
     b_big = sum_c * sum_c / sum_c2 if sum_c2 > 0 else math.nan
     # .grad = (1/W)·Σ_r local_r, so its example weights are c/W
     sqnorm_big = values[BIG] / (sum_c / world_size) ** 2 if sum_c > 0 else math.nan
@@ -658,6 +671,9 @@ class DataParallelSource:
 
         host[EXAMPLES] = float(sum(p.batch_size for p in passes))
         sum_c, sum_c2 = step.sum_c, step.sum_c2
+        local_inv = None
+        if step.data_weighted and host[EXAMPLES] > 0:
+            sum_c, sum_c2, local_inv = self._put_no_token(step, sum_c, sum_c2, put)
         put(SUM_C, sum_c)
         put(SUM_C2, sum_c2)
         if tokens is not None:
@@ -678,10 +694,16 @@ class DataParallelSource:
             local_sq = self._local_sqnorm(passes, local)
             if local_sq is not None and (isinstance(sum_c, Tensor) or sum_c > 0):
                 host[_column("local", 0)] = 1.0
-                put(_column("local", 1), sum_c2 / (sum_c * sum_c))  # 1/b_local
+                if local_inv is None:
+                    local_inv = sum_c2 / (sum_c * sum_c)
+                put(_column("local", 1), local_inv)  # 1/b_local
                 host[_column("local", 3)] = 1.0
                 d = step.scale * sum_c  # (divided twice: StepNorms.mean_grad_sq)
-                dev[_column("local", 2)] = local_sq / d / d
+                local_s = local_sq / d / d
+                if isinstance(sum_c, Tensor):
+                    # (a process of no token, sum_c 0 here: its gradient 0, |X̄|² 0)
+                    local_s = torch.where(sum_c > 0, local_s, local_sq * 0.0)
+                dev[_column("local", 2)] = local_s
             # (past 2³² the gradients are unscaled before they are squared: the tracker's
             # step, where |S·Σ g_i|² overflowed float32)
             pre = grad_scale if grad_scale > 2.0**32 else 1.0
@@ -746,15 +768,44 @@ class DataParallelSource:
             return values
         return values.pin_memory().to(self.device, non_blocking=True)
 
+    def _put_no_token(
+        self, step: StepNorms, sum_c: Tensor, sum_c2: Tensor, put: Callable[[int, Any], None]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Σc, Σc² and 1/b_local of a process whose passes count no token (weights 1/0 = inf,
+        its gradient 0; :data:`EMPTY_C`) without them: 0, 0 and its own 1/b_local, which does
+        not depend on the weight its examples take in :func:`resolve` (on the device, no host
+        read; where every weight is finite, the numbers given). Until 2026-12-07 its inf made
+        the step's b_big inf/inf: the step skipped without a word but numpy's (a review)."""
+        c = step.pass_weights()
+        n = torch.tensor(
+            [float(p.batch_size) for p in step.passes if p.batch_size > 0],
+            dtype=torch.float64,
+            device=c.device,
+        )
+        empty = ~torch.isfinite(c)
+        a, b = (torch.ones_like(n), 1.0 / n) if step.size_weighted else (n, n)
+        empty_c, empty_c2 = torch.where(empty, a, 0.0).sum(), torch.where(empty, b, 0.0).sum()
+        put(EMPTY_C, empty_c)
+        put(EMPTY_C2, empty_c2)
+        weighed = torch.isfinite(sum_c)
+        inv = torch.where(weighed, sum_c2 / (sum_c * sum_c), empty_c2 / (empty_c * empty_c))
+        return torch.where(weighed, sum_c, 0.0), torch.where(weighed, sum_c2, 0.0), inv
+
     def _put_passes(self, step: StepNorms, put: Callable[[int, Any], None], host: list) -> None:
         """This process's passes for the big batch within each pass, where the weights are
         measured on the device and may vary with the data (:data:`PASS_COUNT` …)."""
         if not any(p.batch_size > 0 for p in step.passes):
             return
+        # (a pass, or a whole process, of no token weighs 1/0 = inf, its gradient 0: only the
+        # finite weights are summed and counted, so such a process adds no weight — until
+        # 2026-12-07 its inf made the reduced spread nan, read as weights that vary: the rest
+        # of the run measured within its passes, or refused under per_example=False; a review)
         c = step.pass_weights()
+        finite = torch.isfinite(c)
         host[PASS_COUNT] = float(len(c))
-        put(PASS_C, c.sum())
-        put(PASS_C2, (c * c).sum())
+        put(PASS_WEIGHED, finite.sum().to(torch.float64))
+        put(PASS_C, torch.where(finite, c, 0.0).sum())
+        put(PASS_C2, torch.where(finite, c * c, 0.0).sum())
         within = step.within_passes()
         if within is None:
             host[PASS_MISSING] = 1.0
