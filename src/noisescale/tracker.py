@@ -1429,9 +1429,10 @@ class GradientNoiseTracker:
     def examples_trained(self) -> int:
         """Examples of every step so far, measured or not: :attr:`examples` plus those of the
         steps not folded into it yet — the pending measured steps and the steps
-        ``measure_every`` left unmeasured since the last measured one. A step left out (a short
-        accumulation window, an overflowed loss scale, an empty batch) is not counted. What a
-        schedule driven by the tracker counts (the integrations' callbacks, at every step).
+        ``measure_every`` left unmeasured or the tracker left out (a short accumulation window,
+        an overflowed loss scale: trained on, counted as unmeasured ones are) since the last
+        measured one. What a schedule driven by the tracker counts (the integrations'
+        callbacks, at every step).
 
         On one process it reads nothing from the device: the examples of a step are known on
         the host from its batch shapes. Under data parallelism the count is global, summed
