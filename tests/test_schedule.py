@@ -1142,6 +1142,34 @@ def test_a_scheduler_of_your_own_on_its_floor_is_warned_at_a_later_change_too():
     assert sched.base_lrs[0] == pytest.approx(0.2)
 
 
+def test_a_schedule_warns_of_a_floor_its_scheduler_of_your_own_is_on_at_a_change():
+    """The same floor through a schedule (a ramp 8 → 16 at step 2,500, on the floor): the
+    schedule keeps the list it flattened at construction and handed it on as it was, so the
+    rate-now check never ran — the factor 2 lost without a word (a review of the fix above)."""
+
+    class Floor(torch.optim.lr_scheduler.LRScheduler):
+        def get_lr(self):
+            return [b if self.last_epoch < 2000 else 1e-4 for b in self.base_lrs]
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = Floor(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ramp = BatchSizeRamp.stepwise(
+            [(0, 8), (2500 * 8, 16)], micro_batch_size=8, lr_rule="linear", base_batch_size=8,
+            optimizer=opt, lr_schedulers=[sched],
+        )  # fmt: skip
+        for _ in range(2499):
+            opt.step()
+            sched.step()
+            ramp.step()
+    opt.step()
+    sched.step()
+    with pytest.warns(RuntimeWarning, match="not kept while its rate is its own"):
+        ramp.step()
+    assert ramp.lr_factor == 2.0
+
+
 def test_under_no_lr_rule_any_scheduler_is_saved_as_none():
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
     # under lr_rule="none" nothing is scaled: any scheduler is accepted, and none is saved

@@ -309,6 +309,12 @@ def _flat_schedulers(lr_schedulers: Iterable[Any]) -> list[Any]:
     them again at each ``state_dict()``, and a warm-up + cosine to a floor the constructor
     accepted was refused at step 999, a review)."""
     if isinstance(lr_schedulers, _Flat):
+        # (a schedule's own list, flattened at construction: a scheduler of the user's own in it
+        # is still asked for its rate now at each change — on a floor of its own the factor
+        # was lost without a word, a review)
+        for s in lr_schedulers:
+            if not isinstance(s, _BASE_LRS_SCHEDULERS + _OWN_RATES_SCHEDULERS):
+                _computes_from_base_lrs(s, known=True)
         return lr_schedulers
     out = _Flat()
     seen: set[int] = set()
