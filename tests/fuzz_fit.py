@@ -991,7 +991,7 @@ def describe(record):
 
 
 def main(argv=None):
-    from fuzz_runner import _seeds, count_classes, print_class_table
+    from fuzz_runner import _seeds, print_class_table, run_check_seeds
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0:100", help="A:B (a range), or seeds A,B,C")
@@ -1001,25 +1001,13 @@ def main(argv=None):
     parser.add_argument("-v", "--verbose", action="store_true", help="each check's result")
     args = parser.parse_args(argv)
     override = json.loads(args.override) if args.override else None
-    out = open(args.jsonl, "a") if args.jsonl else None  # noqa: SIM115
-    table: dict[str, dict[str, int]] = {}
-    found, start = [], time.time()
-    try:
-        for seed in _seeds(args.seeds):
-            record = check_seed(seed, override, args.replicates)
-            if out:
-                out.write(json.dumps(record, default=str) + "\n")
-                out.flush()
-            count_classes(table, record["checks"])
-            found += [(record, name, res) for name, res in findings(record)]
-            if args.verbose:
-                print(describe(record), f"({record['time']} s)", flush=True)
-                for name, res in record["checks"].items():
-                    rest = {k: v for k, v in res.items() if k != "cls"}
-                    print(f"  {name:10s} {res['cls']:14s} {rest}")
-    finally:
-        if out:
-            out.close()
+    start = time.time()
+    table, found, _ = run_check_seeds(
+        _seeds(args.seeds),
+        lambda seed: check_seed(seed, override, args.replicates),
+        findings, args.jsonl, args.verbose,
+        lambda record: f"{describe(record)} ({record['time']} s)", limit=None,
+    )  # fmt: skip
     print_class_table(table, CHECKS, column_width=14)
     print(f"\n{len(found)} finding(s) in {time.time() - start:.0f} s")
     for record, name, res in found:

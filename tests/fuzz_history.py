@@ -685,7 +685,7 @@ def describe(record):
 
 
 def main(argv=None):
-    from fuzz_runner import _seeds, count_classes, print_class_table
+    from fuzz_runner import _seeds, print_class_table, run_check_seeds
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0:20", help="A:B (a range), or seeds A,B,C")
@@ -699,28 +699,12 @@ def main(argv=None):
         return 1
     torch.set_num_threads(1)
     override = json.loads(args.override) if args.override else None
-    out = open(args.jsonl, "a") if args.jsonl else None  # noqa: SIM115
-    table: dict[str, dict[str, int]] = {}
-    found, invalid, start = [], [], time.time()
-    try:
-        for seed in _seeds(args.seeds):
-            record = check_seed(seed, override)
-            if out:
-                out.write(json.dumps(record, default=str) + "\n")
-                out.flush()
-            if "gen_error" in record:
-                invalid.append((seed, record["gen_error"]))
-                continue
-            count_classes(table, record["checks"])
-            found += [(record, name, res) for name, res in findings(record)]
-            if args.verbose:
-                print(describe(record), flush=True)
-                for name, res in record["checks"].items():
-                    rest = {k: v for k, v in res.items() if k != "cls"}
-                    print(f"  {name:10s} {res['cls']:14s} {str(rest)[:300]}", flush=True)
-    finally:
-        if out:
-            out.close()
+    start = time.time()
+    table, found, invalid = run_check_seeds(
+        _seeds(args.seeds),
+        lambda seed: check_seed(seed, override),
+        findings, args.jsonl, args.verbose, describe,
+    )  # fmt: skip
     print_class_table(table, [c for c in CHECKS if c in table])
     print(f"\n{len(_seeds(args.seeds))} seeds in {time.time() - start:.0f} s")
     for seed, why in invalid:

@@ -600,6 +600,38 @@ def run_seeds(seeds, check, jsonl=None, verbose=False, line=None, find=None, say
     return table, found, invalid
 
 
+def run_check_seeds(seeds, check, find, jsonl=None, verbose=False, line=None, width=10, limit=300):
+    """:func:`run_seeds` for the fuzzers whose records hold ``"checks"`` (fuzz_fit, fuzz_history,
+    fuzz_sweep, fuzz_bnoise, fuzz_decisions): ``check(seed)`` for each seed, each record appended
+    to ``jsonl``; returns the class table, the findings ``(record, name, result)`` from
+    ``find(record)``'s ``(name, result)`` and the invalid cases ``(seed, why)``. ``verbose``
+    prints each record's ``line`` (its ``describe`` by default) and each check's class and the
+    rest of its result (``limit`` characters; None: all)."""
+    out = open(jsonl, "a") if jsonl else None  # noqa: SIM115
+    table: dict[str, dict[str, int]] = {}
+    found, invalid = [], []
+    try:
+        for seed in seeds:
+            record = check(seed)
+            if out:
+                out.write(json.dumps(record, default=str) + "\n")
+                out.flush()
+            if "gen_error" in record:
+                invalid.append((seed, record["gen_error"]))
+                continue
+            count_classes(table, record["checks"])
+            found += [(record, name, res) for name, res in find(record)]
+            if verbose:
+                print(line(record), flush=True)
+                for name, res in record["checks"].items():
+                    rest = {k: v for k, v in res.items() if k != "cls"}
+                    print(f"  {name:{width}s} {res['cls']:14s} {str(rest)[:limit]}", flush=True)
+    finally:
+        if out:
+            out.close()
+    return table, found, invalid
+
+
 def count_classes(table, results):
     """Add each result's class to ``table`` (mode -> class -> count): ``results`` maps a mode,
     variant or part to its result dict."""

@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fuzz_runner import _seeds, count_classes, print_class_table, print_mode_lines
+from fuzz_runner import _seeds, print_class_table, run_seeds
 from noisescale import GradientNoiseTracker
 from noisescale.errors import NoiseScaleInputError as NoiseScaleError
 from noisescale.estimators import NoiseEstimate
@@ -964,19 +964,10 @@ def main(argv=None):
     modes = tuple(args.modes.split(","))
     override = json.loads(args.override) if args.override else None
     start = time.time()
-    table, found = {}, []
-    out = open(args.jsonl, "a") if args.jsonl else None  # noqa: SIM115
-    for seed in _seeds(args.seeds):
-        record = check_seed(seed, modes, override)
-        if out:
-            out.write(json.dumps(record, default=str) + "\n")
-        count_classes(table, record["modes"])
-        found.extend((record, *f) for f in findings(record))
-        if args.verbose:
-            print(describe(record))
-            print_mode_lines(record["modes"])
-    if out:
-        out.close()
+    table, found, _ = run_seeds(
+        _seeds(args.seeds), lambda seed: check_seed(seed, modes, override), args.jsonl,
+        args.verbose, line=describe, find=findings,
+    )  # fmt: skip
     print_class_table(table, [m for m in MODES if m in table])
     print(f"\n{len(_seeds(args.seeds))} seeds in {time.time() - start:.0f} s")
     if not found:

@@ -765,7 +765,7 @@ def describe(record):
 
 
 def main(argv=None):
-    from fuzz_runner import _seeds, count_classes, print_class_table
+    from fuzz_runner import _seeds, print_class_table, run_check_seeds
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0:10", help="A:B (a range), or seeds A,B,C")
@@ -781,26 +781,14 @@ def main(argv=None):
         import postgres_server
 
         server = postgres_server.start()
-    out = open(args.jsonl, "a") if args.jsonl else None  # noqa: SIM115
-    table: dict[str, dict[str, int]] = {}
-    found, begin = [], time.time()
+    begin = time.time()
     try:
-        for seed in _seeds(args.seeds):
-            storage = server.create_database() if server else None
-            record = check_seed(seed, override, storage)
-            if out:
-                out.write(json.dumps(record, default=str) + "\n")
-                out.flush()
-            count_classes(table, record["checks"])
-            found += [(record, name, res) for name, res in findings(record)]
-            if args.verbose:
-                print(describe(record), flush=True)
-                for name, res in record["checks"].items():
-                    rest = {k: v for k, v in res.items() if k != "cls"}
-                    print(f"  {name:10s} {res['cls']:14s} {str(rest)[:300]}", flush=True)
+        table, found, _ = run_check_seeds(
+            _seeds(args.seeds),
+            lambda seed: check_seed(seed, override, server.create_database() if server else None),
+            findings, args.jsonl, args.verbose, describe,
+        )  # fmt: skip
     finally:
-        if out:
-            out.close()
         if server:
             server.stop()
     print_class_table(table, [c for c in (*CHECKS, "harness") if c in table])
