@@ -1832,27 +1832,26 @@ def test_a_step_of_no_counted_token_is_left_out_and_said(divisor):
     assert history[-1]["examples"] == rows and history[-1]["tokens_seen"] == 2 * 4 * 5
 
 
-def test_a_first_step_with_a_micro_batch_of_no_token_is_measured():
-    """(A fuzzer, 2026-12-07.) A declared ``"token_mean"`` over three micro-batches, the second
-    counting no token (its mean nan, its gradient 0), at the run's first step: the micro-batches'
-    weights 1/(k·c_m) differ (one is 1/0), so the step is measured within them — eq. A.2 by hand
-    on brute-force per-row summed token gradients x_i, that micro-batch's mean X̄_m = 0. Until
-    then the weights were taken as equal (their spread nan), and the step was recorded nan and
-    skipped without a word (a later such step was measured)."""
-    model = _token_lm()
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 13, (6, 6), generator=g)
-    lengths = torch.tensor([6, 4, 1, 1, 5, 3])  # rows 2, 3: no counted token (shifted)
+def _rows_of_lengths(model, seed, lengths):
+    """Rows of random ids (a generator seeded ``seed``) whose first ``lengths`` tokens count
+    (-100 after, shifted as a causal LM's labels), and each row's summed token gradient x_i by
+    brute force: ids, targets and x [rows, parameters]."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 13, (len(lengths), 6), generator=g)
     target = torch.where(torch.arange(6)[None] < lengths[:, None], ids, -100)[:, 1:]
-    mbs = [[0, 1], [2, 3], [4, 5]]
-    x, t = [], (target != -100).sum(1).double()
-    for i in range(6):  # brute force: each row's summed token gradient
+    x = []
+    for i in range(len(lengths)):
         model.zero_grad()
         flat = model(ids[i : i + 1])[:, :-1].reshape(-1, 13)
         F.cross_entropy(flat, target[i], reduction="sum").backward()
         x.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
-    x = torch.stack(x)
     model.zero_grad()
+    return ids, target, torch.stack(x)
+
+
+def _token_mean_step(model, ids, target, mbs):
+    """One step of a declared ``"token_mean"`` over micro-batches ``mbs`` (rows of ``ids``),
+    each micro-batch's own token mean divided by their number: its record and the warnings."""
     tracker = noisescale.GradientNoiseTracker(
         model, loss_reduction="token_mean", per_example_fraction=1.0, microbatch=False
     )
@@ -1861,12 +1860,28 @@ def test_a_first_step_with_a_micro_batch_of_no_token_is_measured():
             warnings.simplefilter("always")
             for m in mbs:
                 flat = model(ids[m])[:, :-1].reshape(-1, 13)
-                (F.cross_entropy(flat, target[m].reshape(-1)) / 3).backward()
+                (F.cross_entropy(flat, target[m].reshape(-1)) / len(mbs)).backward()
                 tracker.count_tokens(target[m])
             tracker.step()
             (record,) = tracker.history
     finally:
         tracker.remove()
+    return record, caught
+
+
+def test_a_first_step_with_a_micro_batch_of_no_token_is_measured():
+    """(A fuzzer, 2026-12-07.) A declared ``"token_mean"`` over three micro-batches, the second
+    counting no token (its mean nan, its gradient 0), at the run's first step: the micro-batches'
+    weights 1/(k·c_m) differ (one is 1/0), so the step is measured within them — eq. A.2 by hand
+    on brute-force per-row summed token gradients x_i, that micro-batch's mean X̄_m = 0. Until
+    then the weights were taken as equal (their spread nan), and the step was recorded nan and
+    skipped without a word (a later such step was measured)."""
+    model = _token_lm()
+    lengths = torch.tensor([6, 4, 1, 1, 5, 3])  # rows 2, 3: no counted token (shifted)
+    ids, target, x = _rows_of_lengths(model, 1, lengths)
+    t = (target != -100).sum(1).double()
+    mbs = [[0, 1], [2, 3], [4, 5]]
+    record, caught = _token_mean_step(model, ids, target, mbs)
     assert not record["skipped"]
     assert any("each step is measured within its micro-batches" in str(w.message) for w in caught)
     s_big = sum(2 / 6 * float(x[m].mean(0).pow(2).sum()) for m in mbs)
@@ -1887,32 +1902,10 @@ def test_a_micro_batch_of_no_token_does_not_make_equal_weights_differ():
     the weight inf made the weights "differ": measured within the micro-batches (b_big a
     third), and so for the rest of the run."""
     model = _token_lm()
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 13, (6, 6), generator=g)
     lengths = torch.tensor([6, 4, 1, 1, 5, 5])  # 5 + 3, 0 + 0, 4 + 4 counted tokens
-    target = torch.where(torch.arange(6)[None] < lengths[:, None], ids, -100)[:, 1:]
-    x, t = [], (target != -100).sum(1).double()
-    for i in range(6):
-        model.zero_grad()
-        flat = model(ids[i : i + 1])[:, :-1].reshape(-1, 13)
-        F.cross_entropy(flat, target[i], reduction="sum").backward()
-        x.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
-    x = torch.stack(x)
-    model.zero_grad()
-    tracker = noisescale.GradientNoiseTracker(
-        model, loss_reduction="token_mean", per_example_fraction=1.0, microbatch=False
-    )
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for m in ([0, 1], [2, 3], [4, 5]):
-                flat = model(ids[m])[:, :-1].reshape(-1, 13)
-                (F.cross_entropy(flat, target[m].reshape(-1)) / 3).backward()
-                tracker.count_tokens(target[m])
-            tracker.step()
-            (record,) = tracker.history
-    finally:
-        tracker.remove()
+    ids, target, x = _rows_of_lengths(model, 1, lengths)
+    t = (target != -100).sum(1).double()
+    record, caught = _token_mean_step(model, ids, target, [[0, 1], [2, 3], [4, 5]])
     assert not any("measured within its micro-batches" in str(w.message) for w in caught)
     b = 6.0
     s_big, s_small = float(x.mean(0).pow(2).sum()), float(x.pow(2).sum(1).mean())
@@ -1965,18 +1958,8 @@ def test_steps_of_no_token_left_out_bias_g2_and_trace_not_b_simple():
     rows, x's) average |E x|²/(1 − q) and tr Cov(x)/(1 − q), q = 1/9 the steps of no token,
     and their ratio B_simple is exact — what the step's warning says."""
     model = _token_lm()
-    g = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, 13, (3, 6), generator=g)
     lengths = torch.tensor([6, 1, 4])  # row 1 counts no token (shifted)
-    target = torch.where(torch.arange(6)[None] < lengths[:, None], ids, -100)[:, 1:]
-    x = []
-    for i in range(3):
-        model.zero_grad()
-        flat = model(ids[i : i + 1])[:, :-1].reshape(-1, 13)
-        F.cross_entropy(flat, target[i], reduction="sum").backward()
-        x.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
-    x = torch.stack(x)
-    model.zero_grad()
+    ids, target, x = _rows_of_lengths(model, 2, lengths)
     tracker = noisescale.GradientNoiseTracker(
         model, loss_reduction="num_items_in_batch", per_example_fraction=1.0, sync_every=1
     )
