@@ -89,6 +89,22 @@ def test_real_cpu_allocator_error_is_out_of_memory() -> None:
     assert is_out_of_memory(_real_cpu_oom())
 
 
+def test_windows_cpu_allocator_error_is_out_of_memory_in_the_search() -> None:
+    """(A fuzzer, tests/fuzz_hardware.py seed 165, 2026-12-07.) alloc_cpu.cpp's Windows branch
+    says "not enough memory" where Linux's says "can't allocate memory"; the search raised the
+    RuntimeError at batch 64 instead of bisecting to the threshold, 37."""
+
+    def step(batch_size: int) -> None:
+        if batch_size > 37:
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:116] data. DefaultCPUAllocator: not enough "
+                f"memory: you tried to allocate {batch_size * 4096} bytes."
+            )
+
+    result = find_max_batch_size(step, release=_no_release, steps_per_trial=1)
+    assert (result.max_batch_size, result.converged) == (37, True)
+
+
 # ---------------------------------------------------------------------------------------------
 # The search, against a simulated limit
 
@@ -281,6 +297,50 @@ def test_search_on_model_leaves_it_usable_and_unchanged(threshold: int) -> None:
         optimizer.step()
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
+class _CountingNet(_TinyNet):
+    """_TinyNet with a non-persistent buffer that its forward pass changes (a running count of
+    the examples seen, as caches and counters of real models are kept out of state_dict)."""
+
+    def __init__(self, threshold: int) -> None:
+        super().__init__(threshold)
+        self.register_buffer("seen", torch.zeros(()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen += x.shape[0]
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("measure", ["search", "profile"])
+def test_search_restores_unsaved_buffers_and_the_gradients_already_there(measure: str) -> None:
+    """(A fuzzer, tests/fuzz_hardware.py seeds 2 and 185, 2026-12-07.) The search restored
+    state_dict only: a non-persistent buffer counted in forward read 14 after the search for 4
+    before (seed 2), and gradients a loop had accumulated before the call were set to None
+    (seed 185). Both are now exactly as before, as are the parameters, statistics and RNG."""
+    torch.manual_seed(0)
+    model = _CountingNet(5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = _tiny_batch(4, torch.device("cpu"))
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()  # mid-accumulation: gradients there
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert buffers["seen"].item() == 8
+    step = make_training_step(model, nn.functional.cross_entropy, _tiny_batch, optimizer=optimizer)
+
+    if measure == "search":
+        found = find_max_batch_size(step, start=2, model=model, optimizer=optimizer)
+        assert found.max_batch_size == 5
+    else:
+        profile_throughput(step, [2, 4], warmup=1, repeats=1, model=model, optimizer=optimizer)
+
+    assert all(torch.equal(buffers[k], v) for k, v in model.named_buffers())
+    assert all(torch.equal(grads[k], p.grad) for k, p in model.named_parameters())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
 def test_max_batch_size_state_dict_round_trip() -> None:

@@ -42,6 +42,10 @@ _OOM_MESSAGES = (
     "cublas_status_alloc_failed",
     "cudnn_status_alloc_failed",
     "cudnn_status_not_supported",
+    # the CPU allocator's words on Windows (alloc_cpu.cpp's _aligned_malloc branch); Linux's
+    # posix_memalign branch says "can't allocate memory" (until 2026-12-07 only that one was
+    # known, and a Windows search ended in the raw RuntimeError, a fuzzer)
+    "not enough memory",
 )
 
 
@@ -175,9 +179,10 @@ def find_max_batch_size(
 
     Out-of-memory errors (:func:`is_out_of_memory`) are caught and their memory freed; any other
     exception propagates. When ``model`` and ``optimizer`` are given, their state (parameters,
-    buffers, optimizer moments) is saved to host memory before the search and restored after,
-    their gradients are dropped after every trial, and the torch random number generators are
-    restored, so the search leaves training exactly where it was.
+    buffers, persistent or not, optimizer moments, gradients already there) is saved to host
+    memory before the search and restored after, their gradients are dropped after every trial,
+    and the torch random number generators are restored, so the search leaves training exactly
+    where it was.
 
     On CPU, Linux may hand out memory it does not have and kill the process later instead of
     failing the allocation; pass ``limit`` there. Leave a margin below the result in real
@@ -283,12 +288,19 @@ def _clear_grads(model: nn.Module | None, optimizer: torch.optim.Optimizer | Non
 def _preserved_state(
     model: nn.Module | None, optimizer: torch.optim.Optimizer | None
 ) -> Iterator[None]:
-    """Save model, optimizer and RNG state on entry and restore them on exit.
+    """Save model, optimizer, gradient and RNG state on entry and restore them on exit.
 
-    Copies go to host memory so that they do not take device memory from the search.
+    Copies go to host memory so that they do not take device memory from the search; the
+    gradients already there (a loop mid-accumulation) are dropped for the search and put back.
+    Buffers that ``state_dict`` leaves out (``persistent=False``) are saved too: a forward pass
+    may change them as it changes BatchNorm's statistics (until 2026-12-07 they were left as
+    the search's steps had changed them, and gradients already there were lost, a fuzzer).
     """
     model_state = None if model is None else _to_cpu(model.state_dict())
     optimizer_state = None if optimizer is None else _to_cpu(optimizer.state_dict())
+    other_buffers = {} if model is None else _non_persistent_buffers(model)
+    grads = _saved_grads(model, optimizer)
+    _clear_grads(model, optimizer)
     cuda_devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=cuda_devices):
         try:
@@ -298,11 +310,59 @@ def _preserved_state(
             # optimizer or the caller holds to the parameters stay valid.
             if model is not None and model_state is not None:
                 model.load_state_dict(model_state)
+                _restore_buffers(model, other_buffers)
             if optimizer is not None and optimizer_state is not None:
                 optimizer.load_state_dict(optimizer_state)
             _clear_grads(model, optimizer)
+            for param, (grad, device) in grads:
+                param.grad = grad.to(device)
             if model is not None or optimizer is not None:
                 free_memory()
+
+
+def _non_persistent_buffers(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.device]]:
+    """The buffers ``state_dict`` leaves out, copied to host memory, with their devices."""
+    kept = model.state_dict().keys()
+    return {
+        name: (buf.detach().to("cpu", copy=True), buf.device)
+        for name, buf in model.named_buffers()
+        if name not in kept
+    }
+
+
+def _restore_buffers(model: nn.Module, saved: dict[str, tuple[torch.Tensor, torch.device]]) -> None:
+    """Put saved buffers back: in place where the tensor is still of its shape and type (views
+    of it stay valid), else as the saved tensor (a cache the steps replaced)."""
+    for name, (value, device) in saved.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        current = owner._buffers.get(attr)
+        if (
+            current is not None
+            and current.shape == value.shape
+            and current.dtype == value.dtype
+            and current.device == device
+        ):
+            with torch.no_grad():
+                current.copy_(value)
+        else:
+            owner._buffers[attr] = value.to(device)
+
+
+def _saved_grads(
+    model: nn.Module | None, optimizer: torch.optim.Optimizer | None
+) -> list[tuple[torch.Tensor, tuple[torch.Tensor, torch.device]]]:
+    """The gradients already there on the model's and optimizer's parameters, on the host."""
+    params: dict[int, torch.Tensor] = {}
+    if model is not None:
+        params |= {id(p): p for p in model.parameters()}
+    if optimizer is not None:
+        params |= {id(p): p for group in optimizer.param_groups for p in group["params"]}
+    return [
+        (p, (p.grad.detach().to("cpu", copy=True), p.grad.device))
+        for p in params.values()
+        if p.grad is not None
+    ]
 
 
 def _to_cpu(obj: Any) -> Any:
