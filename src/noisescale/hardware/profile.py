@@ -268,8 +268,16 @@ def allreduce_time(
     """
     if devices < 1:
         raise NoiseScaleInputError(f"number of devices must be at least 1, got {devices}")
-    if bandwidth_bytes_per_s <= 0:
-        raise NoiseScaleInputError("all-reduce bandwidth must be positive")
+    # `not >` refuses NaN too (until 2026-12-07 a NaN bandwidth or byte count priced NaN and a
+    # negative byte count a negative time, without a word, a fuzzer)
+    if not bandwidth_bytes_per_s > 0:
+        raise NoiseScaleInputError(
+            f"all-reduce bandwidth must be positive, got {bandwidth_bytes_per_s}"
+        )
+    if not (math.isfinite(grad_bytes) and grad_bytes >= 0):
+        raise NoiseScaleInputError(
+            f"gradient bytes to all-reduce must be a finite number ≥ 0, got {grad_bytes}"
+        )
     return allreduce_factor * (devices - 1) / devices * grad_bytes / bandwidth_bytes_per_s
 
 
@@ -496,6 +504,26 @@ class ThroughputProfile:
             raise NoiseScaleInputError("corrupt profile: no timed batch sizes")
         if any(not (math.isfinite(t) and t > 0) for p in points for t in p.times_s):
             raise NoiseScaleInputError("corrupt profile: a step time is not a positive number")
+        # the fit's spread, quoted in the recommendation's assumptions: NaN or < 0 hid how well
+        # the line fits (read without a word until 2026-12-07, a fuzzer)
+        for name in ("alpha_se_s", "beta_se_s", "max_rel_residual"):
+            value = getattr(fit, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise NoiseScaleInputError(
+                    f"corrupt profile: fit.{name} must be a number ≥ 0, got {value!r}; "
+                    "re-profile, or correct the file"
+                )
+        for p in points:
+            peak = p.peak_memory_bytes
+            if peak is not None and (
+                isinstance(peak, bool)
+                or not isinstance(peak, int | float)
+                or not (math.isfinite(peak) and peak >= 0 and peak == math.floor(peak))
+            ):
+                raise NoiseScaleInputError(
+                    f"corrupt profile: a point's peak_memory_bytes must be a whole number ≥ 0 "
+                    f"or null, got {peak!r}; re-profile, or correct the file"
+                )
         if math.isfinite(fit.alpha_s) and _rounding_slope(
             fit.beta_s, fit.alpha_s, profile.measured_range[1]
         ):
