@@ -343,6 +343,50 @@ def test_search_restores_unsaved_buffers_and_the_gradients_already_there(measure
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
+class _CachingNet(_TinyNet):
+    """_TinyNet with buffers its forward pass makes and resizes, as real models' caches are:
+    ``cache`` registered as None and made at the batch's size, ``last`` a (1,)-buffer that
+    each step resizes in place to the batch's size."""
+
+    def __init__(self, threshold: int, persistent: bool) -> None:
+        super().__init__(threshold)
+        self.register_buffer("cache", None, persistent=persistent)
+        self.register_buffer("last", torch.full((1,), 7.0), persistent=persistent)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.cache = torch.zeros(x.shape[0])
+        self.last.resize_(x.shape[0]).fill_(x.shape[0])
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("measure", ["search", "profile", "update"])
+def test_search_restores_buffers_a_step_made_or_resized(measure: str, persistent: bool) -> None:
+    """(A review of the fuzzer's fix, 2026-12-07.) A cache registered as None and made by a
+    step stayed after the search (non-persistent: a (5,)-tensor where None was), or made
+    load_state_dict fail after it ("Missing key(s) in state_dict: cache", persistent); a
+    buffer a step resized failed it too ("size mismatch for last"). Now every buffer is as it
+    was: None where None, the same tensor, of shape (1,), holding 7."""
+    torch.manual_seed(0)
+    model = _CachingNet(5, persistent)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    last = model.last
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    step = make_training_step(model, nn.functional.cross_entropy, _tiny_batch, optimizer=optimizer)
+    if measure == "search":
+        found = find_max_batch_size(step, start=2, model=model, optimizer=optimizer)
+        assert found.max_batch_size == 5
+    elif measure == "profile":
+        profile_throughput(step, [2, 4], warmup=1, repeats=1, model=model, optimizer=optimizer)
+    else:
+        time_optimizer_update(
+            step, optimizer.step, 4, warmup=1, repeats=1, model=model, optimizer=optimizer
+        )
+    assert model.cache is None and "cache" not in model.state_dict()
+    assert model.last is last and torch.equal(model.last, torch.full((1,), 7.0))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
 def test_max_batch_size_state_dict_round_trip() -> None:
     result = find_max_batch_size(_fake_step(37, []), release=_no_release, steps_per_trial=1)
     state = json.loads(json.dumps(result.state_dict()))

@@ -179,8 +179,9 @@ def find_max_batch_size(
 
     Out-of-memory errors (:func:`is_out_of_memory`) are caught and their memory freed; any other
     exception propagates. When ``model`` and ``optimizer`` are given, their state (parameters,
-    buffers, persistent or not, optimizer moments, gradients already there) is saved to host
-    memory before the search and restored after, their gradients are dropped after every trial,
+    buffers, persistent or not, those a step makes or resizes too, optimizer moments, gradients
+    already there) is saved to host memory before the search and restored after, their
+    gradients are dropped after every trial,
     and the torch random number generators are restored, so the search leaves training exactly
     where it was.
 
@@ -298,7 +299,7 @@ def _preserved_state(
     """
     model_state = None if model is None else _to_cpu(model.state_dict())
     optimizer_state = None if optimizer is None else _to_cpu(optimizer.state_dict())
-    other_buffers = {} if model is None else _non_persistent_buffers(model)
+    buffers = ([], []) if model is None else _saved_buffers(model)
     grads = _saved_grads(model, optimizer)
     _clear_grads(model, optimizer)
     cuda_devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
@@ -309,8 +310,10 @@ def _preserved_state(
             # load_state_dict copies into the existing tensors, so references that an
             # optimizer or the caller holds to the parameters stay valid.
             if model is not None and model_state is not None:
+                # buffers first, each as it was (a cache a step made or resized, persistent or
+                # not, would fail load_state_dict's strict check or stay as the search left it)
+                _restore_buffers(*buffers)
                 model.load_state_dict(model_state)
-                _restore_buffers(model, other_buffers)
             if optimizer is not None and optimizer_state is not None:
                 optimizer.load_state_dict(optimizer_state)
             _clear_grads(model, optimizer)
@@ -320,33 +323,48 @@ def _preserved_state(
                 free_memory()
 
 
-def _non_persistent_buffers(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.device]]:
-    """The buffers ``state_dict`` leaves out, copied to host memory, with their devices."""
-    kept = model.state_dict().keys()
-    return {
-        name: (buf.detach().to("cpu", copy=True), buf.device)
-        for name, buf in model.named_buffers()
-        if name not in kept
-    }
+_SavedBuffer = tuple[nn.Module, str, torch.Tensor | None, torch.Tensor | None, torch.device | None]
 
 
-def _restore_buffers(model: nn.Module, saved: dict[str, tuple[torch.Tensor, torch.device]]) -> None:
-    """Put saved buffers back: in place where the tensor is still of its shape and type (views
-    of it stay valid), else as the saved tensor (a cache the steps replaced)."""
-    for name, (value, device) in saved.items():
-        owner_name, _, attr = name.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        current = owner._buffers.get(attr)
-        if (
-            current is not None
-            and current.shape == value.shape
-            and current.dtype == value.dtype
-            and current.device == device
-        ):
-            with torch.no_grad():
-                current.copy_(value)
-        else:
-            owner._buffers[attr] = value.to(device)
+def _saved_buffers(model: nn.Module) -> tuple[list[nn.Module], list[_SavedBuffer]]:
+    """The modules, and every module's buffers as they are, persistent or not, a buffer
+    registered as None too: ``(module, name, the tensor, its copy on the host, its device)``."""
+    modules = list(model.modules())
+    saved: list[_SavedBuffer] = []
+    for module in modules:
+        for name, buf in module._buffers.items():
+            if buf is None:
+                saved.append((module, name, None, None, None))
+            else:
+                saved.append((module, name, buf, buf.detach().to("cpu", copy=True), buf.device))
+    return modules, saved
+
+
+def _restore_buffers(modules: list[nn.Module], saved: list[_SavedBuffer]) -> None:
+    """Put every buffer back as it was: the same tensor with its saved values (views of it stay
+    valid), None where it was None (a cache the steps made), and buffers the steps registered
+    removed from the modules there before. (Until 2026-12-07 a cache buffer registered as None
+    and made by a step stayed after the search when not persistent, and a persistent one, or
+    one a step resized, failed ``load_state_dict`` after the search: "Missing key(s)", "size
+    mismatch", a review.)"""
+    names: dict[int, set[str]] = {id(module): set() for module in modules}
+    for module, name, original, value, device in saved:
+        names[id(module)].add(name)
+        if original is None or value is None:
+            module._buffers[name] = None
+            continue
+        if original.dtype != value.dtype or original.device != device:
+            module._buffers[name] = value.to(device)  # its type changed in place: a new tensor
+            continue
+        with torch.no_grad():
+            if original.shape == value.shape:
+                original.copy_(value)
+            else:  # resized in place by a step
+                original.set_(value.to(device))
+        module._buffers[name] = original
+    for module in modules:
+        for name in [n for n in module._buffers if n not in names[id(module)]]:
+            del module._buffers[name]
 
 
 def _saved_grads(
