@@ -387,6 +387,38 @@ def test_search_restores_buffers_a_step_made_or_resized(measure: str, persistent
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"start": 1.5},
+        {"limit": 10.5},
+        {"start": True},
+        {"max_trials": 8.0},
+        {"steps_per_trial": 1.5},
+    ],
+)
+def test_search_refuses_a_batch_size_that_is_not_a_whole_number(kwargs: dict) -> None:
+    """(A review, 2026-12-07.) start=1.5 tried 1.5, 3.0, 6.0 and limit=10.5 returned
+    max_batch_size=10.5, capped and converged, without a word; each is refused by name."""
+    tried: list[Any] = []
+    with pytest.raises(NoiseScaleInputError, match=f"{next(iter(kwargs))} must be a whole"):
+        find_max_batch_size(tried.append, release=_no_release, **({"limit": 16} | kwargs))
+    assert tried == []
+    found = find_max_batch_size(
+        tried.append, start=np.int64(3), limit=np.int64(10), release=_no_release
+    )
+    assert found.max_batch_size == 10 and tried == [3, 3, 6, 6, 10, 10]
+
+
+@pytest.mark.parametrize("sizes", [[2.5, 4], [True, 2], [0, 2]])
+def test_profile_throughput_refuses_a_batch_size_that_is_not_a_whole_number(sizes: list) -> None:
+    """(A review, 2026-12-07.) 2.5 was timed as a batch size and True as 1; refused now."""
+    tried: list[Any] = []
+    with pytest.raises(NoiseScaleInputError, match="whole numbers ≥ 1"):
+        profile_throughput(tried.append, sizes, warmup=0, repeats=1)
+    assert tried == []
+
+
 def test_max_batch_size_state_dict_round_trip() -> None:
     result = find_max_batch_size(_fake_step(37, []), release=_no_release, steps_per_trial=1)
     state = json.loads(json.dumps(result.state_dict()))

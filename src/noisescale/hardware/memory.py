@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -194,7 +195,7 @@ def find_max_batch_size(
 
     Args:
         step_fn: One training step at a batch size, e.g. from :func:`make_training_step`.
-        start: First batch size to try (≥ 1).
+        start: First batch size to try (a whole number ≥ 1).
         limit: Largest batch size to try; None searches until memory runs out.
         steps_per_trial: Steps run at each batch size.
         max_trials: Most batch sizes to try. When they run out before the search brackets the
@@ -212,6 +213,16 @@ def find_max_batch_size(
         NoiseScaleInputError: Even batch size 1 does not fit; no batch size tried fits before
             ``max_trials`` runs out (raise it or lower ``start``); or the arguments are invalid.
     """
+    for name, value in (
+        ("start", start),
+        ("steps_per_trial", steps_per_trial),
+        ("max_trials", max_trials),
+        ("limit", limit),
+    ):
+        # a float or bool batch size was tried as it was (start=1.5 tried 1.5, 3.0, 6.0 and
+        # limit=10.5 returned max_batch_size=10.5, until 2026-12-07, a review)
+        if value is not None and not _is_whole(value):
+            raise NoiseScaleInputError(f"{name} must be a whole number, got {value!r}")
     if start < 1:
         raise NoiseScaleInputError(f"start must be at least 1, got {start}")
     if limit is not None and limit < start:
@@ -263,6 +274,11 @@ def find_max_batch_size(
         converged=capped or (high is not None and high - low <= 1),
         trials=tuple(trials),
     )
+
+
+def _is_whole(value: object) -> bool:
+    """An int (numpy's too), not a bool: a batch size or a count."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
 
 
 def _run_trial(step_fn: StepFn, batch_size: int, steps: int) -> bool:
