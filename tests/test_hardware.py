@@ -727,6 +727,46 @@ def test_profile_load_refuses_a_broken_spread_or_peak_memory(
         ThroughputProfile.load(path)
 
 
+@pytest.mark.parametrize(
+    ("search", "match"),
+    [
+        ({"capped": "false"}, "max_batch_search.capped must be true or false"),
+        ({"capped": 0}, "max_batch_search.capped must be true or false"),
+        ({"converged": False}, "did not converge"),
+        ({"trials": [[1, "yes"]]}, "max_batch_search.trials"),
+        ({"trials": [[1.5, True]]}, "max_batch_search.trials must be a whole"),
+        ({"limit": "32"}, "max_batch_search.limit"),
+        ([32], "max_batch_search must be an object"),
+    ],
+)
+def test_profile_load_refuses_a_broken_memory_search(tmp_path, search: Any, match: str) -> None:
+    """(A review, 2026-12-07.) max_batch_search was read unchecked: "capped": "false" read as
+    capped, and the recommendation said "at least 32 examples fit" of a search that found 32
+    exactly; "converged": false said "at most 32" of a lower bound; a list in its place failed
+    `noisescale profile`'s summary with a TypeError. Each is refused by name; the file as
+    written reads, capped or not."""
+    data = _line_profile(0.01, 0.001, 32, 4e6).to_dict()
+    written = {
+        "max_batch_size": 32,
+        "start": 1,
+        "limit": 64,
+        "capped": False,
+        "converged": True,
+        "trials": [[b, True] for b in (1, 2, 4, 8, 16, 32)]
+        + [[b, False] for b in (64, 48, 40, 36, 34, 33)],
+    }
+    for capped, words in ((False, "at most 32"), (True, "at least 32")):
+        data["max_batch_search"] = written | {"capped": capped}
+        profile = ThroughputProfile.from_dict(json.loads(json.dumps(data)))
+        said = recommend_batch_size(1000.0, profile).assumptions
+        assert sum(f"Micro-batches of {words} examples fit" in line for line in said) == 1
+    data["max_batch_search"] = written | search if isinstance(search, dict) else search
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(NoiseScaleInputError, match=match):
+        ThroughputProfile.load(path)
+
+
 def test_profile_load_missing_file(tmp_path) -> None:
     with pytest.raises(NoiseScaleInputError, match="cannot read profile"):
         ThroughputProfile.load(tmp_path / "missing.json")

@@ -524,6 +524,7 @@ class ThroughputProfile:
                     f"corrupt profile: a point's peak_memory_bytes must be a whole number ≥ 0 "
                     f"or null, got {peak!r}; re-profile, or correct the file"
                 )
+        _check_search(profile.max_batch_search)
         if math.isfinite(fit.alpha_s) and _rounding_slope(
             fit.beta_s, fit.alpha_s, profile.measured_range[1]
         ):
@@ -572,6 +573,49 @@ class ThroughputProfile:
             return cls.from_dict(data)
         except NoiseScaleInputError as err:
             raise NoiseScaleInputError(f"profile {path}: {err}") from None
+
+
+def _check_search(search: Any) -> None:
+    """A profile's ``max_batch_search`` as :meth:`MaxBatchSize.state_dict` writes it, in what is
+    read of it: ``capped`` (true: the limit is only a lower bound, "at least"), ``converged``
+    and the trials. (Until 2026-12-07 it was read unchecked: ``"capped": "false"`` read as
+    capped and the recommendation said "at least 32 fit" of a search that found 32 exactly,
+    ``"converged": false`` said "at most" of a lower bound, and a list in its place made
+    ``noisescale profile``'s summary fail with a TypeError, a review.)"""
+    if search is None:
+        return
+    fix = "re-profile, or correct the file"
+    if not isinstance(search, dict):
+        raise NoiseScaleInputError(
+            f"corrupt profile: max_batch_search must be an object or null, got {search!r}; {fix}"
+        )
+    for name in ("capped", "converged"):
+        if name in search and not isinstance(search[name], bool):
+            raise NoiseScaleInputError(
+                f"corrupt profile: max_batch_search.{name} must be true or false, got "
+                f"{search[name]!r}; {fix}"
+            )
+    if "capped" not in search:
+        raise NoiseScaleInputError(f"corrupt profile: max_batch_search.capped is missing; {fix}")
+    if search.get("converged") is False:
+        raise NoiseScaleInputError(
+            "corrupt profile: the memory search did not converge (max_batch_search.converged "
+            "is false: its max_trials ran out), so max_batch_size is only a lower bound of the "
+            "largest batch that fits; re-profile (noisescale profile's search converges)"
+        )
+    limit = search.get("limit")
+    if limit is not None:
+        _whole(limit, "max_batch_search.limit")
+    trials = search.get("trials")
+    if not isinstance(trials, list) or not all(
+        isinstance(t, list) and len(t) == 2 and isinstance(t[1], bool) for t in trials
+    ):
+        raise NoiseScaleInputError(
+            "corrupt profile: max_batch_search.trials must be a list of [batch size, true or "
+            f"false] pairs, got {trials!r}; {fix}"
+        )
+    for b, _ in trials:
+        _whole(b, "a batch size of max_batch_search.trials")
 
 
 def _real(value: Any, field: str) -> float:
