@@ -14,9 +14,11 @@ Each seed draws one part (:func:`draw_config`) and runs its checks:
   truth's, a lower bound when ``max_trials`` runs out, the refusals), ``freed`` (weakrefs to the
   failed steps' tensors, some in reference cycles, dead after the search), ``state`` (a tiny real
   model trained by ``make_training_step`` — BatchNorm, a non-persistent buffer counted in forward,
-  dropout, AdamW or SGD with momentum after a step of training, gradients left by the loop —
-  bit-identical parameters, buffers, optimizer state, ``.grad`` and torch RNG after the search),
-  ``errors`` (a non-memory error propagates, the same object);
+  dropout, AdamW or SGD with momentum after a step of training, gradients left by the loop, a
+  cache buffer registered as None that a step makes, persistent or not, or one a step resizes —
+  bit-identical parameters, buffers, None buffers, optimizer state, ``.grad`` and torch RNG
+  after the search), ``errors`` (a non-memory error propagates, the same object), ``whole`` (a
+  start, limit or timed size that is not a whole number refused by name before any step);
 * ``split`` — ``accumulation_split`` against a brute-force enumeration of the near-equal splits
   into k passes (the fewest passes k₀ whose largest micro-batch fits; the smallest k in
   [k₀, 2k₀) that divides B, else k₀), its sizes, weights (the weighted micro-batch means are the
@@ -30,8 +32,9 @@ Each seed draws one part (:func:`draw_config`) and runs its checks:
   standard errors, the largest relative residual) on exact α + β·b data and with outliers;
 * ``allreduce`` — ``allreduce_time`` and ``INTERCONNECTS`` against the ring formula
   2·(N−1)/N·bytes/bandwidth and docs/hardware.md's table; invalid inputs refused;
-* ``json`` — a ``ThroughputProfile`` written and read back field for field; one field broken
-  (a string, a bool, NaN, a negative, a missing key) refused naming it;
+* ``json`` — a ``ThroughputProfile`` written and read back field for field, with the memory
+  search noisescale profile writes; one field broken (a string, a bool, NaN, a negative, a
+  missing key; the search's capped, converged, trials or limit) refused naming it;
 * ``cli`` — ``noisescale profile`` on examples/profile_model.py (every 10th seed): the file it
   writes read back and accepted by ``recommend``; onto an existing file refused, the file as it
   was.
@@ -61,7 +64,7 @@ from torch import nn
 from noisescale.errors import NoiseScaleInputError
 
 CHECKS = ("search", "freed", "state", "errors", "split", "timing", "update", "fit")
-CHECKS += ("allreduce", "json", "cli")
+CHECKS += ("allreduce", "json", "cli", "whole")
 PARTS = ("search", "search", "search", "split", "timing", "fit", "allreduce", "json")
 FINDINGS = ("WRONG", "CRASH", "FALSE-REFUSAL")
 FIT_RTOL = 1e-9  # float64 least squares against exact fractions: round-off × the condition number
@@ -157,6 +160,12 @@ def draw_config(seed):
     # the JSON file
     cfg["json_break"] = rng.choice([None, None, *BREAKS])
     cfg["seed2"] = rng.randint(0, 2**31)
+    # drawn last, so that every earlier draw of a seed is as it was (the regression lists):
+    # a buffer a step makes or resizes (a cache), a profile's memory search broken, a batch
+    # size that is not a whole number
+    cfg["cache"] = rng.choice([None, None, "made", "made_persistent", "resized"])
+    cfg["search_break"] = rng.choice([None, None, *SEARCH_BREAKS])
+    cfg["not_whole"] = rng.choice([None] * 6 + ["start", "limit", "start_bool", "sizes"])
     return cfg
 
 
@@ -257,6 +266,8 @@ def check_search(cfg):
         steps_per_trial=cfg["steps_per_trial"],
     )
     out = {}
+    if cfg.get("not_whole"):
+        out["whole"] = _check_not_whole(cfg, kwargs)
     m = truth_max(cfg)
     raised = None
     try:
@@ -288,6 +299,30 @@ def check_search(cfg):
         return out
     out["search"] = _search_result(cfg, res, step)
     return out
+
+
+def _check_not_whole(cfg, kwargs):
+    """A batch size that is not a whole number (start 1.5, limit 10.5, start True; timed sizes
+    with a 2.5 in them): refused naming it, before any step runs."""
+    from noisescale.hardware import find_max_batch_size, profile_throughput
+
+    what = cfg["not_whole"]
+    calls = []
+    try:
+        if what == "sizes":
+            profile_throughput(calls.append, [*cfg["sizes"], 2.5], warmup=0, repeats=1)
+        else:
+            bad = {"start": {"start": cfg["start"] + 0.5}, "start_bool": {"start": True}}
+            bad["limit"] = {"limit": (cfg["limit"] or 4 * cfg["start"]) + 0.5}
+            find_max_batch_size(calls.append, **(kwargs | bad[what]))
+    except NoiseScaleInputError as err:
+        field = {"sizes": "batch sizes", "start_bool": "start"}.get(what, what)
+        if field not in str(err) or calls:
+            return {"cls": "WRONG", "why": f"{what}: {err} after {len(calls)} steps"[:300]}
+        return {"cls": "refused-ok", "exc": str(err)[:120]}
+    except Exception as err:
+        return {"cls": "CRASH", "exc": f"{what}: {type(err).__name__}: {err}"[:300]}
+    return {"cls": "WRONG", "why": f"{what}: not a whole number, run as {calls[:6]} without a word"}
 
 
 def _search_refusal(cfg, err, step):
@@ -359,6 +394,25 @@ class _Counted(nn.Module):
         return self.lin(x)
 
 
+class _Cached(nn.Module):
+    """A linear layer with buffers its forward pass makes (registered as None, persistent or not)
+    or resizes in place to the batch's size, as real models' caches are."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.lin = nn.Linear(5, 5)
+        self.register_buffer("cache", None, persistent=how == "made_persistent")
+        self.register_buffer("last", torch.full((1,), 7.0))
+
+    def forward(self, x):
+        if self.how == "resized":
+            self.last.resize_(x.shape[0]).fill_(x.shape[0])
+        else:
+            self.cache = x.detach().clone()  # of the batch's size
+        return self.lin(x)
+
+
 def _tiny_model(kind):
     if kind == "bn":
         return nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
@@ -375,6 +429,12 @@ def _snapshot(model, optimizer):
     snap = {
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
         "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
+        "none_buffers": sorted(
+            f"{m}.{n}"
+            for m, mod in model.named_modules()
+            for n, b in mod._buffers.items()
+            if b is None
+        ),
         "grads": {
             n: None if p.grad is None else p.grad.detach().clone()
             for n, p in model.named_parameters()
@@ -417,6 +477,8 @@ def check_state(cfg):
 
     torch.manual_seed(cfg["seed2"] % 1000)
     model = _tiny_model(cfg["model"])
+    if cfg.get("cache"):
+        model = nn.Sequential(_Cached(cfg["cache"]), model)
     opt = None
     if cfg["optimizer"] == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -439,6 +501,8 @@ def check_state(cfg):
     model.zero_grad(set_to_none=True)
     if cfg["grads_before"]:  # the loop is mid-accumulation: gradients are there
         nn.functional.mse_loss(model(x), y).backward()
+    if cfg.get("cache") and cfg["seed2"] % 2 == 0:
+        model[0].cache = None  # the loop dropped its cache: the search's steps make it again
     oom = {"fits": True}
 
     def loss_fn(out, target):
@@ -773,6 +837,15 @@ def check_allreduce(cfg):
 
 # --- the profile on disk -------------------------------------------------------------------------
 
+# a profile's memory search (max_batch_search) broken: the words each must be refused with
+SEARCH_BREAKS = ("capped_str", "converged_false", "trials_str", "not_object", "limit_frac")
+SEARCH_BREAK_FIELD = {
+    "capped_str": "max_batch_search.capped",
+    "converged_false": "did not converge",
+    "trials_str": "max_batch_search.trials",
+    "not_object": "max_batch_search",
+    "limit_frac": "max_batch_search.limit",
+}
 BREAKS = (
     "batch_str",
     "batch_frac",
@@ -877,6 +950,35 @@ def _break(data, name):
         data["version"] = 2
 
 
+def _search_dict(m):
+    """``MaxBatchSize.state_dict()`` of a search from 1 with no limit on a limit M, by the
+    documented search (:func:`_oracle_search`)."""
+    search = {"m": m, "start": 1, "limit": None, "max_trials": 64, "steps_per_trial": 1}
+    trials, low, _ = _oracle_search(search | {"first_step_m": None})
+    return {
+        "max_batch_size": low,
+        "start": 1,
+        "limit": None,
+        "capped": False,
+        "converged": True,
+        "trials": [[b, fits] for b, fits in trials],
+    }
+
+
+def _break_search(data, name):
+    search = data["max_batch_search"]
+    if name == "capped_str":
+        search["capped"] = "false"
+    elif name == "converged_false":
+        search["converged"] = False
+    elif name == "trials_str":
+        search["trials"][0][1] = "true"
+    elif name == "not_object":
+        data["max_batch_search"] = [search["max_batch_size"]]
+    elif name == "limit_frac":
+        search["limit"] = search["max_batch_size"] + 0.5
+
+
 def check_json(cfg):
     from noisescale.hardware import ThroughputProfile
 
@@ -889,6 +991,13 @@ def check_json(cfg):
         name = cfg["json_break"]
         if name:
             _break(data, name)
+        elif data["max_batch_size"] is not None:
+            # the search noisescale profile writes (the documented search on a limit M), and
+            # one of its fields broken
+            data["max_batch_search"] = _search_dict(data["max_batch_size"])
+            name = cfg.get("search_break")
+            if name:
+                _break_search(data, name)
         with open(path, "w") as f:
             json.dump(data, f)
         try:
@@ -896,7 +1005,7 @@ def check_json(cfg):
         except NoiseScaleInputError as err:
             if not name:
                 return {"cls": "FALSE-REFUSAL", "exc": str(err)[:300]}
-            if BREAK_FIELD[name] not in str(err):
+            if (BREAK_FIELD | SEARCH_BREAK_FIELD)[name] not in str(err):
                 return {"cls": "WRONG", "why": f"{name}: refused without naming it: {err}"[:300]}
             return {"cls": "refused-ok", "exc": str(err)[:120]}
         except Exception as err:
@@ -1020,11 +1129,12 @@ def describe(record):
         "timing": ("sizes", "warmup", "repeats", "cuda", "timing_oom_at", "oom"),
         "fit": ("fit_n", "fit_start", "fit_alpha", "fit_beta", "fit_outliers"),
         "allreduce": ("ar_devices", "ar_bytes", "ar_link", "ar_bw", "ar_factor"),
-        "json": ("json_break",),
+        "json": ("json_break", "search_break"),
         "cli": (),
     }[cfg["part"]]
     if cfg["part"] == "search":
-        keys += ("flaky", "not_memory", "model", "optimizer", "grads_before")
+        keys += ("flaky", "not_memory", "model", "optimizer", "grads_before", "cache")
+        keys += ("not_whole",)
     return f"seed {record['seed']} {cfg['part']}: " + " ".join(f"{k}={cfg[k]}" for k in keys)
 
 
