@@ -166,6 +166,8 @@ def draw_config(seed):
     cfg["cache"] = rng.choice([None, None, "made", "made_persistent", "resized"])
     cfg["search_break"] = rng.choice([None, None, *SEARCH_BREAKS])
     cfg["not_whole"] = rng.choice([None] * 6 + ["start", "limit", "start_bool", "sizes"])
+    cfg["ar_break"] = rng.choice([None] * 4 + ["factor_nan", "factor_neg", "devices_nan"])
+    cfg["ar_break"] = cfg["ar_break"] or rng.choice([None] * 6 + ["devices_frac", "factor_0"])
     return cfg
 
 
@@ -812,9 +814,14 @@ def check_allreduce(cfg):
     if {k: ic.bandwidth_bytes_per_s for k, ic in INTERCONNECTS.items()} != DOC_BANDWIDTHS:
         return {"cls": "WRONG", "why": f"INTERCONNECTS {INTERCONNECTS}"}
     n, nbytes, c = cfg["ar_devices"], cfg["ar_bytes"], cfg["ar_factor"]
+    brk = cfg.get("ar_break")
+    c = {"factor_nan": math.nan, "factor_neg": -c, "factor_0": 0.0}.get(brk, c)
+    n = {"devices_nan": math.nan, "devices_frac": abs(n) + 1.5}.get(brk, n)
     bw = DOC_BANDWIDTHS[cfg["ar_link"]] if cfg["ar_link"] != "bw" else cfg["ar_bw"]
-    # an infinite bandwidth is the limit of no all-reduce cost (0 s); NaN is no bandwidth
-    valid = n >= 1 and bw > 0 and math.isfinite(nbytes) and nbytes >= 0
+    # an infinite bandwidth is the limit of no all-reduce cost (0 s); NaN is no bandwidth; c = 0
+    # (no bus traffic) prices 0 s, a fraction of a device or c < 0 nothing
+    valid = n >= 1 and n == math.floor(n) and bw > 0 and math.isfinite(nbytes) and nbytes >= 0
+    valid = valid and c >= 0
     try:
         got = allreduce_time(nbytes, n, bw, allreduce_factor=c)
     except NoiseScaleInputError as err:
@@ -1128,7 +1135,7 @@ def describe(record):
         "split": ("batch", "micro"),
         "timing": ("sizes", "warmup", "repeats", "cuda", "timing_oom_at", "oom"),
         "fit": ("fit_n", "fit_start", "fit_alpha", "fit_beta", "fit_outliers"),
-        "allreduce": ("ar_devices", "ar_bytes", "ar_link", "ar_bw", "ar_factor"),
+        "allreduce": ("ar_devices", "ar_bytes", "ar_link", "ar_bw", "ar_factor", "ar_break"),
         "json": ("json_break", "search_break"),
         "cli": (),
     }[cfg["part"]]

@@ -526,6 +526,36 @@ def test_fit_rejects_degenerate_input(b: list[int], t: list[float]) -> None:
         fit_step_time(b, t)
 
 
+@pytest.mark.parametrize(
+    ("devices", "factor", "message"),
+    [
+        (math.nan, 2.0, "number of devices must be a whole number"),
+        (2.5, 2.0, "number of devices must be a whole number"),
+        (True, 2.0, "number of devices must be a whole number"),
+        (4, math.nan, "allreduce_factor"),
+        (4, -2.0, "allreduce_factor"),
+    ],
+)
+def test_allreduce_time_refuses_nan_fractional_devices_and_a_negative_factor(
+    devices: Any, factor: float, message: str
+) -> None:
+    """(A review of 99684b9, which refused NaN bytes and bandwidth only, 2026-12-07.) NaN
+    devices or c priced NaN, 2.5 devices 2·(1.5/2.5)·bytes/bandwidth, and c = -2 priced
+    -0.15 s for 1 GB over 4 devices at 10 GB/s; recommend_batch_size ranked that fastest, at
+    -4769 s. Each is refused by name; c = 0 (no bus traffic) prices 0 s, 4.0 devices as 4."""
+    with pytest.raises(NoiseScaleInputError, match=message):
+        allreduce_time(1e9, devices, 1e10, allreduce_factor=factor)
+    assert allreduce_time(1e9, 4, 1e10, allreduce_factor=0.0) == 0.0
+    assert allreduce_time(1e9, 4.0, 1e10) == 2 * 3 / 4 * 1e9 / 1e10
+    assert allreduce_time(1e9, np.int64(4), 1e10) == 2 * 3 / 4 * 1e9 / 1e10
+    profile = _line_profile(0.01, 0.001, 8, 4e8)
+    if factor < 0:
+        with pytest.raises(NoiseScaleInputError, match=message):
+            recommend_batch_size(
+                1000.0, profile, devices=[1, 2, 4], s_min=1000, allreduce_factor=factor
+            )
+
+
 def test_allreduce_time_closed_form() -> None:
     # Ring all-reduce of 100 MB over 4 devices at 20 GB/s: 2·(3/4)·1e8/2e10 = 7.5 ms.
     assert allreduce_time(1e8, 4, 20e9) == pytest.approx(7.5e-3)

@@ -266,8 +266,21 @@ def allreduce_time(
         bandwidth_bytes_per_s: All-reduce bus bandwidth, bytes per second.
         allreduce_factor: c, the bus traffic per byte of gradient (2 for a ring).
     """
-    if devices < 1:
-        raise NoiseScaleInputError(f"number of devices must be at least 1, got {devices}")
+    # NaN devices or c priced NaN, 2.5 devices a fraction of a ring, and c = -2 a negative time
+    # that recommend_batch_size ranked fastest at -4769 s (until 2026-12-07, a review)
+    if (
+        isinstance(devices, bool)
+        or not isinstance(devices, int | float | np.integer | np.floating)
+        or not (math.isfinite(devices) and devices >= 1 and devices == math.floor(devices))
+    ):
+        raise NoiseScaleInputError(
+            f"number of devices must be a whole number at least 1, got {devices!r}"
+        )
+    if not (math.isfinite(allreduce_factor) and allreduce_factor >= 0):
+        raise NoiseScaleInputError(
+            "allreduce_factor (c, bus bytes per byte of gradient: 2 for a ring) must be a finite "
+            f"number ≥ 0, got {allreduce_factor}"
+        )
     # `not >` refuses NaN too (until 2026-12-07 a NaN bandwidth or byte count priced NaN and a
     # negative byte count a negative time, without a word, a fuzzer)
     if not bandwidth_bytes_per_s > 0:
