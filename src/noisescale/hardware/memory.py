@@ -118,10 +118,10 @@ class MaxBatchSize:
             maximum is at least ``max_batch_size``.
         converged: The search bracketed the maximum exactly (one more example runs out of
             memory, as it did once: a one-off out-of-memory error is not tried again and
-            lowers the result, docs/hardware.md) or stopped at the limit; False when ``max_trials`` ran out first, in which
-            case ``max_batch_size`` is only a lower bound: the true maximum lies between it and
-            the smallest batch that ran out of memory (or above it, if none did). Raise
-            ``max_trials`` to close the gap.
+            lowers the result, docs/hardware.md) or stopped at the limit; False when
+            ``max_trials`` ran out first, in which case ``max_batch_size`` is only a lower
+            bound: the true maximum lies between it and the smallest batch that ran out of
+            memory (or above it, if none did). Raise ``max_trials`` to close the gap.
         trials: Each batch size tried, in order, and whether it fitted.
     """
 
