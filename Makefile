@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 # The CPU build of torch that this machine installs quickly; pyproject.toml declares the range.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats fuzz-fit fuzz-sweep fuzz-cli fuzz-history fuzz-schedule fuzz-decisions fuzz-bnoise fuzz-tokens install lint format clean
+.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats fuzz-fit fuzz-sweep fuzz-cli fuzz-history fuzz-schedule fuzz-decisions fuzz-bnoise fuzz-tokens fuzz-hardware install lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -121,6 +121,12 @@ fuzz-bnoise: install
 # truth (tests/fuzz_tokens.py).
 fuzz-tokens: install
 	$(PY) tests/fuzz_tokens.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
+
+# How the hardware side is measured (tests/fuzz_hardware.py, ≈ 0.5 s a seed): the memory search
+# on hidden limits and real allocators' OOM words, the state it leaves, the accumulation split by
+# brute force, step timing under a fake clock, the fit in exact fractions, profiles on disk.
+fuzz-hardware: install
+	$(PY) tests/fuzz_hardware.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench examples

@@ -89,6 +89,22 @@ def test_real_cpu_allocator_error_is_out_of_memory() -> None:
     assert is_out_of_memory(_real_cpu_oom())
 
 
+def test_windows_cpu_allocator_error_is_out_of_memory_in_the_search() -> None:
+    """(A fuzzer, tests/fuzz_hardware.py seed 165, 2026-12-07.) alloc_cpu.cpp's Windows branch
+    says "not enough memory" where Linux's says "can't allocate memory"; the search raised the
+    RuntimeError at batch 64 instead of bisecting to the threshold, 37."""
+
+    def step(batch_size: int) -> None:
+        if batch_size > 37:
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:116] data. DefaultCPUAllocator: not enough "
+                f"memory: you tried to allocate {batch_size * 4096} bytes."
+            )
+
+    result = find_max_batch_size(step, release=_no_release, steps_per_trial=1)
+    assert (result.max_batch_size, result.converged) == (37, True)
+
+
 # ---------------------------------------------------------------------------------------------
 # The search, against a simulated limit
 
@@ -283,6 +299,126 @@ def test_search_on_model_leaves_it_usable_and_unchanged(threshold: int) -> None:
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
 
 
+class _CountingNet(_TinyNet):
+    """_TinyNet with a non-persistent buffer that its forward pass changes (a running count of
+    the examples seen, as caches and counters of real models are kept out of state_dict)."""
+
+    def __init__(self, threshold: int) -> None:
+        super().__init__(threshold)
+        self.register_buffer("seen", torch.zeros(()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen += x.shape[0]
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("measure", ["search", "profile"])
+def test_search_restores_unsaved_buffers_and_the_gradients_already_there(measure: str) -> None:
+    """(A fuzzer, tests/fuzz_hardware.py seeds 2 and 185, 2026-12-07.) The search restored
+    state_dict only: a non-persistent buffer counted in forward read 14 after the search for 4
+    before (seed 2), and gradients a loop had accumulated before the call were set to None
+    (seed 185). Both are now exactly as before, as are the parameters, statistics and RNG."""
+    torch.manual_seed(0)
+    model = _CountingNet(5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = _tiny_batch(4, torch.device("cpu"))
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()  # mid-accumulation: gradients there
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert buffers["seen"].item() == 8
+    step = make_training_step(model, nn.functional.cross_entropy, _tiny_batch, optimizer=optimizer)
+
+    if measure == "search":
+        found = find_max_batch_size(step, start=2, model=model, optimizer=optimizer)
+        assert found.max_batch_size == 5
+    else:
+        profile_throughput(step, [2, 4], warmup=1, repeats=1, model=model, optimizer=optimizer)
+
+    assert all(torch.equal(buffers[k], v) for k, v in model.named_buffers())
+    assert all(torch.equal(grads[k], p.grad) for k, p in model.named_parameters())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+class _CachingNet(_TinyNet):
+    """_TinyNet with buffers its forward pass makes and resizes, as real models' caches are:
+    ``cache`` registered as None and made at the batch's size, ``last`` a (1,)-buffer that
+    each step resizes in place to the batch's size."""
+
+    def __init__(self, threshold: int, persistent: bool) -> None:
+        super().__init__(threshold)
+        self.register_buffer("cache", None, persistent=persistent)
+        self.register_buffer("last", torch.full((1,), 7.0), persistent=persistent)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.cache = torch.zeros(x.shape[0])
+        self.last.resize_(x.shape[0]).fill_(x.shape[0])
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("measure", ["search", "profile", "update"])
+def test_search_restores_buffers_a_step_made_or_resized(measure: str, persistent: bool) -> None:
+    """(A review of the fuzzer's fix, 2026-12-07.) A cache registered as None and made by a
+    step stayed after the search (non-persistent: a (5,)-tensor where None was), or made
+    load_state_dict fail after it ("Missing key(s) in state_dict: cache", persistent); a
+    buffer a step resized failed it too ("size mismatch for last"). Now every buffer is as it
+    was: None where None, the same tensor, of shape (1,), holding 7."""
+    torch.manual_seed(0)
+    model = _CachingNet(5, persistent)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    last = model.last
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    step = make_training_step(model, nn.functional.cross_entropy, _tiny_batch, optimizer=optimizer)
+    if measure == "search":
+        found = find_max_batch_size(step, start=2, model=model, optimizer=optimizer)
+        assert found.max_batch_size == 5
+    elif measure == "profile":
+        profile_throughput(step, [2, 4], warmup=1, repeats=1, model=model, optimizer=optimizer)
+    else:
+        time_optimizer_update(
+            step, optimizer.step, 4, warmup=1, repeats=1, model=model, optimizer=optimizer
+        )
+    assert model.cache is None and "cache" not in model.state_dict()
+    assert model.last is last and torch.equal(model.last, torch.full((1,), 7.0))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"start": 1.5},
+        {"limit": 10.5},
+        {"start": True},
+        {"max_trials": 8.0},
+        {"steps_per_trial": 1.5},
+    ],
+)
+def test_search_refuses_a_batch_size_that_is_not_a_whole_number(kwargs: dict) -> None:
+    """(A review, 2026-12-07.) start=1.5 tried 1.5, 3.0, 6.0 and limit=10.5 returned
+    max_batch_size=10.5, capped and converged, without a word; each is refused by name."""
+    tried: list[Any] = []
+    with pytest.raises(NoiseScaleInputError, match=f"{next(iter(kwargs))} must be a whole"):
+        find_max_batch_size(tried.append, release=_no_release, **({"limit": 16} | kwargs))
+    assert tried == []
+    found = find_max_batch_size(
+        tried.append, start=np.int64(3), limit=np.int64(10), release=_no_release
+    )
+    assert found.max_batch_size == 10 and tried == [3, 3, 6, 6, 10, 10]
+
+
+@pytest.mark.parametrize("sizes", [[2.5, 4], [True, 2], [0, 2]])
+def test_profile_throughput_refuses_a_batch_size_that_is_not_a_whole_number(sizes: list) -> None:
+    """(A review, 2026-12-07.) 2.5 was timed as a batch size and True as 1; refused now."""
+    tried: list[Any] = []
+    with pytest.raises(NoiseScaleInputError, match="whole numbers ≥ 1"):
+        profile_throughput(tried.append, sizes, warmup=0, repeats=1)
+    assert tried == []
+
+
 def test_max_batch_size_state_dict_round_trip() -> None:
     result = find_max_batch_size(_fake_step(37, []), release=_no_release, steps_per_trial=1)
     state = json.loads(json.dumps(result.state_dict()))
@@ -390,6 +526,36 @@ def test_fit_rejects_degenerate_input(b: list[int], t: list[float]) -> None:
         fit_step_time(b, t)
 
 
+@pytest.mark.parametrize(
+    ("devices", "factor", "message"),
+    [
+        (math.nan, 2.0, "number of devices must be a whole number"),
+        (2.5, 2.0, "number of devices must be a whole number"),
+        (True, 2.0, "number of devices must be a whole number"),
+        (4, math.nan, "allreduce_factor"),
+        (4, -2.0, "allreduce_factor"),
+    ],
+)
+def test_allreduce_time_refuses_nan_fractional_devices_and_a_negative_factor(
+    devices: Any, factor: float, message: str
+) -> None:
+    """(A review of 99684b9, which refused NaN bytes and bandwidth only, 2026-12-07.) NaN
+    devices or c priced NaN, 2.5 devices 2·(1.5/2.5)·bytes/bandwidth, and c = -2 priced
+    -0.15 s for 1 GB over 4 devices at 10 GB/s; recommend_batch_size ranked that fastest, at
+    -4769 s. Each is refused by name; c = 0 (no bus traffic) prices 0 s, 4.0 devices as 4."""
+    with pytest.raises(NoiseScaleInputError, match=message):
+        allreduce_time(1e9, devices, 1e10, allreduce_factor=factor)
+    assert allreduce_time(1e9, 4, 1e10, allreduce_factor=0.0) == 0.0
+    assert allreduce_time(1e9, 4.0, 1e10) == 2 * 3 / 4 * 1e9 / 1e10
+    assert allreduce_time(1e9, np.int64(4), 1e10) == 2 * 3 / 4 * 1e9 / 1e10
+    profile = _line_profile(0.01, 0.001, 8, 4e8)
+    if factor < 0:
+        with pytest.raises(NoiseScaleInputError, match=message):
+            recommend_batch_size(
+                1000.0, profile, devices=[1, 2, 4], s_min=1000, allreduce_factor=factor
+            )
+
+
 def test_allreduce_time_closed_form() -> None:
     # Ring all-reduce of 100 MB over 4 devices at 20 GB/s: 2·(3/4)·1e8/2e10 = 7.5 ms.
     assert allreduce_time(1e8, 4, 20e9) == pytest.approx(7.5e-3)
@@ -397,6 +563,25 @@ def test_allreduce_time_closed_form() -> None:
     assert allreduce_time(1e8, 8, 400e9, allreduce_factor=1.0) == pytest.approx(7 / 8 * 2.5e-4)
     with pytest.raises(NoiseScaleInputError):
         allreduce_time(1e8, 0, 20e9)
+
+
+@pytest.mark.parametrize(
+    ("grad_bytes", "bandwidth", "message"),
+    [
+        (1e8, math.nan, "bandwidth"),
+        (math.nan, 20e9, "gradient bytes"),
+        (math.inf, 20e9, "gradient bytes"),
+        (-5.0, 20e9, "gradient bytes"),
+    ],
+)
+def test_allreduce_time_refuses_nan_and_negative_inputs(
+    grad_bytes: float, bandwidth: float, message: str
+) -> None:
+    """(A fuzzer, tests/fuzz_hardware.py seeds 0 and 159, 2026-12-07.) `bandwidth <= 0` let a NaN
+    bandwidth through (NaN seconds), and the bytes were not checked: -5 bytes over 16 devices
+    at 20 GB/s priced -4.7e-10 s, without a word. 2·(N−1)/N·bytes/bandwidth needs both ≥ 0."""
+    with pytest.raises(NoiseScaleInputError, match=message):
+        allreduce_time(grad_bytes, 16, bandwidth)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,6 +724,76 @@ def test_profile_load_refuses_a_batch_size_that_is_not_a_whole_number(
     path = tmp_path / "p.json"
     path.write_text(json.dumps(data))
     with pytest.raises(NoiseScaleInputError, match=f"{field} must be a (whole )?number"):
+        ThroughputProfile.load(path)
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "field"),
+    [
+        ("fit", math.nan, "fit.max_rel_residual"),
+        ("fit", -0.1, "fit.max_rel_residual"),
+        ("alpha_se", math.nan, "fit.alpha_se_s"),
+        ("point", "lots", "peak_memory_bytes"),
+        ("point", -1, "peak_memory_bytes"),
+        ("point", 2.5, "peak_memory_bytes"),
+    ],
+)
+def test_profile_load_refuses_a_broken_spread_or_peak_memory(
+    tmp_path, where: str, value: Any, field: str
+) -> None:
+    """(A fuzzer, tests/fuzz_hardware.py seed 175, 2026-12-07.) A NaN largest relative residual
+    was read without a word and quoted by recommend's assumptions as "nan%", hiding how well the
+    line fits; a peak memory of "lots" or -1 was read back as it was. Each is refused by name."""
+    data = _line_profile(0.01, 0.001, 32, 4e6).to_dict()
+    if where == "fit":
+        data["fit"]["max_rel_residual"] = value
+    elif where == "alpha_se":
+        data["fit"]["alpha_se_s"] = value
+    else:
+        data["points"][0]["peak_memory_bytes"] = value
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(NoiseScaleInputError, match=field):
+        ThroughputProfile.load(path)
+
+
+@pytest.mark.parametrize(
+    ("search", "match"),
+    [
+        ({"capped": "false"}, "max_batch_search.capped must be true or false"),
+        ({"capped": 0}, "max_batch_search.capped must be true or false"),
+        ({"converged": False}, "did not converge"),
+        ({"trials": [[1, "yes"]]}, "max_batch_search.trials"),
+        ({"trials": [[1.5, True]]}, "max_batch_search.trials must be a whole"),
+        ({"limit": "32"}, "max_batch_search.limit"),
+        ([32], "max_batch_search must be an object"),
+    ],
+)
+def test_profile_load_refuses_a_broken_memory_search(tmp_path, search: Any, match: str) -> None:
+    """(A review, 2026-12-07.) max_batch_search was read unchecked: "capped": "false" read as
+    capped, and the recommendation said "at least 32 examples fit" of a search that found 32
+    exactly; "converged": false said "at most 32" of a lower bound; a list in its place failed
+    `noisescale profile`'s summary with a TypeError. Each is refused by name; the file as
+    written reads, capped or not."""
+    data = _line_profile(0.01, 0.001, 32, 4e6).to_dict()
+    written = {
+        "max_batch_size": 32,
+        "start": 1,
+        "limit": 64,
+        "capped": False,
+        "converged": True,
+        "trials": [[b, True] for b in (1, 2, 4, 8, 16, 32)]
+        + [[b, False] for b in (64, 48, 40, 36, 34, 33)],
+    }
+    for capped, words in ((False, "at most 32"), (True, "at least 32")):
+        data["max_batch_search"] = written | {"capped": capped}
+        profile = ThroughputProfile.from_dict(json.loads(json.dumps(data)))
+        said = recommend_batch_size(1000.0, profile).assumptions
+        assert sum(f"Micro-batches of {words} examples fit" in line for line in said) == 1
+    data["max_batch_search"] = written | search if isinstance(search, dict) else search
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(NoiseScaleInputError, match=match):
         ThroughputProfile.load(path)
 
 

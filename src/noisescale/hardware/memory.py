@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,6 +43,10 @@ _OOM_MESSAGES = (
     "cublas_status_alloc_failed",
     "cudnn_status_alloc_failed",
     "cudnn_status_not_supported",
+    # the CPU allocator's words on Windows (alloc_cpu.cpp's _aligned_malloc branch); Linux's
+    # posix_memalign branch says "can't allocate memory" (until 2026-12-07 only that one was
+    # known, and a Windows search ended in the raw RuntimeError, a fuzzer)
+    "not enough memory",
 )
 
 
@@ -112,10 +117,11 @@ class MaxBatchSize:
         capped: The search stopped at ``limit`` without running out of memory, so the true
             maximum is at least ``max_batch_size``.
         converged: The search bracketed the maximum exactly (one more example runs out of
-            memory) or stopped at the limit; False when ``max_trials`` ran out first, in which
-            case ``max_batch_size`` is only a lower bound: the true maximum lies between it and
-            the smallest batch that ran out of memory (or above it, if none did). Raise
-            ``max_trials`` to close the gap.
+            memory, as it did once: a one-off out-of-memory error is not tried again and
+            lowers the result, docs/hardware.md) or stopped at the limit; False when
+            ``max_trials`` ran out first, in which case ``max_batch_size`` is only a lower
+            bound: the true maximum lies between it and the smallest batch that ran out of
+            memory (or above it, if none did). Raise ``max_trials`` to close the gap.
         trials: Each batch size tried, in order, and whether it fitted.
     """
 
@@ -175,9 +181,11 @@ def find_max_batch_size(
 
     Out-of-memory errors (:func:`is_out_of_memory`) are caught and their memory freed; any other
     exception propagates. When ``model`` and ``optimizer`` are given, their state (parameters,
-    buffers, optimizer moments) is saved to host memory before the search and restored after,
-    their gradients are dropped after every trial, and the torch random number generators are
-    restored, so the search leaves training exactly where it was.
+    buffers, persistent or not, those a step makes or resizes too, optimizer moments, gradients
+    already there) is saved to host memory before the search and restored after, their
+    gradients are dropped after every trial,
+    and the torch random number generators are restored, so the search leaves training exactly
+    where it was.
 
     On CPU, Linux may hand out memory it does not have and kill the process later instead of
     failing the allocation; pass ``limit`` there. Leave a margin below the result in real
@@ -188,7 +196,7 @@ def find_max_batch_size(
 
     Args:
         step_fn: One training step at a batch size, e.g. from :func:`make_training_step`.
-        start: First batch size to try (≥ 1).
+        start: First batch size to try (a whole number ≥ 1).
         limit: Largest batch size to try; None searches until memory runs out.
         steps_per_trial: Steps run at each batch size.
         max_trials: Most batch sizes to try. When they run out before the search brackets the
@@ -206,6 +214,16 @@ def find_max_batch_size(
         NoiseScaleInputError: Even batch size 1 does not fit; no batch size tried fits before
             ``max_trials`` runs out (raise it or lower ``start``); or the arguments are invalid.
     """
+    for name, value in (
+        ("start", start),
+        ("steps_per_trial", steps_per_trial),
+        ("max_trials", max_trials),
+        ("limit", limit),
+    ):
+        # a float or bool batch size was tried as it was (start=1.5 tried 1.5, 3.0, 6.0 and
+        # limit=10.5 returned max_batch_size=10.5, until 2026-12-07, a review)
+        if value is not None and not _is_whole(value):
+            raise NoiseScaleInputError(f"{name} must be a whole number, got {value!r}")
     if start < 1:
         raise NoiseScaleInputError(f"start must be at least 1, got {start}")
     if limit is not None and limit < start:
@@ -259,6 +277,11 @@ def find_max_batch_size(
     )
 
 
+def _is_whole(value: object) -> bool:
+    """An int (numpy's too), not a bool: a batch size or a count."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
 def _run_trial(step_fn: StepFn, batch_size: int, steps: int) -> bool:
     try:
         for _ in range(steps):
@@ -283,12 +306,19 @@ def _clear_grads(model: nn.Module | None, optimizer: torch.optim.Optimizer | Non
 def _preserved_state(
     model: nn.Module | None, optimizer: torch.optim.Optimizer | None
 ) -> Iterator[None]:
-    """Save model, optimizer and RNG state on entry and restore them on exit.
+    """Save model, optimizer, gradient and RNG state on entry and restore them on exit.
 
-    Copies go to host memory so that they do not take device memory from the search.
+    Copies go to host memory so that they do not take device memory from the search; the
+    gradients already there (a loop mid-accumulation) are dropped for the search and put back.
+    Buffers that ``state_dict`` leaves out (``persistent=False``) are saved too: a forward pass
+    may change them as it changes BatchNorm's statistics (until 2026-12-07 they were left as
+    the search's steps had changed them, and gradients already there were lost, a fuzzer).
     """
     model_state = None if model is None else _to_cpu(model.state_dict())
     optimizer_state = None if optimizer is None else _to_cpu(optimizer.state_dict())
+    buffers = ([], []) if model is None else _saved_buffers(model)
+    grads = _saved_grads(model, optimizer)
+    _clear_grads(model, optimizer)
     cuda_devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=cuda_devices):
         try:
@@ -297,12 +327,77 @@ def _preserved_state(
             # load_state_dict copies into the existing tensors, so references that an
             # optimizer or the caller holds to the parameters stay valid.
             if model is not None and model_state is not None:
+                # buffers first, each as it was (a cache a step made or resized, persistent or
+                # not, would fail load_state_dict's strict check or stay as the search left it)
+                _restore_buffers(*buffers)
                 model.load_state_dict(model_state)
             if optimizer is not None and optimizer_state is not None:
                 optimizer.load_state_dict(optimizer_state)
             _clear_grads(model, optimizer)
+            for param, (grad, device) in grads:
+                param.grad = grad.to(device)
             if model is not None or optimizer is not None:
                 free_memory()
+
+
+_SavedBuffer = tuple[nn.Module, str, torch.Tensor | None, torch.Tensor | None, torch.device | None]
+
+
+def _saved_buffers(model: nn.Module) -> tuple[list[nn.Module], list[_SavedBuffer]]:
+    """The modules, and every module's buffers as they are, persistent or not, a buffer
+    registered as None too: ``(module, name, the tensor, its copy on the host, its device)``."""
+    modules = list(model.modules())
+    saved: list[_SavedBuffer] = []
+    for module in modules:
+        for name, buf in module._buffers.items():
+            if buf is None:
+                saved.append((module, name, None, None, None))
+            else:
+                saved.append((module, name, buf, buf.detach().to("cpu", copy=True), buf.device))
+    return modules, saved
+
+
+def _restore_buffers(modules: list[nn.Module], saved: list[_SavedBuffer]) -> None:
+    """Put every buffer back as it was: the same tensor with its saved values (views of it stay
+    valid), None where it was None (a cache the steps made), and buffers the steps registered
+    removed from the modules there before. (Until 2026-12-07 a cache buffer registered as None
+    and made by a step stayed after the search when not persistent, and a persistent one, or
+    one a step resized, failed ``load_state_dict`` after the search: "Missing key(s)", "size
+    mismatch", a review.)"""
+    names: dict[int, set[str]] = {id(module): set() for module in modules}
+    for module, name, original, value, device in saved:
+        names[id(module)].add(name)
+        if original is None or value is None:
+            module._buffers[name] = None
+            continue
+        if original.dtype != value.dtype or original.device != device:
+            module._buffers[name] = value.to(device)  # its type changed in place: a new tensor
+            continue
+        with torch.no_grad():
+            if original.shape == value.shape:
+                original.copy_(value)
+            else:  # resized in place by a step
+                original.set_(value.to(device))
+        module._buffers[name] = original
+    for module in modules:
+        for name in [n for n in module._buffers if n not in names[id(module)]]:
+            del module._buffers[name]
+
+
+def _saved_grads(
+    model: nn.Module | None, optimizer: torch.optim.Optimizer | None
+) -> list[tuple[torch.Tensor, tuple[torch.Tensor, torch.device]]]:
+    """The gradients already there on the model's and optimizer's parameters, on the host."""
+    params: dict[int, torch.Tensor] = {}
+    if model is not None:
+        params |= {id(p): p for p in model.parameters()}
+    if optimizer is not None:
+        params |= {id(p): p for group in optimizer.param_groups for p in group["params"]}
+    return [
+        (p, (p.grad.detach().to("cpu", copy=True), p.grad.device))
+        for p in params.values()
+        if p.grad is not None
+    ]
 
 
 def _to_cpu(obj: Any) -> Any:

@@ -266,10 +266,31 @@ def allreduce_time(
         bandwidth_bytes_per_s: All-reduce bus bandwidth, bytes per second.
         allreduce_factor: c, the bus traffic per byte of gradient (2 for a ring).
     """
-    if devices < 1:
-        raise NoiseScaleInputError(f"number of devices must be at least 1, got {devices}")
-    if bandwidth_bytes_per_s <= 0:
-        raise NoiseScaleInputError("all-reduce bandwidth must be positive")
+    # NaN devices or c priced NaN, 2.5 devices a fraction of a ring, and c = -2 a negative time
+    # that recommend_batch_size ranked fastest at -4769 s (until 2026-12-07, a review)
+    if (
+        isinstance(devices, bool)
+        or not isinstance(devices, int | float | np.integer | np.floating)
+        or not (math.isfinite(devices) and devices >= 1 and devices == math.floor(devices))
+    ):
+        raise NoiseScaleInputError(
+            f"number of devices must be a whole number at least 1, got {devices!r}"
+        )
+    if not (math.isfinite(allreduce_factor) and allreduce_factor >= 0):
+        raise NoiseScaleInputError(
+            "allreduce_factor (c, bus bytes per byte of gradient: 2 for a ring) must be a finite "
+            f"number ≥ 0, got {allreduce_factor}"
+        )
+    # `not >` refuses NaN too (until 2026-12-07 a NaN bandwidth or byte count priced NaN and a
+    # negative byte count a negative time, without a word, a fuzzer)
+    if not bandwidth_bytes_per_s > 0:
+        raise NoiseScaleInputError(
+            f"all-reduce bandwidth must be positive, got {bandwidth_bytes_per_s}"
+        )
+    if not (math.isfinite(grad_bytes) and grad_bytes >= 0):
+        raise NoiseScaleInputError(
+            f"gradient bytes to all-reduce must be a finite number ≥ 0, got {grad_bytes}"
+        )
     return allreduce_factor * (devices - 1) / devices * grad_bytes / bandwidth_bytes_per_s
 
 
@@ -496,6 +517,27 @@ class ThroughputProfile:
             raise NoiseScaleInputError("corrupt profile: no timed batch sizes")
         if any(not (math.isfinite(t) and t > 0) for p in points for t in p.times_s):
             raise NoiseScaleInputError("corrupt profile: a step time is not a positive number")
+        # the fit's spread, quoted in the recommendation's assumptions: NaN or < 0 hid how well
+        # the line fits (read without a word until 2026-12-07, a fuzzer)
+        for name in ("alpha_se_s", "beta_se_s", "max_rel_residual"):
+            value = getattr(fit, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise NoiseScaleInputError(
+                    f"corrupt profile: fit.{name} must be a number ≥ 0, got {value!r}; "
+                    "re-profile, or correct the file"
+                )
+        for p in points:
+            peak = p.peak_memory_bytes
+            if peak is not None and (
+                isinstance(peak, bool)
+                or not isinstance(peak, int | float)
+                or not (math.isfinite(peak) and peak >= 0 and peak == math.floor(peak))
+            ):
+                raise NoiseScaleInputError(
+                    f"corrupt profile: a point's peak_memory_bytes must be a whole number ≥ 0 "
+                    f"or null, got {peak!r}; re-profile, or correct the file"
+                )
+        _check_search(profile.max_batch_search)
         if math.isfinite(fit.alpha_s) and _rounding_slope(
             fit.beta_s, fit.alpha_s, profile.measured_range[1]
         ):
@@ -544,6 +586,49 @@ class ThroughputProfile:
             return cls.from_dict(data)
         except NoiseScaleInputError as err:
             raise NoiseScaleInputError(f"profile {path}: {err}") from None
+
+
+def _check_search(search: Any) -> None:
+    """A profile's ``max_batch_search`` as :meth:`MaxBatchSize.state_dict` writes it, in what is
+    read of it: ``capped`` (true: the limit is only a lower bound, "at least"), ``converged``
+    and the trials. (Until 2026-12-07 it was read unchecked: ``"capped": "false"`` read as
+    capped and the recommendation said "at least 32 fit" of a search that found 32 exactly,
+    ``"converged": false`` said "at most" of a lower bound, and a list in its place made
+    ``noisescale profile``'s summary fail with a TypeError, a review.)"""
+    if search is None:
+        return
+    fix = "re-profile, or correct the file"
+    if not isinstance(search, dict):
+        raise NoiseScaleInputError(
+            f"corrupt profile: max_batch_search must be an object or null, got {search!r}; {fix}"
+        )
+    for name in ("capped", "converged"):
+        if name in search and not isinstance(search[name], bool):
+            raise NoiseScaleInputError(
+                f"corrupt profile: max_batch_search.{name} must be true or false, got "
+                f"{search[name]!r}; {fix}"
+            )
+    if "capped" not in search:
+        raise NoiseScaleInputError(f"corrupt profile: max_batch_search.capped is missing; {fix}")
+    if search.get("converged") is False:
+        raise NoiseScaleInputError(
+            "corrupt profile: the memory search did not converge (max_batch_search.converged "
+            "is false: its max_trials ran out), so max_batch_size is only a lower bound of the "
+            "largest batch that fits; re-profile (noisescale profile's search converges)"
+        )
+    limit = search.get("limit")
+    if limit is not None:
+        _whole(limit, "max_batch_search.limit")
+    trials = search.get("trials")
+    if not isinstance(trials, list) or not all(
+        isinstance(t, list) and len(t) == 2 and isinstance(t[1], bool) for t in trials
+    ):
+        raise NoiseScaleInputError(
+            "corrupt profile: max_batch_search.trials must be a list of [batch size, true or "
+            f"false] pairs, got {trials!r}; {fix}"
+        )
+    for b, _ in trials:
+        _whole(b, "a batch size of max_batch_search.trials")
 
 
 def _real(value: Any, field: str) -> float:

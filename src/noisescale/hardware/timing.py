@@ -21,6 +21,7 @@ from noisescale.errors import NoiseScaleInputError
 from noisescale.hardware.memory import (
     StepFn,
     _clear_grads,
+    _is_whole,
     _preserved_state,
     free_memory,
     is_out_of_memory,
@@ -66,8 +67,10 @@ def profile_throughput(
     """
     sync = _checked_sync(warmup, repeats, device)
     sizes = sorted(set(batch_sizes))
-    if not sizes or sizes[0] < 1:
-        raise NoiseScaleInputError("batch sizes to time must be positive integers")
+    # 2.5 was timed as a batch size and True as 1 until 2026-12-07 (a review)
+    if not sizes or not all(_is_whole(b) for b in sizes) or sizes[0] < 1:
+        raise NoiseScaleInputError(f"batch sizes to time must be whole numbers ≥ 1, got {sizes}")
+    sizes = [int(b) for b in sizes]
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     points: list[ThroughputPoint] = []
