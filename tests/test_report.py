@@ -944,3 +944,51 @@ def test_a_record_without_averages_is_not_read_as_a_noise_scale_outgrown(tmp_pat
     data = report_data(load_history(write_synthetic_history(tmp_path / "h2.jsonl", records)))
     (stale,) = [w for w in data.warnings if "last estimate is from step 58" in w]
     assert "outgrown what these steps measure" in stale
+
+
+def test_names_holding_the_pages_place_holders_are_shown_as_named(tmp_path: Path) -> None:
+    """(tests/fuzz_pages.py, seeds 1, 3, 95.) The page was filled by chained ``str.replace``, so a
+    value inserted early was searched for the later place-holders: a history named
+    ``g__GROUPS__.jsonl`` was titled ``g.jsonl``, a group named ``__TEXT_JS__`` showed the page's
+    JavaScript as its name and one named ``__DATA__`` showed ``{"sMin": …}``. Each name is shown
+    exactly as given (parsed back with ``html.parser``), in text, never as markup."""
+    from html.parser import HTMLParser
+
+    names = ["g__TEXT_JS__", "g__DATA__<u>&", 'g__UNIT__"</script>', "g__SUMMARY__\u2028"]
+    records = synthetic_records(n_steps=60)
+    records[-1]["groups"] = {
+        name: {"b_simple": 40.0, "b_simple_low": 30.0, "b_simple_high": 50.0, "g2_ema": 0.25,
+               "trace_sigma_ema": 10.0}
+        for name in names
+    }  # fmt: skip
+    path = write_synthetic_history(tmp_path / "g__GROUPS____DATA__<u>.jsonl", records)
+    page = report_html(report_data(load_history(path)), _blank_figures())
+
+    class Cells(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__(convert_charrefs=True)
+            self.inside: list[str] = []
+            self.names: list[str] = []
+            self.title = ""
+            self.tags: list[str] = []
+
+        def handle_starttag(self, tag: str, attrs: list) -> None:
+            self.tags.append(tag)
+            if tag not in ("meta", "img", "input", "br"):
+                self.inside.append("name" if ("class", "name") in attrs else tag)
+
+        def handle_endtag(self, tag: str) -> None:
+            self.inside.pop()
+
+        def handle_data(self, data: str) -> None:
+            if self.inside and self.inside[-1] == "name":
+                self.names.append(data)
+            if self.inside and self.inside[-1] == "title":
+                self.title += data
+
+    cells = Cells()
+    cells.feed(page)
+    assert cells.names == names
+    assert cells.title == "noisescale report: g__GROUPS____DATA__<u>.jsonl"
+    assert cells.tags.count("script") == 1 and "u" not in cells.tags
+    assert page.count('<table class="costs">') == 2  # the costs and the groups, once each

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 
 from noisescale import theory
 from noisescale.report.data import ReportData, Trend, group_shares
@@ -168,21 +169,24 @@ def report_html(data: ReportData, figures: dict[str, bytes], figures_dir: str | 
     )
     page_data = {"sMin": run.s_min, "eMin": run.e_min, "gamma": adaptive.gamma}
     default_batch = run.batch_size if run.batch_size is not None else data.costs[0].batch_size
-    return (
-        _PAGE.replace("__TITLE__", e(display_path(data.history.path)))
-        .replace("__SUMMARY__", summary)
-        .replace("__WARNINGS__", warnings_html)
-        .replace("__FIGURES__", "\n".join(sections))
-        .replace("__ROWS__", rows)
-        .replace("__FIRST__", f"{run.first_step:,}")
-        .replace("__LAST__", f"{run.last_step:,}")
-        .replace("__DEFAULT_BATCH__", e(format_batch_size(default_batch)))
-        .replace("__FIGURES_NOTE__", figures_note)
-        .replace("__GROUPS__", _groups_section(data))
-        .replace("__TEXT_JS__", TEXT_JS)
-        .replace("__DATA__", json.dumps(page_data))
-        .replace("__UNIT__", unit)
-    )
+    # One pass over the template: a value is never searched for place-holders, so a history or
+    # group named "__DATA__" is shown as named (chained str.replace put the page's JSON there).
+    values = {
+        "TITLE": e(display_path(data.history.path)),
+        "SUMMARY": summary,
+        "WARNINGS": warnings_html,
+        "FIGURES": "\n".join(sections),
+        "ROWS": rows,
+        "FIRST": f"{run.first_step:,}",
+        "LAST": f"{run.last_step:,}",
+        "DEFAULT_BATCH": e(format_batch_size(default_batch)),
+        "FIGURES_NOTE": figures_note,
+        "GROUPS": _groups_section(data),
+        "TEXT_JS": TEXT_JS,
+        "DATA": json.dumps(page_data),
+        "UNIT": unit,
+    }
+    return re.sub("__(" + "|".join(values) + ")__", lambda m: values[m.group(1)], _PAGE)
 
 
 def _groups_section(data: ReportData) -> str:
