@@ -992,3 +992,30 @@ def test_names_holding_the_pages_place_holders_are_shown_as_named(tmp_path: Path
     assert cells.title == "noisescale report: g__GROUPS____DATA__<u>.jsonl"
     assert cells.tags.count("script") == 1 and "u" not in cells.tags
     assert page.count('<table class="costs">') == 2  # the costs and the groups, once each
+
+
+def test_the_adaptive_schedule_at_equal_examples_is_eq_d4_where_b_is_far_below_b_noise(
+    tmp_path: Path,
+) -> None:
+    """(tests/fuzz_pages.py, seed 103.) With as many examples as a fixed B, the adaptive schedule
+    needs S_min + γ·E_min/B steps (eq. D.4), never more than the fixed batch's S_min + E_min/B.
+    Inverting E for the exchange rate subtracted E_min from E = B·S_min + E_min: at B = 1 against
+    a B_simple of 6e14, B·S_min (1e-13) was round-off of E (56), and the page showed 58 steps in
+    its table (53 in its summary) for 56.00."""
+    records = synthetic_records(n_steps=60, batch_size=1, a=6.3e14, tau=1e4, warmup=3)
+    data = report_data(
+        load_history(write_synthetic_history(tmp_path / "h.jsonl", records)), batch_sizes=[1, 32]
+    )
+    s_min, e_min, gamma = data.run.s_min, data.run.e_min, data.adaptive.gamma
+    assert s_min < 1e-12 and gamma < 1
+    for row in data.costs:
+        want = s_min + gamma * e_min / row.batch_size
+        assert row.adaptive_steps_same_examples == pytest.approx(want, rel=1e-12)
+        assert row.adaptive_steps_same_examples <= row.steps
+    assert data.run.examples == data.run.batch_size * data.run.steps
+    want = s_min + gamma * e_min / data.run.batch_size
+    assert data.adaptive.same_examples_steps == pytest.approx(want, rel=1e-12)
+    r = data.adaptive.r_same_examples  # the schedule of that r spends the run's examples
+    assert e_min + math.sqrt(r) * math.sqrt(gamma * s_min * e_min) == pytest.approx(
+        data.run.examples, rel=1e-12
+    )

@@ -485,7 +485,10 @@ def cost_table(traj: Trajectory, batch_sizes: Iterable[float]) -> list[CostRow]:
     rows = []
     for b in batch_sizes:
         steps, examples = theory.fixed_batch_cost(traj.integrals, None, b)
-        adaptive_steps = _adaptive_steps_for(traj, float(examples))
+        # eq. D.4 in closed form: inverting E for r subtracted E_min from E = B·S_min + E_min,
+        # which loses B·S_min to round-off where B ≪ B_noise (B_simple 6e14, B = 1: 57.76 steps
+        # for 56.00, more than the fixed batch's own 56; a fuzzer, tests/fuzz_pages.py)
+        adaptive_steps = s_min + gamma * e_min / b
         rows.append(
             CostRow(
                 batch_size=float(b),
@@ -498,17 +501,6 @@ def cost_table(traj: Trajectory, batch_sizes: Iterable[float]) -> list[CostRow]:
             )
         )
     return rows
-
-
-def _adaptive_steps_for(traj: Trajectory, examples: float) -> float:
-    """The adaptive schedule's steps with ``examples`` examples, or nan where the trajectory's
-    E_min is not below them (a batch size that changes between sparse records, see
-    :func:`report_data`), which refused the whole report until 2026-12-06 (a hunt)."""
-    _, e_min = theory.min_cost(traj.integrals)
-    if not examples > e_min:
-        return math.nan
-    r = theory.exchange_rate_for_examples(traj.integrals, None, examples)
-    return float(theory.adaptive_batch_cost(traj.integrals, None, r).steps)
 
 
 class AdaptiveSummary(NamedTuple):
@@ -531,10 +523,17 @@ def adaptive_summary(traj: Trajectory) -> AdaptiveSummary:
     r_natural = theory.natural_exchange_rate(traj.integrals)
     natural = theory.adaptive_batch_cost(traj.integrals, None, r_natural)
     run = run_cost(traj)
-    if run.examples > run.e_min:
+    if run.batch_size is not None and run.examples == run.batch_size * run.steps:
+        # one batch size B: E − E_min = B·S_min exactly (eq. D.1), not E − E_min in float64,
+        # all round-off where B ≪ B_noise (B_simple 6e14, B = 1: 53 steps for 56.00, a fuzzer)
+        r_same = (run.batch_size * run.s_min / traj.integrals.root) ** 2
+        same_steps = run.s_min + gamma * run.e_min / run.batch_size  # eq. D.4
+    elif run.examples > run.e_min:
         r_same = theory.exchange_rate_for_examples(traj.integrals, None, run.examples)
         same_steps = float(theory.adaptive_batch_cost(traj.integrals, None, r_same).steps)
-    else:  # (see _adaptive_steps_for)
+    else:
+        # E_min not below the examples: a batch size that changes between sparse records (see
+        # report_data), which refused the whole report until 2026-12-06 (a hunt)
         r_same = same_steps = math.nan
     return AdaptiveSummary(
         gamma=gamma,
