@@ -1019,3 +1019,36 @@ def test_the_adaptive_schedule_at_equal_examples_is_eq_d4_where_b_is_far_below_b
     assert e_min + math.sqrt(r) * math.sqrt(gamma * s_min * e_min) == pytest.approx(
         data.run.examples, rel=1e-12
     )
+
+
+def test_a_count_below_one_half_is_not_shown_as_zero(tmp_path: Path) -> None:
+    """(tests/fuzz_pages.py, seed 7.) A run at B = 1 against a B_simple of 6e14 needs S_min =
+    ∫B/(B + B_noise) dt ≈ 1e-13 full-batch steps, and a fixed B of 1024 about 0.055 steps: the
+    page said "S_min = 0 steps" and "0" in the table. A count that is not zero but rounds to it
+    is shown to 4 digits, in Python and in the page's JavaScript alike."""
+    import shutil
+    import subprocess
+
+    from noisescale.report.text import TEXT_JS, format_count
+
+    assert [format_count(x) for x in (0.0, 0.003637, 0.4999, 0.5, 2.5, 1234.5)] == [
+        "0", "0.003637", "0.4999", "1", "3", "1,235",
+    ]  # fmt: skip
+    records = synthetic_records(n_steps=60, batch_size=1, a=6.3e14, tau=1e4, warmup=3)
+    data = report_data(
+        load_history(write_synthetic_history(tmp_path / "h.jsonl", records)), batch_sizes=[1, 1024]
+    )
+    page = report_html(data, _blank_figures())
+    s_min = data.run.s_min
+    assert 0 < s_min < 1e-12
+    assert f"S<sub>min</sub> = {format(s_min, '.4g')} steps" in page
+    steps_1024 = s_min + data.run.e_min / 1024
+    assert f"<td>{format(steps_1024, '.4g')}</td>" in page
+    node = shutil.which("node")
+    if node:  # the page's formatCount, run as the browser would
+        values = [0.0036, 0.4999, 0.5, 2.5, 1e-13]
+        out = subprocess.run(
+            [node, "-e", TEXT_JS + f"console.log(JSON.stringify({values}.map(formatCount)))"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert json.loads(out) == [format_count(v) for v in values]
