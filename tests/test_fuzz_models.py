@@ -28,6 +28,7 @@ import fuzz_hf
 import fuzz_history
 import fuzz_integrations
 import fuzz_losses
+import fuzz_pages
 import fuzz_precision
 import fuzz_runner
 import fuzz_schedule
@@ -1102,3 +1103,45 @@ def test_per_token_numbers_with_unequal_counts_are_exact_or_refused(seed, parts,
 )
 def test_what_the_token_fuzzer_found_is_exact_or_refused(seed, parts, override):
     _check_tokens(seed, parts, override)
+
+
+# --- the HTML pages (tests/fuzz_pages.py) ---------------------------------------------------------
+
+# Seeds whose report page is the library's with blank figures (draw "cli" false): seconds in all.
+PAGES_SAMPLE = [0, 5, 8, 10, 14]
+
+# What it found (2026-12-07), as (seed, check): fixed the same day, kept as regressions.
+FOUND_BY_THE_PAGES_FUZZER = [
+    # WRONG-SILENT: report_html filled its template by chained str.replace, so a value inserted
+    # early was searched for later place-holders: a history named g__GROUPS__….jsonl was titled
+    # without it (seed 1, through the command), a group named g__TEXT_JS__ showed the page's
+    # JavaScript as its name (seed 3), g__DATA__ showed {"sMin": …} (seed 95)
+    (1, "report"),
+    (3, "report"),
+    (95, "report"),
+    # WRONG-SILENT: the adaptive schedule at equal examples inverted E = B·S_min + E_min for r,
+    # all round-off where B ≪ B_simple: 58 steps in the table, 53 in the summary, for 56.00 at
+    # B = 1 against B_simple 6.3e14 (seed 103); 153 for 152.0 at B = 4 (seed 24)
+    (103, "report"),
+    (24, "report"),
+    # WRONG-SILENT: a count below one half shown as 0: "S_min = 0 steps" for 0.00042, "0" steps
+    # for 0.43 at B = 16384 in the table (seed 7)
+    (7, "report"),
+]
+
+
+@pytest.mark.parametrize("seed", PAGES_SAMPLE)
+def test_the_pages_show_their_numbers_and_names_exactly(seed):
+    record = fuzz_pages.check_seed(seed)
+    assert not fuzz_pages.findings(record), (fuzz_pages.describe(record), record["checks"])
+
+
+@pytest.mark.parametrize(
+    ("seed", "check"),
+    FOUND_BY_THE_PAGES_FUZZER,
+    ids=[f"{s}-{c}" for s, c in FOUND_BY_THE_PAGES_FUZZER],
+)
+def test_what_the_pages_fuzzer_found_is_shown_exactly(seed, check):
+    record = fuzz_pages.check_seed(seed, checks=(check,))
+    bad = fuzz_pages.findings(record)
+    assert not bad, (fuzz_pages.describe(record), bad)
