@@ -13,7 +13,10 @@ U+2029, tags, event attributes) and from the pages' own template place-holders (
 
 Checks (named as the page), each against a computation written here, never the page's code:
 
-* ``report``: ``noisescale report -o PAGE --json``: the page parsed with ``html.parser``; every
+* ``report``: ``noisescale report -o PAGE --json`` (half the seeds; the others ``report_html`` of
+  ``report_data`` with blank figures, and ``summary_dict``; the command run again without
+  ``--force`` onto its page or onto the history refused, exit 2, both files kept): the page
+  parsed with ``html.parser``; every
   user string shown exactly as given (the title, each group's name) and nowhere as markup; tags
   well formed, no external ``src``/``href``/``url()``, each figure an embedded PNG; the inline
   ``DATA`` parses back to the JSON's S_min, E_min and γ; the summary's numbers are the JSON's
@@ -354,7 +357,17 @@ def check_report(cfg, seed):
             return {"cls": "crash", "why": f"rc {rc}: {err[-300:]}"}
         summary = json.loads(out)
         page = page_path.read_text(encoding="utf-8")
-        return report_findings(cfg, page, summary, path)
+        res = report_findings(cfg, page, summary, path)
+        # never overwrite: the page again without --force, or the history itself as the page
+        page_path.write_text("mine", encoding="utf-8")
+        history = path.read_bytes()
+        for target in (page_path, path):
+            rc, _, err = _cli(["report", str(path), "-o", str(target)])
+            kept = page_path.read_text(encoding="utf-8") == "mine" and path.read_bytes() == history
+            if rc != 2 or not kept or not err.strip():
+                why = f"-o {target.name!r} without --force: rc {rc}, kept {kept}: {err[-200:]}"
+                return {"cls": "WRONG-SILENT", "why": [why, *res.get("why", [])]}
+        return res
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
