@@ -266,6 +266,8 @@ def draw_config(seed):
         "calc_b": [10.0 ** rng.uniform(-1, 8) for _ in range(3)],
         # the command (figures drawn, seconds) or the library's page with blank figures (fast)
         "cli": rng.random() < 0.5,
+        # tokens counted beside a history in examples (the page converts B_simple to tokens)
+        "tokens_beside": rng.random() < 0.5,
     }
 
 
@@ -273,7 +275,8 @@ def history_records(cfg):
     """Records in the tracker's format with B_simple(t) = a·(1 + t/τ) (tests/test_report.py's
     synthetic_records, written again here with the draws' edge cases)."""
     n, batch, a, tau = cfg["n_steps"], cfg["batch"], cfg["a"], cfg["tau"]
-    t_per = cfg["tokens_per_example"] if cfg["tokens"] else 1.0
+    beside = cfg["tokens"] and cfg.get("tokens_beside", False)
+    t_per = cfg["tokens_per_example"] if cfg["tokens"] and not beside else 1.0
     records, examples = [], 0
     for t in range(n):
         b = batch * (1 + (t % 3 == 2)) if cfg["varying"] else batch
@@ -297,8 +300,8 @@ def history_records(cfg):
             "examples": examples,
         }
         if cfg["tokens"]:
-            rec["tokens_seen"] = examples * t_per
-            rec["tokens_per_example"] = t_per
+            rec["tokens_seen"] = examples * cfg["tokens_per_example"]
+            rec["tokens_per_example"] = cfg["tokens_per_example"]
         if cfg["precond_from"] is not None:
             rec["preconditioned"] = t >= cfg["precond_from"]
         if t < cfg["warmup"] or t in cfg["skipped"] or (cfg["kind"] == "lost" and t == n - 1):
@@ -342,7 +345,7 @@ def check_report(cfg, seed):
     tmp = Path(tempfile.mkdtemp(prefix="fzpages"))
     try:
         header = {"kind": "noisescale.history", "version": 1, "beta": 0.99, "confidence": 0.95}
-        if cfg["tokens"]:
+        if cfg["tokens"] and not cfg.get("tokens_beside", False):
             header["unit"] = "tokens"
         path = tmp / (cfg["file"] + ".jsonl")
         lines = [json.dumps(header)] + [json.dumps(r) for r in history_records(cfg)]
@@ -443,6 +446,12 @@ def report_findings(cfg, page, summary, path):
         other = _first(r"— (\S+) sequences of (\S+) tokens on average", text)
         if other is None or not same_shown(other[0], b_last / t, g4):
             bad.append(("WRONG-SILENT", f"in sequences {other} vs {b_last / t}"))
+    if unit == "examples" and t:
+        other = _first(r"— (\S+) tokens at (\S+) tokens per example", text)
+        if other is None or not same_shown(other[0], b_last * t, g4) or other[1] != f"{t:.3g}":
+            bad.append(("WRONG-SILENT", f"in tokens {other} vs {b_last * t} at {t}"))
+    if cfg["tokens"] and t != cfg["tokens_per_example"]:
+        bad.append(("WRONG-SILENT", f"tokens per example {t} vs {cfg['tokens_per_example']}"))
     s_min, e_min, gamma = run["s_min"], run["e_min"], summary["gamma"]
     shown_crit = _first(r"= (\S+): the run's progress needs", text)
     if shown_crit is None or not same_shown(shown_crit[0].rstrip(":"), e_min / s_min, g4):
