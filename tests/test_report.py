@@ -1052,3 +1052,49 @@ def test_a_count_below_one_half_is_not_shown_as_zero(tmp_path: Path) -> None:
             capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
         assert json.loads(out) == [format_count(v) for v in values]
+
+
+@pytest.mark.parametrize("a", [1e13, 1e4])
+def test_the_adaptive_schedule_at_a_growing_runs_examples_is_eq_d1_on_the_same_rule(
+    tmp_path: Path, a: float
+) -> None:
+    """(A review of tests/fuzz_pages.py, 2026-12-07.) A batch growing 8 → 63 at every step
+    against a constant B_simple a: the adaptive schedule with as many examples as the run is
+    a constant batch B* (γ = 1) with B*·S_min = E − E_min, and needs S_min + E_min/B* steps.
+    E − E_min was the run's count less E_min, but the count sums the steps (Σ B over steps 5–59)
+    and E_min is a trapezoid (half the first and last terms): they differ by (63 − 8)/2 = 27.5
+    examples, which against a = 1e13 is all of E − E_min (8.5e-9), and the page said 1.4e-8
+    steps for 45.8; at a = 1e4, 10.76 for 45.85. Truth in exact rationals on the trapezoid rule,
+    and within 1% of the steps' own sums (Σ B)²/Σ B² (n → ∞)."""
+    from fractions import Fraction
+
+    records = synthetic_records(n_steps=60, batch_size=8, a=a, tau=None, warmup=4)
+    examples = 0
+    for r in records:
+        r["b_big"] = max(8, 4 + r["step"])  # 8 at steps 0–4, then 9, 10, …, 63
+        examples += r["b_big"]
+        r["examples"] = examples
+        r["temperature"] = r["lr"] / r["b_big"]
+    data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl", records)))
+    n = Fraction(a)
+    batches = [Fraction(b) for b in range(8, 64)]  # steps 4–59, the estimates
+
+    def trapezoid(f: Any) -> Fraction:
+        terms = [f(b) for b in batches]
+        return sum(terms, Fraction(0)) - (terms[0] + terms[-1]) / 2
+
+    s_min = trapezoid(lambda b: b / (b + n))
+    e_min = trapezoid(lambda b: n * b / (b + n))
+    above = trapezoid(lambda b: b * b / (b + n))  # ∫B ds = E − E_min, rule for rule
+    want = float(s_min + s_min * e_min / above)  # γ = 1: root² = S_min·E_min
+    assert data.run.examples == sum(range(9, 64)) == 1980
+    assert data.adaptive.gamma == pytest.approx(1.0, rel=1e-12)
+    assert data.adaptive.same_examples_steps == pytest.approx(want, rel=1e-9)
+    assert data.adaptive.r_same_examples == pytest.approx(
+        float(above**2 / (s_min * e_min)), rel=1e-9
+    )
+    if a > 1e12:  # n → ∞: the steps' own sums, Σ B over steps 5–59 squared over Σ B²
+        by_steps = sum(range(9, 64)) ** 2 / sum(b * b for b in range(9, 64))
+        assert data.adaptive.same_examples_steps == pytest.approx(by_steps, rel=0.01)
+    page = report_html(data, _blank_figures())
+    assert f"<b>{format(want, ',.0f')}</b> steps instead of 55" in page

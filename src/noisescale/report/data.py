@@ -514,27 +514,53 @@ class AdaptiveSummary(NamedTuple):
     same_examples_steps: float
     schedule_step: np.ndarray
     schedule_natural: np.ndarray
+    #: why ``same_examples_steps`` is NaN, or ""
+    same_examples_note: str = ""
+    #: the run's examples as the integrals' trapezoid counts them, half a batch at each end:
+    #: its count less (B_last − B_first)/2
+    examples_used: float = math.nan
 
 
-def adaptive_summary(traj: Trajectory) -> AdaptiveSummary:
+def adaptive_summary(traj: Trajectory, unit: str = "examples") -> AdaptiveSummary:
     """γ (eq. D.5), the schedule at the natural r = E_min/S_min (footnote 17, where both costs are
     1 + √γ of their minima) and the schedule that uses as many examples as the run did."""
     gamma = theory.adaptive_gamma(traj.integrals)
     r_natural = theory.natural_exchange_rate(traj.integrals)
     natural = theory.adaptive_batch_cost(traj.integrals, None, r_natural)
     run = run_cost(traj)
-    if run.batch_size is not None and run.examples == run.batch_size * run.steps:
-        # one batch size B: E − E_min = B·S_min exactly (eq. D.1), not E − E_min in float64,
-        # all round-off where B ≪ B_noise (B_simple 6e14, B = 1: 53 steps for 56.00, a fuzzer)
-        r_same = (run.batch_size * run.s_min / traj.integrals.root) ** 2
-        same_steps = run.s_min + gamma * run.e_min / run.batch_size  # eq. D.4
-    elif run.examples > run.e_min:
-        r_same = theory.exchange_rate_for_examples(traj.integrals, None, run.examples)
-        same_steps = float(theory.adaptive_batch_cost(traj.integrals, None, r_same).steps)
+    # E − E_min as ∫B ds on the integrals' own grid (theory.run_examples_over_min), not the
+    # run's count less E_min: that difference is round-off where B ≪ B_noise (one B, B_simple
+    # 6e14, B = 1: 53 steps for 56.00, a fuzzer) and, where B changes, it held the trapezoid's
+    # ends, (B_last − B_first)/2 examples (B 8 → 63 against B_simple 1e13: 1.4e-8 steps for
+    # 45.8, a review, 2026-12-07). The count adds only what the records do not tell: batches
+    # that were not the interpolated ones between sparse records (Σ over the steps of a
+    # piecewise-linear B is its integral plus (B_last − B_first)/2, exactly).
+    above = theory.run_examples_over_min(traj.step, traj.batch_size, traj.b_noise)
+    b = traj.batch_size
+    interpolated = traj.integrals.e_min + above + (b[-1] - b[0]) / 2
+    unrecorded = run.examples - interpolated
+    if abs(unrecorded) <= 1e-9 * abs(run.examples):  # the same batches, summed otherwise
+        unrecorded = 0.0
+    root = traj.integrals.root
+    r_same = same_steps = math.nan
+    note = ""
+    if math.isnan(run.examples):
+        note = f"the {unit} the run took are unknown (see the warnings)"
+    elif not above + unrecorded > 0:
+        note = (
+            f"the run counted {run.examples:,.6g} {unit}, {-unrecorded:,.4g} fewer than its "
+            "batch sizes interpolated between records, and no more than E_min: the batch size "
+            "changes between sparse records; record every step around the batch-size changes"
+        )
+    elif not above + unrecorded >= np.finfo(float).tiny:
+        note = (
+            f"the {unit} above E_min, ∫B ds ≈ ∫B²/B_simple dt, are below the smallest double: "
+            "check the history's b_big and b_simple, and their unit"
+        )
     else:
-        # E_min not below the examples: a batch size that changes between sparse records (see
-        # report_data), which refused the whole report until 2026-12-06 (a hunt)
-        r_same = same_steps = math.nan
+        q = (above + unrecorded) / root
+        r_same = q * q if q < math.sqrt(np.finfo(float).max) else math.inf
+        same_steps = run.s_min + root * (root / (above + unrecorded))  # S_min + root/√r, D.1
     return AdaptiveSummary(
         gamma=gamma,
         r_natural=r_natural,
@@ -544,6 +570,8 @@ def adaptive_summary(traj: Trajectory) -> AdaptiveSummary:
         same_examples_steps=same_steps,
         schedule_step=traj.step,
         schedule_natural=np.asarray(theory.adaptive_batch_size(traj.b_noise, r_natural)),
+        same_examples_note=note,
+        examples_used=float(run.examples - (b[-1] - b[0]) / 2),
     )
 
 
@@ -740,7 +768,7 @@ def report_data(history: History, batch_sizes: Iterable[float] | None = None) ->
         trajectory=traj,
         run=run,
         costs=cost_table(traj, candidates),
-        adaptive=adaptive_summary(traj),
+        adaptive=adaptive_summary(traj, history.unit),
         pareto=pareto_curves(traj),
         trend=b_simple_trend(series, history),
         warnings=(*sums, *traj.warnings, *history.warnings, *run_warnings(history, series)),

@@ -111,14 +111,19 @@ def report_html(data: ReportData, figures: dict[str, bytes], figures_dir: str | 
         else ""
     )
     saved = 1.0 - adaptive.same_examples_steps / run.steps
+    trapezoid = (
+        f"; {f'{adaptive.examples_used:,.1f}'.removesuffix('.0')} as eq. D.1's trapezoid over "
+        "the steps counts "
+        "them, half of the first and the last step's batch"
+        if adaptive.examples_used != run.examples and _finite(adaptive.examples_used)
+        else ""
+    )
     same_examples = (
         f"<b>{format_count(adaptive.same_examples_steps)}</b> steps instead of "
         f"{format_count(run.steps)} ({100 * saved:.1f}% fewer; r = "
         f"{format_number(adaptive.r_same_examples)})"
         if _finite(adaptive.same_examples_steps)
-        else "— not computed: the trajectory's E<sub>min</sub>, summed between records where "
-        "B<sub>simple</sub> jumps, exceeds the examples the run used (record every step, or "
-        "a longer run)"
+        else f"— not computed: {e(adaptive.same_examples_note)}"
     )
     summary = (
         f"<p>{data.history.step.size:,} steps recorded; B<sub>simple</sub> is available at "
@@ -137,7 +142,8 @@ def report_html(data: ReportData, figures: dict[str, bytes], figures_dir: str | 
         f"{unit} (tiny batches).{predicted}</p>"
         f"<p>An adaptive batch size B = √(r·B<sub>simple</sub>) (eq. D.6) has γ = "
         f"<b>{adaptive.gamma:.3f}</b> on this trajectory (eq. D.5; 1 means no gain). With as many "
-        f"{unit} as this run used ({format_count(run.examples)}), it would have needed "
+        f"{unit} as this run used ({format_count(run.examples)}{trapezoid}), it would have "
+        "needed "
         f"{same_examples}. At the natural exchange rate r = "
         f"E<sub>min</sub>/S<sub>min</sub> it takes {format_count(adaptive.natural_steps)} steps "
         f"and {format_count(adaptive.natural_examples)} {unit}, both 1 + √γ = "
