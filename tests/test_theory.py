@@ -584,4 +584,4 @@ def test_run_examples_over_min_is_the_examples_less_e_min_without_cancelling() -
         assert got == pytest.approx(want, rel=1e-12)
         e_min = theory.run_integrals(steps, batch, noise).e_min
         assert e_min + got == pytest.approx(float(np.sum((b[1:] + b[:-1]) / 2)), rel=1e-12)
-    assert 0 < got and theory.run_examples_over_min(steps, batch, 1e13 * noise) < 1e-8
+    assert got > 0 and theory.run_examples_over_min(steps, batch, 1e13 * noise) < 1e-8

@@ -539,7 +539,7 @@ def adaptive_summary(traj: Trajectory, unit: str = "examples") -> AdaptiveSummar
     b = traj.batch_size
     interpolated = traj.integrals.e_min + above + (b[-1] - b[0]) / 2
     unrecorded = run.examples - interpolated
-    if abs(unrecorded) <= 1e-9 * abs(run.examples):  # the same batches, summed otherwise
+    if abs(unrecorded) <= 1e-12 * abs(run.examples):  # the same batches, summed otherwise
         unrecorded = 0.0
     root = traj.integrals.root
     r_same = same_steps = math.nan
