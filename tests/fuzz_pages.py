@@ -64,6 +64,8 @@ import warnings
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
+
 CHECKS = ("report", "hardware", "branch", "sweep", "explore")
 FINDINGS = ("WRONG-SILENT", "INJECTED", "NOT-SELF-CONTAINED", "crash", "FALSE-REFUSAL", "MALFORMED")
 NODE = shutil.which("node")
@@ -482,6 +484,7 @@ def report_findings(cfg, page, summary, path):
             same_shown(shown[0], truth, count) or _count_close(shown[0], truth, count)
         ):
             bad.append(("WRONG-SILENT", f"adaptive steps at the run's examples {shown} vs {truth}"))
+    bad += same_examples_by_hand(cfg, summary)
     if same is not None:
         truth = 100 * (1 - same / run["steps"])
         if fewer is None or not same_shown(fewer[0], truth, lambda x: f"{x:.1f}"):
@@ -502,6 +505,52 @@ def report_findings(cfg, page, summary, path):
     if NODE and m:
         bad += calculator(p, summary, cfg)
     return _classed(bad)
+
+
+def same_examples_by_hand(cfg, summary):
+    """The adaptive schedule with as many examples as the run, by hand from the draws: eq. D.1
+    at every whole step between the first and last estimate (B and B_simple interpolated between
+    records, the trapezoid, as theory.run_integrals documents), the run's examples in that rule
+    (the count less (B_last − B_first)/2), and E − E_min as ∫B ds where every step's batch is
+    the interpolated one (not the count less E_min: round-off where B ≪ B_simple; until
+    2026-12-07 the report took the count, 1.4e-8 steps for 45.8, a review of this fuzzer)."""
+    n, batch, a, tau = cfg["n_steps"], cfg["batch"], cfg["a"], cfg["tau"]
+    beside = cfg["tokens"] and cfg.get("tokens_beside", False)
+    t_per = cfg["tokens_per_example"] if cfg["tokens"] and not beside else 1.0
+    steps = np.arange(n)
+    true_b = np.array([batch * (1 + (t % 3 == 2)) if cfg["varying"] else batch for t in steps])
+    true_b = true_b * t_per
+    noise = np.array([a * (1.0 + t / tau) if tau is not None else a for t in steps]) * t_per
+    est = [
+        t
+        for t in steps
+        if t >= cfg["warmup"]
+        and t not in cfg["skipped"]
+        and not (cfg["kind"] == "lost" and t == n - 1)
+    ]
+    run, same = summary["run"], summary["adaptive"]["same_examples_steps"]
+    if len(est) < 2 or (run["first_step"], run["last_step"]) != (est[0], est[-1]):
+        return []
+    grid = np.arange(est[0], est[-1] + 1)
+    b = np.interp(grid, est, true_b[est])
+    bn = np.interp(grid, est, noise[est])
+    ds = b / (b + bn)
+
+    def trap(f):
+        return float(np.sum((f[1:] + f[:-1]) / 2))
+
+    s_min, e_min, root, above = trap(ds), trap(bn * ds), trap(np.sqrt(bn) * ds), trap(b * ds)
+    if np.array_equal(b, true_b[grid]):
+        over = above
+    else:  # steps between records whose batch was not the interpolated one: the count tells
+        used = float(true_b[grid[1:]].sum()) - (true_b[grid[-1]] - true_b[grid[0]]) / 2
+        over = used - e_min
+        if not over > 1e-6 * used:
+            return []
+    truth = s_min + root * root / over
+    if same is None or not abs(same - truth) <= 1e-6 * truth:
+        return [("WRONG-SILENT", f"adaptive steps at the run's examples {same} vs {truth}")]
+    return []
 
 
 def cost_rows(page, summary):
@@ -527,9 +576,10 @@ def cost_rows(page, summary):
         ]
         ad_e = e_min + gamma * s_min * b
         truth.append((cells[6].split(" (")[0], ad_e, count, "adaptive E"))
-        ad_s = c["adaptive_steps_same_examples"]
-        if ad_s is not None:
-            truth.append((cells[5].split(" (")[0], s_min + gamma * e_min / b, count, "adaptive S"))
+        # eq. D.4 in closed form is finite at every B > 0: None would be a number lost
+        if c["adaptive_steps_same_examples"] is None:
+            bad.append(("WRONG-SILENT", f"B={b} adaptive S: None for {s_min + gamma * e_min / b}"))
+        truth.append((cells[5].split(" (")[0], s_min + gamma * e_min / b, count, "adaptive S"))
         for shown, v, fmt, name in truth:
             # the JSON's own value rounds the same, or this is one count off at a .5 boundary
             if not same_shown(shown, v, fmt) and not _count_close(shown, v, fmt):

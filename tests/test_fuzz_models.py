@@ -896,6 +896,13 @@ FOUND_BY_THE_DECISIONS_FUZZER = [
     # WRONG-SILENT: theory.fixed_batch_cost prices a batch size ≤ 0 or NaN (B = -64: S = -64.8
     # steps) where steps_over_min refuses it (hunt/fixed_batch_cost_bad_batch.py)
     1,
+    # WRONG-SILENT (found again by a review of fuzz_pages, this oracle corrected): report's
+    # adaptive schedule at the run's examples took E − E_min as the count less E_min, the
+    # trapezoid's ends (B_last − B_first)/2 included: r = 120.5 for 31.9 (seed 16), 182.1 for
+    # 156.0 (seed 12), 162.7 for 165.5 (seed 4)
+    16,
+    12,
+    4,
 ]
 
 
@@ -1127,6 +1134,13 @@ FOUND_BY_THE_PAGES_FUZZER = [
     # WRONG-SILENT: a count below one half shown as 0: "S_min = 0 steps" for 0.00042, "0" steps
     # for 0.43 at B = 16384 in the table (seed 7)
     (7, "report"),
+    # WRONG-SILENT (a review's draws, same_examples_by_hand): the adaptive schedule with as many
+    # examples as a run whose batch varies took E − E_min as the run's count less E_min, which
+    # also held the trapezoid's ends, (B_last − B_first)/2 examples: 30.5 steps for 50.1 at B
+    # 512/1024 against B_simple 7.3e4 (seed 177), 189 for 245 (seed 89), 47.99 for 49.26 (46)
+    (177, "report"),
+    (89, "report"),
+    (46, "report"),
 ]
 
 
