@@ -1098,3 +1098,38 @@ def test_the_adaptive_schedule_at_a_growing_runs_examples_is_eq_d1_on_the_same_r
         assert data.adaptive.same_examples_steps == pytest.approx(by_steps, rel=0.01)
     page = report_html(data, _blank_figures())
     assert f"<b>{format(want, ',.0f')}</b> steps instead of 55" in page
+
+
+def test_batches_at_steps_without_an_estimate_are_not_priced_silently(tmp_path: Path) -> None:
+    """(A review, 2026-12-07.) B = 8, 16, 8, 16, … against B_simple 1e6, recorded at the 8s only:
+    the integrals interpolate B = 8 throughout, 480 examples where the run counted 720, so S_min
+    and E_min are a third low (truth, from every step: S_min = Σ-trapezoid of B/(B + B_noise),
+    7.2e-4, not 4.8e-4) without a word, and the adaptive schedule at the run's 720 examples
+    read 0.00144 steps (the every-step history's: 54.00). The report now warns that the costs
+    price the interpolated batches, and leaves that schedule out, naming why."""
+    records = synthetic_records(n_steps=61, batch_size=8, a=1e6, tau=None, warmup=0)
+    examples = 0
+    for r in records:
+        r["b_big"] = 8 if r["step"] % 2 == 0 else 16
+        examples += r["b_big"]
+        r["examples"] = examples
+        r["temperature"] = r["lr"] / r["b_big"]
+    full = report_data(load_history(write_synthetic_history(tmp_path / "f.jsonl", records)))
+    b = np.array([8.0 if t % 2 == 0 else 16.0 for t in range(61)])
+    ds = b / (b + 1e6)
+    s_min = float(np.sum(ds) - (ds[0] + ds[-1]) / 2)
+    assert full.run.s_min == pytest.approx(s_min, rel=1e-12)  # 7.2e-4
+    above = float(np.sum(b * ds) - (b[0] * ds[0] + b[-1] * ds[-1]) / 2)
+    want = s_min + full.run.s_min * full.run.e_min / above  # γ = 1
+    assert full.adaptive.same_examples_steps == pytest.approx(want, rel=1e-9)  # 54.00
+    assert not any("interpolated" in w for w in full.warnings)
+
+    path = write_synthetic_history(tmp_path / "s.jsonl", records[::2])
+    sparse = report_data(load_history(path))
+    assert sparse.run.examples == 720 and sparse.run.s_min == pytest.approx(s_min * 2 / 3, rel=1e-3)
+    (warning,) = [w for w in sparse.warnings if "interpolated between the records" in w]
+    assert "counted 720 examples" in warning and "add up to 480" in warning
+    assert "record every step around the batch-size changes" in warning
+    assert math.isnan(sparse.adaptive.same_examples_steps)
+    page = report_html(sparse, _blank_figures())
+    assert "— not computed: the run counted 720 examples, 240 more than its batch sizes" in page
