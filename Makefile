@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 # The CPU build of torch that this machine installs quickly; pyproject.toml declares the range.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats fuzz-fit fuzz-sweep fuzz-cli fuzz-history fuzz-schedule fuzz-decisions fuzz-bnoise fuzz-tokens fuzz-hardware install lint format clean
+.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats fuzz-fit fuzz-sweep fuzz-cli fuzz-history fuzz-schedule fuzz-decisions fuzz-bnoise fuzz-tokens fuzz-hardware fuzz-pages install lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -116,6 +116,12 @@ fuzz-decisions: install
 # B_noise, the line search and the ΔL_opt fit against an exact Hessian (tests/fuzz_bnoise.py).
 fuzz-bnoise: install
 	$(PY) tests/fuzz_bnoise.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
+
+# Every HTML page (report, explore, branch, recommend, fit) against its numbers, its inputs and
+# HTML: user strings shown exactly and never as markup, the calculators run in node
+# (tests/fuzz_pages.py).
+fuzz-pages: install
+	$(PY) tests/fuzz_pages.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
 
 # Per-token statistics with unequal token counts against brute force and a fixed pool's exact
 # truth (tests/fuzz_tokens.py).

@@ -29,6 +29,7 @@ import fuzz_hf
 import fuzz_history
 import fuzz_integrations
 import fuzz_losses
+import fuzz_pages
 import fuzz_precision
 import fuzz_runner
 import fuzz_schedule
@@ -896,6 +897,13 @@ FOUND_BY_THE_DECISIONS_FUZZER = [
     # WRONG-SILENT: theory.fixed_batch_cost prices a batch size ≤ 0 or NaN (B = -64: S = -64.8
     # steps) where steps_over_min refuses it (hunt/fixed_batch_cost_bad_batch.py)
     1,
+    # WRONG-SILENT (found again by a review of fuzz_pages, this oracle corrected): report's
+    # adaptive schedule at the run's examples took E − E_min as the count less E_min, the
+    # trapezoid's ends (B_last − B_first)/2 included: r = 120.5 for 31.9 (seed 16), 182.1 for
+    # 156.0 (seed 12), 162.7 for 165.5 (seed 4)
+    16,
+    12,
+    4,
 ]
 
 
@@ -1179,6 +1187,44 @@ def test_how_the_hardware_is_measured_is_exact_or_refused(seed):
     _check_hardware(seed)
 
 
+# --- the HTML pages (tests/fuzz_pages.py) ---------------------------------------------------------
+
+# Seeds whose report page is the library's with blank figures (draw "cli" false): seconds in all.
+PAGES_SAMPLE = [0, 5, 8, 10, 14]
+
+# What it found (2026-12-07), as (seed, check): fixed the same day, kept as regressions.
+FOUND_BY_THE_PAGES_FUZZER = [
+    # WRONG-SILENT: report_html filled its template by chained str.replace, so a value inserted
+    # early was searched for later place-holders: a history named g__GROUPS__….jsonl was titled
+    # without it (seed 1, through the command), a group named g__TEXT_JS__ showed the page's
+    # JavaScript as its name (seed 3), g__DATA__ showed {"sMin": …} (seed 95)
+    (1, "report"),
+    (3, "report"),
+    (95, "report"),
+    # WRONG-SILENT: the adaptive schedule at equal examples inverted E = B·S_min + E_min for r,
+    # all round-off where B ≪ B_simple: 58 steps in the table, 53 in the summary, for 56.00 at
+    # B = 1 against B_simple 6.3e14 (seed 103); 153 for 152.0 at B = 4 (seed 24)
+    (103, "report"),
+    (24, "report"),
+    # WRONG-SILENT: a count below one half shown as 0: "S_min = 0 steps" for 0.00042, "0" steps
+    # for 0.43 at B = 16384 in the table (seed 7)
+    (7, "report"),
+    # WRONG-SILENT (a review's draws, same_examples_by_hand): the adaptive schedule with as many
+    # examples as a run whose batch varies took E − E_min as the run's count less E_min, which
+    # also held the trapezoid's ends, (B_last − B_first)/2 examples: 30.5 steps for 50.1 at B
+    # 512/1024 against B_simple 7.3e4 (seed 177), 189 for 245 (seed 89), 47.99 for 49.26 (46)
+    (177, "report"),
+    (89, "report"),
+    (46, "report"),
+]
+
+
+@pytest.mark.parametrize("seed", PAGES_SAMPLE)
+def test_the_pages_show_their_numbers_and_names_exactly(seed):
+    record = fuzz_pages.check_seed(seed)
+    assert not fuzz_pages.findings(record), (fuzz_pages.describe(record), record["checks"])
+
+
 @pytest.mark.parametrize(
     ("seed", "check"),
     FOUND_BY_THE_HARDWARE_FUZZER,
@@ -1186,3 +1232,14 @@ def test_how_the_hardware_is_measured_is_exact_or_refused(seed):
 )
 def test_what_the_hardware_fuzzer_found_is_exact_or_refused(seed, check):
     _check_hardware(seed, check)
+
+
+@pytest.mark.parametrize(
+    ("seed", "check"),
+    FOUND_BY_THE_PAGES_FUZZER,
+    ids=[f"{s}-{c}" for s, c in FOUND_BY_THE_PAGES_FUZZER],
+)
+def test_what_the_pages_fuzzer_found_is_shown_exactly(seed, check):
+    record = fuzz_pages.check_seed(seed, checks=(check,))
+    bad = fuzz_pages.findings(record)
+    assert not bad, (fuzz_pages.describe(record), bad)

@@ -944,3 +944,192 @@ def test_a_record_without_averages_is_not_read_as_a_noise_scale_outgrown(tmp_pat
     data = report_data(load_history(write_synthetic_history(tmp_path / "h2.jsonl", records)))
     (stale,) = [w for w in data.warnings if "last estimate is from step 58" in w]
     assert "outgrown what these steps measure" in stale
+
+
+def test_names_holding_the_pages_place_holders_are_shown_as_named(tmp_path: Path) -> None:
+    """(tests/fuzz_pages.py, seeds 1, 3, 95.) The page was filled by chained ``str.replace``, so a
+    value inserted early was searched for the later place-holders: a history named
+    ``g__GROUPS__.jsonl`` was titled ``g.jsonl``, a group named ``__TEXT_JS__`` showed the page's
+    JavaScript as its name and one named ``__DATA__`` showed ``{"sMin": …}``. Each name is shown
+    exactly as given (parsed back with ``html.parser``), in text, never as markup."""
+    from html.parser import HTMLParser
+
+    names = ["g__TEXT_JS__", "g__DATA__<u>&", 'g__UNIT__"</script>', "g__SUMMARY__\u2028"]
+    records = synthetic_records(n_steps=60)
+    records[-1]["groups"] = {
+        name: {"b_simple": 40.0, "b_simple_low": 30.0, "b_simple_high": 50.0, "g2_ema": 0.25,
+               "trace_sigma_ema": 10.0}
+        for name in names
+    }  # fmt: skip
+    path = write_synthetic_history(tmp_path / "g__GROUPS____DATA__<u>.jsonl", records)
+    page = report_html(report_data(load_history(path)), _blank_figures())
+
+    class Cells(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__(convert_charrefs=True)
+            self.inside: list[str] = []
+            self.names: list[str] = []
+            self.title = ""
+            self.tags: list[str] = []
+
+        def handle_starttag(self, tag: str, attrs: list) -> None:
+            self.tags.append(tag)
+            if tag not in ("meta", "img", "input", "br"):
+                self.inside.append("name" if ("class", "name") in attrs else tag)
+
+        def handle_endtag(self, tag: str) -> None:
+            self.inside.pop()
+
+        def handle_data(self, data: str) -> None:
+            if self.inside and self.inside[-1] == "name":
+                self.names.append(data)
+            if self.inside and self.inside[-1] == "title":
+                self.title += data
+
+    cells = Cells()
+    cells.feed(page)
+    assert cells.names == names
+    assert cells.title == "noisescale report: g__GROUPS____DATA__<u>.jsonl"
+    assert cells.tags.count("script") == 1 and "u" not in cells.tags
+    assert page.count('<table class="costs">') == 2  # the costs and the groups, once each
+
+
+def test_the_adaptive_schedule_at_equal_examples_is_eq_d4_where_b_is_far_below_b_noise(
+    tmp_path: Path,
+) -> None:
+    """(tests/fuzz_pages.py, seed 103.) With as many examples as a fixed B, the adaptive schedule
+    needs S_min + γ·E_min/B steps (eq. D.4), never more than the fixed batch's S_min + E_min/B.
+    Inverting E for the exchange rate subtracted E_min from E = B·S_min + E_min: at B = 1 against
+    a B_simple of 6e14, B·S_min (1e-13) was round-off of E (56), and the page showed 58 steps in
+    its table (53 in its summary) for 56.00."""
+    records = synthetic_records(n_steps=60, batch_size=1, a=6.3e14, tau=1e4, warmup=3)
+    data = report_data(
+        load_history(write_synthetic_history(tmp_path / "h.jsonl", records)), batch_sizes=[1, 32]
+    )
+    s_min, e_min, gamma = data.run.s_min, data.run.e_min, data.adaptive.gamma
+    assert s_min < 1e-12 and gamma < 1
+    for row in data.costs:
+        want = s_min + gamma * e_min / row.batch_size
+        assert row.adaptive_steps_same_examples == pytest.approx(want, rel=1e-12)
+        assert row.adaptive_steps_same_examples <= row.steps
+    assert data.run.examples == data.run.batch_size * data.run.steps
+    want = s_min + gamma * e_min / data.run.batch_size
+    assert data.adaptive.same_examples_steps == pytest.approx(want, rel=1e-12)
+    r = data.adaptive.r_same_examples  # the schedule of that r spends the run's examples
+    assert e_min + math.sqrt(r) * math.sqrt(gamma * s_min * e_min) == pytest.approx(
+        data.run.examples, rel=1e-12
+    )
+
+
+def test_a_count_below_one_half_is_not_shown_as_zero(tmp_path: Path) -> None:
+    """(tests/fuzz_pages.py, seed 7.) A run at B = 1 against a B_simple of 6e14 needs S_min =
+    ∫B/(B + B_noise) dt ≈ 1e-13 full-batch steps, and a fixed B of 1024 about 0.055 steps: the
+    page said "S_min = 0 steps" and "0" in the table. A count that is not zero but rounds to it
+    is shown to 4 digits, in Python and in the page's JavaScript alike."""
+    import shutil
+    import subprocess
+
+    from noisescale.report.text import TEXT_JS, format_count
+
+    assert [format_count(x) for x in (0.0, 0.003637, 0.4999, 0.5, 2.5, 1234.5)] == [
+        "0", "0.003637", "0.4999", "1", "3", "1,235",
+    ]  # fmt: skip
+    records = synthetic_records(n_steps=60, batch_size=1, a=6.3e14, tau=1e4, warmup=3)
+    data = report_data(
+        load_history(write_synthetic_history(tmp_path / "h.jsonl", records)), batch_sizes=[1, 1024]
+    )
+    page = report_html(data, _blank_figures())
+    s_min = data.run.s_min
+    assert 0 < s_min < 1e-12
+    assert f"S<sub>min</sub> = {format(s_min, '.4g')} steps" in page
+    steps_1024 = s_min + data.run.e_min / 1024
+    assert f"<td>{format(steps_1024, '.4g')}</td>" in page
+    node = shutil.which("node")
+    if node:  # the page's formatCount, run as the browser would
+        values = [0.0036, 0.4999, 0.5, 2.5, 1e-13]
+        out = subprocess.run(
+            [node, "-e", TEXT_JS + f"console.log(JSON.stringify({values}.map(formatCount)))"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert json.loads(out) == [format_count(v) for v in values]
+
+
+@pytest.mark.parametrize("a", [1e13, 1e4])
+def test_the_adaptive_schedule_at_a_growing_runs_examples_is_eq_d1_on_the_same_rule(
+    tmp_path: Path, a: float
+) -> None:
+    """(A review of tests/fuzz_pages.py, 2026-12-07.) A batch growing 8 → 63 at every step
+    against a constant B_simple a: the adaptive schedule with as many examples as the run is
+    a constant batch B* (γ = 1) with B*·S_min = E − E_min, and needs S_min + E_min/B* steps.
+    E − E_min was the run's count less E_min, but the count sums the steps (Σ B over steps 5–59)
+    and E_min is a trapezoid (half the first and last terms): they differ by (63 − 8)/2 = 27.5
+    examples, which against a = 1e13 is all of E − E_min (8.5e-9), and the page said 1.4e-8
+    steps for 45.8; at a = 1e4, 10.76 for 45.85. Truth in exact rationals on the trapezoid rule,
+    and within 1% of the steps' own sums (Σ B)²/Σ B² (n → ∞)."""
+    from fractions import Fraction
+
+    records = synthetic_records(n_steps=60, batch_size=8, a=a, tau=None, warmup=4)
+    examples = 0
+    for r in records:
+        r["b_big"] = max(8, 4 + r["step"])  # 8 at steps 0–4, then 9, 10, …, 63
+        examples += r["b_big"]
+        r["examples"] = examples
+        r["temperature"] = r["lr"] / r["b_big"]
+    data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl", records)))
+    n = Fraction(a)
+    batches = [Fraction(b) for b in range(8, 64)]  # steps 4–59, the estimates
+
+    def trapezoid(f: Any) -> Fraction:
+        terms = [f(b) for b in batches]
+        return sum(terms, Fraction(0)) - (terms[0] + terms[-1]) / 2
+
+    s_min = trapezoid(lambda b: b / (b + n))
+    e_min = trapezoid(lambda b: n * b / (b + n))
+    above = trapezoid(lambda b: b * b / (b + n))  # ∫B ds = E − E_min, rule for rule
+    want = float(s_min + s_min * e_min / above)  # γ = 1: root² = S_min·E_min
+    assert data.run.examples == sum(range(9, 64)) == 1980
+    assert data.adaptive.gamma == pytest.approx(1.0, rel=1e-12)
+    assert data.adaptive.same_examples_steps == pytest.approx(want, rel=1e-9)
+    assert data.adaptive.r_same_examples == pytest.approx(
+        float(above**2 / (s_min * e_min)), rel=1e-9
+    )
+    if a > 1e12:  # n → ∞: the steps' own sums, Σ B over steps 5–59 squared over Σ B²
+        by_steps = sum(range(9, 64)) ** 2 / sum(b * b for b in range(9, 64))
+        assert data.adaptive.same_examples_steps == pytest.approx(by_steps, rel=0.01)
+    page = report_html(data, _blank_figures())
+    assert f"<b>{format(want, ',.0f')}</b> steps instead of 55" in page
+
+
+def test_batches_at_steps_without_an_estimate_are_not_priced_silently(tmp_path: Path) -> None:
+    """(A review, 2026-12-07.) B = 8, 16, 8, 16, … against B_simple 1e6, recorded at the 8s only:
+    the integrals interpolate B = 8 throughout, 480 examples where the run counted 720, so S_min
+    and E_min are a third low (truth, from every step: S_min = Σ-trapezoid of B/(B + B_noise),
+    7.2e-4, not 4.8e-4) without a word, and the adaptive schedule at the run's 720 examples
+    read 0.00144 steps (the every-step history's: 54.00). The report now warns that the costs
+    price the interpolated batches, and leaves that schedule out, naming why."""
+    records = synthetic_records(n_steps=61, batch_size=8, a=1e6, tau=None, warmup=0)
+    examples = 0
+    for r in records:
+        r["b_big"] = 8 if r["step"] % 2 == 0 else 16
+        examples += r["b_big"]
+        r["examples"] = examples
+        r["temperature"] = r["lr"] / r["b_big"]
+    full = report_data(load_history(write_synthetic_history(tmp_path / "f.jsonl", records)))
+    b = np.array([8.0 if t % 2 == 0 else 16.0 for t in range(61)])
+    ds = b / (b + 1e6)
+    s_min = float(np.sum(ds) - (ds[0] + ds[-1]) / 2)
+    assert full.run.s_min == pytest.approx(s_min, rel=1e-12)  # 7.2e-4
+    above = float(np.sum(b * ds) - (b[0] * ds[0] + b[-1] * ds[-1]) / 2)
+    want = s_min + full.run.s_min * full.run.e_min / above  # γ = 1
+    assert full.adaptive.same_examples_steps == pytest.approx(want, rel=1e-9)  # 54.00
+    assert not any("interpolated" in w for w in full.warnings)
+
+    path = write_synthetic_history(tmp_path / "s.jsonl", records[::2])
+    sparse = report_data(load_history(path))
+    assert sparse.run.examples == 720 and sparse.run.s_min == pytest.approx(s_min * 2 / 3, rel=1e-3)
+    (warning,) = [w for w in sparse.warnings if "interpolated between the records" in w]
+    assert "counted 720 examples" in warning and "add up to 480" in warning
+    assert "record every step around the batch-size changes" in warning
+    assert math.isnan(sparse.adaptive.same_examples_steps)
+    page = report_html(sparse, _blank_figures())
+    assert "— not computed: the run counted 720 examples, 240 more than its batch sizes" in page

@@ -485,7 +485,10 @@ def cost_table(traj: Trajectory, batch_sizes: Iterable[float]) -> list[CostRow]:
     rows = []
     for b in batch_sizes:
         steps, examples = theory.fixed_batch_cost(traj.integrals, None, b)
-        adaptive_steps = _adaptive_steps_for(traj, float(examples))
+        # eq. D.4 in closed form: inverting E for r subtracted E_min from E = B·S_min + E_min,
+        # which loses B·S_min to round-off where B ≪ B_noise (B_simple 6e14, B = 1: 57.76 steps
+        # for 56.00, more than the fixed batch's own 56; a fuzzer, tests/fuzz_pages.py)
+        adaptive_steps = s_min + gamma * e_min / b
         rows.append(
             CostRow(
                 batch_size=float(b),
@@ -500,17 +503,6 @@ def cost_table(traj: Trajectory, batch_sizes: Iterable[float]) -> list[CostRow]:
     return rows
 
 
-def _adaptive_steps_for(traj: Trajectory, examples: float) -> float:
-    """The adaptive schedule's steps with ``examples`` examples, or nan where the trajectory's
-    E_min is not below them (a batch size that changes between sparse records, see
-    :func:`report_data`), which refused the whole report until 2026-12-06 (a hunt)."""
-    _, e_min = theory.min_cost(traj.integrals)
-    if not examples > e_min:
-        return math.nan
-    r = theory.exchange_rate_for_examples(traj.integrals, None, examples)
-    return float(theory.adaptive_batch_cost(traj.integrals, None, r).steps)
-
-
 class AdaptiveSummary(NamedTuple):
     """The adaptive schedule of App. D on this run's trajectory."""
 
@@ -522,20 +514,66 @@ class AdaptiveSummary(NamedTuple):
     same_examples_steps: float
     schedule_step: np.ndarray
     schedule_natural: np.ndarray
+    #: why ``same_examples_steps`` is NaN, or ""
+    same_examples_note: str = ""
+    #: the run's examples as the integrals' trapezoid counts them, half a batch at each end:
+    #: its count less (B_last − B_first)/2
+    examples_used: float = math.nan
 
 
-def adaptive_summary(traj: Trajectory) -> AdaptiveSummary:
+#: A run's count of examples further than this share from its interpolated batch sizes' warns
+#: that the costs price batches the run did not use (report_data).
+INTERPOLATED_SHARE = 1e-3
+
+#: The adaptive schedule at the run's examples is computed where the examples the records'
+#: interpolated batch sizes do not account for are at most this share of E − E_min.
+UNRECORDED_SHARE = 1e-3
+
+
+def adaptive_summary(traj: Trajectory, unit: str = "examples") -> AdaptiveSummary:
     """γ (eq. D.5), the schedule at the natural r = E_min/S_min (footnote 17, where both costs are
     1 + √γ of their minima) and the schedule that uses as many examples as the run did."""
     gamma = theory.adaptive_gamma(traj.integrals)
     r_natural = theory.natural_exchange_rate(traj.integrals)
     natural = theory.adaptive_batch_cost(traj.integrals, None, r_natural)
     run = run_cost(traj)
-    if run.examples > run.e_min:
-        r_same = theory.exchange_rate_for_examples(traj.integrals, None, run.examples)
-        same_steps = float(theory.adaptive_batch_cost(traj.integrals, None, r_same).steps)
-    else:  # (see _adaptive_steps_for)
-        r_same = same_steps = math.nan
+    # E − E_min as ∫B ds on the integrals' own grid (theory.run_examples_over_min), not the
+    # run's count less E_min: that difference is round-off where B ≪ B_noise (one B, B_simple
+    # 6e14, B = 1: 53 steps for 56.00, a fuzzer) and, where B changes, it held the trapezoid's
+    # ends, (B_last − B_first)/2 examples (B 8 → 63 against B_simple 1e13: 1.4e-8 steps for
+    # 45.8, a review, 2026-12-07). The count adds only what the records do not tell: batches
+    # that were not the interpolated ones between sparse records (Σ over the steps of a
+    # piecewise-linear B is its integral plus (B_last − B_first)/2, exactly), and only where
+    # they move E − E_min by at most UNRECORDED_SHARE: where B ≪ B_noise such examples went
+    # mostly to progress, not above E_min, and which is the history does not tell.
+    above = theory.run_examples_over_min(traj.step, traj.batch_size, traj.b_noise)
+    b = traj.batch_size
+    interpolated = traj.integrals.e_min + above + (b[-1] - b[0]) / 2
+    unrecorded = run.examples - interpolated
+    if abs(unrecorded) <= 1e-12 * abs(run.examples):  # the same batches, summed otherwise
+        unrecorded = 0.0
+    root = traj.integrals.root
+    r_same = same_steps = math.nan
+    note = ""
+    if math.isnan(run.examples):
+        note = f"the {unit} the run took are unknown (see the warnings)"
+    elif not abs(unrecorded) <= UNRECORDED_SHARE * above:
+        note = (
+            f"the run counted {run.examples:,.6g} {unit}, {abs(unrecorded):,.4g} "
+            f"{'fewer' if unrecorded < 0 else 'more'} than its batch sizes interpolated between "
+            f"records, against {above:,.4g} {unit} above E_min: the batch sizes of steps without "
+            "an estimate (sparse or skipped records) decide the comparison, and the history "
+            "does not tell them; record every step around the batch-size changes"
+        )
+    elif not above + unrecorded >= np.finfo(float).tiny:
+        note = (
+            f"the {unit} above E_min, ∫B ds ≈ ∫B²/B_simple dt, are below the smallest double: "
+            "check the history's b_big and b_simple, and their unit"
+        )
+    else:
+        q = (above + unrecorded) / root
+        r_same = q * q if q < math.sqrt(np.finfo(float).max) else math.inf
+        same_steps = run.s_min + root * (root / (above + unrecorded))  # S_min + root/√r, D.1
     return AdaptiveSummary(
         gamma=gamma,
         r_natural=r_natural,
@@ -545,6 +583,8 @@ def adaptive_summary(traj: Trajectory) -> AdaptiveSummary:
         same_examples_steps=same_steps,
         schedule_step=traj.step,
         schedule_natural=np.asarray(theory.adaptive_batch_size(traj.b_noise, r_natural)),
+        same_examples_note=note,
+        examples_used=float(run.examples - (b[-1] - b[0]) / 2),
     )
 
 
@@ -732,6 +772,26 @@ def report_data(history: History, batch_sizes: Iterable[float] | None = None) ->
             f"the run itself used, which no schedule can go below, because {cause}; until then "
             "the costs, B_crit and the schedules below, which rest on these integrals, do not hold",
         )
+    else:
+        # the batch sizes between records are interpolated linearly; a count they do not add up
+        # to (B 8, 16, 8, … recorded at the 8s only: 480 of 720 examples) prices a run the history
+        # does not describe: S_min and E_min 33% low, without a word until 2026-12-07 (a review)
+        b = traj.batch_size
+        interpolated = (
+            run.e_min
+            + theory.run_examples_over_min(traj.step, b, traj.b_noise)
+            + (b[-1] - b[0]) / 2
+        )
+        off = run.examples - interpolated
+        if abs(off) > INTERPOLATED_SHARE * run.examples:
+            sums = (
+                f"the run counted {run.examples:,.6g} {history.unit} between its first and last "
+                f"estimate, but its batch sizes ('b_big'), interpolated between the records that "
+                f"carry an estimate, add up to {interpolated:,.6g}: the batch size changed at "
+                "steps without an estimate (sparse or skipped records), and S_min, E_min, the "
+                "costs and the schedules below price the interpolated batches, not the run's; "
+                "record every step around the batch-size changes",
+            )
     return ReportData(
         history=history,
         b_simple_step=series,
@@ -741,7 +801,7 @@ def report_data(history: History, batch_sizes: Iterable[float] | None = None) ->
         trajectory=traj,
         run=run,
         costs=cost_table(traj, candidates),
-        adaptive=adaptive_summary(traj),
+        adaptive=adaptive_summary(traj, history.unit),
         pareto=pareto_curves(traj),
         trend=b_simple_trend(series, history),
         warnings=(*sums, *traj.warnings, *history.warnings, *run_warnings(history, series)),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 
 from noisescale import theory
 from noisescale.report.data import ReportData, Trend, group_shares
@@ -110,14 +111,19 @@ def report_html(data: ReportData, figures: dict[str, bytes], figures_dir: str | 
         else ""
     )
     saved = 1.0 - adaptive.same_examples_steps / run.steps
+    trapezoid = (
+        f"; {f'{adaptive.examples_used:,.1f}'.removesuffix('.0')} as eq. D.1's trapezoid over "
+        "the steps counts "
+        "them, half of the first and the last step's batch"
+        if adaptive.examples_used != run.examples and _finite(adaptive.examples_used)
+        else ""
+    )
     same_examples = (
         f"<b>{format_count(adaptive.same_examples_steps)}</b> steps instead of "
         f"{format_count(run.steps)} ({100 * saved:.1f}% fewer; r = "
         f"{format_number(adaptive.r_same_examples)})"
         if _finite(adaptive.same_examples_steps)
-        else "— not computed: the trajectory's E<sub>min</sub>, summed between records where "
-        "B<sub>simple</sub> jumps, exceeds the examples the run used (record every step, or "
-        "a longer run)"
+        else f"— not computed: {e(adaptive.same_examples_note)}"
     )
     summary = (
         f"<p>{data.history.step.size:,} steps recorded; B<sub>simple</sub> is available at "
@@ -136,7 +142,8 @@ def report_html(data: ReportData, figures: dict[str, bytes], figures_dir: str | 
         f"{unit} (tiny batches).{predicted}</p>"
         f"<p>An adaptive batch size B = √(r·B<sub>simple</sub>) (eq. D.6) has γ = "
         f"<b>{adaptive.gamma:.3f}</b> on this trajectory (eq. D.5; 1 means no gain). With as many "
-        f"{unit} as this run used ({format_count(run.examples)}), it would have needed "
+        f"{unit} as this run used ({format_count(run.examples)}{trapezoid}), it would have "
+        "needed "
         f"{same_examples}. At the natural exchange rate r = "
         f"E<sub>min</sub>/S<sub>min</sub> it takes {format_count(adaptive.natural_steps)} steps "
         f"and {format_count(adaptive.natural_examples)} {unit}, both 1 + √γ = "
@@ -168,21 +175,24 @@ def report_html(data: ReportData, figures: dict[str, bytes], figures_dir: str | 
     )
     page_data = {"sMin": run.s_min, "eMin": run.e_min, "gamma": adaptive.gamma}
     default_batch = run.batch_size if run.batch_size is not None else data.costs[0].batch_size
-    return (
-        _PAGE.replace("__TITLE__", e(display_path(data.history.path)))
-        .replace("__SUMMARY__", summary)
-        .replace("__WARNINGS__", warnings_html)
-        .replace("__FIGURES__", "\n".join(sections))
-        .replace("__ROWS__", rows)
-        .replace("__FIRST__", f"{run.first_step:,}")
-        .replace("__LAST__", f"{run.last_step:,}")
-        .replace("__DEFAULT_BATCH__", e(format_batch_size(default_batch)))
-        .replace("__FIGURES_NOTE__", figures_note)
-        .replace("__GROUPS__", _groups_section(data))
-        .replace("__TEXT_JS__", TEXT_JS)
-        .replace("__DATA__", json.dumps(page_data))
-        .replace("__UNIT__", unit)
-    )
+    # One pass over the template: a value is never searched for place-holders, so a history or
+    # group named "__DATA__" is shown as named (chained str.replace put the page's JSON there).
+    values = {
+        "TITLE": e(display_path(data.history.path)),
+        "SUMMARY": summary,
+        "WARNINGS": warnings_html,
+        "FIGURES": "\n".join(sections),
+        "ROWS": rows,
+        "FIRST": f"{run.first_step:,}",
+        "LAST": f"{run.last_step:,}",
+        "DEFAULT_BATCH": e(format_batch_size(default_batch)),
+        "FIGURES_NOTE": figures_note,
+        "GROUPS": _groups_section(data),
+        "TEXT_JS": TEXT_JS,
+        "DATA": json.dumps(page_data),
+        "UNIT": unit,
+    }
+    return re.sub("__(" + "|".join(values) + ")__", lambda m: values[m.group(1)], _PAGE)
 
 
 def _groups_section(data: ReportData) -> str:

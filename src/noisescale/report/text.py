@@ -42,10 +42,14 @@ def format_count(x: float) -> str:
 
     Rounds halves up, as JavaScript's ``Math.round`` does (``round`` would round half to even).
     A count that is not known (nan: a history whose examples cannot be counted) is "unknown"
-    (until a review of 2026-12-07 ``math.floor`` raised, and the page was not written).
+    (until a review of 2026-12-07 ``math.floor`` raised, and the page was not written). A count
+    that is not zero but rounds to it is written like :func:`format_number` (``0.003637``): a run
+    whose S_min was 0.0036 steps read "S_min = 0 steps" (a fuzzer, tests/fuzz_pages.py).
     """
     if not math.isfinite(x):
         return "unknown" if math.isnan(x) else "∞"
+    if x != 0 and abs(x) < 0.5:
+        return format_number(x)
     whole = math.floor(x)
     return f"{whole + (1 if x - whole >= 0.5 else 0):,}"
 
@@ -95,6 +99,7 @@ function formatBatchSize(b) {
   return Number.isInteger(b) && Math.abs(b) < 1e15 ? String(b) : formatNumber(b);
 }
 function formatCount(x) {
+  if (x !== 0 && Math.abs(x) < 0.5) return formatNumber(x);
   return Math.round(x).toLocaleString("en-US");
 }
 function summarySentence(b, stepsOverMin, examplesOverMin) {
