@@ -312,10 +312,14 @@ def _mlp_and_data() -> tuple[nn.Module, torch.Generator]:
     ), torch.Generator().manual_seed(0)
 
 
-def _resumable(model, precondition_from=2):
+def _resumable(model, precondition_from=2, **options):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     return opt, noisescale.GradientNoiseTracker(
-        model, precondition=opt, precondition_from=precondition_from, per_example_fraction=1.0
+        model,
+        precondition=opt,
+        precondition_from=precondition_from,
+        per_example_fraction=1.0,
+        **options,
     )
 
 
@@ -764,3 +768,26 @@ def test_a_loss_scale_doubling_every_step_leaves_the_preconditioned_norms_exact(
     for record, (big, per_ex) in zip(records, expected, strict=True):
         assert record["sqnorm_big"] == pytest.approx(big, rel=f64)
         assert record["sources"]["per_example"]["sqnorm_small"] == pytest.approx(per_ex, rel=f64)
+
+
+@pytest.mark.parametrize("sync_every", [1, 32])
+def test_a_recreated_optimizer_s_steps_are_left_out_before_the_first_read_too(sync_every):
+    """(tests/fuzz_beyond.py, seed 0, 2026-12-07.) The rule above looked at the state folded at
+    the last sync only: with the default ``sync_every=32`` and nothing read, preconditioning had
+    not "started" for it until the first read, so an optimizer recreated within the first 32
+    measured steps after the first preconditioned one — here after step 5 of 12 — left its
+    frozen second moments weighing steps 8-12 without a word (the fuzzer: 22 such steps of 30).
+    The steps kept and the estimate are now those of a tracker read at every step."""
+    runs = []
+    for every in (1, sync_every):
+        model, g = _mlp_and_data()
+        opt, tracker = _resumable(model, sync_every=every)
+        try:
+            _run(model, tracker, opt, 5, g)
+            with pytest.warns(RuntimeWarning, match="precondition= has not stepped in the last 2"):
+                _run(model, tracker, opt, 7, g, stepped=torch.optim.Adam(model.parameters()))
+            runs.append(([r["step"] for r in tracker.history], tracker.estimate()))
+        finally:
+            tracker.remove()
+    assert runs[0][0] == runs[1][0] == [1, 2, 3, 4, 5, 6, 7]
+    assert runs[1][1].g2 == runs[0][1].g2 and runs[1][1].trace_sigma == runs[0][1].trace_sigma

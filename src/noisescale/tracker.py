@@ -1840,7 +1840,8 @@ class GradientNoiseTracker:
         if self.precondition is None or passes[0].weights is not None:
             return
         taken = self._watch_optimizer()
-        if self._state.preconditioned_from is not None:
+        since = self._preconditioned_since()
+        if since is not None:
             # (until 2026-12-05 this blamed missing state also where the state was restored
             # and a larger precondition_from held the steps back)
             cause = (
@@ -1854,7 +1855,7 @@ class GradientNoiseTracker:
             self._warn_once(
                 "not-preconditioned-after",
                 f"{cause}, so this step's norms are not preconditioned; the estimate has been "
-                f"preconditioned since step {self._state.preconditioned_from}, so the step is "
+                f"preconditioned since step {since}, so the step is "
                 "left out",
             )
             return
@@ -1950,8 +1951,12 @@ class GradientNoiseTracker:
         with a ``scaler=``, which skips a step on overflow; one alone is a skipped step, a
         review found it left out) — a new optimizer created mid-run trains the model, and this
         one's second moments are stale. Until 2026-12-06 its frozen state went on weighing the
-        norms without a word (g2 −7.6 against 1,876, a hunt); said once."""
-        if self.precondition is None or self._state.preconditioned_from is None:
+        norms without a word (g2 −7.6 against 1,876, a hunt); said once. Preconditioning has
+        started once a preconditioned step was measured, read or not: until 2026-12-07 only the
+        state folded at the last sync counted, so within the first ``sync_every`` measured
+        steps (all of them for a run shorter than that) the stalled optimizer's frozen P went on
+        weighing every step without a word (a fuzzer, tests/fuzz_beyond.py)."""
+        if self.precondition is None or self._preconditioned_since() is None:
             return False
         self._watch_optimizer()
         stalled = self._optimizer_stalled()
@@ -1971,6 +1976,13 @@ class GradientNoiseTracker:
             "measured again once it steps",
         )
         return True
+
+    def _preconditioned_since(self) -> int | None:
+        """The first preconditioned step of the estimate, ``None`` before one: the state's, or a
+        measured step not yet read (``sync_every``), as the next sync will fold it."""
+        if self._state.preconditioned_from is not None:
+            return self._state.preconditioned_from
+        return next((p.step for p in self._pending if p.preconditioned), None)
 
     def _optimizer_stalled(self) -> int:
         """Tracker steps counted since the precondition optimizer's step count last moved (or
