@@ -10,7 +10,8 @@ on inputs of its own, where drawn. G = μ and Σ = AAᵀ are known in closed for
 
 Each seed draws (:func:`draw_config`) the preconditioner — Adam, AdamW or RMSprop: eps, β₂ (α),
 amsgrad, centered, weight decay (Adam's and RMSprop's L2 term enters their second moment),
-foreach, fused, maximize, RMSprop's momentum, two
+foreach, fused, maximize, RMSprop's momentum, ``b`` used one step in three (Adam counts steps
+per parameter), two
 optimizer parameter groups with hyperparameters of their own, lr 0 (θ fixed) or a real lr —
 ``precondition_from``, ``groups=`` (True, ``"children"``, a mapping of module names, modules and
 parameters, one that leaves ``"(other)"``, ``"param_groups"``), the source (the default
@@ -152,6 +153,9 @@ def draw_config(seed):
     # torch's other implementations and options of the same update (drawn last: the earlier
     # draws of a seed stay as they were)
     cfg["variant"] = r.choice([None, None, "foreach", "maximize", "fused_or_momentum"])
+    # b (and its tied use) in one step of ``b_every`` only: the optimizer steps it only then
+    # (Adam counts steps per parameter), and the other steps' gradients are 0 on its block
+    cfg["b_every"] = r.choice([1, 1, 1, 1, 3])
     return cfg
 
 
@@ -183,6 +187,7 @@ class Net(torch.nn.Module):
         super().__init__()
         ha, hb = cfg["ha"], cfg["hb"]
         self.cfg = cfg
+        self.use_b = True
         self.a = torch.nn.Linear(ha, 1, bias=False).double()
         self.b = torch.nn.Linear(hb, 1, bias=False).double()
         if cfg["tied"]:
@@ -195,8 +200,10 @@ class Net(torch.nn.Module):
     def forward(self, x):
         ha, hb = self.cfg["ha"], self.cfg["hb"]
         d = ha + hb
-        out = self.a(x[:, :ha]) + self.b(x[:, ha:d])
-        if self.cfg["tied"]:
+        out = self.a(x[:, :ha])
+        if self.use_b:
+            out = out + self.b(x[:, ha:d])
+        if self.cfg["tied"] and self.use_b:
             out = out + self.c(x[:, d : d + hb])
         if self.cfg["frozen"]:
             out = out + self.f(x[:, -2:])
@@ -288,30 +295,38 @@ class Second:
         self.v = np.zeros(d)
         self.v_max = np.zeros(d)
         self.mean = np.zeros(d)  # RMSprop's grad_avg (centered)
-        self.t = 0
+        self.t = np.zeros(d)  # per coordinate: torch counts steps per parameter
 
-    def update(self, grad, theta):
-        """One optimizer step on the mean gradient ``grad`` at ``theta``."""
+    def update(self, grad, theta, active):
+        """One optimizer step on the mean gradient ``grad`` at ``theta``, of the coordinates
+        ``active`` (the parameters with a gradient: torch skips the others)."""
         cfg = self.cfg
         if cfg.get("variant") == "maximize":
             grad = -grad  # (before the L2 term: its sign matters in v)
         if cfg["opt"] in ("adam", "rmsprop") and cfg["wd"]:
             grad = grad + cfg["wd"] * theta  # (L2: AdamW's decay is decoupled, not in v)
         b = self.beta2
-        self.v = b * self.v + (1 - b) * grad * grad
-        self.mean = b * self.mean + (1 - b) * grad
+        self.v = np.where(active, b * self.v + (1 - b) * grad * grad, self.v)
+        self.mean = np.where(active, b * self.mean + (1 - b) * grad, self.mean)
         self.v_max = np.maximum(self.v_max, self.v)
-        self.t += 1
+        self.t = self.t + active
+
+    def steps(self):
+        """The optimizer's steps, counted by its most-stepped parameter."""
+        return int(self.t.max())
 
     def p(self):
-        """P, or None before the first step."""
-        if self.t == 0:
+        """P, or None before the first step (0 where a coordinate has no state yet)."""
+        if self.steps() == 0:
             return None
         if self.cfg["opt"] == "rmsprop":
             v = self.v - self.mean**2 if self.cfg["centered"] else self.v
-            return 1.0 / (np.sqrt(np.maximum(v, 0.0)) + self.eps)
-        v = self.v_max if self.cfg["amsgrad"] else self.v
-        return 1.0 / (np.sqrt(v / (1 - self.beta2**self.t)) + self.eps)
+            p = 1.0 / (np.sqrt(np.maximum(v, 0.0)) + self.eps)
+        else:
+            v = self.v_max if self.cfg["amsgrad"] else self.v
+            with np.errstate(divide="ignore", invalid="ignore"):
+                p = 1.0 / (np.sqrt(v / (1 - self.beta2**self.t)) + self.eps)
+        return np.where(self.t > 0, p, 0.0)
 
 
 class Draws:
@@ -336,8 +351,10 @@ class Draws:
         return self.mu + z @ self.a.T
 
 
-def truth_of(p, draws, coords, mean):
-    """|P⊙μ|², tr(PΣP) and the step's |P⊙ḡ|² (ḡ the mean of its draws) on ``coords``."""
+def truth_of(p, draws, coords, mean, active):
+    """|P⊙μ|², tr(PΣP) and the step's |P⊙ḡ|² (ḡ the mean of its draws) on ``coords``, the
+    coordinates not ``active`` in the step contributing nothing (their gradients are 0)."""
+    p = p * active
     p, mu, var, mean = p[coords], draws.mu[coords], draws.var[coords], mean[coords]
     return float(np.sum((p * mu) ** 2)), float(np.sum(p * p * var)), float(np.sum((p * mean) ** 2))
 
@@ -390,7 +407,10 @@ def run_replicate(cfg, rep, seed, history_path=None):
         )
         trainer = opt
         for it in range(1, cfg["steps"] + 1):
-            g = draws.draw(cfg["n"] * k)
+            model.use_b = (it - 1) % cfg.get("b_every", 1) == 0
+            active = np.ones(cfg["ha"] + cfg["hb"], dtype=bool)
+            active[cfg["ha"] :] = model.use_b
+            g = draws.draw(cfg["n"] * k) * active
             for chunk in np.split(g, k):
                 out = model(inputs(cfg, chunk, rng))[:, 0]
                 loss = out.mean() / k if cfg["reduction"] == "mean" else out.sum()
@@ -401,11 +421,11 @@ def run_replicate(cfg, rep, seed, history_path=None):
                 [model.a.weight.detach().numpy()[0], model.b.weight.detach().numpy()[0]]
             )
             p = oracle.p()
-            counts[it] = oracle.t
+            counts[it] = oracle.steps()
             if p is not None:
                 mean = g.mean(0)
-                truths[it] = {"(total)": truth_of(p, draws, slice(None), mean)} | {
-                    name: truth_of(p, draws, c, mean) for name, c in coords.items()
+                truths[it] = {"(total)": truth_of(p, draws, slice(None), mean, active)} | {
+                    name: truth_of(p, draws, c, mean, active) for name, c in coords.items()
                 }
             tracker.step(loss=loss.detach())
             if cfg["event"] == "replace" and it == cfg["event_at"]:
@@ -414,7 +434,7 @@ def run_replicate(cfg, rep, seed, history_path=None):
                 opt.zero_grad()
                 continue  # (the loop's own guard: no step, and no scaler.update)
             if trainer is opt:
-                oracle.update(grad, theta)
+                oracle.update(grad, theta, active)
             if scaler is None:
                 trainer.step()
             else:
@@ -826,6 +846,7 @@ def describe(record):
         "event",
         "event_at",
         "variant",
+        "b_every",
     )
     return f"seed {record['seed']}: " + " ".join(f"{k}={cfg[k]}" for k in keys)
 
