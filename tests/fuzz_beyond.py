@@ -156,6 +156,12 @@ def draw_config(seed):
     # b (and its tied use) in one step of ``b_every`` only: the optimizer steps it only then
     # (Adam counts steps per parameter), and the other steps' gradients are 0 on its block
     cfg["b_every"] = r.choice([1, 1, 1, 1, 3])
+    # a loss that overflows under the GradScaler (inf in one micro-batch): the scaler skips the
+    # optimizer's step, the step's record is skipped (non-finite), the next one measured
+    if r.random() < 0.5 and cfg["scaler"] and cfg["event"] is None and not cfg["never"]:
+        cfg["event"] = "overflow"
+        cfg["measure_every"] = 1
+        cfg["event_at"] = cfg["precondition_from"] + 2 + r.randint(0, 6)
     return cfg
 
 
@@ -174,6 +180,8 @@ def skipped_iterations(cfg):
         return set()
     if kind == "replace":
         return set(range(e, cfg["steps"] + 1))
+    if kind == "overflow":
+        return {e}
     return set(range(e, e + int(kind[-1])))
 
 
@@ -411,9 +419,11 @@ def run_replicate(cfg, rep, seed, history_path=None):
             active = np.ones(cfg["ha"] + cfg["hb"], dtype=bool)
             active[cfg["ha"] :] = model.use_b
             g = draws.draw(cfg["n"] * k) * active
-            for chunk in np.split(g, k):
+            for j, chunk in enumerate(np.split(g, k)):
                 out = model(inputs(cfg, chunk, rng))[:, 0]
                 loss = out.mean() / k if cfg["reduction"] == "mean" else out.sum()
+                if cfg["event"] == "overflow" and it == cfg["event_at"] and j == 0:
+                    loss = loss * math.inf
                 (loss if scaler is None else scaler.scale(loss)).backward()
             # the exact .grad of (θ_a, θ_b): the loss's weights on the drawn g_i
             grad = g.mean(0) if cfg["reduction"] == "mean" else g.sum(0)
@@ -430,10 +440,10 @@ def run_replicate(cfg, rep, seed, history_path=None):
             tracker.step(loss=loss.detach())
             if cfg["event"] == "replace" and it == cfg["event_at"]:
                 trainer = make_optimizer(cfg, model)  # a fresh optimizer trains from here on
-            if it in skips and trainer is opt:
+            if it in skips and trainer is opt and cfg["event"] != "overflow":
                 opt.zero_grad()
                 continue  # (the loop's own guard: no step, and no scaler.update)
-            if trainer is opt:
+            if trainer is opt and it not in skips:  # (an overflow: the scaler skips it)
                 oracle.update(grad, theta, active)
             if scaler is None:
                 trainer.step()

@@ -1066,6 +1066,9 @@ FOUND_BY_THE_BEYOND_FUZZER = [
     (0, "flags"),
     # the same with a GradScaler and three skipped optimizer steps: step 9 recorded
     (6, "flags"),
+    # a loss times inf (an overflow the GradScaler skips) on an audited step (8): tracker.step()
+    # crashed, OverflowError in the loss watch's round(inf) (loss_watch._number_factor)
+    (106, "flags"),
 ]
 
 
