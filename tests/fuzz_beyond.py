@@ -17,8 +17,9 @@ optimizer parameter groups with hyperparameters of their own, lr 0 (θ fixed) or
 parameters, one that leaves ``"(other)"``, ``"param_groups"``), the source (the default
 sub-batches, every example, a fraction, micro-batch norms over accumulation), ``loss_reduction``,
 ``measure_every``, ``beta``, ``confidence``, ``sync_every``, a ``GradScaler``, and an event after
-preconditioning has started: the optimizer skips 1-3 steps, or a new optimizer replaces it. R
-replicate runs on fresh draws.
+preconditioning has started: the optimizer skips 1-3 steps, a new optimizer replaces it, or a
+loss overflows under the GradScaler (which skips the optimizer's step). R replicate runs on
+fresh draws.
 
 The oracle (:class:`Second`) re-implements the optimizer's second moment and bias correction
 from torch's update rules on the step's exact mean gradient (from the draws, plus the L2 term on
@@ -28,8 +29,9 @@ previous optimizer step. Per step the truth is |P⊙μ|² and tr(PΣP) = Σ_j P_
 same on its coordinates. Checks:
 
 * ``g2``, ``trace``, ``group_g2``, ``group_trace``: the unbiasedness of each preconditioned
-  record's |G|² and tr Σ (total, and every group's): the mean of (record − truth) over the
-  replicates, |z| > Z_BIAS against its standard error over the replicates a finding;
+  record's |G|² and tr Σ (total, and every group's): the mean over the replicates of each
+  one's mean of (record − truth)/(|P⊙μ|² + tr(PΣP)) — a function of P alone, so still 0 where
+  unbiased — |z| > Z_BIAS against its standard error over the replicates a finding;
 * ``big``: each preconditioned record's big-batch ``sqnorm_big`` (total and every group's) the
   oracle's |P⊙ḡ|² on the step's own draws ḡ — exact, to float64 round-off: P itself;
 * ``sum``: per record the groups' g2 and tr Σ add up to the total's (float64 round-off);
