@@ -791,3 +791,35 @@ def test_a_recreated_optimizer_s_steps_are_left_out_before_the_first_read_too(sy
             tracker.remove()
     assert runs[0][0] == runs[1][0] == [1, 2, 3, 4, 5, 6, 7]
     assert runs[1][1].g2 == runs[0][1].g2 and runs[1][1].trace_sigma == runs[0][1].trace_sigma
+
+
+def test_an_optimizer_stepped_before_tracker_step_is_named_with_the_count_read():
+    """(A review of tests/fuzz_beyond.py, 2026-12-07.) optimizer.step() between backward() and
+    tracker.step(): step 1's norms were drawn with the optimizer at 0 steps, so they are plain,
+    but the warning counted the steps at tracker.step() — "the optimizer has taken 1 step,
+    fewer than precondition_from=1", false. It now says 0 steps and names the order; the
+    records are those of the documented order (P is read during backward either way)."""
+    runs = []
+    for optimizer_first in (False, True):
+        model, g = _mlp_and_data()
+        opt, tracker = _resumable(model, precondition_from=1, sync_every=1)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for _ in range(4):
+                    model(torch.randn(8, 3, generator=g)).pow(2).mean().backward()
+                    if optimizer_first:
+                        opt.step()
+                    tracker.step()
+                    if not optimizer_first:
+                        opt.step()
+                    opt.zero_grad()
+            said = [str(w.message) for w in caught]
+            runs.append([(r["step"], r["preconditioned"], r["g2"]) for r in tracker.history])
+        finally:
+            tracker.remove()
+        assert not any("taken 1 step, fewer than precondition_from=1" in m for m in said), said
+        assert any("taken 0 steps, fewer than precondition_from=1" in m for m in said), said
+        assert any("between this step's backward" in m for m in said) == optimizer_first, said
+    assert [r[:2] for r in runs[1]] == [(1, False), (2, True), (3, True), (4, True)]
+    assert runs[1] == runs[0]

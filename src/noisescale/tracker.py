@@ -592,6 +592,7 @@ class GradientNoiseTracker:
             self.mode = "per_example"
         self._weights: dict[int, Tensor] | None = None
         self._weights_step = -1
+        self._weights_taken = 0  # the optimizer's steps when P was read (_preconditioner_weights)
         # parameters without optimizer state when the weights were read (weight zero)
         self._stateless: list[nn.Parameter] = []
         self.engine = PerExampleNorms(
@@ -1840,6 +1841,19 @@ class GradientNoiseTracker:
         if self.precondition is None or passes[0].weights is not None:
             return
         taken = self._watch_optimizer()
+        if self._weights_step == self.steps - 1 and self._weights_taken != taken:
+            # P was read during this step's backward, when the optimizer had taken fewer steps:
+            # optimizer.step() ran before tracker.step(). The norms are right (they use the state
+            # read then), and so is the count said (until 2026-12-07 the count of now: "taken 1
+            # step, fewer than precondition_from=1", a review of tests/fuzz_beyond.py)
+            taken = self._weights_taken
+            self._warn_once(
+                "optimizer-before-tracker",
+                f"the optimizer stepped between this step's backward and tracker.step() (it had "
+                f"taken {_steps(taken)} when its second moments were read for this step's norms): "
+                "call tracker.step() after backward and before optimizer.step(); the norms use "
+                "the state read during backward, so they stay right",
+            )
         since = self._preconditioned_since()
         if since is not None:
             # (until 2026-12-05 this blamed missing state also where the state was restored
@@ -2222,6 +2236,7 @@ class GradientNoiseTracker:
             self._weights = preconditioner_weights(
                 self.precondition, self._params, min_steps=self.precondition_from
             )
+            self._weights_taken = optimizer_steps(self.precondition, self._params)
             self._stateless = (
                 []
                 if self._weights is None
