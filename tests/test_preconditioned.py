@@ -823,3 +823,32 @@ def test_an_optimizer_stepped_before_tracker_step_is_named_with_the_count_read()
         assert any("between this step's backward" in m for m in said) == optimizer_first, said
     assert [r[:2] for r in runs[1]] == [(1, False), (2, True), (3, True), (4, True)]
     assert runs[1] == runs[0]
+
+
+@pytest.mark.parametrize(("replaced_after", "kept"), [(4, [1, 5]), (6, [1, 5]), (8, [1, 5, 9])])
+def test_a_recreated_optimizer_is_seen_between_measured_steps_too(replaced_after, kept):
+    """(A review of tests/fuzz_beyond.py, 2026-12-07.) measure_every=4 measures steps 1, 5, 9:
+    the optimizer's step count was watched at measured steps only, so an optimizer replaced
+    after step 4 had "moved" since step 5's watch when step 9 came, and step 9 was measured
+    with its second moments frozen five steps, without a word. The count is watched at every
+    step now: step 9 follows two or more steps without the optimizer (left out, said) unless
+    it was replaced after step 8 (one missed step, measured, as the rule says)."""
+    model, g = _mlp_and_data()
+    opt, tracker = _resumable(model, precondition_from=1, sync_every=1, measure_every=4)
+    try:
+        _run(model, tracker, opt, replaced_after, g)
+        fresh = torch.optim.Adam(model.parameters())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _run(model, tracker, opt, 12 - replaced_after, g, stepped=fresh)
+        records = tracker.history
+        assert [r["step"] for r in records] == kept
+        said = any("has not stepped in the last" in str(w.message) for w in caught)
+        assert said == (replaced_after < 8)
+        used = [r for r in records if r["preconditioned"]]
+        e = tracker.estimate()
+        assert e.steps == len(used)
+        if len(used) == 1:
+            assert e.g2 == pytest.approx(used[0]["g2"], rel=1e-12)
+    finally:
+        tracker.remove()

@@ -1042,6 +1042,13 @@ class GradientNoiseTracker:
         its own, and a checkpoint saved on one process resumed with its count on every
         process (``examples`` off; a hunt)."""
         self.steps += 1
+        if self.precondition is not None:
+            # the stale-precondition rule counts the steps since the optimizer's count last
+            # moved: watched at measured steps only, a count that moved before the optimizer
+            # stopped read as moving at the next measured step (until 2026-12-07, measure_every=4
+            # and the optimizer replaced after step 4: step 9 measured with P frozen five steps,
+            # no word; a review of tests/fuzz_beyond.py)
+            self._watch_optimizer()
         self._remember_grads()
         _, definition, tokens = self._weights_of(passes, scale)
         self._check_definition(definition)
@@ -1970,9 +1977,11 @@ class GradientNoiseTracker:
         state folded at the last sync counted, so within the first ``sync_every`` measured
         steps (all of them for a run shorter than that) the stalled optimizer's frozen P went on
         weighing every step without a word (a fuzzer, tests/fuzz_beyond.py)."""
-        if self.precondition is None or self._preconditioned_since() is None:
+        if self.precondition is None:
             return False
-        self._watch_optimizer()
+        self._watch_optimizer()  # (every step: the count must be seen before it stops moving)
+        if self._preconditioned_since() is None:
+            return False
         stalled = self._optimizer_stalled()
         # (deciding at once where the parameters' versions moved without its step was tried and
         # dropped: an embedding's max_norm or a clamp_ under no_grad moves them with no update,
