@@ -18,8 +18,9 @@ parameters, one that leaves ``"(other)"``, ``"param_groups"``), the source (the 
 sub-batches, every example, a fraction, micro-batch norms over accumulation), ``loss_reduction``,
 ``measure_every``, ``beta``, ``confidence``, ``sync_every``, a ``GradScaler``, and an event after
 preconditioning has started: the optimizer skips 1-3 steps, a new optimizer replaces it, or a
-loss overflows under the GradScaler (which skips the optimizer's step). R replicate runs on
-fresh draws.
+loss overflows under the GradScaler (which skips the optimizer's step); seeds from
+``EVERY_WITH_EVENTS`` (1000) on also draw ``measure_every`` > 1 with a skip or a replaced
+optimizer. R replicate runs on fresh draws.
 
 The oracle (:class:`Second`) re-implements the optimizer's second moment and bias correction
 from torch's update rules on the step's exact mean gradient (from the draws, plus the L2 term on
@@ -83,6 +84,7 @@ Z_BIAS = 4.5  # |z| of a mean's bias that is a finding (many configurations × s
 P_COVER = 1e-3  # a binomial tail this improbable for the misses is a finding
 # float64 throughout: records and sums agree to round-off of sums of a few hundred terms
 RTOL = 1e-9
+EVERY_WITH_EVENTS = 1000  # seeds from here on also draw measure_every > 1 with an event
 CHECKS = (
     "g2",
     "trace",
@@ -164,6 +166,13 @@ def draw_config(seed):
         cfg["event"] = "overflow"
         cfg["measure_every"] = 1
         cfg["event_at"] = cfg["precondition_from"] + 2 + r.randint(0, 6)
+    # seeds from EVERY_WITH_EVENTS on: measure_every > 1 around a skip or a replaced optimizer
+    # (the seeds below keep their configurations, those of the seed lists): the rule counts
+    # tracker steps, measured or not — until 2026-12-07 the optimizer was watched at measured
+    # steps only (a review)
+    every = r.choice([1, 1, 2, 3, 4])
+    if seed >= EVERY_WITH_EVENTS and cfg["event"] in ("skip2", "skip3", "replace") and every > 1:
+        cfg["measure_every"] = every
     return cfg
 
 

@@ -1069,6 +1069,14 @@ FOUND_BY_THE_BEYOND_FUZZER = [
     # a loss times inf (an overflow the GradScaler skips) on an audited step (8): tracker.step()
     # crashed, OverflowError in the loss watch's round(inf) (loss_watch._number_factor)
     (106, "flags"),
+    # (seeds from fuzz_beyond.EVERY_WITH_EVENTS on: measure_every > 1 with an event) the
+    # optimizer's count was watched at measured steps only: measure_every=3 and three skipped
+    # optimizer steps from 13, step 16 measured with the second moments three steps stale, no
+    # word (1001); measure_every=4, three skips from 6: step 9 (1036); measure_every=4 and the
+    # optimizer replaced after step 6: step 9 recorded, the warning only at step 13 (1015)
+    (1001, "flags"),
+    (1036, "flags"),
+    (1015, "flags"),
 ]
 
 
