@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 # The CPU build of torch that this machine installs quickly; pyproject.toml declares the range.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats fuzz-fit fuzz-sweep fuzz-cli fuzz-history fuzz-schedule fuzz-decisions fuzz-bnoise fuzz-tokens fuzz-hardware fuzz-pages install lint format clean
+.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats fuzz-fit fuzz-sweep fuzz-cli fuzz-history fuzz-schedule fuzz-decisions fuzz-bnoise fuzz-tokens fuzz-hardware fuzz-pages fuzz-beyond install lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -122,6 +122,12 @@ fuzz-bnoise: install
 # (tests/fuzz_pages.py).
 fuzz-pages: install
 	$(PY) tests/fuzz_pages.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
+
+# Adam/AdamW/RMSprop-preconditioned and per-group noise scales over runs against a re-implemented
+# second moment and closed-form truth: bias, coverage, the rules, report's groups
+# (tests/fuzz_beyond.py).
+fuzz-beyond: install
+	$(PY) tests/fuzz_beyond.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
 
 # Per-token statistics with unequal token counts against brute force and a fixed pool's exact
 # truth (tests/fuzz_tokens.py).

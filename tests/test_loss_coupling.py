@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import warnings
 
 import pytest
@@ -3739,3 +3740,28 @@ def test_an_error_inside_a_rule_of_the_watch_is_named_as_noisescale_s(monkeypatc
     assert said.startswith("noisescale failed to follow the loss"), said
     assert "'aten.view' (ZeroDivisionError in noisescale's rule)" in said, said
     assert "an error of noisescale's own, not a sign that the loss combines the examples" in said
+
+
+@pytest.mark.parametrize("factor", [math.inf, -math.inf, math.nan])
+def test_a_loss_times_a_non_finite_number_is_a_skipped_step_not_a_crash(factor):
+    """(tests/fuzz_beyond.py, seed 106, 2026-12-07.) A loss times inf — an overflowing step,
+    which a GradScaler then skips — on an audited step: the watch read the factor inf and
+    crashed in round(inf) (OverflowError, tracker.step() raised). The step is non-finite: its
+    record is skipped, and the next step is measured as usual."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    tracker = noisescale.GradientNoiseTracker(model, per_example_fraction=1.0, sync_every=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for step in range(2):
+                x = torch.randn(8, 3)
+                loss = model(x).pow(2).mean()
+                (loss * factor if step == 0 else loss).backward()
+                tracker.step()
+                model.zero_grad()
+        records = tracker.history
+        assert [r["skipped"] for r in records] == [True, False]
+        assert math.isfinite(records[1]["g2"]) and records[1]["trace_sigma"] > 0
+    finally:
+        tracker.remove()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -223,3 +224,58 @@ def test_bad_group_specs():
     frozen.body.requires_grad_(False)
     with pytest.raises(NoiseScaleInputError, match="'a' holds no trainable parameter"):
         noisescale.GradientNoiseTracker(frozen, groups={"a": [frozen.body]})
+
+
+def _named_alike() -> list[tuple[nn.Module, object, torch.optim.Optimizer | None, str]]:
+    model = Net()
+    emb, rest = list(model.emb.parameters()), list(model.body.parameters())
+    head = list(model.head.parameters())
+
+    class Top(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.add_module("(top)", nn.Linear(2, 2))
+            self.scale = nn.Parameter(torch.ones(2))
+
+    return [
+        (
+            model,
+            "param_groups",
+            torch.optim.Adam([{"params": emb, "name": "x"}, {"params": rest + head, "name": "x"}]),
+            "param_groups 0 and 1 are both named 'x'",
+        ),
+        (
+            model,
+            "param_groups",
+            torch.optim.Adam([{"params": emb}, {"params": rest + head, "name": "param_group_0"}]),
+            "param_groups 0 and 1 are both named 'param_group_0'",
+        ),
+        (model, {"(other)": [model.emb]}, None, "leaves out are both named '(other)'"),
+        (model, {1: [model.emb], "1": [model.head]}, None, "the keys 1 and '1' are both named"),
+        (Top(), True, None, "own parameters are both named '(top)'"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_two_groups_of_one_name_are_refused_not_merged(case):
+    """(A review of tests/fuzz_beyond.py, 2026-12-07.) Two groups given the same name — two
+    optimizer param groups with one "name" (or a "name" equal to another's default
+    param_group_<i>), a mapping's "(other)" beside the parameters it leaves out, keys 1 and
+    "1", a child module named "(top)" beside the model's own parameters — were merged into one
+    group without a word: estimate_groups() held one group "x" (or "(other)" holding the
+    parameters the mapping left out too) whose |G|² and tr Σ were the sums of both, read as
+    either's. Refused, naming the two."""
+    model, groups, opt, said = _named_alike()[case]
+    with pytest.raises(NoiseScaleInputError, match=re.escape(said)):
+        noisescale.GradientNoiseTracker(model, groups=groups, optimizer=opt)
+
+
+def test_a_mapping_may_name_its_own_group_other_when_it_leaves_nothing_out():
+    model = Net()
+    groups = {"(other)": [model.emb], "rest": [model.body, model.head]}
+    tracker = noisescale.GradientNoiseTracker(model, groups=groups)
+    try:
+        train(tracker, model, 3)
+        assert set(tracker.estimate_groups()) == {"(other)", "rest"}
+    finally:
+        tracker.remove()

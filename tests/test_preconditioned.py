@@ -312,10 +312,14 @@ def _mlp_and_data() -> tuple[nn.Module, torch.Generator]:
     ), torch.Generator().manual_seed(0)
 
 
-def _resumable(model, precondition_from=2):
+def _resumable(model, precondition_from=2, **options):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     return opt, noisescale.GradientNoiseTracker(
-        model, precondition=opt, precondition_from=precondition_from, per_example_fraction=1.0
+        model,
+        precondition=opt,
+        precondition_from=precondition_from,
+        per_example_fraction=1.0,
+        **options,
     )
 
 
@@ -764,3 +768,87 @@ def test_a_loss_scale_doubling_every_step_leaves_the_preconditioned_norms_exact(
     for record, (big, per_ex) in zip(records, expected, strict=True):
         assert record["sqnorm_big"] == pytest.approx(big, rel=f64)
         assert record["sources"]["per_example"]["sqnorm_small"] == pytest.approx(per_ex, rel=f64)
+
+
+@pytest.mark.parametrize("sync_every", [1, 32])
+def test_a_recreated_optimizer_s_steps_are_left_out_before_the_first_read_too(sync_every):
+    """(tests/fuzz_beyond.py, seed 0, 2026-12-07.) The rule above looked at the state folded at
+    the last sync only: with the default ``sync_every=32`` and nothing read, preconditioning had
+    not "started" for it until the first read, so an optimizer recreated within the first 32
+    measured steps after the first preconditioned one — here after step 5 of 12 — left its
+    frozen second moments weighing steps 8-12 without a word (the fuzzer: 22 such steps of 30).
+    The steps kept and the estimate are now those of a tracker read at every step."""
+    runs = []
+    for every in (1, sync_every):
+        model, g = _mlp_and_data()
+        opt, tracker = _resumable(model, sync_every=every)
+        try:
+            _run(model, tracker, opt, 5, g)
+            with pytest.warns(RuntimeWarning, match="precondition= has not stepped in the last 2"):
+                _run(model, tracker, opt, 7, g, stepped=torch.optim.Adam(model.parameters()))
+            runs.append(([r["step"] for r in tracker.history], tracker.estimate()))
+        finally:
+            tracker.remove()
+    assert runs[0][0] == runs[1][0] == [1, 2, 3, 4, 5, 6, 7]
+    assert runs[1][1].g2 == runs[0][1].g2 and runs[1][1].trace_sigma == runs[0][1].trace_sigma
+
+
+def test_an_optimizer_stepped_before_tracker_step_is_named_with_the_count_read():
+    """(A review of tests/fuzz_beyond.py, 2026-12-07.) optimizer.step() between backward() and
+    tracker.step(): step 1's norms were drawn with the optimizer at 0 steps, so they are plain,
+    but the warning counted the steps at tracker.step() — "the optimizer has taken 1 step,
+    fewer than precondition_from=1", false. It now says 0 steps and names the order; the
+    records are those of the documented order (P is read during backward either way)."""
+    runs = []
+    for optimizer_first in (False, True):
+        model, g = _mlp_and_data()
+        opt, tracker = _resumable(model, precondition_from=1, sync_every=1)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for _ in range(4):
+                    model(torch.randn(8, 3, generator=g)).pow(2).mean().backward()
+                    if optimizer_first:
+                        opt.step()
+                    tracker.step()
+                    if not optimizer_first:
+                        opt.step()
+                    opt.zero_grad()
+            said = [str(w.message) for w in caught]
+            runs.append([(r["step"], r["preconditioned"], r["g2"]) for r in tracker.history])
+        finally:
+            tracker.remove()
+        assert not any("taken 1 step, fewer than precondition_from=1" in m for m in said), said
+        assert any("taken 0 steps, fewer than precondition_from=1" in m for m in said), said
+        assert any("between this step's backward" in m for m in said) == optimizer_first, said
+    assert [r[:2] for r in runs[1]] == [(1, False), (2, True), (3, True), (4, True)]
+    assert runs[1] == runs[0]
+
+
+@pytest.mark.parametrize(("replaced_after", "kept"), [(4, [1, 5]), (6, [1, 5]), (8, [1, 5, 9])])
+def test_a_recreated_optimizer_is_seen_between_measured_steps_too(replaced_after, kept):
+    """(A review of tests/fuzz_beyond.py, 2026-12-07.) measure_every=4 measures steps 1, 5, 9:
+    the optimizer's step count was watched at measured steps only, so an optimizer replaced
+    after step 4 had "moved" since step 5's watch when step 9 came, and step 9 was measured
+    with its second moments frozen five steps, without a word. The count is watched at every
+    step now: step 9 follows two or more steps without the optimizer (left out, said) unless
+    it was replaced after step 8 (one missed step, measured, as the rule says)."""
+    model, g = _mlp_and_data()
+    opt, tracker = _resumable(model, precondition_from=1, sync_every=1, measure_every=4)
+    try:
+        _run(model, tracker, opt, replaced_after, g)
+        fresh = torch.optim.Adam(model.parameters())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _run(model, tracker, opt, 12 - replaced_after, g, stepped=fresh)
+        records = tracker.history
+        assert [r["step"] for r in records] == kept
+        said = any("has not stepped in the last" in str(w.message) for w in caught)
+        assert said == (replaced_after < 8)
+        used = [r for r in records if r["preconditioned"]]
+        e = tracker.estimate()
+        assert e.steps == len(used)
+        if len(used) == 1:
+            assert e.g2 == pytest.approx(used[0]["g2"], rel=1e-12)
+    finally:
+        tracker.remove()

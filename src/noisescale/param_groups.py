@@ -50,19 +50,47 @@ def parameter_groups(
         for name, child in root.named_children():
             for p in child.parameters():
                 put(name, p, shared_ok=True)  # a tied parameter belongs to its first user
-        for p in root.parameters(recurse=False):
+        top = list(root.parameters(recurse=False))
+        if "(top)" in members and any(id(p) in tracked and id(p) not in owner for p in top):
+            raise NoiseScaleInputError(
+                _same_name(
+                    "(top)",
+                    "a child module and the model's own parameters",
+                    "pass groups= as a mapping of your own names",
+                )
+            )
+        for p in top:
             put("(top)", p, shared_ok=True)
     elif groups == "param_groups":
         if optimizer is None:
             raise NoiseScaleInputError(
                 "groups='param_groups' needs the optimizer: pass optimizer= or precondition="
             )
+        seen: dict[str, int] = {}
         for i, g in enumerate(optimizer.param_groups):
+            name = str(g.get("name", f"param_group_{i}"))
+            if name in seen:
+                # (until 2026-12-07 the two were merged into one group without a word)
+                raise NoiseScaleInputError(
+                    _same_name(
+                        name,
+                        f"the optimizer's param_groups {seen[name]} and {i}",
+                        'give each param group its own "name" key',
+                    )
+                )
+            seen[name] = i
             for p in g["params"]:
-                put(str(g.get("name", f"param_group_{i}")), p, shared_ok=False)
+                put(name, p, shared_ok=False)
     elif isinstance(groups, Mapping):
         modules = dict(model.named_modules())
         by_name = dict(model.named_parameters())
+        keys: dict[str, Any] = {}
+        for group in groups:
+            if str(group) in keys:
+                raise NoiseScaleInputError(
+                    _same_name(str(group), f"the keys {keys[str(group)]!r} and {group!r}", _RENAME)
+                )
+            keys[str(group)] = group
         for group, spec in groups.items():
             items = [spec] if isinstance(spec, str | nn.Module | Tensor) else list(spec)
             for item in items:
@@ -99,6 +127,25 @@ def parameter_groups(
             f"modules or names]}}, got {groups!r}"
         )
     rest = [p for p in params if id(p) not in owner]
+    if rest and "(other)" in members:
+        raise NoiseScaleInputError(
+            _same_name("(other)", "a group of groups= and the parameters it leaves out", _RENAME)
+        )
     if rest:
         members.setdefault("(other)", []).extend(rest)
     return list(members), list(members.values())
+
+
+_RENAME = (
+    "give each key of the mapping its own name ('(other)' names the parameters the mapping "
+    "leaves out)"
+)
+
+
+def _same_name(name: str, what: str, fix: str) -> str:
+    """Why two groups would share ``name``: their parameters would be merged into one group,
+    whose estimate would be read as either's (until 2026-12-07 they were, without a word)."""
+    return (
+        f"groups=: {what} are both named {name!r}, so their parameters would be merged into one "
+        f"group {name!r} and its estimate read as either's; {fix}"
+    )

@@ -592,6 +592,7 @@ class GradientNoiseTracker:
             self.mode = "per_example"
         self._weights: dict[int, Tensor] | None = None
         self._weights_step = -1
+        self._weights_taken = 0  # the optimizer's steps when P was read (_preconditioner_weights)
         # parameters without optimizer state when the weights were read (weight zero)
         self._stateless: list[nn.Parameter] = []
         self.engine = PerExampleNorms(
@@ -1041,6 +1042,13 @@ class GradientNoiseTracker:
         its own, and a checkpoint saved on one process resumed with its count on every
         process (``examples`` off; a hunt)."""
         self.steps += 1
+        if self.precondition is not None:
+            # the stale-precondition rule counts the steps since the optimizer's count last
+            # moved: watched at measured steps only, a count that moved before the optimizer
+            # stopped read as moving at the next measured step (until 2026-12-07, measure_every=4
+            # and the optimizer replaced after step 4: step 9 measured with P frozen five steps,
+            # no word; a review of tests/fuzz_beyond.py)
+            self._watch_optimizer()
         self._remember_grads()
         _, definition, tokens = self._weights_of(passes, scale)
         self._check_definition(definition)
@@ -1840,7 +1848,21 @@ class GradientNoiseTracker:
         if self.precondition is None or passes[0].weights is not None:
             return
         taken = self._watch_optimizer()
-        if self._state.preconditioned_from is not None:
+        if self._weights_step == self.steps - 1 and self._weights_taken != taken:
+            # P was read during this step's backward, when the optimizer had taken fewer steps:
+            # optimizer.step() ran before tracker.step(). The norms are right (they use the state
+            # read then), and so is the count said (until 2026-12-07 the count of now: "taken 1
+            # step, fewer than precondition_from=1", a review of tests/fuzz_beyond.py)
+            taken = self._weights_taken
+            self._warn_once(
+                "optimizer-before-tracker",
+                f"the optimizer stepped between this step's backward and tracker.step() (it had "
+                f"taken {_steps(taken)} when its second moments were read for this step's norms): "
+                "call tracker.step() after backward and before optimizer.step(); the norms use "
+                "the state read during backward, so they stay right",
+            )
+        since = self._preconditioned_since()
+        if since is not None:
             # (until 2026-12-05 this blamed missing state also where the state was restored
             # and a larger precondition_from held the steps back)
             cause = (
@@ -1854,7 +1876,7 @@ class GradientNoiseTracker:
             self._warn_once(
                 "not-preconditioned-after",
                 f"{cause}, so this step's norms are not preconditioned; the estimate has been "
-                f"preconditioned since step {self._state.preconditioned_from}, so the step is "
+                f"preconditioned since step {since}, so the step is "
                 "left out",
             )
             return
@@ -1950,10 +1972,16 @@ class GradientNoiseTracker:
         with a ``scaler=``, which skips a step on overflow; one alone is a skipped step, a
         review found it left out) — a new optimizer created mid-run trains the model, and this
         one's second moments are stale. Until 2026-12-06 its frozen state went on weighing the
-        norms without a word (g2 −7.6 against 1,876, a hunt); said once."""
-        if self.precondition is None or self._state.preconditioned_from is None:
+        norms without a word (g2 −7.6 against 1,876, a hunt); said once. Preconditioning has
+        started once a preconditioned step was measured, read or not: until 2026-12-07 only the
+        state folded at the last sync counted, so within the first ``sync_every`` measured
+        steps (all of them for a run shorter than that) the stalled optimizer's frozen P went on
+        weighing every step without a word (a fuzzer, tests/fuzz_beyond.py)."""
+        if self.precondition is None:
             return False
-        self._watch_optimizer()
+        self._watch_optimizer()  # (every step: the count must be seen before it stops moving)
+        if self._preconditioned_since() is None:
+            return False
         stalled = self._optimizer_stalled()
         # (deciding at once where the parameters' versions moved without its step was tried and
         # dropped: an embedding's max_norm or a clamp_ under no_grad moves them with no update,
@@ -1971,6 +1999,13 @@ class GradientNoiseTracker:
             "measured again once it steps",
         )
         return True
+
+    def _preconditioned_since(self) -> int | None:
+        """The first preconditioned step of the estimate, ``None`` before one: the state's, or a
+        measured step not yet read (``sync_every``), as the next sync will fold it."""
+        if self._state.preconditioned_from is not None:
+            return self._state.preconditioned_from
+        return next((p.step for p in self._pending if p.preconditioned), None)
 
     def _optimizer_stalled(self) -> int:
         """Tracker steps counted since the precondition optimizer's step count last moved (or
@@ -2210,6 +2245,7 @@ class GradientNoiseTracker:
             self._weights = preconditioner_weights(
                 self.precondition, self._params, min_steps=self.precondition_from
             )
+            self._weights_taken = optimizer_steps(self.precondition, self._params)
             self._stateless = (
                 []
                 if self._weights is None

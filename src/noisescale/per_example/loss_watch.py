@@ -1553,6 +1553,11 @@ def _number_factor(name: str, args: tuple, t: Tensor) -> float | None:
         other = _tensor_number(other)
     if isinstance(other, bool) or not isinstance(other, int | float) or other == 0:
         return None
+    if not math.isfinite(other):
+        # (a loss times inf or nan — an overflowing step a GradScaler will skip — has no factor:
+        # until 2026-12-07 an audited step crashed on it, round(inf) in _whole_multiple, a
+        # fuzzer, tests/fuzz_beyond.py)
+        return None
     if name in ("div", "true_divide"):
         return 1.0 / abs(other) if args[0] is t else None
     return abs(other)
