@@ -507,10 +507,12 @@ def test_fit_warmup_and_its_predicted_savings_by_hand() -> None:
 def test_window_b_simple_is_the_ratio_of_means_over_the_window(tmp_path: Path) -> None:
     records = synthetic_records(n_steps=200, batch_size=64)
     history = load_history(write_synthetic_history(tmp_path / "h.jsonl", records))
-    # examples after step t (0-based) = 64(t + 1): the window [640, 1280] holds t = 9 … 19.
+    # examples after step t (0-based) = 64(t + 1): the window [640, 1280] holds t = 10 … 19,
+    # the ten steps from the checkpoint's weights on; t = 9 ended at 640 and trained on the
+    # examples before it (until 2026-12-07 counted: 11 steps, one from before the branch point)
     e = window_b_simple(history, 640, 1280)
-    inside = [r for r in records if 640 <= r["examples"] <= 1280]
-    assert len(inside) == e.steps == 11
+    inside = [r for r in records if 640 < r["examples"] <= 1280]
+    assert len(inside) == e.steps == 10 == (1280 - 640) // 64
     expected = np.mean([r["trace_sigma"] for r in inside]) / np.mean([r["g2"] for r in inside])
     assert e.b_simple == pytest.approx(expected, rel=1e-12)
     assert e.low < e.b_simple < e.high
@@ -573,7 +575,7 @@ def test_a_history_in_tokens_is_converted(tmp_path: Path) -> None:
     history = load_history(write_synthetic_history(tmp_path / "t.jsonl", records, header))
     tokens = window_b_simple(history, 8 * 640, 8 * 1280, unit="tokens")
     examples = window_b_simple(history, 640, 1280, unit="examples")
-    assert examples.steps == tokens.steps == 11
+    assert examples.steps == tokens.steps == 10  # (640, 1280]: the window's ten steps
     assert examples.b_simple == pytest.approx(tokens.b_simple / 8)
 
 
@@ -604,7 +606,7 @@ def test_a_window_converts_each_record_with_its_own_tokens_per_example(tmp_path:
     for start, end in [(0, 400), (440, 800), (200, 700)]:
         got = window_b_simple(per_token, start, end)
         truth = window_b_simple(per_example, start, end)
-        inside = [r for r in in_examples if start <= r["examples"] <= end]
+        inside = [r for r in in_examples if start < r["examples"] <= end]
         brute = np.mean([r["trace_sigma"] for r in inside]) / np.mean([r["g2"] for r in inside])
         assert truth.b_simple == pytest.approx(brute, rel=1e-12)
         assert (got.b_simple, got.low, got.high) == pytest.approx(
@@ -674,9 +676,9 @@ def test_tokens_per_example_converts_a_history_that_did_not_count_tokens(
         window_b_simple(history, 8 * 640, 8 * 1280, unit="tokens")
     # At 8 tokens per example the token window [5120, 10240] is the example window [640, 1280].
     tokens = window_b_simple(history, 8 * 640, 8 * 1280, unit="tokens", tokens_per_example=8)
-    inside = [r for r in records if 640 <= r["examples"] <= 1280]
+    inside = [r for r in records if 640 < r["examples"] <= 1280]
     expected = np.mean([r["trace_sigma"] for r in inside]) / np.mean([r["g2"] for r in inside])
-    assert tokens.steps == len(inside) == 11
+    assert tokens.steps == len(inside) == 10
     assert tokens.b_simple == pytest.approx(8 * expected, rel=1e-12)
     # The command, as its help describes: token branches beside an examples history.
     pytest.importorskip("optuna")
@@ -1307,19 +1309,20 @@ def test_a_window_the_history_barely_covers_is_noted(
     tmp_path: Path, fresh_folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The history ends at 320 examples; the second window, [288, 544], spans 32 of its steps
-    # and holds 5: B_simple "over the window" came from those, with no word.
+    # and holds 4 (296-320; the step that ended at 288 trained before it): B_simple "over the
+    # window" came from those, with no word.
     pytest.importorskip("optuna")
     from noisescale.cli import main
 
     write_synthetic_history(tmp_path / "h.jsonl", synthetic_records(n_steps=40, batch_size=8))
     assert main(_small_plan("--checkpoints", "0,288", "--history", "h.jsonl")) == 0
     captured = capsys.readouterr()
-    assert "checkpoint 288: 12% of the window, 5 step(s)" in captured.err
+    assert "checkpoint 288: 12% of the window, 4 step(s)" in captured.err
     assert "checkpoint 0:" not in captured.err  # 27 of 32 steps: covered
     assert main(["branch", "--history", "h.jsonl", "--json"]) == 0
     payload = _last_json(capsys)
     assert [p["window_steps"] for p in payload["points"]] == [32, 32]
-    assert [p["b_simple_steps"] for p in payload["points"]] == [27, 5]
+    assert [p["b_simple_steps"] for p in payload["points"]] == [27, 4]
     assert any("checkpoint 288: 12% of the window" in n for n in payload["notes"])
     assert [round(p["window_covered"], 3) for p in payload["points"]] == [0.969, 0.125]
 

@@ -232,7 +232,11 @@ def window_b_simple(
     tokens_per_example: float | None = None,
     confidence: float = 0.95,
 ) -> estimators.NoiseEstimate:
-    """B_simple over the main run's records with position in [start, end] (module docstring).
+    """B_simple over the main run's steps in the window: records with position in (start, end]
+    (module docstring). A record's position counts the examples after its step, whose gradient
+    was taken before it: the step that ended at ``start`` trained before the branch point and
+    is not the window's (until 2026-12-07 it was counted, one step of 11 in a window of 10
+    from before the checkpoint, found by tests/fuzz_branch.py).
 
     The estimate is in ``unit``; ``steps`` says how many records it uses (0: none in the
     window, then B_simple is ``nan``). A history in the other unit is converted record by
@@ -244,7 +248,7 @@ def window_b_simple(
             per example.
     """
     pos = history_positions(history, unit, tokens_per_example)
-    inside = (pos >= start) & (pos <= end) & ~history.skipped
+    inside = (pos > start) & (pos <= end) & ~history.skipped
     inside &= np.isfinite(history.g2) & np.isfinite(history.trace_sigma)
     if not inside.any():
         return estimators.NoiseEstimate(
@@ -301,7 +305,7 @@ def side_by_side(
                 tokens_per_example=tokens_per_example,
                 confidence=confidence,
             )
-            window = (pos >= start) & (pos <= end) & np.isfinite(history.loss)
+            window = (pos > start) & (pos <= end) & np.isfinite(history.loss)
             if window.any():
                 loss = float(history.loss[window].mean())
         inside = [p for p in b_noise if start <= p.examples <= end]
