@@ -888,7 +888,10 @@ def warmup_by_hand(results, base, total):
         for r in results
         if math.isfinite(r.b_crit) and r.b_crit > 0
     )
-    if not pts:
+    # docs: eq. D.1 "with the measured B_crit" — a B_crit that is only a bound (≥ the largest
+    # batch size, ≤ the smallest) is no measurement: no prediction, with the reason
+    bounded = any(r.b_crit_bound is not None and math.isfinite(r.b_crit) for r in results)
+    if not pts or bounded:
         return knots, stage, steps, math.nan, math.nan
     px, py = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
 

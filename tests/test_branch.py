@@ -8,6 +8,7 @@ Optuna study on SQLite and on a throw-away PostgreSQL server, with several worke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -499,6 +500,30 @@ def test_fit_warmup_and_its_predicted_savings_by_hand() -> None:
     assert low.knots == ((0.0, 8), (4000.0, 32))  # the lower ends: 10 and 35
     ramp = pytest.importorskip("torch") and plan.ramp(8)
     assert ramp.batch_size == 16
+
+
+def test_a_bounded_b_crit_gives_no_equal_progress_prediction() -> None:
+    # B_crit 40 measured at the first point and only "≥ 128" at the second (no batch size lost
+    # examples measurably): eq. D.1 integrated with 128 there predicted 491.8 steps (80.3%
+    # fewer) as if measured, without a word — 388.0 (84.5%) were the truth 1,280.
+    measured = _result(0, 1000, 20.0, 40.0)
+    bounded = dataclasses.replace(
+        _result(4000, 1000, 128.0, 128.0), b_crit_bound="upper", b_crit_high=math.inf
+    )
+    plan = fit_warmup(
+        [measured, bounded], base_batch_size=8, total=20_000, batch_sizes=[8, 16, 32, 64, 128]
+    )
+    assert plan.knots == ((0.0, 16), (4000.0, 128))
+    assert plan.steps_warmup == pytest.approx(4000 / 16 + 16_000 / 128)  # exact, no model
+    assert math.isnan(plan.steps_same_progress) and math.isnan(plan.examples_same_progress)
+    assert "only a bound at checkpoint 4000 (≥ 128)" in plan.same_progress_reason
+    assert plan.as_dict()["steps_same_progress"] is None
+    # Both measured: the prediction is there and no reason is given.
+    both = fit_warmup(
+        [measured, _result(4000, 1000, 70.0, 40.0)], base_batch_size=8, total=20_000,
+        batch_sizes=[8, 16, 32, 64, 128],
+    )  # fmt: skip
+    assert math.isfinite(both.steps_same_progress) and both.same_progress_reason == ""
 
 
 # -- beside the noise scale -------------------------------------------------------------------

@@ -60,6 +60,8 @@ class WarmupPlan:
             D.1 with the measured B_crit; ``nan`` without one).
         steps_same_progress: Steps the warm-up needs for that progress.
         step_saving_same_progress: 1 − steps_same_progress/steps_fixed.
+        same_progress_reason: Why there is no prediction at equal progress (``nan``): no
+            measured B_crit, or one that is only a bound; empty otherwise.
     """
 
     knots: tuple[tuple[float, int], ...]
@@ -71,6 +73,7 @@ class WarmupPlan:
     examples_same_progress: float
     steps_same_progress: float
     step_saving_same_progress: float
+    same_progress_reason: str = ""
 
     def batch_size_at(self, consumed: float) -> int:
         """The warm-up's batch size after ``consumed`` examples."""
@@ -99,6 +102,7 @@ class WarmupPlan:
             "examples_same_progress",
             "steps_same_progress",
             "step_saving_same_progress",
+            "same_progress_reason",
         ):
             value = getattr(self, name)
             out[name] = value if not isinstance(value, float) or math.isfinite(value) else None
@@ -194,7 +198,27 @@ def fit_warmup(
             knots.append((float(r.checkpoint), batch))
     steps_fixed = total / base_batch_size
     steps_warm = warmup_steps(knots, total)
-    e_same, s_same = _same_progress(ordered, knots, base_batch_size, total)
+    # A B_crit that is only a bound (no batch size lost examples measurably: ≥ the largest;
+    # or all lost more than eq. 2.11 allows: ≤ the smallest) is no measurement to integrate:
+    # eq. D.1 with the bound's value is neither the prediction nor a bound on it (until
+    # 2026-12-07 it was used as measured, without a word; found by tests/fuzz_branch.py).
+    bounded = [r for r in ordered if r.b_crit_bound is not None and math.isfinite(r.b_crit)]
+    reason = ""
+    if bounded:
+        e_same, s_same = math.nan, math.nan
+        reason = (
+            "B_crit is only a bound at "
+            + ", ".join(
+                f"checkpoint {r.checkpoint:g} ({'≥' if r.b_crit_bound == 'upper' else '≤'} "
+                f"{r.b_crit:.3g})"
+                for r in bounded
+            )
+            + ": branch at batch sizes that bracket it to predict the steps at equal progress"
+        )
+    else:
+        e_same, s_same = _same_progress(ordered, knots, base_batch_size, total)
+        if not math.isfinite(e_same):
+            reason = "no branch point measured B_crit"
     return WarmupPlan(
         knots=tuple(knots),
         base_batch_size=int(base_batch_size),
@@ -205,6 +229,7 @@ def fit_warmup(
         examples_same_progress=e_same,
         steps_same_progress=s_same,
         step_saving_same_progress=1.0 - s_same / steps_fixed,
+        same_progress_reason=reason,
     )
 
 
