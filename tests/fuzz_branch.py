@@ -263,7 +263,7 @@ def branch_curve(cfg, checkpoints, batch_size, learning_rate, checkpoint, budget
         opt.zero_grad()
         if step % every == 0 or step == steps:
             if ev == "batch":
-                full = float(loss)
+                full = float(loss.detach())
             else:
                 with torch.no_grad():
                     full = float(_loss(cfg, model, xe, ye))
