@@ -473,21 +473,26 @@ def check_curves(cfg, branches):
 
 
 def check_stored(cfg, branches):
-    want = sorted((c, float(b), round(lr, 9), s) for c, b, lr, s in planned_by_hand(cfg))
-    got = sorted(
-        (b.checkpoint, float(b.batch_size), round(b.learning_rate, 9), b.seed) for b in branches
-    )
-    if got != want:
-        extra = [g for g in got if g not in want or got.count(g) > 1]
-        miss = [w for w in want if w not in got]
-        return {
-            "cls": "WRONG",
-            "extra": extra[:5],
-            "missing": miss[:5],
-            "n": len(got),
-            "want": len(want),
-        }
-    return {"cls": "ok", "n": len(got)}
+    """Each planned branch stored exactly once: matched on checkpoint, batch size and seed, and
+    on the rate to 5e-12 (stored to 12 significant digits; rounding both sides to a fixed
+    number of decimals straddled a rounding edge at a rate of 11.14)."""
+    want = [(float(c), float(b), lr, s) for c, b, lr, s in planned_by_hand(cfg)]
+    left = list(branches)
+    missing = []
+    for c, b, lr, s in want:
+        hits = [
+            x for x in left
+            if (x.checkpoint, float(x.batch_size), x.seed) == (c, b, s)
+            and abs(x.learning_rate - lr) <= 5e-12 * lr
+        ]  # fmt: skip
+        if hits:
+            left.remove(hits[0])
+        else:
+            missing.append((c, b, lr, s))
+    if missing or left:
+        extra = [(x.checkpoint, x.batch_size, x.learning_rate, x.seed) for x in left]
+        return {"cls": "WRONG", "extra": extra[:5], "missing": missing[:5], "n": len(branches)}
+    return {"cls": "ok", "n": len(branches)}
 
 
 def _loss_at_budget(examples, losses, budget):
