@@ -1006,6 +1006,19 @@ def check_cli(cfg, url, history_path, results, total):
     w = data["warmup"]
     if w is not None and not _close(w["total"], total):
         bad.append(f"warm-up total {w['total']} for {total}")
+    if w is not None:
+        # the warm-up the command fitted: the library's on the same results (the plan's B₀)
+        from noisescale.branch import fit_warmup
+
+        plan = fit_warmup(results, base_batch_size=cfg["b0"] * _unit_factor(cfg), total=total)
+        if [tuple(k) for k in w["knots"]] != [tuple(k) for k in plan.knots]:
+            bad.append(f"warm-up knots {w['knots']} for {plan.knots}")
+        for key in ("steps_warmup", "steps_same_progress", "examples_same_progress"):
+            v = getattr(plan, key)
+            if not _close(w[key], v if math.isfinite(v) else None):
+                bad.append(f"warm-up {key} {w[key]} for {v}")
+        if w["steps_same_progress"] is None and not w["same_progress_reason"]:
+            bad.append("no prediction at equal progress, and no reason given")
     return {"cls": "WRONG", "bad": bad[:5]} if bad else {"cls": "ok"}
 
 
