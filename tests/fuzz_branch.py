@@ -136,6 +136,10 @@ def draw_config(seed):
         "mode": rng.choice(MODES),
         "data_seed": rng.randint(0, 10**6),
         "b_noise_records": rng.random() < 0.5,
+        # summary B_noise points (one per window) at each checkpoint and at each window's end —
+        # the weights after its last step, not the window's (drawn apart, the other draws as
+        # before: added 2026-12-07)
+        "b_noise_summary": random.Random(seed * 7919 + 3).random() < 0.5,
         # the loss reported: the whole data set's, a fixed subset's (plateaus, ties) or the
         # training batch's before the step (noisy, non-monotone curves that cross)
         "eval": rng.choice(["full", "subset", "batch"]),
@@ -813,6 +817,17 @@ def check_side(cfg, results, history_path, rng):
         traj = b_simple_trajectory(history, unit)
     except Exception as err:
         return _crash(err)
+    summary, summary_rows = [], None
+    if cfg.get("b_noise_summary"):
+        srng = random.Random(cfg["data_seed"] + 11)
+        for r in results:
+            for at in (r.checkpoint, r.checkpoint + r.budget):
+                summary.append((float(at), round(srng.uniform(1.0, 100.0), 6)))
+        try:
+            spoints = read_b_noise([{unit: at, "b_noise": v} for at, v in summary], None, unit)
+            summary_rows = side_by_side(results, history, unit=unit, b_noise=spoints)
+        except Exception as err:
+            return _crash(err)
     pos_of = {r["step"]: r[key] for r in records}
     for p, rec in zip(points, noise_recs, strict=True):
         if not (
@@ -839,7 +854,7 @@ def check_side(cfg, results, history_path, rng):
         inside = [
             q
             for q, rec in zip(points, noise_recs, strict=True)
-            if start <= pos_of[rec["step"]] <= end
+            if start <= pos_of[rec["step"]] < end
         ]
         if inside:
             want = (
@@ -848,15 +863,21 @@ def check_side(cfg, results, history_path, rng):
                     [
                         rec["trace_h_sigma"]
                         for rec in noise_recs
-                        if start <= pos_of[rec["step"]] <= end
+                        if start <= pos_of[rec["step"]] < end
                     ]
                 )
-                / np.mean([rec["ghg"] for rec in noise_recs if start <= pos_of[rec["step"]] <= end])
+                / np.mean([rec["ghg"] for rec in noise_recs if start <= pos_of[rec["step"]] < end])
             )
             if not _close(row.b_noise, want):
                 bad.append(f"ck {start:g}: B_noise {row.b_noise} for {want}")
         elif not math.isnan(row.b_noise):
             bad.append(f"ck {start:g}: B_noise {row.b_noise} with no point in the window")
+        if summary_rows is not None:
+            # the weights from the checkpoint's on: positions in [start, end) (docs/branch.md)
+            want_s = [v for at, v in summary if start <= at < end]
+            got = {q.result.checkpoint: q.b_noise for q in summary_rows}[start]
+            if not _close(got, float(np.mean(want_s)) if want_s else math.nan):
+                bad.append(f"ck {start:g}: summary B_noise {got} for the mean of {want_s}")
         if not _close(
             row.ratio_b_crit, r.b_crit / bs if bs > 0 and math.isfinite(bs) else math.nan
         ):

@@ -570,9 +570,11 @@ def test_a_b_noise_trackers_records_give_the_windows_ratio_of_means() -> None:
             step=step,
         )
     records = [dict(r, examples=8 * r["step"]) for r in tracker.history]
-    # The window [800, 1200] holds steps 100 … 150: the ratio of the plain means of their own
-    # GᵀHG and tr(HΣ) (brute force), not the mean of the tracker's running EMA (which lags).
-    inside = [r for r in records if 800 <= r["examples"] <= 1200]
+    # The window [800, 1200) holds steps 100 … 149 (the weights from the checkpoint's on, not
+    # those after its last step): the ratio of the plain means of their own GᵀHG and tr(HΣ)
+    # (brute force), not the mean of the tracker's running EMA (which lags).
+    inside = [r for r in records if 800 <= r["examples"] < 1200]
+    assert len(inside) == 50
     truth = np.mean([r["trace_h_sigma"] for r in inside]) / np.mean([r["ghg"] for r in inside])
     e = b_simple_interval(
         update_state(
@@ -589,6 +591,44 @@ def test_a_b_noise_trackers_records_give_the_windows_ratio_of_means() -> None:
     # Summary points and per-measurement records are not mixed.
     with pytest.raises(NoiseScaleInputError, match="mix per-measurement"):
         read_b_noise([records[0], {"examples": 5, "b_noise": 3.0}])
+
+
+def test_a_windows_b_noise_is_from_the_checkpoints_weights_not_the_next_checkpoints() -> None:
+    # Summary points measured at each checkpoint's weights, checkpoints one budget apart: the
+    # window [0, 1000) holds the point at 0 only. Until 2026-12-07 the window was [0, 1000]
+    # and averaged in the next checkpoint's point, the weights after the window: 55 for 100.
+    results = [_result(0, 1000, 20.0, 30.0), _result(1000, 1000, 20.0, 30.0)]
+    points = read_b_noise(
+        [
+            {"examples": 0, "b_noise": 100.0, "b_noise_low": 90, "b_noise_high": 110},
+            {"examples": 1000, "b_noise": 10.0, "b_noise_low": 9, "b_noise_high": 11},
+        ]
+    )
+    rows = side_by_side(results, b_noise=points)
+    assert [(r.b_noise, r.b_noise_low, r.b_noise_high) for r in rows] == [
+        (100.0, 90.0, 110.0),
+        (10.0, 9.0, 11.0),
+    ]
+
+
+def test_b_noise_records_placed_by_step_are_the_weights_after_that_step(tmp_path: Path) -> None:
+    # A BNoiseTracker called after optimizer.step() at every step of a main run at batch 64:
+    # the record of step t measured the weights after it, at the history's examples 64(t + 1).
+    # The window [640, 1280) holds the weights at 640 … 1216 (the checkpoint's and the nine
+    # after it), brute force; those at 1280, after the window's last step, are not the window's.
+    records = synthetic_records(n_steps=40, batch_size=64)
+    history = load_history(write_synthetic_history(tmp_path / "h.jsonl", records))
+    at = {r["step"]: r["examples"] for r in records}
+    noise = [
+        {"step": t, "ghg": 1.0 + (t % 3), "trace_h_sigma": (1.0 + (t % 3)) * (5.0 + t)} for t in at
+    ]
+    points = read_b_noise(noise, history)
+    assert [p.examples for p in points] == [float(at[n["step"]]) for n in noise]
+    inside = [n for n in noise if 640 <= at[n["step"]] < 1280]
+    assert len(inside) == 10
+    truth = np.mean([n["trace_h_sigma"] for n in inside]) / np.mean([n["ghg"] for n in inside])
+    row = side_by_side([_result(640, 640, 20.0, 30.0)], history, b_noise=points)[0]
+    assert row.b_noise == pytest.approx(truth, rel=1e-12)
 
 
 def test_a_history_in_tokens_is_converted(tmp_path: Path) -> None:
@@ -1420,7 +1460,7 @@ def test_a_window_without_b_noise_says_why(
         for s in range(1, 101)
     ]
     row = side_by_side([_result(400, 400, 10.0, 10.0)], b_noise=read_b_noise(records))[0]
-    mean = np.mean([r["ghg"] for r in records if 400 <= r["examples"] <= 800])  # -53/51
+    mean = np.mean([r["ghg"] for r in records if 400 <= r["examples"] < 800])  # -1 (50 steps)
     assert math.isnan(row.b_noise)
     assert row.b_noise_reason.startswith(f"the averaged GᵀHG is {mean:.3g}, not positive")
     assert row.as_dict()["b_noise_reason"] == row.b_noise_reason
@@ -1432,9 +1472,9 @@ def test_a_window_without_b_noise_says_why(
     from noisescale.cli import main
 
     (fresh_folder / "bn.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert main(_small_plan("--b-noise", "bn.jsonl")) == 0  # the window [0, 256]
+    assert main(_small_plan("--b-noise", "bn.jsonl")) == 0  # the window [0, 256)
     captured = capsys.readouterr()
-    mean = np.mean([r["ghg"] for r in records if r["examples"] <= 256])  # -1
+    mean = np.mean([r["ghg"] for r in records if r["examples"] < 256])  # -1
     assert "checkpoint 0: B_noise over the window is not available (—): the averaged GᵀHG is " + (
         f"{mean:.3g}, not positive"
     ) in " ".join(captured.err.split())

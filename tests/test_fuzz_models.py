@@ -1126,6 +1126,12 @@ FOUND_BY_THE_BRANCH_FUZZER = [
     # a bound (no batch size above the reference lost examples measurably, "≥ B_max") as if
     # measured: 49.8 steps and 149.3 examples printed, for no prediction (seed 5)
     (5, "warmup"),
+    # WRONG (a review, the fuzzer's summary B_noise points drawn since): side_by_side's B_noise
+    # took the points at positions in [checkpoint, checkpoint + budget], the end's being the
+    # weights after the window's last step: 64.86 for 53.08, the mean of the window's two
+    # points (seed 0); 50.97 for 57.05, the checkpoint's own (seed 3)
+    (0, "side"),
+    (3, "side"),
 ]
 
 

@@ -11,7 +11,12 @@ checkpoint + budget], and in it:
 * B_noise where it was measured: from :class:`~noisescale.hessian.BNoiseTracker` records, the
   ratio of the plain means of their per-measurement GᵀHG and tr(HΣ) over the window, with its
   Fieller interval, as for B_simple (the records' ``b_noise`` is the tracker's running EMA);
-  from summary points ``(examples, b_noise[, low, high])``, one per window, their mean;
+  from summary points ``(examples, b_noise[, low, high])``, one per window, their mean. A
+  B_noise point stands where the weights it measured stand: after ``examples`` of training
+  (placed by ``step``: after that step of the main run, ``bn.step`` called after
+  ``optimizer.step()``). The window's weights are those at [checkpoint, checkpoint + budget):
+  the checkpoint's own, not those after the window's last step (until 2026-12-07 [ , ]: with
+  checkpoints one budget apart, a window's B_noise averaged in the next checkpoint's point);
 * the ratios B_crit/B_simple and cbs/B_simple — what McCandlish et al. predict to be of order 1
   (B_crit ≈ B_noise, B_simple within a small factor) and Merrill et al. doubt.
 
@@ -308,7 +313,9 @@ def side_by_side(
             window = (pos > start) & (pos <= end) & np.isfinite(history.loss)
             if window.any():
                 loss = float(history.loss[window].mean())
-        inside = [p for p in b_noise if start <= p.examples <= end]
+        # (the weights measured, from the checkpoint's on, not those after the window: module
+        # docstring)
+        inside = [p for p in b_noise if start <= p.examples < end]
         bn, bn_low, bn_high, bn_reason = _window_b_noise(inside, confidence)
         bs = e.b_simple if e is not None else math.nan
         rows.append(
@@ -370,6 +377,12 @@ def read_b_noise(
     ``trace_h_sigma`` (its ``history``: the window's B_noise is computed from them, not from
     the running ``b_noise``) or summary values ``b_noise`` and optionally
     ``b_noise_low``/``b_noise_high`` (e.g. one measurement per window).
+
+    A point stands where the weights it measured do: ``examples`` of training before it, or
+    with ``step`` the main run's position after that step — a ``BNoiseTracker`` whose
+    ``step`` is called after ``optimizer.step()``, its call count the main run's step (called
+    before the forward, its weights are one step earlier: give ``examples``). A window holds
+    the points in [checkpoint, checkpoint + budget) (module docstring).
 
     A ``BNoiseTracker`` measures per example: for branches in tokens its B_noise (value and
     interval) is multiplied by the tokens per example — ``tokens_per_example``, else the
