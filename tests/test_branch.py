@@ -518,6 +518,12 @@ def test_a_bounded_b_crit_gives_no_equal_progress_prediction() -> None:
     assert math.isnan(plan.steps_same_progress) and math.isnan(plan.examples_same_progress)
     assert "only a bound at checkpoint 4000 (≥ 128)" in plan.same_progress_reason
     assert plan.as_dict()["steps_same_progress"] is None
+    # The page says why too (until 2026-12-07 it left the prediction out without a word).
+    from noisescale.branch.page import branch_html
+
+    html = branch_html(side_by_side([measured, bounded]), {}, plan=plan)
+    assert "No eq. D.1 prediction at equal progress: B_crit is only a bound at checkpoint " in html
+    assert "4000 (≥ 128)" in html and "fewer steps." not in html
     # Both measured: the prediction is there and no reason is given.
     both = fit_warmup(
         [measured, _result(4000, 1000, 70.0, 40.0)], base_batch_size=8, total=20_000,
