@@ -640,6 +640,10 @@ def cbs_by_hand(cfg, branches, tau, reference):
             crit[2] = math.inf
         if len(seeds) > 1 and crit[1] < ref:
             crit[1] = 0.0
+        if bds == {"upper", "lower"}:
+            # one seed past each end: no B_crit and no bound (docs/branch.md; a review found
+            # the geometric mean given as "≥" it)
+            crit, crit_bound = [math.nan, math.nan, math.nan], None
         mean_eta = eta.mean(axis=1)
         crossing = any(sizes[i] > ref and mloss[sizes[i]] <= mloss[ref] for i in range(len(sizes)))
         out[c] = {

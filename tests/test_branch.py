@@ -127,6 +127,34 @@ def test_threshold_interpolates_linearly_in_the_examples_ratio() -> None:
     assert math.isnan(b_crit_from_efficiencies([8], [1.0], 8)[0])
 
 
+def test_seeds_whose_b_crit_lie_past_both_ends_give_no_b_crit() -> None:
+    # Reference B = 8, its loss falling linearly from 1 to 0.2 over a budget of 64 examples.
+    # Seed 0: B = 16 and 32 end at 0.1, below it: η = 1, B_crit ≥ 32. Seed 1: they end at
+    # 0.99, η = 0.8/64 = 1/80, more than eq. 2.11 allows even with B_crit → 0 (1/η ≤ B/8):
+    # B_crit ≤ 8. Until 2026-12-07 their geometric mean √(32·8) = 16 was given as "≥ 16".
+    def run(b: int, seed: int, losses: list[float]) -> BranchRun:
+        steps = list(range(len(losses)))
+        examples = [64 * i / (len(losses) - 1) for i in steps]
+        return BranchRun(
+            0.0, seed, 64.0, Run.from_arrays(f"b{b}", b, 0.1, steps, losses, examples=examples)
+        )
+
+    ref = [1.0 - 0.1 * i for i in range(9)]
+    branches = [run(8, s, ref) for s in (0, 1)]
+    for b, n in ((16, 5), (32, 3)):
+        branches.append(run(b, 0, list(np.linspace(1.0, 0.1, n))))
+        branches.append(run(b, 1, list(np.linspace(1.0, 0.99, n))))
+    # each seed's own reading, by hand
+    assert b_crit_from_efficiencies([8, 16, 32], [1, 1, 1], 8) == (32.0, "upper")
+    assert b_crit_from_efficiencies([8, 16, 32], [1, 1 / 80, 1 / 80], 8) == (8.0, "lower")
+    r = local_critical_batch_size(branches, tolerance=0.2)
+    assert [e.efficiencies for e in r.batches[1:]] == [pytest.approx((1.0, 1 / 80))] * 2
+    assert math.isnan(r.b_crit) and r.b_crit_bound is None
+    assert math.isnan(r.b_crit_low) and math.isnan(r.b_crit_high)
+    assert any(w.startswith("no B_crit: with seed(s) 0 no batch size lost") for w in r.warnings)
+    assert any("seed(s) 1 all lost more than eq. 2.11 allows (B_crit ≤ 8)" in w for w in r.warnings)
+
+
 def test_a_constant_noise_scale_gives_eq_2_11_exactly() -> None:
     # B_noise = 20 throughout: η_B = (8 + 20)/(B + 20), B_crit = 20 and, at τ = 1,
     # cbs = 20 + 2·8 = 36. The only error is the linear interpolation of the reference's
