@@ -526,6 +526,13 @@ def test_fit_warmup_and_its_predicted_savings_by_hand() -> None:
     assert plan.step_saving_same_progress == pytest.approx(1 - plan.steps_same_progress / 2500)
     low = fit_warmup(results, base_batch_size=8, total=20_000, use="low", batch_sizes=[8, 32])
     assert low.knots == ((0.0, 8), (4000.0, 32))  # the lower ends: 10 and 35
+    # One seed: no interval, no lower end to follow. Both points were skipped, the warm-up left
+    # at 8 throughout (2,500 steps, no saving, against 8 → 32's 1,000), without a word.
+    one_seed = [dataclasses.replace(r, cbs_low=math.nan, cbs_high=math.nan) for r in results]
+    with pytest.raises(NoiseScaleInputError, match=r"the branch point\(s\) at 0, 4000 have none"):
+        fit_warmup(one_seed, base_batch_size=8, total=20_000, use="low", batch_sizes=[8, 32])
+    kept = fit_warmup(one_seed, base_batch_size=8, total=20_000, batch_sizes=[8, 32])
+    assert kept.knots == ((0.0, 8), (4000.0, 32))  # the estimate needs no interval
     ramp = pytest.importorskip("torch") and plan.ramp(8)
     assert ramp.batch_size == 16
 

@@ -162,8 +162,8 @@ def fit_warmup(
         factor: Multiple of the critical batch size to aim for (≤ 1 is safer).
 
     Raises:
-        NoiseScaleInputError: no results, a bad ``use``/``factor``/``total``, or no allowed
-            batch size.
+        NoiseScaleInputError: no results, a bad ``use``/``factor``/``total``, no allowed
+            batch size, or ``use="low"`` where a measured CBS has no interval (one seed).
     """
     if not results:
         raise NoiseScaleInputError("a warm-up needs at least one measured branch point")
@@ -183,6 +183,19 @@ def fit_warmup(
     if not allowed or allowed[0] < 1:
         raise NoiseScaleInputError("the warm-up needs positive allowed batch sizes")
     ordered = sorted(results, key=lambda r: r.checkpoint)
+    if use == "low":
+        # A point whose CBS was measured without an interval (one seed) has no lower end:
+        # skipping it left the warm-up at the smallest batch size there, without a word (until
+        # 2026-12-07; a review).
+        lacking = [
+            r.checkpoint for r in ordered if math.isfinite(r.cbs) and not math.isfinite(r.cbs_low)
+        ]
+        if lacking:
+            raise NoiseScaleInputError(
+                "use='low' follows the lower end of the CBS's interval, and the branch point(s) "
+                f"at {', '.join(f'{c:g}' for c in lacking)} have none (one seed: no interval); "
+                "repeat their branches with other data orders (seeds), or use='estimate'"
+            )
     knots: list[tuple[float, int]] = [(0.0, allowed[0])]
     for r in ordered:
         target = (r.cbs if use == "estimate" else r.cbs_low) * factor
