@@ -1430,7 +1430,18 @@ def test_a_window_the_history_barely_covers_is_noted(
     assert [p["window_steps"] for p in payload["points"]] == [32, 32]
     assert [p["b_simple_steps"] for p in payload["points"]] == [27, 4]
     assert any("checkpoint 288: 12% of the window" in n for n in payload["notes"])
-    assert [round(p["window_covered"], 3) for p in payload["points"]] == [0.969, 0.125]
+    # [0, 256] is covered whole: the first record, at 8, trained on (0, 8] (until 2026-12-07
+    # from 8 on: 0.969)
+    assert [round(p["window_covered"], 3) for p in payload["points"]] == [1.0, 0.125]
+    # A window of one main-run step at the run's start (budget 8, the main run's batch) holds
+    # that step, brute force, and is covered: it read 0% covered, "give the history of the
+    # whole run" (a review).
+    history = load_history(tmp_path / "h.jsonl")
+    records = synthetic_records(n_steps=40, batch_size=8)
+    row = side_by_side([_result(0, 8, 4.0, 4.0)], history)[0]
+    assert row.window_covered == 1.0 and row.window_steps == 1
+    first = records[0]
+    assert first["examples"] == 8 and row.b_simple_steps == int(first["g2"] is not None)
 
 
 def test_b_noise_is_a_column_of_the_table(

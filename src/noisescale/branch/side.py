@@ -297,6 +297,15 @@ def side_by_side(
     rows = []
     pos = history_positions(history, unit, tokens_per_example) if history is not None else None
     finite = pos[np.isfinite(pos)] if pos is not None else np.empty(0)
+    span = (math.nan, math.nan)
+    if history is not None and pos is not None and finite.size:
+        # The history covers its steps' examples: a record at p trained on (p − its batch, p]
+        # (until 2026-12-07 from its first record's position on: a window of one main-run step
+        # at the run's start read 0% covered and "give the history of the whole run"; a review)
+        with np.errstate(invalid="ignore"):
+            extent = history.b_big * b_simple_factors(history, unit, tokens_per_example)
+        first = pos - np.where(np.isfinite(extent) & (extent > 0), extent, 0.0)
+        span = (float(np.nanmin(np.where(np.isfinite(pos), first, np.nan))), float(finite.max()))
     for r in sorted(results, key=lambda r: r.checkpoint):
         start, end = r.checkpoint, r.checkpoint + r.budget
         loss = math.nan
@@ -333,7 +342,7 @@ def side_by_side(
                 ratio_b_crit=_ratio(r.b_crit, bs),
                 ratio_cbs=_ratio(r.cbs, bs),
                 window_steps=_window_steps(finite, start, end),
-                window_covered=_covered(finite, start, end),
+                window_covered=_covered(span, start, end),
                 b_noise_reason=bn_reason,
             )
         )
@@ -506,13 +515,14 @@ def _carried_tokens_per_example(history: History) -> np.ndarray:
     return np.where(last >= 0, t[np.maximum(last, 0)], math.nan)
 
 
-def _covered(pos: np.ndarray, start: float, end: float) -> float:
-    """The fraction of [start, end] between the history's first and last positions (a review
-    found the first version's count of records at the run's median spacing calling a window
-    half-covered when the main run's batch had grown since: records 8× apart)."""
-    if not pos.size or end <= start:
+def _covered(span: tuple[float, float], start: float, end: float) -> float:
+    """The fraction of [start, end] in ``span``, the examples the history's steps trained on
+    (a review found the first version's count of records at the run's median spacing calling a
+    window half-covered when the main run's batch had grown since: records 8× apart)."""
+    lo, hi = span
+    if not (math.isfinite(lo) and math.isfinite(hi)) or end <= start:
         return math.nan
-    inside = min(end, float(pos.max())) - max(start, float(pos.min()))
+    inside = min(end, hi) - max(start, lo)
     return max(0.0, inside) / (end - start)
 
 
