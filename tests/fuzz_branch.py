@@ -940,7 +940,9 @@ def warmup_by_hand(results, base, total):
     # docs: eq. D.1 "with the measured B_crit" — a B_crit that is only a bound (≥ the largest
     # batch size, ≤ the smallest) is no measurement: no prediction, with the reason
     bounded = any(r.b_crit_bound is not None and math.isfinite(r.b_crit) for r in results)
-    if not pts or bounded:
+    # and one with no B_crit (seeds past both ends, none above the reference) leaves none either
+    unmeasured = any(not math.isfinite(r.b_crit) for r in results)
+    if not pts or bounded or unmeasured:
         return knots, stage, steps, math.nan, math.nan
     px, py = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
 

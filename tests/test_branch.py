@@ -565,6 +565,14 @@ def test_a_bounded_b_crit_gives_no_equal_progress_prediction() -> None:
         batch_sizes=[8, 16, 32, 64, 128],
     )  # fmt: skip
     assert math.isfinite(both.steps_same_progress) and both.same_progress_reason == ""
+    # A point with no B_crit (seeds past both ends) was interpolated over, as if not branched
+    # there: 4000's B_crit taken as the first point's 40 (2026-12-07, a review).
+    none = dataclasses.replace(_result(4000, 1000, 70.0, 40.0), b_crit=math.nan)
+    plan = fit_warmup(
+        [measured, none], base_batch_size=8, total=20_000, batch_sizes=[8, 16, 32, 64, 128]
+    )
+    assert math.isnan(plan.steps_same_progress) and math.isnan(plan.examples_same_progress)
+    assert plan.same_progress_reason.startswith("no B_crit at checkpoint(s) 4000")
 
 
 # -- beside the noise scale -------------------------------------------------------------------

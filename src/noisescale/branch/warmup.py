@@ -230,8 +230,19 @@ def fit_warmup(
         )
     else:
         e_same, s_same = _same_progress(ordered, knots, base_batch_size, total)
+        unmeasured = [r.checkpoint for r in ordered if not math.isfinite(r.b_crit)]
         if not math.isfinite(e_same):
             reason = "no branch point measured B_crit"
+        elif unmeasured:
+            # Interpolated over, without a word, as if not branched there (until 2026-12-07;
+            # since then one with seeds past both ends of the batch sizes has none, a review)
+            e_same, s_same = math.nan, math.nan
+            reason = (
+                "no B_crit at checkpoint(s) "
+                + ", ".join(f"{c:g}" for c in unmeasured)
+                + " (their warnings say why): measure it there, or leave those branch points "
+                "out to predict the steps at equal progress from the others"
+            )
     return WarmupPlan(
         knots=tuple(knots),
         base_batch_size=int(base_batch_size),
