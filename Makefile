@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 # The CPU build of torch that this machine installs quickly; pyproject.toml declares the range.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats fuzz-fit fuzz-sweep fuzz-cli fuzz-history fuzz-schedule fuzz-decisions fuzz-bnoise fuzz-tokens fuzz-hardware fuzz-pages fuzz-beyond install lint format clean
+.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats fuzz-fit fuzz-sweep fuzz-cli fuzz-history fuzz-schedule fuzz-decisions fuzz-bnoise fuzz-tokens fuzz-hardware fuzz-pages fuzz-beyond fuzz-branch install lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -139,6 +139,11 @@ fuzz-tokens: install
 # brute force, step timing under a fake clock, the fit in exact fractions, profiles on disk.
 fuzz-hardware: install
 	$(PY) tests/fuzz_hardware.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
+
+# The critical batch size from branches of real runs (noisescale.branch: runner, side, warm-up,
+# the CLI) against reruns and computations by hand (tests/fuzz_branch.py, ≈ 5-15 s a seed).
+fuzz-branch: install
+	$(PY) tests/fuzz_branch.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench examples

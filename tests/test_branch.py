@@ -8,6 +8,7 @@ Optuna study on SQLite and on a throw-away PostgreSQL server, with several worke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -124,6 +125,34 @@ def test_threshold_interpolates_linearly_in_the_examples_ratio() -> None:
     assert b_crit_from_efficiencies(sizes, [1, 1, 1, 1], 8) == (64.0, "upper")
     assert b_crit_from_efficiencies(sizes, [1, 0, 0, 0], 8) == (8.0, "lower")
     assert math.isnan(b_crit_from_efficiencies([8], [1.0], 8)[0])
+
+
+def test_seeds_whose_b_crit_lie_past_both_ends_give_no_b_crit() -> None:
+    # Reference B = 8, its loss falling linearly from 1 to 0.2 over a budget of 64 examples.
+    # Seed 0: B = 16 and 32 end at 0.1, below it: η = 1, B_crit ≥ 32. Seed 1: they end at
+    # 0.99, η = 0.8/64 = 1/80, more than eq. 2.11 allows even with B_crit → 0 (1/η ≤ B/8):
+    # B_crit ≤ 8. Until 2026-12-07 their geometric mean √(32·8) = 16 was given as "≥ 16".
+    def run(b: int, seed: int, losses: list[float]) -> BranchRun:
+        steps = list(range(len(losses)))
+        examples = [64 * i / (len(losses) - 1) for i in steps]
+        return BranchRun(
+            0.0, seed, 64.0, Run.from_arrays(f"b{b}", b, 0.1, steps, losses, examples=examples)
+        )
+
+    ref = [1.0 - 0.1 * i for i in range(9)]
+    branches = [run(8, s, ref) for s in (0, 1)]
+    for b, n in ((16, 5), (32, 3)):
+        branches.append(run(b, 0, list(np.linspace(1.0, 0.1, n))))
+        branches.append(run(b, 1, list(np.linspace(1.0, 0.99, n))))
+    # each seed's own reading, by hand
+    assert b_crit_from_efficiencies([8, 16, 32], [1, 1, 1], 8) == (32.0, "upper")
+    assert b_crit_from_efficiencies([8, 16, 32], [1, 1 / 80, 1 / 80], 8) == (8.0, "lower")
+    r = local_critical_batch_size(branches, tolerance=0.2)
+    assert [e.efficiencies for e in r.batches[1:]] == [pytest.approx((1.0, 1 / 80))] * 2
+    assert math.isnan(r.b_crit) and r.b_crit_bound is None
+    assert math.isnan(r.b_crit_low) and math.isnan(r.b_crit_high)
+    assert any(w.startswith("no B_crit: with seed(s) 0 no batch size lost") for w in r.warnings)
+    assert any("seed(s) 1 all lost more than eq. 2.11 allows (B_crit ≤ 8)" in w for w in r.warnings)
 
 
 def test_a_constant_noise_scale_gives_eq_2_11_exactly() -> None:
@@ -497,8 +526,53 @@ def test_fit_warmup_and_its_predicted_savings_by_hand() -> None:
     assert plan.step_saving_same_progress == pytest.approx(1 - plan.steps_same_progress / 2500)
     low = fit_warmup(results, base_batch_size=8, total=20_000, use="low", batch_sizes=[8, 32])
     assert low.knots == ((0.0, 8), (4000.0, 32))  # the lower ends: 10 and 35
+    # One seed: no interval, no lower end to follow. Both points were skipped, the warm-up left
+    # at 8 throughout (2,500 steps, no saving, against 8 → 32's 1,000), without a word.
+    one_seed = [dataclasses.replace(r, cbs_low=math.nan, cbs_high=math.nan) for r in results]
+    with pytest.raises(NoiseScaleInputError, match=r"the branch point\(s\) at 0, 4000 have none"):
+        fit_warmup(one_seed, base_batch_size=8, total=20_000, use="low", batch_sizes=[8, 32])
+    kept = fit_warmup(one_seed, base_batch_size=8, total=20_000, batch_sizes=[8, 32])
+    assert kept.knots == ((0.0, 8), (4000.0, 32))  # the estimate needs no interval
     ramp = pytest.importorskip("torch") and plan.ramp(8)
     assert ramp.batch_size == 16
+
+
+def test_a_bounded_b_crit_gives_no_equal_progress_prediction() -> None:
+    # B_crit 40 measured at the first point and only "≥ 128" at the second (no batch size lost
+    # examples measurably): eq. D.1 integrated with 128 there predicted 491.8 steps (80.3%
+    # fewer) as if measured, without a word — 388.0 (84.5%) were the truth 1,280.
+    measured = _result(0, 1000, 20.0, 40.0)
+    bounded = dataclasses.replace(
+        _result(4000, 1000, 128.0, 128.0), b_crit_bound="upper", b_crit_high=math.inf
+    )
+    plan = fit_warmup(
+        [measured, bounded], base_batch_size=8, total=20_000, batch_sizes=[8, 16, 32, 64, 128]
+    )
+    assert plan.knots == ((0.0, 16), (4000.0, 128))
+    assert plan.steps_warmup == pytest.approx(4000 / 16 + 16_000 / 128)  # exact, no model
+    assert math.isnan(plan.steps_same_progress) and math.isnan(plan.examples_same_progress)
+    assert "only a bound at checkpoint 4000 (≥ 128)" in plan.same_progress_reason
+    assert plan.as_dict()["steps_same_progress"] is None
+    # The page says why too (until 2026-12-07 it left the prediction out without a word).
+    from noisescale.branch.page import branch_html
+
+    html = branch_html(side_by_side([measured, bounded]), {}, plan=plan)
+    assert "No eq. D.1 prediction at equal progress: B_crit is only a bound at checkpoint " in html
+    assert "4000 (≥ 128)" in html and "fewer steps." not in html
+    # Both measured: the prediction is there and no reason is given.
+    both = fit_warmup(
+        [measured, _result(4000, 1000, 70.0, 40.0)], base_batch_size=8, total=20_000,
+        batch_sizes=[8, 16, 32, 64, 128],
+    )  # fmt: skip
+    assert math.isfinite(both.steps_same_progress) and both.same_progress_reason == ""
+    # A point with no B_crit (seeds past both ends) was interpolated over, as if not branched
+    # there: 4000's B_crit taken as the first point's 40 (2026-12-07, a review).
+    none = dataclasses.replace(_result(4000, 1000, 70.0, 40.0), b_crit=math.nan)
+    plan = fit_warmup(
+        [measured, none], base_batch_size=8, total=20_000, batch_sizes=[8, 16, 32, 64, 128]
+    )
+    assert math.isnan(plan.steps_same_progress) and math.isnan(plan.examples_same_progress)
+    assert plan.same_progress_reason.startswith("no B_crit at checkpoint(s) 4000")
 
 
 # -- beside the noise scale -------------------------------------------------------------------
@@ -507,10 +581,12 @@ def test_fit_warmup_and_its_predicted_savings_by_hand() -> None:
 def test_window_b_simple_is_the_ratio_of_means_over_the_window(tmp_path: Path) -> None:
     records = synthetic_records(n_steps=200, batch_size=64)
     history = load_history(write_synthetic_history(tmp_path / "h.jsonl", records))
-    # examples after step t (0-based) = 64(t + 1): the window [640, 1280] holds t = 9 … 19.
+    # examples after step t (0-based) = 64(t + 1): the window [640, 1280] holds t = 10 … 19,
+    # the ten steps from the checkpoint's weights on; t = 9 ended at 640 and trained on the
+    # examples before it (until 2026-12-07 counted: 11 steps, one from before the branch point)
     e = window_b_simple(history, 640, 1280)
-    inside = [r for r in records if 640 <= r["examples"] <= 1280]
-    assert len(inside) == e.steps == 11
+    inside = [r for r in records if 640 < r["examples"] <= 1280]
+    assert len(inside) == e.steps == 10 == (1280 - 640) // 64
     expected = np.mean([r["trace_sigma"] for r in inside]) / np.mean([r["g2"] for r in inside])
     assert e.b_simple == pytest.approx(expected, rel=1e-12)
     assert e.low < e.b_simple < e.high
@@ -543,9 +619,11 @@ def test_a_b_noise_trackers_records_give_the_windows_ratio_of_means() -> None:
             step=step,
         )
     records = [dict(r, examples=8 * r["step"]) for r in tracker.history]
-    # The window [800, 1200] holds steps 100 … 150: the ratio of the plain means of their own
-    # GᵀHG and tr(HΣ) (brute force), not the mean of the tracker's running EMA (which lags).
-    inside = [r for r in records if 800 <= r["examples"] <= 1200]
+    # The window [800, 1200) holds steps 100 … 149 (the weights from the checkpoint's on, not
+    # those after its last step): the ratio of the plain means of their own GᵀHG and tr(HΣ)
+    # (brute force), not the mean of the tracker's running EMA (which lags).
+    inside = [r for r in records if 800 <= r["examples"] < 1200]
+    assert len(inside) == 50
     truth = np.mean([r["trace_h_sigma"] for r in inside]) / np.mean([r["ghg"] for r in inside])
     e = b_simple_interval(
         update_state(
@@ -564,6 +642,44 @@ def test_a_b_noise_trackers_records_give_the_windows_ratio_of_means() -> None:
         read_b_noise([records[0], {"examples": 5, "b_noise": 3.0}])
 
 
+def test_a_windows_b_noise_is_from_the_checkpoints_weights_not_the_next_checkpoints() -> None:
+    # Summary points measured at each checkpoint's weights, checkpoints one budget apart: the
+    # window [0, 1000) holds the point at 0 only. Until 2026-12-07 the window was [0, 1000]
+    # and averaged in the next checkpoint's point, the weights after the window: 55 for 100.
+    results = [_result(0, 1000, 20.0, 30.0), _result(1000, 1000, 20.0, 30.0)]
+    points = read_b_noise(
+        [
+            {"examples": 0, "b_noise": 100.0, "b_noise_low": 90, "b_noise_high": 110},
+            {"examples": 1000, "b_noise": 10.0, "b_noise_low": 9, "b_noise_high": 11},
+        ]
+    )
+    rows = side_by_side(results, b_noise=points)
+    assert [(r.b_noise, r.b_noise_low, r.b_noise_high) for r in rows] == [
+        (100.0, 90.0, 110.0),
+        (10.0, 9.0, 11.0),
+    ]
+
+
+def test_b_noise_records_placed_by_step_are_the_weights_after_that_step(tmp_path: Path) -> None:
+    # A BNoiseTracker called after optimizer.step() at every step of a main run at batch 64:
+    # the record of step t measured the weights after it, at the history's examples 64(t + 1).
+    # The window [640, 1280) holds the weights at 640 … 1216 (the checkpoint's and the nine
+    # after it), brute force; those at 1280, after the window's last step, are not the window's.
+    records = synthetic_records(n_steps=40, batch_size=64)
+    history = load_history(write_synthetic_history(tmp_path / "h.jsonl", records))
+    at = {r["step"]: r["examples"] for r in records}
+    noise = [
+        {"step": t, "ghg": 1.0 + (t % 3), "trace_h_sigma": (1.0 + (t % 3)) * (5.0 + t)} for t in at
+    ]
+    points = read_b_noise(noise, history)
+    assert [p.examples for p in points] == [float(at[n["step"]]) for n in noise]
+    inside = [n for n in noise if 640 <= at[n["step"]] < 1280]
+    assert len(inside) == 10
+    truth = np.mean([n["trace_h_sigma"] for n in inside]) / np.mean([n["ghg"] for n in inside])
+    row = side_by_side([_result(640, 640, 20.0, 30.0)], history, b_noise=points)[0]
+    assert row.b_noise == pytest.approx(truth, rel=1e-12)
+
+
 def test_a_history_in_tokens_is_converted(tmp_path: Path) -> None:
     records = synthetic_records(n_steps=100, batch_size=64)
     for r in records:  # 8 tokens per sequence: B_simple and the batch in tokens
@@ -573,7 +689,7 @@ def test_a_history_in_tokens_is_converted(tmp_path: Path) -> None:
     history = load_history(write_synthetic_history(tmp_path / "t.jsonl", records, header))
     tokens = window_b_simple(history, 8 * 640, 8 * 1280, unit="tokens")
     examples = window_b_simple(history, 640, 1280, unit="examples")
-    assert examples.steps == tokens.steps == 11
+    assert examples.steps == tokens.steps == 10  # (640, 1280]: the window's ten steps
     assert examples.b_simple == pytest.approx(tokens.b_simple / 8)
 
 
@@ -604,7 +720,7 @@ def test_a_window_converts_each_record_with_its_own_tokens_per_example(tmp_path:
     for start, end in [(0, 400), (440, 800), (200, 700)]:
         got = window_b_simple(per_token, start, end)
         truth = window_b_simple(per_example, start, end)
-        inside = [r for r in in_examples if start <= r["examples"] <= end]
+        inside = [r for r in in_examples if start < r["examples"] <= end]
         brute = np.mean([r["trace_sigma"] for r in inside]) / np.mean([r["g2"] for r in inside])
         assert truth.b_simple == pytest.approx(brute, rel=1e-12)
         assert (got.b_simple, got.low, got.high) == pytest.approx(
@@ -674,9 +790,9 @@ def test_tokens_per_example_converts_a_history_that_did_not_count_tokens(
         window_b_simple(history, 8 * 640, 8 * 1280, unit="tokens")
     # At 8 tokens per example the token window [5120, 10240] is the example window [640, 1280].
     tokens = window_b_simple(history, 8 * 640, 8 * 1280, unit="tokens", tokens_per_example=8)
-    inside = [r for r in records if 640 <= r["examples"] <= 1280]
+    inside = [r for r in records if 640 < r["examples"] <= 1280]
     expected = np.mean([r["trace_sigma"] for r in inside]) / np.mean([r["g2"] for r in inside])
-    assert tokens.steps == len(inside) == 11
+    assert tokens.steps == len(inside) == 10
     assert tokens.b_simple == pytest.approx(8 * expected, rel=1e-12)
     # The command, as its help describes: token branches beside an examples history.
     pytest.importorskip("optuna")
@@ -1307,21 +1423,33 @@ def test_a_window_the_history_barely_covers_is_noted(
     tmp_path: Path, fresh_folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The history ends at 320 examples; the second window, [288, 544], spans 32 of its steps
-    # and holds 5: B_simple "over the window" came from those, with no word.
+    # and holds 4 (296-320; the step that ended at 288 trained before it): B_simple "over the
+    # window" came from those, with no word.
     pytest.importorskip("optuna")
     from noisescale.cli import main
 
     write_synthetic_history(tmp_path / "h.jsonl", synthetic_records(n_steps=40, batch_size=8))
     assert main(_small_plan("--checkpoints", "0,288", "--history", "h.jsonl")) == 0
     captured = capsys.readouterr()
-    assert "checkpoint 288: 12% of the window, 5 step(s)" in captured.err
+    assert "checkpoint 288: 12% of the window, 4 step(s)" in captured.err
     assert "checkpoint 0:" not in captured.err  # 27 of 32 steps: covered
     assert main(["branch", "--history", "h.jsonl", "--json"]) == 0
     payload = _last_json(capsys)
     assert [p["window_steps"] for p in payload["points"]] == [32, 32]
-    assert [p["b_simple_steps"] for p in payload["points"]] == [27, 5]
+    assert [p["b_simple_steps"] for p in payload["points"]] == [27, 4]
     assert any("checkpoint 288: 12% of the window" in n for n in payload["notes"])
-    assert [round(p["window_covered"], 3) for p in payload["points"]] == [0.969, 0.125]
+    # [0, 256] is covered whole: the first record, at 8, trained on (0, 8] (until 2026-12-07
+    # from 8 on: 0.969)
+    assert [round(p["window_covered"], 3) for p in payload["points"]] == [1.0, 0.125]
+    # A window of one main-run step at the run's start (budget 8, the main run's batch) holds
+    # that step, brute force, and is covered: it read 0% covered, "give the history of the
+    # whole run" (a review).
+    history = load_history(tmp_path / "h.jsonl")
+    records = synthetic_records(n_steps=40, batch_size=8)
+    row = side_by_side([_result(0, 8, 4.0, 4.0)], history)[0]
+    assert row.window_covered == 1.0 and row.window_steps == 1
+    first = records[0]
+    assert first["examples"] == 8 and row.b_simple_steps == int(first["g2"] is not None)
 
 
 def test_b_noise_is_a_column_of_the_table(
@@ -1392,7 +1520,7 @@ def test_a_window_without_b_noise_says_why(
         for s in range(1, 101)
     ]
     row = side_by_side([_result(400, 400, 10.0, 10.0)], b_noise=read_b_noise(records))[0]
-    mean = np.mean([r["ghg"] for r in records if 400 <= r["examples"] <= 800])  # -53/51
+    mean = np.mean([r["ghg"] for r in records if 400 <= r["examples"] < 800])  # -1 (50 steps)
     assert math.isnan(row.b_noise)
     assert row.b_noise_reason.startswith(f"the averaged GᵀHG is {mean:.3g}, not positive")
     assert row.as_dict()["b_noise_reason"] == row.b_noise_reason
@@ -1404,9 +1532,9 @@ def test_a_window_without_b_noise_says_why(
     from noisescale.cli import main
 
     (fresh_folder / "bn.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert main(_small_plan("--b-noise", "bn.jsonl")) == 0  # the window [0, 256]
+    assert main(_small_plan("--b-noise", "bn.jsonl")) == 0  # the window [0, 256)
     captured = capsys.readouterr()
-    mean = np.mean([r["ghg"] for r in records if r["examples"] <= 256])  # -1
+    mean = np.mean([r["ghg"] for r in records if r["examples"] < 256])  # -1
     assert "checkpoint 0: B_noise over the window is not available (—): the averaged GᵀHG is " + (
         f"{mean:.3g}, not positive"
     ) in " ".join(captured.err.split())

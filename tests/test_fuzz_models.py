@@ -19,6 +19,7 @@ import torch
 
 import fuzz_beyond
 import fuzz_bnoise
+import fuzz_branch
 import fuzz_cli
 import fuzz_decisions
 import fuzz_distributed
@@ -1287,6 +1288,46 @@ def test_the_pages_show_their_numbers_and_names_exactly(seed):
     assert not fuzz_pages.findings(record), (fuzz_pages.describe(record), record["checks"])
 
 
+# --- the branch fuzzer (tests/fuzz_branch.py): noisescale.branch on real runs -------------------
+
+# Seeds whose every check passes (2026-12-07): a tiny float64 model's main run and its branches
+# stored on SQLite, their curves, the stored set, the local CBS, B_simple beside it, the warm-up
+# and the command's JSON against reruns and computations by hand. Long run: make fuzz-branch
+# SEEDS=0:200 (≈ 5-15 s a seed: SQLite trials, worker processes, a killed worker's grace).
+BRANCH_SAMPLE = [(40, ("curve", "stored", "cbs", "side", "warmup", "cli"))]
+
+# What it found (2026-12-07): fixed the same day, kept as regressions.
+FOUND_BY_THE_BRANCH_FUZZER = [
+    # WRONG: window_b_simple (and side_by_side's B_simple and loss) took the main run's records
+    # at positions in [checkpoint, checkpoint + budget]: the record at the checkpoint is the
+    # step that ended there, its gradient taken before the branch point — 5 steps where the
+    # window holds 4, B_simple 4.05 for 7.58 (seed 233); 28.3 for 19.5 (seed 5); 5.08 from the
+    # one step before a window that holds none of the history's (seed 8)
+    (233, "side"),
+    (8, "side"),
+    # WRONG: fit_warmup's eq. D.1 prediction at equal progress integrated a B_crit that is only
+    # a bound (no batch size above the reference lost examples measurably, "≥ B_max") as if
+    # measured: 49.8 steps and 149.3 examples printed, for no prediction (seed 5)
+    (5, "warmup"),
+    # WRONG (a review, the fuzzer's summary B_noise points drawn since): side_by_side's B_noise
+    # took the points at positions in [checkpoint, checkpoint + budget], the end's being the
+    # weights after the window's last step: 64.86 for 53.08, the mean of the window's two
+    # points (seed 0); 50.97 for 57.05, the checkpoint's own (seed 3)
+    (0, "side"),
+    (3, "side"),
+    # the same with the fuzzer's BNoiseTracker records placed by step, drawn before: the
+    # window's end record, the weights after its last step, averaged in (36.54 for 27.59, 23.74
+    # for 33.57; seed 10)
+    (10, "side"),
+]
+
+
+@pytest.mark.parametrize(("seed", "checks"), BRANCH_SAMPLE, ids=[str(s) for s, _ in BRANCH_SAMPLE])
+def test_branches_of_a_real_run_are_their_reruns_and_the_docs_numbers(seed, checks):
+    record = fuzz_branch.check_seed(seed, {"mode": "once"}, checks=checks)
+    assert not fuzz_branch.findings(record), (fuzz_branch.describe(record), record["checks"])
+
+
 @pytest.mark.parametrize(
     ("seed", "check"),
     FOUND_BY_THE_HARDWARE_FUZZER,
@@ -1305,3 +1346,14 @@ def test_what_the_pages_fuzzer_found_is_shown_exactly(seed, check):
     record = fuzz_pages.check_seed(seed, checks=(check,))
     bad = fuzz_pages.findings(record)
     assert not bad, (fuzz_pages.describe(record), bad)
+
+
+@pytest.mark.parametrize(
+    ("seed", "check"),
+    FOUND_BY_THE_BRANCH_FUZZER,
+    ids=[f"{s}-{c}" for s, c in FOUND_BY_THE_BRANCH_FUZZER],
+)
+def test_what_the_branch_fuzzer_found_is_exact_or_refused(seed, check):
+    record = fuzz_branch.check_seed(seed, {"mode": "once"}, checks=(check,))
+    bad = fuzz_branch.findings(record)
+    assert not bad, (fuzz_branch.describe(record), bad)

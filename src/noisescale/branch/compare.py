@@ -596,6 +596,22 @@ def local_critical_batch_size(
     if cbs_bound is None and above and all(v < above[0] for v, _ in per_seed_cbs):
         cbs_bound = "lower"
     crit_bound = _bound(per_seed_crit)
+    ups = [s for s, (_, b) in zip(seeds, per_seed_crit, strict=True) if b == "upper"]
+    downs = [s for s, (_, b) in zip(seeds, per_seed_crit, strict=True) if b == "lower"]
+    if ups and downs:
+        # One data order's B_crit beyond the largest batch size, another's below the smallest:
+        # their geometric mean is no measurement and bounds nothing (until 2026-12-07 it was
+        # given as "≥" it — e.g. "≥ 22.6" with seeds at ≥ 32 and ≤ 8 — and integrated by the
+        # warm-up's eq. D.1 as a bound; a review).
+        warnings.append(
+            f"no B_crit: with seed(s) {', '.join(map(str, ups))} no batch size lost examples "
+            f"measurably (B_crit ≥ {sizes[-1]:g}), with seed(s) {', '.join(map(str, downs))} "
+            f"all lost more than eq. 2.11 allows (B_crit ≤ {sizes[0]:g}): the data orders disagree "
+            "beyond the batch sizes compared; check the learning rates (a rate far from tuned "
+            "loses more than eq. 2.11 allows) and branch at batch sizes beyond both ends"
+        )
+        crit = crit_low = crit_high = math.nan
+        crit_bound = None
     if cbs_bound == "upper":
         cbs_high = math.inf
     if crit_bound == "upper":

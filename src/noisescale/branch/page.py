@@ -267,6 +267,10 @@ def branch_html(
             f"<b>{format_count(plan.steps_same_progress)}</b> steps to reach the main run's loss: "
             f"{100 * plan.step_saving_same_progress:.1f}% fewer steps."
             if math.isfinite(plan.steps_same_progress)
+            # (until 2026-12-07 nothing where there is none: the command's text named why, the
+            # page left the prediction out without a word; a review)
+            else f" No eq. D.1 prediction at equal progress: {e(plan.same_progress_reason)}."
+            if plan.same_progress_reason
             else ""
         )
         warm = (

@@ -11,7 +11,12 @@ checkpoint + budget], and in it:
 * B_noise where it was measured: from :class:`~noisescale.hessian.BNoiseTracker` records, the
   ratio of the plain means of their per-measurement GᵀHG and tr(HΣ) over the window, with its
   Fieller interval, as for B_simple (the records' ``b_noise`` is the tracker's running EMA);
-  from summary points ``(examples, b_noise[, low, high])``, one per window, their mean;
+  from summary points ``(examples, b_noise[, low, high])``, one per window, their mean. A
+  B_noise point stands where the weights it measured stand: after ``examples`` of training
+  (placed by ``step``: after that step of the main run, ``bn.step`` called after
+  ``optimizer.step()``). The window's weights are those at [checkpoint, checkpoint + budget):
+  the checkpoint's own, not those after the window's last step (until 2026-12-07 [ , ]: with
+  checkpoints one budget apart, a window's B_noise averaged in the next checkpoint's point);
 * the ratios B_crit/B_simple and cbs/B_simple — what McCandlish et al. predict to be of order 1
   (B_crit ≈ B_noise, B_simple within a small factor) and Merrill et al. doubt.
 
@@ -232,7 +237,11 @@ def window_b_simple(
     tokens_per_example: float | None = None,
     confidence: float = 0.95,
 ) -> estimators.NoiseEstimate:
-    """B_simple over the main run's records with position in [start, end] (module docstring).
+    """B_simple over the main run's steps in the window: records with position in (start, end]
+    (module docstring). A record's position counts the examples after its step, whose gradient
+    was taken before it: the step that ended at ``start`` trained before the branch point and
+    is not the window's (until 2026-12-07 it was counted, one step of 11 in a window of 10
+    from before the checkpoint, found by tests/fuzz_branch.py).
 
     The estimate is in ``unit``; ``steps`` says how many records it uses (0: none in the
     window, then B_simple is ``nan``). A history in the other unit is converted record by
@@ -244,7 +253,7 @@ def window_b_simple(
             per example.
     """
     pos = history_positions(history, unit, tokens_per_example)
-    inside = (pos >= start) & (pos <= end) & ~history.skipped
+    inside = (pos > start) & (pos <= end) & ~history.skipped
     inside &= np.isfinite(history.g2) & np.isfinite(history.trace_sigma)
     if not inside.any():
         return estimators.NoiseEstimate(
@@ -288,6 +297,15 @@ def side_by_side(
     rows = []
     pos = history_positions(history, unit, tokens_per_example) if history is not None else None
     finite = pos[np.isfinite(pos)] if pos is not None else np.empty(0)
+    span = (math.nan, math.nan)
+    if history is not None and pos is not None and finite.size:
+        # The history covers its steps' examples: a record at p trained on (p − its batch, p]
+        # (until 2026-12-07 from its first record's position on: a window of one main-run step
+        # at the run's start read 0% covered and "give the history of the whole run"; a review)
+        with np.errstate(invalid="ignore"):
+            extent = history.b_big * b_simple_factors(history, unit, tokens_per_example)
+        first = pos - np.where(np.isfinite(extent) & (extent > 0), extent, 0.0)
+        span = (float(np.nanmin(np.where(np.isfinite(pos), first, np.nan))), float(finite.max()))
     for r in sorted(results, key=lambda r: r.checkpoint):
         start, end = r.checkpoint, r.checkpoint + r.budget
         loss = math.nan
@@ -301,10 +319,12 @@ def side_by_side(
                 tokens_per_example=tokens_per_example,
                 confidence=confidence,
             )
-            window = (pos >= start) & (pos <= end) & np.isfinite(history.loss)
+            window = (pos > start) & (pos <= end) & np.isfinite(history.loss)
             if window.any():
                 loss = float(history.loss[window].mean())
-        inside = [p for p in b_noise if start <= p.examples <= end]
+        # (the weights measured, from the checkpoint's on, not those after the window: module
+        # docstring)
+        inside = [p for p in b_noise if start <= p.examples < end]
         bn, bn_low, bn_high, bn_reason = _window_b_noise(inside, confidence)
         bs = e.b_simple if e is not None else math.nan
         rows.append(
@@ -322,7 +342,7 @@ def side_by_side(
                 ratio_b_crit=_ratio(r.b_crit, bs),
                 ratio_cbs=_ratio(r.cbs, bs),
                 window_steps=_window_steps(finite, start, end),
-                window_covered=_covered(finite, start, end),
+                window_covered=_covered(span, start, end),
                 b_noise_reason=bn_reason,
             )
         )
@@ -366,6 +386,12 @@ def read_b_noise(
     ``trace_h_sigma`` (its ``history``: the window's B_noise is computed from them, not from
     the running ``b_noise``) or summary values ``b_noise`` and optionally
     ``b_noise_low``/``b_noise_high`` (e.g. one measurement per window).
+
+    A point stands where the weights it measured do: ``examples`` of training before it, or
+    with ``step`` the main run's position after that step — a ``BNoiseTracker`` whose
+    ``step`` is called after ``optimizer.step()``, its call count the main run's step (called
+    before the forward, its weights are one step earlier: give ``examples``). A window holds
+    the points in [checkpoint, checkpoint + budget) (module docstring).
 
     A ``BNoiseTracker`` measures per example: for branches in tokens its B_noise (value and
     interval) is multiplied by the tokens per example — ``tokens_per_example``, else the
@@ -489,13 +515,14 @@ def _carried_tokens_per_example(history: History) -> np.ndarray:
     return np.where(last >= 0, t[np.maximum(last, 0)], math.nan)
 
 
-def _covered(pos: np.ndarray, start: float, end: float) -> float:
-    """The fraction of [start, end] between the history's first and last positions (a review
-    found the first version's count of records at the run's median spacing calling a window
-    half-covered when the main run's batch had grown since: records 8× apart)."""
-    if not pos.size or end <= start:
+def _covered(span: tuple[float, float], start: float, end: float) -> float:
+    """The fraction of [start, end] in ``span``, the examples the history's steps trained on
+    (a review found the first version's count of records at the run's median spacing calling a
+    window half-covered when the main run's batch had grown since: records 8× apart)."""
+    lo, hi = span
+    if not (math.isfinite(lo) and math.isfinite(hi)) or end <= start:
         return math.nan
-    inside = min(end, float(pos.max())) - max(start, float(pos.min()))
+    inside = min(end, hi) - max(start, lo)
     return max(0.0, inside) / (end - start)
 
 

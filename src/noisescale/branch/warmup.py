@@ -60,6 +60,8 @@ class WarmupPlan:
             D.1 with the measured B_crit; ``nan`` without one).
         steps_same_progress: Steps the warm-up needs for that progress.
         step_saving_same_progress: 1 − steps_same_progress/steps_fixed.
+        same_progress_reason: Why there is no prediction at equal progress (``nan``): no
+            measured B_crit, or one that is only a bound; empty otherwise.
     """
 
     knots: tuple[tuple[float, int], ...]
@@ -71,6 +73,7 @@ class WarmupPlan:
     examples_same_progress: float
     steps_same_progress: float
     step_saving_same_progress: float
+    same_progress_reason: str = ""
 
     def batch_size_at(self, consumed: float) -> int:
         """The warm-up's batch size after ``consumed`` examples."""
@@ -99,6 +102,7 @@ class WarmupPlan:
             "examples_same_progress",
             "steps_same_progress",
             "step_saving_same_progress",
+            "same_progress_reason",
         ):
             value = getattr(self, name)
             out[name] = value if not isinstance(value, float) or math.isfinite(value) else None
@@ -158,8 +162,8 @@ def fit_warmup(
         factor: Multiple of the critical batch size to aim for (≤ 1 is safer).
 
     Raises:
-        NoiseScaleInputError: no results, a bad ``use``/``factor``/``total``, or no allowed
-            batch size.
+        NoiseScaleInputError: no results, a bad ``use``/``factor``/``total``, no allowed
+            batch size, or ``use="low"`` where a measured CBS has no interval (one seed).
     """
     if not results:
         raise NoiseScaleInputError("a warm-up needs at least one measured branch point")
@@ -179,6 +183,19 @@ def fit_warmup(
     if not allowed or allowed[0] < 1:
         raise NoiseScaleInputError("the warm-up needs positive allowed batch sizes")
     ordered = sorted(results, key=lambda r: r.checkpoint)
+    if use == "low":
+        # A point whose CBS was measured without an interval (one seed) has no lower end:
+        # skipping it left the warm-up at the smallest batch size there, without a word (until
+        # 2026-12-07; a review).
+        lacking = [
+            r.checkpoint for r in ordered if math.isfinite(r.cbs) and not math.isfinite(r.cbs_low)
+        ]
+        if lacking:
+            raise NoiseScaleInputError(
+                "use='low' follows the lower end of the CBS's interval, and the branch point(s) "
+                f"at {', '.join(f'{c:g}' for c in lacking)} have none (one seed: no interval); "
+                "repeat their branches with other data orders (seeds), or use='estimate'"
+            )
     knots: list[tuple[float, int]] = [(0.0, allowed[0])]
     for r in ordered:
         target = (r.cbs if use == "estimate" else r.cbs_low) * factor
@@ -194,7 +211,38 @@ def fit_warmup(
             knots.append((float(r.checkpoint), batch))
     steps_fixed = total / base_batch_size
     steps_warm = warmup_steps(knots, total)
-    e_same, s_same = _same_progress(ordered, knots, base_batch_size, total)
+    # A B_crit that is only a bound (no batch size lost examples measurably: ≥ the largest;
+    # or all lost more than eq. 2.11 allows: ≤ the smallest) is no measurement to integrate:
+    # eq. D.1 with the bound's value is neither the prediction nor a bound on it (until
+    # 2026-12-07 it was used as measured, without a word; found by tests/fuzz_branch.py).
+    bounded = [r for r in ordered if r.b_crit_bound is not None and math.isfinite(r.b_crit)]
+    reason = ""
+    if bounded:
+        e_same, s_same = math.nan, math.nan
+        reason = (
+            "B_crit is only a bound at "
+            + ", ".join(
+                f"checkpoint {r.checkpoint:g} ({'≥' if r.b_crit_bound == 'upper' else '≤'} "
+                f"{r.b_crit:.3g})"
+                for r in bounded
+            )
+            + ": branch at batch sizes that bracket it to predict the steps at equal progress"
+        )
+    else:
+        e_same, s_same = _same_progress(ordered, knots, base_batch_size, total)
+        unmeasured = [r.checkpoint for r in ordered if not math.isfinite(r.b_crit)]
+        if not math.isfinite(e_same):
+            reason = "no branch point measured B_crit"
+        elif unmeasured:
+            # Interpolated over, without a word, as if not branched there (until 2026-12-07;
+            # since then one with seeds past both ends of the batch sizes has none, a review)
+            e_same, s_same = math.nan, math.nan
+            reason = (
+                "no B_crit at checkpoint(s) "
+                + ", ".join(f"{c:g}" for c in unmeasured)
+                + " (their warnings say why): measure it there, or leave those branch points "
+                "out to predict the steps at equal progress from the others"
+            )
     return WarmupPlan(
         knots=tuple(knots),
         base_batch_size=int(base_batch_size),
@@ -205,6 +253,7 @@ def fit_warmup(
         examples_same_progress=e_same,
         steps_same_progress=s_same,
         step_saving_same_progress=1.0 - s_same / steps_fixed,
+        same_progress_reason=reason,
     )
 
 

@@ -624,6 +624,8 @@ def _text(rows: list[Any], warm: Any, args: argparse.Namespace, storage: Any, st
                 f"({100 * warm.step_saving_same_progress:.1f}% fewer) and "
                 f"{format_count(warm.examples_same_progress)} {args.unit}"
             )
+        elif warm.same_progress_reason:
+            lines.append(f"  no eq. D.1 prediction at equal progress: {warm.same_progress_reason}")
     if storage.origin == "option" and storage.has_password:
         lines.append(
             f"(the password is masked; set {STORAGE_ENV} or use --storage-file to keep it off "
