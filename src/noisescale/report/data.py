@@ -562,8 +562,10 @@ def adaptive_summary(traj: Trajectory, unit: str = "examples") -> AdaptiveSummar
             f"the run counted {run.examples:,.6g} {unit}, {abs(unrecorded):,.4g} "
             f"{'fewer' if unrecorded < 0 else 'more'} than its batch sizes interpolated between "
             f"records, against {above:,.4g} {unit} above E_min: the batch sizes of steps without "
-            "an estimate (sparse or skipped records) decide the comparison, and the history "
-            "does not tell them; record every step around the batch-size changes"
+            "an estimate (sparse or skipped records, or records before B_simple could be "
+            "estimated) decide the comparison, and the history does not tell them; record "
+            "every step around the batch-size changes, or change the batch size only once "
+            "B_simple is estimated"
         )
     elif not above + unrecorded >= np.finfo(float).tiny:
         note = (
@@ -788,9 +790,11 @@ def report_data(history: History, batch_sizes: Iterable[float] | None = None) ->
                 f"the run counted {run.examples:,.6g} {history.unit} between its first and last "
                 f"estimate, but its batch sizes ('b_big'), interpolated between the records that "
                 f"carry an estimate, add up to {interpolated:,.6g}: the batch size changed at "
-                "steps without an estimate (sparse or skipped records), and S_min, E_min, the "
-                "costs and the schedules below price the interpolated batches, not the run's; "
-                "record every step around the batch-size changes",
+                "steps without an estimate (sparse or skipped records, or records before "
+                "B_simple could be estimated), and S_min, E_min, the costs and the schedules "
+                "below price the interpolated batches, not the run's; record every step around "
+                "the batch-size changes, or change the batch size only once B_simple is "
+                "estimated",
             )
     return ReportData(
         history=history,
