@@ -2613,6 +2613,15 @@ class GradientNoiseTracker:
                 self._unmeasured[1],
                 None if self._unmeasured[2] is None else float(self._unmeasured[2]),
             ],
+            # the precondition optimizer's stall: tracker steps since its count last moved, and
+            # that count (_optimizer_stalled; until 2026-12-07 a resume restarted it at 0, and
+            # the steps the run would have left out were weighed by the stalled optimizer's
+            # frozen P without a word: g2 16.09 for 18.69, a hunt)
+            "optimizer_seen": (
+                None
+                if self._optimizer_seen is None
+                else [self._optimizer_stalled(), self._optimizer_seen[1]]
+            ),
         }
 
     def _model_signature(self) -> dict[str, int]:
@@ -2745,6 +2754,14 @@ class GradientNoiseTracker:
             self._dist.weights_varied = bool(state.get("weights_varied"))
         count, examples, tokens = state.get("unmeasured", [0, 0, 0.0])
         self._unmeasured = (int(count), int(examples), None if tokens is None else float(tokens))
+        seen = state.get("optimizer_seen")
+        # (the stall goes on only while the restored optimizer's count is the saved one: the
+        # next step's _watch_optimizer restarts it where the count differs)
+        self._optimizer_seen = (
+            None
+            if seen is None or self.precondition is None
+            else (self.steps - int(seen[0]), int(seen[1]))
+        )
         self._schedule_next()
 
 
