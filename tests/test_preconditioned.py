@@ -7,6 +7,8 @@ unbiasedness of the preconditioned |PG|² and tr(PΣP) on a quadratic with known
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import warnings
 
@@ -737,6 +739,55 @@ def test_a_resume_within_a_stalled_optimizer_leaves_the_same_steps_out():
         (truth.g2, truth.trace_sigma, truth.b_simple, truth.low, truth.high, truth.steps),
         rel=1e-12,
     )
+
+
+def test_a_preconditioned_checkpoint_is_not_resumed_with_another_preconditioner():
+    """An Adam-preconditioned checkpoint loaded into precondition=RMSprop: until 2026-12-07
+    RMSprop's 1/(√v + ε) was averaged into Adam's 1/(√v̂ + ε) without a word once it had
+    taken precondition_from steps. Refused now, naming both; AdamW (Adam's P) resumes to the
+    uninterrupted run's estimate, and so does a checkpoint from before preconditioning
+    began."""
+    model, g = _mlp_and_data()
+    opt, tracker = _resumable(model)
+    _train(model, tracker, opt, 1, g)
+    early = tracker.state_dict()
+    _train(model, tracker, opt, 4, g)
+    late = json.loads(json.dumps(tracker.state_dict()))
+    tracker.remove()
+    rms = torch.optim.RMSprop(model.parameters(), lr=1e-3)
+    other = noisescale.GradientNoiseTracker(
+        model, precondition=rms, precondition_from=2, per_example_fraction=1.0
+    )
+    with pytest.raises(NoiseScaleInputError, match=r"by Adam/AdamW's second moments \(since"):
+        other.load_state_dict(late)
+    other.load_state_dict(early)  # (plain until then: RMSprop's estimate starts afresh)
+    other.remove()
+
+    def finish(optimizer_class, state, saved):
+        model, g = _mlp_and_data()
+        _, tracker = _resumable(model)
+        _train(model, tracker, torch.optim.Adam(model.parameters(), lr=1e-2), 5, g)
+        tracker.remove()
+        opt = optimizer_class(model.parameters(), lr=1e-2)
+        opt.load_state_dict(saved)
+        tracker = noisescale.GradientNoiseTracker(
+            model, precondition=opt, precondition_from=2, per_example_fraction=1.0
+        )
+        if state is not None:
+            tracker.load_state_dict(state)
+        return model, g, opt, tracker
+
+    model, g = _mlp_and_data()
+    opt, full = _resumable(model)
+    _train(model, full, opt, 5, g)
+    saved = copy.deepcopy(opt.state_dict())  # (its tensors are the optimizer's own)
+    _train(model, full, opt, 3, g)
+    model, g, opt, resumed = finish(torch.optim.AdamW, late, saved)
+    _train(model, resumed, opt, 3, g)
+    e, truth = resumed.estimate(), full.estimate()
+    assert (e.g2, e.trace_sigma) == pytest.approx((truth.g2, truth.trace_sigma), rel=1e-12)
+    resumed.remove()
+    full.remove()
 
 
 class _Cancelled(nn.Module):

@@ -2585,6 +2585,7 @@ class GradientNoiseTracker:
             "grouped_rows": self.grouped_rows,
             "preconditioned_from": s.preconditioned_from,
             "precondition": self.precondition is not None,
+            "preconditioner": self._preconditioner_kind(),
             # the last step's micro-batch count: a shorter window next is left out (its divisor).
             # Under data parallelism it is only this process's: not saved (0, unknown), since the
             # checkpoint may resume on one process or another number, whose window is its own
@@ -2627,10 +2628,17 @@ class GradientNoiseTracker:
             ),
         }
 
+    def _preconditioner_kind(self) -> str | None:
+        """Which P the precondition optimizer's state gives: Adam's and AdamW's 1/(√v̂ + ε),
+        RMSprop's 1/(√v + ε); ``None`` without precondition=."""
+        if self.precondition is None:
+            return None
+        return "RMSprop" if isinstance(self.precondition, torch.optim.RMSprop) else "Adam/AdamW"
+
     def _group_signature(self) -> dict[str, list[int]]:
         """Each parameter group's trainable parameter tensors and their elements, by name."""
         signature = {name: [0, 0] for name in self._group_names}
-        for p, g in zip(self._params, self._group_index, strict=True):
+        for p, g in zip(self._params, self._group_index, strict=bool(self._group_names)):
             signature[self._group_names[g]][0] += 1
             signature[self._group_names[g]][1] += p.numel()
         return signature
@@ -2681,6 +2689,17 @@ class GradientNoiseTracker:
                 f"step {state['preconditioned_from']}) but this tracker measures the plain one; "
                 "construct it with precondition=<the optimizer> (and restore the optimizer's "
                 "state), or start a new plain estimate"
+            )
+        saved_kind, kind = state.get("preconditioner"), self._preconditioner_kind()
+        if state.get("preconditioned_from") is not None and saved_kind not in (None, kind):
+            # (until 2026-12-07 an Adam checkpoint resumed with precondition=RMSprop averaged
+            # RMSprop's 1/(√v + ε) into Adam's 1/(√v̂ + ε) without a word; a hunt)
+            raise NoiseScaleInputError(
+                f"the checkpoint's estimate is of the gradient preconditioned by {saved_kind}'s "
+                f"second moments (since step {state['preconditioned_from']}) but this tracker's "
+                f"precondition= is {kind}'s, another preconditioner: construct it with "
+                f"precondition=<the {saved_kind} optimizer> (and restore its state), or start "
+                "a new estimate (no load_state_dict)"
             )
         saved_model, model = state.get("model"), self._model_signature()
         if saved_model is not None and saved_model != model:
