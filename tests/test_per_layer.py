@@ -204,6 +204,63 @@ def test_state_dict_keeps_the_groups():
         plain.load_state_dict(state)
 
 
+def test_a_resume_whose_groups_of_the_same_names_hold_other_parameters_is_refused():
+    """Groups {"a": body, "b": head} resumed as {"a": head, "b": body}, or the optimizer's
+    param groups reordered under groups="param_groups": until 2026-12-07 only the names were
+    compared, and one group's averages went on over the other's parameters without a word (on
+    a hunt's MLP a's g2 -10.88 for -3.64, b's B_simple 13.02 for 14.16). The same groups
+    resume to the uninterrupted run's per-group estimates."""
+
+    def fresh(seed=3):
+        torch.manual_seed(seed)
+        return Net()
+
+    model = fresh()
+    full = noisescale.GradientNoiseTracker(model, groups={"a": model.body, "b": model.head})
+    train(full, model, 8)
+    model = fresh()
+    tracker = noisescale.GradientNoiseTracker(model, groups={"a": model.body, "b": model.head})
+    train(tracker, model, 4)
+    state = json.loads(json.dumps(tracker.state_dict()))
+    tracker.remove()
+    swapped = noisescale.GradientNoiseTracker(model, groups={"a": model.head, "b": model.body})
+    with pytest.raises(
+        NoiseScaleInputError, match=r"'a' had 6 tensors of 70 elements, here 2 of 15"
+    ):
+        swapped.load_state_dict(state)
+    swapped.remove()
+    resumed = noisescale.GradientNoiseTracker(model, groups={"a": model.body, "b": model.head})
+    resumed.load_state_dict(state)
+    for s in range(4, 8):  # the same batches as the uninterrupted run's steps 5..8
+        x, y = data(s, 6, 3)
+        for xm, ym in zip(x.chunk(2), y.chunk(2), strict=True):
+            (per_example_loss(model(xm), ym).mean() / 2).backward()
+        resumed.step()
+        model.zero_grad()
+    truth, got = full.estimate_groups(), resumed.estimate_groups()
+    for name in ("a", "b"):
+        assert (got[name].g2, got[name].trace_sigma) == pytest.approx(
+            (truth[name].g2, truth[name].trace_sigma), rel=1e-12
+        )
+    # the optimizer's param groups reordered
+    model = fresh()
+    opt = torch.optim.SGD(
+        [{"params": getattr(model, n).parameters()} for n in ("emb", "body", "head")],
+        lr=0.1,
+    )
+    tracker = noisescale.GradientNoiseTracker(model, optimizer=opt, groups="param_groups")
+    train(tracker, model, 2)
+    state = tracker.state_dict()
+    tracker.remove()
+    opt = torch.optim.SGD(
+        [{"params": getattr(model, n).parameters()} for n in ("body", "emb", "head")],
+        lr=0.1,
+    )
+    reordered = noisescale.GradientNoiseTracker(model, optimizer=opt, groups="param_groups")
+    with pytest.raises(NoiseScaleInputError, match="of the same names hold other parameters"):
+        reordered.load_state_dict(state)
+
+
 def test_bad_group_specs():
     model = Net()
     with pytest.raises(NoiseScaleInputError, match="in groups"):

@@ -7,6 +7,8 @@ unbiasedness of the preconditioned |PG|² and tr(PΣP) on a quadratic with known
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import warnings
 
@@ -695,6 +697,97 @@ def test_an_optimizer_recreated_after_preconditioning_started_leaves_its_steps_o
             tracker2.remove()
     finally:
         tracker.remove()
+
+
+def test_a_resume_within_a_stalled_optimizer_leaves_the_same_steps_out():
+    """Adam recreated after step 5 (the precondition optimizer stalls), the checkpoint taken
+    after step 7, once it had missed its step at step 7: the uninterrupted run leaves steps 8
+    on out (two tracker steps without its step). Until 2026-12-07 the stall's count was not in
+    state_dict and restarted at 0 on resume: steps 8 and 9 were weighed by the stalled
+    optimizer's frozen second moments without a word (g2 16.09 for 18.69, B_simple 43.85 for
+    44.41, and an interval [7.58, inf) the run never had; a hunt)."""
+
+    def run(resume_at=None):
+        model, g = _mlp_and_data()
+        opt, tracker = _resumable(model)
+        new = torch.optim.Adam(model.parameters(), lr=5e-3)
+        records = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _train(model, tracker, opt, 5, g)
+            _run(model, tracker, opt, 2 if resume_at else 7, g, stepped=new)
+            if resume_at:
+                state, saved = tracker.state_dict(), opt.state_dict()
+                records += tracker.history
+                tracker.remove()
+                opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+                opt.load_state_dict(saved)
+                tracker = noisescale.GradientNoiseTracker(
+                    model, precondition=opt, precondition_from=2, per_example_fraction=1.0
+                )
+                tracker.load_state_dict(state)
+                _run(model, tracker, opt, 5, g, stepped=new)
+        records += tracker.history
+        estimate = tracker.estimate()
+        tracker.remove()
+        return records, estimate
+
+    (full, truth), (resumed, e) = run(), run(resume_at=7)
+    assert [r["step"] for r in full] == [r["step"] for r in resumed] == list(range(1, 8))
+    assert [r["g2"] for r in resumed] == pytest.approx([r["g2"] for r in full], rel=1e-12)
+    assert (e.g2, e.trace_sigma, e.b_simple, e.low, e.high, e.steps) == pytest.approx(
+        (truth.g2, truth.trace_sigma, truth.b_simple, truth.low, truth.high, truth.steps),
+        rel=1e-12,
+    )
+
+
+def test_a_preconditioned_checkpoint_is_not_resumed_with_another_preconditioner():
+    """An Adam-preconditioned checkpoint loaded into precondition=RMSprop: until 2026-12-07
+    RMSprop's 1/(√v + ε) was averaged into Adam's 1/(√v̂ + ε) without a word once it had
+    taken precondition_from steps. Refused now, naming both; AdamW (Adam's P) resumes to the
+    uninterrupted run's estimate, and so does a checkpoint from before preconditioning
+    began."""
+    model, g = _mlp_and_data()
+    opt, tracker = _resumable(model)
+    _train(model, tracker, opt, 1, g)
+    early = tracker.state_dict()
+    _train(model, tracker, opt, 4, g)
+    late = json.loads(json.dumps(tracker.state_dict()))
+    tracker.remove()
+    rms = torch.optim.RMSprop(model.parameters(), lr=1e-3)
+    other = noisescale.GradientNoiseTracker(
+        model, precondition=rms, precondition_from=2, per_example_fraction=1.0
+    )
+    with pytest.raises(NoiseScaleInputError, match=r"by Adam/AdamW's second moments \(since"):
+        other.load_state_dict(late)
+    other.load_state_dict(early)  # (plain until then: RMSprop's estimate starts afresh)
+    other.remove()
+
+    def finish(optimizer_class, state, saved):
+        model, g = _mlp_and_data()
+        _, tracker = _resumable(model)
+        _train(model, tracker, torch.optim.Adam(model.parameters(), lr=1e-2), 5, g)
+        tracker.remove()
+        opt = optimizer_class(model.parameters(), lr=1e-2)
+        opt.load_state_dict(saved)
+        tracker = noisescale.GradientNoiseTracker(
+            model, precondition=opt, precondition_from=2, per_example_fraction=1.0
+        )
+        if state is not None:
+            tracker.load_state_dict(state)
+        return model, g, opt, tracker
+
+    model, g = _mlp_and_data()
+    opt, full = _resumable(model)
+    _train(model, full, opt, 5, g)
+    saved = copy.deepcopy(opt.state_dict())  # (its tensors are the optimizer's own)
+    _train(model, full, opt, 3, g)
+    model, g, opt, resumed = finish(torch.optim.AdamW, late, saved)
+    _train(model, resumed, opt, 3, g)
+    e, truth = resumed.estimate(), full.estimate()
+    assert (e.g2, e.trace_sigma) == pytest.approx((truth.g2, truth.trace_sigma), rel=1e-12)
+    resumed.remove()
+    full.remove()
 
 
 class _Cancelled(nn.Module):

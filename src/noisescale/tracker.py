@@ -2571,6 +2571,9 @@ class GradientNoiseTracker:
             "state": _json_safe(s.noise._asdict()),
             "combiner": {k: _json_safe(v._asdict()) for k, v in s.combiner.items()},
             "group_states": {n: _json_safe(v._asdict()) for n, v in s.groups.items()},
+            # what each group measures (_group_signature): a resume whose groups of the same
+            # names hold other parameters is refused
+            "group_parameters": self._group_signature(),
             "steps": self.steps,
             "folded_steps": s.steps,
             "skipped_steps": s.skipped_steps,
@@ -2582,6 +2585,7 @@ class GradientNoiseTracker:
             "grouped_rows": self.grouped_rows,
             "preconditioned_from": s.preconditioned_from,
             "precondition": self.precondition is not None,
+            "preconditioner": self._preconditioner_kind(),
             # the last step's micro-batch count: a shorter window next is left out (its divisor).
             # Under data parallelism it is only this process's: not saved (0, unknown), since the
             # checkpoint may resume on one process or another number, whose window is its own
@@ -2613,7 +2617,31 @@ class GradientNoiseTracker:
                 self._unmeasured[1],
                 None if self._unmeasured[2] is None else float(self._unmeasured[2]),
             ],
+            # the precondition optimizer's stall: tracker steps since its count last moved, and
+            # that count (_optimizer_stalled; until 2026-12-07 a resume restarted it at 0, and
+            # the steps the run would have left out were weighed by the stalled optimizer's
+            # frozen P without a word: g2 16.09 for 18.69, a hunt)
+            "optimizer_seen": (
+                None
+                if self._optimizer_seen is None
+                else [self._optimizer_stalled(), self._optimizer_seen[1]]
+            ),
         }
+
+    def _preconditioner_kind(self) -> str | None:
+        """Which P the precondition optimizer's state gives: Adam's and AdamW's 1/(√v̂ + ε),
+        RMSprop's 1/(√v + ε); ``None`` without precondition=."""
+        if self.precondition is None:
+            return None
+        return "RMSprop" if isinstance(self.precondition, torch.optim.RMSprop) else "Adam/AdamW"
+
+    def _group_signature(self) -> dict[str, list[int]]:
+        """Each parameter group's trainable parameter tensors and their elements, by name."""
+        signature = {name: [0, 0] for name in self._group_names}
+        for p, g in zip(self._params, self._group_index, strict=bool(self._group_names)):
+            signature[self._group_names[g]][0] += 1
+            signature[self._group_names[g]][1] += p.numel()
+        return signature
 
     def _model_signature(self) -> dict[str, int]:
         """The trainable parameters the tracker measures, in a form wrappers do not change
@@ -2662,6 +2690,17 @@ class GradientNoiseTracker:
                 "construct it with precondition=<the optimizer> (and restore the optimizer's "
                 "state), or start a new plain estimate"
             )
+        saved_kind, kind = state.get("preconditioner"), self._preconditioner_kind()
+        if state.get("preconditioned_from") is not None and saved_kind not in (None, kind):
+            # (until 2026-12-07 an Adam checkpoint resumed with precondition=RMSprop averaged
+            # RMSprop's 1/(√v + ε) into Adam's 1/(√v̂ + ε) without a word; a hunt)
+            raise NoiseScaleInputError(
+                f"the checkpoint's estimate is of the gradient preconditioned by {saved_kind}'s "
+                f"second moments (since step {state['preconditioned_from']}) but this tracker's "
+                f"precondition= is {kind}'s, another preconditioner: construct it with "
+                f"precondition=<the {saved_kind} optimizer> (and restore its state), or start "
+                "a new estimate (no load_state_dict)"
+            )
         saved_model, model = state.get("model"), self._model_signature()
         if saved_model is not None and saved_model != model:
             raise NoiseScaleInputError(
@@ -2696,6 +2735,24 @@ class GradientNoiseTracker:
             raise NoiseScaleInputError(
                 f"the checkpoint has parameter groups {sorted(saved_groups)} but this tracker "
                 f"has {sorted(self._state.groups)}; construct it with the same groups="
+            )
+        saved_members, members = state.get("group_parameters"), self._group_signature()
+        if saved_members is not None and saved_members != members:
+            # (until 2026-12-07 only the names were compared: groups {"a": model[0], "b":
+            # model[2]} resumed as {"a": model[2], "b": model[0]} averaged one layer's steps
+            # into the other's without a word, a's g2 -10.88 for -3.64; a hunt)
+            differ = sorted(n for n in members if saved_members.get(n) != members[n])
+            raise NoiseScaleInputError(
+                "the checkpoint's parameter groups of the same names hold other parameters: "
+                + "; ".join(
+                    f"{n!r} had {saved_members.get(n, [0, 0])[0]} tensors of "
+                    f"{saved_members.get(n, [0, 0])[1]} elements, here {members[n][0]} of "
+                    f"{members[n][1]}"
+                    for n in differ
+                )
+                + ". Construct the tracker with the groups= (and, for 'param_groups', the "
+                "optimizer's param groups) the checkpoint was measured with, or start a new "
+                "estimate (no load_state_dict)"
             )
         self._pending.clear()
         self._resumed_at = int(state["steps"])
@@ -2745,6 +2802,14 @@ class GradientNoiseTracker:
             self._dist.weights_varied = bool(state.get("weights_varied"))
         count, examples, tokens = state.get("unmeasured", [0, 0, 0.0])
         self._unmeasured = (int(count), int(examples), None if tokens is None else float(tokens))
+        seen = state.get("optimizer_seen")
+        # (the stall goes on only while the restored optimizer's count is the saved one: the
+        # next step's _watch_optimizer restarts it where the count differs)
+        self._optimizer_seen = (
+            None
+            if seen is None or self.precondition is None
+            else (self.steps - int(seen[0]), int(seen[1]))
+        )
         self._schedule_next()
 
 
