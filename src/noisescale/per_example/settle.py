@@ -39,6 +39,14 @@ from noisescale.per_example.values import _time_major
 _MODULE_STATE = frozenset(vars(nn.Module()))
 
 
+#: The fix named where float16 gradients lie below float16's normal range (Settle).
+_SUBNORMAL_FIX = (
+    "torch's GradScaler refuses float16 parameters: train in bfloat16 "
+    "(model.to(torch.bfloat16)), or under float16 autocast over float32 parameters with a "
+    "GradScaler given to the tracker (scaler=)"
+)
+
+
 class Settle:
     """:class:`~noisescale.per_example.engine.PerExampleNorms`' decisions after a backward: what
     :meth:`_settle` does with each collected pass, and the refusals' messages."""
@@ -232,6 +240,7 @@ class Settle:
                 # its shape certified a 2-example micro-batch's coupled loss of the same
                 # operations, found by the events fuzzer's seed 455, a review of 2026-12-07)
                 self._audited_losses |= pass_.loss_shapes
+            self._warn_subnormal()  # (an audited step reads back anyway)
             for audit in pass_.audits or ([pass_.audit] if pass_.audit is not None else []):
                 # (every forward's structure of a merged pass: until 2026-12-06 the first's
                 # alone, and a second forward of another shape was audited alone at every
@@ -327,10 +336,71 @@ class Settle:
         """The failed audit's findings, led by the likely cause where the model names one."""
         text = findings.message(self._labels, None, self._param_name)
         # (the model's own term first: where it is there, it combines examples for certain)
-        causes = [c for c in (self._model_cause(), self._fallback_cause(findings)) if c]
-        if len(causes) == 2:
-            return f"{causes[0]} Also possible: {causes[1]} What noisescale found: {text}"
+        causes = [
+            c
+            for c in (self._model_cause(), self._fallback_cause(findings), self._subnormal_cause())
+            if c
+        ]
+        if len(causes) > 1:
+            also = " ".join(causes[1:])
+            return f"{causes[0]} Also possible: {also} What noisescale found: {text}"
         return text if not causes else f"{causes[0]} What noisescale found: {text}"
+
+    def _subnormal_cause(self) -> str | None:
+        """float16 parameters whose gradient lies largely below float16's normal range
+        (6.1e-5), where it keeps fewer significant bits (1e-6 is rounded by up to 3%): the
+        audit's sums and autograd's then differ by that rounding, which it cannot tell from a
+        missed use or mixed examples (a hunt, 2026-12-07: a float16 MLP whose loss was 3e-5
+        times a squared error was refused at its second step, the message blaming rows that
+        do not belong to the examples; at 1e-4 the per-layer preconditioned |G|² was 0.9%
+        off the examples' own float16 gradients added up in float64)."""
+        low = self._subnormal_params()
+        if not low:
+            return None
+        return (
+            f"The gradients of {low}, stored in float16, hold more than a tenth of their "
+            "squared norm in entries below float16's normal range (6.1e-05), where float16 "
+            "keeps fewer significant bits: the check's sums of per-example gradients and "
+            "autograd's gradient then differ by that rounding, which it cannot tell from a "
+            f"missed use or mixed examples. {_SUBNORMAL_FIX}."
+        )
+
+    def _subnormal_params(self) -> str:
+        """The float16 parameters (quoted, comma-separated; empty if none) whose gradient
+        entries below float16's normal range hold more than a tenth of its squared norm."""
+        tiny = torch.finfo(torch.float16).tiny
+        low: list[str] = []
+        for p in self._params:
+            g = p.grad
+            if g is None or g.dtype != torch.float16:
+                continue
+            g = g.float().pow(2)
+            total = float(g.sum())
+            if total > 0 and float(torch.where(g < tiny * tiny, g, 0.0).sum()) > 0.1 * total:
+                low.append(f"'{self._param_name.get(id(p), '?')}'")
+        return ", ".join(low)
+
+    def _warn_subnormal(self) -> None:
+        """Say once, at an audit that passed, that float16 gradients below float16's normal
+        range make the norms only as exact as their rounding (silent until 2026-12-07: a
+        float16 MLP's per-layer preconditioned |G|² 0.9% off, against 0.03–0.08% documented
+        for float16, a hunt)."""
+        if "subnormal" in self._unreplayed_warned:
+            return
+        low = self._subnormal_params()
+        if not low:
+            return
+        self._unreplayed_warned.add("subnormal")
+        warnings.warn(
+            f"the gradients of {low}, stored in float16, hold more than a tenth of their "
+            "squared norm in entries below float16's normal range (6.1e-05), where float16 "
+            "keeps fewer significant bits (1e-6 to within 3%): the norms are only as exact as "
+            "that rounding (a layer's |G|² up to about 1% off, not the 0.03–0.08% of float16 "
+            "gradients in its normal range), and an audit may refuse a step over it. "
+            f"{_SUBNORMAL_FIX}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def _fallback_cause(self, findings: audit_mod.Findings) -> str | None:
         """Where parameters measured by the torch.func fallback do not add up and the fallback
@@ -1010,7 +1080,7 @@ class Settle:
                     )
                     for m in following or [*learnable_calls, *indexed]
                 )
-                raise UnsupportedModuleError(
+                text = (
                     "noisescale's audit of this step failed, so it refuses to report per-example "
                     f"norms that could be wrong: the rows of {names} do not belong to the "
                     "examples they are attributed to, and "
@@ -1033,6 +1103,10 @@ class Settle:
                     "inside the forward (sorted by length for pack_padded_sequence: pass the "
                     "batch in its own order with enforce_sorted=False, which torch sorts and "
                     "restores itself and noisescale follows)"
+                )
+                cause = self._subnormal_cause()  # (float16 rounding, not mixed examples)
+                raise UnsupportedModuleError(
+                    text if cause is None else f"{cause} What noisescale found: {text}"
                 )
             self._learned_shared.update(learnable_calls)
             self.learned_shared_lookups.update(lookups)
