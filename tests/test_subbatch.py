@@ -1339,7 +1339,13 @@ class Frozen:
 
 
 def _run(
-    problem: Frozen, steps: int, batch: int, seed: int, accumulate: int = 1, **tracker
+    problem: Frozen,
+    steps: int,
+    batch: int,
+    seed: int,
+    accumulate: int = 1,
+    optimizer: torch.optim.Optimizer | None = None,
+    **tracker,
 ) -> est.NoiseEstimate:
     model = problem.model
     t = noisescale.GradientNoiseTracker(model, beta=1.0, sync_every=steps, **tracker)
@@ -1349,6 +1355,8 @@ def _run(
         for part in idx.chunk(accumulate):
             (problem.loss(problem.x[part], problem.y[part]).sum() / batch).backward()
         t.step()
+        if optimizer is not None:
+            optimizer.step()
         model.zero_grad()
     e = t.estimate()
     t.remove()
@@ -1407,18 +1415,25 @@ def test_a_noise_carried_by_a_few_steps_is_warned_about(outliers):
 
 
 def test_preconditioned_estimate_is_unbiased_for_the_preconditioned_truth():
-    """Preconditioning by a fixed diagonal P (an Adam state frozen after warm-up): the estimate of
-    B_simple of P ⊙ g is unbiased and covered, computed against P ⊙ g_i by hand."""
+    """Preconditioning by a fixed diagonal P (RMSprop's second moments frozen after warm-up): the
+    estimate of B_simple of P ⊙ g is unbiased and covered, computed against P ⊙ g_i by hand.
+
+    The optimizer steps at every measured step, at lr 0 and with alpha = 1, which leaves its
+    second moments as they are: until 2026-12-07 this test froze an Adam that stopped stepping,
+    a stale preconditioner the tracker leaves out after two steps (the rule was seen only at the
+    first sync, ``sync_every`` = the run here, so it never applied: tests/fuzz_beyond.py)."""
     torch.set_default_dtype(torch.float32)
     problem = Frozen(seed=1, offset=0.3)
     model = problem.model
-    opt = torch.optim.Adam(model.parameters(), lr=0.0)  # lr 0: the point stays, v̂ is real
+    opt = torch.optim.RMSprop(model.parameters(), lr=0.0)  # lr 0: the point stays, v is real
     g = torch.Generator().manual_seed(99)
     for _ in range(30):
         idx = torch.randint(0, problem.x.shape[0], (32,), generator=g)
         problem.loss(problem.x[idx], problem.y[idx]).mean().backward()
         opt.step()
         opt.zero_grad()
+    for group in opt.param_groups:
+        group["alpha"] = 1.0  # v ← 1·v + 0·g²: P frozen while the optimizer steps
     from noisescale.preconditioning import preconditioner_weights
 
     p2 = preconditioner_weights(opt, list(model.parameters()))
@@ -1431,7 +1446,12 @@ def test_preconditioned_estimate_is_unbiased_for_the_preconditioned_truth():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for seed in range(30):
-            runs.append(_run(problem, 120, 32, seed, precondition=opt, precondition_from=1))
+            runs.append(
+                _run(problem, 120, 32, seed, optimizer=opt, precondition=opt, precondition_from=1)
+            )
+    after = preconditioner_weights(opt, list(model.parameters()))
+    assert all(torch.equal(after[k], p2[k]) for k in p2)  # P stayed as the truth took it
+    assert all(e.steps == 120 for e in runs)  # every step measured: the optimizer is not stale
     held = sum(e.low <= truth <= e.high for e in runs)
     assert held >= 25, (held, truth, [e.b_simple for e in runs[:5]])
     estimates = np.asarray([e.b_simple for e in runs])
