@@ -18,6 +18,7 @@ Then the cost of one B_noise measurement against a training step, for the MLP an
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 import warnings
@@ -169,6 +170,23 @@ def line_search_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: 
     }
 
 
+def hold_adam(opt: torch.optim.Adam) -> None:
+    """An optimizer step that leaves Adam's preconditioner as it is: its step count moves and v is
+    rescaled by (1 − β₂^(t+1))/(1 − β₂^t), so that v̂ = v/(1 − β₂^t), and with it
+    P = 1/(√v̂ + ε), stays exact. A tracker with ``precondition=`` leaves out the steps of an
+    optimizer that has stopped stepping (since 2026-12-07 also before its first sync, which the
+    frozen-θ probes and the timings here met: their Adam never stepped)."""
+    for group in opt.param_groups:
+        beta2 = group["betas"][1]
+        for p in group["params"]:
+            state = opt.state.get(p)
+            if not state:
+                continue
+            t = float(state["step"])
+            state["exp_avg_sq"].mul_((1 - beta2 ** (t + 1)) / (1 - beta2**t))
+            state["step"] += 1
+
+
 def probe(
     model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, seed: int
 ) -> dict[str, Any]:
@@ -180,14 +198,19 @@ def probe(
     sample = Sampler(x, y, seed)
     out: dict[str, Any] = {}
     trackers = {"b_simple": noisescale.GradientNoiseTracker(model, beta=1.0, sync_every=PROBES)}
+    held = None  # a copy of the training Adam, stepped by hold_adam: P frozen, the count moving
     if isinstance(opt, torch.optim.Adam) and preconditioner_weights(opt, model.parameters()):
+        held = torch.optim.Adam(model.parameters(), **opt.defaults)
+        held.load_state_dict(copy.deepcopy(opt.state_dict()))  # (it would share the tensors)
         trackers["b_simple_preconditioned"] = noisescale.GradientNoiseTracker(
-            model, precondition=opt, precondition_from=1, beta=1.0, sync_every=PROBES
+            model, precondition=held, precondition_from=1, beta=1.0, sync_every=PROBES
         )
     for _ in range(PROBES):
         loss_fn(model, sample(PROBE_BATCH)).backward()
         for t in trackers.values():
             t.step()
+        if held is not None:
+            hold_adam(held)
         model.zero_grad()
     for name, t in trackers.items():
         e = t.estimate()
@@ -327,6 +350,7 @@ def cost(make_model, x: torch.Tensor, y: torch.Tensor, repeats: int = 25) -> dic
             if active is not None:
                 trackers[active].step()
         opt.step()
+        hold_adam(adam)  # (every variant: the same cost)
         opt.zero_grad()
 
     variants = {
