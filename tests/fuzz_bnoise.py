@@ -51,7 +51,6 @@ refusal that did not come, the model's state changed); ``skip``.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import math
@@ -1004,15 +1003,17 @@ def describe(record):
 
 
 def main(argv=None):
-    from fuzz_runner import _seeds, print_class_table, run_check_seeds
+    from fuzz_runner import (
+        _seeds,
+        check_parser,
+        print_class_table,
+        print_findings,
+        run_check_seeds,
+    )
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", default="0:40", help="A:B (a range), or seeds A,B,C")
+    parser = check_parser(__doc__, "0:40")
     parser.add_argument("--checks", default=",".join(CHECKS), help="comma-separated checks")
     parser.add_argument("--draws", type=int, default=200, help="pool draws per seed")
-    parser.add_argument("--jsonl", help="append each seed's full record to this file")
-    parser.add_argument("--override", help="JSON dict replacing entries of each seed's config")
-    parser.add_argument("-v", "--verbose", action="store_true", help="each check's result")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     checks = tuple(args.checks.split(","))
@@ -1025,13 +1026,7 @@ def main(argv=None):
     )  # fmt: skip
     print_class_table(table, [c for c in CHECKS if c in table])
     print(f"\n{len(_seeds(args.seeds))} seeds in {time.time() - start:.0f} s")
-    if not found:
-        print("no finding")
-        return 0
-    print(f"\n{len(found)} findings:")
-    for record, name, res in found:
-        print(f"  {res['cls']} in {name}: {str(res)[:400]}\n    {describe(record)}")
-    return 1
+    return print_findings(found, describe)
 
 
 if __name__ == "__main__":

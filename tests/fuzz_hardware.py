@@ -45,7 +45,6 @@ wrong number or state); ``CRASH`` (a raw exception); ``FALSE-REFUSAL``; ``skip``
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import io
@@ -1146,13 +1145,15 @@ def describe(record):
 
 
 def main(argv=None):
-    from fuzz_runner import _seeds, print_class_table, run_check_seeds
+    from fuzz_runner import (
+        _seeds,
+        check_parser,
+        print_class_table,
+        print_found,
+        run_check_seeds,
+    )
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", default="0:300", help="A:B (a range), or seeds A,B,C")
-    parser.add_argument("--jsonl", help="append each seed's full record to this file")
-    parser.add_argument("--override", help="JSON dict replacing entries of each seed's config")
-    parser.add_argument("-v", "--verbose", action="store_true", help="each check's result")
+    parser = check_parser(__doc__, "0:300")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     override = json.loads(args.override) if args.override else None
@@ -1164,10 +1165,7 @@ def main(argv=None):
         lambda record: f"{describe(record)} ({record['time']} s)",
     )  # fmt: skip
     print_class_table(table, [c for c in CHECKS if c in table], column_width=11)
-    print(f"\n{len(found)} finding(s) in {time.time() - start:.0f} s; {len(invalid)} invalid draws")
-    for record, name, res in found:
-        print(f"  {describe(record)}\n    {name}: {res}")
-    return 1 if found else 0
+    return print_found(found, invalid, describe, time.time() - start)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ markup or script); ``NOT-SELF-CONTAINED``; ``crash``; ``FALSE-REFUSAL``; ``skip`
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import io
@@ -928,14 +927,16 @@ def describe(record):
 
 
 def main(argv=None):
-    from fuzz_runner import _seeds, print_class_table, run_check_seeds
+    from fuzz_runner import (
+        _seeds,
+        check_parser,
+        print_class_table,
+        print_findings,
+        run_check_seeds,
+    )
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", default="0:40", help="A:B (a range), or seeds A,B,C")
+    parser = check_parser(__doc__, "0:40")
     parser.add_argument("--checks", default=",".join(CHECKS), help="comma-separated checks")
-    parser.add_argument("--jsonl", help="append each seed's full record to this file")
-    parser.add_argument("--override", help="JSON dict replacing entries of each seed's config")
-    parser.add_argument("-v", "--verbose", action="store_true", help="each check's result")
     args = parser.parse_args(argv)
     checks = tuple(args.checks.split(","))
     override = json.loads(args.override) if args.override else None
@@ -947,13 +948,7 @@ def main(argv=None):
     )  # fmt: skip
     print_class_table(table, [c for c in CHECKS if c in table])
     print(f"\n{len(_seeds(args.seeds))} seeds in {time.time() - start:.0f} s")
-    if not found:
-        print("no finding")
-        return 0
-    print(f"\n{len(found)} findings:")
-    for record, name, res in found:
-        print(f"  {res['cls']} in {name}: {str(res)[:600]}\n    {describe(record)}")
-    return 1
+    return print_findings(found, describe, limit=600)
 
 
 if __name__ == "__main__":

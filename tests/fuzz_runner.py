@@ -657,6 +657,38 @@ def print_class_table(table, columns, column_width=16):
         print(f"{c:{width}s}" + counts)
 
 
+def check_parser(doc, seeds):
+    """The command line the check fuzzers share (``--seeds``, ``--jsonl``, ``--override``, ``-v``;
+    each adds its own options): ``doc`` their module docstring, ``seeds`` the default range."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--seeds", default=seeds, help="A:B (a range), or seeds A,B,C")
+    parser.add_argument("--jsonl", help="append each seed's full record to this file")
+    parser.add_argument("--override", help="JSON dict replacing entries of each seed's config")
+    parser.add_argument("-v", "--verbose", action="store_true", help="each check's result")
+    return parser
+
+
+def print_findings(found, describe, limit=400):
+    """:func:`run_check_seeds`' findings, each check's class and result (``limit`` characters)
+    above its seed's line; the exit code: 0 without a finding, else 1."""
+    if not found:
+        print("no finding")
+        return 0
+    print(f"\n{len(found)} findings:")
+    for record, name, res in found:
+        print(f"  {res['cls']} in {name}: {str(res)[:limit]}\n    {describe(record)}")
+    return 1
+
+
+def print_found(found, invalid, describe, seconds):
+    """:func:`run_check_seeds`' findings and invalid draws counted, each finding under its
+    seed's line; the exit code: 0 without a finding, else 1."""
+    print(f"\n{len(found)} finding(s) in {seconds:.0f} s; {len(invalid)} invalid draws")
+    for record, name, res in found:
+        print(f"  {describe(record)}\n    {name}: {res}")
+    return 1 if found else 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0:300", help="A:B (a range), or seeds A,B,C")
