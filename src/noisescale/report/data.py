@@ -519,6 +519,9 @@ class AdaptiveSummary(NamedTuple):
     #: the run's examples as the integrals' trapezoid counts them, half a batch at each end:
     #: its count less (B_last − B_first)/2
     examples_used: float = math.nan
+    #: the examples the run's batch sizes, interpolated between records, add up to:
+    #: E_min + ∫B ds + (B_last − B_first)/2 (report_data warns where the count differs)
+    interpolated_examples: float = math.nan
 
 
 #: A run's count of examples further than this share from its interpolated batch sizes' warns
@@ -587,6 +590,7 @@ def adaptive_summary(traj: Trajectory, unit: str = "examples") -> AdaptiveSummar
         schedule_natural=np.asarray(theory.adaptive_batch_size(traj.b_noise, r_natural)),
         same_examples_note=note,
         examples_used=float(run.examples - (b[-1] - b[0]) / 2),
+        interpolated_examples=float(interpolated),
     )
 
 
@@ -754,6 +758,7 @@ def report_data(history: History, batch_sizes: Iterable[float] | None = None) ->
     candidates = candidate_batch_sizes(traj) if batch_sizes is None else list(batch_sizes)
     series = b_simple_vs_step(history)
     run = run_cost(traj)
+    adaptive = adaptive_summary(traj, history.unit)
     sums: tuple[str, ...] = ()
     if run.e_min >= run.examples:  # (unknown examples, NaN: see trajectory's warning)
         # (until 2026-12-06 the trapezoid rule in s put E_min above E wherever B_simple jumped
@@ -778,12 +783,7 @@ def report_data(history: History, batch_sizes: Iterable[float] | None = None) ->
         # the batch sizes between records are interpolated linearly; a count they do not add up
         # to (B 8, 16, 8, … recorded at the 8s only: 480 of 720 examples) prices a run the history
         # does not describe: S_min and E_min 33% low, without a word until 2026-12-07 (a review)
-        b = traj.batch_size
-        interpolated = (
-            run.e_min
-            + theory.run_examples_over_min(traj.step, b, traj.b_noise)
-            + (b[-1] - b[0]) / 2
-        )
+        interpolated = adaptive.interpolated_examples  # (adaptive_summary integrates it)
         off = run.examples - interpolated
         if abs(off) > INTERPOLATED_SHARE * run.examples:
             sums = (
@@ -805,7 +805,7 @@ def report_data(history: History, batch_sizes: Iterable[float] | None = None) ->
         trajectory=traj,
         run=run,
         costs=cost_table(traj, candidates),
-        adaptive=adaptive_summary(traj, history.unit),
+        adaptive=adaptive,
         pareto=pareto_curves(traj),
         trend=b_simple_trend(series, history),
         warnings=(*sums, *traj.warnings, *history.warnings, *run_warnings(history, series)),
