@@ -32,11 +32,13 @@ demo: install
 # its share of the cores (tests/conftest.py): a third worker fills the time the others wait on
 # subprocesses, servers and sweeps. On this project's 2-core machine (2026-12-04 to 7, 2,516-5,083
 # tests): 346-1,179 s by the host's load, up to 2,372 s beside other jobs; with two workers
-# 660-671 s. TEST_WORKERS=0 runs it in one process.
+# 660-671 s. The files go out in tests/conftest.py's order, the longest first
+# (--no-loadscope-reorder: xdist's own order put the files of a few long tests last, where one
+# worker ran them alone). TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 3
 test: install
 	@start=$$(date +%s); status=0; \
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile || status=$$?; \
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder || status=$$?; \
 	echo "make test: $$(( $$(date +%s) - start )) s"; exit $$status
 
 # The differential fuzzer's long run (tests/fuzz_runner.py): random models against brute force

@@ -18,7 +18,38 @@ def float64_default():
     torch.set_default_dtype(old)
 
 
+# The files that take longest, given out first. test_fuzz_models.py (352 fuzzer seeds) first as the
+# largest; then the files of a few long tests, by their per-file sums of `pytest --durations=0` on
+# 2026-12-07 (17 files, two workers, a host at load 12): test_examples 194 s, test_demo 169,
+# test_sweep_workers 159, test_sweep_cli 117, test_fuzz_sweep 72, test_fuzz_stats 52,
+# test_diffusers 34, test_reproduction_smoke 29, test_distributed_scale 23. `make test` runs
+# pytest-xdist's loadfile with --no-loadscope-reorder: the workers take the files in the order
+# collected, one at a time as each gets free. By default xdist hands out the files with the most
+# tests first, so these files of a few long tests (sweeps, runs in subprocesses, replicates) went
+# last, and one worker ran the last of them alone while the others had nothing left. Here they go
+# first and the many short files fill in around them.
+LONG_FILES = [
+    "test_fuzz_models.py",
+    "test_examples.py",
+    "test_demo.py",
+    "test_sweep_workers.py",
+    "test_sweep_cli.py",
+    "test_fuzz_sweep.py",
+    "test_fuzz_stats.py",
+    "test_diffusers.py",
+    "test_reproduction_smoke.py",
+    "test_distributed_scale.py",
+]
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    count: dict[str, int] = {}
+    for item in items:
+        count[item.path.name] = count.get(item.path.name, 0) + 1
+    # long files first, the rest by their number of tests (xdist's own order); stable, so each
+    # file's tests keep their order
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), -count[item.path.name]))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
