@@ -436,6 +436,26 @@ def check_cli(cfg, url, want, lib_results, tmp):
             elif math.isfinite(s_same) and not _close(w["steps_same_progress"], s_same, 2e-3):
                 # (the library's 4,000 midpoint steps against 100,000 here: see fuzz_branch)
                 bad.append(f"steps at equal progress {w['steps_same_progress']} for {s_same}")
+    # docs: the text's last line, "re-analyse: …", gives the same analysis again as printed
+    if random.Random(cfg["bad"] + 1).random() < 0.5:
+        import shlex
+
+        rc, text, err = _cli(["branch", "--storage", url, "--study", "fz", "--no-progress",
+                              *options_argv(cfg), *extra])  # fmt: skip
+        line = [x for x in text.splitlines() if x.startswith("re-analyse: ")]
+        if rc != 0 or not line:
+            bad.append(f"the text: exit {rc}, re-analyse line {line}")
+        else:
+            words = shlex.split(line[-1][len("re-analyse: ") :])
+            rc, again, err = _cli([*words[1:], "--json", "--no-progress"])
+            if rc != 0:
+                bad.append(f"the re-analyse line refused: {err[-200:]!r}")
+            else:
+                again = json.loads(again)
+                for key in ("points", "warmup", "notes"):
+                    if again[key] != data[key]:
+                        diff = _first_difference(again[key], data[key])
+                        bad.append(f"the re-analyse line's {key} differ: {diff}")
     return _class(bad, lib_results or []), data
 
 
