@@ -530,6 +530,12 @@ def b_noise_records(cfg):
                 if cfg.get("b_noise_interval", True) and rng.random() < 0.8:
                     rec |= {"b_noise_low": b * rng.uniform(0.5, 1), "b_noise_high": b * 1.5}
                 out.append(rec)
+    if not out:  # (an empty file is refused, naming it: one point at the first checkpoint)
+        c = float(cfg["checkpoints"][0])
+        tracker = {"ghg": 1.0, "trace_h_sigma": 10.0, "b_noise": 99.0}
+        out.append(
+            {"examples": c, **(tracker if cfg["b_noise"] == "tracker" else {"b_noise": 10.0})}
+        )
     return sorted(out, key=lambda r: r["examples"])
 
 
