@@ -1641,3 +1641,30 @@ def test_the_learning_rate_under_ema_is_the_one_that_ended_lowest() -> None:
         assert not any("--ema" in w for w in r.warnings), r.warnings
         assert r.batches[1].learning_rate == 0.2, decay
         assert r.batches[1].efficiency == pytest.approx(1.05 * (8 + bn) / (32 + bn), rel=1e-9)
+
+
+def test_b_noise_records_in_the_other_unit_are_placed_with_the_tokens_per_example() -> None:
+    # Branches in tokens, 128 tokens per example, a BNoiseTracker's records placed by examples
+    # (no history): the record at 10 examples stands at 1,280 tokens and the one at 20 at
+    # 2,560; with the window [1280, 2560) holding the first, B_noise in tokens is 128·tr(HΣ)/GᵀHG
+    # = 128·6/2 = 384. Until 2026-12-07 refused ("needs 'tokens' (or 'step' and the run's
+    # history)") with --tokens-per-example given (a review). The other way likewise (branches
+    # in examples, records in tokens: tokens/128). A summary b_noise is read in the branches'
+    # unit as given, so one placed in the other unit stays refused, naming that.
+    noise = [
+        {"examples": 10, "ghg": 2.0, "trace_h_sigma": 6.0},
+        {"examples": 20, "ghg": 1.0, "trace_h_sigma": 9.0},
+    ]
+    points = read_b_noise(noise, None, "tokens", 128.0)
+    assert [p.examples for p in points] == [1280.0, 2560.0]
+    row = side_by_side([_result(1280, 1280, 20.0, 30.0)], b_noise=points)[0]
+    assert row.b_noise == pytest.approx(128 * 6.0 / 2.0, rel=1e-12)
+    back = read_b_noise(
+        [{"tokens": 1280, "ghg": 2.0, "trace_h_sigma": 6.0}], None, "examples", 128.0
+    )
+    assert [(p.examples, p.b_noise) for p in back] == [(10.0, 3.0)]
+    with pytest.raises(NoiseScaleInputError, match="a summary b_noise is read in tokens"):
+        read_b_noise([{"examples": 10, "b_noise": 300.0}], None, "tokens", 128.0)
+    # without the tokens per example there is nothing to convert with: refused, naming it
+    with pytest.raises(NoiseScaleInputError, match="--tokens-per-example"):
+        read_b_noise(noise, None, "tokens")
