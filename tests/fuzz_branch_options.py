@@ -38,21 +38,24 @@ The oracle is closed form, from docs/branch.md and the paper, never from the fun
   without) their mean and the means of their ends.
 
 Checks: ``lib`` (``local_critical_batch_sizes`` with the drawn options on the curves as
-``BranchRun`` objects, ≈ 0.1-1 s); ``cli`` (the branches run by ``run_branches`` into a
-temporary SQLite storage, then ``noisescale branch --json`` with the options and ``--b-noise``:
-every point's numbers, the points left out of the warm-up named in a note, the warm-up's knots
-and steps); ``bad`` (three drawn bad values of ``--ema``, ``--tolerance``, ``--confidence``,
-``--stable``, ``--warmup-total``, ``--tokens-per-example``, ``--reference``, ``--unit`` or
-``--b-noise``: exit code 2, the option named, the study's trials unchanged); ``keep``
-(``noisescale branch fuzz_branch_options:train … --keep-going`` into another study with one
-branch raising mid-way: exit code 1 naming the failed branch, then the analysis of the partial
-study against the truth without that branch — a checkpoint without its reference batch size
-left out, the seeds those at every batch size — and the branch listed as failed); ``pg`` (with
-``--postgres``: the same plan on a throw-away PostgreSQL server, tests/postgres_server.py, by
-two worker processes at once, one killed mid-branch and its branch rerun after the 2 s grace
-period: the same branches read as from SQLite, curve for curve, and the same JSON analysis).
-A seed with ``cli``, ``bad`` and ``keep`` takes ≈ 2-10 s on an idle machine (SQLite trials),
-≈ 10-60 s at a load of 10 on 2 cores; ``pg`` adds ≈ 10-30 s.
+``BranchRun`` objects, ≈ 0.1-1 s); ``grid`` (the same with a learning-rate grid,
+:func:`draw_grid`: 1–3 rates per batch size, each rate's slope eq. 2.11's times a factor, each
+recorded at its own number of points; the rate chosen is the one whose curve ended lowest, the
+largest mean slope, and η is read off the chosen rates' slopes); ``cli`` (the branches run by
+``run_branches`` into a temporary SQLite storage, then ``noisescale branch --json`` with the
+options and ``--b-noise``: every point's numbers, the points left out of the warm-up named in a
+note, the warm-up's knots and steps); ``bad`` (three drawn bad values of ``--ema``,
+``--tolerance``, ``--confidence``, ``--stable``, ``--warmup-total``, ``--tokens-per-example``,
+``--reference``, ``--unit`` or ``--b-noise``: exit code 2, the option named, the study's trials
+unchanged); ``keep`` (``noisescale branch fuzz_branch_options:train … --keep-going`` into
+another study with one branch raising mid-way: exit code 1 naming the failed branch, then the
+analysis of the partial study against the truth without that branch — a checkpoint without its
+reference batch size left out, the seeds those at every batch size — and the branch listed as
+failed); ``pg`` (with ``--postgres``: the same plan on a throw-away PostgreSQL server,
+tests/postgres_server.py, by two worker processes at once, one killed mid-branch and its branch
+rerun after the 2 s grace period: the same branches read as from SQLite, curve for curve, and
+the same JSON analysis). A seed with ``cli``, ``bad`` and ``keep`` takes ≈ 2-10 s on an idle
+machine (SQLite trials), ≈ 10-60 s at a load of 10 on 2 cores; ``pg`` adds ≈ 10-30 s.
 
 Classes per check: ``ok``; ``refused-ok``; ``WRONG`` (a number off by more than float64
 round-off, no warning); ``wrong-warned`` (off, with an ``--ema`` warning); ``CRASH``;
@@ -78,9 +81,10 @@ from noisescale.errors import NoiseScaleInputError
 # Float64 round-off: η is a few interpolations and divisions of the stored floats; the EMA of
 # a linear curve is its value at a weighted mean position up to ~1e-15 relative.
 RTOL = 1e-9
-CHECKS = ("lib", "cli", "bad", "keep", "pg")
+CHECKS = ("lib", "grid", "cli", "bad", "keep", "pg")
 FINDINGS = ("WRONG", "CRASH", "FALSE-REFUSAL", "wrong-warned")
 L0 = 3.0
+LR = 0.1
 # The configuration the module-level training function reads (run_branches calls it).
 CURRENT: dict = {}
 ENV = "NOISESCALE_FUZZ_BRANCH_OPTIONS"
@@ -166,11 +170,14 @@ def slopes(cfg, checkpoint):
     }  # fmt: skip
 
 
-def record_steps(cfg, b, seed, checkpoint):
-    """The steps a branch at batch b records: from 0 to the first step at or past the budget."""
+def record_steps(cfg, b, seed, checkpoint, lr=LR):
+    """The steps a branch at batch b records: from 0 to the first step at or past the budget
+    (on a learning-rate grid drawn per rate too)."""
     last = math.ceil(cfg["budget"] / b)
     rng = random.Random(cfg["curve_seed"] * 7 + b * 1000 + seed * 31 + int(checkpoint))
-    n = cfg["n"] if cfg["same_n"] else rng.choice([4, 8, 16, 32, 64])
+    if lr != LR:
+        rng = random.Random(f"{cfg['curve_seed']}-{b}-{seed}-{checkpoint}-{lr}")
+    n = cfg["n"] if cfg["same_n"] and lr == LR else rng.choice([4, 8, 16, 32, 64])
     if cfg["spacing"] == "even":
         steps = np.round(np.linspace(0, last, n + 1))
     elif cfg["spacing"] == "every":
@@ -181,11 +188,34 @@ def record_steps(cfg, b, seed, checkpoint):
     return steps
 
 
-def curve(cfg, checkpoint, b, seed):
-    steps = record_steps(cfg, b, seed, checkpoint)
+def curve(cfg, checkpoint, b, seed, lr=LR):
+    steps = record_steps(cfg, b, seed, checkpoint, lr)
     examples = steps * b
-    k = slopes(cfg, checkpoint)[b][seed]
+    k = slopes(cfg, checkpoint)[b][seed] * rate_factor(cfg, checkpoint, b, lr)
     return steps, examples, L0 - k * examples
+
+
+def draw_grid(cfg, seed):
+    """The ``grid`` check's learning rates: per batch size 1–3 rates, the rate 0.1 with eq.
+    2.11's slope and the others that slope times a factor 0.85–1.15 per (checkpoint, B, rate),
+    each (B, rate, seed) recorded at its own number of points (``same_n`` off) — a rate
+    recorded more sparsely trails the budget by a larger EMA lag."""
+    rng = random.Random(f"grid-{seed}")
+    lrs = {str(b): sorted({LR, *rng.sample([0.025, 0.05, 0.2, 0.4], rng.choice([0, 1, 2]))})
+           for b in cfg["sizes"]}  # fmt: skip
+    factor = {f"{c}:{b}:{lr}": rng.uniform(0.85, 1.15) for c in cfg["checkpoints"]
+              for b in cfg["sizes"] for lr in lrs[str(b)] if lr != LR}  # fmt: skip
+    return {"lrs": lrs, "factor": factor}
+
+
+def rate_factor(cfg, checkpoint, b, lr):
+    if lr == LR:
+        return 1.0
+    return cfg["grid"]["factor"][f"{int(checkpoint)}:{b}:{lr}"]
+
+
+def rates(cfg, b):
+    return cfg["grid"]["lrs"][str(b)] if cfg.get("grid") else [LR]
 
 
 def train(batch_size, learning_rate, reporter, *, checkpoint, budget, seed):
@@ -214,11 +244,13 @@ def branch_runs(cfg):
     for c in cfg["checkpoints"]:
         for b in cfg["sizes"]:
             for r in range(cfg["repeats"]):
-                steps, examples, losses = curve(cfg, c, b, r)
-                run = Run(name=f"{c}-{b}-{r}", batch_size=float(b), learning_rate=0.1,
-                          step=steps, metric=losses, examples=examples, b_simple=None)  # fmt: skip
-                out.append(BranchRun(checkpoint=float(c), seed=r, budget=float(cfg["budget"]),
-                                     run=run))  # fmt: skip
+                for lr in rates(cfg, b):
+                    steps, examples, losses = curve(cfg, c, b, r, lr)
+                    name = f"{c}-{b}-{r}-{lr}"
+                    run = Run(name=name, batch_size=float(b), learning_rate=lr, step=steps,
+                              metric=losses, examples=examples, b_simple=None)  # fmt: skip
+                    out.append(BranchRun(checkpoint=float(c), seed=r,
+                                         budget=float(cfg["budget"]), run=run))  # fmt: skip
     return out
 
 
@@ -257,7 +289,17 @@ def truth(cfg, missing=()):
         if len(ints) < 2 or not seeds:
             out[float(c)] = ("refuse", "too few")
             continue
-        k = slopes(cfg, c)
+        k0 = slopes(cfg, c)
+        # the rate: the one whose curve ended lowest, the largest mean slope over its seeds
+        # (docs/branch.md: chosen once, on all seeds)
+        chosen = {}
+        for b in ints:
+            mean_rate = {
+                lr: float(np.mean([k0[b][s] * rate_factor(cfg, c, b, lr) for s in have[b]]))
+                for lr in rates(cfg, b)
+            }
+            chosen[float(b)] = max(mean_rate, key=mean_rate.get)
+        k = {b: [v * rate_factor(cfg, c, b, chosen[float(b)]) for v in k0[b]] for b in ints}
         mean_k = {b: float(np.mean([k[b][s] for s in seeds])) for b in ints}
         ref = ints[0] if cfg["reference"] == "smallest" else max(ints, key=lambda b: mean_k[b])
         eta = np.ones((len(sizes), len(seeds)))
@@ -269,12 +311,11 @@ def truth(cfg, missing=()):
         for b in ints:
             vals = []
             for s in seeds:
-                _, e, v = curve(cfg, c, b, s)
+                _, e, v = curve(cfg, c, b, s, chosen[float(b)])
                 vals.append(float(np.interp(budget, e, ema_by_hand(v, cfg["decay"]))))
             mloss[float(b)] = float(np.mean(vals))
         # docs: a batch size above the reference that ended at least as low (its curve's end)
         crossing = any(b > ref and mean_k[b] >= mean_k[ref] for b in ints)
-        chosen = {float(b): 0.1 for b in ints}
         out[float(c)] = want_from_eta(
             sizes, seeds, float(ref), chosen, mloss, eta, cfg["tolerance"], cfg["confidence"],
             crossing,
@@ -743,6 +784,8 @@ def check_seed(seed, override=None, checks=CHECKS):
     t0 = time.time()
     out = {c: {"cls": "skip"} for c in CHECKS}
     out["lib"], results, want = check_lib(cfg)
+    if "grid" in checks:
+        out["grid"], _, _ = check_lib({**cfg, "grid": draw_grid(cfg, seed)})
     if set(checks) & {"cli", "bad", "keep", "pg"}:
         with tempfile.TemporaryDirectory() as tmp:
             url = f"sqlite:///{tmp}/b.db"
