@@ -1478,6 +1478,15 @@ def test_a_b_noise_trackers_records_are_converted_to_tokens(
     assert _last_json(capsys)["points"][0]["b_noise"] == pytest.approx(320.0, rel=1e-12)
     assert main(["branch", "--study", "tok", "--b-noise", "bt.jsonl"]) == 2
     assert "per example" in capsys.readouterr().err
+    # Placed by examples (64 a step) with --tokens-per-example 8: at 512·s tokens, the window
+    # [0, 8192) holding steps 10-15, B_noise 8·40 = 320 (until 2026-12-07 refused, "needs
+    # 'tokens' (or 'step' and the run's history)", with the option given; a review).
+    by_examples = [{"examples": 64 * r["step"], **{k: r[k] for k in ("ghg", "trace_h_sigma")}}
+                   for r in bn]  # fmt: skip
+    (tmp_path / "be.jsonl").write_text("".join(json.dumps(r) + "\n" for r in by_examples))
+    argv = ["branch", "--study", "tok", "--json", "--b-noise", "be.jsonl"]
+    assert main([*argv, "--tokens-per-example", "8"]) == 0
+    assert _last_json(capsys)["points"][0]["b_noise"] == pytest.approx(320.0, rel=1e-12)
 
 
 def test_a_window_the_history_barely_covers_is_noted(
