@@ -1677,3 +1677,27 @@ def test_b_noise_records_in_the_other_unit_are_placed_with_the_tokens_per_exampl
     # without the tokens per example there is nothing to convert with: refused, naming it
     with pytest.raises(NoiseScaleInputError, match="--tokens-per-example"):
         read_b_noise(noise, None, "tokens")
+
+
+def test_the_best_reference_under_ema_reads_a_late_starting_branch_where_it_stands() -> None:
+    # B = 8 recorded at 11 geometric steps (its EMA at decay 0.9 trails the budget by 74% of
+    # it), B = 16 only at 62.5% and 100% of the budget, its curve falling 5% slower (3 − k·e):
+    # 8 ended lowest and η(16) = 0.95. Where the lag-corrected curves stand for the same
+    # examples (26% of the budget) 16 has no record: its first value was held there, 3% of its
+    # fall too low, and `--reference best` chose 16, η 1 for 0.95 (a review, 2026-12-07; the
+    # --ema warnings say the correction is exact for straight curves, which these are).
+    budget = 4096.0
+    k = 2.0 / budget
+    s8 = np.unique(np.concatenate([[0.0], np.round(np.geomspace(1, 512, 10))]))
+    s16 = np.array([160.0, 256.0])
+    runs = []
+    for seed in range(2):
+        for b, steps, slope in ((8.0, s8, k), (16.0, s16, 0.95 * k)):
+            e = steps * b
+            run = Run.from_arrays(f"b{b}", b, 0.1, steps, 3.0 - slope * e, examples=e)
+            runs.append(BranchRun(0.0, seed, budget, run))
+    for decay in (0.0, 0.9):
+        r = local_critical_batch_size(runs, reference="best", decay=decay)
+        assert r.reference_batch_size == 8, decay
+        assert not r.crossing, decay
+        assert [x.efficiency for x in r.batches] == pytest.approx([1.0, 0.95], rel=1e-9)

@@ -357,6 +357,14 @@ def _mean_losses_at_equal_examples(
             y = np.append(ema_smoothed(br.run.metric, decay)[keep], loss_at_budget(br, decay=decay))
             # (the lag-corrected positions are the EMA of the record positions: increasing)
             x = x - np.array([_lag_at(e, decay, float(v)) for v in x])
+            if at < x[0] and x.size > 1 and x[1] > x[0]:
+                # A branch whose first record stands past that point (it began recording late):
+                # its lag-corrected curve extended back along its first stretch, exact for a
+                # straight curve. np.interp held its first value there, so that with a
+                # reference lagging 74% of Δ a branch first recorded at 62% read 3% of its
+                # fall low and `--reference best` chose it (η 1 for 0.95; a review, 2026-12-07).
+                values.append(float(y[0] + (at - x[0]) * (y[1] - y[0]) / (x[1] - x[0])))
+                continue
             values.append(float(np.interp(at, x, y)))
         out[key] = _mean(values)
     return out
