@@ -1701,3 +1701,37 @@ def test_the_best_reference_under_ema_reads_a_late_starting_branch_where_it_stan
         assert r.reference_batch_size == 8, decay
         assert not r.crossing, decay
         assert [x.efficiency for x in r.batches] == pytest.approx([1.0, 0.95], rel=1e-9)
+
+
+def test_a_loss_the_reference_reached_before_its_first_record_is_refused() -> None:
+    # The reference (B = 8) first reports at half the budget, where its loss 3 − k·Δ/2 = 2 is
+    # already below B = 16's loss at the budget, 3 − 0.3·k·Δ = 2.4: it reached 2.4 somewhere
+    # before its first record (at 0.3·Δ on this straight curve, η 0.3). It was read as the
+    # record's own position: η 0.5 for 0.3, B_crit 8, no warning (a review, 2026-12-07).
+    budget = 4096.0
+    k = 2.0 / budget
+    runs = []
+    for seed in range(2):
+        for b, steps, slope in (
+            (8.0, np.arange(256, 513, 32.0), k),
+            (16.0, np.arange(0, 257, 16.0), 0.3 * k),
+        ):
+            e = steps * b
+            run = Run.from_arrays(f"b{b}", b, 0.1, steps, 3.0 - slope * e, examples=e)
+            runs.append(BranchRun(0.0, seed, budget, run))
+    for decay in (0.0, 0.5):
+        with pytest.raises(NoiseScaleInputError, match="before its first record"):
+            local_critical_batch_size(runs, decay=decay)
+    # recorded from the checkpoint on, the same curves give η = 0.3 exactly
+    full = [
+        BranchRun(
+            0.0, r.seed, budget, Run.from_arrays("b8", 8.0, 0.1, s, 3.0 - k * 8 * s, examples=8 * s)
+        )
+        if r.batch_size == 8
+        else r
+        for r in runs
+        for s in [np.arange(0, 513, 32.0)]
+    ]
+    assert [x.efficiency for x in local_critical_batch_size(full).batches] == pytest.approx(
+        [1.0, 0.3], rel=1e-9
+    )

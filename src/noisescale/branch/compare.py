@@ -288,6 +288,10 @@ def efficiency(reference: BranchRun, loss: float, *, decay: float = 0.0, lag: fl
     own lag there, so η = (E_ref − lag_ref)/(Δ − lag). Exact for curves linear in the examples
     over the EMA's span; without the correction η would be biased towards 1 by about
     (1 − η)·lag/Δ.
+
+    Raises:
+        NoiseScaleInputError: the reference's first record lies past the branch point and its
+            loss there is already below ``loss`` (where it reached it is not measured).
     """
     if not math.isfinite(loss):
         return 0.0
@@ -297,6 +301,19 @@ def efficiency(reference: BranchRun, loss: float, *, decay: float = 0.0, lag: fl
     if crossing is None:
         reached = _extended_crossing(reference, smoothed, loss, decay, lag)
         return 1.0 if reached is None else float(min(1.0, reached / (reference.budget - lag)))
+    if crossing.index == 0 and run.examples[0] > 0 and smoothed[0] < loss:
+        # Reached before its first record: anywhere in [0, that record] — η was read as the
+        # record's own position (0.5 for 0.3 with the reference first recorded at half the
+        # budget, no warning; a review, 2026-12-07).
+        raise NoiseScaleInputError(
+            f"the reference branch at checkpoint {reference.checkpoint:g} (batch size "
+            f"{run.batch_size:g}, learning rate {run.learning_rate:g}, seed {reference.seed}) "
+            f"first reported its loss at {float(run.examples[0]):g} examples, and another "
+            f"branch's loss at the budget ({loss:g}) lies above that first loss "
+            f"({float(smoothed[0]):g}): the reference reached it before its first record, so "
+            "how many examples it needed is not measured. Report the loss at the checkpoint "
+            "(examples=0) and from the first steps on"
+        )
     own_lag = _lag_at(run.examples, decay, crossing.examples)
     reached = max(0.0, crossing.examples - own_lag)
     return float(min(1.0, reached / (reference.budget - lag)))
