@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 # The CPU build of torch that this machine installs quickly; pyproject.toml declares the range.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats fuzz-fit fuzz-sweep fuzz-cli fuzz-history fuzz-schedule fuzz-decisions fuzz-bnoise fuzz-tokens fuzz-hardware fuzz-pages fuzz-beyond fuzz-branch install lint format clean
+.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats fuzz-fit fuzz-sweep fuzz-cli fuzz-history fuzz-schedule fuzz-decisions fuzz-bnoise fuzz-tokens fuzz-hardware fuzz-pages fuzz-beyond fuzz-branch fuzz-branch-options install lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -146,6 +146,13 @@ fuzz-hardware: install
 # the CLI) against reruns and computations by hand (tests/fuzz_branch.py, ≈ 5-15 s a seed).
 fuzz-branch: install
 	$(PY) tests/fuzz_branch.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
+
+# noisescale branch's analysis options (--ema, --reference best, --tolerance, --confidence,
+# --stable, --warmup-total, --b-noise, --keep-going, bad values) against curves linear in the
+# examples whose efficiencies are known exactly (tests/fuzz_branch_options.py, ≈ 0.5 s a seed
+# for the library, 2-10 s with the command on SQLite; PG=1 adds PostgreSQL beside it).
+fuzz-branch-options: install
+	$(PY) tests/fuzz_branch_options.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL)) $(if $(PG),--postgres)
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench examples

@@ -617,51 +617,58 @@ def cbs_by_hand(cfg, branches, tau, reference):
                     loss[(b, chosen[b])][s],
                     budget,
                 )
-        per_cbs = [_threshold(sizes, eta[:, k], tau) for k in range(len(seeds))]
-        per_crit = [_b_crit(sizes, eta[:, k], ref) for k in range(len(seeds))]
-        cbs = _log_t([v for v, _ in per_cbs], 0.95)
-        crit = _log_t([v for (v, _), _ in per_crit], 0.95)
-        cbs_bound = "upper" if any(bd == "upper" for _, bd in per_cbs) else None
-        above = [b for b in sizes if b > ref]
-        if cbs_bound is None and above and all(v < above[0] for v, _ in per_cbs):
-            cbs_bound = "lower"
-        bds = {bd for (_, bd), _ in per_crit if bd}
-        crit_bound = "upper" if "upper" in bds else ("lower" if "lower" in bds else None)
-        cbs = list(cbs)
-        crit = list(crit)
-        if cbs_bound == "upper":
-            cbs[2] = math.inf
-        if crit_bound == "upper":
-            crit[2] = math.inf
-        elif crit_bound == "lower":
-            crit[1] = 0.0
-        if len(seeds) > 1 and crit[2] > sizes[-1]:
-            crit[2] = math.inf
-        if len(seeds) > 1 and crit[1] < ref:
-            crit[1] = 0.0
-        if bds == {"upper", "lower"}:
-            # one seed past each end: no B_crit and no bound (docs/branch.md; a review found
-            # the geometric mean given as "≥" it)
-            crit, crit_bound = [math.nan, math.nan, math.nan], None
-        mean_eta = eta.mean(axis=1)
         crossing = any(sizes[i] > ref and mloss[sizes[i]] <= mloss[ref] for i in range(len(sizes)))
-        out[c] = {
-            "ref": ref,
-            "seeds": seeds,
-            "sizes": sizes,
-            "chosen": chosen,
-            "loss": mloss,
-            "eta": eta,
-            "mean_eta": mean_eta,
-            "within": [bool(e > 0 and 1 / e <= 1 + tau) for e in mean_eta],
-            "cbs": cbs,
-            "cbs_bound": cbs_bound,
-            "crit": crit,
-            "crit_bound": crit_bound,
-            "per_crit": per_crit,
-            "crossing": crossing,
-        }
+        out[c] = want_from_eta(sizes, seeds, ref, chosen, mloss, eta, tau, 0.95, crossing)
     return out
+
+
+def want_from_eta(sizes, seeds, ref, chosen, mloss, eta, tau, confidence, crossing):
+    """The docs' numbers at one branch point from its efficiencies η[batch size, seed]: the
+    threshold at τ, eq. 2.11's B_crit per seed, their log-t intervals at ``confidence``, the
+    bounds and open ends (also used by tests/fuzz_branch_options.py)."""
+    per_cbs = [_threshold(sizes, eta[:, k], tau) for k in range(len(seeds))]
+    per_crit = [_b_crit(sizes, eta[:, k], ref) for k in range(len(seeds))]
+    cbs = _log_t([v for v, _ in per_cbs], confidence)
+    crit = _log_t([v for (v, _), _ in per_crit], confidence)
+    cbs_bound = "upper" if any(bd == "upper" for _, bd in per_cbs) else None
+    above = [b for b in sizes if b > ref]
+    if cbs_bound is None and above and all(v < above[0] for v, _ in per_cbs):
+        cbs_bound = "lower"
+    bds = {bd for (_, bd), _ in per_crit if bd}
+    crit_bound = "upper" if "upper" in bds else ("lower" if "lower" in bds else None)
+    cbs = list(cbs)
+    crit = list(crit)
+    if cbs_bound == "upper":
+        cbs[2] = math.inf
+    if crit_bound == "upper":
+        crit[2] = math.inf
+    elif crit_bound == "lower":
+        crit[1] = 0.0
+    if len(seeds) > 1 and crit[2] > sizes[-1]:
+        crit[2] = math.inf
+    if len(seeds) > 1 and crit[1] < ref:
+        crit[1] = 0.0
+    if bds == {"upper", "lower"}:
+        # one seed past each end: no B_crit and no bound (docs/branch.md; a review found
+        # the geometric mean given as "≥" it)
+        crit, crit_bound = [math.nan, math.nan, math.nan], None
+    mean_eta = eta.mean(axis=1)
+    return {
+        "ref": ref,
+        "seeds": seeds,
+        "sizes": sizes,
+        "chosen": chosen,
+        "loss": mloss,
+        "eta": eta,
+        "mean_eta": mean_eta,
+        "within": [bool(e > 0 and 1 / e <= 1 + tau) for e in mean_eta],
+        "cbs": cbs,
+        "cbs_bound": cbs_bound,
+        "crit": crit,
+        "crit_bound": crit_bound,
+        "per_crit": per_crit,
+        "crossing": crossing,
+    }
 
 
 def compare_cbs(want, results):

@@ -37,7 +37,8 @@ data order against the reference's branch with the same order); the estimate is 
 mean and the interval a Student-t interval of their logarithms (exact coverage when the log
 estimates are normal and independent across seeds). One seed gives no interval. The learning
 rate of each batch size, when several were tried, is the one with the lowest mean loss at the
-budget over its seeds — chosen once, on all seeds, so the interval does not include the
+budget over its seeds (smoothed: where the lag-corrected curves stand for the same examples) —
+chosen once, on all seeds, so the interval does not include the
 uncertainty of that choice.
 
 Pure NumPy: no torch, no Optuna, no plotting.
@@ -287,6 +288,10 @@ def efficiency(reference: BranchRun, loss: float, *, decay: float = 0.0, lag: fl
     own lag there, so η = (E_ref − lag_ref)/(Δ − lag). Exact for curves linear in the examples
     over the EMA's span; without the correction η would be biased towards 1 by about
     (1 − η)·lag/Δ.
+
+    Raises:
+        NoiseScaleInputError: the reference's first record lies past the branch point and its
+            loss there is already below ``loss`` (where it reached it is not measured).
     """
     if not math.isfinite(loss):
         return 0.0
@@ -296,6 +301,19 @@ def efficiency(reference: BranchRun, loss: float, *, decay: float = 0.0, lag: fl
     if crossing is None:
         reached = _extended_crossing(reference, smoothed, loss, decay, lag)
         return 1.0 if reached is None else float(min(1.0, reached / (reference.budget - lag)))
+    if crossing.index == 0 and run.examples[0] > 0 and smoothed[0] < loss:
+        # Reached before its first record: anywhere in [0, that record] — η was read as the
+        # record's own position (0.5 for 0.3 with the reference first recorded at half the
+        # budget, no warning; a review, 2026-12-07).
+        raise NoiseScaleInputError(
+            f"the reference branch at checkpoint {reference.checkpoint:g} (batch size "
+            f"{run.batch_size:g}, learning rate {run.learning_rate:g}, seed {reference.seed}) "
+            f"first reported its loss at {float(run.examples[0]):g} examples, and another "
+            f"branch's loss at the budget ({loss:g}) lies above that first loss "
+            f"({float(smoothed[0]):g}): the reference reached it before its first record, so "
+            "how many examples it needed is not measured. Report the loss at the checkpoint "
+            "(examples=0) and from the first steps on"
+        )
     own_lag = _lag_at(run.examples, decay, crossing.examples)
     reached = max(0.0, crossing.examples - own_lag)
     return float(min(1.0, reached / (reference.budget - lag)))
@@ -330,6 +348,43 @@ def _extended_crossing(
     if not slope < 0:
         return None
     return float(x[-1] + (loss - y[-1]) / slope)
+
+
+def _mean_losses_at_equal_examples(
+    groups: dict[Any, Sequence[BranchRun]], decay: float
+) -> dict[Any, float]:
+    """Each group's mean smoothed loss where it stands for the same examples as every other
+    group's: each branch's lag-corrected smoothed curve (a record's smoothed value stands for
+    the curve its EMA lag earlier, :func:`_lag_at`) read at Δ minus the largest lag at the
+    budget among all of them, so that no curve is extrapolated. Exact for curves linear over
+    the EMA's span; where every lag is the same it is the mean smoothed loss at the budget.
+    ``inf`` for a group with a diverged branch."""
+    live = [br for rs in groups.values() for br in rs if br.run.diverged_at_step is None]
+    at = min((br.budget - lag_at_budget(br, decay=decay) for br in live), default=0.0)
+    out: dict[Any, float] = {}
+    for key, rs in groups.items():
+        values = []
+        for br in rs:
+            if br.run.diverged_at_step is not None:
+                values.append(math.inf)
+                continue
+            e = br.run.examples
+            keep = e < br.budget
+            x = np.append(e[keep], br.budget)
+            y = np.append(ema_smoothed(br.run.metric, decay)[keep], loss_at_budget(br, decay=decay))
+            # (the lag-corrected positions are the EMA of the record positions: increasing)
+            x = x - np.array([_lag_at(e, decay, float(v)) for v in x])
+            if at < x[0] and x.size > 1 and x[1] > x[0]:
+                # A branch whose first record stands past that point (it began recording late):
+                # its lag-corrected curve extended back along its first stretch, exact for a
+                # straight curve. np.interp held its first value there, so that with a
+                # reference lagging 74% of Δ a branch first recorded at 62% read 3% of its
+                # fall low and `--reference best` chose it (η 1 for 0.95; a review, 2026-12-07).
+                values.append(float(y[0] + (at - x[0]) * (y[1] - y[0]) / (x[1] - x[0])))
+                continue
+            values.append(float(np.interp(at, x, y)))
+        out[key] = _mean(values)
+    return out
 
 
 def threshold_batch_size(
@@ -496,7 +551,18 @@ def local_critical_batch_size(
     for b in sizes:
         lrs = sorted(lr for bb, lr in by_setting if bb == b)
         tried[b] = tuple(lrs)
-        chosen[b] = min(lrs, key=lambda lr, b=b: _mean(losses[(b, lr)].values()))
+        # (with --ema where the curves stand for the same examples, as for the reference below:
+        # a rate recorded more sparsely trails the budget by more. Until 2026-12-07 the
+        # smoothed losses at the budget chose a rate that had not ended lowest — η 0.625 for
+        # 0.656 with no warning, a review)
+        ended_at = (
+            {lr: _mean(losses[(b, lr)].values()) for lr in lrs}
+            if decay == 0 or len(lrs) == 1
+            else _mean_losses_at_equal_examples(
+                {lr: list(by_setting[(b, lr)].values()) for lr in lrs}, decay
+            )
+        )
+        chosen[b] = min(lrs, key=lambda lr: ended_at[lr])
         if len(lrs) > 2 and chosen[b] in (lrs[0], lrs[-1]):
             warnings.append(
                 f"batch size {b:g}: the best learning rate ({chosen[b]:g}) is at the edge of the "
@@ -551,7 +617,22 @@ def local_critical_batch_size(
                 "branch at the same examples, or drop --ema"
             )
     mean_loss = {b: _mean(losses[(b, chosen[b])][s] for s in seeds) for b in sizes}
-    ref_b = sizes[0] if reference == "smallest" else min(sizes, key=lambda b: mean_loss[b])
+    # Which branch ended lowest, and whether a larger one ended at least as low as the
+    # reference: with --ema on the smoothed curves where they stand for the same examples
+    # (their smoothed losses at the budget trail it by lags that differ between branches).
+    # Until 2026-12-07 the smoothed losses at the budget were compared, so a branch recorded
+    # more sparsely (a larger lag) looked worse: `--reference best` chose a reference that had
+    # not ended lowest (η 0.702 for 0.667, B_crit 27.5 for 41.7, with no warning), and the
+    # crossing flag asked that every seed's η reach 1, not the mean end loss to be as low
+    # (found by tests/fuzz_branch_options.py).
+    ended = (
+        mean_loss
+        if decay == 0
+        else _mean_losses_at_equal_examples(
+            {b: [by_setting[(b, chosen[b])][s] for s in seeds] for b in sizes}, decay
+        )
+    )
+    ref_b = sizes[0] if reference == "smallest" else min(sizes, key=lambda b: ended[b])
     ref_diverged = [s for s in seeds if not math.isfinite(losses[(ref_b, chosen[ref_b])][s])]
     if ref_diverged:
         # Every efficiency is read off the reference's curve; cut short by its divergence, it
@@ -575,11 +656,7 @@ def local_critical_batch_size(
     mean_eta = eta.mean(axis=1)
     # (with --ema the smoothed losses trail by lags that differ between branches: compare where
     # they stand for, as η does; a review, 2026-12-07, found crossing curves blamed for that)
-    crossing = any(
-        sizes[i] > ref_b
-        and (mean_eta[i] >= 1.0 if decay > 0 else mean_loss[sizes[i]] <= mean_loss[ref_b])
-        for i in range(len(sizes))
-    )
+    crossing = any(b > ref_b and ended[b] <= ended[ref_b] for b in sizes)
     if crossing:
         warnings.append(
             "a batch size above the reference ended at least as low as the reference: the loss "

@@ -381,7 +381,8 @@ def read_b_noise(
     *,
     names: Sequence[str] | None = None,
 ) -> list[NoisePoint]:
-    """B_noise points from records with ``examples`` (or ``step``, placed with the history) and
+    """B_noise points from records with ``examples`` (or ``step``, placed with the history, or
+    the other unit, converted with ``tokens_per_example``) and
     either a :class:`~noisescale.hessian.BNoiseTracker`'s per-measurement ``ghg`` and
     ``trace_h_sigma`` (its ``history``: the window's B_noise is computed from them, not from
     the running ``b_noise``) or summary values ``b_noise`` and optionally
@@ -407,7 +408,9 @@ def read_b_noise(
             hold it), or a ``BNoiseTracker``'s record beside branches in tokens without the
             tokens per example to convert it.
     """
+    _check_unit(unit)
     pos = history_positions(history, unit, tokens_per_example) if history is not None else None
+    other = "examples" if unit == "tokens" else "tokens"
     out = []
     kinds = set()
     for i, rec in enumerate(records, start=1):
@@ -436,8 +439,29 @@ def read_b_noise(
             if index is None:
                 raise NoiseScaleInputError(f"{name}: step {rec['step']} is not in the history")
             at = float(pos[index])
+        elif _number(rec.get(other)) and tokens_per_example is not None and parts:
+            # A BNoiseTracker's record placed in the other unit: at a constant tokens per
+            # example the same position, and its B_noise converted below (until 2026-12-07
+            # refused as if it had no position, with the option given; a review). A summary
+            # value is read in ``unit`` as given: one placed in the other unit is likelier in
+            # it too, and stays refused.
+            t = float(tokens_per_example)
+            if not (math.isfinite(t) and t > 0):
+                raise NoiseScaleInputError(
+                    f"{name}: the tokens per example must be a positive number, got {t!r}"
+                )
+            at = float(rec[other]) * t if unit == "tokens" else float(rec[other]) / t
         else:
-            raise NoiseScaleInputError(f"{name}: needs '{unit}' (or 'step' and the run's history)")
+            raise NoiseScaleInputError(
+                f"{name}: needs '{unit}' (or 'step' and the run's history"
+                + (
+                    f", or for a BNoiseTracker's record '{other}' with the tokens per example, "
+                    "--tokens-per-example)"
+                    if parts
+                    else f"; a summary b_noise is read in {unit}: give it and its position in "
+                    f"{unit})"
+                )
+            )
         if parts:
             ghg, trace = float(rec["ghg"]), float(rec["trace_h_sigma"])
             if unit == "tokens":
