@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 # The CPU build of torch that this machine installs quickly; pyproject.toml declares the range.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats fuzz-fit fuzz-sweep fuzz-cli fuzz-history fuzz-schedule fuzz-decisions fuzz-bnoise fuzz-tokens fuzz-hardware fuzz-pages fuzz-beyond fuzz-branch install lint format clean
+.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats fuzz-fit fuzz-sweep fuzz-cli fuzz-history fuzz-schedule fuzz-decisions fuzz-bnoise fuzz-tokens fuzz-hardware fuzz-pages fuzz-beyond fuzz-branch fuzz-combine install lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -144,6 +144,12 @@ fuzz-hardware: install
 # the CLI) against reruns and computations by hand (tests/fuzz_branch.py, ≈ 5-15 s a seed).
 fuzz-branch: install
 	$(PY) tests/fuzz_branch.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
+
+# How the small-batch sources of one step are combined (tests/fuzz_combine.py, ≈ 10-20 s a seed):
+# synthetic sources of known truth and noise covariance under a drifting level through
+# state.update, against the minimum-variance weights' closed forms, and real runs under Adam.
+fuzz-combine: install
+	$(PY) tests/fuzz_combine.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench examples
