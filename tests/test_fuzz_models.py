@@ -14,6 +14,8 @@ and Lightning callbacks and accelerate with random options, against brute force 
 they drew).
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -1371,6 +1373,20 @@ def test_what_the_branch_fuzzer_found_is_exact_or_refused(seed, check):
 COMBINE_SAMPLE = [3, 4, 22]
 COMBINE_QUICK = {"replicates": 12, "steps": 60}
 
+
+@functools.cache
+def _combine_record(seed, tracker_only):
+    """One seed's checks at COMBINE_QUICK, shared by the sample and the found tests (a seed's
+    synthetic replicates are simulated once for all its checks: until 2026-12-07 the found
+    tests re-simulated each at 20 replicates of 80-120 steps, 42 s for `-k combine`; at 12 of 60
+    every found seed still fails on the code before 2876c0a — 7.9× to 2.2·10⁵× equal weights'
+    variance — and passes after, 0.0-0.82×, a review)."""
+    torch.set_num_threads(1)
+    if tracker_only:
+        return fuzz_combine.check_seed(seed, checks=("tracker",))
+    return fuzz_combine.check_seed(seed, COMBINE_QUICK)
+
+
 # What it found (2026-12-07), as (seed, check): fixed the same day (estimators.update_combiner:
 # the weights learnt from the sources' changes between steps over the level), kept as
 # regressions. WEAK, the combination unbiased but its variance against the optimum's (and
@@ -1393,7 +1409,7 @@ FOUND_BY_THE_COMBINE_FUZZER = [
 
 @pytest.mark.parametrize("seed", COMBINE_SAMPLE)
 def test_combined_sources_are_unbiased_and_near_the_optimal_weights(seed):
-    record = fuzz_combine.check_seed(seed, COMBINE_QUICK)
+    record = _combine_record(seed, False)
     bad = fuzz_combine.findings(record)
     assert not bad, (fuzz_combine.describe(record), bad)
 
@@ -1404,7 +1420,7 @@ def test_combined_sources_are_unbiased_and_near_the_optimal_weights(seed):
     ids=[f"{s}-{c}" for s, c in FOUND_BY_THE_COMBINE_FUZZER],
 )
 def test_what_the_combine_fuzzer_found_is_near_the_optimum(seed, check):
-    torch.set_num_threads(1)
-    record = fuzz_combine.check_seed(seed, {"replicates": 20}, checks=(check,))
-    bad = fuzz_combine.findings(record)
+    record = _combine_record(seed, check == "tracker")
+    bad = [(name, res) for name, res in fuzz_combine.findings(record) if name == check]
+    assert record["checks"][check]["cls"] != "skip", fuzz_combine.describe(record)
     assert not bad, (fuzz_combine.describe(record), bad)
