@@ -753,8 +753,12 @@ class CombinerState(NamedTuple):
 
 
 #: a step whose level is over this many times the step's before, or under its 1/LEVEL_JUMP, is
-#: not folded into the combiner's statistics (its level jumped)
-LEVEL_JUMP = 2.0
+#: not folded into the combiner's statistics (its level jumped). 4, not 2 as on 2026-12-07's
+#: first version: a small model's S_B moves over 2× between steps from its own noise (in half
+#: the steps of test_per_layer's model), and leaving those steps out truncates the big batch's
+#: noise, which enters the sources' tr Σ with unequal coefficients — tr Σ's variance 5.9× the
+#: optimum's (1.08× at 4; test_combiner_weights_under_a_noisy_big_batch_are_the_optimal_ones)
+LEVEL_JUMP = 4.0
 
 
 def init_combiner(k: int, beta: float = 0.99) -> CombinerState:
