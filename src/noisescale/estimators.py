@@ -819,7 +819,9 @@ def combiner_weights(state: CombinerState, min_steps: int = 8) -> tuple[np.ndarr
     """Minimum-variance weights for g2 and for trace_sigma from the steps seen so far.
 
     Weights come only from earlier steps, so they are independent of the step they are applied
-    to and the combination stays unbiased. Equal weights until ``min_steps`` steps are seen.
+    to and the combination stays unbiased. Equal weights until ``min_steps`` steps are learnt
+    from (``count``: a step the combiner did not fold — the first, one whose level jumped, see
+    :func:`update_combiner` — does not count).
     """
     k = state.mean_g2.shape[0]
     if state.count < min_steps:
