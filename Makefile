@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 # The CPU build of torch that this machine installs quickly; pyproject.toml declares the range.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats fuzz-fit fuzz-sweep fuzz-cli fuzz-history fuzz-schedule fuzz-decisions fuzz-bnoise fuzz-tokens fuzz-hardware fuzz-pages fuzz-beyond fuzz-branch fuzz-branch-options install lint format clean
+.PHONY: demo test fuzz fuzz-hf fuzz-events fuzz-tracker fuzz-losses fuzz-integrations fuzz-distributed fuzz-precision fuzz-hf-more fuzz-stats fuzz-fit fuzz-sweep fuzz-cli fuzz-history fuzz-schedule fuzz-decisions fuzz-bnoise fuzz-tokens fuzz-hardware fuzz-pages fuzz-beyond fuzz-branch fuzz-branch-options fuzz-combine install lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -153,6 +153,12 @@ fuzz-branch: install
 # for the library, 2-10 s with the command on SQLite; PG=1 adds PostgreSQL beside it).
 fuzz-branch-options: install
 	$(PY) tests/fuzz_branch_options.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL)) $(if $(PG),--postgres)
+
+# How the small-batch sources of one step are combined (tests/fuzz_combine.py, ≈ 10-20 s a seed):
+# synthetic sources of known truth and noise covariance under a drifting level through
+# state.update, against the minimum-variance weights' closed forms, and real runs under Adam.
+fuzz-combine: install
+	$(PY) tests/fuzz_combine.py --seeds $(SEEDS) $(if $(JSONL),--jsonl $(JSONL))
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench examples

@@ -277,3 +277,135 @@ def test_an_interval_end_running_past_float_range_is_the_outward_limit_without_w
         again = est.b_simple_interval(resumed, 0.99)
     assert got.low <= 23.3 and got.high == math.inf
     assert (again.low, again.high) == (got.low, got.high)
+
+
+# --- the small-batch sources' minimum-variance weights under a drifting level ------------------
+# (state.update's path: per-source g2 and tr Σ by eq. A.2, weights from earlier steps)
+
+COMBINE_B, COMBINE_SIZES = 64, (1, 8)
+# ε's covariance for (S_B, S_1, S_2), relative to the level: correlated, source 2 10× worse
+COMBINE_SIGMA = np.array([[0.01, 0.01, 0.02], [0.01, 0.09, 0.06], [0.02, 0.06, 16.0]])
+
+
+def _combine_oracle(sigma=COMBINE_SIGMA):
+    """Optimal weights and the variances of w* and of equal weights, per (g2, tr), in units of
+    the level: the errors are A ε with A from eq. A.2 (one small batch of size b)."""
+    out = []
+    for kind in ("g2", "tr"):
+        a = np.zeros((2, 3))
+        for i, b in enumerate(COMBINE_SIZES):
+            big = COMBINE_B
+            if kind == "g2":
+                a[i, 0], a[i, 1 + i] = big / (big - b), -b / (big - b)
+            else:
+                a[i, 0], a[i, 1 + i] = 1 / (1 / big - 1 / b), -1 / (1 / big - 1 / b)
+        c = a @ sigma @ a.T
+        inv1 = np.linalg.solve(c, np.ones(2))
+        out.append((inv1 / inv1.sum(), 1 / inv1.sum(), c.sum() / 4))
+    return out
+
+
+def _run_combined(rng, level, g2=1.0, trace=60.0, beta=0.99, sigma=COMBINE_SIGMA):
+    """One run of state.update over synthetic norms whose level follows ``level``: per step the
+    combined g2 and tr Σ, and the state."""
+    from noisescale import state as state_mod
+
+    st = state_mod.init(beta)
+    got = []
+    for t, d in enumerate(level):
+        g, tr = g2 * d, trace * d
+        scale = g + tr / COMBINE_B
+        eps = rng.multivariate_normal(np.zeros(3), sigma) * scale
+        big = g + tr / COMBINE_B + eps[0]
+        sources = {
+            f"s{i}": state_mod.SmallBatches(1.0, 1.0 / b, g + tr / b + eps[1 + i])
+            for i, b in enumerate(COMBINE_SIZES)
+        }
+        st, rec = state_mod.update(st, state_mod.StepStats(t, COMBINE_B, big, sources, COMBINE_B))
+        got.append(((rec["g2"] - g) / scale, (rec["trace_sigma"] - tr) / scale))
+    return np.array(got), st
+
+
+def test_combiner_weights_under_adam_first_steps_are_the_optimal_ones():
+    """Adam's first steps under precondition= (P ≈ 1/ε: the level 10⁸, 10⁵, 10², 10 times the
+    later one): until 2026-12-07 the raw estimates' covariance was that of those steps, nearly
+    rank one, and the weights extreme for the rest of the run (here, over 25 runs, w of |G|²
+    from −5.8 to 6.8 for the optimal 1.00 and 0.00, of tr Σ −3.6 to 4.6 for 1.00 and −0.00;
+    the combination's variance 206× the optimum's for |G|², 7.6·10⁴× — 19× equal weights' —
+    for tr Σ). Now the weights are the oracle's to their sampling error, and the combination's
+    variance the optimum's."""
+    level = np.ones(160)
+    level[:4] = [1e8, 1e5, 1e2, 10.0]
+    (w_g, var_g, eq_g), (w_t, var_t, eq_t) = _combine_oracle()
+    rng = np.random.default_rng(3)
+    errs, weights = [], []
+    for _ in range(25):
+        got, st = _run_combined(rng, level)
+        errs.append(got[20:])
+        weights.append(np.concatenate(est.combiner_weights(st.combiner["s0,s1"])))
+    errs, weights = np.array(errs), np.array(weights)
+    # the weights learnt from ~155 steps: their spread over runs is ≈ √(var_opt/(var_2·n)),
+    # a few 0.01 (tolerance: 0.1, about 5 sd)
+    np.testing.assert_allclose(weights.mean(0), [*w_g, *w_t], atol=0.1)
+    assert np.abs(weights).max() < 2.0
+    # the combination's variance over 25 runs × 140 steps: within 30% of the optimum's (the
+    # weights' estimation adds (K−1)/n ≈ 1–10%, the sample variance of 3,500 errors ±5%)
+    var = (errs**2).mean((0, 1))
+    assert var[0] < 1.3 * var_g and var[1] < 1.3 * var_t, (var, var_g, var_t, eq_g, eq_t)
+    assert var[0] < eq_g and var[1] < eq_t
+
+
+@pytest.mark.parametrize("jump", ["spike", "jump"])
+def test_combiner_weights_survive_a_jump_of_the_level(jump):
+    """A step 10³× the others, or a level that jumps 10⁴× and stays: until 2026-12-07 that step
+    dominated the raw covariance for the rest of the run (here the combination's variance was
+    1,650× and 5.7·10⁵× the optimum's for |G|² and tr Σ after the spike — 140× equal weights'
+    —, 27× and 5,700× after the jump). Its relative change is not folded now."""
+    level = np.ones(120)
+    if jump == "spike":
+        level[40] = 1e3
+    else:
+        level[60:] = 1e4
+    (_, var_g, eq_g), (_, var_t, eq_t) = _combine_oracle()
+    rng = np.random.default_rng(5)
+    errs = np.array([_run_combined(rng, level)[0][20:] for _ in range(25)])
+    var = (errs**2).mean((0, 1))
+    assert var[0] < 1.3 * var_g and var[1] < 1.3 * var_t, (var, var_g, var_t, eq_g, eq_t)
+
+
+def test_combiner_weights_under_a_noisy_big_batch_are_the_optimal_ones():
+    """A constant level, the big batch's S_B noisy (sd 0.5 of the level, as a small model's: it
+    moves over 2× between steps in 37% of them, over 4× in 15%). Until 2026-12-07 (LEVEL_JUMP
+    2 in 2876c0a) the steps it moved over 2× were not learnt from: a truncation on S_B's noise,
+    which enters the sources' tr Σ with coefficients −1.02 and −9.1, so tr Σ's weights were
+    bent — here its variance was 5.9× the optimum's (the raw estimates' weights before
+    2876c0a: 1.05×). With 4× it is 1.08×."""
+    sigma = np.array([[0.25, 0.1, 0.2], [0.1, 0.09, 0.06], [0.2, 0.06, 16.0]])
+    (_, var_g, eq_g), (_, var_t, eq_t) = _combine_oracle(sigma)
+    rng = np.random.default_rng(11)
+    errs = np.array([_run_combined(rng, np.ones(120), sigma=sigma)[0][20:] for _ in range(30)])
+    var = (errs**2).mean((0, 1))
+    assert var[0] < 1.3 * var_g and var[1] < 1.3 * var_t, (var, var_g, var_t, eq_g, eq_t)
+
+
+def test_combiner_weights_come_from_earlier_steps_only():
+    """The weights a step is combined with are those learnt before it, whatever the step's own
+    norms: so the combination of unbiased sources stays unbiased."""
+    from noisescale import state as state_mod
+
+    rng = np.random.default_rng(7)
+    _, st = _run_combined(rng, np.ones(30))
+    w_g, w_t = est.combiner_weights(st.combiner["s0,s1"])
+    assert not np.allclose(w_g, 0.5)  # learnt, not the equal weights of the first steps
+    for s0, s1 in [(1.5, 1.2), (40.0, -3.0), (1e6, 2.0)]:
+        sources = {
+            "s0": state_mod.SmallBatches(1.0, 1.0, s0),
+            "s1": state_mod.SmallBatches(1.0, 1.0 / 8, s1),
+        }
+        _, rec = state_mod.update(st, state_mod.StepStats(30, COMBINE_B, 2.0, sources, COMBINE_B))
+        own = [
+            est.g2_trace_from_sums(COMBINE_B, 2.0, 1.0, 1.0 / b, s)
+            for b, s in zip(COMBINE_SIZES, (s0, s1), strict=True)
+        ]
+        assert rec["g2"] == pytest.approx(w_g @ [o[0] for o in own], rel=1e-12)
+        assert rec["trace_sigma"] == pytest.approx(w_t @ [o[1] for o in own], rel=1e-12)

@@ -208,6 +208,49 @@ def test_resume_gives_same_subsequent_estimates(tmp_path):
     assert resumed.steps == 40 and resumed.history[-1]["step"] == 40
 
 
+def test_resume_with_two_sources_gives_same_subsequent_estimates(tmp_path):
+    """Per-example and micro-batch sources: their combiner's statistics (the last step's level
+    and estimates since 2026-12-07) go through the checkpoint, and the resumed run combines the
+    later steps with the weights the uninterrupted one does."""
+    data = batches(9, 40, 8)
+    full = run(linear_model(), data, micro=2, beta=0.9)
+    model = linear_model()
+    first = run(model, data[:25], micro=2, beta=0.9)
+    torch.save(first.state_dict(), tmp_path / "tracker.pt")
+    first.remove()
+    resumed = noisescale.GradientNoiseTracker(model, beta=0.9)
+    resumed.load_state_dict(torch.load(tmp_path / "tracker.pt", weights_only=True))
+    for x in data[25:]:
+        for part in x.chunk(2):
+            (model(part).squeeze(-1).mean() / 2).backward()
+        resumed.step()
+        model.zero_grad()
+    assert set(full.history[-1]["sources"]) == {"microbatch", "per_example"}
+    for a, b in zip(full.history[25:], resumed.history[-15:], strict=True):
+        assert b["g2"] == pytest.approx(a["g2"], rel=1e-9)
+        assert b["trace_sigma"] == pytest.approx(a["trace_sigma"], rel=1e-9)
+
+
+def test_an_old_checkpoint_s_combiner_restarts():
+    """A version-3 checkpoint's combiner statistics are of the raw estimates, which the
+    combiner no longer folds (estimators.update_combiner): they restart — equal weights, then
+    learnt anew — and the rest of the checkpoint loads."""
+    model = linear_model()
+    first = run(model, batches(9, 12, 8), micro=2)
+    state = first.state_dict()
+    assert state["combiner"] and state["version"] == 4
+    state["version"] = 3
+    first.remove()
+    resumed = noisescale.GradientNoiseTracker(model)
+    resumed.load_state_dict(state)
+    assert resumed._state.combiner == {} and resumed._state.steps == 12
+    x = batches(10, 1, 8)[0]
+    for part in x.chunk(2):
+        (model(part).squeeze(-1).mean() / 2).backward()
+    resumed.step()
+    assert math.isfinite(resumed.history[-1]["g2"])
+
+
 def without_replacement(steps, n, dataset_size, seed=0):
     """A fixed data set of ``dataset_size`` rows (per-example gradient x_i under the linear
     model) and ``steps`` batches of ``n`` distinct rows each (one batch of a shuffled epoch)."""

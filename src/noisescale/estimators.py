@@ -735,7 +735,9 @@ def combine_weights(cov: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
 
 
 class CombinerState(NamedTuple):
-    """EMA mean and second moments of K sources' per-step (g2, trace_sigma) estimates."""
+    """EMA mean and second moments of K sources' per-step (g2, trace_sigma) estimates, each
+    step's taken as its change from the step before, over that step's level
+    (:func:`update_combiner`)."""
 
     beta: float
     count: int
@@ -744,6 +746,19 @@ class CombinerState(NamedTuple):
     mean_trace: np.ndarray
     outer_g2: np.ndarray
     outer_trace: np.ndarray
+    # the last step's level and its sources' g2 and trace_sigma (None: none yet)
+    level: float | None = None
+    last_g2: np.ndarray | None = None
+    last_trace: np.ndarray | None = None
+
+
+#: a step whose level is over this many times the step's before, or under its 1/LEVEL_JUMP, is
+#: not folded into the combiner's statistics (its level jumped). 4, not 2 as on 2026-12-07's
+#: first version: a small model's S_B moves over 2× between steps from its own noise (in half
+#: the steps of test_per_layer's model), and leaving those steps out truncates the big batch's
+#: noise, which enters the sources' tr Σ with unequal coefficients — tr Σ's variance 5.9× the
+#: optimum's (1.08× at 4; test_combiner_weights_under_a_noisy_big_batch_are_the_optimal_ones)
+LEVEL_JUMP = 4.0
 
 
 def init_combiner(k: int, beta: float = 0.99) -> CombinerState:
@@ -752,10 +767,37 @@ def init_combiner(k: int, beta: float = 0.99) -> CombinerState:
     return CombinerState(float(beta), 0, 0.0, z, z.copy(), zz, zz.copy())
 
 
-def update_combiner(state: CombinerState, g2: ArrayLike, trace_sigma: ArrayLike) -> CombinerState:
-    """Fold one step's per-source estimates (arrays of length K) into the statistics."""
+def update_combiner(
+    state: CombinerState, g2: ArrayLike, trace_sigma: ArrayLike, level: float = 1.0
+) -> CombinerState:
+    """Fold one step's per-source estimates (arrays of length K) into the statistics.
+
+    ``level``: a positive scale of the step (the tracker gives the big batch's squared norm
+    S_B = |G|² + tr Σ/B + noise). The sources' errors scale with the step's |G|² and tr Σ, which
+    drift over a run (|G|² falls; under ``precondition=`` Adam's first steps, P ≈ 1/ε, are 10⁸×
+    the later ones). Folded raw, as until 2026-12-07, the steps of the largest level dominated
+    the covariance, the level's drift entered it as a common component far above the sources'
+    differences, and the weights turned extreme (w = −22.4 and 23.4 seen; 10–10⁵× the variance
+    of equal weights, a fuzzer). So each source's estimate is folded as its change from the
+    step before over that step's level, (x_t − x_{t−1})/ℓ_{t−1}: the steps' batches are
+    independent, so its covariance is (C_t + C_{t−1})/ℓ²_{t−1} — twice the errors' relative
+    covariance where it is the level² times a fixed one, and the weights, blind to a common
+    scale, are its weights — while the level cancels (up to its change in one step, common to
+    the sources, which the weights are blind to too). The scale is the step before's, not the
+    step's own S_B, which shares the step's noise and bends the weights (tried: 18–880× the
+    optimum's variance of tr Σ in the fuzzer's seeds). A step whose level moved over
+    ``LEVEL_JUMP``× either way is not folded (its relative change would outweigh every other
+    step's)."""
     g = np.asarray(g2, dtype=float)
     s = np.asarray(trace_sigma, dtype=float)
+    prev, prev_g, prev_s = state.level, state.last_g2, state.last_trace
+    state = state._replace(level=float(level), last_g2=g, last_trace=s)
+    if prev is None or prev_g is None or prev_s is None or not math.isfinite(level):
+        return state
+    if not (prev > 0 and prev / LEVEL_JUMP <= level <= LEVEL_JUMP * prev):
+        return state
+    g = (g - prev_g) / prev
+    s = (s - prev_s) / prev
     b = state.beta
     w = state.weight * b + 1.0
     keep = 1.0 - 1.0 / w  # weight of the old statistics in the new EMA
@@ -763,14 +805,13 @@ def update_combiner(state: CombinerState, g2: ArrayLike, trace_sigma: ArrayLike)
     def ema(old: np.ndarray, new: np.ndarray) -> np.ndarray:
         return keep * old + (1.0 - keep) * new
 
-    return CombinerState(
-        b,
-        state.count + 1,
-        w,
-        ema(state.mean_g2, g),
-        ema(state.mean_trace, s),
-        ema(state.outer_g2, np.outer(g, g)),
-        ema(state.outer_trace, np.outer(s, s)),
+    return state._replace(
+        count=state.count + 1,
+        weight=w,
+        mean_g2=ema(state.mean_g2, g),
+        mean_trace=ema(state.mean_trace, s),
+        outer_g2=ema(state.outer_g2, np.outer(g, g)),
+        outer_trace=ema(state.outer_trace, np.outer(s, s)),
     )
 
 
@@ -778,7 +819,9 @@ def combiner_weights(state: CombinerState, min_steps: int = 8) -> tuple[np.ndarr
     """Minimum-variance weights for g2 and for trace_sigma from the steps seen so far.
 
     Weights come only from earlier steps, so they are independent of the step they are applied
-    to and the combination stays unbiased. Equal weights until ``min_steps`` steps are seen.
+    to and the combination stays unbiased. Equal weights until ``min_steps`` steps are learnt
+    from (``count``: a step the combiner did not fold — the first, one whose level jumped, see
+    :func:`update_combiner` — does not count).
     """
     k = state.mean_g2.shape[0]
     if state.count < min_steps:

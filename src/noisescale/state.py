@@ -168,7 +168,11 @@ def update(
         w_g2, w_tr, comb = _weights(state._replace(combiner=combiner), names)
         g2, tr = float(w_g2 @ pairs[:, 0]), float(w_tr @ pairs[:, 1])
         if comb is not None:
-            combiner[",".join(names)] = est.update_combiner(comb, pairs[:, 0], pairs[:, 1])
+            # (S_B, the step's level: the statistics are of the sources' changes between steps
+            # relative to the level, which drifts over a run; see update_combiner)
+            combiner[",".join(names)] = est.update_combiner(
+                comb, pairs[:, 0], pairs[:, 1], stats.sqnorm_big
+            )
         noise = est.update_state(noise, g2, tr)
         record_groups = _update_groups(groups, stats, names, w_g2, w_tr, confidence, dataset_size)
     elif groups:
