@@ -251,6 +251,21 @@ def test_an_old_checkpoint_s_combiner_restarts():
     assert math.isfinite(resumed.history[-1]["g2"])
 
 
+def test_a_newer_checkpoint_is_refused_by_its_version():
+    """A state of a later version than this noisescale writes (a newer release's fields) is
+    refused by name, before anything is loaded: the tracker goes on as it was."""
+    model = linear_model()
+    first = run(model, batches(9, 12, 8), micro=2)
+    state = first.state_dict()
+    first.remove()
+    for version in (state["version"] + 1, "5", 4.5):
+        resumed = noisescale.GradientNoiseTracker(model)
+        with pytest.raises(noisescale.NoiseScaleInputError, match="newer noisescale"):
+            resumed.load_state_dict({**state, "version": version})
+        assert resumed._state.steps == 0
+        resumed.remove()
+
+
 def without_replacement(steps, n, dataset_size, seed=0):
     """A fixed data set of ``dataset_size`` rows (per-example gradient x_i under the linear
     model) and ``steps`` batches of ``n`` distinct rows each (one batch of a shuffled epoch)."""

@@ -2661,7 +2661,18 @@ class GradientNoiseTracker:
         model (other trainable parameters) or of another ``beta`` is refused. The interval's
         ``confidence`` is this tracker's, as constructed (it only sets the level of the
         interval, computed afresh from the state). A different ``measure_every`` is taken, with
-        a warning: the averages then span other numbers of trained steps before and after."""
+        a warning: the averages then span other numbers of trained steps before and after. A
+        checkpoint of a later version (a newer noisescale) is refused: its fields may mean what
+        this version cannot read."""
+        saved_version = state.get("version", 0)
+        if not isinstance(saved_version, int) or saved_version > STATE_VERSION:
+            # (until 2026-12-07 a newer checkpoint failed with a raw TypeError from its new
+            # fields, or loaded the ones this version knows without a word; a review)
+            raise NoiseScaleInputError(
+                f"the checkpoint's state is of version {saved_version!r}, written by a newer "
+                f"noisescale than this one (which reads versions up to {STATE_VERSION}); "
+                "upgrade noisescale to resume from it, or start a new estimate"
+            )
         if state.get("loss_reduction", self.loss_reduction) != self.loss_reduction:
             raise NoiseScaleInputError(
                 f"the checkpoint was measured with loss_reduction={state['loss_reduction']!r} "
