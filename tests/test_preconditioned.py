@@ -945,3 +945,78 @@ def test_a_recreated_optimizer_is_seen_between_measured_steps_too(replaced_after
             assert e.g2 == pytest.approx(used[0]["g2"], rel=1e-12)
     finally:
         tracker.remove()
+
+
+class _CountedStep(torch.Tensor):
+    """An optimizer step count that counts its reads to the host (a GPU sync each with fused or
+    capturable Adam, whose counts are device tensors), while ``counting``."""
+
+    counting = False
+    reads = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if cls.counting and func in _HOST_READS:
+            cls.reads += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+_HOST_READS = {
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.numpy,
+    torch.Tensor.__float__,
+    torch.Tensor.__int__,
+    torch.Tensor.__bool__,
+    torch.Tensor.__index__,
+}
+
+
+@pytest.mark.parametrize("measure_every", [1, 3])
+def test_the_optimizer_s_step_counts_are_read_once_a_measured_step_and_never_between(
+    measure_every,
+):
+    """(2026-12-07.) The tracker read each parameter's ``state["step"]`` with ``float()``: at
+    every tracker step for the stale-optimizer rule and five times more at a measured step
+    (P's bias correction, the count, the parameters without state) — with fused or capturable
+    Adam on a GPU one device sync each: 36 at a measured step for this model's 6 stepped
+    tensors and 6 at an unmeasured one (~1,800 and 300 for 300 tensors). They are read in one
+    copy at a measured step now, none at the others (noted on the device, read with the next
+    measured step's), and the records are those of before (the other tests here;
+    tests/fuzz_beyond.py)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    unused = nn.Parameter(torch.zeros(2))  # no gradient, never stepped: no state
+    model.register_parameter("unused", unused)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tracker = noisescale.GradientNoiseTracker(
+        model,
+        precondition=opt,
+        precondition_from=1,
+        per_example_fraction=1.0,
+        sync_every=1,
+        measure_every=measure_every,
+    )
+    g = torch.Generator().manual_seed(0)
+    reads = []
+    try:
+        for step in range(1, 10):
+            _CountedStep.reads, _CountedStep.counting = 0, True
+            model(torch.randn(8, 3, generator=g)).pow(2).mean().backward()
+            tracker.step()
+            _CountedStep.counting = False
+            reads.append(_CountedStep.reads)
+            opt.step()
+            opt.zero_grad()
+            if step == 1:  # Adam made its counts at its first step: make them count their reads
+                for state in opt.state.values():
+                    state["step"] = state["step"].as_subclass(_CountedStep)
+        records = tracker.history
+    finally:
+        tracker.remove()
+        _CountedStep.counting = False
+    measured = [r["step"] for r in records]
+    assert measured == list(range(1, 10, measure_every))
+    assert all(r["preconditioned"] for r in records[1:])
+    for step, n in enumerate(reads[1:], start=2):
+        assert n == (1 if step in measured else 0), (step, reads)

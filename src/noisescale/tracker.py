@@ -78,6 +78,7 @@ from noisescale.per_example.messages import (
 )
 from noisescale.per_example.pass_checks import takes_second_order, written_tasks
 from noisescale.preconditioning import (
+    StepWatch,
     check_preconditioner,
     learning_rate,
     optimizer_steps,
@@ -687,6 +688,8 @@ class GradientNoiseTracker:
         self._warned: set[str] = set()
         # (tracker step, optimizer steps) when the precondition optimizer's count last moved
         self._optimizer_seen: tuple[int, int] | None = None
+        # its per-parameter step counts, read to the host once per measured step (StepWatch)
+        self._step_watch: StepWatch | None = None
         self._unscale_bump: dict[torch.device, int] = {}  # _unscale_versions
         self._unbounded_since: int | None = None
         # Σ w tr⁺, Σ w² tr⁺², Σ w, Σ w² over the folded steps (_watch_tails)
@@ -1047,8 +1050,9 @@ class GradientNoiseTracker:
             # moved: watched at measured steps only, a count that moved before the optimizer
             # stopped read as moving at the next measured step (until 2026-12-07, measure_every=4
             # and the optimizer replaced after step 4: step 9 measured with P frozen five steps,
-            # no word; a review of tests/fuzz_beyond.py)
-            self._watch_optimizer()
+            # no word; a review of tests/fuzz_beyond.py). Noted without a device sync, read with
+            # the next measured step's (StepWatch)
+            self._steps_watched().note(self.steps)
         self._remember_grads()
         _, definition, tokens = self._weights_of(passes, scale)
         self._check_definition(definition)
@@ -1904,10 +1908,28 @@ class GradientNoiseTracker:
         """The precondition optimizer's step count now, noting the tracker step at which it
         last moved (:meth:`_optimizer_stalled`)."""
         assert self.precondition is not None
-        taken = optimizer_steps(self.precondition, self._params)
-        if self._optimizer_seen is None or self._optimizer_seen[1] != taken:
-            self._optimizer_seen = (self.steps, taken)
+        taken = optimizer_steps(self.precondition, self._params, self._step_counts())
+        self._seen_at(self.steps, taken)
         return taken
+
+    def _seen_at(self, step: int, taken: int) -> None:
+        """The precondition optimizer had taken ``taken`` steps at tracker step ``step``."""
+        if self._optimizer_seen is None or self._optimizer_seen[1] != taken:
+            self._optimizer_seen = (step, taken)
+
+    def _steps_watched(self) -> StepWatch:
+        assert self.precondition is not None
+        if self._step_watch is None or self._step_watch.optimizer is not self.precondition:
+            self._step_watch = StepWatch(self.precondition, self._params)
+        return self._step_watch
+
+    def _step_counts(self) -> list[float | None]:
+        """The precondition optimizer's per-parameter step counts now, the counts noted at the
+        unmeasured steps since the last read seen first (at most one device sync)."""
+        noted, counts = self._steps_watched().read()
+        for step, taken in noted:
+            self._seen_at(step, taken)
+        return counts
 
     def _nothing_to_compare(self, missing_norm: bool) -> str | None:
         """Why a step measured within its passes could never be measured there, or ``None``:
@@ -2012,6 +2034,9 @@ class GradientNoiseTracker:
         since this tracker first read it): an optimizer that never steps while the tracker
         does is not the one training the model, and would keep the estimate plain for good
         (until 2026-12-05 it did, and estimate() gave the plain B_simple without a word)."""
+        if self.precondition is not None:
+            for step, taken in self._steps_watched().flush():
+                self._seen_at(step, taken)
         if self._optimizer_seen is None:
             return 0
         return self.steps - self._optimizer_seen[0]
@@ -2242,14 +2267,15 @@ class GradientNoiseTracker:
         """P² for the passes of the current step (the state cannot change before its end)."""
         if self._weights_step != self.steps:
             assert self.precondition is not None
+            counts = self._step_counts()  # (the one device sync of the step's counts)
             self._weights = preconditioner_weights(
-                self.precondition, self._params, min_steps=self.precondition_from
+                self.precondition, self._params, min_steps=self.precondition_from, counts=counts
             )
-            self._weights_taken = optimizer_steps(self.precondition, self._params)
+            self._weights_taken = optimizer_steps(self.precondition, self._params, counts)
             self._stateless = (
                 []
                 if self._weights is None
-                else stateless_parameters(self.precondition, self._params)
+                else stateless_parameters(self.precondition, self._params, counts)
             )
             self._weights_step = self.steps
             if self._weights is not None and "wide-preconditioner" not in self._warned:
@@ -2810,6 +2836,7 @@ class GradientNoiseTracker:
             if seen is None or self.precondition is None
             else (self.steps - int(seen[0]), int(seen[1]))
         )
+        self._step_watch = None  # (counts noted before the restore are not the run's)
         self._schedule_next()
 
 
