@@ -50,8 +50,33 @@ _OOM_MESSAGES = (
 )
 
 
+# the most exceptions of a chain looked at (__cause__ / __context__), each once
+_CHAIN_LIMIT = 16
+
+
 def is_out_of_memory(err: BaseException) -> bool:
-    """Whether an exception means "this batch does not fit in memory" (CUDA, CPU or MPS)."""
+    """Whether an exception means "this batch does not fit in memory" (CUDA, CPU or MPS): an
+    out-of-memory error itself, or one raised from it or while it was handled (its
+    ``__cause__`` or ``__context__``, followed up to 16 links, each once): a step that wraps
+    the error (``raise RuntimeError("step failed") from oom``, a framework's wrapper) ran out of
+    memory all the same. (Until 2026-12-07 only the outer exception was looked at, and the
+    search raised the wrapper at the first size that did not fit instead of bisecting.) An
+    exception raised while an out-of-memory error was being handled counts as one: the step
+    ran out of memory at that size whatever its handler did next."""
+    seen: set[int] = set()
+    waiting: list[BaseException] = [err]
+    while waiting and len(seen) < _CHAIN_LIMIT:
+        at = waiting.pop(0)
+        if id(at) in seen:
+            continue
+        seen.add(id(at))
+        if _is_out_of_memory_itself(at):
+            return True
+        waiting += [e for e in (at.__cause__, at.__context__) if e is not None]
+    return False
+
+
+def _is_out_of_memory_itself(err: BaseException) -> bool:
     if isinstance(err, _OOM_TYPES):
         return True
     if isinstance(err, RuntimeError):
