@@ -1020,3 +1020,32 @@ def test_the_optimizer_s_step_counts_are_read_once_a_measured_step_and_never_bet
     assert all(r["preconditioned"] for r in records[1:])
     for step, n in enumerate(reads[1:], start=2):
         assert n == (1 if step in measured else 0), (step, reads)
+
+
+@pytest.mark.parametrize("measure_every", [1, 3])
+def test_a_step_that_leaves_the_version_counters_is_read_too(measure_every):
+    """The counts read once at a measured step are not reused at the next: an optimizer step
+    replayed from a CUDA graph (capturable Adam) writes ``state["step"]`` without moving its
+    version counter, made so here after each eager step. The records are those of a plain
+    run (a reuse across steps would read a bias correction a step old)."""
+    runs = []
+    for hide in (False, True):
+        model, g = _mlp_and_data()
+        opt, tracker = _resumable(
+            model, precondition_from=1, sync_every=1, measure_every=measure_every
+        )
+        try:
+            for _ in range(9):
+                model(torch.randn(8, 3, generator=g)).pow(2).mean().backward()
+                tracker.step()
+                steps = [s["step"] for s in opt.state.values()]
+                versions = [s._version for s in steps]
+                opt.step()
+                opt.zero_grad()
+                if hide and versions:
+                    torch._C._autograd._unsafe_set_version_counter(tuple(steps), tuple(versions))
+            runs.append([(r["step"], r["preconditioned"], r["g2"]) for r in tracker.history])
+        finally:
+            tracker.remove()
+    assert len(runs[0]) == len(range(1, 10, measure_every))
+    assert runs[1] == runs[0]

@@ -1851,7 +1851,7 @@ class GradientNoiseTracker:
             )
         if self.precondition is None or passes[0].weights is not None:
             return
-        taken = self._watch_optimizer()
+        taken = self._watch_optimizer(in_step=True)
         if self._weights_step == self.steps - 1 and self._weights_taken != taken:
             # P was read during this step's backward, when the optimizer had taken fewer steps:
             # optimizer.step() ran before tracker.step(). The norms are right (they use the state
@@ -1904,11 +1904,14 @@ class GradientNoiseTracker:
                 "callback, precondition=True)",
             )
 
-    def _watch_optimizer(self) -> int:
+    def _watch_optimizer(self, in_step: bool = False) -> int:
         """The precondition optimizer's step count now, noting the tracker step at which it
-        last moved (:meth:`_optimizer_stalled`)."""
+        last moved (:meth:`_optimizer_stalled`). ``in_step``: within ``tracker.step()``, where
+        the counts read during this step's backward serve unless a step tensor changed since
+        (no second device sync)."""
         assert self.precondition is not None
-        taken = optimizer_steps(self.precondition, self._params, self._step_counts())
+        reuse = in_step and self._weights_step == self.steps - 1
+        taken = optimizer_steps(self.precondition, self._params, self._step_counts(reuse))
         self._seen_at(self.steps, taken)
         return taken
 
@@ -1923,10 +1926,10 @@ class GradientNoiseTracker:
             self._step_watch = StepWatch(self.precondition, self._params)
         return self._step_watch
 
-    def _step_counts(self) -> list[float | None]:
+    def _step_counts(self, reuse: bool = False) -> list[float | None]:
         """The precondition optimizer's per-parameter step counts now, the counts noted at the
         unmeasured steps since the last read seen first (at most one device sync)."""
-        noted, counts = self._steps_watched().read()
+        noted, counts = self._steps_watched().read(reuse)
         for step, taken in noted:
             self._seen_at(step, taken)
         return counts
@@ -2001,7 +2004,8 @@ class GradientNoiseTracker:
         weighing every step without a word (a fuzzer, tests/fuzz_beyond.py)."""
         if self.precondition is None:
             return False
-        self._watch_optimizer()  # (every step: the count must be seen before it stops moving)
+        # (every step: the count must be seen before it stops moving)
+        self._watch_optimizer(in_step=True)
         if self._preconditioned_since() is None:
             return False
         stalled = self._optimizer_stalled()
