@@ -167,6 +167,7 @@ class _StepSources:
             )
         )
 
+    @torch.no_grad()  # (a differentiable optimizer's counts may require grad)
     def stacks(self) -> list[tuple[Tensor, list[int]]]:
         """The tensors' values now, copied without a device sync: one stack per device (and
         dtype), with the positions in ``tensors`` of its values."""
