@@ -142,9 +142,8 @@ class MaxBatchSize:
         capped: The search stopped at ``limit`` without running out of memory, so the true
             maximum is at least ``max_batch_size``.
         converged: The search bracketed the maximum exactly (one more example runs out of
-            memory, as it did twice in a row: a failing size is tried once more after the
-            release, so a one-off out-of-memory error does not lower the result, two in a row
-            at the same size do, docs/hardware.md) or stopped at the limit; False when
+            memory, as it did once: a one-off out-of-memory error is not tried again and
+            lowers the result, docs/hardware.md) or stopped at the limit; False when
             ``max_trials`` ran out first, in which case ``max_batch_size`` is only a lower
             bound: the true maximum lies between it and the smallest batch that ran out of
             memory (or above it, if none did). Raise ``max_trials`` to close the gap.
@@ -202,12 +201,7 @@ def find_max_batch_size(
 
     Starting at ``start``, the batch size doubles (capped at ``limit``) until a trial runs out of
     memory; then the search bisects between the largest batch that fitted and the smallest that
-    did not until they are one apart. A trial that runs out of memory is run once more after
-    ``release``: the size counts as not fitting only if it runs out again (a one-off error at a
-    size that fits lowered the result until 2026-12-07; one entry per size in ``trials``, the
-    retry not counted in ``max_trials``). Memory that depends on the data drawn has no fixed
-    limit; the retry makes the result more optimistic there (docs/hardware.md). A trial runs
-    ``steps_per_trial`` steps, because the second
+    did not until they are one apart. A trial runs ``steps_per_trial`` steps, because the second
     step can need more memory than the first (optimizer state, allocator fragmentation).
 
     Out-of-memory errors (:func:`is_out_of_memory`) are caught and their memory freed; any other
@@ -235,9 +229,8 @@ def find_max_batch_size(
             ``start=64, max_trials=2`` with a maximum of 40 returns 32).
         model: Model that ``step_fn`` trains, to restore and clear after the search.
         optimizer: Optimizer that ``step_fn`` steps, to restore after the search.
-        release: Frees memory after a trial ran out of memory (before its retry, and after the
-            retry when it ran out again); the default collects garbage (the failed step's
-            reference cycles) and empties the CUDA cache.
+        release: Frees memory after a trial ran out of memory; the default collects garbage
+            (the failed step's reference cycles) and empties the CUDA cache.
 
     Returns:
         The largest batch that fitted, and the search's trials.
@@ -271,15 +264,6 @@ def find_max_batch_size(
             _clear_grads(model, optimizer)
             if not fits:
                 release()
-                # Once more after the release: a one-off error at a size that fits (another
-                # process's allocation, the cache's fragments) lowered the result and the search
-                # said converged=True (a maximum of 100 with one error at 64 gave 63, until
-                # 2026-12-07); a size that does not fit fails again, and its trial reads as
-                # before (one entry; the retry is not counted in max_trials)
-                fits = _run_trial(step_fn, batch_size, steps_per_trial)
-                _clear_grads(model, optimizer)
-                if not fits:
-                    release()
             trials.append((batch_size, fits))
             if fits:
                 low = batch_size
