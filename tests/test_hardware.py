@@ -1394,3 +1394,43 @@ def test_a_wrapped_error_that_is_not_out_of_memory_still_propagates(how: str) ->
         outer.__cause__ = deep
         deep = outer
     assert not is_out_of_memory(deep)
+
+
+def test_a_search_run_while_an_out_of_memory_error_is_handled_still_raises_a_bug() -> None:
+    """(2026-12-07, review of e5d31b7.) Python makes the exception being handled the
+    ``__context__`` of any raised inside the handler, so a search run in ``except
+    OutOfMemoryError:`` (training ran out of memory: size it again) took every error of the
+    step for a memory limit: a step raising IndexError above batch 50 gave 50, converged, and
+    the sweep of profile_throughput ended at 64 saying it ran out of memory. The chain now
+    stops at the exception that was being handled when the step began."""
+
+    def step(batch_size: int) -> None:
+        if batch_size > 50:
+            raise IndexError(f"index {batch_size} is out of bounds for dimension 0 with size 50")
+
+    def oom_step(batch_size: int) -> None:
+        if batch_size > 37:
+            raise RuntimeError("step failed") from torch.cuda.OutOfMemoryError(
+                "CUDA out of memory."
+            )
+
+    try:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    except torch.cuda.OutOfMemoryError:
+        with pytest.raises(IndexError, match="index 64"):
+            find_max_batch_size(step, release=_no_release, steps_per_trial=1)
+        with pytest.raises(IndexError, match="index 64"):
+            profile_throughput(step, [8, 64], warmup=0, repeats=1)
+        # an out-of-memory error of the step's own, wrapped, is still one
+        result = find_max_batch_size(oom_step, release=_no_release, steps_per_trial=1)
+        assert (result.max_batch_size, result.converged) == (37, True)
+        seen: list[int] = []
+        points = profile_throughput(
+            oom_step, [8, 64], warmup=0, repeats=1, on_out_of_memory=seen.append
+        )
+        assert [p.batch_size for p in points] == [8] and seen == [64]
+    # the exception handled is not the step's: given as ``handling`` it is not looked at
+    outer = torch.cuda.OutOfMemoryError("CUDA out of memory.")
+    inner = IndexError("index 64")
+    inner.__context__ = outer
+    assert is_out_of_memory(inner) and not is_out_of_memory(inner, handling=outer)
