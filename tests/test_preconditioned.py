@@ -973,7 +973,7 @@ _HOST_READS = {
 
 
 @pytest.mark.parametrize("measure_every", [1, 3])
-def test_the_optimizer_s_step_counts_are_read_once_a_measured_step_and_never_between(
+def test_the_optimizer_s_step_counts_are_read_twice_a_measured_step_and_never_between(
     measure_every,
 ):
     """(2026-12-07.) The tracker read each parameter's ``state["step"]`` with ``float()``: at
@@ -981,9 +981,10 @@ def test_the_optimizer_s_step_counts_are_read_once_a_measured_step_and_never_bet
     (P's bias correction, the count, the parameters without state) — with fused or capturable
     Adam on a GPU one device sync each: 36 at a measured step for this model's 6 stepped
     tensors and 6 at an unmeasured one (~1,800 and 300 for 300 tensors). They are read in one
-    copy at a measured step now, none at the others (noted on the device, read with the next
-    measured step's), and the records are those of before (the other tests here;
-    tests/fuzz_beyond.py)."""
+    copy at a measured step's backward and one at its tracker.step() now (which must see an
+    optimizer.step() run between the two: see the test below), none at the others (noted on
+    the device, read with the next measured step's), and the records are those of before (the
+    other tests here; tests/fuzz_beyond.py)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
     unused = nn.Parameter(torch.zeros(2))  # no gradient, never stepped: no state
@@ -1019,7 +1020,7 @@ def test_the_optimizer_s_step_counts_are_read_once_a_measured_step_and_never_bet
     assert measured == list(range(1, 10, measure_every))
     assert all(r["preconditioned"] for r in records[1:])
     for step, n in enumerate(reads[1:], start=2):
-        assert n == (1 if step in measured else 0), (step, reads)
+        assert n == (2 if step in measured else 0), (step, reads)
 
 
 @pytest.mark.parametrize("measure_every", [1, 3])
@@ -1048,4 +1049,51 @@ def test_a_step_that_leaves_the_version_counters_is_read_too(measure_every):
         finally:
             tracker.remove()
     assert len(runs[0]) == len(range(1, 10, measure_every))
+    assert runs[1] == runs[0]
+
+
+@pytest.mark.parametrize("measure_every", [1, 4])
+def test_an_optimizer_step_before_tracker_step_that_leaves_the_version_counters_is_seen(
+    measure_every,
+):
+    """(2026-12-07, a review of the StepWatch.) tracker.step() reused the counts read during
+    this step's backward where no step tensor's version counter had moved since; with
+    ``optimizer.step()`` run between the two (warned about) and replayed from a CUDA graph
+    (capturable Adam: the counts written, the counters held; made so here), the count seen
+    stayed a step behind (the stale-optimizer rule's bookkeeping, saved in state_dict: [0, 2]
+    at step 3 for [0, 3]). The counts are read afresh at each tracker.step() now, reused within
+    the call only; every step's state and the warnings are those of a run whose counters
+    move."""
+    runs = []
+    for hide in (False, True):
+        model, g = _mlp_and_data()
+        opt, tracker = _resumable(
+            model, precondition_from=1, sync_every=1, measure_every=measure_every
+        )
+        seen = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for step in range(1, 13):
+                    model(torch.randn(8, 3, generator=g)).pow(2).mean().backward()
+                    counts = [s["step"] for s in opt.state.values()]
+                    versions = [s._version for s in counts]
+                    if step % 3 == 0:  # optimizer.step() first, its counters held
+                        opt.step()
+                        if hide and versions:
+                            torch._C._autograd._unsafe_set_version_counter(
+                                tuple(counts), tuple(versions)
+                            )
+                        tracker.step()
+                    else:
+                        tracker.step()
+                        opt.step()
+                    opt.zero_grad()
+                    seen.append(tracker.state_dict()["optimizer_seen"])
+            warned = sorted({str(w.message) for w in caught})
+            records = [(r["step"], r["preconditioned"], r["g2"]) for r in tracker.history]
+            runs.append((seen, warned, records))
+        finally:
+            tracker.remove()
+    assert runs[0][0][2] == [0, 3]  # (step 3: the optimizer's third step seen at once)
     assert runs[1] == runs[0]

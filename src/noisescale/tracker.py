@@ -690,6 +690,9 @@ class GradientNoiseTracker:
         self._optimizer_seen: tuple[int, int] | None = None
         # its per-parameter step counts, read to the host once per measured step (StepWatch)
         self._step_watch: StepWatch | None = None
+        # tracker.step() calls begun, and the one in which the counts were last read (0: outside)
+        self._step_calls = 0
+        self._counts_read_in = -1
         self._unscale_bump: dict[torch.device, int] = {}  # _unscale_versions
         self._unbounded_since: int | None = None
         # Σ w tr⁺, Σ w² tr⁺², Σ w, Σ w² over the folded steps (_watch_tails)
@@ -728,6 +731,7 @@ class GradientNoiseTracker:
             lr: The learning rate, if no ``optimizer`` was given (a number; a scheduler's
                 ``get_last_lr()`` list is read where its groups share one rate).
         """
+        self._step_calls += 1
         loss, lr = _checked_step_args(loss, lr)
         scale, grads_unscaled = self._loss_scale()
         step = self.steps + 1
@@ -1907,10 +1911,13 @@ class GradientNoiseTracker:
     def _watch_optimizer(self, in_step: bool = False) -> int:
         """The precondition optimizer's step count now, noting the tracker step at which it
         last moved (:meth:`_optimizer_stalled`). ``in_step``: within ``tracker.step()``, where
-        the counts read during this step's backward serve unless a step tensor changed since
-        (no second device sync)."""
+        a read made earlier in the same call serves (no user code ran between), never the
+        backward's: ``optimizer.step()`` may have run since, and a step replayed from a CUDA
+        graph writes the counts without moving their version counters (until 2026-12-07 the
+        backward's read served where they had not moved: with optimizer.step() before
+        tracker.step() and the counters held, the count seen stayed a step behind, 2 for 3)."""
         assert self.precondition is not None
-        reuse = in_step and self._weights_step == self.steps - 1
+        reuse = in_step and self._counts_read_in == self._step_calls
         taken = optimizer_steps(self.precondition, self._params, self._step_counts(reuse))
         self._seen_at(self.steps, taken)
         return taken
@@ -1930,6 +1937,7 @@ class GradientNoiseTracker:
         """The precondition optimizer's per-parameter step counts now, the counts noted at the
         unmeasured steps since the last read seen first (at most one device sync)."""
         noted, counts = self._steps_watched().read(reuse)
+        self._counts_read_in = self._step_calls
         for step, taken in noted:
             self._seen_at(step, taken)
         return counts
