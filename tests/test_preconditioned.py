@@ -19,7 +19,7 @@ from torch import nn
 
 import noisescale
 from noisescale.errors import NoiseScaleInputError
-from noisescale.preconditioning import stateless_parameters
+from noisescale.preconditioning import stateless_parameters, step_counts
 from noisescale.tracker import preconditioner_weights
 
 F32 = 8 * torch.finfo(torch.float32).eps
@@ -1097,3 +1097,28 @@ def test_an_optimizer_step_before_tracker_step_that_leaves_the_version_counters_
             tracker.remove()
     assert runs[0][0][2] == [0, 3]  # (step 3: the optimizer's third step seen at once)
     assert runs[1] == runs[0]
+
+
+def test_step_counts_of_shape_one_are_read_as_numbers():
+    """(2026-12-07, a review.) The counts stacked in one copy kept a count of shape (1,) (as a
+    loaded state_dict may hold; ``float()`` of it, as before, reads it) a list: step_counts gave
+    [[1.0], [1.0]] and the tracker failed on the bias correction. Read as numbers now, and a
+    tracker's records are those of the 0-dim counts."""
+    runs = []
+    for shape in ((), (1,)):
+        model, g = _mlp_and_data()
+        opt, tracker = _resumable(model, precondition_from=1, sync_every=1)
+        try:
+            for _ in range(4):
+                model(torch.randn(8, 3, generator=g)).pow(2).mean().backward()
+                tracker.step()
+                opt.step()
+                opt.zero_grad()
+                for state in opt.state.values():
+                    state["step"] = state["step"].reshape(shape)
+            params = list(model.parameters())
+            assert step_counts(opt, params) == [4.0] * len(params)
+            runs.append([(r["step"], r["preconditioned"], r["g2"]) for r in tracker.history])
+        finally:
+            tracker.remove()
+    assert runs[1] == runs[0] and len(runs[0]) == 4

@@ -173,8 +173,12 @@ class _StepSources:
         dtype), with the positions in ``tensors`` of its values."""
         if not self.tensors:
             return []
-        with contextlib.suppress(RuntimeError):  # (one device, Adam's 0-dim counts: one stack)
-            return [(torch.stack(self.tensors), list(range(len(self.tensors))))]
+        with contextlib.suppress(RuntimeError):  # (one device, one-element counts: one stack)
+            # (flattened: a count of shape (1,), as a state_dict may hold, stacked to (n, 1)
+            # read as lists until 2026-12-07, and the tracker failed on [1.0] ** ...; a review)
+            stack = torch.stack(self.tensors).reshape(-1)
+            if stack.numel() == len(self.tensors):
+                return [(stack, list(range(len(self.tensors))))]
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, t in enumerate(self.tensors):
             groups.setdefault((t.device, t.dtype), []).append(i)
