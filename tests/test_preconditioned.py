@@ -1122,3 +1122,40 @@ def test_step_counts_of_shape_one_are_read_as_numbers():
         finally:
             tracker.remove()
     assert runs[1] == runs[0] and len(runs[0]) == 4
+
+
+def test_the_counts_noted_between_measured_steps_are_saved():
+    """(2026-12-07, a review.) state_dict() saved the stale-optimizer bookkeeping as None where
+    the tracker had read no count yet, before reading the counts noted at unmeasured steps: a
+    tracker resumed with precondition= from one saved without, one unmeasured step on, saved
+    None for [0, 2] (the optimizer at 2 steps, seen 0 steps ago) and a resume from it counted
+    the stall from 0 again."""
+    model, g = _mlp_and_data()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    options = dict(per_example_fraction=1.0, measure_every=4, sync_every=1)
+
+    def train(tracker, steps):
+        for _ in range(steps):
+            model(torch.randn(8, 3, generator=g)).pow(2).mean().backward()
+            tracker.step()
+            opt.step()
+            opt.zero_grad()
+
+    plain = noisescale.GradientNoiseTracker(model, **options)
+    try:
+        train(plain, 2)
+        saved = plain.state_dict()
+    finally:
+        plain.remove()
+    tracker = noisescale.GradientNoiseTracker(
+        model, precondition=opt, precondition_from=1, **options
+    )
+    try:
+        tracker.load_state_dict(saved)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train(tracker, 1)
+        assert tracker.history == []  # (step 3: unmeasured, its count noted)
+        assert tracker.state_dict()["optimizer_seen"] == [0, 2]
+    finally:
+        tracker.remove()

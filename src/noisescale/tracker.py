@@ -2041,6 +2041,13 @@ class GradientNoiseTracker:
             return self._state.preconditioned_from
         return next((p.step for p in self._pending if p.preconditioned), None)
 
+    def _saved_optimizer_seen(self) -> list[int] | None:
+        """The stall bookkeeping as state_dict() saves it, the counts noted at unmeasured steps
+        read first (until 2026-12-07 a tracker that had not read them yet, resumed with
+        precondition= from one without, saved None for [0, 2]: the stall count restarted)."""
+        stalled = self._optimizer_stalled()
+        return None if self._optimizer_seen is None else [stalled, self._optimizer_seen[1]]
+
     def _optimizer_stalled(self) -> int:
         """Tracker steps counted since the precondition optimizer's step count last moved (or
         since this tracker first read it): an optimizer that never steps while the tracker
@@ -2659,11 +2666,7 @@ class GradientNoiseTracker:
             # that count (_optimizer_stalled; until 2026-12-07 a resume restarted it at 0, and
             # the steps the run would have left out were weighed by the stalled optimizer's
             # frozen P without a word: g2 16.09 for 18.69, a hunt)
-            "optimizer_seen": (
-                None
-                if self._optimizer_seen is None
-                else [self._optimizer_stalled(), self._optimizer_seen[1]]
-            ),
+            "optimizer_seen": self._saved_optimizer_seen(),
         }
 
     def _preconditioner_kind(self) -> str | None:
