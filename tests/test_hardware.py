@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from scipy import stats
 from torch import nn
 
+import fuzz_hardware
 from noisescale.errors import NoiseScaleInputError
 from noisescale.hardware import (
     INTERCONNECTS,
@@ -1329,3 +1330,107 @@ def test_noise_with_an_even_number_of_repeats_is_not_called_skew(repeats: int) -
             skew += "skewed" in str(err)
     assert refused > 300  # (the test sees refusals at all)
     assert skew <= 0.015 * refused
+
+
+def _wrapped(err: BaseException, how: str) -> BaseException:
+    """``err`` raised inside a step and re-raised wrapped, as a caller would catch it."""
+    try:
+        try:
+            raise err
+        except BaseException as inner:
+            if how == "from":
+                raise RuntimeError("step failed") from inner
+            if how == "context":  # (raised while handling it, as a framework's wrapper does)
+                raise ValueError("training step failed")  # noqa: B904
+            if how == "twice":
+                try:
+                    raise RuntimeError("inner wrapper") from inner
+                except RuntimeError as middle:
+                    raise KeyError("outer wrapper") from middle
+            if how == "from_none":  # the context kept, though not shown
+                raise RuntimeError("step failed") from None
+            if how == "cause_and_context":  # from another error, while handling this one
+                raise RuntimeError("step failed") from ValueError("unrelated")
+            raise AssertionError(how) from None
+    except BaseException as outer:
+        return outer
+
+
+_WRAPPINGS = ["from", "context", "twice", "from_none", "cause_and_context"]
+
+
+@pytest.mark.parametrize("how", _WRAPPINGS)
+@pytest.mark.parametrize("oom", sorted(fuzz_hardware.OOM_MAKERS))
+def test_an_out_of_memory_error_wrapped_in_another_is_out_of_memory(oom: str, how: str) -> None:
+    """(2026-12-07.) An OOM raised inside a user's step and re-raised wrapped — ``from`` it, or
+    while handling it (accelerate's or Lightning's wrappers) — was not recognised: the search
+    raised the wrapper at batch 64 for a limit of 37 instead of bisecting to 37. The chain is
+    followed now (``__cause__`` and ``__context__``), with each of the allocators' words."""
+    err = _wrapped(fuzz_hardware.OOM_MAKERS[oom](8), how)
+    assert not isinstance(err, torch.cuda.OutOfMemoryError | MemoryError)
+    assert is_out_of_memory(err)
+
+    def step(batch_size: int) -> None:
+        if batch_size > 37:
+            raise _wrapped(fuzz_hardware.OOM_MAKERS[oom](batch_size), how)
+
+    result = find_max_batch_size(step, release=_no_release, steps_per_trial=1)
+    assert (result.max_batch_size, result.converged) == (37, True)
+
+
+@pytest.mark.parametrize("how", _WRAPPINGS)
+def test_a_wrapped_error_that_is_not_out_of_memory_still_propagates(how: str) -> None:
+    err = _wrapped(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x2)"), how)
+    assert not is_out_of_memory(err)
+    # a cycle (an exception its own context, as a careless re-raise can make) ends, unrecognised
+    loop = RuntimeError("a")
+    loop.__context__ = RuntimeError("b")
+    loop.__context__.__context__ = loop
+    assert not is_out_of_memory(loop)
+    # a chain longer than 16 links is not followed to its end
+    deep: BaseException = torch.cuda.OutOfMemoryError("CUDA out of memory.")
+    for i in range(20):
+        outer = RuntimeError(f"wrapper {i}")
+        outer.__cause__ = deep
+        deep = outer
+    assert not is_out_of_memory(deep)
+
+
+def test_a_search_run_while_an_out_of_memory_error_is_handled_still_raises_a_bug() -> None:
+    """(2026-12-07, review of e5d31b7.) Python makes the exception being handled the
+    ``__context__`` of any raised inside the handler, so a search run in ``except
+    OutOfMemoryError:`` (training ran out of memory: size it again) took every error of the
+    step for a memory limit: a step raising IndexError above batch 50 gave 50, converged, and
+    the sweep of profile_throughput ended at 64 saying it ran out of memory. The chain now
+    stops at the exception that was being handled when the step began."""
+
+    def step(batch_size: int) -> None:
+        if batch_size > 50:
+            raise IndexError(f"index {batch_size} is out of bounds for dimension 0 with size 50")
+
+    def oom_step(batch_size: int) -> None:
+        if batch_size > 37:
+            raise RuntimeError("step failed") from torch.cuda.OutOfMemoryError(
+                "CUDA out of memory."
+            )
+
+    try:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    except torch.cuda.OutOfMemoryError:
+        with pytest.raises(IndexError, match="index 64"):
+            find_max_batch_size(step, release=_no_release, steps_per_trial=1)
+        with pytest.raises(IndexError, match="index 64"):
+            profile_throughput(step, [8, 64], warmup=0, repeats=1)
+        # an out-of-memory error of the step's own, wrapped, is still one
+        result = find_max_batch_size(oom_step, release=_no_release, steps_per_trial=1)
+        assert (result.max_batch_size, result.converged) == (37, True)
+        seen: list[int] = []
+        points = profile_throughput(
+            oom_step, [8, 64], warmup=0, repeats=1, on_out_of_memory=seen.append
+        )
+        assert [p.batch_size for p in points] == [8] and seen == [64]
+    # the exception handled is not the step's: given as ``handling`` it is not looked at
+    outer = torch.cuda.OutOfMemoryError("CUDA out of memory.")
+    inner = IndexError("index 64")
+    inner.__context__ = outer
+    assert is_out_of_memory(inner) and not is_out_of_memory(inner, handling=outer)

@@ -19,7 +19,7 @@ from torch import nn
 
 import noisescale
 from noisescale.errors import NoiseScaleInputError
-from noisescale.preconditioning import stateless_parameters
+from noisescale.preconditioning import stateless_parameters, step_counts
 from noisescale.tracker import preconditioner_weights
 
 F32 = 8 * torch.finfo(torch.float32).eps
@@ -943,5 +943,219 @@ def test_a_recreated_optimizer_is_seen_between_measured_steps_too(replaced_after
         assert e.steps == len(used)
         if len(used) == 1:
             assert e.g2 == pytest.approx(used[0]["g2"], rel=1e-12)
+    finally:
+        tracker.remove()
+
+
+class _CountedStep(torch.Tensor):
+    """An optimizer step count that counts its reads to the host (a GPU sync each with fused or
+    capturable Adam, whose counts are device tensors), while ``counting``."""
+
+    counting = False
+    reads = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if cls.counting and func in _HOST_READS:
+            cls.reads += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+_HOST_READS = {
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.numpy,
+    torch.Tensor.__float__,
+    torch.Tensor.__int__,
+    torch.Tensor.__bool__,
+    torch.Tensor.__index__,
+}
+
+
+@pytest.mark.parametrize("measure_every", [1, 3])
+def test_the_optimizer_s_step_counts_are_read_twice_a_measured_step_and_never_between(
+    measure_every,
+):
+    """(2026-12-07.) The tracker read each parameter's ``state["step"]`` with ``float()``: at
+    every tracker step for the stale-optimizer rule and five times more at a measured step
+    (P's bias correction, the count, the parameters without state) — with fused or capturable
+    Adam on a GPU one device sync each: 36 at a measured step for this model's 6 stepped
+    tensors and 6 at an unmeasured one (~1,800 and 300 for 300 tensors). They are read in one
+    copy at a measured step's backward and one at its tracker.step() now (which must see an
+    optimizer.step() run between the two: see the test below), none at the others (noted on
+    the device, read with the next measured step's), and the records are those of before (the
+    other tests here; tests/fuzz_beyond.py)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    unused = nn.Parameter(torch.zeros(2))  # no gradient, never stepped: no state
+    model.register_parameter("unused", unused)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tracker = noisescale.GradientNoiseTracker(
+        model,
+        precondition=opt,
+        precondition_from=1,
+        per_example_fraction=1.0,
+        sync_every=1,
+        measure_every=measure_every,
+    )
+    g = torch.Generator().manual_seed(0)
+    reads = []
+    try:
+        for step in range(1, 10):
+            _CountedStep.reads, _CountedStep.counting = 0, True
+            model(torch.randn(8, 3, generator=g)).pow(2).mean().backward()
+            tracker.step()
+            _CountedStep.counting = False
+            reads.append(_CountedStep.reads)
+            opt.step()
+            opt.zero_grad()
+            if step == 1:  # Adam made its counts at its first step: make them count their reads
+                for state in opt.state.values():
+                    state["step"] = state["step"].as_subclass(_CountedStep)
+        records = tracker.history
+    finally:
+        tracker.remove()
+        _CountedStep.counting = False
+    measured = [r["step"] for r in records]
+    assert measured == list(range(1, 10, measure_every))
+    assert all(r["preconditioned"] for r in records[1:])
+    for step, n in enumerate(reads[1:], start=2):
+        assert n == (2 if step in measured else 0), (step, reads)
+
+
+@pytest.mark.parametrize("measure_every", [1, 3])
+def test_a_step_that_leaves_the_version_counters_is_read_too(measure_every):
+    """The counts read once at a measured step are not reused at the next: an optimizer step
+    replayed from a CUDA graph (capturable Adam) writes ``state["step"]`` without moving its
+    version counter, made so here after each eager step. The records are those of a plain
+    run (a reuse across steps would read a bias correction a step old)."""
+    runs = []
+    for hide in (False, True):
+        model, g = _mlp_and_data()
+        opt, tracker = _resumable(
+            model, precondition_from=1, sync_every=1, measure_every=measure_every
+        )
+        try:
+            for _ in range(9):
+                model(torch.randn(8, 3, generator=g)).pow(2).mean().backward()
+                tracker.step()
+                steps = [s["step"] for s in opt.state.values()]
+                versions = [s._version for s in steps]
+                opt.step()
+                opt.zero_grad()
+                if hide and versions:
+                    torch._C._autograd._unsafe_set_version_counter(tuple(steps), tuple(versions))
+            runs.append([(r["step"], r["preconditioned"], r["g2"]) for r in tracker.history])
+        finally:
+            tracker.remove()
+    assert len(runs[0]) == len(range(1, 10, measure_every))
+    assert runs[1] == runs[0]
+
+
+@pytest.mark.parametrize("measure_every", [1, 4])
+def test_an_optimizer_step_before_tracker_step_that_leaves_the_version_counters_is_seen(
+    measure_every,
+):
+    """(2026-12-07, a review of the StepWatch.) tracker.step() reused the counts read during
+    this step's backward where no step tensor's version counter had moved since; with
+    ``optimizer.step()`` run between the two (warned about) and replayed from a CUDA graph
+    (capturable Adam: the counts written, the counters held; made so here), the count seen
+    stayed a step behind (the stale-optimizer rule's bookkeeping, saved in state_dict: [0, 2]
+    at step 3 for [0, 3]). The counts are read afresh at each tracker.step() now, reused within
+    the call only; every step's state and the warnings are those of a run whose counters
+    move."""
+    runs = []
+    for hide in (False, True):
+        model, g = _mlp_and_data()
+        opt, tracker = _resumable(
+            model, precondition_from=1, sync_every=1, measure_every=measure_every
+        )
+        seen = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for step in range(1, 13):
+                    model(torch.randn(8, 3, generator=g)).pow(2).mean().backward()
+                    counts = [s["step"] for s in opt.state.values()]
+                    versions = [s._version for s in counts]
+                    if step % 3 == 0:  # optimizer.step() first, its counters held
+                        opt.step()
+                        if hide and versions:
+                            torch._C._autograd._unsafe_set_version_counter(
+                                tuple(counts), tuple(versions)
+                            )
+                        tracker.step()
+                    else:
+                        tracker.step()
+                        opt.step()
+                    opt.zero_grad()
+                    seen.append(tracker.state_dict()["optimizer_seen"])
+            warned = sorted({str(w.message) for w in caught})
+            records = [(r["step"], r["preconditioned"], r["g2"]) for r in tracker.history]
+            runs.append((seen, warned, records))
+        finally:
+            tracker.remove()
+    assert runs[0][0][2] == [0, 3]  # (step 3: the optimizer's third step seen at once)
+    assert runs[1] == runs[0]
+
+
+def test_step_counts_of_shape_one_are_read_as_numbers():
+    """(2026-12-07, a review.) The counts stacked in one copy kept a count of shape (1,) (as a
+    loaded state_dict may hold; ``float()`` of it, as before, reads it) a list: step_counts gave
+    [[1.0], [1.0]] and the tracker failed on the bias correction. Read as numbers now, and a
+    tracker's records are those of the 0-dim counts."""
+    runs = []
+    for shape in ((), (1,)):
+        model, g = _mlp_and_data()
+        opt, tracker = _resumable(model, precondition_from=1, sync_every=1)
+        try:
+            for _ in range(4):
+                model(torch.randn(8, 3, generator=g)).pow(2).mean().backward()
+                tracker.step()
+                opt.step()
+                opt.zero_grad()
+                for state in opt.state.values():
+                    state["step"] = state["step"].reshape(shape)
+            params = list(model.parameters())
+            assert step_counts(opt, params) == [4.0] * len(params)
+            runs.append([(r["step"], r["preconditioned"], r["g2"]) for r in tracker.history])
+        finally:
+            tracker.remove()
+    assert runs[1] == runs[0] and len(runs[0]) == 4
+
+
+def test_the_counts_noted_between_measured_steps_are_saved():
+    """(2026-12-07, a review.) state_dict() saved the stale-optimizer bookkeeping as None where
+    the tracker had read no count yet, before reading the counts noted at unmeasured steps: a
+    tracker resumed with precondition= from one saved without, one unmeasured step on, saved
+    None for [0, 2] (the optimizer at 2 steps, seen 0 steps ago) and a resume from it counted
+    the stall from 0 again."""
+    model, g = _mlp_and_data()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    options = dict(per_example_fraction=1.0, measure_every=4, sync_every=1)
+
+    def train(tracker, steps):
+        for _ in range(steps):
+            model(torch.randn(8, 3, generator=g)).pow(2).mean().backward()
+            tracker.step()
+            opt.step()
+            opt.zero_grad()
+
+    plain = noisescale.GradientNoiseTracker(model, **options)
+    try:
+        train(plain, 2)
+        saved = plain.state_dict()
+    finally:
+        plain.remove()
+    tracker = noisescale.GradientNoiseTracker(
+        model, precondition=opt, precondition_from=1, **options
+    )
+    try:
+        tracker.load_state_dict(saved)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train(tracker, 1)
+        assert tracker.history == []  # (step 3: unmeasured, its count noted)
+        assert tracker.state_dict()["optimizer_seen"] == [0, 2]
     finally:
         tracker.remove()

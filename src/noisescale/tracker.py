@@ -78,6 +78,7 @@ from noisescale.per_example.messages import (
 )
 from noisescale.per_example.pass_checks import takes_second_order, written_tasks
 from noisescale.preconditioning import (
+    StepWatch,
     check_preconditioner,
     learning_rate,
     optimizer_steps,
@@ -689,6 +690,11 @@ class GradientNoiseTracker:
         self._warned: set[str] = set()
         # (tracker step, optimizer steps) when the precondition optimizer's count last moved
         self._optimizer_seen: tuple[int, int] | None = None
+        # its per-parameter step counts, read to the host once per measured step (StepWatch)
+        self._step_watch: StepWatch | None = None
+        # tracker.step() calls begun, and the one in which the counts were last read (0: outside)
+        self._step_calls = 0
+        self._counts_read_in = -1
         self._unscale_bump: dict[torch.device, int] = {}  # _unscale_versions
         self._unbounded_since: int | None = None
         # Σ w tr⁺, Σ w² tr⁺², Σ w, Σ w² over the folded steps (_watch_tails)
@@ -727,6 +733,7 @@ class GradientNoiseTracker:
             lr: The learning rate, if no ``optimizer`` was given (a number; a scheduler's
                 ``get_last_lr()`` list is read where its groups share one rate).
         """
+        self._step_calls += 1
         loss, lr = _checked_step_args(loss, lr)
         scale, grads_unscaled = self._loss_scale()
         step = self.steps + 1
@@ -1049,8 +1056,9 @@ class GradientNoiseTracker:
             # moved: watched at measured steps only, a count that moved before the optimizer
             # stopped read as moving at the next measured step (until 2026-12-07, measure_every=4
             # and the optimizer replaced after step 4: step 9 measured with P frozen five steps,
-            # no word; a review of tests/fuzz_beyond.py)
-            self._watch_optimizer()
+            # no word; a review of tests/fuzz_beyond.py). Noted without a device sync, read with
+            # the next measured step's (StepWatch)
+            self._steps_watched().note(self.steps)
         self._remember_grads()
         _, definition, tokens = self._weights_of(passes, scale)
         self._check_definition(definition)
@@ -1849,7 +1857,7 @@ class GradientNoiseTracker:
             )
         if self.precondition is None or passes[0].weights is not None:
             return
-        taken = self._watch_optimizer()
+        taken = self._watch_optimizer(in_step=True)
         if self._weights_step == self.steps - 1 and self._weights_taken != taken:
             # P was read during this step's backward, when the optimizer had taken fewer steps:
             # optimizer.step() ran before tracker.step(). The norms are right (they use the state
@@ -1902,14 +1910,39 @@ class GradientNoiseTracker:
                 "callback, precondition=True)",
             )
 
-    def _watch_optimizer(self) -> int:
+    def _watch_optimizer(self, in_step: bool = False) -> int:
         """The precondition optimizer's step count now, noting the tracker step at which it
-        last moved (:meth:`_optimizer_stalled`)."""
+        last moved (:meth:`_optimizer_stalled`). ``in_step``: within ``tracker.step()``, where
+        a read made earlier in the same call serves (no user code ran between), never the
+        backward's: ``optimizer.step()`` may have run since, and a step replayed from a CUDA
+        graph writes the counts without moving their version counters (until 2026-12-07 the
+        backward's read served where they had not moved: with optimizer.step() before
+        tracker.step() and the counters held, the count seen stayed a step behind, 2 for 3)."""
         assert self.precondition is not None
-        taken = optimizer_steps(self.precondition, self._params)
-        if self._optimizer_seen is None or self._optimizer_seen[1] != taken:
-            self._optimizer_seen = (self.steps, taken)
+        reuse = in_step and self._counts_read_in == self._step_calls
+        taken = optimizer_steps(self.precondition, self._params, self._step_counts(reuse))
+        self._seen_at(self.steps, taken)
         return taken
+
+    def _seen_at(self, step: int, taken: int) -> None:
+        """The precondition optimizer had taken ``taken`` steps at tracker step ``step``."""
+        if self._optimizer_seen is None or self._optimizer_seen[1] != taken:
+            self._optimizer_seen = (step, taken)
+
+    def _steps_watched(self) -> StepWatch:
+        assert self.precondition is not None
+        if self._step_watch is None or self._step_watch.optimizer is not self.precondition:
+            self._step_watch = StepWatch(self.precondition, self._params)
+        return self._step_watch
+
+    def _step_counts(self, reuse: bool = False) -> list[float | None]:
+        """The precondition optimizer's per-parameter step counts now, the counts noted at the
+        unmeasured steps since the last read seen first (at most one device sync)."""
+        noted, counts = self._steps_watched().read(reuse)
+        self._counts_read_in = self._step_calls
+        for step, taken in noted:
+            self._seen_at(step, taken)
+        return counts
 
     def _nothing_to_compare(self, missing_norm: bool) -> str | None:
         """Why a step measured within its passes could never be measured there, or ``None``:
@@ -1981,7 +2014,8 @@ class GradientNoiseTracker:
         weighing every step without a word (a fuzzer, tests/fuzz_beyond.py)."""
         if self.precondition is None:
             return False
-        self._watch_optimizer()  # (every step: the count must be seen before it stops moving)
+        # (every step: the count must be seen before it stops moving)
+        self._watch_optimizer(in_step=True)
         if self._preconditioned_since() is None:
             return False
         stalled = self._optimizer_stalled()
@@ -2009,11 +2043,21 @@ class GradientNoiseTracker:
             return self._state.preconditioned_from
         return next((p.step for p in self._pending if p.preconditioned), None)
 
+    def _saved_optimizer_seen(self) -> list[int] | None:
+        """The stall bookkeeping as state_dict() saves it, the counts noted at unmeasured steps
+        read first (until 2026-12-07 a tracker that had not read them yet, resumed with
+        precondition= from one without, saved None for [0, 2]: the stall count restarted)."""
+        stalled = self._optimizer_stalled()
+        return None if self._optimizer_seen is None else [stalled, self._optimizer_seen[1]]
+
     def _optimizer_stalled(self) -> int:
         """Tracker steps counted since the precondition optimizer's step count last moved (or
         since this tracker first read it): an optimizer that never steps while the tracker
         does is not the one training the model, and would keep the estimate plain for good
         (until 2026-12-05 it did, and estimate() gave the plain B_simple without a word)."""
+        if self.precondition is not None:
+            for step, taken in self._steps_watched().flush():
+                self._seen_at(step, taken)
         if self._optimizer_seen is None:
             return 0
         return self.steps - self._optimizer_seen[0]
@@ -2244,14 +2288,15 @@ class GradientNoiseTracker:
         """P² for the passes of the current step (the state cannot change before its end)."""
         if self._weights_step != self.steps:
             assert self.precondition is not None
+            counts = self._step_counts()  # (the one device sync of the step's counts)
             self._weights = preconditioner_weights(
-                self.precondition, self._params, min_steps=self.precondition_from
+                self.precondition, self._params, min_steps=self.precondition_from, counts=counts
             )
-            self._weights_taken = optimizer_steps(self.precondition, self._params)
+            self._weights_taken = optimizer_steps(self.precondition, self._params, counts)
             self._stateless = (
                 []
                 if self._weights is None
-                else stateless_parameters(self.precondition, self._params)
+                else stateless_parameters(self.precondition, self._params, counts)
             )
             self._weights_step = self.steps
             if self._weights is not None and "wide-preconditioner" not in self._warned:
@@ -2623,11 +2668,7 @@ class GradientNoiseTracker:
             # that count (_optimizer_stalled; until 2026-12-07 a resume restarted it at 0, and
             # the steps the run would have left out were weighed by the stalled optimizer's
             # frozen P without a word: g2 16.09 for 18.69, a hunt)
-            "optimizer_seen": (
-                None
-                if self._optimizer_seen is None
-                else [self._optimizer_stalled(), self._optimizer_seen[1]]
-            ),
+            "optimizer_seen": self._saved_optimizer_seen(),
         }
 
     def _preconditioner_kind(self) -> str | None:
@@ -2827,6 +2868,7 @@ class GradientNoiseTracker:
             if seen is None or self.precondition is None
             else (self.steps - int(seen[0]), int(seen[1]))
         )
+        self._step_watch = None  # (counts noted before the restore are not the run's)
         self._schedule_next()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -50,8 +51,40 @@ _OOM_MESSAGES = (
 )
 
 
-def is_out_of_memory(err: BaseException) -> bool:
-    """Whether an exception means "this batch does not fit in memory" (CUDA, CPU or MPS)."""
+# the most exceptions of a chain looked at (__cause__ / __context__), each once
+_CHAIN_LIMIT = 16
+
+
+def is_out_of_memory(err: BaseException, *, handling: BaseException | None = None) -> bool:
+    """Whether an exception means "this batch does not fit in memory" (CUDA, CPU or MPS): an
+    out-of-memory error itself, or one raised from it or while it was handled (its
+    ``__cause__`` or ``__context__``, followed up to 16 links, each once): a step that wraps
+    the error (``raise RuntimeError("step failed") from oom``, a framework's wrapper) ran out of
+    memory all the same. (Until 2026-12-07 only the outer exception was looked at, and the
+    search raised the wrapper at the first size that did not fit instead of bisecting.) An
+    exception raised while an out-of-memory error was being handled counts as one: the step
+    ran out of memory at that size whatever its handler did next.
+
+    ``handling``: the exception that was being handled when the step began
+    (``sys.exc_info()[1]`` then), where the chain stops: Python makes it the ``__context__`` of
+    any exception the step raises, so a search run inside ``except OutOfMemoryError:`` (a
+    training run that ran out of memory, sized again) took every error of the step for a memory
+    limit (until 2026-12-07: a step raising IndexError above batch 50 gave 50, converged).
+    :func:`find_max_batch_size` and the timings pass it."""
+    seen: set[int] = set()
+    waiting: list[BaseException] = [err]
+    while waiting and len(seen) < _CHAIN_LIMIT:
+        at = waiting.pop(0)
+        if id(at) in seen or at is handling:
+            continue
+        seen.add(id(at))
+        if _is_out_of_memory_itself(at):
+            return True
+        waiting += [e for e in (at.__cause__, at.__context__) if e is not None]
+    return False
+
+
+def _is_out_of_memory_itself(err: BaseException) -> bool:
     if isinstance(err, _OOM_TYPES):
         return True
     if isinstance(err, RuntimeError):
@@ -283,11 +316,12 @@ def _is_whole(value: object) -> bool:
 
 
 def _run_trial(step_fn: StepFn, batch_size: int, steps: int) -> bool:
+    handling = sys.exc_info()[1]  # (not the step's: the chain stops at it)
     try:
         for _ in range(steps):
             step_fn(batch_size)
     except Exception as err:
-        if not is_out_of_memory(err):
+        if not is_out_of_memory(err, handling=handling):
             raise
         # Returning ends the except clause, which drops `err` and its traceback (and with them
         # the failed step's tensors) before the caller frees memory.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -99,6 +100,7 @@ def _timed_steps(
     timer: Callable[[], float],
 ) -> list[float] | None:
     times: list[float] = []
+    handling = sys.exc_info()[1]  # (not the step's: is_out_of_memory's chain stops at it)
     try:
         for _ in range(warmup):
             step_fn(batch_size)
@@ -109,7 +111,7 @@ def _timed_steps(
             sync()
             times.append(timer() - t0)
     except Exception as err:
-        if not is_out_of_memory(err):
+        if not is_out_of_memory(err, handling=handling):
             raise
         return None  # leaving the except clause frees the failed step's traceback
     return times
