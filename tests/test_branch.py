@@ -417,6 +417,43 @@ def test_the_best_reference_under_ema_is_the_branch_that_ended_lowest() -> None:
     assert [x.efficiency for x in raw.batches] == pytest.approx(truth, rel=1e-9)
 
 
+def test_a_branch_with_one_record_under_ema_is_refused_as_best_not_chosen() -> None:
+    # Loss 3 − k_B·e with k 1, 0.95, 0.9 (× 2/Δ) at 8, 16, 32: 8 ends lowest and η is the ratio
+    # of slopes. 8 and 16 report at 9 even points, 32 only once, at its budget. At --ema 0.9
+    # the branches are compared at Δ less the largest lag (41% of Δ); 32's one smoothed
+    # value (its loss at Δ, 1.2) was held flat there, below 8's 1.83, so `--reference best`
+    # chose 32, and then refused "the reference reached it before its first record" — blaming
+    # the reference's first record, not the single record (a hunt, 2026-12-07). Where its curve
+    # stood is not measured: refused, naming that branch; with the smallest as reference η is
+    # exact and the crossing check is skipped there with a warning.
+    budget, k8 = 4096.0, 2.0 / 4096.0
+    ratios = {8.0: 1.0, 16.0: 0.95, 32.0: 0.9}
+
+    def branches(single: bool) -> list[BranchRun]:
+        runs = []
+        for b, q in ratios.items():
+            n = round(budget / b)
+            st = [n] if b == 32 and single else sorted({round(t) for t in np.linspace(0, n, 9)})
+            e = np.array(st, float) * b
+            run = Run.from_arrays(f"b{b}", b, 0.1, st, 3.0 - q * k8 * e, examples=e)
+            runs.append(BranchRun(0.0, 0, budget, run))
+        return runs
+
+    with pytest.raises(NoiseScaleInputError, match=r"batch size 32.*single loss record"):
+        local_critical_batch_size(branches(True), reference="best", decay=0.9)
+    smallest = local_critical_batch_size(branches(True), decay=0.9)
+    assert [x.efficiency for x in smallest.batches] == pytest.approx([1.0, 0.95, 0.9], rel=1e-9)
+    assert any("single loss record" in w and "32" in w for w in smallest.warnings)
+    # recorded at 9 points it is read, and 8 is the best, η the ratio of slopes
+    best = local_critical_batch_size(branches(False), reference="best", decay=0.9)
+    assert best.reference_batch_size == 8
+    assert [x.efficiency for x in best.batches] == pytest.approx([1.0, 0.95, 0.9], rel=1e-9)
+    # without --ema one record at the budget is its loss there: read as it is
+    raw = local_critical_batch_size(branches(True), reference="best")
+    assert raw.reference_batch_size == 8
+    assert [x.efficiency for x in raw.batches] == pytest.approx([1.0, 0.95, 0.9], rel=1e-9)
+
+
 def test_crossing_under_ema_is_judged_on_the_mean_end_loss_as_without_it() -> None:
     # Three data orders; at 16 the slopes are 1.1, 1.1 and 0.85 of 8's: its mean end loss is
     # below 8's (3 − 1.0167·k·Δ against 3 − k·Δ), the curves cross on average — flagged
