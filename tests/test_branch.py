@@ -842,6 +842,43 @@ def test_a_window_converts_each_record_with_its_own_tokens_per_example(tmp_path:
     )
 
 
+def test_b_noise_records_by_examples_beside_a_tokens_history_are_placed_by_its_counts(
+    tmp_path: Path,
+) -> None:
+    # A sequence-length curriculum: 16 tokens per example for steps 1-50, 64 after, 8 examples a
+    # step; a history in tokens, branches in tokens, --tokens-per-example 40. The same
+    # BNoiseTracker records placed by `step` stand at the history's tokens; placed by `examples`
+    # they stood at 40·examples: the window [6400, 19200) (after steps 50 … 75) held the records
+    # of steps 20 … 59, B_noise 5581 for 6481 (a hunt, 2026-12-07). Beside the history they are
+    # placed where it counted those examples, as by step.
+    records = []
+    examples = tokens = 0
+    for step in range(1, 101):
+        examples, tokens = examples + 8, tokens + 8 * (16 if step <= 50 else 64)
+        t = tokens / examples
+        record = {"step": step, "skipped": False, "loss": 1.0, "examples": examples}
+        record |= {"b_big": 8 * t, "g2": 1.0, "trace_sigma": 40.0 * t, "b_simple": 40.0 * t}
+        record |= {"b_simple_low": 20 * t, "b_simple_high": 80 * t, "tokens_seen": tokens}
+        records.append(record | {"tokens_per_example": t})
+    header = {"kind": "noisescale.history", "version": 1, "unit": "tokens"}
+    history = load_history(write_synthetic_history(tmp_path / "t.jsonl", records, header))
+    parts = [
+        {"ghg": 1.0 + 0.1 * (s % 3), "trace_h_sigma": 100.0 * (1 + 0.1 * (s % 3)) * (1 + s / 100)}
+        for s in range(1, 101)
+    ]
+    by_step = read_b_noise([p | {"step": s} for s, p in enumerate(parts, 1)], history, "tokens", 40)
+    by_examples = read_b_noise(
+        [p | {"examples": 8 * s} for s, p in enumerate(parts, 1)], history, "tokens", 40
+    )
+    place = [r["tokens_seen"] for r in records]
+    assert [p.examples for p in by_examples] == [p.examples for p in by_step] == place
+    inside = parts[49:74]  # the weights after steps 50 … 74: at 6400 ≤ tokens < 19200
+    brute = 40 * np.mean([p["trace_h_sigma"] for p in inside]) / np.mean([p["ghg"] for p in inside])
+    for points in (by_step, by_examples):
+        row = side_by_side([_result(6400, 12800, 100.0, 100.0)], b_noise=points)[0]
+        assert row.b_noise == pytest.approx(brute, rel=1e-12)
+
+
 def test_an_examples_history_counting_tokens_on_some_records_is_placed_in_tokens(
     tmp_path: Path,
 ) -> None:
