@@ -735,6 +735,12 @@ def test_a_b_noise_trackers_records_give_the_windows_ratio_of_means() -> None:
     assert row.b_noise == pytest.approx(truth, rel=1e-12) and truth < 13
     assert (row.b_noise_low, row.b_noise_high) == pytest.approx((e.low, e.high), rel=1e-12)
     assert row.b_noise_low < row.b_noise < row.b_noise_high
+    # The page's table shows it with its interval, as the text and the JSON do (it showed the
+    # value alone until 2026-12-07).
+    from noisescale.branch.page import branch_html
+
+    cells = re.findall(r"<td>([^<]*)</td>", branch_html([row], {}))
+    assert cells[7] == f"{truth:.4g} [{e.low:.4g}, {e.high:.4g}]"
     # Summary points and per-measurement records are not mixed.
     with pytest.raises(NoiseScaleInputError, match="mix per-measurement"):
         read_b_noise([records[0], {"examples": 5, "b_noise": 3.0}])
