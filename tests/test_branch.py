@@ -417,6 +417,43 @@ def test_the_best_reference_under_ema_is_the_branch_that_ended_lowest() -> None:
     assert [x.efficiency for x in raw.batches] == pytest.approx(truth, rel=1e-9)
 
 
+def test_a_branch_with_one_record_under_ema_is_refused_as_best_not_chosen() -> None:
+    # Loss 3 − k_B·e with k 1, 0.95, 0.9 (× 2/Δ) at 8, 16, 32: 8 ends lowest and η is the ratio
+    # of slopes. 8 and 16 report at 9 even points, 32 only once, at its budget. At --ema 0.9
+    # the branches are compared at Δ less the largest lag (41% of Δ); 32's one smoothed
+    # value (its loss at Δ, 1.2) was held flat there, below 8's 1.83, so `--reference best`
+    # chose 32, and then refused "the reference reached it before its first record" — blaming
+    # the reference's first record, not the single record (a hunt, 2026-12-07). Where its curve
+    # stood is not measured: refused, naming that branch; with the smallest as reference η is
+    # exact and the crossing check is skipped there with a warning.
+    budget, k8 = 4096.0, 2.0 / 4096.0
+    ratios = {8.0: 1.0, 16.0: 0.95, 32.0: 0.9}
+
+    def branches(single: bool) -> list[BranchRun]:
+        runs = []
+        for b, q in ratios.items():
+            n = round(budget / b)
+            st = [n] if b == 32 and single else sorted({round(t) for t in np.linspace(0, n, 9)})
+            e = np.array(st, float) * b
+            run = Run.from_arrays(f"b{b}", b, 0.1, st, 3.0 - q * k8 * e, examples=e)
+            runs.append(BranchRun(0.0, 0, budget, run))
+        return runs
+
+    with pytest.raises(NoiseScaleInputError, match=r"batch size 32.*single loss record"):
+        local_critical_batch_size(branches(True), reference="best", decay=0.9)
+    smallest = local_critical_batch_size(branches(True), decay=0.9)
+    assert [x.efficiency for x in smallest.batches] == pytest.approx([1.0, 0.95, 0.9], rel=1e-9)
+    assert any("single loss record" in w and "32" in w for w in smallest.warnings)
+    # recorded at 9 points it is read, and 8 is the best, η the ratio of slopes
+    best = local_critical_batch_size(branches(False), reference="best", decay=0.9)
+    assert best.reference_batch_size == 8
+    assert [x.efficiency for x in best.batches] == pytest.approx([1.0, 0.95, 0.9], rel=1e-9)
+    # without --ema one record at the budget is its loss there: read as it is
+    raw = local_critical_batch_size(branches(True), reference="best")
+    assert raw.reference_batch_size == 8
+    assert [x.efficiency for x in raw.batches] == pytest.approx([1.0, 0.95, 0.9], rel=1e-9)
+
+
 def test_crossing_under_ema_is_judged_on_the_mean_end_loss_as_without_it() -> None:
     # Three data orders; at 16 the slopes are 1.1, 1.1 and 0.85 of 8's: its mean end loss is
     # below 8's (3 − 1.0167·k·Δ against 3 − k·Δ), the curves cross on average — flagged
@@ -698,6 +735,12 @@ def test_a_b_noise_trackers_records_give_the_windows_ratio_of_means() -> None:
     assert row.b_noise == pytest.approx(truth, rel=1e-12) and truth < 13
     assert (row.b_noise_low, row.b_noise_high) == pytest.approx((e.low, e.high), rel=1e-12)
     assert row.b_noise_low < row.b_noise < row.b_noise_high
+    # The page's table shows it with its interval, as the text and the JSON do (it showed the
+    # value alone until 2026-12-07).
+    from noisescale.branch.page import branch_html
+
+    cells = re.findall(r"<td>([^<]*)</td>", branch_html([row], {}))
+    assert cells[7] == f"{truth:.4g} [{e.low:.4g}, {e.high:.4g}]"
     # Summary points and per-measurement records are not mixed.
     with pytest.raises(NoiseScaleInputError, match="mix per-measurement"):
         read_b_noise([records[0], {"examples": 5, "b_noise": 3.0}])
@@ -803,6 +846,43 @@ def test_a_window_converts_each_record_with_its_own_tokens_per_example(tmp_path:
     assert window_b_simple(first, 440, 800).b_simple == pytest.approx(
         window_b_simple(per_example, 440, 800).b_simple, rel=1e-9
     )
+
+
+def test_b_noise_records_by_examples_beside_a_tokens_history_are_placed_by_its_counts(
+    tmp_path: Path,
+) -> None:
+    # A sequence-length curriculum: 16 tokens per example for steps 1-50, 64 after, 8 examples a
+    # step; a history in tokens, branches in tokens, --tokens-per-example 40. The same
+    # BNoiseTracker records placed by `step` stand at the history's tokens; placed by `examples`
+    # they stood at 40·examples: the window [6400, 19200) (after steps 50 … 75) held the records
+    # of steps 20 … 59, B_noise 5581 for 6481 (a hunt, 2026-12-07). Beside the history they are
+    # placed where it counted those examples, as by step.
+    records = []
+    examples = tokens = 0
+    for step in range(1, 101):
+        examples, tokens = examples + 8, tokens + 8 * (16 if step <= 50 else 64)
+        t = tokens / examples
+        record = {"step": step, "skipped": False, "loss": 1.0, "examples": examples}
+        record |= {"b_big": 8 * t, "g2": 1.0, "trace_sigma": 40.0 * t, "b_simple": 40.0 * t}
+        record |= {"b_simple_low": 20 * t, "b_simple_high": 80 * t, "tokens_seen": tokens}
+        records.append(record | {"tokens_per_example": t})
+    header = {"kind": "noisescale.history", "version": 1, "unit": "tokens"}
+    history = load_history(write_synthetic_history(tmp_path / "t.jsonl", records, header))
+    parts = [
+        {"ghg": 1.0 + 0.1 * (s % 3), "trace_h_sigma": 100.0 * (1 + 0.1 * (s % 3)) * (1 + s / 100)}
+        for s in range(1, 101)
+    ]
+    by_step = read_b_noise([p | {"step": s} for s, p in enumerate(parts, 1)], history, "tokens", 40)
+    by_examples = read_b_noise(
+        [p | {"examples": 8 * s} for s, p in enumerate(parts, 1)], history, "tokens", 40
+    )
+    place = [r["tokens_seen"] for r in records]
+    assert [p.examples for p in by_examples] == [p.examples for p in by_step] == place
+    inside = parts[49:74]  # the weights after steps 50 … 74: at 6400 ≤ tokens < 19200
+    brute = 40 * np.mean([p["trace_h_sigma"] for p in inside]) / np.mean([p["ghg"] for p in inside])
+    for points in (by_step, by_examples):
+        row = side_by_side([_result(6400, 12800, 100.0, 100.0)], b_noise=points)[0]
+        assert row.b_noise == pytest.approx(brute, rel=1e-12)
 
 
 def test_an_examples_history_counting_tokens_on_some_records_is_placed_in_tokens(

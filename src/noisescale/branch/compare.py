@@ -358,7 +358,9 @@ def _mean_losses_at_equal_examples(
     the curve its EMA lag earlier, :func:`_lag_at`) read at Δ minus the largest lag at the
     budget among all of them, so that no curve is extrapolated. Exact for curves linear over
     the EMA's span; where every lag is the same it is the mean smoothed loss at the budget.
-    ``inf`` for a group with a diverged branch."""
+    ``inf`` for a group with a diverged branch; ``nan`` for one with a branch that reported a
+    single record within its budget (where its curve stood earlier is not measured; the callers
+    refuse by :func:`_unmeasured_under_ema`)."""
     live = [br for rs in groups.values() for br in rs if br.run.diverged_at_step is None]
     at = min((br.budget - lag_at_budget(br, decay=decay) for br in live), default=0.0)
     out: dict[Any, float] = {}
@@ -374,6 +376,14 @@ def _mean_losses_at_equal_examples(
             y = np.append(ema_smoothed(br.run.metric, decay)[keep], loss_at_budget(br, decay=decay))
             # (the lag-corrected positions are the EMA of the record positions: increasing)
             x = x - np.array([_lag_at(e, decay, float(v)) for v in x])
+            if x.size == 1 and at < x[0] * (1 - 1e-12):
+                # One record within the budget: its smoothed value is that record, the curve at
+                # Δ, and where it stood at `at` is not measured. np.interp held it flat, so a
+                # branch recorded only at its end read its end loss as its loss at `at`, was
+                # chosen by `--reference best` and η refused with "the reference reached it
+                # before its first record" (η 0.95 and 0.9 at 16 and 32; a hunt, 2026-12-07).
+                values.append(math.nan)
+                continue
             if at < x[0] and x.size > 1 and x[1] > x[0]:
                 # A branch whose first record stands past that point (it began recording late):
                 # its lag-corrected curve extended back along its first stretch, exact for a
@@ -383,8 +393,32 @@ def _mean_losses_at_equal_examples(
                 values.append(float(y[0] + (at - x[0]) * (y[1] - y[0]) / (x[1] - x[0])))
                 continue
             values.append(float(np.interp(at, x, y)))
-        out[key] = _mean(values)
+        out[key] = math.nan if any(math.isnan(v) for v in values) else _mean(values)
     return out
+
+
+def _refuse_unmeasured(
+    groups: dict[Any, Sequence[BranchRun]], ended: dict[Any, float], decay: float, why: str
+) -> None:
+    """Refuse where :func:`_mean_losses_at_equal_examples` could not read a group (``nan``):
+    name its branch with a single record within the budget, and the cause."""
+    for key, rs in groups.items():
+        if not math.isnan(ended[key]):
+            continue
+        br = next(
+            br
+            for br in rs
+            if br.run.diverged_at_step is None and not np.any(br.run.examples < br.budget)
+        )
+        raise NoiseScaleInputError(
+            f"--ema {decay:g}: the branch at checkpoint {br.checkpoint:g}, batch size "
+            f"{br.run.batch_size:g}, learning rate {br.run.learning_rate:g}, seed {br.seed} "
+            f"reported a single loss record within its budget of {br.budget:g} examples, too "
+            f"few under --ema to say where its curve stands before the budget; {why} compares "
+            "the branches where their smoothed curves stand for the same examples (the budget "
+            "less the largest EMA lag). Report its loss at several points from the checkpoint "
+            "(examples=0) on, or drop --ema"
+        )
 
 
 def threshold_batch_size(
@@ -562,6 +596,13 @@ def local_critical_batch_size(
                 {lr: list(by_setting[(b, lr)].values()) for lr in lrs}, decay
             )
         )
+        if len(lrs) > 1:
+            _refuse_unmeasured(
+                {lr: list(by_setting[(b, lr)].values()) for lr in lrs},
+                ended_at,
+                decay,
+                "choosing the learning rate",
+            )
         chosen[b] = min(lrs, key=lambda lr: ended_at[lr])
         if len(lrs) > 2 and chosen[b] in (lrs[0], lrs[-1]):
             warnings.append(
@@ -632,6 +673,13 @@ def local_critical_batch_size(
             {b: [by_setting[(b, chosen[b])][s] for s in seeds] for b in sizes}, decay
         )
     )
+    if reference != "smallest":
+        _refuse_unmeasured(
+            {b: [by_setting[(b, chosen[b])][s] for s in seeds] for b in sizes},
+            ended,
+            decay,
+            "--reference best",
+        )
     ref_b = sizes[0] if reference == "smallest" else min(sizes, key=lambda b: ended[b])
     ref_diverged = [s for s in seeds if not math.isfinite(losses[(ref_b, chosen[ref_b])][s])]
     if ref_diverged:
@@ -656,6 +704,15 @@ def local_critical_batch_size(
     mean_eta = eta.mean(axis=1)
     # (with --ema the smoothed losses trail by lags that differ between branches: compare where
     # they stand for, as η does; a review, 2026-12-07, found crossing curves blamed for that)
+    unread = [b for b in sizes if math.isnan(ended[b])]
+    if unread:
+        # (a branch with a single record under --ema: where its curve stood is not measured)
+        warnings.append(
+            f"--ema {decay:g}: batch size(s) {', '.join(f'{b:g}' for b in unread)} reported a "
+            "single loss record within the budget, too few to say where the smoothed curve "
+            "stands before it; whether the curves cross is not checked there. Report the loss "
+            "at several points from the checkpoint on, or drop --ema"
+        )
     crossing = any(b > ref_b and ended[b] <= ended[ref_b] for b in sizes)
     if crossing:
         warnings.append(

@@ -342,7 +342,9 @@ def _row_html(row: SideBySideRow) -> str:
         _value(row.b_simple) + _interval(row.b_simple_low, row.b_simple_high),
         _value(row.ratio_b_crit),
         _value(row.ratio_cbs),
-        _value(row.b_noise),
+        # (with its interval, as the text and the JSON give it: until 2026-12-07 the page showed
+        # B_noise 33.16 alone where they gave [32.66, 33.66]; a hunt)
+        _value(row.b_noise) + _interval(row.b_noise_low, row.b_noise_high),
         html.escape("; ".join(flags)),
     ]
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"

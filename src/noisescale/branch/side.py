@@ -382,7 +382,8 @@ def read_b_noise(
     names: Sequence[str] | None = None,
 ) -> list[NoisePoint]:
     """B_noise points from records with ``examples`` (or ``step``, placed with the history, or
-    the other unit, converted with ``tokens_per_example``) and
+    the other unit, placed where the history counted it, else converted with
+    ``tokens_per_example``) and
     either a :class:`~noisescale.hessian.BNoiseTracker`'s per-measurement ``ghg`` and
     ``trace_h_sigma`` (its ``history``: the window's B_noise is computed from them, not from
     the running ``b_noise``) or summary values ``b_noise`` and optionally
@@ -451,6 +452,12 @@ def read_b_noise(
                     f"{name}: the tokens per example must be a positive number, got {t!r}"
                 )
             at = float(rec[other]) * t if unit == "tokens" else float(rec[other]) / t
+            if history is not None and pos is not None:
+                # Beside a history, where it placed the same count: at a constant T a record by
+                # `examples` stood elsewhere than the same weights' record by `step` where the
+                # tokens per example vary (16, then 64: a window in tokens held 40 records, 15
+                # from before it, and read B_noise 5581 for 6481; a hunt, 2026-12-07).
+                at = _placed_by_history(history, other, pos, float(rec[other]), at)
         else:
             raise NoiseScaleInputError(
                 f"{name}: needs '{unit}' (or 'step' and the run's history"
@@ -474,6 +481,26 @@ def read_b_noise(
             continue
         out.append(_summary_point(name, at, rec))
     return out
+
+
+def _placed_by_history(
+    history: History, other: str, pos: np.ndarray, count: float, fallback: float
+) -> float:
+    """Where ``history`` stands (``pos``, in the branches' unit) when it had counted ``count``
+    in ``other``, interpolated between its records (from 0 at 0 where it begins at step 1);
+    ``fallback`` outside its span or where it does not count ``other``."""
+    try:
+        there = history_positions(history, other)
+    except NoiseScaleInputError:
+        return fallback
+    x, y = there, pos
+    if history.step.size and int(history.step[0]) == 1:
+        x, y = np.append(0.0, x), np.append(0.0, y)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if x.size < 2 or np.any(np.diff(x) < 0) or not x[0] <= count <= x[-1]:
+        return fallback
+    return float(np.interp(count, x, y))
 
 
 def _summary_point(name: str, at: float, rec: dict[str, Any]) -> NoisePoint:
