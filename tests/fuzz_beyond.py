@@ -20,7 +20,12 @@ sub-batches, every example, a fraction, micro-batch norms over accumulation), ``
 preconditioning has started: the optimizer skips 1-3 steps, a new optimizer replaces it, or a
 loss overflows under the GradScaler (which skips the optimizer's step); seeds from
 ``EVERY_WITH_EVENTS`` (1000) on also draw ``measure_every`` > 1 with a skip or a replaced
-optimizer. R replicate runs on fresh draws.
+optimizer; seeds from ``WRINKLES_FROM`` (2000) on also draw, each on its own, optimizer steps
+that leave the version counters of ``state["step"]`` where they were (a CUDA-graph replay), step
+counts of shape (1,) (a loaded state_dict's), ``optimizer.step()`` before ``tracker.step()`` one
+step in 2 or 3 (the warned-about order; not with a GradScaler), and the tracker saved with
+``state_dict()`` after an unmeasured step (``measure_every`` > 1) and resumed into a new one with
+``precondition=`` (its records those of both). R replicate runs on fresh draws.
 
 The oracle (:class:`Second`) re-implements the optimizer's second moment and bias correction
 from torch's update rules on the step's exact mean gradient (from the draws, plus the L2 term on
@@ -84,6 +89,7 @@ P_COVER = 1e-3  # a binomial tail this improbable for the misses is a finding
 # float64 throughout: records and sums agree to round-off of sums of a few hundred terms
 RTOL = 1e-9
 EVERY_WITH_EVENTS = 1000  # seeds from here on also draw measure_every > 1 with an event
+WRINKLES_FROM = 2000  # seeds from here on also draw the situations of draw_config's end
 CHECKS = (
     "g2",
     "trace",
@@ -172,6 +178,30 @@ def draw_config(seed):
     every = r.choice([1, 1, 2, 3, 4])
     if seed >= EVERY_WITH_EVENTS and cfg["event"] in ("skip2", "skip3", "replace") and every > 1:
         cfg["measure_every"] = every
+    # seeds from WRINKLES_FROM on (the seeds below keep their configurations): the situations of
+    # tests/test_preconditioned.py's regression tests of 2026-12-07, each drawn on its own —
+    # ``hidden``: the optimizer's steps leave the version counters of its ``state["step"]`` as
+    # they were (an optimizer step replayed from a CUDA graph); ``shape_one``: its step counts of
+    # shape (1,) (as a loaded state_dict may hold); ``opt_first``: ``optimizer.step()`` before
+    # ``tracker.step()`` one step in ``opt_first`` (warned about; the norms use the state read
+    # during backward: the oracle's truths stand; not with a GradScaler, whose step unscales
+    # the .grad the tracker reads); ``resume_at``: the tracker saved with state_dict() after an
+    # unmeasured step (measure_every > 1) and resumed into a new one with precondition=
+    hidden, shape_one = r.random() < 0.35, r.random() < 0.35
+    opt_first = r.choice([None, None, 2, 3])
+    resume = r.random() < 0.6
+    cfg.update(hidden=False, shape_one=False, opt_first=None, resume_at=None)
+    if seed >= WRINKLES_FROM:
+        if resume and cfg["measure_every"] == 1 and cfg["event"] in (None, "skip1"):
+            cfg["measure_every"] = every if every > 1 else 2  # (room for a step not measured)
+        cfg.update(hidden=hidden, shape_one=shape_one)
+        if not cfg["scaler"]:
+            cfg["opt_first"] = opt_first
+        if resume and cfg["measure_every"] > 1:
+            # after a tracker step that is not measured, the next one not measured either where
+            # measure_every > 2: the counts noted between measured steps are the state saved
+            m = cfg["measure_every"]
+            cfg["resume_at"] = m * r.randint(0, cfg["steps"] // m - 2) + r.randint(2, m)
     return cfg
 
 
@@ -412,9 +442,10 @@ def run_replicate(cfg, rep, seed, history_path=None):
     scaler = torch.amp.GradScaler("cpu") if cfg["scaler"] else None
     k = cfg["accum"]
     truths, counts = {}, {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        tracker = noisescale.GradientNoiseTracker(
+    earlier = []  # the records of the trackers resumed from
+
+    def new_tracker():
+        return noisescale.GradientNoiseTracker(
             model,
             cfg["reduction"],
             precondition=opt,
@@ -423,6 +454,10 @@ def run_replicate(cfg, rep, seed, history_path=None):
             history_path=history_path,
             **tracker_options(cfg),
         )
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker = new_tracker()
         trainer = opt
         for it in range(1, cfg["steps"] + 1):
             model.use_b = (it - 1) % cfg.get("b_every", 1) == 0
@@ -447,26 +482,46 @@ def run_replicate(cfg, rep, seed, history_path=None):
                 truths[it] = {"(total)": truth_of(p, draws, slice(None), mean, active)} | {
                     name: truth_of(p, draws, c, mean, active) for name, c in coords.items()
                 }
-            tracker.step(loss=loss.detach())
+            first = bool(cfg.get("opt_first")) and it % cfg["opt_first"] == 0
+            if not first:
+                tracker.step(loss=loss.detach())
             if cfg["event"] == "replace" and it == cfg["event_at"]:
                 trainer = make_optimizer(cfg, model)  # a fresh optimizer trains from here on
             if it in skips and trainer is opt and cfg["event"] != "overflow":
+                if first:
+                    tracker.step(loss=loss.detach())
                 opt.zero_grad()
                 continue  # (the loop's own guard: no step, and no scaler.update)
             if trainer is opt and it not in skips:  # (an overflow: the scaler skips it)
                 oracle.update(grad, theta, active)
+            counters = [st["step"] for st in opt.state.values() if "step" in st]
+            versions = [c._version for c in counters]
             if scaler is None:
                 trainer.step()
             else:
                 scaler.step(trainer)
                 scaler.update()
+            if cfg.get("hidden") and counters:  # (a CUDA-graph replay: the counters held)
+                torch._C._autograd._unsafe_set_version_counter(tuple(counters), tuple(versions))
+            if cfg.get("shape_one"):
+                for st in opt.state.values():
+                    if "step" in st and st["step"].shape != (1,):
+                        st["step"] = st["step"].reshape(1)
+            if first:
+                tracker.step(loss=loss.detach())
             trainer.zero_grad()
             opt.zero_grad()
+            if it == cfg.get("resume_at"):
+                saved = tracker.state_dict()
+                earlier += tracker.history
+                tracker.remove()
+                tracker = new_tracker()
+                tracker.load_state_dict(saved)
         estimate = tracker.estimate()
         estimate_groups = tracker.estimate_groups()
         tracker.remove()
     return {
-        "records": tracker.history,
+        "records": earlier + tracker.history,
         "truths": truths,
         "counts": counts,
         "estimate": estimate,
@@ -653,12 +708,22 @@ def expected_records(cfg, run):
     ``scaler=`` — the steps are left out until it steps again)."""
     skips = skipped_iterations(cfg)
     limit = 3 if cfg["scaler"] else 2
+    # the optimizer's steps each tracker.step() sees: those of the iterations before, and the
+    # iteration's own where optimizer.step() ran first (``opt_first``: seen at once, the stall
+    # counted from there — tests/test_preconditioned.py pins [0, 3] at step 3; P and the
+    # "preconditioned" flag are the backward's, the oracle's ``counts``)
+    first = cfg.get("opt_first")
+    seen, moved = [0], [0]
+    for s in range(1, cfg["steps"] + 1):
+        own = bool(first) and s % first == 0 and s not in skips
+        seen.append(sum(1 for i in range(1, s) if i not in skips) + own)
+        moved.append(s if seen[s] != seen[s - 1] else moved[s - 1])
     want, started = {}, False
     for s in range(1, cfg["steps"] + 1):
         if (s - 1) % cfg["measure_every"]:
             continue
-        stalled = 0
-        while s - 1 - stalled in skips:
+        stalled = s - moved[s] if first else 0
+        while not first and s - 1 - stalled in skips:
             stalled += 1
         if started and stalled >= limit:
             continue
@@ -872,6 +937,10 @@ def describe(record):
         "event_at",
         "variant",
         "b_every",
+        "hidden",
+        "shape_one",
+        "opt_first",
+        "resume_at",
     )
     return f"seed {record['seed']}: " + " ".join(f"{k}={cfg[k]}" for k in keys)
 

@@ -1068,8 +1068,13 @@ def test_what_the_b_noise_fuzzer_found_is_exact_or_refused(seed, check):
 # importance-weighted subsets and two skipped steps under a GradScaler (10), fused Adam and three
 # skipped steps under a GradScaler (19), every example over groups="param_groups" one step in
 # three (22; and report --json's groups on it: the page costs ~5 s), Adam replaced at
-# sync_every=1 (23).
-BEYOND_SAMPLE = [3, 9, 10, 19, 22, 23]
+# sync_every=1 (23); and (seeds from fuzz_beyond.WRINKLES_FROM on) RMSprop whose optimizer steps
+# leave the version counters of its step counts of shape (1,), optimizer.step() before
+# tracker.step() one step in two, resumed from state_dict() after an unmeasured step (2053), Adam
+# under a GradScaler with the counters held and counts of shape (1,), resumed (2016), AdamW
+# replaced mid-run with counts of shape (1,), optimizer.step() first one step in two, resumed
+# (2018).
+BEYOND_SAMPLE = [3, 9, 10, 19, 22, 23, 2053, 2016, 2018]
 BEYOND_CHECKS = ("big", "sum", "ema", "flags", "not_yet")
 
 # What it found: fail until fixed (not xfail, as FOUND_BY_THE_FUZZER's).
