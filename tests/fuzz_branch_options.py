@@ -827,24 +827,21 @@ def describe(record):
 
 
 def main(argv=None):
-    from fuzz_runner import _seeds, check_parser, print_class_table, print_found, run_check_seeds
+    from fuzz_runner import check_parser, run_checks
 
     parser = check_parser(__doc__, "0:200")
     parser.add_argument("--postgres", action="store_true", help="the pg check too (slower)")
     args = parser.parse_args(argv)
-    override = json.loads(args.override) if args.override else None
     checks = CHECKS if args.postgres else tuple(c for c in CHECKS if c != "pg")
-    start = time.time()
-    table, found, invalid = run_check_seeds(
-        _seeds(args.seeds),
-        lambda seed: check_seed(seed, override, checks),
-        findings, args.jsonl, args.verbose,
-        lambda record: f"{describe(record)} ({record['time']} s)", limit=None,
-    )  # fmt: skip
-    print_class_table(table, [c for c in CHECKS if c in table], column_width=14)
-    if "server" in PG:
-        PG["server"].stop()
-    return print_found(found, invalid, describe, time.time() - start)
+    try:
+        return run_checks(
+            args,
+            lambda seed, override: check_seed(seed, override, checks),
+            findings, describe, CHECKS, column_width=14,
+        )  # fmt: skip
+    finally:
+        if "server" in PG:
+            PG["server"].stop()
 
 
 if __name__ == "__main__":

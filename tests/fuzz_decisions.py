@@ -1191,26 +1191,10 @@ def describe(record):
 
 
 def main(argv=None):
-    from fuzz_runner import (
-        _seeds,
-        check_parser,
-        print_class_table,
-        print_found,
-        run_check_seeds,
-    )
+    from fuzz_runner import check_parser, run_checks
 
-    parser = check_parser(__doc__, "0:200")
-    args = parser.parse_args(argv)
-    override = json.loads(args.override) if args.override else None
-    start = time.time()
-    table, found, invalid = run_check_seeds(
-        _seeds(args.seeds),
-        lambda seed: check_seed(seed, override),
-        findings, args.jsonl, args.verbose,
-        lambda record: f"{describe(record)} ({record['time']} s)", limit=None,
-    )  # fmt: skip
-    print_class_table(table, [c for c in CHECKS if c in table], column_width=14)
-    return print_found(found, invalid, describe, time.time() - start)
+    args = check_parser(__doc__, "0:200").parse_args(argv)
+    return run_checks(args, check_seed, findings, describe, CHECKS, column_width=14)
 
 
 if __name__ == "__main__":

@@ -689,6 +689,23 @@ def print_found(found, invalid, describe, seconds):
     return 1 if found else 0
 
 
+def run_checks(args, check, find, describe, checks, column_width, limit=None):
+    """The body the check fuzzers' mains share (fuzz_branch, fuzz_branch_options, fuzz_combine,
+    fuzz_decisions, fuzz_hardware): ``check(seed, override)`` over ``--seeds`` (``-v``: each
+    record's ``describe`` line with its seconds, each result ``limit`` characters), the class
+    table of ``checks`` (those that ran), the findings by :func:`print_found`; the exit code."""
+    override = json.loads(args.override) if args.override else None
+    start = time.time()
+    table, found, invalid = run_check_seeds(
+        _seeds(args.seeds),
+        lambda seed: check(seed, override),
+        find, args.jsonl, args.verbose,
+        lambda record: f"{describe(record)} ({record['time']} s)", limit=limit,
+    )  # fmt: skip
+    print_class_table(table, [c for c in checks if c in table], column_width=column_width)
+    return print_found(found, invalid, describe, time.time() - start)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0:300", help="A:B (a range), or seeds A,B,C")
