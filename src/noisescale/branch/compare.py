@@ -589,20 +589,14 @@ def local_critical_batch_size(
         # a rate recorded more sparsely trails the budget by more. Until 2026-12-07 the
         # smoothed losses at the budget chose a rate that had not ended lowest — η 0.625 for
         # 0.656 with no warning, a review)
+        rates = {lr: list(by_setting[(b, lr)].values()) for lr in lrs}
         ended_at = (
             {lr: _mean(losses[(b, lr)].values()) for lr in lrs}
             if decay == 0 or len(lrs) == 1
-            else _mean_losses_at_equal_examples(
-                {lr: list(by_setting[(b, lr)].values()) for lr in lrs}, decay
-            )
+            else _mean_losses_at_equal_examples(rates, decay)
         )
         if len(lrs) > 1:
-            _refuse_unmeasured(
-                {lr: list(by_setting[(b, lr)].values()) for lr in lrs},
-                ended_at,
-                decay,
-                "choosing the learning rate",
-            )
+            _refuse_unmeasured(rates, ended_at, decay, "choosing the learning rate")
         chosen[b] = min(lrs, key=lambda lr: ended_at[lr])
         if len(lrs) > 2 and chosen[b] in (lrs[0], lrs[-1]):
             warnings.append(
@@ -666,20 +660,10 @@ def local_critical_batch_size(
     # not ended lowest (η 0.702 for 0.667, B_crit 27.5 for 41.7, with no warning), and the
     # crossing flag asked that every seed's η reach 1, not the mean end loss to be as low
     # (found by tests/fuzz_branch_options.py).
-    ended = (
-        mean_loss
-        if decay == 0
-        else _mean_losses_at_equal_examples(
-            {b: [by_setting[(b, chosen[b])][s] for s in seeds] for b in sizes}, decay
-        )
-    )
+    branches = {b: [by_setting[(b, chosen[b])][s] for s in seeds] for b in sizes}
+    ended = mean_loss if decay == 0 else _mean_losses_at_equal_examples(branches, decay)
     if reference != "smallest":
-        _refuse_unmeasured(
-            {b: [by_setting[(b, chosen[b])][s] for s in seeds] for b in sizes},
-            ended,
-            decay,
-            "--reference best",
-        )
+        _refuse_unmeasured(branches, ended, decay, "--reference best")
     ref_b = sizes[0] if reference == "smallest" else min(sizes, key=lambda b: ended[b])
     ref_diverged = [s for s in seeds if not math.isfinite(losses[(ref_b, chosen[ref_b])][s])]
     if ref_diverged:
