@@ -61,6 +61,8 @@ import itertools
 import json
 import math
 import multiprocessing
+import multiprocessing.forkserver
+import os
 import random
 import socket
 import sys
@@ -362,6 +364,32 @@ def _free_port():
         return s.getsockname()[1]
 
 
+_SERVER_STARTED = []
+
+
+def _context():
+    """Processes forked from a server that imported torch, noisescale and this module once (a
+    spawned process imports them anew: 2-4 s of each phase's start on a loaded 2-core machine).
+    Each process is still a process of its own, on its own gloo group, as under spawn."""
+    ctx = multiprocessing.get_context("forkserver")
+    if not _SERVER_STARTED:
+        # (run as a script, the server imports the script as __main__)
+        ctx.set_forkserver_preload([__name__ if __name__ != "__main__" else "__main__"])
+        # the server imports with its own sys.path (Python 3.11 does not pass it this one's):
+        # this one's, through PYTHONPATH, as the history fuzzer's child gets it
+        old = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join(sys.path)
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            if old is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = old
+        _SERVER_STARTED.append(True)
+    return ctx
+
+
 def launch(job, timeout_s=TIMEOUT_S):
     """`job`'s phase on its number of processes: each process's result, or "hang"."""
     world = job["phase"]["world"]
@@ -370,7 +398,7 @@ def launch(job, timeout_s=TIMEOUT_S):
     with tempfile.TemporaryDirectory() as tmp:
         job_path = Path(tmp, "job.json")
         job_path.write_text(json.dumps(job))
-        ctx = multiprocessing.get_context("spawn")
+        ctx = _context()
         args = (world, _free_port(), str(job_path), tmp)
         procs = [ctx.Process(target=_worker, args=(r, *args)) for r in range(world)]
         for p in procs:

@@ -699,7 +699,9 @@ FOUND_BY_THE_FIT_FUZZER = [
 
 
 def _check_fit(seed, check=None, override=None):
-    record = fuzz_fit.check_seed(seed, override, reps=60 if override is None else 100)
+    record = fuzz_fit.check_seed(seed, override, reps=60 if override is None else 100, only=check)
+    if check is not None:  # (the part that gives it ran alone: the check must be there)
+        assert check in record["checks"], (fuzz_fit.describe(record), sorted(record["checks"]))
     bad = [(name, res) for name, res in fuzz_fit.findings(record) if check in (None, name)]
     assert not bad, (fuzz_fit.describe(record), bad)
 
