@@ -51,6 +51,8 @@ from noisescale.sweep.runs import Run
 from noisescale.sweep.synthetic import SyntheticModel
 from test_report import synthetic_records, write_synthetic_history
 
+pytestmark = pytest.mark.usefixtures("gc_frozen")  # (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[1]
 SIZES = (8, 16, 32, 64, 128)
 

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.usefixtures("gc_frozen")  # (tests/conftest.py)
+
 
 @pytest.fixture(scope="module", autouse=True)
 def digits_read_once():

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.usefixtures("gc_frozen")  # (tests/conftest.py)
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lm_shakespeare.py"
 
 
