@@ -28,6 +28,8 @@ from noisescale.cli import _attach_dash_values, _subparsers, build_parser, main
 from test_recommend_cli import ALPHA, BETA, PARAM_BYTES
 from test_report import synthetic_records, write_synthetic_history
 
+pytestmark = pytest.mark.usefixtures("gc_frozen")  # (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL_FENCES = {"bash", "sh", "shell", "console", ""}

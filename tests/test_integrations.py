@@ -26,6 +26,8 @@ from noisescale.errors import NoiseScaleInputError
 from noisescale.schedule import AdaptiveBatchSize, BatchSizeRamp
 from test_distributed import free_port
 
+pytestmark = pytest.mark.usefixtures("gc_frozen")  # (tests/conftest.py)
+
 N, D, C = 96, 10, 3
 
 

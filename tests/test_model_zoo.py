@@ -22,7 +22,7 @@ from test_subbatch import assert_subbatches_exact
 
 transformers = pytest.importorskip("transformers")
 
-pytestmark = pytest.mark.usefixtures("float64_default")
+pytestmark = pytest.mark.usefixtures("float64_default", "gc_frozen")
 
 N, T, V = 4, 6, 50
 RTOL = 1e-6
@@ -450,7 +450,8 @@ def test_lora_adapters_from_peft(name, path, monkeypatch):
     model = _lora(build(), name)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    assert_exact(model, *_losses(model, inputs), subbatches=False)
+    if path == "chosen":  # (per example, no sub-batch product is chosen or made: one path)
+        assert_exact(model, *_losses(model, inputs), subbatches=False)
     batch, one = _losses(model, inputs, n=10)
     assert_subbatches_exact(model, batch, one, 10, k=4, steps=3, rtol=RTOL)
 
@@ -515,7 +516,8 @@ def test_gradient_checkpointing(name, path, monkeypatch):
     model = build()
     assert model.supports_gradient_checkpointing
     model.gradient_checkpointing_enable()
-    assert_exact(model, *_losses(model, inputs), subbatches=False)
+    if path == "chosen":  # (per example, no sub-batch product is chosen or made: one path)
+        assert_exact(model, *_losses(model, inputs), subbatches=False)
     batch, one = _losses(model, inputs, n=10)
     assert_subbatches_exact(model, batch, one, 10, k=4, steps=3, rtol=RTOL)
     history, said = _train(model, batch, 3, count=10 if name in SELF_COMPUTED_LOSS else None)

@@ -32,7 +32,7 @@ from noisescale.errors import NoiseScaleInputError, UnsupportedModuleError
 from noisescale.per_example import PerExampleNorms
 from test_subbatch import example_sqnorms, layer_and_input, subbatch_truth
 
-pytestmark = pytest.mark.usefixtures("float64_default")
+pytestmark = pytest.mark.usefixtures("float64_default", "gc_frozen")
 
 N = 4
 

@@ -29,6 +29,8 @@ from noisescale.per_example import PerExampleNorms
 from noisescale.per_example import conv as conv_module
 from noisescale.reference_models import GPT, GPTConfig, PaperCNN
 
+pytestmark = pytest.mark.usefixtures("gc_frozen")  # (tests/conftest.py)
+
 
 def _load_bench(script: str = "overhead", register: bool = True):
     """``bench/<script>.py`` as a module (``register``: in ``sys.modules``, where dataclasses

@@ -33,7 +33,7 @@ from noisescale import estimators as est
 from noisescale.errors import UnsupportedModuleError
 from noisescale.per_example import PerExampleNorms
 
-pytestmark = pytest.mark.usefixtures("float64_default")
+pytestmark = pytest.mark.usefixtures("float64_default", "gc_frozen")
 
 
 def per_example_grads(model: nn.Module, loss_of_example, n: int) -> list[list[torch.Tensor]]:

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 import noisescale
 from noisescale.errors import NoiseScaleInputError
 
+pytestmark = pytest.mark.usefixtures("gc_frozen")  # (tests/conftest.py)
+
 transformers = pytest.importorskip("transformers")
 
 VOCAB, T_MAX, POOL = 64, 24, 48
