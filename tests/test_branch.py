@@ -872,17 +872,66 @@ def test_b_noise_records_by_examples_beside_a_tokens_history_are_placed_by_its_c
         {"ghg": 1.0 + 0.1 * (s % 3), "trace_h_sigma": 100.0 * (1 + 0.1 * (s % 3)) * (1 + s / 100)}
         for s in range(1, 101)
     ]
-    by_step = read_b_noise([p | {"step": s} for s, p in enumerate(parts, 1)], history, "tokens", 40)
-    by_examples = read_b_noise(
-        [p | {"examples": 8 * s} for s, p in enumerate(parts, 1)], history, "tokens", 40
-    )
+    # (Since 2026-12-08 each record's B_noise is converted by its own step's tokens per
+    # example, 16 to step 50 and 64 after, not by one figure: one --tokens-per-example for
+    # records whose steps the history counted at 16 and 64 is refused, naming the fix, and
+    # records placed by examples, whose own count is not known, with it.)
+    by_step = read_b_noise([p | {"step": s} for s, p in enumerate(parts, 1)], history, "tokens")
     place = [r["tokens_seen"] for r in records]
-    assert [p.examples for p in by_examples] == [p.examples for p in by_step] == place
-    inside = parts[49:74]  # the weights after steps 50 … 74: at 6400 ≤ tokens < 19200
-    brute = 40 * np.mean([p["trace_h_sigma"] for p in inside]) / np.mean([p["ghg"] for p in inside])
-    for points in (by_step, by_examples):
-        row = side_by_side([_result(6400, 12800, 100.0, 100.0)], b_noise=points)[0]
-        assert row.b_noise == pytest.approx(brute, rel=1e-12)
+    assert [p.examples for p in by_step] == place
+    for given in ([p | {"step": s} for s, p in enumerate(parts, 1)],
+                  [p | {"examples": 8 * s} for s, p in enumerate(parts, 1)]):  # fmt: skip
+        with pytest.raises(NoiseScaleInputError, match="Leave --tokens-per-example out"):
+            read_b_noise(given, history, "tokens", 40)
+    inside = range(49, 74)  # the weights after steps 50 … 74: at 6400 ≤ tokens < 19200
+    own = [16 if s <= 50 else 64 for s in range(1, 101)]
+    brute = sum(parts[i]["trace_h_sigma"] * own[i] for i in inside) / sum(
+        parts[i]["ghg"] for i in inside
+    )
+    row = side_by_side([_result(6400, 12800, 100.0, 100.0)], b_noise=by_step)[0]
+    assert row.b_noise == pytest.approx(brute, rel=1e-12)
+
+
+def test_b_noise_records_are_converted_to_tokens_by_their_own_steps_count(tmp_path: Path) -> None:
+    # A sequence-length curriculum, 16 tokens per example for steps 1-50 and 64 after, 8
+    # examples a step, a history in examples that counted tokens (step 70 none: its running
+    # mean as before). A BNoiseTracker's B_noise in tokens is its step's own T times its
+    # B_noise per example; each record was converted by the run's running mean at its step
+    # (32 at step 75), and windows read 0.46-0.51x the truth without a word; one
+    # --tokens-per-example 40 read steps 60-79 0.62x (hunt/bnoise_tokens.py).
+    records = []
+    examples = tokens = counted = 0
+    for step in range(1, 101):
+        examples += 8
+        if step != 70:
+            tokens, counted = tokens + 8 * (16 if step <= 50 else 64), counted + 8
+        record = {"step": step, "skipped": False, "loss": 1.0, "examples": examples, "b_big": 8}
+        record |= {"g2": 1.0, "trace_sigma": 40.0, "b_simple": 40.0, "b_simple_low": 20.0}
+        record |= {"b_simple_high": 80.0, "tokens_seen": tokens}
+        records.append(record | {"tokens_per_example": tokens / counted})
+    history = load_history(write_synthetic_history(tmp_path / "h.jsonl", records))
+    bn = [
+        {"step": s, "ghg": 1.0 + 0.1 * (s % 3), "trace_h_sigma": 100.0 * (1 + s / 100)}
+        for s in range(1, 101)
+    ]
+    points = read_b_noise(bn, history, "tokens")
+    own = [16 if s <= 50 else 64 for s in range(1, 101)]
+    for first, last in [(40, 60), (60, 80), (30, 90), (1, 100)]:
+        inside = range(first - 1, last - 1)  # steps first … last − 1
+        truth = sum(bn[i]["trace_h_sigma"] * own[i] for i in inside) / sum(
+            bn[i]["ghg"] for i in inside
+        )
+        start, end = records[first - 1]["tokens_seen"], records[last - 1]["tokens_seen"]
+        row = side_by_side([_result(start, end - start, 100.0, 100.0)], b_noise=points)[0]
+        assert row.b_noise == pytest.approx(truth, rel=1e-12), (first, last)
+    # one figure for records the history counted at 16 and 64: refused, naming the fix
+    with pytest.raises(NoiseScaleInputError, match=r"16 tokens per example .* and 64 .*Leave"):
+        read_b_noise(bn, history, "tokens", 40)
+    # within one length it converts as given (the history's 64, or the figure given)
+    late = bn[60:]
+    assert read_b_noise(late, history, "tokens", 64)[0].trace_h_sigma == pytest.approx(
+        64 * late[0]["trace_h_sigma"], rel=1e-12
+    )
 
 
 def test_an_examples_history_counting_tokens_on_some_records_is_placed_in_tokens(

@@ -414,6 +414,7 @@ def read_b_noise(
     other = "examples" if unit == "tokens" else "tokens"
     out = []
     kinds = set()
+    converted: list[tuple[str, int | None]] = []  # (the records converted to tokens, by step)
     for i, rec in enumerate(records, start=1):
         name = names[i - 1] if names is not None else f"B_noise record {i}"
         parts = (
@@ -473,13 +474,89 @@ def read_b_noise(
             ghg, trace = float(rec["ghg"]), float(rec["trace_h_sigma"])
             if unit == "tokens":
                 # Per example: B_noise in tokens is T times B_noise in examples (scaling
-                # tr(HΣ) scales the ratio of means and its Fieller interval alike).
+                # tr(HΣ) scales the ratio of means and its Fieller interval alike), T the
+                # measured step's own
                 trace *= _tokens_per_example(name, rec, history, index, tokens_per_example)
+                converted.append((name, index))
             out.append(
                 NoisePoint(at, trace / ghg if ghg > 0 else math.nan, ghg=ghg, trace_h_sigma=trace)
             )
             continue
         out.append(_summary_point(name, at, rec))
+    if converted and tokens_per_example is not None and history is not None:
+        _check_one_figure(converted, history, float(tokens_per_example))
+    return out
+
+
+def _check_one_figure(
+    converted: Sequence[tuple[str, int | None]], history: History, tokens_per_example: float
+) -> None:
+    """Refuse one ``--tokens-per-example`` figure for ``BNoiseTracker`` records (``converted``:
+    each one's name and its step's index in ``history``, ``None`` where it has none) whose steps
+    the history counted at other tokens per example — a sequence-length curriculum: each
+    record's B_noise in tokens is its own step's T times its B_noise per example, and one T
+    for all (16, then 64 tokens, given 40) read the B_noise of steps 60–79 0.62× the truth
+    (6192 for 9907) until 2026-12-08 (hunt/bnoise_tokens.py). A record without a step is
+    refused where the history's counts vary at all (which of them is its own is not known)."""
+    own = _own_tokens_per_example(history)
+    known = own[np.isfinite(own)]
+    if known.size < 2 or np.ptp(known) <= 1e-9 * float(np.max(known)):
+        return
+    steps = [(name, float(own[i])) for name, i in converted if i is not None]
+    counts = [t for _, t in steps if math.isfinite(t)]
+    lost = [name for name, i in converted if i is None]
+    if counts and max(counts) - min(counts) > 1e-9 * max(counts):
+        low, high = min(steps, key=lambda x: x[1]), max(steps, key=lambda x: x[1])
+        cause = (
+            f"the history counted {low[1]:g} tokens per example at {low[0]}'s step and "
+            f"{high[1]:g} at {high[0]}'s (a sequence-length curriculum)"
+        )
+    elif lost:
+        cause = (
+            f"{lost[0]} has no step, and the history counted from {float(known.min()):g} to "
+            f"{float(known.max()):g} tokens per example along the run (a sequence-length "
+            "curriculum), so which is its own is not known"
+        )
+    else:
+        return
+    raise NoiseScaleInputError(
+        f"the BNoiseTracker records are measured per example and converted to tokens each by "
+        f"its own step's tokens per example, but {cause}: one --tokens-per-example "
+        f"{tokens_per_example:g} would convert them all alike. Leave --tokens-per-example out "
+        "and give each record its 'step' (each is converted by the history's count at its "
+        "step), or give the branches in examples"
+    )
+
+
+def _own_tokens_per_example(history: History) -> np.ndarray:
+    """Each record's own steps' tokens per example: the tokens counted since the record before
+    over the examples whose tokens were counted since (from 0 where the history begins at step
+    1), those examples being ``tokens_seen / tokens_per_example`` (the running mean's divisor);
+    a record that counted none since carries the one before; ``nan`` before the first known.
+    With ``measure_every`` (records some steps apart) the mean over the steps since the record
+    before."""
+    tokens = history.tokens_seen
+    with np.errstate(invalid="ignore", divide="ignore"):
+        counted = tokens / history.tokens_per_example
+    out = np.full(tokens.size, math.nan)
+    before: tuple[float, float] | None = (
+        (0.0, 0.0) if history.step.size and int(history.step[0]) == 1 else None
+    )
+    last = math.nan
+    for i in range(tokens.size):
+        if not (math.isfinite(tokens[i]) and math.isfinite(counted[i])):
+            out[i] = last
+            continue
+        if before is not None and counted[i] - before[1] > 0:
+            last = (tokens[i] - before[0]) / (counted[i] - before[1])
+        out[i] = last
+        before = (float(tokens[i]), float(counted[i]))
+    # (a history whose running mean never changed — no running count to difference, or one
+    # beginning past step 1 — counted that mean at every step)
+    carried = _carried_tokens_per_example(history)
+    known = carried[np.isfinite(carried)]
+    if known.size and np.ptp(known) <= 1e-12 * float(np.max(np.abs(known))):
+        out = np.where(np.isfinite(out), out, carried)
     return out
 
 
@@ -542,10 +619,14 @@ def _tokens_per_example(
     tokens_per_example: float | None,
 ) -> float:
     """Tokens per example to convert a ``BNoiseTracker``'s record ``name`` (per example) to
-    tokens: ``tokens_per_example``, else the history's at the record's step."""
+    tokens: ``tokens_per_example``, else the history's own count at the record's step
+    (:func:`_own_tokens_per_example`). Until 2026-12-08 the run's running mean there: under a
+    sequence-length curriculum (16, then 64 tokens from step 51) a record at step 75 was
+    converted by 32 for its 64, and windows' B_noise read 0.46–0.51× the truth without a word
+    (hunt/bnoise_tokens.py)."""
     t = tokens_per_example
     if t is None and history is not None and index is not None:
-        t = float(_carried_tokens_per_example(history)[index])
+        t = float(_own_tokens_per_example(history)[index])
     if t is None or not (math.isfinite(t) and t > 0):
         where = f"step {rec['step']}" if _number(rec.get("step")) else "its position"
         raise NoiseScaleInputError(
