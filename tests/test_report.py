@@ -1133,3 +1133,41 @@ def test_batches_at_steps_without_an_estimate_are_not_priced_silently(tmp_path: 
     assert math.isnan(sparse.adaptive.same_examples_steps)
     page = report_html(sparse, _blank_figures())
     assert "— not computed: the run counted 720 examples, 240 more than its batch sizes" in page
+
+
+def test_batches_recorded_at_steps_without_an_estimate_are_the_runs_not_interpolated(
+    tmp_path: Path,
+) -> None:
+    """B 8 → 16 at step 20, B_simple 40 but no estimate at steps 15–25 (|G|² not yet positive),
+    every step's batch recorded. The records without an estimate were dropped, their batch
+    sizes interpolated with B_noise: S_min and E_min 0.16% low (14.798 for 14.821) and a
+    warning that the costs price interpolated batches, though the history holds every one
+    (hunt/interp2.py). Now their B is the run's and B_noise alone is interpolated: eq. D.1
+    step by step by hand, and no warning; with those records' batch sizes gone (sparse),
+    the batches are interpolated and the warning fires."""
+    records = synthetic_records(n_steps=61, batch_size=8, a=40.0, tau=None, warmup=0)
+    examples = 0
+    for r in records:
+        r["b_big"] = 8 if r["step"] < 20 else 16
+        examples += r["b_big"]
+        r["examples"] = examples
+        if 15 <= r["step"] <= 25:
+            for key in ("g2", "trace_sigma", "g2_ema", "trace_sigma_ema"):
+                r[key] = None
+            for key in ("b_simple", "b_simple_low", "b_simple_high"):
+                r[key] = None
+    data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl", records)))
+    b = np.where(np.arange(61) < 20, 8.0, 16.0)
+    ds = b / (b + 40.0)
+    s_min = float(np.sum(ds) - (ds[0] + ds[-1]) / 2)
+    assert data.run.s_min == pytest.approx(s_min, rel=1e-12)
+    assert data.run.e_min == pytest.approx(40.0 * s_min, rel=1e-12)
+    assert data.run.examples == examples - 8 == data.adaptive.interpolated_examples
+    assert not any("interpolated" in w for w in data.warnings)
+    assert data.adaptive.same_examples_note == ""
+    # the same run with no batch size at those steps: interpolated, and said
+    for r in records[15:26]:
+        r["b_big"] = None
+    gone = report_data(load_history(write_synthetic_history(tmp_path / "g.jsonl", records)))
+    (warning,) = [w for w in gone.warnings if "interpolated between the records" in w]
+    assert f"counted {examples - 8:,} examples" in warning

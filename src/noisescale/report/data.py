@@ -331,9 +331,22 @@ def trajectory(history: History) -> Trajectory:
                 else "; a report needs at least two (train longer, or lower the EMA decay beta)"
             )
         )
+    # Records between the first and last estimate that carry their batch size but no estimate
+    # (early steps whose |G|² is not yet positive, an estimate unavailable for a while): their
+    # B is the run's, B_noise interpolated linearly between the estimates around them, as
+    # between sparse records (theory.run_integrals). Until 2026-12-08 they were dropped and
+    # their batch sizes interpolated too: a batch changed there priced the interpolated
+    # batches (B 8 → 16 at step 20 with no estimate at steps 15–25: S_min 0.16% low) and warned
+    # that the batches were interpolated though the history holds them (hunt/interp2.py).
+    kept = np.flatnonzero(keep)
+    within = np.zeros_like(keep)
+    within[kept[0] : kept[-1] + 1] = True
+    keep = keep | (within & ~history.skipped & ~estimated & (history.b_big > 0))
     step = history.step[keep].astype(float)
     batch = history.b_big[keep]
-    b_noise = history.b_simple[keep]
+    b_noise = np.interp(
+        step, history.step[kept].astype(float), history.b_simple[kept].astype(float)
+    )
     # the examples (or tokens) seen so far, in the unit of the batch sizes
     examples = (history.tokens_seen if history.unit == "tokens" else history.examples)[keep]
     warnings: tuple[str, ...] = ()
