@@ -417,6 +417,28 @@ def test_the_best_reference_under_ema_is_the_branch_that_ended_lowest() -> None:
     assert [x.efficiency for x in raw.batches] == pytest.approx(truth, rel=1e-9)
 
 
+def test_the_page_shows_the_batch_size_the_best_reference_chose() -> None:
+    # B = 16 ends lowest (slope 1.0 against 8's 0.9): `--reference best` takes 16, not the
+    # smallest. The JSON's reference_batch_size said so; the page named the rule ("best")
+    # alone until 2026-12-08. Its table now shows the batch size each checkpoint's efficiencies
+    # are against, escaped like the other cells.
+    from noisescale.branch.page import branch_html
+
+    budget = 4096.0
+    k = 2.0 / budget
+    slopes = {8.0: [0.9 * k] * 3, 16.0: [k] * 3, 32.0: [0.8 * k] * 3}
+    points = {8.0: 32, 16.0: 32, 32.0: 32}
+    best = local_critical_batch_size(_linear_branches(slopes, points, budget), reference="best")
+    smallest = local_critical_batch_size(_linear_branches(slopes, points, budget))
+    assert (best.reference_batch_size, smallest.reference_batch_size) == (16, 8)
+    for r, shown in ((best, "best"), (smallest, "smallest")):
+        page = branch_html(side_by_side([r]), {})
+        head = [re.sub("<[^>]+>", "", h) for h in re.findall(r"<th>(.*?)</th>", page, re.S)]
+        cells = re.findall(r"<td>([^<]*)</td>", page)
+        assert head[-2] == f"reference batch ({shown})" and len(cells) == len(head)
+        assert cells[head.index(f"reference batch ({shown})")] == ("16" if shown == "best" else "8")
+
+
 def test_a_branch_with_one_record_under_ema_is_refused_as_best_not_chosen() -> None:
     # Loss 3 − k_B·e with k 1, 0.95, 0.9 (× 2/Δ) at 8, 16, 32: 8 ends lowest and η is the ratio
     # of slopes. 8 and 16 report at 9 even points, 32 only once, at its budget. At --ema 0.9
