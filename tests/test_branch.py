@@ -956,6 +956,52 @@ def test_b_noise_records_are_converted_to_tokens_by_their_own_steps_count(tmp_pa
     )
 
 
+def test_b_noise_records_of_a_history_measured_every_10_steps_under_a_curriculum(
+    tmp_path: Path,
+) -> None:
+    # The main run measured every 10th step (measure_every=10: records at steps 1, 11, …, 91,
+    # each counting the steps since the one before), 8 examples a step at 16 tokens to step 45
+    # and 64 after. The record at step 51 counts steps 42-51 together, 44.8 tokens per example
+    # on average; its BNoiseTracker record measured step 51's batch, 64 tokens, and was
+    # converted by 44.8 (0.70x the truth, no word) until 2026-12-08. Its own count is not in
+    # the history: refused with the records beside it, whose means differ from it; a record
+    # whose neighbours counted its mean (31, 71, 81) converts by it exactly.
+    records = []
+    examples = tokens = 0
+    for step in range(1, 101):
+        examples, tokens = examples + 8, tokens + 8 * (16 if step <= 45 else 64)
+        if (step - 1) % 10 == 0:
+            record = {"step": step, "skipped": False, "loss": 1.0, "examples": examples}
+            record |= {"b_big": 8, "g2": 1.0, "trace_sigma": 40.0, "b_simple": 40.0}
+            record |= {"b_simple_low": 20.0, "b_simple_high": 80.0, "tokens_seen": tokens}
+            records.append(record | {"tokens_per_example": tokens / examples})
+    history = load_history(write_synthetic_history(tmp_path / "h.jsonl", records))
+    own = {s: 16 if s <= 45 else 64 for s in range(1, 101)}
+
+    def bn(step: int) -> dict:
+        return {"step": step, "ghg": 1.0 + 0.1 * (step % 3), "trace_h_sigma": 100.0 + step}
+
+    for step in (41, 51, 61):
+        with pytest.raises(
+            NoiseScaleInputError, match=rf"step {step} counts the 10 steps .*measure_every=1"
+        ):
+            read_b_noise([bn(step)], history, "tokens")
+    steps = (1, 11, 21, 31, 71, 81, 91)
+    points = read_b_noise([bn(s) for s in steps], history, "tokens")
+    assert [p.trace_h_sigma for p in points] == pytest.approx(
+        [own[s] * bn(s)["trace_h_sigma"] for s in steps], rel=1e-12
+    )
+    # one figure for them: refused where a record's own count is not known (41-61), and where
+    # the history counted other than the figure at every record's step (64 at 71-91, given 40)
+    with pytest.raises(NoiseScaleInputError, match="counts several steps together"):
+        read_b_noise([bn(51), bn(71)], history, "tokens", 64)
+    with pytest.raises(NoiseScaleInputError, match="counted 64 tokens per example at their"):
+        read_b_noise([bn(71), bn(81)], history, "tokens", 40)
+    assert read_b_noise([bn(71)], history, "tokens", 64)[0].trace_h_sigma == pytest.approx(
+        64 * bn(71)["trace_h_sigma"], rel=1e-12
+    )
+
+
 def test_an_examples_history_counting_tokens_on_some_records_is_placed_in_tokens(
     tmp_path: Path,
 ) -> None:

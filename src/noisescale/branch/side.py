@@ -499,21 +499,35 @@ def _check_one_figure(
     (6192 for 9907) until 2026-12-08 (hunt/bnoise_tokens.py). A record without a step is
     refused where the history's counts vary at all (which of them is its own is not known)."""
     own = _own_tokens_per_example(history)
-    known = own[np.isfinite(own)]
+    # (whether the counts vary, from every record's: those counting several steps together
+    # are nan in ``own`` where they vary)
+    means = _interval_tokens_per_example(history)[0]
+    known = means[np.isfinite(means)]
     if known.size < 2 or np.ptp(known) <= 1e-9 * float(np.max(known)):
         return
     steps = [(name, float(own[i])) for name, i in converted if i is not None]
-    counts = [t for _, t in steps if math.isfinite(t)]
-    lost = [name for name, i in converted if i is None]
+    steps = [(name, t) for name, t in steps if math.isfinite(t)]
+    counts = [t for _, t in steps]
+    # (a record whose own step's count the history does not give — no step, or a record of
+    # the history that counts several steps together — is converted by the one figure,
+    # right or not: refused too)
+    lost = [name for name, i in converted if i is None or not math.isfinite(own[i])]
     if counts and max(counts) - min(counts) > 1e-9 * max(counts):
         low, high = min(steps, key=lambda x: x[1]), max(steps, key=lambda x: x[1])
         cause = (
             f"the history counted {low[1]:g} tokens per example at {low[0]}'s step and "
             f"{high[1]:g} at {high[0]}'s (a sequence-length curriculum)"
         )
+    elif counts and abs(counts[0] - tokens_per_example) > 1e-9 * counts[0] and not lost:
+        cause = (
+            f"the history counted {counts[0]:g} tokens per example at their steps, and other "
+            "counts elsewhere (a sequence-length curriculum)"
+        )
     elif lost:
         cause = (
-            f"{lost[0]} has no step, and the history counted from {float(known.min()):g} to "
+            f"{lost[0]}'s own step's count is not in the history (no step, or the history's "
+            f"record there counts several steps together), which counted from "
+            f"{float(known.min()):g} to "
             f"{float(known.max()):g} tokens per example along the run (a sequence-length "
             "curriculum), so which is its own is not known"
         )
@@ -524,7 +538,8 @@ def _check_one_figure(
         f"its own step's tokens per example, but {cause}: one --tokens-per-example "
         f"{tokens_per_example:g} would convert them all alike. Leave --tokens-per-example out "
         "and give each record its 'step' (each is converted by the history's count at its "
-        "step), or give the branches in examples"
+        "step, the main run measured every step there: measure_every=1), or give the branches "
+        "in examples"
     )
 
 
@@ -533,24 +548,19 @@ def _own_tokens_per_example(history: History) -> np.ndarray:
     over the examples whose tokens were counted since (from 0 where the history begins at step
     1), those examples being ``tokens_seen / tokens_per_example`` (the running mean's divisor);
     a record that counted none since carries the one before; ``nan`` before the first known.
-    With ``measure_every`` (records some steps apart) the mean over the steps since the record
-    before."""
-    tokens = history.tokens_seen
-    with np.errstate(invalid="ignore", divide="ignore"):
-        counted = tokens / history.tokens_per_example
-    out = np.full(tokens.size, math.nan)
-    before: tuple[float, float] | None = (
-        (0.0, 0.0) if history.step.size and int(history.step[0]) == 1 else None
-    )
-    last = math.nan
-    for i in range(tokens.size):
-        if not (math.isfinite(tokens[i]) and math.isfinite(counted[i])):
-            out[i] = last
-            continue
-        if before is not None and counted[i] - before[1] > 0:
-            last = (tokens[i] - before[0]) / (counted[i] - before[1])
-        out[i] = last
-        before = (float(tokens[i]), float(counted[i]))
+
+    A record some steps after the one before (``measure_every``'s unmeasured steps folded into
+    it, records missing from the history, a history resumed past step 1) holds the mean over
+    those steps, its own step's count only where they all counted alike: where the history's
+    counts vary (a sequence-length curriculum), such a record's own count is not known and is
+    ``nan`` (:func:`_unknown_own_reason` says why) unless the records before and after it
+    counted the same mean (:func:`_like_neighbours`). Until 2026-12-08 it was the mean, and under
+    ``measure_every=10`` with 16 tokens to step 45 and 64 after, the record at step 51 —
+    steps 42–51, its own 64 — was converted by 49.6 (B_noise 0.78× the truth, no word)."""
+    out, spans = _interval_tokens_per_example(history)
+    known = out[np.isfinite(out)]
+    if known.size and np.ptp(known) > 1e-9 * float(np.max(np.abs(known))):
+        out = np.where((spans > 1) & ~_like_neighbours(out), math.nan, out)
     # (a history whose running mean never changed — no running count to difference, or one
     # beginning past step 1 — counted that mean at every step)
     carried = _carried_tokens_per_example(history)
@@ -558,6 +568,65 @@ def _own_tokens_per_example(history: History) -> np.ndarray:
     if known.size and np.ptp(known) <= 1e-12 * float(np.max(np.abs(known))):
         out = np.where(np.isfinite(out), out, carried)
     return out
+
+
+def _interval_tokens_per_example(history: History) -> tuple[np.ndarray, np.ndarray]:
+    """Each record's tokens over the examples counted since the record before that counted
+    any (:func:`_own_tokens_per_example`), and the steps that count spans (0 where unknown)."""
+    tokens = history.tokens_seen
+    with np.errstate(invalid="ignore", divide="ignore"):
+        counted = tokens / history.tokens_per_example
+    out = np.full(tokens.size, math.nan)
+    spans = np.zeros(tokens.size)
+    before: tuple[float, float, float] | None = (
+        (0.0, 0.0, 0.0) if history.step.size and int(history.step[0]) == 1 else None
+    )
+    last, last_span = math.nan, 0.0
+    for i in range(tokens.size):
+        if not (math.isfinite(tokens[i]) and math.isfinite(counted[i])):
+            out[i], spans[i] = last, last_span
+            continue
+        if before is not None and counted[i] - before[1] > 0:
+            last = (tokens[i] - before[0]) / (counted[i] - before[1])
+            last_span = float(history.step[i]) - before[2]
+        out[i], spans[i] = last, last_span
+        before = (float(tokens[i]), float(counted[i]), float(history.step[i]))
+    return out, spans
+
+
+def _like_neighbours(means: np.ndarray) -> np.ndarray:
+    """Whether each record's mean equals the records' before and after it (those there are):
+    steps counted alike through three records' steps, taken as its own step's count — as a
+    history whose running mean never changed is (a change of length inside a record's steps
+    moves its mean off one of its neighbours')."""
+    n = means.size
+    out = np.zeros(n, dtype=bool)
+    for i in range(n):
+        near = [means[j] for j in (i - 1, i + 1) if 0 <= j < n]
+        m = means[i]
+        out[i] = (
+            bool(near)
+            and math.isfinite(m)
+            and all(math.isfinite(x) and abs(x - m) <= 1e-9 * abs(m) for x in near)
+        )
+    return out
+
+
+def _unknown_own_reason(history: History, index: int) -> str:
+    """Why the history does not give the tokens per example of record ``index``'s own step
+    (``''`` where it does, or where it is unknown for want of any count)."""
+    means, spans = _interval_tokens_per_example(history)
+    if not (spans[index] > 1 and math.isfinite(means[index])) or _like_neighbours(means)[index]:
+        return ""
+    known = means[np.isfinite(means)]
+    step = int(history.step[index])
+    return (
+        f"the history's record at step {step} counts the {spans[index]:g} steps since the "
+        f"record before together ({means[index]:g} tokens per example on average; "
+        "measure_every, or records missing), and its counts vary along the run (from "
+        f"{float(known.min()):g} to {float(known.max()):g}: a sequence-length curriculum), so "
+        f"step {step}'s own is not known"
+    )
 
 
 def _placed_by_history(
@@ -628,6 +697,17 @@ def _tokens_per_example(
     if t is None and history is not None and index is not None:
         t = float(_own_tokens_per_example(history)[index])
     if t is None or not (math.isfinite(t) and t > 0):
+        why = (
+            _unknown_own_reason(history, index)
+            if tokens_per_example is None and history is not None and index is not None
+            else ""
+        )
+        if why:
+            raise NoiseScaleInputError(
+                f"{name}: a BNoiseTracker measures B_noise per example, and the branches "
+                f"count tokens; {why}. Measure the main run every step (measure_every=1) "
+                "around the records, or give the branches in examples"
+            )
         where = f"step {rec['step']}" if _number(rec.get("step")) else "its position"
         raise NoiseScaleInputError(
             f"{name}: a BNoiseTracker measures B_noise per example, and the "
