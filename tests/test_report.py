@@ -1171,3 +1171,31 @@ def test_batches_recorded_at_steps_without_an_estimate_are_the_runs_not_interpol
     gone = report_data(load_history(write_synthetic_history(tmp_path / "g.jsonl", records)))
     (warning,) = [w for w in gone.warnings if "interpolated between the records" in w]
     assert f"counted {examples - 8:,} examples" in warning
+
+
+def test_a_batch_change_halfway_through_missing_records_is_said(tmp_path: Path) -> None:
+    """B 8 to step 12, 32 from step 13, B_simple 40 + t/2; the records of steps 12 and 13 are
+    missing. The run's count (8 + 32 there) equals the interpolated batches' (16 + 24), so the
+    count check could not see it, and S_min and E_min priced 16 and 24 without a word (8.785
+    for 8.742, E_min 429.18 for 427.25, a review of 2026-12-08). The truth is eq. D.1 step by
+    step at the run's batches (the trapezoid's half steps at the ends); the report now warns,
+    naming the gap, and the same run with every record is exact and says nothing."""
+    n = 31
+    b = np.where(np.arange(n) < 13, 8.0, 32.0)  # (steps 0 … 30)
+    noise = 40.0 + 0.5 * np.arange(n)
+    records = synthetic_records(n_steps=n, batch_size=8, a=40.0, tau=None, warmup=0)
+    for r, bb, u, total in zip(records, b, noise, np.cumsum(b), strict=True):
+        r |= {"b_big": float(bb), "examples": float(total), "b_simple": float(u)}
+        r |= {"b_simple_low": float(u) / 2, "b_simple_high": 2 * float(u)}
+    ds = b / (b + noise)
+    s_min = float(np.sum(ds) - (ds[0] + ds[-1]) / 2)
+    e_min = float(np.sum(noise * ds) - (noise[0] * ds[0] + noise[-1] * ds[-1]) / 2)
+    whole = report_data(load_history(write_synthetic_history(tmp_path / "w.jsonl", records)))
+    assert (whole.run.s_min, whole.run.e_min) == pytest.approx((s_min, e_min), rel=1e-12)
+    assert not any("across steps the history does not hold" in w for w in whole.warnings)
+    gap = [r for r in records if r["step"] not in (12, 13)]
+    data = report_data(load_history(write_synthetic_history(tmp_path / "g.jsonl", gap)))
+    assert data.run.examples == whole.run.examples  # (the count cannot tell)
+    assert data.run.s_min != pytest.approx(s_min, rel=1e-4)  # (priced 16 and 24)
+    (warning,) = [w for w in data.warnings if "across steps the history does not hold" in w]
+    assert "from 8 to 32" in warning and "steps 12–13" in warning

@@ -809,6 +809,9 @@ def report_data(history: History, batch_sizes: Iterable[float] | None = None) ->
                 "the batch-size changes, or change the batch size only once B_simple is "
                 "estimated",
             )
+        else:
+            # (a history without the running count says so itself: trajectory's warning)
+            sums = _changed_across_gaps(traj, history.unit) if math.isfinite(off) else ()
     return ReportData(
         history=history,
         b_simple_step=series,
@@ -822,6 +825,30 @@ def report_data(history: History, batch_sizes: Iterable[float] | None = None) ->
         pareto=pareto_curves(traj),
         trend=b_simple_trend(series, history),
         warnings=(*sums, *traj.warnings, *history.warnings, *run_warnings(history, series)),
+    )
+
+
+def _changed_across_gaps(traj: Trajectory, unit: str) -> tuple[str, ...]:
+    """A warning where the batch size differs on either side of steps the trajectory does not
+    hold (records missing, skipped, or ``measure_every``'s unmeasured steps) although the run's
+    count agrees with the interpolated batches: the count cannot see a change halfway through
+    such steps (8 at step 11, 32 from step 13, steps 12-13 missing: 16 and 24 interpolated, 40
+    examples either way), but S_min and E_min price 16 and 24 — 8.785 for 8.742 over 31 steps,
+    without a word until 2026-12-08 (a review)."""
+    gaps = np.diff(traj.step) > 1
+    changed = np.flatnonzero(gaps & (np.diff(traj.batch_size) != 0))
+    if not changed.size:
+        return ()
+    i = int(changed[0])
+    return (
+        f"the batch size changed from {traj.batch_size[i]:,.4g} to "
+        f"{traj.batch_size[i + 1]:,.4g} across steps the history does not hold (steps "
+        f"{int(traj.step[i]) + 1:,}–{int(traj.step[i + 1]) - 1:,}"
+        + (f", and {changed.size - 1} more such gap(s)" if changed.size > 1 else "")
+        + f"; missing, skipped or unmeasured records): the {unit} the run counted agree with "
+        "the batch sizes interpolated there, but not which step took which, and S_min, E_min, "
+        "the costs and the schedules below price the interpolated batches; record every step "
+        "around the batch-size changes",
     )
 
 
