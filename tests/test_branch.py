@@ -1932,3 +1932,28 @@ def test_a_loss_the_reference_reached_before_its_first_record_is_refused() -> No
     assert [x.efficiency for x in local_critical_batch_size(full).batches] == pytest.approx(
         [1.0, 0.3], rel=1e-9
     )
+
+
+def test_a_b_noise_record_without_a_step_beside_a_curriculum_is_told_to_give_its_step(
+    tmp_path: Path,
+) -> None:
+    # 16 tokens per example to step 50, 64 after, every step recorded. A BNoiseTracker record
+    # placed by its tokens but without 'step' has no known count of its own: the refusal said to
+    # give --tokens-per-example, which is then refused beside this history (one figure for a
+    # curriculum); it now names the step as the fix.
+    records = []
+    examples = tokens = 0
+    for step in range(1, 101):
+        examples, tokens = examples + 8, tokens + 8 * (16 if step <= 50 else 64)
+        record = {"step": step, "skipped": False, "loss": 1.0, "examples": examples, "b_big": 8}
+        record |= {"g2": 1.0, "trace_sigma": 40.0, "b_simple": 40.0, "b_simple_low": 20.0}
+        record |= {"b_simple_high": 80.0, "tokens_seen": tokens}
+        records.append(record | {"tokens_per_example": tokens / examples})
+    history = load_history(write_synthetic_history(tmp_path / "h.jsonl", records))
+    record = {"tokens": records[74]["tokens_seen"], "ghg": 1.0, "trace_h_sigma": 100.0}
+    with pytest.raises(NoiseScaleInputError, match=r"from 16 to 64 .*give the record its 'step'"):
+        read_b_noise([record], history, "tokens")
+    with pytest.raises(NoiseScaleInputError, match="Leave --tokens-per-example out"):
+        read_b_noise([record], history, "tokens", 40)
+    (point,) = read_b_noise([record | {"step": 75}], history, "tokens")
+    assert point.trace_h_sigma == pytest.approx(64 * 100.0, rel=1e-12)

@@ -709,6 +709,19 @@ def _tokens_per_example(
                 "around the records, or give the branches in examples"
             )
         where = f"step {rec['step']}" if _number(rec.get("step")) else "its position"
+        means = _interval_tokens_per_example(history)[0] if history is not None else None
+        known = means[np.isfinite(means)] if means is not None else np.zeros(0)
+        if index is None and known.size > 1 and np.ptp(known) > 1e-9 * float(np.max(known)):
+            # (one --tokens-per-example, which the message below offers, is refused beside such
+            # a history: until 2026-12-08 this said to give it, and the next try was refused)
+            raise NoiseScaleInputError(
+                f"{name}: a BNoiseTracker measures B_noise per example, and the branches count "
+                f"tokens; the record has no 'step', and the history counted from "
+                f"{float(known.min()):g} to {float(known.max()):g} tokens per example along the "
+                "run (a sequence-length curriculum), so which is its own is not known: give the "
+                "record its 'step' (converted by the history's count there), or the branches in "
+                "examples"
+            )
         raise NoiseScaleInputError(
             f"{name}: a BNoiseTracker measures B_noise per example, and the "
             f"branches count tokens; the tokens per example at {where} are unknown (the "
