@@ -556,7 +556,7 @@ def _own_tokens_per_example(history: History) -> np.ndarray:
     ``nan`` (:func:`_unknown_own_reason` says why) unless the records before and after it
     counted the same mean (:func:`_like_neighbours`). Until 2026-12-08 it was the mean, and under
     ``measure_every=10`` with 16 tokens to step 45 and 64 after, the record at step 51 —
-    steps 42–51, its own 64 — was converted by 49.6 (B_noise 0.78× the truth, no word)."""
+    steps 42–51, its own 64 — was converted by 44.8 (B_noise 0.70× the truth, no word)."""
     out, spans = _interval_tokens_per_example(history)
     known = out[np.isfinite(out)]
     if known.size and np.ptp(known) > 1e-9 * float(np.max(np.abs(known))):
