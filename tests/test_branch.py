@@ -419,6 +419,28 @@ def test_the_best_reference_under_ema_is_the_branch_that_ended_lowest() -> None:
     assert [x.efficiency for x in raw.batches] == pytest.approx(truth, rel=1e-9)
 
 
+def test_the_page_shows_the_batch_size_the_best_reference_chose() -> None:
+    # B = 16 ends lowest (slope 1.0 against 8's 0.9): `--reference best` takes 16, not the
+    # smallest. The JSON's reference_batch_size said so; the page named the rule ("best")
+    # alone until 2026-12-08. Its table now shows the batch size each checkpoint's efficiencies
+    # are against, escaped like the other cells.
+    from noisescale.branch.page import branch_html
+
+    budget = 4096.0
+    k = 2.0 / budget
+    slopes = {8.0: [0.9 * k] * 3, 16.0: [k] * 3, 32.0: [0.8 * k] * 3}
+    points = {8.0: 32, 16.0: 32, 32.0: 32}
+    best = local_critical_batch_size(_linear_branches(slopes, points, budget), reference="best")
+    smallest = local_critical_batch_size(_linear_branches(slopes, points, budget))
+    assert (best.reference_batch_size, smallest.reference_batch_size) == (16, 8)
+    for r, shown in ((best, "best"), (smallest, "smallest")):
+        page = branch_html(side_by_side([r]), {})
+        head = [re.sub("<[^>]+>", "", h) for h in re.findall(r"<th>(.*?)</th>", page, re.S)]
+        cells = re.findall(r"<td>([^<]*)</td>", page)
+        assert head[-2] == f"reference batch ({shown})" and len(cells) == len(head)
+        assert cells[head.index(f"reference batch ({shown})")] == ("16" if shown == "best" else "8")
+
+
 def test_a_branch_with_one_record_under_ema_is_refused_as_best_not_chosen() -> None:
     # Loss 3 − k_B·e with k 1, 0.95, 0.9 (× 2/Δ) at 8, 16, 32: 8 ends lowest and η is the ratio
     # of slopes. 8 and 16 report at 9 even points, 32 only once, at its budget. At --ema 0.9
@@ -874,17 +896,112 @@ def test_b_noise_records_by_examples_beside_a_tokens_history_are_placed_by_its_c
         {"ghg": 1.0 + 0.1 * (s % 3), "trace_h_sigma": 100.0 * (1 + 0.1 * (s % 3)) * (1 + s / 100)}
         for s in range(1, 101)
     ]
-    by_step = read_b_noise([p | {"step": s} for s, p in enumerate(parts, 1)], history, "tokens", 40)
-    by_examples = read_b_noise(
-        [p | {"examples": 8 * s} for s, p in enumerate(parts, 1)], history, "tokens", 40
-    )
+    # (Since 2026-12-08 each record's B_noise is converted by its own step's tokens per
+    # example, 16 to step 50 and 64 after, not by one figure: one --tokens-per-example for
+    # records whose steps the history counted at 16 and 64 is refused, naming the fix, and
+    # records placed by examples, whose own count is not known, with it.)
+    by_step = read_b_noise([p | {"step": s} for s, p in enumerate(parts, 1)], history, "tokens")
     place = [r["tokens_seen"] for r in records]
-    assert [p.examples for p in by_examples] == [p.examples for p in by_step] == place
-    inside = parts[49:74]  # the weights after steps 50 … 74: at 6400 ≤ tokens < 19200
-    brute = 40 * np.mean([p["trace_h_sigma"] for p in inside]) / np.mean([p["ghg"] for p in inside])
-    for points in (by_step, by_examples):
-        row = side_by_side([_result(6400, 12800, 100.0, 100.0)], b_noise=points)[0]
-        assert row.b_noise == pytest.approx(brute, rel=1e-12)
+    assert [p.examples for p in by_step] == place
+    for given in ([p | {"step": s} for s, p in enumerate(parts, 1)],
+                  [p | {"examples": 8 * s} for s, p in enumerate(parts, 1)]):  # fmt: skip
+        with pytest.raises(NoiseScaleInputError, match="Leave --tokens-per-example out"):
+            read_b_noise(given, history, "tokens", 40)
+    inside = range(49, 74)  # the weights after steps 50 … 74: at 6400 ≤ tokens < 19200
+    own = [16 if s <= 50 else 64 for s in range(1, 101)]
+    brute = sum(parts[i]["trace_h_sigma"] * own[i] for i in inside) / sum(
+        parts[i]["ghg"] for i in inside
+    )
+    row = side_by_side([_result(6400, 12800, 100.0, 100.0)], b_noise=by_step)[0]
+    assert row.b_noise == pytest.approx(brute, rel=1e-12)
+
+
+def test_b_noise_records_are_converted_to_tokens_by_their_own_steps_count(tmp_path: Path) -> None:
+    # A sequence-length curriculum, 16 tokens per example for steps 1-50 and 64 after, 8
+    # examples a step, a history in examples that counted tokens (step 70 none: its running
+    # mean as before). A BNoiseTracker's B_noise in tokens is its step's own T times its
+    # B_noise per example; each record was converted by the run's running mean at its step
+    # (32 at step 75), and windows read 0.46-0.51x the truth without a word; one
+    # --tokens-per-example 40 read steps 60-79 0.62x (hunt/bnoise_tokens.py).
+    records = []
+    examples = tokens = counted = 0
+    for step in range(1, 101):
+        examples += 8
+        if step != 70:
+            tokens, counted = tokens + 8 * (16 if step <= 50 else 64), counted + 8
+        record = {"step": step, "skipped": False, "loss": 1.0, "examples": examples, "b_big": 8}
+        record |= {"g2": 1.0, "trace_sigma": 40.0, "b_simple": 40.0, "b_simple_low": 20.0}
+        record |= {"b_simple_high": 80.0, "tokens_seen": tokens}
+        records.append(record | {"tokens_per_example": tokens / counted})
+    history = load_history(write_synthetic_history(tmp_path / "h.jsonl", records))
+    bn = [
+        {"step": s, "ghg": 1.0 + 0.1 * (s % 3), "trace_h_sigma": 100.0 * (1 + s / 100)}
+        for s in range(1, 101)
+    ]
+    points = read_b_noise(bn, history, "tokens")
+    own = [16 if s <= 50 else 64 for s in range(1, 101)]
+    for first, last in [(40, 60), (60, 80), (30, 90), (1, 100)]:
+        inside = range(first - 1, last - 1)  # steps first … last − 1
+        truth = sum(bn[i]["trace_h_sigma"] * own[i] for i in inside) / sum(
+            bn[i]["ghg"] for i in inside
+        )
+        start, end = records[first - 1]["tokens_seen"], records[last - 1]["tokens_seen"]
+        row = side_by_side([_result(start, end - start, 100.0, 100.0)], b_noise=points)[0]
+        assert row.b_noise == pytest.approx(truth, rel=1e-12), (first, last)
+    # one figure for records the history counted at 16 and 64: refused, naming the fix
+    with pytest.raises(NoiseScaleInputError, match=r"16 tokens per example .* and 64 .*Leave"):
+        read_b_noise(bn, history, "tokens", 40)
+    # within one length it converts as given (the history's 64, or the figure given)
+    late = bn[60:]
+    assert read_b_noise(late, history, "tokens", 64)[0].trace_h_sigma == pytest.approx(
+        64 * late[0]["trace_h_sigma"], rel=1e-12
+    )
+
+
+def test_b_noise_records_of_a_history_measured_every_10_steps_under_a_curriculum(
+    tmp_path: Path,
+) -> None:
+    # The main run measured every 10th step (measure_every=10: records at steps 1, 11, …, 91,
+    # each counting the steps since the one before), 8 examples a step at 16 tokens to step 45
+    # and 64 after. The record at step 51 counts steps 42-51 together, 44.8 tokens per example
+    # on average; its BNoiseTracker record measured step 51's batch, 64 tokens, and was
+    # converted by 44.8 (0.70x the truth, no word) until 2026-12-08. Its own count is not in
+    # the history: refused with the records beside it, whose means differ from it; a record
+    # whose neighbours counted its mean (31, 71, 81) converts by it exactly.
+    records = []
+    examples = tokens = 0
+    for step in range(1, 101):
+        examples, tokens = examples + 8, tokens + 8 * (16 if step <= 45 else 64)
+        if (step - 1) % 10 == 0:
+            record = {"step": step, "skipped": False, "loss": 1.0, "examples": examples}
+            record |= {"b_big": 8, "g2": 1.0, "trace_sigma": 40.0, "b_simple": 40.0}
+            record |= {"b_simple_low": 20.0, "b_simple_high": 80.0, "tokens_seen": tokens}
+            records.append(record | {"tokens_per_example": tokens / examples})
+    history = load_history(write_synthetic_history(tmp_path / "h.jsonl", records))
+    own = {s: 16 if s <= 45 else 64 for s in range(1, 101)}
+
+    def bn(step: int) -> dict:
+        return {"step": step, "ghg": 1.0 + 0.1 * (step % 3), "trace_h_sigma": 100.0 + step}
+
+    for step in (41, 51, 61):
+        with pytest.raises(
+            NoiseScaleInputError, match=rf"step {step} counts the 10 steps .*measure_every=1"
+        ):
+            read_b_noise([bn(step)], history, "tokens")
+    steps = (1, 11, 21, 31, 71, 81, 91)
+    points = read_b_noise([bn(s) for s in steps], history, "tokens")
+    assert [p.trace_h_sigma for p in points] == pytest.approx(
+        [own[s] * bn(s)["trace_h_sigma"] for s in steps], rel=1e-12
+    )
+    # one figure for them: refused where a record's own count is not known (41-61), and where
+    # the history counted other than the figure at every record's step (64 at 71-91, given 40)
+    with pytest.raises(NoiseScaleInputError, match="counts several steps together"):
+        read_b_noise([bn(51), bn(71)], history, "tokens", 64)
+    with pytest.raises(NoiseScaleInputError, match="counted 64 tokens per example at their"):
+        read_b_noise([bn(71), bn(81)], history, "tokens", 40)
+    assert read_b_noise([bn(71)], history, "tokens", 64)[0].trace_h_sigma == pytest.approx(
+        64 * bn(71)["trace_h_sigma"], rel=1e-12
+    )
 
 
 def test_an_examples_history_counting_tokens_on_some_records_is_placed_in_tokens(
@@ -1836,3 +1953,28 @@ def test_a_loss_the_reference_reached_before_its_first_record_is_refused() -> No
     assert [x.efficiency for x in local_critical_batch_size(full).batches] == pytest.approx(
         [1.0, 0.3], rel=1e-9
     )
+
+
+def test_a_b_noise_record_without_a_step_beside_a_curriculum_is_told_to_give_its_step(
+    tmp_path: Path,
+) -> None:
+    # 16 tokens per example to step 50, 64 after, every step recorded. A BNoiseTracker record
+    # placed by its tokens but without 'step' has no known count of its own: the refusal said to
+    # give --tokens-per-example, which is then refused beside this history (one figure for a
+    # curriculum); it now names the step as the fix.
+    records = []
+    examples = tokens = 0
+    for step in range(1, 101):
+        examples, tokens = examples + 8, tokens + 8 * (16 if step <= 50 else 64)
+        record = {"step": step, "skipped": False, "loss": 1.0, "examples": examples, "b_big": 8}
+        record |= {"g2": 1.0, "trace_sigma": 40.0, "b_simple": 40.0, "b_simple_low": 20.0}
+        record |= {"b_simple_high": 80.0, "tokens_seen": tokens}
+        records.append(record | {"tokens_per_example": tokens / examples})
+    history = load_history(write_synthetic_history(tmp_path / "h.jsonl", records))
+    record = {"tokens": records[74]["tokens_seen"], "ghg": 1.0, "trace_h_sigma": 100.0}
+    with pytest.raises(NoiseScaleInputError, match=r"from 16 to 64 .*give the record its 'step'"):
+        read_b_noise([record], history, "tokens")
+    with pytest.raises(NoiseScaleInputError, match="Leave --tokens-per-example out"):
+        read_b_noise([record], history, "tokens", 40)
+    (point,) = read_b_noise([record | {"step": 75}], history, "tokens")
+    assert point.trace_h_sigma == pytest.approx(64 * 100.0, rel=1e-12)

@@ -1133,3 +1133,69 @@ def test_batches_at_steps_without_an_estimate_are_not_priced_silently(tmp_path: 
     assert math.isnan(sparse.adaptive.same_examples_steps)
     page = report_html(sparse, _blank_figures())
     assert "— not computed: the run counted 720 examples, 240 more than its batch sizes" in page
+
+
+def test_batches_recorded_at_steps_without_an_estimate_are_the_runs_not_interpolated(
+    tmp_path: Path,
+) -> None:
+    """B 8 → 16 at step 20, B_simple 40 but no estimate at steps 15–25 (|G|² not yet positive),
+    every step's batch recorded. The records without an estimate were dropped, their batch
+    sizes interpolated with B_noise: S_min and E_min 0.16% low (14.798 for 14.821) and a
+    warning that the costs price interpolated batches, though the history holds every one
+    (hunt/interp2.py). Now their B is the run's and B_noise alone is interpolated: eq. D.1
+    step by step by hand, and no warning; with those records' batch sizes gone (sparse),
+    the batches are interpolated and the warning fires."""
+    records = synthetic_records(n_steps=61, batch_size=8, a=40.0, tau=None, warmup=0)
+    examples = 0
+    for r in records:
+        r["b_big"] = 8 if r["step"] < 20 else 16
+        examples += r["b_big"]
+        r["examples"] = examples
+        if 15 <= r["step"] <= 25:
+            for key in ("g2", "trace_sigma", "g2_ema", "trace_sigma_ema"):
+                r[key] = None
+            for key in ("b_simple", "b_simple_low", "b_simple_high"):
+                r[key] = None
+    data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl", records)))
+    b = np.where(np.arange(61) < 20, 8.0, 16.0)
+    ds = b / (b + 40.0)
+    s_min = float(np.sum(ds) - (ds[0] + ds[-1]) / 2)
+    assert data.run.s_min == pytest.approx(s_min, rel=1e-12)
+    assert data.run.e_min == pytest.approx(40.0 * s_min, rel=1e-12)
+    assert data.run.examples == examples - 8 == data.adaptive.interpolated_examples
+    assert not any("interpolated" in w for w in data.warnings)
+    assert data.adaptive.same_examples_note == ""
+    # the same run with no batch size at those steps: interpolated, and said
+    for r in records[15:26]:
+        r["b_big"] = None
+    gone = report_data(load_history(write_synthetic_history(tmp_path / "g.jsonl", records)))
+    (warning,) = [w for w in gone.warnings if "interpolated between the records" in w]
+    assert f"counted {examples - 8:,} examples" in warning
+
+
+def test_a_batch_change_halfway_through_missing_records_is_said(tmp_path: Path) -> None:
+    """B 8 to step 12, 32 from step 13, B_simple 40 + t/2; the records of steps 12 and 13 are
+    missing. The run's count (8 + 32 there) equals the interpolated batches' (16 + 24), so the
+    count check could not see it, and S_min and E_min priced 16 and 24 without a word (8.785
+    for 8.742, E_min 429.18 for 427.25, a review of 2026-12-08). The truth is eq. D.1 step by
+    step at the run's batches (the trapezoid's half steps at the ends); the report now warns,
+    naming the gap, and the same run with every record is exact and says nothing."""
+    n = 31
+    b = np.where(np.arange(n) < 13, 8.0, 32.0)  # (steps 0 … 30)
+    noise = 40.0 + 0.5 * np.arange(n)
+    records = synthetic_records(n_steps=n, batch_size=8, a=40.0, tau=None, warmup=0)
+    for r, bb, u, total in zip(records, b, noise, np.cumsum(b), strict=True):
+        r |= {"b_big": float(bb), "examples": float(total), "b_simple": float(u)}
+        r |= {"b_simple_low": float(u) / 2, "b_simple_high": 2 * float(u)}
+    ds = b / (b + noise)
+    s_min = float(np.sum(ds) - (ds[0] + ds[-1]) / 2)
+    e_min = float(np.sum(noise * ds) - (noise[0] * ds[0] + noise[-1] * ds[-1]) / 2)
+    whole = report_data(load_history(write_synthetic_history(tmp_path / "w.jsonl", records)))
+    assert (whole.run.s_min, whole.run.e_min) == pytest.approx((s_min, e_min), rel=1e-12)
+    assert not any("across steps the history does not hold" in w for w in whole.warnings)
+    gap = [r for r in records if r["step"] not in (12, 13)]
+    data = report_data(load_history(write_synthetic_history(tmp_path / "g.jsonl", gap)))
+    assert data.run.examples == whole.run.examples  # (the count cannot tell)
+    assert data.run.s_min != pytest.approx(s_min, rel=1e-4)  # (priced 16 and 24)
+    (warning,) = [w for w in data.warnings if "across steps the history does not hold" in w]
+    assert "from 8 to 32" in warning and "steps 12–13" in warning

@@ -231,6 +231,123 @@ def test_resume_with_two_sources_gives_same_subsequent_estimates(tmp_path):
         assert b["trace_sigma"] == pytest.approx(a["trace_sigma"], rel=1e-9)
 
 
+def _spiky_run(resume_at=None, via="json"):
+    """A regression with a loss-spike guard's ``loss * inf`` at steps 4 and 6 (non-finite
+    gradients: left out, the optimizer not stepped), resumed after step ``resume_at`` from a
+    checkpoint through JSON or ``torch.save``: its history and estimate."""
+    import io
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 5, generator=g), torch.randn(8, 2, generator=g)) for _ in range(10)]
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    tracker = noisescale.GradientNoiseTracker(model, sync_every=1)
+    history = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, (x, y) in enumerate(data, 1):
+            loss = (model(x) - y).pow(2).mean()
+            (loss * math.inf if i in (4, 6) else loss).backward()
+            tracker.step()
+            if all(bool(torch.isfinite(p.grad).all()) for p in model.parameters()):
+                opt.step()
+            opt.zero_grad()
+            if i == resume_at:
+                state = tracker.state_dict()
+                if via == "json":
+                    state = json.loads(json.dumps(state))
+                else:
+                    buffer = io.BytesIO()
+                    torch.save(state, buffer)
+                    buffer.seek(0)
+                    state = torch.load(buffer, weights_only=True)
+                history += tracker.history
+                tracker.remove()
+                tracker = noisescale.GradientNoiseTracker(model, sync_every=1)
+                tracker.load_state_dict(state)
+    history += tracker.history
+    estimate = tracker.estimate()
+    tracker.remove()
+    messages = sorted({str(w.message) for w in caught})
+    return [json.dumps(r, sort_keys=True) for r in history], estimate.b_simple, messages
+
+
+def test_a_resume_keeps_the_loss_forms_the_audits_passed():
+    """The loss forms the audits passed go through the checkpoint (state version 5). Until
+    2026-12-08 they did not: resumed after step 3, the spike guard's ``loss * inf`` at step 4
+    was the first form audited, and ordinary step 5's form, known to the run since step 1,
+    was withheld as new, with a warning — B_simple 94.96 for the uninterrupted run's 23.75 at
+    step 10 (31.73 resumed after step 5, before the spike at 6; hunt/spike.py). Resumed after
+    any step, through JSON or torch.save, every
+    record, the estimate and the warnings are the uninterrupted run's."""
+    records, b_simple, messages = _spiky_run()
+    assert [json.loads(r)["skipped"] for r in records] == [False] * 3 + [True, False, True] + [
+        False
+    ] * 4
+    for resume_at in range(1, 10):
+        for via in ("json", "torch"):
+            resumed = _spiky_run(resume_at, via)
+            assert resumed[0] == records, (resume_at, via)
+            assert resumed[1] == b_simple, (resume_at, via)
+            # (a new tracker says its once-said warnings again: the forms' withholding not)
+            assert not any("last audited" in m for m in messages + resumed[2]), resumed[2]
+
+
+def test_the_loss_forms_are_named_alike_in_every_process():
+    """The forms are digests of their operations, not Python's hash (salted per process by
+    PYTHONHASHSEED): a checkpoint's forms are those another process meets."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, noisescale\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))\n"
+        "t = noisescale.GradientNoiseTracker(m)\n"
+        "x = torch.randn(6, 3)\n"
+        "torch.nn.functional.cross_entropy(m(x), torch.tensor([0, 1] * 3)).backward()\n"
+        "t.step()\n"
+        "print(t.state_dict()['loss_forms'])\n"
+    )
+    seen = set()
+    for seed in ("1", "2"):
+        env = {**__import__("os").environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+        )
+        seen.add(out.stdout.strip())
+    assert len(seen) == 1 and seen != {"[]"}, seen
+
+
+def test_a_checkpoint_without_loss_forms_learns_them_again():
+    """A checkpoint from before version 5 (no loss forms) loads; the engine learns the forms
+    again — the first unaudited step of a form not audited since the resume is withheld, with
+    a warning, never measured unchecked."""
+    import warnings
+
+    model = linear_model()
+    first = run(model, batches(9, 4, 8))
+    state = first.state_dict()
+    first.remove()
+    state["version"] = 4
+    for key in ("loss_forms", "loss_forms_pending", "loss_audits_left"):
+        del state[key]
+    resumed = noisescale.GradientNoiseTracker(model)
+    resumed.load_state_dict(state)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, x in enumerate(batches(10, 3, 8)):
+            loss = model(x).mean()
+            (loss * math.inf if i == 0 else loss).backward()
+            resumed.step()
+            model.zero_grad()
+        skipped = [r["skipped"] for r in resumed.history]
+    resumed.remove()
+    assert skipped == [True, True, False]
+    assert any("changed since the last audited step" in str(w.message) for w in caught)
+
+
 def test_an_old_checkpoint_s_combiner_restarts():
     """A version-3 checkpoint's combiner statistics are of the raw estimates, which the
     combiner no longer folds (estimators.update_combiner): they restart — equal weights, then
@@ -238,7 +355,7 @@ def test_an_old_checkpoint_s_combiner_restarts():
     model = linear_model()
     first = run(model, batches(9, 12, 8), micro=2)
     state = first.state_dict()
-    assert state["combiner"] and state["version"] == 4
+    assert state["combiner"] and state["version"] == 5
     state["version"] = 3
     first.remove()
     resumed = noisescale.GradientNoiseTracker(model)

@@ -142,8 +142,11 @@ HISTORY_VERSION = 1
 # how every header's line begins ("kind" is its first key): a cut line that begins so is a header
 _HEADER_START = json.dumps({"kind": HISTORY_KIND})[:-1]
 # 4 since 2026-12-07: the combiner's statistics are of the sources' changes between steps over the
-# level (estimators.update_combiner); a version-3 checkpoint's, of the raw estimates, restart
-STATE_VERSION = 4
+# level (estimators.update_combiner); a version-3 checkpoint's, of the raw estimates, restart.
+# 5 since 2026-12-08: the loss forms the audits passed (graph.shape_key), and those waiting for
+# one; an earlier checkpoint has none, and the engine learns them again (a step whose form it
+# meets first after the resume withheld, with a warning, as before)
+STATE_VERSION = 5
 # warn when the interval has stayed unbounded for this many steps with a cheap, less precise mode
 UNBOUNDED_WARNING_STEPS = 500
 # warn when the averaged tr Σ rests on fewer steps' worth of noise than this, and on under this
@@ -2653,6 +2656,14 @@ class GradientNoiseTracker:
             "subset_step_passes": self.engine.last_step_passes,
             "engine_steps": self.engine.steps_collected,
             "subbatches_pay": self.engine.subbatches_pay,
+            # the loss forms the audits passed (Settle._new_loss_shape), those met unaudited and
+            # the audits left for them: until 2026-12-08 a resume forgot them, and a form the
+            # audits knew before the checkpoint but had not met since withheld its next step
+            # (a spike guard's loss * inf at the first resumed step: the next ordinary step
+            # withheld, B_simple 94.96 for 23.75 at step 10; hunt/spike.py)
+            "loss_forms": sorted(self.engine._audited_losses),
+            "loss_forms_pending": sorted(self.engine._pending_losses.items()),
+            "loss_audits_left": self.engine._loss_audits_left,
             "measure_every": self.measure_every,
             # the averages are corrected for batches drawn without replacement from this many
             "dataset_size": self.dataset_size,
@@ -2846,6 +2857,13 @@ class GradientNoiseTracker:
         self.engine.last_step_passes = int(state.get("subset_step_passes", 0))
         self.engine.steps_collected = int(state.get("engine_steps", self.steps))
         self.engine.subbatches_pay = state.get("subbatches_pay")
+        # (a checkpoint before version 5 has no loss forms: learnt again, each one's first step
+        # after the resume withheld with a warning unless it is audited)
+        self.engine._audited_losses = {int(k) for k in state.get("loss_forms", [])}
+        self.engine._pending_losses = {
+            int(k): int(n) for k, n in state.get("loss_forms_pending", [])
+        }
+        self.engine._loss_audits_left = int(state.get("loss_audits_left", 0))
         # under data parallelism the checkpoint is usually one process's (rank 0's), whose
         # accumulation window need not be this process's: unknown, the first step after the
         # resume not judged short (until 2026-12-06 rank 0's was carried to every process, and a

@@ -345,6 +345,12 @@ def _row_html(row: SideBySideRow) -> str:
         # (with its interval, as the text and the JSON give it: until 2026-12-07 the page showed
         # B_noise 33.16 alone where they gave [32.66, 33.66]; a hunt)
         _value(row.b_noise) + _interval(row.b_noise_low, row.b_noise_high),
+        # (the batch size the efficiencies are against: with --reference best the branch that
+        # ended lowest, per checkpoint; until 2026-12-08 only the JSON's reference_batch_size
+        # said which, the page named the rule alone)
+        html.escape(format_batch_size(r.reference_batch_size))
+        if math.isfinite(r.reference_batch_size)
+        else "—",
         html.escape("; ".join(flags)),
     ]
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
@@ -378,7 +384,7 @@ data orders.</p>
 <tr><th>checkpoint</th><th>main-run loss</th><th>local CBS (τ = {tol})</th>
 <th>B<sub>crit</sub> (eq. 2.11)</th><th>B<sub>simple</sub> over the window</th>
 <th>B<sub>crit</sub>/B<sub>simple</sub></th><th>CBS/B<sub>simple</sub></th>
-<th>B<sub>noise</sub></th><th>notes</th></tr>
+<th>B<sub>noise</sub></th><th>reference batch ({ref})</th><th>notes</th></tr>
 {rows}
 </table>
 {warmup}
@@ -388,7 +394,8 @@ data orders.</p>
 <ul class="note">
 <li>From each checkpoint of the main run, branches trained for the same budget at several batch
 sizes. The efficiency η of a batch size is the fraction of the budget the reference branch
-({ref}) needed to reach the loss that batch size reached.</li>
+({ref}) needed to reach the loss that batch size reached; the table names its batch size at each
+checkpoint.</li>
 <li>The <b>local CBS</b> is the largest batch size that needs at most {pct}% more {unit} than the
 reference for the same loss (1/η ≤ 1 + τ), interpolated between the batch sizes tried.</li>
 <li><b>B<sub>crit</sub> (eq. 2.11)</b> is the noise scale that makes the measured efficiencies

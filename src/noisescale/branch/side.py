@@ -414,6 +414,7 @@ def read_b_noise(
     other = "examples" if unit == "tokens" else "tokens"
     out = []
     kinds = set()
+    converted: list[tuple[str, int | None]] = []  # (the records converted to tokens, by step)
     for i, rec in enumerate(records, start=1):
         name = names[i - 1] if names is not None else f"B_noise record {i}"
         parts = (
@@ -473,14 +474,159 @@ def read_b_noise(
             ghg, trace = float(rec["ghg"]), float(rec["trace_h_sigma"])
             if unit == "tokens":
                 # Per example: B_noise in tokens is T times B_noise in examples (scaling
-                # tr(HΣ) scales the ratio of means and its Fieller interval alike).
+                # tr(HΣ) scales the ratio of means and its Fieller interval alike), T the
+                # measured step's own
                 trace *= _tokens_per_example(name, rec, history, index, tokens_per_example)
+                converted.append((name, index))
             out.append(
                 NoisePoint(at, trace / ghg if ghg > 0 else math.nan, ghg=ghg, trace_h_sigma=trace)
             )
             continue
         out.append(_summary_point(name, at, rec))
+    if converted and tokens_per_example is not None and history is not None:
+        _check_one_figure(converted, history, float(tokens_per_example))
     return out
+
+
+def _check_one_figure(
+    converted: Sequence[tuple[str, int | None]], history: History, tokens_per_example: float
+) -> None:
+    """Refuse one ``--tokens-per-example`` figure for ``BNoiseTracker`` records (``converted``:
+    each one's name and its step's index in ``history``, ``None`` where it has none) whose steps
+    the history counted at other tokens per example — a sequence-length curriculum: each
+    record's B_noise in tokens is its own step's T times its B_noise per example, and one T
+    for all (16, then 64 tokens, given 40) read the B_noise of steps 60–79 0.62× the truth
+    (6192 for 9907) until 2026-12-08 (hunt/bnoise_tokens.py). A record without a step is
+    refused where the history's counts vary at all (which of them is its own is not known)."""
+    own = _own_tokens_per_example(history)
+    # (whether the counts vary, from every record's: those counting several steps together
+    # are nan in ``own`` where they vary)
+    means = _interval_tokens_per_example(history)[0]
+    known = means[np.isfinite(means)]
+    if known.size < 2 or np.ptp(known) <= 1e-9 * float(np.max(known)):
+        return
+    steps = [(name, float(own[i])) for name, i in converted if i is not None]
+    steps = [(name, t) for name, t in steps if math.isfinite(t)]
+    counts = [t for _, t in steps]
+    # (a record whose own step's count the history does not give — no step, or a record of
+    # the history that counts several steps together — is converted by the one figure,
+    # right or not: refused too)
+    lost = [name for name, i in converted if i is None or not math.isfinite(own[i])]
+    if counts and max(counts) - min(counts) > 1e-9 * max(counts):
+        low, high = min(steps, key=lambda x: x[1]), max(steps, key=lambda x: x[1])
+        cause = (
+            f"the history counted {low[1]:g} tokens per example at {low[0]}'s step and "
+            f"{high[1]:g} at {high[0]}'s (a sequence-length curriculum)"
+        )
+    elif counts and abs(counts[0] - tokens_per_example) > 1e-9 * counts[0] and not lost:
+        cause = (
+            f"the history counted {counts[0]:g} tokens per example at their steps, and other "
+            "counts elsewhere (a sequence-length curriculum)"
+        )
+    elif lost:
+        cause = (
+            f"{lost[0]}'s own step's count is not in the history (no step, or the history's "
+            f"record there counts several steps together), which counted from "
+            f"{float(known.min()):g} to "
+            f"{float(known.max()):g} tokens per example along the run (a sequence-length "
+            "curriculum), so which is its own is not known"
+        )
+    else:
+        return
+    raise NoiseScaleInputError(
+        f"the BNoiseTracker records are measured per example and converted to tokens each by "
+        f"its own step's tokens per example, but {cause}: one --tokens-per-example "
+        f"{tokens_per_example:g} would convert them all alike. Leave --tokens-per-example out "
+        "and give each record its 'step' (each is converted by the history's count at its "
+        "step, the main run measured every step there: measure_every=1), or give the branches "
+        "in examples"
+    )
+
+
+def _own_tokens_per_example(history: History) -> np.ndarray:
+    """Each record's own steps' tokens per example: the tokens counted since the record before
+    over the examples whose tokens were counted since (from 0 where the history begins at step
+    1), those examples being ``tokens_seen / tokens_per_example`` (the running mean's divisor);
+    a record that counted none since carries the one before; ``nan`` before the first known.
+
+    A record some steps after the one before (``measure_every``'s unmeasured steps folded into
+    it, records missing from the history, a history resumed past step 1) holds the mean over
+    those steps, its own step's count only where they all counted alike: where the history's
+    counts vary (a sequence-length curriculum), such a record's own count is not known and is
+    ``nan`` (:func:`_unknown_own_reason` says why) unless the records before and after it
+    counted the same mean (:func:`_like_neighbours`). Until 2026-12-08 it was the mean, and under
+    ``measure_every=10`` with 16 tokens to step 45 and 64 after, the record at step 51 —
+    steps 42–51, its own 64 — was converted by 44.8 (B_noise 0.70× the truth, no word)."""
+    out, spans = _interval_tokens_per_example(history)
+    known = out[np.isfinite(out)]
+    if known.size and np.ptp(known) > 1e-9 * float(np.max(np.abs(known))):
+        out = np.where((spans > 1) & ~_like_neighbours(out), math.nan, out)
+    # (a history whose running mean never changed — no running count to difference, or one
+    # beginning past step 1 — counted that mean at every step)
+    carried = _carried_tokens_per_example(history)
+    known = carried[np.isfinite(carried)]
+    if known.size and np.ptp(known) <= 1e-12 * float(np.max(np.abs(known))):
+        out = np.where(np.isfinite(out), out, carried)
+    return out
+
+
+def _interval_tokens_per_example(history: History) -> tuple[np.ndarray, np.ndarray]:
+    """Each record's tokens over the examples counted since the record before that counted
+    any (:func:`_own_tokens_per_example`), and the steps that count spans (0 where unknown)."""
+    tokens = history.tokens_seen
+    with np.errstate(invalid="ignore", divide="ignore"):
+        counted = tokens / history.tokens_per_example
+    out = np.full(tokens.size, math.nan)
+    spans = np.zeros(tokens.size)
+    before: tuple[float, float, float] | None = (
+        (0.0, 0.0, 0.0) if history.step.size and int(history.step[0]) == 1 else None
+    )
+    last, last_span = math.nan, 0.0
+    for i in range(tokens.size):
+        if not (math.isfinite(tokens[i]) and math.isfinite(counted[i])):
+            out[i], spans[i] = last, last_span
+            continue
+        if before is not None and counted[i] - before[1] > 0:
+            last = (tokens[i] - before[0]) / (counted[i] - before[1])
+            last_span = float(history.step[i]) - before[2]
+        out[i], spans[i] = last, last_span
+        before = (float(tokens[i]), float(counted[i]), float(history.step[i]))
+    return out, spans
+
+
+def _like_neighbours(means: np.ndarray) -> np.ndarray:
+    """Whether each record's mean equals the records' before and after it (those there are):
+    steps counted alike through three records' steps, taken as its own step's count — as a
+    history whose running mean never changed is (a change of length inside a record's steps
+    moves its mean off one of its neighbours')."""
+    n = means.size
+    out = np.zeros(n, dtype=bool)
+    for i in range(n):
+        near = [means[j] for j in (i - 1, i + 1) if 0 <= j < n]
+        m = means[i]
+        out[i] = (
+            bool(near)
+            and math.isfinite(m)
+            and all(math.isfinite(x) and abs(x - m) <= 1e-9 * abs(m) for x in near)
+        )
+    return out
+
+
+def _unknown_own_reason(history: History, index: int) -> str:
+    """Why the history does not give the tokens per example of record ``index``'s own step
+    (``''`` where it does, or where it is unknown for want of any count)."""
+    means, spans = _interval_tokens_per_example(history)
+    if not (spans[index] > 1 and math.isfinite(means[index])) or _like_neighbours(means)[index]:
+        return ""
+    known = means[np.isfinite(means)]
+    step = int(history.step[index])
+    return (
+        f"the history's record at step {step} counts the {spans[index]:g} steps since the "
+        f"record before together ({means[index]:g} tokens per example on average; "
+        "measure_every, or records missing), and its counts vary along the run (from "
+        f"{float(known.min()):g} to {float(known.max()):g}: a sequence-length curriculum), so "
+        f"step {step}'s own is not known"
+    )
 
 
 def _placed_by_history(
@@ -542,12 +688,40 @@ def _tokens_per_example(
     tokens_per_example: float | None,
 ) -> float:
     """Tokens per example to convert a ``BNoiseTracker``'s record ``name`` (per example) to
-    tokens: ``tokens_per_example``, else the history's at the record's step."""
+    tokens: ``tokens_per_example``, else the history's own count at the record's step
+    (:func:`_own_tokens_per_example`). Until 2026-12-08 the run's running mean there: under a
+    sequence-length curriculum (16, then 64 tokens from step 51) a record at step 75 was
+    converted by 32 for its 64, and windows' B_noise read 0.46–0.51× the truth without a word
+    (hunt/bnoise_tokens.py)."""
     t = tokens_per_example
     if t is None and history is not None and index is not None:
-        t = float(_carried_tokens_per_example(history)[index])
+        t = float(_own_tokens_per_example(history)[index])
     if t is None or not (math.isfinite(t) and t > 0):
+        why = (
+            _unknown_own_reason(history, index)
+            if tokens_per_example is None and history is not None and index is not None
+            else ""
+        )
+        if why:
+            raise NoiseScaleInputError(
+                f"{name}: a BNoiseTracker measures B_noise per example, and the branches "
+                f"count tokens; {why}. Measure the main run every step (measure_every=1) "
+                "around the records, or give the branches in examples"
+            )
         where = f"step {rec['step']}" if _number(rec.get("step")) else "its position"
+        means = _interval_tokens_per_example(history)[0] if history is not None else None
+        known = means[np.isfinite(means)] if means is not None else np.zeros(0)
+        if index is None and known.size > 1 and np.ptp(known) > 1e-9 * float(np.max(known)):
+            # (one --tokens-per-example, which the message below offers, is refused beside such
+            # a history: until 2026-12-08 this said to give it, and the next try was refused)
+            raise NoiseScaleInputError(
+                f"{name}: a BNoiseTracker measures B_noise per example, and the branches count "
+                f"tokens; the record has no 'step', and the history counted from "
+                f"{float(known.min()):g} to {float(known.max()):g} tokens per example along the "
+                "run (a sequence-length curriculum), so which is its own is not known: give the "
+                "record its 'step' (converted by the history's count there), or the branches in "
+                "examples"
+            )
         raise NoiseScaleInputError(
             f"{name}: a BNoiseTracker measures B_noise per example, and the "
             f"branches count tokens; the tokens per example at {where} are unknown (the "

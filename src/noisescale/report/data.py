@@ -331,9 +331,22 @@ def trajectory(history: History) -> Trajectory:
                 else "; a report needs at least two (train longer, or lower the EMA decay beta)"
             )
         )
+    # Records between the first and last estimate that carry their batch size but no estimate
+    # (early steps whose |G|² is not yet positive, an estimate unavailable for a while): their
+    # B is the run's, B_noise interpolated linearly between the estimates around them, as
+    # between sparse records (theory.run_integrals). Until 2026-12-08 they were dropped and
+    # their batch sizes interpolated too: a batch changed there priced the interpolated
+    # batches (B 8 → 16 at step 20 with no estimate at steps 15–25: S_min 0.16% low) and warned
+    # that the batches were interpolated though the history holds them (hunt/interp2.py).
+    kept = np.flatnonzero(keep)
+    within = np.zeros_like(keep)
+    within[kept[0] : kept[-1] + 1] = True
+    keep = keep | (within & ~history.skipped & ~estimated & (history.b_big > 0))
     step = history.step[keep].astype(float)
     batch = history.b_big[keep]
-    b_noise = history.b_simple[keep]
+    b_noise = np.interp(
+        step, history.step[kept].astype(float), history.b_simple[kept].astype(float)
+    )
     # the examples (or tokens) seen so far, in the unit of the batch sizes
     examples = (history.tokens_seen if history.unit == "tokens" else history.examples)[keep]
     warnings: tuple[str, ...] = ()
@@ -796,6 +809,9 @@ def report_data(history: History, batch_sizes: Iterable[float] | None = None) ->
                 "the batch-size changes, or change the batch size only once B_simple is "
                 "estimated",
             )
+        else:
+            # (a history without the running count says so itself: trajectory's warning)
+            sums = _changed_across_gaps(traj, history.unit) if math.isfinite(off) else ()
     return ReportData(
         history=history,
         b_simple_step=series,
@@ -809,6 +825,30 @@ def report_data(history: History, batch_sizes: Iterable[float] | None = None) ->
         pareto=pareto_curves(traj),
         trend=b_simple_trend(series, history),
         warnings=(*sums, *traj.warnings, *history.warnings, *run_warnings(history, series)),
+    )
+
+
+def _changed_across_gaps(traj: Trajectory, unit: str) -> tuple[str, ...]:
+    """A warning where the batch size differs on either side of steps the trajectory does not
+    hold (records missing, skipped, or ``measure_every``'s unmeasured steps) although the run's
+    count agrees with the interpolated batches: the count cannot see a change halfway through
+    such steps (8 at step 11, 32 from step 13, steps 12-13 missing: 16 and 24 interpolated, 40
+    examples either way), but S_min and E_min price 16 and 24 — 8.785 for 8.742 over 31 steps,
+    without a word until 2026-12-08 (a review)."""
+    gaps = np.diff(traj.step) > 1
+    changed = np.flatnonzero(gaps & (np.diff(traj.batch_size) != 0))
+    if not changed.size:
+        return ()
+    i = int(changed[0])
+    return (
+        f"the batch size changed from {traj.batch_size[i]:,.4g} to "
+        f"{traj.batch_size[i + 1]:,.4g} across steps the history does not hold (steps "
+        f"{int(traj.step[i]) + 1:,}–{int(traj.step[i + 1]) - 1:,}"
+        + (f", and {changed.size - 1} more such gap(s)" if changed.size > 1 else "")
+        + f"; missing, skipped or unmeasured records): the {unit} the run counted agree with "
+        "the batch sizes interpolated there, but not which step took which, and S_min, E_min, "
+        "the costs and the schedules below price the interpolated batches; record every step "
+        "around the batch-size changes",
     )
 
 
