@@ -231,15 +231,17 @@ def test_resume_with_two_sources_gives_same_subsequent_estimates(tmp_path):
         assert b["trace_sigma"] == pytest.approx(a["trace_sigma"], rel=1e-9)
 
 
-def test_an_old_checkpoint_s_combiner_restarts():
-    """A version-3 checkpoint's combiner statistics are of the raw estimates, which the
-    combiner no longer folds (estimators.update_combiner): they restart — equal weights, then
-    learnt anew — and the rest of the checkpoint loads."""
+@pytest.mark.parametrize("version", [3, 4])
+def test_an_old_checkpoint_s_combiner_restarts(version):
+    """A version-3 checkpoint's combiner statistics are of the raw estimates, a version-4's of
+    the changes over the step before's level, which the combiner no longer folds
+    (estimators.update_combiner): they restart — equal weights, then learnt anew — and the rest
+    of the checkpoint loads."""
     model = linear_model()
     first = run(model, batches(9, 12, 8), micro=2)
     state = first.state_dict()
-    assert state["combiner"] and state["version"] == 4
-    state["version"] = 3
+    assert state["combiner"] and state["version"] == 5
+    state["version"] = version
     first.remove()
     resumed = noisescale.GradientNoiseTracker(model)
     resumed.load_state_dict(state)
