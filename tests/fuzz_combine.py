@@ -593,14 +593,20 @@ def _own(rec):
     return np.array(out)
 
 
-def rule_weights(records, beta, jump=4.0, min_steps=8):
-    """The combiner's rule as docs/ and estimators.update_combiner's docstring state it, redone
-    here: each folded step's sources' estimates as their change from the step before over that
-    step's S_B; a step whose S_B moved over `jump`× either way, or the first, not folded; the
-    EMA (weights β^age) of those changes' mean and outer products; equal weights until
-    `min_steps` folded; then w = C⁻¹1/(1ᵀC⁻¹1) for g2 and for tr Σ. Returns, per record, the
-    weights applied there (None where a record is skipped)."""
-    out, folded, prev = [], [], None
+def rule_weights(records, beta, jump=16.0, decay=0.5, min_steps=8):
+    """The combiner's rule as estimators.update_combiner's docstring states it, redone here:
+    each folded step's sources' estimates as their change from the step before over a scale ℓ,
+    the EMA (decay `decay`, restarted at a level over `jump`× from it) of the S_B of the steps
+    before those two; a step not folded where its S_B moved over `jump`× from the step before's,
+    or the step before's from ℓ, and the first two; the EMA (weights β^age) of the changes'
+    mean and outer products; equal weights until `min_steps` folded; then w = C⁻¹1/(1ᵀC⁻¹1)
+    for g2 and for tr Σ. Returns, per record, the weights applied there (None where a record
+    is skipped)."""
+
+    def near(x, ref):
+        return ref > 0 and ref / jump <= x <= jump * ref
+
+    out, folded, prev, scale = [], [], None, None
     for rec in records:
         if rec.get("skipped"):
             out.append(None)
@@ -622,8 +628,12 @@ def rule_weights(records, beta, jump=4.0, min_steps=8):
             w = tuple(w)
         out.append(w)
         level = rec["sqnorm_big"]
-        if prev is not None and prev[0] > 0 and prev[0] / jump <= level <= jump * prev[0]:
-            folded.append((own - prev[1]) / prev[0])
+        if prev is not None and scale is not None and near(level, prev[0]) and near(prev[0], scale):
+            folded.append((own - prev[1]) / scale)
+        if prev is not None and prev[0] > 0:
+            scale = (
+                decay * scale + (1 - decay) * prev[0] if scale and near(prev[0], scale) else prev[0]
+            )
         prev = (level, own)
     return out
 
