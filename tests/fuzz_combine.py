@@ -350,9 +350,10 @@ def oracle_steps(cfg, cov_t, first=WARM):
 
 
 def check_first(err, cfg, cov_t):
-    """The variance at each step from the first one whose weights are learnt (the library keeps
-    equal weights until 8 steps are folded; the first step is never folded, so step 9 is the
-    first learnt at a steady level) to WARM, against the optimum's and equal weights'.
+    """The variance at each step from step 9 to WARM, against the optimum's and equal weights'
+    (the library keeps equal weights until 8 steps are folded; since 2026-12-08 the first two
+    steps are never folded — the changes' scale is of the levels before a pair of steps —, so
+    step 10 is the first learnt at a steady level; step 9 was until then).
 
     Bound: weights learnt from n steps of a K-variate normal cost ≈ (K − 1)/(n − K) over the
     optimum (checked against a direct simulation of the rule: 1.25× at n = 8, K = 2); ×3 for
