@@ -1475,8 +1475,10 @@ FOUND_BY_THE_COMBINE_FUZZER = [
     # examples) beside per-example norms, S_B's noise as large as its mean (2026-12-08, seeds
     # from 2000): the changes scaled by the step before's S_B, which shares its noise, and the
     # steps whose S_B moved over 4× left out — tr Σ's weight on the local source 0.64 for an
-    # optimum's 0.08, its variance 1.79× the optimum's and 1.24× equal weights' (1.007× since)
+    # optimum's 0.08, its variance 1.79× the optimum's and 1.24× equal weights' (1.007× since);
+    # local batches of 3 and 16: 2.23× the optimum's (1.14× since)
     (2005, "local"),
+    (2017, "local"),
 ]
 
 # Seeds from 2000 (fuzz_combine.BEYOND_FROM): Student-t noise, noise moving along the run, one
