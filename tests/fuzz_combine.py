@@ -756,20 +756,31 @@ def _local_data(seed, run):
     return x, y, w
 
 
-def _local_worker(rank, world, port, seed, run, out_dir):
+def _local_worker(rank, world, port, jobs, out_dir):
+    """Rank ``rank``'s runs of ``jobs`` ((seed, run) pairs, one after the other in one process
+    group: a process start — torch's import, ≈ 5 s of a seed's ≈ 12 s — paid once for them)."""
     import json
     from datetime import timedelta
     from pathlib import Path
 
     import torch
 
-    import noisescale
-
     torch.set_num_threads(1)
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
         timeout=timedelta(seconds=60),
     )  # fmt: skip
+    for seed, run in jobs:
+        history = _local_run(rank, world, seed, run)
+        Path(out_dir, f"{seed}-{rank}.json").write_text(json.dumps(history, default=str))
+    torch.distributed.destroy_process_group()
+
+
+def _local_run(rank, world, seed, run):
+    import torch
+
+    import noisescale
+
     x, y, w = _local_data(seed, run)
     xt, yt = torch.tensor(x[:, :4]), torch.tensor(y)
     model = torch.nn.Linear(4, 1).double()
@@ -795,11 +806,28 @@ def _local_worker(rank, world, port, seed, run, out_dir):
             tracker.step()  # (the parameters stay: the truth is the data set's, every step)
         history = tracker.history
         tracker.remove()
-    Path(out_dir, f"{rank}.json").write_text(json.dumps(history, default=str))
-    torch.distributed.destroy_process_group()
+    return history
 
 
-def _launch_local(seed, run, timeout_s=120):
+#: histories run ahead by :func:`prelaunch_local` (seed → its run and one history per process),
+#: taken by check_local where the run is the same
+_PRELAUNCHED = {}
+_LAUNCHED = set()  # (once each: a seed taken is not run ahead again)
+
+
+def prelaunch_local(seeds):
+    """Run the ``local`` seeds among ``seeds`` in one launch of their processes (the test
+    suite's found seeds: one process start for all) for :func:`check_local` to take."""
+    jobs = [(s, draw_config(s)["run"]) for s in seeds if draw_config(s).get("scenario") == "local"]
+    jobs = [(s, r) for s, r in jobs if s not in _LAUNCHED]
+    if len({len(r["sizes"]) for _, r in jobs}) == 1:  # (one world size: one process group)
+        out = _launch_local(jobs, timeout_s=120 * len(jobs))
+        _PRELAUNCHED.update({s: (r, out[s]) for s, r in jobs})
+        _LAUNCHED.update(s for s, _ in jobs)
+
+
+def _launch_local(jobs, timeout_s=120):
+    """The processes' histories of each (seed, run) in ``jobs``: {seed: [rank 0's, …]}."""
     import json
     import multiprocessing
     import socket
@@ -809,11 +837,11 @@ def _launch_local(seed, run, timeout_s=120):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    world = len(run["sizes"])
+    world = len(jobs[0][1]["sizes"])
     with tempfile.TemporaryDirectory() as tmp:
         ctx = multiprocessing.get_context("spawn")
         procs = [
-            ctx.Process(target=_local_worker, args=(r, world, port, seed, run, tmp))
+            ctx.Process(target=_local_worker, args=(r, world, port, jobs, tmp))
             for r in range(world)
         ]
         for p in procs:
@@ -824,12 +852,14 @@ def _launch_local(seed, run, timeout_s=120):
             if p.is_alive():
                 p.kill()
                 p.join()
-        out = []
-        for r in range(world):
-            path = Path(tmp, f"{r}.json")
-            if not path.exists():
-                raise RuntimeError(f"process {r} left no history (hung or died)")
-            out.append(json.loads(path.read_text()))
+        out = {}
+        for seed, _ in jobs:
+            out[seed] = []
+            for r in range(world):
+                path = Path(tmp, f"{seed}-{r}.json")
+                if not path.exists():
+                    raise RuntimeError(f"seed {seed}: process {r} left no history (hung or died)")
+                out[seed].append(json.loads(path.read_text()))
     return out
 
 
@@ -889,7 +919,8 @@ def check_local(seed, run):
     Monte Carlo C's own error at 40,000 draws is ≈ √(2/40000) < 1%) and ≤ 1.5× equal
     weights'. The oracle's C is checked too: the Monte Carlo means of the sources' estimates
     equal the truth within 5 standard errors (else ``oracle?``)."""
-    histories = _launch_local(seed, run)
+    ahead = _PRELAUNCHED.pop(seed, None)
+    histories = ahead[1] if ahead and ahead[0] == run else _launch_local([(seed, run)])[seed]
     if any(len(h) != len(histories[0]) for h in histories):
         return {"cls": "WRONG", "why": "the processes' histories differ in length"}
     for a, b in zip(*histories[:2], strict=True):
