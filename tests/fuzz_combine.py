@@ -42,6 +42,12 @@ minimum-variance weights, never from noisescale's functions:
   steps (paired, from ≥ 40 steps: the ratio's sampling error is well under 2×); the weights
   read back (w = (x̂ − x₂)/(x₁ − x₂)) are reported.
 
+Seeds from 3000 (``SPIKES_FROM``): the level spikes 6–15× (under LEVEL_JUMP, so folded) for one
+step in every 15 or 30 — open (a review, 2026-12-08): the sources' change then holds the truth's
+change, common to them and large beside their noise, whose product with the step's noise bends
+the learnt covariance off the common direction (seed 3002: tr Σ's weights −15.4 and 16.4 after a
+spike, 1.03 and −0.03 before, its variance 1.3·10⁴× the optimum's, 340× equal weights').
+
 Seeds from 2000 (``BEYOND_FROM``; seeds 0–1999 draw as before) each draw one scenario
 (:func:`_beyond`) the seeds below do not: Student-t noise, noise whose size relative to the
 level moves 10× along the run, one source's noise growing 10–30× (the synthetic checks above,
@@ -89,11 +95,17 @@ WARM = 20  # the variance from this step (the weights learnt from 8 folded steps
 DRIFTS = ("constant", "decay", "spike", "jump", "adam_start")
 BEYOND_FROM = 2000  # seeds from here on draw one of SCENARIOS (seeds 0-199 unchanged)
 SCENARIOS = ("student_t", "rel_drift", "growing", "first_steps", "resume", "local")
+#: seeds from here on: the level spikes 6-15× (under the combiner's LEVEL_JUMP 16: folded) for one
+#: step in every 15 or 30, from step 7 (a review, 2026-12-08)
+SPIKES_FROM = 3000
 
 
 def draw_config(seed):
     rng = random.Random(seed)
     cfg = _draw_config(seed, rng)
+    if seed >= SPIKES_FROM:  # (drawn after the rest; seeds below unchanged)
+        return cfg | {"drift": "spikes", "spike": rng.choice((6.0, 10.0, 15.0)),
+                      "every": rng.choice((15, 30))}  # fmt: skip
     return cfg | _beyond(seed, rng) if seed >= BEYOND_FROM else cfg
 
 
@@ -222,6 +234,8 @@ def levels(cfg):
         d[len(t) // 2 :] = 1e4
     elif drift == "adam_start":
         d[:4] = [1e8, 1e5, 1e2, 10.0]
+    elif drift == "spikes":
+        d[7 :: cfg["every"]] = cfg["spike"]
     return g2 * d, cfg["g2"] * cfg["b_simple"] * d
 
 
