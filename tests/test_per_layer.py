@@ -107,7 +107,7 @@ def test_groups_add_up_to_the_total_every_step(precondition, tied, dataset_size)
     # 24 steps: past the 8 learnt from after which per-example and micro-batch sources get
     # unequal weights (asserted: since 2026-12-07 a step whose S_B moved over LEVEL_JUMP× from
     # the step before's is not learnt from, and this small model's S_B moves over 2× in about
-    # half its steps)
+    # half its steps; since 2026-12-08 the first two steps are not learnt from)
     train(tracker, model, 24, opt=opt, width=11 if tied else 3)
     assert [r.get("preconditioned", False) for r in tracker.history][1:] == [precondition] * 23
     comb = max(tracker._state.combiner.values(), key=lambda c: c.count)

@@ -348,15 +348,17 @@ def test_a_checkpoint_without_loss_forms_learns_them_again():
     assert any("changed since the last audited step" in str(w.message) for w in caught)
 
 
-def test_an_old_checkpoint_s_combiner_restarts():
-    """A version-3 checkpoint's combiner statistics are of the raw estimates, which the
-    combiner no longer folds (estimators.update_combiner): they restart — equal weights, then
-    learnt anew — and the rest of the checkpoint loads."""
+@pytest.mark.parametrize("version", [3, 4])
+def test_an_old_checkpoint_s_combiner_restarts(version):
+    """A version-3 checkpoint's combiner statistics are of the raw estimates, a version-4's of
+    the changes over the step before's level, which the combiner no longer folds
+    (estimators.update_combiner): they restart — equal weights, then learnt anew — and the rest
+    of the checkpoint loads."""
     model = linear_model()
     first = run(model, batches(9, 12, 8), micro=2)
     state = first.state_dict()
     assert state["combiner"] and state["version"] == 5
-    state["version"] = 3
+    state["version"] = version
     first.remove()
     resumed = noisescale.GradientNoiseTracker(model)
     resumed.load_state_dict(state)

@@ -736,8 +736,8 @@ def combine_weights(cov: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
 
 class CombinerState(NamedTuple):
     """EMA mean and second moments of K sources' per-step (g2, trace_sigma) estimates, each
-    step's taken as its change from the step before, over that step's level
-    (:func:`update_combiner`)."""
+    step's taken as its change from the step before, over a scale of the levels before those two
+    steps (:func:`update_combiner`)."""
 
     beta: float
     count: int
@@ -750,21 +750,33 @@ class CombinerState(NamedTuple):
     level: float | None = None
     last_g2: np.ndarray | None = None
     last_trace: np.ndarray | None = None
+    # the changes' scale: an EMA (LEVEL_DECAY) of the levels of the steps before the last one
+    # (None: none yet; since STATE_VERSION 5)
+    scale: float | None = None
 
 
-#: a step whose level is over this many times the step's before, or under its 1/LEVEL_JUMP, is
-#: not folded into the combiner's statistics (its level jumped). 4, not 2 as on 2026-12-07's
-#: first version: a small model's S_B moves over 2× between steps from its own noise (in half
-#: the steps of test_per_layer's model), and leaving those steps out truncates the big batch's
-#: noise, which enters the sources' tr Σ with unequal coefficients — tr Σ's variance 5.9× the
-#: optimum's (1.08× at 4; test_combiner_weights_under_a_noisy_big_batch_are_the_optimal_ones)
-LEVEL_JUMP = 4.0
+#: a step is not folded into the combiner's statistics where its level is over this many times
+#: the step's before (or under its 1/LEVEL_JUMP), or the step before's over this many times the
+#: scale (its level jumped). 16 since 2026-12-08 (4 and 2 before): a small big batch's S_B
+#: moves over 4× between steps from its own noise in a third of the steps (2 processes' local
+#: batches of 4 and 12, a fuzzer), and leaving those out selects pairs of steps whose big-batch
+#: noise nearly cancels, which enters the sources' tr Σ with unequal coefficients — with the
+#: step before's S_B as the scale, tr Σ's weights 0.62 where the optimum's are 0.08, its variance
+#: 1.78× the optimum's (1.04× now; test_combiner_weights_of_local_and_per_example_sources_...)
+LEVEL_JUMP = 16.0
+
+#: the decay of the level's EMA that scales the changes folded (the last ~2 levels)
+LEVEL_DECAY = 0.5
 
 
 def init_combiner(k: int, beta: float = 0.99) -> CombinerState:
     """Statistics for combining ``k`` small-batch sources of the same steps."""
     z, zz = np.zeros(k), np.zeros((k, k))
     return CombinerState(float(beta), 0, 0.0, z, z.copy(), zz, zz.copy())
+
+
+def _within(x: float, ref: float) -> bool:
+    return ref > 0 and ref / LEVEL_JUMP <= x <= LEVEL_JUMP * ref
 
 
 def update_combiner(
@@ -779,25 +791,33 @@ def update_combiner(
     the covariance, the level's drift entered it as a common component far above the sources'
     differences, and the weights turned extreme (w = −22.4 and 23.4 seen; 10–10⁵× the variance
     of equal weights, a fuzzer). So each source's estimate is folded as its change from the
-    step before over that step's level, (x_t − x_{t−1})/ℓ_{t−1}: the steps' batches are
-    independent, so its covariance is (C_t + C_{t−1})/ℓ²_{t−1} — twice the errors' relative
+    step before over a scale of the level, (x_t − x_{t−1})/ℓ: the steps' batches are
+    independent, so its covariance is (C_t + C_{t−1})/ℓ² — twice the errors' relative
     covariance where it is the level² times a fixed one, and the weights, blind to a common
     scale, are its weights — while the level cancels (up to its change in one step, common to
-    the sources, which the weights are blind to too). The scale is the step before's, not the
-    step's own S_B, which shares the step's noise and bends the weights (tried: 18–880× the
-    optimum's variance of tr Σ in the fuzzer's seeds). A step whose level moved over
-    ``LEVEL_JUMP``× either way is not folded (its relative change would outweigh every other
-    step's)."""
+    the sources, which the weights are blind to too). The scale ℓ is an EMA (``LEVEL_DECAY``)
+    of the levels of the steps *before* t − 1, independent of both steps' batches: one that
+    shares a step's noise bends the weights — the step's own S_B (tried: 18–880× the optimum's
+    variance of tr Σ in the fuzzer's seeds); the step before's, S_{t−1}, as until 2026-12-08
+    (weights 0.62 for an optimum's 0.08 where S_B's noise is as large as its mean — 2
+    processes' local batches of 4 and 12 —, tr Σ's variance 1.2× equal weights'; a fuzzer).
+    A step whose level moved over ``LEVEL_JUMP``× from the step before's, or whose step before
+    moved so from the scale, is not folded (its relative change would outweigh every other
+    step's); the scale restarts at a level that far from it."""
     g = np.asarray(g2, dtype=float)
     s = np.asarray(trace_sigma, dtype=float)
-    prev, prev_g, prev_s = state.level, state.last_g2, state.last_trace
-    state = state._replace(level=float(level), last_g2=g, last_trace=s)
-    if prev is None or prev_g is None or prev_s is None or not math.isfinite(level):
+    prev, prev_g, prev_s, scale = state.level, state.last_g2, state.last_trace, state.scale
+    new_scale = scale
+    if prev is not None and math.isfinite(prev) and prev > 0:
+        near = scale is not None and _within(prev, scale)
+        new_scale = LEVEL_DECAY * scale + (1 - LEVEL_DECAY) * prev if near else prev
+    state = state._replace(level=float(level), last_g2=g, last_trace=s, scale=new_scale)
+    if prev is None or prev_g is None or prev_s is None or scale is None:
         return state
-    if not (prev > 0 and prev / LEVEL_JUMP <= level <= LEVEL_JUMP * prev):
+    if not (math.isfinite(level) and _within(level, prev) and _within(prev, scale)):
         return state
-    g = (g - prev_g) / prev
-    s = (s - prev_s) / prev
+    g = (g - prev_g) / scale
+    s = (s - prev_s) / scale
     b = state.beta
     w = state.weight * b + 1.0
     keep = 1.0 - 1.0 / w  # weight of the old statistics in the new EMA
@@ -820,7 +840,7 @@ def combiner_weights(state: CombinerState, min_steps: int = 8) -> tuple[np.ndarr
 
     Weights come only from earlier steps, so they are independent of the step they are applied
     to and the combination stays unbiased. Equal weights until ``min_steps`` steps are learnt
-    from (``count``: a step the combiner did not fold — the first, one whose level jumped, see
+    from (``count``: a step the combiner did not fold — the first two, one whose level jumped, see
     :func:`update_combiner` — does not count).
     """
     k = state.mean_g2.shape[0]

@@ -144,8 +144,10 @@ _HEADER_START = json.dumps({"kind": HISTORY_KIND})[:-1]
 # 4 since 2026-12-07: the combiner's statistics are of the sources' changes between steps over the
 # level (estimators.update_combiner); a version-3 checkpoint's, of the raw estimates, restart.
 # 5 since 2026-12-08: the loss forms the audits passed (graph.shape_key), and those waiting for
-# one; an earlier checkpoint has none, and the engine learns them again (a step whose form it
-# meets first after the resume withheld, with a warning, as before)
+# one — an earlier checkpoint has none, and the engine learns them again (a step whose form it
+# meets first after the resume withheld, with a warning, as before); and the combiner's changes
+# over a scale of the levels before the two steps, not the step before's level (which shares
+# that step's noise and bent the weights) — a version-4 checkpoint's combiner restarts
 STATE_VERSION = 5
 # warn when the interval has stayed unbounded for this many steps with a cheap, less precise mode
 UNBOUNDED_WARNING_STEPS = 500
@@ -2823,9 +2825,10 @@ class GradientNoiseTracker:
         self._resumed_at = int(state["steps"])
         if isinstance(state.get("run"), str):  # (a checkpoint from before 2026-12-07 has none)
             self._run_id = state["run"]
-        # (an earlier version's combiner statistics are of the raw estimates, which
-        # update_combiner no longer folds: they restart — equal weights for the first steps,
-        # learnt anew — which keeps the combination unbiased, any fixed weights do)
+        # (an earlier version's combiner statistics are of the raw estimates (version 3) or of
+        # the changes over the step before's level (4), which update_combiner no longer folds:
+        # they restart — equal weights for the first steps, learnt anew — which keeps the
+        # combination unbiased, any fixed weights do)
         combiner = {
             k: est.CombinerState(
                 **{
@@ -2834,7 +2837,7 @@ class GradientNoiseTracker:
                 }
             )
             for k, v in state["combiner"].items()
-            if int(state.get("version", 0)) >= 4
+            if int(state.get("version", 0)) >= 5
         }
         self._state = state_mod.TrackerState(
             est.load_state(state["state"]),
