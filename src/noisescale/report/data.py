@@ -6,7 +6,8 @@ object per optimiser step (``step``, ``skipped``, ``b_big``, ``g2``, ``trace_sig
 ``temperature``, ``examples``, ``sources``), NaN and infinities written as ``null``. The header's
 ``unit`` says what B_simple, the batch sizes and tr Σ count — ``"examples"`` (also in histories
 without it) or ``"tokens"`` (a loss over tokens, :mod:`noisescale.tokens`); records with counted
-tokens add ``tokens``, ``tokens_seen`` and ``tokens_per_example``, so the report gives B in both.
+tokens add ``tokens``, ``tokens_seen`` and ``tokens_per_example``, so the report gives B in both,
+and (since 2026-12-08) ``tokens_examples``, the examples of the measured step's own ``tokens``.
 
 Each function here returns the numbers one figure or table of the report shows, so tests check
 numbers rather than pixels. The cost analysis treats the measured B_simple as B_noise (paper §2.2:
@@ -122,6 +123,11 @@ class History:
     #: ``sqnorm_big`` null, as the tracker writes a step a GradScaler skips or one the loop must
     #: not step on); ``None``: none. Such a step spends its batch and makes no progress.
     idle: np.ndarray | None = None
+    #: Per record, its measured step's own tokens and the examples they are of (``tokens``,
+    #: ``tokens_examples``; NaN where not recorded): that step's own tokens per example, which
+    #: a record spanning several steps (``measure_every``) holds beside its running counts.
+    tokens: np.ndarray | None = None
+    tokens_examples: np.ndarray | None = None
 
     @property
     def unit(self) -> str:
@@ -230,6 +236,8 @@ def load_history(path: str | Path) -> History:
         preconditioned=_is_preconditioned(records[-1][1]),
         groups=_groups(*records[-1], p),
         idle=np.array([_idle(obj) for _, obj in records], dtype=bool),
+        tokens=_float_column(records, "tokens", p),
+        tokens_examples=_float_column(records, "tokens_examples", p),
         **{name: _float_column(records, name, p) for name in FLOAT_FIELDS},
     )
 
