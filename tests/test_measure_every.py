@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 
 import pytest
 import torch
@@ -455,3 +456,45 @@ def test_unmeasured_steps_do_not_count_toward_sync_every(world, monkeypatch):
     finally:
         if world > 1:
             dist.destroy_process_group()
+
+
+def test_a_record_spanning_a_length_change_converts_b_noise_by_its_own_steps_tokens(tmp_path):
+    """measure_every=3, 4 sequences a step of 5 tokens to step 5 and 9 after: the record at
+    step 7 counts steps 5–7 (its running counts mix 4 and 8 labels a sequence), but its
+    measured step, 7, counted 8 a sequence, and it records that step's own ``tokens`` and
+    ``tokens_examples``. A BNoiseTracker's B_noise at step 7 in tokens is 8 times its value
+    per example; it was refused until 2026-12-08 (the record's own count "not known"), though
+    the record holds it. The hand count: labels shifted by one, (length − 1) a sequence."""
+    from noisescale.branch import read_b_noise
+    from noisescale.report.data import load_history
+
+    path = tmp_path / "h.jsonl"
+    model = tiny_gpt2(1)
+    tracker = GradientNoiseTracker(model, measure_every=3, sync_every=1, history_path=path)
+    g = torch.Generator().manual_seed(0)
+    own = {}
+    for step in range(1, 11):
+        length = 5 if step <= 5 else 9
+        ids = torch.randint(0, 30, (4, length), generator=g)
+        model.zero_grad()
+        model(input_ids=ids, labels=ids.clone()).loss.backward()
+        own[step] = length - 1
+        tracker.step()
+    tracker.sync()
+    history = load_history(path)
+    assert history.step.tolist() == [1, 4, 7, 10]
+    assert (history.tokens / history.tokens_examples).tolist() == [4, 4, 8, 8]
+    record = {"step": 7, "ghg": 2.0, "trace_h_sigma": 300.0}
+    (point,) = read_b_noise([record], history, "tokens")
+    assert point.trace_h_sigma == pytest.approx(own[7] * 300.0, rel=1e-12)
+    assert point.b_noise == pytest.approx(own[7] * 150.0, rel=1e-12)
+    # a history without the step's own counts (written before) is refused, as it was
+    for r in (lines := path.read_text().splitlines()[1:]):
+        assert '"tokens_examples"' in r
+    stripped = tmp_path / "old.jsonl"
+    old = [json.loads(r) for r in lines]
+    for r in old:
+        r.pop("tokens_examples")
+    stripped.write_text("\n".join([path.read_text().splitlines()[0], *map(json.dumps, old)]) + "\n")
+    with pytest.raises(NoiseScaleInputError, match="measure_every=1"):
+        read_b_noise([record], load_history(stripped), "tokens")

@@ -215,7 +215,9 @@ def test_series_skip_missing_and_skipped_steps(tmp_path: Path) -> None:
         data.emas.trace_sigma_ema / data.emas.g2_ema, 40 * (1 + data.emas.step / 80)
     )
     np.testing.assert_allclose(data.temperature.temperature, 0.1 / 64)
-    assert data.trajectory.step.size == 400 - 5 - 2
+    # (the skipped steps keep their recorded batch sizes in the costs: dropped until 2026-12-08)
+    assert data.trajectory.step.size == 400 - 5
+    assert {37.0, 38.0} <= set(data.trajectory.step.tolist())
 
 
 def test_summary_dict_is_json_ready(tmp_path: Path) -> None:
@@ -1199,3 +1201,100 @@ def test_a_batch_change_halfway_through_missing_records_is_said(tmp_path: Path) 
     assert data.run.s_min != pytest.approx(s_min, rel=1e-4)  # (priced 16 and 24)
     (warning,) = [w for w in data.warnings if "across steps the history does not hold" in w]
     assert "from 8 to 32" in warning and "steps 12–13" in warning
+
+
+def test_a_step_whose_optimizer_did_not_step_makes_no_progress(tmp_path: Path) -> None:
+    """Steps 10 and 20 skipped with non-finite gradients (``sqnorm_big`` null, as the tracker
+    writes a step a GradScaler skips): no optimizer step, so eq. D.1, an integral over
+    optimizer steps, gets ds = 0 there, while their batches are spent. Step 30 is skipped with
+    a finite norm (no small batch): the optimizer stepped, progress. They counted as progress
+    until 2026-12-08 (B = B_simple = 16, step 20 of 40 skipped: S_min 20 for 19.5,
+    hunt/skip1b.py). The truth is the step-by-step sum of B/(B + B_noise) over the steps that
+    stepped (the trapezoid's half steps at the ends)."""
+    n = 41
+    b = np.where(np.arange(n) < 25, 8.0, 16.0)
+    noise = 40.0 + 0.5 * np.arange(n)
+    records = synthetic_records(n_steps=n, batch_size=8, a=40.0, tau=None, warmup=0)
+    for r, bb, u, total in zip(records, b, noise, np.cumsum(b), strict=True):
+        r |= {"b_big": float(bb), "examples": float(total), "b_simple": float(u)}
+        r |= {"b_simple_low": float(u) / 2, "b_simple_high": 2 * float(u)}
+        if r["step"] in (10, 20, 30):
+            r |= {"skipped": True, "b_simple": None, "b_simple_low": None, "b_simple_high": None}
+            r |= {"sqnorm_big": None if r["step"] != 30 else 2.5}
+    data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl", records)))
+    stepped = ~np.isin(np.arange(n), (10, 20))
+    ds = np.where(stepped, b / (b + noise), 0.0)
+    s_min = float(np.sum(ds) - (ds[0] + ds[-1]) / 2)
+    e_min = float(np.sum(noise * ds) - (noise[0] * ds[0] + noise[-1] * ds[-1]) / 2)
+    root = float(np.sum(np.sqrt(noise) * ds) - (np.sqrt(noise[[0, -1]]) * ds[[0, -1]]).sum() / 2)
+    integrals = data.trajectory.integrals
+    assert (integrals.s_min, integrals.e_min) == pytest.approx((s_min, e_min), rel=1e-12)
+    assert integrals.root == pytest.approx(root, rel=1e-12)
+    assert (data.run.s_min, data.run.e_min) == pytest.approx((s_min, e_min), rel=1e-12)
+    assert data.run.idle_steps == 2 and data.run.steps == 40
+    # the skipped steps' batches are spent: the run's examples are accounted for, no warning
+    assert data.adaptive.interpolated_examples == pytest.approx(data.run.examples, rel=1e-12)
+    assert not any("interpolated" in w for w in data.warnings)
+    # one batch size throughout: eq. D.1 predicts the steps that stepped, and the page says so
+    for r in records:
+        r["b_big"], r["examples"] = 8.0, 8.0 * (r["step"] + 1)
+    one = report_data(load_history(write_synthetic_history(tmp_path / "o.jsonl", records)))
+    assert one.run.predicted_steps == pytest.approx(38.0, rel=1e-12)
+    assert one.run.idle_steps == 2
+    page = report_html(one, _blank_figures())
+    assert "2 of them without an optimizer step" in page
+
+
+def test_the_tracker_marks_a_step_the_grad_scaler_skipped_as_no_progress(tmp_path: Path) -> None:
+    """A GradScaler skips the optimizer's step on inf gradients; the tracker's record of it is
+    skipped with ``sqnorm_big`` null, which the report reads as no optimizer step."""
+    import torch
+
+    import noisescale
+
+    torch.manual_seed(0)
+    path = tmp_path / "h.jsonl"
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    tracker = noisescale.GradientNoiseTracker(model, scaler=scaler, history_path=path)
+    for i in range(12):
+        x = torch.randn(8, 4)
+        loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+        scaler.scale(loss * (math.inf if i == 6 else 1.0)).backward()
+        tracker.step()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    tracker.sync()
+    history = load_history(path)
+    assert history.idle is not None
+    assert history.step[history.idle].tolist() == [history.step[6]]
+    assert history.skipped.sum() == 1
+
+
+def test_skipped_records_keep_their_recorded_batch_sizes(tmp_path: Path) -> None:
+    """B 8 → 16 at step 20; steps 19–21 skipped with finite norms (no small batch: the
+    optimizer stepped), so they carry no estimate but their batch size. They were dropped and
+    their batch sizes interpolated (10, 12, 14 for the run's 8, 16, 16) until 2026-12-08 (S_min
+    9.059 for 9.107, and a warning blaming batch sizes the history holds; hunt/skip2.py). Now
+    their B is the run's, B_noise interpolated: eq. D.1 step by step by hand."""
+    records = synthetic_records(n_steps=41, batch_size=8, a=40.0, tau=None, warmup=0)
+    examples = 0
+    for r in records:
+        r["b_big"] = 8 if r["step"] < 20 else 16
+        examples += r["b_big"]
+        r["examples"] = examples
+        if r["step"] in (19, 20, 21):
+            r["skipped"] = True
+            for key in ("b_simple", "b_simple_low", "b_simple_high"):
+                r[key] = None
+    data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl", records)))
+    b = np.where(np.arange(41) < 20, 8.0, 16.0)
+    ds = b / (b + 40.0)
+    s_min = float(np.sum(ds) - (ds[0] + ds[-1]) / 2)
+    assert data.run.s_min == pytest.approx(s_min, rel=1e-12)
+    assert data.run.e_min == pytest.approx(40.0 * s_min, rel=1e-12)
+    assert data.run.idle_steps == 0
+    assert data.adaptive.interpolated_examples == data.run.examples == examples - 8
+    assert not any("interpolated" in w or "does not hold" in w for w in data.warnings)

@@ -217,6 +217,11 @@ def update(
         # (a classifier's labelled examples are counted as tokens, given in examples: no
         # tokens to record)
         record["tokens"] = stats.tokens
+        # the measured step's own examples those tokens are of: its own tokens per example,
+        # tokens / tokens_examples, which neither b_big (the effective size (Σc)²/Σc², not the
+        # count where examples weigh unlike: 7.5 for micro-batches of 3 and 5 under their own
+        # means) nor the running counts (with measure_every's unmeasured steps folded in) give
+        record["tokens_examples"] = stats.examples
         record["tokens_seen"] = tokens
         record["tokens_per_example"] = tokens / counted if counted else math.nan
     if record_groups is not None:

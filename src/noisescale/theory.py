@@ -379,7 +379,7 @@ def full_batch_steps(steps: ArrayLike, batch_size: ArrayLike, b_noise: ArrayLike
 
 
 def run_integrals(
-    steps: ArrayLike, batch_size: ArrayLike, b_noise: ArrayLike
+    steps: ArrayLike, batch_size: ArrayLike, b_noise: ArrayLike, idle: ArrayLike | None = None
 ) -> TrajectoryIntegrals:
     """S_min, E_min and ∫√B_noise ds of a recorded run, eq. D.1 step by step.
 
@@ -395,14 +395,41 @@ def run_integrals(
         steps: The run's step numbers, strictly increasing.
         batch_size: B at each of those steps, positive.
         b_noise: B_noise (or B_simple) at each of those steps, not negative.
+        idle: Per step of ``steps``, whether the optimizer made no step there (a step skipped
+            for non-finite gradients): its examples are spent but it makes no progress, ds = 0
+            (eq. D.1 integrates over optimizer steps). Until 2026-12-08 such a step counted as
+            progress in the report (:func:`_idle_share`).
     """
     grid, _, noise, ds = _run_grid(steps, batch_size, b_noise)
+    share = _idle_share(grid, steps, idle)
     return TrajectoryIntegrals(
-        _trapezoid(ds, grid), _trapezoid(noise * ds, grid), _trapezoid(np.sqrt(noise) * ds, grid)
+        _trapezoid(ds, grid) - float(np.sum(share * ds)),
+        _trapezoid(noise * ds, grid) - float(np.sum(share * noise * ds)),
+        _trapezoid(np.sqrt(noise) * ds, grid) - float(np.sum(share * np.sqrt(noise) * ds)),
     )
 
 
-def run_examples_over_min(steps: ArrayLike, batch_size: ArrayLike, b_noise: ArrayLike) -> float:
+def _idle_share(grid: np.ndarray, steps: ArrayLike, idle: ArrayLike | None) -> np.ndarray:
+    """Per point of ``grid``, the weight the trapezoid over the steps gives an idle step there
+    and that its integrals must lose: 1 (one step, weight 1 inside the run; on a grid thinned
+    to MAX_INTEGRAND_POINTS its own step out of the trapezoid's wider weight), ½ at either end,
+    where the trapezoid counts half a step; 0 elsewhere."""
+    share = np.zeros(grid.shape)
+    if idle is None:
+        return share
+    flags = np.asarray(idle, dtype=bool)
+    at = np.searchsorted(grid, np.asarray(steps, dtype=float)[flags])
+    h = np.diff(grid)
+    weight = np.concatenate([[0.0], h / 2]) + np.concatenate([h / 2, [0.0]])
+    cap = np.ones(grid.shape)
+    cap[[0, -1]] = 0.5
+    share[at] = np.minimum(weight, cap)[at]
+    return share
+
+
+def run_examples_over_min(
+    steps: ArrayLike, batch_size: ArrayLike, b_noise: ArrayLike, idle: ArrayLike | None = None
+) -> float:
     """E − E_min of a recorded run, ∫B ds on :func:`run_integrals`' grid and rule.
 
     At every point B = B·ds/dt + B_noise·ds/dt, so the examples ∫B dt are E_min plus this
@@ -414,7 +441,8 @@ def run_examples_over_min(steps: ArrayLike, batch_size: ArrayLike, b_noise: Arra
     2026-12-07).
     """
     grid, b, _, ds = _run_grid(steps, batch_size, b_noise)
-    return _trapezoid(b * ds, grid)
+    share = _idle_share(grid, steps, idle)
+    return _trapezoid(b * ds, grid) - float(np.sum(share * b * ds))
 
 
 def _run_grid(

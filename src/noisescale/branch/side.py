@@ -556,8 +556,15 @@ def _own_tokens_per_example(history: History) -> np.ndarray:
     ``nan`` (:func:`_unknown_own_reason` says why) unless the records before and after it
     counted the same mean (:func:`_like_neighbours`). Until 2026-12-08 it was the mean, and under
     ``measure_every=10`` with 16 tokens to step 45 and 64 after, the record at step 51 —
-    steps 42–51, its own 64 — was converted by 44.8 (B_noise 0.70× the truth, no word)."""
+    steps 42–51, its own 64 — was converted by 44.8 (B_noise 0.70× the truth, no word).
+
+    Where a record holds its measured step's own tokens and the examples they are of
+    (``tokens``, ``tokens_examples``: the tracker writes them since 2026-12-08), its own count
+    is their ratio, exactly, spans or not: until then such a record under a curriculum was
+    refused (measure_every=3, 16 tokens to step 5 and 64 after: the record at step 7, steps
+    5–7, refused; its own 64 is in the record)."""
     out, spans = _interval_tokens_per_example(history)
+    exact = _measured_tokens_per_example(history)
     known = out[np.isfinite(out)]
     if known.size and np.ptp(known) > 1e-9 * float(np.max(np.abs(known))):
         out = np.where((spans > 1) & ~_like_neighbours(out), math.nan, out)
@@ -567,7 +574,19 @@ def _own_tokens_per_example(history: History) -> np.ndarray:
     known = carried[np.isfinite(carried)]
     if known.size and np.ptp(known) <= 1e-12 * float(np.max(np.abs(known))):
         out = np.where(np.isfinite(out), out, carried)
-    return out
+    return np.where(np.isfinite(exact), exact, out)
+
+
+def _measured_tokens_per_example(history: History) -> np.ndarray:
+    """Each record's measured step's own tokens per example, ``tokens / tokens_examples``,
+    where it records both and they counted some (``nan`` elsewhere: a step that counted no
+    token carries the count before it, as the running mean does)."""
+    tokens, examples = history.tokens, history.tokens_examples
+    if tokens is None or examples is None:
+        return np.full(history.step.size, math.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = tokens / examples
+    return np.where(np.isfinite(t) & (t > 0) & (examples > 0), t, math.nan)
 
 
 def _interval_tokens_per_example(history: History) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,8 @@ object per optimiser step (``step``, ``skipped``, ``b_big``, ``g2``, ``trace_sig
 ``temperature``, ``examples``, ``sources``), NaN and infinities written as ``null``. The header's
 ``unit`` says what B_simple, the batch sizes and tr Σ count — ``"examples"`` (also in histories
 without it) or ``"tokens"`` (a loss over tokens, :mod:`noisescale.tokens`); records with counted
-tokens add ``tokens``, ``tokens_seen`` and ``tokens_per_example``, so the report gives B in both.
+tokens add ``tokens``, ``tokens_seen`` and ``tokens_per_example``, so the report gives B in both,
+and (since 2026-12-08) ``tokens_examples``, the examples of the measured step's own ``tokens``.
 
 Each function here returns the numbers one figure or table of the report shows, so tests check
 numbers rather than pixels. The cost analysis treats the measured B_simple as B_noise (paper §2.2:
@@ -118,6 +119,15 @@ class History:
     #: B_simple per parameter group (``groups=``) in the last record, in its order; empty when
     #: the last record has none.
     groups: tuple[GroupEstimate, ...] = ()
+    #: Per record, whether its optimizer made no step: skipped with non-finite gradients (its
+    #: ``sqnorm_big`` null, as the tracker writes a step a GradScaler skips or one the loop must
+    #: not step on); ``None``: none. Such a step spends its batch and makes no progress.
+    idle: np.ndarray | None = None
+    #: Per record, its measured step's own tokens and the examples they are of (``tokens``,
+    #: ``tokens_examples``; NaN where not recorded): that step's own tokens per example, which
+    #: a record spanning several steps (``measure_every``) holds beside its running counts.
+    tokens: np.ndarray | None = None
+    tokens_examples: np.ndarray | None = None
 
     @property
     def unit(self) -> str:
@@ -225,8 +235,24 @@ def load_history(path: str | Path) -> History:
         warnings=tuple(warnings),
         preconditioned=_is_preconditioned(records[-1][1]),
         groups=_groups(*records[-1], p),
+        idle=np.array([_idle(obj) for _, obj in records], dtype=bool),
+        tokens=_float_column(records, "tokens", p),
+        tokens_examples=_float_column(records, "tokens_examples", p),
         **{name: _float_column(records, name, p) for name in FLOAT_FIELDS},
     )
+
+
+def _idle(obj: dict[str, Any]) -> bool:
+    """Whether a record's optimizer made no step: skipped, with its big batch's squared norm
+    written and not finite (``null``): non-finite gradients, which a GradScaler skips, and which
+    a run that goes on finite cannot have stepped on. The tracker writes ``sqnorm_big`` in every
+    record; a record without it (written by hand) is taken to have stepped. The other skipped
+    records (no small batch, no token, not preconditioned) have a finite norm: the optimizer
+    stepped on them."""
+    if not obj.get("skipped") or "sqnorm_big" not in obj:
+        return False
+    norm = obj["sqnorm_big"]
+    return not (isinstance(norm, int | float) and math.isfinite(norm))
 
 
 class BSimpleSeries(NamedTuple):
@@ -308,6 +334,9 @@ class Trajectory(NamedTuple):
     examples: np.ndarray
     #: why ``examples`` may not be exact (a history without the running count)
     warnings: tuple[str, ...] = ()
+    #: per step, whether its optimizer made no step (:attr:`History.idle`): left out of the
+    #: integrals (ds = 0), its batch spent
+    idle: np.ndarray | None = None
 
 
 def trajectory(history: History) -> Trajectory:
@@ -338,12 +367,20 @@ def trajectory(history: History) -> Trajectory:
     # their batch sizes interpolated too: a batch changed there priced the interpolated
     # batches (B 8 → 16 at step 20 with no estimate at steps 15–25: S_min 0.16% low) and warned
     # that the batches were interpolated though the history holds them (hunt/interp2.py).
+    # Skipped records too: until 2026-12-08 they were dropped here and their batch sizes
+    # interpolated (B 8 → 16 at step 20, steps 19–21 skipped: 10, 12, 14 priced, S_min 9.059
+    # for 9.107, and a warning that blamed batch sizes the history holds; hunt/skip2.py).
     kept = np.flatnonzero(keep)
     within = np.zeros_like(keep)
     within[kept[0] : kept[-1] + 1] = True
-    keep = keep | (within & ~history.skipped & ~estimated & (history.b_big > 0))
+    keep = keep | (within & ~estimated & (history.b_big > 0))
     step = history.step[keep].astype(float)
     batch = history.b_big[keep]
+    # A step whose optimizer did not step (non-finite gradients: History.idle) spends its batch
+    # but makes no progress: eq. D.1 integrates over optimizer steps, so its ds is 0. Until
+    # 2026-12-08 it counted as a step of progress, without a word (one skipped step of 40 at
+    # B = B_simple = 16: S_min 20 for 19.5, hunt/skip1b.py).
+    idle = (history.idle if history.idle is not None else np.zeros_like(keep))[keep]
     b_noise = np.interp(
         step, history.step[kept].astype(float), history.b_simple[kept].astype(float)
     )
@@ -363,7 +400,7 @@ def trajectory(history: History) -> Trajectory:
         # Older or partial records without the running total: add up the batch sizes instead
         examples, taken = _batches_taken(history, keep)
         warnings += taken
-    integrals = theory.run_integrals(step, batch, b_noise)
+    integrals = theory.run_integrals(step, batch, b_noise, idle)
     tiny = np.finfo(float).tiny
     if not (
         all(math.isfinite(v) for v in integrals)
@@ -378,7 +415,7 @@ def trajectory(history: History) -> Trajectory:
             f"= {integrals.root:g}, beyond the doubles); check the history's b_big and "
             "b_simple, and their unit"
         )
-    return Trajectory(step, batch, b_noise, integrals, examples, warnings)
+    return Trajectory(step, batch, b_noise, integrals, examples, warnings, idle)
 
 
 def _batches_taken(history: History, keep: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -447,13 +484,17 @@ class RunCost(NamedTuple):
     s_min: float
     e_min: float
     b_crit: float
+    #: steps in the span whose optimizer made no step (non-finite gradients): in ``steps``, not
+    #: in ``predicted_steps``, which counts the steps that made progress
+    idle_steps: int = 0
 
 
 def run_cost(traj: Trajectory) -> RunCost:
     """The run's steps and examples between its first and last estimate, and S_min, E_min.
 
     When the run used one batch size throughout, ``predicted_steps`` is eq. D.1 at that size,
-    S_min + E_min/B, which reproduces ``steps`` exactly (:func:`theory.run_integrals`).
+    S_min + E_min/B, which reproduces ``steps`` exactly (:func:`theory.run_integrals`), less
+    the steps whose optimizer did not step (``idle_steps``), which made no progress.
     """
     s_min, e_min = theory.min_cost(traj.integrals)
     constant = bool(np.all(traj.batch_size == traj.batch_size[0]))
@@ -471,6 +512,7 @@ def run_cost(traj: Trajectory) -> RunCost:
         s_min=float(s_min),
         e_min=float(e_min),
         b_crit=float(e_min / s_min),
+        idle_steps=int(np.sum(traj.idle)) if traj.idle is not None else 0,
     )
 
 
@@ -562,9 +604,12 @@ def adaptive_summary(traj: Trajectory, unit: str = "examples") -> AdaptiveSummar
     # piecewise-linear B is its integral plus (B_last − B_first)/2, exactly), and only where
     # they move E − E_min by at most UNRECORDED_SHARE: where B ≪ B_noise such examples went
     # mostly to progress, not above E_min, and which is the history does not tell.
-    above = theory.run_examples_over_min(traj.step, traj.batch_size, traj.b_noise)
+    above = theory.run_examples_over_min(traj.step, traj.batch_size, traj.b_noise, traj.idle)
     b = traj.batch_size
-    interpolated = traj.integrals.e_min + above + (b[-1] - b[0]) / 2
+    # the batches of steps whose optimizer did not step: spent, no progress (neither in E_min
+    # nor in ∫B ds), but the run's all the same, so the schedule at the run's examples has them
+    idle = float(np.sum(b[traj.idle])) if traj.idle is not None else 0.0
+    interpolated = traj.integrals.e_min + above + idle + (b[-1] - b[0]) / 2
     unrecorded = run.examples - interpolated
     if abs(unrecorded) <= 1e-12 * abs(run.examples):  # the same batches, summed otherwise
         unrecorded = 0.0
@@ -583,15 +628,16 @@ def adaptive_summary(traj: Trajectory, unit: str = "examples") -> AdaptiveSummar
             "every step around the batch-size changes, or change the batch size only once "
             "B_simple is estimated"
         )
-    elif not above + unrecorded >= np.finfo(float).tiny:
+    elif not above + idle + unrecorded >= np.finfo(float).tiny:
         note = (
             f"the {unit} above E_min, ∫B ds ≈ ∫B²/B_simple dt, are below the smallest double: "
             "check the history's b_big and b_simple, and their unit"
         )
     else:
-        q = (above + unrecorded) / root
+        spent = above + idle + unrecorded  # E − E_min, every example the run took
+        q = spent / root
         r_same = q * q if q < math.sqrt(np.finfo(float).max) else math.inf
-        same_steps = run.s_min + root * (root / (above + unrecorded))  # S_min + root/√r, D.1
+        same_steps = run.s_min + root * (root / spent)  # S_min + root/√r, D.1
     return AdaptiveSummary(
         gamma=gamma,
         r_natural=r_natural,

@@ -106,7 +106,14 @@ def report_html(data: ReportData, figures: dict[str, bytes], figures_dir: str | 
     predicted = (
         f" At {format_batch_size(run.batch_size)}, the model predicts "
         f"{format_count(run.predicted_steps)} steps for this progress; the run took "
-        f"{format_count(run.steps)}."
+        f"{format_count(run.steps)}"
+        + (
+            f", {run.idle_steps:,} of them without an optimizer step (skipped for non-finite "
+            "gradients: their batches spent, no progress made)"
+            if run.idle_steps
+            else ""
+        )
+        + "."
         if run.predicted_steps is not None
         else ""
     )
