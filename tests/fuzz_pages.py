@@ -508,11 +508,12 @@ def report_findings(cfg, page, summary, path):
 
 def same_examples_by_hand(cfg, summary):
     """The adaptive schedule with as many examples as the run, by hand from the draws: eq. D.1
-    at every whole step between the first and last estimate (B and B_simple interpolated between
-    records, the trapezoid, as theory.run_integrals documents), the run's examples in that rule
-    (the count less (B_last − B_first)/2), and E − E_min as ∫B ds where every step's batch is
-    the interpolated one (not the count less E_min: round-off where B ≪ B_simple; until
-    2026-12-07 the report took the count, 1.4e-8 steps for 45.8, a review of this fuzzer)."""
+    at every whole step between the first and last estimate (each step's own B — skipped records
+    hold theirs —, B_simple interpolated between estimates, the trapezoid, as
+    theory.run_integrals documents), the run's examples in that rule (the count less
+    (B_last − B_first)/2), and E − E_min as ∫B ds (not the count less E_min: round-off where
+    B ≪ B_simple; until 2026-12-07 the report took the count, 1.4e-8 steps for 45.8, a review
+    of this fuzzer)."""
     n, batch, a, tau = cfg["n_steps"], cfg["batch"], cfg["a"], cfg["tau"]
     beside = cfg["tokens"] and cfg.get("tokens_beside", False)
     t_per = cfg["tokens_per_example"] if cfg["tokens"] and not beside else 1.0
@@ -531,7 +532,11 @@ def same_examples_by_hand(cfg, summary):
     if len(est) < 2 or (run["first_step"], run["last_step"]) != (est[0], est[-1]):
         return []
     grid = np.arange(est[0], est[-1] + 1)
-    b = np.interp(grid, est, true_b[est])
+    # every record holds its batch size, those without an estimate (skipped) too: B is the
+    # step's own, B_simple interpolated between the estimates around it (since 2026-12-08;
+    # until then the report dropped such records and interpolated their batch sizes too, as
+    # this oracle did)
+    b = true_b[grid].astype(float)
     bn = np.interp(grid, est, noise[est])
     ds = b / (b + bn)
 
