@@ -32,9 +32,9 @@ demo: install
 # its share of the cores (tests/conftest.py): a third worker fills the time the others wait on
 # subprocesses, servers and sweeps. On this project's 2-core machine (2026-12-04 to 8, 2,516-5,210
 # tests): 346-1,179 s by the host's load (943 s on 2026-12-08, nearly idle), up to 2,372 s
-# beside other jobs; with two workers 660-671 s. The files go out in tests/conftest.py's order, the longest first
-# (--no-loadscope-reorder: xdist's own order put the files of a few long tests last, where one
-# worker ran them alone). TEST_WORKERS=0 runs it in one process.
+# beside other jobs; with two workers 660-671 s. The files go out in tests/conftest.py's
+# order, the longest first (--no-loadscope-reorder: xdist's own order put the files of a few
+# long tests last, where one worker ran them alone). TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 3
 test: install
 	@start=$$(date +%s); status=0; \
