@@ -916,6 +916,27 @@ def test_b_noise_records_by_examples_beside_a_tokens_history_are_placed_by_its_c
     assert row.b_noise == pytest.approx(brute, rel=1e-12)
 
 
+def _curriculum_history(
+    tmp_path: Path, switch: int = 50, every: int = 1, no_tokens_at: int | None = None
+) -> tuple[list[dict[str, Any]], Any]:
+    """A history in examples of 100 steps of 8 examples, B_simple 40, counting 16 tokens per
+    example to step ``switch`` and 64 after (a sequence-length curriculum; none at step
+    ``no_tokens_at``), recorded every ``every`` steps from step 1 (a record counting the steps
+    since the one before, as under ``measure_every``): its records and the loaded history."""
+    records = []
+    examples = tokens = counted = 0
+    for step in range(1, 101):
+        examples += 8
+        if step != no_tokens_at:
+            tokens, counted = tokens + 8 * (16 if step <= switch else 64), counted + 8
+        if (step - 1) % every == 0:
+            record = {"step": step, "skipped": False, "loss": 1.0, "examples": examples}
+            record |= {"b_big": 8, "g2": 1.0, "trace_sigma": 40.0, "b_simple": 40.0}
+            record |= {"b_simple_low": 20.0, "b_simple_high": 80.0, "tokens_seen": tokens}
+            records.append(record | {"tokens_per_example": tokens / counted})
+    return records, load_history(write_synthetic_history(tmp_path / "h.jsonl", records))
+
+
 def test_b_noise_records_are_converted_to_tokens_by_their_own_steps_count(tmp_path: Path) -> None:
     # A sequence-length curriculum, 16 tokens per example for steps 1-50 and 64 after, 8
     # examples a step, a history in examples that counted tokens (step 70 none: its running
@@ -923,17 +944,7 @@ def test_b_noise_records_are_converted_to_tokens_by_their_own_steps_count(tmp_pa
     # B_noise per example; each record was converted by the run's running mean at its step
     # (32 at step 75), and windows read 0.46-0.51x the truth without a word; one
     # --tokens-per-example 40 read steps 60-79 0.62x (hunt/bnoise_tokens.py).
-    records = []
-    examples = tokens = counted = 0
-    for step in range(1, 101):
-        examples += 8
-        if step != 70:
-            tokens, counted = tokens + 8 * (16 if step <= 50 else 64), counted + 8
-        record = {"step": step, "skipped": False, "loss": 1.0, "examples": examples, "b_big": 8}
-        record |= {"g2": 1.0, "trace_sigma": 40.0, "b_simple": 40.0, "b_simple_low": 20.0}
-        record |= {"b_simple_high": 80.0, "tokens_seen": tokens}
-        records.append(record | {"tokens_per_example": tokens / counted})
-    history = load_history(write_synthetic_history(tmp_path / "h.jsonl", records))
+    records, history = _curriculum_history(tmp_path, no_tokens_at=70)
     bn = [
         {"step": s, "ghg": 1.0 + 0.1 * (s % 3), "trace_h_sigma": 100.0 * (1 + s / 100)}
         for s in range(1, 101)
@@ -968,16 +979,7 @@ def test_b_noise_records_of_a_history_measured_every_10_steps_under_a_curriculum
     # converted by 44.8 (0.70x the truth, no word) until 2026-12-08. Its own count is not in
     # the history: refused with the records beside it, whose means differ from it; a record
     # whose neighbours counted its mean (31, 71, 81) converts by it exactly.
-    records = []
-    examples = tokens = 0
-    for step in range(1, 101):
-        examples, tokens = examples + 8, tokens + 8 * (16 if step <= 45 else 64)
-        if (step - 1) % 10 == 0:
-            record = {"step": step, "skipped": False, "loss": 1.0, "examples": examples}
-            record |= {"b_big": 8, "g2": 1.0, "trace_sigma": 40.0, "b_simple": 40.0}
-            record |= {"b_simple_low": 20.0, "b_simple_high": 80.0, "tokens_seen": tokens}
-            records.append(record | {"tokens_per_example": tokens / examples})
-    history = load_history(write_synthetic_history(tmp_path / "h.jsonl", records))
+    _, history = _curriculum_history(tmp_path, switch=45, every=10)
     own = {s: 16 if s <= 45 else 64 for s in range(1, 101)}
 
     def bn(step: int) -> dict:
@@ -1962,15 +1964,7 @@ def test_a_b_noise_record_without_a_step_beside_a_curriculum_is_told_to_give_its
     # placed by its tokens but without 'step' has no known count of its own: the refusal said to
     # give --tokens-per-example, which is then refused beside this history (one figure for a
     # curriculum); it now names the step as the fix.
-    records = []
-    examples = tokens = 0
-    for step in range(1, 101):
-        examples, tokens = examples + 8, tokens + 8 * (16 if step <= 50 else 64)
-        record = {"step": step, "skipped": False, "loss": 1.0, "examples": examples, "b_big": 8}
-        record |= {"g2": 1.0, "trace_sigma": 40.0, "b_simple": 40.0, "b_simple_low": 20.0}
-        record |= {"b_simple_high": 80.0, "tokens_seen": tokens}
-        records.append(record | {"tokens_per_example": tokens / examples})
-    history = load_history(write_synthetic_history(tmp_path / "h.jsonl", records))
+    records, history = _curriculum_history(tmp_path)
     record = {"tokens": records[74]["tokens_seen"], "ghg": 1.0, "trace_h_sigma": 100.0}
     with pytest.raises(NoiseScaleInputError, match=r"from 16 to 64 .*give the record its 'step'"):
         read_b_noise([record], history, "tokens")
