@@ -88,6 +88,23 @@ def synthetic_records(
     return records
 
 
+def steps_trapezoid(values: Any) -> float:
+    """Eq. D.1 step by step by hand: the sum of a per-step integrand over every step, the
+    trapezoid's half steps at the two ends."""
+    f = np.asarray(values, dtype=float)
+    return float(np.sum(f) - (f[0] + f[-1]) / 2)
+
+
+def records_at(batch: np.ndarray, b_simple: np.ndarray) -> list[dict[str, Any]]:
+    """:func:`synthetic_records` with each step's batch size and B_simple (its interval half and
+    twice it) given, the examples counted from the batch sizes."""
+    records = synthetic_records(n_steps=len(batch), batch_size=8, a=40.0, tau=None, warmup=0)
+    for r, bb, u, total in zip(records, batch, b_simple, np.cumsum(batch), strict=True):
+        r |= {"b_big": float(bb), "examples": float(total), "b_simple": float(u)}
+        r |= {"b_simple_low": float(u) / 2, "b_simple_high": 2 * float(u)}
+    return records
+
+
 def write_synthetic_history(
     path: Path, records: list[dict[str, Any]] | None = None, header: dict[str, Any] | None = None
 ) -> Path:
@@ -855,10 +872,7 @@ def test_alternating_noise_scale_costs_are_eq_d1_summed_per_step(tmp_path: Path)
         r["b_simple"], r["b_simple_low"], r["b_simple_high"] = b, 0.9 * b, 1.1 * b
     data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl", records)))
     ds = batch / (batch + noise)
-    s_min, e_min, root = (
-        float(np.sum(w * ds) - (w[0] * ds[0] + w[-1] * ds[-1]) / 2)
-        for w in (np.ones(n), noise, np.sqrt(noise))
-    )
+    s_min, e_min, root = (steps_trapezoid(w * ds) for w in (np.ones(n), noise, np.sqrt(noise)))
     assert data.run.s_min == pytest.approx(s_min, rel=1e-12)
     assert data.run.e_min == pytest.approx(e_min, rel=1e-12)
     assert data.run.b_crit == pytest.approx(e_min / s_min, rel=1e-12)  # 33.9, not 65
@@ -1119,9 +1133,9 @@ def test_batches_at_steps_without_an_estimate_are_not_priced_silently(tmp_path: 
     full = report_data(load_history(write_synthetic_history(tmp_path / "f.jsonl", records)))
     b = np.array([8.0 if t % 2 == 0 else 16.0 for t in range(61)])
     ds = b / (b + 1e6)
-    s_min = float(np.sum(ds) - (ds[0] + ds[-1]) / 2)
+    s_min = steps_trapezoid(ds)
     assert full.run.s_min == pytest.approx(s_min, rel=1e-12)  # 7.2e-4
-    above = float(np.sum(b * ds) - (b[0] * ds[0] + b[-1] * ds[-1]) / 2)
+    above = steps_trapezoid(b * ds)
     want = s_min + full.run.s_min * full.run.e_min / above  # γ = 1
     assert full.adaptive.same_examples_steps == pytest.approx(want, rel=1e-9)  # 54.00
     assert not any("interpolated" in w for w in full.warnings)
@@ -1161,7 +1175,7 @@ def test_batches_recorded_at_steps_without_an_estimate_are_the_runs_not_interpol
     data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl", records)))
     b = np.where(np.arange(61) < 20, 8.0, 16.0)
     ds = b / (b + 40.0)
-    s_min = float(np.sum(ds) - (ds[0] + ds[-1]) / 2)
+    s_min = steps_trapezoid(ds)
     assert data.run.s_min == pytest.approx(s_min, rel=1e-12)
     assert data.run.e_min == pytest.approx(40.0 * s_min, rel=1e-12)
     assert data.run.examples == examples - 8 == data.adaptive.interpolated_examples
@@ -1185,13 +1199,10 @@ def test_a_batch_change_halfway_through_missing_records_is_said(tmp_path: Path) 
     n = 31
     b = np.where(np.arange(n) < 13, 8.0, 32.0)  # (steps 0 … 30)
     noise = 40.0 + 0.5 * np.arange(n)
-    records = synthetic_records(n_steps=n, batch_size=8, a=40.0, tau=None, warmup=0)
-    for r, bb, u, total in zip(records, b, noise, np.cumsum(b), strict=True):
-        r |= {"b_big": float(bb), "examples": float(total), "b_simple": float(u)}
-        r |= {"b_simple_low": float(u) / 2, "b_simple_high": 2 * float(u)}
+    records = records_at(b, noise)
     ds = b / (b + noise)
-    s_min = float(np.sum(ds) - (ds[0] + ds[-1]) / 2)
-    e_min = float(np.sum(noise * ds) - (noise[0] * ds[0] + noise[-1] * ds[-1]) / 2)
+    s_min = steps_trapezoid(ds)
+    e_min = steps_trapezoid(noise * ds)
     whole = report_data(load_history(write_synthetic_history(tmp_path / "w.jsonl", records)))
     assert (whole.run.s_min, whole.run.e_min) == pytest.approx((s_min, e_min), rel=1e-12)
     assert not any("across steps the history does not hold" in w for w in whole.warnings)
@@ -1214,19 +1225,17 @@ def test_a_step_whose_optimizer_did_not_step_makes_no_progress(tmp_path: Path) -
     n = 41
     b = np.where(np.arange(n) < 25, 8.0, 16.0)
     noise = 40.0 + 0.5 * np.arange(n)
-    records = synthetic_records(n_steps=n, batch_size=8, a=40.0, tau=None, warmup=0)
-    for r, bb, u, total in zip(records, b, noise, np.cumsum(b), strict=True):
-        r |= {"b_big": float(bb), "examples": float(total), "b_simple": float(u)}
-        r |= {"b_simple_low": float(u) / 2, "b_simple_high": 2 * float(u)}
+    records = records_at(b, noise)
+    for r in records:
         if r["step"] in (10, 20, 30):
             r |= {"skipped": True, "b_simple": None, "b_simple_low": None, "b_simple_high": None}
             r |= {"sqnorm_big": None if r["step"] != 30 else 2.5}
     data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl", records)))
     stepped = ~np.isin(np.arange(n), (10, 20))
     ds = np.where(stepped, b / (b + noise), 0.0)
-    s_min = float(np.sum(ds) - (ds[0] + ds[-1]) / 2)
-    e_min = float(np.sum(noise * ds) - (noise[0] * ds[0] + noise[-1] * ds[-1]) / 2)
-    root = float(np.sum(np.sqrt(noise) * ds) - (np.sqrt(noise[[0, -1]]) * ds[[0, -1]]).sum() / 2)
+    s_min = steps_trapezoid(ds)
+    e_min = steps_trapezoid(noise * ds)
+    root = steps_trapezoid(np.sqrt(noise) * ds)
     integrals = data.trajectory.integrals
     assert (integrals.s_min, integrals.e_min) == pytest.approx((s_min, e_min), rel=1e-12)
     assert integrals.root == pytest.approx(root, rel=1e-12)
@@ -1292,7 +1301,7 @@ def test_skipped_records_keep_their_recorded_batch_sizes(tmp_path: Path) -> None
     data = report_data(load_history(write_synthetic_history(tmp_path / "h.jsonl", records)))
     b = np.where(np.arange(41) < 20, 8.0, 16.0)
     ds = b / (b + 40.0)
-    s_min = float(np.sum(ds) - (ds[0] + ds[-1]) / 2)
+    s_min = steps_trapezoid(ds)
     assert data.run.s_min == pytest.approx(s_min, rel=1e-12)
     assert data.run.e_min == pytest.approx(40.0 * s_min, rel=1e-12)
     assert data.run.idle_steps == 0
