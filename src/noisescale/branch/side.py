@@ -415,6 +415,9 @@ def read_b_noise(
     out = []
     kinds = set()
     converted: list[tuple[str, int | None]] = []  # (the records converted to tokens, by step)
+    # each history record's own tokens per example, computed once for all the records (a loop
+    # over the history: per record, 500 records beside a history of 20,000 steps took 35 s)
+    own: np.ndarray | None = None
     for i, rec in enumerate(records, start=1):
         name = names[i - 1] if names is not None else f"B_noise record {i}"
         parts = (
@@ -476,7 +479,9 @@ def read_b_noise(
                 # Per example: B_noise in tokens is T times B_noise in examples (scaling
                 # tr(HΣ) scales the ratio of means and its Fieller interval alike), T the
                 # measured step's own
-                trace *= _tokens_per_example(name, rec, history, index, tokens_per_example)
+                if own is None and history is not None and tokens_per_example is None:
+                    own = _own_tokens_per_example(history)
+                trace *= _tokens_per_example(name, rec, history, index, tokens_per_example, own)
                 converted.append((name, index))
             out.append(
                 NoisePoint(at, trace / ghg if ghg > 0 else math.nan, ghg=ghg, trace_h_sigma=trace)
@@ -705,16 +710,17 @@ def _tokens_per_example(
     history: History | None,
     index: int | None,
     tokens_per_example: float | None,
+    own: np.ndarray | None = None,
 ) -> float:
     """Tokens per example to convert a ``BNoiseTracker``'s record ``name`` (per example) to
     tokens: ``tokens_per_example``, else the history's own count at the record's step
-    (:func:`_own_tokens_per_example`). Until 2026-12-08 the run's running mean there: under a
-    sequence-length curriculum (16, then 64 tokens from step 51) a record at step 75 was
-    converted by 32 for its 64, and windows' B_noise read 0.46–0.51× the truth without a word
-    (hunt/bnoise_tokens.py)."""
+    (:func:`_own_tokens_per_example`, ``own`` where the caller computed it). Until 2026-12-08
+    the run's running mean there: under a sequence-length curriculum (16, then 64 tokens from
+    step 51) a record at step 75 was converted by 32 for its 64, and windows' B_noise read
+    0.46–0.51× the truth without a word (hunt/bnoise_tokens.py)."""
     t = tokens_per_example
     if t is None and history is not None and index is not None:
-        t = float(_own_tokens_per_example(history)[index])
+        t = float((own if own is not None else _own_tokens_per_example(history))[index])
     if t is None or not (math.isfinite(t) and t > 0):
         why = (
             _unknown_own_reason(history, index)
